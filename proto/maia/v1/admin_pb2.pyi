@@ -1,0 +1,211 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from maia.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tenant(_message.Message):
+    __slots__ = ("id", "isolation", "excludes", "zones", "reserved_accelerators", "max_accelerators", "max_power_w", "used_accelerators", "used_power_w")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDES_FIELD_NUMBER: _ClassVar[int]
+    ZONES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    USED_ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
+    USED_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    isolation: _common_pb2.Isolation
+    excludes: _containers.RepeatedScalarFieldContainer[str]
+    zones: _containers.RepeatedScalarFieldContainer[str]
+    reserved_accelerators: float
+    max_accelerators: float
+    max_power_w: float
+    used_accelerators: float
+    used_power_w: float
+    def __init__(self, id: _Optional[str] = ..., isolation: _Optional[_Union[_common_pb2.Isolation, str]] = ..., excludes: _Optional[_Iterable[str]] = ..., zones: _Optional[_Iterable[str]] = ..., reserved_accelerators: _Optional[float] = ..., max_accelerators: _Optional[float] = ..., max_power_w: _Optional[float] = ..., used_accelerators: _Optional[float] = ..., used_power_w: _Optional[float] = ...) -> None: ...
+
+class GetTenantRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListTenantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTenantsResponse(_message.Message):
+    __slots__ = ("tenants",)
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[Tenant]
+    def __init__(self, tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ...) -> None: ...
+
+class DeleteTenantRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteTenantResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Zone(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class Row(_message.Message):
+    __slots__ = ("id", "zone", "power_budget_w", "power_used_w")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    POWER_BUDGET_W_FIELD_NUMBER: _ClassVar[int]
+    POWER_USED_W_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    zone: str
+    power_budget_w: float
+    power_used_w: float
+    def __init__(self, id: _Optional[str] = ..., zone: _Optional[str] = ..., power_budget_w: _Optional[float] = ..., power_used_w: _Optional[float] = ...) -> None: ...
+
+class Rack(_message.Message):
+    __slots__ = ("id", "row", "power_budget_w", "power_used_w", "nodes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    POWER_BUDGET_W_FIELD_NUMBER: _ClassVar[int]
+    POWER_USED_W_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    row: str
+    power_budget_w: float
+    power_used_w: float
+    nodes: int
+    def __init__(self, id: _Optional[str] = ..., row: _Optional[str] = ..., power_budget_w: _Optional[float] = ..., power_used_w: _Optional[float] = ..., nodes: _Optional[int] = ...) -> None: ...
+
+class Topology(_message.Message):
+    __slots__ = ("zones", "rows", "racks")
+    ZONES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    RACKS_FIELD_NUMBER: _ClassVar[int]
+    zones: _containers.RepeatedCompositeFieldContainer[Zone]
+    rows: _containers.RepeatedCompositeFieldContainer[Row]
+    racks: _containers.RepeatedCompositeFieldContainer[Rack]
+    def __init__(self, zones: _Optional[_Iterable[_Union[Zone, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., racks: _Optional[_Iterable[_Union[Rack, _Mapping]]] = ...) -> None: ...
+
+class GetTopologyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("id", "hostname", "rack", "row", "zone", "state", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli", "memory_mib", "idle_power_w", "labels", "connected", "last_heartbeat", "power_draw_w", "accelerators_used", "shards", "tenants")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    RACK_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_MODEL_FIELD_NUMBER: _ClassVar[int]
+    HBM_GIB_FIELD_NUMBER: _ClassVar[int]
+    CPU_MILLI_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    IDLE_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    POWER_DRAW_W_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATORS_USED_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    hostname: str
+    rack: str
+    row: str
+    zone: str
+    state: _common_pb2.NodeState
+    accelerators: int
+    accelerator_model: str
+    hbm_gib: float
+    cpu_milli: int
+    memory_mib: int
+    idle_power_w: float
+    labels: _containers.ScalarMap[str, str]
+    connected: bool
+    last_heartbeat: _timestamp_pb2.Timestamp
+    power_draw_w: float
+    accelerators_used: float
+    shards: int
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., rack: _Optional[str] = ..., row: _Optional[str] = ..., zone: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., accelerators: _Optional[int] = ..., accelerator_model: _Optional[str] = ..., hbm_gib: _Optional[float] = ..., cpu_milli: _Optional[int] = ..., memory_mib: _Optional[int] = ..., idle_power_w: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., connected: _Optional[bool] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., power_draw_w: _Optional[float] = ..., accelerators_used: _Optional[float] = ..., shards: _Optional[int] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ("rack",)
+    RACK_FIELD_NUMBER: _ClassVar[int]
+    rack: str
+    def __init__(self, rack: _Optional[str] = ...) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class GetNodeRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class NodeRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetClusterSummaryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClusterSummary(_message.Message):
+    __slots__ = ("nodes_ready", "nodes_cordoned", "nodes_down", "accelerators_total", "accelerators_used", "power_budget_w", "power_used_w", "deployments_by_phase", "tenants")
+    class DeploymentsByPhaseEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NODES_READY_FIELD_NUMBER: _ClassVar[int]
+    NODES_CORDONED_FIELD_NUMBER: _ClassVar[int]
+    NODES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATORS_USED_FIELD_NUMBER: _ClassVar[int]
+    POWER_BUDGET_W_FIELD_NUMBER: _ClassVar[int]
+    POWER_USED_W_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_BY_PHASE_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    nodes_ready: int
+    nodes_cordoned: int
+    nodes_down: int
+    accelerators_total: float
+    accelerators_used: float
+    power_budget_w: float
+    power_used_w: float
+    deployments_by_phase: _containers.ScalarMap[str, int]
+    tenants: _containers.RepeatedCompositeFieldContainer[Tenant]
+    def __init__(self, nodes_ready: _Optional[int] = ..., nodes_cordoned: _Optional[int] = ..., nodes_down: _Optional[int] = ..., accelerators_total: _Optional[float] = ..., accelerators_used: _Optional[float] = ..., power_budget_w: _Optional[float] = ..., power_used_w: _Optional[float] = ..., deployments_by_phase: _Optional[_Mapping[str, int]] = ..., tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,159 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from maia.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DeploymentPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEPLOYMENT_PHASE_UNSPECIFIED: _ClassVar[DeploymentPhase]
+    DEPLOYMENT_PHASE_PENDING: _ClassVar[DeploymentPhase]
+    DEPLOYMENT_PHASE_SCHEDULED: _ClassVar[DeploymentPhase]
+    DEPLOYMENT_PHASE_RUNNING: _ClassVar[DeploymentPhase]
+    DEPLOYMENT_PHASE_DEGRADED: _ClassVar[DeploymentPhase]
+    DEPLOYMENT_PHASE_DELETING: _ClassVar[DeploymentPhase]
+DEPLOYMENT_PHASE_UNSPECIFIED: DeploymentPhase
+DEPLOYMENT_PHASE_PENDING: DeploymentPhase
+DEPLOYMENT_PHASE_SCHEDULED: DeploymentPhase
+DEPLOYMENT_PHASE_RUNNING: DeploymentPhase
+DEPLOYMENT_PHASE_DEGRADED: DeploymentPhase
+DEPLOYMENT_PHASE_DELETING: DeploymentPhase
+
+class DeploymentSpec(_message.Message):
+    __slots__ = ("name", "tenant", "replicas", "min_replicas", "shards_per_replica", "shard", "locality", "spread", "priority", "preemptible")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_PER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    LOCALITY_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIBLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    replicas: int
+    min_replicas: int
+    shards_per_replica: int
+    shard: _common_pb2.ShardSpec
+    locality: _common_pb2.Domain
+    spread: _common_pb2.Spread
+    priority: int
+    preemptible: bool
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., shards_per_replica: _Optional[int] = ..., shard: _Optional[_Union[_common_pb2.ShardSpec, _Mapping]] = ..., locality: _Optional[_Union[_common_pb2.Domain, str]] = ..., spread: _Optional[_Union[_common_pb2.Spread, _Mapping]] = ..., priority: _Optional[int] = ..., preemptible: _Optional[bool] = ...) -> None: ...
+
+class ShardPlacement(_message.Message):
+    __slots__ = ("replica", "shard", "node", "rack", "accelerator_indices", "accelerator_milli", "phase", "message")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RACK_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_INDICES_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_MILLI_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    replica: int
+    shard: int
+    node: str
+    rack: str
+    accelerator_indices: _containers.RepeatedScalarFieldContainer[int]
+    accelerator_milli: int
+    phase: _common_pb2.ShardPhase
+    message: str
+    def __init__(self, replica: _Optional[int] = ..., shard: _Optional[int] = ..., node: _Optional[str] = ..., rack: _Optional[str] = ..., accelerator_indices: _Optional[_Iterable[int]] = ..., accelerator_milli: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Deployment(_message.Message):
+    __slots__ = ("spec", "phase", "generation", "placed_replicas", "running_replicas", "placements", "reasons", "created_at", "updated_at")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PLACED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    spec: DeploymentSpec
+    phase: DeploymentPhase
+    generation: int
+    placed_replicas: int
+    running_replicas: int
+    placements: _containers.RepeatedCompositeFieldContainer[ShardPlacement]
+    reasons: _containers.RepeatedCompositeFieldContainer[_common_pb2.Reason]
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., generation: _Optional[int] = ..., placed_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SubmitDeploymentRequest(_message.Message):
+    __slots__ = ("spec", "dry_run")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    spec: DeploymentSpec
+    dry_run: bool
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class SubmitDeploymentResponse(_message.Message):
+    __slots__ = ("deployment", "dry_run")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    dry_run: bool
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class GetDeploymentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListDeploymentsRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListDeploymentsResponse(_message.Message):
+    __slots__ = ("deployments",)
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    deployments: _containers.RepeatedCompositeFieldContainer[Deployment]
+    def __init__(self, deployments: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ...) -> None: ...
+
+class DeleteDeploymentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WatchDeploymentsRequest(_message.Message):
+    __slots__ = ("tenant", "name")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    name: str
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class DeploymentEvent(_message.Message):
+    __slots__ = ("type", "deployment")
+    class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TYPE_UNSPECIFIED: _ClassVar[DeploymentEvent.Type]
+        TYPE_ADDED: _ClassVar[DeploymentEvent.Type]
+        TYPE_MODIFIED: _ClassVar[DeploymentEvent.Type]
+        TYPE_DELETED: _ClassVar[DeploymentEvent.Type]
+    TYPE_UNSPECIFIED: DeploymentEvent.Type
+    TYPE_ADDED: DeploymentEvent.Type
+    TYPE_MODIFIED: DeploymentEvent.Type
+    TYPE_DELETED: DeploymentEvent.Type
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    type: DeploymentEvent.Type
+    deployment: Deployment
+    def __init__(self, type: _Optional[_Union[DeploymentEvent.Type, str]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
