@@ -1,0 +1,278 @@
+"""The controller's tables, as typed SQLAlchemy 2.0 mappings.
+
+State that the placement depends on lives in four groups:
+- topology: zones > rows > racks (power budgets) > nodes (capacity, agent liveness);
+- contracts: tenants (isolation, excludes, zones, reservation and caps);
+- intent: deployments (what a tenant asked for, its phase and the reasons it is pending);
+- outcome: placements (one row per placed shard, with concrete accelerator indices).
+`ClusterState` holds one generation counter that every placement-relevant change bumps, so a
+plan computed from a snapshot is committed only if nothing it relied on changed (the way
+Nomad's plan applier re-checks a plan). `Event` is the append-only history of state changes.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Predictable constraint names so Alembic migrations are stable across SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID_LENGTH = 128
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Isolation(str, enum.Enum):
+    SHARED = "shared"
+    DEDICATED_NODE = "dedicated_node"
+    DEDICATED_RACK = "dedicated_rack"
+
+
+class Domain(str, enum.Enum):
+    NODE = "node"
+    RACK = "rack"
+    ROW = "row"
+    ZONE = "zone"
+    NONE = "none"
+
+
+class NodeHealth(str, enum.Enum):
+    UP = "up"        # its agent heartbeats
+    DOWN = "down"    # heartbeat timeout or never connected: holds nothing
+
+
+class DeploymentPhase(str, enum.Enum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    DELETING = "deleting"
+
+
+class ShardPhase(str, enum.Enum):
+    ASSIGNED = "assigned"
+    LOADING = "loading"
+    RUNNING = "running"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def _enum_column(enum_cls: type[enum.Enum], **kw: Any) -> Any:
+    # Stored as plain strings (no native ENUM types): portable and trivial to migrate.
+    from sqlalchemy import Enum
+
+    return mapped_column(
+        Enum(enum_cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e],
+             validate_strings=True, create_constraint=False),
+        **kw,
+    )
+
+
+class ClusterState(Base):
+    """A single row (id=1): the placement generation of the whole cluster."""
+
+    __tablename__ = "cluster_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+
+
+class Zone(Base):
+    __tablename__ = "zones"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    rows: Mapped[list[Row]] = relationship(back_populates="zone")
+
+
+class Row(Base):
+    __tablename__ = "rows"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    zone_id: Mapped[str] = mapped_column(ForeignKey("zones.id"), index=True, nullable=False)
+    power_budget_w: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    zone: Mapped[Zone] = relationship(back_populates="rows")
+    racks: Mapped[list[Rack]] = relationship(back_populates="row")
+
+
+class Rack(Base):
+    __tablename__ = "racks"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    row_id: Mapped[str] = mapped_column(ForeignKey("rows.id"), index=True, nullable=False)
+    power_budget_w: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    row: Mapped[Row] = relationship(back_populates="racks")
+    nodes: Mapped[list[Node]] = relationship(back_populates="rack")
+
+
+class Node(Base):
+    """A server and what its agent last told us. Effective state: down > cordoned > ready."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="", nullable=False)
+    rack_id: Mapped[str] = mapped_column(ForeignKey("racks.id"), index=True, nullable=False)
+    accelerators: Mapped[int] = mapped_column(Integer, nullable=False)
+    accelerator_model: Mapped[str] = mapped_column(String(64), default="", nullable=False)
+    hbm_gib: Mapped[float | None] = mapped_column(Float)
+    cpu_milli: Mapped[int | None] = mapped_column(BigInteger)
+    memory_mib: Mapped[int | None] = mapped_column(BigInteger)
+    idle_power_w: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, nullable=False)
+    agent_version: Mapped[str] = mapped_column(String(64), default="", nullable=False)
+
+    cordoned: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
+    health: Mapped[NodeHealth] = _enum_column(NodeHealth, default=NodeHealth.DOWN, nullable=False)
+    # The agent session that may speak for this node (a newer Register supersedes older ones).
+    session_id: Mapped[str | None] = mapped_column(String(64))
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    power_draw_w: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
+    # Bumped whenever the node's desired assignment set changes; sent in AssignmentSet.
+    assignment_generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    rack: Mapped[Rack] = relationship(back_populates="nodes")
+    placements: Mapped[list[Placement]] = relationship(back_populates="node")
+
+    @property
+    def state(self) -> str:
+        """The interchange-format node state: ready, cordoned or down."""
+        if self.health is NodeHealth.DOWN:
+            return "down"
+        return "cordoned" if self.cordoned else "ready"
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    isolation: Mapped[Isolation] = _enum_column(Isolation, default=Isolation.SHARED, nullable=False)
+    excludes: Mapped[list[str]] = mapped_column(JSON, default=list, nullable=False)
+    zones: Mapped[list[str]] = mapped_column(JSON, default=list, nullable=False)
+    reserved_accelerators: Mapped[float | None] = mapped_column(Float)
+    max_accelerators: Mapped[float | None] = mapped_column(Float)
+    max_power_w: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow, nullable=False
+    )
+
+    deployments: Mapped[list[Deployment]] = relationship(back_populates="tenant")
+
+
+class Deployment(Base):
+    """What a tenant asked for (the interchange format's `deployment`) and where it stands."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True, nullable=False)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True, nullable=False)
+    replicas: Mapped[int] = mapped_column(Integer, nullable=False)
+    min_replicas: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
+    shards_per_replica: Mapped[int] = mapped_column(Integer, nullable=False)
+    # The shard spec, one column per field.
+    shard_accelerators: Mapped[int] = mapped_column(Integer, nullable=False)
+    shard_accelerator_milli: Mapped[int] = mapped_column(Integer, default=1000, nullable=False)
+    shard_hbm_gib: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
+    shard_cpu_milli: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    shard_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    shard_power_w: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
+    shard_accelerator_models: Mapped[list[str]] = mapped_column(JSON, default=list, nullable=False)
+    locality: Mapped[Domain] = _enum_column(Domain, default=Domain.RACK, nullable=False)
+    spread_domain: Mapped[Domain | None] = _enum_column(Domain, nullable=True)
+    spread_max_per_domain: Mapped[int | None] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
+
+    phase: Mapped[DeploymentPhase] = _enum_column(
+        DeploymentPhase, default=DeploymentPhase.PENDING, nullable=False, index=True
+    )
+    # Why (part of) it is not placed: [{code, message, scope}], from the last solve.
+    reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, nullable=False)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow, nullable=False
+    )
+
+    tenant: Mapped[Tenant] = relationship(back_populates="deployments")
+    placements: Mapped[list[Placement]] = relationship(
+        back_populates="deployment", cascade="all, delete-orphan", order_by="(Placement.replica, Placement.shard)"
+    )
+
+
+class Placement(Base):
+    """One placed shard: the unit the node agent runs."""
+
+    __tablename__ = "placements"
+    __table_args__ = (UniqueConstraint("deployment_id", "replica", "shard"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), index=True, nullable=False
+    )
+    replica: Mapped[int] = mapped_column(Integer, nullable=False)
+    shard: Mapped[int] = mapped_column(Integer, nullable=False)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True, nullable=False)
+    accelerator_indices: Mapped[list[int]] = mapped_column(JSON, default=list, nullable=False)
+    accelerator_milli: Mapped[int | None] = mapped_column(Integer)
+    phase: Mapped[ShardPhase] = _enum_column(ShardPhase, default=ShardPhase.ASSIGNED, nullable=False)
+    message: Mapped[str] = mapped_column(Text, default="", nullable=False)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow, nullable=False
+    )
+
+    deployment: Mapped[Deployment] = relationship(back_populates="placements")
+    node: Mapped[Node] = relationship(back_populates="placements")
+
+
+class Event(Base):
+    """Append-only history: who changed what, when (the seam for the audit log)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False, index=True)
+    actor: Mapped[str] = mapped_column(String(ID_LENGTH), default="system", nullable=False)
+    kind: Mapped[str] = mapped_column(String(64), nullable=False)          # e.g. deployment.placed
+    object_kind: Mapped[str] = mapped_column(String(32), nullable=False)   # deployment, node, tenant
+    object_id: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False, index=True)
+    message: Mapped[str] = mapped_column(Text, default="", nullable=False)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, nullable=False)
