@@ -1,0 +1,588 @@
+"""An independent checker for placement plans, written from the spec alone.
+
+Why this module exists: the solver is the thing under test, so it must not grade its own
+homework. `check_plan` reads the two JSON documents of the interchange format
+(/work/shared/placement/README.md, "the spec") and lists every rule the plan breaks. It never
+imports `scheduler`; it shares no code with it, only the contract.
+
+Interpretations the spec leaves open, decided here (and documented so they can be argued with):
+- A placement on a `cordoned` node is "new" unless the problem placed the same
+  (deployment, replica, shard) on that same node.
+- A replica with any shard on a `down` node is broken: its surviving shards may be dropped or
+  re-placed, and re-placing it is not a "move" that needs rebalance mode.
+- Kept placements keep their node *and* their accelerator indices (a running process is bound
+  to its accelerators); changing either is a move.
+- `spread` counts a replica in every domain one of its shards touches; domain `none` is no limit.
+- `unplaced` must account for exactly the replicas the plan does not run: for each deployment,
+  the sum of its `unplaced[].replicas` equals `replicas - placed replicas`.
+- `min_replicas` wins over "existing placements are kept": a deployment whose surviving
+  replicas are fewer than `min_replicas` may drop them all, if the plan lists it as unplaced.
+- A preemption must be justified by some newly placed replica of another deployment that has a
+  higher priority, or whose tenant holds a reservation and is not preemptible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+# Rule identifiers: one per rule of the spec; a Violation carries exactly one.
+SCHEMA = "SCHEMA"
+REFERENCE = "REFERENCE"
+DUPLICATE = "DUPLICATE"
+GANG = "GANG"
+MIN_REPLICAS = "MIN_REPLICAS"
+INDICES = "INDICES"
+EXCLUSIVE_ACCELERATOR = "EXCLUSIVE_ACCELERATOR"
+SHARED_ACCELERATOR = "SHARED_ACCELERATOR"
+HBM = "HBM"
+CPU = "CPU"
+MEMORY = "MEMORY"
+ACCELERATOR_MODEL = "ACCELERATOR_MODEL"
+NODE_STATE = "NODE_STATE"
+LOCALITY = "LOCALITY"
+SPREAD = "SPREAD"
+ISOLATION = "ISOLATION"
+EXCLUSION = "EXCLUSION"
+ZONE = "ZONE"
+QUOTA_ACCELERATORS = "QUOTA_ACCELERATORS"
+QUOTA_POWER = "QUOTA_POWER"
+POWER_RACK = "POWER_RACK"
+POWER_ROW = "POWER_ROW"
+KEPT = "KEPT"
+MOVES = "MOVES"
+PREEMPTION = "PREEMPTION"
+UNPLACED = "UNPLACED"
+STATUS = "STATUS"
+
+ALL_RULES: tuple[str, ...] = (
+    SCHEMA, REFERENCE, DUPLICATE, GANG, MIN_REPLICAS, INDICES, EXCLUSIVE_ACCELERATOR,
+    SHARED_ACCELERATOR, HBM, CPU, MEMORY, ACCELERATOR_MODEL, NODE_STATE, LOCALITY, SPREAD,
+    ISOLATION, EXCLUSION, ZONE, QUOTA_ACCELERATORS, QUOTA_POWER, POWER_RACK, POWER_ROW, KEPT,
+    MOVES, PREEMPTION, UNPLACED, STATUS,
+)
+
+# Rules that can only get worse when placements are added: a partial plan that breaks one of
+# them cannot be completed into a valid plan (used by the brute-force search to prune).
+MONOTONE_RULES: frozenset[str] = frozenset({
+    REFERENCE, DUPLICATE, INDICES, EXCLUSIVE_ACCELERATOR, SHARED_ACCELERATOR, HBM, CPU, MEMORY,
+    ACCELERATOR_MODEL, NODE_STATE, LOCALITY, SPREAD, ISOLATION, EXCLUSION, ZONE,
+    QUOTA_ACCELERATORS, QUOTA_POWER, POWER_RACK, POWER_ROW,
+})
+
+REASON_CODES: frozenset[str] = frozenset({
+    "CAPACITY", "ACCELERATOR_MODEL", "HBM", "CPU", "MEMORY", "POWER_RACK", "POWER_ROW",
+    "ISOLATION", "EXCLUSION", "ZONE", "QUOTA_ACCELERATORS", "QUOTA_POWER", "LOCALITY", "SPREAD",
+    "NODE_STATE", "TIME_LIMIT",
+})
+
+# Float sums (power, hbm, fractional accelerators) are compared with this slack.
+EPSILON = 1e-6
+
+DEFAULT_SPEC_DIR = Path("/work/shared/placement")
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: which rule, and a message naming the objects and numbers involved."""
+
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.message}"
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """The resolved demand of one placement (deployment defaults applied)."""
+
+    deployment: str
+    replica: int
+    shard: int
+    node: str
+    indices: tuple[int, ...]
+    milli: int  # per index: 1000 for a whole accelerator, less for a fraction
+    fractional: bool
+    tenant: str
+
+
+def _spec_dir() -> Path:
+    return Path(os.environ.get("MAIA_PLACEMENT_SPEC_DIR", str(DEFAULT_SPEC_DIR)))
+
+
+_VALIDATOR: Any = None
+
+
+def _plan_validator() -> Any:
+    """A jsonschema validator for plan.schema.json, resolving its $ref into problem.schema.json."""
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        import jsonschema
+        from referencing import Registry, Resource
+
+        spec = _spec_dir()
+        if not (spec / "plan.schema.json").exists():
+            raise FileNotFoundError(
+                f"plan.schema.json not found under {spec}; set MAIA_PLACEMENT_SPEC_DIR")
+        problem_schema = json.loads((spec / "problem.schema.json").read_text())
+        plan_schema = json.loads((spec / "plan.schema.json").read_text())
+        registry = Registry().with_resources([
+            (problem_schema["$id"], Resource.from_contents(problem_schema)),
+            (plan_schema["$id"], Resource.from_contents(plan_schema)),
+        ])
+        _VALIDATOR = jsonschema.Draft202012Validator(plan_schema, registry=registry)
+    return _VALIDATOR
+
+
+def _key(p: dict[str, Any]) -> tuple[str, int, int]:
+    return (p["deployment"], p["replica"], p["shard"])
+
+
+class _Problem:
+    """Lookup tables over the problem document, defaults of the spec applied."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.rows = {r["id"]: r for r in doc.get("rows", [])}
+        self.racks = {r["id"]: r for r in doc.get("racks", [])}
+        self.nodes = {n["id"]: n for n in doc.get("nodes", [])}
+        self.tenants = {t["id"]: t for t in doc.get("tenants", [])}
+        self.deployments = {d["id"]: d for d in doc.get("deployments", [])}
+        self.options = doc.get("options", {}) or {}
+        self.mode = self.options.get("mode", "batch")
+        self.existing = list(doc.get("placements", []))
+        self.existing_by_key = {_key(p): p for p in self.existing}
+
+    def state(self, node: str) -> str:
+        return self.nodes[node].get("state", "ready")
+
+    def domain(self, node: str, level: str) -> str | None:
+        """The id of the node's enclosing domain at `level` (node/rack/row/zone)."""
+        n = self.nodes[node]
+        if level == "node":
+            return node
+        rack = n["rack"]
+        if level == "rack":
+            return rack
+        row = self.racks.get(rack, {}).get("row")
+        if level == "row":
+            return row
+        if level == "zone":
+            return self.rows.get(row, {}).get("zone") if row is not None else None
+        return None
+
+    def tenant_of(self, deployment: str) -> str:
+        return self.deployments[deployment]["tenant"]
+
+    def tenant(self, tenant_id: str) -> dict[str, Any]:
+        return self.tenants.get(tenant_id, {"id": tenant_id})
+
+    def shard_spec(self, deployment: str) -> dict[str, Any]:
+        return self.deployments[deployment]["shard"]
+
+    def is_fractional(self, deployment: str) -> bool:
+        s = self.shard_spec(deployment)
+        return s["accelerators"] == 1 and s.get("accelerator_milli", 1000) < 1000
+
+    def accelerators_of(self, deployment: str) -> float:
+        """Accelerators one shard holds, fractions counted as milli/1000."""
+        s = self.shard_spec(deployment)
+        if self.is_fractional(deployment):
+            return s.get("accelerator_milli", 1000) / 1000.0
+        return float(s["accelerators"])
+
+    def power_of(self, deployment: str) -> float:
+        return self.shard_spec(deployment).get("power_w", 0.0) * self.accelerators_of(deployment)
+
+    def priority(self, deployment: str) -> int:
+        return self.deployments[deployment].get("priority", 0)
+
+
+def placed_accelerators(problem_doc: dict[str, Any], plan_doc: dict[str, Any]) -> dict[str, float]:
+    """Accelerators each deployment holds in the plan (fractions as milli/1000)."""
+    prob = _Problem(problem_doc)
+    held: dict[str, float] = defaultdict(float)
+    for p in plan_doc.get("placements", []):
+        if p.get("deployment") in prob.deployments:
+            held[p["deployment"]] += prob.accelerators_of(p["deployment"])
+    return dict(held)
+
+
+def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
+               validate_schema: bool = True,
+               rules: Iterable[str] | None = None) -> list["Violation"]:
+    """Every way `plan_doc` breaks the spec for `problem_doc`; empty means the plan is valid.
+
+    `rules` restricts the result to those rule ids (the brute-force search asks only for the
+    monotone ones); `validate_schema=False` skips the (slow) JSON-schema pass.
+    """
+    out: list[Violation] = []
+
+    def bad(rule: str, message: str) -> None:
+        out.append(Violation(rule, message))
+
+    if validate_schema:
+        for err in _plan_validator().iter_errors(plan_doc):
+            path = "/".join(str(x) for x in err.absolute_path)
+            bad(SCHEMA, f"/{path}: {err.message}")
+        if out:
+            return out  # the rest assumes the documented shape
+
+    prob = _Problem(problem_doc)
+    placements: list[dict[str, Any]] = list(plan_doc.get("placements", []))
+
+    # --- references, duplicates, index shape -----------------------------------------------
+    shards: list[_Shard] = []
+    seen: set[tuple[str, int, int]] = set()
+    for p in placements:
+        k = _key(p)
+        dep = prob.deployments.get(p["deployment"])
+        if dep is None:
+            bad(REFERENCE, f"placement {k} names unknown deployment {p['deployment']!r}")
+            continue
+        if p["node"] not in prob.nodes:
+            bad(REFERENCE, f"placement {k} names unknown node {p['node']!r}")
+            continue
+        if p["replica"] >= dep["replicas"]:
+            bad(REFERENCE, f"placement {k}: replica {p['replica']} >= replicas {dep['replicas']}")
+            continue
+        if p["shard"] >= dep["shards_per_replica"]:
+            bad(REFERENCE, f"placement {k}: shard {p['shard']} >= shards_per_replica "
+                           f"{dep['shards_per_replica']}")
+            continue
+        if k in seen:
+            bad(DUPLICATE, f"placement {k} appears more than once")
+            continue
+        seen.add(k)
+        spec = dep["shard"]
+        fractional = prob.is_fractional(p["deployment"])
+        want = spec["accelerators"]
+        idx = tuple(p["accelerator_indices"])
+        node_accels = prob.nodes[p["node"]]["accelerators"]
+        milli = spec.get("accelerator_milli", 1000) if fractional else 1000
+        if len(idx) != want:
+            bad(INDICES, f"placement {k} on {p['node']}: {len(idx)} indices {list(idx)}, "
+                         f"the shard needs {want}")
+        if len(set(idx)) != len(idx):
+            bad(INDICES, f"placement {k} on {p['node']}: repeated index in {list(idx)}")
+        out_of_range = [i for i in idx if i >= node_accels]
+        if out_of_range:
+            bad(INDICES, f"placement {k}: indices {out_of_range} out of range, node "
+                         f"{p['node']} has {node_accels} accelerators")
+        if "accelerator_milli" in p and want > 0:
+            declared = p["accelerator_milli"]
+            if declared != (milli if fractional else 1000):
+                bad(INDICES, f"placement {k}: accelerator_milli {declared} != the shard's "
+                             f"{milli if fractional else 1000}")
+        shards.append(_Shard(p["deployment"], p["replica"], p["shard"], p["node"],
+                             tuple(i for i in idx if i < node_accels), milli, fractional,
+                             prob.tenant_of(p["deployment"])))
+
+    # --- gangs and min_replicas ------------------------------------------------------------
+    by_replica: dict[tuple[str, int], list[_Shard]] = defaultdict(list)
+    for s in shards:
+        by_replica[(s.deployment, s.replica)].append(s)
+    for (dep_id, rep), members in sorted(by_replica.items()):
+        need = prob.deployments[dep_id]["shards_per_replica"]
+        if len(members) != need:
+            have = sorted(m.shard for m in members)
+            bad(GANG, f"{dep_id} replica {rep}: shards {have} placed, the gang has {need}")
+    replicas_placed: dict[str, int] = defaultdict(int)
+    for dep_id, _rep in by_replica:
+        replicas_placed[dep_id] += 1
+    for dep_id, dep in prob.deployments.items():
+        n = replicas_placed.get(dep_id, 0)
+        low = dep.get("min_replicas", 1)
+        if 0 < n < low:
+            bad(MIN_REPLICAS, f"{dep_id}: {n} replicas placed, min_replicas is {low}")
+
+    # --- accelerators: exclusivity, sharing within a tenant, HBM ---------------------------
+    users: dict[tuple[str, int], list[_Shard]] = defaultdict(list)
+    for s in shards:
+        for i in s.indices:
+            users[(s.node, i)].append(s)
+    for (node_id, i), us in sorted(users.items()):
+        node = prob.nodes[node_id]
+        whole = [u for u in us if not u.fractional]
+        if whole and len(us) > 1:
+            names = [(u.deployment, u.replica, u.shard) for u in us]
+            bad(EXCLUSIVE_ACCELERATOR, f"{node_id}[{i}] is held by a whole-accelerator shard "
+                                       f"and shared with others: {names}")
+            continue
+        if whole:
+            hbm = prob.shard_spec(whole[0].deployment).get("hbm_gib", 0)
+            if "hbm_gib" in node and hbm > node["hbm_gib"] + EPSILON:
+                bad(HBM, f"{node_id}[{i}]: shard {whole[0].deployment} needs {hbm} GiB HBM, "
+                         f"the accelerator has {node['hbm_gib']}")
+            continue
+        tenants = sorted({u.tenant for u in us})
+        if len(tenants) > 1:
+            bad(SHARED_ACCELERATOR, f"{node_id}[{i}] is shared by tenants {tenants}")
+        milli = sum(u.milli for u in us)
+        if milli > 1000:
+            bad(SHARED_ACCELERATOR, f"{node_id}[{i}]: fractions sum to {milli} milli > 1000")
+        hbm = sum(prob.shard_spec(u.deployment).get("hbm_gib", 0) for u in us)
+        if "hbm_gib" in node and hbm > node["hbm_gib"] + EPSILON:
+            bad(HBM, f"{node_id}[{i}]: fractions need {hbm} GiB HBM, the accelerator has "
+                     f"{node['hbm_gib']}")
+
+    # --- node host resources, models, state -------------------------------------------------
+    cpu: dict[str, int] = defaultdict(int)
+    mem: dict[str, int] = defaultdict(int)
+    for s in shards:
+        spec = prob.shard_spec(s.deployment)
+        cpu[s.node] += spec.get("cpu_milli", 0)
+        mem[s.node] += spec.get("memory_mib", 0)
+        node = prob.nodes[s.node]
+        models = spec.get("accelerator_models")
+        if models is not None and node.get("accelerator_model") not in models:
+            bad(ACCELERATOR_MODEL, f"{s.deployment} r{s.replica} s{s.shard} on {s.node}: model "
+                                   f"{node.get('accelerator_model')!r} not in {models}")
+        state = prob.state(s.node)
+        if state == "down":
+            bad(NODE_STATE, f"{s.deployment} r{s.replica} s{s.shard} placed on down node {s.node}")
+        elif state == "cordoned":
+            before = prob.existing_by_key.get((s.deployment, s.replica, s.shard))
+            if before is None or before["node"] != s.node:
+                bad(NODE_STATE, f"{s.deployment} r{s.replica} s{s.shard} newly placed on "
+                                f"cordoned node {s.node}")
+    for node_id, used in sorted(cpu.items()):
+        cap = prob.nodes[node_id].get("cpu_milli")
+        if cap is not None and used > cap:
+            bad(CPU, f"node {node_id}: {used} cpu_milli used > {cap}")
+    for node_id, used in sorted(mem.items()):
+        cap = prob.nodes[node_id].get("memory_mib")
+        if cap is not None and used > cap:
+            bad(MEMORY, f"node {node_id}: {used} memory_mib used > {cap}")
+
+    # --- locality and spread, per replica ---------------------------------------------------
+    spread_count: dict[tuple[str, str], int] = defaultdict(int)
+    for (dep_id, rep), members in sorted(by_replica.items()):
+        dep = prob.deployments[dep_id]
+        level = dep.get("locality", "rack")
+        if level != "none":
+            domains = sorted({str(prob.domain(m.node, level)) for m in members})
+            if len(domains) > 1:
+                bad(LOCALITY, f"{dep_id} replica {rep}: locality {level} but shards in {domains}")
+        spread = dep.get("spread")
+        if spread and spread["domain"] != "none":
+            for d in {prob.domain(m.node, spread["domain"]) for m in members}:
+                spread_count[(dep_id, str(d))] += 1
+    for (dep_id, d), n in sorted(spread_count.items()):
+        spread = prob.deployments[dep_id]["spread"]
+        if n > spread["max_per_domain"]:
+            bad(SPREAD, f"{dep_id}: {n} replicas in {spread['domain']} {d}, max_per_domain "
+                        f"{spread['max_per_domain']}")
+
+    # --- tenants: isolation, exclusion, zones, caps ----------------------------------------
+    tenants_on_node: dict[str, set[str]] = defaultdict(set)
+    tenants_on_rack: dict[str, set[str]] = defaultdict(set)
+    tenant_accels: dict[str, float] = defaultdict(float)
+    tenant_power: dict[str, float] = defaultdict(float)
+    for s in shards:
+        tenants_on_node[s.node].add(s.tenant)
+        tenants_on_rack[prob.nodes[s.node]["rack"]].add(s.tenant)
+        tenant_accels[s.tenant] += prob.accelerators_of(s.deployment)
+        tenant_power[s.tenant] += prob.power_of(s.deployment)
+        zones = prob.tenant(s.tenant).get("zones")
+        if zones is not None:
+            z = prob.domain(s.node, "zone")
+            if z not in zones:
+                bad(ZONE, f"{s.deployment} r{s.replica} s{s.shard} on {s.node} in zone {z}; "
+                          f"tenant {s.tenant} may run only in {zones}")
+    # dedicated_rack implies dedicated_node; a shared node is also a shared rack, so each
+    # isolation level is checked at its own scope only.
+    for scope, holders in (("node", tenants_on_node), ("rack", tenants_on_rack)):
+        for where, ts in sorted(holders.items()):
+            for t in sorted(ts):
+                iso = prob.tenant(t).get("isolation", "shared")
+                if len(ts) > 1 and iso == f"dedicated_{scope}":
+                    bad(ISOLATION, f"{scope} {where} holds tenant {t} ({iso}) together with "
+                                   f"{sorted(ts - {t})}")
+    for rack, ts in sorted(tenants_on_rack.items()):
+        for a in sorted(ts):
+            for b in sorted(ts):
+                if a < b and (b in prob.tenant(a).get("excludes", [])
+                              or a in prob.tenant(b).get("excludes", [])):
+                    bad(EXCLUSION, f"rack {rack} holds tenants {a} and {b}, which exclude "
+                                   f"each other")
+    for t, used in sorted(tenant_accels.items()):
+        cap = prob.tenant(t).get("max_accelerators")
+        if cap is not None and used > cap + EPSILON:
+            bad(QUOTA_ACCELERATORS, f"tenant {t} holds {used:g} accelerators > max {cap}")
+    for t, used in sorted(tenant_power.items()):
+        cap = prob.tenant(t).get("max_power_w")
+        if cap is not None and used > cap + EPSILON:
+            bad(QUOTA_POWER, f"tenant {t} draws {used:g} W > max_power_w {cap}")
+
+    # --- power: racks and rows, idle of every node that is not down ------------------------
+    rack_power: dict[str, float] = defaultdict(float)
+    row_power: dict[str, float] = defaultdict(float)
+    for node_id, node in prob.nodes.items():
+        if node.get("state", "ready") != "down":
+            rack_power[node["rack"]] += node.get("idle_power_w", 0)
+            row = prob.racks.get(node["rack"], {}).get("row")
+            if row is not None:
+                row_power[row] += node.get("idle_power_w", 0)
+    for s in shards:
+        w = prob.power_of(s.deployment)
+        rack = prob.nodes[s.node]["rack"]
+        rack_power[rack] += w
+        row = prob.racks.get(rack, {}).get("row")
+        if row is not None:
+            row_power[row] += w
+    for rack_id, rack in sorted(prob.racks.items()):
+        budget = rack.get("power_budget_w")
+        if budget is not None and rack_power[rack_id] > budget + EPSILON:
+            bad(POWER_RACK, f"rack {rack_id}: {rack_power[rack_id]:g} W > budget {budget:g} W")
+    for row_id, row in sorted(prob.rows.items()):
+        budget = row.get("power_budget_w")
+        if budget is not None and row_power[row_id] > budget + EPSILON:
+            bad(POWER_ROW, f"row {row_id}: {row_power[row_id]:g} W > budget {budget:g} W")
+
+    if rules is not None:
+        wanted = set(rules)
+        out = [v for v in out if v.rule in wanted]
+        if wanted <= MONOTONE_RULES:
+            return out
+
+    _check_history(prob, plan_doc, placements, by_replica, replicas_placed, bad)
+
+    if rules is not None:
+        out = [v for v in out if v.rule in set(rules)]
+    return out
+
+
+def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[dict[str, Any]],
+                   by_replica: dict[tuple[str, int], list[_Shard]],
+                   replicas_placed: dict[str, int], bad: Any) -> None:
+    """Rules relating the plan to the problem's placements: kept, moved, preempted, unplaced."""
+    plan_by_key = {_key(p): p for p in placements}
+    moved = list(plan_doc.get("moved", []) or [])
+    preempted = list(plan_doc.get("preempted", []) or [])
+    preempted_keys = {(e["deployment"], e["replica"]) for e in preempted}
+    moved_by_key = {(e["deployment"], e["replica"], e["shard"]): e for e in moved}
+
+    # Replicas broken by a down node, and deployments allowed to drop below min_replicas.
+    broken: set[tuple[str, int]] = set()
+    for p in prob.existing:
+        if p["node"] in prob.nodes and prob.state(p["node"]) == "down":
+            broken.add((p["deployment"], p["replica"]))
+    surviving: dict[str, set[int]] = defaultdict(set)
+    for p in prob.existing:
+        if (p["deployment"], p["replica"]) not in broken:
+            surviving[p["deployment"]].add(p["replica"])
+    unplaced_ids = {u["deployment"] for u in plan_doc.get("unplaced", [])}
+    may_drop = {d for d, reps in surviving.items()
+                if d in prob.deployments and replicas_placed.get(d, 0) == 0 and d in unplaced_ids
+                and len(reps) < prob.deployments[d].get("min_replicas", 1)}
+
+    # --- existing placements are kept unless moved or preempted -----------------------------
+    for p in prob.existing:
+        k = _key(p)
+        rep = (p["deployment"], p["replica"])
+        if p["deployment"] not in prob.deployments or rep in broken or p["deployment"] in may_drop:
+            continue
+        if rep in preempted_keys:
+            continue
+        now = plan_by_key.get(k)
+        if now is None:
+            bad(KEPT, f"existing placement {k} on {p['node']} is gone without being moved or "
+                      f"preempted")
+            continue
+        if now["node"] != p["node"]:
+            if k not in moved_by_key:
+                bad(KEPT, f"existing placement {k} went from {p['node']} to {now['node']} "
+                          f"without a moved[] entry")
+        elif sorted(now["accelerator_indices"]) != sorted(p["accelerator_indices"]) \
+                and k not in moved_by_key:
+            bad(KEPT, f"existing placement {k} on {p['node']} changed accelerators "
+                      f"{p['accelerator_indices']} -> {now['accelerator_indices']}")
+
+    # --- moves: only in rebalance mode, at most max_moves, and true to the placements -------
+    counted = 0
+    for e in moved:
+        k = (e["deployment"], e["replica"], e["shard"])
+        before = prob.existing_by_key.get(k)
+        now = plan_by_key.get(k)
+        if before is None:
+            bad(MOVES, f"moved {k} was not placed before")
+            continue
+        if before["node"] != e["from"]:
+            bad(MOVES, f"moved {k}: from {e['from']} but it ran on {before['node']}")
+        if now is None or now["node"] != e["to"]:
+            bad(MOVES, f"moved {k}: to {e['to']} but the plan has it on "
+                       f"{None if now is None else now['node']}")
+        if (e["deployment"], e["replica"]) in broken:
+            continue  # re-placing what a down node lost is repair, not a move
+        counted += 1
+        if prob.mode != "rebalance":
+            bad(MOVES, f"moved {k} in {prob.mode} mode; only rebalance may move shards"
+                + (" (online decisions are never moved)" if prob.mode == "online" else ""))
+    limit = prob.options.get("max_moves")
+    if prob.mode == "rebalance" and limit is not None and counted > limit:
+        bad(MOVES, f"{counted} moves > max_moves {limit}")
+
+    # --- preemption: only preemptible replicas, only when allowed, only for better work -----
+    newly_placed = [rep for rep in by_replica
+                    if not any((rep[0], rep[1], s) in prob.existing_by_key
+                               for s in range(prob.deployments[rep[0]]["shards_per_replica"]))]
+    for e in preempted:
+        dep = prob.deployments.get(e["deployment"])
+        label = f"preempted {e['deployment']} replica {e['replica']}"
+        if dep is None:
+            bad(PREEMPTION, f"{label}: unknown deployment")
+            continue
+        if not prob.options.get("allow_preemption", False):
+            bad(PREEMPTION, f"{label} but options.allow_preemption is not set")
+        if not dep.get("preemptible", False):
+            bad(PREEMPTION, f"{label}: the deployment is not preemptible")
+        if not any(p["deployment"] == e["deployment"] and p["replica"] == e["replica"]
+                   for p in prob.existing):
+            bad(PREEMPTION, f"{label}: it was not running")
+        if (e["deployment"], e["replica"]) in by_replica:
+            bad(PREEMPTION, f"{label} but the plan still runs it")
+        prio = dep.get("priority", 0)
+        justified = False
+        for d2, _r2 in newly_placed:
+            other = prob.deployments[d2]
+            if d2 == e["deployment"]:
+                continue
+            if other.get("priority", 0) > prio:
+                justified = True
+            elif (not other.get("preemptible", False)
+                  and prob.tenant(other["tenant"]).get("reserved_accelerators", 0) > 0
+                  and other["tenant"] != dep["tenant"]):
+                justified = True
+        if not justified:
+            bad(PREEMPTION, f"{label}: no newly placed higher-priority or reserved work needs it")
+
+    # --- unplaced: reasons with valid codes, counts that add up -----------------------------
+    unplaced_count: dict[str, int] = defaultdict(int)
+    for u in plan_doc.get("unplaced", []):
+        if u["deployment"] not in prob.deployments:
+            bad(UNPLACED, f"unplaced names unknown deployment {u['deployment']!r}")
+            continue
+        unplaced_count[u["deployment"]] += u["replicas"]
+        if not u.get("reasons"):
+            bad(UNPLACED, f"unplaced {u['deployment']} carries no reason")
+        for r in u.get("reasons", []):
+            if r.get("code") not in REASON_CODES:
+                bad(UNPLACED, f"unplaced {u['deployment']}: unknown reason code {r.get('code')!r}")
+            if not r.get("message"):
+                bad(UNPLACED, f"unplaced {u['deployment']}: reason {r.get('code')} has no message")
+    for dep_id, dep in prob.deployments.items():
+        missing = dep["replicas"] - replicas_placed.get(dep_id, 0)
+        if unplaced_count.get(dep_id, 0) != missing:
+            bad(UNPLACED, f"{dep_id}: {missing} replicas not placed, unplaced[] accounts for "
+                          f"{unplaced_count.get(dep_id, 0)}")
+
+    # --- status: infeasible means nothing new was placed ------------------------------------
+    if plan_doc.get("status") == "infeasible" and newly_placed:
+        bad(STATUS, f"status infeasible but {len(newly_placed)} replicas were newly placed, "
+                    f"e.g. {sorted(newly_placed)[0]}")
