@@ -1,0 +1,34 @@
+"""`maiactl delete deployment NAME` and `maiactl delete tenant ID`."""
+from __future__ import annotations
+
+import argparse
+
+from controller.cli.context import Context
+from controller.cli.views import phase_text
+from maia.v1 import admin_pb2, deployments_pb2
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("delete", parents=[common], help="delete a deployment (its shards are stopped)")
+    p.add_argument("resource", choices=("deployment", "deployments", "deploy", "tenant"))
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    results = []
+    for name in args.names:
+        if args.resource == "tenant":
+            ctx.controller.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id=name), timeout=ctx.rpc_timeout)
+            results.append({"object": f"tenant/{name}", "action": "deleted"})
+            if not ctx.json:
+                ctx.out(f"tenant/{name} deleted")
+            continue
+        dep = ctx.controller.deployments.DeleteDeployment(
+            deployments_pb2.DeleteDeploymentRequest(name=name), timeout=ctx.rpc_timeout)
+        results.append({"object": f"deployment/{name}", "action": "deleted", "deployment": dep})
+        if not ctx.json:
+            ctx.out(f"deployment/{name} deleted (phase {phase_text(dep)})")
+    if ctx.json:
+        ctx.emit_json({"results": results})
+    return 0

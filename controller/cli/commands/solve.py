@@ -1,0 +1,62 @@
+"""`maiactl solve PROBLEM.json`: run the scheduler library locally, no controller involved.
+
+With `-o json` stdout carries exactly one JSON document, plan_to_dict(plan); everything else
+(progress, errors) goes to stderr. A problem the library rejects (ProblemError) exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from controller.cli.client import CliError
+from controller.cli.context import Context
+from controller.cli.plan_view import plan_text
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("solve", parents=[common], help="solve a placement problem file locally")
+    p.add_argument("problem", metavar="PROBLEM.json", help="problem in the interchange format ('-' for stdin)")
+    p.add_argument("--time-limit-ms", type=int, metavar="N", help="override options.time_limit_ms")
+    p.set_defaults(handler=run)
+
+
+def load_problem(path: str) -> dict[str, Any]:
+    import sys
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read: {exc.strerror or exc}", 2) from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", 2) from None
+    if not isinstance(doc, dict):
+        raise CliError(f"{path}: expected a JSON object, got {type(doc).__name__}", 2)
+    return doc
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    try:
+        from scheduler import ProblemError, plan_to_dict, problem_from_dict, solve
+    except ImportError as exc:
+        raise CliError(f"the scheduler library is not available: {exc}", 1) from None
+    doc = load_problem(args.problem)
+    if args.time_limit_ms is not None:
+        if args.time_limit_ms < 1:
+            raise CliError("--time-limit-ms must be at least 1", 2)
+        options = doc.get("options")
+        doc["options"] = {**(options if isinstance(options, dict) else {}), "time_limit_ms": args.time_limit_ms}
+    try:
+        problem = problem_from_dict(doc)
+    except ProblemError as exc:
+        raise CliError(str(exc), 2) from None
+    plan = solve(problem)
+    plan_doc = plan_to_dict(plan)
+    if ctx.json:
+        ctx.emit_json(plan_doc)
+    else:
+        ctx.out(plan_text(plan_doc, doc))
+    return 0

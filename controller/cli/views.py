@@ -1,0 +1,177 @@
+"""Readable renderings of API objects (deployments, nodes, tenants, topology, summary).
+
+Pure functions from messages to text; the commands decide what to fetch and where to print.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from controller.cli.tables import (
+    fmt_indices, fmt_list, fmt_number, fmt_used_of, render_kv, render_table,
+)
+from controller.cli.vocab import (
+    deployment_phase_word, domain_word, isolation_word, node_state_word, shard_phase_word, title,
+)
+from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+
+
+def shard_request_text(shard: common_pb2.ShardSpec) -> str:
+    """'1 acc', '1 acc x 500m', '2 acc', with hbm and power: '1 acc, 48 GiB, 700 W'."""
+    parts = [f"{shard.accelerators} acc"]
+    if shard.accelerator_milli and shard.accelerator_milli < 1000:
+        parts[0] += f" x {shard.accelerator_milli}m"
+    if shard.hbm_gib:
+        parts.append(f"{fmt_number(shard.hbm_gib)} GiB")
+    if shard.power_w:
+        parts.append(f"{fmt_number(shard.power_w)} W")
+    return ", ".join(parts)
+
+
+def spread_text(spec: deployments_pb2.DeploymentSpec) -> str:
+    if not spec.HasField("spread") or spec.spread.max_per_domain == 0:
+        return "-"
+    return f"<= {spec.spread.max_per_domain} per {domain_word(spec.spread.domain)}"
+
+
+def reasons_text(reasons: Iterable[common_pb2.Reason], indent: str = "") -> str:
+    lines = []
+    for r in reasons:
+        scope = f" [{r.scope}]" if r.scope else ""
+        lines.append(f"{indent}{r.code}: {r.message}{scope}")
+    return "\n".join(lines)
+
+
+def phase_text(dep: deployments_pb2.Deployment) -> str:
+    return title(deployment_phase_word(dep.phase))
+
+
+def deployments_table(deployments: Sequence[deployments_pb2.Deployment]) -> str:
+    rows = []
+    for d in deployments:
+        s = d.spec
+        rows.append([
+            s.name, s.tenant, phase_text(d),
+            f"{d.running_replicas}/{s.replicas}", f"{d.placed_replicas}/{s.replicas}",
+            s.shards_per_replica, shard_request_text(s.shard), domain_word(s.locality),
+            s.priority, "yes" if s.preemptible else "no",
+            d.reasons[0].code if d.reasons else None,
+        ])
+    return render_table(
+        ["name", "tenant", "phase", "running", "placed", "shards", "shard", "locality",
+         "priority", "preemptible", "reason"],
+        rows, empty="No deployments found.")
+
+
+def placements_table(placements: Sequence[deployments_pb2.ShardPlacement]) -> str:
+    rows = [[p.replica, p.shard, p.node, p.rack, fmt_indices(p.accelerator_indices, p.accelerator_milli),
+             title(shard_phase_word(p.phase)), p.message or None]
+            for p in sorted(placements, key=lambda p: (p.replica, p.shard))]
+    return render_table(["replica", "shard", "node", "rack", "accelerators", "phase", "message"],
+                        rows, empty="(no shards placed)")
+
+
+def deployment_detail(dep: deployments_pb2.Deployment) -> str:
+    s = dep.spec
+    pairs: list[tuple[str, object]] = [
+        ("Name", s.name), ("Tenant", s.tenant), ("Phase", phase_text(dep)),
+        ("Generation", dep.generation),
+        ("Replicas", f"{s.replicas} asked (min {s.min_replicas or 1}), {dep.placed_replicas} placed, "
+                     f"{dep.running_replicas} running"),
+        ("Shards/replica", s.shards_per_replica),
+        ("Shard", shard_request_text(s.shard)),
+        ("Models", fmt_list(s.shard.accelerator_models)),
+        ("Locality", domain_word(s.locality)),
+        ("Spread", spread_text(s)),
+        ("Priority", s.priority),
+        ("Preemptible", "yes" if s.preemptible else "no"),
+    ]
+    if dep.HasField("created_at"):
+        pairs.append(("Created", dep.created_at.ToJsonString()))
+    text = render_kv(pairs)  # type: ignore[arg-type]
+    if dep.reasons:
+        text += "\n\nReasons:\n" + reasons_text(dep.reasons, indent="  ")
+    text += "\n\nPlacements:\n" + placements_table(dep.placements)
+    return text
+
+
+def cluster_placements_table(deployments: Sequence[deployments_pb2.Deployment]) -> str:
+    rows = []
+    for d in sorted(deployments, key=lambda d: d.spec.name):
+        for p in sorted(d.placements, key=lambda p: (p.replica, p.shard)):
+            rows.append([d.spec.name, d.spec.tenant, p.replica, p.shard, p.node, p.rack,
+                         fmt_indices(p.accelerator_indices, p.accelerator_milli),
+                         title(shard_phase_word(p.phase))])
+    return render_table(["deployment", "tenant", "replica", "shard", "node", "rack", "accelerators",
+                         "phase"], rows, empty="No shards placed.")
+
+
+def nodes_table(nodes: Sequence[admin_pb2.Node]) -> str:
+    rows = [[n.id, n.rack, node_state_word(n.state), "yes" if n.connected else "no",
+             f"{fmt_number(n.accelerators_used)}/{n.accelerators}", n.shards,
+             fmt_number(round(n.power_draw_w)), fmt_list(n.tenants)]
+            for n in sorted(nodes, key=lambda n: n.id)]
+    return render_table(["node", "rack", "state", "connected", "accelerators", "shards", "power_w",
+                         "tenants"], rows, empty="No nodes found.")
+
+
+def node_detail(n: admin_pb2.Node) -> str:
+    pairs: list[tuple[str, object]] = [
+        ("Node", n.id), ("Hostname", n.hostname or "-"), ("Zone/row/rack", f"{n.zone}/{n.row}/{n.rack}"),
+        ("State", node_state_word(n.state)), ("Connected", "yes" if n.connected else "no"),
+        ("Accelerators", f"{fmt_number(n.accelerators_used)}/{n.accelerators} used ({n.accelerator_model})"),
+        ("HBM/accelerator", f"{fmt_number(n.hbm_gib)} GiB"),
+        ("CPU", f"{n.cpu_milli}m"), ("Memory", f"{n.memory_mib} MiB"),
+        ("Power", f"{fmt_number(round(n.power_draw_w))} W drawn (idle {fmt_number(n.idle_power_w)} W)"),
+        ("Shards", n.shards), ("Tenants", fmt_list(n.tenants)),
+    ]
+    if n.HasField("last_heartbeat"):
+        pairs.append(("Last heartbeat", n.last_heartbeat.ToJsonString()))
+    if n.labels:
+        pairs.append(("Labels", ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))))
+    return render_kv(pairs)  # type: ignore[arg-type]
+
+
+def _opt(msg: object, name: str) -> float | None:
+    return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[attr-defined]
+
+
+def tenants_table(tenants: Sequence[admin_pb2.Tenant]) -> str:
+    rows = []
+    for t in sorted(tenants, key=lambda t: t.id):
+        max_acc = _opt(t, "max_accelerators")
+        max_pw = _opt(t, "max_power_w")
+        rows.append([t.id, isolation_word(t.isolation), fmt_list(t.excludes), fmt_list(t.zones),
+                     _opt(t, "reserved_accelerators"),
+                     fmt_used_of(t.used_accelerators, max_acc),
+                     fmt_used_of(t.used_power_w, max_pw, "kW")])
+    return render_table(["tenant", "isolation", "excludes", "zones", "reserved", "accelerators", "power"],
+                        rows, empty="No tenants found.")
+
+
+def topology_view(topology: admin_pb2.Topology) -> str:
+    zones = ", ".join(z.id for z in topology.zones) or "-"
+    rows_table = render_table(
+        ["row", "zone", "power"],
+        [[r.id, r.zone, fmt_used_of(r.power_used_w, _opt(r, "power_budget_w"), "kW")]
+         for r in topology.rows], empty="(no rows)")
+    racks_table = render_table(
+        ["rack", "row", "nodes", "power"],
+        [[r.id, r.row, r.nodes, fmt_used_of(r.power_used_w, _opt(r, "power_budget_w"), "kW")]
+         for r in sorted(topology.racks, key=lambda r: r.id)], empty="(no racks)")
+    return f"Zones: {zones}\n\nRows:\n{rows_table}\n\nRacks:\n{racks_table}"
+
+
+def summary_view(s: admin_pb2.ClusterSummary) -> str:
+    phases = ", ".join(f"{title(k.removeprefix('DEPLOYMENT_PHASE_').lower())} {v}"
+                       for k, v in sorted(s.deployments_by_phase.items())) or "none"
+    pairs: list[tuple[str, object]] = [
+        ("Nodes", f"{s.nodes_ready} ready, {s.nodes_cordoned} cordoned, {s.nodes_down} down"),
+        ("Accelerators", fmt_used_of(s.accelerators_used, s.accelerators_total)
+         + (f" ({s.accelerators_used / s.accelerators_total:.0%})" if s.accelerators_total else "")),
+        ("Power", fmt_used_of(s.power_used_w, s.power_budget_w or None, "kW")),
+        ("Deployments", phases),
+    ]
+    text = render_kv(pairs)  # type: ignore[arg-type]
+    if s.tenants:
+        text += "\n\nTenants:\n" + tenants_table(s.tenants)
+    return text

@@ -1,0 +1,66 @@
+"""One place that maps the API's enums to the lowercase words people and manifests use.
+
+Manifests, tables and the interchange format share one vocabulary (`dedicated_rack`, `rack`,
+`running`); the proto enums carry prefixes (`ISOLATION_DEDICATED_RACK`). Keeping both directions
+here means a new enum value is added once.
+"""
+from __future__ import annotations
+
+from maia.v1 import common_pb2, deployments_pb2
+
+ISOLATION_BY_WORD: dict[str, int] = {
+    "shared": common_pb2.ISOLATION_SHARED,
+    "dedicated_node": common_pb2.ISOLATION_DEDICATED_NODE,
+    "dedicated_rack": common_pb2.ISOLATION_DEDICATED_RACK,
+}
+
+DOMAIN_BY_WORD: dict[str, int] = {
+    "node": common_pb2.DOMAIN_NODE,
+    "rack": common_pb2.DOMAIN_RACK,
+    "row": common_pb2.DOMAIN_ROW,
+    "zone": common_pb2.DOMAIN_ZONE,
+    "none": common_pb2.DOMAIN_NONE,
+}
+
+# What an unset enum means, as the proto comments say.
+_ISOLATION_DEFAULT = "shared"
+_DOMAIN_DEFAULT = "rack"
+
+
+def _word(enum_name: str, prefix: str) -> str:
+    return enum_name.removeprefix(prefix).lower()
+
+
+def isolation_word(value: int) -> str:
+    if value == common_pb2.ISOLATION_UNSPECIFIED:
+        return _ISOLATION_DEFAULT
+    return _word(common_pb2.Isolation.Name(value), "ISOLATION_")
+
+
+def domain_word(value: int, default: str = _DOMAIN_DEFAULT) -> str:
+    if value == common_pb2.DOMAIN_UNSPECIFIED:
+        return default
+    return _word(common_pb2.Domain.Name(value), "DOMAIN_")
+
+
+def node_state_word(value: int) -> str:
+    if value == common_pb2.NODE_STATE_UNSPECIFIED:
+        return "unknown"
+    return _word(common_pb2.NodeState.Name(value), "NODE_STATE_")
+
+
+def shard_phase_word(value: int) -> str:
+    if value == common_pb2.SHARD_PHASE_UNSPECIFIED:
+        return "unknown"
+    return _word(common_pb2.ShardPhase.Name(value), "SHARD_PHASE_")
+
+
+def deployment_phase_word(value: int) -> str:
+    if value == deployments_pb2.DEPLOYMENT_PHASE_UNSPECIFIED:
+        return "unknown"
+    return _word(deployments_pb2.DeploymentPhase.Name(value), "DEPLOYMENT_PHASE_")
+
+
+def title(word: str) -> str:
+    """`running` -> `Running`, for phases shown in tables."""
+    return word[:1].upper() + word[1:]
