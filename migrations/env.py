@@ -1,0 +1,93 @@
+"""Alembic environment: one async env for SQLite (aiosqlite) and PostgreSQL (asyncpg).
+
+Two ways in:
+- programmatic (`controller.store.migrate.ensure_schema`): the caller passes an open sync
+  `Connection` in `config.attributes["connection"]` and owns its transaction;
+- command line (`alembic upgrade head`): an async engine is created for the URL found in
+  `config.attributes["db_url"]`, `-x db=URL`, `$MAIA_DB_URL`, then the controller default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from controller.store.db import DEFAULT_DB_URL, create_engine
+from controller.store.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+# Only the command line configures logging; the controller keeps its own.
+if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+    fileConfig(config.config_file_name)
+
+
+def database_url() -> str:
+    return (
+        config.attributes.get("db_url")
+        or context.get_x_argument(as_dictionary=True).get("db")
+        or os.environ.get("MAIA_DB_URL")
+        or config.get_main_option("sqlalchemy.url")
+        or DEFAULT_DB_URL
+    )
+
+
+def run_migrations_offline() -> None:
+    """Emit SQL to stdout (`alembic upgrade head --sql`) instead of running it."""
+    url = database_url()
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        render_as_batch=url.startswith("sqlite"),
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def do_run_migrations(connection: Connection) -> None:
+    is_sqlite = connection.dialect.name == "sqlite"
+    if is_sqlite and not connection.in_transaction():
+        # Batch mode rebuilds SQLite tables (copy, drop, rename); with foreign keys on, dropping
+        # a parent table would cascade-delete its children. The PRAGMA only works outside a
+        # transaction; ensure_schema does the same on its shared connection.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=is_sqlite,
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations(url: str) -> None:
+    # The controller's own engine factory: same driver settings as at run time.
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(do_run_migrations)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        do_run_migrations(connection)
+    else:
+        asyncio.run(run_async_migrations(database_url()))
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

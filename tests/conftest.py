@@ -1,0 +1,188 @@
+"""Shared test fixtures: the databases every store/integration test runs against.
+
+Tests that take `db_url` (or `database`) run twice: on a SQLite file and on a real PostgreSQL.
+PostgreSQL is a throwaway server started once per session from the local PostgreSQL 15
+binaries (no Docker here), on a free port with trust auth, and stopped at the end; each test
+gets a fresh database in it (CREATE DATABASE is milliseconds). `MAIA_TEST_PG_URL` points the
+tests at an existing server instead. Without either, PostgreSQL cases are skipped, unless
+`MAIA_REQUIRE_POSTGRES=1` (CI), where that is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from controller.store.db import Database
+from controller.store.migrate import ensure_schema
+
+PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin")
+PG_USER = "app"
+
+
+def _find_pg_bin_dir() -> Path | None:
+    for candidate in (*PG_BIN_DIRS, *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)):
+        d = Path(candidate)
+        if (d / "initdb").exists() and (d / "pg_ctl").exists():
+            return d
+    found = shutil.which("initdb")
+    return Path(found).parent if found and shutil.which("pg_ctl") else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _no_postgres(reason: str) -> None:
+    if os.environ.get("MAIA_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"MAIA_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {reason}", pytrace=False)
+    pytest.skip(f"PostgreSQL unavailable ({reason}); install postgresql-15 or set MAIA_TEST_PG_URL")
+
+
+class _LocalPostgres:
+    """A throwaway PostgreSQL cluster in a temp dir (run as `postgres` when we are root)."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.root = Path(tempfile.mkdtemp(prefix="maia-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "postgres.log"
+        self.port = 0
+        self.as_postgres = os.geteuid() == 0
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin_dir / args[0]), *args[1:]]
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log.read_text()[-3000:]
+        except OSError:
+            return "<no log>"
+
+    def start(self) -> str:
+        self.data.mkdir(mode=0o700)
+        if self.as_postgres:  # initdb refuses to run as root
+            shutil.chown(self.root, "postgres", "postgres")
+            shutil.chown(self.data, "postgres", "postgres")
+        init = self._run(
+            "initdb", "-D", str(self.data), "-U", PG_USER, "--auth=trust", "-E", "UTF8",
+            "--locale=C.UTF-8", "--no-sync",
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr or init.stdout}")
+        # Durability is worthless for a throwaway test server: turn it off for speed.
+        opts = (
+            f"-h 127.0.0.1 -k {self.root} -c fsync=off -c synchronous_commit=off "
+            f"-c full_page_writes=off -c max_connections=200"
+        )
+        last_error = ""
+        for _attempt in range(3):  # the free port may be taken between probe and bind
+            self.port = _free_port()
+            started = self._run(
+                "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", f"{opts} -p {self.port}",
+                "-w", "-t", "60", "start",
+            )
+            if started.returncode == 0:
+                return f"postgresql+asyncpg://{PG_USER}@127.0.0.1:{self.port}/postgres"
+            last_error = f"{started.stderr or started.stdout}\n{self._log_tail()}"
+            time.sleep(0.2)
+        raise RuntimeError(f"pg_ctl start failed: {last_error}")
+
+    def stop(self) -> None:
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """SQLAlchemy URL of a PostgreSQL server's maintenance database, alive for the session."""
+    external = os.environ.get("MAIA_TEST_PG_URL")
+    if external:
+        url = make_url(external)
+        yield url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        return
+    bin_dir = _find_pg_bin_dir()
+    if bin_dir is None:
+        _no_postgres(f"no initdb/pg_ctl in {', '.join(PG_BIN_DIRS)} or on PATH")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        _no_postgres("running as root without runuser to drop to the postgres user")
+    server = _LocalPostgres(bin_dir)
+    try:
+        url = server.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError, KeyError) as exc:
+        server.stop()
+        _no_postgres(f"could not start a local server: {exc}")
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _create_database(server_url: str) -> str:
+    import asyncpg
+
+    name = f"maia_test_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(_asyncpg_dsn(server_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+async def _drop_database(server_url: str, db_url: str) -> None:
+    import asyncpg
+
+    name = make_url(db_url).database
+    conn = await asyncpg.connect(_asyncpg_dsn(server_url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An EMPTY database (no schema) on each backend: a SQLite file, or a fresh PG database."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}"
+        return
+    server_url = request.getfixturevalue("postgres_url")
+    url = await _create_database(server_url)
+    try:
+        yield url
+    finally:
+        await _drop_database(server_url, url)
+
+
+@pytest.fixture
+async def database(db_url: str) -> AsyncIterator[Database]:
+    """A `Database` on `db_url`, migrated to head; disposed after the test."""
+    db = Database(db_url)
+    try:
+        await ensure_schema(db, migrate=True)
+        yield db
+    finally:
+        await db.dispose()
