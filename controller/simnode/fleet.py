@@ -1,0 +1,68 @@
+"""A fleet of simulated nodes in one event loop: naming, staggered start, clean stop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from controller.simnode.protocol import NodeSpec
+from controller.simnode.transport import SimulatedNode
+
+log = logging.getLogger("simnode")
+
+
+@dataclass(frozen=True)
+class FleetShape:
+    """How many racks and nodes, and what each node is like."""
+
+    racks: int
+    nodes_per_rack: int
+    rack_prefix: str = "rack-"
+    accelerators: int = 4
+    accelerator_model: str = "maia-100"
+    hbm_gib: float = 64.0
+    idle_power_w: float = 600.0
+
+    def node_specs(self) -> list[NodeSpec]:
+        """rack-00 .. rack-{R-1}, nodes rack-00-n00 .. (two digits, more when needed)."""
+        rack_digits = max(2, len(str(self.racks - 1)))
+        node_digits = max(2, len(str(self.nodes_per_rack - 1)))
+        specs = []
+        for r in range(self.racks):
+            rack = f"{self.rack_prefix}{r:0{rack_digits}d}"
+            for n in range(self.nodes_per_rack):
+                specs.append(NodeSpec(
+                    node_id=f"{rack}-n{n:0{node_digits}d}", rack=rack, accelerators=self.accelerators,
+                    accelerator_model=self.accelerator_model, hbm_gib=self.hbm_gib,
+                    idle_power_w=self.idle_power_w))
+        return specs
+
+
+class Fleet:
+    """Runs every node as its own task; `stop()` ends them all and `run()` returns."""
+
+    def __init__(self, nodes: list[SimulatedNode], stagger_s: float = 0.01) -> None:
+        self.nodes = nodes
+        self.stagger_s = stagger_s
+        self._tasks: list[asyncio.Task] = []
+
+    def node(self, node_id: str) -> SimulatedNode:
+        return next(n for n in self.nodes if n.spec.node_id == node_id)
+
+    async def run(self) -> None:
+        log.info("starting %d simulated nodes", len(self.nodes))
+        for node in self.nodes:
+            self._tasks.append(asyncio.create_task(node.run(), name=f"node-{node.spec.node_id}"))
+            await asyncio.sleep(self.stagger_s)
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for node, result in zip(self.nodes, results):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("%s ended with %r", node.spec.node_id, result)
+        log.info("all %d nodes stopped", len(self.nodes))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def connected(self) -> int:
+        return sum(1 for n in self.nodes if n.connected)

@@ -1,0 +1,68 @@
+"""Conversions between the agent's values and maia.v1 agent protocol messages."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controller.simnode.agent import DesiredShard, DesiredState, Phase, ShardKey, ShardReport
+from maia.v1 import agent_pb2, common_pb2
+
+_PHASES = {
+    Phase.LOADING: common_pb2.SHARD_PHASE_LOADING,
+    Phase.RUNNING: common_pb2.SHARD_PHASE_RUNNING,
+    Phase.FAILED: common_pb2.SHARD_PHASE_FAILED,
+    Phase.STOPPED: common_pb2.SHARD_PHASE_STOPPED,
+}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What a simulated node is (its NodeInfo)."""
+
+    node_id: str
+    rack: str
+    accelerators: int = 4
+    accelerator_model: str = "maia-100"
+    hbm_gib: float = 64.0
+    cpu_milli: int = 96_000
+    memory_mib: int = 786_432
+    idle_power_w: float = 600.0
+    agent_version: str = "maia-simnode/0.1.0"
+
+    def to_proto(self) -> agent_pb2.NodeInfo:
+        return agent_pb2.NodeInfo(
+            node_id=self.node_id, hostname=self.node_id, rack=self.rack,
+            accelerators=self.accelerators, accelerator_model=self.accelerator_model,
+            hbm_gib=self.hbm_gib, cpu_milli=self.cpu_milli, memory_mib=self.memory_mib,
+            idle_power_w=self.idle_power_w, labels={"maia.dev/simulated": "true"},
+            agent_version=self.agent_version)
+
+
+def desired_from_proto(message: agent_pb2.AssignmentSet) -> DesiredState:
+    shards = tuple(
+        DesiredShard(
+            key=ShardKey(a.deployment, a.replica, a.shard), tenant=a.tenant,
+            accelerator_indices=tuple(a.accelerator_indices), accelerator_milli=a.accelerator_milli,
+            accelerators=a.spec.accelerators or len(a.accelerator_indices),
+            power_w=a.spec.power_w, generation=a.generation)
+        for a in message.assignments)
+    return DesiredState(generation=message.generation, shards=shards)
+
+
+def status_to_proto(report: ShardReport) -> agent_pb2.ShardStatus:
+    return agent_pb2.ShardStatus(
+        deployment=report.key.deployment, replica=report.key.replica, shard=report.key.shard,
+        generation=report.generation, phase=_PHASES[report.phase], message=report.message,
+        power_draw_w=report.power_draw_w)
+
+
+def hello(node_id: str, session_id: str) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id=node_id, session_id=session_id))
+
+
+def heartbeat(seq: int, power_draw_w: float, reports: list[ShardReport]) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
+        seq=seq, power_draw_w=power_draw_w, shards=[status_to_proto(r) for r in reports]))
+
+
+def shard_status(report: ShardReport) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(shard_status=status_to_proto(report))

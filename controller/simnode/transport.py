@@ -1,0 +1,222 @@
+"""One simulated node over its own gRPC channel: Register, a Connect stream, heartbeats, reconnects.
+
+`SimulatedNode.run()` loops until `stop()`: register (NodeInfo), open Connect, send Hello and a
+first heartbeat, then heartbeat every interval while applying each AssignmentSet to the
+`NodeAgent` and sending a ShardStatus for every phase change. When the stream or the
+registration fails it waits a jittered, exponentially growing delay and starts over (the
+shards it runs survive a reconnect, as processes on a real host would). `crash()` drops the
+stream abruptly and forgets all shards, for failure injection.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from controller.simnode import protocol
+from controller.simnode.agent import NodeAgent, ShardReport
+from controller.simnode.protocol import NodeSpec
+from maia.v1 import agent_pb2, agent_pb2_grpc
+
+DEFAULT_HEARTBEAT_S = 1.0
+REGISTER_TIMEOUT_S = 10.0
+STOP_GRACE_S = 2.0
+
+
+@dataclass
+class Backoff:
+    """Full-jitter exponential backoff: the n-th delay is uniform in [d/2, d], d = initial*factor^n."""
+
+    initial_s: float = 0.5
+    maximum_s: float = 15.0
+    factor: float = 2.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum_s, self.initial_s * self.factor ** self.attempt)
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class _Crashed(Exception):
+    pass
+
+
+_CLOSE = object()  # outbox sentinel: half-close the stream
+
+
+class SimulatedNode:
+    """A node agent process, simulated: one state machine, one channel, one stream at a time."""
+
+    def __init__(self, spec: NodeSpec, controller: str, *, load_delay_s: float = 1.0,
+                 heartbeat_interval_s: float | None = None, backoff: Backoff | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec = spec
+        self.controller = controller
+        self.agent = NodeAgent(spec.node_id, spec.idle_power_w, load_delay_s)
+        self.heartbeat_override_s = heartbeat_interval_s
+        self.backoff = backoff or Backoff()
+        self.clock = clock
+        self.log = logging.getLogger(f"simnode.{spec.node_id}")
+        self.session_id = ""
+        self.connected = False
+        self.sessions = 0
+        self.heartbeats_sent = 0
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._crash_offline_s: float | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._outbox: asyncio.Queue | None = None
+
+    # --- control --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Finish cleanly: half-close the stream, let run() return."""
+        self._stopping.set()
+        if self._outbox is not None:
+            self._outbox.put_nowait(_CLOSE)
+
+    def crash(self, offline_s: float = 5.0) -> None:
+        """Fail abruptly: cancel the stream, lose every shard, come back after `offline_s`."""
+        self._crash_offline_s = offline_s
+        self.agent.crash()
+        if self._call is not None:
+            self._call.cancel()
+
+    # --- main loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        channel = grpc.aio.insecure_channel(self.controller)
+        stub = agent_pb2_grpc.NodeAgentServiceStub(channel)
+        try:
+            while not self._stopping.is_set():
+                delay: float | None = None
+                problem = ""
+                try:
+                    await self._session(stub)
+                    problem = "stream closed by the controller"
+                except grpc.aio.AioRpcError as exc:
+                    what = "stream broke" if self.connected else "register failed"
+                    problem = f"{what}: {exc.code().name}: {exc.details()}"
+                except _Crashed:
+                    pass
+                finally:
+                    self.connected = False
+                    self._call = None
+                if self._stopping.is_set():
+                    break
+                if self._crash_offline_s is not None:
+                    delay, self._crash_offline_s = self._crash_offline_s, None
+                    self.log.warning("crashed: all shards lost, offline for %.1fs", delay)
+                else:
+                    delay = self.backoff.next_delay()
+                    self.log.warning("%s; reconnecting in %.1fs", problem, delay)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+        finally:
+            await channel.close(grace=None)
+            self.log.info("stopped")
+
+    async def _session(self, stub: agent_pb2_grpc.NodeAgentServiceStub) -> None:
+        registration = await stub.Register(agent_pb2.RegisterRequest(node=self.spec.to_proto()),
+                                           timeout=REGISTER_TIMEOUT_S)
+        self.session_id = registration.session_id
+        interval = self.heartbeat_override_s or (registration.heartbeat_interval_ms / 1000) or DEFAULT_HEARTBEAT_S
+        self.agent.begin_session()
+        self.sessions += 1
+        outbox: asyncio.Queue = asyncio.Queue()
+        self._outbox = outbox
+        outbox.put_nowait(protocol.hello(self.spec.node_id, self.session_id))
+        if self._stopping.is_set():
+            outbox.put_nowait(_CLOSE)
+        call = stub.Connect(self._outbound(outbox))
+        self._call = call
+        self.connected = True
+        self.log.info("registered and connected (session %s, heartbeat every %.1fs)", self.session_id, interval)
+        started = self.clock()
+        pump = asyncio.create_task(self._pump(outbox, interval), name=f"pump-{self.spec.node_id}")
+        reader = asyncio.create_task(self._read(call), name=f"read-{self.spec.node_id}")
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if self._stopping.is_set() and not reader.done():
+                # Half-closed by stop(): give the controller a moment to end the stream itself.
+                await asyncio.wait({reader}, timeout=STOP_GRACE_S)
+            if reader.done():
+                reader.result()
+        except asyncio.CancelledError:
+            if self._crash_offline_s is not None:
+                raise _Crashed() from None
+            raise
+        finally:
+            for task in (pump, reader, stopping):
+                task.cancel()
+            await asyncio.gather(pump, reader, stopping, return_exceptions=True)
+            if not call.done():
+                call.cancel()
+            self._outbox = None
+            if self.clock() - started > 10 * interval:
+                self.backoff.reset()
+        if self._crash_offline_s is not None:
+            raise _Crashed()
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        async for message in call:
+            if message.HasField("assignments"):
+                self.backoff.reset()
+                self._apply(message.assignments)
+
+    def _apply(self, message: agent_pb2.AssignmentSet) -> None:
+        desired = protocol.desired_from_proto(message)
+        before = self.agent.stale_ignored
+        reports = self.agent.apply(desired, self.clock())
+        if self.agent.stale_ignored > before:
+            self.log.info("ignored stale assignment set generation %d (have %s)",
+                          desired.generation, self.agent.last_generation)
+            return
+        self.log.debug("assignment set generation %d: %d shards", desired.generation, len(desired.shards))
+        self._send_reports(reports)
+        self._wake.set()
+
+    def _send_reports(self, reports: list[ShardReport]) -> None:
+        for report in reports:
+            self.log.info("%s %s (generation %d)", report.key, report.phase.value, report.generation)
+            if self._outbox is not None:
+                self._outbox.put_nowait(protocol.shard_status(report))
+
+    async def _outbound(self, outbox: asyncio.Queue) -> AsyncIterator[agent_pb2.AgentMessage]:
+        while True:
+            message = await outbox.get()
+            if message is _CLOSE:
+                return
+            yield message
+
+    async def _pump(self, outbox: asyncio.Queue, interval: float) -> None:
+        """Heartbeats every `interval`, and load completions as soon as they are due."""
+        seq = 0
+        next_heartbeat = self.clock()
+        while True:
+            now = self.clock()
+            self._send_reports(self.agent.tick(now))
+            if now >= next_heartbeat:
+                seq += 1
+                outbox.put_nowait(protocol.heartbeat(seq, self.agent.power_draw_w(), self.agent.reports()))
+                self.heartbeats_sent += 1
+                next_heartbeat = now + interval
+            due = self.agent.next_deadline()
+            wake_at = min(next_heartbeat, due if due is not None else math.inf)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, wake_at - self.clock()))
+            except TimeoutError:
+                pass
