@@ -1,0 +1,209 @@
+"""Greedy placement of replica gangs: the online fast path, the CP-SAT hint and its fallback.
+
+One replica at a time: filter nodes (`filters.node_fit`), compute what every locality domain can
+take as a whole (`filters.gang_capacity`), pick a domain that fits the whole gang (best fit, see
+`fragmentation`), fill its nodes, then choose concrete accelerator indices shard by shard. A
+replica is placed completely or not at all; a deployment that ends below `min_replicas` gives
+its new replicas back.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from scheduler.filters import BIG, gang_capacity, node_fit, quota_room
+from scheduler.fragmentation import Workload, node_fragmentation
+from scheduler.state import ClusterState, ShardAt
+
+Scorer = Literal["fgd", "bestfit"]
+REFRESH_EVERY = 64  # arrivals between refreshes of the cached FGD node fragmentation
+
+
+class Placer:
+    """Places gangs into a ClusterState it owns the mutation of."""
+
+    def __init__(self, state: ClusterState, scorer: Scorer = "fgd",
+                 workload: Workload | None = None) -> None:
+        self.state = state
+        self.scorer = scorer
+        self.workload = workload or Workload()
+        self._frag: np.ndarray | None = None
+        self._frag_tenant = -1
+        self._frag_age = 0
+
+    # ---- public ---------------------------------------------------------------------------
+
+    def place_deployment(self, d: int, replicas: list[int],
+                         allowed: np.ndarray | None = None) -> list[int]:
+        """Place as many of the given replicas as fit; honour min_replicas. Returns placed."""
+        dep = self.state.deps[d]
+        placed = []
+        for r in replicas:
+            if self.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
+                placed.append(r)
+            else:
+                break  # identical replicas: if one does not fit, the next will not either
+        have = len(self.state.placed_replicas(d))
+        if placed and have < dep.min_replicas:
+            for r in placed:
+                self.state.remove_replica(d, r)
+            self._frag = None
+            return []
+        return placed
+
+    def place_gang(self, d: int, r: int, shard_ids: list[int],
+                   allowed: np.ndarray | None = None) -> bool:
+        """Place these shards of replica r together (locality, power, caps); all or nothing."""
+        state = self.state
+        dep = state.deps[d]
+        count = len(shard_ids)
+        if count == 0:
+            return True
+        room, _ = quota_room(state, d)
+        if room < count:
+            return False
+        slots = node_fit(state, d).slots
+        if allowed is not None:
+            slots = np.where(allowed, slots, 0)
+        if count == 1:
+            node = self._best_node(d, slots)
+            if node is None:
+                return False
+            return self._commit(d, r, [(shard_ids[0], node)])
+        level = dep.locality
+        cap = gang_capacity(state, d, slots, level)
+        candidates = np.flatnonzero(cap >= count)
+        if len(candidates) == 0:
+            return False
+        domain = self._best_domain(d, level, candidates, count)
+        dom_of = state.topo.domain_of(level)
+        in_domain = (dom_of == domain) & (slots > 0)
+        chosen = self._fill(d, slots, np.flatnonzero(in_domain), count)
+        if chosen is None:
+            return False
+        return self._commit(d, r, list(zip(shard_ids, chosen)))
+
+    # ---- choices --------------------------------------------------------------------------
+
+    def _free_milli(self, t: int) -> np.ndarray:
+        """(N, A) free milli per accelerator that tenant t could use."""
+        s = self.state
+        usable = s.acc_exists & ((s.acc_owner == -1) | (s.acc_owner == t))
+        return np.where(usable, s.acc_free, 0)
+
+    def _best_domain(self, d: int, level: str, candidates: np.ndarray, count: int) -> int:
+        """Best fit: the candidate domain left with the least free capacity after the gang."""
+        if len(candidates) == 1:
+            return int(candidates[0])
+        s = self.state
+        t = int(s.dep_tenant[d])
+        node_free = np.where(s.topo.node_ready, self._free_milli(t).sum(axis=1), 0)
+        dom_free = np.bincount(s.topo.domain_of(level), weights=node_free,
+                               minlength=s.topo.n_domains(level))
+        left = dom_free[candidates] - count * s.deps[d].shard.milli
+        return int(candidates[np.argmin(left)])
+
+    def _fill(self, d: int, slots: np.ndarray, nodes: np.ndarray, count: int
+              ) -> list[int] | None:
+        """Nodes for `count` shards among `nodes`: fullest nodes first, within rack/row power."""
+        s = self.state
+        topo = s.topo
+        power = s.deps[d].shard.shard_power_w
+        free_acc = s.free_whole()[nodes]
+        order = nodes[np.lexsort((nodes, free_acc, slots[nodes]))]
+        rack_left: dict[int, int] = {}
+        row_left: dict[int, int] = {}
+        rack_head, row_head = s.rack_headroom(), s.row_headroom()
+        chosen: list[int] = []
+        for n in order.tolist():
+            rack, row = int(topo.node_rack[n]), int(topo.node_row[n])
+            if power > 0:
+                if rack not in rack_left:
+                    rack_left[rack] = int(np.floor(max(rack_head[rack], 0) / power + 1e-9))
+                if row not in row_left:
+                    row_left[row] = int(np.floor(max(row_head[row], 0) / power + 1e-9))
+                take = min(int(slots[n]), count - len(chosen), rack_left[rack], row_left[row])
+                rack_left[rack] -= take
+                row_left[row] -= take
+            else:
+                take = min(int(slots[n]), count - len(chosen))
+            chosen.extend([n] * take)
+            if len(chosen) == count:
+                return chosen
+        return None
+
+    def _best_node(self, d: int, slots: np.ndarray) -> int | None:
+        """One shard: the node where it adds least fragmentation (FGD) or fits best."""
+        candidates = np.flatnonzero(slots > 0)
+        if len(candidates) == 0:
+            return None
+        if len(candidates) == 1:
+            return int(candidates[0])
+        s = self.state
+        spec = s.deps[d].shard
+        t = int(s.dep_tenant[d])
+        free = self._free_milli(t)[candidates]
+        after = free.copy()
+        if spec.accelerators > 0:
+            if spec.fractional:
+                fits = (after >= spec.accelerator_milli) & \
+                    (s.acc_hbm[candidates] >= spec.hbm_gib)
+                shared = fits & (s.acc_owner[candidates] == t) & (after < 1000)
+                a = after.shape[1]
+                key = np.where(shared, after, np.where(fits, 2000 + np.arange(a), BIG))
+                pick = np.argmin(key, axis=1)
+                after[np.arange(len(candidates)), pick] -= spec.accelerator_milli
+            else:
+                whole = (after >= 1000) & (s.acc_hbm[candidates] >= spec.hbm_gib)
+                take = whole & (np.cumsum(whole, axis=1) <= spec.accelerators)
+                after = np.where(take, 0, after)
+        left_after = after.sum(axis=1)
+        cpu_after = s.cpu_free[candidates] - spec.cpu_milli
+        if self.scorer == "fgd" and len(self.workload.counts):
+            before = self._fragmentation(t)[candidates]
+            delta = node_fragmentation(after, cpu_after, self.workload) - before
+            # Ties (common when nothing changes) go to the node left with less free capacity.
+            order = np.lexsort((candidates, cpu_after, left_after, np.round(delta, 6)))
+        else:
+            order = np.lexsort((candidates, cpu_after, left_after))
+        return int(candidates[order[0]])
+
+    def _fragmentation(self, t: int) -> np.ndarray:
+        if self._frag is None or self._frag_tenant != t or self._frag_age >= REFRESH_EVERY:
+            self._frag = node_fragmentation(self._free_milli(t), self.state.cpu_free,
+                                            self.workload)
+            self._frag_tenant, self._frag_age = t, 0
+        return self._frag
+
+    # ---- mutation -------------------------------------------------------------------------
+
+    def _commit(self, d: int, r: int, shard_nodes: list[tuple[int, int]]) -> bool:
+        """Choose indices shard by shard and record the replica; undo on any surprise."""
+        s = self.state
+        shards: dict[int, ShardAt] = {}
+        added: list[ShardAt] = []
+        ok = True
+        for shard, node in shard_nodes:
+            pick = s.choose_indices(d, node)
+            if pick is None:
+                ok = False
+                break
+            at = ShardAt(node, pick[0], pick[1])
+            s._apply(d, at, +1)  # claim it now so the next shard sees it
+            added.append(at)
+            shards[shard] = at
+        for at in added:
+            s._apply(d, at, -1)
+        if not ok:
+            return False
+        s.add_replica(d, r, shards)
+        if self._frag is not None:
+            self._frag_age += 1
+            t = int(s.dep_tenant[d])
+            if t == self._frag_tenant:
+                touched = np.unique([n for _, n in shard_nodes])
+                self._frag[touched] = node_fragmentation(
+                    self._free_milli(t)[touched], s.cpu_free[touched], self.workload)
+        return True

@@ -1,0 +1,290 @@
+"""JSON interchange format (v1) <-> domain values.
+
+`problem_from_dict` is the only door into the solver: it validates the document against the
+shipped JSON schema, then checks what a schema cannot (ids that must exist, ids that must be
+unique, replica/shard/accelerator indices in range) and raises `ProblemError` naming the JSON
+path and the value. Lists the document leaves out (racks, rows, zones, tenants) are implied from
+the ids that refer to them, so small hand-written problems stay small; a list that is present is
+checked strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+from scheduler.errors import ProblemError
+from scheduler.model import (Deployment, Node, Options, Placement, Plan, Problem, Rack, Row,
+                             ShardSpec, Spread, Tenant, Zone)
+
+IMPLIED_ROW = "_row"
+IMPLIED_ZONE = "_zone"
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict[str, Any]:
+    """One of the shipped schemas: 'problem' or 'plan'."""
+    text = resources.files("scheduler.schemas").joinpath(f"{name}.schema.json").read_text()
+    return json.loads(text)
+
+
+@lru_cache(maxsize=None)
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    problem_schema = load_schema("problem")
+    schema = load_schema(name)
+    registry = None
+    from referencing import Registry, Resource  # jsonschema's own dependency
+    registry = Registry().with_resources([
+        ("problem.schema.json", Resource.from_contents(problem_schema)),
+        (problem_schema["$id"], Resource.from_contents(problem_schema)),
+    ])
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, registry=registry)
+
+
+def _json_path(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validate_document(doc: Any, name: str) -> None:
+    """Raise ProblemError for the first schema violation (the deepest, most specific one)."""
+    error = jsonschema.exceptions.best_match(_validator(name).iter_errors(doc))
+    if error is not None:
+        raise ProblemError(_json_path(error.absolute_path), error.instance,
+                           f"{error.message}")
+
+
+def problem_from_dict(doc: dict[str, Any]) -> Problem:
+    """Validate an interchange document and turn it into a Problem."""
+    validate_document(doc, "problem")
+    zones = tuple(Zone(z["id"]) for z in doc.get("zones", ()))
+    rows = tuple(Row(r["id"], r["zone"], r.get("power_budget_w")) for r in doc.get("rows", ()))
+    racks = tuple(Rack(r["id"], r["row"], r.get("power_budget_w")) for r in doc.get("racks", ()))
+    nodes = tuple(_node(n) for n in doc["nodes"])
+    tenants = tuple(_tenant(t) for t in doc.get("tenants", ()))
+    deployments = tuple(_deployment(d) for d in doc["deployments"])
+    placements = tuple(_placement(p) for p in doc.get("placements", ()))
+    opts = doc.get("options", {})
+    options = Options(mode=opts.get("mode", "batch"), time_limit_ms=opts.get("time_limit_ms"),
+                      max_moves=opts.get("max_moves"),
+                      allow_preemption=bool(opts.get("allow_preemption", False)),
+                      batch_size=opts.get("batch_size"))
+
+    # Implied lists: absent means "whatever the references say".
+    if not racks:
+        racks = tuple(Rack(rid, rows[0].id if len(rows) == 1 else IMPLIED_ROW)
+                      for rid in dict.fromkeys(n.rack for n in nodes))
+    if not rows:
+        rows = tuple(Row(rid, zones[0].id if len(zones) == 1 else IMPLIED_ZONE)
+                     for rid in dict.fromkeys(r.row for r in racks))
+    if not zones:
+        zones = tuple(Zone(zid) for zid in dict.fromkeys(r.zone for r in rows))
+    if not tenants:
+        tenants = tuple(Tenant(tid) for tid in dict.fromkeys(d.tenant for d in deployments))
+
+    problem = Problem(nodes=nodes, deployments=deployments, zones=zones, rows=rows, racks=racks,
+                      tenants=tenants, placements=placements, options=options)
+    check_references(problem)
+    return problem
+
+
+def _unique(items: Any, field: str) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if item.id in seen:
+            raise ProblemError(f"{field}[{i}].id", item.id, f"duplicate id {item.id!r}")
+        seen[item.id] = i
+    return seen
+
+
+def check_references(problem: Problem) -> None:
+    """Referential checks a schema cannot express; raise ProblemError on the first failure."""
+    zones = _unique(problem.zones, "zones")
+    rows = _unique(problem.rows, "rows")
+    racks = _unique(problem.racks, "racks")
+    nodes = _unique(problem.nodes, "nodes")
+    tenants = _unique(problem.tenants, "tenants")
+    deployments = _unique(problem.deployments, "deployments")
+    for i, row in enumerate(problem.rows):
+        if row.zone not in zones:
+            raise ProblemError(f"rows[{i}].zone", row.zone, f"unknown zone {row.zone!r}")
+    for i, rack in enumerate(problem.racks):
+        if rack.row not in rows:
+            raise ProblemError(f"racks[{i}].row", rack.row, f"unknown row {rack.row!r}")
+    for i, node in enumerate(problem.nodes):
+        if node.rack not in racks:
+            raise ProblemError(f"nodes[{i}].rack", node.rack, f"unknown rack {node.rack!r}")
+    for i, tenant in enumerate(problem.tenants):
+        for j, other in enumerate(tenant.excludes):
+            if other not in tenants:
+                raise ProblemError(f"tenants[{i}].excludes[{j}]", other,
+                                   f"unknown tenant {other!r}")
+        for j, zone in enumerate(tenant.zones or ()):
+            if zone not in zones:
+                raise ProblemError(f"tenants[{i}].zones[{j}]", zone, f"unknown zone {zone!r}")
+    for i, dep in enumerate(problem.deployments):
+        if dep.tenant not in tenants:
+            raise ProblemError(f"deployments[{i}].tenant", dep.tenant,
+                               f"unknown tenant {dep.tenant!r}")
+        if dep.min_replicas > dep.replicas:
+            raise ProblemError(f"deployments[{i}].min_replicas", dep.min_replicas,
+                               f"min_replicas {dep.min_replicas} > replicas {dep.replicas}")
+        if dep.shard.accelerator_milli < 1000 and dep.shard.accelerators != 1:
+            raise ProblemError(f"deployments[{i}].shard.accelerator_milli",
+                               dep.shard.accelerator_milli,
+                               "a fraction below 1000 needs accelerators: 1")
+    seen: set[tuple[str, int, int]] = set()
+    used: dict[tuple[str, int], tuple[str, int]] = {}  # (node, index) -> (tenant, milli)
+    for i, p in enumerate(problem.placements):
+        where = f"placements[{i}]"
+        if p.deployment not in deployments:
+            raise ProblemError(f"{where}.deployment", p.deployment,
+                               f"unknown deployment {p.deployment!r}")
+        dep = problem.deployments[deployments[p.deployment]]
+        if p.replica >= dep.replicas:
+            raise ProblemError(f"{where}.replica", p.replica,
+                               f"replica {p.replica} out of range 0..{dep.replicas - 1}")
+        if p.shard >= dep.shards_per_replica:
+            raise ProblemError(f"{where}.shard", p.shard,
+                               f"shard {p.shard} out of range 0..{dep.shards_per_replica - 1}")
+        key = (p.deployment, p.replica, p.shard)
+        if key in seen:
+            raise ProblemError(where, list(key), f"duplicate placement of {key}")
+        seen.add(key)
+        if p.node not in nodes:
+            raise ProblemError(f"{where}.node", p.node, f"unknown node {p.node!r}")
+        node = problem.nodes[nodes[p.node]]
+        if len(p.accelerator_indices) != dep.shard.accelerators:
+            raise ProblemError(f"{where}.accelerator_indices", list(p.accelerator_indices),
+                               f"{len(p.accelerator_indices)} indices for a shard of "
+                               f"{dep.shard.accelerators} accelerators")
+        if len(set(p.accelerator_indices)) != len(p.accelerator_indices):
+            raise ProblemError(f"{where}.accelerator_indices", list(p.accelerator_indices),
+                               "repeated accelerator index")
+        for j, idx in enumerate(p.accelerator_indices):
+            if idx >= node.accelerators:
+                raise ProblemError(f"{where}.accelerator_indices[{j}]", idx,
+                                   f"index {idx} out of range for node {node.id!r} with "
+                                   f"{node.accelerators} accelerators")
+        milli = p.accelerator_milli if p.accelerator_milli is not None else 1000
+        if milli < 1000 and not dep.shard.fractional:
+            raise ProblemError(f"{where}.accelerator_milli", milli,
+                               f"deployment {dep.id!r} asks for whole accelerators")
+
+
+def _node(n: dict[str, Any]) -> Node:
+    return Node(id=n["id"], rack=n["rack"], accelerators=n["accelerators"],
+                state=n.get("state", "ready"), accelerator_model=n.get("accelerator_model"),
+                hbm_gib=n.get("hbm_gib"), cpu_milli=n.get("cpu_milli"),
+                memory_mib=n.get("memory_mib"), idle_power_w=float(n.get("idle_power_w", 0)),
+                labels=tuple(sorted(n.get("labels", {}).items())))
+
+
+def _tenant(t: dict[str, Any]) -> Tenant:
+    zones = t.get("zones")
+    return Tenant(id=t["id"], isolation=t.get("isolation", "shared"),
+                  excludes=tuple(t.get("excludes", ())),
+                  zones=tuple(zones) if zones is not None else None,
+                  reserved_accelerators=float(t.get("reserved_accelerators", 0)),
+                  max_accelerators=t.get("max_accelerators"), max_power_w=t.get("max_power_w"))
+
+
+def _deployment(d: dict[str, Any]) -> Deployment:
+    s = d["shard"]
+    models = s.get("accelerator_models")
+    shard = ShardSpec(accelerators=s["accelerators"],
+                      accelerator_milli=s.get("accelerator_milli", 1000),
+                      hbm_gib=float(s.get("hbm_gib", 0)), cpu_milli=s.get("cpu_milli", 0),
+                      memory_mib=s.get("memory_mib", 0), power_w=float(s.get("power_w", 0)),
+                      accelerator_models=tuple(models) if models is not None else None)
+    spread = d.get("spread")
+    return Deployment(id=d["id"], tenant=d["tenant"], replicas=d["replicas"],
+                      shards_per_replica=d["shards_per_replica"], shard=shard,
+                      min_replicas=d.get("min_replicas", 1), locality=d.get("locality", "rack"),
+                      spread=Spread(spread["domain"], spread["max_per_domain"]) if spread else None,
+                      priority=d.get("priority", 0), preemptible=d.get("preemptible", False))
+
+
+def _placement(p: dict[str, Any]) -> Placement:
+    return Placement(deployment=p["deployment"], replica=p["replica"], shard=p["shard"],
+                     node=p["node"], accelerator_indices=tuple(p["accelerator_indices"]),
+                     accelerator_milli=p.get("accelerator_milli"))
+
+
+def placement_to_dict(p: Placement) -> dict[str, Any]:
+    out: dict[str, Any] = {"deployment": p.deployment, "replica": p.replica, "shard": p.shard,
+                           "node": p.node, "accelerator_indices": list(p.accelerator_indices)}
+    if p.accelerator_milli is not None:
+        out["accelerator_milli"] = p.accelerator_milli
+    return out
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as an interchange document (valid against plan.schema.json)."""
+    return {
+        "status": plan.status,
+        "placements": [placement_to_dict(p) for p in plan.placements],
+        "unplaced": [{"deployment": u.deployment, "replicas": u.replicas,
+                      "reasons": [{"code": r.code, "message": r.message,
+                                   **({"scope": r.scope} if r.scope is not None else {})}
+                                  for r in u.reasons]} for u in plan.unplaced],
+        "preempted": [{"deployment": p.deployment, "replica": p.replica}
+                      for p in plan.preempted],
+        "moved": [{"deployment": m.deployment, "replica": m.replica, "shard": m.shard,
+                   "from": m.from_node, "to": m.to_node} for m in plan.moved],
+        "stats": dict(plan.stats),
+    }
+
+
+def problem_to_dict(problem: Problem) -> dict[str, Any]:
+    """The problem as an interchange document (handy for tests and model dumps)."""
+    def drop_none(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if v is not None}
+
+    return {
+        "version": 1,
+        "zones": [{"id": z.id} for z in problem.zones],
+        "rows": [drop_none({"id": r.id, "zone": r.zone, "power_budget_w": r.power_budget_w})
+                 for r in problem.rows],
+        "racks": [drop_none({"id": r.id, "row": r.row, "power_budget_w": r.power_budget_w})
+                  for r in problem.racks],
+        "nodes": [drop_none({"id": n.id, "rack": n.rack, "state": n.state,
+                             "accelerators": n.accelerators,
+                             "accelerator_model": n.accelerator_model, "hbm_gib": n.hbm_gib,
+                             "cpu_milli": n.cpu_milli, "memory_mib": n.memory_mib,
+                             "idle_power_w": n.idle_power_w,
+                             "labels": dict(n.labels) or None}) for n in problem.nodes],
+        "tenants": [drop_none({"id": t.id, "isolation": t.isolation,
+                               "excludes": list(t.excludes) or None,
+                               "zones": list(t.zones) if t.zones is not None else None,
+                               "reserved_accelerators": t.reserved_accelerators or None,
+                               "max_accelerators": t.max_accelerators,
+                               "max_power_w": t.max_power_w}) for t in problem.tenants],
+        "deployments": [drop_none({
+            "id": d.id, "tenant": d.tenant, "replicas": d.replicas,
+            "min_replicas": d.min_replicas, "shards_per_replica": d.shards_per_replica,
+            "shard": drop_none({
+                "accelerators": d.shard.accelerators,
+                "accelerator_milli": d.shard.accelerator_milli, "hbm_gib": d.shard.hbm_gib,
+                "cpu_milli": d.shard.cpu_milli, "memory_mib": d.shard.memory_mib,
+                "power_w": d.shard.power_w,
+                "accelerator_models": (list(d.shard.accelerator_models)
+                                       if d.shard.accelerator_models is not None else None)}),
+            "locality": d.locality,
+            "spread": ({"domain": d.spread.domain, "max_per_domain": d.spread.max_per_domain}
+                       if d.spread else None),
+            "priority": d.priority, "preemptible": d.preemptible}) for d in problem.deployments],
+        "placements": [placement_to_dict(p) for p in problem.placements],
+        "options": drop_none({"mode": problem.options.mode,
+                              "time_limit_ms": problem.options.time_limit_ms,
+                              "max_moves": problem.options.max_moves,
+                              "allow_preemption": problem.options.allow_preemption,
+                              "batch_size": problem.options.batch_size}),
+    }

@@ -1,0 +1,184 @@
+"""Domain values of the placement problem and its answer.
+
+Everything the solver reads or returns is a frozen dataclass so a problem can be shared between
+threads, hashed, and never mutated behind the solver's back. The JSON mapping lives in
+`interchange.py`; these types know nothing about JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Domain = Literal["node", "rack", "row", "zone", "none"]
+NodeState = Literal["ready", "cordoned", "down"]
+Isolation = Literal["shared", "dedicated_node", "dedicated_rack"]
+Mode = Literal["batch", "online", "rebalance"]
+Status = Literal["optimal", "feasible", "infeasible"]
+
+# Reason codes of the spec, in the order a person reads them (node filters first).
+REASON_CODES: tuple[str, ...] = (
+    "NODE_STATE", "ZONE", "ACCELERATOR_MODEL", "EXCLUSION", "ISOLATION", "SPREAD",
+    "CAPACITY", "HBM", "CPU", "MEMORY", "POWER_RACK", "POWER_ROW",
+    "QUOTA_ACCELERATORS", "QUOTA_POWER", "LOCALITY", "TIME_LIMIT",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Zone:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: str
+    zone: str
+    power_budget_w: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rack:
+    id: str
+    row: str
+    power_budget_w: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: str
+    rack: str
+    accelerators: int
+    state: NodeState = "ready"
+    accelerator_model: str | None = None
+    hbm_gib: float | None = None  # None: not limited
+    cpu_milli: int | None = None
+    memory_mib: int | None = None
+    idle_power_w: float = 0.0
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: str
+    isolation: Isolation = "shared"
+    excludes: tuple[str, ...] = ()
+    zones: tuple[str, ...] | None = None  # None: anywhere
+    reserved_accelerators: float = 0.0
+    max_accelerators: float | None = None
+    max_power_w: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    accelerators: int
+    accelerator_milli: int = 1000
+    hbm_gib: float = 0.0
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    power_w: float = 0.0
+    accelerator_models: tuple[str, ...] | None = None
+
+    @property
+    def fractional(self) -> bool:
+        """A fraction of one accelerator, shareable with the same tenant."""
+        return self.accelerators == 1 and self.accelerator_milli < 1000
+
+    @property
+    def milli(self) -> int:
+        """Accelerator demand in milli-units (what tenant caps and the objective count)."""
+        return self.accelerator_milli if self.fractional else 1000 * self.accelerators
+
+    @property
+    def shard_power_w(self) -> float:
+        """Power one shard draws under load."""
+        return self.power_w * self.milli / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    domain: Domain
+    max_per_domain: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    id: str
+    tenant: str
+    replicas: int
+    shards_per_replica: int
+    shard: ShardSpec
+    min_replicas: int = 1
+    locality: Domain = "rack"
+    spread: Spread | None = None
+    priority: int = 0
+    preemptible: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    deployment: str
+    replica: int
+    shard: int
+    node: str
+    accelerator_indices: tuple[int, ...]
+    accelerator_milli: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    mode: Mode = "batch"
+    time_limit_ms: int | None = None
+    max_moves: int | None = None
+    allow_preemption: bool = False
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    nodes: tuple[Node, ...]
+    deployments: tuple[Deployment, ...]
+    zones: tuple[Zone, ...] = ()
+    rows: tuple[Row, ...] = ()
+    racks: tuple[Rack, ...] = ()
+    tenants: tuple[Tenant, ...] = ()
+    placements: tuple[Placement, ...] = ()
+    options: Options = field(default_factory=Options)
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    code: str
+    message: str
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaced:
+    deployment: str
+    replicas: int
+    reasons: tuple[Reason, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    deployment: str
+    replica: int
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    deployment: str
+    replica: int
+    shard: int
+    from_node: str
+    to_node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    status: Status
+    placements: tuple[Placement, ...]
+    unplaced: tuple[Unplaced, ...] = ()
+    preempted: tuple[Preemption, ...] = ()
+    moved: tuple[Move, ...] = ()
+    stats: dict[str, Any] = field(default_factory=dict)

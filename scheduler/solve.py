@@ -1,0 +1,347 @@
+"""`solve(problem) -> plan`: the modes (batch, online, rebalance), preemption and the plan.
+
+Pipeline: build the index view (`topology`) and the occupancy (`state`) from the existing
+placements; repair replicas that lost shards on down nodes; then per mode
+  * batch     - greedy over all pending replicas (priority first, big gangs first), then CP-SAT
+                over node classes to improve on it within the time limit (`cpsat`);
+  * online    - deployments one at a time in listed order (or `batch_size` at a time), each
+                decided on the state the previous ones left, never revisited;
+  * rebalance - batch, then existing replicas may move (at most `max_moves` shards) to make
+                room for what did not fit;
+then preemption (fewest victims) for what still does not fit, reasons for the rest, and the plan.
+
+Objective weight (documented for term 1 of the spec's objective): a replica is worth
+shards x accelerator milli (1 for host-only shards) x (priority - lowest priority + 1), so
+weights are positive and monotone in priority.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from scheduler.explain import explain
+from scheduler.filters import node_fit
+from scheduler.greedy import Placer
+from scheduler.fragmentation import Workload
+from scheduler.model import (Move, Placement, Plan, Preemption, Problem, Reason, Unplaced)
+from scheduler.state import ClusterState, ShardAt
+from scheduler.topology import build_topology
+
+DEFAULT_TIME_LIMIT_MS = 2000
+MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
+
+
+def replica_value(state: ClusterState, d: int, min_priority: int) -> int:
+    dep = state.deps[d]
+    return dep.shards_per_replica * max(dep.shard.milli, 1) * (dep.priority - min_priority + 1)
+
+
+class Solver:
+    """One solve: owns the state, the placer and the bookkeeping for the plan."""
+
+    def __init__(self, problem: Problem, time_limit_ms: int | None) -> None:
+        self.t0 = time.perf_counter()
+        self.problem = problem
+        limit = time_limit_ms or problem.options.time_limit_ms or DEFAULT_TIME_LIMIT_MS
+        self.deadline = self.t0 + limit / 1000.0
+        self.topo = build_topology(problem)
+        self.state = ClusterState(self.topo)
+        self.workload = Workload()
+        self.placer = Placer(self.state, scorer=os.environ.get("MAIA_SCORER", "fgd"),  # type: ignore[arg-type]
+                             workload=self.workload)
+        self.min_priority = min((d.priority for d in problem.deployments), default=0)
+        self.original: dict[tuple[int, int, int], int] = {}  # existing shard -> node
+        self.existing_replicas: set[tuple[int, int]] = set()
+        self.preempted: list[tuple[int, int]] = []
+        self.why: dict[int, tuple[Reason, ...]] = {}
+        self.stats: dict[str, object] = {}
+        self.proved_optimal = False
+        self._load_existing()
+
+    # ---- setup ----------------------------------------------------------------------------
+
+    def _load_existing(self) -> None:
+        topo, state = self.topo, self.state
+        groups: dict[tuple[int, int], dict[int, ShardAt]] = defaultdict(dict)
+        lost: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for p in self.problem.placements:
+            d = topo.deployment_index[p.deployment]
+            n = topo.node_index[p.node]
+            self.original[(d, p.replica, p.shard)] = n
+            if not topo.node_alive[n]:
+                lost[(d, p.replica)].append(p.shard)
+                continue
+            milli = p.accelerator_milli if p.accelerator_milli is not None else 1000
+            groups[(d, p.replica)][p.shard] = ShardAt(n, p.accelerator_indices, milli)
+        for (d, r), shards in groups.items():
+            state.add_replica(d, r, shards)
+            self.existing_replicas.add((d, r))
+        self.lost = lost
+        # A replica missing shards without any on a down node (partial input): complete it too.
+        for (d, r), shards in groups.items():
+            missing = [s for s in range(state.deps[d].shards_per_replica)
+                       if s not in shards and s not in lost.get((d, r), [])]
+            if missing:
+                lost[(d, r)].extend(missing)
+
+    def pending(self, d: int) -> list[int]:
+        placed = {r for (dd, r) in self.state.replicas if dd == d}
+        return [r for r in range(self.state.deps[d].replicas) if r not in placed]
+
+    # ---- repair ---------------------------------------------------------------------------
+
+    def repair(self) -> None:
+        """Shards on down nodes: re-place them beside their replica, else the whole replica."""
+        state, topo = self.state, self.topo
+        for (d, r), shards in sorted(self.lost.items()):
+            dep = state.deps[d]
+            survivors = state.replicas.get((d, r), {})
+            allowed = None
+            if survivors and dep.locality != "none":
+                dom = topo.domain_of(dep.locality)
+                allowed = dom == dom[next(iter(survivors.values())).node]
+            if survivors and self.placer.place_gang(d, r, sorted(shards), allowed):
+                continue
+            state.remove_replica(d, r)  # the gang is broken: place it again as a whole
+            self.existing_replicas.discard((d, r))
+
+    # ---- modes ----------------------------------------------------------------------------
+
+    def batch_order(self, ds: list[int]) -> list[int]:
+        deps = self.state.deps
+        return sorted(ds, key=lambda d: (-deps[d].priority,
+                                         -deps[d].shards_per_replica * max(deps[d].shard.milli, 1),
+                                         d))
+
+    def place_group(self, ds: list[int]) -> None:
+        for d in ds:
+            self.workload.observe(self.state.deps[d].shard, self.state.deps[d].replicas)
+        for d in self.batch_order(ds):
+            self.place_one(d)
+
+    def place_one(self, d: int) -> None:
+        todo = self.pending(d)
+        if not todo:
+            return
+        placed = self.placer.place_deployment(d, todo)
+        if len(placed) < len(todo):
+            self.why[d] = explain(self.state, d)
+            if self.problem.options.allow_preemption:
+                self.preempt_for(d)
+
+    def run(self) -> Plan:
+        opts = self.problem.options
+        self.repair()
+        deps = self.state.deps
+        wanted = [d for d in range(len(deps)) if self.pending(d)]
+        self.stats["pending_replicas"] = sum(len(self.pending(d)) for d in wanted)
+        if opts.mode == "online":
+            k = opts.batch_size or 1
+            for i in range(0, len(wanted), k):
+                group = wanted[i:i + k]
+                if k == 1:
+                    self.workload.observe(deps[group[0]].shard, deps[group[0]].replicas)
+                    self.place_one(group[0])
+                else:
+                    self.place_group(group)
+        else:
+            self.place_group(wanted)
+            if opts.mode == "rebalance":
+                self.rebalance()
+            self.improve_with_cpsat(wanted)
+        return self.plan()
+
+    # ---- CP-SAT ---------------------------------------------------------------------------
+
+    def improve_with_cpsat(self, wanted: list[int]) -> None:
+        if not wanted or any(self.pending(d) for d in wanted) is False:
+            return
+        try:
+            from scheduler.cpsat import improve
+        except ImportError:
+            return
+        improve(self, wanted)
+
+    # ---- preemption and moves -------------------------------------------------------------
+
+    def _victim_ok(self, d: int, victim: int) -> bool:
+        deps, state = self.state.deps, self.state
+        dep, vdep = deps[d], deps[victim]
+        if victim == d or not vdep.preemptible:
+            return False
+        if vdep.priority < dep.priority:
+            return True
+        t = int(state.dep_tenant[d])
+        below = state.tenant_milli[t] < self.topo.tenant_reserved_milli[t]
+        return (not dep.preemptible and below and int(state.dep_tenant[victim]) != t)
+
+    def _cascade(self, state: ClusterState, victims: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Remove victims; a deployment falling below min_replicas loses all its replicas."""
+        removed = []
+        for v in victims:
+            if v in state.replicas:
+                state.remove_replica(*v)
+                removed.append(v)
+        for vd in {v[0] for v in removed}:
+            left = state.placed_replicas(vd)
+            if left and len(left) < state.deps[vd].min_replicas:
+                for r in left:
+                    state.remove_replica(vd, r)
+                    removed.append((vd, r))
+        return removed
+
+    def _make_room(self, d: int, eligible: list[tuple[int, int]], relocate: bool,
+                   budget: int) -> tuple[ClusterState, list[tuple[int, int]], int] | None:
+        """Trial per locality domain: fewest replicas removed (or moved) to fit one replica.
+
+        Returns (trial state with the replica placed, replicas removed, shards moved)."""
+        state, topo = self.state, self.topo
+        dep = state.deps[d]
+        level = dep.locality
+        dom = topo.domain_of(level)
+        by_domain: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for v in eligible:
+            for dm in {int(dom[at.node]) for at in state.replicas[v].values()}:
+                by_domain[dm].append(v)
+        ranked = sorted(by_domain, key=lambda dm: -sum(
+            len(state.replicas[v]) * state.deps[v[0]].shard.milli for v in by_domain[dm]))
+        best = None
+        r = self.pending(d)[0]
+        for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
+            allowed = dom == dm
+            victims = sorted(by_domain[dm], key=lambda v: (state.deps[v[0]].priority,
+                                                           -len(state.replicas[v]), v))
+            trial = state.copy()
+            placer = Placer(trial, scorer="bestfit")
+            removed: list[tuple[int, int]] = []
+            fitted = False
+            for v in victims:
+                if v in trial.replicas:
+                    removed += self._cascade(trial, [v])
+                if node_fit(trial, d).slots[allowed].sum() >= dep.shards_per_replica and \
+                        placer.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
+                    fitted = True
+                    break
+            if not fitted:
+                continue
+            moved = 0
+            if relocate:  # every removed replica must land again elsewhere
+                back = Placer(trial, scorer="bestfit")
+                for v in removed:
+                    vd, vr = v
+                    if not back.place_gang(vd, vr, list(range(state.deps[vd].shards_per_replica))):
+                        fitted = False
+                        break
+                    old = state.replicas[v]
+                    moved += sum(1 for s, at in trial.replicas[v].items() if old[s].node != at.node)
+                if not fitted or moved > budget:
+                    continue
+            cost = (len(removed), moved)
+            if best is None or cost < best[0]:
+                best = (cost, trial, removed, moved)
+        if best is None:
+            return None
+        return best[1], best[2], best[3]
+
+    def preempt_for(self, d: int) -> None:
+        state = self.state
+        while self.pending(d) and time.perf_counter() < self.deadline:
+            eligible = [v for v in state.replicas if self._victim_ok(d, v[0])]
+            if not eligible:
+                return
+            found = self._make_room(d, eligible, relocate=False, budget=0)
+            if found is None:
+                return
+            trial, removed, _ = found
+            self._adopt(trial)
+            self.preempted += [v for v in removed if v in self.existing_replicas]
+            # The rest of the deployment may fit now; min_replicas still applies.
+            rest = self.pending(d)
+            if rest:
+                self.placer.place_deployment(d, rest)
+            if not self.pending(d):
+                self.why.pop(d, None)
+
+    def rebalance(self) -> None:
+        """Move existing replicas (within max_moves shards) to fit what did not fit."""
+        limit = self.problem.options.max_moves
+        budget = limit if limit is not None else 1 << 30
+        self.moves_used = 0
+        for d in self.batch_order([d for d in range(len(self.state.deps)) if self.pending(d)]):
+            while self.pending(d) and budget - self.moves_used > 0 and \
+                    time.perf_counter() < self.deadline:
+                eligible = [v for v in self.state.replicas if v[0] != d]
+                found = self._make_room(d, eligible, relocate=True,
+                                        budget=budget - self.moves_used)
+                if found is None:
+                    break
+                trial, _, moved = found
+                self._adopt(trial)
+                self.moves_used += moved
+            if not self.pending(d):
+                self.why.pop(d, None)
+
+    def _adopt(self, trial: ClusterState) -> None:
+        """Make a trial state the real one (the placer follows it)."""
+        self.state = trial
+        self.placer = Placer(trial, scorer=self.placer.scorer, workload=self.workload)
+
+    # ---- plan -----------------------------------------------------------------------------
+
+    def objective(self, state: ClusterState) -> int:
+        return sum(replica_value(state, d, self.min_priority) for (d, _) in state.replicas)
+
+    def plan(self) -> Plan:
+        state, topo = self.state, self.topo
+        deps = state.deps
+        placements: list[Placement] = []
+        moved: list[Move] = []
+        for (d, r), shards in sorted(state.replicas.items()):
+            dep = deps[d]
+            for s, at in sorted(shards.items()):
+                placements.append(Placement(
+                    dep.id, r, s, topo.node_ids[at.node], tuple(at.indices),
+                    at.milli if dep.shard.fractional else None))
+                was = self.original.get((d, r, s))
+                if was is not None and was != at.node:
+                    moved.append(Move(dep.id, r, s, topo.node_ids[was], topo.node_ids[at.node]))
+        preempted = sorted(set(v for v in self.preempted if v not in state.replicas))
+        unplaced = []
+        new_placed = 0
+        for d, dep in enumerate(deps):
+            missing = len(self.pending(d))
+            if missing == 0:
+                continue
+            reasons = self.why.get(d) or explain(state, d)
+            gone = [r for (dd, r) in preempted if dd == d]
+            if gone:
+                reasons = (Reason("CAPACITY", f"{len(gone)} replica(s) preempted for "
+                                  "higher-priority or reserved work"),) + tuple(reasons)
+            unplaced.append(Unplaced(dep.id, missing, tuple(reasons)))
+        for key in state.replicas:
+            if key not in self.existing_replicas:
+                new_placed += 1
+        pending = int(self.stats.get("pending_replicas", 0))
+        if pending == 0 and not self.lost:
+            status = "optimal"
+        elif new_placed == 0 and unplaced and not moved:
+            status = "infeasible"
+        elif not unplaced and self.proved_optimal:
+            status = "optimal"
+        else:
+            status = "optimal" if self.proved_optimal else "feasible"
+        self.stats["solve_ms"] = (time.perf_counter() - self.t0) * 1000.0
+        self.stats.setdefault("objective", self.objective(state))
+        self.stats["nodes"] = topo.n_nodes
+        return Plan(status=status, placements=tuple(placements), unplaced=tuple(unplaced),
+                    preempted=tuple(Preemption(deps[d].id, r) for d, r in preempted),
+                    moved=tuple(moved), stats=dict(self.stats))
+
+
+def solve(problem: Problem, *, time_limit_ms: int | None = None) -> Plan:
+    """Place what the problem asks for; never raises for a valid problem."""
+    return Solver(problem, time_limit_ms).run()

@@ -1,0 +1,179 @@
+"""Mutable occupancy of the cluster during one solve.
+
+`ClusterState` holds what is used where (per accelerator, node, rack, row and tenant) as numpy
+arrays so filters can be vectorised, and records every placed replica so it can be undone
+(trial placements, preemption, moves). All mutation goes through `add_shard`/`remove_shard`,
+which keep the aggregates consistent.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.model import Deployment
+from scheduler.topology import UNLIMITED, Topology
+
+
+@dataclass(frozen=True, slots=True)
+class ShardAt:
+    """Where one shard runs: node index, accelerator indices and the milli it takes on each."""
+    node: int
+    indices: tuple[int, ...]
+    milli: int  # per accelerator: 1000 for whole accelerators
+
+
+class ClusterState:
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        deps = topo.problem.deployments
+        self.deps = deps
+        self.dep_tenant = np.array([topo.tenant_index[d.tenant] for d in deps], dtype=np.int64)
+        n, a = topo.n_nodes, max(topo.max_accelerators, 1)
+        n_t = len(topo.tenant_ids)
+        exists = np.arange(a)[None, :] < topo.node_accelerators[:, None]
+        self.acc_exists = exists
+        self.acc_free = np.where(exists, 1000, 0).astype(np.int64)         # milli free
+        self.acc_hbm = np.where(exists, topo.node_hbm[:, None], 0.0)        # GiB free
+        self.acc_owner = np.full((n, a), -1, dtype=np.int64)               # tenant or -1
+        self.cpu_free = topo.node_cpu.copy()
+        self.mem_free = topo.node_mem.copy()
+        self.node_tenant = np.zeros((n, n_t), dtype=np.int64)   # shards per tenant and node
+        self.rack_tenant = np.zeros((len(topo.rack_ids), n_t), dtype=np.int64)
+        alive_idle = np.where(topo.node_alive, topo.node_idle_w, 0.0)
+        self.rack_power = np.bincount(topo.node_rack, weights=alive_idle,
+                                      minlength=len(topo.rack_ids)).astype(float)
+        self.row_power = np.bincount(topo.rack_row, weights=self.rack_power,
+                                     minlength=len(topo.row_ids)).astype(float)
+        self.tenant_milli = np.zeros(n_t, dtype=float)
+        self.tenant_power = np.zeros(n_t, dtype=float)
+        # Tenant isolation classes as masks over tenants.
+        self.dedicated_node = np.array([i == "dedicated_node" for i in topo.tenant_isolation],
+                                       dtype=bool)
+        self.dedicated_rack = np.array([i == "dedicated_rack" for i in topo.tenant_isolation],
+                                       dtype=bool)
+        self.static_cache: dict[int, tuple] = {}  # filters that never change, shared by copies
+        # Placed replicas: (deployment, replica) -> {shard: ShardAt}.
+        self.replicas: dict[tuple[int, int], dict[int, ShardAt]] = {}
+        # Spread: per deployment with a spread rule, replicas touching each domain.
+        self.spread_count: dict[int, np.ndarray] = {
+            d: np.zeros(topo.n_domains(dep.spread.domain), dtype=np.int64)
+            for d, dep in enumerate(deps) if dep.spread is not None}
+
+    def copy(self) -> "ClusterState":
+        twin = copy.copy(self)
+        for name in ("acc_free", "acc_hbm", "acc_owner", "cpu_free", "mem_free", "node_tenant",
+                     "rack_tenant", "rack_power", "row_power", "tenant_milli", "tenant_power"):
+            setattr(twin, name, getattr(self, name).copy())
+        twin.replicas = {k: dict(v) for k, v in self.replicas.items()}
+        twin.spread_count = {k: v.copy() for k, v in self.spread_count.items()}
+        return twin
+
+    # ---- mutation -------------------------------------------------------------------------
+
+    def _apply(self, d: int, at: ShardAt, sign: int) -> None:
+        dep = self.deps[d]
+        t = int(self.dep_tenant[d])
+        n = at.node
+        spec = dep.shard
+        for idx in at.indices:
+            self.acc_free[n, idx] -= sign * at.milli
+            self.acc_hbm[n, idx] -= sign * spec.hbm_gib
+            if sign > 0:
+                self.acc_owner[n, idx] = t
+            elif self.acc_free[n, idx] >= 1000:
+                self.acc_owner[n, idx] = -1
+        self.cpu_free[n] -= sign * spec.cpu_milli
+        self.mem_free[n] -= sign * spec.memory_mib
+        self.node_tenant[n, t] += sign
+        rack = self.topo.node_rack[n]
+        self.rack_tenant[rack, t] += sign
+        power = spec.power_w * at.milli * len(at.indices) / 1000.0
+        self.rack_power[rack] += sign * power
+        self.row_power[self.topo.node_row[n]] += sign * power
+        self.tenant_milli[t] += sign * at.milli * len(at.indices)
+        self.tenant_power[t] += sign * power
+
+    def _spread_domains(self, d: int, shards: dict[int, ShardAt]) -> set[int]:
+        level = self.deps[d].spread.domain  # type: ignore[union-attr]
+        dom = self.topo.domain_of(level)
+        return {int(dom[s.node]) for s in shards.values()}
+
+    def add_replica(self, d: int, r: int, shards: dict[int, ShardAt]) -> None:
+        """Record a replica (or more shards of a partly placed one)."""
+        current = self.replicas.get((d, r))
+        if current is not None and d in self.spread_count:
+            for dom in self._spread_domains(d, current):
+                self.spread_count[d][dom] -= 1
+        merged = dict(current or {})
+        for s, at in shards.items():
+            self._apply(d, at, +1)
+            merged[s] = at
+        self.replicas[(d, r)] = merged
+        if d in self.spread_count:
+            for dom in self._spread_domains(d, merged):
+                self.spread_count[d][dom] += 1
+
+    def remove_replica(self, d: int, r: int) -> dict[int, ShardAt]:
+        shards = self.replicas.pop((d, r), {})
+        for at in shards.values():
+            self._apply(d, at, -1)
+        if d in self.spread_count and shards:
+            for dom in self._spread_domains(d, shards):
+                self.spread_count[d][dom] -= 1
+        return shards
+
+    # ---- queries --------------------------------------------------------------------------
+
+    def placed_replicas(self, d: int) -> list[int]:
+        return sorted(r for (dd, r) in self.replicas if dd == d)
+
+    def rack_headroom(self) -> np.ndarray:
+        return self.topo.rack_budget - self.rack_power
+
+    def row_headroom(self) -> np.ndarray:
+        return self.topo.row_budget - self.row_power
+
+    def free_whole(self) -> np.ndarray:
+        """Per node, accelerators nobody uses at all."""
+        return ((self.acc_free >= 1000) & self.acc_exists).sum(axis=1)
+
+    def choose_indices(self, d: int, node: int) -> tuple[tuple[int, ...], int] | None:
+        """Concrete accelerators for one more shard of deployment d on node (None: no room).
+
+        Whole shards take the lowest fully free indices; a fraction goes onto the fullest
+        accelerator its tenant already uses that still has room, else the lowest free one.
+        """
+        spec = self.deps[d].shard
+        if spec.accelerators == 0:
+            return (), 1000
+        free = self.acc_free[node]
+        hbm = self.acc_hbm[node]
+        exists = self.acc_exists[node]
+        if not spec.fractional:
+            ok = np.flatnonzero(exists & (free >= 1000) & (hbm >= spec.hbm_gib))
+            if len(ok) < spec.accelerators:
+                return None
+            return tuple(int(i) for i in ok[:spec.accelerators]), 1000
+        t = self.dep_tenant[d]
+        owner = self.acc_owner[node]
+        m = spec.accelerator_milli
+        fits = exists & (free >= m) & (hbm >= spec.hbm_gib)
+        shared = np.flatnonzero(fits & (owner == t) & (free < 1000))
+        if len(shared):
+            best = shared[np.argmin(free[shared])]
+            return (int(best),), m
+        empty = np.flatnonzero(fits & (owner == -1))
+        if len(empty):
+            return (int(empty[0]),), m
+        return None
+
+
+def is_unlimited(value: float) -> bool:
+    return value >= UNLIMITED / 2
+
+
+def dep_index(state: ClusterState, dep: Deployment) -> int:
+    return state.topo.deployment_index[dep.id]
