@@ -1,0 +1,99 @@
+"""Command line: `python -m bench fgd ...` and `python -m bench synthetic ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from bench import traces
+
+
+def _fgd(args: argparse.Namespace) -> int:
+    from bench import fgd
+    nodes = traces.load_nodes(traces.trace_path(traces.GPU_NODE_LIST))
+    seeds = fgd.parse_seeds(args.seeds)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    batch = 1 if args.mode == "online" else args.batch_size
+    summary: list[dict[str, Any]] = []
+    for workload in fgd.expand_workloads(args.workload):
+        pods = traces.load_pods(traces.trace_path(traces.workload_file(workload)))
+        results: dict[str, list[fgd.RunResult]] = {}
+        for policy in policies:
+            label = policy if policy != "maia" else (
+                f"maia {args.mode}" + (f" k={batch}" if batch > 1 else "")
+                + (f" ({args.driver})" if args.driver != "single" else ""))
+            runs = []
+            for seed in seeds:
+                r = fgd.run_seed(workload, seed, policy, nodes=nodes, pods=pods,
+                                 batch_size=batch, driver=args.driver,
+                                 time_limit_ms=args.time_limit_ms)
+                runs.append(r)
+                lat = r.latencies_ms
+                print(f"  {workload} {label} seed {seed}: unallocated {r.unallocated_pct:.2f}% "
+                      f"({r.arrivals} arrivals, {r.seconds:.1f} s, {r.arrivals_per_s:.0f}/s"
+                      + (f", call p50 {fgd.percentile(lat, 50):.2f} ms p99 "
+                         f"{fgd.percentile(lat, 99):.2f} ms" if len(lat) > 1 else "") + ")",
+                      file=sys.stderr, flush=True)
+                summary.append({"workload": workload, "policy": label, "seed": seed,
+                                "unallocated_pct": round(r.unallocated_pct, 3),
+                                "arrivals": r.arrivals, "seconds": round(r.seconds, 3),
+                                "calls": r.decisions,
+                                "call_p50_ms": round(fgd.percentile(lat, 50), 3),
+                                "call_p99_ms": round(fgd.percentile(lat, 99), 3)})
+            results[label] = runs
+        print(fgd.format_table(workload, results, traces.paper_unallocated(workload)))
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from bench import synthetic
+    return synthetic.main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fgd", help="FGD paper protocol on the Alibaba openb trace")
+    f.add_argument("--workload", nargs="+", default=["default"],
+                   help="workload names (openb_pod_list_<name>.csv); 'gpushare*' expands")
+    f.add_argument("--seeds", default="42-51", help="e.g. 42-51 or 42,43")
+    f.add_argument("--mode", choices=["online", "batch"], default="online")
+    f.add_argument("--batch-size", type=int, default=16, help="arrivals per decision (batch)")
+    f.add_argument("--policies", default="maia,bestfit,random",
+                   help="comma list of: maia (the solver), bestfit, random (bench greedy)")
+    f.add_argument("--driver", choices=["single", "per-call"], default="single",
+                   help="one online solve() over all arrivals, or one solve() per decision")
+    f.add_argument("--time-limit-ms", type=int, default=None)
+    f.add_argument("--json", help="also write per-seed results to this file")
+    f.set_defaults(func=_fgd)
+
+    s = sub.add_parser("synthetic", help="Maia-shaped clusters: latency, placed demand, memory")
+    s.add_argument("--nodes", type=int, nargs="+", default=[1024, 4096, 16384])
+    s.add_argument("--seed", type=int, default=7)
+    s.add_argument("--fill", type=float, default=0.7,
+                   help="share of accelerators requested before latency is measured")
+    s.add_argument("--measure", type=int, default=100, help="arrivals timed one by one")
+    s.add_argument("--batches", type=int, default=10, help="batches of --batch-size timed")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--time-limit-ms", type=int, default=1000)
+    s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--json", help="also write results to this file")
+    s.set_defaults(func=_synthetic)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except traces.TraceMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
