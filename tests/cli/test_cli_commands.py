@@ -1,0 +1,225 @@
+"""maiactl commands against a fake controller: a real (threaded) gRPC server on 127.0.0.1:0
+holding tenants, topology and deployments in memory. Checks what is sent, what is printed and
+the exit codes, including the error paths."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.cli.main import main
+from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+
+
+class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+        self.tenants: dict[str, admin_pb2.Tenant] = {}
+        self.topology = admin_pb2.Topology()
+
+    def CreateTenant(self, request, context):  # noqa: N802
+        self.calls.append("CreateTenant")
+        if request.id in self.tenants:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"tenant {request.id} exists")
+        self.tenants[request.id] = request
+        return request
+
+    def GetTenant(self, request, context):  # noqa: N802
+        if request.id not in self.tenants:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"tenant {request.id} not found")
+        return self.tenants[request.id]
+
+    def UpdateTenant(self, request, context):  # noqa: N802
+        self.calls.append("UpdateTenant")
+        self.tenants[request.id] = request
+        return request
+
+    def ListTenants(self, request, context):  # noqa: N802
+        return admin_pb2.ListTenantsResponse(tenants=list(self.tenants.values()))
+
+    def ApplyTopology(self, request, context):  # noqa: N802
+        self.calls.append("ApplyTopology")
+        self.topology.MergeFrom(request)
+        return self.topology
+
+    def CordonNode(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.id} not found")
+
+
+class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+        self.deployments: dict[str, D.Deployment] = {}
+        self.run_after_s: float | None = 0.3  # a submitted deployment turns Running after this
+        self.lock = threading.Lock()
+
+    def SubmitDeployment(self, request, context):  # noqa: N802
+        self.calls.append("SubmitDeployment")
+        if request.dry_run:
+            dep = D.Deployment(spec=request.spec, phase=D.DEPLOYMENT_PHASE_PENDING)
+            dep.reasons.add(code="CAPACITY", message="0/64 nodes fit", scope="")
+            return D.SubmitDeploymentResponse(deployment=dep, dry_run=True)
+        with self.lock:
+            if request.spec.name in self.deployments:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"deployment {request.spec.name} exists")
+            dep = D.Deployment(spec=request.spec, phase=D.DEPLOYMENT_PHASE_PENDING)
+            dep.reasons.add(code="CAPACITY", message="waiting for nodes")
+            self.deployments[request.spec.name] = dep
+        if self.run_after_s is not None:
+            threading.Timer(self.run_after_s, self._run, args=[request.spec.name]).start()
+        return D.SubmitDeploymentResponse(deployment=dep)
+
+    def _run(self, name: str) -> None:
+        with self.lock:
+            dep = self.deployments[name]
+            dep.phase = D.DEPLOYMENT_PHASE_RUNNING
+            dep.ClearField("reasons")
+            dep.placed_replicas = dep.running_replicas = dep.spec.replicas
+
+    def GetDeployment(self, request, context):  # noqa: N802
+        with self.lock:
+            if request.name not in self.deployments:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"deployment {request.name} not found")
+            return D.Deployment.FromString(self.deployments[request.name].SerializeToString())
+
+    def ListDeployments(self, request, context):  # noqa: N802
+        with self.lock:
+            return D.ListDeploymentsResponse(deployments=[d for d in self.deployments.values()
+                                                          if not request.tenant or d.spec.tenant == request.tenant])
+
+    def WatchDeployments(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "no watch here: clients poll")
+
+
+@pytest.fixture
+def fake():
+    calls: list[str] = []
+    admin, deployments = FakeAdmin(calls), FakeDeployments(calls)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(deployments, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", admin, deployments, calls
+    server.stop(grace=None)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_apply_examples_then_again_is_unchanged(fake, capsys) -> None:
+    address, admin, deployments, calls = fake
+    files = [str(EXAMPLES / "topology.yaml"), str(EXAMPLES / "tenants.yaml"), str(EXAMPLES / "claude-serving.yaml")]
+    args = ["--controller", address, "apply"] + [a for f in files for a in ("-f", f)]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert out.splitlines() == ["topology configured", "tenant/anthropic created", "tenant/msft-internal created",
+                                "tenant/openlab created", "deployment/claude-serving created"]
+    assert calls[0] == "ApplyTopology"  # dependency order
+    assert admin.tenants["anthropic"].isolation == common_pb2.ISOLATION_DEDICATED_RACK
+    assert deployments.deployments["claude-serving"].spec.shards_per_replica == 16
+
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert "tenant/anthropic unchanged" in out.splitlines()
+    assert "deployment/claude-serving unchanged" in out.splitlines()
+    assert "UpdateTenant" not in calls
+
+
+def test_apply_changed_tenant_is_configured(fake, capsys, tmp_path) -> None:
+    address, admin, _, calls = fake
+    f = tmp_path / "t.yaml"
+    f.write_text("kind: Tenant\nid: a\nisolation: shared\n")
+    assert run(capsys, "--controller", address, "apply", "-f", str(f))[0] == 0
+    f.write_text("kind: Tenant\nid: a\nisolation: dedicated_node\n")
+    code, out, _ = run(capsys, "--controller", address, "apply", "-f", str(f))
+    assert (code, out.strip()) == (0, "tenant/a configured")
+    assert admin.tenants["a"].isolation == common_pb2.ISOLATION_DEDICATED_NODE
+
+
+def test_malformed_manifest_exits_2_and_sends_nothing(fake, capsys, tmp_path) -> None:
+    address, _, _, calls = fake
+    f = tmp_path / "x.yaml"
+    f.write_text("kind: Tenant\nid: a\n---\nkind: Deployment\nname: foo\ntenant: a\nreplicas: 1\n"
+                 "shards_per_replica: 1\nshard: {accelerators: four}\n")
+    code, out, err = run(capsys, "--controller", address, "apply", "-f", str(f))
+    assert code == 2
+    assert out == ""
+    assert err.strip() == (f"error: {f} document 2 (Deployment 'foo'): shard.accelerators: "
+                           "expected an integer, got 'four'")
+    assert calls == []
+
+
+def test_get_json_is_one_document_and_table_lists_names(fake, capsys) -> None:
+    address, _, _, _ = fake
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
+        "-f", str(EXAMPLES / "copilot-chat.yaml"), "-f", str(EXAMPLES / "phi-row.yaml"))
+    code, out, _ = run(capsys, "--controller", address, "get", "deployments", "-o", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert sorted(d["spec"]["name"] for d in doc["deployments"]) == ["copilot-chat", "phi-row"]
+    code, out, _ = run(capsys, "get", "deployments", "--controller", address, "--tenant", "msft-internal")
+    assert code == 0
+    assert out.splitlines()[0].startswith("NAME")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["copilot-chat", "phi-row"]
+    code, out, _ = run(capsys, "--controller", address, "get", "tenants")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["anthropic", "msft-internal", "openlab"]
+
+
+def test_grpc_errors_print_code_and_details(fake, capsys) -> None:
+    address, _, _, _ = fake
+    code, out, err = run(capsys, "--controller", address, "get", "deployment", "nope")
+    assert (code, out) == (1, "")
+    assert err.strip() == "error: NOT_FOUND: deployment nope not found"
+    code, _, err = run(capsys, "--controller", address, "cordon", "rack-09-n00")
+    assert code == 1 and err.strip() == "error: NOT_FOUND: node rack-09-n00 not found"
+
+
+def test_unreachable_controller_says_so(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MAIA_CONTROLLER", "127.0.0.1:1")
+    code, out, err = run(capsys, "summary")
+    assert code == 1 and out == ""
+    assert err.startswith("error: UNAVAILABLE: cannot reach the controller at 127.0.0.1:1")
+    assert "Traceback" not in err
+
+
+def test_wait_polls_until_running(fake, capsys) -> None:
+    address, _, _, _ = fake
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "phi-row.yaml"),
+        "-f", str(EXAMPLES / "batch-eval.yaml"))
+    started = time.monotonic()
+    code, out, err = run(capsys, "--controller", address, "wait", "deployment", "phi-row", "batch-eval",
+                         "--for", "running", "--timeout", "10")
+    assert code == 0, err
+    assert time.monotonic() - started < 5
+    assert "deployment/phi-row condition met (running)" in out
+    assert "phi-row: Pending" in err or "phi-row: Running" in err
+
+
+def test_wait_timeout_exits_1_with_reasons(fake, capsys) -> None:
+    address, _, deployments, _ = fake
+    deployments.run_after_s = None
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "phi-row.yaml"))
+    code, _, err = run(capsys, "--controller", address, "wait", "deployment", "phi-row", "--timeout", "1.5")
+    assert code == 1
+    assert "error: timed out after 1.5s waiting for running" in err
+    assert "CAPACITY: waiting for nodes" in err
+
+
+def test_submit_dry_run_prints_reasons_and_stores_nothing(fake, capsys) -> None:
+    address, _, deployments, _ = fake
+    code, out, _ = run(capsys, "--controller", address, "submit", "--dry-run", "-f", str(EXAMPLES / "phi-row.yaml"))
+    assert code == 0
+    assert out.startswith("deployment/phi-row (dry run): would place 0/1 replicas")
+    assert "CAPACITY: 0/64 nodes fit" in out
+    assert deployments.deployments == {}

@@ -1,0 +1,137 @@
+"""Manifest parsing: the shipped examples parse, and each malformed case names file, document,
+object, field and problem precisely."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.cli.manifests import ManifestError, load_manifests, parse_manifest_text
+from maia.v1 import common_pb2
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+
+DEPLOYMENT = """\
+kind: Deployment
+name: foo
+tenant: t1
+replicas: 2
+shards_per_replica: 4
+shard: {accelerators: 1, hbm_gib: 48, power_w: 700}
+"""
+
+
+def test_every_example_parses_and_all_fit_the_demo_cluster() -> None:
+    objects = load_manifests(sorted(EXAMPLES.glob("*.yaml")))
+    kinds = [o.kind for o in objects]
+    assert kinds.count("Topology") == 1
+    assert kinds.count("Tenant") == 3
+    assert kinds.count("Deployment") >= 5
+    tenants = {o.name: o.message for o in objects if o.kind == "Tenant"}
+    assert {t.isolation for t in tenants.values()} == {
+        common_pb2.ISOLATION_SHARED, common_pb2.ISOLATION_DEDICATED_NODE, common_pb2.ISOLATION_DEDICATED_RACK}
+    assert any(t.excludes for t in tenants.values())
+    assert any(t.HasField("reserved_accelerators") for t in tenants.values())
+    topology = next(o.message for o in objects if o.kind == "Topology")
+    assert [r.id for r in topology.racks] == ["rack-00", "rack-01", "rack-02", "rack-03"]
+    specs = [o.message for o in objects if o.kind == "Deployment"]
+    # 64 nodes x 4 accelerators: everything asked for fits with room to spare
+    asked = sum(s.replicas * s.shards_per_replica * (s.shard.accelerator_milli or 1000) / 1000
+                * s.shard.accelerators for s in specs)
+    assert asked <= 64 * 4
+    for spec in specs:
+        assert spec.tenant in tenants
+    localities = {s.locality for s in specs}
+    assert {common_pb2.DOMAIN_NODE, common_pb2.DOMAIN_RACK} <= localities
+    assert localities & {common_pb2.DOMAIN_ROW, common_pb2.DOMAIN_ZONE}
+    assert any(s.preemptible for s in specs)
+    assert any(0 < s.shard.accelerator_milli < 1000 for s in specs)
+    assert any(s.shards_per_replica == 16 and s.locality == common_pb2.DOMAIN_RACK for s in specs)
+    # every rack's power budget holds 16 idle nodes at full load
+    for rack in topology.racks:
+        assert rack.power_budget_w >= 16 * 600 + 64 * 700
+
+
+def test_deployment_fields_become_the_proto() -> None:
+    text = DEPLOYMENT + "locality: node\nspread: {domain: rack, max_per_domain: 1}\npriority: 5\npreemptible: true\n"
+    [obj] = parse_manifest_text(text, "d.yaml")
+    spec = obj.message
+    assert obj.ref == "deployment/foo"
+    assert (spec.name, spec.tenant, spec.replicas, spec.shards_per_replica) == ("foo", "t1", 2, 4)
+    assert spec.shard.accelerators == 1 and spec.shard.hbm_gib == 48 and spec.shard.power_w == 700
+    assert spec.locality == common_pb2.DOMAIN_NODE
+    assert (spec.spread.domain, spec.spread.max_per_domain) == (common_pb2.DOMAIN_RACK, 1)
+    assert spec.priority == 5 and spec.preemptible
+
+
+def test_tenant_optional_numbers_keep_presence() -> None:
+    [obj] = parse_manifest_text("kind: Tenant\nid: a\nmax_power_w: 0\n", "t.yaml")
+    assert obj.message.HasField("max_power_w") and obj.message.max_power_w == 0
+    assert not obj.message.HasField("max_accelerators")
+    assert obj.message.isolation == common_pb2.ISOLATION_SHARED
+
+
+def errors_of(text: str, source: str = "deploy/x.yaml") -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        parse_manifest_text(text, source)
+    return info.value.problems
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("kind: Tenant\nid: a\n---\n" + DEPLOYMENT.replace("accelerators: 1", "accelerators: four"),
+     "deploy/x.yaml document 2 (Deployment 'foo'): shard.accelerators: expected an integer, got 'four'"),
+    (DEPLOYMENT.replace("replicas: 2\n", ""),
+     "deploy/x.yaml document 1 (Deployment 'foo'): replicas: required field is missing"),
+    (DEPLOYMENT + "locality: rackk\n",
+     "deploy/x.yaml document 1 (Deployment 'foo'): locality: expected one of node, rack, row, zone, none, got 'rackk'"),
+    (DEPLOYMENT + "min_replica: 1\n",
+     "deploy/x.yaml document 1 (Deployment 'foo'): min_replica: unknown field"),
+    (DEPLOYMENT + "min_replicas: 3\n",
+     "deploy/x.yaml document 1 (Deployment 'foo'): min_replicas: 3 is more than replicas 2"),
+    (DEPLOYMENT.replace("replicas: 2", "replicas: 0"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): replicas: must be at least 1, got 0"),
+    (DEPLOYMENT.replace("name: foo", "name: Foo_Bar"),
+     "deploy/x.yaml document 1 (Deployment 'Foo_Bar'): name: 'Foo_Bar' is not a valid name"),
+    (DEPLOYMENT.replace("accelerators: 1,", "accelerators: 2, accelerator_milli: 500,"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): shard.accelerator_milli: a fraction (500) needs accelerators: 1, got 2"),
+    (DEPLOYMENT.replace("accelerators: 1,", "accelerators: 1, accelerator_milli: 1500,"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): shard.accelerator_milli: must be at most 1000, got 1500"),
+    (DEPLOYMENT + "spread: {domain: rack}\n",
+     "deploy/x.yaml document 1 (Deployment 'foo'): spread.max_per_domain: required field is missing"),
+    (DEPLOYMENT + "preemptible: maybe\n",
+     "deploy/x.yaml document 1 (Deployment 'foo'): preemptible: expected true or false, got 'maybe'"),
+    (DEPLOYMENT.replace("shard: {accelerators: 1, hbm_gib: 48, power_w: 700}", "shard: 4"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): shard: expected a mapping, got 4"),
+    ("kind: Tenant\nid: a\nisolation: dedicated\n",
+     "deploy/x.yaml document 1 (Tenant 'a'): isolation: expected one of shared, dedicated_node, dedicated_rack, got 'dedicated'"),
+    ("kind: Tenant\nid: a\nexcludes: [b, 3]\n",
+     "deploy/x.yaml document 1 (Tenant 'a'): excludes[1]: expected a non-empty string, got 3"),
+    ("kind: Tenant\nid: a\nmax_power_w: lots\n",
+     "deploy/x.yaml document 1 (Tenant 'a'): max_power_w: expected a number, got 'lots'"),
+    ("kind: Topology\nracks: [{id: r1}]\n",
+     "deploy/x.yaml document 1 (Topology): racks[0].row: required field is missing"),
+    ("kind: Topology\nracks: [{id: r1, row: a, power_budget_w: -5}]\n",
+     "deploy/x.yaml document 1 (Topology): racks[0].power_budget_w: must be at least 0, got -5"),
+    ("kind: Pod\nname: x\n",
+     "deploy/x.yaml document 1: kind: expected one of Tenant, Topology, Deployment, got 'Pod'"),
+    ("name: x\n", "deploy/x.yaml document 1: kind: required field is missing"),
+    ("- a\n- b\n", "deploy/x.yaml document 1: expected a mapping with a 'kind', got a list"),
+    ("kind: Tenant\nid: [unclosed\n", "deploy/x.yaml: invalid YAML at line"),
+])
+def test_malformed_manifest_messages(text: str, expected: str) -> None:
+    problems = errors_of(text)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_all_problems_are_reported_not_just_the_first() -> None:
+    text = DEPLOYMENT.replace("replicas: 2", "replicas: two").replace("tenant: t1\n", "")
+    problems = errors_of(text)
+    assert len(problems) == 2
+    assert any("replicas: expected an integer, got 'two'" in p for p in problems)
+    assert any("tenant: required field is missing" in p for p in problems)
+
+
+def test_unreadable_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as info:
+        load_manifests([tmp_path / "missing.yaml"])
+    assert "missing.yaml: cannot read" in info.value.problems[0]

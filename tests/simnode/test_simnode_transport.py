@@ -1,0 +1,167 @@
+"""A simulated node against a fake controller: a real grpc.aio server on 127.0.0.1:0 that
+speaks NodeAgentService and records everything the agent sends."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+
+from controller.simnode.protocol import NodeSpec
+from controller.simnode.transport import Backoff, SimulatedNode
+from maia.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+
+class FakeController(agent_pb2_grpc.NodeAgentServiceServicer):
+    def __init__(self) -> None:
+        self.registrations: list[agent_pb2.NodeInfo] = []
+        self.received: list[agent_pb2.AgentMessage] = []
+        self.outgoing: asyncio.Queue = asyncio.Queue()
+        self.streams_opened = 0
+        self.streams_closed_by_client = 0
+
+    async def Register(self, request, context):  # noqa: N802 (gRPC naming)
+        self.registrations.append(request.node)
+        return agent_pb2.RegisterResponse(node_id=request.node.node_id,
+                                          session_id=f"s{len(self.registrations)}", heartbeat_interval_ms=200)
+
+    async def Connect(self, request_iterator, context) -> AsyncIterator[agent_pb2.ControllerMessage]:  # noqa: N802
+        self.streams_opened += 1
+        done = asyncio.Event()
+
+        async def read() -> None:
+            async for message in request_iterator:
+                self.received.append(message)
+            self.streams_closed_by_client += 1
+            done.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while not done.is_set():
+                getter = asyncio.create_task(self.outgoing.get())
+                finished, _ = await asyncio.wait({getter, asyncio.create_task(done.wait())},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                if getter not in finished:
+                    getter.cancel()
+                    break
+                item = getter.result()
+                if item == "abort":
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "controller restarting")
+                yield item
+        finally:
+            reader.cancel()
+
+    # --- what the agent said ---
+    def hellos(self) -> list[agent_pb2.Hello]:
+        return [m.hello for m in self.received if m.HasField("hello")]
+
+    def heartbeats(self) -> list[agent_pb2.Heartbeat]:
+        return [m.heartbeat for m in self.received if m.HasField("heartbeat")]
+
+    def statuses(self) -> list[tuple[str, int, int, int]]:
+        return [(s.deployment, s.shard, s.phase, s.generation)
+                for m in self.received if m.HasField("shard_status") for s in [m.shard_status]]
+
+
+def assignment_set(generation: int, *shards: int) -> agent_pb2.ControllerMessage:
+    return agent_pb2.ControllerMessage(assignments=agent_pb2.AssignmentSet(
+        generation=generation,
+        assignments=[agent_pb2.Assignment(
+            deployment="claude", tenant="anthropic", replica=0, shard=s, shards_per_replica=4,
+            accelerator_indices=[s], spec=common_pb2.ShardSpec(accelerators=1, power_w=700.0),
+            generation=generation) for s in shards]))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeController, str]]:
+    server = grpc.aio.server()
+    controller = FakeController()
+    agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(controller, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield controller, f"127.0.0.1:{port}"
+    await server.stop(grace=None)
+
+
+async def test_register_hello_assign_load_run_stop(fake: tuple[FakeController, str]) -> None:
+    controller, address = fake
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), address, load_delay_s=0.2)
+    task = asyncio.create_task(node.run())
+    await wait_until(lambda: controller.hellos())
+    assert controller.registrations[0].rack == "rack-00"
+    assert controller.registrations[0].accelerators == 4
+    assert controller.hellos()[0].node_id == "rack-00-n00"
+    assert controller.hellos()[0].session_id == "s1"
+    await wait_until(lambda: controller.heartbeats())
+    assert controller.heartbeats()[0].power_draw_w == 600.0
+
+    await controller.outgoing.put(assignment_set(1, 0, 1))
+    running = common_pb2.SHARD_PHASE_RUNNING
+    await wait_until(lambda: sum(1 for s in controller.statuses() if s[2] == running) == 2)
+    loading = [s for s in controller.statuses() if s[2] == common_pb2.SHARD_PHASE_LOADING]
+    assert sorted(s[1] for s in loading) == [0, 1]
+    # the next heartbeat carries both running shards and their power
+    await wait_until(lambda: controller.heartbeats()[-1].power_draw_w == 600.0 + 2 * 700.0)
+    assert {s.shard for s in controller.heartbeats()[-1].shards} == {0, 1}
+
+    await controller.outgoing.put(assignment_set(0))  # stale: ignored
+    await controller.outgoing.put(assignment_set(2, 1))  # shard 0 removed
+    await wait_until(lambda: ("claude", 0, common_pb2.SHARD_PHASE_STOPPED, 1) in controller.statuses())
+    assert node.agent.stale_ignored == 1
+    await wait_until(lambda: [s.shard for s in controller.heartbeats()[-1].shards] == [1])
+
+    node.stop()
+    await asyncio.wait_for(task, timeout=5)
+    assert controller.streams_closed_by_client == 1  # half-closed, not cut
+
+
+async def test_reconnects_and_registers_again_after_the_stream_breaks(fake: tuple[FakeController, str]) -> None:
+    controller, address = fake
+    node = SimulatedNode(NodeSpec("rack-00-n01", "rack-00"), address, load_delay_s=0.0,
+                         backoff=Backoff(initial_s=0.05, maximum_s=0.1))
+    task = asyncio.create_task(node.run())
+    await controller.outgoing.put(assignment_set(3, 2))
+    await wait_until(lambda: any(s[2] == common_pb2.SHARD_PHASE_RUNNING for s in controller.statuses()))
+    await controller.outgoing.put("abort")
+    await wait_until(lambda: len(controller.registrations) == 2)
+    await wait_until(lambda: len(controller.hellos()) == 2)
+    assert controller.hellos()[1].session_id == "s2"
+    # the shard survived the reconnect and is reported in the new session's heartbeats
+    count = len(controller.heartbeats())
+    await wait_until(lambda: len(controller.heartbeats()) > count)
+    assert [s.shard for s in controller.heartbeats()[-1].shards] == [2]
+    node.stop()
+    await asyncio.wait_for(task, timeout=5)
+
+
+async def test_crash_drops_shards_and_comes_back(fake: tuple[FakeController, str]) -> None:
+    controller, address = fake
+    node = SimulatedNode(NodeSpec("rack-00-n02", "rack-00"), address, load_delay_s=0.0)
+    task = asyncio.create_task(node.run())
+    await controller.outgoing.put(assignment_set(1, 0))
+    await wait_until(lambda: any(s[2] == common_pb2.SHARD_PHASE_RUNNING for s in controller.statuses()))
+    node.crash(offline_s=0.2)
+    assert node.agent.reports() == []
+    await wait_until(lambda: len(controller.registrations) == 2)
+    await wait_until(lambda: node.connected)
+    node.stop()
+    await asyncio.wait_for(task, timeout=5)
+
+
+async def test_stop_while_the_controller_is_unreachable_returns_promptly() -> None:
+    node = SimulatedNode(NodeSpec("rack-00-n03", "rack-00"), "127.0.0.1:1",
+                         backoff=Backoff(initial_s=5.0, maximum_s=5.0))
+    task = asyncio.create_task(node.run())
+    await asyncio.sleep(0.3)
+    node.stop()
+    await asyncio.wait_for(task, timeout=2)
