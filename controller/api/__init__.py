@@ -1,0 +1,1 @@
+"""The gRPC edge: server assembly, the interceptor chain, thin servicers, protobuf conversion."""

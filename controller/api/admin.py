@@ -1,0 +1,89 @@
+"""AdminService: protobuf in, use case, protobuf out. No rules here."""
+
+from __future__ import annotations
+
+from grpc import aio
+
+from controller.api import convert
+from controller.api.deps import ServiceDeps
+from controller.identity import current_principal
+from controller.usecases import nodes, tenants, topology
+from maia.v1 import admin_pb2, admin_pb2_grpc
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, deps: ServiceDeps) -> None:
+        self._deps = deps
+
+    # --- tenants -----------------------------------------------------------------------------
+    async def CreateTenant(self, request: admin_pb2.Tenant, context: aio.ServicerContext) -> admin_pb2.Tenant:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await tenants.create_tenant(uow, current_principal(), convert.tenant_spec(request), self._deps.signals)
+        return convert.tenant_msg(view)
+
+    async def UpdateTenant(self, request: admin_pb2.Tenant, context: aio.ServicerContext) -> admin_pb2.Tenant:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await tenants.update_tenant(uow, current_principal(), convert.tenant_spec(request), self._deps.signals)
+        return convert.tenant_msg(view)
+
+    async def GetTenant(self, request: admin_pb2.GetTenantRequest, context: aio.ServicerContext) -> admin_pb2.Tenant:
+        async with self._deps.db.unit_of_work() as uow:
+            return convert.tenant_msg(await tenants.get_tenant(uow, current_principal(), request.id))
+
+    async def ListTenants(self, request: admin_pb2.ListTenantsRequest,
+                          context: aio.ServicerContext) -> admin_pb2.ListTenantsResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            views = await tenants.list_tenants(uow, current_principal())
+        return admin_pb2.ListTenantsResponse(tenants=[convert.tenant_msg(v) for v in views])
+
+    async def DeleteTenant(self, request: admin_pb2.DeleteTenantRequest,
+                           context: aio.ServicerContext) -> admin_pb2.DeleteTenantResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            await tenants.delete_tenant(uow, current_principal(), request.id, self._deps.signals)
+        return admin_pb2.DeleteTenantResponse()
+
+    # --- topology ----------------------------------------------------------------------------
+    async def ApplyTopology(self, request: admin_pb2.Topology, context: aio.ServicerContext) -> admin_pb2.Topology:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await topology.apply_topology(uow, current_principal(), convert.topology_spec(request),
+                                                 self._deps.signals)
+        return convert.topology_msg(view)
+
+    async def GetTopology(self, request: admin_pb2.GetTopologyRequest,
+                          context: aio.ServicerContext) -> admin_pb2.Topology:
+        async with self._deps.db.unit_of_work() as uow:
+            return convert.topology_msg(await topology.get_topology(uow, current_principal()))
+
+    # --- nodes -------------------------------------------------------------------------------
+    async def ListNodes(self, request: admin_pb2.ListNodesRequest,
+                        context: aio.ServicerContext) -> admin_pb2.ListNodesResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            views = await nodes.list_nodes(uow, current_principal(), self._deps.connected(), request.rack)
+        return admin_pb2.ListNodesResponse(nodes=[convert.node_msg(v) for v in views])
+
+    async def GetNode(self, request: admin_pb2.GetNodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
+        async with self._deps.db.unit_of_work() as uow:
+            return convert.node_msg(await nodes.get_node(uow, current_principal(), request.id, self._deps.connected()))
+
+    async def CordonNode(self, request: admin_pb2.NodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await nodes.cordon_node(uow, current_principal(), request.id, self._deps.signals,
+                                           self._deps.connected())
+        return convert.node_msg(view)
+
+    async def UncordonNode(self, request: admin_pb2.NodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await nodes.uncordon_node(uow, current_principal(), request.id, self._deps.signals,
+                                             self._deps.connected())
+        return convert.node_msg(view)
+
+    async def DrainNode(self, request: admin_pb2.NodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await nodes.drain_node(uow, current_principal(), request.id, self._deps.signals,
+                                          self._deps.connected())
+        return convert.node_msg(view)
+
+    async def GetClusterSummary(self, request: admin_pb2.GetClusterSummaryRequest,
+                                context: aio.ServicerContext) -> admin_pb2.ClusterSummary:
+        async with self._deps.db.unit_of_work() as uow:
+            return convert.cluster_summary_msg(await nodes.cluster_summary(uow, current_principal()))

@@ -1,0 +1,58 @@
+"""NodeAgentService: Register, and the Connect stream (Hello first, then reports; sets go out).
+
+The conversation itself lives in `controller.agents.AgentHub`; this servicer only converts
+messages and checks that a stream starts with a Hello.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from controller.api import convert
+from controller.api.deps import ServiceDeps
+from controller.errors import FailedPrecondition
+from controller.identity import current_principal
+from controller.agents import AgentInbound
+from controller.usecases import agents as cases
+from maia.v1 import agent_pb2, agent_pb2_grpc
+
+
+async def _inbound(messages: AsyncIterator[agent_pb2.AgentMessage]) -> AsyncIterator[AgentInbound]:
+    async for message in messages:
+        body = message.WhichOneof("body")
+        if body == "heartbeat":
+            yield convert.heartbeat_report(message.heartbeat)
+        elif body == "shard_status":
+            yield convert.shard_report(message.shard_status)
+        # a repeated Hello or an unknown body carries nothing to act on
+
+
+class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
+    def __init__(self, deps: ServiceDeps) -> None:
+        self._deps = deps
+
+    async def Register(self, request: agent_pb2.RegisterRequest,
+                       context: aio.ServicerContext) -> agent_pb2.RegisterResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            reg = await cases.register_node(uow, current_principal(), convert.node_info(request.node),
+                                            heartbeat_interval_ms=self._deps.heartbeat_interval_ms)
+        self._deps.signals.wake_reconciler()
+        return convert.registration_msg(reg)
+
+    async def Connect(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+                      context: aio.ServicerContext) -> AsyncIterator[agent_pb2.ControllerMessage]:
+        messages = request_iterator.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("body") != "hello":
+            raise FailedPrecondition("the first message on Connect must be Hello (node_id, session_id)")
+        sets = self._deps.hub.converse(first.hello.node_id, first.hello.session_id, _inbound(messages))
+        try:
+            async for assignment_set in sets:
+                yield convert.assignment_set_msg(assignment_set)
+        finally:
+            await sets.aclose()

@@ -1,0 +1,253 @@
+"""Protobuf <-> domain conversion, in one place.
+
+Servicers call these and nothing else touches protobuf messages' fields. Enum values map to
+the interchange words (`ISOLATION_DEDICATED_RACK` <-> "dedicated_rack"); proto3 "unset means
+default" rules (min_replicas 0 -> 1, accelerator_milli 0 -> 1000, locality UNSPECIFIED -> rack)
+are applied here, so use cases see complete values.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controller.errors import InvalidArgument
+from controller.usecases import domain as d
+from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
+
+_ISOLATION_TO_WORD = {
+    common_pb2.ISOLATION_UNSPECIFIED: "shared",
+    common_pb2.ISOLATION_SHARED: "shared",
+    common_pb2.ISOLATION_DEDICATED_NODE: "dedicated_node",
+    common_pb2.ISOLATION_DEDICATED_RACK: "dedicated_rack",
+}
+_ISOLATION_FROM_WORD = {
+    "shared": common_pb2.ISOLATION_SHARED,
+    "dedicated_node": common_pb2.ISOLATION_DEDICATED_NODE,
+    "dedicated_rack": common_pb2.ISOLATION_DEDICATED_RACK,
+}
+_DOMAIN_TO_WORD = {
+    common_pb2.DOMAIN_NODE: "node", common_pb2.DOMAIN_RACK: "rack", common_pb2.DOMAIN_ROW: "row",
+    common_pb2.DOMAIN_ZONE: "zone", common_pb2.DOMAIN_NONE: "none",
+}
+_DOMAIN_FROM_WORD = {word: value for value, word in _DOMAIN_TO_WORD.items()}
+_NODE_STATE = {"ready": common_pb2.NODE_STATE_READY, "cordoned": common_pb2.NODE_STATE_CORDONED,
+               "down": common_pb2.NODE_STATE_DOWN}
+_SHARD_PHASE_FROM_WORD = {
+    "assigned": common_pb2.SHARD_PHASE_ASSIGNED, "loading": common_pb2.SHARD_PHASE_LOADING,
+    "running": common_pb2.SHARD_PHASE_RUNNING, "failed": common_pb2.SHARD_PHASE_FAILED,
+    "stopped": common_pb2.SHARD_PHASE_STOPPED,
+}
+_SHARD_PHASE_TO_WORD = {value: word for word, value in _SHARD_PHASE_FROM_WORD.items()}
+_DEPLOYMENT_PHASE = {
+    "pending": deployments_pb2.DEPLOYMENT_PHASE_PENDING,
+    "scheduled": deployments_pb2.DEPLOYMENT_PHASE_SCHEDULED,
+    "running": deployments_pb2.DEPLOYMENT_PHASE_RUNNING,
+    "degraded": deployments_pb2.DEPLOYMENT_PHASE_DEGRADED,
+    "deleting": deployments_pb2.DEPLOYMENT_PHASE_DELETING,
+}
+_EVENT_TYPE = {
+    "added": deployments_pb2.DeploymentEvent.TYPE_ADDED,
+    "modified": deployments_pb2.DeploymentEvent.TYPE_MODIFIED,
+    "deleted": deployments_pb2.DeploymentEvent.TYPE_DELETED,
+}
+
+
+def _enum_word(table: dict[int, str], value: int, what: str, default: str | None = None) -> str:
+    if value == 0 and default is not None:
+        return default
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument(f"{what}: unknown value {value}") from None
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _opt(msg: object, name: str) -> float | None:
+    return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[attr-defined]
+
+
+# --- tenants ---------------------------------------------------------------------------------
+def tenant_spec(msg: admin_pb2.Tenant) -> d.TenantSpec:
+    return d.TenantSpec(
+        id=msg.id, isolation=_enum_word(_ISOLATION_TO_WORD, msg.isolation, "isolation"),
+        excludes=tuple(msg.excludes), zones=tuple(msg.zones),
+        reserved_accelerators=_opt(msg, "reserved_accelerators"),
+        max_accelerators=_opt(msg, "max_accelerators"), max_power_w=_opt(msg, "max_power_w"),
+    )
+
+
+def tenant_msg(view: d.TenantView) -> admin_pb2.Tenant:
+    s = view.spec
+    msg = admin_pb2.Tenant(
+        id=s.id, isolation=_ISOLATION_FROM_WORD[s.isolation], excludes=list(s.excludes), zones=list(s.zones),
+        used_accelerators=view.usage.accelerators, used_power_w=view.usage.power_w,
+    )
+    if s.reserved_accelerators is not None:
+        msg.reserved_accelerators = s.reserved_accelerators
+    if s.max_accelerators is not None:
+        msg.max_accelerators = s.max_accelerators
+    if s.max_power_w is not None:
+        msg.max_power_w = s.max_power_w
+    return msg
+
+
+# --- topology --------------------------------------------------------------------------------
+def topology_spec(msg: admin_pb2.Topology) -> d.TopologySpec:
+    return d.TopologySpec(
+        zones=tuple(d.ZoneSpec(z.id) for z in msg.zones),
+        rows=tuple(d.RowSpec(r.id, r.zone, _opt(r, "power_budget_w")) for r in msg.rows),
+        racks=tuple(d.RackSpec(k.id, k.row, _opt(k, "power_budget_w")) for k in msg.racks),
+    )
+
+
+def topology_msg(view: d.TopologyView) -> admin_pb2.Topology:
+    msg = admin_pb2.Topology(zones=[admin_pb2.Zone(id=z.id) for z in view.zones])
+    for r in view.rows:
+        row = msg.rows.add(id=r.spec.id, zone=r.spec.zone, power_used_w=r.power_used_w)
+        if r.spec.power_budget_w is not None:
+            row.power_budget_w = r.spec.power_budget_w
+    for k in view.racks:
+        rack = msg.racks.add(id=k.spec.id, row=k.spec.row, power_used_w=k.power_used_w, nodes=k.nodes)
+        if k.spec.power_budget_w is not None:
+            rack.power_budget_w = k.spec.power_budget_w
+    return msg
+
+
+# --- nodes -----------------------------------------------------------------------------------
+def node_msg(view: d.NodeView) -> admin_pb2.Node:
+    i = view.info
+    return admin_pb2.Node(
+        id=i.node_id, hostname=i.hostname, rack=i.rack, row=view.row, zone=view.zone,
+        state=_NODE_STATE[view.state], accelerators=i.accelerators, accelerator_model=i.accelerator_model,
+        hbm_gib=i.hbm_gib or 0.0, cpu_milli=i.cpu_milli or 0, memory_mib=i.memory_mib or 0,
+        idle_power_w=i.idle_power_w, labels=i.labels, connected=view.connected,
+        last_heartbeat=_ts(view.last_heartbeat), power_draw_w=view.power_draw_w,
+        accelerators_used=view.accelerators_used, shards=view.shards, tenants=list(view.tenants),
+    )
+
+
+def cluster_summary_msg(view: d.ClusterSummary) -> admin_pb2.ClusterSummary:
+    return admin_pb2.ClusterSummary(
+        nodes_ready=view.nodes_ready, nodes_cordoned=view.nodes_cordoned, nodes_down=view.nodes_down,
+        accelerators_total=view.accelerators_total, accelerators_used=view.accelerators_used,
+        power_budget_w=view.power_budget_w, power_used_w=view.power_used_w,
+        deployments_by_phase=view.deployments_by_phase, tenants=[tenant_msg(t) for t in view.tenants],
+    )
+
+
+# --- deployments -----------------------------------------------------------------------------
+def shard_spec(msg: common_pb2.ShardSpec) -> d.ShardSpec:
+    return d.ShardSpec(
+        accelerators=msg.accelerators, accelerator_milli=msg.accelerator_milli or 1000, hbm_gib=msg.hbm_gib,
+        cpu_milli=msg.cpu_milli, memory_mib=msg.memory_mib, power_w=msg.power_w,
+        accelerator_models=tuple(msg.accelerator_models),
+    )
+
+
+def shard_spec_msg(spec: d.ShardSpec) -> common_pb2.ShardSpec:
+    return common_pb2.ShardSpec(
+        accelerators=spec.accelerators, accelerator_milli=spec.accelerator_milli, hbm_gib=spec.hbm_gib,
+        cpu_milli=spec.cpu_milli, memory_mib=spec.memory_mib, power_w=spec.power_w,
+        accelerator_models=list(spec.accelerator_models),
+    )
+
+
+def deployment_spec(msg: deployments_pb2.DeploymentSpec) -> d.DeploymentSpec:
+    spread = None
+    if msg.HasField("spread"):
+        spread = d.SpreadSpec(_enum_word(_DOMAIN_TO_WORD, msg.spread.domain, "spread.domain", default="none"),
+                              msg.spread.max_per_domain)
+    return d.DeploymentSpec(
+        name=msg.name, tenant=msg.tenant, replicas=msg.replicas, min_replicas=msg.min_replicas or 1,
+        shards_per_replica=msg.shards_per_replica, shard=shard_spec(msg.shard),
+        locality=_enum_word(_DOMAIN_TO_WORD, msg.locality, "locality", default="rack"),
+        spread=spread, priority=msg.priority, preemptible=msg.preemptible,
+    )
+
+
+def deployment_spec_msg(spec: d.DeploymentSpec) -> deployments_pb2.DeploymentSpec:
+    msg = deployments_pb2.DeploymentSpec(
+        name=spec.name, tenant=spec.tenant, replicas=spec.replicas, min_replicas=spec.min_replicas,
+        shards_per_replica=spec.shards_per_replica, shard=shard_spec_msg(spec.shard),
+        locality=_DOMAIN_FROM_WORD[spec.locality], priority=spec.priority, preemptible=spec.preemptible,
+    )
+    if spec.spread is not None:
+        msg.spread.CopyFrom(common_pb2.Spread(domain=_DOMAIN_FROM_WORD[spec.spread.domain],
+                                              max_per_domain=spec.spread.max_per_domain))
+    return msg
+
+
+def reason_msg(reason: d.ReasonView) -> common_pb2.Reason:
+    return common_pb2.Reason(code=reason.code, message=reason.message, scope=reason.scope)
+
+
+def deployment_msg(view: d.DeploymentView) -> deployments_pb2.Deployment:
+    return deployments_pb2.Deployment(
+        spec=deployment_spec_msg(view.spec), phase=_DEPLOYMENT_PHASE[view.phase], generation=view.generation,
+        placed_replicas=view.placed_replicas, running_replicas=view.running_replicas,
+        placements=[
+            deployments_pb2.ShardPlacement(
+                replica=p.replica, shard=p.shard, node=p.node, rack=p.rack,
+                accelerator_indices=list(p.accelerator_indices), accelerator_milli=p.accelerator_milli,
+                phase=_SHARD_PHASE_FROM_WORD[p.phase], message=p.message,
+            )
+            for p in view.placements
+        ],
+        reasons=[reason_msg(r) for r in view.reasons],
+        created_at=_ts(view.created_at), updated_at=_ts(view.updated_at),
+    )
+
+
+def deployment_event_msg(event: d.DeploymentEvent) -> deployments_pb2.DeploymentEvent:
+    return deployments_pb2.DeploymentEvent(type=_EVENT_TYPE[event.type], deployment=deployment_msg(event.deployment))
+
+
+# --- agents ----------------------------------------------------------------------------------
+def node_info(msg: agent_pb2.NodeInfo) -> d.NodeInfo:
+    # proto3 scalars cannot say "unset": a zero capacity is taken as "not declared" (not limited).
+    return d.NodeInfo(
+        node_id=msg.node_id, rack=msg.rack, accelerators=msg.accelerators, hostname=msg.hostname,
+        accelerator_model=msg.accelerator_model, hbm_gib=msg.hbm_gib or None, cpu_milli=msg.cpu_milli or None,
+        memory_mib=msg.memory_mib or None, idle_power_w=msg.idle_power_w, labels=dict(msg.labels),
+        agent_version=msg.agent_version,
+    )
+
+
+def registration_msg(reg: d.Registration) -> agent_pb2.RegisterResponse:
+    return agent_pb2.RegisterResponse(node_id=reg.node_id, session_id=reg.session_id,
+                                      heartbeat_interval_ms=reg.heartbeat_interval_ms)
+
+
+def shard_report(msg: agent_pb2.ShardStatus) -> d.ShardReport:
+    return d.ShardReport(
+        deployment=msg.deployment, replica=msg.replica, shard=msg.shard, generation=msg.generation,
+        phase=_SHARD_PHASE_TO_WORD.get(msg.phase, ""), message=msg.message, power_draw_w=msg.power_draw_w,
+    )
+
+
+def heartbeat_report(msg: agent_pb2.Heartbeat) -> d.HeartbeatReport:
+    return d.HeartbeatReport(seq=msg.seq, power_draw_w=msg.power_draw_w,
+                             shards=tuple(shard_report(s) for s in msg.shards))
+
+
+def assignment_set_msg(view: d.AssignmentSet) -> agent_pb2.ControllerMessage:
+    return agent_pb2.ControllerMessage(assignments=agent_pb2.AssignmentSet(
+        generation=view.generation,
+        assignments=[
+            agent_pb2.Assignment(
+                deployment=a.deployment, tenant=a.tenant, replica=a.replica, shard=a.shard,
+                shards_per_replica=a.shards_per_replica, accelerator_indices=list(a.accelerator_indices),
+                accelerator_milli=a.accelerator_milli, spec=shard_spec_msg(a.spec), generation=a.generation,
+            )
+            for a in view.assignments
+        ],
+    ))

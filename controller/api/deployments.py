@@ -1,0 +1,55 @@
+"""DeploymentService: protobuf in, use case, protobuf out. No rules here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from controller.api import convert
+from controller.api.deps import ServiceDeps
+from controller.identity import current_principal
+from controller.usecases import deployments as cases
+from controller.usecases.watch import watch_deployments
+from maia.v1 import deployments_pb2, deployments_pb2_grpc
+
+
+class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
+    def __init__(self, deps: ServiceDeps) -> None:
+        self._deps = deps
+
+    async def SubmitDeployment(self, request: deployments_pb2.SubmitDeploymentRequest,
+                               context: aio.ServicerContext) -> deployments_pb2.SubmitDeploymentResponse:
+        spec = convert.deployment_spec(request.spec)
+        who = current_principal()
+        if request.dry_run:
+            view = await cases.dry_run_deployment(self._deps.db, who, spec,
+                                                  time_limit_ms=self._deps.solve_time_limit_ms)
+        else:
+            async with self._deps.db.unit_of_work() as uow:
+                view = await cases.submit_deployment(uow, who, spec, self._deps.signals)
+        return deployments_pb2.SubmitDeploymentResponse(deployment=convert.deployment_msg(view),
+                                                        dry_run=request.dry_run)
+
+    async def GetDeployment(self, request: deployments_pb2.GetDeploymentRequest,
+                            context: aio.ServicerContext) -> deployments_pb2.Deployment:
+        async with self._deps.db.unit_of_work() as uow:
+            return convert.deployment_msg(await cases.get_deployment(uow, current_principal(), request.name))
+
+    async def ListDeployments(self, request: deployments_pb2.ListDeploymentsRequest,
+                              context: aio.ServicerContext) -> deployments_pb2.ListDeploymentsResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            views = await cases.list_deployments(uow, current_principal(), request.tenant)
+        return deployments_pb2.ListDeploymentsResponse(deployments=[convert.deployment_msg(v) for v in views])
+
+    async def DeleteDeployment(self, request: deployments_pb2.DeleteDeploymentRequest,
+                               context: aio.ServicerContext) -> deployments_pb2.Deployment:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await cases.delete_deployment(uow, current_principal(), request.name, self._deps.signals)
+        return convert.deployment_msg(view)
+
+    async def WatchDeployments(self, request: deployments_pb2.WatchDeploymentsRequest,
+                               context: aio.ServicerContext) -> AsyncIterator[deployments_pb2.DeploymentEvent]:
+        async for event in watch_deployments(self._deps.db.unit_of_work, current_principal(), self._deps.bus,
+                                             tenant=request.tenant, name=request.name):
+            yield convert.deployment_event_msg(event)

@@ -1,0 +1,27 @@
+"""What servicers need from the running controller, handed to them at construction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from controller.agents import AgentHub
+from controller.store.db import Database
+from controller.usecases.ports import Signals
+from controller.usecases.watch import DeploymentEventBus
+
+
+@dataclass(frozen=True)
+class ServiceDeps:
+    db: Database
+    signals: Signals
+    bus: DeploymentEventBus
+    hub: AgentHub
+    solve_time_limit_ms: int
+    heartbeat_interval_ms: int
+
+    def connected(self) -> frozenset[str]:
+        return self.hub.connected()
+
+
+ConnectedNodes = Callable[[], frozenset[str]]

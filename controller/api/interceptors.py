@@ -1,0 +1,191 @@
+"""The one interceptor chain every RPC goes through: identity -> logging -> error translation.
+
+- identity: the caller's principal from metadata `x-maia-principal` into a context variable;
+- logging: one structured line per RPC (method, principal, status, milliseconds);
+- errors: the only place where `controller.errors` become gRPC status codes, with the error's
+  message verbatim; anything unexpected becomes INTERNAL with a short message and is logged
+  with its traceback.
+
+Each interceptor wraps the method handler's behaviour, so the same code covers unary and
+streaming RPCs alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from controller import errors
+from controller.identity import current_principal, principal_from_metadata, reset_principal, set_principal
+
+log = logging.getLogger("maia.api")
+
+STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Conflict: grpc.StatusCode.ABORTED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(error: errors.MaiaError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str,
+                  around_unary: Callable[[str, aio.ServicerContext, Callable[[], Awaitable[Any]]], Awaitable[Any]],
+                  around_stream: Callable[[str, aio.ServicerContext, Callable[[], Any]], Any]) -> grpc.RpcMethodHandler:
+    """Rebuild `handler` with its behaviour wrapped (unary responses and streamed responses)."""
+    if handler is None:
+        return handler
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+    )
+    for attr, factory, streams_out in kinds:
+        behaviour = getattr(handler, attr)
+        if behaviour is None:
+            continue
+        if streams_out and inspect.isasyncgenfunction(behaviour):
+            async def wrapped_stream(request: Any, context: aio.ServicerContext, _b: Any = behaviour) -> Any:
+                async for item in around_stream(method, context, lambda: _b(request, context)):
+                    yield item
+
+            new = wrapped_stream
+        else:  # unary responses, and streaming handlers written with `await context.write()`
+            async def wrapped_unary(request: Any, context: aio.ServicerContext, _b: Any = behaviour) -> Any:
+                return await around_unary(method, context, lambda: _b(request, context))
+
+            new = wrapped_unary
+        return factory(new, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+    return handler
+
+
+class _BehaviourInterceptor(aio.ServerInterceptor):
+    """Base: subclasses implement `around` for unary calls and `around_stream` for streams."""
+
+    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        return _wrap_handler(handler, handler_call_details.method, self.around, self.around_stream)
+
+    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+        raise NotImplementedError
+
+    async def around_stream(self, method: str, context: aio.ServicerContext, call: Callable[[], Any]) -> Any:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+
+class IdentityInterceptor(_BehaviourInterceptor):
+    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+        token = set_principal(principal_from_metadata(context.invocation_metadata()))
+        try:
+            return await call()
+        finally:
+            reset_principal(token)
+
+    async def around_stream(self, method: str, context: aio.ServicerContext, call: Callable[[], Any]) -> Any:
+        token = set_principal(principal_from_metadata(context.invocation_metadata()))
+        try:
+            async for item in call():
+                yield item
+        finally:
+            try:
+                reset_principal(token)
+            except ValueError:  # generator finalised in another context
+                pass
+
+
+def _code_of(context: aio.ServicerContext, failed: BaseException | None) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    if code is None:
+        return "OK" if failed is None else "ERROR"
+    return code.name if hasattr(code, "name") else str(code)
+
+
+class LoggingInterceptor(_BehaviourInterceptor):
+    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+        started = time.perf_counter()
+        failed: BaseException | None = None
+        try:
+            return await call()
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            self._line(method, context, started, failed)
+
+    async def around_stream(self, method: str, context: aio.ServicerContext, call: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        failed: BaseException | None = None
+        log.debug("rpc stream opened method=%s principal=%s", method, current_principal().name)
+        try:
+            async for item in call():
+                yield item
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            self._line(method, context, started, failed)
+
+    @staticmethod
+    def _line(method: str, context: aio.ServicerContext, started: float, failed: BaseException | None) -> None:
+        level = logging.INFO if failed is None else logging.WARNING
+        if method.endswith(("/Check", "/Watch")) and failed is None:
+            level = logging.DEBUG
+        log.log(level, "rpc method=%s principal=%s code=%s ms=%.1f", method, current_principal().name,
+                _code_of(context, failed), (time.perf_counter() - started) * 1000)
+
+
+class ErrorInterceptor(_BehaviourInterceptor):
+    """Translates the error hierarchy to status codes: the one place that does."""
+
+    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except errors.MaiaError as exc:
+            await self._abort(context, exc)
+        except Exception as exc:
+            if isinstance(exc, aio.AbortError):
+                raise
+            await self._internal(method, context, exc)
+
+    async def around_stream(self, method: str, context: aio.ServicerContext, call: Callable[[], Any]) -> Any:
+        try:
+            async for item in call():
+                yield item
+        except errors.MaiaError as exc:
+            await self._abort(context, exc)
+        except Exception as exc:
+            if isinstance(exc, aio.AbortError):
+                raise
+            await self._internal(method, context, exc)
+
+    @staticmethod
+    async def _abort(context: aio.ServicerContext, exc: errors.MaiaError) -> None:
+        await context.abort(status_for(exc), exc.message)
+
+    @staticmethod
+    async def _internal(method: str, context: aio.ServicerContext, exc: Exception) -> None:
+        log.exception("unexpected error in %s", method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the controller log")
+
+
+def interceptor_chain() -> list[aio.ServerInterceptor]:
+    """Outermost first: identity is set before logging reads it; errors are translated innermost."""
+    return [IdentityInterceptor(), LoggingInterceptor(), ErrorInterceptor()]

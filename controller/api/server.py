@@ -1,0 +1,143 @@
+"""The running controller: database, agent hub, reconciler and the gRPC server, started and
+stopped together.
+
+`ControllerApp.start()` checks (or migrates) the schema, binds the gRPC server with the one
+interceptor chain, health checking and reflection, starts the background loops and reports
+SERVING; `stop()` undoes it in order: NOT_SERVING, end agent and watch streams, stop the server
+with a grace period, cancel the loops, dispose of the engine. Tests run it in-process on port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller.agents import AgentHub
+from controller.api.admin import AdminServicer
+from controller.api.agents import NodeAgentServicer
+from controller.api.deployments import DeploymentServicer
+from controller.api.deps import ServiceDeps
+from controller.api.interceptors import interceptor_chain
+from controller.config import Config
+from controller.reconcile import Lease, Reconciler
+from controller.store.db import Database
+from controller.usecases.deployments import views_of
+from controller.usecases.domain import DeploymentEvent, DeploymentView
+from controller.usecases.watch import DeploymentEventBus
+from maia.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, deployments_pb2, deployments_pb2_grpc
+
+log = logging.getLogger("maia.server")
+
+SERVICE_NAMES: tuple[str, ...] = (
+    deployments_pb2.DESCRIPTOR.services_by_name["DeploymentService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["NodeAgentService"].full_name,
+)
+
+
+class AppSignals:
+    """`Signals` wired to the live reconciler, agent hub and event bus."""
+
+    def __init__(self, app: ControllerApp) -> None:
+        self._app = app
+
+    def wake_reconciler(self) -> None:
+        self._app.reconciler.wake()
+
+    def assignments_changed(self, node_ids: Iterable[str]) -> None:
+        self._app.hub.notify(node_ids)
+
+    def publish(self, event: DeploymentEvent) -> None:
+        self._app.bus.publish(event)
+
+
+class ControllerApp:
+    def __init__(self, config: Config, *, lease: Lease | None = None) -> None:
+        self.config = config
+        self.db = Database(config.db_url)
+        self.bus = DeploymentEventBus()
+        self.signals = AppSignals(self)
+        self.hub = AgentHub(
+            self.db, heartbeat_timeout_s=config.heartbeat_timeout_s,
+            on_node_down=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
+        )
+        self.reconciler = Reconciler(
+            self.db, push=self.hub.notify, publish=self._publish_deployments,
+            interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms, lease=lease,
+        )
+        self.health = health.aio.HealthServicer()
+        self.server: aio.Server | None = None
+        self.address = ""
+        self._tasks: list[asyncio.Task] = []
+
+    async def _publish_changed(self, names: set[str]) -> None:
+        await self._publish_deployments(names, [])
+
+    async def _publish_deployments(self, names: set[str], deleted: list[DeploymentView]) -> None:
+        for view in deleted:
+            self.bus.publish(DeploymentEvent("deleted", view))
+        if names:
+            async with self.db.unit_of_work() as uow:
+                views = await views_of(uow, names)
+            for view in views:
+                self.bus.publish(DeploymentEvent("modified", view))
+
+    async def start(self) -> str:
+        """Check the schema, serve, start the loops; returns the bound HOST:PORT."""
+        from controller.store.migrate import ensure_schema
+
+        revision = await ensure_schema(self.db, migrate=self.config.migrate)
+        log.info("schema ready revision=%s db=%s", revision, self.db.engine.url.render_as_string(hide_password=True))
+
+        deps = ServiceDeps(
+            db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
+            solve_time_limit_ms=self.config.solve_time_limit_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+        )
+        server = aio.server(interceptors=interceptor_chain())
+        deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
+        agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+        host, _, _ = self.config.listen.rpartition(":")
+        port = server.add_insecure_port(self.config.listen)
+        if not port:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await server.start()
+        self.server = server
+        self.address = f"{host}:{port}"
+        self._tasks = [
+            asyncio.create_task(self.hub.run(), name="agent-hub"),
+            asyncio.create_task(self.reconciler.run(), name="reconciler"),
+        ]
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.reconciler.wake()
+        return self.address
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Graceful shutdown; safe to call twice."""
+        log.info("stopping")
+        await self.health.enter_graceful_shutdown()
+        self.hub.close_all()
+        self.bus.close()
+        if self.server is not None:
+            await self.server.stop(grace_s)
+            self.server = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.db.dispose()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()

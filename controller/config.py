@@ -1,0 +1,76 @@
+"""The controller's settings, from the command line and the environment.
+
+One frozen `Config` is built at start-up and passed down; nothing else reads `sys.argv` or
+`os.environ`, so tests build a `Config` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from controller.store.db import DEFAULT_DB_URL
+
+DB_URL_ENV = "MAIA_DB_URL"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: str = "127.0.0.1:50051"
+    db_url: str = DEFAULT_DB_URL
+    migrate: bool = True
+    reconcile_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    solve_time_limit_ms: int = 2000
+    log_level: str = "INFO"
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        """What agents are told: three heartbeats fit in one timeout."""
+        return max(100, int(self.heartbeat_timeout_s * 1000 / 3))
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="maia-controller", description="Maia placement controller (gRPC server + reconciler)"
+    )
+    parser.add_argument("--listen", default=Config.listen, help="HOST:PORT to bind (port 0: any free port)")
+    parser.add_argument(
+        "--db", default=env.get(DB_URL_ENV, DEFAULT_DB_URL),
+        help=f"SQLAlchemy async URL (env {DB_URL_ENV}; default {DEFAULT_DB_URL})",
+    )
+    parser.add_argument(
+        "--migrate", action=argparse.BooleanOptionalAction, default=True,
+        help="apply pending migrations on start (default); --no-migrate refuses to start on an old schema",
+    )
+    parser.add_argument("--reconcile-interval", type=_positive_float, default=Config.reconcile_interval_s)
+    parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s)
+    parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms)
+    parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"))
+    ns = parser.parse_args(argv)
+    return Config(
+        listen=ns.listen,
+        db_url=ns.db,
+        migrate=ns.migrate,
+        reconcile_interval_s=ns.reconcile_interval,
+        heartbeat_timeout_s=ns.heartbeat_timeout,
+        solve_time_limit_ms=ns.solve_time_limit_ms,
+        log_level=ns.log_level.upper(),
+    )

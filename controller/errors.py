@@ -1,0 +1,57 @@
+"""The controller's one error hierarchy.
+
+Use cases raise these with a message that says exactly what is wrong ("rack rack-07 is not in
+the topology; apply it first"); `controller.api.interceptors` is the only place that turns them
+into gRPC status codes. Nothing else in the controller knows about status codes, so a use case
+can be called from a test, a CLI or another transport and still say "no" the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonDetail:
+    """A structured "why not" attached to an error (code of the placement spec, message, scope)."""
+
+    code: str
+    message: str
+    scope: str = ""
+
+
+class MaiaError(Exception):
+    """Base of every expected failure; `message` is shown to the caller verbatim."""
+
+    def __init__(self, message: str, *, reasons: tuple[ReasonDetail, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reasons = reasons
+
+
+class InvalidArgument(MaiaError):
+    """The request itself is wrong, whatever the cluster's state."""
+
+
+class NotFound(MaiaError):
+    """The request names something that does not exist."""
+
+
+class AlreadyExists(MaiaError):
+    """The request creates something that exists already."""
+
+
+class FailedPrecondition(MaiaError):
+    """The request is well formed but the system is not in a state that allows it."""
+
+
+class Conflict(MaiaError):
+    """Someone else changed what the request relied on; retrying may succeed."""
+
+
+class ResourceExhausted(MaiaError):
+    """A quota or capacity limit refuses the request."""
+
+
+class Unavailable(MaiaError):
+    """The controller cannot serve the request right now (shutting down, not ready)."""

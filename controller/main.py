@@ -1,0 +1,81 @@
+"""`maia-controller`: parse the settings, start the controller, stop it on SIGINT/SIGTERM.
+
+Prints "maia-controller listening on HOST:PORT" on stdout once serving (the real port when
+asked for port 0), so scripts and tests can read where it is. Exit codes: 0 after a clean stop,
+2 when the database schema is behind and --no-migrate forbids upgrading it (or it cannot bind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from controller.config import Config, parse_args
+
+EXIT_SCHEMA = 2
+
+
+class StructuredFormatter(logging.Formatter):
+    """One JSON object per line on stderr: time, level, logger, message (and exc on errors)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(StructuredFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+async def serve(config: Config) -> int:
+    from controller.api.server import ControllerApp
+    from controller.store.migrate import SchemaBehindError
+
+    app = ControllerApp(config)
+    try:
+        address = await app.start()
+    except SchemaBehindError as exc:
+        print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
+        await app.stop(0)
+        return EXIT_SCHEMA
+    except OSError as exc:
+        print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
+        await app.stop(0)
+        return EXIT_SCHEMA
+    print(f"maia-controller listening on {address}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    configure_logging(config.log_level)
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

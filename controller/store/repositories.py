@@ -1,0 +1,346 @@
+"""Queries the controller's use cases need, and the mapping of rows to domain values.
+
+Use cases never build SQL: they call these functions with the session of their unit of work.
+Everything returned to callers outside the store is a `controller.usecases.domain` value, so
+the ORM stays behind this module (rows are returned only to the use cases that change them).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from controller.store import models as m
+from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
+from controller.usecases import domain as d
+
+
+# --- cluster generation ----------------------------------------------------------------------
+async def read_cluster_generation(session: AsyncSession) -> int:
+    value = await session.scalar(select(m.ClusterState.generation).where(m.ClusterState.id == 1))
+    return int(value or 0)
+
+
+def record_event(
+    session: AsyncSession, *, actor: str, kind: str, object_kind: str, object_id: str,
+    message: str = "", data: dict | None = None,
+) -> None:
+    session.add(m.Event(actor=actor, kind=kind, object_kind=object_kind, object_id=object_id,
+                        message=message, data=data or {}))
+
+
+# --- tenants ---------------------------------------------------------------------------------
+async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
+    return await session.get(m.Tenant, tenant_id)
+
+
+async def list_tenant_rows(session: AsyncSession) -> list[m.Tenant]:
+    return list(await session.scalars(select(m.Tenant).order_by(m.Tenant.id)))
+
+
+async def existing_tenant_ids(session: AsyncSession, ids: Iterable[str]) -> set[str]:
+    wanted = set(ids)
+    if not wanted:
+        return set()
+    return set(await session.scalars(select(m.Tenant.id).where(m.Tenant.id.in_(wanted))))
+
+
+async def count_tenant_deployments(session: AsyncSession, tenant_id: str) -> int:
+    return int(await session.scalar(
+        select(func.count()).select_from(m.Deployment).where(m.Deployment.tenant_id == tenant_id)
+    ) or 0)
+
+
+def tenant_spec(row: m.Tenant) -> d.TenantSpec:
+    return d.TenantSpec(
+        id=row.id, isolation=row.isolation.value, excludes=tuple(row.excludes or ()),
+        zones=tuple(row.zones or ()), reserved_accelerators=row.reserved_accelerators,
+        max_accelerators=row.max_accelerators, max_power_w=row.max_power_w,
+    )
+
+
+# --- topology --------------------------------------------------------------------------------
+async def existing_ids(session: AsyncSession, model: type, ids: Iterable[str]) -> set[str]:
+    wanted = set(ids)
+    if not wanted:
+        return set()
+    return set(await session.scalars(select(model.id).where(model.id.in_(wanted))))
+
+
+async def list_zones(session: AsyncSession) -> list[m.Zone]:
+    return list(await session.scalars(select(m.Zone).order_by(m.Zone.id)))
+
+
+async def list_rows(session: AsyncSession) -> list[m.Row]:
+    return list(await session.scalars(select(m.Row).order_by(m.Row.id)))
+
+
+async def list_racks(session: AsyncSession) -> list[m.Rack]:
+    return list(await session.scalars(select(m.Rack).options(selectinload(m.Rack.row)).order_by(m.Rack.id)))
+
+
+async def get_rack(session: AsyncSession, rack_id: str) -> m.Rack | None:
+    return await session.get(m.Rack, rack_id)
+
+
+# --- nodes -----------------------------------------------------------------------------------
+_NODE_LOAD = (selectinload(m.Node.rack).selectinload(m.Rack.row),)
+
+
+async def get_node(session: AsyncSession, node_id: str) -> m.Node | None:
+    return await session.scalar(select(m.Node).options(*_NODE_LOAD).where(m.Node.id == node_id))
+
+
+async def list_node_rows(session: AsyncSession, rack: str = "") -> list[m.Node]:
+    stmt = select(m.Node).options(*_NODE_LOAD).order_by(m.Node.id)
+    if rack:
+        stmt = stmt.where(m.Node.rack_id == rack)
+    return list(await session.scalars(stmt))
+
+
+def node_info(row: m.Node) -> d.NodeInfo:
+    return d.NodeInfo(
+        node_id=row.id, rack=row.rack_id, accelerators=row.accelerators, hostname=row.hostname,
+        accelerator_model=row.accelerator_model, hbm_gib=row.hbm_gib, cpu_milli=row.cpu_milli,
+        memory_mib=row.memory_mib, idle_power_w=row.idle_power_w, labels=dict(row.labels or {}),
+        agent_version=row.agent_version,
+    )
+
+
+def node_view(row: m.Node, usage: ClusterUsage, connected: bool) -> d.NodeView:
+    return d.NodeView(
+        info=node_info(row), row=row.rack.row_id, zone=row.rack.row.zone_id, state=row.state,
+        connected=connected, last_heartbeat=row.last_heartbeat_at, power_draw_w=row.power_draw_w,
+        accelerators_used=usage.node_milli.get(row.id, 0) / 1000.0,
+        shards=usage.node_shards.get(row.id, 0), tenants=tuple(sorted(usage.node_tenants.get(row.id, ()))),
+    )
+
+
+async def set_node_cordoned(session: AsyncSession, node_id: str, cordoned: bool) -> None:
+    await session.execute(update(m.Node).where(m.Node.id == node_id).values(cordoned=cordoned))
+
+
+# --- usage -----------------------------------------------------------------------------------
+@dataclass
+class ClusterUsage:
+    """What placed shards use, summed per tenant, node, rack and row (milli-accelerators, watts)."""
+
+    tenant_milli: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tenant_power_w: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    node_milli: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    node_shards: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    node_tenants: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    rack_power_w: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    row_power_w: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def tenant(self, tenant_id: str) -> d.Usage:
+        return d.Usage(self.tenant_milli.get(tenant_id, 0) / 1000.0, self.tenant_power_w.get(tenant_id, 0.0))
+
+
+def placement_milli(dep: m.Deployment, placement: m.Placement) -> int:
+    """Accelerator milli-units one placed shard holds."""
+    if dep.shard_accelerators == 1 and placement.accelerator_milli and placement.accelerator_milli < 1000:
+        return placement.accelerator_milli
+    return 1000 * dep.shard_accelerators
+
+
+async def cluster_usage(session: AsyncSession) -> ClusterUsage:
+    """Usage of every placed shard, plus the idle power of nodes that are not down."""
+    usage = ClusterUsage()
+    rows = await session.execute(
+        select(m.Node.id, m.Node.rack_id, m.Rack.row_id, m.Node.idle_power_w, m.Node.health)
+        .join(m.Rack, m.Node.rack_id == m.Rack.id)
+    )
+    node_rack: dict[str, tuple[str, str]] = {}
+    for node_id, rack_id, row_id, idle_w, health in rows:
+        node_rack[node_id] = (rack_id, row_id)
+        if health is not m.NodeHealth.DOWN:
+            usage.rack_power_w[rack_id] += idle_w or 0.0
+            usage.row_power_w[row_id] += idle_w or 0.0
+    placed = await session.execute(select(m.Placement, m.Deployment).join(m.Deployment))
+    for placement, dep in placed:
+        milli = placement_milli(dep, placement)
+        power = dep.shard_power_w * milli / 1000.0
+        usage.tenant_milli[dep.tenant_id] += milli
+        usage.tenant_power_w[dep.tenant_id] += power
+        usage.node_milli[placement.node_id] += milli
+        usage.node_shards[placement.node_id] += 1
+        usage.node_tenants[placement.node_id].add(dep.tenant_id)
+        rack_id, row_id = node_rack.get(placement.node_id, ("", ""))
+        usage.rack_power_w[rack_id] += power
+        usage.row_power_w[row_id] += power
+    return usage
+
+
+# --- deployments -----------------------------------------------------------------------------
+_DEPLOYMENT_LOAD = (selectinload(m.Deployment.placements).selectinload(m.Placement.node),)
+
+
+async def get_deployment(session: AsyncSession, name: str) -> m.Deployment | None:
+    return await session.scalar(
+        select(m.Deployment).options(*_DEPLOYMENT_LOAD).where(m.Deployment.name == name)
+    )
+
+
+async def list_deployment_rows(
+    session: AsyncSession, *, tenant: str = "", names: Iterable[str] | None = None,
+    phases: Iterable[m.DeploymentPhase] | None = None,
+) -> list[m.Deployment]:
+    stmt = select(m.Deployment).options(*_DEPLOYMENT_LOAD).order_by(m.Deployment.name)
+    if tenant:
+        stmt = stmt.where(m.Deployment.tenant_id == tenant)
+    if names is not None:
+        stmt = stmt.where(m.Deployment.name.in_(set(names)))
+    if phases is not None:
+        stmt = stmt.where(m.Deployment.phase.in_(list(phases)))
+    return list(await session.scalars(stmt))
+
+
+async def deployment_name_exists(session: AsyncSession, name: str) -> bool:
+    return (await session.scalar(select(m.Deployment.id).where(m.Deployment.name == name))) is not None
+
+
+async def count_deployments_by_phase(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(m.Deployment.phase, func.count()).group_by(m.Deployment.phase))
+    return {phase.value: int(n) for phase, n in rows}
+
+
+def deployment_spec(row: m.Deployment) -> d.DeploymentSpec:
+    spread = None
+    if row.spread_domain is not None and row.spread_max_per_domain:
+        spread = d.SpreadSpec(row.spread_domain.value, row.spread_max_per_domain)
+    return d.DeploymentSpec(
+        name=row.name, tenant=row.tenant_id, replicas=row.replicas, min_replicas=row.min_replicas,
+        shards_per_replica=row.shards_per_replica,
+        shard=d.ShardSpec(
+            accelerators=row.shard_accelerators, accelerator_milli=row.shard_accelerator_milli,
+            hbm_gib=row.shard_hbm_gib, cpu_milli=row.shard_cpu_milli, memory_mib=row.shard_memory_mib,
+            power_w=row.shard_power_w, accelerator_models=tuple(row.shard_accelerator_models or ()),
+        ),
+        locality=row.locality.value, spread=spread, priority=row.priority, preemptible=row.preemptible,
+    )
+
+
+def new_deployment_row(spec: d.DeploymentSpec) -> m.Deployment:
+    return m.Deployment(
+        name=spec.name, tenant_id=spec.tenant, replicas=spec.replicas, min_replicas=spec.min_replicas,
+        shards_per_replica=spec.shards_per_replica,
+        shard_accelerators=spec.shard.accelerators, shard_accelerator_milli=spec.shard.accelerator_milli,
+        shard_hbm_gib=spec.shard.hbm_gib, shard_cpu_milli=spec.shard.cpu_milli,
+        shard_memory_mib=spec.shard.memory_mib, shard_power_w=spec.shard.power_w,
+        shard_accelerator_models=list(spec.shard.accelerator_models),
+        locality=m.Domain(spec.locality),
+        spread_domain=m.Domain(spec.spread.domain) if spec.spread else None,
+        spread_max_per_domain=spec.spread.max_per_domain if spec.spread else None,
+        priority=spec.priority, preemptible=spec.preemptible,
+        phase=m.DeploymentPhase.PENDING, reasons=[], generation=0, placements=[],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaCounts:
+    placed: int
+    running: int
+
+
+def replica_counts(row: m.Deployment) -> ReplicaCounts:
+    """Replicas with every shard placed, and those with every shard running."""
+    shards: dict[int, list[m.Placement]] = defaultdict(list)
+    for p in row.placements:
+        shards[p.replica].append(p)
+    placed = [r for r, ps in shards.items() if len(ps) >= row.shards_per_replica]
+    running = [r for r in placed if all(p.phase is m.ShardPhase.RUNNING for p in shards[r])]
+    return ReplicaCounts(placed=len(placed), running=len(running))
+
+
+def desired_phase(row: m.Deployment) -> m.DeploymentPhase:
+    """The phase its placements imply (DELETING is sticky)."""
+    if row.phase is m.DeploymentPhase.DELETING:
+        return row.phase
+    counts = replica_counts(row)
+    if counts.placed == 0:
+        return m.DeploymentPhase.PENDING
+    if counts.running == counts.placed:
+        return m.DeploymentPhase.RUNNING if counts.placed >= row.replicas else m.DeploymentPhase.DEGRADED
+    return m.DeploymentPhase.SCHEDULED
+
+
+def deployment_view(row: m.Deployment) -> d.DeploymentView:
+    counts = replica_counts(row)
+    placements = tuple(
+        d.ShardPlacementView(
+            replica=p.replica, shard=p.shard, node=p.node_id, rack=p.node.rack_id if p.node else "",
+            accelerator_indices=tuple(p.accelerator_indices or ()),
+            accelerator_milli=placement_milli(row, p) if placement_milli(row, p) < 1000 else 0,
+            phase=p.phase.value, message=p.message or "",
+        )
+        for p in sorted(row.placements, key=lambda p: (p.replica, p.shard))
+    )
+    return d.DeploymentView(
+        spec=deployment_spec(row), phase=row.phase.value, generation=row.generation,
+        placed_replicas=counts.placed, running_replicas=counts.running, placements=placements,
+        reasons=tuple(d.ReasonView(r.get("code", ""), r.get("message", ""), r.get("scope") or "")
+                      for r in row.reasons or ()),
+        created_at=row.created_at, updated_at=row.updated_at,
+    )
+
+
+# --- placements ------------------------------------------------------------------------------
+async def placements_on_node(session: AsyncSession, node_id: str) -> list[tuple[m.Placement, m.Deployment]]:
+    rows = await session.execute(
+        select(m.Placement, m.Deployment).join(m.Deployment)
+        .where(m.Placement.node_id == node_id).order_by(m.Deployment.name, m.Placement.replica, m.Placement.shard)
+    )
+    return [(p, dep) for p, dep in rows]
+
+
+async def bump_node_assignment_generations(session: AsyncSession, node_ids: Iterable[str]) -> None:
+    ids = set(node_ids)
+    if ids:
+        await session.execute(
+            update(m.Node).where(m.Node.id.in_(ids))
+            .values(assignment_generation=m.Node.assignment_generation + 1)
+        )
+
+
+async def remove_placements(session: AsyncSession, *, node_id: str | None = None,
+                            deployment_id: int | None = None) -> set[str]:
+    """Delete placements on a node or of a deployment; returns the nodes whose sets changed."""
+    stmt = select(m.Placement.node_id, m.Placement.deployment_id)
+    cond = []
+    if node_id is not None:
+        cond.append(m.Placement.node_id == node_id)
+    if deployment_id is not None:
+        cond.append(m.Placement.deployment_id == deployment_id)
+    rows = list(await session.execute(stmt.where(*cond)))
+    if not rows:
+        return set()
+    await session.execute(delete(m.Placement).where(*cond))
+    nodes = {n for n, _ in rows}
+    await session.execute(
+        update(m.Deployment).where(m.Deployment.id.in_({dep for _, dep in rows}))
+        .values(generation=m.Deployment.generation + 1)
+    )
+    await bump_node_assignment_generations(session, nodes)
+    return nodes
+
+
+async def assignment_set(session: AsyncSession, node_id: str) -> d.AssignmentSet | None:
+    node = await session.get(m.Node, node_id)
+    if node is None:
+        return None
+    assignments = []
+    for p, dep in await placements_on_node(session, node_id):
+        milli = placement_milli(dep, p)
+        assignments.append(d.Assignment(
+            deployment=dep.name, tenant=dep.tenant_id, replica=p.replica, shard=p.shard,
+            shards_per_replica=dep.shards_per_replica, accelerator_indices=tuple(p.accelerator_indices or ()),
+            accelerator_milli=milli if milli < 1000 else 0, spec=deployment_spec(dep).shard,
+            generation=p.generation or dep.generation,
+        ))
+    return d.AssignmentSet(node_id=node_id, generation=node.assignment_generation, assignments=tuple(assignments))

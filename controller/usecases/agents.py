@@ -1,0 +1,172 @@
+"""The node agent protocol's state changes: register, hello, disconnect, reports.
+
+An agent registers (upserting the node's capacity and getting a fresh session id), then opens
+one stream whose Hello must carry that session; only the current session may speak for a node.
+Liveness changes (up on Hello, down when the stream ends or heartbeats stop) bump the cluster
+generation so the reconciler re-places shards. Heartbeats and shard reports arrive often and
+are written in batches by `flush_reports`, one transaction for many nodes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from controller.errors import FailedPrecondition, InvalidArgument
+from controller.identity import Principal
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+from controller.usecases.domain import NodeInfo, Registration, ShardReport
+from controller.usecases.phases import refresh_phases
+from controller.usecases.validation import check_id, check_non_negative
+
+_SHARD_PHASES = {p.value for p in m.ShardPhase}
+
+
+def _validate(info: NodeInfo) -> None:
+    check_id("node", info.node_id)
+    if not info.rack:
+        raise InvalidArgument(f"node {info.node_id}: rack is required")
+    if info.accelerators < 0:
+        raise InvalidArgument(f"node {info.node_id}: accelerators must be >= 0, got {info.accelerators}")
+    for field_name in ("hbm_gib", "cpu_milli", "memory_mib", "idle_power_w"):
+        check_non_negative(f"node {info.node_id}: {field_name}", getattr(info, field_name))
+
+
+def _capacity(row: m.Node) -> tuple:
+    return (row.rack_id, row.accelerators, row.accelerator_model, row.hbm_gib, row.cpu_milli,
+            row.memory_mib, row.idle_power_w, dict(row.labels or {}))
+
+
+async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, heartbeat_interval_ms: int) -> Registration:
+    _validate(info)
+    if await repo.get_rack(uow.session, info.rack) is None:
+        raise FailedPrecondition(f"rack {info.rack} is not in the topology; apply it first")
+    row = await repo.get_node(uow.session, info.node_id)
+    created = row is None
+    if row is None:
+        row = m.Node(id=info.node_id, health=m.NodeHealth.DOWN, cordoned=False, assignment_generation=0,
+                     power_draw_w=0.0)
+        uow.session.add(row)
+    before = None if created else _capacity(row)
+    row.hostname = info.hostname
+    row.rack_id = info.rack
+    row.accelerators = info.accelerators
+    row.accelerator_model = info.accelerator_model
+    row.hbm_gib = info.hbm_gib
+    row.cpu_milli = info.cpu_milli
+    row.memory_mib = info.memory_mib
+    row.idle_power_w = info.idle_power_w
+    row.labels = dict(info.labels)
+    row.agent_version = info.agent_version
+    row.session_id = uuid.uuid4().hex
+    if created or before != _capacity(row):
+        await repo.bump_cluster_generation(uow.session)
+    repo.record_event(uow.session, actor=who.name, kind="node.registered", object_kind="node", object_id=info.node_id,
+                      data={"rack": info.rack, "accelerators": info.accelerators, "created": created})
+    await uow.commit()
+    return Registration(node_id=row.id, session_id=row.session_id or "", heartbeat_interval_ms=heartbeat_interval_ms)
+
+
+async def hello(uow: UnitOfWork, node_id: str, session_id: str, now: datetime) -> bool:
+    """Accept a stream for the node's current session and mark it up; True if it was down."""
+    row = await repo.get_node(uow.session, node_id)
+    if row is None:
+        raise FailedPrecondition(f"node {node_id} is not registered; call Register first")
+    if not session_id or row.session_id != session_id:
+        raise FailedPrecondition(
+            f"session {session_id or '(empty)'} is not the current session of node {node_id}; register again"
+        )
+    was_down = row.health is m.NodeHealth.DOWN
+    row.health = m.NodeHealth.UP
+    row.last_heartbeat_at = now
+    if was_down:
+        await repo.bump_cluster_generation(uow.session)
+        repo.record_event(uow.session, actor=node_id, kind="node.up", object_kind="node", object_id=node_id)
+    await uow.commit()
+    return was_down
+
+
+async def mark_down(uow: UnitOfWork, node_id: str, *, session_id: str | None, why: str) -> bool:
+    """Mark the node down unless a newer session speaks for it; True if it changed."""
+    row = await repo.get_node(uow.session, node_id)
+    if row is None or row.health is m.NodeHealth.DOWN:
+        return False
+    if session_id is not None and row.session_id != session_id:
+        return False  # superseded: the newer session owns the node's liveness
+    row.health = m.NodeHealth.DOWN
+    await repo.bump_cluster_generation(uow.session)
+    repo.record_event(uow.session, actor="controller", kind="node.down", object_kind="node", object_id=node_id,
+                      message=why)
+    await uow.commit()
+    return True
+
+
+async def stale_up_nodes(uow: UnitOfWork, live: Iterable[str], older_than: datetime) -> list[str]:
+    """Nodes marked up with no live stream and no heartbeat since `older_than` (e.g. after a restart)."""
+    live_ids = set(live)
+    rows = await uow.session.execute(
+        select(m.Node.id, m.Node.last_heartbeat_at).where(m.Node.health == m.NodeHealth.UP)
+    )
+    stale = []
+    for node_id, last in rows:
+        if node_id in live_ids:
+            continue
+        if last is not None and last.tzinfo is None:
+            last = last.replace(tzinfo=older_than.tzinfo)
+        if last is None or last < older_than:
+            stale.append(node_id)
+    return stale
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBeat:
+    at: datetime
+    power_draw_w: float
+
+
+async def flush_reports(
+    uow: UnitOfWork, beats: Mapping[str, NodeBeat], reports: Iterable[tuple[str, ShardReport]],
+) -> set[str]:
+    """Write batched heartbeats and shard reports in one transaction.
+
+    A report is applied only if the shard is still placed on the reporting node and answers the
+    placement's generation or a newer one (older reports are stale). Returns the names of the
+    deployments whose phase or shard phases changed.
+    """
+    s = uow.session
+    for node_id, beat in beats.items():
+        node = await s.get(m.Node, node_id)
+        if node is not None:
+            node.last_heartbeat_at = beat.at
+            node.power_draw_w = beat.power_draw_w
+    latest: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}
+    for node_id, report in reports:
+        if report.phase in _SHARD_PHASES:
+            latest[(report.deployment, report.replica, report.shard)] = (node_id, report)
+    touched: set[str] = set()
+    if latest:
+        names = {k[0] for k in latest}
+        rows = await s.execute(
+            select(m.Placement, m.Deployment.name).join(m.Deployment).where(m.Deployment.name.in_(names))
+        )
+        for placement, name in rows:
+            hit = latest.get((name, placement.replica, placement.shard))
+            if hit is None:
+                continue
+            node_id, report = hit
+            if placement.node_id != node_id or report.generation < (placement.generation or 0):
+                continue
+            phase = m.ShardPhase(report.phase)
+            if placement.phase is not phase or placement.message != report.message:
+                placement.phase = phase
+                placement.message = report.message
+                touched.add(name)
+    changed = await refresh_phases(s, names=touched) if touched else set()
+    await uow.commit()
+    return touched | changed

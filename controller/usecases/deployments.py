@@ -1,0 +1,224 @@
+"""Deployments: submit (or dry-run), read, delete.
+
+Submission validates everything a request can get wrong on its own and against the cluster it
+will run on (a rack-local gang bigger than any rack can never run: better to say so now with
+the numbers than to leave it pending forever), stores it PENDING and wakes the reconciler.
+Deletion marks it DELETING; the reconciler releases its shards and removes the row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from controller.errors import AlreadyExists, InvalidArgument, NotFound
+from controller.identity import Principal
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import Database, UnitOfWork
+from controller.usecases import planning
+from controller.usecases.domain import (
+    DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView,
+)
+from controller.usecases.ports import Signals
+from controller.usecases.validation import check_name, check_non_negative
+
+
+def validate_spec(spec: DeploymentSpec) -> None:
+    """What a request can get wrong on its own."""
+    check_name("deployment", spec.name)
+    where = f"deployment {spec.name}"
+    if not spec.tenant:
+        raise InvalidArgument(f"{where}: tenant is required")
+    if spec.replicas < 1:
+        raise InvalidArgument(f"{where}: replicas must be >= 1, got {spec.replicas}")
+    if not 1 <= spec.min_replicas <= spec.replicas:
+        raise InvalidArgument(
+            f"{where}: min_replicas must be between 1 and replicas ({spec.replicas}), got {spec.min_replicas}"
+        )
+    if spec.shards_per_replica < 1:
+        raise InvalidArgument(f"{where}: shards_per_replica must be >= 1, got {spec.shards_per_replica}")
+    shard = spec.shard
+    if shard.accelerators < 0:
+        raise InvalidArgument(f"{where}: shard.accelerators must be >= 0, got {shard.accelerators}")
+    if not 1 <= shard.accelerator_milli <= 1000:
+        raise InvalidArgument(
+            f"{where}: shard.accelerator_milli must be between 1 and 1000, got {shard.accelerator_milli}"
+        )
+    if shard.accelerator_milli < 1000 and shard.accelerators != 1:
+        raise InvalidArgument(
+            f"{where}: shard.accelerator_milli {shard.accelerator_milli} (a fraction) needs "
+            f"shard.accelerators = 1, got {shard.accelerators}"
+        )
+    check_non_negative(f"{where}: shard.hbm_gib", shard.hbm_gib)
+    check_non_negative(f"{where}: shard.cpu_milli", shard.cpu_milli)
+    check_non_negative(f"{where}: shard.memory_mib", shard.memory_mib)
+    check_non_negative(f"{where}: shard.power_w", shard.power_w)
+    if any(not model for model in shard.accelerator_models):
+        raise InvalidArgument(f"{where}: shard.accelerator_models has an empty model name")
+    if spec.locality not in DOMAINS:
+        raise InvalidArgument(f"{where}: locality {spec.locality!r} is not one of {', '.join(DOMAINS)}")
+    if spec.spread is not None:
+        if spec.spread.domain not in DOMAINS or spec.spread.domain == "none":
+            raise InvalidArgument(
+                f"{where}: spread.domain must be one of node, rack, row, zone, got {spec.spread.domain!r}"
+            )
+        if spec.spread.max_per_domain < 1:
+            raise InvalidArgument(f"{where}: spread.max_per_domain must be >= 1, got {spec.spread.max_per_domain}")
+
+
+def replica_accelerators(spec: DeploymentSpec) -> int:
+    """Whole accelerators one replica occupies at least (fractions of one tenant share one)."""
+    if spec.shard.fractional:
+        return math.ceil(spec.shards_per_replica * spec.shard.accelerator_milli / 1000)
+    return spec.shards_per_replica * spec.shard.accelerators
+
+
+async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.Tenant) -> None:
+    """Refuse what no state of the registered cluster could ever run, naming the numbers.
+
+    Counts every registered node whatever its state (a down node may come back); with no nodes
+    registered yet nothing can be judged and nothing is refused.
+    """
+    nodes = await repo.list_node_rows(uow.session)
+    if not nodes or spec.shard.accelerators == 0:
+        return
+    where = f"deployment {spec.name}"
+    models = set(spec.shard.accelerator_models)
+    if models:
+        known = sorted({n.accelerator_model for n in nodes})
+        nodes = [n for n in nodes if n.accelerator_model in models]
+        if not nodes:
+            raise InvalidArgument(
+                f"{where}: no node has accelerator model {', '.join(sorted(models))} "
+                f"(registered models: {', '.join(known) or 'none'})"
+            )
+    if tenant.zones:
+        nodes = [n for n in nodes if n.rack.row.zone_id in tenant.zones]
+        if not nodes:
+            raise InvalidArgument(
+                f"{where}: tenant {tenant.id} may run only in zone(s) {', '.join(tenant.zones)}, "
+                "which have no nodes with the requested accelerators"
+            )
+    largest = max(nodes, key=lambda n: n.accelerators)
+    if spec.shard.accelerators > largest.accelerators:
+        raise InvalidArgument(
+            f"{where}: one shard needs {spec.shard.accelerators} accelerators on one node; "
+            f"the largest node has {largest.accelerators} ({largest.id})"
+        )
+    with_hbm = [n for n in nodes if n.hbm_gib is not None]
+    if with_hbm and len(with_hbm) == len(nodes):
+        most = max(with_hbm, key=lambda n: n.hbm_gib or 0.0)
+        if spec.shard.hbm_gib > (most.hbm_gib or 0.0):
+            raise InvalidArgument(
+                f"{where}: one shard needs {spec.shard.hbm_gib:g} GiB of HBM per accelerator; "
+                f"the most any node has is {most.hbm_gib:g} GiB ({most.id})"
+            )
+    if spec.locality == "none":
+        return
+    capacity: dict[str, int] = defaultdict(int)
+    for n in nodes:
+        key = {"node": n.id, "rack": n.rack_id, "row": n.rack.row_id, "zone": n.rack.row.zone_id}[spec.locality]
+        capacity[key] += n.accelerators
+    domain_id, held = max(capacity.items(), key=lambda kv: kv[1])
+    needed = replica_accelerators(spec)
+    if needed > held:
+        shard_text = (f"{spec.shards_per_replica} shards x {spec.shard.accelerator_milli} milli"
+                      if spec.shard.fractional else
+                      f"{spec.shards_per_replica} shards x {spec.shard.accelerators}")
+        raise InvalidArgument(
+            f"{where}: one {spec.locality}-local replica needs {needed} accelerators ({shard_text}); "
+            f"the largest {spec.locality} holds {held} ({domain_id})"
+        )
+
+
+async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec) -> m.Tenant:
+    validate_spec(spec)
+    tenant = await repo.get_tenant(uow.session, spec.tenant)
+    if tenant is None:
+        raise NotFound(f"tenant {spec.tenant} not found")
+    if await repo.deployment_name_exists(uow.session, spec.name):
+        raise AlreadyExists(f"deployment {spec.name} already exists")
+    await check_could_ever_fit(uow, spec, tenant)
+    return tenant
+
+
+async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
+                            signals: Signals) -> DeploymentView:
+    await _validate_against_store(uow, spec)
+    row = repo.new_deployment_row(spec)
+    uow.session.add(row)
+    await repo.bump_cluster_generation(uow.session)
+    repo.record_event(uow.session, actor=who.name, kind="deployment.submitted", object_kind="deployment",
+                      object_id=spec.name, data=planning.deployment_doc(spec))
+    await uow.commit()
+    view = repo.deployment_view(row)
+    signals.publish(DeploymentEvent("added", view))
+    signals.wake_reconciler()
+    return view
+
+
+async def dry_run_deployment(db: Database, who: Principal, spec: DeploymentSpec, *,
+                             time_limit_ms: int) -> DeploymentView:
+    """Solve the cluster with this deployment added and say what it would get; writes nothing."""
+    async with db.unit_of_work() as uow:
+        await _validate_against_store(uow, spec)
+        snapshot = await planning.load_snapshot(uow.session)
+        racks = {n.id: n.rack_id for n in await repo.list_node_rows(uow.session)}
+    problem = planning.with_options(planning.with_deployment(snapshot.problem, spec), time_limit_ms=time_limit_ms)
+    plan = await planning.solve_in_thread(problem, time_limit_ms=time_limit_ms)
+    return _would_be_view(spec, plan, racks)
+
+
+def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> DeploymentView:
+    mine = sorted((p for p in plan.placements if p.deployment == spec.name), key=lambda p: (p.replica, p.shard))
+    placements = tuple(
+        ShardPlacementView(
+            replica=p.replica, shard=p.shard, node=p.node, rack=racks.get(p.node, ""),
+            accelerator_indices=tuple(p.accelerator_indices),
+            accelerator_milli=p.accelerator_milli if p.accelerator_milli and p.accelerator_milli < 1000 else 0,
+            phase="assigned",
+        )
+        for p in mine
+    )
+    reasons = tuple(
+        ReasonView(r.code, r.message, r.scope or "")
+        for u in plan.unplaced if u.deployment == spec.name for r in u.reasons
+    )
+    replicas = {p.replica for p in mine}
+    phase = "scheduled" if replicas else "pending"
+    return DeploymentView(spec=spec, phase=phase, placed_replicas=len(replicas), placements=placements,
+                          reasons=reasons)
+
+
+async def get_deployment(uow: UnitOfWork, who: Principal, name: str) -> DeploymentView:
+    row = await repo.get_deployment(uow.session, name)
+    if row is None:
+        raise NotFound(f"deployment {name} not found")
+    return repo.deployment_view(row)
+
+
+async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> list[DeploymentView]:
+    return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, tenant=tenant)]
+
+
+async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals) -> DeploymentView:
+    row = await repo.get_deployment(uow.session, name)
+    if row is None:
+        raise NotFound(f"deployment {name} not found")
+    if row.phase is not m.DeploymentPhase.DELETING:
+        row.phase = m.DeploymentPhase.DELETING
+        await repo.bump_cluster_generation(uow.session)
+        repo.record_event(uow.session, actor=who.name, kind="deployment.deleting", object_kind="deployment",
+                          object_id=name)
+        await uow.commit()
+        signals.wake_reconciler()
+    view = repo.deployment_view(row)
+    signals.publish(DeploymentEvent("modified", view))
+    return view
+
+
+async def views_of(uow: UnitOfWork, names: set[str]) -> list[DeploymentView]:
+    """Current views of some deployments (those that no longer exist are skipped)."""
+    return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, names=names)]

@@ -1,0 +1,269 @@
+"""Domain values the use cases take and return.
+
+Plain frozen dataclasses with the interchange format's lowercase words (`dedicated_rack`,
+`rack`, `running`), independent of protobuf and of the ORM: the servicers convert protobuf into
+these, the repositories convert rows into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+IsolationWord = Literal["shared", "dedicated_node", "dedicated_rack"]
+DomainWord = Literal["node", "rack", "row", "zone", "none"]
+NodeStateWord = Literal["ready", "cordoned", "down"]
+DeploymentPhaseWord = Literal["pending", "scheduled", "running", "degraded", "deleting"]
+ShardPhaseWord = Literal["assigned", "loading", "running", "failed", "stopped"]
+
+ISOLATIONS: tuple[str, ...] = ("shared", "dedicated_node", "dedicated_rack")
+DOMAINS: tuple[str, ...] = ("node", "rack", "row", "zone", "none")
+
+
+# --- tenants ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TenantSpec:
+    id: str
+    isolation: str = "shared"
+    excludes: tuple[str, ...] = ()
+    zones: tuple[str, ...] = ()
+    reserved_accelerators: float | None = None
+    max_accelerators: float | None = None
+    max_power_w: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    accelerators: float = 0.0
+    power_w: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TenantView:
+    spec: TenantSpec
+    usage: Usage = Usage()
+
+
+# --- topology --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ZoneSpec:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RowSpec:
+    id: str
+    zone: str
+    power_budget_w: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RackSpec:
+    id: str
+    row: str
+    power_budget_w: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopologySpec:
+    zones: tuple[ZoneSpec, ...] = ()
+    rows: tuple[RowSpec, ...] = ()
+    racks: tuple[RackSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RowView:
+    spec: RowSpec
+    power_used_w: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RackView:
+    spec: RackSpec
+    power_used_w: float = 0.0
+    nodes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TopologyView:
+    zones: tuple[ZoneSpec, ...]
+    rows: tuple[RowView, ...]
+    racks: tuple[RackView, ...]
+
+
+# --- nodes -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What an agent says its node is (Register)."""
+
+    node_id: str
+    rack: str
+    accelerators: int
+    hostname: str = ""
+    accelerator_model: str = ""
+    hbm_gib: float | None = None
+    cpu_milli: int | None = None
+    memory_mib: int | None = None
+    idle_power_w: float = 0.0
+    labels: dict[str, str] = field(default_factory=dict)
+    agent_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    info: NodeInfo
+    row: str
+    zone: str
+    state: str
+    connected: bool = False
+    last_heartbeat: datetime | None = None
+    power_draw_w: float = 0.0
+    accelerators_used: float = 0.0
+    shards: int = 0
+    tenants: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSummary:
+    nodes_ready: int
+    nodes_cordoned: int
+    nodes_down: int
+    accelerators_total: float
+    accelerators_used: float
+    power_budget_w: float
+    power_used_w: float
+    deployments_by_phase: dict[str, int]
+    tenants: tuple[TenantView, ...]
+
+
+# --- deployments -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    accelerators: int
+    accelerator_milli: int = 1000
+    hbm_gib: float = 0.0
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    power_w: float = 0.0
+    accelerator_models: tuple[str, ...] = ()
+
+    @property
+    def fractional(self) -> bool:
+        return self.accelerators == 1 and self.accelerator_milli < 1000
+
+    @property
+    def milli(self) -> int:
+        """Accelerator demand of one shard in milli-units."""
+        return self.accelerator_milli if self.fractional else 1000 * self.accelerators
+
+    @property
+    def power_draw_w(self) -> float:
+        """Power one placed shard draws under load (the spec's `power_w × milli / 1000`)."""
+        return self.power_w * self.milli / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpreadSpec:
+    domain: str
+    max_per_domain: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    name: str
+    tenant: str
+    replicas: int
+    shards_per_replica: int
+    shard: ShardSpec
+    min_replicas: int = 1
+    locality: str = "rack"
+    spread: SpreadSpec | None = None
+    priority: int = 0
+    preemptible: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonView:
+    code: str
+    message: str
+    scope: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlacementView:
+    replica: int
+    shard: int
+    node: str
+    rack: str
+    accelerator_indices: tuple[int, ...]
+    accelerator_milli: int = 0  # 0: whole accelerators
+    phase: str = "assigned"
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentView:
+    spec: DeploymentSpec
+    phase: str
+    generation: int = 0
+    placed_replicas: int = 0
+    running_replicas: int = 0
+    placements: tuple[ShardPlacementView, ...] = ()
+    reasons: tuple[ReasonView, ...] = ()
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentEvent:
+    type: Literal["added", "modified", "deleted"]
+    deployment: DeploymentView
+
+
+# --- agents ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Registration:
+    node_id: str
+    session_id: str
+    heartbeat_interval_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    deployment: str
+    tenant: str
+    replica: int
+    shard: int
+    shards_per_replica: int
+    accelerator_indices: tuple[int, ...]
+    accelerator_milli: int  # 0: whole accelerators
+    spec: ShardSpec
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentSet:
+    node_id: str
+    generation: int
+    assignments: tuple[Assignment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardReport:
+    """One ShardStatus from an agent."""
+
+    deployment: str
+    replica: int
+    shard: int
+    generation: int
+    phase: str
+    message: str = ""
+    power_draw_w: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReport:
+    seq: int
+    power_draw_w: float
+    shards: tuple[ShardReport, ...] = ()

@@ -1,0 +1,85 @@
+"""Nodes as the operator sees them: list/get with usage, cordon, uncordon, drain, summary.
+
+Cordon and uncordon change what the solver may use, so they bump the cluster generation.
+Drain is cordon plus the removal of the node's placements in the same transaction; the
+reconciler then places those replicas elsewhere and the agent is told to stop them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+
+from controller.errors import NotFound
+from controller.identity import Principal
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+from controller.usecases.domain import ClusterSummary, NodeView, TenantView
+from controller.usecases.ports import Signals
+
+
+async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], rack: str = "") -> list[NodeView]:
+    usage = await repo.cluster_usage(uow.session)
+    return [repo.node_view(n, usage, n.id in connected) for n in await repo.list_node_rows(uow.session, rack)]
+
+
+async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str]) -> NodeView:
+    row = await repo.get_node(uow.session, node_id)
+    if row is None:
+        raise NotFound(f"node {node_id} not found")
+    usage = await repo.cluster_usage(uow.session)
+    return repo.node_view(row, usage, node_id in connected)
+
+
+async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: bool, signals: Signals,
+                      connected: Set[str], *, drain: bool = False) -> NodeView:
+    row = await repo.get_node(uow.session, node_id)
+    if row is None:
+        raise NotFound(f"node {node_id} not found")
+    changed_nodes: set[str] = set()
+    if row.cordoned != cordoned or drain:
+        row.cordoned = cordoned
+        if drain:
+            changed_nodes = await repo.remove_placements(uow.session, node_id=node_id)
+        await repo.bump_cluster_generation(uow.session)
+        kind = "node.drained" if drain else ("node.cordoned" if cordoned else "node.uncordoned")
+        repo.record_event(uow.session, actor=who.name, kind=kind, object_kind="node", object_id=node_id)
+        await uow.commit()
+        signals.assignments_changed(changed_nodes)
+        signals.wake_reconciler()
+    await uow.session.refresh(row)
+    usage = await repo.cluster_usage(uow.session)
+    return repo.node_view(row, usage, node_id in connected)
+
+
+async def cordon_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
+                      connected: Set[str]) -> NodeView:
+    return await _set_cordon(uow, who, node_id, True, signals, connected)
+
+
+async def uncordon_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
+                        connected: Set[str]) -> NodeView:
+    return await _set_cordon(uow, who, node_id, False, signals, connected)
+
+
+async def drain_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
+                     connected: Set[str]) -> NodeView:
+    return await _set_cordon(uow, who, node_id, True, signals, connected, drain=True)
+
+
+async def cluster_summary(uow: UnitOfWork, who: Principal) -> ClusterSummary:
+    s = uow.session
+    usage = await repo.cluster_usage(s)
+    nodes = await repo.list_node_rows(s)
+    states = [n.state for n in nodes]
+    total = sum(n.accelerators for n in nodes if n.health is not m.NodeHealth.DOWN)
+    racks = await repo.list_racks(s)
+    return ClusterSummary(
+        nodes_ready=states.count("ready"), nodes_cordoned=states.count("cordoned"), nodes_down=states.count("down"),
+        accelerators_total=float(total), accelerators_used=sum(usage.node_milli.values()) / 1000.0,
+        power_budget_w=sum(k.power_budget_w or 0.0 for k in racks),
+        power_used_w=sum(usage.rack_power_w.get(k.id, 0.0) for k in racks),
+        deployments_by_phase=await repo.count_deployments_by_phase(s),
+        tenants=tuple(TenantView(spec=repo.tenant_spec(t), usage=usage.tenant(t.id))
+                      for t in await repo.list_tenant_rows(s)),
+    )

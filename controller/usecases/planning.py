@@ -1,0 +1,73 @@
+"""The controller's seam to the solver and to the cluster snapshot.
+
+Both the reconciler and dry runs do the same three things: read a snapshot of the cluster as an
+interchange problem document, adjust it (options; a would-be deployment), and solve it in a
+worker thread so the event loop never blocks. The scheduler and the snapshot loader are
+imported lazily: they are separate libraries and the rest of the controller must import
+without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from controller.errors import InvalidArgument
+from controller.usecases.domain import DeploymentSpec
+
+
+def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
+    """A deployment in the interchange format (its id is its name)."""
+    shard: dict[str, Any] = {
+        "accelerators": spec.shard.accelerators,
+        "accelerator_milli": spec.shard.accelerator_milli,
+        "hbm_gib": spec.shard.hbm_gib,
+        "cpu_milli": spec.shard.cpu_milli,
+        "memory_mib": spec.shard.memory_mib,
+        "power_w": spec.shard.power_w,
+    }
+    if spec.shard.accelerator_models:
+        shard["accelerator_models"] = list(spec.shard.accelerator_models)
+    doc: dict[str, Any] = {
+        "id": spec.name, "tenant": spec.tenant, "replicas": spec.replicas, "min_replicas": spec.min_replicas,
+        "shards_per_replica": spec.shards_per_replica, "shard": shard, "locality": spec.locality,
+        "priority": spec.priority, "preemptible": spec.preemptible,
+    }
+    if spec.spread is not None:
+        doc["spread"] = {"domain": spec.spread.domain, "max_per_domain": spec.spread.max_per_domain}
+    return doc
+
+
+def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "batch") -> dict[str, Any]:
+    doc = dict(problem)
+    doc["options"] = {**(problem.get("options") or {}), "mode": mode, "time_limit_ms": time_limit_ms}
+    return doc
+
+
+def with_deployment(problem: dict[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    doc = copy.deepcopy(problem)
+    doc.setdefault("deployments", []).append(deployment_doc(spec))
+    return doc
+
+
+async def load_snapshot(session: Any) -> Any:
+    """The persistence layer's snapshot: `Snapshot(generation, problem)`."""
+    from controller.store.snapshot import load_snapshot as _load
+
+    return await _load(session)
+
+
+def _solve_sync(problem: dict[str, Any], time_limit_ms: int) -> Any:
+    from scheduler import ProblemError, problem_from_dict, solve
+
+    try:
+        parsed = problem_from_dict(problem)
+    except ProblemError as exc:
+        raise InvalidArgument(f"not a valid placement problem: {exc}") from exc
+    return solve(parsed, time_limit_ms=time_limit_ms)
+
+
+async def solve_in_thread(problem: dict[str, Any], *, time_limit_ms: int) -> Any:
+    """Solve off the event loop; returns the scheduler's `Plan`."""
+    return await asyncio.to_thread(_solve_sync, problem, time_limit_ms)

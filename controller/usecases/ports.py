@@ -1,0 +1,41 @@
+"""What use cases may ask of the running controller after they commit.
+
+A use case that changes placement-relevant state wakes the reconciler, tells live agents that
+their assignment sets changed, and publishes deployment events for watchers. These are
+fire-and-forget signals behind one small protocol, so use cases stay testable with
+`RecordingSignals` and never import the reconciler or the agent hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controller.usecases.domain import DeploymentEvent
+
+
+class Signals(Protocol):
+    def wake_reconciler(self) -> None: ...
+
+    def assignments_changed(self, node_ids: Iterable[str]) -> None: ...
+
+    def publish(self, event: DeploymentEvent) -> None: ...
+
+
+@dataclass
+class RecordingSignals:
+    """A `Signals` that remembers what it was told (tests, and tools without a server)."""
+
+    wakes: int = 0
+    nodes: set[str] = field(default_factory=set)
+    events: list[DeploymentEvent] = field(default_factory=list)
+
+    def wake_reconciler(self) -> None:
+        self.wakes += 1
+
+    def assignments_changed(self, node_ids: Iterable[str]) -> None:
+        self.nodes.update(node_ids)
+
+    def publish(self, event: DeploymentEvent) -> None:
+        self.events.append(event)

@@ -1,0 +1,110 @@
+"""Tenants and their isolation contracts: create, update, read with usage, delete.
+
+A tenant's contract is input to every placement, so a change bumps the cluster generation and
+wakes the reconciler. Every reference (excluded tenants, zones) must exist when it is written.
+"""
+
+from __future__ import annotations
+
+from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controller.identity import Principal
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+from controller.usecases.domain import ISOLATIONS, TenantSpec, TenantView
+from controller.usecases.ports import Signals
+from controller.usecases.validation import check_id, check_non_negative, check_unique
+
+
+async def _validate(uow: UnitOfWork, spec: TenantSpec) -> None:
+    check_id("tenant", spec.id)
+    if spec.isolation not in ISOLATIONS:
+        raise InvalidArgument(f"tenant {spec.id}: isolation {spec.isolation!r} is not one of {', '.join(ISOLATIONS)}")
+    check_non_negative(f"tenant {spec.id}: reserved_accelerators", spec.reserved_accelerators)
+    check_non_negative(f"tenant {spec.id}: max_accelerators", spec.max_accelerators)
+    check_non_negative(f"tenant {spec.id}: max_power_w", spec.max_power_w)
+    if (spec.reserved_accelerators is not None and spec.max_accelerators is not None
+            and spec.reserved_accelerators > spec.max_accelerators):
+        raise InvalidArgument(
+            f"tenant {spec.id}: reserved_accelerators {spec.reserved_accelerators:g} "
+            f"exceeds max_accelerators {spec.max_accelerators:g}"
+        )
+    check_unique(f"tenant {spec.id}: excluded tenant", spec.excludes)
+    check_unique(f"tenant {spec.id}: zone", spec.zones)
+    if spec.id in spec.excludes:
+        raise InvalidArgument(f"tenant {spec.id} cannot exclude itself")
+    missing = sorted(set(spec.excludes) - await repo.existing_tenant_ids(uow.session, spec.excludes))
+    if missing:
+        raise NotFound(f"tenant {spec.id} excludes unknown tenant(s): {', '.join(missing)}")
+    missing = sorted(set(spec.zones) - await repo.existing_ids(uow.session, m.Zone, spec.zones))
+    if missing:
+        raise NotFound(f"tenant {spec.id} names unknown zone(s): {', '.join(missing)}; apply the topology first")
+
+
+def _write(row: m.Tenant, spec: TenantSpec) -> None:
+    row.isolation = m.Isolation(spec.isolation)
+    row.excludes = list(spec.excludes)
+    row.zones = list(spec.zones)
+    row.reserved_accelerators = spec.reserved_accelerators
+    row.max_accelerators = spec.max_accelerators
+    row.max_power_w = spec.max_power_w
+
+
+async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals) -> TenantView:
+    await _validate(uow, spec)
+    if await repo.get_tenant(uow.session, spec.id) is not None:
+        raise AlreadyExists(f"tenant {spec.id} already exists")
+    row = m.Tenant(id=spec.id)
+    _write(row, spec)
+    uow.session.add(row)
+    await repo.bump_cluster_generation(uow.session)
+    repo.record_event(uow.session, actor=who.name, kind="tenant.created", object_kind="tenant", object_id=spec.id)
+    await uow.commit()
+    signals.wake_reconciler()
+    return TenantView(spec=repo.tenant_spec(row))
+
+
+async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals) -> TenantView:
+    row = await repo.get_tenant(uow.session, spec.id)
+    if row is None:
+        raise NotFound(f"tenant {spec.id} not found")
+    await _validate(uow, spec)
+    _write(row, spec)
+    await repo.bump_cluster_generation(uow.session)
+    repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id)
+    await uow.commit()
+    signals.wake_reconciler()
+    usage = await repo.cluster_usage(uow.session)
+    return TenantView(spec=repo.tenant_spec(row), usage=usage.tenant(row.id))
+
+
+async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantView:
+    row = await repo.get_tenant(uow.session, tenant_id)
+    if row is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    usage = await repo.cluster_usage(uow.session)
+    return TenantView(spec=repo.tenant_spec(row), usage=usage.tenant(row.id))
+
+
+async def list_tenants(uow: UnitOfWork, who: Principal) -> list[TenantView]:
+    usage = await repo.cluster_usage(uow.session)
+    return [TenantView(spec=repo.tenant_spec(r), usage=usage.tenant(r.id))
+            for r in await repo.list_tenant_rows(uow.session)]
+
+
+async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals: Signals) -> None:
+    row = await repo.get_tenant(uow.session, tenant_id)
+    if row is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    count = await repo.count_tenant_deployments(uow.session, tenant_id)
+    if count:
+        raise FailedPrecondition(f"tenant {tenant_id} has {count} deployment(s); delete them first")
+    # Other tenants' exclusions of this one no longer mean anything: drop them with it.
+    for other in await repo.list_tenant_rows(uow.session):
+        if tenant_id in (other.excludes or ()):
+            other.excludes = [t for t in other.excludes if t != tenant_id]
+    await uow.session.delete(row)
+    await repo.bump_cluster_generation(uow.session)
+    repo.record_event(uow.session, actor=who.name, kind="tenant.deleted", object_kind="tenant", object_id=tenant_id)
+    await uow.commit()
+    signals.wake_reconciler()

@@ -1,0 +1,91 @@
+"""Zones, rows and racks with their power budgets: apply (upsert) and read with power used.
+
+The topology is operator intent: applying it never removes anything (a rack with nodes cannot
+silently disappear). References must resolve against the request itself or what is stored.
+"""
+
+from __future__ import annotations
+
+from controller.errors import InvalidArgument, NotFound
+from controller.identity import Principal
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+from controller.usecases.domain import RackSpec, RackView, RowSpec, RowView, TopologySpec, TopologyView, ZoneSpec
+from controller.usecases.ports import Signals
+from controller.usecases.validation import check_id, check_non_negative, check_unique
+
+
+async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
+    for z in spec.zones:
+        check_id("zone", z.id)
+    for r in spec.rows:
+        check_id("row", r.id)
+        check_non_negative(f"row {r.id}: power_budget_w", r.power_budget_w)
+    for k in spec.racks:
+        check_id("rack", k.id)
+        check_non_negative(f"rack {k.id}: power_budget_w", k.power_budget_w)
+    check_unique("zone", [z.id for z in spec.zones])
+    check_unique("row", [r.id for r in spec.rows])
+    check_unique("rack", [k.id for k in spec.racks])
+
+    zones = {z.id for z in spec.zones}
+    wanted_zones = {r.zone for r in spec.rows} - zones
+    missing = sorted(wanted_zones - await repo.existing_ids(uow.session, m.Zone, wanted_zones))
+    if missing:
+        names = ", ".join(f"row {r.id} -> zone {r.zone}" for r in spec.rows if r.zone in missing)
+        raise NotFound(f"unknown zone(s) {', '.join(missing)} ({names}); add them to the topology")
+    rows = {r.id for r in spec.rows}
+    wanted_rows = {k.row for k in spec.racks} - rows
+    missing = sorted(wanted_rows - await repo.existing_ids(uow.session, m.Row, wanted_rows))
+    if missing:
+        names = ", ".join(f"rack {k.id} -> row {k.row}" for k in spec.racks if k.row in missing)
+        raise NotFound(f"unknown row(s) {', '.join(missing)} ({names}); add them to the topology")
+
+
+async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals) -> TopologyView:
+    await _validate(uow, spec)
+    s = uow.session
+    for z in spec.zones:
+        if await s.get(m.Zone, z.id) is None:
+            s.add(m.Zone(id=z.id))
+    await s.flush()
+    for r in spec.rows:
+        row = await s.get(m.Row, r.id)
+        if row is None:
+            s.add(m.Row(id=r.id, zone_id=r.zone, power_budget_w=r.power_budget_w))
+        else:
+            row.zone_id, row.power_budget_w = r.zone, r.power_budget_w
+    await s.flush()
+    for k in spec.racks:
+        rack = await s.get(m.Rack, k.id)
+        if rack is None:
+            s.add(m.Rack(id=k.id, row_id=k.row, power_budget_w=k.power_budget_w))
+        else:
+            rack.row_id, rack.power_budget_w = k.row, k.power_budget_w
+    await repo.bump_cluster_generation(s)
+    repo.record_event(s, actor=who.name, kind="topology.applied", object_kind="topology", object_id="cluster",
+                      message=f"{len(spec.zones)} zones, {len(spec.rows)} rows, {len(spec.racks)} racks")
+    await uow.commit()
+    signals.wake_reconciler()
+    return await get_topology(uow, who)
+
+
+async def get_topology(uow: UnitOfWork, who: Principal) -> TopologyView:
+    s = uow.session
+    usage = await repo.cluster_usage(s)
+    node_counts: dict[str, int] = {}
+    for node in await repo.list_node_rows(s):
+        node_counts[node.rack_id] = node_counts.get(node.rack_id, 0) + 1
+    return TopologyView(
+        zones=tuple(ZoneSpec(z.id) for z in await repo.list_zones(s)),
+        rows=tuple(
+            RowView(RowSpec(r.id, r.zone_id, r.power_budget_w), power_used_w=usage.row_power_w.get(r.id, 0.0))
+            for r in await repo.list_rows(s)
+        ),
+        racks=tuple(
+            RackView(RackSpec(k.id, k.row_id, k.power_budget_w), power_used_w=usage.rack_power_w.get(k.id, 0.0),
+                     nodes=node_counts.get(k.id, 0))
+            for k in await repo.list_racks(s)
+        ),
+    )

@@ -1,0 +1,90 @@
+"""Watching deployments: an in-process publish/subscribe fed by commits.
+
+Good enough for one controller: every use case or reconcile step that commits a deployment
+change publishes a `DeploymentEvent`; each watcher has a bounded queue. A watcher that falls
+too far behind is cut off with UNAVAILABLE rather than slowing down the publishers (it can
+simply watch again: the stream starts with the current state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+
+from controller.errors import Unavailable
+from controller.identity import Principal
+from controller.store.db import UnitOfWork
+from controller.usecases.deployments import list_deployments
+from controller.usecases.domain import DeploymentEvent
+
+_CLOSED = object()
+
+
+class DeploymentEventBus:
+    def __init__(self, queue_size: int = 1000) -> None:
+        self._queue_size = queue_size
+        self._subscribers: set[asyncio.Queue] = set()
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(self._queue_size)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._subscribers.discard(queue)
+
+    def publish(self, event: DeploymentEvent) -> None:
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._subscribers.discard(queue)
+                self._close(queue)
+
+    def close(self) -> None:
+        """End every watch (shutdown)."""
+        for queue in list(self._subscribers):
+            self._close(queue)
+        self._subscribers.clear()
+
+    @staticmethod
+    def _close(queue: asyncio.Queue) -> None:
+        while True:  # make room for the end marker
+            try:
+                queue.put_nowait(_CLOSED)
+                return
+            except asyncio.QueueFull:
+                queue.get_nowait()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+
+def _matches(event: DeploymentEvent, tenant: str, name: str) -> bool:
+    spec = event.deployment.spec
+    return (not tenant or spec.tenant == tenant) and (not name or spec.name == name)
+
+
+async def watch_deployments(
+    unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
+    bus: DeploymentEventBus, *, tenant: str = "", name: str = "",
+) -> AsyncIterator[DeploymentEvent]:
+    """The current state of matching deployments (ADDED), then every change to them."""
+    queue = bus.subscribe()  # before reading, so no change between the read and the stream is lost
+    try:
+        async with unit_of_work() as uow:
+            current = await list_deployments(uow, who, tenant)
+        for view in current:
+            event = DeploymentEvent("added", view)
+            if _matches(event, tenant, name):
+                yield event
+        while True:
+            item = await queue.get()
+            if item is _CLOSED:
+                raise Unavailable("the watch fell behind or the controller is stopping; watch again")
+            if _matches(item, tenant, name):
+                yield item
+    finally:
+        bus.unsubscribe(queue)
