@@ -45,9 +45,10 @@ class Placer:
                 placed.append(r)
             else:
                 break  # identical replicas: if one does not fit, the next will not either
-        have = len(self.state.placed_replicas(d))
-        if placed and have < dep.min_replicas:
-            for r in placed:
+        have = self.state.placed_replicas(d)
+        if have and len(have) < dep.min_replicas:
+            # Fewer than min_replicas means none, kept replicas included.
+            for r in have:
                 self.state.remove_replica(d, r)
             self._frag = None
             return []

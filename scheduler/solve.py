@@ -228,6 +228,11 @@ class Solver:
                     break
             if not fitted:
                 continue
+            # min_replicas: the rest of the deployment must reach it in the same trial.
+            rest = [x for x in range(dep.replicas) if (d, x) not in trial.replicas]
+            placer.place_deployment(d, rest)
+            if not trial.placed_replicas(d):
+                continue
             moved = 0
             if relocate:  # every removed replica must land again elsewhere
                 back = Placer(trial, scorer="bestfit")
@@ -295,7 +300,16 @@ class Solver:
     def objective(self, state: ClusterState) -> int:
         return sum(replica_value(state, d, self.min_priority) for (d, _) in state.replicas)
 
+    def enforce_min_replicas(self) -> None:
+        """Safety net: a deployment below min_replicas runs nothing."""
+        for d, dep in enumerate(self.state.deps):
+            have = self.state.placed_replicas(d)
+            if have and len(have) < dep.min_replicas:
+                for r in have:
+                    self.state.remove_replica(d, r)
+
     def plan(self) -> Plan:
+        self.enforce_min_replicas()
         state, topo = self.state, self.topo
         deps = state.deps
         placements: list[Placement] = []

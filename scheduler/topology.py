@@ -82,7 +82,7 @@ class Topology:
 
     def model_mask(self, dep: Deployment) -> np.ndarray:
         models = dep.shard.accelerator_models
-        if models is None or dep.shard.accelerators == 0:
+        if models is None:
             return np.ones(self.n_nodes, dtype=bool)
         allowed = set(models)
         return np.fromiter((m in allowed for m in self.node_model), dtype=bool,
