@@ -7,7 +7,8 @@
 #   bash deploy/demo.sh --keep-running   # leave it up until Ctrl-C, to try maiactl by hand
 #
 # Logs go to .run/demo-<timestamp>/ (printed at start). Override the interpreter's venv with
-# VENV=/path/to/venv; WAIT_TIMEOUT (seconds, default 180) bounds the wait for Running.
+# VENV=/path/to/venv; WAIT_TIMEOUT (seconds, default 180) bounds the wait for Running;
+# CONTROLLER_ARGS adds flags to maia-controller.
 set -euo pipefail
 
 KEEP_RUNNING=0
@@ -83,7 +84,8 @@ maiactl() { "$BIN/maiactl" --controller "$ADDRESS" "$@"; }
 echo "Maia demo: logs in $RUN_DIR"
 
 say "starting maia-controller (SQLite $DB)"
-"$BIN/maia-controller" --listen 127.0.0.1:0 --db "sqlite+aiosqlite:///$DB" \
+# shellcheck disable=SC2086  # CONTROLLER_ARGS is a list of extra flags
+"$BIN/maia-controller" --listen 127.0.0.1:0 --db "sqlite+aiosqlite:///$DB" ${CONTROLLER_ARGS:-} \
   >"$RUN_DIR/controller.out" 2>"$RUN_DIR/controller.log" &
 CONTROLLER_PID=$!
 ADDRESS=""

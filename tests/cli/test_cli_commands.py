@@ -22,12 +22,17 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, calls: list[str]) -> None:
         self.calls = calls
         self.tenants: dict[str, admin_pb2.Tenant] = {}
+        self.created: list[str] = []
         self.topology = admin_pb2.Topology()
 
     def CreateTenant(self, request, context):  # noqa: N802
         self.calls.append("CreateTenant")
         if request.id in self.tenants:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"tenant {request.id} exists")
+        missing = [t for t in request.excludes if t not in self.tenants]
+        if missing:  # as the real controller: excluded tenants must exist
+            context.abort(grpc.StatusCode.NOT_FOUND, f"tenant {request.id} excludes unknown tenant(s): {missing}")
+        self.created.append(request.id)
         self.tenants[request.id] = request
         return request
 
@@ -123,8 +128,9 @@ def test_apply_examples_then_again_is_unchanged(fake, capsys) -> None:
     args = ["--controller", address, "apply"] + [a for f in files for a in ("-f", f)]
     code, out, err = run(capsys, *args)
     assert code == 0, err
-    assert out.splitlines() == ["topology configured", "tenant/anthropic created", "tenant/msft-internal created",
-                                "tenant/openlab created", "deployment/claude-serving created"]
+    # openlab first: anthropic excludes it, and the controller wants excluded tenants to exist
+    assert out.splitlines() == ["topology configured", "tenant/openlab created", "tenant/anthropic created",
+                                "tenant/msft-internal created", "deployment/claude-serving created"]
     assert calls[0] == "ApplyTopology"  # dependency order
     assert admin.tenants["anthropic"].isolation == common_pb2.ISOLATION_DEDICATED_RACK
     assert deployments.deployments["claude-serving"].spec.shards_per_replica == 16
@@ -223,3 +229,15 @@ def test_submit_dry_run_prints_reasons_and_stores_nothing(fake, capsys) -> None:
     assert out.startswith("deployment/phi-row (dry run): would place 0/1 replicas")
     assert "CAPACITY: 0/64 nodes fit" in out
     assert deployments.deployments == {}
+
+
+def test_excluded_tenants_are_created_first_even_in_a_cycle(fake, capsys, tmp_path) -> None:
+    address, admin, _, _ = fake
+    f = tmp_path / "t.yaml"
+    f.write_text("kind: Tenant\nid: a\nexcludes: [b]\n---\nkind: Tenant\nid: b\nexcludes: [c]\n---\n"
+                 "kind: Tenant\nid: c\n---\nkind: Tenant\nid: x\nexcludes: [y]\n---\nkind: Tenant\nid: y\nexcludes: [x]\n")
+    code, out, err = run(capsys, "--controller", address, "apply", "-f", str(f))
+    assert code == 0, err
+    assert admin.created[:3] == ["c", "b", "a"]
+    assert list(admin.tenants["x"].excludes) == ["y"] and list(admin.tenants["y"].excludes) == ["x"]
+    assert out.splitlines()[-1] in ("tenant/x configured", "tenant/y configured")

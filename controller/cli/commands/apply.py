@@ -7,7 +7,7 @@ stop the others, but makes the exit code 1.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -45,8 +45,46 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def run_apply(args: argparse.Namespace, ctx: Context) -> int:
     objects = sorted(load_manifests(args.filename), key=lambda o: _ORDER[o.kind])
+    tenants = order_tenants([o for o in objects if o.kind == "Tenant"])
+    objects = [o for o in objects if o.kind == "Topology"] + tenants + [o for o in objects if o.kind == "Deployment"]
     results = [_apply_one(obj, ctx) for obj in objects]
     return _report(results, ctx)
+
+
+def order_tenants(tenants: list[ManifestObject]) -> list[ManifestObject]:
+    """Tenants another one excludes go first (the controller wants excluded tenants to exist).
+
+    In a cycle (a excludes b, b excludes a) the first of the cycle is created without the
+    exclusions of tenants not created yet, and applied again in full at the end.
+    """
+    by_id = {o.name: o for o in tenants}
+    ordered: list[ManifestObject] = []
+    again: list[ManifestObject] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str) -> None:
+        if name in state:
+            return
+        state[name] = "visiting"
+        obj = by_id[name]
+        for other in obj.message.excludes:  # type: ignore[attr-defined]
+            if other in by_id:
+                visit(other)
+        state[name] = "done"
+        pending = [t for t in obj.message.excludes if state.get(t) == "visiting"]  # type: ignore[attr-defined]
+        if pending:
+            stripped = admin_pb2.Tenant()
+            stripped.CopyFrom(obj.message)
+            del stripped.excludes[:]
+            stripped.excludes.extend(t for t in obj.message.excludes if t not in pending)  # type: ignore[attr-defined]
+            ordered.append(replace(obj, message=stripped))
+            again.append(obj)
+        else:
+            ordered.append(obj)
+
+    for obj in tenants:
+        visit(obj.name)
+    return ordered + again
 
 
 def _report(results: list[ApplyResult], ctx: Context) -> int:
