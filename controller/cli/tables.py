@@ -52,7 +52,8 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], empty: 
     for r in texts:
         for i, t in enumerate(r):
             widths[i] = max(widths[i], len(t))
-    numeric = [all(_is_numeric(r[i]) or r[i] is None for r in rows) for i in range(len(headers))]
+    numeric = [any(_is_numeric(r[i]) for r in rows) and all(_is_numeric(r[i]) or r[i] is None for r in rows)
+               for i in range(len(headers))]
     lines = [_GAP.join(_pad(h.upper(), widths[i], numeric[i]) for i, h in enumerate(headers))]
     for r in texts:
         lines.append(_GAP.join(_pad(t, widths[i], numeric[i]) for i, t in enumerate(r)))

@@ -108,7 +108,7 @@ def cluster_placements_table(deployments: Sequence[deployments_pb2.Deployment]) 
 def nodes_table(nodes: Sequence[admin_pb2.Node]) -> str:
     rows = [[n.id, n.rack, node_state_word(n.state), "yes" if n.connected else "no",
              f"{fmt_number(n.accelerators_used)}/{n.accelerators}", n.shards,
-             fmt_number(round(n.power_draw_w)), fmt_list(n.tenants)]
+             round(n.power_draw_w), fmt_list(n.tenants)]
             for n in sorted(nodes, key=lambda n: n.id)]
     return render_table(["node", "rack", "state", "connected", "accelerators", "shards", "power_w",
                          "tenants"], rows, empty="No nodes found.")

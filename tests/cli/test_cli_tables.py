@@ -107,3 +107,8 @@ def test_dry_run_text_shows_placements_or_reasons() -> None:
     assert placed.startswith("deployment/claude (dry run): would place 1/2 replicas")
     assert "rack-00-n01" in placed
     assert "CAPACITY: 0/64 nodes fit" in placed
+
+
+def test_a_column_of_only_blanks_is_left_aligned() -> None:
+    lines = render_table(["message", "n"], [[None, 1], [None, 22]]).splitlines()
+    assert lines[1] == "-         1"
