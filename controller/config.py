@@ -16,7 +16,7 @@ from controller.store.db import DEFAULT_DB_URL
 DB_URL_ENV = "MAIA_DB_URL"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:50051"
     db_url: str = DEFAULT_DB_URL

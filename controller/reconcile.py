@@ -67,7 +67,7 @@ class Reconciler:
         push: Callable[[set[str]], None],
         publish: Callable[[set[str], list[DeploymentView]], Awaitable[None]],
         interval_s: float = 1.0, solve_time_limit_ms: int = 2000,
-        lease: Lease | None = None, max_conflict_retries: int = 5,
+        lease: Lease | None = None, max_conflict_retries: int = 5, settle_s: float = 0.05,
     ) -> None:
         self._db = db
         self._push = push
@@ -76,6 +76,7 @@ class Reconciler:
         self._time_limit_ms = solve_time_limit_ms
         self._lease = lease or AlwaysLeader()
         self._retries = max_conflict_retries
+        self._settle = settle_s
         self._wake = asyncio.Event()
         self._last_generation: int | None = None
         self._lock = asyncio.Lock()
@@ -92,6 +93,8 @@ class Reconciler:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
             except TimeoutError:
                 pass
+            else:  # let a burst of changes (many nodes connecting at once) land before snapshotting
+                await asyncio.sleep(self._settle)
             self._wake.clear()
             if not self._lease.should_run():
                 continue

@@ -1,0 +1,120 @@
+"""Tenant and topology use cases against a migrated database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controller.usecases import deployments, tenants, topology
+from controller.usecases.domain import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO, add_tenant, apply_topology, deployment, row_counts
+
+
+async def test_create_get_list_tenant_with_usage(database):
+    await apply_topology(database)
+    signals = RecordingSignals()
+    async with database.unit_of_work() as uow:
+        view = await tenants.create_tenant(
+            uow, WHO, TenantSpec("lab-a", "dedicated_rack", zones=("z1",), max_accelerators=8.0), signals)
+    assert view.spec.isolation == "dedicated_rack" and signals.wakes == 1
+    await add_tenant(database, "lab-b", excludes=("lab-a",))
+    async with database.unit_of_work() as uow:
+        got = await tenants.get_tenant(uow, WHO, "lab-b")
+        listed = await tenants.list_tenants(uow, WHO)
+    assert got.spec.excludes == ("lab-a",)
+    assert [t.spec.id for t in listed] == ["lab-a", "lab-b"]
+    assert listed[0].spec.max_accelerators == 8.0 and listed[0].usage.accelerators == 0.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        (TenantSpec("lab-x", excludes=("ghost",)), NotFound, "tenant lab-x excludes unknown tenant(s): ghost"),
+        (TenantSpec("lab-x", zones=("mars",)), NotFound, "tenant lab-x names unknown zone(s): mars"),
+        (TenantSpec("lab-x", max_power_w=-1.0), InvalidArgument, "tenant lab-x: max_power_w must be >= 0, got -1"),
+        (TenantSpec("lab-x", isolation="paranoid"), InvalidArgument, "isolation 'paranoid' is not one of"),
+        (TenantSpec("lab-x", excludes=("lab-x",)), InvalidArgument, "tenant lab-x cannot exclude itself"),
+        (TenantSpec("", ), InvalidArgument, "tenant id is required"),
+        (TenantSpec("lab-x", reserved_accelerators=9.0, max_accelerators=8.0), InvalidArgument,
+         "reserved_accelerators 9 exceeds max_accelerators 8"),
+    ],
+)
+async def test_bad_tenant_is_refused_and_nothing_written(database, spec, error, message):
+    await apply_topology(database)
+    before = await row_counts(database)
+    with pytest.raises(error) as info:
+        async with database.unit_of_work() as uow:
+            await tenants.create_tenant(uow, WHO, spec, RecordingSignals())
+    assert message in info.value.message
+    assert await row_counts(database) == before
+
+
+async def test_duplicate_tenant_already_exists(database):
+    await add_tenant(database, "lab-a")
+    with pytest.raises(AlreadyExists, match="tenant lab-a already exists"):
+        async with database.unit_of_work() as uow:
+            await tenants.create_tenant(uow, WHO, TenantSpec("lab-a"), RecordingSignals())
+
+
+async def test_update_and_delete_tenant(database):
+    await apply_topology(database)
+    await add_tenant(database, "lab-a")
+    await add_tenant(database, "lab-b", excludes=("lab-a",))
+    async with database.unit_of_work() as uow:
+        view = await tenants.update_tenant(uow, WHO, TenantSpec("lab-a", "dedicated_node"), RecordingSignals())
+    assert view.spec.isolation == "dedicated_node"
+    with pytest.raises(NotFound, match="tenant nobody not found"):
+        async with database.unit_of_work() as uow:
+            await tenants.update_tenant(uow, WHO, TenantSpec("nobody"), RecordingSignals())
+    async with database.unit_of_work() as uow:
+        await tenants.delete_tenant(uow, WHO, "lab-a", RecordingSignals())
+    async with database.unit_of_work() as uow:
+        remaining = await tenants.list_tenants(uow, WHO)
+    assert [t.spec.id for t in remaining] == ["lab-b"]
+    assert remaining[0].spec.excludes == ()  # the exclusion of a deleted tenant goes with it
+
+
+async def test_delete_tenant_with_deployments_is_refused(database):
+    await apply_topology(database)
+    await add_tenant(database, "lab-a")
+    async with database.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, deployment("svc", "lab-a"), RecordingSignals())
+    before = await row_counts(database)
+    with pytest.raises(FailedPrecondition, match="tenant lab-a has 1 deployment\\(s\\); delete them first"):
+        async with database.unit_of_work() as uow:
+            await tenants.delete_tenant(uow, WHO, "lab-a", RecordingSignals())
+    assert await row_counts(database) == before
+
+
+async def test_apply_topology_upserts_and_reports_power(database):
+    await apply_topology(database, {"rack-a": "row-a"}, rack_budget_w=10_000)
+    spec = TopologySpec(rows=(RowSpec("row-a", "z1", 50_000.0),), racks=(RackSpec("rack-a", "row-a", 12_000.0),
+                                                                         RackSpec("rack-b", "row-a")))
+    async with database.unit_of_work() as uow:
+        view = await topology.apply_topology(uow, WHO, spec, RecordingSignals())
+    assert [(r.spec.id, r.spec.power_budget_w) for r in view.racks] == [("rack-a", 12_000.0), ("rack-b", None)]
+    assert view.rows[0].spec.power_budget_w == 50_000.0
+    assert [z.id for z in view.zones] == ["z1"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        (TopologySpec(rows=(RowSpec("row-x", "nowhere"),)), NotFound,
+         "unknown zone(s) nowhere (row row-x -> zone nowhere)"),
+        (TopologySpec(racks=(RackSpec("rack-x", "row-nope"),)), NotFound,
+         "unknown row(s) row-nope (rack rack-x -> row row-nope)"),
+        (TopologySpec(zones=(ZoneSpec("z2"),), racks=(RackSpec("rack-x", "row-a", -5.0),)), InvalidArgument,
+         "rack rack-x: power_budget_w must be >= 0, got -5"),
+        (TopologySpec(zones=(ZoneSpec("z2"), ZoneSpec("z2"))), InvalidArgument, "zone 'z2' is listed twice"),
+    ],
+)
+async def test_bad_topology_is_refused_and_nothing_written(database, spec, error, message):
+    await apply_topology(database, {"rack-a": "row-a"})
+    before = await row_counts(database)
+    with pytest.raises(error) as info:
+        async with database.unit_of_work() as uow:
+            await topology.apply_topology(uow, WHO, spec, RecordingSignals())
+    assert message in info.value.message
+    assert await row_counts(database) == before

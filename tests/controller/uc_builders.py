@@ -1,0 +1,75 @@
+"""Builders for use-case tests: a topology, registered nodes, tenants, deployment specs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select
+
+from controller.identity import Principal
+from controller.store import models as m
+from controller.store.db import Database
+from controller.usecases import agents, tenants, topology
+from controller.usecases.domain import (
+    DeploymentSpec, NodeInfo, RackSpec, RowSpec, ShardSpec, TenantSpec, TopologySpec, ZoneSpec,
+)
+from controller.usecases.ports import RecordingSignals
+
+WHO = Principal("tester")
+
+
+async def apply_topology(db: Database, racks: dict[str, str] | None = None, *,
+                         rack_budget_w: float | None = None) -> None:
+    """Zone z1, rows as named by `racks` (rack -> row), all in z1."""
+    racks = racks or {"rack-a": "row-a", "rack-b": "row-a"}
+    spec = TopologySpec(
+        zones=(ZoneSpec("z1"),),
+        rows=tuple(RowSpec(r, "z1") for r in sorted(set(racks.values()))),
+        racks=tuple(RackSpec(k, r, rack_budget_w) for k, r in racks.items()),
+    )
+    async with db.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, spec, RecordingSignals())
+
+
+async def add_nodes(db: Database, rack: str, count: int, *, accelerators: int = 4, model: str = "maia-100",
+                    up: bool = True, prefix: str | None = None) -> list[str]:
+    """Register nodes (and, with `up`, say Hello so they are ready)."""
+    ids = []
+    for i in range(count):
+        info = NodeInfo(node_id=f"{prefix or rack}-n{i}", rack=rack, accelerators=accelerators,
+                        accelerator_model=model, hbm_gib=64.0, idle_power_w=500.0)
+        async with db.unit_of_work() as uow:
+            reg = await agents.register_node(uow, WHO, info, heartbeat_interval_ms=1000)
+        if up:
+            async with db.unit_of_work() as uow:
+                await agents.hello(uow, reg.node_id, reg.session_id, datetime.now(timezone.utc))
+        ids.append(info.node_id)
+    return ids
+
+
+async def add_tenant(db: Database, tenant_id: str = "t1", **kw: Any) -> None:
+    async with db.unit_of_work() as uow:
+        await tenants.create_tenant(uow, WHO, TenantSpec(id=tenant_id, **kw), RecordingSignals())
+
+
+def deployment(name: str = "svc", tenant: str = "t1", *, replicas: int = 1, shards: int = 1,
+               accelerators: int = 1, **kw: Any) -> DeploymentSpec:
+    shard_kw = {k.removeprefix("shard_"): kw.pop(k) for k in list(kw) if k.startswith("shard_")}
+    return DeploymentSpec(name=name, tenant=tenant, replicas=replicas, shards_per_replica=shards,
+                          shard=ShardSpec(accelerators=accelerators, **shard_kw), **kw)
+
+
+def with_shard(spec: DeploymentSpec, **kw: Any) -> DeploymentSpec:
+    return replace(spec, shard=replace(spec.shard, **kw))
+
+
+async def row_counts(db: Database) -> dict[str, int]:
+    """How many rows each table holds (to prove a refused request wrote nothing)."""
+    out = {}
+    async with db.unit_of_work() as uow:
+        for model in (m.Zone, m.Row, m.Rack, m.Node, m.Tenant, m.Deployment, m.Placement, m.Event):
+            out[model.__tablename__] = int(await uow.session.scalar(select(func.count()).select_from(model)) or 0)
+        out["generation"] = int(await uow.session.scalar(select(m.ClusterState.generation)) or 0)
+    return out
