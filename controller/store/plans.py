@@ -1,0 +1,378 @@
+"""Plan → database: apply a solver plan in one transaction, optimistically.
+
+The solver works on a `Snapshot` taken at some cluster generation, without holding any lock
+(solving takes seconds). `commit_plan` first checks, with a compare-and-set on
+`cluster_state.generation`, that nothing placement-relevant changed since; if something did
+it raises `PlanConflict` before writing anything and the caller re-snapshots and solves again
+(Nomad's plan applier does the same). Otherwise it writes the difference between the stored
+placements and the plan: new shard rows, removed shard rows, moved shard rows, deployment
+phases/reasons/generations, node assignment generations, and events.
+
+Every other writer that changes what the solver reads (a node going down, a cordon, a new or
+deleted deployment, a tenant contract) must call `bump_cluster_generation` in its own
+transaction, or a plan computed before its change could be committed after it.
+
+The caller owns the transaction: run both inside one unit of work and `commit()` it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store.models import (
+    ClusterState,
+    Deployment,
+    DeploymentPhase,
+    Event,
+    Node,
+    Placement,
+    ShardPhase,
+    utcnow,
+)
+from controller.store.snapshot import ShardKey, Snapshot
+
+if TYPE_CHECKING:  # the controller may import the solver's types; it never needs them at run time
+    from scheduler import Plan
+
+# Keeps `IN (...)` lists well under every backend's bound-parameter limit.
+_CHUNK = 500
+
+
+class PlanConflict(RuntimeError):
+    """The cluster changed since the snapshot the plan was computed from: nothing was written."""
+
+    def __init__(self, expected: int, actual: int | None, detail: str = "") -> None:
+        self.expected = expected
+        self.actual = actual
+        reason = detail or f"cluster generation is {actual}, the plan was computed at {expected}"
+        super().__init__(f"plan conflicts with the current cluster state ({reason}); re-snapshot and solve again")
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What a committed plan changed (empty sets: the plan matched the stored state)."""
+
+    # Nodes whose desired shard set changed: send them a new AssignmentSet.
+    changed_nodes: set[str]
+    # Deployments whose placements changed (or that were deleted): their generation was bumped.
+    changed_deployments: set[str]
+    # The cluster generation after the commit (unchanged when no placement changed).
+    generation: int
+    # Deployments whose phase or reasons changed without a placement change.
+    updated_deployments: set[str] = field(default_factory=set)
+    # Deployments in phase DELETING whose shards were removed and whose row was deleted.
+    deleted_deployments: set[str] = field(default_factory=set)
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+async def bump_cluster_generation(session: AsyncSession) -> int:
+    """Mark a placement-relevant change (in the caller's transaction); returns the new generation.
+
+    Any in-flight plan computed before this change will then fail to commit with PlanConflict.
+    """
+    result = await session.execute(
+        update(ClusterState)
+        .where(ClusterState.id == 1)
+        .values(generation=ClusterState.generation + 1)
+        .returning(ClusterState.generation)
+        .execution_options(synchronize_session=False)
+    )
+    generation = result.scalar_one_or_none()
+    if generation is None:
+        raise RuntimeError("cluster_state row id=1 is missing: is the schema migrated?")
+    return generation
+
+
+async def _check_generation(session: AsyncSession, expected: int) -> None:
+    # Compare-and-set that changes nothing yet: it takes the row's write lock (PostgreSQL row
+    # lock, SQLite write lock) so concurrent commits serialise here, and fails if anyone bumped
+    # the generation since the snapshot. The bump itself comes once we know the plan changes
+    # placements, so a pass that changes nothing does not wake every watcher of the generation.
+    result = await session.execute(
+        update(ClusterState)
+        .where(ClusterState.id == 1, ClusterState.generation == expected)
+        .values(generation=expected)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        actual = (
+            await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))
+        ).scalar_one_or_none()
+        raise PlanConflict(expected, actual)
+
+
+def _reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in reasons:
+        reason: dict[str, Any] = {"code": r.code, "message": r.message}
+        if getattr(r, "scope", None) is not None:
+            reason["scope"] = r.scope
+        out.append(reason)
+    return out
+
+
+def _next_phase(current: DeploymentPhase, shard_phases: list[ShardPhase], placements_changed: bool) -> DeploymentPhase:
+    """PENDING without placements; SCHEDULED until every shard runs; then RUNNING.
+
+    RUNNING and DEGRADED otherwise belong to the shard-status path and are kept, unless new or
+    moved shards (which start over as ASSIGNED) make the deployment SCHEDULED again.
+    """
+    if not shard_phases:
+        return DeploymentPhase.PENDING
+    all_running = all(p is ShardPhase.RUNNING for p in shard_phases)
+    if current in (DeploymentPhase.PENDING, DeploymentPhase.SCHEDULED):
+        return DeploymentPhase.RUNNING if all_running else DeploymentPhase.SCHEDULED
+    if placements_changed and not all_running:
+        return DeploymentPhase.SCHEDULED
+    return current
+
+
+@dataclass
+class _Row:
+    id: int
+    deployment_id: int
+    key: ShardKey
+    node: str
+    indices: list[int]
+    milli: int | None
+    phase: ShardPhase
+
+
+async def commit_plan(
+    session: AsyncSession, snapshot: Snapshot, plan: Plan, *, actor: str = "controller"
+) -> CommitResult:
+    """Apply `plan` (solved from `snapshot`) in the caller's transaction; the caller commits.
+
+    Raises `PlanConflict` when the cluster generation moved since the snapshot, or the plan names
+    a deployment or node that no longer exists; nothing is written then (roll back anyway).
+    """
+    await _check_generation(session, snapshot.generation)
+    now = utcnow()
+
+    # Current state, one query per table (read under the generation lock).
+    deployments = {
+        d.name: d
+        for d in await session.execute(
+            select(Deployment.id, Deployment.name, Deployment.phase, Deployment.generation, Deployment.reasons)
+        )
+    }
+    names_by_id = {d.id: d.name for d in deployments.values()}
+    live = {name for name, d in deployments.items() if d.phase is not DeploymentPhase.DELETING}
+    current: dict[ShardKey, _Row] = {}
+    deleting_rows: list[_Row] = []
+    for p in await session.execute(
+        select(
+            Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
+            Placement.accelerator_indices, Placement.accelerator_milli, Placement.phase,
+        )
+    ):
+        name = names_by_id[p.deployment_id]
+        row = _Row(p.id, p.deployment_id, (name, p.replica, p.shard), p.node_id,
+                   list(p.accelerator_indices), p.accelerator_milli, p.phase)
+        if name in live:
+            current[row.key] = row
+        else:  # its deployment is being deleted: the plan no longer holds it
+            deleting_rows.append(row)
+
+    # The plan's whole desired set, checked against what exists.
+    desired: dict[ShardKey, Any] = {}
+    for pl in plan.placements:
+        key = (pl.deployment, pl.replica, pl.shard)
+        if key in desired:
+            raise ValueError(f"plan places shard {key} twice")
+        if pl.deployment not in live:
+            raise PlanConflict(snapshot.generation, snapshot.generation,
+                               f"deployment {pl.deployment!r} no longer exists or is being deleted")
+        desired[key] = pl
+    plan_nodes = {pl.node for pl in desired.values()}
+    if plan_nodes:
+        known_nodes = set((await session.execute(select(Node.id))).scalars())
+        missing = sorted(plan_nodes - known_nodes)
+        if missing:
+            raise PlanConflict(snapshot.generation, snapshot.generation, f"unknown nodes {missing[:5]}")
+
+    # The diff, per shard.
+    inserts: list[ShardKey] = [key for key in desired if key not in current]
+    deletes: list[_Row] = [row for key, row in current.items() if key not in desired] + deleting_rows
+    updates: list[tuple[_Row, Any]] = []
+    for key, row in current.items():
+        pl = desired.get(key)
+        if pl is not None and (
+            pl.node != row.node or list(pl.accelerator_indices) != row.indices or pl.accelerator_milli != row.milli
+        ):
+            updates.append((row, pl))
+
+    changed_nodes: set[str] = {desired[key].node for key in inserts}
+    changed_nodes.update(row.node for row in deletes)
+    for row, pl in updates:
+        changed_nodes.update((row.node, pl.node))
+    changed_deployments: set[str] = {key[0] for key in inserts}
+    changed_deployments.update(row.key[0] for row in deletes)
+    changed_deployments.update(row.key[0] for row, _ in updates)
+
+    # Deployments: generation, phase, reasons.
+    new_generation = {
+        name: deployments[name].generation + (1 if name in changed_deployments else 0) for name in live
+    }
+    shard_phases: dict[str, list[ShardPhase]] = defaultdict(list)
+    moved_keys = {row.key for row, _ in updates}
+    for key in desired:
+        row = current.get(key)
+        kept = row is not None and key not in moved_keys
+        shard_phases[key[0]].append(row.phase if kept else ShardPhase.ASSIGNED)
+    unplaced = {u.deployment: u for u in plan.unplaced if u.deployment in live}
+    deployment_updates: list[dict[str, Any]] = []
+    updated_deployments: set[str] = set()
+    reasons_changed: set[str] = set()
+    for name in sorted(live):
+        d = deployments[name]
+        reasons = _reason_dicts(unplaced[name].reasons) if name in unplaced else []
+        phase = _next_phase(d.phase, shard_phases.get(name, []), name in changed_deployments)
+        if reasons != (d.reasons or []):
+            reasons_changed.add(name)
+        if name in changed_deployments or phase is not d.phase or name in reasons_changed:
+            deployment_updates.append(
+                {"id": d.id, "phase": phase, "reasons": reasons, "generation": new_generation[name], "updated_at": now}
+            )
+            if name not in changed_deployments:
+                updated_deployments.add(name)
+
+    # Write: placements, deployments, nodes, the cluster generation, events.
+    delete_ids = [row.id for row in deletes]
+    for chunk in _chunks(delete_ids):
+        await session.execute(
+            delete(Placement).where(Placement.id.in_(chunk)).execution_options(synchronize_session=False)
+        )
+    if updates:
+        await session.execute(
+            update(Placement),
+            [
+                {
+                    "id": row.id,
+                    "node_id": pl.node,
+                    "accelerator_indices": list(pl.accelerator_indices),
+                    "accelerator_milli": pl.accelerator_milli,
+                    "phase": ShardPhase.ASSIGNED,
+                    "message": "",
+                    "generation": new_generation[row.key[0]],
+                    "updated_at": now,
+                }
+                for row, pl in updates
+            ],
+        )
+    if inserts:
+        await session.execute(
+            insert(Placement),
+            [
+                {
+                    "deployment_id": deployments[key[0]].id,
+                    "replica": key[1],
+                    "shard": key[2],
+                    "node_id": desired[key].node,
+                    "accelerator_indices": list(desired[key].accelerator_indices),
+                    "accelerator_milli": desired[key].accelerator_milli,
+                    "phase": ShardPhase.ASSIGNED,
+                    "message": "",
+                    "generation": new_generation[key[0]],
+                    "updated_at": now,
+                }
+                for key in inserts
+            ],
+        )
+    if deployment_updates:
+        await session.execute(update(Deployment), deployment_updates)
+    deleted_deployments = {name for name, d in deployments.items() if name not in live}
+    for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
+        await session.execute(
+            delete(Deployment).where(Deployment.id.in_(chunk)).execution_options(synchronize_session=False)
+        )
+    for chunk in _chunks(sorted(changed_nodes)):
+        await session.execute(
+            update(Node)
+            .where(Node.id.in_(chunk))
+            .values(assignment_generation=Node.assignment_generation + 1)
+            .execution_options(synchronize_session=False)
+        )
+    generation = snapshot.generation
+    if changed_deployments or deleted_deployments:
+        generation = await bump_cluster_generation(session)
+
+    events = _events(current, desired, deletes, updates, plan, unplaced, reasons_changed, deleted_deployments)
+    if events:
+        await session.execute(insert(Event), [{**e, "actor": actor, "at": now} for e in events])
+
+    return CommitResult(
+        changed_nodes=changed_nodes,
+        changed_deployments=changed_deployments | deleted_deployments,
+        generation=generation,
+        updated_deployments=updated_deployments,
+        deleted_deployments=deleted_deployments,
+    )
+
+
+def _events(
+    current: dict[ShardKey, _Row],
+    desired: dict[ShardKey, Any],
+    deletes: list[_Row],
+    updates: list[tuple[_Row, Any]],
+    plan: Plan,
+    unplaced: dict[str, Any],
+    reasons_changed: set[str],
+    deleted_deployments: set[str],
+) -> list[dict[str, Any]]:
+    """The history of this commit: placed/removed replicas, moved shards, new 'why not's."""
+    before: dict[str, set[int]] = defaultdict(set)
+    for name, replica, _ in current:
+        before[name].add(replica)
+    after: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for (name, replica, _), pl in desired.items():
+        after[name][replica].add(pl.node)
+    preempted: dict[str, set[int]] = defaultdict(set)
+    for p in plan.preempted:
+        preempted[p.deployment].add(p.replica)
+
+    events: list[dict[str, Any]] = []
+
+    def add(kind: str, name: str, message: str, data: dict[str, Any]) -> None:
+        events.append({"kind": kind, "object_kind": "deployment", "object_id": name, "message": message, "data": data})
+
+    for name in sorted(set(before) | set(after)):
+        placed = sorted(set(after.get(name, {})) - before.get(name, set()))
+        if placed:
+            nodes = sorted(set().union(*(after[name][r] for r in placed)))
+            add("deployment.placed", name, f"placed replicas {placed} on {', '.join(nodes)}",
+                {"replicas": placed, "nodes": nodes})
+        removed = sorted(before.get(name, set()) - set(after.get(name, {})))
+        by_preemption = [r for r in removed if r in preempted[name]]
+        otherwise = [r for r in removed if r not in preempted[name]]
+        if by_preemption:
+            add("deployment.preempted", name, f"preempted replicas {by_preemption}", {"replicas": by_preemption})
+        if otherwise:
+            add("deployment.replicas_removed", name,
+                f"replicas {otherwise} are no longer placed (node down, scaled down or not placeable again)",
+                {"replicas": otherwise})
+    for row, pl in updates:
+        name, replica, shard = row.key
+        if pl.node != row.node:
+            add("shard.moved", name, f"moved replica {replica} shard {shard} from {row.node} to {pl.node}",
+                {"replica": replica, "shard": shard, "from": row.node, "to": pl.node})
+    for name in sorted(reasons_changed & set(unplaced)):
+        u = unplaced[name]
+        reasons = _reason_dicts(u.reasons)
+        add("deployment.unplaceable", name,
+            f"{u.replicas} replica(s) not placed: " + "; ".join(r["message"] for r in reasons),
+            {"replicas": u.replicas, "reasons": reasons})
+    for name in sorted(deleted_deployments):
+        shards = sum(1 for row in deletes if row.key[0] == name)
+        add("deployment.deleted", name, f"deleted; {shards} shard(s) released", {"shards": shards})
+    return events

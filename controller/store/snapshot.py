@@ -1,0 +1,209 @@
+"""Database → placement problem: the immutable input of one reconcile pass.
+
+The solver never sees the ORM: each pass reads the cluster once into an interchange-format
+problem document (version 1, see shared/placement/README.md) and remembers the cluster
+generation it read. `plans.commit_plan` later applies the solver's answer only if that
+generation is still current, the way Nomad's plan applier re-checks a plan.
+
+It runs every pass on clusters of thousands of nodes, so it reads one query per table, plain
+columns rather than ORM objects, and builds the document in one sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store.models import (
+    ClusterState,
+    Deployment,
+    DeploymentPhase,
+    Node,
+    NodeHealth,
+    Placement,
+    Rack,
+    Row,
+    Tenant,
+    Zone,
+)
+
+PROBLEM_VERSION = 1
+
+# (deployment name, replica, shard): how a placed shard is named in the interchange format.
+ShardKey = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The problem as read at cluster `generation`, plus what is needed to map a plan back.
+
+    `problem` is a fresh dict owned by the caller: set `problem["options"]` before solving.
+    """
+
+    generation: int
+    problem: dict[str, Any]
+    # Deployment name (the interchange id) → its primary key, for every deployment in `problem`.
+    deployment_ids: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def placements_by_shard(self) -> dict[ShardKey, dict[str, Any]]:
+        """The snapshot's placements keyed by (deployment, replica, shard)."""
+        return {(p["deployment"], p["replica"], p["shard"]): p for p in self.problem.get("placements", ())}
+
+
+def node_state(health: NodeHealth, cordoned: bool) -> str:
+    """Interchange node state from the stored columns; the same rule as `Node.state`."""
+    if health is NodeHealth.DOWN:
+        return "down"
+    return "cordoned" if cordoned else "ready"
+
+
+def _put(doc: dict[str, Any], key: str, value: Any) -> None:
+    # Optional fields are left out rather than null: absent means "not limited" / "anywhere".
+    if value is not None:
+        doc[key] = value
+
+
+async def load_snapshot(session: AsyncSession) -> Snapshot:
+    """Read the whole placement-relevant state in one pass (8 queries, whatever the size).
+
+    Deployments being deleted are left out, with their placements: the plan no longer holds
+    them, so `commit_plan` removes their shards. Placements on down nodes are kept: the solver
+    places those shards again itself.
+    """
+    # The generation first: anything changed after this read makes the commit conflict.
+    generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
+
+    zones = [{"id": zid} for zid in (await session.execute(select(Zone.id).order_by(Zone.id))).scalars()]
+
+    rows = []
+    for rid, zone_id, budget in await session.execute(select(Row.id, Row.zone_id, Row.power_budget_w).order_by(Row.id)):
+        row: dict[str, Any] = {"id": rid, "zone": zone_id}
+        _put(row, "power_budget_w", budget)
+        rows.append(row)
+
+    racks = []
+    for kid, row_id, budget in await session.execute(
+        select(Rack.id, Rack.row_id, Rack.power_budget_w).order_by(Rack.id)
+    ):
+        rack: dict[str, Any] = {"id": kid, "row": row_id}
+        _put(rack, "power_budget_w", budget)
+        racks.append(rack)
+
+    nodes = []
+    for n in await session.execute(
+        select(
+            Node.id, Node.rack_id, Node.health, Node.cordoned, Node.accelerators, Node.accelerator_model,
+            Node.hbm_gib, Node.cpu_milli, Node.memory_mib, Node.idle_power_w, Node.labels,
+        ).order_by(Node.id)
+    ):
+        node: dict[str, Any] = {
+            "id": n.id,
+            "rack": n.rack_id,
+            "state": node_state(n.health, n.cordoned),
+            "accelerators": n.accelerators,
+        }
+        _put(node, "accelerator_model", n.accelerator_model or None)
+        _put(node, "hbm_gib", n.hbm_gib)
+        _put(node, "cpu_milli", n.cpu_milli)
+        _put(node, "memory_mib", n.memory_mib)
+        node["idle_power_w"] = n.idle_power_w
+        if n.labels:
+            node["labels"] = dict(n.labels)
+        nodes.append(node)
+
+    tenants = []
+    for t in await session.execute(
+        select(
+            Tenant.id, Tenant.isolation, Tenant.excludes, Tenant.zones, Tenant.reserved_accelerators,
+            Tenant.max_accelerators, Tenant.max_power_w,
+        ).order_by(Tenant.id)
+    ):
+        tenant: dict[str, Any] = {"id": t.id, "isolation": t.isolation.value}
+        if t.excludes:
+            tenant["excludes"] = list(t.excludes)
+        if t.zones:  # stored [] means "no restriction"; an empty list would mean "nowhere"
+            tenant["zones"] = list(t.zones)
+        _put(tenant, "reserved_accelerators", t.reserved_accelerators)
+        _put(tenant, "max_accelerators", t.max_accelerators)
+        _put(tenant, "max_power_w", t.max_power_w)
+        tenants.append(tenant)
+
+    deployments = []
+    deployment_ids: dict[str, int] = {}
+    names_by_id: dict[int, str] = {}
+    # Arrival order (primary key): what the online mode places first.
+    for d in await session.execute(
+        select(
+            Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.replicas, Deployment.min_replicas,
+            Deployment.shards_per_replica, Deployment.shard_accelerators, Deployment.shard_accelerator_milli,
+            Deployment.shard_hbm_gib, Deployment.shard_cpu_milli, Deployment.shard_memory_mib,
+            Deployment.shard_power_w, Deployment.shard_accelerator_models, Deployment.locality,
+            Deployment.spread_domain, Deployment.spread_max_per_domain, Deployment.priority,
+            Deployment.preemptible,
+        )
+        .where(Deployment.phase != DeploymentPhase.DELETING)
+        .order_by(Deployment.id)
+    ):
+        shard: dict[str, Any] = {
+            "accelerators": d.shard_accelerators,
+            "accelerator_milli": d.shard_accelerator_milli,
+            "hbm_gib": d.shard_hbm_gib,
+            "cpu_milli": d.shard_cpu_milli,
+            "memory_mib": d.shard_memory_mib,
+            "power_w": d.shard_power_w,
+        }
+        if d.shard_accelerator_models:  # [] means any model
+            shard["accelerator_models"] = list(d.shard_accelerator_models)
+        deployment: dict[str, Any] = {
+            "id": d.name,
+            "tenant": d.tenant_id,
+            "replicas": d.replicas,
+            "min_replicas": d.min_replicas,
+            "shards_per_replica": d.shards_per_replica,
+            "shard": shard,
+            "locality": d.locality.value,
+            "priority": d.priority,
+            "preemptible": d.preemptible,
+        }
+        if d.spread_domain is not None and d.spread_max_per_domain is not None:
+            deployment["spread"] = {"domain": d.spread_domain.value, "max_per_domain": d.spread_max_per_domain}
+        deployments.append(deployment)
+        deployment_ids[d.name] = d.id
+        names_by_id[d.id] = d.name
+
+    placements = []
+    for p in await session.execute(
+        select(
+            Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
+            Placement.accelerator_indices, Placement.accelerator_milli,
+        ).order_by(Placement.deployment_id, Placement.replica, Placement.shard)
+    ):
+        name = names_by_id.get(p.deployment_id)
+        if name is None:  # its deployment is being deleted
+            continue
+        placement: dict[str, Any] = {
+            "deployment": name,
+            "replica": p.replica,
+            "shard": p.shard,
+            "node": p.node_id,
+            "accelerator_indices": list(p.accelerator_indices),
+        }
+        _put(placement, "accelerator_milli", p.accelerator_milli)
+        placements.append(placement)
+
+    problem: dict[str, Any] = {
+        "version": PROBLEM_VERSION,
+        "zones": zones,
+        "rows": rows,
+        "racks": racks,
+        "nodes": nodes,
+        "tenants": tenants,
+        "deployments": deployments,
+        "placements": placements,
+    }
+    return Snapshot(generation=generation, problem=problem, deployment_ids=deployment_ids)

@@ -1,0 +1,108 @@
+"""Test helpers: write an interchange problem into the database, and dump the database.
+
+`seed_problem` is the inverse of `load_snapshot`, so store tests can start from the shared
+example documents; `dump` reads every table so a test can prove that nothing was written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store.models import (
+    Base,
+    Deployment,
+    DeploymentPhase,
+    Domain,
+    Isolation,
+    Node,
+    NodeHealth,
+    Placement,
+    Rack,
+    Row,
+    ShardPhase,
+    Tenant,
+    Zone,
+)
+
+
+def node_columns(state: str) -> dict[str, Any]:
+    return {
+        "ready": {"health": NodeHealth.UP, "cordoned": False},
+        "cordoned": {"health": NodeHealth.UP, "cordoned": True},
+        "down": {"health": NodeHealth.DOWN, "cordoned": False},
+    }[state]
+
+
+async def seed_problem(
+    session: AsyncSession,
+    doc: dict[str, Any],
+    *,
+    shard_phase: ShardPhase = ShardPhase.RUNNING,
+    deployment_phase: DeploymentPhase | None = None,
+) -> None:
+    """Insert the topology, tenants, deployments and placements of a problem document."""
+    session.add_all(Zone(id=z["id"]) for z in doc.get("zones", ()))
+    session.add_all(Row(id=r["id"], zone_id=r["zone"], power_budget_w=r.get("power_budget_w"))
+                    for r in doc.get("rows", ()))
+    session.add_all(Rack(id=r["id"], row_id=r["row"], power_budget_w=r.get("power_budget_w"))
+                    for r in doc.get("racks", ()))
+    session.add_all(
+        Node(
+            id=n["id"], rack_id=n["rack"], accelerators=n["accelerators"],
+            accelerator_model=n.get("accelerator_model", ""), hbm_gib=n.get("hbm_gib"),
+            cpu_milli=n.get("cpu_milli"), memory_mib=n.get("memory_mib"),
+            idle_power_w=n.get("idle_power_w", 0.0), labels=n.get("labels", {}),
+            **node_columns(n.get("state", "ready")),
+        )
+        for n in doc["nodes"]
+    )
+    session.add_all(
+        Tenant(
+            id=t["id"], isolation=Isolation(t.get("isolation", "shared")), excludes=t.get("excludes", []),
+            zones=t.get("zones", []), reserved_accelerators=t.get("reserved_accelerators"),
+            max_accelerators=t.get("max_accelerators"), max_power_w=t.get("max_power_w"),
+        )
+        for t in doc.get("tenants", ())
+    )
+    await session.flush()
+    placed = {p["deployment"] for p in doc.get("placements", ())}
+    by_name: dict[str, Deployment] = {}
+    for d in doc["deployments"]:
+        shard = d["shard"]
+        spread = d.get("spread")
+        dep = Deployment(
+            name=d["id"], tenant_id=d["tenant"], replicas=d["replicas"], min_replicas=d.get("min_replicas", 1),
+            shards_per_replica=d["shards_per_replica"], shard_accelerators=shard["accelerators"],
+            shard_accelerator_milli=shard.get("accelerator_milli", 1000), shard_hbm_gib=shard.get("hbm_gib", 0.0),
+            shard_cpu_milli=shard.get("cpu_milli", 0), shard_memory_mib=shard.get("memory_mib", 0),
+            shard_power_w=shard.get("power_w", 0.0), shard_accelerator_models=shard.get("accelerator_models", []),
+            locality=Domain(d.get("locality", "rack")),
+            spread_domain=Domain(spread["domain"]) if spread else None,
+            spread_max_per_domain=spread["max_per_domain"] if spread else None,
+            priority=d.get("priority", 0), preemptible=d.get("preemptible", False),
+            phase=deployment_phase or (DeploymentPhase.RUNNING if d["id"] in placed else DeploymentPhase.PENDING),
+        )
+        session.add(dep)
+        by_name[d["id"]] = dep
+        await session.flush()  # ids in document order: the snapshot lists deployments by arrival
+    session.add_all(
+        Placement(
+            deployment_id=by_name[p["deployment"]].id, replica=p["replica"], shard=p["shard"], node_id=p["node"],
+            accelerator_indices=list(p["accelerator_indices"]), accelerator_milli=p.get("accelerator_milli"),
+            phase=shard_phase,
+        )
+        for p in doc.get("placements", ())
+    )
+    await session.flush()
+
+
+async def dump(session: AsyncSession) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, in primary-key order."""
+    out = {}
+    for table in Base.metadata.sorted_tables:
+        rows = await session.execute(select(table).order_by(*table.primary_key.columns))
+        out[table.name] = [tuple(r) for r in rows]
+    return out

@@ -1,0 +1,315 @@
+"""commit_plan: a plan's difference written in one transaction, or nothing at all on conflict."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from controller.store.db import Database
+from controller.store.models import (
+    ClusterState,
+    Deployment,
+    DeploymentPhase,
+    Event,
+    Node,
+    Placement,
+    ShardPhase,
+)
+from controller.store.plans import CommitResult, PlanConflict, bump_cluster_generation, commit_plan
+from controller.store.snapshot import Snapshot, load_snapshot
+from scheduler import Move, Placement as PlanPlacement, Plan, Preemption, Reason, Unplaced
+from scheduler import plan_to_dict, problem_from_dict, solve
+
+from .seed import dump, seed_problem
+
+EXAMPLES = Path("/work/shared/placement/examples")
+
+# Two racks of two 4-accelerator nodes, two tenants; "web" runs (2 replicas x 1 shard),
+# "train" (1 replica x 2 shards) is new, "burst" is preemptible and runs.
+CLUSTER: dict[str, Any] = {
+    "version": 1,
+    "zones": [{"id": "z1"}],
+    "rows": [{"id": "row1", "zone": "z1"}],
+    "racks": [{"id": "rack1", "row": "row1"}, {"id": "rack2", "row": "row1"}],
+    "nodes": [
+        {"id": "n1", "rack": "rack1", "accelerators": 4},
+        {"id": "n2", "rack": "rack1", "accelerators": 4},
+        {"id": "n3", "rack": "rack2", "accelerators": 4},
+        {"id": "n4", "rack": "rack2", "accelerators": 4},
+    ],
+    "tenants": [{"id": "a"}, {"id": "b"}],
+    "deployments": [
+        {"id": "web", "tenant": "a", "replicas": 2, "shards_per_replica": 1, "shard": {"accelerators": 1}},
+        {"id": "train", "tenant": "a", "replicas": 1, "shards_per_replica": 2, "shard": {"accelerators": 2}},
+        {"id": "burst", "tenant": "b", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 4},
+         "preemptible": True},
+    ],
+    "placements": [
+        {"deployment": "web", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]},
+        {"deployment": "web", "replica": 1, "shard": 0, "node": "n3", "accelerator_indices": [0]},
+        {"deployment": "burst", "replica": 0, "shard": 0, "node": "n4", "accelerator_indices": [0, 1, 2, 3]},
+    ],
+}
+
+
+def P(deployment: str, replica: int, shard: int, node: str, *indices: int, milli: int | None = None) -> PlanPlacement:
+    return PlanPlacement(deployment, replica, shard, node, tuple(indices), milli)
+
+
+KEPT = (P("web", 0, 0, "n1", 0), P("web", 1, 0, "n3", 0), P("burst", 0, 0, "n4", 0, 1, 2, 3))
+
+
+async def _seeded(database: Database, doc: dict[str, Any] = CLUSTER) -> Snapshot:
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, doc)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        return await load_snapshot(uow.session)
+
+
+async def _commit(database: Database, snapshot: Snapshot, plan: Plan) -> CommitResult:
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snapshot, plan, actor="test")
+        await uow.commit()
+    return result
+
+
+@dataclass(frozen=True)
+class _Dep:
+    phase: DeploymentPhase
+    generation: int
+    reasons: list[dict[str, Any]]
+
+
+async def _state(database: Database) -> dict[str, Any]:
+    async with database.unit_of_work() as uow:
+        s = uow.session
+        return {
+            "generation": (await s.execute(select(ClusterState.generation))).scalar_one(),
+            "placements": {
+                (name, p.replica, p.shard): (p.node_id, tuple(p.accelerator_indices), p.phase, p.generation, p.id)
+                for p, name in await s.execute(select(Placement, Deployment.name).join(Deployment))
+            },
+            "deployments": {d.name: _Dep(d.phase, d.generation, d.reasons)
+                            for d in (await s.execute(select(Deployment))).scalars()},
+            "nodes": {n.id: n.assignment_generation for n in (await s.execute(select(Node))).scalars()},
+            "events": [(e.kind, e.object_id, e.data, e.actor)
+                       for e in (await s.execute(select(Event).order_by(Event.id))).scalars()],
+        }
+
+
+async def test_new_placements_are_inserted_and_generations_bumped(database: Database) -> None:
+    snap = await _seeded(database)
+    before = await _state(database)
+    plan = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)))
+
+    result = await _commit(database, snap, plan)
+
+    assert result == CommitResult(changed_nodes={"n2"}, changed_deployments={"train"}, generation=1,
+                                  updated_deployments=set(), deleted_deployments=set())
+    after = await _state(database)
+    assert after["generation"] == 1
+    train = after["deployments"]["train"]
+    assert (train.phase, train.generation, train.reasons) == (DeploymentPhase.SCHEDULED, 1, [])
+    assert after["placements"][("train", 0, 0)][:4] == ("n2", (0, 1), ShardPhase.ASSIGNED, 1)
+    assert after["placements"][("train", 0, 1)][:4] == ("n2", (2, 3), ShardPhase.ASSIGNED, 1)
+    # Untouched rows, deployments and nodes stay exactly as they were.
+    for key in ("web", 0, 0), ("web", 1, 0), ("burst", 0, 0):
+        assert after["placements"][key] == before["placements"][key]
+    assert after["deployments"]["web"].generation == 0
+    assert after["nodes"] == {**before["nodes"], "n2": before["nodes"]["n2"] + 1}
+    assert after["events"] == [
+        ("deployment.placed", "train", {"replicas": [0], "nodes": ["n2"]}, "test"),
+    ]
+
+
+async def test_a_plan_that_changes_nothing_writes_nothing(database: Database) -> None:
+    snap = await _seeded(database)
+    async with database.unit_of_work() as uow:
+        before = await dump(uow.session)
+    # "train" stays unplaced with the reasons it already had: no write, no event, no bump.
+    reasons = (Reason("CAPACITY", "0/4 nodes fit: 4 capacity", None),)
+    plan = Plan("feasible", KEPT, unplaced=(Unplaced("train", 1, reasons),))
+    first = await _commit(database, snap, plan)
+    assert first.updated_deployments == {"train"} and first.generation == 0
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+        middle = await dump(uow.session)
+    assert len(middle["events"]) == 1 and middle["placements"] == before["placements"]
+
+    second = await _commit(database, snap, plan)
+
+    assert second == CommitResult(set(), set(), 0)
+    async with database.unit_of_work() as uow:
+        assert await dump(uow.session) == middle
+
+
+async def test_moves_update_rows_in_place_and_bump_both_nodes(database: Database) -> None:
+    snap = await _seeded(database)
+    before = await _state(database)
+    plan = Plan("optimal", (P("web", 0, 0, "n2", 1), P("web", 1, 0, "n3", 0), P("burst", 0, 0, "n4", 0, 1, 2, 3)),
+                moved=(Move("web", 0, 0, "n1", "n2"),))
+
+    result = await _commit(database, snap, plan)
+
+    assert (result.changed_nodes, result.changed_deployments) == ({"n1", "n2"}, {"web"})
+    after = await _state(database)
+    node, indices, phase, generation, row_id = after["placements"][("web", 0, 0)]
+    assert (node, indices, phase, generation) == ("n2", (1,), ShardPhase.ASSIGNED, 1)
+    assert row_id == before["placements"][("web", 0, 0)][4]  # the same row, updated
+    assert after["placements"][("web", 1, 0)] == before["placements"][("web", 1, 0)]
+    assert after["deployments"]["web"].phase is DeploymentPhase.SCHEDULED
+    assert after["nodes"]["n1"] == before["nodes"]["n1"] + 1 and after["nodes"]["n3"] == before["nodes"]["n3"]
+    assert after["events"] == [
+        ("shard.moved", "web", {"replica": 0, "shard": 0, "from": "n1", "to": "n2"}, "test"),
+    ]
+
+
+async def test_preemption_deletes_rows_and_records_why(database: Database) -> None:
+    snap = await _seeded(database)
+    reasons = (Reason("CAPACITY", "rack2: 0 accelerators free, 4 needed", "rack2"),)
+    plan = Plan(
+        "optimal",
+        KEPT[:2] + (P("train", 0, 0, "n4", 0, 1), P("train", 0, 1, "n4", 2, 3)),
+        unplaced=(Unplaced("burst", 1, reasons),),
+        preempted=(Preemption("burst", 0),),
+    )
+
+    result = await _commit(database, snap, plan)
+
+    assert result.changed_nodes == {"n4"} and result.changed_deployments == {"train", "burst"}
+    after = await _state(database)
+    assert ("burst", 0, 0) not in after["placements"]
+    burst = after["deployments"]["burst"]
+    assert burst.phase is DeploymentPhase.PENDING and burst.generation == 1
+    assert burst.reasons == [{"code": "CAPACITY", "message": "rack2: 0 accelerators free, 4 needed", "scope": "rack2"}]
+    kinds = [(kind, name) for kind, name, _, _ in after["events"]]
+    assert kinds == [("deployment.preempted", "burst"), ("deployment.placed", "train"),
+                     ("deployment.unplaceable", "burst")]
+    assert after["events"][2][2] == {"replicas": 1, "reasons": burst.reasons}
+
+
+async def test_shards_on_a_down_node_are_replaced(database: Database) -> None:
+    snap = await _seeded(database)
+    # web replica 1 lost its node and could not be placed again; replica 0 stays.
+    plan = Plan("feasible", (KEPT[0], KEPT[2]),
+                unplaced=(Unplaced("web", 1, (Reason("NODE_STATE", "n3 is down"),)),))
+    result = await _commit(database, snap, plan)
+    assert result.changed_nodes == {"n3"}
+    after = await _state(database)
+    web = after["deployments"]["web"]
+    assert (web.phase, web.generation) == (DeploymentPhase.RUNNING, 1)  # what is left still runs
+    assert web.reasons == [{"code": "NODE_STATE", "message": "n3 is down"}]
+    assert [e[:3] for e in after["events"]][0] == ("deployment.replicas_removed", "web", {"replicas": [1]})
+
+
+async def test_phase_follows_shard_status(database: Database) -> None:
+    snap = await _seeded(database)
+    plan = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)))
+    await _commit(database, snap, plan)
+    # Agents report the new shards running; the next (unchanged) plan marks the deployment RUNNING.
+    async with database.unit_of_work() as uow:
+        for p in (await uow.session.execute(select(Placement))).scalars():
+            p.phase = ShardPhase.RUNNING
+        await uow.commit()
+        snap = await load_snapshot(uow.session)
+    result = await _commit(database, snap, plan)
+    assert result.updated_deployments == {"train"} and result.changed_deployments == set()
+    after = await _state(database)
+    assert after["deployments"]["train"].phase is DeploymentPhase.RUNNING
+    assert after["deployments"]["web"].phase is DeploymentPhase.RUNNING  # seeded RUNNING, untouched
+
+
+async def test_deleting_deployments_release_their_shards(database: Database) -> None:
+    snap0 = await _seeded(database)
+    async with database.unit_of_work() as uow:
+        burst = (await uow.session.execute(select(Deployment).where(Deployment.name == "burst"))).scalar_one()
+        burst.phase = DeploymentPhase.DELETING
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    with pytest.raises(PlanConflict):  # the old snapshot predates the deletion
+        await _commit(database, snap0, Plan("optimal", KEPT))
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    assert [d["id"] for d in snap.problem["deployments"]] == ["web", "train"]
+    assert "burst" not in {p["deployment"] for p in snap.problem["placements"]}
+
+    result = await _commit(database, snap, Plan("optimal", KEPT[:2]))
+
+    assert result.deleted_deployments == {"burst"} and result.changed_nodes == {"n4"}
+    assert result.generation == snap.generation + 1
+    after = await _state(database)
+    assert "burst" not in after["deployments"]
+    assert not any(key[0] == "burst" for key in after["placements"])
+    assert after["events"][-1][:3] == ("deployment.deleted", "burst", {"shards": 1})
+
+
+async def test_a_stale_snapshot_conflicts_and_writes_nothing(database: Database) -> None:
+    snap = await _seeded(database)
+    async with database.unit_of_work() as uow:
+        await bump_cluster_generation(uow.session)  # e.g. a node went down meanwhile
+        await uow.commit()
+        before = await dump(uow.session)
+    plan = Plan("optimal", (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)),
+                unplaced=(Unplaced("web", 2, (Reason("CAPACITY", "no"),)),))
+
+    async with database.unit_of_work() as uow:
+        with pytest.raises(PlanConflict) as caught:
+            await commit_plan(uow.session, snap, plan)
+        await uow.commit()  # even committing after the conflict persists nothing
+    assert (caught.value.expected, caught.value.actual) == (0, 1)
+
+    async with database.unit_of_work() as uow:
+        assert await dump(uow.session) == before
+
+
+async def test_a_plan_naming_unknown_nodes_conflicts(database: Database) -> None:
+    snap = await _seeded(database)
+    async with database.unit_of_work() as uow:
+        before = await dump(uow.session)
+        with pytest.raises(PlanConflict, match="unknown nodes"):
+            await commit_plan(uow.session, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n9", 0),)))
+    async with database.unit_of_work() as uow:
+        assert await dump(uow.session) == before
+
+
+async def test_concurrent_commits_of_one_snapshot_let_exactly_one_win(database: Database) -> None:
+    snap = await _seeded(database)
+    plan_a = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)))
+    plan_b = Plan("optimal", KEPT + (P("train", 0, 0, "n1", 2, 3), P("train", 0, 1, "n2", 0, 1)))
+    outcomes = await asyncio.gather(_commit(database, snap, plan_a), _commit(database, snap, plan_b),
+                                    return_exceptions=True)
+    assert sorted(type(o).__name__ for o in outcomes) == ["CommitResult", "PlanConflict"]
+    after = await _state(database)
+    assert after["generation"] == 1
+    assert sum(1 for key in after["placements"] if key[0] == "train") == 2
+
+
+async def test_solver_round_trip(database: Database) -> None:
+    """Snapshot → real solver → commit → snapshot again: the stored placements are the plan's."""
+    path = EXAMPLES / "tiny.problem.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    doc = json.loads(path.read_text())
+    snap = await _seeded(database, doc)
+    problem = {**snap.problem, "options": {"mode": "batch", "time_limit_ms": 2000}}
+    plan = solve(problem_from_dict(problem))
+    result = await _commit(database, snap, plan)
+    assert result.generation == snap.generation + 1
+
+    async with database.unit_of_work() as uow:
+        again = await load_snapshot(uow.session)
+
+    def key(p: dict[str, Any]) -> tuple[str, int, int]:
+        return (p["deployment"], p["replica"], p["shard"])
+
+    assert sorted(again.problem["placements"], key=key) == sorted(plan_to_dict(plan)["placements"], key=key)
+    # Solving the committed state again changes nothing.
+    replan = solve(problem_from_dict({**again.problem, "options": problem["options"]}))
+    assert (await _commit(database, again, replan)).changed_nodes == set()

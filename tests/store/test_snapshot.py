@@ -1,0 +1,193 @@
+"""load_snapshot: the database read back as an interchange problem, in a fixed number of queries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from sqlalchemy import event
+
+from controller.store.db import Database
+from controller.store.models import (
+    Deployment,
+    DeploymentPhase,
+    Domain,
+    Isolation,
+    Node,
+    NodeHealth,
+    Placement,
+    Rack,
+    Row,
+    ShardPhase,
+    Tenant,
+    Zone,
+)
+from controller.store.plans import bump_cluster_generation
+from controller.store.snapshot import load_snapshot, node_state
+from scheduler import problem_from_dict
+
+from .seed import seed_problem
+
+SHARED = Path("/work/shared/placement")
+PROBLEM_SCHEMA = SHARED / "problem.schema.json"
+if not PROBLEM_SCHEMA.exists():  # the copy the solver ships
+    PROBLEM_SCHEMA = Path(__file__).resolve().parents[2] / "scheduler" / "schemas" / "problem.schema.json"
+
+
+def assert_valid_problem(doc: dict[str, Any]) -> None:
+    jsonschema.validate(doc, json.loads(PROBLEM_SCHEMA.read_text()))
+    problem_from_dict(doc)  # and the solver accepts it (references, indices)
+
+
+async def _build_small_cluster(db: Database) -> None:
+    async with db.unit_of_work() as uow:
+        s = uow.session
+        s.add(Zone(id="z1"))
+        s.add(Row(id="row1", zone_id="z1", power_budget_w=20000.0))
+        s.add_all([Rack(id="rack1", row_id="row1", power_budget_w=9000.0), Rack(id="rack2", row_id="row1")])
+        s.add_all([
+            Node(id="n1", rack_id="rack1", accelerators=4, accelerator_model="maia-100", hbm_gib=64.0,
+                 cpu_milli=96000, memory_mib=786432, idle_power_w=600.0, labels={"pool": "a"},
+                 health=NodeHealth.UP),
+            Node(id="n2", rack_id="rack1", accelerators=4, accelerator_model="maia-100", hbm_gib=64.0,
+                 idle_power_w=600.0, health=NodeHealth.UP, cordoned=True),
+            Node(id="n3", rack_id="rack2", accelerators=4, health=NodeHealth.DOWN),
+        ])
+        s.add_all([
+            Tenant(id="t1", isolation=Isolation.DEDICATED_RACK, excludes=["t2"], reserved_accelerators=4.0,
+                   max_accelerators=8.0),
+            Tenant(id="t2", zones=["z1"], max_power_w=4000.0),
+        ])
+        await s.flush()
+        d1 = Deployment(name="big", tenant_id="t1", replicas=2, min_replicas=1, shards_per_replica=2,
+                        shard_accelerators=1, shard_hbm_gib=48.0, shard_power_w=700.0,
+                        shard_accelerator_models=["maia-100"], locality=Domain.RACK,
+                        spread_domain=Domain.NODE, spread_max_per_domain=1, priority=100)
+        d2 = Deployment(name="small", tenant_id="t2", replicas=1, shards_per_replica=1, shard_accelerators=1,
+                        shard_accelerator_milli=500, locality=Domain.NODE, preemptible=True)
+        d3 = Deployment(name="gone", tenant_id="t2", replicas=1, shards_per_replica=1, shard_accelerators=1,
+                        phase=DeploymentPhase.DELETING)
+        s.add(d1)
+        await s.flush()
+        s.add(d2)
+        await s.flush()
+        s.add(d3)
+        await s.flush()
+        s.add_all([
+            Placement(deployment_id=d1.id, replica=0, shard=0, node_id="n1", accelerator_indices=[0],
+                      phase=ShardPhase.RUNNING),
+            Placement(deployment_id=d1.id, replica=0, shard=1, node_id="n3", accelerator_indices=[1]),
+            Placement(deployment_id=d2.id, replica=0, shard=0, node_id="n2", accelerator_indices=[0],
+                      accelerator_milli=500),
+            Placement(deployment_id=d3.id, replica=0, shard=0, node_id="n1", accelerator_indices=[3]),
+        ])
+        await uow.commit()
+
+
+EXPECTED = {
+    "version": 1,
+    "zones": [{"id": "z1"}],
+    "rows": [{"id": "row1", "zone": "z1", "power_budget_w": 20000.0}],
+    "racks": [{"id": "rack1", "row": "row1", "power_budget_w": 9000.0}, {"id": "rack2", "row": "row1"}],
+    "nodes": [
+        {"id": "n1", "rack": "rack1", "state": "ready", "accelerators": 4, "accelerator_model": "maia-100",
+         "hbm_gib": 64.0, "cpu_milli": 96000, "memory_mib": 786432, "idle_power_w": 600.0, "labels": {"pool": "a"}},
+        {"id": "n2", "rack": "rack1", "state": "cordoned", "accelerators": 4, "accelerator_model": "maia-100",
+         "hbm_gib": 64.0, "idle_power_w": 600.0},
+        {"id": "n3", "rack": "rack2", "state": "down", "accelerators": 4, "idle_power_w": 0.0},
+    ],
+    "tenants": [
+        {"id": "t1", "isolation": "dedicated_rack", "excludes": ["t2"], "reserved_accelerators": 4.0,
+         "max_accelerators": 8.0},
+        {"id": "t2", "isolation": "shared", "zones": ["z1"], "max_power_w": 4000.0},
+    ],
+    "deployments": [
+        {"id": "big", "tenant": "t1", "replicas": 2, "min_replicas": 1, "shards_per_replica": 2,
+         "shard": {"accelerators": 1, "accelerator_milli": 1000, "hbm_gib": 48.0, "cpu_milli": 0, "memory_mib": 0,
+                   "power_w": 700.0, "accelerator_models": ["maia-100"]},
+         "locality": "rack", "priority": 100, "preemptible": False, "spread": {"domain": "node", "max_per_domain": 1}},
+        {"id": "small", "tenant": "t2", "replicas": 1, "min_replicas": 1, "shards_per_replica": 1,
+         "shard": {"accelerators": 1, "accelerator_milli": 500, "hbm_gib": 0.0, "cpu_milli": 0, "memory_mib": 0,
+                   "power_w": 0.0},
+         "locality": "node", "priority": 0, "preemptible": True},
+    ],
+    # The deleting deployment's shard is left out; the one on the down node is kept.
+    "placements": [
+        {"deployment": "big", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]},
+        {"deployment": "big", "replica": 0, "shard": 1, "node": "n3", "accelerator_indices": [1]},
+        {"deployment": "small", "replica": 0, "shard": 0, "node": "n2", "accelerator_indices": [0],
+         "accelerator_milli": 500},
+    ],
+}
+
+
+async def test_snapshot_has_exactly_the_expected_content(database: Database) -> None:
+    await _build_small_cluster(database)
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    assert snap.problem == EXPECTED
+    assert list(snap.problem) == list(EXPECTED)  # key order too: readable dumps
+    assert snap.generation == 0
+    assert set(snap.deployment_ids) == {"big", "small"}
+    assert snap.placements_by_shard[("big", 0, 1)]["node"] == "n3"
+    assert_valid_problem(snap.problem)
+
+
+async def test_snapshot_reads_the_current_generation(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        assert await bump_cluster_generation(uow.session) == 1
+        assert await bump_cluster_generation(uow.session) == 2
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    assert snap.generation == 2
+    assert snap.problem["nodes"] == [] and snap.problem["placements"] == []
+
+
+@pytest.mark.parametrize("example", ["tiny", "maia-64"])
+async def test_example_documents_round_trip(database: Database, example: str) -> None:
+    path = SHARED / "examples" / f"{example}.problem.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    doc = json.loads(path.read_text())
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, doc)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    assert_valid_problem(snap.problem)
+    # Same problem for the solver (the snapshot spells out defaults and sorts by id).
+    original = problem_from_dict({**doc, "options": {}})
+    loaded = problem_from_dict(snap.problem)
+    for part in ("zones", "rows", "racks", "nodes", "tenants", "placements"):
+        assert sorted(getattr(loaded, part), key=repr) == sorted(getattr(original, part), key=repr), part
+    assert loaded.deployments == original.deployments  # arrival order kept
+
+
+async def test_snapshot_runs_one_query_per_table(database: Database) -> None:
+    doc = json.loads((SHARED / "examples" / "tiny.problem.json").read_text())
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, doc)
+        await uow.commit()
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        async with database.unit_of_work() as uow:
+            await load_snapshot(uow.session)
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", count)
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 8, selects
+
+
+@pytest.mark.parametrize("health", list(NodeHealth))
+@pytest.mark.parametrize("cordoned", [False, True])
+def test_node_state_matches_the_model_property(health: NodeHealth, cordoned: bool) -> None:
+    assert node_state(health, cordoned) == Node(health=health, cordoned=cordoned).state
