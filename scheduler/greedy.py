@@ -104,7 +104,10 @@ class Placer:
         dom_free = np.bincount(s.topo.domain_of(level), weights=node_free,
                                minlength=s.topo.n_domains(level))
         left = dom_free[candidates] - count * s.deps[d].shard.milli
-        return int(candidates[np.argmin(left)])
+        # Ties go to domains the tenant already uses: others stay clean for isolation.
+        own = np.bincount(s.topo.domain_of(level), weights=s.node_tenant[:, t],
+                          minlength=s.topo.n_domains(level))[candidates] > 0
+        return int(candidates[np.lexsort((candidates, ~own, left))[0]])
 
     def _fill(self, d: int, slots: np.ndarray, nodes: np.ndarray, count: int
               ) -> list[int] | None:
@@ -162,13 +165,16 @@ class Placer:
                 after = np.where(take, 0, after)
         left_after = after.sum(axis=1)
         cpu_after = s.cpu_free[candidates] - spec.cpu_milli
+        # Prefer racks the tenant already uses, so other racks stay clean for isolation.
+        stranger = s.rack_tenant[s.topo.node_rack[candidates], t] == 0
         if self.scorer == "fgd" and len(self.workload.counts):
             before = self._fragmentation(t)[candidates]
             delta = node_fragmentation(after, cpu_after, self.workload) - before
             # Ties (common when nothing changes) go to the node left with less free capacity.
-            order = np.lexsort((candidates, cpu_after, left_after, np.round(delta, 6)))
+            order = np.lexsort((candidates, cpu_after, stranger, left_after,
+                                np.round(delta, 6)))
         else:
-            order = np.lexsort((candidates, cpu_after, left_after))
+            order = np.lexsort((candidates, cpu_after, stranger, left_after))
         return int(candidates[order[0]])
 
     def _fragmentation(self, t: int) -> np.ndarray:

@@ -117,20 +117,20 @@ class Solver:
                                          -deps[d].shards_per_replica * max(deps[d].shard.milli, 1),
                                          d))
 
-    def place_group(self, ds: list[int]) -> None:
+    def place_group(self, ds: list[int], preempt: bool = True) -> None:
         for d in ds:
             self.workload.observe(self.state.deps[d].shard, self.state.deps[d].replicas)
         for d in self.batch_order(ds):
-            self.place_one(d)
+            self.place_one(d, preempt)
 
-    def place_one(self, d: int) -> None:
+    def place_one(self, d: int, preempt: bool = True) -> None:
         todo = self.pending(d)
         if not todo:
             return
         placed = self.placer.place_deployment(d, todo)
         if len(placed) < len(todo):
             self.why[d] = explain(self.state, d)
-            if self.problem.options.allow_preemption:
+            if preempt and self.problem.options.allow_preemption:
                 self.preempt_for(d)
 
     def run(self) -> Plan:
@@ -148,23 +148,24 @@ class Solver:
                     self.place_one(group[0])
                 else:
                     self.place_group(group)
-        else:
-            self.place_group(wanted)
+        elif wanted:
+            base = self.state.copy()
+            self.place_group(wanted, preempt=False)
+            if any(self.pending(d) for d in wanted) or len(wanted) > 1:
+                self.improve_with_cpsat(base, wanted)
+            for d in self.batch_order([d for d in wanted if self.pending(d)]):
+                self.why.setdefault(d, explain(self.state, d))
+                if opts.allow_preemption:
+                    self.preempt_for(d)
             if opts.mode == "rebalance":
                 self.rebalance()
-            self.improve_with_cpsat(wanted)
         return self.plan()
 
     # ---- CP-SAT ---------------------------------------------------------------------------
 
-    def improve_with_cpsat(self, wanted: list[int]) -> None:
-        if not wanted or any(self.pending(d) for d in wanted) is False:
-            return
-        try:
-            from scheduler.cpsat import improve
-        except ImportError:
-            return
-        improve(self, wanted)
+    def improve_with_cpsat(self, base: ClusterState, wanted: list[int]) -> None:
+        from scheduler.cpsat import improve
+        improve(self, base, wanted)
 
     # ---- preemption and moves -------------------------------------------------------------
 
@@ -211,46 +212,57 @@ class Solver:
             len(state.replicas[v]) * state.deps[v[0]].shard.milli for v in by_domain[dm]))
         best = None
         r = self.pending(d)[0]
+        size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1)
+                for v in eligible}
+        orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
+                  lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
         for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
             allowed = dom == dm
-            victims = sorted(by_domain[dm], key=lambda v: (state.deps[v[0]].priority,
-                                                           -len(state.replicas[v]), v))
-            trial = state.copy()
-            placer = Placer(trial, scorer="bestfit")
-            removed: list[tuple[int, int]] = []
-            fitted = False
-            for v in victims:
-                if v in trial.replicas:
-                    removed += self._cascade(trial, [v])
-                if node_fit(trial, d).slots[allowed].sum() >= dep.shards_per_replica and \
-                        placer.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
-                    fitted = True
-                    break
-            if not fitted:
-                continue
-            # min_replicas: the rest of the deployment must reach it in the same trial.
-            rest = [x for x in range(dep.replicas) if (d, x) not in trial.replicas]
-            placer.place_deployment(d, rest)
-            if not trial.placed_replicas(d):
-                continue
-            moved = 0
-            if relocate:  # every removed replica must land again elsewhere
-                back = Placer(trial, scorer="bestfit")
-                for v in removed:
-                    vd, vr = v
-                    if not back.place_gang(vd, vr, list(range(state.deps[vd].shards_per_replica))):
-                        fitted = False
-                        break
-                    old = state.replicas[v]
-                    moved += sum(1 for s, at in trial.replicas[v].items() if old[s].node != at.node)
-                if not fitted or moved > budget:
-                    continue
-            cost = (len(removed), moved)
-            if best is None or cost < best[0]:
-                best = (cost, trial, removed, moved)
+            for order in orders:
+                found = self._trial(d, r, sorted(by_domain[dm], key=order), allowed,
+                                    relocate, budget)
+                if found is not None and (best is None or found[0] < best[0]):
+                    best = found
         if best is None:
             return None
         return best[1], best[2], best[3]
+
+    def _trial(self, d: int, r: int, victims: list[tuple[int, int]], allowed: np.ndarray,
+               relocate: bool, budget: int
+               ) -> tuple[tuple[int, int], ClusterState, list[tuple[int, int]], int] | None:
+        """Remove victims in order until replica r of d fits in `allowed`; cost or None."""
+        state = self.state
+        dep = state.deps[d]
+        trial = state.copy()
+        placer = Placer(trial, scorer="bestfit")
+        removed: list[tuple[int, int]] = []
+        fitted = False
+        for v in victims:
+            if v in trial.replicas:
+                removed += self._cascade(trial, [v])
+            if node_fit(trial, d).slots[allowed].sum() >= dep.shards_per_replica and \
+                    placer.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
+                fitted = True
+                break
+        if not fitted:
+            return None
+        # min_replicas: the rest of the deployment must reach it in the same trial.
+        rest = [x for x in range(dep.replicas) if (d, x) not in trial.replicas]
+        placer.place_deployment(d, rest)
+        if not trial.placed_replicas(d):
+            return None
+        moved = 0
+        if relocate:  # every removed replica must land again elsewhere
+            back = Placer(trial, scorer="bestfit")
+            for v in removed:
+                vd, vr = v
+                if not back.place_gang(vd, vr, list(range(state.deps[vd].shards_per_replica))):
+                    return None
+                old = state.replicas[v]
+                moved += sum(1 for s, at in trial.replicas[v].items() if old[s].node != at.node)
+            if moved > budget:
+                return None
+        return (len(removed), moved), trial, removed, moved
 
     def preempt_for(self, d: int) -> None:
         state = self.state

@@ -1,0 +1,93 @@
+"""Small builders for solver tests: interchange documents in a few keyword arguments.
+
+Every builder returns plain dicts of the interchange format, so tests go through
+`problem_from_dict` (validation included) exactly like the controller does.
+
+    doc = problem(nodes=[node("n1", acc=4)], deployments=[dep("d", acc=1, replicas=2)])
+    plan = solve_doc(doc)
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from scheduler import Plan, plan_to_dict, problem_from_dict, solve
+
+Doc = dict[str, Any]
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "placement"
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def node(id: str, rack: str = "r1", acc: int = 4, state: str = "ready", **kw: Any) -> Doc:
+    return {"id": id, "rack": rack, "state": state, "accelerators": acc,
+            "accelerator_model": kw.pop("model", "maia-100"), **kw}
+
+
+def dep(id: str, tenant: str = "t1", acc: int = 1, replicas: int = 1, shards: int = 1,
+        locality: str = "rack", **kw: Any) -> Doc:
+    shard = {"accelerators": acc}
+    for key in ("accelerator_milli", "hbm_gib", "cpu_milli", "memory_mib", "power_w",
+                "accelerator_models"):
+        if key in kw:
+            shard[key] = kw.pop(key)
+    return {"id": id, "tenant": tenant, "replicas": replicas, "shards_per_replica": shards,
+            "shard": shard, "locality": locality, **kw}
+
+
+def placed(deployment: str, node: str, indices: list[int], replica: int = 0, shard: int = 0,
+           milli: int | None = None) -> Doc:
+    out: Doc = {"deployment": deployment, "replica": replica, "shard": shard, "node": node,
+                "accelerator_indices": indices}
+    if milli is not None:
+        out["accelerator_milli"] = milli
+    return out
+
+
+def problem(nodes: list[Doc], deployments: list[Doc], *, racks: list[Doc] | None = None,
+            rows: list[Doc] | None = None, zones: list[Doc] | None = None,
+            tenants: list[Doc] | None = None, placements: list[Doc] | None = None,
+            **options: Any) -> Doc:
+    """A whole problem; racks/rows/zones/tenants default to one plain one each."""
+    rack_ids = list(dict.fromkeys(n["rack"] for n in nodes))
+    racks = racks if racks is not None else [{"id": r, "row": "w1"} for r in rack_ids]
+    rows = rows if rows is not None else [{"id": "w1", "zone": "z1"}]
+    zones = zones if zones is not None else [{"id": z} for z in dict.fromkeys(
+        r["zone"] for r in rows)]
+    tenant_ids = list(dict.fromkeys(d["tenant"] for d in deployments))
+    tenants = tenants if tenants is not None else [{"id": t} for t in tenant_ids]
+    return {"version": 1, "zones": zones, "rows": rows, "racks": racks, "nodes": nodes,
+            "tenants": tenants, "deployments": deployments, "placements": placements or [],
+            "options": {"mode": "batch", "time_limit_ms": 2000, **options}}
+
+
+def solve_doc(doc: Doc, **kw: Any) -> Plan:
+    """Solve, and insist the plan passes the independent checker when it is there."""
+    plan = solve(problem_from_dict(copy.deepcopy(doc)), **kw)
+    violations = check(doc, plan_to_dict(plan))
+    assert violations == [], violations
+    return plan
+
+
+def check(doc: Doc, plan_doc: Doc) -> list[Any]:
+    try:
+        from checker import check_plan  # tests/scheduler/checker.py, written independently
+    except ImportError:
+        return []
+    return check_plan(doc, plan_doc)
+
+
+def placed_count(plan: Plan, deployment: str) -> int:
+    return len({p.replica for p in plan.placements if p.deployment == deployment})
+
+
+def codes(plan: Plan, deployment: str) -> set[str]:
+    return {r.code for u in plan.unplaced if u.deployment == deployment for r in u.reasons}
+
+
+def messages(plan: Plan, deployment: str) -> str:
+    return " | ".join(r.message for u in plan.unplaced if u.deployment == deployment
+                      for r in u.reasons)

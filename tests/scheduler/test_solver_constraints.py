@@ -1,0 +1,259 @@
+"""One test per hard rule of the spec: each fails if the solver ignores that rule."""
+
+from __future__ import annotations
+
+from builders import codes, dep, messages, node, placed, placed_count, problem, solve_doc
+
+
+def test_whole_accelerators_are_not_oversubscribed() -> None:
+    doc = problem([node("n1", acc=4), node("n2", acc=4)], [dep("d", acc=4, replicas=3,
+                                                              locality="node")])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "d") == 2
+    assert "CAPACITY" in codes(plan, "d")
+    for p in plan.placements:
+        assert p.accelerator_indices == (0, 1, 2, 3)
+
+
+def test_whole_shards_own_distinct_lowest_indices() -> None:
+    doc = problem([node("n1", acc=4)], [dep("d", acc=1, replicas=1, shards=3, locality="node")],
+                  placements=[placed("x", "n1", [1])] if False else None)
+    plan = solve_doc(doc)
+    assert sorted(i for p in plan.placements for i in p.accelerator_indices) == [0, 1, 2]
+
+
+def test_fractions_share_an_accelerator_within_a_tenant_only() -> None:
+    same = problem([node("n1", acc=1)], [
+        dep("a", tenant="t1", accelerator_milli=500, locality="node"),
+        dep("b", tenant="t1", accelerator_milli=500, locality="node")])
+    plan = solve_doc(same)
+    assert placed_count(plan, "a") == placed_count(plan, "b") == 1
+    assert {p.accelerator_indices for p in plan.placements} == {(0,)}
+    assert {p.accelerator_milli for p in plan.placements} == {500}
+
+    other = problem([node("n1", acc=1)], [
+        dep("a", tenant="t1", accelerator_milli=300, locality="node"),
+        dep("b", tenant="t2", accelerator_milli=300, locality="node")])
+    plan = solve_doc(other)
+    assert placed_count(plan, "a") + placed_count(plan, "b") == 1
+
+
+def test_fractions_fill_a_partly_used_accelerator_first() -> None:
+    doc = problem([node("n1", acc=2)], [dep("b", accelerator_milli=400, locality="node")],
+                  placements=[placed("a", "n1", [1], milli=500)])
+    doc["deployments"].insert(0, dep("a", accelerator_milli=500, locality="node"))
+    plan = solve_doc(doc)
+    new = [p for p in plan.placements if p.deployment == "b"]
+    assert new[0].accelerator_indices == (1,)
+
+
+def test_fractions_share_hbm_too() -> None:
+    doc = problem([node("n1", acc=1, hbm_gib=64)], [
+        dep("a", accelerator_milli=300, hbm_gib=40, locality="node"),
+        dep("b", accelerator_milli=300, hbm_gib=40, locality="node")])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "a") + placed_count(plan, "b") == 1
+    assert "HBM" in codes(plan, "b") | codes(plan, "a")
+
+
+def test_hbm_per_accelerator() -> None:
+    plan = solve_doc(problem([node("n1", hbm_gib=32)], [dep("d", hbm_gib=48)]))
+    assert placed_count(plan, "d") == 0 and codes(plan, "d") == {"HBM"}
+
+
+def test_cpu_and_memory() -> None:
+    plan = solve_doc(problem([node("n1", cpu_milli=8000, memory_mib=1024)],
+                             [dep("c", cpu_milli=6000), dep("c2", cpu_milli=6000),
+                              dep("m", memory_mib=2048)]))
+    assert placed_count(plan, "c") + placed_count(plan, "c2") == 1
+    assert "CPU" in codes(plan, "c") | codes(plan, "c2")
+    assert codes(plan, "m") == {"MEMORY"}
+
+
+def test_undeclared_node_resources_are_unlimited() -> None:
+    plan = solve_doc(problem([node("n1")], [dep("d", hbm_gib=500, cpu_milli=10**9,
+                                                memory_mib=10**9)]))
+    assert placed_count(plan, "d") == 1
+
+
+def test_accelerator_models() -> None:
+    plan = solve_doc(problem([node("n1", model="m1"), node("n2", model="m2")],
+                             [dep("d", acc=4, accelerator_models=["m2"])]))
+    assert [p.node for p in plan.placements] == ["n2"]
+    plan = solve_doc(problem([node("n1", model="m1")], [dep("d", accelerator_models=["m2"])]))
+    assert codes(plan, "d") == {"ACCELERATOR_MODEL"}
+
+
+def test_a_replica_is_a_gang() -> None:
+    plan = solve_doc(problem([node("n1"), node("n2")], [dep("d", acc=4, shards=3)]))
+    assert plan.placements == ()
+    assert plan.status == "infeasible"
+
+
+def test_min_replicas_all_or_nothing() -> None:
+    plan = solve_doc(problem([node("n1"), node("n2")],
+                             [dep("d", acc=4, replicas=3, min_replicas=3, locality="node")]))
+    assert plan.placements == ()
+    assert plan.unplaced[0].replicas == 3
+
+
+def test_locality_node() -> None:
+    nodes = [node("n1", acc=2), node("n2", acc=2)]
+    plan = solve_doc(problem(nodes, [dep("d", acc=2, shards=2, locality="node")]))
+    assert placed_count(plan, "d") == 0 and "LOCALITY" in codes(plan, "d")
+    plan = solve_doc(problem(nodes, [dep("d", acc=2, shards=2, locality="rack")]))
+    assert placed_count(plan, "d") == 1
+
+
+def test_locality_rack_and_row() -> None:
+    nodes = [node("n1", rack="r1"), node("n2", rack="r2")]
+    plan = solve_doc(problem(nodes, [dep("d", acc=4, shards=2, locality="rack")]))
+    assert placed_count(plan, "d") == 0 and "LOCALITY" in codes(plan, "d")
+    plan = solve_doc(problem(nodes, [dep("d", acc=4, shards=2, locality="row")]))
+    assert placed_count(plan, "d") == 1
+
+
+def test_locality_zone_spans_rows_but_not_zones() -> None:
+    nodes = [node("n1", rack="r1"), node("n2", rack="r2")]
+    racks = [{"id": "r1", "row": "w1"}, {"id": "r2", "row": "w2"}]
+    same_zone = [{"id": "w1", "zone": "z1"}, {"id": "w2", "zone": "z1"}]
+    two_zones = [{"id": "w1", "zone": "z1"}, {"id": "w2", "zone": "z2"}]
+    d = [dep("d", acc=4, shards=2, locality="zone")]
+    assert placed_count(solve_doc(problem(nodes, d, racks=racks, rows=same_zone)), "d") == 1
+    assert placed_count(solve_doc(problem(nodes, d, racks=racks, rows=two_zones)), "d") == 0
+    d = [dep("d", acc=4, shards=2, locality="none")]
+    assert placed_count(solve_doc(problem(nodes, d, racks=racks, rows=two_zones)), "d") == 1
+
+
+def test_spread() -> None:
+    doc = problem([node("n1", acc=8), node("n2", acc=8, state="cordoned")],
+                  [dep("d", acc=1, replicas=2, locality="node",
+                       spread={"domain": "node", "max_per_domain": 1})])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "d") == 1 and "SPREAD" in codes(plan, "d")
+
+
+def test_spread_finer_than_locality_counts_every_touched_domain() -> None:
+    nodes = [node(f"n{r}{i}", rack=f"r{r}", acc=1) for r in range(3) for i in range(2)]
+    doc = problem(nodes, [dep("d", acc=1, shards=3, replicas=2, locality="row",
+                              spread={"domain": "rack", "max_per_domain": 1})])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "d") == 1  # a second replica would touch some rack twice
+
+
+def test_isolation_dedicated_node() -> None:
+    doc = problem([node("n1"), node("n2", state="cordoned")],
+                  [dep("a", tenant="ta", locality="node"), dep("b", tenant="tb", locality="node")],
+                  tenants=[{"id": "ta"}, {"id": "tb", "isolation": "dedicated_node"}],
+                  placements=[placed("a", "n1", [0])])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "b") == 0 and codes(plan, "b") == {"ISOLATION", "NODE_STATE"}
+
+
+def test_isolation_protects_the_dedicated_tenant_too() -> None:
+    doc = problem([node("n1", rack="r1"), node("n2", rack="r1")],
+                  [dep("a", tenant="ta", locality="node"), dep("b", tenant="tb", locality="node")],
+                  tenants=[{"id": "ta", "isolation": "dedicated_rack"}, {"id": "tb"}],
+                  placements=[placed("a", "n1", [0])])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "b") == 0 and codes(plan, "b") == {"ISOLATION"}
+
+
+def test_isolation_dedicated_rack() -> None:
+    doc = problem([node("n1", rack="r1"), node("n2", rack="r1"), node("n3", rack="r2")],
+                  [dep("a", tenant="ta", locality="node"), dep("b", tenant="tb", acc=4)],
+                  tenants=[{"id": "ta"}, {"id": "tb", "isolation": "dedicated_rack"}],
+                  placements=[placed("a", "n1", [0])])
+    plan = solve_doc(doc)
+    assert [p.node for p in plan.placements if p.deployment == "b"] == ["n3"]
+
+
+def test_excludes_are_symmetric() -> None:
+    doc = problem([node("n1", rack="r1"), node("n2", rack="r1")],
+                  [dep("a", tenant="ta", locality="node"), dep("b", tenant="tb", locality="node")],
+                  tenants=[{"id": "ta"}, {"id": "tb", "excludes": ["ta"]}],
+                  placements=[placed("b", "n1", [0])])
+    plan = solve_doc(doc)  # only "tb" lists the exclusion; "ta" must still keep out
+    assert placed_count(plan, "a") == 0 and codes(plan, "a") == {"EXCLUSION"}
+
+
+def test_tenant_zones() -> None:
+    nodes = [node("n1", rack="r1")]
+    doc = problem(nodes, [dep("d")], rows=[{"id": "w1", "zone": "z1"}],
+                  zones=[{"id": "z1"}, {"id": "z2"}], tenants=[{"id": "t1", "zones": ["z2"]}])
+    plan = solve_doc(doc)
+    assert codes(plan, "d") == {"ZONE"}
+
+
+def test_max_accelerators_counts_fractions() -> None:
+    doc = problem([node("n1", acc=2)],
+                  [dep("a", accelerator_milli=500, locality="node"),
+                   dep("b", accelerator_milli=600, locality="node")],
+                  tenants=[{"id": "t1", "max_accelerators": 1}],
+                  placements=[placed("a", "n1", [0], milli=500)])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "b") == 0 and codes(plan, "b") == {"QUOTA_ACCELERATORS"}
+
+
+def test_max_power_counts_shard_power_only() -> None:
+    doc = problem([node("n1", idle_power_w=5000)], [dep("d", acc=2, power_w=500)],
+                  tenants=[{"id": "t1", "max_power_w": 1000}])
+    assert placed_count(solve_doc(doc), "d") == 1  # idle power is not the tenant's
+    doc = problem([node("n1")], [dep("d", acc=3, power_w=500)],
+                  tenants=[{"id": "t1", "max_power_w": 1000}])
+    plan = solve_doc(doc)
+    assert codes(plan, "d") == {"QUOTA_POWER"}
+
+
+def test_rack_power_budget_includes_idle_power() -> None:
+    # 4 x 700 W of shards alone fit 3000 W; with 2 x 600 W idle they do not.
+    doc = problem([node("n1", idle_power_w=600), node("n2", idle_power_w=600)],
+                  [dep("d", acc=2, shards=2, power_w=700)],
+                  racks=[{"id": "r1", "row": "w1", "power_budget_w": 3000}])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "d") == 0
+    assert "POWER_RACK" in codes(plan, "d")
+    assert "fits if the budget were 4.0 kW" in messages(plan, "d") or \
+        "4000 W" in messages(plan, "d")
+
+
+def test_down_nodes_draw_no_idle_power() -> None:
+    doc = problem([node("n1", idle_power_w=600), node("n2", idle_power_w=600, state="down")],
+                  [dep("d", acc=4, power_w=500)],
+                  racks=[{"id": "r1", "row": "w1", "power_budget_w": 2600}])
+    assert placed_count(solve_doc(doc), "d") == 1
+
+
+def test_row_power_budget() -> None:
+    nodes = [node("n1", rack="r1", idle_power_w=100), node("n2", rack="r2", idle_power_w=100)]
+    doc = problem(nodes, [dep("a", acc=4, power_w=500), dep("b", acc=4, power_w=500)],
+                  rows=[{"id": "w1", "zone": "z1", "power_budget_w": 2300}])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "a") + placed_count(plan, "b") == 1
+    assert "POWER_ROW" in codes(plan, "a") | codes(plan, "b")
+
+
+def test_cordoned_keeps_its_shards_and_takes_none() -> None:
+    doc = problem([node("n1", state="cordoned")], [dep("a", locality="node"),
+                                                  dep("b", locality="node")],
+                  placements=[placed("a", "n1", [0])])
+    plan = solve_doc(doc)
+    assert [(p.deployment, p.node) for p in plan.placements] == [("a", "n1")]
+    assert codes(plan, "b") == {"NODE_STATE"}
+
+
+def test_down_node_shards_are_placed_again() -> None:
+    doc = problem([node("n1", state="down"), node("n2")], [dep("a", acc=2, locality="node")],
+                  placements=[placed("a", "n1", [0, 1])])
+    plan = solve_doc(doc)
+    assert [(p.deployment, p.node) for p in plan.placements] == [("a", "n2")]
+
+
+def test_existing_placements_count_against_capacity_and_stay() -> None:
+    doc = problem([node("n1"), node("n2")], [dep("a", acc=1, locality="node"),
+                                             dep("b", acc=4, replicas=2, locality="node")],
+                  placements=[placed("a", "n1", [2])])
+    plan = solve_doc(doc)
+    assert ("a", "n1", (2,)) in {(p.deployment, p.node, p.accelerator_indices)
+                                 for p in plan.placements}
+    assert placed_count(plan, "b") == 1 and plan.moved == ()

@@ -1,0 +1,39 @@
+"""Reasons for what does not fit: codes from the spec, binding numbers, aggregated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from builders import SHARED, codes, dep, messages, node, problem, solve_doc
+
+
+@pytest.mark.skipif(not (SHARED / "examples").is_dir(), reason="shared examples not present")
+def test_tiny_unplaceable_gives_the_three_reasons() -> None:
+    doc = json.loads((SHARED / "examples" / "tiny-unplaceable.problem.json").read_text())
+    plan = solve_doc(doc)
+    [claude] = [u for u in plan.unplaced if u.deployment == "claude-serving"]
+    by_code = {r.code: r for r in claude.reasons}
+    assert {"POWER_RACK", "EXCLUSION", "NODE_STATE"} <= set(by_code)
+    power = by_code["POWER_RACK"]
+    assert power.scope == "rack-a1"
+    assert "1200 W used + 5600 W needed > 6500 W budget" in power.message
+    assert "6800 W" in power.message  # the smallest budget that would make it fit
+    assert "rack-a2" in by_code["EXCLUSION"].message
+    assert "msft-internal" in by_code["EXCLUSION"].message
+    assert "a2-n2" in by_code["NODE_STATE"].message
+
+
+def test_node_counts_are_aggregated_per_reason() -> None:
+    nodes = [node(f"c{i}", state="cordoned") for i in range(3)] + \
+        [node(f"s{i}", model="old") for i in range(2)]
+    plan = solve_doc(problem(nodes, [dep("d", accelerator_models=["maia-100"])]))
+    assert codes(plan, "d") == {"NODE_STATE", "ACCELERATOR_MODEL"}
+    assert "0/5 nodes fit a shard: 3 NODE_STATE, 2 ACCELERATOR_MODEL" in messages(plan, "d")
+
+
+def test_every_unplaced_replica_is_counted() -> None:
+    plan = solve_doc(problem([node("n1")], [dep("d", acc=4, replicas=3, locality="node")]))
+    assert [(u.deployment, u.replicas) for u in plan.unplaced] == [("d", 2)]
+    assert all(r.message for u in plan.unplaced for r in u.reasons)

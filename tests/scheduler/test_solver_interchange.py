@@ -1,0 +1,96 @@
+"""The interchange format: validation errors, schemas, the shared examples, purity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from builders import SHARED, dep, node, placed, problem, solve_doc
+from scheduler import ProblemError, plan_to_dict, problem_from_dict, solve
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "scheduler" / "schemas"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
+                                  reason=f"shared spec folder {SHARED} not present")
+
+
+def error_of(doc: dict) -> ProblemError:
+    with pytest.raises(ProblemError) as info:
+        problem_from_dict(doc)
+    return info.value
+
+
+def test_unknown_tenant_names_path_and_value() -> None:
+    doc = problem([node("n1")], [dep("a"), dep("b"), dep("c"), dep("d")],
+                  tenants=[{"id": "t1"}])
+    doc["deployments"][3]["tenant"] = "acme"
+    assert str(error_of(doc)) == "deployments[3].tenant: unknown tenant 'acme'"
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["nodes"][0].update(rack="nowhere"), "nodes[0].rack"),
+    (lambda d: d["racks"][0].update(row="nowhere"), "racks[0].row"),
+    (lambda d: d["rows"][0].update(zone="nowhere"), "rows[0].zone"),
+    (lambda d: d["nodes"].append(dict(d["nodes"][0])), "nodes[1].id"),
+    (lambda d: d["placements"].append(placed("ghost", "n1", [0])), "placements[0].deployment"),
+    (lambda d: d["placements"].append(placed("a", "n9", [0])), "placements[0].node"),
+    (lambda d: d["placements"].append(placed("a", "n1", [0], replica=5)),
+     "placements[0].replica"),
+    (lambda d: d["placements"].append(placed("a", "n1", [0], shard=1)), "placements[0].shard"),
+    (lambda d: d["placements"].append(placed("a", "n1", [7])),
+     "placements[0].accelerator_indices[0]"),
+    (lambda d: d["tenants"][0].update(excludes=["ghost"]), "tenants[0].excludes[0]"),
+    (lambda d: d["deployments"][0].update(replicas=0), "deployments[0].replicas"),
+])
+def test_referential_and_schema_errors(mutate, field: str) -> None:
+    doc = problem([node("n1")], [dep("a")])
+    mutate(doc)
+    err = error_of(doc)
+    assert err.field == field
+    assert str(err).startswith(field + ":")
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["problem.schema.json", "plan.schema.json"])
+def test_shipped_schemas_equal_the_shared_ones(name: str) -> None:
+    assert json.loads((SCHEMAS / name).read_text()) == json.loads((SHARED / name).read_text())
+
+
+def _plan_validator() -> jsonschema.protocols.Validator:
+    from referencing import Registry, Resource
+    problem_schema = json.loads((SCHEMAS / "problem.schema.json").read_text())
+    plan_schema = json.loads((SCHEMAS / "plan.schema.json").read_text())
+    registry = Registry().with_resources(
+        [("problem.schema.json", Resource.from_contents(problem_schema))])
+    return jsonschema.Draft202012Validator(plan_schema, registry=registry)
+
+
+@needs_shared
+@pytest.mark.parametrize("path", sorted((SHARED / "examples").glob("*.problem.json"))
+                         if SHARED.is_dir() else [], ids=lambda p: p.name)
+def test_every_shared_example_solves_to_a_valid_plan(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    plan = solve_doc(doc, time_limit_ms=1000)
+    _plan_validator().validate(plan_to_dict(plan))
+
+
+def test_moved_items_use_from_and_to() -> None:
+    doc = problem([node("n1", state="down"), node("n2")], [dep("a", locality="node")],
+                  placements=[placed("a", "n1", [0])])
+    out = plan_to_dict(solve_doc(doc))
+    _plan_validator().validate(out)
+    assert out["moved"] in ([], [{"deployment": "a", "replica": 0, "shard": 0, "from": "n1",
+                                  "to": "n2"}])
+
+
+def test_scheduler_imports_nothing_impure() -> None:
+    code = ("import sys, scheduler, scheduler.solve, scheduler.cpsat; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('grpc', 'sqlalchemy', 'alembic', 'controller', 'maia')]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], check=True)
+    assert out.stdout.strip() == "[]"

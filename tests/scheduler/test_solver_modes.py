@@ -1,0 +1,116 @@
+"""Modes, priorities, preemption and moves."""
+
+from __future__ import annotations
+
+from builders import codes, dep, node, placed, placed_count, problem, solve_doc
+
+
+def test_batch_places_higher_priority_first() -> None:
+    doc = problem([node("n1")], [dep("low", acc=4, priority=0), dep("high", acc=4, priority=9)])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "high") == 1 and placed_count(plan, "low") == 0
+
+
+def test_online_decides_in_listed_order_without_looking_ahead() -> None:
+    doc = problem([node("n1")], [dep("low", acc=4, priority=0), dep("high", acc=4, priority=9)],
+                  mode="online")
+    plan = solve_doc(doc)
+    assert placed_count(plan, "low") == 1 and placed_count(plan, "high") == 0
+
+
+def test_online_batch_size_decides_groups_jointly() -> None:
+    doc = problem([node("n1")], [dep("low", acc=4, priority=0), dep("high", acc=4, priority=9)],
+                  mode="online", batch_size=2)
+    plan = solve_doc(doc)
+    assert placed_count(plan, "high") == 1
+
+
+def test_online_prefix_independence() -> None:
+    deps = [dep(f"d{i}", acc=1 + i % 2, locality="node") for i in range(6)]
+    nodes = [node("n1"), node("n2", acc=2)]
+    full = solve_doc(problem(nodes, deps, mode="online"))
+    part = solve_doc(problem(nodes, deps[:4], mode="online"))
+    keep = {f"d{i}" for i in range(4)}
+    assert [p for p in full.placements if p.deployment in keep] == list(part.placements)
+
+
+def test_batch_packs_big_gangs_before_small_ones() -> None:
+    doc = problem([node("n1", rack="r1"), node("n2", rack="r2")],
+                  [dep("small", acc=1, replicas=2, locality="node"), dep("big", acc=4,
+                                                                       locality="node")])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "big") == 1 and placed_count(plan, "small") == 2
+
+
+def _preemption_doc(allow: bool) -> dict:
+    return problem([node("n1"), node("n2")],
+                   [dep("burst", acc=2, replicas=2, locality="node", preemptible=True),
+                    dep("big", acc=4, replicas=1, locality="node", preemptible=True),
+                    dep("vip", acc=4, priority=10)],
+                   placements=[placed("burst", "n1", [0, 1], replica=0),
+                               placed("burst", "n1", [2, 3], replica=1),
+                               placed("big", "n2", [0, 1, 2, 3])],
+                   allow_preemption=allow)
+
+
+def test_no_preemption_unless_allowed() -> None:
+    plan = solve_doc(_preemption_doc(False))
+    assert placed_count(plan, "vip") == 0 and plan.preempted == ()
+
+
+def test_preemption_evicts_fewest_whole_replicas() -> None:
+    plan = solve_doc(_preemption_doc(True))
+    assert placed_count(plan, "vip") == 1
+    assert [(p.deployment, p.replica) for p in plan.preempted] == [("big", 0)]
+    assert placed_count(plan, "burst") == 2
+
+
+def test_reservation_allows_preemption_at_equal_priority() -> None:
+    doc = problem([node("n1")],
+                  [dep("burst", tenant="tb", acc=4, preemptible=True),
+                   dep("owed", tenant="ta", acc=4)],
+                  tenants=[{"id": "ta", "reserved_accelerators": 4}, {"id": "tb"}],
+                  placements=[placed("burst", "n1", [0, 1, 2, 3])], allow_preemption=True)
+    plan = solve_doc(doc)
+    assert placed_count(plan, "owed") == 1
+    assert [(p.deployment, p.replica) for p in plan.preempted] == [("burst", 0)]
+
+
+def test_no_preemption_of_non_preemptible_work() -> None:
+    doc = problem([node("n1")], [dep("steady", acc=4), dep("vip", acc=4, priority=10)],
+                  placements=[placed("steady", "n1", [0, 1, 2, 3])], allow_preemption=True)
+    plan = solve_doc(doc)
+    assert placed_count(plan, "vip") == 0 and codes(plan, "vip") == {"CAPACITY"}
+
+
+def _rebalance_doc(max_moves: int) -> dict:
+    # n1 and n2 each hold 2 of 4 accelerators: the 4-accelerator gang fits only after a move.
+    return problem([node("n1"), node("n2")],
+                   [dep("a", acc=2, locality="node"), dep("b", acc=2, locality="node"),
+                    dep("big", acc=4, locality="node")],
+                   placements=[placed("a", "n1", [0, 1]), placed("b", "n2", [0, 1])],
+                   mode="rebalance", max_moves=max_moves)
+
+
+def test_rebalance_respects_max_moves() -> None:
+    plan = solve_doc(_rebalance_doc(0))
+    assert placed_count(plan, "big") == 0 and plan.moved == ()
+
+
+def test_rebalance_moves_to_make_room() -> None:
+    plan = solve_doc(_rebalance_doc(1))
+    assert placed_count(plan, "big") == 1
+    assert len(plan.moved) == 1
+    assert placed_count(plan, "a") == 1 and placed_count(plan, "b") == 1
+
+
+def test_batch_never_moves_existing_work() -> None:
+    doc = _rebalance_doc(5)
+    doc["options"]["mode"] = "batch"
+    plan = solve_doc(doc)
+    assert plan.moved == () and placed_count(plan, "big") == 0
+
+
+def test_status_reports_nothing_to_do_as_optimal() -> None:
+    doc = problem([node("n1")], [dep("a", locality="node")], placements=[placed("a", "n1", [0])])
+    assert solve_doc(doc).status == "optimal"
