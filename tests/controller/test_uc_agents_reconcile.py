@@ -1,0 +1,147 @@
+"""Agent use cases and one reconcile pass at a time, with the real solver and database."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import select
+
+from controller.errors import FailedPrecondition
+from controller.reconcile import Reconciler
+from controller.store import models as m
+from controller.usecases import agents, deployments, nodes
+from controller.usecases.agents import NodeBeat
+from controller.usecases.domain import NodeInfo, ShardReport
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, row_counts
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.pushed: set[str] = set()
+        self.published: set[str] = set()
+        self.deleted: list[str] = []
+
+    def push(self, node_ids: set[str]) -> None:
+        self.pushed |= node_ids
+
+    async def publish(self, names: set[str], deleted: list) -> None:
+        self.published |= names
+        self.deleted += [v.spec.name for v in deleted]
+
+
+@pytest.fixture
+async def cluster(database):
+    await apply_topology(database, {"rack-a": "row-a", "rack-b": "row-a"})
+    await add_nodes(database, "rack-a", 2)
+    await add_nodes(database, "rack-b", 2)
+    await add_tenant(database, "t1")
+    return database
+
+
+def reconciler(db, rec: Recorder) -> Reconciler:
+    return Reconciler(db, push=rec.push, publish=rec.publish, solve_time_limit_ms=2000)
+
+
+async def test_register_unknown_rack_is_refused(database):
+    await apply_topology(database, {"rack-a": "row-a"})
+    before = await row_counts(database)
+    with pytest.raises(FailedPrecondition) as info:
+        async with database.unit_of_work() as uow:
+            await agents.register_node(uow, WHO, NodeInfo("n1", "rack-07", 4), heartbeat_interval_ms=1000)
+    assert info.value.message == "rack rack-07 is not in the topology; apply it first"
+    assert await row_counts(database) == before
+
+
+async def test_hello_needs_the_current_session(database):
+    await apply_topology(database, {"rack-a": "row-a"})
+    async with database.unit_of_work() as uow:
+        first = await agents.register_node(uow, WHO, NodeInfo("n1", "rack-a", 4), heartbeat_interval_ms=1000)
+    async with database.unit_of_work() as uow:
+        second = await agents.register_node(uow, WHO, NodeInfo("n1", "rack-a", 4), heartbeat_interval_ms=1000)
+    assert first.session_id != second.session_id
+    with pytest.raises(FailedPrecondition, match=f"session {first.session_id} is not the current session of node n1"):
+        async with database.unit_of_work() as uow:
+            await agents.hello(uow, "n1", first.session_id, datetime.now(timezone.utc))
+    async with database.unit_of_work() as uow:
+        assert await agents.hello(uow, "n1", second.session_id, datetime.now(timezone.utc)) is True
+    # A stream of the superseded session ending does not take the node down.
+    async with database.unit_of_work() as uow:
+        assert await agents.mark_down(uow, "n1", session_id=first.session_id, why="test") is False
+    async with database.unit_of_work() as uow:
+        assert await agents.mark_down(uow, "n1", session_id=second.session_id, why="test") is True
+
+
+async def test_submit_reconcile_running_then_delete(cluster):
+    rec = Recorder()
+    loop = reconciler(cluster, rec)
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, deployment("svc", replicas=2, shards=2), RecordingSignals())
+    outcome = await loop.reconcile_once()
+    assert outcome.solved and "svc" in outcome.changed_deployments
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.get_deployment(uow, WHO, "svc")
+    assert view.phase == "scheduled" and view.placed_replicas == 2 and len(view.placements) == 4
+    assert rec.pushed == {p.node for p in view.placements}
+
+    # Agents report running (one report stale: an older generation is ignored).
+    reports = [(p.node, ShardReport("svc", p.replica, p.shard, view.generation, "running")) for p in view.placements]
+    stale_node = view.placements[0].node
+    async with cluster.unit_of_work() as uow:
+        await agents.flush_reports(uow, {stale_node: NodeBeat(datetime.now(timezone.utc), 900.0)},
+                                   [(stale_node, ShardReport("svc", 0, 0, view.generation - 1, "failed"))])
+    async with cluster.unit_of_work() as uow:
+        changed = await agents.flush_reports(uow, {}, reports)
+    assert changed == {"svc"}
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.get_deployment(uow, WHO, "svc")
+        node = await nodes.get_node(uow, WHO, stale_node, frozenset())
+    assert view.phase == "running" and view.running_replicas == 2
+    assert node.power_draw_w == 900.0 and node.shards >= 1
+
+    # Idle: nothing changed, so no solve.
+    solves = loop.solves
+    assert not (await loop.reconcile_once()).solved and loop.solves == solves
+
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "svc", RecordingSignals())
+    outcome = await loop.reconcile_once()
+    assert outcome.deleted == ("svc",) and rec.deleted == ["svc"]
+    counts = await row_counts(cluster)
+    assert counts["deployments"] == 0 and counts["placements"] == 0
+
+
+async def test_unplaceable_stays_pending_with_reasons(cluster):
+    rec = Recorder()
+    async with cluster.unit_of_work() as uow:
+        await nodes.cordon_node(uow, WHO, "rack-a-n0", RecordingSignals(), frozenset())
+    # A whole rack of 8 is needed; rack-a has a cordoned node, so only rack-b fits one replica.
+    spec = deployment("gang", replicas=2, min_replicas=2, shards=2, accelerators=4)
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, spec, RecordingSignals())
+    await reconciler(cluster, rec).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.get_deployment(uow, WHO, "gang")
+    assert view.phase == "pending" and view.placements == ()
+    assert view.reasons and all(r.code and r.message for r in view.reasons)
+
+
+async def test_drain_removes_placements_and_reconcile_moves_them(cluster):
+    rec = Recorder()
+    loop = reconciler(cluster, rec)
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, deployment("svc", locality="node"), RecordingSignals())
+    await loop.reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        first = (await deployments.get_deployment(uow, WHO, "svc")).placements[0].node
+    signals = RecordingSignals()
+    async with cluster.unit_of_work() as uow:
+        view = await nodes.drain_node(uow, WHO, first, signals, frozenset())
+    assert view.state == "cordoned" and view.shards == 0 and signals.nodes == {first}
+    await loop.reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        moved = await deployments.get_deployment(uow, WHO, "svc")
+        placed_on = [p.node for p in moved.placements]
+        state = await uow.session.scalar(select(m.Node.cordoned).where(m.Node.id == first))
+    assert len(placed_on) == 1 and placed_on[0] != first and state is True

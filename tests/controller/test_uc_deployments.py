@@ -1,0 +1,135 @@
+"""Deployment use cases: validation with exact messages, nothing written on error, dry run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from controller.errors import AlreadyExists, InvalidArgument, NotFound
+from controller.usecases import deployments
+from controller.usecases.domain import SpreadSpec
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, row_counts, with_shard
+
+GOOD = deployment("svc", "t1", replicas=2, shards=2, accelerators=1)
+
+
+@pytest.fixture
+async def cluster(database):
+    """Two racks of two 4-accelerator nodes (8 accelerators per rack), tenant t1."""
+    await apply_topology(database, {"rack-a": "row-a", "rack-b": "row-a"})
+    await add_nodes(database, "rack-a", 2)
+    await add_nodes(database, "rack-b", 2)
+    await add_tenant(database, "t1")
+    return database
+
+
+async def test_submit_stores_pending_and_wakes(cluster):
+    signals = RecordingSignals()
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.submit_deployment(uow, WHO, GOOD, signals)
+    assert view.phase == "pending" and view.placements == ()
+    assert signals.wakes == 1 and [e.type for e in signals.events] == ["added"]
+    async with cluster.unit_of_work() as uow:
+        got = await deployments.get_deployment(uow, WHO, "svc")
+        listed = await deployments.list_deployments(uow, WHO, "t1")
+        other = await deployments.list_deployments(uow, WHO, "t2")
+    assert got.spec == GOOD
+    assert [d.spec.name for d in listed] == ["svc"] and other == []
+
+
+BAD = [
+    (replace(GOOD, name="Bad_Name"), InvalidArgument, "deployment name 'Bad_Name' is invalid"),
+    (replace(GOOD, name="x" * 64), InvalidArgument, "is 64 characters long; at most 63"),
+    (replace(GOOD, replicas=0), InvalidArgument, "deployment svc: replicas must be >= 1, got 0"),
+    (replace(GOOD, min_replicas=3), InvalidArgument,
+     "deployment svc: min_replicas must be between 1 and replicas (2), got 3"),
+    (replace(GOOD, shards_per_replica=0), InvalidArgument, "deployment svc: shards_per_replica must be >= 1, got 0"),
+    (with_shard(GOOD, accelerator_milli=1500), InvalidArgument,
+     "shard.accelerator_milli must be between 1 and 1000, got 1500"),
+    (with_shard(GOOD, accelerators=2, accelerator_milli=500), InvalidArgument,
+     "shard.accelerator_milli 500 (a fraction) needs shard.accelerators = 1, got 2"),
+    (with_shard(GOOD, hbm_gib=-1.0), InvalidArgument, "deployment svc: shard.hbm_gib must be >= 0, got -1"),
+    (with_shard(GOOD, power_w=-5.0), InvalidArgument, "deployment svc: shard.power_w must be >= 0, got -5"),
+    (replace(GOOD, locality="galaxy"), InvalidArgument, "locality 'galaxy' is not one of node, rack, row, zone, none"),
+    (replace(GOOD, spread=SpreadSpec("rack", 0)), InvalidArgument, "spread.max_per_domain must be >= 1, got 0"),
+    (replace(GOOD, tenant="ghost"), NotFound, "tenant ghost not found"),
+    # Impossible on this cluster, with the numbers:
+    (deployment("big", "t1", shards=3, accelerators=4), InvalidArgument,
+     "deployment big: one rack-local replica needs 12 accelerators (3 shards x 4); the largest rack holds 8 (rack-a)"),
+    (deployment("fat", "t1", accelerators=8, locality="none"), InvalidArgument,
+     "deployment fat: one shard needs 8 accelerators on one node; the largest node has 4"),
+    (deployment("alien", "t1", shard_accelerator_models=("tpu-v9",)), InvalidArgument,
+     "deployment alien: no node has accelerator model tpu-v9 (registered models: maia-100)"),
+    (deployment("hbm", "t1", shard_hbm_gib=128.0), InvalidArgument,
+     "one shard needs 128 GiB of HBM per accelerator; the most any node has is 64 GiB"),
+    (deployment("nodey", "t1", shards=5, accelerators=1, locality="node"), InvalidArgument,
+     "one node-local replica needs 5 accelerators (5 shards x 1); the largest node holds 4"),
+]
+
+
+@pytest.mark.parametrize(("spec", "error", "message"), BAD, ids=[b[2][:40] for b in BAD])
+async def test_bad_deployment_is_refused_and_nothing_written(cluster, spec, error, message):
+    before = await row_counts(cluster)
+    signals = RecordingSignals()
+    with pytest.raises(error) as info:
+        async with cluster.unit_of_work() as uow:
+            await deployments.submit_deployment(uow, WHO, spec, signals)
+    assert message in info.value.message
+    assert await row_counts(cluster) == before
+    assert signals.wakes == 0 and signals.events == []
+
+
+async def test_fractional_gang_counts_shared_accelerators(cluster):
+    # 10 shards of 500 milli share 5 accelerators: fits a 4+4 rack, not one 4-accelerator node.
+    spec = deployment("frac", "t1", shards=10, accelerators=1, shard_accelerator_milli=500)
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, spec, RecordingSignals())
+    with pytest.raises(InvalidArgument, match=r"needs 5 accelerators \(10 shards x 500 milli\); the largest node holds 4"):
+        async with cluster.unit_of_work() as uow:
+            await deployments.submit_deployment(uow, WHO, replace(spec, name="frac2", locality="node"),
+                                                RecordingSignals())
+
+
+async def test_duplicate_name_already_exists(cluster):
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals())
+    before = await row_counts(cluster)
+    with pytest.raises(AlreadyExists, match="deployment svc already exists"):
+        async with cluster.unit_of_work() as uow:
+            await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals())
+    assert await row_counts(cluster) == before
+
+
+async def test_dry_run_places_on_concrete_accelerators_and_writes_nothing(cluster):
+    before = await row_counts(cluster)
+    view = await deployments.dry_run_deployment(cluster, WHO, GOOD, time_limit_ms=2000)
+    assert view.phase == "scheduled" and view.placed_replicas == 2
+    assert len(view.placements) == 4
+    slots = {(p.node, i) for p in view.placements for i in p.accelerator_indices}
+    assert len(slots) == 4  # four distinct accelerators
+    for p in view.placements:
+        assert p.rack in ("rack-a", "rack-b") and p.accelerator_indices
+    assert await row_counts(cluster) == before
+
+
+async def test_dry_run_of_unplaceable_says_why(cluster):
+    # Fits a rack in principle (8 accelerators), but 3 replicas of a rack-local 8-accelerator gang
+    # cannot all be placed on 2 racks.
+    spec = deployment("wide", "t1", replicas=3, min_replicas=3, shards=2, accelerators=4)
+    view = await deployments.dry_run_deployment(cluster, WHO, spec, time_limit_ms=2000)
+    assert view.phase == "pending" and view.placements == ()
+    assert view.reasons and all(r.code and r.message for r in view.reasons)
+
+
+async def test_delete_marks_deleting(cluster):
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals())
+    signals = RecordingSignals()
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.delete_deployment(uow, WHO, "svc", signals)
+    assert view.phase == "deleting" and signals.wakes == 1
+    with pytest.raises(NotFound, match="deployment nope not found"):
+        async with cluster.unit_of_work() as uow:
+            await deployments.delete_deployment(uow, WHO, "nope", RecordingSignals())
