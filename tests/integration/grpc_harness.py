@@ -1,0 +1,186 @@
+"""Test harness for the real thing: an in-process controller on 127.0.0.1:0, stubs, simulated
+node fleets as `maia-simnode` subprocesses, an in-test agent, and polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from maia.v1 import (
+    admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2, deployments_pb2, deployments_pb2_grpc,
+)
+
+T = TypeVar("T")
+
+RUNNING = deployments_pb2.DEPLOYMENT_PHASE_RUNNING
+PENDING = deployments_pb2.DEPLOYMENT_PHASE_PENDING
+
+
+@dataclass
+class Stubs:
+    channel: grpc.aio.Channel
+    deployments: deployments_pb2_grpc.DeploymentServiceStub
+    admin: admin_pb2_grpc.AdminServiceStub
+    agent: agent_pb2_grpc.NodeAgentServiceStub
+
+    @classmethod
+    def on(cls, channel: grpc.aio.Channel) -> Stubs:
+        return cls(channel, deployments_pb2_grpc.DeploymentServiceStub(channel),
+                   admin_pb2_grpc.AdminServiceStub(channel), agent_pb2_grpc.NodeAgentServiceStub(channel))
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], *,
+                     timeout: float = 30.0, every: float = 0.1, what: str = "condition") -> T:
+    """Poll `probe` until `check` holds; fail with the last value seen after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = await probe()
+            if check(last):
+                return last
+        except grpc.aio.AioRpcError as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout}s; last value: {last}")
+        await asyncio.sleep(every)
+
+
+def topology(racks: dict[str, str], *, rack_budget_w: float | None = None) -> admin_pb2.Topology:
+    """Zone z1 with the given racks (rack -> row)."""
+    msg = admin_pb2.Topology(zones=[admin_pb2.Zone(id="z1")])
+    for row in sorted(set(racks.values())):
+        msg.rows.add(id=row, zone="z1")
+    for rack, row in racks.items():
+        r = msg.racks.add(id=rack, row=row)
+        if rack_budget_w is not None:
+            r.power_budget_w = rack_budget_w
+    return msg
+
+
+def spec(name: str, tenant: str = "lab", *, replicas: int = 1, shards: int = 1, accelerators: int = 1,
+         locality: int = common_pb2.DOMAIN_RACK, models: tuple[str, ...] = (), **kw: Any) -> deployments_pb2.DeploymentSpec:
+    return deployments_pb2.DeploymentSpec(
+        name=name, tenant=tenant, replicas=replicas, shards_per_replica=shards, locality=locality,
+        shard=common_pb2.ShardSpec(accelerators=accelerators, hbm_gib=16, power_w=400,
+                                   accelerator_models=list(models)),
+        **kw,
+    )
+
+
+class SimFleet:
+    """`maia-simnode` in a subprocess: racks x nodes real agents against the controller."""
+
+    def __init__(self, address: str, *, racks: int, nodes_per_rack: int, rack_prefix: str = "rack-",
+                 model: str = "maia-100", log_dir: Path) -> None:
+        self.node_ids = [f"{rack_prefix}{r:02d}-n{n:02d}" for r in range(racks) for n in range(nodes_per_rack)]
+        self.log_path = log_dir / f"simnode-{rack_prefix.strip('-')}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller.simnode.main", "--controller", address, "--racks", str(racks),
+             "--nodes-per-rack", str(nodes_per_rack), "--rack-prefix", rack_prefix, "--model", model,
+             "--load-delay", "0.2"],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: the agents vanish without closing their streams."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+class HandAgent:
+    """A minimal hand-driven agent: Register, Connect with Hello, read sets, send reports."""
+
+    def __init__(self, stubs: Stubs, node_id: str, rack: str, *, accelerators: int = 4, model: str = "maia-100") -> None:
+        self.stubs = stubs
+        self.info = agent_pb2.NodeInfo(node_id=node_id, hostname=node_id, rack=rack, accelerators=accelerators,
+                                       accelerator_model=model, hbm_gib=64, idle_power_w=500)
+        self.session_id = ""
+        self.sets: asyncio.Queue[agent_pb2.AssignmentSet] = asyncio.Queue()
+        self._out: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+        self.call: grpc.aio.StreamStreamCall | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def register(self) -> agent_pb2.RegisterResponse:
+        reply = await self.stubs.agent.Register(agent_pb2.RegisterRequest(node=self.info))
+        self.session_id = reply.session_id
+        return reply
+
+    async def _outbound(self):
+        while True:
+            message = await self._out.get()
+            if message is None:
+                return
+            yield message
+
+    async def connect(self, session_id: str | None = None) -> None:
+        self.call = self.stubs.agent.Connect(self._outbound())
+        self.send(agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id=self.info.node_id,
+                                                               session_id=session_id or self.session_id)))
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.call:
+            await self.sets.put(message.assignments)
+
+    def send(self, message: agent_pb2.AgentMessage) -> None:
+        self._out.put_nowait(message)
+
+    def report(self, assignment: agent_pb2.Assignment, phase: int) -> None:
+        self.send(agent_pb2.AgentMessage(shard_status=agent_pb2.ShardStatus(
+            deployment=assignment.deployment, replica=assignment.replica, shard=assignment.shard,
+            generation=assignment.generation, phase=phase)))
+
+    def heartbeat(self, seq: int, power_w: float) -> None:
+        self.send(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=seq, power_draw_w=power_w)))
+
+    async def next_set(self, check: Callable[[agent_pb2.AssignmentSet], bool] = lambda s: True,
+                       timeout: float = 20.0) -> agent_pb2.AssignmentSet:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching AssignmentSet for {self.info.node_id} in {timeout}s")
+            current = await asyncio.wait_for(self.sets.get(), remaining)
+            if check(current):
+                return current
+
+    async def close(self) -> None:
+        self._out.put_nowait(None)
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(self._reader, 5)
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+
+    async def reader_error(self) -> grpc.aio.AioRpcError | None:
+        try:
+            await asyncio.wait_for(self._reader, 10)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        return None

@@ -1,0 +1,89 @@
+"""The agent protocol over real gRPC with a hand-driven agent: sets, reports, phases, delete."""
+
+from __future__ import annotations
+
+import grpc
+
+from grpc_harness import RUNNING, Stubs, HandAgent, eventually, spec, topology
+from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+
+
+async def test_assignment_lifecycle_submit_running_delete_stopped(stubs: Stubs):
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    agent = HandAgent(stubs, "node-1", "rack-a")
+    reply = await agent.register()
+    assert reply.node_id == "node-1" and reply.session_id and reply.heartbeat_interval_ms > 0
+    await agent.connect()
+    first = await agent.next_set()
+    assert list(first.assignments) == []  # the full (empty) set right after Hello
+    node = await eventually(lambda: stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="node-1")),
+                            lambda n: n.connected and n.state == common_pb2.NODE_STATE_READY, what="node ready")
+    assert node.accelerators == 4
+
+    await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+        spec=spec("svc", replicas=1, shards=2, accelerators=2, locality=common_pb2.DOMAIN_NODE)))
+    assigned = await agent.next_set(lambda s: len(s.assignments) == 2)
+    assert assigned.generation > first.generation
+    indices = sorted(i for a in assigned.assignments for i in a.accelerator_indices)
+    assert indices == [0, 1, 2, 3]
+    assert {(a.deployment, a.tenant, a.shards_per_replica) for a in assigned.assignments} == {("svc", "lab", 2)}
+
+    for a in assigned.assignments:
+        agent.report(a, common_pb2.SHARD_PHASE_RUNNING)
+    agent.heartbeat(1, 1234.0)
+    running = await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
+                               lambda d: d.phase == RUNNING, what="svc running")
+    assert running.running_replicas == 1 and running.placed_replicas == 1
+    assert {(p.node, tuple(p.accelerator_indices)) for p in running.placements} == {
+        ("node-1", tuple(a.accelerator_indices)) for a in assigned.assignments}
+    assert all(p.phase == common_pb2.SHARD_PHASE_RUNNING for p in running.placements)
+    node = await eventually(lambda: stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="node-1")),
+                            lambda n: n.power_draw_w == 1234.0, what="heartbeat written")
+    assert node.accelerators_used == 4.0 and node.shards == 2 and list(node.tenants) == ["lab"]
+
+    await stubs.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="svc"))
+    emptied = await agent.next_set(lambda s: len(s.assignments) == 0)
+    assert emptied.generation > assigned.generation  # the agent is told to stop the shards
+    await eventually(lambda: stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest()),
+                     lambda r: len(r.deployments) == 0, what="deployment row removed")
+    node = await stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="node-1"))
+    assert node.accelerators_used == 0.0 and node.shards == 0
+    await agent.close()
+
+
+async def test_hello_with_a_stale_session_is_refused(stubs: Stubs):
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    agent = HandAgent(stubs, "node-1", "rack-a")
+    await agent.register()
+    old_session = agent.session_id
+    await agent.register()  # a newer registration supersedes the first session
+    await agent.connect(session_id=old_session)
+    error = await agent.reader_error()
+    assert error is not None and error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == f"session {old_session} is not the current session of node node-1; register again"
+
+
+async def test_closing_the_stream_marks_the_node_down(stubs: Stubs):
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    agent = HandAgent(stubs, "node-1", "rack-a")
+    await agent.register()
+    await agent.connect()
+    await agent.next_set()
+    await agent.close()
+    node = await eventually(lambda: stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="node-1")),
+                            lambda n: n.state == common_pb2.NODE_STATE_DOWN, what="node down")
+    assert not node.connected
+
+
+async def test_silent_agent_is_marked_down_after_the_heartbeat_timeout(stubs: Stubs):
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    agent = HandAgent(stubs, "node-1", "rack-a")
+    await agent.register()
+    await agent.connect()
+    await agent.next_set()
+    # No heartbeats at all: the 2 s timeout of the test controller ends the stream.
+    node = await eventually(lambda: stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="node-1")),
+                            lambda n: n.state == common_pb2.NODE_STATE_DOWN, timeout=15, what="node down")
+    assert not node.connected
+    await agent.close()
