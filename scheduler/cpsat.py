@@ -305,37 +305,38 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
     trial = base.copy()
     placer = Placer(trial, scorer="bestfit", workload=solver.workload)
     exact = True
-    for d in solver.batch_order(list(pending)):
+    leftovers: dict[int, list[int]] = {}
+    for d in solver.batch_order(list(pending)):  # first what the model chose, for everyone
         todo = list(pending[d])
-        domains = sorted((dom for (dd, dom) in y if dd == d and cp.value(y[d, dom]) > 0))
         level = deps[d].locality
-        placed_here: list[int] = []
-        for dom in domains:
-            want = int(cp.value(y[d, dom]))
+        for dom in sorted(dom for (dd, dom) in y if dd == d and cp.value(y[d, dom]) > 0):
             if level == "node":
                 allowed = np.zeros(topo.n_nodes, dtype=bool)
                 allowed[list(classes[dom].nodes)] = True
             else:
                 allowed = topo.domain_of(level) == dom
-            for _ in range(want):
-                if not todo:
-                    break
-                r = todo[0]
-                if placer.place_gang(d, r, list(range(deps[d].shards_per_replica)), allowed):
-                    placed_here.append(todo.pop(0))
+            # The classes the model used inside the domain, first; the whole domain if need be.
+            chosen = np.zeros(topo.n_nodes, dtype=bool)
+            for ci in members[d, dom]:
+                if cp.value(x[d, ci]) > 0:
+                    chosen[list(classes[ci].nodes)] = True
+            shards = list(range(deps[d].shards_per_replica))
+            for _ in range(int(cp.value(y[d, dom]))):
+                if todo and (placer.place_gang(d, todo[0], shards, allowed & chosen) or
+                             placer.place_gang(d, todo[0], shards, allowed)):
+                    todo.pop(0)
                 else:
                     exact = False
                     break
-        if todo:  # whatever CP-SAT did not place (or the decode could not): greedy anywhere
-            more = placer.place_deployment(d, todo)
-            if more:
-                exact = False
-        elif placed_here:
-            have = trial.placed_replicas(d)
-            if len(have) < deps[d].min_replicas:
-                for r in have:
-                    trial.remove_replica(d, r)
-                exact = False
+        leftovers[d] = todo
+    for d in solver.batch_order(list(pending)):  # then the greedy fills what is left
+        if leftovers[d] and placer.place_deployment(d, leftovers[d]):
+            exact = False
+        have = trial.placed_replicas(d)
+        if have and len(have) < deps[d].min_replicas:
+            for r in have:
+                trial.remove_replica(d, r)
+            exact = False
 
     greedy_value = (solver.objective(greedy), _frag_metric(greedy))
     trial_value = (solver.objective(trial), _frag_metric(trial))

@@ -265,9 +265,8 @@ class Solver:
         return (len(removed), moved), trial, removed, moved
 
     def preempt_for(self, d: int) -> None:
-        state = self.state
         while self.pending(d) and time.perf_counter() < self.deadline:
-            eligible = [v for v in state.replicas if self._victim_ok(d, v[0])]
+            eligible = [v for v in self.state.replicas if self._victim_ok(d, v[0])]
             if not eligible:
                 return
             found = self._make_room(d, eligible, relocate=False, budget=0)
