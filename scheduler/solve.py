@@ -266,7 +266,10 @@ class Solver:
 
     def preempt_for(self, d: int) -> None:
         while self.pending(d) and time.perf_counter() < self.deadline:
-            eligible = [v for v in self.state.replicas if self._victim_ok(d, v[0])]
+            # Online decisions are final: only work running before this solve may be evicted.
+            online = self.problem.options.mode == "online"
+            eligible = [v for v in self.state.replicas if self._victim_ok(d, v[0])
+                        and (not online or v in self.existing_replicas)]
             if not eligible:
                 return
             found = self._make_room(d, eligible, relocate=False, budget=0)
