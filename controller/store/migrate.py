@@ -33,7 +33,11 @@ MIGRATIONS_DIR = Path(controller.__file__).resolve().parents[1] / "migrations"
 _PG_MIGRATION_LOCK_KEY = 0x6D616961  # "maia"
 
 
-class SchemaBehindError(RuntimeError):
+class SchemaError(RuntimeError):
+    """The database schema does not match this code's head revision."""
+
+
+class SchemaBehindError(SchemaError):
     """The database schema is older than this code expects (and migrating was not allowed)."""
 
     def __init__(self, current: str | None, head: str) -> None:
@@ -46,7 +50,7 @@ class SchemaBehindError(RuntimeError):
         )
 
 
-class SchemaAheadError(RuntimeError):
+class SchemaAheadError(SchemaError):
     """The database carries a revision this code does not know: a newer controller migrated it."""
 
     def __init__(self, current: str, head: str) -> None:
