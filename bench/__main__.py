@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batches", type=int, default=10, help="batches of --batch-size timed")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--time-limit-ms", type=int, default=1000)
+    s.add_argument("--check", action="store_true",
+                   help="grade the final placements with tests/scheduler/checker.py")
     s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--json", help="also write results to this file")
     s.set_defaults(func=_synthetic)
