@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -24,11 +25,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
-from sqlalchemy.engine import make_url
+# The `pytest` script (unlike `python -m pytest`) does not put the repository on sys.path, and
+# pytest prepends tests/ for this conftest: tests/scheduler/ and tests/controller/ would then be
+# imported as namespace packages shadowing the real `scheduler` and `controller` (the editable
+# install's finder comes after the path finder). The repository first, before any import of them.
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 
-from controller.store.db import Database
-from controller.store.migrate import ensure_schema
+import pytest  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from controller.store.db import Database  # noqa: E402
+from controller.store.migrate import ensure_schema  # noqa: E402
 
 PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin")
 PG_USER = "app"

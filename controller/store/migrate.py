@@ -23,11 +23,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-import controller
 from controller.store.db import Database
 
 # migrations/ sits at the repository top, beside the `controller` package (installed editable).
-MIGRATIONS_DIR = Path(controller.__file__).resolve().parents[1] / "migrations"
+# Found from this file, not `controller.__file__`: under the `pytest` script (repo not on
+# sys.path) tests/controller/ can make `controller` resolve as a namespace package without one.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 # Serialises concurrent `ensure_schema(migrate=True)` calls of several controllers on PostgreSQL.
 _PG_MIGRATION_LOCK_KEY = 0x6D616961  # "maia"
