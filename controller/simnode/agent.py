@@ -151,6 +151,10 @@ class NodeAgent:
         """Every shard the node holds now (the heartbeat's full state)."""
         return [self._report(self._held[k]) for k in sorted(self._held)]
 
+    def desired_of(self, key: ShardKey) -> DesiredShard | None:
+        held = self._held.get(key)
+        return held.desired if held else None
+
     def phase_of(self, key: ShardKey) -> Phase | None:
         held = self._held.get(key)
         return held.phase if held else None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from controller.simnode import protocol
-from controller.simnode.agent import NodeAgent, ShardReport
+from controller.simnode.agent import NodeAgent, Phase, ShardReport
 from controller.simnode.protocol import NodeSpec
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
@@ -190,9 +190,19 @@ class SimulatedNode:
 
     def _send_reports(self, reports: list[ShardReport]) -> None:
         for report in reports:
-            self.log.info("%s %s (generation %d)", report.key, report.phase.value, report.generation)
+            self.log.info("%s %s%s (generation %d)", report.key, report.phase.value,
+                          self._where(report), report.generation)
             if self._outbox is not None:
                 self._outbox.put_nowait(protocol.shard_status(report))
+
+    def _where(self, report: ShardReport) -> str:
+        """' on accelerators 0,1' or ' on accelerator 2 (500m)' for loading shards."""
+        desired = self.agent.desired_of(report.key)
+        if report.phase is not Phase.LOADING or desired is None or not desired.accelerator_indices:
+            return ""
+        noun = "accelerators" if len(desired.accelerator_indices) > 1 else "accelerator"
+        share = f" ({desired.accelerator_milli}m)" if 0 < desired.accelerator_milli < 1000 else ""
+        return f" on {noun} {','.join(map(str, desired.accelerator_indices))}{share}"
 
     async def _outbound(self, outbox: asyncio.Queue) -> AsyncIterator[agent_pb2.AgentMessage]:
         while True:
