@@ -36,6 +36,8 @@ def _fgd(args: argparse.Namespace) -> int:
                       + (f", call p50 {fgd.percentile(lat, 50):.2f} ms p99 "
                          f"{fgd.percentile(lat, 99):.2f} ms" if len(lat) > 1 else "") + ")",
                       file=sys.stderr, flush=True)
+                if args.check:
+                    _check(r)
                 summary.append({"workload": workload, "policy": label, "seed": seed,
                                 "unallocated_pct": round(r.unallocated_pct, 3),
                                 "arrivals": r.arrivals, "seconds": round(r.seconds, 3),
@@ -43,12 +45,34 @@ def _fgd(args: argparse.Namespace) -> int:
                                 "call_p50_ms": round(fgd.percentile(lat, 50), 3),
                                 "call_p99_ms": round(fgd.percentile(lat, 99), 3)})
             results[label] = runs
-        print(fgd.format_table(workload, results, traces.paper_unallocated(workload)))
+        try:
+            paper = traces.paper_unallocated(workload)
+        except traces.TraceMissing as e:
+            paper = {}
+            print(f"note: no paper results to compare with ({e})", file=sys.stderr)
+        print(fgd.format_table(workload, results, paper))
         print()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     return 0
+
+
+def _check(r: Any) -> None:
+    """Grade one run's final state with the independent checker of the test suite."""
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scheduler"))
+    from bench import fgd
+    from checker import check_plan  # type: ignore[import-not-found]
+    nodes = traces.load_nodes(traces.trace_path(traces.GPU_NODE_LIST))
+    doc = {**fgd.cluster_doc(nodes), "deployments": r.deployments}
+    placed = {p["deployment"] for p in r.placements}
+    plan = {"status": "feasible", "placements": r.placements, "unplaced": [
+        {"deployment": d["id"], "replicas": 1, "reasons": [{"code": "CAPACITY", "message": "-"}]}
+        for d in r.deployments if d["id"] not in placed]}
+    violations = check_plan(doc, plan)
+    print(f"    checker: {len(violations)} violations" + "".join(
+        f"\n      {v}" for v in violations[:5]), file=sys.stderr)
 
 
 def _synthetic(args: argparse.Namespace) -> int:
@@ -72,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one online solve() over all arrivals, or one solve() per decision")
     f.add_argument("--time-limit-ms", type=int, default=None)
     f.add_argument("--json", help="also write per-seed results to this file")
+    f.add_argument("--check", action="store_true",
+                   help="grade every final state with tests/scheduler/checker.py")
     f.set_defaults(func=_fgd)
 
     s = sub.add_parser("synthetic", help="Maia-shaped clusters: latency, placed demand, memory")

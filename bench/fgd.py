@@ -53,6 +53,8 @@ class RunResult:
     decisions: int  # solver calls for per-call, arrivals otherwise
     seconds: float
     latencies_ms: list[float] = field(default_factory=list)
+    deployments: list[Doc] = field(default_factory=list, repr=False)  # the arrivals decided
+    placements: list[Doc] = field(default_factory=list, repr=False)  # the resulting state
 
     @property
     def unallocated_pct(self) -> float:
@@ -207,7 +209,8 @@ def run_seed(workload: str, seed: int, policy: str, *, nodes: list[traces.TraceN
         placements, lat = run_greedy(cluster, deployments, policy, seed)
     seconds = time.perf_counter() - t0
     return RunResult(workload, policy, seed, cap, len(deployments),
-                     allocated_milli(deployments, placements), len(lat), seconds, lat)
+                     allocated_milli(deployments, placements), len(lat), seconds, lat,
+                     deployments, placements)
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -1,0 +1,96 @@
+"""End to end: the FGD protocol on a tiny committed cut of the openb trace.
+
+It checks the protocol's arithmetic (unallocated share recomputed from the placements), that the
+final state is valid for the independent checker, and that a missing trace fails clearly. No
+timing assertions: benchmarks report times, tests never judge them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "data" / "openb-tiny"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "scheduler"))
+
+from bench import fgd, traces  # noqa: E402
+from checker import check_plan  # noqa: E402
+
+
+def load() -> tuple[list[traces.TraceNode], list[traces.TracePod]]:
+    nodes = traces.load_nodes(traces.trace_path(traces.GPU_NODE_LIST, TINY))
+    pods = traces.load_pods(traces.trace_path(traces.workload_file("tiny"), TINY))
+    return nodes, pods
+
+
+def solver_available() -> bool:
+    try:
+        from scheduler import solve  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+RUNS = [("bestfit", 1), ("random", 1)] + (
+    [("maia", 1), ("maia", 4)] if solver_available() else [])
+
+
+@pytest.mark.parametrize(("policy", "batch"), RUNS)
+def test_fgd_protocol_end_to_end(policy: str, batch: int) -> None:
+    nodes, pods = load()
+    r = fgd.run_seed("tiny", 42, policy, nodes=nodes, pods=pods, batch_size=batch)
+    cap = 1000 * sum(n.gpus for n in nodes)
+    assert r.capacity_milli == cap == 20000  # 2+2+2+2+4+8 GPUs
+    # Arrivals stop at the first one that brings demand to 100% of capacity.
+    demand = [p["shard"]["accelerator_milli"] if p["shard"].get("accelerator_milli")
+              else 1000 * p["shard"]["accelerators"] for p in r.deployments]
+    assert sum(demand) >= cap > sum(demand[:-1])
+    # Unallocated share, recomputed from the placements themselves.
+    by_id = {d["id"]: (d, m) for d, m in zip(r.deployments, demand)}
+    held = 0
+    for p in r.placements:
+        d, m = by_id[p["deployment"]]
+        held += m if d["shard"]["accelerators"] == 1 else 1000 * len(p["accelerator_indices"])
+    assert held == r.allocated_milli
+    assert r.unallocated_pct == pytest.approx(100 * (cap - held) / cap)
+    assert 0.0 <= r.unallocated_pct < 100.0
+    # The final state is a valid plan for the whole arrival sequence.
+    doc = {**fgd.cluster_doc(nodes), "deployments": r.deployments}
+    placed = {p["deployment"] for p in r.placements}
+    plan = {"status": "feasible", "placements": r.placements, "unplaced": [
+        {"deployment": d["id"], "replicas": 1, "reasons": [{"code": "CAPACITY", "message": "-"}]}
+        for d in r.deployments if d["id"] not in placed]}
+    assert check_plan(doc, plan) == []
+
+
+def test_sampling_reaches_the_share_and_is_seeded() -> None:
+    nodes, pods = load()
+    cap = fgd.capacity_milli(nodes)
+    a = fgd.sample_arrivals(pods, cap, 42)
+    assert sum(p.gpu_request_milli for p in a) >= 1.3 * cap
+    assert sum(p.gpu_request_milli for p in a[:-1]) < 1.3 * cap + max(
+        p.gpu_request_milli for p in a)
+    assert [p.name for p in a] == [p.name for p in fgd.sample_arrivals(pods, cap, 42)]
+
+
+def test_cli_prints_the_table(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "fgd", "--workload", "tiny", "--seeds", "42-43",
+         "--policies", "bestfit"], cwd=REPO, capture_output=True, text=True,
+        env={"MAIA_DATA_DIR": str(TINY), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "bestfit" in out.stdout and "unalloc %" in out.stdout
+
+
+def test_missing_trace_fails_clearly(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "fgd", "--seeds", "42"], cwd=REPO,
+        capture_output=True, text=True, env={"MAIA_DATA_DIR": str(tmp_path),
+                                             "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert out.returncode == 2
+    assert "MAIA_DATA_DIR" in out.stderr and "not found" in out.stderr
