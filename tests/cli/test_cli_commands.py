@@ -4,6 +4,7 @@ the exit codes, including the error paths."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent import futures
@@ -116,6 +117,13 @@ def fake():
     server.stop(grace=None)
 
 
+def closed_port_address() -> str:
+    """An address nobody listens on (a port the OS just handed out and we closed again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     captured = capsys.readouterr()
@@ -192,10 +200,11 @@ def test_grpc_errors_print_code_and_details(fake, capsys) -> None:
 
 
 def test_unreachable_controller_says_so(capsys, monkeypatch) -> None:
-    monkeypatch.setenv("MAIA_CONTROLLER", "127.0.0.1:1")
+    address = closed_port_address()
+    monkeypatch.setenv("MAIA_CONTROLLER", address)
     code, out, err = run(capsys, "summary")
     assert code == 1 and out == ""
-    assert err.startswith("error: UNAVAILABLE: cannot reach the controller at 127.0.0.1:1")
+    assert err.startswith(f"error: UNAVAILABLE: cannot reach the controller at {address}")
     assert "Traceback" not in err
 
 

@@ -3,6 +3,7 @@ speaks NodeAgentService and records everything the agent sends."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -72,6 +73,13 @@ def assignment_set(generation: int, *shards: int) -> agent_pb2.ControllerMessage
             deployment="claude", tenant="anthropic", replica=0, shard=s, shards_per_replica=4,
             accelerator_indices=[s], spec=common_pb2.ShardSpec(accelerators=1, power_w=700.0),
             generation=generation) for s in shards]))
+
+
+def closed_port_address() -> str:
+    """An address nobody listens on (a port the OS just handed out and we closed again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -159,7 +167,7 @@ async def test_crash_drops_shards_and_comes_back(fake: tuple[FakeController, str
 
 
 async def test_stop_while_the_controller_is_unreachable_returns_promptly() -> None:
-    node = SimulatedNode(NodeSpec("rack-00-n03", "rack-00"), "127.0.0.1:1",
+    node = SimulatedNode(NodeSpec("rack-00-n03", "rack-00"), closed_port_address(),
                          backoff=Backoff(initial_s=5.0, maximum_s=5.0))
     task = asyncio.create_task(node.run())
     await asyncio.sleep(0.3)
