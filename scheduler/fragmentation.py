@@ -29,45 +29,74 @@ import numpy as np
 from scheduler.model import ShardSpec
 from scheduler.state import ClusterState
 
-MAX_TYPES = 24  # most popular task shapes kept in the workload model (FGD's "typical pods")
+_HASH = np.random.default_rng(7).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+MAX_TYPES = 256  # most popular task shapes kept in the workload model (FGD's "typical pods")
 
 
 class Workload:
-    """Popularity of task shapes (accelerators, milli per accelerator, cpu) seen so far."""
+    """Popularity of task shapes (accelerators, milli per accelerator, cpu) seen so far.
+
+    Scores use a frozen snapshot (`arrays`) that changes only on `refresh()`, so that cached
+    "before" fragmentation and freshly computed "after" fragmentation always use one
+    distribution; mixing two makes the gradient meaningless.
+    """
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[int, int, int]] = Counter()
-        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.version = 0  # bumped by refresh()
+        self._snapshot: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._seen_at_refresh = 0
 
     def observe(self, spec: ShardSpec, weight: int = 1) -> None:
         milli = spec.accelerator_milli if spec.fractional else (1000 if spec.accelerators else 0)
         self.counts[(spec.accelerators, milli, spec.cpu_milli)] += weight
-        self._cache = None
+
+    @property
+    def seen(self) -> int:
+        return sum(self.counts.values())
+
+    def stale(self) -> bool:
+        """Worth re-snapshotting: nothing yet, or 25% more arrivals since the last one."""
+        seen = self.seen
+        return self._snapshot is None or seen > self._seen_at_refresh * 1.25 + 8
+
+    def refresh(self) -> None:
+        top = self.counts.most_common(MAX_TYPES)
+        total = sum(c for _, c in top) or 1
+        self._snapshot = (np.array([k[0] for k, _ in top], dtype=np.int64),
+                          np.array([k[1] for k, _ in top], dtype=np.int64),
+                          np.array([k[2] for k, _ in top], dtype=float),
+                          np.array([c / total for _, c in top], dtype=float))
+        self._seen_at_refresh = self.seen
+        self.version += 1
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(gpus, milli per gpu, cpu, probability) of the typical shapes."""
-        if self._cache is None:
-            top = self.counts.most_common(MAX_TYPES)
-            total = sum(c for _, c in top) or 1
-            self._cache = (np.array([k[0] for k, _ in top], dtype=np.int64),
-                           np.array([k[1] for k, _ in top], dtype=np.int64),
-                           np.array([k[2] for k, _ in top], dtype=float),
-                           np.array([c / total for _, c in top], dtype=float))
-        return self._cache
+        """(gpus, milli per gpu, cpu, probability) of the typical shapes (the snapshot)."""
+        if self._snapshot is None:
+            self.refresh()
+        assert self._snapshot is not None
+        return self._snapshot
 
 
 def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, workload: Workload
                        ) -> np.ndarray:
     """Expected unusable free milli per node. free: (N, A) usable milli per accelerator."""
     gpus, milli, cpu, prob = workload.arrays()
-    if len(prob) == 0:
+    if len(prob) == 0 or free.shape[0] == 0:
         return np.zeros(free.shape[0])
-    total = free.sum(axis=1).astype(float)                                  # (N,)
-    # (K, N, A): accelerator a of node n has room for task shape k.
-    enough = free[None, :, :] >= milli[:, None, None]
-    usable_accs = enough.sum(axis=2)                                        # (K, N)
-    fits = (usable_accs >= np.maximum(gpus, 1)[:, None]) & \
-        (cpu_free[None, :] >= cpu[:, None]) & (gpus[:, None] > 0)
-    stranded = np.where(enough, 0, free[None, :, :]).sum(axis=2)            # (K, N)
-    frag = np.where(fits, stranded, total[None, :])
-    return prob @ frag
+    # Identical nodes (same free accelerators and CPU) are scored once.
+    # (a 64-bit hash of the sorted row; a collision would only blur one score)
+    rows = np.concatenate([np.sort(free, axis=1), cpu_free[:, None]], axis=1)
+    keys = (rows.astype(np.int64).astype(np.uint64) * _HASH[:rows.shape[1]]).sum(axis=1)
+    _, first, back = np.unique(keys, return_index=True, return_inverse=True)
+    free_u, cpu_u = rows[first, :-1], rows[first, -1]
+    total = free_u.sum(axis=1)                                               # (U,)
+    # Per distinct milli threshold: accelerators with enough room, and milli stranded below.
+    thresholds, which = np.unique(milli, return_inverse=True)
+    enough = free_u[:, :, None] >= thresholds[None, None, :]                 # (U, A, M)
+    usable = enough.sum(axis=1)[:, which]                                    # (U, K)
+    stranded = np.where(enough, 0, free_u[:, :, None]).sum(axis=1)[:, which]  # (U, K)
+    fits = (usable >= np.maximum(gpus, 1)[None, :]) & (cpu_u[:, None] >= cpu[None, :]) & \
+        (gpus[None, :] > 0)
+    frag = np.where(fits, stranded, total[:, None]) @ prob                   # (U,)
+    return frag[back.reshape(-1)]

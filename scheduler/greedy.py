@@ -18,7 +18,6 @@ from scheduler.fragmentation import Workload, node_fragmentation
 from scheduler.state import ClusterState, ShardAt
 
 Scorer = Literal["fgd", "bestfit"]
-REFRESH_EVERY = 64  # arrivals between refreshes of the cached FGD node fragmentation
 
 
 class Placer:
@@ -31,7 +30,8 @@ class Placer:
         self.workload = workload or Workload()
         self._frag: np.ndarray | None = None
         self._frag_tenant = -1
-        self._frag_age = 0
+        self._frag_version = -1
+        self._known_after: tuple[int, float] | None = None
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -168,20 +168,26 @@ class Placer:
         # Prefer racks the tenant already uses, so other racks stay clean for isolation.
         stranger = s.rack_tenant[s.topo.node_rack[candidates], t] == 0
         if self.scorer == "fgd" and len(self.workload.counts):
-            before = self._fragmentation(t)[candidates]
-            delta = node_fragmentation(after, cpu_after, self.workload) - before
+            before = self._fragmentation(t)[candidates]  # may refresh the snapshot first
+            frag_after = node_fragmentation(after, cpu_after, self.workload)
+            delta = frag_after - before
             # Ties (common when nothing changes) go to the node left with less free capacity.
             order = np.lexsort((candidates, cpu_after, stranger, left_after,
                                 np.round(delta, 6)))
+            self._known_after = (int(candidates[order[0]]), float(frag_after[order[0]]))
         else:
             order = np.lexsort((candidates, cpu_after, stranger, left_after))
         return int(candidates[order[0]])
 
     def _fragmentation(self, t: int) -> np.ndarray:
-        if self._frag is None or self._frag_tenant != t or self._frag_age >= REFRESH_EVERY:
+        """Cached fragmentation of every node, consistent with the workload snapshot."""
+        if self.workload.stale():
+            self.workload.refresh()
+        if self._frag is None or self._frag_tenant != t or \
+                self._frag_version != self.workload.version:
             self._frag = node_fragmentation(self._free_milli(t), self.state.cpu_free,
                                             self.workload)
-            self._frag_tenant, self._frag_age = t, 0
+            self._frag_tenant, self._frag_version = t, self.workload.version
         return self._frag
 
     # ---- mutation -------------------------------------------------------------------------
@@ -207,9 +213,12 @@ class Placer:
             return False
         s.add_replica(d, r, shards)
         if self._frag is not None:
-            self._frag_age += 1
             t = int(s.dep_tenant[d])
-            if t == self._frag_tenant:
+            known, self._known_after = self._known_after, None
+            if t == self._frag_tenant and len(shard_nodes) == 1 and known is not None \
+                    and known[0] == shard_nodes[0][1]:
+                self._frag[known[0]] = known[1]  # scored already when it was chosen
+            elif t == self._frag_tenant:
                 touched = np.unique([n for _, n in shard_nodes])
                 self._frag[touched] = node_fragmentation(
                     self._free_milli(t)[touched], s.cpu_free[touched], self.workload)

@@ -89,7 +89,7 @@ class Solver:
                 lost[(d, r)].extend(missing)
 
     def pending(self, d: int) -> list[int]:
-        placed = {r for (dd, r) in self.state.replicas if dd == d}
+        placed = self.state.by_dep.get(d, ())
         return [r for r in range(self.state.deps[d].replicas) if r not in placed]
 
     # ---- repair ---------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class ClusterState:
         self.static_cache: dict[int, tuple] = {}  # filters that never change, shared by copies
         # Placed replicas: (deployment, replica) -> {shard: ShardAt}.
         self.replicas: dict[tuple[int, int], dict[int, ShardAt]] = {}
+        self.by_dep: dict[int, set[int]] = {}  # deployment -> its placed replicas
         # Spread: per deployment with a spread rule, replicas touching each domain.
         self.spread_count: dict[int, np.ndarray] = {
             d: np.zeros(topo.n_domains(dep.spread.domain), dtype=np.int64)
@@ -68,6 +69,7 @@ class ClusterState:
                      "rack_tenant", "rack_power", "row_power", "tenant_milli", "tenant_power"):
             setattr(twin, name, getattr(self, name).copy())
         twin.replicas = {k: dict(v) for k, v in self.replicas.items()}
+        twin.by_dep = {k: set(v) for k, v in self.by_dep.items()}
         twin.spread_count = {k: v.copy() for k, v in self.spread_count.items()}
         return twin
 
@@ -112,12 +114,14 @@ class ClusterState:
             self._apply(d, at, +1)
             merged[s] = at
         self.replicas[(d, r)] = merged
+        self.by_dep.setdefault(d, set()).add(r)
         if d in self.spread_count:
             for dom in self._spread_domains(d, merged):
                 self.spread_count[d][dom] += 1
 
     def remove_replica(self, d: int, r: int) -> dict[int, ShardAt]:
         shards = self.replicas.pop((d, r), {})
+        self.by_dep.get(d, set()).discard(r)
         for at in shards.values():
             self._apply(d, at, -1)
         if d in self.spread_count and shards:
@@ -128,7 +132,7 @@ class ClusterState:
     # ---- queries --------------------------------------------------------------------------
 
     def placed_replicas(self, d: int) -> list[int]:
-        return sorted(r for (dd, r) in self.replicas if dd == d)
+        return sorted(self.by_dep.get(d, ()))
 
     def rack_headroom(self) -> np.ndarray:
         return self.topo.rack_budget - self.rack_power
