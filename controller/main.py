@@ -2,7 +2,8 @@
 
 Prints "maia-controller listening on HOST:PORT" on stdout once serving (the real port when
 asked for port 0), so scripts and tests can read where it is. Exit codes: 0 after a clean stop,
-2 when the database schema is behind and --no-migrate forbids upgrading it (or it cannot bind).
+2 when the database schema is behind and --no-migrate forbids upgrading it, when it is ahead
+of this code, or when the address cannot be bound.
 """
 
 from __future__ import annotations
@@ -47,18 +48,15 @@ def configure_logging(level: str) -> None:
 
 async def serve(config: Config) -> int:
     from controller.api.server import ControllerApp
-    from controller.store.migrate import SchemaBehindError
+    from controller.store.migrate import SchemaAheadError, SchemaBehindError
 
     app = ControllerApp(config)
     try:
         address = await app.start()
-    except SchemaBehindError as exc:
+    except (SchemaBehindError, SchemaAheadError, OSError) as exc:
+        # One clear line; nothing was started but the engine.
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
-        await app.stop(0)
-        return EXIT_SCHEMA
-    except OSError as exc:
-        print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
-        await app.stop(0)
+        await app.db.dispose()
         return EXIT_SCHEMA
     print(f"maia-controller listening on {address}", flush=True)
 

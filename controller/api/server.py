@@ -107,7 +107,10 @@ class ControllerApp:
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
         host, _, _ = self.config.listen.rpartition(":")
-        port = server.add_insecure_port(self.config.listen)
+        try:
+            port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:  # grpcio raises when the address cannot be bound
+            raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
         if not port:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()

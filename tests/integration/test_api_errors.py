@@ -1,0 +1,101 @@
+"""Bad input over gRPC: the precise status code and message, and nothing written."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from grpc_harness import Stubs, eventually, spec, topology
+from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
+
+
+async def _state(stubs: Stubs) -> tuple:
+    """Everything a refused request could have written, as read back through the API."""
+    deployments = await stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest())
+    tenants = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    topo = await stubs.admin.GetTopology(admin_pb2.GetTopologyRequest())
+    nodes = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
+    return (deployments.SerializeToString(deterministic=True), tenants.SerializeToString(deterministic=True),
+            topo.SerializeToString(deterministic=True), [n.id for n in nodes.nodes])
+
+
+@pytest.fixture
+async def seeded(stubs: Stubs) -> Stubs:
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    reply = await stubs.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+        node_id="n1", rack="rack-a", accelerators=4, accelerator_model="maia-100")))
+    assert reply.session_id
+    await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("existing")))
+    # Let the reconciler settle (n1 never connects: "existing" stays pending, with reasons).
+    await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="existing")),
+                     lambda d: len(d.reasons) > 0, what="existing judged by the reconciler")
+    return stubs
+
+
+def _submit(msg: deployments_pb2.DeploymentSpec, dry_run: bool = False):
+    return lambda s: s.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=msg, dry_run=dry_run))
+
+
+CASES = [
+    ("bad name", _submit(spec("Not_OK")), grpc.StatusCode.INVALID_ARGUMENT,
+     "deployment name 'Not_OK' is invalid: use lowercase letters, digits and '-', starting and ending with a letter or digit"),
+    ("zero replicas", _submit(spec("svc", replicas=0)), grpc.StatusCode.INVALID_ARGUMENT,
+     "deployment svc: replicas must be >= 1, got 0"),
+    ("fraction of two", _submit(deployments_pb2.DeploymentSpec(
+        name="svc", tenant="lab", replicas=1, shards_per_replica=1,
+        shard=common_pb2.ShardSpec(accelerators=2, accelerator_milli=250))), grpc.StatusCode.INVALID_ARGUMENT,
+     "deployment svc: shard.accelerator_milli 250 (a fraction) needs shard.accelerators = 1, got 2"),
+    ("gang bigger than any rack", _submit(spec("svc", shards=2, accelerators=4)), grpc.StatusCode.INVALID_ARGUMENT,
+     "deployment svc: one rack-local replica needs 8 accelerators (2 shards x 4); the largest rack holds 4 (rack-a)"),
+    ("unknown model", _submit(spec("svc", models=("h100",))), grpc.StatusCode.INVALID_ARGUMENT,
+     "deployment svc: no node has accelerator model h100 (registered models: maia-100)"),
+    ("unknown tenant", _submit(spec("svc", tenant="ghost")), grpc.StatusCode.NOT_FOUND, "tenant ghost not found"),
+    ("duplicate", _submit(spec("existing")), grpc.StatusCode.ALREADY_EXISTS, "deployment existing already exists"),
+    ("duplicate dry run", _submit(spec("existing"), dry_run=True), grpc.StatusCode.ALREADY_EXISTS,
+     "deployment existing already exists"),
+    ("get missing", lambda s: s.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="nope")),
+     grpc.StatusCode.NOT_FOUND, "deployment nope not found"),
+    ("delete missing", lambda s: s.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="nope")),
+     grpc.StatusCode.NOT_FOUND, "deployment nope not found"),
+    ("tenant exists", lambda s: s.admin.CreateTenant(admin_pb2.Tenant(id="lab")), grpc.StatusCode.ALREADY_EXISTS,
+     "tenant lab already exists"),
+    ("tenant excludes ghost", lambda s: s.admin.CreateTenant(admin_pb2.Tenant(id="lab2", excludes=["ghost"])),
+     grpc.StatusCode.NOT_FOUND, "tenant lab2 excludes unknown tenant(s): ghost"),
+    ("tenant negative cap", lambda s: s.admin.CreateTenant(admin_pb2.Tenant(id="lab2", max_accelerators=-2)),
+     grpc.StatusCode.INVALID_ARGUMENT, "tenant lab2: max_accelerators must be >= 0, got -2"),
+    ("tenant with deployments", lambda s: s.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id="lab")),
+     grpc.StatusCode.FAILED_PRECONDITION, "tenant lab has 1 deployment(s); delete them first"),
+    ("topology unknown zone", lambda s: s.admin.ApplyTopology(admin_pb2.Topology(rows=[admin_pb2.Row(id="r9", zone="zz")])),
+     grpc.StatusCode.NOT_FOUND, "unknown zone(s) zz (row r9 -> zone zz); add them to the topology"),
+    ("topology negative budget", lambda s: s.admin.ApplyTopology(admin_pb2.Topology(
+        racks=[admin_pb2.Rack(id="rack-b", row="row-a", power_budget_w=-1)])),
+     grpc.StatusCode.INVALID_ARGUMENT, "rack rack-b: power_budget_w must be >= 0, got -1"),
+    ("register unknown rack", lambda s: s.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+        node_id="n9", rack="rack-07", accelerators=4))),
+     grpc.StatusCode.FAILED_PRECONDITION, "rack rack-07 is not in the topology; apply it first"),
+    ("cordon unknown node", lambda s: s.admin.CordonNode(admin_pb2.NodeRequest(id="n404")),
+     grpc.StatusCode.NOT_FOUND, "node n404 not found"),
+]
+
+
+@pytest.mark.parametrize(("call", "code", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+async def test_refused_with_code_and_message_and_nothing_written(seeded: Stubs, call, code, message):
+    before = await _state(seeded)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(seeded)
+    assert info.value.code() == code
+    assert info.value.details() == message
+    assert await _state(seeded) == before
+
+
+async def test_connect_must_start_with_hello(seeded: Stubs):
+    async def messages():
+        yield agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1))
+
+    call = seeded.agent.Connect(messages())
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details() == "the first message on Connect must be Hello (node_id, session_id)"
