@@ -146,7 +146,8 @@ def problems(draw: st.DrawFn, *, max_nodes: int = 6, max_accelerators: int = 4,
              max_tenants: int = 3, host_only: bool = True, modes: Sequence[str] = (
                  "batch", "batch", "online", "rebalance"),
              equal_priority: bool = False, existing: bool = True,
-             down_with_existing: bool = True, fractional_gangs: bool = True) -> Doc:
+             down_with_existing: bool = True, fractional_gangs: bool = True,
+             existing_attempts: int = 6) -> Doc:
     """A random small, valid problem document (see the module docstring)."""
     n_zones = draw(st.integers(1, 3))
     zones = [{"id": f"z{i}"} for i in range(n_zones)]
@@ -252,7 +253,7 @@ def problems(draw: st.DrawFn, *, max_nodes: int = 6, max_accelerators: int = 4,
                 "tenants": tenants, "deployments": deployments, "placements": []}
     if existing:
         rnd = draw(st.randoms(use_true_random=False))
-        doc["placements"] = _existing_placements(doc, rnd, attempts=draw(st.integers(0, 6)))
+        doc["placements"] = _existing_placements(doc, rnd, attempts=draw(st.integers(0, existing_attempts)))
 
     # Node states come after the placements: cordoned keeps them, down loses them.
     holding = {p["node"] for p in doc["placements"]}
@@ -280,3 +281,33 @@ def tiny_problems() -> st.SearchStrategy[Doc]:
     return problems(max_nodes=3, max_accelerators=2, max_deployments=3, max_replicas=2,
                     max_shards=2, max_tenants=2, host_only=False, modes=("batch",),
                     equal_priority=True, down_with_existing=False, fractional_gangs=False)
+
+
+@st.composite
+def preemption_problems(draw: st.DrawFn) -> Doc:
+    """A crowded cluster of preemptible low-priority work, then important arrivals.
+
+    What runs is made preemptible at priority 0; one new deployment arrives with priority 10,
+    another for a tenant with a reservation; preemption is allowed.
+    """
+    doc = draw(problems(modes=("batch", "batch", "rebalance"), existing_attempts=14,
+                        max_deployments=3))
+    running = {p["deployment"] for p in doc["placements"]}
+    for d in doc["deployments"]:
+        if d["id"] in running:
+            d["preemptible"] = True
+            d["priority"] = 0
+    tenant_ids = [t["id"] for t in doc["tenants"]]
+    reserved = draw(st.sampled_from(tenant_ids))
+    for t in doc["tenants"]:
+        if t["id"] == reserved:
+            t["reserved_accelerators"] = draw(st.sampled_from([2, 4, 8]))
+    for i, (tenant, priority) in enumerate([(draw(st.sampled_from(tenant_ids)), 10),
+                                            (reserved, 0)]):
+        doc["deployments"].append({
+            "id": f"vip{i}", "tenant": tenant, "priority": priority, "preemptible": False,
+            "replicas": draw(st.integers(1, 2)), "shards_per_replica": draw(st.integers(1, 2)),
+            "locality": draw(st.sampled_from(["node", "rack", "none"])),
+            "shard": {"accelerators": draw(st.integers(1, 2))}})
+    doc["options"]["allow_preemption"] = True
+    return doc

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import HealthCheck, assume, event, example, given, note, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from checker import MONOTONE_RULES, STATUS, check_plan, placed_accelerators  # noqa: E402
-from strategies import (ReplicaChoice, materialize, plan_doc, problems,  # noqa: E402
-                        shard_choices, tiny_problems)
+from strategies import (ReplicaChoice, materialize, plan_doc,  # noqa: E402
+                        preemption_problems, problems, shard_choices, tiny_problems)
 
 try:
     from scheduler import plan_to_dict, problem_from_dict, solve
@@ -99,8 +99,14 @@ def exhaustive_optimum(doc: Doc) -> tuple[float, list[Doc] | None]:
     return base + max(best[0], 0.0), best[1]
 
 
+# Found by this property (solver of a5aef6d): in rebalance mode d1 (min_replicas 2, spread one
+# per node, only n0 has model m1) was left with one replica placed.
+REBALANCE_MIN_REPLICAS: Doc = {"version": 1, "zones": [{"id": "z0"}], "rows": [{"id": "w0", "zone": "z0", "power_budget_w": 500}, {"id": "w1", "zone": "z0", "power_budget_w": 500}], "racks": [{"id": "r0", "row": "w0"}], "nodes": [{"id": "n0", "rack": "r0", "state": "ready", "accelerators": 1, "accelerator_model": "m1", "idle_power_w": 0}, {"id": "n1", "rack": "r0", "state": "ready", "accelerators": 1, "accelerator_model": "m2", "idle_power_w": 0}], "tenants": [{"id": "t0", "isolation": "shared", "zones": ["z0"]}, {"id": "t1", "isolation": "shared", "excludes": ["t0"], "zones": ["z0"], "max_accelerators": 1}], "deployments": [{"id": "d0", "tenant": "t1", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 1, "accelerator_milli": 250, "memory_mib": 16384}, "locality": "node", "priority": 0, "preemptible": true}, {"id": "d1", "tenant": "t1", "replicas": 2, "shards_per_replica": 1, "shard": {"accelerators": 1, "accelerator_milli": 250, "memory_mib": 16384, "accelerator_models": ["m1"]}, "locality": "node", "min_replicas": 2, "spread": {"domain": "node", "max_per_domain": 1}, "priority": 0, "preemptible": true}, {"id": "d2", "tenant": "t0", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 1, "accelerator_milli": 250, "memory_mib": 16384, "accelerator_models": ["m1"]}, "locality": "node", "priority": 0, "preemptible": true}], "placements": [], "options": {"mode": "rebalance", "time_limit_ms": 2000, "max_moves": 1}}
+
+
 @needs_solver
 @settings(max_examples=400, **COMMON)
+@example(REBALANCE_MIN_REPLICAS)
 @given(problems())
 def test_every_plan_passes_the_checker(doc: Doc) -> None:
     plan = run_solver(doc)
@@ -110,7 +116,36 @@ def test_every_plan_passes_the_checker(doc: Doc) -> None:
 
 
 @needs_solver
+@settings(max_examples=150, **COMMON)
+@given(preemption_problems())
+def test_preemption_plans_pass_the_checker(doc: Doc) -> None:
+    plan = run_solver(doc)
+    note(f"plan: {plan}")
+    event(f"preempted: {bool(plan.get('preempted'))}")
+    violations = check_plan(doc, plan)
+    assert violations == [], "\n".join(map(str, violations))
+
+
+# Found by this property (solver of a5aef6d): mutually excluding tenants in one rack; the
+# solver placed the 2-accelerator deployment of t1 instead of 2 + 1 accelerators of t0.
+EXCLUSION_TRADE_OFF: Doc = {
+    "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}], "racks": [{"id": "r", "row": "w"}],
+    "nodes": [{"id": "n0", "rack": "r", "accelerators": 2},
+              {"id": "n1", "rack": "r", "accelerators": 1}],
+    "tenants": [{"id": "t0", "excludes": ["t1"]}, {"id": "t1"}],
+    "deployments": [
+        {"id": "a", "tenant": "t1", "replicas": 1, "shards_per_replica": 1,
+         "shard": {"accelerators": 2}},
+        {"id": "b", "tenant": "t0", "replicas": 1, "shards_per_replica": 1,
+         "shard": {"accelerators": 2}},
+        {"id": "c", "tenant": "t0", "replicas": 1, "shards_per_replica": 1,
+         "shard": {"accelerators": 1}}],
+    "placements": [], "options": {"mode": "batch"}}
+
+
+@needs_solver
 @settings(max_examples=400, **COMMON)
+@example(EXCLUSION_TRADE_OFF)
 @given(tiny_problems())
 def test_tiny_instances_place_the_exhaustive_optimum(doc: Doc) -> None:
     plan = run_solver(doc)
