@@ -12,6 +12,7 @@ tests at an existing server instead. Without either, PostgreSQL cases are skippe
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import socket
@@ -45,6 +46,10 @@ T = TypeVar("T")
 
 
 def _find_pg_bin_dir() -> Path | None:
+    override = os.environ.get("MAIA_TEST_PG_BIN")  # a specific install (or a bogus one, to test the skip)
+    if override:
+        d = Path(override)
+        return d if (d / "initdb").exists() and (d / "pg_ctl").exists() else None
     for candidate in (*PG_BIN_DIRS, *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)):
         d = Path(candidate)
         if (d / "initdb").exists() and (d / "pg_ctl").exists():
@@ -62,7 +67,7 @@ def _free_port() -> int:
 def _no_postgres(reason: str) -> None:
     if os.environ.get("MAIA_REQUIRE_POSTGRES") == "1":
         pytest.fail(f"MAIA_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {reason}", pytrace=False)
-    pytest.skip(f"PostgreSQL unavailable ({reason}); install postgresql-15 or set MAIA_TEST_PG_URL")
+    pytest.skip(f"PostgreSQL unavailable ({reason}); install postgresql-15 (make postgres) or set MAIA_TEST_PG_URL")
 
 
 class _LocalPostgres:
@@ -75,6 +80,9 @@ class _LocalPostgres:
         self.log = self.root / "postgres.log"
         self.port = 0
         self.as_postgres = os.geteuid() == 0
+        self._stopped = False
+        # Belt and braces: stop it even if pytest dies before finalising session fixtures.
+        atexit.register(self.stop)
 
     def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin_dir / args[0]), *args[1:]]
@@ -118,6 +126,9 @@ class _LocalPostgres:
         raise RuntimeError(f"pg_ctl start failed: {last_error}")
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             if (self.data / "postmaster.pid").exists():
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop")
@@ -135,7 +146,8 @@ def postgres_url() -> Iterator[str]:
         return
     bin_dir = _find_pg_bin_dir()
     if bin_dir is None:
-        _no_postgres(f"no initdb/pg_ctl in {', '.join(PG_BIN_DIRS)} or on PATH")
+        where = os.environ.get("MAIA_TEST_PG_BIN") or f"{', '.join(PG_BIN_DIRS)} or on PATH"
+        _no_postgres(f"no initdb/pg_ctl in {where}")
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         _no_postgres("running as root without runuser to drop to the postgres user")
     server = _LocalPostgres(bin_dir)
