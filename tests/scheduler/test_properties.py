@@ -161,7 +161,7 @@ REBALANCE_MIN_REPLICAS: Doc = {'version': 1,
 
 
 @needs_solver
-@settings(max_examples=400, **COMMON)
+@settings(max_examples=300, **COMMON)
 @example(REBALANCE_MIN_REPLICAS)
 @given(problems())
 def test_every_plan_passes_the_checker(doc: Doc) -> None:
@@ -200,7 +200,7 @@ EXCLUSION_TRADE_OFF: Doc = {
 
 
 @needs_solver
-@settings(max_examples=400, **COMMON)
+@settings(max_examples=300, **COMMON)
 @example(EXCLUSION_TRADE_OFF)
 @given(tiny_problems())
 def test_tiny_instances_place_the_exhaustive_optimum(doc: Doc) -> None:
@@ -227,10 +227,15 @@ def test_online_decisions_ignore_later_arrivals(doc: Doc) -> None:
     prefix["deployments"] = doc["deployments"][:k]
     part = run_solver(prefix)
 
+    # The later arrival may preempt earlier work (eviction is allowed; moving is not), so
+    # replicas it preempted are left out of the comparison.
+    evicted = {(e["deployment"], e["replica"]) for e in full.get("preempted", [])}
+
     def new_of(plan: Doc) -> list[tuple[Any, ...]]:
         return sorted((p["deployment"], p["replica"], p["shard"], p["node"],
                        tuple(p["accelerator_indices"])) for p in plan["placements"]
-                      if p["deployment"] != later)
+                      if p["deployment"] != later
+                      and (p["deployment"], p["replica"]) not in evicted)
     assert new_of(full) == new_of(part)
 
 
