@@ -42,14 +42,18 @@ class Workload:
     """
 
     def __init__(self) -> None:
-        self.counts: Counter[tuple[int, int, int]] = Counter()
+        self.counts: Counter[tuple[int, int, int, int]] = Counter()
         self.version = 0  # bumped by refresh()
-        self._snapshot: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._snapshot: tuple[np.ndarray, ...] | None = None
         self._seen_at_refresh = 0
 
     def observe(self, spec: ShardSpec, weight: int = 1) -> None:
+        """Count one arrival; whole-accelerator tasks count 1 + accelerators times (like
+        FGD's GpuResWeight): stranding a slot an 8-accelerator task needs costs more."""
         milli = spec.accelerator_milli if spec.fractional else (1000 if spec.accelerators else 0)
-        self.counts[(spec.accelerators, milli, spec.cpu_milli)] += weight
+        bonus = 0 if spec.fractional else spec.accelerators
+        self.counts[(spec.accelerators, milli, spec.cpu_milli, spec.memory_mib)] += \
+            weight * (1 + bonus)
 
     @property
     def seen(self) -> int:
@@ -66,30 +70,32 @@ class Workload:
         self._snapshot = (np.array([k[0] for k, _ in top], dtype=np.int64),
                           np.array([k[1] for k, _ in top], dtype=np.int64),
                           np.array([k[2] for k, _ in top], dtype=float),
+                          np.array([k[3] for k, _ in top], dtype=float),
                           np.array([c / total for _, c in top], dtype=float))
         self._seen_at_refresh = self.seen
         self.version += 1
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(gpus, milli per gpu, cpu, probability) of the typical shapes (the snapshot)."""
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """(gpus, milli per gpu, cpu, memory, probability) of the typical shapes."""
         if self._snapshot is None:
             self.refresh()
         assert self._snapshot is not None
         return self._snapshot
 
 
-def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, workload: Workload
-                       ) -> np.ndarray:
+def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, mem_free: np.ndarray,
+                       workload: Workload) -> np.ndarray:
     """Expected unusable free milli per node. free: (N, A) usable milli per accelerator."""
-    gpus, milli, cpu, prob = workload.arrays()
+    gpus, milli, cpu, mem, prob = workload.arrays()
     if len(prob) == 0 or free.shape[0] == 0:
         return np.zeros(free.shape[0])
     # Identical nodes (same free accelerators and CPU) are scored once.
     # (a 64-bit hash of the sorted row; a collision would only blur one score)
-    rows = np.concatenate([np.sort(free, axis=1), cpu_free[:, None]], axis=1)
+    host = np.minimum(np.stack([cpu_free, mem_free], axis=1), 2**53)
+    rows = np.concatenate([np.sort(free, axis=1), host], axis=1)
     keys = (rows.astype(np.int64).astype(np.uint64) * _HASH[:rows.shape[1]]).sum(axis=1)
     _, first, back = np.unique(keys, return_index=True, return_inverse=True)
-    free_u, cpu_u = rows[first, :-1], rows[first, -1]
+    free_u, cpu_u, mem_u = rows[first, :-2], rows[first, -2], rows[first, -1]
     total = free_u.sum(axis=1)                                               # (U,)
     # Per distinct milli threshold: accelerators with enough room, and milli stranded below.
     thresholds, which = np.unique(milli, return_inverse=True)
@@ -97,6 +103,6 @@ def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, workload: Workloa
     usable = enough.sum(axis=1)[:, which]                                    # (U, K)
     stranded = np.where(enough, 0, free_u[:, :, None]).sum(axis=1)[:, which]  # (U, K)
     fits = (usable >= np.maximum(gpus, 1)[None, :]) & (cpu_u[:, None] >= cpu[None, :]) & \
-        (gpus[None, :] > 0)
+        (mem_u[:, None] >= mem[None, :]) & (gpus[None, :] > 0)
     frag = np.where(fits, stranded, total[:, None]) @ prob                   # (U,)
     return frag[back.reshape(-1)]

@@ -18,6 +18,8 @@ from scheduler.fragmentation import Workload, node_fragmentation
 from scheduler.state import ClusterState, ShardAt
 
 Scorer = Literal["fgd", "bestfit"]
+FGD_ACCELERATOR_CHOICE = False  # fractions: FGD picks the accelerator too (as in the paper)
+FGD_QUANTUM = 1.0  # fragmentation deltas closer than this (milli) count as ties
 
 
 class Placer:
@@ -32,6 +34,7 @@ class Placer:
         self._frag_tenant = -1
         self._frag_version = -1
         self._known_after: tuple[int, float] | None = None
+        self._known_index: tuple[int, int] | None = None  # (node, accelerator) FGD chose
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -165,16 +168,32 @@ class Placer:
                 after = np.where(take, 0, after)
         left_after = after.sum(axis=1)
         cpu_after = s.cpu_free[candidates] - spec.cpu_milli
+        mem_after = s.mem_free[candidates] - spec.memory_mib
         # Prefer racks the tenant already uses, so other racks stay clean for isolation.
         stranger = s.rack_tenant[s.topo.node_rack[candidates], t] == 0
-        if self.scorer == "fgd" and len(self.workload.counts):
+        use_fgd = self.scorer == "fgd" and len(self.workload.counts) > 0
+        if use_fgd and spec.fractional and FGD_ACCELERATOR_CHOICE:
+            # FGD also picks the accelerator: try each that fits, keep the least fragmenting.
+            n_c, a = free.shape
+            tries = np.repeat(free[:, None, :], a, axis=1)          # (Nc, A try, A)
+            tries[:, np.arange(a), np.arange(a)] -= spec.accelerator_milli
+            scored = node_fragmentation(tries.reshape(n_c * a, a), np.repeat(cpu_after, a),
+                                        np.repeat(mem_after, a), self.workload).reshape(n_c, a)
+            scored = np.where(fits, scored, np.inf)
+            pick = np.argmin(scored + 1e-9 * key, axis=1)           # ties: the packing order
+            after = free.copy()
+            after[np.arange(n_c), pick] -= spec.accelerator_milli
+            left_after = after.sum(axis=1)
+        if use_fgd:
             before = self._fragmentation(t)[candidates]  # may refresh the snapshot first
-            frag_after = node_fragmentation(after, cpu_after, self.workload)
+            frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload)
             delta = frag_after - before
             # Ties (common when nothing changes) go to the node left with less free capacity.
             order = np.lexsort((candidates, cpu_after, stranger, left_after,
-                                np.round(delta, 6)))
+                                np.round(delta / FGD_QUANTUM, 6)))
             self._known_after = (int(candidates[order[0]]), float(frag_after[order[0]]))
+            if spec.fractional:
+                self._known_index = (int(candidates[order[0]]), int(pick[order[0]]))
         else:
             order = np.lexsort((candidates, cpu_after, stranger, left_after))
         return int(candidates[order[0]])
@@ -186,7 +205,7 @@ class Placer:
         if self._frag is None or self._frag_tenant != t or \
                 self._frag_version != self.workload.version:
             self._frag = node_fragmentation(self._free_milli(t), self.state.cpu_free,
-                                            self.workload)
+                                            self.state.mem_free, self.workload)
             self._frag_tenant, self._frag_version = t, self.workload.version
         return self._frag
 
@@ -198,8 +217,12 @@ class Placer:
         shards: dict[int, ShardAt] = {}
         added: list[ShardAt] = []
         ok = True
+        chosen, self._known_index = self._known_index, None
         for shard, node in shard_nodes:
-            pick = s.choose_indices(d, node)
+            if chosen is not None and chosen[0] == node and len(shard_nodes) == 1:
+                pick = ((chosen[1],), s.deps[d].shard.accelerator_milli)
+            else:
+                pick = s.choose_indices(d, node)
             if pick is None:
                 ok = False
                 break
@@ -221,5 +244,6 @@ class Placer:
             elif t == self._frag_tenant:
                 touched = np.unique([n for _, n in shard_nodes])
                 self._frag[touched] = node_fragmentation(
-                    self._free_milli(t)[touched], s.cpu_free[touched], self.workload)
+                    self._free_milli(t)[touched], s.cpu_free[touched], s.mem_free[touched],
+                    self.workload)
         return True

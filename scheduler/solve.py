@@ -77,9 +77,8 @@ class Solver:
                 continue
             milli = p.accelerator_milli if p.accelerator_milli is not None else 1000
             groups[(d, p.replica)][p.shard] = ShardAt(n, p.accelerator_indices, milli)
-        for (d, r), shards in groups.items():
-            state.add_replica(d, r, shards)
-            self.existing_replicas.add((d, r))
+        state.load(groups)
+        self.existing_replicas.update(groups)
         self.lost = lost
         # A replica missing shards without any on a down node (partial input): complete it too.
         for (d, r), shards in groups.items():
@@ -90,7 +89,10 @@ class Solver:
 
     def pending(self, d: int) -> list[int]:
         placed = self.state.by_dep.get(d, ())
-        return [r for r in range(self.state.deps[d].replicas) if r not in placed]
+        wanted = self.state.deps[d].replicas
+        if len(placed) == wanted:
+            return []
+        return [r for r in range(wanted) if r not in placed]
 
     # ---- repair ---------------------------------------------------------------------------
 
@@ -312,7 +314,9 @@ class Solver:
     # ---- plan -----------------------------------------------------------------------------
 
     def objective(self, state: ClusterState) -> int:
-        return sum(replica_value(state, d, self.min_priority) for (d, _) in state.replicas)
+        """Term 1 of the objective over everything placed (see the module docstring)."""
+        return sum(len(rs) * replica_value(state, d, self.min_priority)
+                   for d, rs in state.by_dep.items())
 
     def enforce_min_replicas(self) -> None:
         """Safety net: a deployment below min_replicas runs nothing."""

@@ -119,6 +119,46 @@ class ClusterState:
             for dom in self._spread_domains(d, merged):
                 self.spread_count[d][dom] += 1
 
+    def load(self, replicas: dict[tuple[int, int], dict[int, ShardAt]]) -> None:
+        """Record many existing replicas at once (vectorised; same result as add_replica)."""
+        rows = [(d, at.node, idx, at.milli) for (d, _), shards in replicas.items()
+                for at in shards.values() for idx in (at.indices or (-1,))]
+        if not rows:
+            return
+        deps = self.deps
+        d_arr = np.array([r[0] for r in rows], dtype=np.int64)
+        n_arr = np.array([r[1] for r in rows], dtype=np.int64)
+        i_arr = np.array([r[2] for r in rows], dtype=np.int64)
+        m_arr = np.array([r[3] for r in rows], dtype=np.int64)
+        t_arr = self.dep_tenant[d_arr]
+        hbm = np.array([d.shard.hbm_gib for d in deps], dtype=float)[d_arr]
+        power_w = np.array([d.shard.power_w for d in deps], dtype=float)[d_arr]
+        acc = i_arr >= 0
+        np.subtract.at(self.acc_free, (n_arr[acc], i_arr[acc]), m_arr[acc])
+        np.subtract.at(self.acc_hbm, (n_arr[acc], i_arr[acc]), hbm[acc])
+        self.acc_owner[n_arr[acc], i_arr[acc]] = t_arr[acc]
+        # Per shard (not per accelerator): host resources and tenant presence.
+        shards = [(d, at.node) for (d, _), sh in replicas.items() for at in sh.values()]
+        sd = np.array([x[0] for x in shards], dtype=np.int64)
+        sn = np.array([x[1] for x in shards], dtype=np.int64)
+        st = self.dep_tenant[sd]
+        np.subtract.at(self.cpu_free, sn, np.array([d.shard.cpu_milli for d in deps])[sd])
+        np.subtract.at(self.mem_free, sn, np.array([d.shard.memory_mib for d in deps])[sd])
+        np.add.at(self.node_tenant, (sn, st), 1)
+        np.add.at(self.rack_tenant, (self.topo.node_rack[sn], st), 1)
+        # Power and tenant totals: per accelerator entry (a host-only shard draws none).
+        power = np.where(acc, power_w * m_arr / 1000.0, 0.0)
+        np.add.at(self.rack_power, self.topo.node_rack[n_arr], power)
+        np.add.at(self.row_power, self.topo.node_row[n_arr], power)
+        np.add.at(self.tenant_milli, t_arr, np.where(acc, m_arr, 0))
+        np.add.at(self.tenant_power, t_arr, power)
+        for (d, r), sh in replicas.items():
+            self.replicas[(d, r)] = dict(sh)
+            self.by_dep.setdefault(d, set()).add(r)
+            if d in self.spread_count:
+                for dom in self._spread_domains(d, sh):
+                    self.spread_count[d][dom] += 1
+
     def remove_replica(self, d: int, r: int) -> dict[int, ShardAt]:
         shards = self.replicas.pop((d, r), {})
         self.by_dep.get(d, set()).discard(r)
