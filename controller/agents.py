@@ -51,13 +51,13 @@ class AgentSession:
 class AgentHub:
     def __init__(
         self, db: Database, *, heartbeat_timeout_s: float,
-        on_node_down: Callable[[], None],
+        on_liveness_change: Callable[[], None],
         on_deployments_changed: Callable[[set[str]], Awaitable[None]],
         flush_interval_s: float = 0.2,
     ) -> None:
         self._db = db
         self._timeout = heartbeat_timeout_s
-        self._on_node_down = on_node_down
+        self._on_liveness_change = on_liveness_change
         self._on_deployments_changed = on_deployments_changed
         self._flush_interval = flush_interval_s
         self._sessions: dict[str, AgentSession] = {}
@@ -92,7 +92,7 @@ class AgentHub:
         session.dirty.set()  # the full set, right away
         log.info("agent connected node=%s session=%s was_down=%s", node_id, session_id, was_down)
         if was_down:
-            self._on_node_down()  # liveness changed either way: let the reconciler look
+            self._on_liveness_change()
         reader = asyncio.create_task(self._read(session, inbound), name=f"agent-read-{node_id}")
         try:
             while True:
@@ -138,7 +138,7 @@ class AgentHub:
             return
         if changed:
             log.warning("node down node=%s why=%s", node_id, why)
-            self._on_node_down()
+            self._on_liveness_change()
 
     # --- background work ---------------------------------------------------------------------
     async def run(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from controller.agents import AgentHub
@@ -23,5 +22,3 @@ class ServiceDeps:
     def connected(self) -> frozenset[str]:
         return self.hub.connected()
 
-
-ConnectedNodes = Callable[[], frozenset[str]]

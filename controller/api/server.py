@@ -64,7 +64,7 @@ class ControllerApp:
         self.signals = AppSignals(self)
         self.hub = AgentHub(
             self.db, heartbeat_timeout_s=config.heartbeat_timeout_s,
-            on_node_down=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
+            on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
         )
         self.reconciler = Reconciler(
             self.db, push=self.hub.notify, publish=self._publish_deployments,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from controller.errors import FailedPrecondition, InvalidArgument
 from controller.identity import Principal
@@ -140,11 +140,12 @@ async def flush_reports(
     deployments whose phase or shard phases changed.
     """
     s = uow.session
-    for node_id, beat in beats.items():
-        node = await s.get(m.Node, node_id)
-        if node is not None:
-            node.last_heartbeat_at = beat.at
-            node.power_draw_w = beat.power_draw_w
+    if beats:  # one executemany for every node that beat since the last flush
+        known = await repo.existing_ids(s, m.Node, beats)
+        await s.execute(update(m.Node), [
+            {"id": node_id, "last_heartbeat_at": beat.at, "power_draw_w": beat.power_draw_w}
+            for node_id, beat in beats.items() if node_id in known
+        ])
     latest: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:

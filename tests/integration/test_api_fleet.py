@@ -66,8 +66,16 @@ async def test_submit_runs_on_concrete_accelerators_and_delete_frees_them(stubs:
         events.append(event)
         if event.deployment.phase == RUNNING:
             break
-    assert events[0].type in (deployments_pb2.DeploymentEvent.TYPE_ADDED, deployments_pb2.DeploymentEvent.TYPE_MODIFIED)
+    assert events[0].type == deployments_pb2.DeploymentEvent.TYPE_ADDED
+    assert all(e.deployment.spec.name == "svc" for e in events)
     watch.cancel()
+
+    # Power: idle of the 8 nodes (600 W each) + 8 loaded accelerators x 400 W, all in row-a.
+    topo = await stubs.admin.GetTopology(admin_pb2.GetTopologyRequest())
+    racks = {r.id: r for r in topo.racks}
+    assert racks["rack-00"].power_used_w + racks["rack-01"].power_used_w == pytest.approx(8 * 600 + 8 * 400)
+    assert {r.id: r.power_used_w for r in topo.rows}["row-a"] == pytest.approx(8 * 600 + 8 * 400)
+    assert racks["rack-00"].nodes == 4 and racks["spa-00"].nodes == 0
 
     await stubs.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="svc"))
     await eventually(lambda: stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest()),
