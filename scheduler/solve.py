@@ -55,6 +55,7 @@ class Solver:
                              workload=self.workload)
         self.min_priority = min((d.priority for d in problem.deployments), default=0)
         self.original: dict[tuple[int, int, int], int] = {}  # existing shard -> node
+        self.kept: dict[tuple[int, int, int], Placement] = {}  # existing shard -> as given
         self.existing_replicas: set[tuple[int, int]] = set()
         self.preempted: list[tuple[int, int]] = []
         self.why: dict[int, tuple[Reason, ...]] = {}
@@ -68,11 +69,14 @@ class Solver:
         topo, state = self.topo, self.state
         groups: dict[tuple[int, int], dict[int, ShardAt]] = defaultdict(dict)
         lost: dict[tuple[int, int], list[int]] = defaultdict(list)
+        alive = topo.node_alive.tolist()
+        dep_index, node_index = topo.deployment_index, topo.node_index
         for p in self.problem.placements:
-            d = topo.deployment_index[p.deployment]
-            n = topo.node_index[p.node]
+            d = dep_index[p.deployment]
+            n = node_index[p.node]
             self.original[(d, p.replica, p.shard)] = n
-            if not topo.node_alive[n]:
+            self.kept[(d, p.replica, p.shard)] = p
+            if not alive[n]:
                 lost[(d, p.replica)].append(p.shard)
                 continue
             milli = p.accelerator_milli if p.accelerator_milli is not None else 1000
@@ -82,6 +86,8 @@ class Solver:
         self.lost = lost
         # A replica missing shards without any on a down node (partial input): complete it too.
         for (d, r), shards in groups.items():
+            if len(shards) == state.deps[d].shards_per_replica:
+                continue
             missing = [s for s in range(state.deps[d].shards_per_replica)
                        if s not in shards and s not in lost.get((d, r), [])]
             if missing:
@@ -335,6 +341,12 @@ class Solver:
         for (d, r), shards in sorted(state.replicas.items()):
             dep = deps[d]
             for s, at in sorted(shards.items()):
+                given = self.kept.get((d, r, s))
+                if given is not None and self.original[(d, r, s)] == at.node and \
+                        tuple(given.accelerator_indices) == tuple(at.indices) and \
+                        (given.accelerator_milli is not None) == dep.shard.fractional:
+                    placements.append(given)  # unchanged: the input's own value
+                    continue
                 placements.append(Placement(
                     dep.id, r, s, topo.node_ids[at.node], tuple(at.indices),
                     at.milli if dep.shard.fractional else None))
