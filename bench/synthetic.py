@@ -9,7 +9,8 @@ an exclusion pair, a zone-restricted one and a capped one). The arrival stream m
 Per size, in a child process (so its peak RSS is its own):
 1. background: arrivals until `--fill` of the accelerators are requested, decided by ONE online
    `solve()` (throughput, decisions/s);
-2. online latency: `--measure` further arrivals, one `solve()` each on the loaded cluster;
+2. online latency: `--measure` further arrivals, one `solve()` each on the loaded cluster
+   (and 5 calls with nothing new to place: what re-reading the whole state costs per call);
 3. gang latency: 20 probe gangs of 64 shards, one `solve()` each (target: p99 <= 100 ms on
    4,096 nodes); probes are left out of the placed-demand figures;
 4. batch latency: `--batches` batches of `--batch-size` arrivals, one batch-mode `solve()` each;
@@ -67,6 +68,7 @@ class SizeResult:
     greedy_placed_acc: float
     greedy_ms: list[float]
     gang64_placed: int
+    noop_ms: list[float]
     peak_rss_mib: float
     violations: int | None = None
 
@@ -186,6 +188,7 @@ def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
             holding.setdefault(p.deployment, deps[p.deployment])
         return ms
 
+    noop_ms = [one_call([], "online") for _ in range(5)]  # the price of re-reading the state
     online_ms = [one_call([d], "online") for d in later]  # 2.
     gang64_ms = [one_call([d], "online") for d in gangs]  # 3.
     batch_ms = [one_call(batches[k:k + args.batch_size], "batch")  # 4.
@@ -226,13 +229,13 @@ def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
     return SizeResult(len(doc["nodes"]), capacity, len(background), background_s, online_ms,
                       gang64_ms, batch_ms,
                       sum(requested(d) for d in stream if d["id"] not in probe_ids),
-                      solver_acc, held(by_id, g.placements), greedy_ms, gang64_placed, peak,
+                      solver_acc, held(by_id, g.placements), greedy_ms, gang64_placed, noop_ms, peak,
                       violations)
 
 
 def format_rows(results: list[SizeResult], batch_size: int) -> str:
     head = (f"{'nodes':>6} {'bg arrivals':>11} {'bg /s':>7} {'online p50/p99 ms':>18} "
-            f"{'gang64 p50/p99 ms (placed)':>27} {f'batch{batch_size} p50/p99 ms':>19} "
+            f"{'no-op p50 ms':>12} {'gang64 p50/p99 ms (placed)':>27} {f'batch{batch_size} p50/p99 ms':>19} "
             f"{'placed maia':>11} {'placed greedy':>13} {'greedy p50/p99':>15} "
             f"{'peak RSS MiB':>12}")
     lines = [head]
@@ -242,6 +245,7 @@ def format_rows(results: list[SizeResult], batch_size: int) -> str:
         lines.append(
             f"{r.nodes:>6} {r.background_arrivals:>11} "
             f"{r.background_arrivals / r.background_s:>7.0f} {pp(r.online_ms):>18} "
+            f"{percentile(r.noop_ms, 50):>12.1f} "
             f"{pp(r.gang64_ms) + f' ({r.gang64_placed}/{len(r.gang64_ms)})':>27} {pp(r.batch_ms):>19} "
             f"{100 * r.solver_placed_acc / r.requested_acc:>10.1f}% "
             f"{100 * r.greedy_placed_acc / r.requested_acc:>12.1f}% {pp(r.greedy_ms):>15} "
