@@ -114,3 +114,24 @@ def test_batch_never_moves_existing_work() -> None:
 def test_status_reports_nothing_to_do_as_optimal() -> None:
     doc = problem([node("n1")], [dep("a", locality="node")], placements=[placed("a", "n1", [0])])
     assert solve_doc(doc).status == "optimal"
+
+
+def test_batch_decides_jointly_where_greedy_would_not() -> None:
+    # Greedy takes the biggest first (d0, 2 accelerators, tenant t1) and then t0's work is
+    # excluded from the only rack; placing t0's 2.25 accelerators instead is worth more.
+    doc = problem([node("n0", acc=2), node("n1", acc=1), node("n2", acc=1)],
+                  [dep("d0", tenant="t1", acc=1, shards=2, locality="node"),
+                   dep("d1", tenant="t0", acc=2, locality="node"),
+                   dep("d2", tenant="t0", accelerator_milli=250, locality="node")],
+                  tenants=[{"id": "t0", "excludes": ["t1"]}, {"id": "t1"}])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "d1") == 1 and placed_count(plan, "d2") == 1
+    assert plan.status == "optimal"
+    assert plan.stats["objective"] == plan.stats["best_bound"]
+
+
+def test_model_dump_switch(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "model.pb.txt"
+    monkeypatch.setenv("MAIA_DUMP_MODEL", str(target))
+    solve_doc(problem([node("n1")], [dep("a", acc=2), dep("b", acc=1)]))
+    assert target.exists() and "x_d" in target.read_text()
