@@ -112,9 +112,13 @@ def _node_detail(state: ClusterState, d: int, code: int, nodes: np.ndarray) -> s
             parts.append(f"rack {topo.rack_ids[rack]} holds {', '.join(holders)}")
         return f"excluded tenants share the rack: {_names(parts)}"
     if name == "ISOLATION":
-        return (f"isolation (tenant {topo.tenant_ids[t]} is "
-                f"{topo.tenant_isolation[t]}; dedicated tenants elsewhere) rules out "
-                f"{_names(node_names)}")
+        parts = []
+        for rack in sorted({int(topo.node_rack[n]) for n in nodes}):
+            holders = [f"{topo.tenant_ids[o]} ({topo.tenant_isolation[o]})"
+                       for o in np.flatnonzero(state.rack_tenant[rack] > 0) if o != t]
+            parts.append(f"rack {topo.rack_ids[rack]} holds {', '.join(holders) or 'nothing'}")
+        return (f"tenant {topo.tenant_ids[t]} is {topo.tenant_isolation[t]}: "
+                f"{_names(parts)}")
     if name == "SPREAD":
         sp = dep.spread
         return f"spread: at most {sp.max_per_domain} replica(s) per {sp.domain} reached"
