@@ -7,6 +7,9 @@ Measure (documented for the objective, the greedy and the benchmarks):
   (milli) that a task drawn from the workload could *not* use there: all of it when the task does
   not fit the node at all (not enough whole accelerators, CPU or memory, or a host-only task),
   otherwise the free milli of accelerators with less left than the task asks per accelerator.
+  Unlike the paper we also count host memory (the Alibaba trace strands accelerators behind
+  exhausted memory as often as behind CPU) and weight whole-accelerator shapes by 1 + their
+  accelerator count (the paper's GpuResWeight idea).
   A single-node placement picks the node whose fragmentation grows least (the "gradient").
   The workload is the distribution of arrivals seen so far in this solve (online decisions must
   not know later arrivals), falling back to the pending deployments themselves in batch.
