@@ -47,7 +47,6 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
         await uow.commit()
         signals.assignments_changed(changed_nodes)
         signals.wake_reconciler()
-    await uow.session.refresh(row)
     usage = await repo.cluster_usage(uow.session)
     return repo.node_view(row, usage, node_id in connected)
 

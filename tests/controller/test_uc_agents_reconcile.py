@@ -145,3 +145,15 @@ async def test_drain_removes_placements_and_reconcile_moves_them(cluster):
         placed_on = [p.node for p in moved.placements]
         state = await uow.session.scalar(select(m.Node.cordoned).where(m.Node.id == first))
     assert len(placed_on) == 1 and placed_on[0] != first and state is True
+
+
+async def test_up_nodes_without_a_stream_are_found_stale(cluster):
+    # After a controller restart nodes are still marked up; those whose agents do not come
+    # back within the timeout are found here and marked down.
+    now = datetime.now(timezone.utc)
+    async with cluster.unit_of_work() as uow:
+        later = now.replace(year=now.year + 1)
+        stale = await agents.stale_up_nodes(uow, ["rack-a-n0"], later)
+        fresh = await agents.stale_up_nodes(uow, [], now.replace(year=now.year - 1))
+    assert sorted(stale) == ["rack-a-n1", "rack-b-n0", "rack-b-n1"]
+    assert fresh == []
