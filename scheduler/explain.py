@@ -11,6 +11,7 @@ details and the CLI can all show the same thing.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 
@@ -25,6 +26,12 @@ MAX_NAMED = 3  # domains named in one message before "+N more"
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_NAMED])
     return shown + (f" +{len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else "")
+
+
+def _first(items: np.ndarray, render: Callable[[int], str]) -> list[str]:
+    """Render only the items a message shows; the rest count for "+N more"."""
+    shown = [render(int(i)) for i in items[:MAX_NAMED]]
+    return shown + [""] * max(len(items) - MAX_NAMED, 0)
 
 
 def _w(value: float) -> str:
@@ -59,7 +66,8 @@ def explain(state: ClusterState, d: int) -> tuple[Reason, ...]:
     assert codes is not None
     n_nodes = topo.n_nodes
     fitting = int((fit.slots > 0).sum())
-    failed = Counter(int(c) for c in codes[codes >= 0])
+    per_code = np.bincount(codes[codes >= 0], minlength=len(NODE_CODES))
+    failed = Counter({c: int(n) for c, n in enumerate(per_code) if n})
     if failed:
         summary = ", ".join(f"{n} {NODE_CODES[c]}" for c, n in failed.most_common())
         head = f"{fitting}/{n_nodes} nodes fit a shard: {summary}"
@@ -79,11 +87,11 @@ def explain(state: ClusterState, d: int) -> tuple[Reason, ...]:
 def _scope(state: ClusterState, code: str, nodes: np.ndarray) -> str | None:
     topo = state.topo
     if code in ("POWER_RACK", "EXCLUSION"):
-        racks = sorted({topo.rack_ids[topo.node_rack[n]] for n in nodes})
-        return racks[0] if len(racks) == 1 else None
+        racks = np.unique(topo.node_rack[nodes])
+        return topo.rack_ids[racks[0]] if len(racks) == 1 else None
     if code == "POWER_ROW":
-        rows = sorted({topo.row_ids[topo.node_row[n]] for n in nodes})
-        return rows[0] if len(rows) == 1 else None
+        rows = np.unique(topo.node_row[nodes])
+        return topo.row_ids[rows[0]] if len(rows) == 1 else None
     return topo.node_ids[nodes[0]] if len(nodes) == 1 else None
 
 
@@ -93,30 +101,30 @@ def _node_detail(state: ClusterState, d: int, code: int, nodes: np.ndarray) -> s
     spec = dep.shard
     t = int(state.dep_tenant[d])
     name = NODE_CODES[code]
-    node_names = [topo.node_ids[n] for n in nodes]
+    node_names = _first(nodes, lambda n: topo.node_ids[n])
     if name == "NODE_STATE":
-        states = [f"{topo.node_ids[n]} ({topo.problem.nodes[n].state})" for n in nodes]
+        states = _first(nodes, lambda n: f"{topo.node_ids[n]} ({topo.problem.nodes[n].state})")
         return f"not ready: {_names(states)}"
     if name == "ZONE":
         zones = topo.problem.tenants[t].zones or ()
         return f"tenant {topo.tenant_ids[t]} may only run in zones {', '.join(zones)}"
     if name == "ACCELERATOR_MODEL":
         return (f"needs {'|'.join(spec.accelerator_models or ())}, nodes have "
-                f"{_names(sorted({str(topo.node_model[n]) for n in nodes}))}")
+                f"{_names(sorted({str(topo.node_model[n]) for n in nodes[:64]}))}")
     if name == "EXCLUSION":
         excluded = topo.tenant_excludes[t]
-        parts = []
-        for rack in sorted({int(topo.node_rack[n]) for n in nodes}):
+        def held_by(rack: int) -> str:
             holders = [topo.tenant_ids[o] for o in np.flatnonzero(
                 excluded & (state.rack_tenant[rack] > 0))]
-            parts.append(f"rack {topo.rack_ids[rack]} holds {', '.join(holders)}")
+            return f"rack {topo.rack_ids[rack]} holds {', '.join(holders)}"
+        parts = _first(np.unique(topo.node_rack[nodes]), held_by)
         return f"excluded tenants share the rack: {_names(parts)}"
     if name == "ISOLATION":
-        parts = []
-        for rack in sorted({int(topo.node_rack[n]) for n in nodes}):
+        def held_by(rack: int) -> str:
             holders = [f"{topo.tenant_ids[o]} ({topo.tenant_isolation[o]})"
                        for o in np.flatnonzero(state.rack_tenant[rack] > 0) if o != t]
-            parts.append(f"rack {topo.rack_ids[rack]} holds {', '.join(holders) or 'nothing'}")
+            return f"rack {topo.rack_ids[rack]} holds {', '.join(holders) or 'nothing'}"
+        parts = _first(np.unique(topo.node_rack[nodes]), held_by)
         return (f"tenant {topo.tenant_ids[t]} is {topo.tenant_isolation[t]}: "
                 f"{_names(parts)}")
     if name == "SPREAD":
@@ -137,14 +145,14 @@ def _node_detail(state: ClusterState, d: int, code: int, nodes: np.ndarray) -> s
         return (f"need {spec.memory_mib} memory_mib, {topo.node_ids[n]} has "
                 f"{max(state.mem_free[n], 0):.0f} free")
     if name == "POWER_RACK":
-        parts = [_power_line("rack", topo.rack_ids[r], state.rack_power[r], spec.shard_power_w,
-                             topo.rack_budget[r])
-                 for r in sorted({int(topo.node_rack[n]) for n in nodes})]
+        parts = _first(np.unique(topo.node_rack[nodes]), lambda r: _power_line(
+            "rack", topo.rack_ids[r], state.rack_power[r], spec.shard_power_w,
+            topo.rack_budget[r]))
         return _names(parts)
     if name == "POWER_ROW":
-        parts = [_power_line("row", topo.row_ids[r], state.row_power[r], spec.shard_power_w,
-                             topo.row_budget[r])
-                 for r in sorted({int(topo.node_row[n]) for n in nodes})]
+        parts = _first(np.unique(topo.node_row[nodes]), lambda r: _power_line(
+            "row", topo.row_ids[r], state.row_power[r], spec.shard_power_w,
+            topo.row_budget[r]))
         return _names(parts)
     return _names(node_names)
 

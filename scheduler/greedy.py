@@ -72,6 +72,16 @@ class Placer:
         if allowed is not None:
             slots = np.where(allowed, slots, 0)
         if count == 1:
+            if dep.locality in ("rack", "row", "zone"):
+                # Keep whole racks free for gangs: the fullest domain with room, then its
+                # best node (locality node/none shards choose among all nodes).
+                level = dep.locality
+                cap = gang_capacity(state, d, slots, level)
+                candidates = np.flatnonzero(cap >= 1)
+                if len(candidates) == 0:
+                    return False
+                domain = self._best_domain(d, level, candidates, 1)
+                slots = np.where(state.topo.domain_of(level) == domain, slots, 0)
             node = self._best_node(d, slots)
             if node is None:
                 return False
