@@ -258,18 +258,6 @@ def replica_counts(row: m.Deployment) -> ReplicaCounts:
     return ReplicaCounts(placed=len(placed), running=len(running))
 
 
-def desired_phase(row: m.Deployment) -> m.DeploymentPhase:
-    """The phase its placements imply (DELETING is sticky)."""
-    if row.phase is m.DeploymentPhase.DELETING:
-        return row.phase
-    counts = replica_counts(row)
-    if counts.placed == 0:
-        return m.DeploymentPhase.PENDING
-    if counts.running == counts.placed:
-        return m.DeploymentPhase.RUNNING if counts.placed >= row.replicas else m.DeploymentPhase.DEGRADED
-    return m.DeploymentPhase.SCHEDULED
-
-
 def deployment_view(row: m.Deployment) -> d.DeploymentView:
     counts = replica_counts(row)
     placements = tuple(
@@ -308,26 +296,20 @@ async def bump_node_assignment_generations(session: AsyncSession, node_ids: Iter
         )
 
 
-async def remove_placements(session: AsyncSession, *, node_id: str | None = None,
-                            deployment_id: int | None = None) -> set[str]:
-    """Delete placements on a node or of a deployment; returns the nodes whose sets changed."""
-    stmt = select(m.Placement.node_id, m.Placement.deployment_id)
-    cond = []
-    if node_id is not None:
-        cond.append(m.Placement.node_id == node_id)
-    if deployment_id is not None:
-        cond.append(m.Placement.deployment_id == deployment_id)
-    rows = list(await session.execute(stmt.where(*cond)))
-    if not rows:
+async def remove_placements_on_node(session: AsyncSession, node_id: str) -> set[str]:
+    """Delete every placement on a node (drain); returns {node_id} if its set changed."""
+    deployment_ids = set(await session.scalars(
+        select(m.Placement.deployment_id).where(m.Placement.node_id == node_id)
+    ))
+    if not deployment_ids:
         return set()
-    await session.execute(delete(m.Placement).where(*cond))
-    nodes = {n for n, _ in rows}
+    await session.execute(delete(m.Placement).where(m.Placement.node_id == node_id))
     await session.execute(
-        update(m.Deployment).where(m.Deployment.id.in_({dep for _, dep in rows}))
+        update(m.Deployment).where(m.Deployment.id.in_(deployment_ids))
         .values(generation=m.Deployment.generation + 1)
     )
-    await bump_node_assignment_generations(session, nodes)
-    return nodes
+    await bump_node_assignment_generations(session, [node_id])
+    return {node_id}
 
 
 async def assignment_set(session: AsyncSession, node_id: str) -> d.AssignmentSet | None:

@@ -40,7 +40,7 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
     if row.cordoned != cordoned or drain:
         row.cordoned = cordoned
         if drain:
-            changed_nodes = await repo.remove_placements(uow.session, node_id=node_id)
+            changed_nodes = await repo.remove_placements_on_node(uow.session, node_id)
         await repo.bump_cluster_generation(uow.session)
         kind = "node.drained" if drain else ("node.cordoned" if cordoned else "node.uncordoned")
         repo.record_event(uow.session, actor=who.name, kind=kind, object_kind="node", object_id=node_id)

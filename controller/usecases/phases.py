@@ -13,7 +13,20 @@ from collections.abc import Iterable
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.store import models as m
 from controller.store import repositories as repo
+
+
+def desired_phase(row: m.Deployment) -> m.DeploymentPhase:
+    """The phase its placements imply (DELETING is sticky)."""
+    if row.phase is m.DeploymentPhase.DELETING:
+        return row.phase
+    counts = repo.replica_counts(row)
+    if counts.placed == 0:
+        return m.DeploymentPhase.PENDING
+    if counts.running == counts.placed:
+        return m.DeploymentPhase.RUNNING if counts.placed >= row.replicas else m.DeploymentPhase.DEGRADED
+    return m.DeploymentPhase.SCHEDULED
 
 
 async def refresh_phases(session: AsyncSession, *, names: Iterable[str] | None = None) -> set[str]:
@@ -24,7 +37,7 @@ async def refresh_phases(session: AsyncSession, *, names: Iterable[str] | None =
     rows = await repo.list_deployment_rows(session, names=names)
     changed: set[str] = set()
     for row in rows:
-        phase = repo.desired_phase(row)
+        phase = desired_phase(row)
         if phase is not row.phase:
             row.phase = phase
             changed.add(row.name)

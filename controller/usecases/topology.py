@@ -6,7 +6,7 @@ silently disappear). References must resolve against the request itself or what 
 
 from __future__ import annotations
 
-from controller.errors import InvalidArgument, NotFound
+from controller.errors import NotFound
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo

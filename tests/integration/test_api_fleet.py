@@ -3,8 +3,7 @@ drain, lose a node, watch, delete."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ async def _nodes(stubs: Stubs) -> dict[str, admin_pb2.Node]:
 
 
 @pytest.fixture
-async def fleet(stubs: Stubs, controller_app, tmp_path: Path) -> Iterator[SimFleet]:
+async def fleet(stubs: Stubs, controller_app, tmp_path: Path) -> AsyncIterator[SimFleet]:
     """Topology, tenant `lab`, and 2 racks x 4 nodes of real agents, all connected and ready."""
     await stubs.admin.ApplyTopology(topology(RACKS))
     await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
