@@ -81,6 +81,13 @@ async def test_submit_runs_on_concrete_accelerators_and_delete_frees_them(stubs:
                      lambda r: not r.deployments, what="svc removed")
     nodes = await _nodes(stubs)
     assert sum(n.accelerators_used for n in nodes.values()) == 0.0
+    # The agents were sent sets without the shards and stopped them (as their log says).
+    shards = {f"svc/{p.replica}/{p.shard} stopped" for p in running.placements}
+
+    async def log_text() -> str:
+        return fleet.log_path.read_text(errors="replace")
+
+    await eventually(log_text, lambda text: all(s in text for s in shards), what="agents stopped svc's shards")
     # Freed capacity is usable again: a gang as large as a whole rack fits.
     await _submit(stubs, spec("whole-rack", shards=4, accelerators=4))
     await eventually(lambda: _get(stubs, "whole-rack"), lambda d: d.phase == RUNNING, what="whole-rack running")
