@@ -3,7 +3,7 @@
 - identity: the caller's principal from metadata `x-maia-principal` into a context variable;
 - logging: one structured line per RPC (method, principal, status, milliseconds);
 - errors: the only place where `controller.errors` become gRPC status codes, with the error's
-  message verbatim; anything unexpected becomes INTERNAL with a short message and is logged
+  message verbatim and its structured reasons in trailing metadata (`maia-reason-bin`); anything unexpected becomes INTERNAL with a short message and is logged
   with its traceback.
 
 Each interceptor wraps the method handler's behaviour, so the same code covers unary and
@@ -23,8 +23,12 @@ from grpc import aio
 
 from controller import errors
 from controller.identity import current_principal, principal_from_metadata, reset_principal, set_principal
+from maia.v1 import common_pb2
 
 log = logging.getLogger("maia.api")
+
+# Trailing metadata key of the structured reasons of an error (binary: serialized maia.v1.Reason).
+REASON_METADATA_KEY = "maia-reason-bin"
 
 STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -178,7 +182,12 @@ class ErrorInterceptor(_BehaviourInterceptor):
 
     @staticmethod
     async def _abort(context: aio.ServicerContext, exc: errors.MaiaError) -> None:
-        await context.abort(status_for(exc), exc.message)
+        # Structured reasons travel as trailing metadata, one serialized maia.v1.Reason per entry.
+        trailing = tuple(
+            (REASON_METADATA_KEY, common_pb2.Reason(code=r.code, message=r.message, scope=r.scope).SerializeToString())
+            for r in exc.reasons
+        )
+        await context.abort(status_for(exc), exc.message, trailing_metadata=trailing)
 
     @staticmethod
     async def _internal(method: str, context: aio.ServicerContext, exc: Exception) -> None:

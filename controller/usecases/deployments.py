@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from controller.errors import AlreadyExists, InvalidArgument, NotFound
+from controller.errors import AlreadyExists, InvalidArgument, NotFound, ReasonDetail
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -75,6 +75,10 @@ def replica_accelerators(spec: DeploymentSpec) -> int:
     return spec.shards_per_replica * spec.shard.accelerators
 
 
+def _never_fits(code: str, message: str, scope: str = "") -> InvalidArgument:
+    return InvalidArgument(message, reasons=(ReasonDetail(code, message, scope),))
+
+
 async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.Tenant) -> None:
     """Refuse what no state of the registered cluster could ever run, naming the numbers.
 
@@ -90,30 +94,34 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.
         known = sorted({n.accelerator_model for n in nodes})
         nodes = [n for n in nodes if n.accelerator_model in models]
         if not nodes:
-            raise InvalidArgument(
+            raise _never_fits(
+                "ACCELERATOR_MODEL",
                 f"{where}: no node has accelerator model {', '.join(sorted(models))} "
                 f"(registered models: {', '.join(known) or 'none'})"
             )
     if tenant.zones:
         nodes = [n for n in nodes if n.rack.row.zone_id in tenant.zones]
         if not nodes:
-            raise InvalidArgument(
+            raise _never_fits(
+                "ZONE",
                 f"{where}: tenant {tenant.id} may run only in zone(s) {', '.join(tenant.zones)}, "
                 "which have no nodes with the requested accelerators"
             )
     largest = max(nodes, key=lambda n: n.accelerators)
     if spec.shard.accelerators > largest.accelerators:
-        raise InvalidArgument(
+        raise _never_fits(
+            "CAPACITY",
             f"{where}: one shard needs {spec.shard.accelerators} accelerators on one node; "
-            f"the largest node has {largest.accelerators} ({largest.id})"
+            f"the largest node has {largest.accelerators} ({largest.id})", largest.id,
         )
     with_hbm = [n for n in nodes if n.hbm_gib is not None]
     if with_hbm and len(with_hbm) == len(nodes):
         most = max(with_hbm, key=lambda n: n.hbm_gib or 0.0)
         if spec.shard.hbm_gib > (most.hbm_gib or 0.0):
-            raise InvalidArgument(
+            raise _never_fits(
+                "HBM",
                 f"{where}: one shard needs {spec.shard.hbm_gib:g} GiB of HBM per accelerator; "
-                f"the most any node has is {most.hbm_gib:g} GiB ({most.id})"
+                f"the most any node has is {most.hbm_gib:g} GiB ({most.id})", most.id,
             )
     if spec.locality == "none":
         return
@@ -127,9 +135,10 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.
         shard_text = (f"{spec.shards_per_replica} shards x {spec.shard.accelerator_milli} milli"
                       if spec.shard.fractional else
                       f"{spec.shards_per_replica} shards x {spec.shard.accelerators}")
-        raise InvalidArgument(
+        raise _never_fits(
+            "LOCALITY",
             f"{where}: one {spec.locality}-local replica needs {needed} accelerators ({shard_text}); "
-            f"the largest {spec.locality} holds {held} ({domain_id})"
+            f"the largest {spec.locality} holds {held} ({domain_id})", domain_id,
         )
 
 

@@ -99,3 +99,13 @@ async def test_connect_must_start_with_hello(seeded: Stubs):
             pass
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert info.value.details() == "the first message on Connect must be Hello (node_id, session_id)"
+
+
+async def test_impossible_request_carries_a_structured_reason(seeded: Stubs):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await seeded.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("svc", shards=2, accelerators=4)))
+    reasons = [common_pb2.Reason.FromString(value) for key, value in info.value.trailing_metadata()
+               if key == "maia-reason-bin"]
+    assert [(r.code, r.scope) for r in reasons] == [("LOCALITY", "rack-a")]
+    assert reasons[0].message == info.value.details()
