@@ -28,7 +28,7 @@ def _fgd(args: argparse.Namespace) -> int:
             for seed in seeds:
                 r = fgd.run_seed(workload, seed, policy, nodes=nodes, pods=pods,
                                  batch_size=batch, driver=args.driver,
-                                 time_limit_ms=args.time_limit_ms)
+                                 time_limit_ms=args.time_limit_ms, probes=args.probe_calls)
                 runs.append(r)
                 lat = r.latencies_ms
                 print(f"  {workload} {label} seed {seed}: unallocated {r.unallocated_pct:.2f}% "
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--driver", choices=["single", "per-call"], default="single",
                    help="one online solve() over all arrivals, or one solve() per decision")
     f.add_argument("--time-limit-ms", type=int, default=None)
+    f.add_argument("--probe-calls", type=int, default=0,
+                   help="after the run, time this many further arrivals one solve() each")
     f.add_argument("--json", help="also write per-seed results to this file")
     f.add_argument("--check", action="store_true",
                    help="grade every final state with tests/scheduler/checker.py")

@@ -191,14 +191,42 @@ def run_solver_per_call(cluster: Doc, deployments: list[Doc], batch_size: int,
     return plan_to_dict(dataclasses.replace(plan, placements=current))["placements"], lat
 
 
+def probe_calls(cluster: Doc, deployments: list[Doc], placements: list[Doc],
+                probes: list[Doc], time_limit_ms: int | None) -> list[float]:
+    """Latency (ms) of one online solve() per probe arrival, on the state `placements`.
+
+    This is what a controller pays per arrival through the public API: the whole state is
+    handed over on every call.
+    """
+    from scheduler import problem_from_dict, solve
+    holding = {p["deployment"] for p in placements}
+    kept = [d for d in deployments if d["id"] in holding]
+    base = problem_from_dict({**cluster, "deployments": kept + probes,
+                              "placements": placements, "options": {"mode": "online"}})
+    deps = {d.id: d for d in base.deployments}
+    kept_deps = tuple(deps[d["id"]] for d in kept)
+    lat = []
+    for d in probes:  # each probe decided on the same state, not accumulated
+        problem = dataclasses.replace(base, deployments=(*kept_deps, deps[d["id"]]))
+        t0 = time.perf_counter()
+        solve(problem, time_limit_ms=time_limit_ms)
+        lat.append(1000 * (time.perf_counter() - t0))
+    return lat
+
+
 def run_seed(workload: str, seed: int, policy: str, *, nodes: list[traces.TraceNode],
              pods: list[traces.TracePod], batch_size: int = 1, driver: str = "single",
-             report_at: float = 1.0, time_limit_ms: int | None = None) -> RunResult:
-    """Sample, place up to `report_at` of capacity, and measure the allocation there."""
+             report_at: float = 1.0, time_limit_ms: int | None = None,
+             probes: int = 0) -> RunResult:
+    """Sample, place up to `report_at` of capacity, and measure the allocation there.
+
+    `probes` > 0 (solver only): afterwards, time that many further arrivals one solve() each.
+    """
     cluster = cluster_doc(nodes)
     cap = capacity_milli(nodes)
-    arrivals = sample_arrivals(pods, cap, seed)
-    arrivals = arrivals[:prefix_to(arrivals, cap, report_at)]
+    sampled = sample_arrivals(pods, cap, seed)
+    cut = prefix_to(sampled, cap, report_at)
+    arrivals = sampled[:cut]
     deployments = [pod_deployment(i, p) for i, p in enumerate(arrivals)]
     t0 = time.perf_counter()
     runner: Callable[..., tuple[list[Doc], list[float]]]
@@ -208,6 +236,9 @@ def run_seed(workload: str, seed: int, policy: str, *, nodes: list[traces.TraceN
     else:
         placements, lat = run_greedy(cluster, deployments, policy, seed)
     seconds = time.perf_counter() - t0
+    if policy == "maia" and probes > 0:
+        extra = [pod_deployment(cut + i, p) for i, p in enumerate(sampled[cut:cut + probes])]
+        lat = probe_calls(cluster, deployments, placements, extra, time_limit_ms)
     return RunResult(workload, policy, seed, cap, len(deployments),
                      allocated_milli(deployments, placements), len(lat), seconds, lat,
                      deployments, placements)
