@@ -149,7 +149,7 @@ def shard_spec(msg: common_pb2.ShardSpec) -> d.ShardSpec:
     return d.ShardSpec(
         accelerators=msg.accelerators, accelerator_milli=msg.accelerator_milli or 1000, hbm_gib=msg.hbm_gib,
         cpu_milli=msg.cpu_milli, memory_mib=msg.memory_mib, power_w=msg.power_w,
-        accelerator_models=tuple(msg.accelerator_models),
+        accelerator_models=tuple(msg.accelerator_models) or None,
     )
 
 
@@ -157,15 +157,15 @@ def shard_spec_msg(spec: d.ShardSpec) -> common_pb2.ShardSpec:
     return common_pb2.ShardSpec(
         accelerators=spec.accelerators, accelerator_milli=spec.accelerator_milli, hbm_gib=spec.hbm_gib,
         cpu_milli=spec.cpu_milli, memory_mib=spec.memory_mib, power_w=spec.power_w,
-        accelerator_models=list(spec.accelerator_models),
+        accelerator_models=list(spec.accelerator_models or ()),
     )
 
 
 def deployment_spec(msg: deployments_pb2.DeploymentSpec) -> d.DeploymentSpec:
     spread = None
     if msg.HasField("spread"):
-        spread = d.SpreadSpec(_enum_word(_DOMAIN_TO_WORD, msg.spread.domain, "spread.domain", default="none"),
-                              msg.spread.max_per_domain)
+        spread = d.Spread(_enum_word(_DOMAIN_TO_WORD, msg.spread.domain, "spread.domain", default="none"),
+                          msg.spread.max_per_domain)
     return d.DeploymentSpec(
         name=msg.name, tenant=msg.tenant, replicas=msg.replicas, min_replicas=msg.min_replicas or 1,
         shards_per_replica=msg.shards_per_replica, shard=shard_spec(msg.shard),

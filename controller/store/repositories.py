@@ -213,14 +213,14 @@ async def count_deployments_by_phase(session: AsyncSession) -> dict[str, int]:
 def deployment_spec(row: m.Deployment) -> d.DeploymentSpec:
     spread = None
     if row.spread_domain is not None and row.spread_max_per_domain:
-        spread = d.SpreadSpec(row.spread_domain.value, row.spread_max_per_domain)
+        spread = d.Spread(row.spread_domain.value, row.spread_max_per_domain)
     return d.DeploymentSpec(
         name=row.name, tenant=row.tenant_id, replicas=row.replicas, min_replicas=row.min_replicas,
         shards_per_replica=row.shards_per_replica,
         shard=d.ShardSpec(
             accelerators=row.shard_accelerators, accelerator_milli=row.shard_accelerator_milli,
             hbm_gib=row.shard_hbm_gib, cpu_milli=row.shard_cpu_milli, memory_mib=row.shard_memory_mib,
-            power_w=row.shard_power_w, accelerator_models=tuple(row.shard_accelerator_models or ()),
+            power_w=row.shard_power_w, accelerator_models=tuple(row.shard_accelerator_models or ()) or None,
         ),
         locality=row.locality.value, spread=spread, priority=row.priority, preemptible=row.preemptible,
     )
@@ -233,7 +233,7 @@ def new_deployment_row(spec: d.DeploymentSpec) -> m.Deployment:
         shard_accelerators=spec.shard.accelerators, shard_accelerator_milli=spec.shard.accelerator_milli,
         shard_hbm_gib=spec.shard.hbm_gib, shard_cpu_milli=spec.shard.cpu_milli,
         shard_memory_mib=spec.shard.memory_mib, shard_power_w=spec.shard.power_w,
-        shard_accelerator_models=list(spec.shard.accelerator_models),
+        shard_accelerator_models=list(spec.shard.accelerator_models or ()),
         locality=m.Domain(spec.locality),
         spread_domain=m.Domain(spec.spread.domain) if spec.spread else None,
         spread_max_per_domain=spec.spread.max_per_domain if spec.spread else None,

@@ -55,7 +55,7 @@ def validate_spec(spec: DeploymentSpec) -> None:
     check_non_negative(f"{where}: shard.cpu_milli", shard.cpu_milli)
     check_non_negative(f"{where}: shard.memory_mib", shard.memory_mib)
     check_non_negative(f"{where}: shard.power_w", shard.power_w)
-    if any(not model for model in shard.accelerator_models):
+    if any(not model for model in shard.accelerator_models or ()):
         raise InvalidArgument(f"{where}: shard.accelerator_models has an empty model name")
     if spec.locality not in DOMAINS:
         raise InvalidArgument(f"{where}: locality {spec.locality!r} is not one of {', '.join(DOMAINS)}")
@@ -89,7 +89,7 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.
     if not nodes or spec.shard.accelerators == 0:
         return
     where = f"deployment {spec.name}"
-    models = set(spec.shard.accelerator_models)
+    models = set(spec.shard.accelerator_models or ())
     if models:
         known = sorted({n.accelerator_model for n in nodes})
         nodes = [n for n in nodes if n.accelerator_model in models]

@@ -2,7 +2,9 @@
 
 Plain frozen dataclasses with the interchange format's lowercase words (`dedicated_rack`,
 `rack`, `running`), independent of protobuf and of the ORM: the servicers convert protobuf into
-these, the repositories convert rows into these.
+these, the repositories convert rows into these. A deployment's shard and spread are the
+solver's own `scheduler.model.ShardSpec` and `Spread` (one definition of a shard's milli-units
+and power; `accelerator_models` None means any model).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
+
+from scheduler.model import ShardSpec, Spread
 
 IsolationWord = Literal["shared", "dedicated_node", "dedicated_rack"]
 DomainWord = Literal["node", "rack", "row", "zone", "none"]
@@ -139,37 +143,6 @@ class ClusterSummary:
 
 # --- deployments -----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class ShardSpec:
-    accelerators: int
-    accelerator_milli: int = 1000
-    hbm_gib: float = 0.0
-    cpu_milli: int = 0
-    memory_mib: int = 0
-    power_w: float = 0.0
-    accelerator_models: tuple[str, ...] = ()
-
-    @property
-    def fractional(self) -> bool:
-        return self.accelerators == 1 and self.accelerator_milli < 1000
-
-    @property
-    def milli(self) -> int:
-        """Accelerator demand of one shard in milli-units."""
-        return self.accelerator_milli if self.fractional else 1000 * self.accelerators
-
-    @property
-    def power_draw_w(self) -> float:
-        """Power one placed shard draws under load (the spec's `power_w × milli / 1000`)."""
-        return self.power_w * self.milli / 1000.0
-
-
-@dataclass(frozen=True, slots=True)
-class SpreadSpec:
-    domain: str
-    max_per_domain: int
-
-
-@dataclass(frozen=True, slots=True)
 class DeploymentSpec:
     name: str
     tenant: str
@@ -178,7 +151,7 @@ class DeploymentSpec:
     shard: ShardSpec
     min_replicas: int = 1
     locality: str = "rack"
-    spread: SpreadSpec | None = None
+    spread: Spread | None = None
     priority: int = 0
     preemptible: bool = False
 

@@ -2,9 +2,7 @@
 
 Both the reconciler and dry runs do the same three things: read a snapshot of the cluster as an
 interchange problem document, adjust it (options; a would-be deployment), and solve it in a
-worker thread so the event loop never blocks. The scheduler and the snapshot loader are
-imported lazily: they are separate libraries and the rest of the controller must import
-without them.
+worker thread so the event loop never blocks.
 """
 
 from __future__ import annotations
@@ -14,7 +12,9 @@ import copy
 from typing import Any
 
 from controller.errors import InvalidArgument
+from controller.store.snapshot import load_snapshot  # noqa: F401  (the snapshot half of this seam)
 from controller.usecases.domain import DeploymentSpec
+from scheduler import Plan, ProblemError, problem_from_dict, solve
 
 
 def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
@@ -51,16 +51,7 @@ def with_deployment(problem: dict[str, Any], spec: DeploymentSpec) -> dict[str, 
     return doc
 
 
-async def load_snapshot(session: Any) -> Any:
-    """The persistence layer's snapshot: `Snapshot(generation, problem)`."""
-    from controller.store.snapshot import load_snapshot as _load
-
-    return await _load(session)
-
-
-def _solve_sync(problem: dict[str, Any], time_limit_ms: int) -> Any:
-    from scheduler import ProblemError, problem_from_dict, solve
-
+def _solve_sync(problem: dict[str, Any], time_limit_ms: int) -> Plan:
     try:
         parsed = problem_from_dict(problem)
     except ProblemError as exc:
@@ -68,6 +59,6 @@ def _solve_sync(problem: dict[str, Any], time_limit_ms: int) -> Any:
     return solve(parsed, time_limit_ms=time_limit_ms)
 
 
-async def solve_in_thread(problem: dict[str, Any], *, time_limit_ms: int) -> Any:
+async def solve_in_thread(problem: dict[str, Any], *, time_limit_ms: int) -> Plan:
     """Solve off the event loop; returns the scheduler's `Plan`."""
     return await asyncio.to_thread(_solve_sync, problem, time_limit_ms)

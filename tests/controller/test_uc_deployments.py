@@ -8,7 +8,7 @@ import pytest
 
 from controller.errors import AlreadyExists, InvalidArgument, NotFound
 from controller.usecases import deployments
-from controller.usecases.domain import SpreadSpec
+from controller.usecases.domain import Spread
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, row_counts, with_shard
 
@@ -53,7 +53,7 @@ BAD = [
     (with_shard(GOOD, hbm_gib=-1.0), InvalidArgument, "deployment svc: shard.hbm_gib must be >= 0, got -1"),
     (with_shard(GOOD, power_w=-5.0), InvalidArgument, "deployment svc: shard.power_w must be >= 0, got -5"),
     (replace(GOOD, locality="galaxy"), InvalidArgument, "locality 'galaxy' is not one of node, rack, row, zone, none"),
-    (replace(GOOD, spread=SpreadSpec("rack", 0)), InvalidArgument, "spread.max_per_domain must be >= 1, got 0"),
+    (replace(GOOD, spread=Spread("rack", 0)), InvalidArgument, "spread.max_per_domain must be >= 1, got 0"),
     (replace(GOOD, tenant="ghost"), NotFound, "tenant ghost not found"),
     # Impossible on this cluster, with the numbers:
     (deployment("big", "t1", shards=3, accelerators=4), InvalidArgument,
