@@ -25,7 +25,6 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import planning
 from controller.usecases.domain import DeploymentView
-from controller.usecases.phases import refresh_phases
 
 log = logging.getLogger("maia.reconcile")
 
@@ -133,14 +132,12 @@ class Reconciler:
             try:
                 async with self._db.unit_of_work() as uow:
                     result = await commit_plan(uow.session, snapshot, plan, actor="controller")
-                    touched = set(result.changed_deployments | result.updated_deployments) - result.deleted_deployments
-                    phased = await refresh_phases(uow.session, names=touched) if touched else set()
                     await uow.commit()
             except PlanConflict as exc:
                 log.info("attempt %d: %s", attempt + 1, exc)
                 continue
             self._last_generation = result.generation
-            changed = touched | phased
+            changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
             log.info(
                 "reconciled generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s "
                 "changed_nodes=%d deleted=%s",

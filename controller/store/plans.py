@@ -36,6 +36,7 @@ from controller.store.models import (
     utcnow,
 )
 from controller.store.snapshot import ShardKey, Snapshot
+from controller.usecases.phases import deployment_phase, replica_counts
 
 if TYPE_CHECKING:  # the controller may import the solver's types; it never needs them at run time
     from scheduler import Plan
@@ -121,22 +122,6 @@ def _reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _next_phase(current: DeploymentPhase, shard_phases: list[ShardPhase], placements_changed: bool) -> DeploymentPhase:
-    """PENDING without placements; SCHEDULED until every shard runs; then RUNNING.
-
-    RUNNING and DEGRADED otherwise belong to the shard-status path and are kept, unless new or
-    moved shards (which start over as ASSIGNED) make the deployment SCHEDULED again.
-    """
-    if not shard_phases:
-        return DeploymentPhase.PENDING
-    all_running = all(p is ShardPhase.RUNNING for p in shard_phases)
-    if current in (DeploymentPhase.PENDING, DeploymentPhase.SCHEDULED):
-        return DeploymentPhase.RUNNING if all_running else DeploymentPhase.SCHEDULED
-    if placements_changed and not all_running:
-        return DeploymentPhase.SCHEDULED
-    return current
-
-
 @dataclass
 class _Row:
     id: int
@@ -163,7 +148,8 @@ async def commit_plan(
     deployments = {
         d.name: d
         for d in await session.execute(
-            select(Deployment.id, Deployment.name, Deployment.phase, Deployment.generation, Deployment.reasons)
+            select(Deployment.id, Deployment.name, Deployment.phase, Deployment.generation, Deployment.reasons,
+                   Deployment.replicas, Deployment.shards_per_replica)
         )
     }
     names_by_id = {d.id: d.name for d in deployments.values()}
@@ -220,16 +206,16 @@ async def commit_plan(
     changed_deployments.update(row.key[0] for row in deletes)
     changed_deployments.update(row.key[0] for row, _ in updates)
 
-    # Deployments: generation, phase, reasons.
+    # Deployments: generation, phase (the rule of usecases/phases over the plan's shards), reasons.
     new_generation = {
         name: deployments[name].generation + (1 if name in changed_deployments else 0) for name in live
     }
-    shard_phases: dict[str, list[ShardPhase]] = defaultdict(list)
+    shard_phases: dict[str, list[tuple[int, ShardPhase]]] = defaultdict(list)
     moved_keys = {row.key for row, _ in updates}
     for key in desired:
         row = current.get(key)
-        kept = row is not None and key not in moved_keys
-        shard_phases[key[0]].append(row.phase if kept else ShardPhase.ASSIGNED)
+        kept = row is not None and key not in moved_keys  # new and moved shards start over as ASSIGNED
+        shard_phases[key[0]].append((key[1], row.phase if kept else ShardPhase.ASSIGNED))
     unplaced = {u.deployment: u for u in plan.unplaced if u.deployment in live}
     deployment_updates: list[dict[str, Any]] = []
     updated_deployments: set[str] = set()
@@ -237,7 +223,7 @@ async def commit_plan(
     for name in sorted(live):
         d = deployments[name]
         reasons = _reason_dicts(unplaced[name].reasons) if name in unplaced else []
-        phase = _next_phase(d.phase, shard_phases.get(name, []), name in changed_deployments)
+        phase = DeploymentPhase(deployment_phase(d.replicas, replica_counts(d.shards_per_replica, shard_phases[name])))
         if reasons != (d.reasons or []):
             reasons_changed.add(name)
         if name in changed_deployments or phase is not d.phase or name in reasons_changed:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import selectinload
 from controller.store import models as m
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
 from controller.usecases import domain as d
+from controller.usecases.phases import ReplicaCounts, deployment_phase, replica_counts
 
 
 # --- cluster generation ----------------------------------------------------------------------
@@ -242,24 +243,18 @@ def new_deployment_row(spec: d.DeploymentSpec) -> m.Deployment:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicaCounts:
-    placed: int
-    running: int
+def _replica_counts(row: m.Deployment) -> ReplicaCounts:
+    return replica_counts(row.shards_per_replica, ((p.replica, p.phase) for p in row.placements))
 
 
-def replica_counts(row: m.Deployment) -> ReplicaCounts:
-    """Replicas with every shard placed, and those with every shard running."""
-    shards: dict[int, list[m.Placement]] = defaultdict(list)
-    for p in row.placements:
-        shards[p.replica].append(p)
-    placed = [r for r, ps in shards.items() if len(ps) >= row.shards_per_replica]
-    running = [r for r in placed if all(p.phase is m.ShardPhase.RUNNING for p in shards[r])]
-    return ReplicaCounts(placed=len(placed), running=len(running))
+def implied_phase(row: m.Deployment) -> m.DeploymentPhase:
+    """The phase its stored placements imply (usecases/phases' rule; DELETING is sticky)."""
+    deleting = row.phase is m.DeploymentPhase.DELETING
+    return m.DeploymentPhase(deployment_phase(row.replicas, _replica_counts(row), deleting=deleting))
 
 
 def deployment_view(row: m.Deployment) -> d.DeploymentView:
-    counts = replica_counts(row)
+    counts = _replica_counts(row)
     placements = tuple(
         d.ShardPlacementView(
             replica=p.replica, shard=p.shard, node=p.node_id, rack=p.node.rack_id if p.node else "",

@@ -22,7 +22,6 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import NodeInfo, Registration, ShardReport
-from controller.usecases.phases import refresh_phases
 from controller.usecases.validation import check_id, check_non_negative
 
 _SHARD_PHASES = {p.value for p in m.ShardPhase}
@@ -137,7 +136,7 @@ async def flush_reports(
 
     A report is applied only if the shard is still placed on the reporting node and answers the
     placement's generation or a newer one (older reports are stale). Returns the names of the
-    deployments whose phase or shard phases changed.
+    deployments whose shard phases (and so perhaps their phase) changed.
     """
     s = uow.session
     if beats:  # one executemany for every node that beat since the last flush
@@ -168,6 +167,8 @@ async def flush_reports(
                 placement.phase = phase
                 placement.message = report.message
                 touched.add(name)
-    changed = await refresh_phases(s, names=touched) if touched else set()
+    if touched:  # their deployments' phases may follow the shards'
+        for row in await repo.list_deployment_rows(s, names=touched):
+            row.phase = repo.implied_phase(row)
     await uow.commit()
-    return touched | changed
+    return touched

@@ -1,45 +1,46 @@
-"""What a deployment's phase is, given its placements and what its agents report.
+"""What a deployment's phase is, given its placements and what its agents report: the one rule.
 
-RUNNING: every placed shard runs and every asked replica is placed; DEGRADED: everything placed
-runs but fewer replicas than asked are placed; SCHEDULED: placed, some shards not running yet;
-PENDING: nothing placed (the reasons say why). DELETING is set by the user and is sticky.
-Both the reconciler (after a plan) and agent reports (shards turning running) call
-`refresh_phases`, so the rule lives here once.
+PENDING: no replica placed (the reasons say why); SCHEDULED: placed, some shards not running
+yet; RUNNING: every placed shard runs and every asked replica is placed; DEGRADED: everything
+placed runs but fewer replicas than asked are placed. DELETING is set by the user and is sticky.
+A replica counts as placed only with all its shards (a gang).
+
+Pure functions over the interchange words: `commit_plan` applies them to the plan it writes,
+the shard-report path to the placements its reports changed.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
-
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from controller.store import models as m
-from controller.store import repositories as repo
+from dataclasses import dataclass
 
 
-def desired_phase(row: m.Deployment) -> m.DeploymentPhase:
-    """The phase its placements imply (DELETING is sticky)."""
-    if row.phase is m.DeploymentPhase.DELETING:
-        return row.phase
-    counts = repo.replica_counts(row)
-    if counts.placed == 0:
-        return m.DeploymentPhase.PENDING
-    if counts.running == counts.placed:
-        return m.DeploymentPhase.RUNNING if counts.placed >= row.replicas else m.DeploymentPhase.DEGRADED
-    return m.DeploymentPhase.SCHEDULED
+@dataclass(frozen=True, slots=True)
+class ReplicaCounts:
+    placed: int
+    running: int
 
 
-async def refresh_phases(session: AsyncSession, *, names: Iterable[str] | None = None) -> set[str]:
-    """Recompute the phases of some (default: all) deployments; returns those that changed.
+def replica_counts(shards_per_replica: int, shards: Iterable[tuple[int, str]]) -> ReplicaCounts:
+    """Replicas with every shard placed, and those with every shard running.
 
-    Does not commit. Reasons are the plan's to set (`commit_plan`); this only judges phases.
+    `shards`: (replica, shard phase) of each placed shard.
     """
-    rows = await repo.list_deployment_rows(session, names=names)
-    changed: set[str] = set()
-    for row in rows:
-        phase = desired_phase(row)
-        if phase is not row.phase:
-            row.phase = phase
-            changed.add(row.name)
-    await session.flush()
-    return changed
+    phases: dict[int, list[str]] = defaultdict(list)
+    for replica, phase in shards:
+        phases[replica].append(phase)
+    placed = [ps for ps in phases.values() if len(ps) >= shards_per_replica]
+    running = [ps for ps in placed if all(p == "running" for p in ps)]
+    return ReplicaCounts(placed=len(placed), running=len(running))
+
+
+def deployment_phase(replicas: int, counts: ReplicaCounts, *, deleting: bool = False) -> str:
+    """The phase a deployment of `replicas` replicas is in, given its replica counts."""
+    if deleting:
+        return "deleting"
+    if counts.placed == 0:
+        return "pending"
+    if counts.running < counts.placed:
+        return "scheduled"
+    return "running" if counts.placed >= replicas else "degraded"
