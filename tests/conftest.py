@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -26,19 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-# The `pytest` script (unlike `python -m pytest`) does not put the repository on sys.path, and
-# pytest prepends tests/ for this conftest: tests/scheduler/ and tests/controller/ would then be
-# imported as namespace packages shadowing the real `scheduler` and `controller` (the editable
-# install's finder comes after the path finder). The repository first, before any import of them.
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import pytest
+from sqlalchemy.engine import make_url
 
-import pytest  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-
-from controller.store.db import Database  # noqa: E402
-from controller.store.migrate import ensure_schema  # noqa: E402
+from controller.store.db import Database
+from controller.store.migrate import ensure_schema
 
 PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin")
 PG_USER = "app"
