@@ -2,7 +2,10 @@
 
 Woken by submissions, deletions and node changes (and on an interval as a safety net), one pass
 1. skips everything unless the cluster generation moved since the last solve (an idle cluster
-   costs one cheap query per interval, never a solve),
+   costs one cheap query per interval, never a solve), or the last solve stopped at its time
+   limit with work left unplaced: that pass is retried after a back-off (doubling up to a cap)
+   even on an unchanged cluster, or an unlucky time-limited solve would leave work pending
+   until something else changed,
 2. loads a snapshot, solves it in a worker thread, and commits the plan in one transaction; if
    the cluster changed meanwhile (`PlanConflict`) it starts over from a fresh snapshot; the
    commit also releases the shards of DELETING deployments and removes their rows,
@@ -25,6 +28,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import planning
 from controller.usecases.domain import DeploymentView
+from scheduler import Plan
 
 log = logging.getLogger("maia.reconcile")
 
@@ -49,15 +53,24 @@ class ReconcileOutcome:
     changed_deployments: frozenset[str] = frozenset()
     deleted: tuple[str, ...] = ()
     unplaced: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Seconds until a time-limited pass is solved again although nothing changed (None: no retry).
+    retry_in_s: float | None = None
 
 
-def _reason_docs(plan: Any) -> dict[str, list[dict[str, Any]]]:
+def _reason_docs(plan: Plan) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for unplaced in plan.unplaced:
         out.setdefault(unplaced.deployment, []).extend(
             {"code": r.code, "message": r.message, "scope": r.scope or ""} for r in unplaced.reasons
         )
     return out
+
+
+def time_limited(plan: Plan) -> bool:
+    """The solver stopped at its time limit with work left unplaced: another try may place it."""
+    if not plan.unplaced:
+        return False
+    return plan.status == "feasible" or any(r.code == "TIME_LIMIT" for u in plan.unplaced for r in u.reasons)
 
 
 class Reconciler:
@@ -67,6 +80,9 @@ class Reconciler:
         publish: Callable[[set[str], list[DeploymentView]], Awaitable[None]],
         interval_s: float = 1.0, solve_time_limit_ms: int = 2000,
         lease: Lease | None = None, max_conflict_retries: int = 5, settle_s: float = 0.05,
+        retry_backoff_s: float = 2.0, max_retry_backoff_s: float = 60.0,
+        solve: Callable[..., Awaitable[Plan]] = planning.solve_in_thread,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
         self._push = push
@@ -76,6 +92,12 @@ class Reconciler:
         self._lease = lease or AlwaysLeader()
         self._retries = max_conflict_retries
         self._settle = settle_s
+        self._retry_backoff = retry_backoff_s
+        self._max_retry_backoff = max_retry_backoff_s
+        self._solve = solve
+        self._clock = clock
+        self._time_limited_passes = 0  # in a row: the back-off doubles with each
+        self._retry_at: float | None = None
         self._wake = asyncio.Event()
         self._last_generation: int | None = None
         self._lock = asyncio.Lock()
@@ -106,14 +128,26 @@ class Reconciler:
                 await asyncio.sleep(self._interval)
 
     async def reconcile_once(self, *, force: bool = False) -> ReconcileOutcome:
-        """One pass; solves only if the cluster generation moved since the last solve (or `force`)."""
+        """One pass; solves only if the cluster generation moved since the last solve, a
+        time-limited pass is due for a retry, or `force`."""
         async with self._lock:
             self.passes += 1
             async with self._db.unit_of_work() as uow:
                 generation = await repo.read_cluster_generation(uow.session)
-            if not force and generation == self._last_generation:
+            retry_due = self._retry_at is not None and self._clock() >= self._retry_at
+            if not force and not retry_due and generation == self._last_generation:
                 return ReconcileOutcome(generation=generation)
             return await self._solve_and_commit()
+
+    def _schedule_retry(self, plan: Plan) -> float | None:
+        """After a commit: when to solve again although nothing changed (None: not needed)."""
+        if not time_limited(plan):
+            self._time_limited_passes, self._retry_at = 0, None
+            return None
+        delay = min(self._retry_backoff * 2 ** self._time_limited_passes, self._max_retry_backoff)
+        self._time_limited_passes += 1
+        self._retry_at = self._clock() + delay
+        return delay
 
     async def _solve_and_commit(self) -> ReconcileOutcome:
         from controller.store.plans import PlanConflict, commit_plan
@@ -126,7 +160,7 @@ class Reconciler:
                     uow.session, phases=[m.DeploymentPhase.DELETING])}
             problem = planning.with_options(snapshot.problem, time_limit_ms=self._time_limit_ms)
             started = time.perf_counter()
-            plan = await planning.solve_in_thread(problem, time_limit_ms=self._time_limit_ms)
+            plan = await self._solve(problem, time_limit_ms=self._time_limit_ms)
             self.solves += 1
             solve_ms = (time.perf_counter() - started) * 1000
             try:
@@ -137,13 +171,14 @@ class Reconciler:
                 log.info("attempt %d: %s", attempt + 1, exc)
                 continue
             self._last_generation = result.generation
+            retry_in_s = self._schedule_retry(plan)
             changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
             log.info(
                 "reconciled generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s "
-                "changed_nodes=%d deleted=%s",
+                "changed_nodes=%d deleted=%s retry_in_s=%s",
                 result.generation, plan.status, solve_ms, len(plan.placements),
                 {u.deployment: u.replicas for u in plan.unplaced}, len(result.changed_nodes),
-                sorted(result.deleted_deployments),
+                sorted(result.deleted_deployments), retry_in_s,
             )
             self._push(set(result.changed_nodes))
             deleted = [deleting[name] for name in sorted(result.deleted_deployments) if name in deleting]
@@ -153,6 +188,7 @@ class Reconciler:
                 solved=True, generation=result.generation, conflicts=attempt,
                 changed_nodes=frozenset(result.changed_nodes), changed_deployments=frozenset(changed),
                 deleted=tuple(sorted(result.deleted_deployments)), unplaced=_reason_docs(plan),
+                retry_in_s=retry_in_s,
             )
         log.warning("gave up after %d plan conflicts; will retry on the next wake", self._retries + 1)
         return ReconcileOutcome(solved=True, conflicts=self._retries + 1)

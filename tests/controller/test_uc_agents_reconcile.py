@@ -10,10 +10,11 @@ from sqlalchemy import select
 from controller.errors import FailedPrecondition
 from controller.reconcile import Reconciler
 from controller.store import models as m
-from controller.usecases import agents, deployments, nodes
+from controller.usecases import agents, deployments, nodes, planning
 from controller.usecases.agents import NodeBeat
 from controller.usecases.domain import NodeInfo, ShardReport
 from controller.usecases.ports import RecordingSignals
+from scheduler import Plan, Reason, Unplaced
 from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, row_counts
 
 
@@ -157,3 +158,69 @@ async def test_up_nodes_without_a_stream_are_found_stale(cluster):
         fresh = await agents.stale_up_nodes(uow, [], now.replace(year=now.year - 1))
     assert sorted(stale) == ["rack-a-n1", "rack-b-n0", "rack-b-n1"]
     assert fresh == []
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_time_limited_pass_is_retried_after_a_back_off(cluster):
+    # The first solve "runs out of time" and places nothing; later solves are the real solver's.
+    calls: list[int] = []
+
+    async def solve(problem, *, time_limit_ms):
+        calls.append(time_limit_ms)
+        if len(calls) == 1:
+            return Plan("feasible", (), unplaced=(
+                Unplaced("svc", 1, (Reason("TIME_LIMIT", "the solver stopped at its time limit"),)),))
+        return await planning.solve_in_thread(problem, time_limit_ms=time_limit_ms)
+
+    clock = FakeClock()
+    loop = Reconciler(cluster, push=Recorder().push, publish=Recorder().publish, solve=solve, clock=clock,
+                      retry_backoff_s=5.0)
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, deployment("svc"), RecordingSignals())
+    first = await loop.reconcile_once()
+    assert first.solved and first.retry_in_s == 5.0
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.get_deployment(uow, WHO, "svc")
+    assert view.phase == "pending" and [r.code for r in view.reasons] == ["TIME_LIMIT"]
+
+    # Nothing changed and the back-off has not passed: no solve.
+    clock.now += 4.9
+    assert not (await loop.reconcile_once()).solved and len(calls) == 1
+    # Back-off over: solved again on the same generation, and this time placed.
+    clock.now += 0.1
+    second = await loop.reconcile_once()
+    assert second.solved and second.retry_in_s is None and len(calls) == 2
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.get_deployment(uow, WHO, "svc")
+    assert view.phase == "scheduled" and view.reasons == ()
+    # Placed: no more retries.
+    clock.now += 1000.0
+    assert not (await loop.reconcile_once()).solved and len(calls) == 2
+
+
+async def test_time_limited_retries_back_off_and_optimal_answers_are_not_retried(cluster):
+    plans = [Plan("feasible", (), unplaced=(Unplaced("svc", 1, (Reason("CAPACITY", "no room"),)),))] * 3
+    plans.append(Plan("optimal", (), unplaced=(Unplaced("svc", 1, (Reason("CAPACITY", "no room"),)),)))
+
+    async def solve(problem, *, time_limit_ms):
+        return plans.pop(0)
+
+    clock = FakeClock()
+    loop = Reconciler(cluster, push=Recorder().push, publish=Recorder().publish, solve=solve, clock=clock,
+                      retry_backoff_s=5.0, max_retry_backoff_s=15.0)
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, deployment("svc"), RecordingSignals())
+    delays = [(await loop.reconcile_once()).retry_in_s]
+    for _ in range(3):
+        clock.now += delays[-1] or 0.0
+        delays.append((await loop.reconcile_once()).retry_in_s)
+    assert delays == [5.0, 10.0, 15.0, None]  # doubling up to the cap; a proven answer is final
+    clock.now += 1000.0
+    assert not (await loop.reconcile_once()).solved and plans == []
