@@ -15,7 +15,7 @@ from controller.usecases.agents import NodeBeat
 from controller.usecases.domain import NodeInfo, ShardReport
 from controller.usecases.ports import RecordingSignals
 from scheduler import Plan, Reason, Unplaced
-from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, row_counts
+from uc_builders import WHO, apply_topology, deployment, row_counts
 
 
 class Recorder:
@@ -30,15 +30,6 @@ class Recorder:
     async def publish(self, names: set[str], deleted: list) -> None:
         self.published |= names
         self.deleted += [v.spec.name for v in deleted]
-
-
-@pytest.fixture
-async def cluster(database):
-    await apply_topology(database, {"rack-a": "row-a", "rack-b": "row-a"})
-    await add_nodes(database, "rack-a", 2)
-    await add_nodes(database, "rack-b", 2)
-    await add_tenant(database, "t1")
-    return database
 
 
 def reconciler(db, rec: Recorder) -> Reconciler:

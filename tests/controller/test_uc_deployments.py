@@ -10,19 +10,9 @@ from controller.errors import AlreadyExists, InvalidArgument, NotFound
 from controller.usecases import deployments
 from controller.usecases.domain import Spread
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, row_counts, with_shard
+from uc_builders import WHO, assert_refused_writing_nothing, deployment, row_counts, with_shard
 
 GOOD = deployment("svc", "t1", replicas=2, shards=2, accelerators=1)
-
-
-@pytest.fixture
-async def cluster(database):
-    """Two racks of two 4-accelerator nodes (8 accelerators per rack), tenant t1."""
-    await apply_topology(database, {"rack-a": "row-a", "rack-b": "row-a"})
-    await add_nodes(database, "rack-a", 2)
-    await add_nodes(database, "rack-b", 2)
-    await add_tenant(database, "t1")
-    return database
 
 
 async def test_submit_stores_pending_and_wakes(cluster):
@@ -71,13 +61,9 @@ BAD = [
 
 @pytest.mark.parametrize(("spec", "error", "message"), BAD, ids=[b[2][:40] for b in BAD])
 async def test_bad_deployment_is_refused_and_nothing_written(cluster, spec, error, message):
-    before = await row_counts(cluster)
     signals = RecordingSignals()
-    with pytest.raises(error) as info:
-        async with cluster.unit_of_work() as uow:
-            await deployments.submit_deployment(uow, WHO, spec, signals)
-    assert message in info.value.message
-    assert await row_counts(cluster) == before
+    await assert_refused_writing_nothing(
+        cluster, lambda uow: deployments.submit_deployment(uow, WHO, spec, signals), error, message)
     assert signals.wakes == 0 and signals.events == []
 
 
@@ -95,11 +81,9 @@ async def test_fractional_gang_counts_shared_accelerators(cluster):
 async def test_duplicate_name_already_exists(cluster):
     async with cluster.unit_of_work() as uow:
         await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals())
-    before = await row_counts(cluster)
-    with pytest.raises(AlreadyExists, match="deployment svc already exists"):
-        async with cluster.unit_of_work() as uow:
-            await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals())
-    assert await row_counts(cluster) == before
+    await assert_refused_writing_nothing(
+        cluster, lambda uow: deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals()),
+        AlreadyExists, "deployment svc already exists")
 
 
 async def test_dry_run_places_on_concrete_accelerators_and_writes_nothing(cluster):

@@ -8,7 +8,7 @@ from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from controller.usecases import deployments, tenants, topology
 from controller.usecases.domain import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, add_tenant, apply_topology, deployment, row_counts
+from uc_builders import WHO, add_tenant, apply_topology, assert_refused_writing_nothing, deployment
 
 
 async def test_create_get_list_tenant_with_usage(database):
@@ -42,12 +42,8 @@ async def test_create_get_list_tenant_with_usage(database):
 )
 async def test_bad_tenant_is_refused_and_nothing_written(database, spec, error, message):
     await apply_topology(database)
-    before = await row_counts(database)
-    with pytest.raises(error) as info:
-        async with database.unit_of_work() as uow:
-            await tenants.create_tenant(uow, WHO, spec, RecordingSignals())
-    assert message in info.value.message
-    assert await row_counts(database) == before
+    await assert_refused_writing_nothing(
+        database, lambda uow: tenants.create_tenant(uow, WHO, spec, RecordingSignals()), error, message)
 
 
 async def test_duplicate_tenant_already_exists(database):
@@ -80,11 +76,9 @@ async def test_delete_tenant_with_deployments_is_refused(database):
     await add_tenant(database, "lab-a")
     async with database.unit_of_work() as uow:
         await deployments.submit_deployment(uow, WHO, deployment("svc", "lab-a"), RecordingSignals())
-    before = await row_counts(database)
-    with pytest.raises(FailedPrecondition, match="tenant lab-a has 1 deployment\\(s\\); delete them first"):
-        async with database.unit_of_work() as uow:
-            await tenants.delete_tenant(uow, WHO, "lab-a", RecordingSignals())
-    assert await row_counts(database) == before
+    await assert_refused_writing_nothing(
+        database, lambda uow: tenants.delete_tenant(uow, WHO, "lab-a", RecordingSignals()),
+        FailedPrecondition, "tenant lab-a has 1 deployment(s); delete them first")
 
 
 async def test_apply_topology_upserts_and_reports_power(database):
@@ -112,9 +106,5 @@ async def test_apply_topology_upserts_and_reports_power(database):
 )
 async def test_bad_topology_is_refused_and_nothing_written(database, spec, error, message):
     await apply_topology(database, {"rack-a": "row-a"})
-    before = await row_counts(database)
-    with pytest.raises(error) as info:
-        async with database.unit_of_work() as uow:
-            await topology.apply_topology(uow, WHO, spec, RecordingSignals())
-    assert message in info.value.message
-    assert await row_counts(database) == before
+    await assert_refused_writing_nothing(
+        database, lambda uow: topology.apply_topology(uow, WHO, spec, RecordingSignals()), error, message)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from controller.identity import Principal
 from controller.store import models as m
-from controller.store.db import Database
+from controller.store.db import Database, UnitOfWork
 from controller.usecases import agents, tenants, topology
 from controller.usecases.domain import (
     DeploymentSpec, NodeInfo, RackSpec, RowSpec, ShardSpec, TenantSpec, TopologySpec, ZoneSpec,
@@ -73,3 +75,14 @@ async def row_counts(db: Database) -> dict[str, int]:
             out[model.__tablename__] = int(await uow.session.scalar(select(func.count()).select_from(model)) or 0)
         out["generation"] = int(await uow.session.scalar(select(m.ClusterState.generation)) or 0)
     return out
+
+
+async def assert_refused_writing_nothing(db: Database, use_case: Callable[[UnitOfWork], Awaitable[Any]],
+                                         error: type[Exception], message: str) -> None:
+    """`use_case` raises `error` saying `message`, and no table (nor the generation) changed."""
+    before = await row_counts(db)
+    with pytest.raises(error) as info:
+        async with db.unit_of_work() as uow:
+            await use_case(uow)
+    assert message in info.value.message
+    assert await row_counts(db) == before
