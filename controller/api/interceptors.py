@@ -6,8 +6,8 @@
   message verbatim and its structured reasons in trailing metadata (`maia-reason-bin`); anything unexpected becomes INTERNAL with a short message and is logged
   with its traceback.
 
-Each interceptor wraps the method handler's behaviour, so the same code covers unary and
-streaming RPCs alike.
+Each interceptor is one async context manager (`scope`) entered around the method handler's
+behaviour, so the same code covers unary and streaming RPCs alike.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import grpc
@@ -81,37 +82,35 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str,
 
 
 class _BehaviourInterceptor(aio.ServerInterceptor):
-    """Base: subclasses implement `around` for unary calls and `around_stream` for streams."""
+    """Base: subclasses implement `scope`, entered around one RPC's behaviour, unary or streamed."""
 
     async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         return _wrap_handler(handler, handler_call_details.method, self.around, self.around_stream)
 
-    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+    def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
+    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+        async with self.scope(method, context, stream=False):
+            return await call()
+
     async def around_stream(self, method: str, context: aio.ServicerContext, call: Callable[[], Any]) -> Any:
-        raise NotImplementedError
-        yield  # pragma: no cover
+        async with self.scope(method, context, stream=True):
+            async for item in call():
+                yield item
 
 
 class IdentityInterceptor(_BehaviourInterceptor):
-    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+    @asynccontextmanager
+    async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
         token = set_principal(principal_from_metadata(context.invocation_metadata()))
         try:
-            return await call()
-        finally:
-            reset_principal(token)
-
-    async def around_stream(self, method: str, context: aio.ServicerContext, call: Callable[[], Any]) -> Any:
-        token = set_principal(principal_from_metadata(context.invocation_metadata()))
-        try:
-            async for item in call():
-                yield item
+            yield
         finally:
             try:
                 reset_principal(token)
-            except ValueError:  # generator finalised in another context
+            except ValueError:  # a stream's generator finalised in another context
                 pass
 
 
@@ -123,24 +122,14 @@ def _code_of(context: aio.ServicerContext, failed: BaseException | None) -> str:
 
 
 class LoggingInterceptor(_BehaviourInterceptor):
-    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+    @asynccontextmanager
+    async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
         started = time.perf_counter()
         failed: BaseException | None = None
+        if stream:
+            log.debug("rpc stream opened method=%s principal=%s", method, current_principal().name)
         try:
-            return await call()
-        except BaseException as exc:
-            failed = exc
-            raise
-        finally:
-            self._line(method, context, started, failed)
-
-    async def around_stream(self, method: str, context: aio.ServicerContext, call: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
-        failed: BaseException | None = None
-        log.debug("rpc stream opened method=%s principal=%s", method, current_principal().name)
-        try:
-            async for item in call():
-                yield item
+            yield
         except BaseException as exc:
             failed = exc
             raise
@@ -159,20 +148,10 @@ class LoggingInterceptor(_BehaviourInterceptor):
 class ErrorInterceptor(_BehaviourInterceptor):
     """Translates the error hierarchy to status codes: the one place that does."""
 
-    async def around(self, method: str, context: aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
+    @asynccontextmanager
+    async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
         try:
-            return await call()
-        except errors.MaiaError as exc:
-            await self._abort(context, exc)
-        except Exception as exc:
-            if isinstance(exc, aio.AbortError):
-                raise
-            await self._internal(method, context, exc)
-
-    async def around_stream(self, method: str, context: aio.ServicerContext, call: Callable[[], Any]) -> Any:
-        try:
-            async for item in call():
-                yield item
+            yield
         except errors.MaiaError as exc:
             await self._abort(context, exc)
         except Exception as exc:
