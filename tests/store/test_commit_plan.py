@@ -12,15 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from controller.store.db import Database
-from controller.store.models import (
-    ClusterState,
-    Deployment,
-    DeploymentPhase,
-    Event,
-    Node,
-    Placement,
-    ShardPhase,
-)
+from controller.store import models as m
 from controller.store.plans import CommitResult, PlanConflict, bump_cluster_generation, commit_plan
 from controller.store.snapshot import Snapshot, load_snapshot
 from scheduler import Move, Placement as PlanPlacement, Plan, Preemption, Reason, Unplaced
@@ -82,7 +74,7 @@ async def _commit(database: Database, snapshot: Snapshot, plan: Plan) -> CommitR
 
 @dataclass(frozen=True)
 class _Dep:
-    phase: DeploymentPhase
+    phase: m.DeploymentPhase
     generation: int
     reasons: list[dict[str, Any]]
 
@@ -91,16 +83,16 @@ async def _state(database: Database) -> dict[str, Any]:
     async with database.unit_of_work() as uow:
         s = uow.session
         return {
-            "generation": (await s.execute(select(ClusterState.generation))).scalar_one(),
+            "generation": (await s.execute(select(m.ClusterState.generation))).scalar_one(),
             "placements": {
                 (name, p.replica, p.shard): (p.node_id, tuple(p.accelerator_indices), p.phase, p.generation, p.id)
-                for p, name in await s.execute(select(Placement, Deployment.name).join(Deployment))
+                for p, name in await s.execute(select(m.Placement, m.Deployment.name).join(m.Deployment))
             },
             "deployments": {d.name: _Dep(d.phase, d.generation, d.reasons)
-                            for d in (await s.execute(select(Deployment))).scalars()},
-            "nodes": {n.id: n.assignment_generation for n in (await s.execute(select(Node))).scalars()},
+                            for d in (await s.execute(select(m.Deployment))).scalars()},
+            "nodes": {n.id: n.assignment_generation for n in (await s.execute(select(m.Node))).scalars()},
             "events": [(e.kind, e.object_id, e.data, e.actor)
-                       for e in (await s.execute(select(Event).order_by(Event.id))).scalars()],
+                       for e in (await s.execute(select(m.Event).order_by(m.Event.id))).scalars()],
         }
 
 
@@ -116,9 +108,9 @@ async def test_new_placements_are_inserted_and_generations_bumped(database: Data
     after = await _state(database)
     assert after["generation"] == 1
     train = after["deployments"]["train"]
-    assert (train.phase, train.generation, train.reasons) == (DeploymentPhase.SCHEDULED, 1, [])
-    assert after["placements"][("train", 0, 0)][:4] == ("n2", (0, 1), ShardPhase.ASSIGNED, 1)
-    assert after["placements"][("train", 0, 1)][:4] == ("n2", (2, 3), ShardPhase.ASSIGNED, 1)
+    assert (train.phase, train.generation, train.reasons) == (m.DeploymentPhase.SCHEDULED, 1, [])
+    assert after["placements"][("train", 0, 0)][:4] == ("n2", (0, 1), m.ShardPhase.ASSIGNED, 1)
+    assert after["placements"][("train", 0, 1)][:4] == ("n2", (2, 3), m.ShardPhase.ASSIGNED, 1)
     # Untouched rows, deployments and nodes stay exactly as they were.
     for key in ("web", 0, 0), ("web", 1, 0), ("burst", 0, 0):
         assert after["placements"][key] == before["placements"][key]
@@ -161,10 +153,10 @@ async def test_moves_update_rows_in_place_and_bump_both_nodes(database: Database
     assert (result.changed_nodes, result.changed_deployments) == ({"n1", "n2"}, {"web"})
     after = await _state(database)
     node, indices, phase, generation, row_id = after["placements"][("web", 0, 0)]
-    assert (node, indices, phase, generation) == ("n2", (1,), ShardPhase.ASSIGNED, 1)
+    assert (node, indices, phase, generation) == ("n2", (1,), m.ShardPhase.ASSIGNED, 1)
     assert row_id == before["placements"][("web", 0, 0)][4]  # the same row, updated
     assert after["placements"][("web", 1, 0)] == before["placements"][("web", 1, 0)]
-    assert after["deployments"]["web"].phase is DeploymentPhase.SCHEDULED
+    assert after["deployments"]["web"].phase is m.DeploymentPhase.SCHEDULED
     assert after["nodes"]["n1"] == before["nodes"]["n1"] + 1 and after["nodes"]["n3"] == before["nodes"]["n3"]
     assert after["events"] == [
         ("shard.moved", "web", {"replica": 0, "shard": 0, "from": "n1", "to": "n2"}, "test"),
@@ -187,7 +179,7 @@ async def test_preemption_deletes_rows_and_records_why(database: Database) -> No
     after = await _state(database)
     assert ("burst", 0, 0) not in after["placements"]
     burst = after["deployments"]["burst"]
-    assert burst.phase is DeploymentPhase.PENDING and burst.generation == 1
+    assert burst.phase is m.DeploymentPhase.PENDING and burst.generation == 1
     assert burst.reasons == [{"code": "CAPACITY", "message": "rack2: 0 accelerators free, 4 needed", "scope": "rack2"}]
     kinds = [(kind, name) for kind, name, _, _ in after["events"]]
     assert kinds == [("deployment.preempted", "burst"), ("deployment.placed", "train"),
@@ -204,7 +196,7 @@ async def test_shards_on_a_down_node_are_replaced(database: Database) -> None:
     assert result.changed_nodes == {"n3"}
     after = await _state(database)
     web = after["deployments"]["web"]
-    assert (web.phase, web.generation) == (DeploymentPhase.DEGRADED, 1)  # what is left runs, a replica short
+    assert (web.phase, web.generation) == (m.DeploymentPhase.DEGRADED, 1)  # what is left runs, a replica short
     assert web.reasons == [{"code": "NODE_STATE", "message": "n3 is down"}]
     assert [e[:3] for e in after["events"]][0] == ("deployment.replicas_removed", "web", {"replicas": [1]})
 
@@ -215,22 +207,22 @@ async def test_phase_follows_shard_status(database: Database) -> None:
     await _commit(database, snap, plan)
     # Agents report the new shards running; the next (unchanged) plan marks the deployment RUNNING.
     async with database.unit_of_work() as uow:
-        for p in (await uow.session.execute(select(Placement))).scalars():
-            p.phase = ShardPhase.RUNNING
+        for p in (await uow.session.execute(select(m.Placement))).scalars():
+            p.phase = m.ShardPhase.RUNNING
         await uow.commit()
         snap = await load_snapshot(uow.session)
     result = await _commit(database, snap, plan)
     assert result.updated_deployments == {"train"} and result.changed_deployments == set()
     after = await _state(database)
-    assert after["deployments"]["train"].phase is DeploymentPhase.RUNNING
-    assert after["deployments"]["web"].phase is DeploymentPhase.RUNNING  # seeded RUNNING, untouched
+    assert after["deployments"]["train"].phase is m.DeploymentPhase.RUNNING
+    assert after["deployments"]["web"].phase is m.DeploymentPhase.RUNNING  # seeded RUNNING, untouched
 
 
 async def test_deleting_deployments_release_their_shards(database: Database) -> None:
     snap0 = await _seeded(database)
     async with database.unit_of_work() as uow:
-        burst = (await uow.session.execute(select(Deployment).where(Deployment.name == "burst"))).scalar_one()
-        burst.phase = DeploymentPhase.DELETING
+        burst = (await uow.session.execute(select(m.Deployment).where(m.Deployment.name == "burst"))).scalar_one()
+        burst.phase = m.DeploymentPhase.DELETING
         await bump_cluster_generation(uow.session)
         await uow.commit()
     with pytest.raises(PlanConflict):  # the old snapshot predates the deletion
