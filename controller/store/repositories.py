@@ -85,6 +85,16 @@ async def list_racks(session: AsyncSession) -> list[m.Rack]:
     return list(await session.scalars(select(m.Rack).options(selectinload(m.Rack.row)).order_by(m.Rack.id)))
 
 
+async def upsert(session: AsyncSession, model: type[m.Base], key: str, **values: object) -> None:
+    """Insert the row of `model` whose id is `key` with `values`, or set them on the stored one."""
+    row = await session.get(model, key)
+    if row is None:
+        session.add(model(id=key, **values))
+    else:
+        for name, value in values.items():
+            setattr(row, name, value)
+
+
 async def get_rack(session: AsyncSession, rack_id: str) -> m.Rack | None:
     return await session.get(m.Rack, rack_id)
 

@@ -47,22 +47,13 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     await _validate(uow, spec)
     s = uow.session
     for z in spec.zones:
-        if await s.get(m.Zone, z.id) is None:
-            s.add(m.Zone(id=z.id))
-    await s.flush()
+        await repo.upsert(s, m.Zone, z.id)
+    await s.flush()  # parents before children
     for r in spec.rows:
-        row = await s.get(m.Row, r.id)
-        if row is None:
-            s.add(m.Row(id=r.id, zone_id=r.zone, power_budget_w=r.power_budget_w))
-        else:
-            row.zone_id, row.power_budget_w = r.zone, r.power_budget_w
+        await repo.upsert(s, m.Row, r.id, zone_id=r.zone, power_budget_w=r.power_budget_w)
     await s.flush()
     for k in spec.racks:
-        rack = await s.get(m.Rack, k.id)
-        if rack is None:
-            s.add(m.Rack(id=k.id, row_id=k.row, power_budget_w=k.power_budget_w))
-        else:
-            rack.row_id, rack.power_budget_w = k.row, k.power_budget_w
+        await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w)
     await repo.bump_cluster_generation(s)
     repo.record_event(s, actor=who.name, kind="topology.applied", object_kind="topology", object_id="cluster",
                       message=f"{len(spec.zones)} zones, {len(spec.rows)} rows, {len(spec.racks)} racks")
