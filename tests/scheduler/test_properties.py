@@ -171,8 +171,32 @@ def test_every_plan_passes_the_checker(doc: Doc) -> None:
     assert violations == [], "\n".join(map(str, violations))
 
 
+def _quarter(replica: int, shard: int, node: str) -> Doc:
+    return {"deployment": "d0", "replica": replica, "shard": shard, "node": node,
+            "accelerator_indices": [0], "accelerator_milli": 250}
+
+
+# Found by this property (solver 655763d): rebalance with max_moves 1 and preemption allowed;
+# the solver moved both shards of d0 replica 0 (2 moves) to free n0 for vip, instead of
+# preempting one replica. With allow_preemption false it correctly answers infeasible.
+REBALANCE_MAX_MOVES_WITH_PREEMPTION: Doc = {
+    "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}], "racks": [{"id": "r", "row": "w"}],
+    "nodes": [{"id": "n0", "rack": "r", "accelerators": 4},
+              {"id": "n1", "rack": "r", "accelerators": 4}],
+    "tenants": [{"id": "t"}],
+    "deployments": [
+        {"id": "d0", "tenant": "t", "replicas": 2, "shards_per_replica": 2, "preemptible": True,
+         "shard": {"accelerators": 1, "accelerator_milli": 250}},
+        {"id": "vip", "tenant": "t", "priority": 10, "replicas": 1, "shards_per_replica": 2,
+         "locality": "node", "shard": {"accelerators": 2}}],
+    "placements": [_quarter(0, 0, "n0"), _quarter(0, 1, "n0"), _quarter(1, 0, "n1"),
+                   _quarter(1, 1, "n1")],
+    "options": {"mode": "rebalance", "max_moves": 1, "allow_preemption": True}}
+
+
 @needs_solver
 @settings(max_examples=150, **COMMON)
+@example(REBALANCE_MAX_MOVES_WITH_PREEMPTION)
 @given(preemption_problems())
 def test_preemption_plans_pass_the_checker(doc: Doc) -> None:
     plan = run_solver(doc)
