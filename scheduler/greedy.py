@@ -200,7 +200,7 @@ class Placer:
             delta = frag_after - before
             # Ties (common when nothing changes) go to the node left with less free capacity.
             order = np.lexsort((candidates, cpu_after, stranger, left_after,
-                                np.round(delta / FGD_QUANTUM, 6)))
+                                np.round(delta / FGD_QUANTUM)))
             self._known_after = (int(candidates[order[0]]), float(frag_after[order[0]]))
             if spec.fractional:
                 self._known_index = (int(candidates[order[0]]), int(pick[order[0]]))

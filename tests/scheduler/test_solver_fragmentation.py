@@ -1,0 +1,70 @@
+"""Single-shard scoring: FGD plus the host-balance term, and joint decisions in online batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from builders import dep, node, placed_count, problem, solve_doc
+from scheduler import fragmentation
+from scheduler.fragmentation import Workload, node_fragmentation
+from scheduler.model import ShardSpec
+
+
+def where(plan, deployment: str) -> str:
+    return next(p.node for p in plan.placements if p.deployment == deployment)
+
+
+def host_only_after_gpu_work() -> dict:
+    """A CPU-poor node with 2 free GPUs, a CPU-rich one with 8, and a host-only arrival.
+
+    The first arrival (pinned to a third model) teaches the workload its CPU per GPU."""
+    nodes = [node("poor", rack="r1", acc=2, cpu_milli=10_000, model="a"),
+             node("rich", rack="r1", acc=8, cpu_milli=200_000, model="a"),
+             node("sink", rack="r1", acc=1, cpu_milli=4_000, model="b")]
+    deps = [dep("gpu", acc=1, cpu_milli=4_000, locality="node", accelerator_models=["b"]),
+            dep("host", acc=0, cpu_milli=4_000, locality="node")]
+    return problem(nodes, deps, mode="online")
+
+
+def test_host_only_work_leaves_cpu_poor_gpu_nodes_alone() -> None:
+    plan = solve_doc(host_only_after_gpu_work())
+    assert where(plan, "gpu") == "sink"
+    assert where(plan, "host") == "rich"
+
+
+def test_without_the_balance_term_fgd_drains_the_cpu_poor_node(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # FGD alone sees no task that stops fitting (6 cores still feed one 4-core task), and
+    # best fit sends the task to the node with fewer free GPUs: the reason the term exists.
+    monkeypatch.setattr(fragmentation, "BALANCE_WEIGHT", 0.0)
+    plan = solve_doc(host_only_after_gpu_work())
+    assert where(plan, "host") == "poor"
+
+
+def test_balance_counts_milli_the_free_cpu_cannot_feed() -> None:
+    w = Workload()
+    w.observe(ShardSpec(accelerators=1, cpu_milli=4_000))  # 250 milli per cpu core
+    w.refresh()
+    free = np.array([[1000, 1000], [1000, 1000]])
+    cpu = np.array([8_000.0, 6_000.0])  # feeds 2000 milli, 1500 milli
+    mem = np.array([1e15, 1e15])
+    frag = node_fragmentation(free, cpu, mem, w)
+    # FGD part: node 1 fits the task (stranded 0); the balance term adds 2 x 500 unfed milli.
+    assert frag[0] == pytest.approx(0.0)
+    assert frag[1] == pytest.approx(fragmentation.BALANCE_WEIGHT * 500)
+
+
+def test_workload_without_host_demand_has_no_balance_term() -> None:
+    w = Workload()
+    w.observe(ShardSpec(accelerators=1))
+    w.refresh()
+    assert w.host_ratios is None
+    frag = node_fragmentation(np.array([[1000]]), np.array([0.0]), np.array([0.0]), w)
+    assert frag[0] == pytest.approx(0.0)
+
+
+def test_online_batch_keeps_priority_first() -> None:
+    doc = problem([node("n1")], [dep("low", acc=4, priority=0), dep("high", acc=4, priority=9)],
+                  mode="online", batch_size=2)
+    assert placed_count(solve_doc(doc), "high") == 1
