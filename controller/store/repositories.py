@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -114,6 +114,11 @@ async def list_node_rows(session: AsyncSession, rack: str = "") -> list[m.Node]:
     return list(await session.scalars(stmt))
 
 
+async def count_nodes_by_rack(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(m.Node.rack_id, func.count()).group_by(m.Node.rack_id))
+    return {rack_id: int(n) for rack_id, n in rows}
+
+
 def node_info(row: m.Node) -> d.NodeInfo:
     return d.NodeInfo(
         node_id=row.id, rack=row.rack_id, accelerators=row.accelerators, hostname=row.hostname,
@@ -160,8 +165,20 @@ def placement_milli(dep: m.Deployment, placement: m.Placement) -> int:
     return 1000 * dep.shard_accelerators
 
 
+# `placement_milli` in SQL, for sums over many placements (tests/store/test_usage.py holds them equal).
+_PLACEMENT_MILLI = case(
+    (and_(m.Deployment.shard_accelerators == 1, m.Placement.accelerator_milli != 0,
+          m.Placement.accelerator_milli < 1000), m.Placement.accelerator_milli),
+    else_=1000 * m.Deployment.shard_accelerators,
+)
+
+
 async def cluster_usage(session: AsyncSession) -> ClusterUsage:
-    """Usage of every placed shard, plus the idle power of nodes that are not down."""
+    """Usage of every placed shard, plus the idle power of nodes that are not down.
+
+    Placements are summed by the database per (node, tenant): a read costs two queries and
+    returns at most one row per node and tenant on it, however many shards are placed.
+    """
     usage = ClusterUsage()
     rows = await session.execute(
         select(m.Node.id, m.Node.rack_id, m.Rack.row_id, m.Node.idle_power_w, m.Node.health)
@@ -173,16 +190,19 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
         if health is not m.NodeHealth.DOWN:
             usage.rack_power_w[rack_id] += idle_w or 0.0
             usage.row_power_w[row_id] += idle_w or 0.0
-    placed = await session.execute(select(m.Placement, m.Deployment).join(m.Deployment))
-    for placement, dep in placed:
-        milli = placement_milli(dep, placement)
-        power = dep.shard_power_w * milli / 1000.0
-        usage.tenant_milli[dep.tenant_id] += milli
-        usage.tenant_power_w[dep.tenant_id] += power
-        usage.node_milli[placement.node_id] += milli
-        usage.node_shards[placement.node_id] += 1
-        usage.node_tenants[placement.node_id].add(dep.tenant_id)
-        rack_id, row_id = node_rack.get(placement.node_id, ("", ""))
+    placed = await session.execute(
+        select(m.Placement.node_id, m.Deployment.tenant_id, func.count(), func.sum(_PLACEMENT_MILLI),
+               func.sum(m.Deployment.shard_power_w * _PLACEMENT_MILLI / 1000.0))
+        .join(m.Deployment).group_by(m.Placement.node_id, m.Deployment.tenant_id)
+    )
+    for node_id, tenant_id, shards, milli, power in placed:
+        milli, power = int(milli), float(power)
+        usage.tenant_milli[tenant_id] += milli
+        usage.tenant_power_w[tenant_id] += power
+        usage.node_milli[node_id] += milli
+        usage.node_shards[node_id] += shards
+        usage.node_tenants[node_id].add(tenant_id)
+        rack_id, row_id = node_rack.get(node_id, ("", ""))
         usage.rack_power_w[rack_id] += power
         usage.row_power_w[row_id] += power
     return usage

@@ -65,9 +65,7 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
 async def get_topology(uow: UnitOfWork, who: Principal) -> TopologyView:
     s = uow.session
     usage = await repo.cluster_usage(s)
-    node_counts: dict[str, int] = {}
-    for node in await repo.list_node_rows(s):
-        node_counts[node.rack_id] = node_counts.get(node.rack_id, 0) + 1
+    node_counts = await repo.count_nodes_by_rack(s)
     return TopologyView(
         zones=tuple(ZoneSpec(z.id) for z in await repo.list_zones(s)),
         rows=tuple(

@@ -1,0 +1,68 @@
+"""cluster_usage: the database's sums per node and tenant equal the per-placement rule."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import Database
+
+from .seed import seed_problem
+
+# Whole and fractional shards of two tenants on two racks; n3 is down (no idle power counted).
+CLUSTER: dict[str, Any] = {
+    "version": 1,
+    "zones": [{"id": "z1"}],
+    "rows": [{"id": "row1", "zone": "z1"}],
+    "racks": [{"id": "rack1", "row": "row1"}, {"id": "rack2", "row": "row1"}],
+    "nodes": [
+        {"id": "n1", "rack": "rack1", "accelerators": 4, "idle_power_w": 600.0},
+        {"id": "n2", "rack": "rack1", "accelerators": 4, "idle_power_w": 600.0},
+        {"id": "n3", "rack": "rack2", "accelerators": 4, "idle_power_w": 500.0, "state": "down"},
+    ],
+    "tenants": [{"id": "a"}, {"id": "b"}],
+    "deployments": [
+        {"id": "big", "tenant": "a", "replicas": 1, "shards_per_replica": 2,
+         "shard": {"accelerators": 2, "power_w": 700.0}},
+        {"id": "frac", "tenant": "b", "replicas": 3, "shards_per_replica": 1,
+         "shard": {"accelerators": 1, "accelerator_milli": 250, "power_w": 800.0}},
+    ],
+    "placements": [
+        {"deployment": "big", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0, 1]},
+        {"deployment": "big", "replica": 0, "shard": 1, "node": "n3", "accelerator_indices": [0, 1]},
+        {"deployment": "frac", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [2],
+         "accelerator_milli": 250},
+        {"deployment": "frac", "replica": 1, "shard": 0, "node": "n1", "accelerator_indices": [2],
+         "accelerator_milli": 250},
+        {"deployment": "frac", "replica": 2, "shard": 0, "node": "n2", "accelerator_indices": [0],
+         "accelerator_milli": 250},
+    ],
+}
+
+
+async def test_usage_sums_match_placement_milli(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        usage = await repo.cluster_usage(uow.session)
+        node_milli: dict[str, int] = defaultdict(int)
+        tenant_power: dict[str, float] = defaultdict(float)
+        for placement, dep in await uow.session.execute(select(m.Placement, m.Deployment).join(m.Deployment)):
+            milli = repo.placement_milli(dep, placement)
+            node_milli[placement.node_id] += milli
+            tenant_power[dep.tenant_id] += dep.shard_power_w * milli / 1000.0
+    assert dict(usage.node_milli) == node_milli == {"n1": 2500, "n2": 250, "n3": 2000}
+    assert dict(usage.tenant_milli) == {"a": 4000, "b": 750}
+    assert dict(usage.tenant_power_w) == pytest.approx(tenant_power) and tenant_power == {"a": 2800.0, "b": 600.0}
+    assert dict(usage.node_shards) == {"n1": 3, "n2": 1, "n3": 1}
+    assert {n: sorted(t) for n, t in usage.node_tenants.items()} == {"n1": ["a", "b"], "n2": ["b"], "n3": ["a"]}
+    # Idle power of the nodes that are up, plus what the shards draw (on down n3 too: it is still placed).
+    assert dict(usage.rack_power_w) == pytest.approx({"rack1": 1200.0 + 1400.0 + 600.0, "rack2": 1400.0})
+    assert dict(usage.row_power_w) == pytest.approx({"row1": 1200.0 + 2800.0 + 600.0})
+    assert usage.tenant("b").accelerators == 0.75
