@@ -20,12 +20,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.store.plans import PlanConflict, commit_plan
 from controller.usecases import planning
 from controller.usecases.domain import DeploymentView
 from scheduler import Plan
@@ -52,18 +53,8 @@ class ReconcileOutcome:
     changed_nodes: frozenset[str] = frozenset()
     changed_deployments: frozenset[str] = frozenset()
     deleted: tuple[str, ...] = ()
-    unplaced: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # Seconds until a time-limited pass is solved again although nothing changed (None: no retry).
     retry_in_s: float | None = None
-
-
-def _reason_docs(plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for unplaced in plan.unplaced:
-        out.setdefault(unplaced.deployment, []).extend(
-            {"code": r.code, "message": r.message, "scope": r.scope or ""} for r in unplaced.reasons
-        )
-    return out
 
 
 def time_limited(plan: Plan) -> bool:
@@ -150,8 +141,6 @@ class Reconciler:
         return delay
 
     async def _solve_and_commit(self) -> ReconcileOutcome:
-        from controller.store.plans import PlanConflict, commit_plan
-
         for attempt in range(self._retries + 1):
             async with self._db.unit_of_work() as uow:
                 snapshot = await planning.load_snapshot(uow.session)
@@ -187,7 +176,7 @@ class Reconciler:
             return ReconcileOutcome(
                 solved=True, generation=result.generation, conflicts=attempt,
                 changed_nodes=frozenset(result.changed_nodes), changed_deployments=frozenset(changed),
-                deleted=tuple(sorted(result.deleted_deployments)), unplaced=_reason_docs(plan),
+                deleted=tuple(sorted(result.deleted_deployments)),
                 retry_in_s=retry_in_s,
             )
         log.warning("gave up after %d plan conflicts; will retry on the next wake", self._retries + 1)

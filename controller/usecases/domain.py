@@ -15,12 +15,6 @@ from typing import Literal
 
 from scheduler.model import ShardSpec, Spread
 
-IsolationWord = Literal["shared", "dedicated_node", "dedicated_rack"]
-DomainWord = Literal["node", "rack", "row", "zone", "none"]
-NodeStateWord = Literal["ready", "cordoned", "down"]
-DeploymentPhaseWord = Literal["pending", "scheduled", "running", "degraded", "deleting"]
-ShardPhaseWord = Literal["assigned", "loading", "running", "failed", "stopped"]
-
 ISOLATIONS: tuple[str, ...] = ("shared", "dedicated_node", "dedicated_rack")
 DOMAINS: tuple[str, ...] = ("node", "rack", "row", "zone", "none")
 
