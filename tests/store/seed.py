@@ -13,6 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
 
+# The start of a problem document: zone z1 > row1 > rack1, rack2 (add nodes, tenants, ...).
+TWO_RACKS: dict[str, Any] = {
+    "version": 1,
+    "zones": [{"id": "z1"}],
+    "rows": [{"id": "row1", "zone": "z1"}],
+    "racks": [{"id": "rack1", "row": "row1"}, {"id": "rack2", "row": "row1"}],
+}
+
 
 def node_columns(state: str) -> dict[str, Any]:
     return {

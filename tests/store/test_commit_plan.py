@@ -18,17 +18,14 @@ from controller.store.snapshot import Snapshot, load_snapshot
 from scheduler import Move, Placement as PlanPlacement, Plan, Preemption, Reason, Unplaced
 from scheduler import plan_to_dict, problem_from_dict, solve
 
-from .seed import dump, seed_problem
+from .seed import TWO_RACKS, dump, seed_problem
 
 EXAMPLES = Path("/work/shared/placement/examples")
 
 # Two racks of two 4-accelerator nodes, two tenants; "web" runs (2 replicas x 1 shard),
 # "train" (1 replica x 2 shards) is new, "burst" is preemptible and runs.
 CLUSTER: dict[str, Any] = {
-    "version": 1,
-    "zones": [{"id": "z1"}],
-    "rows": [{"id": "row1", "zone": "z1"}],
-    "racks": [{"id": "rack1", "row": "row1"}, {"id": "rack2", "row": "row1"}],
+    **TWO_RACKS,
     "nodes": [
         {"id": "n1", "rack": "rack1", "accelerators": 4},
         {"id": "n2", "rack": "rack1", "accelerators": 4},

@@ -12,14 +12,11 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 
-from .seed import seed_problem
+from .seed import TWO_RACKS, seed_problem
 
 # Whole and fractional shards of two tenants on two racks; n3 is down (no idle power counted).
 CLUSTER: dict[str, Any] = {
-    "version": 1,
-    "zones": [{"id": "z1"}],
-    "rows": [{"id": "row1", "zone": "z1"}],
-    "racks": [{"id": "rack1", "row": "row1"}, {"id": "rack2", "row": "row1"}],
+    **TWO_RACKS,
     "nodes": [
         {"id": "n1", "rack": "rack1", "accelerators": 4, "idle_power_w": 600.0},
         {"id": "n2", "rack": "rack1", "accelerators": 4, "idle_power_w": 600.0},
