@@ -194,9 +194,31 @@ REBALANCE_MAX_MOVES_WITH_PREEMPTION: Doc = {
     "options": {"mode": "rebalance", "max_moves": 1, "allow_preemption": True}}
 
 
+# Found by this property (solver 655763d): moving d0 replica 0 from cordoned n4 onto n3 gave it
+# n3's accelerators [0, 1] and silently shifted the kept replica 1 there from [0, 1] to [2, 3].
+MOVE_SHIFTS_A_KEPT_SHARD: Doc = {
+    "nodes": [{"id": "n1", "rack": "r2", "accelerators": 1},
+              {"id": "n2", "rack": "r1", "state": "cordoned", "accelerators": 2},
+              {"id": "n3", "rack": "r0", "accelerators": 4},
+              {"id": "n4", "rack": "r1", "state": "cordoned", "accelerators": 2},
+              {"id": "n5", "rack": "r1", "accelerators": 1}],
+    "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
+    "deployments": [
+        {"id": "d0", "tenant": "t0", "replicas": 3, "shards_per_replica": 1,
+         "shard": {"accelerators": 2}, "locality": "zone", "min_replicas": 2, "preemptible": True},
+        {"id": "vip0", "tenant": "t1", "priority": 10, "replicas": 1, "shards_per_replica": 2,
+         "locality": "none", "shard": {"accelerators": 1}}],
+    "placements": [
+        {"deployment": "d0", "replica": 0, "shard": 0, "node": "n4", "accelerator_indices": [0, 1]},
+        {"deployment": "d0", "replica": 1, "shard": 0, "node": "n3", "accelerator_indices": [0, 1]},
+        {"deployment": "d0", "replica": 2, "shard": 0, "node": "n2", "accelerator_indices": [0, 1]}],
+    "options": {"mode": "rebalance", "allow_preemption": True}}
+
+
 @needs_solver
 @settings(max_examples=150, **COMMON)
 @example(REBALANCE_MAX_MOVES_WITH_PREEMPTION)
+@example(MOVE_SHIFTS_A_KEPT_SHARD)
 @given(preemption_problems())
 def test_preemption_plans_pass_the_checker(doc: Doc) -> None:
     plan = run_solver(doc)
@@ -281,3 +303,33 @@ def test_exhaustive_search_finds_a_known_optimum() -> None:
     value, witness = exhaustive_optimum(doc)
     assert value == 4.0
     assert witness is not None and check_plan(doc, plan_doc(doc, witness)) == []
+
+
+@needs_solver
+def test_rebalance_moves_rather_than_preempts() -> None:
+    """Objective tier 2: preempt as little as possible, *then* move as little as possible.
+
+    vip (tenant t1, which excludes t0) fits only in rack rb, where d0 replica 0 runs. Moving that
+    replica to na (1 move, 0 preemptions) keeps everything running; preempting it does not.
+    Found while reducing a property failure (solver 655763d preempts).
+    """
+    def at(replica: int, node: str, idx: list[int]) -> Doc:
+        return {"deployment": "d0", "replica": replica, "shard": 0, "node": node,
+                "accelerator_indices": idx}
+    doc: Doc = {
+        "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}],
+        "racks": [{"id": "ra", "row": "w"}, {"id": "rb", "row": "w"}],
+        "nodes": [{"id": "na", "rack": "ra", "accelerators": 4},
+                  {"id": "nb", "rack": "rb", "accelerators": 2}],
+        "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
+        "deployments": [
+            {"id": "d0", "tenant": "t0", "replicas": 2, "shards_per_replica": 1,
+             "preemptible": True, "shard": {"accelerators": 2}},
+            {"id": "vip", "tenant": "t1", "priority": 10, "replicas": 1,
+             "shards_per_replica": 1, "shard": {"accelerators": 1}}],
+        "placements": [at(0, "nb", [0, 1]), at(1, "na", [0, 1])],
+        "options": {"mode": "rebalance", "allow_preemption": True}}
+    plan = run_solver(doc)
+    assert check_plan(doc, plan) == []
+    assert plan["preempted"] == [], plan
+    assert sum(placed_accelerators(doc, plan).values()) == 5.0
