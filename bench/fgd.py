@@ -168,7 +168,7 @@ def run_solver_per_call(cluster: Doc, deployments: list[Doc], batch_size: int,
                         time_limit_ms: int | None) -> tuple[list[Doc], list[float]]:
     """One solve() per arrival (online) or per k arrivals (batch), placements carried over."""
     from scheduler import plan_to_dict, problem_from_dict, solve
-    from scheduler.model import Options  # a public value type of the problem
+    from scheduler import Options
     mode = "online" if batch_size == 1 else "batch"
     base = problem_from_dict({**cluster, "deployments": deployments, "options": {"mode": mode}})
     deps = base.deployments

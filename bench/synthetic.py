@@ -148,7 +148,7 @@ def percentile(values: list[float], q: float) -> float:
 def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
     """Steps 1-5 of the module docstring for one cluster size."""
     from scheduler import plan_to_dict, problem_from_dict, solve
-    from scheduler.model import Options
+    from scheduler import Options
 
     rng = random.Random(args.seed)
     doc = cluster(n_nodes, args.seed)
@@ -202,7 +202,8 @@ def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
 
     violations = None
     if args.check:
-        sys.path.insert(0, "tests/scheduler")
+        from pathlib import Path
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scheduler"))
         from checker import check_plan  # type: ignore[import-not-found]
         pdoc = {**doc, "deployments": [by_id[i] for i in sorted({p["deployment"]
                                                                   for p in final})]}
