@@ -26,12 +26,13 @@ import numpy as np
 from scheduler.explain import explain
 from scheduler.filters import node_fit
 from scheduler.greedy import Placer
-from scheduler.fragmentation import Workload
+from scheduler.fragmentation import Workload, node_fragmentation
 from scheduler.model import (Move, Placement, Plan, Preemption, Problem, Reason, Unplaced)
 from scheduler.state import ClusterState, ShardAt
 from scheduler.topology import build_topology
 
 DEFAULT_TIME_LIMIT_MS = 2000
+BATCH_SHUFFLES = 4  # random orders tried per online batch, besides arrival and size order
 MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
 
 
@@ -131,6 +132,69 @@ class Solver:
         for d in self.batch_order(ds):
             self.place_one(d, preempt)
 
+    def batch_orders(self, ds: list[int], seed: int) -> list[list[int]]:
+        """Candidate orders for one online batch, all priority first (ties: see place_batch)."""
+        deps = self.state.deps
+        prio = {d: -deps[d].priority for d in ds}
+        orders = [sorted(ds, key=lambda d: (prio[d], d)),            # as they arrived
+                  self.batch_order(ds)]                              # biggest first
+        rng = np.random.default_rng(seed)
+        for _ in range(BATCH_SHUFFLES):
+            noise = dict(zip(ds, rng.permutation(len(ds)).tolist()))
+            orders.append(sorted(ds, key=lambda d: (prio[d], noise[d])))
+        unique: list[list[int]] = []
+        for order in orders:
+            if order not in unique:
+                unique.append(order)
+        return unique
+
+    def place_batch(self, ds: list[int], seed: int) -> None:
+        """k online arrivals decided jointly: several orders (`batch_orders`) are played out
+        on the state and undone; the one placing most (priority-weighted), then leaving the
+        least fragmentation (`node_fragmentation` summed over ready nodes), is kept."""
+        state = self.state
+        for d in ds:
+            self.workload.observe(state.deps[d].shard, state.deps[d].replicas)
+        if self.workload.stale():
+            self.workload.refresh()  # one snapshot for every candidate, so scores compare
+        before = {d: {r: dict(state.replicas[(d, r)]) for r in state.by_dep.get(d, ())}
+                  for d in ds}
+        best: tuple[tuple[float, float], dict[int, dict]] | None = None
+        for order in self.batch_orders(ds, seed):
+            placer = Placer(state, scorer=self.placer.scorer, workload=self.workload)
+            for d in order:
+                todo = self.pending(d)
+                if todo:
+                    placer.place_deployment(d, todo)
+            result = {d: {r: dict(state.replicas[(d, r)]) for r in state.by_dep.get(d, ())}
+                      for d in ds}
+            value = sum(len(rs) * replica_value(state, d, self.min_priority)
+                        for d, rs in result.items())
+            score = (float(value), -self.fragmentation_total(state))
+            if best is None or score > best[0]:
+                best = (score, result)
+            self._set_replicas(ds, before)
+        assert best is not None
+        self._set_replicas(ds, best[1])
+        self.placer = Placer(state, scorer=self.placer.scorer, workload=self.workload)
+        for d in ds:
+            if self.pending(d):
+                self.why[d] = explain(state, d)
+
+    def _set_replicas(self, ds: list[int], replicas: dict[int, dict]) -> None:
+        """Make these deployments hold exactly the given replicas (undo/redo of a trial)."""
+        state = self.state
+        for d in ds:
+            for r in list(state.by_dep.get(d, ())):
+                state.remove_replica(d, r)
+            for r, shards in replicas[d].items():
+                state.add_replica(d, r, shards)
+
+    def fragmentation_total(self, state: ClusterState) -> float:
+        free = np.where(state.acc_exists & state.topo.node_ready[:, None], state.acc_free, 0)
+        return float(node_fragmentation(free, state.cpu_free, state.mem_free,
+                                        self.workload).sum())
+
     def place_one(self, d: int, preempt: bool = True) -> None:
         todo = self.pending(d)
         if not todo:
@@ -154,8 +218,10 @@ class Solver:
                 if k == 1:
                     self.workload.observe(deps[group[0]].shard, deps[group[0]].replicas)
                     self.place_one(group[0])
-                else:
+                elif opts.allow_preemption:
                     self.place_group(group)
+                else:
+                    self.place_batch(group, i // k)
         elif wanted:
             base = self.state.copy()
             self.place_group(wanted, preempt=False)

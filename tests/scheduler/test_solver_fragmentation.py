@@ -68,3 +68,27 @@ def test_online_batch_keeps_priority_first() -> None:
     doc = problem([node("n1")], [dep("low", acc=4, priority=0), dep("high", acc=4, priority=9)],
                   mode="online", batch_size=2)
     assert placed_count(solve_doc(doc), "high") == 1
+
+
+def test_online_batch_keeps_the_order_that_places_most() -> None:
+    # As they arrived, the fraction would take one of the two accelerators and the pair
+    # would not fit; the batch plays out other orders and keeps the one placing 2000 milli.
+    doc = problem([node("n1", acc=2)],
+                  [dep("frac", acc=1, accelerator_milli=600, locality="node"),
+                   dep("pair", acc=2, locality="node")], mode="online", batch_size=2)
+    plan = solve_doc(doc)
+    assert placed_count(plan, "pair") == 1 and placed_count(plan, "frac") == 0
+    assert [u.deployment for u in plan.unplaced] == ["frac"]
+    assert plan.unplaced[0].reasons  # explained like any other failure
+
+
+def test_online_batches_are_deterministic_and_prefix_independent() -> None:
+    deps = [dep(f"d{i}", acc=1, accelerator_milli=(300, 700, 1000, 450)[i % 4],
+                locality="node", cpu_milli=1000 * (1 + i % 3)) for i in range(12)]
+    nodes = [node("n1", acc=4, cpu_milli=8000), node("n2", acc=2, cpu_milli=16000)]
+    full = solve_doc(problem(nodes, deps, mode="online", batch_size=4))
+    again = solve_doc(problem(nodes, deps, mode="online", batch_size=4))
+    part = solve_doc(problem(nodes, deps[:8], mode="online", batch_size=4))
+    assert full.placements == again.placements
+    keep = {f"d{i}" for i in range(8)}
+    assert [p for p in full.placements if p.deployment in keep] == list(part.placements)
