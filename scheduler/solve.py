@@ -227,12 +227,12 @@ class Solver:
             self.place_group(wanted, preempt=False)
             if any(self.pending(d) for d in wanted) or len(wanted) > 1:
                 self.improve_with_cpsat(base, wanted)
+            if opts.mode == "rebalance":
+                self.rebalance()  # moves before preemption: tier 2 preempts least first
             for d in self.batch_order([d for d in wanted if self.pending(d)]):
                 self.why.setdefault(d, explain(self.state, d))
                 if opts.allow_preemption:
                     self.preempt_for(d)
-            if opts.mode == "rebalance":
-                self.rebalance()
         return self.plan()
 
     # ---- CP-SAT ---------------------------------------------------------------------------
