@@ -24,7 +24,7 @@ from collections import defaultdict
 import numpy as np
 
 from scheduler.explain import explain
-from scheduler.filters import node_fit
+from scheduler.filters import node_fit, quota_room, spread_mask, tenant_masks
 from scheduler.greedy import Placer
 from scheduler.fragmentation import Workload, node_fragmentation
 from scheduler.model import (Move, Placement, Plan, Preemption, Problem, Reason, Unplaced)
@@ -328,7 +328,10 @@ class Solver:
         moved = 0
         if relocate:  # every removed replica must land again elsewhere
             back = Placer(trial, scorer="bestfit")
-            for v in removed:
+            # Those that can go back exactly where they were first: a replica re-placed on
+            # its own node must keep its accelerator indices, or it silently changes.
+            later = [v for v in removed if not self._restore(trial, v, state.replicas[v])]
+            for v in later:
                 vd, vr = v
                 if not back.place_gang(vd, vr, list(range(state.deps[vd].shards_per_replica))):
                     return None
@@ -337,6 +340,50 @@ class Solver:
             if moved > budget:
                 return None
         return (len(removed), moved), trial, removed, moved
+
+    def _restore(self, state: ClusterState, v: tuple[int, int],
+                 shards: dict[int, ShardAt]) -> bool:
+        """Put a removed replica back on exactly its old nodes and indices if every per-node
+        rule still allows it (its node may be cordoned: a node keeps what it has)."""
+        d, _ = v
+        spec = state.deps[d].shard
+        t = int(state.dep_tenant[d])
+        excl_ok, iso_ok = tenant_masks(state, t)
+        spread_ok = spread_mask(state, d)
+        need: dict[tuple[int, int], int] = defaultdict(int)
+        host: dict[int, int] = defaultdict(int)
+        for at in shards.values():
+            n = at.node
+            if not (self.topo.node_alive[n] and excl_ok[n] and iso_ok[n]) or \
+                    (spread_ok is not None and not spread_ok[n]):
+                return False
+            host[n] += 1
+            for idx in at.indices:
+                need[(n, idx)] += at.milli
+        for (n, idx), milli in need.items():
+            owner = state.acc_owner[n, idx]
+            if state.acc_free[n, idx] < milli or owner not in (-1, t) or \
+                    state.acc_hbm[n, idx] < spec.hbm_gib * (milli / max(spec.accelerator_milli, 1)
+                                                            if spec.fractional else 1):
+                return False
+        for n, count in host.items():
+            if state.cpu_free[n] < count * spec.cpu_milli or \
+                    state.mem_free[n] < count * spec.memory_mib:
+                return False
+        power = sum(spec.power_w * at.milli * len(at.indices) / 1000.0 for at in shards.values())
+        if power > 0:
+            racks = {int(self.topo.node_rack[at.node]) for at in shards.values()}
+            rows = {int(self.topo.node_row[at.node]) for at in shards.values()}
+            if len(racks) > 1 or len(rows) > 1:
+                return False  # per-domain split of the power: leave it to the placer
+            if state.rack_headroom()[racks.pop()] < power or \
+                    state.row_headroom()[rows.pop()] < power:
+                return False
+        room, _ = quota_room(state, d)
+        if room < len(shards):
+            return False
+        state.add_replica(d, v[1], dict(shards))
+        return True
 
     def preempt_for(self, d: int) -> None:
         while self.pending(d) and time.perf_counter() < self.deadline:

@@ -1,0 +1,51 @@
+"""Rebalance with preemption allowed: moves come before preemptions, kept shards stay put."""
+
+from __future__ import annotations
+
+from builders import solve_doc
+
+
+def test_rebalance_moves_a_replica_rather_than_preempting_it() -> None:
+    doc = {
+        "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}],
+        "racks": [{"id": "ra", "row": "w"}, {"id": "rb", "row": "w"}],
+        "nodes": [{"id": "na", "rack": "ra", "accelerators": 4},
+                  {"id": "nb", "rack": "rb", "accelerators": 2}],
+        "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
+        "deployments": [
+            {"id": "d0", "tenant": "t0", "replicas": 2, "shards_per_replica": 1,
+             "preemptible": True, "shard": {"accelerators": 2}},
+            {"id": "vip", "tenant": "t1", "priority": 10, "replicas": 1,
+             "shards_per_replica": 1, "shard": {"accelerators": 1}}],
+        "placements": [
+            {"deployment": "d0", "replica": 0, "shard": 0, "node": "nb",
+             "accelerator_indices": [0, 1]},
+            {"deployment": "d0", "replica": 1, "shard": 0, "node": "na",
+             "accelerator_indices": [0, 1]}],
+        "options": {"mode": "rebalance", "allow_preemption": True}}
+    plan = solve_doc(doc)  # the independent checker runs inside
+    assert plan.preempted == ()
+    assert [(m.deployment, m.replica, m.to_node) for m in plan.moved] == [("d0", 0, "na")]
+
+
+def test_a_move_onto_a_node_does_not_shift_the_replica_kept_there() -> None:
+    doc = {
+        "nodes": [{"id": "n1", "rack": "r2", "accelerators": 1},
+                  {"id": "n2", "rack": "r1", "state": "cordoned", "accelerators": 2},
+                  {"id": "n3", "rack": "r0", "accelerators": 4},
+                  {"id": "n4", "rack": "r1", "state": "cordoned", "accelerators": 2},
+                  {"id": "n5", "rack": "r1", "accelerators": 1}],
+        "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
+        "deployments": [
+            {"id": "d0", "tenant": "t0", "replicas": 3, "shards_per_replica": 1,
+             "shard": {"accelerators": 2}, "locality": "zone", "min_replicas": 2,
+             "preemptible": True},
+            {"id": "vip0", "tenant": "t1", "priority": 10, "replicas": 1,
+             "shards_per_replica": 2, "locality": "none", "shard": {"accelerators": 1}}],
+        "placements": [
+            {"deployment": "d0", "replica": r, "shard": 0, "node": n,
+             "accelerator_indices": [0, 1]} for r, n in ((0, "n4"), (1, "n3"), (2, "n2"))],
+        "options": {"mode": "rebalance", "allow_preemption": True}}
+    plan = solve_doc(doc)  # the checker's KEPT rule: a kept shard keeps its indices
+    kept = [p for p in plan.placements if (p.deployment, p.replica) == ("d0", 1)]
+    assert [(p.node, p.accelerator_indices) for p in kept] in ([("n3", (0, 1))], [])
