@@ -54,19 +54,29 @@ class Workload:
     """
 
     def __init__(self) -> None:
-        self.counts: Counter[tuple[int, int, int, int]] = Counter()
+        self.counts: Counter[tuple] = Counter()
         self.version = 0  # bumped by refresh()
         self._snapshot: tuple[np.ndarray, ...] | None = None
         self._seen_at_refresh = 0
         self.host_ratios: tuple[float, float] | None = None  # milli per cpu milli, per MiB
+        self.node_model: np.ndarray | None = None  # per node, index into model_names
+        self.model_names: tuple[str | None, ...] = ()
+        self.allowed: np.ndarray | None = None  # (types, models): type may run on model
+
+    def bind_models(self, node_models: tuple[str | None, ...]) -> None:
+        """Learn the cluster's accelerator models, so shapes restricted to some models
+        (`accelerator_models`) count as not fitting elsewhere, as in FGD."""
+        self.model_names = tuple(dict.fromkeys(node_models))
+        index = {m: i for i, m in enumerate(self.model_names)}
+        self.node_model = np.array([index[m] for m in node_models], dtype=np.int64)
 
     def observe(self, spec: ShardSpec, weight: int = 1) -> None:
         """Count one arrival; whole-accelerator tasks count 1 + accelerators times (like
         FGD's GpuResWeight): stranding a slot an 8-accelerator task needs costs more."""
         milli = spec.accelerator_milli if spec.fractional else (1000 if spec.accelerators else 0)
         bonus = 0 if spec.fractional else spec.accelerators
-        self.counts[(spec.accelerators, milli, spec.cpu_milli, spec.memory_mib)] += \
-            weight * (1 + bonus)
+        self.counts[(spec.accelerators, milli, spec.cpu_milli, spec.memory_mib,
+                     spec.accelerator_models)] += weight * (1 + bonus)
 
     @property
     def seen(self) -> int:
@@ -86,6 +96,10 @@ class Workload:
                           np.array([k[3] for k, _ in top], dtype=float),
                           np.array([c / total for _, c in top], dtype=float))
         self.host_ratios = _host_ratios(*self._snapshot)
+        self.allowed = None
+        if self.node_model is not None and any(k[4] is not None for k, _ in top):
+            self.allowed = np.array([[k[4] is None or (m is not None and m in k[4])
+                                      for m in self.model_names] for k, _ in top], dtype=bool)
         self._seen_at_refresh = self.seen
         self.version += 1
 
@@ -98,18 +112,25 @@ class Workload:
 
 
 def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, mem_free: np.ndarray,
-                       workload: Workload) -> np.ndarray:
-    """Expected unusable free milli per node. free: (N, A) usable milli per accelerator."""
+                       workload: Workload, nodes: np.ndarray | None = None) -> np.ndarray:
+    """Expected unusable free milli per node. free: (N, A) usable milli per accelerator;
+    nodes: the node index of each row (for model-restricted shapes; None: all nodes)."""
     gpus, milli, cpu, mem, prob = workload.arrays()
     if len(prob) == 0 or free.shape[0] == 0:
         return np.zeros(free.shape[0])
-    # Identical nodes (same free accelerators and CPU) are scored once.
+    allowed = workload.allowed
+    model = None
+    if allowed is not None and workload.node_model is not None:
+        model = workload.node_model if nodes is None else workload.node_model[nodes]
+    # Identical nodes (same free accelerators, CPU, memory, model) are scored once.
     # (a 64-bit hash of the sorted row; a collision would only blur one score)
     host = np.minimum(np.stack([cpu_free, mem_free], axis=1), 2**53)
-    rows = np.concatenate([np.sort(free, axis=1), host], axis=1)
+    extra = [host] if model is None else [host, model[:, None]]
+    rows = np.concatenate([np.sort(free, axis=1), *extra], axis=1)
     keys = (rows.astype(np.int64).astype(np.uint64) * _HASH[:rows.shape[1]]).sum(axis=1)
     _, first, back = np.unique(keys, return_index=True, return_inverse=True)
-    free_u, cpu_u, mem_u = rows[first, :-2], rows[first, -2], rows[first, -1]
+    a = free.shape[1]
+    free_u, cpu_u, mem_u = rows[first, :a], rows[first, a], rows[first, a + 1]
     total = free_u.sum(axis=1)                                               # (U,)
     # Per distinct milli threshold: accelerators with enough room, and milli stranded below.
     thresholds, which = np.unique(milli, return_inverse=True)
@@ -118,6 +139,8 @@ def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, mem_free: np.ndar
     stranded = np.where(enough, 0, free_u[:, :, None]).sum(axis=1)[:, which]  # (U, K)
     fits = (usable >= np.maximum(gpus, 1)[None, :]) & (cpu_u[:, None] >= cpu[None, :]) & \
         (mem_u[:, None] >= mem[None, :]) & (gpus[None, :] > 0)
+    if model is not None:
+        fits &= allowed.T[rows[first, a + 2].astype(np.int64)]                # (U, K)
     frag = np.where(fits, stranded, total[:, None]) @ prob                   # (U,)
     if workload.host_ratios is not None and BALANCE_WEIGHT > 0:
         per_cpu, per_mib = workload.host_ratios

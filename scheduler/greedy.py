@@ -188,7 +188,8 @@ class Placer:
             tries = np.repeat(free[:, None, :], a, axis=1)          # (Nc, A try, A)
             tries[:, np.arange(a), np.arange(a)] -= spec.accelerator_milli
             scored = node_fragmentation(tries.reshape(n_c * a, a), np.repeat(cpu_after, a),
-                                        np.repeat(mem_after, a), self.workload).reshape(n_c, a)
+                                        np.repeat(mem_after, a), self.workload,
+                                        np.repeat(candidates, a)).reshape(n_c, a)
             scored = np.where(fits, scored, np.inf)
             pick = np.argmin(scored + 1e-9 * key, axis=1)           # ties: the packing order
             after = free.copy()
@@ -196,7 +197,8 @@ class Placer:
             left_after = after.sum(axis=1)
         if use_fgd:
             before = self._fragmentation(t)[candidates]  # may refresh the snapshot first
-            frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload)
+            frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload,
+                                            candidates)
             delta = frag_after - before
             # Ties (common when nothing changes) go to the node left with less free capacity.
             order = np.lexsort((candidates, cpu_after, stranger, left_after,
@@ -255,5 +257,5 @@ class Placer:
                 touched = np.unique([n for _, n in shard_nodes])
                 self._frag[touched] = node_fragmentation(
                     self._free_milli(t)[touched], s.cpu_free[touched], s.mem_free[touched],
-                    self.workload)
+                    self.workload, touched)
         return True

@@ -52,6 +52,7 @@ class Solver:
         self.topo = build_topology(problem)
         self.state = ClusterState(self.topo)
         self.workload = Workload()
+        self.workload.bind_models(self.topo.node_model)
         self.placer = Placer(self.state, scorer=os.environ.get("MAIA_SCORER", "fgd"),  # type: ignore[arg-type]
                              workload=self.workload)
         self.min_priority = min((d.priority for d in problem.deployments), default=0)

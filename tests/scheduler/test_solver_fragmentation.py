@@ -92,3 +92,14 @@ def test_online_batches_are_deterministic_and_prefix_independent() -> None:
     assert full.placements == again.placements
     keep = {f"d{i}" for i in range(8)}
     assert [p for p in full.placements if p.deployment in keep] == list(part.placements)
+
+
+def test_unrestricted_work_keeps_off_the_model_restricted_work_needs() -> None:
+    # 'rare' has already drawn a task that runs only there; best fit alone would put the next,
+    # unrestricted task beside it (fuller node) and strand the next 'rare'-only arrival.
+    doc = problem([node("n-rare", acc=2, model="rare"), node("n-common", acc=2, model="common")],
+                  [dep("only-rare", acc=1, locality="node", accelerator_models=["rare"]),
+                   dep("anywhere", acc=1, locality="node")], mode="online")
+    plan = solve_doc(doc)
+    assert where(plan, "only-rare") == "n-rare"
+    assert where(plan, "anywhere") == "n-common"
