@@ -337,7 +337,10 @@ class Solver:
                 if not back.place_gang(vd, vr, list(range(state.deps[vd].shards_per_replica))):
                     return None
                 old = state.replicas[v]
-                moved += sum(1 for s, at in trial.replicas[v].items() if old[s].node != at.node)
+                # Another node, or other accelerators on the same node: both are moves.
+                moved += sum(1 for s, at in trial.replicas[v].items()
+                             if old[s].node != at.node or
+                             sorted(old[s].indices) != sorted(at.indices))
             if moved > budget:
                 return None
         return (len(removed), moved), trial, removed, moved
@@ -465,7 +468,9 @@ class Solver:
                     dep.id, r, s, topo.node_ids[at.node], tuple(at.indices),
                     at.milli if dep.shard.fractional else None))
                 was = self.original.get((d, r, s))
-                if was is not None and was != at.node:
+                if was is not None and (was != at.node or (
+                        given is not None and
+                        sorted(given.accelerator_indices) != sorted(at.indices))):
                     moved.append(Move(dep.id, r, s, topo.node_ids[was], topo.node_ids[at.node]))
         preempted = sorted(set(v for v in self.preempted if v not in state.replicas))
         unplaced = []
