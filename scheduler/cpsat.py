@@ -58,6 +58,7 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
     left = solver.deadline - time.perf_counter()
     if left < MIN_SOLVE_S:
         solver.stats["cpsat"] = "skipped: no time left"
+        solver.time_cut.update(wanted)
         return
     t_build = time.perf_counter()
     deps = base.deps
@@ -286,6 +287,7 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
     left = solver.deadline - time.perf_counter()
     if left < MIN_SOLVE_S:
         solver.stats["cpsat"] = "skipped: model build used the time"
+        solver.time_cut.update(pending)
         return
     cp = cp_model.CpSolver()
     cp.parameters.max_time_in_seconds = max(left * 0.85, 0.01)
@@ -299,6 +301,8 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
         kept = solver.objective(base)
         solver.stats["best_bound"] = kept + int((cp.best_objective_bound + frag_ub) // scale)
     else:  # INFEASIBLE / MODEL_INVALID / UNKNOWN: keep the greedy answer
+        if status == cp_model.UNKNOWN:  # stopped by its time limit before any solution
+            solver.time_cut.update(pending)
         return
 
     # ---- decode: the placer realises the chosen domains with the exact rules ----------------
@@ -347,6 +351,10 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
         solver.stats["answer"] = "cpsat"
     else:
         solver.stats["answer"] = "greedy"
+    # Stopped by the time limit (FEASIBLE) with a bound the plan does not reach: what is left
+    # unplaced was not proved unplaceable. A reached bound proves term 1 whatever the status.
+    if status == cp_model.FEASIBLE and solver.stats["best_bound"] > solver.objective(solver.state):
+        solver.time_cut.update(pending)
     # Proved only for what the model covers: no preemption or moves could do better.
     opts = solver.problem.options
     if status == cp_model.OPTIMAL and exact and trial_value >= greedy_value and \

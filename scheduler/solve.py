@@ -48,6 +48,7 @@ class Solver:
         self.t0 = time.perf_counter()
         self.problem = problem
         limit = time_limit_ms or problem.options.time_limit_ms or DEFAULT_TIME_LIMIT_MS
+        self.limit_ms = limit
         self.deadline = self.t0 + limit / 1000.0
         self.topo = build_topology(problem)
         self.state = ClusterState(self.topo)
@@ -63,6 +64,9 @@ class Solver:
         self.why: dict[int, tuple[Reason, ...]] = {}
         self.stats: dict[str, object] = {}
         self.proved_optimal = False
+        # Deployments whose search the deadline cut short (CP-SAT unproved or skipped, a
+        # preemption or rebalance loop stopped): TIME_LIMIT if they end up unplaced.
+        self.time_cut: set[int] = set()
         self._load_existing()
 
     # ---- setup ----------------------------------------------------------------------------
@@ -389,12 +393,18 @@ class Solver:
         state.add_replica(d, v[1], dict(shards))
         return True
 
+    def _eligible_victims(self, d: int) -> list[tuple[int, int]]:
+        # Online decisions are final: only work running before this solve may be evicted.
+        online = self.problem.options.mode == "online"
+        return [v for v in self.state.replicas if self._victim_ok(d, v[0])
+                and (not online or v in self.existing_replicas)]
+
     def preempt_for(self, d: int) -> None:
-        while self.pending(d) and time.perf_counter() < self.deadline:
-            # Online decisions are final: only work running before this solve may be evicted.
-            online = self.problem.options.mode == "online"
-            eligible = [v for v in self.state.replicas if self._victim_ok(d, v[0])
-                        and (not online or v in self.existing_replicas)]
+        while self.pending(d):
+            if time.perf_counter() >= self.deadline:
+                self.time_cut.add(d)
+                return
+            eligible = self._eligible_victims(d)
             if not eligible:
                 return
             found = self._make_room(d, eligible, relocate=False, budget=0)
@@ -416,8 +426,10 @@ class Solver:
         budget = limit if limit is not None else 1 << 30
         self.moves_used = 0
         for d in self.batch_order([d for d in range(len(self.state.deps)) if self.pending(d)]):
-            while self.pending(d) and budget - self.moves_used > 0 and \
-                    time.perf_counter() < self.deadline:
+            while self.pending(d) and budget - self.moves_used > 0:
+                if time.perf_counter() >= self.deadline:
+                    self.time_cut.add(d)
+                    break
                 eligible = [v for v in self.state.replicas if v[0] != d]
                 found = self._make_room(d, eligible, relocate=True,
                                         budget=budget - self.moves_used)
@@ -475,6 +487,7 @@ class Solver:
         preempted = sorted(set(v for v in self.preempted if v not in state.replicas))
         unplaced = []
         new_placed = 0
+        time_limited = False
         for d, dep in enumerate(deps):
             missing = len(self.pending(d))
             if missing == 0:
@@ -484,6 +497,11 @@ class Solver:
             if gone:
                 reasons = (Reason("CAPACITY", f"{len(gone)} replica(s) preempted for "
                                   "higher-priority or reserved work"),) + tuple(reasons)
+            if d in self.time_cut:
+                reasons = tuple(reasons) + (Reason(
+                    "TIME_LIMIT", f"solve stopped at its {self.limit_ms} ms time limit before "
+                    f"proving {dep.id} could not be placed; best plan found so far returned"),)
+                time_limited = True
             unplaced.append(Unplaced(dep.id, missing, tuple(reasons)))
         for key in state.replicas:
             if key not in self.existing_replicas:
@@ -491,8 +509,8 @@ class Solver:
         pending = int(self.stats.get("pending_replicas", 0))
         if pending == 0 and not self.lost:
             status = "optimal"
-        elif new_placed == 0 and unplaced and not moved:
-            status = "infeasible"
+        elif new_placed == 0 and unplaced and not moved and not time_limited:
+            status = "infeasible"  # not when the deadline cut the search: nothing is proved
         elif not unplaced and self.proved_optimal:
             status = "optimal"
         else:
@@ -500,6 +518,7 @@ class Solver:
         self.stats["solve_ms"] = (time.perf_counter() - self.t0) * 1000.0
         self.stats.setdefault("objective", self.objective(state))
         self.stats["nodes"] = topo.n_nodes
+        self.stats["time_limit_hit"] = time_limited
         return Plan(status=status, placements=tuple(placements), unplaced=tuple(unplaced),
                     preempted=tuple(Preemption(deps[d].id, r) for d, r in preempted),
                     moved=tuple(moved), stats=dict(self.stats))
