@@ -34,6 +34,10 @@ from scheduler.topology import build_topology
 DEFAULT_TIME_LIMIT_MS = 2000
 BATCH_SHUFFLES = 4  # random orders tried per online batch, besides arrival and size order
 MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
+PREEMPTION_HINTS = 3  # unplaced deployments per solve tried for "fits after preempting"
+HINT_BUDGET_S = 0.1  # time those trials may take (and never past the solve's deadline)
+# Reasons preempting work cannot change; a hint goes on the first reason of another code.
+NOT_FREED = ("NODE_STATE", "ZONE", "ACCELERATOR_MODEL", "TIME_LIMIT")
 
 
 def replica_value(state: ClusterState, d: int, min_priority: int) -> int:
@@ -275,10 +279,12 @@ class Solver:
         return removed
 
     def _make_room(self, d: int, eligible: list[tuple[int, int]], relocate: bool,
-                   budget: int) -> tuple[ClusterState, list[tuple[int, int]], int] | None:
+                   budget: int, deadline: float | None = None
+                   ) -> tuple[ClusterState, list[tuple[int, int]], int] | None:
         """Trial per locality domain: fewest replicas removed (or moved) to fit one replica.
 
-        Returns (trial state with the replica placed, replicas removed, shards moved)."""
+        Returns (trial state with the replica placed, replicas removed, shards moved).
+        With a deadline, stops trying domains at it and returns the best found so far."""
         state, topo = self.state, self.topo
         dep = state.deps[d]
         level = dep.locality
@@ -296,6 +302,8 @@ class Solver:
         orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
                   lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
         for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             allowed = dom == dm
             for order in orders:
                 found = self._trial(d, r, sorted(by_domain[dm], key=order), allowed,
@@ -420,6 +428,49 @@ class Solver:
             if not self.pending(d):
                 self.why.pop(d, None)
 
+    def preemption_hints(self) -> dict[int, str]:
+        """With allow_preemption off: for a few unplaced deployments, the fewest running
+        replicas whose preemption would let one more replica fit (a trial on a copy)."""
+        if self.problem.options.allow_preemption:
+            return {}
+        state = self.state
+        running = [v for v in state.replicas
+                   if state.deps[v[0]].preemptible and v in self.existing_replicas]
+        if not running:
+            return {}
+        stop = min(self.deadline, time.perf_counter() + HINT_BUDGET_S)
+        hints: dict[int, str] = {}
+        tried = 0
+        for d in self.batch_order([d for d in range(len(state.deps)) if self.pending(d)]):
+            if tried >= PREEMPTION_HINTS or time.perf_counter() >= stop:
+                break
+            eligible = [v for v in running if self._victim_ok(d, v[0])]
+            if not eligible:
+                continue
+            tried += 1
+            found = self._make_room(d, eligible, relocate=False, budget=0, deadline=stop)
+            if found is None:
+                continue
+            trial, removed, _ = found
+            more = len(trial.placed_replicas(d)) - len(state.placed_replicas(d))
+            per_dep: dict[str, int] = defaultdict(int)
+            for vd, _ in removed:
+                per_dep[state.deps[vd].id] += 1
+            victims = ", ".join(f"{n} replica{'s' if n > 1 else ''} of {name}" for name, n in
+                                sorted(per_dep.items(), key=lambda kv: (-kv[1], kv[0])))
+            hints[d] = (f"{more} more replica{'s fit' if more > 1 else ' fits'} after "
+                        f"preempting {victims} (allow_preemption is off)")
+        return hints
+
+    @staticmethod
+    def _with_hint(reasons: tuple[Reason, ...], hint: str) -> tuple[Reason, ...]:
+        """Add the hint to the first reason preempting can change (else a CAPACITY one)."""
+        for i, r in enumerate(reasons):
+            if r.code not in NOT_FREED:
+                return reasons[:i] + (Reason(r.code, f"{r.message}; {hint}", r.scope),) + \
+                    reasons[i + 1:]
+        return reasons + (Reason("CAPACITY", hint),)
+
     def rebalance(self) -> None:
         """Move existing replicas (within max_moves shards) to fit what did not fit."""
         limit = self.problem.options.max_moves
@@ -485,6 +536,7 @@ class Solver:
                         sorted(given.accelerator_indices) != sorted(at.indices))):
                     moved.append(Move(dep.id, r, s, topo.node_ids[was], topo.node_ids[at.node]))
         preempted = sorted(set(v for v in self.preempted if v not in state.replicas))
+        hints = self.preemption_hints()
         unplaced = []
         new_placed = 0
         time_limited = False
@@ -493,6 +545,8 @@ class Solver:
             if missing == 0:
                 continue
             reasons = self.why.get(d) or explain(state, d)
+            if d in hints:
+                reasons = self._with_hint(tuple(reasons), hints[d])
             gone = [r for (dd, r) in preempted if dd == d]
             if gone:
                 reasons = (Reason("CAPACITY", f"{len(gone)} replica(s) preempted for "

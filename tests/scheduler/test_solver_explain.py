@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from builders import SHARED, codes, dep, messages, node, problem, solve_doc
+from builders import SHARED, codes, dep, messages, node, placed, placed_count, problem, solve_doc
 
 
 @pytest.mark.skipif(not (SHARED / "examples").is_dir(), reason="shared examples not present")
@@ -37,3 +37,41 @@ def test_every_unplaced_replica_is_counted() -> None:
     plan = solve_doc(problem([node("n1")], [dep("d", acc=4, replicas=3, locality="node")]))
     assert [(u.deployment, u.replicas) for u in plan.unplaced] == [("d", 2)]
     assert all(r.message for u in plan.unplaced for r in u.reasons)
+
+
+def burst_node(preemptible: bool = True, burst_priority: int = 0, **options) -> dict:
+    """n1 full of two 2-accelerator replicas of `burst`; `svc` needs the whole node."""
+    return problem([node("n1", acc=4), node("n2", acc=2)],
+                   [dep("burst", acc=2, replicas=2, preemptible=preemptible,
+                        priority=burst_priority),
+                    dep("other", acc=1, preemptible=True),
+                    dep("svc", acc=4, priority=5)],
+                   placements=[placed("burst", "n1", [0, 1], replica=0),
+                               placed("burst", "n1", [2, 3], replica=1),
+                               placed("other", "n2", [0])], **options)
+
+
+@pytest.mark.parametrize("mode", ["batch", "online"])
+def test_unplaced_names_the_preemption_that_would_fit_it(mode: str) -> None:
+    plan = solve_doc(burst_node(mode=mode))
+    assert plan.preempted == () and len(plan.placements) == 3  # a hint only: nothing evicted
+    [hinted] = [r for u in plan.unplaced if u.deployment == "svc" for r in u.reasons
+                if "preempting" in r.message]
+    assert hinted.code == "CAPACITY"
+    assert hinted.message.endswith(
+        "; 1 more replica fits after preempting 2 replicas of burst (allow_preemption is off)")
+
+
+@pytest.mark.parametrize("case", [dict(preemptible=False), dict(burst_priority=5)],
+                         ids=["not-preemptible", "not-lower-priority"])
+def test_no_preemption_hint_without_preemptible_lower_priority_work(case: dict) -> None:
+    plan = solve_doc(burst_node(**case))
+    assert codes(plan, "svc") == {"CAPACITY"}
+    assert "preempting" not in messages(plan, "svc")
+
+
+def test_no_preemption_hint_when_preemption_is_allowed() -> None:
+    plan = solve_doc(burst_node(allow_preemption=True))
+    assert placed_count(plan, "svc") == 1
+    assert "allow_preemption is off" not in " ".join(
+        r.message for u in plan.unplaced for r in u.reasons)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 from ortools.sat.python import cp_model
 
-from builders import check, codes, dep, messages, node, placed, placed_count, problem, solve_doc
+from builders import check, codes, dep, node, placed, placed_count, problem, solve_doc
 from scheduler import Plan, plan_to_dict, problem_from_dict
 from scheduler.solve import Solver
 
 
-def solve_expired(doc: dict, **patch) -> Plan:
+def solve_expired(doc: dict) -> Plan:
     """Solve with the deadline already passed when the solve starts; the plan must check."""
     solver = Solver(problem_from_dict(copy.deepcopy(doc)), None)
     solver.deadline = solver.t0
