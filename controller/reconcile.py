@@ -58,10 +58,14 @@ class ReconcileOutcome:
 
 
 def time_limited(plan: Plan) -> bool:
-    """The solver stopped at its time limit with work left unplaced: another try may place it."""
+    """The solver stopped at its time limit with work left unplaced: another try may place it.
+
+    The solver says so itself (`stats.time_limit_hit`, a TIME_LIMIT reason); a `feasible`
+    status alone only means optimality was not proved, not that more could be placed."""
     if not plan.unplaced:
         return False
-    return plan.status == "feasible" or any(r.code == "TIME_LIMIT" for u in plan.unplaced for r in u.reasons)
+    return bool(plan.stats.get("time_limit_hit")) or any(
+        r.code == "TIME_LIMIT" for u in plan.unplaced for r in u.reasons)
 
 
 class Reconciler:
