@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from scheduler.model import ShardSpec, Spread
+from scheduler.model import Rack, Row, ShardSpec, Spread, Zone
 
 ISOLATIONS: tuple[str, ...] = ("shared", "dedicated_node", "dedicated_rack")
 DOMAINS: tuple[str, ...] = ("node", "rack", "row", "zone", "none")
@@ -44,23 +44,10 @@ class TenantView:
 
 
 # --- topology --------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ZoneSpec:
-    id: str
-
-
-@dataclass(frozen=True, slots=True)
-class RowSpec:
-    id: str
-    zone: str
-    power_budget_w: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RackSpec:
-    id: str
-    row: str
-    power_budget_w: float | None = None
+# The topology vocabulary is the placement spec's own: one definition, in the solver's model.
+ZoneSpec = Zone
+RowSpec = Row
+RackSpec = Rack
 
 
 @dataclass(frozen=True, slots=True)
