@@ -61,8 +61,12 @@ class Solver:
         self.placer = Placer(self.state, scorer=os.environ.get("MAIA_SCORER", "fgd"),  # type: ignore[arg-type]
                              workload=self.workload)
         self.min_priority = min((d.priority for d in problem.deployments), default=0)
-        self.original: dict[tuple[int, int, int], int] = {}  # existing shard -> node
-        self.kept: dict[tuple[int, int, int], Placement] = {}  # existing shard -> as given
+        # Existing replica -> {shard: placement as given} (down nodes included), and the
+        # shards loaded from it (live nodes only): the plan re-emits an unchanged replica's
+        # placements as given without looking at each shard.
+        self.given: dict[tuple[int, int], dict[int, Placement]] = {}
+        self.loaded: dict[tuple[int, int], dict[int, ShardAt]] = {}
+        self.odd_milli: set[tuple[int, int]] = set()
         self.existing_replicas: set[tuple[int, int]] = set()
         self.preempted: list[tuple[int, int]] = []
         self.why: dict[int, tuple[Reason, ...]] = {}
@@ -77,21 +81,35 @@ class Solver:
 
     def _load_existing(self) -> None:
         topo, state = self.topo, self.state
-        groups: dict[tuple[int, int], dict[int, ShardAt]] = defaultdict(dict)
+        groups: dict[tuple[int, int], dict[int, ShardAt]] = {}
+        given = self.given
         lost: dict[tuple[int, int], list[int]] = defaultdict(list)
         alive = topo.node_alive.tolist()
         dep_index, node_index = topo.deployment_index, topo.node_index
+        make = tuple.__new__  # ShardAt without the keyword-handling constructor
+        fractional = [dep.shard.fractional for dep in state.deps]
+        odd = self.odd_milli
         for p in self.problem.placements:
             d = dep_index[p.deployment]
+            key = (d, p.replica)
             n = node_index[p.node]
-            self.original[(d, p.replica, p.shard)] = n
-            self.kept[(d, p.replica, p.shard)] = p
+            g = given.get(key)
+            if g is None:
+                g = given[key] = {}
+            g[p.shard] = p
+            if (p.accelerator_milli is not None) != fractional[d]:
+                odd.add(key)  # milli given where none belongs (or missing): re-emit
             if not alive[n]:
-                lost[(d, p.replica)].append(p.shard)
+                lost[key].append(p.shard)
                 continue
-            milli = p.accelerator_milli if p.accelerator_milli is not None else 1000
-            groups[(d, p.replica)][p.shard] = ShardAt(n, p.accelerator_indices, milli)
-        state.load(groups)
+            sh = groups.get(key)
+            if sh is None:
+                sh = groups[key] = {}
+            milli = p.accelerator_milli
+            sh[p.shard] = make(ShardAt, (n, p.accelerator_indices,
+                                         1000 if milli is None else milli))
+        state.load(groups, copy=False)
+        self.loaded = groups  # the state never mutates a replica's dict in place
         self.existing_replicas.update(groups)
         self.lost = lost
         # A replica missing shards without any on a down node (partial input): complete it too.
@@ -518,11 +536,21 @@ class Solver:
         deps = state.deps
         placements: list[Placement] = []
         moved: list[Move] = []
-        for (d, r), shards in sorted(state.replicas.items()):
+        node_index = topo.node_index
+        for d, r in sorted(state.replicas):
+            shards = state.replicas[(d, r)]
             dep = deps[d]
+            given_r = self.given.get((d, r), {})
+            loaded = self.loaded.get((d, r))
+            if (shards is loaded or shards == loaded) and len(given_r) == len(shards) and \
+                    (d, r) not in self.odd_milli:
+                # Unchanged since loaded (same nodes, indices, milli): the input's own values.
+                placements.extend(given_r[s] for s in sorted(given_r))
+                continue
             for s, at in sorted(shards.items()):
-                given = self.kept.get((d, r, s))
-                if given is not None and self.original[(d, r, s)] == at.node and \
+                given = given_r.get(s)
+                was = node_index[given.node] if given is not None else None
+                if given is not None and was == at.node and \
                         tuple(given.accelerator_indices) == tuple(at.indices) and \
                         (given.accelerator_milli is not None) == dep.shard.fractional:
                     placements.append(given)  # unchanged: the input's own value
@@ -530,10 +558,8 @@ class Solver:
                 placements.append(Placement(
                     dep.id, r, s, topo.node_ids[at.node], tuple(at.indices),
                     at.milli if dep.shard.fractional else None))
-                was = self.original.get((d, r, s))
                 if was is not None and (was != at.node or (
-                        given is not None and
-                        sorted(given.accelerator_indices) != sorted(at.indices))):
+                        sorted(given.accelerator_indices) != sorted(at.indices))):  # type: ignore[union-attr]
                     moved.append(Move(dep.id, r, s, topo.node_ids[was], topo.node_ids[at.node]))
         preempted = sorted(set(v for v in self.preempted if v not in state.replicas))
         hints = self.preemption_hints()

@@ -9,7 +9,8 @@ which keep the aggregates consistent.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,9 +18,11 @@ from scheduler.model import Deployment
 from scheduler.topology import UNLIMITED, Topology
 
 
-@dataclass(frozen=True, slots=True)
-class ShardAt:
-    """Where one shard runs: node index, accelerator indices and the milli it takes on each."""
+class ShardAt(NamedTuple):
+    """Where one shard runs: node index, accelerator indices and the milli it takes on each.
+
+    A named tuple (not a dataclass): one is made per existing placement on every solve, and
+    comparing replicas (plan: unchanged since loaded?) is then a C-level tuple comparison."""
     node: int
     indices: tuple[int, ...]
     milli: int  # per accelerator: 1000 for whole accelerators
@@ -119,45 +122,65 @@ class ClusterState:
             for dom in self._spread_domains(d, merged):
                 self.spread_count[d][dom] += 1
 
-    def load(self, replicas: dict[tuple[int, int], dict[int, ShardAt]]) -> None:
-        """Record many existing replicas at once (vectorised; same result as add_replica)."""
-        rows = [(d, at.node, idx, at.milli) for (d, _), shards in replicas.items()
-                for at in shards.values() for idx in (at.indices or (-1,))]
-        if not rows:
+    def load(self, replicas: dict[tuple[int, int], dict[int, ShardAt]], *,
+             copy: bool = True) -> None:
+        """Record many existing replicas at once (vectorised; same result as add_replica).
+
+        With copy=False the state keeps the given shard dicts (the caller hands them over and
+        must not mutate them; the state itself never mutates a replica's dict in place)."""
+        if not replicas:
             return
         deps = self.deps
-        d_arr = np.array([r[0] for r in rows], dtype=np.int64)
-        n_arr = np.array([r[1] for r in rows], dtype=np.int64)
-        i_arr = np.array([r[2] for r in rows], dtype=np.int64)
-        m_arr = np.array([r[3] for r in rows], dtype=np.int64)
+        items = list(replicas.values())
+        ats = [at for sh in items for at in sh.values()]
+        if not ats:
+            return
+        # Per shard: deployment, node, milli and number of accelerators.
+        lens = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+        rd = np.fromiter((k[0] for k in replicas), dtype=np.int64, count=len(replicas))
+        sd = np.repeat(rd, lens)
+        cols = np.array([(at[0], at[2], len(at[1])) for at in ats], dtype=np.int64)
+        sn, sm, na = cols[:, 0], cols[:, 1], cols[:, 2]
+        st = self.dep_tenant[sd]
+        # Per accelerator entry (a host-only shard has none).
+        n_arr = np.repeat(sn, na)
+        m_arr = np.repeat(sm, na)
+        d_arr = np.repeat(sd, na)
+        i_arr = np.fromiter(chain.from_iterable(at[1] for at in ats), dtype=np.int64,
+                            count=int(na.sum()))
         t_arr = self.dep_tenant[d_arr]
         hbm = np.array([d.shard.hbm_gib for d in deps], dtype=float)[d_arr]
         power_w = np.array([d.shard.power_w for d in deps], dtype=float)[d_arr]
-        acc = i_arr >= 0
-        np.subtract.at(self.acc_free, (n_arr[acc], i_arr[acc]), m_arr[acc])
-        np.subtract.at(self.acc_hbm, (n_arr[acc], i_arr[acc]), hbm[acc])
-        self.acc_owner[n_arr[acc], i_arr[acc]] = t_arr[acc]
+        np.subtract.at(self.acc_free, (n_arr, i_arr), m_arr)
+        np.subtract.at(self.acc_hbm, (n_arr, i_arr), hbm)
+        self.acc_owner[n_arr, i_arr] = t_arr
         # Per shard (not per accelerator): host resources and tenant presence.
-        shards = [(d, at.node) for (d, _), sh in replicas.items() for at in sh.values()]
-        sd = np.array([x[0] for x in shards], dtype=np.int64)
-        sn = np.array([x[1] for x in shards], dtype=np.int64)
-        st = self.dep_tenant[sd]
         np.subtract.at(self.cpu_free, sn, np.array([d.shard.cpu_milli for d in deps])[sd])
         np.subtract.at(self.mem_free, sn, np.array([d.shard.memory_mib for d in deps])[sd])
         np.add.at(self.node_tenant, (sn, st), 1)
         np.add.at(self.rack_tenant, (self.topo.node_rack[sn], st), 1)
-        # Power and tenant totals: per accelerator entry (a host-only shard draws none).
-        power = np.where(acc, power_w * m_arr / 1000.0, 0.0)
+        # Power and tenant totals: per accelerator entry.
+        power = power_w * m_arr / 1000.0
         np.add.at(self.rack_power, self.topo.node_rack[n_arr], power)
         np.add.at(self.row_power, self.topo.node_row[n_arr], power)
-        np.add.at(self.tenant_milli, t_arr, np.where(acc, m_arr, 0))
+        np.add.at(self.tenant_milli, t_arr, m_arr)
         np.add.at(self.tenant_power, t_arr, power)
-        for (d, r), sh in replicas.items():
-            self.replicas[(d, r)] = dict(sh)
-            self.by_dep.setdefault(d, set()).add(r)
-            if d in self.spread_count:
-                for dom in self._spread_domains(d, sh):
-                    self.spread_count[d][dom] += 1
+        if copy:
+            self.replicas.update((k, dict(sh)) for k, sh in replicas.items())
+        else:
+            self.replicas.update(replicas)
+        by_dep = self.by_dep
+        for d, r in replicas:
+            got = by_dep.get(d)
+            if got is None:
+                by_dep[d] = {r}
+            else:
+                got.add(r)
+        if self.spread_count:
+            for (d, _), sh in replicas.items():
+                if d in self.spread_count:
+                    for dom in self._spread_domains(d, sh):
+                        self.spread_count[d][dom] += 1
 
     def remove_replica(self, d: int, r: int) -> dict[int, ShardAt]:
         shards = self.replicas.pop((d, r), {})
