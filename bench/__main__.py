@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--measure", type=int, default=100, help="arrivals timed one by one")
     s.add_argument("--batches", type=int, default=10, help="batches of --batch-size timed")
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--gang-fill", type=float, default=0.5,
+                   help="share of accelerators held when the roomy gang probes run")
     s.add_argument("--time-limit-ms", type=int, default=1000)
     s.add_argument("--check", action="store_true",
                    help="grade the final placements with tests/scheduler/checker.py")

@@ -12,7 +12,11 @@ Per size, in a child process (so its peak RSS is its own):
 2. online latency: `--measure` further arrivals, one `solve()` each on the loaded cluster
    (and 5 calls with nothing new to place: what re-reading the whole state costs per call);
 3. gang latency: 20 probe gangs of 64 shards, one `solve()` each (target: p99 <= 100 ms on
-   4,096 nodes); probes are left out of the placed-demand figures;
+   4,096 nodes); probes are left out of the placed-demand figures. On the loaded cluster most
+   probes do not fit, so their latencies are reported split into placed and refused; and 20
+   more probes run on a copy of the background state thinned (whole deployments, latest
+   arrivals dropped first) to `--gang-fill` of the accelerators held, where they have room
+   (after step 4, so nothing else sees them);
 4. batch latency: `--batches` batches of `--batch-size` arrivals, one batch-mode `solve()` each;
 5. the same stream through the independent best-fit greedy (`bench.greedy`), for placed demand.
 """
@@ -71,6 +75,11 @@ class SizeResult:
     noop_ms: list[float]
     peak_rss_mib: float
     violations: int | None = None
+    gang64_placed_ms: list[float] = dataclasses.field(default_factory=list)  # loaded cluster
+    gang64_refused_ms: list[float] = dataclasses.field(default_factory=list)
+    room_gang64_ms: list[float] = dataclasses.field(default_factory=list)  # at --gang-fill
+    room_gang64_placed: int = 0
+    room_gang64_ok: list[bool] = dataclasses.field(default_factory=list)  # placed, per probe
 
 
 def cluster(n_nodes: int, seed: int) -> Doc:
@@ -162,7 +171,9 @@ def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
     gangs = [arrival(rng, len(background) + args.measure + i, "gang64") for i in range(20)]
     batches = [arrival(rng, len(background) + args.measure + 20 + i)
                for i in range(args.batches * args.batch_size)]
-    stream = background + later + gangs + batches
+    room_gangs = [arrival(rng, len(background) + args.measure + 20 + len(batches) + i, "gang64")
+                  for i in range(20)]  # drawn last: the stream before them is unchanged
+    stream = background + later + gangs + batches + room_gangs
     by_id = {d["id"]: d for d in stream}
 
     # 1. background, one online solve
@@ -174,6 +185,24 @@ def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
     background_s = time.perf_counter() - t0
     current = plan.placements
     holding = {p.deployment: deps[p.deployment] for p in current}
+
+    # A thinned copy of the background state for the roomy gang probes (step 3): whole
+    # deployments in arrival order while their accelerators stay within --gang-fill.
+    acc_of: dict[str, float] = {}
+    for p in current:
+        acc_of[p.deployment] = acc_of.get(p.deployment, 0.0) + (
+            p.accelerator_milli / 1000 if p.accelerator_milli is not None
+            else len(p.accelerator_indices))
+    keep: set[str] = set()
+    kept_acc = 0.0
+    for d in background:
+        a = acc_of.get(d["id"], 0.0)
+        if a and kept_acc + a > args.gang_fill * capacity:
+            break
+        kept_acc += a
+        keep.add(d["id"])
+    room_current = tuple(p for p in current if p.deployment in keep)
+    room_holding = {p.deployment: deps[p.deployment] for p in room_current}
 
     def one_call(new: list[Doc], mode: str) -> float:
         nonlocal current
@@ -188,17 +217,35 @@ def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
             holding.setdefault(p.deployment, deps[p.deployment])
         return ms
 
+    def placed(dep_id: str) -> bool:
+        return any(p.deployment == dep_id for p in current)
+
     noop_ms = [one_call([], "online") for _ in range(5)]  # the price of re-reading the state
     online_ms = [one_call([d], "online") for d in later]  # 2.
-    gang64_ms = [one_call([d], "online") for d in gangs]  # 3.
+    gang64_ms: list[float] = []  # 3.
+    gang64_placed_ms: list[float] = []
+    gang64_refused_ms: list[float] = []
+    for d in gangs:
+        gang64_ms.append(one_call([d], "online"))
+        (gang64_placed_ms if placed(d["id"]) else gang64_refused_ms).append(gang64_ms[-1])
     batch_ms = [one_call(batches[k:k + args.batch_size], "batch")  # 4.
                 for k in range(0, len(batches), args.batch_size)]
+    loaded_current, loaded_holding = current, holding
+    current, holding = room_current, room_holding  # 3. (room): its own state from here on
+    room_gang64_ms: list[float] = []
+    room_gang64_ok: list[bool] = []
+    for d in room_gangs:
+        room_gang64_ms.append(one_call([d], "online"))
+        room_gang64_ok.append(placed(d["id"]))
+    room_gang64_placed = sum(room_gang64_ok)
+    current, holding = loaded_current, loaded_holding
     final = plan_to_dict(dataclasses.replace(plan, placements=current, unplaced=(),
                                              preempted=(), moved=()))["placements"]
     # Placed demand over the stream without the 64-shard probes (they are latency probes).
-    probe_ids = {d["id"] for d in gangs}
+    probe_ids = {d["id"] for d in gangs + room_gangs}
     solver_acc = held(by_id, [p for p in final if p["deployment"] not in probe_ids])
-    gang64_placed = len({p["deployment"] for p in final if p["deployment"] in probe_ids})
+    gang64_placed = len({p["deployment"] for p in final}
+                        & {d["id"] for d in gangs})
 
     violations = None
     if args.check:
@@ -231,7 +278,8 @@ def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
                       gang64_ms, batch_ms,
                       sum(requested(d) for d in stream if d["id"] not in probe_ids),
                       solver_acc, held(by_id, g.placements), greedy_ms, gang64_placed, noop_ms, peak,
-                      violations)
+                      violations, gang64_placed_ms, gang64_refused_ms, room_gang64_ms,
+                      room_gang64_placed, room_gang64_ok)
 
 
 def format_rows(results: list[SizeResult], batch_size: int) -> str:
@@ -251,6 +299,19 @@ def format_rows(results: list[SizeResult], batch_size: int) -> str:
             f"{100 * r.solver_placed_acc / r.requested_acc:>10.1f}% "
             f"{100 * r.greedy_placed_acc / r.requested_acc:>12.1f}% {pp(r.greedy_ms):>15} "
             f"{r.peak_rss_mib:>12.0f}")
+    # Gang probes split: on the loaded cluster by outcome, and on the thinned state.
+    lines.append("")
+    lines.append(f"{'nodes':>6} {'gang64 placed p50/p99 (n)':>26} "
+                 f"{'gang64 refused p50/p99 (n)':>27} {'room: placed p50/p99 (n)':>26} "
+                 f"{'room: refused p50/p99 (n)':>26}")
+    for r in results:
+        def pn(v: list[float]) -> str:
+            return (f"{percentile(v, 50):.1f}/{percentile(v, 99):.1f} ({len(v)})" if v
+                    else "- (0)")
+        room_ok = [ms for ms, ok in zip(r.room_gang64_ms, r.room_gang64_ok) if ok]
+        room_no = [ms for ms, ok in zip(r.room_gang64_ms, r.room_gang64_ok) if not ok]
+        lines.append(f"{r.nodes:>6} {pn(r.gang64_placed_ms):>26} {pn(r.gang64_refused_ms):>27} "
+                     f"{pn(room_ok):>26} {pn(room_no):>26}")
     return "\n".join(lines)
 
 
@@ -264,7 +325,8 @@ def main(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "bench", "synthetic", "--child", "--nodes", str(n),
                "--seed", str(args.seed), "--fill", str(args.fill), "--measure",
                str(args.measure), "--batches", str(args.batches), "--batch-size",
-               str(args.batch_size), "--time-limit-ms", str(args.time_limit_ms)]
+               str(args.batch_size), "--time-limit-ms", str(args.time_limit_ms),
+               "--gang-fill", str(args.gang_fill)]
         if args.check:
             cmd.append("--check")
         print(f"  {n} nodes ...", file=sys.stderr, flush=True)
