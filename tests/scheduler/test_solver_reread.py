@@ -93,3 +93,17 @@ def test_shard_on_a_down_node_is_moved_and_reported() -> None:
     plan = solve(problem_from_dict(doc))
     assert [(m.shard, m.from_node, m.to_node) for m in plan.moved] == [(0, "n1", "n2")]
     assert sorted((p.shard, p.node) for p in plan.placements) == [(0, "n2"), (1, "n2")]
+
+
+def test_solve_leaves_the_cyclic_collector_as_it_found_it() -> None:
+    import gc
+    doc = problem([node("n1")], [dep("d", acc=1)])
+    assert gc.isenabled()
+    solve(problem_from_dict(doc))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        solve(problem_from_dict(doc))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
