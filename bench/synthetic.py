@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bench.fgd import percentile
 from bench.greedy import BestFitGreedy
 
 Doc = dict[str, Any]
@@ -145,13 +146,6 @@ def held(deployments: dict[str, Doc], placements: list[Doc]) -> float:
         total += s["accelerator_milli"] / 1000 if s.get("accelerator_milli", 1000) < 1000 \
             else len(p["accelerator_indices"])
     return total
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))]
 
 
 def measure(n_nodes: int, args: argparse.Namespace) -> SizeResult:
