@@ -184,13 +184,9 @@ def run_submit(args: argparse.Namespace, ctx: Context) -> int:
         results = []
         for obj in deployments:
             try:
-                results.append(ApplyResult(obj.ref, _submit_deployment(obj.message, ctx)))
+                results.append(_apply_one(obj, ctx))
             except CliError as exc:
                 results.append(ApplyResult(obj.ref, "failed", str(exc)))
-            except grpc.RpcError as exc:
-                if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
-                    raise
-                results.append(ApplyResult(obj.ref, "failed", rpc_error_text(exc, ctx.address).removeprefix("error: ")))
         return _report(results, ctx)
     answers = []
     for obj in deployments:
