@@ -8,7 +8,7 @@ No I/O, no controller, no grpc or database imports (an import-linter contract ch
 """
 
 from scheduler.errors import ProblemError
-from scheduler.interchange import plan_to_dict, problem_from_dict, problem_to_dict
+from scheduler.interchange import deployment_to_dict, plan_to_dict, problem_from_dict, problem_to_dict
 from scheduler.model import (Deployment, Move, Node, Options, Placement, Plan, Preemption,
                              Problem, Rack, Reason, Row, ShardSpec, Spread, Tenant, Unplaced,
                              Zone)
@@ -16,4 +16,4 @@ from scheduler.solve import solve
 
 __all__ = ["Deployment", "Move", "Node", "Options", "Placement", "Plan", "Preemption", "Problem",
            "ProblemError", "Rack", "Reason", "Row", "ShardSpec", "Spread", "Tenant", "Unplaced",
-           "Zone", "plan_to_dict", "problem_from_dict", "problem_to_dict", "solve"]
+           "Zone", "deployment_to_dict", "plan_to_dict", "problem_from_dict", "problem_to_dict", "solve"]

@@ -282,46 +282,52 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     }
 
 
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def deployment_to_dict(d: Deployment) -> dict[str, Any]:
+    """One deployment as an interchange document (absent optional fields left out)."""
+    return _drop_none({
+        "id": d.id, "tenant": d.tenant, "replicas": d.replicas,
+        "min_replicas": d.min_replicas, "shards_per_replica": d.shards_per_replica,
+        "shard": _drop_none({
+            "accelerators": d.shard.accelerators,
+            "accelerator_milli": d.shard.accelerator_milli, "hbm_gib": d.shard.hbm_gib,
+            "cpu_milli": d.shard.cpu_milli, "memory_mib": d.shard.memory_mib,
+            "power_w": d.shard.power_w,
+            "accelerator_models": (list(d.shard.accelerator_models)
+                                   if d.shard.accelerator_models is not None else None)}),
+        "locality": d.locality,
+        "spread": ({"domain": d.spread.domain, "max_per_domain": d.spread.max_per_domain}
+                   if d.spread else None),
+        "priority": d.priority, "preemptible": d.preemptible})
+
+
 def problem_to_dict(problem: Problem) -> dict[str, Any]:
     """The problem as an interchange document (handy for tests and model dumps)."""
-    def drop_none(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if v is not None}
-
     return {
         "version": 1,
         "zones": [{"id": z.id} for z in problem.zones],
-        "rows": [drop_none({"id": r.id, "zone": r.zone, "power_budget_w": r.power_budget_w})
+        "rows": [_drop_none({"id": r.id, "zone": r.zone, "power_budget_w": r.power_budget_w})
                  for r in problem.rows],
-        "racks": [drop_none({"id": r.id, "row": r.row, "power_budget_w": r.power_budget_w})
+        "racks": [_drop_none({"id": r.id, "row": r.row, "power_budget_w": r.power_budget_w})
                   for r in problem.racks],
-        "nodes": [drop_none({"id": n.id, "rack": n.rack, "state": n.state,
+        "nodes": [_drop_none({"id": n.id, "rack": n.rack, "state": n.state,
                              "accelerators": n.accelerators,
                              "accelerator_model": n.accelerator_model, "hbm_gib": n.hbm_gib,
                              "cpu_milli": n.cpu_milli, "memory_mib": n.memory_mib,
                              "idle_power_w": n.idle_power_w,
                              "labels": dict(n.labels) or None}) for n in problem.nodes],
-        "tenants": [drop_none({"id": t.id, "isolation": t.isolation,
+        "tenants": [_drop_none({"id": t.id, "isolation": t.isolation,
                                "excludes": list(t.excludes) or None,
                                "zones": list(t.zones) if t.zones is not None else None,
                                "reserved_accelerators": t.reserved_accelerators or None,
                                "max_accelerators": t.max_accelerators,
                                "max_power_w": t.max_power_w}) for t in problem.tenants],
-        "deployments": [drop_none({
-            "id": d.id, "tenant": d.tenant, "replicas": d.replicas,
-            "min_replicas": d.min_replicas, "shards_per_replica": d.shards_per_replica,
-            "shard": drop_none({
-                "accelerators": d.shard.accelerators,
-                "accelerator_milli": d.shard.accelerator_milli, "hbm_gib": d.shard.hbm_gib,
-                "cpu_milli": d.shard.cpu_milli, "memory_mib": d.shard.memory_mib,
-                "power_w": d.shard.power_w,
-                "accelerator_models": (list(d.shard.accelerator_models)
-                                       if d.shard.accelerator_models is not None else None)}),
-            "locality": d.locality,
-            "spread": ({"domain": d.spread.domain, "max_per_domain": d.spread.max_per_domain}
-                       if d.spread else None),
-            "priority": d.priority, "preemptible": d.preemptible}) for d in problem.deployments],
+        "deployments": [deployment_to_dict(d) for d in problem.deployments],
         "placements": [placement_to_dict(p) for p in problem.placements],
-        "options": drop_none({"mode": problem.options.mode,
+        "options": _drop_none({"mode": problem.options.mode,
                               "time_limit_ms": problem.options.time_limit_ms,
                               "max_moves": problem.options.max_moves,
                               "allow_preemption": problem.options.allow_preemption,

@@ -18,6 +18,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from scheduler import Deployment as SolverDeployment
+from scheduler import ShardSpec, Spread, deployment_to_dict
+
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -149,29 +152,15 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         .where(Deployment.phase != DeploymentPhase.DELETING)
         .order_by(Deployment.id)
     ):
-        shard: dict[str, Any] = {
-            "accelerators": d.shard_accelerators,
-            "accelerator_milli": d.shard_accelerator_milli,
-            "hbm_gib": d.shard_hbm_gib,
-            "cpu_milli": d.shard_cpu_milli,
-            "memory_mib": d.shard_memory_mib,
-            "power_w": d.shard_power_w,
-        }
-        if d.shard_accelerator_models:  # [] means any model
-            shard["accelerator_models"] = list(d.shard_accelerator_models)
-        deployment: dict[str, Any] = {
-            "id": d.name,
-            "tenant": d.tenant_id,
-            "replicas": d.replicas,
-            "min_replicas": d.min_replicas,
-            "shards_per_replica": d.shards_per_replica,
-            "shard": shard,
-            "locality": d.locality.value,
-            "priority": d.priority,
-            "preemptible": d.preemptible,
-        }
-        if d.spread_domain is not None and d.spread_max_per_domain is not None:
-            deployment["spread"] = {"domain": d.spread_domain.value, "max_per_domain": d.spread_max_per_domain}
+        spread = (Spread(d.spread_domain.value, d.spread_max_per_domain)
+                  if d.spread_domain is not None and d.spread_max_per_domain is not None else None)
+        deployment = deployment_to_dict(SolverDeployment(
+            d.name, d.tenant_id, d.replicas, d.shards_per_replica,
+            ShardSpec(d.shard_accelerators, d.shard_accelerator_milli, d.shard_hbm_gib,
+                      d.shard_cpu_milli, d.shard_memory_mib, d.shard_power_w,
+                      tuple(d.shard_accelerator_models) or None),  # [] means any model
+            min_replicas=d.min_replicas, locality=d.locality.value, spread=spread,
+            priority=d.priority, preemptible=d.preemptible))
         deployments.append(deployment)
         deployment_ids[d.name] = d.id
         names_by_id[d.id] = d.name

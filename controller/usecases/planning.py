@@ -14,29 +14,15 @@ from typing import Any
 from controller.errors import InvalidArgument
 from controller.store.snapshot import load_snapshot  # noqa: F401  (the snapshot half of this seam)
 from controller.usecases.domain import DeploymentSpec
-from scheduler import Plan, ProblemError, problem_from_dict, solve
+from scheduler import Deployment, Plan, ProblemError, deployment_to_dict, problem_from_dict, solve
 
 
 def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
     """A deployment in the interchange format (its id is its name)."""
-    shard: dict[str, Any] = {
-        "accelerators": spec.shard.accelerators,
-        "accelerator_milli": spec.shard.accelerator_milli,
-        "hbm_gib": spec.shard.hbm_gib,
-        "cpu_milli": spec.shard.cpu_milli,
-        "memory_mib": spec.shard.memory_mib,
-        "power_w": spec.shard.power_w,
-    }
-    if spec.shard.accelerator_models:
-        shard["accelerator_models"] = list(spec.shard.accelerator_models)
-    doc: dict[str, Any] = {
-        "id": spec.name, "tenant": spec.tenant, "replicas": spec.replicas, "min_replicas": spec.min_replicas,
-        "shards_per_replica": spec.shards_per_replica, "shard": shard, "locality": spec.locality,
-        "priority": spec.priority, "preemptible": spec.preemptible,
-    }
-    if spec.spread is not None:
-        doc["spread"] = {"domain": spec.spread.domain, "max_per_domain": spec.spread.max_per_domain}
-    return doc
+    return deployment_to_dict(Deployment(
+        spec.name, spec.tenant, spec.replicas, spec.shards_per_replica, spec.shard,
+        min_replicas=spec.min_replicas, locality=spec.locality, spread=spec.spread,
+        priority=spec.priority, preemptible=spec.preemptible))
 
 
 def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "batch") -> dict[str, Any]:
