@@ -7,22 +7,10 @@ two spaces, numbers right-aligned.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 Cell = str | int | float | None
 
 _GAP = "  "
-
-
-@dataclass(frozen=True)
-class Table:
-    """A table to render: headers and rows of cells (None renders as '-')."""
-
-    headers: Sequence[str]
-    rows: Sequence[Sequence[Cell]]
-
-    def render(self, empty: str = "(none)") -> str:
-        return render_table(self.headers, self.rows, empty=empty)
 
 
 def cell_text(value: Cell) -> str:
@@ -78,10 +66,6 @@ def fmt_number(value: float, digits: int = 1) -> str:
         return str(int(value))
     places = digits if abs(value) >= 1 else max(digits, 2)
     return f"{value:.{places}f}".rstrip("0").rstrip(".")
-
-
-def fmt_kw(watts: float) -> str:
-    return f"{watts / 1000:.1f} kW"
 
 
 def fmt_used_of(used: float, total: float | None, unit: str = "") -> str:
