@@ -59,7 +59,7 @@ class Controller:
 
 def rpc_error_text(error: grpc.RpcError, address: str) -> str:
     """'error: NOT_FOUND: deployment foo not found', clearer when the controller is unreachable."""
-    code = error.code() if hasattr(error, "code") else None
+    code = status_code(error)
     details = error.details() if hasattr(error, "details") else str(error)
     name = code.name if code is not None else "UNKNOWN"
     if code == grpc.StatusCode.UNAVAILABLE:
