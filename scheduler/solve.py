@@ -188,8 +188,7 @@ class Solver:
             self.workload.observe(state.deps[d].shard, state.deps[d].replicas)
         if self.workload.stale():
             self.workload.refresh()  # one snapshot for every candidate, so scores compare
-        before = {d: {r: dict(state.replicas[(d, r)]) for r in state.by_dep.get(d, ())}
-                  for d in ds}
+        before = self._replicas_of(ds)
         best: tuple[tuple[float, float], dict[int, dict]] | None = None
         for order in self.batch_orders(ds, seed):
             placer = Placer(state, scorer=self.placer.scorer, workload=self.workload)
@@ -197,8 +196,7 @@ class Solver:
                 todo = self.pending(d)
                 if todo:
                     placer.place_deployment(d, todo)
-            result = {d: {r: dict(state.replicas[(d, r)]) for r in state.by_dep.get(d, ())}
-                      for d in ds}
+            result = self._replicas_of(ds)
             value = sum(len(rs) * replica_value(state, d, self.min_priority)
                         for d, rs in result.items())
             score = (float(value), -self.fragmentation_total(state))
@@ -211,6 +209,12 @@ class Solver:
         for d in ds:
             if self.pending(d):
                 self.why[d] = explain(state, d)
+
+    def _replicas_of(self, ds: list[int]) -> dict[int, dict]:
+        """These deployments' replicas as they stand (copies: what `_set_replicas` restores)."""
+        state = self.state
+        return {d: {r: dict(state.replicas[(d, r)]) for r in state.by_dep.get(d, ())}
+                for d in ds}
 
     def _set_replicas(self, ds: list[int], replicas: dict[int, dict]) -> None:
         """Make these deployments hold exactly the given replicas (undo/redo of a trial)."""
