@@ -460,6 +460,9 @@ class Solver:
         if self.problem.options.allow_preemption:
             return {}
         state = self.state
+        unplaced = [d for d in range(len(state.deps)) if self.pending(d)]
+        if not unplaced:
+            return {}  # the common no-op re-read: no scan of every running replica
         running = [v for v in state.replicas
                    if state.deps[v[0]].preemptible and v in self.existing_replicas]
         if not running:
@@ -467,7 +470,7 @@ class Solver:
         stop = min(self.deadline, time.perf_counter() + HINT_BUDGET_S)
         hints: dict[int, str] = {}
         tried = 0
-        for d in self.batch_order([d for d in range(len(state.deps)) if self.pending(d)]):
+        for d in self.batch_order(unplaced):
             if tried >= PREEMPTION_HINTS or time.perf_counter() >= stop:
                 break
             eligible = [v for v in running if self._victim_ok(d, v[0])]
