@@ -5,42 +5,108 @@ command is printed by `main` as `error: <CODE>: <details>` (exit 1), never as a 
 """
 from __future__ import annotations
 
-import os
+from collections import namedtuple
 from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
 
 import grpc
 
+from controller.cli.config import Connection
 from maia.v1 import admin_pb2_grpc, deployments_pb2_grpc
 
-DEFAULT_CONTROLLER = "127.0.0.1:50051"
-ENV_CONTROLLER = "MAIA_CONTROLLER"
+
+class Exit(IntEnum):
+    """maiactl's exit codes: stable, documented in docs/cli.md; scripts may rely on them."""
+
+    OK = 0
+    FAILED = 1          # the controller refused or failed a call, or a wait timed out
+    USAGE = 2           # bad usage or input: flags, manifests, problem files, INVALID_ARGUMENT
+    NOT_FOUND = 3       # the object named does not exist (NOT_FOUND)
+    PARTIAL = 4         # only part would be / was placed (dry runs), or a wait is blocked for good
+    UNAVAILABLE = 5     # the controller could not be reached
+    INTERRUPTED = 130   # Ctrl-C
+
+
+_EXIT_OF_STATUS = {grpc.StatusCode.NOT_FOUND: Exit.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT: Exit.USAGE,
+                   grpc.StatusCode.UNAVAILABLE: Exit.UNAVAILABLE}
+
+
+def exit_code_of(error: grpc.RpcError) -> Exit:
+    return _EXIT_OF_STATUS.get(status_code(error), Exit.FAILED)  # type: ignore[arg-type]
 
 
 class CliError(Exception):
-    """An error already phrased for the user; `exit_code` 1 for failures, 2 for bad input."""
+    """An error already phrased for the user, with the exit code it ends maiactl with."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = Exit.FAILED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
 
-def resolve_address(flag: str | None) -> str:
-    """--controller wins, then $MAIA_CONTROLLER, then the default."""
-    return flag or os.environ.get(ENV_CONTROLLER) or DEFAULT_CONTROLLER
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._pair = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._pair],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(details), request)
+
+
+class _CallDetails(
+        namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+        grpc.ClientCallDetails):
+    """The call's details with the token added (grpc wants a ClientCallDetails back)."""
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{what} {path}: cannot read: {exc.strerror or exc}", 2) from None
+
+
+def open_channel(connection: Connection) -> grpc.Channel:
+    """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
+    along as call metadata."""
+    if connection.ca or connection.cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(connection.ca, "CA file"), private_key=_read(connection.key, "key file"),
+            certificate_chain=_read(connection.cert, "certificate file"))
+        channel = grpc.secure_channel(connection.address, credentials)
+    else:
+        channel = grpc.insecure_channel(connection.address)
+    if connection.token:
+        channel = grpc.intercept_channel(channel, _BearerToken(connection.token))
+    return channel
 
 
 @dataclass
 class Controller:
-    """Stubs over one channel to the controller at `address`; `timeout` is per call (seconds)."""
+    """Stubs over one channel to the controller; `timeout` is per call (seconds)."""
 
-    address: str
+    connection: Connection
     timeout: float = 15.0
     _channel: grpc.Channel | None = field(default=None, repr=False)
 
     @property
+    def address(self) -> str:
+        return self.connection.address
+
+    @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = open_channel(self.connection)
         return self._channel
 
     @property
@@ -63,7 +129,9 @@ def rpc_error_text(error: grpc.RpcError, address: str) -> str:
     details = error.details() if hasattr(error, "details") else str(error)
     name = code.name if code is not None else "UNKNOWN"
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"error: UNAVAILABLE: cannot reach the controller at {address} ({details})"
+        return (f"error: UNAVAILABLE: cannot reach the controller at {address} ({details})\n"
+                f"hint: is maia-controller running there? Point maiactl elsewhere with --controller HOST:PORT, "
+                f"$MAIA_CONTROLLER or a config context (maiactl config get-contexts)")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"error: DEADLINE_EXCEEDED: the controller at {address} did not answer in time ({details})"
     return f"error: {name}: {details}"

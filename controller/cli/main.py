@@ -1,7 +1,7 @@
 """maiactl entry point: argument parsing, dispatch and the one place errors become exit codes.
 
-Exit codes: 0 success, 1 a failure reported by the controller (or a timeout), 2 bad input
-(usage, malformed manifests or problems). Errors go to stderr as `error: ...`, never tracebacks.
+Exit codes are `client.Exit` (0 ok, 1 failed call, 2 bad usage/input, 3 not found, 4 partial,
+5 unreachable). Errors go to stderr as `error: ...`, never tracebacks.
 """
 from __future__ import annotations
 
@@ -11,22 +11,37 @@ from collections.abc import Sequence
 
 import grpc
 
-from controller.cli.client import CliError, resolve_address, rpc_error_text
+from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text
 from controller.cli.commands import MODULES
-from controller.cli.context import Context
+from controller.cli.config import ConfigError, Connection, resolve_connection
+from controller.cli.context import OUTPUTS, Context
 from controller.cli.manifests import ManifestError
+
+# Connection settings: flag name -> attribute, all resolved by config.resolve_connection.
+_CONNECTION_FLAGS = {
+    "--controller": ("controller", "HOST:PORT", "controller address ($MAIA_CONTROLLER, the context, 127.0.0.1:50051)"),
+    "--context": ("context", "NAME", "config file context to use ($MAIA_CONTEXT, else current_context)"),
+    "--token": ("token", "TOKEN", "bearer token sent with every call ($MAIA_TOKEN, the context)"),
+    "--token-file": ("token_file", "FILE", "read the bearer token from FILE ($MAIA_TOKEN_FILE, the context)"),
+    "--ca": ("ca", "FILE", "PEM CA bundle: connect with TLS ($MAIA_CA, the context)"),
+    "--cert": ("cert", "FILE", "PEM client certificate for mutual TLS ($MAIA_CERT, the context)"),
+    "--key": ("key", "FILE", "PEM private key of --cert ($MAIA_KEY, the context)"),
+}
 
 
 def _common_options(suppress: bool) -> argparse.ArgumentParser:
-    """--controller/-o/--rpc-timeout, accepted both before and after the subcommand."""
+    """Connection, output and timeout options, accepted both before and after the subcommand."""
     default = argparse.SUPPRESS if suppress else None
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--controller", metavar="HOST:PORT", default=default,
-                        help="controller address (default: $MAIA_CONTROLLER or 127.0.0.1:50051)")
-    parent.add_argument("-o", "--output", choices=("table", "json"), default=default,
-                        help="output format (default: table)")
+    for flag, (dest, metavar, text) in _CONNECTION_FLAGS.items():
+        parent.add_argument(flag, dest=dest, metavar=metavar, default=default, help=text)
+    parent.add_argument("-o", "--output", choices=OUTPUTS, default=default,
+                        help="output format: table (default), wide (more columns), json, yaml "
+                             "(manifest vocabulary, re-appliable), name (kind/name per line)")
+    parent.add_argument("--no-headers", action="store_true", default=default,
+                        help="tables: leave out the header line")
     parent.add_argument("--rpc-timeout", type=float, metavar="SECONDS", default=default,
-                        help="deadline of each call to the controller (default: 15)")
+                        help="deadline of each call to the controller in seconds (default: 15)")
     return parent
 
 
@@ -44,25 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    ctx = Context(address=resolve_address(args.controller), output=args.output or "table",
+    try:
+        connection = resolve_connection({dest: getattr(args, dest) for dest, _, _ in _CONNECTION_FLAGS.values()})
+    except ConfigError as exc:
+        if not getattr(args, "offline", False):  # `config` and `solve` work with a broken config
+            print(f"error: {exc}", file=sys.stderr)
+            return Exit.USAGE
+        connection = Connection()
+    ctx = Context(connection=connection, output=args.output or "table", no_headers=bool(args.no_headers),
                   rpc_timeout=args.rpc_timeout or 15.0)
     try:
         return int(args.handler(args, ctx) or 0)
     except ManifestError as exc:
         for problem in exc.problems:
             ctx.note(f"error: {problem}")
-        return 2
+        return Exit.USAGE
     except CliError as exc:
         ctx.note(f"error: {exc}")
         return exc.exit_code
     except grpc.RpcError as exc:
         ctx.note(rpc_error_text(exc, ctx.address))
-        return 1
+        return exit_code_of(exc)
+    except ConfigError as exc:
+        ctx.note(f"error: {exc}")
+        return Exit.USAGE
     except KeyboardInterrupt:
         ctx.note("interrupted")
-        return 130
+        return Exit.INTERRUPTED
     except BrokenPipeError:
-        return 1
+        return Exit.FAILED
     finally:
         ctx.close()
 

@@ -193,17 +193,18 @@ def test_get_json_is_one_document_and_table_lists_names(fake, capsys) -> None:
 def test_grpc_errors_print_code_and_details(fake, capsys) -> None:
     address, _, _, _ = fake
     code, out, err = run(capsys, "--controller", address, "get", "deployment", "nope")
-    assert (code, out) == (1, "")
+    assert (code, out) == (3, "")
     assert err.strip() == "error: NOT_FOUND: deployment nope not found"
     code, _, err = run(capsys, "--controller", address, "cordon", "rack-09-n00")
-    assert code == 1 and err.strip() == "error: NOT_FOUND: node rack-09-n00 not found"
+    assert code == 3 and err.strip() == "error: NOT_FOUND: node rack-09-n00 not found"
 
 
 def test_unreachable_controller_says_so(capsys, monkeypatch) -> None:
     address = closed_port_address()
     monkeypatch.setenv("MAIA_CONTROLLER", address)
     code, out, err = run(capsys, "summary")
-    assert code == 1 and out == ""
+    assert code == 5 and out == ""
+    assert "hint: is maia-controller running there?" in err
     assert err.startswith(f"error: UNAVAILABLE: cannot reach the controller at {address}")
     assert "Traceback" not in err
 

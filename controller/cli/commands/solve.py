@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser("solve", parents=[common], help="solve a placement problem file locally")
     p.add_argument("problem", metavar="PROBLEM.json", help="problem in the interchange format ('-' for stdin)")
     p.add_argument("--time-limit-ms", type=int, metavar="N", help="override options.time_limit_ms")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, offline=True)
 
 
 def load_problem(path: str) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""The config file with contexts: precedence flag > env > context > default, the `config` verbs,
+and that the resolved token reaches the controller as `authorization: Bearer` metadata."""
+from __future__ import annotations
+
+import json
+import stat
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.cli.config import ConfigError, ConfigFile, ContextEntry, resolve_connection
+from controller.cli.main import main
+from maia.v1 import admin_pb2, admin_pb2_grpc
+
+
+def write_config(path: Path, text: str) -> ConfigFile:
+    path.write_text(text)
+    return ConfigFile.load(path)
+
+
+def test_flag_beats_env_beats_context_beats_default(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", "current_context: prod\ncontexts:\n"
+                          "  prod: {controller: 'prod:443', token: from-file, ca: ~/ca.pem}\n"
+                          "  dev: {controller: 'dev:50051'}\n")
+    assert resolve_connection({}, {}, config).address == "prod:443"
+    assert resolve_connection({}, {}, config).ca == str(Path.home() / "ca.pem")
+    assert resolve_connection({}, {"MAIA_CONTROLLER": "env:1"}, config).address == "env:1"
+    assert resolve_connection({"controller": "flag:2"}, {"MAIA_CONTROLLER": "env:1"}, config).address == "flag:2"
+    assert resolve_connection({"context": "dev"}, {}, config).token is None
+    assert resolve_connection({}, {"MAIA_CONTEXT": "dev"}, config).address == "dev:50051"
+    assert resolve_connection({}, {"MAIA_TOKEN": "env-token"}, config).token == "env-token"
+    assert resolve_connection({}, {}, ConfigFile(tmp_path / "none.yaml")).address == "127.0.0.1:50051"
+
+
+def test_token_file_is_read_and_a_missing_context_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "tok").write_text("maia_abc.def\n")
+    config = write_config(tmp_path / "c.yaml", f"contexts:\n  a: {{token_file: {tmp_path / 'tok'}}}\n")
+    assert resolve_connection({"context": "a"}, {}, config).token == "maia_abc.def"
+    with pytest.raises(ConfigError, match="context 'b' not found .* \\(contexts: a\\)"):
+        resolve_connection({"context": "b"}, {}, config)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("contexts: [a]\n", "contexts: expected a mapping"),
+    ("contexts:\n  a: {controler: x}\n", "contexts.a.controler: unknown setting"),
+    ("current: a\n", "current: unknown key"),
+    ("contexts: {a: {controller: x}\n", "invalid YAML"),
+])
+def test_malformed_config_files_are_refused_precisely(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        write_config(tmp_path / "c.yaml", text)
+
+
+def test_config_verbs_edit_the_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    path = tmp_path / "sub" / "config.yaml"
+    monkeypatch.setenv("MAIA_CONFIG", str(path))
+    assert main(["config", "set-context", "prod", "--controller", "prod:443", "--token", "s3cret"]) == 0
+    assert main(["config", "set-context", "dev", "--controller", "dev:1"]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    capsys.readouterr()
+    assert main(["config", "current-context"]) == 0
+    assert capsys.readouterr().out == "prod\n"  # the first context becomes current
+    assert main(["config", "use-context", "dev"]) == 0
+    assert capsys.readouterr().out == 'Switched to context "dev".\n'
+    assert main(["config", "get-contexts", "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["current_context"] == "dev"
+    assert doc["contexts"]["prod"] == {"controller": "prod:443", "token": "REDACTED"}
+    assert ConfigFile.load(path).contexts["prod"] == ContextEntry(controller="prod:443", token="s3cret")
+    assert main(["config", "use-context", "nope"]) == 2
+    assert "context 'nope' not found" in capsys.readouterr().err
+    assert main(["config", "delete-context", "dev"]) == 0
+    assert ConfigFile.load(path).current_context is None
+
+
+class _Recorder(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self) -> None:
+        self.metadata: list[tuple[str, str]] = []
+
+    def GetClusterSummary(self, request, context):  # noqa: N802
+        self.metadata = list(context.invocation_metadata())
+        return admin_pb2.ClusterSummary(nodes_ready=1)
+
+
+def test_the_contexts_token_is_sent_as_bearer_metadata(tmp_path: Path, capsys, monkeypatch) -> None:
+    recorder = _Recorder()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        path = tmp_path / "config.yaml"
+        path.write_text(f"current_context: t\ncontexts:\n  t: {{controller: '127.0.0.1:{port}', token: tok-1}}\n")
+        monkeypatch.setenv("MAIA_CONFIG", str(path))
+        monkeypatch.delenv("MAIA_CONTROLLER", raising=False)
+        monkeypatch.delenv("MAIA_TOKEN", raising=False)
+        assert main(["summary", "-o", "json"]) == 0
+        assert ("authorization", "Bearer tok-1") in recorder.metadata
+        assert main(["summary", "--token", "tok-2"]) == 0
+        assert ("authorization", "Bearer tok-2") in recorder.metadata
+    finally:
+        server.stop(grace=None)
