@@ -114,7 +114,8 @@ class IdentityInterceptor(_BehaviourInterceptor):
                 pass
 
 
-def _code_of(context: aio.ServicerContext, failed: BaseException | None) -> str:
+def code_of(context: aio.ServicerContext, failed: BaseException | None) -> str:
+    """The status code name an RPC ended with (OK, or the code its failure set)."""
     code = context.code() if hasattr(context, "code") else None
     if code is None:
         return "OK" if failed is None else "ERROR"
@@ -142,7 +143,7 @@ class LoggingInterceptor(_BehaviourInterceptor):
         if method.endswith(("/Check", "/Watch")) and failed is None:
             level = logging.DEBUG
         log.log(level, "rpc method=%s principal=%s code=%s ms=%.1f", method, current_principal().name,
-                _code_of(context, failed), (time.perf_counter() - started) * 1000)
+                code_of(context, failed), (time.perf_counter() - started) * 1000)
 
 
 class ErrorInterceptor(_BehaviourInterceptor):
@@ -174,6 +175,7 @@ class ErrorInterceptor(_BehaviourInterceptor):
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the controller log")
 
 
-def interceptor_chain() -> list[aio.ServerInterceptor]:
-    """Outermost first: identity is set before logging reads it; errors are translated innermost."""
-    return [IdentityInterceptor(), LoggingInterceptor(), ErrorInterceptor()]
+def interceptor_chain(*extra: aio.ServerInterceptor) -> list[aio.ServerInterceptor]:
+    """Outermost first: identity is set before logging reads it; `extra` (the audit interceptor)
+    sees every call's principal and final status; errors are translated innermost."""
+    return [IdentityInterceptor(), LoggingInterceptor(), *extra, ErrorInterceptor()]

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from controller.agents import AgentHub
 from controller.api.admin import AdminServicer
 from controller.api.agents import NodeAgentServicer
+from controller.api.auditing import AuditInterceptor
 from controller.api.deployments import DeploymentServicer
 from controller.api.deps import ServiceDeps
 from controller.api.interceptors import interceptor_chain
@@ -99,7 +100,7 @@ class ControllerApp:
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
         )
-        server = aio.server(interceptors=interceptor_chain())
+        server = aio.server(interceptors=interceptor_chain(AuditInterceptor(self.db)))
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
         agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)

@@ -276,3 +276,41 @@ class Event(Base):
     object_id: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False, index=True)
     message: Mapped[str] = mapped_column(Text, default="", nullable=False)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, nullable=False)
+
+
+class AuditEntry(Base):
+    """One row of the hash-chained audit log (see `controller.store.audit`): never updated.
+
+    `hash` is the SHA-256 of the row's canonical content, which includes `seq` and `prev_hash`
+    (the hash of row seq-1), so an edited, removed, inserted or reordered row breaks the chain.
+    """
+
+    __tablename__ = "audit_log"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    request_id: Mapped[str] = mapped_column(String(64), default="", nullable=False)
+    actor: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False)
+    role: Mapped[str] = mapped_column(String(32), default="", nullable=False)
+    tenant: Mapped[str] = mapped_column(String(ID_LENGTH), default="", nullable=False, index=True)
+    action: Mapped[str] = mapped_column(String(128), nullable=False)
+    object_kind: Mapped[str] = mapped_column(String(32), default="", nullable=False)
+    object_id: Mapped[str] = mapped_column(String(255), default="", nullable=False)
+    outcome: Mapped[str] = mapped_column(String(32), nullable=False)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, nullable=False)
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class AuditHead(Base):
+    """A single row (id=1): the newest audit entry's seq and hash.
+
+    Appenders lock it first (one chain, even with concurrent writers), and `verify` compares
+    the table's tail with it, so deleting the newest rows alone is detected.
+    """
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)

@@ -6,7 +6,9 @@ The solver works on a `Snapshot` taken at some cluster generation, without holdi
 it raises `PlanConflict` before writing anything and the caller re-snapshots and solves again
 (Nomad's plan applier does the same). Otherwise it writes the difference between the stored
 placements and the plan: new shard rows, removed shard rows, moved shard rows, deployment
-phases/reasons/generations, node assignment generations, and events.
+phases/reasons/generations, node assignment generations, events, and audit entries for the
+decisions that place, preempt, remove or move a tenant's work (in the same transaction: a
+decision is audited exactly when it is committed).
 
 Every other writer that changes what the solver reads (a node going down, a cordon, a new or
 deleted deployment, a tenant contract) must call `bump_cluster_generation` in its own
@@ -17,6 +19,7 @@ The caller owns the transaction: run both inside one unit of work and `commit()`
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.store import audit
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -148,8 +152,8 @@ async def commit_plan(
     deployments = {
         d.name: d
         for d in await session.execute(
-            select(Deployment.id, Deployment.name, Deployment.phase, Deployment.generation, Deployment.reasons,
-                   Deployment.replicas, Deployment.shards_per_replica)
+            select(Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation,
+                   Deployment.reasons, Deployment.replicas, Deployment.shards_per_replica)
         )
     }
     names_by_id = {d.id: d.name for d in deployments.values()}
@@ -296,6 +300,8 @@ async def commit_plan(
     events = _events(current, desired, deletes, updates, plan, unplaced, reasons_changed, deleted_deployments)
     if events:
         await session.execute(insert(Event), [{**e, "actor": actor, "at": now} for e in events])
+        tenants = {name: d.tenant_id for name, d in deployments.items()}
+        await audit.append(session, _decision_records(events, tenants, actor), at=now)
 
     return CommitResult(
         changed_nodes=changed_nodes,
@@ -304,6 +310,22 @@ async def commit_plan(
         updated_deployments=updated_deployments,
         deleted_deployments=deleted_deployments,
     )
+
+
+# Placement decisions that start, stop or move a tenant's work: audited with the plan commit.
+AUDITED_DECISIONS = frozenset({"deployment.placed", "deployment.preempted", "deployment.replicas_removed",
+                               "shard.moved"})
+
+
+def _decision_records(events: list[dict[str, Any]], tenants: dict[str, str], actor: str) -> list[audit.AuditRecord]:
+    """The audit entries of one commit's decisions; one request id ties them together."""
+    request_id = f"plan-{uuid.uuid4().hex}"
+    return [
+        audit.AuditRecord(actor=actor, role="controller", tenant=tenants.get(e["object_id"], ""), action=e["kind"],
+                          object_kind=e["object_kind"], object_id=e["object_id"], request_id=request_id,
+                          detail={"message": e["message"], **e["data"]})
+        for e in events if e["kind"] in AUDITED_DECISIONS
+    ]
 
 
 def _events(

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from controller.store.db import Database
+from controller.store import audit
 from controller.store import models as m
 from controller.store.plans import CommitResult, PlanConflict, bump_cluster_generation, commit_plan
 from controller.store.snapshot import Snapshot, load_snapshot
@@ -302,3 +303,42 @@ async def test_solver_round_trip(database: Database) -> None:
     # Solving the committed state again changes nothing.
     replan = solve(problem_from_dict({**again.problem, "options": problem["options"]}))
     assert (await _commit(database, again, replan)).changed_nodes == set()
+
+
+async def _audit_rows(database: Database) -> list[Any]:
+    async with database.unit_of_work() as uow:
+        return await audit.list_entries(uow.session)
+
+
+async def test_decisions_that_preempt_move_or_place_work_are_audited_in_the_commit(database: Database) -> None:
+    snap = await _seeded(database)
+    plan = Plan(
+        "optimal",
+        (P("web", 0, 0, "n2", 1), KEPT[1], P("train", 0, 0, "n4", 0, 1), P("train", 0, 1, "n4", 2, 3)),
+        unplaced=(Unplaced("burst", 1, (Reason("CAPACITY", "rack2 is full", "rack2"),)),),
+        preempted=(Preemption("burst", 0),),
+        moved=(Move("web", 0, 0, "n1", "n2"),),
+    )
+    await _commit(database, snap, plan)
+
+    rows = await _audit_rows(database)
+    assert [(r.action, r.object_id, r.tenant, r.actor, r.outcome) for r in rows] == [
+        ("deployment.preempted", "burst", "b", "test", "OK"),
+        ("deployment.placed", "train", "a", "test", "OK"),
+        ("shard.moved", "web", "a", "test", "OK"),
+    ]
+    assert rows[2].detail == {"message": "moved replica 0 shard 0 from n1 to n2", "replica": 0, "shard": 0,
+                              "from": "n1", "to": "n2"}
+    assert len({r.request_id for r in rows}) == 1 and rows[0].request_id.startswith("plan-")
+    async with database.unit_of_work() as uow:
+        assert (await audit.verify_chain(uow.session)).intact
+
+
+async def test_a_conflicting_plan_audits_nothing(database: Database) -> None:
+    snap = await _seeded(database)
+    async with database.unit_of_work() as uow:
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    with pytest.raises(PlanConflict):
+        await _commit(database, snap, Plan("optimal", KEPT, preempted=(Preemption("burst", 0),)))
+    assert await _audit_rows(database) == []

@@ -1,0 +1,116 @@
+"""The audit interceptor: one entry per mutating call, written in one place for every service.
+
+A call is mutating when it is a unary `maia.v1` method whose name does not start with a
+read-only verb (Get, List, Watch, Verify, Check) and it is not a dry run. The entry names the
+caller (principal, role, tenant), the method, the object (kind from the method name, id and
+tenant from the request) and the outcome: OK or the status code of the failure, so refused
+and failed calls are audited too. It is written after the call, in its own transaction (the
+call's own transaction has committed or rolled back by then); if the audit write itself fails,
+the controller logs it at ERROR and the caller still gets its answer.
+
+Agent heartbeats and shard reports (the Connect stream) are not calls of this kind; whatever the
+controller refuses there is audited by the use case that refuses it (`usecases.audit.record`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from grpc import aio
+
+from controller.api.interceptors import code_of
+from controller.identity import current_principal
+from controller.store.audit import AuditRecord
+from controller.store.db import Database
+from controller.usecases import audit
+
+log = logging.getLogger("maia.audit")
+
+AUDITED_PACKAGE = "/maia.v1."
+READ_ONLY_VERBS = ("Get", "List", "Watch", "Verify", "Check")
+# Methods whose object is not named by their last word.
+OBJECT_KIND_OF = {"Register": "node"}
+_WORDS = re.compile(r"[A-Z][a-z0-9]*")
+
+
+def is_mutating(method: str, request: Any) -> bool:
+    service, _, name = method.rpartition("/")
+    if not service.startswith(AUDITED_PACKAGE) or name.startswith(READ_ONLY_VERBS):
+        return False
+    return not getattr(request, "dry_run", False)
+
+
+def _field(message: Message, name: str) -> Any:
+    return getattr(message, name) if name in message.DESCRIPTOR.fields_by_name else None
+
+
+def describe_target(method: str, request: Message) -> tuple[str, str, str]:
+    """(object kind, object id, tenant) of a mutating call, read from its request."""
+    name = method.rpartition("/")[2]
+    words = _WORDS.findall(name)
+    kind = OBJECT_KIND_OF.get(name) or (words[-1].lower() if words else name.lower())
+    target = request
+    for wrapper in ("spec", "node"):  # SubmitDeployment(spec=...), Register(node=...)
+        inner = _field(request, wrapper)
+        if isinstance(inner, Message):
+            target = inner
+            break
+    object_id = next((v for v in (_field(target, f) for f in ("name", "id", "node_id")) if isinstance(v, str) and v), "")
+    tenant = _field(target, "tenant") or _field(request, "tenant") or ""
+    if kind == "tenant":
+        tenant = object_id
+    return kind, object_id, tenant if isinstance(tenant, str) else ""
+
+
+class AuditInterceptor(aio.ServerInterceptor):
+    """Appends one audit entry per mutating call (see the module docstring)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or not details.method.startswith(AUDITED_PACKAGE):
+            return handler
+        behaviour = handler.unary_unary
+
+        async def audited(request: Any, context: aio.ServicerContext) -> Any:
+            if not is_mutating(details.method, request):
+                return await behaviour(request, context)
+            failed: BaseException | None = None
+            try:
+                return await behaviour(request, context)
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                await self._record(details.method, request, context, failed)
+
+        return grpc.unary_unary_rpc_method_handler(audited, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+    async def _record(self, method: str, request: Message, context: aio.ServicerContext,
+                      failed: BaseException | None) -> None:
+        principal = current_principal()
+        kind, object_id, tenant = describe_target(method, request)
+        outcome = code_of(context, failed)
+        detail: dict[str, Any] = {}
+        if outcome != "OK":
+            message = context.details() if hasattr(context, "details") else ""
+            detail["message"] = message or type(failed).__name__
+        entry = AuditRecord(
+            actor=principal.name, role=audit.principal_role(principal),
+            tenant=tenant or audit.principal_tenant(principal), action=method, object_kind=kind,
+            object_id=object_id, outcome=outcome, detail=detail,
+            request_id=str(getattr(principal, "request_id", "") or uuid.uuid4().hex),
+        )
+        try:
+            await audit.record(self._db, entry)
+        except Exception:  # the call itself is done: say loudly that its audit entry is missing
+            log.exception("could not write the audit entry of %s (actor=%s object=%s/%s outcome=%s)",
+                          method, entry.actor, kind, object_id, outcome)

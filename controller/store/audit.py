@@ -1,0 +1,224 @@
+"""The audit log: an append-only, hash-chained table, and the check that it is intact.
+
+Every entry has a sequence number and `hash = SHA-256(canonical content)`, where the content
+includes the entry's `seq` and `prev_hash` (the hash of entry seq-1; 64 zeros for entry 1).
+Editing an entry breaks its own hash; removing, inserting or reordering entries breaks the
+sequence or the link to the previous hash. `audit_head` (one row) records the newest seq and
+hash: appenders take its row lock first (PostgreSQL row lock; on SQLite the UPDATE takes the
+database write lock), so concurrent appends form one chain, and `verify_chain` compares the
+table's tail with it, so deleting the newest entries is detected too.
+
+What the chain cannot do (docs/security.md): someone who can write the database can rewrite
+the whole tail *and* the head consistently. Only a head recorded outside the database (the
+`expected_head` of `verify_chain`, e.g. from an earlier `maiactl audit verify`) detects that.
+
+`append` runs in the caller's transaction (a plan commit writes its placement decisions with
+the placements themselves); the caller commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Row, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store.models import AuditEntry, AuditHead, utcnow
+
+GENESIS_HASH = "0" * 64
+OUTCOME_OK = "OK"
+_VERIFY_BATCH = 2000
+
+# Column widths of audit_log (longer values are cut, never refused: an audit write must not fail).
+_LIMITS = {"request_id": 64, "actor": 128, "role": 32, "tenant": 128, "action": 128, "object_kind": 32,
+           "object_id": 255, "outcome": 32}
+_DETAIL_TEXT_LIMIT = 1024
+_COLUMNS = tuple(getattr(AuditEntry, name) for name in ("seq", "at", "prev_hash", "hash", "detail", *_LIMITS))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """What to append: who did what to which object, and how it ended."""
+
+    actor: str
+    action: str                     # an RPC method (/maia.v1.X/Y) or a decision (placement.preempted)
+    outcome: str = OUTCOME_OK       # OK, or the status code name of a failure
+    role: str = ""
+    tenant: str = ""                # the tenant whose object or work it is ("" for cluster objects)
+    object_kind: str = ""
+    object_id: str = ""
+    request_id: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """The result of `verify_chain`: intact, or the first bad entry and what is wrong with it."""
+
+    intact: bool
+    entries: int                    # entries read
+    head_seq: int                   # what audit_head records
+    head_hash: str
+    first_bad_seq: int | None = None
+    problem: str = ""
+
+
+def _clean(text: Any, limit: int) -> str:
+    """Printable text within `limit` characters (NUL and control characters never reach the DB)."""
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
+    return text[:limit]
+
+
+def _clean_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return _clean(value, _DETAIL_TEXT_LIMIT)
+    if isinstance(value, Mapping):
+        return {_clean(k, 128): _clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_json(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return _clean(value, _DETAIL_TEXT_LIMIT)
+
+
+def _at_text(at: datetime) -> str:
+    # SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones: hash the same text.
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    return at.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def entry_hash(values: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of an entry's canonical content: every column but `hash`, as sorted JSON."""
+    content = {
+        "seq": int(values["seq"]),
+        "at": _at_text(values["at"]),
+        "prev_hash": values["prev_hash"],
+        "detail": values["detail"],
+        **{key: values[key] for key in _LIMITS},
+    }
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _row_values(record: AuditRecord) -> dict[str, Any]:
+    values = {key: _clean(getattr(record, key), limit) for key, limit in _LIMITS.items()}
+    values["detail"] = _clean_json(dict(record.detail))
+    return values
+
+
+async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None) -> list[int]:
+    """Append `records`, in order, to the chain in the caller's transaction; returns their seqs.
+
+    The first statement moves the head (taking its lock) so concurrent appenders serialise here.
+    """
+    if not records:
+        return []
+    moved = await session.execute(
+        update(AuditHead)
+        .where(AuditHead.id == 1)
+        .values(seq=AuditHead.seq + len(records))
+        .returning(AuditHead.seq, AuditHead.hash)
+        .execution_options(synchronize_session=False)
+    )
+    head = moved.one_or_none()
+    if head is None:
+        raise RuntimeError("audit_head row id=1 is missing: is the schema migrated?")
+    at = at or utcnow()
+    prev_hash = head.hash
+    first = head.seq - len(records) + 1
+    rows = []
+    for offset, record in enumerate(records):
+        values = {**_row_values(record), "seq": first + offset, "at": at, "prev_hash": prev_hash}
+        values["hash"] = prev_hash = entry_hash(values)
+        rows.append(values)
+    await session.execute(insert(AuditEntry), rows)
+    await session.execute(
+        update(AuditHead).where(AuditHead.id == 1).values(hash=prev_hash).execution_options(synchronize_session=False)
+    )
+    return [row["seq"] for row in rows]
+
+
+async def list_entries(session: AsyncSession, *, tenant: str | None = None, since: datetime | None = None,
+                       after_seq: int = 0, limit: int = 100) -> list[Row[Any]]:
+    """Entries (rows with every column) in seq order after `after_seq` (keyset paging), optionally
+    of one tenant and since a time."""
+    query = select(*_COLUMNS).where(AuditEntry.seq > after_seq)
+    if tenant is not None:
+        query = query.where(AuditEntry.tenant == tenant)
+    if since is not None:
+        query = query.where(AuditEntry.at >= since)
+    return list(await session.execute(query.order_by(AuditEntry.seq).limit(limit)))
+
+
+
+
+def _check_batch(rows: Sequence[Mapping[str, Any]], prev_seq: int, prev_hash: str) -> tuple[int, str] | None:
+    """The first broken link among `rows` (ordered by seq) after entry `prev_seq`: (seq, problem)."""
+    for row in rows:
+        seq = row["seq"]
+        if seq != prev_seq + 1:
+            return prev_seq + 1, (f"entry {prev_seq + 1} is missing (the entry after {prev_seq} is {seq}): "
+                                  "entries were removed or renumbered")
+        if row["hash"] != entry_hash(row):
+            return seq, f"entry {seq} does not match its hash: it was edited, or moved from another position"
+        if row["prev_hash"] != prev_hash:
+            return seq, (f"entry {seq} does not link to entry {prev_seq} (prev_hash differs): entry {prev_seq} "
+                         f"was rewritten or entry {seq} was inserted")
+        prev_seq, prev_hash = seq, row["hash"]
+    return None
+
+
+async def verify_chain(session: AsyncSession, *, expected_head: tuple[int, str] | None = None) -> ChainReport:
+    """Re-hash every entry in seq order and check the links, the recorded head and `expected_head`.
+
+    Reads in batches (keyset on seq); hashing runs in a worker thread so the loop stays free.
+    """
+    head = (await session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1))).one_or_none()
+    if head is None:
+        return ChainReport(False, 0, 0, "", 1, ("the head record (audit_head id=1) was deleted: no entry from 1 on can be "
+                                          "checked against it"))
+    prev_seq, prev_hash, entries = 0, GENESIS_HASH, 0
+
+    def broken(seq: int, problem: str) -> ChainReport:
+        return ChainReport(False, entries, head.seq, head.hash, seq, problem)
+
+    while True:
+        batch = [dict(row._mapping) for row in await session.execute(
+            select(*_COLUMNS).where(AuditEntry.seq > prev_seq).order_by(AuditEntry.seq).limit(_VERIFY_BATCH))]
+        if not batch:
+            break
+        bad = await asyncio.to_thread(_check_batch, batch, prev_seq, prev_hash)
+        if bad is not None:
+            entries += sum(1 for row in batch if row["seq"] < bad[0])
+            return broken(*bad)
+        entries += len(batch)
+        prev_seq, prev_hash = batch[-1]["seq"], batch[-1]["hash"]
+
+    if prev_seq < head.seq:
+        return broken(prev_seq + 1, f"entries {prev_seq + 1}..{head.seq} are missing: the head records seq "
+                                    f"{head.seq} but the log ends at {prev_seq} (the newest entries were removed)")
+    if prev_seq > head.seq:
+        return broken(head.seq + 1, f"entry {head.seq + 1} is beyond the recorded head (seq {head.seq}): "
+                                    "entries were appended outside the controller")
+    if prev_hash != head.hash:
+        return broken(prev_seq, f"entry {prev_seq} does not match the hash the head records")
+    if expected_head is not None:
+        want_seq, want_hash = expected_head
+        if want_seq > head.seq:
+            return broken(head.seq + 1, f"the log ends at seq {head.seq} but the expected head is seq {want_seq}: "
+                                        "the newest entries (and the head record) were removed")
+        if want_seq > 0 and want_hash:
+            found = (await session.execute(select(AuditEntry.hash).where(AuditEntry.seq == want_seq))).scalar_one()
+            if found != want_hash:
+                return broken(want_seq, f"entry {want_seq} does not have the expected head hash: the log was "
+                                        "rewritten from there on (head record included)")
+    return ChainReport(True, entries, head.seq, head.hash)

@@ -1,0 +1,144 @@
+"""The audit chain: appends form one chain (also concurrently), and tampering with the table
+directly in SQL (edit, delete, insert, reorder, truncate) is found and named by verify_chain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+
+from controller.store import audit
+from controller.store.audit import AuditRecord, ChainReport, entry_hash
+from controller.store.db import Database
+
+
+def _record(i: int, tenant: str = "a") -> AuditRecord:
+    return AuditRecord(actor=f"user{i}", role="tenant", tenant=tenant, action="/maia.v1.DeploymentService/Submit",
+                       object_kind="deployment", object_id=f"web{i}", request_id=f"req-{i}", detail={"i": i})
+
+
+async def _append(database: Database, *records: AuditRecord) -> list[int]:
+    async with database.unit_of_work() as uow:
+        seqs = await audit.append(uow.session, records)
+        await uow.commit()
+    return seqs
+
+
+async def _verify(database: Database, expected_head: tuple[int, str] | None = None) -> ChainReport:
+    async with database.unit_of_work() as uow:
+        return await audit.verify_chain(uow.session, expected_head=expected_head)
+
+
+async def _sql(database: Database, *statements: str) -> None:
+    async with database.engine.begin() as conn:
+        for statement in statements:
+            await conn.execute(text(statement))
+
+
+async def test_appends_chain_in_order_and_verify(database: Database) -> None:
+    assert await _append(database, _record(1), _record(2)) == [1, 2]
+    assert await _append(database, _record(3, tenant="b")) == [3]
+    report = await _verify(database)
+    assert report.intact and report.entries == 3 and report.head_seq == 3 and report.first_bad_seq is None
+    async with database.unit_of_work() as uow:
+        rows = await audit.list_entries(uow.session)
+        assert [r.seq for r in rows] == [1, 2, 3]
+        assert rows[0].prev_hash == audit.GENESIS_HASH and rows[1].prev_hash == rows[0].hash
+        assert report.head_hash == rows[2].hash
+        assert [r.seq for r in await audit.list_entries(uow.session, tenant="b")] == [3]
+        assert [r.seq for r in await audit.list_entries(uow.session, after_seq=1, limit=1)] == [2]
+
+
+async def test_an_empty_log_is_intact(database: Database) -> None:
+    report = await _verify(database)
+    assert report.intact and report.entries == 0 and report.head_seq == 0
+
+
+async def test_concurrent_appends_form_one_chain(database: Database) -> None:
+    seqs = await asyncio.gather(*(_append(database, _record(i), _record(100 + i)) for i in range(12)))
+    assert sorted(s for pair in seqs for s in pair) == list(range(1, 25))
+    assert all(pair[1] == pair[0] + 1 for pair in seqs)  # one call's records stay adjacent
+    report = await _verify(database)
+    assert report.intact and report.entries == 24
+
+
+async def test_unprintable_and_overlong_values_are_stored_cleaned(database: Database) -> None:
+    await _append(database, AuditRecord(actor="a\x00b", action="x" * 500, object_id="n\x00" * 300,
+                                        detail={"message": "m\x00" * 2000}))
+    async with database.unit_of_work() as uow:
+        (row,) = await audit.list_entries(uow.session)
+    assert "\x00" not in row.actor and len(row.action) == 128 and len(row.object_id) == 255
+    assert "\x00" not in row.detail["message"]
+    assert (await _verify(database)).intact
+
+
+def _forged_next(seq: int, prev_hash: str) -> str:
+    """An INSERT of a well-formed entry an attacker computed with the published algorithm."""
+    values = {"seq": seq, "at": audit.utcnow(), "prev_hash": prev_hash, "detail": {}, "request_id": "", "actor": "evil",
+              "role": "admin", "tenant": "", "action": "forged", "object_kind": "", "object_id": "", "outcome": "OK"}
+    digest = entry_hash(values)
+    return (f"INSERT INTO audit_log (seq, at, request_id, actor, role, tenant, action, object_kind, object_id, "
+            f"outcome, detail, prev_hash, hash) VALUES ({seq}, '{values['at'].isoformat()}', '', 'evil', 'admin', '', "
+            f"'forged', '', '', 'OK', '{{}}', '{prev_hash}', '{digest}')")
+
+
+TAMPERING = {
+    "edit a field": (["UPDATE audit_log SET actor = 'someone-else' WHERE seq = 3"], 3),
+    "edit the outcome of the first": (["UPDATE audit_log SET outcome = 'OK', object_id = 'x' WHERE seq = 1"], 1),
+    "remove a middle entry": (["DELETE FROM audit_log WHERE seq = 2"], 2),
+    "remove the newest entries": (["DELETE FROM audit_log WHERE seq >= 4"], 4),
+    "reorder two entries": (["UPDATE audit_log SET seq = -2 WHERE seq = 2",
+                             "UPDATE audit_log SET seq = 2 WHERE seq = 3",
+                             "UPDATE audit_log SET seq = 3 WHERE seq = -2"], 2),
+    "renumber and insert": (["UPDATE audit_log SET seq = seq + 1000 WHERE seq >= 3",
+                             "UPDATE audit_log SET seq = seq - 999 WHERE seq >= 1000",
+                             "INSERT INTO audit_log SELECT 3, at, request_id, 'evil', role, tenant, action, "
+                             "object_kind, object_id, outcome, detail, prev_hash, hash FROM audit_log WHERE seq = 2"], 3),
+    "remove the head record": (["DELETE FROM audit_head"], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERING))
+async def test_tampering_is_found_and_the_first_bad_entry_named(database: Database, case: str) -> None:
+    await _append(database, *(_record(i) for i in range(1, 6)))
+    assert (await _verify(database)).intact
+    statements, first_bad = TAMPERING[case]
+    await _sql(database, *statements)
+    report = await _verify(database)
+    assert not report.intact
+    assert report.first_bad_seq == first_bad, report.problem
+    assert str(first_bad) in report.problem
+
+
+async def test_an_appended_forgery_is_beyond_the_head(database: Database) -> None:
+    await _append(database, _record(1), _record(2))
+    report = await _verify(database)
+    await _sql(database, _forged_next(3, report.head_hash))
+    bad = await _verify(database)
+    assert not bad.intact and bad.first_bad_seq == 3 and "beyond the recorded head" in bad.problem
+
+
+async def test_a_rewritten_entry_with_a_recomputed_hash_breaks_the_next_link(database: Database) -> None:
+    await _append(database, *(_record(i) for i in range(1, 4)))
+    async with database.unit_of_work() as uow:
+        row = (await audit.list_entries(uow.session, after_seq=1, limit=1))[0]
+    values = {c: getattr(row, c) for c in ("seq", "at", "prev_hash", "detail", "request_id", "role", "tenant",
+                                           "action", "object_kind", "object_id", "outcome")}
+    values["actor"] = "someone-else"
+    await _sql(database, f"UPDATE audit_log SET actor = 'someone-else', hash = '{entry_hash(values)}' WHERE seq = 2")
+    report = await _verify(database)
+    assert not report.intact and report.first_bad_seq == 3 and "entry 2 was rewritten" in report.problem
+
+
+async def test_truncating_entries_and_head_together_needs_the_expected_head(database: Database) -> None:
+    await _append(database, *(_record(i) for i in range(1, 5)))
+    saved = await _verify(database)
+    assert (await _verify(database, (saved.head_seq, saved.head_hash))).intact
+    async with database.unit_of_work() as uow:
+        (third,) = await audit.list_entries(uow.session, after_seq=2, limit=1)
+    await _sql(database, "DELETE FROM audit_log WHERE seq = 4",
+               f"UPDATE audit_head SET seq = 3, hash = '{third.hash}'")
+    assert (await _verify(database)).intact  # the limit of a chain in the same database
+    report = await _verify(database, (saved.head_seq, saved.head_hash))
+    assert not report.intact and report.first_bad_seq == 4 and "expected head" in report.problem
