@@ -19,6 +19,7 @@ def _fgd(args: argparse.Namespace) -> int:
     summary: list[dict[str, Any]] = []
     for workload in fgd.expand_workloads(args.workload):
         pods = traces.load_pods(traces.trace_path(traces.workload_file(workload)))
+        bounds = _bounds(workload, nodes, pods, seeds, args) if args.bound else {}
         results: dict[str, list[fgd.RunResult]] = {}
         for policy in policies:
             label = policy if policy != "maia" else (
@@ -43,19 +44,38 @@ def _fgd(args: argparse.Namespace) -> int:
                                 "arrivals": r.arrivals, "seconds": round(r.seconds, 3),
                                 "calls": r.decisions,
                                 "call_p50_ms": round(fgd.percentile(lat, 50), 3),
-                                "call_p99_ms": round(fgd.percentile(lat, 99), 3)})
+                                "call_p99_ms": round(fgd.percentile(lat, 99), 3),
+                                **({"bound_pct": round(bounds[seed].unallocated_pct, 3),
+                                    "bound_proven": bounds[seed].proven}
+                                   if seed in bounds else {})})
             results[label] = runs
         try:
             paper = traces.paper_unallocated(workload)
         except traces.TraceMissing as e:
             paper = {}
             print(f"note: no paper results to compare with ({e})", file=sys.stderr)
-        print(fgd.format_table(workload, results, paper))
+        print(fgd.format_table(workload, results, paper, bounds))
         print()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     return 0
+
+
+def _bounds(workload: str, nodes: list[traces.TraceNode], pods: list[traces.TracePod],
+            seeds: list[int], args: argparse.Namespace) -> dict[int, Any]:
+    """Per seed, the packing bound of `bench.bound` on that seed's arrivals."""
+    from bench import bound, fgd
+    cap = fgd.capacity_milli(nodes)
+    out = {}
+    for seed in seeds:
+        b = bound.packing_bound(nodes, fgd.seed_arrivals(pods, cap, seed),
+                                time_limit_s=args.bound_time_limit_s)
+        out[seed] = b
+        print(f"  {workload} bound seed {seed}: unallocated >= {b.unallocated_pct:.3f}% "
+              f"({'proven optimal' if b.proven else 'NOT proven: dual bound'}, "
+              f"{b.seconds:.1f} s)", file=sys.stderr, flush=True)
+    return out
 
 
 def _check(r: Any) -> None:
@@ -98,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--probe-calls", type=int, default=0,
                    help="after the run, time this many further arrivals one solve() each")
     f.add_argument("--json", help="also write per-seed results to this file")
+    f.add_argument("--no-bound", dest="bound", action="store_false",
+                   help="skip the packing bound (what no policy can beat; bench/bound.py)")
+    f.add_argument("--bound-time-limit-s", type=float, default=120.0,
+                   help="HiGHS time limit per seed for the bound")
     f.add_argument("--check", action="store_true",
                    help="grade every final state with tests/scheduler/checker.py")
     f.set_defaults(func=_fgd)

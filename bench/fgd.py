@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from bench import traces
+from bench.bound import Bound
 from bench.greedy import BestFitGreedy
 
 Doc = dict[str, Any]
@@ -281,18 +282,40 @@ def percentile(values: list[float], q: float) -> float:
     return s[k]
 
 
+def seed_arrivals(pods: list[traces.TracePod], capacity: int, seed: int,
+                  report_at: float = 1.0) -> list[traces.TracePod]:
+    """The arrivals of one seed up to the report point (what every policy decides)."""
+    sampled = sample_arrivals(pods, capacity, seed)
+    return sampled[:prefix_to(sampled, capacity, report_at)]
+
+
 def format_table(workload: str, results: dict[str, list[RunResult]],
-                 paper: dict[str, tuple[float, int]]) -> str:
-    """Our policies and the paper's six, unallocated GPU % at 100% arrived demand."""
+                 paper: dict[str, tuple[float, int]],
+                 bounds: dict[int, Bound] | None = None) -> str:
+    """Our policies and the paper's six, unallocated GPU % at 100% arrived demand.
+
+    `bounds` (per seed): what no policy can beat on those arrivals (`bench.bound`), shown
+    beside every row as the mean over that row's seeds; '*' marks a bound not proven optimal
+    (then HiGHS's dual bound, still a valid limit).
+    """
+    bounds = bounds or {}
     lines = [f"workload {workload}: GPU capacity left unallocated when arrived demand reaches "
-             f"100% (lower is better)", f"  {'policy':<26}{'unalloc %':>10}{'stdev':>8}"
-             f"{'seeds':>7}{'arrivals/s':>12}"]
+             f"100% (lower is better; bound: what no policy can beat)",
+             f"  {'policy':<26}{'unalloc %':>10}{'stdev':>8}{'seeds':>7}{'arrivals/s':>12}"
+             f"{'bound %':>9}"]
+
+    def bound_text(seeds: list[int]) -> str:
+        if not seeds or any(s not in bounds for s in seeds):
+            return ""
+        mean = statistics.mean(bounds[s].unallocated_pct for s in seeds)
+        return f"{mean:.2f}" + ("" if all(bounds[s].proven for s in seeds) else "*")
+
     for policy, runs in results.items():
         vals = [r.unallocated_pct for r in runs]
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         rate = sum(r.arrivals for r in runs) / max(sum(r.seconds for r in runs), 1e-9)
         lines.append(f"  {policy:<26}{statistics.mean(vals):>10.2f}{sd:>8.2f}{len(vals):>7}"
-                     f"{rate:>12.0f}")
+                     f"{rate:>12.0f}{bound_text([r.seed for r in runs]):>9}")
     for policy in POLICIES_IN_PAPER:
         if policy in paper:
             mean, n = paper[policy]

@@ -1,0 +1,209 @@
+"""What no placement policy can beat on the FGD protocol: an exact packing bound.
+
+Relax everything but the GPUs themselves: CPU, memory and node boundaries go, GPU models stay.
+What is left is a bin packing per GPU model with profits. A GPU holds either whole-GPU pods'
+share (a pod of k whole GPUs takes k GPUs of one model it accepts) or fractional pods whose
+milli sum to at most 1000. Any placement that passes the checker is a solution of this relaxed
+problem, so its optimum (most GPU milli allocated) bounds every policy, online or offline.
+
+The fractional part is an arc-flow integer program (Valerio de Carvalho, 1999), exact and of
+pseudo-polynomial size: per model, a graph over the fill levels 0..1000 of one GPU (in units of
+the gcd of the sizes), an arc per (level, pod size) and a "leave the rest empty" arc from every
+level to 1000; each unit of flow from 0 to 1000 is one GPU's configuration. Arcs of size s only
+leave levels reachable with sizes >= s (pods on a GPU in non-increasing size order), which
+removes symmetric configurations without losing any. HiGHS solves it to proven optimality
+(`mip_rel_gap` 0); `Bound.proven` says whether it did within the time limit, and `Bound.milli`
+is then the optimum, otherwise HiGHS's dual bound (still a valid limit).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from bench.traces import TraceNode, TracePod
+
+FULL = 1000  # milli per GPU
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The most GPU milli any policy can allocate to these arrivals on these GPUs."""
+
+    capacity_milli: int
+    milli: int  # proven optimum, or the solver's dual bound when not proven
+    proven: bool
+    seconds: float
+
+    @property
+    def unallocated_pct(self) -> float:
+        return 100.0 * (1.0 - self.milli / self.capacity_milli)
+
+
+@dataclass(frozen=True)
+class _PodClass:
+    gpus: int  # whole GPUs (0 for a fractional pod)
+    milli: int  # per pod: 1000 x gpus, or its fraction
+    models: tuple[int, ...]  # model indices it accepts
+    count: int
+
+
+def _classes(pods: Iterable[TracePod], model_names: list[str | None]) -> list[_PodClass]:
+    counts: Counter[tuple[int, int, tuple[int, ...]]] = Counter()
+    everywhere = tuple(range(len(model_names)))
+    for p in pods:
+        if p.num_gpu == 0 or p.gpu_milli == 0:
+            continue  # host-only pods hold no GPU
+        models = everywhere if not p.gpu_spec else tuple(
+            i for i, m in enumerate(model_names) if m in p.gpu_spec)
+        if not models:
+            continue
+        if p.num_gpu == 1 and p.gpu_milli < FULL:
+            counts[(0, p.gpu_milli, models)] += 1
+        else:
+            counts[(p.num_gpu, FULL * p.num_gpu, models)] += 1
+    return [_PodClass(g, m, models, n) for (g, m, models), n in sorted(counts.items())]
+
+
+class _Columns:
+    """Column-wise model under construction: bounds, costs, integrality, sparse rows."""
+
+    def __init__(self) -> None:
+        self.cost: list[float] = []
+        self.upper: list[float] = []
+        self.entries: list[list[tuple[int, float]]] = []
+        self.row_lo: list[float] = []
+        self.row_hi: list[float] = []
+
+    def var(self, cost: float, upper: float) -> int:
+        self.cost.append(cost)
+        self.upper.append(upper)
+        self.entries.append([])
+        return len(self.cost) - 1
+
+    def row(self, lo: float, hi: float) -> int:
+        self.row_lo.append(lo)
+        self.row_hi.append(hi)
+        return len(self.row_lo) - 1
+
+    def add(self, row: int, var: int, coef: float) -> None:
+        self.entries[var].append((row, coef))
+
+
+def _levels(sizes: list[int], cap: int) -> dict[int, list[int]]:
+    """For each size, the fill levels an arc of that size may leave (sizes >= it so far)."""
+    reach = {0}
+    out: dict[int, list[int]] = {}
+    for s in sorted(sizes, reverse=True):
+        frontier = sorted(reach)
+        for a in frontier:  # close under adding s
+            b = a + s
+            while b <= cap and b not in reach:
+                reach.add(b)
+                b += s
+        out[s] = sorted(a for a in reach if a + s <= cap)
+    return out
+
+
+def packing_bound(nodes: list[TraceNode], pods: Iterable[TracePod],
+                  time_limit_s: float = 120.0) -> Bound:
+    """Solve the relaxed packing of `pods` onto the GPUs of `nodes` (see module doc)."""
+    import highspy
+
+    model_names = list(dict.fromkeys(n.model for n in nodes))
+    gpus = [sum(n.gpus for n in nodes if n.model == m) for m in model_names]
+    capacity = FULL * sum(gpus)
+    classes = _classes(pods, model_names)
+    frac = [c for c in classes if c.gpus == 0]
+    unit = math.gcd(FULL, *[c.milli for c in frac]) if frac else FULL
+    cap = FULL // unit
+    cols = _Columns()
+    # Per class: how many of its pods are placed, over all models.
+    class_rows = [cols.row(0, c.count) for c in classes]
+    for mi, g in enumerate(gpus):
+        if g == 0:
+            continue
+        gpu_row = cols.row(-math.inf, g)  # GPUs used by whole pods + fractional configurations
+        for ci, c in enumerate(classes):
+            if c.gpus and mi in c.models:
+                x = cols.var(c.milli, c.count)
+                cols.add(class_rows[ci], x, 1)
+                cols.add(gpu_row, x, c.gpus)
+        here = [(ci, c) for ci, c in enumerate(classes) if c.gpus == 0 and mi in c.models]
+        if not here:
+            continue
+        sizes = sorted({c.milli // unit for _, c in here})
+        # Pods of one size placed on this model = arcs of that size (split over its classes).
+        size_rows = {s: cols.row(0, 0) for s in sizes}
+        for ci, c in here:
+            y = cols.var(0, c.count)
+            cols.add(class_rows[ci], y, 1)
+            cols.add(size_rows[c.milli // unit], y, -1)
+        # Flow conservation per level: in - out = 0 for 0 < level < cap; out of 0 = GPUs used.
+        level_rows = {a: cols.row(0, 0) for a in range(1, cap)}
+        start = cols.var(0, g)  # flow into level 0 = GPUs with fractional pods
+        cols.add(gpu_row, start, 1)
+        source = cols.row(0, 0)
+        cols.add(source, start, 1)
+
+        def edge(a: int, b: int, var: int) -> None:
+            cols.add(source if a == 0 else level_rows[a], var, -1)
+            if b < cap:
+                cols.add(level_rows[b], var, 1)
+
+        levels = _levels(sizes, cap)
+        used_levels = {0}
+        for s in sizes:
+            for a in levels[s]:
+                f = cols.var(s * unit, g)
+                edge(a, a + s, f)
+                cols.add(size_rows[s], f, 1)
+                used_levels.add(a + s)
+        for a in sorted(used_levels):
+            if 0 < a < cap:
+                edge(a, cap, cols.var(0, g))  # the rest of this GPU stays empty
+    return _solve(highspy, cols, capacity, time_limit_s)
+
+
+def _solve(highspy: object, cols: _Columns, capacity: int, time_limit_s: float) -> Bound:
+    import time
+
+    h = highspy.Highs()  # type: ignore[attr-defined]
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("mip_rel_gap", 0.0)
+    h.setOptionValue("mip_abs_gap", 0.5)  # objective values are whole milli
+    h.setOptionValue("time_limit", float(time_limit_s))
+    h.setOptionValue("threads", 1)
+    h.setOptionValue("random_seed", 0)
+    n = len(cols.cost)
+    start, index, value = [0], [], []
+    for e in cols.entries:
+        index.extend(r for r, _ in e)
+        value.extend(v for _, v in e)
+        start.append(len(index))
+    lp = highspy.HighsLp()  # type: ignore[attr-defined]
+    lp.num_col_ = n
+    lp.num_row_ = len(cols.row_lo)
+    lp.col_cost_ = np.array(cols.cost, dtype=float)
+    lp.col_lower_ = np.zeros(n)
+    lp.col_upper_ = np.array(cols.upper, dtype=float)
+    lp.row_lower_ = np.array(cols.row_lo, dtype=float)
+    lp.row_upper_ = np.array(cols.row_hi, dtype=float)
+    lp.sense_ = highspy.ObjSense.kMaximize  # type: ignore[attr-defined]
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise  # type: ignore[attr-defined]
+    lp.a_matrix_.start_ = np.array(start, dtype=np.int32)
+    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
+    lp.a_matrix_.value_ = np.array(value, dtype=float)
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * n  # type: ignore[attr-defined]
+    h.passModel(lp)
+    t0 = time.perf_counter()
+    h.run()
+    seconds = time.perf_counter() - t0
+    proven = h.getModelStatus() == highspy.HighsModelStatus.kOptimal  # type: ignore[attr-defined]
+    info = h.getInfo()
+    milli = info.objective_function_value if proven else info.mip_dual_bound
+    return Bound(capacity, int(math.floor(milli + 1e-6)), bool(proven), seconds)
