@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--seeds", default="42-51", help="e.g. 42-51 or 42,43")
     f.add_argument("--mode", choices=["online", "batch"], default="online")
     f.add_argument("--batch-size", type=int, default=16, help="arrivals per decision (batch)")
-    f.add_argument("--policies", default="maia,bestfit,random",
-                   help="comma list of: maia (the solver), bestfit, random (bench greedy)")
+    f.add_argument("--policies", default="maia,bestfit,bestfit-frac,random",
+                   help="comma list of: maia (the solver), bestfit, bestfit-frac, random "
+                        "(bench greedy)")
     f.add_argument("--driver", choices=["single", "per-call"], default="single",
                    help="one online solve() over all arrivals, or one solve() per decision")
     f.add_argument("--time-limit-ms", type=int, default=None)

@@ -11,9 +11,10 @@ pseudo-polynomial size: per model, a graph over the fill levels 0..1000 of one G
 the gcd of the sizes), an arc per (level, pod size) and a "leave the rest empty" arc from every
 level to 1000; each unit of flow from 0 to 1000 is one GPU's configuration. Arcs of size s only
 leave levels reachable with sizes >= s (pods on a GPU in non-increasing size order), which
-removes symmetric configurations without losing any. HiGHS solves it to proven optimality
-(`mip_rel_gap` 0); `Bound.proven` says whether it did within the time limit, and `Bound.milli`
-is then the optimum, otherwise HiGHS's dual bound (still a valid limit).
+removes symmetric configurations without losing any. HiGHS (the build inside ortools, through
+`pywraplp`) solves it to proven optimality (relative gap 0); `Bound.proven` says whether it did
+within the time limit, and `Bound.milli` is then the optimum, otherwise HiGHS's dual bound
+(still a valid limit).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
-
-import numpy as np
 
 from bench.traces import TraceNode, TracePod
 
@@ -112,8 +111,6 @@ def _levels(sizes: list[int], cap: int) -> dict[int, list[int]]:
 def packing_bound(nodes: list[TraceNode], pods: Iterable[TracePod],
                   time_limit_s: float = 120.0) -> Bound:
     """Solve the relaxed packing of `pods` onto the GPUs of `nodes` (see module doc)."""
-    import highspy
-
     model_names = list(dict.fromkeys(n.model for n in nodes))
     gpus = [sum(n.gpus for n in nodes if n.model == m) for m in model_names]
     capacity = FULL * sum(gpus)
@@ -166,44 +163,42 @@ def packing_bound(nodes: list[TraceNode], pods: Iterable[TracePod],
         for a in sorted(used_levels):
             if 0 < a < cap:
                 edge(a, cap, cols.var(0, g))  # the rest of this GPU stays empty
-    return _solve(highspy, cols, capacity, time_limit_s)
+    return _solve(cols, capacity, time_limit_s)
 
 
-def _solve(highspy: object, cols: _Columns, capacity: int, time_limit_s: float) -> Bound:
+def _solve(cols: _Columns, capacity: int, time_limit_s: float) -> Bound:
+    """HiGHS (the build shipped inside ortools) to a zero gap, one thread."""
     import time
 
-    h = highspy.Highs()  # type: ignore[attr-defined]
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("mip_rel_gap", 0.0)
-    h.setOptionValue("mip_abs_gap", 0.5)  # objective values are whole milli
-    h.setOptionValue("time_limit", float(time_limit_s))
-    h.setOptionValue("threads", 1)
-    h.setOptionValue("random_seed", 0)
-    n = len(cols.cost)
-    start, index, value = [0], [], []
-    for e in cols.entries:
-        index.extend(r for r, _ in e)
-        value.extend(v for _, v in e)
-        start.append(len(index))
-    lp = highspy.HighsLp()  # type: ignore[attr-defined]
-    lp.num_col_ = n
-    lp.num_row_ = len(cols.row_lo)
-    lp.col_cost_ = np.array(cols.cost, dtype=float)
-    lp.col_lower_ = np.zeros(n)
-    lp.col_upper_ = np.array(cols.upper, dtype=float)
-    lp.row_lower_ = np.array(cols.row_lo, dtype=float)
-    lp.row_upper_ = np.array(cols.row_hi, dtype=float)
-    lp.sense_ = highspy.ObjSense.kMaximize  # type: ignore[attr-defined]
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise  # type: ignore[attr-defined]
-    lp.a_matrix_.start_ = np.array(start, dtype=np.int32)
-    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
-    lp.a_matrix_.value_ = np.array(value, dtype=float)
-    lp.integrality_ = [highspy.HighsVarType.kInteger] * n  # type: ignore[attr-defined]
-    h.passModel(lp)
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver("HIGHS_MIXED_INTEGER_PROGRAMMING")
+    if solver is None:
+        raise RuntimeError("this ortools build has no HiGHS MIP solver")
+    solver.SuppressOutput()
+    solver.SetSolverSpecificParametersAsString("output_flag = false\nlog_to_console = false\n")
+    solver.SetNumThreads(1)
+    solver.SetTimeLimit(int(1000 * time_limit_s))
+    xs = [solver.IntVar(0, u, "") for u in cols.upper]
+    rows = [solver.Constraint(lo, hi) for lo, hi in zip(cols.row_lo, cols.row_hi)]
+    for x, entries in zip(xs, cols.entries):
+        for r, coef in entries:
+            rows[r].SetCoefficient(x, coef)
+    objective = solver.Objective()
+    for x, c in zip(xs, cols.cost):
+        if c:
+            objective.SetCoefficient(x, c)
+    objective.SetMaximization()
+    params = pywraplp.MPSolverParameters()
+    params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
     t0 = time.perf_counter()
-    h.run()
+    status = solver.Solve(params)
     seconds = time.perf_counter() - t0
-    proven = h.getModelStatus() == highspy.HighsModelStatus.kOptimal  # type: ignore[attr-defined]
-    info = h.getInfo()
-    milli = info.objective_function_value if proven else info.mip_dual_bound
-    return Bound(capacity, int(math.floor(milli + 1e-6)), bool(proven), seconds)
+    proven = status == pywraplp.Solver.OPTIMAL
+    if proven:
+        milli = objective.Value()
+    elif status == pywraplp.Solver.FEASIBLE:
+        milli = objective.BestBound()
+    else:
+        raise RuntimeError(f"HiGHS found no bound (status {status})")
+    return Bound(capacity, int(math.floor(milli + 1e-6)), proven, seconds)

@@ -141,8 +141,7 @@ def allocated_milli(deployments: list[Doc], placements: Iterable[Doc]) -> int:
 def run_greedy(cluster: Doc, deployments: list[Doc], policy: str, seed: int) -> tuple[
         list[Doc], list[float]]:
     """The independent greedy, arrival by arrival; returns placements and latencies (ms)."""
-    g = BestFitGreedy({**cluster, "deployments": deployments}, "random" if policy == "random"
-                      else "bestfit", seed)
+    g = BestFitGreedy({**cluster, "deployments": deployments}, policy, seed)  # type: ignore[arg-type]
     lat = []
     for d in deployments:
         t0 = time.perf_counter()
