@@ -43,6 +43,7 @@ from scheduler.state import ClusterState
 _HASH = np.random.default_rng(7).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
 MAX_TYPES = 256  # most popular task shapes kept in the workload model (FGD's "typical pods")
 BALANCE_WEIGHT = 2.0  # host-balance term per stranded milli, next to FGD's expected milli
+SCARCITY_WEIGHT = 1.0  # model-pressure term per milli taken from a contested model
 
 
 class Workload:
@@ -62,6 +63,10 @@ class Workload:
         self.node_model: np.ndarray | None = None  # per node, index into model_names
         self.model_names: tuple[str | None, ...] = ()
         self.allowed: np.ndarray | None = None  # (types, models): type may run on model
+        # Model-restricted shapes: their share of the demand and the models they accept
+        # (rows of `allowed`), for `model_pressure`; empty when no shape is restricted.
+        self.restricted_share = np.zeros(0)
+        self.restricted_models = np.zeros((0, 0), dtype=bool)
 
     def bind_models(self, node_models: tuple[str | None, ...]) -> None:
         """Learn the cluster's accelerator models, so shapes restricted to some models
@@ -97,9 +102,18 @@ class Workload:
                           np.array([c / total for _, c in top], dtype=float))
         self.host_ratios = _host_ratios(*self._snapshot)
         self.allowed = None
+        self.restricted_share = np.zeros(0)
+        self.restricted_models = np.zeros((0, len(self.model_names)), dtype=bool)
         if self.node_model is not None and any(k[4] is not None for k, _ in top):
             self.allowed = np.array([[k[4] is None or (m is not None and m in k[4])
                                       for m in self.model_names] for k, _ in top], dtype=bool)
+            # Demand (milli per arrival) per shape, undoing observe()'s whole-task weight.
+            demand = np.array([c * max(k[0], 1) * k[1] / (1 + (k[0] if k[1] >= 1000 else 0))
+                               for k, c in top], dtype=float)
+            restricted = np.array([k[4] is not None for k, _ in top]) & (demand > 0)
+            if demand.sum() > 0 and restricted.any():
+                self.restricted_share = demand[restricted] / demand.sum()
+                self.restricted_models = self.allowed[restricted]
         self._seen_at_refresh = self.seen
         self.version += 1
 
@@ -109,6 +123,28 @@ class Workload:
             self.refresh()
         assert self._snapshot is not None
         return self._snapshot
+
+
+def model_pressure(workload: Workload, free_by_model: np.ndarray) -> np.ndarray | None:
+    """Per accelerator model, the share of its free milli that model-restricted demand will
+    want if the cluster fills up (capped at 1): what taking one milli of it is expected to
+    displace. None when no shape seen is restricted to models.
+
+    A restricted shape asks `share` of all demand; of the cluster's free milli F, it will want
+    share x F, spread over the models it accepts in proportion to their free milli, so model m
+    gets share x F x free_m / sum(free of its models) and the pressure on m is
+    sum over shapes of share x F / sum(free of the shape's models). Shapes that run anywhere
+    put no pressure on any model: they are what should go where the pressure is low.
+    """
+    if workload.restricted_share.size == 0:
+        return None
+    total = float(free_by_model.sum())
+    if total <= 0:
+        return np.zeros(free_by_model.shape)
+    reachable = workload.restricted_models @ free_by_model                 # (K,)
+    per_shape = np.where(reachable > 0, workload.restricted_share * total
+                         / np.maximum(reachable, 1e-9), 0.0)
+    return np.minimum(per_shape @ workload.restricted_models, 1.0)      # (models,)
 
 
 def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, mem_free: np.ndarray,

@@ -14,7 +14,8 @@ from typing import Literal
 import numpy as np
 
 from scheduler.filters import BIG, gang_capacity, node_fit, quota_room
-from scheduler.fragmentation import Workload, node_fragmentation
+from scheduler.fragmentation import SCARCITY_WEIGHT, Workload, model_pressure, node_fragmentation
+from scheduler.model import ShardSpec
 from scheduler.state import ClusterState, ShardAt
 
 Scorer = Literal["fgd", "bestfit"]
@@ -199,7 +200,7 @@ class Placer:
             before = self._fragmentation(t)[candidates]  # may refresh the snapshot first
             frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload,
                                             candidates)
-            delta = frag_after - before
+            delta = frag_after - before + self._scarcity_cost(t, spec, candidates)
             # Ties (common when nothing changes) go to the node left with less free capacity.
             order = np.lexsort((candidates, cpu_after, stranger, left_after,
                                 np.round(delta / FGD_QUANTUM)))
@@ -209,6 +210,21 @@ class Placer:
         else:
             order = np.lexsort((candidates, cpu_after, stranger, left_after))
         return int(candidates[order[0]])
+
+    def _scarcity_cost(self, t: int, spec: ShardSpec, candidates: np.ndarray) -> np.ndarray:
+        """Milli of model-restricted demand a shard is expected to displace on each candidate
+        (its milli x the pressure on the node's model, `model_pressure`); zeros when no shape
+        is restricted. Keeps scarce models for the shapes that can only use them."""
+        w = self.workload
+        if w.restricted_share.size == 0 or w.node_model is None or SCARCITY_WEIGHT <= 0:
+            return np.zeros(len(candidates))
+        s = self.state
+        free = np.where(s.topo.node_ready, self._free_milli(t).sum(axis=1), 0)
+        by_model = np.bincount(w.node_model, weights=free, minlength=len(w.model_names))
+        pressure = model_pressure(w, by_model)
+        if pressure is None:
+            return np.zeros(len(candidates))
+        return SCARCITY_WEIGHT * spec.milli * pressure[w.node_model[candidates]]
 
     def _fragmentation(self, t: int) -> np.ndarray:
         """Cached fragmentation of every node, consistent with the workload snapshot."""
