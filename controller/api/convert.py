@@ -63,7 +63,7 @@ def _enum_word(table: dict[int, str], value: int, what: str, default: str | None
         raise InvalidArgument(f"{what}: unknown value {value}") from None
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
+def timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
     ts = Timestamp()
@@ -130,7 +130,7 @@ def node_msg(view: d.NodeView) -> admin_pb2.Node:
         state=_NODE_STATE[view.state], accelerators=i.accelerators, accelerator_model=i.accelerator_model,
         hbm_gib=i.hbm_gib or 0.0, cpu_milli=i.cpu_milli or 0, memory_mib=i.memory_mib or 0,
         idle_power_w=i.idle_power_w, labels=i.labels, connected=view.connected,
-        last_heartbeat=_ts(view.last_heartbeat), power_draw_w=view.power_draw_w,
+        last_heartbeat=timestamp(view.last_heartbeat), power_draw_w=view.power_draw_w,
         accelerators_used=view.accelerators_used, shards=view.shards, tenants=list(view.tenants),
     )
 
@@ -203,7 +203,7 @@ def deployment_msg(view: d.DeploymentView) -> deployments_pb2.Deployment:
             for p in view.placements
         ],
         reasons=[reason_msg(r) for r in view.reasons],
-        created_at=_ts(view.created_at), updated_at=_ts(view.updated_at),
+        created_at=timestamp(view.created_at), updated_at=timestamp(view.updated_at),
     )
 
 

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from controller.agents import AgentHub
 from controller.api.admin import AdminServicer
 from controller.api.agents import NodeAgentServicer
+from controller.api.audit import AuditServicer
 from controller.api.auditing import AuditInterceptor
 from controller.api.deployments import DeploymentServicer
 from controller.api.deps import ServiceDeps
@@ -30,7 +31,9 @@ from controller.store.db import Database
 from controller.usecases.deployments import views_of
 from controller.usecases.domain import DeploymentEvent, DeploymentView
 from controller.usecases.watch import DeploymentEventBus
-from maia.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, deployments_pb2, deployments_pb2_grpc
+from maia.v1 import (
+    admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2, audit_pb2_grpc, deployments_pb2, deployments_pb2_grpc,
+)
 
 log = logging.getLogger("maia.server")
 
@@ -38,6 +41,7 @@ SERVICE_NAMES: tuple[str, ...] = (
     deployments_pb2.DESCRIPTOR.services_by_name["DeploymentService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     agent_pb2.DESCRIPTOR.services_by_name["NodeAgentService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 
 
@@ -104,6 +108,7 @@ class ControllerApp:
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
         agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from controller.cli.config import Connection
-from maia.v1 import admin_pb2_grpc, deployments_pb2_grpc
+from maia.v1 import admin_pb2_grpc, audit_pb2_grpc, deployments_pb2_grpc
 
 
 class Exit(IntEnum):
@@ -116,6 +116,10 @@ class Controller:
     @property
     def deployments(self) -> deployments_pb2_grpc.DeploymentServiceStub:
         return deployments_pb2_grpc.DeploymentServiceStub(self.channel)
+
+    @property
+    def audit(self) -> audit_pb2_grpc.AuditServiceStub:
+        return audit_pb2_grpc.AuditServiceStub(self.channel)
 
     def close(self) -> None:
         if self._channel is not None:

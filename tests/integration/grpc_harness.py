@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import grpc
 
 from maia.v1 import (
-    admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2, deployments_pb2, deployments_pb2_grpc,
+    admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2_grpc, common_pb2, deployments_pb2,
+    deployments_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -32,11 +33,13 @@ class Stubs:
     deployments: deployments_pb2_grpc.DeploymentServiceStub
     admin: admin_pb2_grpc.AdminServiceStub
     agent: agent_pb2_grpc.NodeAgentServiceStub
+    audit: audit_pb2_grpc.AuditServiceStub
 
     @classmethod
     def on(cls, channel: grpc.aio.Channel) -> Stubs:
         return cls(channel, deployments_pb2_grpc.DeploymentServiceStub(channel),
-                   admin_pb2_grpc.AdminServiceStub(channel), agent_pb2_grpc.NodeAgentServiceStub(channel))
+                   admin_pb2_grpc.AdminServiceStub(channel), agent_pb2_grpc.NodeAgentServiceStub(channel),
+                   audit_pb2_grpc.AuditServiceStub(channel))
 
 
 async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], *,
