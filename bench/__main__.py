@@ -100,6 +100,11 @@ def _synthetic(args: argparse.Namespace) -> int:
     return synthetic.main(args)
 
 
+def _rebalance(args: argparse.Namespace) -> int:
+    from bench import rebalance
+    return rebalance.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--json", help="also write results to this file")
     s.set_defaults(func=_synthetic)
+
+    r = sub.add_parser("rebalance", help="1,024-node rebalance problem: solver vs greedy "
+                                         "with moves, and repeatability")
+    from bench import rebalance
+    rebalance.add_arguments(r)
+    r.set_defaults(func=_rebalance)
 
     args = parser.parse_args(argv)
     try:

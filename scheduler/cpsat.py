@@ -32,15 +32,35 @@ from scheduler.greedy import Placer
 from scheduler.state import ClusterState
 
 if TYPE_CHECKING:
+    from ortools.sat import sat_parameters_pb2
+
     from scheduler.solve import Solver
 
 NUM_WORKERS = 2          # the target machines have 2 cores
 MIN_SOLVE_S = 0.02       # below this much time left, do not even build the model
 MAX_PAIRS = 200_000      # (deployment, class) pairs beyond which the model is not built
+CPSAT_SEED = 1
+CPSAT_SHARE_WITH_REPAIR = 0.5  # of the time left, when moves or preemption follow CP-SAT
+DETERMINISTIC_PER_S = 0.5  # deterministic-time units allowed per wall second left (see configure)
 
 STATUS_NAMES = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible",
                 cp_model.INFEASIBLE: "infeasible", cp_model.MODEL_INVALID: "model_invalid",
                 cp_model.UNKNOWN: "unknown"}
+
+
+def configure(params: "sat_parameters_pb2.SatParameters", left_s: float) -> None:
+    """Deterministic search: the same model gives the same answer on every run.
+
+    `interleave_search` runs the workers' strategies interleaved in a fixed schedule (the
+    result does not depend on thread timing), with a fixed seed, and the search stops at a
+    *deterministic* time budget (work counted by the solver, not the clock) proportional to
+    the time left. The wall-clock limit stays as a ceiling, slightly above that budget's
+    usual duration: only a much slower machine reaches it (then the answer can vary)."""
+    params.num_workers = NUM_WORKERS
+    params.interleave_search = True
+    params.random_seed = CPSAT_SEED
+    params.max_deterministic_time = max(left_s * DETERMINISTIC_PER_S, 0.005)
+    params.max_time_in_seconds = max(left_s * 0.85, 0.01)
 
 
 def _frag_metric(state: ClusterState) -> tuple[int, int]:
@@ -290,8 +310,10 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
         solver.time_cut.update(pending)
         return
     cp = cp_model.CpSolver()
-    cp.parameters.max_time_in_seconds = max(left * 0.85, 0.01)
-    cp.parameters.num_workers = NUM_WORKERS
+    opts = solver.problem.options
+    if opts.mode == "rebalance" or opts.allow_preemption:
+        left *= CPSAT_SHARE_WITH_REPAIR  # moves and preemption run after it, in what is left
+    configure(cp.parameters, left)
     status = cp.solve(model)
     name = STATUS_NAMES.get(status, str(status))
     solver.stats.update({"cpsat": name, "classes": len(classes), "vars": len(x) + len(y),

@@ -36,6 +36,7 @@ from scheduler.state import ClusterState, ShardAt
 from scheduler.topology import build_topology
 
 DEFAULT_TIME_LIMIT_MS = 2000
+GREEDY_GUARD_SHARE = 0.3  # of the time limit, for the greedy pipeline that guards CP-SAT's
 BATCH_SHUFFLES = 4  # random orders tried per online batch, besides arrival and size order
 MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
 PREEMPTION_HINTS = 3  # unplaced deployments per solve tried for "fits after preempting"
@@ -52,12 +53,14 @@ def replica_value(state: ClusterState, d: int, min_priority: int) -> int:
 class Solver:
     """One solve: owns the state, the placer and the bookkeeping for the plan."""
 
-    def __init__(self, problem: Problem, time_limit_ms: int | None) -> None:
+    def __init__(self, problem: Problem, time_limit_ms: int | None, *, use_cpsat: bool = True,
+                 deadline: float | None = None) -> None:
         self.t0 = time.perf_counter()
         self.problem = problem
         limit = time_limit_ms or problem.options.time_limit_ms or DEFAULT_TIME_LIMIT_MS
         self.limit_ms = limit
-        self.deadline = self.t0 + limit / 1000.0
+        self.deadline = self.t0 + limit / 1000.0 if deadline is None else deadline
+        self.use_cpsat = use_cpsat
         self.topo = build_topology(problem)
         self.state = ClusterState(self.topo)
         self.workload = Workload()
@@ -260,7 +263,7 @@ class Solver:
         elif wanted:
             base = self.state.copy()
             self.place_group(wanted, preempt=False)
-            if any(self.pending(d) for d in wanted) or len(wanted) > 1:
+            if self.use_cpsat and (any(self.pending(d) for d in wanted) or len(wanted) > 1):
                 self.improve_with_cpsat(base, wanted)
             if opts.mode == "rebalance":
                 self.rebalance()  # moves before preemption: tier 2 preempts least first
@@ -441,8 +444,11 @@ class Solver:
             eligible = self._eligible_victims(d)
             if not eligible:
                 return
-            found = self._make_room(d, eligible, relocate=False, budget=0)
+            found = self._make_room(d, eligible, relocate=False, budget=0,
+                                    deadline=self.deadline)
             if found is None:
+                if time.perf_counter() >= self.deadline:
+                    self.time_cut.add(d)
                 return
             trial, removed, _ = found
             self._adopt(trial)
@@ -512,8 +518,11 @@ class Solver:
                     break
                 eligible = [v for v in self.state.replicas if v[0] != d]
                 found = self._make_room(d, eligible, relocate=True,
-                                        budget=budget - self.moves_used)
+                                        budget=budget - self.moves_used,
+                                        deadline=self.deadline)
                 if found is None:
+                    if time.perf_counter() >= self.deadline:
+                        self.time_cut.add(d)
                     break
                 trial, _, moved = found
                 self._adopt(trial)
@@ -644,7 +653,46 @@ def _cyclic_gc_paused() -> Iterator[None]:
                 gc.enable()
 
 
+def plan_value(plan: Plan, problem: Problem) -> tuple[int, int]:
+    """What users care about, higher is better: priority-weighted placed demand (term 1 of
+    the objective, `replica_value` per placed replica), then fewer preemptions and moves."""
+    deps = {d.id: d for d in problem.deployments}
+    low = min((d.priority for d in problem.deployments), default=0)
+    replicas = {(p.deployment, p.replica) for p in plan.placements}
+    placed = sum(deps[d].shards_per_replica * max(deps[d].shard.milli, 1) *
+                 (deps[d].priority - low + 1) for d, _ in replicas)
+    return placed, -(len(plan.preempted) + len(plan.moved))
+
+
+def _needs_greedy_guard(problem: Problem) -> bool:
+    """Where the stages after CP-SAT (moves, preemption) can undo its advantage: run the
+    greedy pipeline too and keep the better plan (`solve`). Plain batch mode compares the
+    two inside `cpsat.improve` already; online mode never runs CP-SAT."""
+    opts = problem.options
+    return opts.mode == "rebalance" or (opts.mode == "batch" and opts.allow_preemption)
+
+
 def solve(problem: Problem, *, time_limit_ms: int | None = None) -> Plan:
-    """Place what the problem asks for; never raises for a valid problem."""
+    """Place what the problem asks for; never raises for a valid problem.
+
+    With moves or preemption in play, the greedy pipeline (greedy, moves, preemption; no
+    CP-SAT) runs first, then the full one in the time left, and the better plan by
+    `plan_value` is returned (ties: the full one): a solver that spends its time limit never
+    places less priority-weighted demand than the greedy with moves does."""
     with _cyclic_gc_paused():
-        return Solver(problem, time_limit_ms).run()
+        if not _needs_greedy_guard(problem):
+            return Solver(problem, time_limit_ms).run()
+        full = Solver(problem, time_limit_ms)  # its clock starts now: the whole limit
+        deadline = full.deadline
+        greedy = Solver(problem, time_limit_ms, use_cpsat=False,
+                        deadline=full.t0 + GREEDY_GUARD_SHARE * (deadline - full.t0))
+        greedy_plan = greedy.run()
+        if time.perf_counter() >= deadline:
+            return greedy_plan
+        full_plan = full.run()
+        g, f = plan_value(greedy_plan, problem), plan_value(full_plan, problem)
+        best = full_plan if f >= g else greedy_plan
+        best.stats.update({"pipeline": "cpsat" if best is full_plan else "greedy",
+                           "greedy_pipeline_value": list(g), "cpsat_pipeline_value": list(f),
+                           "solve_ms": (time.perf_counter() - full.t0) * 1000.0})
+        return best
