@@ -77,6 +77,26 @@ def check(doc: Doc, plan_doc: Doc) -> list[Any]:
     return check_plan(doc, plan_doc)
 
 
+def move_beats_preemption() -> Doc:
+    """vip (tenant t1, which excludes t0) fits only in rack rb, where d0 replica 0 runs: moving
+    that replica to na (1 move, 0 preemptions) keeps everything running; preempting does not."""
+    return {
+        "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}],
+        "racks": [{"id": "ra", "row": "w"}, {"id": "rb", "row": "w"}],
+        "nodes": [{"id": "na", "rack": "ra", "accelerators": 4},
+                  {"id": "nb", "rack": "rb", "accelerators": 2}],
+        "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
+        "deployments": [
+            {"id": "d0", "tenant": "t0", "replicas": 2, "shards_per_replica": 1,
+             "preemptible": True, "shard": {"accelerators": 2}},
+            {"id": "vip", "tenant": "t1", "priority": 10, "replicas": 1,
+             "shards_per_replica": 1, "shard": {"accelerators": 1}}],
+        "placements": [
+            {"deployment": "d0", "replica": r, "shard": 0, "node": n,
+             "accelerator_indices": [0, 1]} for r, n in ((0, "nb"), (1, "na"))],
+        "options": {"mode": "rebalance", "allow_preemption": True}}
+
+
 def placed_count(plan: Plan, deployment: str) -> int:
     return len({p.replica for p in plan.placements if p.deployment == deployment})
 

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, note, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+from builders import move_beats_preemption  # noqa: E402
 from checker import MONOTONE_RULES, STATUS, check_plan, placed_accelerators  # noqa: E402
 from strategies import (ReplicaChoice, materialize, plan_doc,  # noqa: E402
                         preemption_problems, problems, shard_choices, tiny_problems)
@@ -313,22 +314,7 @@ def test_rebalance_moves_rather_than_preempts() -> None:
     replica to na (1 move, 0 preemptions) keeps everything running; preempting it does not.
     Found while reducing a property failure (solver 655763d preempts).
     """
-    def at(replica: int, node: str, idx: list[int]) -> Doc:
-        return {"deployment": "d0", "replica": replica, "shard": 0, "node": node,
-                "accelerator_indices": idx}
-    doc: Doc = {
-        "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}],
-        "racks": [{"id": "ra", "row": "w"}, {"id": "rb", "row": "w"}],
-        "nodes": [{"id": "na", "rack": "ra", "accelerators": 4},
-                  {"id": "nb", "rack": "rb", "accelerators": 2}],
-        "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
-        "deployments": [
-            {"id": "d0", "tenant": "t0", "replicas": 2, "shards_per_replica": 1,
-             "preemptible": True, "shard": {"accelerators": 2}},
-            {"id": "vip", "tenant": "t1", "priority": 10, "replicas": 1,
-             "shards_per_replica": 1, "shard": {"accelerators": 1}}],
-        "placements": [at(0, "nb", [0, 1]), at(1, "na", [0, 1])],
-        "options": {"mode": "rebalance", "allow_preemption": True}}
+    doc: Doc = move_beats_preemption()
     plan = run_solver(doc)
     assert check_plan(doc, plan) == []
     assert plan["preempted"] == [], plan

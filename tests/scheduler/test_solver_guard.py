@@ -4,29 +4,10 @@ solves of one problem give one plan (deterministic CP-SAT)."""
 from __future__ import annotations
 
 import pytest
-from builders import dep, node, placed, problem, solve_doc
+from builders import dep, move_beats_preemption, node, placed, problem, solve_doc
 
 from scheduler import plan_to_dict
 from scheduler.solve import Solver
-
-MOVE_BEATS_PREEMPTION = {
-    "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}],
-    "racks": [{"id": "ra", "row": "w"}, {"id": "rb", "row": "w"}],
-    "nodes": [{"id": "na", "rack": "ra", "accelerators": 4},
-              {"id": "nb", "rack": "rb", "accelerators": 2}],
-    "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
-    "deployments": [
-        {"id": "d0", "tenant": "t0", "replicas": 2, "shards_per_replica": 1,
-         "preemptible": True, "shard": {"accelerators": 2}},
-        {"id": "vip", "tenant": "t1", "priority": 10, "replicas": 1,
-         "shards_per_replica": 1, "shard": {"accelerators": 1}}],
-    "placements": [
-        {"deployment": "d0", "replica": 0, "shard": 0, "node": "nb",
-         "accelerator_indices": [0, 1]},
-        {"deployment": "d0", "replica": 1, "shard": 0, "node": "na",
-         "accelerator_indices": [0, 1]}],
-    "options": {"mode": "rebalance", "allow_preemption": True}}
-
 
 def test_the_greedy_pipeline_wins_when_the_cpsat_pipeline_places_less(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,7 +22,7 @@ def test_the_greedy_pipeline_wins_when_the_cpsat_pipeline_places_less(
             self.moves_used = 0
 
     monkeypatch.setattr(Solver, "rebalance", rebalance)
-    plan = solve_doc(MOVE_BEATS_PREEMPTION)
+    plan = solve_doc(move_beats_preemption())
     assert plan.stats["pipeline"] == "greedy"
     assert plan.preempted == ()
     assert [(m.deployment, m.replica, m.to_node) for m in plan.moved] == [("d0", 0, "na")]
@@ -50,7 +31,7 @@ def test_the_greedy_pipeline_wins_when_the_cpsat_pipeline_places_less(
 
 
 def test_ties_keep_the_cpsat_pipeline() -> None:
-    plan = solve_doc(MOVE_BEATS_PREEMPTION)
+    plan = solve_doc(move_beats_preemption())
     assert plan.stats["pipeline"] == "cpsat"
     assert plan.stats["greedy_pipeline_value"] == plan.stats["cpsat_pipeline_value"]
     assert plan.preempted == ()

@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-from builders import solve_doc
+from builders import move_beats_preemption, solve_doc
 
 
 def test_rebalance_moves_a_replica_rather_than_preempting_it() -> None:
-    doc = {
-        "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}],
-        "racks": [{"id": "ra", "row": "w"}, {"id": "rb", "row": "w"}],
-        "nodes": [{"id": "na", "rack": "ra", "accelerators": 4},
-                  {"id": "nb", "rack": "rb", "accelerators": 2}],
-        "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
-        "deployments": [
-            {"id": "d0", "tenant": "t0", "replicas": 2, "shards_per_replica": 1,
-             "preemptible": True, "shard": {"accelerators": 2}},
-            {"id": "vip", "tenant": "t1", "priority": 10, "replicas": 1,
-             "shards_per_replica": 1, "shard": {"accelerators": 1}}],
-        "placements": [
-            {"deployment": "d0", "replica": 0, "shard": 0, "node": "nb",
-             "accelerator_indices": [0, 1]},
-            {"deployment": "d0", "replica": 1, "shard": 0, "node": "na",
-             "accelerator_indices": [0, 1]}],
-        "options": {"mode": "rebalance", "allow_preemption": True}}
+    doc = move_beats_preemption()
     plan = solve_doc(doc)  # the independent checker runs inside
     assert plan.preempted == ()
     assert [(m.deployment, m.replica, m.to_node) for m in plan.moved] == [("d0", 0, "na")]
