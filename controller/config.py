@@ -10,6 +10,7 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from controller.store.db import DEFAULT_DB_URL
 
@@ -25,6 +26,10 @@ class Config:
     heartbeat_timeout_s: float = 10.0
     solve_time_limit_ms: int = 2000
     log_level: str = "INFO"
+    # TLS: certificate and key of the server; a client CA turns on mutual TLS (see controller.api.tls).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -64,7 +69,18 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s)
     parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms)
     parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"))
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (chain)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, metavar="PEM",
+        help="mutual TLS: require client certificates signed by this CA from every client; a node agent's "
+             "certificate must name its node id (maiactl dev-ca makes a development CA)",
+    )
     ns = parser.parse_args(argv)
+    if (ns.tls_cert is None) != (ns.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if ns.tls_client_ca is not None and ns.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
     return Config(
         listen=ns.listen,
         db_url=ns.db,
@@ -73,4 +89,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         heartbeat_timeout_s=ns.heartbeat_timeout,
         solve_time_limit_ms=ns.solve_time_limit_ms,
         log_level=ns.log_level.upper(),
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        tls_client_ca=ns.tls_client_ca,
     )

@@ -25,6 +25,7 @@ from controller.api.auditing import AuditInterceptor
 from controller.api.deployments import DeploymentServicer
 from controller.api.deps import ServiceDeps
 from controller.api.interceptors import interceptor_chain
+from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
 from controller.reconcile import Lease, Reconciler
 from controller.store.db import Database
@@ -92,6 +93,11 @@ class ControllerApp:
             for view in views:
                 self.bus.publish(DeploymentEvent("modified", view))
 
+    def _tls(self) -> TlsSettings | None:
+        if self.config.tls_cert is None or self.config.tls_key is None:
+            return None
+        return TlsSettings(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+
     async def start(self) -> str:
         """Check the schema, serve, start the loops; returns the bound HOST:PORT."""
         from controller.store.migrate import ensure_schema
@@ -104,7 +110,11 @@ class ControllerApp:
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
         )
-        server = aio.server(interceptors=interceptor_chain(AuditInterceptor(self.db)))
+        tls = self._tls()
+        checks: list[aio.ServerInterceptor] = [AuditInterceptor(self.db)]
+        if tls is not None and tls.client_ca is not None:
+            checks.append(NodeCertificateInterceptor())  # inside the audit: a refused agent is audited
+        server = aio.server(interceptors=interceptor_chain(*checks))
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
         agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)
@@ -114,7 +124,10 @@ class ControllerApp:
 
         host, _, _ = self.config.listen.rpartition(":")
         try:
-            port = server.add_insecure_port(self.config.listen)
+            if tls is None:
+                port = server.add_insecure_port(self.config.listen)
+            else:
+                port = server.add_secure_port(self.config.listen, tls.server_credentials())
         except RuntimeError as exc:  # grpcio raises when the address cannot be bound
             raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
         if not port:

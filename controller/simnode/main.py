@@ -7,7 +7,11 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import grpc
+
+from controller.devca import node_stem
 from controller.simnode.fleet import Fleet, FleetShape
 from controller.simnode.transport import SimulatedNode
 
@@ -49,7 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=_interval, default=None, metavar="auto|SECONDS",
                    help="default: what the controller asks for at registration")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    tls = p.add_argument_group("TLS", "connect with TLS when --ca is given; mutual TLS with client certificates")
+    tls.add_argument("--ca", type=Path, metavar="PEM", help="CA bundle that signed the controller's certificate")
+    tls.add_argument("--cert-dir", type=Path, metavar="DIR",
+                     help="per-node client certificates DIR/node-<id>.pem and DIR/node-<id>-key.pem "
+                          "(as `maiactl dev-ca --node <id>` writes them)")
+    tls.add_argument("--cert", type=Path, metavar="PEM", help="one client certificate for every node (a fleet of one)")
+    tls.add_argument("--key", type=Path, metavar="PEM", help="the private key of --cert")
     return p
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"maia-simnode: cannot read {path}: {exc.strerror}") from None
+
+
+def credentials_for(args: argparse.Namespace, node_id: str) -> grpc.ChannelCredentials | None:
+    """TLS credentials of one node (its own client certificate with --cert-dir), or None: plaintext."""
+    if args.ca is None and args.cert is None and args.cert_dir is None:
+        return None
+    cert, key = args.cert, args.key
+    if args.cert_dir is not None:
+        cert, key = args.cert_dir / f"{node_stem(node_id)}.pem", args.cert_dir / f"{node_stem(node_id)}-key.pem"
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(args.ca) if args.ca else None,
+        private_key=_read(key) if key else None, certificate_chain=_read(cert) if cert else None)
 
 
 def build_fleet(args: argparse.Namespace) -> Fleet:
@@ -57,7 +87,8 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
                        accelerators=args.accelerators, accelerator_model=args.model,
                        hbm_gib=args.hbm_gib, idle_power_w=args.idle_power_w)
     nodes = [SimulatedNode(spec, args.controller, load_delay_s=args.load_delay,
-                           heartbeat_interval_s=args.heartbeat_interval)
+                           heartbeat_interval_s=args.heartbeat_interval,
+                           credentials=credentials_for(args, spec.node_id))
              for spec in shape.node_specs()]
     return Fleet(nodes)
 
@@ -81,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("grpc").setLevel(logging.WARNING)
     if args.load_delay < 0:
         log.error("--load-delay must not be negative")
+        return 2
+    if (args.cert is None) != (args.key is None) or (args.cert is not None and args.cert_dir is not None):
+        log.error("--cert and --key go together, and exclude --cert-dir")
         return 2
     fleet = build_fleet(args)
     log.info("controller %s, %d racks x %d nodes (%s, %d accelerators, %.0f W idle)", args.controller,

@@ -60,9 +60,11 @@ class SimulatedNode:
 
     def __init__(self, spec: NodeSpec, controller: str, *, load_delay_s: float = 1.0,
                  heartbeat_interval_s: float | None = None, backoff: Backoff | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.spec = spec
         self.controller = controller
+        self.credentials = credentials  # TLS (and this node's client certificate); None: plaintext
         self.agent = NodeAgent(spec.node_id, spec.idle_power_w, load_delay_s)
         self.heartbeat_override_s = heartbeat_interval_s
         self.backoff = backoff or Backoff()
@@ -94,7 +96,10 @@ class SimulatedNode:
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        channel = grpc.aio.insecure_channel(self.controller)
+        if self.credentials is None:
+            channel = grpc.aio.insecure_channel(self.controller)
+        else:
+            channel = grpc.aio.secure_channel(self.controller, self.credentials)
         stub = agent_pb2_grpc.NodeAgentServiceStub(channel)
         try:
             while not self._stopping.is_set():

@@ -85,14 +85,14 @@ class SimFleet:
     """`maia-simnode` in a subprocess: racks x nodes real agents against the controller."""
 
     def __init__(self, address: str, *, racks: int, nodes_per_rack: int, rack_prefix: str = "rack-",
-                 model: str = "maia-100", log_dir: Path) -> None:
+                 model: str = "maia-100", log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.node_ids = [f"{rack_prefix}{r:02d}-n{n:02d}" for r in range(racks) for n in range(nodes_per_rack)]
         self.log_path = log_dir / f"simnode-{rack_prefix.strip('-')}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controller.simnode.main", "--controller", address, "--racks", str(racks),
              "--nodes-per-rack", str(nodes_per_rack), "--rack-prefix", rack_prefix, "--model", model,
-             "--load-delay", "0.2"],
+             "--load-delay", "0.2", *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 

@@ -1,6 +1,6 @@
 """maiactl subcommands, one module per command family; each exposes `register(subparsers)`."""
 from __future__ import annotations
 
-from controller.cli.commands import apply, audit, config, delete, get, nodes, placements, solve, summary, wait
+from controller.cli.commands import apply, audit, config, delete, devca, get, nodes, placements, solve, summary, wait
 
-MODULES = (apply, get, summary, placements, delete, nodes, wait, solve, config, audit)
+MODULES = (apply, get, summary, placements, delete, nodes, wait, solve, config, audit, devca)
