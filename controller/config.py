@@ -30,6 +30,8 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # HOST:PORT of the Prometheus endpoint (/metrics); empty: not served.
+    metrics_listen: str = ""
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -68,6 +70,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--reconcile-interval", type=_positive_float, default=Config.reconcile_interval_s)
     parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s)
     parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms)
+    parser.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
     parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"))
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (chain)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
@@ -92,4 +96,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
         tls_client_ca=ns.tls_client_ca,
+        metrics_listen=ns.metrics_listen,
     )

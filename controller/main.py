@@ -1,7 +1,8 @@
 """`maia-controller`: parse the settings, start the controller, stop it on SIGINT/SIGTERM.
 
 Prints "maia-controller listening on HOST:PORT" on stdout once serving (the real port when
-asked for port 0), so scripts and tests can read where it is. Exit codes: 0 after a clean stop,
+asked for port 0), so scripts and tests can read where it is, and with --metrics-listen
+"maia-controller metrics on http://HOST:PORT/metrics". Exit codes: 0 after a clean stop,
 2 when the database schema is behind and --no-migrate forbids upgrading it, when it is ahead
 of this code, or when the address cannot be bound.
 """
@@ -59,6 +60,8 @@ async def serve(config: Config) -> int:
         await app.db.dispose()
         return EXIT_SCHEMA
     print(f"maia-controller listening on {address}", flush=True)
+    if app.metrics_address:
+        print(f"maia-controller metrics on http://{app.metrics_address}/metrics", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +36,27 @@ log = logging.getLogger("maia.reconcile")
 
 class Lease(Protocol):
     def should_run(self) -> bool: ...
+
+
+class ReconcileObserver(Protocol):
+    """What the loop reports as it goes (the metrics implement it)."""
+
+    def solved(self, status: str, seconds: float) -> None: ...
+
+    def plan_conflict(self) -> None: ...
+
+    def placed(self, latencies_s: Iterable[float]) -> None: ...
+
+
+class NoObserver:
+    def solved(self, status: str, seconds: float) -> None:
+        pass
+
+    def plan_conflict(self) -> None:
+        pass
+
+    def placed(self, latencies_s: Iterable[float]) -> None:
+        pass
 
 
 class AlwaysLeader:
@@ -78,6 +99,7 @@ class Reconciler:
         retry_backoff_s: float = 2.0, max_retry_backoff_s: float = 60.0,
         solve: Callable[..., Awaitable[Plan]] = planning.solve_in_thread,
         clock: Callable[[], float] = time.monotonic,
+        observer: ReconcileObserver | None = None,
     ) -> None:
         self._db = db
         self._push = push
@@ -91,6 +113,7 @@ class Reconciler:
         self._max_retry_backoff = max_retry_backoff_s
         self._solve = solve
         self._clock = clock
+        self._observer = observer or NoObserver()
         self._time_limited_passes = 0  # in a row: the back-off doubles with each
         self._retry_at: float | None = None
         self._wake = asyncio.Event()
@@ -156,14 +179,17 @@ class Reconciler:
             plan = await self._solve(problem, time_limit_ms=self._time_limit_ms)
             self.solves += 1
             solve_ms = (time.perf_counter() - started) * 1000
+            self._observer.solved(plan.status, solve_ms / 1000)
             try:
                 async with self._db.unit_of_work() as uow:
                     result = await commit_plan(uow.session, snapshot, plan, actor="controller")
                     await uow.commit()
             except PlanConflict as exc:
+                self._observer.plan_conflict()
                 log.info("attempt %d: %s", attempt + 1, exc)
                 continue
             self._last_generation = result.generation
+            self._observer.placed(result.first_placed_after_s.values())
             retry_in_s = self._schedule_retry(plan)
             changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
             log.info(

@@ -1,6 +1,8 @@
-"""The one interceptor chain every RPC goes through: identity -> logging -> error translation.
+"""The one interceptor chain every RPC goes through: identity -> metrics -> logging -> error translation.
 
 - identity: the caller's principal from metadata `x-maia-principal` into a context variable;
+- metrics: each finished RPC counted by method and status code, with its duration (the
+  `RpcObserver` given, the controller's metrics);
 - logging: one structured line per RPC (method, principal, status, milliseconds);
 - errors: the only place where `controller.errors` become gRPC status codes, with the error's
   message verbatim and its structured reasons in trailing metadata (`maia-reason-bin`); anything unexpected becomes INTERNAL with a short message and is logged
@@ -17,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -122,6 +124,27 @@ def code_of(context: aio.ServicerContext, failed: BaseException | None) -> str:
     return code.name if hasattr(code, "name") else str(code)
 
 
+class RpcObserver(Protocol):
+    def rpc_handled(self, full_method: str, code: str, seconds: float) -> None: ...
+
+
+class MetricsInterceptor(_BehaviourInterceptor):
+    def __init__(self, observer: RpcObserver) -> None:
+        self._observer = observer
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        failed: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            self._observer.rpc_handled(method, _code_of(context, failed), time.perf_counter() - started)
+
+
 class LoggingInterceptor(_BehaviourInterceptor):
     @asynccontextmanager
     async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
@@ -175,7 +198,9 @@ class ErrorInterceptor(_BehaviourInterceptor):
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the controller log")
 
 
-def interceptor_chain(*extra: aio.ServerInterceptor) -> list[aio.ServerInterceptor]:
-    """Outermost first: identity is set before logging reads it; `extra` (the audit interceptor)
-    sees every call's principal and final status; errors are translated innermost."""
-    return [IdentityInterceptor(), LoggingInterceptor(), *extra, ErrorInterceptor()]
+def interceptor_chain(*extra: aio.ServerInterceptor, observer: RpcObserver | None = None) -> list[aio.ServerInterceptor]:
+    """Outermost first: identity is set before logging reads it; metrics and logging see the
+    translated status code; `extra` (the audit interceptor) sees every call's principal and final
+    status; errors are translated innermost."""
+    metrics = [MetricsInterceptor(observer)] if observer is not None else []
+    return [IdentityInterceptor(), *metrics, LoggingInterceptor(), *extra, ErrorInterceptor()]

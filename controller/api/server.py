@@ -27,6 +27,8 @@ from controller.api.deps import ServiceDeps
 from controller.api.interceptors import interceptor_chain
 from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
+from controller.observability.cluster import ClusterGauges, read_cluster_gauges
+from controller.observability.metrics import ControllerMetrics
 from controller.reconcile import Lease, Reconciler
 from controller.store.db import Database
 from controller.usecases.deployments import views_of
@@ -67,6 +69,7 @@ class ControllerApp:
         self.config = config
         self.db = Database(config.db_url)
         self.bus = DeploymentEventBus()
+        self.metrics = ControllerMetrics()
         self.signals = AppSignals(self)
         self.hub = AgentHub(
             self.db, heartbeat_timeout_s=config.heartbeat_timeout_s,
@@ -75,10 +78,12 @@ class ControllerApp:
         self.reconciler = Reconciler(
             self.db, push=self.hub.notify, publish=self._publish_deployments,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms, lease=lease,
+            observer=self.metrics,
         )
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
         self.address = ""
+        self.metrics_address = ""
         self._tasks: list[asyncio.Task] = []
 
     async def _publish_changed(self, names: set[str]) -> None:
@@ -114,7 +119,7 @@ class ControllerApp:
         checks: list[aio.ServerInterceptor] = [AuditInterceptor(self.db)]
         if tls is not None and tls.client_ca is not None:
             checks.append(NodeCertificateInterceptor())  # inside the audit: a refused agent is audited
-        server = aio.server(interceptors=interceptor_chain(*checks))
+        server = aio.server(interceptors=interceptor_chain(*checks, observer=self.metrics))
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
         agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)
@@ -132,6 +137,9 @@ class ControllerApp:
             raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
         if not port:
             raise OSError(f"cannot listen on {self.config.listen}")
+        if self.config.metrics_listen:
+            self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster)
+            self.metrics_address = self.metrics.serve(self.config.metrics_listen)
         await server.start()
         self.server = server
         self.address = f"{host}:{port}"
@@ -144,6 +152,11 @@ class ControllerApp:
         self.reconciler.wake()
         return self.address
 
+    async def read_cluster(self) -> ClusterGauges:
+        """The cluster's state for the metrics, read in this loop."""
+        async with self.db.unit_of_work() as uow:
+            return await read_cluster_gauges(uow.session)
+
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful shutdown; safe to call twice."""
         log.info("stopping")
@@ -153,6 +166,7 @@ class ControllerApp:
         if self.server is not None:
             await self.server.stop(grace_s)
             self.server = None
+        await asyncio.to_thread(self.metrics.stop)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -23,6 +23,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, select, update
@@ -73,6 +74,8 @@ class CommitResult:
     updated_deployments: set[str] = field(default_factory=set)
     # Deployments in phase DELETING whose shards were removed and whose row was deleted.
     deleted_deployments: set[str] = field(default_factory=set)
+    # Deployments placed for the first time by this commit: seconds since they were created.
+    first_placed_after_s: dict[str, float] = field(default_factory=dict)
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -153,7 +156,7 @@ async def commit_plan(
         d.name: d
         for d in await session.execute(
             select(Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation,
-                   Deployment.reasons, Deployment.replicas, Deployment.shards_per_replica)
+                   Deployment.reasons, Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at)
         )
     }
     names_by_id = {d.id: d.name for d in deployments.values()}
@@ -224,12 +227,15 @@ async def commit_plan(
     deployment_updates: list[dict[str, Any]] = []
     updated_deployments: set[str] = set()
     reasons_changed: set[str] = set()
+    first_placed: dict[str, float] = {}
     for name in sorted(live):
         d = deployments[name]
         reasons = _reason_dicts(unplaced[name].reasons) if name in unplaced else []
         phase = DeploymentPhase(deployment_phase(d.replicas, replica_counts(d.shards_per_replica, shard_phases[name])))
         if reasons != (d.reasons or []):
             reasons_changed.add(name)
+        if d.generation == 0 and d.phase is DeploymentPhase.PENDING and phase is not DeploymentPhase.PENDING:
+            first_placed[name] = _seconds_between(d.created_at, now)
         if name in changed_deployments or phase is not d.phase or name in reasons_changed:
             deployment_updates.append(
                 {"id": d.id, "phase": phase, "reasons": reasons, "generation": new_generation[name], "updated_at": now}
@@ -309,6 +315,7 @@ async def commit_plan(
         generation=generation,
         updated_deployments=updated_deployments,
         deleted_deployments=deleted_deployments,
+        first_placed_after_s=first_placed,
     )
 
 
@@ -326,6 +333,12 @@ def _decision_records(events: list[dict[str, Any]], tenants: dict[str, str], act
                           detail={"message": e["message"], **e["data"]})
         for e in events if e["kind"] in AUDITED_DECISIONS
     ]
+
+
+def _seconds_between(earlier: datetime, later: datetime) -> float:
+    if earlier.tzinfo is None:  # SQLite hands back naive UTC
+        earlier = earlier.replace(tzinfo=timezone.utc)
+    return max(0.0, (later - earlier).total_seconds())
 
 
 def _events(

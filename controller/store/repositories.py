@@ -151,6 +151,7 @@ class ClusterUsage:
     node_milli: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     node_shards: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     node_tenants: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    node_tenant_milli: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     rack_power_w: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     row_power_w: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -202,6 +203,7 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
         usage.node_milli[node_id] += milli
         usage.node_shards[node_id] += shards
         usage.node_tenants[node_id].add(tenant_id)
+        usage.node_tenant_milli[(node_id, tenant_id)] += milli
         rack_id, row_id = node_rack.get(node_id, ("", ""))
         usage.rack_power_w[rack_id] += power
         usage.row_power_w[row_id] += power

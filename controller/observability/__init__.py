@@ -1,0 +1,1 @@
+"""What the controller tells operators about itself: Prometheus metrics (and usage metering)."""

@@ -1,0 +1,202 @@
+"""The controller's Prometheus metrics: one registry per controller, every metric declared here.
+
+Two kinds:
+- events, counted where they happen through small observer methods (`solved`, `plan_conflict`,
+  `placed`, `rpc_handled`): the reconciler and the gRPC interceptor call them and never import
+  prometheus_client;
+- state, read from the database at scrape time: the HTTP thread of `prometheus_client` asks the
+  controller's event loop for one `ClusterGauges` read (`run_coroutine_threadsafe`), so the loop
+  is never blocked and two controllers on one database report the same cluster.
+
+Names follow Prometheus conventions: base units in the name (`_seconds`, `_watts`, `_joules`),
+counters end in `_total`, labels only from bounded sets (tenants, racks, rows, zones, models,
+phases, reason codes, gRPC methods and codes), never deployment names or request ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from controller.observability.cluster import ClusterGauges
+
+log = logging.getLogger("maia.metrics")
+
+SOLVE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PLACED_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+RPC_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+SCRAPE_READ_TIMEOUT_S = 10.0
+
+ClusterReader = Callable[[], Awaitable[ClusterGauges]]
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/maia.v1.DeploymentService/Submit' -> ('maia.v1.DeploymentService', 'Submit')."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
+
+class _ClusterCollector(Collector):
+    """Gauges (and usage counters) over one database read, made in the controller's loop."""
+
+    def __init__(self, metrics: ControllerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # computed at scrape time; nothing to describe up front
+
+    def collect(self) -> Iterator[Metric]:
+        gauges = self._metrics.read_cluster()
+        if gauges is not None:
+            yield from cluster_families(gauges)
+
+
+def _gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], float]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
+
+
+def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
+    """The metric families of one cluster read."""
+    yield _gauge("maia_deployments", "Deployments by phase.", ["phase"],
+                 {(phase,): n for phase, n in g.deployments_by_phase.items()})
+    yield _gauge("maia_deployments_unplaced", "Deployments with unplaced replicas, by the solver's reason code.",
+                 ["reason"], {(code,): n for code, n in g.unplaced_by_reason.items()})
+    yield _gauge("maia_nodes", "Nodes by state (ready, cordoned, down).", ["state"],
+                 {(state,): n for state, n in g.nodes_by_state.items()})
+    yield _gauge("maia_node_heartbeat_lag_max_seconds", "Longest time since the last heartbeat among a rack's up nodes.",
+                 ["rack"], {(rack,): lag for rack, lag in g.heartbeat_lag_max_s.items()})
+    yield _gauge("maia_rack_power_used_watts", "Idle power of up nodes plus placed shards' power, per rack.",
+                 ["rack", "row"], {(r.id, r.parent): r.used_w for r in g.racks})
+    yield _gauge("maia_rack_power_budget_watts", "Power budget per rack (racks with a budget).", ["rack", "row"],
+                 {(r.id, r.parent): r.budget_w for r in g.racks if r.budget_w is not None})
+    yield _gauge("maia_rack_power_draw_watts", "Power the agents of a rack's up nodes last reported.", ["rack", "row"],
+                 {(r.id, r.parent): r.draw_w for r in g.racks})
+    yield _gauge("maia_row_power_used_watts", "Idle power of up nodes plus placed shards' power, per row.",
+                 ["row", "zone"], {(r.id, r.parent): r.used_w for r in g.rows})
+    yield _gauge("maia_row_power_budget_watts", "Power budget per row (rows with a budget).", ["row", "zone"],
+                 {(r.id, r.parent): r.budget_w for r in g.rows if r.budget_w is not None})
+    yield _gauge("maia_accelerators_allocated", "Accelerators held by placed shards (fractions as such).",
+                 ["tenant", "model"], dict(g.allocated))
+    yield _gauge("maia_accelerators_free", "Accelerators not held on ready nodes.", ["model", "zone"], dict(g.free))
+    if g.usage:
+        seconds = CounterMetricFamily("maia_usage_accelerator_seconds",
+                                      "Accelerator-seconds used (fractions as such), from the usage records.",
+                                      labels=["tenant", "model", "zone"])
+        joules = CounterMetricFamily("maia_usage_energy_joules",
+                                     "Energy used (shard power plus its share of idle power), from the usage records.",
+                                     labels=["tenant", "model", "zone"])
+        for (tenant, model, zone), (acc_s, energy_j) in sorted(g.usage.items()):
+            seconds.add_metric([tenant, model, zone], acc_s)
+            joules.add_metric([tenant, model, zone], energy_j)
+        yield seconds
+        yield joules
+
+
+class ControllerMetrics:
+    """The registry and every metric of one controller; `serve()` exposes `/metrics`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.solve_duration = Histogram("maia_solve_duration_seconds", "Time one solve took, by plan status.",
+                                        ["status"], registry=r, buckets=SOLVE_BUCKETS_S)
+        self.solves = Counter("maia_solves", "Solves, by plan status.", ["status"], registry=r)
+        self.plan_conflicts = Counter("maia_plan_conflicts",
+                                      "Plans not committed because the cluster generation moved (stale plans).",
+                                      registry=r)
+        self.submit_to_placed = Histogram("maia_deployment_submit_to_placed_seconds",
+                                          "From a deployment's creation to its first placement.",
+                                          registry=r, buckets=PLACED_BUCKETS_S)
+        self.rpcs = Counter("maia_grpc_server_handled", "gRPC calls completed, by method and status code.",
+                            ["service", "method", "code"], registry=r)
+        self.rpc_duration = Histogram("maia_grpc_server_handling_seconds", "gRPC call duration, by method.",
+                                      ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
+        self.cluster_read_errors = Counter("maia_metrics_cluster_read_errors",
+                                           "Scrapes whose database read failed or timed out.", registry=r)
+        self._reader: ClusterReader | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        r.register(_ClusterCollector(self))
+
+    # --- events ---------------------------------------------------------------------------------
+    def solved(self, status: str, seconds: float) -> None:
+        self.solves.labels(status).inc()
+        self.solve_duration.labels(status).observe(seconds)
+
+    def plan_conflict(self) -> None:
+        self.plan_conflicts.inc()
+
+    def placed(self, latencies_s: Iterable[float]) -> None:
+        for latency in latencies_s:
+            self.submit_to_placed.observe(latency)
+
+    def rpc_handled(self, full_method: str, code: str, seconds: float) -> None:
+        service, method = split_method(full_method)
+        self.rpcs.labels(service, method, code).inc()
+        self.rpc_duration.labels(service, method).observe(seconds)
+
+    # --- state read at scrape time --------------------------------------------------------------
+    def watch_cluster(self, loop: asyncio.AbstractEventLoop, reader: ClusterReader) -> None:
+        """Scrapes read the cluster through `reader`, run in `loop` (the controller's)."""
+        self._loop, self._reader = loop, reader
+
+    def watch_alarms(self, count: Callable[[], int]) -> None:
+        """The isolation watchdog's alarm count, exported as `maia_isolation_watchdog_alarms_total`."""
+        self.registry.register(_AlarmCollector(count))
+
+    def read_cluster(self) -> ClusterGauges | None:
+        """One cluster read in the controller's loop, waited for from the HTTP thread."""
+        if self._reader is None or self._loop is None or self._loop.is_closed():
+            return None
+        future = asyncio.run_coroutine_threadsafe(self._reader(), self._loop)
+        try:
+            return future.result(SCRAPE_READ_TIMEOUT_S)
+        except Exception:
+            future.cancel()
+            self.cluster_read_errors.inc()
+            log.exception("metrics: reading the cluster state failed")
+            return None
+
+    # --- the endpoint ---------------------------------------------------------------------------
+    def serve(self, listen: str) -> str:
+        """Serve `/metrics` on HOST:PORT (port 0: any free port) from a thread; returns HOST:PORT."""
+        host, _, port = listen.rpartition(":")
+        try:
+            self._server, self._thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0",
+                                                           registry=self.registry)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot serve metrics on {listen}: {exc}") from exc
+        return f"{host}:{self._server.server_port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
+class _AlarmCollector(Collector):
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("maia_isolation_watchdog_alarms", "Isolation violations the watchdog found.")
+        family.add_metric([], float(self._count()))
+        yield family

@@ -1,0 +1,130 @@
+"""`/metrics` of a real controller (gRPC on a socket, simulated nodes, placed and pending
+deployments), scraped over HTTP and parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller.api.server import ControllerApp
+from controller.config import Config
+from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, eventually, spec, topology
+from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+
+RACKS = {"rack-00": "row-a", "rack-01": "row-a"}
+RACK_BUDGET_W = 20_000.0
+IDLE_W = 600.0  # maia-simnode's default idle power per node
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_text(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=15) as reply:
+        assert reply.status == 200
+        return reply.read().decode()
+
+
+async def scrape(address: str) -> Samples:
+    """Every sample by (name, sorted labels). The HTTP fetch runs in a thread: the endpoint
+    asks this very event loop for the cluster state."""
+    text = await asyncio.to_thread(scrape_text, address)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum over every sample of `name` whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+@pytest.fixture
+async def app(db_url: str) -> AsyncIterator[ControllerApp]:
+    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
+                               heartbeat_timeout_s=2.0, solve_time_limit_ms=1000, metrics_listen="127.0.0.1:0"))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop(grace_s=1.0)
+
+
+async def test_metrics_follow_the_scenario(app: ControllerApp, tmp_path: Path) -> None:
+    channel = grpc.aio.insecure_channel(app.address)
+    stubs = Stubs.on(channel)
+    topo = topology(RACKS, rack_budget_w=RACK_BUDGET_W)
+    topo.rows[0].power_budget_w = 50_000.0
+    await stubs.admin.ApplyTopology(topo)
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab", max_accelerators=6))
+    fleet = SimFleet(app.address, racks=2, nodes_per_rack=2, log_dir=tmp_path)
+    try:
+        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 4,
+                         what="4 agents connected")
+        # Placed: one replica of 2 shards x 2 accelerators (400 W each) in one rack.
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("svc", replicas=1, shards=2, accelerators=2)))
+        await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
+                         lambda d: d.phase == RUNNING, what="svc running")
+        # Pending: 4 more accelerators would pass the tenant's cap of 6.
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("odd", shards=1, accelerators=4)))
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="nope"))
+        assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+
+        async def phases() -> dict[str, int]:
+            listed = await stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest())
+            return {d.spec.name: d.phase for d in listed.deployments}
+
+        await eventually(phases, lambda p: p == {"svc": RUNNING, "odd": PENDING}, what="svc running, odd pending")
+        svc = await stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
+        loaded_rack = svc.placements[0].rack
+        odd = await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="odd")),
+                               lambda d: len(d.reasons) > 0, what="odd's reasons")
+        odd_reasons = {r.code for r in odd.reasons}
+
+        samples = await scrape(app.metrics_address)
+    finally:
+        fleet.stop()
+        await channel.close()
+
+    assert value(samples, "maia_deployments", phase="running") == 1
+    assert value(samples, "maia_deployments", phase="pending") == 1
+    assert "QUOTA_ACCELERATORS" in odd_reasons and all(value(samples, "maia_deployments_unplaced", reason=code) == 1 for code in odd_reasons)
+    assert total(samples, "maia_deployments_unplaced") == len(odd_reasons)
+    assert value(samples, "maia_nodes", state="ready") == 4
+    assert value(samples, "maia_nodes", state="down") == 0
+    assert value(samples, "maia_accelerators_allocated", tenant="lab", model="maia-100") == 4
+    assert value(samples, "maia_accelerators_free", model="maia-100", zone="z1") == 4 * 4 - 4
+
+    # Power: every up node's idle power, plus 4 loaded accelerators x 400 W in the loaded rack.
+    for rack in RACKS:
+        used = 2 * IDLE_W + (4 * 400.0 if rack == loaded_rack else 0.0)
+        assert value(samples, "maia_rack_power_used_watts", rack=rack, row="row-a") == pytest.approx(used)
+        assert value(samples, "maia_rack_power_budget_watts", rack=rack, row="row-a") == RACK_BUDGET_W
+    assert value(samples, "maia_row_power_used_watts", row="row-a", zone="z1") == pytest.approx(4 * IDLE_W + 1600)
+    assert value(samples, "maia_row_power_budget_watts", row="row-a", zone="z1") == 50_000.0
+    assert 0 <= value(samples, "maia_node_heartbeat_lag_max_seconds", rack=loaded_rack) < 10
+
+    # Events: solves by status, the first placement's latency, gRPC calls by method and code.
+    assert total(samples, "maia_solves_total") >= 1
+    assert total(samples, "maia_solve_duration_seconds_count") == total(samples, "maia_solves_total")
+    assert value(samples, "maia_deployment_submit_to_placed_seconds_count") == 1
+    submit = {"service": "maia.v1.DeploymentService", "method": "SubmitDeployment"}
+    assert value(samples, "maia_grpc_server_handled_total", code="OK", **submit) == 2
+    assert value(samples, "maia_grpc_server_handled_total", code="NOT_FOUND",
+                 service="maia.v1.DeploymentService", method="GetDeployment") == 1
+    assert value(samples, "maia_grpc_server_handling_seconds_count", **submit) == 2
+    assert total(samples, "maia_grpc_server_handled_total", service="maia.v1.NodeAgentService",
+                 method="Register", code="OK") == 4
+    # No unbounded labels: no deployment name appears as a label value.
+    assert not any(v in ("svc", "odd") for _, labels in samples for _, v in labels)
