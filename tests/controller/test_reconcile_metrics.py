@@ -10,7 +10,6 @@ from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, deployment
 
 
-
 async def test_a_stale_plan_is_counted_as_a_conflict_then_the_placement_is_observed(cluster):
     metrics = ControllerMetrics()
     solves = 0
