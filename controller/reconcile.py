@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from controller.store import models as m
@@ -100,6 +101,7 @@ class Reconciler:
         solve: Callable[..., Awaitable[Plan]] = planning.solve_in_thread,
         clock: Callable[[], float] = time.monotonic,
         observer: ReconcileObserver | None = None,
+        wall_clock: Callable[[], datetime] = m.utcnow,
     ) -> None:
         self._db = db
         self._push = push
@@ -114,6 +116,7 @@ class Reconciler:
         self._solve = solve
         self._clock = clock
         self._observer = observer or NoObserver()
+        self._wall_clock = wall_clock  # when placements start and stop, for the usage meter
         self._time_limited_passes = 0  # in a row: the back-off doubles with each
         self._retry_at: float | None = None
         self._wake = asyncio.Event()
@@ -182,7 +185,7 @@ class Reconciler:
             self._observer.solved(plan.status, solve_ms / 1000)
             try:
                 async with self._db.unit_of_work() as uow:
-                    result = await commit_plan(uow.session, snapshot, plan, actor="controller")
+                    result = await commit_plan(uow.session, snapshot, plan, actor="controller", now=self._wall_clock())
                     await uow.commit()
             except PlanConflict as exc:
                 self._observer.plan_conflict()

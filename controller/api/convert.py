@@ -8,8 +8,9 @@ are applied here, so use cases see complete values.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.errors import InvalidArgument
@@ -251,3 +252,20 @@ def assignment_set_msg(view: d.AssignmentSet) -> agent_pb2.ControllerMessage:
             for a in view.assignments
         ],
     ))
+
+
+def usage_response_msg(report: d.UsageReport) -> deployments_pb2.GetUsageResponse:
+    return deployments_pb2.GetUsageResponse(
+        since=_ts(report.since), until=_ts(report.until),
+        records=[deployments_pb2.UsageRecord(
+            tenant=r.tenant, deployment=r.deployment, accelerator_model=r.accelerator_model, zone=r.zone,
+            accelerator_seconds=r.accelerator_seconds, accelerator_hours=r.accelerator_seconds / 3600.0,
+            energy_kwh=r.energy_kwh) for r in report.records],
+    )
+
+
+def optional_time(msg: Message, name: str) -> datetime | None:
+    """A Timestamp field as an aware UTC datetime, None when absent."""
+    if not msg.HasField(name):
+        return None
+    return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)

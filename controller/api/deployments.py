@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 
 from grpc import aio
 
@@ -10,6 +11,7 @@ from controller.api import convert
 from controller.api.deps import ServiceDeps
 from controller.identity import current_principal
 from controller.usecases import deployments as cases
+from controller.usecases.usage import usage_report
 from controller.usecases.watch import watch_deployments
 from maia.v1 import deployments_pb2, deployments_pb2_grpc
 
@@ -53,3 +55,11 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         async for event in watch_deployments(self._deps.db.unit_of_work, current_principal(), self._deps.bus,
                                              tenant=request.tenant, name=request.name):
             yield convert.deployment_event_msg(event)
+
+    async def GetUsage(self, request: deployments_pb2.GetUsageRequest,
+                       context: aio.ServicerContext) -> deployments_pb2.GetUsageResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            report = await usage_report(uow, current_principal(), tenant=request.tenant,
+                                        since=convert.optional_time(request, "since"),
+                                        until=convert.optional_time(request, "until"), now=datetime.now(timezone.utc))
+        return convert.usage_response_msg(report)

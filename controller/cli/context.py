@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from controller.cli.client import CliError, Controller, Exit
 from controller.cli.config import Connection
 
-OUTPUTS = ("table", "wide", "json", "yaml", "name")
+OUTPUTS = ("table", "wide", "json", "yaml", "name", "csv")
 
 
 def to_jsonable(value: Any) -> Any:

@@ -37,7 +37,7 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
         parent.add_argument(flag, dest=dest, metavar=metavar, default=default, help=text)
     parent.add_argument("-o", "--output", choices=OUTPUTS, default=default,
                         help="output format: table (default), wide (more columns), json, yaml "
-                             "(manifest vocabulary, re-appliable), name (kind/name per line)")
+                             "(manifest vocabulary, re-appliable), name (kind/name per line), csv (usage only)")
     parent.add_argument("--no-headers", action="store_true", default=default,
                         help="tables: leave out the header line")
     parent.add_argument("--rpc-timeout", type=float, metavar="SECONDS", default=default,
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.output == "csv" and not getattr(args, "csv_output", False):
+        print(f"error: -o csv is not supported by {args.command}; it is for usage", file=sys.stderr)
+        return Exit.USAGE
     try:
         connection = resolve_connection({dest: getattr(args, dest) for dest, _, _ in _CONNECTION_FLAGS.values()})
     except ConfigError as exc:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.store import metering
 from controller.store import models as m
 from controller.store import repositories as repo
 
@@ -54,7 +55,7 @@ def _aware(at: datetime) -> datetime:
 
 async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None) -> ClusterGauges:
     now = now or datetime.now(timezone.utc)
-    usage = await repo.cluster_usage(session)
+    placed = await repo.cluster_usage(session)
     phases = {phase.value: 0 for phase in m.DeploymentPhase}
     phases.update(await repo.count_deployments_by_phase(session))
 
@@ -93,22 +94,26 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
             lag[rack_id] = max(lag.get(rack_id, 0.0), max(0.0, (now - _aware(last_beat)).total_seconds()))
         if state == "ready":
             zone = zone_of_row.get(racks_budget.get(rack_id, ("", None))[0], "")
-            free[(model, zone)] += max(0, accelerators * 1000 - usage.node_milli.get(node_id, 0)) / 1000.0
+            free[(model, zone)] += max(0, accelerators * 1000 - placed.node_milli.get(node_id, 0)) / 1000.0
 
     allocated: dict[tuple[str, str], float] = defaultdict(float)
-    for (node_id, tenant_id), milli in usage.node_tenant_milli.items():
+    for (node_id, tenant_id), milli in placed.node_tenant_milli.items():
         allocated[(tenant_id, model_of.get(node_id, ""))] += milli / 1000.0
 
     racks = tuple(
-        PowerDomain(rack_id, row_id, usage.rack_power_w.get(rack_id, 0.0), budget, draw.get(rack_id, 0.0))
+        PowerDomain(rack_id, row_id, placed.rack_power_w.get(rack_id, 0.0), budget, draw.get(rack_id, 0.0))
         for rack_id, (row_id, budget) in sorted(racks_budget.items())
     )
     rows = tuple(
-        PowerDomain(row_id, zone_of_row[row_id], usage.row_power_w.get(row_id, 0.0), budget)
+        PowerDomain(row_id, zone_of_row[row_id], placed.row_power_w.get(row_id, 0.0), budget)
         for row_id, budget in sorted(rows_budget.items())
     )
+    metered = {
+        (t.tenant, t.accelerator_model, t.zone): (t.accelerator_seconds, t.energy_j)
+        for t in await metering.usage_by(session, ("tenant", "accelerator_model", "zone"), now=now)
+    }
     return ClusterGauges(
         deployments_by_phase=phases, unplaced_by_reason=dict(unplaced), nodes_by_state=states,
-        heartbeat_lag_max_s=lag, racks=racks, rows=rows, allocated=dict(allocated), free=dict(free),
+        heartbeat_lag_max_s=lag, racks=racks, rows=rows, allocated=dict(allocated), free=dict(free), usage=metered,
     )
 

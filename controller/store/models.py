@@ -23,6 +23,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -314,3 +315,35 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
     hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class UsageInterval(Base):
+    """One placed shard's use of its node from start to stop: the usage meter's record.
+
+    Opened and closed in the same transaction that writes or removes the placement (a restart
+    loses nothing; an open interval counts up to "now"). It keeps names rather than foreign
+    keys, so the history outlives the deployment, node and tenant rows. Times are epoch seconds
+    so that the database can sum overlaps on SQLite and PostgreSQL alike.
+    """
+
+    __tablename__ = "usage_intervals"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    # The placement row it meters while open (closed intervals may name a reused id).
+    placement_id: Mapped[int] = mapped_column(Integer, nullable=False, index=True)
+    tenant_id: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False)
+    deployment: Mapped[str] = mapped_column(String(63), nullable=False)
+    replica: Mapped[int] = mapped_column(Integer, nullable=False)
+    shard: Mapped[int] = mapped_column(Integer, nullable=False)
+    node_id: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False, index=True)
+    zone_id: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False)
+    accelerator_model: Mapped[str] = mapped_column(String(64), default="", nullable=False)
+    # Milli-accelerators held (2 whole accelerators: 2000; a quarter of one: 250).
+    accelerator_milli: Mapped[int] = mapped_column(Integer, nullable=False)
+    # Watts: the shard's load power (power_w x milli / 1000) and its share of the node's idle power.
+    load_power_w: Mapped[float] = mapped_column(Float, nullable=False)
+    idle_share_w: Mapped[float] = mapped_column(Float, nullable=False)
+    started_s: Mapped[float] = mapped_column(Float, nullable=False)
+    ended_s: Mapped[float | None] = mapped_column(Float, index=True)
+
+    __table_args__ = (Index("ix_usage_intervals_tenant_started", "tenant_id", "started_s"),)

@@ -40,6 +40,7 @@ from controller.store.models import (
     ShardPhase,
     utcnow,
 )
+from controller.store.metering import StartedShard, start_intervals, stop_intervals
 from controller.store.snapshot import ShardKey, Snapshot
 from controller.usecases.phases import deployment_phase, replica_counts
 
@@ -141,7 +142,7 @@ class _Row:
 
 
 async def commit_plan(
-    session: AsyncSession, snapshot: Snapshot, plan: Plan, *, actor: str = "controller"
+    session: AsyncSession, snapshot: Snapshot, plan: Plan, *, actor: str = "controller", now: datetime | None = None,
 ) -> CommitResult:
     """Apply `plan` (solved from `snapshot`) in the caller's transaction; the caller commits.
 
@@ -149,7 +150,7 @@ async def commit_plan(
     a deployment or node that no longer exists; nothing is written then (roll back anyway).
     """
     await _check_generation(session, snapshot.generation)
-    now = utcnow()
+    now = now or utcnow()
 
     # Current state, one query per table (read under the generation lock).
     deployments = {
@@ -266,9 +267,14 @@ async def commit_plan(
                 for row, pl in updates
             ],
         )
+    started: list[StartedShard] = [
+        StartedShard(row.id, row.deployment_id, row.key[1], row.key[2], pl.node, pl.accelerator_milli)
+        for row, pl in updates
+    ]
     if inserts:
-        await session.execute(
-            insert(Placement),
+        written = await session.execute(
+            insert(Placement).returning(Placement.id, Placement.deployment_id, Placement.replica, Placement.shard,
+                                        Placement.node_id, Placement.accelerator_milli),
             [
                 {
                     "deployment_id": deployments[key[0]].id,
@@ -285,6 +291,10 @@ async def commit_plan(
                 for key in inserts
             ],
         )
+        started += [StartedShard(*row) for row in written]
+    # The usage meter follows the placements: moved shards stop on the old node, start on the new.
+    await stop_intervals(session, [row.id for row in deletes] + [row.id for row, _ in updates], now)
+    await start_intervals(session, started, now)
     if deployment_updates:
         await session.execute(update(Deployment), deployment_updates)
     deleted_deployments = {name for name, d in deployments.items() if name not in live}

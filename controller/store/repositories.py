@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import and_, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from controller.store import models as m
+from controller.store.metering import shard_milli, stop_intervals_on_node
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
 from controller.usecases import domain as d
 from controller.usecases.phases import ReplicaCounts, deployment_phase, replica_counts
@@ -161,9 +163,7 @@ class ClusterUsage:
 
 def placement_milli(dep: m.Deployment, placement: m.Placement) -> int:
     """Accelerator milli-units one placed shard holds."""
-    if dep.shard_accelerators == 1 and placement.accelerator_milli and placement.accelerator_milli < 1000:
-        return placement.accelerator_milli
-    return 1000 * dep.shard_accelerators
+    return shard_milli(dep.shard_accelerators, placement.accelerator_milli)
 
 
 # `placement_milli` in SQL, for sums over many placements (tests/store/test_usage.py holds them equal).
@@ -323,14 +323,16 @@ async def bump_node_assignment_generations(session: AsyncSession, node_ids: Iter
         )
 
 
-async def remove_placements_on_node(session: AsyncSession, node_id: str) -> set[str]:
-    """Delete every placement on a node (drain); returns {node_id} if its set changed."""
+async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now: datetime | None = None) -> set[str]:
+    """Delete every placement on a node (drain), stopping their usage meters; returns {node_id}
+    if its set changed."""
     deployment_ids = set(await session.scalars(
         select(m.Placement.deployment_id).where(m.Placement.node_id == node_id)
     ))
     if not deployment_ids:
         return set()
     await session.execute(delete(m.Placement).where(m.Placement.node_id == node_id))
+    await stop_intervals_on_node(session, node_id, now or m.utcnow())
     await session.execute(
         update(m.Deployment).where(m.Deployment.id.in_(deployment_ids))
         .values(generation=m.Deployment.generation + 1)

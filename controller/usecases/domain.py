@@ -38,6 +38,25 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """Metered usage of one deployment's shards on one accelerator model in one zone, over a window."""
+
+    tenant: str
+    deployment: str
+    accelerator_model: str
+    zone: str
+    accelerator_seconds: float
+    energy_kwh: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    since: datetime | None
+    until: datetime
+    records: tuple[UsageRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TenantView:
     spec: TenantSpec
     usage: Usage = Usage()

@@ -126,5 +126,10 @@ async def test_metrics_follow_the_scenario(app: ControllerApp, tmp_path: Path) -
     assert value(samples, "maia_grpc_server_handling_seconds_count", **submit) == 2
     assert total(samples, "maia_grpc_server_handled_total", service="maia.v1.NodeAgentService",
                  method="Register", code="OK") == 4
+    # Usage meters run from the placement on: svc's 4 accelerators (4 x 400 W load + 4 x 150 W idle share).
+    lab = {"tenant": "lab", "model": "maia-100", "zone": "z1"}
+    accelerator_s = value(samples, "maia_usage_accelerator_seconds_total", **lab)
+    assert accelerator_s > 0
+    assert value(samples, "maia_usage_energy_joules_total", **lab) == pytest.approx(accelerator_s * (400 + 150))
     # No unbounded labels: no deployment name appears as a label value.
     assert not any(v in ("svc", "odd") for _, labels in samples for _, v in labels)

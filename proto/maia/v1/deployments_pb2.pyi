@@ -157,3 +157,41 @@ class DeploymentEvent(_message.Message):
     type: DeploymentEvent.Type
     deployment: Deployment
     def __init__(self, type: _Optional[_Union[DeploymentEvent.Type, str]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("tenant", "since", "until")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    def __init__(self, tenant: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class UsageRecord(_message.Message):
+    __slots__ = ("tenant", "deployment", "accelerator_model", "zone", "accelerator_seconds", "accelerator_hours", "energy_kwh")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_HOURS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_KWH_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    deployment: str
+    accelerator_model: str
+    zone: str
+    accelerator_seconds: float
+    accelerator_hours: float
+    energy_kwh: float
+    def __init__(self, tenant: _Optional[str] = ..., deployment: _Optional[str] = ..., accelerator_model: _Optional[str] = ..., zone: _Optional[str] = ..., accelerator_seconds: _Optional[float] = ..., accelerator_hours: _Optional[float] = ..., energy_kwh: _Optional[float] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("records", "since", "until")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[UsageRecord]
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -59,6 +59,11 @@ class DeploymentServiceStub:
                 request_serializer=maia_dot_v1_dot_deployments__pb2.WatchDeploymentsRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_deployments__pb2.DeploymentEvent.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/maia.v1.DeploymentService/GetUsage',
+                request_serializer=maia_dot_v1_dot_deployments__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_deployments__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class DeploymentServiceServicer:
@@ -98,6 +103,14 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Metered usage in [since, until) per tenant, deployment, accelerator model and zone:
+        accelerator-seconds (fractions counted as such) and energy; a tenant sees only its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeploymentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +138,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.WatchDeployments,
                     request_deserializer=maia_dot_v1_dot_deployments__pb2.WatchDeploymentsRequest.FromString,
                     response_serializer=maia_dot_v1_dot_deployments__pb2.DeploymentEvent.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=maia_dot_v1_dot_deployments__pb2.GetUsageRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_deployments__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +280,33 @@ class DeploymentService:
             '/maia.v1.DeploymentService/WatchDeployments',
             maia_dot_v1_dot_deployments__pb2.WatchDeploymentsRequest.SerializeToString,
             maia_dot_v1_dot_deployments__pb2.DeploymentEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.DeploymentService/GetUsage',
+            maia_dot_v1_dot_deployments__pb2.GetUsageRequest.SerializeToString,
+            maia_dot_v1_dot_deployments__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

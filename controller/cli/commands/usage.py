@@ -1,0 +1,80 @@
+"""`maiactl usage`: metered accelerator-hours and energy per tenant, deployment, model and zone.
+
+`--since` / `--until` take an ISO-8601 time (`2026-11-30`, `2026-11-30T08:00`, `...Z`; UTC
+when no offset is given) or a duration back from now (`90m`, `24h`, `7d`). `-o csv` prints
+one header line and one line per record (for spreadsheets and billing scripts).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from datetime import datetime, timedelta, timezone
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controller.cli.context import Context
+from controller.cli.tables import render_table
+from maia.v1 import deployments_pb2
+
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+CSV_FIELDS = ("tenant", "deployment", "accelerator_model", "zone", "accelerator_seconds", "accelerator_hours",
+              "energy_kwh")
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """An ISO-8601 time (UTC unless it says otherwise) or a duration ago ('24h')."""
+    now = now or datetime.now(timezone.utc)
+    ago = _AGO.match(text.strip())
+    if ago:
+        return now - timedelta(seconds=float(ago.group(1)) * _UNIT_S[ago.group(2)])
+    try:
+        at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO-8601 time (2026-11-30T08:00Z) nor a duration ago (90m, 24h, 7d)") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
+
+
+def _timestamp(at: datetime | None) -> Timestamp | None:
+    if at is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("usage", parents=[common], help="metered accelerator-hours and kWh (-o table|json|csv)")
+    p.add_argument("--tenant", default="", help="one tenant only (a tenant's token sees only its own)")
+    p.add_argument("--since", type=parse_time, help="start of the window: ISO-8601 time or a duration ago (24h)")
+    p.add_argument("--until", type=parse_time, help="end of the window (default: now)")
+    p.set_defaults(handler=run, csv_output=True)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    request = deployments_pb2.GetUsageRequest(tenant=args.tenant, since=_timestamp(args.since),
+                                              until=_timestamp(args.until))
+    reply = ctx.controller.deployments.GetUsage(request, timeout=ctx.rpc_timeout)
+    if ctx.json:
+        ctx.emit_json(reply)
+    elif ctx.output == "csv":
+        writer = csv.writer(ctx.stdout, lineterminator="\n")
+        writer.writerow(CSV_FIELDS)
+        for r in reply.records:
+            writer.writerow([r.tenant, r.deployment, r.accelerator_model, r.zone, f"{r.accelerator_seconds:.3f}",
+                             f"{r.accelerator_hours:.6f}", f"{r.energy_kwh:.6f}"])
+        ctx.stdout.flush()
+    else:
+        ctx.out(render_table(
+            ("tenant", "deployment", "model", "zone", "accel-hours", "energy-kwh"),
+            [(r.tenant, r.deployment, r.accelerator_model, r.zone, round(r.accelerator_hours, 3),
+              round(r.energy_kwh, 3)) for r in reply.records],
+        ))
+        since = reply.since.ToDatetime(tzinfo=timezone.utc).isoformat() if reply.HasField("since") else "the start"
+        until = reply.until.ToDatetime(tzinfo=timezone.utc).isoformat()
+        hours = sum(r.accelerator_hours for r in reply.records)
+        kwh = sum(r.energy_kwh for r in reply.records)
+        ctx.out(f"\n{hours:.3f} accelerator-hours, {kwh:.3f} kWh from {since} to {until}")
+    return 0

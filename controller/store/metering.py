@@ -1,0 +1,173 @@
+"""Usage metering: who used how many accelerator-seconds and how much energy, where.
+
+Every placed shard has one open `UsageInterval` while its placement row exists. The writers of
+placements call `start_intervals` / `stop_intervals` in the same transaction that inserts,
+moves or deletes the placement rows, so the meter and the placements cannot disagree and a
+controller restart loses nothing (an open interval simply counts up to the time it is read).
+
+What an interval charges, per second:
+- accelerators: the milli-accelerators the shard holds / 1000 (a quarter of one: 0.25);
+- power: the shard's load power (`power_w` per whole accelerator, a fraction draws
+  `power_w x milli / 1000`) plus its share of the node's idle power (`idle_power_w x milli /
+  (accelerators x 1000)`): the idle power of the accelerators nobody holds is charged to no one.
+Sums over a time window are computed by the database (`usage_by`), overlaps clipped to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, func, insert, literal, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store import models as m
+
+J_PER_KWH = 3.6e6
+_CHUNK = 500
+
+
+def epoch_s(at: datetime) -> float:
+    """Seconds since the epoch (naive datetimes are UTC, as SQLite hands them back)."""
+    return (at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def shard_milli(shard_accelerators: int, accelerator_milli: int | None) -> int:
+    """Milli-accelerators one placed shard holds: a fraction of one accelerator, or whole ones."""
+    if shard_accelerators == 1 and accelerator_milli and accelerator_milli < 1000:
+        return accelerator_milli
+    return 1000 * shard_accelerators
+
+
+@dataclass(frozen=True, slots=True)
+class StartedShard:
+    """A placement row just written (inserted, or moved to a node)."""
+
+    placement_id: int
+    deployment_id: int
+    replica: int
+    shard: int
+    node_id: str
+    accelerator_milli: int | None
+
+
+async def start_intervals(session: AsyncSession, started: Sequence[StartedShard], at: datetime) -> None:
+    """Open one interval per started shard (in the caller's transaction)."""
+    if not started:
+        return
+    dep_ids = {s.deployment_id for s in started}
+    deployments = {
+        row.id: row for row in await session.execute(
+            select(m.Deployment.id, m.Deployment.name, m.Deployment.tenant_id, m.Deployment.shard_accelerators,
+                   m.Deployment.shard_power_w).where(m.Deployment.id.in_(dep_ids)))
+    }
+    nodes = {
+        row.id: row for row in await session.execute(
+            select(m.Node.id, m.Node.accelerator_model, m.Node.accelerators, m.Node.idle_power_w, m.Row.zone_id)
+            .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id)
+            .where(m.Node.id.in_({s.node_id for s in started})))
+    }
+    start = epoch_s(at)
+    rows: list[dict[str, Any]] = []
+    for s in started:
+        dep, node = deployments[s.deployment_id], nodes[s.node_id]
+        milli = shard_milli(dep.shard_accelerators, s.accelerator_milli)
+        idle_share = (node.idle_power_w or 0.0) * milli / (node.accelerators * 1000) if node.accelerators else 0.0
+        rows.append({
+            "placement_id": s.placement_id, "tenant_id": dep.tenant_id, "deployment": dep.name,
+            "replica": s.replica, "shard": s.shard, "node_id": s.node_id, "zone_id": node.zone_id,
+            "accelerator_model": node.accelerator_model or "", "accelerator_milli": milli,
+            "load_power_w": (dep.shard_power_w or 0.0) * milli / 1000.0, "idle_share_w": idle_share,
+            "started_s": start, "ended_s": None,
+        })
+    await session.execute(insert(m.UsageInterval), rows)
+
+
+async def stop_intervals(session: AsyncSession, placement_ids: Iterable[int], at: datetime) -> None:
+    """Close the open intervals of these placements (removed, or moved away)."""
+    ids = sorted(set(placement_ids))
+    for start in range(0, len(ids), _CHUNK):
+        await session.execute(
+            update(m.UsageInterval)
+            .where(m.UsageInterval.placement_id.in_(ids[start:start + _CHUNK]), m.UsageInterval.ended_s.is_(None))
+            .values(ended_s=epoch_s(at)).execution_options(synchronize_session=False)
+        )
+
+
+async def stop_intervals_on_node(session: AsyncSession, node_id: str, at: datetime) -> None:
+    await session.execute(
+        update(m.UsageInterval)
+        .where(m.UsageInterval.node_id == node_id, m.UsageInterval.ended_s.is_(None))
+        .values(ended_s=epoch_s(at)).execution_options(synchronize_session=False)
+    )
+
+
+# --- reading -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """Usage summed over a window for one group (the group's fields that were asked for)."""
+
+    tenant: str
+    deployment: str
+    accelerator_model: str
+    zone: str
+    accelerator_seconds: float
+    energy_j: float
+
+    @property
+    def accelerator_hours(self) -> float:
+        return self.accelerator_seconds / 3600.0
+
+    @property
+    def energy_kwh(self) -> float:
+        return self.energy_j / J_PER_KWH
+
+
+def _least(a: ColumnElement[float], b: ColumnElement[float]) -> ColumnElement[float]:
+    return case((a < b, a), else_=b)
+
+
+def _greatest(a: ColumnElement[float], b: ColumnElement[float]) -> ColumnElement[float]:
+    return case((a > b, a), else_=b)
+
+
+_GROUPS = {
+    "tenant": m.UsageInterval.tenant_id,
+    "deployment": m.UsageInterval.deployment,
+    "accelerator_model": m.UsageInterval.accelerator_model,
+    "zone": m.UsageInterval.zone_id,
+}
+
+
+async def usage_by(
+    session: AsyncSession, group: Sequence[str], *, now: datetime, tenant: str = "",
+    since: datetime | None = None, until: datetime | None = None,
+) -> list[UsageTotal]:
+    """Usage in [since, until) (until at most `now`; open intervals count up to `now`), summed
+    by the database per `group` (names from: tenant, deployment, accelerator_model, zone)."""
+    iv = m.UsageInterval
+    end_s = min(epoch_s(until), epoch_s(now)) if until is not None else epoch_s(now)
+    start_s = epoch_s(since) if since is not None else 0.0
+    lo = _greatest(iv.started_s, literal(start_s))
+    hi = _least(func.coalesce(iv.ended_s, literal(end_s)), literal(end_s))
+    seconds = hi - lo
+    columns = [_GROUPS[name] for name in group]
+    stmt = (
+        select(*columns, func.sum(seconds * iv.accelerator_milli / 1000.0),
+               func.sum(seconds * (iv.load_power_w + iv.idle_share_w)))
+        .where(and_(iv.started_s < end_s, func.coalesce(iv.ended_s, literal(end_s)) > start_s))
+        .group_by(*columns).order_by(*columns)
+    )
+    if tenant:
+        stmt = stmt.where(iv.tenant_id == tenant)
+    totals = []
+    for row in await session.execute(stmt):
+        keys = dict(zip(group, row[:len(group)]))
+        totals.append(UsageTotal(
+            tenant=keys.get("tenant", ""), deployment=keys.get("deployment", ""),
+            accelerator_model=keys.get("accelerator_model", ""), zone=keys.get("zone", ""),
+            accelerator_seconds=float(row[-2] or 0.0), energy_j=float(row[-1] or 0.0),
+        ))
+    return totals

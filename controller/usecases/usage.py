@@ -1,0 +1,42 @@
+"""Usage reports: what a tenant used, from the usage meter (`controller.store.metering`).
+
+A caller bound to a tenant sees only that tenant's usage: asking for another tenant is
+refused, asking for none means its own.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from controller.errors import InvalidArgument, NotFound
+from controller.identity import Principal
+from controller.store import metering
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+from controller.usecases.domain import UsageRecord, UsageReport
+
+GROUPS = ("tenant", "deployment", "accelerator_model", "zone")
+
+
+def visible_tenant(who: Principal, requested: str) -> str:
+    """The tenant whose usage `who` may read ('' for all); a tenant-bound caller reads only its own."""
+    own = getattr(who, "tenant", "") or ""
+    if own and requested and requested != own:
+        raise NotFound(f"tenant {requested} not found")  # a tenant does not learn of other tenants
+    return own or requested
+
+
+async def usage_report(
+    uow: UnitOfWork, who: Principal, *, tenant: str = "", since: datetime | None = None,
+    until: datetime | None = None, now: datetime,
+) -> UsageReport:
+    tenant = visible_tenant(who, tenant)
+    if since is not None and until is not None and since >= until:
+        raise InvalidArgument(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
+    end = min(until, now) if until is not None else now
+    totals = await metering.usage_by(uow.session, GROUPS, now=now, tenant=tenant, since=since, until=end)
+    if tenant and not totals and await repo.get_tenant(uow.session, tenant) is None:
+        raise NotFound(f"tenant {tenant} not found")  # a deleted tenant's history is still reported
+    return UsageReport(since=since, until=end, records=tuple(
+        UsageRecord(t.tenant, t.deployment, t.accelerator_model, t.zone, t.accelerator_seconds, t.energy_kwh)
+        for t in totals))

@@ -1,0 +1,139 @@
+"""Usage metering through simulated time: placements start and stop at the reconciler's
+injected clock; the report's accelerator-hours and kWh equal hand-computed values.
+
+The cluster (tests/controller/conftest.py): 4 nodes of 4 maia-100 accelerators, 500 W idle
+each, in zone z1. An accelerator's share of its node's idle power is 500 / 4 = 125 W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from controller.errors import InvalidArgument, NotFound
+from controller.reconcile import Reconciler
+from controller.store import models as m
+from controller.store.db import Database
+from controller.usecases import deployments, nodes
+from controller.usecases.ports import RecordingSignals
+from controller.usecases.usage import usage_report
+from uc_builders import WHO, add_tenant, deployment
+
+T0 = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
+H = timedelta(hours=1)
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass(frozen=True)
+class TenantCaller:
+    """A principal bound to a tenant (what an authenticated tenant token yields)."""
+
+    name: str
+    tenant: str
+
+
+async def _publish(names, deleted) -> None:
+    return None
+
+
+def reconciler(db: Database, clock: WallClock) -> Reconciler:
+    return Reconciler(db, push=lambda nodes: None, publish=_publish, solve_time_limit_ms=2000, wall_clock=clock)
+
+
+async def _run(db: Database, clock: WallClock) -> None:
+    """Two deployments placed at T0; `big` deleted at T0+2h; `frac` still running."""
+    await add_tenant(db, "t2")
+    loop = reconciler(db, clock)
+    async with db.unit_of_work() as uow:
+        # t1: one replica of 2 shards x 2 whole accelerators, 400 W per loaded accelerator.
+        await deployments.submit_deployment(uow, WHO, deployment("big", "t1", shards=2, accelerators=2,
+                                                                 shard_power_w=400.0), RecordingSignals())
+    async with db.unit_of_work() as uow:
+        # t2: two replicas of one quarter accelerator, 800 W per whole loaded accelerator.
+        await deployments.submit_deployment(uow, WHO, deployment("frac", "t2", replicas=2, accelerators=1,
+                                                                 shard_accelerator_milli=250, shard_hbm_gib=8.0,
+                                                                 shard_power_w=800.0), RecordingSignals())
+    assert (await loop.reconcile_once()).solved
+    clock.now = T0 + 2 * H
+    async with db.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "big", RecordingSignals())
+    assert "big" in (await loop.reconcile_once()).deleted
+
+
+def _by_deployment(report) -> dict[str, tuple[float, float]]:
+    return {r.deployment: (r.accelerator_seconds / 3600, r.energy_kwh) for r in report.records}
+
+
+async def test_accelerator_hours_and_kwh_match_hand_computed_values(cluster: Database) -> None:
+    clock = WallClock()
+    await _run(cluster, clock)
+    async with cluster.unit_of_work() as uow:
+        report = await usage_report(uow, WHO, now=T0 + 3 * H)
+    # big, 2 h: 4 accelerators; 1600 W load + 4 x 125 W idle share = 2100 W -> 4.2 kWh.
+    # frac, 3 h (still open): 2 x 0.25 accelerators; 2 x (200 W + 31.25 W) = 462.5 W -> 1.3875 kWh.
+    assert _by_deployment(report) == {"big": pytest.approx((8.0, 4.2)), "frac": pytest.approx((1.5, 1.3875))}
+    assert {(r.tenant, r.deployment, r.accelerator_model, r.zone) for r in report.records} == {
+        ("t1", "big", "maia-100", "z1"), ("t2", "frac", "maia-100", "z1")}
+    assert report.until == T0 + 3 * H
+
+
+async def test_a_window_clips_the_intervals(cluster: Database) -> None:
+    clock = WallClock()
+    await _run(cluster, clock)
+    async with cluster.unit_of_work() as uow:
+        report = await usage_report(uow, WHO, since=T0 + H, until=T0 + 2.5 * H, now=T0 + 3 * H)
+        # An `until` in the future stops at now.
+        future = await usage_report(uow, WHO, since=T0 + 2.5 * H, until=T0 + 10 * H, now=T0 + 3 * H)
+    # big in [1h, 2h): 4 accelerator-hours, 2.1 kWh; frac in [1h, 2.5h): 0.75, 0.69375 kWh.
+    assert _by_deployment(report) == {"big": pytest.approx((4.0, 2.1)), "frac": pytest.approx((0.75, 0.69375))}
+    assert _by_deployment(future) == {"frac": pytest.approx((0.25, 0.23125))}
+    assert future.until == T0 + 3 * H
+
+
+async def test_a_tenant_sees_only_its_own_usage(cluster: Database) -> None:
+    clock = WallClock()
+    await _run(cluster, clock)
+    caller = TenantCaller("lab-two-token", "t2")
+    async with cluster.unit_of_work() as uow:
+        own = await usage_report(uow, caller, now=T0 + 3 * H)
+        filtered = await usage_report(uow, WHO, tenant="t1", now=T0 + 3 * H)
+        with pytest.raises(NotFound):
+            await usage_report(uow, caller, tenant="t1", now=T0 + 3 * H)
+        with pytest.raises(NotFound, match="tenant nobody not found"):
+            await usage_report(uow, WHO, tenant="nobody", now=T0 + 3 * H)
+        with pytest.raises(InvalidArgument, match="must be before"):
+            await usage_report(uow, WHO, since=T0 + H, until=T0, now=T0 + 3 * H)
+    assert [r.deployment for r in own.records] == ["frac"]
+    assert [r.deployment for r in filtered.records] == ["big"]
+
+
+async def test_the_meter_survives_a_restart_and_stops_with_a_drain(cluster: Database) -> None:
+    clock = WallClock()
+    await _run(cluster, clock)
+    # A new controller process: a fresh engine on the same database, nothing kept in memory.
+    restarted = Database(cluster.engine.url.render_as_string(hide_password=False))
+    try:
+        async with restarted.unit_of_work() as uow:
+            report = await usage_report(uow, WHO, now=T0 + 3 * H)
+            frac_nodes = set((await uow.session.execute(
+                select(m.UsageInterval.node_id).where(m.UsageInterval.deployment == "frac"))).scalars())
+        assert _by_deployment(report) == {"big": pytest.approx((8.0, 4.2)), "frac": pytest.approx((1.5, 1.3875))}
+        # Draining a node stops the meters of the shards on it.
+        async with restarted.unit_of_work() as uow:
+            await nodes.drain_node(uow, WHO, sorted(frac_nodes)[0], RecordingSignals(), frozenset())
+        async with restarted.unit_of_work() as uow:
+            open_on = (await uow.session.execute(select(m.UsageInterval.node_id).where(
+                m.UsageInterval.ended_s.is_(None)))).scalars().all()
+        assert sorted(frac_nodes)[0] not in open_on
+    finally:
+        await restarted.dispose()
