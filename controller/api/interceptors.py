@@ -128,40 +128,46 @@ class RpcObserver(Protocol):
     def rpc_handled(self, full_method: str, code: str, seconds: float) -> None: ...
 
 
-class MetricsInterceptor(_BehaviourInterceptor):
-    def __init__(self, observer: RpcObserver) -> None:
-        self._observer = observer
+class _CompletionInterceptor(_BehaviourInterceptor):
+    """Base: `completed` is called once per RPC, when it ends, with its start time and failure."""
 
-    @asynccontextmanager
-    async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
-        started = time.perf_counter()
-        failed: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            failed = exc
-            raise
-        finally:
-            self._observer.rpc_handled(method, _code_of(context, failed), time.perf_counter() - started)
-
-
-class LoggingInterceptor(_BehaviourInterceptor):
     @asynccontextmanager
     async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
         started = time.perf_counter()
         failed: BaseException | None = None
         if stream:
-            log.debug("rpc stream opened method=%s principal=%s", method, current_principal().name)
+            self.stream_opened(method)
         try:
             yield
         except BaseException as exc:
             failed = exc
             raise
         finally:
-            self._line(method, context, started, failed)
+            self.completed(method, context, started, failed)
 
-    @staticmethod
-    def _line(method: str, context: aio.ServicerContext, started: float, failed: BaseException | None) -> None:
+    def stream_opened(self, method: str) -> None:
+        pass
+
+    def completed(self, method: str, context: aio.ServicerContext, started: float,
+                  failed: BaseException | None) -> None:
+        raise NotImplementedError
+
+
+class MetricsInterceptor(_CompletionInterceptor):
+    def __init__(self, observer: RpcObserver) -> None:
+        self._observer = observer
+
+    def completed(self, method: str, context: aio.ServicerContext, started: float,
+                  failed: BaseException | None) -> None:
+        self._observer.rpc_handled(method, _code_of(context, failed), time.perf_counter() - started)
+
+
+class LoggingInterceptor(_CompletionInterceptor):
+    def stream_opened(self, method: str) -> None:
+        log.debug("rpc stream opened method=%s principal=%s", method, current_principal().name)
+
+    def completed(self, method: str, context: aio.ServicerContext, started: float,
+                  failed: BaseException | None) -> None:
         level = logging.INFO if failed is None else logging.WARNING
         if method.endswith(("/Check", "/Watch")) and failed is None:
             level = logging.DEBUG

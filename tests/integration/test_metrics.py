@@ -49,7 +49,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 @pytest.fixture
 async def app(db_url: str) -> AsyncIterator[ControllerApp]:
     app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
-                               heartbeat_timeout_s=2.0, solve_time_limit_ms=1000, metrics_listen="127.0.0.1:0"))
+                               heartbeat_timeout_s=5.0, solve_time_limit_ms=1000, metrics_listen="127.0.0.1:0"))
     await app.start()
     try:
         yield app

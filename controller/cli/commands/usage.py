@@ -11,8 +11,6 @@ import csv
 import re
 from datetime import datetime, timedelta, timezone
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from controller.cli.context import Context
 from controller.cli.tables import render_table
 from maia.v1 import deployments_pb2
@@ -37,14 +35,6 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
 
 
-def _timestamp(at: datetime | None) -> Timestamp | None:
-    if at is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
-
-
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("usage", parents=[common], help="metered accelerator-hours and kWh (-o table|json|csv)")
     p.add_argument("--tenant", default="", help="one tenant only (a tenant's token sees only its own)")
@@ -54,8 +44,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    request = deployments_pb2.GetUsageRequest(tenant=args.tenant, since=_timestamp(args.since),
-                                              until=_timestamp(args.until))
+    request = deployments_pb2.GetUsageRequest(tenant=args.tenant)
+    for field, at in (("since", args.since), ("until", args.until)):
+        if at is not None:
+            getattr(request, field).FromDatetime(at)
     reply = ctx.controller.deployments.GetUsage(request, timeout=ctx.rpc_timeout)
     if ctx.json:
         ctx.emit_json(reply)
