@@ -159,7 +159,7 @@ class MetricsInterceptor(_CompletionInterceptor):
 
     def completed(self, method: str, context: aio.ServicerContext, started: float,
                   failed: BaseException | None) -> None:
-        self._observer.rpc_handled(method, _code_of(context, failed), time.perf_counter() - started)
+        self._observer.rpc_handled(method, code_of(context, failed), time.perf_counter() - started)
 
 
 class LoggingInterceptor(_CompletionInterceptor):

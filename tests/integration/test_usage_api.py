@@ -69,6 +69,6 @@ async def _check_usage(controller_app: ControllerApp, stubs: Stubs, capsys) -> N
     code, out, _ = await asyncio.to_thread(_run_cli, capsys, "usage", *at)
     assert code == 0 and "ACCEL-HOURS" in out and "svc" in out and "kWh" in out
     code, _, err = await asyncio.to_thread(_run_cli, capsys, "usage", *at, "--since", "1h", "--until", "2h")
-    assert code == 1 and "must be before" in err
+    assert code == 2 and "must be before" in err  # INVALID_ARGUMENT: bad input
     code, _, err = await asyncio.to_thread(_run_cli, capsys, "usage", *at, "--since", "yesterday-ish")
     assert code == 2 and "neither an ISO-8601 time" in err
