@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,11 @@ async def test_new_placements_are_inserted_and_generations_bumped(database: Data
 
     result = await _commit(database, snap, plan)
 
-    assert result == CommitResult(changed_nodes={"n2"}, changed_deployments={"train"}, generation=1,
-                                  updated_deployments=set(), deleted_deployments=set())
+    # "train" was pending and never placed: its first placement, seconds after its creation.
+    assert set(result.first_placed_after_s) == {"train"} and result.first_placed_after_s["train"] >= 0
+    assert replace(result, first_placed_after_s={}) == CommitResult(
+        changed_nodes={"n2"}, changed_deployments={"train"}, generation=1,
+        updated_deployments=set(), deleted_deployments=set())
     after = await _state(database)
     assert after["generation"] == 1
     train = after["deployments"]["train"]
