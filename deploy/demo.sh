@@ -85,7 +85,8 @@ echo "Maia demo: logs in $RUN_DIR"
 
 say "starting maia-controller (SQLite $DB)"
 # shellcheck disable=SC2086  # CONTROLLER_ARGS is a list of extra flags
-"$BIN/maia-controller" --listen 127.0.0.1:0 --db "sqlite+aiosqlite:///$DB" ${CONTROLLER_ARGS:-} \
+"$BIN/maia-controller" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db "sqlite+aiosqlite:///$DB" \
+  ${CONTROLLER_ARGS:-} \
   >"$RUN_DIR/controller.out" 2>"$RUN_DIR/controller.log" &
 CONTROLLER_PID=$!
 ADDRESS=""
@@ -101,7 +102,10 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 maiactl summary >/dev/null || fail "maia-controller at $ADDRESS does not answer"
+METRICS_URL="$(sed -n 's/^maia-controller metrics on //p' "$RUN_DIR/controller.out" | head -n1)"
+[[ -n "$METRICS_URL" ]] || fail "maia-controller did not report its metrics URL"
 echo "controller listening on $ADDRESS"
+echo "metrics:  $METRICS_URL"
 echo "$ADDRESS" >"$RUN_DIR/address"
 
 say "maiactl apply -f topology.yaml"
@@ -140,9 +144,21 @@ say "maiactl get topology"
 maiactl get topology
 say "maiactl summary"
 maiactl summary
+say "maiactl usage"
+maiactl usage
+say "metrics ($METRICS_URL)"
+"$BIN/python" - "$METRICS_URL" <<'PY' || fail "the metrics endpoint did not answer"
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+for line in text.splitlines():
+    if line.startswith(("maia_deployments{", "maia_nodes{", "maia_accelerators_allocated{")):
+        print(line)
+PY
 
 READY=1
 if [[ $KEEP_RUNNING -eq 1 ]]; then
-  say "running; try: MAIA_CONTROLLER=$ADDRESS $BIN/maiactl get nodes   (Ctrl-C to stop)"
+  say "running (Ctrl-C to stop)"
+  echo "gRPC:     $ADDRESS    try: MAIA_CONTROLLER=$ADDRESS $BIN/maiactl get nodes"
+  echo "metrics:  $METRICS_URL"
   wait "$CONTROLLER_PID" || true
 fi

@@ -256,7 +256,7 @@ def assignment_set_msg(view: d.AssignmentSet) -> agent_pb2.ControllerMessage:
 
 def usage_response_msg(report: d.UsageReport) -> deployments_pb2.GetUsageResponse:
     return deployments_pb2.GetUsageResponse(
-        since=_ts(report.since), until=_ts(report.until),
+        since=timestamp(report.since), until=timestamp(report.until),
         records=[deployments_pb2.UsageRecord(
             tenant=r.tenant, deployment=r.deployment, accelerator_model=r.accelerator_model, zone=r.zone,
             accelerator_seconds=r.accelerator_seconds, accelerator_hours=r.accelerator_seconds / 3600.0,

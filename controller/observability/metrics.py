@@ -88,18 +88,17 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
     yield _gauge("maia_accelerators_allocated", "Accelerators held by placed shards (fractions as such).",
                  ["tenant", "model"], dict(g.allocated))
     yield _gauge("maia_accelerators_free", "Accelerators not held on ready nodes.", ["model", "zone"], dict(g.free))
-    if g.usage:
-        seconds = CounterMetricFamily("maia_usage_accelerator_seconds",
-                                      "Accelerator-seconds used (fractions as such), from the usage records.",
-                                      labels=["tenant", "model", "zone"])
-        joules = CounterMetricFamily("maia_usage_energy_joules",
-                                     "Energy used (shard power plus its share of idle power), from the usage records.",
-                                     labels=["tenant", "model", "zone"])
-        for (tenant, model, zone), (acc_s, energy_j) in sorted(g.usage.items()):
-            seconds.add_metric([tenant, model, zone], acc_s)
-            joules.add_metric([tenant, model, zone], energy_j)
-        yield seconds
-        yield joules
+    seconds = CounterMetricFamily("maia_usage_accelerator_seconds",
+                                  "Accelerator-seconds used (fractions as such), from the usage records.",
+                                  labels=["tenant", "model", "zone"])
+    joules = CounterMetricFamily("maia_usage_energy_joules",
+                                 "Energy used (shard power plus its share of idle power), from the usage records.",
+                                 labels=["tenant", "model", "zone"])
+    for (tenant, model, zone), (acc_s, energy_j) in sorted(g.usage.items()):
+        seconds.add_metric([tenant, model, zone], acc_s)
+        joules.add_metric([tenant, model, zone], energy_j)
+    yield seconds
+    yield joules
 
 
 class ControllerMetrics:

@@ -4,6 +4,8 @@ deployments), scraped over HTTP and parsed with prometheus_client's own parser."
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,3 +135,32 @@ async def test_metrics_follow_the_scenario(app: ControllerApp, tmp_path: Path) -
     assert value(samples, "maia_usage_energy_joules_total", **lab) == pytest.approx(accelerator_s * (400 + 150))
     # No unbounded labels: no deployment name appears as a label value.
     assert not any(v in ("svc", "odd") for _, labels in samples for _, v in labels)
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "maia-dashboard.json"
+# The series a family exposes, by type (histogram: _bucket/_count/_sum; counter: _total).
+SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+
+
+def exported_series(text: str) -> set[str]:
+    """Every series name the exposition declares, whether or not it has samples yet."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.update(family.name + suffix for suffix in SERIES_SUFFIXES.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+async def test_the_dashboard_queries_only_metrics_the_controller_exports(app: ControllerApp) -> None:
+    exported = exported_series(await asyncio.to_thread(scrape_text, app.metrics_address))
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bmaia_[a-z0-9_]+", target["expr"])}
+    assert len(queried) >= 15
+    assert queried <= exported, f"the dashboard queries series nobody exports: {sorted(queried - exported)}"
+    # Every metric family the controller exports is on the dashboard somewhere (`_created`:
+    # prometheus_client's creation timestamps of counters and histograms, not for graphing).
+    families = {f.name for f in text_string_to_metric_families(await asyncio.to_thread(scrape_text, app.metrics_address))
+                if not f.name.endswith("_created")}
+    on_dashboard = {f for f in families if any(q.startswith(f) for q in queried)}
+    assert families - on_dashboard <= {"maia_metrics_cluster_read_errors"}
