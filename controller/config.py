@@ -32,6 +32,11 @@ class Config:
     tls_client_ca: Path | None = None
     # HOST:PORT of the Prometheus endpoint (/metrics); empty: not served.
     metrics_listen: str = ""
+    # Authentication (docs/security.md): on unless insecure_no_auth; the bootstrap file receives
+    # a new admin token when the database has none.
+    bootstrap_admin_token_file: str | None = None
+    insecure_no_auth: bool = False
+    auth_cache_ttl_s: float = 30.0
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -80,11 +85,22 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         help="mutual TLS: require client certificates signed by this CA from every client; a node agent's "
              "certificate must name its node id (maiactl dev-ca makes a development CA)",
     )
+    parser.add_argument(
+        "--bootstrap-admin-token-file", metavar="PATH",
+        help="if the database has no active admin token, create one and write it to PATH (mode 0600); "
+             "otherwise leave PATH alone",
+    )
+    parser.add_argument(
+        "--insecure-no-auth", action="store_true",
+        help="turn authentication off: every caller is an admin (trusted test setups only; warns every minute)",
+    )
     ns = parser.parse_args(argv)
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if ns.tls_client_ca is not None and ns.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    if ns.insecure_no_auth and ns.bootstrap_admin_token_file:
+        parser.error("--insecure-no-auth and --bootstrap-admin-token-file contradict each other")
     return Config(
         listen=ns.listen,
         db_url=ns.db,
@@ -97,4 +113,6 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         tls_key=ns.tls_key,
         tls_client_ca=ns.tls_client_ca,
         metrics_listen=ns.metrics_listen,
+        bootstrap_admin_token_file=ns.bootstrap_admin_token_file,
+        insecure_no_auth=ns.insecure_no_auth,
     )

@@ -55,3 +55,11 @@ class ResourceExhausted(MaiaError):
 
 class Unavailable(MaiaError):
     """The controller cannot serve the request right now (shutting down, not ready)."""
+
+
+class Unauthenticated(MaiaError):
+    """The caller did not prove who it is (no, malformed, unknown, expired or revoked token)."""
+
+
+class PermissionDenied(MaiaError):
+    """The caller is known but its role may not do this."""

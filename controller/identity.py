@@ -1,55 +1,101 @@
-"""Who is calling: the seam for per-tenant authentication and authorization.
+"""Who is calling: the authenticated principal of one RPC.
 
-The identity interceptor puts the caller's principal (gRPC metadata `x-maia-principal`, default
-"anonymous") into a context variable for the duration of one RPC; use cases receive it
-explicitly. Today nothing is authenticated; later a verified token replaces the metadata read in
-one place (`principal_from_metadata`) and use cases can start checking `principal.name`.
+The authentication interceptor (`controller.api.interceptors`) verifies the caller's bearer
+token (`controller.authn`) and puts the resulting `Principal` into a context variable for the
+duration of the RPC; servicers hand it to the use cases explicitly, and the use cases ask the
+policy (`controller.usecases.policy`) what it may do. A principal carries what the audit log
+and the policy need: the token it came from, its role, the tenant or node it is bound to, and
+the request id of the call.
 """
 
 from __future__ import annotations
 
 import contextvars
+import enum
+import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-PRINCIPAL_METADATA_KEY = "x-maia-principal"
-ANONYMOUS = "anonymous"
+REQUEST_ID_METADATA_KEY = "x-request-id"
+REQUEST_ID_MAX = 64
+
+
+class Role(str, enum.Enum):
+    ADMIN = "admin"                    # everything
+    TENANT = "tenant"                  # one tenant's deployments, its contract read-only
+    NODE_BOOTSTRAP = "node-bootstrap"  # registers new nodes, nothing else
+    NODE = "node"                      # one node's agent: re-register and Connect as that node
+
+    @classmethod
+    def parse(cls, text: str) -> Role:
+        try:
+            return cls(text)
+        except ValueError:
+            raise ValueError(f"role {text!r} is not one of {', '.join(r.value for r in cls)}") from None
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """An authenticated caller. `name` is the token's name (or a system name), for logs and audit."""
+
     name: str
+    role: Role = Role.ADMIN
+    token_id: str = ""
+    tenant: str = ""      # role TENANT: the one tenant it acts for
+    node: str = ""        # role NODE: the one node it speaks for
+    request_id: str = ""
 
     @property
-    def is_anonymous(self) -> bool:
-        return self.name == ANONYMOUS
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+    @property
+    def actor(self) -> str:
+        """How events name this caller: 'name (role, token id)'."""
+        if not self.token_id:
+            return self.name
+        return f"{self.name} ({self.role.value}, token {self.token_id})"
+
+    def with_request_id(self, request_id: str) -> Principal:
+        return replace(self, request_id=request_id)
 
 
-CONTROLLER = Principal("controller")
+# The controller itself (reconciler, start-up tasks) and tests that drive use cases directly.
+CONTROLLER = Principal("controller", Role.ADMIN)
+# Everyone, when the operator turned authentication off with --insecure-no-auth.
+INSECURE = Principal("insecure-no-auth", Role.ADMIN)
 
-_current: contextvars.ContextVar[Principal] = contextvars.ContextVar(
-    "maia_principal", default=Principal(ANONYMOUS)
-)
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("maia_principal", default=None)
 
 
-def principal_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
-    """The caller named in the request metadata, or the anonymous principal."""
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def request_id_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The caller's `x-request-id` (printable, at most 64 characters), or a fresh one."""
     for key, value in metadata or ():
-        if key.lower() == PRINCIPAL_METADATA_KEY:
-            name = value.decode() if isinstance(value, bytes) else value
-            name = name.strip()
-            if name:
-                return Principal(name)
-    return Principal(ANONYMOUS)
+        if key.lower() == REQUEST_ID_METADATA_KEY:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            text = text.strip()
+            if text and len(text) <= REQUEST_ID_MAX and text.isprintable():
+                return text
+    return new_request_id()
 
 
 def current_principal() -> Principal:
+    """The principal of the RPC being served; outside an RPC, the controller itself."""
+    return _current.get() or CONTROLLER
+
+
+def peek_principal() -> Principal | None:
+    """The principal of the RPC being served, None outside an authenticated RPC."""
     return _current.get()
 
 
-def set_principal(principal: Principal) -> contextvars.Token[Principal]:
+def set_principal(principal: Principal) -> contextvars.Token[Principal | None]:
     return _current.set(principal)
 
 
-def reset_principal(token: contextvars.Token[Principal]) -> None:
+def reset_principal(token: contextvars.Token[Principal | None]) -> None:
     _current.reset(token)

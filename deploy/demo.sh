@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The Maia demo: a controller on a throwaway SQLite database, 64 simulated nodes (4 racks x 16),
-# the example topology, tenants and deployments; waits until every deployment runs, prints
-# where every shard landed and the cluster summary, then shuts everything down.
+# The Maia demo: a controller on a throwaway SQLite database with authentication on, 64 simulated
+# nodes (4 racks x 16), the example topology, tenants and deployments; waits until every
+# deployment runs, prints where every shard landed, the cluster summary and one tenant's view,
+# then shuts everything down. The bootstrap admin token is in .run/demo-*/admin.token.
 #
 #   bash deploy/demo.sh                  # run and stop (exit 0 only if everything ran)
 #   bash deploy/demo.sh --keep-running   # leave it up until Ctrl-C, to try maiactl by hand
@@ -31,6 +32,7 @@ NODES_PER_RACK=16
 RUN_DIR="$ROOT/.run/demo-$(date +%Y%m%d-%H%M%S)-$$"
 mkdir -p "$RUN_DIR"
 DB="$RUN_DIR/maia.db"
+ADMIN_TOKEN_FILE="$RUN_DIR/admin.token"
 
 CONTROLLER_PID=""
 SIMNODE_PID=""
@@ -86,7 +88,7 @@ echo "Maia demo: logs in $RUN_DIR"
 say "starting maia-controller (SQLite $DB)"
 # shellcheck disable=SC2086  # CONTROLLER_ARGS is a list of extra flags
 "$BIN/maia-controller" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db "sqlite+aiosqlite:///$DB" \
-  ${CONTROLLER_ARGS:-} \
+  --bootstrap-admin-token-file "$ADMIN_TOKEN_FILE" ${CONTROLLER_ARGS:-} \
   >"$RUN_DIR/controller.out" 2>"$RUN_DIR/controller.log" &
 CONTROLLER_PID=$!
 ADDRESS=""
@@ -97,6 +99,8 @@ for _ in $(seq 1 300); do
   sleep 0.2
 done
 [[ -n "$ADDRESS" ]] || fail "maia-controller did not report its address in 60s"
+MAIA_TOKEN="$(cat "$ADMIN_TOKEN_FILE")"
+export MAIA_TOKEN
 for _ in $(seq 1 100); do
   maiactl summary >/dev/null 2>&1 && break
   sleep 0.2
@@ -111,9 +115,12 @@ echo "$ADDRESS" >"$RUN_DIR/address"
 say "maiactl apply -f topology.yaml"
 maiactl apply -f "$EXAMPLES/topology.yaml"
 
+say "maiactl token create --role node-bootstrap   (the fleet registers with it)"
+NODE_BOOTSTRAP_TOKEN="$(maiactl token create --role node-bootstrap --name demo-fleet)"
+
 say "starting maia-simnode: $RACKS racks x $NODES_PER_RACK nodes"
-"$BIN/maia-simnode" --controller "$ADDRESS" --racks "$RACKS" --nodes-per-rack "$NODES_PER_RACK" \
-  --load-delay 1.0 >"$RUN_DIR/simnode.out" 2>"$RUN_DIR/simnode.log" &
+MAIA_TOKEN="$NODE_BOOTSTRAP_TOKEN" "$BIN/maia-simnode" --controller "$ADDRESS" --racks "$RACKS" \
+  --nodes-per-rack "$NODES_PER_RACK" --load-delay 1.0 >"$RUN_DIR/simnode.out" 2>"$RUN_DIR/simnode.log" &
 SIMNODE_PID=$!
 maiactl wait nodes --connected $((RACKS * NODES_PER_RACK)) --timeout 60
 
@@ -158,7 +165,7 @@ PY
 READY=1
 if [[ $KEEP_RUNNING -eq 1 ]]; then
   say "running (Ctrl-C to stop)"
-  echo "gRPC:     $ADDRESS    try: MAIA_CONTROLLER=$ADDRESS $BIN/maiactl get nodes"
+  echo "gRPC:     $ADDRESS    try: MAIA_CONTROLLER=$ADDRESS MAIA_TOKEN=$(cat $ADMIN_TOKEN_FILE) $BIN/maiactl get nodes"
   echo "metrics:  $METRICS_URL"
   wait "$CONTROLLER_PID" || true
 fi

@@ -7,7 +7,7 @@ from grpc import aio
 from controller.api import convert
 from controller.api.deps import ServiceDeps
 from controller.identity import current_principal
-from controller.usecases import nodes, tenants, topology
+from controller.usecases import nodes, tenants, tokens, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -87,3 +87,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                 context: aio.ServicerContext) -> admin_pb2.ClusterSummary:
         async with self._deps.db.unit_of_work() as uow:
             return convert.cluster_summary_msg(await nodes.cluster_summary(uow, current_principal()))
+
+    # --- tokens ------------------------------------------------------------------------------
+    async def CreateToken(self, request: admin_pb2.CreateTokenRequest,
+                          context: aio.ServicerContext) -> admin_pb2.CreateTokenResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            issued = await tokens.create_token(uow, current_principal(), convert.token_request(request))
+        return admin_pb2.CreateTokenResponse(token=convert.token_msg(issued.view), secret=issued.secret)
+
+    async def ListTokens(self, request: admin_pb2.ListTokensRequest,
+                         context: aio.ServicerContext) -> admin_pb2.ListTokensResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            views = await tokens.list_tokens(uow, current_principal(), role=request.role, tenant=request.tenant)
+        return admin_pb2.ListTokensResponse(tokens=[convert.token_msg(v) for v in views])
+
+    async def RevokeToken(self, request: admin_pb2.RevokeTokenRequest, context: aio.ServicerContext) -> admin_pb2.Token:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await tokens.revoke_token(uow, current_principal(), request.id, self._deps.signals)
+        return convert.token_msg(view)

@@ -269,3 +269,14 @@ def optional_time(msg: Message, name: str) -> datetime | None:
     if not msg.HasField(name):
         return None
     return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)
+
+
+def token_request(msg: admin_pb2.CreateTokenRequest) -> d.TokenRequest:
+    return d.TokenRequest(role=msg.role, name=msg.name, tenant=msg.tenant,
+                          ttl_s=float(msg.ttl_seconds) if msg.ttl_seconds else None)
+
+
+def token_msg(view: d.TokenView) -> admin_pb2.Token:
+    return admin_pb2.Token(id=view.id, name=view.name, role=view.role, tenant=view.tenant, node=view.node,
+                           created_by=view.created_by, created_at=timestamp(view.created_at),
+                           expires_at=timestamp(view.expires_at), revoked_at=timestamp(view.revoked_at))

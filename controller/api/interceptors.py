@@ -1,9 +1,13 @@
-"""The one interceptor chain every RPC goes through: identity -> metrics -> logging -> error translation.
+"""The one interceptor chain every RPC goes through: authentication -> metrics -> logging -> error
+translation.
 
-- identity: the caller's principal from metadata `x-maia-principal` into a context variable;
+- authentication: the bearer token in the metadata verified (`controller.authn`) and the
+  caller's `Principal` (with the call's request id) put into a context variable; a call that
+  fails is answered UNAUTHENTICATED here, before any servicer runs. Health checking and
+  reflection need no token;
 - metrics: each finished RPC counted by method and status code, with its duration (the
   `RpcObserver` given, the controller's metrics);
-- logging: one structured line per RPC (method, principal, status, milliseconds);
+- logging: one structured line per RPC (method, principal, role, request id, status, milliseconds);
 - errors: the only place where `controller.errors` become gRPC status codes, with the error's
   message verbatim and its structured reasons in trailing metadata (`maia-reason-bin`); anything unexpected becomes INTERNAL with a short message and is logged
   with its traceback.
@@ -25,7 +29,8 @@ import grpc
 from grpc import aio
 
 from controller import errors
-from controller.identity import current_principal, principal_from_metadata, reset_principal, set_principal
+from controller.authn import Authenticator
+from controller.identity import peek_principal, reset_principal, set_principal
 from maia.v1 import common_pb2
 
 log = logging.getLogger("maia.api")
@@ -35,6 +40,8 @@ REASON_METADATA_KEY = "maia-reason-bin"
 
 STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
@@ -103,10 +110,26 @@ class _BehaviourInterceptor(aio.ServerInterceptor):
                 yield item
 
 
-class IdentityInterceptor(_BehaviourInterceptor):
+# Services anyone may call without a token: health checking (load balancers, probes) and reflection.
+UNAUTHENTICATED_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class AuthenticationInterceptor(_BehaviourInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
     @asynccontextmanager
     async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
-        token = set_principal(principal_from_metadata(context.invocation_metadata()))
+        if method.startswith(UNAUTHENTICATED_SERVICE_PREFIXES):
+            yield
+            return
+        try:
+            principal = await self._authenticator.authenticate(context.invocation_metadata())
+        except errors.Unauthenticated as exc:
+            log.warning("rpc method=%s code=UNAUTHENTICATED reason=%s peer=%s", method, exc.message, context.peer())
+            await abort_with(context, exc)
+            return
+        token = set_principal(principal)
         try:
             yield
         finally:
@@ -122,6 +145,13 @@ def code_of(context: aio.ServicerContext, failed: BaseException | None) -> str:
     if code is None:
         return "OK" if failed is None else "ERROR"
     return code.name if hasattr(code, "name") else str(code)
+
+
+def _who() -> str:
+    who = peek_principal()
+    if who is None:
+        return "principal=- (no token needed)"
+    return f"principal={who.name} role={who.role.value} request_id={who.request_id or '-'}"
 
 
 class RpcObserver(Protocol):
@@ -164,15 +194,25 @@ class MetricsInterceptor(_CompletionInterceptor):
 
 class LoggingInterceptor(_CompletionInterceptor):
     def stream_opened(self, method: str) -> None:
-        log.debug("rpc stream opened method=%s principal=%s", method, current_principal().name)
+        log.debug("rpc stream opened method=%s %s", method, _who())
 
     def completed(self, method: str, context: aio.ServicerContext, started: float,
                   failed: BaseException | None) -> None:
         level = logging.INFO if failed is None else logging.WARNING
         if method.endswith(("/Check", "/Watch")) and failed is None:
             level = logging.DEBUG
-        log.log(level, "rpc method=%s principal=%s code=%s ms=%.1f", method, current_principal().name,
-                code_of(context, failed), (time.perf_counter() - started) * 1000)
+        log.log(level, "rpc method=%s %s code=%s ms=%.1f", method, _who(), code_of(context, failed),
+                (time.perf_counter() - started) * 1000)
+
+
+async def abort_with(context: aio.ServicerContext, exc: errors.MaiaError) -> None:
+    """End the call with the error's status and message; structured reasons travel as trailing
+    metadata, one serialized maia.v1.Reason per entry."""
+    trailing = tuple(
+        (REASON_METADATA_KEY, common_pb2.Reason(code=r.code, message=r.message, scope=r.scope).SerializeToString())
+        for r in exc.reasons
+    )
+    await context.abort(status_for(exc), exc.message, trailing_metadata=trailing)
 
 
 class ErrorInterceptor(_BehaviourInterceptor):
@@ -183,20 +223,11 @@ class ErrorInterceptor(_BehaviourInterceptor):
         try:
             yield
         except errors.MaiaError as exc:
-            await self._abort(context, exc)
+            await abort_with(context, exc)
         except Exception as exc:
             if isinstance(exc, aio.AbortError):
                 raise
             await self._internal(method, context, exc)
-
-    @staticmethod
-    async def _abort(context: aio.ServicerContext, exc: errors.MaiaError) -> None:
-        # Structured reasons travel as trailing metadata, one serialized maia.v1.Reason per entry.
-        trailing = tuple(
-            (REASON_METADATA_KEY, common_pb2.Reason(code=r.code, message=r.message, scope=r.scope).SerializeToString())
-            for r in exc.reasons
-        )
-        await context.abort(status_for(exc), exc.message, trailing_metadata=trailing)
 
     @staticmethod
     async def _internal(method: str, context: aio.ServicerContext, exc: Exception) -> None:
@@ -204,9 +235,10 @@ class ErrorInterceptor(_BehaviourInterceptor):
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the controller log")
 
 
-def interceptor_chain(*extra: aio.ServerInterceptor, observer: RpcObserver | None = None) -> list[aio.ServerInterceptor]:
-    """Outermost first: identity is set before logging reads it; metrics and logging see the
+def interceptor_chain(authenticator: Authenticator, *extra: aio.ServerInterceptor,
+                      observer: RpcObserver | None = None) -> list[aio.ServerInterceptor]:
+    """Outermost first: the principal is set before metrics and logging read it; they see the
     translated status code; `extra` (the audit interceptor) sees every call's principal and final
     status; errors are translated innermost."""
     metrics = [MetricsInterceptor(observer)] if observer is not None else []
-    return [IdentityInterceptor(), *metrics, LoggingInterceptor(), *extra, ErrorInterceptor()]
+    return [AuthenticationInterceptor(authenticator), *metrics, LoggingInterceptor(), *extra, ErrorInterceptor()]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller.agents import AgentHub
+from controller.authn import BOOTSTRAP_HINT, Authenticator
 from controller.api.admin import AdminServicer
 from controller.api.agents import NodeAgentServicer
 from controller.api.audit import AuditServicer
@@ -29,8 +31,10 @@ from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
 from controller.observability.cluster import ClusterGauges, read_cluster_gauges
 from controller.observability.metrics import ControllerMetrics
+from controller.identity import CONTROLLER
 from controller.reconcile import Lease, Reconciler
 from controller.store.db import Database
+from controller.usecases import tokens
 from controller.usecases.deployments import views_of
 from controller.usecases.domain import DeploymentEvent, DeploymentView
 from controller.usecases.watch import DeploymentEventBus
@@ -63,6 +67,9 @@ class AppSignals:
     def publish(self, event: DeploymentEvent) -> None:
         self._app.bus.publish(event)
 
+    def token_revoked(self, token_id: str) -> None:
+        self._app.authn.forget(token_id)
+
 
 class ControllerApp:
     def __init__(self, config: Config, *, lease: Lease | None = None) -> None:
@@ -80,6 +87,7 @@ class ControllerApp:
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms, lease=lease,
             observer=self.metrics,
         )
+        self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s)
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
         self.address = ""
@@ -109,6 +117,7 @@ class ControllerApp:
 
         revision = await ensure_schema(self.db, migrate=self.config.migrate)
         log.info("schema ready revision=%s db=%s", revision, self.db.engine.url.render_as_string(hide_password=True))
+        await self._prepare_authentication()
 
         deps = ServiceDeps(
             db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
@@ -119,7 +128,7 @@ class ControllerApp:
         checks: list[aio.ServerInterceptor] = [AuditInterceptor(self.db)]
         if tls is not None and tls.client_ca is not None:
             checks.append(NodeCertificateInterceptor())  # inside the audit: a refused agent is audited
-        server = aio.server(interceptors=interceptor_chain(*checks, observer=self.metrics))
+        server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics))
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
         agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)
@@ -147,6 +156,8 @@ class ControllerApp:
             asyncio.create_task(self.hub.run(), name="agent-hub"),
             asyncio.create_task(self.reconciler.run(), name="reconciler"),
         ]
+        if self.config.insecure_no_auth:
+            self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.reconciler.wake()
@@ -156,6 +167,22 @@ class ControllerApp:
         """The cluster's state for the metrics, read in this loop."""
         async with self.db.unit_of_work() as uow:
             return await read_cluster_gauges(uow.session)
+
+
+    async def _prepare_authentication(self) -> None:
+        """The bootstrap admin token, and a clear word on how to get in when there is none."""
+        if self.config.insecure_no_auth:
+            return
+        path = self.config.bootstrap_admin_token_file
+        if path:
+            created = await tokens.bootstrap_admin_token(self.db, Path(path), CONTROLLER)
+            if created is not None:
+                log.warning("bootstrap: created admin token %s and wrote it to %s (mode 0600)", created.id, path)
+            else:
+                log.warning("bootstrap: the database already has an active admin token; %s left alone", path)
+        elif not await tokens.has_active_admin(self.db):
+            log.warning("authentication is on and the database has no active admin token: every call will be "
+                        "UNAUTHENTICATED; %s", BOOTSTRAP_HINT)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful shutdown; safe to call twice."""
@@ -177,3 +204,13 @@ class ControllerApp:
     async def wait(self) -> None:
         if self.server is not None:
             await self.server.wait_for_termination()
+
+
+INSECURE_WARNING_INTERVAL_S = 60.0
+
+
+async def _warn_insecure_forever() -> None:
+    while True:
+        log.warning("authentication is OFF (--insecure-no-auth): every caller is an admin; "
+                    "never run it like this where anyone else can reach the port")
+        await asyncio.sleep(INSECURE_WARNING_INTERVAL_S)

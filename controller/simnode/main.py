@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from controller.devca import node_stem
+from controller.bearer import TOKEN_ENV
 from controller.simnode.fleet import Fleet, FleetShape
 from controller.simnode.transport import SimulatedNode
 
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maia-simnode",
                                 description="Run a fleet of simulated Maia node agents against a controller.")
     p.add_argument("--controller", default="127.0.0.1:50051", metavar="HOST:PORT")
+    p.add_argument("--token", default=None, metavar="TOKEN",
+                   help=f"node-bootstrap (or admin) token to register with (default: ${TOKEN_ENV})")
     p.add_argument("--racks", type=_positive_int, required=True)
     p.add_argument("--nodes-per-rack", type=_positive_int, required=True)
     p.add_argument("--rack-prefix", default="rack-")
@@ -86,7 +90,8 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
     shape = FleetShape(racks=args.racks, nodes_per_rack=args.nodes_per_rack, rack_prefix=args.rack_prefix,
                        accelerators=args.accelerators, accelerator_model=args.model,
                        hbm_gib=args.hbm_gib, idle_power_w=args.idle_power_w)
-    nodes = [SimulatedNode(spec, args.controller, load_delay_s=args.load_delay,
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    nodes = [SimulatedNode(spec, args.controller, token=token, load_delay_s=args.load_delay,
                            heartbeat_interval_s=args.heartbeat_interval,
                            credentials=credentials_for(args, spec.node_id))
              for spec in shape.node_specs()]

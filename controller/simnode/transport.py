@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from controller.bearer import aio_channel
 from controller.simnode import protocol
 from controller.simnode.agent import NodeAgent, Phase, ShardReport
 from controller.simnode.protocol import NodeSpec
@@ -58,13 +59,14 @@ _CLOSE = object()  # outbox sentinel: half-close the stream
 class SimulatedNode:
     """A node agent process, simulated: one state machine, one channel, one stream at a time."""
 
-    def __init__(self, spec: NodeSpec, controller: str, *, load_delay_s: float = 1.0,
+    def __init__(self, spec: NodeSpec, controller: str, *, token: str | None = None, load_delay_s: float = 1.0,
                  heartbeat_interval_s: float | None = None, backoff: Backoff | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.spec = spec
         self.controller = controller
         self.credentials = credentials  # TLS (and this node's client certificate); None: plaintext
+        self.token = token
         self.agent = NodeAgent(spec.node_id, spec.idle_power_w, load_delay_s)
         self.heartbeat_override_s = heartbeat_interval_s
         self.backoff = backoff or Backoff()
@@ -96,10 +98,7 @@ class SimulatedNode:
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        if self.credentials is None:
-            channel = grpc.aio.insecure_channel(self.controller)
-        else:
-            channel = grpc.aio.secure_channel(self.controller, self.credentials)
+        channel = aio_channel(self.controller, self.token, credentials=self.credentials)
         stub = agent_pb2_grpc.NodeAgentServiceStub(channel)
         try:
             while not self._stopping.is_set():

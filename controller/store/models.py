@@ -347,3 +347,24 @@ class UsageInterval(Base):
     ended_s: Mapped[float | None] = mapped_column(Float, index=True)
 
     __table_args__ = (Index("ix_usage_intervals_tenant_started", "tenant_id", "started_s"),)
+
+
+class ApiToken(Base):
+    """A bearer token: its secret is stored only as a SHA-256 digest (shown once, at creation).
+
+    `role` is one of controller.identity.Role; `tenant_id` binds a tenant token, `node_id` a
+    node credential (issued by Register). Revoked tokens stay, for the record.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False)
+    role: Mapped[str] = mapped_column(String(32), nullable=False, index=True)
+    tenant_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
+    node_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_by: Mapped[str] = mapped_column(String(255), default="", nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

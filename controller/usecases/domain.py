@@ -240,3 +240,37 @@ class HeartbeatReport:
     seq: int
     power_draw_w: float
     shards: tuple[ShardReport, ...] = ()
+
+
+# --- tokens ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    """What an admin asks for: role, the tenant a tenant token is bound to, a lifetime."""
+
+    role: str
+    name: str = ""
+    tenant: str = ""
+    ttl_s: float | None = None  # None: never expires
+
+
+@dataclass(frozen=True, slots=True)
+class TokenView:
+    """A token as listed: never its secret."""
+
+    id: str
+    name: str
+    role: str
+    tenant: str = ""
+    node: str = ""
+    created_by: str = ""
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """A token just created: `secret` is the whole bearer text, shown this once."""
+
+    view: TokenView
+    secret: str

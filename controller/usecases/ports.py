@@ -1,7 +1,8 @@
 """What use cases may ask of the running controller after they commit.
 
 A use case that changes placement-relevant state wakes the reconciler, tells live agents that
-their assignment sets changed, and publishes deployment events for watchers. These are
+their assignment sets changed, and publishes deployment events for watchers; revoking a token
+makes the authenticator forget it at once. These are
 fire-and-forget signals behind one small protocol, so use cases stay testable with
 `RecordingSignals` and never import the reconciler or the agent hub.
 """
@@ -22,6 +23,8 @@ class Signals(Protocol):
 
     def publish(self, event: DeploymentEvent) -> None: ...
 
+    def token_revoked(self, token_id: str) -> None: ...
+
 
 @dataclass
 class RecordingSignals:
@@ -30,6 +33,7 @@ class RecordingSignals:
     wakes: int = 0
     nodes: set[str] = field(default_factory=set)
     events: list[DeploymentEvent] = field(default_factory=list)
+    revoked_tokens: list[str] = field(default_factory=list)
 
     def wake_reconciler(self) -> None:
         self.wakes += 1
@@ -39,3 +43,6 @@ class RecordingSignals:
 
     def publish(self, event: DeploymentEvent) -> None:
         self.events.append(event)
+
+    def token_revoked(self, token_id: str) -> None:
+        self.revoked_tokens.append(token_id)

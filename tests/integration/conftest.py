@@ -1,22 +1,24 @@
 """Fixtures for integration tests: a real controller (in-process gRPC server on 127.0.0.1:0)
-on each database backend, and stubs on a channel to it."""
+on each database backend with authentication on, and stubs on a channel to it that carry the
+bootstrap admin token."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-import grpc
 import pytest
 
 from controller.api.server import ControllerApp
 from controller.config import Config
-from grpc_harness import Stubs
+from grpc_harness import Stubs, admin_token_of
 
 
 @pytest.fixture
-async def controller_app(db_url: str) -> AsyncIterator[ControllerApp]:
+async def controller_app(db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
     app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
-                               heartbeat_timeout_s=2.0, solve_time_limit_ms=1000))
+                               heartbeat_timeout_s=2.0, solve_time_limit_ms=1000,
+                               bootstrap_admin_token_file=str(tmp_path / "admin.token")))
     await app.start()
     try:
         yield app
@@ -25,9 +27,14 @@ async def controller_app(db_url: str) -> AsyncIterator[ControllerApp]:
 
 
 @pytest.fixture
-async def stubs(controller_app: ControllerApp) -> AsyncIterator[Stubs]:
-    channel = grpc.aio.insecure_channel(controller_app.address)
+def admin_token(controller_app: ControllerApp) -> str:
+    return admin_token_of(controller_app)
+
+
+@pytest.fixture
+async def stubs(controller_app: ControllerApp, admin_token: str) -> AsyncIterator[Stubs]:
+    stubs = Stubs.connect(controller_app.address, admin_token)
     try:
-        yield Stubs.on(channel)
+        yield stubs
     finally:
-        await channel.close()
+        await stubs.channel.close()

@@ -16,6 +16,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from controller.bearer import TOKEN_ENV, aio_channel
+from controller.identity import CONTROLLER, Role
+from controller.store.db import Database
+from controller.usecases import tokens
 from maia.v1 import (
     admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2_grpc, common_pb2, deployments_pb2,
     deployments_pb2_grpc,
@@ -40,6 +44,25 @@ class Stubs:
         return cls(channel, deployments_pb2_grpc.DeploymentServiceStub(channel),
                    admin_pb2_grpc.AdminServiceStub(channel), agent_pb2_grpc.NodeAgentServiceStub(channel),
                    audit_pb2_grpc.AuditServiceStub(channel))
+
+    @classmethod
+    def connect(cls, address: str, token: str | None) -> Stubs:
+        """Stubs on a new channel whose every call carries `token` (none: anonymous)."""
+        return cls.on(aio_channel(address, token))
+
+
+def admin_token_of(app: Any) -> str:
+    """The admin token a `ControllerApp` wrote to its bootstrap file at start."""
+    return Path(app.config.bootstrap_admin_token_file or "").read_text().strip()
+
+
+async def issue_token(db: Database, role: Role | str, *, tenant: str = "", name: str = "",
+                      ttl_s: float | None = None) -> str:
+    """A real token straight from the store (as `maiactl token create` would make), its bearer text."""
+    async with db.unit_of_work() as uow:
+        issued = tokens.add_token(uow, CONTROLLER, role=Role(role), name=name, tenant=tenant, ttl_s=ttl_s)
+        await uow.commit()
+    return issued.secret
 
 
 async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], *,
@@ -84,7 +107,7 @@ def spec(name: str, tenant: str = "lab", *, replicas: int = 1, shards: int = 1, 
 class SimFleet:
     """`maia-simnode` in a subprocess: racks x nodes real agents against the controller."""
 
-    def __init__(self, address: str, *, racks: int, nodes_per_rack: int, rack_prefix: str = "rack-",
+    def __init__(self, address: str, *, racks: int, nodes_per_rack: int, token: str, rack_prefix: str = "rack-",
                  model: str = "maia-100", log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.node_ids = [f"{rack_prefix}{r:02d}-n{n:02d}" for r in range(racks) for n in range(nodes_per_rack)]
         self.log_path = log_dir / f"simnode-{rack_prefix.strip('-')}.log"
@@ -93,7 +116,8 @@ class SimFleet:
             [sys.executable, "-m", "controller.simnode.main", "--controller", address, "--racks", str(racks),
              "--nodes-per-rack", str(nodes_per_rack), "--rack-prefix", rack_prefix, "--model", model,
              "--load-delay", "0.2", *extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", TOKEN_ENV: token},
         )
 
     def kill(self) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from controller.api.server import ControllerApp
 from controller.store import audit
-from grpc_harness import Stubs, spec, topology
+from grpc_harness import Stubs, issue_token, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
 ADMIN = "/maia.v1.AdminService/"
@@ -21,16 +21,17 @@ async def _entries(app: ControllerApp) -> list:
 
 async def test_mutating_calls_are_audited_with_who_what_which_and_outcome(controller_app: ControllerApp,
                                                                          stubs: Stubs) -> None:
-    who = (("x-maia-principal", "alice"),)
-    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}), metadata=who)
-    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"), metadata=who)
+    alice = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "admin", name="alice"))
+    await alice.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    await alice.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"), metadata=who)
+        await alice.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
     assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     await stubs.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
         node_id="n1", rack="rack-a", accelerators=4, accelerator_model="maia-100")))
     await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("chat"), dry_run=True))
-    await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("chat")), metadata=who)
+    await alice.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("chat")))
+    await alice.channel.close()
     with pytest.raises(grpc.aio.AioRpcError):
         await stubs.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="nope"))
     # Reads are not audited.
@@ -42,9 +43,9 @@ async def test_mutating_calls_are_audited_with_who_what_which_and_outcome(contro
         (ADMIN + "ApplyTopology", "alice", "topology", "", "", "OK"),
         (ADMIN + "CreateTenant", "alice", "tenant", "lab", "lab", "OK"),
         (ADMIN + "CreateTenant", "alice", "tenant", "lab", "lab", "ALREADY_EXISTS"),
-        ("/maia.v1.NodeAgentService/Register", "anonymous", "node", "n1", "", "OK"),
+        ("/maia.v1.NodeAgentService/Register", "bootstrap-admin", "node", "n1", "", "OK"),
         (DEPLOYMENTS + "SubmitDeployment", "alice", "deployment", "chat", "lab", "OK"),
-        (DEPLOYMENTS + "DeleteDeployment", "anonymous", "deployment", "nope", "", "NOT_FOUND"),
+        (DEPLOYMENTS + "DeleteDeployment", "bootstrap-admin", "deployment", "nope", "", "NOT_FOUND"),
     ]
     assert "already exists" in calls[2].detail["message"]
     assert all(len(e.request_id) == 32 for e in calls) and len({e.request_id for e in calls}) == len(calls)

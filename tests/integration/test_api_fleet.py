@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, eventually, spec, topology
+from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, eventually, issue_token, spec, topology
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 RACKS = {"rack-00": "row-a", "rack-01": "row-a", "spa-00": "row-b", "spb-00": "row-b"}
@@ -31,7 +31,8 @@ async def fleet(stubs: Stubs, controller_app, tmp_path: Path) -> AsyncIterator[S
     """Topology, tenant `lab`, and 2 racks x 4 nodes of real agents, all connected and ready."""
     await stubs.admin.ApplyTopology(topology(RACKS))
     await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-    sim = SimFleet(controller_app.address, racks=2, nodes_per_rack=4, log_dir=tmp_path)
+    bootstrap = await issue_token(controller_app.db, "node-bootstrap", name="fleet")
+    sim = SimFleet(controller_app.address, racks=2, nodes_per_rack=4, token=bootstrap, log_dir=tmp_path)
     try:
         await eventually(lambda: _nodes(stubs),
                          lambda ns: sum(n.connected and n.state == common_pb2.NODE_STATE_READY
@@ -140,8 +141,9 @@ async def test_cordon_keeps_new_work_off_and_drain_moves_it(stubs: Stubs, fleet:
 async def test_lost_node_gets_its_shards_placed_again(stubs: Stubs, controller_app, tmp_path: Path,
                                                       fleet: SimFleet):
     # Two one-node fleets of a model nobody else has, in separate processes, so one can be killed.
+    bootstrap = await issue_token(controller_app.db, "node-bootstrap", name="spares")
     spares = [SimFleet(controller_app.address, racks=1, nodes_per_rack=1, rack_prefix=p, model="maia-200",
-                       log_dir=tmp_path) for p in ("spa-", "spb-")]
+                       token=bootstrap, log_dir=tmp_path) for p in ("spa-", "spb-")]
     try:
         await eventually(lambda: _nodes(stubs),
                          lambda ns: all(ns.get(i) and ns[i].connected for s in spares for i in s.node_ids),

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import select
 
 from controller.store import models as m
-from grpc_harness import Stubs, spec, topology
+from grpc_harness import Stubs, issue_token, spec, topology
 from maia.v1 import admin_pb2, deployments_pb2
 
 SERVICES = {"maia.v1.DeploymentService", "maia.v1.AdminService", "maia.v1.NodeAgentService"}
@@ -42,13 +42,17 @@ async def test_reflection_lists_the_services(stubs: Stubs):
 
 async def test_the_caller_principal_is_recorded(stubs: Stubs, controller_app):
     await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"), metadata=(("x-maia-principal", "alice"),))
+    alice = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "admin", name="alice"))
+    try:
+        await alice.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    finally:
+        await alice.channel.close()
     await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
     async with controller_app.db.unit_of_work() as uow:
         actors = dict((await uow.session.execute(
             select(m.Event.kind, m.Event.actor).where(m.Event.kind.in_(["tenant.created", "deployment.submitted"]))
         )).all())
-    assert actors == {"tenant.created": "alice", "deployment.submitted": "anonymous"}
+    assert actors == {"tenant.created": "alice", "deployment.submitted": "bootstrap-admin"}
 
 
 def _controller(*args: str, tmp_path: Path) -> subprocess.Popen:

@@ -12,13 +12,13 @@ from sqlalchemy import text
 from controller.api.server import ControllerApp
 from controller.cli.commands.audit import parse_since
 from controller.cli.main import main
-from grpc_harness import Stubs, topology
+from grpc_harness import Stubs, admin_token_of, topology
 from maia.v1 import admin_pb2, audit_pb2
 
 
 async def _maiactl(app: ControllerApp, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = await asyncio.to_thread(main, [*argv, "--controller", app.address])
+    code = await asyncio.to_thread(main, [*argv, "--controller", app.address, "--token", admin_token_of(app)])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -68,7 +68,7 @@ async def test_verify_exits_0_when_intact_and_names_the_first_bad_entry(controll
 
     async with controller_app.db.engine.begin() as conn:  # a tail removed with its head record rewritten
         original = (await conn.execute(text("SELECT hash FROM audit_log WHERE seq = 3"))).scalar_one()
-        await conn.execute(text("UPDATE audit_log SET actor = 'anonymous' WHERE seq = 2"))
+        await conn.execute(text("UPDATE audit_log SET actor = 'bootstrap-admin' WHERE seq = 2"))
         await conn.execute(text("DELETE FROM audit_log WHERE seq = 4"))
         await conn.execute(text(f"UPDATE audit_head SET seq = 3, hash = '{original}'"))
     assert (await _maiactl(controller_app, capsys, "audit", "verify"))[0] == 0

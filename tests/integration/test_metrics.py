@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.api.server import ControllerApp
 from controller.config import Config
-from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, eventually, spec, topology
+from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, admin_token_of, issue_token, eventually, spec, topology
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 RACKS = {"rack-00": "row-a", "rack-01": "row-a"}
@@ -49,9 +49,10 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-async def app(db_url: str) -> AsyncIterator[ControllerApp]:
+async def app(db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
     app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
-                               heartbeat_timeout_s=5.0, solve_time_limit_ms=1000, metrics_listen="127.0.0.1:0"))
+                               heartbeat_timeout_s=5.0, solve_time_limit_ms=1000, metrics_listen="127.0.0.1:0",
+                               bootstrap_admin_token_file=str(tmp_path / "admin.token")))
     await app.start()
     try:
         yield app
@@ -60,13 +61,14 @@ async def app(db_url: str) -> AsyncIterator[ControllerApp]:
 
 
 async def test_metrics_follow_the_scenario(app: ControllerApp, tmp_path: Path) -> None:
-    channel = grpc.aio.insecure_channel(app.address)
-    stubs = Stubs.on(channel)
+    stubs = Stubs.connect(app.address, admin_token_of(app))
+    channel = stubs.channel
     topo = topology(RACKS, rack_budget_w=RACK_BUDGET_W)
     topo.rows[0].power_budget_w = 50_000.0
     await stubs.admin.ApplyTopology(topo)
     await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab", max_accelerators=6))
-    fleet = SimFleet(app.address, racks=2, nodes_per_rack=2, log_dir=tmp_path)
+    fleet = SimFleet(app.address, racks=2, nodes_per_rack=2, token=await issue_token(app.db, "node-bootstrap"),
+                     log_dir=tmp_path)
     try:
         await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
                          lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 4,

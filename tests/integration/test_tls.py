@@ -15,7 +15,8 @@ from controller.api.server import ControllerApp
 from controller.cli.main import main as maiactl
 from controller.config import Config
 from controller.store import audit
-from grpc_harness import SimFleet, Stubs, eventually, topology
+from controller.bearer import aio_channel
+from grpc_harness import SimFleet, Stubs, admin_token_of, eventually, issue_token, topology
 from maia.v1 import admin_pb2, agent_pb2
 
 
@@ -40,7 +41,8 @@ async def _app(tmp_path: Path, pki: Path, *, mutual: bool) -> ControllerApp:
     app = ControllerApp(Config(listen="127.0.0.1:0", db_url=f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}",
                                reconcile_interval_s=0.2, heartbeat_timeout_s=2.0,
                                tls_cert=pki / "server.pem", tls_key=pki / "server-key.pem",
-                               tls_client_ca=pki / devca.CA_CERT if mutual else None))
+                               tls_client_ca=pki / devca.CA_CERT if mutual else None,
+                               bootstrap_admin_token_file=str(tmp_path / "admin.token")))
     await app.start()
     return app
 
@@ -64,10 +66,11 @@ async def mtls_app(tmp_path: Path, pki: Path) -> AsyncIterator[ControllerApp]:
 
 
 def _stubs(app: ControllerApp, ca: Path | None, cert_dir: Path | None = None, stem: str = "") -> Stubs:
+    """Over TLS, with the app's admin token (the certificate is checked on top of the token)."""
     key = (cert_dir / f"{stem}-key.pem").read_bytes() if cert_dir else None
     chain = (cert_dir / f"{stem}.pem").read_bytes() if cert_dir else None
     credentials = grpc.ssl_channel_credentials(ca.read_bytes() if ca else None, key, chain)
-    return Stubs.on(grpc.aio.secure_channel(app.address, credentials))
+    return Stubs.on(aio_channel(app.address, admin_token_of(app), credentials=credentials))
 
 
 async def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
@@ -95,8 +98,11 @@ async def test_tls_serves_clients_that_trust_the_ca_only(tls_app: ControllerApp,
     for stubs in (trusted, untrusted, plaintext):
         await stubs.channel.close()
 
-    ok = await asyncio.to_thread(maiactl, ["summary", "--controller", tls_app.address, "--ca", str(pki / "ca.pem")])
-    refused = await asyncio.to_thread(maiactl, ["summary", "--controller", tls_app.address, "--rpc-timeout", "5"])
+    token = ("--token", admin_token_of(tls_app))
+    ok = await asyncio.to_thread(maiactl, ["summary", "--controller", tls_app.address, "--ca", str(pki / "ca.pem"),
+                                           *token])
+    refused = await asyncio.to_thread(maiactl, ["summary", "--controller", tls_app.address, "--rpc-timeout", "5",
+                                                *token])
     assert (ok, refused) == (0, 5)
 
 
@@ -144,6 +150,7 @@ async def test_simnode_agents_connect_over_mutual_tls_with_their_own_certificate
     admin = _stubs(mtls_app, pki / devca.CA_CERT, pki, "client-admin")
     await admin.admin.ApplyTopology(topology({"tls-00": "row-a"}), timeout=5)
     fleet = SimFleet(mtls_app.address, racks=1, nodes_per_rack=2, rack_prefix="tls-", log_dir=tmp_path,
+                     token=await issue_token(mtls_app.db, "node-bootstrap"),
                      extra_args=("--ca", str(pki / devca.CA_CERT), "--cert-dir", str(pki)))
     try:
         nodes = await eventually(lambda: admin.admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=5),

@@ -12,7 +12,7 @@ import pytest
 
 from controller.api.server import ControllerApp
 from controller.cli.main import main as maiactl
-from grpc_harness import HandAgent, Stubs, eventually, spec, topology
+from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, spec, topology
 from maia.v1 import admin_pb2, deployments_pb2
 
 
@@ -59,7 +59,7 @@ async def _check_usage(controller_app: ControllerApp, stubs: Stubs, capsys) -> N
     assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
 
     # The CLI is synchronous: run it in a thread while this loop serves the controller.
-    at = ("--controller", controller_app.address)
+    at = ("--controller", controller_app.address, "--token", admin_token_of(controller_app))
     code, out, _ = await asyncio.to_thread(_run_cli, capsys, "usage", *at, "-o", "csv", "--since", "1h")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and [(r["tenant"], r["deployment"], r["zone"]) for r in rows] == [("lab", "svc", "z1")]

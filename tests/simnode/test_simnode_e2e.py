@@ -56,12 +56,14 @@ def tool(name: str) -> str:
 
 
 @pytest.fixture
-def controller(tmp_path: Path) -> Iterator[str]:
+def controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The controller's address; MAIA_TOKEN is set to its bootstrap admin token."""
     out = (tmp_path / "controller.out").open("w")
     err = (tmp_path / "controller.log").open("w")
     proc = subprocess.Popen(
         [tool("maia-controller"), "--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path}/maia.db",
-         "--heartbeat-timeout", "10", "--reconcile-interval", "0.5"],
+         "--heartbeat-timeout", "10", "--reconcile-interval", "0.5",
+         "--bootstrap-admin-token-file", str(tmp_path / "admin.token")],
         stdout=out, stderr=err)
     address = ""
     deadline = time.monotonic() + 60
@@ -72,6 +74,8 @@ def controller(tmp_path: Path) -> Iterator[str]:
     if not address:
         proc.kill()
         pytest.fail("controller did not start: " + (tmp_path / "controller.log").read_text()[-2000:])
+    assert (tmp_path / "admin.token").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("MAIA_TOKEN", (tmp_path / "admin.token").read_text().strip())
     yield address
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=20)
@@ -87,9 +91,15 @@ def test_simulated_nodes_run_what_the_controller_assigns(controller: str, tmp_pa
     (tmp_path / "workload.yaml").write_text(WORKLOAD)
     assert maiactl(controller, "apply", "-f", str(tmp_path / "topology.yaml")).returncode == 0
 
+    created = maiactl(controller, "token", "create", "--role", "node-bootstrap", "--name", "fleet")
+    assert created.returncode == 0, created.stderr
+    bootstrap = created.stdout.strip()
+    assert bootstrap.startswith("maia_") and "\n" not in bootstrap  # the secret alone on stdout
+
     log = (tmp_path / "simnode.log").open("w")
     fleet = subprocess.Popen([tool("maia-simnode"), "--controller", controller, "--racks", "1",
-                              "--nodes-per-rack", "4", "--load-delay", "0.3"], stdout=log, stderr=log)
+                              "--nodes-per-rack", "4", "--load-delay", "0.3"], stdout=log, stderr=log,
+                             env={**os.environ, "MAIA_TOKEN": bootstrap})
     try:
         waited = maiactl(controller, "wait", "nodes", "--connected", "4", "--timeout", "30")
         assert waited.returncode == 0, waited.stderr

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from controller.cli.commands import (
-    apply, audit, config, delete, devca, get, nodes, placements, solve, summary, usage, wait,
+    apply, audit, config, delete, devca, get, nodes, placements, solve, summary, token, usage, wait,
 )
 
-MODULES = (apply, get, summary, placements, delete, nodes, wait, solve, config, audit, devca, usage)
+MODULES = (apply, get, summary, placements, delete, nodes, wait, solve, config, audit, devca, usage, token)

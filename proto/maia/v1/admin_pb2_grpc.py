@@ -99,6 +99,21 @@ class AdminServiceStub:
                 request_serializer=maia_dot_v1_dot_admin__pb2.GetClusterSummaryRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_admin__pb2.ClusterSummary.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/maia.v1.AdminService/CreateToken',
+                request_serializer=maia_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/maia.v1.AdminService/ListTokens',
+                request_serializer=maia_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/maia.v1.AdminService/RevokeToken',
+                request_serializer=maia_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.Token.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -184,6 +199,26 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Bearer tokens (admin only). The secret is in the CreateToken reply, once; never stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Takes effect at once on this controller (within 30 s on others sharing the database).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,6 +286,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetClusterSummary,
                     request_deserializer=maia_dot_v1_dot_admin__pb2.GetClusterSummaryRequest.FromString,
                     response_serializer=maia_dot_v1_dot_admin__pb2.ClusterSummary.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.CreateTokenRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.Token.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -604,6 +654,87 @@ class AdminService:
             '/maia.v1.AdminService/GetClusterSummary',
             maia_dot_v1_dot_admin__pb2.GetClusterSummaryRequest.SerializeToString,
             maia_dot_v1_dot_admin__pb2.ClusterSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/CreateToken',
+            maia_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/ListTokens',
+            maia_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/RevokeToken',
+            maia_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.Token.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,117 @@
+"""Authentication: a bearer token in the call's metadata becomes a `Principal`, or UNAUTHENTICATED.
+
+Every RPC except health checking and reflection carries `authorization: Bearer maia_<id>.<secret>`.
+The row is found by id and the secret's digest compared in constant time; missing, malformed,
+unknown, expired and revoked tokens are refused. Verified tokens are cached for `cache_ttl_s`
+(a digest comparison instead of a database read per call); a revoke on this controller drops
+the entry at once (`forget`), expiry is checked on every call, and a revoke on another
+controller sharing the database takes effect within `cache_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from controller import tokens
+from controller.errors import Unauthenticated
+from controller.identity import INSECURE, Principal, Role, request_id_from_metadata
+from controller.store import tokens as store
+from controller.store.db import Database
+
+AUTHORIZATION_KEY = "authorization"
+BOOTSTRAP_HINT = ("start the controller once with --bootstrap-admin-token-file PATH to create an admin token, "
+                  "then `maiactl token create` the others")
+DEFAULT_CACHE_TTL_S = 30.0
+CACHE_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    secret_sha256: str
+    principal: Principal
+    expires_at: datetime | None
+    cached_at: float
+    revoked: bool = False
+
+
+def bearer_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The text after 'Bearer ' of the authorization metadata; None if absent."""
+    for key, value in metadata or ():
+        if key.lower() == AUTHORIZATION_KEY:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            scheme, _, credential = text.strip().partition(" ")
+            if scheme.lower() != "bearer" or not credential.strip():
+                raise Unauthenticated("malformed authorization metadata: expected 'Bearer <token>'")
+            return credential.strip()
+    return None
+
+
+def principal_of(row_role: str, *, name: str, token_id: str, tenant: str | None, node: str | None) -> Principal:
+    return Principal(name=name, role=Role(row_role), token_id=token_id, tenant=tenant or "", node=node or "")
+
+
+class Authenticator:
+    """Verifies bearer tokens against the database (with a short cache); or, when `enabled` is
+    False (--insecure-no-auth), lets everyone in as an admin."""
+
+    def __init__(self, db: Database, *, enabled: bool = True, cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.db = db
+        self.enabled = enabled
+        self.cache_ttl_s = cache_ttl_s
+        self._clock = clock
+        self._cache: dict[str, _Verified] = {}
+
+    async def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
+        metadata = tuple(metadata or ())
+        request_id = request_id_from_metadata(metadata)
+        if not self.enabled:
+            return INSECURE.with_request_id(request_id)
+        text = bearer_from_metadata(metadata)
+        if text is None:
+            raise Unauthenticated("authentication required: send 'authorization: Bearer <token>' metadata "
+                                  "(maiactl: --token or MAIA_TOKEN)")
+        presented = tokens.parse(text)
+        if presented is None:
+            raise Unauthenticated("malformed bearer token: expected maia_<id>.<secret>")
+        verified = await self._verified(presented)
+        return verified.principal.with_request_id(request_id)
+
+    async def _verified(self, presented: tokens.PresentedToken) -> _Verified:
+        entry = self._cache.get(presented.id)
+        if entry is None or self._clock() - entry.cached_at > self.cache_ttl_s:
+            entry = await self._load(presented.id)
+        if entry is None or not tokens.secret_matches(presented.secret, entry.secret_sha256):
+            raise Unauthenticated("invalid token")
+        # Only a caller holding the secret learns why its token no longer works.
+        if entry.revoked:
+            raise Unauthenticated(f"token {presented.id} was revoked")
+        if entry.expires_at is not None and entry.expires_at <= datetime.now(timezone.utc):
+            self._cache.pop(presented.id, None)
+            raise Unauthenticated(f"token {presented.id} expired at {entry.expires_at.isoformat(timespec='seconds')}")
+        return entry
+
+    async def _load(self, token_id: str) -> _Verified | None:
+        self._cache.pop(token_id, None)
+        async with self.db.unit_of_work() as uow:
+            row = await store.get_token(uow.session, token_id)
+            if row is None:
+                return None
+            entry = _Verified(
+                row.secret_sha256,
+                principal_of(row.role, name=row.name, token_id=row.id, tenant=row.tenant_id, node=row.node_id),
+                store.aware(row.expires_at), self._clock(), revoked=row.revoked_at is not None,
+            )
+        if not entry.revoked:  # revoked tokens are never cached: every use reads the row again
+            if len(self._cache) >= CACHE_MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[token_id] = entry
+        return entry
+
+    def forget(self, token_id: str) -> None:
+        """Drop a cached verification (the token was revoked): its next use reads the database."""
+        self._cache.pop(token_id, None)
+

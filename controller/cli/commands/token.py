@@ -1,0 +1,109 @@
+"""`maiactl token create|list|revoke`: bearer tokens (admin only).
+
+`token create` prints the secret alone on stdout (so `TOKEN=$(maiactl token create ...)` works;
+with `-o json` an object whose `token` field is the secret); it is shown this once and never
+stored by the controller. `token list` never shows secrets.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from datetime import datetime
+
+from controller.cli.client import CliError, Exit
+from controller.cli.context import Context
+from controller.cli.tables import render_table
+from maia.v1 import admin_pb2
+
+_TTL_RE = re.compile(r"^(\d+)([smhd]?)$")
+_TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+ROLES = ("admin", "tenant", "node-bootstrap")
+
+
+def parse_ttl(text: str) -> int:
+    """'90s', '30m', '24h', '7d' or plain seconds -> seconds."""
+    match = _TTL_RE.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 30m, 24h or 7d, got {text!r}")
+    return int(match.group(1)) * _TTL_UNITS[match.group(2)]
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("token", parents=[common], help="create, list and revoke bearer tokens (admin)")
+    verbs = p.add_subparsers(dest="token_command", metavar="VERB", required=True)
+    create = verbs.add_parser("create", parents=[common], help="create a token; prints its secret once")
+    create.add_argument("--tenant", help="a tenant token bound to this tenant (implies --role tenant)")
+    create.add_argument("--role", choices=ROLES, help="admin, tenant (needs --tenant) or node-bootstrap")
+    create.add_argument("--ttl", type=parse_ttl, metavar="DURATION", help="expire after e.g. 30m, 24h, 7d "
+                                                                          "(default: never)")
+    create.add_argument("--name", help="a name for lists and the audit log")
+    create.set_defaults(handler=run_create)
+    listing = verbs.add_parser("list", parents=[common], help="list tokens (never their secrets)")
+    listing.add_argument("--role", choices=(*ROLES, "node"))
+    listing.add_argument("--tenant")
+    listing.set_defaults(handler=run_list)
+    revoke = verbs.add_parser("revoke", parents=[common], help="revoke tokens at once")
+    revoke.add_argument("ids", nargs="+", metavar="ID")
+    revoke.set_defaults(handler=run_revoke)
+
+
+def run_create(args: argparse.Namespace, ctx: Context) -> int:
+    role = args.role or ("tenant" if args.tenant else None)
+    if role is None:
+        raise CliError("token create needs --tenant T or --role admin|node-bootstrap", Exit.USAGE)
+    if role == "tenant" and not args.tenant:
+        raise CliError("token create --role tenant needs --tenant T", Exit.USAGE)
+    reply = ctx.controller.admin.CreateToken(
+        admin_pb2.CreateTokenRequest(role=role, tenant=args.tenant or "", name=args.name or "",
+                                     ttl_seconds=args.ttl or 0), timeout=ctx.rpc_timeout)
+    if ctx.json:
+        ctx.emit_json({"token": reply.secret, **_token_dict(reply.token)})
+        return 0
+    ctx.out(reply.secret)
+    expires = _when(reply.token, "expires_at") or "never"
+    ctx.note(f"token {reply.token.id} ({reply.token.role}{' ' + reply.token.tenant if reply.token.tenant else ''}, "
+             f"expires {expires}) created; its secret is shown only this once")
+    return 0
+
+
+def run_list(args: argparse.Namespace, ctx: Context) -> int:
+    reply = ctx.controller.admin.ListTokens(admin_pb2.ListTokensRequest(role=args.role or "",
+                                                                        tenant=args.tenant or ""),
+                                            timeout=ctx.rpc_timeout)
+    ctx.emit(lambda: {"tokens": [_token_dict(t) for t in reply.tokens]},
+             lambda: render_table(
+                 ("id", "name", "role", "tenant", "node", "created", "expires", "revoked"),
+                 [(t.id, t.name, t.role, t.tenant, t.node, _when(t, "created_at"), _when(t, "expires_at"),
+                   _when(t, "revoked_at")) for t in reply.tokens]),
+             names=lambda: [f"token/{t.id}" for t in reply.tokens], is_table=True)
+    return 0
+
+
+def run_revoke(args: argparse.Namespace, ctx: Context) -> int:
+    revoked = []
+    for token_id in args.ids:
+        token = ctx.controller.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=token_id), timeout=ctx.rpc_timeout)
+        revoked.append(token)
+        if not ctx.json:
+            ctx.out(f"token/{token.id} revoked")
+    if ctx.json:
+        ctx.emit_json({"tokens": [_token_dict(t) for t in revoked]})
+    return 0
+
+
+def _when(token: admin_pb2.Token, field: str) -> str:
+    if not token.HasField(field):
+        return ""
+    at: datetime = getattr(token, field).ToDatetime()
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _token_dict(token: admin_pb2.Token) -> dict[str, str]:
+    doc = {"id": token.id, "name": token.name, "role": token.role}
+    for key in ("tenant", "node", "created_by"):
+        if getattr(token, key):
+            doc[key] = getattr(token, key)
+    for key in ("created_at", "expires_at", "revoked_at"):
+        if token.HasField(key):
+            doc[key] = _when(token, key)
+    return doc

@@ -1,0 +1,49 @@
+"""Queries on the `api_tokens` table and the mapping of its rows to `TokenView`."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store import models as m
+from controller.usecases import domain as d
+
+
+def aware(at: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    if at is not None and at.tzinfo is None:
+        return at.replace(tzinfo=timezone.utc)
+    return at
+
+
+def is_active(row: m.ApiToken, now: datetime) -> bool:
+    expires = aware(row.expires_at)
+    return row.revoked_at is None and (expires is None or expires > now)
+
+
+async def get_token(session: AsyncSession, token_id: str) -> m.ApiToken | None:
+    return await session.get(m.ApiToken, token_id)
+
+
+async def list_token_rows(session: AsyncSession, *, role: str = "", tenant: str = "",
+                          node: str = "") -> list[m.ApiToken]:
+    query = select(m.ApiToken).order_by(m.ApiToken.created_at, m.ApiToken.id)
+    if role:
+        query = query.where(m.ApiToken.role == role)
+    if tenant:
+        query = query.where(m.ApiToken.tenant_id == tenant)
+    if node:
+        query = query.where(m.ApiToken.node_id == node)
+    return list((await session.scalars(query)).all())
+
+
+async def active_tokens(session: AsyncSession, now: datetime, *, role: str = "", node: str = "") -> list[m.ApiToken]:
+    return [r for r in await list_token_rows(session, role=role, node=node) if is_active(r, now)]
+
+
+def token_view(row: m.ApiToken) -> d.TokenView:
+    return d.TokenView(id=row.id, name=row.name, role=row.role, tenant=row.tenant_id or "",
+                       node=row.node_id or "", created_by=row.created_by, created_at=aware(row.created_at),
+                       expires_at=aware(row.expires_at), revoked_at=aware(row.revoked_at))

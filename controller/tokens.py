@@ -1,0 +1,61 @@
+"""The bearer token format: `maia_<id>.<secret>`, minted, parsed and checked.
+
+The id (16 hex characters) names the stored row, so a token is found with one primary-key
+lookup; the secret is 32 random bytes (`secrets.token_urlsafe`) and only its SHA-256 digest is
+stored. A digest of a 256-bit random secret needs no slow password hash (nothing to guess), and
+digests are compared in constant time (`hmac.compare_digest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+PREFIX = "maia_"
+SECRET_BYTES = 32
+ID_HEX_CHARS = 16
+MAX_TOKEN_CHARS = 128
+_TOKEN_RE = re.compile(rf"^{PREFIX}([0-9a-f]{{{ID_HEX_CHARS}}})\.([A-Za-z0-9_-]{{32,80}})$")
+
+
+@dataclass(frozen=True, slots=True)
+class MintedToken:
+    id: str
+    secret: str
+    secret_sha256: str
+
+    @property
+    def text(self) -> str:
+        """What the holder presents (shown once): maia_<id>.<secret>."""
+        return f"{PREFIX}{self.id}.{self.secret}"
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedToken:
+    id: str
+    secret: str
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mint() -> MintedToken:
+    token_id = secrets.token_hex(ID_HEX_CHARS // 2)
+    secret = secrets.token_urlsafe(SECRET_BYTES)
+    return MintedToken(token_id, secret, digest(secret))
+
+
+def parse(text: str) -> PresentedToken | None:
+    """The id and secret of a well-formed token, or None."""
+    if len(text) > MAX_TOKEN_CHARS:
+        return None
+    match = _TOKEN_RE.match(text)
+    return PresentedToken(match.group(1), match.group(2)) if match else None
+
+
+def secret_matches(secret: str, stored_sha256: str) -> bool:
+    return hmac.compare_digest(digest(secret), stored_sha256)

@@ -1,0 +1,151 @@
+"""Bearer tokens: create (the secret is returned once), list (never secrets), revoke, and the
+bootstrap admin token an operator starts with.
+
+Only admins manage tokens. A tenant token is bound to an existing tenant; node credentials
+(role node) are issued by `Register` (controller.usecases.agents), not here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from controller import tokens as secrets_
+from controller.errors import InvalidArgument, NotFound
+from controller.identity import Principal, Role
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store import tokens as store
+from controller.store.db import Database, UnitOfWork
+from controller.usecases import policy
+from controller.usecases.domain import IssuedToken, TokenRequest, TokenView
+from controller.usecases.ports import Signals
+from controller.usecases.validation import check_id
+
+# Roles an admin may mint directly (node credentials come from Register).
+MINTABLE_ROLES = (Role.ADMIN, Role.TENANT, Role.NODE_BOOTSTRAP)
+MAX_TTL_S = 10 * 365 * 24 * 3600
+BOOTSTRAP_ADMIN_NAME = "bootstrap-admin"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def _validate(uow: UnitOfWork, request: TokenRequest) -> Role:
+    try:
+        role = Role.parse(request.role)
+    except ValueError as exc:
+        raise InvalidArgument(f"token: {exc}") from None
+    if role not in MINTABLE_ROLES:
+        raise InvalidArgument(
+            f"token: role {role.value} cannot be created directly (node credentials are issued by Register); "
+            f"use one of {', '.join(r.value for r in MINTABLE_ROLES)}"
+        )
+    if request.name:
+        check_id("token", request.name)
+    if role is Role.TENANT:
+        if not request.tenant:
+            raise InvalidArgument("token: role tenant needs a tenant")
+        if await repo.get_tenant(uow.session, request.tenant) is None:
+            raise NotFound(f"tenant {request.tenant} not found")
+    elif request.tenant:
+        raise InvalidArgument(f"token: only role tenant takes a tenant (role is {role.value})")
+    if request.ttl_s is not None and not 0 < request.ttl_s <= MAX_TTL_S:
+        raise InvalidArgument(f"token: ttl must be between 1 second and {MAX_TTL_S // 86400} days, "
+                              f"got {request.ttl_s:g} s")
+    return role
+
+
+def add_token(uow: UnitOfWork, who: Principal, *, role: Role, name: str, tenant: str = "", node: str = "",
+              ttl_s: float | None = None) -> IssuedToken:
+    """Stage a new token row (the caller commits); returns it with its secret."""
+    minted = secrets_.mint()
+    now = _now()
+    row = m.ApiToken(id=minted.id, name=name or f"{role.value}-{minted.id[:6]}", role=role.value,
+                     tenant_id=tenant or None, node_id=node or None, secret_sha256=minted.secret_sha256,
+                     created_by=who.actor, created_at=now,
+                     expires_at=now + timedelta(seconds=ttl_s) if ttl_s is not None else None)
+    uow.session.add(row)
+    repo.record_event(uow.session, actor=who.name, kind="token.created", object_kind="token", object_id=row.id,
+                      data={"role": role.value, "name": row.name, "tenant": tenant, "node": node,
+                            "request_id": who.request_id})
+    return IssuedToken(store.token_view(row), minted.text)
+
+
+async def create_token(uow: UnitOfWork, who: Principal, request: TokenRequest) -> IssuedToken:
+    policy.require_admin(who, "creating tokens")
+    role = await _validate(uow, request)
+    issued = add_token(uow, who, role=role, name=request.name, tenant=request.tenant, ttl_s=request.ttl_s)
+    await uow.commit()
+    return issued
+
+
+async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant: str = "") -> list[TokenView]:
+    policy.require_admin(who, "listing tokens")
+    return [store.token_view(r) for r in await store.list_token_rows(uow.session, role=role, tenant=tenant)]
+
+
+async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: Signals) -> TokenView:
+    """Revoke at once (idempotent); the authenticator's cache forgets it through `signals`."""
+    policy.require_admin(who, "revoking tokens")
+    row = await store.get_token(uow.session, token_id)
+    if row is None:
+        raise NotFound(f"token {token_id} not found")
+    if row.revoked_at is None:
+        row.revoked_at = _now()
+        repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind="token",
+                          object_id=row.id, data={"role": row.role, "request_id": who.request_id})
+        await uow.commit()
+    signals.token_revoked(row.id)
+    return store.token_view(row)
+
+
+async def revoke_node_credentials(uow: UnitOfWork, who: Principal, node_id: str) -> list[str]:
+    """Revoke every active credential of a node (staged; the caller commits); their ids."""
+    revoked = []
+    for row in await store.active_tokens(uow.session, _now(), role=Role.NODE.value, node=node_id):
+        row.revoked_at = _now()
+        revoked.append(row.id)
+    if revoked:
+        repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind="node",
+                          object_id=node_id, data={"tokens": revoked, "request_id": who.request_id})
+    return revoked
+
+
+async def has_active_admin(db: Database) -> bool:
+    async with db.unit_of_work() as uow:
+        return bool(await store.active_tokens(uow.session, _now(), role=Role.ADMIN.value))
+
+
+async def has_any_token(db: Database) -> bool:
+    async with db.unit_of_work() as uow:
+        return bool(await store.list_token_rows(uow.session))
+
+
+async def bootstrap_admin_token(db: Database, path: Path, who: Principal) -> TokenView | None:
+    """On a database without an active admin token, create one and write it to `path` (0600).
+
+    Returns the new token's view, or None (an admin token exists; `path` is left alone). The
+    secret goes to a temporary file beside `path` first and is renamed into place only after
+    the row is committed, so neither a failed commit nor a failed write leaves a token nobody
+    holds or a file with a token that does not exist.
+    """
+    async with db.unit_of_work() as uow:
+        if await store.active_tokens(uow.session, _now(), role=Role.ADMIN.value):
+            return None
+        issued = add_token(uow, who, role=Role.ADMIN, name=BOOTSTRAP_ADMIN_NAME)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(issued.secret + "\n")
+            await uow.commit()
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return issued.view

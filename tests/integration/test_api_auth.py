@@ -1,0 +1,170 @@
+"""Authentication on the real server: bearer tokens on every RPC but health and reflection,
+the token RPCs, revocation taking effect at once, expiry, the bootstrap admin token and the
+explicitly insecure mode."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import select, update
+
+from controller.api.server import ControllerApp
+from controller.config import Config
+from controller.store import models as m
+from grpc_harness import Stubs, issue_token
+from maia.v1 import admin_pb2, deployments_pb2
+
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+
+async def _status_of(stubs: Stubs) -> grpc.StatusCode:
+    try:
+        await stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest())
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+async def connect(controller_app: ControllerApp) -> AsyncIterator:
+    opened: list[Stubs] = []
+
+    def _connect(token: str | None) -> Stubs:
+        stubs = Stubs.connect(controller_app.address, token)
+        opened.append(stubs)
+        return stubs
+
+    yield _connect
+    for stubs in opened:
+        await stubs.channel.close()
+
+
+async def test_anonymous_calls_are_unauthenticated_but_health_answers(connect) -> None:
+    anonymous = connect(None)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await anonymous.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert err.value.code() == UNAUTHENTICATED
+    assert "authorization: Bearer" in err.value.details()
+    reply = await health_pb2_grpc.HealthStub(anonymous.channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer not-a-maia-token",
+                                    "Bearer maia_0123456789abcdef.short"])
+async def test_malformed_credentials_are_unauthenticated(connect, header: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await connect(None).admin.ListTenants(admin_pb2.ListTenantsRequest(), metadata=(("authorization", header),))
+    assert err.value.code() == UNAUTHENTICATED
+
+
+async def test_unknown_token_and_wrong_secret_are_unauthenticated(connect, admin_token: str) -> None:
+    token_id = admin_token.split(".")[0]
+    assert await _status_of(connect("maia_0123456789abcdef." + "A" * 43)) == UNAUTHENTICATED
+    wrong = connect(f"{token_id}.{'B' * 43}")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wrong.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert (err.value.code(), err.value.details()) == (UNAUTHENTICATED, "invalid token")
+
+
+async def test_created_token_works_lists_without_secret_and_revoke_is_immediate(
+        stubs: Stubs, connect, controller_app: ControllerApp) -> None:
+    created = await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="admin", name="ops"))
+    assert created.secret.startswith(f"maia_{created.token.id}.")
+    ops = connect(created.secret)
+    assert await _status_of(ops) == grpc.StatusCode.OK  # verified once: now in the cache
+
+    listed = await stubs.admin.ListTokens(admin_pb2.ListTokensRequest())
+    assert {t.name for t in listed.tokens} == {"bootstrap-admin", "ops"}
+    assert created.secret.split(".")[1] not in str(listed)
+    async with controller_app.db.unit_of_work() as uow:
+        stored = (await uow.session.scalars(select(m.ApiToken.secret_sha256))).all()
+    assert all(created.secret.split(".")[1] not in h for h in stored)
+
+    revoked = await stubs.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=created.token.id))
+    assert revoked.HasField("revoked_at")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await ops.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert (err.value.code(), err.value.details()) == (UNAUTHENTICATED, f"token {created.token.id} was revoked")
+
+
+async def test_expired_token_is_unauthenticated(stubs: Stubs, connect, controller_app: ControllerApp) -> None:
+    created = await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="admin", ttl_seconds=3600))
+    assert created.token.expires_at.ToDatetime(tzinfo=timezone.utc) > datetime.now(timezone.utc)
+    short = connect(created.secret)
+    assert await _status_of(short) == grpc.StatusCode.OK
+    async with controller_app.db.unit_of_work() as uow:  # let an hour pass
+        await uow.session.execute(update(m.ApiToken).where(m.ApiToken.id == created.token.id)
+                                  .values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+        await uow.commit()
+    controller_app.authn.forget(created.token.id)  # the cache keeps the expiry it read; a restart would too
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await short.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert err.value.code() == UNAUTHENTICATED and "expired" in err.value.details()
+
+
+@pytest.mark.parametrize(("request_", "code", "words"), [
+    (admin_pb2.CreateTokenRequest(role="root"), grpc.StatusCode.INVALID_ARGUMENT, "role 'root'"),
+    (admin_pb2.CreateTokenRequest(role="node"), grpc.StatusCode.INVALID_ARGUMENT, "issued by Register"),
+    (admin_pb2.CreateTokenRequest(role="tenant"), grpc.StatusCode.INVALID_ARGUMENT, "needs a tenant"),
+    (admin_pb2.CreateTokenRequest(role="tenant", tenant="ghost"), grpc.StatusCode.NOT_FOUND, "tenant ghost"),
+    (admin_pb2.CreateTokenRequest(role="admin", tenant="lab"), grpc.StatusCode.INVALID_ARGUMENT, "only role tenant"),
+    (admin_pb2.CreateTokenRequest(role="admin", ttl_seconds=-5), grpc.StatusCode.INVALID_ARGUMENT, "ttl"),
+])
+async def test_bad_token_requests_are_refused_and_nothing_is_written(
+        stubs: Stubs, controller_app: ControllerApp, request_, code, words) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs.admin.CreateToken(request_)
+    assert err.value.code() == code and words in err.value.details()
+    async with controller_app.db.unit_of_work() as uow:
+        assert len((await uow.session.scalars(select(m.ApiToken))).all()) == 1  # the bootstrap admin only
+
+
+async def test_only_admins_manage_tokens(stubs: Stubs, connect, controller_app: ControllerApp) -> None:
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    tenant = connect(await issue_token(controller_app.db, "tenant", tenant="lab"))
+    bootstrap = connect(await issue_token(controller_app.db, "node-bootstrap"))
+    for caller in (tenant, bootstrap):
+        for call in (caller.admin.CreateToken(admin_pb2.CreateTokenRequest(role="admin")),
+                     caller.admin.ListTokens(admin_pb2.ListTokensRequest()),
+                     caller.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id="x"))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_bootstrap_file_is_0600_and_left_alone_when_an_admin_exists(db_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "admin.token"
+    config = Config(listen="127.0.0.1:0", db_url=db_url, bootstrap_admin_token_file=str(path))
+    app = ControllerApp(config)
+    await app.start()
+    try:
+        first = path.read_text().strip()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        stubs = Stubs.connect(app.address, first)
+        assert await _status_of(stubs) == grpc.StatusCode.OK
+        await stubs.channel.close()
+    finally:
+        await app.stop(grace_s=0.5)
+    path.write_text("kept\n")
+    again = ControllerApp(config)
+    await again.start()
+    await again.stop(grace_s=0.5)
+    assert path.read_text() == "kept\n"
+
+
+async def test_insecure_no_auth_lets_everyone_in_as_admin(db_url: str) -> None:
+    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, insecure_no_auth=True))
+    await app.start()
+    try:
+        anonymous = Stubs.connect(app.address, None)
+        await anonymous.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        assert await _status_of(anonymous) == grpc.StatusCode.OK
+        await anonymous.channel.close()
+    finally:
+        await app.stop(grace_s=0.5)
