@@ -39,6 +39,7 @@ DEFAULT_TIME_LIMIT_MS = 2000
 GREEDY_GUARD_SHARE = 0.3  # of the time limit, for the greedy pipeline that guards CP-SAT's
 BATCH_SHUFFLES = 4  # random orders tried per online batch, besides arrival and size order
 MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
+SINGLE_VICTIM_TRIALS = 8  # per domain, victims also tried alone (see _make_room)
 PREEMPTION_HINTS = 3  # unplaced deployments per solve tried for "fits after preempting"
 HINT_BUDGET_S = 0.1  # time those trials may take (and never past the solve's deadline)
 # Reasons preempting work cannot change; a hint goes on the first reason of another code.
@@ -334,9 +335,12 @@ class Solver:
             if deadline is not None and time.perf_counter() >= deadline:
                 break
             allowed = dom == dm
-            for order in orders:
-                found = self._trial(d, r, sorted(by_domain[dm], key=order), allowed,
-                                    relocate, budget)
+            tries = [sorted(by_domain[dm], key=order) for order in orders]
+            # One victim alone can be enough where the orders above take several (its
+            # removal clears an exclusion, say): try the first few singly.
+            tries += [[v] for v in tries[0][:SINGLE_VICTIM_TRIALS] if len(tries[0]) > 1]
+            for victims in tries:
+                found = self._trial(d, r, victims, allowed, relocate, budget)
                 if found is not None and (best is None or found[0] < best[0]):
                     best = found
         if best is None:
@@ -367,6 +371,8 @@ class Solver:
         placer.place_deployment(d, rest)
         if not trial.placed_replicas(d):
             return None
+        if not relocate:
+            removed = self._spare_victims(trial, removed)
         moved = 0
         if relocate:  # every removed replica must land again elsewhere
             back = Placer(trial, scorer="bestfit")
@@ -385,6 +391,22 @@ class Solver:
             if moved > budget:
                 return None
         return (len(removed), moved), trial, removed, moved
+
+    def _spare_victims(self, trial: ClusterState, removed: list[tuple[int, int]]
+                       ) -> list[tuple[int, int]]:
+        """Victims the new work did not need after all: put each back where it ran if it
+        still fits (latest removed first), then re-apply min_replicas to the victims'
+        deployments. Returns the replicas that stay removed."""
+        state = self.state
+        gone = [v for v in reversed(removed) if not self._restore(trial, v, state.replicas[v])]
+        gone.reverse()
+        for vd in sorted({v[0] for v in gone}):
+            left = trial.placed_replicas(vd)
+            if left and len(left) < state.deps[vd].min_replicas:
+                for r in left:
+                    trial.remove_replica(vd, r)
+                    gone.append((vd, r))
+        return gone
 
     def _restore(self, state: ClusterState, v: tuple[int, int],
                  shards: dict[int, ShardAt]) -> bool:

@@ -28,16 +28,7 @@ def load() -> tuple[list[traces.TraceNode], list[traces.TracePod]]:
     return nodes, pods
 
 
-def solver_available() -> bool:
-    try:
-        from scheduler import solve  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-RUNS = [("bestfit", 1), ("random", 1)] + (
-    [("maia", 1), ("maia", 4)] if solver_available() else [])
+RUNS = [("bestfit", 1), ("bestfit-frac", 1), ("random", 1), ("maia", 1), ("maia", 4)]
 
 
 @pytest.mark.parametrize(("policy", "batch"), RUNS)

@@ -17,9 +17,10 @@ from typing import Any
 from scheduler import Plan, plan_to_dict, problem_from_dict, solve
 
 Doc = dict[str, Any]
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "placement"
-
 sys.path.insert(0, str(Path(__file__).parent))
+from checker import spec_dir  # noqa: E402
+
+SHARED = spec_dir()  # the contract folder: $MAIA_PLACEMENT_SPEC_DIR or /work/shared/placement
 
 
 def node(id: str, rack: str = "r1", acc: int = 4, state: str = "ready", **kw: Any) -> Doc:

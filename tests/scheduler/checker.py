@@ -18,7 +18,14 @@ Interpretations the spec leaves open, decided here (and documented so they can b
 - `min_replicas` wins over "existing placements are kept": a deployment whose surviving
   replicas are fewer than `min_replicas` may drop them all, if the plan lists it as unplaced.
 - A preemption must be justified by some newly placed replica of another deployment that has a
-  higher priority, or whose tenant holds a reservation and is not preemptible.
+  higher priority, or that is not preemptible and whose tenant is below its reservation: the
+  tenant's accelerators in the plan, less that one replica's, are under `reserved_accelerators`
+  (the tenant was below its reservation when the replica was placed, whatever the order).
+- `status: optimal` claims the plan is proved best, so the plan must reach the bound it reports:
+  its placed weight equals `stats.best_bound` when given. The weight is the solver's documented
+  term 1 (scheduler/solve.py): per placed replica, shards x accelerator milli (1 for host-only
+  shards) x (priority - lowest priority among the deployments + 1). `stats.objective`, when
+  given, must be that weight too, whatever the status.
 """
 
 from __future__ import annotations
@@ -111,7 +118,8 @@ class _Shard:
     tenant: str
 
 
-def _spec_dir() -> Path:
+def spec_dir() -> Path:
+    """The contract folder (schemas and examples)."""
     return Path(os.environ.get("MAIA_PLACEMENT_SPEC_DIR", str(DEFAULT_SPEC_DIR)))
 
 
@@ -125,7 +133,7 @@ def _plan_validator() -> Any:
         import jsonschema
         from referencing import Registry, Resource
 
-        spec = _spec_dir()
+        spec = spec_dir()
         if not (spec / "plan.schema.json").exists():
             raise FileNotFoundError(
                 f"plan.schema.json not found under {spec}; set MAIA_PLACEMENT_SPEC_DIR")
@@ -532,6 +540,10 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
     newly_placed = [rep for rep in by_replica
                     if not any((rep[0], rep[1], s) in prob.existing_by_key
                                for s in range(prob.deployments[rep[0]]["shards_per_replica"]))]
+    tenant_held: dict[str, float] = defaultdict(float)  # accelerators per tenant in the plan
+    for (d_id, _r) in by_replica:
+        if d_id in prob.deployments:
+            tenant_held[prob.tenant_of(d_id)] += _replica_accelerators(prob, d_id)
     for e in preempted:
         dep = prob.deployments.get(e["deployment"])
         label = f"preempted {e['deployment']} replica {e['replica']}"
@@ -556,8 +568,9 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
             if other.get("priority", 0) > prio:
                 justified = True
             elif (not other.get("preemptible", False)
-                  and prob.tenant(other["tenant"]).get("reserved_accelerators", 0) > 0
-                  and other["tenant"] != dep["tenant"]):
+                  and other["tenant"] != dep["tenant"]
+                  and tenant_held[other["tenant"]] - _replica_accelerators(prob, d2)
+                  < prob.tenant(other["tenant"]).get("reserved_accelerators", 0) - EPSILON):
                 justified = True
         if not justified:
             bad(PREEMPTION, f"{label}: no newly placed higher-priority or reserved work needs it")
@@ -586,3 +599,35 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
     if plan_doc.get("status") == "infeasible" and newly_placed:
         bad(STATUS, f"status infeasible but {len(newly_placed)} replicas were newly placed, "
                     f"e.g. {sorted(newly_placed)[0]}")
+
+    # --- status: optimal reaches its own bound; the objective is the placed weight ----------
+    stats = plan_doc.get("stats") or {}
+    weight = _placed_weight(prob, by_replica)
+    bound = stats.get("best_bound")
+    if plan_doc.get("status") == "optimal" and isinstance(bound, (int, float)) \
+            and abs(bound - weight) > EPSILON:
+        bad(STATUS, f"status optimal but the placed weight {weight:g} is not the reported "
+                    f"best_bound {bound:g}")
+    objective = stats.get("objective")
+    if isinstance(objective, (int, float)) and abs(objective - weight) > EPSILON:
+        bad(STATUS, f"stats.objective {objective:g} but the placed weight is {weight:g}")
+
+
+def _replica_accelerators(prob: _Problem, deployment: str) -> float:
+    return prob.deployments[deployment]["shards_per_replica"] * prob.accelerators_of(deployment)
+
+
+def _placed_weight(prob: _Problem, by_replica: dict[tuple[str, int], list[_Shard]]) -> float:
+    """Term 1 of the objective as documented (module doc): the priority-weighted placed
+    demand over every replica the plan runs."""
+    low = min((d.get("priority", 0) for d in prob.deployments.values()), default=0)
+    total = 0.0
+    for d_id, _r in by_replica:
+        if d_id not in prob.deployments:
+            continue
+        d = prob.deployments[d_id]
+        shard = d["shard"]
+        milli = shard["accelerator_milli"] if prob.is_fractional(d_id) else \
+            1000 * shard["accelerators"]
+        total += d["shards_per_replica"] * max(milli, 1) * (d.get("priority", 0) - low + 1)
+    return total

@@ -394,6 +394,13 @@ def build_cases() -> list[Case]:
     add(Case(C.PREEMPTION, "preempted replica still running", p, plan(p, [vip], **pre),
              plan(p, [burst, pl("vip", 0, 0, "n2", [0, 1, 2, 3])], **pre)))
 
+    # Reserved work (not preemptible, no higher priority) may preempt only while its tenant
+    # is below its reservation: here tenant a already holds its 4 reserved accelerators.
+    p_full = reservation_problem(reserved=4)
+    add(Case(C.PREEMPTION, "reserved tenant already at its reservation", p_full,
+             plan(p_full, [VIP_HELD, burst]),
+             plan(p_full, [VIP_HELD, VIP_AGAIN], **pre)))
+
     # UNPLACED: unplaced[] accounts for exactly the replicas not placed, with reasons.
     p = problem([dep("u", replicas=3, locality="node")])
     good = plan(p, [pl("u", 0, 0, "n1", [0])])
@@ -416,7 +423,30 @@ def build_cases() -> list[Case]:
     good = plan(p, [], status="infeasible")
     bad = plan(p, [pl("s", 0, 0, "n1", [0])], status="infeasible")
     add(Case(C.STATUS, "infeasible yet placed", p, good, bad))
+    # STATUS: optimal reaches the bound it reports; objective is the placed weight.
+    one = [pl("s", 0, 0, "n1", [0])]  # 1 shard x 1000 milli x (0 - 0 + 1)
+    add(Case(C.STATUS, "optimal below its own bound", p,
+             plan(p, one, status="optimal", stats={"solve_ms": 1.0, "best_bound": 1000}),
+             plan(p, [], status="optimal", stats={"solve_ms": 1.0, "best_bound": 1000})))
+    add(Case(C.STATUS, "objective is not the placed weight", p,
+             plan(p, one, stats={"solve_ms": 1.0, "objective": 1000}),
+             plan(p, one, stats={"solve_ms": 1.0, "objective": 2000})))
     return cases
+
+
+VIP_HELD = pl("vip", 0, 0, "n2", [0, 1, 2, 3])
+VIP_AGAIN = pl("vip", 1, 0, "n1", [0, 1, 2, 3])
+
+
+def reservation_problem(reserved: int) -> Doc:
+    """Tenant a (reserved accelerators) runs vip replica 0; replica 1 fits only where b's
+    preemptible burst runs. Same priorities: only the reservation can justify preempting."""
+    def reserve(d: Doc) -> None:
+        d["tenants"][0]["reserved_accelerators"] = reserved
+    return problem([dep("vip", "a", acc=4, replicas=2, locality="node"),
+                    dep("burst", "b", acc=4, preemptible=True)],
+                   placements=[VIP_HELD, pl("burst", 0, 0, "n1", [0, 1, 2, 3])],
+                   options={"mode": "batch", "allow_preemption": True}, edit=reserve)
 
 
 CASES = build_cases()
@@ -484,6 +514,12 @@ def test_valid_preemption_passes() -> None:
                 placements=[burst], options={"mode": "batch", "allow_preemption": True})
     good = plan(p, [pl("vip", 0, 0, "n1", [0, 1, 2, 3])],
                 preempted=[{"deployment": "burst", "replica": 0}])
+    assert check_plan(p, good) == []
+
+
+def test_reserved_tenant_below_its_reservation_may_preempt() -> None:
+    p = reservation_problem(reserved=8)
+    good = plan(p, [VIP_HELD, VIP_AGAIN], preempted=[{"deployment": "burst", "replica": 0}])
     assert check_plan(p, good) == []
 
 

@@ -23,12 +23,7 @@ from checker import MONOTONE_RULES, STATUS, check_plan, placed_accelerators  # n
 from strategies import (ReplicaChoice, materialize, plan_doc,  # noqa: E402
                         preemption_problems, problems, shard_choices, tiny_problems)
 
-try:
-    from scheduler import plan_to_dict, problem_from_dict, solve
-    SOLVER = True
-except ImportError:  # the solver is still being written
-    SOLVER = False
-needs_solver = pytest.mark.skipif(not SOLVER, reason="scheduler public API not available yet")
+from scheduler import plan_to_dict, problem_from_dict, solve  # noqa: E402
 
 Doc = dict[str, Any]
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -161,7 +156,6 @@ REBALANCE_MIN_REPLICAS: Doc = {'version': 1,
      'options': {'mode': 'rebalance', 'time_limit_ms': 2000, 'max_moves': 1}}
 
 
-@needs_solver
 @settings(max_examples=300, **COMMON)
 @example(REBALANCE_MIN_REPLICAS)
 @given(problems())
@@ -216,7 +210,6 @@ MOVE_SHIFTS_A_KEPT_SHARD: Doc = {
     "options": {"mode": "rebalance", "allow_preemption": True}}
 
 
-@needs_solver
 @settings(max_examples=150, **COMMON)
 @example(REBALANCE_MAX_MOVES_WITH_PREEMPTION)
 @example(MOVE_SHIFTS_A_KEPT_SHARD)
@@ -246,7 +239,6 @@ EXCLUSION_TRADE_OFF: Doc = {
     "placements": [], "options": {"mode": "batch"}}
 
 
-@needs_solver
 @settings(max_examples=300, **COMMON)
 @example(EXCLUSION_TRADE_OFF)
 @given(tiny_problems())
@@ -260,7 +252,6 @@ def test_tiny_instances_place_the_exhaustive_optimum(doc: Doc) -> None:
     assert got == pytest.approx(want), f"solver placed {got} accelerators, optimum is {want}"
 
 
-@needs_solver
 @settings(max_examples=150, **COMMON)
 @given(problems(modes=("online",), max_deployments=4))
 def test_online_decisions_ignore_later_arrivals(doc: Doc) -> None:
@@ -306,7 +297,6 @@ def test_exhaustive_search_finds_a_known_optimum() -> None:
     assert witness is not None and check_plan(doc, plan_doc(doc, witness)) == []
 
 
-@needs_solver
 def test_rebalance_moves_rather_than_preempts() -> None:
     """Objective tier 2: preempt as little as possible, *then* move as little as possible.
 

@@ -9,7 +9,6 @@ import pytest
 from builders import SHARED, codes, dep, messages, node, placed, placed_count, problem, solve_doc
 
 
-@pytest.mark.skipif(not (SHARED / "examples").is_dir(), reason="shared examples not present")
 def test_tiny_unplaceable_gives_the_three_reasons() -> None:
     doc = json.loads((SHARED / "examples" / "tiny-unplaceable.problem.json").read_text())
     plan = solve_doc(doc)

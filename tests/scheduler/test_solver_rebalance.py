@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from builders import move_beats_preemption, solve_doc
+from builders import move_beats_preemption, placed_count, solve_doc
 
 
 def test_rebalance_moves_a_replica_rather_than_preempting_it() -> None:
@@ -31,5 +31,11 @@ def test_a_move_onto_a_node_does_not_shift_the_replica_kept_there() -> None:
              "accelerator_indices": [0, 1]} for r, n in ((0, "n4"), (1, "n3"), (2, "n2"))],
         "options": {"mode": "rebalance", "allow_preemption": True}}
     plan = solve_doc(doc)  # the checker's KEPT rule: a kept shard keeps its indices
-    kept = [p for p in plan.placements if (p.deployment, p.replica) == ("d0", 1)]
-    assert [(p.node, p.accelerator_indices) for p in kept] in ([("n3", (0, 1))], [])
+    # vip0 (t1 excludes t0) needs two accelerators in racks free of t0. Preempting d0's
+    # replica 1 alone clears rack r0 and keeps d0 at its min_replicas (2); preempting the two
+    # replicas in rack r1 instead would drop d0 below min_replicas and lose all three.
+    assert [(p.deployment, p.replica) for p in plan.preempted] == [("d0", 1)]
+    kept = sorted((p.replica, p.node, p.accelerator_indices) for p in plan.placements
+                  if p.deployment == "d0")
+    assert kept == [(0, "n4", (0, 1)), (2, "n2", (0, 1))]
+    assert placed_count(plan, "vip0") == 1
