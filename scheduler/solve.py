@@ -300,13 +300,19 @@ class Solver:
             if v in state.replicas:
                 state.remove_replica(*v)
                 removed.append(v)
-        for vd in {v[0] for v in removed}:
+        return removed + self._below_min_replicas(state, {v[0] for v in removed})
+
+    @staticmethod
+    def _below_min_replicas(state: ClusterState, ds: set[int]) -> list[tuple[int, int]]:
+        """Remove every replica of these deployments that fell below min_replicas."""
+        out = []
+        for vd in sorted(ds):
             left = state.placed_replicas(vd)
             if left and len(left) < state.deps[vd].min_replicas:
                 for r in left:
                     state.remove_replica(vd, r)
-                    removed.append((vd, r))
-        return removed
+                    out.append((vd, r))
+        return out
 
     def _make_room(self, d: int, eligible: list[tuple[int, int]], relocate: bool,
                    budget: int, deadline: float | None = None
@@ -400,13 +406,7 @@ class Solver:
         state = self.state
         gone = [v for v in reversed(removed) if not self._restore(trial, v, state.replicas[v])]
         gone.reverse()
-        for vd in sorted({v[0] for v in gone}):
-            left = trial.placed_replicas(vd)
-            if left and len(left) < state.deps[vd].min_replicas:
-                for r in left:
-                    trial.remove_replica(vd, r)
-                    gone.append((vd, r))
-        return gone
+        return gone + self._below_min_replicas(trial, {v[0] for v in gone})
 
     def _restore(self, state: ClusterState, v: tuple[int, int],
                  shards: dict[int, ShardAt]) -> bool:
