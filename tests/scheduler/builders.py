@@ -98,6 +98,19 @@ def move_beats_preemption() -> Doc:
         "options": {"mode": "rebalance", "allow_preemption": True}}
 
 
+def busy_problem(**options: Any) -> Doc:
+    """Gangs and fractions competing for 4 racks of 4 nodes, some already used."""
+    nodes = [node(f"n{r}{i}", rack=f"r{r}", acc=4) for r in range(4) for i in range(4)]
+    deployments = [dep("old", acc=2, replicas=5, locality="node", preemptible=True)]
+    deployments += [dep(f"g{i}", acc=1, shards=8 + 2 * i, locality="rack", priority=i % 3)
+                    for i in range(5)]
+    deployments += [dep(f"f{i}", acc=1, replicas=3, locality="node", accelerator_milli=250 * (
+        1 + i % 3), priority=1) for i in range(6)]
+    held = [placed("old", f"n{r}0", [0, 1], replica=r) for r in range(4)]
+    held.append(placed("old", "n11", [2, 3], replica=4))
+    return problem(nodes, deployments, placements=held, **options)
+
+
 def placed_count(plan: Plan, deployment: str) -> int:
     return len({p.replica for p in plan.placements if p.deployment == deployment})
 

@@ -4,7 +4,7 @@ solves of one problem give one plan (deterministic CP-SAT)."""
 from __future__ import annotations
 
 import pytest
-from builders import dep, move_beats_preemption, node, placed, problem, solve_doc
+from builders import busy_problem, move_beats_preemption, solve_doc
 
 from scheduler import plan_to_dict
 from scheduler.solve import Solver
@@ -35,19 +35,6 @@ def test_ties_keep_the_cpsat_pipeline() -> None:
     assert plan.stats["pipeline"] == "cpsat"
     assert plan.stats["greedy_pipeline_value"] == plan.stats["cpsat_pipeline_value"]
     assert plan.preempted == ()
-
-
-def busy_problem(**options: object) -> dict:
-    """Gangs and fractions competing for 4 racks of 4 nodes, some already used."""
-    nodes = [node(f"n{r}{i}", rack=f"r{r}", acc=4) for r in range(4) for i in range(4)]
-    deployments = [dep("old", acc=2, replicas=5, locality="node", preemptible=True)]
-    deployments += [dep(f"g{i}", acc=1, shards=8 + 2 * i, locality="rack", priority=i % 3)
-                    for i in range(5)]
-    deployments += [dep(f"f{i}", acc=1, replicas=3, locality="node", accelerator_milli=250 * (
-        1 + i % 3), priority=1) for i in range(6)]
-    held = [placed("old", f"n{r}0", [0, 1], replica=r) for r in range(4)]
-    held.append(placed("old", "n11", [2, 3], replica=4))
-    return problem(nodes, deployments, placements=held, **options)
 
 
 @pytest.mark.parametrize("options", [{"mode": "batch"},
