@@ -36,7 +36,7 @@ from scheduler.state import ClusterState, ShardAt
 from scheduler.topology import build_topology
 
 DEFAULT_TIME_LIMIT_MS = 2000
-GREEDY_GUARD_SHARE = 0.3  # of the time limit, for the greedy pipeline that guards CP-SAT's
+GREEDY_GUARD_SHARE = 0.5  # of the time limit, for the greedy pipeline that guards CP-SAT's
 BATCH_SHUFFLES = 4  # random orders tried per online batch, besides arrival and size order
 MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
 SINGLE_VICTIM_TRIALS = 8  # per domain, victims also tried alone (see _make_room)
@@ -342,13 +342,20 @@ class Solver:
                 break
             allowed = dom == dm
             tries = [sorted(by_domain[dm], key=order) for order in orders]
-            # One victim alone can be enough where the orders above take several (its
-            # removal clears an exclusion, say): try the first few singly.
-            tries += [[v] for v in tries[0][:SINGLE_VICTIM_TRIALS] if len(tries[0]) > 1]
+            here = None
             for victims in tries:
                 found = self._trial(d, r, victims, allowed, relocate, budget)
-                if found is not None and (best is None or found[0] < best[0]):
-                    best = found
+                if found is not None and (here is None or found[0] < here[0]):
+                    here = found
+            if here is not None and here[0][0] > 1:
+                # One victim alone can be enough where the orders took several (its removal
+                # clears an exclusion, say): try the first few singly.
+                for v in tries[0][:SINGLE_VICTIM_TRIALS]:
+                    found = self._trial(d, r, [v], allowed, relocate, budget)
+                    if found is not None and found[0] < here[0]:
+                        here = found
+            if here is not None and (best is None or here[0] < best[0]):
+                best = here
         if best is None:
             return None
         return best[1], best[2], best[3]
