@@ -41,7 +41,7 @@ MIN_SOLVE_S = 0.02       # below this much time left, do not even build the mode
 MAX_PAIRS = 200_000      # (deployment, class) pairs beyond which the model is not built
 CPSAT_SEED = 1
 CPSAT_SHARE_WITH_REPAIR = 0.5  # of the time left, when moves or preemption follow CP-SAT
-DETERMINISTIC_PER_S = 0.5  # deterministic-time units allowed per wall second left (see configure)
+DETERMINISTIC_PER_S = 0.3  # deterministic-time units allowed per wall second left (see configure)
 
 STATUS_NAMES = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible",
                 cp_model.INFEASIBLE: "infeasible", cp_model.MODEL_INVALID: "model_invalid",
