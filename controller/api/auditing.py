@@ -14,6 +14,7 @@ controller refuses there is audited by the use case that refuses it (`usecases.a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -23,7 +24,8 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
-from controller.api.interceptors import code_of
+from controller import errors
+from controller.api.interceptors import code_of, status_for
 from controller.identity import current_principal
 from controller.store.audit import AuditRecord
 from controller.store.db import Database
@@ -67,6 +69,21 @@ def describe_target(method: str, request: Message) -> tuple[str, str, str]:
     return kind, object_id, tenant if isinstance(tenant, str) else ""
 
 
+def outcome_of(context: aio.ServicerContext, failed: BaseException | None) -> tuple[str, str]:
+    """(status code name, message) a call ends with. The interceptor sits inside the error
+    translation, so a use case's error is seen before it becomes a status (and the entry is
+    written before the caller hears the answer)."""
+    if failed is None:
+        return "OK", ""
+    if isinstance(failed, errors.MaiaError):
+        return status_for(failed).name, failed.message
+    if isinstance(failed, aio.AbortError):  # an interceptor further in aborted with its own status
+        return code_of(context, failed), (context.details() if hasattr(context, "details") else "") or ""
+    if isinstance(failed, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name, "the call was cancelled"
+    return grpc.StatusCode.INTERNAL.name, type(failed).__name__
+
+
 class AuditInterceptor(aio.ServerInterceptor):
     """Appends one audit entry per mutating call (see the module docstring)."""
 
@@ -98,11 +115,8 @@ class AuditInterceptor(aio.ServerInterceptor):
                       failed: BaseException | None) -> None:
         principal = current_principal()
         kind, object_id, tenant = describe_target(method, request)
-        outcome = code_of(context, failed)
-        detail: dict[str, Any] = {}
-        if outcome != "OK":
-            message = context.details() if hasattr(context, "details") else ""
-            detail["message"] = message or type(failed).__name__
+        outcome, message = outcome_of(context, failed)
+        detail: dict[str, Any] = {"message": message} if message else {}
         entry = AuditRecord(
             actor=principal.name, role=audit.principal_role(principal),
             tenant=tenant or audit.principal_tenant(principal), action=method, object_kind=kind,

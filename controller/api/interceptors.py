@@ -238,7 +238,7 @@ class ErrorInterceptor(_BehaviourInterceptor):
 def interceptor_chain(authenticator: Authenticator, *extra: aio.ServerInterceptor,
                       observer: RpcObserver | None = None) -> list[aio.ServerInterceptor]:
     """Outermost first: the principal is set before metrics and logging read it; they see the
-    translated status code; `extra` (the audit interceptor) sees every call's principal and final
-    status; errors are translated innermost."""
+    translated status code; errors are translated around `extra` (the audit interceptor), which
+    so sees a failure before its status is sent."""
     metrics = [MetricsInterceptor(observer)] if observer is not None else []
-    return [AuthenticationInterceptor(authenticator), *metrics, LoggingInterceptor(), *extra, ErrorInterceptor()]
+    return [AuthenticationInterceptor(authenticator), *metrics, LoggingInterceptor(), ErrorInterceptor(), *extra]
