@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd ...` and `python -m bench synthetic ...`."""
+"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import traces
+from bench import traces, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench import rebalance
     rebalance.add_arguments(r)
     r.set_defaults(func=_rebalance)
+
+    w = sub.add_parser("watchdog", help="one isolation-watchdog check on a loaded synthetic cluster")
+    watchdog.add_arguments(w)
+    w.set_defaults(func=watchdog.main)
 
     args = parser.parse_args(argv)
     try:

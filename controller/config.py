@@ -25,6 +25,7 @@ class Config:
     reconcile_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
     solve_time_limit_ms: int = 2000
+    watchdog_interval_s: float = 2.0
     log_level: str = "INFO"
     # TLS: certificate and key of the server; a client CA turns on mutual TLS (see controller.api.tls).
     tls_cert: Path | None = None
@@ -77,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms)
     parser.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
+    parser.add_argument("--watchdog-interval", type=_positive_float, default=Config.watchdog_interval_s,
+                        metavar="SECONDS", help="how often committed placements are re-checked for isolation")
     parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"))
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (chain)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
@@ -108,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         reconcile_interval_s=ns.reconcile_interval,
         heartbeat_timeout_s=ns.heartbeat_timeout,
         solve_time_limit_ms=ns.solve_time_limit_ms,
+        watchdog_interval_s=ns.watchdog_interval,
         log_level=ns.log_level.upper(),
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,

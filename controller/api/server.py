@@ -38,6 +38,7 @@ from controller.usecases import tokens
 from controller.usecases.deployments import views_of
 from controller.usecases.domain import DeploymentEvent, DeploymentView
 from controller.usecases.watch import DeploymentEventBus
+from controller.watchdog import IsolationWatchdog
 from maia.v1 import (
     admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2, audit_pb2_grpc, deployments_pb2, deployments_pb2_grpc,
 )
@@ -88,6 +89,7 @@ class ControllerApp:
             observer=self.metrics,
         )
         self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s)
+        self.watchdog = IsolationWatchdog(self.db, interval_s=config.watchdog_interval_s)
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
         self.address = ""
@@ -155,6 +157,7 @@ class ControllerApp:
         self._tasks = [
             asyncio.create_task(self.hub.run(), name="agent-hub"),
             asyncio.create_task(self.reconciler.run(), name="reconciler"),
+            asyncio.create_task(self.watchdog.run(), name="isolation-watchdog"),
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))

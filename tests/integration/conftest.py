@@ -17,6 +17,7 @@ from grpc_harness import Stubs, admin_token_of
 @pytest.fixture
 async def controller_app(db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
     app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
+                               watchdog_interval_s=0.5,
                                heartbeat_timeout_s=2.0, solve_time_limit_ms=1000,
                                bootstrap_admin_token_file=str(tmp_path / "admin.token")))
     await app.start()

@@ -1,0 +1,66 @@
+"""find_violations: each isolation/capacity rule caught on hand-made placements, nothing flagged
+on what the solver places (property over the generated problems of the solver's own tests)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from builders import dep, node, placed, problem
+from scheduler import plan_to_dict, problem_from_dict, solve
+from scheduler.violations import find_violations
+from strategies import problems
+
+
+def _rules(doc: dict) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(v.rule, v.scope, v.tenants) for v in find_violations(problem_from_dict(doc))]
+
+
+TWO_RACKS = dict(racks=[{"id": "r1", "row": "w1"}, {"id": "r2", "row": "w2"}],
+                 rows=[{"id": "w1", "zone": "z1"}, {"id": "w2", "zone": "z2"}])
+NODES = [node("n1", "r1", hbm_gib=32, cpu_milli=1000, memory_mib=1024), node("n2", "r1"), node("n3", "r2")]
+
+
+@pytest.mark.parametrize("tenants, deployments, placements, expected", [
+    pytest.param([{"id": "a", "isolation": "dedicated_node"}, {"id": "b"}], [dep("x", "a"), dep("y", "b")],
+                 [placed("x", "n1", [0]), placed("y", "n1", [1])], [("ISOLATION", "node n1", ("a", "b"))],
+                 id="dedicated_node shared"),
+    pytest.param([{"id": "a", "isolation": "dedicated_rack"}, {"id": "b"}], [dep("x", "a"), dep("y", "b")],
+                 [placed("x", "n1", [0]), placed("y", "n2", [0])], [("ISOLATION", "rack r1", ("a", "b"))],
+                 id="dedicated_rack shared"),
+    pytest.param([{"id": "a", "excludes": ["b"]}, {"id": "b"}], [dep("x", "a"), dep("y", "b")],
+                 [placed("x", "n1", [0]), placed("y", "n2", [0])], [("EXCLUSION", "rack r1", ("a", "b"))],
+                 id="excluded tenants in one rack"),
+    pytest.param([{"id": "a", "zones": ["z2"]}], [dep("x", "a")], [placed("x", "n1", [0])],
+                 [("ZONE", "node n1", ("a",))], id="outside the tenant's zones"),
+    pytest.param([{"id": "a"}, {"id": "b"}], [dep("x", "a", accelerator_milli=500), dep("y", "b", accelerator_milli=500)],
+                 [placed("x", "n2", [0], milli=500), placed("y", "n2", [0], milli=500)],
+                 [("ACCELERATOR", "node n2[0]", ("a", "b"))], id="two tenants on one accelerator"),
+    pytest.param([{"id": "a"}], [dep("x", "a", accelerator_milli=600, replicas=2)],
+                 [placed("x", "n2", [0], milli=600), placed("x", "n2", [0], replica=1, milli=600)],
+                 [("ACCELERATOR", "node n2[0]", ("a",))], id="fractions over 1000 milli"),
+    pytest.param([{"id": "a"}], [dep("x", "a", replicas=2)],
+                 [placed("x", "n2", [0]), placed("x", "n2", [0], replica=1)],
+                 [("ACCELERATOR", "node n2[0]", ("a",))], id="a whole accelerator twice"),
+    pytest.param([{"id": "a"}], [dep("x", "a", hbm_gib=48, cpu_milli=800, memory_mib=800, replicas=2)],
+                 [placed("x", "n1", [0]), placed("x", "n1", [1], replica=1)],
+                 [("CPU", "node n1", ("a",)), ("HBM", "node n1", ("a",)), ("HBM", "node n1", ("a",)),
+                  ("MEMORY", "node n1", ("a",))], id="host and HBM over-committed"),
+    pytest.param([{"id": "a"}], [dep("x", "a", hbm_gib=20, accelerator_milli=500, replicas=2)],
+                 [placed("x", "n1", [0], milli=500), placed("x", "n1", [0], replica=1, milli=500)],
+                 [("HBM", "node n1[0]", ("a",))], id="fractions over an accelerator's HBM"),
+    pytest.param([{"id": "a"}, {"id": "b"}], [dep("x", "a"), dep("y", "b")],
+                 [placed("x", "n1", [0]), placed("y", "n1", [1])], [], id="shared tenants side by side"),
+])
+def test_each_rule(tenants: list, deployments: list, placements: list, expected: list) -> None:
+    doc = problem(NODES, deployments, tenants=tenants, placements=placements, **TWO_RACKS)
+    assert _rules(doc) == expected
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(problems())
+def test_what_the_solver_places_is_never_flagged(doc: dict) -> None:
+    plan = plan_to_dict(solve(problem_from_dict(copy.deepcopy(doc)), time_limit_ms=2000))
+    assert _rules({**doc, "placements": plan["placements"]}) == []
