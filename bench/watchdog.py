@@ -5,7 +5,8 @@ filled to `--fill` of the accelerators by one online `solve()`, written into a f
 database; then `--repeat` watchdog checks, timed in two parts:
 - read: `read_placements` (plain columns, placements in pages), on the event loop;
 - check: `to_problem` + `find_violations`, in the worker thread;
-and the whole `check_once()`. The cluster must come out clean (a violation here is a solver bug).
+and the whole `check_once()`; then `check_if_changed()` with nothing changed (one counter read,
+what most rounds cost). The cluster must come out clean (a violation here is a solver bug).
 """
 
 from __future__ import annotations
@@ -107,7 +108,13 @@ async def _measure(doc: Doc, repeat: int, directory: Path) -> dict[str, Any]:
             whole_ms.append(watchdog.last_check_ms)
             read_ms.append((t1 - t0) * 1000)
             check_ms.append((t2 - t1) * 1000)
+        idle_ms = []
+        for _ in range(repeat):  # nothing changed: one counter read
+            t0 = time.perf_counter()
+            assert await watchdog.check_if_changed() is None
+            idle_ms.append((time.perf_counter() - t0) * 1000)
         return {"violations": [v.message for v in found], "alarms": watchdog.alarms_total,
+                "unchanged_ms": statistics.median(idle_ms),
                 "read_ms": statistics.median(read_ms), "check_ms": statistics.median(check_ms),
                 "check_once_ms": statistics.median(whole_ms)}
     finally:
@@ -123,7 +130,8 @@ def main(args: argparse.Namespace) -> int:
         result = asyncio.run(_measure(doc, args.repeat, Path(tmp)))
     print(f"median of {args.repeat}: read {result['read_ms']:.0f} ms (event loop), "
           f"to_problem + find_violations {result['check_ms']:.0f} ms (worker thread), "
-          f"check_once {result['check_once_ms']:.0f} ms; violations {len(result['violations'])}")
+          f"check_once {result['check_once_ms']:.0f} ms; a round with nothing changed "
+          f"{result['unchanged_ms']:.1f} ms; violations {len(result['violations'])}")
     for message in result["violations"][:5]:
         print(f"  violation: {message}")
     return 1 if result["violations"] else 0

@@ -1,7 +1,10 @@
 """The isolation watchdog: committed placements re-checked, continuously, against isolation.
 
-Every `interval_s` it reads the stored placements (`controller.store.isolation`, in pages) and
-runs `scheduler.violations.find_violations` over them in a worker thread. A violation the watchdog has
+Every `interval_s` it reads the isolation version (a counter database triggers bump on every
+change to what the rules read, including rows written by hand); when it moved, or `full_every_s`
+passed since the last full check (in case someone dropped the triggers), it reads the stored
+placements (`controller.store.isolation`, in pages) and runs
+`scheduler.violations.find_violations` over them in a worker thread. A violation the watchdog has
 not seen before raises an alarm: a log line at ERROR, an `isolation.violation` event and an
 audit entry (one transaction), and the in-process counters below. A violation raises one
 alarm while it persists; if it clears and comes back, it alarms again.
@@ -25,7 +28,7 @@ from sqlalchemy import insert
 from controller.store import audit
 from controller.store.db import Database
 from controller.store.models import Event, utcnow
-from controller.store.isolation import StoredPlacements, read_placements, to_problem
+from controller.store.isolation import StoredPlacements, isolation_version, read_placements, to_problem
 from scheduler.violations import Violation, find_violations
 
 log = logging.getLogger("maia.watchdog")
@@ -48,24 +51,44 @@ def violations_in(stored: StoredPlacements) -> list[Violation]:
 class IsolationWatchdog:
     """Re-checks the stored placements every `interval_s` seconds (see the module docstring)."""
 
-    def __init__(self, db: Database, *, interval_s: float = 2.0,
-                 on_alarm: Callable[[Alarm], None] | None = None) -> None:
+    def __init__(self, db: Database, *, interval_s: float = 2.0, full_every_s: float = 60.0,
+                 on_alarm: Callable[[Alarm], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
         self.interval_s = interval_s
+        self.full_every_s = full_every_s
+        self._clock = clock
+        self._checked: tuple[int, float] | None = None  # (isolation version, clock) of the last full check
         self._on_alarm = on_alarm
         self._active: set[tuple[str, str, tuple[str, ...]]] = set()
         # For metrics and health: how many alarms were raised, what is violated now, the last one.
         self.alarms_total = 0
         self.checks_total = 0
+        self.skipped_total = 0  # rounds where nothing had changed since the last check
         self.active_violations = 0
         self.last_alarm: Alarm | None = None
         self.last_check_ms = 0.0
 
+    async def check_if_changed(self) -> list[Alarm] | None:
+        """A full check when the isolation version moved or the last one is `full_every_s` old;
+        None when nothing changed."""
+        async with self._db.unit_of_work() as uow:
+            version = await isolation_version(uow.session)
+        if self._checked is not None:
+            last_version, last_at = self._checked
+            if version == last_version and self._clock() - last_at < self.full_every_s:
+                self.skipped_total += 1
+                return None
+        return await self.check_once()
+
     async def check_once(self) -> list[Alarm]:
-        """One check; returns the alarms it raised (violations not active before)."""
+        """One full check; returns the alarms it raised (violations not active before)."""
         started = time.perf_counter()
         async with self._db.unit_of_work() as uow:
+            # The version first: a change made while the rows are read is checked next round.
+            version = await isolation_version(uow.session)
             stored = await read_placements(uow.session)
+        self._checked = (version, self._clock())
         violations = await asyncio.to_thread(violations_in, stored)
         fresh = [v for v in violations if v.key not in self._active]
         self._active = {v.key for v in violations}
@@ -107,7 +130,7 @@ class IsolationWatchdog:
         """Check forever; an error in one check is logged and the next check runs on time."""
         while True:
             try:
-                await self.check_once()
+                await self.check_if_changed()
             except asyncio.CancelledError:
                 raise
             except Exception:

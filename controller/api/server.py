@@ -90,6 +90,7 @@ class ControllerApp:
         )
         self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s)
         self.watchdog = IsolationWatchdog(self.db, interval_s=config.watchdog_interval_s)
+        self.metrics.watch_alarms(lambda: self.watchdog.alarms_total)
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
         self.address = ""

@@ -4,6 +4,8 @@ Leaner than the reconciler's snapshot (`snapshot.load_snapshot`): plain columns,
 accelerator indices left as text, placements read in keyset pages so the event loop is never
 held for long; `to_problem` (run in a worker thread) parses and builds the solver's model.
 Placements of deployments being deleted are included: they still hold their accelerators.
+`isolation_version` reads the counter that database triggers (migration 0005) bump whenever a
+row the rules read changes, however it was written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sqlalchemy import Row as SqlRow
 from sqlalchemy import Text, cast, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.store.models import Deployment, Node, Placement, Rack, Row, Tenant
+from controller.store.models import Deployment, IsolationState, Node, Placement, Rack, Row, Tenant
 from scheduler.model import Deployment as SolverDeployment
 from scheduler.model import Node as SolverNode
 from scheduler.model import Placement as SolverPlacement
@@ -63,6 +65,14 @@ async def read_placements(session: AsyncSession) -> StoredPlacements:
                                Deployment.shard_cpu_milli, Deployment.shard_memory_mib),
         placements=placements,
     )
+
+
+async def isolation_version(session: AsyncSession) -> int:
+    """The counter the database's triggers bump on every change the isolation rules read."""
+    version = (await session.execute(select(IsolationState.version).where(IsolationState.id == 1))).scalar_one_or_none()
+    if version is None:
+        raise RuntimeError("isolation_state row id=1 is missing: is the schema migrated?")
+    return version
 
 
 def deployment_label(tenant: str, name: str) -> str:

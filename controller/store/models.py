@@ -368,3 +368,13 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IsolationState(Base):
+    """A single row (id=1): bumped by database triggers on every change the isolation rules read
+    (migration 0005), so the isolation watchdog re-checks only when something moved."""
+
+    __tablename__ = "isolation_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)

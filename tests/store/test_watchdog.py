@@ -119,3 +119,26 @@ async def test_the_running_watchdog_alarms_within_seconds(database: Database) ->
 async def _until(condition) -> None:  # type: ignore[no-untyped-def]
     while not condition():
         await asyncio.sleep(0.05)
+
+
+async def test_only_changes_the_rules_read_cause_a_full_check(database: Database) -> None:
+    await _seeded(database)
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, full_every_s=60, clock=lambda: now[0])
+    assert await watchdog.check_if_changed() == [] and watchdog.checks_total == 1
+    assert await watchdog.check_if_changed() is None and watchdog.skipped_total == 1
+
+    async with database.engine.begin() as conn:  # agents' reports and heartbeats do not count
+        await conn.execute(text("UPDATE placements SET phase = 'failed', message = 'oom'"))
+        await conn.execute(text("UPDATE nodes SET power_draw_w = 900, last_heartbeat_at = CURRENT_TIMESTAMP"))
+    assert await watchdog.check_if_changed() is None and watchdog.checks_total == 1
+
+    async with database.engine.begin() as conn:  # a hand edit of where a shard runs does
+        await conn.execute(text("UPDATE placements SET node_id = 'n1', accelerator_indices = '[1]' "
+                                "WHERE node_id = 'n2'"))
+    alarms = await watchdog.check_if_changed()
+    assert watchdog.checks_total == 2 and [a.violation.rule for a in alarms] == ["ISOLATION"]
+    assert await watchdog.check_if_changed() is None
+
+    now[0] = 61.0  # and a full check runs once a minute regardless (dropped triggers)
+    assert await watchdog.check_if_changed() == [] and watchdog.checks_total == 3
