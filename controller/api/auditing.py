@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from typing import Any
 
 import grpc
@@ -26,7 +25,7 @@ from grpc import aio
 
 from controller import errors
 from controller.api.interceptors import code_of, status_for
-from controller.identity import current_principal
+from controller.identity import current_principal, new_request_id
 from controller.store.audit import AuditRecord
 from controller.store.db import Database
 from controller.usecases import audit
@@ -117,11 +116,13 @@ class AuditInterceptor(aio.ServerInterceptor):
         kind, object_id, tenant = describe_target(method, request)
         outcome, message = outcome_of(context, failed)
         detail: dict[str, Any] = {"message": message} if message else {}
+        if principal.token_id:
+            detail["token_id"] = principal.token_id
         entry = AuditRecord(
             actor=principal.name, role=audit.principal_role(principal),
             tenant=tenant or audit.principal_tenant(principal), action=method, object_kind=kind,
             object_id=object_id, outcome=outcome, detail=detail,
-            request_id=str(getattr(principal, "request_id", "") or uuid.uuid4().hex),
+            request_id=principal.request_id or new_request_id(),
         )
         try:
             await audit.record(self._db, entry)

@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from controller.errors import MaiaError, PermissionDenied, Unauthenticated
+
 AGENT_SERVICE = "/maia.v1.NodeAgentService/"
 _COMMON_NAME = "x509_common_name"
 
@@ -46,17 +48,16 @@ def certificate_name(context: aio.ServicerContext) -> str | None:
     return values[0].decode() if values else None
 
 
-async def _refuse(context: aio.ServicerContext, certified: str | None, node_id: str) -> None:
+def _refusal(certified: str | None, node_id: str) -> MaiaError:
     if certified is None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "node agents must present a client certificate (mutual TLS)")
-    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                        f"the client certificate is for node {certified!r}, not {node_id[:128]!r}")
+        return Unauthenticated("node agents must present a client certificate (mutual TLS)")
+    return PermissionDenied(f"the client certificate is for node {certified!r}, not {node_id[:128]!r}")
 
 
 class NodeCertificateInterceptor(aio.ServerInterceptor):
     """On NodeAgentService: the node id of Register and of Connect's Hello must be the one the
-    client certificate names (installed only with mutual TLS)."""
+    client certificate names (installed only with mutual TLS, inside the error translation and
+    the audit interceptor, so a refusal is audited before its status is sent)."""
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -76,7 +77,7 @@ class NodeCertificateInterceptor(aio.ServerInterceptor):
             node_id = request.node.node_id if hasattr(request, "node") else ""
             certified = certificate_name(context)
             if certified is None or certified != node_id:
-                await _refuse(context, certified, node_id)
+                raise _refusal(certified, node_id)
             return await behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(checked, request_deserializer=handler.request_deserializer,
@@ -89,13 +90,13 @@ class NodeCertificateInterceptor(aio.ServerInterceptor):
         async def checked(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
             certified = certificate_name(context)
             if certified is None:
-                await _refuse(context, None, "")
+                raise _refusal(None, "")
 
             async def verified() -> AsyncIterator[Any]:
                 first = True
                 async for message in requests:
                     if first and message.WhichOneof("body") == "hello" and message.hello.node_id != certified:
-                        await _refuse(context, certified, message.hello.node_id)
+                        raise _refusal(certified, message.hello.node_id)
                     first = False
                     yield message
 

@@ -7,7 +7,8 @@ own short transaction, so a failed call (whose own transaction rolled back) is a
 Inside a transaction that must carry its own entries (the plan commit), use
 `controller.store.audit.append(session, records)` instead.
 
-Tenants see only their own entries: a tenant principal's listing is forced to its tenant.
+Admins list everything and verify the chain; a tenant principal lists its own tenant's entries
+only (its listing is forced to its tenant); node credentials may do neither.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from datetime import datetime
 from typing import Any
 
 from controller.errors import InvalidArgument
-from controller.identity import Principal
+from controller.identity import Principal, Role
 from controller.store import audit as store
 from controller.store.audit import AuditRecord, ChainReport
 from controller.store.db import Database, UnitOfWork
+from controller.usecases.policy import require_admin, require_role
 
 log = logging.getLogger("maia.audit")
 
@@ -53,14 +55,12 @@ class AuditPage:
 
 
 def principal_role(principal: Principal) -> str:
-    """The caller's role name ("" before authentication knows roles)."""
-    role = getattr(principal, "role", "")
-    return str(getattr(role, "value", role) or "")
+    return principal.role.value
 
 
 def principal_tenant(principal: Principal) -> str:
     """The tenant a tenant principal is bound to ("" for everyone else)."""
-    return str(getattr(principal, "tenant", "") or "")
+    return principal.tenant if principal.role is Role.TENANT else ""
 
 
 async def record(db: Database, entry: AuditRecord) -> int:
@@ -84,9 +84,10 @@ async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = ""
     """One page of entries in seq order; a tenant principal sees its own tenant's only."""
     if page_size < 0 or page_size > MAX_PAGE_SIZE:
         raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}")
+    require_role(principal, "listing audit entries", Role.TENANT)
     size = page_size or DEFAULT_PAGE_SIZE
-    if principal_role(principal) == "tenant":
-        tenant = principal_tenant(principal)
+    if principal.role is Role.TENANT:  # its own entries only, whatever it asked for
+        tenant = principal.tenant
     rows = await store.list_entries(uow.session, tenant=tenant or None, since=since,
                                     after_seq=_page_after(page_token), limit=size + 1)
     events = tuple(AuditEventView(**row._asdict()) for row in rows[:size])
@@ -95,7 +96,9 @@ async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = ""
 
 async def verify(uow: UnitOfWork, principal: Principal, *,
                  expected_head: tuple[int, str] | None = None) -> ChainReport:
-    """Check the whole chain (see `controller.store.audit.verify_chain`)."""
+    """Check the whole chain (see `controller.store.audit.verify_chain`); admins only (the chain
+    covers every tenant's entries)."""
+    require_admin(principal, "verifying the audit log")
     if expected_head is not None and expected_head[0] < 0:
         raise InvalidArgument(f"expected_head_seq must be >= 0, got {expected_head[0]}")
     report = await store.verify_chain(uow.session, expected_head=expected_head)

@@ -1,4 +1,5 @@
-"""Every mutating call is audited once, in one place, with its outcome; reads and dry runs are not."""
+"""Every mutating call is audited once, in one place, with its outcome; reads and dry runs are not.
+Tenants list their own entries only; only admins verify the chain."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from controller.api.server import ControllerApp
 from controller.store import audit
 from grpc_harness import Stubs, issue_token, spec, topology
-from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
+from maia.v1 import admin_pb2, agent_pb2, audit_pb2, deployments_pb2
 
 ADMIN = "/maia.v1.AdminService/"
 DEPLOYMENTS = "/maia.v1.DeploymentService/"
@@ -51,3 +52,26 @@ async def test_mutating_calls_are_audited_with_who_what_which_and_outcome(contro
     assert all(len(e.request_id) == 32 for e in calls) and len({e.request_id for e in calls}) == len(calls)
     async with controller_app.db.unit_of_work() as uow:
         assert (await audit.verify_chain(uow.session)).intact
+
+
+async def test_tenants_list_their_own_entries_only_and_only_admins_verify(controller_app: ControllerApp,
+                                                                         stubs: Stubs) -> None:
+    for tenant in ("lab-a", "lab-b"):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant))
+    lab_a = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="lab-a"))
+    bootstrap = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "node-bootstrap"))
+    try:
+        for asked in ("", "lab-b"):  # asking for another tenant's entries still yields its own
+            page = await lab_a.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant=asked))
+            assert [(e.object_id, e.tenant) for e in page.events] == [("lab-a", "lab-a")]
+        everything = await stubs.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest())
+        assert [e.object_id for e in everything.events] == ["lab-a", "lab-b"]
+        for call in (lab_a.audit.VerifyAuditLog(audit_pb2.VerifyAuditLogRequest()),
+                     bootstrap.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest())):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (await stubs.audit.VerifyAuditLog(audit_pb2.VerifyAuditLogRequest())).intact
+    finally:
+        await lab_a.channel.close()
+        await bootstrap.channel.close()
