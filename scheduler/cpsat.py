@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from ortools.sat.python import cp_model
 
-from scheduler.classes import node_classes
+from scheduler.classes import NodeClass, node_classes
 from scheduler.filters import node_fit, quota_room
 from scheduler.greedy import Placer
 from scheduler.state import ClusterState
@@ -279,25 +279,7 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
 
     # ---- hint from the greedy answer ---------------------------------------------------------
     greedy = solver.state
-    class_of = {n: c.index for c in classes for n in c.nodes}
-    hint_x: dict[tuple[int, int], int] = defaultdict(int)
-    hint_y: dict[tuple[int, int], int] = defaultdict(int)
-    for (d, r), shards in greedy.replicas.items():
-        if d not in pending or r not in pending[d]:
-            continue
-        first = next(iter(shards.values())).node
-        level = deps[d].locality
-        if first not in class_of:
-            continue
-        dom = class_of[first] if level == "node" else int(topo.domain_of(level)[first])
-        hint_y[d, dom] += 1
-        for at in shards.values():
-            if at.node in class_of:
-                hint_x[d, class_of[at.node]] += 1
-    for key, var in x.items():
-        model.add_hint(var, hint_x.get(key, 0))
-    for key, var in y.items():
-        model.add_hint(var, hint_y.get(key, 0))
+    _add_hints(model, greedy, classes, pending, x, y)
 
     dump = os.environ.get("MAIA_DUMP_MODEL")
     if dump:
@@ -328,6 +310,64 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
         return
 
     # ---- decode: the placer realises the chosen domains with the exact rules ----------------
+    trial, exact = _decode(solver, base, cp, pending, classes, members, x, y)
+
+    greedy_value = (solver.objective(greedy), _frag_metric(greedy))
+    trial_value = (solver.objective(trial), _frag_metric(trial))
+    solver.stats["greedy_objective"] = greedy_value[0]
+    solver.stats["cpsat_objective"] = trial_value[0]
+    if trial_value > greedy_value:
+        solver._adopt(trial)
+        solver.stats["answer"] = "cpsat"
+    else:
+        solver.stats["answer"] = "greedy"
+    # Stopped by the time limit (FEASIBLE) with a bound the plan does not reach: what is left
+    # unplaced was not proved unplaceable. A reached bound proves term 1 whatever the status.
+    if status == cp_model.FEASIBLE and solver.stats["best_bound"] > solver.objective(solver.state):
+        solver.time_cut.update(pending)
+    # Proved only for what the model covers: no preemption or moves could do better.
+    opts = solver.problem.options
+    if status == cp_model.OPTIMAL and exact and trial_value >= greedy_value and \
+            not opts.allow_preemption and opts.mode == "batch":
+        solver.proved_optimal = True
+
+
+def _add_hints(model: cp_model.CpModel, greedy: ClusterState, classes: list[NodeClass],
+               pending: dict[int, list[int]], x: dict[tuple[int, int], cp_model.IntVar],
+               y: dict[tuple[int, int], cp_model.IntVar]) -> None:
+    """Hint the model with the greedy answer: its shards per (deployment, class) and its
+    replicas per (deployment, domain)."""
+    deps, topo = greedy.deps, greedy.topo
+    class_of = {n: c.index for c in classes for n in c.nodes}
+    hint_x: dict[tuple[int, int], int] = defaultdict(int)
+    hint_y: dict[tuple[int, int], int] = defaultdict(int)
+    for (d, r), shards in greedy.replicas.items():
+        if d not in pending or r not in pending[d]:
+            continue
+        first = next(iter(shards.values())).node
+        level = deps[d].locality
+        if first not in class_of:
+            continue
+        dom = class_of[first] if level == "node" else int(topo.domain_of(level)[first])
+        hint_y[d, dom] += 1
+        for at in shards.values():
+            if at.node in class_of:
+                hint_x[d, class_of[at.node]] += 1
+    for key, var in x.items():
+        model.add_hint(var, hint_x.get(key, 0))
+    for key, var in y.items():
+        model.add_hint(var, hint_y.get(key, 0))
+
+
+def _decode(solver: "Solver", base: ClusterState, cp: cp_model.CpSolver,
+            pending: dict[int, list[int]], classes: list[NodeClass],
+            members: dict[tuple[int, int], list[int]],
+            x: dict[tuple[int, int], cp_model.IntVar],
+            y: dict[tuple[int, int], cp_model.IntVar]) -> tuple[ClusterState, bool]:
+    """The placer realises the domains the model chose, with the exact per-node rules, then
+    fills what is left greedily. Returns the trial state and whether it is exactly the
+    model's choice."""
+    deps, topo = base.deps, base.topo
     trial = base.copy()
     placer = Placer(trial, scorer="bestfit", workload=solver.workload)
     exact = True
@@ -364,21 +404,4 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
                 trial.remove_replica(d, r)
             exact = False
 
-    greedy_value = (solver.objective(greedy), _frag_metric(greedy))
-    trial_value = (solver.objective(trial), _frag_metric(trial))
-    solver.stats["greedy_objective"] = greedy_value[0]
-    solver.stats["cpsat_objective"] = trial_value[0]
-    if trial_value > greedy_value:
-        solver._adopt(trial)
-        solver.stats["answer"] = "cpsat"
-    else:
-        solver.stats["answer"] = "greedy"
-    # Stopped by the time limit (FEASIBLE) with a bound the plan does not reach: what is left
-    # unplaced was not proved unplaceable. A reached bound proves term 1 whatever the status.
-    if status == cp_model.FEASIBLE and solver.stats["best_bound"] > solver.objective(solver.state):
-        solver.time_cut.update(pending)
-    # Proved only for what the model covers: no preemption or moves could do better.
-    opts = solver.problem.options
-    if status == cp_model.OPTIMAL and exact and trial_value >= greedy_value and \
-            not opts.allow_preemption and opts.mode == "batch":
-        solver.proved_optimal = True
+    return trial, exact
