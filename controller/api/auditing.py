@@ -4,9 +4,11 @@ A call is mutating when it is a unary `maia.v1` method whose name does not start
 read-only verb (Get, List, Watch, Verify, Check) and it is not a dry run. The entry names the
 caller (principal, role, tenant), the method, the object (kind from the method name, id and
 tenant from the request) and the outcome: OK or the status code of the failure, so refused
-and failed calls are audited too. It is written after the call, in its own transaction (the
-call's own transaction has committed or rolled back by then); if the audit write itself fails,
-the controller logs it at ERROR and the caller still gets its answer.
+and failed calls are audited too. A successful call's entry is written by the call's first
+commit, in the same transaction as the change (`controller.store.audit.open_call`, used by
+`UnitOfWork.commit`): the change and its entry persist together or not at all. A failed call's
+entry (its transaction rolled back) is written after it, in its own transaction; if that write
+fails, the controller logs it at ERROR and the caller still gets its answer.
 
 Agent heartbeats and shard reports (the Connect stream) are not calls of this kind; whatever the
 controller refuses there is audited by the use case that refuses it (`usecases.audit.record`).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -26,7 +29,7 @@ from grpc import aio
 from controller import errors
 from controller.api.interceptors import code_of, status_for
 from controller.identity import current_principal, new_request_id
-from controller.store.audit import AuditRecord
+from controller.store.audit import AuditRecord, close_call, open_call
 from controller.store.db import Database
 from controller.usecases import audit
 
@@ -98,34 +101,43 @@ class AuditInterceptor(aio.ServerInterceptor):
         async def audited(request: Any, context: aio.ServicerContext) -> Any:
             if not is_mutating(details.method, request):
                 return await behaviour(request, context)
+            entry = self._entry(details.method, request)
             failed: BaseException | None = None
+            call = open_call(entry)
             try:
                 return await behaviour(request, context)
             except BaseException as exc:
                 failed = exc
                 raise
             finally:
-                await self._record(details.method, request, context, failed)
+                committed = close_call(call)
+                if failed is not None or committed is None or not committed.written:
+                    await self._record(self._ended(entry, context, failed))
 
         return grpc.unary_unary_rpc_method_handler(audited, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
 
-    async def _record(self, method: str, request: Message, context: aio.ServicerContext,
-                      failed: BaseException | None) -> None:
+    @staticmethod
+    def _entry(method: str, request: Message) -> AuditRecord:
+        """The call's entry as it reads when the call succeeds."""
         principal = current_principal()
         kind, object_id, tenant = describe_target(method, request)
-        outcome, message = outcome_of(context, failed)
-        detail: dict[str, Any] = {"message": message} if message else {}
-        if principal.token_id:
-            detail["token_id"] = principal.token_id
-        entry = AuditRecord(
+        return AuditRecord(
             actor=principal.name, role=audit.principal_role(principal),
             tenant=tenant or audit.principal_tenant(principal), action=method, object_kind=kind,
-            object_id=object_id, outcome=outcome, detail=detail,
+            object_id=object_id, detail={"token_id": principal.token_id} if principal.token_id else {},
             request_id=principal.request_id or new_request_id(),
         )
+
+    @staticmethod
+    def _ended(entry: AuditRecord, context: aio.ServicerContext, failed: BaseException | None) -> AuditRecord:
+        outcome, message = outcome_of(context, failed)
+        return replace(entry, outcome=outcome, detail={**entry.detail, **({"message": message} if message else {})})
+
+    async def _record(self, entry: AuditRecord) -> None:
+        """A failed call's entry (or a call that committed nothing), in its own transaction."""
         try:
             await audit.record(self._db, entry)
         except Exception:  # the call itself is done: say loudly that its audit entry is missing
             log.exception("could not write the audit entry of %s (actor=%s object=%s/%s outcome=%s)",
-                          method, entry.actor, kind, object_id, outcome)
+                          entry.action, entry.actor, entry.object_kind, entry.object_id, entry.outcome)

@@ -13,7 +13,8 @@ the whole tail *and* the head consistently. Only a head recorded outside the dat
 `expected_head` of `verify_chain`, e.g. from an earlier `maiactl audit verify`) detects that.
 
 `append` runs in the caller's transaction (a plan commit writes its placement decisions with
-the placements themselves); the caller commits.
+the placements themselves); the caller commits. An API call's own entry rides along with the
+call's first commit (`open_call` / `commit`, used by `UnitOfWork.commit`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from contextvars import ContextVar, Token
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -145,6 +147,45 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
         update(AuditHead).where(AuditHead.id == 1).values(hash=prev_hash).execution_options(synchronize_session=False)
     )
     return [row["seq"] for row in rows]
+
+
+@dataclass
+class CallEntry:
+    """The audit entry of the API call being served, written by the call's first commit."""
+
+    record: AuditRecord
+    task: asyncio.Task[Any] | None
+    written: bool = False
+
+
+_call: ContextVar[CallEntry | None] = ContextVar("maia_audit_call", default=None)
+
+
+def open_call(record: AuditRecord) -> Token[CallEntry | None]:
+    """From now on, the first unit of work this task commits carries `record` (see `commit`)."""
+    return _call.set(CallEntry(record, asyncio.current_task()))
+
+
+def close_call(token: Token[CallEntry | None]) -> CallEntry | None:
+    entry = _call.get()
+    try:
+        _call.reset(token)
+    except ValueError:  # reset from another context: nothing to undo there
+        pass
+    return entry
+
+
+async def commit(session: AsyncSession) -> None:
+    """Commit `session`; inside an audited API call, its entry is appended first, in the same
+    transaction, so the change and its audit entry persist together or not at all. Tasks the
+    call spawned (they inherit the context) do not write it: only the call's own task."""
+    entry = _call.get()
+    if entry is None or entry.written or entry.task is not asyncio.current_task():
+        await session.commit()
+        return
+    await append(session, [entry.record])
+    await session.commit()
+    entry.written = True
 
 
 async def list_entries(session: AsyncSession, *, tenant: str | None = None, since: datetime | None = None,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from controller.store import audit
+
 DEFAULT_DB_URL = "sqlite+aiosqlite:///maia.db"
 
 
@@ -45,7 +47,8 @@ class UnitOfWork:
     session: AsyncSession
 
     async def commit(self) -> None:
-        await self.session.commit()
+        # Inside an audited API call, the call's audit entry is written in this transaction.
+        await audit.commit(self.session)
 
     async def rollback(self) -> None:
         await self.session.rollback()

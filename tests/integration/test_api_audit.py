@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from sqlalchemy import text
 
 from controller.api.server import ControllerApp
 from controller.store import audit
@@ -75,3 +76,16 @@ async def test_tenants_list_their_own_entries_only_and_only_admins_verify(contro
     finally:
         await lab_a.channel.close()
         await bootstrap.channel.close()
+
+
+async def test_a_change_is_committed_with_its_audit_entry_or_not_at_all(controller_app: ControllerApp,
+                                                                       stubs: Stubs) -> None:
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-a"))
+    async with controller_app.db.engine.begin() as conn:  # the audit log cannot be appended to
+        await conn.execute(text("DELETE FROM audit_head"))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-b"))
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    listed = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert [t.id for t in listed.tenants] == ["lab-a"]  # lab-b was not created without its entry
+    assert [(e.object_id, e.outcome) for e in await _entries(controller_app)] == [("lab-a", "OK")]
