@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all install demo test test-slow postgres proto proto-check lint bench clean
+.PHONY: all install demo test test-slow postgres chromium proto proto-check lint bench clean
 
 all: test
 
@@ -23,8 +23,9 @@ install: $(STAMP)
 demo: install
 	bash deploy/demo.sh $(ARGS)
 
-## The whole test suite, against SQLite and a real PostgreSQL the tests start themselves.
-test: install postgres
+## The whole test suite, against SQLite and a real PostgreSQL the tests start themselves, and
+## the web console in headless Chromium.
+test: install postgres chromium
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 ## Scale tests (marked slow), excluded from `make test`.
@@ -34,6 +35,10 @@ test-slow: install postgres
 ## PostgreSQL server binaries for the tests (Debian's package when they are missing).
 postgres:
 	@bash tools/ensure_postgres.sh
+
+## Debian's chromium for the console's browser tests (installed when missing).
+chromium:
+	@bash tools/ensure_chromium.sh
 
 proto: install
 	$(PY) tools/gen_proto.py

@@ -38,6 +38,8 @@ class Config:
     bootstrap_admin_token_file: str | None = None
     insecure_no_auth: bool = False
     auth_cache_ttl_s: float = 30.0
+    # HOST:PORT of the read-only web console (/); empty: not served.
+    http_listen: str = ""
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -80,6 +82,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
     parser.add_argument("--watchdog-interval", type=_positive_float, default=Config.watchdog_interval_s,
                         metavar="SECONDS", help="how often committed placements are re-checked for isolation")
+    parser.add_argument("--http-listen", default="", metavar="HOST:PORT",
+                        help="serve the read-only web console at http://HOST:PORT/ (port 0: any free port)")
     parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"))
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (chain)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
@@ -119,4 +123,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         metrics_listen=ns.metrics_listen,
         bootstrap_admin_token_file=ns.bootstrap_admin_token_file,
         insecure_no_auth=ns.insecure_no_auth,
+        http_listen=ns.http_listen,
     )

@@ -2,7 +2,8 @@
 
 Prints "maia-controller listening on HOST:PORT" on stdout once serving (the real port when
 asked for port 0), so scripts and tests can read where it is, and with --metrics-listen
-"maia-controller metrics on http://HOST:PORT/metrics". Exit codes: 0 after a clean stop,
+"maia-controller metrics on http://HOST:PORT/metrics", with --http-listen "maia-controller
+console on http://HOST:PORT/". Exit codes: 0 after a clean stop,
 2 when the database schema is behind and --no-migrate forbids upgrading it, when it is ahead
 of this code, or when the address cannot be bound.
 """
@@ -62,6 +63,8 @@ async def serve(config: Config) -> int:
     print(f"maia-controller listening on {address}", flush=True)
     if app.metrics_address:
         print(f"maia-controller metrics on http://{app.metrics_address}/metrics", flush=True)
+    if app.console_address:
+        print(f"maia-controller console on http://{app.console_address}/", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

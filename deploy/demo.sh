@@ -87,8 +87,8 @@ echo "Maia demo: logs in $RUN_DIR"
 
 say "starting maia-controller (SQLite $DB)"
 # shellcheck disable=SC2086  # CONTROLLER_ARGS is a list of extra flags
-"$BIN/maia-controller" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db "sqlite+aiosqlite:///$DB" \
-  --bootstrap-admin-token-file "$ADMIN_TOKEN_FILE" ${CONTROLLER_ARGS:-} \
+"$BIN/maia-controller" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+  --db "sqlite+aiosqlite:///$DB" --bootstrap-admin-token-file "$ADMIN_TOKEN_FILE" ${CONTROLLER_ARGS:-} \
   >"$RUN_DIR/controller.out" 2>"$RUN_DIR/controller.log" &
 CONTROLLER_PID=$!
 ADDRESS=""
@@ -108,7 +108,10 @@ done
 maiactl summary >/dev/null || fail "maia-controller at $ADDRESS does not answer"
 METRICS_URL="$(sed -n 's/^maia-controller metrics on //p' "$RUN_DIR/controller.out" | head -n1)"
 [[ -n "$METRICS_URL" ]] || fail "maia-controller did not report its metrics URL"
+CONSOLE_URL="$(sed -n 's/^maia-controller console on //p' "$RUN_DIR/controller.out" | head -n1)"
+[[ -n "$CONSOLE_URL" ]] || fail "maia-controller did not report its console URL"
 echo "controller listening on $ADDRESS"
+echo "console:  $CONSOLE_URL"
 echo "metrics:  $METRICS_URL"
 echo "$ADDRESS" >"$RUN_DIR/address"
 
@@ -153,9 +156,12 @@ say "maiactl summary"
 maiactl summary
 say "maiactl usage"
 maiactl usage
-say "metrics ($METRICS_URL)"
-"$BIN/python" - "$METRICS_URL" <<'PY' || fail "the metrics endpoint did not answer"
-import sys, urllib.request
+say "console and metrics"
+"$BIN/python" - "$METRICS_URL" "$CONSOLE_URL" <<'PY' || fail "the metrics endpoint or the console did not answer"
+import json, sys, urllib.request
+state = json.load(urllib.request.urlopen(sys.argv[2] + "api/state", timeout=10))
+print(f"console: {sum(len(r['racks']) for z in state['zones'] for r in z['rows'])} racks, "
+      f"{len(state['deployments'])} deployments, {len(state['tenants'])} tenants at {sys.argv[2]}")
 text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
 for line in text.splitlines():
     if line.startswith(("maia_deployments{", "maia_nodes{", "maia_accelerators_allocated{")):
@@ -166,6 +172,7 @@ READY=1
 if [[ $KEEP_RUNNING -eq 1 ]]; then
   say "running (Ctrl-C to stop)"
   echo "gRPC:     $ADDRESS    try: MAIA_CONTROLLER=$ADDRESS MAIA_TOKEN=$(cat $ADMIN_TOKEN_FILE) $BIN/maiactl get nodes"
+  echo "console:  $CONSOLE_URL#token=$(cat $ADMIN_TOKEN_FILE)"
   echo "metrics:  $METRICS_URL"
   wait "$CONTROLLER_PID" || true
 fi

@@ -29,6 +29,7 @@ from controller.api.deps import ServiceDeps
 from controller.api.interceptors import interceptor_chain
 from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
+from controller.console.server import ConsoleServer
 from controller.observability.cluster import ClusterGauges, read_cluster_gauges
 from controller.observability.metrics import ControllerMetrics
 from controller.identity import CONTROLLER
@@ -78,6 +79,7 @@ class ControllerApp:
         self.db = Database(config.db_url)
         self.bus = DeploymentEventBus()
         self.metrics = ControllerMetrics()
+        self.console = ConsoleServer(self.db, self.bus)
         self.signals = AppSignals(self)
         self.hub = AgentHub(
             self.db, heartbeat_timeout_s=config.heartbeat_timeout_s,
@@ -95,6 +97,7 @@ class ControllerApp:
         self.server: aio.Server | None = None
         self.address = ""
         self.metrics_address = ""
+        self.console_address = ""
         self._tasks: list[asyncio.Task] = []
 
     async def _publish_changed(self, names: set[str]) -> None:
@@ -152,6 +155,8 @@ class ControllerApp:
         if self.config.metrics_listen:
             self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster)
             self.metrics_address = self.metrics.serve(self.config.metrics_listen)
+        if self.config.http_listen:
+            self.console_address = await self.console.start(self.config.http_listen)
         await server.start()
         self.server = server
         self.address = f"{host}:{port}"
@@ -198,6 +203,7 @@ class ControllerApp:
             await self.server.stop(grace_s)
             self.server = None
         await asyncio.to_thread(self.metrics.stop)
+        await self.console.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

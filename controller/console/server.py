@@ -1,0 +1,143 @@
+"""The read-only web console: `maia-controller --http-listen HOST:PORT` serves it at `/`.
+
+An aiohttp application run in the controller's own event loop (`AppRunner` + `TCPSite`, no
+thread, no signal handlers of its own):
+- `/` and `/static/*`: the page and its assets, shipped in the package (no build step);
+- `/api/state`: the console document (`console.state`), one database read per request;
+- `/api/events`: server-sent events from the deployment watch bus, one `change` event per
+  deployment event the viewer may see (the page then re-reads `/api/state`).
+A bearer token (`Authorization` header, sent by the page's scripts: from the sign-in form or a
+`#token=` URL fragment, which browsers never send to a server) is resolved to a principal by
+the `TokenResolver` given; a principal bound to a tenant sees that tenant's view only. Without
+a resolver (authentication off) every request sees the whole cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from controller.console.state import console_state
+from controller.identity import Principal
+from controller.store.db import Database
+from controller.usecases.domain import DeploymentEvent
+from controller.usecases.watch import DeploymentEventBus
+
+log = logging.getLogger("maia.console")
+
+# Token -> principal (None: not a valid token). Supplied once authentication exists.
+TokenResolver = Callable[[str], Awaitable[Principal | None]]
+KEEPALIVE_S = 15.0
+STATIC = resources.files("controller.console").joinpath("static")
+CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+
+
+def _viewer_tenant(principal: Principal | None) -> str:
+    return getattr(principal, "tenant", "") or ""
+
+
+class ConsoleServer:
+    def __init__(self, db: Database, bus: DeploymentEventBus, *, resolve_token: TokenResolver | None = None) -> None:
+        self._db = db
+        self._bus = bus
+        self._resolve = resolve_token
+        self._runner: web.AppRunner | None = None
+        self.address = ""
+
+    def application(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self._index)
+        app.router.add_get("/static/{name}", self._static)
+        app.router.add_get("/api/state", self._state)
+        app.router.add_get("/api/events", self._events)
+        return app
+
+    async def start(self, listen: str) -> str:
+        """Serve on HOST:PORT (port 0: any free port); returns the bound HOST:PORT."""
+        host, _, port = listen.rpartition(":")
+        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port))
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(f"cannot serve the console on {listen}: {exc}") from exc
+        self._runner = runner
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.address = f"{host}:{bound}"
+        return self.address
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- requests ------------------------------------------------------------------------------
+    async def _viewer(self, request: web.Request) -> Principal | None:
+        """The caller's principal; raises 401 when a token is required and missing or wrong."""
+        if self._resolve is None:
+            return None
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        principal = await self._resolve(token) if token else None
+        if principal is None:
+            raise web.HTTPUnauthorized(text=json.dumps({"error": "sign in with a token"}),
+                                       content_type="application/json",
+                                       headers={"WWW-Authenticate": 'Bearer realm="maia"'})
+        return principal
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return self._asset("index.html")
+
+    async def _static(self, request: web.Request) -> web.Response:
+        return self._asset(request.match_info["name"])
+
+    @staticmethod
+    def _asset(name: str) -> web.Response:
+        suffix = name[name.rfind("."):] if "." in name else ""
+        path = STATIC.joinpath(name)
+        if "/" in name or suffix not in CONTENT_TYPES or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.Response(body=path.read_bytes(), content_type=CONTENT_TYPES[suffix],
+                            headers={"Cache-Control": "no-cache"})
+
+    async def _state(self, request: web.Request) -> web.Response:
+        principal = await self._viewer(request)
+        async with self._db.unit_of_work() as uow:
+            doc = await console_state(uow.session, viewer_tenant=_viewer_tenant(principal))
+        doc["auth"] = self._resolve is not None
+        return web.json_response(doc, headers={"Cache-Control": "no-store"})
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        principal = await self._viewer(request)
+        tenant = _viewer_tenant(principal)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        queue = self._bus.subscribe()
+        try:
+            await response.write(b": connected\n\n")
+            while True:
+                try:
+                    item: Any = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if not isinstance(item, DeploymentEvent):
+                    break  # the bus closed: the controller is stopping
+                spec = item.deployment.spec
+                if tenant and spec.tenant != tenant:
+                    continue
+                data = json.dumps({"type": item.type, "deployment": spec.name, "phase": item.deployment.phase})
+                await response.write(f"event: change\ndata: {data}\n\n".encode())
+        except ConnectionResetError:
+            pass  # the browser went away
+        finally:
+            self._bus.unsubscribe(queue)
+        return response

@@ -1,0 +1,180 @@
+// Maia console: reads /api/state, redraws, and re-reads on every server-sent `change` event.
+// The token (sign-in form or #token=... in the URL) lives in sessionStorage and travels only
+// in the Authorization header; the fragment is removed from the address bar at once.
+"use strict";
+
+const TOKEN_KEY = "maia-console-token";
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "style") Object.assign(node.style, value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+function tokenFromFragment() {
+  const match = /(?:^#|&)token=([^&]+)/.exec(window.location.hash);
+  if (match) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+}
+
+function headers() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+function kw(watts) { return (watts / 1000).toFixed(1) + " kW"; }
+
+function drawLegend(state, colours) {
+  const legend = $("legend");
+  legend.replaceChildren(...state.tenants.map((t) =>
+    el("li", { "data-tenant": t.id }, el("span", { class: "swatch", style: { background: t.colour } }), t.id)));
+  if (state.viewer_tenant) {
+    legend.append(el("li", { "data-tenant": "other" }, el("span", { class: "swatch", style: { background: colours.other } }),
+                     "other tenants"));
+  }
+}
+
+function drawAccelerator(acc, colours) {
+  const cell = el("div", { class: "acc", "data-accelerator": acc.index });
+  const parts = acc.holders.map((h) => `${h.tenant} ${h.milli < 1000 ? h.milli + "m" : ""}`.trim());
+  cell.title = `accelerator ${acc.index}: ${parts.length ? parts.join(", ") : "free"}`;
+  for (const holder of acc.holders) {
+    cell.append(el("span", { style: { width: Math.min(100, holder.milli / 10) + "%", background: colours[holder.tenant] || "#888" } }));
+  }
+  return cell;
+}
+
+function drawMap(state, colours) {
+  const zones = state.zones.map((zone) => el("div", { class: "zone", "data-zone": zone.id }, el("h3", {}, "zone " + zone.id),
+    ...zone.rows.map((row) => el("div", { class: "row", "data-row": row.id },
+      el("div", { class: "row-title" }, `row ${row.id}`),
+      el("div", { class: "racks" }, ...row.racks.map((rack) => el("div", { class: "rack", "data-rack": rack.id },
+        el("div", { class: "rack-title" }, rack.id),
+        el("div", { class: "nodes" }, ...rack.nodes.map((node) => {
+          const cell = el("div", { class: "node " + node.state, "data-node": node.id },
+            ...node.accelerators.map((acc) => drawAccelerator(acc, colours)));
+          cell.title = `${node.id} (${node.model}, ${node.state})`;
+          return cell;
+        })))))))));
+  $("map").replaceChildren(...zones);
+}
+
+function drawPower(state) {
+  const rows = [];
+  for (const zone of state.zones) {
+    for (const row of zone.rows) {
+      rows.push(["row", row]);
+      for (const rack of row.racks) rows.push(["rack", rack]);
+    }
+  }
+  $("power").tBodies[0].replaceChildren(...rows.map(([kind, d]) => {
+    const share = d.power_budget_w ? d.power_used_w / d.power_budget_w : 0;
+    const bar = el("div", { class: "bar" + (share > 0.9 ? " hot" : "") }, el("span", { style: { width: Math.min(100, share * 100) + "%" } }));
+    return el("tr", { "data-power": d.id }, el("td", {}, kind), el("td", {}, d.id),
+      el("td", { class: "num" }, d.power_budget_w ? `${kw(d.power_used_w)} / ${kw(d.power_budget_w)}` : kw(d.power_used_w)),
+      el("td", {}, d.power_budget_w ? bar : ""));
+  }));
+}
+
+function drawDeployments(state) {
+  $("deployments").tBodies[0].replaceChildren(...state.deployments.map((d) => el("tr", { "data-deployment": d.name },
+    el("td", {}, d.name), el("td", {}, d.tenant), el("td", {}, el("span", { class: "tag " + d.phase }, d.phase)),
+    el("td", { class: "num" }, `${d.placed_replicas}/${d.replicas}`),
+    el("td", { class: "reason" }, d.reasons.map((r) => `${r.code}: ${r.message}`).join("; ")))));
+}
+
+function drawUsage(state) {
+  $("usage").tBodies[0].replaceChildren(...state.usage.map((u) => el("tr", { "data-usage": u.tenant },
+    el("td", {}, u.tenant), el("td", { class: "num" }, u.accelerator_hours.toFixed(3)),
+    el("td", { class: "num" }, u.energy_kwh.toFixed(3)))));
+}
+
+function draw(state) {
+  const colours = { other: "#6b7280" };
+  for (const t of state.tenants) colours[t.id] = t.colour;
+  $("viewer").textContent = state.viewer_tenant ? `tenant ${state.viewer_tenant}` : (state.auth ? "operator" : "");
+  $("sign-out").hidden = !state.auth;
+  drawLegend(state, colours);
+  drawMap(state, colours);
+  drawPower(state);
+  drawDeployments(state);
+  drawUsage(state);
+  document.body.dataset.generatedAt = state.generated_at;
+}
+
+async function refresh() {
+  const reply = await fetch("/api/state", { headers: headers(), cache: "no-store" });
+  if (reply.status === 401) {
+    signIn(sessionStorage.getItem(TOKEN_KEY) ? "that token was not accepted" : "");
+    return false;
+  }
+  if (!reply.ok) throw new Error(`state: HTTP ${reply.status}`);
+  $("sign-in").hidden = true;
+  $("console").hidden = false;
+  draw(await reply.json());
+  return true;
+}
+
+let pending = null;
+function refreshSoon() {
+  if (pending) return;
+  pending = setTimeout(() => { pending = null; refresh().catch(console.error); }, 200);
+}
+
+// Server-sent events over fetch (EventSource cannot send an Authorization header).
+async function listen() {
+  const live = $("live");
+  for (;;) {
+    try {
+      const reply = await fetch("/api/events", { headers: headers(), cache: "no-store" });
+      if (!reply.ok) throw new Error(`events: HTTP ${reply.status}`);
+      live.textContent = "live"; live.className = "live on";
+      const reader = reply.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const message = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          if (message.split("\n").includes("event: change")) refreshSoon();
+        }
+      }
+    } catch (err) {
+      console.warn(err);
+    }
+    live.textContent = "offline"; live.className = "live off";
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+    refreshSoon();
+  }
+}
+
+function signIn(message) {
+  $("console").hidden = true;
+  $("sign-in").hidden = false;
+  $("sign-in-error").textContent = message;
+}
+
+$("sign-in").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  refresh().then((ok) => { if (ok) refreshSoon(); }).catch(console.error);
+});
+$("sign-out").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); signIn(""); });
+
+tokenFromFragment();
+refresh().catch(console.error);
+listen();
+setInterval(refreshSoon, 10000);  // node and power changes are not on the deployment bus

@@ -1,0 +1,93 @@
+"""The console's document and its HTTP API: the whole cluster for an operator, one tenant's
+view for a tenant's token (other tenants' holdings only as "other"), 401 without a token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+
+from controller.console.server import ConsoleServer
+from controller.console.state import OTHER_TENANT, console_state
+from controller.identity import Principal
+from controller.reconcile import Reconciler
+from controller.store.db import Database
+from controller.usecases import deployments
+from controller.usecases.ports import RecordingSignals
+from controller.usecases.watch import DeploymentEventBus
+from uc_builders import WHO, add_tenant, deployment
+
+
+@dataclass(frozen=True)
+class TenantCaller:
+    name: str
+    tenant: str
+
+
+async def _publish(names, deleted) -> None:
+    return None
+
+
+async def _two_tenants_placed(db: Database) -> None:
+    await add_tenant(db, "t2")
+    for name, tenant in (("a-svc", "t1"), ("b-svc", "t2")):
+        async with db.unit_of_work() as uow:
+            await deployments.submit_deployment(uow, WHO, deployment(name, tenant, accelerators=2), RecordingSignals())
+    await Reconciler(db, push=lambda nodes: None, publish=_publish).reconcile_once()
+
+
+def _holders(doc: dict) -> dict[str, int]:
+    held: dict[str, int] = {}
+    for zone in doc["zones"]:
+        for row in zone["rows"]:
+            for rack in row["racks"]:
+                for node in rack["nodes"]:
+                    for acc in node["accelerators"]:
+                        for h in acc["holders"]:
+                            held[h["tenant"]] = held.get(h["tenant"], 0) + h["milli"]
+    return held
+
+
+async def test_a_tenant_sees_its_own_work_and_others_only_as_other(cluster: Database) -> None:
+    await _two_tenants_placed(cluster)
+    async with cluster.unit_of_work() as uow:
+        whole = await console_state(uow.session)
+        own = await console_state(uow.session, viewer_tenant="t2")
+    assert _holders(whole) == {"t1": 2000, "t2": 2000}
+    assert [d["name"] for d in whole["deployments"]] == ["a-svc", "b-svc"]
+    assert [t["id"] for t in whole["tenants"]] == ["t1", "t2"]
+    assert _holders(own) == {OTHER_TENANT: 2000, "t2": 2000}
+    assert [d["name"] for d in own["deployments"]] == ["b-svc"]
+    assert [t["id"] for t in own["tenants"]] == ["t2"] and {u["tenant"] for u in own["usage"]} <= {"t2"}
+    # The map keeps its shape: the same racks and nodes either way.
+    racks = lambda doc: [r["id"] for z in doc["zones"] for row in z["rows"] for r in row["racks"]]  # noqa: E731
+    assert racks(own) == racks(whole) == ["rack-a", "rack-b"]
+
+
+async def test_the_http_api_asks_for_a_token_and_scopes_it(cluster: Database) -> None:
+    await _two_tenants_placed(cluster)
+    tokens = {"tenant-token": TenantCaller("t2-user", "t2"), "admin-token": Principal("admin")}
+
+    async def resolve(token: str):
+        return tokens.get(token)
+
+    console = ConsoleServer(cluster, DeploymentEventBus(), resolve_token=resolve)
+    address = await console.start("127.0.0.1:0")
+    try:
+        async with aiohttp.ClientSession(f"http://{address}") as http:
+            async with http.get("/api/state") as reply:
+                assert reply.status == 401
+            async with http.get("/api/state", headers={"Authorization": "Bearer wrong"}) as reply:
+                assert reply.status == 401
+            async with http.get("/api/state", headers={"Authorization": "Bearer tenant-token"}) as reply:
+                doc = await reply.json()
+                assert reply.status == 200 and doc["viewer_tenant"] == "t2" and doc["auth"] is True
+                assert [d["name"] for d in doc["deployments"]] == ["b-svc"]
+            async with http.get("/api/state", headers={"Authorization": "Bearer admin-token"}) as reply:
+                assert [d["name"] for d in (await reply.json())["deployments"]] == ["a-svc", "b-svc"]
+            async with http.get("/") as reply:  # the page itself is public: it shows the sign-in form
+                assert reply.status == 200 and "sign-in" in await reply.text()
+            async with http.get("/static/../server.py") as reply:
+                assert reply.status == 404
+    finally:
+        await console.stop()

@@ -1,0 +1,128 @@
+"""The web console in headless Chromium (Debian's package, installed by tools/ensure_chromium.sh)
+against a real controller with simulated nodes: what the page shows, live updates, screenshots.
+
+Screenshots are saved under .run/console/ (not committed). Without a Chromium the tests skip
+with a message, except in CI (`CI` set) or with MAIA_REQUIRE_BROWSER=1, where that fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.api.server import ControllerApp
+from controller.config import Config
+from controller.console.state import tenant_colours
+from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, eventually, spec, topology
+from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTEFACTS = ROOT / ".run" / "console"
+CHROMIUM = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")  # the binary, then Debian's wrapper
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    for path in CHROMIUM:
+        if os.access(path, os.X_OK):
+            return path
+    message = "no Chromium at /usr/lib/chromium or /usr/bin: run `make chromium` (tools/ensure_chromium.sh)"
+    if os.environ.get("CI") or os.environ.get("MAIA_REQUIRE_BROWSER") == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def rgb(hex_colour: str) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({r}, {g}, {b})"
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
+    """Two racks of two nodes; `lab` runs svc, `acme` runs quarter-accelerator shards and has a
+    deployment pending on its accelerator cap; one node cordoned."""
+    chromium()
+    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}",
+                               reconcile_interval_s=0.2, heartbeat_timeout_s=5.0, solve_time_limit_ms=1000,
+                               http_listen="127.0.0.1:0"))
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    stubs = Stubs.on(channel)
+    fleet = SimFleet(app.address, racks=2, nodes_per_rack=2, log_dir=tmp_path)
+    try:
+        await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}, rack_budget_w=8000.0))
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="acme", max_accelerators=4))
+        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 4,
+                         what="4 agents connected")
+        submit = stubs.deployments.SubmitDeployment
+        await submit(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc", "lab", shards=2, accelerators=2)))
+        frac = spec("frac", "acme", replicas=2, accelerators=1)
+        frac.shard.accelerator_milli = 250
+        await submit(deployments_pb2.SubmitDeploymentRequest(spec=frac))
+        await eventually(lambda: stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest()),
+                         lambda r: {d.spec.name: d.phase for d in r.deployments} == {"svc": RUNNING, "frac": RUNNING},
+                         what="svc and frac running")
+        await submit(deployments_pb2.SubmitDeploymentRequest(spec=spec("big", "acme", accelerators=4)))
+        await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="big")),
+                         lambda d: d.phase == PENDING and len(d.reasons) > 0, what="big pending with reasons")
+        await stubs.admin.CordonNode(admin_pb2.NodeRequest(id="rack-01-n01"))
+        yield app, stubs
+    finally:
+        fleet.stop()
+        await channel.close()
+        await app.stop(grace_s=1.0)
+
+
+async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) -> None:
+    from playwright.async_api import async_playwright
+
+    app, stubs = cluster
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    colours = tenant_colours(["acme", "lab"])
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium(), args=FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+            await page.goto(f"http://{app.console_address}/")
+            await page.wait_for_selector('[data-deployment="big"]')
+
+            racks = await page.locator("[data-rack]").evaluate_all("els => els.map(e => e.dataset.rack)")
+            assert racks == ["rack-00", "rack-01"]
+            # The legend: each tenant with its colour, and the map uses the same colours.
+            for tenant in ("acme", "lab"):
+                item = page.locator(f'#legend [data-tenant="{tenant}"]')
+                assert (await item.inner_text()).strip() == tenant
+                swatch = await item.locator(".swatch").evaluate("e => getComputedStyle(e).backgroundColor")
+                assert swatch == rgb(colours[tenant])
+            fills = await page.locator(".acc > span").evaluate_all(
+                "els => els.map(e => getComputedStyle(e).backgroundColor)")
+            assert set(fills) == {rgb(colours["acme"]), rgb(colours["lab"])}
+            # 4 whole accelerators of lab; acme's two quarters as fractions (on one accelerator or two).
+            assert await page.locator(".acc[title*='lab']").count() == 4
+            acme_titles = await page.locator(".acc[title*='acme']").evaluate_all("els => els.map(e => e.title)")
+            assert sum(int(m) for t in acme_titles for m in re.findall(r"acme (\d+)m", t)) == 500
+            assert await page.locator('.node.cordoned[data-node="rack-01-n01"]').count() == 1
+            # The pending deployment and the solver's reason.
+            reason = await page.locator('[data-deployment="big"] .reason').inner_text()
+            assert "QUOTA_ACCELERATORS" in reason
+            assert (await page.locator('[data-deployment="big"] .tag').inner_text()) == "pending"
+            # Power: every rack against its budget.
+            assert "/ 8.0 kW" in await page.locator('[data-power="rack-00"]').inner_text()
+            await page.screenshot(path=str(ARTEFACTS / "console.png"), full_page=True)
+
+            # Live: a deployment submitted now appears without reloading the page.
+            await page.wait_for_selector("#live.on")
+            await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+                spec=spec("late", "lab", accelerators=1)))
+            await page.wait_for_selector('[data-deployment="late"]', timeout=20_000)
+            await page.screenshot(path=str(ARTEFACTS / "console-live.png"), full_page=True)
+        finally:
+            await browser.close()
