@@ -3,7 +3,6 @@ view for a tenant's token (other tenants' holdings only as "other"), 401 without
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import aiohttp
 
@@ -15,17 +14,7 @@ from controller.store.db import Database
 from controller.usecases import deployments
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.watch import DeploymentEventBus
-from uc_builders import WHO, add_tenant, deployment
-
-
-@dataclass(frozen=True)
-class TenantCaller:
-    name: str
-    tenant: str
-
-
-async def _publish(names, deleted) -> None:
-    return None
+from uc_builders import WHO, TenantCaller, add_tenant, deployment, no_publish
 
 
 async def _two_tenants_placed(db: Database) -> None:
@@ -33,7 +22,7 @@ async def _two_tenants_placed(db: Database) -> None:
     for name, tenant in (("a-svc", "t1"), ("b-svc", "t2")):
         async with db.unit_of_work() as uow:
             await deployments.submit_deployment(uow, WHO, deployment(name, tenant, accelerators=2), RecordingSignals())
-    await Reconciler(db, push=lambda nodes: None, publish=_publish).reconcile_once()
+    await Reconciler(db, push=lambda nodes: None, publish=no_publish).reconcile_once()
 
 
 def _holders(doc: dict) -> dict[str, int]:

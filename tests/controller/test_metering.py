@@ -7,7 +7,6 @@ each, in zone z1. An accelerator's share of its node's idle power is 500 / 4 = 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -20,7 +19,7 @@ from controller.store.db import Database
 from controller.usecases import deployments, nodes
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.usage import usage_report
-from uc_builders import WHO, add_tenant, deployment
+from uc_builders import WHO, TenantCaller, add_tenant, deployment, no_publish
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
 H = timedelta(hours=1)
@@ -34,20 +33,8 @@ class WallClock:
         return self.now
 
 
-@dataclass(frozen=True)
-class TenantCaller:
-    """A principal bound to a tenant (what an authenticated tenant token yields)."""
-
-    name: str
-    tenant: str
-
-
-async def _publish(names, deleted) -> None:
-    return None
-
-
 def reconciler(db: Database, clock: WallClock) -> Reconciler:
-    return Reconciler(db, push=lambda nodes: None, publish=_publish, solve_time_limit_ms=2000, wall_clock=clock)
+    return Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=2000, wall_clock=clock)
 
 
 async def _run(db: Database, clock: WallClock) -> None:
