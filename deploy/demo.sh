@@ -158,8 +158,9 @@ say "maiactl usage"
 maiactl usage
 say "console and metrics"
 "$BIN/python" - "$METRICS_URL" "$CONSOLE_URL" <<'PY' || fail "the metrics endpoint or the console did not answer"
-import json, sys, urllib.request
-state = json.load(urllib.request.urlopen(sys.argv[2] + "api/state", timeout=10))
+import json, os, sys, urllib.request
+request = urllib.request.Request(sys.argv[2] + "api/state", headers={"Authorization": "Bearer " + os.environ["MAIA_TOKEN"]})
+state = json.load(urllib.request.urlopen(request, timeout=10))
 print(f"console: {sum(len(r['racks']) for z in state['zones'] for r in z['rows'])} racks, "
       f"{len(state['deployments'])} deployments, {len(state['tenants'])} tenants at {sys.argv[2]}")
 text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller.agents import AgentHub
-from controller.authn import BOOTSTRAP_HINT, Authenticator
+from controller.authn import AUTHORIZATION_KEY, BOOTSTRAP_HINT, Authenticator
 from controller.api.admin import AdminServicer
 from controller.api.agents import NodeAgentServicer
 from controller.api.audit import AuditServicer
@@ -32,7 +32,8 @@ from controller.config import Config
 from controller.console.server import ConsoleServer
 from controller.observability.cluster import ClusterGauges, read_cluster_gauges
 from controller.observability.metrics import ControllerMetrics
-from controller.identity import CONTROLLER
+from controller.errors import Unauthenticated
+from controller.identity import CONTROLLER, Principal, Role
 from controller.reconcile import Lease, Reconciler
 from controller.store.db import Database
 from controller.usecases import tokens
@@ -79,7 +80,6 @@ class ControllerApp:
         self.db = Database(config.db_url)
         self.bus = DeploymentEventBus()
         self.metrics = ControllerMetrics()
-        self.console = ConsoleServer(self.db, self.bus)
         self.signals = AppSignals(self)
         self.hub = AgentHub(
             self.db, heartbeat_timeout_s=config.heartbeat_timeout_s,
@@ -93,12 +93,22 @@ class ControllerApp:
         self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s)
         self.watchdog = IsolationWatchdog(self.db, interval_s=config.watchdog_interval_s)
         self.metrics.watch_alarms(lambda: self.watchdog.alarms_total)
+        self.console = ConsoleServer(self.db, self.bus,
+                                     resolve_token=self._console_viewer if self.authn.enabled else None)
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
         self.address = ""
         self.metrics_address = ""
         self.console_address = ""
         self._tasks: list[asyncio.Task] = []
+
+    async def _console_viewer(self, token: str) -> Principal | None:
+        """The console's viewers: admin and tenant tokens (a tenant sees its own view)."""
+        try:
+            who = await self.authn.authenticate([(AUTHORIZATION_KEY, f"Bearer {token}")])
+        except Unauthenticated:
+            return None
+        return who if who.role in (Role.ADMIN, Role.TENANT) else None
 
     async def _publish_changed(self, names: set[str]) -> None:
         await self._publish_deployments(names, [])

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from controller.console.state import console_state
-from controller.identity import Principal
+from controller.identity import Principal, Role
 from controller.store.db import Database
 from controller.usecases.domain import DeploymentEvent
 from controller.usecases.watch import DeploymentEventBus
@@ -39,7 +39,7 @@ CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/c
 
 
 def _viewer_tenant(principal: Principal | None) -> str:
-    return getattr(principal, "tenant", "") or ""
+    return principal.tenant if principal is not None and principal.role is Role.TENANT else ""
 
 
 class ConsoleServer:

@@ -1,7 +1,7 @@
 """Usage reports: what a tenant used, from the usage meter (`controller.store.metering`).
 
-A caller bound to a tenant sees only that tenant's usage: asking for another tenant is
-refused, asking for none means its own.
+Admins read everyone's; a tenant's token reads only its own tenant's (asking for another tenant
+is NOT_FOUND, asking for none means its own); node tokens read none.
 """
 
 from __future__ import annotations
@@ -9,18 +9,19 @@ from __future__ import annotations
 from datetime import datetime
 
 from controller.errors import InvalidArgument, NotFound
-from controller.identity import Principal
+from controller.identity import Principal, Role
 from controller.store import metering
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import UsageRecord, UsageReport
+from controller.usecases.policy import require_role
 
 GROUPS = ("tenant", "deployment", "accelerator_model", "zone")
 
 
 def visible_tenant(who: Principal, requested: str) -> str:
     """The tenant whose usage `who` may read ('' for all); a tenant-bound caller reads only its own."""
-    own = getattr(who, "tenant", "") or ""
+    own = who.tenant if who.role is Role.TENANT else ""
     if own and requested and requested != own:
         raise NotFound(f"tenant {requested} not found")  # a tenant does not learn of other tenants
     return own or requested
@@ -30,6 +31,7 @@ async def usage_report(
     uow: UnitOfWork, who: Principal, *, tenant: str = "", since: datetime | None = None,
     until: datetime | None = None, now: datetime,
 ) -> UsageReport:
+    require_role(who, "reading usage", Role.TENANT)
     tenant = visible_tenant(who, tenant)
     if since is not None and until is not None and since >= until:
         raise InvalidArgument(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")

@@ -8,13 +8,13 @@ import aiohttp
 
 from controller.console.server import ConsoleServer
 from controller.console.state import OTHER_TENANT, console_state
-from controller.identity import Principal
+from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store.db import Database
 from controller.usecases import deployments
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.watch import DeploymentEventBus
-from uc_builders import WHO, TenantCaller, add_tenant, deployment, no_publish
+from uc_builders import WHO, add_tenant, deployment, no_publish
 
 
 async def _two_tenants_placed(db: Database) -> None:
@@ -55,7 +55,7 @@ async def test_a_tenant_sees_its_own_work_and_others_only_as_other(cluster: Data
 
 async def test_the_http_api_asks_for_a_token_and_scopes_it(cluster: Database) -> None:
     await _two_tenants_placed(cluster)
-    tokens = {"tenant-token": TenantCaller("t2-user", "t2"), "admin-token": Principal("admin")}
+    tokens = {"tenant-token": Principal("t2-user", Role.TENANT, tenant="t2"), "admin-token": Principal("admin")}
 
     async def resolve(token: str):
         return tokens.get(token)

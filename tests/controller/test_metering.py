@@ -12,14 +12,15 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select
 
-from controller.errors import InvalidArgument, NotFound
+from controller.errors import InvalidArgument, NotFound, PermissionDenied
+from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store.db import Database
 from controller.usecases import deployments, nodes
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.usage import usage_report
-from uc_builders import WHO, TenantCaller, add_tenant, deployment, no_publish
+from uc_builders import WHO, add_tenant, deployment, no_publish
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
 H = timedelta(hours=1)
@@ -90,7 +91,7 @@ async def test_a_window_clips_the_intervals(cluster: Database) -> None:
 async def test_a_tenant_sees_only_its_own_usage(cluster: Database) -> None:
     clock = WallClock()
     await _run(cluster, clock)
-    caller = TenantCaller("lab-two-token", "t2")
+    caller = Principal("lab-two-token", Role.TENANT, tenant="t2")
     async with cluster.unit_of_work() as uow:
         own = await usage_report(uow, caller, now=T0 + 3 * H)
         filtered = await usage_report(uow, WHO, tenant="t1", now=T0 + 3 * H)
@@ -98,6 +99,8 @@ async def test_a_tenant_sees_only_its_own_usage(cluster: Database) -> None:
             await usage_report(uow, caller, tenant="t1", now=T0 + 3 * H)
         with pytest.raises(NotFound, match="tenant nobody not found"):
             await usage_report(uow, WHO, tenant="nobody", now=T0 + 3 * H)
+        with pytest.raises(PermissionDenied):
+            await usage_report(uow, Principal("n1-agent", Role.NODE, node="rack-a-n0"), now=T0 + 3 * H)
         with pytest.raises(InvalidArgument, match="must be before"):
             await usage_report(uow, WHO, since=T0 + H, until=T0, now=T0 + 3 * H)
     assert [r.deployment for r in own.records] == ["frac"]

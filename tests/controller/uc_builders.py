@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -87,13 +87,6 @@ async def assert_refused_writing_nothing(db: Database, use_case: Callable[[UnitO
     assert message in info.value.message
     assert await row_counts(db) == before
 
-
-@dataclass(frozen=True)
-class TenantCaller:
-    """A principal bound to a tenant (what an authenticated tenant token yields)."""
-
-    name: str
-    tenant: str
 
 
 async def no_publish(names: set[str], deleted: list) -> None:

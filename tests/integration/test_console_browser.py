@@ -12,13 +12,14 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from controller.api.server import ControllerApp
 from controller.config import Config
 from controller.console.state import tenant_colours
-from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, eventually, spec, topology
+from grpc_harness import (
+    PENDING, RUNNING, SimFleet, Stubs, admin_token_of, eventually, issue_token, spec, topology,
+)
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,11 +51,13 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
     chromium()
     app = ControllerApp(Config(listen="127.0.0.1:0", db_url=f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}",
                                reconcile_interval_s=0.2, heartbeat_timeout_s=5.0, solve_time_limit_ms=1000,
-                               http_listen="127.0.0.1:0"))
+                               http_listen="127.0.0.1:0",
+                               bootstrap_admin_token_file=str(tmp_path / "admin.token")))
     await app.start()
-    channel = grpc.aio.insecure_channel(app.address)
-    stubs = Stubs.on(channel)
-    fleet = SimFleet(app.address, racks=2, nodes_per_rack=2, log_dir=tmp_path)
+    stubs = Stubs.connect(app.address, admin_token_of(app))
+    channel = stubs.channel
+    fleet = SimFleet(app.address, racks=2, nodes_per_rack=2, token=await issue_token(app.db, "node-bootstrap"),
+                     log_dir=tmp_path)
     try:
         await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}, rack_budget_w=8000.0))
         await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
@@ -91,8 +94,10 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
         browser = await pw.chromium.launch(executable_path=chromium(), args=FLAGS)
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 1100})
-            await page.goto(f"http://{app.console_address}/")
+            # An operator's link: the admin token in the fragment (never sent to the server).
+            await page.goto(f"http://{app.console_address}/#token={admin_token_of(app)}")
             await page.wait_for_selector('[data-deployment="big"]')
+            assert "#token" not in page.url  # taken out of the address bar at once
 
             racks = await page.locator("[data-rack]").evaluate_all("els => els.map(e => e.dataset.rack)")
             assert racks == ["rack-00", "rack-01"]
@@ -124,5 +129,23 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
                 spec=spec("late", "lab", accelerators=1)))
             await page.wait_for_selector('[data-deployment="late"]', timeout=20_000)
             await page.screenshot(path=str(ARTEFACTS / "console-live.png"), full_page=True)
+
+            # A tenant signs in with its token: its own deployments, its own colour, the rest "other".
+            tenant_page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+            await tenant_page.goto(f"http://{app.console_address}/")
+            await tenant_page.wait_for_selector("#sign-in:not([hidden])")
+            await tenant_page.fill("#token", await issue_token(app.db, "tenant", tenant="acme", name="acme-console"))
+            await tenant_page.click("#sign-in button[type=submit]")
+            await tenant_page.wait_for_selector('[data-deployment="big"]')
+            names = await tenant_page.locator("[data-deployment]").evaluate_all(
+                "els => els.map(e => e.dataset.deployment)")
+            assert sorted(names) == ["big", "frac"]
+            legend = await tenant_page.locator("#legend [data-tenant]").evaluate_all(
+                "els => els.map(e => e.dataset.tenant)")
+            assert legend == ["acme", "other"]
+            assert await tenant_page.locator(".acc[title*='lab']").count() == 0
+            assert await tenant_page.locator(".acc[title*='other']").count() >= 4
+            assert (await tenant_page.locator("#viewer").inner_text()) == "tenant acme"
+            await tenant_page.screenshot(path=str(ARTEFACTS / "console-tenant.png"), full_page=True)
         finally:
             await browser.close()
