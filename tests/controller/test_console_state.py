@@ -11,17 +11,14 @@ from controller.console.state import OTHER_TENANT, console_state
 from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store.db import Database
-from controller.usecases import deployments
-from controller.usecases.ports import RecordingSignals
 from controller.usecases.watch import DeploymentEventBus
-from uc_builders import WHO, add_tenant, deployment, no_publish
+from uc_builders import add_tenant, deployment, no_publish, submit
 
 
 async def _two_tenants_placed(db: Database) -> None:
     await add_tenant(db, "t2")
     for name, tenant in (("a-svc", "t1"), ("b-svc", "t2")):
-        async with db.unit_of_work() as uow:
-            await deployments.submit_deployment(uow, WHO, deployment(name, tenant, accelerators=2), RecordingSignals())
+        await submit(db, deployment(name, tenant, accelerators=2))
     await Reconciler(db, push=lambda nodes: None, publish=no_publish).reconcile_once()
 
 

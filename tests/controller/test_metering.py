@@ -20,7 +20,7 @@ from controller.store.db import Database
 from controller.usecases import deployments, nodes
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.usage import usage_report
-from uc_builders import WHO, add_tenant, deployment, no_publish
+from uc_builders import WHO, add_tenant, deployment, no_publish, submit
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
 H = timedelta(hours=1)
@@ -42,15 +42,11 @@ async def _run(db: Database, clock: WallClock) -> None:
     """Two deployments placed at T0; `big` deleted at T0+2h; `frac` still running."""
     await add_tenant(db, "t2")
     loop = reconciler(db, clock)
-    async with db.unit_of_work() as uow:
-        # t1: one replica of 2 shards x 2 whole accelerators, 400 W per loaded accelerator.
-        await deployments.submit_deployment(uow, WHO, deployment("big", "t1", shards=2, accelerators=2,
-                                                                 shard_power_w=400.0), RecordingSignals())
-    async with db.unit_of_work() as uow:
-        # t2: two replicas of one quarter accelerator, 800 W per whole loaded accelerator.
-        await deployments.submit_deployment(uow, WHO, deployment("frac", "t2", replicas=2, accelerators=1,
-                                                                 shard_accelerator_milli=250, shard_hbm_gib=8.0,
-                                                                 shard_power_w=800.0), RecordingSignals())
+    # t1: one replica of 2 shards x 2 whole accelerators, 400 W per loaded accelerator.
+    await submit(db, deployment("big", "t1", shards=2, accelerators=2, shard_power_w=400.0))
+    # t2: two replicas of one quarter accelerator, 800 W per whole loaded accelerator.
+    await submit(db, deployment("frac", "t2", replicas=2, accelerators=1, shard_accelerator_milli=250,
+                                shard_hbm_gib=8.0, shard_power_w=800.0))
     assert (await loop.reconcile_once()).solved
     clock.now = T0 + 2 * H
     async with db.unit_of_work() as uow:

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store.db import Database, UnitOfWork
-from controller.usecases import agents, tenants, topology
+from controller.usecases import agents, deployments, tenants, topology
 from controller.usecases.domain import (
     DeploymentSpec, NodeInfo, RackSpec, RowSpec, ShardSpec, TenantSpec, TopologySpec, ZoneSpec,
 )
@@ -91,3 +91,9 @@ async def assert_refused_writing_nothing(db: Database, use_case: Callable[[UnitO
 
 async def no_publish(names: set[str], deleted: list) -> None:
     """A reconciler's `publish` for tests that watch nothing."""
+
+
+async def submit(db: Database, spec: DeploymentSpec) -> None:
+    """Submit a deployment in its own unit of work, as the API would."""
+    async with db.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, spec, RecordingSignals())
