@@ -23,10 +23,12 @@ class ReasonDetail:
 class MaiaError(Exception):
     """Base of every expected failure; `message` is shown to the caller verbatim."""
 
-    def __init__(self, message: str, *, reasons: tuple[ReasonDetail, ...] = ()) -> None:
+    def __init__(self, message: str, *, reasons: tuple[ReasonDetail, ...] = (),
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.reasons = reasons
+        self.metadata = metadata  # extra trailing metadata for the caller (e.g. retry-after-ms)
 
 
 class InvalidArgument(MaiaError):

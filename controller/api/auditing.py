@@ -50,6 +50,8 @@ def is_mutating(method: str, request: Any) -> bool:
 
 
 def _field(message: Message, name: str) -> Any:
+    if not isinstance(message, Message):  # a request that did not parse (refused as INVALID_ARGUMENT)
+        return None
     return getattr(message, name) if name in message.DESCRIPTOR.fields_by_name else None
 
 

@@ -23,12 +23,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 from grpc import aio
 
-from controller import errors
+from controller import errors, limits
 from controller.authn import Authenticator
 from controller.identity import peek_principal, reset_principal, set_principal
 from maia.v1 import common_pb2
@@ -51,6 +52,17 @@ STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
 }
 
 
+MAX_REASONS = 16
+
+
+def capped(message: str, limit: int = limits.ERROR_MESSAGE_MAX) -> str:
+    """An error message cut to `limit` characters (it may quote many caller-supplied ids)."""
+    if len(message) <= limit:
+        return message
+    tail = f"... ({len(message) - limit} more characters)"
+    return message[:limit - len(tail)] + tail
+
+
 def status_for(error: errors.MaiaError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_BY_ERROR:
@@ -58,12 +70,50 @@ def status_for(error: errors.MaiaError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+@dataclass(frozen=True, slots=True)
+class MalformedRequest:
+    """What a request that does not parse as its message type is handed on as (never UNKNOWN)."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or anything else a parser raises on bad bytes
+            return MalformedRequest(type(exc).__name__)
+    return parse
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, MalformedRequest):
+        raise errors.InvalidArgument(f"the request is not a valid protobuf message of its type ({request.error})")
+    return request
+
+
+async def _parsed_stream(requests: Any) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _parsed(request)
+
+
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str,
                   around_unary: Callable[[str, aio.ServicerContext, Callable[[], Awaitable[Any]]], Awaitable[Any]],
-                  around_stream: Callable[[str, aio.ServicerContext, Callable[[], Any]], Any]) -> grpc.RpcMethodHandler:
-    """Rebuild `handler` with its behaviour wrapped (unary responses and streamed responses)."""
+                  around_stream: Callable[[str, aio.ServicerContext, Callable[[], Any]], Any],
+                  *, guard_requests: bool = False) -> grpc.RpcMethodHandler:
+    """Rebuild `handler` with its behaviour wrapped (unary responses and streamed responses).
+
+    With `guard_requests`, a request that does not parse reaches the behaviour as a
+    `MalformedRequest` and is refused there with INVALID_ARGUMENT (inside the wrapping scope).
+    """
     if handler is None:
         return handler
+    deserializer = handler.request_deserializer
+    if guard_requests:
+        deserializer = _tolerant(deserializer)
     kinds = (
         ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
         ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
@@ -74,6 +124,9 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str,
         behaviour = getattr(handler, attr)
         if behaviour is None:
             continue
+        if guard_requests:
+            check = _parsed_stream if attr.startswith("stream_") else _parsed
+            behaviour = _guarded(behaviour, check)
         if streams_out and inspect.isasyncgenfunction(behaviour):
             async def wrapped_stream(request: Any, context: aio.ServicerContext, _b: Any = behaviour) -> Any:
                 async for item in around_stream(method, context, lambda: _b(request, context)):
@@ -85,17 +138,33 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str,
                 return await around_unary(method, context, lambda: _b(request, context))
 
             new = wrapped_unary
-        return factory(new, request_deserializer=handler.request_deserializer,
+        return factory(new, request_deserializer=deserializer,
                        response_serializer=handler.response_serializer)
     return handler
+
+
+def _guarded(behaviour: Any, check: Callable[[Any], Any]) -> Any:
+    """`behaviour` with its request (or request stream) passed through `check` first."""
+    if inspect.isasyncgenfunction(behaviour):
+        async def guarded_stream(request: Any, context: aio.ServicerContext) -> Any:
+            async for item in behaviour(check(request), context):
+                yield item
+        return guarded_stream
+
+    async def guarded(request: Any, context: aio.ServicerContext) -> Any:
+        return await behaviour(check(request), context)
+    return guarded
 
 
 class _BehaviourInterceptor(aio.ServerInterceptor):
     """Base: subclasses implement `scope`, entered around one RPC's behaviour, unary or streamed."""
 
+    guard_requests = False  # refuse unparsable requests inside this interceptor's scope
+
     async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        return _wrap_handler(handler, handler_call_details.method, self.around, self.around_stream)
+        return _wrap_handler(handler, handler_call_details.method, self.around, self.around_stream,
+                             guard_requests=self.guard_requests)
 
     def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
@@ -209,14 +278,20 @@ async def abort_with(context: aio.ServicerContext, exc: errors.MaiaError) -> Non
     """End the call with the error's status and message; structured reasons travel as trailing
     metadata, one serialized maia.v1.Reason per entry."""
     trailing = tuple(
-        (REASON_METADATA_KEY, common_pb2.Reason(code=r.code, message=r.message, scope=r.scope).SerializeToString())
-        for r in exc.reasons
-    )
-    await context.abort(status_for(exc), exc.message, trailing_metadata=trailing)
+        (REASON_METADATA_KEY, common_pb2.Reason(
+            code=r.code, message=capped(r.message), scope=capped(r.scope)).SerializeToString())
+        for r in exc.reasons[:MAX_REASONS]
+    ) + tuple(exc.metadata)
+    await context.abort(status_for(exc), capped(exc.message), trailing_metadata=trailing)
 
 
 class ErrorInterceptor(_BehaviourInterceptor):
-    """Translates the error hierarchy to status codes: the one place that does."""
+    """Translates the error hierarchy to status codes: the one place that does.
+
+    It is also where malformed protobuf becomes INVALID_ARGUMENT, and where every message is
+    capped at `limits.ERROR_MESSAGE_MAX` characters."""
+
+    guard_requests = True
 
     @asynccontextmanager
     async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:

@@ -18,6 +18,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controller import limits
 from controller.agents import AgentHub
 from controller.authn import AUTHORIZATION_KEY, BOOTSTRAP_HINT, Authenticator
 from controller.api.admin import AdminServicer
@@ -144,7 +145,8 @@ class ControllerApp:
         checks: list[aio.ServerInterceptor] = [AuditInterceptor(self.db)]
         if tls is not None and tls.client_ca is not None:
             checks.append(NodeCertificateInterceptor())  # inside the audit: a refused agent is audited
-        server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics))
+        server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics),
+                            options=limits.GRPC_MESSAGE_OPTIONS)
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
         agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)

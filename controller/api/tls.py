@@ -95,7 +95,8 @@ class NodeCertificateInterceptor(aio.ServerInterceptor):
             async def verified() -> AsyncIterator[Any]:
                 first = True
                 async for message in requests:
-                    if first and message.WhichOneof("body") == "hello" and message.hello.node_id != certified:
+                    if (first and hasattr(message, "WhichOneof")  # not a MalformedRequest (refused inside)
+                            and message.WhichOneof("body") == "hello" and message.hello.node_id != certified):
                         raise _refusal(certified, message.hello.node_id)
                     first = False
                     yield message

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from controller import limits
 from controller.cli.config import Connection
 from maia.v1 import admin_pb2_grpc, audit_pb2_grpc, deployments_pb2_grpc
 
@@ -83,9 +84,9 @@ def open_channel(connection: Connection) -> grpc.Channel:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(connection.ca, "CA file"), private_key=_read(connection.key, "key file"),
             certificate_chain=_read(connection.cert, "certificate file"))
-        channel = grpc.secure_channel(connection.address, credentials)
+        channel = grpc.secure_channel(connection.address, credentials, options=limits.GRPC_CLIENT_OPTIONS)
     else:
-        channel = grpc.insecure_channel(connection.address)
+        channel = grpc.insecure_channel(connection.address, options=limits.GRPC_CLIENT_OPTIONS)
     if connection.token:
         channel = grpc.intercept_channel(channel, _BearerToken(connection.token))
     return channel

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from controller import limits
 from controller.bearer import aio_channel
 from controller.simnode import protocol
 from controller.simnode.agent import NodeAgent, Phase, ShardReport
@@ -98,7 +99,8 @@ class SimulatedNode:
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        channel = aio_channel(self.controller, self.token, credentials=self.credentials)
+        channel = aio_channel(self.controller, self.token, credentials=self.credentials,
+                              options=limits.GRPC_CLIENT_OPTIONS)
         stub = agent_pb2_grpc.NodeAgentServiceStub(channel)
         try:
             while not self._stopping.is_set():

@@ -16,25 +16,34 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 
+from controller import limits
 from controller.errors import FailedPrecondition, InvalidArgument
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import NodeInfo, Registration, ShardReport
-from controller.usecases.validation import check_id, check_non_negative
+from controller.usecases.validation import check_id, check_labels, check_quantity, check_range, check_text
 
 _SHARD_PHASES = {p.value for p in m.ShardPhase}
 
 
 def _validate(info: NodeInfo) -> None:
+    """Everything an agent says about its node is bounded (`controller.limits`)."""
     check_id("node", info.node_id)
+    where = f"node {info.node_id}"
     if not info.rack:
-        raise InvalidArgument(f"node {info.node_id}: rack is required")
-    if info.accelerators < 0:
-        raise InvalidArgument(f"node {info.node_id}: accelerators must be >= 0, got {info.accelerators}")
-    for field_name in ("hbm_gib", "cpu_milli", "memory_mib", "idle_power_w"):
-        check_non_negative(f"node {info.node_id}: {field_name}", getattr(info, field_name))
+        raise InvalidArgument(f"{where}: rack is required")
+    check_id(f"{where}: rack", info.rack)
+    check_range(f"{where}: accelerators", info.accelerators, 0, limits.NODE_ACCELERATORS_MAX)
+    check_text(f"{where}: hostname", info.hostname, limits.HOSTNAME_MAX)
+    check_text(f"{where}: accelerator_model", info.accelerator_model, limits.MODEL_MAX)
+    check_text(f"{where}: agent_version", info.agent_version, limits.AGENT_VERSION_MAX)
+    check_quantity(f"{where}: hbm_gib", info.hbm_gib, limits.HBM_GIB_MAX)
+    check_quantity(f"{where}: cpu_milli", info.cpu_milli, limits.CPU_MILLI_MAX)
+    check_quantity(f"{where}: memory_mib", info.memory_mib, limits.MEMORY_MIB_MAX)
+    check_quantity(f"{where}: idle_power_w", info.idle_power_w, limits.POWER_W_MAX)
+    check_labels(f"{where}: labels", info.labels)
 
 
 def _capacity(row: m.Node) -> tuple:
@@ -74,6 +83,8 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
 
 async def hello(uow: UnitOfWork, node_id: str, session_id: str, now: datetime) -> bool:
     """Accept a stream for the node's current session and mark it up; True if it was down."""
+    check_id("node", node_id)
+    check_text("hello.session_id", session_id, limits.SESSION_ID_MAX)
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise FailedPrecondition(f"node {node_id} is not registered; call Register first")

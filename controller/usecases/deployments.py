@@ -12,7 +12,8 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from controller.errors import AlreadyExists, InvalidArgument, NotFound, ReasonDetail
+from controller import limits
+from controller.errors import AlreadyExists, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -22,26 +23,35 @@ from controller.usecases.domain import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView,
 )
 from controller.usecases.ports import Signals
-from controller.usecases.validation import check_name, check_non_negative
+from controller.usecases.validation import (
+    check_count, check_id, check_name, check_optional_id, check_quantity, check_range, check_text, check_unique, quoted,
+)
 
 
 def validate_spec(spec: DeploymentSpec) -> None:
-    """What a request can get wrong on its own."""
+    """What a request can get wrong on its own, every field bounded (`controller.limits`)."""
     check_name("deployment", spec.name)
     where = f"deployment {spec.name}"
     if not spec.tenant:
         raise InvalidArgument(f"{where}: tenant is required")
-    if spec.replicas < 1:
-        raise InvalidArgument(f"{where}: replicas must be >= 1, got {spec.replicas}")
+    check_id("tenant", spec.tenant)
+    check_range(f"{where}: replicas", spec.replicas, 1, limits.REPLICAS_MAX)
     if not 1 <= spec.min_replicas <= spec.replicas:
         raise InvalidArgument(
             f"{where}: min_replicas must be between 1 and replicas ({spec.replicas}), got {spec.min_replicas}"
         )
-    if spec.shards_per_replica < 1:
-        raise InvalidArgument(f"{where}: shards_per_replica must be >= 1, got {spec.shards_per_replica}")
+    check_range(f"{where}: shards_per_replica", spec.shards_per_replica, 1, limits.SHARDS_PER_REPLICA_MAX)
+    total = spec.replicas * spec.shards_per_replica
+    if total > limits.SHARDS_PER_DEPLOYMENT_MAX:
+        raise InvalidArgument(
+            f"{where}: replicas x shards_per_replica is {total} shards; at most {limits.SHARDS_PER_DEPLOYMENT_MAX}"
+        )
     shard = spec.shard
-    if shard.accelerators < 0:
-        raise InvalidArgument(f"{where}: shard.accelerators must be >= 0, got {shard.accelerators}")
+    check_range(f"{where}: shard.accelerators", shard.accelerators, 0, limits.SHARD_ACCELERATORS_MAX)
+    if shard.accelerators == 0 and total > limits.HOST_ONLY_SHARDS_MAX:
+        raise InvalidArgument(
+            f"{where}: {total} host-only shards (shard.accelerators 0); at most {limits.HOST_ONLY_SHARDS_MAX}"
+        )
     if not 1 <= shard.accelerator_milli <= 1000:
         raise InvalidArgument(
             f"{where}: shard.accelerator_milli must be between 1 and 1000, got {shard.accelerator_milli}"
@@ -51,21 +61,26 @@ def validate_spec(spec: DeploymentSpec) -> None:
             f"{where}: shard.accelerator_milli {shard.accelerator_milli} (a fraction) needs "
             f"shard.accelerators = 1, got {shard.accelerators}"
         )
-    check_non_negative(f"{where}: shard.hbm_gib", shard.hbm_gib)
-    check_non_negative(f"{where}: shard.cpu_milli", shard.cpu_milli)
-    check_non_negative(f"{where}: shard.memory_mib", shard.memory_mib)
-    check_non_negative(f"{where}: shard.power_w", shard.power_w)
-    if any(not model for model in shard.accelerator_models or ()):
-        raise InvalidArgument(f"{where}: shard.accelerator_models has an empty model name")
+    check_quantity(f"{where}: shard.hbm_gib", shard.hbm_gib, limits.HBM_GIB_MAX)
+    check_quantity(f"{where}: shard.cpu_milli", shard.cpu_milli, limits.CPU_MILLI_MAX)
+    check_quantity(f"{where}: shard.memory_mib", shard.memory_mib, limits.MEMORY_MIB_MAX)
+    check_quantity(f"{where}: shard.power_w", shard.power_w, limits.POWER_W_MAX)
+    models = shard.accelerator_models or ()
+    check_count(f"{where}: shard.accelerator_models", models, limits.MODELS_MAX)
+    for model in models:
+        if not model:
+            raise InvalidArgument(f"{where}: shard.accelerator_models has an empty model name")
+        check_text(f"{where}: shard.accelerator_models entry", model, limits.MODEL_MAX)
+    check_unique(f"{where}: accelerator model", tuple(models))
+    check_range(f"{where}: priority", spec.priority, -limits.PRIORITY_MAX, limits.PRIORITY_MAX)
     if spec.locality not in DOMAINS:
-        raise InvalidArgument(f"{where}: locality {spec.locality!r} is not one of {', '.join(DOMAINS)}")
+        raise InvalidArgument(f"{where}: locality {quoted(spec.locality)} is not one of {', '.join(DOMAINS)}")
     if spec.spread is not None:
         if spec.spread.domain not in DOMAINS or spec.spread.domain == "none":
             raise InvalidArgument(
-                f"{where}: spread.domain must be one of node, rack, row, zone, got {spec.spread.domain!r}"
+                f"{where}: spread.domain must be one of node, rack, row, zone, got {quoted(spec.spread.domain)}"
             )
-        if spec.spread.max_per_domain < 1:
-            raise InvalidArgument(f"{where}: spread.max_per_domain must be >= 1, got {spec.spread.max_per_domain}")
+        check_range(f"{where}: spread.max_per_domain", spec.spread.max_per_domain, 1, limits.REPLICAS_MAX)
 
 
 def replica_accelerators(spec: DeploymentSpec) -> int:
@@ -156,6 +171,11 @@ async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec) -> m.Te
 async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
                             signals: Signals) -> DeploymentView:
     await _validate_against_store(uow, spec)
+    count = await repo.count_tenant_deployments(uow.session, spec.tenant)
+    if count >= limits.DEPLOYMENTS_PER_TENANT_MAX:
+        raise ResourceExhausted(
+            f"tenant {spec.tenant} has {count} deployments; at most {limits.DEPLOYMENTS_PER_TENANT_MAX}"
+        )
     row = repo.new_deployment_row(spec)
     uow.session.add(row)
     await repo.bump_cluster_generation(uow.session)
@@ -202,6 +222,7 @@ def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> De
 
 
 async def get_deployment(uow: UnitOfWork, who: Principal, name: str) -> DeploymentView:
+    check_name("deployment", name)
     row = await repo.get_deployment(uow.session, name)
     if row is None:
         raise NotFound(f"deployment {name} not found")
@@ -209,10 +230,12 @@ async def get_deployment(uow: UnitOfWork, who: Principal, name: str) -> Deployme
 
 
 async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> list[DeploymentView]:
+    check_optional_id("tenant", tenant)
     return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, tenant=tenant)]
 
 
 async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals) -> DeploymentView:
+    check_name("deployment", name)
     row = await repo.get_deployment(uow.session, name)
     if row is None:
         raise NotFound(f"deployment {name} not found")

@@ -16,14 +16,17 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import ClusterSummary, NodeView, TenantView
 from controller.usecases.ports import Signals
+from controller.usecases.validation import check_id, check_optional_id
 
 
 async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], rack: str = "") -> list[NodeView]:
+    check_optional_id("rack", rack)
     usage = await repo.cluster_usage(uow.session)
     return [repo.node_view(n, usage, n.id in connected) for n in await repo.list_node_rows(uow.session, rack)]
 
 
 async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str]) -> NodeView:
+    check_id("node", node_id)
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
@@ -33,6 +36,7 @@ async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set
 
 async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: bool, signals: Signals,
                       connected: Set[str], *, drain: bool = False) -> NodeView:
+    check_id("node", node_id)
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")

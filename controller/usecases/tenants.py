@@ -6,6 +6,7 @@ wakes the reconciler. Every reference (excluded tenants, zones) must exist when 
 
 from __future__ import annotations
 
+from controller import limits
 from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from controller.identity import Principal
 from controller.store import models as m
@@ -13,16 +14,23 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import ISOLATIONS, TenantSpec, TenantView
 from controller.usecases.ports import Signals
-from controller.usecases.validation import check_id, check_non_negative, check_unique
+from controller.usecases.validation import check_count, check_id, check_quantity, check_unique
 
 
 async def _validate(uow: UnitOfWork, spec: TenantSpec) -> None:
     check_id("tenant", spec.id)
     if spec.isolation not in ISOLATIONS:
         raise InvalidArgument(f"tenant {spec.id}: isolation {spec.isolation!r} is not one of {', '.join(ISOLATIONS)}")
-    check_non_negative(f"tenant {spec.id}: reserved_accelerators", spec.reserved_accelerators)
-    check_non_negative(f"tenant {spec.id}: max_accelerators", spec.max_accelerators)
-    check_non_negative(f"tenant {spec.id}: max_power_w", spec.max_power_w)
+    check_quantity(f"tenant {spec.id}: reserved_accelerators", spec.reserved_accelerators,
+                   limits.ACCELERATORS_QUANTITY_MAX)
+    check_quantity(f"tenant {spec.id}: max_accelerators", spec.max_accelerators, limits.ACCELERATORS_QUANTITY_MAX)
+    check_quantity(f"tenant {spec.id}: max_power_w", spec.max_power_w, limits.TENANT_POWER_W_MAX)
+    check_count(f"tenant {spec.id}: excludes", spec.excludes, limits.EXCLUDES_MAX)
+    check_count(f"tenant {spec.id}: zones", spec.zones, limits.ZONES_MAX)
+    for other in spec.excludes:
+        check_id(f"tenant {spec.id}: excluded tenant", other)
+    for zone in spec.zones:
+        check_id(f"tenant {spec.id}: zone", zone)
     if (spec.reserved_accelerators is not None and spec.max_accelerators is not None
             and spec.reserved_accelerators > spec.max_accelerators):
         raise InvalidArgument(
@@ -65,6 +73,7 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
 
 
 async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals) -> TenantView:
+    check_id("tenant", spec.id)
     row = await repo.get_tenant(uow.session, spec.id)
     if row is None:
         raise NotFound(f"tenant {spec.id} not found")
@@ -79,6 +88,7 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
 
 
 async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantView:
+    check_id("tenant", tenant_id)
     row = await repo.get_tenant(uow.session, tenant_id)
     if row is None:
         raise NotFound(f"tenant {tenant_id} not found")
@@ -93,6 +103,7 @@ async def list_tenants(uow: UnitOfWork, who: Principal) -> list[TenantView]:
 
 
 async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals: Signals) -> None:
+    check_id("tenant", tenant_id)
     row = await repo.get_tenant(uow.session, tenant_id)
     if row is None:
         raise NotFound(f"tenant {tenant_id} not found")

@@ -6,6 +6,7 @@ silently disappear). References must resolve against the request itself or what 
 
 from __future__ import annotations
 
+from controller import limits
 from controller.errors import NotFound
 from controller.identity import Principal
 from controller.store import models as m
@@ -13,18 +14,23 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import RackSpec, RackView, RowSpec, RowView, TopologySpec, TopologyView, ZoneSpec
 from controller.usecases.ports import Signals
-from controller.usecases.validation import check_id, check_non_negative, check_unique
+from controller.usecases.validation import check_count, check_id, check_quantity, check_unique
 
 
 async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
+    check_count("topology zones", spec.zones, limits.TOPOLOGY_ITEMS_MAX)
+    check_count("topology rows", spec.rows, limits.TOPOLOGY_ITEMS_MAX)
+    check_count("topology racks", spec.racks, limits.TOPOLOGY_ITEMS_MAX)
     for z in spec.zones:
         check_id("zone", z.id)
     for r in spec.rows:
         check_id("row", r.id)
-        check_non_negative(f"row {r.id}: power_budget_w", r.power_budget_w)
+        check_id(f"row {r.id}: zone", r.zone)
+        check_quantity(f"row {r.id}: power_budget_w", r.power_budget_w, limits.POWER_W_MAX)
     for k in spec.racks:
         check_id("rack", k.id)
-        check_non_negative(f"rack {k.id}: power_budget_w", k.power_budget_w)
+        check_id(f"rack {k.id}: row", k.row)
+        check_quantity(f"rack {k.id}: power_budget_w", k.power_budget_w, limits.POWER_W_MAX)
     check_unique("zone", [z.id for z in spec.zones])
     check_unique("row", [r.id for r in spec.rows])
     check_unique("rack", [k.id for k in spec.racks])

@@ -32,10 +32,10 @@ async def test_submit_stores_pending_and_wakes(cluster):
 BAD = [
     (replace(GOOD, name="Bad_Name"), InvalidArgument, "deployment name 'Bad_Name' is invalid"),
     (replace(GOOD, name="x" * 64), InvalidArgument, "is 64 characters long; at most 63"),
-    (replace(GOOD, replicas=0), InvalidArgument, "deployment svc: replicas must be >= 1, got 0"),
+    (replace(GOOD, replicas=0), InvalidArgument, "deployment svc: replicas must be between 1 and 4096, got 0"),
     (replace(GOOD, min_replicas=3), InvalidArgument,
      "deployment svc: min_replicas must be between 1 and replicas (2), got 3"),
-    (replace(GOOD, shards_per_replica=0), InvalidArgument, "deployment svc: shards_per_replica must be >= 1, got 0"),
+    (replace(GOOD, shards_per_replica=0), InvalidArgument, "deployment svc: shards_per_replica must be between 1 and 256, got 0"),
     (with_shard(GOOD, accelerator_milli=1500), InvalidArgument,
      "shard.accelerator_milli must be between 1 and 1000, got 1500"),
     (with_shard(GOOD, accelerators=2, accelerator_milli=500), InvalidArgument,
@@ -43,7 +43,7 @@ BAD = [
     (with_shard(GOOD, hbm_gib=-1.0), InvalidArgument, "deployment svc: shard.hbm_gib must be >= 0, got -1"),
     (with_shard(GOOD, power_w=-5.0), InvalidArgument, "deployment svc: shard.power_w must be >= 0, got -5"),
     (replace(GOOD, locality="galaxy"), InvalidArgument, "locality 'galaxy' is not one of node, rack, row, zone, none"),
-    (replace(GOOD, spread=Spread("rack", 0)), InvalidArgument, "spread.max_per_domain must be >= 1, got 0"),
+    (replace(GOOD, spread=Spread("rack", 0)), InvalidArgument, "spread.max_per_domain must be between 1 and 4096, got 0"),
     (replace(GOOD, tenant="ghost"), NotFound, "tenant ghost not found"),
     # Impossible on this cluster, with the numbers:
     (deployment("big", "t1", shards=3, accelerators=4), InvalidArgument,

@@ -11,7 +11,8 @@ import pytest
 
 from controller.api.server import ControllerApp
 from controller.config import Config
-from grpc_harness import Stubs, admin_token_of
+from grpc_harness import Stubs, admin_token_of, eventually, spec, topology
+from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
 
 @pytest.fixture
@@ -39,3 +40,18 @@ async def stubs(controller_app: ControllerApp, admin_token: str) -> AsyncIterato
         yield stubs
     finally:
         await stubs.channel.close()
+
+
+@pytest.fixture
+async def seeded(stubs: Stubs) -> Stubs:
+    """Rack rack-a, tenant lab, node n1 (registered, never connected) and deployment `existing`,
+    judged by the reconciler (it stays pending with reasons)."""
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    reply = await stubs.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+        node_id="n1", rack="rack-a", accelerators=4, accelerator_model="maia-100")))
+    assert reply.session_id
+    await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("existing")))
+    await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="existing")),
+                     lambda d: len(d.reasons) > 0, what="existing judged by the reconciler")
+    return stubs

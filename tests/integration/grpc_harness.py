@@ -211,3 +211,14 @@ class HandAgent:
         except grpc.aio.AioRpcError as exc:
             return exc
         return None
+
+
+async def api_state(stubs: Stubs) -> tuple:
+    """Everything a refused request could have written, as read back through the API."""
+    deployments = await stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest())
+    tenants = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    topo = await stubs.admin.GetTopology(admin_pb2.GetTopologyRequest())
+    nodes = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
+    return (deployments.SerializeToString(deterministic=True), tenants.SerializeToString(deterministic=True),
+            topo.SerializeToString(deterministic=True),
+            [(n.id, n.hostname, dict(n.labels), n.accelerators) for n in nodes.nodes])

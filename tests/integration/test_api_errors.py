@@ -5,32 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from grpc_harness import Stubs, eventually, spec, topology
+from grpc_harness import Stubs, api_state, spec
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
-
-
-async def _state(stubs: Stubs) -> tuple:
-    """Everything a refused request could have written, as read back through the API."""
-    deployments = await stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest())
-    tenants = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
-    topo = await stubs.admin.GetTopology(admin_pb2.GetTopologyRequest())
-    nodes = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
-    return (deployments.SerializeToString(deterministic=True), tenants.SerializeToString(deterministic=True),
-            topo.SerializeToString(deterministic=True), [n.id for n in nodes.nodes])
-
-
-@pytest.fixture
-async def seeded(stubs: Stubs) -> Stubs:
-    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-    reply = await stubs.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
-        node_id="n1", rack="rack-a", accelerators=4, accelerator_model="maia-100")))
-    assert reply.session_id
-    await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("existing")))
-    # Let the reconciler settle (n1 never connects: "existing" stays pending, with reasons).
-    await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="existing")),
-                     lambda d: len(d.reasons) > 0, what="existing judged by the reconciler")
-    return stubs
 
 
 def _submit(msg: deployments_pb2.DeploymentSpec, dry_run: bool = False):
@@ -41,7 +17,7 @@ CASES = [
     ("bad name", _submit(spec("Not_OK")), grpc.StatusCode.INVALID_ARGUMENT,
      "deployment name 'Not_OK' is invalid: use lowercase letters, digits and '-', starting and ending with a letter or digit"),
     ("zero replicas", _submit(spec("svc", replicas=0)), grpc.StatusCode.INVALID_ARGUMENT,
-     "deployment svc: replicas must be >= 1, got 0"),
+     "deployment svc: replicas must be between 1 and 4096, got 0"),
     ("fraction of two", _submit(deployments_pb2.DeploymentSpec(
         name="svc", tenant="lab", replicas=1, shards_per_replica=1,
         shard=common_pb2.ShardSpec(accelerators=2, accelerator_milli=250))), grpc.StatusCode.INVALID_ARGUMENT,
@@ -81,12 +57,12 @@ CASES = [
 
 @pytest.mark.parametrize(("call", "code", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 async def test_refused_with_code_and_message_and_nothing_written(seeded: Stubs, call, code, message):
-    before = await _state(seeded)
+    before = await api_state(seeded)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(seeded)
     assert info.value.code() == code
     assert info.value.details() == message
-    assert await _state(seeded) == before
+    assert await api_state(seeded) == before
 
 
 async def test_connect_must_start_with_hello(seeded: Stubs):

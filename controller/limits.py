@@ -1,0 +1,85 @@
+"""Every bound the controller puts on what it is asked to do, in one place.
+
+A request field, an agent report, a page of a list, a gRPC message, a rate: each has a limit
+here, and `docs/security.md` ("Limits") lists them with the same numbers. Validation
+(`controller.usecases.validation`) refuses anything beyond a limit with INVALID_ARGUMENT naming
+the field and the limit; nothing else in the controller hard-codes a bound.
+
+The numbers are chosen so that no single stored object (a deployment, a node registration)
+can make the controller grow without bound: a deployment's shard count and a node's
+accelerator count bound what the solver builds, label and list counts bound what a response
+carries, and page sizes bound every list.
+"""
+
+from __future__ import annotations
+
+# --- names and identifiers ---------------------------------------------------------------------
+NAME_MAX = 63                 # deployment names (DNS label)
+ID_MAX = 128                  # tenant, zone, row, rack and node ids (the database column's length)
+HOSTNAME_MAX = 253            # RFC 1035 hostname
+MODEL_MAX = 64                # accelerator model names
+AGENT_VERSION_MAX = 64
+SESSION_ID_MAX = 64
+
+# --- labels and lists --------------------------------------------------------------------------
+LABELS_MAX = 64               # labels on one node
+LABEL_KEY_MAX = 63
+LABEL_VALUE_MAX = 256
+EXCLUDES_MAX = 256            # tenants one tenant excludes
+ZONES_MAX = 64                # zones a tenant may run in
+MODELS_MAX = 16               # accelerator models a shard accepts
+TOPOLOGY_ITEMS_MAX = 4096     # zones, rows or racks in one ApplyTopology
+
+# --- deployments: what the solver may be asked to place -----------------------------------------
+REPLICAS_MAX = 4096
+SHARDS_PER_REPLICA_MAX = 256
+SHARDS_PER_DEPLOYMENT_MAX = 8192    # replicas x shards_per_replica
+HOST_ONLY_SHARDS_MAX = 256          # shards needing no accelerator (nothing else bounds how many fit)
+SHARD_ACCELERATORS_MAX = 64
+PRIORITY_MAX = 1_000_000            # |priority|
+DEPLOYMENTS_PER_TENANT_MAX = 512
+
+# --- nodes -------------------------------------------------------------------------------------
+NODE_ACCELERATORS_MAX = 64
+SHARDS_PER_NODE_MAX = 4096          # one node's assignment set (and one heartbeat's shard list)
+
+# --- quantities (finite, non-negative, at most) --------------------------------------------------
+HBM_GIB_MAX = 65_536.0              # per accelerator
+CPU_MILLI_MAX = 100_000_000         # 100,000 cores
+MEMORY_MIB_MAX = 1 << 30            # 1 PiB
+POWER_W_MAX = 10_000_000.0          # one node, one shard's accelerator, a rack or row budget
+ACCELERATORS_QUANTITY_MAX = 10_000_000.0  # tenant reservations and caps
+TENANT_POWER_W_MAX = 1e12
+
+# --- agent reports -----------------------------------------------------------------------------
+REPORT_MESSAGE_MAX = 1024           # a shard's status message
+REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
+REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
+FLUSH_CHUNK = 500                   # heartbeats or shard reports written per transaction
+
+# --- lists and messages ------------------------------------------------------------------------
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 500
+PAGE_TOKEN_MAX = 256
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_SEND_MESSAGE_BYTES = 16 * 1024 * 1024
+# gRPC channel and server options that apply the two message-size limits above.
+GRPC_MESSAGE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+)
+# Clients receive what the server may send.
+GRPC_CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_SEND_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+)
+ERROR_MESSAGE_MAX = 1024            # an error's message as sent to the caller
+QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error message
+
+# --- rates (defaults of the controller flags) ------------------------------------------------------
+SUBMITS_PER_MINUTE = 120.0          # per tenant, burst the same
+DRY_RUNS_PER_MINUTE = 30.0          # per tenant
+DRY_RUN_TIME_LIMIT_MS = 2000        # a dry run's solve never runs longer
+
+# --- the reconciler ----------------------------------------------------------------------------
+QUARANTINE_AFTER_FAILURES = 3       # failed passes involving a deployment before it is set aside
