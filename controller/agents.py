@@ -5,8 +5,12 @@ The hub is the only place that knows which agents are connected right now. It
   same node supersedes the older one),
 - sends the node's complete AssignmentSet when the stream opens and whenever `notify` says it
   changed (coalesced: an agent gets the latest set, never a backlog),
-- buffers heartbeats and shard reports and writes them in one transaction per flush interval
-  (not one commit per heartbeat per node),
+- checks every report as it arrives (bounded fields and batch sizes, a per-stream rate limit;
+  a violation ends the stream with INVALID_ARGUMENT or RESOURCE_EXHAUSTED) and refuses reports
+  for shards the node was never given on this stream (an event per node and flush),
+- buffers heartbeats and shard reports and writes them per flush interval in chunks of at most
+  `limits.FLUSH_CHUNK` items (not one commit per heartbeat per node); a chunk that fails is
+  retried node by node, so one node's bad data never drops every other node's heartbeats,
 - marks a node down when its stream ends or its heartbeats stop for `heartbeat_timeout_s`, and
   wakes the reconciler so that node's shards are placed again.
 """
@@ -20,15 +24,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+from controller import limits
+from controller.errors import MaiaError
+from controller.ratelimit import TokenBucket, rate_limited
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import agents as agent_cases
-from controller.usecases.agents import NodeBeat
+from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.usecases.domain import AssignmentSet, HeartbeatReport, ShardReport
 
 log = logging.getLogger("maia.agents")
 
 AgentInbound = HeartbeatReport | ShardReport
+
+
+ShardKey = tuple[str, int, int]  # (deployment, replica, shard)
+REFUSED_SAMPLES = 5
 
 
 @dataclass(eq=False)
@@ -40,6 +51,10 @@ class AgentSession:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
     mark_down_on_close: bool = True
+    error: MaiaError | None = None  # why the controller ended the stream (sent as its status)
+    # Shards sent to this stream in any set (bounded: reset to the current set when it grows too big).
+    given: set[ShardKey] = field(default_factory=set)
+    reports: TokenBucket = field(default_factory=lambda: TokenBucket(limits.REPORTS_PER_SECOND, limits.REPORTS_BURST))
 
     def close(self, reason: str, *, mark_down: bool = True) -> None:
         if not self.closed.is_set():
@@ -47,22 +62,36 @@ class AgentSession:
             self.mark_down_on_close = mark_down
             self.closed.set()
 
+    def fail(self, error: MaiaError) -> None:
+        self.error = error
+        self.close(f"refused: {error.message}")
+
+    def sent(self, assignment_set: AssignmentSet) -> None:
+        keys = {(a.deployment, a.replica, a.shard) for a in assignment_set.assignments}
+        if len(self.given) + len(keys) > 2 * limits.SHARDS_PER_NODE_MAX:
+            self.given = set()
+        self.given |= keys
+
 
 class AgentHub:
     def __init__(
         self, db: Database, *, heartbeat_timeout_s: float,
         on_liveness_change: Callable[[], None],
         on_deployments_changed: Callable[[set[str]], Awaitable[None]],
-        flush_interval_s: float = 0.2,
+        flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
+        reports_burst: int = limits.REPORTS_BURST,
     ) -> None:
         self._db = db
         self._timeout = heartbeat_timeout_s
         self._on_liveness_change = on_liveness_change
         self._on_deployments_changed = on_deployments_changed
         self._flush_interval = flush_interval_s
+        self._report_rate = reports_per_second
+        self._report_burst = reports_burst
         self._sessions: dict[str, AgentSession] = {}
         self._beats: dict[str, NodeBeat] = {}
         self._reports: list[tuple[str, ShardReport]] = []
+        self._refused: dict[str, RefusedReports] = {}
         self._started = time.monotonic()
         self._stopping = False
 
@@ -77,6 +106,12 @@ class AgentHub:
             if session is not None:
                 session.dirty.set()
 
+    def disconnect(self, node_id: str, reason: str) -> None:
+        """End the node's stream (if any) without marking it down (it no longer exists)."""
+        session = self._sessions.get(node_id)
+        if session is not None:
+            session.close(reason, mark_down=False)
+
     # --- one stream --------------------------------------------------------------------------
     async def converse(
         self, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
@@ -84,7 +119,8 @@ class AgentHub:
         """Serve one Connect stream after its Hello: yields the AssignmentSets to send."""
         async with self._db.unit_of_work() as uow:
             was_down = await agent_cases.hello(uow, node_id, session_id, datetime.now(timezone.utc))
-        session = AgentSession(node_id, session_id)
+        session = AgentSession(node_id, session_id,
+                               reports=TokenBucket(self._report_rate, self._report_burst))
         previous = self._sessions.get(node_id)
         if previous is not None:
             previous.close("superseded by a newer session", mark_down=False)
@@ -93,19 +129,27 @@ class AgentHub:
         log.info("agent connected node=%s session=%s was_down=%s", node_id, session_id, was_down)
         if was_down:
             self._on_liveness_change()
-        reader = asyncio.create_task(self._read(session, inbound), name=f"agent-read-{node_id}")
+        reader: asyncio.Task | None = None
         try:
             while True:
-                await _first_of(session.dirty, session.closed)
+                if reader is not None:
+                    await _first_of(session.dirty, session.closed)
                 if session.closed.is_set():
                     break
                 session.dirty.clear()
                 async with self._db.unit_of_work() as uow:
                     current = await repo.assignment_set(uow.session, node_id)
                 if current is not None:
+                    session.sent(current)
+                if reader is None:  # reports are judged against what the node was given: read after the first set
+                    reader = asyncio.create_task(self._read(session, inbound), name=f"agent-read-{node_id}")
+                if current is not None:
                     yield current
+            if session.error is not None:
+                raise session.error
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             if self._sessions.get(node_id) is session:
                 del self._sessions[node_id]
             if not session.close_reason:
@@ -118,16 +162,41 @@ class AgentHub:
         try:
             async for message in inbound:
                 session.last_seen = time.monotonic()
-                if isinstance(message, HeartbeatReport):
-                    self._beats[session.node_id] = NodeBeat(datetime.now(timezone.utc), message.power_draw_w)
-                    self._reports.extend((session.node_id, r) for r in message.shards)
-                else:
-                    self._reports.append((session.node_id, message))
+                self._accept(session, message)
             session.close("stream ended by the agent")
         except asyncio.CancelledError:
             raise
+        except MaiaError as exc:  # bad input, a malformed message, too many reports: end the stream with it
+            log.warning("agent stream refused node=%s: %s", session.node_id, exc.message)
+            session.fail(exc)
         except Exception as exc:  # a broken stream is the agent going away
             session.close(f"stream failed: {type(exc).__name__}")
+
+    def _accept(self, session: AgentSession, message: AgentInbound) -> None:
+        """Check one inbound message and buffer what it says (raises to end the stream)."""
+        node_id = session.node_id
+        wait = session.reports.take(time.monotonic())
+        if wait:
+            raise rate_limited(f"node {node_id} sent more than {self._report_rate:g} reports a second "
+                               f"(burst {self._report_burst})", wait)
+        if isinstance(message, HeartbeatReport):
+            agent_cases.validate_heartbeat(node_id, message)
+            self._beats[node_id] = NodeBeat(datetime.now(timezone.utc), message.power_draw_w)
+            shards = message.shards
+        else:
+            agent_cases.validate_report(node_id, message)
+            shards = (message,)
+        for report in shards:
+            key = (report.deployment, report.replica, report.shard)
+            if key in session.given:
+                self._reports.append((node_id, report))
+            else:
+                self._refuse(node_id, key)
+
+    def _refuse(self, node_id: str, key: ShardKey) -> None:
+        before = self._refused.get(node_id, RefusedReports(0, ()))
+        samples = before.samples if len(before.samples) >= REFUSED_SAMPLES else (*before.samples, key)
+        self._refused[node_id] = RefusedReports(before.count + 1, samples)
 
     async def _mark_down(self, node_id: str, session_id: str | None, why: str) -> None:
         try:
@@ -153,18 +222,32 @@ class AgentHub:
                 await self._expire()
 
     async def flush(self) -> None:
-        if not self._beats and not self._reports:
+        if not self._beats and not self._reports and not self._refused:
             return
-        beats, self._beats = self._beats, {}
-        reports, self._reports = self._reports, []
-        try:
-            async with self._db.unit_of_work() as uow:
-                changed = await agent_cases.flush_reports(uow, beats, reports)
-        except Exception:
-            log.exception("could not write %d heartbeats and %d shard reports", len(beats), len(reports))
-            return
+        batch = _Batch(self._beats, self._reports, self._refused)
+        self._beats, self._reports, self._refused = {}, [], {}
+        changed: set[str] = set()
+        for chunk in batch.chunks(limits.FLUSH_CHUNK):
+            changed |= await self._flush_chunk(chunk)
         if changed:
             await self._on_deployments_changed(changed)
+
+    async def _flush_chunk(self, chunk: _Batch) -> set[str]:
+        """Write one chunk; if it fails, each of its nodes alone (only the bad node's data is lost)."""
+        try:
+            async with self._db.unit_of_work() as uow:
+                return await agent_cases.flush_reports(uow, chunk.beats, chunk.reports, chunk.refused)
+        except Exception:
+            nodes = chunk.nodes()
+            if len(nodes) == 1:
+                log.exception("could not write the heartbeat and %d shard reports of node %s",
+                              len(chunk.reports), nodes[0])
+                return set()
+            log.warning("could not write a chunk of %d nodes; writing them one by one", len(nodes))
+            changed: set[str] = set()
+            for node_id in nodes:
+                changed |= await self._flush_chunk(chunk.only(node_id))
+            return changed
 
     async def _expire(self) -> None:
         now = time.monotonic()
@@ -188,6 +271,45 @@ class AgentHub:
         self._stopping = True
         for session in list(self._sessions.values()):
             session.close("controller shutting down", mark_down=False)
+
+
+@dataclass
+class _Batch:
+    """Buffered heartbeats, shard reports and refusals, split by node into chunks."""
+
+    beats: dict[str, NodeBeat]
+    reports: list[tuple[str, ShardReport]]
+    refused: dict[str, RefusedReports]
+
+    def nodes(self) -> list[str]:
+        return sorted({*self.beats, *(n for n, _ in self.reports), *self.refused})
+
+    def only(self, node_id: str) -> _Batch:
+        return _Batch({k: v for k, v in self.beats.items() if k == node_id},
+                      [(n, r) for n, r in self.reports if n == node_id],
+                      {k: v for k, v in self.refused.items() if k == node_id})
+
+    def chunks(self, size: int) -> list[_Batch]:
+        """Whole nodes per chunk, about `size` items each (one node's reports are never split)."""
+        by_node: dict[str, list[tuple[str, ShardReport]]] = {}
+        for node_id, report in self.reports:
+            by_node.setdefault(node_id, []).append((node_id, report))
+        chunks: list[_Batch] = []
+        current = _Batch({}, [], {})
+        items = 0
+        for node_id in self.nodes():
+            if items and items + 1 + len(by_node.get(node_id, ())) > size:
+                chunks.append(current)
+                current, items = _Batch({}, [], {}), 0
+            if node_id in self.beats:
+                current.beats[node_id] = self.beats[node_id]
+            if node_id in self.refused:
+                current.refused[node_id] = self.refused[node_id]
+            current.reports.extend(by_node.get(node_id, ()))
+            items += 1 + len(by_node.get(node_id, ()))
+        if items:
+            chunks.append(current)
+        return chunks
 
 
 async def _first_of(*events: asyncio.Event) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller import limits
 from controller.store.db import DEFAULT_DB_URL
 
 DB_URL_ENV = "MAIA_DB_URL"
@@ -40,6 +41,8 @@ class Config:
     auth_cache_ttl_s: float = 30.0
     # HOST:PORT of the read-only web console (/); empty: not served.
     http_listen: str = ""
+    agent_reports_per_second: float = limits.REPORTS_PER_SECOND
+    agent_reports_burst: int = limits.REPORTS_BURST
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -101,6 +104,10 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         "--insecure-no-auth", action="store_true",
         help="turn authentication off: every caller is an admin (trusted test setups only; warns every minute)",
     )
+    parser.add_argument("--agent-reports-per-second", type=_positive_float, default=Config.agent_reports_per_second,
+                        help="shard reports and heartbeats one agent stream may send a second (token bucket)")
+    parser.add_argument("--agent-reports-burst", type=_positive_int, default=Config.agent_reports_burst,
+                        help="the bucket's size: reports one stream may send at once")
     ns = parser.parse_args(argv)
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -124,4 +131,6 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         bootstrap_admin_token_file=ns.bootstrap_admin_token_file,
         insecure_no_auth=ns.insecure_no_auth,
         http_listen=ns.http_listen,
+        agent_reports_per_second=ns.agent_reports_per_second,
+        agent_reports_burst=ns.agent_reports_burst,
     )

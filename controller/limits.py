@@ -28,7 +28,8 @@ LABEL_VALUE_MAX = 256
 EXCLUDES_MAX = 256            # tenants one tenant excludes
 ZONES_MAX = 64                # zones a tenant may run in
 MODELS_MAX = 16               # accelerator models a shard accepts
-TOPOLOGY_ITEMS_MAX = 4096     # zones, rows or racks in one ApplyTopology
+TOPOLOGY_ITEMS_MAX = 4096     # zones, rows or racks stored (and so in one ApplyTopology)
+TENANTS_MAX = 1024            # tenants stored (GetClusterSummary lists them all)
 
 # --- deployments: what the solver may be asked to place -----------------------------------------
 REPLICAS_MAX = 4096

@@ -33,8 +33,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListTenants(self, request: admin_pb2.ListTenantsRequest,
                           context: aio.ServicerContext) -> admin_pb2.ListTenantsResponse:
         async with self._deps.db.unit_of_work() as uow:
-            views = await tenants.list_tenants(uow, current_principal())
-        return admin_pb2.ListTenantsResponse(tenants=[convert.tenant_msg(v) for v in views])
+            page = await tenants.list_tenants(uow, current_principal(), convert.page_request(request))
+        return admin_pb2.ListTenantsResponse(tenants=[convert.tenant_msg(v) for v in page.items],
+                                             next_page_token=page.next_token)
 
     async def DeleteTenant(self, request: admin_pb2.DeleteTenantRequest,
                            context: aio.ServicerContext) -> admin_pb2.DeleteTenantResponse:
@@ -58,8 +59,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListNodes(self, request: admin_pb2.ListNodesRequest,
                         context: aio.ServicerContext) -> admin_pb2.ListNodesResponse:
         async with self._deps.db.unit_of_work() as uow:
-            views = await nodes.list_nodes(uow, current_principal(), self._deps.connected(), request.rack)
-        return admin_pb2.ListNodesResponse(nodes=[convert.node_msg(v) for v in views])
+            page = await nodes.list_nodes(uow, current_principal(), self._deps.connected(), request.rack,
+                                          convert.page_request(request))
+        return admin_pb2.ListNodesResponse(nodes=[convert.node_msg(v) for v in page.items],
+                                           next_page_token=page.next_token)
 
     async def GetNode(self, request: admin_pb2.GetNodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
         async with self._deps.db.unit_of_work() as uow:
@@ -82,6 +85,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             view = await nodes.drain_node(uow, current_principal(), request.id, self._deps.signals,
                                           self._deps.connected())
         return convert.node_msg(view)
+
+    async def DeleteNode(self, request: admin_pb2.NodeRequest,
+                         context: aio.ServicerContext) -> admin_pb2.DeleteNodeResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            await nodes.delete_node(uow, current_principal(), request.id, self._deps.signals)
+        return admin_pb2.DeleteNodeResponse()
 
     async def GetClusterSummary(self, request: admin_pb2.GetClusterSummaryRequest,
                                 context: aio.ServicerContext) -> admin_pb2.ClusterSummary:

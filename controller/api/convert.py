@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.errors import InvalidArgument
 from controller.usecases import domain as d
+from controller.usecases.paging import PageRequest
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 
 _ISOLATION_TO_WORD = {
@@ -74,6 +75,11 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 def _opt(msg: object, name: str) -> float | None:
     return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[attr-defined]
+
+
+def page_request(msg: object) -> PageRequest:
+    """A list request's page_size and page_token."""
+    return PageRequest(size=msg.page_size, token=msg.page_token)  # type: ignore[attr-defined]
 
 
 # --- tenants ---------------------------------------------------------------------------------

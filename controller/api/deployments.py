@@ -41,8 +41,10 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     async def ListDeployments(self, request: deployments_pb2.ListDeploymentsRequest,
                               context: aio.ServicerContext) -> deployments_pb2.ListDeploymentsResponse:
         async with self._deps.db.unit_of_work() as uow:
-            views = await cases.list_deployments(uow, current_principal(), request.tenant)
-        return deployments_pb2.ListDeploymentsResponse(deployments=[convert.deployment_msg(v) for v in views])
+            page = await cases.list_deployments(uow, current_principal(), request.tenant,
+                                                convert.page_request(request))
+        return deployments_pb2.ListDeploymentsResponse(deployments=[convert.deployment_msg(v) for v in page.items],
+                                                       next_page_token=page.next_token)
 
     async def DeleteDeployment(self, request: deployments_pb2.DeleteDeploymentRequest,
                                context: aio.ServicerContext) -> deployments_pb2.Deployment:

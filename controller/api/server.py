@@ -73,6 +73,8 @@ class AppSignals:
 
     def token_revoked(self, token_id: str) -> None:
         self._app.authn.forget(token_id)
+    def node_removed(self, node_id: str) -> None:
+        self._app.hub.disconnect(node_id, "the node was deleted by an administrator")
 
 
 class ControllerApp:
@@ -85,6 +87,7 @@ class ControllerApp:
         self.hub = AgentHub(
             self.db, heartbeat_timeout_s=config.heartbeat_timeout_s,
             on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
+            reports_per_second=config.agent_reports_per_second, reports_burst=config.agent_reports_burst,
         )
         self.reconciler = Reconciler(
             self.db, push=self.hub.notify, publish=self._publish_deployments,

@@ -6,15 +6,20 @@ command is printed by `main` as `error: <CODE>: <details>` (exit 1), never as a 
 from __future__ import annotations
 
 from collections import namedtuple
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from controller import limits
 from controller.cli.config import Connection
 from maia.v1 import admin_pb2_grpc, audit_pb2_grpc, deployments_pb2_grpc
+
+M = TypeVar("M", bound=Any)
 
 
 class Exit(IntEnum):
@@ -126,6 +131,26 @@ class Controller:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+
+def list_all(call: Callable[..., M], request: Message, field_name: str, *, timeout: float) -> M:
+    """Every page of a list RPC, merged into the first response (its next_page_token cleared)."""
+    merged: M | None = None
+    seen: set[str] = set()
+    while True:
+        response = call(request, timeout=timeout)
+        if merged is None:
+            merged = response
+        else:
+            getattr(merged, field_name).extend(getattr(response, field_name))
+        token = response.next_page_token
+        if not token or token in seen:  # a token seen before would loop forever
+            break
+        seen.add(token)
+        request = type(request).FromString(request.SerializeToString())
+        request.page_token = token
+    merged.next_page_token = ""
+    return merged
 
 
 def rpc_error_text(error: grpc.RpcError, address: str) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import and_, case, delete, func, select, update
+from sqlalchemy import Select, and_, case, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -20,7 +20,18 @@ from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals_on_node
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
 from controller.usecases import domain as d
+from controller.usecases.paging import PageBounds
 from controller.usecases.phases import ReplicaCounts, deployment_phase, replica_counts
+
+
+def _paged(stmt: Select, page: PageBounds | None, *columns: object) -> Select:
+    """Keyset paging on `columns` (the statement's sort order): rows after the page's key,
+    one more than the page holds (to tell whether another page follows)."""
+    if page is None:
+        return stmt
+    if page.after is not None:
+        stmt = stmt.where(tuple_(*columns) > tuple_(*page.after))
+    return stmt.limit(page.limit + 1)
 
 
 # --- cluster generation ----------------------------------------------------------------------
@@ -42,8 +53,12 @@ async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
     return await session.get(m.Tenant, tenant_id)
 
 
-async def list_tenant_rows(session: AsyncSession) -> list[m.Tenant]:
-    return list(await session.scalars(select(m.Tenant).order_by(m.Tenant.id)))
+async def list_tenant_rows(session: AsyncSession, page: PageBounds | None = None) -> list[m.Tenant]:
+    return list(await session.scalars(_paged(select(m.Tenant).order_by(m.Tenant.id), page, m.Tenant.id)))
+
+
+async def count_rows(session: AsyncSession, model: type[m.Base]) -> int:
+    return int(await session.scalar(select(func.count()).select_from(model)) or 0)
 
 
 async def existing_tenant_ids(session: AsyncSession, ids: Iterable[str]) -> set[str]:
@@ -109,11 +124,11 @@ async def get_node(session: AsyncSession, node_id: str) -> m.Node | None:
     return await session.scalar(select(m.Node).options(*_NODE_LOAD).where(m.Node.id == node_id))
 
 
-async def list_node_rows(session: AsyncSession, rack: str = "") -> list[m.Node]:
+async def list_node_rows(session: AsyncSession, rack: str = "", page: PageBounds | None = None) -> list[m.Node]:
     stmt = select(m.Node).options(*_NODE_LOAD).order_by(m.Node.id)
     if rack:
         stmt = stmt.where(m.Node.rack_id == rack)
-    return list(await session.scalars(stmt))
+    return list(await session.scalars(_paged(stmt, page, m.Node.id)))
 
 
 async def count_nodes_by_rack(session: AsyncSession) -> dict[str, int]:
@@ -222,16 +237,16 @@ async def get_deployment(session: AsyncSession, name: str) -> m.Deployment | Non
 
 async def list_deployment_rows(
     session: AsyncSession, *, tenant: str = "", names: Iterable[str] | None = None,
-    phases: Iterable[m.DeploymentPhase] | None = None,
+    phases: Iterable[m.DeploymentPhase] | None = None, page: PageBounds | None = None,
 ) -> list[m.Deployment]:
-    stmt = select(m.Deployment).options(*_DEPLOYMENT_LOAD).order_by(m.Deployment.name)
+    stmt = select(m.Deployment).options(*_DEPLOYMENT_LOAD).order_by(m.Deployment.name, m.Deployment.id)
     if tenant:
         stmt = stmt.where(m.Deployment.tenant_id == tenant)
     if names is not None:
         stmt = stmt.where(m.Deployment.name.in_(set(names)))
     if phases is not None:
         stmt = stmt.where(m.Deployment.phase.in_(list(phases)))
-    return list(await session.scalars(stmt))
+    return list(await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id)))
 
 
 async def deployment_name_exists(session: AsyncSession, name: str) -> bool:

@@ -22,8 +22,10 @@ from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.usecases.domain import NodeInfo, Registration, ShardReport
-from controller.usecases.validation import check_id, check_labels, check_quantity, check_range, check_text
+from controller.usecases.domain import HeartbeatReport, NodeInfo, Registration, ShardReport
+from controller.usecases.validation import (
+    check_count, check_id, check_labels, check_name, check_quantity, check_range, check_text,
+)
 
 _SHARD_PHASES = {p.value for p in m.ShardPhase}
 
@@ -44,6 +46,24 @@ def _validate(info: NodeInfo) -> None:
     check_quantity(f"{where}: memory_mib", info.memory_mib, limits.MEMORY_MIB_MAX)
     check_quantity(f"{where}: idle_power_w", info.idle_power_w, limits.POWER_W_MAX)
     check_labels(f"{where}: labels", info.labels)
+
+
+def validate_report(node_id: str, report: ShardReport) -> None:
+    """A shard status from an agent: every field bounded like a request's."""
+    where = f"node {node_id}: shard status"
+    check_name(f"{where} deployment", report.deployment)
+    check_range(f"{where} replica", report.replica, 0, limits.REPLICAS_MAX - 1)
+    check_range(f"{where} shard", report.shard, 0, limits.SHARDS_PER_REPLICA_MAX - 1)
+    check_text(f"{where} message", report.message, limits.REPORT_MESSAGE_MAX)
+    check_quantity(f"{where} power_draw_w", report.power_draw_w, limits.POWER_W_MAX)
+
+
+def validate_heartbeat(node_id: str, beat: HeartbeatReport) -> None:
+    """One heartbeat (the node's full shard state) is bounded by what one node may hold."""
+    check_quantity(f"node {node_id}: heartbeat power_draw_w", beat.power_draw_w, limits.POWER_W_MAX)
+    check_count(f"node {node_id}: heartbeat shards", beat.shards, limits.SHARDS_PER_NODE_MAX)
+    for report in beat.shards:
+        validate_report(node_id, report)
 
 
 def _capacity(row: m.Node) -> tuple:
@@ -135,6 +155,24 @@ async def stale_up_nodes(uow: UnitOfWork, live: Iterable[str], older_than: datet
 
 
 @dataclass(frozen=True, slots=True)
+class RefusedReports:
+    """Reports one node sent for shards it was never given, since the last flush."""
+
+    count: int
+    samples: tuple[tuple[str, int, int], ...]  # (deployment, replica, shard), the first few
+
+
+def record_refused_reports(uow: UnitOfWork, node_id: str, refused: RefusedReports) -> None:
+    """The audit seam for an agent speaking about shards that are not its own: one event per
+    node per flush (never one per report, which a hostile agent could flood)."""
+    repo.record_event(
+        uow.session, actor=node_id, kind="agent.reports_refused", object_kind="node", object_id=node_id,
+        message=f"{refused.count} shard report(s) for shards this node was never given",
+        data={"count": refused.count, "samples": [list(k) for k in refused.samples]},
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class NodeBeat:
     at: datetime
     power_draw_w: float
@@ -142,8 +180,9 @@ class NodeBeat:
 
 async def flush_reports(
     uow: UnitOfWork, beats: Mapping[str, NodeBeat], reports: Iterable[tuple[str, ShardReport]],
+    refused: Mapping[str, RefusedReports] | None = None,
 ) -> set[str]:
-    """Write batched heartbeats and shard reports in one transaction.
+    """Write batched heartbeats, shard reports and refused-report events in one transaction.
 
     A report is applied only if the shard is still placed on the reporting node and answers the
     placement's generation or a newer one (older reports are stale). Returns the names of the
@@ -181,5 +220,7 @@ async def flush_reports(
     if touched:  # their deployments' phases may follow the shards'
         for row in await repo.list_deployment_rows(s, names=touched):
             row.phase = repo.implied_phase(row)
+    for node_id, refusal in (refused or {}).items():
+        record_refused_reports(uow, node_id, refusal)
     await uow.commit()
     return touched

@@ -22,6 +22,8 @@ from controller.usecases import planning
 from controller.usecases.domain import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView,
 )
+from controller.usecases import paging
+from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
 from controller.usecases.validation import (
     check_count, check_id, check_name, check_optional_id, check_quantity, check_range, check_text, check_unique, quoted,
@@ -229,7 +231,16 @@ async def get_deployment(uow: UnitOfWork, who: Principal, name: str) -> Deployme
     return repo.deployment_view(row)
 
 
-async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> list[DeploymentView]:
+async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
+                           page: PageRequest = PageRequest()) -> Page[DeploymentView]:
+    check_optional_id("tenant", tenant)
+    bounds = paging.bounds(page, arity=2)
+    rows = await repo.list_deployment_rows(uow.session, tenant=tenant, page=bounds)
+    return paging.page_of(rows, bounds, key=lambda r: (r.name, r.id)).map(repo.deployment_view)
+
+
+async def all_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> list[DeploymentView]:
+    """Every deployment (of a tenant): for watches, which stream them one event at a time."""
     check_optional_id("tenant", tenant)
     return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, tenant=tenant)]
 

@@ -15,14 +15,20 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import ClusterSummary, NodeView, TenantView
+from controller.usecases import paging
+from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_id, check_optional_id
 
 
-async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], rack: str = "") -> list[NodeView]:
+async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], rack: str = "",
+                     page: PageRequest = PageRequest()) -> Page[NodeView]:
     check_optional_id("rack", rack)
+    bounds = paging.bounds(page)
+    rows = await repo.list_node_rows(uow.session, rack, bounds)
     usage = await repo.cluster_usage(uow.session)
-    return [repo.node_view(n, usage, n.id in connected) for n in await repo.list_node_rows(uow.session, rack)]
+    return paging.page_of(rows, bounds, key=lambda n: (n.id,)).map(
+        lambda n: repo.node_view(n, usage, n.id in connected))
 
 
 async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str]) -> NodeView:
@@ -68,6 +74,23 @@ async def uncordon_node(uow: UnitOfWork, who: Principal, node_id: str, signals: 
 async def drain_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
                      connected: Set[str]) -> NodeView:
     return await _set_cordon(uow, who, node_id, True, signals, connected, drain=True)
+
+
+async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals) -> None:
+    """Forget a node (a bad registration): its shards are released and placed again elsewhere,
+    its agent's stream is ended. An agent that registers again brings it back."""
+    check_id("node", node_id)
+    row = await repo.get_node(uow.session, node_id)
+    if row is None:
+        raise NotFound(f"node {node_id} not found")
+    released = await repo.remove_placements_on_node(uow.session, node_id)
+    await uow.session.delete(row)
+    await repo.bump_cluster_generation(uow.session)
+    repo.record_event(uow.session, actor=who.name, kind="node.deleted", object_kind="node", object_id=node_id,
+                      data={"released_shards": bool(released)})
+    await uow.commit()
+    signals.node_removed(node_id)
+    signals.wake_reconciler()
 
 
 async def cluster_summary(uow: UnitOfWork, who: Principal) -> ClusterSummary:

@@ -7,12 +7,14 @@ wakes the reconciler. Every reference (excluded tenants, zones) must exist when 
 from __future__ import annotations
 
 from controller import limits
-from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import ISOLATIONS, TenantSpec, TenantView
+from controller.usecases import paging
+from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_count, check_id, check_quantity, check_unique
 
@@ -62,6 +64,9 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     await _validate(uow, spec)
     if await repo.get_tenant(uow.session, spec.id) is not None:
         raise AlreadyExists(f"tenant {spec.id} already exists")
+    count = await repo.count_rows(uow.session, m.Tenant)
+    if count >= limits.TENANTS_MAX:
+        raise ResourceExhausted(f"the cluster has {count} tenants; at most {limits.TENANTS_MAX}")
     row = m.Tenant(id=spec.id)
     _write(row, spec)
     uow.session.add(row)
@@ -96,10 +101,12 @@ async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantV
     return TenantView(spec=repo.tenant_spec(row), usage=usage.tenant(row.id))
 
 
-async def list_tenants(uow: UnitOfWork, who: Principal) -> list[TenantView]:
+async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = PageRequest()) -> Page[TenantView]:
+    bounds = paging.bounds(page)
+    rows = await repo.list_tenant_rows(uow.session, bounds)
     usage = await repo.cluster_usage(uow.session)
-    return [TenantView(spec=repo.tenant_spec(r), usage=usage.tenant(r.id))
-            for r in await repo.list_tenant_rows(uow.session)]
+    return paging.page_of(rows, bounds, key=lambda r: (r.id,)).map(
+        lambda r: TenantView(spec=repo.tenant_spec(r), usage=usage.tenant(r.id)))
 
 
 async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals: Signals) -> None:

@@ -7,7 +7,7 @@ silently disappear). References must resolve against the request itself or what 
 from __future__ import annotations
 
 from controller import limits
-from controller.errors import NotFound
+from controller.errors import NotFound, ResourceExhausted
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -34,6 +34,14 @@ async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
     check_unique("zone", [z.id for z in spec.zones])
     check_unique("row", [r.id for r in spec.rows])
     check_unique("rack", [k.id for k in spec.racks])
+
+    for model, items in ((m.Zone, spec.zones), (m.Row, spec.rows), (m.Rack, spec.racks)):
+        ids = [item.id for item in items]
+        added = len(ids) - len(await repo.existing_ids(uow.session, model, ids))
+        total = await repo.count_rows(uow.session, model) + added
+        if added and total > limits.TOPOLOGY_ITEMS_MAX:
+            raise ResourceExhausted(
+                f"the topology would hold {total} {model.__tablename__}; at most {limits.TOPOLOGY_ITEMS_MAX}")
 
     zones = {z.id for z in spec.zones}
     wanted_zones = {r.zone for r in spec.rows} - zones

@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from controller.errors import Unavailable
 from controller.identity import Principal
 from controller.store.db import UnitOfWork
-from controller.usecases.deployments import list_deployments
+from controller.usecases.deployments import all_deployments
 from controller.usecases.domain import DeploymentEvent
 
 _CLOSED = object()
@@ -75,7 +75,7 @@ async def watch_deployments(
     queue = bus.subscribe()  # before reading, so no change between the read and the stream is lost
     try:
         async with unit_of_work() as uow:
-            current = await list_deployments(uow, who, tenant)
+            current = await all_deployments(uow, who, tenant)
         for view in current:
             event = DeploymentEvent("added", view)
             if _matches(event, tenant, name):

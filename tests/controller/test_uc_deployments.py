@@ -23,10 +23,10 @@ async def test_submit_stores_pending_and_wakes(cluster):
     assert signals.wakes == 1 and [e.type for e in signals.events] == ["added"]
     async with cluster.unit_of_work() as uow:
         got = await deployments.get_deployment(uow, WHO, "svc")
-        listed = await deployments.list_deployments(uow, WHO, "t1")
-        other = await deployments.list_deployments(uow, WHO, "t2")
+        listed = (await deployments.list_deployments(uow, WHO, "t1")).items
+        other = (await deployments.list_deployments(uow, WHO, "t2")).items
     assert got.spec == GOOD
-    assert [d.spec.name for d in listed] == ["svc"] and other == []
+    assert [d.spec.name for d in listed] == ["svc"] and other == ()
 
 
 BAD = [

@@ -21,7 +21,7 @@ async def test_create_get_list_tenant_with_usage(database):
     await add_tenant(database, "lab-b", excludes=("lab-a",))
     async with database.unit_of_work() as uow:
         got = await tenants.get_tenant(uow, WHO, "lab-b")
-        listed = await tenants.list_tenants(uow, WHO)
+        listed = (await tenants.list_tenants(uow, WHO)).items
     assert got.spec.excludes == ("lab-a",)
     assert [t.spec.id for t in listed] == ["lab-a", "lab-b"]
     assert listed[0].spec.max_accelerators == 8.0 and listed[0].usage.accelerators == 0.0
@@ -66,7 +66,7 @@ async def test_update_and_delete_tenant(database):
     async with database.unit_of_work() as uow:
         await tenants.delete_tenant(uow, WHO, "lab-a", RecordingSignals())
     async with database.unit_of_work() as uow:
-        remaining = await tenants.list_tenants(uow, WHO)
+        remaining = (await tenants.list_tenants(uow, WHO)).items
     assert [t.spec.id for t in remaining] == ["lab-b"]
     assert remaining[0].spec.excludes == ()  # the exclusion of a deleted tenant goes with it
 

@@ -1,4 +1,4 @@
-"""`maiactl delete deployment NAME` and `maiactl delete tenant ID`."""
+"""`maiactl delete deployment NAME`, `maiactl delete tenant ID` and `maiactl delete node ID`."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +9,9 @@ from maia.v1 import admin_pb2, deployments_pb2
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("delete", parents=[common], help="delete a deployment (its shards are stopped)")
-    p.add_argument("resource", choices=("deployment", "deployments", "deploy", "tenant"))
+    p = sub.add_parser("delete", parents=[common],
+                       help="delete a deployment (its shards are stopped), a tenant, or a node (its shards move)")
+    p.add_argument("resource", choices=("deployment", "deployments", "deploy", "tenant", "node"))
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(handler=run)
 
@@ -23,6 +24,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             results.append({"object": f"tenant/{name}", "action": "deleted"})
             if not ctx.json:
                 ctx.out(f"tenant/{name} deleted")
+            continue
+        if args.resource == "node":
+            ctx.controller.admin.DeleteNode(admin_pb2.NodeRequest(id=name), timeout=ctx.rpc_timeout)
+            results.append({"object": f"node/{name}", "action": "deleted"})
+            if not ctx.json:
+                ctx.out(f"node/{name} deleted (its shards are placed again elsewhere)")
             continue
         dep = ctx.controller.deployments.DeleteDeployment(
             deployments_pb2.DeleteDeploymentRequest(name=name), timeout=ctx.rpc_timeout)

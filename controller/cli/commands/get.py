@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from controller.cli.client import CliError
+from controller.cli.client import CliError, list_all
 from controller.cli.context import Context
 from controller.cli.views import (
     deployment_detail, deployments_table, node_detail, nodes_table, tenants_table, topology_view,
@@ -50,8 +50,8 @@ def _deployments(args: argparse.Namespace, ctx: Context) -> int:
         dep = stub.GetDeployment(deployments_pb2.GetDeploymentRequest(name=args.name), timeout=ctx.rpc_timeout)
         ctx.emit_json(dep) if ctx.json else ctx.out(deployment_detail(dep))
         return 0
-    response = stub.ListDeployments(deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""),
-                                    timeout=ctx.rpc_timeout)
+    response = list_all(stub.ListDeployments, deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""),
+                        "deployments", timeout=ctx.rpc_timeout)
     deps = sorted(response.deployments, key=lambda d: d.spec.name)
     ctx.emit_json(response) if ctx.json else ctx.out(deployments_table(deps))
     return 0
@@ -63,7 +63,8 @@ def _nodes(args: argparse.Namespace, ctx: Context) -> int:
         node = admin.GetNode(admin_pb2.GetNodeRequest(id=args.name), timeout=ctx.rpc_timeout)
         ctx.emit_json(node) if ctx.json else ctx.out(node_detail(node))
         return 0
-    response = admin.ListNodes(admin_pb2.ListNodesRequest(rack=args.rack or ""), timeout=ctx.rpc_timeout)
+    response = list_all(admin.ListNodes, admin_pb2.ListNodesRequest(rack=args.rack or ""), "nodes",
+                        timeout=ctx.rpc_timeout)
     ctx.emit_json(response) if ctx.json else ctx.out(nodes_table(response.nodes))
     return 0
 
@@ -74,6 +75,6 @@ def _tenants(args: argparse.Namespace, ctx: Context) -> int:
         tenant = admin.GetTenant(admin_pb2.GetTenantRequest(id=args.name), timeout=ctx.rpc_timeout)
         ctx.emit_json(tenant) if ctx.json else ctx.out(tenants_table([tenant]))
         return 0
-    response = admin.ListTenants(admin_pb2.ListTenantsRequest(), timeout=ctx.rpc_timeout)
+    response = list_all(admin.ListTenants, admin_pb2.ListTenantsRequest(), "tenants", timeout=ctx.rpc_timeout)
     ctx.emit_json(response) if ctx.json else ctx.out(tenants_table(response.tenants))
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from controller.cli.client import list_all
 from controller.cli.context import Context
 from controller.cli.vocab import shard_phase_word
 from controller.cli.views import cluster_placements_table
@@ -16,8 +17,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    response = ctx.controller.deployments.ListDeployments(
-        deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""), timeout=ctx.rpc_timeout)
+    response = list_all(ctx.controller.deployments.ListDeployments,
+                        deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""), "deployments",
+                        timeout=ctx.rpc_timeout)
     deps = list(response.deployments)
     if ctx.json:
         ctx.emit_json({"placements": [

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from controller.cli.client import CliError, status_code
+from controller.cli.client import CliError, list_all, status_code
 from controller.cli.context import Context
 from controller.cli.views import phase_text, reasons_text
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
@@ -163,7 +163,8 @@ def _wait_nodes(wanted: int, timeout: float, ctx: Context) -> int:
     deadline = time.monotonic() + timeout
     shown = -1
     while True:
-        response = ctx.controller.admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=ctx.rpc_timeout)
+        response = list_all(ctx.controller.admin.ListNodes, admin_pb2.ListNodesRequest(), "nodes",
+                            timeout=ctx.rpc_timeout)
         ready = [n for n in response.nodes if n.connected and n.state == common_pb2.NODE_STATE_READY]
         if len(ready) != shown:
             shown = len(ready)

@@ -94,6 +94,11 @@ class AdminServiceStub:
                 request_serializer=maia_dot_v1_dot_admin__pb2.NodeRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_admin__pb2.Node.FromString,
                 _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/maia.v1.AdminService/DeleteNode',
+                request_serializer=maia_dot_v1_dot_admin__pb2.NodeRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
         self.GetClusterSummary = channel.unary_unary(
                 '/maia.v1.AdminService/GetClusterSummary',
                 request_serializer=maia_dot_v1_dot_admin__pb2.GetClusterSummaryRequest.SerializeToString,
@@ -193,6 +198,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteNode(self, request, context):
+        """Forgets a node (e.g. a bad registration): its shards are released and placed again
+        elsewhere, its agent's stream is ended. An agent that registers again brings it back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetClusterSummary(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -281,6 +294,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DrainNode,
                     request_deserializer=maia_dot_v1_dot_admin__pb2.NodeRequest.FromString,
                     response_serializer=maia_dot_v1_dot_admin__pb2.Node.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.NodeRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.DeleteNodeResponse.SerializeToString,
             ),
             'GetClusterSummary': grpc.unary_unary_rpc_method_handler(
                     servicer.GetClusterSummary,
@@ -627,6 +645,33 @@ class AdminService:
             '/maia.v1.AdminService/DrainNode',
             maia_dot_v1_dot_admin__pb2.NodeRequest.SerializeToString,
             maia_dot_v1_dot_admin__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/DeleteNode',
+            maia_dot_v1_dot_admin__pb2.NodeRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.DeleteNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,68 @@
+"""Token buckets: per agent stream (shard reports) and per tenant (submits, dry runs).
+
+A bucket holds at most `burst` tokens and refills at `rate` tokens a second; a call that finds
+no token is refused with the seconds until one is due, so the caller can be told when to retry
+(`RESOURCE_EXHAUSTED` with `retry-after-ms`). Time comes from an injected clock, so tests step
+it by hand instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from controller.errors import ResourceExhausted
+
+RETRY_AFTER_METADATA_KEY = "retry-after-ms"
+
+
+@dataclass
+class TokenBucket:
+    rate: float   # tokens per second
+    burst: float  # the most it holds (a full bucket at start)
+    tokens: float = math.nan
+    updated: float = math.nan
+
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Take `cost` tokens: 0.0 if taken, else the seconds until they would be there."""
+        if math.isnan(self.tokens):
+            self.tokens, self.updated = self.burst, now
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return 0.0
+        return (cost - self.tokens) / self.rate if self.rate > 0 else math.inf
+
+
+def rate_limited(what: str, wait_s: float) -> ResourceExhausted:
+    """The error a refused call gets: the message says when, `retry-after-ms` says it to programs."""
+    wait_ms = max(1, math.ceil(wait_s * 1000)) if math.isfinite(wait_s) else 60_000
+    return ResourceExhausted(f"{what}; retry in {wait_ms / 1000:.3g}s",
+                             metadata=((RETRY_AFTER_METADATA_KEY, str(wait_ms)),))
+
+
+@dataclass
+class KeyedRateLimiter:
+    """One bucket per key (a tenant), `per_minute` tokens a minute, bursting to the same number."""
+
+    per_minute: float
+    what: str  # "submits", "dry runs": said in the refusal
+    clock: Callable[[], float] = time.monotonic
+    max_keys: int = 100_000  # buckets kept; beyond it all are forgotten (tenants are far fewer)
+    _buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    def check(self, key: str) -> None:
+        """Take a token for `key` or raise RESOURCE_EXHAUSTED with retry info."""
+        if self.per_minute <= 0:
+            return  # 0: unlimited
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._buckets.clear()
+            bucket = self._buckets[key] = TokenBucket(self.per_minute / 60.0, max(1.0, self.per_minute))
+        wait = bucket.take(self.clock())
+        if wait:
+            raise rate_limited(f"tenant {key} exceeded {self.per_minute:g} {self.what} a minute", wait)

@@ -1,0 +1,77 @@
+"""Pages of a list: every list RPC returns at most `page_size` items and a token for the rest.
+
+Keyset paging: a page token is the sort key of the last item returned (opaque to callers,
+base64 of JSON), and the next page starts strictly after it, so items added or removed between
+pages never shift the others. `page_size` 0 means `limits.PAGE_SIZE_DEFAULT`; a larger size
+than `limits.PAGE_SIZE_MAX` is served as that maximum (as Google's AIP-158 says).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from controller import limits
+from controller.errors import InvalidArgument
+
+T = TypeVar("T")
+U = TypeVar("U")
+Key = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PageRequest:
+    size: int = 0
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: tuple[T, ...]
+    next_token: str = ""
+
+    def map(self, fn: Callable[[T], U]) -> Page[U]:
+        return Page(tuple(fn(item) for item in self.items), self.next_token)
+
+
+@dataclass(frozen=True, slots=True)
+class PageBounds:
+    """What a repository needs: at most `limit` rows after `after` (None: from the start)."""
+
+    limit: int
+    after: Key | None
+
+
+def encode_token(key: Key) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(key), separators=(",", ":")).encode()).decode()
+
+
+def decode_token(token: str, arity: int) -> Key:
+    if len(token) > limits.PAGE_TOKEN_MAX:
+        raise InvalidArgument(f"page_token is {len(token)} characters long; at most {limits.PAGE_TOKEN_MAX}")
+    try:
+        key = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+    except (ValueError, UnicodeError, binascii.Error):
+        key = None
+    if (not isinstance(key, list) or len(key) != arity
+            or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in key)):
+        raise InvalidArgument("page_token is not a token this list returned; start again without one")
+    return tuple(key)
+
+
+def bounds(page: PageRequest, arity: int = 1) -> PageBounds:
+    if page.size < 0:
+        raise InvalidArgument(f"page_size must be >= 0, got {page.size}")
+    size = min(page.size or limits.PAGE_SIZE_DEFAULT, limits.PAGE_SIZE_MAX)
+    return PageBounds(size, decode_token(page.token, arity) if page.token else None)
+
+
+def page_of(rows: Sequence[T], page: PageBounds, key: Callable[[T], Key]) -> Page[T]:
+    """`rows` as fetched with `limit + 1`: the extra row only says another page exists."""
+    items = tuple(rows[:page.limit])
+    more = len(rows) > page.limit
+    return Page(items, encode_token(key(items[-1])) if more and items else "")

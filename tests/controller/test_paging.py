@@ -1,0 +1,35 @@
+"""Page bounds and tokens (the keyset paging every list RPC uses)."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller import limits
+from controller.errors import InvalidArgument
+from controller.usecases.paging import PageBounds, PageRequest, bounds, decode_token, encode_token, page_of
+
+
+def test_page_size_defaults_and_is_capped_at_the_maximum():
+    assert bounds(PageRequest()).limit == limits.PAGE_SIZE_DEFAULT
+    assert bounds(PageRequest(size=7)).limit == 7
+    assert bounds(PageRequest(size=10**6)).limit == limits.PAGE_SIZE_MAX
+
+
+def test_a_token_round_trips_the_last_key():
+    token = encode_token(("chat", 42))
+    assert decode_token(token, 2) == ("chat", 42)
+    assert bounds(PageRequest(size=2, token=token), arity=2) == PageBounds(2, ("chat", 42))
+
+
+@pytest.mark.parametrize("token", ["%%%", encode_token(("a",)), encode_token(("a", True)), "e30="])
+def test_foreign_tokens_are_refused(token):
+    with pytest.raises(InvalidArgument, match="page_token is not a token this list returned"):
+        decode_token(token, 2)
+
+
+def test_page_of_uses_the_extra_row_only_to_say_more_follow():
+    page = PageBounds(limit=2, after=None)
+    full = page_of(["a", "b", "c"], page, key=lambda x: (x,))
+    assert full.items == ("a", "b") and decode_token(full.next_token, 1) == ("b",)
+    last = page_of(["a", "b"], page, key=lambda x: (x,))
+    assert last.items == ("a", "b") and last.next_token == ""

@@ -1,0 +1,164 @@
+"""A hostile or broken agent, over real gRPC on SQLite and PostgreSQL: bounded reports, a
+per-stream rate limit, reports for shards the node was never given refused (and recorded),
+and flushes that one node's bad data cannot fail for everyone."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+import grpc
+import pytest
+from sqlalchemy import select
+
+from controller.agents import AgentHub, _Batch
+from controller.api.server import ControllerApp
+from controller.config import Config
+from controller.store import models as m
+from controller.usecases import agents as agent_cases
+from controller.usecases.agents import NodeBeat, RefusedReports
+from controller.usecases.domain import ShardReport
+from grpc_harness import HandAgent, Stubs, eventually, spec, topology
+from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
+
+
+@pytest.fixture
+async def strict_app(db_url: str) -> AsyncIterator[ControllerApp]:
+    """A controller whose agent streams may send 20 reports at once, 5 a second after that."""
+    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
+                               heartbeat_timeout_s=2.0, solve_time_limit_ms=1000,
+                               agent_reports_per_second=5.0, agent_reports_burst=20))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop(grace_s=1.0)
+
+
+@pytest.fixture
+async def strict(strict_app: ControllerApp) -> AsyncIterator[Stubs]:
+    channel = grpc.aio.insecure_channel(strict_app.address)
+    try:
+        stubs = Stubs.on(channel)
+        await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        yield stubs
+    finally:
+        await channel.close()
+
+
+async def _connected(stubs: Stubs, node_id: str = "n1") -> HandAgent:
+    agent = HandAgent(stubs, node_id, "rack-a")
+    await agent.register()
+    await agent.connect()
+    await agent.next_set()
+    return agent
+
+
+def _status(deployment: str, phase: int = common_pb2.SHARD_PHASE_RUNNING, **kw) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(shard_status=agent_pb2.ShardStatus(deployment=deployment, phase=phase, **kw))
+
+
+@pytest.mark.parametrize(("message", "details"), [
+    (agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1, shards=[
+        agent_pb2.ShardStatus(deployment="svc", replica=i) for i in range(5000)])),
+     "node n1: heartbeat shards has 5000 entries; at most 4096"),
+    (_status("svc", message="m" * 2000), "node n1: shard status message is 2000 characters long; at most 1024"),
+    (_status("svc", message="bad\x00"), "node n1: shard status message contains a control character (U+0000) at position 3"),
+    (_status("x" * 100_000), "node n1: shard status deployment name 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... "
+                             "(100000 characters) is 100000 characters long; at most 63"),
+    (_status("svc", replica=-1), "node n1: shard status replica must be between 0 and 4095, got -1"),
+    (agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1, power_draw_w=float("nan"))),
+     "node n1: heartbeat power_draw_w must be a finite number, got nan"),
+])
+async def test_an_out_of_bounds_report_ends_the_stream_with_invalid_argument(strict: Stubs, message, details):
+    agent = await _connected(strict)
+    agent.send(message)
+    error = await agent.reader_error()
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == details
+    node = await eventually(lambda: strict.admin.GetNode(admin_pb2.GetNodeRequest(id="n1")),
+                            lambda n: not n.connected, what="n1 disconnected")
+    assert node.power_draw_w == 0.0  # nothing of the refused stream was written
+
+
+async def test_a_flooding_stream_is_refused_with_retry_info(strict: Stubs):
+    agent = await _connected(strict)
+    for seq in range(25):  # a burst of 20 is allowed
+        agent.heartbeat(seq, 100.0)
+    agent.send(None)  # half-close: every write is done before the controller answers
+    error = await agent.reader_error()
+    assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details().startswith("node n1 sent more than 5 reports a second (burst 20); retry in ")
+    retry_ms = dict(error.trailing_metadata())["retry-after-ms"]
+    assert 0 < int(retry_ms) <= 1000
+
+
+async def test_reports_for_shards_never_given_are_refused_and_recorded(strict: Stubs, strict_app: ControllerApp):
+    owner = await _connected(strict, "owner")
+    await strict.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+        spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
+    given = await owner.next_set(lambda s: len(s.assignments) == 1)
+    impostor = await _connected(strict, "impostor")
+    assignment = given.assignments[0]
+    impostor.report(assignment, common_pb2.SHARD_PHASE_FAILED)  # someone else's shard
+    impostor.send(_status("ghost", replica=3, shard=1))           # a shard nobody has
+    impostor.heartbeat(1, 700.0)                                  # its own heartbeat still counts
+
+    async def refusals() -> list[tuple]:
+        async with strict_app.db.unit_of_work() as uow:
+            events = await uow.session.scalars(select(m.Event).where(m.Event.kind == "agent.reports_refused"))
+            return [(e.object_id, e.data["count"], e.data["samples"]) for e in events]
+
+    events = await eventually(refusals, lambda e: len(e) > 0, what="refusal recorded")
+    assert events == [("impostor", 2, [["svc", 0, 0], ["ghost", 3, 1]])]
+    await eventually(lambda: strict.admin.GetNode(admin_pb2.GetNodeRequest(id="impostor")),
+                     lambda n: n.power_draw_w == 700.0, what="impostor heartbeat written")
+    dep = await strict.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
+    assert [p.phase for p in dep.placements] == [common_pb2.SHARD_PHASE_ASSIGNED]  # not FAILED
+    owner.report(assignment, common_pb2.SHARD_PHASE_RUNNING)  # the owner's own report is taken
+    await eventually(lambda: strict.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
+                     lambda d: [p.phase for p in d.placements] == [common_pb2.SHARD_PHASE_RUNNING],
+                     what="owner's report applied")
+    await owner.close()
+    await impostor.close()
+
+
+def test_a_batch_is_chunked_by_whole_nodes():
+    now = datetime.now(timezone.utc)
+    report = ShardReport("svc", 0, 0, 1, "running")
+    batch = _Batch({f"n{i}": NodeBeat(now, 1.0) for i in range(5)},
+                   [("n1", report)] * 3 + [("n3", report)], {"n4": RefusedReports(1, ())})
+    chunks = batch.chunks(4)
+    assert [c.nodes() for c in chunks] == [["n0"], ["n1"], ["n2", "n3", "n4"]]
+    assert [len(c.reports) for c in chunks] == [0, 3, 1]
+    assert sum(len(c.beats) for c in chunks) == 5 and chunks[-1].refused == {"n4": RefusedReports(1, ())}
+
+
+async def test_one_node_failing_its_write_never_drops_the_others_heartbeats(database, monkeypatch):
+    async with database.unit_of_work() as uow:
+        uow.session.add(m.Zone(id="z"))
+        uow.session.add(m.Row(id="r", zone_id="z"))
+        uow.session.add(m.Rack(id="k", row_id="r"))
+        for i in range(3):
+            uow.session.add(m.Node(id=f"n{i}", rack_id="k", accelerators=4))
+        await uow.commit()
+    real = agent_cases.flush_reports
+
+    async def failing_for_n1(uow, beats, reports, refused=None):
+        if "n1" in beats:
+            raise RuntimeError("n1's data breaks the write")
+        return await real(uow, beats, reports, refused)
+
+    monkeypatch.setattr(agent_cases, "flush_reports", failing_for_n1)
+
+    async def nothing(_: set[str]) -> None:
+        return None
+
+    hub = AgentHub(database, heartbeat_timeout_s=10, on_liveness_change=lambda: None, on_deployments_changed=nothing)
+    now = datetime.now(timezone.utc)
+    hub._beats = {f"n{i}": NodeBeat(now, 100.0 + i) for i in range(3)}
+    await hub.flush()
+    async with database.unit_of_work() as uow:
+        draws = {n.id: n.power_draw_w for n in await uow.session.scalars(select(m.Node))}
+    assert draws == {"n0": 100.0, "n1": 0.0, "n2": 102.0}

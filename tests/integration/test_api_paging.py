@@ -1,0 +1,130 @@
+"""Lists page (page_size, page_token, next_page_token) and maiactl follows the pages; DeleteNode
+removes a bad registration and its shards are placed again elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from controller.cli.client import list_all
+from grpc_harness import HandAgent, Stubs, api_state, eventually, spec, topology
+from maia.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, common_pb2, deployments_pb2
+
+
+async def _pages(call, request, field_name: str) -> list[list[str]]:
+    pages = []
+    while True:
+        response = await call(request)
+        pages.append([getattr(item, "id", None) or item.spec.name for item in getattr(response, field_name)])
+        if not response.next_page_token:
+            return pages
+        request.page_token = response.next_page_token
+
+
+@pytest.fixture
+async def populated(stubs: Stubs) -> Stubs:
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a", "rack-b": "row-a"}))
+    for i in range(7):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=f"lab-{i}"))
+    for i in range(5):
+        await stubs.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+            node_id=f"n{i}", rack="rack-a" if i % 2 else "rack-b", accelerators=4, accelerator_model="maia-100")))
+    for i in range(7):
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec(f"svc-{i}", tenant=f"lab-{i % 2}")))
+    return stubs
+
+
+async def test_every_list_pages_in_order_and_ends_with_an_empty_token(populated: Stubs):
+    s = populated
+    assert await _pages(s.admin.ListTenants, admin_pb2.ListTenantsRequest(page_size=3), "tenants") == [
+        ["lab-0", "lab-1", "lab-2"], ["lab-3", "lab-4", "lab-5"], ["lab-6"]]
+    assert await _pages(s.admin.ListNodes, admin_pb2.ListNodesRequest(page_size=2), "nodes") == [
+        ["n0", "n1"], ["n2", "n3"], ["n4"]]
+    assert await _pages(s.admin.ListNodes, admin_pb2.ListNodesRequest(rack="rack-a", page_size=1), "nodes") == [
+        ["n1"], ["n3"]]
+    assert await _pages(s.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(page_size=4),
+                        "deployments") == [["svc-0", "svc-1", "svc-2", "svc-3"], ["svc-4", "svc-5", "svc-6"]]
+    assert await _pages(s.deployments.ListDeployments,
+                        deployments_pb2.ListDeploymentsRequest(tenant="lab-1", page_size=2), "deployments") == [
+        ["svc-1", "svc-3"], ["svc-5"]]
+    # A page exactly full says there is no more (no empty trailing page).
+    assert await _pages(s.admin.ListNodes, admin_pb2.ListNodesRequest(page_size=5), "nodes") == [
+        ["n0", "n1", "n2", "n3", "n4"]]
+    # No page_size: the default page, which holds them all here.
+    whole = await s.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert len(whole.tenants) == 7 and whole.next_page_token == ""
+
+
+async def test_a_page_starts_after_the_last_item_even_if_items_were_removed(populated: Stubs):
+    first = await populated.admin.ListTenants(admin_pb2.ListTenantsRequest(page_size=3))
+    await populated.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id="lab-3"))
+    rest = await populated.admin.ListTenants(admin_pb2.ListTenantsRequest(page_size=3,
+                                                                         page_token=first.next_page_token))
+    assert [t.id for t in rest.tenants] == ["lab-4", "lab-5", "lab-6"]
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    (admin_pb2.ListTenantsRequest(page_size=-1), "page_size must be >= 0, got -1"),
+    (admin_pb2.ListTenantsRequest(page_token="not-a-token"),
+     "page_token is not a token this list returned; start again without one"),
+    (admin_pb2.ListTenantsRequest(page_token="W10="),  # a valid encoding of the wrong shape: []
+     "page_token is not a token this list returned; start again without one"),
+    (admin_pb2.ListTenantsRequest(page_token="x" * 1000), "page_token is 1000 characters long; at most 256"),
+])
+async def test_bad_page_requests_are_invalid_argument(populated: Stubs, request_, message):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await populated.admin.ListTenants(request_)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == message
+
+
+async def test_maiactl_follows_every_page(populated: Stubs, controller_app):
+    def fetch() -> list[str]:
+        channel = grpc.insecure_channel(controller_app.address)
+        try:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            merged = list_all(admin.ListNodes, admin_pb2.ListNodesRequest(page_size=2), "nodes", timeout=10)
+            assert merged.next_page_token == ""
+            return [n.id for n in merged.nodes]
+        finally:
+            channel.close()
+
+    assert await asyncio.to_thread(fetch) == ["n0", "n1", "n2", "n3", "n4"]
+
+
+async def test_delete_node_releases_its_shards_and_they_are_placed_again(stubs: Stubs):
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    bad, good = HandAgent(stubs, "bad-node", "rack-a"), HandAgent(stubs, "good-node", "rack-a")
+    await bad.register()
+    await bad.connect()
+    await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+        spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
+    await bad.next_set(lambda s: len(s.assignments) == 1)
+    await good.register()
+    await good.connect()
+
+    await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id="bad-node"))
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="bad-node"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    moved = await good.next_set(lambda s: len(s.assignments) == 1)
+    assert moved.assignments[0].deployment == "svc"
+    dep = await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
+                           lambda d: [p.node for p in d.placements] == ["good-node"], what="svc on good-node")
+    assert dep.placed_replicas == 1
+    assert await bad.reader_error() is None  # the deleted node's stream was ended by the controller
+    await good.close()
+
+
+async def test_delete_unknown_node_is_not_found_and_writes_nothing(stubs: Stubs):
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    before = await api_state(stubs)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id="ghost"))
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.NOT_FOUND, "node ghost not found")
+    assert await api_state(stubs) == before
