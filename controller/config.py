@@ -43,6 +43,14 @@ class Config:
     http_listen: str = ""
     agent_reports_per_second: float = limits.REPORTS_PER_SECOND
     agent_reports_burst: int = limits.REPORTS_BURST
+    submits_per_minute: float = limits.SUBMITS_PER_MINUTE
+    dry_runs_per_minute: float = limits.DRY_RUNS_PER_MINUTE
+    dry_run_time_limit_ms: int = limits.DRY_RUN_TIME_LIMIT_MS
+    dry_run_slots: int = limits.DRY_RUN_SLOTS
+    quarantine_after_failures: int = limits.QUARANTINE_AFTER_FAILURES
+    max_rss_mib: int = limits.MAX_RSS_MIB
+    reconcile_stuck_s: float = limits.RECONCILE_STUCK_S
+    health_interval_s: float = limits.HEALTH_CHECK_INTERVAL_S
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -54,6 +62,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -108,6 +123,20 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         help="shard reports and heartbeats one agent stream may send a second (token bucket)")
     parser.add_argument("--agent-reports-burst", type=_positive_int, default=Config.agent_reports_burst,
                         help="the bucket's size: reports one stream may send at once")
+    parser.add_argument("--submits-per-minute", type=_non_negative_float, default=Config.submits_per_minute,
+                        help="deployments one tenant may submit a minute, bursting to the same (0: unlimited)")
+    parser.add_argument("--dry-runs-per-minute", type=_non_negative_float, default=Config.dry_runs_per_minute,
+                        help="dry runs one tenant may ask for a minute (0: unlimited)")
+    parser.add_argument("--dry-run-time-limit-ms", type=_positive_int, default=Config.dry_run_time_limit_ms,
+                        help="the longest a dry run's solve may take")
+    parser.add_argument("--dry-run-slots", type=_positive_int, default=Config.dry_run_slots,
+                        help="dry runs solved at once (more are refused with RESOURCE_EXHAUSTED)")
+    parser.add_argument("--quarantine-after-failures", type=_positive_int, default=Config.quarantine_after_failures,
+                        help="solver failures of one deployment before it is quarantined")
+    parser.add_argument("--max-rss-mib", type=int, default=Config.max_rss_mib,
+                        help="health says NOT_SERVING above this resident memory (0: no ceiling)")
+    parser.add_argument("--reconcile-stuck-s", type=_positive_float, default=Config.reconcile_stuck_s,
+                        help="health says NOT_SERVING when one reconcile pass runs longer than this")
     ns = parser.parse_args(argv)
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -133,4 +162,11 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         http_listen=ns.http_listen,
         agent_reports_per_second=ns.agent_reports_per_second,
         agent_reports_burst=ns.agent_reports_burst,
+        submits_per_minute=ns.submits_per_minute,
+        dry_runs_per_minute=ns.dry_runs_per_minute,
+        dry_run_time_limit_ms=ns.dry_run_time_limit_ms,
+        dry_run_slots=ns.dry_run_slots,
+        quarantine_after_failures=ns.quarantine_after_failures,
+        max_rss_mib=ns.max_rss_mib,
+        reconcile_stuck_s=ns.reconcile_stuck_s,
     )

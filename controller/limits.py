@@ -81,6 +81,12 @@ QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error messag
 SUBMITS_PER_MINUTE = 120.0          # per tenant, burst the same
 DRY_RUNS_PER_MINUTE = 30.0          # per tenant
 DRY_RUN_TIME_LIMIT_MS = 2000        # a dry run's solve never runs longer
+DRY_RUN_SLOTS = 1                   # dry runs solved at once (the machine's cores belong to the reconciler)
 
 # --- the reconciler ----------------------------------------------------------------------------
-QUARANTINE_AFTER_FAILURES = 3       # failed passes involving a deployment before it is set aside
+QUARANTINE_AFTER_FAILURES = 3       # solver failures of one deployment before it is set aside
+ISOLATION_SOLVES_MAX = 16           # deployments solved alone to find the one a failed pass trips on
+RECONCILE_FAILURES_UNHEALTHY = 3    # failed passes in a row before health says NOT_SERVING
+RECONCILE_STUCK_S = 120.0           # one pass running longer: NOT_SERVING
+MAX_RSS_MIB = 4096                  # resident memory above it: NOT_SERVING (0: no ceiling)
+HEALTH_CHECK_INTERVAL_S = 1.0

@@ -66,3 +66,29 @@ class KeyedRateLimiter:
         wait = bucket.take(self.clock())
         if wait:
             raise rate_limited(f"tenant {key} exceeded {self.per_minute:g} {self.what} a minute", wait)
+
+
+@dataclass
+class SubmitLimits:
+    """What bounds submissions and dry runs: per-tenant rates, and dry runs' share of the solver
+    (at most `dry_run_slots` solving at once, each for at most `dry_run_time_limit_ms`)."""
+
+    submits: KeyedRateLimiter
+    dry_runs: KeyedRateLimiter
+    dry_run_slots: int = 1
+    dry_run_time_limit_ms: int = 2000
+    _running: int = 0
+
+    def check_submit(self, tenant: str) -> None:
+        self.submits.check(tenant)
+
+    def start_dry_run(self, tenant: str) -> None:
+        """Take a dry run's rate token and a solver slot (release with `end_dry_run`)."""
+        self.dry_runs.check(tenant)
+        if self._running >= self.dry_run_slots:
+            raise rate_limited(f"{self._running} dry run(s) are being solved now (at most {self.dry_run_slots})",
+                               self.dry_run_time_limit_ms / 1000)
+        self._running += 1
+
+    def end_dry_run(self) -> None:
+        self._running -= 1

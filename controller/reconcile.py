@@ -12,6 +12,12 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events.
 A `Lease` decides whether this controller may reconcile at all: the seam for leader election
 when several controllers share one database (today `AlwaysLeader`).
+
+One bad deployment never stalls the others: before solving, a stored deployment beyond today's
+limits (stored before they existed) is quarantined; when the solver raises, the pass solves the
+deployments new since the last good pass alone (at most `limits.ISOLATION_SOLVES_MAX` of them,
+newest first), quarantines each it fails on `quarantine_after` times, and solves the rest again.
+`consecutive_failures` and `running_for_s()` tell the health monitor whether it is doing its job.
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
+from controller import limits
+from controller.errors import InvalidArgument
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import PlanConflict, commit_plan
 from controller.usecases import planning
+from controller.usecases.deployments import validate_spec
 from controller.usecases.domain import DeploymentView
 from scheduler import Plan
 
@@ -102,6 +111,7 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
         observer: ReconcileObserver | None = None,
         wall_clock: Callable[[], datetime] = m.utcnow,
+        quarantine_after: int = limits.QUARANTINE_AFTER_FAILURES,
     ) -> None:
         self._db = db
         self._push = push
@@ -124,6 +134,15 @@ class Reconciler:
         self._lock = asyncio.Lock()
         self.passes = 0
         self.solves = 0
+        self._quarantine_after = quarantine_after
+        self._failures: dict[str, int] = {}  # solver failures per deployment (solved alone)
+        self._good: set[str] = set()         # deployments of the last committed plan
+        self._pass_started: float | None = None
+        self.consecutive_failures = 0        # passes in a row that raised
+
+    def running_for_s(self) -> float:
+        """How long the pass under way has been running (0.0: none is)."""
+        return 0.0 if self._pass_started is None else self._clock() - self._pass_started
 
     def wake(self) -> None:
         self._wake.set()
@@ -153,12 +172,22 @@ class Reconciler:
         time-limited pass is due for a retry, or `force`."""
         async with self._lock:
             self.passes += 1
-            async with self._db.unit_of_work() as uow:
-                generation = await repo.read_cluster_generation(uow.session)
-            retry_due = self._retry_at is not None and self._clock() >= self._retry_at
-            if not force and not retry_due and generation == self._last_generation:
-                return ReconcileOutcome(generation=generation)
-            return await self._solve_and_commit()
+            self._pass_started = self._clock()
+            try:
+                async with self._db.unit_of_work() as uow:
+                    generation = await repo.read_cluster_generation(uow.session)
+                retry_due = self._retry_at is not None and self._clock() >= self._retry_at
+                if not force and not retry_due and generation == self._last_generation:
+                    outcome = ReconcileOutcome(generation=generation)
+                else:
+                    outcome = await self._solve_and_commit()
+            except BaseException:
+                self.consecutive_failures += 1
+                raise
+            finally:
+                self._pass_started = None
+            self.consecutive_failures = 0
+            return outcome
 
     def _schedule_retry(self, plan: Plan) -> float | None:
         """After a commit: when to solve again although nothing changed (None: not needed)."""
@@ -177,9 +206,22 @@ class Reconciler:
                 # Their last state, for the DELETED events once the commit removes them.
                 deleting = {r.name: repo.deployment_view(r) for r in await repo.list_deployment_rows(
                     uow.session, phases=[m.DeploymentPhase.DELETING])}
+            beyond = _beyond_limits(snapshot.problem)
+            if beyond:  # stored before today's limits: never handed to the solver
+                await self._quarantine(beyond)
+                continue
             problem = planning.with_options(snapshot.problem, time_limit_ms=self._time_limit_ms)
             started = time.perf_counter()
-            plan = await self._solve(problem, time_limit_ms=self._time_limit_ms)
+            try:
+                plan = await self._solve(problem, time_limit_ms=self._time_limit_ms)
+            except Exception as exc:
+                log.error("the solver failed on the whole cluster (%s: %s); isolating the deployment it trips on",
+                          type(exc).__name__, exc)
+                culprits = await self._isolate(snapshot.problem)
+                if not culprits:
+                    raise
+                await self._quarantine(culprits)
+                continue
             self.solves += 1
             solve_ms = (time.perf_counter() - started) * 1000
             self._observer.solved(plan.status, solve_ms / 1000)
@@ -193,6 +235,7 @@ class Reconciler:
                 continue
             self._last_generation = result.generation
             self._observer.placed(result.first_placed_after_s.values())
+            self._good = {d["id"] for d in problem.get("deployments", ())}
             retry_in_s = self._schedule_retry(plan)
             changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
             log.info(
@@ -214,3 +257,47 @@ class Reconciler:
             )
         log.warning("gave up after %d plan conflicts; will retry on the next wake", self._retries + 1)
         return ReconcileOutcome(solved=True, conflicts=self._retries + 1)
+
+    async def _isolate(self, problem: dict[str, Any]) -> dict[str, str]:
+        """Solve suspects alone; those the solver fails on `quarantine_after` times, with why."""
+        docs = list(reversed(problem.get("deployments", ())))  # newest first
+        suspects = [d["id"] for d in docs if d["id"] not in self._good] or [d["id"] for d in docs]
+        culprits: dict[str, str] = {}
+        for name in suspects[:limits.ISOLATION_SOLVES_MAX]:
+            alone = planning.with_options(planning.with_only(problem, name), time_limit_ms=self._time_limit_ms)
+            error: Exception | None = None
+            while self._failures.get(name, 0) < self._quarantine_after:
+                try:
+                    await self._solve(alone, time_limit_ms=self._time_limit_ms)
+                except Exception as exc:
+                    self._failures[name] = self._failures.get(name, 0) + 1
+                    error = exc
+                else:
+                    break
+            if error is not None and self._failures.get(name, 0) >= self._quarantine_after:
+                culprits[name] = (f"the solver failed on it {self._failures[name]} times "
+                                  f"({type(error).__name__}: {str(error)[:200]}); submit it again or delete it")
+        return culprits
+
+    async def _quarantine(self, reasons: dict[str, str]) -> None:
+        changed: set[str] = set()
+        async with self._db.unit_of_work() as uow:
+            for name, reason in reasons.items():
+                changed |= await repo.quarantine_deployment(uow.session, name, reason)
+            await uow.commit()
+        for name, reason in reasons.items():
+            self._failures.pop(name, None)
+            log.error("deployment quarantined name=%s reason=%s", name, reason)
+        self._push(changed)
+        await self._publish(set(reasons), [])
+
+
+def _beyond_limits(problem: dict[str, Any]) -> dict[str, str]:
+    """Stored deployments today's validation would refuse (stored before the limits), with why."""
+    beyond: dict[str, str] = {}
+    for doc in problem.get("deployments", ()):
+        try:
+            validate_spec(planning.spec_of_doc(doc))
+        except InvalidArgument as exc:
+            beyond[doc["id"]] = f"exceeds the controller's limits: {exc.message}; submit it again within them"
+    return beyond

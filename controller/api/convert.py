@@ -48,6 +48,7 @@ _DEPLOYMENT_PHASE = {
     "running": deployments_pb2.DEPLOYMENT_PHASE_RUNNING,
     "degraded": deployments_pb2.DEPLOYMENT_PHASE_DEGRADED,
     "deleting": deployments_pb2.DEPLOYMENT_PHASE_DELETING,
+    "quarantined": deployments_pb2.DEPLOYMENT_PHASE_QUARANTINED,
 }
 _EVENT_TYPE = {
     "added": deployments_pb2.DeploymentEvent.TYPE_ADDED,

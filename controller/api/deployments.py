@@ -26,10 +26,11 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         who = current_principal()
         if request.dry_run:
             view = await cases.dry_run_deployment(self._deps.db, who, spec,
-                                                  time_limit_ms=self._deps.solve_time_limit_ms)
+                                                  time_limit_ms=self._deps.solve_time_limit_ms,
+                                                  throttle=self._deps.throttle)
         else:
             async with self._deps.db.unit_of_work() as uow:
-                view = await cases.submit_deployment(uow, who, spec, self._deps.signals)
+                view = await cases.submit_deployment(uow, who, spec, self._deps.signals, self._deps.throttle)
         return deployments_pb2.SubmitDeploymentResponse(deployment=convert.deployment_msg(view),
                                                         dry_run=request.dry_run)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from controller.agents import AgentHub
+from controller.ratelimit import SubmitLimits
 from controller.store.db import Database
 from controller.usecases.ports import Signals
 from controller.usecases.watch import DeploymentEventBus
@@ -18,6 +19,7 @@ class ServiceDeps:
     hub: AgentHub
     solve_time_limit_ms: int
     heartbeat_interval_ms: int
+    throttle: SubmitLimits | None = None
 
     def connected(self) -> frozenset[str]:
         return self.hub.connected()

@@ -34,7 +34,9 @@ from controller.console.server import ConsoleServer
 from controller.observability.cluster import ClusterGauges, read_cluster_gauges
 from controller.observability.metrics import ControllerMetrics
 from controller.errors import Unauthenticated
+from controller.health import HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
+from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.reconcile import Lease, Reconciler
 from controller.store.db import Database
 from controller.usecases import tokens
@@ -93,6 +95,12 @@ class ControllerApp:
             self.db, push=self.hub.notify, publish=self._publish_deployments,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms, lease=lease,
             observer=self.metrics,
+            quarantine_after=config.quarantine_after_failures,
+        )
+        self.throttle = SubmitLimits(
+            submits=KeyedRateLimiter(config.submits_per_minute, "submits"),
+            dry_runs=KeyedRateLimiter(config.dry_runs_per_minute, "dry runs"),
+            dry_run_slots=config.dry_run_slots, dry_run_time_limit_ms=config.dry_run_time_limit_ms,
         )
         self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s)
         self.watchdog = IsolationWatchdog(self.db, interval_s=config.watchdog_interval_s)
@@ -100,6 +108,11 @@ class ControllerApp:
         self.console = ConsoleServer(self.db, self.bus,
                                      resolve_token=self._console_viewer if self.authn.enabled else None)
         self.health = health.aio.HealthServicer()
+        self.monitor = HealthMonitor(
+            self.health, ("", *SERVICE_NAMES), db=self.db, reconciler=self.reconciler,
+            max_rss_mib=config.max_rss_mib, stuck_s=config.reconcile_stuck_s,
+            failures_unhealthy=limits.RECONCILE_FAILURES_UNHEALTHY, interval_s=config.health_interval_s,
+        )
         self.server: aio.Server | None = None
         self.address = ""
         self.metrics_address = ""
@@ -142,7 +155,7 @@ class ControllerApp:
         deps = ServiceDeps(
             db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
             solve_time_limit_ms=self.config.solve_time_limit_ms,
-            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms, throttle=self.throttle,
         )
         tls = self._tls()
         checks: list[aio.ServerInterceptor] = [AuditInterceptor(self.db)]
@@ -179,6 +192,7 @@ class ControllerApp:
             asyncio.create_task(self.hub.run(), name="agent-hub"),
             asyncio.create_task(self.reconciler.run(), name="reconciler"),
             asyncio.create_task(self.watchdog.run(), name="isolation-watchdog"),
+            asyncio.create_task(self.monitor.run(), name="health"),
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))

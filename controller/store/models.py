@@ -77,6 +77,7 @@ class DeploymentPhase(str, enum.Enum):
     RUNNING = "running"
     DEGRADED = "degraded"
     DELETING = "deleting"
+    QUARANTINED = "quarantined"  # set aside: the solver failed on it repeatedly (see its reasons)
 
 
 class ShardPhase(str, enum.Enum):

@@ -161,7 +161,8 @@ async def commit_plan(
         )
     }
     names_by_id = {d.id: d.name for d in deployments.values()}
-    live = {name for name, d in deployments.items() if d.phase is not DeploymentPhase.DELETING}
+    live = {name for name, d in deployments.items()
+            if d.phase not in (DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)}
     current: dict[ShardKey, _Row] = {}
     deleting_rows: list[_Row] = []
     for p in await session.execute(
@@ -175,7 +176,7 @@ async def commit_plan(
                    list(p.accelerator_indices), p.accelerator_milli, p.phase)
         if name in live:
             current[row.key] = row
-        else:  # its deployment is being deleted: the plan no longer holds it
+        else:  # its deployment is being deleted or is quarantined: the plan no longer holds it
             deleting_rows.append(row)
 
     # The plan's whole desired set, checked against what exists.
@@ -297,7 +298,7 @@ async def commit_plan(
     await start_intervals(session, started, now)
     if deployment_updates:
         await session.execute(update(Deployment), deployment_updates)
-    deleted_deployments = {name for name, d in deployments.items() if name not in live}
+    deleted_deployments = {name for name, d in deployments.items() if d.phase is DeploymentPhase.DELETING}
     for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
         await session.execute(
             delete(Deployment).where(Deployment.id.in_(chunk)).execution_options(synchronize_session=False)

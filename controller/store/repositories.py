@@ -294,8 +294,28 @@ def _replica_counts(row: m.Deployment) -> ReplicaCounts:
     return replica_counts(row.shards_per_replica, ((p.replica, p.phase) for p in row.placements))
 
 
+async def quarantine_deployment(session: AsyncSession, name: str, reason: str) -> set[str]:
+    """Set a deployment aside: phase QUARANTINED with the reason, its shards released.
+    Returns the nodes whose assignment sets changed."""
+    row = await get_deployment(session, name)
+    if row is None or row.phase in (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED):
+        return set()
+    nodes = {p.node_id for p in row.placements}
+    row.placements.clear()
+    row.phase = m.DeploymentPhase.QUARANTINED
+    row.reasons = [{"code": "QUARANTINED", "message": reason, "scope": ""}]
+    row.generation = row.generation + 1
+    await bump_node_assignment_generations(session, nodes)
+    await bump_cluster_generation(session)
+    record_event(session, actor="controller", kind="deployment.quarantined", object_kind="deployment",
+                 object_id=name, message=reason)
+    return nodes
+
+
 def implied_phase(row: m.Deployment) -> m.DeploymentPhase:
     """The phase its stored placements imply (usecases/phases' rule; DELETING is sticky)."""
+    if row.phase is m.DeploymentPhase.QUARANTINED:
+        return row.phase  # sticky until it is submitted again or deleted
     deleting = row.phase is m.DeploymentPhase.DELETING
     return m.DeploymentPhase(deployment_phase(row.replicas, _replica_counts(row), deleting=deleting))
 

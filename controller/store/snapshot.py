@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scheduler import Deployment as SolverDeployment
 from scheduler import ShardSpec, Spread, deployment_to_dict
 
+from controller import limits
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -98,12 +99,18 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         racks.append(rack)
 
     nodes = []
+    oversized_nodes: set[str] = set()
     for n in await session.execute(
         select(
             Node.id, Node.rack_id, Node.health, Node.cordoned, Node.accelerators, Node.accelerator_model,
             Node.hbm_gib, Node.cpu_milli, Node.memory_mib, Node.idle_power_w, Node.labels,
         ).order_by(Node.id)
     ):
+        if not 0 <= n.accelerators <= limits.NODE_ACCELERATORS_MAX:
+            # Registered before today's limits: the solver would build arrays its size. Left out
+            # (its shards are placed again elsewhere) until it registers within them or is deleted.
+            oversized_nodes.add(n.id)
+            continue
         node: dict[str, Any] = {
             "id": n.id,
             "rack": n.rack_id,
@@ -149,7 +156,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
             Deployment.spread_domain, Deployment.spread_max_per_domain, Deployment.priority,
             Deployment.preemptible,
         )
-        .where(Deployment.phase != DeploymentPhase.DELETING)
+        .where(Deployment.phase.not_in([DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED]))
         .order_by(Deployment.id)
     ):
         spread = (Spread(d.spread_domain.value, d.spread_max_per_domain)
@@ -173,7 +180,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         ).order_by(Placement.deployment_id, Placement.replica, Placement.shard)
     ):
         name = names_by_id.get(p.deployment_id)
-        if name is None:  # its deployment is being deleted
+        if name is None or p.node_id in oversized_nodes:  # its deployment is being deleted, or quarantined
             continue
         placement: dict[str, Any] = {
             "deployment": name,

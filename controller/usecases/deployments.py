@@ -15,6 +15,7 @@ from typing import Any
 from controller import limits
 from controller.errors import AlreadyExists, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted
 from controller.identity import Principal
+from controller.ratelimit import SubmitLimits
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
@@ -159,30 +160,41 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.
         )
 
 
-async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec) -> m.Tenant:
+async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec) -> m.Deployment | None:
+    """Checks against the stored cluster; returns the quarantined deployment this one replaces."""
     validate_spec(spec)
     tenant = await repo.get_tenant(uow.session, spec.tenant)
     if tenant is None:
         raise NotFound(f"tenant {spec.tenant} not found")
+    replaced = None
     if await repo.deployment_name_exists(uow.session, spec.name):
-        raise AlreadyExists(f"deployment {spec.name} already exists")
+        replaced = await repo.get_deployment(uow.session, spec.name)
+        if replaced is None or replaced.phase is not m.DeploymentPhase.QUARANTINED or replaced.tenant_id != spec.tenant:
+            raise AlreadyExists(f"deployment {spec.name} already exists")
     await check_could_ever_fit(uow, spec, tenant)
-    return tenant
+    return replaced
 
 
 async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
-                            signals: Signals) -> DeploymentView:
-    await _validate_against_store(uow, spec)
+                            signals: Signals, throttle: SubmitLimits | None = None) -> DeploymentView:
+    validate_spec(spec)
+    if throttle is not None:
+        throttle.check_submit(spec.tenant)
+    replaced = await _validate_against_store(uow, spec)
     count = await repo.count_tenant_deployments(uow.session, spec.tenant)
-    if count >= limits.DEPLOYMENTS_PER_TENANT_MAX:
+    if replaced is None and count >= limits.DEPLOYMENTS_PER_TENANT_MAX:
         raise ResourceExhausted(
             f"tenant {spec.tenant} has {count} deployments; at most {limits.DEPLOYMENTS_PER_TENANT_MAX}"
         )
+    if replaced is not None:  # submitting a quarantined deployment again releases it (a fresh start)
+        await uow.session.delete(replaced)
+        await uow.session.flush()
     row = repo.new_deployment_row(spec)
     uow.session.add(row)
     await repo.bump_cluster_generation(uow.session)
-    repo.record_event(uow.session, actor=who.name, kind="deployment.submitted", object_kind="deployment",
-                      object_id=spec.name, data=planning.deployment_doc(spec))
+    repo.record_event(uow.session, actor=who.name,
+                      kind="deployment.released" if replaced is not None else "deployment.submitted",
+                      object_kind="deployment", object_id=spec.name, data=planning.deployment_doc(spec))
     await uow.commit()
     view = repo.deployment_view(row)
     signals.publish(DeploymentEvent("added", view))
@@ -191,8 +203,22 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
 
 
 async def dry_run_deployment(db: Database, who: Principal, spec: DeploymentSpec, *,
-                             time_limit_ms: int) -> DeploymentView:
-    """Solve the cluster with this deployment added and say what it would get; writes nothing."""
+                             time_limit_ms: int, throttle: SubmitLimits | None = None) -> DeploymentView:
+    """Solve the cluster with this deployment added and say what it would get; writes nothing.
+
+    With `throttle`, the tenant's dry-run rate applies, the solve takes one of the few dry-run
+    slots and runs for at most the dry-run time limit."""
+    validate_spec(spec)
+    if throttle is None:
+        return await _dry_run(db, spec, time_limit_ms)
+    throttle.start_dry_run(spec.tenant)
+    try:
+        return await _dry_run(db, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms))
+    finally:
+        throttle.end_dry_run()
+
+
+async def _dry_run(db: Database, spec: DeploymentSpec, time_limit_ms: int) -> DeploymentView:
     async with db.unit_of_work() as uow:
         await _validate_against_store(uow, spec)
         snapshot = await planning.load_snapshot(uow.session)

@@ -14,7 +14,7 @@ from typing import Any
 from controller.errors import InvalidArgument
 from controller.store.snapshot import load_snapshot  # noqa: F401  (the snapshot half of this seam)
 from controller.usecases.domain import DeploymentSpec
-from scheduler import Deployment, Plan, ProblemError, deployment_to_dict, problem_from_dict, solve
+from scheduler import Deployment, Plan, ProblemError, ShardSpec, Spread, deployment_to_dict, problem_from_dict, solve
 
 
 def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
@@ -23,6 +23,27 @@ def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
         spec.name, spec.tenant, spec.replicas, spec.shards_per_replica, spec.shard,
         min_replicas=spec.min_replicas, locality=spec.locality, spread=spec.spread,
         priority=spec.priority, preemptible=spec.preemptible))
+
+
+def spec_of_doc(doc: dict[str, Any]) -> DeploymentSpec:
+    """The inverse of `deployment_doc`: an interchange deployment as the use cases' spec."""
+    shard = dict(doc["shard"])
+    models = shard.pop("accelerator_models", None)
+    spread = doc.get("spread")
+    return DeploymentSpec(
+        name=doc["id"], tenant=doc["tenant"], replicas=doc["replicas"], shards_per_replica=doc["shards_per_replica"],
+        shard=ShardSpec(**shard, accelerator_models=tuple(models) if models else None),
+        min_replicas=doc.get("min_replicas", 1), locality=doc.get("locality", "rack"),
+        spread=Spread(spread["domain"], spread["max_per_domain"]) if spread else None,
+        priority=doc.get("priority", 0), preemptible=doc.get("preemptible", False))
+
+
+def with_only(problem: dict[str, Any], name: str) -> dict[str, Any]:
+    """The problem with one deployment (and its placements) left: to solve it on its own."""
+    doc = dict(problem)
+    doc["deployments"] = [d for d in problem.get("deployments", ()) if d["id"] == name]
+    doc["placements"] = [p for p in problem.get("placements", ()) if p["deployment"] == name]
+    return doc
 
 
 def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "batch") -> dict[str, Any]:

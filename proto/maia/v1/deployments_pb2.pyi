@@ -19,12 +19,14 @@ class DeploymentPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEPLOYMENT_PHASE_RUNNING: _ClassVar[DeploymentPhase]
     DEPLOYMENT_PHASE_DEGRADED: _ClassVar[DeploymentPhase]
     DEPLOYMENT_PHASE_DELETING: _ClassVar[DeploymentPhase]
+    DEPLOYMENT_PHASE_QUARANTINED: _ClassVar[DeploymentPhase]
 DEPLOYMENT_PHASE_UNSPECIFIED: DeploymentPhase
 DEPLOYMENT_PHASE_PENDING: DeploymentPhase
 DEPLOYMENT_PHASE_SCHEDULED: DeploymentPhase
 DEPLOYMENT_PHASE_RUNNING: DeploymentPhase
 DEPLOYMENT_PHASE_DEGRADED: DeploymentPhase
 DEPLOYMENT_PHASE_DELETING: DeploymentPhase
+DEPLOYMENT_PHASE_QUARANTINED: DeploymentPhase
 
 class DeploymentSpec(_message.Message):
     __slots__ = ("name", "tenant", "replicas", "min_replicas", "shards_per_replica", "shard", "locality", "spread", "priority", "preemptible")

@@ -1,0 +1,111 @@
+"""Health that means "this controller can do its job", for grpc.health.v1.
+
+Every `interval_s` the monitor asks: can the database answer `SELECT 1` within a few seconds?
+Has the reconciler failed fewer than `failures_unhealthy` passes in a row, and is no pass
+running longer than `stuck_s`? Is resident memory below `max_rss_mib`? Any "no" sets every
+service NOT_SERVING (with the reasons logged once); when all answers are "yes" again it goes
+back to SERVING. A load balancer or orchestrator watching health then stops sending work to,
+or restarts, a controller that is up but useless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from grpc_health.v1 import health_pb2
+from sqlalchemy import text
+
+from controller.store.db import Database
+
+log = logging.getLogger("maia.health")
+
+DB_PROBE_TIMEOUT_S = 5.0
+
+
+class ReconcilerState(Protocol):
+    consecutive_failures: int
+
+    def running_for_s(self) -> float: ...
+
+
+class HealthSetter(Protocol):
+    async def set(self, service: str, status: int) -> None: ...
+
+
+def resident_mib() -> float:
+    """This process's resident set size (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+class HealthMonitor:
+    def __init__(self, health: HealthSetter, services: Iterable[str], *, db: Database, reconciler: ReconcilerState,
+                 max_rss_mib: int, stuck_s: float, failures_unhealthy: int, interval_s: float = 1.0,
+                 rss_mib: Callable[[], float] = resident_mib) -> None:
+        self._health = health
+        self._services = tuple(services)
+        self._db = db
+        self._reconciler = reconciler
+        self._max_rss = max_rss_mib
+        self._stuck_s = stuck_s
+        self._failures_unhealthy = failures_unhealthy
+        self._interval = interval_s
+        self._rss = rss_mib
+        self.problems: list[str] = []
+        self.serving = True
+
+    async def problems_now(self) -> list[str]:
+        problems = []
+        if not await self._database_answers():
+            problems.append("the database does not answer")
+        failures = self._reconciler.consecutive_failures
+        if failures >= self._failures_unhealthy:
+            problems.append(f"the reconciler failed {failures} passes in a row")
+        running = self._reconciler.running_for_s()
+        if running > self._stuck_s:
+            problems.append(f"a reconcile pass has been running for {running:.0f}s (limit {self._stuck_s:g}s)")
+        if self._max_rss > 0:
+            rss = self._rss()
+            if rss > self._max_rss:
+                problems.append(f"resident memory {rss:.0f} MiB is above the ceiling of {self._max_rss} MiB")
+        return problems
+
+    async def _database_answers(self) -> bool:
+        try:
+            async with asyncio.timeout(DB_PROBE_TIMEOUT_S):
+                async with self._db.unit_of_work() as uow:
+                    await uow.session.execute(text("SELECT 1"))
+            return True
+        except Exception as exc:  # unreachable, timed out, dropped: all mean "cannot do its job"
+            log.debug("database probe failed: %s", exc)
+            return False
+
+    async def check_once(self) -> bool:
+        """Look once and set the services' status; True if serving."""
+        problems = await self.problems_now()
+        serving = not problems
+        if serving != self.serving or problems != self.problems:
+            if serving:
+                log.warning("health: SERVING again")
+            else:
+                log.error("health: NOT_SERVING: %s", "; ".join(problems))
+        self.problems, self.serving = problems, serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in self._services:
+            await self._health.set(service, status)
+        return serving
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("health check failed")

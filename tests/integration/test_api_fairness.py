@@ -1,0 +1,195 @@
+"""Fairness and staying useful, over real gRPC on SQLite and PostgreSQL: per-tenant rate limits
+on submits and dry runs, quarantine of a deployment the solver fails on (the others still
+placed), stored data beyond today's limits set aside, and health that turns NOT_SERVING when
+the controller cannot do its job and SERVING again when it can."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from controller.api.server import ControllerApp
+from controller.config import Config
+from controller.store import models as m
+from controller.usecases import planning
+from grpc_harness import HandAgent, Stubs, eventually, spec, topology
+from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+
+QUARANTINED = deployments_pb2.DEPLOYMENT_PHASE_QUARANTINED
+BASE = Config(listen="127.0.0.1:0", reconcile_interval_s=0.2, heartbeat_timeout_s=2.0, solve_time_limit_ms=1000,
+              health_interval_s=0.1)
+
+
+@pytest.fixture
+async def make_app(db_url: str) -> AsyncIterator:
+    apps: list[ControllerApp] = []
+    channels: list[grpc.aio.Channel] = []
+
+    async def start(**overrides) -> tuple[ControllerApp, Stubs]:
+        app = ControllerApp(replace(BASE, db_url=db_url, **overrides))
+        await app.start()
+        apps.append(app)
+        channel = grpc.aio.insecure_channel(app.address)
+        channels.append(channel)
+        stubs = Stubs.on(channel)
+        await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+        for tenant in ("lab", "other"):
+            await stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant))
+        return app, stubs
+
+    yield start
+    for channel in channels:
+        await channel.close()
+    for app in apps:
+        await app.stop(grace_s=1.0)
+
+
+def _submit(stubs: Stubs, name: str, tenant: str = "lab", *, dry_run: bool = False, **kw):
+    return stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+        spec=spec(name, tenant, **kw), dry_run=dry_run))
+
+
+def _get(stubs: Stubs, name: str):
+    return stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name=name))
+
+
+async def test_submits_are_rate_limited_per_tenant_with_retry_info(make_app):
+    _, stubs = await make_app(submits_per_minute=2)
+    await _submit(stubs, "a1")
+    await _submit(stubs, "a2")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _submit(stubs, "a3")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().startswith("tenant lab exceeded 2 submits a minute; retry in ")
+    retry_ms = int(dict(info.value.trailing_metadata())["retry-after-ms"])
+    assert 0 < retry_ms <= 30_000  # one token a 30 s
+    with pytest.raises(grpc.aio.AioRpcError):
+        await _get(stubs, "a3")  # nothing written
+    await _submit(stubs, "b1", "other")  # another tenant has its own bucket
+
+
+async def test_dry_runs_are_rate_limited_per_tenant(make_app):
+    _, stubs = await make_app(dry_runs_per_minute=1)
+    reply = await _submit(stubs, "d1", dry_run=True)
+    assert reply.dry_run
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _submit(stubs, "d1", dry_run=True)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().startswith("tenant lab exceeded 1 dry runs a minute; retry in ")
+    assert "retry-after-ms" in dict(info.value.trailing_metadata())
+    assert (await _submit(stubs, "d1", "other", dry_run=True)).dry_run
+
+
+async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_are_placed(make_app):
+    app, stubs = await make_app(quarantine_after_failures=2)
+    real = app.reconciler._solve
+
+    async def poisoned(problem, **kw):
+        if any(d["id"] == "poison" for d in problem.get("deployments", ())):
+            raise RuntimeError("the solver trips on poison")
+        return await real(problem, **kw)
+
+    app.reconciler._solve = poisoned
+    agent = HandAgent(stubs, "n1", "rack-a")
+    await agent.register()
+    await agent.connect()
+    await _submit(stubs, "poison", accelerators=1, locality=common_pb2.DOMAIN_NODE)
+    await _submit(stubs, "good", "other", accelerators=1, locality=common_pb2.DOMAIN_NODE)
+
+    dep = await eventually(lambda: _get(stubs, "poison"), lambda d: d.phase == QUARANTINED, what="poison quarantined")
+    assert [(r.code, r.message) for r in dep.reasons] == [(
+        "QUARANTINED", "the solver failed on it 2 times (RuntimeError: the solver trips on poison); "
+                       "submit it again or delete it")]
+    assert list(dep.placements) == []
+    good = await eventually(lambda: _get(stubs, "good"), lambda d: d.placed_replicas == 1, what="good placed")
+    assert [p.node for p in good.placements] == ["n1"]
+
+    app.reconciler._solve = real  # fixed: submitting it again releases it
+    await _submit(stubs, "poison", accelerators=1, locality=common_pb2.DOMAIN_NODE)
+    released = await eventually(lambda: _get(stubs, "poison"), lambda d: d.placed_replicas == 1, what="released")
+    assert list(released.reasons) == []
+    await agent.close()
+
+
+async def test_stored_data_beyond_the_limits_is_set_aside_and_never_solved(make_app):
+    app, stubs = await make_app()
+    async with app.db.unit_of_work() as uow:  # as a database from before the limits could hold
+        huge = planning.spec_of_doc({"id": "huge", "tenant": "lab", "replicas": 10**9, "shards_per_replica": 1,
+                                     "shard": {"accelerators": 1}})
+        from controller.store import repositories as repo
+        uow.session.add(repo.new_deployment_row(huge))
+        uow.session.add(m.Node(id="giant", rack_id="rack-a", accelerators=10**9))
+        await repo.bump_cluster_generation(uow.session)
+        await uow.commit()
+    agent = HandAgent(stubs, "n1", "rack-a")
+    await agent.register()
+    await agent.connect()
+    await _submit(stubs, "fine", "other", accelerators=1, locality=common_pb2.DOMAIN_NODE)
+
+    dep = await eventually(lambda: _get(stubs, "huge"), lambda d: d.phase == QUARANTINED, what="huge quarantined")
+    assert dep.reasons[0].message == (
+        "exceeds the controller's limits: deployment huge: replicas must be between 1 and 4096, got 1000000000; "
+        "submit it again within them")
+    fine = await eventually(lambda: _get(stubs, "fine"), lambda d: d.placed_replicas == 1, what="fine placed")
+    assert [p.node for p in fine.placements] == ["n1"]  # never on the node beyond the limits
+    await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id="giant"))  # and an admin can remove it
+    await stubs.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="huge"))
+    await eventually(lambda: stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest()),
+                     lambda r: [d.spec.name for d in r.deployments] == ["fine"], what="huge deleted")
+    await agent.close()
+
+
+async def _health(stubs: Stubs) -> int:
+    reply = await health_pb2_grpc.HealthStub(stubs.channel).Check(health_pb2.HealthCheckRequest(service=""))
+    return reply.status
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_health_is_not_serving_while_the_reconciler_keeps_failing_and_recovers(make_app, monkeypatch):
+    app, stubs = await make_app()
+    assert await _health(stubs) == SERVING
+    real = planning.load_snapshot
+
+    async def broken(session):
+        raise RuntimeError("cannot read the cluster")
+
+    monkeypatch.setattr(planning, "load_snapshot", broken)
+    await _submit(stubs, "svc")  # the generation moves: every pass now fails
+    await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
+    assert any("the reconciler failed" in p for p in app.monitor.problems)
+    monkeypatch.setattr(planning, "load_snapshot", real)
+    await eventually(lambda: _health(stubs), lambda s: s == SERVING, what="SERVING again")
+
+
+async def test_health_is_not_serving_above_the_memory_ceiling(make_app):
+    app, stubs = await make_app(max_rss_mib=1)
+    await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
+    assert app.monitor.problems[0].startswith("resident memory ")
+    assert app.monitor.problems[0].endswith(" MiB is above the ceiling of 1 MiB")
+    app.monitor._max_rss = 1 << 20  # raised by the operator: serving again
+    await eventually(lambda: _health(stubs), lambda s: s == SERVING, what="SERVING again")
+
+
+async def test_health_is_not_serving_when_the_database_is_gone(tmp_path):
+    path = tmp_path / "maia.db"
+    app = ControllerApp(replace(BASE, db_url=f"sqlite+aiosqlite:///{path}"))
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        stubs = Stubs.on(channel)
+        assert await _health(stubs) == SERVING
+        await app.db.dispose()  # drop pooled connections: the next one opens the path again
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"maia.db{suffix}").unlink(missing_ok=True)
+        path.mkdir()  # a directory where the database file was: it cannot be opened
+        await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
+        assert "the database does not answer" in app.monitor.problems
+    finally:
+        await channel.close()
+        await app.stop(grace_s=1.0)
