@@ -10,22 +10,14 @@ from pathlib import Path
 import pytest
 
 from controller.api.server import ControllerApp
-from controller.config import Config
-from grpc_harness import Stubs, admin_token_of, eventually, spec, topology
+from grpc_harness import Stubs, admin_token_of, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
 
 @pytest.fixture
 async def controller_app(db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
-    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
-                               watchdog_interval_s=0.5,
-                               heartbeat_timeout_s=2.0, solve_time_limit_ms=1000,
-                               bootstrap_admin_token_file=str(tmp_path / "admin.token")))
-    await app.start()
-    try:
+    async with running_controller(db_url, tmp_path) as app:
         yield app
-    finally:
-        await app.stop(grace_s=1.0)
 
 
 @pytest.fixture

@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
+from controller.api.server import ControllerApp
 from controller.bearer import TOKEN_ENV, aio_channel
+from controller.config import Config
 from controller.identity import CONTROLLER, Role
 from controller.store.db import Database
 from controller.usecases import tokens
@@ -26,6 +29,23 @@ from maia.v1 import (
 )
 
 T = TypeVar("T")
+
+# What integration tests run the controller with: quick loops, a short heartbeat timeout.
+TEST_CONFIG = Config(listen="127.0.0.1:0", reconcile_interval_s=0.2, heartbeat_timeout_s=2.0,
+                     solve_time_limit_ms=1000, health_interval_s=0.5, watchdog_interval_s=0.5)
+
+
+@asynccontextmanager
+async def running_controller(db_url: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[ControllerApp]:
+    """An in-process controller on 127.0.0.1:0 (TEST_CONFIG with `overrides`, authentication on,
+    its bootstrap admin token in `tmp_path`), stopped after."""
+    app = ControllerApp(replace(TEST_CONFIG, db_url=db_url, bootstrap_admin_token_file=str(tmp_path / "admin.token"),
+                                **overrides))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop(grace_s=1.0)
 
 RUNNING = deployments_pb2.DEPLOYMENT_PHASE_RUNNING
 PENDING = deployments_pb2.DEPLOYMENT_PHASE_PENDING

@@ -13,26 +13,19 @@ from sqlalchemy import select
 
 from controller.agents import AgentHub, _Batch
 from controller.api.server import ControllerApp
-from controller.config import Config
 from controller.store import models as m
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.usecases.domain import ShardReport
-from grpc_harness import HandAgent, Stubs, eventually, spec, topology
+from grpc_harness import HandAgent, Stubs, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 
 
 @pytest.fixture
 async def strict_app(db_url: str) -> AsyncIterator[ControllerApp]:
     """A controller whose agent streams may send 20 reports at once, 5 a second after that."""
-    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
-                               heartbeat_timeout_s=2.0, solve_time_limit_ms=1000,
-                               agent_reports_per_second=5.0, agent_reports_burst=20))
-    await app.start()
-    try:
+    async with running_controller(db_url, agent_reports_per_second=5.0, agent_reports_burst=20) as app:
         yield app
-    finally:
-        await app.stop(grace_s=1.0)
 
 
 @pytest.fixture

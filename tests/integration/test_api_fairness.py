@@ -6,33 +6,28 @@ the controller cannot do its job and SERVING again when it can."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from contextlib import AsyncExitStack
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.api.server import ControllerApp
-from controller.config import Config
 from controller.store import models as m
 from controller.usecases import planning
-from grpc_harness import HandAgent, Stubs, eventually, spec, topology
+from grpc_harness import HandAgent, Stubs, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 QUARANTINED = deployments_pb2.DEPLOYMENT_PHASE_QUARANTINED
-BASE = Config(listen="127.0.0.1:0", reconcile_interval_s=0.2, heartbeat_timeout_s=2.0, solve_time_limit_ms=1000,
-              health_interval_s=0.1)
 
 
 @pytest.fixture
 async def make_app(db_url: str) -> AsyncIterator:
-    apps: list[ControllerApp] = []
+    stack = AsyncExitStack()
     channels: list[grpc.aio.Channel] = []
 
     async def start(**overrides) -> tuple[ControllerApp, Stubs]:
-        app = ControllerApp(replace(BASE, db_url=db_url, **overrides))
-        await app.start()
-        apps.append(app)
+        app = await stack.enter_async_context(running_controller(db_url, **overrides))
         channel = grpc.aio.insecure_channel(app.address)
         channels.append(channel)
         stubs = Stubs.on(channel)
@@ -44,8 +39,7 @@ async def make_app(db_url: str) -> AsyncIterator:
     yield start
     for channel in channels:
         await channel.close()
-    for app in apps:
-        await app.stop(grace_s=1.0)
+    await stack.aclose()
 
 
 def _submit(stubs: Stubs, name: str, tenant: str = "lab", *, dry_run: bool = False, **kw):
@@ -152,7 +146,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 async def test_health_is_not_serving_while_the_reconciler_keeps_failing_and_recovers(make_app, monkeypatch):
-    app, stubs = await make_app()
+    app, stubs = await make_app(health_interval_s=0.1)
     assert await _health(stubs) == SERVING
     real = planning.load_snapshot
 
@@ -168,7 +162,7 @@ async def test_health_is_not_serving_while_the_reconciler_keeps_failing_and_reco
 
 
 async def test_health_is_not_serving_above_the_memory_ceiling(make_app):
-    app, stubs = await make_app(max_rss_mib=1)
+    app, stubs = await make_app(max_rss_mib=1, health_interval_s=0.1)
     await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
     assert app.monitor.problems[0].startswith("resident memory ")
     assert app.monitor.problems[0].endswith(" MiB is above the ceiling of 1 MiB")
@@ -178,18 +172,20 @@ async def test_health_is_not_serving_above_the_memory_ceiling(make_app):
 
 async def test_health_is_not_serving_when_the_database_is_gone(tmp_path):
     path = tmp_path / "maia.db"
-    app = ControllerApp(replace(BASE, db_url=f"sqlite+aiosqlite:///{path}"))
-    await app.start()
+    async with running_controller(f"sqlite+aiosqlite:///{path}", health_interval_s=0.1) as app:
+        await _lose_the_database(app, path)
+
+
+async def _lose_the_database(app: ControllerApp, path) -> None:
     channel = grpc.aio.insecure_channel(app.address)
     try:
         stubs = Stubs.on(channel)
         assert await _health(stubs) == SERVING
         await app.db.dispose()  # drop pooled connections: the next one opens the path again
         for suffix in ("", "-wal", "-shm"):
-            (tmp_path / f"maia.db{suffix}").unlink(missing_ok=True)
+            path.with_name(f"maia.db{suffix}").unlink(missing_ok=True)
         path.mkdir()  # a directory where the database file was: it cannot be opened
         await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
         assert "the database does not answer" in app.monitor.problems
     finally:
         await channel.close()
-        await app.stop(grace_s=1.0)

@@ -4,11 +4,14 @@ removes a bad registration and its shards are placed again elsewhere."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
 
+from controller import limits
 from controller.cli.client import list_all
+from controller.cli.main import main
 from grpc_harness import HandAgent, Stubs, api_state, eventually, spec, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, common_pb2, deployments_pb2
 
@@ -128,3 +131,24 @@ async def test_delete_unknown_node_is_not_found_and_writes_nothing(stubs: Stubs)
         await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id="ghost"))
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.NOT_FOUND, "node ghost not found")
     assert await api_state(stubs) == before
+
+
+async def test_maiactl_get_nodes_reads_every_page_and_delete_node_removes_one(stubs: Stubs, controller_app, capsys):
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    count = limits.PAGE_SIZE_DEFAULT + 5  # more than one default page
+    for i in range(count):
+        await stubs.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+            node_id=f"n{i:03d}", rack="rack-a", accelerators=4)))
+
+    async def maiactl(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, [*argv, "--controller", controller_app.address])
+        return code, capsys.readouterr().out
+
+    code, out = await maiactl("get", "nodes", "-o", "json")
+    assert code == 0
+    assert [n["id"] for n in json.loads(out)["nodes"]] == [f"n{i:03d}" for i in range(count)]
+    code, out = await maiactl("delete", "node", "n000")
+    assert (code, out.strip()) == (0, "node/n000 deleted (its shards are placed again elsewhere)")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="n000"))

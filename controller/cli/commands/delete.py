@@ -16,20 +16,22 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(handler=run)
 
 
+# Admin objects deleted by id: (method, request type, what is said after "deleted").
+_ADMIN_DELETES = {
+    "tenant": ("DeleteTenant", admin_pb2.DeleteTenantRequest, ""),
+    "node": ("DeleteNode", admin_pb2.NodeRequest, " (its shards are placed again elsewhere)"),
+}
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
     results = []
     for name in args.names:
-        if args.resource == "tenant":
-            ctx.controller.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id=name), timeout=ctx.rpc_timeout)
-            results.append({"object": f"tenant/{name}", "action": "deleted"})
+        if args.resource in _ADMIN_DELETES:
+            method, request, note = _ADMIN_DELETES[args.resource]
+            getattr(ctx.controller.admin, method)(request(id=name), timeout=ctx.rpc_timeout)
+            results.append({"object": f"{args.resource}/{name}", "action": "deleted"})
             if not ctx.json:
-                ctx.out(f"tenant/{name} deleted")
-            continue
-        if args.resource == "node":
-            ctx.controller.admin.DeleteNode(admin_pb2.NodeRequest(id=name), timeout=ctx.rpc_timeout)
-            results.append({"object": f"node/{name}", "action": "deleted"})
-            if not ctx.json:
-                ctx.out(f"node/{name} deleted (its shards are placed again elsewhere)")
+                ctx.out(f"{args.resource}/{name} deleted{note}")
             continue
         dep = ctx.controller.deployments.DeleteDeployment(
             deployments_pb2.DeleteDeploymentRequest(name=name), timeout=ctx.rpc_timeout)
