@@ -16,6 +16,7 @@ from sqlalchemy import Select, and_, case, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals_on_node
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
@@ -309,6 +310,9 @@ async def quarantine_deployment(session: AsyncSession, name: str, reason: str) -
     await bump_cluster_generation(session)
     record_event(session, actor="controller", kind="deployment.quarantined", object_kind="deployment",
                  object_id=name, message=reason)
+    await audit.append(session, [audit.AuditRecord(
+        actor="controller", action="deployment.quarantined", role="controller", tenant=row.tenant_id,
+        object_kind="deployment", object_id=name, detail={"reason": reason, "released_on_nodes": sorted(nodes)})])
     return nodes
 
 

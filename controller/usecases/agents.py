@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from controller import limits
 from controller.errors import FailedPrecondition, InvalidArgument
 from controller.identity import Principal
+from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -162,14 +163,18 @@ class RefusedReports:
     samples: tuple[tuple[str, int, int], ...]  # (deployment, replica, shard), the first few
 
 
-def record_refused_reports(uow: UnitOfWork, node_id: str, refused: RefusedReports) -> None:
-    """The audit seam for an agent speaking about shards that are not its own: one event per
-    node per flush (never one per report, which a hostile agent could flood)."""
+async def record_refused_reports(uow: UnitOfWork, node_id: str, refused: RefusedReports) -> None:
+    """An agent spoke about shards that are not its own: one event and one audit entry per node
+    per flush (never one per report, which a hostile agent could flood)."""
+    data = {"count": refused.count, "samples": [list(k) for k in refused.samples]}
     repo.record_event(
         uow.session, actor=node_id, kind="agent.reports_refused", object_kind="node", object_id=node_id,
-        message=f"{refused.count} shard report(s) for shards this node was never given",
-        data={"count": refused.count, "samples": [list(k) for k in refused.samples]},
+        message=f"{refused.count} shard report(s) for shards this node was never given", data=data,
     )
+    await audit.append(uow.session, [audit.AuditRecord(
+        actor=node_id, action="agent.reports_refused", outcome="PERMISSION_DENIED", role="node",
+        object_kind="node", object_id=node_id, request_id=f"flush-{uuid.uuid4().hex}", detail=data,
+    )])
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +226,6 @@ async def flush_reports(
         for row in await repo.list_deployment_rows(s, names=touched):
             row.phase = repo.implied_phase(row)
     for node_id, refusal in (refused or {}).items():
-        record_refused_reports(uow, node_id, refusal)
+        await record_refused_reports(uow, node_id, refusal)
     await uow.commit()
     return touched

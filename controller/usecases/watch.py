@@ -16,6 +16,7 @@ from controller.errors import Unavailable
 from controller.identity import Principal
 from controller.store.db import UnitOfWork
 from controller.usecases.deployments import all_deployments
+from controller.usecases.validation import check_name
 from controller.usecases.domain import DeploymentEvent
 
 _CLOSED = object()
@@ -72,6 +73,8 @@ async def watch_deployments(
     bus: DeploymentEventBus, *, tenant: str = "", name: str = "",
 ) -> AsyncIterator[DeploymentEvent]:
     """The current state of matching deployments (ADDED), then every change to them."""
+    if name:
+        check_name("deployment", name)
     queue = bus.subscribe()  # before reading, so no change between the read and the stream is lost
     try:
         async with unit_of_work() as uow:

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from controller.agents import AgentHub, _Batch
 from controller.api.server import ControllerApp
+from controller.store import audit
 from controller.store import models as m
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
@@ -105,6 +106,9 @@ async def test_reports_for_shards_never_given_are_refused_and_recorded(strict: S
 
     events = await eventually(refusals, lambda e: len(e) > 0, what="refusal recorded")
     assert events == [("impostor", 2, [["svc", 0, 0], ["ghost", 3, 1]])]
+    async with strict_app.db.unit_of_work() as uow:  # and handed to the audit log
+        entries = [e for e in await audit.list_entries(uow.session) if e.action == "agent.reports_refused"]
+    assert [(e.actor, e.outcome, e.detail["count"]) for e in entries] == [("impostor", "PERMISSION_DENIED", 2)]
     await eventually(lambda: strict.admin.GetNode(admin_pb2.GetNodeRequest(id="impostor")),
                      lambda n: n.power_draw_w == 700.0, what="impostor heartbeat written")
     dep = await strict.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))

@@ -150,3 +150,12 @@ async def test_error_messages_listing_many_values_are_capped(seeded: Stubs):
     details = info.value.details()
     assert details.startswith("tenant lab2 excludes unknown tenant(s): ghost-0000-")
     assert len(details) == limits.ERROR_MESSAGE_MAX and details.endswith("more characters)")
+
+
+async def test_watch_filters_are_bounded(seeded: Stubs):
+    call = seeded.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="x\x00" * 1000))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().endswith("(2000 characters) is 2000 characters long; at most 63")
