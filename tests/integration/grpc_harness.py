@@ -47,6 +47,7 @@ async def running_controller(db_url: str, tmp_path: Path, **overrides: Any) -> A
     finally:
         await app.stop(grace_s=1.0)
 
+
 RUNNING = deployments_pb2.DEPLOYMENT_PHASE_RUNNING
 PENDING = deployments_pb2.DEPLOYMENT_PHASE_PENDING
 

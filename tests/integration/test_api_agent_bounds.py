@@ -18,27 +18,26 @@ from controller.store import models as m
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.usecases.domain import ShardReport
-from grpc_harness import HandAgent, Stubs, eventually, running_controller, spec, topology
+from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 
 
 @pytest.fixture
-async def strict_app(db_url: str) -> AsyncIterator[ControllerApp]:
+async def strict_app(db_url: str, tmp_path) -> AsyncIterator[ControllerApp]:
     """A controller whose agent streams may send 20 reports at once, 5 a second after that."""
-    async with running_controller(db_url, agent_reports_per_second=5.0, agent_reports_burst=20) as app:
+    async with running_controller(db_url, tmp_path, agent_reports_per_second=5.0, agent_reports_burst=20) as app:
         yield app
 
 
 @pytest.fixture
 async def strict(strict_app: ControllerApp) -> AsyncIterator[Stubs]:
-    channel = grpc.aio.insecure_channel(strict_app.address)
+    stubs = Stubs.connect(strict_app.address, admin_token_of(strict_app))
     try:
-        stubs = Stubs.on(channel)
         await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
         await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
         yield stubs
     finally:
-        await channel.close()
+        await stubs.channel.close()
 
 
 async def _connected(stubs: Stubs, node_id: str = "n1") -> HandAgent:

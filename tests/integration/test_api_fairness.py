@@ -15,22 +15,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controller.api.server import ControllerApp
 from controller.store import models as m
 from controller.usecases import planning
-from grpc_harness import HandAgent, Stubs, eventually, running_controller, spec, topology
+from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 QUARANTINED = deployments_pb2.DEPLOYMENT_PHASE_QUARANTINED
 
 
 @pytest.fixture
-async def make_app(db_url: str) -> AsyncIterator:
+async def make_app(db_url: str, tmp_path) -> AsyncIterator:
     stack = AsyncExitStack()
     channels: list[grpc.aio.Channel] = []
 
     async def start(**overrides) -> tuple[ControllerApp, Stubs]:
-        app = await stack.enter_async_context(running_controller(db_url, **overrides))
-        channel = grpc.aio.insecure_channel(app.address)
-        channels.append(channel)
-        stubs = Stubs.on(channel)
+        app = await stack.enter_async_context(running_controller(db_url, tmp_path, **overrides))
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        channels.append(stubs.channel)
         await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
         for tenant in ("lab", "other"):
             await stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant))
@@ -172,14 +171,13 @@ async def test_health_is_not_serving_above_the_memory_ceiling(make_app):
 
 async def test_health_is_not_serving_when_the_database_is_gone(tmp_path):
     path = tmp_path / "maia.db"
-    async with running_controller(f"sqlite+aiosqlite:///{path}", health_interval_s=0.1) as app:
+    async with running_controller(f"sqlite+aiosqlite:///{path}", tmp_path, health_interval_s=0.1) as app:
         await _lose_the_database(app, path)
 
 
 async def _lose_the_database(app: ControllerApp, path) -> None:
-    channel = grpc.aio.insecure_channel(app.address)
+    stubs = Stubs.connect(app.address, admin_token_of(app))
     try:
-        stubs = Stubs.on(channel)
         assert await _health(stubs) == SERVING
         await app.db.dispose()  # drop pooled connections: the next one opens the path again
         for suffix in ("", "-wal", "-shm"):
@@ -188,4 +186,4 @@ async def _lose_the_database(app: ControllerApp, path) -> None:
         await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
         assert "the database does not answer" in app.monitor.problems
     finally:
-        await channel.close()
+        await stubs.channel.close()

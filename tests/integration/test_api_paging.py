@@ -4,15 +4,17 @@ removes a bad registration and its shards are placed again elsewhere."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 import grpc
 import pytest
 
 from controller import limits
+from controller.bearer import bearer_metadata
 from controller.cli.client import list_all
 from controller.cli.main import main
-from grpc_harness import HandAgent, Stubs, api_state, eventually, spec, topology
+from grpc_harness import HandAgent, Stubs, admin_token_of, api_state, eventually, spec, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, common_pb2, deployments_pb2
 
 
@@ -89,7 +91,8 @@ async def test_maiactl_follows_every_page(populated: Stubs, controller_app):
         channel = grpc.insecure_channel(controller_app.address)
         try:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
-            merged = list_all(admin.ListNodes, admin_pb2.ListNodesRequest(page_size=2), "nodes", timeout=10)
+            authed = functools.partial(admin.ListNodes, metadata=bearer_metadata(admin_token_of(controller_app)))
+            merged = list_all(authed, admin_pb2.ListNodesRequest(page_size=2), "nodes", timeout=10)
             assert merged.next_page_token == ""
             return [n.id for n in merged.nodes]
         finally:
@@ -142,7 +145,8 @@ async def test_maiactl_get_nodes_reads_every_page_and_delete_node_removes_one(st
 
     async def maiactl(*argv: str) -> tuple[int, str]:
         capsys.readouterr()
-        code = await asyncio.to_thread(main, [*argv, "--controller", controller_app.address])
+        code = await asyncio.to_thread(main, [*argv, "--controller", controller_app.address,
+                                              "--token", admin_token_of(controller_app)])
         return code, capsys.readouterr().out
 
     code, out = await maiactl("get", "nodes", "-o", "json")
