@@ -22,7 +22,7 @@ from controller.store.db import Database, UnitOfWork
 from controller.usecases import policy
 from controller.usecases.domain import IssuedToken, TokenRequest, TokenView
 from controller.usecases.ports import Signals
-from controller.usecases.validation import check_id
+from controller.usecases.validation import check_id, check_optional_id
 
 # Roles an admin may mint directly (node credentials come from Register).
 MINTABLE_ROLES = (Role.ADMIN, Role.TENANT, Role.NODE_BOOTSTRAP)
@@ -49,6 +49,7 @@ async def _validate(uow: UnitOfWork, request: TokenRequest) -> Role:
     if role is Role.TENANT:
         if not request.tenant:
             raise InvalidArgument("token: role tenant needs a tenant")
+        check_id("tenant", request.tenant)
         if await repo.get_tenant(uow.session, request.tenant) is None:
             raise NotFound(f"tenant {request.tenant} not found")
     elif request.tenant:
@@ -85,12 +86,15 @@ async def create_token(uow: UnitOfWork, who: Principal, request: TokenRequest) -
 
 async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant: str = "") -> list[TokenView]:
     policy.require_admin(who, "listing tokens")
+    check_optional_id("role", role)
+    check_optional_id("tenant", tenant)
     return [store.token_view(r) for r in await store.list_token_rows(uow.session, role=role, tenant=tenant)]
 
 
 async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: Signals) -> TokenView:
     """Revoke at once (idempotent); the authenticator's cache forgets it through `signals`."""
     policy.require_admin(who, "revoking tokens")
+    check_id("token", token_id)
     row = await store.get_token(uow.session, token_id)
     if row is None:
         raise NotFound(f"token {token_id} not found")

@@ -93,6 +93,12 @@ HOSTILE = [
     ("rack budget 1e300", lambda s: s.admin.ApplyTopology(admin_pb2.Topology(
         racks=[admin_pb2.Rack(id="rack-b", row="row-a", power_budget_w=1e300)])),
      "rack rack-b: power_budget_w must be at most 1e+07, got 1e+300"),
+    ("token for a NUL tenant", lambda s: s.admin.CreateToken(admin_pb2.CreateTokenRequest(role="tenant", tenant="lab\x00")),
+     "tenant id 'lab\\x00' is invalid: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"),
+    ("revoke a 1 MB token id", lambda s: s.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=MB)),
+     f"token id {repr(MB)[:20]}... (1048576 characters) is 1048576 characters long; at most 128"),
+    ("list tokens of a NUL tenant", lambda s: s.admin.ListTokens(admin_pb2.ListTokensRequest(tenant="\x00")),
+     "tenant id '\\x00' is invalid: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"),
     ("cordon NUL node", lambda s: s.admin.CordonNode(admin_pb2.NodeRequest(id="n1\x00")),
      "node id 'n1\\x00' is invalid: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"),
 ]
