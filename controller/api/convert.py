@@ -275,7 +275,10 @@ def optional_time(msg: Message, name: str) -> datetime | None:
     """A Timestamp field as an aware UTC datetime, None when absent."""
     if not msg.HasField(name):
         return None
-    return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)
+    try:
+        return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)
+    except (ValueError, OverflowError, OSError):  # seconds/nanos outside what a datetime can hold
+        raise InvalidArgument(f"{name} is not a valid time (year 1 to 9999)") from None
 
 
 def token_request(msg: admin_pb2.CreateTokenRequest) -> d.TokenRequest:

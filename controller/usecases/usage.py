@@ -15,6 +15,7 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import UsageRecord, UsageReport
 from controller.usecases.policy import require_role
+from controller.usecases.validation import check_optional_id
 
 GROUPS = ("tenant", "deployment", "accelerator_model", "zone")
 
@@ -32,6 +33,7 @@ async def usage_report(
     until: datetime | None = None, now: datetime,
 ) -> UsageReport:
     require_role(who, "reading usage", Role.TENANT)
+    check_optional_id("tenant", tenant)
     tenant = visible_tenant(who, tenant)
     if since is not None and until is not None and since >= until:
         raise InvalidArgument(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")

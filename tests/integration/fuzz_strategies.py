@@ -57,7 +57,7 @@ def messages(draw: st.DrawFn, descriptor: Descriptor, depth: int = 0) -> Any:
         if _is_map(field):
             target.update(draw(st.dictionaries(TEXT, TEXT, max_size=4)))
         elif field.message_type is not None:
-            if depth >= MAX_DEPTH or field.message_type.full_name.startswith("google.protobuf."):
+            if depth >= MAX_DEPTH:
                 continue
             strategy = messages(field.message_type, depth + 1)
             if field.is_repeated:
