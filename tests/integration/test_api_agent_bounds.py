@@ -25,7 +25,8 @@ from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 @pytest.fixture
 async def strict_app(db_url: str, tmp_path) -> AsyncIterator[ControllerApp]:
     """A controller whose agent streams may send 20 reports at once, 5 a second after that."""
-    async with running_controller(db_url, tmp_path, agent_reports_per_second=5.0, agent_reports_burst=20) as app:
+    async with running_controller(db_url, tmp_path, agent_reports_per_second=5.0, agent_reports_burst=20,
+                                  heartbeat_timeout_s=60) as app:
         yield app
 
 

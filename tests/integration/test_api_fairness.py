@@ -78,7 +78,8 @@ async def test_dry_runs_are_rate_limited_per_tenant(make_app):
 
 
 async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_are_placed(make_app):
-    app, stubs = await make_app(quarantine_after_failures=2)
+    # A hand agent that never heartbeats: a timeout no loaded machine reaches while the pass isolates.
+    app, stubs = await make_app(quarantine_after_failures=2, heartbeat_timeout_s=60)
     real = app.reconciler._solve
 
     async def poisoned(problem, **kw):
@@ -109,7 +110,7 @@ async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_ar
 
 
 async def test_stored_data_beyond_the_limits_is_set_aside_and_never_solved(make_app):
-    app, stubs = await make_app()
+    app, stubs = await make_app(heartbeat_timeout_s=60)
     async with app.db.unit_of_work() as uow:  # as a database from before the limits could hold
         huge = planning.spec_of_doc({"id": "huge", "tenant": "lab", "replicas": 10**9, "shards_per_replica": 1,
                                      "shard": {"accelerators": 1}})
