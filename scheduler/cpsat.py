@@ -325,6 +325,11 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
     # unplaced was not proved unplaceable. A reached bound proves term 1 whatever the status.
     if status == cp_model.FEASIBLE and solver.stats["best_bound"] > solver.objective(solver.state):
         solver.time_cut.update(pending)
+    # A bound below what a plan reaches is no bound: the model does not cover everything the
+    # placer can do (the greedy answer beat it), so claim neither the bound nor optimality.
+    if solver.objective(solver.state) > solver.stats["best_bound"]:
+        del solver.stats["best_bound"]
+        return
     # Proved only for what the model covers: no preemption or moves could do better.
     opts = solver.problem.options
     if status == cp_model.OPTIMAL and exact and trial_value >= greedy_value and \
