@@ -27,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 from controller import limits
 from controller.errors import MaiaError
 from controller.ratelimit import TokenBucket, rate_limited
+from controller.identity import Principal
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import agents as agent_cases
@@ -114,11 +115,11 @@ class AgentHub:
 
     # --- one stream --------------------------------------------------------------------------
     async def converse(
-        self, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
+        self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
     ) -> AsyncIterator[AssignmentSet]:
         """Serve one Connect stream after its Hello: yields the AssignmentSets to send."""
         async with self._db.unit_of_work() as uow:
-            was_down = await agent_cases.hello(uow, node_id, session_id, datetime.now(timezone.utc))
+            was_down = await agent_cases.hello(uow, who, node_id, session_id, datetime.now(timezone.utc))
         session = AgentSession(node_id, session_id,
                                reports=TokenBucket(self._report_rate, self._report_burst))
         previous = self._sessions.get(node_id)

@@ -123,7 +123,8 @@ NODE_BOOTSTRAP_TOKEN="$(maiactl token create --role node-bootstrap --name demo-f
 
 say "starting maia-simnode: $RACKS racks x $NODES_PER_RACK nodes"
 MAIA_TOKEN="$NODE_BOOTSTRAP_TOKEN" "$BIN/maia-simnode" --controller "$ADDRESS" --racks "$RACKS" \
-  --nodes-per-rack "$NODES_PER_RACK" --load-delay 1.0 >"$RUN_DIR/simnode.out" 2>"$RUN_DIR/simnode.log" &
+  --nodes-per-rack "$NODES_PER_RACK" --load-delay 1.0 --state-dir "$RUN_DIR/simnode-state" \
+  >"$RUN_DIR/simnode.out" 2>"$RUN_DIR/simnode.log" &
 SIMNODE_PID=$!
 maiactl wait nodes --connected $((RACKS * NODES_PER_RACK)) --timeout 60
 

@@ -7,7 +7,7 @@ from grpc import aio
 from controller.api import convert
 from controller.api.deps import ServiceDeps
 from controller.identity import current_principal
-from controller.usecases import nodes, tenants, tokens, topology
+from controller.usecases import agents, nodes, tenants, tokens, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -91,6 +91,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async with self._deps.db.unit_of_work() as uow:
             await nodes.delete_node(uow, current_principal(), request.id, self._deps.signals)
         return admin_pb2.DeleteNodeResponse()
+
+    async def ResetNodeCredential(self, request: admin_pb2.NodeRequest,
+                                  context: aio.ServicerContext) -> admin_pb2.ResetNodeCredentialResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            revoked = await agents.reset_node_credential(uow, current_principal(), request.id, self._deps.signals)
+        return admin_pb2.ResetNodeCredentialResponse(node_id=request.id, revoked_token_ids=revoked)
 
     async def GetClusterSummary(self, request: admin_pb2.GetClusterSummaryRequest,
                                 context: aio.ServicerContext) -> admin_pb2.ClusterSummary:

@@ -37,7 +37,8 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
                        context: aio.ServicerContext) -> agent_pb2.RegisterResponse:
         async with self._deps.db.unit_of_work() as uow:
             reg = await cases.register_node(uow, current_principal(), convert.node_info(request.node),
-                                            heartbeat_interval_ms=self._deps.heartbeat_interval_ms)
+                                            heartbeat_interval_ms=self._deps.heartbeat_interval_ms,
+                                            signals=self._deps.signals)
         self._deps.signals.wake_reconciler()
         return convert.registration_msg(reg)
 
@@ -50,7 +51,8 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
             return
         if first.WhichOneof("body") != "hello":
             raise FailedPrecondition("the first message on Connect must be Hello (node_id, session_id)")
-        sets = self._deps.hub.converse(first.hello.node_id, first.hello.session_id, _inbound(messages))
+        sets = self._deps.hub.converse(current_principal(), first.hello.node_id, first.hello.session_id,
+                                       _inbound(messages))
         try:
             async for assignment_set in sets:
                 yield convert.assignment_set_msg(assignment_set)

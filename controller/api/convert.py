@@ -232,7 +232,8 @@ def node_info(msg: agent_pb2.NodeInfo) -> d.NodeInfo:
 
 def registration_msg(reg: d.Registration) -> agent_pb2.RegisterResponse:
     return agent_pb2.RegisterResponse(node_id=reg.node_id, session_id=reg.session_id,
-                                      heartbeat_interval_ms=reg.heartbeat_interval_ms)
+                                      heartbeat_interval_ms=reg.heartbeat_interval_ms,
+                                      node_credential=reg.node_credential)
 
 
 def shard_report(msg: agent_pb2.ShardStatus) -> d.ShardReport:

@@ -14,6 +14,7 @@ import grpc
 
 from controller.devca import node_stem
 from controller.bearer import TOKEN_ENV
+from controller.simnode.credentials import CredentialFile, default_state_dir
 from controller.simnode.fleet import Fleet, FleetShape
 from controller.simnode.transport import SimulatedNode
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controller", default="127.0.0.1:50051", metavar="HOST:PORT")
     p.add_argument("--token", default=None, metavar="TOKEN",
                    help=f"node-bootstrap (or admin) token to register with (default: ${TOKEN_ENV})")
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                   help="where each node's credential (issued by Register) is kept, one 0600 file per "
+                        f"controller and rack prefix (default: {default_state_dir()})")
     p.add_argument("--racks", type=_positive_int, required=True)
     p.add_argument("--nodes-per-rack", type=_positive_int, required=True)
     p.add_argument("--rack-prefix", default="rack-")
@@ -91,9 +95,10 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
                        accelerators=args.accelerators, accelerator_model=args.model,
                        hbm_gib=args.hbm_gib, idle_power_w=args.idle_power_w)
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    kept = CredentialFile.for_fleet(args.state_dir or default_state_dir(), args.controller, args.rack_prefix)
     nodes = [SimulatedNode(spec, args.controller, token=token, load_delay_s=args.load_delay,
                            heartbeat_interval_s=args.heartbeat_interval,
-                           credentials=credentials_for(args, spec.node_id))
+                           credentials=credentials_for(args, spec.node_id), node_credentials=kept)
              for spec in shape.node_specs()]
     return Fleet(nodes)
 

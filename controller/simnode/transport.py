@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from controller import limits
-from controller.bearer import aio_channel
+from controller.bearer import aio_channel, bearer_metadata
 from controller.simnode import protocol
 from controller.simnode.agent import NodeAgent, Phase, ShardReport
+from controller.simnode.credentials import CredentialFile
 from controller.simnode.protocol import NodeSpec
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
@@ -63,11 +64,15 @@ class SimulatedNode:
     def __init__(self, spec: NodeSpec, controller: str, *, token: str | None = None, load_delay_s: float = 1.0,
                  heartbeat_interval_s: float | None = None, backoff: Backoff | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 node_credentials: CredentialFile | None = None) -> None:
         self.spec = spec
         self.controller = controller
         self.credentials = credentials  # TLS (and this node's client certificate); None: plaintext
-        self.token = token
+        self.token = token  # node-bootstrap: registers the node the first time
+        # This node's own credential, issued by Register: Connect and later Registers use it.
+        self.node_credentials = node_credentials
+        self.node_credential = node_credentials.get(spec.node_id) if node_credentials is not None else None
         self.agent = NodeAgent(spec.node_id, spec.idle_power_w, load_delay_s)
         self.heartbeat_override_s = heartbeat_interval_s
         self.backoff = backoff or Backoff()
@@ -99,7 +104,7 @@ class SimulatedNode:
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        channel = aio_channel(self.controller, self.token, credentials=self.credentials,
+        channel = aio_channel(self.controller, None, credentials=self.credentials,
                               options=limits.GRPC_CLIENT_OPTIONS)
         stub = agent_pb2_grpc.NodeAgentServiceStub(channel)
         try:
@@ -112,6 +117,8 @@ class SimulatedNode:
                 except grpc.aio.AioRpcError as exc:
                     what = "stream broke" if self.connected else "register failed"
                     problem = f"{what}: {exc.code().name}: {exc.details()}"
+                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.node_credential:
+                        self._forget_credential()  # revoked (an admin reset it): register afresh
                 except _Crashed:
                     pass
                 finally:
@@ -133,9 +140,25 @@ class SimulatedNode:
             await channel.close(grace=None)
             self.log.info("stopped")
 
+    def _auth(self) -> tuple[tuple[str, str], ...]:
+        token = self.node_credential or self.token
+        return bearer_metadata(token) if token else ()
+
+    def _keep_credential(self, credential: str) -> None:
+        self.node_credential = credential
+        if self.node_credentials is not None:
+            self.node_credentials.put(self.spec.node_id, credential)
+
+    def _forget_credential(self) -> None:
+        self.node_credential = None
+        if self.node_credentials is not None:
+            self.node_credentials.forget(self.spec.node_id)
+
     async def _session(self, stub: agent_pb2_grpc.NodeAgentServiceStub) -> None:
         registration = await stub.Register(agent_pb2.RegisterRequest(node=self.spec.to_proto()),
-                                           timeout=REGISTER_TIMEOUT_S)
+                                           timeout=REGISTER_TIMEOUT_S, metadata=self._auth())
+        if registration.node_credential:
+            self._keep_credential(registration.node_credential)
         self.session_id = registration.session_id
         interval = self.heartbeat_override_s or (registration.heartbeat_interval_ms / 1000) or DEFAULT_HEARTBEAT_S
         self.agent.begin_session()
@@ -145,7 +168,7 @@ class SimulatedNode:
         outbox.put_nowait(protocol.hello(self.spec.node_id, self.session_id))
         if self._stopping.is_set():
             outbox.put_nowait(_CLOSE)
-        call = stub.Connect(self._outbound(outbox))
+        call = stub.Connect(self._outbound(outbox), metadata=self._auth())
         self._call = call
         self.connected = True
         self.log.info("registered and connected (session %s, heartbeat every %.1fs)", self.session_id, interval)

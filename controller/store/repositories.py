@@ -254,8 +254,11 @@ async def deployment_name_exists(session: AsyncSession, name: str) -> bool:
     return (await session.scalar(select(m.Deployment.id).where(m.Deployment.name == name))) is not None
 
 
-async def count_deployments_by_phase(session: AsyncSession) -> dict[str, int]:
-    rows = await session.execute(select(m.Deployment.phase, func.count()).group_by(m.Deployment.phase))
+async def count_deployments_by_phase(session: AsyncSession, tenant: str = "") -> dict[str, int]:
+    query = select(m.Deployment.phase, func.count()).group_by(m.Deployment.phase)
+    if tenant:
+        query = query.where(m.Deployment.tenant_id == tenant)
+    rows = await session.execute(query)
     return {phase.value: int(n) for phase, n in rows}
 
 

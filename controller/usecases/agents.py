@@ -12,21 +12,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import select, update
 
 from controller import limits
-from controller.errors import FailedPrecondition, InvalidArgument
-from controller.identity import Principal
+from controller.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from controller.identity import Principal, Role
 from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
+from controller.store import tokens as node_tokens
 from controller.store.db import UnitOfWork
+from controller.usecases import policy, tokens
 from controller.usecases.domain import HeartbeatReport, NodeInfo, Registration, ShardReport
 from controller.usecases.validation import (
-    check_count, check_id, check_labels, check_name, check_quantity, check_range, check_text,
+    ID_MAX, check_count, check_id, check_labels, check_name, check_quantity, check_range, check_text,
 )
+from controller.usecases.ports import Signals
 
 _SHARD_PHASES = {p.value for p in m.ShardPhase}
 
@@ -72,12 +75,43 @@ def _capacity(row: m.Node) -> tuple:
             row.memory_mib, row.idle_power_w, dict(row.labels or {}))
 
 
-async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, heartbeat_interval_ms: int) -> Registration:
+async def _credential_for(uow: UnitOfWork, who: Principal, node_id: str, exists: bool) -> tuple[str, list[str]]:
+    """Whether `who` may register `node_id`, and the credential to issue: (secret or "", revoked ids).
+
+    A new node: admin or node-bootstrap, and a fresh credential. An existing node: its own
+    credential (nothing new), an admin (a fresh credential, the old ones revoked), or a
+    node-bootstrap token only while the node holds no active credential (after an admin reset,
+    or a node registered before credentials existed): so a bootstrap token cannot take over a
+    node its agent still holds.
+    """
+    action = f"registering node {node_id}"
+    if not exists:
+        policy.require_role(who, action, Role.NODE_BOOTSTRAP)
+    elif who.role is Role.NODE:
+        policy.require_node_speaker(who, node_id, action)
+        return "", []
+    elif who.role is Role.NODE_BOOTSTRAP:
+        if await node_tokens.active_tokens(uow.session, datetime.now(timezone.utc), role=Role.NODE.value,
+                                           node=node_id):
+            raise PermissionDenied(
+                f"node {node_id} is already registered and holds a node credential: a node-bootstrap token "
+                f"registers new nodes only; re-register with the node's own credential, or have an admin "
+                f"reset it (maiactl node reset-credential {node_id})")
+    else:
+        policy.require_admin(who, action)
+    revoked = await tokens.revoke_node_credentials(uow, who, node_id) if exists else []
+    issued = tokens.add_token(uow, who, role=Role.NODE, name=f"node-{node_id}"[:ID_MAX], node=node_id)
+    return issued.secret, revoked
+
+
+async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, heartbeat_interval_ms: int,
+                        signals: Signals | None = None) -> Registration:
     _validate(info)
     if await repo.get_rack(uow.session, info.rack) is None:
         raise FailedPrecondition(f"rack {info.rack} is not in the topology; apply it first")
     row = await repo.get_node(uow.session, info.node_id)
     created = row is None
+    credential, revoked = await _credential_for(uow, who, info.node_id, exists=not created)
     if row is None:
         row = m.Node(id=info.node_id, health=m.NodeHealth.DOWN, cordoned=False, assignment_generation=0,
                      power_draw_w=0.0)
@@ -99,11 +133,30 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
     repo.record_event(uow.session, actor=who.name, kind="node.registered", object_kind="node", object_id=info.node_id,
                       data={"rack": info.rack, "accelerators": info.accelerators, "created": created})
     await uow.commit()
-    return Registration(node_id=row.id, session_id=row.session_id or "", heartbeat_interval_ms=heartbeat_interval_ms)
+    for token_id in revoked:
+        if signals is not None:
+            signals.token_revoked(token_id)
+    return Registration(node_id=row.id, session_id=row.session_id or "", heartbeat_interval_ms=heartbeat_interval_ms,
+                        node_credential=credential)
 
 
-async def hello(uow: UnitOfWork, node_id: str, session_id: str, now: datetime) -> bool:
-    """Accept a stream for the node's current session and mark it up; True if it was down."""
+async def reset_node_credential(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals) -> list[str]:
+    """Revoke a node's credentials (lost, or leaked): its agent, holding only a node-bootstrap
+    token, may then register it again and receives a new credential. Returns the revoked ids."""
+    policy.require_admin(who, "resetting node credentials")
+    if await repo.get_node(uow.session, node_id) is None:
+        raise NotFound(f"node {node_id} not found")
+    revoked = await tokens.revoke_node_credentials(uow, who, node_id)
+    await uow.commit()
+    for token_id in revoked:
+        signals.token_revoked(token_id)
+    return revoked
+
+
+async def hello(uow: UnitOfWork, who: Principal, node_id: str, session_id: str, now: datetime) -> bool:
+    """Accept a stream for the node's current session and mark it up; True if it was down.
+    Only the node's own credential (or an admin) may speak for it."""
+    policy.require_node_speaker(who, node_id, f"Connect as node {node_id}")
     check_id("node", node_id)
     check_text("hello.session_id", session_id, limits.SESSION_ID_MAX)
     row = await repo.get_node(uow.session, node_id)

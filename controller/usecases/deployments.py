@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 from controller import limits
@@ -19,7 +20,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
-from controller.usecases import planning
+from controller.usecases import planning, policy
 from controller.usecases.domain import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView,
 )
@@ -175,8 +176,25 @@ async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec) -> m.De
     return replaced
 
 
+def _as_caller(who: Principal, spec: DeploymentSpec, action: str) -> DeploymentSpec:
+    """The spec in the caller's tenant: a tenant token submits for its own tenant only (an empty
+    tenant field means its own); admins name the tenant."""
+    tenant = policy.visible_tenant(who, spec.tenant, action)
+    return replace(spec, tenant=tenant) if tenant != spec.tenant else spec
+
+
+async def _visible_row(uow: UnitOfWork, who: Principal, name: str, action: str) -> m.Deployment:
+    """The named deployment if `who` may see it; another tenant's is NOT_FOUND, like a missing one."""
+    policy.visible_tenant(who, "", action)
+    row = await repo.get_deployment(uow.session, name)
+    if row is None or not policy.may_see_tenant(who, row.tenant_id):
+        raise NotFound(f"deployment {name} not found")
+    return row
+
+
 async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
                             signals: Signals, throttle: SubmitLimits | None = None) -> DeploymentView:
+    spec = _as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
     if throttle is not None:
         throttle.check_submit(spec.tenant)
@@ -208,6 +226,7 @@ async def dry_run_deployment(db: Database, who: Principal, spec: DeploymentSpec,
 
     With `throttle`, the tenant's dry-run rate applies, the solve takes one of the few dry-run
     slots and runs for at most the dry-run time limit."""
+    spec = _as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
     if throttle is None:
         return await _dry_run(db, spec, time_limit_ms)
@@ -251,15 +270,13 @@ def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> De
 
 async def get_deployment(uow: UnitOfWork, who: Principal, name: str) -> DeploymentView:
     check_name("deployment", name)
-    row = await repo.get_deployment(uow.session, name)
-    if row is None:
-        raise NotFound(f"deployment {name} not found")
-    return repo.deployment_view(row)
+    return repo.deployment_view(await _visible_row(uow, who, name, "reading deployments"))
 
 
 async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
                            page: PageRequest = PageRequest()) -> Page[DeploymentView]:
     check_optional_id("tenant", tenant)
+    tenant = policy.visible_tenant(who, tenant, "listing deployments")
     bounds = paging.bounds(page, arity=2)
     rows = await repo.list_deployment_rows(uow.session, tenant=tenant, page=bounds)
     return paging.page_of(rows, bounds, key=lambda r: (r.name, r.id)).map(repo.deployment_view)
@@ -268,14 +285,13 @@ async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
 async def all_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> list[DeploymentView]:
     """Every deployment (of a tenant): for watches, which stream them one event at a time."""
     check_optional_id("tenant", tenant)
+    tenant = policy.visible_tenant(who, tenant, "watching deployments")
     return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, tenant=tenant)]
 
 
 async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals) -> DeploymentView:
     check_name("deployment", name)
-    row = await repo.get_deployment(uow.session, name)
-    if row is None:
-        raise NotFound(f"deployment {name} not found")
+    row = await _visible_row(uow, who, name, "deleting deployments")
     if row.phase is not m.DeploymentPhase.DELETING:
         row.phase = m.DeploymentPhase.DELETING
         await repo.bump_cluster_generation(uow.session)

@@ -200,6 +200,7 @@ class Registration:
     node_id: str
     session_id: str
     heartbeat_interval_ms: int
+    node_credential: str = ""  # a newly issued node credential (shown once), or ""
 
 
 @dataclass(frozen=True, slots=True)

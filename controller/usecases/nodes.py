@@ -11,6 +11,7 @@ from collections.abc import Set
 
 from controller.errors import NotFound
 from controller.identity import Principal
+from controller.usecases import policy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -26,6 +27,7 @@ async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], rack:
     check_optional_id("rack", rack)
     bounds = paging.bounds(page)
     rows = await repo.list_node_rows(uow.session, rack, bounds)
+    policy.require_admin(who, "listing nodes")
     usage = await repo.cluster_usage(uow.session)
     return paging.page_of(rows, bounds, key=lambda n: (n.id,)).map(
         lambda n: repo.node_view(n, usage, n.id in connected))
@@ -33,6 +35,7 @@ async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], rack:
 
 async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str]) -> NodeView:
     check_id("node", node_id)
+    policy.require_admin(who, "reading nodes")
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
@@ -43,6 +46,7 @@ async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set
 async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: bool, signals: Signals,
                       connected: Set[str], *, drain: bool = False) -> NodeView:
     check_id("node", node_id)
+    policy.require_admin(who, "cordoning, uncordoning and draining nodes")
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
@@ -80,6 +84,7 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
     """Forget a node (a bad registration): its shards are released and placed again elsewhere,
     its agent's stream is ended. An agent that registers again brings it back."""
     check_id("node", node_id)
+    policy.require_admin(who, "deleting nodes")
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
@@ -94,6 +99,9 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
 
 
 async def cluster_summary(uow: UnitOfWork, who: Principal) -> ClusterSummary:
+    """The whole picture for an admin; a tenant token sees the aggregate capacity (nodes,
+    accelerators and power in total and in use) and only its own deployments and usage."""
+    own = policy.visible_tenant(who, "", "reading the cluster summary")
     s = uow.session
     usage = await repo.cluster_usage(s)
     nodes = await repo.list_node_rows(s)
@@ -105,7 +113,7 @@ async def cluster_summary(uow: UnitOfWork, who: Principal) -> ClusterSummary:
         accelerators_total=float(total), accelerators_used=sum(usage.node_milli.values()) / 1000.0,
         power_budget_w=sum(k.power_budget_w or 0.0 for k in racks),
         power_used_w=sum(usage.rack_power_w.get(k.id, 0.0) for k in racks),
-        deployments_by_phase=await repo.count_deployments_by_phase(s),
+        deployments_by_phase=await repo.count_deployments_by_phase(s, tenant=own),
         tenants=tuple(TenantView(spec=repo.tenant_spec(t), usage=usage.tenant(t.id))
-                      for t in await repo.list_tenant_rows(s)),
+                      for t in await repo.list_tenant_rows(s) if not own or t.id == own),
     )

@@ -12,7 +12,7 @@ Acting outside the role is PERMISSION_DENIED.
 
 from __future__ import annotations
 
-from controller.errors import PermissionDenied
+from controller.errors import NotFound, PermissionDenied
 from controller.identity import Principal, Role
 
 
@@ -30,3 +30,32 @@ def require_role(who: Principal, action: str, *roles: Role) -> None:
     if not who.is_admin and who.role not in roles:
         needs = " or ".join(["admin", *(r.value for r in roles)])
         raise _denied(who, action, f"a token with role {needs}")
+
+
+def visible_tenant(who: Principal, requested: str, action: str) -> str:
+    """The tenant whose objects `who` may read or change ('' for all tenants, admins only).
+
+    A tenant token is bound to its tenant: asking for another tenant is NOT_FOUND (a tenant
+    never learns which other tenants exist); node and node-bootstrap tokens may not.
+    """
+    if who.is_admin:
+        return requested
+    if who.role is not Role.TENANT:
+        raise _denied(who, action, "an admin or tenant token")
+    if requested and requested != who.tenant:
+        raise NotFound(f"tenant {requested} not found")
+    return who.tenant
+
+
+def may_see_tenant(who: Principal, tenant: str) -> bool:
+    """Whether one object of `tenant` is visible to `who` (callers answer NOT_FOUND when not)."""
+    return who.is_admin or (who.role is Role.TENANT and who.tenant == tenant)
+
+
+def require_node_speaker(who: Principal, node_id: str, action: str) -> None:
+    """Only the node's own credential (or an admin) speaks for a node."""
+    if who.is_admin or (who.role is Role.NODE and who.node == node_id):
+        return
+    if who.role is Role.NODE:
+        raise PermissionDenied(f"{action}: this credential belongs to node {who.node}, not {node_id}")
+    raise _denied(who, action, f"node {node_id}'s own credential (returned by Register)")

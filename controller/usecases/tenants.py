@@ -12,6 +12,7 @@ from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
+from controller.usecases import policy
 from controller.usecases.domain import ISOLATIONS, TenantSpec, TenantView
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
@@ -61,6 +62,7 @@ def _write(row: m.Tenant, spec: TenantSpec) -> None:
 
 
 async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals) -> TenantView:
+    policy.require_admin(who, "creating tenants")
     await _validate(uow, spec)
     if await repo.get_tenant(uow.session, spec.id) is not None:
         raise AlreadyExists(f"tenant {spec.id} already exists")
@@ -79,6 +81,7 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
 
 async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals) -> TenantView:
     check_id("tenant", spec.id)
+    policy.require_admin(who, "changing tenant contracts")
     row = await repo.get_tenant(uow.session, spec.id)
     if row is None:
         raise NotFound(f"tenant {spec.id} not found")
@@ -94,6 +97,7 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
 
 async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantView:
     check_id("tenant", tenant_id)
+    policy.visible_tenant(who, tenant_id, "reading tenant contracts")  # another tenant's: NOT_FOUND
     row = await repo.get_tenant(uow.session, tenant_id)
     if row is None:
         raise NotFound(f"tenant {tenant_id} not found")
@@ -102,8 +106,12 @@ async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantV
 
 
 async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = PageRequest()) -> Page[TenantView]:
+    """Every tenant for an admin; a tenant token sees its own contract only."""
+    own = policy.visible_tenant(who, "", "listing tenants")
     bounds = paging.bounds(page)
     rows = await repo.list_tenant_rows(uow.session, bounds)
+    if own:
+        rows = [r for r in rows if r.id == own]
     usage = await repo.cluster_usage(uow.session)
     return paging.page_of(rows, bounds, key=lambda r: (r.id,)).map(
         lambda r: TenantView(spec=repo.tenant_spec(r), usage=usage.tenant(r.id)))
@@ -111,6 +119,7 @@ async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = Page
 
 async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals: Signals) -> None:
     check_id("tenant", tenant_id)
+    policy.require_admin(who, "deleting tenants")
     row = await repo.get_tenant(uow.session, tenant_id)
     if row is None:
         raise NotFound(f"tenant {tenant_id} not found")

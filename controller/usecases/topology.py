@@ -9,6 +9,7 @@ from __future__ import annotations
 from controller import limits
 from controller.errors import NotFound, ResourceExhausted
 from controller.identity import Principal
+from controller.usecases import policy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -58,6 +59,7 @@ async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
 
 
 async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals) -> TopologyView:
+    policy.require_admin(who, "changing the topology")
     await _validate(uow, spec)
     s = uow.session
     for z in spec.zones:
@@ -77,6 +79,7 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
 
 
 async def get_topology(uow: UnitOfWork, who: Principal) -> TopologyView:
+    policy.require_admin(who, "reading the topology")
     s = uow.session
     usage = await repo.cluster_usage(s)
     node_counts = await repo.count_nodes_by_rack(s)

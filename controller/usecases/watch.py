@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from controller.errors import Unavailable
 from controller.identity import Principal
 from controller.store.db import UnitOfWork
+from controller.usecases import policy
 from controller.usecases.deployments import all_deployments
 from controller.usecases.validation import check_name
 from controller.usecases.domain import DeploymentEvent
@@ -72,7 +73,9 @@ async def watch_deployments(
     unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
     bus: DeploymentEventBus, *, tenant: str = "", name: str = "",
 ) -> AsyncIterator[DeploymentEvent]:
-    """The current state of matching deployments (ADDED), then every change to them."""
+    """The current state of matching deployments (ADDED), then every change to them; a tenant
+    token watches its own tenant's deployments only."""
+    tenant = policy.visible_tenant(who, tenant, "watching deployments")
     if name:
         check_name("deployment", name)
     queue = bus.subscribe()  # before reading, so no change between the read and the stream is lost

@@ -55,9 +55,9 @@ async def test_hello_needs_the_current_session(database):
     assert first.session_id != second.session_id
     with pytest.raises(FailedPrecondition, match=f"session {first.session_id} is not the current session of node n1"):
         async with database.unit_of_work() as uow:
-            await agents.hello(uow, "n1", first.session_id, datetime.now(timezone.utc))
+            await agents.hello(uow, WHO, "n1", first.session_id, datetime.now(timezone.utc))
     async with database.unit_of_work() as uow:
-        assert await agents.hello(uow, "n1", second.session_id, datetime.now(timezone.utc)) is True
+        assert await agents.hello(uow, WHO, "n1", second.session_id, datetime.now(timezone.utc)) is True
     # A stream of the superseded session ending does not take the node down.
     async with database.unit_of_work() as uow:
         assert await agents.mark_down(uow, "n1", session_id=first.session_id, why="test") is False

@@ -46,7 +46,7 @@ async def add_nodes(db: Database, rack: str, count: int, *, accelerators: int = 
             reg = await agents.register_node(uow, WHO, info, heartbeat_interval_ms=1000)
         if up:
             async with db.unit_of_work() as uow:
-                await agents.hello(uow, reg.node_id, reg.session_id, datetime.now(timezone.utc))
+                await agents.hello(uow, WHO, reg.node_id, reg.session_id, datetime.now(timezone.utc))
         ids.append(info.node_id)
     return ids
 

@@ -136,7 +136,7 @@ class SimFleet:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controller.simnode.main", "--controller", address, "--racks", str(racks),
              "--nodes-per-rack", str(nodes_per_rack), "--rack-prefix", rack_prefix, "--model", model,
-             "--load-delay", "0.2", *extra_args],
+             "--load-delay", "0.2", "--state-dir", str(log_dir / "simnode-state"), *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", TOKEN_ENV: token},
         )

@@ -98,7 +98,8 @@ def test_simulated_nodes_run_what_the_controller_assigns(controller: str, tmp_pa
 
     log = (tmp_path / "simnode.log").open("w")
     fleet = subprocess.Popen([tool("maia-simnode"), "--controller", controller, "--racks", "1",
-                              "--nodes-per-rack", "4", "--load-delay", "0.3"], stdout=log, stderr=log,
+                              "--nodes-per-rack", "4", "--load-delay", "0.3", "--state-dir", str(tmp_path / "state")],
+                             stdout=log, stderr=log,
                              env={**os.environ, "MAIA_TOKEN": bootstrap})
     try:
         waited = maiactl(controller, "wait", "nodes", "--connected", "4", "--timeout", "30")

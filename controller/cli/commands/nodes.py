@@ -1,4 +1,4 @@
-"""`maiactl cordon|uncordon|drain NODE...`."""
+"""`maiactl cordon|uncordon|drain NODE...` and `maiactl node reset-credential NODE...`."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,25 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         p = sub.add_parser(verb, parents=[common], help=_HELP[verb])
         p.add_argument("nodes", nargs="+", metavar="NODE")
         p.set_defaults(handler=run, verb=verb)
+    node = sub.add_parser("node", parents=[common], help="node credentials (admin)")
+    verbs = node.add_subparsers(dest="node_command", metavar="VERB", required=True)
+    reset = verbs.add_parser("reset-credential", parents=[common],
+                             help="revoke a node's credential; its agent registers again with a node-bootstrap token")
+    reset.add_argument("nodes", nargs="+", metavar="NODE")
+    reset.set_defaults(handler=run_reset_credential)
+
+
+def run_reset_credential(args: argparse.Namespace, ctx: Context) -> int:
+    replies = []
+    for node_id in args.nodes:
+        reply = ctx.controller.admin.ResetNodeCredential(admin_pb2.NodeRequest(id=node_id), timeout=ctx.rpc_timeout)
+        replies.append(reply)
+        if not ctx.json:
+            ctx.out(f"node/{node_id} credential reset ({len(reply.revoked_token_ids)} revoked); "
+                    "its agent may register again with a node-bootstrap token")
+    if ctx.json:
+        ctx.emit_json({"nodes": replies})
+    return 0
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:

@@ -193,6 +193,14 @@ class NodeRequest(_message.Message):
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
+class ResetNodeCredentialResponse(_message.Message):
+    __slots__ = ("node_id", "revoked_token_ids")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    revoked_token_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., revoked_token_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class GetClusterSummaryRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

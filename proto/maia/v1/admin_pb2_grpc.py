@@ -99,6 +99,11 @@ class AdminServiceStub:
                 request_serializer=maia_dot_v1_dot_admin__pb2.NodeRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_admin__pb2.DeleteNodeResponse.FromString,
                 _registered_method=True)
+        self.ResetNodeCredential = channel.unary_unary(
+                '/maia.v1.AdminService/ResetNodeCredential',
+                request_serializer=maia_dot_v1_dot_admin__pb2.NodeRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.ResetNodeCredentialResponse.FromString,
+                _registered_method=True)
         self.GetClusterSummary = channel.unary_unary(
                 '/maia.v1.AdminService/GetClusterSummary',
                 request_serializer=maia_dot_v1_dot_admin__pb2.GetClusterSummaryRequest.SerializeToString,
@@ -206,6 +211,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetNodeCredential(self, request, context):
+        """Revokes the node's credentials (lost or leaked); its agent may then register it again with
+        a node-bootstrap token and receives a new credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetClusterSummary(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -299,6 +312,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteNode,
                     request_deserializer=maia_dot_v1_dot_admin__pb2.NodeRequest.FromString,
                     response_serializer=maia_dot_v1_dot_admin__pb2.DeleteNodeResponse.SerializeToString,
+            ),
+            'ResetNodeCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetNodeCredential,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.NodeRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.ResetNodeCredentialResponse.SerializeToString,
             ),
             'GetClusterSummary': grpc.unary_unary_rpc_method_handler(
                     servicer.GetClusterSummary,
@@ -672,6 +690,33 @@ class AdminService:
             '/maia.v1.AdminService/DeleteNode',
             maia_dot_v1_dot_admin__pb2.NodeRequest.SerializeToString,
             maia_dot_v1_dot_admin__pb2.DeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetNodeCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/ResetNodeCredential',
+            maia_dot_v1_dot_admin__pb2.NodeRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.ResetNodeCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,63 @@
+"""Where simulated agents keep their node credentials between runs.
+
+`Register` hands each new node its own credential once; an agent that loses it cannot take
+its node back with the fleet's node-bootstrap token (that would let anyone holding the
+bootstrap token impersonate a registered node). So the fleet keeps every node's credential in
+one JSON file per controller and rack prefix, mode 0600, under a state directory
+(default `$XDG_STATE_HOME/maia-simnode`, else `~/.local/state/maia-simnode`), rewritten
+atomically on every change; a restarted `maia-simnode` reconnects with what it finds there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "maia-simnode"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "default"
+
+
+class CredentialFile:
+    """node id -> credential, persisted in one 0600 file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._credentials: dict[str, str] = {}
+        if path.exists():
+            loaded = json.loads(path.read_text() or "{}")
+            self._credentials = {str(k): str(v) for k, v in loaded.items()}
+
+    @classmethod
+    def for_fleet(cls, state_dir: Path, controller: str, rack_prefix: str) -> CredentialFile:
+        return cls(state_dir / f"credentials-{_safe(controller)}-{_safe(rack_prefix)}.json")
+
+    def get(self, node_id: str) -> str | None:
+        return self._credentials.get(node_id)
+
+    def put(self, node_id: str, credential: str) -> None:
+        self._credentials[node_id] = credential
+        self._write()
+
+    def forget(self, node_id: str) -> None:
+        if self._credentials.pop(node_id, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._credentials, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

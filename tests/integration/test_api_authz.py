@@ -1,0 +1,185 @@
+"""The authorization matrix over the whole API surface, on a real server (SQLite and PostgreSQL).
+
+Every RPC that takes or returns a tenant's object, and every admin RPC, is called by callers
+who may not do it: anonymous, an expired token, a revoked token, another tenant's token and a
+node credential (of another node). Each call must fail with the stated status (NOT_FOUND for
+another tenant's object, so its existence is never revealed; PERMISSION_DENIED for acting
+outside a role; UNAUTHENTICATED without a valid token) and leave the database as it was. Lists
+and summaries a rival tenant may call answer OK and must not mention the other tenant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import select, update
+
+from controller.api.server import ControllerApp
+from controller.store import models as m
+from grpc_harness import Stubs, eventually, issue_token, spec, topology
+from maia.v1 import admin_pb2, agent_pb2, audit_pb2, deployments_pb2
+
+OWNER, RIVAL = "lab-alpha", "lab-beta"
+C = grpc.StatusCode
+DENIED, NOT_FOUND, OK, UNAUTH = C.PERMISSION_DENIED, C.NOT_FOUND, C.OK, C.UNAUTHENTICATED
+
+
+@dataclass(frozen=True)
+class Case:
+    rpc: str
+    call: Callable[[Stubs], Any]       # returns an awaitable (or a stream to read one message of)
+    rival: grpc.StatusCode            # what the other tenant gets (OK: must not leak OWNER)
+    node: grpc.StatusCode = DENIED    # what another node's credential gets
+
+
+def _node(node_id: str) -> agent_pb2.NodeInfo:
+    return agent_pb2.NodeInfo(node_id=node_id, hostname=node_id, rack="rack-a", accelerators=4,
+                              accelerator_model="maia-100", hbm_gib=64, idle_power_w=500)
+
+
+async def _hello_n1(stubs: Stubs) -> Any:
+    call = stubs.agent.Connect(iter([agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id="n1", session_id="s"))]))
+    async for message in call:
+        return message
+    return None
+
+
+async def _first(stream: Any) -> Any:
+    async for message in stream:
+        return message
+    return None
+
+
+D, A = deployments_pb2, admin_pb2
+CASES = [
+    Case("SubmitDeployment", lambda s: s.deployments.SubmitDeployment(
+        D.SubmitDeploymentRequest(spec=spec("intruder", OWNER))), NOT_FOUND),
+    Case("SubmitDeployment(dry_run)", lambda s: s.deployments.SubmitDeployment(
+        D.SubmitDeploymentRequest(spec=spec("intruder", OWNER), dry_run=True)), NOT_FOUND),
+    Case("GetDeployment", lambda s: s.deployments.GetDeployment(D.GetDeploymentRequest(name="chat")), NOT_FOUND),
+    Case("ListDeployments(owner)", lambda s: s.deployments.ListDeployments(D.ListDeploymentsRequest(tenant=OWNER)),
+         NOT_FOUND),
+    Case("ListDeployments(all)", lambda s: s.deployments.ListDeployments(D.ListDeploymentsRequest()), OK),
+    Case("DeleteDeployment", lambda s: s.deployments.DeleteDeployment(D.DeleteDeploymentRequest(name="chat")),
+         NOT_FOUND),
+    Case("WatchDeployments(owner)", lambda s: _first(s.deployments.WatchDeployments(
+        D.WatchDeploymentsRequest(tenant=OWNER))), NOT_FOUND),
+    Case("WatchDeployments(chat)", lambda s: _first(s.deployments.WatchDeployments(
+        D.WatchDeploymentsRequest(name="chat"), timeout=1.5)), C.DEADLINE_EXCEEDED),
+    Case("GetUsage", lambda s: s.deployments.GetUsage(D.GetUsageRequest(tenant=OWNER)), NOT_FOUND),
+    Case("CreateTenant", lambda s: s.admin.CreateTenant(A.Tenant(id="newcomer")), DENIED),
+    Case("UpdateTenant", lambda s: s.admin.UpdateTenant(A.Tenant(id=OWNER, max_accelerators=1)), DENIED),
+    Case("GetTenant", lambda s: s.admin.GetTenant(A.GetTenantRequest(id=OWNER)), NOT_FOUND),
+    Case("ListTenants", lambda s: s.admin.ListTenants(A.ListTenantsRequest()), OK),
+    Case("DeleteTenant", lambda s: s.admin.DeleteTenant(A.DeleteTenantRequest(id=OWNER)), DENIED),
+    Case("ApplyTopology", lambda s: s.admin.ApplyTopology(topology({"rack-z": "row-z"})), DENIED),
+    Case("GetTopology", lambda s: s.admin.GetTopology(A.GetTopologyRequest()), DENIED),
+    Case("ListNodes", lambda s: s.admin.ListNodes(A.ListNodesRequest()), DENIED),
+    Case("GetNode", lambda s: s.admin.GetNode(A.GetNodeRequest(id="n1")), DENIED),
+    Case("CordonNode", lambda s: s.admin.CordonNode(A.NodeRequest(id="n1")), DENIED),
+    Case("UncordonNode", lambda s: s.admin.UncordonNode(A.NodeRequest(id="n1")), DENIED),
+    Case("DrainNode", lambda s: s.admin.DrainNode(A.NodeRequest(id="n1")), DENIED),
+    Case("ResetNodeCredential", lambda s: s.admin.ResetNodeCredential(A.NodeRequest(id="n1")), DENIED),
+    Case("GetClusterSummary", lambda s: s.admin.GetClusterSummary(A.GetClusterSummaryRequest()), OK),
+    Case("CreateToken", lambda s: s.admin.CreateToken(A.CreateTokenRequest(role="admin")), DENIED),
+    Case("ListTokens", lambda s: s.admin.ListTokens(A.ListTokensRequest()), DENIED),
+    Case("RevokeToken", lambda s: s.admin.RevokeToken(A.RevokeTokenRequest(id="0123456789abcdef")), DENIED),
+    # A tenant token lists its own tenant's audit entries, whatever tenant it names.
+    Case("ListAuditEvents(owner)", lambda s: s.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant=OWNER)),
+         OK),
+    Case("VerifyAuditLog", lambda s: s.audit.VerifyAuditLog(audit_pb2.VerifyAuditLogRequest()), DENIED),
+    Case("Register(n1)", lambda s: s.agent.Register(agent_pb2.RegisterRequest(node=_node("n1"))), DENIED),
+    Case("Connect(n1)", _hello_n1, DENIED),
+]
+
+
+async def _fingerprint(app: ControllerApp) -> tuple:
+    """Everything a refused call could have changed (the audit trail aside, which records it)."""
+    async with app.db.unit_of_work() as uow:
+        s = uow.session
+        return (
+            (await s.execute(select(m.Deployment.tenant_id, m.Deployment.name, m.Deployment.phase,
+                                    m.Deployment.generation).order_by(m.Deployment.id))).all(),
+            (await s.execute(select(m.Tenant.id, m.Tenant.max_accelerators).order_by(m.Tenant.id))).all(),
+            (await s.execute(select(m.Node.id, m.Node.cordoned, m.Node.session_id).order_by(m.Node.id))).all(),
+            (await s.execute(select(m.Rack.id).order_by(m.Rack.id))).all(),
+            (await s.execute(select(m.ApiToken.id, m.ApiToken.revoked_at).order_by(m.ApiToken.id))).all(),
+            (await s.execute(select(m.ClusterState.generation))).all(),
+        )
+
+
+@pytest.fixture
+async def world(controller_app: ControllerApp, stubs: Stubs) -> dict[str, Stubs]:
+    """OWNER with deployment chat, RIVAL, nodes n1 and n2, and the callers that must be refused."""
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    for tenant in (OWNER, RIVAL):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant))
+    await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("chat", OWNER)))
+    await stubs.agent.Register(agent_pb2.RegisterRequest(node=_node("n1")))
+    n2 = await stubs.agent.Register(agent_pb2.RegisterRequest(node=_node("n2")))
+    db = controller_app.db
+    expired = await issue_token(db, "tenant", tenant=OWNER, name="expired", ttl_s=3600)
+    async with db.unit_of_work() as uow:
+        await uow.session.execute(update(m.ApiToken).where(m.ApiToken.name == "expired")
+                                  .values(expires_at=datetime.now(timezone.utc) - timedelta(minutes=1)))
+        await uow.commit()
+    revoked = await issue_token(db, "tenant", tenant=OWNER, name="revoked")
+    await stubs.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=revoked.split(".")[0].removeprefix("maia_")))
+    callers = {"anonymous": None, "expired": expired, "revoked": revoked,
+               "rival": await issue_token(db, "tenant", tenant=RIVAL, name="rival"),
+               "node": n2.node_credential}
+    opened = {who: Stubs.connect(controller_app.address, token) for who, token in callers.items()}
+    yield opened
+    for caller in opened.values():
+        await caller.channel.close()
+
+
+async def _status(call: Callable[[Stubs], Any], stubs: Stubs) -> tuple[grpc.StatusCode, Any]:
+    try:
+        return OK, await call(stubs)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.rpc for c in CASES])
+async def test_callers_without_the_right_get_the_stated_status_and_change_nothing(
+        controller_app: ControllerApp, world: dict[str, Stubs], case: Case) -> None:
+    expected = {"anonymous": UNAUTH, "expired": UNAUTH, "revoked": UNAUTH, "rival": case.rival, "node": case.node}
+    before = await _fingerprint(controller_app)
+    got = {}
+    for who, stubs in world.items():
+        code, reply = await _status(case.call, stubs)
+        got[who] = code
+        if code == OK:  # a rival's own view: nothing of the other tenant in it
+            assert OWNER.encode() not in reply.SerializeToString(), (case.rpc, who, reply)
+        assert await _fingerprint(controller_app) == before, f"{case.rpc} by {who} changed the database"
+    assert got == expected
+
+
+async def test_the_owner_and_an_admin_do_what_the_others_may_not(
+        controller_app: ControllerApp, stubs: Stubs, world: dict[str, Stubs]) -> None:
+    owner = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant=OWNER))
+    try:
+        assert (await owner.deployments.GetDeployment(D.GetDeploymentRequest(name="chat"))).spec.tenant == OWNER
+        listed = await owner.deployments.ListDeployments(D.ListDeploymentsRequest())
+        assert [d.spec.name for d in listed.deployments] == ["chat"]
+        assert [t.id for t in (await owner.admin.ListTenants(A.ListTenantsRequest())).tenants] == [OWNER]
+        summary = await owner.admin.GetClusterSummary(A.GetClusterSummaryRequest())
+        assert [t.id for t in summary.tenants] == [OWNER] and summary.accelerators_total == 0
+        # A tenant submits into its own tenant when it names none.
+        submitted = await owner.deployments.SubmitDeployment(D.SubmitDeploymentRequest(spec=spec("mine", "")))
+        assert submitted.deployment.spec.tenant == OWNER
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await owner.admin.UpdateTenant(A.Tenant(id=OWNER, max_accelerators=1000))
+        assert denied.value.code() == DENIED and "admin" in denied.value.details()
+        await owner.deployments.DeleteDeployment(D.DeleteDeploymentRequest(name="chat"))
+        await eventually(lambda: owner.deployments.ListDeployments(D.ListDeploymentsRequest()),
+                         lambda r: [d.spec.name for d in r.deployments] == ["mine"], what="chat deleted")
+    finally:
+        await owner.channel.close()
+    assert [t.id for t in (await stubs.admin.ListTenants(A.ListTenantsRequest())).tenants] == [OWNER, RIVAL]

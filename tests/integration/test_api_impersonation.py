@@ -1,0 +1,117 @@
+"""Node impersonation with real `maia-simnode` processes: a fleet holding only the node-bootstrap
+token cannot take over registered nodes; one node's credential cannot speak for another; the
+real agents reconnect after a restart with the credentials they kept; an admin reset lets a
+node whose credential was lost register again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import select
+
+from controller.api.server import ControllerApp
+from controller.store import models as m
+from grpc_harness import RUNNING, SimFleet, Stubs, eventually, issue_token, spec, topology
+from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
+
+NODES = ["rack-00-n00", "rack-00-n01"]
+
+
+def _kept(log_dir: Path) -> dict[str, str]:
+    [path] = (log_dir / "simnode-state").glob("credentials-*.json")
+    assert path.stat().st_mode & 0o777 == 0o600
+    return json.loads(path.read_text())
+
+
+async def _sessions(app: ControllerApp) -> dict[str, str | None]:
+    async with app.db.unit_of_work() as uow:
+        return dict((await uow.session.execute(select(m.Node.id, m.Node.session_id))).all())
+
+
+async def _connected(stubs: Stubs) -> list[str]:
+    nodes = (await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())).nodes
+    return sorted(n.id for n in nodes if n.connected and n.state == common_pb2.NODE_STATE_READY)
+
+
+async def test_node_credentials_stop_impostors_and_survive_restarts(
+        stubs: Stubs, controller_app: ControllerApp, tmp_path: Path) -> None:
+    await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    bootstrap = await issue_token(controller_app.db, "node-bootstrap", name="fleet")
+    real_dir, impostor_dir = tmp_path / "real", tmp_path / "impostor"
+    real_dir.mkdir()
+    impostor_dir.mkdir()
+    fleets: list[SimFleet] = []
+
+    def start(log_dir: Path) -> SimFleet:
+        fleet = SimFleet(controller_app.address, racks=1, nodes_per_rack=2, token=bootstrap, log_dir=log_dir)
+        fleets.append(fleet)
+        return fleet
+
+    try:
+        real = start(real_dir)
+        await eventually(lambda: _connected(stubs), lambda c: c == NODES, what="real agents connected")
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("svc", replicas=2, accelerators=4, locality=common_pb2.DOMAIN_NODE)))
+        before = await eventually(
+            lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
+            lambda d: d.phase == RUNNING, what="svc running")
+        sessions = await _sessions(controller_app)
+        credentials = _kept(real_dir)
+        assert sorted(credentials) == NODES
+
+        # Same node ids, same bootstrap token, no credentials: refused, nothing taken over.
+        impostor = start(impostor_dir)
+        await eventually(lambda: _log_count(impostor, "is already registered and holds a node credential"),
+                         lambda n: n >= 2, what="both impostor registrations refused")
+        impostor.stop()
+        assert "PERMISSION_DENIED" in impostor.log_tail() and " running" not in impostor.log_tail()
+        assert await _sessions(controller_app) == sessions
+        after = await stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
+        assert after.phase == RUNNING and after.generation == before.generation
+        assert await _connected(stubs) == NODES
+
+        # One node's credential cannot register or connect as the other.
+        n01 = Stubs.connect(controller_app.address, credentials["rack-00-n01"])
+        try:
+            info = agent_pb2.NodeInfo(node_id="rack-00-n00", rack="rack-00", accelerators=4,
+                                      accelerator_model="maia-100")
+            with pytest.raises(grpc.aio.AioRpcError) as register:
+                await n01.agent.Register(agent_pb2.RegisterRequest(node=info))
+            assert register.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "belongs to node rack-00-n01" in register.value.details()
+            hello = agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id="rack-00-n00",
+                                                                 session_id=sessions["rack-00-n00"]))
+            with pytest.raises(grpc.aio.AioRpcError) as connect:
+                async for _ in n01.agent.Connect(iter([hello])):
+                    pass
+            assert connect.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            await n01.channel.close()
+        assert await _sessions(controller_app) == sessions
+
+        # A restarted fleet reconnects with the credentials it kept.
+        real.stop()
+        real = start(real_dir)
+        await eventually(lambda: _connected(stubs), lambda c: c == NODES, what="restarted agents reconnected")
+        assert _kept(real_dir) == credentials
+
+        # A lost credential: the admin resets it; the agent registers again and gets a new one.
+        reset = await stubs.admin.ResetNodeCredential(admin_pb2.NodeRequest(id="rack-00-n00"))
+        assert len(reset.revoked_token_ids) == 1
+        real.stop()
+        real = start(real_dir)
+        await eventually(lambda: _connected(stubs), lambda c: c == NODES, what="agents back after the reset")
+        renewed = _kept(real_dir)
+        assert renewed["rack-00-n00"] != credentials["rack-00-n00"]
+        assert renewed["rack-00-n01"] == credentials["rack-00-n01"]
+    finally:
+        for fleet in fleets:
+            fleet.stop()
+
+
+async def _log_count(fleet: SimFleet, text: str) -> int:
+    return fleet.log_path.read_text(errors="replace").count(text)
