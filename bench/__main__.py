@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog ...`."""
+"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import traces, watchdog
+from bench import auth, traces, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("watchdog", help="one isolation-watchdog check on a loaded synthetic cluster")
     watchdog.add_arguments(w)
     w.set_defaults(func=watchdog.main)
+
+    a = sub.add_parser("auth", help="authentication overhead per call: tokens vs --insecure-no-auth")
+    auth.add_arguments(a)
+    a.set_defaults(func=auth.main)
 
     args = parser.parse_args(argv)
     try:
