@@ -133,9 +133,13 @@ async def test_malformed_message_on_the_agent_stream_is_invalid_argument(seeded:
     async def messages():
         yield b"\x0a\xff\xff\xff\xff\x0f"
 
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for _ in raw(messages()):
-            pass
+    call = raw(messages())
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+    finally:
+        call.cancel()  # never leave the stream to the controller's shutdown
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
