@@ -59,7 +59,10 @@ class Config:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
@@ -73,36 +76,60 @@ def _non_negative_float(text: str) -> float:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
+def version_text() -> str:
+    """'maia-controller 0.1.0' from the installed package metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("maia-scheduler")
+    except PackageNotFoundError:  # pragma: no cover - running from a tree that was never installed
+        return "unknown"
+
+
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
-        prog="maia-controller", description="Maia placement controller (gRPC server + reconciler)"
+        prog="maia-controller", description="Maia placement controller (gRPC server + reconciler). "
+        "Checks --listen and --db before touching the database; a bad value exits 2 with one line.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--listen", default=Config.listen, help="HOST:PORT to bind (port 0: any free port)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version_text()}")
+    parser.add_argument("--listen", default=Config.listen, metavar="HOST:PORT",
+                        help="address to serve gRPC on; port 0 picks a free port (printed on start)")
     parser.add_argument(
-        "--db", default=env.get(DB_URL_ENV, DEFAULT_DB_URL),
-        help=f"SQLAlchemy async URL (env {DB_URL_ENV}; default {DEFAULT_DB_URL})",
+        "--db", default=env.get(DB_URL_ENV, DEFAULT_DB_URL), metavar="URL",
+        help=f"SQLAlchemy async database URL: sqlite+aiosqlite:///FILE or "
+             f"postgresql+asyncpg://USER@HOST:PORT/DB (env {DB_URL_ENV})",
     )
     parser.add_argument(
         "--migrate", action=argparse.BooleanOptionalAction, default=True,
-        help="apply pending migrations on start (default); --no-migrate refuses to start on an old schema",
+        help="apply pending migrations on start; --no-migrate refuses to start on an old schema",
     )
-    parser.add_argument("--reconcile-interval", type=_positive_float, default=Config.reconcile_interval_s)
-    parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s)
-    parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms)
+    parser.add_argument("--reconcile-interval", type=_positive_float, default=Config.reconcile_interval_s,
+                        metavar="SECONDS", help="seconds between reconcile passes when nothing wakes the loop")
+    parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s,
+                        metavar="SECONDS", help="seconds without a heartbeat before a node counts as down "
+                                                "(agents are told to beat 3 times per timeout)")
+    parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms,
+                        metavar="MS", help="milliseconds the solver may spend on one reconcile pass")
+    parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"), type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log level of the JSON lines on stderr (env MAIA_LOG_LEVEL)")
     parser.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
     parser.add_argument("--watchdog-interval", type=_positive_float, default=Config.watchdog_interval_s,
                         metavar="SECONDS", help="how often committed placements are re-checked for isolation")
     parser.add_argument("--http-listen", default="", metavar="HOST:PORT",
                         help="serve the read-only web console at http://HOST:PORT/ (port 0: any free port)")
-    parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"))
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (chain)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument(

@@ -4,8 +4,9 @@ Prints "maia-controller listening on HOST:PORT" on stdout once serving (the real
 asked for port 0), so scripts and tests can read where it is, and with --metrics-listen
 "maia-controller metrics on http://HOST:PORT/metrics", with --http-listen "maia-controller
 console on http://HOST:PORT/". Exit codes: 0 after a clean stop,
-2 when the database schema is behind and --no-migrate forbids upgrading it, when it is ahead
-of this code, or when the address cannot be bound.
+2 for a bad --listen or --db (checked by `preflight` before the database is touched), when the
+database cannot be reached, when the schema is behind and --no-migrate forbids upgrading it, or
+when it is ahead of this code. Every such error is one line on stderr, with a hint.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import time
 from collections.abc import Sequence
 
 from controller.config import Config, parse_args
+from controller.preflight import StartupError, check_db_url, check_listen
 
-EXIT_SCHEMA = 2
+EXIT_SCHEMA = 2  # every start-up refusal: bad settings, database unreachable or on the wrong schema
 
 
 class StructuredFormatter(logging.Formatter):
@@ -49,15 +51,25 @@ def configure_logging(level: str) -> None:
 
 
 async def serve(config: Config) -> int:
-    from controller.api.server import ControllerApp
+    from sqlalchemy.exc import DBAPIError
+
+    from controller.api.server import ControllerApp, ListenError
     from controller.store.migrate import SchemaAheadError, SchemaBehindError
 
     app = ControllerApp(config)
     try:
         address = await app.start()
-    except (SchemaBehindError, SchemaAheadError, OSError) as exc:
+    except (SchemaBehindError, SchemaAheadError, ListenError) as exc:
         # One clear line; nothing was started but the engine.
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
+        await app.db.dispose()
+        return EXIT_SCHEMA
+    except (DBAPIError, OSError) as exc:  # the database refused the connection or is not what it seemed
+        url = app.db.engine.url.render_as_string(hide_password=True)
+        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"maia-controller: cannot use the database at {url}: {cause}; hint: check that it is "
+              f"running and reachable and that the URL's user, host, port and name are right",
+              file=sys.stderr, flush=True)
         await app.db.dispose()
         return EXIT_SCHEMA
     print(f"maia-controller listening on {address}", flush=True)
@@ -77,6 +89,16 @@ async def serve(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
+    try:
+        check_listen(config.listen)
+        if config.metrics_listen:
+            check_listen(config.metrics_listen, flag="--metrics-listen")
+        if config.http_listen:
+            check_listen(config.http_listen, flag="--http-listen")
+        check_db_url(config.db_url)
+    except StartupError as exc:
+        print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
+        return EXIT_SCHEMA
     configure_logging(config.log_level)
     return asyncio.run(serve(config))
 

@@ -21,6 +21,7 @@ from scheduler.state import ClusterState
 from scheduler.topology import UNLIMITED
 
 MAX_NAMED = 3  # domains named in one message before "+N more"
+_ISOLATION_SCAN = 256  # nodes an ISOLATION message looks at to name who holds them
 
 
 def _names(names: list[str]) -> str:
@@ -120,13 +121,23 @@ def _node_detail(state: ClusterState, d: int, code: int, nodes: np.ndarray) -> s
         parts = _first(np.unique(topo.node_rack[nodes]), held_by)
         return f"excluded tenants share the rack: {_names(parts)}"
     if name == "ISOLATION":
-        def held_by(rack: int) -> str:
-            holders = [f"{topo.tenant_ids[o]} ({topo.tenant_isolation[o]})"
-                       for o in np.flatnonzero(state.rack_tenant[rack] > 0) if o != t]
-            return f"rack {topo.rack_ids[rack]} holds {', '.join(holders) or 'nothing'}"
-        parts = _first(np.unique(topo.node_rack[nodes]), held_by)
-        return (f"tenant {topo.tenant_ids[t]} is {topo.tenant_isolation[t]}: "
-                f"{_names(parts)}")
+        # Name the rack only when a dedicated_rack tenant is why; dedicated_node is about the node.
+        def holders(counts: np.ndarray) -> str:
+            return ", ".join(f"{topo.tenant_ids[o]} ({topo.tenant_isolation[o]})"
+                             for o in np.flatnonzero(counts > 0) if o != t) or "nothing"
+
+        def held_by(n: int) -> str:
+            rack = topo.node_rack[n]
+            others_rack = state.rack_tenant[rack] > 0
+            others_rack[t] = False
+            if state.dedicated_rack[t] or (state.dedicated_rack & others_rack).any():
+                return f"rack {topo.rack_ids[rack]} holds {holders(state.rack_tenant[rack])}"
+            return f"node {topo.node_ids[n]} holds {holders(state.node_tenant[n])}"
+        looked = nodes[:_ISOLATION_SCAN]  # one line per rack or node, duplicates dropped
+        text = _names(list(dict.fromkeys(held_by(int(n)) for n in looked)))
+        if len(nodes) > len(looked):
+            text += f" (+{len(nodes) - len(looked)} more nodes)"
+        return f"tenant {topo.tenant_ids[t]} is {topo.tenant_isolation[t]}: {text}"
     if name == "SPREAD":
         sp = dep.spread
         return f"spread: at most {sp.max_per_domain} replica(s) per {sp.domain} reached"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from grpc import aio
 
 from controller.api import convert
 from controller.api.deps import ServiceDeps
 from controller.identity import current_principal
-from controller.usecases import agents, nodes, tenants, tokens, topology
+from controller.usecases import agents, events, nodes, tenants, tokens, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -120,3 +122,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async with self._deps.db.unit_of_work() as uow:
             view = await tokens.revoke_token(uow, current_principal(), request.id, self._deps.signals)
         return convert.token_msg(view)
+
+    # --- events ------------------------------------------------------------------------------
+    async def ListEvents(self, request: admin_pb2.ListEventsRequest,
+                         context: aio.ServicerContext) -> admin_pb2.ListEventsResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            views = await events.list_events(uow, current_principal(), object_kind=request.object_kind,
+                                             object_id=request.object_id, after_id=request.after_id,
+                                             limit=request.limit)
+        return admin_pb2.ListEventsResponse(events=[convert.event_msg(v) for v in views])
+
+    # --- version -----------------------------------------------------------------------------
+    async def GetVersion(self, request: admin_pb2.GetVersionRequest,
+                         context: aio.ServicerContext) -> admin_pb2.VersionInfo:
+        from controller.config import version_text
+        from controller.store.migrate import head_revision
+
+        return admin_pb2.VersionInfo(version=version_text(), schema_revision=await asyncio.to_thread(head_revision))

@@ -143,6 +143,11 @@ def node_msg(view: d.NodeView) -> admin_pb2.Node:
     )
 
 
+def event_msg(view: d.EventView) -> admin_pb2.EventRecord:
+    return admin_pb2.EventRecord(id=view.id, at=timestamp(view.at), actor=view.actor, kind=view.kind,
+                                 object_kind=view.object_kind, object_id=view.object_id, message=view.message)
+
+
 def cluster_summary_msg(view: d.ClusterSummary) -> admin_pb2.ClusterSummary:
     return admin_pb2.ClusterSummary(
         nodes_ready=view.nodes_ready, nodes_cordoned=view.nodes_cordoned, nodes_down=view.nodes_down,

@@ -27,7 +27,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         if request.dry_run:
             view = await cases.dry_run_deployment(self._deps.db, who, spec,
                                                   time_limit_ms=self._deps.solve_time_limit_ms,
-                                                  throttle=self._deps.throttle)
+                                                  throttle=self._deps.throttle,
+                                                  replace_existing=request.replace_existing)
         else:
             async with self._deps.db.unit_of_work() as uow:
                 view = await cases.submit_deployment(uow, who, spec, self._deps.signals, self._deps.throttle)

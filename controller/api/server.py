@@ -58,6 +58,10 @@ SERVICE_NAMES: tuple[str, ...] = (
 )
 
 
+class ListenError(OSError):
+    """The gRPC server could not bind its address (checked before the database is touched)."""
+
+
 class AppSignals:
     """`Signals` wired to the live reconciler, agent hub and event bus."""
 
@@ -145,31 +149,20 @@ class ControllerApp:
         return TlsSettings(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
 
     async def start(self) -> str:
-        """Check the schema, serve, start the loops; returns the bound HOST:PORT."""
+        """Bind, check (or migrate) the schema, serve, start the loops; returns the bound HOST:PORT.
+
+        The port is bound before the database is touched, so a busy port leaves the database as
+        it was. SO_REUSEPORT is off (grpc turns it on by default): a second controller on the
+        same port fails instead of sharing it.
+        """
         from controller.store.migrate import ensure_schema
 
-        revision = await ensure_schema(self.db, migrate=self.config.migrate)
-        log.info("schema ready revision=%s db=%s", revision, self.db.engine.url.render_as_string(hide_password=True))
-        await self._prepare_authentication()
-
-        deps = ServiceDeps(
-            db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
-            solve_time_limit_ms=self.config.solve_time_limit_ms,
-            heartbeat_interval_ms=self.config.heartbeat_interval_ms, throttle=self.throttle,
-        )
         tls = self._tls()
         checks: list[aio.ServerInterceptor] = [AuditInterceptor(self.db)]
         if tls is not None and tls.client_ca is not None:
             checks.append(NodeCertificateInterceptor())  # inside the audit: a refused agent is audited
         server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics),
-                            options=limits.GRPC_MESSAGE_OPTIONS)
-        deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
-        agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(deps), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-
+                            options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)])
         host, _, _ = self.config.listen.rpartition(":")
         try:
             if tls is None:
@@ -177,9 +170,30 @@ class ControllerApp:
             else:
                 port = server.add_secure_port(self.config.listen, tls.server_credentials())
         except RuntimeError as exc:  # grpcio raises when the address cannot be bound
-            raise OSError(f"cannot listen on {self.config.listen}: {exc}") from exc
+            raise ListenError(f"cannot listen on {self.config.listen}: {exc}") from exc
         if not port:
-            raise OSError(f"cannot listen on {self.config.listen}")
+            raise ListenError(f"cannot listen on {self.config.listen}")
+
+        try:
+            revision = await ensure_schema(self.db, migrate=self.config.migrate)
+            log.info("schema ready revision=%s db=%s", revision,
+                     self.db.engine.url.render_as_string(hide_password=True))
+            await self._prepare_authentication()
+        except BaseException:
+            await server.stop(None)
+            raise
+
+        deps = ServiceDeps(
+            db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
+            solve_time_limit_ms=self.config.solve_time_limit_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms, throttle=self.throttle,
+        )
+        deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
+        agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(deps), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         if self.config.metrics_listen:
             self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster)
             self.metrics_address = self.metrics.serve(self.config.metrics_listen)

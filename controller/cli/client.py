@@ -26,12 +26,24 @@ class Exit(IntEnum):
     """maiactl's exit codes: stable, documented in docs/cli.md; scripts may rely on them."""
 
     OK = 0
-    FAILED = 1          # the controller refused or failed a call, or a wait timed out
-    USAGE = 2           # bad usage or input: flags, manifests, problem files, INVALID_ARGUMENT
-    NOT_FOUND = 3       # the object named does not exist (NOT_FOUND)
-    PARTIAL = 4         # only part would be / was placed (dry runs), or a wait is blocked for good
-    UNAVAILABLE = 5     # the controller could not be reached
-    INTERRUPTED = 130   # Ctrl-C
+    FAILED = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    PARTIAL = 4
+    UNAVAILABLE = 5
+    INTERRUPTED = 130
+
+
+EXIT_MEANING: dict[Exit, str] = {
+    Exit.OK: "success",
+    Exit.FAILED: "the controller refused or failed a call, a conflict stopped apply, or a wait timed out",
+    Exit.USAGE: "bad usage or input: flags, manifests, problem files, config file, INVALID_ARGUMENT",
+    Exit.NOT_FOUND: "an object named does not exist (NOT_FOUND)",
+    Exit.PARTIAL: "a dry run would place only part of a deployment; `wait` gave up on a deployment "
+                  "blocked for good",
+    Exit.UNAVAILABLE: "the controller could not be reached",
+    Exit.INTERRUPTED: "interrupted (Ctrl-C)",
+}
 
 
 _EXIT_OF_STATUS = {grpc.StatusCode.NOT_FOUND: Exit.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT: Exit.USAGE,

@@ -10,7 +10,9 @@ The vocabulary is the interchange format's (snake_case fields, lowercase enum wo
 """
 from __future__ import annotations
 
+import difflib
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +53,46 @@ class ManifestObject:
         return f"{self.kind.lower()}/{self.name}" if self.name else self.kind.lower()
 
 
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def expand_sources(sources: Iterable[str | Path]) -> list[str]:
+    """FILE, DIR (its *.yaml, *.yml, *.json, sorted, not recursive) or '-' (stdin), in order."""
+    out: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if str(source) != "-" and path.is_dir():
+            out.extend(str(p) for p in sorted(path.iterdir()) if p.suffix in MANIFEST_SUFFIXES and p.is_file())
+        else:
+            out.append(str(source))
+    return out
+
+
+def load_manifest_sources(sources: Iterable[str | Path]) -> list[ManifestObject]:
+    """Every object of FILEs, DIRs and '-' (stdin); an empty set is an error, as is any problem
+    (all reported at once, nothing is sent)."""
+    sources = list(sources)
+    paths = expand_sources(sources)
+    if not paths:
+        raise ManifestError([f"{', '.join(map(str, sources))}: no manifest files (*.yaml, *.yml, *.json)"])
+    objects = load_manifests(paths)
+    if not objects:
+        raise ManifestError([f"{', '.join(paths)}: no objects found (empty file or only comments)"])
+    return objects
+
+
 def load_manifests(paths: Iterable[str | Path]) -> list[ManifestObject]:
-    """Parse every document of every file; raises ManifestError listing all problems."""
+    """Parse every document of every file ('-' reads stdin); raises ManifestError listing all problems."""
     objects: list[ManifestObject] = []
     problems: list[str] = []
     for path in paths:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             problems.append(f"{path}: cannot read: {exc.strerror or exc}")
             continue
         try:
-            objects.extend(parse_manifest_text(text, str(path)))
+            objects.extend(parse_manifest_text(text, "<stdin>" if str(path) == "-" else str(path)))
         except ManifestError as exc:
             problems.extend(exc.problems)
     if problems:
@@ -84,10 +114,19 @@ def parse_manifest_text(text: str, source: str) -> list[ManifestObject]:
     for number, document in enumerate(documents, start=1):
         if document is None:
             continue
-        obj, errors = _parse_document(document, f"{source} document {number}")
-        problems.extend(errors)
-        if obj is not None:
-            objects.append(obj)
+        where = f"{source} document {number}"
+        if isinstance(document, Mapping) and document.get("kind") == "List":
+            items = document.get("items")
+            if not isinstance(items, list):
+                problems.append(f"{where} (List): items: expected a list of objects, got {describe(items)}")
+                continue
+            parsed = [_parse_document(item, f"{where} item {i}") for i, item in enumerate(items, start=1)]
+        else:
+            parsed = [_parse_document(document, where)]
+        for obj, errors in parsed:
+            problems.extend(errors)
+            if obj is not None:
+                objects.append(obj)
     if problems:
         raise ManifestError(problems)
     return objects
@@ -106,6 +145,7 @@ def _parse_document(document: Any, where: str) -> tuple[ManifestObject | None, l
     label = f"{where} ({kind} '{name}')" if isinstance(name, str) and name else f"{where} ({kind})"
     fields = Fields(document, "", [])
     fields.string("kind")
+    fields.ignore("status")  # what `get -o yaml` reports; the server owns it
     message = _PARSERS[kind](fields)
     if fields.errors:
         return None, [f"{label}: {e}" for e in fields.errors]
@@ -149,10 +189,16 @@ class Fields:
             self.error(key, "required field is missing")
         return value
 
+    def ignore(self, key: str) -> None:
+        """A key that may be present and means nothing here."""
+        self._known.add(key)
+
     def finish(self) -> None:
         for key in self.data:
             if key not in self._known:
-                self.errors.append(f"{self.prefix}{key}: unknown field")
+                close = difflib.get_close_matches(str(key), sorted(self._known - {"status"}), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(self._known - {'status'}))})"
+                self.errors.append(f"{self.prefix}{key}: unknown field{hint}")
 
     def string(self, key: str, required: bool = False) -> str | None:
         value = self._get(key, required)

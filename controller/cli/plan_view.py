@@ -12,11 +12,41 @@ from typing import Any
 from controller.cli.tables import fmt_indices, fmt_number, render_kv, render_table
 
 
+def status_text(plan: Mapping[str, Any]) -> str:
+    """The plan's status as a person should read it.
+
+    The interchange status stays as the scheduler says in `-o json`; here it is never
+    `optimal` while replicas are left unplaced (that is `partial`), and never a bare `feasible`
+    when the objective reached the solver's proved bound.
+    """
+    status = str(plan.get("status", "?"))
+    stats = plan.get("stats") or {}
+    unplaced = plan.get("unplaced") or []
+    left = sum(int(u.get("replicas", 0)) for u in unplaced)
+    bound_met = ("best_bound" in stats and "objective" in stats
+                 and float(stats["best_bound"]) <= float(stats["objective"]))
+    if status == "infeasible":
+        return f"infeasible: nothing new could be placed ({left} replica(s) left unplaced)"
+    if status == "optimal":
+        quality = "optimal (proved)"
+    elif status == "feasible" and bound_met:
+        quality = ("optimal for the placement model (objective = best bound; "
+                   "preemption and moves are outside the proof)")
+    elif status == "feasible":
+        quality = "feasible (not proved optimal)"
+    else:
+        quality = status
+    if left:
+        return (f"partial: {left} replica(s) of {len(unplaced)} deployment(s) left unplaced; "
+                f"what is placed is {quality}")
+    return quality
+
+
 def plan_text(plan: Mapping[str, Any], problem: Mapping[str, Any]) -> str:
     rack_of = {n.get("id"): n.get("rack") for n in problem.get("nodes", [])}
     deployments = problem.get("deployments", [])
     stats = plan.get("stats") or {}
-    head: list[tuple[str, object]] = [("Status", plan.get("status", "?"))]
+    head: list[tuple[str, object]] = [("Status", status_text(plan))]
     if "solve_ms" in stats:
         head.append(("Solve time", f"{fmt_number(float(stats['solve_ms']))} ms"))
     for key in ("objective", "best_bound"):

@@ -45,21 +45,25 @@ def phase_text(dep: deployments_pb2.Deployment) -> str:
     return title(deployment_phase_word(dep.phase))
 
 
-def deployments_table(deployments: Sequence[deployments_pb2.Deployment]) -> str:
+def deployments_table(deployments: Sequence[deployments_pb2.Deployment], wide: bool = False) -> str:
+    """One row per deployment; `wide` adds the racks its shards are on and the first reason's text."""
     rows = []
     for d in deployments:
         s = d.spec
-        rows.append([
+        row: list[object] = [
             s.name, s.tenant, phase_text(d),
             f"{d.running_replicas}/{s.replicas}", f"{d.placed_replicas}/{s.replicas}",
             s.shards_per_replica, shard_request_text(s.shard), domain_word(s.locality),
             s.priority, "yes" if s.preemptible else "no",
             d.reasons[0].code if d.reasons else None,
-        ])
-    return render_table(
-        ["name", "tenant", "phase", "running", "placed", "shards", "shard", "locality",
-         "priority", "preemptible", "reason"],
-        rows, empty="No deployments found.")
+        ]
+        if wide:
+            row += [fmt_list(sorted({p.rack for p in d.placements})), d.reasons[0].message if d.reasons else None]
+        rows.append(row)
+    headers = ["name", "tenant", "phase", "running", "placed", "shards", "shard", "locality",
+               "priority", "preemptible", "reason"]
+    return render_table(headers + (["racks", "message"] if wide else []), rows,  # type: ignore[arg-type]
+                        empty="No deployments found.")
 
 
 def placements_table(placements: Sequence[deployments_pb2.ShardPlacement]) -> str:
@@ -94,24 +98,34 @@ def deployment_detail(dep: deployments_pb2.Deployment) -> str:
     return text
 
 
-def cluster_placements_table(deployments: Sequence[deployments_pb2.Deployment]) -> str:
-    rows = []
-    for d in sorted(deployments, key=lambda d: d.spec.name):
-        for p in sorted(d.placements, key=lambda p: (p.replica, p.shard)):
-            rows.append([d.spec.name, d.spec.tenant, p.replica, p.shard, p.node, p.rack,
-                         fmt_indices(p.accelerator_indices, p.accelerator_milli),
-                         title(shard_phase_word(p.phase))])
+def shard_rows(deployments: Sequence[deployments_pb2.Deployment], rack: str | None = None,
+               ) -> list[tuple[deployments_pb2.Deployment, deployments_pb2.ShardPlacement]]:
+    """(deployment, placement) of every shard, by deployment name then replica and shard; one rack only if given."""
+    return [(d, p) for d in sorted(deployments, key=lambda d: d.spec.name)
+            for p in sorted(d.placements, key=lambda p: (p.replica, p.shard)) if not rack or p.rack == rack]
+
+
+def cluster_placements_table(deployments: Sequence[deployments_pb2.Deployment], rack: str | None = None) -> str:
+    rows = [[d.spec.name, d.spec.tenant, p.replica, p.shard, p.node, p.rack,
+             fmt_indices(p.accelerator_indices, p.accelerator_milli), title(shard_phase_word(p.phase))]
+            for d, p in shard_rows(deployments, rack)]
     return render_table(["deployment", "tenant", "replica", "shard", "node", "rack", "accelerators",
                          "phase"], rows, empty="No shards placed.")
 
 
-def nodes_table(nodes: Sequence[admin_pb2.Node]) -> str:
-    rows = [[n.id, n.rack, node_state_word(n.state), "yes" if n.connected else "no",
-             f"{fmt_number(n.accelerators_used)}/{n.accelerators}", n.shards,
-             round(n.power_draw_w), fmt_list(n.tenants)]
-            for n in sorted(nodes, key=lambda n: n.id)]
-    return render_table(["node", "rack", "state", "connected", "accelerators", "shards", "power_w",
-                         "tenants"], rows, empty="No nodes found.")
+def nodes_table(nodes: Sequence[admin_pb2.Node], wide: bool = False) -> str:
+    """One row per node; `wide` adds row, zone, accelerator model and labels."""
+    rows = []
+    for n in sorted(nodes, key=lambda n: n.id):
+        row: list[object] = [n.id, n.rack, node_state_word(n.state), "yes" if n.connected else "no",
+                             f"{fmt_number(n.accelerators_used)}/{n.accelerators}", n.shards,
+                             round(n.power_draw_w), fmt_list(n.tenants)]
+        if wide:
+            row += [n.row, n.zone, n.accelerator_model, fmt_list(f"{k}={v}" for k, v in sorted(n.labels.items()))]
+        rows.append(row)
+    headers = ["node", "rack", "state", "connected", "accelerators", "shards", "power_w", "tenants"]
+    return render_table(headers + (["row", "zone", "model", "labels"] if wide else []), rows,  # type: ignore[arg-type]
+                        empty="No nodes found.")
 
 
 def node_detail(n: admin_pb2.Node) -> str:
@@ -175,3 +189,16 @@ def summary_view(s: admin_pb2.ClusterSummary) -> str:
     if s.tenants:
         text += "\n\nTenants:\n" + tenants_table(s.tenants)
     return text
+
+
+def events_table(events: Sequence[admin_pb2.EventRecord], with_object: bool = True) -> str:
+    """Oldest first: time (UTC), what happened, to what, by whom, and the message."""
+    rows = []
+    for e in events:
+        at = e.at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if e.HasField("at") else None
+        row: list[object] = [at, e.kind]
+        if with_object:
+            row.append(f"{e.object_kind}/{e.object_id}")
+        rows.append(row + [e.actor, e.message or None])
+    headers = ["time", "event"] + (["object"] if with_object else []) + ["actor", "message"]
+    return render_table(headers, rows, empty="No events.")  # type: ignore[arg-type]

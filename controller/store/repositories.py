@@ -49,6 +49,19 @@ def record_event(
                         message=message, data=data or {}))
 
 
+async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
+                      limit: int = 100) -> list[d.EventView]:
+    """The newest `limit` events matching, returned oldest first."""
+    query = select(m.Event).where(m.Event.id > after_id)
+    if object_kind:
+        query = query.where(m.Event.object_kind == object_kind)
+    if object_id:
+        query = query.where(m.Event.object_id == object_id)
+    rows = list(await session.scalars(query.order_by(m.Event.id.desc()).limit(limit)))
+    return [d.EventView(id=r.id, at=r.at, actor=r.actor, kind=r.kind, object_kind=r.object_kind,
+                        object_id=r.object_id, message=r.message) for r in reversed(rows)]
+
+
 # --- tenants ---------------------------------------------------------------------------------
 async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
     return await session.get(m.Tenant, tenant_id)

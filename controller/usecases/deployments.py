@@ -161,14 +161,21 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.
         )
 
 
-async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec) -> m.Deployment | None:
-    """Checks against the stored cluster; returns the quarantined deployment this one replaces."""
+async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *,
+                                  replacing: bool = False) -> m.Deployment | None:
+    """Checks against the stored cluster; returns the quarantined deployment this one replaces.
+
+    `replacing` (dry runs only): the spec stands in for the stored deployment of its name, which
+    must exist."""
     validate_spec(spec)
     tenant = await repo.get_tenant(uow.session, spec.tenant)
     if tenant is None:
         raise NotFound(f"tenant {spec.tenant} not found")
     replaced = None
-    if await repo.deployment_name_exists(uow.session, spec.name):
+    exists = await repo.deployment_name_exists(uow.session, spec.name)
+    if replacing and not exists:
+        raise NotFound(f"deployment {spec.name} not found (nothing to replace)")
+    if exists and not replacing:
         replaced = await repo.get_deployment(uow.session, spec.name)
         if replaced is None or replaced.phase is not m.DeploymentPhase.QUARANTINED or replaced.tenant_id != spec.tenant:
             raise AlreadyExists(f"deployment {spec.name} already exists")
@@ -221,28 +228,31 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
 
 
 async def dry_run_deployment(db: Database, who: Principal, spec: DeploymentSpec, *,
-                             time_limit_ms: int, throttle: SubmitLimits | None = None) -> DeploymentView:
-    """Solve the cluster with this deployment added and say what it would get; writes nothing.
+                             time_limit_ms: int, throttle: SubmitLimits | None = None,
+                             replace_existing: bool = False) -> DeploymentView:
+    """Solve the cluster with this deployment added (or, `replace_existing`, in place of the
+    stored one of that name) and say what it would get; writes nothing.
 
     With `throttle`, the tenant's dry-run rate applies, the solve takes one of the few dry-run
     slots and runs for at most the dry-run time limit."""
     spec = _as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
     if throttle is None:
-        return await _dry_run(db, spec, time_limit_ms)
+        return await _dry_run(db, spec, time_limit_ms, replace_existing)
     throttle.start_dry_run(spec.tenant)
     try:
-        return await _dry_run(db, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms))
+        return await _dry_run(db, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms), replace_existing)
     finally:
         throttle.end_dry_run()
 
 
-async def _dry_run(db: Database, spec: DeploymentSpec, time_limit_ms: int) -> DeploymentView:
+async def _dry_run(db: Database, spec: DeploymentSpec, time_limit_ms: int, replace_existing: bool) -> DeploymentView:
     async with db.unit_of_work() as uow:
-        await _validate_against_store(uow, spec)
+        await _validate_against_store(uow, spec, replacing=replace_existing)
         snapshot = await planning.load_snapshot(uow.session)
         racks = {n.id: n.rack_id for n in await repo.list_node_rows(uow.session)}
-    problem = planning.with_options(planning.with_deployment(snapshot.problem, spec), time_limit_ms=time_limit_ms)
+    problem = planning.with_options(planning.with_deployment(snapshot.problem, spec, replace=replace_existing),
+                                    time_limit_ms=time_limit_ms)
     plan = await planning.solve_in_thread(problem, time_limit_ms=time_limit_ms)
     return _would_be_view(spec, plan, racks)
 

@@ -275,3 +275,15 @@ class IssuedToken:
 
     view: TokenView
     secret: str
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    """One row of the events history, as `maiactl get events` shows it."""
+
+    id: int
+    at: datetime
+    actor: str
+    kind: str
+    object_kind: str
+    object_id: str
+    message: str

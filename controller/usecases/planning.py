@@ -52,8 +52,13 @@ def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "ba
     return doc
 
 
-def with_deployment(problem: dict[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+def with_deployment(problem: dict[str, Any], spec: DeploymentSpec, *, replace: bool = False) -> dict[str, Any]:
+    """The problem with `spec` added; with `replace`, instead of the deployment of that name
+    (which leaves the problem together with its placements)."""
     doc = copy.deepcopy(problem)
+    if replace:
+        doc["deployments"] = [d for d in doc.get("deployments", []) if d.get("id") != spec.name]
+        doc["placements"] = [p for p in doc.get("placements", []) if p.get("deployment") != spec.name]
     doc.setdefault("deployments", []).append(deployment_doc(spec))
     return doc
 

@@ -55,6 +55,9 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.topology.MergeFrom(request)
         return self.topology
 
+    def GetTopology(self, request, context):  # noqa: N802
+        return self.topology
+
     def CordonNode(self, request, context):  # noqa: N802
         context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.id} not found")
 
@@ -181,7 +184,8 @@ def test_get_json_is_one_document_and_table_lists_names(fake, capsys) -> None:
     code, out, _ = run(capsys, "--controller", address, "get", "deployments", "-o", "json")
     assert code == 0
     doc = json.loads(out)
-    assert sorted(d["spec"]["name"] for d in doc["deployments"]) == ["copilot-chat", "phi-row"]
+    assert doc["kind"] == "List"
+    assert sorted(d["name"] for d in doc["items"]) == ["copilot-chat", "phi-row"]
     code, out, _ = run(capsys, "get", "deployments", "--controller", address, "--tenant", "msft-internal")
     assert code == 0
     assert out.splitlines()[0].startswith("NAME")
@@ -211,8 +215,8 @@ def test_unreachable_controller_says_so(capsys, monkeypatch) -> None:
 
 def test_wait_polls_until_running(fake, capsys) -> None:
     address, _, _, _ = fake
-    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "phi-row.yaml"),
-        "-f", str(EXAMPLES / "batch-eval.yaml"))
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
+        "-f", str(EXAMPLES / "phi-row.yaml"), "-f", str(EXAMPLES / "batch-eval.yaml"))
     started = time.monotonic()
     code, out, err = run(capsys, "--controller", address, "wait", "deployment", "phi-row", "batch-eval",
                          "--for", "running", "--timeout", "10")
@@ -225,7 +229,8 @@ def test_wait_polls_until_running(fake, capsys) -> None:
 def test_wait_timeout_exits_1_with_reasons(fake, capsys) -> None:
     address, _, deployments, _ = fake
     deployments.run_after_s = None
-    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "phi-row.yaml"))
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
+        "-f", str(EXAMPLES / "phi-row.yaml"))
     code, _, err = run(capsys, "--controller", address, "wait", "deployment", "phi-row", "--timeout", "1.5")
     assert code == 1
     assert "error: timed out after 1.5s waiting for running" in err
@@ -234,8 +239,9 @@ def test_wait_timeout_exits_1_with_reasons(fake, capsys) -> None:
 
 def test_submit_dry_run_prints_reasons_and_stores_nothing(fake, capsys) -> None:
     address, _, deployments, _ = fake
-    code, out, _ = run(capsys, "--controller", address, "submit", "--dry-run", "-f", str(EXAMPLES / "phi-row.yaml"))
-    assert code == 0
+    code, out, err = run(capsys, "--controller", address, "submit", "--dry-run", "-f", str(EXAMPLES / "phi-row.yaml"))
+    assert code == 4  # Exit.PARTIAL: 0 of 1 replica would be placed
+    assert "partial: only part of phi-row would be placed" in err
     assert out.startswith("deployment/phi-row (dry run): would place 0/1 replicas")
     assert "CAPACITY: 0/64 nodes fit" in out
     assert deployments.deployments == {}

@@ -91,3 +91,19 @@ def test_invalid_json_exits_2(tmp_path: Path) -> None:
     result = maiactl("solve", str(bad))
     assert result.returncode == 2
     assert "invalid JSON at line 1" in result.stderr
+
+
+@pytest.mark.parametrize("plan, expected", [
+    ({"status": "optimal", "unplaced": [{"deployment": "a", "replicas": 2}]},
+     "partial: 2 replica(s) of 1 deployment(s) left unplaced; what is placed is optimal (proved)"),
+    ({"status": "feasible", "stats": {"objective": 10, "best_bound": 10, "cpsat": "optimal"}},
+     "optimal for the placement model (objective = best bound; preemption and moves are outside the proof)"),
+    ({"status": "feasible", "stats": {"objective": 9, "best_bound": 10}}, "feasible (not proved optimal)"),
+    ({"status": "optimal"}, "optimal (proved)"),
+    ({"status": "infeasible", "unplaced": [{"deployment": "a", "replicas": 1}]},
+     "infeasible: nothing new could be placed (1 replica(s) left unplaced)"),
+])
+def test_status_is_never_optimal_with_work_left_nor_bare_feasible_at_the_bound(plan, expected) -> None:
+    from controller.cli.plan_view import status_text
+
+    assert status_text(plan) == expected

@@ -112,3 +112,21 @@ def test_dry_run_text_shows_placements_or_reasons() -> None:
 def test_a_column_of_only_blanks_is_left_aligned() -> None:
     lines = render_table(["message", "n"], [[None, 1], [None, 22]]).splitlines()
     assert lines[1] == "-         1"
+
+
+def test_wait_progress_bars_show_running_of_replicas_on_a_terminal() -> None:
+    import io
+
+    from controller.cli.commands.wait import ProgressBars
+    from controller.cli.context import Context
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    bars = ProgressBars(["chat"], Context(stderr=err))
+    bars.update("chat", D.Deployment(spec=D.DeploymentSpec(name="chat", replicas=4),
+                                     phase=D.DEPLOYMENT_PHASE_SCHEDULED, running_replicas=3))
+    bars.close()
+    assert "chat: Scheduled" in err.getvalue() and "3/4" in err.getvalue()

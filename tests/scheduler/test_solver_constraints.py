@@ -148,6 +148,9 @@ def test_isolation_dedicated_node() -> None:
                   placements=[placed("a", "n1", [0])])
     plan = solve_doc(doc)
     assert placed_count(plan, "b") == 0 and codes(plan, "b") == {"ISOLATION", "NODE_STATE"}
+    isolation = next(r for u in plan.unplaced for r in u.reasons if r.code == "ISOLATION")
+    # dedicated_node is about nodes: the reason names the node and who holds it, never a rack
+    assert "node n1 holds ta (shared)" in isolation.message and "rack" not in isolation.message
 
 
 def test_isolation_protects_the_dedicated_tenant_too() -> None:
@@ -157,6 +160,8 @@ def test_isolation_protects_the_dedicated_tenant_too() -> None:
                   placements=[placed("a", "n1", [0])])
     plan = solve_doc(doc)
     assert placed_count(plan, "b") == 0 and codes(plan, "b") == {"ISOLATION"}
+    isolation = next(r for u in plan.unplaced for r in u.reasons if r.code == "ISOLATION")
+    assert "rack r1 holds ta (dedicated_rack)" in isolation.message
 
 
 def test_isolation_dedicated_rack() -> None:

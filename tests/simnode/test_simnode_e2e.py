@@ -113,18 +113,18 @@ def test_simulated_nodes_run_what_the_controller_assigns(controller: str, tmp_pa
         waited = maiactl(controller, "wait", "deployment", "gang", "halves", "--timeout", "60")
         assert waited.returncode == 0, waited.stderr
 
-        placements = json.loads(maiactl(controller, "placements", "-o", "json").stdout)["placements"]
+        placements = json.loads(maiactl(controller, "placements", "-o", "json").stdout)["items"]
         assert len(placements) == 8
         assert {p["phase"] for p in placements} == {"running"}
         assert {p["rack"] for p in placements} == {"rack-00"}
 
-        nodes = json.loads(maiactl(controller, "get", "nodes", "-o", "json").stdout)["nodes"]
-        assert len(nodes) == 4 and all(n["connected"] for n in nodes)
+        nodes = json.loads(maiactl(controller, "get", "nodes", "-o", "json").stdout)["items"]
+        assert len(nodes) == 4 and all(n["status"]["connected"] for n in nodes)
         # power the agents report: 4 x 600 W idle + 6 x 700 W + 2 x 300 W once heartbeats caught up
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            nodes = json.loads(maiactl(controller, "get", "nodes", "-o", "json").stdout)["nodes"]
-            total = sum(n.get("power_draw_w", 0) for n in nodes)
+            nodes = json.loads(maiactl(controller, "get", "nodes", "-o", "json").stdout)["items"]
+            total = sum(n["status"]["power_draw_w"] for n in nodes)
             if total == pytest.approx(4 * 600 + 6 * 700 + 2 * 300):
                 break
             time.sleep(0.5)

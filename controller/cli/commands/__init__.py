@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from controller.cli.commands import (
-    apply, audit, config, delete, devca, get, nodes, placements, solve, summary, token, usage, wait,
+    apply, audit, completion, config, delete, describe, devca, explain, get, map, nodes, placements, solve, summary,
+    token, usage, version, wait,
 )
 
-MODULES = (apply, get, summary, placements, delete, nodes, wait, solve, config, audit, devca, usage, token)
+MODULES = (version, apply, get, describe, explain, map, summary, placements, delete, nodes, wait, solve, config,
+           token, audit, devca, usage, completion)

@@ -1,19 +1,35 @@
-"""`maiactl apply` (tenants, topology, deployments from manifests) and `maiactl submit`.
+"""`maiactl apply -f FILE|DIR|-`, `maiactl diff -f ...` and `maiactl submit -f ...`.
 
-Objects are applied in dependency order whatever the file order: topology, then tenants,
-then deployments. One line per object says what happened; a failure on one object does not
-stop the others, but makes the exit code 1.
+apply works in three steps, so a bad batch writes nothing:
+1. every document of every source is parsed and checked on the client (all problems at once,
+   exit 2; an empty set of manifests is an error too);
+2. a plan is made against the controller without writing: each object is `created`,
+   `configured`, `unchanged`, or a conflict — a deployment whose spec differs from the stored
+   one must be deleted first (there is no in-place update yet) and the differing fields are
+   listed; a deployment of a tenant that neither exists nor is in the batch is refused;
+   any conflict stops here (exit 1);
+3. the plan is written in dependency order (topology, tenants, deployments). Should a write
+   still fail (a race, a rule only the server checks), what this run created is deleted again
+   and updated tenants get their old contract back; a topology change cannot be undone (its
+   RPC removes nothing) and is reported as such.
+
+`apply --dry-run` (and `diff`) stop after step 2 and show what would change and, for new
+deployments, where their shards would land now (a dry-run solve), like `nomad job plan`.
+A dry run that would place only part of a deployment exits 4 (Exit.PARTIAL).
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import grpc
 
-from controller.cli.client import CliError, rpc_error_text, status_code
+from controller.cli.client import CliError, Exit, rpc_error_text, status_code
 from controller.cli.context import Context
-from controller.cli.manifests import ManifestObject, load_manifests
+from controller.cli.documents import spec_differences, spec_document
+from controller.cli.manifests import ManifestObject, load_manifest_sources
 from controller.cli.views import placements_table, reasons_text
 from maia.v1 import admin_pb2, deployments_pb2
 
@@ -23,32 +39,52 @@ _TENANT_CONTRACT = ("id", "isolation", "excludes", "zones", "reserved_accelerato
                     "max_accelerators", "max_power_w")
 
 
-@dataclass(frozen=True)
-class ApplyResult:
-    ref: str
-    action: str  # created | configured | unchanged | failed
-    detail: str = ""
+@dataclass
+class Step:
+    """What apply will do (or did) with one object."""
+
+    obj: ManifestObject
+    action: str                      # created | configured | unchanged | conflict | failed
+    detail: list[str] = field(default_factory=list)
+    previous: Any = None             # the stored tenant, to restore on rollback
+    dry_run: deployments_pb2.Deployment | None = None
+
+    @property
+    def ref(self) -> str:
+        return self.obj.ref
+
+
+def _sources_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR|-",
+                   help="manifests: a YAML file (multi-document), a directory of *.yaml/*.yml/*.json, "
+                        "or - for stdin (repeatable)")
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("apply", parents=[common], help="create or update objects from YAML manifests")
-    p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
-                   help="manifest file (repeatable; multi-document YAML)")
+    p = sub.add_parser("apply", parents=[common], help="create or update objects from YAML manifests (all or nothing)")
+    _sources_option(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="write nothing: show what would change and where new deployments would land "
+                        "(exit 4 when only part would be placed)")
     p.set_defaults(handler=run_apply)
 
+    d = sub.add_parser("diff", parents=[common],
+                       help="what apply would change, field by field (exit 0: nothing, 1: differences)")
+    _sources_option(d)
+    d.set_defaults(handler=run_diff)
+
     s = sub.add_parser("submit", parents=[common], help="submit deployments from YAML manifests")
-    s.add_argument("-f", "--filename", action="append", required=True, metavar="FILE")
+    _sources_option(s)
     s.add_argument("--dry-run", action="store_true",
-                   help="solve against the current cluster and show where shards would land")
+                   help="solve against the current cluster and show where shards would land "
+                        "(exit 4 when only part would be placed)")
     s.set_defaults(handler=run_submit)
 
 
-def run_apply(args: argparse.Namespace, ctx: Context) -> int:
-    objects = sorted(load_manifests(args.filename), key=lambda o: _ORDER[o.kind])
+def ordered_objects(objects: list[ManifestObject]) -> list[ManifestObject]:
+    objects = sorted(objects, key=lambda o: _ORDER[o.kind])
     tenants = order_tenants([o for o in objects if o.kind == "Tenant"])
-    objects = [o for o in objects if o.kind == "Topology"] + tenants + [o for o in objects if o.kind == "Deployment"]
-    results = [_apply_one(obj, ctx) for obj in objects]
-    return _report(results, ctx)
+    return [o for o in objects if o.kind == "Topology"] + tenants + [o for o in objects if o.kind == "Deployment"]
 
 
 def order_tenants(tenants: list[ManifestObject]) -> list[ManifestObject]:
@@ -87,78 +123,28 @@ def order_tenants(tenants: list[ManifestObject]) -> list[ManifestObject]:
     return ordered + again
 
 
-def _report(results: list[ApplyResult], ctx: Context) -> int:
-    if ctx.json:
-        ctx.emit_json({"results": [{"object": r.ref, "action": r.action, **({"error": r.detail} if r.detail else {})}
-                                   for r in results]})
-    else:
-        for r in results:
-            if r.action == "failed":
-                ctx.note(f"{r.ref} failed: {r.detail}")
-            else:
-                ctx.out(f"{r.ref} {r.action}")
-    return 1 if any(r.action == "failed" for r in results) else 0
+# --- step 2: the plan ------------------------------------------------------------------------
 
-
-def _apply_one(obj: ManifestObject, ctx: Context) -> ApplyResult:
+def _get_or_none(call: Any, request: Any, ctx: Context) -> Any:
     try:
-        if obj.kind == "Topology":
-            ctx.controller.admin.ApplyTopology(obj.message, timeout=ctx.rpc_timeout)
-            return ApplyResult(obj.ref, "configured")
-        if obj.kind == "Tenant":
-            return ApplyResult(obj.ref, _apply_tenant(obj.message, ctx))
-        return ApplyResult(obj.ref, _submit_deployment(obj.message, ctx))
+        return call(request, timeout=ctx.rpc_timeout)
     except grpc.RpcError as exc:
-        if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
-            raise  # nothing else will work either: one clear message from main
-        return ApplyResult(obj.ref, "failed", rpc_error_text(exc, ctx.address).removeprefix("error: "))
+        if status_code(exc) == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
 
 
 def _contract(tenant: admin_pb2.Tenant) -> admin_pb2.Tenant:
     out = admin_pb2.Tenant()
     for name in _TENANT_CONTRACT:
-        field = tenant.DESCRIPTOR.fields_by_name[name]
-        if field.is_repeated:
+        f = tenant.DESCRIPTOR.fields_by_name[name]
+        if f.is_repeated:
             getattr(out, name).extend(getattr(tenant, name))
-        elif field.has_presence and not tenant.HasField(name):
+        elif f.has_presence and not tenant.HasField(name):
             continue
         else:
             setattr(out, name, getattr(tenant, name))
     return out
-
-
-def _apply_tenant(tenant: admin_pb2.Tenant, ctx: Context) -> str:
-    admin = ctx.controller.admin
-    try:
-        admin.CreateTenant(tenant, timeout=ctx.rpc_timeout)
-        return "created"
-    except grpc.RpcError as exc:
-        if status_code(exc) != grpc.StatusCode.ALREADY_EXISTS:
-            raise
-    current = admin.GetTenant(admin_pb2.GetTenantRequest(id=tenant.id), timeout=ctx.rpc_timeout)
-    if _contract(current) == _contract(tenant):
-        return "unchanged"
-    admin.UpdateTenant(tenant, timeout=ctx.rpc_timeout)
-    return "configured"
-
-
-def _submit_deployment(spec: deployments_pb2.DeploymentSpec, ctx: Context) -> str:
-    stub = ctx.controller.deployments
-    try:
-        stub.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec), timeout=ctx.rpc_timeout)
-        return "created"
-    except grpc.RpcError as exc:
-        if status_code(exc) != grpc.StatusCode.ALREADY_EXISTS:
-            raise
-        try:
-            current = stub.GetDeployment(deployments_pb2.GetDeploymentRequest(name=spec.name),
-                                         timeout=ctx.rpc_timeout)
-        except grpc.RpcError:
-            return "unchanged"  # the server said it exists; trust it
-        if _normalised(current.spec) == _normalised(spec):
-            return "unchanged"
-        raise CliError(f"deployment/{spec.name} exists with a different spec; "
-                       f"delete it first (maiactl delete deployment {spec.name})") from None
 
 
 def _normalised(spec: deployments_pb2.DeploymentSpec) -> deployments_pb2.DeploymentSpec:
@@ -174,38 +160,254 @@ def _normalised(spec: deployments_pb2.DeploymentSpec) -> deployments_pb2.Deploym
     return out
 
 
+def _topology_changes(wanted: admin_pb2.Topology, current: admin_pb2.Topology) -> list[str]:
+    have = {("zone", z.id): (z.id,) for z in current.zones}
+    have |= {("row", r.id): (r.zone, r.power_budget_w if r.HasField("power_budget_w") else None) for r in current.rows}
+    have |= {("rack", r.id): (r.row, r.power_budget_w if r.HasField("power_budget_w") else None) for r in current.racks}
+    want = {("zone", z.id): (z.id,) for z in wanted.zones}
+    want |= {("row", r.id): (r.zone, r.power_budget_w if r.HasField("power_budget_w") else None) for r in wanted.rows}
+    want |= {("rack", r.id): (r.row, r.power_budget_w if r.HasField("power_budget_w") else None) for r in wanted.racks}
+    return [f"{kind} {name}: {'new' if (kind, name) not in have else 'changed'}"
+            for (kind, name), value in want.items() if have.get((kind, name)) != value]
+
+
+def plan(objects: list[ManifestObject], ctx: Context, *, solve_new: bool) -> list[Step]:
+    """Step 2: what each object needs, reading only. `solve_new` dry-runs new deployments."""
+    admin, deployments = ctx.controller.admin, ctx.controller.deployments
+    batch_tenants = {o.name for o in objects if o.kind == "Tenant"}
+    steps: list[Step] = []
+    planned: set[str] = set()
+    for obj in objects:
+        if obj.kind == "Topology":
+            current = admin.GetTopology(admin_pb2.GetTopologyRequest(), timeout=ctx.rpc_timeout)
+            changes = _topology_changes(obj.message, current)  # type: ignore[arg-type]
+            steps.append(Step(obj, "configured" if changes else "unchanged", changes))
+        elif obj.kind == "Tenant":
+            current = _get_or_none(admin.GetTenant, admin_pb2.GetTenantRequest(id=obj.name), ctx)
+            if obj.name in planned:  # second pass of an exclusion cycle
+                steps.append(Step(obj, "configured", [], previous=current))
+            elif current is None:
+                steps.append(Step(obj, "created"))
+            else:
+                same = _contract(current) == _contract(obj.message)  # type: ignore[arg-type]
+                steps.append(Step(obj, "unchanged" if same else "configured", [], previous=current))
+            planned.add(obj.name)
+        else:
+            steps.append(_plan_deployment(obj, ctx, batch_tenants, solve_new, deployments, admin))
+    return steps
+
+
+def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str], solve_new: bool,
+                     deployments: Any, admin: Any) -> Step:
+    spec: deployments_pb2.DeploymentSpec = obj.message  # type: ignore[assignment]
+    current = _get_or_none(deployments.GetDeployment, deployments_pb2.GetDeploymentRequest(name=spec.name), ctx)
+    if current is not None:
+        if _normalised(current.spec) == _normalised(spec):
+            return Step(obj, "unchanged")
+        differences = spec_differences(spec_document(_normalised(current.spec)), spec_document(_normalised(spec)))
+        return Step(obj, "conflict", differences + [
+            f"a deployment's spec cannot be changed in place yet: delete it first "
+            f"(maiactl delete deployment {spec.name}), then apply again"])
+    tenant_known = spec.tenant in batch_tenants or _get_or_none(
+        admin.GetTenant, admin_pb2.GetTenantRequest(id=spec.tenant), ctx) is not None
+    if not tenant_known:
+        return Step(obj, "conflict", [f"tenant {spec.tenant} does not exist and is not in these manifests"])
+    step = Step(obj, "created")
+    if solve_new and spec.tenant not in batch_tenants:
+        try:
+            step.dry_run = deployments.SubmitDeployment(
+                deployments_pb2.SubmitDeploymentRequest(spec=spec, dry_run=True), timeout=ctx.rpc_timeout).deployment
+        except grpc.RpcError as exc:
+            if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
+                raise
+            return Step(obj, "conflict", [rpc_error_text(exc, ctx.address).removeprefix("error: ")])
+    return step
+
+
+# --- step 3: writing, with rollback ----------------------------------------------------------
+
+def _write(step: Step, ctx: Context) -> None:
+    admin, deployments = ctx.controller.admin, ctx.controller.deployments
+    if step.action == "unchanged":
+        return
+    if step.obj.kind == "Topology":
+        admin.ApplyTopology(step.obj.message, timeout=ctx.rpc_timeout)
+    elif step.obj.kind == "Tenant":
+        call = admin.CreateTenant if step.action == "created" else admin.UpdateTenant
+        try:
+            call(step.obj.message, timeout=ctx.rpc_timeout)
+        except grpc.RpcError as exc:  # created by the first pass of an exclusion cycle
+            if status_code(exc) != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            admin.UpdateTenant(step.obj.message, timeout=ctx.rpc_timeout)
+    else:
+        deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=step.obj.message),
+                                     timeout=ctx.rpc_timeout)
+
+
+def _undo(done: list[Step], ctx: Context) -> list[str]:
+    """Reverse what `done` wrote; returns one line per undo (or per thing that could not be undone)."""
+    lines = []
+    for step in reversed(done):
+        try:
+            if step.obj.kind == "Deployment" and step.action == "created":
+                ctx.controller.deployments.DeleteDeployment(
+                    deployments_pb2.DeleteDeploymentRequest(name=step.obj.name), timeout=ctx.rpc_timeout)
+                lines.append(f"{step.ref} deleted again")
+            elif step.obj.kind == "Tenant" and step.previous is not None:
+                ctx.controller.admin.UpdateTenant(_contract(step.previous), timeout=ctx.rpc_timeout)
+                lines.append(f"{step.ref} restored")
+            elif step.obj.kind == "Tenant" and step.action == "created":
+                ctx.controller.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id=step.obj.name),
+                                                  timeout=ctx.rpc_timeout)
+                lines.append(f"{step.ref} deleted again")
+            elif step.obj.kind == "Topology" and step.action == "configured":
+                lines.append("topology: changes stay (a topology cannot be rolled back)")
+        except grpc.RpcError as exc:
+            lines.append(f"{step.ref}: could not be undone: {rpc_error_text(exc, ctx.address).removeprefix('error: ')}")
+    return lines
+
+
+def _step_line(step: Step) -> str:
+    line = f"{step.ref} {step.action}"
+    dep = step.dry_run
+    if dep is not None and dep.placed_replicas < dep.spec.replicas:
+        why = f": {dep.reasons[0].code}: {dep.reasons[0].message}" if dep.reasons else ""
+        line += (f" (only {dep.placed_replicas}/{dep.spec.replicas} replicas would be placed now{why}; "
+                 f"the rest waits as Pending)")
+    return line
+
+
+def _conflicts(steps: list[Step]) -> list[str]:
+    lines = []
+    for step in steps:
+        if step.action == "conflict":
+            lines.append(f"{step.ref}: " + step.detail[0] if len(step.detail) == 1 else f"{step.ref}:")
+            if len(step.detail) > 1:
+                lines.extend(f"  {d}" for d in step.detail)
+    return lines
+
+
+def run_apply(args: argparse.Namespace, ctx: Context) -> int:
+    objects = ordered_objects(load_manifest_sources(args.filename))
+    steps = plan(objects, ctx, solve_new=True)
+    if args.dry_run:
+        return _show_plan(steps, ctx)
+    conflicts = _conflicts(steps)
+    if conflicts:
+        raise CliError("nothing applied:\n" + "\n".join(conflicts))
+    done: list[Step] = []
+    for step in steps:
+        try:
+            _write(step, ctx)
+        except grpc.RpcError as exc:
+            if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
+                raise
+            undone = _undo(done, ctx)
+            raise CliError(f"{step.ref} failed: {rpc_error_text(exc, ctx.address).removeprefix('error: ')}\n"
+                           + "\n".join(["rolled back:", *(f"  {u}" for u in undone)] if undone else
+                                       ["nothing else had been written"])) from None
+        done.append(step)
+    _report(steps, ctx)
+    return Exit.OK
+
+
+def _report(steps: list[Step], ctx: Context) -> None:
+    if ctx.json:
+        ctx.emit_json({"results": [_result(s) for s in steps]})
+        return
+    for step in steps:
+        ctx.out(step.ref if ctx.output == "name" else _step_line(step))
+
+
+def _result(step: Step) -> dict[str, Any]:
+    out: dict[str, Any] = {"object": step.ref, "action": step.action}
+    if step.detail:
+        out["changes"] = step.detail
+    if step.dry_run is not None:
+        out["would_place_replicas"] = step.dry_run.placed_replicas
+        out["replicas"] = step.dry_run.spec.replicas
+    return out
+
+
+def _partial(step: Step) -> bool:
+    return step.dry_run is not None and step.dry_run.placed_replicas < step.dry_run.spec.replicas
+
+
+def _show_plan(steps: list[Step], ctx: Context) -> int:
+    if ctx.json:
+        ctx.emit_json({"dry_run": True, "results": [_result(s) for s in steps]})
+    else:
+        for i, step in enumerate(steps):
+            marker = {"created": "+", "configured": "~", "unchanged": "=", "conflict": "!"}[step.action]
+            ctx.out(f"{marker} {step.ref}: {'would be ' + step.action if step.action != 'conflict' else 'conflict'}")
+            for line in step.detail:
+                ctx.out(f"    {line}")
+            if step.dry_run is not None:
+                ctx.out("    " + where_it_lands(step.dry_run).replace("\n", "\n    "))
+    if any(s.action == "conflict" for s in steps):
+        return Exit.FAILED
+    return Exit.PARTIAL if any(_partial(s) for s in steps) else Exit.OK
+
+
+def where_it_lands(dep: deployments_pb2.Deployment) -> str:
+    """'would place 3/4 replicas: rack-00 8 shards, rack-01 4 shards' plus the reasons."""
+    s = dep.spec
+    per_rack = Counter(p.rack for p in dep.placements)
+    racks = ", ".join(f"{rack} {n} shard{'s' if n != 1 else ''}" for rack, n in sorted(per_rack.items()))
+    text = f"would place {dep.placed_replicas}/{s.replicas} replicas" + (f": {racks}" if racks else "")
+    if dep.placed_replicas < s.replicas:
+        text += f" (PARTIAL: {s.replicas - dep.placed_replicas} would wait as Pending)"
+    if dep.reasons:
+        text += "\nnot placed because:\n" + reasons_text(dep.reasons, indent="  ")
+    return text
+
+
+def run_diff(args: argparse.Namespace, ctx: Context) -> int:
+    steps = plan(ordered_objects(load_manifest_sources(args.filename)), ctx, solve_new=False)
+    changed = [s for s in steps if s.action != "unchanged"]
+    if ctx.json:
+        ctx.emit_json({"results": [_result(s) for s in steps]})
+    else:
+        for step in changed:
+            ctx.out(f"{step.ref}: {'new' if step.action == 'created' else step.action}")
+            for line in step.detail:
+                ctx.out(f"  {line}")
+        if not changed:
+            ctx.note("no differences")
+    return Exit.FAILED if changed else Exit.OK
+
+
 def run_submit(args: argparse.Namespace, ctx: Context) -> int:
-    objects = load_manifests(args.filename)
-    deployments = [o for o in objects if o.kind == "Deployment"]
+    objects = load_manifest_sources(args.filename)
     others = [o for o in objects if o.kind != "Deployment"]
     if others:
-        raise CliError(f"submit takes Deployment manifests only; use apply for {others[0].source}", 2)
+        raise CliError(f"submit takes Deployment manifests only; use apply for {others[0].source}", Exit.USAGE)
     if not args.dry_run:
-        results = []
-        for obj in deployments:
-            try:
-                results.append(_apply_one(obj, ctx))
-            except CliError as exc:
-                results.append(ApplyResult(obj.ref, "failed", str(exc)))
-        return _report(results, ctx)
-    answers = []
-    for obj in deployments:
-        request = deployments_pb2.SubmitDeploymentRequest(spec=obj.message, dry_run=True)
-        answers.append(ctx.controller.deployments.SubmitDeployment(request, timeout=ctx.rpc_timeout))
+        return run_apply(argparse.Namespace(filename=args.filename, dry_run=False), ctx)
+    answers = [ctx.controller.deployments.SubmitDeployment(
+        deployments_pb2.SubmitDeploymentRequest(spec=obj.message, dry_run=True), timeout=ctx.rpc_timeout).deployment
+        for obj in objects]
     if ctx.json:
-        ctx.emit_json({"results": [a.deployment for a in answers]})
-        return 0
-    for i, answer in enumerate(answers):
-        if i:
-            ctx.out()
-        ctx.out(dry_run_text(answer.deployment))
-    return 0
+        ctx.emit_json({"results": answers})
+    else:
+        for i, dep in enumerate(answers):
+            if i:
+                ctx.out()
+            ctx.out(dry_run_text(dep))
+    partial = [d.spec.name for d in answers if d.placed_replicas < d.spec.replicas]
+    if partial:
+        ctx.note(f"partial: only part of {', '.join(partial)} would be placed (exit {int(Exit.PARTIAL)})")
+        return Exit.PARTIAL
+    return Exit.OK
 
 
 def dry_run_text(dep: deployments_pb2.Deployment) -> str:
     s = dep.spec
     head = (f"deployment/{s.name} (dry run): would place {dep.placed_replicas}/{s.replicas} replicas "
             f"({s.shards_per_replica} shards each)")
+    if dep.placed_replicas < s.replicas:
+        head += f" -- PARTIAL: {s.replicas - dep.placed_replicas} would not be placed now"
     parts = [head]
     if dep.placements:
         parts.append(placements_table(dep.placements))

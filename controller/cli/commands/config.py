@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields, replace
+from pathlib import Path
 
 from controller.cli.client import CliError, Exit
 from controller.cli.config import ConfigFile, ContextEntry, config_path
@@ -14,6 +15,7 @@ from controller.cli.tables import render_table
 
 _SETTINGS = [f.name for f in fields(ContextEntry)]
 _SECRET = ("token",)
+_FILES = ("token_file", "ca", "cert", "key")
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -78,6 +80,9 @@ def use_context(args: argparse.Namespace, ctx: Context) -> int:
 def set_context(args: argparse.Namespace, ctx: Context) -> int:
     config = ConfigFile.load(config_path())
     given = {k: getattr(args, k, None) for k in _SETTINGS if getattr(args, k, None) is not None}
+    for key in _FILES:  # stored absolute: the file is read from wherever maiactl runs later
+        if key in given:
+            given[key] = str(Path(given[key]).expanduser().resolve())
     existed = args.name in config.contexts
     config.contexts[args.name] = replace(config.contexts.get(args.name, ContextEntry()), **given)
     if args.use or not config.current_context:

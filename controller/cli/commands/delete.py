@@ -1,43 +1,101 @@
-"""`maiactl delete deployment NAME`, `maiactl delete tenant ID` and `maiactl delete node ID`."""
+"""`maiactl delete [deployment|tenant] NAME...` and `maiactl delete -f FILE...`.
+
+Every object named is tried; one line per object says what happened, and the exit code is
+non-zero when any failed (3 when all failures were NOT_FOUND, else 1). Without a kind, NAMEs are
+deployments (`maiactl delete big-dep`). With -f, the file's deployments go first, then its
+tenants; a Topology cannot be deleted and is reported as skipped.
+"""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+import grpc
+
+from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text, status_code
 from controller.cli.context import Context
+from controller.cli.manifests import load_manifest_sources
 from controller.cli.views import phase_text
 from maia.v1 import admin_pb2, deployments_pb2
+
+KINDS = {"deployment": "deployment", "deployments": "deployment", "deploy": "deployment",
+         "tenant": "tenant", "tenants": "tenant", "node": "node", "nodes": "node"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ref: str
+    action: str  # deleted | failed | skipped
+    detail: str = ""
+    exit_code: int = Exit.OK
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("delete", parents=[common],
-                       help="delete a deployment (its shards are stopped), a tenant, or a node (its shards move)")
-    p.add_argument("resource", choices=("deployment", "deployments", "deploy", "tenant", "node"))
-    p.add_argument("names", nargs="+", metavar="NAME")
+                       help="delete deployments (their shards are stopped), tenants, or nodes (their shards move)",
+                       description="maiactl delete [deployment|tenant|node] NAME... | maiactl delete -f FILE...: "
+                                   "tries every object and reports each; exit 1 (3 if only NOT_FOUND) when any "
+                                   "failed. Without a kind, NAMEs are deployments.")
+    p.add_argument("words", nargs="*", metavar="[KIND] NAME", help="deployment|tenant|node (optional), then names")
+    p.add_argument("-f", "--filename", action="append", metavar="FILE|DIR|-",
+                   help="delete the objects of these manifests (repeatable)")
     p.set_defaults(handler=run)
 
 
-# Admin objects deleted by id: (method, request type, what is said after "deleted").
-_ADMIN_DELETES = {
-    "tenant": ("DeleteTenant", admin_pb2.DeleteTenantRequest, ""),
-    "node": ("DeleteNode", admin_pb2.NodeRequest, " (its shards are placed again elsewhere)"),
-}
+def targets(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(kind, name) pairs to delete, from the words or the files."""
+    if args.filename:
+        if args.words:
+            raise CliError("give either -f FILE or NAMEs, not both", Exit.USAGE)
+        objects = load_manifest_sources(args.filename)
+        pairs = [("deployment", o.name) for o in objects if o.kind == "Deployment"]
+        pairs += [("tenant", o.name) for o in objects if o.kind == "Tenant"]
+        pairs += [("topology", "") for o in objects if o.kind == "Topology"]
+        if not pairs:
+            raise CliError(f"{', '.join(args.filename)}: no objects to delete", Exit.USAGE)
+        return pairs
+    words = list(args.words)
+    kind = KINDS.get(words[0], "") if words else ""
+    names = words[1:] if kind else words
+    if not names:
+        raise CliError("delete needs NAMEs (maiactl delete [deployment|tenant] NAME...) or -f FILE", Exit.USAGE)
+    return [(kind or "deployment", name) for name in dict.fromkeys(names)]
+
+
+def _delete(kind: str, name: str, ctx: Context) -> Outcome:
+    if kind == "topology":
+        return Outcome("topology", "skipped", "a topology cannot be deleted")
+    try:
+        if kind == "tenant":
+            ctx.controller.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id=name), timeout=ctx.rpc_timeout)
+            return Outcome(f"tenant/{name}", "deleted")
+        if kind == "node":
+            ctx.controller.admin.DeleteNode(admin_pb2.NodeRequest(id=name), timeout=ctx.rpc_timeout)
+            return Outcome(f"node/{name}", "deleted", "its shards are placed again elsewhere")
+        dep = ctx.controller.deployments.DeleteDeployment(
+            deployments_pb2.DeleteDeploymentRequest(name=name), timeout=ctx.rpc_timeout)
+        return Outcome(f"deployment/{name}", "deleted", f"phase {phase_text(dep)}")
+    except grpc.RpcError as exc:
+        if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
+            raise  # nothing else will work either: one clear message from main
+        return Outcome(f"{kind}/{name}", "failed", rpc_error_text(exc, ctx.address).removeprefix("error: "),
+                       exit_code_of(exc))
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    results = []
-    for name in args.names:
-        if args.resource in _ADMIN_DELETES:
-            method, request, note = _ADMIN_DELETES[args.resource]
-            getattr(ctx.controller.admin, method)(request(id=name), timeout=ctx.rpc_timeout)
-            results.append({"object": f"{args.resource}/{name}", "action": "deleted"})
-            if not ctx.json:
-                ctx.out(f"{args.resource}/{name} deleted{note}")
-            continue
-        dep = ctx.controller.deployments.DeleteDeployment(
-            deployments_pb2.DeleteDeploymentRequest(name=name), timeout=ctx.rpc_timeout)
-        results.append({"object": f"deployment/{name}", "action": "deleted", "deployment": dep})
-        if not ctx.json:
-            ctx.out(f"deployment/{name} deleted (phase {phase_text(dep)})")
+    outcomes = [_delete(kind, name, ctx) for kind, name in targets(args)]
     if ctx.json:
-        ctx.emit_json({"results": results})
-    return 0
+        ctx.emit_json({"results": [{"object": o.ref, "action": o.action, **({"detail": o.detail} if o.detail else {})}
+                                   for o in outcomes]})
+    else:
+        for o in outcomes:
+            if o.action == "failed":
+                ctx.note(f"{o.ref} failed: {o.detail}")
+            elif ctx.output == "name":
+                ctx.out(o.ref)
+            else:
+                ctx.out(f"{o.ref} {o.action}" + (f" ({o.detail})" if o.detail else ""))
+    failures = {o.exit_code for o in outcomes if o.action == "failed"}
+    if not failures:
+        return Exit.OK
+    return Exit.NOT_FOUND if failures == {Exit.NOT_FOUND} else Exit.FAILED

@@ -1,80 +1,235 @@
-"""`maiactl get deployments|deployment NAME|nodes|node ID|tenants|topology`."""
+"""`maiactl get RESOURCE [NAME...]` for deployments, nodes, tenants, topology and placements.
+
+Every filter either works or is refused (exit 2) — none is silently ignored:
+`--tenant` (deployments, nodes holding its shards, placements), `--rack` (deployments with a
+shard there, nodes, placements), `-l key=value` (node labels; the other kinds carry none).
+`--watch` prints the list again whenever it changes (polling every --interval seconds).
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from controller.cli.client import CliError, list_all
+from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
+from controller.cli.documents import (
+    deployment_document, event_document, list_document, node_document, placement_document, tenant_document, topology_document,
+)
 from controller.cli.views import (
-    deployment_detail, deployments_table, node_detail, nodes_table, tenants_table, topology_view,
+    cluster_placements_table, deployment_detail, deployments_table, events_table, node_detail, nodes_table,
+    shard_rows, tenants_table, topology_view,
 )
 from maia.v1 import admin_pb2, deployments_pb2
 
 # Accepted spellings of each resource, kubectl-style.
 RESOURCES = {
     "deployments": "deployment", "deployment": "deployment", "deploy": "deployment",
-    "nodes": "node", "node": "node",
+    "nodes": "node", "node": "node", "no": "node",
     "tenants": "tenant", "tenant": "tenant",
     "topology": "topology",
+    "placements": "placement", "placement": "placement",
+    "events": "event", "event": "event",
 }
+# Which filters each kind understands; any other one given is refused.
+FILTERS = {"deployment": {"tenant", "rack"}, "node": {"tenant", "rack", "selector"},
+           "placement": {"tenant", "rack"}, "tenant": set(), "topology": set(), "event": {"for_object", "limit"}}
+_FLAG = {"tenant": "--tenant", "rack": "--rack", "selector": "-l/--selector", "for_object": "--for", "limit": "--limit"}
+EVENT_KINDS = ("deployment", "node", "tenant", "topology")
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """'a=b,c=d' -> {'a': 'b', 'c': 'd'}; anything else is a usage error."""
+    pairs: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"-l {text!r}: expected key=value[,key=value...]", Exit.USAGE)
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("get", parents=[common], help="show deployments, nodes, tenants or the topology")
+    p = sub.add_parser("get", parents=[common], help="list or show deployments, nodes, tenants, topology, placements")
     p.add_argument("resource", choices=sorted(RESOURCES), metavar="RESOURCE",
-                   help="deployments | deployment NAME | nodes | node ID | tenants | topology")
-    p.add_argument("name", nargs="?", help="one object by name (lists all when absent)")
-    p.add_argument("--tenant", help="deployments of one tenant only")
-    p.add_argument("--rack", help="nodes of one rack only")
+                   help="deployments | nodes | tenants | topology | placements (singular forms too)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="objects by name (lists all when absent)")
+    p.add_argument("--tenant", help="deployments/placements of a tenant; nodes holding its shards")
+    p.add_argument("--rack", help="nodes of a rack; deployments/placements with a shard there")
+    p.add_argument("-l", "--selector", metavar="KEY=VALUE[,...]", help="nodes whose labels match all pairs")
+    p.add_argument("--for", dest="for_object", metavar="KIND/NAME",
+                   help="events of one object: deployment/NAME, node/ID, tenant/ID (a bare NAME: a deployment)")
+    p.add_argument("--limit", type=int, metavar="N", help="events: the newest N (default: 50)")
+    p.add_argument("-w", "--watch", action="store_true", help="print again on every change (Ctrl-C stops; blocks)")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="--watch polling period (default: 2)")
     p.set_defaults(handler=run)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One fetch of a resource, ready for every output format."""
+
+    document: Callable[[], Any]
+    text: Callable[[], str]
+    names: Callable[[], list[str]]
+    is_table: bool = True
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
     kind = RESOURCES[args.resource]
-    if kind == "deployment":
-        return _deployments(args, ctx)
-    if kind == "node":
-        return _nodes(args, ctx)
-    if kind == "tenant":
-        return _tenants(args, ctx)
-    if args.name:
-        raise CliError("get topology takes no name", 2)
-    topology = ctx.controller.admin.GetTopology(admin_pb2.GetTopologyRequest(), timeout=ctx.rpc_timeout)
-    ctx.emit_json(topology) if ctx.json else ctx.out(topology_view(topology))
-    return 0
+    given = {k for k in ("tenant", "rack", "selector", "for_object", "limit") if getattr(args, k, None) is not None}
+    refused = sorted(given - FILTERS[kind])
+    if refused:
+        hint = f" (it takes {', '.join(_FLAG[f] for f in sorted(FILTERS[kind]))})" if FILTERS[kind] else ""
+        raise CliError(f"get {args.resource}: {_FLAG[refused[0]]} does not apply to {kind}s{hint}", Exit.USAGE)
+    if kind == "event":
+        return _events(args, ctx)
+    if kind in ("topology", "placement") and args.names:
+        raise CliError(f"get {args.resource} takes no NAME", Exit.USAGE)
+    if args.names and given - {"for_object", "limit"}:
+        raise CliError("give either NAMEs or filters, not both", Exit.USAGE)
+    fetch = {"deployment": _deployments, "node": _nodes, "tenant": _tenants, "topology": _topology,
+             "placement": _placements}[kind]
+    if not args.watch:
+        _emit(fetch(args, ctx), ctx)
+        return Exit.OK
+    return _watch(lambda: fetch(args, ctx), args.interval, ctx)
 
 
-def _deployments(args: argparse.Namespace, ctx: Context) -> int:
+def _emit(listing: Listing, ctx: Context) -> None:
+    ctx.emit(listing.document, listing.text, names=listing.names, is_table=listing.is_table)
+
+
+def _watch(fetch: Callable[[], Listing], interval: float, ctx: Context) -> int:
+    shown: str | None = None
+    while True:
+        listing = fetch()
+        snapshot = repr(listing.document())
+        if snapshot != shown:
+            if shown is not None and not ctx.json:
+                ctx.out(f"--- {time.strftime('%H:%M:%S')}")
+            _emit(listing, ctx)
+            shown = snapshot
+        time.sleep(interval)
+
+
+def _deployments(args: argparse.Namespace, ctx: Context) -> Listing:
     stub = ctx.controller.deployments
-    if args.name:
-        dep = stub.GetDeployment(deployments_pb2.GetDeploymentRequest(name=args.name), timeout=ctx.rpc_timeout)
-        ctx.emit_json(dep) if ctx.json else ctx.out(deployment_detail(dep))
-        return 0
-    response = list_all(stub.ListDeployments, deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""),
-                        "deployments", timeout=ctx.rpc_timeout)
-    deps = sorted(response.deployments, key=lambda d: d.spec.name)
-    ctx.emit_json(response) if ctx.json else ctx.out(deployments_table(deps))
-    return 0
+    if args.names:
+        deps = [stub.GetDeployment(deployments_pb2.GetDeploymentRequest(name=n), timeout=ctx.rpc_timeout)
+                for n in args.names]
+        if len(deps) == 1 and not ctx.wide:
+            return Listing(lambda: deployment_document(deps[0]), lambda: deployment_detail(deps[0]),
+                           lambda: [f"deployment/{deps[0].spec.name}"], is_table=False)
+    else:
+        response = list_all(stub.ListDeployments, deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""),
+                            "deployments", timeout=ctx.rpc_timeout)
+        deps = sorted(response.deployments, key=lambda d: d.spec.name)
+        if args.rack:
+            deps = [d for d in deps if any(p.rack == args.rack for p in d.placements)]
+    return Listing(lambda: list_document(deployment_document(d) for d in deps),
+                   lambda: deployments_table(deps, wide=ctx.wide),
+                   lambda: [f"deployment/{d.spec.name}" for d in deps])
 
 
-def _nodes(args: argparse.Namespace, ctx: Context) -> int:
+def _nodes(args: argparse.Namespace, ctx: Context) -> Listing:
     admin = ctx.controller.admin
-    if args.name:
-        node = admin.GetNode(admin_pb2.GetNodeRequest(id=args.name), timeout=ctx.rpc_timeout)
-        ctx.emit_json(node) if ctx.json else ctx.out(node_detail(node))
-        return 0
-    response = list_all(admin.ListNodes, admin_pb2.ListNodesRequest(rack=args.rack or ""), "nodes",
+    if args.names:
+        nodes = [admin.GetNode(admin_pb2.GetNodeRequest(id=n), timeout=ctx.rpc_timeout) for n in args.names]
+        if len(nodes) == 1 and not ctx.wide:
+            return Listing(lambda: node_document(nodes[0]), lambda: node_detail(nodes[0]),
+                           lambda: [f"node/{nodes[0].id}"], is_table=False)
+    else:
+        response = list_all(admin.ListNodes, admin_pb2.ListNodesRequest(rack=args.rack or ""), "nodes",
+                            timeout=ctx.rpc_timeout)
+        nodes = sorted(response.nodes, key=lambda n: n.id)
+        if args.tenant:
+            nodes = [n for n in nodes if args.tenant in n.tenants]
+        if args.selector:
+            wanted = parse_selector(args.selector).items()
+            nodes = [n for n in nodes if all(n.labels.get(k) == v for k, v in wanted)]
+    return Listing(lambda: list_document(node_document(n) for n in nodes),
+                   lambda: nodes_table(nodes, wide=ctx.wide), lambda: [f"node/{n.id}" for n in nodes])
+
+
+def _tenants(args: argparse.Namespace, ctx: Context) -> Listing:
+    admin = ctx.controller.admin
+    if args.names:
+        tenants: Sequence[admin_pb2.Tenant] = [
+            admin.GetTenant(admin_pb2.GetTenantRequest(id=n), timeout=ctx.rpc_timeout) for n in args.names]
+        if len(tenants) == 1:
+            return Listing(lambda: tenant_document(tenants[0]), lambda: tenants_table(tenants),
+                           lambda: [f"tenant/{tenants[0].id}"])
+    else:
+        tenants = list_all(admin.ListTenants, admin_pb2.ListTenantsRequest(), "tenants",
+                           timeout=ctx.rpc_timeout).tenants
+    return Listing(lambda: list_document(tenant_document(t) for t in sorted(tenants, key=lambda t: t.id)),
+                   lambda: tenants_table(tenants), lambda: [f"tenant/{t.id}" for t in sorted(tenants, key=lambda t: t.id)])
+
+
+def _topology(args: argparse.Namespace, ctx: Context) -> Listing:
+    topology = ctx.controller.admin.GetTopology(admin_pb2.GetTopologyRequest(), timeout=ctx.rpc_timeout)
+    return Listing(lambda: topology_document(topology), lambda: topology_view(topology), lambda: ["topology"],
+                   is_table=False)
+
+
+def _placements(args: argparse.Namespace, ctx: Context) -> Listing:
+    response = list_all(ctx.controller.deployments.ListDeployments,
+                        deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""), "deployments",
                         timeout=ctx.rpc_timeout)
-    ctx.emit_json(response) if ctx.json else ctx.out(nodes_table(response.nodes))
-    return 0
+    deps = list(response.deployments)
+    rows = shard_rows(deps, args.rack)
+    return Listing(
+        lambda: list_document({"kind": "Placement", "deployment": d.spec.name, "tenant": d.spec.tenant,
+                               **placement_document(p)} for d, p in rows),
+        lambda: cluster_placements_table(deps, args.rack),
+        lambda: [f"placement/{d.spec.name}/{p.replica}/{p.shard}" for d, p in rows])
 
 
-def _tenants(args: argparse.Namespace, ctx: Context) -> int:
-    admin = ctx.controller.admin
-    if args.name:
-        tenant = admin.GetTenant(admin_pb2.GetTenantRequest(id=args.name), timeout=ctx.rpc_timeout)
-        ctx.emit_json(tenant) if ctx.json else ctx.out(tenants_table([tenant]))
-        return 0
-    response = list_all(admin.ListTenants, admin_pb2.ListTenantsRequest(), "tenants", timeout=ctx.rpc_timeout)
-    ctx.emit_json(response) if ctx.json else ctx.out(tenants_table(response.tenants))
-    return 0
+def parse_object(text: str) -> tuple[str, str]:
+    """'node/rack-00-n01' -> ('node', 'rack-00-n01'); a bare name is a deployment."""
+    kind, sep, name = text.partition("/")
+    if not sep:
+        return "deployment", text
+    kind = RESOURCES.get(kind, kind)
+    if kind not in EVENT_KINDS or not name:
+        raise CliError(f"--for {text!r}: expected KIND/NAME with KIND one of {', '.join(EVENT_KINDS)}", Exit.USAGE)
+    return kind, name
+
+
+def fetch_events(ctx: Context, kind: str = "", name: str = "", after_id: int = 0,
+                 limit: int = 50) -> list[admin_pb2.EventRecord]:
+    response = ctx.controller.admin.ListEvents(
+        admin_pb2.ListEventsRequest(object_kind=kind, object_id=name, after_id=after_id, limit=limit),
+        timeout=ctx.rpc_timeout)
+    return list(response.events)
+
+
+def _events(args: argparse.Namespace, ctx: Context) -> int:
+    """`get events [--for KIND/NAME] [--watch]`: the newest --limit, then (watch) new ones as they come."""
+    if args.names:
+        raise CliError("get events takes no NAME (use --for KIND/NAME)", Exit.USAGE)
+    limit = 50 if args.limit is None else args.limit
+    if limit < 1:
+        raise CliError("--limit must be at least 1", Exit.USAGE)
+    kind, name = parse_object(args.for_object) if args.for_object else ("", "")
+    events = fetch_events(ctx, kind, name, limit=limit)
+    ctx.emit(lambda: list_document(event_document(e) for e in events), lambda: events_table(events),
+             names=lambda: [f"event/{e.id}" for e in events], is_table=True)
+    last = events[-1].id if events else 0
+    while args.watch:
+        time.sleep(args.interval)
+        new = fetch_events(ctx, kind, name, after_id=last, limit=1000)
+        if not new:
+            continue
+        last = new[-1].id
+        if ctx.json:
+            for e in new:  # one compact document per line while following
+                ctx.stdout.write(json.dumps(event_document(e)) + "\n")
+            ctx.stdout.flush()
+        else:
+            ctx.out("\n".join(events_table(new).splitlines()[1:]))
+    return Exit.OK

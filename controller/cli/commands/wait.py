@@ -2,8 +2,12 @@
 
 Deployments are followed with WatchDeployments (events as they happen); if the server does
 not offer the stream, or it breaks, the command falls back to polling GetDeployment. Progress
-goes to stderr; on timeout the exit code is 1 and the message lists each deployment's phase and
-the reasons it is not there yet.
+goes to stderr (a progress bar of running replicas on a terminal); on timeout the exit code is 1
+and the message lists each deployment's phase and the reasons it is not there yet.
+
+A deployment blocked for good — a reason that waiting alone cannot change (the tenant's quota,
+its allowed zones, an accelerator model or HBM size no node has) — ends the wait at once with
+its reasons and exit code 4, unless --keep-waiting (someone may raise the quota meanwhile).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from controller.cli.client import CliError, list_all, status_code
+from controller.cli.client import CliError, Exit, list_all, status_code
 from controller.cli.context import Context
 from controller.cli.views import phase_text, reasons_text
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
@@ -27,6 +31,8 @@ CONDITIONS: dict[str, Callable[[P.Deployment | None], bool]] = {
     "deleted": lambda d: d is None,
 }
 POLL_INTERVAL_S = 1.0
+# Reason codes that do not go away by themselves (see the module docstring).
+BLOCKING_CODES = frozenset({"QUOTA_ACCELERATORS", "QUOTA_POWER", "ZONE", "ACCELERATOR_MODEL", "HBM"})
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -36,6 +42,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--for", dest="condition", choices=sorted(CONDITIONS), default="running")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
     p.add_argument("--connected", type=int, metavar="N", help="nodes: wait until N nodes are ready and connected")
+    p.add_argument("--keep-waiting", action="store_true",
+                   help="do not stop early when a deployment is blocked by quota, zones or hardware")
     p.set_defaults(handler=run)
 
 
@@ -46,7 +54,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         return _wait_nodes(args.connected, args.timeout, ctx)
     if not args.names:
         raise CliError("wait deployment needs at least one NAME", 2)
-    return wait_deployments(args.names, args.condition, args.timeout, ctx)
+    return wait_deployments(args.names, args.condition, args.timeout, ctx, fail_fast=not args.keep_waiting)
 
 
 def progress_line(name: str, dep: P.Deployment | None) -> str:
@@ -60,27 +68,69 @@ def progress_line(name: str, dep: P.Deployment | None) -> str:
     return line
 
 
-class _Tracker:
-    """Latest state per deployment, printing a progress line whenever one changes."""
+class ProgressBars:
+    """One rich progress bar per deployment (running replicas of replicas) on a terminal's stderr."""
 
-    def __init__(self, names: Sequence[str], condition: str, ctx: Context) -> None:
+    def __init__(self, names: Sequence[str], ctx: Context) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=Console(file=ctx.stderr), transient=False)
+        self._tasks = {n: self._progress.add_task(n, total=None) for n in names}
+        self._progress.start()
+
+    def update(self, name: str, dep: P.Deployment | None) -> None:
+        if dep is None:
+            self._progress.update(self._tasks[name], description=f"{name}: gone")
+            return
+        reason = f" {dep.reasons[0].code}" if dep.reasons else ""
+        self._progress.update(self._tasks[name], total=dep.spec.replicas, completed=dep.running_replicas,
+                              description=f"{name}: {phase_text(dep)}{reason}")
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+class _Tracker:
+    """Latest state per deployment, shown as progress bars on a terminal, else as a line whenever
+    one changes (stderr either way)."""
+
+    def __init__(self, names: Sequence[str], condition: str, ctx: Context, fail_fast: bool = True) -> None:
         self.names = list(dict.fromkeys(names))
+        self.fail_fast = fail_fast and condition != "deleted"
         self.check = CONDITIONS[condition]
         self.ctx = ctx
         self.latest: dict[str, P.Deployment | None] = {}
         self._shown: dict[str, str] = {}
+        self.bars = ProgressBars(self.names, ctx) if ctx.stderr.isatty() and not ctx.json else None
 
     def update(self, name: str, dep: P.Deployment | None) -> None:
         if name not in self.names:
             return
         self.latest[name] = dep
+        if self.bars is not None:
+            self.bars.update(name, dep)
+            return
         line = progress_line(name, dep)
         if self._shown.get(name) != line:
             self._shown[name] = line
             self.ctx.note(line)
 
+    def close(self) -> None:
+        if self.bars is not None:
+            self.bars.close()
+
     def done(self) -> bool:
         return all(n in self.latest and self.check(self.latest[n]) for n in self.names)
+
+    def blocked(self) -> list[str]:
+        """Deployments not there yet whose reasons waiting cannot change."""
+        return [n for n, dep in self.latest.items()
+                if dep is not None and not self.check(dep) and any(r.code in BLOCKING_CODES for r in dep.reasons)]
+
+    def finished(self) -> bool:
+        return self.done() or (self.fail_fast and bool(self.blocked()))
 
     def pending_text(self) -> str:
         lines = []
@@ -103,17 +153,24 @@ def _get(ctx: Context, name: str) -> P.Deployment | None:
         raise
 
 
-def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: Context) -> int:
+def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: Context,
+                     fail_fast: bool = True) -> int:
     deadline = time.monotonic() + timeout
-    tracker = _Tracker(names, condition, ctx)
-    for name in tracker.names:
-        dep = _get(ctx, name)
-        if dep is None and condition != "deleted":
-            raise CliError(f"NOT_FOUND: deployment {name} does not exist")
-        tracker.update(name, dep)
-    if not tracker.done():
-        if not _watch(tracker, deadline, ctx):
-            _poll(tracker, deadline, ctx)
+    tracker = _Tracker(names, condition, ctx, fail_fast)
+    try:
+        for name in tracker.names:
+            dep = _get(ctx, name)
+            if dep is None and condition != "deleted":
+                raise CliError(f"NOT_FOUND: deployment {name} does not exist", Exit.NOT_FOUND)
+            tracker.update(name, dep)
+        if not tracker.finished():
+            if not _watch(tracker, deadline, ctx):
+                _poll(tracker, deadline, ctx)
+    finally:
+        tracker.close()
+    if not tracker.done() and tracker.fail_fast and tracker.blocked():
+        raise CliError(f"stopped waiting for {condition}: blocked until something changes (quota, zones or "
+                       f"hardware; --keep-waiting waits anyway):\n{tracker.pending_text()}", Exit.PARTIAL)
     if not tracker.done():
         raise CliError(f"timed out after {timeout:g}s waiting for {condition}:\n{tracker.pending_text()}")
     if ctx.json:
@@ -135,7 +192,7 @@ def _watch(tracker: _Tracker, deadline: float, ctx: Context) -> bool:
         for event in stream:
             name = event.deployment.spec.name
             tracker.update(name, None if event.type == P.DeploymentEvent.TYPE_DELETED else event.deployment)
-            if tracker.done():
+            if tracker.finished():
                 return True
     except grpc.RpcError as exc:
         if status_code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -144,18 +201,18 @@ def _watch(tracker: _Tracker, deadline: float, ctx: Context) -> bool:
         return False
     finally:
         stream.cancel()
-    return tracker.done()
+    return tracker.finished()
 
 
 def _poll(tracker: _Tracker, deadline: float, ctx: Context) -> None:
-    while not tracker.done() and time.monotonic() < deadline:
+    while not tracker.finished() and time.monotonic() < deadline:
         for name in tracker.names:
             try:
                 tracker.update(name, _get(ctx, name))
             except grpc.RpcError as exc:
                 if status_code(exc) != grpc.StatusCode.UNAVAILABLE:
                     raise
-        if not tracker.done():
+        if not tracker.finished():
             time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
 
 

@@ -124,6 +124,16 @@ class AdminServiceStub:
                 request_serializer=maia_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_admin__pb2.Token.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/maia.v1.AdminService/ListEvents',
+                request_serializer=maia_dot_v1_dot_admin__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.GetVersion = channel.unary_unary(
+                '/maia.v1.AdminService/GetVersion',
+                request_serializer=maia_dot_v1_dot_admin__pb2.GetVersionRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.VersionInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -245,6 +255,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """What happened to deployments, nodes and tenants (submitted, placed, cordoned, ...), oldest
+        first. Follow new ones by asking again with after_id = the last id seen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVersion(self, request, context):
+        """The controller's release and the database schema revision it runs on (`maiactl version`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -337,6 +362,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=maia_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
                     response_serializer=maia_dot_v1_dot_admin__pb2.Token.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.ListEventsRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'GetVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersion,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.GetVersionRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.VersionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -825,6 +860,60 @@ class AdminService:
             '/maia.v1.AdminService/RevokeToken',
             maia_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
             maia_dot_v1_dot_admin__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/ListEvents',
+            maia_dot_v1_dot_admin__pb2.ListEventsRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/GetVersion',
+            maia_dot_v1_dot_admin__pb2.GetVersionRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.VersionInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,12 +95,14 @@ class Deployment(_message.Message):
     def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., generation: _Optional[int] = ..., placed_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitDeploymentRequest(_message.Message):
-    __slots__ = ("spec", "dry_run")
+    __slots__ = ("spec", "dry_run", "replace_existing")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_EXISTING_FIELD_NUMBER: _ClassVar[int]
     spec: DeploymentSpec
     dry_run: bool
-    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    replace_existing: bool
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., dry_run: _Optional[bool] = ..., replace_existing: _Optional[bool] = ...) -> None: ...
 
 class SubmitDeploymentResponse(_message.Message):
     __slots__ = ("deployment", "dry_run")

@@ -1,0 +1,124 @@
+"""`maiactl explain deployment NAME`: why it is pending or degraded, and the smallest change that fits.
+
+It shows the solver's reasons from the last reconcile pass, then asks the controller for dry
+runs of variants of the spec, each solved as if it replaced the stored deployment (nothing is
+written): the spec as it is now, fewer replicas (when some fit), a wider locality (rack -> row
+-> zone -> none) and fewer shards per replica, and reports how many replicas each would place.
+The first variant that places everything asked is the suggestion; reasons such as a tenant's
+quota are named as they are (the fix is the tenant's contract, not the deployment).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from controller.cli.client import CliError, Exit, rpc_error_text, status_code
+from controller.cli.context import Context
+from controller.cli.views import phase_text, reasons_text
+from controller.cli.vocab import DOMAIN_BY_WORD, domain_word
+from maia.v1 import deployments_pb2
+
+WIDER = ("node", "rack", "row", "zone", "none")
+MAX_TRIES = 6
+
+
+@dataclass(frozen=True)
+class Variant:
+    change: str                      # 'as it is', 'replicas: 2', 'locality: row'
+    spec: deployments_pb2.DeploymentSpec
+    placed: int | None = None        # replicas it would place; None when refused
+    error: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.placed is not None and self.placed >= self.spec.replicas
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("explain", parents=[common],
+                       help="why a deployment is pending or degraded, and the smallest change that would fit")
+    p.add_argument("resource", choices=("deployment", "deploy"), metavar="deployment")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=run)
+
+
+def _variant(base: deployments_pb2.DeploymentSpec, change: str, **fields: Any) -> Variant:
+    spec = deployments_pb2.DeploymentSpec()
+    spec.CopyFrom(base)
+    for key, value in fields.items():
+        setattr(spec, key, value)
+    if spec.min_replicas > spec.replicas:
+        spec.min_replicas = spec.replicas
+    return Variant(change, spec)
+
+
+def candidates(spec: deployments_pb2.DeploymentSpec, placed_now: int) -> list[Variant]:
+    """The spec as it is, then single changes, smallest first."""
+    out = [_variant(spec, "as it is")]
+    if 0 < placed_now < spec.replicas:
+        out.append(_variant(spec, f"replicas: {placed_now}", replicas=placed_now))
+    current = domain_word(spec.locality)
+    if current in WIDER:
+        for word in WIDER[WIDER.index(current) + 1:]:
+            out.append(_variant(spec, f"locality: {word}", locality=DOMAIN_BY_WORD[word]))
+    shards = spec.shards_per_replica // 2
+    while shards >= 1 and len(out) < MAX_TRIES:
+        out.append(_variant(spec, f"shards_per_replica: {shards} (each shard then holds more of the model)",
+                            shards_per_replica=shards))
+        shards //= 2
+    return out[:MAX_TRIES]
+
+
+def _try(variant: Variant, ctx: Context) -> Variant:
+    request = deployments_pb2.SubmitDeploymentRequest(spec=variant.spec, dry_run=True, replace_existing=True)
+    try:
+        dep = ctx.controller.deployments.SubmitDeployment(request, timeout=ctx.rpc_timeout).deployment
+    except grpc.RpcError as exc:
+        if status_code(exc) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+            raise
+        return Variant(variant.change, variant.spec, None, rpc_error_text(exc, ctx.address).removeprefix("error: "))
+    return Variant(variant.change, variant.spec, dep.placed_replicas)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    dep = ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name=args.name),
+                                                   timeout=ctx.rpc_timeout)
+    s = dep.spec
+    settled = dep.placed_replicas >= s.replicas and not dep.reasons
+    tried: list[Variant] = []
+    if not settled:
+        for variant in candidates(s, dep.placed_replicas):
+            tried.append(_try(variant, ctx))
+            if tried[-1].fits:  # 'as it is' fitting: the last pass saw another state
+                break
+    suggestion = next((v for v in tried if v.fits), None)
+    if ctx.json:
+        ctx.emit_json({"deployment": s.name, "phase": phase_text(dep).lower(), "replicas": s.replicas,
+                       "placed_replicas": dep.placed_replicas,
+                       "reasons": [{"code": r.code, "message": r.message, "scope": r.scope} for r in dep.reasons],
+                       "tried": [{"change": v.change, "would_place": v.placed, **({"error": v.error} if v.error else {})}
+                                 for v in tried],
+                       "suggestion": suggestion.change if suggestion else None})
+        return Exit.OK
+    ctx.out(f"deployment/{s.name}: {phase_text(dep)}, {dep.placed_replicas}/{s.replicas} replicas placed, "
+            f"{dep.running_replicas} running")
+    if settled:
+        ctx.out("Every replica asked for is placed: nothing to explain.")
+        return Exit.OK
+    if dep.reasons:
+        ctx.out("\nWhy (the solver's reasons at the last reconcile pass):\n" + reasons_text(dep.reasons, indent="  "))
+    ctx.out("\nWhat would fit now (dry runs, nothing written):")
+    for v in tried:
+        outcome = v.error if v.error else f"would place {v.placed}/{v.spec.replicas} replicas"
+        ctx.out(f"  {v.change:<40} {outcome}")
+    if suggestion is None:
+        ctx.out("\nNo single change tried fits; see the reasons (a quota is changed on the tenant, "
+                "capacity by adding or freeing nodes).")
+    elif suggestion.change == "as it is":
+        ctx.out("\nIt fits as it is now: the next reconcile pass should place it.")
+    else:
+        ctx.out(f"\nSmallest change that fits: {suggestion.change} (delete and apply again with it).")
+    return Exit.OK

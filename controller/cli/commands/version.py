@@ -1,0 +1,40 @@
+"""`maiactl version [--client]`: this client's release and the controller's (AdminService.GetVersion)."""
+from __future__ import annotations
+
+import argparse
+
+import grpc
+
+from controller.cli.client import Exit, exit_code_of, rpc_error_text
+from controller.cli.context import Context
+from controller.config import version_text
+from maia.v1 import admin_pb2
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("version", parents=[common], help="client and controller versions")
+    p.add_argument("--client", action="store_true", help="this client only (no call)")
+    p.set_defaults(handler=run, offline=True)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    client = {"version": version_text()}
+    server: dict[str, str] | None = None
+    error: grpc.RpcError | None = None
+    if not args.client:
+        try:
+            info = ctx.controller.admin.GetVersion(admin_pb2.GetVersionRequest(), timeout=ctx.rpc_timeout)
+            server = {"version": info.version, "schema_revision": info.schema_revision, "address": ctx.address}
+        except grpc.RpcError as exc:
+            error = exc
+    if ctx.json:
+        ctx.emit_json({"client": client, "server": server})
+    else:
+        ctx.out(f"Client: maiactl {client['version']}")
+        if server is not None:
+            ctx.out(f"Server: maia-controller {server['version']} (schema {server['schema_revision']}) "
+                    f"at {server['address']}")
+    if error is not None:
+        ctx.note(rpc_error_text(error, ctx.address))
+        return exit_code_of(error)
+    return Exit.OK

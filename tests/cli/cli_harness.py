@@ -1,0 +1,48 @@
+"""Real processes for CLI tests: `maia-controller` on SQLite and port 0 with a bootstrap admin
+token, and `maiactl` run as a subprocess with that token and no config file of the user's."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class RunningController:
+    address: str
+    token: str
+    folder: Path
+
+    def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return maiactl(self.address, *args, stdin=stdin, token=self.token)
+
+
+def maiactl(address: str, *args: str, stdin: str | None = None,
+            token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAIA_")}
+    env["MAIA_CONFIG"] = os.devnull
+    if token:
+        env["MAIA_TOKEN"] = token
+    return subprocess.run([str(BIN / "maiactl"), "--controller", address, *args], input=stdin,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@contextmanager
+def controller_process(folder: Path) -> Iterator[RunningController]:
+    proc = subprocess.Popen([str(BIN / "maia-controller"), "--listen", "127.0.0.1:0", "--db",
+                             f"sqlite+aiosqlite:///{folder / 'maia.db'}", "--reconcile-interval", "0.2",
+                             "--bootstrap-admin-token-file", str(folder / "admin.token")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        assert line.startswith("maia-controller listening on "), line
+        yield RunningController(line.rsplit(" ", 1)[1], (folder / "admin.token").read_text().strip(), folder)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,114 @@
+"""maiactl against a real controller with real simulated nodes (2 racks x 2 nodes x 4
+accelerators, `maia-simnode`): explain's suggestion, the rack map, filters on placed work."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from cli_harness import BIN, RunningController, controller_process
+
+TOPOLOGY = """kind: Topology
+zones: [{id: z1}]
+rows: [{id: row-a, zone: z1, power_budget_w: 100000}]
+racks:
+  - {id: rack-00, row: row-a, power_budget_w: 56000}
+  - {id: rack-01, row: row-a, power_budget_w: 56000}
+---
+kind: Tenant
+id: lab
+---
+kind: Tenant
+id: other
+"""
+# With one node of each rack cordoned, a rack has one node left: 2 shards x 3 accelerators fit
+# in the row (one shard on each rack's ready node) but in no rack.
+TOO_BIG_FOR_A_RACK = """kind: Deployment
+name: wide
+tenant: lab
+replicas: 1
+shards_per_replica: 2
+shard: {accelerators: 3}
+locality: rack
+"""
+
+SMALL = """kind: Deployment
+name: small
+tenant: other
+replicas: 1
+shards_per_replica: 1
+shard: {accelerators: 1}
+locality: node
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningController]:
+    with controller_process(tmp_path_factory.mktemp("cluster")) as running:
+        (running.folder / "setup.yaml").write_text(TOPOLOGY)
+        assert running.ctl("apply", "-f", str(running.folder / "setup.yaml")).returncode == 0
+        bootstrap = running.ctl("token", "create", "--role", "node-bootstrap").stdout.strip()
+        fleet = subprocess.Popen([str(BIN / "maia-simnode"), "--controller", running.address, "--racks", "2",
+                                  "--nodes-per-rack", "2", "--load-delay", "0.1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, "MAIA_TOKEN": bootstrap})
+        try:
+            waited = running.ctl("wait", "nodes", "--connected", "4", "--timeout", "60")
+            assert waited.returncode == 0, waited.stderr
+            names = running.ctl("get", "nodes", "-o", "name").stdout.split()
+            first_of_each_rack = [n.removeprefix("node/") for n in names if n.removeprefix("node/").startswith(
+                ("rack-00-", "rack-01-"))][::2]
+            assert running.ctl("cordon", *first_of_each_rack).returncode == 0
+            (running.folder / "work.yaml").write_text(TOO_BIG_FOR_A_RACK + "---\n" + SMALL)
+            assert running.ctl("apply", "-f", str(running.folder / "work.yaml")).returncode == 0
+            ran = running.ctl("wait", "deployment", "small", "--timeout", "60")
+            assert ran.returncode == 0, ran.stderr
+            yield running
+        finally:
+            fleet.terminate()
+            fleet.wait(timeout=30)
+
+
+def test_explain_names_the_reason_and_the_smallest_change(cluster: RunningController) -> None:
+    proc = cluster.ctl("explain", "deployment", "wide")
+    assert proc.returncode == 0, proc.stderr
+    assert "deployment/wide: Pending, 0/1 replicas placed" in proc.stdout
+    assert "Why (the solver's reasons" in proc.stdout
+    assert "Smallest change that fits: locality: row" in proc.stdout
+    doc = json.loads(cluster.ctl("explain", "deployment", "wide", "-o", "json").stdout)
+    assert doc["suggestion"] == "locality: row" and doc["reasons"]
+    assert doc["tried"][0] == {"change": "as it is", "would_place": 0}
+    settled = cluster.ctl("explain", "deployment", "small")
+    assert "nothing to explain" in settled.stdout
+
+
+def test_map_draws_racks_nodes_and_tenants_in_plain_text(cluster: RunningController) -> None:
+    proc = cluster.ctl("map")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("row row-a (zone z1)  power [")
+    assert any(line.startswith("  rack rack-00  2 nodes, ") for line in lines)
+    assert "\x1b[" not in proc.stdout  # no colour codes off a terminal
+    assert "tenants: A other" in proc.stdout
+    assert sum(line.count("A") for line in lines if line.startswith("    n")) == 1  # small's 1 accelerator
+
+
+def test_filters_on_placed_work(cluster: RunningController) -> None:
+    nodes = cluster.ctl("get", "nodes", "--tenant", "other", "-o", "name").stdout.split()
+    assert len(nodes) == 1
+    rack = json.loads(cluster.ctl("get", "placements", "-o", "json").stdout)["items"][0]["rack"]
+    assert cluster.ctl("get", "deployments", "--rack", rack, "-o", "name").stdout.split() == ["deployment/small"]
+    other = "rack-01" if rack == "rack-00" else "rack-00"
+    assert cluster.ctl("get", "deployments", "--rack", other, "-o", "name").stdout == ""
+
+
+def test_drain_wait_blocks_until_the_work_runs_elsewhere(cluster: RunningController) -> None:
+    before = json.loads(cluster.ctl("get", "placements", "-o", "json").stdout)["items"][0]["node"]
+    proc = cluster.ctl("drain", before, "--wait", "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    assert f"node/{before} drained" in proc.stdout and "deployment/small condition met (running)" in proc.stdout
+    after = json.loads(cluster.ctl("get", "placements", "-o", "json").stdout)["items"][0]["node"]
+    assert after != before
+    assert cluster.ctl("uncordon", before).returncode == 0

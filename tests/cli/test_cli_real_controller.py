@@ -1,0 +1,200 @@
+"""The real `maiactl` binary against a real `maia-controller` process (SQLite, port 0): output
+formats, exit codes, the get -o yaml -> apply round trip, all-or-nothing apply, delete reporting
+every object, filters that work or are refused. No nodes run, so deployments stay Pending."""
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_harness import RunningController, controller_process, maiactl
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+
+DEPLOYMENT = """kind: Deployment
+name: {name}
+tenant: {tenant}
+replicas: {replicas}
+shards_per_replica: 2
+shard: {{accelerators: 1, hbm_gib: 48, power_w: 700}}
+locality: rack
+priority: 10
+"""
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningController]:
+    with controller_process(tmp_path_factory.mktemp("controller")) as running:
+        setup = running.ctl("apply", "-f", str(EXAMPLES / "topology.yaml"), "-f", str(EXAMPLES / "tenants.yaml"))
+        assert setup.returncode == 0, setup.stderr
+        yield running
+
+
+def deployment_names(running: RunningController) -> list[str]:
+    return running.ctl("get", "deployments", "-o", "name").stdout.split()
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_get_yaml_applies_back_unchanged_and_a_changed_spec_says_what_differs(running: RunningController, tmp_path: Path):
+    f = write(tmp_path / "d.yaml", DEPLOYMENT.format(name="round", tenant="openlab", replicas=1))
+    created = running.ctl("apply", "-f", f)
+    # no nodes: the dry run says it would not be placed now, apply still creates it (Pending)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith("deployment/round created (only 0/1 replicas would be placed now")
+
+    got = running.ctl("get", "deployment", "round", "-o", "yaml")
+    assert got.returncode == 0, got.stderr
+    doc = yaml.safe_load(got.stdout)
+    assert doc["kind"] == "Deployment" and doc["locality"] == "rack" and doc["shard"]["hbm_gib"] == 48
+    assert doc["status"]["phase"] == "pending"
+    again = running.ctl("apply", "-f", write(tmp_path / "x.yaml", got.stdout))
+    assert (again.returncode, again.stdout) == (0, "deployment/round unchanged\n")
+    as_json = running.ctl("get", "deployment", "round", "-o", "json").stdout
+    assert running.ctl("apply", "-f", "-", stdin=as_json).stdout == "deployment/round unchanged\n"
+
+    doc["replicas"] = 3
+    doc["shard"]["power_w"] = 650
+    changed = write(tmp_path / "changed.yaml", yaml.safe_dump(doc))
+    refused = running.ctl("apply", "-f", changed)
+    assert refused.returncode == 1
+    assert "replicas: 1 -> 3" in refused.stderr and "shard.power_w: 700 -> 650" in refused.stderr
+    assert "delete it first (maiactl delete deployment round)" in refused.stderr
+    diff = running.ctl("diff", "-f", changed)
+    assert diff.returncode == 1 and "replicas: 1 -> 3" in diff.stdout
+    assert running.ctl("diff", "-f", f).returncode == 0
+    assert running.ctl("delete", "round").returncode == 0
+
+
+def test_apply_is_all_or_nothing_and_refuses_empty_input(running: RunningController, tmp_path: Path):
+    good = write(tmp_path / "a.yaml", DEPLOYMENT.format(name="alpha", tenant="openlab", replicas=1))
+    bad = write(tmp_path / "b.yaml", DEPLOYMENT.format(name="beta", tenant="nosuch", replicas=1))
+    proc = running.ctl("apply", "-f", good, "-f", bad)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: nothing applied:\ndeployment/beta: tenant nosuch does not exist")
+    assert "alpha" not in deployment_names(running)
+
+    empty = running.ctl("apply", "-f", write(tmp_path / "empty.yaml", "# nothing here\n"))
+    assert empty.returncode == 2 and "no objects found" in empty.stderr
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    write(folder / "one.yaml", DEPLOYMENT.format(name="dir-one", tenant="openlab", replicas=1))
+    write(folder / "two.yml", DEPLOYMENT.format(name="dir-two", tenant="openlab", replicas=1))
+    write(folder / "notes.txt", "not a manifest")
+    from_dir = running.ctl("apply", "-f", str(folder), "-o", "name")
+    assert from_dir.stdout.split() == ["deployment/dir-one", "deployment/dir-two"], from_dir.stderr
+    gone = running.ctl("delete", "-f", str(folder))
+    assert gone.returncode == 0 and "deployment/dir-one deleted" in gone.stdout
+
+
+def test_misspelt_field_gets_a_suggestion_and_nothing_is_sent(running: RunningController, tmp_path: Path):
+    f = write(tmp_path / "typo.yaml", DEPLOYMENT.format(name="typo", tenant="openlab", replicas=1)
+              + "min_replica: 1\n")
+    proc = running.ctl("apply", "-f", f)
+    assert proc.returncode == 2
+    assert "min_replica: unknown field (did you mean 'min_replicas'?)" in proc.stderr
+    assert "typo" not in deployment_names(running)
+
+
+def test_delete_tries_every_name_and_reports_each(running: RunningController, tmp_path: Path):
+    running.ctl("apply", "-f", write(tmp_path / "r.yaml", DEPLOYMENT.format(name="real-one", tenant="openlab",
+                                                                                  replicas=1)))
+    proc = running.ctl("delete", "deployment", "nosuch", "real-one")
+    assert proc.returncode == 3  # the only failure was NOT_FOUND
+    assert "deployment/nosuch failed: NOT_FOUND" in proc.stderr
+    assert "deployment/real-one deleted" in proc.stdout
+
+
+def test_output_formats_and_headers(running: RunningController):
+    table = running.ctl("get", "tenants").stdout.splitlines()
+    assert table[0].split()[:2] == ["TENANT", "ISOLATION"]
+    bare = running.ctl("get", "tenants", "--no-headers").stdout.splitlines()
+    assert bare == table[1:]
+    assert running.ctl("get", "tenants", "-o", "name").stdout.split() == [
+        "tenant/anthropic", "tenant/msft-internal", "tenant/openlab"]
+    doc = json.loads(running.ctl("get", "tenant", "anthropic", "-o", "json").stdout)
+    assert doc == {"kind": "Tenant", "id": "anthropic", "isolation": "dedicated_rack", "excludes": ["openlab"],
+                   "zones": ["eastus2-az1", "eastus2-az2"], "reserved_accelerators": 32, "max_accelerators": 64,
+                   "max_power_w": 60000, "status": {"used_accelerators": 0, "used_power_w": 0}}
+    topology = yaml.safe_load(running.ctl("get", "topology", "-o", "yaml").stdout)
+    assert topology["kind"] == "Topology"
+    assert running.ctl("apply", "-f", str(EXAMPLES / "topology.yaml")).stdout == "topology unchanged\n"
+
+
+def test_filters_work_or_are_refused(running: RunningController):
+    refused = running.ctl("get", "tenants", "--rack", "rack-00")
+    assert refused.returncode == 2 and "--rack does not apply to tenants" in refused.stderr
+    assert running.ctl("get", "nodes", "--tenant", "anthropic", "-o", "name").returncode == 0
+    bad = running.ctl("get", "nodes", "-l", "novalue")
+    assert bad.returncode == 2 and "expected key=value" in bad.stderr
+    missing = running.ctl("get", "deployment", "nosuch")
+    assert missing.returncode == 3 and missing.stderr.startswith("error: NOT_FOUND")
+
+
+def test_partial_dry_run_exits_4(running: RunningController, tmp_path: Path):
+    f = write(tmp_path / "p.yaml", DEPLOYMENT.format(name="part", tenant="openlab", replicas=2))
+    proc = running.ctl("submit", "--dry-run", "-f", f)
+    assert proc.returncode == 4
+    assert "would place 0/2 replicas" in proc.stdout and "PARTIAL" in proc.stdout
+    plan = running.ctl("apply", "--dry-run", "-f", f)
+    assert plan.returncode == 4 and plan.stdout.startswith("+ deployment/part: would be created")
+    assert "part" not in deployment_names(running)
+
+
+def test_unreachable_controller_exits_5_with_a_hint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    proc = maiactl(address, "get", "deployments", "--rpc-timeout", "3")
+    assert proc.returncode == 5
+    assert "cannot reach the controller" in proc.stderr and "hint:" in proc.stderr
+
+
+def test_wait_stops_at_once_when_quota_blocks_the_deployment(running: RunningController, tmp_path: Path):
+    f = write(tmp_path / "q.yaml", "kind: Tenant\nid: tiny\nmax_accelerators: 1\n---\n"
+              + DEPLOYMENT.format(name="over-quota", tenant="tiny", replicas=1))
+    assert running.ctl("apply", "-f", f).returncode == 0
+    proc = running.ctl("wait", "deployment", "over-quota", "--for", "running", "--timeout", "50")
+    assert proc.returncode == 4, proc.stderr
+    assert "stopped waiting for running: blocked" in proc.stderr
+    assert "QUOTA_ACCELERATORS: tenant tiny holds 0 accelerators + 2 needed > 1 max_accelerators" in proc.stderr
+    assert running.ctl("delete", "over-quota").returncode == 0
+
+
+def test_version_shows_client_and_server(running: RunningController):
+    proc = running.ctl("version", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["client"]["version"] == doc["server"]["version"]
+    assert doc["server"]["schema_revision"] and doc["server"]["address"] == running.address
+    text = running.ctl("version").stdout.splitlines()
+    assert text[0].startswith("Client: maiactl ") and text[1].startswith("Server: maia-controller ")
+
+
+def test_events_and_describe(running: RunningController, tmp_path: Path):
+    running.ctl("apply", "-f", write(tmp_path / "e.yaml", DEPLOYMENT.format(name="evented", tenant="openlab",
+                                                                                  replicas=1)))
+    events = json.loads(running.ctl("get", "events", "--for", "deployment/evented", "-o", "json").stdout)
+    assert [e["event"] for e in events["items"]][:1] == ["deployment.submitted"]
+    assert {e["object"] for e in events["items"]} == {"deployment/evented"}
+    table = running.ctl("get", "events", "--for", "tenant/openlab").stdout
+    assert table.splitlines()[0].split() == ["TIME", "EVENT", "OBJECT", "ACTOR", "MESSAGE"]
+    assert "tenant.created" in table
+    bad = running.ctl("get", "events", "--for", "rack/x")
+    assert bad.returncode == 2 and "expected KIND/NAME" in bad.stderr
+
+    described = running.ctl("describe", "deployment", "evented")
+    assert described.returncode == 0, described.stderr
+    assert "Name:" in described.stdout and "Placements:" in described.stdout
+    assert "Events:" in described.stdout and "deployment.submitted" in described.stdout
+    tenant = yaml.safe_load(running.ctl("describe", "tenant", "openlab", "-o", "yaml").stdout)
+    assert "evented" in [d["name"] for d in tenant["deployments"]] and tenant["events"]
+    assert running.ctl("describe", "node", "nosuch").returncode == 3
+    assert running.ctl("describe", "rack", "x").returncode == 2
+    running.ctl("delete", "evented")

@@ -1,0 +1,110 @@
+"""`maia-controller` refuses bad --db and --listen values with one line, a hint and exit code 2,
+before touching the database: each case runs the real binary in an empty folder and checks that
+nothing was created there (and that an existing file was left byte for byte)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent / "maia-controller"
+
+
+def run_controller(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN), *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("maia-controller: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "; hint: " in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("db, fragments", [
+    ("garbage", ["--db 'garbage' is not a database URL", "sqlite+aiosqlite:///maia.db"]),
+    ("sqlite:///x.db", ["synchronous driver (sqlite)", "hint: use --db sqlite+aiosqlite:///x.db"]),
+    ("postgresql://app@localhost/maia", ["hint: use --db postgresql+asyncpg://app@localhost/maia"]),
+    ("sqlite+aiosqlite:///missing/dir/x.db", ["folder", "missing/dir does not exist", "mkdir -p"]),
+    ("mysql+aiomysql://u@h/db", ["unsupported driver 'mysql+aiomysql'", "sqlite+aiosqlite, postgresql+asyncpg"]),
+    ("sqlite+aiosqlite://", ["in-memory SQLite database"]),
+    ("sqlite+aiosqlite:///notes.txt", ["notes.txt exists and is not an SQLite database", "left untouched"]),
+])
+def test_bad_db_urls_exit_2_with_one_line_and_write_nothing(tmp_path: Path, db: str, fragments: list[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    before = files_in(tmp_path)
+    assert_refused(run_controller(tmp_path, "--listen", "127.0.0.1:0", "--db", db), *fragments)
+    assert files_in(tmp_path) == before
+
+
+def test_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    proc = run_controller(tmp_path, "--listen", "127.0.0.1:0", "--db", f"postgresql+asyncpg://app@127.0.0.1:{port}/x")
+    assert_refused(proc, f"cannot use the database at postgresql+asyncpg://app@127.0.0.1:{port}/x",
+                   "check that it is running")
+
+
+@pytest.mark.parametrize("listen, fragment", [
+    ("nonsense", "--listen 'nonsense' is not HOST:PORT"),
+    ("127.0.0.1:70000", "port 70000 is out of range"),
+    (":50051", "is not HOST:PORT"),
+    ("host.invalid:50051", "cannot resolve host 'host.invalid'"),
+])
+def test_malformed_listen_addresses_exit_2_and_write_nothing(tmp_path: Path, listen: str, fragment: str) -> None:
+    assert_refused(run_controller(tmp_path, "--listen", listen, "--db", "sqlite+aiosqlite:///maia.db"), fragment)
+    assert files_in(tmp_path) == {}
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_a_port_in_use_is_named_before_the_database_is_created(tmp_path: Path, busy_port: int) -> None:
+    proc = run_controller(tmp_path, "--listen", f"127.0.0.1:{busy_port}", "--db", "sqlite+aiosqlite:///maia.db")
+    assert_refused(proc, f"port {busy_port} is already in use on 127.0.0.1", "--listen 127.0.0.1:0")
+    assert files_in(tmp_path) == {}
+
+
+def test_a_second_controller_cannot_share_the_port(tmp_path: Path) -> None:
+    first = subprocess.Popen([str(BIN), "--listen", "127.0.0.1:0", "--db", "sqlite+aiosqlite:///one.db"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = first.stdout.readline().strip()
+        port = int(line.rsplit(":", 1)[1])
+        (tmp_path / "two").mkdir()
+        proc = run_controller(tmp_path / "two", "--listen", f"127.0.0.1:{port}", "--db", "sqlite+aiosqlite:///two.db")
+        assert_refused(proc, f"port {port} is already in use")
+        assert files_in(tmp_path / "two") == {}
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+
+
+def test_help_gives_every_flag_a_text_and_version_prints_one(tmp_path: Path) -> None:
+    help_text = run_controller(tmp_path, "--help").stdout
+    for flag, unit in [("--listen", "HOST:PORT"), ("--db", "URL"), ("--reconcile-interval", "SECONDS"),
+                       ("--heartbeat-timeout", "SECONDS"), ("--solve-time-limit-ms", "MS"), ("--log-level", "")]:
+        assert f"{flag} {unit}".strip() in help_text
+    assert "seconds between reconcile passes" in help_text and "milliseconds the solver" in help_text
+    version = run_controller(tmp_path, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("maia-controller 0.")

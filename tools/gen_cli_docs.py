@@ -1,0 +1,117 @@
+"""Generate docs/cli.md, the maiactl reference, from the argparse parser itself.
+
+`python tools/gen_cli_docs.py` rewrites docs/cli.md; `--check` exits 1 when the file differs
+from what the parser would generate (tests/cli/test_cli_docs.py runs the check, so a changed
+flag without regenerated docs fails the suite).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "cli.md"
+
+HEAD = """# maiactl reference
+
+Generated from the parser by `python tools/gen_cli_docs.py` — do not edit by hand
+(`tests/cli/test_cli_docs.py` fails when this page is stale).
+
+## Connection and configuration
+
+Every setting resolves in one order: a command-line flag, then its environment variable, then
+the chosen context of the config file, then the default. The config file is `$MAIA_CONFIG`, else
+`$XDG_CONFIG_HOME/maia/config.yaml`, else `~/.config/maia/config.yaml`:
+
+```yaml
+current_context: local
+contexts:
+  local:
+    controller: 127.0.0.1:50051
+  prod:
+    controller: maia.example.net:443
+    token_file: ~/.maia/token     # or token: maia_...
+    ca: ~/.maia/ca.pem            # TLS; cert/key for mutual TLS
+```
+
+| setting | flag | environment |
+|---|---|---|
+| controller address | `--controller HOST:PORT` | `MAIA_CONTROLLER` |
+| context | `--context NAME` | `MAIA_CONTEXT` |
+| bearer token | `--token`, `--token-file` | `MAIA_TOKEN`, `MAIA_TOKEN_FILE` |
+| TLS CA / client cert / key | `--ca`, `--cert`, `--key` | `MAIA_CA`, `MAIA_CERT`, `MAIA_KEY` |
+
+## Exit codes (stable)
+
+| code | meaning |
+|---|---|
+{exit_rows}
+
+## Output formats
+
+`-o table` (default) prints aligned tables (`--no-headers` drops the header line); `-o wide`
+adds columns; `-o name` prints `kind/name` per line; `-o json` and `-o yaml` print exactly one
+document on stdout (progress and errors go to stderr). For scripts:
+
+- objects are in the **manifest vocabulary**: `kind`, the spec's fields at the top level in
+  snake_case, lowercase enum words (`rack`, `dedicated_node`, `running`), numbers as numbers,
+  and what the controller reports under `status` (ignored by `apply`). So
+  `maiactl get deployment X -o yaml > x.yaml && maiactl apply -f x.yaml` prints `unchanged`;
+- a list is `{{"kind": "List", "items": [...]}}` (also appliable);
+- `apply`, `delete` print `{{"results": [{{"object": "deployment/x", "action": "created"}}, ...]}}`;
+- `solve -o json` prints the plan document of the placement interchange format.
+
+## Commands that block
+
+`wait` (until the condition or `--timeout`), `get --watch` (until Ctrl-C). Everything else
+returns after one round of calls (`--rpc-timeout` seconds at most per call).
+
+## Commands
+"""
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    out: list[tuple[str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen: set[int] = set()
+            for name, sub in action.choices.items():
+                if id(sub) in seen:
+                    continue
+                seen.add(id(sub))
+                out.append((name, sub))
+                out.extend((f"{name} {n}", p) for n, p in _subcommands(sub))
+    return out
+
+
+def render() -> str:
+    os.environ["COLUMNS"] = "100"  # argparse wraps help at the terminal width: fix it
+    from controller.cli.client import EXIT_MEANING
+    from controller.cli.main import build_parser
+
+    rows = "\n".join(f"| {int(code)} | `{code.name}`: {text} |" for code, text in EXIT_MEANING.items())
+    parser = build_parser()
+    parts = [HEAD.format(exit_rows=rows), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
+    for name, sub in _subcommands(parser):
+        parts += [f"### maiactl {name}\n", "```text", sub.format_help().rstrip(), "```\n"]
+    return "\n".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/cli.md is stale")
+    text = render()
+    if ap.parse_args().check:
+        if not DOC.exists() or DOC.read_text() != text:
+            print(f"{DOC} is stale: run python tools/gen_cli_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
