@@ -151,7 +151,7 @@ async def test_maiactl_get_nodes_reads_every_page_and_delete_node_removes_one(st
 
     code, out = await maiactl("get", "nodes", "-o", "json")
     assert code == 0
-    assert [n["id"] for n in json.loads(out)["nodes"]] == [f"n{i:03d}" for i in range(count)]
+    assert [n["id"] for n in json.loads(out)["items"]] == [f"n{i:03d}" for i in range(count)]
     code, out = await maiactl("delete", "node", "n000")
     assert (code, out.strip()) == (0, "node/n000 deleted (its shards are placed again elsewhere)")
     with pytest.raises(grpc.aio.AioRpcError):
