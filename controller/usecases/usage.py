@@ -14,18 +14,11 @@ from controller.store import metering
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases.domain import UsageRecord, UsageReport
+from controller.usecases import policy
 from controller.usecases.policy import require_role
 from controller.usecases.validation import check_optional_id
 
 GROUPS = ("tenant", "deployment", "accelerator_model", "zone")
-
-
-def visible_tenant(who: Principal, requested: str) -> str:
-    """The tenant whose usage `who` may read ('' for all); a tenant-bound caller reads only its own."""
-    own = who.tenant if who.role is Role.TENANT else ""
-    if own and requested and requested != own:
-        raise NotFound(f"tenant {requested} not found")  # a tenant does not learn of other tenants
-    return own or requested
 
 
 async def usage_report(
@@ -34,7 +27,7 @@ async def usage_report(
 ) -> UsageReport:
     require_role(who, "reading usage", Role.TENANT)
     check_optional_id("tenant", tenant)
-    tenant = visible_tenant(who, tenant)
+    tenant = policy.visible_tenant(who, tenant, "reading usage")
     if since is not None and until is not None and since >= until:
         raise InvalidArgument(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
     end = min(until, now) if until is not None else now
