@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timezone
-
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from grpc import aio
 
-from controller.api.convert import timestamp
+from controller.api.convert import optional_time, timestamp
 from controller.api.deps import ServiceDeps
 from controller.identity import current_principal
 from controller.usecases import audit as cases
@@ -31,7 +29,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     async def ListAuditEvents(self, request: audit_pb2.ListAuditEventsRequest,
                               context: aio.ServicerContext) -> audit_pb2.ListAuditEventsResponse:
-        since = request.since.ToDatetime(tzinfo=timezone.utc) if request.HasField("since") else None
+        since = optional_time(request, "since")
         async with self._deps.db.unit_of_work() as uow:
             page = await cases.list_events(uow, current_principal(), tenant=request.tenant, since=since,
                                            page_size=request.page_size, page_token=request.page_token)

@@ -89,3 +89,13 @@ async def test_a_change_is_committed_with_its_audit_entry_or_not_at_all(controll
     listed = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
     assert [t.id for t in listed.tenants] == ["lab-a"]  # lab-b was not created without its entry
     assert [(e.object_id, e.outcome) for e in await _entries(controller_app)] == [("lab-a", "OK")]
+
+
+async def test_a_since_outside_what_a_time_can_hold_is_invalid_argument(stubs: Stubs) -> None:
+    # Found by the fuzz suite: Timestamp seconds 2**63-1 was an INTERNAL error.
+    request = audit_pb2.ListAuditEventsRequest()
+    request.since.seconds = 2**63 - 1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stubs.audit.ListAuditEvents(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "since is not a valid time" in (refused.value.details() or "")
