@@ -92,6 +92,11 @@ CASES = [
     # A tenant token lists its own tenant's audit entries, whatever tenant it names.
     Case("ListAuditEvents(owner)", lambda s: s.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant=OWNER)),
          OK),
+    Case("ListEvents(chat)", lambda s: s.admin.ListEvents(A.ListEventsRequest(object_kind="deployment",
+                                                                             object_id="chat")), NOT_FOUND),
+    Case("ListEvents(owner)", lambda s: s.admin.ListEvents(A.ListEventsRequest(object_kind="tenant",
+                                                                              object_id=OWNER)), NOT_FOUND),
+    Case("ListEvents(all)", lambda s: s.admin.ListEvents(A.ListEventsRequest()), DENIED),
     Case("VerifyAuditLog", lambda s: s.audit.VerifyAuditLog(audit_pb2.VerifyAuditLogRequest()), DENIED),
     Case("Register(n1)", lambda s: s.agent.Register(agent_pb2.RegisterRequest(node=_node("n1"))), DENIED),
     Case("Connect(n1)", _hello_n1, DENIED),
