@@ -6,7 +6,7 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from grpc import aio
 
-from controller.api.convert import optional_time, timestamp
+from controller.api.convert import optional_time, page_request, timestamp
 from controller.api.deps import ServiceDeps
 from controller.identity import current_principal
 from controller.usecases import audit as cases
@@ -32,9 +32,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         since = optional_time(request, "since")
         async with self._deps.db.unit_of_work() as uow:
             page = await cases.list_events(uow, current_principal(), tenant=request.tenant, since=since,
-                                           page_size=request.page_size, page_token=request.page_token)
-        return audit_pb2.ListAuditEventsResponse(events=[audit_event_msg(e) for e in page.events],
-                                                 next_page_token=page.next_page_token)
+                                           page=page_request(request))
+        return audit_pb2.ListAuditEventsResponse(events=[audit_event_msg(e) for e in page.items],
+                                                 next_page_token=page.next_token)
 
     async def VerifyAuditLog(self, request: audit_pb2.VerifyAuditLogRequest,
                              context: aio.ServicerContext) -> audit_pb2.VerifyAuditLogResponse:

@@ -23,12 +23,12 @@ from controller.identity import Principal, Role
 from controller.store import audit as store
 from controller.store.audit import AuditRecord, ChainReport
 from controller.store.db import Database, UnitOfWork
+from controller.usecases import paging
+from controller.usecases.paging import Page, PageRequest
 from controller.usecases.policy import require_admin, require_role
 
 log = logging.getLogger("maia.audit")
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +48,6 @@ class AuditEventView:
     hash: str
 
 
-@dataclass(frozen=True, slots=True)
-class AuditPage:
-    events: tuple[AuditEventView, ...]
-    next_page_token: str  # "" on the last page
-
-
 def principal_role(principal: Principal) -> str:
     return principal.role.value
 
@@ -71,27 +65,20 @@ async def record(db: Database, entry: AuditRecord) -> int:
     return seq
 
 
-def _page_after(token: str) -> int:
-    if not token:
-        return 0
-    if not token.isdigit() or len(token) > 19:
-        raise InvalidArgument(f"page_token {token[:32]!r} is not a token this server issued")
-    return int(token)
-
-
 async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = "", since: datetime | None = None,
-                      page_size: int = 0, page_token: str = "") -> AuditPage:
+                      page: PageRequest = PageRequest()) -> Page[AuditEventView]:
     """One page of entries in seq order; a tenant principal sees its own tenant's only."""
-    if page_size < 0 or page_size > MAX_PAGE_SIZE:
-        raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}")
     require_role(principal, "listing audit entries", Role.TENANT)
-    size = page_size or DEFAULT_PAGE_SIZE
+    window = paging.bounds(page)
     if principal.role is Role.TENANT:  # its own entries only, whatever it asked for
         tenant = principal.tenant
+    after_seq = window.after[0] if window.after else 0
+    if not isinstance(after_seq, int) or not 0 <= after_seq < 2**63:
+        raise InvalidArgument("page_token is not a token this list returned; start again without one")
     rows = await store.list_entries(uow.session, tenant=tenant or None, since=since,
-                                    after_seq=_page_after(page_token), limit=size + 1)
-    events = tuple(AuditEventView(**row._asdict()) for row in rows[:size])
-    return AuditPage(events, str(events[-1].seq) if len(rows) > size else "")
+                                    after_seq=after_seq, limit=window.limit + 1)
+    events = [AuditEventView(**row._asdict()) for row in rows]
+    return paging.page_of(events, window, key=lambda e: (e.seq,))
 
 
 async def verify(uow: UnitOfWork, principal: Principal, *,

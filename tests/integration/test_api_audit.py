@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from controller.api.server import ControllerApp
 from controller.store import audit
+from controller.usecases import paging
 from grpc_harness import Stubs, issue_token, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, audit_pb2, deployments_pb2
 
@@ -99,3 +100,11 @@ async def test_a_since_outside_what_a_time_can_hold_is_invalid_argument(stubs: S
         await stubs.audit.ListAuditEvents(request)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "since is not a valid time" in (refused.value.details() or "")
+
+
+@pytest.mark.parametrize("token", ["not-a-token", paging.encode_token(("seq",)), paging.encode_token((2**64,))])
+async def test_a_page_token_this_list_did_not_return_is_invalid_argument(stubs: Stubs, token: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stubs.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_token=token))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token is not a token this list returned" in (refused.value.details() or "")
