@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth ...`."""
+"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth|e2e ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import auth, traces, watchdog
+from bench import auth, e2e, traces, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -80,17 +80,10 @@ def _bounds(workload: str, nodes: list[traces.TraceNode], pods: list[traces.Trac
 
 def _check(r: Any) -> None:
     """Grade one run's final state with the independent checker of the test suite."""
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scheduler"))
     from bench import fgd
-    from checker import check_plan  # type: ignore[import-not-found]
+    from bench.checking import check_state
     nodes = traces.load_nodes(traces.trace_path(traces.GPU_NODE_LIST))
-    doc = {**fgd.cluster_doc(nodes), "deployments": r.deployments}
-    placed = {p["deployment"] for p in r.placements}
-    plan = {"status": "feasible", "placements": r.placements, "unplaced": [
-        {"deployment": d["id"], "replicas": 1, "reasons": [{"code": "CAPACITY", "message": "-"}]}
-        for d in r.deployments if d["id"] not in placed]}
-    violations = check_plan(doc, plan)
+    violations = check_state({**fgd.cluster_doc(nodes), "deployments": r.deployments}, r.placements)
     print(f"    checker: {len(violations)} violations" + "".join(
         f"\n      {v}" for v in violations[:5]), file=sys.stderr)
 
@@ -162,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("auth", help="authentication overhead per call: tokens vs --insecure-no-auth")
     auth.add_arguments(a)
     a.set_defaults(func=auth.main)
+
+    e = sub.add_parser("e2e", help="real controller + simnode fleets + concurrent clients: "
+                                   "submit latency, time to Running, deployments/s, CPU, RSS")
+    e2e.add_arguments(e)
+    e.set_defaults(func=e2e.main)
 
     args = parser.parse_args(argv)
     try:

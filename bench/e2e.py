@@ -1,0 +1,462 @@
+"""End to end: a real `maia-controller`, real `maia-simnode` fleets, concurrent gRPC clients.
+
+What a lab sees, measured at the client: N concurrent clients submit single-shard, node-local
+deployments and, spread among them, gangs (one replica of 8..64 shards, row-local), and delete
+some of their own running deployments as they go. A watcher on `WatchDeployments` timestamps
+when each deployment is committed (every replica placed) and when it runs. The controller is
+its own process (authentication on: the bootstrap admin token, as `make demo` runs it), its
+CPU seconds and peak RSS read from /proc. On SQLite and on a throwaway PostgreSQL started the
+way the tests start theirs (`tests/conftest.py`).
+
+Ends by grading the committed state, read from the database once the controller has stopped,
+with the independent checker of the test suite (`tests/scheduler/checker.py`).
+
+    python -m bench e2e --nodes 256 --db sqlite postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.fgd import percentile
+
+REPO = Path(__file__).resolve().parents[1]
+NODES_PER_RACK = 16
+RACKS_PER_ROW = 8
+ROWS_PER_ZONE = 4
+GANG_SIZES = (8, 16, 32, 64)
+TENANTS = ("lab-a", "lab-b", "lab-c", "lab-d")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, nargs="+", default=[256],
+                   help="simulated nodes (multiples of 16: racks of 16 nodes x 4 accelerators)")
+    p.add_argument("--db", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"])
+    p.add_argument("--clients", type=int, default=16, help="concurrent gRPC clients")
+    p.add_argument("--fill", type=float, default=0.5,
+                   help="share of the cluster's accelerators the submitted deployments ask for")
+    p.add_argument("--gang-share", type=float, default=0.25,
+                   help="share of the requested accelerators that comes in gangs of 8..64 shards")
+    p.add_argument("--delete-every", type=int, default=10,
+                   help="delete every this many-th deployment to start running, during the run (0: none)")
+    p.add_argument("--fleets", type=int, default=0,
+                   help="maia-simnode processes (0: one per 1,024 nodes)")
+    p.add_argument("--load-delay", type=float, default=0.2, help="simnode LOADING -> RUNNING seconds")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up waiting for Running after this")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--py-spy", metavar="PATH",
+                   help="profile the controller during the run with this py-spy binary: collapsed stacks "
+                        "in <run dir>/controller.pyspy.txt (implies --keep)")
+
+
+# --- processes --------------------------------------------------------------------------------
+
+class Process:
+    """A child process whose CPU time and peak memory are read from /proc."""
+
+    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self._log = log.open("w")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env={**os.environ, **(env or {})})
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def read_line(self, prefix: str, timeout_s: float) -> str:
+        """The rest of the first stdout line starting with `prefix`."""
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.name} exited ({self.proc.wait()}) before printing {prefix!r}")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"{self.name} did not print {prefix!r} in {timeout_s:.0f} s")
+
+    def stop(self, grace_s: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@asynccontextmanager
+async def database(kind: str, root: Path) -> AsyncIterator[str]:
+    """A fresh database URL: a SQLite file, or a database on a PostgreSQL started as the tests do."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{root / 'maia.db'}"
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import _create_database, _find_pg_bin_dir, _LocalPostgres  # type: ignore[import-not-found]
+    bin_dir = _find_pg_bin_dir()
+    if bin_dir is None:
+        raise RuntimeError("no PostgreSQL server binaries (make postgres)")
+    server = _LocalPostgres(bin_dir)
+    try:
+        url = await _create_database(server.start(), prefix="maia_bench")
+        yield url
+    finally:
+        server.stop()
+
+
+# --- the cluster --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shape:
+    nodes: int
+    fleets: int
+
+    @property
+    def racks(self) -> int:
+        return self.nodes // NODES_PER_RACK
+
+    def fleet_racks(self) -> list[tuple[str, int]]:
+        """(rack prefix, racks) per simnode process."""
+        per, extra = divmod(self.racks, self.fleets)
+        return [(f"f{i}-rack-", per + (1 if i < extra else 0)) for i in range(self.fleets)]
+
+    def topology(self) -> Any:
+        from maia.v1 import admin_pb2
+        racks = [f"{prefix}{r:0{max(2, len(str(count - 1)))}d}"
+                 for prefix, count in self.fleet_racks() for r in range(count)]
+        rows = [f"row-{i:03d}" for i in range((len(racks) + RACKS_PER_ROW - 1) // RACKS_PER_ROW)]
+        zones = [f"zone-{i}" for i in range((len(rows) + ROWS_PER_ZONE - 1) // ROWS_PER_ZONE)]
+        return admin_pb2.Topology(
+            zones=[admin_pb2.Zone(id=z) for z in zones],
+            rows=[admin_pb2.Row(id=r, zone=zones[i // ROWS_PER_ZONE]) for i, r in enumerate(rows)],
+            racks=[admin_pb2.Rack(id=k, row=rows[i // RACKS_PER_ROW]) for i, k in enumerate(racks)])
+
+
+@dataclass(frozen=True)
+class Work:
+    name: str
+    tenant: str
+    shards: int  # one replica of this many one-accelerator shards
+
+    def spec(self) -> Any:
+        from maia.v1 import common_pb2, deployments_pb2
+        return deployments_pb2.DeploymentSpec(
+            name=self.name, tenant=self.tenant, replicas=1, shards_per_replica=self.shards,
+            shard=common_pb2.ShardSpec(accelerators=1, hbm_gib=16, power_w=300),
+            locality=common_pb2.DOMAIN_NODE if self.shards == 1 else common_pb2.DOMAIN_ROW)
+
+
+def workload(shape: Shape, args: argparse.Namespace) -> list[Work]:
+    """Singles and gangs in a random arrival order, asking for `fill` of the accelerators."""
+    rng = random.Random(args.seed)
+    wanted = int(shape.nodes * 4 * args.fill)
+    gang_accels = int(wanted * args.gang_share)
+    works: list[Work] = []
+    held = 0
+    while held + min(GANG_SIZES) <= gang_accels:
+        size = rng.choice([s for s in GANG_SIZES if held + s <= gang_accels])
+        works.append(Work(f"gang-{len(works):05d}", rng.choice(TENANTS), size))
+        held += size
+    works += [Work(f"one-{i:06d}", rng.choice(TENANTS), 1) for i in range(wanted - held)]
+    rng.shuffle(works)
+    return works
+
+
+# --- the clients --------------------------------------------------------------------------------
+
+@dataclass
+class Times:
+    submitted: float = 0.0      # the submit call started
+    acknowledged: float = 0.0   # it returned
+    committed: float = 0.0      # first seen with every replica placed
+    running: float = 0.0
+    delete_sent: float = 0.0
+    deleted: float = 0.0
+
+
+@dataclass
+class Run:
+    times: dict[str, Times] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    delete_rpc_ms: list[float] = field(default_factory=list)
+    all_running: asyncio.Event = field(default_factory=asyncio.Event)
+    newly_running: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    expected: int = 0
+
+    def running_count(self) -> int:
+        return sum(1 for t in self.times.values() if t.running and not t.delete_sent)
+
+
+async def watch(channel: Any, run: Run) -> None:
+    from maia.v1 import deployments_pb2, deployments_pb2_grpc
+    stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
+    running = 0
+    async for event in stub.WatchDeployments(deployments_pb2.WatchDeploymentsRequest()):
+        now = time.perf_counter()
+        d = event.deployment
+        t = run.times.setdefault(d.spec.name, Times())
+        if event.type == deployments_pb2.DeploymentEvent.TYPE_DELETED:
+            t.deleted = t.deleted or now
+            continue
+        if not t.committed and d.placed_replicas >= d.spec.replicas:
+            t.committed = now
+        if not t.running and d.phase == deployments_pb2.DEPLOYMENT_PHASE_RUNNING:
+            t.running = now
+            run.newly_running.put_nowait(d.spec.name)
+            running += 1
+            if running >= run.expected:
+                run.all_running.set()
+
+
+async def client(channel: Any, queue: list[Work], run: Run) -> None:
+    import grpc
+    from maia.v1 import deployments_pb2, deployments_pb2_grpc
+    stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
+    while queue:
+        work = queue.pop()
+        t = run.times.setdefault(work.name, Times())
+        t.submitted = time.perf_counter()
+        try:
+            await stub.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=work.spec()), timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            run.errors.append(f"submit {work.name}: {exc.code().name} {exc.details()}")
+            run.expected -= 1
+            continue
+        t.acknowledged = time.perf_counter()
+
+
+async def deleter(channel: Any, run: Run, every: int) -> None:
+    """Deletes every `every`-th deployment that starts running, while the submits go on."""
+    import grpc
+    from maia.v1 import deployments_pb2, deployments_pb2_grpc
+    stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
+    seen = 0
+    while True:
+        name = await run.newly_running.get()
+        if not name:  # the run is over
+            return
+        seen += 1
+        if seen % every:
+            continue
+        t = run.times[name]
+        t.delete_sent = time.perf_counter()
+        try:
+            await stub.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name=name), timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            run.errors.append(f"delete {name}: {exc.code().name} {exc.details()}")
+            continue
+        run.delete_rpc_ms.append((time.perf_counter() - t.delete_sent) * 1000)
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+async def _admin_setup(channel: Any, shape: Shape) -> str:
+    """Topology and tenants; returns a node-bootstrap token."""
+    from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    await admin.ApplyTopology(shape.topology())
+    for tenant in TENANTS:
+        await admin.CreateTenant(admin_pb2.Tenant(id=tenant, isolation=common_pb2.ISOLATION_SHARED))
+    return (await admin.CreateToken(admin_pb2.CreateTokenRequest(role="node-bootstrap"))).secret
+
+
+async def _wait_connected(channel: Any, nodes: int, timeout_s: float) -> float:
+    from maia.v1 import admin_pb2, admin_pb2_grpc
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        summary = await admin.GetClusterSummary(admin_pb2.GetClusterSummaryRequest())
+        if summary.nodes_ready >= nodes:
+            return time.perf_counter() - started
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"only {summary.nodes_ready}/{nodes} nodes ready after {timeout_s:.0f} s")
+
+
+async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from controller.bearer import aio_channel
+    shape = Shape(nodes, args.fleets or max(1, (nodes + 1023) // 1024))
+    bin_dir = Path(sys.executable).parent
+    async with database(kind, root) as url:
+        token_file = root / "admin.token"
+        controller = Process("maia-controller", [
+            str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url,
+            "--bootstrap-admin-token-file", str(token_file), "--submits-per-minute", "0",
+            "--log-level", "WARNING"], root / "controller.log")
+        fleets: list[Process] = []
+        try:
+            address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
+            channel = aio_channel(address, token_file.read_text().strip())
+            node_token = await _admin_setup(channel, shape)
+            for i, (prefix, racks) in enumerate(shape.fleet_racks()):
+                fleets.append(Process(f"maia-simnode {i}", [
+                    str(bin_dir / "maia-simnode"), "--controller", address, "--racks", str(racks),
+                    "--nodes-per-rack", str(NODES_PER_RACK), "--rack-prefix", prefix,
+                    "--load-delay", str(args.load_delay), "--state-dir", str(root / f"fleet-{i}"),
+                    "--log-level", "WARNING"], root / f"simnode-{i}.log", env={"MAIA_TOKEN": node_token}))
+            joined_s = await _wait_connected(channel, nodes, timeout_s=max(120.0, nodes / 10))
+            works = workload(shape, args)
+            run = Run(expected=len(works))
+            watcher = asyncio.create_task(watch(channel, run))
+            await asyncio.sleep(0.5)  # the watch is established before the first submit
+            profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
+            cpu0, started = controller.cpu_s(), time.perf_counter()
+            queue = list(reversed(works))
+            deletions = asyncio.create_task(deleter(channel, run, args.delete_every)) if args.delete_every else None
+            await asyncio.gather(*(client(channel, queue, run) for _ in range(args.clients)))
+            submitted_s = time.perf_counter() - started
+            try:
+                await asyncio.wait_for(run.all_running.wait(), timeout=args.timeout)
+            except TimeoutError:
+                run.errors.append(f"not all running after {args.timeout:.0f} s")
+            if deletions is not None:
+                run.newly_running.put_nowait("")
+                await deletions
+            await _settle_deletions(run, timeout_s=60)
+            elapsed = time.perf_counter() - started
+            cpu = controller.cpu_s() - cpu0
+            rss = controller.peak_rss_mib()
+            watcher.cancel()
+            await channel.close()
+            if profiler is not None:
+                profiler.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                profiler.stop(grace_s=60)
+        finally:
+            # The controller first: nodes stopping before it would be marked down and their
+            # shards released, and the committed state graded below would no longer be the run's.
+            code = controller.stop()
+            for fleet in fleets:
+                fleet.stop()
+        violations = await grade(url)
+    return summarize(kind, shape, works, run, submitted_s=submitted_s, elapsed_s=elapsed, cpu_s=cpu,
+                     rss_mib=rss, joined_s=joined_s, violations=violations, controller_exit=code)
+
+
+def _profile(py_spy: str, controller: Process, root: Path) -> Process:
+    return Process("py-spy", [py_spy, "record", "--pid", str(controller.proc.pid), "--format", "raw",
+                              "--rate", "50", "--output", str(root / "controller.pyspy.txt")],
+                   root / "py-spy.log")
+
+
+async def _settle_deletions(run: Run, timeout_s: float) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if all(t.deleted for t in run.times.values() if t.delete_sent):
+            return
+        await asyncio.sleep(0.2)
+    run.errors.append("deleted deployments still present after the run")
+
+
+async def grade(url: str) -> list[str]:
+    """The checker's verdict on the committed state (the problem as stored, its placements as the plan)."""
+    from bench.checking import check_state
+    from controller.store.db import Database
+    from controller.store.snapshot import load_snapshot
+    db = Database(url)
+    try:
+        async with db.unit_of_work() as uow:
+            problem = (await load_snapshot(uow.session)).problem
+    finally:
+        await db.dispose()
+    return [str(v) for v in check_state(problem, problem["placements"])]
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(percentile(values, 50), 1), "p99_ms": round(percentile(values, 99), 1)}
+
+
+def summarize(kind: str, shape: Shape, works: list[Work], run: Run, **measured: Any) -> dict[str, Any]:
+    singles = [w.name for w in works if w.shards == 1]
+    gangs = [w.name for w in works if w.shards > 1]
+    t = run.times
+
+    def stage(names: list[str], a: str, b: str) -> list[float]:
+        return [(getattr(t[n], b) - getattr(t[n], a)) * 1000 for n in names
+                if n in t and getattr(t[n], a) and getattr(t[n], b)]
+
+    ran = [n for n in (singles + gangs) if n in t and t[n].running]
+    span = max(t[n].running for n in ran) - min(t[n].submitted for n in ran) if ran else 0.0
+    return {
+        "db": kind, "nodes": shape.nodes, "fleets": shape.fleets, "deployments": len(works),
+        "singles": len(singles), "gangs": len(gangs), "gang_shards": sum(w.shards for w in works if w.shards > 1),
+        "deletes": sum(1 for x in t.values() if x.delete_sent),
+        "submit": _ms(stage(singles + gangs, "submitted", "acknowledged")),
+        "single_committed": _ms(stage(singles, "submitted", "committed")),
+        "single_running": _ms(stage(singles, "submitted", "running")),
+        "gang_committed": _ms(stage(gangs, "submitted", "committed")),
+        "gang_running": _ms(stage(gangs, "submitted", "running")),
+        "delete_rpc": _ms(run.delete_rpc_ms),
+        "delete_gone": _ms(stage(list(t), "delete_sent", "deleted")),
+        "running": len(ran),
+        "deployments_per_s": round(len(ran) / span, 1) if span else 0.0,
+        "submit_phase_s": round(measured["submitted_s"], 2), "elapsed_s": round(measured["elapsed_s"], 2),
+        "controller_cpu_s": round(measured["cpu_s"], 1), "controller_peak_rss_mib": round(measured["rss_mib"]),
+        "nodes_joined_s": round(measured["joined_s"], 1), "controller_exit": measured["controller_exit"],
+        "checker_violations": measured["violations"][:10], "checker_violation_count": len(measured["violations"]),
+        "errors": run.errors[:10], "error_count": len(run.errors),
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    def pp(key: str) -> str:
+        return f"{r[key]['p50_ms']:.0f}/{r[key]['p99_ms']:.0f}"
+    return (f"{r['db']:8} {r['nodes']:>6} nodes  {r['deployments']} deployments ({r['singles']} single, "
+            f"{r['gangs']} gangs = {r['gang_shards']} shards, {r['deletes']} deleted)\n"
+            f"  submit p50/p99 {pp('submit')} ms | submit->committed single {pp('single_committed')} ms, "
+            f"gang {pp('gang_committed')} ms | submit->Running single {pp('single_running')} ms, "
+            f"gang {pp('gang_running')} ms\n"
+            f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
+            f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
+            f"controller CPU {r['controller_cpu_s']} s, peak RSS {r['controller_peak_rss_mib']} MiB | "
+            f"nodes joined in {r['nodes_joined_s']} s\n"
+            f"  checker: {r['checker_violation_count']} violations; errors: {r['error_count']}"
+            + "".join(f"\n    {e}" for e in r["errors"] + r["checker_violations"]))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    results = []
+    for nodes in args.nodes:
+        if nodes % NODES_PER_RACK:
+            print(f"error: --nodes {nodes} is not a multiple of {NODES_PER_RACK}", file=sys.stderr)
+            return 2
+        for kind in args.db:
+            root = Path(tempfile.mkdtemp(prefix=f"maia-bench-e2e-{kind}-{nodes}-"))
+            result = await one_run(kind, nodes, args, root)
+            results.append(result)
+            print(report(result), flush=True)
+            if args.keep or args.py_spy:
+                print(f"  logs in {root}")
+            else:
+                subprocess.run(["rm", "-rf", str(root)], check=False)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    bad = any(r["checker_violation_count"] or r["error_count"] for r in results)
+    return 1 if bad else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))

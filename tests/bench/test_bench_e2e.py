@@ -1,0 +1,31 @@
+"""`python -m bench e2e` on the smallest cluster: real controller and simnode processes, SQLite.
+
+Checks what the benchmark reports is about a run that happened (every deployment submitted ran,
+the deletions went through, the committed state passes the independent checker); never its
+times, which are for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "e2e", "--nodes", "16", "--db", "sqlite", "--clients", "4",
+         "--delete-every", "3", "--load-delay", "0.05", "--timeout", "120", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [result] = json.loads(out.read_text())
+    assert result["errors"] == [] and result["checker_violation_count"] == 0
+    assert (result["singles"], result["gangs"], result["gang_shards"]) == (24, 1, 8)
+    assert result["running"] == result["deployments"] == 25
+    assert result["deletes"] == 25 // 3
+    assert result["controller_exit"] == 0
+    assert "submit p50/p99" in done.stdout
