@@ -32,7 +32,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
-from controller.usecases.domain import AssignmentSet, HeartbeatReport, ShardReport
+from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport
 
 log = logging.getLogger("maia.agents")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from controller import limits
 from controller.store.db import DEFAULT_DB_URL
+from controller.version import version_text
 
 DB_URL_ENV = "MAIA_DB_URL"
 
@@ -83,16 +84,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
-
-
-def version_text() -> str:
-    """'maia-controller 0.1.0' from the installed package metadata."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("maia-scheduler")
-    except PackageNotFoundError:  # pragma: no cover - running from a tree that was never installed
-        return "unknown"
 
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:

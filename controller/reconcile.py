@@ -38,7 +38,7 @@ from controller.store.db import Database
 from controller.store.plans import PlanConflict, commit_plan
 from controller.usecases import planning
 from controller.usecases.deployments import validate_spec
-from controller.usecases.domain import DeploymentView
+from controller.domain.values import DeploymentView
 from scheduler import Plan
 
 log = logging.getLogger("maia.reconcile")

@@ -135,7 +135,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     # --- version -----------------------------------------------------------------------------
     async def GetVersion(self, request: admin_pb2.GetVersionRequest,
                          context: aio.ServicerContext) -> admin_pb2.VersionInfo:
-        from controller.config import version_text
+        from controller.version import version_text
         from controller.store.migrate import head_revision
 
         return admin_pb2.VersionInfo(version=version_text(), schema_revision=await asyncio.to_thread(head_revision))

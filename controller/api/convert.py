@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.errors import InvalidArgument
-from controller.usecases import domain as d
+from controller.domain import values as d
 from controller.usecases.paging import PageRequest
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 

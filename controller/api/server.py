@@ -41,7 +41,7 @@ from controller.reconcile import Lease, Reconciler
 from controller.store.db import Database
 from controller.usecases import tokens
 from controller.usecases.deployments import views_of
-from controller.usecases.domain import DeploymentEvent, DeploymentView
+from controller.domain.values import DeploymentEvent, DeploymentView
 from controller.usecases.watch import DeploymentEventBus
 from controller.watchdog import IsolationWatchdog
 from maia.v1 import (

@@ -26,7 +26,7 @@ from aiohttp import web
 from controller.console.state import console_state
 from controller.identity import Principal, Role
 from controller.store.db import Database
-from controller.usecases.domain import DeploymentEvent
+from controller.domain.values import DeploymentEvent
 from controller.usecases.watch import DeploymentEventBus
 
 log = logging.getLogger("maia.console")

@@ -6,8 +6,8 @@ State that the placement depends on lives in four groups:
 - intent: deployments (what a tenant asked for, its phase and the reasons it is pending);
 - outcome: placements (one row per placed shard, with concrete accelerator indices).
 `ClusterState` holds one generation counter that every placement-relevant change bumps, so a
-plan computed from a snapshot is committed only if nothing it relied on changed (the way
-Nomad's plan applier re-checks a plan). `Event` is the append-only history of state changes.
+plan computed from a snapshot is committed only if nothing it relied on changed (optimistic
+concurrency). `Event` is the append-only history of state changes.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ The solver works on a `Snapshot` taken at some cluster generation, without holdi
 (solving takes seconds). `commit_plan` first checks, with a compare-and-set on
 `cluster_state.generation`, that nothing placement-relevant changed since; if something did
 it raises `PlanConflict` before writing anything and the caller re-snapshots and solves again
-(Nomad's plan applier does the same). Otherwise it writes the difference between the stored
-placements and the plan: new shard rows, removed shard rows, moved shard rows, deployment
-phases/reasons/generations, node assignment generations, events, and audit entries for the
+(optimistic concurrency; the plan's placements themselves are not re-checked). Otherwise it
+writes the difference between the stored placements and the plan: new shard rows, removed
+shard rows, moved shard rows, deployment phases/reasons/generations, node assignment
+generations, events, and audit entries for the
 decisions that place, preempt, remove or move a tenant's work (in the same transaction: a
 decision is audited exactly when it is committed).
 
@@ -42,7 +43,7 @@ from controller.store.models import (
 )
 from controller.store.metering import StartedShard, start_intervals, stop_intervals
 from controller.store.snapshot import ShardKey, Snapshot
-from controller.usecases.phases import deployment_phase, replica_counts
+from controller.domain.phases import deployment_phase, replica_counts
 
 if TYPE_CHECKING:  # the controller may import the solver's types; it never needs them at run time
     from scheduler import Plan
@@ -215,7 +216,7 @@ async def commit_plan(
     changed_deployments.update(row.key[0] for row in deletes)
     changed_deployments.update(row.key[0] for row, _ in updates)
 
-    # Deployments: generation, phase (the rule of usecases/phases over the plan's shards), reasons.
+    # Deployments: generation, phase (the rule of domain/phases over the plan's shards), reasons.
     new_generation = {
         name: deployments[name].generation + (1 if name in changed_deployments else 0) for name in live
     }

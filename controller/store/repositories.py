@@ -1,7 +1,7 @@
 """Queries the controller's use cases need, and the mapping of rows to domain values.
 
 Use cases never build SQL: they call these functions with the session of their unit of work.
-Everything returned to callers outside the store is a `controller.usecases.domain` value, so
+Everything returned to callers outside the store is a `controller.domain.values` value, so
 the ORM stays behind this module (rows are returned only to the use cases that change them).
 """
 
@@ -20,9 +20,9 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals_on_node
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
-from controller.usecases import domain as d
-from controller.usecases.paging import PageBounds
-from controller.usecases.phases import ReplicaCounts, deployment_phase, replica_counts
+from controller.domain import values as d
+from controller.domain.paging import PageBounds
+from controller.domain.phases import ReplicaCounts, deployment_phase, replica_counts
 
 
 def _paged(stmt: Select, page: PageBounds | None, *columns: object) -> Select:
@@ -143,6 +143,21 @@ async def list_node_rows(session: AsyncSession, rack: str = "", page: PageBounds
     if rack:
         stmt = stmt.where(m.Node.rack_id == rack)
     return list(await session.scalars(_paged(stmt, page, m.Node.id)))
+
+
+async def up_node_heartbeats(session: AsyncSession) -> list[tuple[str, datetime | None]]:
+    """(id, last heartbeat) of every node marked up."""
+    rows = await session.execute(select(m.Node.id, m.Node.last_heartbeat_at).where(m.Node.health == m.NodeHealth.UP))
+    return [(node_id, last) for node_id, last in rows]
+
+
+async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetime, float]]) -> None:
+    """Last heartbeat time and power draw of many nodes in one executemany (unknown ids skipped)."""
+    known = await existing_ids(session, m.Node, beats)
+    rows = [{"id": node_id, "last_heartbeat_at": at, "power_draw_w": power}
+            for node_id, (at, power) in beats.items() if node_id in known]
+    if rows:
+        await session.execute(update(m.Node), rows)
 
 
 async def count_nodes_by_rack(session: AsyncSession) -> dict[str, int]:
@@ -333,7 +348,7 @@ async def quarantine_deployment(session: AsyncSession, name: str, reason: str) -
 
 
 def implied_phase(row: m.Deployment) -> m.DeploymentPhase:
-    """The phase its stored placements imply (usecases/phases' rule; DELETING is sticky)."""
+    """The phase its stored placements imply (domain/phases' rule; DELETING is sticky)."""
     if row.phase is m.DeploymentPhase.QUARANTINED:
         return row.phase  # sticky until it is submitted again or deleted
     deleting = row.phase is m.DeploymentPhase.DELETING
@@ -361,6 +376,14 @@ def deployment_view(row: m.Deployment) -> d.DeploymentView:
 
 
 # --- placements ------------------------------------------------------------------------------
+async def placements_of_deployments(session: AsyncSession, names: Iterable[str]) -> list[tuple[m.Placement, str]]:
+    """Every placement of the named deployments, with its deployment's name."""
+    rows = await session.execute(
+        select(m.Placement, m.Deployment.name).join(m.Deployment).where(m.Deployment.name.in_(set(names)))
+    )
+    return [(placement, name) for placement, name in rows]
+
+
 async def placements_on_node(session: AsyncSession, node_id: str) -> list[tuple[m.Placement, m.Deployment]]:
     rows = await session.execute(
         select(m.Placement, m.Deployment).join(m.Deployment)

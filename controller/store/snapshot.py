@@ -3,7 +3,7 @@
 The solver never sees the ORM: each pass reads the cluster once into an interchange-format
 problem document (version 1, see shared/placement/README.md) and remembers the cluster
 generation it read. `plans.commit_plan` later applies the solver's answer only if that
-generation is still current, the way Nomad's plan applier re-checks a plan.
+generation is still current (a compare-and-set on the generation).
 
 It runs every pass on clusters of thousands of nodes, so it reads one query per table, plain
 columns rather than ORM objects, and builds the document in one sweep.

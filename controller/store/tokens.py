@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
-from controller.usecases import domain as d
+from controller.domain import values as d
 
 
 def aware(at: datetime | None) -> datetime | None:

@@ -2,6 +2,6 @@
 
 Each use case takes the caller's `Principal` and a `UnitOfWork`, validates its input completely
 before writing anything, raises `controller.errors` on a "no", and commits at most once. Values
-going in and out are the plain dataclasses of `controller.usecases.domain`; servicers convert
+going in and out are the plain dataclasses of `controller.domain.values`; servicers convert
 them from and to protobuf, so the rules here know neither gRPC nor protobuf.
 """

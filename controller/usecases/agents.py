@@ -14,8 +14,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import select, update
-
 from controller import limits
 from controller.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from controller.identity import Principal, Role
@@ -25,7 +23,7 @@ from controller.store import repositories as repo
 from controller.store import tokens as node_tokens
 from controller.store.db import UnitOfWork
 from controller.usecases import policy, tokens
-from controller.usecases.domain import HeartbeatReport, NodeInfo, Registration, ShardReport
+from controller.domain.values import HeartbeatReport, NodeInfo, Registration, ShardReport
 from controller.usecases.validation import (
     ID_MAX, check_count, check_id, check_labels, check_name, check_quantity, check_range, check_text,
 )
@@ -194,11 +192,8 @@ async def mark_down(uow: UnitOfWork, node_id: str, *, session_id: str | None, wh
 async def stale_up_nodes(uow: UnitOfWork, live: Iterable[str], older_than: datetime) -> list[str]:
     """Nodes marked up with no live stream and no heartbeat since `older_than` (e.g. after a restart)."""
     live_ids = set(live)
-    rows = await uow.session.execute(
-        select(m.Node.id, m.Node.last_heartbeat_at).where(m.Node.health == m.NodeHealth.UP)
-    )
     stale = []
-    for node_id, last in rows:
+    for node_id, last in await repo.up_node_heartbeats(uow.session):
         if node_id in live_ids:
             continue
         if last is not None and last.tzinfo is None:
@@ -248,22 +243,14 @@ async def flush_reports(
     """
     s = uow.session
     if beats:  # one executemany for every node that beat since the last flush
-        known = await repo.existing_ids(s, m.Node, beats)
-        await s.execute(update(m.Node), [
-            {"id": node_id, "last_heartbeat_at": beat.at, "power_draw_w": beat.power_draw_w}
-            for node_id, beat in beats.items() if node_id in known
-        ])
+        await repo.write_heartbeats(s, {node_id: (beat.at, beat.power_draw_w) for node_id, beat in beats.items()})
     latest: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
             latest[(report.deployment, report.replica, report.shard)] = (node_id, report)
     touched: set[str] = set()
     if latest:
-        names = {k[0] for k in latest}
-        rows = await s.execute(
-            select(m.Placement, m.Deployment.name).join(m.Deployment).where(m.Deployment.name.in_(names))
-        )
-        for placement, name in rows:
+        for placement, name in await repo.placements_of_deployments(s, {k[0] for k in latest}):
             hit = latest.get((name, placement.replica, placement.shard))
             if hit is None:
                 continue

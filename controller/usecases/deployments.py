@@ -21,7 +21,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import planning, policy
-from controller.usecases.domain import (
+from controller.domain.values import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView,
 )
 from controller.usecases import paging

@@ -7,7 +7,7 @@ from controller.identity import Principal, Role
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases import policy
-from controller.usecases.domain import EventView
+from controller.domain.values import EventView
 
 OBJECT_KINDS = ("deployment", "node", "tenant", "topology")
 DEFAULT_LIMIT = 100

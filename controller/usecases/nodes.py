@@ -15,7 +15,7 @@ from controller.usecases import policy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.usecases.domain import ClusterSummary, NodeView, TenantView
+from controller.domain.values import ClusterSummary, NodeView, TenantView
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals

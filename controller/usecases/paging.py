@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from controller import limits
+from controller.domain.paging import Key, PageBounds
 from controller.errors import InvalidArgument
 
 T = TypeVar("T")
 U = TypeVar("U")
-Key = tuple[str | int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,14 +36,6 @@ class Page(Generic[T]):
 
     def map(self, fn: Callable[[T], U]) -> Page[U]:
         return Page(tuple(fn(item) for item in self.items), self.next_token)
-
-
-@dataclass(frozen=True, slots=True)
-class PageBounds:
-    """What a repository needs: at most `limit` rows after `after` (None: from the start)."""
-
-    limit: int
-    after: Key | None
 
 
 def encode_token(key: Key) -> str:

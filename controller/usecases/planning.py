@@ -13,7 +13,7 @@ from typing import Any
 
 from controller.errors import InvalidArgument
 from controller.store.snapshot import load_snapshot  # noqa: F401  (the snapshot half of this seam)
-from controller.usecases.domain import DeploymentSpec
+from controller.domain.values import DeploymentSpec
 from scheduler import Deployment, Plan, ProblemError, ShardSpec, Spread, deployment_to_dict, problem_from_dict, solve
 
 

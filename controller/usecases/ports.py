@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from controller.usecases.domain import DeploymentEvent
+from controller.domain.values import DeploymentEvent
 
 
 class Signals(Protocol):

@@ -13,7 +13,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases import policy
-from controller.usecases.domain import ISOLATIONS, TenantSpec, TenantView
+from controller.domain.values import ISOLATIONS, TenantSpec, TenantView
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals

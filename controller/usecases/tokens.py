@@ -20,7 +20,7 @@ from controller.store import repositories as repo
 from controller.store import tokens as store
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import policy
-from controller.usecases.domain import IssuedToken, TokenRequest, TokenView
+from controller.domain.values import IssuedToken, TokenRequest, TokenView
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_id, check_optional_id
 

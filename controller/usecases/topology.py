@@ -13,7 +13,7 @@ from controller.usecases import policy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.usecases.domain import RackSpec, RackView, RowSpec, RowView, TopologySpec, TopologyView, ZoneSpec
+from controller.domain.values import RackSpec, RackView, RowSpec, RowView, TopologySpec, TopologyView, ZoneSpec
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_count, check_id, check_quantity, check_unique
 

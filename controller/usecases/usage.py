@@ -13,7 +13,7 @@ from controller.identity import Principal, Role
 from controller.store import metering
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.usecases.domain import UsageRecord, UsageReport
+from controller.domain.values import UsageRecord, UsageReport
 from controller.usecases import policy
 from controller.usecases.policy import require_role
 from controller.usecases.validation import check_optional_id

@@ -18,7 +18,7 @@ from controller.store.db import UnitOfWork
 from controller.usecases import policy
 from controller.usecases.deployments import all_deployments
 from controller.usecases.validation import check_name
-from controller.usecases.domain import DeploymentEvent
+from controller.domain.values import DeploymentEvent
 
 _CLOSED = object()
 

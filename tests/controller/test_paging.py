@@ -6,7 +6,8 @@ import pytest
 
 from controller import limits
 from controller.errors import InvalidArgument
-from controller.usecases.paging import PageBounds, PageRequest, bounds, decode_token, encode_token, page_of
+from controller.domain.paging import PageBounds
+from controller.usecases.paging import PageRequest, bounds, decode_token, encode_token, page_of
 
 
 def test_page_size_defaults_and_is_capped_at_the_maximum():

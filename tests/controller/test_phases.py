@@ -1,10 +1,10 @@
-"""The deployment phase rule (usecases/phases), table-driven: no database."""
+"""The deployment phase rule (domain/phases), table-driven: no database."""
 
 from __future__ import annotations
 
 import pytest
 
-from controller.usecases.phases import ReplicaCounts, deployment_phase, replica_counts
+from controller.domain.phases import ReplicaCounts, deployment_phase, replica_counts
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.usecases import agents, deployments, nodes, planning
 from controller.usecases.agents import NodeBeat
-from controller.usecases.domain import NodeInfo, ShardReport
+from controller.domain.values import NodeInfo, ShardReport
 from controller.usecases.ports import RecordingSignals
 from scheduler import Plan, Reason, Unplaced
 from uc_builders import WHO, apply_topology, deployment, row_counts

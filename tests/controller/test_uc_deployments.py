@@ -8,7 +8,7 @@ import pytest
 
 from controller.errors import AlreadyExists, InvalidArgument, NotFound
 from controller.usecases import deployments
-from controller.usecases.domain import Spread
+from controller.domain.values import Spread
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, assert_refused_writing_nothing, deployment, row_counts, with_shard
 

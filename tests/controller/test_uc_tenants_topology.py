@@ -6,7 +6,7 @@ import pytest
 
 from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from controller.usecases import deployments, tenants, topology
-from controller.usecases.domain import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
+from controller.domain.values import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, add_tenant, apply_topology, assert_refused_writing_nothing, deployment
 

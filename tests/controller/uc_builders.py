@@ -14,7 +14,7 @@ from controller.identity import Principal
 from controller.store import models as m
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import agents, deployments, tenants, topology
-from controller.usecases.domain import (
+from controller.domain.values import (
     DeploymentSpec, NodeInfo, RackSpec, RowSpec, ShardSpec, TenantSpec, TopologySpec, ZoneSpec,
 )
 from controller.usecases.ports import RecordingSignals

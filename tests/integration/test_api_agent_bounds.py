@@ -17,7 +17,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
-from controller.usecases.domain import ShardReport
+from controller.domain.values import ShardReport
 from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 

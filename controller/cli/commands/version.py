@@ -7,7 +7,7 @@ import grpc
 
 from controller.cli.client import Exit, exit_code_of, rpc_error_text
 from controller.cli.context import Context
-from controller.config import version_text
+from controller.version import version_text
 from maia.v1 import admin_pb2
 
 

@@ -1,0 +1,7 @@
+"""The controller's domain values: below the use cases and the store, importing neither.
+
+Plain frozen dataclasses and pure rules that both the use cases (`controller.usecases`) and the
+persistence layer (`controller.store`) speak: `values` (what goes in and out of a use case),
+`phases` (a deployment's phase from its placements), `paging` (the bounds of one page). The
+import-linter layers contract in pyproject.toml keeps this package free of the layers above it.
+"""
