@@ -1,42 +1,396 @@
 """Feasibility filters: which nodes can take a shard of a deployment, and how many.
 
-Like a Kubernetes filter plugin chain (or Nomad's feasibility iterators), every hard rule that
-can be judged per node is a vectorised mask over all nodes, applied in a fixed order; the first
-mask a node fails is the reason it is counted under when a deployment cannot be placed
-("0/96 nodes fit: 64 POWER_RACK, 32 ISOLATION"). What survives is turned into *slots*: how many
-identical shards of this deployment each node could take at once. Domain-level rules (rack and
-row power shared by several nodes, locality, tenant caps) are in `gang_capacity`.
+Every hard rule that can be judged per node is a *filter plugin* (the Kubernetes scheduling
+framework's Filter extension point, Nomad's feasibility iterators): one class with its reason
+code, a vectorised check over all nodes, and the words that explain a failure. `NODE_FILTERS`
+is the one table of them; its order is the order reasons are read in, and the first filter a
+node fails is the reason it is counted under ("0/96 nodes fit: 64 POWER_RACK, 32 ISOLATION").
+
+Two kinds of filter:
+  * a `MaskFilter` says yes or no per node (not ready, wrong zone, another tenant there);
+  * a `SlotFilter` says how many shards of this deployment a node could take (accelerators,
+    CPU, power); zero is a failure.
+What survives is turned into *slots*: the minimum over slot filters on nodes every mask admits.
+Rules over tenants rather than nodes are the `TENANT_CAPS` table (`quota_room`); rules over
+domains (a whole gang in one rack within its power) are in `gang_capacity`.
+
+Adding a per-node rule: write one filter class here, put it in `NODE_FILTERS` where its
+reason should rank, add its code to the plan schema's enum, and test it. The greedy placer,
+CP-SAT (which only sees (deployment, node class) pairs with slots), preemption and `explain`
+all read slots and codes from `node_fit`, so nothing else changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
 
 import numpy as np
 
+from scheduler.model import Deployment, ShardSpec
 from scheduler.state import ClusterState
+from scheduler.topology import Topology
 
 BIG = 1 << 40
-NODE_CODES = ("NODE_STATE", "ZONE", "ACCELERATOR_MODEL", "EXCLUSION", "ISOLATION", "SPREAD",
-              "CAPACITY", "HBM", "CPU", "MEMORY", "POWER_RACK", "POWER_ROW")
+MAX_NAMED = 3  # nodes or domains named in one message before "+N more"
+_ISOLATION_SCAN = 256  # nodes an ISOLATION message looks at to name who holds them
 
+
+class FitInput:
+    """What the filters of one `node_fit` call share: the deployment, its tenant, and
+    intermediate arrays computed once (the Kubernetes CycleState of one filter pass)."""
+
+    def __init__(self, state: ClusterState, d: int) -> None:
+        self.state = state
+        self.topo: Topology = state.topo
+        self.d = d
+        self.dep: Deployment = state.deps[d]
+        self.spec: ShardSpec = self.dep.shard
+        self.tenant = int(state.dep_tenant[d])
+
+    @cached_property
+    def static(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ready, zone ok, model ok) per node; these never change during a solve."""
+        cache = self.state.static_cache
+        d = self.d
+        if d not in cache:
+            topo = self.topo
+            zone_ok = topo.tenant_zone_ok[self.tenant][topo.node_zone] if len(topo.zone_ids) \
+                else np.ones(topo.n_nodes, dtype=bool)
+            cache[d] = (topo.node_ready, zone_ok, topo.model_mask(self.dep))
+        return cache[d]
+
+    @cached_property
+    def tenant_ok(self) -> tuple[np.ndarray, np.ndarray]:
+        return tenant_masks(self.state, self.tenant)
+
+    @cached_property
+    def whole(self) -> np.ndarray:
+        """(N, A) accelerators entirely free."""
+        return self.state.acc_exists & (self.state.acc_free >= 1000)
+
+    @cached_property
+    def per_accelerator(self) -> np.ndarray:
+        """(N, A) fractional shards each accelerator this tenant may share could take."""
+        s, t = self.state, self.tenant
+        usable = s.acc_exists & ((s.acc_owner == -1) | (s.acc_owner == t))
+        return np.where(usable, s.acc_free // self.spec.accelerator_milli, 0)
+
+    def unlimited(self) -> np.ndarray:
+        return np.full(self.topo.n_nodes, BIG, dtype=np.int64)
+
+
+def names(items: list[str]) -> str:
+    """"a, b, c +2 more": at most MAX_NAMED named."""
+    shown = ", ".join(items[:MAX_NAMED])
+    return shown + (f" +{len(items) - MAX_NAMED} more" if len(items) > MAX_NAMED else "")
+
+
+def first(items: np.ndarray, render: Callable[[int], str]) -> list[str]:
+    """Render only the items a message shows; the rest count for "+N more"."""
+    shown = [render(int(i)) for i in items[:MAX_NAMED]]
+    return shown + [""] * max(len(items) - MAX_NAMED, 0)
+
+
+def watts(value: float) -> str:
+    return f"{value / 1000:.1f} kW" if value >= 10000 else f"{value:.0f} W"
+
+
+def power_line(kind: str, name: str, used: float, need: float, budget: float) -> str:
+    return (f"{kind} {name} power: {watts(used)} used + {watts(need)} needed > "
+            f"{watts(budget)} budget; fits if the budget were {watts(used + need)}")
+
+
+# ---- the plugin interfaces ----------------------------------------------------------------
+
+class NodeFilter:
+    """One per-node rule: its reason code and how a failure is worded."""
+
+    code: str = ""
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        """Why these nodes (all failing this filter first) cannot take a shard of d."""
+        return names(first(nodes, lambda n: state.topo.node_ids[n]))
+
+    def scope(self, state: ClusterState, nodes: np.ndarray) -> str | None:
+        """What a person should look at: the one node (or domain) concerned, if only one."""
+        return state.topo.node_ids[nodes[0]] if len(nodes) == 1 else None
+
+
+class MaskFilter(NodeFilter):
+    def mask(self, fit: FitInput) -> np.ndarray | None:
+        """(N,) bool: nodes this rule admits (None: the rule does not apply, all admitted)."""
+        raise NotImplementedError
+
+
+class SlotFilter(NodeFilter):
+    def slots(self, fit: FitInput) -> np.ndarray:
+        """(N,) int: shards of the deployment each node could take under this rule alone."""
+        raise NotImplementedError
+
+
+# ---- the filters, in the order their reasons are read ---------------------------------------
+
+class NodeState(MaskFilter):
+    code = "NODE_STATE"
+
+    def mask(self, fit: FitInput) -> np.ndarray:
+        return fit.static[0]
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        topo = state.topo
+        states = first(nodes, lambda n: f"{topo.node_ids[n]} ({topo.problem.nodes[n].state})")
+        return f"not ready: {names(states)}"
+
+
+class Zone(MaskFilter):
+    code = "ZONE"
+
+    def mask(self, fit: FitInput) -> np.ndarray:
+        return fit.static[1]
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        t = int(state.dep_tenant[d])
+        zones = state.topo.problem.tenants[t].zones or ()
+        return f"tenant {state.topo.tenant_ids[t]} may only run in zones {', '.join(zones)}"
+
+
+class AcceleratorModel(MaskFilter):
+    code = "ACCELERATOR_MODEL"
+
+    def mask(self, fit: FitInput) -> np.ndarray:
+        return fit.static[2]
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        spec = state.deps[d].shard
+        have = sorted({str(state.topo.node_model[n]) for n in nodes[:64]})
+        return f"needs {'|'.join(spec.accelerator_models or ())}, nodes have {names(have)}"
+
+
+class Exclusion(MaskFilter):
+    code = "EXCLUSION"
+
+    def mask(self, fit: FitInput) -> np.ndarray:
+        return fit.tenant_ok[0]
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        topo = state.topo
+        excluded = topo.tenant_excludes[int(state.dep_tenant[d])]
+
+        def held_by(rack: int) -> str:
+            holders = [topo.tenant_ids[o] for o in np.flatnonzero(
+                excluded & (state.rack_tenant[rack] > 0))]
+            return f"rack {topo.rack_ids[rack]} holds {', '.join(holders)}"
+        parts = first(np.unique(topo.node_rack[nodes]), held_by)
+        return f"excluded tenants share the rack: {names(parts)}"
+
+    def scope(self, state: ClusterState, nodes: np.ndarray) -> str | None:
+        return _one_rack(state, nodes)
+
+
+class Isolation(MaskFilter):
+    code = "ISOLATION"
+
+    def mask(self, fit: FitInput) -> np.ndarray:
+        return fit.tenant_ok[1]
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        topo = state.topo
+        t = int(state.dep_tenant[d])
+
+        # Name the rack only when a dedicated_rack tenant is why; dedicated_node is about
+        # the node.
+        def holders(counts: np.ndarray) -> str:
+            return ", ".join(f"{topo.tenant_ids[o]} ({topo.tenant_isolation[o]})"
+                             for o in np.flatnonzero(counts > 0) if o != t) or "nothing"
+
+        def held_by(n: int) -> str:
+            rack = topo.node_rack[n]
+            others_rack = state.rack_tenant[rack] > 0
+            others_rack[t] = False
+            if state.dedicated_rack[t] or (state.dedicated_rack & others_rack).any():
+                return f"rack {topo.rack_ids[rack]} holds {holders(state.rack_tenant[rack])}"
+            return f"node {topo.node_ids[n]} holds {holders(state.node_tenant[n])}"
+        looked = nodes[:_ISOLATION_SCAN]  # one line per rack or node, duplicates dropped
+        text = names(list(dict.fromkeys(held_by(int(n)) for n in looked)))
+        if len(nodes) > len(looked):
+            text += f" (+{len(nodes) - len(looked)} more nodes)"
+        return f"tenant {topo.tenant_ids[t]} is {topo.tenant_isolation[t]}: {text}"
+
+
+class Spread(MaskFilter):
+    code = "SPREAD"
+
+    def mask(self, fit: FitInput) -> np.ndarray | None:
+        return spread_mask(fit.state, fit.d)
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        sp = state.deps[d].spread
+        assert sp is not None
+        return f"spread: at most {sp.max_per_domain} replica(s) per {sp.domain} reached"
+
+
+class Capacity(SlotFilter):
+    code = "CAPACITY"
+
+    def slots(self, fit: FitInput) -> np.ndarray:
+        spec = fit.spec
+        if spec.accelerators == 0:
+            return fit.unlimited()
+        if not spec.fractional:
+            return fit.whole.sum(axis=1) // spec.accelerators
+        return fit.per_accelerator.sum(axis=1)
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        spec = state.deps[d].shard
+        need = (f"{spec.accelerator_milli} milli of an accelerator" if spec.fractional
+                else f"{spec.accelerators} free accelerator(s)")
+        return f"need {need}: {names(first(nodes, lambda n: state.topo.node_ids[n]))} full"
+
+
+class Hbm(SlotFilter):
+    code = "HBM"
+
+    def slots(self, fit: FitInput) -> np.ndarray:
+        spec, s = fit.spec, fit.state
+        if spec.accelerators == 0:
+            return fit.unlimited()
+        if not spec.fractional:
+            return (fit.whole & (s.acc_hbm >= spec.hbm_gib)).sum(axis=1) // spec.accelerators
+        if spec.hbm_gib <= 0:
+            return fit.per_accelerator.sum(axis=1)
+        by_hbm = np.floor(np.maximum(s.acc_hbm, 0) / spec.hbm_gib).astype(np.int64)
+        return np.minimum(fit.per_accelerator, by_hbm).sum(axis=1)
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        hbm = state.deps[d].shard.hbm_gib
+        return (f"need {hbm:g} GiB HBM per accelerator: "
+                f"{names(first(nodes, lambda n: state.topo.node_ids[n]))}")
+
+
+class Cpu(SlotFilter):
+    code = "CPU"
+
+    def slots(self, fit: FitInput) -> np.ndarray:
+        need = fit.spec.cpu_milli
+        if need <= 0:
+            return fit.unlimited()
+        return np.floor(np.maximum(fit.state.cpu_free, 0) / need).astype(np.int64)
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        n = nodes[0]
+        return (f"need {state.deps[d].shard.cpu_milli} cpu_milli, {state.topo.node_ids[n]} "
+                f"has {max(state.cpu_free[n], 0):.0f} free")
+
+
+class Memory(SlotFilter):
+    code = "MEMORY"
+
+    def slots(self, fit: FitInput) -> np.ndarray:
+        need = fit.spec.memory_mib
+        if need <= 0:
+            return fit.unlimited()
+        return np.floor(np.maximum(fit.state.mem_free, 0) / need).astype(np.int64)
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        n = nodes[0]
+        return (f"need {state.deps[d].shard.memory_mib} memory_mib, {state.topo.node_ids[n]} "
+                f"has {max(state.mem_free[n], 0):.0f} free")
+
+
+class PowerRack(SlotFilter):
+    code = "POWER_RACK"
+
+    def slots(self, fit: FitInput) -> np.ndarray:
+        power = fit.spec.shard_power_w
+        if power <= 0:
+            return fit.unlimited()
+        return power_slots(fit.state.rack_headroom(), power)[fit.topo.node_rack]
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        topo, need = state.topo, state.deps[d].shard.shard_power_w
+        return names(first(np.unique(topo.node_rack[nodes]), lambda r: power_line(
+            "rack", topo.rack_ids[r], state.rack_power[r], need, topo.rack_budget[r])))
+
+    def scope(self, state: ClusterState, nodes: np.ndarray) -> str | None:
+        return _one_rack(state, nodes)
+
+
+class PowerRow(SlotFilter):
+    code = "POWER_ROW"
+
+    def slots(self, fit: FitInput) -> np.ndarray:
+        power = fit.spec.shard_power_w
+        if power <= 0:
+            return fit.unlimited()
+        return power_slots(fit.state.row_headroom(), power)[fit.topo.node_row]
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        topo, need = state.topo, state.deps[d].shard.shard_power_w
+        return names(first(np.unique(topo.node_row[nodes]), lambda r: power_line(
+            "row", topo.row_ids[r], state.row_power[r], need, topo.row_budget[r])))
+
+    def scope(self, state: ClusterState, nodes: np.ndarray) -> str | None:
+        rows = np.unique(state.topo.node_row[nodes])
+        return state.topo.row_ids[rows[0]] if len(rows) == 1 else None
+
+
+def _one_rack(state: ClusterState, nodes: np.ndarray) -> str | None:
+    racks = np.unique(state.topo.node_rack[nodes])
+    return state.topo.rack_ids[racks[0]] if len(racks) == 1 else None
+
+
+# The one table of per-node rules; a node failing several is counted under the first.
+NODE_FILTERS: tuple[MaskFilter | SlotFilter, ...] = (
+    NodeState(), Zone(), AcceleratorModel(), Exclusion(), Isolation(), Spread(),
+    Capacity(), Hbm(), Cpu(), Memory(), PowerRack(), PowerRow(),
+)
+NODE_CODES = tuple(f.code for f in NODE_FILTERS)
+
+
+# ---- running the filters ----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class NodeFit:
     slots: np.ndarray                 # (N,) shards each node can take now; 0 where filtered
-    codes: np.ndarray | None = None   # (N,) index into NODE_CODES of the first failed filter
+    codes: np.ndarray | None = None   # (N,) index into NODE_FILTERS of the first failed one
 
 
-def _static_mask(state: ClusterState, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ready, zone ok, model ok) per node; these never change during a solve."""
-    cache = state.static_cache
-    if d not in cache:
-        topo = state.topo
-        t = state.dep_tenant[d]
-        zone_ok = topo.tenant_zone_ok[t][topo.node_zone] if len(topo.zone_ids) else \
-            np.ones(topo.n_nodes, dtype=bool)
-        cache[d] = (topo.node_ready, zone_ok, topo.model_mask(state.deps[d]))
-    return cache[d]
+def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
+    """Slots per node for shards of deployment d (and, with explain, why a node has none)."""
+    fit = FitInput(state, d)
+    passes: np.ndarray | None = None
+    slots: np.ndarray | None = None
+    admitted: list[np.ndarray | None] = []  # per filter, nodes it admits (explain only)
+    for f in NODE_FILTERS:
+        if isinstance(f, MaskFilter):
+            ok = f.mask(fit)
+            if ok is not None:
+                passes = ok if passes is None else passes & ok
+        else:
+            room = f.slots(fit)
+            slots = room if slots is None else np.minimum(slots, room)
+            ok = room > 0 if explain else None
+        if explain:
+            admitted.append(ok)
+    if slots is None:
+        slots = fit.unlimited()
+    if passes is not None:
+        slots = np.where(passes, slots, 0)
+    codes = None
+    if explain:
+        codes = np.full(state.topo.n_nodes, -1, dtype=np.int64)
+        for i in range(len(admitted) - 1, -1, -1):  # the first failed filter wins
+            ok = admitted[i]
+            if ok is not None:
+                codes[~ok] = i
+    return NodeFit(slots=slots, codes=codes)
+
+
+def power_slots(headroom: np.ndarray, power: float) -> np.ndarray:
+    """Shards of `power` W each domain's headroom still feeds."""
+    return np.floor(np.maximum(headroom, 0) / power + 1e-9).astype(np.int64)
 
 
 def tenant_masks(state: ClusterState, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,62 +427,6 @@ def spread_mask(state: ClusterState, d: int) -> np.ndarray | None:
     return (counts < dep.spread.max_per_domain)[state.topo.domain_of(dep.spread.domain)]
 
 
-def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
-    """Slots per node for shards of deployment d (and, with explain, why a node has none)."""
-    topo = state.topo
-    dep = state.deps[d]
-    spec = dep.shard
-    t = int(state.dep_tenant[d])
-    ready, zone_ok, model_ok = _static_mask(state, d)
-    excl_ok, iso_ok = tenant_masks(state, t)
-    spread_ok = spread_mask(state, d)
-
-    # Accelerator slots, without and with the HBM rule (to tell CAPACITY from HBM).
-    if spec.accelerators == 0:
-        acc_slots = hbm_slots = np.full(topo.n_nodes, BIG, dtype=np.int64)
-    elif not spec.fractional:
-        whole = state.acc_exists & (state.acc_free >= 1000)
-        acc_slots = whole.sum(axis=1) // spec.accelerators
-        hbm_slots = (whole & (state.acc_hbm >= spec.hbm_gib)).sum(axis=1) // spec.accelerators
-    else:
-        usable = state.acc_exists & ((state.acc_owner == -1) | (state.acc_owner == t))
-        per_acc = np.where(usable, state.acc_free // spec.accelerator_milli, 0)
-        acc_slots = per_acc.sum(axis=1)
-        if spec.hbm_gib > 0:
-            by_hbm = np.floor(np.maximum(state.acc_hbm, 0) / spec.hbm_gib).astype(np.int64)
-            hbm_slots = np.minimum(per_acc, by_hbm).sum(axis=1)
-        else:
-            hbm_slots = acc_slots
-    cpu_slots = (np.floor(np.maximum(state.cpu_free, 0) / spec.cpu_milli).astype(np.int64)
-                 if spec.cpu_milli > 0 else np.full(topo.n_nodes, BIG, dtype=np.int64))
-    mem_slots = (np.floor(np.maximum(state.mem_free, 0) / spec.memory_mib).astype(np.int64)
-                 if spec.memory_mib > 0 else np.full(topo.n_nodes, BIG, dtype=np.int64))
-    power = spec.shard_power_w
-    if power > 0:
-        rack_slots = np.floor(np.maximum(state.rack_headroom(), 0) / power + 1e-9).astype(np.int64)
-        row_slots = np.floor(np.maximum(state.row_headroom(), 0) / power + 1e-9).astype(np.int64)
-        pr = rack_slots[topo.node_rack]
-        pw = row_slots[topo.node_row]
-    else:
-        pr = pw = np.full(topo.n_nodes, BIG, dtype=np.int64)
-
-    passes = ready & zone_ok & model_ok & excl_ok & iso_ok
-    if spread_ok is not None:
-        passes &= spread_ok
-    slots = np.minimum.reduce([acc_slots, hbm_slots, cpu_slots, mem_slots, pr, pw])
-    slots = np.where(passes, slots, 0)
-
-    codes = None
-    if explain:
-        checks = [ready, zone_ok, model_ok, excl_ok, iso_ok,
-                  spread_ok if spread_ok is not None else np.ones(topo.n_nodes, dtype=bool),
-                  acc_slots > 0, hbm_slots > 0, cpu_slots > 0, mem_slots > 0, pr > 0, pw > 0]
-        codes = np.full(topo.n_nodes, -1, dtype=np.int64)
-        for i in range(len(checks) - 1, -1, -1):  # the first failed check wins
-            codes[~checks[i]] = i
-    return NodeFit(slots=slots, codes=codes)
-
-
 def gang_capacity(state: ClusterState, d: int, slots: np.ndarray, level: str) -> np.ndarray:
     """Shards of deployment d each `level` domain can take at once, within rack/row power."""
     topo = state.topo
@@ -138,8 +436,8 @@ def gang_capacity(state: ClusterState, d: int, slots: np.ndarray, level: str) ->
         return slots
     rack_sum = np.bincount(topo.node_rack, weights=slots, minlength=n_racks).astype(np.int64)
     if power > 0:
-        rack_pow = np.floor(np.maximum(state.rack_headroom(), 0) / power + 1e-9).astype(np.int64)
-        row_pow = np.floor(np.maximum(state.row_headroom(), 0) / power + 1e-9).astype(np.int64)
+        rack_pow = power_slots(state.rack_headroom(), power)
+        row_pow = power_slots(state.row_headroom(), power)
     else:
         rack_pow = np.full(n_racks, BIG, dtype=np.int64)
         row_pow = np.full(n_rows, BIG, dtype=np.int64)
@@ -157,19 +455,75 @@ def gang_capacity(state: ClusterState, d: int, slots: np.ndarray, level: str) ->
     return np.array([zone_c.sum()], dtype=np.int64)
 
 
-def quota_room(state: ClusterState, d: int) -> tuple[int, str | None]:
-    """Shards of d the tenant's caps still allow, and the binding cap's code if any."""
-    topo = state.topo
-    t = int(state.dep_tenant[d])
-    spec = state.deps[d].shard
-    room, code = BIG, None
-    if spec.milli > 0:
-        left = topo.tenant_max_milli[t] - state.tenant_milli[t]
-        room = max(0, int(np.floor(left / spec.milli + 1e-9)))
-        code = "QUOTA_ACCELERATORS"
-    if spec.shard_power_w > 0:
-        left = topo.tenant_max_power[t] - state.tenant_power[t]
-        by_power = max(0, int(np.floor(left / spec.shard_power_w + 1e-9)))
-        if by_power < room:
-            room, code = by_power, "QUOTA_POWER"
-    return room, code
+# ---- tenant caps ------------------------------------------------------------------------
+
+class TenantCap:
+    """A rule over everything a tenant holds: how many more shards it allows."""
+
+    code: str = ""
+
+    def room(self, state: ClusterState, d: int) -> int | None:
+        """Shards of d the cap still allows (None: the cap does not bear on d)."""
+        raise NotImplementedError
+
+    def detail(self, state: ClusterState, d: int, count: int) -> str:
+        """Why `count` more shards of d do not fit under the cap."""
+        raise NotImplementedError
+
+
+class QuotaAccelerators(TenantCap):
+    code = "QUOTA_ACCELERATORS"
+
+    def room(self, state: ClusterState, d: int) -> int | None:
+        milli = state.deps[d].shard.milli
+        if milli <= 0:
+            return None
+        t = int(state.dep_tenant[d])
+        left = state.topo.tenant_max_milli[t] - state.tenant_milli[t]
+        return max(0, int(np.floor(left / milli + 1e-9)))
+
+    def detail(self, state: ClusterState, d: int, count: int) -> str:
+        t = int(state.dep_tenant[d])
+        topo = state.topo
+        used, cap = state.tenant_milli[t] / 1000, topo.tenant_max_milli[t] / 1000
+        need = count * state.deps[d].shard.milli / 1000
+        return (f"tenant {topo.tenant_ids[t]} holds {used:g} accelerators + {need:g} needed > "
+                f"{cap:g} max_accelerators")
+
+
+class QuotaPower(TenantCap):
+    code = "QUOTA_POWER"
+
+    def room(self, state: ClusterState, d: int) -> int | None:
+        power = state.deps[d].shard.shard_power_w
+        if power <= 0:
+            return None
+        t = int(state.dep_tenant[d])
+        left = state.topo.tenant_max_power[t] - state.tenant_power[t]
+        return max(0, int(np.floor(left / power + 1e-9)))
+
+    def detail(self, state: ClusterState, d: int, count: int) -> str:
+        t = int(state.dep_tenant[d])
+        topo = state.topo
+        need = count * state.deps[d].shard.shard_power_w
+        return (f"tenant {topo.tenant_ids[t]} draws {watts(state.tenant_power[t])} + "
+                f"{watts(need)} needed > {watts(topo.tenant_max_power[t])} max_power_w")
+
+
+TENANT_CAPS: tuple[TenantCap, ...] = (QuotaAccelerators(), QuotaPower())
+
+
+def quota_room(state: ClusterState, d: int) -> tuple[int, TenantCap | None]:
+    """Shards of d the tenant's caps still allow, and the binding cap (the first on ties)."""
+    room, binding = BIG, None
+    for cap in TENANT_CAPS:
+        r = cap.room(state, d)
+        if r is not None and (binding is None or r < room):
+            room, binding = r, cap
+    return room, binding
+
+
+# Every reason code a plan can carry, in the order a person reads them: the node filters', the
+# tenant caps', a gang no locality domain fits, and a search the deadline cut short.
+REASON_CODES: tuple[str, ...] = (NODE_CODES + tuple(c.code for c in TENANT_CAPS)
+                                 + ("LOCALITY", "TIME_LIMIT"))

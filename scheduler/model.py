@@ -16,14 +16,6 @@ Isolation = Literal["shared", "dedicated_node", "dedicated_rack"]
 Mode = Literal["batch", "online", "rebalance"]
 Status = Literal["optimal", "feasible", "infeasible"]
 
-# Reason codes of the spec, in the order a person reads them (node filters first).
-REASON_CODES: tuple[str, ...] = (
-    "NODE_STATE", "ZONE", "ACCELERATOR_MODEL", "EXCLUSION", "ISOLATION", "SPREAD",
-    "CAPACITY", "HBM", "CPU", "MEMORY", "POWER_RACK", "POWER_ROW",
-    "QUOTA_ACCELERATORS", "QUOTA_POWER", "LOCALITY", "TIME_LIMIT",
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Zone:
     id: str
