@@ -13,6 +13,8 @@ The hub is the only place that knows which agents are connected right now. It
   retried node by node, so one node's bad data never drops every other node's heartbeats,
 - marks a node down when its stream ends or its heartbeats stop for `heartbeat_timeout_s`, and
   wakes the reconciler so that node's shards are placed again.
+Only the leader talks to agents (`lead`/`follow`): a follower's hub holds no streams and judges
+no node's liveness.
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ class AgentHub:
         on_deployments_changed: Callable[[set[str]], Awaitable[None]],
         flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
         reports_burst: int = limits.REPORTS_BURST,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
         self._db = db
+        self._leading = leading
         self._timeout = heartbeat_timeout_s
         self._on_liveness_change = on_liveness_change
         self._on_deployments_changed = on_deployments_changed
@@ -106,6 +110,16 @@ class AgentHub:
             session = self._sessions.get(node_id)
             if session is not None:
                 session.dirty.set()
+
+    def lead(self) -> None:
+        """This controller became the leader: agents get one timeout to come over before the
+        nodes without a stream count as down."""
+        self._started = time.monotonic()
+
+    def follow(self, reason: str) -> None:
+        """This controller lost the lead: end every stream (the agents go to the new leader)."""
+        for session in list(self._sessions.values()):
+            session.close(f"this controller no longer leads ({reason})", mark_down=False)
 
     def disconnect(self, node_id: str, reason: str) -> None:
         """End the node's stream (if any) without marking it down (it no longer exists)."""
@@ -218,7 +232,7 @@ class AgentHub:
         while True:
             await asyncio.sleep(self._flush_interval)
             await self.flush()
-            if time.monotonic() >= next_check:
+            if time.monotonic() >= next_check and self._leading():
                 next_check = time.monotonic() + check_every
                 await self._expire()
 

@@ -52,6 +52,12 @@ class Config:
     max_rss_mib: int = limits.MAX_RSS_MIB
     reconcile_stuck_s: float = limits.RECONCILE_STUCK_S
     health_interval_s: float = limits.HEALTH_CHECK_INTERVAL_S
+    # Several controllers on one PostgreSQL (docs/operations.md): where agents reach this one when
+    # it leads (empty: the bound --listen address), and the leader lease's timing.
+    advertise_address: str = ""
+    lease_ttl_s: float = 5.0
+    lease_renew_s: float = 1.0
+    lease_margin_s: float = 1.5
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -155,7 +161,18 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         help="health says NOT_SERVING above this resident memory (0: no ceiling)")
     parser.add_argument("--reconcile-stuck-s", type=_positive_float, default=Config.reconcile_stuck_s,
                         help="health says NOT_SERVING when one reconcile pass runs longer than this")
+    parser.add_argument("--advertise-address", default=env.get("MAIA_ADVERTISE_ADDRESS", ""), metavar="HOST:PORT",
+                        help="where agents and clients reach this controller (followers send agents to the "
+                             "leader's); default: the bound --listen address (env MAIA_ADVERTISE_ADDRESS)")
+    parser.add_argument("--lease-ttl", type=_positive_float, default=Config.lease_ttl_s, metavar="SECONDS",
+                        help="leader lease time: a leader not renewing for this long is replaced")
+    parser.add_argument("--lease-renew-interval", type=_positive_float, default=Config.lease_renew_s,
+                        metavar="SECONDS", help="how often the leader renews its lease (and followers try to "
+                                                "take it); must be below --lease-ttl minus 1.5 s")
     ns = parser.parse_args(argv)
+    if not ns.lease_renew_interval < ns.lease_ttl - Config.lease_margin_s:
+        parser.error(f"--lease-renew-interval ({ns.lease_renew_interval:g}) must be below --lease-ttl "
+                     f"({ns.lease_ttl:g}) minus the {Config.lease_margin_s:g} s safety margin")
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if ns.tls_client_ca is not None and ns.tls_cert is None:
@@ -187,4 +204,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         quarantine_after_failures=ns.quarantine_after_failures,
         max_rss_mib=ns.max_rss_mib,
         reconcile_stuck_s=ns.reconcile_stuck_s,
+        advertise_address=ns.advertise_address,
+        lease_ttl_s=ns.lease_ttl,
+        lease_renew_s=ns.lease_renew_interval,
     )

@@ -10,8 +10,10 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    the cluster changed meanwhile (`PlanConflict`) it starts over from a fresh snapshot; the
    commit also releases the shards of DELETING deployments and removes their rows,
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events.
-A `Lease` decides whether this controller may reconcile at all: the seam for leader election
-when several controllers share one database (today `AlwaysLeader`).
+A `Lease` decides whether this controller may reconcile at all: with several controllers on one
+database only the leader does (`controller.leadership`; `AlwaysLeader` alone). The leader's
+database is fenced (`Database.fenced`): a pass whose lease was lost meanwhile commits nothing
+(`LeaseLost`), and the loop waits until it leads again.
 
 One bad deployment never stalls the others: before solving, a stored deployment beyond today's
 limits (stored before they existed) is quarantined; when the solver raises, the pass solves the
@@ -35,6 +37,7 @@ from controller.errors import InvalidArgument
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.store.lease import LeaseLost
 from controller.store.plans import PlanConflict, commit_plan
 from controller.usecases import planning
 from controller.usecases.deployments import validate_spec
@@ -147,6 +150,12 @@ class Reconciler:
     def wake(self) -> None:
         self._wake.set()
 
+    def resync(self) -> None:
+        """Solve again on the next pass whatever the generation (a new leader starts afresh)."""
+        self._last_generation = None
+        self._retry_at = None
+        self.wake()
+
     async def run(self) -> None:
         """Reconcile until cancelled."""
         while True:
@@ -163,6 +172,8 @@ class Reconciler:
                 await self.reconcile_once()
             except asyncio.CancelledError:
                 raise
+            except LeaseLost as exc:
+                log.warning("reconcile pass discarded: %s", exc)
             except Exception:
                 log.exception("reconcile pass failed; retrying in %.1fs", self._interval)
                 await asyncio.sleep(self._interval)
@@ -181,6 +192,8 @@ class Reconciler:
                     outcome = ReconcileOutcome(generation=generation)
                 else:
                     outcome = await self._solve_and_commit()
+            except LeaseLost:  # not a failure of this pass: another controller schedules now
+                raise
             except BaseException:
                 self.consecutive_failures += 1
                 raise

@@ -53,8 +53,10 @@ class IsolationWatchdog:
 
     def __init__(self, db: Database, *, interval_s: float = 2.0, full_every_s: float = 60.0,
                  on_alarm: Callable[[Alarm], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 should_run: Callable[[], bool] = lambda: True) -> None:
         self._db = db
+        self._should_run = should_run  # only the leader checks (and writes alarms)
         self.interval_s = interval_s
         self.full_every_s = full_every_s
         self._clock = clock
@@ -130,7 +132,8 @@ class IsolationWatchdog:
         """Check forever; an error in one check is logged and the next check runs on time."""
         while True:
             try:
-                await self.check_if_changed()
+                if self._should_run():
+                    await self.check_if_changed()
             except asyncio.CancelledError:
                 raise
             except Exception:

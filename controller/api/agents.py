@@ -1,7 +1,8 @@
 """NodeAgentService: Register, and the Connect stream (Hello first, then reports; sets go out).
 
 The conversation itself lives in `controller.agents.AgentHub`; this servicer only converts
-messages and checks that a stream starts with a Hello.
+messages and checks that a stream starts with a Hello. Agents talk to the leader only: a
+follower answers UNAVAILABLE with the leader's address in the `maia-leader` trailing metadata.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
 
     async def Register(self, request: agent_pb2.RegisterRequest,
                        context: aio.ServicerContext) -> agent_pb2.RegisterResponse:
+        self._deps.require_leader()
         async with self._deps.db.unit_of_work() as uow:
             reg = await cases.register_node(uow, current_principal(), convert.node_info(request.node),
                                             heartbeat_interval_ms=self._deps.heartbeat_interval_ms,
@@ -44,6 +46,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
 
     async def Connect(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage],
                       context: aio.ServicerContext) -> AsyncIterator[agent_pb2.ControllerMessage]:
+        self._deps.require_leader()
         messages = request_iterator.__aiter__()
         try:
             first = await messages.__anext__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from controller.agents import AgentHub
@@ -20,6 +21,8 @@ class ServiceDeps:
     solve_time_limit_ms: int
     heartbeat_interval_ms: int
     throttle: SubmitLimits | None = None
+    # Raises `NotLeader` (UNAVAILABLE with the leader's address) on a follower: agents go to the leader.
+    require_leader: Callable[[], None] = lambda: None
 
     def connected(self) -> frozenset[str]:
         return self.hub.connected()

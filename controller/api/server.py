@@ -4,7 +4,13 @@ stopped together.
 `ControllerApp.start()` checks (or migrates) the schema, binds the gRPC server with the one
 interceptor chain, health checking and reflection, starts the background loops and reports
 SERVING; `stop()` undoes it in order: NOT_SERVING, end agent and watch streams, stop the server
-with a grace period, cancel the loops, dispose of the engine. Tests run it in-process on port 0.
+with a grace period, release the leader lease, cancel the loops, dispose of the engine. Tests
+run it in-process on port 0.
+
+Several controllers may share one PostgreSQL: each runs a `LeaderElection`; the leader's
+reconciler, agent hub and watchdog write through the fenced database, followers serve the API
+and reach the leader through `maia_cluster` notifications (`controller.store.notify`). On
+SQLite one controller holds the file (`controller.store.exclusive`); a second one refuses.
 """
 
 from __future__ import annotations
@@ -37,8 +43,11 @@ from controller.errors import Unauthenticated
 from controller.health import HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
-from controller.reconcile import Lease, Reconciler
+from controller.leadership import LeaderElection, LeaseSettings
+from controller.reconcile import Reconciler
 from controller.store.db import Database
+from controller.store.exclusive import DatabaseInUse, SqliteLock
+from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
 from controller.usecases.deployments import views_of
 from controller.domain.values import DeploymentEvent, DeploymentView
@@ -62,6 +71,10 @@ class ListenError(OSError):
     """The gRPC server could not bind its address (checked before the database is touched)."""
 
 
+# What controllers tell each other (`controller.store.notify`).
+WAKE, NODES, NODE_REMOVED, DEPLOYMENTS, LEASE_RELEASED = "wake", "nodes", "node_removed", "deployments", "released"
+
+
 class AppSignals:
     """`Signals` wired to the live reconciler, agent hub and event bus."""
 
@@ -70,35 +83,56 @@ class AppSignals:
 
     def wake_reconciler(self) -> None:
         self._app.reconciler.wake()
+        if not self._app.election.should_run():
+            self._app.channel.send(WAKE)
 
     def assignments_changed(self, node_ids: Iterable[str]) -> None:
+        node_ids = list(node_ids)
         self._app.hub.notify(node_ids)
+        if not self._app.election.should_run():
+            self._app.channel.send(NODES, node_ids)
 
     def publish(self, event: DeploymentEvent) -> None:
         self._app.bus.publish(event)
+        if event.type != "deleted":  # the others read the deployment back: a deleted one is gone
+            self._app.channel.send(DEPLOYMENTS, [f"{event.type}:{event.deployment.spec.name}"])
 
     def token_revoked(self, token_id: str) -> None:
         self._app.authn.forget(token_id)
+
     def node_removed(self, node_id: str) -> None:
         self._app.hub.disconnect(node_id, "the node was deleted by an administrator")
+        self._app.channel.send(NODE_REMOVED, [node_id])
 
 
 class ControllerApp:
-    def __init__(self, config: Config, *, lease: Lease | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.db = Database(config.db_url)
+        self.sqlite_lock = SqliteLock(config.db_url)
         self.bus = DeploymentEventBus()
         self.metrics = ControllerMetrics()
         self.signals = AppSignals(self)
+        self.election = LeaderElection(
+            self.db, address=config.advertise_address, force=self.db.is_sqlite,
+            settings=LeaseSettings(ttl_s=config.lease_ttl_s, renew_every_s=config.lease_renew_s,
+                                   retry_every_s=config.lease_renew_s, margin_s=config.lease_margin_s),
+            on_elected=self._elected, on_deposed=self._deposed, observer=self.metrics,
+        )
+        self.channel: ClusterChannel = (
+            LocalChannel() if self.db.is_sqlite else PgChannel(config.db_url, self.election.holder, self._notified))
+        # The leader's writers: every commit checks the fencing token first.
+        leader_db = self.db.fenced(self.election)
         self.hub = AgentHub(
-            self.db, heartbeat_timeout_s=config.heartbeat_timeout_s,
+            leader_db, heartbeat_timeout_s=config.heartbeat_timeout_s,
             on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
             reports_per_second=config.agent_reports_per_second, reports_burst=config.agent_reports_burst,
+            leading=self.election.should_run,
         )
         self.reconciler = Reconciler(
-            self.db, push=self.hub.notify, publish=self._publish_deployments,
-            interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms, lease=lease,
-            observer=self.metrics,
+            leader_db, push=self.hub.notify, publish=self._publish_deployments,
+            interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,
+            lease=self.election, observer=self.metrics,
             quarantine_after=config.quarantine_after_failures,
         )
         self.throttle = SubmitLimits(
@@ -107,7 +141,8 @@ class ControllerApp:
             dry_run_slots=config.dry_run_slots, dry_run_time_limit_ms=config.dry_run_time_limit_ms,
         )
         self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s)
-        self.watchdog = IsolationWatchdog(self.db, interval_s=config.watchdog_interval_s)
+        self.watchdog = IsolationWatchdog(leader_db, interval_s=config.watchdog_interval_s,
+                                          should_run=self.election.should_run)
         self.metrics.watch_alarms(lambda: self.watchdog.alarms_total)
         self.console = ConsoleServer(self.db, self.bus,
                                      resolve_token=self._console_viewer if self.authn.enabled else None)
@@ -122,6 +157,7 @@ class ControllerApp:
         self.metrics_address = ""
         self.console_address = ""
         self._tasks: list[asyncio.Task] = []
+        self._channel_task: asyncio.Task | None = None
 
     async def _console_viewer(self, token: str) -> Principal | None:
         """The console's viewers: admin and tenant tokens (a tenant sees its own view)."""
@@ -130,6 +166,44 @@ class ControllerApp:
         except Unauthenticated:
             return None
         return who if who.role in (Role.ADMIN, Role.TENANT) else None
+
+    def _elected(self, token: int) -> None:
+        self.hub.lead()
+        self.reconciler.resync()
+
+    def _deposed(self, why: str) -> None:
+        self.hub.follow(why)
+
+    def _notified(self, kind: str, data: str) -> None:
+        """A message from another controller on the same database."""
+        items = [item for item in data.split(",") if item]
+        if kind == WAKE:
+            self.reconciler.wake()
+        elif kind == NODES:
+            self.hub.notify(items)
+        elif kind == NODE_REMOVED:
+            for node_id in items:
+                self.hub.disconnect(node_id, "the node was deleted by an administrator")
+        elif kind == LEASE_RELEASED:
+            self.election.wake()
+        elif kind == DEPLOYMENTS:
+            asyncio.get_running_loop().create_task(self._republish(items))
+
+    async def _republish(self, items: list[str]) -> None:
+        """Deployments another controller changed, for this controller's watchers."""
+        by_type: dict[str, set[str]] = {}
+        for item in items:
+            kind, _, name = item.partition(":")
+            by_type.setdefault(kind, set()).add(name)
+        try:
+            async with self.db.unit_of_work() as uow:
+                views = {kind: await views_of(uow, names) for kind, names in by_type.items()}
+        except Exception:
+            log.exception("could not read deployments another controller changed")
+            return
+        for kind, kind_views in views.items():
+            for view in kind_views:
+                self.bus.publish(DeploymentEvent(kind, view))
 
     async def _publish_changed(self, names: set[str]) -> None:
         await self._publish_deployments(names, [])
@@ -142,6 +216,7 @@ class ControllerApp:
                 views = await views_of(uow, names)
             for view in views:
                 self.bus.publish(DeploymentEvent("modified", view))
+            self.channel.send(DEPLOYMENTS, [f"modified:{name}" for name in sorted(names)])
 
     def _tls(self) -> TlsSettings | None:
         if self.config.tls_cert is None or self.config.tls_key is None:
@@ -175,18 +250,25 @@ class ControllerApp:
             raise ListenError(f"cannot listen on {self.config.listen}")
 
         try:
+            self.sqlite_lock.acquire()
+        except DatabaseInUse as exc:
+            await server.stop(None)
+            raise ListenError(str(exc)) from exc  # the same one-line refusal, before the database is touched
+        try:
             revision = await ensure_schema(self.db, migrate=self.config.migrate)
             log.info("schema ready revision=%s db=%s", revision,
                      self.db.engine.url.render_as_string(hide_password=True))
             await self._prepare_authentication()
         except BaseException:
             await server.stop(None)
+            self.sqlite_lock.release()
             raise
 
         deps = ServiceDeps(
             db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms, throttle=self.throttle,
+            require_leader=self.election.require_leader,
         )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
@@ -202,7 +284,16 @@ class ControllerApp:
         await server.start()
         self.server = server
         self.address = f"{host}:{port}"
+        self.election.address = self.config.advertise_address or self.address
+        try:  # lead at once when the lease is free (a lone controller schedules from the start)
+            await self.election.step()
+        except Exception as exc:
+            log.warning("first try at the leader lease failed (%s); retrying in the background", exc)
+        if not self.election.leading:
+            log.info("following: the leader is at %s", self.election.leader_address or "<none yet>")
+        self._channel_task = asyncio.create_task(self.channel.run(), name="cluster-channel")
         self._tasks = [
+            asyncio.create_task(self.election.run(), name="leader-election"),
             asyncio.create_task(self.hub.run(), name="agent-hub"),
             asyncio.create_task(self.reconciler.run(), name="reconciler"),
             asyncio.create_task(self.watchdog.run(), name="isolation-watchdog"),
@@ -251,7 +342,16 @@ class ControllerApp:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.election.leading:
+            await self.election.release()
+            self.channel.send(LEASE_RELEASED)  # a follower takes over now, not after the expiry
+        await self.channel.close()
+        if self._channel_task is not None:
+            self._channel_task.cancel()
+            await asyncio.gather(self._channel_task, return_exceptions=True)
+            self._channel_task = None
         await self.db.dispose()
+        self.sqlite_lock.release()
         log.info("stopped")
 
     async def wait(self) -> None:

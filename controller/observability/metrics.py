@@ -21,7 +21,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -122,6 +122,12 @@ class ControllerMetrics:
                                       ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
         self.cluster_read_errors = Counter("maia_metrics_cluster_read_errors",
                                            "Scrapes whose database read failed or timed out.", registry=r)
+        self.leader = Gauge("maia_leader", "1 while this controller holds the leader lease (schedules), else 0.",
+                            registry=r)
+        self.lease_acquisitions = Counter("maia_lease_acquisitions",
+                                          "Times this controller acquired the leader lease.", registry=r)
+        self.lease_losses = Counter("maia_lease_losses", "Times this controller lost or gave up the leader lease.",
+                                    registry=r)
         self._reader: ClusterReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
@@ -139,6 +145,10 @@ class ControllerMetrics:
     def placed(self, latencies_s: Iterable[float]) -> None:
         for latency in latencies_s:
             self.submit_to_placed.observe(latency)
+
+    def leadership_changed(self, leading: bool) -> None:
+        self.leader.set(1 if leading else 0)
+        (self.lease_acquisitions if leading else self.lease_losses).inc()
 
     def rpc_handled(self, full_method: str, code: str, seconds: float) -> None:
         service, method = split_method(full_method)

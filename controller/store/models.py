@@ -379,3 +379,20 @@ class IsolationState(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+
+
+class LeaderLease(Base):
+    """A single row (id=1): which controller leads, under which fencing token, until when.
+
+    Written only by `controller.store.lease`. `token` grows by one on every acquisition, so a
+    deposed leader's writes (checked against it in their own transaction) are refused;
+    `expires_at` is seconds since the epoch on the database's clock, never a controller's."""
+
+    __tablename__ = "leader_lease"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200), default="", nullable=False)
+    token: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
+    # Where the holder serves gRPC (its --advertise-address): followers send agents there.
+    address: Mapped[str] = mapped_column(String(300), default="", nullable=False)

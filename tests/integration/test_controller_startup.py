@@ -108,3 +108,29 @@ def test_help_gives_every_flag_a_text_and_version_prints_one(tmp_path: Path) -> 
     assert "seconds between reconcile passes" in help_text and "milliseconds the solver" in help_text
     version = run_controller(tmp_path, "--version")
     assert version.returncode == 0 and version.stdout.startswith("maia-controller 0.")
+
+
+def test_a_second_controller_on_one_sqlite_file_refuses_and_a_crashed_ones_successor_starts(tmp_path: Path) -> None:
+    db = f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}"
+    args = ("--listen", "127.0.0.1:0", "--db", db, "--insecure-no-auth")
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([str(BIN), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("maia-controller listening on ")
+        return proc
+
+    first = start()
+    try:
+        second = run_controller(tmp_path, *args)
+        assert_refused(second, f"another maia-controller (pid {first.pid}) is running on the SQLite database",
+                       "maia.db.lock", "PostgreSQL")
+        first.kill()  # kill -9: the kernel drops its lock; its lease row still looks live
+        first.wait(10)
+        successor = start()  # takes the file and the lease at once, without waiting for the expiry
+        successor.terminate()
+        assert successor.wait(30) == 0
+    finally:
+        first.kill()
+        first.wait(10)

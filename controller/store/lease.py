@@ -1,0 +1,108 @@
+"""The leader lease: one row (`leader_lease`, id=1) that several controllers compete for.
+
+Every statement here reads the time from the database's clock (PostgreSQL `clock_timestamp()`,
+SQLite `julianday('now')`), never from a controller's, so controllers with skewed clocks still
+agree on when a lease ran out. `expires_at` is seconds since the epoch on that clock.
+
+- `acquire` takes the lease when it is free (expired) or renews it when this holder still has
+  it, in one UPDATE under the row's lock; every new acquisition adds one to `token`, the
+  fencing token.
+- `fence` runs inside a writer's own transaction, just before it commits: it locks the row
+  (`FOR SHARE` on PostgreSQL; SQLite has one writer at a time anyway) and refuses with
+  `LeaseLost` unless the row still names this holder, this token and an expiry in the future.
+  A new leader's acquisition must wait for that lock, so a deposed leader's late plan either
+  commits before the new leader exists or not at all.
+- `release` expires the lease at once on a clean shutdown, so a follower need not wait out
+  the expiry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Boolean, bindparam, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+_PG_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+_SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+class LeaseLost(RuntimeError):
+    """This controller no longer holds the leader lease under its token: nothing was written."""
+
+    def __init__(self, holder: str, token: int | None) -> None:
+        self.holder = holder
+        self.token = token
+        super().__init__(f"controller {holder} no longer holds the leader lease (fencing token {token}); "
+                         f"the transaction was refused and rolled back")
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """The lease as stored, with the database's time when it was read."""
+
+    holder: str
+    token: int
+    expires_at: float
+    address: str
+    db_now: float
+
+    @property
+    def live(self) -> bool:
+        return self.expires_at > self.db_now
+
+
+def _now(session: AsyncSession) -> str:
+    return _SQLITE_NOW if session.bind.dialect.name == "sqlite" else _PG_NOW
+
+
+async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float, *,
+                  token: int | None, force: bool = False) -> int | None:
+    """Take or renew the lease for `ttl_s` seconds; the token now held, or None (another's is live).
+
+    `token` is the one this holder last held (None: none): the same token comes back while it is
+    still live; otherwise the lease is acquired afresh under token + 1. `force` takes it even
+    from a live holder (only when something else guarantees exclusivity: the SQLite lock file).
+    The caller commits."""
+    now = _now(session)
+    statement = text(
+        f"UPDATE leader_lease SET "
+        f"token = CASE WHEN holder = :holder AND token = :token AND expires_at > {now} THEN token "
+        f"ELSE token + 1 END, "
+        f"holder = :holder, address = :address, expires_at = {now} + :ttl "
+        f"WHERE id = 1 AND ((holder = :holder AND token = :token) OR expires_at <= {now} OR :force) "
+        f"RETURNING token"
+    ).bindparams(bindparam("force", type_=Boolean))
+    result = await session.execute(statement, {"holder": holder, "address": address, "ttl": float(ttl_s),
+                                               "token": token, "force": force})
+    return result.scalar_one_or_none()
+
+
+async def fence(session: AsyncSession, holder: str, token: int | None) -> None:
+    """Refuse (`LeaseLost`) unless `holder` still holds a live lease under `token`; locks the row
+    until the caller's transaction ends."""
+    if token is None:
+        raise LeaseLost(holder, token)
+    lock = "" if session.bind.dialect.name == "sqlite" else " FOR SHARE"
+    result = await session.execute(text(
+        f"SELECT token FROM leader_lease WHERE id = 1 AND holder = :holder AND token = :token "
+        f"AND expires_at > {_now(session)}{lock}"), {"holder": holder, "token": token})
+    if result.scalar_one_or_none() is None:
+        raise LeaseLost(holder, token)
+
+
+async def release(session: AsyncSession, holder: str, token: int) -> bool:
+    """Expire this holder's lease now (a clean shutdown); False if it was no longer ours."""
+    result = await session.execute(
+        text("UPDATE leader_lease SET expires_at = 0 WHERE id = 1 AND holder = :holder AND token = :token"),
+        {"holder": holder, "token": token})
+    return result.rowcount == 1
+
+
+async def read(session: AsyncSession) -> LeaseRow:
+    row = (await session.execute(text(
+        f"SELECT holder, token, expires_at, address, {_now(session)} AS db_now FROM leader_lease WHERE id = 1"
+    ))).one_or_none()
+    if row is None:
+        raise RuntimeError("leader_lease row id=1 is missing: is the schema migrated?")
+    return LeaseRow(row.holder, row.token, row.expires_at, row.address, row.db_now)

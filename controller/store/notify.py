@@ -1,0 +1,142 @@
+"""Controllers on one PostgreSQL tell each other what changed: LISTEN/NOTIFY on one channel.
+
+A follower that accepted a submission wakes the leader's reconciler; the leader tells
+followers which deployments changed (for their watch streams) and that it released the lease.
+A message is `kind|sender|data`; a controller ignores its own. Delivery is best effort: the
+leader also reconciles on an interval and followers poll the lease, so a message lost while the
+listening connection is down (it reconnects) only delays things.
+
+SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
+everything, in-process signals already reached everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger("maia.notify")
+
+CHANNEL = "maia_cluster"
+PAYLOAD_MAX = 7000  # PostgreSQL refuses payloads of 8000 bytes and more
+RECONNECT_S = 2.0
+
+Handler = Callable[[str, str], None]  # (kind, data)
+
+
+class ClusterChannel(Protocol):
+    def send(self, kind: str, items: Iterable[str] = ()) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalChannel:
+    """One controller: nobody to tell."""
+
+    def send(self, kind: str, items: Iterable[str] = ()) -> None:
+        pass
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        pass
+
+
+def payloads(kind: str, sender: str, items: Iterable[str]) -> list[str]:
+    """`items` joined by commas into as few messages as fit (at least one)."""
+    head = f"{kind}|{sender}|"
+    out: list[str] = []
+    current: list[str] = []
+    size = len(head.encode())
+    for item in items:
+        extra = len(item.encode()) + 1
+        if current and size + extra > PAYLOAD_MAX:
+            out.append(head + ",".join(current))
+            current, size = [], len(head.encode())
+        current.append(item)
+        size += extra
+    out.append(head + ",".join(current))
+    return out
+
+
+class PgChannel:
+    """LISTEN/NOTIFY over one dedicated asyncpg connection, reconnected when it drops."""
+
+    def __init__(self, url: str, sender: str, on_message: Handler) -> None:
+        self._dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self._sender = sender
+        self._on_message = on_message
+        self._conn = None  # asyncpg.Connection while connected
+        self._lock = asyncio.Lock()
+        self._pending: set[asyncio.Task] = set()
+
+    def send(self, kind: str, items: Iterable[str] = ()) -> None:
+        """Queue the message (fire and forget: never blocks the caller)."""
+        task = asyncio.get_running_loop().create_task(self._send(payloads(kind, self._sender, items)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send(self, messages: list[str]) -> None:
+        async with self._lock:
+            if self._conn is None or self._conn.is_closed():
+                return
+            try:
+                for message in messages:
+                    await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, message)
+            except Exception as exc:
+                log.warning("could not notify the other controllers (%s)", exc)
+
+    def _received(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        kind, _, rest = payload.partition("|")
+        sender, _, data = rest.partition("|")
+        if sender == self._sender:
+            return
+        try:
+            self._on_message(kind, data)
+        except Exception:
+            log.exception("handling the notification %r failed", kind)
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting every `RECONNECT_S` while the database is away."""
+        import asyncpg
+
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                await conn.add_listener(CHANNEL, self._received)
+                self._conn = conn
+                log.info("listening for other controllers on channel %s", CHANNEL)
+                while True:  # a query notices a dead connection that is_closed() would not
+                    await asyncio.sleep(RECONNECT_S)
+                    async with self._lock:
+                        await asyncio.wait_for(conn.execute("SELECT 1"), RECONNECT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("the notification connection failed (%s); reconnecting in %.0fs", exc, RECONNECT_S)
+            finally:
+                await self._drop()
+            await asyncio.sleep(RECONNECT_S)
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), 2.0)
+            except Exception:
+                conn.terminate()
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            try:
+                await asyncio.wait_for(task, 1.0)
+            except Exception:
+                pass
+        await self._drop()

@@ -1,0 +1,140 @@
+"""The leader lease row and its fencing token, on SQLite and PostgreSQL.
+
+Expiry is on the database's clock; the tests never sleep: a lease taken with a negative time
+to live is already expired, one taken for an hour is live.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from controller.leadership import LeaderElection, LeaseSettings, NotLeader
+from controller.store import lease
+from controller.store import models as m
+from controller.store.db import Database
+from controller.store.lease import LeaseLost
+from controller.store.plans import commit_plan
+from controller.store.snapshot import load_snapshot
+from scheduler import Placement as PlanPlacement, Plan
+
+from .seed import TWO_RACKS, dump, seed_problem
+
+HOUR = 3600.0
+EXPIRED = -1.0
+
+
+async def _acquire(db: Database, holder: str, ttl: float, token: int | None = None, force: bool = False) -> int | None:
+    async with db.unit_of_work() as uow:
+        held = await lease.acquire(uow.session, holder, f"{holder}:50051", ttl, token=token, force=force)
+        await uow.session.commit()
+    return held
+
+
+async def _row(db: Database) -> lease.LeaseRow:
+    async with db.unit_of_work() as uow:
+        return await lease.read(uow.session)
+
+
+async def test_one_holder_at_a_time_and_every_acquisition_a_new_token(database: Database) -> None:
+    assert await _acquire(database, "a", HOUR) == 1
+    assert await _acquire(database, "b", HOUR) is None          # a's lease is live
+    assert await _acquire(database, "a", HOUR, token=1) == 1     # a renews: same token
+    row = await _row(database)
+    assert (row.holder, row.token, row.address, row.live) == ("a", 1, "a:50051", True)
+
+    assert await _acquire(database, "a", EXPIRED, token=1) == 1  # a's renewal that has already run out
+    assert await _acquire(database, "b", HOUR) == 2              # b takes the expired lease: a new token
+    assert await _acquire(database, "a", HOUR, token=1) is None  # a's old token renews nothing
+    assert await _acquire(database, "c", HOUR, force=True) == 3  # force (SQLite's lone controller) takes it
+
+
+async def test_fence_refuses_a_stale_token_and_a_foreign_holder(database: Database) -> None:
+    await _acquire(database, "a", EXPIRED)
+    await _acquire(database, "b", HOUR)
+    async with database.unit_of_work() as uow:
+        await lease.fence(uow.session, "b", 2)
+        for holder, token in (("a", 1), ("b", 1), ("a", 2), ("b", None)):
+            with pytest.raises(LeaseLost):
+                await lease.fence(uow.session, holder, token)
+
+
+async def test_fence_refuses_a_lease_that_ran_out_though_nobody_took_it(database: Database) -> None:
+    await _acquire(database, "a", EXPIRED)
+    async with database.unit_of_work() as uow:
+        with pytest.raises(LeaseLost):
+            await lease.fence(uow.session, "a", 1)
+
+
+CLUSTER: dict[str, Any] = {
+    **TWO_RACKS,
+    "nodes": [{"id": "n1", "rack": "rack1", "accelerators": 4}],
+    "tenants": [{"id": "a"}],
+    "deployments": [{"id": "web", "tenant": "a", "replicas": 1, "shards_per_replica": 1,
+                     "shard": {"accelerators": 1}}],
+}
+
+
+async def test_a_deposed_leaders_plan_is_refused_and_nothing_is_written(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    old = LeaderElection(database, address="old:1", holder="old", settings=LeaseSettings())
+    await old.step()
+    assert old.should_run() and old.token == 1
+    async with database.unit_of_work() as uow:
+        snapshot = await load_snapshot(uow.session)
+    plan = Plan(status="optimal", placements=(PlanPlacement("web", 0, 0, "n1", (0,), None),))
+
+    # The old leader stalls (a long GC pause, a partition) past its lease; another takes over.
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(m.LeaderLease.__table__.update().values(expires_at=0.0))
+        await uow.session.commit()
+    new = LeaderElection(database, address="new:1", holder="new")
+    await new.step()
+    assert new.should_run() and new.token == 2
+    before = await _dump(database)
+
+    # The old leader wakes up believing it still leads and commits the plan it computed.
+    assert old.should_run()
+    with pytest.raises(LeaseLost):
+        async with database.fenced(old).unit_of_work() as uow:
+            await commit_plan(uow.session, snapshot, plan, actor="old")
+            await uow.commit()
+    assert await _dump(database) == before
+    assert not old.should_run()  # the refusal deposes it at once
+    await old.step()  # its next try at the lease finds where the leader is
+    assert not old.should_run()
+    with pytest.raises(NotLeader) as refused:
+        old.require_leader()
+    assert refused.value.metadata == (("maia-leader", "new:1"),)
+
+    # The new leader's commit of the same plan lands.
+    async with database.fenced(new).unit_of_work() as uow:
+        await commit_plan(uow.session, snapshot, plan, actor="new")
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        assert await uow.session.scalar(select(func.count()).select_from(m.Placement)) == 1
+
+
+async def test_release_lets_a_follower_take_over_at_once(database: Database) -> None:
+    elected: list[int] = []
+    first = LeaderElection(database, address="first:1", holder="first")
+    second = LeaderElection(database, address="second:1", holder="second", on_elected=elected.append)
+    await first.step()
+    await second.step()
+    assert first.should_run() and not second.should_run()
+    with pytest.raises(NotLeader) as refused:
+        second.require_leader()
+    assert refused.value.metadata == (("maia-leader", "first:1"),)
+    await first.release()
+    assert not first.should_run()
+    await second.step()
+    assert second.should_run() and elected == [2]
+
+
+async def _dump(database: Database) -> dict[str, Any]:
+    async with database.unit_of_work() as uow:
+        return await dump(uow.session)
