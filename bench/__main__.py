@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth|e2e ...`."""
+"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth|e2e|failover ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import auth, e2e, traces, watchdog
+from bench import auth, e2e, failover, traces, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                                    "submit latency, time to Running, deployments/s, CPU, RSS")
     e2e.add_arguments(e)
     e.set_defaults(func=e2e.main)
+
+    fo = sub.add_parser("failover", help="leader controller SIGKILLed -> next placement committed (PostgreSQL)")
+    failover.add_arguments(fo)
+    fo.set_defaults(func=failover.main)
 
     args = parser.parse_args(argv)
     try:

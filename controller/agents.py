@@ -32,6 +32,7 @@ from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport
@@ -217,6 +218,8 @@ class AgentHub:
         try:
             async with self._db.unit_of_work() as uow:
                 changed = await agent_cases.mark_down(uow, node_id, session_id=session_id, why=why)
+        except LeaseLost:  # another controller leads now and judges this node
+            return
         except Exception:
             log.exception("could not mark node %s down", node_id)
             return
@@ -252,6 +255,8 @@ class AgentHub:
         try:
             async with self._db.unit_of_work() as uow:
                 return await agent_cases.flush_reports(uow, chunk.beats, chunk.reports, chunk.refused)
+        except LeaseLost:  # deposed: these agents report to the new leader from now on
+            return set()
         except Exception:
             nodes = chunk.nodes()
             if len(nodes) == 1:

@@ -158,6 +158,7 @@ class ControllerApp:
         self.console_address = ""
         self._tasks: list[asyncio.Task] = []
         self._channel_task: asyncio.Task | None = None
+        self._republishing: set[asyncio.Task] = set()
 
     async def _console_viewer(self, token: str) -> Principal | None:
         """The console's viewers: admin and tenant tokens (a tenant sees its own view)."""
@@ -187,7 +188,9 @@ class ControllerApp:
         elif kind == LEASE_RELEASED:
             self.election.wake()
         elif kind == DEPLOYMENTS:
-            asyncio.get_running_loop().create_task(self._republish(items))
+            task = asyncio.get_running_loop().create_task(self._republish(items))
+            self._republishing.add(task)
+            task.add_done_callback(self._republishing.discard)
 
     async def _republish(self, items: list[str]) -> None:
         """Deployments another controller changed, for this controller's watchers."""

@@ -9,6 +9,7 @@ from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+import socket
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,16 +95,41 @@ def _read(path: str | None, what: str) -> bytes | None:
         raise CliError(f"{what} {path}: cannot read: {exc.strerror or exc}", 2) from None
 
 
+def channel_target(address: str) -> str:
+    """The gRPC target of `--controller`: one HOST:PORT as is; several (comma-separated, one per
+    controller) as one `ipv4:`/`ipv6:` target of their resolved addresses, so the channel uses
+    whichever answers and moves on when it goes away (any controller serves the API)."""
+    addresses = [a.strip() for a in address.split(",") if a.strip()]
+    if len(addresses) <= 1:
+        return address.strip()
+    resolved: dict[str, list[str]] = {"ipv4": [], "ipv6": []}
+    for one in addresses:
+        host, _, port = one.rpartition(":")
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0]
+        except (OSError, ValueError, IndexError) as exc:
+            raise CliError(f"--controller {one}: cannot resolve it ({exc})", Exit.USAGE) from None
+        if family == socket.AF_INET6:
+            resolved["ipv6"].append(f"[{sockaddr[0]}]:{sockaddr[1]}")
+        else:
+            resolved["ipv4"].append(f"{sockaddr[0]}:{sockaddr[1]}")
+    families = [family for family, found in resolved.items() if found]
+    if len(families) > 1:
+        raise CliError(f"--controller {address}: give controllers of one address family (IPv4 or IPv6)", Exit.USAGE)
+    return f"{families[0]}:{','.join(resolved[families[0]])}"
+
+
 def open_channel(connection: Connection) -> grpc.Channel:
     """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
-    along as call metadata."""
+    along as call metadata. Several controllers: see `channel_target`."""
     if connection.ca or connection.cert:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(connection.ca, "CA file"), private_key=_read(connection.key, "key file"),
             certificate_chain=_read(connection.cert, "certificate file"))
-        channel = grpc.secure_channel(connection.address, credentials, options=limits.GRPC_CLIENT_OPTIONS)
+        channel = grpc.secure_channel(channel_target(connection.address), credentials,
+                                      options=limits.GRPC_CLIENT_OPTIONS)
     else:
-        channel = grpc.insecure_channel(connection.address, options=limits.GRPC_CLIENT_OPTIONS)
+        channel = grpc.insecure_channel(channel_target(connection.address), options=limits.GRPC_CLIENT_OPTIONS)
     if connection.token:
         channel = grpc.intercept_channel(channel, _BearerToken(connection.token))
     return channel

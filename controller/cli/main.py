@@ -19,7 +19,8 @@ from controller.cli.manifests import ManifestError
 
 # Connection settings: flag name -> attribute, all resolved by config.resolve_connection.
 _CONNECTION_FLAGS = {
-    "--controller": ("controller", "HOST:PORT", "controller address ($MAIA_CONTROLLER, the context, 127.0.0.1:50051)"),
+    "--controller": ("controller", "HOST:PORT", "controller address, or several comma-separated (any one that "
+                     "answers; docs/operations.md) ($MAIA_CONTROLLER, the context, 127.0.0.1:50051)"),
     "--context": ("context", "NAME", "config file context to use ($MAIA_CONTEXT, else current_context)"),
     "--token": ("token", "TOKEN", "bearer token sent with every call ($MAIA_TOKEN, the context)"),
     "--token-file": ("token_file", "FILE", "read the bearer token from FILE ($MAIA_TOKEN_FILE, the context)"),

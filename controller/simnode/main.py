@@ -43,7 +43,8 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maia-simnode",
                                 description="Run a fleet of simulated Maia node agents against a controller.")
-    p.add_argument("--controller", default="127.0.0.1:50051", metavar="HOST:PORT")
+    p.add_argument("--controller", default="127.0.0.1:50051", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the controller, or several (comma-separated): nodes follow the leader among them")
     p.add_argument("--token", default=None, metavar="TOKEN",
                    help=f"node-bootstrap (or admin) token to register with (default: ${TOKEN_ENV})")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",

@@ -4,7 +4,10 @@
 first heartbeat, then heartbeat every interval while applying each AssignmentSet to the
 `NodeAgent` and sending a ShardStatus for every phase change. When the stream or the
 registration fails it waits a jittered, exponentially growing delay and starts over (the
-shards it runs survive a reconnect, as processes on a real host would). `crash()` drops the
+shards it runs survive a reconnect, as processes on a real host would). `controller` may list
+several controllers ("A,B,C"): the node talks to the leader; a follower answers UNAVAILABLE
+with the leader's address (`maia-leader` metadata), which the node follows at once, and a
+controller that is gone or knows no leader yet sends it on to the next one in the list. `crash()` drops the
 stream abruptly and forgets all shards, for failure injection.
 """
 from __future__ import annotations
@@ -28,6 +31,9 @@ from controller.simnode.protocol import NodeSpec
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
 DEFAULT_HEARTBEAT_S = 1.0
+LEADER_METADATA_KEY = "maia-leader"  # controller.leadership: where a follower says the leader is
+REDIRECT_DELAY_S = (0.05, 0.25)  # jittered pause before following a redirect
+NO_LEADER_DELAY_S = (0.3, 0.8)   # a controller is gone or knows no leader yet: the next one, soon
 REGISTER_TIMEOUT_S = 10.0
 STOP_GRACE_S = 2.0
 
@@ -51,6 +57,14 @@ class Backoff:
         self.attempt = 0
 
 
+def leader_hint(exc: grpc.aio.AioRpcError) -> str:
+    """The leader's address a follower put in its UNAVAILABLE answer ('' if none)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == LEADER_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return ""
+
+
 class _Crashed(Exception):
     pass
 
@@ -67,7 +81,8 @@ class SimulatedNode:
                  credentials: grpc.ChannelCredentials | None = None,
                  node_credentials: CredentialFile | None = None) -> None:
         self.spec = spec
-        self.controller = controller
+        self.controllers = [c.strip() for c in controller.split(",") if c.strip()]
+        self.controller = self.controllers[0]  # the one talked to now
         self.credentials = credentials  # TLS (and this node's client certificate); None: plaintext
         self.token = token  # node-bootstrap: registers the node the first time
         # This node's own credential, issued by Register: Connect and later Registers use it.
@@ -104,21 +119,26 @@ class SimulatedNode:
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        channel = aio_channel(self.controller, None, credentials=self.credentials,
-                              options=limits.GRPC_CLIENT_OPTIONS)
-        stub = agent_pb2_grpc.NodeAgentServiceStub(channel)
+        channels: dict[str, grpc.aio.Channel] = {}
         try:
             while not self._stopping.is_set():
+                if self.controller not in channels:
+                    channels[self.controller] = aio_channel(self.controller, None, credentials=self.credentials,
+                                                            options=limits.GRPC_CLIENT_OPTIONS)
+                stub = agent_pb2_grpc.NodeAgentServiceStub(channels[self.controller])
                 delay: float | None = None
                 problem = ""
+                was_connected = False
                 try:
                     await self._session(stub)
                     problem = "stream closed by the controller"
                 except grpc.aio.AioRpcError as exc:
+                    was_connected = self.connected
                     what = "stream broke" if self.connected else "register failed"
                     problem = f"{what}: {exc.code().name}: {exc.details()}"
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.node_credential:
                         self._forget_credential()  # revoked (an admin reset it): register afresh
+                    delay = self._follow(exc)
                 except _Crashed:
                     pass
                 finally:
@@ -129,16 +149,40 @@ class SimulatedNode:
                 if self._crash_offline_s is not None:
                     delay, self._crash_offline_s = self._crash_offline_s, None
                     self.log.warning("crashed: all shards lost, offline for %.1fs", delay)
-                else:
+                elif delay is None:
+                    if was_connected or problem == "stream closed by the controller":
+                        self._next_controller()  # it may have died or stepped down: try another first
                     delay = self.backoff.next_delay()
                     self.log.warning("%s; reconnecting in %.1fs", problem, delay)
+                else:
+                    self.log.info("%s; trying %s in %.2fs", problem, self.controller, delay)
                 try:
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 except TimeoutError:
                     pass
         finally:
-            await channel.close(grace=None)
+            for channel in channels.values():
+                await channel.close(grace=None)
             self.log.info("stopped")
+
+    def _follow(self, exc: grpc.aio.AioRpcError) -> float | None:
+        """After an UNAVAILABLE with several controllers: switch to the leader a follower named, or
+        to the next controller; the pause before trying (None: the usual back-off, same one)."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return None
+        leader = leader_hint(exc)
+        if leader:
+            if leader not in self.controllers:
+                self.controllers.append(leader)  # the leader advertises an address we were not given
+            self.controller = leader
+            return self.backoff.rng.uniform(*REDIRECT_DELAY_S)
+        if len(self.controllers) == 1:
+            return None
+        self._next_controller()
+        return self.backoff.rng.uniform(*NO_LEADER_DELAY_S)
+
+    def _next_controller(self) -> None:
+        self.controller = self.controllers[(self.controllers.index(self.controller) + 1) % len(self.controllers)]
 
     def _auth(self) -> tuple[tuple[str, str], ...]:
         token = self.node_credential or self.token

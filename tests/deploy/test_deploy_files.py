@@ -90,6 +90,10 @@ def test_the_manifests_refer_to_each_other_correctly() -> None:
     assert allowed == set(ports.values())
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == ports["grpc"]
+    # Leader election: each replica advertises its own pod IP (followers send agents there).
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["MAIA_ADVERTISE_ADDRESS"]["value"] == f"$(POD_IP):{ports['grpc']}"
 
 
 # --- compose -----------------------------------------------------------------------------------------
@@ -130,6 +134,14 @@ def test_the_compose_services_fit_together() -> None:
         expected.add(f"{name}:{metrics.rsplit(':', 1)[1]}")
         assert "--no-migrate" in command
     assert targets == expected
+    # Both controllers elect a leader: each advertises its own service name; agents and clients
+    # are given every controller.
+    everyone = ",".join(f"{name}:50051" for name in controllers)
+    for name in controllers:
+        command = services[name]["command"]
+        assert command[command.index("--advertise-address") + 1] == f"{name}:50051"
+    assert f"--controller {everyone}" in " ".join(services["simnode"]["command"])
+    assert services["setup"]["environment"]["MAIA_CONTROLLER"] == everyone
     assert services["migrate"]["entrypoint"][:2] == ["alembic", "upgrade"]
 
 

@@ -1,0 +1,177 @@
+"""Several `maia-controller` processes on one real PostgreSQL: the leader is killed with SIGKILL
+at random moments during bursts of submissions, again and again; agents (`maia-simnode
+--controller A,B,C`) and clients (one gRPC channel over every controller) follow.
+
+After every round: a new leader is scheduling within 10 s of the kill, every acknowledged
+submission is in the database and placed, and the committed placements pass the independent
+checker (tests/scheduler/checker.py: nothing double-booked, gangs whole, capacity kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from controller.cli.client import channel_target
+from controller.store.db import Database
+from controller.store.migrate import ensure_schema
+from controller.store.snapshot import load_snapshot
+from grpc_harness import SimFleet, Stubs, eventually, issue_token, spec, topology
+from maia.v1 import admin_pb2, deployments_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "scheduler"))
+from bench.failover import ControllerProcess, wait_for_leader  # noqa: E402
+from checker import DUPLICATE, GANG, MONOTONE_RULES, check_plan  # noqa: E402
+
+FAILOVER_LIMIT_S = 10.0
+# Fast settings so several kills fit in a short test: the lease runs out 3 s after a kill.
+CONTROLLER_FLAGS = ("--reconcile-interval", "0.5", "--solve-time-limit-ms", "1000", "--heartbeat-timeout", "15",
+                    "--lease-ttl", "3", "--lease-renew-interval", "0.5")
+pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+
+
+class Cluster:
+    def __init__(self, controllers: list[ControllerProcess]) -> None:
+        self.controllers = controllers
+
+    @property
+    def addresses(self) -> str:
+        return ",".join(c.address for c in self.controllers)
+
+    def by_address(self, address: str) -> ControllerProcess:
+        return next(c for c in self.controllers if c.address == address)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {c.address}\n{c.log_tail()}" for c in self.controllers)
+
+
+async def _submit(stubs: Stubs, name: str, accepted: set[str], deadline: float) -> None:
+    """Submit until a controller acknowledges it (ALREADY_EXISTS: an earlier try landed)."""
+    request = deployments_pb2.SubmitDeploymentRequest(spec=spec(name, accelerators=1))
+    while True:
+        try:
+            await stubs.deployments.SubmitDeployment(request, timeout=5)
+            break
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                break
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                    or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    accepted.add(name)
+
+
+async def _placed(db: Database) -> tuple[dict[str, Any], dict[str, int]]:
+    async with db.unit_of_work() as uow:
+        snapshot = await load_snapshot(uow.session)
+    placed: dict[str, set[int]] = {}
+    for p in snapshot.problem.get("placements", ()):
+        placed.setdefault(p["deployment"], set()).add(p["replica"])
+    return snapshot.problem, {name: len(replicas) for name, replicas in placed.items()}
+
+
+def _check_committed(problem: dict[str, Any]) -> None:
+    """The committed placements as a plan over the same cluster: the checker finds nothing."""
+    placements = problem.get("placements", [])
+    empty = {**problem, "placements": []}
+    plan = {"version": 1, "status": "feasible", "placements": placements, "unplaced": []}
+    violations = check_plan(empty, plan, validate_schema=False, rules=MONOTONE_RULES | {GANG, DUPLICATE})
+    assert violations == [], violations
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    asyncio.run(_migrate(db_url))
+    count = request.param
+    token_file = tmp_path / "admin.token"
+    controllers = [ControllerProcess(db_url, tmp_path, token_file, *CONTROLLER_FLAGS) for _ in range(count)]
+    try:
+        with ThreadPoolExecutor(len(controllers)) as pool:
+            list(pool.map(ControllerProcess.start, controllers))
+        yield Cluster(controllers)
+    finally:
+        for controller in controllers:
+            controller.stop()
+
+
+async def _migrate(url: str) -> None:
+    db = Database(url)
+    try:
+        await ensure_schema(db, migrate=True)
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize("cluster, rounds", [(2, 2), (3, 3)], indirect=["cluster"])
+async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_path: Path, rounds: int) -> None:
+    rng = random.Random(7 + rounds)
+    db = Database(db_url)
+    token = (tmp_path / "admin.token").read_text().strip()
+    fleet = SimFleet(cluster.addresses, racks=2, nodes_per_rack=3, token=await issue_token(db, "node-bootstrap"),
+                     log_dir=tmp_path)
+    accepted: set[str] = set()
+    restarts: list[asyncio.Task] = []
+    try:
+        async with Stubs.connect(channel_target(cluster.addresses), token).channel as channel:
+            stubs = Stubs.on(channel)
+            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
+            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+            leader, token_now = await wait_for_leader(db, after_token=0, timeout=10)
+            for round_ in range(rounds):
+                burst = [f"r{round_}-d{i}" for i in range(5)]
+                deadline = time.monotonic() + 30
+                submits = [asyncio.create_task(_submit(stubs, name, accepted, deadline)) for name in burst]
+                await asyncio.sleep(rng.uniform(0.0, 0.8))  # the kill lands somewhere in the burst
+                victim = cluster.by_address(leader)
+                pending = [t for t in restarts if not t.done()]
+                if len(cluster.controllers) - len(pending) < 2:  # someone must be there to take over
+                    await asyncio.gather(*pending)
+                victim.kill()
+                killed_at = time.monotonic()
+                leader, token_now = await wait_for_leader(db, after_token=token_now, timeout=FAILOVER_LIMIT_S)
+                await asyncio.gather(*submits)
+                # The new leader schedules: a deployment submitted after the kill is placed in time.
+                probe = f"r{round_}-probe"
+                await _submit(stubs, probe, accepted, time.monotonic() + FAILOVER_LIMIT_S)
+                while True:
+                    _, placed = await _placed(db)
+                    if placed.get(probe):
+                        break
+                    assert time.monotonic() - killed_at < FAILOVER_LIMIT_S, \
+                        f"round {round_}: nothing placed {time.monotonic() - killed_at:.1f}s after the kill\n" \
+                        f"{cluster.logs()}"
+                    await asyncio.sleep(0.1)
+                # Back as a follower, on the address the agents know, while the next round runs.
+                restarts.append(asyncio.create_task(asyncio.to_thread(victim.start)))
+            await asyncio.gather(*restarts)
+            # Everything acknowledged is there and placed; the committed state is valid.
+            deadline = time.monotonic() + 30
+            while True:
+                problem, placed = await _placed(db)
+                missing = sorted(name for name in accepted if placed.get(name) != 1)
+                if not missing:
+                    break
+                assert time.monotonic() < deadline, f"not placed: {missing}\n{cluster.logs()}\n{fleet.log_tail()}"
+                await asyncio.sleep(0.2)
+            assert {d["id"] for d in problem["deployments"]} >= accepted
+            _check_committed(problem)
+        # The agents followed: every node is connected to the last leader.
+        async with Stubs.connect(leader, token).channel as channel:
+            await eventually(lambda: Stubs.on(channel).admin.ListNodes(admin_pb2.ListNodesRequest()),
+                             lambda r: sum(n.connected for n in r.nodes) == len(fleet.node_ids),
+                             timeout=20, what="every agent connected to the leader")
+    finally:
+        fleet.stop()
+        await db.dispose()
