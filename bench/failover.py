@@ -112,6 +112,7 @@ async def placed_replicas(db: Any, name: str) -> int:
 async def _rounds(db_url: str, kills: int, root: Path) -> dict[str, Any]:
     import grpc
 
+    from controller import limits
     from controller.bearer import aio_channel
     from controller.cli.client import channel_target
     from controller.identity import CONTROLLER, Role
@@ -135,7 +136,8 @@ async def _rounds(db_url: str, kills: int, root: Path) -> dict[str, Any]:
                                           ttl_s=None).secret
             await uow.commit()
         addresses = ",".join(c.address for c in controllers)
-        channel = aio_channel(channel_target(addresses), token_file.read_text().strip())
+        channel = aio_channel(channel_target(addresses), token_file.read_text().strip(),
+                              options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS))
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         deployments = deployments_pb2_grpc.DeploymentServiceStub(channel)
         await admin.ApplyTopology(admin_pb2.Topology(

@@ -74,6 +74,13 @@ GRPC_CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_SEND_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
 )
+# Clients that fail over between controllers (agents, maiactl with several addresses): gRPC's
+# reconnect back-off would otherwise grow to minutes against a controller that was down and is back.
+GRPC_FAILOVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 ERROR_MESSAGE_MAX = 1024            # an error's message as sent to the caller
 QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error message
 

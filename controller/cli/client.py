@@ -122,14 +122,17 @@ def channel_target(address: str) -> str:
 def open_channel(connection: Connection) -> grpc.Channel:
     """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
     along as call metadata. Several controllers: see `channel_target`."""
+    target = channel_target(connection.address)
+    options = limits.GRPC_CLIENT_OPTIONS
+    if target != connection.address.strip():  # several controllers: come back quickly to one that returns
+        options = (*options, *limits.GRPC_FAILOVER_OPTIONS)
     if connection.ca or connection.cert:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(connection.ca, "CA file"), private_key=_read(connection.key, "key file"),
             certificate_chain=_read(connection.cert, "certificate file"))
-        channel = grpc.secure_channel(channel_target(connection.address), credentials,
-                                      options=limits.GRPC_CLIENT_OPTIONS)
+        channel = grpc.secure_channel(target, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(channel_target(connection.address), options=limits.GRPC_CLIENT_OPTIONS)
+        channel = grpc.insecure_channel(target, options=options)
     if connection.token:
         channel = grpc.intercept_channel(channel, _BearerToken(connection.token))
     return channel

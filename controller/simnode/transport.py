@@ -123,8 +123,9 @@ class SimulatedNode:
         try:
             while not self._stopping.is_set():
                 if self.controller not in channels:
-                    channels[self.controller] = aio_channel(self.controller, None, credentials=self.credentials,
-                                                            options=limits.GRPC_CLIENT_OPTIONS)
+                    channels[self.controller] = aio_channel(
+                        self.controller, None, credentials=self.credentials,
+                        options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS))
                 stub = agent_pb2_grpc.NodeAgentServiceStub(channels[self.controller])
                 delay: float | None = None
                 problem = ""

@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 import pytest
 
+from controller import limits
+from controller.bearer import aio_channel
 from controller.cli.client import channel_target
 from controller.store.db import Database
 from controller.store.migrate import ensure_schema
@@ -30,9 +32,8 @@ from maia.v1 import admin_pb2, deployments_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "scheduler"))
+from bench.checking import check_state  # noqa: E402  (the independent checker, tests/scheduler/checker.py)
 from bench.failover import ControllerProcess, wait_for_leader  # noqa: E402
-from checker import DUPLICATE, GANG, MONOTONE_RULES, check_plan  # noqa: E402
 
 FAILOVER_LIMIT_S = 10.0
 # Fast settings so several kills fit in a short test: the lease runs out 3 s after a kill.
@@ -82,15 +83,6 @@ async def _placed(db: Database) -> tuple[dict[str, Any], dict[str, int]]:
     return snapshot.problem, {name: len(replicas) for name, replicas in placed.items()}
 
 
-def _check_committed(problem: dict[str, Any]) -> None:
-    """The committed placements as a plan over the same cluster: the checker finds nothing."""
-    placements = problem.get("placements", [])
-    empty = {**problem, "placements": []}
-    plan = {"version": 1, "status": "feasible", "placements": placements, "unplaced": []}
-    violations = check_plan(empty, plan, validate_schema=False, rules=MONOTONE_RULES | {GANG, DUPLICATE})
-    assert violations == [], violations
-
-
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Cluster]:
     asyncio.run(_migrate(db_url))
@@ -124,7 +116,8 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
     accepted: set[str] = set()
     restarts: list[asyncio.Task] = []
     try:
-        async with Stubs.connect(channel_target(cluster.addresses), token).channel as channel:
+        async with aio_channel(channel_target(cluster.addresses), token,
+                               options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS)) as channel:
             stubs = Stubs.on(channel)
             await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
             await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
@@ -166,12 +159,15 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
                 assert time.monotonic() < deadline, f"not placed: {missing}\n{cluster.logs()}\n{fleet.log_tail()}"
                 await asyncio.sleep(0.2)
             assert {d["id"] for d in problem["deployments"]} >= accepted
-            _check_committed(problem)
+            assert check_state(problem, problem.get("placements", [])) == []
         # The agents followed: every node is connected to the last leader.
         async with Stubs.connect(leader, token).channel as channel:
-            await eventually(lambda: Stubs.on(channel).admin.ListNodes(admin_pb2.ListNodesRequest()),
-                             lambda r: sum(n.connected for n in r.nodes) == len(fleet.node_ids),
-                             timeout=20, what="every agent connected to the leader")
+            try:
+                await eventually(lambda: Stubs.on(channel).admin.ListNodes(admin_pb2.ListNodesRequest()),
+                                 lambda r: sum(n.connected for n in r.nodes) == len(fleet.node_ids),
+                                 timeout=30, what="every agent connected to the leader")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{fleet.log_tail()}") from None
     finally:
         fleet.stop()
         await db.dispose()
