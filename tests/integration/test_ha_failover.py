@@ -83,6 +83,17 @@ async def _placed(db: Database) -> tuple[dict[str, Any], dict[str, int]]:
     return snapshot.problem, {name: len(replicas) for name, replicas in placed.items()}
 
 
+async def _agents_on(leader: str, token: str, fleet: SimFleet) -> None:
+    """Wait until every agent of the fleet is connected to the controller at `leader`."""
+    async with Stubs.connect(leader, token).channel as channel:
+        try:
+            await eventually(lambda: Stubs.on(channel).admin.ListNodes(admin_pb2.ListNodesRequest()),
+                             lambda r: sum(n.connected for n in r.nodes) == len(fleet.node_ids),
+                             timeout=30, what=f"every agent connected to the leader {leader}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{fleet.log_tail()}") from None
+
+
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Cluster]:
     asyncio.run(_migrate(db_url))
@@ -122,6 +133,7 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
             await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
             await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
             leader, token_now = await wait_for_leader(db, after_token=0, timeout=10)
+            await _agents_on(leader, token, fleet)  # a running cluster, then the kills
             for round_ in range(rounds):
                 burst = [f"r{round_}-d{i}" for i in range(5)]
                 deadline = time.monotonic() + 30
@@ -160,14 +172,7 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
                 await asyncio.sleep(0.2)
             assert {d["id"] for d in problem["deployments"]} >= accepted
             assert check_state(problem, problem.get("placements", [])) == []
-        # The agents followed: every node is connected to the last leader.
-        async with Stubs.connect(leader, token).channel as channel:
-            try:
-                await eventually(lambda: Stubs.on(channel).admin.ListNodes(admin_pb2.ListNodesRequest()),
-                                 lambda r: sum(n.connected for n in r.nodes) == len(fleet.node_ids),
-                                 timeout=30, what="every agent connected to the leader")
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{fleet.log_tail()}") from None
+        await _agents_on(leader, token, fleet)  # the agents followed the leader
     finally:
         fleet.stop()
         await db.dispose()
