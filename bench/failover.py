@@ -3,7 +3,8 @@
 Two `maia-controller` processes (real processes, default lease settings: `--lease-ttl 5`,
 `--lease-renew-interval 1`) on one PostgreSQL (`--db`, or a throwaway server started from the
 local PostgreSQL binaries like the test suite's), a `maia-simnode` fleet given both addresses.
-Each round: find the leader in the lease row, SIGKILL it, at once submit a one-accelerator
+Each round: find the leader in the lease row, wait until the whole fleet is connected to it
+(a steady cluster), SIGKILL it, at once submit a one-accelerator
 deployment through a client channel over both controllers (retrying while the survivor is
 unreachable), and time until its placement is committed (polled in the database every 20 ms),
 and until the survivor holds the lease. Then the killed controller is started again on its
@@ -155,7 +156,7 @@ async def _rounds(db_url: str, kills: int, root: Path) -> dict[str, Any]:
             if i >= 16:  # keep room: 8 nodes x 4 accelerators
                 await deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name=f"probe-{i - 16}"))
             victim = next(c for c in controllers if c.address == leader)
-            await asyncio.sleep(1.0)  # the survivor has settled as a follower
+            await _fleet_on(leader, token_file.read_text().strip(), 8)  # a steady cluster, then the kill
             victim.kill()
             killed = time.monotonic()
             request = deployments_pb2.SubmitDeploymentRequest(spec=deployments_pb2.DeploymentSpec(
@@ -193,6 +194,20 @@ async def _rounds(db_url: str, kills: int, root: Path) -> dict[str, Any]:
 
 
 TOKEN_ENV = "MAIA_TOKEN"
+
+
+async def _fleet_on(leader: str, token: str, nodes: int, timeout: float = 60.0) -> None:
+    """Wait until `nodes` agents are connected to the controller at `leader`."""
+    from controller.bearer import aio_channel
+    from maia.v1 import admin_pb2, admin_pb2_grpc
+
+    async with aio_channel(leader, token) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        deadline = time.monotonic() + timeout
+        while sum(n.connected for n in (await admin.ListNodes(admin_pb2.ListNodesRequest())).nodes) < nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the fleet did not reach the leader {leader} in {timeout}s")
+            await asyncio.sleep(0.1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -138,3 +138,18 @@ async def test_release_lets_a_follower_take_over_at_once(database: Database) -> 
 async def _dump(database: Database) -> dict[str, Any]:
     async with database.unit_of_work() as uow:
         return await dump(uow.session)
+
+
+async def test_the_leader_stops_scheduling_a_margin_before_its_lease_could_expire(database: Database) -> None:
+    now = [100.0]
+    settings = LeaseSettings(ttl_s=5.0, renew_every_s=1.0, margin_s=1.5)
+    election = LeaderElection(database, address="a:1", holder="a", settings=settings, clock=lambda: now[0])
+    await election.step()  # renewal sent at local time 100: the lease holds until 105 on any clock
+    now[0] = 103.4
+    assert election.should_run()
+    now[0] = 103.5  # ttl - margin after the renewal was sent: stop, although the row still says ours
+    assert not election.should_run()
+    with pytest.raises(NotLeader):
+        election.require_leader()
+    await election.step()  # a renewal that gets through: leading again, under the same token
+    assert election.should_run() and election.token == 1 and election.acquisitions == 1

@@ -1,0 +1,72 @@
+"""Two controllers on one PostgreSQL, in-process: what a follower does.
+
+It serves the API and says SERVING; it answers a node agent with UNAVAILABLE and the leader's
+address; a submission it accepts wakes the leader through NOTIFY (both reconcile intervals are
+30 s here, so nothing else would); its watchers see the leader's placements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from grpc_harness import SimFleet, Stubs, admin_token_of, issue_token, running_controller, spec, topology
+from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
+
+pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+QUIET = {"reconcile_interval_s": 30.0}
+
+
+async def test_a_follower_serves_the_api_redirects_agents_and_wakes_the_leader(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
+            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
+        assert leader.election.should_run() and not follower.election.should_run()
+        token = admin_token_of(leader)
+        node_token = await issue_token(leader.db, "node-bootstrap")
+        async with Stubs.connect(follower.address, token).channel as channel:
+            stubs = Stubs.on(channel)
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+            async with Stubs.connect(follower.address, node_token).channel as agent_channel:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await Stubs.on(agent_channel).agent.Register(agent_pb2.RegisterRequest(
+                        node=agent_pb2.NodeInfo(node_id="n1", rack="rack-00", accelerators=4)))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert ("maia-leader", leader.address) in tuple(refused.value.trailing_metadata())
+            assert leader.address in refused.value.details()
+
+            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+            fleet = SimFleet(f"{follower.address},{leader.address}", racks=1, nodes_per_rack=1, token=node_token,
+                             log_dir=tmp_path)
+            try:
+                await _until(lambda: len(leader.hub.connected()) == 1, "the agent reached the leader via the follower")
+                watch = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+                await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
+                placed = await asyncio.wait_for(_first(watch, lambda d: d.placed_replicas == 1), timeout=20)
+                assert placed.placements[0].node == fleet.node_ids[0]
+                watch.cancel()
+            finally:
+                fleet.stop()
+
+
+async def _first(watch, check):  # type: ignore[no-untyped-def]
+    """The first deployment the watch stream shows that passes `check`."""
+    async for event in watch:
+        if check(event.deployment):
+            return event.deployment
+    raise AssertionError("the watch ended")
+
+
+async def _until(condition, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {timeout}s"
+        await asyncio.sleep(0.1)
