@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import socket
+from pathlib import Path
+
 import pytest
 
+from cli_harness import controller_process, maiactl
 from controller.cli.client import CliError, Exit, channel_target
 
 
@@ -20,3 +25,16 @@ def test_an_address_that_does_not_resolve_is_a_usage_error() -> None:
     with pytest.raises(CliError) as refused:
         channel_target("127.0.0.1:50051,no-such-host.invalid:50052")
     assert refused.value.exit_code == Exit.USAGE and "no-such-host.invalid:50052" in str(refused.value)
+
+
+def test_maiactl_uses_whichever_listed_controller_answers(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"127.0.0.1:{s.getsockname()[1]}"  # closed again: a controller that died
+    with controller_process(tmp_path) as controller:
+        for listed in (f"{gone},{controller.address}", f"{controller.address},{gone}"):
+            proc = maiactl(listed, "version", "-o", "json", token=controller.token)
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(proc.stdout)["server"]
+        alone = maiactl(gone, "version", token=controller.token)
+        assert alone.returncode == Exit.UNAVAILABLE
