@@ -27,6 +27,9 @@ async def test_a_follower_serves_the_api_redirects_agents_and_wakes_the_leader(d
     async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
             running_controller(db_url, tmp_path / "b", **QUIET) as follower:
         assert leader.election.should_run() and not follower.election.should_run()
+        assert leader.metrics.registry.get_sample_value("maia_leader") == 1.0
+        assert follower.metrics.registry.get_sample_value("maia_leader") == 0.0
+        assert leader.metrics.registry.get_sample_value("maia_lease_acquisitions_total") == 1.0
         token = admin_token_of(leader)
         node_token = await issue_token(leader.db, "node-bootstrap")
         async with Stubs.connect(follower.address, token).channel as channel:
