@@ -58,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-delay", type=float, default=0.2, help="simnode LOADING -> RUNNING seconds")
     p.add_argument("--timeout", type=float, default=600.0, help="give up waiting for Running after this")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--controller-log-level", default="WARNING", help="the controller's --log-level")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--py-spy", metavar="PATH",
@@ -306,7 +307,7 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
         controller = Process("maia-controller", [
             str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url,
             "--bootstrap-admin-token-file", str(token_file), "--submits-per-minute", "0",
-            "--log-level", "WARNING"], root / "controller.log")
+            "--log-level", args.controller_log_level], root / "controller.log")
         fleets: list[Process] = []
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
@@ -344,7 +345,8 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
             await channel.close()
             if profiler is not None:
                 profiler.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-                profiler.stop(grace_s=60)
+                await asyncio.to_thread(profiler.proc.wait, 60)
+                profiler.stop()
         finally:
             # The controller first: nodes stopping before it would be marked down and their
             # shards released, and the committed state graded below would no longer be the run's.

@@ -1,8 +1,9 @@
 """The reconcile loop: snapshot -> solve -> commit -> assign.
 
 Woken by submissions, deletions and node changes (and on an interval as a safety net), one pass
-1. skips everything unless the cluster generation moved since the last solve (an idle cluster
-   costs one cheap query per interval, never a solve), or the last solve stopped at its time
+1. skips everything unless the cluster generation moved or deployments arrived since the last
+   solve (an idle cluster costs one cheap query per interval, never a solve; submissions leave
+   the generation alone so that they never make a plan conflict), or the last solve stopped at its time
    limit with work left unplaced: that pass is retried after a back-off (doubling up to a cap)
    even on an unchanged cluster, or an unlucky time-limited solve would leave work pending
    until something else changed,
@@ -16,7 +17,8 @@ database is fenced (`Database.fenced`): a pass whose lease was lost meanwhile co
 (`LeaseLost`), and the loop waits until it leads again.
 
 One bad deployment never stalls the others: before solving, a stored deployment beyond today's
-limits (stored before they existed) is quarantined; when the solver raises, the pass solves the
+limits (stored before they existed) is quarantined (each deployment is judged once: on the first
+pass that sees it after start-up or after becoming leader; submissions are validated already); when the solver raises, the pass solves the
 deployments new since the last good pass alone (at most `limits.ISOLATION_SOLVES_MAX` of them,
 newest first), quarantines each it fails on `quarantine_after` times, and solves the rest again.
 `consecutive_failures` and `running_for_s()` tell the health monitor whether it is doing its job.
@@ -110,7 +112,7 @@ class Reconciler:
         interval_s: float = 1.0, solve_time_limit_ms: int = 2000,
         lease: Lease | None = None, max_conflict_retries: int = 5, settle_s: float = 0.05,
         retry_backoff_s: float = 2.0, max_retry_backoff_s: float = 60.0,
-        solve: Callable[..., Awaitable[Plan]] = planning.solve_in_thread,
+        solve: Callable[..., Awaitable[Plan]] = planning.solve_online_first,
         clock: Callable[[], float] = time.monotonic,
         observer: ReconcileObserver | None = None,
         wall_clock: Callable[[], datetime] = m.utcnow,
@@ -134,6 +136,8 @@ class Reconciler:
         self._retry_at: float | None = None
         self._wake = asyncio.Event()
         self._last_generation: int | None = None
+        self._last_arrivals: tuple[int, int] | None = None
+        self._within_limits: set[str] = set()  # deployments `_beyond_limits` has passed
         self._lock = asyncio.Lock()
         self.passes = 0
         self.solves = 0
@@ -151,9 +155,11 @@ class Reconciler:
         self._wake.set()
 
     def resync(self) -> None:
-        """Solve again on the next pass whatever the generation (a new leader starts afresh)."""
+        """Solve again on the next pass whatever the generation (a new leader starts afresh:
+        every stored deployment judged against the limits again)."""
         self._last_generation = None
         self._retry_at = None
+        self._within_limits.clear()
         self.wake()
 
     async def run(self) -> None:
@@ -187,11 +193,15 @@ class Reconciler:
             try:
                 async with self._db.unit_of_work() as uow:
                     generation = await repo.read_cluster_generation(uow.session)
+                    arrivals = await repo.read_arrivals(uow.session)
                 retry_due = self._retry_at is not None and self._clock() >= self._retry_at
-                if not force and not retry_due and generation == self._last_generation:
+                if (not force and not retry_due and generation == self._last_generation
+                        and arrivals == self._last_arrivals):
                     outcome = ReconcileOutcome(generation=generation)
                 else:
                     outcome = await self._solve_and_commit()
+                    if outcome.solved and outcome.conflicts <= self._retries:
+                        self._last_arrivals = arrivals  # the snapshot, read after, saw at least these
             except LeaseLost:  # not a failure of this pass: another controller schedules now
                 raise
             except BaseException:
@@ -219,7 +229,7 @@ class Reconciler:
                 # Their last state, for the DELETED events once the commit removes them.
                 deleting = {r.name: repo.deployment_view(r) for r in await repo.list_deployment_rows(
                     uow.session, phases=[m.DeploymentPhase.DELETING])}
-            beyond = _beyond_limits(snapshot.problem)
+            beyond = _beyond_limits(snapshot.problem, self._within_limits)
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
                 continue
@@ -305,12 +315,21 @@ class Reconciler:
         await self._publish(set(reasons), [])
 
 
-def _beyond_limits(problem: dict[str, Any]) -> dict[str, str]:
-    """Stored deployments today's validation would refuse (stored before the limits), with why."""
+def _beyond_limits(problem: dict[str, Any], within: set[str]) -> dict[str, str]:
+    """Stored deployments today's validation would refuse (stored before the limits), with why.
+
+    `within` holds the names already passed: they are not judged again, and those passed now
+    are added (a deployment is validated on submission; only those stored before start-up, or
+    by another controller before this one led, can be beyond)."""
     beyond: dict[str, str] = {}
     for doc in problem.get("deployments", ()):
+        if doc["id"] in within:
+            continue
         try:
             validate_spec(planning.spec_of_doc(doc))
         except InvalidArgument as exc:
             beyond[doc["id"]] = f"exceeds the controller's limits: {exc.message}; submit it again within them"
+        else:
+            within.add(doc["id"])
+    within.intersection_update(doc["id"] for doc in problem.get("deployments", ()))  # forget the gone
     return beyond

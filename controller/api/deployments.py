@@ -31,7 +31,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                                                   replace_existing=request.replace_existing)
         else:
             async with self._deps.db.unit_of_work() as uow:
-                view = await cases.submit_deployment(uow, who, spec, self._deps.signals, self._deps.throttle)
+                view = await cases.submit_deployment(uow, who, spec, self._deps.signals, self._deps.throttle,
+                                                     self._deps.capacity)
         return deployments_pb2.SubmitDeploymentResponse(deployment=convert.deployment_msg(view),
                                                         dry_run=request.dry_run)
 

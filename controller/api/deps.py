@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from controller.agents import AgentHub
 from controller.ratelimit import SubmitLimits
 from controller.store.db import Database
+from controller.usecases.capacity import CapacityCache
 from controller.usecases.ports import Signals
 from controller.usecases.watch import DeploymentEventBus
 
@@ -23,6 +24,7 @@ class ServiceDeps:
     throttle: SubmitLimits | None = None
     # Raises `NotLeader` (UNAVAILABLE with the leader's address) on a follower: agents go to the leader.
     require_leader: Callable[[], None] = lambda: None
+    capacity: CapacityCache | None = None  # the submit path's aggregates (None: read per submit)
 
     def connected(self) -> frozenset[str]:
         return self.hub.connected()

@@ -41,6 +41,13 @@ async def read_cluster_generation(session: AsyncSession) -> int:
     return int(value or 0)
 
 
+async def read_arrivals(session: AsyncSession) -> tuple[int, int]:
+    """(deployments stored, highest id): moves with every submission, which leaves the cluster
+    generation alone (a new deployment invalidates no plan; it only asks for another pass)."""
+    count, highest = (await session.execute(select(func.count(), func.max(m.Deployment.id)))).one()
+    return int(count or 0), int(highest or 0)
+
+
 def record_event(
     session: AsyncSession, *, actor: str, kind: str, object_kind: str, object_id: str,
     message: str = "", data: dict | None = None,
@@ -158,6 +165,17 @@ async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetim
             for node_id, (at, power) in beats.items() if node_id in known]
     if rows:
         await session.execute(update(m.Node), rows)
+
+
+async def node_capacities(session: AsyncSession) -> list[tuple[str, str, str, str, str, int, float | None]]:
+    """(node, rack, row, zone, accelerator model, accelerators, HBM GiB) of every node, in id order:
+    plain columns, for `usecases.capacity`."""
+    rows = await session.execute(
+        select(m.Node.id, m.Node.rack_id, m.Rack.row_id, m.Row.zone_id, m.Node.accelerator_model,
+               m.Node.accelerators, m.Node.hbm_gib)
+        .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id)
+        .order_by(m.Node.id))
+    return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
 async def count_nodes_by_rack(session: AsyncSession) -> dict[str, int]:

@@ -9,7 +9,6 @@ Deletion marks it DELETING; the reconciler releases its shards and removes the r
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +20,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import planning, policy
+from controller.usecases.capacity import CapacityCache, load_index
 from controller.domain.values import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView,
 )
@@ -98,57 +98,51 @@ def _never_fits(code: str, message: str, scope: str = "") -> InvalidArgument:
     return InvalidArgument(message, reasons=(ReasonDetail(code, message, scope),))
 
 
-async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.Tenant) -> None:
+async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.Tenant,
+                               capacity: CapacityCache | None = None) -> None:
     """Refuse what no state of the registered cluster could ever run, naming the numbers.
 
     Counts every registered node whatever its state (a down node may come back); with no nodes
-    registered yet nothing can be judged and nothing is refused.
+    registered yet nothing can be judged and nothing is refused. Judged from the aggregates of
+    `capacity` (the controller's, kept per cluster generation), or of a fresh read without it.
     """
-    nodes = await repo.list_node_rows(uow.session)
-    if not nodes or spec.shard.accelerators == 0:
+    index = await (capacity.index(uow) if capacity is not None else load_index(uow))
+    if index.empty() or spec.shard.accelerators == 0:
         return
     where = f"deployment {spec.name}"
-    models = set(spec.shard.accelerator_models or ())
-    if models:
-        known = sorted({n.accelerator_model for n in nodes})
-        nodes = [n for n in nodes if n.accelerator_model in models]
-        if not nodes:
-            raise _never_fits(
-                "ACCELERATOR_MODEL",
-                f"{where}: no node has accelerator model {', '.join(sorted(models))} "
-                f"(registered models: {', '.join(known) or 'none'})"
-            )
+    models = set(spec.shard.accelerator_models or ()) or None
+    view = index.select(models, None)
+    if models and view.empty():
+        raise _never_fits(
+            "ACCELERATOR_MODEL",
+            f"{where}: no node has accelerator model {', '.join(sorted(models))} "
+            f"(registered models: {', '.join(index.models()) or 'none'})"
+        )
     if tenant.zones:
-        nodes = [n for n in nodes if n.rack.row.zone_id in tenant.zones]
-        if not nodes:
+        view = index.select(models, set(tenant.zones))
+        if view.empty():
             raise _never_fits(
                 "ZONE",
                 f"{where}: tenant {tenant.id} may run only in zone(s) {', '.join(tenant.zones)}, "
                 "which have no nodes with the requested accelerators"
             )
-    largest = max(nodes, key=lambda n: n.accelerators)
-    if spec.shard.accelerators > largest.accelerators:
+    largest, largest_id = view.largest_node()
+    if spec.shard.accelerators > largest:
         raise _never_fits(
             "CAPACITY",
             f"{where}: one shard needs {spec.shard.accelerators} accelerators on one node; "
-            f"the largest node has {largest.accelerators} ({largest.id})", largest.id,
+            f"the largest node has {largest} ({largest_id})", largest_id,
         )
-    with_hbm = [n for n in nodes if n.hbm_gib is not None]
-    if with_hbm and len(with_hbm) == len(nodes):
-        most = max(with_hbm, key=lambda n: n.hbm_gib or 0.0)
-        if spec.shard.hbm_gib > (most.hbm_gib or 0.0):
-            raise _never_fits(
-                "HBM",
-                f"{where}: one shard needs {spec.shard.hbm_gib:g} GiB of HBM per accelerator; "
-                f"the most any node has is {most.hbm_gib:g} GiB ({most.id})", most.id,
-            )
+    most = view.most_hbm()
+    if most is not None and spec.shard.hbm_gib > most[0]:
+        raise _never_fits(
+            "HBM",
+            f"{where}: one shard needs {spec.shard.hbm_gib:g} GiB of HBM per accelerator; "
+            f"the most any node has is {most[0]:g} GiB ({most[1]})", most[1],
+        )
     if spec.locality == "none":
         return
-    capacity: dict[str, int] = defaultdict(int)
-    for n in nodes:
-        key = {"node": n.id, "rack": n.rack_id, "row": n.rack.row_id, "zone": n.rack.row.zone_id}[spec.locality]
-        capacity[key] += n.accelerators
-    domain_id, held = max(capacity.items(), key=lambda kv: kv[1])
+    held, domain_id = view.largest_domain(spec.locality)
     needed = replica_accelerators(spec)
     if needed > held:
         shard_text = (f"{spec.shards_per_replica} shards x {spec.shard.accelerator_milli} milli"
@@ -161,8 +155,8 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.
         )
 
 
-async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *,
-                                  replacing: bool = False) -> m.Deployment | None:
+async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *, replacing: bool = False,
+                                  capacity: CapacityCache | None = None) -> m.Deployment | None:
     """Checks against the stored cluster; returns the quarantined deployment this one replaces.
 
     `replacing` (dry runs only): the spec stands in for the stored deployment of its name, which
@@ -179,7 +173,7 @@ async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *,
         replaced = await repo.get_deployment(uow.session, spec.name)
         if replaced is None or replaced.phase is not m.DeploymentPhase.QUARANTINED or replaced.tenant_id != spec.tenant:
             raise AlreadyExists(f"deployment {spec.name} already exists")
-    await check_could_ever_fit(uow, spec, tenant)
+    await check_could_ever_fit(uow, spec, tenant, capacity)
     return replaced
 
 
@@ -200,12 +194,13 @@ async def _visible_row(uow: UnitOfWork, who: Principal, name: str, action: str) 
 
 
 async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
-                            signals: Signals, throttle: SubmitLimits | None = None) -> DeploymentView:
+                            signals: Signals, throttle: SubmitLimits | None = None,
+                            capacity: CapacityCache | None = None) -> DeploymentView:
     spec = _as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
     if throttle is not None:
         throttle.check_submit(spec.tenant)
-    replaced = await _validate_against_store(uow, spec)
+    replaced = await _validate_against_store(uow, spec, capacity=capacity)
     count = await repo.count_tenant_deployments(uow.session, spec.tenant)
     if replaced is None and count >= limits.DEPLOYMENTS_PER_TENANT_MAX:
         raise ResourceExhausted(
@@ -216,7 +211,9 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         await uow.session.flush()
     row = repo.new_deployment_row(spec)
     uow.session.add(row)
-    await repo.bump_cluster_generation(uow.session)
+    # No cluster generation bump: a plan solved without this deployment is still valid (it only
+    # leaves it pending), and bumping made every plan solved under a stream of submissions
+    # conflict. The reconciler sees new arrivals by `repo.read_arrivals`.
     repo.record_event(uow.session, actor=who.name,
                       kind="deployment.released" if replaced is not None else "deployment.submitted",
                       object_kind="deployment", object_id=spec.name, data=planning.deployment_doc(spec))

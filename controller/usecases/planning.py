@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from dataclasses import replace
 from typing import Any
 
 from controller.errors import InvalidArgument
 from controller.store.snapshot import load_snapshot  # noqa: F401  (the snapshot half of this seam)
 from controller.domain.values import DeploymentSpec
-from scheduler import Deployment, Plan, ProblemError, ShardSpec, Spread, deployment_to_dict, problem_from_dict, solve
+from scheduler import Deployment, Plan, Problem, ProblemError, ShardSpec, Spread, deployment_to_dict, problem_from_dict, solve
 
 
 def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
@@ -63,14 +64,36 @@ def with_deployment(problem: dict[str, Any], spec: DeploymentSpec, *, replace: b
     return doc
 
 
-def _solve_sync(problem: dict[str, Any], time_limit_ms: int) -> Plan:
+def _parse(problem: dict[str, Any]) -> Problem:
     try:
-        parsed = problem_from_dict(problem)
+        return problem_from_dict(problem)
     except ProblemError as exc:
         raise InvalidArgument(f"not a valid placement problem: {exc}") from exc
+
+
+def _solve_sync(problem: dict[str, Any], time_limit_ms: int) -> Plan:
+    return solve(_parse(problem), time_limit_ms=time_limit_ms)
+
+
+def _solve_online_first_sync(problem: dict[str, Any], time_limit_ms: int) -> Plan:
+    parsed = _parse(problem)
+    if parsed.options.mode != "batch":
+        return solve(parsed, time_limit_ms=time_limit_ms)
+    online = solve(replace(parsed, options=replace(parsed.options, mode="online")), time_limit_ms=time_limit_ms)
+    if not online.unplaced:
+        return online
     return solve(parsed, time_limit_ms=time_limit_ms)
 
 
 async def solve_in_thread(problem: dict[str, Any], *, time_limit_ms: int) -> Plan:
     """Solve off the event loop; returns the scheduler's `Plan`."""
     return await asyncio.to_thread(_solve_sync, problem, time_limit_ms)
+
+
+async def solve_online_first(problem: dict[str, Any], *, time_limit_ms: int) -> Plan:
+    """What the reconciler solves with, off the event loop: a batch problem is first decided
+    online (arrivals in order, each on the state the earlier ones left: milliseconds, the mode
+    of the FGD numbers in docs/benchmarks.md); only when that leaves work unplaced is it solved
+    again as asked (greedy, then CP-SAT within the time limit). A pass with everything placed
+    never spends its time limit improving a plan that already places it all."""
+    return await asyncio.to_thread(_solve_online_first_sync, problem, time_limit_ms)

@@ -10,7 +10,10 @@ from controller.errors import AlreadyExists, InvalidArgument, NotFound
 from controller.usecases import deployments
 from controller.domain.values import Spread
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, assert_refused_writing_nothing, deployment, row_counts, with_shard
+from controller.usecases.capacity import CapacityCache
+from uc_builders import (
+    WHO, add_nodes, apply_topology, assert_refused_writing_nothing, deployment, row_counts, with_shard,
+)
 
 GOOD = deployment("svc", "t1", replicas=2, shards=2, accelerators=1)
 
@@ -59,12 +62,39 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh read", "capacity cache"])
 @pytest.mark.parametrize(("spec", "error", "message"), BAD, ids=[b[2][:40] for b in BAD])
-async def test_bad_deployment_is_refused_and_nothing_written(cluster, spec, error, message):
+async def test_bad_deployment_is_refused_and_nothing_written(cluster, spec, error, message, cached):
     signals = RecordingSignals()
+    capacity = CapacityCache() if cached else None
     await assert_refused_writing_nothing(
-        cluster, lambda uow: deployments.submit_deployment(uow, WHO, spec, signals), error, message)
+        cluster, lambda uow: deployments.submit_deployment(uow, WHO, spec, signals, capacity=capacity),
+        error, message)
     assert signals.wakes == 0 and signals.events == []
+
+
+async def test_the_capacity_cache_follows_node_changes(cluster):
+    """Judged from the cache, a submission sees nodes registered (and racks moved) after the
+    cache was filled: a change of capacity bumps the cluster generation the cache is kept by."""
+    capacity = CapacityCache()
+    tpu = deployment("tpu", "t1", shard_accelerator_models=("tpu-v9",))
+    async with cluster.unit_of_work() as uow:
+        with pytest.raises(InvalidArgument, match="no node has accelerator model tpu-v9"):
+            await deployments.submit_deployment(uow, WHO, tpu, RecordingSignals(), capacity=capacity)
+    await apply_topology(cluster, {"rack-a": "row-a", "rack-b": "row-a", "rack-c": "row-b"})
+    await add_nodes(cluster, "rack-c", 3, model="tpu-v9")
+    wide = deployment("wide", "t1", shards=12, accelerators=1, shard_accelerator_models=("tpu-v9",))
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, tpu, RecordingSignals(), capacity=capacity)
+        await deployments.submit_deployment(uow, WHO, wide, RecordingSignals(), capacity=capacity)
+    # Two models in one rack add up: maia-100 and tpu-v9 nodes both in rack-a now.
+    await add_nodes(cluster, "rack-a", 1, model="tpu-v9", prefix="rack-a-tpu")
+    both = deployment("both", "t1", shards=12, accelerators=1, shard_accelerator_models=("maia-100", "tpu-v9"))
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, both, RecordingSignals(), capacity=capacity)
+        with pytest.raises(InvalidArgument, match=r"the largest rack holds 12 \(rack-a\)"):
+            await deployments.submit_deployment(uow, WHO, replace(both, name="more", shards_per_replica=13),
+                                                RecordingSignals(), capacity=capacity)
 
 
 async def test_fractional_gang_counts_shared_accelerators(cluster):

@@ -1,0 +1,133 @@
+"""What the registered cluster could ever hold: aggregates for the submit path's judgement.
+
+A submission is refused when no state of the registered cluster could ever run it (no node of
+its accelerator model, a shard bigger than any node, a rack-local gang bigger than any rack).
+Judging that by loading every node on every submit made the submit cost grow with the
+cluster; `CapacityIndex` keeps, per (accelerator model, zone), the largest node, the most HBM
+and the accelerators of every rack, row and zone, so one judgement costs the groups it
+touches. `CapacityCache` keeps one index per cluster generation: every change of a node's
+capacity, a node's deletion or a rack's row bumps the generation, so the index is rebuilt
+(one plain-column query) only after such a change or a placement commit, never per submit,
+and a second controller's node changes are seen too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+
+LOCALITIES = ("rack", "row", "zone")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCapacity:
+    node_id: str
+    rack: str
+    row: str
+    zone: str
+    accelerator_model: str
+    accelerators: int
+    hbm_gib: float | None
+
+
+@dataclass
+class _Group:
+    """The nodes of one accelerator model in one zone."""
+
+    # Ties go to the smallest id (what a scan in id order would name).
+    largest: tuple[int, str] = (-1, "")           # (accelerators, node)
+    most_hbm: tuple[float, str] = (-1.0, "")      # (HBM GiB, node), over nodes that say
+    without_hbm: int = 0                          # nodes that do not say their HBM
+    domains: dict[str, dict[str, int]] = field(default_factory=lambda: {k: defaultdict(int) for k in LOCALITIES})
+
+
+class CapacityIndex:
+    """Per (accelerator model, zone): the largest node, the most HBM, accelerators per domain."""
+
+    def __init__(self, nodes: Iterable[NodeCapacity]) -> None:
+        self._groups: dict[tuple[str, str], _Group] = {}
+        for n in nodes:
+            g = self._groups.setdefault((n.accelerator_model, n.zone), _Group())
+            g.largest = _best(g.largest, (n.accelerators, n.node_id))
+            if n.hbm_gib is None:
+                g.without_hbm += 1
+            else:
+                g.most_hbm = _best(g.most_hbm, (n.hbm_gib, n.node_id))
+            g.domains["rack"][n.rack] += n.accelerators
+            g.domains["row"][n.row] += n.accelerators
+            g.domains["zone"][n.zone] += n.accelerators
+
+    def empty(self) -> bool:
+        return not self._groups
+
+    def models(self) -> list[str]:
+        return sorted({model for model, _ in self._groups})
+
+    def select(self, models: set[str] | None, zones: set[str] | None) -> CapacityView:
+        """The nodes of those models (None: any) in those zones (None: anywhere)."""
+        return CapacityView([g for (model, zone), g in self._groups.items()
+                             if (models is None or model in models) and (zones is None or zone in zones)])
+
+
+@dataclass(frozen=True)
+class CapacityView:
+    groups: list[_Group]
+
+    def empty(self) -> bool:
+        return not self.groups
+
+    def largest_node(self) -> tuple[int, str]:
+        return _best_of(g.largest for g in self.groups)
+
+    def most_hbm(self) -> tuple[float, str] | None:
+        """The most HBM of one node, or None when some node does not say its HBM."""
+        if any(g.without_hbm for g in self.groups):
+            return None
+        return _best_of(g.most_hbm for g in self.groups)
+
+    def largest_domain(self, locality: str) -> tuple[int, str]:
+        """(accelerators, domain id) of the domain holding the most of these nodes' accelerators."""
+        if locality == "node":
+            return self.largest_node()
+        if len(self.groups) == 1:
+            held = self.groups[0].domains[locality]
+        else:
+            held = defaultdict(int)
+            for g in self.groups:
+                for domain, n in g.domains[locality].items():
+                    held[domain] += n
+        return _best_of((n, domain) for domain, n in held.items())
+
+
+def _best(a: tuple[Any, str], b: tuple[Any, str]) -> tuple[Any, str]:
+    """The larger amount; on a tie the smaller id."""
+    return _best_of((a, b))
+
+
+def _best_of(items: Iterable[tuple[Any, str]]) -> Any:
+    return min(items, key=lambda x: (-x[0], x[1]))
+
+
+class CapacityCache:
+    """One `CapacityIndex` per cluster generation."""
+
+    def __init__(self) -> None:
+        self._generation: int | None = None
+        self._index = CapacityIndex(())
+
+    async def index(self, uow: UnitOfWork) -> CapacityIndex:
+        generation = await repo.read_cluster_generation(uow.session)
+        if generation != self._generation:
+            # The generation first: a node change after it bumps it again and rebuilds.
+            self._index = await load_index(uow)
+            self._generation = generation
+        return self._index
+
+
+async def load_index(uow: UnitOfWork) -> CapacityIndex:
+    return CapacityIndex(NodeCapacity(*row) for row in await repo.node_capacities(uow.session))
