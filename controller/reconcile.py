@@ -7,7 +7,9 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    limit with work left unplaced: that pass is retried after a back-off (doubling up to a cap)
    even on an unchanged cluster, or an unlucky time-limited solve would leave work pending
    until something else changed,
-2. loads a snapshot, solves it in a worker thread, and commits the plan in one transaction; if
+2. loads a snapshot, solves it in a worker thread (deployments no change has given a chance
+   since they were found unplaceable are left out: `parking.ParkingLot`), and commits the plan
+   in one transaction; if
    the cluster changed meanwhile (`PlanConflict`) it starts over from a fresh snapshot; the
    commit also releases the shards of DELETING deployments and removes their rows,
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events.
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 
 from controller import limits
 from controller.errors import InvalidArgument
+from controller.parking import ParkingLot
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -138,6 +141,7 @@ class Reconciler:
         self._last_generation: int | None = None
         self._last_arrivals: tuple[int, int] | None = None
         self._within_limits: set[str] = set()  # deployments `_beyond_limits` has passed
+        self._parking = ParkingLot()
         self._lock = asyncio.Lock()
         self.passes = 0
         self.solves = 0
@@ -156,10 +160,11 @@ class Reconciler:
 
     def resync(self) -> None:
         """Solve again on the next pass whatever the generation (a new leader starts afresh:
-        every stored deployment judged against the limits again)."""
+        every stored deployment judged against the limits again, nothing parked)."""
         self._last_generation = None
         self._retry_at = None
         self._within_limits.clear()
+        self._parking = ParkingLot()
         self.wake()
 
     async def run(self) -> None:
@@ -233,10 +238,11 @@ class Reconciler:
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
                 continue
-            problem = planning.with_options(snapshot.problem, time_limit_ms=self._time_limit_ms)
+            admitted, waiting = self._parking.admit(snapshot.problem)
+            problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms)
             started = time.perf_counter()
             try:
-                plan = await self._solve(problem, time_limit_ms=self._time_limit_ms)
+                plan = ParkingLot.with_waiting(await self._solve(problem, time_limit_ms=self._time_limit_ms), waiting)
             except Exception as exc:
                 log.error("the solver failed on the whole cluster (%s: %s); isolating the deployment it trips on",
                           type(exc).__name__, exc)
@@ -258,14 +264,15 @@ class Reconciler:
                 continue
             self._last_generation = result.generation
             self._observer.placed(result.first_placed_after_s.values())
-            self._good = {d["id"] for d in problem.get("deployments", ())}
+            self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
+            self._parking.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
             retry_in_s = self._schedule_retry(plan)
             changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
             log.info(
-                "reconciled generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s "
+                "reconciled generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
                 "changed_nodes=%d deleted=%s retry_in_s=%s",
                 result.generation, plan.status, solve_ms, len(plan.placements),
-                {u.deployment: u.replicas for u in plan.unplaced}, len(result.changed_nodes),
+                {u.deployment: u.replicas for u in plan.unplaced}, len(waiting), len(result.changed_nodes),
                 sorted(result.deleted_deployments), retry_in_s,
             )
             self._push(set(result.changed_nodes))

@@ -1,0 +1,82 @@
+"""Deployments found unplaceable wait out of later solves until a change could help them
+(controller/parking.py), with the real solver and database, one reconcile pass at a time."""
+
+from __future__ import annotations
+
+from controller.reconcile import Reconciler
+from controller.usecases import deployments, planning, tenants
+from controller.usecases.domain import TenantSpec
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO, deployment
+
+
+class SolveRecorder:
+    """The reconciler's solve, remembering which deployments each call was asked to place."""
+
+    def __init__(self) -> None:
+        self.asked: list[set[str]] = []
+
+    async def __call__(self, problem, *, time_limit_ms):
+        self.asked.append({d["id"] for d in problem["deployments"]})
+        return await planning.solve_online_first(problem, time_limit_ms=time_limit_ms)
+
+
+async def submit(db, spec) -> None:
+    async with db.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, spec, RecordingSignals())
+
+
+async def view(db, name):
+    async with db.unit_of_work() as uow:
+        return await deployments.get_deployment(uow, WHO, name)
+
+
+async def test_unplaceable_work_waits_until_a_departure_and_keeps_its_reasons(cluster):
+    # 16 accelerators in one row; "big" wants all of them once "filler" holds 4.
+    solve = SolveRecorder()
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=lambda *a: _nothing(), solve=solve)
+    await submit(cluster, deployment("filler", accelerators=4, locality="node"))
+    assert (await loop.reconcile_once()).solved
+    await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
+    assert (await loop.reconcile_once()).solved
+    big = await view(cluster, "big")
+    assert big.phase == "pending" and big.reasons
+    assert (await view(cluster, "filler")).phase == "scheduled"
+
+    # An arrival is solved without it, and its reasons stay.
+    await submit(cluster, deployment("small", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved
+    assert solve.asked[-1] == {"filler", "small"}
+    assert (await view(cluster, "small")).phase == "scheduled"
+    assert (await view(cluster, "big")).reasons == big.reasons
+
+    # Departures: it is solved again in the pass that releases them, and placed.
+    for name in ("filler", "small"):
+        async with cluster.unit_of_work() as uow:
+            await deployments.delete_deployment(uow, WHO, name, RecordingSignals())
+    assert (await loop.reconcile_once()).solved
+    assert "big" in solve.asked[-1]
+    assert (await view(cluster, "big")).phase == "scheduled"
+
+
+async def test_a_contract_change_lets_parked_work_go(cluster):
+    solve = SolveRecorder()
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=lambda *a: _nothing(), solve=solve)
+    async with cluster.unit_of_work() as uow:
+        await tenants.update_tenant(uow, WHO, TenantSpec(id="t1", max_accelerators=2), RecordingSignals())
+    await submit(cluster, deployment("wide", shards=4, accelerators=1, locality="row"))
+    assert (await loop.reconcile_once()).solved
+    assert (await view(cluster, "wide")).phase == "pending"
+    await submit(cluster, deployment("tiny", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved
+    assert solve.asked[-1] == {"tiny"}
+
+    async with cluster.unit_of_work() as uow:
+        await tenants.update_tenant(uow, WHO, TenantSpec(id="t1", max_accelerators=8), RecordingSignals())
+    assert (await loop.reconcile_once()).solved
+    assert solve.asked[-1] == {"wide", "tiny"}
+    assert (await view(cluster, "wide")).phase == "scheduled"
+
+
+async def _nothing() -> None:
+    return None
