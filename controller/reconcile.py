@@ -139,7 +139,8 @@ class Reconciler:
         self._retry_at: float | None = None
         self._wake = asyncio.Event()
         self._last_generation: int | None = None
-        self._last_arrivals: tuple[int, int] | None = None
+        # Deployments in the last committed pass's snapshot: more at the same generation are arrivals.
+        self._last_arrivals: int | None = None
         self._within_limits: set[str] = set()  # deployments `_beyond_limits` has passed
         self._parking = ParkingLot()
         self._lock = asyncio.Lock()
@@ -198,15 +199,13 @@ class Reconciler:
             try:
                 async with self._db.unit_of_work() as uow:
                     generation = await repo.read_cluster_generation(uow.session)
-                    arrivals = await repo.read_arrivals(uow.session)
+                    arrivals = await repo.count_schedulable_deployments(uow.session)
                 retry_due = self._retry_at is not None and self._clock() >= self._retry_at
                 if (not force and not retry_due and generation == self._last_generation
                         and arrivals == self._last_arrivals):
                     outcome = ReconcileOutcome(generation=generation)
                 else:
                     outcome = await self._solve_and_commit()
-                    if outcome.solved and outcome.conflicts <= self._retries:
-                        self._last_arrivals = arrivals  # the snapshot, read after, saw at least these
             except LeaseLost:  # not a failure of this pass: another controller schedules now
                 raise
             except BaseException:
@@ -263,6 +262,7 @@ class Reconciler:
                 log.info("attempt %d: %s", attempt + 1, exc)
                 continue
             self._last_generation = result.generation
+            self._last_arrivals = len(snapshot.deployment_ids)
             self._observer.placed(result.first_placed_after_s.values())
             self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
             self._parking.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))

@@ -41,11 +41,12 @@ async def read_cluster_generation(session: AsyncSession) -> int:
     return int(value or 0)
 
 
-async def read_arrivals(session: AsyncSession) -> tuple[int, int]:
-    """(deployments stored, highest id): moves with every submission, which leaves the cluster
-    generation alone (a new deployment invalidates no plan; it only asks for another pass)."""
-    count, highest = (await session.execute(select(func.count(), func.max(m.Deployment.id)))).one()
-    return int(count or 0), int(highest or 0)
+async def count_schedulable_deployments(session: AsyncSession) -> int:
+    """Deployments a snapshot holds (neither being deleted nor quarantined). At one cluster
+    generation this only grows, by submissions, which leave the generation alone (a new
+    deployment invalidates no plan; it only asks for another pass): how the reconciler sees them."""
+    return int(await session.scalar(select(func.count()).select_from(m.Deployment).where(
+        m.Deployment.phase.not_in([m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED]))) or 0)
 
 
 def record_event(

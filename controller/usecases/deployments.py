@@ -213,7 +213,7 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     uow.session.add(row)
     # No cluster generation bump: a plan solved without this deployment is still valid (it only
     # leaves it pending), and bumping made every plan solved under a stream of submissions
-    # conflict. The reconciler sees new arrivals by `repo.read_arrivals`.
+    # conflict. The reconciler sees new arrivals by `repo.count_schedulable_deployments`.
     repo.record_event(uow.session, actor=who.name,
                       kind="deployment.released" if replaced is not None else "deployment.submitted",
                       object_kind="deployment", object_id=spec.name, data=planning.deployment_doc(spec))

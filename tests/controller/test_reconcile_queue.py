@@ -1,5 +1,6 @@
-"""Deployments found unplaceable wait out of later solves until a change could help them
-(controller/parking.py), with the real solver and database, one reconcile pass at a time."""
+"""What the reconciler solves and when, with the real solver and database, one pass at a time:
+submissions are seen without a generation bump, and deployments found unplaceable wait out of
+later solves until a change could help them (controller/parking.py)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,21 @@ async def test_unplaceable_work_waits_until_a_departure_and_keeps_its_reasons(cl
     assert (await loop.reconcile_once()).solved
     assert "big" in solve.asked[-1]
     assert (await view(cluster, "big")).phase == "scheduled"
+
+
+async def test_a_submission_after_a_deletion_is_seen(cluster):
+    # SQLite gives the new row the id the removed one had: the pass must see it all the same.
+    solve = SolveRecorder()
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=lambda *a: _nothing(), solve=solve)
+    await submit(cluster, deployment("first"))
+    assert (await loop.reconcile_once()).solved
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "first", RecordingSignals())
+    assert (await loop.reconcile_once()).deleted == ("first",)
+    assert not (await loop.reconcile_once()).solved  # nothing new
+    await submit(cluster, deployment("second"))
+    assert (await loop.reconcile_once()).solved
+    assert (await view(cluster, "second")).phase == "scheduled"
 
 
 async def test_a_contract_change_lets_parked_work_go(cluster):
