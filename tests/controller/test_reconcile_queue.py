@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from controller.reconcile import Reconciler
 from controller.usecases import deployments, planning, tenants
-from controller.usecases.domain import TenantSpec
+from controller.domain.values import TenantSpec
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, deployment
 
