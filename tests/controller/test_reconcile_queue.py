@@ -22,6 +22,13 @@ class SolveRecorder:
         return await planning.solve_online_first(problem, time_limit_ms=time_limit_ms)
 
 
+def reconciler(db, solve: SolveRecorder) -> Reconciler:
+    # A time limit no solve here comes near, even on a loaded machine: a solve cut short by it
+    # is retried by the back-off, never parked, and these tests are about parking.
+    return Reconciler(db, push=lambda nodes: None, publish=lambda *a: _nothing(), solve=solve,
+                      solve_time_limit_ms=120_000)
+
+
 async def submit(db, spec) -> None:
     async with db.unit_of_work() as uow:
         await deployments.submit_deployment(uow, WHO, spec, RecordingSignals())
@@ -35,7 +42,7 @@ async def view(db, name):
 async def test_unplaceable_work_waits_until_a_departure_and_keeps_its_reasons(cluster):
     # 16 accelerators in one row; "big" wants all of them once "filler" holds 4.
     solve = SolveRecorder()
-    loop = Reconciler(cluster, push=lambda nodes: None, publish=lambda *a: _nothing(), solve=solve)
+    loop = reconciler(cluster, solve)
     await submit(cluster, deployment("filler", accelerators=4, locality="node"))
     assert (await loop.reconcile_once()).solved
     await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
@@ -63,7 +70,7 @@ async def test_unplaceable_work_waits_until_a_departure_and_keeps_its_reasons(cl
 async def test_a_submission_after_a_deletion_is_seen(cluster):
     # SQLite gives the new row the id the removed one had: the pass must see it all the same.
     solve = SolveRecorder()
-    loop = Reconciler(cluster, push=lambda nodes: None, publish=lambda *a: _nothing(), solve=solve)
+    loop = reconciler(cluster, solve)
     await submit(cluster, deployment("first"))
     assert (await loop.reconcile_once()).solved
     async with cluster.unit_of_work() as uow:
@@ -77,7 +84,7 @@ async def test_a_submission_after_a_deletion_is_seen(cluster):
 
 async def test_a_contract_change_lets_parked_work_go(cluster):
     solve = SolveRecorder()
-    loop = Reconciler(cluster, push=lambda nodes: None, publish=lambda *a: _nothing(), solve=solve)
+    loop = reconciler(cluster, solve)
     async with cluster.unit_of_work() as uow:
         await tenants.update_tenant(uow, WHO, TenantSpec(id="t1", max_accelerators=2), RecordingSignals())
     await submit(cluster, deployment("wide", shards=4, accelerators=1, locality="row"))
