@@ -32,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.store.plans import PlanConflict, commit_plan
+from controller.store.rollout import deployment_name, retire_replaced
 from controller.usecases import planning
 from controller.usecases.deployments import validate_spec
 from controller.domain.values import DeploymentView
@@ -197,6 +198,7 @@ class Reconciler:
             self.passes += 1
             self._pass_started = self._clock()
             try:
+                await self._retire_replaced()
                 async with self._db.unit_of_work() as uow:
                     generation = await repo.read_cluster_generation(uow.session)
                     arrivals = await repo.count_schedulable_deployments(uow.session)
@@ -215,6 +217,18 @@ class Reconciler:
                 self._pass_started = None
             self.consecutive_failures = 0
             return outcome
+
+    async def _retire_replaced(self) -> None:
+        """Stop outgoing replicas whose replacements run (rolling updates, drains)."""
+        async with self._db.unit_of_work() as uow:
+            retired = await retire_replaced(uow.session, now=self._wall_clock())
+            if not retired.deployments:
+                return
+            await uow.commit()
+        for line in retired.lines:
+            log.info("replica retired: %s", line)
+        self._push(set(retired.nodes))
+        await self._publish(set(retired.deployments), [])
 
     def _schedule_retry(self, plan: Plan) -> float | None:
         """After a commit: when to solve again although nothing changed (None: not needed)."""
@@ -313,13 +327,13 @@ class Reconciler:
         changed: set[str] = set()
         async with self._db.unit_of_work() as uow:
             for name, reason in reasons.items():
-                changed |= await repo.quarantine_deployment(uow.session, name, reason)
+                changed |= await repo.quarantine_deployment(uow.session, deployment_name(name), reason)
             await uow.commit()
         for name, reason in reasons.items():
             self._failures.pop(name, None)
             log.error("deployment quarantined name=%s reason=%s", name, reason)
         self._push(changed)
-        await self._publish(set(reasons), [])
+        await self._publish({deployment_name(name) for name in reasons}, [])
 
 
 def _beyond_limits(problem: dict[str, Any], within: set[str]) -> dict[str, str]:
@@ -332,8 +346,8 @@ def _beyond_limits(problem: dict[str, Any], within: set[str]) -> dict[str, str]:
     for doc in problem.get("deployments", ()):
         if doc["id"] in within:
             continue
-        try:
-            validate_spec(planning.spec_of_doc(doc))
+        try:  # an outgoing revision (NAME~REVISION) is checked under its deployment's name
+            validate_spec(replace(planning.spec_of_doc(doc), name=deployment_name(doc["id"])))
         except InvalidArgument as exc:
             beyond[doc["id"]] = f"exceeds the controller's limits: {exc.message}; submit it again within them"
         else:

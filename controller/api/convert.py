@@ -211,12 +211,14 @@ def deployment_msg(view: d.DeploymentView) -> deployments_pb2.Deployment:
             deployments_pb2.ShardPlacement(
                 replica=p.replica, shard=p.shard, node=p.node, rack=p.rack,
                 accelerator_indices=list(p.accelerator_indices), accelerator_milli=p.accelerator_milli,
-                phase=_SHARD_PHASE_FROM_WORD[p.phase], message=p.message,
+                phase=_SHARD_PHASE_FROM_WORD[p.phase], message=p.message, revision=p.revision, outgoing=p.outgoing,
             )
             for p in view.placements
         ],
         reasons=[reason_msg(r) for r in view.reasons],
         created_at=timestamp(view.created_at), updated_at=timestamp(view.updated_at),
+        resource_version=view.resource_version, revision=view.revision,
+        updated_replicas=view.updated_replicas, outgoing_replicas=view.outgoing_replicas,
     )
 
 

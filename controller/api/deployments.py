@@ -11,6 +11,7 @@ from controller.api import convert
 from controller.api.deps import ServiceDeps
 from controller.identity import current_principal
 from controller.usecases import deployments as cases
+from controller.usecases.updates import update_deployment
 from controller.usecases.usage import usage_report
 from controller.usecases.watch import watch_deployments
 from maia.v1 import deployments_pb2, deployments_pb2_grpc
@@ -32,9 +33,18 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         else:
             async with self._deps.db.unit_of_work() as uow:
                 view = await cases.submit_deployment(uow, who, spec, self._deps.signals, self._deps.throttle,
-                                                     self._deps.capacity)
+                                                     self._deps.capacity, request_id=request.client_request_id)
         return deployments_pb2.SubmitDeploymentResponse(deployment=convert.deployment_msg(view),
                                                         dry_run=request.dry_run)
+
+    async def UpdateDeployment(self, request: deployments_pb2.UpdateDeploymentRequest,
+                               context: aio.ServicerContext) -> deployments_pb2.UpdateDeploymentResponse:
+        spec = convert.deployment_spec(request.spec)
+        async with self._deps.db.unit_of_work() as uow:
+            result = await update_deployment(uow, current_principal(), spec, request.resource_version,
+                                             self._deps.signals, request_id=request.client_request_id)
+        return deployments_pb2.UpdateDeploymentResponse(deployment=convert.deployment_msg(result.deployment),
+                                                        changes=list(result.changes), rolling=result.rolling)
 
     async def GetDeployment(self, request: deployments_pb2.GetDeploymentRequest,
                             context: aio.ServicerContext) -> deployments_pb2.Deployment:

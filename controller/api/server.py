@@ -210,6 +210,7 @@ class ControllerApp:
                 self.bus.publish(DeploymentEvent(kind, view))
 
     async def _publish_changed(self, names: set[str]) -> None:
+        self.reconciler.wake()  # a replacement that now runs lets a rollout or drain stop an old replica
         await self._publish_deployments(names, [])
 
     async def _publish_deployments(self, names: set[str], deleted: list[DeploymentView]) -> None:

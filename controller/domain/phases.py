@@ -12,7 +12,7 @@ the shard-report path to the placements its reports changed.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -22,15 +22,18 @@ class ReplicaCounts:
     running: int
 
 
-def replica_counts(shards_per_replica: int, shards: Iterable[tuple[int, str]]) -> ReplicaCounts:
+def replica_counts(shards_per_replica: int, shards: Iterable[tuple[int, str]],
+                   sizes: Mapping[int, int] | None = None) -> ReplicaCounts:
     """Replicas with every shard placed, and those with every shard running.
 
-    `shards`: (replica, shard phase) of each placed shard.
+    `shards`: (replica, shard phase) of each placed shard; `sizes`: the shard count of replicas
+    of another revision than the deployment's (a rolling update's outgoing replicas).
     """
     phases: dict[int, list[str]] = defaultdict(list)
     for replica, phase in shards:
         phases[replica].append(phase)
-    placed = [ps for ps in phases.values() if len(ps) >= shards_per_replica]
+    sizes = sizes or {}
+    placed = [ps for r, ps in phases.items() if len(ps) >= sizes.get(r, shards_per_replica)]
     running = [ps for ps in placed if all(p == "running" for p in ps)]
     return ReplicaCounts(placed=len(placed), running=len(running))
 

@@ -173,6 +173,8 @@ class ShardPlacementView:
     accelerator_milli: int = 0  # 0: whole accelerators
     phase: str = "assigned"
     message: str = ""
+    revision: int = 1
+    outgoing: bool = False  # being replaced: an older revision, or on a draining node
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +188,19 @@ class DeploymentView:
     reasons: tuple[ReasonView, ...] = ()
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    resource_version: int = 1
+    revision: int = 1
+    updated_replicas: int = 0   # current revision, every shard running
+    outgoing_replicas: int = 0  # being replaced, stopped once their replacements run
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentUpdate:
+    """What an update did: the stored deployment, the fields it changed, whether it rolls."""
+
+    deployment: DeploymentView
+    changes: tuple[str, ...] = ()
+    rolling: bool = False
 
 
 @dataclass(frozen=True, slots=True)

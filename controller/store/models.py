@@ -159,6 +159,8 @@ class Node(Base):
     agent_version: Mapped[str] = mapped_column(String(64), default="", nullable=False)
 
     cordoned: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
+    # A drain in progress (always with cordoned): its shards are replaced elsewhere first, then stopped.
+    draining: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
     health: Mapped[NodeHealth] = _enum_column(NodeHealth, default=NodeHealth.DOWN, nullable=False)
     # The agent session that may speak for this node (a newer Register supersedes older ones).
     session_id: Mapped[str | None] = mapped_column(String(64))
@@ -228,6 +230,13 @@ class Deployment(Base):
     # Why (part of) it is not placed: [{code, message, scope}], from the last solve.
     reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, nullable=False)
     generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    # Bumped on every spec change: an update based on an older version is refused.
+    resource_version: Mapped[int] = mapped_column(BigInteger, default=1, nullable=False)
+    # Bumped when a change needs new replicas (see usecases/rollout.py); placements carry theirs.
+    template_revision: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
+    # Specs of older revisions whose replicas still run during a rolling update:
+    # {"<revision>": interchange deployment document}.
+    revision_specs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow, nullable=False
@@ -257,12 +266,29 @@ class Placement(Base):
     phase: Mapped[ShardPhase] = _enum_column(ShardPhase, default=ShardPhase.ASSIGNED, nullable=False)
     message: Mapped[str] = mapped_column(Text, default="", nullable=False)
     generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    # The deployment's template revision this shard was placed for.
+    revision: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow, nullable=False
     )
 
     deployment: Mapped[Deployment] = relationship(back_populates="placements")
     node: Mapped[Node] = relationship(back_populates="placements")
+
+
+class ClientRequest(Base):
+    """A submit's or update's client request id: a retry with the same id gets the first answer."""
+
+    __tablename__ = "client_requests"
+
+    tenant_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), index=True, nullable=False
+    )
+    action: Mapped[str] = mapped_column(String(16), nullable=False)  # submit | update
+    spec_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
 
 class Event(Base):

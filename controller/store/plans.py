@@ -180,16 +180,25 @@ async def commit_plan(
         else:  # its deployment is being deleted or is quarantined: the plan no longer holds it
             deleting_rows.append(row)
 
-    # The plan's whole desired set, checked against what exists.
+    # The plan's whole desired set in stored keys (store/rollout.py), checked against what exists.
+    keys = snapshot.plan_keys()
     desired: dict[ShardKey, Any] = {}
+    revision_of: dict[ShardKey, int] = {}
+    sizes: dict[str, dict[int, int]] = defaultdict(dict)  # shards per replica, where not the deployment's
     for pl in plan.placements:
-        key = (pl.deployment, pl.replica, pl.shard)
+        mapped = keys.key(pl.deployment, pl.replica, pl.shard)
+        if mapped is None:  # an outgoing replica is never placed anew
+            continue
+        key, revision_of[key] = mapped
         if key in desired:
             raise ValueError(f"plan places shard {key} twice")
-        if pl.deployment not in live:
+        if key[0] not in live:
             raise PlanConflict(snapshot.generation, snapshot.generation,
-                               f"deployment {pl.deployment!r} no longer exists or is being deleted")
+                               f"deployment {key[0]!r} no longer exists or is being deleted")
         desired[key] = pl
+        size = keys.shards_per_replica(pl.deployment)
+        if size is not None:
+            sizes[key[0]][key[1]] = size
     plan_nodes = {pl.node for pl in desired.values()}
     if plan_nodes:
         known_nodes = set((await session.execute(select(Node.id))).scalars())
@@ -226,7 +235,8 @@ async def commit_plan(
         row = current.get(key)
         kept = row is not None and key not in moved_keys  # new and moved shards start over as ASSIGNED
         shard_phases[key[0]].append((key[1], row.phase if kept else ShardPhase.ASSIGNED))
-    unplaced = {u.deployment: u for u in plan.unplaced if u.deployment in live}
+    unplaced = {keys.name(u.deployment): u for u in plan.unplaced
+                if keys.name(u.deployment) in live and not keys.is_outgoing(u.deployment)}
     deployment_updates: list[dict[str, Any]] = []
     updated_deployments: set[str] = set()
     reasons_changed: set[str] = set()
@@ -234,7 +244,8 @@ async def commit_plan(
     for name in sorted(live):
         d = deployments[name]
         reasons = _reason_dicts(unplaced[name].reasons) if name in unplaced else []
-        phase = DeploymentPhase(deployment_phase(d.replicas, replica_counts(d.shards_per_replica, shard_phases[name])))
+        counts = replica_counts(d.shards_per_replica, shard_phases[name], sizes=sizes.get(name))
+        phase = DeploymentPhase(deployment_phase(d.replicas, counts))
         if reasons != (d.reasons or []):
             reasons_changed.add(name)
         if d.generation == 0 and d.phase is DeploymentPhase.PENDING and phase is not DeploymentPhase.PENDING:
@@ -288,6 +299,7 @@ async def commit_plan(
                     "phase": ShardPhase.ASSIGNED,
                     "message": "",
                     "generation": new_generation[key[0]],
+                    "revision": revision_of[key],
                     "updated_at": now,
                 }
                 for key in inserts
@@ -315,7 +327,12 @@ async def commit_plan(
     if changed_deployments or deleted_deployments:
         generation = await bump_cluster_generation(session)
 
-    events = _events(current, desired, deletes, updates, plan, unplaced, reasons_changed, deleted_deployments)
+    preempted: dict[str, set[int]] = defaultdict(set)
+    for victim in plan.preempted:
+        replica = keys.replica(victim.deployment, victim.replica)
+        if replica is not None:
+            preempted[keys.name(victim.deployment)].add(replica)
+    events = _events(current, desired, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments)
     if events:
         await session.execute(insert(Event), [{**e, "actor": actor, "at": now} for e in events])
         tenants = {name: d.tenant_id for name, d in deployments.items()}
@@ -358,7 +375,7 @@ def _events(
     desired: dict[ShardKey, Any],
     deletes: list[_Row],
     updates: list[tuple[_Row, Any]],
-    plan: Plan,
+    preempted: dict[str, set[int]],
     unplaced: dict[str, Any],
     reasons_changed: set[str],
     deleted_deployments: set[str],
@@ -370,10 +387,6 @@ def _events(
     after: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for (name, replica, _), pl in desired.items():
         after[name][replica].add(pl.node)
-    preempted: dict[str, set[int]] = defaultdict(set)
-    for p in plan.preempted:
-        preempted[p.deployment].add(p.replica)
-
     events: list[dict[str, Any]] = []
 
     def add(kind: str, name: str, message: str, data: dict[str, Any]) -> None:
@@ -386,8 +399,8 @@ def _events(
             add("deployment.placed", name, f"placed replicas {placed} on {', '.join(nodes)}",
                 {"replicas": placed, "nodes": nodes})
         removed = sorted(before.get(name, set()) - set(after.get(name, {})))
-        by_preemption = [r for r in removed if r in preempted[name]]
-        otherwise = [r for r in removed if r not in preempted[name]]
+        by_preemption = [r for r in removed if r in preempted.get(name, ())]
+        otherwise = [r for r in removed if r not in preempted.get(name, ())]
         if by_preemption:
             add("deployment.preempted", name, f"preempted replicas {by_preemption}", {"replicas": by_preemption})
         if otherwise:

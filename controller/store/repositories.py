@@ -326,23 +326,40 @@ def deployment_spec(row: m.Deployment) -> d.DeploymentSpec:
 
 
 def new_deployment_row(spec: d.DeploymentSpec) -> m.Deployment:
-    return m.Deployment(
-        name=spec.name, tenant_id=spec.tenant, replicas=spec.replicas, min_replicas=spec.min_replicas,
-        shards_per_replica=spec.shards_per_replica,
-        shard_accelerators=spec.shard.accelerators, shard_accelerator_milli=spec.shard.accelerator_milli,
-        shard_hbm_gib=spec.shard.hbm_gib, shard_cpu_milli=spec.shard.cpu_milli,
-        shard_memory_mib=spec.shard.memory_mib, shard_power_w=spec.shard.power_w,
-        shard_accelerator_models=list(spec.shard.accelerator_models or ()),
-        locality=m.Domain(spec.locality),
-        spread_domain=m.Domain(spec.spread.domain) if spec.spread else None,
-        spread_max_per_domain=spec.spread.max_per_domain if spec.spread else None,
-        priority=spec.priority, preemptible=spec.preemptible,
-        phase=m.DeploymentPhase.PENDING, reasons=[], generation=0, placements=[],
-    )
+    row = m.Deployment(phase=m.DeploymentPhase.PENDING, reasons=[], generation=0, placements=[],
+                       resource_version=1, template_revision=1, revision_specs={})
+    write_deployment_spec(row, spec)
+    return row
 
 
-def _replica_counts(row: m.Deployment) -> ReplicaCounts:
-    return replica_counts(row.shards_per_replica, ((p.replica, p.phase) for p in row.placements))
+def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:
+    """The spec's fields onto the row (a new one, or an update in place)."""
+    row.name, row.tenant_id = spec.name, spec.tenant
+    row.replicas, row.min_replicas, row.shards_per_replica = spec.replicas, spec.min_replicas, spec.shards_per_replica
+    row.shard_accelerators, row.shard_accelerator_milli = spec.shard.accelerators, spec.shard.accelerator_milli
+    row.shard_hbm_gib, row.shard_cpu_milli = spec.shard.hbm_gib, spec.shard.cpu_milli
+    row.shard_memory_mib, row.shard_power_w = spec.shard.memory_mib, spec.shard.power_w
+    row.shard_accelerator_models = list(spec.shard.accelerator_models or ())
+    row.locality = m.Domain(spec.locality)
+    row.spread_domain = m.Domain(spec.spread.domain) if spec.spread else None
+    row.spread_max_per_domain = spec.spread.max_per_domain if spec.spread else None
+    row.priority, row.preemptible = spec.priority, spec.preemptible
+
+
+def _revision_doc(row: m.Deployment, revision: int) -> dict | None:
+    """The interchange spec of an older revision still running (None: the current one)."""
+    return None if revision == row.template_revision else (row.revision_specs or {}).get(str(revision))
+
+
+def _outgoing(row: m.Deployment, p: m.Placement) -> bool:
+    return p.revision != row.template_revision or bool(p.node is not None and p.node.draining)
+
+
+def _replica_counts(row: m.Deployment, placements: Iterable[m.Placement] | None = None) -> ReplicaCounts:
+    placements = row.placements if placements is None else list(placements)
+    sizes = {p.replica: int(doc["shards_per_replica"]) for p in placements
+             if (doc := _revision_doc(row, p.revision)) is not None}
+    return replica_counts(row.shards_per_replica, ((p.replica, p.phase) for p in placements), sizes)
 
 
 async def quarantine_deployment(session: AsyncSession, name: str, reason: str) -> set[str]:
@@ -381,16 +398,20 @@ def deployment_view(row: m.Deployment) -> d.DeploymentView:
             replica=p.replica, shard=p.shard, node=p.node_id, rack=p.node.rack_id if p.node else "",
             accelerator_indices=tuple(p.accelerator_indices or ()),
             accelerator_milli=placement_milli(row, p) if placement_milli(row, p) < 1000 else 0,
-            phase=p.phase.value, message=p.message or "",
+            phase=p.phase.value, message=p.message or "", revision=p.revision, outgoing=_outgoing(row, p),
         )
         for p in sorted(row.placements, key=lambda p: (p.replica, p.shard))
     )
+    current = [p for p in row.placements if not _outgoing(row, p)]
+    outgoing_replicas = len({p.replica for p in row.placements if _outgoing(row, p)})
     return d.DeploymentView(
         spec=deployment_spec(row), phase=row.phase.value, generation=row.generation,
         placed_replicas=counts.placed, running_replicas=counts.running, placements=placements,
         reasons=tuple(d.ReasonView(r.get("code", ""), r.get("message", ""), r.get("scope") or "")
                       for r in row.reasons or ()),
         created_at=row.created_at, updated_at=row.updated_at,
+        resource_version=row.resource_version, revision=row.template_revision,
+        updated_replicas=_replica_counts(row, current).running, outgoing_replicas=outgoing_replicas,
     )
 
 
@@ -438,6 +459,16 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
     return {node_id}
 
 
+def _shard_spec_of(dep: m.Deployment, revision: int) -> d.ShardSpec:
+    """What one shard of `revision` needs (an older revision's during a rolling update)."""
+    doc = _revision_doc(dep, revision)
+    if doc is None:
+        return deployment_spec(dep).shard
+    shard = dict(doc["shard"])
+    models = shard.pop("accelerator_models", None)
+    return d.ShardSpec(**shard, accelerator_models=tuple(models) if models else None)
+
+
 async def assignment_set(session: AsyncSession, node_id: str) -> d.AssignmentSet | None:
     node = await session.get(m.Node, node_id)
     if node is None:
@@ -447,8 +478,9 @@ async def assignment_set(session: AsyncSession, node_id: str) -> d.AssignmentSet
         milli = placement_milli(dep, p)
         assignments.append(d.Assignment(
             deployment=dep.name, tenant=dep.tenant_id, replica=p.replica, shard=p.shard,
-            shards_per_replica=dep.shards_per_replica, accelerator_indices=tuple(p.accelerator_indices or ()),
-            accelerator_milli=milli if milli < 1000 else 0, spec=deployment_spec(dep).shard,
+            shards_per_replica=(_revision_doc(dep, p.revision) or {}).get("shards_per_replica", dep.shards_per_replica),
+            accelerator_indices=tuple(p.accelerator_indices or ()),
+            accelerator_milli=milli if milli < 1000 else 0, spec=_shard_spec_of(dep, p.revision),
             generation=p.generation or dep.generation,
         ))
     return d.AssignmentSet(node_id=node_id, generation=node.assignment_generation, assignments=tuple(assignments))

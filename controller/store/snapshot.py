@@ -22,6 +22,7 @@ from scheduler import Deployment as SolverDeployment
 from scheduler import ShardSpec, Spread, deployment_to_dict
 
 from controller import limits
+from controller.store.rollout import PlanKeys, SolverRef, StoredReplica, solver_view
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -52,6 +53,15 @@ class Snapshot:
     problem: dict[str, Any]
     # Deployment name (the interchange id) → its primary key, for every deployment in `problem`.
     deployment_ids: Mapping[str, int] = field(default_factory=dict)
+    # Solver deployment id → stored deployment, revision and replica numbering (store/rollout.py);
+    # a deployment without a ref is its own, numbered as stored.
+    solver_refs: Mapping[str, SolverRef] = field(default_factory=dict)
+    # Stored deployment name → every replica index its shards use (new replicas take others).
+    replica_indices: Mapping[str, frozenset[int]] = field(default_factory=dict)
+
+    def plan_keys(self) -> PlanKeys:
+        """Maps a plan solved from this snapshot back to stored shard keys."""
+        return PlanKeys(self.solver_refs, self.replica_indices)
 
     @property
     def placements_by_shard(self) -> dict[ShardKey, dict[str, Any]]:
@@ -100,12 +110,18 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
 
     nodes = []
     oversized_nodes: set[str] = set()
+    down_nodes: set[str] = set()
+    draining_nodes: set[str] = set()
     for n in await session.execute(
         select(
             Node.id, Node.rack_id, Node.health, Node.cordoned, Node.accelerators, Node.accelerator_model,
-            Node.hbm_gib, Node.cpu_milli, Node.memory_mib, Node.idle_power_w, Node.labels,
+            Node.hbm_gib, Node.cpu_milli, Node.memory_mib, Node.idle_power_w, Node.labels, Node.draining,
         ).order_by(Node.id)
     ):
+        if n.health is NodeHealth.DOWN:
+            down_nodes.add(n.id)
+        if n.draining:
+            draining_nodes.add(n.id)
         if not 0 <= n.accelerators <= limits.NODE_ACCELERATORS_MAX:
             # Registered before today's limits: the solver would build arrays its size. Left out
             # (its shards are placed again elsewhere) until it registers within them or is deleted.
@@ -143,7 +159,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         _put(tenant, "max_power_w", t.max_power_w)
         tenants.append(tenant)
 
-    deployments = []
+    current_docs: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
     deployment_ids: dict[str, int] = {}
     names_by_id: dict[int, str] = {}
     # Arrival order (primary key): what the online mode places first.
@@ -154,7 +170,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
             Deployment.shard_hbm_gib, Deployment.shard_cpu_milli, Deployment.shard_memory_mib,
             Deployment.shard_power_w, Deployment.shard_accelerator_models, Deployment.locality,
             Deployment.spread_domain, Deployment.spread_max_per_domain, Deployment.priority,
-            Deployment.preemptible,
+            Deployment.preemptible, Deployment.template_revision, Deployment.revision_specs,
         )
         .where(Deployment.phase.not_in([DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED]))
         .order_by(Deployment.id)
@@ -168,15 +184,15 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
                       tuple(d.shard_accelerator_models) or None),  # [] means any model
             min_replicas=d.min_replicas, locality=d.locality.value, spread=spread,
             priority=d.priority, preemptible=d.preemptible))
-        deployments.append(deployment)
+        current_docs.append((d.id, deployment, d.template_revision, d.revision_specs or {}))
         deployment_ids[d.name] = d.id
         names_by_id[d.id] = d.name
 
-    placements = []
+    stored: dict[int, dict[int, tuple[int, list[dict[str, Any]], set[str]]]] = {}
     for p in await session.execute(
         select(
             Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
-            Placement.accelerator_indices, Placement.accelerator_milli,
+            Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision,
         ).order_by(Placement.deployment_id, Placement.replica, Placement.shard)
     ):
         name = names_by_id.get(p.deployment_id)
@@ -190,7 +206,26 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
             "accelerator_indices": list(p.accelerator_indices),
         }
         _put(placement, "accelerator_milli", p.accelerator_milli)
-        placements.append(placement)
+        _, shards, on_nodes = stored.setdefault(p.deployment_id, {}).setdefault(p.replica, (p.revision, [], set()))
+        shards.append(placement)
+        on_nodes.add(p.node_id)
+
+    # Each stored deployment as the solver sees it: its current revision, and the replicas a
+    # rollout or drain is replacing (store/rollout.py), numbered 0..n-1 per solver deployment.
+    deployments: list[dict[str, Any]] = []
+    placements: list[dict[str, Any]] = []
+    solver_refs: dict[str, SolverRef] = {}
+    replica_indices: dict[str, frozenset[int]] = {}
+    for dep_id, doc, template_revision, revision_specs in current_docs:
+        replicas = stored.get(dep_id, {})
+        view = solver_view(doc, template_revision, revision_specs,
+                           (StoredReplica(index, rev, tuple(shards), frozenset(on_nodes))
+                            for index, (rev, shards, on_nodes) in replicas.items()),
+                           down=down_nodes, draining=draining_nodes)
+        deployments += view.deployments
+        placements += view.placements
+        solver_refs.update(view.refs)
+        replica_indices[doc["id"]] = frozenset(replicas)
 
     problem: dict[str, Any] = {
         "version": PROBLEM_VERSION,
@@ -202,4 +237,5 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         "deployments": deployments,
         "placements": placements,
     }
-    return Snapshot(generation=generation, problem=problem, deployment_ids=deployment_ids)
+    return Snapshot(generation=generation, problem=problem, deployment_ids=deployment_ids,
+                    solver_refs=solver_refs, replica_indices=replica_indices)

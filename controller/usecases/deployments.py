@@ -19,7 +19,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
-from controller.usecases import planning, policy
+from controller.usecases import planning, policy, requests
 from controller.usecases.capacity import CapacityCache, load_index
 from controller.domain.values import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView,
@@ -177,14 +177,14 @@ async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *, repl
     return replaced
 
 
-def _as_caller(who: Principal, spec: DeploymentSpec, action: str) -> DeploymentSpec:
+def as_caller(who: Principal, spec: DeploymentSpec, action: str) -> DeploymentSpec:
     """The spec in the caller's tenant: a tenant token submits for its own tenant only (an empty
     tenant field means its own); admins name the tenant."""
     tenant = policy.visible_tenant(who, spec.tenant, action)
     return replace(spec, tenant=tenant) if tenant != spec.tenant else spec
 
 
-async def _visible_row(uow: UnitOfWork, who: Principal, name: str, action: str) -> m.Deployment:
+async def visible_row(uow: UnitOfWork, who: Principal, name: str, action: str) -> m.Deployment:
     """The named deployment if `who` may see it; another tenant's is NOT_FOUND, like a missing one."""
     policy.visible_tenant(who, "", action)
     row = await repo.get_deployment(uow.session, name)
@@ -195,9 +195,15 @@ async def _visible_row(uow: UnitOfWork, who: Principal, name: str, action: str) 
 
 async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
                             signals: Signals, throttle: SubmitLimits | None = None,
-                            capacity: CapacityCache | None = None) -> DeploymentView:
-    spec = _as_caller(who, spec, "submitting deployments")
+                            capacity: CapacityCache | None = None, request_id: str = "") -> DeploymentView:
+    """Store a new deployment (PENDING). With `request_id`, a retry of the same submit returns
+    the deployment as it stands and writes nothing (usecases/requests.py)."""
+    spec = as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
+    requests.check_request_id(request_id)
+    first = await requests.replayed(uow, spec.tenant, request_id, spec, "submit")
+    if first is not None:
+        return repo.deployment_view(await repo.get_deployment(uow.session, first.name) or first)
     if throttle is not None:
         throttle.check_submit(spec.tenant)
     replaced = await _validate_against_store(uow, spec, capacity=capacity)
@@ -214,6 +220,8 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # No cluster generation bump: a plan solved without this deployment is still valid (it only
     # leaves it pending), and bumping made every plan solved under a stream of submissions
     # conflict. The reconciler sees new arrivals by `repo.count_schedulable_deployments`.
+    await uow.session.flush()
+    requests.remember(uow, spec.tenant, request_id, row.id, spec, "submit")
     repo.record_event(uow.session, actor=who.name,
                       kind="deployment.released" if replaced is not None else "deployment.submitted",
                       object_kind="deployment", object_id=spec.name, data=planning.deployment_doc(spec))
@@ -232,7 +240,7 @@ async def dry_run_deployment(db: Database, who: Principal, spec: DeploymentSpec,
 
     With `throttle`, the tenant's dry-run rate applies, the solve takes one of the few dry-run
     slots and runs for at most the dry-run time limit."""
-    spec = _as_caller(who, spec, "submitting deployments")
+    spec = as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
     if throttle is None:
         return await _dry_run(db, spec, time_limit_ms, replace_existing)
@@ -277,7 +285,7 @@ def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> De
 
 async def get_deployment(uow: UnitOfWork, who: Principal, name: str) -> DeploymentView:
     check_name("deployment", name)
-    return repo.deployment_view(await _visible_row(uow, who, name, "reading deployments"))
+    return repo.deployment_view(await visible_row(uow, who, name, "reading deployments"))
 
 
 async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
@@ -298,7 +306,7 @@ async def all_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> 
 
 async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals) -> DeploymentView:
     check_name("deployment", name)
-    row = await _visible_row(uow, who, name, "deleting deployments")
+    row = await visible_row(uow, who, name, "deleting deployments")
     if row.phase is not m.DeploymentPhase.DELETING:
         row.phase = m.DeploymentPhase.DELETING
         await repo.bump_cluster_generation(uow.session)

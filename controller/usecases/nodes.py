@@ -1,8 +1,10 @@
 """Nodes as the operator sees them: list/get with usage, cordon, uncordon, drain, summary.
 
 Cordon and uncordon change what the solver may use, so they bump the cluster generation.
-Drain is cordon plus the removal of the node's placements in the same transaction; the
-reconciler then places those replicas elsewhere and the agent is told to stop them.
+Drain is cordon plus `draining`: the node's replicas become outgoing and are replaced
+make-before-break (`store/rollout.py`): the reconciler places a replacement elsewhere, and
+stops a replica on the node only once its replacement runs, never below the replicas asked.
+Uncordon ends a drain (what still runs there stays).
 """
 
 from __future__ import annotations
@@ -50,16 +52,13 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
-    changed_nodes: set[str] = set()
-    if row.cordoned != cordoned or drain:
-        row.cordoned = cordoned
-        if drain:
-            changed_nodes = await repo.remove_placements_on_node(uow.session, node_id)
+    draining = drain or (row.draining and cordoned)
+    if row.cordoned != cordoned or row.draining != draining:
+        row.cordoned, row.draining = cordoned, draining
         await repo.bump_cluster_generation(uow.session)
-        kind = "node.drained" if drain else ("node.cordoned" if cordoned else "node.uncordoned")
+        kind = "node.draining" if drain else ("node.cordoned" if cordoned else "node.uncordoned")
         repo.record_event(uow.session, actor=who.name, kind=kind, object_kind="node", object_id=node_id)
         await uow.commit()
-        signals.assignments_changed(changed_nodes)
         signals.wake_reconciler()
     usage = await repo.cluster_usage(uow.session)
     return repo.node_view(row, usage, node_id in connected)

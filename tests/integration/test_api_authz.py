@@ -61,6 +61,10 @@ CASES = [
         D.SubmitDeploymentRequest(spec=spec("intruder", OWNER))), NOT_FOUND),
     Case("SubmitDeployment(dry_run)", lambda s: s.deployments.SubmitDeployment(
         D.SubmitDeploymentRequest(spec=spec("intruder", OWNER), dry_run=True)), NOT_FOUND),
+    Case("UpdateDeployment", lambda s: s.deployments.UpdateDeployment(
+        D.UpdateDeploymentRequest(spec=spec("chat", OWNER, replicas=2), resource_version=1)), NOT_FOUND),
+    Case("UpdateDeployment(own tenant)", lambda s: s.deployments.UpdateDeployment(
+        D.UpdateDeploymentRequest(spec=spec("chat", "", replicas=2), resource_version=1)), NOT_FOUND),
     Case("GetDeployment", lambda s: s.deployments.GetDeployment(D.GetDeploymentRequest(name="chat")), NOT_FOUND),
     Case("ListDeployments(owner)", lambda s: s.deployments.ListDeployments(D.ListDeploymentsRequest(tenant=OWNER)),
          NOT_FOUND),
@@ -109,7 +113,9 @@ async def _fingerprint(app: ControllerApp) -> tuple:
         s = uow.session
         return (
             (await s.execute(select(m.Deployment.tenant_id, m.Deployment.name, m.Deployment.phase,
-                                    m.Deployment.generation).order_by(m.Deployment.id))).all(),
+                                    m.Deployment.generation, m.Deployment.resource_version,
+                                    m.Deployment.replicas).order_by(m.Deployment.id))).all(),
+            (await s.execute(select(m.ClientRequest.tenant_id, m.ClientRequest.request_id))).all(),
             (await s.execute(select(m.Tenant.id, m.Tenant.max_accelerators).order_by(m.Tenant.id))).all(),
             (await s.execute(select(m.Node.id, m.Node.cordoned, m.Node.session_id).order_by(m.Node.id))).all(),
             (await s.execute(select(m.Rack.id).order_by(m.Rack.id))).all(),
@@ -179,6 +185,11 @@ async def test_the_owner_and_an_admin_do_what_the_others_may_not(
         # A tenant submits into its own tenant when it names none.
         submitted = await owner.deployments.SubmitDeployment(D.SubmitDeploymentRequest(spec=spec("mine", "")))
         assert submitted.deployment.spec.tenant == OWNER
+        # ... and updates its own deployment in place.
+        chat = await owner.deployments.GetDeployment(D.GetDeploymentRequest(name="chat"))
+        scaled = await owner.deployments.UpdateDeployment(D.UpdateDeploymentRequest(
+            spec=spec("chat", "", replicas=2), resource_version=chat.resource_version))
+        assert list(scaled.changes) == ["replicas: 1 -> 2"] and scaled.deployment.resource_version == 2
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await owner.admin.UpdateTenant(A.Tenant(id=OWNER, max_accelerators=1000))
         assert denied.value.code() == DENIED and "admin" in denied.value.details()

@@ -5,13 +5,16 @@ apply works in three steps, so a bad batch writes nothing:
    exit 2; an empty set of manifests is an error too);
 2. a plan is made against the controller without writing: each object is `created`,
    `configured`, `unchanged`, or a conflict — a deployment whose spec differs from the stored
-   one must be deleted first (there is no in-place update yet) and the differing fields are
-   listed; a deployment of a tenant that neither exists nor is in the batch is refused;
-   any conflict stops here (exit 1);
-3. the plan is written in dependency order (topology, tenants, deployments). Should a write
-   still fail (a race, a rule only the server checks), what this run created is deleted again
-   and updated tenants get their old contract back; a topology change cannot be undone (its
-   RPC removes nothing) and is reported as such.
+   one is `configured` (updated in place, the differing fields listed; replica counts scale at
+   once, other changes roll replica by replica); a deployment of a tenant that neither exists
+   nor is in the batch is refused; any conflict stops here (exit 1);
+3. the plan is written in dependency order (topology, tenants, deployments). A deployment update
+   names the resource version read in step 2, so a change made by someone else meanwhile is
+   refused rather than overwritten. Every write carries one client request id per apply run, so
+   a retried call is not applied twice. Should a write still fail (a race, a rule only the
+   server checks), what this run created is deleted again, updated tenants get their old
+   contract and updated deployments their old spec back; a topology change cannot be undone
+   (its RPC removes nothing) and is reported as such.
 
 `apply --dry-run` (and `diff`) stop after step 2 and show what would change and, for new
 deployments, where their shards would land now (a dry-run solve), like `nomad job plan`.
@@ -20,6 +23,7 @@ A dry run that would place only part of a deployment exits 4 (Exit.PARTIAL).
 from __future__ import annotations
 
 import argparse
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -46,8 +50,10 @@ class Step:
     obj: ManifestObject
     action: str                      # created | configured | unchanged | conflict | failed
     detail: list[str] = field(default_factory=list)
-    previous: Any = None             # the stored tenant, to restore on rollback
+    previous: Any = None             # the stored tenant or deployment, to restore on rollback
     dry_run: deployments_pb2.Deployment | None = None
+    updated: deployments_pb2.Deployment | None = None  # a deployment updated in place
+    rolling: bool = False            # its update replaces replicas one by one
 
     @property
     def ref(self) -> str:
@@ -205,9 +211,7 @@ def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str],
         if _normalised(current.spec) == _normalised(spec):
             return Step(obj, "unchanged")
         differences = spec_differences(spec_document(_normalised(current.spec)), spec_document(_normalised(spec)))
-        return Step(obj, "conflict", differences + [
-            f"a deployment's spec cannot be changed in place yet: delete it first "
-            f"(maiactl delete deployment {spec.name}), then apply again"])
+        return Step(obj, "configured", differences, previous=current)
     tenant_known = spec.tenant in batch_tenants or _get_or_none(
         admin.GetTenant, admin_pb2.GetTenantRequest(id=spec.tenant), ctx) is not None
     if not tenant_known:
@@ -226,7 +230,7 @@ def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str],
 
 # --- step 3: writing, with rollback ----------------------------------------------------------
 
-def _write(step: Step, ctx: Context) -> None:
+def _write(step: Step, ctx: Context, request_id: str) -> None:
     admin, deployments = ctx.controller.admin, ctx.controller.deployments
     if step.action == "unchanged":
         return
@@ -240,9 +244,15 @@ def _write(step: Step, ctx: Context) -> None:
             if status_code(exc) != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             admin.UpdateTenant(step.obj.message, timeout=ctx.rpc_timeout)
+    elif step.action == "configured":
+        answer = deployments.UpdateDeployment(deployments_pb2.UpdateDeploymentRequest(
+            spec=step.obj.message, resource_version=step.previous.resource_version,
+            client_request_id=f"{request_id}/{step.obj.name}"), timeout=ctx.rpc_timeout)
+        step.updated = answer.deployment
+        step.rolling = answer.rolling
     else:
-        deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=step.obj.message),
-                                     timeout=ctx.rpc_timeout)
+        deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=step.obj.message, client_request_id=f"{request_id}/{step.obj.name}"), timeout=ctx.rpc_timeout)
 
 
 def _undo(done: list[Step], ctx: Context) -> list[str]:
@@ -254,6 +264,10 @@ def _undo(done: list[Step], ctx: Context) -> list[str]:
                 ctx.controller.deployments.DeleteDeployment(
                     deployments_pb2.DeleteDeploymentRequest(name=step.obj.name), timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} deleted again")
+            elif step.obj.kind == "Deployment" and step.action == "configured" and step.updated is not None:
+                ctx.controller.deployments.UpdateDeployment(deployments_pb2.UpdateDeploymentRequest(
+                    spec=step.previous.spec, resource_version=step.updated.resource_version), timeout=ctx.rpc_timeout)
+                lines.append(f"{step.ref} spec restored")
             elif step.obj.kind == "Tenant" and step.previous is not None:
                 ctx.controller.admin.UpdateTenant(_contract(step.previous), timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} restored")
@@ -270,6 +284,10 @@ def _undo(done: list[Step], ctx: Context) -> list[str]:
 
 def _step_line(step: Step) -> str:
     line = f"{step.ref} {step.action}"
+    if step.updated is not None:
+        line += f" ({'; '.join(step.detail)})" if step.detail else ""
+        line += (f": rolling to revision {step.updated.revision} (maiactl rollout status {step.obj.name})"
+                 if step.rolling else "")
     dep = step.dry_run
     if dep is not None and dep.placed_replicas < dep.spec.replicas:
         why = f": {dep.reasons[0].code}: {dep.reasons[0].message}" if dep.reasons else ""
@@ -297,9 +315,10 @@ def run_apply(args: argparse.Namespace, ctx: Context) -> int:
     if conflicts:
         raise CliError("nothing applied:\n" + "\n".join(conflicts))
     done: list[Step] = []
+    request_id = f"apply-{uuid.uuid4().hex}"  # one per run: a retried call is not applied twice
     for step in steps:
         try:
-            _write(step, ctx)
+            _write(step, ctx, request_id)
         except grpc.RpcError as exc:
             if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
                 raise

@@ -1,7 +1,9 @@
 """`maiactl cordon|uncordon|drain NODE...` and `maiactl node reset-credential NODE...`.
 
-`drain --wait` then waits (progress bars on a terminal) until every deployment that had a shard
-on the drained nodes runs again elsewhere, or stops early when one is blocked for good.
+A drain is make-before-break: each replica on the node keeps running until its replacement
+runs elsewhere. `drain --wait` follows it (progress on stderr) until no deployment that had a
+shard there has a replica left to replace, then prints what moved where, shard by shard
+(`from -> to`); on --timeout it exits 1 with what is still waiting and why.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from maia.v1 import admin_pb2, deployments_pb2
 _VERBS = {"cordon": ("CordonNode", "cordoned"), "uncordon": ("UncordonNode", "uncordoned"),
           "drain": ("DrainNode", "drained")}
 _HELP = {"cordon": "take no new shards on a node", "uncordon": "let a node take new shards again",
-         "drain": "cordon a node and place its shards elsewhere"}
+         "drain": "cordon a node and replace its shards elsewhere (make-before-break)"}
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         p.add_argument("nodes", nargs="+", metavar="NODE")
         if verb == "drain":
             p.add_argument("--wait", action="store_true",
-                           help="block until the deployments that had shards there run again elsewhere")
+                           help="block until the replicas there run elsewhere, then show what moved where")
             p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                            help="--wait gives up after this many seconds (default: 300)")
         p.set_defaults(handler=run, verb=verb)
@@ -53,19 +55,48 @@ def run_reset_credential(args: argparse.Namespace, ctx: Context) -> int:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     method, past = _VERBS[args.verb]
     call = getattr(ctx.controller.admin, method)
-    moving: list[str] = []
+    before: dict[str, list[deployments_pb2.ShardPlacement]] = {}
     if getattr(args, "wait", False):
         listed = list_all(ctx.controller.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(),
                           "deployments", timeout=ctx.rpc_timeout).deployments
-        moving = sorted({d.spec.name for d in listed for p in d.placements if p.node in args.nodes})
+        before = {d.spec.name: list(d.placements) for d in listed if any(p.node in args.nodes for p in d.placements)}
     nodes = []
     for node_id in args.nodes:
         node = call(admin_pb2.NodeRequest(id=node_id), timeout=ctx.rpc_timeout)
         nodes.append(node)
         if not ctx.json:
             ctx.out(f"node/{node_id} {past} (state {node_state_word(node.state)}, {node.shards} shards)")
-    if ctx.json and not moving:  # with --wait, the one document is the deployments waited for
-        ctx.emit_json({"nodes": nodes})
-    if moving:
-        return wait_deployments(moving, "running", args.timeout, ctx)
+    if not before:
+        if ctx.json:
+            ctx.emit_json({"nodes": nodes})
+        return 0
+    wait_deployments(sorted(before), "replaced", args.timeout, ctx, fail_fast=False, quiet=True)
+    moves = [move for name in sorted(before) for move in drain_moves(
+        name, before[name], ctx.controller.deployments.GetDeployment(
+            deployments_pb2.GetDeploymentRequest(name=name), timeout=ctx.rpc_timeout).placements, set(args.nodes))]
+    if ctx.json:
+        ctx.emit_json({"nodes": nodes, "moved": moves})
+        return 0
+    ctx.out(f"drained {', '.join(args.nodes)}: {len(moves)} shard(s) moved")
+    for m in moves:
+        ctx.out(f"  {m['deployment']} replica {m['from_replica']} shard {m['shard']}: {m['from']} -> {m['to']}"
+                f" (now replica {m['to_replica']})")
     return 0
+
+
+def drain_moves(name: str, before: list[deployments_pb2.ShardPlacement], after: list[deployments_pb2.ShardPlacement],
+                drained: set[str]) -> list[dict[str, object]]:
+    """Which replica replaced which: the replicas that were on the drained nodes, paired in order
+    with the replicas that are new since, shard by shard (from -> to)."""
+    old_replicas = sorted({p.replica for p in before if p.node in drained})
+    had = {p.replica for p in before}
+    new_replicas = sorted({p.replica for p in after} - had)
+    shards_before = {(p.replica, p.shard): p.node for p in before}
+    shards_after = {(p.replica, p.shard): p.node for p in after}
+    moves = []
+    for old, new in zip(old_replicas, new_replicas):
+        for (replica, shard), node in sorted(shards_before.items()):
+            if replica == old:
+                moves.append({"deployment": name, "shard": shard, "from_replica": old, "from": node,
+                              "to_replica": new, "to": shards_after.get((new, shard), "?")})
+    return moves

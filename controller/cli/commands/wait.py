@@ -29,6 +29,11 @@ CONDITIONS: dict[str, Callable[[P.Deployment | None], bool]] = {
     "scheduled": lambda d: d is not None and d.phase in (P.DEPLOYMENT_PHASE_SCHEDULED,
                                                          P.DEPLOYMENT_PHASE_RUNNING),
     "deleted": lambda d: d is None,
+    # A rollout or drain is over: no replica is being replaced and every asked one runs the
+    # current revision.
+    "rolled-out": lambda d: d is not None and d.outgoing_replicas == 0 and d.updated_replicas >= d.spec.replicas,
+    # A drain's part is over: no replica is being replaced and every placed one runs.
+    "replaced": lambda d: d is None or (d.outgoing_replicas == 0 and d.running_replicas >= d.placed_replicas),
 }
 POLL_INTERVAL_S = 1.0
 # Reason codes that do not go away by themselves (see the module docstring).
@@ -63,6 +68,9 @@ def progress_line(name: str, dep: P.Deployment | None) -> str:
     s = dep.spec
     line = (f"{name}: {phase_text(dep)}, {dep.placed_replicas}/{s.replicas} placed, "
             f"{dep.running_replicas}/{s.replicas} running")
+    if dep.outgoing_replicas or dep.updated_replicas < dep.running_replicas:
+        line += (f", revision {dep.revision}: {dep.updated_replicas}/{s.replicas} updated running, "
+                 f"{dep.outgoing_replicas} old still running")
     if dep.reasons:
         line += f" ({dep.reasons[0].code}: {dep.reasons[0].message})"
     return line
@@ -154,7 +162,9 @@ def _get(ctx: Context, name: str) -> P.Deployment | None:
 
 
 def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: Context,
-                     fail_fast: bool = True) -> int:
+                     fail_fast: bool = True, quiet: bool = False) -> int:
+    """Block until every named deployment meets `condition` (0), else CliError; `quiet`: the
+    caller prints the result itself."""
     deadline = time.monotonic() + timeout
     tracker = _Tracker(names, condition, ctx, fail_fast)
     try:
@@ -173,6 +183,8 @@ def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: 
                        f"hardware; --keep-waiting waits anyway):\n{tracker.pending_text()}", Exit.PARTIAL)
     if not tracker.done():
         raise CliError(f"timed out after {timeout:g}s waiting for {condition}:\n{tracker.pending_text()}")
+    if quiet:
+        return 0
     if ctx.json:
         ctx.emit_json({"deployments": [tracker.latest[n] for n in tracker.names if tracker.latest[n] is not None]})
     else:

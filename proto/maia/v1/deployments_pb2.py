@@ -26,45 +26,49 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from maia.v1 import common_pb2 as maia_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19maia/v1/deployments.proto\x12\x07maia.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14maia/v1/common.proto\"\x80\x02\n\x0e\x44\x65ploymentSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x1a\n\x12shards_per_replica\x18\x05 \x01(\x05\x12!\n\x05shard\x18\x06 \x01(\x0b\x32\x12.maia.v1.ShardSpec\x12!\n\x08locality\x18\x07 \x01(\x0e\x32\x0f.maia.v1.Domain\x12\x1f\n\x06spread\x18\x08 \x01(\x0b\x32\x0f.maia.v1.Spread\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x13\n\x0bpreemptible\x18\n \x01(\x08\"\xb9\x01\n\x0eShardPlacement\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0c\n\x04rack\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65lerator_indices\x18\x05 \x03(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_milli\x18\x06 \x01(\x05\x12\"\n\x05phase\x18\x07 \x01(\x0e\x32\x13.maia.v1.ShardPhase\x12\x0f\n\x07message\x18\x08 \x01(\t\"\xd2\x02\n\nDeployment\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\'\n\x05phase\x18\x02 \x01(\x0e\x32\x18.maia.v1.DeploymentPhase\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x17\n\x0fplaced_replicas\x18\x04 \x01(\x05\x12\x18\n\x10running_replicas\x18\x05 \x01(\x05\x12+\n\nplacements\x18\x06 \x03(\x0b\x32\x17.maia.v1.ShardPlacement\x12 \n\x07reasons\x18\x07 \x03(\x0b\x32\x0f.maia.v1.Reason\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x17SubmitDeploymentRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x18\n\x10replace_existing\x18\x03 \x01(\x08\"T\n\x18SubmitDeploymentResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maia.v1.Deployment\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"O\n\x16ListDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x17ListDeploymentsResponse\x12(\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x13.maia.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x17WatchDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xba\x01\n\x0f\x44\x65ploymentEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.maia.v1.DeploymentEvent.Type\x12\'\n\ndeployment\x18\x02 \x01(\x0b\x32\x13.maia.v1.Deployment\"Q\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nTYPE_ADDED\x10\x01\x12\x11\n\rTYPE_MODIFIED\x10\x02\x12\x10\n\x0cTYPE_DELETED\x10\x03\"w\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x01\n\x0bUsageRecord\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65lerator_model\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65lerator_seconds\x18\x05 \x01(\x01\x12\x19\n\x11\x61\x63\x63\x65lerator_hours\x18\x06 \x01(\x01\x12\x12\n\nenergy_kwh\x18\x07 \x01(\x01\"\x8f\x01\n\x10GetUsageResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.maia.v1.UsageRecord\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xef\x01\n\x0f\x44\x65ploymentPhase\x12 \n\x1c\x44\x45PLOYMENT_PHASE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_PENDING\x10\x01\x12\x1e\n\x1a\x44\x45PLOYMENT_PHASE_SCHEDULED\x10\x02\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_RUNNING\x10\x03\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_DEGRADED\x10\x04\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_DELETING\x10\x05\x12 \n\x1c\x44\x45PLOYMENT_PHASE_QUARANTINED\x10\x06\x32\xe5\x03\n\x11\x44\x65ploymentService\x12W\n\x10SubmitDeployment\x12 .maia.v1.SubmitDeploymentRequest\x1a!.maia.v1.SubmitDeploymentResponse\x12\x43\n\rGetDeployment\x12\x1d.maia.v1.GetDeploymentRequest\x1a\x13.maia.v1.Deployment\x12T\n\x0fListDeployments\x12\x1f.maia.v1.ListDeploymentsRequest\x1a .maia.v1.ListDeploymentsResponse\x12I\n\x10\x44\x65leteDeployment\x12 .maia.v1.DeleteDeploymentRequest\x1a\x13.maia.v1.Deployment\x12P\n\x10WatchDeployments\x12 .maia.v1.WatchDeploymentsRequest\x1a\x18.maia.v1.DeploymentEvent0\x01\x12?\n\x08GetUsage\x12\x18.maia.v1.GetUsageRequest\x1a\x19.maia.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19maia/v1/deployments.proto\x12\x07maia.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14maia/v1/common.proto\"\x80\x02\n\x0e\x44\x65ploymentSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x1a\n\x12shards_per_replica\x18\x05 \x01(\x05\x12!\n\x05shard\x18\x06 \x01(\x0b\x32\x12.maia.v1.ShardSpec\x12!\n\x08locality\x18\x07 \x01(\x0e\x32\x0f.maia.v1.Domain\x12\x1f\n\x06spread\x18\x08 \x01(\x0b\x32\x0f.maia.v1.Spread\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x13\n\x0bpreemptible\x18\n \x01(\x08\"\xdd\x01\n\x0eShardPlacement\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0c\n\x04rack\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65lerator_indices\x18\x05 \x03(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_milli\x18\x06 \x01(\x05\x12\"\n\x05phase\x18\x07 \x01(\x0e\x32\x13.maia.v1.ShardPhase\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x10\n\x08revision\x18\t \x01(\x05\x12\x10\n\x08outgoing\x18\n \x01(\x08\"\xb3\x03\n\nDeployment\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\'\n\x05phase\x18\x02 \x01(\x0e\x32\x18.maia.v1.DeploymentPhase\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x17\n\x0fplaced_replicas\x18\x04 \x01(\x05\x12\x18\n\x10running_replicas\x18\x05 \x01(\x05\x12+\n\nplacements\x18\x06 \x03(\x0b\x32\x17.maia.v1.ShardPlacement\x12 \n\x07reasons\x18\x07 \x03(\x0b\x32\x0f.maia.v1.Reason\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10resource_version\x18\n \x01(\x03\x12\x10\n\x08revision\x18\x0b \x01(\x05\x12\x18\n\x10updated_replicas\x18\x0c \x01(\x05\x12\x19\n\x11outgoing_replicas\x18\r \x01(\x05\"\x86\x01\n\x17SubmitDeploymentRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x18\n\x10replace_existing\x18\x03 \x01(\x08\x12\x19\n\x11\x63lient_request_id\x18\x04 \x01(\t\"T\n\x18SubmitDeploymentResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maia.v1.Deployment\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"u\n\x17UpdateDeploymentRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\x12\x19\n\x11\x63lient_request_id\x18\x03 \x01(\t\"e\n\x18UpdateDeploymentResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maia.v1.Deployment\x12\x0f\n\x07\x63hanges\x18\x02 \x03(\t\x12\x0f\n\x07rolling\x18\x03 \x01(\x08\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"O\n\x16ListDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x17ListDeploymentsResponse\x12(\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x13.maia.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x17WatchDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xba\x01\n\x0f\x44\x65ploymentEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.maia.v1.DeploymentEvent.Type\x12\'\n\ndeployment\x18\x02 \x01(\x0b\x32\x13.maia.v1.Deployment\"Q\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nTYPE_ADDED\x10\x01\x12\x11\n\rTYPE_MODIFIED\x10\x02\x12\x10\n\x0cTYPE_DELETED\x10\x03\"w\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x01\n\x0bUsageRecord\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65lerator_model\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65lerator_seconds\x18\x05 \x01(\x01\x12\x19\n\x11\x61\x63\x63\x65lerator_hours\x18\x06 \x01(\x01\x12\x12\n\nenergy_kwh\x18\x07 \x01(\x01\"\x8f\x01\n\x10GetUsageResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.maia.v1.UsageRecord\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xef\x01\n\x0f\x44\x65ploymentPhase\x12 \n\x1c\x44\x45PLOYMENT_PHASE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_PENDING\x10\x01\x12\x1e\n\x1a\x44\x45PLOYMENT_PHASE_SCHEDULED\x10\x02\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_RUNNING\x10\x03\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_DEGRADED\x10\x04\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_DELETING\x10\x05\x12 \n\x1c\x44\x45PLOYMENT_PHASE_QUARANTINED\x10\x06\x32\xbe\x04\n\x11\x44\x65ploymentService\x12W\n\x10SubmitDeployment\x12 .maia.v1.SubmitDeploymentRequest\x1a!.maia.v1.SubmitDeploymentResponse\x12W\n\x10UpdateDeployment\x12 .maia.v1.UpdateDeploymentRequest\x1a!.maia.v1.UpdateDeploymentResponse\x12\x43\n\rGetDeployment\x12\x1d.maia.v1.GetDeploymentRequest\x1a\x13.maia.v1.Deployment\x12T\n\x0fListDeployments\x12\x1f.maia.v1.ListDeploymentsRequest\x1a .maia.v1.ListDeploymentsResponse\x12I\n\x10\x44\x65leteDeployment\x12 .maia.v1.DeleteDeploymentRequest\x1a\x13.maia.v1.Deployment\x12P\n\x10WatchDeployments\x12 .maia.v1.WatchDeploymentsRequest\x1a\x18.maia.v1.DeploymentEvent0\x01\x12?\n\x08GetUsage\x12\x18.maia.v1.GetUsageRequest\x1a\x19.maia.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maia.v1.deployments_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEPLOYMENTPHASE']._serialized_start=2013
-  _globals['_DEPLOYMENTPHASE']._serialized_end=2252
+  _globals['_DEPLOYMENTPHASE']._serialized_start=2396
+  _globals['_DEPLOYMENTPHASE']._serialized_end=2635
   _globals['_DEPLOYMENTSPEC']._serialized_start=94
   _globals['_DEPLOYMENTSPEC']._serialized_end=350
   _globals['_SHARDPLACEMENT']._serialized_start=353
-  _globals['_SHARDPLACEMENT']._serialized_end=538
-  _globals['_DEPLOYMENT']._serialized_start=541
-  _globals['_DEPLOYMENT']._serialized_end=879
-  _globals['_SUBMITDEPLOYMENTREQUEST']._serialized_start=881
-  _globals['_SUBMITDEPLOYMENTREQUEST']._serialized_end=988
-  _globals['_SUBMITDEPLOYMENTRESPONSE']._serialized_start=990
-  _globals['_SUBMITDEPLOYMENTRESPONSE']._serialized_end=1074
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1076
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1112
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1114
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1193
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1195
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1287
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1289
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1328
-  _globals['_WATCHDEPLOYMENTSREQUEST']._serialized_start=1330
-  _globals['_WATCHDEPLOYMENTSREQUEST']._serialized_end=1385
-  _globals['_DEPLOYMENTEVENT']._serialized_start=1388
-  _globals['_DEPLOYMENTEVENT']._serialized_end=1574
-  _globals['_DEPLOYMENTEVENT_TYPE']._serialized_start=1493
-  _globals['_DEPLOYMENTEVENT_TYPE']._serialized_end=1574
-  _globals['_GETUSAGEREQUEST']._serialized_start=1576
-  _globals['_GETUSAGEREQUEST']._serialized_end=1695
-  _globals['_USAGERECORD']._serialized_start=1698
-  _globals['_USAGERECORD']._serialized_end=1864
-  _globals['_GETUSAGERESPONSE']._serialized_start=1867
-  _globals['_GETUSAGERESPONSE']._serialized_end=2010
-  _globals['_DEPLOYMENTSERVICE']._serialized_start=2255
-  _globals['_DEPLOYMENTSERVICE']._serialized_end=2740
+  _globals['_SHARDPLACEMENT']._serialized_end=574
+  _globals['_DEPLOYMENT']._serialized_start=577
+  _globals['_DEPLOYMENT']._serialized_end=1012
+  _globals['_SUBMITDEPLOYMENTREQUEST']._serialized_start=1015
+  _globals['_SUBMITDEPLOYMENTREQUEST']._serialized_end=1149
+  _globals['_SUBMITDEPLOYMENTRESPONSE']._serialized_start=1151
+  _globals['_SUBMITDEPLOYMENTRESPONSE']._serialized_end=1235
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=1237
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=1354
+  _globals['_UPDATEDEPLOYMENTRESPONSE']._serialized_start=1356
+  _globals['_UPDATEDEPLOYMENTRESPONSE']._serialized_end=1457
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1459
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1495
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1497
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1576
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1578
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1670
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1672
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1711
+  _globals['_WATCHDEPLOYMENTSREQUEST']._serialized_start=1713
+  _globals['_WATCHDEPLOYMENTSREQUEST']._serialized_end=1768
+  _globals['_DEPLOYMENTEVENT']._serialized_start=1771
+  _globals['_DEPLOYMENTEVENT']._serialized_end=1957
+  _globals['_DEPLOYMENTEVENT_TYPE']._serialized_start=1876
+  _globals['_DEPLOYMENTEVENT_TYPE']._serialized_end=1957
+  _globals['_GETUSAGEREQUEST']._serialized_start=1959
+  _globals['_GETUSAGEREQUEST']._serialized_end=2078
+  _globals['_USAGERECORD']._serialized_start=2081
+  _globals['_USAGERECORD']._serialized_end=2247
+  _globals['_GETUSAGERESPONSE']._serialized_start=2250
+  _globals['_GETUSAGERESPONSE']._serialized_end=2393
+  _globals['_DEPLOYMENTSERVICE']._serialized_start=2638
+  _globals['_DEPLOYMENTSERVICE']._serialized_end=3212
 # @@protoc_insertion_point(module_scope)

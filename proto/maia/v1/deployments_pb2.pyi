@@ -53,7 +53,7 @@ class DeploymentSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., shards_per_replica: _Optional[int] = ..., shard: _Optional[_Union[_common_pb2.ShardSpec, _Mapping]] = ..., locality: _Optional[_Union[_common_pb2.Domain, str]] = ..., spread: _Optional[_Union[_common_pb2.Spread, _Mapping]] = ..., priority: _Optional[int] = ..., preemptible: _Optional[bool] = ...) -> None: ...
 
 class ShardPlacement(_message.Message):
-    __slots__ = ("replica", "shard", "node", "rack", "accelerator_indices", "accelerator_milli", "phase", "message")
+    __slots__ = ("replica", "shard", "node", "rack", "accelerator_indices", "accelerator_milli", "phase", "message", "revision", "outgoing")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,8 @@ class ShardPlacement(_message.Message):
     ACCELERATOR_MILLI_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    OUTGOING_FIELD_NUMBER: _ClassVar[int]
     replica: int
     shard: int
     node: str
@@ -70,10 +72,12 @@ class ShardPlacement(_message.Message):
     accelerator_milli: int
     phase: _common_pb2.ShardPhase
     message: str
-    def __init__(self, replica: _Optional[int] = ..., shard: _Optional[int] = ..., node: _Optional[str] = ..., rack: _Optional[str] = ..., accelerator_indices: _Optional[_Iterable[int]] = ..., accelerator_milli: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    revision: int
+    outgoing: bool
+    def __init__(self, replica: _Optional[int] = ..., shard: _Optional[int] = ..., node: _Optional[str] = ..., rack: _Optional[str] = ..., accelerator_indices: _Optional[_Iterable[int]] = ..., accelerator_milli: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ..., revision: _Optional[int] = ..., outgoing: _Optional[bool] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("spec", "phase", "generation", "placed_replicas", "running_replicas", "placements", "reasons", "created_at", "updated_at")
+    __slots__ = ("spec", "phase", "generation", "placed_replicas", "running_replicas", "placements", "reasons", "created_at", "updated_at", "resource_version", "revision", "updated_replicas", "outgoing_replicas")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +87,10 @@ class Deployment(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    OUTGOING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     spec: DeploymentSpec
     phase: DeploymentPhase
     generation: int
@@ -92,17 +100,23 @@ class Deployment(_message.Message):
     reasons: _containers.RepeatedCompositeFieldContainer[_common_pb2.Reason]
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., generation: _Optional[int] = ..., placed_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    resource_version: int
+    revision: int
+    updated_replicas: int
+    outgoing_replicas: int
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., generation: _Optional[int] = ..., placed_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resource_version: _Optional[int] = ..., revision: _Optional[int] = ..., updated_replicas: _Optional[int] = ..., outgoing_replicas: _Optional[int] = ...) -> None: ...
 
 class SubmitDeploymentRequest(_message.Message):
-    __slots__ = ("spec", "dry_run", "replace_existing")
+    __slots__ = ("spec", "dry_run", "replace_existing", "client_request_id")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     REPLACE_EXISTING_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     spec: DeploymentSpec
     dry_run: bool
     replace_existing: bool
-    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., dry_run: _Optional[bool] = ..., replace_existing: _Optional[bool] = ...) -> None: ...
+    client_request_id: str
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., dry_run: _Optional[bool] = ..., replace_existing: _Optional[bool] = ..., client_request_id: _Optional[str] = ...) -> None: ...
 
 class SubmitDeploymentResponse(_message.Message):
     __slots__ = ("deployment", "dry_run")
@@ -111,6 +125,26 @@ class SubmitDeploymentResponse(_message.Message):
     deployment: Deployment
     dry_run: bool
     def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class UpdateDeploymentRequest(_message.Message):
+    __slots__ = ("spec", "resource_version", "client_request_id")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    spec: DeploymentSpec
+    resource_version: int
+    client_request_id: str
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., resource_version: _Optional[int] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+
+class UpdateDeploymentResponse(_message.Message):
+    __slots__ = ("deployment", "changes", "rolling")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    ROLLING_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    rolling: bool
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., changes: _Optional[_Iterable[str]] = ..., rolling: _Optional[bool] = ...) -> None: ...
 
 class GetDeploymentRequest(_message.Message):
     __slots__ = ("name",)

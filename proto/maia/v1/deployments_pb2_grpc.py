@@ -39,6 +39,11 @@ class DeploymentServiceStub:
                 request_serializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentResponse.FromString,
                 _registered_method=True)
+        self.UpdateDeployment = channel.unary_unary(
+                '/maia.v1.DeploymentService/UpdateDeployment',
+                request_serializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentResponse.FromString,
+                _registered_method=True)
         self.GetDeployment = channel.unary_unary(
                 '/maia.v1.DeploymentService/GetDeployment',
                 request_serializer=maia_dot_v1_dot_deployments__pb2.GetDeploymentRequest.SerializeToString,
@@ -72,6 +77,16 @@ class DeploymentServiceServicer:
     def SubmitDeployment(self, request, context):
         """Validates and stores a deployment (Pending); with dry_run, solves it against the current
         cluster and returns the placement it would get, storing nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDeployment(self, request, context):
+        """Changes a stored deployment's spec in place. `resource_version` must be the version the
+        change is based on (a stale one is ABORTED, nothing written). A replica count change
+        scales at once; a change to what a replica is (shard, shards per replica, locality,
+        spread) rolls replica by replica, make-before-break, never below the running replicas asked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +133,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.SubmitDeployment,
                     request_deserializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentRequest.FromString,
                     response_serializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentResponse.SerializeToString,
+            ),
+            'UpdateDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDeployment,
+                    request_deserializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentResponse.SerializeToString,
             ),
             'GetDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDeployment,
@@ -172,6 +192,33 @@ class DeploymentService:
             '/maia.v1.DeploymentService/SubmitDeployment',
             maia_dot_v1_dot_deployments__pb2.SubmitDeploymentRequest.SerializeToString,
             maia_dot_v1_dot_deployments__pb2.SubmitDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.DeploymentService/UpdateDeployment',
+            maia_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.SerializeToString,
+            maia_dot_v1_dot_deployments__pb2.UpdateDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,70 @@
+"""`maiactl scale DEPLOYMENT --replicas N` and `maiactl rollout status DEPLOYMENT [--timeout]`.
+
+scale reads the deployment and updates it with the new replica count, naming the resource
+version it read (a change made by someone else in between is refused, and read again once).
+rollout status follows a rolling update (or a drain) of one deployment until every asked
+replica runs the current revision and no old replica is left, printing its progress.
+"""
+from __future__ import annotations
+
+import argparse
+
+import grpc
+
+from controller.cli.client import CliError, Exit, status_code
+from controller.cli.commands.wait import wait_deployments
+from controller.cli.context import Context
+from maia.v1 import deployments_pb2
+
+P = deployments_pb2
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("scale", parents=[common], help="change a deployment's replica count (at once)")
+    s.add_argument("deployment", metavar="DEPLOYMENT")
+    s.add_argument("--replicas", type=int, required=True, metavar="N")
+    s.set_defaults(handler=run_scale)
+    r = sub.add_parser("rollout", parents=[common], help="follow a rolling update")
+    verbs = r.add_subparsers(dest="rollout_command", metavar="VERB", required=True)
+    st = verbs.add_parser("status", parents=[common],
+                          help="wait until a deployment's rolling update (or drain) is done, showing progress")
+    st.add_argument("deployment", metavar="DEPLOYMENT")
+    st.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    st.set_defaults(handler=run_status)
+
+
+def run_scale(args: argparse.Namespace, ctx: Context) -> int:
+    if args.replicas < 1:
+        raise CliError(f"--replicas must be at least 1, got {args.replicas} (delete the deployment to remove it)",
+                       Exit.USAGE)
+    for attempt in range(2):
+        current = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=args.deployment),
+                                                           timeout=ctx.rpc_timeout)
+        spec = P.DeploymentSpec()
+        spec.CopyFrom(current.spec)
+        spec.replicas = args.replicas
+        try:
+            answer = ctx.controller.deployments.UpdateDeployment(
+                P.UpdateDeploymentRequest(spec=spec, resource_version=current.resource_version),
+                timeout=ctx.rpc_timeout)
+        except grpc.RpcError as exc:
+            if status_code(exc) == grpc.StatusCode.ABORTED and attempt == 0:
+                continue  # changed between our read and write: read it again, once
+            raise
+        break
+    if ctx.json:
+        ctx.emit_json({"deployment": answer.deployment, "changes": list(answer.changes)})
+    elif answer.changes:
+        ctx.out(f"deployment/{args.deployment} scaled: replicas {current.spec.replicas} -> {args.replicas} "
+                f"(resource version {answer.deployment.resource_version})")
+    else:
+        ctx.out(f"deployment/{args.deployment} unchanged: already {args.replicas} replicas")
+    return Exit.OK
+
+
+def run_status(args: argparse.Namespace, ctx: Context) -> int:
+    code = wait_deployments([args.deployment], "rolled-out", args.timeout, ctx, fail_fast=False,
+                            quiet=True)
+    if not ctx.json:
+        ctx.out(f'deployment "{args.deployment}" successfully rolled out')
+    return code

@@ -1,0 +1,61 @@
+"""Client request ids: a submit or update retried with the same id changes nothing twice.
+
+A client (maiactl sets one per apply) sends an id with a write; the first call records it with
+a digest of the spec it carried, in the same transaction as the write. A retry with the same id
+is answered with the deployment as it stands now and writes nothing; the same id with another
+spec (or for another deployment or action) is refused, naming what the id was first used for.
+Ids live as long as their deployment (deleting it forgets them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from controller import limits
+from controller.errors import FailedPrecondition, InvalidArgument
+from controller.store import models as m
+from controller.store.db import UnitOfWork
+from controller.usecases import planning
+from controller.domain.values import DeploymentSpec
+from controller.usecases.validation import check_text
+
+REQUEST_ID_MAX = limits.ID_MAX
+
+
+def check_request_id(request_id: str) -> None:
+    if request_id:
+        if len(request_id) > REQUEST_ID_MAX:
+            raise InvalidArgument(f"client_request_id is {len(request_id)} characters long; at most {REQUEST_ID_MAX}")
+        check_text("client_request_id", request_id, REQUEST_ID_MAX)
+
+
+def spec_digest(spec: DeploymentSpec) -> str:
+    doc = planning.deployment_doc(spec)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+async def replayed(uow: UnitOfWork, tenant: str, request_id: str, spec: DeploymentSpec,
+                   action: str) -> m.Deployment | None:
+    """The deployment a first call with this id wrote (None: the id is new, or empty)."""
+    if not request_id:
+        return None
+    seen = await uow.session.get(m.ClientRequest, (tenant, request_id))
+    if seen is None:
+        return None
+    row = await uow.session.get(m.Deployment, seen.deployment_id)
+    if row is None:  # deleted meanwhile (the cascade forgets ids; a race may not have yet)
+        return None
+    if seen.action != action or row.name != spec.name or seen.spec_sha256 != spec_digest(spec):
+        raise FailedPrecondition(
+            f"client_request_id {request_id!r} was already used by tenant {tenant} to {seen.action} "
+            f"deployment {row.name} with a different spec; use a new id for a different request")
+    return row
+
+
+def remember(uow: UnitOfWork, tenant: str, request_id: str, deployment_id: int, spec: DeploymentSpec,
+             action: str) -> None:
+    """Record the id in the caller's transaction (with the write it belongs to)."""
+    if request_id:
+        uow.session.add(m.ClientRequest(tenant_id=tenant, request_id=request_id, deployment_id=deployment_id,
+                                        action=action, spec_sha256=spec_digest(spec)))

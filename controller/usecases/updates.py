@@ -1,0 +1,174 @@
+"""Changing a stored deployment in place, with optimistic concurrency.
+
+An update names the `resource_version` it was based on; if the deployment changed since, the
+update is refused (ABORTED) and nothing is written, so two operators never silently overwrite
+each other. What changes decides how it takes effect:
+- replicas, min_replicas, priority, preemptible: at once (the next solve scales; nothing restarts);
+- what a replica is (shards per replica, the shard, locality, spread): a new template revision;
+  the replicas of the old one keep running until replacements run, one at a time
+  (`store/rollout.py`: make-before-break, never below the replicas asked).
+An update that would break the tenant's contract is refused with the numbers: more than its
+`max_accelerators` or `max_power_w` in total, or (non-preemptible) capacity owed to another
+tenant's reservation.
+"""
+
+from __future__ import annotations
+
+from controller.errors import (
+    Conflict, FailedPrecondition, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
+)
+from controller.identity import Principal
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+from controller.store.metering import shard_milli
+from controller.usecases import planning, requests
+from controller.usecases.deployments import as_caller, visible_row, check_could_ever_fit, validate_spec
+from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentUpdate
+from controller.usecases.ports import Signals
+from controller.usecases.validation import check_name
+
+# Fields whose change needs new replicas (a rolling update); every other field applies at once.
+TEMPLATE_FIELDS = ("shards_per_replica", "shard", "locality", "spread")
+_FIELDS = ("replicas", "min_replicas", "priority", "preemptible", *TEMPLATE_FIELDS)
+
+
+def spec_changes(old: DeploymentSpec, new: DeploymentSpec) -> list[str]:
+    """One line per changed field: 'replicas: 2 -> 3', 'shard.hbm_gib: 16 -> 24'."""
+    lines = []
+    for name in _FIELDS:
+        before, after = getattr(old, name), getattr(new, name)
+        if name == "shard":
+            for sub in before.__dataclass_fields__:
+                b, a = getattr(before, sub), getattr(after, sub)
+                if b != a:
+                    lines.append(f"shard.{sub}: {_text(b)} -> {_text(a)}")
+        elif before != after:
+            lines.append(f"{name}: {_text(before)} -> {_text(after)}")
+    return lines
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "none"
+    if hasattr(value, "domain"):  # a Spread
+        return f"{value.domain} max {value.max_per_domain}"  # type: ignore[attr-defined]
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "any"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def needs_rollout(old: DeploymentSpec, new: DeploymentSpec) -> bool:
+    return any(getattr(old, f) != getattr(new, f) for f in TEMPLATE_FIELDS)
+
+
+def _demand(spec: DeploymentSpec) -> tuple[float, float]:
+    """(accelerators, watts) all its replicas hold when placed (fractions as milli/1000)."""
+    per_shard = shard_milli(spec.shard.accelerators, spec.shard.accelerator_milli) / 1000.0
+    shards = spec.replicas * spec.shards_per_replica
+    return shards * per_shard, shards * per_shard * spec.shard.power_w
+
+
+def _held(row: m.Deployment) -> float:
+    return sum(repo.placement_milli(row, p) for p in row.placements) / 1000.0
+
+
+def _quota(code: str, message: str, scope: str) -> ResourceExhausted:
+    return ResourceExhausted(message, reasons=(ReasonDetail(code, message, scope),))
+
+
+async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpec) -> None:
+    """Refuse an update that would break the tenant's caps or another tenant's reservation."""
+    tenant = await repo.get_tenant(uow.session, spec.tenant)
+    if tenant is None:
+        raise NotFound(f"tenant {spec.tenant} not found")
+    usage = await repo.cluster_usage(uow.session)
+    held = _held(row)
+    own = usage.tenant(tenant.id)
+    accelerators, power = _demand(spec)
+    where = f"deployment {spec.name}"
+    if tenant.max_accelerators is not None:
+        total = own.accelerators - held + accelerators
+        if total > tenant.max_accelerators + 1e-9:
+            raise _quota("QUOTA_ACCELERATORS",
+                         f"{where}: {spec.replicas} replicas need {accelerators:g} accelerators; tenant {tenant.id} "
+                         f"holds {own.accelerators - held:g} elsewhere, {total:g} > max_accelerators "
+                         f"{tenant.max_accelerators:g}", tenant.id)
+    if tenant.max_power_w is not None:
+        held_power = sum(repo.placement_milli(row, p) for p in row.placements) / 1000.0 * row.shard_power_w
+        total_w = own.power_w - held_power + power
+        if total_w > tenant.max_power_w + 1e-6:
+            raise _quota("QUOTA_POWER",
+                         f"{where}: {spec.replicas} replicas draw {power:g} W; tenant {tenant.id} draws "
+                         f"{own.power_w - held_power:g} W elsewhere, {total_w:g} W > max_power_w "
+                         f"{tenant.max_power_w:g} W", tenant.id)
+    growth = accelerators - held
+    if spec.preemptible or growth <= 0:
+        return
+    nodes = [n for n in await repo.list_node_rows(uow.session) if n.state == "ready"]
+    free = sum(n.accelerators - usage.node_milli.get(n.id, 0) / 1000.0 for n in nodes)
+    owed = {t.id: t.reserved_accelerators - usage.tenant(t.id).accelerators
+            for t in await repo.list_tenant_rows(uow.session)
+            if t.id != tenant.id and t.reserved_accelerators
+            and t.reserved_accelerators > usage.tenant(t.id).accelerators}
+    if owed and growth > free - sum(owed.values()) + 1e-9:
+        names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
+        raise FailedPrecondition(
+            f"{where}: growing by {growth:g} accelerators would take capacity reserved for other tenants: "
+            f"{free:g} free on ready nodes, {sum(owed.values()):g} still owed ({names})",
+            reasons=(ReasonDetail("RESERVATION", f"{sum(owed.values()):g} accelerators owed to {names}", ""),))
+
+
+async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, resource_version: int,
+                            signals: Signals, request_id: str = "") -> DeploymentUpdate:
+    check_name("deployment", spec.name)
+    spec = as_caller(who, spec, "updating deployments")
+    validate_spec(spec)
+    requests.check_request_id(request_id)
+    row = await visible_row(uow, who, spec.name, "updating deployments")
+    if row.tenant_id != spec.tenant:
+        raise InvalidArgument(f"deployment {spec.name} belongs to tenant {row.tenant_id}; "
+                              f"its tenant cannot be changed to {spec.tenant}")
+    if await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None:
+        return DeploymentUpdate(repo.deployment_view(row))
+    if row.phase is m.DeploymentPhase.DELETING:
+        raise FailedPrecondition(f"deployment {spec.name} is being deleted")
+    if row.phase is m.DeploymentPhase.QUARANTINED:
+        raise FailedPrecondition(f"deployment {spec.name} is quarantined: submit it again to replace it")
+    if resource_version <= 0:
+        raise InvalidArgument(f"deployment {spec.name}: resource_version is required (the version the change is "
+                              f"based on; it is at {row.resource_version})")
+    if resource_version != row.resource_version:
+        raise Conflict(f"deployment {spec.name} changed since resource version {resource_version} "
+                       f"(it is at {row.resource_version}): read it again and re-apply the change")
+    old = repo.deployment_spec(row)
+    changes = spec_changes(old, spec)
+    if not changes:
+        return DeploymentUpdate(repo.deployment_view(row))
+    tenant = await repo.get_tenant(uow.session, spec.tenant)
+    if tenant is None:
+        raise NotFound(f"tenant {spec.tenant} not found")
+    await check_could_ever_fit(uow, spec, tenant)
+    await check_contract(uow, row, spec)
+    rolling = needs_rollout(old, spec)
+    if rolling:
+        running_old = {p.revision for p in row.placements}
+        specs = {k: v for k, v in (row.revision_specs or {}).items() if int(k) in running_old}
+        if row.template_revision in running_old:
+            specs[str(row.template_revision)] = planning.deployment_doc(old)
+        row.revision_specs = specs
+        row.template_revision = row.template_revision + 1
+    repo.write_deployment_spec(row, spec)
+    row.resource_version = row.resource_version + 1
+    requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
+    await repo.bump_cluster_generation(uow.session)
+    repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",
+                      object_id=spec.name, message="; ".join(changes),
+                      data={"changes": changes, "rolling": rolling, "resource_version": row.resource_version,
+                            "revision": row.template_revision})
+    await uow.commit()
+    view = repo.deployment_view(row)
+    signals.publish(DeploymentEvent("modified", view))
+    signals.wake_reconciler()
+    return DeploymentUpdate(view, tuple(changes), rolling)
+

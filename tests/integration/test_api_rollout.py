@@ -1,0 +1,227 @@
+"""Changing running work, end to end with real agents (`maia-simnode` subprocesses): updates in
+place with a resource version, scaling, rolling updates and drains that are make-before-break
+from the agents' own log, idempotent submits, and what is refused with nothing written.
+Every scenario ends with the committed state passing the independent plan checker."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from grpc_harness import RUNNING, SimFleet, Stubs, eventually, issue_token, spec, topology
+from bench.checking import check_state
+from controller.store.snapshot import load_snapshot
+from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+
+
+RACKS = {"rack-00": "row-a", "rack-01": "row-a"}
+P = deployments_pb2
+
+
+async def _get(stubs: Stubs, name: str) -> P.Deployment:
+    return await stubs.deployments.GetDeployment(P.GetDeploymentRequest(name=name))
+
+
+async def _update(stubs: Stubs, msg: P.DeploymentSpec, version: int, request_id: str = "") -> P.UpdateDeploymentResponse:
+    return await stubs.deployments.UpdateDeployment(
+        P.UpdateDeploymentRequest(spec=msg, resource_version=version, client_request_id=request_id))
+
+
+async def _events(stubs: Stubs, name: str) -> list[admin_pb2.EventRecord]:
+    return list((await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="deployment",
+                                                                          object_id=name))).events)
+
+
+def _rolled_out(d: P.Deployment) -> bool:
+    return d.outgoing_replicas == 0 and d.updated_replicas >= d.spec.replicas and d.phase == RUNNING
+
+
+async def committed_violations(app: Any) -> list[str]:
+    """The committed placements graded by the independent checker (bench/checking.py)."""
+    async with app.db.unit_of_work() as uow:
+        problem = (await load_snapshot(uow.session)).problem
+    return [f"{v.rule}: {v.message}" for v in check_state(problem, problem["placements"])]
+
+
+_SHARD_LINE = re.compile(r"(?P<dep>[a-z0-9-]+)/(?P<replica>\d+)/(?P<shard>\d+) (?P<phase>running|stopped|failed)\b")
+
+
+def running_timeline(log: str, deployment: str, shards_per_replica: int) -> list[int]:
+    """Replaying the agents' log: how many replicas of `deployment` ran (every shard running)
+    after each of its shard reports."""
+    running: set[tuple[int, int]] = set()
+    counts = []
+    for m in _SHARD_LINE.finditer(log):
+        if m["dep"] != deployment:
+            continue
+        key = (int(m["replica"]), int(m["shard"]))
+        if m["phase"] == "running":
+            running.add(key)
+        else:
+            running.discard(key)
+        per_replica: dict[int, int] = defaultdict(int)
+        for replica, _ in running:
+            per_replica[replica] += 1
+        counts.append(sum(1 for n in per_replica.values() if n >= shards_per_replica))
+    return counts
+
+
+def never_below(counts: list[int], floor: int) -> bool:
+    """From the first moment `floor` replicas ran, never fewer."""
+    started = next(i for i, c in enumerate(counts) if c >= floor)
+    return min(counts[started:]) >= floor
+
+
+@pytest.fixture
+async def fleet(stubs: Stubs, controller_app, tmp_path: Path) -> AsyncIterator[SimFleet]:
+    """Topology, tenant `lab`, and 2 racks x 4 nodes of real agents, all connected and ready."""
+    await stubs.admin.ApplyTopology(topology(RACKS))
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    bootstrap = await issue_token(controller_app.db, "node-bootstrap", name="fleet")
+    sim = SimFleet(controller_app.address, racks=2, nodes_per_rack=4, token=bootstrap, log_dir=tmp_path)
+    try:
+        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 8,
+                         timeout=30, what="8 agents connected")
+        yield sim
+    finally:
+        sim.stop()
+
+
+def _svc(**kw: Any) -> P.DeploymentSpec:
+    kw.setdefault("replicas", 2)
+    kw.setdefault("min_replicas", 2)
+    return spec("svc", shards=2, accelerators=1,
+                spread=common_pb2.Spread(domain=common_pb2.DOMAIN_NODE, max_per_domain=1), **kw)
+
+
+async def test_rolling_update_is_make_before_break_from_the_agents_view(stubs: Stubs, fleet: SimFleet,
+                                                                         controller_app):
+    first = await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))
+    assert first.deployment.resource_version == 1 and first.deployment.revision == 1
+    await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING, what="svc running")
+
+    changed = _svc()
+    changed.shard.hbm_gib = 24  # what a replica is: a rolling update
+    answer = await _update(stubs, changed, 1)
+    assert answer.rolling and list(answer.changes) == ["shard.hbm_gib: 16 -> 24"]
+    assert answer.deployment.resource_version == 2 and answer.deployment.revision == 2
+    done = await eventually(lambda: _get(stubs, "svc"), _rolled_out, timeout=60, what="svc rolled out")
+    assert {p.revision for p in done.placements} == {2} and len(done.placements) == 4
+    assert done.spec.shard.hbm_gib == 24
+
+    # The agents' own log: once both replicas ran, never fewer than 2 (min_replicas) ran.
+    counts = running_timeline(fleet.log_path.read_text(errors="replace"), "svc", 2)
+    assert never_below(counts, 2), counts
+    assert max(counts) == 3, counts  # the surge replica ran beside the old ones
+    kinds = [e.kind for e in await _events(stubs, "svc")]
+    assert "deployment.updated" in kinds and kinds.count("deployment.replica_retired") == 2
+    assert await committed_violations(controller_app) == []
+
+
+async def test_replica_changes_scale_at_once_without_a_rollout(stubs: Stubs, fleet: SimFleet, controller_app):
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))
+    running = await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING, what="svc running")
+    answer = await _update(stubs, _svc(replicas=3), running.resource_version)
+    assert not answer.rolling and list(answer.changes) == ["replicas: 2 -> 3"]
+    three = await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING and d.running_replicas == 3,
+                             what="3 replicas running")
+    kept = {(p.replica, p.shard, p.node) for p in running.placements}
+    assert kept <= {(p.replica, p.shard, p.node) for p in three.placements}  # nothing restarted
+    answer = await _update(stubs, _svc(replicas=2, min_replicas=1), three.resource_version)
+    assert list(answer.changes) == ["replicas: 3 -> 2", "min_replicas: 2 -> 1"]
+    two = await eventually(lambda: _get(stubs, "svc"), lambda d: len(d.placements) == 4 and d.phase == RUNNING,
+                           what="scaled down to 2")
+    assert {p.replica for p in two.placements} == {0, 1} and two.revision == 1
+    assert await committed_violations(controller_app) == []
+
+
+async def test_stale_and_contract_breaking_updates_are_refused_with_nothing_written(stubs: Stubs, fleet: SimFleet,
+                                                                                    controller_app):
+    await stubs.admin.UpdateTenant(admin_pb2.Tenant(id="lab", max_accelerators=6))
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))
+    running = await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING, what="svc running")
+    events = await _events(stubs, "svc")
+
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await _update(stubs, _svc(replicas=3), running.resource_version + 1)
+    assert stale.value.code() == grpc.StatusCode.ABORTED
+    assert stale.value.details() == ("deployment svc changed since resource version 2 (it is at 1): "
+                                     "read it again and re-apply the change")
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await _update(stubs, _svc(replicas=3), 0)
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "resource_version is required" in \
+        missing.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as quota:
+        await _update(stubs, _svc(replicas=4), running.resource_version)  # 8 accelerators > 6
+    assert quota.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert quota.value.details() == ("deployment svc: 4 replicas need 8 accelerators; tenant lab holds 0 "
+                                     "elsewhere, 8 > max_accelerators 6")
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await _update(stubs, spec("nope"), 1)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    after = await _get(stubs, "svc")
+    assert after.resource_version == running.resource_version and after.spec == running.spec
+    assert [e.id for e in await _events(stubs, "svc")] == [e.id for e in events]
+    assert await committed_violations(controller_app) == []
+
+
+async def test_a_retried_submit_returns_the_first_result_and_writes_nothing(stubs: Stubs, fleet: SimFleet,
+                                                                            controller_app):
+    request = P.SubmitDeploymentRequest(spec=spec("once", replicas=1), client_request_id="req-1")
+    first = await stubs.deployments.SubmitDeployment(request)
+    await eventually(lambda: _get(stubs, "once"), lambda d: d.phase == RUNNING, what="once running")
+    again = await stubs.deployments.SubmitDeployment(request)
+    assert again.deployment.spec == first.deployment.spec and again.deployment.created_at == first.deployment.created_at
+    assert [e.kind for e in await _events(stubs, "once")].count("deployment.submitted") == 1
+    listed = await stubs.deployments.ListDeployments(P.ListDeploymentsRequest())
+    assert [d.spec.name for d in listed.deployments] == ["once"]
+
+    other = P.SubmitDeploymentRequest(spec=spec("once", replicas=2), client_request_id="req-1")
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await stubs.deployments.SubmitDeployment(other)
+    assert reused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reused.value.details() == ("client_request_id 'req-1' was already used by tenant lab to submit "
+                                      "deployment once with a different spec; use a new id for a different request")
+    # An update retried with its id is answered once, even though its version is stale by then.
+    current = await _get(stubs, "once")
+    bigger = spec("once", replicas=2)
+    await _update(stubs, bigger, current.resource_version, "req-2")
+    retried = await _update(stubs, bigger, current.resource_version, "req-2")
+    assert retried.deployment.resource_version == current.resource_version + 1
+    assert [e.kind for e in await _events(stubs, "once")].count("deployment.updated") == 1
+    assert await committed_violations(controller_app) == []
+
+
+async def test_drain_replaces_make_before_break_from_the_agents_view(stubs: Stubs, fleet: SimFleet,
+                                                                     controller_app):
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))
+    running = await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING, what="svc running")
+    victim = running.placements[0].node
+    drained = await stubs.admin.DrainNode(admin_pb2.NodeRequest(id=victim))
+    assert drained.state == common_pb2.NODE_STATE_CORDONED
+    moved = await eventually(lambda: _get(stubs, "svc"),
+                             lambda d: _rolled_out(d) and victim not in {p.node for p in d.placements},
+                             timeout=60, what="svc replaced off the drained node")
+    by_replica: dict[int, set[str]] = defaultdict(set)
+    for p in moved.placements:
+        by_replica[p.replica].add(p.node)
+    first, second = by_replica.values()
+    assert not first & second  # spread: at most one replica per node, still
+    assert (await stubs.admin.GetNode(admin_pb2.GetNodeRequest(id=victim))).shards == 0
+    counts = running_timeline(fleet.log_path.read_text(errors="replace"), "svc", 2)
+    assert never_below(counts, 2) and max(counts) == 3, counts  # min_replicas 2, from the agents' view
+    kinds = [e.kind for e in await _events(stubs, "svc")]
+    assert kinds.count("deployment.replica_retired") == 1
+    assert await committed_violations(controller_app) == []
+
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stubs.admin.DrainNode(admin_pb2.NodeRequest(id="no-such-node"))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
