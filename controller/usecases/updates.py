@@ -8,8 +8,8 @@ each other. What changes decides how it takes effect:
   the replicas of the old one keep running until replacements run, one at a time
   (`store/rollout.py`: make-before-break, never below the replicas asked).
 An update that would break the tenant's contract is refused with the numbers: more than its
-`max_accelerators` or `max_power_w` in total, or (non-preemptible) capacity owed to another
-tenant's reservation.
+`max_accelerators` or `max_power_w` in total, or (non-preemptible) free capacity that is owed to
+another tenant below its reservation (it could not take it back: only preemptible work yields).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpe
             for t in await repo.list_tenant_rows(uow.session)
             if t.id != tenant.id and t.reserved_accelerators
             and t.reserved_accelerators > usage.tenant(t.id).accelerators}
-    if owed and growth > free - sum(owed.values()) + 1e-9:
+    # Only free capacity can be taken (with none, the growth waits as Pending like any other).
+    if owed and free > 1e-9 and growth > free - sum(owed.values()) + 1e-9:
         names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
         raise FailedPrecondition(
             f"{where}: growing by {growth:g} accelerators would take capacity reserved for other tenants: "

@@ -62,13 +62,19 @@ def test_get_yaml_applies_back_unchanged_and_a_changed_spec_says_what_differs(ru
     doc["replicas"] = 3
     doc["shard"]["power_w"] = 650
     changed = write(tmp_path / "changed.yaml", yaml.safe_dump(doc))
-    refused = running.ctl("apply", "-f", changed)
-    assert refused.returncode == 1
-    assert "replicas: 1 -> 3" in refused.stderr and "shard.power_w: 700 -> 650" in refused.stderr
-    assert "delete it first (maiactl delete deployment round)" in refused.stderr
     diff = running.ctl("diff", "-f", changed)
     assert diff.returncode == 1 and "replicas: 1 -> 3" in diff.stdout
-    assert running.ctl("diff", "-f", f).returncode == 0
+    updated = running.ctl("apply", "-f", changed)  # in place: the replica count and a rolling change
+    assert updated.returncode == 0, updated.stderr
+    assert updated.stdout == ("deployment/round configured (replicas: 1 -> 3; shard.power_w: 700 -> 650): "
+                              "rolling to revision 2 (maiactl rollout status round)\n")
+    stored = yaml.safe_load(running.ctl("get", "deployment", "round", "-o", "yaml").stdout)
+    assert stored["replicas"] == 3 and stored["shard"]["power_w"] == 650
+    assert running.ctl("diff", "-f", changed).returncode == 0 and running.ctl("diff", "-f", f).returncode == 1
+    scaled = running.ctl("scale", "round", "--replicas", "2")
+    assert (scaled.returncode, scaled.stdout) == (0, "deployment/round scaled: replicas 3 -> 2 (resource version 3)\n")
+    waiting = running.ctl("rollout", "status", "round", "--timeout", "1")  # no nodes: never rolled out
+    assert waiting.returncode == 1 and "timed out after 1s waiting for rolled-out" in waiting.stderr
     assert running.ctl("delete", "round").returncode == 0
 
 
