@@ -27,6 +27,8 @@ class Config:
     reconcile_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
     solve_time_limit_ms: int = 2000
+    # Stop preemptible work (whole replicas) to place higher-priority or reserved work.
+    preemption: bool = True
     watchdog_interval_s: float = 2.0
     log_level: str = "INFO"
     # TLS: certificate and key of the server; a client CA turns on mutual TLS (see controller.api.tls).
@@ -118,6 +120,9 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                                                 "(agents are told to beat 3 times per timeout)")
     parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms,
                         metavar="MS", help="milliseconds the solver may spend on one reconcile pass")
+    parser.add_argument("--no-preemption", dest="preemption", action="store_false",
+                        help="never stop preemptible replicas to place higher-priority work or a tenant's "
+                             "reservation (the reasons then say what preempting would place)")
     parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"), type=str.upper,
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log level of the JSON lines on stderr (env MAIA_LOG_LEVEL)")
@@ -186,6 +191,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         reconcile_interval_s=ns.reconcile_interval,
         heartbeat_timeout_s=ns.heartbeat_timeout,
         solve_time_limit_ms=ns.solve_time_limit_ms,
+        preemption=ns.preemption,
         watchdog_interval_s=ns.watchdog_interval,
         log_level=ns.log_level.upper(),
         tls_cert=ns.tls_cert,

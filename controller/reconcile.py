@@ -121,6 +121,7 @@ class Reconciler:
         observer: ReconcileObserver | None = None,
         wall_clock: Callable[[], datetime] = m.utcnow,
         quarantine_after: int = limits.QUARANTINE_AFTER_FAILURES,
+        allow_preemption: bool = True,
     ) -> None:
         self._db = db
         self._push = push
@@ -148,6 +149,7 @@ class Reconciler:
         self.passes = 0
         self.solves = 0
         self._quarantine_after = quarantine_after
+        self._allow_preemption = allow_preemption
         self._failures: dict[str, int] = {}  # solver failures per deployment (solved alone)
         self._good: set[str] = set()         # deployments of the last committed plan
         self._pass_started: float | None = None
@@ -252,7 +254,8 @@ class Reconciler:
                 await self._quarantine(beyond)
                 continue
             admitted, waiting = self._parking.admit(snapshot.problem)
-            problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms)
+            problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
+                                            allow_preemption=self._allow_preemption)
             started = time.perf_counter()
             try:
                 plan = ParkingLot.with_waiting(await self._solve(problem, time_limit_ms=self._time_limit_ms), waiting)

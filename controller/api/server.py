@@ -134,7 +134,7 @@ class ControllerApp:
             leader_db, push=self.hub.notify, publish=self._publish_deployments,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,
             lease=self.election, observer=self.metrics,
-            quarantine_after=config.quarantine_after_failures,
+            quarantine_after=config.quarantine_after_failures, allow_preemption=config.preemption,
         )
         self.throttle = SubmitLimits(
             submits=KeyedRateLimiter(config.submits_per_minute, "submits"),

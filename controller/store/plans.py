@@ -237,6 +237,11 @@ async def commit_plan(
         shard_phases[key[0]].append((key[1], row.phase if kept else ShardPhase.ASSIGNED))
     unplaced = {keys.name(u.deployment): u for u in plan.unplaced
                 if keys.name(u.deployment) in live and not keys.is_outgoing(u.deployment)}
+    preempted: dict[str, set[int]] = defaultdict(set)
+    for victim in plan.preempted:
+        replica = keys.replica(victim.deployment, victim.replica)
+        if replica is not None:
+            preempted[keys.name(victim.deployment)].add(replica)
     deployment_updates: list[dict[str, Any]] = []
     updated_deployments: set[str] = set()
     reasons_changed: set[str] = set()
@@ -244,6 +249,10 @@ async def commit_plan(
     for name in sorted(live):
         d = deployments[name]
         reasons = _reason_dicts(unplaced[name].reasons) if name in unplaced else []
+        if name in preempted:  # told why, and kept while what was preempted waits to be placed again
+            reasons = [preempted_reason(sorted(preempted[name]))] + reasons
+        elif name in unplaced:
+            reasons = [r for r in d.reasons or () if r.get("code") == PREEMPTED][:1] + reasons
         counts = replica_counts(d.shards_per_replica, shard_phases[name], sizes=sizes.get(name))
         phase = DeploymentPhase(deployment_phase(d.replicas, counts))
         if reasons != (d.reasons or []):
@@ -327,11 +336,6 @@ async def commit_plan(
     if changed_deployments or deleted_deployments:
         generation = await bump_cluster_generation(session)
 
-    preempted: dict[str, set[int]] = defaultdict(set)
-    for victim in plan.preempted:
-        replica = keys.replica(victim.deployment, victim.replica)
-        if replica is not None:
-            preempted[keys.name(victim.deployment)].add(replica)
     events = _events(current, desired, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments)
     if events:
         await session.execute(insert(Event), [{**e, "actor": actor, "at": now} for e in events])
@@ -346,6 +350,16 @@ async def commit_plan(
         deleted_deployments=deleted_deployments,
         first_placed_after_s=first_placed,
     )
+
+
+PREEMPTED = "PREEMPTED"
+
+
+def preempted_reason(replicas: list[int]) -> dict[str, Any]:
+    """Why a deployment lost replicas to preemption (no other tenant's names: tenants read it)."""
+    return {"code": PREEMPTED, "scope": "",
+            "message": f"replica(s) {replicas} preempted (stopped) for work of higher priority or a tenant's "
+                       f"reservation; re-queued: placed again when capacity frees up"}
 
 
 # Placement decisions that start, stop or move a tenant's work: audited with the plan commit.
@@ -402,7 +416,9 @@ def _events(
         by_preemption = [r for r in removed if r in preempted.get(name, ())]
         otherwise = [r for r in removed if r not in preempted.get(name, ())]
         if by_preemption:
-            add("deployment.preempted", name, f"preempted replicas {by_preemption}", {"replicas": by_preemption})
+            add("deployment.preempted", name,
+                f"preempted replicas {by_preemption}: stopped for work of higher priority or a tenant's "
+                f"reservation; re-queued", {"replicas": by_preemption})
         if otherwise:
             add("deployment.replicas_removed", name,
                 f"replicas {otherwise} are no longer placed (node down, scaled down or not placeable again)",

@@ -47,9 +47,12 @@ def with_only(problem: dict[str, Any], name: str) -> dict[str, Any]:
     return doc
 
 
-def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "batch") -> dict[str, Any]:
+def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "batch",
+                 allow_preemption: bool = False) -> dict[str, Any]:
     doc = dict(problem)
     doc["options"] = {**(problem.get("options") or {}), "mode": mode, "time_limit_ms": time_limit_ms}
+    if allow_preemption:
+        doc["options"]["allow_preemption"] = True
     return doc
 
 

@@ -17,6 +17,7 @@ from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store.db import Database
+from controller.store.rollout import retire_replaced
 from controller.usecases import deployments, nodes
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.usage import usage_report
@@ -114,9 +115,13 @@ async def test_the_meter_survives_a_restart_and_stops_with_a_drain(cluster: Data
             frac_nodes = set((await uow.session.execute(
                 select(m.UsageInterval.node_id).where(m.UsageInterval.deployment == "frac"))).scalars())
         assert _by_deployment(report) == {"big": pytest.approx((8.0, 4.2)), "frac": pytest.approx((1.5, 1.3875))}
-        # Draining a node stops the meters of the shards on it.
+        # Draining a node stops the meters of the shards on it once they are stopped (these never
+        # ran on an agent: nothing to wait for, the next retire pass stops them).
         async with restarted.unit_of_work() as uow:
             await nodes.drain_node(uow, WHO, sorted(frac_nodes)[0], RecordingSignals(), frozenset())
+        async with restarted.unit_of_work() as uow:
+            assert (await retire_replaced(uow.session, now=T0 + 3 * H)).nodes == {sorted(frac_nodes)[0]}
+            await uow.commit()
         async with restarted.unit_of_work() as uow:
             open_on = (await uow.session.execute(select(m.UsageInterval.node_id).where(
                 m.UsageInterval.ended_s.is_(None)))).scalars().all()

@@ -119,24 +119,45 @@ async def test_unplaceable_stays_pending_with_reasons(cluster):
     assert view.reasons and all(r.code and r.message for r in view.reasons)
 
 
-async def test_drain_removes_placements_and_reconcile_moves_them(cluster):
+async def _run_everything(cluster) -> None:
+    """What agents would report: every placed shard running."""
+    async with cluster.unit_of_work() as uow:
+        for p in await uow.session.scalars(select(m.Placement)):
+            p.phase = m.ShardPhase.RUNNING
+        await uow.commit()
+
+
+async def _where(cluster, name: str) -> list[tuple[int, str, bool]]:
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.get_deployment(uow, WHO, name)
+    return [(p.replica, p.node, p.outgoing) for p in view.placements]
+
+
+async def test_drain_replaces_make_before_break(cluster):
     rec = Recorder()
     loop = reconciler(cluster, rec)
     async with cluster.unit_of_work() as uow:
         await deployments.submit_deployment(uow, WHO, deployment("svc", locality="node"), RecordingSignals())
     await loop.reconcile_once()
-    async with cluster.unit_of_work() as uow:
-        first = (await deployments.get_deployment(uow, WHO, "svc")).placements[0].node
+    await _run_everything(cluster)
+    [(_, first, _)] = await _where(cluster, "svc")
     signals = RecordingSignals()
     async with cluster.unit_of_work() as uow:
         view = await nodes.drain_node(uow, WHO, first, signals, frozenset())
-    assert view.state == "cordoned" and view.shards == 0 and signals.nodes == {first}
+    assert view.state == "cordoned" and view.shards == 1 and signals.wakes == 1  # still running there
     await loop.reconcile_once()
+    placed = await _where(cluster, "svc")
+    assert placed[0] == (0, first, True) and placed[1][0] == 1 and placed[1][1] != first  # the replacement
+    await loop.reconcile_once()
+    assert len(await _where(cluster, "svc")) == 2  # not running yet: the old replica keeps serving
+    await _run_everything(cluster)
+    await loop.reconcile_once()
+    assert await _where(cluster, "svc") == [(1, placed[1][1], False)]
     async with cluster.unit_of_work() as uow:
-        moved = await deployments.get_deployment(uow, WHO, "svc")
-        placed_on = [p.node for p in moved.placements]
-        state = await uow.session.scalar(select(m.Node.cordoned).where(m.Node.id == first))
-    assert len(placed_on) == 1 and placed_on[0] != first and state is True
+        state = await uow.session.execute(select(m.Node.cordoned, m.Node.draining).where(m.Node.id == first))
+        assert state.one() == (True, True)
+        kinds = [e.kind for e in await uow.session.scalars(select(m.Event).order_by(m.Event.id))]
+    assert "deployment.replica_retired" in kinds
 
 
 async def test_up_nodes_without_a_stream_are_found_stale(cluster):

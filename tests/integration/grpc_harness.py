@@ -161,6 +161,27 @@ class SimFleet:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
+@asynccontextmanager
+async def running_fleet(stubs: Stubs, app: Any, log_dir: Path, racks: dict[str, str], *,
+                        nodes_per_rack: int = 4, tenants: tuple[str, ...] = ("lab",)) -> AsyncIterator[SimFleet]:
+    """The topology `racks`, `tenants`, and a `maia-simnode` fleet on the first racks (named
+    rack-NN), every agent connected and its node ready; stopped afterwards."""
+    await stubs.admin.ApplyTopology(topology(racks))
+    for tenant in tenants:
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant))
+    bootstrap = await issue_token(app.db, "node-bootstrap", name="fleet")
+    count = sum(1 for rack in racks if rack.startswith("rack-"))
+    sim = SimFleet(app.address, racks=count, nodes_per_rack=nodes_per_rack, token=bootstrap, log_dir=log_dir)
+    try:
+        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY
+                                       for n in r.nodes) == count * nodes_per_rack,
+                         timeout=30, what=f"{count * nodes_per_rack} agents connected")
+        yield sim
+    finally:
+        sim.stop()
+
+
 class HandAgent:
     """A minimal hand-driven agent: Register, Connect with Hello, read sets, send reports."""
 

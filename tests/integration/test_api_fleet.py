@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, eventually, issue_token, spec, topology
+from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, eventually, issue_token, running_fleet, spec
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 RACKS = {"rack-00": "row-a", "rack-01": "row-a", "spa-00": "row-b", "spb-00": "row-b"}
@@ -29,18 +29,8 @@ async def _nodes(stubs: Stubs) -> dict[str, admin_pb2.Node]:
 @pytest.fixture
 async def fleet(stubs: Stubs, controller_app, tmp_path: Path) -> AsyncIterator[SimFleet]:
     """Topology, tenant `lab`, and 2 racks x 4 nodes of real agents, all connected and ready."""
-    await stubs.admin.ApplyTopology(topology(RACKS))
-    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-    bootstrap = await issue_token(controller_app.db, "node-bootstrap", name="fleet")
-    sim = SimFleet(controller_app.address, racks=2, nodes_per_rack=4, token=bootstrap, log_dir=tmp_path)
-    try:
-        await eventually(lambda: _nodes(stubs),
-                         lambda ns: sum(n.connected and n.state == common_pb2.NODE_STATE_READY
-                                        for n in ns.values()) == 8,
-                         timeout=30, what="8 agents connected")
+    async with running_fleet(stubs, controller_app, tmp_path, RACKS) as sim:
         yield sim
-    finally:
-        sim.stop()
 
 
 async def test_submit_runs_on_concrete_accelerators_and_delete_frees_them(stubs: Stubs, fleet: SimFleet):

@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
-from grpc_harness import RUNNING, SimFleet, Stubs, eventually, issue_token, spec, topology
 from bench.checking import check_state
+from grpc_harness import RUNNING, SimFleet, Stubs, eventually, running_fleet, spec
 from controller.store.snapshot import load_snapshot
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -81,17 +81,8 @@ def never_below(counts: list[int], floor: int) -> bool:
 @pytest.fixture
 async def fleet(stubs: Stubs, controller_app, tmp_path: Path) -> AsyncIterator[SimFleet]:
     """Topology, tenant `lab`, and 2 racks x 4 nodes of real agents, all connected and ready."""
-    await stubs.admin.ApplyTopology(topology(RACKS))
-    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-    bootstrap = await issue_token(controller_app.db, "node-bootstrap", name="fleet")
-    sim = SimFleet(controller_app.address, racks=2, nodes_per_rack=4, token=bootstrap, log_dir=tmp_path)
-    try:
-        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
-                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 8,
-                         timeout=30, what="8 agents connected")
+    async with running_fleet(stubs, controller_app, tmp_path, RACKS) as sim:
         yield sim
-    finally:
-        sim.stop()
 
 
 def _svc(**kw: Any) -> P.DeploymentSpec:
