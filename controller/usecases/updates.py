@@ -73,8 +73,15 @@ def _held(row: m.Deployment) -> float:
     return sum(repo.placement_milli(row, p) for p in row.placements) / 1000.0
 
 
-def _quota(code: str, message: str, scope: str) -> ResourceExhausted:
-    return ResourceExhausted(message, reasons=(ReasonDetail(code, message, scope),))
+def _check_cap(code: str, cap_name: str, cap: float | None, *, spec: DeploymentSpec, asked: float,
+               elsewhere: float, unit: str = "") -> None:
+    """Refuse (RESOURCE_EXHAUSTED, with the numbers) when the tenant's total would exceed a cap."""
+    total = elsewhere + asked
+    if cap is None or total <= cap + 1e-6:
+        return
+    message = (f"deployment {spec.name}: {spec.replicas} replicas need {asked:g}{unit}; tenant {spec.tenant} "
+               f"holds {elsewhere:g}{unit} elsewhere, {total:g}{unit} > {cap_name} {cap:g}{unit}")
+    raise ResourceExhausted(message, reasons=(ReasonDetail(code, message, spec.tenant),))
 
 
 async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpec) -> None:
@@ -87,21 +94,10 @@ async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpe
     own = usage.tenant(tenant.id)
     accelerators, power = _demand(spec)
     where = f"deployment {spec.name}"
-    if tenant.max_accelerators is not None:
-        total = own.accelerators - held + accelerators
-        if total > tenant.max_accelerators + 1e-9:
-            raise _quota("QUOTA_ACCELERATORS",
-                         f"{where}: {spec.replicas} replicas need {accelerators:g} accelerators; tenant {tenant.id} "
-                         f"holds {own.accelerators - held:g} elsewhere, {total:g} > max_accelerators "
-                         f"{tenant.max_accelerators:g}", tenant.id)
-    if tenant.max_power_w is not None:
-        held_power = sum(repo.placement_milli(row, p) for p in row.placements) / 1000.0 * row.shard_power_w
-        total_w = own.power_w - held_power + power
-        if total_w > tenant.max_power_w + 1e-6:
-            raise _quota("QUOTA_POWER",
-                         f"{where}: {spec.replicas} replicas draw {power:g} W; tenant {tenant.id} draws "
-                         f"{own.power_w - held_power:g} W elsewhere, {total_w:g} W > max_power_w "
-                         f"{tenant.max_power_w:g} W", tenant.id)
+    _check_cap("QUOTA_ACCELERATORS", "max_accelerators", tenant.max_accelerators, spec=spec,
+               asked=accelerators, elsewhere=own.accelerators - held, unit=" accelerators")
+    _check_cap("QUOTA_POWER", "max_power_w", tenant.max_power_w, spec=spec,
+               asked=power, elsewhere=own.power_w - held * row.shard_power_w, unit=" W")
     growth = accelerators - held
     if spec.preemptible or growth <= 0:
         return

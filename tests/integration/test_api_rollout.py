@@ -152,8 +152,15 @@ async def test_stale_and_contract_breaking_updates_are_refused_with_nothing_writ
     with pytest.raises(grpc.aio.AioRpcError) as quota:
         await _update(stubs, _svc(replicas=4), running.resource_version)  # 8 accelerators > 6
     assert quota.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert quota.value.details() == ("deployment svc: 4 replicas need 8 accelerators; tenant lab holds 0 "
-                                     "elsewhere, 8 > max_accelerators 6")
+    assert quota.value.details() == ("deployment svc: 4 replicas need 8 accelerators; tenant lab holds "
+                                     "0 accelerators elsewhere, 8 accelerators > max_accelerators 6 accelerators")
+    # Another tenant is owed 28 of the 28 free accelerators: growing non-preemptible work would take them.
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="owed", reserved_accelerators=28))
+    with pytest.raises(grpc.aio.AioRpcError) as reserved:
+        await _update(stubs, _svc(replicas=3), running.resource_version)
+    assert reserved.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reserved.value.details() == ("deployment svc: growing by 2 accelerators would take capacity reserved "
+                                        "for other tenants: 28 free on ready nodes, 28 still owed (owed 28)")
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await _update(stubs, spec("nope"), 1)
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
