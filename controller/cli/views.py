@@ -68,7 +68,7 @@ def deployments_table(deployments: Sequence[deployments_pb2.Deployment], wide: b
 
 def placements_table(placements: Sequence[deployments_pb2.ShardPlacement]) -> str:
     rows = [[p.replica, p.shard, p.node, p.rack, fmt_indices(p.accelerator_indices, p.accelerator_milli),
-             title(shard_phase_word(p.phase)), p.message or None]
+             title(shard_phase_word(p.phase)) + (" (being replaced)" if p.outgoing else ""), p.message or None]
             for p in sorted(placements, key=lambda p: (p.replica, p.shard))]
     return render_table(["replica", "shard", "node", "rack", "accelerators", "phase", "message"],
                         rows, empty="(no shards placed)")
@@ -79,6 +79,7 @@ def deployment_detail(dep: deployments_pb2.Deployment) -> str:
     pairs: list[tuple[str, object]] = [
         ("Name", s.name), ("Tenant", s.tenant), ("Phase", phase_text(dep)),
         ("Generation", dep.generation),
+        ("Version", f"resource version {dep.resource_version}, revision {dep.revision}"),
         ("Replicas", f"{s.replicas} asked (min {s.min_replicas or 1}), {dep.placed_replicas} placed, "
                      f"{dep.running_replicas} running"),
         ("Shards/replica", s.shards_per_replica),
@@ -89,6 +90,9 @@ def deployment_detail(dep: deployments_pb2.Deployment) -> str:
         ("Priority", s.priority),
         ("Preemptible", "yes" if s.preemptible else "no"),
     ]
+    if dep.outgoing_replicas:
+        pairs.append(("Rollout", f"{dep.updated_replicas}/{s.replicas} replicas of revision {dep.revision} running, "
+                                 f"{dep.outgoing_replicas} being replaced (maiactl rollout status {s.name})"))
     if dep.HasField("created_at"):
         pairs.append(("Created", dep.created_at.ToJsonString()))
     text = render_kv(pairs)  # type: ignore[arg-type]
