@@ -150,6 +150,8 @@ class Reconciler:
         self.solves = 0
         self._quarantine_after = quarantine_after
         self._allow_preemption = allow_preemption
+        self._replacing = True               # replicas being replaced (store/rollout.py): check every pass
+        self._retire_checked: int | None = None  # the generation the last such check saw
         self._failures: dict[str, int] = {}  # solver failures per deployment (solved alone)
         self._good: set[str] = set()         # deployments of the last committed plan
         self._pass_started: float | None = None
@@ -200,10 +202,16 @@ class Reconciler:
             self.passes += 1
             self._pass_started = self._clock()
             try:
-                await self._retire_replaced()
                 async with self._db.unit_of_work() as uow:
                     generation = await repo.read_cluster_generation(uow.session)
                     arrivals = await repo.count_schedulable_deployments(uow.session)
+                # Only while replicas are being replaced, or when the cluster changed (an update
+                # or a drain may have started replacing some): an idle cluster costs no scan.
+                if self._replacing or generation != self._retire_checked:
+                    if await self._retire_replaced():
+                        async with self._db.unit_of_work() as uow:
+                            generation = await repo.read_cluster_generation(uow.session)
+                    self._retire_checked = generation
                 retry_due = self._retry_at is not None and self._clock() >= self._retry_at
                 if (not force and not retry_due and generation == self._last_generation
                         and arrivals == self._last_arrivals):
@@ -220,17 +228,20 @@ class Reconciler:
             self.consecutive_failures = 0
             return outcome
 
-    async def _retire_replaced(self) -> None:
-        """Stop outgoing replicas whose replacements run (rolling updates, drains)."""
+    async def _retire_replaced(self) -> bool:
+        """Stop outgoing replicas whose replacements run (rolling updates, drains); True when
+        something was written."""
         async with self._db.unit_of_work() as uow:
             retired = await retire_replaced(uow.session, now=self._wall_clock())
+            self._replacing = retired.replacing
             if not retired.deployments:
-                return
+                return False
             await uow.commit()
         for line in retired.lines:
             log.info("replica retired: %s", line)
         self._push(set(retired.nodes))
         await self._publish(set(retired.deployments), [])
+        return True
 
     def _schedule_retry(self, plan: Plan) -> float | None:
         """After a commit: when to solve again although nothing changed (None: not needed)."""

@@ -181,6 +181,7 @@ class Retired:
     nodes: frozenset[str] = frozenset()
     deployments: frozenset[str] = frozenset()
     lines: tuple[str, ...] = ()
+    replacing: bool = False  # some deployment still has outgoing replicas
 
 
 @dataclass
@@ -218,6 +219,7 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         .distinct()))
     if not outgoing_deps:
         return Retired()
+    replacing = False
     deps = {d.id: d for d in await session.scalars(select(Deployment).where(Deployment.id.in_(outgoing_deps)))}
     rows = await session.execute(
         select(Placement.id, Placement.deployment_id, Placement.replica, Placement.revision, Placement.phase,
@@ -261,6 +263,7 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
                                                      "nodes": sorted(rep.nodes), "draining": rep.draining,
                                                      "replacements": replacements},
                            "tenant": dep.tenant_id})
+        replacing |= len(gone) < len(outgoing)
         left = {r.revision for r in reps.values() if r not in gone}
         specs = {k: v for k, v in (dep.revision_specs or {}).items() if int(k) in left}
         if gone or specs != (dep.revision_specs or {}):
@@ -269,7 +272,7 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         if gone:
             dep.generation = dep.generation + 1
     if not retired_ids:
-        return Retired(deployments=frozenset(changed))
+        return Retired(deployments=frozenset(changed), replacing=replacing)
     for start in range(0, len(retired_ids), 500):
         chunk = retired_ids[start:start + 500]
         await session.execute(delete(Placement).where(Placement.id.in_(chunk)).execution_options(
@@ -286,4 +289,4 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
     await audit.append(session, [audit.AuditRecord(
         actor=actor, role="controller", tenant=e["tenant"], action=e["kind"], object_kind="deployment",
         object_id=e["object_id"], detail={"message": e["message"], **e["data"]}) for e in events], at=now)
-    return Retired(nodes=frozenset(nodes), deployments=frozenset(changed), lines=tuple(lines))
+    return Retired(nodes=frozenset(nodes), deployments=frozenset(changed), lines=tuple(lines), replacing=replacing)
