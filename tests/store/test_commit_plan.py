@@ -14,7 +14,7 @@ from sqlalchemy import select
 from controller.store.db import Database
 from controller.store import audit
 from controller.store import models as m
-from controller.store.plans import CommitResult, PlanConflict, bump_cluster_generation, commit_plan
+from controller.store.plans import CommitResult, PlanConflict, bump_cluster_generation, commit_plan, preempted_reason
 from controller.store.snapshot import Snapshot, load_snapshot
 from scheduler import Move, Placement as PlanPlacement, Plan, Preemption, Reason, Unplaced
 from scheduler import plan_to_dict, problem_from_dict, solve
@@ -181,11 +181,12 @@ async def test_preemption_deletes_rows_and_records_why(database: Database) -> No
     assert ("burst", 0, 0) not in after["placements"]
     burst = after["deployments"]["burst"]
     assert burst.phase is m.DeploymentPhase.PENDING and burst.generation == 1
-    assert burst.reasons == [{"code": "CAPACITY", "message": "rack2: 0 accelerators free, 4 needed", "scope": "rack2"}]
+    assert burst.reasons == [preempted_reason([0]),  # told why first
+                             {"code": "CAPACITY", "message": "rack2: 0 accelerators free, 4 needed", "scope": "rack2"}]
     kinds = [(kind, name) for kind, name, _, _ in after["events"]]
     assert kinds == [("deployment.preempted", "burst"), ("deployment.placed", "train"),
                      ("deployment.unplaceable", "burst")]
-    assert after["events"][2][2] == {"replicas": 1, "reasons": burst.reasons}
+    assert after["events"][2][2] == {"replicas": 1, "reasons": burst.reasons[1:]}  # the solver's why
 
 
 async def test_shards_on_a_down_node_are_replaced(database: Database) -> None:
