@@ -1,7 +1,7 @@
 """rollout: resource versions, spec revisions, draining nodes, client request ids
 
-Revision ID: 0006_rollout
-Revises: 0005_isolation_version
+Revision ID: 0007_rollout
+Revises: 0006_leader_lease
 Create Date: 2026-11-30
 
 - `deployments.resource_version`: bumped on every spec change; an update names the version it
@@ -19,8 +19,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_rollout"
-down_revision: Union[str, Sequence[str], None] = "0005_isolation_version"
+revision: str = "0007_rollout"
+down_revision: Union[str, Sequence[str], None] = "0006_leader_lease"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
