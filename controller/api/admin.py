@@ -105,6 +105,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async with self._deps.db.unit_of_work() as uow:
             return convert.cluster_summary_msg(await nodes.cluster_summary(uow, current_principal()))
 
+    async def GetClusterSnapshot(self, request: admin_pb2.GetClusterSnapshotRequest,
+                                 context: aio.ServicerContext) -> admin_pb2.ClusterSnapshot:
+        async with self._deps.db.unit_of_work() as uow:
+            return convert.cluster_snapshot_msg(await nodes.cluster_snapshot(uow, current_principal()))
+
     # --- tokens ------------------------------------------------------------------------------
     async def CreateToken(self, request: admin_pb2.CreateTokenRequest,
                           context: aio.ServicerContext) -> admin_pb2.CreateTokenResponse:

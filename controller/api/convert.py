@@ -8,6 +8,7 @@ are applied here, so use cases see complete values.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 from google.protobuf.message import Message
@@ -146,6 +147,11 @@ def node_msg(view: d.NodeView) -> admin_pb2.Node:
 def event_msg(view: d.EventView) -> admin_pb2.EventRecord:
     return admin_pb2.EventRecord(id=view.id, at=timestamp(view.at), actor=view.actor, kind=view.kind,
                                  object_kind=view.object_kind, object_id=view.object_id, message=view.message)
+
+
+def cluster_snapshot_msg(view: d.ClusterSnapshot) -> admin_pb2.ClusterSnapshot:
+    return admin_pb2.ClusterSnapshot(problem_json=json.dumps(view.problem, separators=(",", ":")),
+                                     generation=view.generation)
 
 
 def cluster_summary_msg(view: d.ClusterSummary) -> admin_pb2.ClusterSummary:

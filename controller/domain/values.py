@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from scheduler.model import Rack, Row, ShardSpec, Spread, Zone
 
@@ -139,6 +139,14 @@ class ClusterSummary:
     power_used_w: float
     deployments_by_phase: dict[str, int]
     tenants: tuple[TenantView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    """The committed state as a placement problem document (interchange format v1)."""
+
+    generation: int
+    problem: dict[str, Any]
 
 
 # --- deployments -----------------------------------------------------------------------------

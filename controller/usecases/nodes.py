@@ -17,7 +17,8 @@ from controller.usecases import policy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.domain.values import ClusterSummary, NodeView, TenantView
+from controller.store.snapshot import load_snapshot
+from controller.domain.values import ClusterSnapshot, ClusterSummary, NodeView, TenantView
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
@@ -95,6 +96,14 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
     await uow.commit()
     signals.node_removed(node_id)
     signals.wake_reconciler()
+
+
+async def cluster_snapshot(uow: UnitOfWork, who: Principal) -> ClusterSnapshot:
+    """The committed state as the solver is handed it, every placement included (admin only:
+    it names every tenant's work)."""
+    policy.require_admin(who, "reading the cluster snapshot")
+    snapshot = await load_snapshot(uow.session)
+    return ClusterSnapshot(generation=snapshot.generation, problem=snapshot.problem)
 
 
 async def cluster_summary(uow: UnitOfWork, who: Principal) -> ClusterSummary:

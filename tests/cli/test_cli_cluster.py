@@ -8,7 +8,8 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from cli_harness import BIN, RunningController, controller_process
+from bench.checking import check_state
+from cli_harness import BIN, RunningController, controller_process, maiactl
 
 TOPOLOGY = """kind: Topology
 zones: [{id: z1}]
@@ -115,3 +116,22 @@ def test_drain_wait_blocks_until_the_work_runs_elsewhere(cluster: RunningControl
     assert proc.stdout.splitlines()[1:] == [f"drained {before}: 1 shard(s) moved",
                                             f"  small replica 0 shard 0: {before} -> {after} (now replica 1)"]
     assert cluster.ctl("uncordon", before).returncode == 0
+
+
+def test_snapshot_is_the_committed_state_that_solve_and_the_checker_read(cluster: RunningController) -> None:
+    proc = cluster.ctl("snapshot", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    problem = json.loads(proc.stdout)
+    assert problem["version"] == 1 and len(problem["nodes"]) == 4
+    assert sorted(n["state"] for n in problem["nodes"]).count("cordoned") == 2  # the two cordoned in setup
+    placed = json.loads(cluster.ctl("get", "placements", "-o", "json").stdout)["items"]
+    assert len(problem["placements"]) == len(placed) > 0
+    assert check_state(problem, problem["placements"]) == []
+    (cluster.folder / "snapshot.json").write_text(proc.stdout)
+    solved = cluster.ctl("solve", str(cluster.folder / "snapshot.json"), "-o", "json")
+    assert solved.returncode == 0, solved.stderr
+    assert {p["deployment"] for p in json.loads(solved.stdout)["placements"]} >= {"small"}
+    assert "Placements:" in cluster.ctl("snapshot").stdout
+    lab = cluster.ctl("token", "create", "--tenant", "lab").stdout.strip()
+    denied = maiactl(cluster.address, "snapshot", "-o", "json", token=lab)
+    assert denied.returncode != 0 and "error: PERMISSION_DENIED" in denied.stderr and denied.stdout == ""

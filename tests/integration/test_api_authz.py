@@ -90,6 +90,7 @@ CASES = [
     Case("DrainNode", lambda s: s.admin.DrainNode(A.NodeRequest(id="n1")), DENIED),
     Case("ResetNodeCredential", lambda s: s.admin.ResetNodeCredential(A.NodeRequest(id="n1")), DENIED),
     Case("GetClusterSummary", lambda s: s.admin.GetClusterSummary(A.GetClusterSummaryRequest()), OK),
+    Case("GetClusterSnapshot", lambda s: s.admin.GetClusterSnapshot(A.GetClusterSnapshotRequest()), DENIED),
     Case("CreateToken", lambda s: s.admin.CreateToken(A.CreateTokenRequest(role="admin")), DENIED),
     Case("ListTokens", lambda s: s.admin.ListTokens(A.ListTokensRequest()), DENIED),
     Case("RevokeToken", lambda s: s.admin.RevokeToken(A.RevokeTokenRequest(id="0123456789abcdef")), DENIED),

@@ -205,6 +205,18 @@ class GetClusterSummaryRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class GetClusterSnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClusterSnapshot(_message.Message):
+    __slots__ = ("problem_json", "generation")
+    PROBLEM_JSON_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    problem_json: str
+    generation: int
+    def __init__(self, problem_json: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
 class ClusterSummary(_message.Message):
     __slots__ = ("nodes_ready", "nodes_cordoned", "nodes_down", "accelerators_total", "accelerators_used", "power_budget_w", "power_used_w", "deployments_by_phase", "tenants")
     class DeploymentsByPhaseEntry(_message.Message):

@@ -109,6 +109,11 @@ class AdminServiceStub:
                 request_serializer=maia_dot_v1_dot_admin__pb2.GetClusterSummaryRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_admin__pb2.ClusterSummary.FromString,
                 _registered_method=True)
+        self.GetClusterSnapshot = channel.unary_unary(
+                '/maia.v1.AdminService/GetClusterSnapshot',
+                request_serializer=maia_dot_v1_dot_admin__pb2.GetClusterSnapshotRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.ClusterSnapshot.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/maia.v1.AdminService/CreateToken',
                 request_serializer=maia_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
@@ -235,6 +240,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterSnapshot(self, request, context):
+        """The committed cluster state as a placement problem document (interchange format v1, see
+        shared/placement/) with every placement, as the reconciler hands it to the solver (admin
+        only): `maiactl snapshot -o json`, readable by `maiactl solve` and the independent checker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateToken(self, request, context):
         """Bearer tokens (admin only). The secret is in the CreateToken reply, once; never stored.
         """
@@ -347,6 +361,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetClusterSummary,
                     request_deserializer=maia_dot_v1_dot_admin__pb2.GetClusterSummaryRequest.FromString,
                     response_serializer=maia_dot_v1_dot_admin__pb2.ClusterSummary.SerializeToString,
+            ),
+            'GetClusterSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterSnapshot,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.GetClusterSnapshotRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.ClusterSnapshot.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
@@ -779,6 +798,33 @@ class AdminService:
             '/maia.v1.AdminService/GetClusterSummary',
             maia_dot_v1_dot_admin__pb2.GetClusterSummaryRequest.SerializeToString,
             maia_dot_v1_dot_admin__pb2.ClusterSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/GetClusterSnapshot',
+            maia_dot_v1_dot_admin__pb2.GetClusterSnapshotRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.ClusterSnapshot.FromString,
             options,
             channel_credentials,
             insecure,
