@@ -14,7 +14,10 @@ Rules checked (each reported with the tenants and the place involved):
 - REFERENCE: a placement names an unknown deployment or node, or an accelerator the node lacks
   (such a placement is reported and left out of the other checks).
 Gangs, locality, spread, models, power budgets and quotas are the solver's business (a
-violation there costs performance or money, not isolation) and are not re-checked here.
+violation there costs performance or money, not isolation) and are not re-checked here; the
+plan applier's re-check (controller/store/recheck.py) also checks rack and row power budgets
+(`find_power_violations`), and names the scopes a shard can be blamed in
+(`PlacementScopes`).
 
 One pass over the placements with dictionaries: linear in the number of placed shards.
 """
@@ -22,6 +25,7 @@ One pass over the placements with dictionaries: linear in the number of placed s
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from scheduler.model import Problem
@@ -147,3 +151,51 @@ def find_violations(problem: Problem) -> list[Violation]:
                     found.append(Violation("EXCLUSION", f"rack {rack}", (a, b),
                                            f"rack {rack} holds tenants {a} and {b}, which exclude each other"))
     return sorted(found, key=lambda v: (v.rule, v.scope, v.tenants))
+
+
+def find_power_violations(problem: Problem) -> list[Violation]:
+    """Racks and rows drawing more than their power budget, in a stable order (scope).
+
+    What the solver counts (`scheduler.state`): the idle power of every node that is not down,
+    plus, per accelerator a shard holds, `power_w` x the milli it takes / 1000."""
+    deployments = {d.id: d for d in problem.deployments}
+    nodes = {n.id: n for n in problem.nodes}
+    rack_row = {r.id: r.row for r in problem.racks}
+    draw: dict[str, float] = defaultdict(float)          # by "rack R" / "row W"
+    present: dict[str, set[str]] = defaultdict(set)
+    for n in problem.nodes:
+        if n.state != "down":
+            draw[f"rack {n.rack}"] += n.idle_power_w
+            draw[f"row {rack_row.get(n.rack, '')}"] += n.idle_power_w
+    for p in problem.placements:
+        node, dep = nodes.get(p.node), deployments.get(p.deployment)
+        if node is None or dep is None:
+            continue  # a REFERENCE violation of find_violations
+        milli = 1000 if not dep.shard.fractional else (p.accelerator_milli or dep.shard.accelerator_milli)
+        watts = dep.shard.power_w * milli * len(p.accelerator_indices) / 1000.0
+        for scope in (f"rack {node.rack}", f"row {rack_row.get(node.rack, '')}"):
+            draw[scope] += watts
+            present[scope].add(dep.tenant)
+    found = []
+    for scope, budget in ([(f"rack {r.id}", r.power_budget_w) for r in problem.racks]
+                          + [(f"row {r.id}", r.power_budget_w) for r in problem.rows]):
+        if budget is not None and draw[scope] > budget + EPSILON:
+            found.append(Violation("POWER", scope, tuple(sorted(present[scope])),
+                                   f"{scope} draws {draw[scope]:g} W, over its budget of {budget:g} W"))
+    return sorted(found, key=lambda v: v.scope)
+
+
+class PlacementScopes:
+    """Every scope a violation involving one shard may name: its node, each accelerator it
+    holds, its rack and its row (spelled as `find_violations` and `find_power_violations` do)."""
+
+    def __init__(self, problem: Problem) -> None:
+        rack_row = {r.id: r.row for r in problem.racks}
+        self._place = {n.id: (n.rack, rack_row.get(n.rack, "")) for n in problem.nodes}
+
+    def of(self, node_id: str, indices: Iterable[int]) -> set[str]:
+        scopes = {f"node {node_id}", *(f"node {node_id}[{i}]" for i in indices)}
+        if node_id in self._place:
+            rack, row = self._place[node_id]
+            scopes |= {f"rack {rack}", f"row {row}"}
+        return scopes

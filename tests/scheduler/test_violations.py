@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 
 from builders import dep, node, placed, problem
 from scheduler import plan_to_dict, problem_from_dict, solve
-from scheduler.violations import find_violations
+from scheduler.violations import PlacementScopes, find_power_violations, find_violations
 from strategies import problems
 
 
@@ -64,3 +64,24 @@ def test_each_rule(tenants: list, deployments: list, placements: list, expected:
 def test_what_the_solver_places_is_never_flagged(doc: dict) -> None:
     plan = plan_to_dict(solve(problem_from_dict(copy.deepcopy(doc)), time_limit_ms=2000))
     assert _rules({**doc, "placements": plan["placements"]}) == []
+    assert find_power_violations(problem_from_dict({**doc, "placements": plan["placements"]})) == []
+
+
+def test_power_over_a_rack_or_row_budget() -> None:
+    # n1 and n2 (r1, row w1) idle at 100 W each; a 300 W shard on each: r1 draws 800 W.
+    nodes = [node("n1", "r1", idle_power_w=100), node("n2", "r1", idle_power_w=100), node("n3", "r2", state="down",
+                                                                                       idle_power_w=100)]
+    racks = [{"id": "r1", "row": "w1", "power_budget_w": 700}, {"id": "r2", "row": "w1"}]
+    rows = [{"id": "w1", "zone": "z1", "power_budget_w": 750}]
+    doc = problem(nodes, [dep("x", "a", power_w=300, replicas=2)], tenants=[{"id": "a"}], racks=racks, rows=rows,
+                  placements=[placed("x", "n1", [0]), placed("x", "n2", [0], replica=1)])
+    found = find_power_violations(problem_from_dict(doc))
+    assert [(v.rule, v.scope, v.tenants) for v in found] == [("POWER", "rack r1", ("a",)), ("POWER", "row w1", ("a",))]
+    assert found[0].message == "rack r1 draws 800 W, over its budget of 700 W"  # a down node draws nothing
+
+
+def test_placement_scopes_name_every_scope_a_violation_of_that_shard_can_have() -> None:
+    doc = problem(NODES, [dep("x", "a")], tenants=[{"id": "a"}], **TWO_RACKS)
+    scopes = PlacementScopes(problem_from_dict(doc))
+    assert scopes.of("n1", (0, 2)) == {"node n1", "node n1[0]", "node n1[2]", "rack r1", "row w1"}
+    assert scopes.of("n9", (1,)) == {"node n9", "node n9[1]"}  # unknown: a REFERENCE violation's scope

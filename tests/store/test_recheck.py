@@ -1,0 +1,88 @@
+"""The plan applier's re-check (store/recheck.py), table-driven on hand-made states: no database.
+
+Each case commits some shards, lands replicas on top, and names the replicas turned away and
+the rule that turned them away."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controller.store.recheck import recheck
+
+# Two racks in one row (budget 2000 W), rack1 with a 1000 W budget; 4-accelerator nodes
+# drawing 100 W idle. Tenants: a shared, b dedicated_node, c excludes a.
+DOC: dict[str, Any] = {
+    "version": 1,
+    "zones": [{"id": "z"}],
+    "rows": [{"id": "row1", "zone": "z", "power_budget_w": 2000}],
+    "racks": [{"id": "rack1", "row": "row1", "power_budget_w": 1000}, {"id": "rack2", "row": "row1"}],
+    "nodes": [
+        {"id": "n1", "rack": "rack1", "accelerators": 4, "idle_power_w": 100, "state": "ready"},
+        {"id": "n2", "rack": "rack1", "accelerators": 4, "idle_power_w": 100, "state": "ready"},
+        {"id": "n3", "rack": "rack2", "accelerators": 2, "idle_power_w": 100, "state": "cordoned"},
+        {"id": "n4", "rack": "rack2", "accelerators": 4, "idle_power_w": 100, "state": "ready"},
+    ],
+    "tenants": [{"id": "a"}, {"id": "b", "isolation": "dedicated_node"}, {"id": "c", "excludes": ["a"]}],
+    "deployments": [
+        {"id": "web", "tenant": "a", "replicas": 4, "shards_per_replica": 1, "shard": {"accelerators": 1}},
+        {"id": "hot", "tenant": "a", "replicas": 4, "shards_per_replica": 1,
+         "shard": {"accelerators": 1, "power_w": 300}},
+        {"id": "solo", "tenant": "b", "replicas": 2, "shards_per_replica": 1, "shard": {"accelerators": 1}},
+        {"id": "rival", "tenant": "c", "replicas": 2, "shards_per_replica": 1, "shard": {"accelerators": 1}},
+        {"id": "pair", "tenant": "a", "replicas": 1, "shards_per_replica": 2, "shard": {"accelerators": 1}},
+    ],
+    "placements": [],
+}
+
+
+def W(node: str, *indices: int) -> tuple[str, tuple[int, ...], None]:
+    return node, indices, None
+
+
+CASES = [
+    pytest.param({("web", 0, 0): W("n1", 0)}, {("web", 1): {0: W("n1", 1)}}, {}, id="fits"),
+    pytest.param({("web", 0, 0): W("n1", 0)}, {("web", 1): {0: W("n1", 0)}, ("web", 2): {0: W("n1", 2)}},
+                 {("web", 1): "ACCELERATOR"}, id="accelerator taken since: only that replica"),
+    pytest.param({}, {("web", 1): {0: W("n3", 0)}}, {("web", 1): "cordoned"}, id="node cordoned since"),
+    pytest.param({}, {("web", 1): {0: W("n9", 0)}}, {("web", 1): "gone"}, id="node gone"),
+    pytest.param({}, {("web", 1): {0: W("n4", 5)}}, {("web", 1): "accelerators [5]"}, id="index beyond the node"),
+    pytest.param({("web", 0, 0): W("n1", 0)}, {("solo", 0): {0: W("n1", 1)}, ("solo", 1): {0: W("n2", 0)}},
+                 {("solo", 0): "dedicated_node"}, id="isolation"),
+    pytest.param({("web", 0, 0): W("n1", 0)}, {("rival", 0): {0: W("n2", 0)}, ("rival", 1): {0: W("n4", 0)}},
+                 {("rival", 0): "exclude each other"}, id="exclusion"),
+    pytest.param({("hot", 0, 0): W("n1", 0), ("hot", 1, 0): W("n2", 0)}, {("hot", 2): {0: W("n2", 1)}},
+                 {("hot", 2): "over its budget of 1000 W"}, id="rack power"),
+]
+
+
+@pytest.mark.parametrize(("committed", "landing", "expected"), CASES)
+def test_replicas_that_no_longer_fit_are_turned_away(committed: dict, landing: dict, expected: dict) -> None:
+    rejected = recheck(DOC, committed, landing)
+    assert set(rejected) == set(expected)
+    for replica, words in expected.items():
+        assert any(words in why for why in rejected[replica]), rejected[replica]
+
+
+def test_a_violation_the_plan_did_not_worsen_blames_nobody() -> None:
+    # rack1 is already over its budget (a hand-edited row, a lowered budget); a replica that
+    # draws nothing may still land there, one that draws more may not.
+    over = {("hot", r, 0): W("n1", r) for r in range(3)}  # 200 W idle + 900 W
+    rejected = recheck(DOC, over, {("web", 0): {0: W("n2", 0)}, ("hot", 3): {0: W("n2", 1)}})
+    assert set(rejected) == {("hot", 3)}
+
+
+def test_a_replica_that_lands_where_a_turned_away_one_stays_is_turned_away_too() -> None:
+    # The plan moves web 0 from n1[0] to n1[1] and puts web 1 on n1[0]; but web 2 took n1[1]
+    # since: web 0 stays where it is, so web 1 no longer fits either.
+    committed = {("web", 0, 0): W("n1", 0), ("web", 2, 0): W("n1", 1)}
+    landing = {("web", 0): {0: W("n1", 1)}, ("web", 1): {0: W("n1", 0)}}
+    rejected = recheck(DOC, committed, landing)
+    assert set(rejected) == {("web", 0), ("web", 1)}
+
+
+def test_only_the_shards_that_move_must_land_on_a_ready_node() -> None:
+    # pair's shard 1 moves off the cordoned n3; shard 0 stays there, as a cordon allows.
+    committed = {("pair", 0, 0): W("n3", 0), ("pair", 0, 1): W("n3", 1)}
+    assert recheck(DOC, committed, {("pair", 0): {0: W("n3", 0), 1: W("n4", 0)}}) == {}
