@@ -9,6 +9,12 @@ the exact per-node rules. The model's capacity rules are aggregated per class, i
 relaxation: the decoded plan is checked rule by rule by the placer, and the solver keeps
 whichever of greedy and decoded plan is better, so CP-SAT can only improve the answer.
 
+The model is built in sections, one function each, in a fixed order (the order of variables
+and constraints is part of what makes the search deterministic): data (`ClassModel.data`),
+variables, one function per rule family, objective, hints; then solve, decode, keep the better.
+Per-node rules reach the model through the filter plugins only: a (deployment, class) pair
+exists where `node_fit` gives the class's representative slots.
+
 Objective, lexicographic through weights: placed demand x priority weight first, then
 fragmentation: fresh nodes opened and fresh (empty) racks opened, so partly used capacity is
 filled first and whole nodes and racks stay free for big gangs.
@@ -21,14 +27,16 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 from ortools.sat.python import cp_model
 
 from scheduler.classes import NodeClass, node_classes
-from scheduler.filters import node_fit, quota_room
+from scheduler.filters import node_fit
 from scheduler.greedy import Placer
+from scheduler.model import Deployment
 from scheduler.state import ClusterState
 
 if TYPE_CHECKING:
@@ -42,10 +50,13 @@ MAX_PAIRS = 200_000      # (deployment, class) pairs beyond which the model is n
 CPSAT_SEED = 1
 CPSAT_SHARE_WITH_REPAIR = 0.5  # of the time left, when moves or preemption follow CP-SAT
 DETERMINISTIC_PER_S = 0.3  # deterministic-time units allowed per wall second left (see configure)
+SPREAD_ORDER = {"node": 0, "rack": 1, "row": 2, "zone": 3, "none": 4}
 
 STATUS_NAMES = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible",
                 cp_model.INFEASIBLE: "infeasible", cp_model.MODEL_INVALID: "model_invalid",
                 cp_model.UNKNOWN: "unknown"}
+
+Var = cp_model.IntVar
 
 
 def configure(params: "sat_parameters_pb2.SatParameters", left_s: float) -> None:
@@ -73,91 +84,111 @@ def _frag_metric(state: ClusterState) -> tuple[int, int]:
     return int((busy_racks == 0).sum()), int(whole_nodes.sum())
 
 
-def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
-    """Try to beat the greedy answer in solver.state; adopt the better of the two."""
-    left = solver.deadline - time.perf_counter()
-    if left < MIN_SOLVE_S:
-        solver.stats["cpsat"] = "skipped: no time left"
-        solver.time_cut.update(wanted)
-        return
-    t_build = time.perf_counter()
-    deps = base.deps
-    topo = base.topo
-    pending = {d: [r for r in range(deps[d].replicas) if (d, r) not in base.replicas]
-               for d in wanted}
-    pending = {d: rs for d, rs in pending.items() if rs}
-    if not pending:
-        return
+@dataclass
+class ClassModel:
+    """The model over node classes and what decoding it needs."""
 
-    # ---- data -------------------------------------------------------------------------------
-    classes = node_classes(base)
-    reps = np.array([c.representative for c in classes], dtype=np.int64)
-    counts = np.array([c.count for c in classes], dtype=np.int64)
-    slots = {d: node_fit(base, d).slots[reps] if len(reps) else np.zeros(0, dtype=np.int64)
-             for d in pending}
-    pairs = [(d, ci) for d in pending for ci in np.flatnonzero(slots[d] > 0).tolist()]
-    if len(pairs) > MAX_PAIRS:
-        solver.stats["cpsat"] = f"skipped: {len(pairs)} pairs"
-        return
-    weight = {d: deps[d].shards_per_replica * max(deps[d].shard.milli, 1) *
-              (deps[d].priority - solver.min_priority + 1) for d in pending}
-    tenant_of = {d: int(base.dep_tenant[d]) for d in pending}
-    class_rack = np.array([c.rack for c in classes], dtype=np.int64)
-    free_whole = base.free_whole()
-    acc_count = topo.node_accelerators
+    base: ClusterState
+    pending: dict[int, list[int]]            # deployment -> replicas to place
+    classes: list[NodeClass]
+    reps: np.ndarray                         # (C,) representative node per class
+    counts: np.ndarray                       # (C,) nodes per class
+    slots: dict[int, np.ndarray]             # deployment -> (C,) slots on the representative
+    pairs: list[tuple[int, int]]             # (deployment, class) with slots
+    weight: dict[int, int]                   # deployment -> term 1 weight of one replica
+    model: cp_model.CpModel = field(default_factory=cp_model.CpModel)
+    x: dict[tuple[int, int], Var] = field(default_factory=dict)   # shards of d on class c
+    y: dict[tuple[int, int], Var] = field(default_factory=dict)   # replicas of d in domain D
+    z: dict[int, Var] = field(default_factory=dict)               # new replicas of d
+    members: dict[tuple[int, int], list[int]] = field(
+        default_factory=lambda: defaultdict(list))                # (d, domain) -> classes
+    by_class: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    opened: dict[int, Var] = field(default_factory=dict)          # fresh nodes of a class
+    present: dict[tuple[int, int], Var] = field(default_factory=dict)  # tenant in rack
+    rack_tenants: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))
+    rack_open: dict[int, Var] = field(default_factory=dict)       # fresh racks opened
+    frag_ub: int = 0
+    scale: int = 1
 
-    model = cp_model.CpModel()
+    @property
+    def deps(self) -> tuple[Deployment, ...]:
+        return self.base.deps
 
-    # ---- variables ----------------------------------------------------------------------------
+    def tenant(self, d: int) -> int:
+        return int(self.base.dep_tenant[d])
+
+    @classmethod
+    def data(cls, base: ClusterState, pending: dict[int, list[int]],
+             min_priority: int) -> ClassModel:
+        classes = node_classes(base)
+        reps = np.array([c.representative for c in classes], dtype=np.int64)
+        counts = np.array([c.count for c in classes], dtype=np.int64)
+        slots = {d: node_fit(base, d).slots[reps] if len(reps) else np.zeros(0, dtype=np.int64)
+                 for d in pending}
+        pairs = [(d, ci) for d in pending for ci in np.flatnonzero(slots[d] > 0).tolist()]
+        deps = base.deps
+        weight = {d: deps[d].shards_per_replica * max(deps[d].shard.milli, 1) *
+                  (deps[d].priority - min_priority + 1) for d in pending}
+        return cls(base, pending, classes, reps, counts, slots, pairs, weight)
+
+
+# ---- variables ------------------------------------------------------------------------------
+
+def _variables(m: ClassModel) -> None:
+    deps, topo, model = m.deps, m.base.topo, m.model
     # x[d, c]: shards of deployment d on nodes of class c.
-    x: dict[tuple[int, int], cp_model.IntVar] = {}
-    for d, ci in pairs:
-        spec_s = deps[d].shards_per_replica
-        ub = min(int(counts[ci] * slots[d][ci]), len(pending[d]) * spec_s)
-        x[d, ci] = model.new_int_var(0, ub, f"x_d{d}_c{ci}")
+    for d, ci in m.pairs:
+        ub = min(int(m.counts[ci] * m.slots[d][ci]), len(m.pending[d]) * deps[d].shards_per_replica)
+        m.x[d, ci] = model.new_int_var(0, ub, f"x_d{d}_c{ci}")
     # y[d, D]: replicas of d inside locality domain D (D: a class when locality is node).
-    y: dict[tuple[int, int], cp_model.IntVar] = {}
-    members: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for d, ci in pairs:
+    for d, ci in m.pairs:
         level = deps[d].locality
-        dom = ci if level == "node" else int(topo.domain_of(level)[reps[ci]])
-        members[d, dom].append(ci)
-    for (d, dom), cis in members.items():
-        y[d, dom] = model.new_int_var(0, len(pending[d]), f"y_d{d}_D{dom}")
-    # z[d]: new replicas of d; on[d]: d runs at all (min_replicas).
-    z = {d: model.new_int_var(0, len(pending[d]), f"z_d{d}") for d in pending}
+        dom = ci if level == "node" else int(topo.domain_of(level)[m.reps[ci]])
+        m.members[d, dom].append(ci)
+    for (d, dom) in m.members:
+        m.y[d, dom] = model.new_int_var(0, len(m.pending[d]), f"y_d{d}_D{dom}")
+    # z[d]: new replicas of d.
+    m.z.update({d: model.new_int_var(0, len(m.pending[d]), f"z_d{d}") for d in m.pending})
 
-    # ---- constraints --------------------------------------------------------------------------
-    # A replica's shards all sit in its locality domain (the gang rule at domain level).
-    for (d, dom), cis in members.items():
-        model.add(sum(x[d, ci] for ci in cis) == deps[d].shards_per_replica * y[d, dom])
+
+# ---- constraints, one rule family each ------------------------------------------------------
+
+def _gangs(m: ClassModel) -> None:
+    """A replica's shards all sit in its locality domain; min_replicas all or nothing."""
+    deps, model = m.deps, m.model
+    for (d, dom), cis in m.members.items():
+        model.add(sum(m.x[d, ci] for ci in cis) == deps[d].shards_per_replica * m.y[d, dom])
         if deps[d].locality == "node":  # one node per replica
-            per_node = int(slots[d][dom]) // deps[d].shards_per_replica
-            model.add(y[d, dom] <= int(counts[dom]) * per_node)
-    for d in pending:
-        model.add(z[d] == sum(y[key] for key in y if key[0] == d))
-        have = len(base.placed_replicas(d))
-        need = deps[d].min_replicas - have
+            per_node = int(m.slots[d][dom]) // deps[d].shards_per_replica
+            model.add(m.y[d, dom] <= int(m.counts[dom]) * per_node)
+    for d in m.pending:
+        model.add(m.z[d] == sum(m.y[key] for key in m.y if key[0] == d))
+        need = deps[d].min_replicas - len(m.base.placed_replicas(d))
         if need > 1:
             on = model.new_bool_var(f"on_d{d}")
-            model.add(z[d] >= need).only_enforce_if(on)
-            model.add(z[d] == 0).only_enforce_if(~on)
-    # Per class: accelerators (whole ones, and fresh ones opened for fractions), CPU, memory.
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for d, ci in pairs:
-        by_class[ci].append(d)
-    opened: dict[int, cp_model.IntVar] = {}
-    for ci, ds in by_class.items():
-        n = int(reps[ci])
-        cnt = int(counts[ci])
+            model.add(m.z[d] >= need).only_enforce_if(on)
+            model.add(m.z[d] == 0).only_enforce_if(~on)
+
+
+def _class_capacity(m: ClassModel) -> None:
+    """Per class: accelerators (whole ones, and fresh ones opened for fractions), CPU,
+    memory; and the fresh (entirely free) nodes opened, for the fragmentation term."""
+    deps, base, model = m.deps, m.base, m.model
+    free_whole = base.free_whole()
+    acc_count = base.topo.node_accelerators
+    for d, ci in m.pairs:
+        m.by_class[ci].append(d)
+    for ci, ds in m.by_class.items():
+        n = int(m.reps[ci])
+        cnt = int(m.counts[ci])
         whole_use = []
         frac_by_tenant: dict[int, list] = defaultdict(list)
         for d in ds:
             spec = deps[d].shard
             if spec.fractional:
-                frac_by_tenant[tenant_of[d]].append(spec.accelerator_milli * x[d, ci])
+                frac_by_tenant[m.tenant(d)].append(spec.accelerator_milli * m.x[d, ci])
             elif spec.accelerators:
-                whole_use.append(spec.accelerators * x[d, ci])
+                whole_use.append(spec.accelerators * m.x[d, ci])
         for t, terms in frac_by_tenant.items():
             partial = int(np.where((base.acc_owner[n] == t) & (base.acc_free[n] < 1000),
                                    base.acc_free[n], 0).sum())
@@ -166,188 +197,164 @@ def improve(solver: "Solver", base: ClusterState, wanted: list[int]) -> None:
             whole_use.append(fresh)
         if whole_use:
             model.add(sum(whole_use) <= cnt * int(free_whole[n]))
-        cpu = [deps[d].shard.cpu_milli * x[d, ci] for d in ds if deps[d].shard.cpu_milli]
+        cpu = [deps[d].shard.cpu_milli * m.x[d, ci] for d in ds if deps[d].shard.cpu_milli]
         if cpu and base.cpu_free[n] < 1e14:
             model.add(sum(cpu) <= int(cnt * max(base.cpu_free[n], 0)))
-        mem = [deps[d].shard.memory_mib * x[d, ci] for d in ds if deps[d].shard.memory_mib]
+        mem = [deps[d].shard.memory_mib * m.x[d, ci] for d in ds if deps[d].shard.memory_mib]
         if mem and base.mem_free[n] < 1e14:
             model.add(sum(mem) <= int(cnt * max(base.mem_free[n], 0)))
-        # Fresh (entirely free) nodes opened: the fragmentation term.
         if free_whole[n] == acc_count[n] and acc_count[n] > 0 and whole_use:
-            opened[ci] = model.new_int_var(0, cnt, f"open_c{ci}")
-            model.add(int(acc_count[n]) * opened[ci] >= sum(whole_use))
-    # Power: racks and rows, shard power only (idle power is already in the base state).
+            m.opened[ci] = model.new_int_var(0, cnt, f"open_c{ci}")
+            model.add(int(acc_count[n]) * m.opened[ci] >= sum(whole_use))
+
+
+def _power(m: ClassModel) -> None:
+    """Racks and rows within budget: shard power only (idle power is in the base state)."""
+    deps, base, model = m.deps, m.base, m.model
+    class_rack = [c.rack for c in m.classes]
     rack_terms: dict[int, list] = defaultdict(list)
-    for d, ci in pairs:
+    for d, ci in m.pairs:
         p = deps[d].shard.shard_power_w
         if p > 0:
-            rack_terms[int(class_rack[ci])].append((int(round(p * 1000)), x[d, ci]))
+            rack_terms[int(class_rack[ci])].append((int(round(p * 1000)), m.x[d, ci]))
     row_terms: dict[int, list] = defaultdict(list)
     for rack, terms in rack_terms.items():
         head = base.rack_headroom()[rack]
         if head < 1e14:
             model.add(sum(w * v for w, v in terms) <= int(np.floor(max(head, 0) * 1000)))
-        row_terms[int(topo.rack_row[rack])].extend(terms)
+        row_terms[int(base.topo.rack_row[rack])].extend(terms)
     for row, terms in row_terms.items():
         head = base.row_headroom()[row]
         if head < 1e14:
             model.add(sum(w * v for w, v in terms) <= int(np.floor(max(head, 0) * 1000)))
-    # Tenant caps (accelerators and power).
+
+
+def _tenant_caps(m: ClassModel) -> None:
+    """Tenant caps: accelerators and power."""
+    deps, base, topo, model = m.deps, m.base, m.base.topo, m.model
     by_tenant: dict[int, list[int]] = defaultdict(list)
-    for d in pending:
-        by_tenant[tenant_of[d]].append(d)
+    for d in m.pending:
+        by_tenant[m.tenant(d)].append(d)
     for t, ds in by_tenant.items():
         milli_room = topo.tenant_max_milli[t] - base.tenant_milli[t]
         if milli_room < 1e14:
-            model.add(sum(deps[d].shard.milli * deps[d].shards_per_replica * z[d] for d in ds)
+            model.add(sum(deps[d].shard.milli * deps[d].shards_per_replica * m.z[d] for d in ds)
                       <= int(np.floor(milli_room + 1e-6)))
         power_room = topo.tenant_max_power[t] - base.tenant_power[t]
         if power_room < 1e14:
             model.add(sum(int(round(deps[d].shard.shard_power_w * 1000)) *
-                          deps[d].shards_per_replica * z[d] for d in ds)
+                          deps[d].shards_per_replica * m.z[d] for d in ds)
                       <= int(np.floor(max(power_room, 0) * 1000)))
-    # Spread: replicas per spread domain (exact when the spread domain contains the locality
-    # domain; otherwise a bound on shards, and the placer enforces the exact rule).
-    order = {"node": 0, "rack": 1, "row": 2, "zone": 3, "none": 4}
-    for d in pending:
+
+
+def _spread(m: ClassModel) -> None:
+    """Replicas per spread domain: exact when the spread domain contains the locality
+    domain; otherwise a bound on shards, and the placer enforces the exact rule."""
+    deps, base, model = m.deps, m.base, m.model
+    for d in m.pending:
         sp = deps[d].spread
         if sp is None or sp.domain == "none":
             continue
         counts_now = base.spread_count[d]
-        sdom = topo.domain_of(sp.domain)
+        sdom = base.topo.domain_of(sp.domain)
         groups: dict[int, list] = defaultdict(list)
-        if order[sp.domain] >= order[deps[d].locality] and deps[d].locality != "node":
-            for (dd, dom), cis in members.items():
+        if SPREAD_ORDER[sp.domain] >= SPREAD_ORDER[deps[d].locality] and \
+                deps[d].locality != "node":
+            for (dd, dom), cis in m.members.items():
                 if dd == d:
-                    groups[int(sdom[reps[cis[0]]])].append(y[d, dom])
+                    groups[int(sdom[m.reps[cis[0]]])].append(m.y[d, dom])
             for sd, terms in groups.items():
                 model.add(sum(terms) <= max(sp.max_per_domain - int(counts_now[sd]), 0))
         elif sp.domain == "node":  # per class: each node has its own room
-            for (dd, ci) in pairs:
+            for (dd, ci) in m.pairs:
                 if dd == d:
-                    room = max(sp.max_per_domain - int(counts_now[reps[ci]]), 0)
-                    model.add(x[d, ci] <= room * deps[d].shards_per_replica * int(counts[ci]))
+                    room = max(sp.max_per_domain - int(counts_now[m.reps[ci]]), 0)
+                    model.add(m.x[d, ci] <= room * deps[d].shards_per_replica *
+                              int(m.counts[ci]))
         else:  # a replica touching the domain puts at most all its shards there
-            for (dd, ci) in pairs:
+            for (dd, ci) in m.pairs:
                 if dd == d:
-                    groups[int(sdom[reps[ci]])].append(x[d, ci])
+                    groups[int(sdom[m.reps[ci]])].append(m.x[d, ci])
             for sd, terms in groups.items():
                 room = max(sp.max_per_domain - int(counts_now[sd]), 0)
                 model.add(sum(terms) <= room * deps[d].shards_per_replica)
-    # Isolation and exclusion between new tenants in one rack: presence booleans.
-    present: dict[tuple[int, int], cp_model.IntVar] = {}
-    rack_tenants: dict[int, set[int]] = defaultdict(set)
-    for d, ci in pairs:
-        rack, t = int(class_rack[ci]), tenant_of[d]
+
+
+def _isolation(m: ClassModel) -> None:
+    """Isolation and exclusion between new tenants in one rack (presence booleans), and
+    dedicated_node tenants splitting a class's nodes."""
+    base, topo, model = m.base, m.base.topo, m.model
+    class_rack = [c.rack for c in m.classes]
+    for d, ci in m.pairs:
+        rack, t = int(class_rack[ci]), m.tenant(d)
         key = (t, rack)
-        if key not in present:
-            present[key] = model.new_bool_var(f"in_t{t}_r{rack}")
-            rack_tenants[rack].add(t)
-        model.add(x[d, ci] == 0).only_enforce_if(~present[key])
-    for rack, ts in rack_tenants.items():
+        if key not in m.present:
+            m.present[key] = model.new_bool_var(f"in_t{t}_r{rack}")
+            m.rack_tenants[rack].add(t)
+        model.add(m.x[d, ci] == 0).only_enforce_if(~m.present[key])
+    for rack, ts in m.rack_tenants.items():
         for t in ts:
             for u in ts:
                 if u <= t:
                     continue
                 if base.dedicated_rack[t] or base.dedicated_rack[u] or \
                         topo.tenant_excludes[t, u]:
-                    model.add_bool_or([~present[t, rack], ~present[u, rack]])
-    # dedicated_node: nodes of a class are split between tenants.
-    for ci, ds in by_class.items():
-        ts = {tenant_of[d] for d in ds}
+                    model.add_bool_or([~m.present[t, rack], ~m.present[u, rack]])
+    for ci, ds in m.by_class.items():
+        ts = {m.tenant(d) for d in ds}
         if len(ts) > 1 and any(base.dedicated_node[t] for t in ts):
-            cnt = int(counts[ci])
+            cnt = int(m.counts[ci])
             share = {t: model.new_int_var(0, cnt, f"nodes_t{t}_c{ci}") for t in ts}
             model.add(sum(share.values()) <= cnt)
             for t in ts:
-                terms = [x[d, ci] for d in ds if tenant_of[d] == t]
-                cap = max(int(slots[d][ci]) for d in ds if tenant_of[d] == t)
+                terms = [m.x[d, ci] for d in ds if m.tenant(d) == t]
+                cap = max(int(m.slots[d][ci]) for d in ds if m.tenant(d) == t)
                 model.add(sum(terms) <= cap * share[t])
-    # Fresh racks opened (fragmentation at rack level).
-    empty_racks = [r for r in rack_tenants if base.rack_tenant[r].sum() == 0]
-    rack_open = {}
-    for r in empty_racks:
-        rack_open[r] = model.new_bool_var(f"open_r{r}")
-        for t in rack_tenants[r]:
-            model.add_implication(present[t, r], rack_open[r])
-
-    # ---- objective ----------------------------------------------------------------------------
-    frag_terms = list(opened.values()) + [10 * v for v in rack_open.values()]
-    frag_ub = sum(int(counts[ci]) for ci in opened) + 10 * len(rack_open)
-    scale = frag_ub + 1
-    model.maximize(sum(scale * weight[d] * z[d] for d in pending) - sum(frag_terms))
-
-    # ---- hint from the greedy answer ---------------------------------------------------------
-    greedy = solver.state
-    _add_hints(model, greedy, classes, pending, x, y)
-
-    dump = os.environ.get("MAIA_DUMP_MODEL")
-    if dump:
-        model.export_to_file(dump)
-
-    # ---- solve --------------------------------------------------------------------------------
-    left = solver.deadline - time.perf_counter()
-    if left < MIN_SOLVE_S:
-        solver.stats["cpsat"] = "skipped: model build used the time"
-        solver.time_cut.update(pending)
-        return
-    cp = cp_model.CpSolver()
-    opts = solver.problem.options
-    if opts.mode == "rebalance" or opts.allow_preemption:
-        left *= CPSAT_SHARE_WITH_REPAIR  # moves and preemption run after it, in what is left
-    configure(cp.parameters, left)
-    status = cp.solve(model)
-    name = STATUS_NAMES.get(status, str(status))
-    solver.stats.update({"cpsat": name, "classes": len(classes), "vars": len(x) + len(y),
-                         "cpsat_ms": round((time.perf_counter() - t_build) * 1000, 1)})
-    if status == cp_model.OPTIMAL or status == cp_model.FEASIBLE:
-        # Term 1 of the bound (the fragmentation part is at most frag_ub), plus kept work.
-        kept = solver.objective(base)
-        solver.stats["best_bound"] = kept + int((cp.best_objective_bound + frag_ub) // scale)
-    else:  # INFEASIBLE / MODEL_INVALID / UNKNOWN: keep the greedy answer
-        if status == cp_model.UNKNOWN:  # stopped by its time limit before any solution
-            solver.time_cut.update(pending)
-        return
-
-    # ---- decode: the placer realises the chosen domains with the exact rules ----------------
-    trial, exact = _decode(solver, base, cp, pending, classes, members, x, y)
-
-    greedy_value = (solver.objective(greedy), _frag_metric(greedy))
-    trial_value = (solver.objective(trial), _frag_metric(trial))
-    solver.stats["greedy_objective"] = greedy_value[0]
-    solver.stats["cpsat_objective"] = trial_value[0]
-    if trial_value > greedy_value:
-        solver._adopt(trial)
-        solver.stats["answer"] = "cpsat"
-    else:
-        solver.stats["answer"] = "greedy"
-    # Stopped by the time limit (FEASIBLE) with a bound the plan does not reach: what is left
-    # unplaced was not proved unplaceable. A reached bound proves term 1 whatever the status.
-    if status == cp_model.FEASIBLE and solver.stats["best_bound"] > solver.objective(solver.state):
-        solver.time_cut.update(pending)
-    # A bound below what a plan reaches is no bound: the model does not cover everything the
-    # placer can do (the greedy answer beat it), so claim neither the bound nor optimality.
-    if solver.objective(solver.state) > solver.stats["best_bound"]:
-        del solver.stats["best_bound"]
-        return
-    # Proved only for what the model covers: no preemption or moves could do better.
-    opts = solver.problem.options
-    if status == cp_model.OPTIMAL and exact and trial_value >= greedy_value and \
-            not opts.allow_preemption and opts.mode == "batch":
-        solver.proved_optimal = True
 
 
-def _add_hints(model: cp_model.CpModel, greedy: ClusterState, classes: list[NodeClass],
-               pending: dict[int, list[int]], x: dict[tuple[int, int], cp_model.IntVar],
-               y: dict[tuple[int, int], cp_model.IntVar]) -> None:
+def _fresh_racks(m: ClassModel) -> None:
+    """Fresh racks opened (fragmentation at rack level)."""
+    for r in [r for r in m.rack_tenants if m.base.rack_tenant[r].sum() == 0]:
+        m.rack_open[r] = m.model.new_bool_var(f"open_r{r}")
+        for t in m.rack_tenants[r]:
+            m.model.add_implication(m.present[t, r], m.rack_open[r])
+
+
+# Rule families in the order they are added (the order is part of the deterministic search).
+CONSTRAINTS = (_gangs, _class_capacity, _power, _tenant_caps, _spread, _isolation, _fresh_racks)
+
+
+def _objective(m: ClassModel) -> None:
+    """Placed weight first; fragmentation (fresh nodes, 10 x fresh racks) breaks ties."""
+    frag_terms = list(m.opened.values()) + [10 * v for v in m.rack_open.values()]
+    m.frag_ub = sum(int(m.counts[ci]) for ci in m.opened) + 10 * len(m.rack_open)
+    m.scale = m.frag_ub + 1
+    m.model.maximize(sum(m.scale * m.weight[d] * m.z[d] for d in m.pending) - sum(frag_terms))
+
+
+def build(base: ClusterState, pending: dict[int, list[int]], min_priority: int,
+          greedy: ClusterState) -> ClassModel | str:
+    """The whole model, hinted by the greedy answer; or why it was not built."""
+    m = ClassModel.data(base, pending, min_priority)
+    if len(m.pairs) > MAX_PAIRS:
+        return f"skipped: {len(m.pairs)} pairs"
+    _variables(m)
+    for add in CONSTRAINTS:
+        add(m)
+    _objective(m)
+    _add_hints(m, greedy)
+    return m
+
+
+def _add_hints(m: ClassModel, greedy: ClusterState) -> None:
     """Hint the model with the greedy answer: its shards per (deployment, class) and its
     replicas per (deployment, domain)."""
     deps, topo = greedy.deps, greedy.topo
-    class_of = {n: c.index for c in classes for n in c.nodes}
+    class_of = {n: c.index for c in m.classes for n in c.nodes}
     hint_x: dict[tuple[int, int], int] = defaultdict(int)
     hint_y: dict[tuple[int, int], int] = defaultdict(int)
     for (d, r), shards in greedy.replicas.items():
-        if d not in pending or r not in pending[d]:
+        if d not in m.pending or r not in m.pending[d]:
             continue
         first = next(iter(shards.values())).node
         level = deps[d].locality
@@ -358,29 +365,109 @@ def _add_hints(model: cp_model.CpModel, greedy: ClusterState, classes: list[Node
         for at in shards.values():
             if at.node in class_of:
                 hint_x[d, class_of[at.node]] += 1
-    for key, var in x.items():
-        model.add_hint(var, hint_x.get(key, 0))
-    for key, var in y.items():
-        model.add_hint(var, hint_y.get(key, 0))
+    for key, var in m.x.items():
+        m.model.add_hint(var, hint_x.get(key, 0))
+    for key, var in m.y.items():
+        m.model.add_hint(var, hint_y.get(key, 0))
 
 
-def _decode(solver: "Solver", base: ClusterState, cp: cp_model.CpSolver,
-            pending: dict[int, list[int]], classes: list[NodeClass],
-            members: dict[tuple[int, int], list[int]],
-            x: dict[tuple[int, int], cp_model.IntVar],
-            y: dict[tuple[int, int], cp_model.IntVar]) -> tuple[ClusterState, bool]:
+# ---- the stage: build, solve, decode, keep the better ---------------------------------------
+
+def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
+    """Try to beat the greedy answer in solver.state; adopt the better of the two."""
+    left = solver.deadline - time.perf_counter()
+    if left < MIN_SOLVE_S:
+        solver.stats["cpsat"] = "skipped: no time left"
+        solver.time_cut.update(wanted)
+        return
+    t_build = time.perf_counter()
+    deps = base.deps
+    pending = {d: [r for r in range(deps[d].replicas) if (d, r) not in base.replicas]
+               for d in wanted}
+    pending = {d: rs for d, rs in pending.items() if rs}
+    if not pending:
+        return
+    greedy = solver.state
+    m = build(base, pending, solver.min_priority, greedy)
+    if isinstance(m, str):
+        solver.stats["cpsat"] = m
+        return
+    dump = os.environ.get("MAIA_DUMP_MODEL")
+    if dump:
+        m.model.export_to_file(dump)
+
+    left = solver.deadline - time.perf_counter()
+    if left < MIN_SOLVE_S:
+        solver.stats["cpsat"] = "skipped: model build used the time"
+        solver.time_cut.update(pending)
+        return
+    cp = cp_model.CpSolver()
+    opts = solver.problem.options
+    if opts.mode == "rebalance" or opts.allow_preemption:
+        left *= CPSAT_SHARE_WITH_REPAIR  # moves and preemption run after it, in what is left
+    configure(cp.parameters, left)
+    status = cp.solve(m.model)
+    solver.stats.update({"cpsat": STATUS_NAMES.get(status, str(status)),
+                         "classes": len(m.classes), "vars": len(m.x) + len(m.y),
+                         "cpsat_ms": round((time.perf_counter() - t_build) * 1000, 1)})
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        # INFEASIBLE / MODEL_INVALID / UNKNOWN: keep the greedy answer.
+        if status == cp_model.UNKNOWN:  # stopped by its time limit before any solution
+            solver.time_cut.update(pending)
+        return
+    # Term 1 of the bound (the fragmentation part is at most frag_ub), plus kept work.
+    solver.stats["best_bound"] = solver.objective(base) + \
+        int((cp.best_objective_bound + m.frag_ub) // m.scale)
+
+    trial, exact = _decode(solver, m, cp)
+    _keep_better(solver, m, greedy, trial, exact, status)
+
+
+def _keep_better(solver: Solver, m: ClassModel, greedy: ClusterState, trial: ClusterState,
+                 exact: bool, status: int) -> None:
+    """Adopt the decoded plan if it beats the greedy one; then say what was proved."""
+    greedy_value = (solver.objective(greedy), _frag_metric(greedy))
+    trial_value = (solver.objective(trial), _frag_metric(trial))
+    solver.stats["greedy_objective"] = greedy_value[0]
+    solver.stats["cpsat_objective"] = trial_value[0]
+    if trial_value > greedy_value:
+        solver.adopt(trial)
+        solver.stats["answer"] = "cpsat"
+    else:
+        solver.stats["answer"] = "greedy"
+    placed = solver.objective(solver.state)
+    bound = solver.stats["best_bound"]
+    assert isinstance(bound, int)
+    # Stopped by the time limit (FEASIBLE) with a bound the plan does not reach: what is left
+    # unplaced was not proved unplaceable. A reached bound proves term 1 whatever the status.
+    if status == cp_model.FEASIBLE and bound > placed:
+        solver.time_cut.update(m.pending)
+    # A bound below what a plan reaches is no bound: the model does not cover everything the
+    # placer can do (the greedy answer beat it), so claim neither the bound nor optimality.
+    if placed > bound:
+        del solver.stats["best_bound"]
+        return
+    # Proved only for what the model covers: no preemption or moves could do better.
+    opts = solver.problem.options
+    if status == cp_model.OPTIMAL and exact and trial_value >= greedy_value and \
+            not opts.allow_preemption and opts.mode == "batch":
+        solver.proved_optimal = True
+
+
+def _decode(solver: Solver, m: ClassModel, cp: cp_model.CpSolver) -> tuple[ClusterState, bool]:
     """The placer realises the domains the model chose, with the exact per-node rules, then
     fills what is left greedily. Returns the trial state and whether it is exactly the
     model's choice."""
+    base, classes = m.base, m.classes
     deps, topo = base.deps, base.topo
     trial = base.copy()
     placer = Placer(trial, scorer="bestfit", workload=solver.workload)
     exact = True
     leftovers: dict[int, list[int]] = {}
-    for d in solver.batch_order(list(pending)):  # first what the model chose, for everyone
-        todo = list(pending[d])
+    for d in solver.batch_order(list(m.pending)):  # first what the model chose, for everyone
+        todo = list(m.pending[d])
         level = deps[d].locality
-        for dom in sorted(dom for (dd, dom) in y if dd == d and cp.value(y[d, dom]) > 0):
+        for dom in sorted(dom for (dd, dom) in m.y if dd == d and cp.value(m.y[d, dom]) > 0):
             if level == "node":
                 allowed = np.zeros(topo.n_nodes, dtype=bool)
                 allowed[list(classes[dom].nodes)] = True
@@ -388,11 +475,11 @@ def _decode(solver: "Solver", base: ClusterState, cp: cp_model.CpSolver,
                 allowed = topo.domain_of(level) == dom
             # The classes the model used inside the domain, first; the whole domain if need be.
             chosen = np.zeros(topo.n_nodes, dtype=bool)
-            for ci in members[d, dom]:
-                if cp.value(x[d, ci]) > 0:
+            for ci in m.members[d, dom]:
+                if cp.value(m.x[d, ci]) > 0:
                     chosen[list(classes[ci].nodes)] = True
             shards = list(range(deps[d].shards_per_replica))
-            for _ in range(int(cp.value(y[d, dom]))):
+            for _ in range(int(cp.value(m.y[d, dom]))):
                 if todo and (placer.place_gang(d, todo[0], shards, allowed & chosen) or
                              placer.place_gang(d, todo[0], shards, allowed)):
                     todo.pop(0)
@@ -400,7 +487,7 @@ def _decode(solver: "Solver", base: ClusterState, cp: cp_model.CpSolver,
                     exact = False
                     break
         leftovers[d] = todo
-    for d in solver.batch_order(list(pending)):  # then the greedy fills what is left
+    for d in solver.batch_order(list(m.pending)):  # then the greedy fills what is left
         if leftovers[d] and placer.place_deployment(d, leftovers[d]):
             exact = False
         have = trial.placed_replicas(d)
@@ -408,5 +495,4 @@ def _decode(solver: "Solver", base: ClusterState, cp: cp_model.CpSolver,
             for r in have:
                 trial.remove_replica(d, r)
             exact = False
-
     return trial, exact

@@ -1,0 +1,117 @@
+"""The plan: what the solve's final state means as placements, moves, preemptions, reasons
+and a status.
+
+An existing replica that did not change is re-emitted with the input's own placement values
+(no per-shard comparison); a changed shard is a new placement, and a move if it was placed
+before on another node or other accelerators. Deployments left pending get their reasons
+(`explain`), the preemption hint when preemption is off, and TIME_LIMIT when the deadline
+cut their search short.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from scheduler.explain import explain
+from scheduler.model import Move, Placement, Plan, Preemption, Reason, Unplaced
+from scheduler.preemption import preemption_hints, with_hint
+
+if TYPE_CHECKING:
+    from scheduler.solve import Solver
+
+
+def enforce_min_replicas(solver: Solver) -> None:
+    """Safety net: a deployment below min_replicas runs nothing."""
+    state = solver.state
+    for d, dep in enumerate(state.deps):
+        have = state.placed_replicas(d)
+        if have and len(have) < dep.min_replicas:
+            for r in have:
+                state.remove_replica(d, r)
+
+
+def placements_and_moves(solver: Solver) -> tuple[list[Placement], list[Move]]:
+    state, topo = solver.state, solver.topo
+    deps = state.deps
+    placements: list[Placement] = []
+    moved: list[Move] = []
+    node_index = topo.node_index
+    for d, r in sorted(state.replicas):
+        shards = state.replicas[(d, r)]
+        dep = deps[d]
+        given_r = solver.given.get((d, r), {})
+        loaded = solver.loaded.get((d, r))
+        if (shards is loaded or shards == loaded) and len(given_r) == len(shards) and \
+                (d, r) not in solver.odd_milli:
+            # Unchanged since loaded (same nodes, indices, milli): the input's own values.
+            placements.extend(given_r[s] for s in sorted(given_r))
+            continue
+        for s, at in sorted(shards.items()):
+            given = given_r.get(s)
+            was = node_index[given.node] if given is not None else None
+            if given is not None and was == at.node and \
+                    tuple(given.accelerator_indices) == tuple(at.indices) and \
+                    (given.accelerator_milli is not None) == dep.shard.fractional:
+                placements.append(given)  # unchanged: the input's own value
+                continue
+            placements.append(Placement(
+                dep.id, r, s, topo.node_ids[at.node], tuple(at.indices),
+                at.milli if dep.shard.fractional else None))
+            if given is not None and was is not None and (was != at.node or (
+                    sorted(given.accelerator_indices) != sorted(at.indices))):
+                moved.append(Move(dep.id, r, s, topo.node_ids[was], topo.node_ids[at.node]))
+    return placements, moved
+
+
+def unplaced_with_reasons(solver: Solver, preempted: list[tuple[int, int]]
+                          ) -> tuple[list[Unplaced], bool]:
+    """Every deployment short of replicas, with its reasons; and whether any of them got
+    TIME_LIMIT."""
+    deps = solver.state.deps
+    hints = preemption_hints(solver)
+    unplaced = []
+    time_limited = False
+    for d, dep in enumerate(deps):
+        missing = len(solver.pending(d))
+        if missing == 0:
+            continue
+        reasons = tuple(solver.why.get(d) or explain(solver.state, d))
+        if d in hints:
+            reasons = with_hint(reasons, hints[d])
+        gone = [r for (dd, r) in preempted if dd == d]
+        if gone:
+            reasons = (Reason("CAPACITY", f"{len(gone)} replica(s) preempted for "
+                              "higher-priority or reserved work"),) + reasons
+        if d in solver.time_cut:
+            reasons = reasons + (Reason(
+                "TIME_LIMIT", f"solve stopped at its {solver.limit_ms} ms time limit before "
+                f"proving {dep.id} could not be placed; best plan found so far returned"),)
+            time_limited = True
+        unplaced.append(Unplaced(dep.id, missing, reasons))
+    return unplaced, time_limited
+
+
+def emit_plan(solver: Solver) -> Plan:
+    enforce_min_replicas(solver)
+    state = solver.state
+    deps = state.deps
+    placements, moved = placements_and_moves(solver)
+    preempted = sorted(set(v for v in solver.preempted if v not in state.replicas))
+    unplaced, time_limited = unplaced_with_reasons(solver, preempted)
+    new_placed = sum(1 for key in state.replicas if key not in solver.existing_replicas)
+    pending = int(solver.stats.get("pending_replicas", 0))
+    if pending == 0 and not solver.lost:
+        status = "optimal"
+    elif new_placed == 0 and unplaced and not moved and not time_limited:
+        status = "infeasible"  # not when the deadline cut the search: nothing is proved
+    else:
+        status = "optimal" if solver.proved_optimal else "feasible"
+    stats = solver.stats
+    stats["solve_ms"] = (time.perf_counter() - solver.t0) * 1000.0
+    stats.setdefault("objective", solver.objective(state))
+    stats["nodes"] = solver.topo.n_nodes
+    stats["time_limit_hit"] = time_limited
+    return Plan(status=status, placements=tuple(placements), unplaced=tuple(unplaced),
+                preempted=tuple(Preemption(deps[d].id, r) for d, r in preempted),
+                moved=tuple(moved), stats=dict(stats))

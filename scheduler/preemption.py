@@ -1,0 +1,116 @@
+"""Preemption: evict the fewest lower-priority (or over-reservation) replicas so that a
+deployment that did not fit does, and the hint given when preemption is off.
+
+Who may be a victim (`victim_ok`): preemptible work of lower priority; or, for a
+non-preemptible deployment of a tenant below its reservation, preemptible work of another
+tenant. Online decisions are final inside one solve: there only work running before the
+solve may be evicted. The search itself is `room.make_room` without relocation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from scheduler.model import Reason
+from scheduler.room import Replica, make_room
+
+if TYPE_CHECKING:
+    from scheduler.solve import Solver
+
+PREEMPTION_HINTS = 3  # unplaced deployments per solve tried for "fits after preempting"
+HINT_BUDGET_S = 0.1  # time those trials may take (and never past the solve's deadline)
+# Reasons preempting work cannot change; a hint goes on the first reason of another code.
+NOT_FREED = ("NODE_STATE", "ZONE", "ACCELERATOR_MODEL", "TIME_LIMIT")
+
+
+def victim_ok(solver: Solver, d: int, victim: int) -> bool:
+    state = solver.state
+    dep, vdep = state.deps[d], state.deps[victim]
+    if victim == d or not vdep.preemptible:
+        return False
+    if vdep.priority < dep.priority:
+        return True
+    t = int(state.dep_tenant[d])
+    below = state.tenant_milli[t] < solver.topo.tenant_reserved_milli[t]
+    return not dep.preemptible and below and int(state.dep_tenant[victim]) != t
+
+
+def eligible_victims(solver: Solver, d: int) -> list[Replica]:
+    online = solver.problem.options.mode == "online"
+    return [v for v in solver.state.replicas if victim_ok(solver, d, v[0])
+            and (not online or v in solver.existing_replicas)]
+
+
+def preempt_for(solver: Solver, d: int) -> None:
+    """Evict the fewest victims, one replica of d at a time, until d is placed or stuck."""
+    while solver.pending(d):
+        if time.perf_counter() >= solver.deadline:
+            solver.time_cut.add(d)
+            return
+        eligible = eligible_victims(solver, d)
+        if not eligible:
+            return
+        found = make_room(solver, d, eligible, relocate=False, budget=0,
+                          deadline=solver.deadline)
+        if found is None:
+            if time.perf_counter() >= solver.deadline:
+                solver.time_cut.add(d)
+            return
+        trial, removed, _ = found
+        solver.adopt(trial)
+        solver.preempted += [v for v in removed if v in solver.existing_replicas]
+        # The rest of the deployment may fit now; min_replicas still applies.
+        rest = solver.pending(d)
+        if rest:
+            solver.placer.place_deployment(d, rest)
+        if not solver.pending(d):
+            solver.why.pop(d, None)
+
+
+def preemption_hints(solver: Solver) -> dict[int, str]:
+    """With allow_preemption off: for a few unplaced deployments, the fewest running
+    replicas whose preemption would let one more replica fit (a trial on a copy)."""
+    if solver.problem.options.allow_preemption:
+        return {}
+    state = solver.state
+    unplaced = [d for d in range(len(state.deps)) if solver.pending(d)]
+    if not unplaced:
+        return {}  # the common no-op re-read: no scan of every running replica
+    running = [v for v in state.replicas
+               if state.deps[v[0]].preemptible and v in solver.existing_replicas]
+    if not running:
+        return {}
+    stop = min(solver.deadline, time.perf_counter() + HINT_BUDGET_S)
+    hints: dict[int, str] = {}
+    tried = 0
+    for d in solver.batch_order(unplaced):
+        if tried >= PREEMPTION_HINTS or time.perf_counter() >= stop:
+            break
+        eligible = [v for v in running if victim_ok(solver, d, v[0])]
+        if not eligible:
+            continue
+        tried += 1
+        found = make_room(solver, d, eligible, relocate=False, budget=0, deadline=stop)
+        if found is None:
+            continue
+        trial, removed, _ = found
+        more = len(trial.placed_replicas(d)) - len(state.placed_replicas(d))
+        per_dep: dict[str, int] = defaultdict(int)
+        for vd, _ in removed:
+            per_dep[state.deps[vd].id] += 1
+        victims = ", ".join(f"{n} replica{'s' if n > 1 else ''} of {name}" for name, n in
+                            sorted(per_dep.items(), key=lambda kv: (-kv[1], kv[0])))
+        hints[d] = (f"{more} more replica{'s fit' if more > 1 else ' fits'} after "
+                    f"preempting {victims} (allow_preemption is off)")
+    return hints
+
+
+def with_hint(reasons: tuple[Reason, ...], hint: str) -> tuple[Reason, ...]:
+    """Add the hint to the first reason preempting can change (else a CAPACITY one)."""
+    for i, r in enumerate(reasons):
+        if r.code not in NOT_FREED:
+            return reasons[:i] + (Reason(r.code, f"{r.message}; {hint}", r.scope),) + \
+                reasons[i + 1:]
+    return reasons + (Reason("CAPACITY", hint),)

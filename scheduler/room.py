@@ -1,0 +1,196 @@
+"""Making room for one replica: which running replicas to take out (preemption) or to move
+elsewhere (rebalance), fewest first.
+
+A trial works on a copy of the state: per locality domain (the most loaded first), remove
+candidate replicas in two orders (cheapest work first, biggest holes first) until the new
+replica fits; keep the trial with the fewest removed (then moved) replicas. Preemption then
+puts back the victims the new work did not need; rebalance must land every removed replica
+elsewhere within its move budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from scheduler.filters import node_fit, quota_room, spread_mask, tenant_masks
+from scheduler.greedy import Placer
+from scheduler.state import ClusterState, ShardAt
+
+if TYPE_CHECKING:
+    from scheduler.solve import Solver
+
+MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
+SINGLE_VICTIM_TRIALS = 8  # per domain, victims also tried alone (see make_room)
+
+Replica = tuple[int, int]  # (deployment, replica)
+
+
+def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, budget: int,
+              deadline: float | None = None) -> tuple[ClusterState, list[Replica], int] | None:
+    """Trial per locality domain: fewest replicas removed (or moved) to fit one replica.
+
+    Returns (trial state with the replica placed, replicas removed, shards moved).
+    With a deadline, stops trying domains at it and returns the best found so far."""
+    state, topo = solver.state, solver.topo
+    level = state.deps[d].locality
+    dom = topo.domain_of(level)
+    by_domain: dict[int, list[Replica]] = defaultdict(list)
+    for v in eligible:
+        for dm in {int(dom[at.node]) for at in state.replicas[v].values()}:
+            by_domain[dm].append(v)
+    ranked = sorted(by_domain, key=lambda dm: -sum(
+        len(state.replicas[v]) * state.deps[v[0]].shard.milli for v in by_domain[dm]))
+    best = None
+    r = solver.pending(d)[0]
+    size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1) for v in eligible}
+    orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
+              lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
+    for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
+        allowed = dom == dm
+        tries = [sorted(by_domain[dm], key=order) for order in orders]
+        here = None
+        for victims in tries:
+            found = _trial(solver, d, r, victims, allowed, relocate, budget)
+            if found is not None and (here is None or found[0] < here[0]):
+                here = found
+        if here is not None and here[0][0] > 1:
+            # One victim alone can be enough where the orders took several (its removal
+            # clears an exclusion, say): try the first few singly.
+            for v in tries[0][:SINGLE_VICTIM_TRIALS]:
+                found = _trial(solver, d, r, [v], allowed, relocate, budget)
+                if found is not None and found[0] < here[0]:
+                    here = found
+        if here is not None and (best is None or here[0] < best[0]):
+            best = here
+    if best is None:
+        return None
+    return best[1], best[2], best[3]
+
+
+def _trial(solver: Solver, d: int, r: int, victims: list[Replica], allowed: np.ndarray,
+           relocate: bool, budget: int
+           ) -> tuple[tuple[int, int], ClusterState, list[Replica], int] | None:
+    """Remove victims in order until replica r of d fits in `allowed`; cost or None."""
+    state = solver.state
+    dep = state.deps[d]
+    trial = state.copy()
+    placer = Placer(trial, scorer="bestfit")
+    removed: list[Replica] = []
+    fitted = False
+    for v in victims:
+        if v in trial.replicas:
+            removed += cascade(trial, [v])
+        if node_fit(trial, d).slots[allowed].sum() >= dep.shards_per_replica and \
+                placer.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
+            fitted = True
+            break
+    if not fitted:
+        return None
+    # min_replicas: the rest of the deployment must reach it in the same trial.
+    rest = [x for x in range(dep.replicas) if (d, x) not in trial.replicas]
+    placer.place_deployment(d, rest)
+    if not trial.placed_replicas(d):
+        return None
+    if not relocate:
+        removed = _spare_victims(state, trial, removed)
+    moved = 0
+    if relocate:  # every removed replica must land again elsewhere
+        back = Placer(trial, scorer="bestfit")
+        # Those that can go back exactly where they were first: a replica re-placed on
+        # its own node must keep its accelerator indices, or it silently changes.
+        later = [v for v in removed if not restore(trial, v, state.replicas[v])]
+        for v in later:
+            vd, vr = v
+            if not back.place_gang(vd, vr, list(range(state.deps[vd].shards_per_replica))):
+                return None
+            old = state.replicas[v]
+            # Another node, or other accelerators on the same node: both are moves.
+            moved += sum(1 for s, at in trial.replicas[v].items()
+                         if old[s].node != at.node or
+                         sorted(old[s].indices) != sorted(at.indices))
+        if moved > budget:
+            return None
+    return (len(removed), moved), trial, removed, moved
+
+
+def cascade(state: ClusterState, victims: list[Replica]) -> list[Replica]:
+    """Remove victims; a deployment falling below min_replicas loses all its replicas."""
+    removed = []
+    for v in victims:
+        if v in state.replicas:
+            state.remove_replica(*v)
+            removed.append(v)
+    return removed + below_min_replicas(state, {v[0] for v in removed})
+
+
+def below_min_replicas(state: ClusterState, ds: set[int]) -> list[Replica]:
+    """Remove every replica of these deployments that fell below min_replicas."""
+    out = []
+    for vd in sorted(ds):
+        left = state.placed_replicas(vd)
+        if left and len(left) < state.deps[vd].min_replicas:
+            for r in left:
+                state.remove_replica(vd, r)
+                out.append((vd, r))
+    return out
+
+
+def _spare_victims(before: ClusterState, trial: ClusterState, removed: list[Replica]
+                   ) -> list[Replica]:
+    """Victims the new work did not need after all: put each back where it ran if it
+    still fits (latest removed first), then re-apply min_replicas to the victims'
+    deployments. Returns the replicas that stay removed."""
+    gone = [v for v in reversed(removed) if not restore(trial, v, before.replicas[v])]
+    gone.reverse()
+    return gone + below_min_replicas(trial, {v[0] for v in gone})
+
+
+def restore(state: ClusterState, v: Replica, shards: dict[int, ShardAt]) -> bool:
+    """Put a removed replica back on exactly its old nodes and indices if every per-node
+    rule still allows it (its node may be cordoned: a node keeps what it has)."""
+    d, _ = v
+    topo = state.topo
+    spec = state.deps[d].shard
+    t = int(state.dep_tenant[d])
+    excl_ok, iso_ok = tenant_masks(state, t)
+    spread_ok = spread_mask(state, d)
+    need: dict[tuple[int, int], int] = defaultdict(int)
+    host: dict[int, int] = defaultdict(int)
+    for at in shards.values():
+        n = at.node
+        if not (topo.node_alive[n] and excl_ok[n] and iso_ok[n]) or \
+                (spread_ok is not None and not spread_ok[n]):
+            return False
+        host[n] += 1
+        for idx in at.indices:
+            need[(n, idx)] += at.milli
+    for (n, idx), milli in need.items():
+        owner = state.acc_owner[n, idx]
+        if state.acc_free[n, idx] < milli or owner not in (-1, t) or \
+                state.acc_hbm[n, idx] < spec.hbm_gib * (milli / max(spec.accelerator_milli, 1)
+                                                        if spec.fractional else 1):
+            return False
+    for n, count in host.items():
+        if state.cpu_free[n] < count * spec.cpu_milli or \
+                state.mem_free[n] < count * spec.memory_mib:
+            return False
+    power = sum(spec.power_w * at.milli * len(at.indices) / 1000.0 for at in shards.values())
+    if power > 0:
+        racks = {int(topo.node_rack[at.node]) for at in shards.values()}
+        rows = {int(topo.node_row[at.node]) for at in shards.values()}
+        if len(racks) > 1 or len(rows) > 1:
+            return False  # per-domain split of the power: leave it to the placer
+        if state.rack_headroom()[racks.pop()] < power or \
+                state.row_headroom()[rows.pop()] < power:
+            return False
+    room, _ = quota_room(state, d)
+    if room < len(shards):
+        return False
+    state.add_replica(d, v[1], dict(shards))
+    return True
