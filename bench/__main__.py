@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth|e2e|failover ...`."""
+"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth|e2e|failover|departures ...`."""
 
 from __future__ import annotations
 
@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     fo = sub.add_parser("failover", help="leader controller SIGKILLed -> next placement committed (PostgreSQL)")
     failover.add_arguments(fo)
     fo.set_defaults(func=failover.main)
+
+    dp = sub.add_parser("departures", help="the trace replayed with arrivals and departures: "
+                                           "allocation over time, waiting, moves, re-pack")
+    from bench import departures
+    departures.add_arguments(dp)
+    dp.set_defaults(func=departures.main)
 
     args = parser.parse_args(argv)
     try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from bench.traces import TraceNode, TracePod
 
@@ -167,19 +167,46 @@ def packing_bound(nodes: list[TraceNode], pods: Iterable[TracePod],
 
 
 def _solve(cols: _Columns, capacity: int, time_limit_s: float) -> Bound:
-    """HiGHS (the build shipped inside ortools) to a zero gap, one thread."""
+    """HiGHS (the build shipped inside ortools) to a zero gap, one thread; if it stops
+    without any bound (a time limit on a loaded machine), the LP relaxation's optimum, which
+    is still a valid limit (marked not proven)."""
     import time
 
     from ortools.linear_solver import pywraplp
 
-    solver = pywraplp.Solver.CreateSolver("HIGHS_MIXED_INTEGER_PROGRAMMING")
+    t0 = time.perf_counter()
+    solver, objective = _program(cols, "HIGHS_MIXED_INTEGER_PROGRAMMING", time_limit_s)
+    params = pywraplp.MPSolverParameters()
+    params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
+    status = solver.Solve(params)
+    proven = status == pywraplp.Solver.OPTIMAL
+    if proven:
+        milli = objective.Value()
+    elif status == pywraplp.Solver.FEASIBLE:
+        milli = objective.BestBound()
+    else:
+        relaxed, objective = _program(cols, "GLOP", time_limit_s, integer=False)
+        if relaxed.Solve() != pywraplp.Solver.OPTIMAL:
+            raise RuntimeError(f"HiGHS found no bound (status {status}), nor did the LP")
+        milli = objective.Value()
+    return Bound(capacity, int(math.floor(milli + 1e-6)), proven, time.perf_counter() - t0)
+
+
+def _program(cols: _Columns, backend: str, time_limit_s: float, integer: bool = True
+             ) -> tuple[Any, Any]:
+    """The packing program in pywraplp: (solver, objective)."""
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver(backend)
     if solver is None:
-        raise RuntimeError("this ortools build has no HiGHS MIP solver")
+        raise RuntimeError(f"this ortools build has no {backend} solver")
     solver.SuppressOutput()
-    solver.SetSolverSpecificParametersAsString("output_flag = false\nlog_to_console = false\n")
+    if backend.startswith("HIGHS"):
+        solver.SetSolverSpecificParametersAsString("output_flag = false\nlog_to_console = false\n")
     solver.SetNumThreads(1)
     solver.SetTimeLimit(int(1000 * time_limit_s))
-    xs = [solver.IntVar(0, u, "") for u in cols.upper]
+    make = solver.IntVar if integer else solver.NumVar
+    xs = [make(0, u, "") for u in cols.upper]
     rows = [solver.Constraint(lo, hi) for lo, hi in zip(cols.row_lo, cols.row_hi)]
     for x, entries in zip(xs, cols.entries):
         for r, coef in entries:
@@ -189,16 +216,4 @@ def _solve(cols: _Columns, capacity: int, time_limit_s: float) -> Bound:
         if c:
             objective.SetCoefficient(x, c)
     objective.SetMaximization()
-    params = pywraplp.MPSolverParameters()
-    params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
-    t0 = time.perf_counter()
-    status = solver.Solve(params)
-    seconds = time.perf_counter() - t0
-    proven = status == pywraplp.Solver.OPTIMAL
-    if proven:
-        milli = objective.Value()
-    elif status == pywraplp.Solver.FEASIBLE:
-        milli = objective.BestBound()
-    else:
-        raise RuntimeError(f"HiGHS found no bound (status {status})")
-    return Bound(capacity, int(math.floor(milli + 1e-6)), proven, seconds)
+    return solver, objective

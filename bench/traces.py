@@ -83,6 +83,13 @@ def load_pods(path: Path) -> list[TracePod]:
     return pods
 
 
+def load_lifetimes(path: Path) -> list[tuple[int, int]]:
+    """(creation_time, deletion_time) of each pod, in the order of `load_pods`."""
+    with _require(path).open(newline="") as f:
+        return [(int(r["creation_time"] or 0), int(r["deletion_time"] or 0))
+                for r in csv.DictReader(f)]
+
+
 def workload_file(workload: str) -> str:
     return f"openb_pod_list_{workload}.csv"
 
