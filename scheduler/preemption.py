@@ -46,8 +46,7 @@ def eligible_victims(solver: Solver, d: int) -> list[Replica]:
 def preempt_for(solver: Solver, d: int) -> None:
     """Evict the fewest victims, one replica of d at a time, until d is placed or stuck."""
     while solver.pending(d):
-        if time.perf_counter() >= solver.deadline:
-            solver.time_cut.add(d)
+        if solver.late(d):
             return
         eligible = eligible_victims(solver, d)
         if not eligible:
@@ -55,8 +54,7 @@ def preempt_for(solver: Solver, d: int) -> None:
         found = make_room(solver, d, eligible, relocate=False, budget=0,
                           deadline=solver.deadline)
         if found is None:
-            if time.perf_counter() >= solver.deadline:
-                solver.time_cut.add(d)
+            solver.late(d)
             return
         trial, removed, _ = found
         solver.adopt(trial)

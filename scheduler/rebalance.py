@@ -7,7 +7,6 @@ budget and the deadline allow. Runs before preemption, so moves are preferred to
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from scheduler.room import make_room
@@ -24,15 +23,13 @@ def rebalance(solver: Solver) -> None:
     pending = [d for d in range(len(solver.state.deps)) if solver.pending(d)]
     for d in solver.batch_order(pending):
         while solver.pending(d) and budget - solver.moves_used > 0:
-            if time.perf_counter() >= solver.deadline:
-                solver.time_cut.add(d)
+            if solver.late(d):
                 break
             eligible = [v for v in solver.state.replicas if v[0] != d]
             found = make_room(solver, d, eligible, relocate=True,
                               budget=budget - solver.moves_used, deadline=solver.deadline)
             if found is None:
-                if time.perf_counter() >= solver.deadline:
-                    solver.time_cut.add(d)
+                solver.late(d)
                 break
             trial, _, moved = found
             solver.adopt(trial)

@@ -157,6 +157,13 @@ class Solver:
                                          -deps[d].shards_per_replica * max(deps[d].shard.milli, 1),
                                          d))
 
+    def late(self, d: int) -> bool:
+        """Past the deadline? Then deployment d's search was cut short (TIME_LIMIT)."""
+        if time.perf_counter() < self.deadline:
+            return False
+        self.time_cut.add(d)
+        return True
+
     def adopt(self, state: ClusterState) -> None:
         """Make this state the solve's (a trial that won); the placer follows it."""
         self.state = state
