@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from controller import limits
-from controller.errors import MaiaError
+from controller.errors import MaiaError, Unauthenticated
 from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
 from controller.store import repositories as repo
@@ -121,6 +121,15 @@ class AgentHub:
         """This controller lost the lead: end every stream (the agents go to the new leader)."""
         for session in list(self._sessions.values()):
             session.close(f"this controller no longer leads ({reason})", mark_down=False)
+
+    def revoke(self, node_id: str, reason: str) -> None:
+        """End the node's stream (if any) with UNAUTHENTICATED: the credential it connected with
+        was revoked. Liveness is left to the heartbeat timeout, so an agent that registers again
+        in time (with a node-bootstrap token) keeps its shards."""
+        session = self._sessions.get(node_id)
+        if session is not None:
+            session.error = Unauthenticated(reason)
+            session.close(f"refused: {reason}", mark_down=False)
 
     def disconnect(self, node_id: str, reason: str) -> None:
         """End the node's stream (if any) without marking it down (it no longer exists)."""

@@ -89,6 +89,11 @@ SUBMITS_PER_MINUTE = 120.0          # per tenant, burst the same
 DRY_RUNS_PER_MINUTE = 30.0          # per tenant
 DRY_RUN_TIME_LIMIT_MS = 2000        # a dry run's solve never runs longer
 DRY_RUN_SLOTS = 1                   # dry runs solved at once (the machine's cores belong to the reconciler)
+# Calls refused UNAUTHENTICATED that get an audit entry of their own: a bucket of 10, refilled at
+# 10 a minute, for the whole controller; the others are counted into the next entry. Anonymous
+# floods so add at most 14,400 rows a day, whatever their rate.
+UNAUTHENTICATED_AUDITS_PER_MINUTE = 10.0
+UNAUTHENTICATED_AUDITS_BURST = 10.0
 
 # --- the reconciler ----------------------------------------------------------------------------
 QUARANTINE_AFTER_FAILURES = 3       # solver failures of one deployment before it is set aside

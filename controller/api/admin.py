@@ -120,8 +120,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListTokens(self, request: admin_pb2.ListTokensRequest,
                          context: aio.ServicerContext) -> admin_pb2.ListTokensResponse:
         async with self._deps.db.unit_of_work() as uow:
-            views = await tokens.list_tokens(uow, current_principal(), role=request.role, tenant=request.tenant)
-        return admin_pb2.ListTokensResponse(tokens=[convert.token_msg(v) for v in views])
+            page = await tokens.list_tokens(uow, current_principal(), role=request.role, tenant=request.tenant,
+                                            page=convert.page_request(request))
+        return admin_pb2.ListTokensResponse(tokens=[convert.token_msg(v) for v in page.items],
+                                            next_page_token=page.next_token)
 
     async def RevokeToken(self, request: admin_pb2.RevokeTokenRequest, context: aio.ServicerContext) -> admin_pb2.Token:
         async with self._deps.db.unit_of_work() as uow:

@@ -12,6 +12,13 @@ fails, the controller logs it at ERROR and the caller still gets its answer.
 
 Agent heartbeats and shard reports (the Connect stream) are not calls of this kind; whatever the
 controller refuses there is audited by the use case that refuses it (`usecases.audit.record`).
+
+Calls refused UNAUTHENTICATED (any method, reads included) are audited by
+`UnauthenticatedAuditor`, rate-limited: anyone can send them, so one entry each would let an
+anonymous flood grow the audit table at the flood's rate. A controller-wide token bucket
+(`limits.UNAUTHENTICATED_AUDITS_*`) lets through a few entries a minute; the calls refused
+beyond it are counted, and the next entry written says how many were not written on their own
+(`detail.unaudited_before`). The log still has a line per refused call.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -26,9 +35,10 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
-from controller import errors
+from controller import errors, limits
 from controller.api.interceptors import code_of, status_for
 from controller.identity import current_principal, new_request_id
+from controller.ratelimit import TokenBucket
 from controller.store.audit import AuditRecord, close_call, open_call
 from controller.store.db import Database
 from controller.usecases import audit
@@ -124,9 +134,10 @@ class AuditInterceptor(aio.ServerInterceptor):
         """The call's entry as it reads when the call succeeds."""
         principal = current_principal()
         kind, object_id, tenant = describe_target(method, request)
+        tenant = tenant or audit.principal_tenant(principal)
         return AuditRecord(
             actor=principal.name, role=audit.principal_role(principal),
-            tenant=tenant or audit.principal_tenant(principal), action=method, object_kind=kind,
+            tenant=tenant, action=method, object_kind=kind,
             object_id=object_id, detail={"token_id": principal.token_id} if principal.token_id else {},
             request_id=principal.request_id or new_request_id(),
         )
@@ -143,3 +154,31 @@ class AuditInterceptor(aio.ServerInterceptor):
         except Exception:  # the call itself is done: say loudly that its audit entry is missing
             log.exception("could not write the audit entry of %s (actor=%s object=%s/%s outcome=%s)",
                           entry.action, entry.actor, entry.object_kind, entry.object_id, entry.outcome)
+
+
+class UnauthenticatedAuditor:
+    """Audits calls refused UNAUTHENTICATED, at most at the bucket's rate (module docstring)."""
+
+    def __init__(self, db: Database, *, per_minute: float = limits.UNAUTHENTICATED_AUDITS_PER_MINUTE,
+                 burst: float = limits.UNAUTHENTICATED_AUDITS_BURST,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._db = db
+        self._bucket = TokenBucket(per_minute / 60.0, burst)
+        self._clock = clock
+        self.unaudited = 0  # refused calls since the last entry that got none of their own
+
+    async def refused(self, method: str, reason: str, peer: str) -> None:
+        if self._bucket.take(self._clock()):
+            self.unaudited += 1
+            return
+        detail = {"message": reason, "peer": peer[:limits.HOSTNAME_MAX]}
+        if self.unaudited:
+            detail["unaudited_before"] = self.unaudited
+        self.unaudited = 0
+        entry = AuditRecord(actor="anonymous", role="", tenant="", action=method[:128], object_kind="", object_id="",
+                            outcome=grpc.StatusCode.UNAUTHENTICATED.name, detail=detail,
+                            request_id=new_request_id())
+        try:  # in its own transaction, like every refused call's entry
+            await audit.record(self._db, entry)
+        except Exception:
+            log.exception("could not write the audit entry of an unauthenticated %s call", method)

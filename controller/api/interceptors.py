@@ -184,8 +184,13 @@ UNAUTHENTICATED_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
 class AuthenticationInterceptor(_BehaviourInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
+    """Sets the caller's principal, or refuses the call UNAUTHENTICATED (telling `on_refused`:
+    method, reason, peer; the audit's `UnauthenticatedAuditor`)."""
+
+    def __init__(self, authenticator: Authenticator,
+                 on_refused: Callable[[str, str, str], Awaitable[None]] | None = None) -> None:
         self._authenticator = authenticator
+        self._on_refused = on_refused
 
     @asynccontextmanager
     async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
@@ -196,6 +201,8 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
             principal = await self._authenticator.authenticate(context.invocation_metadata())
         except errors.Unauthenticated as exc:
             log.warning("rpc method=%s code=UNAUTHENTICATED reason=%s peer=%s", method, exc.message, context.peer())
+            if self._on_refused is not None:
+                await self._on_refused(method, exc.message, context.peer())
             await abort_with(context, exc)
             return
         token = set_principal(principal)
@@ -311,9 +318,12 @@ class ErrorInterceptor(_BehaviourInterceptor):
 
 
 def interceptor_chain(authenticator: Authenticator, *extra: aio.ServerInterceptor,
-                      observer: RpcObserver | None = None) -> list[aio.ServerInterceptor]:
+                      observer: RpcObserver | None = None,
+                      on_refused: Callable[[str, str, str], Awaitable[None]] | None = None,
+                      ) -> list[aio.ServerInterceptor]:
     """Outermost first: the principal is set before metrics and logging read it; they see the
     translated status code; errors are translated around `extra` (the audit interceptor), which
     so sees a failure before its status is sent."""
     metrics = [MetricsInterceptor(observer)] if observer is not None else []
-    return [AuthenticationInterceptor(authenticator), *metrics, LoggingInterceptor(), ErrorInterceptor(), *extra]
+    return [AuthenticationInterceptor(authenticator, on_refused), *metrics, LoggingInterceptor(), ErrorInterceptor(),
+            *extra]

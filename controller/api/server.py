@@ -30,7 +30,7 @@ from controller.authn import AUTHORIZATION_KEY, BOOTSTRAP_HINT, Authenticator
 from controller.api.admin import AdminServicer
 from controller.api.agents import NodeAgentServicer
 from controller.api.audit import AuditServicer
-from controller.api.auditing import AuditInterceptor
+from controller.api.auditing import AuditInterceptor, UnauthenticatedAuditor
 from controller.api.deployments import DeploymentServicer
 from controller.api.deps import ServiceDeps
 from controller.api.interceptors import interceptor_chain
@@ -100,6 +100,9 @@ class AppSignals:
 
     def token_revoked(self, token_id: str) -> None:
         self._app.authn.forget(token_id)
+
+    def node_credential_revoked(self, node_id: str) -> None:
+        self._app.hub.revoke(node_id, f"the credential of node {node_id} was revoked; register again")
 
     def node_removed(self, node_id: str) -> None:
         self._app.hub.disconnect(node_id, "the node was deleted by an administrator")
@@ -241,7 +244,9 @@ class ControllerApp:
         checks: list[aio.ServerInterceptor] = [AuditInterceptor(self.db)]
         if tls is not None and tls.client_ca is not None:
             checks.append(NodeCertificateInterceptor())  # inside the audit: a refused agent is audited
-        server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics),
+        self.unauthenticated_audit = UnauthenticatedAuditor(self.db)
+        server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics,
+                                                           on_refused=self.unauthenticated_audit.refused),
                             options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)])
         host, _, _ = self.config.listen.rpartition(":")
         try:

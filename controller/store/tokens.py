@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
 from controller.domain import values as d
+from controller.domain.paging import PageBounds
 
 
 def aware(at: datetime | None) -> datetime | None:
@@ -28,7 +29,9 @@ async def get_token(session: AsyncSession, token_id: str) -> m.ApiToken | None:
 
 
 async def list_token_rows(session: AsyncSession, *, role: str = "", tenant: str = "",
-                          node: str = "") -> list[m.ApiToken]:
+                          node: str = "", page: PageBounds | None = None) -> list[m.ApiToken]:
+    """Tokens oldest first; with `page`, those after its key (created_at as the database returns
+    it, in ISO format; id) and one more than the page holds (another page follows)."""
     query = select(m.ApiToken).order_by(m.ApiToken.created_at, m.ApiToken.id)
     if role:
         query = query.where(m.ApiToken.role == role)
@@ -36,7 +39,18 @@ async def list_token_rows(session: AsyncSession, *, role: str = "", tenant: str 
         query = query.where(m.ApiToken.tenant_id == tenant)
     if node:
         query = query.where(m.ApiToken.node_id == node)
+    if page is not None:
+        if page.after is not None:
+            created, token_id = page.after
+            query = query.where(tuple_(m.ApiToken.created_at, m.ApiToken.id)
+                                > tuple_(datetime.fromisoformat(str(created)), str(token_id)))
+        query = query.limit(page.limit + 1)
     return list((await session.scalars(query)).all())
+
+
+def token_page_key(row: m.ApiToken) -> tuple[str, str]:
+    """The keyset paging key of a token row (see `list_token_rows`)."""
+    return (row.created_at.isoformat(), row.id)
 
 
 async def active_tokens(session: AsyncSession, now: datetime, *, role: str = "", node: str = "") -> list[m.ApiToken]:

@@ -148,6 +148,7 @@ async def reset_node_credential(uow: UnitOfWork, who: Principal, node_id: str, s
     await uow.commit()
     for token_id in revoked:
         signals.token_revoked(token_id)
+    signals.node_credential_revoked(node_id)  # its open stream (if any) ends now, not at its next call
     return revoked
 
 

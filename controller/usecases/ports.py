@@ -24,6 +24,9 @@ class Signals(Protocol):
     def publish(self, event: DeploymentEvent) -> None: ...
 
     def token_revoked(self, token_id: str) -> None: ...
+
+    def node_credential_revoked(self, node_id: str) -> None: ...
+
     def node_removed(self, node_id: str) -> None: ...
 
 
@@ -35,6 +38,7 @@ class RecordingSignals:
     nodes: set[str] = field(default_factory=set)
     events: list[DeploymentEvent] = field(default_factory=list)
     revoked_tokens: list[str] = field(default_factory=list)
+    revoked_nodes: list[str] = field(default_factory=list)
     removed_nodes: list[str] = field(default_factory=list)
 
     def wake_reconciler(self) -> None:
@@ -48,5 +52,9 @@ class RecordingSignals:
 
     def token_revoked(self, token_id: str) -> None:
         self.revoked_tokens.append(token_id)
+
+    def node_credential_revoked(self, node_id: str) -> None:
+        self.revoked_nodes.append(node_id)
+
     def node_removed(self, node_id: str) -> None:
         self.removed_nodes.append(node_id)

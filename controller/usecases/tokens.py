@@ -19,7 +19,8 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store import tokens as store
 from controller.store.db import Database, UnitOfWork
-from controller.usecases import policy
+from controller.usecases import paging, policy
+from controller.usecases.paging import Page, PageRequest
 from controller.domain.values import IssuedToken, TokenRequest, TokenView
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_id, check_optional_id
@@ -84,11 +85,20 @@ async def create_token(uow: UnitOfWork, who: Principal, request: TokenRequest) -
     return issued
 
 
-async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant: str = "") -> list[TokenView]:
+async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant: str = "",
+                      page: PageRequest = PageRequest()) -> Page[TokenView]:
+    """Tokens oldest first, a page at a time (`usecases.paging`), never their secrets."""
     policy.require_admin(who, "listing tokens")
     check_optional_id("role", role)
     check_optional_id("tenant", tenant)
-    return [store.token_view(r) for r in await store.list_token_rows(uow.session, role=role, tenant=tenant)]
+    bounds = paging.bounds(page, arity=2)
+    if bounds.after is not None:
+        try:
+            datetime.fromisoformat(str(bounds.after[0]))
+        except ValueError:
+            raise InvalidArgument("page_token is not a token this list returned; start again without one") from None
+    rows = await store.list_token_rows(uow.session, role=role, tenant=tenant, page=bounds)
+    return paging.page_of(rows, bounds, key=store.token_page_key).map(store.token_view)
 
 
 async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: Signals) -> TokenView:
@@ -104,6 +114,8 @@ async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: 
                           object_id=row.id, data={"role": row.role, "request_id": who.request_id})
         await uow.commit()
     signals.token_revoked(row.id)
+    if row.node_id:  # a node credential: the stream it opened ends too
+        signals.node_credential_revoked(row.node_id)
     return store.token_view(row)
 
 

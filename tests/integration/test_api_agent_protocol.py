@@ -87,3 +87,21 @@ async def test_silent_agent_is_marked_down_after_the_heartbeat_timeout(stubs: St
                             lambda n: n.state == common_pb2.NODE_STATE_DOWN, timeout=15, what="node down")
     assert not node.connected
     await agent.close()
+
+
+async def test_resetting_a_nodes_credential_ends_its_open_stream(controller_app, stubs: Stubs):
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    credential = (await HandAgent(stubs, "node-1", "rack-a").register()).node_credential
+    node = Stubs.connect(controller_app.address, credential)  # the agent speaks with its own credential
+    try:
+        agent = HandAgent(node, "node-1", "rack-a")
+        await agent.register()
+        await agent.connect()
+        await agent.next_set()
+        reset = await stubs.admin.ResetNodeCredential(admin_pb2.NodeRequest(id="node-1"))
+        assert len(reset.revoked_token_ids) == 1
+        ended = await agent.reader_error()  # at once, not at the agent's next call
+        assert ended is not None and ended.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in ended.details() and "register again" in ended.details()
+    finally:
+        await node.channel.close()

@@ -7,8 +7,10 @@ import grpc
 import pytest
 from sqlalchemy import text
 
+from controller.api.auditing import UnauthenticatedAuditor
 from controller.api.server import ControllerApp
 from controller.store import audit
+from controller.store.db import Database
 from controller.usecases import paging
 from grpc_harness import Stubs, issue_token, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, audit_pb2, deployments_pb2
@@ -108,3 +110,37 @@ async def test_a_page_token_this_list_did_not_return_is_invalid_argument(stubs: 
         await stubs.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_token=token))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "page_token is not a token this list returned" in (refused.value.details() or "")
+
+
+async def test_unauthenticated_calls_are_audited_at_a_bounded_rate(controller_app: ControllerApp) -> None:
+    anonymous = Stubs.connect(controller_app.address, None)
+    forged = Stubs.connect(controller_app.address, "maia_0123456789abcdef." + "A" * 43)
+    try:
+        for caller in (anonymous, forged):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await caller.admin.ListTenants(admin_pb2.ListTenantsRequest())
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await anonymous.channel.close()
+        await forged.channel.close()
+    refused = [e for e in await _entries(controller_app) if e.outcome == "UNAUTHENTICATED"]
+    assert [(e.actor, e.action, e.role, e.tenant) for e in refused] == [
+        ("anonymous", ADMIN + "ListTenants", "", "")] * 2
+    assert "authentication required" in refused[0].detail["message"]
+    assert refused[1].detail["message"] == "invalid token" and refused[1].detail["peer"]
+
+
+async def test_a_flood_of_unauthenticated_calls_is_counted_not_written_one_by_one(database: Database) -> None:
+    now = [0.0]
+    auditor = UnauthenticatedAuditor(database, per_minute=60.0, burst=2.0, clock=lambda: now[0])
+    for _ in range(50):
+        await auditor.refused("/maia.v1.AdminService/ListTenants", "invalid token", "ipv4:10.0.0.9:1234")
+    async with database.unit_of_work() as uow:
+        assert len(await audit.list_entries(uow.session, limit=1000)) == 2  # the burst, then counting
+    assert auditor.unaudited == 48
+    now[0] = 1.0  # one more entry a second at 60 a minute: it says how many went unwritten
+    await auditor.refused("/maia.v1.AdminService/ListTenants", "invalid token", "ipv4:10.0.0.9:1234")
+    async with database.unit_of_work() as uow:
+        entries = await audit.list_entries(uow.session, limit=1000)
+        assert (await audit.verify_chain(uow.session)).intact
+    assert len(entries) == 3 and entries[-1].detail["unaudited_before"] == 48 and auditor.unaudited == 0

@@ -4,6 +4,7 @@ removes a bad registration and its shards are placed again elsewhere."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 
@@ -58,6 +59,21 @@ async def test_every_list_pages_in_order_and_ends_with_an_empty_token(populated:
     # A page exactly full says there is no more (no empty trailing page).
     assert await _pages(s.admin.ListNodes, admin_pb2.ListNodesRequest(page_size=5), "nodes") == [
         ["n0", "n1", "n2", "n3", "n4"]]
+    for i in range(4):
+        await s.admin.CreateToken(admin_pb2.CreateTokenRequest(role="tenant", tenant="lab-0", name=f"t{i}"))
+    token_pages = []
+    request = admin_pb2.ListTokensRequest(tenant="lab-0", page_size=3)
+    while True:  # tokens page oldest first, like the rest
+        response = await s.admin.ListTokens(request)
+        token_pages.append([t.name for t in response.tokens])
+        if not response.next_page_token:
+            break
+        request.page_token = response.next_page_token
+    assert token_pages == [["t0", "t1", "t2"], ["t3"]]
+    bad = admin_pb2.ListTokensRequest(page_token=base64.urlsafe_b64encode(b'["x","y"]').decode())
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await s.admin.ListTokens(bad)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # No page_size: the default page, which holds them all here.
     whole = await s.admin.ListTenants(admin_pb2.ListTenantsRequest())
     assert len(whole.tenants) == 7 and whole.next_page_token == ""

@@ -10,7 +10,7 @@ import argparse
 import re
 from datetime import datetime
 
-from controller.cli.client import CliError, Exit
+from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
 from controller.cli.tables import render_table
 from maia.v1 import admin_pb2
@@ -67,9 +67,9 @@ def run_create(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run_list(args: argparse.Namespace, ctx: Context) -> int:
-    reply = ctx.controller.admin.ListTokens(admin_pb2.ListTokensRequest(role=args.role or "",
-                                                                        tenant=args.tenant or ""),
-                                            timeout=ctx.rpc_timeout)
+    reply = list_all(ctx.controller.admin.ListTokens,
+                     admin_pb2.ListTokensRequest(role=args.role or "", tenant=args.tenant or ""), "tokens",
+                     timeout=ctx.rpc_timeout)
     ctx.emit(lambda: {"tokens": [_token_dict(t) for t in reply.tokens]},
              lambda: render_table(
                  ("id", "name", "role", "tenant", "node", "created", "expires", "revoked"),
