@@ -57,6 +57,12 @@ async def serve(config: Config) -> int:
     from controller.store.migrate import SchemaAheadError, SchemaBehindError
 
     app = ControllerApp(config)
+    # Handlers first: a SIGTERM that arrives as soon as "listening" is printed (or during start)
+    # must stop the controller cleanly, not kill it with the default action.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
         address = await app.start()
     except (SchemaBehindError, SchemaAheadError, ListenError) as exc:
@@ -78,10 +84,6 @@ async def serve(config: Config) -> int:
     if app.console_address:
         print(f"maia-controller console on http://{app.console_address}/", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await app.stop()
     return 0
