@@ -123,8 +123,8 @@ class LeaderElection:
     async def run(self) -> None:
         """Acquire or renew until cancelled."""
         while True:
-            try:
-                await self.step()
+            try:  # bounded: a statement stuck on a lock must not keep a stale leader from stepping down
+                await asyncio.wait_for(self.step(), timeout=self.settings.ttl_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -303,6 +303,8 @@ class ControllerApp:
         if not self.election.leading:
             log.info("following: the leader is at %s", self.election.leader_address or "<none yet>")
         self._channel_task = asyncio.create_task(self.channel.run(), name="cluster-channel")
+        if not await self.channel.wait_ready(CHANNEL_READY_TIMEOUT_S):
+            log.warning("not yet listening to the other controllers; retrying in the background")
         self._tasks = [
             asyncio.create_task(self.election.run(), name="leader-election"),
             asyncio.create_task(self.hub.run(), name="agent-hub"),
@@ -354,7 +356,10 @@ class ControllerApp:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self.election.leading:
-            await self.election.release()
+            try:  # bounded: if it cannot be released now, it expires after --lease-ttl anyway
+                await asyncio.wait_for(self.election.release(), timeout=RELEASE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("could not release the leader lease within %.0fs; it expires on its own", RELEASE_TIMEOUT_S)
             self.channel.send(LEASE_RELEASED)  # a follower takes over now, not after the expiry
         await self.channel.close()
         if self._channel_task is not None:
@@ -371,6 +376,8 @@ class ControllerApp:
 
 
 INSECURE_WARNING_INTERVAL_S = 60.0
+RELEASE_TIMEOUT_S = 2.0
+CHANNEL_READY_TIMEOUT_S = 5.0
 
 
 async def _warn_insecure_forever() -> None:

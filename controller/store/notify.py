@@ -33,6 +33,8 @@ class ClusterChannel(Protocol):
 
     async def run(self) -> None: ...
 
+    async def wait_ready(self, timeout_s: float) -> bool: ...
+
     async def close(self) -> None: ...
 
 
@@ -44,6 +46,9 @@ class LocalChannel:
 
     async def run(self) -> None:
         await asyncio.Event().wait()
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        return True
 
     async def close(self) -> None:
         pass
@@ -76,6 +81,7 @@ class PgChannel:
         self._conn = None  # asyncpg.Connection while connected
         self._lock = asyncio.Lock()
         self._pending: set[asyncio.Task] = set()
+        self._ready = asyncio.Event()  # set while listening
 
     def send(self, kind: str, items: Iterable[str] = ()) -> None:
         """Queue the message (fire and forget: never blocks the caller)."""
@@ -112,6 +118,7 @@ class PgChannel:
                 conn = await asyncpg.connect(self._dsn)
                 await conn.add_listener(CHANNEL, self._received)
                 self._conn = conn
+                self._ready.set()
                 log.info("listening for other controllers on channel %s", CHANNEL)
                 while True:  # a query notices a dead connection that is_closed() would not
                     await asyncio.sleep(RECONNECT_S)
@@ -125,7 +132,16 @@ class PgChannel:
                 await self._drop()
             await asyncio.sleep(RECONNECT_S)
 
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Until listening (True), or `timeout_s` passed (False: messages sent meanwhile are lost)."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
     async def _drop(self) -> None:
+        self._ready.clear()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
@@ -139,4 +155,7 @@ class PgChannel:
                 await asyncio.wait_for(task, 1.0)
             except Exception:
                 pass
-        await self._drop()
+        try:
+            await asyncio.wait_for(self._drop(), 3.0)
+        except TimeoutError:
+            pass
