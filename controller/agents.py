@@ -11,10 +11,14 @@ The hub is the only place that knows which agents are connected right now. It
 - buffers heartbeats and shard reports and writes them per flush interval in chunks of at most
   `limits.FLUSH_CHUNK` items (not one commit per heartbeat per node); a chunk that fails is
   retried node by node, so one node's bad data never drops every other node's heartbeats,
-- marks a node down when its stream ends or its heartbeats stop for `heartbeat_timeout_s`, and
-  wakes the reconciler so that node's shards are placed again.
-Only the leader talks to agents (`lead`/`follow`): a follower's hub holds no streams and judges
-no node's liveness.
+- marks a node suspect when its stream ends or its heartbeats stop for `heartbeat_timeout_s`
+  (it keeps its shards; `controller/nodelifecycle.py` takes it further: down, evicted), counts
+  the drop against the node's flap penalty, and on Hello marks it up again (suspect while it
+  flaps), waking the reconciler either way;
+- says whether a live stream holds a node (`holds_live_session`): a second agent registering
+  the same node id meanwhile is refused.
+Only the leader talks to agents (`follow` ends every stream when it loses the lead): a
+follower's hub holds no streams and judges no node's liveness.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from controller import limits
 from controller.errors import MaiaError, Unauthenticated
@@ -35,6 +39,7 @@ from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
+from controller.domain.liveness import FlapDamper
 from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport
 
 log = logging.getLogger("maia.agents")
@@ -83,7 +88,7 @@ class AgentHub:
         on_liveness_change: Callable[[], None],
         on_deployments_changed: Callable[[set[str]], Awaitable[None]],
         flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
-        reports_burst: int = limits.REPORTS_BURST,
+        reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
         leading: Callable[[], bool] = lambda: True,
     ) -> None:
         self._db = db
@@ -98,12 +103,17 @@ class AgentHub:
         self._beats: dict[str, NodeBeat] = {}
         self._reports: list[tuple[str, ShardReport]] = []
         self._refused: dict[str, RefusedReports] = {}
-        self._started = time.monotonic()
+        self._damper = damper or FlapDamper()
         self._stopping = False
 
     # --- what others ask ---------------------------------------------------------------------
     def connected(self) -> frozenset[str]:
         return frozenset(self._sessions)
+
+    def holds_live_session(self, node_id: str) -> bool:
+        """A stream holds the node and was heard from within the heartbeat timeout."""
+        session = self._sessions.get(node_id)
+        return session is not None and time.monotonic() - session.last_seen <= self._timeout
 
     def notify(self, node_ids: Iterable[str]) -> None:
         """The assignment sets of these nodes changed: push them to their agents."""
@@ -111,11 +121,6 @@ class AgentHub:
             session = self._sessions.get(node_id)
             if session is not None:
                 session.dirty.set()
-
-    def lead(self) -> None:
-        """This controller became the leader: agents get one timeout to come over before the
-        nodes without a stream count as down."""
-        self._started = time.monotonic()
 
     def follow(self, reason: str) -> None:
         """This controller lost the lead: end every stream (the agents go to the new leader)."""
@@ -142,8 +147,9 @@ class AgentHub:
         self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
     ) -> AsyncIterator[AssignmentSet]:
         """Serve one Connect stream after its Hello: yields the AssignmentSets to send."""
+        damped = self._damper.returns_damped(node_id, time.monotonic())
         async with self._db.unit_of_work() as uow:
-            was_down = await agent_cases.hello(uow, who, node_id, session_id, datetime.now(timezone.utc))
+            changed = await agent_cases.hello(uow, who, node_id, session_id, datetime.now(timezone.utc), damped=damped)
         session = AgentSession(node_id, session_id,
                                reports=TokenBucket(self._report_rate, self._report_burst))
         previous = self._sessions.get(node_id)
@@ -151,8 +157,8 @@ class AgentHub:
             previous.close("superseded by a newer session", mark_down=False)
         self._sessions[node_id] = session
         session.dirty.set()  # the full set, right away
-        log.info("agent connected node=%s session=%s was_down=%s", node_id, session_id, was_down)
-        if was_down:
+        log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
+        if changed:
             self._on_liveness_change()
         reader: asyncio.Task | None = None
         try:
@@ -181,7 +187,8 @@ class AgentHub:
                 session.close("stream cancelled")
             log.info("agent disconnected node=%s reason=%s", node_id, session.close_reason)
             if session.mark_down_on_close and not self._stopping:
-                await self._mark_down(node_id, session_id, session.close_reason)
+                self._damper.dropped(node_id, time.monotonic())
+                await self._mark_suspect(node_id, session_id, session.close_reason)
 
     async def _read(self, session: AgentSession, inbound: AsyncIterator[AgentInbound]) -> None:
         try:
@@ -223,22 +230,22 @@ class AgentHub:
         samples = before.samples if len(before.samples) >= REFUSED_SAMPLES else (*before.samples, key)
         self._refused[node_id] = RefusedReports(before.count + 1, samples)
 
-    async def _mark_down(self, node_id: str, session_id: str | None, why: str) -> None:
+    async def _mark_suspect(self, node_id: str, session_id: str | None, why: str) -> None:
         try:
             async with self._db.unit_of_work() as uow:
-                changed = await agent_cases.mark_down(uow, node_id, session_id=session_id, why=why)
+                changed = await agent_cases.mark_suspect(uow, node_id, session_id=session_id, why=why)
         except LeaseLost:  # another controller leads now and judges this node
             return
         except Exception:
-            log.exception("could not mark node %s down", node_id)
+            log.exception("could not mark node %s suspect", node_id)
             return
         if changed:
-            log.warning("node down node=%s why=%s", node_id, why)
+            log.warning("node suspect node=%s why=%s", node_id, why)
             self._on_liveness_change()
 
     # --- background work ---------------------------------------------------------------------
     async def run(self) -> None:
-        """Flush reports and watch liveness until cancelled."""
+        """Flush reports and close silent streams until cancelled."""
         check_every = min(1.0, self._timeout / 4)
         next_check = time.monotonic()
         while True:
@@ -283,17 +290,6 @@ class AgentHub:
         for session in list(self._sessions.values()):
             if now - session.last_seen > self._timeout:
                 session.close(f"no heartbeat for {now - session.last_seen:.1f}s (timeout {self._timeout:g}s)")
-        if now - self._started <= self._timeout:
-            return  # after a restart, give agents one timeout to come back
-        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self._timeout)
-        try:
-            async with self._db.unit_of_work() as uow:
-                stale = await agent_cases.stale_up_nodes(uow, self._sessions, cutoff)
-        except Exception:
-            log.exception("liveness check failed")
-            return
-        for node_id in stale:
-            await self._mark_down(node_id, None, "no agent stream and no heartbeat within the timeout")
 
     def close_all(self) -> None:
         """Shutdown: end every stream without marking nodes down (agents reconnect to the next controller)."""

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller import limits
+from controller.domain.liveness import LivenessPolicy
 from controller.store.db import DEFAULT_DB_URL
 from controller.version import version_text
 
 DB_URL_ENV = "MAIA_DB_URL"
+
+_LIVENESS = LivenessPolicy()  # the defaults
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,13 @@ class Config:
     migrate: bool = True
     reconcile_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
+    # Node lifecycle (controller/domain/liveness.py): graces and eviction rates.
+    node_down_grace_s: float = _LIVENESS.down_grace_s
+    node_eviction_grace_s: float = _LIVENESS.eviction_grace_s
+    restart_grace_s: float = _LIVENESS.restart_grace_s
+    eviction_rate: float = _LIVENESS.eviction_rate
+    unhealthy_zone_threshold: float = _LIVENESS.unhealthy_zone_threshold
+    unhealthy_zone_eviction_rate: float = _LIVENESS.unhealthy_zone_rate
     solve_time_limit_ms: int = 2000
     # Stop preemptible work (whole replicas) to place higher-priority or reserved work.
     preemption: bool = True
@@ -62,6 +72,14 @@ class Config:
     lease_margin_s: float = 1.5
 
     @property
+    def liveness(self) -> LivenessPolicy:
+        return LivenessPolicy(
+            heartbeat_timeout_s=self.heartbeat_timeout_s, down_grace_s=self.node_down_grace_s,
+            eviction_grace_s=self.node_eviction_grace_s, restart_grace_s=self.restart_grace_s,
+            eviction_rate=self.eviction_rate, unhealthy_zone_threshold=self.unhealthy_zone_threshold,
+            unhealthy_zone_rate=self.unhealthy_zone_eviction_rate)
+
+    @property
     def heartbeat_interval_ms(self) -> int:
         """What agents are told: three heartbeats fit in one timeout."""
         return max(100, int(self.heartbeat_timeout_s * 1000 / 3))
@@ -81,6 +99,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
 
 
@@ -116,8 +141,26 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--reconcile-interval", type=_positive_float, default=Config.reconcile_interval_s,
                         metavar="SECONDS", help="seconds between reconcile passes when nothing wakes the loop")
     parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s,
-                        metavar="SECONDS", help="seconds without a heartbeat before a node counts as down "
-                                                "(agents are told to beat 3 times per timeout)")
+                        metavar="SECONDS", help="seconds without a heartbeat before a node is suspect: it keeps its "
+                                                "shards, takes no new ones (agents are told to beat 3 times per timeout)")
+    parser.add_argument("--node-down-grace", type=_positive_float, default=Config.node_down_grace_s,
+                        metavar="SECONDS", help="seconds of silence before a suspect node is down (it still keeps "
+                                                "its shards)")
+    parser.add_argument("--node-eviction-grace", type=_positive_float, default=Config.node_eviction_grace_s,
+                        metavar="SECONDS", help="seconds of silence before a down node's work is evicted (placed "
+                                                "again elsewhere); longer than --node-down-grace")
+    parser.add_argument("--restart-grace", type=_non_negative_float, default=Config.restart_grace_s,
+                        metavar="SECONDS", help="after a start, seconds the nodes get to reconnect before any is "
+                                                "suspected (silence counts from the start at the earliest)")
+    parser.add_argument("--eviction-rate", type=_non_negative_float, default=Config.eviction_rate,
+                        metavar="NODES_PER_S", help="nodes whose work may be evicted a second, per zone")
+    parser.add_argument("--unhealthy-zone-threshold", type=_fraction, default=Config.unhealthy_zone_threshold,
+                        metavar="FRACTION", help="share of a zone's nodes not up at which the zone counts as "
+                                                 "unhealthy (evictions slow to --unhealthy-zone-eviction-rate; none "
+                                                 "at all while no zone has a node up)")
+    parser.add_argument("--unhealthy-zone-eviction-rate", type=_non_negative_float,
+                        default=Config.unhealthy_zone_eviction_rate, metavar="NODES_PER_S",
+                        help="evictions a second in an unhealthy zone")
     parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms,
                         metavar="MS", help="milliseconds the solver may spend on one reconcile pass")
     parser.add_argument("--no-preemption", dest="preemption", action="store_false",
@@ -178,6 +221,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     if not ns.lease_renew_interval < ns.lease_ttl - Config.lease_margin_s:
         parser.error(f"--lease-renew-interval ({ns.lease_renew_interval:g}) must be below --lease-ttl "
                      f"({ns.lease_ttl:g}) minus the {Config.lease_margin_s:g} s safety margin")
+    if ns.node_eviction_grace < ns.node_down_grace:
+        parser.error("--node-eviction-grace must not be shorter than --node-down-grace")
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if ns.tls_client_ca is not None and ns.tls_cert is None:
@@ -190,6 +235,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         migrate=ns.migrate,
         reconcile_interval_s=ns.reconcile_interval,
         heartbeat_timeout_s=ns.heartbeat_timeout,
+        node_down_grace_s=ns.node_down_grace,
+        node_eviction_grace_s=ns.node_eviction_grace,
+        restart_grace_s=ns.restart_grace,
+        eviction_rate=ns.eviction_rate,
+        unhealthy_zone_threshold=ns.unhealthy_zone_threshold,
+        unhealthy_zone_eviction_rate=ns.unhealthy_zone_eviction_rate,
         solve_time_limit_ms=ns.solve_time_limit_ms,
         preemption=ns.preemption,
         watchdog_interval_s=ns.watchdog_interval,

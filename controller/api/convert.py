@@ -36,7 +36,7 @@ _DOMAIN_TO_WORD = {
 }
 _DOMAIN_FROM_WORD = {word: value for value, word in _DOMAIN_TO_WORD.items()}
 _NODE_STATE = {"ready": common_pb2.NODE_STATE_READY, "cordoned": common_pb2.NODE_STATE_CORDONED,
-               "down": common_pb2.NODE_STATE_DOWN}
+               "down": common_pb2.NODE_STATE_DOWN, "suspect": common_pb2.NODE_STATE_SUSPECT}
 _SHARD_PHASE_FROM_WORD = {
     "assigned": common_pb2.SHARD_PHASE_ASSIGNED, "loading": common_pb2.SHARD_PHASE_LOADING,
     "running": common_pb2.SHARD_PHASE_RUNNING, "failed": common_pb2.SHARD_PHASE_FAILED,
@@ -157,7 +157,7 @@ def cluster_snapshot_msg(view: d.ClusterSnapshot) -> admin_pb2.ClusterSnapshot:
 def cluster_summary_msg(view: d.ClusterSummary) -> admin_pb2.ClusterSummary:
     return admin_pb2.ClusterSummary(
         nodes_ready=view.nodes_ready, nodes_cordoned=view.nodes_cordoned, nodes_down=view.nodes_down,
-        accelerators_total=view.accelerators_total, accelerators_used=view.accelerators_used,
+        nodes_suspect=view.nodes_suspect, accelerators_total=view.accelerators_total, accelerators_used=view.accelerators_used,
         power_budget_w=view.power_budget_w, power_used_w=view.power_used_w,
         deployments_by_phase=view.deployments_by_phase, tenants=[tenant_msg(t) for t in view.tenants],
     )

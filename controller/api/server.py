@@ -42,6 +42,7 @@ from controller.observability.metrics import ControllerMetrics
 from controller.errors import Unauthenticated
 from controller.health import HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
+from controller.nodelifecycle import NodeLifecycle
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.leadership import LeaderElection, LeaseSettings
 from controller.reconcile import Reconciler
@@ -51,6 +52,7 @@ from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import views_of
+from controller.domain.liveness import FlapDamper
 from controller.domain.values import DeploymentEvent, DeploymentView
 from controller.usecases.watch import DeploymentEventBus
 from controller.watchdog import IsolationWatchdog
@@ -127,17 +129,23 @@ class ControllerApp:
             LocalChannel() if self.db.is_sqlite else PgChannel(config.db_url, self.election.holder, self._notified))
         # The leader's writers: every commit checks the fencing token first.
         leader_db = self.db.fenced(self.election)
+        damper = FlapDamper.of(config.liveness)
         self.hub = AgentHub(
             leader_db, heartbeat_timeout_s=config.heartbeat_timeout_s,
             on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
             reports_per_second=config.agent_reports_per_second, reports_burst=config.agent_reports_burst,
-            leading=self.election.should_run,
+            leading=self.election.should_run, damper=damper,
         )
         self.reconciler = Reconciler(
             leader_db, push=self.hub.notify, publish=self._publish_deployments,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,
             lease=self.election, observer=self.metrics,
             quarantine_after=config.quarantine_after_failures, allow_preemption=config.preemption,
+        )
+        self.lifecycle = NodeLifecycle(
+            leader_db, config.liveness, connected=self.hub.connected, damper=damper,
+            on_change=self.signals.wake_reconciler, is_leader=self.election.should_run,
+            interval_s=min(1.0, config.heartbeat_timeout_s / 4),
         )
         self.throttle = SubmitLimits(
             submits=KeyedRateLimiter(config.submits_per_minute, "submits"),
@@ -173,7 +181,7 @@ class ControllerApp:
         return who if who.role in (Role.ADMIN, Role.TENANT) else None
 
     def _elected(self, token: int) -> None:
-        self.hub.lead()
+        self.lifecycle.lead()
         self.reconciler.resync()
 
     def _deposed(self, why: str) -> None:
@@ -309,6 +317,7 @@ class ControllerApp:
             asyncio.create_task(self.election.run(), name="leader-election"),
             asyncio.create_task(self.hub.run(), name="agent-hub"),
             asyncio.create_task(self.reconciler.run(), name="reconciler"),
+            asyncio.create_task(self.lifecycle.run(), name="node-lifecycle"),
             asyncio.create_task(self.watchdog.run(), name="isolation-watchdog"),
             asyncio.create_task(self.monitor.run(), name="health"),
         ]

@@ -50,7 +50,7 @@ def node_cell(node: admin_pb2.Node, letters: dict[str, str], colour: dict[str, s
             letter = owners[i % len(owners)]
             marks.append(f"[{colour[letter]}]{letter}[/]" if colour else letter)
         else:
-            marks.append(CORDONED if state == "cordoned" else FREE)
+            marks.append(CORDONED if state in ("cordoned", "suspect") else FREE)
     bracket = "\\[" if colour else "["  # rich markup reads a bare '[' as a tag
     return f"{node.id.rsplit('-', 1)[-1]}{bracket}{''.join(marks)}]"
 

@@ -183,7 +183,8 @@ def summary_view(s: admin_pb2.ClusterSummary) -> str:
     phases = ", ".join(f"{title(k.removeprefix('DEPLOYMENT_PHASE_').lower())} {v}"
                        for k, v in sorted(s.deployments_by_phase.items())) or "none"
     pairs: list[tuple[str, object]] = [
-        ("Nodes", f"{s.nodes_ready} ready, {s.nodes_cordoned} cordoned, {s.nodes_down} down"),
+        ("Nodes", f"{s.nodes_ready} ready, {s.nodes_cordoned} cordoned, {s.nodes_suspect} suspect, "
+                  f"{s.nodes_down} down"),
         ("Accelerators", fmt_used_of(s.accelerators_used, s.accelerators_total)
          + (f" ({s.accelerators_used / s.accelerators_total:.0%})" if s.accelerators_total else "")),
         ("Power", fmt_used_of(s.power_used_w, s.power_budget_w or None, "kW")),

@@ -139,6 +139,7 @@ class ClusterSummary:
     power_used_w: float
     deployments_by_phase: dict[str, int]
     tenants: tuple[TenantView, ...]
+    nodes_suspect: int = 0
 
 
 @dataclass(frozen=True, slots=True)

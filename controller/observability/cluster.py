@@ -73,7 +73,7 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
         for rack_id, row_id, budget in await session.execute(select(m.Rack.id, m.Rack.row_id, m.Rack.power_budget_w))
     }
 
-    states = {"ready": 0, "cordoned": 0, "down": 0}
+    states = {"ready": 0, "cordoned": 0, "suspect": 0, "down": 0}
     lag: dict[str, float] = {}
     draw: dict[str, float] = defaultdict(float)
     free: dict[tuple[str, str], float] = defaultdict(float)
@@ -85,7 +85,7 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
     for node_id, rack_id, accelerators, model, health, cordoned, last_beat, draw_w in nodes:
         model_of[node_id] = model
         down = health is m.NodeHealth.DOWN
-        state = "down" if down else "cordoned" if cordoned else "ready"
+        state = health.value if health is not m.NodeHealth.UP else "cordoned" if cordoned else "ready"
         states[state] += 1
         if down:
             continue

@@ -71,7 +71,7 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
                  {(phase,): n for phase, n in g.deployments_by_phase.items()})
     yield _gauge("maia_deployments_unplaced", "Deployments with unplaced replicas, by the solver's reason code.",
                  ["reason"], {(code,): n for code, n in g.unplaced_by_reason.items()})
-    yield _gauge("maia_nodes", "Nodes by state (ready, cordoned, down).", ["state"],
+    yield _gauge("maia_nodes", "Nodes by state (ready, cordoned, suspect, down).", ["state"],
                  {(state,): n for state, n in g.nodes_by_state.items()})
     yield _gauge("maia_node_heartbeat_lag_max_seconds", "Longest time since the last heartbeat among a rack's up nodes.",
                  ["rack"], {(rack,): lag for rack, lag in g.heartbeat_lag_max_s.items()})

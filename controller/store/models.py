@@ -6,8 +6,8 @@ State that the placement depends on lives in four groups:
 - intent: deployments (what a tenant asked for, its phase and the reasons it is pending);
 - outcome: placements (one row per placed shard, with concrete accelerator indices).
 `ClusterState` holds one generation counter that every placement-relevant change bumps, so a
-plan computed from a snapshot is committed only if nothing it relied on changed (optimistic
-concurrency). `Event` is the append-only history of state changes.
+plan knows whether the snapshot it was solved from is stale (the plan applier then re-checks
+what it lands; see store/plans.py). `Event` is the append-only history of state changes.
 """
 
 from __future__ import annotations
@@ -67,8 +67,13 @@ class Domain(str, enum.Enum):
 
 
 class NodeHealth(str, enum.Enum):
-    UP = "up"        # its agent heartbeats
-    DOWN = "down"    # heartbeat timeout or never connected: holds nothing
+    """Liveness (controller/domain/liveness.py): UP heartbeats; SUSPECT lost contact (or flaps)
+    and DOWN stayed silent past a grace, both keep their shards and take no new ones, until a
+    DOWN node's work is evicted (`Node.evicted_at`)."""
+
+    UP = "up"
+    SUSPECT = "suspect"
+    DOWN = "down"
 
 
 class DeploymentPhase(str, enum.Enum):
@@ -165,6 +170,8 @@ class Node(Base):
     # The agent session that may speak for this node (a newer Register supersedes older ones).
     session_id: Mapped[str | None] = mapped_column(String(64))
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When a DOWN node's work was evicted (its shards placed again elsewhere); null: not evicted.
+    evicted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     power_draw_w: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
     # Bumped whenever the node's desired assignment set changes; sent in AssignmentSet.
     assignment_generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
@@ -175,9 +182,9 @@ class Node(Base):
 
     @property
     def state(self) -> str:
-        """The interchange-format node state: ready, cordoned or down."""
-        if self.health is NodeHealth.DOWN:
-            return "down"
+        """What operators see: ready, cordoned, suspect or down."""
+        if self.health is not NodeHealth.UP:
+            return self.health.value
         return "cordoned" if self.cordoned else "ready"
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import selectinload
 
 from controller.store import audit
 from controller.store import models as m
-from controller.store.metering import shard_milli, stop_intervals_on_node
+from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain import values as d
 from controller.domain.paging import PageBounds
@@ -153,10 +153,30 @@ async def list_node_rows(session: AsyncSession, rack: str = "", page: PageBounds
     return list(await session.scalars(_paged(stmt, page, m.Node.id)))
 
 
-async def up_node_heartbeats(session: AsyncSession) -> list[tuple[str, datetime | None]]:
-    """(id, last heartbeat) of every node marked up."""
-    rows = await session.execute(select(m.Node.id, m.Node.last_heartbeat_at).where(m.Node.health == m.NodeHealth.UP))
-    return [(node_id, last) for node_id, last in rows]
+async def node_liveness_rows(session: AsyncSession) -> list[tuple[str, str, m.NodeHealth, datetime | None, bool]]:
+    """(id, zone, health, last heartbeat, evicted) of every node, in one query."""
+    rows = await session.execute(
+        select(m.Node.id, m.Row.zone_id, m.Node.health, m.Node.last_heartbeat_at, m.Node.evicted_at.is_not(None))
+        .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id).order_by(m.Node.id)
+    )
+    return [(node_id, zone, health, last, bool(evicted)) for node_id, zone, health, last, evicted in rows]
+
+
+async def set_node_health(session: AsyncSession, node_id: str, health: m.NodeHealth, *,
+                          evicted_at: datetime | None = None) -> None:
+    values: dict[str, object] = {"health": health}
+    if evicted_at is not None:
+        values["evicted_at"] = evicted_at
+    await session.execute(update(m.Node).where(m.Node.id == node_id).values(**values))
+
+
+async def count_placements_on_nodes(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, int]:
+    ids = set(node_ids)
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(m.Placement.node_id, func.count()).where(m.Placement.node_id.in_(ids)).group_by(m.Placement.node_id))
+    return {node_id: count for node_id, count in rows}
 
 
 async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetime, float]]) -> None:
@@ -467,6 +487,24 @@ def _shard_spec_of(dep: m.Deployment, revision: int) -> d.ShardSpec:
     shard = dict(doc["shard"])
     models = shard.pop("accelerator_models", None)
     return d.ShardSpec(**shard, accelerator_models=tuple(models) if models else None)
+
+
+async def release_placements_beyond(session: AsyncSession, node_id: str, accelerators: int) -> list[list[object]]:
+    """Delete the node's placements that use an accelerator index it no longer has (it registered
+    with fewer), stopping their usage meters; returns them as [deployment, replica, shard]."""
+    gone = [(p, dep) for p, dep in await placements_on_node(session, node_id)
+            if any(i >= accelerators for i in p.accelerator_indices or ())]
+    if not gone:
+        return []
+    ids = [p.id for p, _ in gone]
+    released = [[dep.name, p.replica, p.shard] for p, dep in gone]
+    for p, dep in gone:
+        await session.delete(p)
+        dep.generation = dep.generation + 1
+    await session.flush()
+    await stop_intervals(session, ids, m.utcnow())
+    await bump_node_assignment_generations(session, [node_id])
+    return released
 
 
 async def assignment_set(session: AsyncSession, node_id: str) -> d.AssignmentSet | None:

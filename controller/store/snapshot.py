@@ -69,11 +69,13 @@ class Snapshot:
         return {(p["deployment"], p["replica"], p["shard"]): p for p in self.problem.get("placements", ())}
 
 
-def node_state(health: NodeHealth, cordoned: bool) -> str:
-    """Interchange node state from the stored columns; the same rule as `Node.state`."""
-    if health is NodeHealth.DOWN:
+def node_state(health: NodeHealth, cordoned: bool, evicted: bool) -> str:
+    """The interchange node state the solver sees: `down` (its shards are placed again) only once
+    a down node's work is evicted; a suspect or down node not evicted yet keeps its shards and
+    takes no new ones, like a cordoned one (controller/domain/liveness.py)."""
+    if health is NodeHealth.DOWN and evicted:
         return "down"
-    return "cordoned" if cordoned else "ready"
+    return "cordoned" if cordoned or health is not NodeHealth.UP else "ready"
 
 
 def _put(doc: dict[str, Any], key: str, value: Any) -> None:
@@ -116,6 +118,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         select(
             Node.id, Node.rack_id, Node.health, Node.cordoned, Node.accelerators, Node.accelerator_model,
             Node.hbm_gib, Node.cpu_milli, Node.memory_mib, Node.idle_power_w, Node.labels, Node.draining,
+            Node.evicted_at,
         ).order_by(Node.id)
     ):
         if n.health is NodeHealth.DOWN:
@@ -130,7 +133,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         node: dict[str, Any] = {
             "id": n.id,
             "rack": n.rack_id,
-            "state": node_state(n.health, n.cordoned),
+            "state": node_state(n.health, n.cordoned, n.evicted_at is not None),
             "accelerators": n.accelerators,
         }
         _put(node, "accelerator_model", n.accelerator_model or None)

@@ -1,16 +1,17 @@
 """The node agent protocol's state changes: register, hello, disconnect, reports.
 
 An agent registers (upserting the node's capacity and getting a fresh session id), then opens
-one stream whose Hello must carry that session; only the current session may speak for a node.
-Liveness changes (up on Hello, down when the stream ends or heartbeats stop) bump the cluster
-generation so the reconciler re-places shards. Heartbeats and shard reports arrive often and
+one stream whose Hello must carry that session; only the current session may speak for a node,
+and while a live stream holds a node a second agent registering the same node id is refused.
+Liveness changes (up on Hello, suspect when the stream ends; later ones in `usecases/liveness`)
+bump the cluster generation so the reconciler sees which nodes take new shards. Heartbeats and shard reports arrive often and
 are written in batches by `flush_reports`, one transaction for many nodes.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -103,16 +104,26 @@ async def _credential_for(uow: UnitOfWork, who: Principal, node_id: str, exists:
 
 
 async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, heartbeat_interval_ms: int,
-                        signals: Signals | None = None) -> Registration:
+                        signals: Signals | None = None,
+                        held_by_live_agent: Callable[[str], bool] | None = None) -> Registration:
+    """Register (or re-register) a node. `held_by_live_agent` says whether a live agent stream
+    holds the node now: a second agent with the same node id is refused (an admin may still
+    re-register it). A node registering with fewer accelerators than its placements use has
+    those placements released (only that node's; the solver places them again)."""
     _validate(info)
     if await repo.get_rack(uow.session, info.rack) is None:
         raise FailedPrecondition(f"rack {info.rack} is not in the topology; apply it first")
     row = await repo.get_node(uow.session, info.node_id)
     created = row is None
     credential, revoked = await _credential_for(uow, who, info.node_id, exists=not created)
-    if row is None:
-        row = m.Node(id=info.node_id, health=m.NodeHealth.DOWN, cordoned=False, assignment_generation=0,
-                     power_draw_w=0.0)
+    if who.role is not Role.ADMIN and held_by_live_agent is not None and held_by_live_agent(info.node_id):
+        raise FailedPrecondition(
+            f"node {info.node_id} is held by a live agent stream: a second agent with the same node id is refused "
+            f"(stop the other agent; once its stream ends, or falls silent past the heartbeat timeout, this one "
+            f"may register)")
+    if row is None:  # never connected: down, with nothing to evict
+        row = m.Node(id=info.node_id, health=m.NodeHealth.DOWN, evicted_at=m.utcnow(), cordoned=False,
+                     assignment_generation=0, power_draw_w=0.0)
         uow.session.add(row)
     before = None if created else _capacity(row)
     row.hostname = info.hostname
@@ -128,6 +139,13 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
     row.session_id = uuid.uuid4().hex
     if created or before != _capacity(row):
         await repo.bump_cluster_generation(uow.session)
+    if not created and before is not None and info.accelerators < before[1]:
+        released = await repo.release_placements_beyond(uow.session, info.node_id, info.accelerators)
+        if released:
+            repo.record_event(uow.session, actor=who.name, kind="node.placements_released", object_kind="node",
+                              object_id=info.node_id, data={"shards": released},
+                              message=f"registered with {info.accelerators} accelerators (was {before[1]}): "
+                                      f"{len(released)} shard(s) on accelerators it no longer has are placed again")
     repo.record_event(uow.session, actor=who.name, kind="node.registered", object_kind="node", object_id=info.node_id,
                       data={"rack": info.rack, "accelerators": info.accelerators, "created": created})
     await uow.commit()
@@ -152,9 +170,12 @@ async def reset_node_credential(uow: UnitOfWork, who: Principal, node_id: str, s
     return revoked
 
 
-async def hello(uow: UnitOfWork, who: Principal, node_id: str, session_id: str, now: datetime) -> bool:
-    """Accept a stream for the node's current session and mark it up; True if it was down.
-    Only the node's own credential (or an admin) may speak for it."""
+async def hello(uow: UnitOfWork, who: Principal, node_id: str, session_id: str, now: datetime, *,
+                damped: bool = False) -> bool:
+    """Accept a stream for the node's current session and mark it up (suspect while `damped`:
+    it flaps); True if that changed whether it takes new shards. Its placements are kept: the
+    agent is sent them and converges to them. Only the node's own credential (or an admin) may
+    speak for it."""
     policy.require_node_speaker(who, node_id, f"Connect as node {node_id}")
     check_id("node", node_id)
     check_text("hello.session_id", session_id, limits.SESSION_ID_MAX)
@@ -165,43 +186,37 @@ async def hello(uow: UnitOfWork, who: Principal, node_id: str, session_id: str, 
         raise FailedPrecondition(
             f"session {session_id or '(empty)'} is not the current session of node {node_id}; register again"
         )
-    was_down = row.health is m.NodeHealth.DOWN
-    row.health = m.NodeHealth.UP
+    before = (row.health, row.evicted_at is not None)
+    row.health = m.NodeHealth.SUSPECT if damped else m.NodeHealth.UP
     row.last_heartbeat_at = now
-    if was_down:
+    row.evicted_at = None
+    changed = before != (row.health, False)
+    if changed:
         await repo.bump_cluster_generation(uow.session)
-        repo.record_event(uow.session, actor=node_id, kind="node.up", object_kind="node", object_id=node_id)
+        if damped:
+            repo.record_event(uow.session, actor="controller", kind="node.flapping", object_kind="node",
+                              object_id=node_id, message="its agent keeps dropping its stream: it stays suspect "
+                                                         "(keeps its shards, takes no new ones) until that calms down")
+        else:
+            repo.record_event(uow.session, actor=node_id, kind="node.up", object_kind="node", object_id=node_id)
     await uow.commit()
-    return was_down
+    return changed
 
 
-async def mark_down(uow: UnitOfWork, node_id: str, *, session_id: str | None, why: str) -> bool:
-    """Mark the node down unless a newer session speaks for it; True if it changed."""
+async def mark_suspect(uow: UnitOfWork, node_id: str, *, session_id: str | None, why: str) -> bool:
+    """The node's stream ended: suspect (keeps its shards, takes no new ones) unless a newer
+    session speaks for it; True if it changed."""
     row = await repo.get_node(uow.session, node_id)
-    if row is None or row.health is m.NodeHealth.DOWN:
+    if row is None or row.health is not m.NodeHealth.UP:
         return False
     if session_id is not None and row.session_id != session_id:
         return False  # superseded: the newer session owns the node's liveness
-    row.health = m.NodeHealth.DOWN
+    row.health = m.NodeHealth.SUSPECT
     await repo.bump_cluster_generation(uow.session)
-    repo.record_event(uow.session, actor="controller", kind="node.down", object_kind="node", object_id=node_id,
+    repo.record_event(uow.session, actor="controller", kind="node.suspect", object_kind="node", object_id=node_id,
                       message=why)
     await uow.commit()
     return True
-
-
-async def stale_up_nodes(uow: UnitOfWork, live: Iterable[str], older_than: datetime) -> list[str]:
-    """Nodes marked up with no live stream and no heartbeat since `older_than` (e.g. after a restart)."""
-    live_ids = set(live)
-    stale = []
-    for node_id, last in await repo.up_node_heartbeats(uow.session):
-        if node_id in live_ids:
-            continue
-        if last is not None and last.tzinfo is None:
-            last = last.replace(tzinfo=older_than.tzinfo)
-        if last is None or last < older_than:
-            stale.append(node_id)
-    return stale
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,7 @@ async def cluster_summary(uow: UnitOfWork, who: Principal) -> ClusterSummary:
     racks = await repo.list_racks(s)
     return ClusterSummary(
         nodes_ready=states.count("ready"), nodes_cordoned=states.count("cordoned"), nodes_down=states.count("down"),
+        nodes_suspect=states.count("suspect"),
         accelerators_total=float(total), accelerators_used=sum(usage.node_milli.values()) / 1000.0,
         power_budget_w=sum(k.power_budget_w or 0.0 for k in racks),
         power_used_w=sum(usage.rack_power_w.get(k.id, 0.0) for k in racks),

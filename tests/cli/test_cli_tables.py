@@ -97,7 +97,7 @@ def test_nodes_and_topology_and_summary_views() -> None:
                                        power_budget_w=224000, power_used_w=60000,
                                        deployments_by_phase={"DEPLOYMENT_PHASE_RUNNING": 5})
     text = summary_view(summary)
-    assert "64 ready, 0 cordoned, 0 down" in text
+    assert "64 ready, 0 cordoned, 0 suspect, 0 down" in text
     assert "64/256 (25%)" in text
     assert "Running 5" in text
 

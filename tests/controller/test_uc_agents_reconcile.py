@@ -58,11 +58,11 @@ async def test_hello_needs_the_current_session(database):
             await agents.hello(uow, WHO, "n1", first.session_id, datetime.now(timezone.utc))
     async with database.unit_of_work() as uow:
         assert await agents.hello(uow, WHO, "n1", second.session_id, datetime.now(timezone.utc)) is True
-    # A stream of the superseded session ending does not take the node down.
+    # A stream of the superseded session ending does not make the node suspect.
     async with database.unit_of_work() as uow:
-        assert await agents.mark_down(uow, "n1", session_id=first.session_id, why="test") is False
+        assert await agents.mark_suspect(uow, "n1", session_id=first.session_id, why="test") is False
     async with database.unit_of_work() as uow:
-        assert await agents.mark_down(uow, "n1", session_id=second.session_id, why="test") is True
+        assert await agents.mark_suspect(uow, "n1", session_id=second.session_id, why="test") is True
 
 
 async def test_submit_reconcile_running_then_delete(cluster):
@@ -158,18 +158,6 @@ async def test_drain_replaces_make_before_break(cluster):
         assert state.one() == (True, True)
         kinds = [e.kind for e in await uow.session.scalars(select(m.Event).order_by(m.Event.id))]
     assert "deployment.replica_retired" in kinds
-
-
-async def test_up_nodes_without_a_stream_are_found_stale(cluster):
-    # After a controller restart nodes are still marked up; those whose agents do not come
-    # back within the timeout are found here and marked down.
-    now = datetime.now(timezone.utc)
-    async with cluster.unit_of_work() as uow:
-        later = now.replace(year=now.year + 1)
-        stale = await agents.stale_up_nodes(uow, ["rack-a-n0"], later)
-        fresh = await agents.stale_up_nodes(uow, [], now.replace(year=now.year - 1))
-    assert sorted(stale) == ["rack-a-n1", "rack-b-n0", "rack-b-n1"]
-    assert fresh == []
 
 
 class FakeClock:

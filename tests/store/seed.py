@@ -26,7 +26,7 @@ def node_columns(state: str) -> dict[str, Any]:
     return {
         "ready": {"health": m.NodeHealth.UP, "cordoned": False},
         "cordoned": {"health": m.NodeHealth.UP, "cordoned": True},
-        "down": {"health": m.NodeHealth.DOWN, "cordoned": False},
+        "down": {"health": m.NodeHealth.DOWN, "cordoned": False, "evicted_at": m.utcnow()},
     }[state]
 
 

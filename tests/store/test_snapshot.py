@@ -24,6 +24,7 @@ from controller.store.models import (
     ShardPhase,
     Tenant,
     Zone,
+    utcnow,
 )
 from controller.store.plans import bump_cluster_generation
 from controller.store.snapshot import load_snapshot, node_state
@@ -54,7 +55,7 @@ async def _build_small_cluster(db: Database) -> None:
                  health=NodeHealth.UP),
             Node(id="n2", rack_id="rack1", accelerators=4, accelerator_model="maia-100", hbm_gib=64.0,
                  idle_power_w=600.0, health=NodeHealth.UP, cordoned=True),
-            Node(id="n3", rack_id="rack2", accelerators=4, health=NodeHealth.DOWN),
+            Node(id="n3", rack_id="rack2", accelerators=4, health=NodeHealth.DOWN, evicted_at=utcnow()),
         ])
         s.add_all([
             Tenant(id="t1", isolation=Isolation.DEDICATED_RACK, excludes=["t2"], reserved_accelerators=4.0,
@@ -187,7 +188,14 @@ async def test_snapshot_runs_one_query_per_table(database: Database) -> None:
     assert len(selects) == 8, selects
 
 
-@pytest.mark.parametrize("health", list(NodeHealth))
-@pytest.mark.parametrize("cordoned", [False, True])
-def test_node_state_matches_the_model_property(health: NodeHealth, cordoned: bool) -> None:
-    assert node_state(health, cordoned) == Node(health=health, cordoned=cordoned).state
+@pytest.mark.parametrize(("health", "cordoned", "evicted", "solver", "shown"), [
+    (NodeHealth.UP, False, False, "ready", "ready"),
+    (NodeHealth.UP, True, False, "cordoned", "cordoned"),
+    (NodeHealth.SUSPECT, False, False, "cordoned", "suspect"),   # keeps its shards, takes no new ones
+    (NodeHealth.DOWN, False, False, "cordoned", "down"),         # ... until its work is evicted
+    (NodeHealth.DOWN, True, True, "down", "down"),               # then the solver places its shards again
+])
+def test_what_the_solver_and_operators_see_of_a_node(health: NodeHealth, cordoned: bool, evicted: bool, solver: str,
+                                                      shown: str) -> None:
+    assert node_state(health, cordoned, evicted) == solver
+    assert Node(health=health, cordoned=cordoned).state == shown

@@ -218,7 +218,7 @@ class ClusterSnapshot(_message.Message):
     def __init__(self, problem_json: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ClusterSummary(_message.Message):
-    __slots__ = ("nodes_ready", "nodes_cordoned", "nodes_down", "accelerators_total", "accelerators_used", "power_budget_w", "power_used_w", "deployments_by_phase", "tenants")
+    __slots__ = ("nodes_ready", "nodes_cordoned", "nodes_down", "accelerators_total", "accelerators_used", "power_budget_w", "power_used_w", "deployments_by_phase", "tenants", "nodes_suspect")
     class DeploymentsByPhaseEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class ClusterSummary(_message.Message):
     POWER_USED_W_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENTS_BY_PHASE_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
+    NODES_SUSPECT_FIELD_NUMBER: _ClassVar[int]
     nodes_ready: int
     nodes_cordoned: int
     nodes_down: int
@@ -244,7 +245,8 @@ class ClusterSummary(_message.Message):
     power_used_w: float
     deployments_by_phase: _containers.ScalarMap[str, int]
     tenants: _containers.RepeatedCompositeFieldContainer[Tenant]
-    def __init__(self, nodes_ready: _Optional[int] = ..., nodes_cordoned: _Optional[int] = ..., nodes_down: _Optional[int] = ..., accelerators_total: _Optional[float] = ..., accelerators_used: _Optional[float] = ..., power_budget_w: _Optional[float] = ..., power_used_w: _Optional[float] = ..., deployments_by_phase: _Optional[_Mapping[str, int]] = ..., tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ...) -> None: ...
+    nodes_suspect: int
+    def __init__(self, nodes_ready: _Optional[int] = ..., nodes_cordoned: _Optional[int] = ..., nodes_down: _Optional[int] = ..., accelerators_total: _Optional[float] = ..., accelerators_used: _Optional[float] = ..., power_budget_w: _Optional[float] = ..., power_used_w: _Optional[float] = ..., deployments_by_phase: _Optional[_Mapping[str, int]] = ..., tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ..., nodes_suspect: _Optional[int] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("id", "name", "role", "tenant", "node", "created_by", "created_at", "expires_at", "revoked_at")

@@ -29,6 +29,7 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_READY: _ClassVar[NodeState]
     NODE_STATE_CORDONED: _ClassVar[NodeState]
     NODE_STATE_DOWN: _ClassVar[NodeState]
+    NODE_STATE_SUSPECT: _ClassVar[NodeState]
 
 class ShardPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +53,7 @@ NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_READY: NodeState
 NODE_STATE_CORDONED: NodeState
 NODE_STATE_DOWN: NodeState
+NODE_STATE_SUSPECT: NodeState
 SHARD_PHASE_UNSPECIFIED: ShardPhase
 SHARD_PHASE_ASSIGNED: ShardPhase
 SHARD_PHASE_LOADING: ShardPhase

@@ -1,0 +1,171 @@
+"""Node liveness: when a node that stopped talking is suspect, down, and has its work evicted.
+
+The Kubernetes node-lifecycle lessons, as rules over plain values (no database, no real clock):
+- a node whose agent stream drops, or whose heartbeats stop for `heartbeat_timeout_s`, is
+  SUSPECT at once: it keeps its shards and takes no new ones;
+- silent for `down_grace_s` it is DOWN: still holding its shards, still taking nothing new;
+- only once silent for `eviction_grace_s` (longer) is its work evicted (the solver places its
+  shards again elsewhere, as whole gangs where they cannot be completed beside their replica),
+  and then at most `eviction_rate` nodes a second per zone; `unhealthy_zone_rate` in a zone
+  where at least `unhealthy_zone_threshold` of the nodes are not up (part of a zone failing
+  is more likely a network or power event that heals than many nodes dying), and none at all
+  while every zone has no node up (a whole-fleet outage is more likely the controller's own
+  network than every node at once: evicting would only reshuffle everything on return);
+- after a controller start nothing changes for `restart_grace_s`, and silence counts from the
+  start at the earliest: a reconnecting herd is not mistaken for dead nodes;
+- a node that comes back before its eviction keeps its shards (nothing is reshuffled); a node
+  that keeps dropping is damped (`FlapDamper`): it comes back SUSPECT (connected, holding its
+  shards, taking no new ones) until its penalty decays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from controller.ratelimit import TokenBucket
+
+UP, SUSPECT, DOWN = "up", "suspect", "down"
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessPolicy:
+    heartbeat_timeout_s: float = 10.0
+    down_grace_s: float = 30.0
+    eviction_grace_s: float = 90.0
+    restart_grace_s: float = 120.0
+    eviction_rate: float = 10.0            # nodes a second per zone (Kubernetes: 0.1)
+    unhealthy_zone_threshold: float = 0.55
+    unhealthy_zone_rate: float = 1.0       # Kubernetes: 0.01
+    flap_half_life_s: float = 60.0
+    flap_suppress: float = 2.5             # penalty (drops, decaying) at which a return is damped: ~3 drops in a minute
+    flap_reuse: float = 1.0                # ... and at or below which a damped node is up again
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLiveness:
+    """What the rules read of one node."""
+
+    node_id: str
+    zone: str
+    health: str                    # up, suspect, down
+    last_contact: datetime | None  # its last heartbeat (or Hello)
+    evicted: bool                  # its work was evicted (it holds nothing the solver counts on)
+    connected: bool                # its agent holds a live stream to this controller
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    node_id: str
+    health: str
+    why: str
+    evict: bool = False
+
+
+def silence_s(node: NodeLiveness, now: datetime, started: datetime) -> float:
+    """Seconds without contact, counted from the controller's start at the earliest."""
+    since = started if node.last_contact is None else max(node.last_contact, started)
+    return max(0.0, (now - since).total_seconds())
+
+
+def health_changes(nodes: list[NodeLiveness], now: datetime, started: datetime, policy: LivenessPolicy,
+                   damped: set[str]) -> list[Transition]:
+    """Every health change due now, evictions aside (`eviction_candidates`, `zone_rates`)."""
+    if (now - started).total_seconds() < policy.restart_grace_s:
+        return [Transition(n.node_id, UP, "its agent is connected") for n in nodes
+                if n.connected and n.health != UP and n.node_id not in damped]
+    out: list[Transition] = []
+    for n in nodes:
+        if n.connected:
+            if n.health != UP and n.node_id not in damped:
+                out.append(Transition(n.node_id, UP, "its agent is connected"))
+            continue
+        silent = silence_s(n, now, started)
+        if n.health == UP and silent > policy.heartbeat_timeout_s:
+            out.append(Transition(n.node_id, SUSPECT, f"no agent stream and no heartbeat for {silent:.0f}s"))
+        elif n.health == SUSPECT and silent > policy.down_grace_s:
+            out.append(Transition(n.node_id, DOWN, f"no contact for {silent:.0f}s (down grace {policy.down_grace_s:g}s)"))
+    return out
+
+
+def eviction_candidates(nodes: list[NodeLiveness], now: datetime, started: datetime,
+                        policy: LivenessPolicy) -> list[NodeLiveness]:
+    """DOWN nodes silent past the eviction grace whose work is not evicted yet, longest silent first."""
+    if (now - started).total_seconds() < policy.restart_grace_s:
+        return []
+    due = [n for n in nodes if n.health == DOWN and not n.evicted and not n.connected
+           and silence_s(n, now, started) > policy.eviction_grace_s]
+    return sorted(due, key=lambda n: (-silence_s(n, now, started), n.node_id))
+
+
+def zone_rates(nodes: list[NodeLiveness], policy: LivenessPolicy) -> dict[str, float]:
+    """Evictions a second each zone may make now (Kubernetes' zone states, simplified)."""
+    total: dict[str, int] = {}
+    unhealthy: dict[str, int] = {}
+    for n in nodes:
+        total[n.zone] = total.get(n.zone, 0) + 1
+        if n.health != UP:
+            unhealthy[n.zone] = unhealthy.get(n.zone, 0) + 1
+    full = {z for z, count in total.items() if unhealthy.get(z, 0) == count}
+    if full == set(total):  # no node up anywhere: the controller is more likely the one cut off
+        return {z: 0.0 for z in total}
+    rates = {}
+    for zone, count in total.items():
+        share = unhealthy.get(zone, 0) / count
+        partial = zone not in full and unhealthy.get(zone, 0) >= 2 and share >= policy.unhealthy_zone_threshold
+        rates[zone] = policy.unhealthy_zone_rate if partial else policy.eviction_rate
+    return rates
+
+
+@dataclass
+class EvictionLimiter:
+    """One token bucket per zone: at most `rate` evictions a second, bursting to max(1, rate)."""
+
+    _buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    def allow(self, zone: str, rate: float, now: float) -> bool:
+        if rate <= 0:
+            return False
+        bucket = self._buckets.get(zone)
+        if bucket is None or bucket.rate != rate:
+            bucket = self._buckets[zone] = TokenBucket(rate, max(1.0, rate))
+        return bucket.take(now) == 0.0
+
+
+@dataclass
+class FlapDamper:
+    """A penalty per node: +1 for each dropped stream, halving every `half_life_s` (like BGP
+    route-flap damping). A node whose penalty reaches `suppress` when it returns is damped until
+    its penalty falls to `reuse`. Times are monotonic seconds."""
+
+    half_life_s: float = 60.0
+    suppress: float = 2.5
+    reuse: float = 1.0
+    _penalty: dict[str, tuple[float, float]] = field(default_factory=dict)  # node -> (penalty, at)
+    _damped: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, policy: LivenessPolicy) -> FlapDamper:
+        return cls(policy.flap_half_life_s, policy.flap_suppress, policy.flap_reuse)
+
+    def penalty(self, node_id: str, now: float) -> float:
+        value, at = self._penalty.get(node_id, (0.0, now))
+        return value * math.pow(0.5, max(0.0, now - at) / self.half_life_s)
+
+    def dropped(self, node_id: str, now: float) -> None:
+        self._penalty[node_id] = (self.penalty(node_id, now) + 1.0, now)
+
+    def returns_damped(self, node_id: str, now: float) -> bool:
+        """A node's agent is back: True if it must stay damped."""
+        if node_id in self._damped or self.penalty(node_id, now) >= self.suppress:
+            self._damped.add(node_id)
+            return True
+        return False
+
+    def damped(self, now: float) -> set[str]:
+        """The nodes still damped now (those whose penalty decayed to `reuse` are released)."""
+        for node_id in [n for n in self._damped if self.penalty(n, now) <= self.reuse]:
+            self._damped.discard(node_id)
+            self._penalty.pop(node_id, None)
+        return set(self._damped)

@@ -1,0 +1,95 @@
+"""The node-lifecycle loop: suspects, downs and evicts nodes that fell silent, rate-limited.
+
+Once a second (on the leader only) it reads every node's liveness, applies the rules of
+`controller/domain/liveness.py` (graces, restart grace, flap damping) and evicts the work of
+nodes silent past the eviction grace at most at each zone's rate, longest silent first. The
+agent hub (`controller/agents.py`) handles what happens on a stream: a node goes suspect at
+once when its stream ends, and up on Hello (or stays suspect while it flaps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from controller.domain.liveness import (
+    DOWN, EvictionLimiter, FlapDamper, LivenessPolicy, Transition, eviction_candidates, health_changes, zone_rates,
+)
+from controller.store.db import Database
+from controller.store.lease import LeaseLost
+from controller.store.models import utcnow
+from controller.usecases import liveness
+
+log = logging.getLogger("maia.nodelifecycle")
+
+
+class NodeLifecycle:
+    def __init__(
+        self, db: Database, policy: LivenessPolicy, *, connected: Callable[[], frozenset[str]],
+        damper: FlapDamper, on_change: Callable[[], None], is_leader: Callable[[], bool] = lambda: True,
+        interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._db = db
+        self._policy = policy
+        self._connected = connected
+        self._damper = damper
+        self._on_change = on_change
+        self._is_leader = is_leader
+        self._interval = interval_s
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._limiter = EvictionLimiter()
+        self._started = wall_clock()
+        self._held_back = 0  # evictions due but refused by the zone rates, last pass
+
+    def lead(self) -> None:
+        """This controller became the leader: the nodes get the restart grace to come over."""
+        self._started = self._wall_clock()
+
+    async def run(self) -> None:
+        self._started = self._wall_clock()
+        while True:
+            await asyncio.sleep(self._interval)
+            if not self._is_leader():
+                continue
+            try:
+                await self.pass_once()
+            except asyncio.CancelledError:
+                raise
+            except LeaseLost:  # another controller leads now and judges the nodes
+                continue
+            except Exception:
+                log.exception("node lifecycle pass failed")
+
+    async def pass_once(self) -> list[Transition]:
+        """One pass: the transitions written (evictions included)."""
+        now, mono = self._wall_clock(), self._clock()
+        async with self._db.unit_of_work() as uow:
+            nodes = await liveness.read_liveness(uow, self._connected())
+        changes = health_changes(nodes, now, self._started, self._policy, self._damper.damped(mono))
+        rates = zone_rates(nodes, self._policy)
+        held_back = 0
+        for node in eviction_candidates(nodes, now, self._started, self._policy):
+            if self._limiter.allow(node.zone, rates.get(node.zone, 0.0), mono):
+                changes.append(Transition(node.node_id, DOWN, f"silent past the eviction grace "
+                                          f"({self._policy.eviction_grace_s:g}s)", evict=True))
+            else:
+                held_back += 1
+        if held_back and held_back != self._held_back:
+            log.warning("%d node(s) due for eviction are held back by the zone eviction rates %s", held_back,
+                        {z: r for z, r in sorted(rates.items())})
+        self._held_back = held_back
+        if not changes:
+            return []
+        async with self._db.unit_of_work() as uow:
+            solver_view_changed = await liveness.apply_transitions(uow, changes, now)
+        for change in changes:
+            log.warning("node %s node=%s why=%s", "evicted" if change.evict else change.health, change.node_id,
+                        change.why)
+        if solver_view_changed:
+            self._on_change()
+        return changes

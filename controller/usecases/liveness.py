@@ -1,0 +1,53 @@
+"""Node liveness over time: suspect → down → evicted, and back up (rules: domain/liveness.py).
+
+The node-lifecycle loop (`controller/nodelifecycle.py`) reads every node's liveness here, asks
+the rules what is due, and writes the changes in one transaction: health, `evicted_at`, one
+event per node, and a cluster generation bump when what the solver sees changed (a node that
+takes new shards again, or one whose work is evicted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timezone
+
+from controller.domain.liveness import DOWN, NodeLiveness, Transition
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+
+
+async def read_liveness(uow: UnitOfWork, connected: Iterable[str]) -> list[NodeLiveness]:
+    live = set(connected)
+    return [NodeLiveness(node_id, zone, health.value, _aware(last), evicted, node_id in live)
+            for node_id, zone, health, last, evicted in await repo.node_liveness_rows(uow.session)]
+
+
+def _aware(at: datetime | None) -> datetime | None:
+    """SQLite hands back naive UTC."""
+    return at.replace(tzinfo=timezone.utc) if at is not None and at.tzinfo is None else at
+
+
+async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: datetime) -> bool:
+    """Write the changes; True if the solver's view changed (the reconciler should run)."""
+    if not changes:
+        return False
+    held = await repo.count_placements_on_nodes(uow.session, [c.node_id for c in changes if c.evict])
+    solver_view_changed = False
+    for change in changes:
+        health = m.NodeHealth(change.health)
+        await repo.set_node_health(uow.session, change.node_id, health, evicted_at=now if change.evict else None)
+        if change.evict:
+            kind = "node.evicted"
+            message = f"{change.why}: its {held.get(change.node_id, 0)} shard(s) are placed again elsewhere"
+        else:
+            kind = f"node.{change.health}"
+            message = change.why
+        repo.record_event(uow.session, actor="controller", kind=kind, object_kind="node", object_id=change.node_id,
+                          message=message)
+        solver_view_changed |= change.evict or change.health != DOWN  # DOWN alone: still cordoned to it
+    if solver_view_changed:
+        await repo.bump_cluster_generation(uow.session)
+    await uow.commit()
+    return solver_view_changed
+

@@ -1,0 +1,190 @@
+"""The node-lifecycle loop against a real database: suspect → down → evicted (rate-limited),
+coming back keeps what is placed, a node re-registering smaller releases only its own shards,
+a second agent for one node id is refused. Clocks are driven by hand."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from controller.domain.liveness import FlapDamper, LivenessPolicy
+from controller.domain.values import NodeInfo
+from controller.errors import FailedPrecondition
+from controller.identity import Principal, Role
+from controller.nodelifecycle import NodeLifecycle
+from controller.reconcile import Reconciler
+from controller.store import models as m
+from controller.store.db import Database
+from controller.usecases import agents
+from uc_builders import WHO, deployment, no_publish, submit
+
+POLICY = LivenessPolicy(heartbeat_timeout_s=10, down_grace_s=30, eviction_grace_s=90, restart_grace_s=0,
+                        eviction_rate=1.0)
+NODE_AGENT = Principal("agent", Role.NODE_BOOTSTRAP)
+
+
+class Clocks:
+    def __init__(self) -> None:
+        self.wall = datetime.now(timezone.utc)
+        self.mono = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += timedelta(seconds=seconds)
+        self.mono += seconds
+
+
+def lifecycle(db: Database, clocks: Clocks, connected: set[str], woken: list[int] | None = None) -> NodeLifecycle:
+    wakes = woken if woken is not None else []
+    return NodeLifecycle(db, POLICY, connected=lambda: frozenset(connected), damper=FlapDamper(),
+                         on_change=lambda: wakes.append(1), clock=lambda: clocks.mono,
+                         wall_clock=lambda: clocks.wall)
+
+
+async def placements(db: Database) -> dict[tuple[str, int, int], tuple[str, tuple[int, ...]]]:
+    async with db.unit_of_work() as uow:
+        rows = await uow.session.execute(select(m.Placement, m.Deployment.name).join(m.Deployment))
+        return {(name, p.replica, p.shard): (p.node_id, tuple(p.accelerator_indices)) for p, name in rows}
+
+
+async def health(db: Database) -> dict[str, tuple[str, bool]]:
+    async with db.unit_of_work() as uow:
+        return {n.id: (n.health.value, n.evicted_at is not None)
+                for n in (await uow.session.execute(select(m.Node))).scalars()}
+
+
+async def lose(db: Database, node_id: str, at: datetime) -> None:
+    """The node's stream ends at `at` (its last heartbeat)."""
+    async with db.unit_of_work() as uow:
+        node = await uow.session.get(m.Node, node_id)
+        node.last_heartbeat_at = at
+        await uow.commit()
+    async with db.unit_of_work() as uow:
+        assert await agents.mark_suspect(uow, node_id, session_id=None, why="stream ended")
+
+
+async def placed(cluster: Database, replicas: int = 2) -> tuple[Reconciler, dict]:
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    await submit(cluster, deployment("svc", replicas=replicas, spread=None))
+    await loop.reconcile_once()
+    return loop, await placements(cluster)
+
+
+async def test_a_silent_node_is_suspect_then_down_then_evicted_and_its_work_placed_again(cluster):
+    clocks = Clocks()
+    loop, before = await placed(cluster)
+    victim = before[("svc", 0, 0)][0]
+    everyone = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - {victim}
+    await lose(cluster, victim, clocks.wall)
+    cycle = lifecycle(cluster, clocks, everyone)
+
+    clocks.advance(20)  # suspect, within the down grace: it keeps its shards
+    assert await cycle.pass_once() == []
+    await loop.reconcile_once(force=True)
+    assert await placements(cluster) == before and (await health(cluster))[victim] == ("suspect", False)
+
+    clocks.advance(15)  # 35 s silent: down, still holding its shards
+    assert [(c.node_id, c.health, c.evict) for c in await cycle.pass_once()] == [(victim, "down", False)]
+    await loop.reconcile_once(force=True)
+    assert await placements(cluster) == before
+
+    clocks.advance(60)  # 95 s silent: evicted; the next pass places its replica elsewhere
+    assert [(c.node_id, c.evict) for c in await cycle.pass_once()] == [(victim, True)]
+    assert (await health(cluster))[victim] == ("down", True)
+    await loop.reconcile_once()
+    after = await placements(cluster)
+    assert set(after) == set(before) and victim not in {node for node, _ in after.values()}
+    assert all(after[k] == where for k, where in before.items() if where[0] != victim)
+
+
+async def test_becoming_the_leader_gives_the_nodes_the_restart_grace_again(cluster):
+    clocks = Clocks()
+    async with cluster.unit_of_work() as uow:  # every node up, last heard from now
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, clocks.wall
+        await uow.commit()
+    cycle = NodeLifecycle(cluster, replace(POLICY, restart_grace_s=60), connected=frozenset, damper=FlapDamper(),
+                          on_change=lambda: None, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall)
+    clocks.advance(100)  # a follower all along: now the leader (HA's on_elected), nobody connected yet
+    cycle.lead()
+    clocks.advance(50)   # within the restart grace: nobody is suspected
+    assert await cycle.pass_once() == []
+    clocks.advance(15)   # past it, silence counted from becoming the leader (65 s > the 10 s timeout)
+    changes = await cycle.pass_once()
+    assert changes and {c.health for c in changes} == {"suspect"}
+    assert {state for state, _ in (await health(cluster)).values()} == {"suspect"}
+
+
+async def test_a_node_back_before_its_eviction_keeps_its_shards(cluster):
+    clocks = Clocks()
+    loop, before = await placed(cluster)
+    victim = before[("svc", 0, 0)][0]
+    await lose(cluster, victim, clocks.wall)
+    cycle = lifecycle(cluster, clocks, {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - {victim})
+    clocks.advance(60)
+    await cycle.pass_once()
+    assert (await health(cluster))[victim] == ("down", False)
+    async with cluster.unit_of_work() as uow:  # the agent comes back: register, hello
+        reg = await agents.register_node(uow, WHO, NodeInfo(victim, victim.rsplit("-", 1)[0], 4, hbm_gib=64.0,
+                                                            idle_power_w=500.0), heartbeat_interval_ms=1000)
+    async with cluster.unit_of_work() as uow:
+        assert await agents.hello(uow, WHO, victim, reg.session_id, clocks.wall) is True
+    await loop.reconcile_once(force=True)
+    assert await placements(cluster) == before  # nothing reshuffled
+    assert (await health(cluster))[victim] == ("up", False)
+
+
+async def test_evictions_are_rate_limited_per_zone_and_stop_when_nothing_is_up(cluster):
+    clocks = Clocks()
+    nodes = ["rack-a-n0", "rack-a-n1", "rack-b-n0"]
+    for node in nodes:
+        await lose(cluster, node, clocks.wall)
+    connected = {"rack-b-n1"}
+    cycle = lifecycle(cluster, clocks, connected)
+    clocks.advance(100)
+    await cycle.pass_once()  # all three down
+    assert [c.node_id for c in await cycle.pass_once() if c.evict] == ["rack-a-n0"]  # 1 a second, longest silent
+    assert [c for c in await cycle.pass_once() if c.evict] == []
+    clocks.advance(1)
+    assert [c.node_id for c in await cycle.pass_once() if c.evict] == ["rack-a-n1"]
+    # The last node up goes silent too: nothing is up anywhere, so nothing more is evicted.
+    connected.clear()
+    await lose(cluster, "rack-b-n1", clocks.wall - timedelta(seconds=100))
+    clocks.advance(10)
+    await cycle.pass_once()
+    assert [c for c in await cycle.pass_once() if c.evict] == []
+    assert {n: h for n, h in (await health(cluster)).items()} == {
+        "rack-a-n0": ("down", True), "rack-a-n1": ("down", True), "rack-b-n0": ("down", False),
+        "rack-b-n1": ("down", False)}
+
+
+async def test_a_node_registering_with_fewer_accelerators_releases_only_its_own_invalid_shards(cluster):
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    await submit(cluster, deployment("big", replicas=4, accelerators=2, spread=None))
+    await loop.reconcile_once()
+    before = await placements(cluster)
+    node, high = next((n, key) for key, (n, idx) in before.items() if max(idx) >= 2)
+    async with cluster.unit_of_work() as uow:  # an admin re-registers it with 2 accelerators
+        await agents.register_node(uow, WHO, NodeInfo(node, node.rsplit("-", 1)[0], 2, hbm_gib=64.0,
+                                                      idle_power_w=500.0), heartbeat_interval_ms=1000)
+    after = await placements(cluster)
+    assert high not in after
+    assert {k: v for k, v in after.items()} == {k: v for k, v in before.items() if k != high}
+    outcome = await loop.reconcile_once()  # the cluster still reconciles, and the shard is placed again
+    assert outcome.solved and high in await placements(cluster)
+
+
+async def test_a_second_agent_for_a_node_held_by_a_live_stream_is_refused(cluster):
+    info = NodeInfo("rack-a-n0", "rack-a", 4, hbm_gib=64.0, idle_power_w=500.0)
+    async with cluster.unit_of_work() as uow:  # its credential was reset: a bootstrap token may register it
+        await uow.session.execute(m.ApiToken.__table__.update().values(revoked_at=m.utcnow()))
+        await uow.commit()
+    with pytest.raises(FailedPrecondition, match="held by a live agent stream"):
+        async with cluster.unit_of_work() as uow:
+            await agents.register_node(uow, NODE_AGENT, info, heartbeat_interval_ms=1000,
+                                       held_by_live_agent=lambda node: True)
+    async with cluster.unit_of_work() as uow:  # once the stream is gone it may
+        await agents.register_node(uow, NODE_AGENT, info, heartbeat_interval_ms=1000,
+                                   held_by_live_agent=lambda node: False)
