@@ -6,7 +6,7 @@ some of their own running deployments as they go. A watcher on `WatchDeployments
 when each deployment is committed (every replica placed) and when it runs. The controller is
 its own process (authentication on: the bootstrap admin token, as `make demo` runs it), its
 CPU seconds and peak RSS read from /proc. On SQLite and on a throwaway PostgreSQL started the
-way the tests start theirs (`tests/conftest.py`).
+way the tests start theirs (`bench/pgserver.py`).
 
 Ends by grading the committed state, read from the database once the controller has stopped,
 with the independent checker of the test suite (`tests/scheduler/checker.py`).
@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.fgd import percentile
+from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
 
-REPO = Path(__file__).resolve().parents[1]
 NODES_PER_RACK = 16
 RACKS_PER_ROW = 8
 ROWS_PER_ZONE = 4
@@ -117,14 +117,12 @@ async def database(kind: str, root: Path) -> AsyncIterator[str]:
     if kind == "sqlite":
         yield f"sqlite+aiosqlite:///{root / 'maia.db'}"
         return
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import _create_database, _find_pg_bin_dir, _LocalPostgres  # type: ignore[import-not-found]
-    bin_dir = _find_pg_bin_dir()
+    bin_dir = find_pg_bin_dir()
     if bin_dir is None:
         raise RuntimeError("no PostgreSQL server binaries (make postgres)")
-    server = _LocalPostgres(bin_dir)
+    server = LocalPostgres(bin_dir)
     try:
-        url = await _create_database(server.start(), prefix="maia_bench")
+        url = await create_database(server.start(), prefix="maia_bench")
         yield url
     finally:
         server.stop()

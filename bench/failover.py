@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fgd import percentile
+from bench.pgserver import LocalPostgres, find_pg_bin_dir
 
 BIN = Path(sys.executable).parent / "maia-controller"
 
@@ -221,13 +222,11 @@ def main(args: argparse.Namespace) -> int:
     server = None
     url = args.db
     if not url:
-        from tests.conftest import _find_pg_bin_dir, _LocalPostgres  # the test suite's throwaway server
-
-        bin_dir = _find_pg_bin_dir()
+        bin_dir = find_pg_bin_dir()
         if bin_dir is None:
             print("no PostgreSQL binaries (make postgres) and no --db", file=sys.stderr)
             return 2
-        server = _LocalPostgres(bin_dir)
+        server = LocalPostgres(bin_dir)
         url = server.start()
     try:
         with tempfile.TemporaryDirectory(prefix="maia-bench-failover-") as tmp:
