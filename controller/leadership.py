@@ -31,6 +31,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.aio import wait_event, within
 from controller.errors import Unavailable
 from controller.store import lease
 from controller.store.db import Database
@@ -124,7 +125,7 @@ class LeaderElection:
         """Acquire or renew until cancelled."""
         while True:
             try:  # bounded: a statement stuck on a lock must not keep a stale leader from stepping down
-                await asyncio.wait_for(self.step(), timeout=self.settings.ttl_s)
+                await within(self.step(), self.settings.ttl_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -136,10 +137,7 @@ class LeaderElection:
             if self.leading:
                 wait = max(0.0, min(wait, self._valid_until - self._clock()))
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, wait)
 
     async def step(self) -> None:
         """One try: renew (leading) or acquire (following); steps up or down accordingly."""

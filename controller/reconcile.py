@@ -37,6 +37,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from controller import limits
+from controller.aio import wait_event
 from controller.errors import InvalidArgument
 from controller.parking import ParkingLot
 from controller.store import models as m
@@ -176,11 +177,7 @@ class Reconciler:
     async def run(self) -> None:
         """Reconcile until cancelled."""
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
-            except TimeoutError:
-                pass
-            else:  # let a burst of changes (many nodes connecting at once) land before snapshotting
+            if await wait_event(self._wake, self._interval):  # let a burst of changes (many nodes connecting at once) land before snapshotting
                 await asyncio.sleep(self._settle)
             self._wake.clear()
             if not self._lease.should_run():

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controller import limits
 from controller.agents import AgentHub
+from controller.aio import cancel_and_wait, within
 from controller.authn import AUTHORIZATION_KEY, BOOTSTRAP_HINT, Authenticator
 from controller.api.admin import AdminServicer
 from controller.api.agents import NodeAgentServicer
@@ -360,20 +361,17 @@ class ControllerApp:
             self.server = None
         await asyncio.to_thread(self.metrics.stop)
         await self.console.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if self.election.leading:
             try:  # bounded: if it cannot be released now, it expires after --lease-ttl anyway
-                await asyncio.wait_for(self.election.release(), timeout=RELEASE_TIMEOUT_S)
+                await within(self.election.release(), RELEASE_TIMEOUT_S)
             except TimeoutError:
                 log.warning("could not release the leader lease within %.0fs; it expires on its own", RELEASE_TIMEOUT_S)
             self.channel.send(LEASE_RELEASED)  # a follower takes over now, not after the expiry
         await self.channel.close()
         if self._channel_task is not None:
-            self._channel_task.cancel()
-            await asyncio.gather(self._channel_task, return_exceptions=True)
+            await cancel_and_wait([self._channel_task])
             self._channel_task = None
         await self.db.dispose()
         self.sqlite_lock.release()

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from controller.aio import within
 from controller.console.state import console_state
 from controller.identity import Principal, Role
 from controller.store.db import Database
@@ -125,7 +126,7 @@ class ConsoleServer:
             await response.write(b": connected\n\n")
             while True:
                 try:
-                    item: Any = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    item: Any = await within(queue.get(), KEEPALIVE_S)
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     continue

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from controller import limits
+from controller.aio import wait_event
 from controller.bearer import aio_channel, bearer_metadata
 from controller.simnode import protocol
 from controller.simnode.agent import NodeAgent, Phase, ShardReport
@@ -157,10 +158,7 @@ class SimulatedNode:
                     self.log.warning("%s; reconnecting in %.1fs", problem, delay)
                 else:
                     self.log.info("%s; trying %s in %.2fs", problem, self.controller, delay)
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
+                await wait_event(self._stopping, delay)
         finally:
             for channel in channels.values():
                 await channel.close(grace=None)
@@ -300,7 +298,4 @@ class SimulatedNode:
             due = self.agent.next_deadline()
             wake_at = min(next_heartbeat, due if due is not None else math.inf)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, wake_at - self.clock()))
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, wake_at - self.clock())

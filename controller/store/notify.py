@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from sqlalchemy.engine import make_url
+from controller.aio import wait_event, within
 
 log = logging.getLogger("maia.notify")
 
@@ -123,7 +124,7 @@ class PgChannel:
                 while True:  # a query notices a dead connection that is_closed() would not
                     await asyncio.sleep(RECONNECT_S)
                     async with self._lock:
-                        await asyncio.wait_for(conn.execute("SELECT 1"), RECONNECT_S)
+                        await within(conn.execute("SELECT 1"), RECONNECT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -134,28 +135,24 @@ class PgChannel:
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Until listening (True), or `timeout_s` passed (False: messages sent meanwhile are lost)."""
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._ready, timeout_s)
 
     async def _drop(self) -> None:
         self._ready.clear()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
-                await asyncio.wait_for(conn.close(), 2.0)
+                await within(conn.close(), 2.0)
             except Exception:
                 conn.terminate()
 
     async def close(self) -> None:
         for task in list(self._pending):
             try:
-                await asyncio.wait_for(task, 1.0)
+                await within(task, 1.0)
             except Exception:
                 pass
         try:
-            await asyncio.wait_for(self._drop(), 3.0)
+            await within(self._drop(), 3.0)
         except TimeoutError:
             pass

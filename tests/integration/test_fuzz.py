@@ -78,7 +78,9 @@ CLIENT_WRITE_FAILED = "Internal error from Core"
 
 async def _call(channel: grpc.aio.Channel, method: MethodDescriptor, request: Any) -> grpc.StatusCode:
     """Call once; the status it ended with (streams: read a few messages, then stop waiting)."""
-    serialize = (lambda msg: msg) if isinstance(request, bytes) else (lambda msg: msg.SerializeToString())
+    def serialize(msg: Any) -> bytes:  # raw bytes (also inside a client stream) go out as they are
+        return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
     reply_type = GetMessageClass(method.output_type)
     try:
         if method.client_streaming:

@@ -1,0 +1,59 @@
+"""Waiting and cancelling in asyncio without Python 3.11's traps.
+
+`asyncio.wait_for` on 3.11 swallows a cancellation that arrives in the same loop iteration as
+the awaited thing completes (CPython gh-86296, fixed in 3.12): a loop that waits on an event
+with it and is cancelled just as someone sets the event never sees the cancellation, runs on,
+and whoever awaits it after `cancel()` waits forever. That is how `ControllerApp.stop()` hung on a
+loaded machine. Here every bounded wait goes through `asyncio.timeout`, which does not have the
+bug, and shutdown cancels with a bound and says which task would not stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("maia.aio")
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until `event` is set or `timeout_s` passed; True when it was set."""
+    try:
+        async with asyncio.timeout(max(0.0, timeout_s)):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """`await awaitable`, cancelled after `timeout_s` with TimeoutError (what `wait_for` does,
+    without losing an outer cancellation)."""
+    async with asyncio.timeout(max(0.0, timeout_s)):
+        return await awaitable
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task], *, patience_s: float = 5.0) -> None:
+    """Cancel `tasks` and wait for them to end. A task still running after `patience_s` is
+    cancelled again (it swallowed the first) and named in the log; never waits forever."""
+    pending = {t for t in tasks if not t.done()}
+    for task in pending:
+        task.cancel()
+    rounds = 0
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=patience_s)
+        if not pending:
+            break
+        rounds += 1
+        names = ", ".join(sorted(t.get_name() for t in pending))
+        if rounds >= 3:
+            log.error("tasks still running after %d cancellations; leaving them: %s", rounds, names)
+            return
+        log.warning("tasks ignored cancellation for %.0fs, cancelling again: %s", patience_s, names)
+        for task in pending:
+            task.cancel()
+    for task in tasks:  # retrieve the outcomes so none is reported as "never retrieved"
+        if task.done() and not task.cancelled():
+            task.exception()

@@ -1,0 +1,78 @@
+"""controller.aio: bounded waits that never swallow a cancellation (Python 3.11's wait_for does,
+CPython gh-86296), and a shutdown that never waits forever on a task."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from controller.aio import cancel_and_wait, wait_event, within
+
+
+async def _waiter(event: asyncio.Event) -> None:
+    while True:
+        await wait_event(event, 5.0)
+        event.clear()
+
+
+async def test_a_cancel_that_arrives_as_the_event_fires_ends_the_waiting_loop() -> None:
+    event = asyncio.Event()
+    task = asyncio.create_task(_waiter(event))
+    await asyncio.sleep(0.01)
+    event.set()
+    await asyncio.sleep(0)  # the event's waiter is now done, the loop has not yet resumed
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2.0)
+    assert task in done and task.cancelled()
+
+
+async def test_wait_event_says_whether_the_event_was_set() -> None:
+    event = asyncio.Event()
+    assert await wait_event(event, 0.01) is False
+    event.set()
+    assert await wait_event(event, 0.01) is True
+
+
+async def test_within_bounds_an_awaitable_and_returns_its_result() -> None:
+    assert await within(asyncio.sleep(0, result=7), 1.0) == 7
+    with pytest.raises(TimeoutError):
+        await within(asyncio.sleep(10), 0.01)
+
+
+async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_the_first(caplog) -> None:
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.sleep(10)  # the second cancellation ends it
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="maia.aio"):
+        await cancel_and_wait([task], patience_s=0.05)
+    assert swallowed.is_set() and task.cancelled()
+    assert "stubborn" in caplog.text
+
+
+async def test_cancel_and_wait_gives_up_on_a_task_that_never_stops(caplog) -> None:
+    release = asyncio.Event()
+
+    async def immortal() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+    task = asyncio.create_task(immortal(), name="immortal")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.ERROR, logger="maia.aio"):
+        await cancel_and_wait([task], patience_s=0.02)
+    assert not task.done() and "immortal" in caplog.text
+    release.set()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
