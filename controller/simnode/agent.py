@@ -3,11 +3,15 @@
 The controller sends the node's complete desired shard set (level-triggered); the agent
 converges to it: new shards report LOADING at once and RUNNING after `load_delay_s`, shards no
 longer wanted report STOPPED and are forgotten, sets older than the last one applied are
-ignored. Every method takes `now` (seconds, any monotonic origin) so tests drive the clock.
+ignored. Faults (`controller/simnode/faults.py`) fail a shard (`fail`, or `load_failure` for
+every load it names): it reports FAILED with a message and stays so until the controller stops
+it or assigns it anew. Every method takes `now` (seconds, any monotonic origin) so tests drive
+the clock.
 """
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -81,6 +85,7 @@ class _Held:
     desired: DesiredShard
     phase: Phase
     since: float
+    message: str = ""  # why it FAILED
 
 
 @dataclass
@@ -92,6 +97,8 @@ class NodeAgent:
     load_delay_s: float = 1.0
     last_generation: int | None = None
     stale_ignored: int = 0
+    # A fault: the message a finishing load of this shard fails with (None: it runs).
+    load_failure: Callable[[ShardKey], str | None] | None = None
     _held: dict[ShardKey, _Held] = field(default_factory=dict)
     _accept_any: bool = True
 
@@ -116,7 +123,8 @@ class NodeAgent:
         for key in sorted(wanted):
             shard = wanted[key]
             held = self._held.get(key)
-            if held is not None and held.desired.same_slot(shard):
+            if held is not None and held.desired.same_slot(shard) and not (
+                    held.phase is Phase.FAILED and held.desired != shard):  # assigned anew: restart it
                 if held.desired != shard:  # new generation or spec, same slot: keep it running
                     held.desired = shard
                     reports.append(self._report(held))
@@ -131,9 +139,25 @@ class NodeAgent:
         for key in sorted(self._held):
             held = self._held[key]
             if held.phase is Phase.LOADING and now >= held.since + self.load_delay_s:
+                failure = self.load_failure(key) if self.load_failure is not None else None
+                if failure is not None:
+                    reports.append(self._fail(held, failure, now))
+                    continue
                 held.phase, held.since = Phase.RUNNING, now
                 reports.append(self._report(held))
         return reports
+
+    def fail(self, key: ShardKey, message: str, now: float) -> ShardReport | None:
+        """The shard fails (a crashed model server): FAILED with `message`; None if not held
+        or failed already."""
+        held = self._held.get(key)
+        if held is None or held.phase is Phase.FAILED:
+            return None
+        return self._fail(held, message, now)
+
+    def _fail(self, held: _Held, message: str, now: float) -> ShardReport:
+        held.phase, held.since, held.message = Phase.FAILED, now, message
+        return self._report(held)
 
     def crash(self) -> None:
         """Lose everything, as a rebooted host does."""
@@ -150,6 +174,10 @@ class NodeAgent:
     def reports(self) -> list[ShardReport]:
         """Every shard the node holds now (the heartbeat's full state)."""
         return [self._report(self._held[k]) for k in sorted(self._held)]
+
+    def held(self) -> list[ShardKey]:
+        """The shards the node holds, in order."""
+        return sorted(self._held)
 
     def desired_of(self, key: ShardKey) -> DesiredShard | None:
         held = self._held.get(key)
@@ -169,4 +197,4 @@ class NodeAgent:
 
     def _report(self, held: _Held, message: str = "") -> ShardReport:
         return ShardReport(held.desired.key, held.desired.generation, held.phase,
-                           self._shard_power(held), message)
+                           self._shard_power(held), message or held.message)

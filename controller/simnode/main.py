@@ -1,4 +1,6 @@
-"""maia-simnode entry point: parse flags, start the fleet, stop it on SIGINT/SIGTERM (exit 0)."""
+"""maia-simnode entry point: parse flags, start the fleet (and its fault-injection control
+socket with --control-socket), stop it on SIGINT/SIGTERM (exit 0). `maia-simnode fault ...`
+is the client of that socket (`controller/simnode/faultcli.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +16,9 @@ import grpc
 
 from controller.devca import node_stem
 from controller.bearer import TOKEN_ENV
+from controller.simnode import faultcli
 from controller.simnode.credentials import CredentialFile, default_state_dir
+from controller.simnode.faults import ControlServer, FaultError, FaultInjector
 from controller.simnode.fleet import Fleet, FleetShape
 from controller.simnode.transport import SimulatedNode
 
@@ -42,7 +46,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maia-simnode",
-                                description="Run a fleet of simulated Maia node agents against a controller.")
+                                description="Run a fleet of simulated Maia node agents against a controller. "
+                                            "`maia-simnode fault --help`: inject faults into a running fleet.")
     p.add_argument("--controller", default="127.0.0.1:50051", metavar="HOST:PORT[,HOST:PORT...]",
                    help="the controller, or several (comma-separated): nodes follow the leader among them")
     p.add_argument("--token", default=None, metavar="TOKEN",
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-power-w", type=float, default=600.0)
     p.add_argument("--heartbeat-interval", type=_interval, default=None, metavar="auto|SECONDS",
                    help="default: what the controller asks for at registration")
+    p.add_argument("--control-socket", type=Path, default=None, metavar="PATH",
+                   help="serve fault injection on this Unix socket (mode 0600) for `maia-simnode fault ...`")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     tls = p.add_argument_group("TLS", "connect with TLS when --ca is given; mutual TLS with client certificates")
     tls.add_argument("--ca", type=Path, metavar="PEM", help="CA bundle that signed the controller's certificate")
@@ -104,11 +111,18 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
     return Fleet(nodes)
 
 
-async def _run(fleet: Fleet) -> None:
+async def _run(fleet: Fleet, control_socket: Path | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, fleet, sig)
-    await fleet.run()
+    control = ControlServer(FaultInjector(fleet.nodes), control_socket) if control_socket else None
+    if control is not None:
+        await control.start()
+    try:
+        await fleet.run()
+    finally:
+        if control is not None:
+            await control.close()
 
 
 def _on_signal(fleet: Fleet, sig: signal.Signals) -> None:
@@ -117,6 +131,9 @@ def _on_signal(fleet: Fleet, sig: signal.Signals) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fault"]:
+        return faultcli.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
@@ -130,7 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet = build_fleet(args)
     log.info("controller %s, %d racks x %d nodes (%s, %d accelerators, %.0f W idle)", args.controller,
              args.racks, args.nodes_per_rack, args.model, args.accelerators, args.idle_power_w)
-    asyncio.run(_run(fleet))
+    try:
+        asyncio.run(_run(fleet, args.control_socket))
+    except FaultError as exc:  # the control socket is taken
+        log.error("%s", exc)
+        return 2
     return 0
 
 

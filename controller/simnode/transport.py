@@ -7,8 +7,13 @@ registration fails it waits a jittered, exponentially growing delay and starts o
 shards it runs survive a reconnect, as processes on a real host would). `controller` may list
 several controllers ("A,B,C"): the node talks to the leader; a follower answers UNAVAILABLE
 with the leader's address (`maia-leader` metadata), which the node follows at once, and a
-controller that is gone or knows no leader yet sends it on to the next one in the list. `crash()` drops the
-stream abruptly and forgets all shards, for failure injection.
+controller that is gone or knows no leader yet sends it on to the next one in the list.
+
+Failure injection (driven by `controller/simnode/faults.py`): `crash()` drops the stream
+abruptly and forgets all shards, back after a while; `kill()` does the same until `revive()`;
+`drop()` ends the stream but keeps the shards (a flap); `partition()` keeps the stream open but
+silent both ways (the controller notices only by the missing heartbeats) and stops reconnects
+until `heal()`; `heartbeat_delay_s` stretches the time between heartbeats.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from controller import limits
 from controller.aio import wait_event
 from controller.bearer import aio_channel, bearer_metadata
 from controller.simnode import protocol
-from controller.simnode.agent import NodeAgent, Phase, ShardReport
+from controller.simnode.agent import NodeAgent, Phase, ShardKey, ShardReport
 from controller.simnode.credentials import CredentialFile
 from controller.simnode.protocol import NodeSpec
 from maia.v1 import agent_pb2, agent_pb2_grpc
@@ -100,7 +105,13 @@ class SimulatedNode:
         self.heartbeats_sent = 0
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
-        self._crash_offline_s: float | None = None
+        self._crash_offline_s: float | None = None  # the stream was cut on purpose: back after this
+        self._crash_reason = ""
+        self._online = asyncio.Event()  # cleared while killed or partitioned: no (re)connecting
+        self._online.set()
+        self.killed = False
+        self.partitioned = False
+        self.heartbeat_delay_s = 0.0
         self._call: grpc.aio.StreamStreamCall | None = None
         self._outbox: asyncio.Queue | None = None
 
@@ -108,14 +119,65 @@ class SimulatedNode:
     def stop(self) -> None:
         """Finish cleanly: half-close the stream, let run() return."""
         self._stopping.set()
+        self._online.set()  # a killed or partitioned node stops waiting to come back
         if self._outbox is not None:
             self._outbox.put_nowait(_CLOSE)
 
     def crash(self, offline_s: float = 5.0) -> None:
         """Fail abruptly: cancel the stream, lose every shard, come back after `offline_s`."""
-        self._crash_offline_s = offline_s
         self.agent.crash()
+        self._cut(offline_s, "crashed: all shards lost")
+
+    def kill(self) -> None:
+        """The host dies: the stream is cut, every shard lost, nothing until `revive()`."""
+        self.killed = True
+        self._online.clear()
+        self.agent.crash()
+        self._cut(0.0, "killed: all shards lost, offline until revived")
+
+    def revive(self) -> None:
+        """Undo `kill()` and `partition()`: the node registers and connects again."""
+        self.killed = False
+        self.heal()
+
+    def drop(self, offline_s: float) -> None:
+        """The network blips: the stream ends, the shards keep running, back after `offline_s`."""
+        self._cut(offline_s, "stream dropped (flap)")
+
+    def partition(self) -> None:
+        """Cut off from the controller: nothing sent, nothing read, no reconnect until `heal()`;
+        an open stream stays open (the controller notices only the missing heartbeats)."""
+        self.partitioned = True
+        self._online.clear()
+
+    def heal(self) -> None:
+        """End a partition: a stream that stayed open through it is replaced by a new session
+        (what was sent meanwhile is lost), so the controller and the node agree again."""
+        was_partitioned, self.partitioned = self.partitioned, False
+        if self.killed:
+            return
+        self._online.set()
+        if was_partitioned and self._call is not None:
+            self._cut(0.0, "partition healed: new session")
+        self._wake.set()
+
+    @property
+    def muted(self) -> bool:
+        return self.partitioned or self.killed
+
+    def fail_shard(self, key: ShardKey, message: str) -> bool:
+        """The shard fails: FAILED with `message` is reported (False if this node does not hold it)."""
+        report = self.agent.fail(key, message, self.clock())
+        if report is None:
+            return False
+        self._send_reports([report])
+        return True
+
+    def _cut(self, offline_s: float, reason: str) -> None:
+        """End the open stream on purpose (none open: nothing to cut; `kill` also stops the
+        registration under way, see `_session`)."""
         if self._call is not None:
+            self._crash_offline_s, self._crash_reason = offline_s, reason
             self._call.cancel()
 
     # --- main loop ------------------------------------------------------------------------------
@@ -123,6 +185,9 @@ class SimulatedNode:
         channels: dict[str, grpc.aio.Channel] = {}
         try:
             while not self._stopping.is_set():
+                if not self._online.is_set():
+                    await self._online.wait()  # revive(), heal() or stop() sets it
+                    continue
                 if self.controller not in channels:
                     channels[self.controller] = aio_channel(
                         self.controller, None, credentials=self.credentials,
@@ -150,7 +215,10 @@ class SimulatedNode:
                     break
                 if self._crash_offline_s is not None:
                     delay, self._crash_offline_s = self._crash_offline_s, None
-                    self.log.warning("crashed: all shards lost, offline for %.1fs", delay)
+                    if self._online.is_set():
+                        self.log.warning("%s; reconnecting in %.2fs", self._crash_reason, delay)
+                    else:
+                        self.log.warning("%s", self._crash_reason)
                 elif delay is None:
                     if was_connected or problem == "stream closed by the controller":
                         self._next_controller()  # it may have died or stepped down: try another first
@@ -202,6 +270,8 @@ class SimulatedNode:
                                            timeout=REGISTER_TIMEOUT_S, metadata=self._auth())
         if registration.node_credential:
             self._keep_credential(registration.node_credential)
+        if not self._online.is_set():  # killed or partitioned while registering
+            raise _Crashed()
         self.session_id = registration.session_id
         interval = self.heartbeat_override_s or (registration.heartbeat_interval_ms / 1000) or DEFAULT_HEARTBEAT_S
         self.agent.begin_session()
@@ -244,7 +314,7 @@ class SimulatedNode:
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         async for message in call:
-            if message.HasField("assignments"):
+            if message.HasField("assignments") and not self.muted:
                 self.backoff.reset()
                 self._apply(message.assignments)
 
@@ -264,7 +334,7 @@ class SimulatedNode:
         for report in reports:
             self.log.info("%s %s%s (generation %d)", report.key, report.phase.value,
                           self._where(report), report.generation)
-            if self._outbox is not None:
+            if self._outbox is not None and not self.muted:
                 self._outbox.put_nowait(protocol.shard_status(report))
 
     def _where(self, report: ShardReport) -> str:
@@ -291,10 +361,11 @@ class SimulatedNode:
             now = self.clock()
             self._send_reports(self.agent.tick(now))
             if now >= next_heartbeat:
-                seq += 1
-                outbox.put_nowait(protocol.heartbeat(seq, self.agent.power_draw_w(), self.agent.reports()))
-                self.heartbeats_sent += 1
-                next_heartbeat = now + interval
+                if not self.muted:
+                    seq += 1
+                    outbox.put_nowait(protocol.heartbeat(seq, self.agent.power_draw_w(), self.agent.reports()))
+                    self.heartbeats_sent += 1
+                next_heartbeat = now + interval + self.heartbeat_delay_s
             due = self.agent.next_deadline()
             wake_at = min(next_heartbeat, due if due is not None else math.inf)
             self._wake.clear()

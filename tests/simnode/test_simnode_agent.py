@@ -124,3 +124,28 @@ def test_backoff_grows_with_jitter_up_to_the_maximum_and_resets() -> None:
         assert c / 2 <= d <= c
     b.reset()
     assert b.next_delay() <= 0.5
+
+
+def test_a_failed_shard_reports_its_message_until_assigned_anew() -> None:
+    a = agent(load_delay=0.0)
+    a.apply(DesiredState(1, (shard(A0, (0,)), shard(A1, (1,)))), now=0.0)
+    a.tick(0.0)
+    report = a.fail(A0, "model server crashed", now=1.0)
+    assert report is not None and (report.phase, report.message, report.power_draw_w) == (
+        Phase.FAILED, "model server crashed", 0.0)
+    assert a.fail(A0, "again", now=1.5) is None  # failed already
+    assert a.fail(B0, "not held", now=1.5) is None
+    assert {(r.key, r.phase, r.message) for r in a.reports()} == {
+        (A0, Phase.FAILED, "model server crashed"), (A1, Phase.RUNNING, "")}
+    assert a.apply(DesiredState(2, (shard(A0, (0,)), shard(A1, (1,)))), now=2.0) == []  # same set: stays failed
+    restarted = a.apply(DesiredState(3, (shard(A0, (0,), generation=2), shard(A1, (1,)))), now=3.0)
+    assert [(r.key, r.phase) for r in restarted] == [(A0, Phase.LOADING)]
+
+
+def test_a_load_failure_rule_fails_matching_loads_instead_of_running_them() -> None:
+    a = agent(load_delay=1.0)
+    a.load_failure = lambda key: "out of HBM" if key.deployment == "claude" else None
+    a.apply(DesiredState(1, (shard(A0, (0,)), shard(B0, (1,)))), now=0.0)
+    done = a.tick(1.0)
+    assert [(r.key, r.phase, r.message) for r in done] == [(A0, Phase.FAILED, "out of HBM"), (B0, Phase.RUNNING, "")]
+    assert a.next_deadline() is None

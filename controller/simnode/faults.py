@@ -1,0 +1,348 @@
+"""Fault injection into a running fleet: the injector and the control socket that drives it.
+
+An operator (or a test, or a benchmark) rehearses failures against a fleet that is running:
+`maia-simnode --control-socket PATH ...` serves a Unix socket (mode 0600: whoever may write it
+owns the fleet), and `maia-simnode fault VERB ...` (`controller/simnode/faultcli.py`) sends one
+JSON request line and reads one JSON answer line. The faults, on nodes picked by id, by rack or
+all of them:
+
+- `kill`: the host dies (its stream is cut, every shard lost) until `revive`;
+- `partition`: the nodes stop talking to the controller (streams stay open but silent both
+  ways, no reconnects) until `revive`;
+- `flap`: the stream drops every `period` and comes back after `down` (shards kept);
+- `delay-heartbeats`: `by` seconds more between heartbeats;
+- `fail-shard`: the agent holding a shard reports it FAILED with a message; `keep_failing`
+  fails every later load of a matching shard too, until `stop-failing`;
+- `revive`: undoes kill, partition, flap and heartbeat delay; `status`: what is injected.
+
+Timed faults (`for_s`) undo themselves. A request naming an unknown node or rack changes nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.simnode.agent import ShardKey
+from controller.simnode.transport import SimulatedNode
+
+log = logging.getLogger("simnode.faults")
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a request naming every node of a 100k fleet fits
+DEFAULT_FLAP_COUNT = 5
+
+
+class FaultError(ValueError):
+    """A request that cannot be carried out as asked; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class ShardPattern:
+    """Which shards a fail-shard fault names: a deployment, optionally one replica and shard.
+    The deployment matches the id the controller assigns, or the name after its last '/'."""
+
+    deployment: str
+    replica: int | None = None
+    shard: int | None = None
+    message: str = "injected fault"
+
+    def matches(self, key: ShardKey) -> bool:
+        return (self.deployment in (key.deployment, key.deployment.rsplit("/", 1)[-1])
+                and self.replica in (None, key.replica) and self.shard in (None, key.shard))
+
+    def describe(self) -> str:
+        where = "".join(f"/{part}" for part in (self.replica, self.shard) if part is not None)
+        return f"{self.deployment}{where}"
+
+
+@dataclass
+class _NodeFaults:
+    """The timers and flapping task of one node's faults (to cancel on revive)."""
+
+    tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+
+    def replace(self, kind: str, task: asyncio.Task | None) -> None:
+        old = self.tasks.pop(kind, None)
+        if old is not None and old is not asyncio.current_task():
+            old.cancel()
+        if task is not None:
+            self.tasks[kind] = task
+
+    def cancel_all(self) -> None:
+        for kind in list(self.tasks):
+            self.replace(kind, None)
+
+
+class FaultInjector:
+    """Applies fault requests to the nodes of one fleet (in its event loop)."""
+
+    def __init__(self, nodes: Iterable[SimulatedNode]) -> None:
+        self._nodes = {n.spec.node_id: n for n in nodes}
+        self._faults = {node_id: _NodeFaults() for node_id in self._nodes}
+        self._failing: list[ShardPattern] = []
+        for node in self._nodes.values():
+            node.agent.load_failure = self._load_failure
+
+    # --- requests -------------------------------------------------------------------------------
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request (a decoded JSON object) -> its answer; FaultError for a bad request."""
+        op = request.get("op")
+        handler = self._HANDLERS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise FaultError(f"unknown op {op!r}; one of: {', '.join(sorted(self._HANDLERS))}")
+        return handler(self, request)
+
+    def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._select(request)
+        for_s = _optional_seconds(request, "for_s")
+        for node in nodes:
+            node.kill()
+            self._schedule(node, "kill", for_s, node.revive)
+        return self._done("killed", nodes, for_s)
+
+    def _partition(self, request: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._select(request)
+        for_s = _optional_seconds(request, "for_s")
+        for node in nodes:
+            node.partition()
+            self._schedule(node, "partition", for_s, node.heal)
+        return self._done("partitioned", nodes, for_s)
+
+    def _delay_heartbeats(self, request: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._select(request)
+        delay_s = _seconds(request, "delay_s", minimum=0.0)
+        for_s = _optional_seconds(request, "for_s")
+        for node in nodes:
+            node.heartbeat_delay_s = delay_s
+            self._schedule(node, "delay", for_s, lambda n=node: setattr(n, "heartbeat_delay_s", 0.0))
+        return self._done(f"heartbeats delayed by {delay_s:g}s on", nodes, for_s)
+
+    def _flap(self, request: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._select(request)
+        period_s = _seconds(request, "period_s", default=2.0)
+        down_s = _seconds(request, "down_s", default=min(0.5, period_s / 2), minimum=0.0)
+        for_s = _optional_seconds(request, "for_s")
+        count = request.get("count")
+        if count is None:
+            count = None if for_s is not None else DEFAULT_FLAP_COUNT
+        elif not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise FaultError(f"count must be a positive integer, got {count!r}")
+        if down_s >= period_s:
+            raise FaultError(f"down ({down_s:g}s) must be shorter than the period ({period_s:g}s)")
+        for node in nodes:
+            task = asyncio.create_task(self._flapping(node, period_s, down_s, count, for_s),
+                                       name=f"flap-{node.spec.node_id}")
+            self._faults[node.spec.node_id].replace("flap", task)
+        times = f"{count} times" if count is not None else f"for {for_s:g}s"
+        return self._done(f"flapping every {period_s:g}s ({times}):", nodes, None)
+
+    def _revive(self, request: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._select(request)
+        for node in nodes:
+            self._faults[node.spec.node_id].cancel_all()
+            node.heartbeat_delay_s = 0.0
+            node.revive()
+        return self._done("revived", nodes, None)
+
+    def _fail_shard(self, request: dict[str, Any]) -> dict[str, Any]:
+        pattern = _shard_pattern(request)
+        nodes = self._select(request) if _names_nodes(request) else list(self._nodes.values())
+        failed = [f"{node.spec.node_id}:{key}" for node in nodes for key in node.agent.held()
+                  if pattern.matches(key) and node.fail_shard(key, pattern.message)]
+        keep = bool(request.get("keep_failing", False))
+        if keep:
+            self._failing.append(pattern)
+        elif not failed:
+            raise FaultError(f"no node{' of those named' if _names_nodes(request) else ''} holds a shard of "
+                             f"{pattern.describe()} (keep_failing would fail its next loads)")
+        log.warning("fault: failed %d shards of %s (%s)%s", len(failed), pattern.describe(), pattern.message,
+                    "; its later loads fail too" if keep else "")
+        return {"ok": True, "failed": failed, "keep_failing": keep,
+                "message": f"failed {len(failed)} shards of {pattern.describe()}"
+                           + ("; every later load of one fails too" if keep else "")}
+
+    def _stop_failing(self, request: dict[str, Any]) -> dict[str, Any]:
+        deployment = request.get("deployment")
+        kept = [p for p in self._failing if deployment is not None and p.deployment != deployment]
+        stopped = len(self._failing) - len(kept)
+        self._failing = kept
+        return {"ok": True, "stopped": stopped, "message": f"{stopped} shard failure rules removed"}
+
+    def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        faulty = {}
+        for node_id, node in sorted(self._nodes.items()):
+            kinds = [kind for kind, on in (("killed", node.killed), ("partitioned", node.partitioned),
+                                           ("flapping", "flap" in self._faults[node_id].tasks),
+                                           ("heartbeat-delay", node.heartbeat_delay_s > 0)) if on]
+            if kinds:
+                faulty[node_id] = kinds
+        connected = sum(1 for n in self._nodes.values() if n.connected and not n.muted)
+        return {"ok": True, "nodes": len(self._nodes), "connected": connected, "faults": faulty,
+                "failing": [p.describe() for p in self._failing],
+                "message": f"{connected}/{len(self._nodes)} nodes connected, {len(faulty)} with faults"}
+
+    _HANDLERS: dict[str, Callable[[FaultInjector, dict[str, Any]], dict[str, Any]]] = {
+        "kill": _kill, "partition": _partition, "delay-heartbeats": _delay_heartbeats, "flap": _flap,
+        "revive": _revive, "fail-shard": _fail_shard, "stop-failing": _stop_failing, "status": _status,
+    }
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _select(self, request: dict[str, Any]) -> list[SimulatedNode]:
+        """The nodes a request names (ids, racks, or all); FaultError for unknown names or none."""
+        if request.get("all"):
+            return list(self._nodes.values())
+        ids, racks = _strings(request, "nodes"), set(_strings(request, "racks"))
+        unknown = [i for i in ids if i not in self._nodes]
+        known_racks = {n.spec.rack for n in self._nodes.values()}
+        unknown += [f"rack {r}" for r in sorted(racks - known_racks)]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise FaultError(f"this fleet has no {shown}")
+        chosen = dict.fromkeys(ids)
+        chosen.update(dict.fromkeys(n.spec.node_id for n in self._nodes.values() if n.spec.rack in racks))
+        if not chosen:
+            raise FaultError("name the nodes: node ids, racks, or all")
+        return [self._nodes[i] for i in chosen]
+
+    def _schedule(self, node: SimulatedNode, kind: str, for_s: float | None, undo: Callable[[], None]) -> None:
+        faults = self._faults[node.spec.node_id]
+        faults.replace(kind, None if for_s is None else asyncio.create_task(
+            self._undo_after(faults, kind, for_s, undo), name=f"undo-{kind}-{node.spec.node_id}"))
+
+    @staticmethod
+    async def _undo_after(faults: _NodeFaults, kind: str, for_s: float, undo: Callable[[], None]) -> None:
+        await asyncio.sleep(for_s)
+        faults.replace(kind, None)
+        undo()
+
+    async def _flapping(self, node: SimulatedNode, period_s: float, down_s: float, count: int | None,
+                        for_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + for_s if for_s is not None else None
+        done = 0
+        while True:
+            node.drop(down_s)
+            done += 1
+            if (count is not None and done >= count) or (end is not None and loop.time() + period_s >= end):
+                break
+            await asyncio.sleep(period_s)
+        self._faults[node.spec.node_id].replace("flap", None)
+
+    def _load_failure(self, key: ShardKey) -> str | None:
+        for pattern in self._failing:
+            if pattern.matches(key):
+                return pattern.message
+        return None
+
+    @staticmethod
+    def _done(what: str, nodes: list[SimulatedNode], for_s: float | None) -> dict[str, Any]:
+        ids = [n.spec.node_id for n in nodes]
+        until = f" for {for_s:g}s" if for_s is not None else ""
+        log.warning("fault: %s %d nodes%s: %s", what, len(ids), until,
+                    ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""))
+        return {"ok": True, "nodes": ids, "message": f"{what} {len(ids)} nodes{until}"}
+
+
+def _names_nodes(request: dict[str, Any]) -> bool:
+    return bool(request.get("all") or request.get("nodes") or request.get("racks"))
+
+
+def _strings(request: dict[str, Any], key: str) -> list[str]:
+    value = request.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FaultError(f"{key} must be a list of strings")
+    return value
+
+
+def _seconds(request: dict[str, Any], key: str, *, default: float | None = None, minimum: float = 1e-3) -> float:
+    value = request.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+        raise FaultError(f"{key} must be a number of seconds >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _optional_seconds(request: dict[str, Any], key: str) -> float | None:
+    return None if request.get(key) is None else _seconds(request, key)
+
+
+def _shard_pattern(request: dict[str, Any]) -> ShardPattern:
+    deployment = request.get("deployment")
+    if not isinstance(deployment, str) or not deployment:
+        raise FaultError("fail-shard needs the deployment")
+    numbers = {}
+    for key in ("replica", "shard"):
+        value = request.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise FaultError(f"{key} must be a non-negative integer, got {value!r}")
+        numbers[key] = value
+    message = request.get("message") or "injected fault"
+    if not isinstance(message, str):
+        raise FaultError("message must be a string")
+    return ShardPattern(deployment, numbers["replica"], numbers["shard"], message)
+
+
+def _answers(path: Path) -> bool:
+    """Something listens on the Unix socket `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+class ControlServer:
+    """The fleet's control socket: one JSON request line in, one JSON answer line out."""
+
+    def __init__(self, injector: FaultInjector, path: Path) -> None:
+        self.injector = injector
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        if self.path.exists() or self.path.is_symlink():
+            if _answers(self.path):
+                raise FaultError(f"another fleet serves the control socket {self.path}")
+            self.path.unlink()  # left behind by a fleet that died
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        old_umask = os.umask(0o177)  # created 0600, never briefly readable by others
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_REQUEST_BYTES)
+        finally:
+            os.umask(old_umask)
+        log.info("fault injection control socket at %s", self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            answer = self.answer(await reader.readline())
+        except ValueError:  # the line is longer than MAX_REQUEST_BYTES
+            answer = {"ok": False, "error": f"request longer than {MAX_REQUEST_BYTES} bytes"}
+        try:
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    def answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return {"ok": False, "error": f"not a JSON request line: {exc}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "the request must be a JSON object"}
+        try:
+            return self.injector.handle(request)
+        except FaultError as exc:
+            return {"ok": False, "error": str(exc)}

@@ -1,0 +1,145 @@
+"""Fault injection: simulated nodes against the fake controller of test_simnode_transport, driven
+through a real control socket with the client `maia-simnode fault` uses."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from controller.simnode import faultcli
+from controller.simnode.faults import ControlServer, FaultInjector
+from controller.simnode.protocol import NodeSpec
+from controller.simnode.transport import Backoff, SimulatedNode
+from maia.v1 import common_pb2
+from test_simnode_transport import FakeController, assignment_set, fake, wait_until  # noqa: F401 (fixture)
+
+RUNNING, FAILED = common_pb2.SHARD_PHASE_RUNNING, common_pb2.SHARD_PHASE_FAILED
+
+
+class Fleet:
+    """Two nodes of rack-00 and one of rack-01 against the fake, and the control socket."""
+
+    def __init__(self, address: str, socket_path: Path) -> None:
+        specs = [NodeSpec("rack-00-n00", "rack-00"), NodeSpec("rack-00-n01", "rack-00"), NodeSpec("rack-01-n00", "rack-01")]
+        self.nodes = {s.node_id: SimulatedNode(s, address, load_delay_s=0.0, backoff=Backoff(0.05, 0.1))
+                      for s in specs}
+        self.server = ControlServer(FaultInjector(self.nodes.values()), socket_path)
+        self.tasks: list[asyncio.Task] = []
+
+    async def ask(self, **request: object) -> dict:
+        return await asyncio.to_thread(faultcli.send, self.server.path, request)
+
+
+@pytest.fixture
+async def fleet(fake: tuple[FakeController, str], tmp_path: Path) -> AsyncIterator[Fleet]:
+    _, address = fake
+    f = Fleet(address, tmp_path / "control.sock")
+    await f.server.start()
+    f.tasks = [asyncio.create_task(n.run()) for n in f.nodes.values()]
+    await wait_until(lambda: all(n.connected for n in f.nodes.values()))
+    yield f
+    for n in f.nodes.values():
+        n.stop()
+    await asyncio.wait_for(asyncio.gather(*f.tasks), timeout=10)
+    await f.server.close()
+    assert not f.server.path.exists()
+
+
+def registrations(controller: FakeController, node_id: str) -> int:
+    return sum(1 for r in controller.registrations if r.node_id == node_id)
+
+
+async def test_kill_cuts_the_stream_until_revived(
+        fake: tuple[FakeController, str], fleet: Fleet) -> None:
+    controller, _ = fake
+    node = fleet.nodes["rack-00-n00"]
+    answer = await fleet.ask(op="kill", racks=["rack-00"], nodes=["rack-00-n01"])
+    assert answer["ok"] and answer["nodes"] == ["rack-00-n01", "rack-00-n00"]
+    await wait_until(lambda: not node.connected)
+    before = registrations(controller, "rack-00-n00")
+    await asyncio.sleep(0.3)  # several back-offs long: a killed node does not come back by itself
+    assert registrations(controller, "rack-00-n00") == before and not node.connected
+    status = await fleet.ask(op="status")
+    assert status["faults"] == {"rack-00-n00": ["killed"], "rack-00-n01": ["killed"]} and status["connected"] == 1
+
+    assert (await fleet.ask(op="revive", all=True))["ok"]
+    await wait_until(lambda: all(n.connected for n in fleet.nodes.values()))
+    assert (await fleet.ask(op="status"))["faults"] == {}
+
+
+async def test_partition_keeps_the_stream_open_but_silent_and_heals_into_a_new_session(
+        fake: tuple[FakeController, str], fleet: Fleet) -> None:
+    controller, _ = fake
+    node = fleet.nodes["rack-01-n00"]
+    await wait_until(lambda: node.heartbeats_sent > 0)
+    assert (await fleet.ask(op="partition", racks=["rack-01"]))["ok"]
+    sent, opened = node.heartbeats_sent, controller.streams_opened
+    await wait_until(lambda: fleet.nodes["rack-00-n00"].heartbeats_sent > sent + 2)  # others keep beating
+    assert node.heartbeats_sent == sent and node.connected  # silent, the stream still open
+    assert controller.streams_opened == opened
+
+    assert (await fleet.ask(op="revive", nodes=["rack-01-n00"]))["ok"]
+    await wait_until(lambda: node.heartbeats_sent > sent and controller.streams_opened > opened)
+
+
+async def test_timed_faults_undo_themselves_and_flaps_keep_the_shards(
+        fake: tuple[FakeController, str], fleet: Fleet) -> None:
+    controller, _ = fake
+    node = fleet.nodes["rack-00-n01"]
+    assert (await fleet.ask(op="kill", nodes=["rack-00-n01"], for_s=0.2))["ok"]
+    await wait_until(lambda: not node.killed and node.connected)
+
+    before = registrations(controller, "rack-00-n01")
+    answer = await fleet.ask(op="flap", nodes=["rack-00-n01"], period_s=0.3, down_s=0.05, count=2)
+    assert answer["ok"]
+    await wait_until(lambda: registrations(controller, "rack-00-n01") >= before + 2 and node.connected)
+    assert (await fleet.ask(op="status"))["faults"] == {}
+
+    assert (await fleet.ask(op="delay-heartbeats", racks=["rack-00"], delay_s=5.0))["ok"]
+    assert node.heartbeat_delay_s == 5.0
+    assert (await fleet.ask(op="status"))["faults"]["rack-00-n00"] == ["heartbeat-delay"]
+    await fleet.ask(op="revive", racks=["rack-00"])
+    assert node.heartbeat_delay_s == 0.0
+
+
+async def test_fail_shard_reports_failed_with_the_message_and_keep_failing_fails_later_loads(
+        fake: tuple[FakeController, str], fleet: Fleet) -> None:
+    controller, _ = fake
+    await controller.outgoing.put(assignment_set(1, 0, 1))
+    await wait_until(lambda: sum(1 for s in controller.statuses() if s[2] == RUNNING) == 2)
+    answer = await fleet.ask(op="fail-shard", deployment="claude", replica=0, shard=1, message="HBM ECC error")
+    assert answer["ok"] and len(answer["failed"]) == 1 and answer["failed"][0].endswith(":claude/0/1")
+    await wait_until(lambda: ("claude", 1, FAILED, 1) in controller.statuses())
+    failed = [m.shard_status for m in controller.received
+              if m.HasField("shard_status") and m.shard_status.phase == FAILED]
+    assert failed[0].message == "HBM ECC error"
+
+    assert (await fleet.ask(op="fail-shard", deployment="claude", keep_failing=True,
+                            message="bad weights"))["ok"]
+    await controller.outgoing.put(assignment_set(2, 2))  # a new shard: its load fails
+    await wait_until(lambda: ("claude", 2, FAILED, 2) in controller.statuses())
+    assert (await fleet.ask(op="stop-failing"))["stopped"] == 1
+
+
+async def test_bad_requests_are_refused_and_change_nothing(fleet: Fleet) -> None:
+    answer = await fleet.ask(op="kill", nodes=["rack-00-n00", "rack-09-n00"])
+    assert not answer["ok"] and "rack-09-n00" in answer["error"]
+    assert not fleet.nodes["rack-00-n00"].killed
+    assert "rack-07" in (await fleet.ask(op="partition", racks=["rack-07"]))["error"]
+    assert "name the nodes" in (await fleet.ask(op="kill"))["error"]
+    assert "unknown op" in (await fleet.ask(op="explode"))["error"]
+    assert "no node holds" in (await fleet.ask(op="fail-shard", deployment="nothing"))["error"]
+    assert "shorter than the period" in (await fleet.ask(op="flap", all=True, period_s=1, down_s=2))["error"]
+    assert "JSON" in fleet.server.answer(b"{not json")["error"]
+    assert (await fleet.ask(op="status"))["faults"] == {}
+
+
+def test_the_cli_parses_durations_and_exits_5_when_no_fleet_answers(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert [faultcli.parse_duration(t) for t in ("500ms", "2s", "1.5m", "3")] == [0.5, 2.0, 90.0, 3.0]
+    args = faultcli.build_parser().parse_args(["delay-heartbeats", "--rack", "r1,r2", "--node", "n1", "--by", "0"])
+    assert faultcli.request_of(args) == {"op": "delay-heartbeats", "racks": ["r1", "r2"], "nodes": ["n1"], "delay_s": 0.0}
+    assert faultcli.main(["status", "--control-socket", str(tmp_path / "none.sock")]) == faultcli.EXIT_UNREACHABLE
+    assert "no fleet answers" in capsys.readouterr().err
