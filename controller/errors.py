@@ -24,11 +24,12 @@ class MaiaError(Exception):
     """Base of every expected failure; `message` is shown to the caller verbatim."""
 
     def __init__(self, message: str, *, reasons: tuple[ReasonDetail, ...] = (),
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.reasons = reasons
         self.metadata = metadata  # extra trailing metadata for the caller (e.g. retry-after-ms)
+        self.retry_after_ms = retry_after_ms  # when a retry may succeed (google.rpc.RetryInfo on the wire)
 
 
 class InvalidArgument(MaiaError):

@@ -2,7 +2,7 @@
 
 A bucket holds at most `burst` tokens and refills at `rate` tokens a second; a call that finds
 no token is refused with the seconds until one is due, so the caller can be told when to retry
-(`RESOURCE_EXHAUSTED` with `retry-after-ms`). Time comes from an injected clock, so tests step
+(`RESOURCE_EXHAUSTED` with `retry-after-ms` and a `google.rpc.RetryInfo` status detail). Time comes from an injected clock, so tests step
 it by hand instead of sleeping.
 """
 
@@ -41,7 +41,7 @@ def rate_limited(what: str, wait_s: float) -> ResourceExhausted:
     """The error a refused call gets: the message says when, `retry-after-ms` says it to programs."""
     wait_ms = max(1, math.ceil(wait_s * 1000)) if math.isfinite(wait_s) else 60_000
     return ResourceExhausted(f"{what}; retry in {wait_ms / 1000:.3g}s",
-                             metadata=((RETRY_AFTER_METADATA_KEY, str(wait_ms)),))
+                             metadata=((RETRY_AFTER_METADATA_KEY, str(wait_ms)),), retry_after_ms=wait_ms)
 
 
 @dataclass

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from controller import errors, limits
@@ -38,6 +40,8 @@ log = logging.getLogger("maia.api")
 
 # Trailing metadata key of the structured reasons of an error (binary: serialized maia.v1.Reason).
 REASON_METADATA_KEY = "maia-reason-bin"
+# The standard rich-error trailer: a serialized google.rpc.Status with its details.
+STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
 STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -289,7 +293,19 @@ async def abort_with(context: aio.ServicerContext, exc: errors.MaiaError) -> Non
             code=r.code, message=capped(r.message), scope=capped(r.scope)).SerializeToString())
         for r in exc.reasons[:MAX_REASONS]
     ) + tuple(exc.metadata)
-    await context.abort(status_for(exc), capped(exc.message), trailing_metadata=trailing)
+    code, message = status_for(exc), capped(exc.message)
+    if exc.retry_after_ms is not None:
+        trailing += ((STATUS_DETAILS_METADATA_KEY, _retry_status(code, message, exc.retry_after_ms)),)
+    await context.abort(code, message, trailing_metadata=trailing)
+
+
+def _retry_status(code: grpc.StatusCode, message: str, retry_after_ms: int) -> bytes:
+    """A google.rpc.Status carrying RetryInfo: what gRPC clients (grpc_status.rpc_status.from_call,
+    grpc-go's status.FromError, Envoy) read to know when to retry."""
+    delay = duration_pb2.Duration(seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
 
 
 class ErrorInterceptor(_BehaviourInterceptor):

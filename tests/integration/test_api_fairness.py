@@ -10,7 +10,9 @@ from contextlib import AsyncExitStack
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from controller.api.server import ControllerApp
 from controller.store import models as m
@@ -60,6 +62,11 @@ async def test_submits_are_rate_limited_per_tenant_with_retry_info(make_app):
     assert info.value.details().startswith("tenant lab exceeded 2 submits a minute; retry in ")
     retry_ms = int(dict(info.value.trailing_metadata())["retry-after-ms"])
     assert 0 < retry_ms <= 30_000  # one token a 30 s
+    status = rpc_status.from_call(info.value)  # the standard rich error: google.rpc.RetryInfo
+    assert status is not None and status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    retry = error_details_pb2.RetryInfo()
+    assert len(status.details) == 1 and status.details[0].Unpack(retry)
+    assert retry.retry_delay.ToMilliseconds() == retry_ms
     with pytest.raises(grpc.aio.AioRpcError):
         await _get(stubs, "a3")  # nothing written
     await _submit(stubs, "b1", "other")  # another tenant has its own bucket
