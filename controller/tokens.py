@@ -57,5 +57,17 @@ def parse(text: str) -> PresentedToken | None:
     return PresentedToken(match.group(1), match.group(2)) if match else None
 
 
+def proposed(text: str) -> MintedToken | None:
+    """A token someone minted elsewhere (an agent's credential proposal), or None if malformed."""
+    presented = parse(text)
+    if presented is None or len(presented.secret) < MIN_PROPOSED_SECRET_CHARS:
+        return None
+    return MintedToken(presented.id, presented.secret, digest(presented.secret))
+
+
+# A proposal must be as strong as what mint() makes: 32 random bytes are 43 url-safe characters.
+MIN_PROPOSED_SECRET_CHARS = 43
+
+
 def secret_matches(secret: str, stored_sha256: str) -> bool:
     return hmac.compare_digest(digest(secret), stored_sha256)

@@ -41,7 +41,8 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
             reg = await cases.register_node(uow, current_principal(), convert.node_info(request.node),
                                             heartbeat_interval_ms=self._deps.heartbeat_interval_ms,
                                             signals=self._deps.signals,
-                                            held_by_live_agent=self._deps.hub.holds_live_session)
+                                            held_by_live_agent=self._deps.hub.holds_live_session,
+                                            credential_proposal=request.credential_proposal)
         self._deps.signals.wake_reconciler()
         return convert.registration_msg(reg)
 

@@ -34,6 +34,7 @@ from controller.simnode import protocol
 from controller.simnode.agent import NodeAgent, Phase, ShardKey, ShardReport
 from controller.simnode.credentials import CredentialFile
 from controller.simnode.protocol import NodeSpec
+from controller.tokens import mint as mint_token
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
 DEFAULT_HEARTBEAT_S = 1.0
@@ -94,6 +95,7 @@ class SimulatedNode:
         # This node's own credential, issued by Register: Connect and later Registers use it.
         self.node_credentials = node_credentials
         self.node_credential = node_credentials.get(spec.node_id) if node_credentials is not None else None
+        self._pending_proposal: str | None = None
         self.agent = NodeAgent(spec.node_id, spec.idle_power_w, load_delay_s)
         self.heartbeat_override_s = heartbeat_interval_s
         self.backoff = backoff or Backoff()
@@ -265,11 +267,25 @@ class SimulatedNode:
         if self.node_credentials is not None:
             self.node_credentials.forget(self.spec.node_id)
 
+    def _proposal(self) -> str:
+        """The node credential this agent proposes while it has none. Minted once and kept until a
+        Register succeeds, so a retry after a lost reply proves it is the same agent; written to the
+        credential file before it is sent, so a restart in between recovers it too (a proposal the
+        controller never stored is refused UNAUTHENTICATED and forgotten)."""
+        if self._pending_proposal is None:
+            self._pending_proposal = mint_token().text
+            if self.node_credentials is not None:
+                self.node_credentials.put(self.spec.node_id, self._pending_proposal)
+        return self._pending_proposal
+
     async def _session(self, stub: agent_pb2_grpc.NodeAgentServiceStub) -> None:
-        registration = await stub.Register(agent_pb2.RegisterRequest(node=self.spec.to_proto()),
+        proposal = "" if self.node_credential else self._proposal()
+        registration = await stub.Register(agent_pb2.RegisterRequest(node=self.spec.to_proto(),
+                                                                     credential_proposal=proposal),
                                            timeout=REGISTER_TIMEOUT_S, metadata=self._auth())
-        if registration.node_credential:
-            self._keep_credential(registration.node_credential)
+        if registration.node_credential or proposal:  # a controller that minted one itself says it
+            self._keep_credential(registration.node_credential or proposal)
+            self._pending_proposal = None
         if not self._online.is_set():  # killed or partitioned while registering
             raise _Crashed()
         self.session_id = registration.session_id

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from controller import limits
+from controller import tokens as secrets_
 from controller.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from controller.identity import Principal, Role
+from controller.tokens import MintedToken
 from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -74,14 +76,17 @@ def _capacity(row: m.Node) -> tuple:
             row.memory_mib, row.idle_power_w, dict(row.labels or {}))
 
 
-async def _credential_for(uow: UnitOfWork, who: Principal, node_id: str, exists: bool) -> tuple[str, list[str]]:
+async def _credential_for(uow: UnitOfWork, who: Principal, node_id: str, exists: bool,
+                          proposal: MintedToken | None) -> tuple[str, list[str]]:
     """Whether `who` may register `node_id`, and the credential to issue: (secret or "", revoked ids).
 
     A new node: admin or node-bootstrap, and a fresh credential. An existing node: its own
     credential (nothing new), an admin (a fresh credential, the old ones revoked), or a
     node-bootstrap token only while the node holds no active credential (after an admin reset,
-    or a node registered before credentials existed): so a bootstrap token cannot take over a
-    node its agent still holds.
+    or a node registered before credentials existed) or when it proves to be the agent that
+    proposed the node's credential (a retry after a lost reply): so a bootstrap token cannot take
+    over a node its agent still holds. The credential issued is the agent's `proposal` when it
+    sent one (the reply then carries no secret), else a fresh one.
     """
     action = f"registering node {node_id}"
     if not exists:
@@ -90,32 +95,53 @@ async def _credential_for(uow: UnitOfWork, who: Principal, node_id: str, exists:
         policy.require_node_speaker(who, node_id, action)
         return "", []
     elif who.role is Role.NODE_BOOTSTRAP:
-        if await node_tokens.active_tokens(uow.session, datetime.now(timezone.utc), role=Role.NODE.value,
-                                           node=node_id):
+        held = await node_tokens.active_tokens(uow.session, datetime.now(timezone.utc), role=Role.NODE.value,
+                                               node=node_id)
+        if proposal is not None and any(t.id == proposal.id and secrets_.secret_matches(proposal.secret,
+                                                                                          t.secret_sha256)
+                                        for t in held):
+            return "", []  # the agent that proposed the node's credential, registering again
+        if held:
             raise PermissionDenied(
                 f"node {node_id} is already registered and holds a node credential: a node-bootstrap token "
                 f"registers new nodes only; re-register with the node's own credential, or have an admin "
                 f"reset it (maiactl node reset-credential {node_id})")
     else:
         policy.require_admin(who, action)
+    if proposal is not None and await node_tokens.get_token(uow.session, proposal.id) is not None:
+        raise InvalidArgument(f"credential_proposal: token id {proposal.id} is taken; mint another")
     revoked = await tokens.revoke_node_credentials(uow, who, node_id) if exists else []
-    issued = tokens.add_token(uow, who, role=Role.NODE, name=f"node-{node_id}"[:ID_MAX], node=node_id)
-    return issued.secret, revoked
+    issued = tokens.add_token(uow, who, role=Role.NODE, name=f"node-{node_id}"[:ID_MAX], node=node_id,
+                              minted=proposal)
+    return ("" if proposal is not None else issued.secret), revoked
+
+
+def _proposal(text: str) -> MintedToken | None:
+    if not text:
+        return None
+    proposal = secrets_.proposed(text)
+    if proposal is None:
+        raise InvalidArgument(f"credential_proposal is not a token {secrets_.PREFIX}<16 hex>.<at least "
+                              f"{secrets_.MIN_PROPOSED_SECRET_CHARS} url-safe characters>")
+    return proposal
 
 
 async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, heartbeat_interval_ms: int,
                         signals: Signals | None = None,
-                        held_by_live_agent: Callable[[str], bool] | None = None) -> Registration:
+                        held_by_live_agent: Callable[[str], bool] | None = None,
+                        credential_proposal: str = "") -> Registration:
     """Register (or re-register) a node. `held_by_live_agent` says whether a live agent stream
     holds the node now: a second agent with the same node id is refused (an admin may still
     re-register it). A node registering with fewer accelerators than its placements use has
-    those placements released (only that node's; the solver places them again)."""
+    those placements released (only that node's; the solver places them again).
+    `credential_proposal`: the node credential the agent minted itself (see `_credential_for`)."""
     _validate(info)
+    proposal = _proposal(credential_proposal)
     if await repo.get_rack(uow.session, info.rack) is None:
         raise FailedPrecondition(f"rack {info.rack} is not in the topology; apply it first")
     row = await repo.get_node(uow.session, info.node_id)
     created = row is None
-    credential, revoked = await _credential_for(uow, who, info.node_id, exists=not created)
+    credential, revoked = await _credential_for(uow, who, info.node_id, exists=not created, proposal=proposal)
     if who.role is not Role.ADMIN and held_by_live_agent is not None and held_by_live_agent(info.node_id):
         raise FailedPrecondition(
             f"node {info.node_id} is held by a live agent stream: a second agent with the same node id is refused "

@@ -62,9 +62,10 @@ async def _validate(uow: UnitOfWork, request: TokenRequest) -> Role:
 
 
 def add_token(uow: UnitOfWork, who: Principal, *, role: Role, name: str, tenant: str = "", node: str = "",
-              ttl_s: float | None = None) -> IssuedToken:
-    """Stage a new token row (the caller commits); returns it with its secret."""
-    minted = secrets_.mint()
+              ttl_s: float | None = None, minted: secrets_.MintedToken | None = None) -> IssuedToken:
+    """Stage a new token row (the caller commits); returns it with its secret. `minted`: a
+    token the holder minted itself (a node agent's credential proposal) instead of a fresh one."""
+    minted = minted or secrets_.mint()
     now = _now()
     row = m.ApiToken(id=minted.id, name=name or f"{role.value}-{minted.id[:6]}", role=role.value,
                      tenant_id=tenant or None, node_id=node or None, secret_sha256=minted.secret_sha256,

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from controller.api.server import ControllerApp
 from controller.store import models as m
+from controller.tokens import mint as mint_token
 from grpc_harness import RUNNING, SimFleet, Stubs, eventually, issue_token, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 
@@ -122,3 +123,39 @@ def _async(read):  # type: ignore[no-untyped-def]
     async def probe():  # type: ignore[no-untyped-def]
         return read()
     return probe
+
+
+async def test_an_agent_whose_register_reply_was_lost_registers_again_with_its_proposal(
+        stubs: Stubs, controller_app: ControllerApp) -> None:
+    """The node credential is the agent's own proposal: when the reply to the first Register is
+    lost (the controller committed it, the agent never saw it), the same agent registers again
+    with the bootstrap token; anyone else holding that token is still refused."""
+    await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+    bootstrap = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "node-bootstrap"))
+    info = agent_pb2.NodeInfo(node_id="rack-00-n00", rack="rack-00", accelerators=4, accelerator_model="maia-100")
+    proposal, other = mint_token().text, mint_token().text
+    try:
+        first = await bootstrap.agent.Register(agent_pb2.RegisterRequest(node=info, credential_proposal=proposal))
+        assert first.node_credential == ""  # the agent has it: the reply never carries it
+        again = await bootstrap.agent.Register(agent_pb2.RegisterRequest(node=info, credential_proposal=proposal))
+        assert again.node_credential == "" and again.session_id != first.session_id
+        for request in (agent_pb2.RegisterRequest(node=info, credential_proposal=other),
+                        agent_pb2.RegisterRequest(node=info)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await bootstrap.agent.Register(request)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as malformed:
+            await bootstrap.agent.Register(agent_pb2.RegisterRequest(
+                node=agent_pb2.NodeInfo(node_id="rack-00-n01", rack="rack-00", accelerators=4),
+                credential_proposal="maia_0123456789abcdef.short"))
+        assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "credential_proposal" in malformed.value.details()
+        tokens = (await stubs.admin.ListTokens(admin_pb2.ListTokensRequest(role="node"))).tokens
+        assert [(t.id, t.node) for t in tokens if not t.revoked_at.seconds] == [(proposal[5:21], "rack-00-n00")]
+        own = Stubs.connect(controller_app.address, proposal)  # the proposal is the node's credential
+        try:
+            await own.agent.Register(agent_pb2.RegisterRequest(node=info))
+        finally:
+            await own.channel.close()
+    finally:
+        await bootstrap.channel.close()

@@ -41,10 +41,12 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., rack: _Optional[str] = ..., accelerators: _Optional[int] = ..., accelerator_model: _Optional[str] = ..., hbm_gib: _Optional[float] = ..., cpu_milli: _Optional[int] = ..., memory_mib: _Optional[int] = ..., idle_power_w: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node",)
+    __slots__ = ("node", "credential_proposal")
     NODE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_PROPOSAL_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+    credential_proposal: str
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., credential_proposal: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("node_id", "session_id", "heartbeat_interval_ms", "node_credential")
