@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth|e2e|failover|departures ...`."""
+"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth|e2e|failover|nodedeath|departures ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import auth, e2e, failover, traces, watchdog
+from bench import auth, e2e, failover, nodedeath, traces, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     fo = sub.add_parser("failover", help="leader controller SIGKILLed -> next placement committed (PostgreSQL)")
     failover.add_arguments(fo)
     fo.set_defaults(func=failover.main)
+
+    nd = sub.add_parser("nodedeath", help="real controller + simnode fleets: a share of the nodes killed at once "
+                                          "-> suspect, down, evicted, placed again; needless moves")
+    nodedeath.add_arguments(nd)
+    nd.set_defaults(func=nodedeath.main)
 
     dp = sub.add_parser("departures", help="the trace replayed with arrivals and departures: "
                                            "allocation over time, waiting, moves, re-pack")

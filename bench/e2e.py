@@ -274,7 +274,7 @@ async def deleter(channel: Any, run: Run, every: int) -> None:
 
 # --- one run ------------------------------------------------------------------------------------
 
-async def _admin_setup(channel: Any, shape: Shape) -> str:
+async def admin_setup(channel: Any, shape: Shape) -> str:
     """Topology and tenants; returns a node-bootstrap token."""
     from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2
     admin = admin_pb2_grpc.AdminServiceStub(channel)
@@ -284,7 +284,7 @@ async def _admin_setup(channel: Any, shape: Shape) -> str:
     return (await admin.CreateToken(admin_pb2.CreateTokenRequest(role="node-bootstrap"))).secret
 
 
-async def _wait_connected(channel: Any, nodes: int, timeout_s: float) -> tuple[float, int]:
+async def wait_connected(channel: Any, nodes: int, timeout_s: float) -> tuple[float, int]:
     """(seconds, nodes ready): all of them, or as many as made it within `timeout_s`."""
     import grpc
     from maia.v1 import admin_pb2, admin_pb2_grpc
@@ -316,7 +316,7 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
             channel = aio_channel(address, token_file.read_text().strip())
-            node_token = await _admin_setup(channel, shape)
+            node_token = await admin_setup(channel, shape)
             # One fleet after the other: what is measured is scheduling, not a join storm.
             joined_s, ready, expected = 0.0, 0, 0
             for i, (prefix, racks) in enumerate(shape.fleet_racks()):
@@ -326,7 +326,7 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
                     "--load-delay", str(args.load_delay), "--state-dir", str(root / f"fleet-{i}"),
                     "--log-level", "WARNING"], root / f"simnode-{i}.log", env={"MAIA_TOKEN": node_token}))
                 expected += racks * NODES_PER_RACK
-                waited, ready = await _wait_connected(channel, expected, timeout_s=120.0)
+                waited, ready = await wait_connected(channel, expected, timeout_s=120.0)
                 joined_s += waited
             works = workload(shape, args)
             run = Run(expected=len(works))
