@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from controller import limits
+from controller.admission import AdmissionGate
 from controller.errors import MaiaError, Unauthenticated
 from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
@@ -89,9 +90,12 @@ class AgentHub:
         on_deployments_changed: Callable[[set[str]], Awaitable[None]],
         flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
         reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
-        leading: Callable[[], bool] = lambda: True,
+        leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
     ) -> None:
         self._db = db
+        # Registers and hellos (write transactions) of a join storm: bounded, the rest told when to retry.
+        self.admission = admission or AdmissionGate("agent registrations", limits.AGENT_ADMISSION_CONCURRENCY,
+                                                    limits.AGENT_ADMISSION_QUEUE)
         self._leading = leading
         self._timeout = heartbeat_timeout_s
         self._on_liveness_change = on_liveness_change
@@ -148,7 +152,7 @@ class AgentHub:
     ) -> AsyncIterator[AssignmentSet]:
         """Serve one Connect stream after its Hello: yields the AssignmentSets to send."""
         damped = self._damper.returns_damped(node_id, time.monotonic())
-        async with self._db.unit_of_work() as uow:
+        async with self.admission.admit(), self._db.unit_of_work() as uow:
             changed = await agent_cases.hello(uow, who, node_id, session_id, datetime.now(timezone.utc), damped=damped)
         session = AgentSession(node_id, session_id,
                                reports=TokenBucket(self._report_rate, self._report_burst))

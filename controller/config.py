@@ -56,6 +56,8 @@ class Config:
     http_listen: str = ""
     agent_reports_per_second: float = limits.REPORTS_PER_SECOND
     agent_reports_burst: int = limits.REPORTS_BURST
+    agent_admission_concurrency: int = limits.AGENT_ADMISSION_CONCURRENCY
+    agent_admission_queue: int = limits.AGENT_ADMISSION_QUEUE
     submits_per_minute: float = limits.SUBMITS_PER_MINUTE
     dry_runs_per_minute: float = limits.DRY_RUNS_PER_MINUTE
     dry_run_time_limit_ms: int = limits.DRY_RUN_TIME_LIMIT_MS
@@ -109,14 +111,22 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, *, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, least=1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, least=0)
 
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -195,6 +205,13 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         help="shard reports and heartbeats one agent stream may send a second (token bucket)")
     parser.add_argument("--agent-reports-burst", type=_positive_int, default=Config.agent_reports_burst,
                         help="the bucket's size: reports one stream may send at once")
+    parser.add_argument("--agent-admission-concurrency", type=_positive_int,
+                        default=Config.agent_admission_concurrency,
+                        help="agent Registers and Connect hellos (write transactions) served at once; a join "
+                             "storm beyond it queues")
+    parser.add_argument("--agent-admission-queue", type=_non_negative_int, default=Config.agent_admission_queue,
+                        help="agent Registers and hellos queued beyond that; the rest are refused UNAVAILABLE "
+                             "with a retry time that grows with the queue")
     parser.add_argument("--submits-per-minute", type=_non_negative_float, default=Config.submits_per_minute,
                         help="deployments one tenant may submit a minute, bursting to the same (0: unlimited)")
     parser.add_argument("--dry-runs-per-minute", type=_non_negative_float, default=Config.dry_runs_per_minute,
@@ -254,6 +271,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         http_listen=ns.http_listen,
         agent_reports_per_second=ns.agent_reports_per_second,
         agent_reports_burst=ns.agent_reports_burst,
+        agent_admission_concurrency=ns.agent_admission_concurrency,
+        agent_admission_queue=ns.agent_admission_queue,
         submits_per_minute=ns.submits_per_minute,
         dry_runs_per_minute=ns.dry_runs_per_minute,
         dry_run_time_limit_ms=ns.dry_run_time_limit_ms,

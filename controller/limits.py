@@ -56,6 +56,10 @@ TENANT_POWER_W_MAX = 1e12
 REPORT_MESSAGE_MAX = 1024           # a shard's status message
 REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
 REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
+# Agent Registers and Connect hellos (each a write transaction) let in at once, and queued beyond
+# that; the rest are refused UNAVAILABLE with a retry time (controller.admission).
+AGENT_ADMISSION_CONCURRENCY = 8
+AGENT_ADMISSION_QUEUE = 256
 FLUSH_CHUNK = 500                   # heartbeats or shard reports written per transaction
 
 # --- lists and messages ------------------------------------------------------------------------

@@ -40,8 +40,7 @@ class TokenBucket:
 def rate_limited(what: str, wait_s: float) -> ResourceExhausted:
     """The error a refused call gets: the message says when, `retry-after-ms` says it to programs."""
     wait_ms = max(1, math.ceil(wait_s * 1000)) if math.isfinite(wait_s) else 60_000
-    return ResourceExhausted(f"{what}; retry in {wait_ms / 1000:.3g}s",
-                             metadata=((RETRY_AFTER_METADATA_KEY, str(wait_ms)),), retry_after_ms=wait_ms)
+    return ResourceExhausted(f"{what}; retry in {wait_ms / 1000:.3g}s", retry_after_ms=wait_ms)
 
 
 @dataclass

@@ -37,7 +37,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
     async def Register(self, request: agent_pb2.RegisterRequest,
                        context: aio.ServicerContext) -> agent_pb2.RegisterResponse:
         self._deps.require_leader()
-        async with self._deps.db.unit_of_work() as uow:
+        async with self._deps.hub.admission.admit(), self._deps.db.unit_of_work() as uow:
             reg = await cases.register_node(uow, current_principal(), convert.node_info(request.node),
                                             heartbeat_interval_ms=self._deps.heartbeat_interval_ms,
                                             signals=self._deps.signals,

@@ -34,6 +34,7 @@ from grpc import aio
 from controller import errors, limits
 from controller.authn import Authenticator
 from controller.identity import peek_principal, reset_principal, set_principal
+from controller.ratelimit import RETRY_AFTER_METADATA_KEY
 from maia.v1 import common_pb2
 
 log = logging.getLogger("maia.api")
@@ -294,8 +295,9 @@ async def abort_with(context: aio.ServicerContext, exc: errors.MaiaError) -> Non
         for r in exc.reasons[:MAX_REASONS]
     ) + tuple(exc.metadata)
     code, message = status_for(exc), capped(exc.message)
-    if exc.retry_after_ms is not None:
-        trailing += ((STATUS_DETAILS_METADATA_KEY, _retry_status(code, message, exc.retry_after_ms)),)
+    if exc.retry_after_ms is not None:  # for programs: plain and as the standard rich error
+        trailing += ((RETRY_AFTER_METADATA_KEY, str(exc.retry_after_ms)),
+                     (STATUS_DETAILS_METADATA_KEY, _retry_status(code, message, exc.retry_after_ms)))
     await context.abort(code, message, trailing_metadata=trailing)
 
 

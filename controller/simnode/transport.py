@@ -29,6 +29,7 @@ import grpc
 
 from controller import limits
 from controller.aio import wait_event
+from controller.ratelimit import RETRY_AFTER_METADATA_KEY
 from controller.bearer import aio_channel, bearer_metadata
 from controller.simnode import protocol
 from controller.simnode.agent import NodeAgent, Phase, ShardKey, ShardReport
@@ -70,6 +71,17 @@ def leader_hint(exc: grpc.aio.AioRpcError) -> str:
         if key == LEADER_METADATA_KEY:
             return value if isinstance(value, str) else value.decode()
     return ""
+
+
+def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The pause the controller asked for (`retry-after-ms`: a busy or rate-limited answer), or None."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_METADATA_KEY:
+            try:
+                return max(0.0, int(value if isinstance(value, str) else value.decode()) / 1000)
+            except ValueError:
+                return None
+    return None
 
 
 class _Crashed(Exception):
@@ -207,7 +219,8 @@ class SimulatedNode:
                     problem = f"{what}: {exc.code().name}: {exc.details()}"
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.node_credential:
                         self._forget_credential()  # revoked (an admin reset it): register afresh
-                    delay = self._follow(exc)
+                    told = retry_after_s(exc)  # a controller busy with a join storm says when to come back
+                    delay = self._follow(exc) if told is None else told
                 except _Crashed:
                     pass
                 finally:

@@ -4,11 +4,13 @@ and flushes that one node's bad data cannot fail for everyone."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
 import grpc
 import pytest
+from grpc_status import rpc_status
 from sqlalchemy import select
 
 from controller.agents import AgentHub, _Batch
@@ -159,3 +161,35 @@ async def test_one_node_failing_its_write_never_drops_the_others_heartbeats(data
     async with database.unit_of_work() as uow:
         draws = {n.id: n.power_draw_w for n in await uow.session.scalars(select(m.Node))}
     assert draws == {"n0": 100.0, "n1": 0.0, "n2": 102.0}
+
+
+async def test_a_join_storm_beyond_the_admission_queue_is_told_when_to_retry(db_url: str, tmp_path) -> None:
+    """One Register inside at a time and none queued: of 24 at once some are refused UNAVAILABLE
+    with retry-after-ms (and google.rpc.RetryInfo), never INTERNAL, and each registers on retry."""
+    async with running_controller(db_url, tmp_path, agent_admission_concurrency=1, agent_admission_queue=0) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        try:
+            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+
+            async def register(i: int) -> float | None:
+                node = agent_pb2.NodeInfo(node_id=f"n{i:02d}", rack="rack-a", accelerators=4,
+                                          accelerator_model="maia-100")
+                try:
+                    await stubs.agent.Register(agent_pb2.RegisterRequest(node=node))
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                    assert "busy with agent registrations" in exc.details()
+                    assert rpc_status.from_call(exc) is not None
+                    return int(dict(exc.trailing_metadata())["retry-after-ms"]) / 1000
+                return None
+
+            told = await asyncio.gather(*(register(i) for i in range(24)))
+            refused = [i for i, wait in enumerate(told) if wait is not None]
+            assert refused and all(0.5 <= told[i] <= 30 for i in refused)
+            assert app.hub.admission.refused == len(refused)
+            for i in refused:  # what the refusal said: come back later, and then it works
+                assert await register(i) is None
+            nodes = (await stubs.admin.ListNodes(admin_pb2.ListNodesRequest(page_size=100))).nodes
+            assert len(nodes) == 24
+        finally:
+            await stubs.channel.close()
