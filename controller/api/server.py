@@ -56,7 +56,7 @@ from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import views_of
 from controller.domain.liveness import FlapDamper
 from controller.domain.values import DeploymentEvent, DeploymentView
-from controller.usecases.watch import DeploymentEventBus
+from controller.usecases.watch import DeploymentEventBus, deleted_elsewhere
 from controller.watchdog import IsolationWatchdog
 from maia.v1 import (
     admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2, audit_pb2_grpc, deployments_pb2, deployments_pb2_grpc,
@@ -80,6 +80,14 @@ class ListenError(OSError):
 WAKE, NODES, NODE_REMOVED, DEPLOYMENTS, LEASE_RELEASED = "wake", "nodes", "node_removed", "deployments", "released"
 
 
+def deployment_item(kind: str, view: DeploymentView) -> str:
+    """One DEPLOYMENTS item: `kind:name`; the others read the deployment back, except a deleted
+    one (its row is gone): `deleted:name:tenant` (neither holds ':' or ',')."""
+    if kind == "deleted":
+        return f"{kind}:{view.spec.name}:{view.spec.tenant}"
+    return f"{kind}:{view.spec.name}"
+
+
 class AppSignals:
     """`Signals` wired to the live reconciler, agent hub and event bus."""
 
@@ -99,8 +107,7 @@ class AppSignals:
 
     def publish(self, event: DeploymentEvent) -> None:
         self._app.bus.publish(event)
-        if event.type != "deleted":  # the others read the deployment back: a deleted one is gone
-            self._app.channel.send(DEPLOYMENTS, [f"{event.type}:{event.deployment.spec.name}"])
+        self._app.channel.send(DEPLOYMENTS, [deployment_item(event.type, event.deployment)])
 
     def token_revoked(self, token_id: str) -> None:
         self._app.authn.forget(token_id)
@@ -211,18 +218,26 @@ class ControllerApp:
     async def _republish(self, items: list[str]) -> None:
         """Deployments another controller changed, for this controller's watchers."""
         by_type: dict[str, set[str]] = {}
+        gone: list[DeploymentEvent] = []
         for item in items:
             kind, _, name = item.partition(":")
-            by_type.setdefault(kind, set()).add(name)
+            if kind == "deleted":
+                name, _, tenant = name.partition(":")
+                gone.append(deleted_elsewhere(name, tenant))
+            else:
+                by_type.setdefault(kind, set()).add(name)
+        views: dict[str, list[DeploymentView]] = {}
         try:
-            async with self.db.unit_of_work() as uow:
-                views = {kind: await views_of(uow, names) for kind, names in by_type.items()}
+            if by_type:
+                async with self.db.unit_of_work() as uow:
+                    views = {kind: await views_of(uow, names) for kind, names in by_type.items()}
         except Exception:
             log.exception("could not read deployments another controller changed")
-            return
         for kind, kind_views in views.items():
             for view in kind_views:
                 self.bus.publish(DeploymentEvent(kind, view))
+        for event in gone:  # after the reads: a DELETING seen in the same message comes first
+            self.bus.publish(event)
 
     async def _publish_changed(self, names: set[str]) -> None:
         self.reconciler.wake()  # a replacement that now runs lets a rollout or drain stop an old replica
@@ -231,6 +246,8 @@ class ControllerApp:
     async def _publish_deployments(self, names: set[str], deleted: list[DeploymentView]) -> None:
         for view in deleted:
             self.bus.publish(DeploymentEvent("deleted", view))
+        if deleted:
+            self.channel.send(DEPLOYMENTS, [deployment_item("deleted", view) for view in deleted])
         if names:
             async with self.db.unit_of_work() as uow:
                 views = await views_of(uow, names)

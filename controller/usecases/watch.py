@@ -18,7 +18,7 @@ from controller.store.db import UnitOfWork
 from controller.usecases import policy
 from controller.usecases.deployments import all_deployments
 from controller.usecases.validation import check_name
-from controller.domain.values import DeploymentEvent
+from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView, ShardSpec
 
 _CLOSED = object()
 
@@ -62,6 +62,13 @@ class DeploymentEventBus:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
+
+
+def deleted_elsewhere(name: str, tenant: str) -> DeploymentEvent:
+    """The `deleted` event for a deployment another controller deleted: its row is gone, so only
+    its name and tenant are known (the watchers saw the rest as it went DELETING)."""
+    spec = DeploymentSpec(name=name, tenant=tenant, replicas=0, shards_per_replica=0, shard=ShardSpec(accelerators=0))
+    return DeploymentEvent("deleted", DeploymentView(spec=spec, phase="deleting"))
 
 
 def _matches(event: DeploymentEvent, tenant: str, name: str) -> bool:

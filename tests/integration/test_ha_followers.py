@@ -2,7 +2,8 @@
 
 It serves the API and says SERVING; it answers a node agent with UNAVAILABLE and the leader's
 address; a submission it accepts wakes the leader through NOTIFY (both reconcile intervals are
-30 s here, so nothing else would); its watchers see the leader's placements.
+30 s here, so nothing else would); its watchers see the leader's placements and, once the leader released a deleted deployment,
+its final `deleted` event.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ async def test_a_follower_serves_the_api_redirects_agents_and_wakes_the_leader(d
                 await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
                 placed = await asyncio.wait_for(_first(watch, lambda d: d.placed_replicas == 1), timeout=20)
                 assert placed.placements[0].node == fleet.node_ids[0]
+                # Deleted through the follower: the leader releases it and tells the follower,
+                # whose watch ends the story with `deleted` although the row is gone.
+                await stubs.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="svc"))
+                gone = await asyncio.wait_for(_first_event(watch, deployments_pb2.DeploymentEvent.TYPE_DELETED),
+                                              timeout=20)
+                assert (gone.deployment.spec.name, gone.deployment.spec.tenant) == ("svc", "lab")
                 watch.cancel()
             finally:
                 fleet.stop()
@@ -73,3 +80,11 @@ async def _until(condition, what: str, timeout: float = 20.0) -> None:  # type: 
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {timeout}s"
         await asyncio.sleep(0.1)
+
+
+async def _first_event(watch, event_type):  # type: ignore[no-untyped-def]
+    """The first event of `event_type` on the watch stream."""
+    async for event in watch:
+        if event.type == event_type:
+            return event
+    raise AssertionError("the watch ended")
