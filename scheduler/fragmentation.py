@@ -38,6 +38,7 @@ from collections import Counter
 import numpy as np
 
 from scheduler.model import ShardSpec
+from scheduler.pairing import PairingValues, pairing_values
 from scheduler.state import ClusterState
 
 _HASH = np.random.default_rng(7).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
@@ -67,6 +68,8 @@ class Workload:
         # (rows of `allowed`), for `model_pressure`; empty when no shape is restricted.
         self.restricted_share = np.zeros(0)
         self.restricted_models = np.zeros((0, 0), dtype=bool)
+        self._pairing: PairingValues | None = None
+        self._pairing_key: tuple[int, int] | None = None
 
     def bind_models(self, node_models: tuple[str | None, ...]) -> None:
         """Learn the cluster's accelerator models, so shapes restricted to some models
@@ -116,6 +119,20 @@ class Workload:
                 self.restricted_models = self.allowed[restricted]
         self._seen_at_refresh = self.seen
         self.version += 1
+
+    def pairing(self, accelerators: int) -> PairingValues | None:
+        """Prices of free room per accelerator (`pairing.py`) for this snapshot's demand on a
+        cluster of `accelerators`; computed once per snapshot."""
+        gpus, milli, *_, prob = self.arrays()
+        key = (self.version, accelerators)
+        if self._pairing_key != key:
+            # Milli asked per arrival of each shape, undoing observe()'s whole-task weight.
+            demand = prob * np.maximum(gpus, 1) * milli / (1 + np.where(milli >= 1000, gpus, 0))
+            self._pairing = pairing_values(
+                ((int(m), float(x)) for m, g, x in zip(milli, gpus, demand) if g > 0),
+                accelerators)
+            self._pairing_key = key
+        return self._pairing
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(gpus, milli per gpu, cpu, memory, probability) of the typical shapes."""

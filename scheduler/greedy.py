@@ -16,11 +16,13 @@ import numpy as np
 from scheduler.filters import BIG, gang_capacity, node_fit, quota_room
 from scheduler.fragmentation import SCARCITY_WEIGHT, Workload, model_pressure, node_fragmentation
 from scheduler.model import ShardSpec
+from scheduler.pairing import PairingValues
 from scheduler.state import ClusterState, ShardAt
 
 Scorer = Literal["fgd", "bestfit"]
 FGD_ACCELERATOR_CHOICE = False  # fractions: FGD picks the accelerator too (as in the paper)
 FGD_QUANTUM = 1.0  # fragmentation deltas closer than this (milli) count as ties
+PAIRING_WEIGHT = 10.0  # per milli of pairing value lost (pairing.py), next to FGD's milli
 
 
 class Placer:
@@ -164,6 +166,7 @@ class Placer:
         t = int(s.dep_tenant[d])
         free = self._free_milli(t)[candidates]
         after = free.copy()
+        pairing_loss: np.ndarray | None = None
         if spec.accelerators > 0:
             if spec.fractional:
                 fits = (after >= spec.accelerator_milli) & \
@@ -171,7 +174,14 @@ class Placer:
                 shared = fits & (s.acc_owner[candidates] == t) & (after < 1000)
                 a = after.shape[1]
                 key = np.where(shared, after, np.where(fits, 2000 + np.arange(a), BIG))
+                values = self._pairing_values()
+                if values is not None:
+                    # The accelerator whose pairing loses least, then the packing order.
+                    lost = np.round(values.loss(after, spec.accelerator_milli))
+                    key = np.where(fits, lost * 4000 + key, BIG)
                 pick = np.argmin(key, axis=1)
+                if values is not None:
+                    pairing_loss = lost[np.arange(len(candidates)), pick]
                 after[np.arange(len(candidates)), pick] -= spec.accelerator_milli
             else:
                 whole = (after >= 1000) & (s.acc_hbm[candidates] >= spec.hbm_gib)
@@ -201,6 +211,8 @@ class Placer:
             frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload,
                                             candidates)
             delta = frag_after - before + self._scarcity_cost(t, spec, candidates)
+            if pairing_loss is not None:
+                delta = delta + PAIRING_WEIGHT * pairing_loss
             # Ties (common when nothing changes) go to the node left with less free capacity.
             order = np.lexsort((candidates, cpu_after, stranger, left_after,
                                 np.round(delta / FGD_QUANTUM)))
@@ -210,6 +222,17 @@ class Placer:
         else:
             order = np.lexsort((candidates, cpu_after, stranger, left_after))
         return int(candidates[order[0]])
+
+    def _pairing_values(self) -> PairingValues | None:
+        """Prices of free room per accelerator for the workload seen (`pairing.py`); None
+        with plain best fit or before any arrival."""
+        if self.scorer != "fgd" or PAIRING_WEIGHT <= 0 or not self.workload.counts:
+            return None
+        if self.workload.stale():
+            self.workload.refresh()
+        s = self.state
+        ready = s.topo.node_ready
+        return self.workload.pairing(int(s.acc_exists[ready].sum()))
 
     def _scarcity_cost(self, t: int, spec: ShardSpec, candidates: np.ndarray) -> np.ndarray:
         """Milli of model-restricted demand a shard is expected to displace on each candidate

@@ -1,0 +1,144 @@
+"""What the free room left on one accelerator is worth: prices from the packing LP.
+
+FGD scores a node by the free milli a *single* next task could not use, so it cannot tell a
+470 put beside another 470 (60 left, fine: the best packing of the workload does that) from a
+320 put into the 530 a 470 left (210 left, which only the few small tasks can fill). What
+decides the waste at the end is how fractional tasks pair up on accelerators, and the bound of
+`bench/bound.py` shows the best pairing of a workload is a small LP. This module prices it.
+
+The LP (arc flow over one accelerator's fill levels, Valerio de Carvalho): the workload's
+demand, scaled to the cluster's capacity (the cluster is expected to fill up), packed onto its
+accelerators, most milli allocated. Its duals give each fractional size s a *net value*
+pi(s) = s - w(s) (w: the price of that size's supply) and an accelerator one value u.
+`room_value[x]` = the most net value any multiset of the workload's sizes fitting into x milli
+is worth (a knapsack over pi), so room_value[1000] = u: a configuration is in the LP's optimum
+exactly when its pods' net values add up to u. Putting a task of size s where x milli are free
+then *loses* room_value[x] - room_value[x - s] - pi(s) >= 0: zero when the pairing can be part
+of a best packing, more the worse it is. `Placer` adds that loss to a fractional task's FGD
+score (the accelerator inside a node is chosen by it too).
+
+One pool of accelerators (models are left to `model_pressure`), fractional tasks only; whole
+tasks take a full accelerator at value u. Recomputed on each workload snapshot; tiny (a few
+hundred variables), solved by GLOP in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+FULL = 1000  # milli per accelerator
+MAX_LEVELS = 200  # fill levels of the arc flow (gcd resolution); coarser sizes round up
+
+
+@dataclass(frozen=True)
+class PairingValues:
+    """`room_value[x]` for x = 0..1000 free milli, and the net value of each known size."""
+
+    room_value: np.ndarray  # (1001,) float
+    net_value: dict[int, float]  # fractional milli -> pi(s)
+
+    def loss(self, free: np.ndarray, milli: int) -> np.ndarray:
+        """Value lost by putting a task of `milli` where `free` milli are free (same shape as
+        `free`; meaningless where it does not fit: the caller masks those)."""
+        x = np.clip(free, 0, FULL).astype(np.int64)
+        pi = self.net_value.get(milli)
+        if pi is None:  # a size the snapshot did not hold: worth the room it takes
+            pi = float(self.room_value[min(milli, FULL)])
+        return np.maximum(self.room_value[x] - self.room_value[np.maximum(x - milli, 0)] - pi,
+                          0.0)
+
+
+def pairing_values(demand: Iterable[tuple[int, float]], accelerators: int
+                   ) -> PairingValues | None:
+    """Prices for a workload. `demand`: (milli per accelerator, share of the milli asked) per
+    shape, whole-accelerator shapes as milli 1000; `accelerators`: the cluster's count.
+    None when there is nothing fractional to price or the LP fails."""
+    shares: dict[int, float] = {}
+    for milli, share in demand:
+        if share > 0 and 0 < milli <= FULL:
+            shares[milli] = shares.get(milli, 0.0) + share
+    frac = sorted(m for m in shares if m < FULL)
+    total = sum(shares.values())
+    if not frac or accelerators <= 0 or total <= 0:
+        return None
+    unit = math.gcd(FULL, *frac)
+    while FULL // unit > MAX_LEVELS:
+        unit *= 2
+    cap = FULL // unit
+    # Tasks expected if demand reaches the capacity, in units of `unit` milli.
+    counts = {-(-m // unit): 0.0 for m in frac}
+    for m in frac:
+        counts[-(-m // unit)] += shares[m] / total * accelerators * FULL / m
+    counts[cap] = counts.get(cap, 0.0) + shares.get(FULL, 0.0) / total * accelerators
+    w, u = _size_duals(counts, cap, accelerators)
+    if w is None:
+        return None
+    net = {s: (s - w[s]) * unit for s in counts}  # milli
+    value = np.zeros(cap + 1)
+    for level in range(1, cap + 1):
+        best = value[level - 1]
+        for s, pi in net.items():
+            if s <= level and value[level - s] + pi > best:
+                best = value[level - s] + pi
+        value[level] = best
+    room = value[np.arange(FULL + 1) // unit]
+    return PairingValues(room, {m: net[-(-m // unit)] for m in frac})
+
+
+def _size_duals(counts: dict[int, float], cap: int, accelerators: int
+                ) -> tuple[dict[int, float] | None, float]:
+    """The arc-flow LP (most units packed); per size the dual of its supply row, and the
+    accelerators row's dual, in units of the levels."""
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    if solver is None:
+        return None, 0.0
+    sizes = sorted(counts)
+    reach = {0}
+    for s in sorted(sizes, reverse=True):  # levels reachable with sizes >= s (no symmetry)
+        for a in sorted(reach):
+            b = a + s
+            while b <= cap and b not in reach:
+                reach.add(b)
+                b += s
+    out: dict[int, list] = {a: [] for a in reach}
+    into: dict[int, list] = {a: [] for a in reach}
+    into[cap] = []
+    by_size: dict[int, list] = {s: [] for s in sizes}
+    objective = solver.Objective()
+    for a in sorted(reach):
+        for s in sizes:
+            if a + s <= cap:
+                f = solver.NumVar(0, solver.infinity(), "")
+                out[a].append(f)
+                into.setdefault(a + s, []).append(f)
+                by_size[s].append(f)
+                objective.SetCoefficient(f, s)
+        if 0 < a < cap:
+            rest = solver.NumVar(0, solver.infinity(), "")  # the rest stays empty
+            out[a].append(rest)
+            into[cap].append(rest)
+    objective.SetMaximization()
+    gpus = solver.Constraint(0, accelerators)
+    for f in out[0]:
+        gpus.SetCoefficient(f, 1)
+    for a in reach:
+        if 0 < a < cap:
+            row = solver.Constraint(0, 0)
+            for f in into.get(a, []):
+                row.SetCoefficient(f, 1)
+            for f in out[a]:
+                row.SetCoefficient(f, -1)
+    supply = {}
+    for s in sizes:
+        supply[s] = solver.Constraint(0, counts[s])
+        for f in by_size[s]:
+            supply[s].SetCoefficient(f, 1)
+    if solver.Solve() != pywraplp.Solver.OPTIMAL:
+        return None, 0.0
+    return {s: max(supply[s].dual_value(), 0.0) for s in sizes}, gpus.dual_value()

@@ -1,0 +1,45 @@
+"""Prices of free room per accelerator (scheduler/pairing.py): the packing LP's duals."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scheduler.pairing import pairing_values
+
+# The openb `default` trace's demand: (milli per accelerator, % of the GPU milli asked).
+OPENB_DEFAULT = [(1000, 64.25 + 5.78 + 0.99 + 0.53), (810, 14.35), (470, 5.79), (650, 2.7),
+                 (320, 1.72), (460, 0.97), (590, 0.73), (550, 0.65), (230, 0.53), (370, 0.29),
+                 (220, 0.22), (160, 0.19), (480, 0.15), (110, 0.04)]
+
+
+def test_pairings_of_a_best_packing_lose_nothing_and_bad_ones_do() -> None:
+    values = pairing_values(OPENB_DEFAULT, accelerators=6212)
+    assert values is not None
+
+    def loss(free: int, milli: int) -> float:
+        return round(float(values.loss(np.array([free]), milli)[0]), 6)
+
+    # What the best packing of this workload does: 470 + 470, 650 + 320, 810 alone.
+    assert loss(1000, 470) == 0 and loss(530, 470) == 0
+    assert loss(1000, 650) == 0 and loss(350, 320) == 0
+    assert loss(1000, 810) == 0
+    # A 320 in the 530 a 470 left strands 210 that only the rare small tasks fill; a 470
+    # in the 680 a 320 left does the same.
+    assert loss(530, 320) > 0
+    assert loss(680, 470) > 0
+
+
+def test_room_values_are_monotone_and_losses_never_negative() -> None:
+    values = pairing_values(OPENB_DEFAULT, accelerators=100)
+    assert values is not None
+    assert np.all(np.diff(values.room_value) >= -1e-9)
+    free = np.arange(0, 1001, 10)
+    for milli in (110, 230, 470, 810):
+        fits = free >= milli
+        assert np.all(values.loss(free[fits], milli) >= 0)
+
+
+def test_nothing_fractional_has_no_prices() -> None:
+    assert pairing_values([(1000, 1.0)], accelerators=8) is None
+    assert pairing_values([(500, 1.0)], accelerators=0) is None
+
