@@ -14,6 +14,7 @@ from pathlib import Path
 
 from controller import limits
 from controller.domain.liveness import LivenessPolicy
+from controller.store.rollout import DEFAULT_SURGE
 from controller.store.db import DEFAULT_DB_URL
 from controller.version import version_text
 
@@ -39,6 +40,7 @@ class Config:
     solve_time_limit_ms: int = 2000
     # Stop preemptible work (whole replicas) to place higher-priority or reserved work.
     preemption: bool = True
+    max_surge: int = DEFAULT_SURGE  # replicas beyond the asked count while replicas are replaced
     watchdog_interval_s: float = 2.0
     log_level: str = "INFO"
     # TLS: certificate and key of the server; a client CA turns on mutual TLS (see controller.api.tls).
@@ -176,6 +178,9 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--no-preemption", dest="preemption", action="store_false",
                         help="never stop preemptible replicas to place higher-priority work or a tenant's "
                              "reservation (the reasons then say what preempting would place)")
+    parser.add_argument("--max-surge", type=_positive_int, default=Config.max_surge, metavar="REPLICAS",
+                        help="replicas a rolling update or a drain may place beyond the replicas asked "
+                             "(make-before-break): more rolls faster but holds more capacity meanwhile")
     parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"), type=str.upper,
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log level of the JSON lines on stderr (env MAIA_LOG_LEVEL)")
@@ -260,6 +265,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         unhealthy_zone_eviction_rate=ns.unhealthy_zone_eviction_rate,
         solve_time_limit_ms=ns.solve_time_limit_ms,
         preemption=ns.preemption,
+        max_surge=ns.max_surge,
         watchdog_interval_s=ns.watchdog_interval,
         log_level=ns.log_level.upper(),
         tls_cert=ns.tls_cert,

@@ -45,7 +45,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.store.plans import PlanConflict, commit_plan
-from controller.store.rollout import deployment_name, retire_replaced
+from controller.store.rollout import DEFAULT_SURGE, deployment_name, retire_replaced
 from controller.usecases import planning
 from controller.usecases.deployments import validate_spec
 from controller.domain.values import DeploymentView
@@ -123,6 +123,7 @@ class Reconciler:
         wall_clock: Callable[[], datetime] = m.utcnow,
         quarantine_after: int = limits.QUARANTINE_AFTER_FAILURES,
         allow_preemption: bool = True,
+        max_surge: int = DEFAULT_SURGE,
     ) -> None:
         self._db = db
         self._push = push
@@ -151,6 +152,7 @@ class Reconciler:
         self.solves = 0
         self._quarantine_after = quarantine_after
         self._allow_preemption = allow_preemption
+        self._max_surge = max_surge
         self._replacing = True               # replicas being replaced (store/rollout.py): check every pass
         self._retire_checked: int | None = None  # the generation the last such check saw
         self._failures: dict[str, int] = {}  # solver failures per deployment (solved alone)
@@ -253,7 +255,7 @@ class Reconciler:
     async def _solve_and_commit(self) -> ReconcileOutcome:
         for attempt in range(self._retries + 1):
             async with self._db.unit_of_work() as uow:
-                snapshot = await planning.load_snapshot(uow.session)
+                snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
                 # Their last state, for the DELETED events once the commit removes them.
                 deleting = {r.name: repo.deployment_view(r) for r in await repo.list_deployment_rows(
                     uow.session, phases=[m.DeploymentPhase.DELETING])}

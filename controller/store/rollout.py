@@ -2,11 +2,11 @@
 
 A replica is *outgoing* when it runs an older template revision of its deployment (the spec
 changed in a way that needs new replicas) or sits on a draining node. Outgoing replicas keep
-running until replacements run, the way a Kubernetes Deployment rolls with maxSurge 1 and
-maxUnavailable 0:
+running until replacements run, the way a Kubernetes Deployment rolls with maxSurge (1 by
+default, `maia-controller --max-surge`) and maxUnavailable 0:
 
 - the snapshot (`solver_view`) hands the solver the deployment's current revision with room
-  for its replicas minus the outgoing ones plus one surge replica, and each outgoing revision
+  for its replicas minus the outgoing ones plus the surge replicas, and each outgoing revision
   as a deployment of its own (id `NAME~REVISION`, its old spec, its replicas pinned where they
   run), so the solver accounts for what they hold and places replacements beside them;
 - after the replacements report running, `retire_replaced` stops outgoing replicas one at a
@@ -36,8 +36,9 @@ from controller.store.models import (
     ClusterState, Deployment, DeploymentPhase, Event, Node, NodeHealth, Placement, ShardPhase,
 )
 
-# Replicas placed beyond the asked count while a rollout or drain replaces replicas.
-SURGE = 1
+# Replicas placed beyond the asked count while a rollout or drain replaces replicas (the
+# default of `maia-controller --max-surge`).
+DEFAULT_SURGE = 1
 _SEPARATOR = "~"  # never in a deployment name
 
 ShardKey = tuple[str, int, int]
@@ -84,8 +85,10 @@ class SolverView:
 
 
 def solver_view(current_doc: dict[str, Any], template_revision: int, revision_specs: Mapping[str, Any],
-                replicas: Iterable[StoredReplica], *, down: set[str], draining: set[str]) -> SolverView:
-    """The solver deployments and placements of one stored deployment (see the module doc)."""
+                replicas: Iterable[StoredReplica], *, down: set[str], draining: set[str],
+                surge: int = DEFAULT_SURGE) -> SolverView:
+    """The solver deployments and placements of one stored deployment (see the module doc);
+    `surge` replicas at most beyond the asked count while replicas are being replaced."""
     name = current_doc["id"]
     current: list[StoredReplica] = []
     outgoing: dict[int, list[StoredReplica]] = defaultdict(list)
@@ -98,7 +101,7 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
             outgoing[rep.revision].append(rep)
     asked = current_doc["replicas"]
     n_out = sum(len(reps) for reps in outgoing.values())
-    target = asked if n_out == 0 else max(0, min(asked, asked + SURGE - n_out))
+    target = asked if n_out == 0 else max(0, min(asked, asked + surge - n_out))
     view = SolverView()
     if target > 0:
         doc = dict(current_doc, replicas=target)

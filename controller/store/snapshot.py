@@ -22,7 +22,7 @@ from scheduler import Deployment as SolverDeployment
 from scheduler import ShardSpec, Spread, deployment_to_dict
 
 from controller import limits
-from controller.store.rollout import PlanKeys, SolverRef, StoredReplica, solver_view
+from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, solver_view
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -84,8 +84,9 @@ def _put(doc: dict[str, Any], key: str, value: Any) -> None:
         doc[key] = value
 
 
-async def load_snapshot(session: AsyncSession) -> Snapshot:
-    """Read the whole placement-relevant state in one pass (8 queries, whatever the size).
+async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) -> Snapshot:
+    """Read the whole placement-relevant state in one pass (8 queries, whatever the size);
+    `surge`: replicas beyond the asked count a rollout or drain may place (store/rollout.py).
 
     Deployments being deleted are left out, with their placements: the plan no longer holds
     them, so `commit_plan` removes their shards. Placements on down nodes are kept: the solver
@@ -224,7 +225,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         view = solver_view(doc, template_revision, revision_specs,
                            (StoredReplica(index, rev, tuple(shards), frozenset(on_nodes))
                             for index, (rev, shards, on_nodes) in replicas.items()),
-                           down=down_nodes, draining=draining_nodes)
+                           down=down_nodes, draining=draining_nodes, surge=surge)
         deployments += view.deployments
         placements += view.placements
         solver_refs.update(view.refs)

@@ -1,0 +1,39 @@
+"""How many replacements a rollout places at once: the surge (`maia-controller --max-surge`)."""
+from __future__ import annotations
+
+import pytest
+
+from controller.config import parse_args
+from controller.store.rollout import DEFAULT_SURGE, StoredReplica, solver_view
+
+DOC = {"id": "svc", "tenant": "lab", "replicas": 4, "shards_per_replica": 1, "min_replicas": 4,
+       "shard": {"accelerators": 1}, "locality": "node"}
+
+
+def _old_replicas(count: int) -> list[StoredReplica]:
+    """`count` running replicas of revision 1, one per node."""
+    return [StoredReplica(i, 1, ({"deployment": "svc", "replica": i, "shard": 0, "node": f"n{i}",
+                                  "accelerator_indices": [0]},), frozenset({f"n{i}"})) for i in range(count)]
+
+
+@pytest.mark.parametrize(("surge", "replacements"), [(1, 1), (2, 2), (3, 3), (4, 4), (9, 4)])
+def test_a_rollout_places_up_to_the_surge_beside_the_replicas_it_replaces(surge: int, replacements: int) -> None:
+    view = solver_view(DOC, 2, {"1": DOC}, _old_replicas(4), down=set(), draining=set(), surge=surge)
+    current, outgoing = view.deployments
+    assert (current["id"], current["replicas"]) == ("svc", replacements)
+    assert (outgoing["id"], outgoing["replicas"]) == ("svc~1", 4)  # every old replica runs on meanwhile
+
+
+def test_without_a_rollout_the_surge_changes_nothing() -> None:
+    replicas = [StoredReplica(r.index, 2, r.placements, r.nodes) for r in _old_replicas(4)]
+    for surge in (1, 3):
+        [current] = solver_view(DOC, 2, {}, replicas, down=set(), draining=set(), surge=surge).deployments
+        assert current["replicas"] == 4
+
+
+def test_max_surge_is_a_controller_flag_of_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args([], env={}).max_surge == DEFAULT_SURGE == 1
+    assert parse_args(["--max-surge", "3"], env={}).max_surge == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--max-surge", "0"], env={})
+    assert "--max-surge" in capsys.readouterr().err
