@@ -61,6 +61,9 @@ REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
 AGENT_ADMISSION_CONCURRENCY = 8
 AGENT_ADMISSION_QUEUE = 256
 FLUSH_CHUNK = 500                   # heartbeats or shard reports written per transaction
+# A client request id whose deployment was deleted is still remembered this long after the
+# request (a retry then is refused rather than applied twice); while it exists, as long as it.
+REQUEST_ID_RETENTION_S = 24 * 3600
 
 # --- lists and messages ------------------------------------------------------------------------
 PAGE_SIZE_DEFAULT = 100

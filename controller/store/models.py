@@ -284,15 +284,18 @@ class Placement(Base):
 
 
 class ClientRequest(Base):
-    """A submit's or update's client request id: a retry with the same id gets the first answer."""
+    """A submit's or update's client request id: a retry with the same id gets the first answer.
+    It outlives its deployment (`deployment_id` turns null) for `limits.REQUEST_ID_RETENTION_S`,
+    so a retry after a delete is refused instead of creating the deployment again."""
 
     __tablename__ = "client_requests"
 
     tenant_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    deployment_id: Mapped[int] = mapped_column(
-        ForeignKey("deployments.id", ondelete="CASCADE"), index=True, nullable=False
+    deployment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("deployments.id", ondelete="SET NULL"), index=True, nullable=True
     )
+    deployment_name: Mapped[str] = mapped_column(String(ID_LENGTH), default="", nullable=False)
     action: Mapped[str] = mapped_column(String(16), nullable=False)  # submit | update
     spec_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)

@@ -221,7 +221,7 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # leaves it pending), and bumping made every plan solved under a stream of submissions
     # conflict. The reconciler sees new arrivals by `repo.count_schedulable_deployments`.
     await uow.session.flush()
-    requests.remember(uow, spec.tenant, request_id, row.id, spec, "submit")
+    await requests.remember(uow, spec.tenant, request_id, row.id, spec, "submit")
     repo.record_event(uow.session, actor=who.name,
                       kind="deployment.released" if replaced is not None else "deployment.submitted",
                       object_kind="deployment", object_id=spec.name, data=planning.deployment_doc(spec))

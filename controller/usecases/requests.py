@@ -4,17 +4,20 @@ A client (maiactl sets one per apply) sends an id with a write; the first call r
 a digest of the spec it carried, in the same transaction as the write. A retry with the same id
 is answered with the deployment as it stands now and writes nothing; the same id with another
 spec (or for another deployment or action) is refused, naming what the id was first used for.
-Ids live as long as their deployment (deleting it forgets them).
+An id outlives its deployment: a retry after the deployment was deleted is refused (it was
+applied once), for `limits.REQUEST_ID_RETENTION_S` after the request; then the id is forgotten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from datetime import timedelta
 
 from controller import limits
 from controller.errors import FailedPrecondition, InvalidArgument
 from controller.store import models as m
+from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases import planning
 from controller.domain.values import DeploymentSpec
@@ -43,9 +46,11 @@ async def replayed(uow: UnitOfWork, tenant: str, request_id: str, spec: Deployme
     seen = await uow.session.get(m.ClientRequest, (tenant, request_id))
     if seen is None:
         return None
-    row = await uow.session.get(m.Deployment, seen.deployment_id)
-    if row is None:  # deleted meanwhile (the cascade forgets ids; a race may not have yet)
-        return None
+    row = await uow.session.get(m.Deployment, seen.deployment_id) if seen.deployment_id is not None else None
+    if row is None:
+        raise FailedPrecondition(
+            f"client_request_id {request_id!r} was already used by tenant {tenant} to {seen.action} deployment "
+            f"{seen.deployment_name}, which has been deleted since; use a new id for a new request")
     if seen.action != action or row.name != spec.name or seen.spec_sha256 != spec_digest(spec):
         raise FailedPrecondition(
             f"client_request_id {request_id!r} was already used by tenant {tenant} to {seen.action} "
@@ -53,9 +58,12 @@ async def replayed(uow: UnitOfWork, tenant: str, request_id: str, spec: Deployme
     return row
 
 
-def remember(uow: UnitOfWork, tenant: str, request_id: str, deployment_id: int, spec: DeploymentSpec,
-             action: str) -> None:
-    """Record the id in the caller's transaction (with the write it belongs to)."""
+async def remember(uow: UnitOfWork, tenant: str, request_id: str, deployment_id: int, spec: DeploymentSpec,
+                   action: str) -> None:
+    """Record the id in the caller's transaction (with the write it belongs to), and forget the
+    tenant's ids of deleted deployments older than the retention."""
     if request_id:
+        await repo.forget_request_ids(uow.session, tenant,
+                                      before=m.utcnow() - timedelta(seconds=limits.REQUEST_ID_RETENTION_S))
         uow.session.add(m.ClientRequest(tenant_id=tenant, request_id=request_id, deployment_id=deployment_id,
-                                        action=action, spec_sha256=spec_digest(spec)))
+                                        deployment_name=spec.name, action=action, spec_sha256=spec_digest(spec)))

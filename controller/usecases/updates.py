@@ -157,7 +157,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         row.template_revision = row.template_revision + 1
     repo.write_deployment_spec(row, spec)
     row.resource_version = row.resource_version + 1
-    requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
+    await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session)
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",
                       object_id=spec.name, message="; ".join(changes),

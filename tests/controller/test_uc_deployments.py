@@ -147,3 +147,34 @@ async def test_delete_marks_deleting(cluster):
     with pytest.raises(NotFound, match="deployment nope not found"):
         async with cluster.unit_of_work() as uow:
             await deployments.delete_deployment(uow, WHO, "nope", RecordingSignals())
+
+
+async def test_a_request_id_outlives_its_deleted_deployment_for_the_retention(cluster):
+    from datetime import timedelta
+
+    from sqlalchemy import delete, select, update
+
+    from controller.errors import FailedPrecondition
+    from controller.store import models as m
+
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals(), request_id="r1")
+    async with cluster.unit_of_work() as uow:  # deleted and released (what the reconciler does)
+        await deployments.delete_deployment(uow, WHO, "svc", RecordingSignals())
+        await uow.session.execute(delete(m.Deployment).where(m.Deployment.name == "svc"))
+        await uow.commit()
+    # The submit retried after the delete is not applied a second time.
+    with pytest.raises(FailedPrecondition, match="'r1' was already used by tenant t1 to submit deployment svc, "
+                                                 "which has been deleted since; use a new id"):
+        async with cluster.unit_of_work() as uow:
+            await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals(), request_id="r1")
+    async with cluster.unit_of_work() as uow:
+        assert (await uow.session.scalars(select(m.Deployment.name))).all() == []
+        # A day later it is forgotten, when the tenant's next request id is recorded.
+        await uow.session.execute(update(m.ClientRequest).values(created_at=m.utcnow() - timedelta(days=2)))
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, replace(GOOD, name="other"), RecordingSignals(), request_id="r2")
+    async with cluster.unit_of_work() as uow:
+        assert (await uow.session.scalars(select(m.ClientRequest.request_id))).all() == ["r2"]
+        await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals(), request_id="r1")
