@@ -64,15 +64,16 @@ def placements_and_moves(solver: Solver) -> tuple[list[Placement], list[Move]]:
     return placements, moved
 
 
-def unplaced_with_reasons(solver: Solver, preempted: list[tuple[int, int]]
-                          ) -> tuple[list[Unplaced], bool]:
-    """Every deployment short of replicas, with its reasons; and whether any of them got
-    TIME_LIMIT."""
+def unplaced_with_reasons(solver: Solver, preempted: list[tuple[int, int]],
+                          only: list[int] | None = None) -> tuple[list[Unplaced], bool]:
+    """Every deployment short of replicas (or of `only` these), with its reasons; and
+    whether any of them got TIME_LIMIT."""
     deps = solver.state.deps
-    hints = preemption_hints(solver)
+    hints = preemption_hints(solver, only)
     unplaced = []
     time_limited = False
-    for d, dep in enumerate(deps):
+    for d in range(len(deps)) if only is None else only:
+        dep = deps[d]
         missing = len(solver.pending(d))
         if missing == 0:
             continue

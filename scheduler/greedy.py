@@ -293,8 +293,15 @@ class Placer:
                     and known[0] == shard_nodes[0][1]:
                 self._frag[known[0]] = known[1]  # scored already when it was chosen
             elif t == self._frag_tenant:
-                touched = np.unique([n for _, n in shard_nodes])
-                self._frag[touched] = node_fragmentation(
-                    self._free_milli(t)[touched], s.cpu_free[touched], s.mem_free[touched],
-                    self.workload, touched)
+                self.refresh_nodes(np.unique([n for _, n in shard_nodes]))
         return True
+
+    def refresh_nodes(self, nodes: np.ndarray) -> None:
+        """The occupancy of these nodes changed outside a placement (a warm session's
+        departure): re-score them in the cached fragmentation."""
+        if self._frag is None or len(nodes) == 0:
+            return
+        s, t = self.state, self._frag_tenant
+        self._frag[nodes] = node_fragmentation(
+            self._free_milli(t)[nodes], s.cpu_free[nodes], s.mem_free[nodes], self.workload,
+            nodes)

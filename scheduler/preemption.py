@@ -67,13 +67,15 @@ def preempt_for(solver: Solver, d: int) -> None:
             solver.why.pop(d, None)
 
 
-def preemption_hints(solver: Solver) -> dict[int, str]:
-    """With allow_preemption off: for a few unplaced deployments, the fewest running
-    replicas whose preemption would let one more replica fit (a trial on a copy)."""
+def preemption_hints(solver: Solver, only: list[int] | None = None) -> dict[int, str]:
+    """With allow_preemption off: for a few unplaced deployments (of `only` these), the
+    fewest running replicas whose preemption would let one more replica fit (a trial on a
+    copy)."""
     if solver.problem.options.allow_preemption:
         return {}
     state = solver.state
-    unplaced = [d for d in range(len(state.deps)) if solver.pending(d)]
+    unplaced = [d for d in (range(len(state.deps)) if only is None else only)
+                if solver.pending(d)]
     if not unplaced:
         return {}  # the common no-op re-read: no scan of every running replica
     running = [v for v in state.replicas

@@ -32,7 +32,9 @@ class ClusterState:
     def __init__(self, topo: Topology) -> None:
         self.topo = topo
         deps = topo.problem.deployments
-        self.deps = deps
+        # A list, not the problem's tuple: a warm session (session.py) appends arrivals to it
+        # (`add_deployment`); trial copies share it.
+        self.deps: list[Deployment] = list(deps)
         self.dep_tenant = np.array([topo.tenant_index[d.tenant] for d in deps], dtype=np.int64)
         n, a = topo.n_nodes, max(topo.max_accelerators, 1)
         n_t = len(topo.tenant_ids)
@@ -77,6 +79,18 @@ class ClusterState:
         return twin
 
     # ---- mutation -------------------------------------------------------------------------
+
+    def add_deployment(self, dep: Deployment) -> int:
+        """Register a deployment the problem did not list (a warm session's arrival); its
+        index. The topology's deployment index learns it too."""
+        d = len(self.deps)
+        self.deps.append(dep)
+        self.dep_tenant = np.append(self.dep_tenant, self.topo.tenant_index[dep.tenant])
+        self.topo.deployment_index[dep.id] = d
+        if dep.spread is not None:
+            self.spread_count[d] = np.zeros(self.topo.n_domains(dep.spread.domain),
+                                            dtype=np.int64)
+        return d
 
     def _apply(self, d: int, at: ShardAt, sign: int) -> None:
         dep = self.deps[d]

@@ -59,6 +59,12 @@ class Topology:
     def n_nodes(self) -> int:
         return len(self.node_ids)
 
+    def node_state(self, n: int) -> str:
+        """The node's state as the arrays say (a warm session flips them in place)."""
+        if not self.node_alive[n]:
+            return "down"
+        return "ready" if self.node_ready[n] else "cordoned"
+
     def domain_of(self, level: str) -> np.ndarray:
         """Per node, the index of its domain at `level` ('none' maps every node to 0)."""
         if level == "node":

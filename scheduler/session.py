@@ -1,0 +1,357 @@
+"""A warm scheduling session: the cluster loaded once and kept, decisions applied to it.
+
+`solve(problem)` rebuilds the whole cluster (topology, occupancy, every placement) on every
+call: right for files and what-ifs, wrong for a scheduler meeting arrivals one by one. A
+`Session` builds that state once from a `Problem` and keeps it; each decision then costs the
+decision (one pass of the node filters, the domain choice, the indices), not a re-read.
+
+It is not a second solver: the session owns one long-lived `Solver` (solve.py) in online mode
+and drives the same stages a `solve()` runs. An arrival is `Solver.place_one` (the greedy
+placer, `explain`, preemption when the options allow it); what is left unplaced is worded by
+`emit.unplaced_with_reasons`; a node going down or disappearing is `repair`. So the
+constraints, reason codes and messages are those of `solve()`.
+
+Changes arrive as deltas:
+  * `place(deployment)`      an arrival (or a known deployment tried again), decided at once;
+  * `release(id, replicas)`  departures: the replicas' placements are taken out;
+  * `apply(ClusterDelta)`    nodes, tenants (contracts) and domains added or changed, nodes
+                             removed. A node flipped between `ready` and `cordoned` is updated
+                             in place; anything that changes the shape of the indexes (a new
+                             node, a resource change, a node going down, a contract) rebuilds
+                             them from the session's own state, in memory, once per delta,
+                             then repairs what lost shards (coalesce changes into one delta).
+Where the session may differ from `solve()` on the same state:
+  * single-shard scoring learns the workload from every arrival the session has seen (as one
+    online `solve()` does over its listed arrivals), not just the deployments of one problem,
+    so the node chosen may differ (both choices are valid; with `MAIA_SCORER=bestfit` they are
+    identical);
+  * with preemption allowed, every replica placed before the decision may be a victim (a
+    session's earlier decisions are committed), where one online `solve()` protects the
+    arrivals it placed itself;
+  * a gang repaired after its node went down (or was removed) is placed again without
+    preempting anything; `solve()` may preempt for it (and then report the victim re-placed
+    as moves in online mode, which the independent checker refuses).
+
+A session is not thread-safe: one owner (the controller's scheduling loop) drives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.emit import unplaced_with_reasons
+from scheduler.errors import ProblemError
+from scheduler.model import (Deployment, Move, Node, Options, Placement, Preemption, Problem,
+                             Rack, Row, Tenant, Unplaced, Zone)
+from scheduler.repair import repair
+from scheduler.solve import DEFAULT_TIME_LIMIT_MS, Solver
+from scheduler.state import ShardAt
+
+# Departed deployments keep their index (a tombstone with no replicas) until this many have
+# piled up, and more than there are live ones: then the indexes are rebuilt without them.
+COMPACT_AFTER = 1024
+# What may change about a known deployment without placing it anew.
+_SCALABLE = ("replicas", "min_replicas", "priority", "preemptible")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one decision changed for one deployment.
+
+    `placements`: the shards placed or re-placed by it (new replicas whole; shards repaired
+    beside their gang). `moved`: re-placed shards that ran elsewhere before. `released`:
+    replica numbers of this deployment that stopped and were not placed again.
+    `unplaced`: replicas still missing, with the same reasons `solve()` gives.
+    `preempted`: other deployments' replicas evicted to make room."""
+    deployment: str
+    placements: tuple[Placement, ...] = ()
+    unplaced: Unplaced | None = None
+    preempted: tuple[Preemption, ...] = ()
+    moved: tuple[Move, ...] = ()
+    released: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterDelta:
+    """Cluster changes applied together: nodes, tenants and domains added or replaced by id,
+    nodes removed (their shards are placed again, as for a down node)."""
+    nodes: tuple[Node, ...] = ()
+    removed_nodes: tuple[str, ...] = ()
+    tenants: tuple[Tenant, ...] = ()
+    zones: tuple[Zone, ...] = ()
+    rows: tuple[Row, ...] = ()
+    racks: tuple[Rack, ...] = ()
+
+
+class Session:
+    """The cluster as of its last decision, kept warm between decisions."""
+
+    def __init__(self, problem: Problem, *, time_limit_ms: int | None = None) -> None:
+        self.time_limit_ms = (time_limit_ms or problem.options.time_limit_ms
+                              or DEFAULT_TIME_LIMIT_MS)
+        self.options = Options(mode="online", time_limit_ms=self.time_limit_ms,
+                               allow_preemption=problem.options.allow_preemption)
+        self._zones = {z.id: z for z in problem.zones}
+        self._rows = {r.id: r for r in problem.rows}
+        self._racks = {r.id: r for r in problem.racks}
+        self._nodes = {n.id: n for n in problem.nodes}
+        self._tenants = {t.id: t for t in problem.tenants}
+        self.rebuilds = 0  # times the indexes were rebuilt from memory (structural deltas)
+        self._solver = self._new_solver(dataclasses.replace(problem, options=self.options))
+        self._gone: set[int] = set()  # departed deployments' indices (tombstones)
+        self._lost_from: dict[tuple[str, int, int], str] = {}
+        # Shards the problem had on down nodes, repaired as solve() would (moves, re-placed).
+        self.repaired_at_load: list[Decision] = self._repair()
+
+    # ---- decisions ------------------------------------------------------------------------
+
+    def place(self, deployment: Deployment | str) -> Decision:
+        """Place what a deployment is missing, now: an arrival (a new `Deployment`), a known
+        one changed in replicas/min_replicas/priority/preemptible, or a known id tried again.
+        Its replicas are placed whole or not at all, online (final once placed)."""
+        if isinstance(deployment, str):
+            d = self._index(deployment)
+        else:
+            d = self._upsert(deployment)
+        return self._decide(d)
+
+    def release(self, deployment: str, replicas: list[int] | None = None) -> None:
+        """Departures: these replicas of a deployment stop (None: the deployment is gone)."""
+        d = self._index(deployment)
+        s = self._solver
+        state = s.state
+        rs = sorted(state.by_dep.get(d, ())) if replicas is None else replicas
+        touched: set[int] = set()
+        for r in rs:
+            for at in state.remove_replica(d, r).values():
+                touched.add(at.node)
+            s.existing_replicas.discard((d, r))
+        s.placer.refresh_nodes(np.array(sorted(touched), dtype=np.int64))
+        if replicas is None:
+            self._forget(d)
+
+    def apply(self, delta: ClusterDelta) -> list[Decision]:
+        """Apply cluster changes; the decisions repairing what they displaced (if any)."""
+        cordons = self._cordons_only(delta)
+        for n in delta.nodes:
+            self._nodes[n.id] = n
+        if cordons is not None:
+            topo = self._solver.topo
+            for n in cordons:
+                topo.node_ready[topo.node_index[n.id]] = n.state == "ready"
+            return []
+        for z in delta.zones:
+            self._zones[z.id] = z
+        for w in delta.rows:
+            self._rows[w.id] = w
+        for r in delta.racks:
+            self._racks[r.id] = r
+        for t in delta.tenants:
+            self._tenants[t.id] = t
+        for nid in delta.removed_nodes:
+            self._nodes.pop(nid, None)
+        self._rebuild()
+        return self._repair()
+
+    # ---- what the session holds -------------------------------------------------------------
+
+    def snapshot(self) -> Problem:
+        """The cluster now, as a problem: every node, tenant, live deployment and placement
+        (online mode, this session's preemption option). `solve()` or the checker can take it."""
+        s = self._solver
+        state, topo = s.state, s.topo
+        deps = state.deps
+        placements = []
+        for (d, r), shards in sorted(state.replicas.items()):
+            dep = deps[d]
+            frac = dep.shard.fractional
+            placements.extend(
+                Placement(dep.id, r, sh, topo.node_ids[at.node], tuple(at.indices),
+                          at.milli if frac else None)
+                for sh, at in sorted(shards.items()))
+        return Problem(
+            nodes=tuple(self._nodes.values()),
+            deployments=tuple(dep for d, dep in enumerate(deps) if d not in self._gone),
+            zones=tuple(self._zones.values()), rows=tuple(self._rows.values()),
+            racks=tuple(self._racks.values()), tenants=tuple(self._tenants.values()),
+            placements=tuple(placements), options=self.options)
+
+    def pending(self) -> list[str]:
+        """Deployments still short of replicas (unplaceable so far, or preempted)."""
+        s = self._solver
+        return [dep.id for d, dep in enumerate(s.state.deps)
+                if d not in self._gone and s.pending(d)]
+
+    def placed_replicas(self, deployment: str) -> list[int]:
+        return self._solver.state.placed_replicas(self._index(deployment))
+
+    def __contains__(self, deployment: str) -> bool:
+        return deployment in self._solver.topo.deployment_index
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _new_solver(self, problem: Problem) -> Solver:
+        previous = getattr(self, "_solver", None)
+        solver = Solver(problem, self.time_limit_ms)
+        if previous is not None:  # keep what single-shard scoring learnt of the workload
+            workload = previous.workload
+            workload.bind_models(solver.topo.node_model)
+            if workload.counts:
+                workload.refresh()
+            solver.workload = workload
+            solver.placer.workload = workload
+        return solver
+
+    def _index(self, deployment: str) -> int:
+        d = self._solver.topo.deployment_index.get(deployment)
+        if d is None:
+            raise ProblemError("deployment", deployment, "unknown deployment")
+        return d
+
+    def _upsert(self, dep: Deployment) -> int:
+        s = self._solver
+        if dep.tenant not in s.topo.tenant_index:
+            raise ProblemError(f"deployment {dep.id}.tenant", dep.tenant,
+                               "unknown tenant (apply a ClusterDelta with the tenant first)")
+        d = s.topo.deployment_index.get(dep.id)
+        if d is None:
+            d = s.state.add_deployment(dep)
+            s.workload.observe(dep.shard, dep.replicas)
+            return d
+        old = s.state.deps[d]
+        if old == dep:
+            return d
+        if dataclasses.replace(old, **{f: getattr(dep, f) for f in _SCALABLE}) != dep:
+            raise ProblemError(f"deployment {dep.id}", dep.id,
+                               f"only {', '.join(_SCALABLE)} may change in place; release it "
+                               "and place the new one")
+        s.state.deps[d] = dep
+        extra = [r for r in s.state.by_dep.get(d, ()) if r >= dep.replicas]
+        if extra:
+            self.release(dep.id, sorted(extra))
+        return d
+
+    def _decide(self, d: int, preempt: bool = True) -> Decision:
+        """`Solver.place_one` on the warm state, and the decision it made."""
+        s = self._solver
+        dep = s.state.deps[d]
+        before = {r: s.state.replicas[(d, r)] for r in s.state.by_dep.get(d, ())}
+        s.deadline = time.perf_counter() + self.time_limit_ms / 1000.0
+        s.why.pop(d, None)
+        s.time_cut.clear()
+        s.preempted = []
+        s.place_one(d, preempt)
+        state = s.state  # preemption may have adopted a trial state
+        after = state.by_dep.get(d, set())
+        new = sorted(r for r in after if state.replicas[(d, r)] is not before.get(r))
+        frac = dep.shard.fractional
+        ids = s.topo.node_ids
+        placements = tuple(
+            Placement(dep.id, r, sh, ids[at.node], tuple(at.indices), at.milli if frac else None)
+            for r in new for sh, at in sorted(state.replicas[(d, r)].items()))
+        s.existing_replicas.update((d, r) for r in new)
+        victims = sorted({v for v in s.preempted if v not in state.replicas})
+        s.existing_replicas.difference_update(victims)
+        unplaced, _ = unplaced_with_reasons(s, victims, only=[d])
+        state.static_cache.pop(d, None)  # per-deployment masks: rebuilt when next needed
+        return Decision(
+            deployment=dep.id, placements=placements,
+            unplaced=unplaced[0] if unplaced else None,
+            preempted=tuple(Preemption(state.deps[vd].id, vr) for vd, vr in victims),
+            released=tuple(sorted(set(before) - after)))
+
+    def _forget(self, d: int) -> None:
+        """A departed deployment: a tombstone with no replicas; compact when many pile up."""
+        s = self._solver
+        dep = s.state.deps[d]
+        s.state.deps[d] = dataclasses.replace(dep, replicas=0, min_replicas=0)
+        s.topo.deployment_index.pop(dep.id, None)
+        s.state.static_cache.pop(d, None)
+        s.why.pop(d, None)
+        self._gone.add(d)
+        if len(self._gone) > max(COMPACT_AFTER, len(s.state.deps) - len(self._gone)):
+            self._rebuild()
+
+    def _cordons_only(self, delta: ClusterDelta) -> list[Node] | None:
+        """The delta's nodes when all it does is flip known nodes between ready and cordoned
+        (updated in place); None when the indexes must be rebuilt."""
+        if delta.removed_nodes or delta.tenants or delta.zones or delta.rows or delta.racks:
+            return None
+        for n in delta.nodes:
+            old = self._nodes.get(n.id)
+            if old is None or dataclasses.replace(old, state=n.state) != n or \
+                    "down" in (old.state, n.state):
+                return None
+        return list(delta.nodes)
+
+    def _rebuild(self) -> None:
+        """Build the indexes again from the session's own state (no re-read): for changes
+        that reshape them. Shards on removed nodes, or on accelerators a node no longer has,
+        are dropped here and repaired (`_repair`) like shards on a down node."""
+        problem = self.snapshot()
+        nodes = self._nodes
+        kept = tuple(p for p in problem.placements
+                     if p.node in nodes and all(i < nodes[p.node].accelerators
+                                                for i in p.accelerator_indices))
+        self._lost_from = {(p.deployment, p.replica, p.shard): p.node
+                           for p in problem.placements if p.node not in nodes or p not in kept}
+        solver = self._new_solver(dataclasses.replace(problem, placements=kept))
+        # Replicas that lost every shard are unknown to the new solver: lost all the same
+        # (a deployment may fall below min_replicas, as with a down node).
+        index = solver.topo.deployment_index
+        for dep_id, r, sh in self._lost_from:
+            shards = solver.lost.setdefault((index[dep_id], r), [])
+            if sh not in shards:
+                shards.append(sh)
+        self._solver = solver
+        self._gone = set()
+        self.rebuilds += 1
+
+    def _repair(self) -> list[Decision]:
+        """Replicas that lost shards (down, removed or shrunk nodes): `repair` re-places the
+        lost shards beside their gang, or takes the gang out; gangs taken out are placed again
+        whole, without preempting (a gang that no longer fits stays pending; `place` it again
+        to let it preempt, as new work). One decision per deployment concerned."""
+        s = self._solver
+        lost = dict(s.lost)
+        if not lost:
+            return []
+        gone_from = self._lost_from
+        was = {(d, r, sh): s.given[(d, r)][sh].node if sh in s.given.get((d, r), {})
+               else gone_from.get((s.state.deps[d].id, r, sh))
+               for (d, r), shards in lost.items() for sh in shards}
+        repair(s)
+        s.lost = {}
+        self._lost_from = {}
+        decisions = []
+        ids = s.topo.node_ids
+        for d in sorted({d for d, _ in lost}):
+            dep = s.state.deps[d]
+            frac = dep.shard.fractional
+            fixed: list[Placement] = []
+            moved: list[Move] = []
+            taken_out = set()
+            for r in sorted(r for dd, r in lost if dd == d):
+                if (d, r) not in s.state.replicas:
+                    taken_out.add(r)  # placed again whole below, if it fits
+                    continue
+                for sh in sorted(lost[(d, r)]):
+                    at: ShardAt = s.state.replicas[(d, r)][sh]
+                    fixed.append(Placement(dep.id, r, sh, ids[at.node], tuple(at.indices),
+                                           at.milli if frac else None))
+                    if was.get((d, r, sh)) is not None:
+                        moved.append(Move(dep.id, r, sh, was[(d, r, sh)], ids[at.node]))
+            decision = self._decide(d, preempt=False)
+            again = {(p.replica, p.shard): p for p in decision.placements}
+            for (r, sh), p in sorted(again.items()):
+                if was.get((d, r, sh)) is not None and was[(d, r, sh)] != p.node:
+                    moved.append(Move(dep.id, r, sh, was[(d, r, sh)], p.node))
+            released = taken_out - {p.replica for p in decision.placements}
+            decisions.append(dataclasses.replace(
+                decision, placements=tuple(fixed) + decision.placements, moved=tuple(moved),
+                released=tuple(sorted(released | set(decision.released)))))
+        return decisions

@@ -1,0 +1,290 @@
+"""The warm session (scheduler/session.py) against `solve()` and the independent checker.
+
+Property tests play random event sequences (arrivals, departures, cordons, nodes going down,
+coming up, added and removed, contract changes) into one `Session`. After every event the
+change it made, read as a plan over the state before it, must pass the checker; and every
+arrival is compared with `solve()` on the same state (the session's snapshot with the arrival
+pending, online mode):
+  * with best-fit scoring the two make the very same decision (placements, reasons);
+  * with FGD scoring (what the session learnt of the workload differs from one problem's)
+    they may pick other nodes, but a deployment the session cannot place a replica of is
+    unplaceable for `solve()` too, and the other way round.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+from builders import dep, node, placed, problem  # noqa: E402
+from checker import check_plan  # noqa: E402
+from strategies import problems  # noqa: E402
+
+from scheduler import (Node, Plan, Problem, Reason, Tenant, Unplaced, plan_to_dict,  # noqa: E402
+                       problem_from_dict, problem_to_dict, solve)
+from scheduler.session import ClusterDelta, Decision, Session  # noqa: E402
+
+Doc = dict[str, Any]
+COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.data_too_large])
+PLACEHOLDER = (Reason("CAPACITY", "left unplaced by an earlier decision"),)
+
+
+def with_arrival(snapshot: Problem, arrival: Any) -> Problem:
+    return dataclasses.replace(snapshot, deployments=snapshot.deployments + (arrival,))
+
+
+def change_as_plan(before: Problem, after: Problem, decisions: list[Decision]) -> Doc:
+    """What the session did between two snapshots, as a plan over `before`: the whole
+    resulting placement set, every deployment short of replicas (the decisions' reasons,
+    else a placeholder: earlier decisions worded those), preemptions and moves."""
+    placed_now: dict[str, set[int]] = {}
+    for p in after.placements:
+        placed_now.setdefault(p.deployment, set()).add(p.replica)
+    reasons = {d.deployment: d.unplaced.reasons for d in decisions if d.unplaced is not None}
+    unplaced = tuple(
+        Unplaced(d.id, d.replicas - len(placed_now.get(d.id, ())),
+                 reasons.get(d.id, PLACEHOLDER))
+        for d in before.deployments if d.replicas > len(placed_now.get(d.id, ())))
+    was = {(p.deployment, p.replica) for p in before.placements}
+    new = {(p.deployment, p.replica) for p in after.placements} - was
+    status = "infeasible" if unplaced and not new and not any(d.moved for d in decisions) \
+        else "feasible"
+    plan = Plan(status=status, placements=after.placements, unplaced=unplaced,
+                preempted=tuple(v for d in decisions for v in d.preempted),
+                moved=tuple(m for d in decisions for m in d.moved))
+    return plan_to_dict(plan)
+
+
+def assert_valid(before: Problem, after: Problem, decisions: list[Decision]) -> None:
+    doc = problem_to_dict(before)
+    plan = change_as_plan(before, after, decisions)
+    violations = check_plan(doc, plan)
+    assert not violations, (violations, plan)
+
+
+def only_pending(state: Problem, target: Any) -> Problem:
+    """The state with `target` the one deployment short of replicas: the others keep just
+    what they have placed (an online `solve()` would otherwise place them too)."""
+    have: dict[str, int] = {}
+    for p in {(p.deployment, p.replica) for p in state.placements}:
+        have[p[0]] = have.get(p[0], 0) + 1
+    others = tuple(dataclasses.replace(d, replicas=have[d.id],
+                                       min_replicas=min(d.min_replicas, have[d.id]))
+                   for d in state.deployments if d.id != target.id and d.id in have)
+    return dataclasses.replace(state, deployments=others + (target,))
+
+
+def solve_arrival(state: Problem, arrival: Any) -> Plan:
+    return solve(only_pending(state, arrival), time_limit_ms=2000)
+
+
+# ---- random event sequences ---------------------------------------------------------------
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[Doc, list[tuple[str, int]]]:
+    """A random cluster with some work running, the rest of its deployments arriving, and
+    events in between (each an action and a number that picks its target)."""
+    doc = draw(problems(modes=("online",), max_nodes=6, max_deployments=6))
+    doc["options"].pop("batch_size", None)
+    actions = st.sampled_from(["arrive"] * 4 + ["depart", "scale", "cordon", "uncordon",
+                                                 "down", "up", "add_node", "remove_node",
+                                                 "contract", "retry"])
+    events = draw(st.lists(st.tuples(actions, st.integers(0, 1000)), min_size=1, max_size=12))
+    return doc, events
+
+
+def split_arrivals(doc: Doc) -> tuple[Problem, list[Any]]:
+    """The problem with only its running deployments, and the others as arrivals."""
+    problem_ = problem_from_dict(copy.deepcopy(doc))
+    running = {p.deployment for p in problem_.placements}
+    start = dataclasses.replace(
+        problem_, deployments=tuple(d for d in problem_.deployments if d.id in running))
+    return start, [d for d in problem_.deployments if d.id not in running]
+
+
+def play(doc: Doc, events: list[tuple[str, int]], exact: bool) -> None:
+    start, arrivals = split_arrivals(doc)
+    session = Session(start)
+    before = dataclasses.replace(start, options=session.options)
+    assert_valid(before, session.snapshot(), session.repaired_at_load)
+    for action, k in events:
+        state = session.snapshot()
+        note(f"{action} {k}")
+        live = [d for d in state.deployments]
+        nodes = list(state.nodes)
+        if action == "arrive" and arrivals:
+            arrival = arrivals.pop(0)
+            reference = solve_arrival(state, arrival)
+            decision = session.place(arrival)
+            compare(arrival.id, decision, reference, exact, arrival.min_replicas)
+            assert_valid(with_arrival(state, arrival), session.snapshot(), [decision])
+        elif action == "retry" and session.pending():
+            target = session.pending()[k % len(session.pending())]
+            spec = next(d for d in state.deployments if d.id == target)
+            reference = solve_arrival(state, spec)
+            decision = session.place(target)
+            assert_valid(state, session.snapshot(), [decision])
+            compare(target, decision, reference, exact, spec.min_replicas,
+                    frozenset(p for p in state.placements if p.deployment == target))
+        elif action == "depart" and live:
+            session.release(live[k % len(live)].id)
+        elif action == "scale" and live:
+            d = live[k % len(live)]
+            decision = session.place(dataclasses.replace(
+                d, replicas=1 + k % 3, min_replicas=1))
+            assert_valid(dataclasses.replace(state, deployments=tuple(
+                dd if dd.id != d.id else dataclasses.replace(d, replicas=1 + k % 3,
+                                                               min_replicas=1)
+                for dd in state.deployments), placements=tuple(
+                p for p in state.placements if p.deployment != d.id or p.replica < 1 + k % 3)),
+                session.snapshot(), [decision])
+        elif action in ("cordon", "uncordon", "down", "up") and nodes:
+            n = nodes[k % len(nodes)]
+            new_state = {"cordon": "cordoned", "uncordon": "ready", "down": "down",
+                         "up": "ready"}[action]
+            changed = dataclasses.replace(n, state=new_state)
+            decisions = session.apply(ClusterDelta(nodes=(changed,)))
+            before = dataclasses.replace(state, nodes=tuple(
+                changed if x.id == n.id else x for x in state.nodes))
+            assert_valid(before, session.snapshot(), decisions)
+        elif action == "add_node":
+            rack = state.racks[k % len(state.racks)].id
+            new = Node(id=f"extra{k}", rack=rack, accelerators=1 + k % 4,
+                       accelerator_model="m1", idle_power_w=0.0)
+            assert session.apply(ClusterDelta(nodes=(new,))) == []
+            assert_valid(session.snapshot(), session.snapshot(), [])
+        elif action == "remove_node" and len(nodes) > 1:
+            n = nodes[k % len(nodes)]
+            decisions = session.apply(ClusterDelta(removed_nodes=(n.id,)))
+            # Read over the state before: the removed node as if it went down.
+            before = dataclasses.replace(state, nodes=tuple(
+                dataclasses.replace(x, state="down") if x.id == n.id else x
+                for x in state.nodes))
+            after = session.snapshot()
+            assert all(p.node != n.id for p in after.placements)
+            assert_valid(before, dataclasses.replace(after, nodes=before.nodes), decisions)
+        elif action == "contract" and state.tenants:
+            t = state.tenants[k % len(state.tenants)]
+            looser = dataclasses.replace(t, max_accelerators=None, max_power_w=None)
+            assert session.apply(ClusterDelta(tenants=(looser,))) == []
+        # Whatever happened, the session's state is a valid cluster on its own.
+        now = session.snapshot()
+        assert_valid(now, now, [])
+
+
+def compare(dep_id: str, decision: Decision, reference: Plan, exact: bool,
+            min_replicas: int, kept: frozenset = frozenset()) -> None:
+    """The session's decision for one arrival against `solve()` on the same state."""
+    ref_new = tuple(p for p in reference.placements if p.deployment == dep_id
+                    and p not in kept)
+    ref_unplaced = [u for u in reference.unplaced if u.deployment == dep_id]
+    if exact:
+        assert decision.placements == ref_new
+        assert decision.unplaced == (ref_unplaced[0] if ref_unplaced else None)
+        assert {(v.deployment, v.replica) for v in decision.preempted} == \
+            {(v.deployment, v.replica) for v in reference.preempted}
+    elif min_replicas == 1:
+        assert bool(decision.placements) == bool(ref_new)
+
+
+@settings(max_examples=60, **COMMON)
+@given(scenarios())
+def test_session_matches_solve_with_best_fit(monkeypatch_bestfit: None,
+                                             scenario: tuple[Doc, list]) -> None:
+    play(*scenario, exact=True)
+
+
+@settings(max_examples=40, **COMMON)
+@given(scenarios())
+def test_session_with_fgd_places_what_solve_places(scenario: tuple[Doc, list]) -> None:
+    play(*scenario, exact=False)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_bestfit() -> Any:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAIA_SCORER", "bestfit")
+        yield
+
+
+# ---- examples -----------------------------------------------------------------------------
+
+def session_of(doc: Doc) -> Session:
+    return Session(problem_from_dict(doc))
+
+
+def test_arrivals_are_decided_on_the_kept_state_and_departures_free_room() -> None:
+    s = session_of(problem([node("n1", acc=4)], [], tenants=[{"id": "t1"}]))
+    first = s.place(problem_from_dict(problem(
+        [node("n1")], [dep("a", acc=3)])).deployments[0])
+    assert [(p.node, p.accelerator_indices) for p in first.placements] == [("n1", (0, 1, 2))]
+    b = problem_from_dict(problem([node("n1")], [dep("b", acc=2)])).deployments[0]
+    second = s.place(b)
+    assert second.placements == ()
+    assert second.unplaced is not None and second.unplaced.reasons[0].code == "CAPACITY"
+    assert s.pending() == ["b"]
+    s.release("a")
+    assert "a" not in s
+    again = s.place("b")
+    assert [(p.node, p.accelerator_indices) for p in again.placements] == [("n1", (0, 1))]
+    assert s.pending() == []
+
+
+def test_unknown_tenant_and_shape_changes_are_refused() -> None:
+    s = session_of(problem([node("n1")], [dep("a")]))
+    other = problem_from_dict(problem([node("n1")], [dep("x", tenant="t9")],
+                                      tenants=[{"id": "t9"}])).deployments[0]
+    with pytest.raises(Exception, match="unknown tenant"):
+        s.place(other)
+    s.place("a")
+    bigger = problem_from_dict(problem([node("n1")], [dep("a", acc=2)])).deployments[0]
+    with pytest.raises(Exception, match="may change in place"):
+        s.place(bigger)
+    with pytest.raises(Exception, match="unknown deployment"):
+        s.release("nope")
+
+
+def test_cordon_is_in_place_and_worded_like_solve() -> None:
+    doc = problem([node("n1"), node("n2")], [dep("a", acc=4, replicas=2)])
+    s = session_of(doc)
+    n1 = problem_from_dict(doc).nodes[0]
+    assert s.apply(ClusterDelta(nodes=(dataclasses.replace(n1, state="cordoned"),))) == []
+    assert s.rebuilds == 0
+    decision = s.place("a")
+    assert len({p.replica for p in decision.placements}) == 1
+    reference = solve(dataclasses.replace(s.snapshot(), placements=()))
+    assert "n1 (cordoned)" in decision.unplaced.reasons[0].message
+    assert decision.unplaced.reasons[0].message == reference.unplaced[0].reasons[0].message
+
+
+def test_a_node_going_down_repairs_its_gangs_beside_their_siblings() -> None:
+    doc = problem([node("n1"), node("n2"), node("n3", rack="r2")],
+                  [dep("a", acc=2, shards=2)],
+                  placements=[placed("a", "n1", [0, 1], shard=0),
+                              placed("a", "n2", [0, 1], shard=1)])
+    s = session_of(doc)
+    n2 = problem_from_dict(doc).nodes[1]
+    decisions = s.apply(ClusterDelta(nodes=(dataclasses.replace(n2, state="down"),)))
+    assert len(decisions) == 1 and decisions[0].released == ()
+    assert [(m.shard, m.from_node, m.to_node) for m in decisions[0].moved] == [(1, "n2", "n1")]
+    assert {p.node for p in s.snapshot().placements} == {"n1"}
+
+
+def test_contract_changes_apply_to_the_next_decision() -> None:
+    doc = problem([node("n1", acc=8)], [dep("a", acc=1, replicas=4)],
+                  tenants=[{"id": "t1", "max_accelerators": 2}])
+    s = session_of(doc)
+    first = s.place("a")
+    assert first.unplaced.replicas == 2
+    assert first.unplaced.reasons[0].code == "QUOTA_ACCELERATORS"
+    s.apply(ClusterDelta(tenants=(Tenant("t1", max_accelerators=3),)))
+    assert s.place("a").unplaced.replicas == 1
