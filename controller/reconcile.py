@@ -9,9 +9,11 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    until something else changed,
 2. loads a snapshot, solves it in a worker thread (deployments no change has given a chance
    since they were found unplaceable are left out: `parking.ParkingLot`), and commits the plan
-   in one transaction; if
-   the cluster changed meanwhile (`PlanConflict`) it starts over from a fresh snapshot; the
-   commit also releases the shards of DELETING deployments and removes their rows,
+   in one transaction through the plan applier (`store/plans.py`): each replica it places is
+   re-checked against the committed state, and one that no longer fits is left out and solved
+   again after a back-off; if the cluster changed while it solved, what still held is written
+   and the pass solves again from a fresh snapshot; the commit also releases the shards of
+   DELETING deployments and removes their rows,
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events.
 A `Lease` decides whether this controller may reconcile at all: with several controllers on one
 database only the leader does (`controller.leadership`; `AlwaysLeader` alone). The leader's
@@ -44,7 +46,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
-from controller.store.plans import PlanConflict, commit_plan
+from controller.store.plans import commit_plan
 from controller.store.rollout import DEFAULT_SURGE, deployment_name, retire_replaced
 from controller.usecases import planning
 from controller.usecases.deployments import validate_spec
@@ -65,6 +67,8 @@ class ReconcileObserver(Protocol):
 
     def plan_conflict(self) -> None: ...
 
+    def requeued(self, replicas: int) -> None: ...
+
     def placed(self, latencies_s: Iterable[float]) -> None: ...
 
 
@@ -73,6 +77,9 @@ class NoObserver:
         pass
 
     def plan_conflict(self) -> None:
+        pass
+
+    def requeued(self, replicas: int) -> None:
         pass
 
     def placed(self, latencies_s: Iterable[float]) -> None:
@@ -94,7 +101,8 @@ class ReconcileOutcome:
     changed_nodes: frozenset[str] = frozenset()
     changed_deployments: frozenset[str] = frozenset()
     deleted: tuple[str, ...] = ()
-    # Seconds until a time-limited pass is solved again although nothing changed (None: no retry).
+    # Seconds until a pass is solved again although nothing changed (None: no retry): it was
+    # time-limited with work left, or the plan applier turned replicas away.
     retry_in_s: float | None = None
 
 
@@ -242,9 +250,10 @@ class Reconciler:
         await self._publish(set(retired.deployments), [])
         return True
 
-    def _schedule_retry(self, plan: Plan) -> float | None:
-        """After a commit: when to solve again although nothing changed (None: not needed)."""
-        if not time_limited(plan):
+    def _schedule_retry(self, plan: Plan, *, requeued: bool = False) -> float | None:
+        """After a commit: when to solve again although nothing changed (None: not needed):
+        the solve stopped at its time limit with work left, or the applier turned replicas away."""
+        if not (requeued or time_limited(plan)):
             self._time_limited_passes, self._retry_at = 0, None
             return None
         delay = min(self._retry_backoff * 2 ** self._time_limited_passes, self._max_retry_backoff)
@@ -253,6 +262,9 @@ class Reconciler:
         return delay
 
     async def _solve_and_commit(self) -> ReconcileOutcome:
+        changed_nodes: set[str] = set()
+        changed_deployments: set[str] = set()
+        deleted_names: set[str] = set()
         for attempt in range(self._retries + 1):
             async with self._db.unit_of_work() as uow:
                 snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
@@ -280,40 +292,47 @@ class Reconciler:
             self.solves += 1
             solve_ms = (time.perf_counter() - started) * 1000
             self._observer.solved(plan.status, solve_ms / 1000)
-            try:
-                async with self._db.unit_of_work() as uow:
-                    result = await commit_plan(uow.session, snapshot, plan, actor="controller", now=self._wall_clock())
-                    await uow.commit()
-            except PlanConflict as exc:
-                self._observer.plan_conflict()
-                log.info("attempt %d: %s", attempt + 1, exc)
-                continue
-            self._last_generation = result.generation
-            self._last_arrivals = len(snapshot.deployment_ids)
+            async with self._db.unit_of_work() as uow:
+                result = await commit_plan(uow.session, snapshot, plan, actor="controller", now=self._wall_clock())
+                await uow.commit()
             self._observer.placed(result.first_placed_after_s.values())
-            self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
-            self._parking.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
-            retry_in_s = self._schedule_retry(plan)
+            if result.requeued:
+                self._observer.requeued(len(result.requeued))
             changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
             log.info(
                 "reconciled generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
-                "changed_nodes=%d deleted=%s retry_in_s=%s",
+                "changed_nodes=%d deleted=%s stale=%s requeued=%s",
                 result.generation, plan.status, solve_ms, len(plan.placements),
                 {u.deployment: u.replicas for u in plan.unplaced}, len(waiting), len(result.changed_nodes),
-                sorted(result.deleted_deployments), retry_in_s,
+                sorted(result.deleted_deployments), result.stale, sorted(result.requeued),
             )
             self._push(set(result.changed_nodes))
             deleted = [deleting[name] for name in sorted(result.deleted_deployments) if name in deleting]
             if changed or deleted:
                 await self._publish(changed, deleted)
+            changed_nodes |= result.changed_nodes
+            changed_deployments |= changed
+            deleted_names |= result.deleted_deployments
+            if result.stale:  # the cluster changed while solving: what still held is written, solve again
+                self._observer.plan_conflict()
+                log.info("attempt %d: the plan was solved from generation %d, committed on a newer one",
+                         attempt + 1, snapshot.generation)
+                continue
+            self._last_generation = result.generation
+            self._last_arrivals = len(snapshot.deployment_ids)
+            self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
+            self._parking.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
+            retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued))
             return ReconcileOutcome(
                 solved=True, generation=result.generation, conflicts=attempt,
-                changed_nodes=frozenset(result.changed_nodes), changed_deployments=frozenset(changed),
-                deleted=tuple(sorted(result.deleted_deployments)),
-                retry_in_s=retry_in_s,
+                changed_nodes=frozenset(changed_nodes), changed_deployments=frozenset(changed_deployments),
+                deleted=tuple(sorted(deleted_names)), retry_in_s=retry_in_s,
             )
-        log.warning("gave up after %d plan conflicts; will retry on the next wake", self._retries + 1)
-        return ReconcileOutcome(solved=True, conflicts=self._retries + 1)
+        log.warning("%d stale plans in a row; solving again on the next wake", self._retries + 1)
+        self._last_generation = None
+        return ReconcileOutcome(solved=True, conflicts=self._retries + 1, changed_nodes=frozenset(changed_nodes),
+                                changed_deployments=frozenset(changed_deployments),
+                                deleted=tuple(sorted(deleted_names)))
 
     async def _isolate(self, problem: dict[str, Any]) -> dict[str, str]:
         """Solve suspects alone; those the solver fails on `quarantine_after` times, with why."""

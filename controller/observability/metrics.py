@@ -111,8 +111,12 @@ class ControllerMetrics:
                                         ["status"], registry=r, buckets=SOLVE_BUCKETS_S)
         self.solves = Counter("maia_solves", "Solves, by plan status.", ["status"], registry=r)
         self.plan_conflicts = Counter("maia_plan_conflicts",
-                                      "Plans not committed because the cluster generation moved (stale plans).",
-                                      registry=r)
+                                      "Plans solved from a stale snapshot (the cluster changed while solving): "
+                                      "what still fitted was committed, the pass solved again.", registry=r)
+        self.requeued_replicas = Counter("maia_plan_replicas_requeued",
+                                         "Replicas a plan placed or moved that no longer fitted the committed state "
+                                         "when it was applied: not written, placed again by a later pass.",
+                                         registry=r)
         self.submit_to_placed = Histogram("maia_deployment_submit_to_placed_seconds",
                                           "From a deployment's creation to its first placement.",
                                           registry=r, buckets=PLACED_BUCKETS_S)
@@ -141,6 +145,9 @@ class ControllerMetrics:
 
     def plan_conflict(self) -> None:
         self.plan_conflicts.inc()
+
+    def requeued(self, replicas: int) -> None:
+        self.requeued_replicas.inc(replicas)
 
     def placed(self, latencies_s: Iterable[float]) -> None:
         for latency in latencies_s:

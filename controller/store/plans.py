@@ -1,28 +1,41 @@
-"""Plan → database: apply a solver plan in one transaction, optimistically.
+"""Plan → database: the plan applier, one transaction per plan.
 
 The solver works on a `Snapshot` taken at some cluster generation, without holding any lock
-(solving takes seconds). `commit_plan` first checks, with a compare-and-set on
-`cluster_state.generation`, that nothing placement-relevant changed since; if something did
-it raises `PlanConflict` before writing anything and the caller re-snapshots and solves again
-(optimistic concurrency; the plan's placements themselves are not re-checked). Otherwise it
-writes the difference between the stored placements and the plan: new shard rows, removed
-shard rows, moved shard rows, deployment phases/reasons/generations, node assignment
-generations, events, and audit entries for the
-decisions that place, preempt, remove or move a tenant's work (in the same transaction: a
-decision is audited exactly when it is committed).
+(solving takes seconds), so other commits may land meanwhile: another pass or controller, a
+node going down, a cordon, a new contract. `commit_plan` takes the generation row's write
+lock (commits serialise there), reads the committed state, and turns the plan into its changes
+relative to the snapshot it was solved from, replica by replica, the way Nomad's plan applier
+re-checks a plan against the state it lands on:
+- a replica the plan leaves as the snapshot had it: nothing to write (even if it changed since);
+- a replica someone else changed since the snapshot: not written, the next pass decides again;
+- a replica the plan removes (preempted, scaled down, retired, lost with its node): removed;
+- a replica the plan places or moves: re-checked against the committed state with the
+  scheduler's own rules (`recheck.py`); one that no longer fits (or a new replica of a template
+  replaced since the snapshot) is not written and is re-queued, the rest of the plan commits.
+So concurrent plans are safe, and a plan solved from a stale snapshot still lands what holds.
+The commit writes new, removed and moved shard rows, deployment phases/reasons/generations,
+node assignment generations, events (`deployment.requeued` for what was turned away), and
+audit entries for the decisions that place, preempt, remove or move a tenant's work (in the
+same transaction: a decision is audited exactly when it is committed). `CommitResult.stale`
+and `requeued` tell the caller to solve again.
+
+Plans name solver deployments and replicas (`store/rollout.py`: a rolling update's outgoing
+revisions are deployments of their own); the commit maps them back to stored keys with the
+snapshot's `PlanKeys`.
 
 Every other writer that changes what the solver reads (a node going down, a cordon, a new or
 deleted deployment, a tenant contract) must call `bump_cluster_generation` in its own
-transaction, or a plan computed before its change could be committed after it.
+transaction, so the next pass knows its snapshot is stale.
 
 The caller owns the transaction: run both inside one unit of work and `commit()` it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -42,7 +55,9 @@ from controller.store.models import (
     utcnow,
 )
 from controller.store.metering import StartedShard, start_intervals, stop_intervals
-from controller.store.snapshot import ShardKey, Snapshot
+from controller.store.recheck import ReplicaKey, recheck
+from controller.store.rollout import deployment_name, outgoing_id, shards_of
+from controller.store.snapshot import ShardKey, Snapshot, Where, load_snapshot
 from controller.domain.phases import deployment_phase, replica_counts
 
 if TYPE_CHECKING:  # the controller may import the solver's types; it never needs them at run time
@@ -51,15 +66,8 @@ if TYPE_CHECKING:  # the controller may import the solver's types; it never need
 # Keeps `IN (...)` lists well under every backend's bound-parameter limit.
 _CHUNK = 500
 
-
-class PlanConflict(RuntimeError):
-    """The cluster changed since the snapshot the plan was computed from: nothing was written."""
-
-    def __init__(self, expected: int, actual: int | None, detail: str = "") -> None:
-        self.expected = expected
-        self.actual = actual
-        reason = detail or f"cluster generation is {actual}, the plan was computed at {expected}"
-        super().__init__(f"plan conflicts with the current cluster state ({reason}); re-snapshot and solve again")
+CHANGED_SINCE = "changed by another commit since the plan's snapshot"
+TEMPLATE_REPLACED = "the deployment's template changed since the plan's snapshot"
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,11 @@ class CommitResult:
     deleted_deployments: set[str] = field(default_factory=set)
     # Deployments placed for the first time by this commit: seconds since they were created.
     first_placed_after_s: dict[str, float] = field(default_factory=dict)
+    # The plan was solved from an older generation than the one it committed on: solve again.
+    stale: bool = False
+    # Replicas (stored deployment, replica) the plan placed or moved that no longer fit the
+    # committed state, with why: not written, left for the next pass.
+    requeued: dict[ReplicaKey, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -88,7 +101,8 @@ def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
 async def bump_cluster_generation(session: AsyncSession) -> int:
     """Mark a placement-relevant change (in the caller's transaction); returns the new generation.
 
-    Any in-flight plan computed before this change will then fail to commit with PlanConflict.
+    A plan in flight, computed before this change, then commits as stale: each replica it
+    places is re-checked against the new state, and the caller solves again.
     """
     result = await session.execute(
         update(ClusterState)
@@ -103,22 +117,22 @@ async def bump_cluster_generation(session: AsyncSession) -> int:
     return generation
 
 
-async def _check_generation(session: AsyncSession, expected: int) -> None:
-    # Compare-and-set that changes nothing yet: it takes the row's write lock (PostgreSQL row
-    # lock, SQLite write lock) so concurrent commits serialise here, and fails if anyone bumped
-    # the generation since the snapshot. The bump itself comes once we know the plan changes
-    # placements, so a pass that changes nothing does not wake every watcher of the generation.
+async def _lock_generation(session: AsyncSession) -> int:
+    """The current cluster generation, with the row's write lock held to the end of the caller's
+    transaction (PostgreSQL row lock, SQLite write lock): commits serialise here, so each plan is
+    checked against a state no other commit changes under it. Nothing is bumped yet: a pass that
+    changes nothing does not wake every watcher of the generation."""
     result = await session.execute(
         update(ClusterState)
-        .where(ClusterState.id == 1, ClusterState.generation == expected)
-        .values(generation=expected)
+        .where(ClusterState.id == 1)
+        .values(generation=ClusterState.generation)
+        .returning(ClusterState.generation)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:
-        actual = (
-            await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))
-        ).scalar_one_or_none()
-        raise PlanConflict(expected, actual)
+    generation = result.scalar_one_or_none()
+    if generation is None:
+        raise RuntimeError("cluster_state row id=1 is missing: is the schema migrated?")
+    return generation
 
 
 def _reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:
@@ -140,6 +154,129 @@ class _Row:
     indices: list[int]
     milli: int | None
     phase: ShardPhase
+    revision: int
+
+    @property
+    def where(self) -> Where:
+        return self.node, tuple(self.indices), self.milli
+
+
+def _where(p: Any) -> Where:
+    """Where a plan's (or a snapshot document's) placement puts its shard."""
+    if isinstance(p, dict):
+        return p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli")
+    return p.node, tuple(p.accelerator_indices), p.accelerator_milli
+
+
+@dataclass
+class _Changes:
+    """What of a plan is written: rows to insert (with their revision), move and delete;
+    replicas turned away."""
+
+    inserts: dict[ShardKey, Any] = field(default_factory=dict)
+    revision_of: dict[ShardKey, int] = field(default_factory=dict)
+    updates: list[tuple[_Row, Any]] = field(default_factory=list)
+    deletes: list[_Row] = field(default_factory=list)
+    requeued: dict[ReplicaKey, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _spec_doc(snapshot: Snapshot) -> dict[str, Any]:
+    """The snapshot's problem with one deployment per stored deployment and revision, named
+    `NAME~REVISION`: what the re-check judges each shard by (the spec its replica was placed with)."""
+    specs: dict[str, dict[str, Any]] = {}
+    for doc in snapshot.problem.get("deployments", ()):
+        ref = snapshot.solver_refs.get(doc["id"])
+        spec_id = outgoing_id(ref.name, ref.revision) if ref is not None else doc["id"]
+        specs.setdefault(spec_id, dict(doc, id=spec_id))
+    return {**snapshot.problem, "deployments": list(specs.values()), "placements": []}
+
+
+async def _plan_changes(
+    session: AsyncSession, snapshot: Snapshot, plan: Plan, deployments: Mapping[str, Any],
+    current: dict[ShardKey, _Row], live: set[str], stale: bool,
+) -> _Changes:
+    """The plan's changes to the snapshot it was solved from, in stored keys, each replica re-checked.
+
+    Per replica: unchanged by the plan, nothing to do; changed by the plan but also by someone
+    else since the snapshot, turned away (the next pass decides again); removed, removed;
+    placed or moved, landed if it still fits the committed state (`recheck`)."""
+    keys = snapshot.plan_keys()
+    base: dict[ShardKey, Where] = {}
+    for p in snapshot.problem.get("placements", ()):
+        mapped = keys.key(p["deployment"], p["replica"], p["shard"])
+        if mapped is not None:
+            base[mapped[0]] = _where(p)
+    changes = _Changes()
+    desired: dict[ShardKey, Any] = {}
+    for pl in plan.placements:
+        mapped = keys.key(pl.deployment, pl.replica, pl.shard)
+        if mapped is None:  # an outgoing replica is never placed anew
+            continue
+        key, revision = mapped
+        if key in desired:
+            raise ValueError(f"plan places shard {key} twice")
+        if key[0] in live:  # else deleted since the snapshot: nothing of it is written
+            desired[key] = pl
+            changes.revision_of[key] = revision
+    replicas: dict[ReplicaKey, set[ShardKey]] = defaultdict(set)
+    for key in (*base, *desired):
+        if key[0] in live:
+            replicas[key[:2]].add(key)
+    stored: dict[ReplicaKey, dict[ShardKey, _Row]] = defaultdict(dict)
+    for key, row in current.items():
+        if key[:2] in replicas:
+            stored[key[:2]][key] = row
+
+    landing: dict[ReplicaKey, dict[int, Where]] = {}
+    for rk, shard_keys in replicas.items():
+        before = {k: base[k] for k in shard_keys if k in base}
+        after = {k: _where(desired[k]) for k in shard_keys if k in desired}
+        if before == after:
+            continue
+        if {k: row.where for k, row in stored[rk].items()} != before:
+            changes.requeued[rk] = (CHANGED_SINCE,)
+        elif not after:
+            changes.deletes += stored[rk].values()
+        elif not before and changes.revision_of[min(after)] != deployments[rk[0]].template_revision:
+            changes.requeued[rk] = (TEMPLATE_REPLACED,)
+        else:
+            landing[rk] = {k[2]: w for k, w in after.items()}
+    if landing:
+        changes.requeued.update(await _recheck(session, snapshot, deployments, current, changes, landing, stale))
+    for rk, shards in landing.items():
+        if rk in changes.requeued:
+            continue
+        for shard in shards:
+            key = (*rk, shard)
+            row = current.get(key)
+            if row is None:
+                changes.inserts[key] = desired[key]
+            elif row.where != _where(desired[key]):
+                changes.updates.append((row, desired[key]))
+        changes.deletes += [row for k, row in stored[rk].items() if k not in desired]
+    return changes
+
+
+async def _recheck(
+    session: AsyncSession, snapshot: Snapshot, deployments: Mapping[str, Any], current: dict[ShardKey, _Row],
+    changes: _Changes, landing: dict[ReplicaKey, dict[int, Where]], stale: bool,
+) -> dict[ReplicaKey, tuple[str, ...]]:
+    """`recheck` of the landing replicas against the committed state (re-read when stale), in a
+    worker thread; shards are named by the spec of their revision (`_spec_doc`)."""
+    doc = _spec_doc(await load_snapshot(session) if stale else snapshot)
+    specs = {d["id"] for d in doc["deployments"]}
+
+    def spec(name: str, revision: int) -> str:
+        for candidate in (outgoing_id(name, revision), outgoing_id(name, deployments[name].template_revision)):
+            if candidate in specs:
+                return candidate
+        return outgoing_id(name, revision)  # judged as an unknown deployment
+
+    removed = {row.key for row in changes.deletes}
+    committed = {(spec(k[0], row.revision), k[1], k[2]): row.where for k, row in current.items() if k not in removed}
+    wanted = {(spec(rk[0], changes.revision_of[(*rk, min(shards))]), rk[1]): shards for rk, shards in landing.items()}
+    rejected = await asyncio.to_thread(recheck, doc, committed, wanted)
+    return {(deployment_name(spec_id), replica): why for (spec_id, replica), why in rejected.items()}
 
 
 async def commit_plan(
@@ -147,10 +284,12 @@ async def commit_plan(
 ) -> CommitResult:
     """Apply `plan` (solved from `snapshot`) in the caller's transaction; the caller commits.
 
-    Raises `PlanConflict` when the cluster generation moved since the snapshot, or the plan names
-    a deployment or node that no longer exists; nothing is written then (roll back anyway).
+    What the plan changes relative to its snapshot is written where it still holds: a replica
+    that no longer fits the committed state is left out and reported in `requeued` (see the
+    module docstring). Raises ValueError for a plan that places one shard twice.
     """
-    await _check_generation(session, snapshot.generation)
+    generation = await _lock_generation(session)
+    stale = generation != snapshot.generation
     now = now or utcnow()
 
     # Current state, one query per table (read under the generation lock).
@@ -158,7 +297,8 @@ async def commit_plan(
         d.name: d
         for d in await session.execute(
             select(Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation,
-                   Deployment.reasons, Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at)
+                   Deployment.reasons, Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at,
+                   Deployment.template_revision, Deployment.revision_specs)
         )
     }
     names_by_id = {d.id: d.name for d in deployments.values()}
@@ -169,74 +309,54 @@ async def commit_plan(
     for p in await session.execute(
         select(
             Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
-            Placement.accelerator_indices, Placement.accelerator_milli, Placement.phase,
+            Placement.accelerator_indices, Placement.accelerator_milli, Placement.phase, Placement.revision,
         )
     ):
         name = names_by_id[p.deployment_id]
         row = _Row(p.id, p.deployment_id, (name, p.replica, p.shard), p.node_id,
-                   list(p.accelerator_indices), p.accelerator_milli, p.phase)
+                   list(p.accelerator_indices), p.accelerator_milli, p.phase, p.revision)
         if name in live:
             current[row.key] = row
         else:  # its deployment is being deleted or is quarantined: the plan no longer holds it
             deleting_rows.append(row)
 
-    # The plan's whole desired set in stored keys (store/rollout.py), checked against what exists.
-    keys = snapshot.plan_keys()
-    desired: dict[ShardKey, Any] = {}
-    revision_of: dict[ShardKey, int] = {}
-    sizes: dict[str, dict[int, int]] = defaultdict(dict)  # shards per replica, where not the deployment's
-    for pl in plan.placements:
-        mapped = keys.key(pl.deployment, pl.replica, pl.shard)
-        if mapped is None:  # an outgoing replica is never placed anew
-            continue
-        key, revision_of[key] = mapped
-        if key in desired:
-            raise ValueError(f"plan places shard {key} twice")
-        if key[0] not in live:
-            raise PlanConflict(snapshot.generation, snapshot.generation,
-                               f"deployment {key[0]!r} no longer exists or is being deleted")
-        desired[key] = pl
-        size = keys.shards_per_replica(pl.deployment)
-        if size is not None:
-            sizes[key[0]][key[1]] = size
-    plan_nodes = {pl.node for pl in desired.values()}
-    if plan_nodes:
-        known_nodes = set((await session.execute(select(Node.id))).scalars())
-        missing = sorted(plan_nodes - known_nodes)
-        if missing:
-            raise PlanConflict(snapshot.generation, snapshot.generation, f"unknown nodes {missing[:5]}")
+    # Shards the snapshot left out (store/snapshot.py `released`): released if still there.
+    released = [current.pop(k) for k, where in snapshot.released.items() if k in current and current[k].where == where]
+    changes = await _plan_changes(session, snapshot, plan, deployments, current, live, stale)
+    inserts, updates = changes.inserts, changes.updates
+    deletes = changes.deletes + deleting_rows + released
+    deleted_keys = {row.key for row in deletes}
+    final: dict[ShardKey, str] = {k: row.node for k, row in current.items() if k not in deleted_keys}
+    final.update((row.key, pl.node) for row, pl in updates)
+    final.update((key, pl.node) for key, pl in inserts.items())
 
-    # The diff, per shard.
-    inserts: list[ShardKey] = [key for key in desired if key not in current]
-    deletes: list[_Row] = [row for key, row in current.items() if key not in desired] + deleting_rows
-    updates: list[tuple[_Row, Any]] = []
-    for key, row in current.items():
-        pl = desired.get(key)
-        if pl is not None and (
-            pl.node != row.node or list(pl.accelerator_indices) != row.indices or pl.accelerator_milli != row.milli
-        ):
-            updates.append((row, pl))
-
-    changed_nodes: set[str] = {desired[key].node for key in inserts}
+    changed_nodes: set[str] = {pl.node for pl in inserts.values()}
     changed_nodes.update(row.node for row in deletes)
     for row, pl in updates:
         changed_nodes.update((row.node, pl.node))
     changed_deployments: set[str] = {key[0] for key in inserts}
-    changed_deployments.update(row.key[0] for row in deletes)
+    changed_deployments.update(row.key[0] for row in deletes if row.key[0] in live)
     changed_deployments.update(row.key[0] for row, _ in updates)
 
-    # Deployments: generation, phase (the rule of domain/phases over the plan's shards), reasons.
+    # Deployments the plan knows (in its snapshot): generation, phase (the rule of domain/phases
+    # over the shards written), reasons. One submitted after the snapshot is left to the next pass.
+    keys = snapshot.plan_keys()
+    planned = live & set(snapshot.deployment_ids)
     new_generation = {
         name: deployments[name].generation + (1 if name in changed_deployments else 0) for name in live
     }
     shard_phases: dict[str, list[tuple[int, ShardPhase]]] = defaultdict(list)
-    moved_keys = {row.key for row, _ in updates}
-    for key in desired:
+    sizes: dict[str, dict[int, int]] = defaultdict(dict)  # shards per replica, where not the deployment's
+    restarted = set(inserts) | {row.key for row, _ in updates}  # new and moved shards start over as ASSIGNED
+    for key in final:
         row = current.get(key)
-        kept = row is not None and key not in moved_keys  # new and moved shards start over as ASSIGNED
-        shard_phases[key[0]].append((key[1], row.phase if kept else ShardPhase.ASSIGNED))
+        shard_phases[key[0]].append((key[1], ShardPhase.ASSIGNED if key in restarted or row is None else row.phase))
+        d = deployments[key[0]]
+        revision = changes.revision_of[key] if row is None else row.revision
+        if revision != d.template_revision:
+            sizes[key[0]][key[1]] = shards_of(d, revision)
     unplaced = {keys.name(u.deployment): u for u in plan.unplaced
-                if keys.name(u.deployment) in live and not keys.is_outgoing(u.deployment)}
+                if keys.name(u.deployment) in planned and not keys.is_outgoing(u.deployment)}
     preempted: dict[str, set[int]] = defaultdict(set)
     for victim in plan.preempted:
         replica = keys.replica(victim.deployment, victim.replica)
@@ -246,10 +366,12 @@ async def commit_plan(
     updated_deployments: set[str] = set()
     reasons_changed: set[str] = set()
     first_placed: dict[str, float] = {}
-    for name in sorted(live):
+    for name in sorted(planned | changed_deployments):
         d = deployments[name]
         reasons = _reason_dicts(unplaced[name].reasons) if name in unplaced else []
-        if name in preempted:  # told why, and kept while what was preempted waits to be placed again
+        if name not in planned:
+            reasons = d.reasons or []
+        elif name in preempted:  # told why, and kept while what was preempted waits to be placed again
             reasons = [preempted_reason(sorted(preempted[name]))] + reasons
         elif name in unplaced:
             reasons = [r for r in d.reasons or () if r.get("code") == PREEMPTED][:1] + reasons
@@ -302,16 +424,16 @@ async def commit_plan(
                     "deployment_id": deployments[key[0]].id,
                     "replica": key[1],
                     "shard": key[2],
-                    "node_id": desired[key].node,
-                    "accelerator_indices": list(desired[key].accelerator_indices),
-                    "accelerator_milli": desired[key].accelerator_milli,
+                    "node_id": pl.node,
+                    "accelerator_indices": list(pl.accelerator_indices),
+                    "accelerator_milli": pl.accelerator_milli,
                     "phase": ShardPhase.ASSIGNED,
                     "message": "",
                     "generation": new_generation[key[0]],
-                    "revision": revision_of[key],
+                    "revision": changes.revision_of[key],
                     "updated_at": now,
                 }
-                for key in inserts
+                for key, pl in inserts.items()
             ],
         )
         started += [StartedShard(*row) for row in written]
@@ -320,7 +442,8 @@ async def commit_plan(
     await start_intervals(session, started, now)
     if deployment_updates:
         await session.execute(update(Deployment), deployment_updates)
-    deleted_deployments = {name for name, d in deployments.items() if d.phase is DeploymentPhase.DELETING}
+    deleted_deployments = {name for name, d in deployments.items()
+                           if d.phase is DeploymentPhase.DELETING and name in snapshot.deleting}
     for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
         await session.execute(
             delete(Deployment).where(Deployment.id.in_(chunk)).execution_options(synchronize_session=False)
@@ -332,11 +455,11 @@ async def commit_plan(
             .values(assignment_generation=Node.assignment_generation + 1)
             .execution_options(synchronize_session=False)
         )
-    generation = snapshot.generation
     if changed_deployments or deleted_deployments:
         generation = await bump_cluster_generation(session)
 
-    events = _events(current, desired, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments)
+    events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
+                     changes.requeued)
     if events:
         await session.execute(insert(Event), [{**e, "actor": actor, "at": now} for e in events])
         tenants = {name: d.tenant_id for name, d in deployments.items()}
@@ -349,6 +472,8 @@ async def commit_plan(
         updated_deployments=updated_deployments,
         deleted_deployments=deleted_deployments,
         first_placed_after_s=first_placed,
+        stale=stale,
+        requeued=dict(changes.requeued),
     )
 
 
@@ -386,21 +511,23 @@ def _seconds_between(earlier: datetime, later: datetime) -> float:
 
 def _events(
     current: dict[ShardKey, _Row],
-    desired: dict[ShardKey, Any],
+    final: dict[ShardKey, str],
     deletes: list[_Row],
     updates: list[tuple[_Row, Any]],
     preempted: dict[str, set[int]],
     unplaced: dict[str, Any],
     reasons_changed: set[str],
     deleted_deployments: set[str],
+    requeued: dict[ReplicaKey, tuple[str, ...]],
 ) -> list[dict[str, Any]]:
-    """The history of this commit: placed/removed replicas, moved shards, new 'why not's."""
+    """The history of this commit: placed/removed replicas, moved shards, new 'why not's,
+    replicas the applier turned away."""
     before: dict[str, set[int]] = defaultdict(set)
     for name, replica, _ in current:
         before[name].add(replica)
     after: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for (name, replica, _), pl in desired.items():
-        after[name][replica].add(pl.node)
+    for (name, replica, _), node in final.items():
+        after[name][replica].add(node)
     events: list[dict[str, Any]] = []
 
     def add(kind: str, name: str, message: str, data: dict[str, Any]) -> None:
@@ -437,4 +564,13 @@ def _events(
     for name in sorted(deleted_deployments):
         shards = sum(1 for row in deletes if row.key[0] == name)
         add("deployment.deleted", name, f"deleted; {shards} shard(s) released", {"shards": shards})
+    turned_away: dict[str, dict[int, tuple[str, ...]]] = defaultdict(dict)
+    for (name, replica), why in requeued.items():
+        turned_away[name][replica] = why
+    for name in sorted(turned_away):
+        replicas = sorted(turned_away[name])
+        why = [turned_away[name][r][0] for r in replicas]
+        add("deployment.requeued", name,
+            f"replicas {replicas} no longer fit where the plan put them ({why[0]}); placed again by the next pass",
+            {"replicas": replicas, "why": why})
     return events

@@ -16,10 +16,9 @@ check repeats without the blamed replicas until nothing new is found: a replica 
 beside one that was just turned away is judged without it. Only the rows the landing replicas touch are read
 (every rule's scope lies within one row), so a small plan costs little on a large cluster.
 
-Pure (no database, run it in a worker thread). Not yet called by `plans.commit_plan`, which
-still commits a plan only while the cluster generation it was solved at is current: wiring it
-in (apply a plan as its changes to its snapshot, write what passes, re-queue the rest) is the
-open part of issue 7's plan applier.
+Pure (no database, run it in a worker thread). `plans.commit_plan` calls it with shard keys
+whose deployment part names the spec the shard runs (a deployment's revision, see
+`plans._spec_doc`), so outgoing replicas of a rolling update are judged by their own spec.
 """
 
 from __future__ import annotations
@@ -32,10 +31,7 @@ from scheduler import problem_from_dict
 from scheduler.model import Placement, Problem
 from scheduler.violations import PlacementScopes, Violation, find_power_violations, find_violations
 
-from controller.store.snapshot import ShardKey
-
-# Where one shard runs: node, accelerator indices, milli per accelerator (None: whole).
-Where = tuple[str, tuple[int, ...], int | None]
+from controller.store.snapshot import ShardKey, Where
 
 ReplicaKey = tuple[str, int]  # (deployment, replica)
 

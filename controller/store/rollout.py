@@ -201,7 +201,8 @@ class _Replica:
         return not self.down and len(self.phases) >= shards and all(p is ShardPhase.RUNNING for p in self.phases)
 
 
-def _shards_of(dep: Any, revision: int) -> int:
+def shards_of(dep: Any, revision: int) -> int:
+    """Shards per replica of `dep`'s replicas of `revision` (the spec they were placed with)."""
     if revision == dep.template_revision:
         return dep.shards_per_replica
     return int((dep.revision_specs or {}).get(str(revision), {}).get("shards_per_replica", dep.shards_per_replica))
@@ -245,11 +246,11 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         reps = replicas.get(dep_id, {})
         current = [r for r in reps.values() if r.revision == dep.template_revision and not r.draining]
         outgoing = sorted((r for r in reps.values() if r not in current), key=lambda r: r.index)
-        running = sum(r.running(_shards_of(dep, r.revision)) for r in reps.values())
+        running = sum(r.running(shards_of(dep, r.revision)) for r in reps.values())
         replacements = sorted(r.index for r in current if r.running(dep.shards_per_replica))
         gone: list[_Replica] = []
-        for rep in sorted(outgoing, key=lambda r: r.running(_shards_of(dep, r.revision))):
-            if rep.running(_shards_of(dep, rep.revision)):
+        for rep in sorted(outgoing, key=lambda r: r.running(shards_of(dep, r.revision))):
+            if rep.running(shards_of(dep, rep.revision)):
                 if running - 1 < dep.replicas:
                     break
                 running -= 1

@@ -2,8 +2,8 @@
 
 The solver never sees the ORM: each pass reads the cluster once into an interchange-format
 problem document (version 1, see shared/placement/README.md) and remembers the cluster
-generation it read. `plans.commit_plan` later applies the solver's answer only if that
-generation is still current (a compare-and-set on the generation).
+generation it read. `plans.commit_plan` later applies the solver's answer as its changes to
+this snapshot, re-checking each replica it places against the committed state (the plan applier).
 
 It runs every pass on clusters of thousands of nodes, so it reads one query per table, plain
 columns rather than ORM objects, and builds the document in one sweep.
@@ -40,6 +40,8 @@ PROBLEM_VERSION = 1
 
 # (deployment name, replica, shard): how a placed shard is named in the interchange format.
 ShardKey = tuple[str, int, int]
+# Where one shard runs: node, accelerator indices, milli per accelerator (None: whole).
+Where = tuple[str, tuple[int, ...], int | None]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,12 @@ class Snapshot:
     solver_refs: Mapping[str, SolverRef] = field(default_factory=dict)
     # Stored deployment name → every replica index its shards use (new replicas take others).
     replica_indices: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    # Stored shards of live deployments left out of `problem` (on a node beyond today's limits,
+    # or an outgoing replica dropped by the rollout view): the commit releases them.
+    released: Mapping[ShardKey, Where] = field(default_factory=dict)
+    # Deployments being deleted when it was read: the commit removes their rows (one deleted
+    # later is removed by the next pass, which publishes its deletion).
+    deleting: frozenset[str] = frozenset()
 
     def plan_keys(self) -> PlanKeys:
         """Maps a plan solved from this snapshot back to stored shard keys."""
@@ -88,11 +96,11 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
     """Read the whole placement-relevant state in one pass (8 queries, whatever the size);
     `surge`: replicas beyond the asked count a rollout or drain may place (store/rollout.py).
 
-    Deployments being deleted are left out, with their placements: the plan no longer holds
-    them, so `commit_plan` removes their shards. Placements on down nodes are kept: the solver
+    Deployments being deleted are left out, with their placements (`deleting` names them): the
+    plan no longer holds them, so `commit_plan` removes their shards and rows. Placements on down nodes are kept: the solver
     places those shards again itself.
     """
-    # The generation first: anything changed after this read makes the commit conflict.
+    # The generation first: anything changed after this read makes the commit stale (re-checked).
     generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
 
     zones = [{"id": zid} for zid in (await session.execute(select(Zone.id).order_by(Zone.id))).scalars()]
@@ -164,6 +172,7 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         tenants.append(tenant)
 
     current_docs: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
+    deleting: set[str] = set()
     deployment_ids: dict[str, int] = {}
     names_by_id: dict[int, str] = {}
     # Arrival order (primary key): what the online mode places first.
@@ -174,11 +183,14 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
             Deployment.shard_hbm_gib, Deployment.shard_cpu_milli, Deployment.shard_memory_mib,
             Deployment.shard_power_w, Deployment.shard_accelerator_models, Deployment.locality,
             Deployment.spread_domain, Deployment.spread_max_per_domain, Deployment.priority,
-            Deployment.preemptible, Deployment.template_revision, Deployment.revision_specs,
+            Deployment.preemptible, Deployment.template_revision, Deployment.revision_specs, Deployment.phase,
         )
-        .where(Deployment.phase.not_in([DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED]))
+        .where(Deployment.phase != DeploymentPhase.QUARANTINED)
         .order_by(Deployment.id)
     ):
+        if d.phase is DeploymentPhase.DELETING:
+            deleting.add(d.name)
+            continue
         spread = (Spread(d.spread_domain.value, d.spread_max_per_domain)
                   if d.spread_domain is not None and d.spread_max_per_domain is not None else None)
         deployment = deployment_to_dict(SolverDeployment(
@@ -193,6 +205,7 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         names_by_id[d.id] = d.name
 
     stored: dict[int, dict[int, tuple[int, list[dict[str, Any]], set[str]]]] = {}
+    released: dict[ShardKey, Where] = {}
     for p in await session.execute(
         select(
             Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
@@ -200,7 +213,10 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         ).order_by(Placement.deployment_id, Placement.replica, Placement.shard)
     ):
         name = names_by_id.get(p.deployment_id)
-        if name is None or p.node_id in oversized_nodes:  # its deployment is being deleted, or quarantined
+        if name is None:  # its deployment is being deleted, or quarantined
+            continue
+        if p.node_id in oversized_nodes:
+            released[(name, p.replica, p.shard)] = (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli)
             continue
         placement: dict[str, Any] = {
             "deployment": name,
@@ -230,6 +246,12 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         placements += view.placements
         solver_refs.update(view.refs)
         replica_indices[doc["id"]] = frozenset(replicas)
+        viewed = {index for ref in view.refs.values() for index in ref.replicas.values()}
+        for index, (_, shards, _) in replicas.items():
+            if index not in viewed:  # an outgoing replica the view drops (on a down node)
+                released.update(((doc["id"], index, p["shard"]),
+                                 (p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli")))
+                                for p in shards)
 
     problem: dict[str, Any] = {
         "version": PROBLEM_VERSION,
@@ -242,4 +264,5 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         "placements": placements,
     }
     return Snapshot(generation=generation, problem=problem, deployment_ids=deployment_ids,
-                    solver_refs=solver_refs, replica_indices=replica_indices)
+                    solver_refs=solver_refs, replica_indices=replica_indices, released=released,
+                    deleting=frozenset(deleting))

@@ -1,4 +1,5 @@
-"""commit_plan: a plan's difference written in one transaction, or nothing at all on conflict."""
+"""commit_plan, the plan applier: a plan's changes written in one transaction, each replica it
+places re-checked against the committed state (what no longer fits is left out and re-queued)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ from sqlalchemy import select
 from controller.store.db import Database
 from controller.store import audit
 from controller.store import models as m
-from controller.store.plans import CommitResult, PlanConflict, bump_cluster_generation, commit_plan, preempted_reason
+from controller.store import repositories as repo
+from controller.store.plans import (
+    TEMPLATE_REPLACED, CommitResult, bump_cluster_generation, commit_plan, preempted_reason,
+)
 from controller.store.snapshot import Snapshot, load_snapshot
 from scheduler import Move, Placement as PlanPlacement, Plan, Preemption, Reason, Unplaced
 from scheduler import plan_to_dict, problem_from_dict, solve
+
+from bench.checking import check_state
 
 from .seed import TWO_RACKS, dump, seed_problem
 
@@ -227,8 +233,6 @@ async def test_deleting_deployments_release_their_shards(database: Database) -> 
         burst.phase = m.DeploymentPhase.DELETING
         await bump_cluster_generation(uow.session)
         await uow.commit()
-    with pytest.raises(PlanConflict):  # the old snapshot predates the deletion
-        await _commit(database, snap0, Plan("optimal", KEPT))
     async with database.unit_of_work() as uow:
         snap = await load_snapshot(uow.session)
     assert [d["id"] for d in snap.problem["deployments"]] == ["web", "train"]
@@ -244,45 +248,115 @@ async def test_deleting_deployments_release_their_shards(database: Database) -> 
     assert after["events"][-1][:3] == ("deployment.deleted", "burst", {"shards": 1})
 
 
-async def test_a_stale_snapshot_conflicts_and_writes_nothing(database: Database) -> None:
-    snap = await _seeded(database)
+async def test_a_stale_plan_lands_what_still_fits_and_requeues_the_rest(database: Database) -> None:
+    four_webs = [{**CLUSTER["deployments"][0], "replicas": 4}, *CLUSTER["deployments"][1:]]
+    snap = await _seeded(database, {**CLUSTER, "deployments": four_webs})
+    # While the plan is solved, another commit places "train" on n2[0,1] and n1[2,3].
     async with database.unit_of_work() as uow:
-        await bump_cluster_generation(uow.session)  # e.g. a node went down meanwhile
+        other = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n1", 2, 3)))
+        await commit_plan(uow.session, snap, other, actor="other")
         await uow.commit()
-        before = await dump(uow.session)
-    plan = Plan("optimal", (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)),
-                unplaced=(Unplaced("web", 2, (Reason("CAPACITY", "no"),)),))
+    before = await _state(database)
+    # The stale plan still sees n1 and n2 free: web 2 on n1[2] now conflicts, web 3 on n2[3] fits.
+    plan = Plan("optimal", KEPT + (P("web", 2, 0, "n1", 2), P("web", 3, 0, "n2", 3)))
 
-    async with database.unit_of_work() as uow:
-        with pytest.raises(PlanConflict) as caught:
-            await commit_plan(uow.session, snap, plan)
-        await uow.commit()  # even committing after the conflict persists nothing
-    assert (caught.value.expected, caught.value.actual) == (0, 1)
+    result = await _commit(database, snap, plan)
 
-    async with database.unit_of_work() as uow:
-        assert await dump(uow.session) == before
+    assert result.stale and set(result.requeued) == {("web", 2)}
+    why = result.requeued[("web", 2)][0]
+    assert "n1[2]" in why and "whole-accelerator" in why
+    after = await _state(database)
+    assert ("web", 2, 0) not in after["placements"]
+    assert after["placements"][("web", 3, 0)][:2] == ("n2", (3,))
+    for key in before["placements"]:  # nothing the other commit wrote is undone
+        assert after["placements"][key][:2] == before["placements"][key][:2]
+    assert after["events"][-2:] == [
+        ("deployment.placed", "web", {"replicas": [3], "nodes": ["n2"]}, "test"),
+        ("deployment.requeued", "web", {"replicas": [2], "why": [why]}, "test"),
+    ]
 
 
-async def test_a_plan_naming_unknown_nodes_conflicts(database: Database) -> None:
+async def test_a_stale_plan_leaves_replicas_others_changed_since_to_the_next_pass(database: Database) -> None:
     snap = await _seeded(database)
-    async with database.unit_of_work() as uow:
-        before = await dump(uow.session)
-        with pytest.raises(PlanConflict, match="unknown nodes"):
-            await commit_plan(uow.session, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n9", 0),)))
-    async with database.unit_of_work() as uow:
-        assert await dump(uow.session) == before
+    async with database.unit_of_work() as uow:  # another commit moved web 0 meanwhile
+        await commit_plan(uow.session, snap, Plan("optimal", (P("web", 0, 0, "n2", 0),) + KEPT[1:]), actor="other")
+        await uow.commit()
+    # The stale plan wants web 0 elsewhere and removes burst: burst goes, web 0 stays where the
+    # other commit put it.
+    result = await _commit(database, snap, Plan("optimal", (P("web", 0, 0, "n1", 3), KEPT[1]),
+                                                preempted=(Preemption("burst", 0),)))
+    assert result.stale and set(result.requeued) == {("web", 0)}
+    after = await _state(database)
+    assert after["placements"][("web", 0, 0)][:2] == ("n2", (0,))
+    assert ("burst", 0, 0) not in after["placements"]
 
 
-async def test_concurrent_commits_of_one_snapshot_let_exactly_one_win(database: Database) -> None:
+async def test_a_plan_naming_unknown_nodes_lands_the_rest(database: Database) -> None:
+    snap = await _seeded(database)
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n9", 0, 1),
+                                                                    P("train", 0, 1, "n2", 0, 1))))
+    assert set(result.requeued) == {("train", 0)} and "n9 is gone" in result.requeued[("train", 0)][0]
+    assert not result.stale
+    after = await _state(database)
+    assert not any(key[0] == "train" for key in after["placements"])
+
+
+async def test_concurrent_commits_of_one_snapshot_never_double_book(database: Database) -> None:
     snap = await _seeded(database)
     plan_a = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)))
     plan_b = Plan("optimal", KEPT + (P("train", 0, 0, "n1", 2, 3), P("train", 0, 1, "n2", 0, 1)))
-    outcomes = await asyncio.gather(_commit(database, snap, plan_a), _commit(database, snap, plan_b),
-                                    return_exceptions=True)
-    assert sorted(type(o).__name__ for o in outcomes) == ["CommitResult", "PlanConflict"]
+    outcomes = await asyncio.gather(_commit(database, snap, plan_a), _commit(database, snap, plan_b))
+    # One lands train; the other finds it placed since its snapshot and leaves it alone.
+    assert sorted(bool(o.requeued) for o in outcomes) == [False, True]
     after = await _state(database)
     assert after["generation"] == 1
     assert sum(1 for key in after["placements"] if key[0] == "train") == 2
+
+
+async def test_concurrent_plans_that_fit_alone_but_not_together_commit_a_checker_clean_state(
+        database: Database) -> None:
+    # Two tenants' new deployments, each within rack1's power budget alone, over it together.
+    doc = {**TWO_RACKS, "racks": [{"id": "rack1", "row": "row1", "power_budget_w": 1000},
+                                  {"id": "rack2", "row": "row1"}],
+           "nodes": [{"id": n, "rack": "rack1", "accelerators": 4, "idle_power_w": 0} for n in ("n1", "n2")],
+           "tenants": [{"id": "a"}, {"id": "b"}],
+           "deployments": [{"id": name, "tenant": tenant, "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": 2, "power_w": 300}} for name, tenant in (("a1", "a"), ("b1", "b"))],
+           "placements": []}
+    snap = await _seeded(database, doc)
+    plans = [Plan("optimal", (P("a1", 0, 0, "n1", 0, 1),)), Plan("optimal", (P("b1", 0, 0, "n2", 0, 1),))]
+    outcomes = await asyncio.gather(*(_commit(database, snap, plan) for plan in plans))
+
+    turned_away = [why for o in outcomes for why in o.requeued.values()]
+    assert len(turned_away) == 1 and turned_away[0][0].startswith("POWER: rack rack1 draws 1200 W")
+    async with database.unit_of_work() as uow:
+        committed = await load_snapshot(uow.session)
+    assert len(committed.problem["placements"]) == 1
+    assert check_state(committed.problem, committed.problem["placements"]) == []
+
+
+async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Database) -> None:
+    snap = await _seeded(database)
+    async with database.unit_of_work() as uow:
+        await repo.set_node_cordoned(uow.session, "n2", True)
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1),
+                                                                    P("train", 0, 1, "n2", 2, 3))))
+    assert result.stale and result.requeued == {("train", 0): ("node n2 is cordoned: it takes no new shards",)}
+    assert not any(key[0] == "train" for key in (await _state(database))["placements"])
+
+
+async def test_a_new_replica_of_a_template_replaced_since_the_snapshot_is_requeued(database: Database) -> None:
+    snap = await _seeded(database)
+    async with database.unit_of_work() as uow:  # an update rolled "train" to revision 2 meanwhile
+        train = (await uow.session.scalars(select(m.Deployment).where(m.Deployment.name == "train"))).one()
+        train.template_revision = 2
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1),
+                                                                    P("train", 0, 1, "n2", 2, 3))))
+    assert result.requeued == {("train", 0): (TEMPLATE_REPLACED,)}
 
 
 async def test_solver_round_trip(database: Database) -> None:
@@ -338,11 +412,9 @@ async def test_decisions_that_preempt_move_or_place_work_are_audited_in_the_comm
         assert (await audit.verify_chain(uow.session)).intact
 
 
-async def test_a_conflicting_plan_audits_nothing(database: Database) -> None:
+async def test_a_requeued_replica_is_not_audited(database: Database) -> None:
     snap = await _seeded(database)
-    async with database.unit_of_work() as uow:
-        await bump_cluster_generation(uow.session)
-        await uow.commit()
-    with pytest.raises(PlanConflict):
-        await _commit(database, snap, Plan("optimal", KEPT, preempted=(Preemption("burst", 0),)))
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n9", 0, 1),
+                                                                    P("train", 0, 1, "n2", 0, 1))))
+    assert set(result.requeued) == {("train", 0)}
     assert await _audit_rows(database) == []
