@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|rebalance|watchdog|auth|e2e|failover|nodedeath|departures ...`."""
+"""Command line: `python -m bench fgd|synthetic|session|rebalance|watchdog|auth|e2e|failover|nodedeath|departures ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import auth, e2e, failover, nodedeath, traces, watchdog
+from bench import auth, e2e, failover, nodedeath, session, traces, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--json", help="also write results to this file")
     s.set_defaults(func=_synthetic)
+
+    session.add_parser(sub)
 
     r = sub.add_parser("rebalance", help="1,024-node rebalance problem: solver vs greedy "
                                          "with moves, and repeatability")

@@ -205,15 +205,19 @@ class Isolation(MaskFilter):
             return ", ".join(f"{topo.tenant_ids[o]} ({topo.tenant_isolation[o]})"
                              for o in np.flatnonzero(counts > 0) if o != t) or "nothing"
 
-        def held_by(n: int) -> str:
-            rack = topo.node_rack[n]
-            others_rack = state.rack_tenant[rack] > 0
-            others_rack[t] = False
-            if state.dedicated_rack[t] or (state.dedicated_rack & others_rack).any():
+        def held_by(key: int) -> str:  # key: a node, or -1 - a rack
+            if key < 0:
+                rack = -1 - key
                 return f"rack {topo.rack_ids[rack]} holds {holders(state.rack_tenant[rack])}"
-            return f"node {topo.node_ids[n]} holds {holders(state.node_tenant[n])}"
+            return f"node {topo.node_ids[key]} holds {holders(state.node_tenant[key])}"
         looked = nodes[:_ISOLATION_SCAN]  # one line per rack or node, duplicates dropped
-        text = names(list(dict.fromkeys(held_by(int(n)) for n in looked)))
+        racks = topo.node_rack[looked]
+        ded_others = state.dedicated_rack.copy()
+        ded_others[t] = False
+        by_rack = state.dedicated_rack[t] | (state.rack_tenant[racks][:, ded_others] > 0).any(
+            axis=1)
+        keys = list(dict.fromkeys(np.where(by_rack, -1 - racks, looked).tolist()))
+        text = names(first(np.array(keys, dtype=np.int64), held_by))
         if len(nodes) > len(looked):
             text += f" (+{len(nodes) - len(looked)} more nodes)"
         return f"tenant {topo.tenant_ids[t]} is {topo.tenant_isolation[t]}: {text}"
