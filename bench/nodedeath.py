@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-down-grace", type=float, default=5.0, help="the controller's --node-down-grace")
     p.add_argument("--node-eviction-grace", type=float, default=10.0, help="the controller's --node-eviction-grace")
     p.add_argument("--eviction-rate", type=float, default=None, help="the controller's --eviction-rate (default: its own)")
+    p.add_argument("--lease-ttl", type=float, default=None,
+                   help="the controller's --lease-ttl (default: its own, 5 s); one SQLite controller on a loaded "
+                        "machine can miss its own renewals during the join storm and step down (a finding)")
     p.add_argument("--load-delay", type=float, default=0.2, help="simnode LOADING -> RUNNING seconds")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between polls of events and deployments")
     p.add_argument("--timeout", type=float, default=600.0, help="give up on a round after this")
@@ -273,6 +276,8 @@ async def wait_all_running(stub: Any, timeout_s: float, poll_s: float) -> float:
 def controller_args(args: argparse.Namespace) -> list[str]:
     flags = ["--node-down-grace", str(args.node_down_grace), "--node-eviction-grace", str(args.node_eviction_grace),
              "--restart-grace", "5"]
+    if args.lease_ttl is not None:
+        flags += ["--lease-ttl", str(args.lease_ttl)]
     return flags + (["--eviction-rate", str(args.eviction_rate)] if args.eviction_rate is not None else [])
 
 
