@@ -9,6 +9,7 @@ its new replicas back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -23,6 +24,17 @@ Scorer = Literal["fgd", "bestfit"]
 FGD_ACCELERATOR_CHOICE = False  # fractions: FGD picks the accelerator too (as in the paper)
 FGD_QUANTUM = 1.0  # fragmentation deltas closer than this (milli) count as ties
 PAIRING_WEIGHT = 10.0  # per milli of pairing value lost (pairing.py), next to FGD's milli
+
+
+@dataclass(frozen=True)
+class NodeRanking:
+    """Where one shard could go, best first (`Placer.rank_nodes`)."""
+
+    nodes: np.ndarray  # node indices, best first
+    pick: np.ndarray | None  # per node, the accelerator a fractional shard takes there
+    cost: np.ndarray | None  # per node, FGD delta + scarcity term (no pairing); None: no FGD
+    frag_after: np.ndarray | None  # per node, its fragmentation with the shard
+    pairing_loss: np.ndarray | None  # per node, pairing value lost on `pick` (pairing.py)
 
 
 class Placer:
@@ -156,16 +168,30 @@ class Placer:
 
     def _best_node(self, d: int, slots: np.ndarray) -> int | None:
         """One shard: the node where it adds least fragmentation (FGD) or fits best."""
+        ranking = self.rank_nodes(d, slots)
+        if ranking is None:
+            return None
+        best = int(ranking.nodes[0])
+        if ranking.frag_after is not None:
+            self._known_after = (best, float(ranking.frag_after[0]))
+            if ranking.pick is not None:
+                self._known_index = (best, int(ranking.pick[0]))
+        return best
+
+    def rank_nodes(self, d: int, slots: np.ndarray, full: bool = False) -> NodeRanking | None:
+        """Nodes with a slot for one shard of d, best first (see `NodeRanking`); None when
+        none has. Without `full`, a single candidate is returned unscored."""
         candidates = np.flatnonzero(slots > 0)
         if len(candidates) == 0:
             return None
-        if len(candidates) == 1:
-            return int(candidates[0])
+        if len(candidates) == 1 and not full:
+            return NodeRanking(candidates, None, None, None, None)
         s = self.state
         spec = s.deps[d].shard
         t = int(s.dep_tenant[d])
         free = self._free_milli(t)[candidates]
         after = free.copy()
+        pick: np.ndarray | None = None
         pairing_loss: np.ndarray | None = None
         if spec.accelerators > 0:
             if spec.fractional:
@@ -174,7 +200,7 @@ class Placer:
                 shared = fits & (s.acc_owner[candidates] == t) & (after < 1000)
                 a = after.shape[1]
                 key = np.where(shared, after, np.where(fits, 2000 + np.arange(a), BIG))
-                values = self._pairing_values()
+                values = self.pairing_values()
                 if values is not None:
                     # The accelerator whose pairing loses least, then the packing order.
                     lost = np.round(values.loss(after, spec.accelerator_milli))
@@ -206,33 +232,34 @@ class Placer:
             after = free.copy()
             after[np.arange(n_c), pick] -= spec.accelerator_milli
             left_after = after.sum(axis=1)
-        if use_fgd:
-            before = self._fragmentation(t)[candidates]  # may refresh the snapshot first
-            frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload,
-                                            candidates)
-            delta = frag_after - before + self._scarcity_cost(t, spec, candidates)
-            if pairing_loss is not None:
-                delta = delta + PAIRING_WEIGHT * pairing_loss
-            # Ties (common when nothing changes) go to the node left with less free capacity.
-            order = np.lexsort((candidates, cpu_after, stranger, left_after,
-                                np.round(delta / FGD_QUANTUM)))
-            self._known_after = (int(candidates[order[0]]), float(frag_after[order[0]]))
-            if spec.fractional:
-                self._known_index = (int(candidates[order[0]]), int(pick[order[0]]))
-        else:
+        if not use_fgd:
             order = np.lexsort((candidates, cpu_after, stranger, left_after))
-        return int(candidates[order[0]])
+            return NodeRanking(candidates[order], None if pick is None else pick[order],
+                               None, None, None)
+        before = self._fragmentation(t)[candidates]  # may refresh the snapshot first
+        frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload, candidates)
+        cost = frag_after - before + self._scarcity_cost(t, spec, candidates)
+        delta = cost if pairing_loss is None else cost + PAIRING_WEIGHT * pairing_loss
+        # Ties (common when nothing changes) go to the node left with less free capacity.
+        order = np.lexsort((candidates, cpu_after, stranger, left_after,
+                            np.round(delta / FGD_QUANTUM)))
+        return NodeRanking(candidates[order], None if pick is None else pick[order],
+                           cost[order], frag_after[order],
+                           None if pairing_loss is None else pairing_loss[order])
 
-    def _pairing_values(self) -> PairingValues | None:
+    def forget_scores(self) -> None:
+        """Drop cached node scores: the state was changed other than through this placer."""
+        self._frag = None
+
+    def pairing_values(self) -> PairingValues | None:
         """Prices of free room per accelerator for the workload seen (`pairing.py`); None
         with plain best fit or before any arrival."""
         if self.scorer != "fgd" or PAIRING_WEIGHT <= 0 or not self.workload.counts:
             return None
         if self.workload.stale():
             self.workload.refresh()
-        s = self.state
-        ready = s.topo.node_ready
-        return self.workload.pairing(int(s.acc_exists[ready].sum()))
+        topo = self.state.topo
+        return self.workload.pairing(int(topo.node_accelerators[topo.node_ready].sum()))
 
     def _scarcity_cost(self, t: int, spec: ShardSpec, candidates: np.ndarray) -> np.ndarray:
         """Milli of model-restricted demand a shard is expected to displace on each candidate

@@ -1,9 +1,11 @@
-"""Online batches (`batch_size: k`): k arrivals decided together, by trying orders.
+"""Online batches (`batch_size: k`): k arrivals decided together.
 
-Several orders of the k arrivals (as they arrived, biggest first, `BATCH_SHUFFLES` seeded
-shuffles; priority always first) are played out on the state and undone; the order placing
-most (priority-weighted), then leaving the least fragmentation (`node_fragmentation` summed
-over ready nodes), is kept.
+Candidates, each played out on the state and undone: several orders of the k arrivals (as
+they arrived, biggest first, `BATCH_SHUFFLES` seeded shuffles; priority always first), each
+arrival then decided alone by the placer, and the joint assignment of `joint_batch.py` (the
+batch's fractional shards paired onto accelerators by one CP-SAT model). The candidate placing
+most (priority-weighted) is kept, then the one leaving the cluster best by `node_quality`
+(least fragmentation, most pairing value kept, `pairing.py`) on the nodes it touched.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import numpy as np
 
 from scheduler.explain import explain
 from scheduler.fragmentation import node_fragmentation
-from scheduler.greedy import Placer
+from scheduler.greedy import PAIRING_WEIGHT, Placer
+from scheduler.joint_batch import jointly_placeable, place_jointly
 from scheduler.state import ClusterState, ShardAt
 
 if TYPE_CHECKING:
     from scheduler.solve import Solver
 
+JOINT: list[int] = []  # stands for the joint assignment among the orders tried
 BATCH_SHUFFLES = 4  # random orders tried per online batch, besides arrival and size order
 
 Replicas = dict[int, dict[int, dict[int, ShardAt]]]  # deployment -> replica -> shard -> place
@@ -43,27 +47,39 @@ def batch_orders(solver: Solver, ds: list[int], seed: int) -> list[list[int]]:
 
 
 def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
-    """Decide these arrivals together: the best of `batch_orders`, played out and undone."""
+    """Decide these arrivals together: the best of `batch_orders` and the joint assignment,
+    each played out and undone."""
     state = solver.state
     for d in ds:
         solver.workload.observe(state.deps[d].shard, state.deps[d].replicas)
     if solver.workload.stale():
         solver.workload.refresh()  # one snapshot for every candidate, so scores compare
     before = replicas_of(state, ds)
+    base = node_quality(solver, solver.placer, state)
     best: tuple[tuple[float, float], Replicas] | None = None
-    for order in batch_orders(solver, ds, seed):
+    joint = any(jointly_placeable(solver, d) for d in ds)
+    joint_won = False
+    for order in [*batch_orders(solver, ds, seed), *([JOINT] if joint else [])]:
         placer = Placer(state, scorer=solver.placer.scorer, workload=solver.workload)
-        for d in order:
-            todo = solver.pending(d)
-            if todo:
-                placer.place_deployment(d, todo)
+        if order is JOINT:
+            place_jointly(solver, placer, ds)
+        else:
+            for d in order:
+                todo = solver.pending(d)
+                if todo:
+                    placer.place_deployment(d, todo)
         result = replicas_of(state, ds)
         value = sum(len(rs) * solver.replica_value(d) for d, rs in result.items())
-        score = (float(value), -fragmentation_total(solver, state))
+        score = (float(value), batch_quality(solver, placer, state, result, base))
         if best is None or score > best[0]:
             best = (score, result)
+            joint_won = order is JOINT
         set_replicas(state, ds, before)
     assert best is not None
+    if joint:
+        counts = solver.stats.setdefault("joint_batches", [0, 0])  # [kept, tried]
+        counts[0] += int(joint_won)  # type: ignore[index]
+        counts[1] += 1  # type: ignore[index]
     set_replicas(state, ds, best[1])
     solver.adopt(state)
     for d in ds:
@@ -86,7 +102,34 @@ def set_replicas(state: ClusterState, ds: list[int], replicas: Replicas) -> None
             state.add_replica(d, r, shards)
 
 
-def fragmentation_total(solver: Solver, state: ClusterState) -> float:
+def node_quality(solver: Solver, placer: Placer, state: ClusterState,
+                 nodes: np.ndarray | None = None) -> np.ndarray:
+    """Per node (all, or these), higher is better: minus its fragmentation, plus
+    `PAIRING_WEIGHT` x the pairing value its free room keeps (`pairing.py`): the terms the
+    placer and the joint assignment weigh per shard."""
     free = np.where(state.acc_exists & state.topo.node_ready[:, None], state.acc_free, 0)
-    return float(node_fragmentation(free, state.cpu_free, state.mem_free,
-                                    solver.workload).sum())
+    cpu, mem = state.cpu_free, state.mem_free
+    if nodes is not None:
+        free, cpu, mem = free[nodes], cpu[nodes], mem[nodes]
+    quality = -node_fragmentation(free, cpu, mem, solver.workload, nodes)
+    values = placer.pairing_values()
+    if values is not None:
+        quality += PAIRING_WEIGHT * values.room_value[np.clip(free, 0, 1000)].sum(axis=1)
+    return quality
+
+
+def batch_quality(solver: Solver, placer: Placer, state: ClusterState, result: Replicas,
+                  base: np.ndarray) -> float:
+    """How much better the batch left the cluster than `base` (`node_quality` before it),
+    counting only the nodes it touched, plus the pairing value its fractional shards add."""
+    nodes = np.array(sorted({at.node for rs in result.values() for shards in rs.values()
+                             for at in shards.values()}), dtype=np.int64)
+    if len(nodes) == 0:
+        return 0.0
+    gain = float((node_quality(solver, placer, state, nodes) - base[nodes]).sum())
+    values = placer.pairing_values()
+    if values is not None:
+        gain += PAIRING_WEIGHT * sum(len(rs) * values.net(state.deps[d].shard.accelerator_milli)
+                                     for d, rs in result.items()
+                                     if state.deps[d].shard.fractional)
+    return gain

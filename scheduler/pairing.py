@@ -41,13 +41,17 @@ class PairingValues:
     room_value: np.ndarray  # (1001,) float
     net_value: dict[int, float]  # fractional milli -> pi(s)
 
+    def net(self, milli: int) -> float:
+        """Net value of one task of `milli`; a size the snapshot did not hold is worth the
+        room it takes."""
+        pi = self.net_value.get(milli)
+        return float(self.room_value[min(milli, FULL)]) if pi is None else pi
+
     def loss(self, free: np.ndarray, milli: int) -> np.ndarray:
         """Value lost by putting a task of `milli` where `free` milli are free (same shape as
         `free`; meaningless where it does not fit: the caller masks those)."""
         x = np.clip(free, 0, FULL).astype(np.int64)
-        pi = self.net_value.get(milli)
-        if pi is None:  # a size the snapshot did not hold: worth the room it takes
-            pi = float(self.room_value[min(milli, FULL)])
+        pi = self.net(milli)
         return np.maximum(self.room_value[x] - self.room_value[np.maximum(x - milli, 0)] - pi,
                           0.0)
 

@@ -7,7 +7,8 @@ scheduling cycle runs its extension points and a Nomad evaluation runs its itera
     repair                    repair.py      shards on down nodes: beside their gang, or pending
     place, by mode:
       online                  (here)         one arrival at a time in listed order, final
-      online, batch_size k    online_batch   k arrivals: the best of several orders
+      online, batch_size k    online_batch   k arrivals: the best of several orders and of
+                              joint_batch    one CP-SAT pairing of the fractions
       batch / rebalance       (here)         greedy (greedy.py) over all pending, priority first
         + improve             cpsat.py       CP-SAT over node classes, kept only if better
         + rebalance           rebalance.py   moves (<= max_moves shards) that make room

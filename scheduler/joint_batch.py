@@ -1,0 +1,209 @@
+"""An online batch decided jointly: the batch's fractional shards paired onto accelerators by
+one exact CP-SAT assignment.
+
+Trying orders (`online_batch.batch_orders`) still decides each shard alone, on the state the
+earlier ones left. Here the whole shards of the batch are placed first (greedy, biggest first),
+then every fractional single-shard replica of the batch is assigned at once:
+
+    data         items (pending fractional replicas) and candidate accelerators: per
+                 deployment, the placer's best `CANDIDATE_NODES` nodes (`Placer.rank_nodes`):
+                 their used accelerators with room, and `EMPTY_PER_NODE` empty ones
+    variables    x[i, g]: item i on accelerator g (g on one of its deployment's best
+                 `ITEM_NODES` nodes)
+    constraints  an item at most once; per accelerator its free milli; per node CPU, memory
+                 and the deployment's slots (`node_fit`)
+    objective    most priority-weighted milli placed; then least cost: the FGD delta of each
+                 item's node (its ranking's cost) + `PAIRING_WEIGHT` x the pairing value lost
+                 on each accelerator, exact for several items sharing one
+                 (room_value[free] - room_value[free left] - net values placed, `pairing.py`)
+
+The answer is decoded shard by shard through the state (every per-node rule is checked again;
+an item the check refuses, and any item CP-SAT left out, goes through the greedy placer after).
+The search is deterministic (one worker, fixed seed, a deterministic-time budget; the
+wall-clock limit is only a ceiling), and `online_batch.place_batch` keeps this result only when
+it beats every order it tried by the same score, so a joint batch never places less.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from scheduler.filters import node_fit, quota_room
+from scheduler.greedy import PAIRING_WEIGHT, Placer
+from scheduler.pairing import FULL
+from scheduler.state import ShardAt
+
+if TYPE_CHECKING:
+    from scheduler.solve import Solver
+
+CANDIDATE_NODES = 6  # per deployment: best nodes whose accelerators enter the model
+EMPTY_PER_NODE = 2  # empty accelerators of a candidate node in the model (they are alike)
+ITEM_NODES = 12  # per item: nodes (of the candidates) it may take, its best by its ranking
+DETERMINISTIC_BUDGET_S = 0.5  # CP-SAT deterministic time per batch
+WALL_CEILING_S = 2.0  # never more wall clock per batch than this (or the deadline)
+SEED = 1
+
+
+@dataclass(frozen=True)
+class _Item:
+    d: int
+    r: int
+    milli: int
+    value: int  # objective weight of the replica (`Solver.replica_value`)
+
+
+def jointly_placeable(solver: Solver, d: int) -> bool:
+    """A replica the joint assignment can place: one fractional shard, no spread rule and
+    nothing that ties replicas together (min_replicas <= 1)."""
+    dep = solver.state.deps[d]
+    return (dep.shard.fractional and dep.shards_per_replica == 1 and dep.min_replicas <= 1
+            and dep.spread is None)
+
+
+def place_jointly(solver: Solver, placer: Placer, ds: list[int]) -> None:
+    """Place these deployments on the solver's state: the rest greedily, then the
+    fractional single-shard replicas by one CP-SAT assignment, then whatever is left
+    greedily."""
+    joint = [d for d in ds if jointly_placeable(solver, d)]
+    for d in solver.batch_order([d for d in ds if d not in joint]):
+        todo = solver.pending(d)
+        if todo:
+            placer.place_deployment(d, todo)
+    if joint:
+        _assign(solver, placer, joint)
+    for d in solver.batch_order(joint):
+        todo = solver.pending(d)
+        if todo:
+            placer.place_deployment(d, todo)
+
+
+def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
+    """The CP-SAT assignment (module doc); commits what it decides and the checks allow."""
+    from ortools.sat.python import cp_model
+
+    state = solver.state
+    values = placer.pairing_values()
+    items: list[_Item] = []
+    rankings = {}
+    for d in ds:
+        slots = node_fit(state, d).slots
+        ranking = placer.rank_nodes(d, slots, full=True)
+        if ranking is None or ranking.cost is None or ranking.pick is None:
+            continue
+        rankings[d] = (ranking, slots)
+        for r in solver.pending(d):
+            items.append(_Item(d, r, state.deps[d].shard.accelerator_milli,
+                               solver.replica_value(d)))
+    if not items:
+        return
+    # Candidate accelerators: on each deployment's best nodes, every used accelerator with
+    # room for the smallest item and the first `EMPTY_PER_NODE` empty ones.
+    smallest = min(it.milli for it in items)
+    accs: dict[tuple[int, int], None] = {}
+    for ranking, _ in rankings.values():
+        for node in ranking.nodes[:CANDIDATE_NODES].tolist():
+            if any(n == node for n, _ in accs):
+                continue
+            room = state.acc_exists[node] & (state.acc_free[node] >= smallest)
+            empty = room & (state.acc_free[node] >= FULL)
+            keep = (room & ~empty) | (empty & (np.cumsum(empty) <= EMPTY_PER_NODE))
+            accs.update(((node, int(a)), None) for a in np.flatnonzero(keep))
+    model = cp_model.CpModel()
+    x: dict[tuple[int, int], object] = {}
+    cost: dict[tuple[int, int], int] = {}
+    acc_list = list(accs)
+    for i, it in enumerate(items):
+        ranking, slots = rankings[it.d]
+        near = ranking.nodes[:ITEM_NODES]
+        where = {int(n): k for k, n in enumerate(near.tolist())}
+        hbm = state.deps[it.d].shard.hbm_gib
+        t = int(state.dep_tenant[it.d])
+        for g, (node, a) in enumerate(acc_list):
+            k = where.get(node)
+            if k is None or slots[node] <= 0 or state.acc_free[node, a] < it.milli or \
+                    state.acc_hbm[node, a] < hbm or state.acc_owner[node, a] not in (-1, t):
+                continue
+            x[(i, g)] = model.new_bool_var(f"x_{i}_{g}")
+            cost[(i, g)] = int(round(float(ranking.cost[k])))
+    if not x:
+        return
+    # An item at most once.
+    for i in range(len(items)):
+        model.add_at_most_one(v for (j, _), v in x.items() if j == i)
+    by_acc: dict[int, list[tuple[int, object]]] = {}
+    for (i, g), v in x.items():
+        by_acc.setdefault(g, []).append((i, v))
+    # Per accelerator: its free milli; the room left is priced by the pairing values.
+    unit = math.gcd(FULL, *[it.milli for it in items],
+                    *[int(state.acc_free[acc_list[g]]) for g in by_acc])
+    kept_value = []
+    for g, members in by_acc.items():
+        free = int(state.acc_free[acc_list[g]])
+        load = sum(items[i].milli * v for i, v in members)
+        model.add(load <= free)
+        if values is not None and unit >= 5:
+            left = model.new_int_var(0, free // unit, f"left_{g}")
+            model.add(unit * left == free - load)
+            table = [int(round(float(values.room_value[level * unit])))
+                     for level in range(free // unit + 1)]
+            worth = model.new_int_var(0, max(table), f"worth_{g}")
+            model.add_element(left, table, worth)
+            kept_value.append(worth)
+    # Per node: CPU, memory and each deployment's slots.
+    by_node: dict[int, list[tuple[int, object]]] = {}
+    for (i, g), v in x.items():
+        by_node.setdefault(acc_list[g][0], []).append((i, v))
+    for node, members in by_node.items():
+        specs = [state.deps[items[i].d].shard for i, _ in members]
+        model.add(sum(s.cpu_milli * v for s, (_, v) in zip(specs, members))
+                  <= int(state.cpu_free[node]))
+        model.add(sum(s.memory_mib * v for s, (_, v) in zip(specs, members))
+                  <= int(min(state.mem_free[node], 2**53)))
+        for d in {items[i].d for i, _ in members}:
+            model.add(sum(v for i, v in members if items[i].d == d)
+                      <= int(rankings[d][1][node]))
+    # Objective: placed value first, then least cost (FGD + pairing value lost).
+    net = [0.0 if values is None else values.net(it.milli) for it in items]
+    pairing_w = PAIRING_WEIGHT if kept_value else 0.0
+    secondary_max = sum(abs(c) for c in cost.values()) + \
+        pairing_w * (FULL * len(kept_value) + sum(net)) + 1
+    big = int(secondary_max) + 1
+    model.maximize(
+        sum((big * items[i].value - cost[(i, g)] + int(round(pairing_w * net[i]))) * v
+            for (i, g), v in x.items())
+        + sum(int(round(pairing_w)) * w for w in kept_value))
+    for (i, g), v in x.items():  # hint: each item where it would go alone
+        ranking = rankings[items[i].d][0]
+        model.add_hint(v, acc_list[g] == (int(ranking.nodes[0]), int(ranking.pick[0])))
+    solver_cp = cp_model.CpSolver()
+    params = solver_cp.parameters
+    params.num_workers = 1
+    params.random_seed = SEED
+    params.max_deterministic_time = DETERMINISTIC_BUDGET_S
+    params.max_time_in_seconds = max(0.01, min(WALL_CEILING_S,
+                                               solver.deadline - time.perf_counter()))
+    status = solver_cp.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return
+    chosen = sorted((i, g) for (i, g), v in x.items() if solver_cp.boolean_value(v))
+    for i, g in chosen:
+        _commit(solver, items[i], *acc_list[g])
+    placer.forget_scores()  # the state changed under the placer's cached scores
+
+
+def _commit(solver: Solver, it: _Item, node: int, a: int) -> bool:
+    """Place one item where the assignment put it, if every rule still allows it now."""
+    state = solver.state
+    spec = state.deps[it.d].shard
+    t = int(state.dep_tenant[it.d])
+    if node_fit(state, it.d).slots[node] <= 0 or quota_room(state, it.d)[0] < 1 or \
+            state.acc_free[node, a] < it.milli or state.acc_hbm[node, a] < spec.hbm_gib or \
+            state.acc_owner[node, a] not in (-1, t):
+        return False
+    state.add_replica(it.d, it.r, {0: ShardAt(node, (a,), it.milli)})
+    return True

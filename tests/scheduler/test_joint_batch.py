@@ -1,0 +1,92 @@
+"""Online batches decided jointly (scheduler/joint_batch.py): checked plans, never less placed
+than one arrival at a time, the same plan twice."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, note, settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+from builders import dep, node, problem  # noqa: E402
+from checker import check_plan  # noqa: E402
+from strategies import problems  # noqa: E402
+
+from scheduler import plan_to_dict, problem_from_dict, solve  # noqa: E402
+from scheduler.emit import emit_plan  # noqa: E402
+from scheduler.joint_batch import place_jointly  # noqa: E402
+from scheduler.solve import Solver  # noqa: E402
+
+Doc = dict[str, Any]
+COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                    HealthCheck.data_too_large])
+
+
+def run(doc: Doc) -> Doc:
+    return plan_to_dict(solve(problem_from_dict(copy.deepcopy(doc)), time_limit_ms=5000))
+
+
+def placed_milli(doc: Doc, plan: Doc) -> int:
+    shard = {d["id"]: d["shard"] for d in doc["deployments"]}
+    total = 0
+    for p in plan["placements"]:
+        s = shard[p["deployment"]]
+        per = s.get("accelerator_milli", 1000) if s["accelerators"] == 1 else 1000
+        total += max(per * len(p["accelerator_indices"]), 1)
+    return total
+
+
+@settings(max_examples=120, **COMMON)
+@given(problems(modes=("online",), equal_priority=True, max_deployments=6, existing=False))
+def test_a_joint_batch_places_no_less_than_one_arrival_at_a_time(doc: Doc) -> None:
+    doc["options"].pop("batch_size", None)
+    doc["options"]["allow_preemption"] = False
+    one_by_one = run(doc)
+    batch = copy.deepcopy(doc)
+    batch["options"]["batch_size"] = len(doc["deployments"])
+    joint = run(batch)
+    note(f"one by one: {one_by_one['placements']}\njoint: {joint['placements']}")
+    assert check_plan(batch, joint) == []
+    assert placed_milli(batch, joint) >= placed_milli(doc, one_by_one)
+
+
+def fractions_batch() -> Doc:
+    """Fifteen fractions (7,110 milli) that fill 8 accelerators only when paired well:
+    700+300 twice, 470+530, 650+350, 650+320, 810+160, 470+470 and 230."""
+    nodes = [node(f"n{i}", acc=2, cpu_milli=32_000) for i in range(4)]
+    sizes = [700, 300, 470, 470, 650, 320, 810, 160, 230, 700, 300, 470, 530, 650, 350]
+    deps = [dep(f"f{i:02d}", acc=1, accelerator_milli=m, locality="node", cpu_milli=1000)
+            for i, m in enumerate(sizes)]
+    return problem(nodes, deps, mode="online", batch_size=len(sizes))
+
+
+def test_the_joint_assignment_alone_gives_a_checked_plan_the_same_twice() -> None:
+    doc = fractions_batch()
+    plans = []
+    for _ in range(2):
+        solver = Solver(problem_from_dict(copy.deepcopy(doc)), 5000)
+        ds = list(range(len(doc["deployments"])))
+        for d in ds:
+            solver.workload.observe(solver.state.deps[d].shard)
+        place_jointly(solver, solver.placer, ds)
+        plans.append(plan_to_dict(emit_plan(solver)))
+    assert plans[0]["placements"] == plans[1]["placements"]
+    assert check_plan(doc, plans[0]) == []
+    assert placed_milli(doc, plans[0]) == 7_110
+
+
+def test_a_batch_pairs_what_no_order_of_single_decisions_pairs() -> None:
+    # Four accelerators; the best is 700+300, 350+600, 750 and 750 (3,450 milli). Every
+    # order the batch tries, each fraction decided alone, stops at 3,400 (found by a random
+    # search over such batches); the joint assignment reaches the optimum.
+    sizes = [350, 750, 750, 300, 700, 750, 300, 600]
+    deps = [dep(f"f{i}", acc=1, accelerator_milli=m, locality="node", cpu_milli=1000)
+            for i, m in enumerate(sizes)]
+    doc = problem([node(f"n{i}", acc=2, cpu_milli=32_000) for i in range(2)], deps,
+                  mode="online", batch_size=len(sizes))
+    plan = run(doc)
+    assert check_plan(doc, plan) == []
+    assert placed_milli(doc, plan) == 3_450
