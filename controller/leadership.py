@@ -14,13 +14,18 @@ the fencing token, checked inside every leader transaction (`LeaderElection.chec
 `Fence` of `Database.fenced`): a deposed leader's late plan is refused and rolled back.
 
 On SQLite one controller holds the file (`controller.store.exclusive`), so its election
-takes the lease at once (`force`), even from a predecessor killed before it could release it.
+takes the lease at once (`force`), even from a predecessor killed before it could release it,
+and keeps it: nobody else can take it, so a renewal that waits long for SQLite's one writer
+(a join storm of thousands of agents on a loaded machine) must not make the only controller
+step down and drop every agent stream, which only brings the storm back. Its fence checks the
+holder and token, not the expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -88,6 +93,7 @@ class LeaderElection:
         self.settings = settings or LeaseSettings()
         self.holder = holder or new_holder_id()
         self._force = force
+        self._exclusive = force  # nothing else can hold this database: the lease is ours for good
         self._on_elected = on_elected
         self._on_deposed = on_deposed
         self._observer = observer
@@ -111,7 +117,8 @@ class LeaderElection:
     async def check(self, session: AsyncSession) -> None:
         """The fence: inside a leader transaction, refuse it unless the lease is still ours."""
         try:
-            await lease.fence(session, self.holder, self.token if self.leading else None)
+            await lease.fence(session, self.holder, self.token if self.leading else None,
+                              live=not self._exclusive)
         except LeaseLost:
             self._step_down("a write was refused by the fencing token")
             raise
@@ -154,7 +161,7 @@ class LeaderElection:
             if self.leading:
                 self._step_down(f"controller {row.holder} holds the lease now")
             return
-        self._valid_until = sent + self.settings.ttl_s - self.settings.margin_s
+        self._valid_until = math.inf if self._exclusive else sent + self.settings.ttl_s - self.settings.margin_s
         self.leader_address = self.address
         if held != self.token or not self.leading:
             self.token = held

@@ -78,15 +78,17 @@ async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float
     return result.scalar_one_or_none()
 
 
-async def fence(session: AsyncSession, holder: str, token: int | None) -> None:
-    """Refuse (`LeaseLost`) unless `holder` still holds a live lease under `token`; locks the row
-    until the caller's transaction ends."""
+async def fence(session: AsyncSession, holder: str, token: int | None, *, live: bool = True) -> None:
+    """Refuse (`LeaseLost`) unless `holder` still holds a live lease under `token` (with `live`
+    False, one not yet taken over: SQLite's lone controller); locks the row until the caller's
+    transaction ends."""
     if token is None:
         raise LeaseLost(holder, token)
     lock = "" if session.bind.dialect.name == "sqlite" else " FOR SHARE"
+    unexpired = f" AND expires_at > {_now(session)}" if live else ""
     result = await session.execute(text(
-        f"SELECT token FROM leader_lease WHERE id = 1 AND holder = :holder AND token = :token "
-        f"AND expires_at > {_now(session)}{lock}"), {"holder": holder, "token": token})
+        f"SELECT token FROM leader_lease WHERE id = 1 AND holder = :holder AND token = :token"
+        f"{unexpired}{lock}"), {"holder": holder, "token": token})
     if result.scalar_one_or_none() is None:
         raise LeaseLost(holder, token)
 

@@ -153,3 +153,23 @@ async def test_the_leader_stops_scheduling_a_margin_before_its_lease_could_expir
         election.require_leader()
     await election.step()  # a renewal that gets through: leading again, under the same token
     assert election.should_run() and election.token == 1 and election.acquisitions == 1
+
+
+async def test_the_lone_sqlite_controller_keeps_leading_through_slow_renewals(database: Database) -> None:
+    """`force` (SQLite's lock file: nobody else can hold the database): a renewal late past the
+    lease does not make the only controller step down, and its commits stay fenced by token."""
+    now = [100.0]
+    election = LeaderElection(database, address="a:1", holder="a", settings=LeaseSettings(), force=True,
+                              clock=lambda: now[0])
+    await election.step()
+    async with database.unit_of_work() as uow:  # the row runs out (no renewal got through)
+        assert election.token is not None and await lease.release(uow.session, "a", election.token)
+        await uow.session.commit()
+    now[0] = 10_000.0  # hours later on this controller's clock
+    assert election.should_run()
+    async with database.unit_of_work() as uow:
+        await election.check(uow.session)  # the lease ran out, but it is still ours: not refused
+    assert election.should_run()
+    async with database.unit_of_work() as uow:  # another holder's token is refused all the same
+        with pytest.raises(LeaseLost):
+            await lease.fence(uow.session, "b", election.token, live=False)
