@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--policies", default="maia,bestfit,bestfit-frac,random",
                    help="comma list of: maia (the solver), bestfit, bestfit-frac, random "
                         "(bench greedy)")
-    f.add_argument("--driver", choices=["single", "per-call"], default="single",
-                   help="one online solve() over all arrivals, or one solve() per decision")
+    f.add_argument("--driver", choices=["single", "per-call", "session"], default="single",
+                   help="one online solve() over all arrivals, one solve() per decision, or "
+                        "one warm session place() per arrival")
     f.add_argument("--time-limit-ms", type=int, default=None)
     f.add_argument("--probe-calls", type=int, default=0,
                    help="after the run, time this many further arrivals one solve() each")

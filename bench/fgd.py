@@ -17,6 +17,8 @@ How the solver is driven (the fastest correct use of the public API we found):
   would call it, with the placements so far. The problem is parsed once; each call reuses its
   frozen nodes via `dataclasses.replace`. It lists only the deployments that hold placements
   plus the new arrivals (a failed pod is dropped, as in the paper's simulator).
+- `session`: one warm `scheduler.session.Session`, one `place()` per arrival (the same decisions
+  as `single`, decided one call at a time on the kept state).
 The independent greedy baselines of `bench.greedy` (best fit, random fit) run the same arrivals.
 """
 
@@ -191,6 +193,25 @@ def run_solver_per_call(cluster: Doc, deployments: list[Doc], batch_size: int,
     return plan_to_dict(dataclasses.replace(plan, placements=current))["placements"], lat
 
 
+def run_solver_session(cluster: Doc, deployments: list[Doc], batch_size: int,
+                       time_limit_ms: int | None) -> tuple[list[Doc], list[float]]:
+    """One warm `Session` (scheduler/session.py) over the empty cluster, one `place()` per
+    arrival: what a controller keeping the session warm pays per decision."""
+    from scheduler import Plan, plan_to_dict, problem_from_dict
+    from scheduler.session import Session
+    if batch_size != 1:
+        raise ValueError("the session driver decides one arrival at a time (batch size 1)")
+    base = problem_from_dict({**cluster, "deployments": deployments,
+                              "options": {"mode": "online"}})
+    session = Session(dataclasses.replace(base, deployments=()), time_limit_ms=time_limit_ms)
+    lat: list[float] = []
+    for d in base.deployments:
+        t0 = time.perf_counter()
+        session.place(d)
+        lat.append(1000 * (time.perf_counter() - t0))
+    return plan_to_dict(Plan("feasible", session.snapshot().placements))["placements"], lat
+
+
 def probe_calls(cluster: Doc, deployments: list[Doc], placements: list[Doc],
                 probes: list[Doc], time_limit_ms: int | None) -> list[float]:
     """Latency (ms) of one online solve() per probe arrival, on the state `placements`.
@@ -231,7 +252,8 @@ def run_seed(workload: str, seed: int, policy: str, *, nodes: list[traces.TraceN
     t0 = time.perf_counter()
     runner: Callable[..., tuple[list[Doc], list[float]]]
     if policy == "maia":
-        runner = run_solver_single if driver == "single" else run_solver_per_call
+        runner = {"single": run_solver_single, "per-call": run_solver_per_call,
+                  "session": run_solver_session}[driver]
         placements, lat = runner(cluster, deployments, batch_size, time_limit_ms)
     else:
         placements, lat = run_greedy(cluster, deployments, policy, seed)

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 from bench.fgd import percentile
 from bench.greedy import BestFitGreedy
-from bench.synthetic import ACCELERATORS, arrival, cluster, requested
+from bench.synthetic import ACCELERATORS, arrival, child_json, cluster, requested
 
 CHECKED_RULES = ("INDICES", "EXCLUSIVE_ACCELERATOR", "SHARED_ACCELERATOR", "HBM", "CPU",
                  "MEMORY", "NODE_STATE", "LOCALITY", "ISOLATION", "EXCLUSION", "ZONE",
@@ -168,9 +167,7 @@ def main(args: argparse.Namespace) -> int:
                str(args.arrivals), "--solve-arrivals", str(args.solve_arrivals),
                "--departures", str(args.departures), "--time-limit-ms",
                str(args.time_limit_ms)] + (["--check"] if args.check else [])
-        print(f"  {n} nodes ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-        r = SessionResult(**json.loads(out.strip().splitlines()[-1]))
+        r = SessionResult(**child_json(cmd, n))
         if r.violations:
             print(f"  {n} nodes: {r.violations} checker violations", file=sys.stderr)
         results.append(r)

@@ -309,6 +309,14 @@ def format_rows(results: list[SizeResult], batch_size: int) -> str:
     return "\n".join(lines)
 
 
+def child_json(cmd: list[str], n: int) -> dict[str, Any]:
+    """Measure one cluster size in a child process (its peak RSS its own): the JSON of its
+    last stdout line."""
+    print(f"  {n} nodes ...", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(args: argparse.Namespace) -> int:
     if args.child:  # one size, JSON on stdout
         r = measure(args.nodes[0], args)
@@ -323,9 +331,7 @@ def main(args: argparse.Namespace) -> int:
                "--gang-fill", str(args.gang_fill)]
         if args.check:
             cmd.append("--check")
-        print(f"  {n} nodes ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-        r = SizeResult(**json.loads(out.strip().splitlines()[-1]))
+        r = SizeResult(**child_json(cmd, n))
         if r.violations:
             print(f"  {n} nodes: {r.violations} checker violations", file=sys.stderr)
         results.append(r)

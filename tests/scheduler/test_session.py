@@ -288,3 +288,18 @@ def test_contract_changes_apply_to_the_next_decision() -> None:
     assert first.unplaced.reasons[0].code == "QUOTA_ACCELERATORS"
     s.apply(ClusterDelta(tenants=(Tenant("t1", max_accelerators=3),)))
     assert s.place("a").unplaced.replicas == 1
+
+
+def test_arrivals_through_the_session_are_one_online_solve() -> None:
+    """The FGD protocol's premise: arrivals placed one `place()` at a time, FGD scoring
+    included, give exactly the placements of one online `solve()` listing them in order."""
+    import json
+
+    from builders import SHARED
+    doc = json.loads((SHARED / "examples" / "openb-mini.problem.json").read_text())
+    problem_ = problem_from_dict(doc)
+    online = solve(problem_)
+    session = Session(dataclasses.replace(problem_, deployments=()))
+    decisions = [session.place(d) for d in problem_.deployments]
+    assert set(session.snapshot().placements) == set(online.placements)
+    assert [d.unplaced for d in decisions if d.unplaced] == list(online.unplaced)
