@@ -346,3 +346,6 @@ class ControlServer:
             return self.injector.handle(request)
         except FaultError as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug here must not take the fleet down: say so and carry on
+            log.exception("fault request %r failed", request)
+            return {"ok": False, "error": f"the fleet could not carry it out: {type(exc).__name__}: {exc}"}
