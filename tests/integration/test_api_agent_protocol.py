@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from grpc_harness import RUNNING, Stubs, HandAgent, eventually, spec, topology
+from grpc_harness import RUNNING, HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 
@@ -89,10 +89,20 @@ async def test_silent_agent_is_marked_down_after_the_heartbeat_timeout(stubs: St
     await agent.close()
 
 
-async def test_resetting_a_nodes_credential_ends_its_open_stream(controller_app, stubs: Stubs):
+async def test_resetting_a_nodes_credential_ends_its_open_stream(db_url: str, tmp_path):
+    # The hand agent never heartbeats: a long timeout, so only the reset can end its stream.
+    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        try:
+            await _reset_ends_the_stream(app, stubs)
+        finally:
+            await stubs.channel.close()
+
+
+async def _reset_ends_the_stream(app, stubs: Stubs) -> None:
     await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
     credential = (await HandAgent(stubs, "node-1", "rack-a").register()).node_credential
-    node = Stubs.connect(controller_app.address, credential)  # the agent speaks with its own credential
+    node = Stubs.connect(app.address, credential)  # the agent speaks with its own credential
     try:
         agent = HandAgent(node, "node-1", "rack-a")
         await agent.register()
