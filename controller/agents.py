@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from controller import limits
@@ -41,14 +41,14 @@ from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.domain.liveness import FlapDamper
-from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport
+from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport, deployment_key
 
 log = logging.getLogger("maia.agents")
 
 AgentInbound = HeartbeatReport | ShardReport
 
 
-ShardKey = tuple[str, int, int]  # (deployment, replica, shard)
+ShardKey = tuple[str, int, int]  # (deployment name, replica, shard): the tenant is looked up in `given`
 REFUSED_SAMPLES = 5
 
 
@@ -62,8 +62,9 @@ class AgentSession:
     close_reason: str = ""
     mark_down_on_close: bool = True
     error: MaiaError | None = None  # why the controller ended the stream (sent as its status)
-    # Shards sent to this stream in any set (bounded: reset to the current set when it grows too big).
-    given: set[ShardKey] = field(default_factory=set)
+    # Shards sent to this stream in any set, with the tenants whose deployment of that name they
+    # belong to (bounded: reset to the current set when it grows too big).
+    given: dict[ShardKey, set[str]] = field(default_factory=dict)
     reports: TokenBucket = field(default_factory=lambda: TokenBucket(limits.REPORTS_PER_SECOND, limits.REPORTS_BURST))
 
     def close(self, reason: str, *, mark_down: bool = True) -> None:
@@ -77,10 +78,18 @@ class AgentSession:
         self.close(f"refused: {error.message}")
 
     def sent(self, assignment_set: AssignmentSet) -> None:
-        keys = {(a.deployment, a.replica, a.shard) for a in assignment_set.assignments}
-        if len(self.given) + len(keys) > 2 * limits.SHARDS_PER_NODE_MAX:
-            self.given = set()
-        self.given |= keys
+        if len(self.given) + len(assignment_set.assignments) > 2 * limits.SHARDS_PER_NODE_MAX:
+            self.given = {}
+        for a in assignment_set.assignments:
+            self.given.setdefault((a.deployment, a.replica, a.shard), set()).add(a.tenant)
+
+    def given_tenant(self, report: ShardReport) -> str | None:
+        """The tenant of the shard a report is about, if this node was given it: the report's own
+        tenant, or (an agent that does not send one) the only tenant given a shard of that name."""
+        tenants = self.given.get((report.deployment, report.replica, report.shard), set())
+        if report.tenant:
+            return report.tenant if report.tenant in tenants else None
+        return next(iter(tenants)) if len(tenants) == 1 else None
 
 
 class AgentHub:
@@ -223,11 +232,12 @@ class AgentHub:
             agent_cases.validate_report(node_id, message)
             shards = (message,)
         for report in shards:
-            key = (report.deployment, report.replica, report.shard)
-            if key in session.given:
-                self._reports.append((node_id, report))
+            tenant = session.given_tenant(report)
+            if tenant is not None:
+                self._reports.append((node_id, replace(report, tenant=tenant)))
             else:
-                self._refuse(node_id, key)
+                self._refuse(node_id, (deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment,
+                                      report.replica, report.shard))
 
     def _refuse(self, node_id: str, key: ShardKey) -> None:
         before = self._refused.get(node_id, RefusedReports(0, ()))

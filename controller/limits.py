@@ -16,6 +16,7 @@ from __future__ import annotations
 # --- names and identifiers ---------------------------------------------------------------------
 NAME_MAX = 63                 # deployment names (DNS label)
 ID_MAX = 128                  # tenant, zone, row, rack and node ids (the database column's length)
+TENANT_ID_MAX = ID_MAX - 1 - NAME_MAX  # 64: a deployment's key TENANT/NAME fits an interchange id
 HOSTNAME_MAX = 253            # RFC 1035 hostname
 MODEL_MAX = 64                # accelerator model names
 AGENT_VERSION_MAX = 64

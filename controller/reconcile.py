@@ -47,10 +47,10 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.store.plans import commit_plan
-from controller.store.rollout import DEFAULT_SURGE, deployment_name, retire_replaced
+from controller.store.rollout import DEFAULT_SURGE, retire_replaced, stored_key
 from controller.usecases import planning
 from controller.usecases.deployments import validate_spec
-from controller.domain.values import DeploymentView
+from controller.domain.values import DeploymentView, split_deployment_key
 from scheduler import Plan
 
 log = logging.getLogger("maia.reconcile")
@@ -269,8 +269,8 @@ class Reconciler:
             async with self._db.unit_of_work() as uow:
                 snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
                 # Their last state, for the DELETED events once the commit removes them.
-                deleting = {r.name: repo.deployment_view(r) for r in await repo.list_deployment_rows(
-                    uow.session, phases=[m.DeploymentPhase.DELETING])}
+                deleting = {r.spec.key: r for r in map(repo.deployment_view, await repo.list_deployment_rows(
+                    uow.session, phases=[m.DeploymentPhase.DELETING]))}
             beyond = _beyond_limits(snapshot.problem, self._within_limits)
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
@@ -359,13 +359,13 @@ class Reconciler:
         changed: set[str] = set()
         async with self._db.unit_of_work() as uow:
             for name, reason in reasons.items():
-                changed |= await repo.quarantine_deployment(uow.session, deployment_name(name), reason)
+                changed |= await repo.quarantine_deployment(uow.session, stored_key(name), reason)
             await uow.commit()
         for name, reason in reasons.items():
             self._failures.pop(name, None)
-            log.error("deployment quarantined name=%s reason=%s", name, reason)
+            log.error("deployment quarantined deployment=%s reason=%s", name, reason)
         self._push(changed)
-        await self._publish({deployment_name(name) for name in reasons}, [])
+        await self._publish({stored_key(name) for name in reasons}, [])
 
 
 def _beyond_limits(problem: dict[str, Any], within: set[str]) -> dict[str, str]:
@@ -378,8 +378,8 @@ def _beyond_limits(problem: dict[str, Any], within: set[str]) -> dict[str, str]:
     for doc in problem.get("deployments", ()):
         if doc["id"] in within:
             continue
-        try:  # an outgoing revision (NAME~REVISION) is checked under its deployment's name
-            validate_spec(replace(planning.spec_of_doc(doc), name=deployment_name(doc["id"])))
+        try:  # an outgoing revision (TENANT/NAME~REVISION) is checked under its deployment's name
+            validate_spec(replace(planning.spec_of_doc(doc), name=split_deployment_key(stored_key(doc["id"]))[1]))
         except InvalidArgument as exc:
             beyond[doc["id"]] = f"exceeds the controller's limits: {exc.message}; submit it again within them"
         else:

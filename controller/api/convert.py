@@ -253,6 +253,7 @@ def shard_report(msg: agent_pb2.ShardStatus) -> d.ShardReport:
     return d.ShardReport(
         deployment=msg.deployment, replica=msg.replica, shard=msg.shard, generation=msg.generation,
         phase=_SHARD_PHASE_TO_WORD.get(msg.phase, ""), message=msg.message, power_draw_w=msg.power_draw_w,
+        tenant=msg.tenant,
     )
 
 

@@ -55,7 +55,7 @@ from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import views_of
 from controller.domain.liveness import FlapDamper
-from controller.domain.values import DeploymentEvent, DeploymentView
+from controller.domain.values import DeploymentEvent, DeploymentView, split_deployment_key
 from controller.usecases.watch import DeploymentEventBus, deleted_elsewhere
 from controller.watchdog import IsolationWatchdog
 from maia.v1 import (
@@ -81,11 +81,9 @@ WAKE, NODES, NODE_REMOVED, DEPLOYMENTS, LEASE_RELEASED = "wake", "nodes", "node_
 
 
 def deployment_item(kind: str, view: DeploymentView) -> str:
-    """One DEPLOYMENTS item: `kind:name`; the others read the deployment back, except a deleted
-    one (its row is gone): `deleted:name:tenant` (neither holds ':' or ',')."""
-    if kind == "deleted":
-        return f"{kind}:{view.spec.name}:{view.spec.tenant}"
-    return f"{kind}:{view.spec.name}"
+    """One DEPLOYMENTS item: `kind:TENANT/NAME` (the deployment's key; neither part holds ':' or
+    ','); the others read the deployment back, except a deleted one (its row is gone)."""
+    return f"{kind}:{view.spec.key}"
 
 
 class AppSignals:
@@ -217,21 +215,21 @@ class ControllerApp:
             task.add_done_callback(self._republishing.discard)
 
     async def _republish(self, items: list[str]) -> None:
-        """Deployments another controller changed, for this controller's watchers."""
+        """Deployments another controller changed (`TYPE:TENANT/NAME`), for this controller's watchers."""
         by_type: dict[str, set[str]] = {}
         gone: list[DeploymentEvent] = []
         for item in items:
-            kind, _, name = item.partition(":")
+            kind, _, key = item.partition(":")
             if kind == "deleted":
-                name, _, tenant = name.partition(":")
+                tenant, name = split_deployment_key(key)
                 gone.append(deleted_elsewhere(name, tenant))
             else:
-                by_type.setdefault(kind, set()).add(name)
+                by_type.setdefault(kind, set()).add(key)
         views: dict[str, list[DeploymentView]] = {}
         try:
             if by_type:
                 async with self.db.unit_of_work() as uow:
-                    views = {kind: await views_of(uow, names) for kind, names in by_type.items()}
+                    views = {kind: await views_of(uow, keys) for kind, keys in by_type.items()}
         except Exception:
             log.exception("could not read deployments another controller changed")
         for kind, kind_views in views.items():
@@ -240,21 +238,22 @@ class ControllerApp:
         for event in gone:  # after the reads: a DELETING seen in the same message comes first
             self.bus.publish(event)
 
-    async def _publish_changed(self, names: set[str]) -> None:
+    async def _publish_changed(self, keys: set[str]) -> None:
         self.reconciler.wake()  # a replacement that now runs lets a rollout or drain stop an old replica
-        await self._publish_deployments(names, [])
+        await self._publish_deployments(keys, [])
 
-    async def _publish_deployments(self, names: set[str], deleted: list[DeploymentView]) -> None:
+    async def _publish_deployments(self, keys: set[str], deleted: list[DeploymentView]) -> None:
+        """Tell watchers about deployments (by key, TENANT/NAME) that changed or were deleted."""
         for view in deleted:
             self.bus.publish(DeploymentEvent("deleted", view))
         if deleted:
             self.channel.send(DEPLOYMENTS, [deployment_item("deleted", view) for view in deleted])
-        if names:
+        if keys:
             async with self.db.unit_of_work() as uow:
-                views = await views_of(uow, names)
+                views = await views_of(uow, keys)
             for view in views:
                 self.bus.publish(DeploymentEvent("modified", view))
-            self.channel.send(DEPLOYMENTS, [f"modified:{name}" for name in sorted(names)])
+            self.channel.send(DEPLOYMENTS, [f"modified:{key}" for key in sorted(keys)])
 
     def _tls(self) -> TlsSettings | None:
         if self.config.tls_cert is None or self.config.tls_key is None:

@@ -164,6 +164,24 @@ class DeploymentSpec:
     priority: int = 0
     preemptible: bool = False
 
+    @property
+    def key(self) -> str:
+        return deployment_key(self.tenant, self.name)
+
+
+def deployment_key(tenant: str, name: str) -> str:
+    """A deployment's identity as one string, `TENANT/NAME`: names are per tenant (two tenants may
+    both have `chat`), and the interchange format writes such ids this way. The solver's problem
+    document, plans, events and the controller's sets of changed deployments all use it. Neither
+    tenant ids nor deployment names may contain '/'."""
+    return f"{tenant}/{name}"
+
+
+def split_deployment_key(key: str) -> tuple[str, str]:
+    """(tenant, name) of a `deployment_key`."""
+    tenant, _, name = key.rpartition("/")
+    return tenant, name
+
 
 @dataclass(frozen=True, slots=True)
 class ReasonView:
@@ -258,6 +276,7 @@ class ShardReport:
     phase: str
     message: str = ""
     power_draw_w: float = 0.0
+    tenant: str = ""  # empty: the agent did not say (the controller looks it up in what it gave the node)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,10 @@ class ShardKey:
     deployment: str
     replica: int
     shard: int
+    tenant: str = ""  # names are per tenant: two tenants' `chat` may share a node
 
     def __str__(self) -> str:
-        return f"{self.deployment}/{self.replica}/{self.shard}"
+        return f"{self.tenant}/{self.deployment}/{self.replica}/{self.shard}"
 
 
 @dataclass(frozen=True)

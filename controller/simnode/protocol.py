@@ -40,7 +40,7 @@ class NodeSpec:
 def desired_from_proto(message: agent_pb2.AssignmentSet) -> DesiredState:
     shards = tuple(
         DesiredShard(
-            key=ShardKey(a.deployment, a.replica, a.shard), tenant=a.tenant,
+            key=ShardKey(a.deployment, a.replica, a.shard, a.tenant), tenant=a.tenant,
             accelerator_indices=tuple(a.accelerator_indices), accelerator_milli=a.accelerator_milli,
             accelerators=a.spec.accelerators or len(a.accelerator_indices),
             power_w=a.spec.power_w, generation=a.generation)
@@ -50,7 +50,8 @@ def desired_from_proto(message: agent_pb2.AssignmentSet) -> DesiredState:
 
 def status_to_proto(report: ShardReport) -> agent_pb2.ShardStatus:
     return agent_pb2.ShardStatus(
-        deployment=report.key.deployment, replica=report.key.replica, shard=report.key.shard,
+        deployment=report.key.deployment, tenant=report.key.tenant, replica=report.key.replica,
+        shard=report.key.shard,
         generation=report.generation, phase=_PHASES[report.phase], message=report.message,
         power_draw_w=report.power_draw_w)
 

@@ -18,6 +18,7 @@ from sqlalchemy import Row as SqlRow
 from sqlalchemy import Text, cast, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.domain.values import deployment_key
 from controller.store.models import Deployment, IsolationState, Node, Placement, Rack, Row, Tenant
 from scheduler.model import Deployment as SolverDeployment
 from scheduler.model import Node as SolverNode
@@ -75,14 +76,9 @@ async def isolation_version(session: AsyncSession) -> int:
     return version
 
 
-def deployment_label(tenant: str, name: str) -> str:
-    """How a deployment is named in violations: tenant/name (unique across tenants)."""
-    return f"{tenant}/{name}"
-
-
 def to_problem(stored: StoredPlacements) -> Problem:
     """The solver's model of the stored placements (CPU work: call it in a worker thread)."""
-    labels = {d.id: deployment_label(d.tenant_id, d.name) for d in stored.deployments}
+    labels = {d.id: deployment_key(d.tenant_id, d.name) for d in stored.deployments}  # violations name TENANT/NAME
     return Problem(
         zones=(),
         rows=tuple(SolverRow(r.id, r.zone_id) for r in stored.rows),

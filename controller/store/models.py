@@ -210,9 +210,11 @@ class Deployment(Base):
     """What a tenant asked for (the interchange format's `deployment`) and where it stands."""
 
     __tablename__ = "deployments"
+    # Names are per tenant (like Kubernetes namespaces): two tenants may both have `chat`.
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(63), nullable=False)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True, nullable=False)
     replicas: Mapped[int] = mapped_column(Integer, nullable=False)
     min_replicas: Mapped[int] = mapped_column(Integer, default=1, nullable=False)

@@ -56,8 +56,9 @@ from controller.store.models import (
 )
 from controller.store.metering import StartedShard, start_intervals, stop_intervals
 from controller.store.recheck import ReplicaKey, recheck
-from controller.store.rollout import deployment_name, outgoing_id, shards_of
+from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_snapshot
+from controller.domain.values import deployment_key
 from controller.domain.phases import deployment_phase, replica_counts
 
 if TYPE_CHECKING:  # the controller may import the solver's types; it never needs them at run time
@@ -72,7 +73,9 @@ TEMPLATE_REPLACED = "the deployment's template changed since the plan's snapshot
 
 @dataclass(frozen=True)
 class CommitResult:
-    """What a committed plan changed (empty sets: the plan matched the stored state)."""
+    """What a committed plan changed (empty sets: the plan matched the stored state).
+
+    Deployments are named by their keys, `TENANT/NAME` (`domain.deployment_key`)."""
 
     # Nodes whose desired shard set changed: send them a new AssignmentSet.
     changed_nodes: set[str]
@@ -182,11 +185,11 @@ class _Changes:
 
 def _spec_doc(snapshot: Snapshot) -> dict[str, Any]:
     """The snapshot's problem with one deployment per stored deployment and revision, named
-    `NAME~REVISION`: what the re-check judges each shard by (the spec its replica was placed with)."""
+    `TENANT/NAME~REVISION`: what the re-check judges each shard by (the spec its replica was placed with)."""
     specs: dict[str, dict[str, Any]] = {}
     for doc in snapshot.problem.get("deployments", ()):
         ref = snapshot.solver_refs.get(doc["id"])
-        spec_id = outgoing_id(ref.name, ref.revision) if ref is not None else doc["id"]
+        spec_id = outgoing_id(ref.key, ref.revision) if ref is not None else doc["id"]
         specs.setdefault(spec_id, dict(doc, id=spec_id))
     return {**snapshot.problem, "deployments": list(specs.values()), "placements": []}
 
@@ -276,7 +279,7 @@ async def _recheck(
     committed = {(spec(k[0], row.revision), k[1], k[2]): row.where for k, row in current.items() if k not in removed}
     wanted = {(spec(rk[0], changes.revision_of[(*rk, min(shards))]), rk[1]): shards for rk, shards in landing.items()}
     rejected = await asyncio.to_thread(recheck, doc, committed, wanted)
-    return {(deployment_name(spec_id), replica): why for (spec_id, replica), why in rejected.items()}
+    return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}
 
 
 async def commit_plan(
@@ -294,14 +297,14 @@ async def commit_plan(
 
     # Current state, one query per table (read under the generation lock).
     deployments = {
-        d.name: d
+        deployment_key(d.tenant_id, d.name): d
         for d in await session.execute(
             select(Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation,
                    Deployment.reasons, Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at,
                    Deployment.template_revision, Deployment.revision_specs)
         )
     }
-    names_by_id = {d.id: d.name for d in deployments.values()}
+    keys_by_id = {d.id: key for key, d in deployments.items()}
     live = {name for name, d in deployments.items()
             if d.phase not in (DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)}
     current: dict[ShardKey, _Row] = {}
@@ -312,7 +315,7 @@ async def commit_plan(
             Placement.accelerator_indices, Placement.accelerator_milli, Placement.phase, Placement.revision,
         )
     ):
-        name = names_by_id[p.deployment_id]
+        name = keys_by_id[p.deployment_id]
         row = _Row(p.id, p.deployment_id, (name, p.replica, p.shard), p.node_id,
                    list(p.accelerator_indices), p.accelerator_milli, p.phase, p.revision)
         if name in live:

@@ -304,28 +304,46 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
 _DEPLOYMENT_LOAD = (selectinload(m.Deployment.placements).selectinload(m.Placement.node),)
 
 
-async def get_deployment(session: AsyncSession, name: str) -> m.Deployment | None:
+async def get_deployment(session: AsyncSession, tenant: str, name: str) -> m.Deployment | None:
+    """The deployment `name` of `tenant` (names are per tenant)."""
     return await session.scalar(
-        select(m.Deployment).options(*_DEPLOYMENT_LOAD).where(m.Deployment.name == name)
+        select(m.Deployment).options(*_DEPLOYMENT_LOAD)
+        .where(m.Deployment.tenant_id == tenant, m.Deployment.name == name)
     )
 
 
+async def tenants_with_deployment(session: AsyncSession, name: str, limit: int = 2) -> list[str]:
+    """Tenants that have a deployment called `name` (the first `limit`, by tenant id)."""
+    return list(await session.scalars(
+        select(m.Deployment.tenant_id).where(m.Deployment.name == name).order_by(m.Deployment.tenant_id).limit(limit)
+    ))
+
+
 async def list_deployment_rows(
-    session: AsyncSession, *, tenant: str = "", names: Iterable[str] | None = None,
+    session: AsyncSession, *, tenant: str = "", keys: Iterable[str] | None = None,
     phases: Iterable[m.DeploymentPhase] | None = None, page: PageBounds | None = None,
 ) -> list[m.Deployment]:
+    """Deployments by name (then id), optionally of one tenant, with given keys (`TENANT/NAME`),
+    or in given phases."""
     stmt = select(m.Deployment).options(*_DEPLOYMENT_LOAD).order_by(m.Deployment.name, m.Deployment.id)
     if tenant:
         stmt = stmt.where(m.Deployment.tenant_id == tenant)
-    if names is not None:
-        stmt = stmt.where(m.Deployment.name.in_(set(names)))
+    wanted: set[str] | None = None
+    if keys is not None:
+        wanted = set(keys)
+        stmt = stmt.where(m.Deployment.name.in_({d.split_deployment_key(k)[1] for k in wanted}))
     if phases is not None:
         stmt = stmt.where(m.Deployment.phase.in_(list(phases)))
-    return list(await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id)))
+    rows = list(await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id)))
+    if wanted is not None:  # the names matched; the tenants must too
+        rows = [r for r in rows if d.deployment_key(r.tenant_id, r.name) in wanted]
+    return rows
 
 
-async def deployment_name_exists(session: AsyncSession, name: str) -> bool:
-    return (await session.scalar(select(m.Deployment.id).where(m.Deployment.name == name))) is not None
+async def deployment_exists(session: AsyncSession, tenant: str, name: str) -> bool:
+    return (await session.scalar(
+        select(m.Deployment.id).where(m.Deployment.tenant_id == tenant, m.Deployment.name == name)
+    )) is not None
 
 
 async def count_deployments_by_phase(session: AsyncSession, tenant: str = "") -> dict[str, int]:
@@ -389,10 +407,10 @@ def _replica_counts(row: m.Deployment, placements: Iterable[m.Placement] | None 
     return replica_counts(row.shards_per_replica, ((p.replica, p.phase) for p in placements), sizes)
 
 
-async def quarantine_deployment(session: AsyncSession, name: str, reason: str) -> set[str]:
-    """Set a deployment aside: phase QUARANTINED with the reason, its shards released.
-    Returns the nodes whose assignment sets changed."""
-    row = await get_deployment(session, name)
+async def quarantine_deployment(session: AsyncSession, key: str, reason: str) -> set[str]:
+    """Set a deployment (by key, `TENANT/NAME`) aside: phase QUARANTINED with the reason, its
+    shards released. Returns the nodes whose assignment sets changed."""
+    row = await get_deployment(session, *d.split_deployment_key(key))
     if row is None or row.phase in (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED):
         return set()
     nodes = {p.node_id for p in row.placements}
@@ -403,10 +421,10 @@ async def quarantine_deployment(session: AsyncSession, name: str, reason: str) -
     await bump_node_assignment_generations(session, nodes)
     await bump_cluster_generation(session)
     record_event(session, actor="controller", kind="deployment.quarantined", object_kind="deployment",
-                 object_id=name, message=reason)
+                 object_id=key, message=reason)
     await audit.append(session, [audit.AuditRecord(
         actor="controller", action="deployment.quarantined", role="controller", tenant=row.tenant_id,
-        object_kind="deployment", object_id=name, detail={"reason": reason, "released_on_nodes": sorted(nodes)})])
+        object_kind="deployment", object_id=key, detail={"reason": reason, "released_on_nodes": sorted(nodes)})])
     return nodes
 
 
@@ -443,12 +461,15 @@ def deployment_view(row: m.Deployment) -> d.DeploymentView:
 
 
 # --- placements ------------------------------------------------------------------------------
-async def placements_of_deployments(session: AsyncSession, names: Iterable[str]) -> list[tuple[m.Placement, str]]:
-    """Every placement of the named deployments, with its deployment's name."""
+async def placements_of_deployments(session: AsyncSession, keys: Iterable[str]) -> list[tuple[m.Placement, str]]:
+    """Every placement of the deployments with these keys (`TENANT/NAME`), with its deployment's key."""
+    wanted = set(keys)
     rows = await session.execute(
-        select(m.Placement, m.Deployment.name).join(m.Deployment).where(m.Deployment.name.in_(set(names)))
+        select(m.Placement, m.Deployment.tenant_id, m.Deployment.name).join(m.Deployment)
+        .where(m.Deployment.name.in_({d.split_deployment_key(k)[1] for k in wanted}))
     )
-    return [(placement, name) for placement, name in rows]
+    return [(placement, key) for placement, tenant, name in rows
+            if (key := d.deployment_key(tenant, name)) in wanted]
 
 
 async def placements_on_node(session: AsyncSession, node_id: str) -> list[tuple[m.Placement, m.Deployment]]:
@@ -498,13 +519,13 @@ def _shard_spec_of(dep: m.Deployment, revision: int) -> d.ShardSpec:
 
 async def release_placements_beyond(session: AsyncSession, node_id: str, accelerators: int) -> list[list[object]]:
     """Delete the node's placements that use an accelerator index it no longer has (it registered
-    with fewer), stopping their usage meters; returns them as [deployment, replica, shard]."""
+    with fewer), stopping their usage meters; returns them as [TENANT/NAME, replica, shard]."""
     gone = [(p, dep) for p, dep in await placements_on_node(session, node_id)
             if any(i >= accelerators for i in p.accelerator_indices or ())]
     if not gone:
         return []
     ids = [p.id for p, _ in gone]
-    released = [[dep.name, p.replica, p.shard] for p, dep in gone]
+    released = [[d.deployment_key(dep.tenant_id, dep.name), p.replica, p.shard] for p, dep in gone]
     for p, dep in gone:
         await session.delete(p)
         dep.generation = dep.generation + 1

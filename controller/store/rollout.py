@@ -7,7 +7,7 @@ default, `maia-controller --max-surge`) and maxUnavailable 0:
 
 - the snapshot (`solver_view`) hands the solver the deployment's current revision with room
   for its replicas minus the outgoing ones plus the surge replicas, and each outgoing revision
-  as a deployment of its own (id `NAME~REVISION`, its old spec, its replicas pinned where they
+  as a deployment of its own (id `TENANT/NAME~REVISION`, its old spec, its replicas pinned where they
   run), so the solver accounts for what they hold and places replacements beside them;
 - after the replacements report running, `retire_replaced` stops outgoing replicas one at a
   time, never letting the running replicas drop below the replicas asked; an outgoing replica
@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.domain.values import deployment_key
 from controller.store import audit
 from controller.store.metering import stop_intervals
 from controller.store.models import (
@@ -39,18 +40,18 @@ from controller.store.models import (
 # Replicas placed beyond the asked count while a rollout or drain replaces replicas (the
 # default of `maia-controller --max-surge`).
 DEFAULT_SURGE = 1
-_SEPARATOR = "~"  # never in a deployment name
+_SEPARATOR = "~"  # never in a deployment name or a tenant id
 
 ShardKey = tuple[str, int, int]
 
 
-def outgoing_id(name: str, revision: int) -> str:
-    """The solver id of a deployment's outgoing replicas of one revision."""
-    return f"{name}{_SEPARATOR}{revision}"
+def outgoing_id(key: str, revision: int) -> str:
+    """The solver id of a deployment's (key `TENANT/NAME`) outgoing replicas of one revision."""
+    return f"{key}{_SEPARATOR}{revision}"
 
 
-def deployment_name(solver_id: str) -> str:
-    """The stored deployment a solver id stands for."""
+def stored_key(solver_id: str) -> str:
+    """The key (`TENANT/NAME`) of the stored deployment a solver id stands for."""
     return solver_id.split(_SEPARATOR, 1)[0]
 
 
@@ -58,7 +59,7 @@ def deployment_name(solver_id: str) -> str:
 class SolverRef:
     """One solver deployment: which stored deployment and revision, and its replica numbering."""
 
-    name: str
+    key: str  # the stored deployment's, TENANT/NAME
     revision: int
     outgoing: bool
     shards_per_replica: int
@@ -89,7 +90,7 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
                 surge: int = DEFAULT_SURGE) -> SolverView:
     """The solver deployments and placements of one stored deployment (see the module doc);
     `surge` replicas at most beyond the asked count while replicas are being replaced."""
-    name = current_doc["id"]
+    key = current_doc["id"]
     current: list[StoredReplica] = []
     outgoing: dict[int, list[StoredReplica]] = defaultdict(list)
     for rep in sorted(replicas, key=lambda r: r.index):
@@ -108,23 +109,23 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
         if n_out:  # during a rollout each replacement counts alone
             doc["min_replicas"] = 1
         view.deployments.append(doc)
-        view.refs[name] = _add(view, name, template_revision, False, doc, current[:target])
+        view.refs[key] = _add(view, key, template_revision, False, doc, current[:target])
     for revision, reps in sorted(outgoing.items()):
         spec = current_doc if revision == template_revision else revision_specs[str(revision)]
-        solver_id = outgoing_id(name, revision)
+        solver_id = outgoing_id(key, revision)
         doc = dict(copy.deepcopy(spec), id=solver_id, replicas=len(reps), min_replicas=1)
         view.deployments.append(doc)
-        view.refs[solver_id] = _add(view, name, revision, True, doc, reps)
+        view.refs[solver_id] = _add(view, key, revision, True, doc, reps)
     return view
 
 
-def _add(view: SolverView, name: str, revision: int, outgoing: bool, doc: dict[str, Any],
+def _add(view: SolverView, key: str, revision: int, outgoing: bool, doc: dict[str, Any],
          reps: list[StoredReplica]) -> SolverRef:
     mapping = {}
     for solver_replica, rep in enumerate(reps):
         mapping[solver_replica] = rep.index
         view.placements += [dict(p, deployment=doc["id"], replica=solver_replica) for p in rep.placements]
-    return SolverRef(name, revision, outgoing, doc["shards_per_replica"], mapping)
+    return SolverRef(key, revision, outgoing, doc["shards_per_replica"], mapping)
 
 
 class PlanKeys:
@@ -132,12 +133,13 @@ class PlanKeys:
 
     def __init__(self, refs: Mapping[str, SolverRef], used: Mapping[str, frozenset[int]]) -> None:
         self._refs = refs
-        self._used = {name: set(indices) for name, indices in used.items()}
+        self._used = {key: set(indices) for key, indices in used.items()}
         self._fresh: dict[tuple[str, int], int] = {}
 
     def name(self, solver_id: str) -> str:
+        """The key (`TENANT/NAME`) of the stored deployment a solver id stands for."""
         ref = self._refs.get(solver_id)
-        return ref.name if ref is not None else solver_id
+        return ref.key if ref is not None else solver_id
 
     def is_outgoing(self, solver_id: str) -> bool:
         ref = self._refs.get(solver_id)
@@ -158,7 +160,7 @@ class PlanKeys:
             return stored
         key = (solver_id, replica)
         if key not in self._fresh:
-            used = self._used.setdefault(ref.name, set())
+            used = self._used.setdefault(ref.key, set())
             index = 0
             while index in used:
                 index += 1
@@ -259,10 +261,11 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
             retired_ids += rep.ids
             nodes |= rep.nodes
             why = "its node is draining" if rep.draining else f"revision {rep.revision} replaced by {dep.template_revision}"
-            line = (f"{dep.name}: replica {rep.index} stopped on {', '.join(sorted(rep.nodes))} ({why}); "
+            key = deployment_key(dep.tenant_id, dep.name)
+            line = (f"{key}: replica {rep.index} stopped on {', '.join(sorted(rep.nodes))} ({why}); "
                     f"running replicas of revision {dep.template_revision}: {replacements or 'none'}")
             lines.append(line)
-            events.append({"kind": "deployment.replica_retired", "object_kind": "deployment", "object_id": dep.name,
+            events.append({"kind": "deployment.replica_retired", "object_kind": "deployment", "object_id": key,
                            "message": line, "data": {"replica": rep.index, "revision": rep.revision,
                                                      "nodes": sorted(rep.nodes), "draining": rep.draining,
                                                      "replacements": replacements},
@@ -272,7 +275,7 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         specs = {k: v for k, v in (dep.revision_specs or {}).items() if int(k) in left}
         if gone or specs != (dep.revision_specs or {}):
             dep.revision_specs = specs
-            changed.add(dep.name)
+            changed.add(deployment_key(dep.tenant_id, dep.name))
         if gone:
             dep.generation = dep.generation + 1
     if not retired_ids:

@@ -22,6 +22,7 @@ from scheduler import Deployment as SolverDeployment
 from scheduler import ShardSpec, Spread, deployment_to_dict
 
 from controller import limits
+from controller.domain.values import deployment_key
 from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, solver_view
 from controller.store.models import (
     ClusterState,
@@ -38,7 +39,7 @@ from controller.store.models import (
 
 PROBLEM_VERSION = 1
 
-# (deployment name, replica, shard): how a placed shard is named in the interchange format.
+# (deployment key TENANT/NAME, replica, shard): how a placed shard is named in the interchange format.
 ShardKey = tuple[str, int, int]
 # Where one shard runs: node, accelerator indices, milli per accelerator (None: whole).
 Where = tuple[str, tuple[int, ...], int | None]
@@ -53,17 +54,17 @@ class Snapshot:
 
     generation: int
     problem: dict[str, Any]
-    # Deployment name (the interchange id) → its primary key, for every deployment in `problem`.
+    # Deployment key (`TENANT/NAME`, the interchange id) → its primary key, for every deployment in `problem`.
     deployment_ids: Mapping[str, int] = field(default_factory=dict)
     # Solver deployment id → stored deployment, revision and replica numbering (store/rollout.py);
     # a deployment without a ref is its own, numbered as stored.
     solver_refs: Mapping[str, SolverRef] = field(default_factory=dict)
-    # Stored deployment name → every replica index its shards use (new replicas take others).
+    # Stored deployment key → every replica index its shards use (new replicas take others).
     replica_indices: Mapping[str, frozenset[int]] = field(default_factory=dict)
     # Stored shards of live deployments left out of `problem` (on a node beyond today's limits,
     # or an outgoing replica dropped by the rollout view): the commit releases them.
     released: Mapping[ShardKey, Where] = field(default_factory=dict)
-    # Deployments being deleted when it was read: the commit removes their rows (one deleted
+    # Deployments (keys) being deleted when it was read: the commit removes their rows (one deleted
     # later is removed by the next pass, which publishes its deletion).
     deleting: frozenset[str] = frozenset()
 
@@ -174,7 +175,7 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
     current_docs: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
     deleting: set[str] = set()
     deployment_ids: dict[str, int] = {}
-    names_by_id: dict[int, str] = {}
+    keys_by_id: dict[int, str] = {}
     # Arrival order (primary key): what the online mode places first.
     for d in await session.execute(
         select(
@@ -188,21 +189,22 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         .where(Deployment.phase != DeploymentPhase.QUARANTINED)
         .order_by(Deployment.id)
     ):
+        key = deployment_key(d.tenant_id, d.name)
         if d.phase is DeploymentPhase.DELETING:
-            deleting.add(d.name)
+            deleting.add(key)
             continue
         spread = (Spread(d.spread_domain.value, d.spread_max_per_domain)
                   if d.spread_domain is not None and d.spread_max_per_domain is not None else None)
         deployment = deployment_to_dict(SolverDeployment(
-            d.name, d.tenant_id, d.replicas, d.shards_per_replica,
+            key, d.tenant_id, d.replicas, d.shards_per_replica,
             ShardSpec(d.shard_accelerators, d.shard_accelerator_milli, d.shard_hbm_gib,
                       d.shard_cpu_milli, d.shard_memory_mib, d.shard_power_w,
                       tuple(d.shard_accelerator_models) or None),  # [] means any model
             min_replicas=d.min_replicas, locality=d.locality.value, spread=spread,
             priority=d.priority, preemptible=d.preemptible))
         current_docs.append((d.id, deployment, d.template_revision, d.revision_specs or {}))
-        deployment_ids[d.name] = d.id
-        names_by_id[d.id] = d.name
+        deployment_ids[key] = d.id
+        keys_by_id[d.id] = key
 
     stored: dict[int, dict[int, tuple[int, list[dict[str, Any]], set[str]]]] = {}
     released: dict[ShardKey, Where] = {}
@@ -212,14 +214,14 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
             Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision,
         ).order_by(Placement.deployment_id, Placement.replica, Placement.shard)
     ):
-        name = names_by_id.get(p.deployment_id)
-        if name is None:  # its deployment is being deleted, or quarantined
+        key = keys_by_id.get(p.deployment_id)
+        if key is None:  # its deployment is being deleted, or quarantined
             continue
         if p.node_id in oversized_nodes:
-            released[(name, p.replica, p.shard)] = (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli)
+            released[(key, p.replica, p.shard)] = (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli)
             continue
         placement: dict[str, Any] = {
-            "deployment": name,
+            "deployment": key,
             "replica": p.replica,
             "shard": p.shard,
             "node": p.node_id,

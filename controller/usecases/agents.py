@@ -26,9 +26,9 @@ from controller.store import repositories as repo
 from controller.store import tokens as node_tokens
 from controller.store.db import UnitOfWork
 from controller.usecases import policy, tokens
-from controller.domain.values import HeartbeatReport, NodeInfo, Registration, ShardReport
+from controller.domain.values import HeartbeatReport, NodeInfo, Registration, ShardReport, deployment_key
 from controller.usecases.validation import (
-    ID_MAX, check_count, check_id, check_labels, check_name, check_quantity, check_range, check_text,
+    ID_MAX, check_count, check_id, check_labels, check_name, check_optional_id, check_quantity, check_range, check_text,
 )
 from controller.usecases.ports import Signals
 
@@ -57,6 +57,7 @@ def validate_report(node_id: str, report: ShardReport) -> None:
     """A shard status from an agent: every field bounded like a request's."""
     where = f"node {node_id}: shard status"
     check_name(f"{where} deployment", report.deployment)
+    check_optional_id(f"{where} tenant", report.tenant)
     check_range(f"{where} replica", report.replica, 0, limits.REPLICAS_MAX - 1)
     check_range(f"{where} shard", report.shard, 0, limits.SHARDS_PER_REPLICA_MAX - 1)
     check_text(f"{where} message", report.message, limits.REPORT_MESSAGE_MAX)
@@ -250,7 +251,7 @@ class RefusedReports:
     """Reports one node sent for shards it was never given, since the last flush."""
 
     count: int
-    samples: tuple[tuple[str, int, int], ...]  # (deployment, replica, shard), the first few
+    samples: tuple[tuple[str, int, int], ...]  # (deployment key TENANT/NAME, replica, shard), the first few
 
 
 async def record_refused_reports(uow: UnitOfWork, node_id: str, refused: RefusedReports) -> None:
@@ -280,7 +281,8 @@ async def flush_reports(
     """Write batched heartbeats, shard reports and refused-report events in one transaction.
 
     A report is applied only if the shard is still placed on the reporting node and answers the
-    placement's generation or a newer one (older reports are stale). Returns the names of the
+    placement's generation or a newer one (older reports are stale). Every report names its
+    tenant (the hub fills it in from what it gave the node). Returns the keys (TENANT/NAME) of the
     deployments whose shard phases (and so perhaps their phase) changed.
     """
     s = uow.session
@@ -289,11 +291,11 @@ async def flush_reports(
     latest: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
-            latest[(report.deployment, report.replica, report.shard)] = (node_id, report)
+            latest[(deployment_key(report.tenant, report.deployment), report.replica, report.shard)] = (node_id, report)
     touched: set[str] = set()
     if latest:
-        for placement, name in await repo.placements_of_deployments(s, {k[0] for k in latest}):
-            hit = latest.get((name, placement.replica, placement.shard))
+        for placement, key in await repo.placements_of_deployments(s, {k[0] for k in latest}):
+            hit = latest.get((key, placement.replica, placement.shard))
             if hit is None:
                 continue
             node_id, report = hit
@@ -303,9 +305,9 @@ async def flush_reports(
             if placement.phase is not phase or placement.message != report.message:
                 placement.phase = phase
                 placement.message = report.message
-                touched.add(name)
+                touched.add(key)
     if touched:  # their deployments' phases may follow the shards'
-        for row in await repo.list_deployment_rows(s, names=touched):
+        for row in await repo.list_deployment_rows(s, keys=touched):
             row.phase = repo.implied_phase(row)
     for node_id, refusal in (refused or {}).items():
         await record_refused_reports(uow, node_id, refusal)

@@ -13,7 +13,9 @@ from dataclasses import replace
 from typing import Any
 
 from controller import limits
-from controller.errors import AlreadyExists, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted
+from controller.errors import (
+    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
+)
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
 from controller.store import models as m
@@ -22,13 +24,14 @@ from controller.store.db import Database, UnitOfWork
 from controller.usecases import planning, policy, requests
 from controller.usecases.capacity import CapacityCache, load_index
 from controller.domain.values import (
-    DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView,
+    DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView, deployment_key,
 )
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
 from controller.usecases.validation import (
-    check_count, check_id, check_name, check_optional_id, check_quantity, check_range, check_text, check_unique, quoted,
+    check_count, check_name, check_optional_id, check_quantity, check_range, check_tenant_id, check_text, check_unique,
+    quoted,
 )
 
 
@@ -38,7 +41,7 @@ def validate_spec(spec: DeploymentSpec) -> None:
     where = f"deployment {spec.name}"
     if not spec.tenant:
         raise InvalidArgument(f"{where}: tenant is required")
-    check_id("tenant", spec.tenant)
+    check_tenant_id(spec.tenant)
     check_range(f"{where}: replicas", spec.replicas, 1, limits.REPLICAS_MAX)
     if not 1 <= spec.min_replicas <= spec.replicas:
         raise InvalidArgument(
@@ -160,19 +163,20 @@ async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *, repl
     """Checks against the stored cluster; returns the quarantined deployment this one replaces.
 
     `replacing` (dry runs only): the spec stands in for the stored deployment of its name, which
-    must exist."""
+    must exist. Names are per tenant: only the tenant's own deployments can collide (ALREADY_EXISTS
+    never tells one tenant what another has named its deployments)."""
     validate_spec(spec)
     tenant = await repo.get_tenant(uow.session, spec.tenant)
     if tenant is None:
         raise NotFound(f"tenant {spec.tenant} not found")
     replaced = None
-    exists = await repo.deployment_name_exists(uow.session, spec.name)
+    exists = await repo.deployment_exists(uow.session, spec.tenant, spec.name)
     if replacing and not exists:
-        raise NotFound(f"deployment {spec.name} not found (nothing to replace)")
+        raise NotFound(f"deployment {spec.name} not found in tenant {spec.tenant} (nothing to replace)")
     if exists and not replacing:
-        replaced = await repo.get_deployment(uow.session, spec.name)
-        if replaced is None or replaced.phase is not m.DeploymentPhase.QUARANTINED or replaced.tenant_id != spec.tenant:
-            raise AlreadyExists(f"deployment {spec.name} already exists")
+        replaced = await repo.get_deployment(uow.session, spec.tenant, spec.name)
+        if replaced is None or replaced.phase is not m.DeploymentPhase.QUARANTINED:
+            raise AlreadyExists(f"deployment {spec.name} already exists in tenant {spec.tenant}")
     await check_could_ever_fit(uow, spec, tenant, capacity)
     return replaced
 
@@ -184,12 +188,35 @@ def as_caller(who: Principal, spec: DeploymentSpec, action: str) -> DeploymentSp
     return replace(spec, tenant=tenant) if tenant != spec.tenant else spec
 
 
-async def visible_row(uow: UnitOfWork, who: Principal, name: str, action: str) -> m.Deployment:
-    """The named deployment if `who` may see it; another tenant's is NOT_FOUND, like a missing one."""
-    policy.visible_tenant(who, "", action)
-    row = await repo.get_deployment(uow.session, name)
-    if row is None or not policy.may_see_tenant(who, row.tenant_id):
+async def resolve_tenant(uow: UnitOfWork, who: Principal, tenant: str, name: str, action: str) -> str:
+    """The tenant whose deployment `name` a by-name call means.
+
+    A tenant token's calls imply its own tenant (naming another is NOT_FOUND). An admin names the
+    tenant; without one, the only tenant that has a deployment of that name is meant, and when
+    several have one the call is FAILED_PRECONDITION naming them (an admin may see them all).
+    """
+    check_name("deployment", name)
+    check_optional_id("tenant", tenant)
+    tenant = policy.visible_tenant(who, tenant, action)
+    if tenant:
+        return tenant
+    owners = await repo.tenants_with_deployment(uow.session, name, limit=3)
+    if not owners:
         raise NotFound(f"deployment {name} not found")
+    if len(owners) > 1:
+        more = ", ..." if len(owners) > 2 else ""
+        raise FailedPrecondition(f"deployment {name} exists in several tenants ({', '.join(owners[:2])}{more}); "
+                                 "name the tenant (maiactl --tenant T)")
+    return owners[0]
+
+
+async def visible_row(uow: UnitOfWork, who: Principal, tenant: str, name: str, action: str) -> m.Deployment:
+    """The deployment `name` of `tenant` (see `resolve_tenant`) if `who` may see it; another
+    tenant's is NOT_FOUND, like a missing one."""
+    tenant = await resolve_tenant(uow, who, tenant, name, action)
+    row = await repo.get_deployment(uow.session, tenant, name)
+    if row is None or not policy.may_see_tenant(who, row.tenant_id):
+        raise NotFound(f"deployment {name} not found" + (f" in tenant {tenant}" if who.is_admin else ""))
     return row
 
 
@@ -203,7 +230,7 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     requests.check_request_id(request_id)
     first = await requests.replayed(uow, spec.tenant, request_id, spec, "submit")
     if first is not None:
-        return repo.deployment_view(await repo.get_deployment(uow.session, first.name) or first)
+        return repo.deployment_view(await repo.get_deployment(uow.session, first.tenant_id, first.name) or first)
     if throttle is not None:
         throttle.check_submit(spec.tenant)
     replaced = await _validate_against_store(uow, spec, capacity=capacity)
@@ -224,7 +251,7 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "submit")
     repo.record_event(uow.session, actor=who.name,
                       kind="deployment.released" if replaced is not None else "deployment.submitted",
-                      object_kind="deployment", object_id=spec.name, data=planning.deployment_doc(spec))
+                      object_kind="deployment", object_id=spec.key, data=planning.deployment_doc(spec))
     await uow.commit()
     view = repo.deployment_view(row)
     signals.publish(DeploymentEvent("added", view))
@@ -263,7 +290,7 @@ async def _dry_run(db: Database, spec: DeploymentSpec, time_limit_ms: int, repla
 
 
 def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> DeploymentView:
-    mine = sorted((p for p in plan.placements if p.deployment == spec.name), key=lambda p: (p.replica, p.shard))
+    mine = sorted((p for p in plan.placements if p.deployment == spec.key), key=lambda p: (p.replica, p.shard))
     placements = tuple(
         ShardPlacementView(
             replica=p.replica, shard=p.shard, node=p.node, rack=racks.get(p.node, ""),
@@ -275,7 +302,7 @@ def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> De
     )
     reasons = tuple(
         ReasonView(r.code, r.message, r.scope or "")
-        for u in plan.unplaced if u.deployment == spec.name for r in u.reasons
+        for u in plan.unplaced if u.deployment == spec.key for r in u.reasons
     )
     replicas = {p.replica for p in mine}
     phase = "scheduled" if replicas else "pending"
@@ -283,9 +310,8 @@ def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> De
                           reasons=reasons)
 
 
-async def get_deployment(uow: UnitOfWork, who: Principal, name: str) -> DeploymentView:
-    check_name("deployment", name)
-    return repo.deployment_view(await visible_row(uow, who, name, "reading deployments"))
+async def get_deployment(uow: UnitOfWork, who: Principal, name: str, tenant: str = "") -> DeploymentView:
+    return repo.deployment_view(await visible_row(uow, who, tenant, name, "reading deployments"))
 
 
 async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
@@ -304,14 +330,14 @@ async def all_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> 
     return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, tenant=tenant)]
 
 
-async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals) -> DeploymentView:
-    check_name("deployment", name)
-    row = await visible_row(uow, who, name, "deleting deployments")
+async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals,
+                            tenant: str = "") -> DeploymentView:
+    row = await visible_row(uow, who, tenant, name, "deleting deployments")
     if row.phase is not m.DeploymentPhase.DELETING:
         row.phase = m.DeploymentPhase.DELETING
         await repo.bump_cluster_generation(uow.session)
         repo.record_event(uow.session, actor=who.name, kind="deployment.deleting", object_kind="deployment",
-                          object_id=name)
+                          object_id=deployment_key(row.tenant_id, name))
         await uow.commit()
         signals.wake_reconciler()
     view = repo.deployment_view(row)
@@ -319,6 +345,6 @@ async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals:
     return view
 
 
-async def views_of(uow: UnitOfWork, names: set[str]) -> list[DeploymentView]:
-    """Current views of some deployments (those that no longer exist are skipped)."""
-    return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, names=names)]
+async def views_of(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:
+    """Current views of some deployments, by key `TENANT/NAME` (those that no longer exist are skipped)."""
+    return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, keys=keys)]

@@ -7,7 +7,8 @@ from controller.identity import Principal, Role
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases import policy
-from controller.domain.values import EventView
+from controller.usecases.deployments import resolve_tenant
+from controller.domain.values import EventView, deployment_key
 
 OBJECT_KINDS = ("deployment", "node", "tenant", "topology")
 DEFAULT_LIMIT = 100
@@ -22,24 +23,38 @@ async def list_events(uow: UnitOfWork, who: Principal, *, object_kind: str = "",
         raise InvalidArgument("object_id needs object_kind")
     if limit < 0 or after_id < 0:
         raise InvalidArgument("limit and after_id must not be negative")
-    await _check_visible(uow, who, object_kind, object_id)
+    object_id = await _check_visible(uow, who, object_kind, object_id)
     return await repo.list_events(uow.session, object_kind=object_kind, object_id=object_id, after_id=after_id,
                                   limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT))
 
 
-async def _check_visible(uow: UnitOfWork, who: Principal, object_kind: str, object_id: str) -> None:
+async def _check_visible(uow: UnitOfWork, who: Principal, object_kind: str, object_id: str) -> str:
     """Admins read every event; a tenant token only those of one of its own deployments or of its
-    own tenant (the history names other tenants' deployments and nodes); other roles none."""
+    own tenant (the history names other tenants' deployments and nodes); other roles none.
+
+    Returns the object id to look up: a deployment is named `TENANT/NAME` in the history; the
+    caller may say `NAME` alone (its own tenant's, or for an admin the only tenant's of that name).
+    """
+    if object_kind == "deployment" and object_id:
+        return await _deployment_key(uow, who, object_id)
     if who.is_admin:
-        return
+        return object_id
     policy.require_role(who, "listing events", Role.TENANT)
     if object_kind == "tenant" and object_id:
         policy.visible_tenant(who, object_id, "listing events")  # another tenant's: NOT_FOUND
-        return
-    if object_kind == "deployment" and object_id:
-        row = await repo.get_deployment(uow.session, object_id)
-        if row is None or not policy.may_see_tenant(who, row.tenant_id):
-            raise NotFound(f"deployment {object_id} not found")
-        return
+        return object_id
     raise PermissionDenied("a tenant token lists the events of one of its own deployments "
                            "(object_kind deployment, object_id NAME) or of its tenant; the rest needs an admin token")
+
+
+async def _deployment_key(uow: UnitOfWork, who: Principal, object_id: str) -> str:
+    """The history's key of the deployment `object_id` (`TENANT/NAME` or `NAME`) names, if `who`
+    may see it: another tenant's is NOT_FOUND. An admin may name one that no longer exists."""
+    tenant, _, name = object_id.rpartition("/")
+    if who.is_admin and tenant:
+        return object_id
+    policy.require_role(who, "listing events", Role.TENANT)
+    tenant = await resolve_tenant(uow, who, tenant, name, "listing events")
+    if not who.is_admin and await repo.get_deployment(uow.session, tenant, name) is None:
+        raise NotFound(f"deployment {name} not found")
+    return deployment_key(tenant, name)

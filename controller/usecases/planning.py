@@ -14,14 +14,14 @@ from typing import Any
 
 from controller.errors import InvalidArgument
 from controller.store.snapshot import load_snapshot  # noqa: F401  (the snapshot half of this seam)
-from controller.domain.values import DeploymentSpec
+from controller.domain.values import DeploymentSpec, split_deployment_key
 from scheduler import Deployment, Plan, Problem, ProblemError, ShardSpec, Spread, deployment_to_dict, problem_from_dict, solve
 
 
 def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
-    """A deployment in the interchange format (its id is its name)."""
+    """A deployment in the interchange format (its id is its key, `TENANT/NAME`)."""
     return deployment_to_dict(Deployment(
-        spec.name, spec.tenant, spec.replicas, spec.shards_per_replica, spec.shard,
+        spec.key, spec.tenant, spec.replicas, spec.shards_per_replica, spec.shard,
         min_replicas=spec.min_replicas, locality=spec.locality, spread=spec.spread,
         priority=spec.priority, preemptible=spec.preemptible))
 
@@ -32,18 +32,18 @@ def spec_of_doc(doc: dict[str, Any]) -> DeploymentSpec:
     models = shard.pop("accelerator_models", None)
     spread = doc.get("spread")
     return DeploymentSpec(
-        name=doc["id"], tenant=doc["tenant"], replicas=doc["replicas"], shards_per_replica=doc["shards_per_replica"],
+        name=split_deployment_key(doc["id"])[1], tenant=doc["tenant"], replicas=doc["replicas"], shards_per_replica=doc["shards_per_replica"],
         shard=ShardSpec(**shard, accelerator_models=tuple(models) if models else None),
         min_replicas=doc.get("min_replicas", 1), locality=doc.get("locality", "rack"),
         spread=Spread(spread["domain"], spread["max_per_domain"]) if spread else None,
         priority=doc.get("priority", 0), preemptible=doc.get("preemptible", False))
 
 
-def with_only(problem: dict[str, Any], name: str) -> dict[str, Any]:
+def with_only(problem: dict[str, Any], key: str) -> dict[str, Any]:
     """The problem with one deployment (and its placements) left: to solve it on its own."""
     doc = dict(problem)
-    doc["deployments"] = [d for d in problem.get("deployments", ()) if d["id"] == name]
-    doc["placements"] = [p for p in problem.get("placements", ()) if p["deployment"] == name]
+    doc["deployments"] = [d for d in problem.get("deployments", ()) if d["id"] == key]
+    doc["placements"] = [p for p in problem.get("placements", ()) if p["deployment"] == key]
     return doc
 
 
@@ -57,12 +57,12 @@ def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "ba
 
 
 def with_deployment(problem: dict[str, Any], spec: DeploymentSpec, *, replace: bool = False) -> dict[str, Any]:
-    """The problem with `spec` added; with `replace`, instead of the deployment of that name
+    """The problem with `spec` added; with `replace`, instead of the deployment of that key
     (which leaves the problem together with its placements)."""
     doc = copy.deepcopy(problem)
     if replace:
-        doc["deployments"] = [d for d in doc.get("deployments", []) if d.get("id") != spec.name]
-        doc["placements"] = [p for p in doc.get("placements", []) if p.get("deployment") != spec.name]
+        doc["deployments"] = [d for d in doc.get("deployments", []) if d.get("id") != spec.key]
+        doc["placements"] = [p for p in doc.get("placements", []) if p.get("deployment") != spec.key]
     doc.setdefault("deployments", []).append(deployment_doc(spec))
     return doc
 

@@ -17,11 +17,11 @@ from controller.domain.values import ISOLATIONS, TenantSpec, TenantView
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
-from controller.usecases.validation import check_count, check_id, check_quantity, check_unique
+from controller.usecases.validation import check_count, check_id, check_quantity, check_tenant_id, check_unique
 
 
 async def _validate(uow: UnitOfWork, spec: TenantSpec) -> None:
-    check_id("tenant", spec.id)
+    check_tenant_id(spec.id)
     if spec.isolation not in ISOLATIONS:
         raise InvalidArgument(f"tenant {spec.id}: isolation {spec.isolation!r} is not one of {', '.join(ISOLATIONS)}")
     check_quantity(f"tenant {spec.id}: reserved_accelerators", spec.reserved_accelerators,

@@ -122,10 +122,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     spec = as_caller(who, spec, "updating deployments")
     validate_spec(spec)
     requests.check_request_id(request_id)
-    row = await visible_row(uow, who, spec.name, "updating deployments")
-    if row.tenant_id != spec.tenant:
-        raise InvalidArgument(f"deployment {spec.name} belongs to tenant {row.tenant_id}; "
-                              f"its tenant cannot be changed to {spec.tenant}")
+    row = await visible_row(uow, who, spec.tenant, spec.name, "updating deployments")  # names are per tenant
     if await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None:
         return DeploymentUpdate(repo.deployment_view(row))
     if row.phase is m.DeploymentPhase.DELETING:
@@ -160,7 +157,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session)
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",
-                      object_id=spec.name, message="; ".join(changes),
+                      object_id=spec.key, message="; ".join(changes),
                       data={"changes": changes, "rolling": rolling, "resource_version": row.resource_version,
                             "revision": row.template_revision})
     await uow.commit()

@@ -58,6 +58,15 @@ def check_id(kind: str, value: str) -> None:
         )
 
 
+def check_tenant_id(value: str) -> None:
+    """A tenant id: an id short enough that `TENANT/NAME` (a deployment's key, see
+    `domain.deployment_key`) stays within the interchange format's 128-character ids."""
+    check_id("tenant", value)
+    if len(value) > limits.TENANT_ID_MAX:
+        raise InvalidArgument(
+            f"tenant id {quoted(value, 20)} is {len(value)} characters long; at most {limits.TENANT_ID_MAX}")
+
+
 def check_optional_id(kind: str, value: str) -> None:
     """A filter or reference that may be empty (meaning "all" or "none")."""
     if value:

@@ -130,7 +130,7 @@ def test_snapshot_is_the_committed_state_that_solve_and_the_checker_read(cluster
     (cluster.folder / "snapshot.json").write_text(proc.stdout)
     solved = cluster.ctl("solve", str(cluster.folder / "snapshot.json"), "-o", "json")
     assert solved.returncode == 0, solved.stderr
-    assert {p["deployment"] for p in json.loads(solved.stdout)["placements"]} >= {"small"}
+    assert {p["deployment"] for p in json.loads(solved.stdout)["placements"]} >= {"other/small"}  # ids are TENANT/NAME
     assert "Placements:" in cluster.ctl("snapshot").stdout
     lab = cluster.ctl("token", "create", "--tenant", "lab").stdout.strip()
     denied = maiactl(cluster.address, "snapshot", "-o", "json", token=lab)

@@ -188,7 +188,7 @@ def test_events_and_describe(running: RunningController, tmp_path: Path):
                                                                                   replicas=1)))
     events = json.loads(running.ctl("get", "events", "--for", "deployment/evented", "-o", "json").stdout)
     assert [e["event"] for e in events["items"]][:1] == ["deployment.submitted"]
-    assert {e["object"] for e in events["items"]} == {"deployment/evented"}
+    assert {e["object"] for e in events["items"]} == {"deployment/openlab/evented"}  # the history names it TENANT/NAME
     table = running.ctl("get", "events", "--for", "tenant/openlab").stdout
     assert table.splitlines()[0].split() == ["TIME", "EVENT", "OBJECT", "ACTOR", "MESSAGE"]
     assert "tenant.created" in table

@@ -52,7 +52,7 @@ async def _run(db: Database, clock: WallClock) -> None:
     clock.now = T0 + 2 * H
     async with db.unit_of_work() as uow:
         await deployments.delete_deployment(uow, WHO, "big", RecordingSignals())
-    assert "big" in (await loop.reconcile_once()).deleted
+    assert "t1/big" in (await loop.reconcile_once()).deleted
 
 
 def _by_deployment(report) -> dict[str, tuple[float, float]]:

@@ -73,4 +73,4 @@ async def test_a_replica_the_applier_turns_away_is_placed_again_after_a_back_off
     second = await loop.reconcile_once()
     assert second.solved and second.retry_in_s is None and len(second.changed_nodes) == 1
     async with cluster.unit_of_work() as uow:
-        assert (await repo.get_deployment(uow.session, "svc")).phase is m.DeploymentPhase.SCHEDULED
+        assert (await repo.get_deployment(uow.session, "t1", "svc")).phase is m.DeploymentPhase.SCHEDULED

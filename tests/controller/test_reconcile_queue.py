@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from controller.reconcile import Reconciler
 from controller.usecases import deployments, planning, tenants
-from controller.domain.values import TenantSpec
+from controller.domain.values import TenantSpec, split_deployment_key
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, deployment
 
@@ -18,7 +18,7 @@ class SolveRecorder:
         self.asked: list[set[str]] = []
 
     async def __call__(self, problem, *, time_limit_ms):
-        self.asked.append({d["id"] for d in problem["deployments"]})
+        self.asked.append({split_deployment_key(d["id"])[1] for d in problem["deployments"]})  # all of tenant t1
         return await planning.solve_online_first(problem, time_limit_ms=time_limit_ms)
 
 
@@ -75,7 +75,7 @@ async def test_a_submission_after_a_deletion_is_seen(cluster):
     assert (await loop.reconcile_once()).solved
     async with cluster.unit_of_work() as uow:
         await deployments.delete_deployment(uow, WHO, "first", RecordingSignals())
-    assert (await loop.reconcile_once()).deleted == ("first",)
+    assert (await loop.reconcile_once()).deleted == ("t1/first",)  # deployments by key TENANT/NAME
     assert not (await loop.reconcile_once()).solved  # nothing new
     await submit(cluster, deployment("second"))
     assert (await loop.reconcile_once()).solved

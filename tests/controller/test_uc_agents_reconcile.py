@@ -71,21 +71,21 @@ async def test_submit_reconcile_running_then_delete(cluster):
     async with cluster.unit_of_work() as uow:
         await deployments.submit_deployment(uow, WHO, deployment("svc", replicas=2, shards=2), RecordingSignals())
     outcome = await loop.reconcile_once()
-    assert outcome.solved and "svc" in outcome.changed_deployments
+    assert outcome.solved and "t1/svc" in outcome.changed_deployments
     async with cluster.unit_of_work() as uow:
         view = await deployments.get_deployment(uow, WHO, "svc")
     assert view.phase == "scheduled" and view.placed_replicas == 2 and len(view.placements) == 4
     assert rec.pushed == {p.node for p in view.placements}
 
     # Agents report running (one report stale: an older generation is ignored).
-    reports = [(p.node, ShardReport("svc", p.replica, p.shard, view.generation, "running")) for p in view.placements]
+    reports = [(p.node, ShardReport("svc", p.replica, p.shard, view.generation, "running", tenant="t1")) for p in view.placements]
     stale_node = view.placements[0].node
     async with cluster.unit_of_work() as uow:
         await agents.flush_reports(uow, {stale_node: NodeBeat(datetime.now(timezone.utc), 900.0)},
-                                   [(stale_node, ShardReport("svc", 0, 0, view.generation - 1, "failed"))])
+                                   [(stale_node, ShardReport("svc", 0, 0, view.generation - 1, "failed", tenant="t1"))])
     async with cluster.unit_of_work() as uow:
         changed = await agents.flush_reports(uow, {}, reports)
-    assert changed == {"svc"}
+    assert changed == {"t1/svc"}
     async with cluster.unit_of_work() as uow:
         view = await deployments.get_deployment(uow, WHO, "svc")
         node = await nodes.get_node(uow, WHO, stale_node, frozenset())
@@ -99,7 +99,7 @@ async def test_submit_reconcile_running_then_delete(cluster):
     async with cluster.unit_of_work() as uow:
         await deployments.delete_deployment(uow, WHO, "svc", RecordingSignals())
     outcome = await loop.reconcile_once()
-    assert outcome.deleted == ("svc",) and rec.deleted == ["svc"]
+    assert outcome.deleted == ("t1/svc",) and rec.deleted == ["svc"]
     counts = await row_counts(cluster)
     assert counts["deployments"] == 0 and counts["placements"] == 0
 
@@ -176,7 +176,7 @@ async def test_a_time_limited_pass_is_retried_after_a_back_off(cluster):
         calls.append(time_limit_ms)
         if len(calls) == 1:
             return Plan("feasible", (), unplaced=(
-                Unplaced("svc", 1, (Reason("TIME_LIMIT", "the solver stopped at its time limit"),)),))
+                Unplaced("t1/svc", 1, (Reason("TIME_LIMIT", "the solver stopped at its time limit"),)),))
         return await planning.solve_in_thread(problem, time_limit_ms=time_limit_ms)
 
     clock = FakeClock()

@@ -90,7 +90,7 @@ async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_ar
     real = app.reconciler._solve
 
     async def poisoned(problem, **kw):
-        if any(d["id"] == "poison" for d in problem.get("deployments", ())):
+        if any(d["id"] == "lab/poison" for d in problem.get("deployments", ())):  # ids are TENANT/NAME
             raise RuntimeError("the solver trips on poison")
         return await real(problem, **kw)
 

@@ -67,7 +67,7 @@ async def test_higher_priority_work_preempts_and_the_victim_is_told_and_requeued
                                                                        object_id="scavenger"))).events
     assert [e for e in events if e.kind == "deployment.preempted"]
     audited = (await stubs.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant="burst"))).events
-    assert [a for a in audited if a.action == "deployment.preempted" and a.object_id == "scavenger"]
+    assert [a for a in audited if a.action == "deployment.preempted" and a.object_id == "burst/scavenger"]  # TENANT/NAME
     assert await _violations(controller_app) == []
 
     # Re-queued: once prod goes, the victim runs all its replicas again and the reason clears.

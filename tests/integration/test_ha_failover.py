@@ -79,7 +79,7 @@ async def _placed(db: Database) -> tuple[dict[str, Any], dict[str, int]]:
         snapshot = await load_snapshot(uow.session)
     placed: dict[str, set[int]] = {}
     for p in snapshot.problem.get("placements", ()):
-        placed.setdefault(p["deployment"], set()).add(p["replica"])
+        placed.setdefault(p["deployment"].rpartition("/")[2], set()).add(p["replica"])  # TENANT/NAME: all are lab's
     return snapshot.problem, {name: len(replicas) for name, replicas in placed.items()}
 
 
@@ -170,7 +170,7 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
                     break
                 assert time.monotonic() < deadline, f"not placed: {missing}\n{cluster.logs()}\n{fleet.log_tail()}"
                 await asyncio.sleep(0.2)
-            assert {d["id"] for d in problem["deployments"]} >= accepted
+            assert {d["id"].rpartition("/")[2] for d in problem["deployments"]} >= accepted
             assert check_state(problem, problem.get("placements", [])) == []
         await _agents_on(leader, token, fleet)  # the agents followed the leader
     finally:

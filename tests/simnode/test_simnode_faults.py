@@ -110,7 +110,7 @@ async def test_fail_shard_reports_failed_with_the_message_and_keep_failing_fails
     await controller.outgoing.put(assignment_set(1, 0, 1))
     await wait_until(lambda: sum(1 for s in controller.statuses() if s[2] == RUNNING) == 2)
     answer = await fleet.ask(op="fail-shard", deployment="claude", replica=0, shard=1, message="HBM ECC error")
-    assert answer["ok"] and len(answer["failed"]) == 1 and answer["failed"][0].endswith(":claude/0/1")
+    assert answer["ok"] and len(answer["failed"]) == 1 and answer["failed"][0].endswith(":anthropic/claude/0/1")  # TENANT/NAME/REPLICA/SHARD
     await wait_until(lambda: ("claude", 1, FAILED, 1) in controller.statuses())
     failed = [m.shard_status for m in controller.received
               if m.HasField("shard_status") and m.shard_status.phase == FAILED]

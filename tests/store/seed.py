@@ -34,6 +34,7 @@ async def seed_problem(session: AsyncSession, doc: dict[str, Any]) -> None:
     """Insert the topology, tenants, deployments and placements of a problem document.
 
     Placed shards are RUNNING, and so are deployments with placements; the others are PENDING.
+    A deployment id may be its key `TENANT/NAME` (the snapshot's) or its name alone.
     """
     session.add_all(m.Zone(id=z["id"]) for z in doc.get("zones", ()))
     session.add_all(m.Row(id=r["id"], zone_id=r["zone"], power_budget_w=r.get("power_budget_w"))
@@ -65,7 +66,7 @@ async def seed_problem(session: AsyncSession, doc: dict[str, Any]) -> None:
         shard = d["shard"]
         spread = d.get("spread")
         dep = m.Deployment(
-            name=d["id"], tenant_id=d["tenant"], replicas=d["replicas"], min_replicas=d.get("min_replicas", 1),
+            name=d["id"].rpartition("/")[2], tenant_id=d["tenant"], replicas=d["replicas"], min_replicas=d.get("min_replicas", 1),
             shards_per_replica=d["shards_per_replica"], shard_accelerators=shard["accelerators"],
             shard_accelerator_milli=shard.get("accelerator_milli", 1000), shard_hbm_gib=shard.get("hbm_gib", 0.0),
             shard_cpu_milli=shard.get("cpu_milli", 0), shard_memory_mib=shard.get("memory_mib", 0),

@@ -20,6 +20,7 @@ from controller.store.plans import (
     TEMPLATE_REPLACED, CommitResult, bump_cluster_generation, commit_plan, preempted_reason,
 )
 from controller.store.snapshot import Snapshot, load_snapshot
+from controller.domain.values import deployment_key
 from scheduler import Move, Placement as PlanPlacement, Plan, Preemption, Reason, Unplaced
 from scheduler import plan_to_dict, problem_from_dict, solve
 
@@ -28,9 +29,11 @@ from bench.checking import check_state
 from .seed import TWO_RACKS, dump, seed_problem
 
 EXAMPLES = Path("/work/shared/placement/examples")
+# Deployments are named by their keys TENANT/NAME in snapshots, plans and commit results.
+WEB, TRAIN, BURST = "a/web", "a/train", "b/burst"
 
-# Two racks of two 4-accelerator nodes, two tenants; "web" runs (2 replicas x 1 shard),
-# "train" (1 replica x 2 shards) is new, "burst" is preemptible and runs.
+# Two racks of two 4-accelerator nodes, two tenants; WEB runs (2 replicas x 1 shard),
+# TRAIN (1 replica x 2 shards) is new, BURST is preemptible and runs.
 CLUSTER: dict[str, Any] = {
     **TWO_RACKS,
     "nodes": [
@@ -41,15 +44,15 @@ CLUSTER: dict[str, Any] = {
     ],
     "tenants": [{"id": "a"}, {"id": "b"}],
     "deployments": [
-        {"id": "web", "tenant": "a", "replicas": 2, "shards_per_replica": 1, "shard": {"accelerators": 1}},
-        {"id": "train", "tenant": "a", "replicas": 1, "shards_per_replica": 2, "shard": {"accelerators": 2}},
-        {"id": "burst", "tenant": "b", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 4},
+        {"id": WEB, "tenant": "a", "replicas": 2, "shards_per_replica": 1, "shard": {"accelerators": 1}},
+        {"id": TRAIN, "tenant": "a", "replicas": 1, "shards_per_replica": 2, "shard": {"accelerators": 2}},
+        {"id": BURST, "tenant": "b", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 4},
          "preemptible": True},
     ],
     "placements": [
-        {"deployment": "web", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]},
-        {"deployment": "web", "replica": 1, "shard": 0, "node": "n3", "accelerator_indices": [0]},
-        {"deployment": "burst", "replica": 0, "shard": 0, "node": "n4", "accelerator_indices": [0, 1, 2, 3]},
+        {"deployment": WEB, "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]},
+        {"deployment": WEB, "replica": 1, "shard": 0, "node": "n3", "accelerator_indices": [0]},
+        {"deployment": BURST, "replica": 0, "shard": 0, "node": "n4", "accelerator_indices": [0, 1, 2, 3]},
     ],
 }
 
@@ -58,7 +61,7 @@ def P(deployment: str, replica: int, shard: int, node: str, *indices: int, milli
     return PlanPlacement(deployment, replica, shard, node, tuple(indices), milli)
 
 
-KEPT = (P("web", 0, 0, "n1", 0), P("web", 1, 0, "n3", 0), P("burst", 0, 0, "n4", 0, 1, 2, 3))
+KEPT = (P(WEB, 0, 0, "n1", 0), P(WEB, 1, 0, "n3", 0), P(BURST, 0, 0, "n4", 0, 1, 2, 3))
 
 
 async def _seeded(database: Database, doc: dict[str, Any] = CLUSTER) -> Snapshot:
@@ -89,10 +92,12 @@ async def _state(database: Database) -> dict[str, Any]:
         return {
             "generation": (await s.execute(select(m.ClusterState.generation))).scalar_one(),
             "placements": {
-                (name, p.replica, p.shard): (p.node_id, tuple(p.accelerator_indices), p.phase, p.generation, p.id)
-                for p, name in await s.execute(select(m.Placement, m.Deployment.name).join(m.Deployment))
+                (deployment_key(t, name), p.replica, p.shard):
+                    (p.node_id, tuple(p.accelerator_indices), p.phase, p.generation, p.id)
+                for p, t, name in await s.execute(
+                    select(m.Placement, m.Deployment.tenant_id, m.Deployment.name).join(m.Deployment))
             },
-            "deployments": {d.name: _Dep(d.phase, d.generation, d.reasons)
+            "deployments": {deployment_key(d.tenant_id, d.name): _Dep(d.phase, d.generation, d.reasons)
                             for d in (await s.execute(select(m.Deployment))).scalars()},
             "nodes": {n.id: n.assignment_generation for n in (await s.execute(select(m.Node))).scalars()},
             "events": [(e.kind, e.object_id, e.data, e.actor)
@@ -103,28 +108,28 @@ async def _state(database: Database) -> dict[str, Any]:
 async def test_new_placements_are_inserted_and_generations_bumped(database: Database) -> None:
     snap = await _seeded(database)
     before = await _state(database)
-    plan = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)))
+    plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
 
     result = await _commit(database, snap, plan)
 
-    # "train" was pending and never placed: its first placement, seconds after its creation.
-    assert set(result.first_placed_after_s) == {"train"} and result.first_placed_after_s["train"] >= 0
+    # TRAIN was pending and never placed: its first placement, seconds after its creation.
+    assert set(result.first_placed_after_s) == {TRAIN} and result.first_placed_after_s[TRAIN] >= 0
     assert replace(result, first_placed_after_s={}) == CommitResult(
-        changed_nodes={"n2"}, changed_deployments={"train"}, generation=1,
+        changed_nodes={"n2"}, changed_deployments={TRAIN}, generation=1,
         updated_deployments=set(), deleted_deployments=set())
     after = await _state(database)
     assert after["generation"] == 1
-    train = after["deployments"]["train"]
+    train = after["deployments"][TRAIN]
     assert (train.phase, train.generation, train.reasons) == (m.DeploymentPhase.SCHEDULED, 1, [])
-    assert after["placements"][("train", 0, 0)][:4] == ("n2", (0, 1), m.ShardPhase.ASSIGNED, 1)
-    assert after["placements"][("train", 0, 1)][:4] == ("n2", (2, 3), m.ShardPhase.ASSIGNED, 1)
+    assert after["placements"][(TRAIN, 0, 0)][:4] == ("n2", (0, 1), m.ShardPhase.ASSIGNED, 1)
+    assert after["placements"][(TRAIN, 0, 1)][:4] == ("n2", (2, 3), m.ShardPhase.ASSIGNED, 1)
     # Untouched rows, deployments and nodes stay exactly as they were.
-    for key in ("web", 0, 0), ("web", 1, 0), ("burst", 0, 0):
+    for key in (WEB, 0, 0), (WEB, 1, 0), (BURST, 0, 0):
         assert after["placements"][key] == before["placements"][key]
-    assert after["deployments"]["web"].generation == 0
+    assert after["deployments"][WEB].generation == 0
     assert after["nodes"] == {**before["nodes"], "n2": before["nodes"]["n2"] + 1}
     assert after["events"] == [
-        ("deployment.placed", "train", {"replicas": [0], "nodes": ["n2"]}, "test"),
+        ("deployment.placed", TRAIN, {"replicas": [0], "nodes": ["n2"]}, "test"),
     ]
 
 
@@ -132,11 +137,11 @@ async def test_a_plan_that_changes_nothing_writes_nothing(database: Database) ->
     snap = await _seeded(database)
     async with database.unit_of_work() as uow:
         before = await dump(uow.session)
-    # "train" stays unplaced with the reasons it already had: no write, no event, no bump.
+    # TRAIN stays unplaced with the reasons it already had: no write, no event, no bump.
     reasons = (Reason("CAPACITY", "0/4 nodes fit: 4 capacity", None),)
-    plan = Plan("feasible", KEPT, unplaced=(Unplaced("train", 1, reasons),))
+    plan = Plan("feasible", KEPT, unplaced=(Unplaced(TRAIN, 1, reasons),))
     first = await _commit(database, snap, plan)
-    assert first.updated_deployments == {"train"} and first.generation == 0
+    assert first.updated_deployments == {TRAIN} and first.generation == 0
     async with database.unit_of_work() as uow:
         snap = await load_snapshot(uow.session)
         middle = await dump(uow.session)
@@ -152,21 +157,21 @@ async def test_a_plan_that_changes_nothing_writes_nothing(database: Database) ->
 async def test_moves_update_rows_in_place_and_bump_both_nodes(database: Database) -> None:
     snap = await _seeded(database)
     before = await _state(database)
-    plan = Plan("optimal", (P("web", 0, 0, "n2", 1), P("web", 1, 0, "n3", 0), P("burst", 0, 0, "n4", 0, 1, 2, 3)),
-                moved=(Move("web", 0, 0, "n1", "n2"),))
+    plan = Plan("optimal", (P(WEB, 0, 0, "n2", 1), P(WEB, 1, 0, "n3", 0), P(BURST, 0, 0, "n4", 0, 1, 2, 3)),
+                moved=(Move(WEB, 0, 0, "n1", "n2"),))
 
     result = await _commit(database, snap, plan)
 
-    assert (result.changed_nodes, result.changed_deployments) == ({"n1", "n2"}, {"web"})
+    assert (result.changed_nodes, result.changed_deployments) == ({"n1", "n2"}, {WEB})
     after = await _state(database)
-    node, indices, phase, generation, row_id = after["placements"][("web", 0, 0)]
+    node, indices, phase, generation, row_id = after["placements"][(WEB, 0, 0)]
     assert (node, indices, phase, generation) == ("n2", (1,), m.ShardPhase.ASSIGNED, 1)
-    assert row_id == before["placements"][("web", 0, 0)][4]  # the same row, updated
-    assert after["placements"][("web", 1, 0)] == before["placements"][("web", 1, 0)]
-    assert after["deployments"]["web"].phase is m.DeploymentPhase.SCHEDULED
+    assert row_id == before["placements"][(WEB, 0, 0)][4]  # the same row, updated
+    assert after["placements"][(WEB, 1, 0)] == before["placements"][(WEB, 1, 0)]
+    assert after["deployments"][WEB].phase is m.DeploymentPhase.SCHEDULED
     assert after["nodes"]["n1"] == before["nodes"]["n1"] + 1 and after["nodes"]["n3"] == before["nodes"]["n3"]
     assert after["events"] == [
-        ("shard.moved", "web", {"replica": 0, "shard": 0, "from": "n1", "to": "n2"}, "test"),
+        ("shard.moved", WEB, {"replica": 0, "shard": 0, "from": "n1", "to": "n2"}, "test"),
     ]
 
 
@@ -175,23 +180,23 @@ async def test_preemption_deletes_rows_and_records_why(database: Database) -> No
     reasons = (Reason("CAPACITY", "rack2: 0 accelerators free, 4 needed", "rack2"),)
     plan = Plan(
         "optimal",
-        KEPT[:2] + (P("train", 0, 0, "n4", 0, 1), P("train", 0, 1, "n4", 2, 3)),
-        unplaced=(Unplaced("burst", 1, reasons),),
-        preempted=(Preemption("burst", 0),),
+        KEPT[:2] + (P(TRAIN, 0, 0, "n4", 0, 1), P(TRAIN, 0, 1, "n4", 2, 3)),
+        unplaced=(Unplaced(BURST, 1, reasons),),
+        preempted=(Preemption(BURST, 0),),
     )
 
     result = await _commit(database, snap, plan)
 
-    assert result.changed_nodes == {"n4"} and result.changed_deployments == {"train", "burst"}
+    assert result.changed_nodes == {"n4"} and result.changed_deployments == {TRAIN, BURST}
     after = await _state(database)
-    assert ("burst", 0, 0) not in after["placements"]
-    burst = after["deployments"]["burst"]
+    assert (BURST, 0, 0) not in after["placements"]
+    burst = after["deployments"][BURST]
     assert burst.phase is m.DeploymentPhase.PENDING and burst.generation == 1
     assert burst.reasons == [preempted_reason([0]),  # told why first
                              {"code": "CAPACITY", "message": "rack2: 0 accelerators free, 4 needed", "scope": "rack2"}]
     kinds = [(kind, name) for kind, name, _, _ in after["events"]]
-    assert kinds == [("deployment.preempted", "burst"), ("deployment.placed", "train"),
-                     ("deployment.unplaceable", "burst")]
+    assert kinds == [("deployment.placed", TRAIN), ("deployment.preempted", BURST),  # by key: a/... before b/...
+                     ("deployment.unplaceable", BURST)]
     assert after["events"][2][2] == {"replicas": 1, "reasons": burst.reasons[1:]}  # the solver's why
 
 
@@ -199,19 +204,19 @@ async def test_shards_on_a_down_node_are_replaced(database: Database) -> None:
     snap = await _seeded(database)
     # web replica 1 lost its node and could not be placed again; replica 0 stays.
     plan = Plan("feasible", (KEPT[0], KEPT[2]),
-                unplaced=(Unplaced("web", 1, (Reason("NODE_STATE", "n3 is down"),)),))
+                unplaced=(Unplaced(WEB, 1, (Reason("NODE_STATE", "n3 is down"),)),))
     result = await _commit(database, snap, plan)
     assert result.changed_nodes == {"n3"}
     after = await _state(database)
-    web = after["deployments"]["web"]
+    web = after["deployments"][WEB]
     assert (web.phase, web.generation) == (m.DeploymentPhase.DEGRADED, 1)  # what is left runs, a replica short
     assert web.reasons == [{"code": "NODE_STATE", "message": "n3 is down"}]
-    assert [e[:3] for e in after["events"]][0] == ("deployment.replicas_removed", "web", {"replicas": [1]})
+    assert [e[:3] for e in after["events"]][0] == ("deployment.replicas_removed", WEB, {"replicas": [1]})
 
 
 async def test_phase_follows_shard_status(database: Database) -> None:
     snap = await _seeded(database)
-    plan = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)))
+    plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
     await _commit(database, snap, plan)
     # Agents report the new shards running; the next (unchanged) plan marks the deployment RUNNING.
     async with database.unit_of_work() as uow:
@@ -220,10 +225,10 @@ async def test_phase_follows_shard_status(database: Database) -> None:
         await uow.commit()
         snap = await load_snapshot(uow.session)
     result = await _commit(database, snap, plan)
-    assert result.updated_deployments == {"train"} and result.changed_deployments == set()
+    assert result.updated_deployments == {TRAIN} and result.changed_deployments == set()
     after = await _state(database)
-    assert after["deployments"]["train"].phase is m.DeploymentPhase.RUNNING
-    assert after["deployments"]["web"].phase is m.DeploymentPhase.RUNNING  # seeded RUNNING, untouched
+    assert after["deployments"][TRAIN].phase is m.DeploymentPhase.RUNNING
+    assert after["deployments"][WEB].phase is m.DeploymentPhase.RUNNING  # seeded RUNNING, untouched
 
 
 async def test_deleting_deployments_release_their_shards(database: Database) -> None:
@@ -235,82 +240,82 @@ async def test_deleting_deployments_release_their_shards(database: Database) -> 
         await uow.commit()
     async with database.unit_of_work() as uow:
         snap = await load_snapshot(uow.session)
-    assert [d["id"] for d in snap.problem["deployments"]] == ["web", "train"]
-    assert "burst" not in {p["deployment"] for p in snap.problem["placements"]}
+    assert [d["id"] for d in snap.problem["deployments"]] == [WEB, TRAIN]
+    assert BURST not in {p["deployment"] for p in snap.problem["placements"]}
 
     result = await _commit(database, snap, Plan("optimal", KEPT[:2]))
 
-    assert result.deleted_deployments == {"burst"} and result.changed_nodes == {"n4"}
+    assert result.deleted_deployments == {BURST} and result.changed_nodes == {"n4"}
     assert result.generation == snap.generation + 1
     after = await _state(database)
-    assert "burst" not in after["deployments"]
-    assert not any(key[0] == "burst" for key in after["placements"])
-    assert after["events"][-1][:3] == ("deployment.deleted", "burst", {"shards": 1})
+    assert BURST not in after["deployments"]
+    assert not any(key[0] == BURST for key in after["placements"])
+    assert after["events"][-1][:3] == ("deployment.deleted", BURST, {"shards": 1})
 
 
 async def test_a_stale_plan_lands_what_still_fits_and_requeues_the_rest(database: Database) -> None:
     four_webs = [{**CLUSTER["deployments"][0], "replicas": 4}, *CLUSTER["deployments"][1:]]
     snap = await _seeded(database, {**CLUSTER, "deployments": four_webs})
-    # While the plan is solved, another commit places "train" on n2[0,1] and n1[2,3].
+    # While the plan is solved, another commit places TRAIN on n2[0,1] and n1[2,3].
     async with database.unit_of_work() as uow:
-        other = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n1", 2, 3)))
+        other = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n1", 2, 3)))
         await commit_plan(uow.session, snap, other, actor="other")
         await uow.commit()
     before = await _state(database)
     # The stale plan still sees n1 and n2 free: web 2 on n1[2] now conflicts, web 3 on n2[3] fits.
-    plan = Plan("optimal", KEPT + (P("web", 2, 0, "n1", 2), P("web", 3, 0, "n2", 3)))
+    plan = Plan("optimal", KEPT + (P(WEB, 2, 0, "n1", 2), P(WEB, 3, 0, "n2", 3)))
 
     result = await _commit(database, snap, plan)
 
-    assert result.stale and set(result.requeued) == {("web", 2)}
-    why = result.requeued[("web", 2)][0]
+    assert result.stale and set(result.requeued) == {(WEB, 2)}
+    why = result.requeued[(WEB, 2)][0]
     assert "n1[2]" in why and "whole-accelerator" in why
     after = await _state(database)
-    assert ("web", 2, 0) not in after["placements"]
-    assert after["placements"][("web", 3, 0)][:2] == ("n2", (3,))
+    assert (WEB, 2, 0) not in after["placements"]
+    assert after["placements"][(WEB, 3, 0)][:2] == ("n2", (3,))
     for key in before["placements"]:  # nothing the other commit wrote is undone
         assert after["placements"][key][:2] == before["placements"][key][:2]
     assert after["events"][-2:] == [
-        ("deployment.placed", "web", {"replicas": [3], "nodes": ["n2"]}, "test"),
-        ("deployment.requeued", "web", {"replicas": [2], "why": [why]}, "test"),
+        ("deployment.placed", WEB, {"replicas": [3], "nodes": ["n2"]}, "test"),
+        ("deployment.requeued", WEB, {"replicas": [2], "why": [why]}, "test"),
     ]
 
 
 async def test_a_stale_plan_leaves_replicas_others_changed_since_to_the_next_pass(database: Database) -> None:
     snap = await _seeded(database)
     async with database.unit_of_work() as uow:  # another commit moved web 0 meanwhile
-        await commit_plan(uow.session, snap, Plan("optimal", (P("web", 0, 0, "n2", 0),) + KEPT[1:]), actor="other")
+        await commit_plan(uow.session, snap, Plan("optimal", (P(WEB, 0, 0, "n2", 0),) + KEPT[1:]), actor="other")
         await uow.commit()
     # The stale plan wants web 0 elsewhere and removes burst: burst goes, web 0 stays where the
     # other commit put it.
-    result = await _commit(database, snap, Plan("optimal", (P("web", 0, 0, "n1", 3), KEPT[1]),
-                                                preempted=(Preemption("burst", 0),)))
-    assert result.stale and set(result.requeued) == {("web", 0)}
+    result = await _commit(database, snap, Plan("optimal", (P(WEB, 0, 0, "n1", 3), KEPT[1]),
+                                                preempted=(Preemption(BURST, 0),)))
+    assert result.stale and set(result.requeued) == {(WEB, 0)}
     after = await _state(database)
-    assert after["placements"][("web", 0, 0)][:2] == ("n2", (0,))
-    assert ("burst", 0, 0) not in after["placements"]
+    assert after["placements"][(WEB, 0, 0)][:2] == ("n2", (0,))
+    assert (BURST, 0, 0) not in after["placements"]
 
 
 async def test_a_plan_naming_unknown_nodes_lands_the_rest(database: Database) -> None:
     snap = await _seeded(database)
-    result = await _commit(database, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n9", 0, 1),
-                                                                    P("train", 0, 1, "n2", 0, 1))))
-    assert set(result.requeued) == {("train", 0)} and "n9 is gone" in result.requeued[("train", 0)][0]
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n9", 0, 1),
+                                                                    P(TRAIN, 0, 1, "n2", 0, 1))))
+    assert set(result.requeued) == {(TRAIN, 0)} and "n9 is gone" in result.requeued[(TRAIN, 0)][0]
     assert not result.stale
     after = await _state(database)
-    assert not any(key[0] == "train" for key in after["placements"])
+    assert not any(key[0] == TRAIN for key in after["placements"])
 
 
 async def test_concurrent_commits_of_one_snapshot_never_double_book(database: Database) -> None:
     snap = await _seeded(database)
-    plan_a = Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1), P("train", 0, 1, "n2", 2, 3)))
-    plan_b = Plan("optimal", KEPT + (P("train", 0, 0, "n1", 2, 3), P("train", 0, 1, "n2", 0, 1)))
+    plan_a = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
+    plan_b = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n1", 2, 3), P(TRAIN, 0, 1, "n2", 0, 1)))
     outcomes = await asyncio.gather(_commit(database, snap, plan_a), _commit(database, snap, plan_b))
     # One lands train; the other finds it placed since its snapshot and leaves it alone.
     assert sorted(bool(o.requeued) for o in outcomes) == [False, True]
     after = await _state(database)
     assert after["generation"] == 1
-    assert sum(1 for key in after["placements"] if key[0] == "train") == 2
+    assert sum(1 for key in after["placements"] if key[0] == TRAIN) == 2
 
 
 async def test_concurrent_plans_that_fit_alone_but_not_together_commit_a_checker_clean_state(
@@ -324,7 +329,7 @@ async def test_concurrent_plans_that_fit_alone_but_not_together_commit_a_checker
                             "shard": {"accelerators": 2, "power_w": 300}} for name, tenant in (("a1", "a"), ("b1", "b"))],
            "placements": []}
     snap = await _seeded(database, doc)
-    plans = [Plan("optimal", (P("a1", 0, 0, "n1", 0, 1),)), Plan("optimal", (P("b1", 0, 0, "n2", 0, 1),))]
+    plans = [Plan("optimal", (P("a/a1", 0, 0, "n1", 0, 1),)), Plan("optimal", (P("b/b1", 0, 0, "n2", 0, 1),))]
     outcomes = await asyncio.gather(*(_commit(database, snap, plan) for plan in plans))
 
     turned_away = [why for o in outcomes for why in o.requeued.values()]
@@ -341,22 +346,22 @@ async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Dat
         await repo.set_node_cordoned(uow.session, "n2", True)
         await bump_cluster_generation(uow.session)
         await uow.commit()
-    result = await _commit(database, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1),
-                                                                    P("train", 0, 1, "n2", 2, 3))))
-    assert result.stale and result.requeued == {("train", 0): ("node n2 is cordoned: it takes no new shards",)}
-    assert not any(key[0] == "train" for key in (await _state(database))["placements"])
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
+                                                                    P(TRAIN, 0, 1, "n2", 2, 3))))
+    assert result.stale and result.requeued == {(TRAIN, 0): ("node n2 is cordoned: it takes no new shards",)}
+    assert not any(key[0] == TRAIN for key in (await _state(database))["placements"])
 
 
 async def test_a_new_replica_of_a_template_replaced_since_the_snapshot_is_requeued(database: Database) -> None:
     snap = await _seeded(database)
-    async with database.unit_of_work() as uow:  # an update rolled "train" to revision 2 meanwhile
+    async with database.unit_of_work() as uow:  # an update rolled TRAIN to revision 2 meanwhile
         train = (await uow.session.scalars(select(m.Deployment).where(m.Deployment.name == "train"))).one()
         train.template_revision = 2
         await bump_cluster_generation(uow.session)
         await uow.commit()
-    result = await _commit(database, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n2", 0, 1),
-                                                                    P("train", 0, 1, "n2", 2, 3))))
-    assert result.requeued == {("train", 0): (TEMPLATE_REPLACED,)}
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
+                                                                    P(TRAIN, 0, 1, "n2", 2, 3))))
+    assert result.requeued == {(TRAIN, 0): (TEMPLATE_REPLACED,)}
 
 
 async def test_solver_round_trip(database: Database) -> None:
@@ -392,18 +397,18 @@ async def test_decisions_that_preempt_move_or_place_work_are_audited_in_the_comm
     snap = await _seeded(database)
     plan = Plan(
         "optimal",
-        (P("web", 0, 0, "n2", 1), KEPT[1], P("train", 0, 0, "n4", 0, 1), P("train", 0, 1, "n4", 2, 3)),
-        unplaced=(Unplaced("burst", 1, (Reason("CAPACITY", "rack2 is full", "rack2"),)),),
-        preempted=(Preemption("burst", 0),),
-        moved=(Move("web", 0, 0, "n1", "n2"),),
+        (P(WEB, 0, 0, "n2", 1), KEPT[1], P(TRAIN, 0, 0, "n4", 0, 1), P(TRAIN, 0, 1, "n4", 2, 3)),
+        unplaced=(Unplaced(BURST, 1, (Reason("CAPACITY", "rack2 is full", "rack2"),)),),
+        preempted=(Preemption(BURST, 0),),
+        moved=(Move(WEB, 0, 0, "n1", "n2"),),
     )
     await _commit(database, snap, plan)
 
     rows = await _audit_rows(database)
     assert [(r.action, r.object_id, r.tenant, r.actor, r.outcome) for r in rows] == [
-        ("deployment.preempted", "burst", "b", "test", "OK"),
-        ("deployment.placed", "train", "a", "test", "OK"),
-        ("shard.moved", "web", "a", "test", "OK"),
+        ("deployment.placed", TRAIN, "a", "test", "OK"),
+        ("deployment.preempted", BURST, "b", "test", "OK"),
+        ("shard.moved", WEB, "a", "test", "OK"),
     ]
     assert rows[2].detail == {"message": "moved replica 0 shard 0 from n1 to n2", "replica": 0, "shard": 0,
                               "from": "n1", "to": "n2"}
@@ -414,7 +419,7 @@ async def test_decisions_that_preempt_move_or_place_work_are_audited_in_the_comm
 
 async def test_a_requeued_replica_is_not_audited(database: Database) -> None:
     snap = await _seeded(database)
-    result = await _commit(database, snap, Plan("optimal", KEPT + (P("train", 0, 0, "n9", 0, 1),
-                                                                    P("train", 0, 1, "n2", 0, 1))))
-    assert set(result.requeued) == {("train", 0)}
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n9", 0, 1),
+                                                                    P(TRAIN, 0, 1, "n2", 0, 1))))
+    assert set(result.requeued) == {(TRAIN, 0)}
     assert await _audit_rows(database) == []

@@ -86,7 +86,7 @@ async def test_a_deposed_leaders_plan_is_refused_and_nothing_is_written(database
     assert old.should_run() and old.token == 1
     async with database.unit_of_work() as uow:
         snapshot = await load_snapshot(uow.session)
-    plan = Plan(status="optimal", placements=(PlanPlacement("web", 0, 0, "n1", (0,), None),))
+    plan = Plan(status="optimal", placements=(PlanPlacement("a/web", 0, 0, "n1", (0,), None),))
 
     # The old leader stalls (a long GC pause, a partition) past its lease; another takes over.
     async with database.unit_of_work() as uow:

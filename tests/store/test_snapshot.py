@@ -106,20 +106,21 @@ EXPECTED = {
         {"id": "t2", "isolation": "shared", "zones": ["z1"], "max_power_w": 4000.0},
     ],
     "deployments": [
-        {"id": "big", "tenant": "t1", "replicas": 2, "min_replicas": 1, "shards_per_replica": 2,
+        {"id": "t1/big", "tenant": "t1", "replicas": 2, "min_replicas": 1, "shards_per_replica": 2,
          "shard": {"accelerators": 1, "accelerator_milli": 1000, "hbm_gib": 48.0, "cpu_milli": 0, "memory_mib": 0,
                    "power_w": 700.0, "accelerator_models": ["maia-100"]},
          "locality": "rack", "priority": 100, "preemptible": False, "spread": {"domain": "node", "max_per_domain": 1}},
-        {"id": "small", "tenant": "t2", "replicas": 1, "min_replicas": 1, "shards_per_replica": 1,
+        {"id": "t2/small", "tenant": "t2", "replicas": 1, "min_replicas": 1, "shards_per_replica": 1,
          "shard": {"accelerators": 1, "accelerator_milli": 500, "hbm_gib": 0.0, "cpu_milli": 0, "memory_mib": 0,
                    "power_w": 0.0},
          "locality": "node", "priority": 0, "preemptible": True},
     ],
-    # The deleting deployment's shard is left out; the one on the down node is kept.
+    # The deleting deployment's shard is left out; the one on the down node is kept. Deployments
+    # are named by their keys TENANT/NAME (names are per tenant).
     "placements": [
-        {"deployment": "big", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]},
-        {"deployment": "big", "replica": 0, "shard": 1, "node": "n3", "accelerator_indices": [1]},
-        {"deployment": "small", "replica": 0, "shard": 0, "node": "n2", "accelerator_indices": [0],
+        {"deployment": "t1/big", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]},
+        {"deployment": "t1/big", "replica": 0, "shard": 1, "node": "n3", "accelerator_indices": [1]},
+        {"deployment": "t2/small", "replica": 0, "shard": 0, "node": "n2", "accelerator_indices": [0],
          "accelerator_milli": 500},
     ],
 }
@@ -132,8 +133,8 @@ async def test_snapshot_has_exactly_the_expected_content(database: Database) -> 
     assert snap.problem == EXPECTED
     assert list(snap.problem) == list(EXPECTED)  # key order too: readable dumps
     assert snap.generation == 0
-    assert set(snap.deployment_ids) == {"big", "small"}
-    assert snap.placements_by_shard[("big", 0, 1)]["node"] == "n3"
+    assert set(snap.deployment_ids) == {"t1/big", "t2/small"}
+    assert snap.placements_by_shard[("t1/big", 0, 1)]["node"] == "n3"
     assert_valid_problem(snap.problem)
 
 
@@ -160,7 +161,12 @@ async def test_example_documents_round_trip(database: Database, example: str) ->
     async with database.unit_of_work() as uow:
         snap = await load_snapshot(uow.session)
     assert_valid_problem(snap.problem)
-    # Same problem for the solver (the snapshot spells out defaults and sorts by id).
+    # Same problem for the solver (the snapshot spells out defaults, sorts by id and names
+    # deployments TENANT/NAME).
+    tenant_of = {d["id"]: d["tenant"] for d in doc["deployments"]}
+    doc["deployments"] = [{**d, "id": f"{d['tenant']}/{d['id']}"} for d in doc["deployments"]]
+    doc["placements"] = [{**p, "deployment": f"{tenant_of[p['deployment']]}/{p['deployment']}"}
+                         for p in doc.get("placements", ())]
     original = problem_from_dict({**doc, "options": {}})
     loaded = problem_from_dict(snap.problem)
     for part in ("zones", "rows", "racks", "nodes", "tenants", "placements"):

@@ -89,7 +89,7 @@ class Heartbeat(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., power_draw_w: _Optional[float] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("deployment", "replica", "shard", "generation", "phase", "message", "power_draw_w")
+    __slots__ = ("deployment", "replica", "shard", "generation", "phase", "message", "power_draw_w", "tenant")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class ShardStatus(_message.Message):
     PHASE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     POWER_DRAW_W_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     replica: int
     shard: int
@@ -104,7 +105,8 @@ class ShardStatus(_message.Message):
     phase: _common_pb2.ShardPhase
     message: str
     power_draw_w: float
-    def __init__(self, deployment: _Optional[str] = ..., replica: _Optional[int] = ..., shard: _Optional[int] = ..., generation: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ..., power_draw_w: _Optional[float] = ...) -> None: ...
+    tenant: str
+    def __init__(self, deployment: _Optional[str] = ..., replica: _Optional[int] = ..., shard: _Optional[int] = ..., generation: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ..., power_draw_w: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
     __slots__ = ("assignments",)
