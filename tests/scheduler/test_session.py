@@ -1,7 +1,7 @@
 """The warm session (scheduler/session.py) against `solve()` and the independent checker.
 
 Property tests play random event sequences (arrivals, departures, cordons, nodes going down,
-coming up, added and removed, contract changes) into one `Session`. After every event the
+coming up, added, shrunk and removed, contract changes) into one `Session`. After every event the
 change it made, read as a plan over the state before it, must pass the checker; and every
 arrival is compared with `solve()` on the same state (the session's snapshot with the arrival
 pending, online mode):
@@ -97,7 +97,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Doc, list[tuple[str, int]]]:
     doc["options"].pop("batch_size", None)
     actions = st.sampled_from(["arrive"] * 4 + ["depart", "scale", "cordon", "uncordon",
                                                  "down", "up", "add_node", "remove_node",
-                                                 "contract", "retry"])
+                                                 "shrink", "contract", "retry"])
     events = draw(st.lists(st.tuples(actions, st.integers(0, 1000)), min_size=1, max_size=12))
     return doc, events
 
@@ -172,6 +172,25 @@ def play(doc: Doc, events: list[tuple[str, int]], exact: bool) -> None:
             after = session.snapshot()
             assert all(p.node != n.id for p in after.placements)
             assert_valid(before, dataclasses.replace(after, nodes=before.nodes), decisions)
+        elif action == "shrink" and any(n.accelerators > 1 for n in nodes):
+            n = [x for x in nodes if x.accelerators > 1][k % sum(
+                1 for x in nodes if x.accelerators > 1)]
+            smaller = dataclasses.replace(n, accelerators=n.accelerators - 1)
+            decisions = session.apply(ClusterDelta(nodes=(smaller,)))
+            after = session.snapshot()
+            assert all(max(p.accelerator_indices, default=-1) < smaller.accelerators
+                       for p in after.placements if p.node == n.id)
+            # Shards on the accelerator that went away were placed again (or their gang).
+            gone = {(p.deployment, p.replica, p.shard) for p in state.placements
+                    if p.node == n.id and max(p.accelerator_indices, default=-1)
+                    >= smaller.accelerators}
+            redone = {(p.deployment, p.replica, p.shard) for d in decisions
+                      for p in d.placements}
+            stopped = {(d.deployment, r) for d in decisions for r in d.released}
+            assert all(g in redone or g[:2] in stopped or
+                       any(u.deployment == g[0] for u in [d.unplaced for d in decisions if
+                                                          d.unplaced]) for g in gone)
+            assert_valid(after, after, [])
         elif action == "contract" and state.tenants:
             t = state.tenants[k % len(state.tenants)]
             looser = dataclasses.replace(t, max_accelerators=None, max_power_w=None)
