@@ -14,6 +14,7 @@ from pathlib import Path
 
 from controller import limits
 from controller.domain.liveness import LivenessPolicy
+from controller.domain.restarts import RestartPolicy
 from controller.store.rollout import DEFAULT_SURGE
 from controller.store.db import DEFAULT_DB_URL
 from controller.version import version_text
@@ -21,6 +22,7 @@ from controller.version import version_text
 DB_URL_ENV = "MAIA_DB_URL"
 
 _LIVENESS = LivenessPolicy()  # the defaults
+_RESTARTS = RestartPolicy()  # the defaults
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ class Config:
     # Stop preemptible work (whole replicas) to place higher-priority or reserved work.
     preemption: bool = True
     max_surge: int = DEFAULT_SURGE  # replicas beyond the asked count while replicas are replaced
+    # Replicas whose shards FAILED (controller/domain/restarts.py): back-off and the give-up limit.
+    restart_backoff_s: float = _RESTARTS.initial_delay_s
+    restart_backoff_max_s: float = _RESTARTS.max_delay_s
+    restart_limit: int = _RESTARTS.limit
     watchdog_interval_s: float = 2.0
     log_level: str = "INFO"
     # TLS: certificate and key of the server; a client CA turns on mutual TLS (see controller.api.tls).
@@ -82,6 +88,12 @@ class Config:
             eviction_grace_s=self.node_eviction_grace_s, restart_grace_s=self.restart_grace_s,
             eviction_rate=self.eviction_rate, unhealthy_zone_threshold=self.unhealthy_zone_threshold,
             unhealthy_zone_rate=self.unhealthy_zone_eviction_rate)
+
+    @property
+    def restarts(self) -> RestartPolicy:
+        return RestartPolicy(initial_delay_s=self.restart_backoff_s,
+                             max_delay_s=max(self.restart_backoff_s, self.restart_backoff_max_s),
+                             reset_after_s=_RESTARTS.reset_after_s, limit=self.restart_limit)
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -181,6 +193,14 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--max-surge", type=_positive_int, default=Config.max_surge, metavar="REPLICAS",
                         help="replicas a rolling update or a drain may place beyond the replicas asked "
                              "(make-before-break): more rolls faster but holds more capacity meanwhile")
+    parser.add_argument("--restart-backoff", type=_non_negative_float, default=Config.restart_backoff_s,
+                        metavar="SECONDS", help="a replica whose shard FAILED is placed again (other nodes first) "
+                                                "after this long, doubling with each failure in a row of its "
+                                                "deployment (reset after 10 min without one)")
+    parser.add_argument("--restart-backoff-max", type=_non_negative_float, default=Config.restart_backoff_max_s,
+                        metavar="SECONDS", help="the longest back-off before a failed replica is placed again")
+    parser.add_argument("--restart-limit", type=_positive_int, default=Config.restart_limit, metavar="FAILURES",
+                        help="failures in a row after which a deployment is Failed: not placed again until updated")
     parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"), type=str.upper,
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log level of the JSON lines on stderr (env MAIA_LOG_LEVEL)")
@@ -266,6 +286,9 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         solve_time_limit_ms=ns.solve_time_limit_ms,
         preemption=ns.preemption,
         max_surge=ns.max_surge,
+        restart_backoff_s=ns.restart_backoff,
+        restart_backoff_max_s=ns.restart_backoff_max,
+        restart_limit=ns.restart_limit,
         watchdog_interval_s=ns.watchdog_interval,
         log_level=ns.log_level.upper(),
         tls_cert=ns.tls_cert,

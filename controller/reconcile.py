@@ -15,6 +15,10 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    and the pass solves again from a fresh snapshot; the commit also releases the shards of
    DELETING deployments and removes their rows,
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events.
+Before that, replicas whose shards an agent reported FAILED are counted and, once their back-off
+is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
+again with the nodes they failed on cordoned for it alone (other nodes first; what finds none
+is retried without that after the back-off).
 A `Lease` decides whether this controller may reconcile at all: with several controllers on one
 database only the leader does (`controller.leadership`; `AlwaysLeader` alone). The leader's
 database is fenced (`Database.fenced`): a pass whose lease was lost meanwhile commits nothing
@@ -46,10 +50,12 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
+from controller.store.failures import handle_failures
 from controller.store.plans import commit_plan
 from controller.store.rollout import DEFAULT_SURGE, retire_replaced, stored_key
 from controller.usecases import planning
 from controller.usecases.deployments import validate_spec
+from controller.domain.restarts import RestartPolicy
 from controller.domain.values import DeploymentView, split_deployment_key
 from scheduler import Plan
 
@@ -131,6 +137,7 @@ class Reconciler:
         wall_clock: Callable[[], datetime] = m.utcnow,
         quarantine_after: int = limits.QUARANTINE_AFTER_FAILURES,
         allow_preemption: bool = True,
+        restart_policy: RestartPolicy | None = None,
         max_surge: int = DEFAULT_SURGE,
     ) -> None:
         self._db = db
@@ -163,6 +170,10 @@ class Reconciler:
         self._max_surge = max_surge
         self._replacing = True               # replicas being replaced (store/rollout.py): check every pass
         self._retire_checked: int | None = None  # the generation the last such check saw
+        self._restarts = restart_policy or RestartPolicy()
+        self._failures_checked: int | None = None  # the generation the last FAILED-shard check saw
+        self._failures_due: float | None = None     # when a failed replica's back-off ends
+        self._avoid: frozenset[str] = frozenset()   # nodes the next solve keeps new shards off
         self._failures: dict[str, int] = {}  # solver failures per deployment (solved alone)
         self._good: set[str] = set()         # deployments of the last committed plan
         self._pass_started: float | None = None
@@ -180,6 +191,7 @@ class Reconciler:
         every stored deployment judged against the limits again, nothing parked)."""
         self._last_generation = None
         self._retry_at = None
+        self._failures_checked = self._failures_due = None
         self._within_limits.clear()
         self._parking = ParkingLot()
         self.wake()
@@ -212,6 +224,13 @@ class Reconciler:
                 async with self._db.unit_of_work() as uow:
                     generation = await repo.read_cluster_generation(uow.session)
                     arrivals = await repo.count_schedulable_deployments(uow.session)
+                # Shards reported FAILED bump the generation; a back-off running ends at a known time.
+                failures_due = self._failures_due is not None and self._clock() >= self._failures_due
+                if generation != self._failures_checked or failures_due:
+                    if await self._handle_failures():
+                        async with self._db.unit_of_work() as uow:
+                            generation = await repo.read_cluster_generation(uow.session)
+                    self._failures_checked = generation
                 # Only while replicas are being replaced, or when the cluster changed (an update
                 # or a drain may have started replacing some): an idle cluster costs no scan.
                 if self._replacing or generation != self._retire_checked:
@@ -250,6 +269,24 @@ class Reconciler:
         await self._publish(set(retired.deployments), [])
         return True
 
+    async def _handle_failures(self) -> bool:
+        """Count FAILED shards' failures and release the replicas whose back-off is over
+        (`store/failures.py`); True when replicas were released (the nodes they failed on are
+        avoided by the next solve)."""
+        async with self._db.unit_of_work() as uow:
+            step = await handle_failures(uow.session, now=self._wall_clock(), policy=self._restarts)
+            if step.deployments:
+                await uow.commit()
+        self._failures_due = None if step.next_in_s is None else self._clock() + step.next_in_s
+        for line in step.lines:
+            log.info("failed shards: %s", line)
+        if step.released:
+            self._avoid = step.avoid
+            self._push(set(step.nodes))
+        if step.deployments:
+            await self._publish(set(step.deployments), [])
+        return step.released
+
     def _schedule_retry(self, plan: Plan, *, requeued: bool = False) -> float | None:
         """After a commit: when to solve again although nothing changed (None: not needed):
         the solve stopped at its time limit with work left, or the applier turned replicas away."""
@@ -278,6 +315,8 @@ class Reconciler:
             admitted, waiting = self._parking.admit(snapshot.problem)
             problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
                                             allow_preemption=self._allow_preemption)
+            avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
+            problem = planning.with_cordoned(problem, avoided)
             started = time.perf_counter()
             try:
                 plan = ParkingLot.with_waiting(await self._solve(problem, time_limit_ms=self._time_limit_ms), waiting)
@@ -321,8 +360,12 @@ class Reconciler:
             self._last_generation = result.generation
             self._last_arrivals = len(snapshot.deployment_ids)
             self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
-            self._parking.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
-            retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued))
+            self._avoid = frozenset()
+            if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
+                retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued or plan.unplaced))
+            else:
+                self._parking.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
+                retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued))
             return ReconcileOutcome(
                 solved=True, generation=result.generation, conflicts=attempt,
                 changed_nodes=frozenset(changed_nodes), changed_deployments=frozenset(changed_deployments),

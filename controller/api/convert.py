@@ -50,6 +50,7 @@ _DEPLOYMENT_PHASE = {
     "degraded": deployments_pb2.DEPLOYMENT_PHASE_DEGRADED,
     "deleting": deployments_pb2.DEPLOYMENT_PHASE_DELETING,
     "quarantined": deployments_pb2.DEPLOYMENT_PHASE_QUARANTINED,
+    "failed": deployments_pb2.DEPLOYMENT_PHASE_FAILED,
 }
 _EVENT_TYPE = {
     "added": deployments_pb2.DeploymentEvent.TYPE_ADDED,

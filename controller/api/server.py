@@ -150,7 +150,7 @@ class ControllerApp:
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,
             lease=self.election, observer=self.metrics,
             quarantine_after=config.quarantine_after_failures, allow_preemption=config.preemption,
-            max_surge=config.max_surge,
+            max_surge=config.max_surge, restart_policy=config.restarts,
         )
         self.lifecycle = NodeLifecycle(
             leader_db, config.liveness, connected=self.hub.connected, damper=damper,

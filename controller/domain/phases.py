@@ -2,8 +2,10 @@
 
 PENDING: no replica placed (the reasons say why); SCHEDULED: placed, some shards not running
 yet; RUNNING: every placed shard runs and every asked replica is placed; DEGRADED: everything
-placed runs but fewer replicas than asked are placed. DELETING is set by the user and is sticky.
-A replica counts as placed only with all its shards (a gang).
+placed runs but fewer replicas than asked are placed, or a shard FAILED while at least
+`min_replicas` replicas run. DELETING is set by the user, FAILED by the controller when
+replicas keep failing (`domain/restarts.py`); both are sticky. A replica counts as placed only
+with all its shards (a gang).
 
 Pure functions over the interchange words: `commit_plan` applies them to the plan it writes,
 the shard-report path to the placements its reports changed.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 class ReplicaCounts:
     placed: int
     running: int
+    failed: int = 0  # placed replicas with a FAILED shard
 
 
 def replica_counts(shards_per_replica: int, shards: Iterable[tuple[int, str]],
@@ -35,15 +38,22 @@ def replica_counts(shards_per_replica: int, shards: Iterable[tuple[int, str]],
     sizes = sizes or {}
     placed = [ps for r, ps in phases.items() if len(ps) >= sizes.get(r, shards_per_replica)]
     running = [ps for ps in placed if all(p == "running" for p in ps)]
-    return ReplicaCounts(placed=len(placed), running=len(running))
+    failed = [ps for ps in placed if any(p == "failed" for p in ps)]
+    return ReplicaCounts(placed=len(placed), running=len(running), failed=len(failed))
 
 
-def deployment_phase(replicas: int, counts: ReplicaCounts, *, deleting: bool = False) -> str:
-    """The phase a deployment of `replicas` replicas is in, given its replica counts."""
+def deployment_phase(replicas: int, counts: ReplicaCounts, *, deleting: bool = False, failed: bool = False,
+                     failing: bool = False, min_replicas: int = 1) -> str:
+    """The phase a deployment of `replicas` replicas is in, given its replica counts (`failed`:
+    the controller gave up on it; `failing`: replicas that failed are being placed again)."""
     if deleting:
         return "deleting"
+    if failed:
+        return "failed"
     if counts.placed == 0:
         return "pending"
+    if (counts.failed or failing) and max(1, min_replicas) <= counts.running < replicas:
+        return "degraded"
     if counts.running < counts.placed:
         return "scheduled"
     return "running" if counts.placed >= replicas else "degraded"

@@ -83,6 +83,7 @@ class DeploymentPhase(str, enum.Enum):
     DEGRADED = "degraded"
     DELETING = "deleting"
     QUARANTINED = "quarantined"  # set aside: the solver failed on it repeatedly (see its reasons)
+    FAILED = "failed"  # its replicas kept failing: not placed again until updated (domain/restarts.py)
 
 
 class ShardPhase(str, enum.Enum):
@@ -246,6 +247,11 @@ class Deployment(Base):
     # Specs of older revisions whose replicas still run during a rolling update:
     # {"<revision>": interchange deployment document}.
     revision_specs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, nullable=False)
+    # FAILED shards (domain/restarts.py): failures in a row, the last one, and when the failed
+    # replicas are released to be placed again (None: no failure waiting).
+    failures: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
+    last_failure_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    restart_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow, nullable=False

@@ -60,6 +60,7 @@ from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_snapshot
 from controller.domain.values import deployment_key
 from controller.domain.phases import deployment_phase, replica_counts
+from controller.domain.restarts import failure_reasons
 
 if TYPE_CHECKING:  # the controller may import the solver's types; it never needs them at run time
     from scheduler import Plan
@@ -301,7 +302,7 @@ async def commit_plan(
         for d in await session.execute(
             select(Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation,
                    Deployment.reasons, Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at,
-                   Deployment.template_revision, Deployment.revision_specs)
+                   Deployment.template_revision, Deployment.revision_specs, Deployment.min_replicas)
         )
     }
     keys_by_id = {d.id: key for key, d in deployments.items()}
@@ -378,8 +379,12 @@ async def commit_plan(
             reasons = [preempted_reason(sorted(preempted[name]))] + reasons
         elif name in unplaced:
             reasons = [r for r in d.reasons or () if r.get("code") == PREEMPTED][:1] + reasons
+        failure = failure_reasons(d.reasons or ())  # kept until it runs again (domain/restarts.py)
         counts = replica_counts(d.shards_per_replica, shard_phases[name], sizes=sizes.get(name))
-        phase = DeploymentPhase(deployment_phase(d.replicas, counts))
+        phase = DeploymentPhase(deployment_phase(d.replicas, counts, failed=d.phase is DeploymentPhase.FAILED,
+                                                 failing=bool(failure), min_replicas=d.min_replicas))
+        if name in planned and phase is not DeploymentPhase.RUNNING:
+            reasons = failure + reasons
         if reasons != (d.reasons or []):
             reasons_changed.add(name)
         if d.generation == 0 and d.phase is DeploymentPhase.PENDING and phase is not DeploymentPhase.PENDING:

@@ -22,6 +22,7 @@ from controller.store.metering import shard_milli, stop_intervals, stop_interval
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain import values as d
 from controller.domain.paging import PageBounds
+from controller.domain import restarts
 from controller.domain.phases import ReplicaCounts, deployment_phase, replica_counts
 
 
@@ -429,11 +430,22 @@ async def quarantine_deployment(session: AsyncSession, key: str, reason: str) ->
 
 
 def implied_phase(row: m.Deployment) -> m.DeploymentPhase:
-    """The phase its stored placements imply (domain/phases' rule; DELETING is sticky)."""
+    """The phase its stored placements imply (domain/phases' rule; DELETING and FAILED are sticky)."""
     if row.phase is m.DeploymentPhase.QUARANTINED:
         return row.phase  # sticky until it is submitted again or deleted
-    deleting = row.phase is m.DeploymentPhase.DELETING
-    return m.DeploymentPhase(deployment_phase(row.replicas, _replica_counts(row), deleting=deleting))
+    return m.DeploymentPhase(deployment_phase(
+        row.replicas, _replica_counts(row), deleting=row.phase is m.DeploymentPhase.DELETING,
+        failed=row.phase is m.DeploymentPhase.FAILED, failing=bool(restarts.failure_reasons(row.reasons or ())),
+        min_replicas=row.min_replicas))
+
+
+def clear_failures(row: m.Deployment) -> None:
+    """A fresh start for a deployment whose shards failed (its spec changed): failures in a row
+    forgotten, and a FAILED deployment placed again (domain/restarts.py)."""
+    row.failures, row.last_failure_at, row.restart_after = 0, None, None
+    if row.phase is m.DeploymentPhase.FAILED:
+        row.phase = m.DeploymentPhase.PENDING
+        row.phase = implied_phase(row)
 
 
 def deployment_view(row: m.Deployment) -> d.DeploymentView:

@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.values import deployment_key
-from controller.store import audit
-from controller.store.metering import stop_intervals
+from controller.store.release import record_decisions, stop_placements
 from controller.store.models import (
-    ClusterState, Deployment, DeploymentPhase, Event, Node, NodeHealth, Placement, ShardPhase,
+    Deployment, DeploymentPhase, Node, NodeHealth, Placement, ShardPhase,
 )
 
 # Replicas placed beyond the asked count while a rollout or drain replaces replicas (the
@@ -280,20 +279,6 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
             dep.generation = dep.generation + 1
     if not retired_ids:
         return Retired(deployments=frozenset(changed), replacing=replacing)
-    for start in range(0, len(retired_ids), 500):
-        chunk = retired_ids[start:start + 500]
-        await session.execute(delete(Placement).where(Placement.id.in_(chunk)).execution_options(
-            synchronize_session=False))
-    await stop_intervals(session, retired_ids, now)
-    await session.execute(update(Node).where(Node.id.in_(nodes))
-                          .values(assignment_generation=Node.assignment_generation + 1)
-                          .execution_options(synchronize_session=False))
-    await session.execute(update(ClusterState).where(ClusterState.id == 1)
-                          .values(generation=ClusterState.generation + 1).execution_options(synchronize_session=False))
-    for e in events:
-        session.add(Event(at=now, actor=actor, kind=e["kind"], object_kind=e["object_kind"],
-                          object_id=e["object_id"], message=e["message"], data=e["data"]))
-    await audit.append(session, [audit.AuditRecord(
-        actor=actor, role="controller", tenant=e["tenant"], action=e["kind"], object_kind="deployment",
-        object_id=e["object_id"], detail={"message": e["message"], **e["data"]}) for e in events], at=now)
+    await stop_placements(session, retired_ids, nodes, now)
+    await record_decisions(session, events, now, actor)
     return Retired(nodes=frozenset(nodes), deployments=frozenset(changed), lines=tuple(lines), replacing=replacing)

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 from controller import limits
 from controller import tokens as secrets_
@@ -26,6 +27,7 @@ from controller.store import repositories as repo
 from controller.store import tokens as node_tokens
 from controller.store.db import UnitOfWork
 from controller.usecases import policy, tokens
+from controller.domain import restarts
 from controller.domain.values import HeartbeatReport, NodeInfo, Registration, ShardReport, deployment_key
 from controller.usecases.validation import (
     ID_MAX, check_count, check_id, check_labels, check_name, check_optional_id, check_quantity, check_range, check_text,
@@ -282,8 +284,11 @@ async def flush_reports(
 
     A report is applied only if the shard is still placed on the reporting node and answers the
     placement's generation or a newer one (older reports are stale). Every report names its
-    tenant (the hub fills it in from what it gave the node). Returns the keys (TENANT/NAME) of the
-    deployments whose shard phases (and so perhaps their phase) changed.
+    tenant (the hub fills it in from what it gave the node). A shard newly FAILED gives its
+    deployment a SHARD_FAILED reason with the agent's message (dropped once it runs again) and
+    bumps the cluster generation: the reconciler places the replica again after a back-off.
+    Returns the keys (TENANT/NAME) of the deployments whose shard phases (and so perhaps their
+    phase) changed.
     """
     s = uow.session
     if beats:  # one executemany for every node that beat since the last flush
@@ -293,6 +298,7 @@ async def flush_reports(
         if report.phase in _SHARD_PHASES:
             latest[(deployment_key(report.tenant, report.deployment), report.replica, report.shard)] = (node_id, report)
     touched: set[str] = set()
+    failed: dict[str, dict[str, Any]] = {}  # deployment key -> why its latest shard failure happened
     if latest:
         for placement, key in await repo.placements_of_deployments(s, {k[0] for k in latest}):
             hit = latest.get((key, placement.replica, placement.shard))
@@ -303,12 +309,22 @@ async def flush_reports(
                 continue
             phase = m.ShardPhase(report.phase)
             if placement.phase is not phase or placement.message != report.message:
+                if phase is m.ShardPhase.FAILED and placement.phase is not m.ShardPhase.FAILED:
+                    failed[key] = restarts.failure_reason(placement.replica, placement.shard, node_id,
+                                                           report.message)
                 placement.phase = phase
                 placement.message = report.message
                 touched.add(key)
     if touched:  # their deployments' phases may follow the shards'
         for row in await repo.list_deployment_rows(s, keys=touched):
             row.phase = repo.implied_phase(row)
+            if deployment_key(row.tenant_id, row.name) in failed:
+                row.reasons = restarts.with_failure(row.reasons or [], failed[deployment_key(row.tenant_id, row.name)])
+            elif row.phase is m.DeploymentPhase.RUNNING and any(
+                    r.get("code") == restarts.SHARD_FAILED for r in row.reasons or ()):
+                row.reasons = [r for r in row.reasons or () if r.get("code") != restarts.SHARD_FAILED]
+    if failed:  # the reconciler places the failed replicas again after a back-off (store/failures.py)
+        await repo.bump_cluster_generation(s)
     for node_id, refusal in (refused or {}).items():
         await record_refused_reports(uow, node_id, refusal)
     await uow.commit()

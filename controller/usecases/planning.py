@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -53,6 +54,18 @@ def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "ba
     doc["options"] = {**(problem.get("options") or {}), "mode": mode, "time_limit_ms": time_limit_ms}
     if allow_preemption:
         doc["options"]["allow_preemption"] = True
+    return doc
+
+
+def with_cordoned(problem: dict[str, Any], nodes: Iterable[str]) -> dict[str, Any]:
+    """The problem with the ready ones of `nodes` cordoned (they keep their shards, take no new
+    ones): replicas that failed there are placed elsewhere first."""
+    avoid = set(nodes)
+    if not avoid:
+        return problem
+    doc = dict(problem)
+    doc["nodes"] = [dict(n, state="cordoned") if n["id"] in avoid and n.get("state", "ready") == "ready" else n
+                    for n in problem.get("nodes", ())]
     return doc
 
 

@@ -153,6 +153,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         row.revision_specs = specs
         row.template_revision = row.template_revision + 1
     repo.write_deployment_spec(row, spec)
+    repo.clear_failures(row)  # a changed spec is a fresh start: a FAILED deployment is placed again
     row.resource_version = row.resource_version + 1
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session)

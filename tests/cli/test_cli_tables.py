@@ -130,3 +130,21 @@ def test_wait_progress_bars_show_running_of_replicas_on_a_terminal() -> None:
                                      phase=D.DEPLOYMENT_PHASE_SCHEDULED, running_replicas=3))
     bars.close()
     assert "chat: Scheduled" in err.getvalue() and "3/4" in err.getvalue()
+
+
+def test_a_failed_deployment_shows_why_and_stops_a_wait_for_running() -> None:
+    import io
+
+    from controller.cli.commands.wait import _Tracker
+    from controller.cli.context import Context
+
+    failed = D.Deployment(spec=D.DeploymentSpec(name="chat", replicas=2), phase=D.DEPLOYMENT_PHASE_FAILED,
+                          placed_replicas=2, running_replicas=1,
+                          reasons=[common_pb2.Reason(code="SHARD_FAILED", scope="node n3",
+                                                     message="failed 11 times in a row (last: replica 1 shard 0 "
+                                                             "failed on n3: HBM ECC error); not placed again")])
+    text = deployment_detail(failed)
+    assert "Failed" in text and "HBM ECC error" in text
+    tracker = _Tracker(["chat"], "running", Context(stderr=io.StringIO()))
+    tracker.update("chat", failed)
+    assert tracker.blocked() == ["chat"] and tracker.finished()

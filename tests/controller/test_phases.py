@@ -34,3 +34,23 @@ def test_replica_counts_count_whole_gangs(shards, counts):
 )
 def test_deployment_phase(replicas, counts, deleting, phase):
     assert deployment_phase(replicas, counts, deleting=deleting) == phase
+
+
+@pytest.mark.parametrize(
+    ("replicas", "min_replicas", "counts", "failed", "failing", "phase"),
+    [
+        (3, 1, ReplicaCounts(3, 2, failed=1), False, False, "degraded"),   # a shard failed, 2 >= min run
+        (3, 3, ReplicaCounts(3, 2, failed=1), False, False, "scheduled"),  # below min_replicas: not degraded
+        (2, 1, ReplicaCounts(2, 0, failed=2), False, False, "scheduled"),  # nothing runs
+        (2, 1, ReplicaCounts(2, 1), False, True, "degraded"),   # the failed replica is being placed again
+        (2, 1, ReplicaCounts(2, 2), False, True, "running"),    # running again
+        (2, 1, ReplicaCounts(2, 1, failed=1), True, True, "failed"),  # given up: sticky
+    ],
+)
+def test_failed_shards_make_a_deployment_degraded_or_failed(replicas, min_replicas, counts, failed, failing, phase):
+    assert deployment_phase(replicas, counts, failed=failed, failing=failing, min_replicas=min_replicas) == phase
+
+
+def test_replica_counts_count_replicas_with_a_failed_shard():
+    assert replica_counts(2, [(0, "running"), (0, "failed"), (1, "running"), (1, "running")]) == \
+        ReplicaCounts(2, 1, failed=1)

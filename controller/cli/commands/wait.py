@@ -133,9 +133,11 @@ class _Tracker:
         return all(n in self.latest and self.check(self.latest[n]) for n in self.names)
 
     def blocked(self) -> list[str]:
-        """Deployments not there yet whose reasons waiting cannot change."""
+        """Deployments not there yet whose reasons waiting cannot change (or that are Failed:
+        the controller gave up on them until they are updated)."""
         return [n for n, dep in self.latest.items()
-                if dep is not None and not self.check(dep) and any(r.code in BLOCKING_CODES for r in dep.reasons)]
+                if dep is not None and not self.check(dep) and (dep.phase == P.DEPLOYMENT_PHASE_FAILED or any(
+                    r.code in BLOCKING_CODES for r in dep.reasons))]
 
     def finished(self) -> bool:
         return self.done() or (self.fail_fast and bool(self.blocked()))

@@ -20,6 +20,7 @@ class DeploymentPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEPLOYMENT_PHASE_DEGRADED: _ClassVar[DeploymentPhase]
     DEPLOYMENT_PHASE_DELETING: _ClassVar[DeploymentPhase]
     DEPLOYMENT_PHASE_QUARANTINED: _ClassVar[DeploymentPhase]
+    DEPLOYMENT_PHASE_FAILED: _ClassVar[DeploymentPhase]
 DEPLOYMENT_PHASE_UNSPECIFIED: DeploymentPhase
 DEPLOYMENT_PHASE_PENDING: DeploymentPhase
 DEPLOYMENT_PHASE_SCHEDULED: DeploymentPhase
@@ -27,6 +28,7 @@ DEPLOYMENT_PHASE_RUNNING: DeploymentPhase
 DEPLOYMENT_PHASE_DEGRADED: DeploymentPhase
 DEPLOYMENT_PHASE_DELETING: DeploymentPhase
 DEPLOYMENT_PHASE_QUARANTINED: DeploymentPhase
+DEPLOYMENT_PHASE_FAILED: DeploymentPhase
 
 class DeploymentSpec(_message.Message):
     __slots__ = ("name", "tenant", "replicas", "min_replicas", "shards_per_replica", "shard", "locality", "spread", "priority", "preemptible")

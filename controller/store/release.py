@@ -1,0 +1,42 @@
+"""Stopping placed replicas outside a plan commit (rollouts retiring replicas, failed replicas
+released to be placed again): the rows go, their usage meters stop, their nodes get a new
+assignment set, the cluster generation moves, and each decision is an event and an audit entry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store import audit
+from controller.store.metering import stop_intervals
+from controller.store.models import ClusterState, Event, Node, Placement
+
+_CHUNK = 500
+
+
+async def stop_placements(session: AsyncSession, ids: Sequence[int], nodes: Iterable[str], now: datetime) -> None:
+    """Delete the placements `ids` (on `nodes`), in the caller's transaction."""
+    for start in range(0, len(ids), _CHUNK):
+        await session.execute(delete(Placement).where(Placement.id.in_(ids[start:start + _CHUNK]))
+                              .execution_options(synchronize_session=False))
+    await stop_intervals(session, list(ids), now)
+    await session.execute(update(Node).where(Node.id.in_(set(nodes)))
+                          .values(assignment_generation=Node.assignment_generation + 1)
+                          .execution_options(synchronize_session=False))
+    await session.execute(update(ClusterState).where(ClusterState.id == 1)
+                          .values(generation=ClusterState.generation + 1).execution_options(synchronize_session=False))
+
+
+async def record_decisions(session: AsyncSession, events: Sequence[dict[str, Any]], now: datetime,
+                           actor: str = "controller") -> None:
+    """Each event ({kind, object_id, message, data, tenant}, about a deployment) and its audit entry."""
+    for e in events:
+        session.add(Event(at=now, actor=actor, kind=e["kind"], object_kind="deployment", object_id=e["object_id"],
+                          message=e["message"], data=e["data"]))
+    await audit.append(session, [audit.AuditRecord(
+        actor=actor, role="controller", tenant=e["tenant"], action=e["kind"], object_kind="deployment",
+        object_id=e["object_id"], detail={"message": e["message"], **e["data"]}) for e in events], at=now)

@@ -1,0 +1,140 @@
+"""Shards an agent reports FAILED: the replica is placed again after a back-off, on another node
+first; the deployment is Degraded meanwhile and Failed once it keeps failing (real database,
+the reconciler with hand-driven clocks, reports through the agent use case)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from controller.domain.restarts import SHARD_FAILED, RestartPolicy
+from controller.domain.values import ShardReport
+from controller.reconcile import Reconciler
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import Database
+from controller.usecases import agents, updates
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO, deployment, no_publish, submit
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+
+
+class Clocks:
+    """The reconciler's monotonic and wall clocks, moved by hand."""
+
+    def __init__(self) -> None:
+        self.s = 0.0
+
+    def monotonic(self) -> float:
+        return self.s
+
+    def wall(self) -> datetime:
+        return T0 + timedelta(seconds=self.s)
+
+
+def reconciler(db: Database, clocks: Clocks, policy: RestartPolicy) -> Reconciler:
+    return Reconciler(db, push=lambda nodes: None, publish=no_publish, clock=clocks.monotonic,
+                      wall_clock=clocks.wall, restart_policy=policy, retry_backoff_s=2.0)
+
+
+async def placed(db: Database, name: str) -> dict[int, tuple[str, str]]:
+    """replica -> (node, shard phase) of a one-shard-per-replica deployment."""
+    async with db.unit_of_work() as uow:
+        return {p.replica: (p.node_id, p.phase.value)
+                for p, _ in await repo.placements_of_deployments(uow.session, [f"t1/{name}"])}
+
+
+async def report(db: Database, name: str, replica: int, phase: str, message: str = "") -> None:
+    node = (await placed(db, name))[replica][0]
+    async with db.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(node, ShardReport(name, replica, 0, 10**9, phase, message, tenant="t1"))])
+
+
+@dataclass(frozen=True)
+class Seen:
+    phase: m.DeploymentPhase
+    reasons: list[dict[str, Any]]
+    failures: int
+    restart_after: datetime | None
+    resource_version: int
+
+
+async def state(db: Database, name: str) -> Seen:
+    async with db.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", name)
+        assert row is not None
+        return Seen(row.phase, list(row.reasons or ()), row.failures, row.restart_after, row.resource_version)
+
+
+async def test_a_failed_replica_is_placed_again_on_another_node_after_its_back_off(cluster: Database) -> None:
+    clocks = Clocks()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4))  # one whole node per replica
+    await loop.reconcile_once()
+    for replica in (0, 1):
+        await report(cluster, "svc", replica, "running")
+    failed_node = (await placed(cluster, "svc"))[0][0]
+
+    await report(cluster, "svc", 0, "failed", "CUDA error: out of memory")
+    row = await state(cluster, "svc")
+    assert row.phase is m.DeploymentPhase.DEGRADED  # 1 of 2 runs, at least min_replicas
+    assert row.reasons[0]["code"] == SHARD_FAILED and "CUDA error: out of memory" in row.reasons[0]["message"]
+
+    await loop.reconcile_once()  # counts the failure and starts the back-off; nothing moves yet
+    assert (await placed(cluster, "svc"))[0] == (failed_node, "failed")
+    assert (await state(cluster, "svc")).failures == 1
+    clocks.s = 4.9
+    await loop.reconcile_once()
+    assert (await placed(cluster, "svc"))[0] == (failed_node, "failed")
+
+    clocks.s = 5.0
+    await loop.reconcile_once()  # released and placed again, elsewhere
+    node, phase = (await placed(cluster, "svc"))[0]
+    assert node != failed_node and phase == "assigned"
+    assert node != (await placed(cluster, "svc"))[1][0]
+    assert (await state(cluster, "svc")).phase is m.DeploymentPhase.DEGRADED
+
+    await report(cluster, "svc", 0, "running")
+    row = await state(cluster, "svc")
+    assert row.phase is m.DeploymentPhase.RUNNING and row.reasons == []
+    async with cluster.unit_of_work() as uow:
+        kinds = [e.kind for e in await repo.list_events(uow.session, object_id="t1/svc")]
+    assert "deployment.replicas_failed" in kinds and "deployment.replicas_released" in kinds
+
+
+async def test_a_deployment_that_keeps_failing_is_failed_until_it_is_updated(cluster: Database) -> None:
+    clocks = Clocks()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=2))
+    await submit(cluster, deployment("svc", replicas=1, accelerators=4))
+    await loop.reconcile_once()
+    delays = []
+    for attempt in range(3):
+        await report(cluster, "svc", 0, "failed", f"crash {attempt}")
+        await loop.reconcile_once()
+        row = await state(cluster, "svc")
+        if row.restart_after is None:
+            break
+        delays.append((row.restart_after.replace(tzinfo=timezone.utc) - clocks.wall()).total_seconds())
+        clocks.s += delays[-1]
+        await loop.reconcile_once()  # released and placed again
+    assert delays == [5.0, 10.0]
+    row = await state(cluster, "svc")
+    assert row.phase is m.DeploymentPhase.FAILED and row.failures == 3
+    assert "failed 3 times in a row" in row.reasons[0]["message"] and "crash 2" in row.reasons[0]["message"]
+
+    clocks.s += 60  # nothing is placed again while it is FAILED, and the failed shard stays for reading
+    await loop.reconcile_once(force=True)
+    assert (await placed(cluster, "svc"))[0][1] == "failed"
+    assert (await state(cluster, "svc")).phase is m.DeploymentPhase.FAILED
+
+    async with cluster.unit_of_work() as uow:  # an update (here a scale) is a fresh start
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=2, accelerators=4),
+                                        row.resource_version, RecordingSignals())
+    row = await state(cluster, "svc")
+    assert row.phase is not m.DeploymentPhase.FAILED and row.failures == 0
+    await loop.reconcile_once()   # the failed shard counts as failure 1 again
+    clocks.s += 5
+    await loop.reconcile_once()
+    assert [phase for _, phase in (await placed(cluster, "svc")).values()] == ["assigned", "assigned"]
