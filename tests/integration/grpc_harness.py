@@ -266,3 +266,22 @@ async def api_state(stubs: Stubs) -> tuple:
     return (deployments.SerializeToString(deterministic=True), tenants.SerializeToString(deterministic=True),
             topo.SerializeToString(deterministic=True),
             [(n.id, n.hostname, dict(n.labels), n.accelerators) for n in nodes.nodes])
+
+
+@asynccontextmanager
+async def controlled_fleet(app: Any, tmp_path: Path, *, racks: int = 2,
+                           nodes_per_rack: int = 2) -> AsyncIterator[tuple[Stubs, SimFleet, Path]]:
+    """Admin stubs, a fleet serving a control socket (`maia-simnode fault ...`) and the socket's
+    path, on a topology of `racks` racks in one row and tenant "lab"; stopped after."""
+    stubs = Stubs.connect(app.address, admin_token_of(app))
+    control = tmp_path / "fleet.sock"
+    await stubs.admin.ApplyTopology(topology({f"rack-{r:02d}": "row-a" for r in range(racks)}))
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    token = await issue_token(app.db, "node-bootstrap", name="fleet")
+    fleet = SimFleet(app.address, racks=racks, nodes_per_rack=nodes_per_rack, token=token, log_dir=tmp_path,
+                     extra_args=("--control-socket", str(control)))
+    try:
+        yield stubs, fleet, control
+    finally:
+        fleet.stop()
+        await stubs.channel.close()

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grpc_harness import RUNNING, SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, \
-    topology
-from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+from grpc_harness import RUNNING, controlled_fleet, eventually, running_controller, spec
+from maia.v1 import common_pb2, deployments_pb2
 from test_simnode_faults_fleet import fault
 
 FAILED = deployments_pb2.DEPLOYMENT_PHASE_FAILED
@@ -20,40 +19,30 @@ SHARD_FAILED = common_pb2.SHARD_PHASE_FAILED
 async def test_a_failed_shard_is_placed_again_elsewhere_and_one_that_keeps_failing_fails_the_deployment(
         tmp_path: Path) -> None:
     async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path,
-                                  restart_backoff_s=0.5, restart_limit=2) as app:
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        control = tmp_path / "fleet.sock"
-        await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
-        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-        token = await issue_token(app.db, "node-bootstrap", name="fleet")
-        fleet = SimFleet(app.address, racks=2, nodes_per_rack=2, token=token, log_dir=tmp_path,
-                         extra_args=("--control-socket", str(control)))
+                                  restart_backoff_s=0.5, restart_limit=2) as app, \
+            controlled_fleet(app, tmp_path) as (stubs, _, control):
 
         def get() -> deployments_pb2.Deployment:
             return stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
 
-        try:
-            await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
-                spec=spec("svc", replicas=2, accelerators=4, locality=common_pb2.DOMAIN_NODE)))
-            before = await eventually(get, lambda d: d.phase == RUNNING, timeout=60, what="svc running")
-            failed_on = next(p.node for p in before.placements if p.replica == 0)
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("svc", replicas=2, accelerators=4, locality=common_pb2.DOMAIN_NODE)))
+        before = await eventually(get, lambda d: d.phase == RUNNING, timeout=60, what="svc running")
+        failed_on = next(p.node for p in before.placements if p.replica == 0)
 
-            failing = await fault(control, "fail-shard", "--deployment", "svc", "--replica", "0", "--shard", "0",
-                                  "--message", "HBM ECC error")
-            assert failing.returncode == 0, failing.stderr
-            again = await eventually(get, lambda d: d.phase == RUNNING and any(
-                p.replica == 0 and p.node != failed_on for p in d.placements), timeout=30,
-                what="replica 0 running again on another node")
-            assert not any(r.code == "SHARD_FAILED" for r in again.reasons)
+        failing = await fault(control, "fail-shard", "--deployment", "svc", "--replica", "0", "--shard", "0",
+                              "--message", "HBM ECC error")
+        assert failing.returncode == 0, failing.stderr
+        again = await eventually(get, lambda d: d.phase == RUNNING and any(
+            p.replica == 0 and p.node != failed_on for p in d.placements), timeout=30,
+            what="replica 0 running again on another node")
+        assert not any(r.code == "SHARD_FAILED" for r in again.reasons)
 
-            keeps = await fault(control, "fail-shard", "--deployment", "svc", "--replica", "1", "--keep-failing",
-                                "--message", "segfault in the loader")
-            assert keeps.returncode == 0, keeps.stderr
-            failed = await eventually(get, lambda d: d.phase == FAILED, timeout=30, what="svc failed")
-            why = next(r.message for r in failed.reasons if r.code == "SHARD_FAILED")
-            assert "segfault in the loader" in why and "failed 3 times in a row" in why
-            assert any(p.replica == 1 and p.phase == SHARD_FAILED for p in failed.placements)
-            assert any(p.replica == 0 and p.phase == common_pb2.SHARD_PHASE_RUNNING for p in failed.placements)
-        finally:
-            fleet.stop()
-            await stubs.channel.close()
+        keeps = await fault(control, "fail-shard", "--deployment", "svc", "--replica", "1", "--keep-failing",
+                            "--message", "segfault in the loader")
+        assert keeps.returncode == 0, keeps.stderr
+        failed = await eventually(get, lambda d: d.phase == FAILED, timeout=30, what="svc failed")
+        why = next(r.message for r in failed.reasons if r.code == "SHARD_FAILED")
+        assert "segfault in the loader" in why and "failed 3 times in a row" in why
+        assert any(p.replica == 1 and p.phase == SHARD_FAILED for p in failed.placements)
+        assert any(p.replica == 0 and p.phase == common_pb2.SHARD_PHASE_RUNNING for p in failed.placements)

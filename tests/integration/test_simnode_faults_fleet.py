@@ -13,8 +13,7 @@ import sys
 from collections.abc import Awaitable
 from pathlib import Path
 
-from grpc_harness import RUNNING, SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, \
-    topology
+from grpc_harness import RUNNING, Stubs, controlled_fleet, eventually, running_controller, spec
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 READY, SUSPECT, DOWN = common_pb2.NODE_STATE_READY, common_pb2.NODE_STATE_SUSPECT, common_pb2.NODE_STATE_DOWN
@@ -47,58 +46,48 @@ async def _watch_states(stubs: Stubs, nodes: set[str], seen: dict[str, set[int]]
 
 async def test_nodes_killed_from_the_cli_are_suspected_downed_evicted_and_come_back_revived(tmp_path: Path) -> None:
     async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path,
-                                  node_down_grace_s=2.0, node_eviction_grace_s=3.0) as app:
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        control = tmp_path / "fleet.sock"
-        await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
-        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-        token = await issue_token(app.db, "node-bootstrap", name="fleet")
-        fleet = SimFleet(app.address, racks=2, nodes_per_rack=2, token=token, log_dir=tmp_path,
-                         extra_args=("--control-socket", str(control)))
-        try:
-            await eventually(lambda: _states(stubs), lambda s: list(s.values()) == [READY] * 4, timeout=30,
-                             what="4 nodes ready")
-            await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
-                spec=spec("svc", replicas=2, accelerators=4, locality=common_pb2.DOMAIN_NODE)))
-            await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
-                             lambda d: d.phase == RUNNING, timeout=60, what="svc running")
-            before = await _layout(stubs)
-            dead = set(before.values())
-            idle = sorted(set(fleet.node_ids) - dead)
+                                  node_down_grace_s=2.0, node_eviction_grace_s=3.0) as app, \
+            controlled_fleet(app, tmp_path) as (stubs, fleet, control):
+        await eventually(lambda: _states(stubs), lambda s: list(s.values()) == [READY] * 4, timeout=30,
+                         what="4 nodes ready")
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("svc", replicas=2, accelerators=4, locality=common_pb2.DOMAIN_NODE)))
+        await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
+                         lambda d: d.phase == RUNNING, timeout=60, what="svc running")
+        before = await _layout(stubs)
+        dead = set(before.values())
+        idle = sorted(set(fleet.node_ids) - dead)
 
-            seen: dict[str, set[int]] = {}
-            watcher = asyncio.create_task(_watch_states(stubs, dead, seen))
-            killed = await fault(control, "kill", "--node", ",".join(sorted(dead)))
-            assert killed.returncode == 0, killed.stderr
-            assert f"killed {len(dead)} nodes" in killed.stdout
-            moved = await eventually(lambda: _layout(stubs), lambda layout: len(layout) == 2
-                                     and set(layout.values()) == set(idle), timeout=30,
-                                     what="replicas placed again on the nodes not killed")
-            await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
-                             lambda d: d.phase == RUNNING, timeout=30, what="svc running again")
-            watcher.cancel()
-            assert all({SUSPECT, DOWN} <= seen[node] for node in dead), seen
-            assert len(moved) == 2
+        seen: dict[str, set[int]] = {}
+        watcher = asyncio.create_task(_watch_states(stubs, dead, seen))
+        killed = await fault(control, "kill", "--node", ",".join(sorted(dead)))
+        assert killed.returncode == 0, killed.stderr
+        assert f"killed {len(dead)} nodes" in killed.stdout
+        moved = await eventually(lambda: _layout(stubs), lambda layout: len(layout) == 2
+                                 and set(layout.values()) == set(idle), timeout=30,
+                                 what="replicas placed again on the nodes not killed")
+        await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
+                         lambda d: d.phase == RUNNING, timeout=30, what="svc running again")
+        watcher.cancel()
+        assert all({SUSPECT, DOWN} <= seen[node] for node in dead), seen
+        assert len(moved) == 2
 
-            status = await fault(control, "status", "-o", "json")
-            assert status.returncode == 0 and '"killed"' in status.stdout
-            revived = await fault(control, "revive", "--all")
-            assert revived.returncode == 0, revived.stderr
-            await eventually(lambda: _states(stubs), lambda s: list(s.values()) == [READY] * 4, timeout=30,
-                             what="the killed nodes ready again")
-            assert await _layout(stubs) == moved  # valid placements stay where they are
+        status = await fault(control, "status", "-o", "json")
+        assert status.returncode == 0 and '"killed"' in status.stdout
+        revived = await fault(control, "revive", "--all")
+        assert revived.returncode == 0, revived.stderr
+        await eventually(lambda: _states(stubs), lambda s: list(s.values()) == [READY] * 4, timeout=30,
+                         what="the killed nodes ready again")
+        assert await _layout(stubs) == moved  # valid placements stay where they are
 
-            # A partition: the stream stays open, only the missing heartbeats (2 s) make it suspect.
-            quiet = sorted(dead)[0]
-            partitioned = await fault(control, "partition", "--node", quiet, "--for", "4s")
-            assert partitioned.returncode == 0, partitioned.stderr
-            await eventually(lambda: _states(stubs), lambda s: s[quiet] in (SUSPECT, DOWN), timeout=15,
-                             what="the partitioned node suspect")
-            await eventually(lambda: _states(stubs), lambda s: s[quiet] == READY, timeout=30,
-                             what="the partition healed by itself")
+        # A partition: the stream stays open, only the missing heartbeats (2 s) make it suspect.
+        quiet = sorted(dead)[0]
+        partitioned = await fault(control, "partition", "--node", quiet, "--for", "4s")
+        assert partitioned.returncode == 0, partitioned.stderr
+        await eventually(lambda: _states(stubs), lambda s: s[quiet] in (SUSPECT, DOWN), timeout=15,
+                         what="the partitioned node suspect")
+        await eventually(lambda: _states(stubs), lambda s: s[quiet] == READY, timeout=30,
+                         what="the partition healed by itself")
 
-            unknown = await fault(control, "kill", "--node", "rack-07-n00")
-            assert unknown.returncode == 2 and "rack-07-n00" in unknown.stderr
-        finally:
-            fleet.stop()
-            await stubs.channel.close()
+        unknown = await fault(control, "kill", "--node", "rack-07-n00")
+        assert unknown.returncode == 2 and "rack-07-n00" in unknown.stderr
