@@ -17,8 +17,9 @@ On SQLite one controller holds the file (`controller.store.exclusive`), so its e
 takes the lease at once (`force`), even from a predecessor killed before it could release it,
 and keeps it: nobody else can take it, so a renewal that waits long for SQLite's one writer
 (a join storm of thousands of agents on a loaded machine) must not make the only controller
-step down and drop every agent stream, which only brings the storm back. Its fence checks the
-holder and token, not the expiry.
+step down and drop every agent stream, which only brings the storm back. A late renewal keeps
+its token (no new term: in-flight commits stay valid, nodes get no new restart grace), and
+its fence checks the holder and token, not the expiry.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ class LeaderElection:
         sent = self._clock()
         async with self._db.unit_of_work() as uow:
             held = await lease.acquire(uow.session, self.holder, self.address, self.settings.ttl_s,
-                                       token=self.token, force=self._force)
+                                       token=self.token, force=self._force, keep=self._exclusive)
             row = await lease.read(uow.session) if held is None else None
             await uow.session.commit()
         self._force = False  # once: afterwards the lease is ours until we let it go

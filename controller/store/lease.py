@@ -57,24 +57,25 @@ def _now(session: AsyncSession) -> str:
 
 
 async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float, *,
-                  token: int | None, force: bool = False) -> int | None:
+                  token: int | None, force: bool = False, keep: bool = False) -> int | None:
     """Take or renew the lease for `ttl_s` seconds; the token now held, or None (another's is live).
 
     `token` is the one this holder last held (None: none): the same token comes back while it is
     still live; otherwise the lease is acquired afresh under token + 1. `force` takes it even
-    from a live holder (only when something else guarantees exclusivity: the SQLite lock file).
-    The caller commits."""
+    from a live holder (only when something else guarantees exclusivity: the SQLite lock file);
+    `keep`, there too, keeps this holder's token even once its lease ran out (a late renewal is
+    no reason for a new term). The caller commits."""
     now = _now(session)
     statement = text(
         f"UPDATE leader_lease SET "
-        f"token = CASE WHEN holder = :holder AND token = :token AND expires_at > {now} THEN token "
+        f"token = CASE WHEN holder = :holder AND token = :token AND (expires_at > {now} OR :keep) THEN token "
         f"ELSE token + 1 END, "
         f"holder = :holder, address = :address, expires_at = {now} + :ttl "
         f"WHERE id = 1 AND ((holder = :holder AND token = :token) OR expires_at <= {now} OR :force) "
         f"RETURNING token"
-    ).bindparams(bindparam("force", type_=Boolean))
+    ).bindparams(bindparam("force", type_=Boolean), bindparam("keep", type_=Boolean))
     result = await session.execute(statement, {"holder": holder, "address": address, "ttl": float(ttl_s),
-                                               "token": token, "force": force})
+                                               "token": token, "force": force, "keep": keep})
     return result.scalar_one_or_none()
 
 

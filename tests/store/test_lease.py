@@ -167,6 +167,9 @@ async def test_the_lone_sqlite_controller_keeps_leading_through_slow_renewals(da
         await uow.session.commit()
     now[0] = 10_000.0  # hours later on this controller's clock
     assert election.should_run()
+    token = election.token
+    await election.step()  # the late renewal gets through: the same term, no new election
+    assert (election.token, election.acquisitions) == (token, 1)
     async with database.unit_of_work() as uow:
         await election.check(uow.session)  # the lease ran out, but it is still ours: not refused
     assert election.should_run()
