@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.checking import check_state
+from controller.store.snapshot import load_snapshot
 from grpc_harness import RUNNING, controlled_fleet, eventually, running_controller, spec
 from maia.v1 import common_pb2, deployments_pb2
 from test_simnode_faults_fleet import fault
@@ -46,3 +48,6 @@ async def test_a_failed_shard_is_placed_again_elsewhere_and_one_that_keeps_faili
         assert "segfault in the loader" in why and "failed 3 times in a row" in why
         assert any(p.replica == 1 and p.phase == SHARD_FAILED for p in failed.placements)
         assert any(p.replica == 0 and p.phase == common_pb2.SHARD_PHASE_RUNNING for p in failed.placements)
+        async with app.db.unit_of_work() as uow:
+            committed = (await load_snapshot(uow.session)).problem
+        assert check_state(committed, committed["placements"]) == []
