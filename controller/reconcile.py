@@ -75,6 +75,8 @@ class ReconcileObserver(Protocol):
 
     def requeued(self, replicas: int) -> None: ...
 
+    def failed_replicas_released(self, replicas: int) -> None: ...
+
     def placed(self, latencies_s: Iterable[float]) -> None: ...
 
 
@@ -86,6 +88,9 @@ class NoObserver:
         pass
 
     def requeued(self, replicas: int) -> None:
+        pass
+
+    def failed_replicas_released(self, replicas: int) -> None:
         pass
 
     def placed(self, latencies_s: Iterable[float]) -> None:
@@ -281,6 +286,7 @@ class Reconciler:
         for line in step.lines:
             log.info("failed shards: %s", line)
         if step.released:
+            self._observer.failed_replicas_released(step.replicas)
             self._avoid = step.avoid
             self._push(set(step.nodes))
         if step.deployments:

@@ -117,6 +117,9 @@ class ControllerMetrics:
                                          "Replicas a plan placed or moved that no longer fitted the committed state "
                                          "when it was applied: not written, placed again by a later pass.",
                                          registry=r)
+        self.failed_released = Counter("maia_failed_replicas_released",
+                                       "Replicas with a shard reported FAILED released after their back-off, to be "
+                                       "placed again (other nodes first).", registry=r)
         self.submit_to_placed = Histogram("maia_deployment_submit_to_placed_seconds",
                                           "From a deployment's creation to its first placement.",
                                           registry=r, buckets=PLACED_BUCKETS_S)
@@ -148,6 +151,9 @@ class ControllerMetrics:
 
     def requeued(self, replicas: int) -> None:
         self.requeued_replicas.inc(replicas)
+
+    def failed_replicas_released(self, replicas: int) -> None:
+        self.failed_released.inc(replicas)
 
     def placed(self, latencies_s: Iterable[float]) -> None:
         for latency in latencies_s:

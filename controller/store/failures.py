@@ -32,6 +32,7 @@ class FailureStep:
     avoid: frozenset[str] = frozenset()        # nodes the released replicas failed on
     next_in_s: float | None = None
     lines: tuple[str, ...] = ()
+    replicas: int = 0                          # replicas released
 
     @property
     def released(self) -> bool:
@@ -66,6 +67,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
     nodes: set[str] = set()
     avoid: set[str] = set()
     next_in_s: float | None = None
+    released_replicas = 0
     for dep_id, replicas in sorted(failed.items()):
         dep = deps[dep_id]
         failed_on = sorted(set().union(*replicas.values()))
@@ -102,6 +104,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
             released_ids.append(pid)
             nodes.add(node_id)
         avoid.update(failed_on)
+        released_replicas += len(replicas)
         dep.restart_after = None
         dep.generation = dep.generation + 1
         changed.add(deployment_key(dep.tenant_id, dep.name))
@@ -114,7 +117,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
     if events:
         await record_decisions(session, events, now, actor)
     return FailureStep(nodes=frozenset(nodes), deployments=frozenset(changed), avoid=frozenset(avoid),
-                       next_in_s=next_in_s, lines=tuple(f"{e['object_id']}: {e['message']}" for e in events))
+                       next_in_s=next_in_s, replicas=released_replicas, lines=tuple(f"{e['object_id']}: {e['message']}" for e in events))
 
 
 def _event(kind: str, dep: Deployment, message: str, data: dict[str, Any]) -> dict[str, Any]:

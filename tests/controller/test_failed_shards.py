@@ -10,6 +10,7 @@ from typing import Any
 
 from controller.domain.restarts import SHARD_FAILED, RestartPolicy
 from controller.domain.values import ShardReport
+from controller.observability.metrics import ControllerMetrics
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -34,9 +35,10 @@ class Clocks:
         return T0 + timedelta(seconds=self.s)
 
 
-def reconciler(db: Database, clocks: Clocks, policy: RestartPolicy) -> Reconciler:
+def reconciler(db: Database, clocks: Clocks, policy: RestartPolicy,
+               metrics: ControllerMetrics | None = None) -> Reconciler:
     return Reconciler(db, push=lambda nodes: None, publish=no_publish, clock=clocks.monotonic,
-                      wall_clock=clocks.wall, restart_policy=policy, retry_backoff_s=2.0)
+                      wall_clock=clocks.wall, restart_policy=policy, retry_backoff_s=2.0, observer=metrics)
 
 
 async def placed(db: Database, name: str) -> dict[int, tuple[str, str]]:
@@ -70,7 +72,8 @@ async def state(db: Database, name: str) -> Seen:
 
 async def test_a_failed_replica_is_placed_again_on_another_node_after_its_back_off(cluster: Database) -> None:
     clocks = Clocks()
-    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    metrics = ControllerMetrics()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3), metrics)
     await submit(cluster, deployment("svc", replicas=2, accelerators=4))  # one whole node per replica
     await loop.reconcile_once()
     for replica in (0, 1):
@@ -94,6 +97,7 @@ async def test_a_failed_replica_is_placed_again_on_another_node_after_its_back_o
     node, phase = (await placed(cluster, "svc"))[0]
     assert node != failed_node and phase == "assigned"
     assert node != (await placed(cluster, "svc"))[1][0]
+    assert metrics.registry.get_sample_value("maia_failed_replicas_released_total") == 1
     assert (await state(cluster, "svc")).phase is m.DeploymentPhase.DEGRADED
 
     await report(cluster, "svc", 0, "running")
