@@ -236,8 +236,8 @@ class AgentHub:
             if tenant is not None:
                 self._reports.append((node_id, replace(report, tenant=tenant)))
             else:
-                self._refuse(node_id, (deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment,
-                                      report.replica, report.shard))
+                named = deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment
+                self._refuse(node_id, (named, report.replica, report.shard))
 
     def _refuse(self, node_id: str, key: ShardKey) -> None:
         before = self._refused.get(node_id, RefusedReports(0, ()))

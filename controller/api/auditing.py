@@ -37,6 +37,7 @@ from grpc import aio
 
 from controller import errors, limits
 from controller.api.interceptors import code_of, status_for
+from controller.domain.values import deployment_key
 from controller.identity import current_principal, new_request_id
 from controller.ratelimit import TokenBucket
 from controller.store.audit import AuditRecord, close_call, open_call
@@ -135,6 +136,8 @@ class AuditInterceptor(aio.ServerInterceptor):
         principal = current_principal()
         kind, object_id, tenant = describe_target(method, request)
         tenant = tenant or audit.principal_tenant(principal)
+        if kind == "deployment" and tenant and object_id:  # names are per tenant: the object is TENANT/NAME
+            object_id = deployment_key(tenant, object_id)
         return AuditRecord(
             actor=principal.name, role=audit.principal_role(principal),
             tenant=tenant, action=method, object_kind=kind,

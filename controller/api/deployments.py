@@ -49,7 +49,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     async def GetDeployment(self, request: deployments_pb2.GetDeploymentRequest,
                             context: aio.ServicerContext) -> deployments_pb2.Deployment:
         async with self._deps.db.unit_of_work() as uow:
-            return convert.deployment_msg(await cases.get_deployment(uow, current_principal(), request.name))
+            return convert.deployment_msg(await cases.get_deployment(uow, current_principal(), request.name,
+                                                                     tenant=request.tenant))
 
     async def ListDeployments(self, request: deployments_pb2.ListDeploymentsRequest,
                               context: aio.ServicerContext) -> deployments_pb2.ListDeploymentsResponse:
@@ -62,7 +63,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     async def DeleteDeployment(self, request: deployments_pb2.DeleteDeploymentRequest,
                                context: aio.ServicerContext) -> deployments_pb2.Deployment:
         async with self._deps.db.unit_of_work() as uow:
-            view = await cases.delete_deployment(uow, current_principal(), request.name, self._deps.signals)
+            view = await cases.delete_deployment(uow, current_principal(), request.name, self._deps.signals,
+                                                 tenant=request.tenant)
         return convert.deployment_msg(view)
 
     async def WatchDeployments(self, request: deployments_pb2.WatchDeploymentsRequest,

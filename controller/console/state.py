@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.store import metering
 from controller.store import models as m
 from controller.store import repositories as repo
+from controller.usecases.redaction import NOTHING, Redactor
 
 OTHER_TENANT = "other"
 # Distinguishable on a dark background; assigned to tenants in name order.
@@ -75,10 +76,11 @@ async def console_state(session: AsyncSession, *, viewer_tenant: str = "", now: 
     tenant_ids = [t.id for t in await repo.list_tenant_rows(session)]
     colours = tenant_colours(tenant_ids)
     shown = [t for t in sorted(tenant_ids) if not viewer_tenant or t == viewer_tenant]
+    redactor = Redactor([t for t in tenant_ids if t != viewer_tenant]) if viewer_tenant else NOTHING
     deployments = [
         {"name": v.spec.name, "tenant": v.spec.tenant, "phase": v.phase, "replicas": v.spec.replicas,
          "placed_replicas": v.placed_replicas, "running_replicas": v.running_replicas,
-         "reasons": [{"code": r.code, "message": r.message} for r in v.reasons]}
+         "reasons": [{"code": r.code, "message": r.message} for r in redactor.reasons(v.reasons)]}
         for v in (repo.deployment_view(row) for row in await repo.list_deployment_rows(session, tenant=viewer_tenant))
     ]
     usage = [

@@ -83,6 +83,10 @@ async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
     return await session.get(m.Tenant, tenant_id)
 
 
+async def tenant_ids(session: AsyncSession) -> list[str]:
+    return list(await session.scalars(select(m.Tenant.id).order_by(m.Tenant.id)))
+
+
 async def list_tenant_rows(session: AsyncSession, page: PageBounds | None = None) -> list[m.Tenant]:
     return list(await session.scalars(_paged(select(m.Tenant).order_by(m.Tenant.id), page, m.Tenant.id)))
 

@@ -253,7 +253,8 @@ class RefusedReports:
     """Reports one node sent for shards it was never given, since the last flush."""
 
     count: int
-    samples: tuple[tuple[str, int, int], ...]  # (deployment key TENANT/NAME, replica, shard), the first few
+    # (deployment, replica, shard), the first few; the deployment as TENANT/NAME when the report said the tenant
+    samples: tuple[tuple[str, int, int], ...]
 
 
 async def record_refused_reports(uow: UnitOfWork, node_id: str, refused: RefusedReports) -> None:

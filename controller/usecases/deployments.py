@@ -23,6 +23,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import planning, policy, requests
 from controller.usecases.capacity import CapacityCache, load_index
+from controller.usecases.redaction import as_seen_by, redactor_of
 from controller.domain.values import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView, deployment_key,
 )
@@ -230,7 +231,8 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     requests.check_request_id(request_id)
     first = await requests.replayed(uow, spec.tenant, request_id, spec, "submit")
     if first is not None:
-        return repo.deployment_view(await repo.get_deployment(uow.session, first.tenant_id, first.name) or first)
+        return await as_seen_by(uow, who, repo.deployment_view(
+            await repo.get_deployment(uow.session, first.tenant_id, first.name) or first))
     if throttle is not None:
         throttle.check_submit(spec.tenant)
     replaced = await _validate_against_store(uow, spec, capacity=capacity)
@@ -270,23 +272,26 @@ async def dry_run_deployment(db: Database, who: Principal, spec: DeploymentSpec,
     spec = as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
     if throttle is None:
-        return await _dry_run(db, spec, time_limit_ms, replace_existing)
+        return await _dry_run(db, who, spec, time_limit_ms, replace_existing)
     throttle.start_dry_run(spec.tenant)
     try:
-        return await _dry_run(db, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms), replace_existing)
+        return await _dry_run(db, who, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms), replace_existing)
     finally:
         throttle.end_dry_run()
 
 
-async def _dry_run(db: Database, spec: DeploymentSpec, time_limit_ms: int, replace_existing: bool) -> DeploymentView:
+async def _dry_run(db: Database, who: Principal, spec: DeploymentSpec, time_limit_ms: int,
+                   replace_existing: bool) -> DeploymentView:
+    """The would-be view; a tenant reads the solver's reasons without other tenants in them."""
     async with db.unit_of_work() as uow:
         await _validate_against_store(uow, spec, replacing=replace_existing)
         snapshot = await planning.load_snapshot(uow.session)
         racks = {n.id: n.rack_id for n in await repo.list_node_rows(uow.session)}
+        redactor = await redactor_of(uow, who)
     problem = planning.with_options(planning.with_deployment(snapshot.problem, spec, replace=replace_existing),
                                     time_limit_ms=time_limit_ms)
     plan = await planning.solve_in_thread(problem, time_limit_ms=time_limit_ms)
-    return _would_be_view(spec, plan, racks)
+    return redactor.deployment(_would_be_view(spec, plan, racks))
 
 
 def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> DeploymentView:
@@ -311,7 +316,8 @@ def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> De
 
 
 async def get_deployment(uow: UnitOfWork, who: Principal, name: str, tenant: str = "") -> DeploymentView:
-    return repo.deployment_view(await visible_row(uow, who, tenant, name, "reading deployments"))
+    return await as_seen_by(uow, who, repo.deployment_view(await visible_row(uow, who, tenant, name,
+                                                                             "reading deployments")))
 
 
 async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
@@ -320,14 +326,18 @@ async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
     tenant = policy.visible_tenant(who, tenant, "listing deployments")
     bounds = paging.bounds(page, arity=2)
     rows = await repo.list_deployment_rows(uow.session, tenant=tenant, page=bounds)
-    return paging.page_of(rows, bounds, key=lambda r: (r.name, r.id)).map(repo.deployment_view)
+    redactor = await redactor_of(uow, who)
+    return paging.page_of(rows, bounds, key=lambda r: (r.name, r.id)).map(
+        lambda row: redactor.deployment(repo.deployment_view(row)))
 
 
 async def all_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> list[DeploymentView]:
     """Every deployment (of a tenant): for watches, which stream them one event at a time."""
     check_optional_id("tenant", tenant)
     tenant = policy.visible_tenant(who, tenant, "watching deployments")
-    return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, tenant=tenant)]
+    redactor = await redactor_of(uow, who)
+    return [redactor.deployment(repo.deployment_view(r))
+            for r in await repo.list_deployment_rows(uow.session, tenant=tenant)]
 
 
 async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals,
@@ -341,8 +351,8 @@ async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals:
         await uow.commit()
         signals.wake_reconciler()
     view = repo.deployment_view(row)
-    signals.publish(DeploymentEvent("modified", view))
-    return view
+    signals.publish(DeploymentEvent("modified", view))  # whole: each watcher reads it redacted for itself
+    return await as_seen_by(uow, who, view)
 
 
 async def views_of(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:

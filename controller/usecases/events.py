@@ -9,6 +9,8 @@ from controller.store.db import UnitOfWork
 from controller.usecases import policy
 from controller.usecases.deployments import resolve_tenant
 from controller.domain.values import EventView, deployment_key
+from controller.usecases.redaction import redactor_of
+from controller.usecases.validation import check_id, check_name
 
 OBJECT_KINDS = ("deployment", "node", "tenant", "topology")
 DEFAULT_LIMIT = 100
@@ -16,27 +18,32 @@ MAX_LIMIT = 1000
 
 
 async def list_events(uow: UnitOfWork, who: Principal, *, object_kind: str = "", object_id: str = "",
-                      after_id: int = 0, limit: int = 0) -> list[EventView]:
+                      tenant: str = "", after_id: int = 0, limit: int = 0) -> list[EventView]:
     if object_kind and object_kind not in OBJECT_KINDS:
         raise InvalidArgument(f"object_kind {object_kind!r}: expected one of {', '.join(OBJECT_KINDS)}")
     if object_id and not object_kind:
         raise InvalidArgument("object_id needs object_kind")
+    if tenant and not (object_kind == "deployment" and object_id and "/" not in object_id):
+        raise InvalidArgument("tenant goes with object_kind deployment and a deployment name as object_id")
     if limit < 0 or after_id < 0:
         raise InvalidArgument("limit and after_id must not be negative")
-    object_id = await _check_visible(uow, who, object_kind, object_id)
-    return await repo.list_events(uow.session, object_kind=object_kind, object_id=object_id, after_id=after_id,
-                                  limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT))
+    object_id = await _check_visible(uow, who, object_kind, object_id, tenant)
+    events = await repo.list_events(uow.session, object_kind=object_kind, object_id=object_id, after_id=after_id,
+                                    limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT))
+    redactor = await redactor_of(uow, who)  # an unplaceable deployment's event quotes the solver's reasons
+    return [redactor.event(e) for e in events]
 
 
-async def _check_visible(uow: UnitOfWork, who: Principal, object_kind: str, object_id: str) -> str:
+async def _check_visible(uow: UnitOfWork, who: Principal, object_kind: str, object_id: str, tenant: str) -> str:
     """Admins read every event; a tenant token only those of one of its own deployments or of its
     own tenant (the history names other tenants' deployments and nodes); other roles none.
 
     Returns the object id to look up: a deployment is named `TENANT/NAME` in the history; the
-    caller may say `NAME` alone (its own tenant's, or for an admin the only tenant's of that name).
+    caller may say `NAME` alone, with `tenant` or without (its own tenant's, or for an admin the
+    only tenant's of that name).
     """
     if object_kind == "deployment" and object_id:
-        return await _deployment_key(uow, who, object_id)
+        return await _deployment_key(uow, who, deployment_key(tenant, object_id) if tenant else object_id)
     if who.is_admin:
         return object_id
     policy.require_role(who, "listing events", Role.TENANT)
@@ -52,6 +59,8 @@ async def _deployment_key(uow: UnitOfWork, who: Principal, object_id: str) -> st
     may see it: another tenant's is NOT_FOUND. An admin may name one that no longer exists."""
     tenant, _, name = object_id.rpartition("/")
     if who.is_admin and tenant:
+        check_id("tenant", tenant)
+        check_name("deployment", name)
         return object_id
     policy.require_role(who, "listing events", Role.TENANT)
     tenant = await resolve_tenant(uow, who, tenant, name, "listing events")

@@ -23,6 +23,7 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.store.metering import shard_milli
 from controller.usecases import planning, requests
+from controller.usecases.redaction import as_seen_by
 from controller.usecases.deployments import as_caller, visible_row, check_could_ever_fit, validate_spec
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentUpdate
 from controller.usecases.ports import Signals
@@ -124,7 +125,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     requests.check_request_id(request_id)
     row = await visible_row(uow, who, spec.tenant, spec.name, "updating deployments")  # names are per tenant
     if await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None:
-        return DeploymentUpdate(repo.deployment_view(row))
+        return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
     if row.phase is m.DeploymentPhase.DELETING:
         raise FailedPrecondition(f"deployment {spec.name} is being deleted")
     if row.phase is m.DeploymentPhase.QUARANTINED:
@@ -138,7 +139,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     old = repo.deployment_spec(row)
     changes = spec_changes(old, spec)
     if not changes:
-        return DeploymentUpdate(repo.deployment_view(row))
+        return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
     tenant = await repo.get_tenant(uow.session, spec.tenant)
     if tenant is None:
         raise NotFound(f"tenant {spec.tenant} not found")
@@ -165,5 +166,5 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     view = repo.deployment_view(row)
     signals.publish(DeploymentEvent("modified", view))
     signals.wake_reconciler()
-    return DeploymentUpdate(view, tuple(changes), rolling)
+    return DeploymentUpdate(await as_seen_by(uow, who, view), tuple(changes), rolling)
 

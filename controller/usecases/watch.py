@@ -19,6 +19,7 @@ from controller.usecases import policy
 from controller.usecases.deployments import all_deployments
 from controller.usecases.validation import check_name
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView, ShardSpec
+from controller.usecases.redaction import redactor_of
 
 _CLOSED = object()
 
@@ -98,6 +99,9 @@ async def watch_deployments(
             if item is _CLOSED:
                 raise Unavailable("the watch fell behind or the controller is stopping; watch again")
             if _matches(item, tenant, name):
+                if item.deployment.reasons and not who.is_admin:  # the bus carries the admin's view
+                    async with unit_of_work() as uow:
+                        item = (await redactor_of(uow, who)).deployment_event(item)
                 yield item
     finally:
         bus.unsubscribe(queue)

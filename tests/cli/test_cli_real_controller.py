@@ -96,7 +96,7 @@ def test_apply_is_all_or_nothing_and_refuses_empty_input(running: RunningControl
     from_dir = running.ctl("apply", "-f", str(folder), "-o", "name")
     assert from_dir.stdout.split() == ["deployment/dir-one", "deployment/dir-two"], from_dir.stderr
     gone = running.ctl("delete", "-f", str(folder))
-    assert gone.returncode == 0 and "deployment/dir-one deleted" in gone.stdout
+    assert gone.returncode == 0 and "deployment/openlab/dir-one deleted" in gone.stdout
 
 
 def test_misspelt_field_gets_a_suggestion_and_nothing_is_sent(running: RunningController, tmp_path: Path):
@@ -201,6 +201,14 @@ def test_events_and_describe(running: RunningController, tmp_path: Path):
     assert "Events:" in described.stdout and "deployment.submitted" in described.stdout
     tenant = yaml.safe_load(running.ctl("describe", "tenant", "openlab", "-o", "yaml").stdout)
     assert "evented" in [d["name"] for d in tenant["deployments"]] and tenant["events"]
+    # Names are per tenant: TENANT/NAME or -n TENANT NAME say whose.
+    assert running.ctl("get", "deployment", "openlab/evented", "-o", "name").stdout.split() == ["deployment/evented"]
+    assert running.ctl("describe", "deployment", "evented", "-n", "openlab").returncode == 0
+    assert running.ctl("get", "deployment", "evented", "-n", "nosuch").returncode == 3
+    assert running.ctl("get", "deployment", "other/evented", "-n", "openlab").returncode == 2
+    scaled = running.ctl("scale", "evented", "-n", "openlab", "--replicas", "1")  # main's newer by-name commands too
+    assert scaled.returncode == 0 and "unchanged" in scaled.stdout, scaled.stderr
+    assert running.ctl("scale", "openlab/nosuch", "--replicas", "1").returncode == 3
     assert running.ctl("describe", "node", "nosuch").returncode == 3
     assert running.ctl("describe", "rack", "x").returncode == 2
     running.ctl("delete", "evented")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 
 import aiohttp
+from sqlalchemy import update
 
 from controller.console.server import ConsoleServer
 from controller.console.state import OTHER_TENANT, console_state
 from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
+from controller.store import models as m
 from controller.store.db import Database
 from controller.usecases.watch import DeploymentEventBus
 from uc_builders import add_tenant, deployment, no_publish, submit
@@ -77,3 +79,19 @@ async def test_the_http_api_asks_for_a_token_and_scopes_it(cluster: Database) ->
                 assert reply.status == 404
     finally:
         await console.stop()
+
+
+async def test_a_tenant_reads_reasons_without_other_tenants(cluster: Database) -> None:
+    await _two_tenants_placed(cluster)
+    said = "rack rack-a holds t1 (dedicated_rack); 1 more replica fits after preempting 1 replica of t1/a-svc"
+    async with cluster.unit_of_work() as uow:
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "b-svc")
+                                  .values(reasons=[{"code": "ISOLATION", "message": said, "scope": "t1"}]))
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        whole = await console_state(uow.session)
+        own = await console_state(uow.session, viewer_tenant="t2")
+    assert [r["message"] for d in whole["deployments"] for r in d["reasons"]] == [said]
+    (reason,) = [r for d in own["deployments"] for r in d["reasons"]]
+    assert reason["message"] == ("rack rack-a holds another tenant; 1 more replica fits after preempting "
+                                 "1 replica of another tenant's deployment")

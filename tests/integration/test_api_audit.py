@@ -49,7 +49,7 @@ async def test_mutating_calls_are_audited_with_who_what_which_and_outcome(contro
         (ADMIN + "CreateTenant", "alice", "tenant", "lab", "lab", "OK"),
         (ADMIN + "CreateTenant", "alice", "tenant", "lab", "lab", "ALREADY_EXISTS"),
         ("/maia.v1.NodeAgentService/Register", "bootstrap-admin", "node", "n1", "", "OK"),
-        (DEPLOYMENTS + "SubmitDeployment", "alice", "deployment", "chat", "lab", "OK"),
+        (DEPLOYMENTS + "SubmitDeployment", "alice", "deployment", "lab/chat", "lab", "OK"),  # TENANT/NAME
         (DEPLOYMENTS + "DeleteDeployment", "bootstrap-admin", "deployment", "nope", "", "NOT_FOUND"),
     ]
     assert "already exists" in calls[2].detail["message"]

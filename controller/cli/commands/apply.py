@@ -206,7 +206,7 @@ def plan(objects: list[ManifestObject], ctx: Context, *, solve_new: bool) -> lis
 def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str], solve_new: bool,
                      deployments: Any, admin: Any) -> Step:
     spec: deployments_pb2.DeploymentSpec = obj.message  # type: ignore[assignment]
-    current = _get_or_none(deployments.GetDeployment, deployments_pb2.GetDeploymentRequest(name=spec.name), ctx)
+    current = _get_or_none(deployments.GetDeployment, deployments_pb2.GetDeploymentRequest(name=spec.name, tenant=spec.tenant), ctx)
     if current is not None:
         if _normalised(current.spec) == _normalised(spec):
             return Step(obj, "unchanged")
@@ -262,7 +262,8 @@ def _undo(done: list[Step], ctx: Context) -> list[str]:
         try:
             if step.obj.kind == "Deployment" and step.action == "created":
                 ctx.controller.deployments.DeleteDeployment(
-                    deployments_pb2.DeleteDeploymentRequest(name=step.obj.name), timeout=ctx.rpc_timeout)
+                    deployments_pb2.DeleteDeploymentRequest(name=step.obj.name, tenant=step.obj.message.tenant),
+                    timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} deleted again")
             elif step.obj.kind == "Deployment" and step.action == "configured" and step.updated is not None:
                 ctx.controller.deployments.UpdateDeployment(deployments_pb2.UpdateDeploymentRequest(

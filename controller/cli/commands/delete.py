@@ -14,7 +14,8 @@ import grpc
 
 from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text, status_code
 from controller.cli.context import Context
-from controller.cli.manifests import load_manifest_sources
+from controller.cli.manifests import ManifestObject, load_manifest_sources
+from controller.cli.refs import add_tenant_flag, deployment_ref
 from controller.cli.views import phase_text
 from maia.v1 import admin_pb2, deployments_pb2
 
@@ -39,16 +40,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("words", nargs="*", metavar="[KIND] NAME", help="deployment|tenant|node (optional), then names")
     p.add_argument("-f", "--filename", action="append", metavar="FILE|DIR|-",
                    help="delete the objects of these manifests (repeatable)")
+    add_tenant_flag(p)
     p.set_defaults(handler=run)
 
 
 def targets(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(kind, name) pairs to delete, from the words or the files."""
+    """(kind, name) pairs to delete, from the words or the files; deployments as TENANT/NAME when
+    the tenant is known (manifests carry it)."""
     if args.filename:
         if args.words:
             raise CliError("give either -f FILE or NAMEs, not both", Exit.USAGE)
         objects = load_manifest_sources(args.filename)
-        pairs = [("deployment", o.name) for o in objects if o.kind == "Deployment"]
+        pairs = [("deployment", _manifest_deployment(o)) for o in objects if o.kind == "Deployment"]
         pairs += [("tenant", o.name) for o in objects if o.kind == "Tenant"]
         pairs += [("topology", "") for o in objects if o.kind == "Topology"]
         if not pairs:
@@ -59,7 +62,17 @@ def targets(args: argparse.Namespace) -> list[tuple[str, str]]:
     names = words[1:] if kind else words
     if not names:
         raise CliError("delete needs NAMEs (maiactl delete [deployment|tenant] NAME...) or -f FILE", Exit.USAGE)
-    return [(kind or "deployment", name) for name in dict.fromkeys(names)]
+    kind = kind or "deployment"
+    if kind == "deployment":
+        names = [str(deployment_ref(name, args.tenant)) for name in names]
+    elif args.tenant:
+        raise CliError(f"delete {kind}: -n/--tenant applies to deployments only", Exit.USAGE)
+    return [(kind, name) for name in dict.fromkeys(names)]
+
+
+def _manifest_deployment(obj: ManifestObject) -> str:
+    tenant = obj.message.tenant  # a Deployment manifest's message is its DeploymentSpec
+    return f"{tenant}/{obj.name}" if tenant else obj.name
 
 
 def _delete(kind: str, name: str, ctx: Context) -> Outcome:
@@ -72,8 +85,9 @@ def _delete(kind: str, name: str, ctx: Context) -> Outcome:
         if kind == "node":
             ctx.controller.admin.DeleteNode(admin_pb2.NodeRequest(id=name), timeout=ctx.rpc_timeout)
             return Outcome(f"node/{name}", "deleted", "its shards are placed again elsewhere")
+        ref = deployment_ref(name, None)
         dep = ctx.controller.deployments.DeleteDeployment(
-            deployments_pb2.DeleteDeploymentRequest(name=name), timeout=ctx.rpc_timeout)
+            deployments_pb2.DeleteDeploymentRequest(name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout)
         return Outcome(f"deployment/{name}", "deleted", f"phase {phase_text(dep)}")
     except grpc.RpcError as exc:
         if status_code(exc) == grpc.StatusCode.UNAVAILABLE:

@@ -10,6 +10,7 @@ import argparse
 
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.commands.get import RESOURCES, fetch_events
+from controller.cli.refs import add_tenant_flag, deployment_ref
 from controller.cli.context import Context
 from controller.cli.documents import (
     deployment_document, event_document, node_document, placement_document, tenant_document,
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                        help="one deployment, node or tenant in full, with its recent events")
     p.add_argument("resource", metavar="KIND", help="deployment | node | tenant")
     p.add_argument("name", metavar="NAME")
+    add_tenant_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -37,14 +39,20 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     kind = RESOURCES.get(args.resource)
     if kind not in KINDS:
         raise CliError(f"describe {args.resource}: expected one of {', '.join(KINDS)}", Exit.USAGE)
-    events = fetch_events(ctx, kind, args.name, limit=RECENT_EVENTS)
+    if args.tenant and kind != "deployment":
+        raise CliError(f"describe {kind}: -n/--tenant applies to deployments only", Exit.USAGE)
     if kind == "deployment":
-        dep = ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name=args.name),
-                                                       timeout=ctx.rpc_timeout)
+        ref = deployment_ref(args.name, args.tenant)
+        dep = ctx.controller.deployments.GetDeployment(
+            deployments_pb2.GetDeploymentRequest(name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout)
+        # Its events under its resolved tenant (a bare NAME may have been resolved by the controller).
+        events = fetch_events(ctx, kind, dep.spec.name, limit=RECENT_EVENTS, tenant=dep.spec.tenant)
         document, text = deployment_document(dep), deployment_detail(dep)
     elif kind == "node":
+        events = fetch_events(ctx, kind, args.name, limit=RECENT_EVENTS)
         document, text = _node(args.name, ctx)
     else:
+        events = fetch_events(ctx, kind, args.name, limit=RECENT_EVENTS)
         document, text = _tenant(args.name, ctx)
     document["events"] = [event_document(e) for e in events]
     ctx.emit(lambda: document, lambda: f"{text}\n\nEvents:\n{events_table(events, with_object=False)}",

@@ -17,6 +17,7 @@ import grpc
 
 from controller.cli.client import CliError, Exit, rpc_error_text, status_code
 from controller.cli.context import Context
+from controller.cli.refs import add_tenant_flag, deployment_ref
 from controller.cli.views import phase_text, reasons_text
 from controller.cli.vocab import DOMAIN_BY_WORD, domain_word
 from maia.v1 import deployments_pb2
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                        help="why a deployment is pending or degraded, and the smallest change that would fit")
     p.add_argument("resource", choices=("deployment", "deploy"), metavar="deployment")
     p.add_argument("name", metavar="NAME")
+    add_tenant_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -84,7 +86,9 @@ def _try(variant: Variant, ctx: Context) -> Variant:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    dep = ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name=args.name),
+    ref = deployment_ref(args.name, args.tenant)
+    dep = ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name=ref.name,
+                                                                                        tenant=ref.tenant),
                                                    timeout=ctx.rpc_timeout)
     s = dep.spec
     settled = dep.placed_replicas >= s.replicas and not dep.reasons

@@ -16,6 +16,7 @@ from typing import Any
 
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
+from controller.cli.refs import deployment_ref
 from controller.cli.documents import (
     deployment_document, event_document, list_document, node_document, placement_document, tenant_document, topology_document,
 )
@@ -36,8 +37,9 @@ RESOURCES = {
 }
 # Which filters each kind understands; any other one given is refused.
 FILTERS = {"deployment": {"tenant", "rack"}, "node": {"tenant", "rack", "selector"},
-           "placement": {"tenant", "rack"}, "tenant": set(), "topology": set(), "event": {"for_object", "limit"}}
-_FLAG = {"tenant": "--tenant", "rack": "--rack", "selector": "-l/--selector", "for_object": "--for", "limit": "--limit"}
+           "placement": {"tenant", "rack"}, "tenant": set(), "topology": set(),
+           "event": {"for_object", "limit", "tenant"}}
+_FLAG = {"tenant": "-n/--tenant", "rack": "--rack", "selector": "-l/--selector", "for_object": "--for", "limit": "--limit"}
 EVENT_KINDS = ("deployment", "node", "tenant", "topology")
 
 
@@ -57,7 +59,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("resource", choices=sorted(RESOURCES), metavar="RESOURCE",
                    help="deployments | nodes | tenants | topology | placements (singular forms too)")
     p.add_argument("names", nargs="*", metavar="NAME", help="objects by name (lists all when absent)")
-    p.add_argument("--tenant", help="deployments/placements of a tenant; nodes holding its shards")
+    p.add_argument("-n", "--tenant", help="deployments/placements of a tenant; nodes holding its shards; with "
+                   "deployment NAMEs or --for deployment/NAME: their tenant (names are per tenant)")
     p.add_argument("--rack", help="nodes of a rack; deployments/placements with a shard there")
     p.add_argument("-l", "--selector", metavar="KEY=VALUE[,...]", help="nodes whose labels match all pairs")
     p.add_argument("--for", dest="for_object", metavar="KIND/NAME",
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         return _events(args, ctx)
     if kind in ("topology", "placement") and args.names:
         raise CliError(f"get {args.resource} takes no NAME", Exit.USAGE)
-    if args.names and given - {"for_object", "limit"}:
+    if args.names and given - {"for_object", "limit"} - ({"tenant"} if kind == "deployment" else set()):
         raise CliError("give either NAMEs or filters, not both", Exit.USAGE)
     fetch = {"deployment": _deployments, "node": _nodes, "tenant": _tenants, "topology": _topology,
              "placement": _placements}[kind]
@@ -119,8 +122,9 @@ def _watch(fetch: Callable[[], Listing], interval: float, ctx: Context) -> int:
 def _deployments(args: argparse.Namespace, ctx: Context) -> Listing:
     stub = ctx.controller.deployments
     if args.names:
-        deps = [stub.GetDeployment(deployments_pb2.GetDeploymentRequest(name=n), timeout=ctx.rpc_timeout)
-                for n in args.names]
+        refs = [deployment_ref(n, args.tenant) for n in args.names]
+        deps = [stub.GetDeployment(deployments_pb2.GetDeploymentRequest(name=r.name, tenant=r.tenant),
+                                   timeout=ctx.rpc_timeout) for r in refs]
         if len(deps) == 1 and not ctx.wide:
             return Listing(lambda: deployment_document(deps[0]), lambda: deployment_detail(deps[0]),
                            lambda: [f"deployment/{deps[0].spec.name}"], is_table=False)
@@ -201,9 +205,15 @@ def parse_object(text: str) -> tuple[str, str]:
 
 
 def fetch_events(ctx: Context, kind: str = "", name: str = "", after_id: int = 0,
-                 limit: int = 50) -> list[admin_pb2.EventRecord]:
+                 limit: int = 50, tenant: str = "") -> list[admin_pb2.EventRecord]:
+    """Events, of one object when `kind` and `name` are given (a deployment: NAME in `tenant`, or TENANT/NAME)."""
+    if kind == "deployment" and name:
+        ref = deployment_ref(name, tenant)
+        name, tenant = ref.name, ref.tenant
+    elif tenant:
+        raise CliError("-n/--tenant with events goes with --for deployment/NAME", Exit.USAGE)
     response = ctx.controller.admin.ListEvents(
-        admin_pb2.ListEventsRequest(object_kind=kind, object_id=name, after_id=after_id, limit=limit),
+        admin_pb2.ListEventsRequest(object_kind=kind, object_id=name, tenant=tenant, after_id=after_id, limit=limit),
         timeout=ctx.rpc_timeout)
     return list(response.events)
 
@@ -216,13 +226,13 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
     if limit < 1:
         raise CliError("--limit must be at least 1", Exit.USAGE)
     kind, name = parse_object(args.for_object) if args.for_object else ("", "")
-    events = fetch_events(ctx, kind, name, limit=limit)
+    events = fetch_events(ctx, kind, name, limit=limit, tenant=args.tenant or "")
     ctx.emit(lambda: list_document(event_document(e) for e in events), lambda: events_table(events),
              names=lambda: [f"event/{e.id}" for e in events], is_table=True)
     last = events[-1].id if events else 0
     while args.watch:
         time.sleep(args.interval)
-        new = fetch_events(ctx, kind, name, after_id=last, limit=1000)
+        new = fetch_events(ctx, kind, name, after_id=last, limit=1000, tenant=args.tenant or "")
         if not new:
             continue
         last = new[-1].id

@@ -11,6 +11,7 @@ import argparse
 
 from controller.cli.client import list_all
 from controller.cli.context import Context
+from controller.cli.refs import deployment_ref
 from controller.cli.vocab import node_state_word
 from controller.cli.commands.wait import wait_deployments
 from maia.v1 import admin_pb2, deployments_pb2
@@ -59,7 +60,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if getattr(args, "wait", False):
         listed = list_all(ctx.controller.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(),
                           "deployments", timeout=ctx.rpc_timeout).deployments
-        before = {d.spec.name: list(d.placements) for d in listed if any(p.node in args.nodes for p in d.placements)}
+        # By TENANT/NAME: two tenants' deployments of one name may both have shards there.
+        before = {f"{d.spec.tenant}/{d.spec.name}": list(d.placements)
+                  for d in listed if any(p.node in args.nodes for p in d.placements)}
     nodes = []
     for node_id in args.nodes:
         node = call(admin_pb2.NodeRequest(id=node_id), timeout=ctx.rpc_timeout)
@@ -71,9 +74,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             ctx.emit_json({"nodes": nodes})
         return 0
     wait_deployments(sorted(before), "replaced", args.timeout, ctx, fail_fast=False, quiet=True)
-    moves = [move for name in sorted(before) for move in drain_moves(
-        name, before[name], ctx.controller.deployments.GetDeployment(
-            deployments_pb2.GetDeploymentRequest(name=name), timeout=ctx.rpc_timeout).placements, set(args.nodes))]
+    moves = [move for key in sorted(before) for move in drain_moves(key, before[key], _placements(ctx, key), set(args.nodes))]
     if ctx.json:
         ctx.emit_json({"nodes": nodes, "moved": moves})
         return 0
@@ -82,6 +83,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         ctx.out(f"  {m['deployment']} replica {m['from_replica']} shard {m['shard']}: {m['from']} -> {m['to']}"
                 f" (now replica {m['to_replica']})")
     return 0
+
+
+def _placements(ctx: Context, key: str) -> list[deployments_pb2.ShardPlacement]:
+    ref = deployment_ref(key, None)
+    return list(ctx.controller.deployments.GetDeployment(
+        deployments_pb2.GetDeploymentRequest(name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout).placements)
 
 
 def drain_moves(name: str, before: list[deployments_pb2.ShardPlacement], after: list[deployments_pb2.ShardPlacement],

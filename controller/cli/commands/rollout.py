@@ -14,6 +14,7 @@ import grpc
 from controller.cli.client import CliError, Exit, status_code
 from controller.cli.commands.wait import wait_deployments
 from controller.cli.context import Context
+from controller.cli.refs import add_tenant_flag, deployment_ref
 from maia.v1 import deployments_pb2
 
 P = deployments_pb2
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s = sub.add_parser("scale", parents=[common], help="change a deployment's replica count (at once)")
     s.add_argument("deployment", metavar="DEPLOYMENT")
     s.add_argument("--replicas", type=int, required=True, metavar="N")
+    add_tenant_flag(s)
     s.set_defaults(handler=run_scale)
     r = sub.add_parser("rollout", parents=[common], help="follow a rolling update")
     verbs = r.add_subparsers(dest="rollout_command", metavar="VERB", required=True)
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                           help="wait until a deployment's rolling update (or drain) is done, showing progress")
     st.add_argument("deployment", metavar="DEPLOYMENT")
     st.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    add_tenant_flag(st)
     st.set_defaults(handler=run_status)
 
 
@@ -37,8 +40,9 @@ def run_scale(args: argparse.Namespace, ctx: Context) -> int:
     if args.replicas < 1:
         raise CliError(f"--replicas must be at least 1, got {args.replicas} (delete the deployment to remove it)",
                        Exit.USAGE)
+    ref = deployment_ref(args.deployment, args.tenant)
     for attempt in range(2):
-        current = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=args.deployment),
+        current = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
                                                            timeout=ctx.rpc_timeout)
         spec = P.DeploymentSpec()
         spec.CopyFrom(current.spec)
@@ -64,7 +68,7 @@ def run_scale(args: argparse.Namespace, ctx: Context) -> int:
 
 def run_status(args: argparse.Namespace, ctx: Context) -> int:
     code = wait_deployments([args.deployment], "rolled-out", args.timeout, ctx, fail_fast=False,
-                            quiet=True)
+                            quiet=True, tenant=args.tenant)
     if not ctx.json:
         ctx.out(f'deployment "{args.deployment}" successfully rolled out')
     return code

@@ -19,6 +19,7 @@ import grpc
 
 from controller.cli.client import CliError, Exit, list_all, status_code
 from controller.cli.context import Context
+from controller.cli.refs import DeploymentRef, add_tenant_flag, deployment_ref
 from controller.cli.views import phase_text, reasons_text
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--connected", type=int, metavar="N", help="nodes: wait until N nodes are ready and connected")
     p.add_argument("--keep-waiting", action="store_true",
                    help="do not stop early when a deployment is blocked by quota, zones or hardware")
+    add_tenant_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         return _wait_nodes(args.connected, args.timeout, ctx)
     if not args.names:
         raise CliError("wait deployment needs at least one NAME", 2)
-    return wait_deployments(args.names, args.condition, args.timeout, ctx, fail_fast=not args.keep_waiting)
+    return wait_deployments(args.names, args.condition, args.timeout, ctx, fail_fast=not args.keep_waiting,
+                            tenant=args.tenant)
 
 
 def progress_line(name: str, dep: P.Deployment | None) -> str:
@@ -110,6 +113,9 @@ class _Tracker:
         self.check = CONDITIONS[condition]
         self.ctx = ctx
         self.latest: dict[str, P.Deployment | None] = {}
+        # Each name as given (NAME or TENANT/NAME) -> the deployment it means, its tenant resolved
+        # by the first read (a bare NAME: the caller's own or the only tenant's of that name).
+        self.refs: dict[str, DeploymentRef] = {n: deployment_ref(n, None) for n in self.names}
         self._shown: dict[str, str] = {}
         self.bars = ProgressBars(self.names, ctx) if ctx.stderr.isatty() and not ctx.json else None
 
@@ -124,6 +130,13 @@ class _Tracker:
         if self._shown.get(name) != line:
             self._shown[name] = line
             self.ctx.note(line)
+
+    def name_of(self, spec: P.DeploymentSpec) -> str | None:
+        """The tracked name that means the deployment of `spec`, if any."""
+        for name, ref in self.refs.items():
+            if ref.name == spec.name and ref.tenant in ("", spec.tenant):
+                return name
+        return None
 
     def close(self) -> None:
         if self.bars is not None:
@@ -154,9 +167,10 @@ class _Tracker:
         return "\n".join(lines)
 
 
-def _get(ctx: Context, name: str) -> P.Deployment | None:
+def _get(ctx: Context, ref: DeploymentRef) -> P.Deployment | None:
     try:
-        return ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=name), timeout=ctx.rpc_timeout)
+        return ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
+                                                        timeout=ctx.rpc_timeout)
     except grpc.RpcError as exc:
         if status_code(exc) == grpc.StatusCode.NOT_FOUND:
             return None
@@ -164,16 +178,18 @@ def _get(ctx: Context, name: str) -> P.Deployment | None:
 
 
 def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: Context,
-                     fail_fast: bool = True, quiet: bool = False) -> int:
-    """Block until every named deployment meets `condition` (0), else CliError; `quiet`: the
-    caller prints the result itself."""
+                     fail_fast: bool = True, quiet: bool = False, tenant: str = "") -> int:
+    """Block until every deployment meets `condition` (0), else CliError; each is NAME (in
+    `tenant`, if given) or TENANT/NAME. `quiet`: the caller prints the result itself."""
     deadline = time.monotonic() + timeout
-    tracker = _Tracker(names, condition, ctx, fail_fast)
+    tracker = _Tracker([str(deployment_ref(n, tenant)) for n in names], condition, ctx, fail_fast)
     try:
         for name in tracker.names:
-            dep = _get(ctx, name)
+            dep = _get(ctx, tracker.refs[name])
             if dep is None and condition != "deleted":
                 raise CliError(f"NOT_FOUND: deployment {name} does not exist", Exit.NOT_FOUND)
+            if dep is not None:
+                tracker.refs[name] = DeploymentRef(dep.spec.tenant, dep.spec.name)
             tracker.update(name, dep)
         if not tracker.finished():
             if not _watch(tracker, deadline, ctx):
@@ -197,15 +213,17 @@ def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: 
 
 def _watch(tracker: _Tracker, deadline: float, ctx: Context) -> bool:
     """Follow events until done; False when the stream is unavailable and polling should take over."""
-    request = P.WatchDeploymentsRequest(name=tracker.names[0] if len(tracker.names) == 1 else "")
+    only = tracker.refs[tracker.names[0]] if len(tracker.names) == 1 else DeploymentRef("", "")
+    request = P.WatchDeploymentsRequest(name=only.name, tenant=only.tenant)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         return True
     stream = ctx.controller.deployments.WatchDeployments(request, timeout=remaining)
     try:
         for event in stream:
-            name = event.deployment.spec.name
-            tracker.update(name, None if event.type == P.DeploymentEvent.TYPE_DELETED else event.deployment)
+            name = tracker.name_of(event.deployment.spec)
+            if name is not None:
+                tracker.update(name, None if event.type == P.DeploymentEvent.TYPE_DELETED else event.deployment)
             if tracker.finished():
                 return True
     except grpc.RpcError as exc:
@@ -222,7 +240,7 @@ def _poll(tracker: _Tracker, deadline: float, ctx: Context) -> None:
     while not tracker.finished() and time.monotonic() < deadline:
         for name in tracker.names:
             try:
-                tracker.update(name, _get(ctx, name))
+                tracker.update(name, _get(ctx, tracker.refs[name]))
             except grpc.RpcError as exc:
                 if status_code(exc) != grpc.StatusCode.UNAVAILABLE:
                     raise

@@ -149,10 +149,12 @@ class UpdateDeploymentResponse(_message.Message):
     def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., changes: _Optional[_Iterable[str]] = ..., rolling: _Optional[bool] = ...) -> None: ...
 
 class GetDeploymentRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "tenant")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ListDeploymentsRequest(_message.Message):
     __slots__ = ("tenant", "page_size", "page_token")
@@ -173,10 +175,12 @@ class ListDeploymentsResponse(_message.Message):
     def __init__(self, deployments: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteDeploymentRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "tenant")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class WatchDeploymentsRequest(_message.Message):
     __slots__ = ("tenant", "name")
