@@ -168,10 +168,12 @@ class Replay:
 
     def make_room(self, i: int, now: float) -> bool:
         """Move running pods (at most max_moves shards) so that pod i fits."""
-        from scheduler.room import make_room
+        from scheduler.room import TrialBudget, make_room
+        from scheduler.solve import ROOM_TRIALS
         solver = self.solver
         eligible = [v for v in solver.state.replicas if v[0] != i]
-        found = make_room(solver, i, eligible, relocate=True, budget=self.max_moves)
+        found = make_room(solver, i, eligible, relocate=True, budget=self.max_moves,
+                          trials=TrialBudget(ROOM_TRIALS))
         if found is None:
             return False
         trial, _, moved = found

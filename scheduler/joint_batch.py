@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from ortools.sat.python import cp_model
 
 from scheduler.filters import node_fit, quota_room
 from scheduler.greedy import PAIRING_WEIGHT, Placer
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
 CANDIDATE_NODES = 6  # per deployment: best nodes whose accelerators enter the model
 EMPTY_PER_NODE = 2  # empty accelerators of a candidate node in the model (they are alike)
 ITEM_NODES = 12  # per item: nodes (of the candidates) it may take, its best by its ranking
-DETERMINISTIC_BUDGET_S = 0.5  # CP-SAT deterministic time per batch
-WALL_CEILING_S = 2.0  # never more wall clock per batch than this (or the deadline)
+DETERMINISTIC_BUDGET_S = 0.1  # CP-SAT deterministic time per batch (what ends a search)
+WALL_CEILING_S = 10.0  # a ceiling only a very loaded machine reaches (or the deadline)
 SEED = 1
 
 
@@ -84,8 +85,6 @@ def place_jointly(solver: Solver, placer: Placer, ds: list[int]) -> None:
 
 def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
     """The CP-SAT assignment (module doc); commits what it decides and the checks allow."""
-    from ortools.sat.python import cp_model
-
     state = solver.state
     values = placer.pairing_values()
     items: list[_Item] = []
@@ -142,9 +141,10 @@ def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
     unit = math.gcd(FULL, *[it.milli for it in items],
                     *[int(state.acc_free[acc_list[g]]) for g in by_acc])
     kept_value = []
+    loads = {}
     for g, members in by_acc.items():
         free = int(state.acc_free[acc_list[g]])
-        load = sum(items[i].milli * v for i, v in members)
+        load = loads[g] = sum(items[i].milli * v for i, v in members)
         model.add(load <= free)
         if values is not None and unit >= 5:
             left = model.new_int_var(0, free // unit, f"left_{g}")
@@ -154,6 +154,16 @@ def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
             worth = model.new_int_var(0, max(table), f"worth_{g}")
             model.add_element(left, table, worth)
             kept_value.append(worth)
+    # Empty accelerators of one node are alike: the first carries the most (no symmetric
+    # answers for the search to prove equal).
+    empty_on: dict[int, list[int]] = {}
+    for g in by_acc:
+        node, a = acc_list[g]
+        if state.acc_free[node, a] >= FULL and state.acc_owner[node, a] == -1:
+            empty_on.setdefault(node, []).append(g)
+    for gs in empty_on.values():
+        for g1, g2 in zip(gs, gs[1:]):
+            model.add(loads[g1] >= loads[g2])
     # Per node: CPU, memory and each deployment's slots.
     by_node: dict[int, list[tuple[int, object]]] = {}
     for (i, g), v in x.items():

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from ortools.linear_solver import pywraplp  # at import: loading it inside a timed solve costs
 
 FULL = 1000  # milli per accelerator
 MAX_LEVELS = 200  # fill levels of the arc flow (gcd resolution); coarser sizes round up
@@ -97,8 +98,6 @@ def _size_duals(counts: dict[int, float], cap: int, accelerators: int
                 ) -> tuple[dict[int, float] | None, float]:
     """The arc-flow LP (most units packed); per size the dual of its supply row, and the
     accelerators row's dual, in units of the levels."""
-    from ortools.linear_solver import pywraplp
-
     solver = pywraplp.Solver.CreateSolver("GLOP")
     if solver is None:
         return None, 0.0

@@ -14,13 +14,13 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from scheduler.model import Reason
-from scheduler.room import Replica, make_room
+from scheduler.room import Replica, TrialBudget, make_room
 
 if TYPE_CHECKING:
     from scheduler.solve import Solver
 
 PREEMPTION_HINTS = 3  # unplaced deployments per solve tried for "fits after preempting"
-HINT_BUDGET_S = 0.1  # time those trials may take (and never past the solve's deadline)
+HINT_TRIALS = 48  # trials those may run in all (a count: the same hints on any machine)
 # Reasons preempting work cannot change; a hint goes on the first reason of another code.
 NOT_FREED = ("NODE_STATE", "ZONE", "ACCELERATOR_MODEL", "TIME_LIMIT")
 
@@ -52,7 +52,7 @@ def preempt_for(solver: Solver, d: int) -> None:
         if not eligible:
             return
         found = make_room(solver, d, eligible, relocate=False, budget=0,
-                          deadline=solver.deadline)
+                          trials=solver.room_trials, deadline=solver.deadline)
         if found is None:
             solver.late(d)
             return
@@ -82,17 +82,19 @@ def preemption_hints(solver: Solver, only: list[int] | None = None) -> dict[int,
                if state.deps[v[0]].preemptible and v in solver.existing_replicas]
     if not running:
         return {}
-    stop = min(solver.deadline, time.perf_counter() + HINT_BUDGET_S)
+    trials = TrialBudget(HINT_TRIALS)
     hints: dict[int, str] = {}
     tried = 0
     for d in solver.batch_order(unplaced):
-        if tried >= PREEMPTION_HINTS or time.perf_counter() >= stop:
+        if tried >= PREEMPTION_HINTS or trials.left <= 0 or \
+                time.perf_counter() >= solver.deadline:
             break
         eligible = [v for v in running if victim_ok(solver, d, v[0])]
         if not eligible:
             continue
         tried += 1
-        found = make_room(solver, d, eligible, relocate=False, budget=0, deadline=stop)
+        found = make_room(solver, d, eligible, relocate=False, budget=0, trials=trials,
+                          deadline=solver.deadline)
         if found is None:
             continue
         trial, removed, _ = found

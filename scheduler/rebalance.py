@@ -2,7 +2,7 @@
 
 Pending deployments are taken priority first, biggest first; for each, `room.make_room` with
 relocation finds the fewest replicas to move so one more replica fits, as long as the move
-budget and the deadline allow. Runs before preemption, so moves are preferred to evictions.
+budget, the solve's trial budget (`Solver.room_trials`) and the deadline allow. Runs before preemption, so moves are preferred to evictions.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def rebalance(solver: Solver) -> None:
                 break
             eligible = [v for v in solver.state.replicas if v[0] != d]
             found = make_room(solver, d, eligible, relocate=True,
-                              budget=budget - solver.moves_used, deadline=solver.deadline)
+                              budget=budget - solver.moves_used, trials=solver.room_trials,
+                              deadline=solver.deadline)
             if found is None:
                 solver.late(d)
                 break

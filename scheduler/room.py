@@ -29,12 +29,30 @@ SINGLE_VICTIM_TRIALS = 8  # per domain, victims also tried alone (see make_room)
 Replica = tuple[int, int]  # (deployment, replica)
 
 
+class TrialBudget:
+    """How many trials a search may still run. A count, not a clock: where it ends the
+    search, the answer is the same on a fast machine and a loaded one (the deadline stays
+    as a ceiling)."""
+
+    def __init__(self, trials: int) -> None:
+        self.left = trials
+
+    def spend(self) -> bool:
+        """Take one trial; False once none is left."""
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+
 def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, budget: int,
-              deadline: float | None = None) -> tuple[ClusterState, list[Replica], int] | None:
+              trials: TrialBudget, deadline: float | None = None
+              ) -> tuple[ClusterState, list[Replica], int] | None:
     """Trial per locality domain: fewest replicas removed (or moved) to fit one replica.
 
     Returns (trial state with the replica placed, replicas removed, shards moved).
-    With a deadline, stops trying domains at it and returns the best found so far."""
+    Stops trying when `trials` runs out or at the deadline, and returns the best found so
+    far."""
     state, topo = solver.state, solver.topo
     level = state.deps[d].locality
     dom = topo.domain_of(level)
@@ -56,6 +74,8 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
         tries = [sorted(by_domain[dm], key=order) for order in orders]
         here = None
         for victims in tries:
+            if not trials.spend():
+                break
             found = _trial(solver, d, r, victims, allowed, relocate, budget)
             if found is not None and (here is None or found[0] < here[0]):
                 here = found
@@ -63,11 +83,15 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
             # One victim alone can be enough where the orders took several (its removal
             # clears an exclusion, say): try the first few singly.
             for v in tries[0][:SINGLE_VICTIM_TRIALS]:
+                if not trials.spend():
+                    break
                 found = _trial(solver, d, r, [v], allowed, relocate, budget)
                 if found is not None and found[0] < here[0]:
                     here = found
         if here is not None and (best is None or here[0] < best[0]):
             best = here
+        if trials.left <= 0:
+            break
     if best is None:
         return None
     return best[1], best[2], best[3]

@@ -44,11 +44,13 @@ from scheduler.online_batch import place_batch
 from scheduler.preemption import preempt_for
 from scheduler.rebalance import rebalance
 from scheduler.repair import repair
+from scheduler.room import TrialBudget
 from scheduler.state import ClusterState, ShardAt
 from scheduler.topology import build_topology
 
 DEFAULT_TIME_LIMIT_MS = 2000
 GREEDY_GUARD_SHARE = 0.5  # of the time limit, for the greedy pipeline that guards CP-SAT's
+ROOM_TRIALS = 256  # fewest-replicas trials (moves, preemption) per solve: a count, not a clock
 
 
 def replica_value(state: ClusterState, d: int, min_priority: int) -> int:
@@ -89,6 +91,9 @@ class Solver:
         # Deployments whose search the deadline cut short (CP-SAT unproved or skipped, a
         # preemption or rebalance loop stopped): TIME_LIMIT if they end up unplaced.
         self.time_cut: set[int] = set()
+        # Trials the move and preemption searches may still run (`room.TrialBudget`): where
+        # this ends a search, not the deadline, repeated solves give the same plan.
+        self.room_trials = TrialBudget(ROOM_TRIALS)
         self._load_existing()
 
     # ---- setup ----------------------------------------------------------------------------

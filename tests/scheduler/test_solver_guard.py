@@ -3,6 +3,8 @@ solves of one problem give one plan (deterministic CP-SAT)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from builders import busy_problem, move_beats_preemption, solve_doc
 
@@ -41,7 +43,10 @@ def test_ties_keep_the_cpsat_pipeline() -> None:
                                      {"mode": "rebalance", "allow_preemption": True,
                                       "max_moves": 4}])
 def test_repeated_solves_give_the_same_plan(options: dict) -> None:
-    doc = busy_problem(**options)
+    # A limit the budgets end before (CP-SAT's deterministic time, the trial count of the
+    # move and preemption searches): the deadline is only a ceiling, as it should be, even
+    # on a machine loaded by other test suites.
+    doc = busy_problem(**options, time_limit_ms=30_000)
     plans = [solve_doc(doc) for _ in range(3)]
     assert plans[0].stats.get("cpsat") in ("optimal", "feasible")  # CP-SAT did run
     first = plan_to_dict(plans[0])
@@ -49,3 +54,14 @@ def test_repeated_solves_give_the_same_plan(options: dict) -> None:
         again = plan_to_dict(p)
         assert (again["placements"], again["preempted"], again["moved"]) == (
             first["placements"], first["preempted"], first["moved"])
+
+
+def test_a_trial_count_not_the_clock_ends_the_move_and_preemption_searches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    solve_module = importlib.import_module("scheduler.solve")  # the package exports solve()
+    monkeypatch.setattr(solve_module, "ROOM_TRIALS", 0)
+    plan = solve_doc(move_beats_preemption())
+    # Nothing tried, so nothing moved or preempted; that is the budget, not a deadline.
+    assert plan.moved == () and plan.preempted == ()
+    assert plan.stats["time_limit_hit"] is False
+    assert [u.deployment for u in plan.unplaced] == ["vip"]
