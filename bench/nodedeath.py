@@ -1,5 +1,6 @@
-"""Node death: a real `maia-controller`, real `maia-simnode` fleets, a share of the nodes killed
-at once through the fleets' fault injection (`maia-simnode --control-socket`, docs/simnode.md).
+"""Node death: a real `maia-controller` (SQLite, or PostgreSQL with `--db postgres`), real
+`maia-simnode` fleets, a share of the nodes killed at once through the fleets' fault injection
+(`maia-simnode --control-socket`, docs/simnode.md).
 
 The cluster is filled to `--fill` of its accelerators with multi-replica services (each replica
 two one-accelerator shards on one node), every replica running. Then, for each share in
@@ -44,6 +45,8 @@ REPLICAS_PER_DEPLOYMENT = 16
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=4096, help="simulated nodes (a multiple of 16)")
+    p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite",
+                   help="the controller's database: a SQLite file, or a throwaway PostgreSQL (bench/pgserver.py)")
     p.add_argument("--kill", type=float, nargs="+", default=[0.01, 0.10],
                    help="shares of the nodes killed at once, one round each")
     p.add_argument("--fill", type=float, default=0.5, help="share of the accelerators the services ask for")
@@ -286,7 +289,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from maia.v1 import admin_pb2_grpc, deployments_pb2_grpc
     shape = Shape(args.nodes, args.fleets or max(1, (args.nodes + 255) // 256))
     bin_dir = Path(sys.executable).parent
-    async with database("sqlite", root) as url:
+    async with database(args.db, root) as url:
         token_file = root / "admin.token"
         controller = Process("maia-controller", [
             str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url,
@@ -327,7 +330,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             for fleet in fleets:
                 fleet.process.stop()
         violations = await grade(url)
-    return {"nodes": shape.nodes, "fleets": shape.fleets, "db": "sqlite", "services": deployments,
+    return {"nodes": shape.nodes, "fleets": shape.fleets, "db": args.db, "services": deployments,
             "shards": deployments * REPLICAS_PER_DEPLOYMENT * SHARDS_PER_REPLICA,
             "controller_flags": controller_args(args), "nodes_joined_s": round(joined_s, 1),
             "rounds": rounds, "checker_violation_count": len(violations), "checker_violations": violations[:10],
