@@ -34,7 +34,10 @@ T = TypeVar("T")
 # node-lifecycle graces (a silent node is down after 0.5 s more, its work evicted after 1 s).
 TEST_CONFIG = Config(listen="127.0.0.1:0", reconcile_interval_s=0.2, heartbeat_timeout_s=2.0,
                      solve_time_limit_ms=1000, health_interval_s=0.5, watchdog_interval_s=0.5,
-                     node_down_grace_s=0.5, node_eviction_grace_s=1.0, restart_grace_s=1.0)
+                     node_down_grace_s=0.5, node_eviction_grace_s=1.0, restart_grace_s=1.0,
+                     # A lone test controller must not step down because a renewal was slow on a
+                     # loaded machine (failover is tested with real processes and short leases).
+                     lease_ttl_s=30.0)
 
 
 @asynccontextmanager

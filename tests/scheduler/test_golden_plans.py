@@ -7,8 +7,10 @@ issue 9). A deliberate change of behaviour re-pins the plans:
 
 and the diff of tests/scheduler/golden/ shows what changed. Pinned: status, placements,
 unplaced (with reasons), preempted and moved; not stats (timings). Every plan also passes the
-independent checker. The problems are small enough for CP-SAT to finish far inside the time
-limit, so their answers do not depend on the machine's speed.
+independent checker. CP-SAT stops at a deterministic budget, well inside the wall-clock limit
+on an idle machine, so the answers do not depend on the machine's speed; on a machine so loaded
+that the wall clock stops the search first (the plan says `time_limit_hit`), a plan that differs
+only by its TIME_LIMIT notes passes, and any other difference is skipped, not failed.
 """
 
 from __future__ import annotations
@@ -104,4 +106,17 @@ def test_plan_matches_the_golden_one(name: str) -> None:
     if os.environ.get("MAIA_UPDATE_GOLDEN") == "1":
         path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     want = json.loads(path.read_text())
+    if got != want and (plan_doc.get("stats") or {}).get("time_limit_hit"):
+        # The wall-clock ceiling, not the deterministic budget, ended the search: this machine
+        # was too slow (or too loaded) for the pinned answer, which only a deterministic stop gives.
+        if without_time_limit_reasons(got) == want:
+            return  # the same plan; only the TIME_LIMIT note differs
+        pytest.skip(f"{name}: the wall clock cut the search short on this machine; the pinned plan "
+                    f"needs the deterministic budget to end it")
     assert got == want, f"plan for {name} differs from {path.name} (see the module doc)"
+
+
+def without_time_limit_reasons(plan: Doc) -> Doc:
+    unplaced = [{**u, "reasons": [r for r in u["reasons"] if r["code"] != "TIME_LIMIT"]}
+                for u in plan["unplaced"]]
+    return {**plan, "unplaced": unplaced}
