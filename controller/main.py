@@ -3,8 +3,9 @@
 Prints "maia-controller listening on HOST:PORT" on stdout once serving (the real port when
 asked for port 0), so scripts and tests can read where it is, and with --metrics-listen
 "maia-controller metrics on http://HOST:PORT/metrics", with --http-listen "maia-controller
-console on http://HOST:PORT/". Exit codes: 0 after a clean stop,
-2 for a bad --listen or --db (checked by `preflight` before the database is touched), when the
+console on http://HOST:PORT/". Exit codes: 0 after a clean stop, 3 when a stop did not finish
+within SHUTDOWN_DEADLINE_S (or a second SIGINT/SIGTERM asked for it at once: every thread's stack
+is written to stderr first, so a stuck shutdown can be diagnosed), 2 for a bad --listen or --db (checked by `preflight` before the database is touched), when the
 database cannot be reached, when the schema is behind and --no-migrate forbids upgrading it, or
 when it is ahead of this code. Every such error is one line on stderr, with a hint.
 """
@@ -12,17 +13,46 @@ when it is ahead of this code. Every such error is one line on stderr, with a hi
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from controller.config import Config, parse_args
 from controller.preflight import StartupError, check_db_url, check_listen
 
 EXIT_SCHEMA = 2  # every start-up refusal: bad settings, database unreachable or on the wrong schema
+EXIT_STUCK = 3   # the stop did not finish in time (or a second signal): stacks dumped, exited anyway
+SHUTDOWN_DEADLINE_S = 30.0
+
+log = logging.getLogger("maia.main")
+
+
+def exit_if_stuck(deadline_s: float) -> Callable[[], None]:
+    """Arm the shutdown deadline: if the process is still here after `deadline_s` (a task that
+    ignores cancellation, a thread nobody joins, an executor job that runs on), write every
+    thread's stack to stderr and exit with EXIT_STUCK. Returns what fires it at once (a second
+    signal: the operator will not wait)."""
+    fired = threading.Lock()
+
+    def fire() -> None:
+        if not fired.acquire(blocking=False):
+            return
+        log.error("shutdown did not finish (deadline %.0fs or a second signal); the threads' stacks follow, "
+                  "then the process exits", deadline_s)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(EXIT_STUCK)
+
+    timer = threading.Timer(deadline_s, fire)
+    timer.daemon = True
+    timer.start()
+    return fire
 
 
 class StructuredFormatter(logging.Formatter):
@@ -85,6 +115,9 @@ async def serve(config: Config) -> int:
         print(f"maia-controller console on http://{app.console_address}/", flush=True)
 
     await stop.wait()
+    fire = exit_if_stuck(SHUTDOWN_DEADLINE_S)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, fire)
     await app.stop()
     return 0
 
