@@ -181,7 +181,9 @@ class LeaderElection:
             return
         was_leading = self.leading
         self._step_down("shutting down")
-        if not was_leading:
+        if not was_leading or self._exclusive:
+            # SQLite: the next controller on the file forces the lease anyway, and a write at
+            # stop could wait out the busy timeout behind a transaction a cancelled task left open.
             return
         try:
             async with self._db.unit_of_work() as uow:

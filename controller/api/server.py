@@ -393,7 +393,11 @@ class ControllerApp:
         if self._channel_task is not None:
             await cancel_and_wait([self._channel_task])
             self._channel_task = None
-        await self.db.dispose()
+        try:  # bounded: a connection whose statement waits on a lock (SQLite's busy timeout is 30 s)
+            await within(self.db.dispose(), DISPOSE_TIMEOUT_S)  # must not hold up the stop
+        except TimeoutError:
+            log.warning("database connections still busy after %.0fs; stopping without waiting for them",
+                        DISPOSE_TIMEOUT_S)
         self.sqlite_lock.release()
         log.info("stopped")
 
@@ -404,6 +408,7 @@ class ControllerApp:
 
 INSECURE_WARNING_INTERVAL_S = 60.0
 RELEASE_TIMEOUT_S = 2.0
+DISPOSE_TIMEOUT_S = 5.0
 CHANNEL_READY_TIMEOUT_S = 5.0
 
 
