@@ -19,6 +19,12 @@ audit entries for the decisions that place, preempt, remove or move a tenant's w
 same transaction: a decision is audited exactly when it is committed). `CommitResult.stale`
 and `requeued` tell the caller to solve again.
 
+A commit with a `scope` (deployment keys) speaks only for those deployments: it reads their
+rows and placements, and, for the re-check, only the shards on the rows its landing replicas
+touch (every rule the re-check applies lies within one row): a fast pass that decides a few
+deployments on a cached snapshot commits at the cost of those deployments, not of the cluster.
+`CommitResult.shards` and `requeued` tell such a caller what to apply to its cache.
+
 Plans name solver deployments and replicas (`store/rollout.py`: a rolling update's outgoing
 revisions are deployments of their own); the commit maps them back to stored keys with the
 snapshot's `PlanKeys`.
@@ -35,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -51,14 +57,15 @@ from controller.store.models import (
     Event,
     Node,
     Placement,
+    Rack,
     ShardPhase,
     utcnow,
 )
 from controller.store.metering import StartedShard, start_intervals, stop_intervals
 from controller.store.recheck import ReplicaKey, recheck
 from controller.store.rollout import outgoing_id, shards_of, stored_key
-from controller.store.snapshot import ShardKey, Snapshot, Where, load_snapshot
-from controller.domain.values import deployment_key
+from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
+from controller.domain.values import deployment_key, split_deployment_key
 from controller.domain.phases import deployment_phase, replica_counts
 from controller.domain.restarts import failure_reasons
 
@@ -95,6 +102,11 @@ class CommitResult:
     # Replicas (stored deployment, replica) the plan placed or moved that no longer fit the
     # committed state, with why: not written, left for the next pass.
     requeued: dict[ReplicaKey, tuple[str, ...]] = field(default_factory=dict)
+    # Every shard the commit wrote, by stored key (TENANT/NAME, replica, shard): where it is now
+    # (node, accelerator indices, milli per accelerator or None for whole ones), None when
+    # removed (preempted, scaled down, released, its deployment deleted). With `requeued`, what a
+    # cache of the committed state needs to follow the commit without reading it again.
+    shards: dict[ShardKey, Where | None] = field(default_factory=dict)
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -184,35 +196,105 @@ class _Changes:
     requeued: dict[ReplicaKey, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _spec_doc(snapshot: Snapshot) -> dict[str, Any]:
+_DEPLOYMENT_FIELDS = (
+    Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation, Deployment.reasons,
+    Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at, Deployment.template_revision,
+    Deployment.revision_specs, Deployment.min_replicas,
+)
+_PLACEMENT_FIELDS = (
+    Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
+    Placement.accelerator_indices, Placement.accelerator_milli, Placement.phase, Placement.revision,
+)
+# Deployments whose shards no plan holds: a commit removes them (`_Committed.leaving`).
+_LEAVING = (DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)
+
+
+@dataclass
+class _Committed:
+    """The committed state a commit reads under the generation lock: the deployments it speaks
+    for (all, or its scope's) and their placements."""
+
+    scope: frozenset[str] | None
+    deployments: dict[str, Any]  # key TENANT/NAME -> row (`_DEPLOYMENT_FIELDS`)
+    live: set[str]  # neither being deleted nor quarantined
+    current: dict[ShardKey, _Row]  # placements of live deployments
+    leaving: list[_Row]  # placements of the others: the plan no longer holds them, removed
+
+    def speaks_for(self, key: str) -> bool:
+        return self.scope is None or key in self.scope
+
+
+async def _read_committed(session: AsyncSession, scope: Collection[str] | None) -> _Committed:
+    """Every deployment and placement (`scope` None), or only the scope's: one query per table
+    (per `_CHUNK` keys of a scope)."""
+    if scope is None:
+        found = list(await session.execute(select(*_DEPLOYMENT_FIELDS)))
+    else:
+        found = []
+        for chunk in _chunks(sorted(set(scope))):
+            names = [split_deployment_key(key) for key in chunk]
+            found += [d for d in await session.execute(
+                select(*_DEPLOYMENT_FIELDS).where(Deployment.tenant_id.in_({t for t, _ in names}),
+                                                  Deployment.name.in_({n for _, n in names})))
+                      if deployment_key(d.tenant_id, d.name) in scope]
+    deployments = {deployment_key(d.tenant_id, d.name): d for d in found}
+    keys_by_id = {d.id: key for key, d in deployments.items()}
+    query = select(*_PLACEMENT_FIELDS)
+    if scope is None:
+        placements = list(await session.execute(query))
+    else:
+        placements = [p for chunk in _chunks(sorted(keys_by_id))
+                      for p in await session.execute(query.where(Placement.deployment_id.in_(chunk)))]
+    committed = _Committed(None if scope is None else frozenset(scope), deployments,
+                           {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [])
+    for p in placements:
+        name = keys_by_id[p.deployment_id]
+        row = _Row(p.id, p.deployment_id, (name, p.replica, p.shard), p.node_id,
+                   list(p.accelerator_indices), p.accelerator_milli, p.phase, p.revision)
+        if name in committed.live:
+            committed.current[row.key] = row
+        else:  # its deployment is being deleted or is quarantined: the plan no longer holds it
+            committed.leaving.append(row)
+    return committed
+
+
+def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None) -> dict[str, Any]:
     """The snapshot's problem with one deployment per stored deployment and revision, named
-    `TENANT/NAME~REVISION`: what the re-check judges each shard by (the spec its replica was placed with)."""
+    `TENANT/NAME~REVISION`: what the re-check judges each shard by (the spec its replica was
+    placed with); only the stored deployments `keys` when given."""
     specs: dict[str, dict[str, Any]] = {}
     for doc in snapshot.problem.get("deployments", ()):
         ref = snapshot.solver_refs.get(doc["id"])
+        if keys is not None and (ref.key if ref is not None else doc["id"]) not in keys:
+            continue
         spec_id = outgoing_id(ref.key, ref.revision) if ref is not None else doc["id"]
         specs.setdefault(spec_id, dict(doc, id=spec_id))
     return {**snapshot.problem, "deployments": list(specs.values()), "placements": []}
 
 
 async def _plan_changes(
-    session: AsyncSession, snapshot: Snapshot, plan: Plan, deployments: Mapping[str, Any],
-    current: dict[ShardKey, _Row], live: set[str], stale: bool,
+    session: AsyncSession, snapshot: Snapshot, plan: Plan, committed: _Committed, stale: bool,
 ) -> _Changes:
     """The plan's changes to the snapshot it was solved from, in stored keys, each replica re-checked.
 
     Per replica: unchanged by the plan, nothing to do; changed by the plan but also by someone
     else since the snapshot, turned away (the next pass decides again); removed, removed;
-    placed or moved, landed if it still fits the committed state (`recheck`)."""
+    placed or moved, landed if it still fits the committed state (`recheck`). Only replicas of
+    the live deployments `committed` read are considered (a scoped commit's plan speaks for no other)."""
+    deployments, current, live = committed.deployments, committed.current, committed.live
     keys = snapshot.plan_keys()
     base: dict[ShardKey, Where] = {}
     for p in snapshot.problem.get("placements", ()):
+        if keys.name(p["deployment"]) not in live:
+            continue
         mapped = keys.key(p["deployment"], p["replica"], p["shard"])
         if mapped is not None:
             base[mapped[0]] = _where(p)
     changes = _Changes()
     desired: dict[ShardKey, Any] = {}
     for pl in plan.placements:
+        if not committed.speaks_for(keys.name(pl.deployment)):
+            continue
         mapped = keys.key(pl.deployment, pl.replica, pl.shard)
         if mapped is None:  # an outgoing replica is never placed anew
             continue
@@ -224,8 +306,7 @@ async def _plan_changes(
             changes.revision_of[key] = revision
     replicas: dict[ReplicaKey, set[ShardKey]] = defaultdict(set)
     for key in (*base, *desired):
-        if key[0] in live:
-            replicas[key[:2]].add(key)
+        replicas[key[:2]].add(key)
     stored: dict[ReplicaKey, dict[ShardKey, _Row]] = defaultdict(dict)
     for key, row in current.items():
         if key[:2] in replicas:
@@ -246,7 +327,7 @@ async def _plan_changes(
         else:
             landing[rk] = {k[2]: w for k, w in after.items()}
     if landing:
-        changes.requeued.update(await _recheck(session, snapshot, deployments, current, changes, landing, stale))
+        changes.requeued.update(await _recheck(session, snapshot, committed, changes, landing, stale))
     for rk, shards in landing.items():
         if rk in changes.requeued:
             continue
@@ -261,74 +342,108 @@ async def _plan_changes(
     return changes
 
 
+async def _neighbours(session: AsyncSession, committed: _Committed, nodes: Collection[str],
+                      ) -> tuple[set[str], dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]]:
+    """What a scoped commit's re-check needs beyond its scope: the rows holding `nodes`, and the
+    shards of live deployments outside the scope on those rows ((revision, where) by key), with
+    those deployments' (id, template revision). Every rule the re-check applies lies within one
+    row (recheck.py), so nothing further away can make a landing replica break one."""
+    rows: set[str] = set()
+    for chunk in _chunks(sorted(set(nodes))):
+        rows.update((await session.execute(
+            select(Rack.row_id).join(Node, Node.rack_id == Rack.id).where(Node.id.in_(chunk)).distinct())).scalars())
+    shards: dict[ShardKey, tuple[int, Where]] = {}
+    outside: dict[str, tuple[int, int]] = {}
+    if not rows:
+        return rows, shards, outside
+    known = {d.id for d in committed.deployments.values()}
+    for p in await session.execute(
+        select(Deployment.id, Deployment.tenant_id, Deployment.name, Deployment.template_revision, Placement.replica,
+               Placement.shard, Placement.node_id, Placement.accelerator_indices, Placement.accelerator_milli,
+               Placement.revision)
+        .join(Placement, Placement.deployment_id == Deployment.id)
+        .join(Node, Node.id == Placement.node_id).join(Rack, Rack.id == Node.rack_id)
+        .where(Rack.row_id.in_(sorted(rows)), Deployment.phase.not_in(_LEAVING))
+    ):
+        if p.id in known:
+            continue
+        key = deployment_key(p.tenant_id, p.name)
+        outside[key] = (p.id, p.template_revision)
+        shards[(key, p.replica, p.shard)] = (p.revision, (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli))
+    return rows, shards, outside
+
+
 async def _recheck(
-    session: AsyncSession, snapshot: Snapshot, deployments: Mapping[str, Any], current: dict[ShardKey, _Row],
-    changes: _Changes, landing: dict[ReplicaKey, dict[int, Where]], stale: bool,
+    session: AsyncSession, snapshot: Snapshot, committed: _Committed, changes: _Changes,
+    landing: dict[ReplicaKey, dict[int, Where]], stale: bool,
 ) -> dict[ReplicaKey, tuple[str, ...]]:
-    """`recheck` of the landing replicas against the committed state (re-read when stale), in a
-    worker thread; shards are named by the spec of their revision (`_spec_doc`)."""
-    doc = _spec_doc(await load_snapshot(session) if stale else snapshot)
+    """`recheck` of the landing replicas against the committed state, in a worker thread; shards
+    are named by the spec of their revision (`_spec_doc`). The specs and nodes come from the
+    snapshot, or are read again when it is stale (a node cordoned, a contract changed since).
+    A scoped commit adds the shards outside its scope on the rows the landing replicas touch."""
+    deployments, removed = committed.deployments, {row.key for row in changes.deletes}
+    shards = {k: (row.revision, row.where) for k, row in committed.current.items() if k not in removed}
+    template = {key: d.template_revision for key, d in deployments.items()}
+    rows: set[str] | None = None
+    ids: set[int] | None = None
+    if committed.scope is not None:
+        rows, outside, others = await _neighbours(session, committed, {w[0] for s in landing.values() for w in s.values()})
+        shards.update(outside)
+        template.update((key, revision) for key, (_, revision) in others.items())
+        ids = {d.id for d in deployments.values()} | {i for i, _ in others.values()}
+    if stale:
+        doc = await load_spec_doc(session, within_rows=rows, deployment_ids=ids)
+    else:
+        doc = _spec_doc(snapshot, None if committed.scope is None else set(template))
     specs = {d["id"] for d in doc["deployments"]}
 
     def spec(name: str, revision: int) -> str:
-        for candidate in (outgoing_id(name, revision), outgoing_id(name, deployments[name].template_revision)):
+        for candidate in (outgoing_id(name, revision), outgoing_id(name, template[name])):
             if candidate in specs:
                 return candidate
         return outgoing_id(name, revision)  # judged as an unknown deployment
 
-    removed = {row.key for row in changes.deletes}
-    committed = {(spec(k[0], row.revision), k[1], k[2]): row.where for k, row in current.items() if k not in removed}
-    wanted = {(spec(rk[0], changes.revision_of[(*rk, min(shards))]), rk[1]): shards for rk, shards in landing.items()}
-    rejected = await asyncio.to_thread(recheck, doc, committed, wanted)
+    placed = {(spec(k[0], revision), k[1], k[2]): where for k, (revision, where) in shards.items()}
+    wanted = {(spec(rk[0], changes.revision_of[(*rk, min(by_shard))]), rk[1]): by_shard
+              for rk, by_shard in landing.items()}
+    rejected = await asyncio.to_thread(recheck, doc, placed, wanted)
     return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}
 
 
 async def commit_plan(
-    session: AsyncSession, snapshot: Snapshot, plan: Plan, *, actor: str = "controller", now: datetime | None = None,
+    session: AsyncSession, snapshot: Snapshot, plan: Plan, *, scope: Collection[str] | None = None,
+    actor: str = "controller", now: datetime | None = None,
 ) -> CommitResult:
     """Apply `plan` (solved from `snapshot`) in the caller's transaction; the caller commits.
 
     What the plan changes relative to its snapshot is written where it still holds: a replica
     that no longer fits the committed state is left out and reported in `requeued` (see the
     module docstring). Raises ValueError for a plan that places one shard twice.
+
+    `scope` (stored deployment keys `TENANT/NAME`; None: every deployment): the plan speaks only
+    for these deployments, and the commit costs the scope, not the cluster. Name every
+    deployment whose replicas the plan places, moves, preempts or removes (victims included).
+    Replicas of other deployments are neither changed nor taken as removed by the plan (the plan
+    may name them or not: they are ignored); the commit reads them only where the re-check needs
+    them, on the rows its landing replicas touch. A deployment being deleted (or quarantined)
+    loses its shards only when in scope, and its row goes when in scope and in
+    `snapshot.deleting`, as an unscoped commit does for all of them; the others wait for a commit
+    that names them (an unscoped pass does). Scoped or not, the same plan lands the same changes
+    for the scope's deployments (tests/store/test_commit_scope.py).
     """
     generation = await _lock_generation(session)
     stale = generation != snapshot.generation
     now = now or utcnow()
 
-    # Current state, one query per table (read under the generation lock).
-    deployments = {
-        deployment_key(d.tenant_id, d.name): d
-        for d in await session.execute(
-            select(Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation,
-                   Deployment.reasons, Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at,
-                   Deployment.template_revision, Deployment.revision_specs, Deployment.min_replicas)
-        )
-    }
-    keys_by_id = {d.id: key for key, d in deployments.items()}
-    live = {name for name, d in deployments.items()
-            if d.phase not in (DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)}
-    current: dict[ShardKey, _Row] = {}
-    deleting_rows: list[_Row] = []
-    for p in await session.execute(
-        select(
-            Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
-            Placement.accelerator_indices, Placement.accelerator_milli, Placement.phase, Placement.revision,
-        )
-    ):
-        name = keys_by_id[p.deployment_id]
-        row = _Row(p.id, p.deployment_id, (name, p.replica, p.shard), p.node_id,
-                   list(p.accelerator_indices), p.accelerator_milli, p.phase, p.revision)
-        if name in live:
-            current[row.key] = row
-        else:  # its deployment is being deleted or is quarantined: the plan no longer holds it
-            deleting_rows.append(row)
+    # Current state (read under the generation lock): every deployment and placement, or the scope's.
+    committed = await _read_committed(session, scope)
+    deployments, live, current = committed.deployments, committed.live, committed.current
 
     # Shards the snapshot left out (store/snapshot.py `released`): released if still there.
     released = [current.pop(k) for k, where in snapshot.released.items() if k in current and current[k].where == where]
-    changes = await _plan_changes(session, snapshot, plan, deployments, current, live, stale)
+    changes = await _plan_changes(session, snapshot, plan, committed, stale)
     inserts, updates = changes.inserts, changes.updates
-    deletes = changes.deletes + deleting_rows + released
+    deletes = changes.deletes + committed.leaving + released
     deleted_keys = {row.key for row in deletes}
     final: dict[ShardKey, str] = {k: row.node for k, row in current.items() if k not in deleted_keys}
     final.update((row.key, pl.node) for row, pl in updates)
@@ -482,6 +597,8 @@ async def commit_plan(
         first_placed_after_s=first_placed,
         stale=stale,
         requeued=dict(changes.requeued),
+        shards={**{row.key: None for row in deletes}, **{row.key: _where(pl) for row, pl in updates},
+                **{key: _where(pl) for key, pl in inserts.items()}},
     )
 
 

@@ -60,7 +60,7 @@ def recheck(
         return rejected
 
     scope_nodes = {w[0] for rk in candidates for w in fresh[rk].values()}
-    problem = _neighbourhood(doc, scope_nodes)
+    problem = _neighbourhood(doc, scope_nodes, committed, {name for name, _ in candidates})
     scopes_of = PlacementScopes(problem)
     scopes = {rk: set().union(*(scopes_of.of(w[0], w[1]) for w in fresh[rk].values())) for rk in candidates}
     local = {n.id for n in problem.nodes}
@@ -104,18 +104,24 @@ def _placements(committed: Mapping[ShardKey, Where], landing: Mapping[ReplicaKey
     return tuple(Placement(k[0], k[1], k[2], w[0], w[1], w[2]) for k, w in shards.items() if w[0] in local)
 
 
-def _neighbourhood(doc: Mapping[str, Any], touched: set[str]) -> Problem:
-    """The committed problem cut down to the rows holding `touched` nodes (no placements)."""
+def _neighbourhood(doc: Mapping[str, Any], touched: set[str], committed: Mapping[ShardKey, Where],
+                   landing: set[str]) -> Problem:
+    """The committed problem cut down to the rows holding `touched` nodes and to the deployments
+    with shards there or `landing` there (no placements): what is converted is what is judged."""
     rack_row = {r["id"]: r["row"] for r in doc.get("racks", ())}
     node_rack = {n["id"]: n["rack"] for n in doc["nodes"]}
     rows = {rack_row.get(node_rack[n]) for n in touched if n in node_rack}
     racks = [r for r in doc.get("racks", ()) if r["row"] in rows]
     in_racks = {r["id"] for r in racks}
+    nodes = [n for n in doc["nodes"] if n["rack"] in in_racks]
+    local = {n["id"] for n in nodes}
+    used = landing | {key[0] for key, where in committed.items() if where[0] in local}
     part = {
         **{k: v for k, v in doc.items() if k not in ("placements", "options")},
         "rows": [r for r in doc.get("rows", ()) if r["id"] in rows],
         "racks": racks,
-        "nodes": [n for n in doc["nodes"] if n["rack"] in in_racks],
+        "nodes": nodes,
+        "deployments": [d for d in doc.get("deployments", ()) if d["id"] in used],
         "placements": [],
     }
     return problem_from_dict(part, validate=False)

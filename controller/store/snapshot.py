@@ -11,7 +11,8 @@ columns rather than ORM objects, and builds the document in one sweep.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from scheduler import ShardSpec, Spread, deployment_to_dict
 
 from controller import limits
 from controller.domain.values import deployment_key
-from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, solver_view
+from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, outgoing_id, solver_view
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -38,6 +39,8 @@ from controller.store.models import (
 )
 
 PROBLEM_VERSION = 1
+# Keeps `IN (...)` lists well under every backend's bound-parameter limit.
+_CHUNK = 500
 
 # (deployment key TENANT/NAME, replica, shard): how a placed shard is named in the interchange format.
 ShardKey = tuple[str, int, int]
@@ -93,6 +96,128 @@ def _put(doc: dict[str, Any], key: str, value: Any) -> None:
         doc[key] = value
 
 
+_NODE_COLUMNS = (
+    Node.id, Node.rack_id, Node.health, Node.cordoned, Node.accelerators, Node.accelerator_model, Node.hbm_gib,
+    Node.cpu_milli, Node.memory_mib, Node.idle_power_w, Node.labels, Node.draining, Node.evicted_at,
+)
+_TENANT_COLUMNS = (
+    Tenant.id, Tenant.isolation, Tenant.excludes, Tenant.zones, Tenant.reserved_accelerators,
+    Tenant.max_accelerators, Tenant.max_power_w,
+)
+_DEPLOYMENT_COLUMNS = (
+    Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.replicas, Deployment.min_replicas,
+    Deployment.shards_per_replica, Deployment.shard_accelerators, Deployment.shard_accelerator_milli,
+    Deployment.shard_hbm_gib, Deployment.shard_cpu_milli, Deployment.shard_memory_mib,
+    Deployment.shard_power_w, Deployment.shard_accelerator_models, Deployment.locality,
+    Deployment.spread_domain, Deployment.spread_max_per_domain, Deployment.priority,
+    Deployment.preemptible, Deployment.template_revision, Deployment.revision_specs, Deployment.phase,
+)
+
+
+def _node_doc(n: Any) -> dict[str, Any] | None:
+    """A node row (`_NODE_COLUMNS`) as the interchange format's node; None for a node beyond
+    today's limits (registered before them: the solver would build arrays its size), which is
+    left out, its shards placed again elsewhere, until it registers within them or is deleted."""
+    if not 0 <= n.accelerators <= limits.NODE_ACCELERATORS_MAX:
+        return None
+    node: dict[str, Any] = {
+        "id": n.id,
+        "rack": n.rack_id,
+        "state": node_state(n.health, n.cordoned, n.evicted_at is not None),
+        "accelerators": n.accelerators,
+    }
+    _put(node, "accelerator_model", n.accelerator_model or None)
+    _put(node, "hbm_gib", n.hbm_gib)
+    _put(node, "cpu_milli", n.cpu_milli)
+    _put(node, "memory_mib", n.memory_mib)
+    node["idle_power_w"] = n.idle_power_w
+    if n.labels:
+        node["labels"] = dict(n.labels)
+    return node
+
+
+def _tenant_doc(t: Any) -> dict[str, Any]:
+    """A tenant row (`_TENANT_COLUMNS`) as the interchange format's tenant."""
+    tenant: dict[str, Any] = {"id": t.id, "isolation": t.isolation.value}
+    if t.excludes:
+        tenant["excludes"] = list(t.excludes)
+    if t.zones:  # stored [] means "no restriction"; an empty list would mean "nowhere"
+        tenant["zones"] = list(t.zones)
+    _put(tenant, "reserved_accelerators", t.reserved_accelerators)
+    _put(tenant, "max_accelerators", t.max_accelerators)
+    _put(tenant, "max_power_w", t.max_power_w)
+    return tenant
+
+
+def _deployment_doc(d: Any) -> dict[str, Any]:
+    """A deployment row (`_DEPLOYMENT_COLUMNS`) as the interchange format's deployment, its
+    current template, id `TENANT/NAME`."""
+    spread = (Spread(d.spread_domain.value, d.spread_max_per_domain)
+              if d.spread_domain is not None and d.spread_max_per_domain is not None else None)
+    return deployment_to_dict(SolverDeployment(
+        deployment_key(d.tenant_id, d.name), d.tenant_id, d.replicas, d.shards_per_replica,
+        ShardSpec(d.shard_accelerators, d.shard_accelerator_milli, d.shard_hbm_gib,
+                  d.shard_cpu_milli, d.shard_memory_mib, d.shard_power_w,
+                  tuple(d.shard_accelerator_models) or None),  # [] means any model
+        min_replicas=d.min_replicas, locality=d.locality.value, spread=spread,
+        priority=d.priority, preemptible=d.preemptible))
+
+
+async def _topology(session: AsyncSession, within_rows: Collection[str] | None = None,
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[Any]]:
+    """Zones, rows and racks as interchange documents, and the node rows (`_NODE_COLUMNS`), in id
+    order; only the rows `within_rows` (their racks and nodes) when given."""
+    zones = [{"id": zid} for zid in (await session.execute(select(Zone.id).order_by(Zone.id))).scalars()]
+    row_query = select(Row.id, Row.zone_id, Row.power_budget_w).order_by(Row.id)
+    rack_query = select(Rack.id, Rack.row_id, Rack.power_budget_w).order_by(Rack.id)
+    node_query = select(*_NODE_COLUMNS).order_by(Node.id)
+    if within_rows is not None:
+        row_query = row_query.where(Row.id.in_(sorted(within_rows)))
+        rack_query = rack_query.where(Rack.row_id.in_(sorted(within_rows)))
+        node_query = node_query.join(Rack, Node.rack_id == Rack.id).where(Rack.row_id.in_(sorted(within_rows)))
+
+    rows = []
+    for rid, zone_id, budget in await session.execute(row_query):
+        row: dict[str, Any] = {"id": rid, "zone": zone_id}
+        _put(row, "power_budget_w", budget)
+        rows.append(row)
+
+    racks = []
+    for kid, row_id, budget in await session.execute(rack_query):
+        rack: dict[str, Any] = {"id": kid, "row": row_id}
+        _put(rack, "power_budget_w", budget)
+        racks.append(rack)
+    return zones, rows, racks, list(await session.execute(node_query))
+
+
+async def load_spec_doc(session: AsyncSession, *, within_rows: Collection[str] | None = None,
+                        deployment_ids: Collection[int] | None = None) -> dict[str, Any]:
+    """The committed problem the plan applier re-checks a plan against (`plans.commit_plan`),
+    without placements: every live deployment once per template revision its shards may run,
+    named `outgoing_id(TENANT/NAME, revision)` (the spec a shard was placed with). Only the nodes
+    of the rows `within_rows` and the deployments `deployment_ids` when given: a re-check of a
+    few replicas reads what lies around them, not the cluster."""
+    zones, rows, racks, node_rows = await _topology(session, within_rows)
+    tenants = [_tenant_doc(t) for t in await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))]
+    query = select(*_DEPLOYMENT_COLUMNS).where(
+        Deployment.phase.not_in((DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED))).order_by(Deployment.id)
+    if deployment_ids is None:
+        found = list(await session.execute(query))
+    else:
+        ids = sorted(deployment_ids)
+        found = [d for start in range(0, len(ids), _CHUNK)
+                 for d in await session.execute(query.where(Deployment.id.in_(ids[start:start + _CHUNK])))]
+    specs = []
+    for d in found:
+        current = _deployment_doc(d)
+        specs.append(dict(current, id=outgoing_id(current["id"], d.template_revision)))
+        specs += [dict(copy.deepcopy(spec), id=outgoing_id(current["id"], int(revision)))
+                  for revision, spec in sorted((d.revision_specs or {}).items()) if int(revision) != d.template_revision]
+    return {"version": PROBLEM_VERSION, "zones": zones, "rows": rows, "racks": racks,
+            "nodes": [doc for doc in map(_node_doc, node_rows) if doc is not None], "tenants": tenants,
+            "deployments": specs, "placements": []}
+
+
 async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) -> Snapshot:
     """Read the whole placement-relevant state in one pass (8 queries, whatever the size);
     `surge`: replicas beyond the asked count a rollout or drain may place (store/rollout.py).
@@ -104,73 +229,24 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
     # The generation first: anything changed after this read makes the commit stale (re-checked).
     generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
 
-    zones = [{"id": zid} for zid in (await session.execute(select(Zone.id).order_by(Zone.id))).scalars()]
-
-    rows = []
-    for rid, zone_id, budget in await session.execute(select(Row.id, Row.zone_id, Row.power_budget_w).order_by(Row.id)):
-        row: dict[str, Any] = {"id": rid, "zone": zone_id}
-        _put(row, "power_budget_w", budget)
-        rows.append(row)
-
-    racks = []
-    for kid, row_id, budget in await session.execute(
-        select(Rack.id, Rack.row_id, Rack.power_budget_w).order_by(Rack.id)
-    ):
-        rack: dict[str, Any] = {"id": kid, "row": row_id}
-        _put(rack, "power_budget_w", budget)
-        racks.append(rack)
+    zones, rows, racks, node_rows = await _topology(session)
 
     nodes = []
     oversized_nodes: set[str] = set()
     down_nodes: set[str] = set()
     draining_nodes: set[str] = set()
-    for n in await session.execute(
-        select(
-            Node.id, Node.rack_id, Node.health, Node.cordoned, Node.accelerators, Node.accelerator_model,
-            Node.hbm_gib, Node.cpu_milli, Node.memory_mib, Node.idle_power_w, Node.labels, Node.draining,
-            Node.evicted_at,
-        ).order_by(Node.id)
-    ):
+    for n in node_rows:
         if n.health is NodeHealth.DOWN:
             down_nodes.add(n.id)
         if n.draining:
             draining_nodes.add(n.id)
-        if not 0 <= n.accelerators <= limits.NODE_ACCELERATORS_MAX:
-            # Registered before today's limits: the solver would build arrays its size. Left out
-            # (its shards are placed again elsewhere) until it registers within them or is deleted.
+        node = _node_doc(n)
+        if node is None:
             oversized_nodes.add(n.id)
             continue
-        node: dict[str, Any] = {
-            "id": n.id,
-            "rack": n.rack_id,
-            "state": node_state(n.health, n.cordoned, n.evicted_at is not None),
-            "accelerators": n.accelerators,
-        }
-        _put(node, "accelerator_model", n.accelerator_model or None)
-        _put(node, "hbm_gib", n.hbm_gib)
-        _put(node, "cpu_milli", n.cpu_milli)
-        _put(node, "memory_mib", n.memory_mib)
-        node["idle_power_w"] = n.idle_power_w
-        if n.labels:
-            node["labels"] = dict(n.labels)
         nodes.append(node)
 
-    tenants = []
-    for t in await session.execute(
-        select(
-            Tenant.id, Tenant.isolation, Tenant.excludes, Tenant.zones, Tenant.reserved_accelerators,
-            Tenant.max_accelerators, Tenant.max_power_w,
-        ).order_by(Tenant.id)
-    ):
-        tenant: dict[str, Any] = {"id": t.id, "isolation": t.isolation.value}
-        if t.excludes:
-            tenant["excludes"] = list(t.excludes)
-        if t.zones:  # stored [] means "no restriction"; an empty list would mean "nowhere"
-            tenant["zones"] = list(t.zones)
-        _put(tenant, "reserved_accelerators", t.reserved_accelerators)
-        _put(tenant, "max_accelerators", t.max_accelerators)
-        _put(tenant, "max_power_w", t.max_power_w)
-        tenants.append(tenant)
+    tenants = [_tenant_doc(t) for t in await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))]
 
     current_docs: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
     deleting: set[str] = set()
@@ -178,30 +254,13 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
     keys_by_id: dict[int, str] = {}
     # Arrival order (primary key): what the online mode places first.
     for d in await session.execute(
-        select(
-            Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.replicas, Deployment.min_replicas,
-            Deployment.shards_per_replica, Deployment.shard_accelerators, Deployment.shard_accelerator_milli,
-            Deployment.shard_hbm_gib, Deployment.shard_cpu_milli, Deployment.shard_memory_mib,
-            Deployment.shard_power_w, Deployment.shard_accelerator_models, Deployment.locality,
-            Deployment.spread_domain, Deployment.spread_max_per_domain, Deployment.priority,
-            Deployment.preemptible, Deployment.template_revision, Deployment.revision_specs, Deployment.phase,
-        )
-        .where(Deployment.phase != DeploymentPhase.QUARANTINED)
-        .order_by(Deployment.id)
+        select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED).order_by(Deployment.id)
     ):
         key = deployment_key(d.tenant_id, d.name)
         if d.phase is DeploymentPhase.DELETING:
             deleting.add(key)
             continue
-        spread = (Spread(d.spread_domain.value, d.spread_max_per_domain)
-                  if d.spread_domain is not None and d.spread_max_per_domain is not None else None)
-        deployment = deployment_to_dict(SolverDeployment(
-            key, d.tenant_id, d.replicas, d.shards_per_replica,
-            ShardSpec(d.shard_accelerators, d.shard_accelerator_milli, d.shard_hbm_gib,
-                      d.shard_cpu_milli, d.shard_memory_mib, d.shard_power_w,
-                      tuple(d.shard_accelerator_models) or None),  # [] means any model
-            min_replicas=d.min_replicas, locality=d.locality.value, spread=spread,
-            priority=d.priority, preemptible=d.preemptible))
+        deployment = _deployment_doc(d)
         current_docs.append((d.id, deployment, d.template_revision, d.revision_specs or {}))
         deployment_ids[key] = d.id
         keys_by_id[d.id] = key

@@ -116,7 +116,8 @@ async def test_new_placements_are_inserted_and_generations_bumped(database: Data
     assert set(result.first_placed_after_s) == {TRAIN} and result.first_placed_after_s[TRAIN] >= 0
     assert replace(result, first_placed_after_s={}) == CommitResult(
         changed_nodes={"n2"}, changed_deployments={TRAIN}, generation=1,
-        updated_deployments=set(), deleted_deployments=set())
+        updated_deployments=set(), deleted_deployments=set(),
+        shards={(TRAIN, 0, 0): ("n2", (0, 1), None), (TRAIN, 0, 1): ("n2", (2, 3), None)})
     after = await _state(database)
     assert after["generation"] == 1
     train = after["deployments"][TRAIN]

@@ -1,0 +1,284 @@
+"""commit_plan(scope=...): a plan that speaks for some deployments commits exactly what an
+unscoped commit of the same decisions would, and reads and writes nothing of the others
+beyond what the re-check needs (the rows its landing replicas touch)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import Database
+from controller.store.plans import CommitResult, bump_cluster_generation, commit_plan
+from controller.store.snapshot import Snapshot, load_snapshot
+from scheduler import Placement as PlanPlacement, Plan, Preemption, Reason, Unplaced
+
+from bench.checking import check_state
+
+from .seed import dump, seed_problem
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+# Two rows: row1 holds racks r1a and r1b, row2 holds r2a; three 4-accelerator nodes per rack.
+RACKS = {"r1a": "row1", "r1b": "row1", "r2a": "row2"}
+NODES = [f"{rack}-n{i}" for rack in RACKS for i in range(3)]
+
+
+def _cluster(rng: random.Random, deployments: int = 8) -> dict[str, Any]:
+    """A random small cluster: rack power budgets that bind, a dedicated_node tenant, tenants
+    that exclude each other, deployments of 1-2 shards of 1-2 accelerators; nothing placed."""
+    return {
+        "version": 1,
+        "zones": [{"id": "z1"}],
+        "rows": [{"id": "row1", "zone": "z1"}, {"id": "row2", "zone": "z1", "power_budget_w": 3000}],
+        "racks": [{"id": rack, "row": row, "power_budget_w": rng.choice([1200, 1800, None])}
+                  for rack, row in RACKS.items()],
+        "nodes": [{"id": n, "rack": n.rpartition("-")[0], "accelerators": 4, "idle_power_w": 50} for n in NODES],
+        "tenants": [{"id": "a"}, {"id": "b", "isolation": "dedicated_node"}, {"id": "c", "excludes": ["a"]}],
+        "deployments": [
+            {"id": f"{tenant}/d{i}", "tenant": tenant, "replicas": rng.randint(1, 3),
+             "shards_per_replica": rng.randint(1, 2),
+             "shard": {"accelerators": rng.randint(1, 2), "power_w": rng.choice([100, 200, 300])}}
+            for i, tenant in ((i, rng.choice("abc")) for i in range(deployments))
+        ],
+        "placements": [],
+    }
+
+
+def _random_plan(rng: random.Random, snap: Snapshot, *, keep: float = 0.5) -> Plan:
+    """Per solver replica: kept where it is, removed (preempted or not), or (re)placed on random
+    accelerators (a plan the re-check may well turn away); reasons for some unplaced replicas."""
+    current: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for p in snap.problem["placements"]:
+        current[(p["deployment"], p["replica"])].append(p)
+    placements: list[PlanPlacement] = []
+    preempted: list[Preemption] = []
+    unplaced: list[Unplaced] = []
+    for d in snap.problem["deployments"]:
+        left = 0
+        for replica in range(d["replicas"]):
+            shards = current.get((d["id"], replica))
+            roll = rng.random()
+            if shards and roll < keep:
+                placements += [PlanPlacement(p["deployment"], p["replica"], p["shard"], p["node"],
+                                             tuple(p["accelerator_indices"])) for p in shards]
+            elif shards and roll < keep + 0.15:
+                if rng.random() < 0.5:
+                    preempted.append(Preemption(d["id"], replica))
+            elif roll < 0.9:
+                rack = rng.choice(list(RACKS))
+                placements += [PlanPlacement(d["id"], replica, shard, f"{rack}-n{rng.randrange(3)}",
+                                             tuple(sorted(rng.sample(range(4), d["shard"]["accelerators"]))))
+                               for shard in range(d["shards_per_replica"])]
+            else:
+                left += 1
+        if left:
+            unplaced.append(Unplaced(d["id"], left, (Reason("CAPACITY", f"{left} replica(s) do not fit", "r1a"),)))
+    return Plan("feasible", tuple(placements), unplaced=tuple(unplaced), preempted=tuple(preempted))
+
+
+def _restricted(plan: Plan, snap: Snapshot, scope: Collection[str]) -> Plan:
+    """`plan` for the deployments of `scope`; every other deployment left as the snapshot has it."""
+    others = tuple(PlanPlacement(p["deployment"], p["replica"], p["shard"], p["node"], tuple(p["accelerator_indices"]),
+                                 p.get("accelerator_milli"))
+                   for p in snap.problem["placements"] if p["deployment"] not in scope)
+    return Plan(plan.status, tuple(p for p in plan.placements if p.deployment in scope) + others,
+                unplaced=tuple(u for u in plan.unplaced if u.deployment in scope),
+                preempted=tuple(v for v in plan.preempted if v.deployment in scope))
+
+
+async def _seeded(database: Database, doc: dict[str, Any]) -> Snapshot:
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, doc)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        return await load_snapshot(uow.session)
+
+
+async def _commit(database: Database, snap: Snapshot, plan: Plan, scope: Collection[str] | None = None,
+                  actor: str = "test") -> CommitResult:
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, plan, scope=scope, actor=actor, now=NOW)
+        await uow.commit()
+    return result
+
+
+async def _committed_state(session: AsyncSession) -> dict[str, Any]:
+    """Everything a commit writes, without row ids (which a rolled-back commit may have used up)."""
+    keys = {d.id: f"{d.tenant_id}/{d.name}" for d in (await session.execute(select(m.Deployment))).scalars()}
+    placements = {p.id: (keys[p.deployment_id], p.replica, p.shard)
+                  for p in (await session.execute(select(m.Placement))).scalars()}
+    return {
+        "generation": (await session.execute(select(m.ClusterState.generation))).scalar_one(),
+        "placements": {(keys[p.deployment_id], p.replica, p.shard):
+                       (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli, p.phase, p.generation, p.revision)
+                       for p in (await session.execute(select(m.Placement))).scalars()},
+        "deployments": {keys[d.id]: (d.phase, d.generation, d.reasons)
+                        for d in (await session.execute(select(m.Deployment))).scalars()},
+        "nodes": {n.id: n.assignment_generation for n in (await session.execute(select(m.Node))).scalars()},
+        "events": [(e.kind, e.object_id, e.message, e.data, e.actor)
+                   for e in (await session.execute(select(m.Event).order_by(m.Event.id))).scalars()],
+        "audit": [(a.action, a.object_id, a.tenant, a.detail)
+                  for a in (await session.execute(select(m.AuditEntry).order_by(m.AuditEntry.seq))).scalars()],
+        "usage": sorted([(placements.get(u.placement_id), u.tenant_id, u.deployment, u.replica, u.shard, u.node_id,
+                          u.accelerator_milli, u.load_power_w, u.started_s, u.ended_s)
+                         for u in (await session.execute(select(m.UsageInterval))).scalars()], key=repr),
+    }
+
+
+async def _tried(database: Database, snap: Snapshot, plan: Plan,
+                 scope: Collection[str] | None) -> tuple[CommitResult, dict[str, Any]]:
+    """The result and the state a commit would leave, then rolled back."""
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, plan, scope=scope, actor="test", now=NOW)
+        return result, await _committed_state(uow.session)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_a_scoped_commit_lands_what_an_unscoped_commit_of_the_same_decisions_lands(
+        database: Database, seed: int) -> None:
+    rng = random.Random(seed)
+    first = await _seeded(database, _cluster(rng))
+    # Some work runs (without reasons: an unscoped commit that leaves a deployment alone clears them).
+    await _commit(database, first, Plan("feasible", _random_plan(rng, first).placements), actor="setup")
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    # While the plan is solved, another commit lands and a node may be cordoned: the plan is stale.
+    await _commit(database, snap, Plan("feasible", _random_plan(rng, snap, keep=0.8).placements), actor="other")
+    async with database.unit_of_work() as uow:
+        if rng.random() < 0.5:
+            await repo.set_node_cordoned(uow.session, rng.choice(NODES), True)
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    plan = _random_plan(rng, snap)
+    names = [d["id"] for d in snap.problem["deployments"]]
+    scope = set(rng.sample(names, rng.randint(1, len(names) - 1)))
+
+    scoped = await _tried(database, snap, plan, scope)
+    unscoped = await _tried(database, snap, _restricted(plan, snap, scope), None)
+
+    assert scoped == unscoped
+    assert scoped[0].stale
+    assert {key[0] for key in scoped[0].shards} <= scope and {rk[0] for rk in scoped[0].requeued} <= scope
+
+
+@contextmanager
+def _rows_read(session: AsyncSession) -> Iterator[list[int]]:
+    """Counts the rows every SELECT through `session` returns."""
+    counts: list[int] = []
+
+    def count(state: Any) -> Any:
+        if not state.is_select:  # writes (some return what they wrote)
+            return None
+        frozen = state.invoke_statement().freeze()
+        counts.append(len(frozen().all()))
+        return frozen()
+
+    event.listen(session.sync_session, "do_orm_execute", count)
+    try:
+        yield counts
+    finally:
+        event.remove(session.sync_session, "do_orm_execute", count)
+
+
+async def test_a_scoped_commit_reads_and_writes_nothing_of_other_deployments_elsewhere(database: Database) -> None:
+    # 40 deployments of tenant a fill row1; one new deployment of tenant b is placed in row2.
+    doc = {
+        **_cluster(random.Random(0), deployments=0),
+        "racks": [{"id": rack, "row": row} for rack, row in RACKS.items()],
+        "deployments": [{"id": f"a/w{i}", "tenant": "a", "replicas": 1, "shards_per_replica": 1,
+                         "shard": {"accelerators": 1}} for i in range(24)]
+                       + [{"id": "b/new", "tenant": "b", "replicas": 1, "shards_per_replica": 2,
+                           "shard": {"accelerators": 2}}],
+    }
+    doc["placements"] = [{"deployment": f"a/w{i}", "replica": 0, "shard": 0, "node": NODES[i // 4],
+                          "accelerator_indices": [i % 4]} for i in range(24)]
+    snap = await _seeded(database, doc)
+    new = Plan("optimal", (PlanPlacement("b/new", 0, 0, "r2a-n0", (0, 1)),
+                           PlanPlacement("b/new", 0, 1, "r2a-n0", (2, 3))))
+    plan = _restricted(new, snap, {"b/new"})  # the others stay where they are
+    async with database.unit_of_work() as uow:
+        before = await dump(uow.session)
+    for scope, at_most in (({"b/new"}, 10), (None, 50)):
+        async with database.unit_of_work() as uow:
+            with _rows_read(uow.session) as counts:
+                result = await commit_plan(uow.session, snap, plan, scope=scope, now=NOW)
+            after = await dump(uow.session)
+        assert result.shards == {("b/new", 0, 0): ("r2a-n0", (0, 1), None), ("b/new", 0, 1): ("r2a-n0", (2, 3), None)}
+        # The 24 placements and 24 deployments of row1 are read only by the unscoped commit.
+        assert (sum(counts) <= at_most) == (scope is not None), (scope, counts)
+        # ... and written by neither.
+        assert after["placements"][:24] == before["placements"][:24]
+        assert after["deployments"][:24] == before["deployments"][:24]
+
+
+async def test_a_scoped_stale_commit_onto_a_node_cordoned_since_is_requeued(database: Database) -> None:
+    snap = await _seeded(database, _cluster(random.Random(3)))
+    name = snap.problem["deployments"][0]["id"]
+    async with database.unit_of_work() as uow:
+        await repo.set_node_cordoned(uow.session, "r1a-n1", True)
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    shards = snap.problem["deployments"][0]["shards_per_replica"]
+    accelerators = snap.problem["deployments"][0]["shard"]["accelerators"]
+    plan = Plan("optimal", tuple(PlanPlacement(name, 0, s, "r1a-n1", tuple(range(s * 2, s * 2 + accelerators)))
+                                 for s in range(shards)))
+    result = await _commit(database, snap, plan, scope={name})
+    assert result.stale and result.requeued == {(name, 0): ("node r1a-n1 is cordoned: it takes no new shards",)}
+    assert result.shards == {}
+
+
+async def test_two_scoped_commits_over_a_power_budget_together_land_one(database: Database) -> None:
+    # Two tenants' new deployments, each within rack r1a's budget alone, over it together.
+    doc = {**_cluster(random.Random(0), deployments=0),
+           "racks": [{"id": "r1a", "row": "row1", "power_budget_w": 1000}, {"id": "r1b", "row": "row1"},
+                     {"id": "r2a", "row": "row2"}],
+           "deployments": [{"id": f"{t}/x", "tenant": t, "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": 2, "power_w": 300}} for t in ("a", "c")]}
+    doc["nodes"] = [dict(n, idle_power_w=0) for n in doc["nodes"]]
+    doc["tenants"] = [{"id": "a"}, {"id": "c"}]
+    snap = await _seeded(database, doc)
+    plans = [(Plan("optimal", (PlanPlacement("a/x", 0, 0, "r1a-n0", (0, 1)),)), {"a/x"}),
+             (Plan("optimal", (PlanPlacement("c/x", 0, 0, "r1a-n1", (0, 1)),)), {"c/x"})]
+    outcomes = await asyncio.gather(*(_commit(database, snap, plan, scope) for plan, scope in plans))
+
+    turned_away = [why for o in outcomes for why in o.requeued.values()]
+    assert len(turned_away) == 1 and turned_away[0][0].startswith("POWER: rack r1a draws 1200 W")
+    async with database.unit_of_work() as uow:
+        committed = await load_snapshot(uow.session)
+    assert len(committed.problem["placements"]) == 1
+    assert check_state(committed.problem, committed.problem["placements"]) == []
+
+
+async def test_a_deployment_being_deleted_goes_only_with_a_scope_naming_it(database: Database) -> None:
+    doc = {**_cluster(random.Random(0), deployments=0),
+           "deployments": [{"id": f"a/{n}", "tenant": "a", "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": 1}} for n in ("keep", "gone", "later")],
+           "placements": [{"deployment": f"a/{n}", "replica": 0, "shard": 0, "node": "r1a-n0",
+                           "accelerator_indices": [i]} for i, n in enumerate(("keep", "gone", "later"))]}
+    await _seeded(database, doc)
+    async with database.unit_of_work() as uow:
+        for name in ("gone", "later"):
+            row = (await uow.session.scalars(select(m.Deployment).where(m.Deployment.name == name))).one()
+            row.phase = m.DeploymentPhase.DELETING
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    assert snap.deleting == {"a/gone", "a/later"}
+
+    result = await _commit(database, snap, Plan("optimal", ()), scope={"a/gone"})
+
+    assert result.deleted_deployments == {"a/gone"} and result.shards == {("a/gone", 0, 0): None}
+    async with database.unit_of_work() as uow:
+        names = set((await uow.session.scalars(select(m.Deployment.name))).all())
+    assert names == {"keep", "later"}  # a/keep: the plan does not speak for it, nothing removed
