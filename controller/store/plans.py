@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
@@ -62,7 +62,7 @@ from controller.store.models import (
     utcnow,
 )
 from controller.store.metering import StartedShard, start_intervals, stop_intervals
-from controller.store.recheck import ReplicaKey, recheck
+from controller.store.recheck import ReplicaKey, TenantUsage, recheck, shard_usage
 from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
 from controller.domain.values import deployment_key, split_deployment_key
@@ -373,6 +373,42 @@ async def _neighbours(session: AsyncSession, committed: _Committed, nodes: Colle
     return rows, shards, outside
 
 
+async def _held_elsewhere(session: AsyncSession, tenants: set[str], committed: _Committed,
+                          rows: Collection[str]) -> dict[str, TenantUsage]:
+    """What each of `tenants` holds against its quotas in the shards a scoped commit did not read
+    (live deployments outside the scope, on nodes outside `rows`): summed by the database for
+    shards of a deployment's current template, one by one for those of older revisions (a
+    rollout in flight)."""
+    ids = sorted(d.id for d in committed.deployments.values())
+    fractional = and_(Deployment.shard_accelerators == 1, Deployment.shard_accelerator_milli < 1000)
+    milli = case((fractional, func.coalesce(func.nullif(Placement.accelerator_milli, 0),
+                                            Deployment.shard_accelerator_milli)), else_=1000)
+    held = func.json_array_length(Placement.accelerator_indices) * milli
+    where = (Deployment.tenant_id.in_(sorted(tenants)), Deployment.phase.not_in(_LEAVING),
+             Deployment.id.not_in(ids), Rack.row_id.not_in(sorted(rows)))
+
+    def outside(query: Any) -> Any:
+        return (query.join(Placement, Placement.deployment_id == Deployment.id)
+                .join(Node, Node.id == Placement.node_id).join(Rack, Rack.id == Node.rack_id).where(*where))
+
+    usage = {t: TenantUsage() for t in tenants}
+    for tenant, milli_sum, power in await session.execute(
+        outside(select(Deployment.tenant_id, func.sum(held), func.sum(held * Deployment.shard_power_w / 1000.0)))
+        .where(Placement.revision == Deployment.template_revision).group_by(Deployment.tenant_id)
+    ):
+        usage[tenant] += TenantUsage(float(milli_sum or 0), float(power or 0))
+    for p in await session.execute(
+        outside(select(Deployment.tenant_id, Deployment.revision_specs, Placement.revision, Placement.node_id,
+                       Placement.accelerator_indices, Placement.accelerator_milli))
+        .where(Placement.revision != Deployment.template_revision)
+    ):
+        spec = (p.revision_specs or {}).get(str(p.revision))
+        if spec is not None:
+            usage[p.tenant_id] += shard_usage(spec["shard"], (p.node_id, tuple(p.accelerator_indices),
+                                                              p.accelerator_milli))
+    return usage
+
+
 async def _recheck(
     session: AsyncSession, snapshot: Snapshot, committed: _Committed, changes: _Changes,
     landing: dict[ReplicaKey, dict[int, Where]], stale: bool,
@@ -396,6 +432,13 @@ async def _recheck(
     else:
         doc = _spec_doc(snapshot, None if committed.scope is None else set(template))
     specs = {d["id"] for d in doc["deployments"]}
+    elsewhere: dict[str, TenantUsage] = {}
+    if rows is not None:
+        capped = {t["id"] for t in doc["tenants"]
+                  if t.get("max_accelerators") is not None or t.get("max_power_w") is not None}
+        capped &= {deployments[rk[0]].tenant_id for rk in landing}
+        if capped:
+            elsewhere = await _held_elsewhere(session, capped, committed, rows)
 
     def spec(name: str, revision: int) -> str:
         for candidate in (outgoing_id(name, revision), outgoing_id(name, template[name])):
@@ -406,7 +449,7 @@ async def _recheck(
     placed = {(spec(k[0], revision), k[1], k[2]): where for k, (revision, where) in shards.items()}
     wanted = {(spec(rk[0], changes.revision_of[(*rk, min(by_shard))]), rk[1]): by_shard
               for rk, by_shard in landing.items()}
-    rejected = await asyncio.to_thread(recheck, doc, placed, wanted)
+    rejected = await asyncio.to_thread(recheck, doc, placed, wanted, elsewhere)
     return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}
 
 

@@ -4,8 +4,9 @@ A plan is solved from a snapshot, without a lock; by the time it commits, other 
 have landed (another controller's plan, a node gone down, a cordon, a tenant's new contract).
 Before anything is written, every replica the plan places or moves is checked against the
 state it lands on, with the scheduler's own rules (`scheduler.violations`: accelerators, HBM,
-CPU and memory, isolation, exclusions, zones, references, rack and row power) plus one the
-solver applies as a filter: new shards go only to ready nodes. A replica that no longer fits
+CPU and memory, isolation, exclusions, zones, references, rack and row power) plus those the
+solver applies as filters: new shards go only to ready nodes, and a tenant stays within its
+quotas. A replica that no longer fits
 is not written and goes back to the queue; the rest of the plan commits.
 
 Blame: a violation the plan's replicas did not create or worsen (present, with the same
@@ -13,8 +14,11 @@ numbers, in the committed state without them) blames nobody. A new one is pinned
 landing replicas with a new shard in its scope (node, accelerator, rack or row) that break a
 rule there on their own; if none does alone, on all of them (they break it together). The
 check repeats without the blamed replicas until nothing new is found: a replica that lands
-beside one that was just turned away is judged without it. Only the rows the landing replicas touch are read
-(every rule's scope lies within one row), so a small plan costs little on a large cluster.
+beside one that was just turned away is judged without it. Only the rows the landing replicas
+touch are judged (every rule's scope but a quota's lies within one row), so a small plan costs
+little on a large cluster. Tenant quotas (max_accelerators, max_power_w, as the solver's
+QUOTA_* filters count them) are judged per tenant of a landing replica, over all its shards: a
+scoped commit passes what it did not read as totals (`elsewhere`).
 
 Pure (no database, run it in a worker thread). `plans.commit_plan` calls it with shard keys
 whose deployment part names the spec the shard runs (a deployment's revision, see
@@ -23,13 +27,14 @@ whose deployment part names the spec the shard runs (a deployment's revision, se
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from scheduler import problem_from_dict
 from scheduler.model import Placement, Problem
-from scheduler.violations import PlacementScopes, Violation, find_power_violations, find_violations
+from scheduler.violations import EPSILON, PlacementScopes, Violation, find_power_violations, find_violations
 
 from controller.store.snapshot import ShardKey, Where
 
@@ -38,12 +43,15 @@ ReplicaKey = tuple[str, int]  # (deployment, replica)
 
 def recheck(
     doc: Mapping[str, Any], committed: Mapping[ShardKey, Where], landing: Mapping[ReplicaKey, Mapping[int, Where]],
+    elsewhere: Mapping[str, TenantUsage] | None = None,
 ) -> dict[ReplicaKey, tuple[str, ...]]:
     """The landing replicas that no longer fit, each with why ("RULE: message" of each violation).
 
-    `doc`: the committed problem document (its placements are ignored); `committed`: every
-    committed shard once the plan's accepted removals are applied; `landing`: each replica the
-    plan places or moves, with all its shards as the plan wants them.
+    `doc`: the committed problem document (its placements are ignored); `committed`: the
+    committed shards once the plan's accepted removals are applied: every one, or (a scoped
+    commit) those on the rows the landing replicas touch and those of the landing replicas'
+    deployments; `elsewhere`: then, per tenant with a quota, what its other committed shards hold;
+    `landing`: each replica the plan places or moves, with all its shards as the plan wants them.
     """
     nodes = {n["id"]: n for n in doc["nodes"]}
     rejected: dict[ReplicaKey, tuple[str, ...]] = {}
@@ -61,23 +69,29 @@ def recheck(
 
     scope_nodes = {w[0] for rk in candidates for w in fresh[rk].values()}
     problem = _neighbourhood(doc, scope_nodes, committed, {name for name, _ in candidates})
+    quotas = Quotas(doc, committed, elsewhere or {}, {name for name, _ in candidates})
     scopes_of = PlacementScopes(problem)
-    scopes = {rk: set().union(*(scopes_of.of(w[0], w[1]) for w in fresh[rk].values())) for rk in candidates}
+    scopes = {rk: set().union(*(scopes_of.of(w[0], w[1]) for w in fresh[rk].values()), quotas.scopes(rk[0]))
+              for rk in candidates}
     local = {n.id for n in problem.nodes}
+
+    def violations(landing: Mapping[ReplicaKey, Mapping[int, Where]]) -> list[Violation]:
+        return _violations(problem, _placements(committed, landing, local)) + quotas.violations(landing)
+
     baseline: set[Violation] | None = None
     while candidates:
-        found = _violations(problem, _placements(committed, candidates, local))
+        found = violations(candidates)
         if not found:
             break
         if baseline is None:
-            baseline = set(_violations(problem, _placements(committed, {}, local)))
+            baseline = set(violations({}))
         new = [v for v in found if v not in baseline]
         suspects = {rk for rk in candidates if any(v.scope in scopes[rk] for v in new)}
         if not suspects:
             break
         blamed: dict[ReplicaKey, list[str]] = {}
         for rk in sorted(suspects):  # each on its own first: a replica that adds nothing is not to blame
-            alone = _violations(problem, _placements(committed, {rk: candidates[rk]}, local))
+            alone = violations({rk: candidates[rk]})
             why = [f"{v.rule}: {v.message}" for v in alone if v not in baseline and v.scope in scopes[rk]]
             if why:
                 blamed[rk] = why
@@ -87,6 +101,82 @@ def recheck(
             rejected[rk] = tuple(why)
             del candidates[rk]
     return rejected
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUsage:
+    """What a tenant's shards hold against its quotas: accelerators in milli, power under load."""
+
+    milli: float = 0.0
+    power_w: float = 0.0
+
+    def __add__(self, other: TenantUsage) -> TenantUsage:
+        return TenantUsage(self.milli + other.milli, self.power_w + other.power_w)
+
+    def __sub__(self, other: TenantUsage) -> TenantUsage:
+        return TenantUsage(self.milli - other.milli, self.power_w - other.power_w)
+
+
+def shard_usage(shard: Mapping[str, Any], where: Where) -> TenantUsage:
+    """What one placed shard (its interchange `shard` spec) holds, as the solver counts it
+    (`scheduler.state`): milli per accelerator it holds, power_w x that milli / 1000 each."""
+    accelerators, spec_milli = shard.get("accelerators", 1), shard.get("accelerator_milli", 1000)
+    milli = (where[2] or spec_milli) if accelerators == 1 and spec_milli < 1000 else 1000
+    held = milli * len(where[1])
+    return TenantUsage(held, shard.get("power_w", 0.0) * held / 1000.0)
+
+
+class Quotas:
+    """The tenant quotas (max_accelerators, max_power_w) of the landing replicas' tenants: the
+    only rules whose scope, a tenant, is not within one row. What the tenant holds is summed
+    over every shard `committed` names plus `elsewhere` (its shards a scoped commit did not read)."""
+
+    def __init__(self, doc: Mapping[str, Any], committed: Mapping[ShardKey, Where],
+                 elsewhere: Mapping[str, TenantUsage], landing: set[str]) -> None:
+        self._specs = {d["id"]: d for d in doc.get("deployments", ())}
+        self._caps = {t["id"]: t for t in doc.get("tenants", ())
+                      if t.get("max_accelerators") is not None or t.get("max_power_w") is not None}
+        capped = {self.tenant(name) for name in landing} & set(self._caps)
+        self._held = {t: elsewhere.get(t, TenantUsage()) for t in capped}
+        self._replicas: dict[ReplicaKey, TenantUsage] = defaultdict(TenantUsage)  # what each replica holds
+        for key, where in committed.items():
+            tenant = self.tenant(key[0])
+            if tenant in self._held:
+                usage = shard_usage(self._specs[key[0]]["shard"], where)
+                self._held[tenant] += usage
+                self._replicas[key[:2]] += usage
+
+    def tenant(self, spec_id: str) -> str | None:
+        spec = self._specs.get(spec_id)
+        return spec["tenant"] if spec is not None else None
+
+    def scopes(self, spec_id: str) -> set[str]:
+        tenant = self.tenant(spec_id)
+        return {f"tenant {tenant}"} if tenant in self._held else set()
+
+    def violations(self, landing: Mapping[ReplicaKey, Mapping[int, Where]]) -> list[Violation]:
+        """Quotas broken once `landing` replaces what its replicas hold in `committed`."""
+        held = dict(self._held)
+        for (name, replica), shards in landing.items():
+            tenant = self.tenant(name)
+            if tenant not in held:
+                continue
+            held[tenant] -= self._replicas.get((name, replica), TenantUsage())
+            for where in shards.values():
+                held[tenant] += shard_usage(self._specs[name]["shard"], where)
+        found = []
+        for tenant, usage in sorted(held.items()):
+            cap = self._caps[tenant]
+            limit = cap.get("max_accelerators")
+            if limit is not None and usage.milli > limit * 1000 + EPSILON:
+                found.append(Violation("QUOTA_ACCELERATORS", f"tenant {tenant}", (tenant,),
+                                       f"tenant {tenant} holds {usage.milli / 1000:g} accelerators > "
+                                       f"{limit:g} max_accelerators"))
+            limit = cap.get("max_power_w")
+            if limit is not None and usage.power_w > limit + EPSILON:
+                found.append(Violation("QUOTA_POWER", f"tenant {tenant}", (tenant,),
+                                       f"tenant {tenant} draws {usage.power_w:g} W > {limit:g} W max_power_w"))
+        return found
 
 
 def _violations(problem: Problem, placements: tuple[Placement, ...]) -> list[Violation]:

@@ -34,8 +34,8 @@ NODES = [f"{rack}-n{i}" for rack in RACKS for i in range(3)]
 
 
 def _cluster(rng: random.Random, deployments: int = 8) -> dict[str, Any]:
-    """A random small cluster: rack power budgets that bind, a dedicated_node tenant, tenants
-    that exclude each other, deployments of 1-2 shards of 1-2 accelerators; nothing placed."""
+    """A random small cluster: rack power budgets that bind, tenant quotas, a dedicated_node
+    tenant, tenants that exclude each other, deployments of 1-2 shards of 1-2 accelerators; nothing placed."""
     return {
         "version": 1,
         "zones": [{"id": "z1"}],
@@ -43,7 +43,9 @@ def _cluster(rng: random.Random, deployments: int = 8) -> dict[str, Any]:
         "racks": [{"id": rack, "row": row, "power_budget_w": rng.choice([1200, 1800, None])}
                   for rack, row in RACKS.items()],
         "nodes": [{"id": n, "rack": n.rpartition("-")[0], "accelerators": 4, "idle_power_w": 50} for n in NODES],
-        "tenants": [{"id": "a"}, {"id": "b", "isolation": "dedicated_node"}, {"id": "c", "excludes": ["a"]}],
+        "tenants": [{"id": "a", "max_accelerators": rng.choice([6, 10, None])},
+                    {"id": "b", "isolation": "dedicated_node", "max_power_w": rng.choice([1000, 2000, None])},
+                    {"id": "c", "excludes": ["a"]}],
         "deployments": [
             {"id": f"{tenant}/d{i}", "tenant": tenant, "replicas": rng.randint(1, 3),
              "shards_per_replica": rng.randint(1, 2),
@@ -282,3 +284,48 @@ async def test_a_deployment_being_deleted_goes_only_with_a_scope_naming_it(datab
     async with database.unit_of_work() as uow:
         names = set((await uow.session.scalars(select(m.Deployment.name))).all())
     assert names == {"keep", "later"}  # a/keep: the plan does not speak for it, nothing removed
+
+
+async def _quota_cluster(database: Database, **caps: Any) -> Snapshot:
+    """Tenant a (with `caps`) runs a/old (2 accelerators) in row1; a/x and a/y (1 accelerator,
+    100 W each) are new."""
+    doc = {**_cluster(random.Random(0), deployments=0),
+           "racks": [{"id": rack, "row": row} for rack, row in RACKS.items()],
+           "tenants": [{"id": "a", **caps}],
+           "deployments": [{"id": f"a/{n}", "tenant": "a", "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": accelerators, "power_w": 100}}
+                           for n, accelerators in (("old", 2), ("x", 1), ("y", 1))],
+           "placements": [{"deployment": "a/old", "replica": 0, "shard": 0, "node": "r1a-n0",
+                           "accelerator_indices": [0, 1]}]}
+    return await _seeded(database, doc)
+
+
+def _one(name: str, node: str, index: int) -> Plan:
+    return Plan("optimal", (PlanPlacement(name, 0, 0, node, (index,)),))
+
+
+async def test_a_scoped_commit_over_a_quota_lowered_since_its_snapshot_is_requeued(database: Database) -> None:
+    snap = await _quota_cluster(database, max_accelerators=4)
+    async with database.unit_of_work() as uow:  # the contract is cut to 2 accelerators meanwhile
+        tenant = await uow.session.get(m.Tenant, "a")
+        tenant.max_accelerators = 2
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    # a/x lands in row2: a/old (row1, outside the scope) is counted all the same.
+    result = await _commit(database, snap, _one("a/x", "r2a-n0", 0), scope={"a/x"})
+    assert result.stale and result.requeued == {
+        ("a/x", 0): ("QUOTA_ACCELERATORS: tenant a holds 3 accelerators > 2 max_accelerators",)}
+    assert result.shards == {}
+
+
+@pytest.mark.parametrize("caps, why", [
+    ({"max_accelerators": 3}, "QUOTA_ACCELERATORS: tenant a holds 4 accelerators > 3 max_accelerators"),
+    ({"max_power_w": 300}, "QUOTA_POWER: tenant a draws 400 W > 300 W max_power_w"),
+])
+async def test_two_scoped_commits_over_a_quota_together_land_one(database: Database, caps: dict[str, Any],
+                                                                 why: str) -> None:
+    snap = await _quota_cluster(database, **caps)
+    outcomes = await asyncio.gather(_commit(database, snap, _one("a/x", "r2a-n0", 0), scope={"a/x"}),
+                                    _commit(database, snap, _one("a/y", "r2a-n1", 0), scope={"a/y"}))
+    assert sorted(why for o in outcomes for why in o.requeued.values()) == [(why,)]
+    assert sum(len(o.shards) for o in outcomes) == 1
