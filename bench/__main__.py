@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|session|rebalance|watchdog|auth|e2e|failover|nodedeath|departures ...`."""
+"""Command line: `python -m bench fgd|synthetic|session|rebalance|watchdog|auth|e2e|failover|nodedeath|reconcile|departures ...`."""
 
 from __future__ import annotations
 
@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                                           "-> suspect, down, evicted, placed again; needless moves")
     nodedeath.add_arguments(nd)
     nd.set_defaults(func=nodedeath.main)
+
+    rc = sub.add_parser("reconcile", help="per-pass cost of the reconcile loop on a preloaded database: "
+                                          "the warm fast path vs the full path")
+    from bench import reconcile
+    reconcile.add_arguments(rc)
+    rc.set_defaults(func=reconcile.main)
 
     dp = sub.add_parser("departures", help="the trace replayed with arrivals and departures: "
                                            "allocation over time, waiting, moves, re-pack")

@@ -15,6 +15,13 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    and the pass solves again from a fresh snapshot; the commit also releases the shards of
    DELETING deployments and removes their rows,
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events.
+The fast path skips the re-read: while the generation is the one this controller's own last
+commit left and a pass only meets arrivals, it reads just the new deployment rows, decides them
+on a warm `Session` kept with the cached snapshot (`scheduling/cache.py`), and commits them in
+one transaction; an arrival the session cannot place gets one more try from the full solve
+after `backoff_s` (the back-off), which parks it if it fails again. Anything else (a change by
+someone else, a stale or re-queued commit, replacements or avoided nodes, a new leader) drops
+the cache and takes the full path above; the next fast pass builds the cache again.
 Before that, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
 again with the nodes they failed on cordoned for it alone (other nodes first; what finds none
@@ -46,18 +53,20 @@ from controller import limits
 from controller.aio import wait_event
 from controller.errors import InvalidArgument
 from controller.parking import ParkingLot
+from controller.scheduling.cache import ClusterCache, FastPlan
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.store.failures import handle_failures
-from controller.store.plans import commit_plan
+from controller.store.plans import CommitResult, commit_plan
 from controller.store.rollout import DEFAULT_SURGE, retire_replaced, stored_key
+from controller.store.snapshot import Snapshot, load_arrivals
 from controller.usecases import planning
 from controller.usecases.deployments import validate_spec
 from controller.domain.restarts import RestartPolicy
 from controller.domain.values import DeploymentView, split_deployment_key
-from scheduler import Plan
+from scheduler import Plan, Unplaced
 
 log = logging.getLogger("maia.reconcile")
 
@@ -144,6 +153,7 @@ class Reconciler:
         allow_preemption: bool = True,
         restart_policy: RestartPolicy | None = None,
         max_surge: int = DEFAULT_SURGE,
+        backoff_s: float = 1.0,
     ) -> None:
         self._db = db
         self._push = push
@@ -183,6 +193,15 @@ class Reconciler:
         self._good: set[str] = set()         # deployments of the last committed plan
         self._pass_started: float | None = None
         self.consecutive_failures = 0        # passes in a row that raised
+        # The fast path (controller/scheduling/cache.py): the warm cluster, valid while the
+        # generation is the one this controller's last commit left (`_own_generation`).
+        self._cache: ClusterCache | None = None
+        self._own_generation: int | None = None
+        self._known_id = 0                   # highest deployment key the last commit's snapshot held
+        self._unplaced: dict[str, Unplaced] = {}  # the last commit's reasons, by solver deployment
+        self._backoff_s = backoff_s
+        self._backoff_at: float | None = None  # arrivals the session could not place: one full solve then
+        self.fast_passes = 0
 
     def running_for_s(self) -> float:
         """How long the pass under way has been running (0.0: none is)."""
@@ -190,6 +209,11 @@ class Reconciler:
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def warm_snapshot(self) -> Snapshot | None:
+        """The cached snapshot the next fast pass decides on (None: the next one reads afresh)."""
+        return None if self._cache is None else self._cache.snapshot
 
     def resync(self) -> None:
         """Solve again on the next pass whatever the generation (a new leader starts afresh:
@@ -199,7 +223,12 @@ class Reconciler:
         self._failures_checked = self._failures_due = None
         self._within_limits.clear()
         self._parking = ParkingLot()
+        self._drop_cache()
         self.wake()
+
+    def _drop_cache(self) -> None:
+        self._cache = None
+        self._own_generation = None
 
     async def run(self) -> None:
         """Reconcile until cancelled."""
@@ -243,15 +272,20 @@ class Reconciler:
                         async with self._db.unit_of_work() as uow:
                             generation = await repo.read_cluster_generation(uow.session)
                     self._retire_checked = generation
-                retry_due = self._retry_at is not None and self._clock() >= self._retry_at
+                now = self._clock()
+                retry_due = any(at is not None and now >= at for at in (self._retry_at, self._backoff_at))
                 if (not force and not retry_due and generation == self._last_generation
                         and arrivals == self._last_arrivals):
                     outcome = ReconcileOutcome(generation=generation)
+                elif not (force or retry_due) and self._only_arrivals(generation, arrivals):
+                    outcome = await self._fast_pass(arrivals) or await self._solve_and_commit()
                 else:
                     outcome = await self._solve_and_commit()
             except LeaseLost:  # not a failure of this pass: another controller schedules now
+                self._drop_cache()
                 raise
-            except BaseException:
+            except BaseException:  # the cache may hold what was never committed
+                self._drop_cache()
                 self.consecutive_failures += 1
                 raise
             finally:
@@ -304,6 +338,101 @@ class Reconciler:
         self._retry_at = self._clock() + delay
         return delay
 
+    def _only_arrivals(self, generation: int, arrivals: int) -> bool:
+        """Nobody changed the cluster since this controller's last commit, deployments arrived,
+        and nothing is being replaced or avoided: the pass may decide on the warm cluster."""
+        return (generation == self._own_generation == self._last_generation and self._last_arrivals is not None
+                and arrivals > self._last_arrivals and not self._replacing and not self._avoid)
+
+    async def _fast_pass(self, arrivals: int) -> ReconcileOutcome | None:
+        """Decide the arrivals on the warm cluster and commit them in one transaction (module
+        doc of controller/scheduling/cache.py); None: the full path must run instead."""
+        started = time.perf_counter()
+        docs = await self._arrivals(arrivals)
+        cache = self._cache
+        if docs is None or cache is None or _judge_limits(docs, self._within_limits):
+            self._drop_cache()  # a deployment beyond the limits is quarantined by the full path
+            return None
+        try:
+            fast = await asyncio.to_thread(cache.decide, docs, self._unplaced)
+        except Exception:
+            log.exception("the session failed to decide %d arrivals; solving the whole cluster", len(docs))
+            self._drop_cache()
+            return None
+        decided_s = time.perf_counter() - started
+        self._observer.solved(fast.plan.status, decided_s)
+        base = cache.snapshot.generation
+        async with self._db.unit_of_work() as uow:
+            result = await commit_plan(uow.session, cache.snapshot, fast.plan, actor="controller", now=self._wall_clock())
+            await uow.commit()
+        self.fast_passes += 1
+        changed = await self._report(result, fast.plan, {}, decided_s * 1000, waiting=0)
+        if result.stale:  # someone changed the cluster meanwhile: what held is written; solve it all
+            self._observer.plan_conflict()
+            self._drop_cache()
+            return None
+        # Only this commit moved the generation: no FAILED shard or replacement to look for.
+        if self._failures_checked == base:
+            self._failures_checked = result.generation
+        if self._retire_checked == base:
+            self._retire_checked = result.generation
+        self._committed(cache.snapshot, fast.plan, result)
+        self._good.update(d["id"] for d in docs)
+        if result.requeued or fast.preempted or not cache.committed(fast, result.generation):
+            self._cache = None  # rebuilt from a fresh snapshot when next needed
+        else:
+            self._cache = cache
+        if (fast.unplaced or fast.preempted) and self._backoff_at is None:
+            # the full solve tries them (and what was preempted) once more; it may move others
+            self._backoff_at = self._clock() + self._backoff_s
+        retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued else None
+        return ReconcileOutcome(
+            solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
+            changed_deployments=frozenset(changed), retry_in_s=retry_in_s)
+
+    async def _arrivals(self, arrivals: int) -> list[dict[str, Any]] | None:
+        """The deployments to decide on the warm cluster (building it from a fresh snapshot if
+        there is none); None: not only arrivals after all, or missed (keys committed out of order)."""
+        async with self._db.unit_of_work() as uow:
+            if self._cache is not None:
+                new = await load_arrivals(uow.session, after_id=self._cache.last_id, surge=self._max_surge)
+                if len(self._cache.snapshot.deployment_ids) + len(new.deployment_ids) != arrivals:
+                    return None
+                return self._cache.add(new)
+            snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
+        if snapshot.generation != self._own_generation:
+            return None
+        self._cache = await asyncio.to_thread(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
+                                              time_limit_ms=self._time_limit_ms)
+        return None if self._cache is None else self._cache.pending_since(self._known_id)
+
+    def _committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult) -> None:
+        """Bookkeeping after a commit that was not stale, by either path."""
+        self._last_generation = self._own_generation = result.generation
+        self._last_arrivals = len(snapshot.deployment_ids)
+        self._known_id = max(snapshot.deployment_ids.values(), default=0)
+        self._unplaced = {u.deployment: u for u in plan.unplaced}
+
+    async def _report(self, result: CommitResult, plan: Plan, deleting: dict[str, DeploymentView], solve_ms: float,
+                *, waiting: int) -> set[str]:
+        """Log, count, push and publish what a commit changed; the deployments changed."""
+        self._observer.placed(result.first_placed_after_s.values())
+        if result.requeued:
+            self._observer.requeued(len(result.requeued))
+        changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
+        log.info(
+            "reconciled generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
+            "changed_nodes=%d deleted=%s stale=%s requeued=%s",
+            result.generation, plan.status, solve_ms, len(plan.placements),
+            {u.deployment: u.replicas for u in plan.unplaced}, waiting, len(result.changed_nodes),
+            sorted(result.deleted_deployments), result.stale, sorted(result.requeued),
+        )
+        self._push(set(result.changed_nodes))
+        deleted = [deleting[name] for name in sorted(result.deleted_deployments) if name in deleting]
+        if changed or deleted:
+            await self._publish(changed, deleted)
+        return changed
+
     async def _solve_and_commit(self) -> ReconcileOutcome:
         changed_nodes: set[str] = set()
         changed_deployments: set[str] = set()
@@ -340,21 +469,7 @@ class Reconciler:
             async with self._db.unit_of_work() as uow:
                 result = await commit_plan(uow.session, snapshot, plan, actor="controller", now=self._wall_clock())
                 await uow.commit()
-            self._observer.placed(result.first_placed_after_s.values())
-            if result.requeued:
-                self._observer.requeued(len(result.requeued))
-            changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
-            log.info(
-                "reconciled generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
-                "changed_nodes=%d deleted=%s stale=%s requeued=%s",
-                result.generation, plan.status, solve_ms, len(plan.placements),
-                {u.deployment: u.replicas for u in plan.unplaced}, len(waiting), len(result.changed_nodes),
-                sorted(result.deleted_deployments), result.stale, sorted(result.requeued),
-            )
-            self._push(set(result.changed_nodes))
-            deleted = [deleting[name] for name in sorted(result.deleted_deployments) if name in deleting]
-            if changed or deleted:
-                await self._publish(changed, deleted)
+            changed = await self._report(result, plan, deleting, solve_ms, waiting=len(waiting))
             changed_nodes |= result.changed_nodes
             changed_deployments |= changed
             deleted_names |= result.deleted_deployments
@@ -363,8 +478,8 @@ class Reconciler:
                 log.info("attempt %d: the plan was solved from generation %d, committed on a newer one",
                          attempt + 1, snapshot.generation)
                 continue
-            self._last_generation = result.generation
-            self._last_arrivals = len(snapshot.deployment_ids)
+            self._committed(snapshot, plan, result)
+            self._cache, self._backoff_at = None, None
             self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
             self._avoid = frozenset()
             if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
@@ -379,6 +494,7 @@ class Reconciler:
             )
         log.warning("%d stale plans in a row; solving again on the next wake", self._retries + 1)
         self._last_generation = None
+        self._drop_cache()
         return ReconcileOutcome(solved=True, conflicts=self._retries + 1, changed_nodes=frozenset(changed_nodes),
                                 changed_deployments=frozenset(changed_deployments),
                                 deleted=tuple(sorted(deleted_names)))
@@ -422,9 +538,17 @@ def _beyond_limits(problem: dict[str, Any], within: set[str]) -> dict[str, str]:
 
     `within` holds the names already passed: they are not judged again, and those passed now
     are added (a deployment is validated on submission; only those stored before start-up, or
-    by another controller before this one led, can be beyond)."""
+    by another controller before this one led, can be beyond); names no longer in `problem` are
+    forgotten."""
+    beyond = _judge_limits(problem.get("deployments", ()), within)
+    within.intersection_update(doc["id"] for doc in problem.get("deployments", ()))  # forget the gone
+    return beyond
+
+
+def _judge_limits(docs: Iterable[dict[str, Any]], within: set[str]) -> dict[str, str]:
+    """`_beyond_limits` of some deployments, forgetting none."""
     beyond: dict[str, str] = {}
-    for doc in problem.get("deployments", ()):
+    for doc in docs:
         if doc["id"] in within:
             continue
         try:  # an outgoing revision (TENANT/NAME~REVISION) is checked under its deployment's name
@@ -433,5 +557,4 @@ def _beyond_limits(problem: dict[str, Any], within: set[str]) -> dict[str, str]:
             beyond[doc["id"]] = f"exceeds the controller's limits: {exc.message}; submit it again within them"
         else:
             within.add(doc["id"])
-    within.intersection_update(doc["id"] for doc in problem.get("deployments", ()))  # forget the gone
     return beyond

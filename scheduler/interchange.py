@@ -251,6 +251,16 @@ def _deployment(d: dict[str, Any]) -> Deployment:
                       priority=d.get("priority", 0), preemptible=d.get("preemptible", False))
 
 
+def deployment_from_dict(d: dict[str, Any]) -> Deployment:
+    """One interchange deployment (already valid: the caller built it) as the model's."""
+    return _deployment(d)
+
+
+def placement_from_dict(p: dict[str, Any]) -> Placement:
+    """One interchange placement (already valid) as the model's."""
+    return _placement(p)
+
+
 def _placement(p: dict[str, Any]) -> Placement:
     return Placement(deployment=p["deployment"], replica=p["replica"], shard=p["shard"],
                      node=p["node"], accelerator_indices=tuple(p["accelerator_indices"]),

@@ -218,6 +218,42 @@ async def load_spec_doc(session: AsyncSession, *, within_rows: Collection[str] |
             "deployments": specs, "placements": []}
 
 
+@dataclass(frozen=True)
+class Arrivals:
+    """Deployments stored after a known one, exactly as `load_snapshot` would add them to its
+    problem (they have no placements yet): for a pass that keeps its snapshot and reads only
+    what was submitted since (controller/scheduling/cache.py)."""
+
+    deployments: list[dict[str, Any]]  # interchange documents, in arrival order
+    deployment_ids: dict[str, int]
+    solver_refs: dict[str, SolverRef]
+    last_id: int  # the highest primary key read (the `after_id` given when none was)
+
+
+async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DEFAULT_SURGE) -> Arrivals:
+    """The schedulable deployments whose primary key is above `after_id` (one query).
+
+    Primary keys are not committed in order under concurrency: the caller compares its count
+    with `count_schedulable_deployments` and reads the whole snapshot when one was missed."""
+    docs: list[dict[str, Any]] = []
+    ids: dict[str, int] = {}
+    refs: dict[str, SolverRef] = {}
+    last_id = after_id
+    for d in await session.execute(
+        select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED, Deployment.id > after_id)
+        .order_by(Deployment.id)
+    ):
+        last_id = max(last_id, d.id)
+        if d.phase is DeploymentPhase.DELETING:
+            continue
+        view = solver_view(_deployment_doc(d), d.template_revision, d.revision_specs or {}, (),
+                           down=set(), draining=set(), surge=surge)
+        docs += view.deployments
+        refs.update(view.refs)
+        ids[deployment_key(d.tenant_id, d.name)] = d.id
+    return Arrivals(docs, ids, refs, last_id)
+
+
 async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) -> Snapshot:
     """Read the whole placement-relevant state in one pass (8 queries, whatever the size);
     `surge`: replicas beyond the asked count a rollout or drain may place (store/rollout.py).

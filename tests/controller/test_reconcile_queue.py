@@ -1,6 +1,8 @@
 """What the reconciler solves and when, with the real solver and database, one pass at a time:
-submissions are seen without a generation bump, and deployments found unplaceable wait out of
-later solves until a change could help them (controller/parking.py)."""
+submissions are seen without a generation bump and decided on the warm cluster (no solve), an
+arrival the warm session cannot place is solved once more by the full path (back-off), and
+deployments found unplaceable wait out of later solves until a change could help them
+(controller/parking.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def reconciler(db, solve: SolveRecorder) -> Reconciler:
     # A time limit no solve here comes near, even on a loaded machine: a solve cut short by it
     # is retried by the back-off, never parked, and these tests are about parking.
     return Reconciler(db, push=lambda nodes: None, publish=lambda *a: _nothing(), solve=solve,
-                      solve_time_limit_ms=120_000)
+                      solve_time_limit_ms=120_000, backoff_s=0.0)
 
 
 async def submit(db, spec) -> None:
@@ -46,15 +48,20 @@ async def test_unplaceable_work_waits_until_a_departure_and_keeps_its_reasons(cl
     await submit(cluster, deployment("filler", accelerators=4, locality="node"))
     assert (await loop.reconcile_once()).solved
     await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
-    assert (await loop.reconcile_once()).solved
+    assert (await loop.reconcile_once()).solved  # decided on the warm cluster: not placed
+    assert solve.asked == [{"filler"}] and loop.fast_passes == 1
+    assert (await view(cluster, "big")).reasons
+    assert (await loop.reconcile_once()).solved  # the back-off: one full solve
+    assert solve.asked[-1] == {"filler", "big"}
     big = await view(cluster, "big")
     assert big.phase == "pending" and big.reasons
     assert (await view(cluster, "filler")).phase == "scheduled"
+    assert not (await loop.reconcile_once()).solved  # then it waits
 
-    # An arrival is solved without it, and its reasons stay.
+    # An arrival is decided without it (no solve), and its reasons stay.
     await submit(cluster, deployment("small", accelerators=1, locality="node"))
     assert (await loop.reconcile_once()).solved
-    assert solve.asked[-1] == {"filler", "small"}
+    assert len(solve.asked) == 2 and loop.fast_passes == 2
     assert (await view(cluster, "small")).phase == "scheduled"
     assert (await view(cluster, "big")).reasons == big.reasons
 
@@ -90,9 +97,11 @@ async def test_a_contract_change_lets_parked_work_go(cluster):
     await submit(cluster, deployment("wide", shards=4, accelerators=1, locality="row"))
     assert (await loop.reconcile_once()).solved
     assert (await view(cluster, "wide")).phase == "pending"
+    asked = len(solve.asked)
     await submit(cluster, deployment("tiny", accelerators=1, locality="node"))
     assert (await loop.reconcile_once()).solved
-    assert solve.asked[-1] == {"tiny"}
+    assert len(solve.asked) == asked and loop.fast_passes == 1  # decided on the warm cluster
+    assert (await view(cluster, "tiny")).phase == "scheduled"
 
     async with cluster.unit_of_work() as uow:
         await tenants.update_tenant(uow, WHO, TenantSpec(id="t1", max_accelerators=8), RecordingSignals())

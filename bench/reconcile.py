@@ -1,0 +1,201 @@
+"""Per-pass cost of the reconcile loop on a big, busy cluster: the warm fast path against the
+full path (every pass re-reads the whole cluster and solves it), in-process.
+
+1. A fresh database (SQLite file, or PostgreSQL as the tests start it) is loaded directly with
+   the synthetic Maia-shaped cluster of `bench/synthetic.py` (`--nodes`; its down nodes stored
+   as cordoned, all up) and a background of deployments placed by the independent best-fit
+   greedy until about `--placements` shards run (phase running).
+2. A `Reconciler` (no agents: push/publish do nothing) makes its first pass, then a burst of
+   `--arrivals` deployments of the synthetic mix arrives in batches of `--batch` (rows inserted
+   directly: the submit RPC is measured by `bench e2e`); after each batch the bench times one
+   `reconcile_once()` and, if the session left work to its back-off, the full pass that retries it.
+   `--path full` forces every pass down the full path (the loop as it was before the cache).
+3. The committed state is read back with `load_snapshot` and graded by the independent checker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.fgd import percentile
+from bench.synthetic import TENANTS, arrival, cluster
+
+Doc = dict[str, Any]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=4096)
+    p.add_argument("--placements", type=int, default=10_000, help="background shards placed before the burst")
+    p.add_argument("--arrivals", type=int, default=200)
+    p.add_argument("--batch", type=int, default=10, help="arrivals between two passes")
+    p.add_argument("--path", choices=("fast", "full", "both"), default="both")
+    p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--time-limit-ms", type=int, default=2000)
+    p.add_argument("--json", default="")
+
+
+def _background(doc: Doc, target_shards: int, rng: random.Random) -> tuple[list[Doc], list[Doc]]:
+    from bench.greedy import BestFitGreedy
+    greedy = BestFitGreedy(doc)
+    deployments: list[Doc] = []
+    while len(greedy.placements) < target_shards:
+        d = arrival(rng, len(deployments))
+        deployments.append(d)
+        greedy.place(d)
+    placed = {p["deployment"] for p in greedy.placements}
+    return [d for d in deployments if d["id"] in placed], greedy.placements
+
+
+def _deployment_row(d: Doc) -> Doc:
+    from controller.store import models as m
+    shard = d["shard"]
+    return {"name": d["id"], "tenant_id": d["tenant"], "replicas": d["replicas"], "min_replicas": 1,
+            "shards_per_replica": d["shards_per_replica"], "shard_accelerators": shard["accelerators"],
+            "shard_accelerator_milli": shard.get("accelerator_milli", 1000), "shard_hbm_gib": shard.get("hbm_gib", 0),
+            "shard_cpu_milli": shard.get("cpu_milli", 0), "shard_memory_mib": shard.get("memory_mib", 0),
+            "shard_power_w": shard.get("power_w", 0), "shard_accelerator_models": [],
+            "locality": m.Domain(d["locality"]), "priority": d.get("priority", 0),
+            "preemptible": d.get("preemptible", False), "phase": m.DeploymentPhase.PENDING}
+
+
+async def _load(db: Any, doc: Doc, background: list[Doc], placements: list[Doc]) -> None:
+    from sqlalchemy import insert, select
+    from controller.store import models as m
+    now = m.utcnow()
+    async with db.unit_of_work() as uow:
+        s = uow.session
+        await s.execute(insert(m.Zone), [{"id": z["id"]} for z in doc["zones"]])
+        await s.execute(insert(m.Row), [{"id": r["id"], "zone_id": r["zone"], "power_budget_w": r.get("power_budget_w")}
+                                        for r in doc["rows"]])
+        await s.execute(insert(m.Rack), [{"id": r["id"], "row_id": r["row"], "power_budget_w": r.get("power_budget_w")}
+                                         for r in doc["racks"]])
+        await s.execute(insert(m.Node), [
+            {"id": n["id"], "rack_id": n["rack"], "accelerators": n["accelerators"],
+             "accelerator_model": n["accelerator_model"], "hbm_gib": n["hbm_gib"], "cpu_milli": n["cpu_milli"],
+             "memory_mib": n["memory_mib"], "idle_power_w": n["idle_power_w"], "cordoned": n["state"] != "ready",
+             "health": m.NodeHealth.UP, "last_heartbeat_at": now} for n in doc["nodes"]])
+        await s.execute(insert(m.Tenant), [
+            {"id": t["id"], "isolation": m.Isolation(t["isolation"]), "excludes": t.get("excludes", []),
+             "zones": t.get("zones", []), "max_accelerators": t.get("max_accelerators"),
+             "max_power_w": t.get("max_power_w")} for t in doc["tenants"]])
+        rows = [dict(_deployment_row(d), phase=m.DeploymentPhase.RUNNING, generation=1) for d in background]
+        for start in range(0, len(rows), 500):
+            await s.execute(insert(m.Deployment), rows[start:start + 500])
+        ids = {name: i for i, name in await s.execute(select(m.Deployment.id, m.Deployment.name))}
+        shards = [{"deployment_id": ids[p["deployment"]], "replica": p["replica"], "shard": p["shard"],
+                   "node_id": p["node"], "accelerator_indices": list(p["accelerator_indices"]),
+                   "accelerator_milli": p.get("accelerator_milli"), "phase": m.ShardPhase.RUNNING, "generation": 1}
+                  for p in placements]
+        for start in range(0, len(shards), 500):
+            await s.execute(insert(m.Placement), shards[start:start + 500])
+        await uow.commit()
+
+
+async def _submit(db: Any, batch: list[Doc]) -> None:
+    from sqlalchemy import insert
+    from controller.store import models as m
+    async with db.unit_of_work() as uow:
+        await uow.session.execute(insert(m.Deployment), [_deployment_row(d) for d in batch])
+        await uow.commit()
+
+
+async def run_path(path: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.checking import check_state
+    from controller.reconcile import Reconciler
+    from controller.store.db import Database
+    from controller.store.migrate import ensure_schema
+    from controller.store.snapshot import load_snapshot
+
+    rng = random.Random(args.seed)
+    doc = cluster(args.nodes, args.seed)
+    for n in doc["nodes"]:
+        n["state"] = "cordoned" if n["state"] != "ready" else "ready"
+    doc["tenants"] = [t for t in doc["tenants"] if t["id"] in {x["id"] for x in TENANTS}]
+    background, placements = _background(doc, args.placements, rng)
+    burst = [arrival(rng, len(background) * 2 + i) for i in range(args.arrivals)]
+    db = Database(url)
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    try:
+        await ensure_schema(db, migrate=True)
+        await _load(db, doc, background, placements)
+        loop = Reconciler(db, push=lambda nodes: None, publish=nothing, solve_time_limit_ms=args.time_limit_ms,
+                          backoff_s=0.0)
+        t0 = time.perf_counter()
+        await loop.reconcile_once()
+        first_s = time.perf_counter() - t0
+        passes_ms: list[float] = []
+        backoff_ms: list[float] = []
+        busy = 0.0
+        for start in range(0, len(burst), args.batch):
+            await _submit(db, burst[start:start + args.batch])
+            t = time.perf_counter()
+            await loop.reconcile_once(force=path == "full")
+            passes_ms.append(1000 * (time.perf_counter() - t))
+            t = time.perf_counter()
+            if (await loop.reconcile_once()).solved:  # the back-off's full pass, if one was due
+                backoff_ms.append(1000 * (time.perf_counter() - t))
+            busy += passes_ms[-1] / 1000 + (time.perf_counter() - t)
+        async with db.unit_of_work() as uow:
+            final = await load_snapshot(uow.session)
+        placed = {p["deployment"] for p in final.problem["placements"]}
+        new = {f"{d['tenant']}/{d['id']}" for d in burst}
+        violations = check_state(final.problem, final.problem["placements"])
+    finally:
+        await db.dispose()
+    return {"path": path, "db": args.db, "nodes": args.nodes, "background_shards": len(placements),
+            "arrivals": len(burst), "batch": args.batch, "first_pass_s": round(first_s, 2),
+            "pass_p50_ms": round(percentile(passes_ms, 50), 1), "pass_p99_ms": round(percentile(passes_ms, 99), 1),
+            "backoff_passes": len(backoff_ms),
+            "backoff_p50_ms": round(percentile(backoff_ms, 50), 1) if backoff_ms else None,
+            "decisions_per_s": round(len(burst) / busy, 1), "fast_passes": loop.fast_passes,
+            "placed": len(new & placed), "violations": len(violations)}
+
+
+async def _one(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    if args.db == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="maia-bench-reconcile-") as root:
+            return await run_path(path, f"sqlite+aiosqlite:///{Path(root) / 'maia.db'}", args)
+    from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
+    bin_dir = find_pg_bin_dir()
+    if bin_dir is None:
+        raise RuntimeError("no PostgreSQL server binaries (make postgres)")
+    server = LocalPostgres(bin_dir)
+    try:
+        return await run_path(path, await create_database(server.start(), prefix="maia_bench"), args)
+    finally:
+        server.stop()
+
+
+def report(r: dict[str, Any]) -> str:
+    return (f"{r['path']:>4} {r['db']:>8} {r['nodes']:>6} nodes {r['background_shards']:>6} shards: "
+            f"pass p50/p99 {r['pass_p50_ms']}/{r['pass_p99_ms']} ms, {r['decisions_per_s']} decisions/s, "
+            f"back-off passes {r['backoff_passes']} (p50 {r['backoff_p50_ms']} ms), fast passes {r['fast_passes']}, "
+            f"placed {r['placed']}/{r['arrivals']}, first pass {r['first_pass_s']} s, violations {r['violations']}")
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = ("full", "fast") if args.path == "both" else (args.path,)
+    results = []
+    for path in paths:
+        r = asyncio.run(_one(path, args))
+        print(report(r), flush=True)
+        results.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 1 if any(r["violations"] for r in results) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(argparse.ArgumentParser().parse_args()))

@@ -1,0 +1,6 @@
+"""What the reconciler keeps between passes to schedule without re-reading the cluster.
+
+- `cache.ClusterCache`: the last snapshot, kept current from this controller's own commits,
+  and a warm `scheduler.session.Session` built from it; a pass that only meets arrivals reads
+  the new deployment rows, decides them on the session and commits them in one transaction.
+"""

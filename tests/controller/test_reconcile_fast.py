@@ -1,0 +1,157 @@
+"""The reconciler's fast path (controller/scheduling/cache.py): arrivals decided on the warm
+cluster and committed without re-reading it. The cached snapshot must stay exactly what a fresh
+`load_snapshot` reads, and fast passes must commit what full passes commit (best-fit scoring, so
+that the session and `solve()` choose the same nodes)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from bench.checking import check_state
+from controller.reconcile import Reconciler
+from controller.store import models as m
+from controller.store.db import Database
+from controller.store.snapshot import Snapshot, load_snapshot
+from controller.domain.values import DeploymentSpec, deployment_key
+from uc_builders import add_nodes, add_tenant, apply_topology, deployment, no_publish, submit
+
+
+def reconciler(db: Database) -> Reconciler:
+    return Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+
+
+async def fresh(db: Database) -> Snapshot:
+    async with db.unit_of_work() as uow:
+        return await load_snapshot(uow.session)
+
+
+def assert_same(cached: Snapshot | None, read: Snapshot) -> None:
+    assert cached is not None
+    assert cached.generation == read.generation
+    assert cached.problem == read.problem
+    assert dict(cached.deployment_ids) == dict(read.deployment_ids)
+    assert dict(cached.solver_refs) == dict(read.solver_refs)
+    assert dict(cached.replica_indices) == dict(read.replica_indices)
+    assert (dict(cached.released), cached.deleting) == (dict(read.released), read.deleting)
+
+
+async def test_the_warm_snapshot_stays_what_a_fresh_read_gives(cluster):
+    # 16 accelerators: 2 racks x 2 nodes x 4.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("first", accelerators=2, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 0  # the first pass reads it all
+    assert loop.warm_snapshot is None
+
+    await submit(cluster, deployment("gang", shards=2, accelerators=2, locality="rack"))
+    await submit(cluster, deployment("half", accelerators=1, locality="node", shard_accelerator_milli=500))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 1  # built lazily, then decided
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+
+    await submit(cluster, deployment("pair", replicas=2, accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 2  # on the cache: new rows only
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+
+    # Partly placeable (4 replicas of 3 accelerators on the 7 left): placed in part, the rest
+    # with its reasons; the cache follows.
+    await submit(cluster, deployment("wide", replicas=4, accelerators=3, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 3
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    snapshot = await fresh(cluster)
+    placed = {p["replica"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/wide"}
+    assert 0 < len(placed) < 4
+
+    # The back-off: the full path solves it once more and drops the cache ...
+    assert (await loop.reconcile_once()).solved and loop.warm_snapshot is None
+    # ... which the next arrival builds again.
+    await submit(cluster, deployment("late", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 4
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_change_by_someone_else_drops_the_cache(cluster):
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("a"))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("b"))
+    await loop.reconcile_once()
+    assert loop.fast_passes == 1 and loop.warm_snapshot is not None
+    await add_nodes(cluster, "rack-b", 1, prefix="late")  # bumps the generation
+    await submit(cluster, deployment("c"))
+    assert (await loop.reconcile_once()).solved
+    assert loop.fast_passes == 1 and loop.warm_snapshot is None  # the full path read it all
+    await submit(cluster, deployment("d"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 2
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    loop.resync()  # a new leader starts afresh
+    assert loop.warm_snapshot is None
+
+
+def _arrivals(seed: int, count: int) -> list[list[DeploymentSpec]]:
+    """Batches of random arrivals that all fit the 64 accelerators (at most ~half asked)."""
+    rng = random.Random(seed)
+    batches: list[list[DeploymentSpec]] = []
+    for i in range(count):
+        kind = rng.choice(("single", "single", "fraction", "gang", "pair"))
+        if kind == "single":
+            spec = deployment(f"d{i}", accelerators=rng.choice((1, 2)), locality="node")
+        elif kind == "fraction":
+            spec = deployment(f"d{i}", accelerators=1, locality="node",
+                              shard_accelerator_milli=rng.choice((250, 500)))
+        elif kind == "gang":
+            spec = deployment(f"d{i}", shards=rng.choice((2, 4)), accelerators=1, locality="rack")
+        else:
+            spec = deployment(f"d{i}", replicas=2, accelerators=1, locality="node")
+        if not batches or rng.random() < 0.4:
+            batches.append([])
+        batches[-1].append(spec)
+    return batches
+
+
+async def _four_racks(db: Database) -> None:
+    await apply_topology(db, {"rack-a": "row-a", "rack-b": "row-a", "rack-c": "row-b", "rack-d": "row-b"})
+    for rack in ("rack-a", "rack-b", "rack-c", "rack-d"):
+        await add_nodes(db, rack, 4)
+    await add_tenant(db, "t1")
+
+
+async def _committed(db: Database) -> tuple[set[tuple[Any, ...]], dict[str, str]]:
+    async with db.unit_of_work() as uow:
+        names = {d.id: deployment_key(d.tenant_id, d.name) for d in (await uow.session.scalars(select(m.Deployment)))}
+        phases = {names[d.id]: d.phase.value for d in (await uow.session.scalars(select(m.Deployment)))}
+        rows = (await uow.session.scalars(select(m.Placement))).all()
+        placed = {(names[p.deployment_id], p.replica, p.shard, p.node_id, tuple(p.accelerator_indices),
+                   p.accelerator_milli) for p in rows}
+    return placed, phases
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_fast_passes_commit_what_full_passes_commit(seed, _sqlite_template: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MAIA_SCORER", "bestfit")  # the session and solve() then choose alike
+    states = []
+    for mode in ("fast", "full"):
+        path = tmp_path / f"{mode}.db"
+        shutil.copyfile(_sqlite_template, path)
+        db = Database(f"sqlite+aiosqlite:///{path}")
+        try:
+            await _four_racks(db)
+            loop = reconciler(db)
+            for batch in _arrivals(seed, 24):
+                for spec in batch:
+                    await submit(db, spec)
+                assert (await loop.reconcile_once(force=mode == "full")).solved
+            assert (loop.fast_passes > 0) == (mode == "fast")
+            states.append(await _committed(db))
+            snapshot = await fresh(db)
+            assert not check_state(snapshot.problem, snapshot.problem["placements"])
+        finally:
+            await db.dispose()
+    (fast_placed, fast_phases), (full_placed, full_phases) = states
+    assert fast_phases == full_phases and set(fast_phases.values()) == {"scheduled"}
+    assert fast_placed == full_placed
