@@ -363,7 +363,8 @@ class Reconciler:
         self._observer.solved(fast.plan.status, decided_s)
         base = cache.snapshot.generation
         async with self._db.unit_of_work() as uow:
-            result = await commit_plan(uow.session, cache.snapshot, fast.plan, actor="controller", now=self._wall_clock())
+            result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
+                                       now=self._wall_clock())
             await uow.commit()
         self.fast_passes += 1
         changed = await self._report(result, fast.plan, {}, decided_s * 1000, waiting=0)
@@ -376,7 +377,7 @@ class Reconciler:
             self._failures_checked = result.generation
         if self._retire_checked == base:
             self._retire_checked = result.generation
-        self._committed(cache.snapshot, fast.plan, result)
+        self._committed(cache.snapshot, fast.plan, result, fast.scope)
         self._good.update(d["id"] for d in docs)
         if result.requeued or fast.preempted or not cache.committed(fast, result.generation):
             self._cache = None  # rebuilt from a fresh snapshot when next needed
@@ -406,12 +407,19 @@ class Reconciler:
                                               time_limit_ms=self._time_limit_ms)
         return None if self._cache is None else self._cache.pending_since(self._known_id)
 
-    def _committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult) -> None:
-        """Bookkeeping after a commit that was not stale, by either path."""
+    def _committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult,
+                   scope: frozenset[str] | None = None) -> None:
+        """Bookkeeping after a commit that was not stale, by either path (`scope`: what a fast
+        plan spoke for)."""
         self._last_generation = self._own_generation = result.generation
         self._last_arrivals = len(snapshot.deployment_ids)
         self._known_id = max(snapshot.deployment_ids.values(), default=0)
-        self._unplaced = {u.deployment: u for u in plan.unplaced}
+        if scope is None:
+            self._unplaced = {}
+        else:
+            for name in scope:
+                self._unplaced.pop(name, None)
+        self._unplaced.update((u.deployment, u) for u in plan.unplaced)
 
     async def _report(self, result: CommitResult, plan: Plan, deleting: dict[str, DeploymentView], solve_ms: float,
                 *, waiting: int) -> set[str]:

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from controller.store.rollout import stored_key
 from controller.store.snapshot import Arrivals, Snapshot
 from scheduler import Plan, Unplaced, problem_from_dict
 from scheduler.interchange import deployment_from_dict, placement_from_dict, placement_to_dict
@@ -40,6 +41,7 @@ class FastPlan:
 
     plan: Plan
     decisions: tuple[Decision, ...]
+    scope: frozenset[str]  # the stored deployments the plan speaks for (`commit_plan(scope=)`)
 
     @property
     def preempted(self) -> bool:
@@ -101,15 +103,16 @@ class ClusterCache:
     def decide(self, docs: Sequence[dict[str, Any]], waiting: Mapping[str, Unplaced]) -> FastPlan:
         """Place each deployment whole on the session, in order (blocking: a worker thread).
 
-        The plan holds every cached placement (the applier reads a plan as the whole desired
-        state), the new ones, the decided deployments' reasons and `waiting`'s for the others
-        (their committed reasons stay as they are)."""
+        The plan speaks for the decided deployments and those they preempted replicas of (its
+        scope): their placements (the victims' remaining ones from the cache), the decided ones'
+        reasons, and `waiting`'s (the last commit's) for the victims."""
         decisions = tuple(self.session.place(deployment_from_dict(doc)) for doc in docs)
         victims = {(p.deployment, p.replica) for d in decisions for p in d.preempted}
+        hit = {name for name, _ in victims}
         kept = [placement_from_dict(p) for p in self.snapshot.problem["placements"]
-                if (p["deployment"], p["replica"]) not in victims]
+                if p["deployment"] in hit and (p["deployment"], p["replica"]) not in victims] if hit else []
         decided = {d.deployment for d in decisions}
-        unplaced = [u for name, u in waiting.items() if name not in decided]
+        unplaced = [waiting[name] for name in sorted(hit - decided) if name in waiting]
         unplaced += [d.unplaced for d in decisions if d.unplaced is not None]
         plan = Plan(
             status="optimal" if not unplaced else "feasible",
@@ -117,7 +120,7 @@ class ClusterCache:
             unplaced=tuple(unplaced),
             preempted=tuple(p for d in decisions for p in d.preempted),
             stats={"session_decisions": len(decisions)})
-        return FastPlan(plan, decisions)
+        return FastPlan(plan, decisions, frozenset(stored_key(name) for name in decided | hit))
 
     def committed(self, fast: FastPlan, generation: int) -> bool:
         """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing

@@ -155,3 +155,23 @@ async def test_fast_passes_commit_what_full_passes_commit(seed, _sqlite_template
     (fast_placed, fast_phases), (full_placed, full_phases) = states
     assert fast_phases == full_phases and set(fast_phases.values()) == {"scheduled"}
     assert fast_placed == full_placed
+
+
+async def test_an_arrival_preempts_on_the_fast_path(cluster):
+    # 16 accelerators held by preemptible low-priority work; a high-priority arrival takes some.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("filler", replicas=4, accelerators=4, locality="node", preemptible=True))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("urgent", accelerators=4, locality="node", priority=100))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 1
+    snapshot = await fresh(cluster)
+    by_deployment: dict[str, set[int]] = {}
+    for p in snapshot.problem["placements"]:
+        by_deployment.setdefault(p["deployment"], set()).add(p["replica"])
+    assert len(by_deployment["t1/urgent"]) == 1 and len(by_deployment["t1/filler"]) == 3
+    async with cluster.unit_of_work() as uow:
+        reasons = (await uow.session.scalars(select(m.Deployment.reasons).where(m.Deployment.name == "filler"))).one()
+    assert [r["code"] for r in reasons][:1] == ["PREEMPTED"]
+    assert loop.warm_snapshot is None  # a preemption is not followed by the cache: read again
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+    assert (await loop.reconcile_once()).solved  # the back-off: the victim is solved once more
