@@ -8,7 +8,7 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    even on an unchanged cluster, or an unlucky time-limited solve would leave work pending
    until something else changed,
 2. loads a snapshot, solves it in a worker thread (deployments no change has given a chance
-   since they were found unplaceable are left out: `parking.ParkingLot`), and commits the plan
+   since they were found unplaceable are left out: `scheduling/queue.py`), and commits the plan
    in one transaction through the plan applier (`store/plans.py`): each replica it places is
    re-checked against the committed state, and one that no longer fits is left out and solved
    again after a back-off; if the cluster changed while it solved, what still held is written
@@ -52,8 +52,8 @@ from typing import Any, Protocol
 from controller import limits
 from controller.aio import wait_event
 from controller.errors import InvalidArgument
-from controller.parking import ParkingLot
-from controller.scheduling.cache import ClusterCache, FastPlan
+from controller.scheduling.cache import ClusterCache
+from controller.scheduling.queue import QueueDepths, SchedulingQueue
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -88,6 +88,8 @@ class ReconcileObserver(Protocol):
 
     def placed(self, latencies_s: Iterable[float]) -> None: ...
 
+    def queue_depths(self, depths: QueueDepths) -> None: ...
+
 
 class NoObserver:
     def solved(self, status: str, seconds: float) -> None:
@@ -103,6 +105,9 @@ class NoObserver:
         pass
 
     def placed(self, latencies_s: Iterable[float]) -> None:
+        pass
+
+    def queue_depths(self, depths: QueueDepths) -> None:
         pass
 
 
@@ -176,7 +181,7 @@ class Reconciler:
         # Deployments in the last committed pass's snapshot: more at the same generation are arrivals.
         self._last_arrivals: int | None = None
         self._within_limits: set[str] = set()  # deployments `_beyond_limits` has passed
-        self._parking = ParkingLot()
+        self._queue = SchedulingQueue(backoff_s=backoff_s)
         self._lock = asyncio.Lock()
         self.passes = 0
         self.solves = 0
@@ -199,8 +204,6 @@ class Reconciler:
         self._own_generation: int | None = None
         self._known_id = 0                   # highest deployment key the last commit's snapshot held
         self._unplaced: dict[str, Unplaced] = {}  # the last commit's reasons, by solver deployment
-        self._backoff_s = backoff_s
-        self._backoff_at: float | None = None  # arrivals the session could not place: one full solve then
         self.fast_passes = 0
 
     def running_for_s(self) -> float:
@@ -222,7 +225,7 @@ class Reconciler:
         self._retry_at = None
         self._failures_checked = self._failures_due = None
         self._within_limits.clear()
-        self._parking = ParkingLot()
+        self._queue = SchedulingQueue(backoff_s=self._queue.backoff_s)
         self._drop_cache()
         self.wake()
 
@@ -273,7 +276,8 @@ class Reconciler:
                             generation = await repo.read_cluster_generation(uow.session)
                     self._retire_checked = generation
                 now = self._clock()
-                retry_due = any(at is not None and now >= at for at in (self._retry_at, self._backoff_at))
+                retry_due = self._retry_at is not None and now >= self._retry_at or self._queue.backoff_due(now)
+                self._queue.arrived(arrivals - (self._last_arrivals or 0))
                 if (not force and not retry_due and generation == self._last_generation
                         and arrivals == self._last_arrivals):
                     outcome = ReconcileOutcome(generation=generation)
@@ -281,6 +285,9 @@ class Reconciler:
                     outcome = await self._fast_pass(arrivals) or await self._solve_and_commit()
                 else:
                     outcome = await self._solve_and_commit()
+                if outcome.solved:
+                    self._queue.arrived(0)
+                self._observer.queue_depths(self._queue.depths())
             except LeaseLost:  # not a failure of this pass: another controller schedules now
                 self._drop_cache()
                 raise
@@ -383,9 +390,8 @@ class Reconciler:
             self._cache = None  # rebuilt from a fresh snapshot when next needed
         else:
             self._cache = cache
-        if (fast.unplaced or fast.preempted) and self._backoff_at is None:
-            # the full solve tries them (and what was preempted) once more; it may move others
-            self._backoff_at = self._clock() + self._backoff_s
+        # The full solve tries them (and what was preempted) once more; it may move others.
+        self._queue.back_off(fast.unplaced + tuple(p.deployment for p in fast.plan.preempted), self._clock())
         retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued else None
         return ReconcileOutcome(
             solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
@@ -455,14 +461,14 @@ class Reconciler:
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
                 continue
-            admitted, waiting = self._parking.admit(snapshot.problem)
+            admitted, waiting = self._queue.admit(snapshot.problem)
             problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
                                             allow_preemption=self._allow_preemption)
             avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
             problem = planning.with_cordoned(problem, avoided)
             started = time.perf_counter()
             try:
-                plan = ParkingLot.with_waiting(await self._solve(problem, time_limit_ms=self._time_limit_ms), waiting)
+                plan = SchedulingQueue.with_waiting(await self._solve(problem, time_limit_ms=self._time_limit_ms), waiting)
             except Exception as exc:
                 log.error("the solver failed on the whole cluster (%s: %s); isolating the deployment it trips on",
                           type(exc).__name__, exc)
@@ -487,13 +493,14 @@ class Reconciler:
                          attempt + 1, snapshot.generation)
                 continue
             self._committed(snapshot, plan, result)
-            self._cache, self._backoff_at = None, None
+            self._cache = None
             self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
             self._avoid = frozenset()
             if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
+                self._queue.after_retry()
                 retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued or plan.unplaced))
             else:
-                self._parking.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
+                self._queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
                 retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued))
             return ReconcileOutcome(
                 solved=True, generation=result.generation, conflicts=attempt,

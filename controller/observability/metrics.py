@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from controller.observability.cluster import ClusterGauges
+from controller.scheduling.queue import QueueDepths
 
 log = logging.getLogger("maia.metrics")
 
@@ -135,6 +136,10 @@ class ControllerMetrics:
                                           "Times this controller acquired the leader lease.", registry=r)
         self.lease_losses = Counter("maia_lease_losses", "Times this controller lost or gave up the leader lease.",
                                     registry=r)
+        self.scheduling_queue = Gauge("maia_scheduling_queue_deployments",
+                                      "Deployments in the reconciler's scheduling queue: active (not attempted yet), "
+                                      "backoff (one more try by the full solve due), unschedulable (waiting for a "
+                                      "change that could help).", ["queue"], registry=r)
         self._reader: ClusterReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
@@ -158,6 +163,10 @@ class ControllerMetrics:
     def placed(self, latencies_s: Iterable[float]) -> None:
         for latency in latencies_s:
             self.submit_to_placed.observe(latency)
+
+    def queue_depths(self, depths: QueueDepths) -> None:
+        for queue in ("active", "backoff", "unschedulable"):
+            self.scheduling_queue.labels(queue).set(getattr(depths, queue))
 
     def leadership_changed(self, leading: bool) -> None:
         self.leader.set(1 if leading else 0)

@@ -2,5 +2,8 @@
 
 - `cache.ClusterCache`: the last snapshot, kept current from this controller's own commits,
   and a warm `scheduler.session.Session` built from it; a pass that only meets arrivals reads
-  the new deployment rows, decides them on the session and commits them in one transaction.
+  the new deployment rows, decides them on the session and commits them in one transaction;
+- `queue.SchedulingQueue`: kube-scheduler's active / back-off / unschedulable queues: what the
+  session cannot place gets one more try from the full solve, then waits, out of later solves,
+  until a change could help it.
 """

@@ -74,3 +74,19 @@ async def test_a_replica_the_applier_turns_away_is_placed_again_after_a_back_off
     assert second.solved and second.retry_in_s is None and len(second.changed_nodes) == 1
     async with cluster.unit_of_work() as uow:
         assert (await repo.get_deployment(uow.session, "t1", "svc")).phase is m.DeploymentPhase.SCHEDULED
+
+
+async def test_the_scheduling_queue_depths_are_exported(cluster):
+    metrics = ControllerMetrics()
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish, observer=metrics, backoff_s=0.0,
+                      solve_time_limit_ms=60_000)
+    sample = metrics.registry.get_sample_value
+    await submit(cluster, deployment("small", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("huge", shards=4, accelerators=4, locality="row"))  # 16 of the 15 left
+    await loop.reconcile_once()  # the warm session cannot place it: back-off
+    assert [sample("maia_scheduling_queue_deployments", {"queue": q}) for q in ("active", "backoff", "unschedulable")] \
+        == [0, 1, 0]
+    await loop.reconcile_once()  # the full solve tries it once more: unschedulable
+    assert [sample("maia_scheduling_queue_deployments", {"queue": q}) for q in ("active", "backoff", "unschedulable")] \
+        == [0, 0, 1]
