@@ -42,7 +42,7 @@ def loaded_problem(n_nodes: int, fill: float, seed: int) -> Doc:
     return {**doc, "deployments": stream, "placements": plan_to_dict(plan)["placements"]}
 
 
-async def _write(db: Any, doc: Doc) -> None:
+async def write_problem(db: Any, doc: Doc) -> None:
     """The document's rows, bulk-inserted (node states and tenant contracts as the snapshot reads them)."""
     from controller.store import models as m
 
@@ -61,7 +61,8 @@ async def _write(db: Any, doc: Doc) -> None:
             hbm_gib=lambda n: n.get("hbm_gib"), idle_power_w=lambda n: n.get("idle_power_w", 0.0),
             accelerator_model=lambda n: n.get("accelerator_model", ""),
             health=lambda n: m.NodeHealth.DOWN if n.get("state") == "down" else m.NodeHealth.UP,
-            cordoned=lambda n: n.get("state") == "cordoned"))
+            cordoned=lambda n: n.get("state") == "cordoned",
+            evicted_at=lambda n: m.utcnow() if n.get("state") == "down" else None))  # down, as the solver saw it
         await s.execute(insert(m.Tenant), rows(
             doc["tenants"], id=lambda t: t["id"], isolation=lambda t: m.Isolation(t.get("isolation", "shared")),
             excludes=lambda t: t.get("excludes", []), zones=lambda t: t.get("zones", []),
@@ -94,7 +95,7 @@ async def _measure(doc: Doc, repeat: int, directory: Path) -> dict[str, Any]:
     db = Database(f"sqlite+aiosqlite:///{directory / 'maia.db'}")
     try:
         await ensure_schema(db, migrate=True)
-        await _write(db, doc)
+        await write_problem(db, doc)
         watchdog = IsolationWatchdog(db)
         read_ms, check_ms, whole_ms = [], [], []
         for _ in range(repeat):

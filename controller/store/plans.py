@@ -441,7 +441,8 @@ async def _recheck(
             elsewhere = await _held_elsewhere(session, capped, committed, rows)
 
     def spec(name: str, revision: int) -> str:
-        for candidate in (outgoing_id(name, revision), outgoing_id(name, template[name])):
+        # A deployment without a solver ref in its snapshot (a cache that learnt it) is its own spec.
+        for candidate in (outgoing_id(name, revision), outgoing_id(name, template[name]), name):
             if candidate in specs:
                 return candidate
         return outgoing_id(name, revision)  # judged as an unknown deployment

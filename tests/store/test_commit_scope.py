@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
@@ -24,6 +24,7 @@ from controller.store.snapshot import Snapshot, load_snapshot
 from scheduler import Placement as PlanPlacement, Plan, Preemption, Reason, Unplaced
 
 from bench.checking import check_state
+from bench.commit import rows_read
 
 from .seed import dump, seed_problem
 
@@ -173,25 +174,6 @@ async def test_a_scoped_commit_lands_what_an_unscoped_commit_of_the_same_decisio
     assert {key[0] for key in scoped[0].shards} <= scope and {rk[0] for rk in scoped[0].requeued} <= scope
 
 
-@contextmanager
-def _rows_read(session: AsyncSession) -> Iterator[list[int]]:
-    """Counts the rows every SELECT through `session` returns."""
-    counts: list[int] = []
-
-    def count(state: Any) -> Any:
-        if not state.is_select:  # writes (some return what they wrote)
-            return None
-        frozen = state.invoke_statement().freeze()
-        counts.append(len(frozen().all()))
-        return frozen()
-
-    event.listen(session.sync_session, "do_orm_execute", count)
-    try:
-        yield counts
-    finally:
-        event.remove(session.sync_session, "do_orm_execute", count)
-
-
 async def test_a_scoped_commit_reads_and_writes_nothing_of_other_deployments_elsewhere(database: Database) -> None:
     # 40 deployments of tenant a fill row1; one new deployment of tenant b is placed in row2.
     doc = {
@@ -212,7 +194,7 @@ async def test_a_scoped_commit_reads_and_writes_nothing_of_other_deployments_els
         before = await dump(uow.session)
     for scope, at_most in (({"b/new"}, 10), (None, 50)):
         async with database.unit_of_work() as uow:
-            with _rows_read(uow.session) as counts:
+            with rows_read(uow.session) as counts:
                 result = await commit_plan(uow.session, snap, plan, scope=scope, now=NOW)
             after = await dump(uow.session)
         assert result.shards == {("b/new", 0, 0): ("r2a-n0", (0, 1), None), ("b/new", 0, 1): ("r2a-n0", (2, 3), None)}
@@ -329,3 +311,22 @@ async def test_two_scoped_commits_over_a_quota_together_land_one(database: Datab
                                     _commit(database, snap, _one("a/y", "r2a-n1", 0), scope={"a/y"}))
     assert sorted(why for o in outcomes for why in o.requeued.values()) == [(why,)]
     assert sum(len(o.shards) for o in outcomes) == 1
+
+
+async def test_a_deployment_a_cached_snapshot_learnt_without_a_solver_ref_lands(database: Database) -> None:
+    snap = await _quota_cluster(database)
+    async with database.unit_of_work() as uow:  # a/late arrives after the snapshot
+        uow.session.add(m.Deployment(name="late", tenant_id="a", replicas=1, shards_per_replica=1,
+                                     shard_accelerators=1, locality=m.Domain.NODE))
+        await uow.session.flush()
+        late = (await uow.session.scalars(select(m.Deployment.id).where(m.Deployment.name == "late"))).one()
+        generation = await bump_cluster_generation(uow.session)
+        await uow.commit()
+    doc = {"id": "a/late", "tenant": "a", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 1}}
+    cached = replace(snap, generation=generation, deployment_ids={**snap.deployment_ids, "a/late": late},
+                     problem={**snap.problem, "deployments": [*snap.problem["deployments"], doc]})
+
+    result = await _commit(database, cached, _one("a/late", "r2a-n0", 3), scope={"a/late"})
+
+    assert not result.stale and not result.requeued
+    assert result.shards == {("a/late", 0, 0): ("r2a-n0", (3,), None)}
