@@ -447,16 +447,33 @@ class Reconciler:
             await self._publish(changed, deleted)
         return changed
 
+    async def _full_snapshot(self) -> tuple[Snapshot, dict[str, DeploymentView]]:
+        """The snapshot a full solve starts from, and the deployments being deleted (their last
+        state, for the DELETED events once the commit removes them): the warm one while nobody
+        else changed the cluster (the back-off's retry, a time-limited retry), else a fresh read."""
+        cache = self._cache
+        if cache is not None:
+            async with self._db.unit_of_work() as uow:
+                generation = await repo.read_cluster_generation(uow.session)
+                new = await load_arrivals(uow.session, after_id=cache.last_id, surge=self._max_surge)
+                count = await repo.count_schedulable_deployments(uow.session)
+            if generation == cache.snapshot.generation == self._own_generation and \
+                    len(cache.snapshot.deployment_ids) + len(new.deployment_ids) == count:
+                cache.add(new)
+                return cache.snapshot, {}
+            self._drop_cache()
+        async with self._db.unit_of_work() as uow:
+            snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
+            deleting = {r.spec.key: r for r in map(repo.deployment_view, await repo.list_deployment_rows(
+                uow.session, phases=[m.DeploymentPhase.DELETING]))}
+        return snapshot, deleting
+
     async def _solve_and_commit(self) -> ReconcileOutcome:
         changed_nodes: set[str] = set()
         changed_deployments: set[str] = set()
         deleted_names: set[str] = set()
         for attempt in range(self._retries + 1):
-            async with self._db.unit_of_work() as uow:
-                snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
-                # Their last state, for the DELETED events once the commit removes them.
-                deleting = {r.spec.key: r for r in map(repo.deployment_view, await repo.list_deployment_rows(
-                    uow.session, phases=[m.DeploymentPhase.DELETING]))}
+            snapshot, deleting = await self._full_snapshot()
             beyond = _beyond_limits(snapshot.problem, self._within_limits)
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
@@ -493,7 +510,6 @@ class Reconciler:
                          attempt + 1, snapshot.generation)
                 continue
             self._committed(snapshot, plan, result)
-            self._cache = None
             self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
             self._avoid = frozenset()
             if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
@@ -502,6 +518,10 @@ class Reconciler:
             else:
                 self._queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
                 retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued))
+            cache = self._cache  # the cache solved from follows what was written, else it is read again
+            if cache is None or cache.snapshot is not snapshot or result.requeued or \
+                    not await asyncio.to_thread(cache.follow, result.shards, result.generation):
+                self._cache = None
             return ReconcileOutcome(
                 solved=True, generation=result.generation, conflicts=attempt,
                 changed_nodes=frozenset(changed_nodes), changed_deployments=frozenset(changed_deployments),

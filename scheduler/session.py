@@ -13,6 +13,8 @@ constraints, reason codes and messages are those of `solve()`.
 
 Changes arrive as deltas:
   * `place(deployment)`      an arrival (or a known deployment tried again), decided at once;
+  * `adopt(deployment, placements)`  replicas placed elsewhere (a full `solve()` whose plan was
+                             committed), recorded where they are;
   * `release(id, replicas)`  departures: the replicas' placements are taken out;
   * `apply(ClusterDelta)`    nodes, tenants (contracts) and domains added or changed, nodes
                              removed. A node flipped between `ready` and `cordoned` is updated
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,6 +136,30 @@ class Session:
         s.placer.refresh_nodes(np.array(sorted(touched), dtype=np.int64))
         if replicas is None:
             self._forget(d)
+
+    def adopt(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
+        """Record replicas placed elsewhere (whole replicas; a replica the session holds is
+        replaced), e.g. from a committed `solve()` plan: the state follows without deciding."""
+        d = self._upsert(deployment)
+        s = self._solver
+        state, node_index = s.state, s.topo.node_index
+        replicas: dict[int, dict[int, ShardAt]] = {}
+        given: dict[int, dict[int, Placement]] = {}
+        for p in placements:
+            milli = p.accelerator_milli
+            replicas.setdefault(p.replica, {})[p.shard] = ShardAt(
+                node_index[p.node], tuple(p.accelerator_indices), 1000 if milli is None else milli)
+            given.setdefault(p.replica, {})[p.shard] = p
+        touched: set[int] = set()
+        for r, shards in replicas.items():
+            if (d, r) in state.replicas:
+                touched.update(at.node for at in state.remove_replica(d, r).values())
+            state.add_replica(d, r, shards)
+            s.existing_replicas.add((d, r))
+            s.given[(d, r)] = given[r]
+            touched.update(at.node for at in shards.values())
+        state.static_cache.pop(d, None)
+        s.placer.refresh_nodes(np.array(sorted(touched), dtype=np.int64))
 
     def apply(self, delta: ClusterDelta) -> list[Decision]:
         """Apply cluster changes; the decisions repairing what they displaced (if any)."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.store.rollout import stored_key
-from controller.store.snapshot import Arrivals, Snapshot
+from controller.store.snapshot import Arrivals, ShardKey, Snapshot, Where
 from scheduler import Plan, Unplaced, problem_from_dict
 from scheduler.interchange import deployment_from_dict, placement_from_dict, placement_to_dict
 from scheduler.session import Decision, Session
@@ -142,4 +142,51 @@ class ClusterCache:
                 decision.placements, key=lambda p: (p.replica, p.shard)))
         self.snapshot = dataclasses.replace(snap, generation=generation)
         return True
+
+    def follow(self, shards: Mapping[ShardKey, Where | None], generation: int) -> bool:
+        """Apply what a commit of a full solve of this very snapshot wrote (`CommitResult.shards`:
+        placed, moved, removed) to the snapshot and to the session (`Session.adopt`), so that the
+        back-off's full solve does not cost a rebuild; False when the cache cannot follow it."""
+        snap = self.snapshot
+        touched: dict[str, dict[tuple[int, int], Where | None]] = {}
+        for (key, replica, shard), where in shards.items():
+            touched.setdefault(key, {})[(replica, shard)] = where
+        docs = {d["id"]: d for d in snap.problem["deployments"]}
+        by_deployment: dict[str, list[dict[str, Any]]] = {}
+        for p in snap.problem["placements"]:
+            by_deployment.setdefault(p["deployment"], []).append(p)
+        for key, changes in touched.items():
+            ref = snap.solver_refs.get(key)
+            if key not in docs or ref is None or ref.outgoing:
+                return False  # not one solver deployment of its own: read afresh
+            stored = {(ref.replicas[p["replica"]], p["shard"]): (p["node"], tuple(p["accelerator_indices"]),
+                                                                  p.get("accelerator_milli"))
+                      for p in by_deployment.get(key, ())}
+            for at, where in changes.items():
+                if where is None:
+                    stored.pop(at, None)
+                else:
+                    stored[at] = where
+            numbering = {index: solver for solver, index in enumerate(sorted({r for r, _ in stored}))}
+            placed = [_placement_doc(key, numbering[r], shard, where) for (r, shard), where in sorted(stored.items())]
+            by_deployment[key] = placed
+            snap.solver_refs[key] = dataclasses.replace(  # type: ignore[index]
+                ref, replicas={solver: index for index, solver in numbering.items()})
+            snap.replica_indices[key] = frozenset(numbering)  # type: ignore[index]
+            if key in self.session:
+                self.session.release(key, self.session.placed_replicas(key))
+            self.session.adopt(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed])
+        snap.problem["placements"] = [p for d in snap.problem["deployments"] for p in by_deployment.get(d["id"], ())]
+        self.snapshot = dataclasses.replace(snap, generation=generation)
+        return True
+
+
+def _placement_doc(key: str, replica: int, shard: int, where: Where) -> dict[str, Any]:
+    """A placement as `load_snapshot` lists it."""
+    node, indices, milli = where
+    doc: dict[str, Any] = {"deployment": key, "replica": replica, "shard": shard, "node": node,
+                           "accelerator_indices": list(indices)}
+    if milli is not None:
+        doc["accelerator_milli"] = milli
+    return doc
 

@@ -66,9 +66,9 @@ async def test_the_warm_snapshot_stays_what_a_fresh_read_gives(cluster):
     placed = {p["replica"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/wide"}
     assert 0 < len(placed) < 4
 
-    # The back-off: the full path solves it once more and drops the cache ...
-    assert (await loop.reconcile_once()).solved and loop.warm_snapshot is None
-    # ... which the next arrival builds again.
+    # The back-off: the full path solves it once more, from the cache, which follows the commit.
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 3
+    assert_same(loop.warm_snapshot, await fresh(cluster))
     await submit(cluster, deployment("late", accelerators=1, locality="node"))
     assert (await loop.reconcile_once()).solved and loop.fast_passes == 4
     assert_same(loop.warm_snapshot, await fresh(cluster))
@@ -175,3 +175,19 @@ async def test_an_arrival_preempts_on_the_fast_path(cluster):
     assert loop.warm_snapshot is None  # a preemption is not followed by the cache: read again
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
     assert (await loop.reconcile_once()).solved  # the back-off: the victim is solved once more
+    # The cache is built again; the cluster is full, so the next arrival goes to the back-off,
+    # whose full solve (from the cache) preempts for a high-priority arrival: the cache follows
+    # what that commit wrote (placed and preempted replicas, renumbered as a fresh read numbers them).
+    await submit(cluster, deployment("later", accelerators=1, locality="node", preemptible=True))
+    await loop.reconcile_once()
+    assert loop.fast_passes == 2 and loop.warm_snapshot is not None
+    await submit(cluster, deployment("urgent2", replicas=2, accelerators=4, locality="node", priority=100))
+    solves = loop.solves
+    await loop.reconcile_once()
+    assert loop.solves == solves + 1 and loop.fast_passes == 2
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    await submit(cluster, deployment("tiny", accelerators=1, locality="node", shard_accelerator_milli=250))
+    await loop.reconcile_once()
+    assert loop.fast_passes == 3
+    assert (await loop.reconcile_once()).solved and loop.solves == solves + 2  # its back-off, from the cache
+    assert_same(loop.warm_snapshot, await fresh(cluster))

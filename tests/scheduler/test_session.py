@@ -258,6 +258,24 @@ def test_arrivals_are_decided_on_the_kept_state_and_departures_free_room() -> No
     assert s.pending() == []
 
 
+def test_adopted_placements_are_held_as_if_the_session_had_placed_them() -> None:
+    doc = problem([node("n1", acc=4), node("n2", acc=4)], [dep("a", acc=2, replicas=2), dep("b", acc=4)],
+                  tenants=[{"id": "t1"}])
+    s = session_of({**doc, "deployments": []})
+    plan = solve(problem_from_dict(doc))  # placed elsewhere (a committed solve)
+    deps = {d.id: d for d in problem_from_dict(doc).deployments}
+    for name in ("a", "b"):
+        s.adopt(deps[name], [p for p in plan.placements if p.deployment == name])
+    assert sorted(s.snapshot().placements, key=str) == sorted(plan.placements, key=str)
+    third = problem_from_dict(problem([node("n1")], [dep("c", acc=1)])).deployments[0]
+    assert s.place(third).unplaced is not None  # the adopted shards hold every accelerator
+    s.apply(ClusterDelta(nodes=(Node("n3", "r1", 4),)))
+    moved = [dataclasses.replace(p, node="n3") for p in plan.placements if p.deployment == "b"]
+    s.adopt(deps["b"], moved)  # a replica the session holds is replaced where it is now
+    assert {p.node for p in s.snapshot().placements if p.deployment == "b"} == {"n3"}
+    assert s.place("c").placements  # where b was
+
+
 def test_unknown_tenant_and_shape_changes_are_refused() -> None:
     s = session_of(problem([node("n1")], [dep("a")]))
     other = problem_from_dict(problem([node("n1")], [dep("x", tenant="t9")],
