@@ -62,7 +62,7 @@ from controller.store.models import (
     utcnow,
 )
 from controller.store.metering import StartedShard, start_intervals, stop_intervals
-from controller.store.recheck import ReplicaKey, TenantUsage, recheck, shard_usage
+from controller.store.recheck import ReplicaKey, TenantUsage, Unread, recheck, shard_usage
 from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
 from controller.domain.values import deployment_key, split_deployment_key
@@ -258,10 +258,11 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None) 
     return committed
 
 
-def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None) -> dict[str, Any]:
+def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None,
+              rows: Collection[str] | None = None) -> dict[str, Any]:
     """The snapshot's problem with one deployment per stored deployment and revision, named
     `TENANT/NAME~REVISION`: what the re-check judges each shard by (the spec its replica was
-    placed with); only the stored deployments `keys` when given."""
+    placed with); only the stored deployments `keys` and the nodes of `rows` when given."""
     specs: dict[str, dict[str, Any]] = {}
     for doc in snapshot.problem.get("deployments", ()):
         ref = snapshot.solver_refs.get(doc["id"])
@@ -269,7 +270,13 @@ def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None) -> dict[s
             continue
         spec_id = outgoing_id(ref.key, ref.revision) if ref is not None else doc["id"]
         specs.setdefault(spec_id, dict(doc, id=spec_id))
-    return {**snapshot.problem, "deployments": list(specs.values()), "placements": []}
+    problem = {**snapshot.problem, "deployments": list(specs.values()), "placements": []}
+    if rows is not None:
+        racks = [r for r in problem.get("racks", ()) if r["row"] in rows]
+        within = {r["id"] for r in racks}
+        problem.update(rows=[r for r in problem.get("rows", ()) if r["id"] in rows], racks=racks,
+                       nodes=[n for n in problem["nodes"] if n["rack"] in within])
+    return problem
 
 
 async def _plan_changes(
@@ -283,9 +290,13 @@ async def _plan_changes(
     the live deployments `committed` read are considered (a scoped commit's plan speaks for no other)."""
     deployments, current, live = committed.deployments, committed.current, committed.live
     keys = snapshot.plan_keys()
+    # The solver deployments of the live ones (a plain set test per snapshot placement: a
+    # scoped commit skips the cluster's placements at little cost).
+    solver_ids = {sid for sid, ref in snapshot.solver_refs.items() if ref.key in live}
+    solver_ids |= live - snapshot.solver_refs.keys()
     base: dict[ShardKey, Where] = {}
     for p in snapshot.problem.get("placements", ()):
-        if keys.name(p["deployment"]) not in live:
+        if p["deployment"] not in solver_ids:
             continue
         mapped = keys.key(p["deployment"], p["replica"], p["shard"])
         if mapped is not None:
@@ -343,70 +354,92 @@ async def _plan_changes(
 
 
 async def _neighbours(session: AsyncSession, committed: _Committed, nodes: Collection[str],
-                      ) -> tuple[set[str], dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]]:
-    """What a scoped commit's re-check needs beyond its scope: the rows holding `nodes`, and the
-    shards of live deployments outside the scope on those rows ((revision, where) by key), with
-    those deployments' (id, template revision). Every rule the re-check applies lies within one
-    row (recheck.py), so nothing further away can make a landing replica break one."""
+                      ) -> tuple[set[str], set[str], dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]]:
+    """What a scoped commit's re-check reads beyond its scope: the racks holding `nodes` and
+    their rows, and the shards of live deployments outside the scope on those racks ((revision,
+    where) by key), with those deployments' (id, template revision). Every rule the re-check
+    applies in full lies within one rack (recheck.py); rows and tenants come as totals (`_unread`)."""
+    racks: set[str] = set()
     rows: set[str] = set()
     for chunk in _chunks(sorted(set(nodes))):
-        rows.update((await session.execute(
-            select(Rack.row_id).join(Node, Node.rack_id == Rack.id).where(Node.id.in_(chunk)).distinct())).scalars())
+        for rack, row in await session.execute(
+            select(Node.rack_id, Rack.row_id).join(Rack, Rack.id == Node.rack_id).where(Node.id.in_(chunk)).distinct()
+        ):
+            racks.add(rack)
+            rows.add(row)
     shards: dict[ShardKey, tuple[int, Where]] = {}
     outside: dict[str, tuple[int, int]] = {}
-    if not rows:
-        return rows, shards, outside
+    if not racks:
+        return racks, rows, shards, outside
     known = {d.id for d in committed.deployments.values()}
     for p in await session.execute(
         select(Deployment.id, Deployment.tenant_id, Deployment.name, Deployment.template_revision, Placement.replica,
                Placement.shard, Placement.node_id, Placement.accelerator_indices, Placement.accelerator_milli,
                Placement.revision)
-        .join(Placement, Placement.deployment_id == Deployment.id)
-        .join(Node, Node.id == Placement.node_id).join(Rack, Rack.id == Node.rack_id)
-        .where(Rack.row_id.in_(sorted(rows)), Deployment.phase.not_in(_LEAVING))
+        .join(Placement, Placement.deployment_id == Deployment.id).join(Node, Node.id == Placement.node_id)
+        .where(Node.rack_id.in_(sorted(racks)), Deployment.phase.not_in(_LEAVING))
     ):
         if p.id in known:
             continue
         key = deployment_key(p.tenant_id, p.name)
         outside[key] = (p.id, p.template_revision)
         shards[(key, p.replica, p.shard)] = (p.revision, (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli))
-    return rows, shards, outside
+    return racks, rows, shards, outside
 
 
-async def _held_elsewhere(session: AsyncSession, tenants: set[str], committed: _Committed,
-                          rows: Collection[str]) -> dict[str, TenantUsage]:
-    """What each of `tenants` holds against its quotas in the shards a scoped commit did not read
-    (live deployments outside the scope, on nodes outside `rows`): summed by the database for
-    shards of a deployment's current template, one by one for those of older revisions (a
-    rollout in flight)."""
-    ids = sorted(d.id for d in committed.deployments.values())
+async def _unread(session: AsyncSession, committed: _Committed, racks: Collection[str], by: tuple[Any, ...],
+                  *where: Any) -> dict[tuple[Any, ...], TenantUsage]:
+    """What the live shards a scoped commit did not read (outside its scope and the `racks` it
+    read) and `where` selects hold, by the columns `by`: summed by the database for shards of a
+    deployment's current template, one by one for those of older revisions (a rollout in flight)."""
     fractional = and_(Deployment.shard_accelerators == 1, Deployment.shard_accelerator_milli < 1000)
     milli = case((fractional, func.coalesce(func.nullif(Placement.accelerator_milli, 0),
                                             Deployment.shard_accelerator_milli)), else_=1000)
     held = func.json_array_length(Placement.accelerator_indices) * milli
-    where = (Deployment.tenant_id.in_(sorted(tenants)), Deployment.phase.not_in(_LEAVING),
-             Deployment.id.not_in(ids), Rack.row_id.not_in(sorted(rows)))
+    unread = (Deployment.phase.not_in(_LEAVING), Deployment.id.not_in(sorted(d.id for d in committed.deployments.values())),
+              Node.rack_id.not_in(sorted(racks)), *where)
 
     def outside(query: Any) -> Any:
         return (query.join(Placement, Placement.deployment_id == Deployment.id)
-                .join(Node, Node.id == Placement.node_id).join(Rack, Rack.id == Node.rack_id).where(*where))
+                .join(Node, Node.id == Placement.node_id).join(Rack, Rack.id == Node.rack_id).where(*unread))
 
-    usage = {t: TenantUsage() for t in tenants}
-    for tenant, milli_sum, power in await session.execute(
-        outside(select(Deployment.tenant_id, func.sum(held), func.sum(held * Deployment.shard_power_w / 1000.0)))
-        .where(Placement.revision == Deployment.template_revision).group_by(Deployment.tenant_id)
+    usage: dict[tuple[Any, ...], TenantUsage] = defaultdict(TenantUsage)
+    for row in await session.execute(
+        outside(select(*by, func.sum(held), func.sum(held * Deployment.shard_power_w / 1000.0)))
+        .where(Placement.revision == Deployment.template_revision).group_by(*by)
     ):
-        usage[tenant] += TenantUsage(float(milli_sum or 0), float(power or 0))
-    for p in await session.execute(
-        outside(select(Deployment.tenant_id, Deployment.revision_specs, Placement.revision, Placement.node_id,
+        usage[tuple(row[:len(by)])] += TenantUsage(float(row[-2] or 0), float(row[-1] or 0))
+    for row in await session.execute(
+        outside(select(*by, Deployment.revision_specs, Placement.revision, Placement.node_id,
                        Placement.accelerator_indices, Placement.accelerator_milli))
         .where(Placement.revision != Deployment.template_revision)
     ):
-        spec = (p.revision_specs or {}).get(str(p.revision))
+        spec = (row.revision_specs or {}).get(str(row.revision))
         if spec is not None:
-            usage[p.tenant_id] += shard_usage(spec["shard"], (p.node_id, tuple(p.accelerator_indices),
-                                                              p.accelerator_milli))
+            usage[tuple(row[:len(by)])] += shard_usage(
+                spec["shard"], (row.node_id, tuple(row.accelerator_indices), row.accelerator_milli))
     return usage
+
+
+async def _read_unread(session: AsyncSession, committed: _Committed, doc: dict[str, Any],
+                       landing: dict[ReplicaKey, dict[int, Where]], racks: set[str], rows: set[str]) -> Unread:
+    """The totals a scoped commit's re-check needs of what it did not read: what the landing
+    replicas' tenants with a quota hold, and what the shards on the other racks of the touched
+    rows with a power budget draw."""
+    capped = {t["id"] for t in doc["tenants"] if t.get("max_accelerators") is not None or t.get("max_power_w") is not None}
+    capped &= {committed.deployments[rk[0]].tenant_id for rk in landing}
+    budgeted = {r["id"] for r in doc["rows"] if r["id"] in rows and r.get("power_budget_w") is not None}
+    tenants: dict[str, TenantUsage] = {}
+    if capped:
+        held = await _unread(session, committed, racks, (Deployment.tenant_id,), Deployment.tenant_id.in_(sorted(capped)))
+        tenants = {tenant: usage for (tenant,), usage in held.items()}
+    by_row: dict[str, dict[str, float]] = defaultdict(dict)
+    if budgeted:
+        drawn = await _unread(session, committed, racks, (Rack.row_id, Deployment.tenant_id),
+                              Rack.row_id.in_(sorted(budgeted)))
+        for (row, tenant), usage in drawn.items():
+            by_row[row][tenant] = usage.power_w
+    return Unread(tenants, by_row)
 
 
 async def _recheck(
@@ -416,29 +449,26 @@ async def _recheck(
     """`recheck` of the landing replicas against the committed state, in a worker thread; shards
     are named by the spec of their revision (`_spec_doc`). The specs and nodes come from the
     snapshot, or are read again when it is stale (a node cordoned, a contract changed since).
-    A scoped commit adds the shards outside its scope on the rows the landing replicas touch."""
+    A scoped commit adds the shards outside its scope on the racks the landing replicas touch,
+    and the totals of the rest that row power budgets and tenant quotas need (`Unread`)."""
     deployments, removed = committed.deployments, {row.key for row in changes.deletes}
     shards = {k: (row.revision, row.where) for k, row in committed.current.items() if k not in removed}
     template = {key: d.template_revision for key, d in deployments.items()}
+    racks: set[str] = set()
     rows: set[str] | None = None
     ids: set[int] | None = None
     if committed.scope is not None:
-        rows, outside, others = await _neighbours(session, committed, {w[0] for s in landing.values() for w in s.values()})
+        touched = {w[0] for s in landing.values() for w in s.values()}
+        racks, rows, outside, others = await _neighbours(session, committed, touched)
         shards.update(outside)
         template.update((key, revision) for key, (_, revision) in others.items())
         ids = {d.id for d in deployments.values()} | {i for i, _ in others.values()}
     if stale:
         doc = await load_spec_doc(session, within_rows=rows, deployment_ids=ids)
     else:
-        doc = _spec_doc(snapshot, None if committed.scope is None else set(template))
+        doc = _spec_doc(snapshot, None if committed.scope is None else set(template), rows)
     specs = {d["id"] for d in doc["deployments"]}
-    elsewhere: dict[str, TenantUsage] = {}
-    if rows is not None:
-        capped = {t["id"] for t in doc["tenants"]
-                  if t.get("max_accelerators") is not None or t.get("max_power_w") is not None}
-        capped &= {deployments[rk[0]].tenant_id for rk in landing}
-        if capped:
-            elsewhere = await _held_elsewhere(session, capped, committed, rows)
+    unread = Unread() if rows is None else await _read_unread(session, committed, doc, landing, racks, rows)
 
     def spec(name: str, revision: int) -> str:
         # A deployment without a solver ref in its snapshot (a cache that learnt it) is its own spec.
@@ -450,7 +480,7 @@ async def _recheck(
     placed = {(spec(k[0], revision), k[1], k[2]): where for k, (revision, where) in shards.items()}
     wanted = {(spec(rk[0], changes.revision_of[(*rk, min(by_shard))]), rk[1]): by_shard
               for rk, by_shard in landing.items()}
-    rejected = await asyncio.to_thread(recheck, doc, placed, wanted, elsewhere)
+    rejected = await asyncio.to_thread(recheck, doc, placed, wanted, unread)
     return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}
 
 

@@ -14,11 +14,12 @@ numbers, in the committed state without them) blames nobody. A new one is pinned
 landing replicas with a new shard in its scope (node, accelerator, rack or row) that break a
 rule there on their own; if none does alone, on all of them (they break it together). The
 check repeats without the blamed replicas until nothing new is found: a replica that lands
-beside one that was just turned away is judged without it. Only the rows the landing replicas
-touch are judged (every rule's scope but a quota's lies within one row), so a small plan costs
-little on a large cluster. Tenant quotas (max_accelerators, max_power_w, as the solver's
-QUOTA_* filters count them) are judged per tenant of a landing replica, over all its shards: a
-scoped commit passes what it did not read as totals (`elsewhere`).
+beside one that was just turned away is judged without it. Only the racks the landing replicas
+touch are judged in full (every rule's scope but a row's power budget and a tenant's quota
+lies within one rack), so a small plan costs little on a large cluster; row power budgets are
+judged over the whole row (`RowPower`), tenant quotas (max_accelerators, max_power_w, as the
+solver's QUOTA_* filters count them) over all the shards of a landing replica's tenant
+(`Quotas`). A scoped commit passes what it did not read as totals (`Unread`).
 
 Pure (no database, run it in a worker thread). `plans.commit_plan` calls it with shard keys
 whose deployment part names the spec the shard runs (a deployment's revision, see
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scheduler import problem_from_dict
@@ -43,15 +44,16 @@ ReplicaKey = tuple[str, int]  # (deployment, replica)
 
 def recheck(
     doc: Mapping[str, Any], committed: Mapping[ShardKey, Where], landing: Mapping[ReplicaKey, Mapping[int, Where]],
-    elsewhere: Mapping[str, TenantUsage] | None = None,
+    unread: Unread | None = None,
 ) -> dict[ReplicaKey, tuple[str, ...]]:
     """The landing replicas that no longer fit, each with why ("RULE: message" of each violation).
 
-    `doc`: the committed problem document (its placements are ignored); `committed`: the
-    committed shards once the plan's accepted removals are applied: every one, or (a scoped
-    commit) those on the rows the landing replicas touch and those of the landing replicas'
-    deployments; `elsewhere`: then, per tenant with a quota, what its other committed shards hold;
-    `landing`: each replica the plan places or moves, with all its shards as the plan wants them.
+    `doc`: the committed problem document (its placements are ignored; all the nodes of the
+    rows the landing replicas touch); `committed`: the committed shards once the plan's accepted
+    removals are applied: every one, or (a scoped commit) at least those on the racks the
+    landing replicas touch and those of the landing replicas' deployments, with `unread` the
+    totals of the others that the rules need; `landing`: each replica the plan places or moves,
+    with all its shards as the plan wants them.
     """
     nodes = {n["id"]: n for n in doc["nodes"]}
     rejected: dict[ReplicaKey, tuple[str, ...]] = {}
@@ -67,16 +69,19 @@ def recheck(
     if not candidates:
         return rejected
 
+    unread = unread or Unread()
     scope_nodes = {w[0] for rk in candidates for w in fresh[rk].values()}
     problem = _neighbourhood(doc, scope_nodes, committed, {name for name, _ in candidates})
-    quotas = Quotas(doc, committed, elsewhere or {}, {name for name, _ in candidates})
+    quotas = Quotas(doc, committed, unread.tenants, {name for name, _ in candidates})
+    rows = RowPower(doc, committed, unread.rows, problem)
     scopes_of = PlacementScopes(problem)
     scopes = {rk: set().union(*(scopes_of.of(w[0], w[1]) for w in fresh[rk].values()), quotas.scopes(rk[0]))
               for rk in candidates}
     local = {n.id for n in problem.nodes}
 
     def violations(landing: Mapping[ReplicaKey, Mapping[int, Where]]) -> list[Violation]:
-        return _violations(problem, _placements(committed, landing, local)) + quotas.violations(landing)
+        placements = _placements(committed, landing, local)
+        return _violations(problem, placements) + rows.violations(placements) + quotas.violations(landing)
 
     baseline: set[Violation] | None = None
     while candidates:
@@ -124,6 +129,67 @@ def shard_usage(shard: Mapping[str, Any], where: Where) -> TenantUsage:
     milli = (where[2] or spec_milli) if accelerators == 1 and spec_milli < 1000 else 1000
     held = milli * len(where[1])
     return TenantUsage(held, shard.get("power_w", 0.0) * held / 1000.0)
+
+
+@dataclass(frozen=True)
+class Unread:
+    """What a scoped commit did not read, as the totals the rules need: per tenant with a quota,
+    what its other shards hold; per row the landing replicas touch (its other racks), what the
+    shards there draw under load, per tenant."""
+
+    tenants: Mapping[str, TenantUsage] = field(default_factory=dict)
+    rows: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+
+class RowPower:
+    """The power budgets of the rows around the judged racks: the one rule of a wider scope than
+    the racks judged but a quota's. A row draws the idle power of its nodes that are not down
+    plus the load of every shard on it, the way `find_power_violations` counts: the shards on
+    the judged racks (the placements judged), the other committed ones (`committed`) and what
+    was not read (`unread`)."""
+
+    def __init__(self, doc: Mapping[str, Any], committed: Mapping[ShardKey, Where],
+                 unread: Mapping[str, Mapping[str, float]], problem: Problem) -> None:
+        judged = {r.id for r in problem.racks}
+        rows = {r.row for r in problem.racks}
+        self._budgets = {r["id"]: float(r["power_budget_w"]) for r in doc.get("rows", ())
+                         if r["id"] in rows and r.get("power_budget_w") is not None}
+        rack_row = {r["id"]: r["row"] for r in doc.get("racks", ()) if r["row"] in self._budgets}
+        node_row = {n["id"]: rack_row[n["rack"]] for n in doc["nodes"] if n["rack"] in rack_row}
+        specs = {d["id"]: d for d in doc.get("deployments", ())}
+        self._draw = {row: 0.0 for row in self._budgets}
+        self._present: dict[str, set[str]] = {row: set() for row in self._budgets}
+        for n in doc["nodes"]:
+            if n["id"] in node_row and n.get("state", "ready") != "down":
+                self._draw[node_row[n["id"]]] += n.get("idle_power_w", 0.0)
+        outside = {n["id"] for n in doc["nodes"] if n["id"] in node_row and n["rack"] not in judged}
+        for key, where in committed.items():
+            if where[0] in outside and key[0] in specs:
+                row = node_row[where[0]]
+                self._draw[row] += shard_usage(specs[key[0]]["shard"], where).power_w
+                self._present[row].add(specs[key[0]]["tenant"])
+        for row, by_tenant in unread.items():
+            if row in self._draw:
+                self._draw[row] += sum(by_tenant.values())
+                self._present[row].update(by_tenant)
+        self._node_row = {n.id: node_row[n.id] for n in problem.nodes if n.id in node_row}
+        self._deployments = {d.id: d for d in problem.deployments}
+
+    def violations(self, placements: tuple[Placement, ...]) -> list[Violation]:
+        """The rows over budget with `placements` (on the judged racks) added."""
+        if not self._budgets:
+            return []
+        draw, present = dict(self._draw), {row: set(tenants) for row, tenants in self._present.items()}
+        for p in placements:
+            row, dep = self._node_row.get(p.node), self._deployments.get(p.deployment)
+            if row is None or dep is None:
+                continue
+            milli = 1000 if not dep.shard.fractional else (p.accelerator_milli or dep.shard.accelerator_milli)
+            draw[row] += dep.shard.power_w * milli * len(p.accelerator_indices) / 1000.0
+            present[row].add(dep.tenant)
+        return [Violation("POWER", f"row {row}", tuple(sorted(present[row])),
+                          f"row {row} draws {draw[row]:g} W, over its budget of {budget:g} W")
+                for row, budget in sorted(self._budgets.items()) if draw[row] > budget + EPSILON]
 
 
 class Quotas:
@@ -196,19 +262,19 @@ def _placements(committed: Mapping[ShardKey, Where], landing: Mapping[ReplicaKey
 
 def _neighbourhood(doc: Mapping[str, Any], touched: set[str], committed: Mapping[ShardKey, Where],
                    landing: set[str]) -> Problem:
-    """The committed problem cut down to the rows holding `touched` nodes and to the deployments
-    with shards there or `landing` there (no placements): what is converted is what is judged."""
-    rack_row = {r["id"]: r["row"] for r in doc.get("racks", ())}
+    """The committed problem cut down to the racks holding `touched` nodes, their rows without
+    power budgets (`RowPower` judges those), and the deployments with shards there or `landing`
+    there (no placements): what is converted is what is judged."""
     node_rack = {n["id"]: n["rack"] for n in doc["nodes"]}
-    rows = {rack_row.get(node_rack[n]) for n in touched if n in node_rack}
-    racks = [r for r in doc.get("racks", ()) if r["row"] in rows]
-    in_racks = {r["id"] for r in racks}
+    in_racks = {node_rack[n] for n in touched if n in node_rack}
+    racks = [r for r in doc.get("racks", ()) if r["id"] in in_racks]
+    rows = {r["row"] for r in racks}
     nodes = [n for n in doc["nodes"] if n["rack"] in in_racks]
     local = {n["id"] for n in nodes}
     used = landing | {key[0] for key, where in committed.items() if where[0] in local}
     part = {
         **{k: v for k, v in doc.items() if k not in ("placements", "options")},
-        "rows": [r for r in doc.get("rows", ()) if r["id"] in rows],
+        "rows": [{k: v for k, v in r.items() if k != "power_budget_w"} for r in doc.get("rows", ()) if r["id"] in rows],
         "racks": racks,
         "nodes": nodes,
         "deployments": [d for d in doc.get("deployments", ()) if d["id"] in used],

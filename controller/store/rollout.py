@@ -132,7 +132,8 @@ class PlanKeys:
 
     def __init__(self, refs: Mapping[str, SolverRef], used: Mapping[str, frozenset[int]]) -> None:
         self._refs = refs
-        self._used = {key: set(indices) for key, indices in used.items()}
+        self._stored = used
+        self._used: dict[str, set[int]] = {}  # copied from `used` per deployment given fresh indices
         self._fresh: dict[tuple[str, int], int] = {}
 
     def name(self, solver_id: str) -> str:
@@ -159,7 +160,9 @@ class PlanKeys:
             return stored
         key = (solver_id, replica)
         if key not in self._fresh:
-            used = self._used.setdefault(ref.key, set())
+            used = self._used.get(ref.key)
+            if used is None:
+                used = self._used[ref.key] = set(self._stored.get(ref.key, ()))
             index = 0
             while index in used:
                 index += 1

@@ -35,12 +35,13 @@ NODES = [f"{rack}-n{i}" for rack in RACKS for i in range(3)]
 
 
 def _cluster(rng: random.Random, deployments: int = 8) -> dict[str, Any]:
-    """A random small cluster: rack power budgets that bind, tenant quotas, a dedicated_node
+    """A random small cluster: rack and row power budgets that bind, tenant quotas, a dedicated_node
     tenant, tenants that exclude each other, deployments of 1-2 shards of 1-2 accelerators; nothing placed."""
     return {
         "version": 1,
         "zones": [{"id": "z1"}],
-        "rows": [{"id": "row1", "zone": "z1"}, {"id": "row2", "zone": "z1", "power_budget_w": 3000}],
+        "rows": [{"id": "row1", "zone": "z1", "power_budget_w": rng.choice([1200, 1600, None])},
+                 {"id": "row2", "zone": "z1", "power_budget_w": 3000}],
         "racks": [{"id": rack, "row": row, "power_budget_w": rng.choice([1200, 1800, None])}
                   for rack, row in RACKS.items()],
         "nodes": [{"id": n, "rack": n.rpartition("-")[0], "accelerators": 4, "idle_power_w": 50} for n in NODES],
@@ -146,7 +147,7 @@ async def _tried(database: Database, snap: Snapshot, plan: Plan,
         return result, await _committed_state(uow.session)
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(12))
 async def test_a_scoped_commit_lands_what_an_unscoped_commit_of_the_same_decisions_lands(
         database: Database, seed: int) -> None:
     rng = random.Random(seed)
@@ -221,22 +222,30 @@ async def test_a_scoped_stale_commit_onto_a_node_cordoned_since_is_requeued(data
     assert result.shards == {}
 
 
-async def test_two_scoped_commits_over_a_power_budget_together_land_one(database: Database) -> None:
-    # Two tenants' new deployments, each within rack r1a's budget alone, over it together.
+@pytest.mark.parametrize("budget, second_node, why", [
+    ("rack", "r1a-n1", "POWER: rack r1a draws 1200 W"),
+    # The other commit's shard is on a rack the second does not read: the row's total counts it.
+    ("row", "r1b-n0", "POWER: row row1 draws 1200 W"),
+])
+async def test_two_scoped_commits_over_a_power_budget_together_land_one(
+        database: Database, budget: str, second_node: str, why: str) -> None:
+    # Two tenants' new deployments, each within the budget alone, over it together.
     doc = {**_cluster(random.Random(0), deployments=0),
-           "racks": [{"id": "r1a", "row": "row1", "power_budget_w": 1000}, {"id": "r1b", "row": "row1"},
-                     {"id": "r2a", "row": "row2"}],
+           "rows": [{"id": "row1", "zone": "z1", **({"power_budget_w": 1000} if budget == "row" else {})},
+                    {"id": "row2", "zone": "z1"}],
+           "racks": [{"id": "r1a", "row": "row1", **({"power_budget_w": 1000} if budget == "rack" else {})},
+                     {"id": "r1b", "row": "row1"}, {"id": "r2a", "row": "row2"}],
            "deployments": [{"id": f"{t}/x", "tenant": t, "replicas": 1, "shards_per_replica": 1,
                             "shard": {"accelerators": 2, "power_w": 300}} for t in ("a", "c")]}
     doc["nodes"] = [dict(n, idle_power_w=0) for n in doc["nodes"]]
     doc["tenants"] = [{"id": "a"}, {"id": "c"}]
     snap = await _seeded(database, doc)
     plans = [(Plan("optimal", (PlanPlacement("a/x", 0, 0, "r1a-n0", (0, 1)),)), {"a/x"}),
-             (Plan("optimal", (PlanPlacement("c/x", 0, 0, "r1a-n1", (0, 1)),)), {"c/x"})]
+             (Plan("optimal", (PlanPlacement("c/x", 0, 0, second_node, (0, 1)),)), {"c/x"})]
     outcomes = await asyncio.gather(*(_commit(database, snap, plan, scope) for plan, scope in plans))
 
     turned_away = [why for o in outcomes for why in o.requeued.values()]
-    assert len(turned_away) == 1 and turned_away[0][0].startswith("POWER: rack r1a draws 1200 W")
+    assert len(turned_away) == 1 and turned_away[0][0].startswith(why)
     async with database.unit_of_work() as uow:
         committed = await load_snapshot(uow.session)
     assert len(committed.problem["placements"]) == 1
