@@ -31,11 +31,8 @@ database only the leader does (`controller.leadership`; `AlwaysLeader` alone). T
 database is fenced (`Database.fenced`): a pass whose lease was lost meanwhile commits nothing
 (`LeaseLost`), and the loop waits until it leads again.
 
-One bad deployment never stalls the others: before solving, a stored deployment beyond today's
-limits (stored before they existed) is quarantined (each deployment is judged once: on the first
-pass that sees it after start-up or after becoming leader; submissions are validated already); when the solver raises, the pass solves the
-deployments new since the last good pass alone (at most `limits.ISOLATION_SOLVES_MAX` of them,
-newest first), quarantines each it fails on `quarantine_after` times, and solves the rest again.
+One bad deployment never stalls the others: one beyond today's limits, or one the solver
+raises on, is quarantined (`scheduling/quarantine.py`) and the rest solved again.
 `consecutive_failures` and `running_for_s()` tell the health monitor whether it is doing its job.
 """
 
@@ -45,14 +42,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from controller import limits
 from controller.aio import wait_event
-from controller.errors import InvalidArgument
-from controller.scheduling.cache import ClusterCache
+from controller.scheduling.warm import WarmCluster
+from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import QueueDepths, SchedulingQueue
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -61,12 +58,11 @@ from controller.store.lease import LeaseLost
 from controller.store.failures import handle_failures
 from controller.store.plans import CommitResult, commit_plan
 from controller.store.rollout import DEFAULT_SURGE, retire_replaced, stored_key
-from controller.store.snapshot import Snapshot, load_arrivals
+from controller.store.snapshot import Snapshot
 from controller.usecases import planning
-from controller.usecases.deployments import validate_spec
 from controller.domain.restarts import RestartPolicy
-from controller.domain.values import DeploymentView, split_deployment_key
-from scheduler import Plan, Unplaced
+from controller.domain.values import DeploymentView
+from scheduler import Plan
 
 log = logging.getLogger("maia.reconcile")
 
@@ -180,12 +176,11 @@ class Reconciler:
         self._last_generation: int | None = None
         # Deployments in the last committed pass's snapshot: more at the same generation are arrivals.
         self._last_arrivals: int | None = None
-        self._within_limits: set[str] = set()  # deployments `_beyond_limits` has passed
         self._queue = SchedulingQueue(backoff_s=backoff_s)
         self._lock = asyncio.Lock()
         self.passes = 0
         self.solves = 0
-        self._quarantine_after = quarantine_after
+        self._quarantined = Quarantine(quarantine_after)
         self._allow_preemption = allow_preemption
         self._max_surge = max_surge
         self._replacing = True               # replicas being replaced (store/rollout.py): check every pass
@@ -194,16 +189,11 @@ class Reconciler:
         self._failures_checked: int | None = None  # the generation the last FAILED-shard check saw
         self._failures_due: float | None = None     # when a failed replica's back-off ends
         self._avoid: frozenset[str] = frozenset()   # nodes the next solve keeps new shards off
-        self._failures: dict[str, int] = {}  # solver failures per deployment (solved alone)
-        self._good: set[str] = set()         # deployments of the last committed plan
         self._pass_started: float | None = None
         self.consecutive_failures = 0        # passes in a row that raised
-        # The fast path (controller/scheduling/cache.py): the warm cluster, valid while the
-        # generation is the one this controller's last commit left (`_own_generation`).
-        self._cache: ClusterCache | None = None
-        self._own_generation: int | None = None
-        self._known_id = 0                   # highest deployment key the last commit's snapshot held
-        self._unplaced: dict[str, Unplaced] = {}  # the last commit's reasons, by solver deployment
+        # The fast path: the warm cluster (controller/scheduling/warm.py, cache.py).
+        self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
+                                 time_limit_ms=solve_time_limit_ms)
         self.fast_passes = 0
 
     def running_for_s(self) -> float:
@@ -216,7 +206,7 @@ class Reconciler:
     @property
     def warm_snapshot(self) -> Snapshot | None:
         """The cached snapshot the next fast pass decides on (None: the next one reads afresh)."""
-        return None if self._cache is None else self._cache.snapshot
+        return None if self._warm.cache is None else self._warm.cache.snapshot
 
     def resync(self) -> None:
         """Solve again on the next pass whatever the generation (a new leader starts afresh:
@@ -224,14 +214,10 @@ class Reconciler:
         self._last_generation = None
         self._retry_at = None
         self._failures_checked = self._failures_due = None
-        self._within_limits.clear()
+        self._quarantined.within.clear()
         self._queue = SchedulingQueue(backoff_s=self._queue.backoff_s)
-        self._drop_cache()
+        self._warm.drop()
         self.wake()
-
-    def _drop_cache(self) -> None:
-        self._cache = None
-        self._own_generation = None
 
     async def run(self) -> None:
         """Reconcile until cancelled."""
@@ -289,10 +275,10 @@ class Reconciler:
                     self._queue.arrived(0)
                 self._observer.queue_depths(self._queue.depths())
             except LeaseLost:  # not a failure of this pass: another controller schedules now
-                self._drop_cache()
+                self._warm.drop()
                 raise
             except BaseException:  # the cache may hold what was never committed
-                self._drop_cache()
+                self._warm.drop()
                 self.consecutive_failures += 1
                 raise
             finally:
@@ -348,23 +334,23 @@ class Reconciler:
     def _only_arrivals(self, generation: int, arrivals: int) -> bool:
         """Nobody changed the cluster since this controller's last commit, deployments arrived,
         and nothing is being replaced or avoided: the pass may decide on the warm cluster."""
-        return (generation == self._own_generation == self._last_generation and self._last_arrivals is not None
+        return (generation == self._warm.own_generation == self._last_generation and self._last_arrivals is not None
                 and arrivals > self._last_arrivals and not self._replacing and not self._avoid)
 
     async def _fast_pass(self, arrivals: int) -> ReconcileOutcome | None:
         """Decide the arrivals on the warm cluster and commit them in one transaction (module
         doc of controller/scheduling/cache.py); None: the full path must run instead."""
         started = time.perf_counter()
-        docs = await self._arrivals(arrivals)
-        cache = self._cache
-        if docs is None or cache is None or _judge_limits(docs, self._within_limits):
-            self._drop_cache()  # a deployment beyond the limits is quarantined by the full path
+        docs = await self._warm.arrivals(arrivals)
+        cache = self._warm.cache
+        if docs is None or cache is None or self._quarantined.judge(docs):
+            self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
             return None
         try:
-            fast = await asyncio.to_thread(cache.decide, docs, self._unplaced)
+            fast = await asyncio.to_thread(cache.decide, docs, self._warm.unplaced)
         except Exception:
             log.exception("the session failed to decide %d arrivals; solving the whole cluster", len(docs))
-            self._drop_cache()
+            self._warm.drop()
             return None
         decided_s = time.perf_counter() - started
         self._observer.solved(fast.plan.status, decided_s)
@@ -377,7 +363,7 @@ class Reconciler:
         changed = await self._report(result, fast.plan, {}, decided_s * 1000, waiting=0)
         if result.stale:  # someone changed the cluster meanwhile: what held is written; solve it all
             self._observer.plan_conflict()
-            self._drop_cache()
+            self._warm.drop()
             return None
         # Only this commit moved the generation: no FAILED shard or replacement to look for.
         if self._failures_checked == base:
@@ -385,11 +371,8 @@ class Reconciler:
         if self._retire_checked == base:
             self._retire_checked = result.generation
         self._committed(cache.snapshot, fast.plan, result, fast.scope)
-        self._good.update(d["id"] for d in docs)
-        if result.requeued or fast.preempted or not cache.committed(fast, result.generation):
-            self._cache = None  # rebuilt from a fresh snapshot when next needed
-        else:
-            self._cache = cache
+        self._quarantined.good.update(d["id"] for d in docs)
+        self._warm.after_fast(cache, fast, result)
         # The full solve tries them (and what was preempted) once more; it may move others.
         self._queue.back_off(fast.unplaced + tuple(p.deployment for p in fast.plan.preempted), self._clock())
         retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued else None
@@ -397,35 +380,13 @@ class Reconciler:
             solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
             changed_deployments=frozenset(changed), retry_in_s=retry_in_s)
 
-    async def _arrivals(self, arrivals: int) -> list[dict[str, Any]] | None:
-        """The deployments to decide on the warm cluster (building it from a fresh snapshot if
-        there is none); None: not only arrivals after all, or missed (keys committed out of order)."""
-        async with self._db.unit_of_work() as uow:
-            if self._cache is not None:
-                new = await load_arrivals(uow.session, after_id=self._cache.last_id, surge=self._max_surge)
-                if len(self._cache.snapshot.deployment_ids) + len(new.deployment_ids) != arrivals:
-                    return None
-                return self._cache.add(new)
-            snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
-        if snapshot.generation != self._own_generation:
-            return None
-        self._cache = await asyncio.to_thread(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
-                                              time_limit_ms=self._time_limit_ms)
-        return None if self._cache is None else self._cache.pending_since(self._known_id)
-
     def _committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult,
                    scope: frozenset[str] | None = None) -> None:
         """Bookkeeping after a commit that was not stale, by either path (`scope`: what a fast
         plan spoke for)."""
-        self._last_generation = self._own_generation = result.generation
+        self._last_generation = result.generation
         self._last_arrivals = len(snapshot.deployment_ids)
-        self._known_id = max(snapshot.deployment_ids.values(), default=0)
-        if scope is None:
-            self._unplaced = {}
-        else:
-            for name in scope:
-                self._unplaced.pop(name, None)
-        self._unplaced.update((u.deployment, u) for u in plan.unplaced)
+        self._warm.committed(snapshot, plan, result, scope)
 
     async def _report(self, result: CommitResult, plan: Plan, deleting: dict[str, DeploymentView], solve_ms: float,
                 *, waiting: int) -> set[str]:
@@ -451,17 +412,9 @@ class Reconciler:
         """The snapshot a full solve starts from, and the deployments being deleted (their last
         state, for the DELETED events once the commit removes them): the warm one while nobody
         else changed the cluster (the back-off's retry, a time-limited retry), else a fresh read."""
-        cache = self._cache
-        if cache is not None:
-            async with self._db.unit_of_work() as uow:
-                generation = await repo.read_cluster_generation(uow.session)
-                new = await load_arrivals(uow.session, after_id=cache.last_id, surge=self._max_surge)
-                count = await repo.count_schedulable_deployments(uow.session)
-            if generation == cache.snapshot.generation == self._own_generation and \
-                    len(cache.snapshot.deployment_ids) + len(new.deployment_ids) == count:
-                cache.add(new)
-                return cache.snapshot, {}
-            self._drop_cache()
+        warm = await self._warm.snapshot()
+        if warm is not None:
+            return warm, {}
         async with self._db.unit_of_work() as uow:
             snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
             deleting = {r.spec.key: r for r in map(repo.deployment_view, await repo.list_deployment_rows(
@@ -474,7 +427,7 @@ class Reconciler:
         deleted_names: set[str] = set()
         for attempt in range(self._retries + 1):
             snapshot, deleting = await self._full_snapshot()
-            beyond = _beyond_limits(snapshot.problem, self._within_limits)
+            beyond = self._quarantined.beyond_limits(snapshot.problem)
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
                 continue
@@ -489,7 +442,7 @@ class Reconciler:
             except Exception as exc:
                 log.error("the solver failed on the whole cluster (%s: %s); isolating the deployment it trips on",
                           type(exc).__name__, exc)
-                culprits = await self._isolate(snapshot.problem)
+                culprits = await self._quarantined.isolate(snapshot.problem, self._solve, time_limit_ms=self._time_limit_ms)
                 if not culprits:
                     raise
                 await self._quarantine(culprits)
@@ -510,7 +463,7 @@ class Reconciler:
                          attempt + 1, snapshot.generation)
                 continue
             self._committed(snapshot, plan, result)
-            self._good = {d["id"] for d in snapshot.problem.get("deployments", ())}
+            self._quarantined.good = {d["id"] for d in snapshot.problem.get("deployments", ())}
             self._avoid = frozenset()
             if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
                 self._queue.after_retry()
@@ -518,10 +471,7 @@ class Reconciler:
             else:
                 self._queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
                 retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued))
-            cache = self._cache  # the cache solved from follows what was written, else it is read again
-            if cache is None or cache.snapshot is not snapshot or result.requeued or \
-                    not await asyncio.to_thread(cache.follow, result.shards, result.generation):
-                self._cache = None
+            await self._warm.after_full(snapshot, result)
             return ReconcileOutcome(
                 solved=True, generation=result.generation, conflicts=attempt,
                 changed_nodes=frozenset(changed_nodes), changed_deployments=frozenset(changed_deployments),
@@ -529,31 +479,10 @@ class Reconciler:
             )
         log.warning("%d stale plans in a row; solving again on the next wake", self._retries + 1)
         self._last_generation = None
-        self._drop_cache()
+        self._warm.drop()
         return ReconcileOutcome(solved=True, conflicts=self._retries + 1, changed_nodes=frozenset(changed_nodes),
                                 changed_deployments=frozenset(changed_deployments),
                                 deleted=tuple(sorted(deleted_names)))
-
-    async def _isolate(self, problem: dict[str, Any]) -> dict[str, str]:
-        """Solve suspects alone; those the solver fails on `quarantine_after` times, with why."""
-        docs = list(reversed(problem.get("deployments", ())))  # newest first
-        suspects = [d["id"] for d in docs if d["id"] not in self._good] or [d["id"] for d in docs]
-        culprits: dict[str, str] = {}
-        for name in suspects[:limits.ISOLATION_SOLVES_MAX]:
-            alone = planning.with_options(planning.with_only(problem, name), time_limit_ms=self._time_limit_ms)
-            error: Exception | None = None
-            while self._failures.get(name, 0) < self._quarantine_after:
-                try:
-                    await self._solve(alone, time_limit_ms=self._time_limit_ms)
-                except Exception as exc:
-                    self._failures[name] = self._failures.get(name, 0) + 1
-                    error = exc
-                else:
-                    break
-            if error is not None and self._failures.get(name, 0) >= self._quarantine_after:
-                culprits[name] = (f"the solver failed on it {self._failures[name]} times "
-                                  f"({type(error).__name__}: {str(error)[:200]}); submit it again or delete it")
-        return culprits
 
     async def _quarantine(self, reasons: dict[str, str]) -> None:
         changed: set[str] = set()
@@ -561,35 +490,9 @@ class Reconciler:
             for name, reason in reasons.items():
                 changed |= await repo.quarantine_deployment(uow.session, stored_key(name), reason)
             await uow.commit()
+        self._quarantined.quarantined(reasons)
         for name, reason in reasons.items():
-            self._failures.pop(name, None)
             log.error("deployment quarantined deployment=%s reason=%s", name, reason)
         self._push(changed)
         await self._publish({stored_key(name) for name in reasons}, [])
 
-
-def _beyond_limits(problem: dict[str, Any], within: set[str]) -> dict[str, str]:
-    """Stored deployments today's validation would refuse (stored before the limits), with why.
-
-    `within` holds the names already passed: they are not judged again, and those passed now
-    are added (a deployment is validated on submission; only those stored before start-up, or
-    by another controller before this one led, can be beyond); names no longer in `problem` are
-    forgotten."""
-    beyond = _judge_limits(problem.get("deployments", ()), within)
-    within.intersection_update(doc["id"] for doc in problem.get("deployments", ()))  # forget the gone
-    return beyond
-
-
-def _judge_limits(docs: Iterable[dict[str, Any]], within: set[str]) -> dict[str, str]:
-    """`_beyond_limits` of some deployments, forgetting none."""
-    beyond: dict[str, str] = {}
-    for doc in docs:
-        if doc["id"] in within:
-            continue
-        try:  # an outgoing revision (TENANT/NAME~REVISION) is checked under its deployment's name
-            validate_spec(replace(planning.spec_of_doc(doc), name=split_deployment_key(stored_key(doc["id"]))[1]))
-        except InvalidArgument as exc:
-            beyond[doc["id"]] = f"exceeds the controller's limits: {exc.message}; submit it again within them"
-        else:
-            within.add(doc["id"])
-    return beyond

@@ -1,0 +1,94 @@
+"""The reconciler's hold on its warm cluster (`cache.ClusterCache`): when the cache may be
+used, how it is (re)built and fed from the database, and what each commit leaves it.
+
+The cache is valid exactly while the cluster generation is the one this controller's own last
+commit left (`own_generation`): submissions leave the generation alone, so what changed since
+is only new deployment rows, read by primary key above the last one seen and counted against
+`count_schedulable_deployments` (a key committed out of order makes the counts differ: the
+cache is dropped and the pass reads the whole cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from controller.scheduling.cache import ClusterCache, FastPlan
+from controller.store import repositories as repo
+from controller.store.db import Database
+from controller.store.plans import CommitResult
+from controller.store.snapshot import Snapshot, load_arrivals, load_snapshot
+from scheduler import Plan, Unplaced
+
+
+class WarmCluster:
+    def __init__(self, db: Database, *, surge: int, allow_preemption: bool, time_limit_ms: int) -> None:
+        self._db = db
+        self._surge = surge
+        self._allow_preemption = allow_preemption
+        self._time_limit_ms = time_limit_ms
+        self.cache: ClusterCache | None = None
+        self.own_generation: int | None = None  # what this controller's last commit left
+        self._known_id = 0  # highest deployment key the last commit's snapshot held
+        self.unplaced: dict[str, Unplaced] = {}  # the last commits' reasons, by solver deployment
+
+    def drop(self) -> None:
+        """Forget the cache and the generation it was valid for (the next read is a fresh one)."""
+        self.cache = None
+        self.own_generation = None
+
+    async def arrivals(self, schedulable: int) -> list[dict[str, Any]] | None:
+        """The deployments to decide on the cache (building it from a fresh snapshot when there
+        is none); None: not only arrivals after all, or one was missed."""
+        async with self._db.unit_of_work() as uow:
+            if self.cache is not None:
+                new = await load_arrivals(uow.session, after_id=self.cache.last_id, surge=self._surge)
+                if len(self.cache.snapshot.deployment_ids) + len(new.deployment_ids) != schedulable:
+                    return None
+                return self.cache.add(new)
+            snapshot = await load_snapshot(uow.session, surge=self._surge)
+        if snapshot.generation != self.own_generation:
+            return None
+        self.cache = await asyncio.to_thread(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
+                                             time_limit_ms=self._time_limit_ms)
+        return None if self.cache is None else self.cache.pending_since(self._known_id)
+
+    async def snapshot(self) -> Snapshot | None:
+        """The cached snapshot with the rows stored since, for a full solve, while it is valid
+        (the back-off's retry, a time-limited retry); None: read the cluster."""
+        cache = self.cache
+        if cache is None:
+            return None
+        async with self._db.unit_of_work() as uow:
+            generation = await repo.read_cluster_generation(uow.session)
+            new = await load_arrivals(uow.session, after_id=cache.last_id, surge=self._surge)
+            schedulable = await repo.count_schedulable_deployments(uow.session)
+        if generation == cache.snapshot.generation == self.own_generation and \
+                len(cache.snapshot.deployment_ids) + len(new.deployment_ids) == schedulable:
+            cache.add(new)
+            return cache.snapshot
+        self.drop()
+        return None
+
+    def committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult,
+                  scope: frozenset[str] | None = None) -> None:
+        """After a commit that was not stale, by either path (`scope`: what a fast plan spoke for)."""
+        self.own_generation = result.generation
+        self._known_id = max(snapshot.deployment_ids.values(), default=0)
+        if scope is None:
+            self.unplaced = {}
+        for name in scope or ():
+            self.unplaced.pop(name, None)
+        self.unplaced.update((u.deployment, u) for u in plan.unplaced)
+
+    def after_fast(self, cache: ClusterCache, fast: FastPlan, result: CommitResult) -> None:
+        """The cache follows a fast plan's commit, or is dropped (rebuilt when next needed)."""
+        keep = not (result.requeued or fast.preempted) and cache.committed(fast, result.generation)
+        self.cache = cache if keep else None
+
+    async def after_full(self, snapshot: Snapshot, result: CommitResult) -> None:
+        """The cache a full solve started from follows what its commit wrote, or is dropped."""
+        cache = self.cache
+        if cache is None or cache.snapshot is not snapshot or result.requeued or \
+                not await asyncio.to_thread(cache.follow, result.shards, result.generation):
+            self.cache = None
