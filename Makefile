@@ -3,6 +3,9 @@
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
+# Test processes: the suite waits on real controllers, simnodes and PostgreSQL much of the time,
+# so two workers finish it sooner even on 2 cores (docs/benchmarks.md "Test suite"). 1 = serial.
+PYTEST_WORKERS ?= 2
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
@@ -26,7 +29,7 @@ demo: install
 ## The whole test suite, against SQLite and a real PostgreSQL the tests start themselves, and
 ## the web console in headless Chromium.
 test: install postgres chromium
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## Scale tests (marked slow), excluded from `make test`.
 test-slow: install postgres
