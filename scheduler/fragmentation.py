@@ -34,6 +34,7 @@ that are partly free everywhere, which best fit on domains avoids.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -45,6 +46,7 @@ _HASH = np.random.default_rng(7).integers(1, 2**63, size=64, dtype=np.uint64) | 
 MAX_TYPES = 256  # most popular task shapes kept in the workload model (FGD's "typical pods")
 BALANCE_WEIGHT = 2.0  # host-balance term per stranded milli, next to FGD's expected milli
 SCARCITY_WEIGHT = 1.0  # model-pressure term per milli taken from a contested model
+STATE_PRICE_EVERY = 32  # arrivals seen between two pricings of the cluster as it stands
 
 
 class Workload:
@@ -69,7 +71,7 @@ class Workload:
         self.restricted_share = np.zeros(0)
         self.restricted_models = np.zeros((0, 0), dtype=bool)
         self._pairing: PairingValues | None = None
-        self._pairing_key: tuple[int, int] | None = None
+        self._pairing_key: tuple[int, int, int] | None = None
 
     def bind_models(self, node_models: tuple[str | None, ...]) -> None:
         """Learn the cluster's accelerator models, so shapes restricted to some models
@@ -120,17 +122,21 @@ class Workload:
         self._seen_at_refresh = self.seen
         self.version += 1
 
-    def pairing(self, accelerators: int) -> PairingValues | None:
+    def pairing(self, accelerators: int,
+                used: Callable[[], Mapping[int, int]] | None = None) -> PairingValues | None:
         """Prices of free room per accelerator (`pairing.py`) for this snapshot's demand on a
-        cluster of `accelerators`; computed once per snapshot."""
+        cluster of `accelerators`; computed once per snapshot. With `used` (the cluster's
+        accelerators with room, per milli used: `pairing_values`), priced on the cluster as
+        it stands, again every `STATE_PRICE_EVERY` arrivals seen."""
         gpus, milli, *_, prob = self.arrays()
-        key = (self.version, accelerators)
+        epoch = -1 if used is None else self.seen // STATE_PRICE_EVERY
+        key = (self.version, accelerators, epoch)
         if self._pairing_key != key:
             # Milli asked per arrival of each shape, undoing observe()'s whole-task weight.
             demand = prob * np.maximum(gpus, 1) * milli / (1 + np.where(milli >= 1000, gpus, 0))
             self._pairing = pairing_values(
                 ((int(m), float(x)) for m, g, x in zip(milli, gpus, demand) if g > 0),
-                accelerators)
+                accelerators, None if used is None else used())
             self._pairing_key = key
         return self._pairing
 

@@ -23,7 +23,8 @@ from scheduler.state import ClusterState, ShardAt
 Scorer = Literal["fgd", "bestfit"]
 FGD_ACCELERATOR_CHOICE = False  # fractions: FGD picks the accelerator too (as in the paper)
 FGD_QUANTUM = 1.0  # fragmentation deltas closer than this (milli) count as ties
-PAIRING_WEIGHT = 10.0  # per milli of pairing value lost (pairing.py), next to FGD's milli
+PAIRING_WEIGHT = 30.0  # per milli of pairing value lost (pairing.py), next to FGD's milli
+STATE_PRICES = True  # price pairings on the cluster as it stands, not an empty one
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,15 @@ class Placer:
         if self.workload.stale():
             self.workload.refresh()
         topo = self.state.topo
-        return self.workload.pairing(int(topo.node_accelerators[topo.node_ready].sum()))
+        return self.workload.pairing(int(topo.node_accelerators[topo.node_ready].sum()),
+                                     self._room_by_use if STATE_PRICES else None)
+
+    def _room_by_use(self) -> dict[int, int]:
+        """Accelerators of ready nodes with room, per milli used on them (0: empty)."""
+        s = self.state
+        free = s.acc_free[s.acc_exists & s.topo.node_ready[:, None]]
+        used, count = np.unique(1000 - free[free > 0], return_counts=True)
+        return dict(zip(used.tolist(), count.tolist()))
 
     def _scarcity_cost(self, t: int, spec: ShardSpec, candidates: np.ndarray) -> np.ndarray:
         """Milli of model-restricted demand a shard is expected to displace on each candidate

@@ -2,7 +2,8 @@
 
 Candidates, each played out on the state and undone: several orders of the k arrivals (as
 they arrived, biggest first, `BATCH_SHUFFLES` seeded shuffles; priority always first), each
-arrival then decided alone by the placer, and the joint assignment of `joint_batch.py` (the
+arrival then decided alone by the placer (in arrival order learning the workload one arrival
+at a time, exactly as online decisions would: so a batch never places less than they do), and the joint assignment of `joint_batch.py` (the
 batch's fractional shards paired onto accelerators by one CP-SAT model). The candidate placing
 most (priority-weighted) is kept, then the one leaving the cluster best by `node_quality`
 (least fragmentation, most pairing value kept, `pairing.py`) on the nodes it touched.
@@ -10,6 +11,7 @@ most (priority-weighted) is kept, then the one leaving the cluster best by `node
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,6 +52,7 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
     """Decide these arrivals together: the best of `batch_orders` and the joint assignment,
     each played out and undone."""
     state = solver.state
+    alone = copy.deepcopy(solver.workload)  # what one arrival at a time would have seen
     for d in ds:
         solver.workload.observe(state.deps[d].shard, state.deps[d].replicas)
     if solver.workload.stale():
@@ -59,18 +62,25 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
     best: tuple[tuple[float, float], Replicas] | None = None
     joint = any(jointly_placeable(solver, d) for d in ds)
     joint_won = False
-    for order in [*batch_orders(solver, ds, seed), *([JOINT] if joint else [])]:
-        placer = Placer(state, scorer=solver.placer.scorer, workload=solver.workload)
+    orders = batch_orders(solver, ds, seed)
+    for order in [*orders, *([JOINT] if joint else [])]:
+        # The first order (as they arrived) learns the workload one arrival at a time, as
+        # online decisions do: the batch then never places less than them.
+        first = order is orders[0]
+        placer = Placer(state, scorer=solver.placer.scorer,
+                        workload=alone if first else solver.workload)
         if order is JOINT:
             place_jointly(solver, placer, ds)
         else:
             for d in order:
+                if first:
+                    alone.observe(state.deps[d].shard, state.deps[d].replicas)
                 todo = solver.pending(d)
                 if todo:
                     placer.place_deployment(d, todo)
         result = replicas_of(state, ds)
         value = sum(len(rs) * solver.replica_value(d) for d, rs in result.items())
-        score = (float(value), batch_quality(solver, placer, state, result, base))
+        score = (float(value), batch_quality(solver, solver.placer, state, result, base))
         if best is None or score > best[0]:
             best = (score, result)
             joint_won = order is JOINT

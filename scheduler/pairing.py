@@ -17,15 +17,23 @@ then *loses* room_value[x] - room_value[x - s] - pi(s) >= 0: zero when the pairi
 of a best packing, more the worse it is. `Placer` adds that loss to a fractional task's FGD
 score (the accelerator inside a node is chosen by it too).
 
+Priced on the cluster as it stands (`used`, what the placer passes): the accelerators start
+from the milli already used on them (a 470 alone starts at 470) and the demand expected is the
+room left, not the capacity. An empty cluster gets the fresh prices; a filling one learns which
+room is plentiful and which is short: when few empty accelerators are left and many halves
+wait for a 470, opening an empty one for a 470 loses value (whole tasks need it), which the
+fresh prices cannot see (every pairing of the fresh optimum costs nothing there). On openb
+`default` this took online 3.86 % to 3.82 % (docs/benchmarks.md).
+
 One pool of accelerators (models are left to `model_pressure`), fractional tasks only; whole
-tasks take a full accelerator at value u. Recomputed on each workload snapshot; tiny (a few
-hundred variables), solved by GLOP in milliseconds.
+tasks take a full accelerator at value u. Tiny (a few thousand variables), solved by GLOP in
+milliseconds; the placer re-prices every `fragmentation.STATE_PRICE_EVERY` arrivals.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,10 +65,13 @@ class PairingValues:
                           0.0)
 
 
-def pairing_values(demand: Iterable[tuple[int, float]], accelerators: int
-                   ) -> PairingValues | None:
+def pairing_values(demand: Iterable[tuple[int, float]], accelerators: int,
+                   used: Mapping[int, int] | None = None) -> PairingValues | None:
     """Prices for a workload. `demand`: (milli per accelerator, share of the milli asked) per
     shape, whole-accelerator shapes as milli 1000; `accelerators`: the cluster's count.
+    `used` (optional): the cluster as it stands, accelerators with room per milli already
+    used on them (0: empty); the demand then fills the room left, packed onto those
+    accelerators from where they are, instead of an empty cluster of `accelerators`.
     None when there is nothing fractional to price or the LP fails."""
     shares: dict[int, float] = {}
     for milli, share in demand:
@@ -74,12 +85,24 @@ def pairing_values(demand: Iterable[tuple[int, float]], accelerators: int
     while FULL // unit > MAX_LEVELS:
         unit *= 2
     cap = FULL // unit
-    # Tasks expected if demand reaches the capacity, in units of `unit` milli.
+    starts: dict[int, int] | None = None
+    room = accelerators * FULL
+    if used is not None:
+        # Levels in whole units, rounded up (a used amount off the grid wastes the rest).
+        starts = {}
+        for milli, n in used.items():
+            level = -(-int(milli) // unit)
+            if n > 0 and level < cap:
+                starts[level] = starts.get(level, 0) + int(n)
+        room = sum((cap - level) * unit * n for level, n in starts.items())
+        if room <= 0:
+            return None
+    # Tasks expected if demand fills the room, in units of `unit` milli.
     counts = {-(-m // unit): 0.0 for m in frac}
     for m in frac:
-        counts[-(-m // unit)] += shares[m] / total * accelerators * FULL / m
-    counts[cap] = counts.get(cap, 0.0) + shares.get(FULL, 0.0) / total * accelerators
-    w, u = _size_duals(counts, cap, accelerators)
+        counts[-(-m // unit)] += shares[m] / total * room / m
+    counts[cap] = counts.get(cap, 0.0) + shares.get(FULL, 0.0) / total * room / FULL
+    w, u = _size_duals(counts, cap, accelerators, starts)
     if w is None:
         return None
     net = {s: (s - w[s]) * unit for s in counts}  # milli
@@ -94,21 +117,26 @@ def pairing_values(demand: Iterable[tuple[int, float]], accelerators: int
     return PairingValues(room, {m: net[-(-m // unit)] for m in frac})
 
 
-def _size_duals(counts: dict[int, float], cap: int, accelerators: int
+def _size_duals(counts: dict[int, float], cap: int, accelerators: int,
+                starts: dict[int, int] | None = None
                 ) -> tuple[dict[int, float] | None, float]:
     """The arc-flow LP (most units packed); per size the dual of its supply row, and the
-    accelerators row's dual, in units of the levels."""
+    accelerators row's dual, in units of the levels. `starts`: accelerators per level they
+    start from (None: `accelerators` empty ones)."""
     solver = pywraplp.Solver.CreateSolver("GLOP")
     if solver is None:
         return None, 0.0
     sizes = sorted(counts)
-    reach = {0}
-    for s in sorted(sizes, reverse=True):  # levels reachable with sizes >= s (no symmetry)
-        for a in sorted(reach):
-            b = a + s
-            while b <= cap and b not in reach:
-                reach.add(b)
-                b += s
+    if starts is None:
+        reach = {0}
+        for s in sorted(sizes, reverse=True):  # levels reachable with sizes >= s (no symmetry)
+            for a in sorted(reach):
+                b = a + s
+                while b <= cap and b not in reach:
+                    reach.add(b)
+                    b += s
+    else:  # from arbitrary levels every size may come next
+        reach = set(range(cap + 1))
     out: dict[int, list] = {a: [] for a in reach}
     into: dict[int, list] = {a: [] for a in reach}
     into[cap] = []
@@ -127,12 +155,13 @@ def _size_duals(counts: dict[int, float], cap: int, accelerators: int
             out[a].append(rest)
             into[cap].append(rest)
     objective.SetMaximization()
-    gpus = solver.Constraint(0, accelerators)
+    gpus = solver.Constraint(0, accelerators if starts is None else starts.get(0, 0))
     for f in out[0]:
         gpus.SetCoefficient(f, 1)
     for a in reach:
         if 0 < a < cap:
-            row = solver.Constraint(0, 0)
+            # What leaves a level came into it, or started there.
+            row = solver.Constraint(-(starts or {}).get(a, 0), 0)
             for f in into.get(a, []):
                 row.SetCoefficient(f, 1)
             for f in out[a]:

@@ -43,3 +43,32 @@ def test_nothing_fractional_has_no_prices() -> None:
     assert pairing_values([(1000, 1.0)], accelerators=8) is None
     assert pairing_values([(500, 1.0)], accelerators=0) is None
 
+
+
+def test_an_empty_cluster_priced_as_it_stands_is_priced_as_a_fresh_one() -> None:
+    fresh = pairing_values(OPENB_DEFAULT, accelerators=1000)
+    standing = pairing_values(OPENB_DEFAULT, accelerators=1000, used={0: 1000})
+    assert fresh is not None and standing is not None
+    assert np.allclose(fresh.room_value, standing.room_value)
+    assert fresh.net_value == standing.net_value
+
+
+def test_priced_as_it_stands_empty_accelerators_are_kept_for_whole_tasks() -> None:
+    # 500 accelerators hold a 470 alone (530 free each), 50 are empty: the room a 470 can
+    # pair into is plenty, empty accelerators are what whole tasks need.
+    values = pairing_values(OPENB_DEFAULT, accelerators=550, used={470: 500, 0: 50})
+    assert values is not None
+
+    def loss(free: int, milli: int) -> float:
+        return round(float(values.loss(np.array([free]), milli)[0]), 6)
+
+    assert loss(530, 470) == 0
+    assert loss(1000, 470) > 0
+    # Priced on an empty cluster, both cost nothing: only the state tells them apart.
+    fresh = pairing_values(OPENB_DEFAULT, accelerators=550)
+    assert fresh is not None
+    assert float(fresh.loss(np.array([1000]), 470)[0]) < 1e-6
+
+
+def test_a_cluster_without_room_has_no_prices() -> None:
+    assert pairing_values(OPENB_DEFAULT, accelerators=10, used={}) is None
