@@ -450,8 +450,10 @@ class Reconciler:
             self.solves += 1
             solve_ms = (time.perf_counter() - started) * 1000
             self._observer.solved(plan.status, solve_ms / 1000)
+            scope = await self._warm.scope(snapshot, plan)
             async with self._db.unit_of_work() as uow:
-                result = await commit_plan(uow.session, snapshot, plan, actor="controller", now=self._wall_clock())
+                result = await commit_plan(uow.session, snapshot, plan, scope=scope, actor="controller",
+                                           now=self._wall_clock())
                 await uow.commit()
             changed = await self._report(result, plan, deleting, solve_ms, waiting=len(waiting))
             changed_nodes |= result.changed_nodes

@@ -143,6 +143,23 @@ class ClusterCache:
         self.snapshot = dataclasses.replace(snap, generation=generation)
         return True
 
+    def scope_of(self, plan: Plan) -> frozenset[str]:
+        """The stored deployments a full solve of this snapshot changes or leaves short (its
+        placements differ from the snapshot's, it is unplaced, or preempted): all a commit of
+        `plan` has to speak for (blocking: O(placements), a worker thread)."""
+        before: dict[str, set[tuple[int, int, Where]]] = {}
+        for p in self.snapshot.problem["placements"]:
+            before.setdefault(p["deployment"], set()).add(
+                (p["replica"], p["shard"], (p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli"))))
+        after: dict[str, set[tuple[int, int, Where]]] = {}
+        for q in plan.placements:
+            after.setdefault(q.deployment, set()).add(
+                (q.replica, q.shard, (q.node, tuple(q.accelerator_indices), q.accelerator_milli)))
+        changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+        changed.update(u.deployment for u in plan.unplaced)
+        changed.update(v.deployment for v in plan.preempted)
+        return frozenset(stored_key(name) for name in changed)
+
     def follow(self, shards: Mapping[ShardKey, Where | None], generation: int) -> bool:
         """Apply what a commit of a full solve of this very snapshot wrote (`CommitResult.shards`:
         placed, moved, removed) to the snapshot and to the session (`Session.adopt`), so that the

@@ -53,6 +53,15 @@ class WarmCluster:
                                              time_limit_ms=self._time_limit_ms)
         return None if self.cache is None else self.cache.pending_since(self._known_id)
 
+    async def scope(self, snapshot: Snapshot, plan: Plan) -> frozenset[str] | None:
+        """What a commit of a full solve has to speak for: when it was solved from the cache,
+        the deployments it changes or leaves short (the others are as the cache holds them,
+        committed by this controller); None (everything) when solved from a fresh read."""
+        cache = self.cache
+        if cache is None or cache.snapshot is not snapshot:
+            return None
+        return await asyncio.to_thread(cache.scope_of, plan)
+
     async def snapshot(self) -> Snapshot | None:
         """The cached snapshot with the rows stored since, for a full solve, while it is valid
         (the back-off's retry, a time-limited retry); None: read the cluster."""
