@@ -227,11 +227,12 @@ class _Committed:
 async def _read_committed(session: AsyncSession, scope: Collection[str] | None) -> _Committed:
     """Every deployment and placement (`scope` None), or only the scope's: one query per table
     (per `_CHUNK` keys of a scope)."""
+    scope = None if scope is None else frozenset(scope)
     if scope is None:
         found = list(await session.execute(select(*_DEPLOYMENT_FIELDS)))
     else:
         found = []
-        for chunk in _chunks(sorted(set(scope))):
+        for chunk in _chunks(sorted(scope)):
             names = [split_deployment_key(key) for key in chunk]
             found += [d for d in await session.execute(
                 select(*_DEPLOYMENT_FIELDS).where(Deployment.tenant_id.in_({t for t, _ in names}),
@@ -245,7 +246,7 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None) 
     else:
         placements = [p for chunk in _chunks(sorted(keys_by_id))
                       for p in await session.execute(query.where(Placement.deployment_id.in_(chunk)))]
-    committed = _Committed(None if scope is None else frozenset(scope), deployments,
+    committed = _Committed(scope, deployments,
                            {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [])
     for p in placements:
         name = keys_by_id[p.deployment_id]

@@ -5,11 +5,15 @@ the rule that turned them away."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from controller.store.recheck import recheck
+from controller.store.recheck import RowPower, _neighbourhood, _placements, recheck, shard_usage
+from scheduler import problem_from_dict
+from scheduler.violations import find_power_violations
 
 # Two racks in one row (budget 2000 W), rack1 with a 1000 W budget; 4-accelerator nodes
 # drawing 100 W idle. Tenants: a shared, b dedicated_node, c excludes a.
@@ -86,3 +90,36 @@ def test_only_the_shards_that_move_must_land_on_a_ready_node() -> None:
     # pair's shard 1 moves off the cordoned n3; shard 0 stays there, as a cordon allows.
     committed = {("pair", 0, 0): W("n3", 0), ("pair", 0, 1): W("n3", 1)}
     assert recheck(DOC, committed, {("pair", 0): {0: W("n3", 0), 1: W("n4", 0)}}) == {}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_row_budgets_judged_from_a_rack_and_totals_match_the_whole_row(seed: int) -> None:
+    """RowPower (a row judged from the racks read in full, the other committed shards and the
+    totals of what was not read) finds exactly the row violations find_power_violations finds
+    over the whole row."""
+    rng = random.Random(seed)
+    doc = {**DOC, "rows": [{"id": "row1", "zone": "z", "power_budget_w": rng.choice([300, 500, 900])}],
+           "nodes": [dict(n, state=rng.choice(["ready", "ready", "down"])) for n in DOC["nodes"]]}
+    specs = {d["id"]: d for d in doc["deployments"]}
+    shards: dict[tuple[str, int, int], Any] = {}
+    for replica in range(rng.randint(0, 10)):
+        name = rng.choice(sorted(specs))
+        node = rng.choice(doc["nodes"])
+        shards[(name, replica, 0)] = W(node["id"], rng.randrange(node["accelerators"]))
+    judged = rng.choice(["rack1", "rack2"])
+    problem = _neighbourhood(doc, {n["id"] for n in doc["nodes"] if n["rack"] == judged}, shards, set())
+    local = {n.id for n in problem.nodes}
+    # What a scoped commit did not read: some of the shards on the other rack, as totals.
+    unread: dict[str, dict[str, float]] = {"row1": {}}
+    read = dict(shards)
+    for key, where in shards.items():
+        if where[0] not in local and rng.random() < 0.5:
+            del read[key]
+            tenant = specs[key[0]]["tenant"]
+            unread["row1"][tenant] = unread["row1"].get(tenant, 0.0) + shard_usage(specs[key[0]]["shard"], where).power_w
+
+    found = RowPower(doc, read, unread, problem).violations(_placements(read, {}, local))
+
+    whole = problem_from_dict({**doc, "placements": []})
+    whole = replace(whole, placements=_placements(shards, {}, {n.id for n in whole.nodes}))
+    assert found == [v for v in find_power_violations(whole) if v.scope.startswith("row ")]
