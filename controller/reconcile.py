@@ -17,12 +17,13 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events.
 The fast path skips the re-read: while the generation is the one this controller's own last
 commit left and a pass only meets arrivals, it reads just the new deployment rows, decides them
-on a warm `Session` kept with the cached snapshot (`scheduling/cache.py`), and commits them in
-one transaction; an arrival the session cannot place gets one more try from the full solve
-after `backoff_s` (the back-off), which parks it if it fails again. Anything else (a change by
-someone else, a stale or re-queued commit, replacements or avoided nodes, a new leader) drops
-the cache and takes the full path above; the next fast pass builds the cache again.
-Before that, replicas whose shards an agent reported FAILED are counted and, once their back-off
+on a warm `Session` kept with the cached snapshot (`scheduling/cache.py`, `warm.py`), and
+commits them in one scoped transaction; an arrival the session cannot place gets one more try
+from the full solve after `backoff_s` (the back-off; from the cache, which follows its commit),
+which parks it if it fails again. Anything else (a change by someone else, a stale or
+re-queued commit, replacements or avoided nodes, a new leader) drops the cache and takes the
+full path above; the next fast pass builds the cache again.
+Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
 again with the nodes they failed on cordoned for it alone (other nodes first; what finds none
 is retried without that after the back-off).

@@ -10,15 +10,20 @@ controller's last commit left) and a pass only meets arrivals, the reconciler:
    last one seen; a count compare catches keys committed out of order) and adds them to the
    cached snapshot, exactly as `load_snapshot` would have read them;
 2. decides them one by one with `Session.place` (in one worker thread call: `decide`), each
-   arrival whole, and turns the decisions into one `Plan` for the plan applier;
+   arrival whole, and turns the decisions into one `Plan` speaking for them alone (its scope
+   for `commit_plan(scope=)`: the decided deployments and the victims of their preemptions);
 3. after the commit, applies the decisions' placements to the cached snapshot (`committed`),
    which then again equals what `load_snapshot` would read (tests compare the two).
+A full solve may start from the cache too while it is valid (the back-off's retry of what the
+session could not place): its commit is scoped to what it changed (`scope_of`) and the cache
+follows what it wrote (`follow`: `CommitResult.shards` applied to the snapshot, and to the
+session through `Session.adopt`).
 
-Anything else (a stale or re-queued commit, a preemption, a change by someone else) drops the
-cache; the reconciler takes its full path and the cache is built again from a fresh snapshot
-when the next pass qualifies. The cache never undoes a decision: it is rebuilt instead.
-A cache is driven by one owner (the reconcile loop, which holds its lock); `build` and
-`decide` run in a worker thread, never two at once.
+Anything else (a stale or re-queued commit, a preemption on the fast path, a change by someone
+else) drops the cache; the reconciler takes its full path and the cache is built again from a
+fresh snapshot when the next pass qualifies. The cache never undoes a decision: it is rebuilt
+instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
+`decide`, `scope_of` and `follow` run in a worker thread, never two at once.
 """
 
 from __future__ import annotations
