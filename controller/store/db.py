@@ -6,22 +6,32 @@
 `Database.fenced(fence)` is the same database whose units of work run `fence.check` inside
 every transaction they commit, just before it commits: the leader's writers use it, so a
 controller that lost the leader lease (`controller.store.lease`) writes nothing.
+
+On SQLite, `SqliteWriters` makes this process's writing transactions take turns, first come
+first served, instead of racing in SQLite's busy handler (see there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.util import await_only
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from controller.store import audit
 
 DEFAULT_DB_URL = "sqlite+aiosqlite:///maia.db"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+_WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
 
 
 def _is_sqlite(url: str) -> bool:
@@ -31,18 +41,70 @@ def _is_sqlite(url: str) -> bool:
 def create_engine(url: str) -> AsyncEngine:
     """An engine with the settings each backend needs (SQLite: WAL, FKs on, busy timeout)."""
     if _is_sqlite(url):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            # WAL: readers never wait for the writer (nor it for them), a commit appends to the
+            # log instead of rewriting pages. synchronous=NORMAL in WAL mode syncs at checkpoints,
+            # not at every commit: the database can never be corrupted by a crash, and a power
+            # loss can lose at most the last commits before it (never half of one) -- what an
+            # embedded single-node controller can accept; PostgreSQL is for more.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
+        SqliteWriters().attach(engine)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+class SqliteWriters:
+    """This process's SQLite writers take turns, in arrival order.
+
+    SQLite lets one connection write at a time; the others wait in its busy handler, which polls
+    with growing sleeps (up to 100 ms each). Under a stream of short writers (submits, agent
+    reports, plan commits) a waiter keeps losing the race to newcomers and runs out its 30 s
+    busy timeout ("database is locked") while the database is never idle. Here a connection
+    waits for an asyncio lock (FIFO) before its transaction's first write statement and gives
+    it back when it returns to the pool (committed or rolled back), so the busy handler only
+    ever sees another process. Reads (WAL) never wait. A writer waiting longer than the busy
+    timeout fails as SQLite would (a nested writer waiting for its own outer transaction).
+    """
+
+    def __init__(self, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self._held: dict[int, asyncio.Lock] = {}  # id(pool entry) -> the lock its transaction holds
+        self._holder: dict[asyncio.Lock, str] = {}  # what holds it (for the error of a writer that waited too long)
+
+    def attach(self, engine: AsyncEngine) -> None:
+        event.listen(engine.sync_engine, "before_cursor_execute", self._before_execute)
+        for name in ("checkin", "invalidate", "close", "detach"):
+            event.listen(engine.sync_engine.pool, name, self._released)
+
+    def _before_execute(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        entry = id(conn.connection._connection_record)
+        if entry in self._held or not statement.lstrip()[:7].upper().startswith(_WRITE_VERBS):
+            return
+        loop = asyncio.get_running_loop()
+        lock = self._locks.setdefault(loop, asyncio.Lock())
+        try:
+            await_only(asyncio.wait_for(lock.acquire(), self.timeout_s))
+        except TimeoutError as exc:
+            raise OperationalError(statement, None, Exception(
+                f"database is locked (no turn to write in {self.timeout_s:.0f} s; "
+                f"held by {self._holder.get(lock, '?')})")) from exc
+        self._held[entry] = lock
+        task = asyncio.current_task()
+        self._holder[lock] = f"task {task.get_name() if task else '?'} since {time.monotonic():.1f}: {statement[:120]}"
+
+    def _released(self, _dbapi_conn: Any, record: Any, *_args: Any) -> None:
+        lock = self._held.pop(id(record), None)
+        if lock is not None:
+            lock.release()
 
 
 class Fence(Protocol):
@@ -68,6 +130,13 @@ class UnitOfWork:
         await self.session.rollback()
 
 
+async def _discard(session: AsyncSession) -> None:
+    try:
+        await session.rollback()
+    finally:
+        await session.close()
+
+
 class Database:
     def __init__(self, url: str = DEFAULT_DB_URL) -> None:
         self.url = url
@@ -87,13 +156,15 @@ class Database:
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
-        async with self._sessions() as session:
-            uow = UnitOfWork(session, self.fence)
-            try:
-                yield uow
-            finally:
-                # Anything not committed is discarded (no-op after a commit).
-                await session.rollback()
+        session = self._sessions()
+        try:
+            yield UnitOfWork(session, self.fence)
+        finally:
+            # Anything not committed is discarded (no-op after a commit) and the connection goes
+            # back to the pool, shielded: a task cancelled again while it cleans up (an RPC past
+            # its deadline writing its audit entry) must not leave its transaction open, holding
+            # the writer (SQLite's lock) until the garbage collector finds the connection.
+            await asyncio.shield(_discard(session))
 
     async def dispose(self) -> None:
         await self.engine.dispose()
