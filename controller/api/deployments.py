@@ -30,6 +30,10 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                                                   time_limit_ms=self._deps.solve_time_limit_ms,
                                                   throttle=self._deps.throttle,
                                                   replace_existing=request.replace_existing)
+        elif self._deps.submits is not None:
+            view = await self._deps.submits.submit(who, spec, throttle=self._deps.throttle,
+                                                   capacity=self._deps.capacity,
+                                                   request_id=request.client_request_id)
         else:
             async with self._deps.db.unit_of_work() as uow:
                 view = await cases.submit_deployment(uow, who, spec, self._deps.signals, self._deps.throttle,

@@ -53,6 +53,7 @@ from controller.store.exclusive import DatabaseInUse, SqliteLock
 from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache
+from controller.usecases.submits import SubmitBatcher
 from controller.usecases.deployments import views_of
 from controller.domain.liveness import FlapDamper
 from controller.domain.values import DeploymentEvent, DeploymentView, split_deployment_key
@@ -308,7 +309,7 @@ class ControllerApp:
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms, throttle=self.throttle,
             require_leader=self.election.require_leader,
-            capacity=CapacityCache(),
+            capacity=CapacityCache(), submits=SubmitBatcher(self.db, self.signals),
         )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)

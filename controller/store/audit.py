@@ -166,6 +166,16 @@ def open_call(record: AuditRecord) -> Token[CallEntry | None]:
     return _call.set(CallEntry(record, asyncio.current_task()))
 
 
+def current_call() -> CallEntry | None:
+    """The entry of the API call this task serves, while it is not written yet: a writer that
+    commits the call's change in another task (a group commit) appends `record` itself and
+    then sets `written`."""
+    entry = _call.get()
+    if entry is None or entry.written or entry.task is not asyncio.current_task():
+        return None
+    return entry
+
+
 def close_call(token: Token[CallEntry | None]) -> CallEntry | None:
     entry = _call.get()
     try:

@@ -114,6 +114,18 @@ class ClusterState(Base):
     generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
 
 
+class CapacityState(Base):
+    """A single row (id=1): bumped by database triggers when what the cluster could ever hold
+    changes (a node added, removed, or its rack, accelerators, model or HBM changed; a rack's
+    row, a row's zone: migration 0012), so the submit path's capacity aggregates are rebuilt
+    only then."""
+
+    __tablename__ = "capacity_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+
+
 class Zone(Base):
     __tablename__ = "zones"
 

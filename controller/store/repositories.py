@@ -42,6 +42,12 @@ async def read_cluster_generation(session: AsyncSession) -> int:
     return int(value or 0)
 
 
+async def read_capacity_generation(session: AsyncSession) -> int:
+    """Moves (by trigger) when a node is added, removed or changes capacity, rack, row or zone."""
+    value = await session.scalar(select(m.CapacityState.generation).where(m.CapacityState.id == 1))
+    return int(value or 0)
+
+
 async def count_schedulable_deployments(session: AsyncSession) -> int:
     """Deployments a snapshot holds (neither being deleted nor quarantined). At one cluster
     generation this only grows, by submissions, which leave the generation alone (a new
@@ -345,10 +351,56 @@ async def list_deployment_rows(
     return rows
 
 
-async def deployment_exists(session: AsyncSession, tenant: str, name: str) -> bool:
-    return (await session.scalar(
-        select(m.Deployment.id).where(m.Deployment.tenant_id == tenant, m.Deployment.name == name)
-    )) is not None
+async def existing_deployment_keys(session: AsyncSession, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (tenant, name) deployments exist."""
+    wanted = set(keys)
+    if not wanted:
+        return set()
+    rows = await session.execute(select(m.Deployment.tenant_id, m.Deployment.name)
+                                 .where(m.Deployment.name.in_({name for _, name in wanted})))
+    return {(t, n) for t, n in rows if (t, n) in wanted}
+
+
+@dataclass(frozen=True)
+class SubmitFacts:
+    """What a submit's checks read of the store, in one query."""
+
+    tenant_zones: tuple[str, ...]
+    exists: bool               # the tenant has a deployment of that name
+    deployments: int           # the tenant's deployments
+    capacity_generation: int
+
+
+async def submit_facts(session: AsyncSession, tenant: str, name: str) -> SubmitFacts | None:
+    """The facts a submit of `tenant`/`name` is checked against; None when there is no such tenant."""
+    exists = select(m.Deployment.id).where(m.Deployment.tenant_id == tenant, m.Deployment.name == name).exists()
+    count = select(func.count()).select_from(m.Deployment).where(m.Deployment.tenant_id == tenant).scalar_subquery()
+    generation = select(m.CapacityState.generation).where(m.CapacityState.id == 1).scalar_subquery()
+    row = (await session.execute(select(m.Tenant.zones, exists, count, generation)
+                                 .where(m.Tenant.id == tenant))).one_or_none()
+    if row is None:
+        return None
+    zones, found, deployments, capacity_generation = row
+    return SubmitFacts(tuple(zones or ()), bool(found), int(deployments), int(capacity_generation or 0))
+
+
+async def count_deployments_of_tenants(session: AsyncSession, tenants: Iterable[str]) -> dict[str, int]:
+    wanted = set(tenants)
+    if not wanted:
+        return {}
+    rows = await session.execute(select(m.Deployment.tenant_id, func.count())
+                                 .where(m.Deployment.tenant_id.in_(wanted)).group_by(m.Deployment.tenant_id))
+    return {tenant: 0 for tenant in wanted} | {t: int(n) for t, n in rows}
+
+
+async def existing_request_ids(session: AsyncSession, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (tenant, client request id) have been used."""
+    wanted = {k for k in keys if k[1]}
+    if not wanted:
+        return set()
+    rows = await session.execute(select(m.ClientRequest.tenant_id, m.ClientRequest.request_id)
+                                 .where(m.ClientRequest.request_id.in_({r for _, r in wanted})))
+    return {(t, r) for t, r in rows if (t, r) in wanted}
 
 
 async def count_deployments_by_phase(session: AsyncSession, tenant: str = "") -> dict[str, int]:

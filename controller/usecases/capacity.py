@@ -5,14 +5,16 @@ its accelerator model, a shard bigger than any node, a rack-local gang bigger th
 Judging that by loading every node on every submit made the submit cost grow with the
 cluster; `CapacityIndex` keeps, per (accelerator model, zone), the largest node, the most HBM
 and the accelerators of every rack, row and zone, so one judgement costs the groups it
-touches. `CapacityCache` keeps one index per cluster generation: every change of a node's
-capacity, a node's deletion or a rack's row bumps the generation, so the index is rebuilt
-(one plain-column query) only after such a change or a placement commit, never per submit,
-and a second controller's node changes are seen too.
+touches. `CapacityCache` keeps one index per capacity generation, which database triggers
+bump on every change of a node's capacity, rack or existence, a rack's row or a row's zone
+(migration 0012): the index is rebuilt (one plain-column query) only after such a change,
+never per submit nor after a placement commit, and a second controller's (or a hand edit's)
+node changes are seen too.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -114,18 +116,26 @@ def _best_of(items: Iterable[tuple[Any, str]]) -> Any:
 
 
 class CapacityCache:
-    """One `CapacityIndex` per cluster generation."""
+    """One `CapacityIndex` per capacity generation."""
 
     def __init__(self) -> None:
         self._generation: int | None = None
         self._index = CapacityIndex(())
+        self._rebuilding = asyncio.Lock()  # one rebuild at a time: concurrent submits wait for it
+        self.rebuilds = 0
 
-    async def index(self, uow: UnitOfWork) -> CapacityIndex:
-        generation = await repo.read_cluster_generation(uow.session)
-        if generation != self._generation:
-            # The generation first: a node change after it bumps it again and rebuilds.
-            self._index = await load_index(uow)
-            self._generation = generation
+    async def index(self, uow: UnitOfWork, generation: int | None = None) -> CapacityIndex:
+        """The index at the capacity generation stored now (`generation`: already read by the caller)."""
+        if generation is None:
+            generation = await repo.read_capacity_generation(uow.session)
+        if generation == self._generation:
+            return self._index
+        async with self._rebuilding:
+            if self._generation is None or generation > self._generation:
+                # The generation first: a node change after it bumps it again and rebuilds.
+                self._index = await load_index(uow)
+                self._generation = generation
+                self.rebuilds += 1
         return self._index
 
 

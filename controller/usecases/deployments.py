@@ -9,7 +9,8 @@ Deletion marks it DELETING; the reconciler releases its shards and removes the r
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from typing import Any
 
 from controller import limits
@@ -102,15 +103,18 @@ def _never_fits(code: str, message: str, scope: str = "") -> InvalidArgument:
     return InvalidArgument(message, reasons=(ReasonDetail(code, message, scope),))
 
 
-async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.Tenant,
-                               capacity: CapacityCache | None = None) -> None:
+async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant_zones: Sequence[str],
+                               capacity: CapacityCache | None = None, *,
+                               capacity_generation: int | None = None) -> None:
     """Refuse what no state of the registered cluster could ever run, naming the numbers.
 
     Counts every registered node whatever its state (a down node may come back); with no nodes
     registered yet nothing can be judged and nothing is refused. Judged from the aggregates of
-    `capacity` (the controller's, kept per cluster generation), or of a fresh read without it.
+    `capacity` (the controller's, kept per capacity generation: `capacity_generation` when the
+    caller read it already), or of a fresh read without it. `tenant_zones`: the zones the
+    tenant may run in (none: anywhere).
     """
-    index = await (capacity.index(uow) if capacity is not None else load_index(uow))
+    index = await (capacity.index(uow, capacity_generation) if capacity is not None else load_index(uow))
     if index.empty() or spec.shard.accelerators == 0:
         return
     where = f"deployment {spec.name}"
@@ -122,12 +126,12 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.
             f"{where}: no node has accelerator model {', '.join(sorted(models))} "
             f"(registered models: {', '.join(index.models()) or 'none'})"
         )
-    if tenant.zones:
-        view = index.select(models, set(tenant.zones))
+    if tenant_zones:
+        view = index.select(models, set(tenant_zones))
         if view.empty():
             raise _never_fits(
                 "ZONE",
-                f"{where}: tenant {tenant.id} may run only in zone(s) {', '.join(tenant.zones)}, "
+                f"{where}: tenant {spec.tenant} may run only in zone(s) {', '.join(tenant_zones)}, "
                 "which have no nodes with the requested accelerators"
             )
     largest, largest_id = view.largest_node()
@@ -159,27 +163,34 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant: m.
         )
 
 
+@dataclass(frozen=True)
+class StoreChecked:
+    """What `_validate_against_store` found."""
+
+    replaced: m.Deployment | None  # the quarantined deployment of that name the spec releases
+    tenant_deployments: int
+
+
 async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *, replacing: bool = False,
-                                  capacity: CapacityCache | None = None) -> m.Deployment | None:
-    """Checks against the stored cluster; returns the quarantined deployment this one replaces.
+                                  capacity: CapacityCache | None = None) -> StoreChecked:
+    """Checks against the stored cluster (one query, and the capacity aggregates).
 
     `replacing` (dry runs only): the spec stands in for the stored deployment of its name, which
     must exist. Names are per tenant: only the tenant's own deployments can collide (ALREADY_EXISTS
     never tells one tenant what another has named its deployments)."""
     validate_spec(spec)
-    tenant = await repo.get_tenant(uow.session, spec.tenant)
-    if tenant is None:
+    facts = await repo.submit_facts(uow.session, spec.tenant, spec.name)
+    if facts is None:
         raise NotFound(f"tenant {spec.tenant} not found")
     replaced = None
-    exists = await repo.deployment_exists(uow.session, spec.tenant, spec.name)
-    if replacing and not exists:
+    if replacing and not facts.exists:
         raise NotFound(f"deployment {spec.name} not found in tenant {spec.tenant} (nothing to replace)")
-    if exists and not replacing:
+    if facts.exists and not replacing:
         replaced = await repo.get_deployment(uow.session, spec.tenant, spec.name)
         if replaced is None or replaced.phase is not m.DeploymentPhase.QUARANTINED:
             raise AlreadyExists(f"deployment {spec.name} already exists in tenant {spec.tenant}")
-    await check_could_ever_fit(uow, spec, tenant, capacity)
-    return replaced
+    await check_could_ever_fit(uow, spec, facts.tenant_zones, capacity, capacity_generation=facts.capacity_generation)
+    return StoreChecked(replaced, facts.deployments)
 
 
 def as_caller(who: Principal, spec: DeploymentSpec, action: str) -> DeploymentSpec:
@@ -221,26 +232,52 @@ async def visible_row(uow: UnitOfWork, who: Principal, tenant: str, name: str, a
     return row
 
 
-async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
-                            signals: Signals, throttle: SubmitLimits | None = None,
-                            capacity: CapacityCache | None = None, request_id: str = "") -> DeploymentView:
-    """Store a new deployment (PENDING). With `request_id`, a retry of the same submit returns
-    the deployment as it stands and writes nothing (usecases/requests.py)."""
+@dataclass(frozen=True)
+class Admitted:
+    """A submit that passed every check against the store (`admit`), not yet written."""
+
+    spec: DeploymentSpec                  # in the caller's tenant
+    replaced: m.Deployment | None = None  # the quarantined deployment it releases
+    replay: DeploymentView | None = None  # a retried request id: the answer, nothing to write
+
+
+async def admit(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, throttle: SubmitLimits | None = None,
+                capacity: CapacityCache | None = None, request_id: str = "") -> Admitted:
+    """The checks of a submit, reads only: the request id (a retry is answered from the store),
+    the tenant's submit rate, the spec against the cluster, the tenant's deployment count."""
     spec = as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
     requests.check_request_id(request_id)
     first = await requests.replayed(uow, spec.tenant, request_id, spec, "submit")
     if first is not None:
-        return await as_seen_by(uow, who, repo.deployment_view(
-            await repo.get_deployment(uow.session, first.tenant_id, first.name) or first))
+        return Admitted(spec, replay=await as_seen_by(uow, who, repo.deployment_view(
+            await repo.get_deployment(uow.session, first.tenant_id, first.name) or first)))
     if throttle is not None:
         throttle.check_submit(spec.tenant)
-    replaced = await _validate_against_store(uow, spec, capacity=capacity)
-    count = await repo.count_tenant_deployments(uow.session, spec.tenant)
-    if replaced is None and count >= limits.DEPLOYMENTS_PER_TENANT_MAX:
+    checked = await _validate_against_store(uow, spec, capacity=capacity)
+    count = checked.tenant_deployments
+    if checked.replaced is None and count >= limits.DEPLOYMENTS_PER_TENANT_MAX:
         raise ResourceExhausted(
             f"tenant {spec.tenant} has {count} deployments; at most {limits.DEPLOYMENTS_PER_TENANT_MAX}"
         )
+    return Admitted(spec, replaced=checked.replaced)
+
+
+def submitted_event(uow: UnitOfWork, actor: str, spec: DeploymentSpec, *, released: bool = False) -> None:
+    repo.record_event(uow.session, actor=actor, kind="deployment.released" if released else "deployment.submitted",
+                      object_kind="deployment", object_id=spec.key, data=planning.deployment_doc(spec))
+
+
+async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
+                            signals: Signals, throttle: SubmitLimits | None = None,
+                            capacity: CapacityCache | None = None, request_id: str = "") -> DeploymentView:
+    """Store a new deployment (PENDING). With `request_id`, a retry of the same submit returns
+    the deployment as it stands and writes nothing (usecases/requests.py). Concurrent submits
+    are better committed together: `usecases.submits.SubmitBatcher`."""
+    admitted = await admit(uow, who, spec, throttle, capacity, request_id)
+    if admitted.replay is not None:
+        return admitted.replay
+    spec, replaced = admitted.spec, admitted.replaced
     if replaced is not None:  # submitting a quarantined deployment again releases it (a fresh start)
         await uow.session.delete(replaced)
         await uow.session.flush()
@@ -251,9 +288,7 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # conflict. The reconciler sees new arrivals by `repo.count_schedulable_deployments`.
     await uow.session.flush()
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "submit")
-    repo.record_event(uow.session, actor=who.name,
-                      kind="deployment.released" if replaced is not None else "deployment.submitted",
-                      object_kind="deployment", object_id=spec.key, data=planning.deployment_doc(spec))
+    submitted_event(uow, who.name, spec, released=replaced is not None)
     await uow.commit()
     view = repo.deployment_view(row)
     signals.publish(DeploymentEvent("added", view))

@@ -62,8 +62,16 @@ async def remember(uow: UnitOfWork, tenant: str, request_id: str, deployment_id:
                    action: str) -> None:
     """Record the id in the caller's transaction (with the write it belongs to), and forget the
     tenant's ids of deleted deployments older than the retention."""
-    if request_id:
-        await repo.forget_request_ids(uow.session, tenant,
-                                      before=m.utcnow() - timedelta(seconds=limits.REQUEST_ID_RETENTION_S))
-        uow.session.add(m.ClientRequest(tenant_id=tenant, request_id=request_id, deployment_id=deployment_id,
-                                        deployment_name=spec.name, action=action, spec_sha256=spec_digest(spec)))
+    await remember_all(uow, [(tenant, request_id, deployment_id, spec)], action)
+
+
+async def remember_all(uow: UnitOfWork, writes: list[tuple[str, str, int, DeploymentSpec]], action: str) -> None:
+    """`remember` for several writes (tenant, request id, deployment id, spec) of one transaction;
+    those without a request id are skipped."""
+    writes = [w for w in writes if w[1]]
+    before = m.utcnow() - timedelta(seconds=limits.REQUEST_ID_RETENTION_S)
+    for tenant in dict.fromkeys(w[0] for w in writes):
+        await repo.forget_request_ids(uow.session, tenant, before=before)
+    uow.session.add_all(m.ClientRequest(tenant_id=tenant, request_id=request_id, deployment_id=deployment_id,
+                                        deployment_name=spec.name, action=action, spec_sha256=spec_digest(spec))
+                        for tenant, request_id, deployment_id, spec in writes)

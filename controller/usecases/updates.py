@@ -143,7 +143,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     tenant = await repo.get_tenant(uow.session, spec.tenant)
     if tenant is None:
         raise NotFound(f"tenant {spec.tenant} not found")
-    await check_could_ever_fit(uow, spec, tenant)
+    await check_could_ever_fit(uow, spec, tenant.zones)
     await check_contract(uow, row, spec)
     rolling = needs_rollout(old, spec)
     if rolling:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from sqlalchemy import text
 
 from controller.errors import AlreadyExists, InvalidArgument, NotFound
+from controller.store import repositories as repo
 from controller.usecases import deployments
 from controller.domain.values import Spread
 from controller.usecases.ports import RecordingSignals
@@ -95,6 +97,35 @@ async def test_the_capacity_cache_follows_node_changes(cluster):
         with pytest.raises(InvalidArgument, match=r"the largest rack holds 12 \(rack-a\)"):
             await deployments.submit_deployment(uow, WHO, replace(both, name="more", shards_per_replica=13),
                                                 RecordingSignals(), capacity=capacity)
+
+
+async def test_the_capacity_cache_outlives_placement_commits(cluster):
+    """Rebuilt when what the cluster could hold changes (a node's accelerators, a rack's row, a
+    new node: database triggers), not when placements are committed (the cluster generation)."""
+    capacity = CapacityCache()
+
+    async def judged() -> int:
+        async with cluster.unit_of_work() as uow:
+            await capacity.index(uow)
+        return capacity.rebuilds
+
+    async def write(statement: str) -> None:
+        async with cluster.unit_of_work() as uow:
+            await uow.session.execute(text(statement))
+            await uow.commit()
+
+    first = await judged()
+    async with cluster.unit_of_work() as uow:
+        await repo.bump_cluster_generation(uow.session)  # what a plan commit does
+        await uow.commit()
+    await write("UPDATE nodes SET power_draw_w = 123 WHERE rack_id = 'rack-a'")  # a heartbeat
+    assert await judged() == first
+    await write("UPDATE nodes SET accelerators = 2 WHERE id = (SELECT min(id) FROM nodes)")
+    assert await judged() == first + 1
+    await apply_topology(cluster, {"rack-a": "row-b", "rack-b": "row-a"})
+    assert await judged() == first + 2
+    await add_nodes(cluster, "rack-b", 1, prefix="rack-b-new")
+    assert await judged() == first + 3
 
 
 async def test_fractional_gang_counts_shared_accelerators(cluster):

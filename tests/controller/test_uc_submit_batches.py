@@ -1,0 +1,91 @@
+"""Group commit of submits (usecases/submits.py): a batch writes in one transaction what nothing
+changed for since its checks, with one event and one audit entry each; every other member is
+handed back to the lone submit, which gives it the answer it would have had alone."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import func, select
+
+from controller import limits
+from controller.store import audit
+from controller.store import models as m
+from controller.store.audit import AuditRecord, CallEntry
+from controller.usecases.ports import RecordingSignals
+from controller.usecases.submits import Queued, SubmitBatcher
+from uc_builders import WHO, add_tenant, deployment
+
+
+def _queued(name: str, tenant: str = "t1", request_id: str = "") -> Queued:
+    record = AuditRecord(actor="tester", action="/maia.v1.DeploymentService/SubmitDeployment", tenant=tenant,
+                         object_kind="deployment", object_id=f"{tenant}/{name}")
+    return Queued(deployment(name, tenant), request_id, "tester", CallEntry(record, None))
+
+
+async def _count(db, model) -> int:
+    async with db.unit_of_work() as uow:
+        return int(await uow.session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+async def test_a_batch_writes_the_members_nothing_changed_for_and_hands_back_the_rest(cluster):
+    signals = RecordingSignals()
+    batcher = SubmitBatcher(cluster, signals)
+    async with cluster.unit_of_work() as uow:  # taken since the checks ran
+        await batcher.submit(WHO, deployment("taken"), request_id="used-before")
+    events, entries = await _count(cluster, m.Event), await _count(cluster, m.AuditEntry)
+    batch = [_queued("a"), _queued("b", request_id="r-b"), _queued("a"),  # the same name twice
+             _queued("taken"), _queued("c", request_id="used-before"),   # a name taken, an id used
+             _queued("d", request_id="r-b")]                             # an id used earlier in the batch
+    views = await batcher.commit_batch(batch)
+
+    assert [q.spec.name for q in batch if id(q) in views] == ["a", "b"]
+    assert [q.call.written for q in batch] == [True, True, False, False, False, False]
+    assert await _count(cluster, m.Event) == events + 2
+    assert await _count(cluster, m.AuditEntry) == entries + 2
+    assert [e.type for e in signals.events][-2:] == ["added", "added"] and signals.wakes == 2
+    async with cluster.unit_of_work() as uow:
+        assert (await audit.verify_chain(uow.session)).intact
+        assert await uow.session.get(m.ClientRequest, ("t1", "r-b")) is not None
+
+
+async def test_a_batch_stops_at_the_tenants_deployment_limit(cluster, monkeypatch):
+    monkeypatch.setattr(limits, "DEPLOYMENTS_PER_TENANT_MAX", 3)
+    await add_tenant(cluster, "t2")
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    batch = [_queued(f"x{i}") for i in range(5)] + [_queued("y", "t2")]
+    views = await batcher.commit_batch(batch)
+    assert sorted(q.spec.key for q in batch if id(q) in views) == ["t1/x0", "t1/x1", "t1/x2", "t2/y"]
+
+
+async def test_concurrent_submits_each_get_the_answer_they_would_get_alone(cluster, monkeypatch):
+    monkeypatch.setattr(limits, "DEPLOYMENTS_PER_TENANT_MAX", 5)
+    await add_tenant(cluster, "t2")
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    calls = [("t1", "dup", ""), ("t1", "dup", ""), ("t1", "replayed", "rid-1"), ("t1", "replayed", "rid-1")] + \
+            [("t2", f"n{i}", "") for i in range(7)]
+    results = await asyncio.gather(*(batcher.submit(WHO, deployment(name, tenant), request_id=rid)
+                                     for tenant, name, rid in calls), return_exceptions=True)
+    by_name: dict[str, list] = {}
+    for (_, name, _), result in zip(calls, results):
+        by_name.setdefault(name.rstrip("0123456789") if name.startswith("n") else name, []).append(result)
+    assert sorted(type(r).__name__ for r in by_name["dup"]) == ["AlreadyExists", "DeploymentView"]
+    assert [type(r).__name__ for r in by_name["replayed"]] == ["DeploymentView"] * 2  # one write, two answers
+    assert sorted(type(r).__name__ for r in by_name["n"]) == ["DeploymentView"] * 5 + ["ResourceExhausted"] * 2
+    assert await _count(cluster, m.Deployment) == 7
+    async with cluster.unit_of_work() as uow:
+        assert (await audit.verify_chain(uow.session)).intact
+
+
+async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(cluster):
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    bad = _queued("bad")
+    bad.spec = replace(bad.spec, tenant="nobody")  # its insert fails (no such tenant) and takes the batch with it
+    with pytest.raises(Exception):
+        await batcher.commit_batch([_queued("good"), bad])
+    assert await _count(cluster, m.Deployment) == 0
+    results = await asyncio.gather(batcher.submit(WHO, deployment("good")),
+                                   batcher.submit(WHO, deployment("good2")), return_exceptions=True)
+    assert [r.spec.name for r in results] == ["good", "good2"]
