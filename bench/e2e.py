@@ -11,7 +11,15 @@ way the tests start theirs (`bench/pgserver.py`).
 Ends by grading the committed state, read from the database once the controller has stopped,
 with the independent checker of the test suite (`tests/scheduler/checker.py`).
 
+`--preload N` starts from a cluster already holding N running single-shard deployments
+(`bench.preload`: written into the database before the controller starts, the nodes as the
+fleets describe them; the fleets then join as existing nodes and are handed their shards):
+"4,096 nodes holding 10,000 placements" in seconds instead of an hour of submits. The submitted
+workload then asks for `--fill` of the accelerators the preload left free. Tenants are as many
+as keep each under `PER_TENANT` deployments (`limits.DEPLOYMENTS_PER_TENANT_MAX`).
+
     python -m bench e2e --nodes 256 --db sqlite postgres
+    python -m bench e2e --nodes 4096 --preload 10000 --db sqlite
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +42,13 @@ from typing import Any
 
 from bench.fgd import percentile
 from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
+from bench.preload import Layout, preload
 
 NODES_PER_RACK = 16
-RACKS_PER_ROW = 8
-ROWS_PER_ZONE = 4
 GANG_SIZES = (8, 16, 32, 64)
-TENANTS = ("lab-a", "lab-b", "lab-c", "lab-d")
+PER_TENANT = 400  # submitted deployments per tenant, at most (under limits.DEPLOYMENTS_PER_TENANT_MAX)
+MIN_TENANTS = 4
+TENANTS = ("lab-a", "lab-b", "lab-c", "lab-d")  # bench nodedeath's
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the requested accelerators that comes in gangs of 8..64 shards")
     p.add_argument("--delete-every", type=int, default=10,
                    help="delete every this many-th deployment to start running, during the run (0: none)")
+    p.add_argument("--preload", type=int, default=0, metavar="PLACEMENTS",
+                   help="start from a cluster already running this many single-shard deployments "
+                        "(written into the database before the controller starts)")
     p.add_argument("--fleets", type=int, default=0,
                    help="maia-simnode processes, started one after the other (0: one per 256 nodes)")
     p.add_argument("--load-delay", type=float, default=0.2, help="simnode LOADING -> RUNNING seconds")
@@ -134,6 +146,7 @@ async def database(kind: str, root: Path) -> AsyncIterator[str]:
 class Shape:
     nodes: int
     fleets: int
+    preloaded: int = 0  # placements (single-shard deployments) written before the start
 
     @property
     def racks(self) -> int:
@@ -144,16 +157,17 @@ class Shape:
         per, extra = divmod(self.racks, self.fleets)
         return [(f"f{i}-rack-", per + (1 if i < extra else 0)) for i in range(self.fleets)]
 
+    def layout(self) -> Layout:
+        return Layout(tuple(self.fleet_racks()), NODES_PER_RACK)
+
     def topology(self) -> Any:
         from maia.v1 import admin_pb2
-        racks = [f"{prefix}{r:0{max(2, len(str(count - 1)))}d}"
-                 for prefix, count in self.fleet_racks() for r in range(count)]
-        rows = [f"row-{i:03d}" for i in range((len(racks) + RACKS_PER_ROW - 1) // RACKS_PER_ROW)]
-        zones = [f"zone-{i}" for i in range((len(rows) + ROWS_PER_ZONE - 1) // ROWS_PER_ZONE)]
+        layout = self.layout()
+        rows = layout.rows()
         return admin_pb2.Topology(
-            zones=[admin_pb2.Zone(id=z) for z in zones],
-            rows=[admin_pb2.Row(id=r, zone=zones[i // ROWS_PER_ZONE]) for i, r in enumerate(rows)],
-            racks=[admin_pb2.Rack(id=k, row=rows[i // RACKS_PER_ROW]) for i, k in enumerate(racks)])
+            zones=[admin_pb2.Zone(id=z) for z in dict.fromkeys(rows.values())],
+            rows=[admin_pb2.Row(id=r, zone=z) for r, z in rows.items()],
+            racks=[admin_pb2.Rack(id=k, row=r) for k, r in layout.rack_rows().items()])
 
 
 @dataclass(frozen=True)
@@ -170,20 +184,27 @@ class Work:
             locality=common_pb2.DOMAIN_NODE if self.shards == 1 else common_pb2.DOMAIN_ROW)
 
 
+def tenants_for(shape: Shape, args: argparse.Namespace) -> list[str]:
+    """Enough tenants that none is sent more than `PER_TENANT` deployments (an upper bound: as
+    if every accelerator asked for were a deployment of its own)."""
+    count = max(MIN_TENANTS, -(-int((shape.nodes * 4 - shape.preloaded) * args.fill) // PER_TENANT))
+    return [f"lab-{i:03d}" for i in range(count)]
+
+
 def workload(shape: Shape, args: argparse.Namespace) -> list[Work]:
-    """Singles and gangs in a random arrival order, asking for `fill` of the accelerators."""
+    """Singles and gangs in a random arrival order, asking for `fill` of the accelerators the
+    preload left free; the tenants in turn."""
     rng = random.Random(args.seed)
-    wanted = int(shape.nodes * 4 * args.fill)
+    tenants = tenants_for(shape, args)
+    wanted = int((shape.nodes * 4 - shape.preloaded) * args.fill)
     gang_accels = int(wanted * args.gang_share)
-    works: list[Work] = []
-    held = 0
-    while held + min(GANG_SIZES) <= gang_accels:
-        size = rng.choice([s for s in GANG_SIZES if held + s <= gang_accels])
-        works.append(Work(f"gang-{len(works):05d}", rng.choice(TENANTS), size))
-        held += size
-    works += [Work(f"one-{i:06d}", rng.choice(TENANTS), 1) for i in range(wanted - held)]
-    rng.shuffle(works)
-    return works
+    sizes: list[int] = []
+    while sum(sizes) + min(GANG_SIZES) <= gang_accels:
+        sizes.append(rng.choice([s for s in GANG_SIZES if sum(sizes) + s <= gang_accels]))
+    sizes += [1] * (wanted - sum(sizes))
+    rng.shuffle(sizes)
+    return [Work(f"gang-{i:05d}" if size > 1 else f"one-{i:06d}", tenants[i % len(tenants)], size)
+            for i, size in enumerate(sizes)]
 
 
 # --- the clients --------------------------------------------------------------------------------
@@ -206,6 +227,7 @@ class Run:
     all_running: asyncio.Event = field(default_factory=asyncio.Event)
     newly_running: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     expected: int = 0
+    names: frozenset[str] = frozenset()  # the workload's (the preloaded deployments are not watched)
 
     def running_count(self) -> int:
         return sum(1 for t in self.times.values() if t.running and not t.delete_sent)
@@ -218,6 +240,8 @@ async def watch(channel: Any, run: Run) -> None:
     async for event in stub.WatchDeployments(deployments_pb2.WatchDeploymentsRequest()):
         now = time.perf_counter()
         d = event.deployment
+        if d.spec.name not in run.names:
+            continue
         t = run.times.setdefault(d.spec.name, Times())
         if event.type == deployments_pb2.DeploymentEvent.TYPE_DELETED:
             t.deleted = t.deleted or now
@@ -274,13 +298,14 @@ async def deleter(channel: Any, run: Run, every: int) -> None:
 
 # --- one run ------------------------------------------------------------------------------------
 
-async def admin_setup(channel: Any, shape: Shape) -> str:
-    """Topology and tenants; returns a node-bootstrap token."""
+async def admin_setup(channel: Any, shape: Shape, tenants: Sequence[str] = TENANTS) -> str:
+    """Topology and tenants (unless preloaded); returns a node-bootstrap token."""
     from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2
     admin = admin_pb2_grpc.AdminServiceStub(channel)
-    await admin.ApplyTopology(shape.topology())
-    for tenant in TENANTS:
-        await admin.CreateTenant(admin_pb2.Tenant(id=tenant, isolation=common_pb2.ISOLATION_SHARED))
+    if not shape.preloaded:
+        await admin.ApplyTopology(shape.topology())
+        for tenant in tenants:
+            await admin.CreateTenant(admin_pb2.Tenant(id=tenant, isolation=common_pb2.ISOLATION_SHARED))
     return (await admin.CreateToken(admin_pb2.CreateTokenRequest(role="node-bootstrap"))).secret
 
 
@@ -304,19 +329,29 @@ async def wait_connected(channel: Any, nodes: int, timeout_s: float) -> tuple[fl
 
 async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from controller.bearer import aio_channel
-    shape = Shape(nodes, args.fleets or max(1, (nodes + 255) // 256))
+    shape = Shape(nodes, args.fleets or max(1, (nodes + 255) // 256), args.preload)
+    tenants = tenants_for(shape, args)
     bin_dir = Path(sys.executable).parent
     async with database(kind, root) as url:
+        preload_s = 0.0
+        extra: list[str] = []
+        if shape.preloaded:
+            t0 = time.perf_counter()
+            await preload(url, shape.layout(), placements=shape.preloaded, tenants=tenants)
+            preload_s = time.perf_counter() - t0
+            # The preloaded nodes count as up from the start: the fleets have this long to join
+            # before silence counts against them (they are handed their shards as they do).
+            extra = ["--restart-grace", "1800"]
         token_file = root / "admin.token"
         controller = Process("maia-controller", [
             str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url,
             "--bootstrap-admin-token-file", str(token_file), "--submits-per-minute", "0",
-            "--log-level", args.controller_log_level], root / "controller.log")
+            "--log-level", args.controller_log_level, *extra], root / "controller.log")
         fleets: list[Process] = []
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
             channel = aio_channel(address, token_file.read_text().strip())
-            node_token = await admin_setup(channel, shape)
+            node_token = await admin_setup(channel, shape, tenants)
             # One fleet after the other: what is measured is scheduling, not a join storm.
             joined_s, ready, expected = 0.0, 0, 0
             for i, (prefix, racks) in enumerate(shape.fleet_racks()):
@@ -329,7 +364,7 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
                 waited, ready = await wait_connected(channel, expected, timeout_s=120.0)
                 joined_s += waited
             works = workload(shape, args)
-            run = Run(expected=len(works))
+            run = Run(expected=len(works), names=frozenset(w.name for w in works))
             if ready < nodes:  # measured anyway, on the nodes that made it
                 run.errors.append(f"only {ready}/{nodes} nodes ready after {joined_s:.0f} s")
             watcher = asyncio.create_task(watch(channel, run))
@@ -365,7 +400,8 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
                 fleet.stop()
         violations = await grade(url)
     return summarize(kind, shape, works, run, submitted_s=submitted_s, elapsed_s=elapsed, cpu_s=cpu,
-                     rss_mib=rss, joined_s=joined_s, violations=violations, controller_exit=code)
+                     rss_mib=rss, joined_s=joined_s, violations=violations, controller_exit=code,
+                     preload_s=preload_s, tenants=len(tenants))
 
 
 def _profile(py_spy: str, controller: Process, root: Path) -> Process:
@@ -404,6 +440,7 @@ def _ms(values: list[float]) -> dict[str, float]:
 def summarize(kind: str, shape: Shape, works: list[Work], run: Run, **measured: Any) -> dict[str, Any]:
     singles = [w.name for w in works if w.shards == 1]
     gangs = [w.name for w in works if w.shards > 1]
+    gangs64 = [w.name for w in works if w.shards == max(GANG_SIZES)]
     t = run.times
 
     def stage(names: list[str], a: str, b: str) -> list[float]:
@@ -413,7 +450,8 @@ def summarize(kind: str, shape: Shape, works: list[Work], run: Run, **measured: 
     ran = [n for n in (singles + gangs) if n in t and t[n].running]
     span = max(t[n].running for n in ran) - min(t[n].submitted for n in ran) if ran else 0.0
     return {
-        "db": kind, "nodes": shape.nodes, "fleets": shape.fleets, "deployments": len(works),
+        "db": kind, "nodes": shape.nodes, "fleets": shape.fleets, "preloaded": shape.preloaded,
+        "preload_s": round(measured["preload_s"], 1), "tenants": measured["tenants"], "deployments": len(works),
         "singles": len(singles), "gangs": len(gangs), "gang_shards": sum(w.shards for w in works if w.shards > 1),
         "deletes": sum(1 for x in t.values() if x.delete_sent),
         "submit": _ms(stage(singles + gangs, "submitted", "acknowledged")),
@@ -421,6 +459,7 @@ def summarize(kind: str, shape: Shape, works: list[Work], run: Run, **measured: 
         "single_running": _ms(stage(singles, "submitted", "running")),
         "gang_committed": _ms(stage(gangs, "submitted", "committed")),
         "gang_running": _ms(stage(gangs, "submitted", "running")),
+        "gangs64": len(gangs64), "gang64_committed": _ms(stage(gangs64, "submitted", "committed")),
         "delete_rpc": _ms(run.delete_rpc_ms),
         "delete_gone": _ms(stage(list(t), "delete_sent", "deleted")),
         "running": len(ran),
@@ -436,10 +475,13 @@ def summarize(kind: str, shape: Shape, works: list[Work], run: Run, **measured: 
 def report(r: dict[str, Any]) -> str:
     def pp(key: str) -> str:
         return f"{r[key]['p50_ms']:.0f}/{r[key]['p99_ms']:.0f}"
-    return (f"{r['db']:8} {r['nodes']:>6} nodes  {r['deployments']} deployments ({r['singles']} single, "
+    preloaded = (f"{r['preloaded']} placements preloaded in {r['preload_s']} s, " if r["preloaded"] else "")
+    return (f"{r['db']:8} {r['nodes']:>6} nodes  {preloaded}{r['deployments']} deployments submitted by "
+            f"{r['tenants']} tenants ({r['singles']} single, "
             f"{r['gangs']} gangs = {r['gang_shards']} shards, {r['deletes']} deleted)\n"
             f"  submit p50/p99 {pp('submit')} ms | submit->committed single {pp('single_committed')} ms, "
-            f"gang {pp('gang_committed')} ms | submit->Running single {pp('single_running')} ms, "
+            f"gang {pp('gang_committed')} ms ({r['gangs64']} of 64 shards: {pp('gang64_committed')} ms) | "
+            f"submit->Running single {pp('single_running')} ms, "
             f"gang {pp('gang_running')} ms\n"
             f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
