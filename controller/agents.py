@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from controller import limits
-from controller.admission import AdmissionGate
+from controller.admission import AdmissionGate, agent_admission_gate
 from controller.errors import MaiaError, Unauthenticated
 from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
@@ -103,8 +103,7 @@ class AgentHub:
     ) -> None:
         self._db = db
         # Registers and hellos (write transactions) of a join storm: bounded, the rest told when to retry.
-        self.admission = admission or AdmissionGate("agent registrations", limits.AGENT_ADMISSION_CONCURRENCY,
-                                                    limits.AGENT_ADMISSION_QUEUE)
+        self.admission = admission or agent_admission_gate()
         self._leading = leading
         self._timeout = heartbeat_timeout_s
         self._on_liveness_change = on_liveness_change
@@ -158,10 +157,12 @@ class AgentHub:
     # --- one stream --------------------------------------------------------------------------
     async def converse(
         self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
+        time_left_s: float | None = None,
     ) -> AsyncIterator[AssignmentSet]:
-        """Serve one Connect stream after its Hello: yields the AssignmentSets to send."""
+        """Serve one Connect stream after its Hello (`time_left_s`: until the stream's deadline, if
+        it has one): yields the AssignmentSets to send."""
         damped = self._damper.returns_damped(node_id, time.monotonic())
-        async with self.admission.admit(), self._db.unit_of_work() as uow:
+        async with self.admission.admit(time_left_s), self._db.unit_of_work() as uow:
             changed = await agent_cases.hello(uow, who, node_id, session_id, datetime.now(timezone.utc), damped=damped)
         session = AgentSession(node_id, session_id,
                                reports=TokenBucket(self._report_rate, self._report_burst))

@@ -102,6 +102,9 @@ DRY_RUN_SLOTS = 1                   # dry runs solved at once (the machine's cor
 # floods so add at most 14,400 rows a day, whatever their rate.
 UNAUTHENTICATED_AUDITS_PER_MINUTE = 10.0
 UNAUTHENTICATED_AUDITS_BURST = 10.0
+# Calls refused with a retry time (busy, rate limited): audited at most this often, the rest counted.
+RETRY_LATER_AUDITS_PER_MINUTE = 60.0
+RETRY_LATER_AUDITS_BURST = 20.0
 
 # --- the reconciler ----------------------------------------------------------------------------
 QUARANTINE_AFTER_FAILURES = 3       # solver failures of one deployment before it is set aside

@@ -37,7 +37,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
     async def Register(self, request: agent_pb2.RegisterRequest,
                        context: aio.ServicerContext) -> agent_pb2.RegisterResponse:
         self._deps.require_leader()
-        async with self._deps.hub.admission.admit(), self._deps.db.unit_of_work() as uow:
+        async with self._deps.hub.admission.admit(context.time_remaining()), self._deps.db.unit_of_work() as uow:
             reg = await cases.register_node(uow, current_principal(), convert.node_info(request.node),
                                             heartbeat_interval_ms=self._deps.heartbeat_interval_ms,
                                             signals=self._deps.signals,
@@ -57,7 +57,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
         if first.WhichOneof("body") != "hello":
             raise FailedPrecondition("the first message on Connect must be Hello (node_id, session_id)")
         sets = self._deps.hub.converse(current_principal(), first.hello.node_id, first.hello.session_id,
-                                       _inbound(messages))
+                                       _inbound(messages), context.time_remaining())
         try:
             async for assignment_set in sets:
                 yield convert.assignment_set_msg(assignment_set)

@@ -18,7 +18,10 @@ Calls refused UNAUTHENTICATED (any method, reads included) are audited by
 anonymous flood grow the audit table at the flood's rate. A controller-wide token bucket
 (`limits.UNAUTHENTICATED_AUDITS_*`) lets through a few entries a minute; the calls refused
 beyond it are counted, and the next entry written says how many were not written on their own
-(`detail.unaudited_before`). The log still has a line per refused call.
+(`detail.unaudited_before`). The log still has a line per refused call. Calls refused with a
+retry time (a busy controller shedding a join storm, a tenant over its rate) come in floods by
+nature too, and each entry would be one more write transaction for the database they protect:
+they are audited the same way (`limits.RETRY_LATER_AUDITS_*`, a bucket of their own).
 """
 
 from __future__ import annotations
@@ -102,8 +105,9 @@ def outcome_of(context: aio.ServicerContext, failed: BaseException | None) -> tu
 class AuditInterceptor(aio.ServerInterceptor):
     """Appends one audit entry per mutating call (see the module docstring)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
+        self._retry_later = AuditSampler(limits.RETRY_LATER_AUDITS_PER_MINUTE, limits.RETRY_LATER_AUDITS_BURST, clock)
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -148,15 +152,42 @@ class AuditInterceptor(aio.ServerInterceptor):
     @staticmethod
     def _ended(entry: AuditRecord, context: aio.ServicerContext, failed: BaseException | None) -> AuditRecord:
         outcome, message = outcome_of(context, failed)
-        return replace(entry, outcome=outcome, detail={**entry.detail, **({"message": message} if message else {})})
+        retry = failed.retry_after_ms if isinstance(failed, errors.MaiaError) else None
+        return replace(entry, outcome=outcome, detail={**entry.detail, **({"message": message} if message else {}),
+                                                       **({"retry_after_ms": retry} if retry is not None else {})})
 
     async def _record(self, entry: AuditRecord) -> None:
-        """A failed call's entry (or a call that committed nothing), in its own transaction."""
+        """A failed call's entry (or a call that committed nothing), in its own transaction; of
+        the calls refused with a retry time, a sample (the entry counts those left out before it)."""
+        if entry.outcome != "OK" and entry.detail.get("retry_after_ms") is not None:
+            skipped = self._retry_later.sample()
+            if skipped is None:
+                return
+            if skipped:
+                entry = replace(entry, detail={**entry.detail, "unaudited_before": skipped})
         try:
             await audit.record(self._db, entry)
         except Exception:  # the call itself is done: say loudly that its audit entry is missing
             log.exception("could not write the audit entry of %s (actor=%s object=%s/%s outcome=%s)",
                           entry.action, entry.actor, entry.object_kind, entry.object_id, entry.outcome)
+
+
+class AuditSampler:
+    """Entries for a flood of like refusals, at most at a bucket's rate: `sample()` says whether
+    this one gets an entry and how many went without one since the last that did."""
+
+    def __init__(self, per_minute: float, burst: float, clock: Callable[[], float]) -> None:
+        self._bucket = TokenBucket(per_minute / 60.0, burst)
+        self._clock = clock
+        self.unaudited = 0  # refused calls since the last entry that got none of their own
+
+    def sample(self) -> int | None:
+        """None: no entry for this one (counted); else the calls left out before it."""
+        if self._bucket.take(self._clock()):
+            self.unaudited += 1
+            return None
+        skipped, self.unaudited = self.unaudited, 0
+        return skipped
 
 
 class UnauthenticatedAuditor:
@@ -166,18 +197,19 @@ class UnauthenticatedAuditor:
                  burst: float = limits.UNAUTHENTICATED_AUDITS_BURST,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
-        self._bucket = TokenBucket(per_minute / 60.0, burst)
-        self._clock = clock
-        self.unaudited = 0  # refused calls since the last entry that got none of their own
+        self._sampler = AuditSampler(per_minute, burst, clock)
+
+    @property
+    def unaudited(self) -> int:
+        return self._sampler.unaudited
 
     async def refused(self, method: str, reason: str, peer: str) -> None:
-        if self._bucket.take(self._clock()):
-            self.unaudited += 1
+        skipped = self._sampler.sample()
+        if skipped is None:
             return
         detail = {"message": reason, "peer": peer[:limits.HOSTNAME_MAX]}
-        if self.unaudited:
-            detail["unaudited_before"] = self.unaudited
-        self.unaudited = 0
+        if skipped:
+            detail["unaudited_before"] = skipped
         entry = AuditRecord(actor="anonymous", role="", tenant="", action=method[:128], object_kind="", object_id="",
                             outcome=grpc.StatusCode.UNAUTHENTICATED.name, detail=detail,
                             request_id=new_request_id())

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controller import limits
 from controller.agents import AgentHub
-from controller.admission import AdmissionGate
+from controller.admission import agent_admission_gate
 from controller.aio import cancel_and_wait, within
 from controller.authn import AUTHORIZATION_KEY, BOOTSTRAP_HINT, Authenticator
 from controller.api.admin import AdminServicer
@@ -143,9 +143,10 @@ class ControllerApp:
             on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
             reports_per_second=config.agent_reports_per_second, reports_burst=config.agent_reports_burst,
             leading=self.election.should_run, damper=damper,
-            admission=AdmissionGate("agent registrations", config.agent_admission_concurrency,
-                                    config.agent_admission_queue),
+            admission=agent_admission_gate(config.agent_admission_concurrency, config.agent_admission_queue,
+                                           observer=self.metrics),
         )
+        self.metrics.watch_admission(lambda: self.hub.admission.waiting)
         self.reconciler = Reconciler(
             leader_db, push=self.hub.notify, publish=self._publish_deployments,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,

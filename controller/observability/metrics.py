@@ -33,6 +33,7 @@ log = logging.getLogger("maia.metrics")
 SOLVE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PLACED_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 RPC_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+ADMISSION_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCRAPE_READ_TIMEOUT_S = 10.0
 
 ClusterReader = Callable[[], Awaitable[ClusterGauges]]
@@ -140,6 +141,21 @@ class ControllerMetrics:
                                       "Deployments in the reconciler's scheduling queue: active (not attempted yet), "
                                       "backoff (one more try by the full solve due), unschedulable (waiting for a "
                                       "change that could help).", ["queue"], registry=r)
+        self.agents_admitted = Counter("maia_agent_admission_admitted",
+                                       "Agent Registers and Connect hellos let in by the admission gate.", registry=r)
+        self.agents_refused = Counter("maia_agent_admission_refused",
+                                      "Agent Registers and hellos refused at once with a retry time, by reason "
+                                      "(deadline: would wait longer than its deadline leaves; waited_out: queued, its "
+                                      "turn had not come in time; queue_full).",
+                                      ["reason"], registry=r)
+        self.agents_abandoned = Counter("maia_agent_admission_abandoned",
+                                        "Agent calls that left the admission queue before their turn "
+                                        "(deadline passed or cancelled).", registry=r)
+        self.agents_admission_wait = Histogram("maia_agent_admission_wait_seconds",
+                                               "Time an admitted agent call waited in the admission queue.",
+                                               registry=r, buckets=ADMISSION_WAIT_BUCKETS_S)
+        self.agents_waiting = Gauge("maia_agent_admission_waiting", "Agent calls waiting in the admission queue now.",
+                                    registry=r)
         self._reader: ClusterReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
@@ -172,6 +188,16 @@ class ControllerMetrics:
         self.leader.set(1 if leading else 0)
         (self.lease_acquisitions if leading else self.lease_losses).inc()
 
+    def admission_admitted(self, waited_s: float) -> None:
+        self.agents_admitted.inc()
+        self.agents_admission_wait.observe(waited_s)
+
+    def admission_refused(self, reason: str) -> None:
+        self.agents_refused.labels(reason).inc()
+
+    def admission_abandoned(self) -> None:
+        self.agents_abandoned.inc()
+
     def rpc_handled(self, full_method: str, code: str, seconds: float) -> None:
         service, method = split_method(full_method)
         self.rpcs.labels(service, method, code).inc()
@@ -185,6 +211,10 @@ class ControllerMetrics:
     def watch_alarms(self, count: Callable[[], int]) -> None:
         """The isolation watchdog's alarm count, exported as `maia_isolation_watchdog_alarms_total`."""
         self.registry.register(_AlarmCollector(count))
+
+    def watch_admission(self, waiting: Callable[[], int]) -> None:
+        """The agent admission queue's depth, read at scrape time."""
+        self.agents_waiting.set_function(lambda: float(waiting()))
 
     def read_cluster(self) -> ClusterGauges | None:
         """One cluster read in the controller's loop, waited for from the HTTP thread."""

@@ -13,7 +13,8 @@ all of them:
 - `delay-heartbeats`: `by` seconds more between heartbeats;
 - `fail-shard`: the agent holding a shard reports it FAILED with a message; `keep_failing`
   fails every later load of a matching shard too, until `stop-failing`;
-- `revive`: undoes kill, partition, flap and heartbeat delay; `status`: what is injected.
+- `revive`: undoes kill, partition, flap and heartbeat delay; `status`: what is injected, and
+  how the nodes' Registers went (latencies of those that succeeded, failures by status code).
 
 Timed faults (`for_s`) undo themselves. A request naming an unknown node or rack changes nothing.
 """
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +185,12 @@ class FaultInjector:
             if kinds:
                 faulty[node_id] = kinds
         connected = sum(1 for n in self._nodes.values() if n.connected and not n.muted)
+        failures: Counter[str] = sum((n.register_failures for n in self._nodes.values()), Counter())
         return {"ok": True, "nodes": len(self._nodes), "connected": connected, "faults": faulty,
                 "failing": [p.describe() for p in self._failing],
+                "register_ms": [round(s * 1000, 1) for n in self._nodes.values() for s in n.register_latencies_s],
+                "register_failures": dict(failures),
+                "heartbeats_sent": sum(n.heartbeats_sent for n in self._nodes.values()),
                 "message": f"{connected}/{len(self._nodes)} nodes connected, {len(faulty)} with faults"}
 
     _HANDLERS: dict[str, Callable[[FaultInjector, dict[str, Any]], dict[str, Any]]] = {

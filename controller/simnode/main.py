@@ -20,7 +20,7 @@ from controller.simnode import faultcli
 from controller.simnode.credentials import CredentialFile, default_state_dir
 from controller.simnode.faults import ControlServer, FaultError, FaultInjector
 from controller.simnode.fleet import Fleet, FleetShape
-from controller.simnode.transport import SimulatedNode
+from controller.simnode.transport import REGISTER_TIMEOUT_S, SimulatedNode
 
 log = logging.getLogger("simnode")
 
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-power-w", type=float, default=600.0)
     p.add_argument("--heartbeat-interval", type=_interval, default=None, metavar="auto|SECONDS",
                    help="default: what the controller asks for at registration")
+    p.add_argument("--register-timeout", type=float, default=REGISTER_TIMEOUT_S, metavar="SECONDS",
+                   help="each Register's deadline (a controller busy with a join storm refuses at once, with a "
+                        "retry time, a Register that would not be served within it)")
+    p.add_argument("--stagger", type=float, default=0.01, metavar="SECONDS",
+                   help="pause between starting one node and the next (0: the whole fleet at once, a join storm)")
     p.add_argument("--control-socket", type=Path, default=None, metavar="PATH",
                    help="serve fault injection on this Unix socket (mode 0600) for `maia-simnode fault ...`")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -106,9 +111,10 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
     kept = CredentialFile.for_fleet(args.state_dir or default_state_dir(), args.controller, args.rack_prefix)
     nodes = [SimulatedNode(spec, args.controller, token=token, load_delay_s=args.load_delay,
                            heartbeat_interval_s=args.heartbeat_interval,
-                           credentials=credentials_for(args, spec.node_id), node_credentials=kept)
+                           credentials=credentials_for(args, spec.node_id), node_credentials=kept,
+                           register_timeout_s=args.register_timeout)
              for spec in shape.node_specs()]
-    return Fleet(nodes)
+    return Fleet(nodes, stagger_s=args.stagger)
 
 
 async def _run(fleet: Fleet, control_socket: Path | None) -> None:
@@ -138,8 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("grpc").setLevel(logging.WARNING)
-    if args.load_delay < 0:
-        log.error("--load-delay must not be negative")
+    if args.load_delay < 0 or args.stagger < 0:
+        log.error("--load-delay and --stagger must not be negative")
+        return 2
+    if args.register_timeout <= 0:
+        log.error("--register-timeout must be positive")
         return 2
     if (args.cert is None) != (args.key is None) or (args.cert is not None and args.cert_dir is not None):
         log.error("--cert and --key go together, and exclude --cert-dir")

@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ LEADER_METADATA_KEY = "maia-leader"  # controller.leadership: where a follower s
 REDIRECT_DELAY_S = (0.05, 0.25)  # jittered pause before following a redirect
 NO_LEADER_DELAY_S = (0.3, 0.8)   # a controller is gone or knows no leader yet: the next one, soon
 REGISTER_TIMEOUT_S = 10.0
+REGISTER_SAMPLES = 64  # Register latencies a node keeps (for `status` and the join benchmark)
 STOP_GRACE_S = 2.0
 
 
@@ -53,6 +55,7 @@ class Backoff:
     initial_s: float = 0.5
     maximum_s: float = 15.0
     factor: float = 2.0
+    retry_jitter: float = 0.25  # a pause the controller asked for is stretched by up to this share of it
     rng: random.Random = field(default_factory=random.Random)
     attempt: int = 0
 
@@ -64,24 +67,32 @@ class Backoff:
     def reset(self) -> None:
         self.attempt = 0
 
+    def told(self, pause_s: float) -> float:
+        """The pause a controller asked for (retry-after), stretched at random so that the agents it
+        told the same time do not all come back in the same instant."""
+        return pause_s * self.rng.uniform(1.0, 1.0 + self.retry_jitter)
+
+
+def _trailer(exc: grpc.aio.AioRpcError, key: str) -> str | None:
+    """The value of one trailing-metadata entry of a failed call, as text (None if absent)."""
+    for name, value in exc.trailing_metadata() or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
 
 def leader_hint(exc: grpc.aio.AioRpcError) -> str:
     """The leader's address a follower put in its UNAVAILABLE answer ('' if none)."""
-    for key, value in exc.trailing_metadata() or ():
-        if key == LEADER_METADATA_KEY:
-            return value if isinstance(value, str) else value.decode()
-    return ""
+    return _trailer(exc, LEADER_METADATA_KEY) or ""
 
 
 def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
     """The pause the controller asked for (`retry-after-ms`: a busy or rate-limited answer), or None."""
-    for key, value in exc.trailing_metadata() or ():
-        if key == RETRY_AFTER_METADATA_KEY:
-            try:
-                return max(0.0, int(value if isinstance(value, str) else value.decode()) / 1000)
-            except ValueError:
-                return None
-    return None
+    value = _trailer(exc, RETRY_AFTER_METADATA_KEY)
+    try:
+        return None if value is None else max(0.0, int(value) / 1000)
+    except ValueError:
+        return None
 
 
 class _Crashed(Exception):
@@ -98,7 +109,8 @@ class SimulatedNode:
                  heartbeat_interval_s: float | None = None, backoff: Backoff | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  credentials: grpc.ChannelCredentials | None = None,
-                 node_credentials: CredentialFile | None = None) -> None:
+                 node_credentials: CredentialFile | None = None,
+                 register_timeout_s: float = REGISTER_TIMEOUT_S) -> None:
         self.spec = spec
         self.controllers = [c.strip() for c in controller.split(",") if c.strip()]
         self.controller = self.controllers[0]  # the one talked to now
@@ -117,6 +129,9 @@ class SimulatedNode:
         self.connected = False
         self.sessions = 0
         self.heartbeats_sent = 0
+        self.register_timeout_s = register_timeout_s
+        self.register_latencies_s: deque[float] = deque(maxlen=REGISTER_SAMPLES)  # of the Registers that succeeded
+        self.register_failures: Counter[str] = Counter()  # status code name -> Registers that failed so
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._crash_offline_s: float | None = None  # the stream was cut on purpose: back after this
@@ -220,7 +235,7 @@ class SimulatedNode:
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.node_credential:
                         self._forget_credential()  # revoked (an admin reset it): register afresh
                     told = retry_after_s(exc)  # a controller busy with a join storm says when to come back
-                    delay = self._follow(exc) if told is None else told
+                    delay = self._follow(exc) if told is None else self.backoff.told(told)
                 except _Crashed:
                     pass
                 finally:
@@ -293,9 +308,15 @@ class SimulatedNode:
 
     async def _session(self, stub: agent_pb2_grpc.NodeAgentServiceStub) -> None:
         proposal = "" if self.node_credential else self._proposal()
-        registration = await stub.Register(agent_pb2.RegisterRequest(node=self.spec.to_proto(),
-                                                                     credential_proposal=proposal),
-                                           timeout=REGISTER_TIMEOUT_S, metadata=self._auth())
+        asked = self.clock()
+        try:
+            registration = await stub.Register(agent_pb2.RegisterRequest(node=self.spec.to_proto(),
+                                                                         credential_proposal=proposal),
+                                               timeout=self.register_timeout_s, metadata=self._auth())
+        except grpc.aio.AioRpcError as exc:
+            self.register_failures[exc.code().name] += 1
+            raise
+        self.register_latencies_s.append(self.clock() - asked)
         if registration.node_credential or proposal:  # a controller that minted one itself says it
             self._keep_credential(registration.node_credential or proposal)
             self._pending_proposal = None

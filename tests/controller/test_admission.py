@@ -1,5 +1,6 @@
 """controller.admission: a bounded number inside, a bounded queue, the rest refused UNAVAILABLE
-with a retry time that grows with the queue."""
+with a retry time that grows with the queue; a caller that would wait longer than its deadline
+leaves is refused RESOURCE_EXHAUSTED at once instead of timing out in the queue."""
 from __future__ import annotations
 
 import asyncio
@@ -7,12 +8,18 @@ import random
 
 import pytest
 
-from controller.admission import MAX_RETRY_S, MIN_RETRY_S, AdmissionGate
-from controller.errors import Unavailable
+from controller.admission import MAX_RETRY_S, MIN_RETRY_S, AdmissionGate, QueueState, Refusal, _Average, judge
+from controller.errors import ResourceExhausted, Unavailable
 
 
 def _gate(concurrency: int, max_waiting: int) -> AdmissionGate:
     return AdmissionGate("agent registrations", concurrency, max_waiting, rng=random.Random(7))
+
+
+async def _hold(gate: AdmissionGate, release: asyncio.Event, time_left_s: float | None = None) -> None:
+    """Enter the gate and stay inside until `release`."""
+    async with gate.admit(time_left_s):
+        await release.wait()
 
 
 async def test_at_most_concurrency_callers_are_inside_and_the_queue_is_bounded() -> None:
@@ -47,13 +54,9 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     gate = _gate(concurrency=1, max_waiting=1)
     release = asyncio.Event()
 
-    async def holder() -> None:
-        async with gate.admit():
-            await release.wait()
-
-    first = asyncio.create_task(holder())
+    first = asyncio.create_task(_hold(gate, release))
     await asyncio.sleep(0)
-    waiter = asyncio.create_task(holder())
+    waiter = asyncio.create_task(_hold(gate, release))
     await asyncio.sleep(0)
     assert gate.waiting == 1
     waiter.cancel()
@@ -67,7 +70,7 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
 
 def test_the_retry_time_grows_with_the_queue_and_stays_bounded() -> None:
     gate = _gate(concurrency=4, max_waiting=10_000)
-    gate._service_s = 0.2
+    gate._turn = _Average(0.2)
     short = gate.retry_after_s()
     gate._waiting = 400
     long = gate.retry_after_s()
@@ -79,3 +82,122 @@ def test_the_retry_time_grows_with_the_queue_and_stays_bounded() -> None:
 def test_nonsense_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         AdmissionGate("x", 0, 1)
+
+
+# inside, waiting, concurrency, max_waiting, service_s, turn_s, turn_dev_s, time left (None: no
+# deadline) -> verdict. Once every slot is taken an arriving caller has k = (waiting + 1) /
+# concurrency services ahead, each clearing in turn_s (measured from earlier waits, give or take
+# turn_dev_s); it is refused when k x (turn + deviation) > time left - its own service.
+JUDGEMENTS = [
+    pytest.param(0, 0, 8, 256, 0.3, 0.3, 0.1, 0.01, None, id="a free slot: in, whatever the deadline"),
+    pytest.param(7, 0, 8, 256, 5.0, 5.0, 1.0, 1.0, None, id="one slot of 8 free: in"),
+    pytest.param(8, 0, 8, 256, 0.3, 0.3, 0.0, 10.0, None, id="all busy, none queued: 0.04 s of 9.7 s"),
+    pytest.param(8, 255, 8, 256, 0.3, 0.3, 0.0, 10.0, None, id="255 queued at 0.3 s: 9.6 s within 9.7 s"),
+    pytest.param(8, 100, 8, 256, 0.3, 0.3, 0.0, 5.0, None, id="5 s deadline, 100 queued: 3.79 s within 4.7 s"),
+    pytest.param(8, 130, 8, 256, 0.3, 0.3, 0.0, 5.0, Refusal.DEADLINE, id="130 queued: 4.91 s beyond 4.7 s"),
+    pytest.param(8, 100, 8, 256, 0.3, 0.3, 0.1, 5.0, Refusal.DEADLINE,
+                 id="100 queued, deviation 0.1 s a place: 5.05 s beyond 4.7 s"),
+    pytest.param(8, 100, 8, 256, 0.3, 0.45, 0.0, 5.0, Refusal.DEADLINE,
+                 id="places clear slower than a service (a busy loop): 5.68 s beyond 4.7 s"),
+    pytest.param(8, 10, 8, 256, 0.3, 0.3, 0.1, None, None, id="no deadline: only the queue bound"),
+    pytest.param(8, 256, 8, 256, 0.3, 0.3, 0.1, None, Refusal.QUEUE_FULL, id="queue full, no deadline"),
+    pytest.param(8, 256, 8, 256, 0.001, 0.001, 0.0, 60.0, Refusal.QUEUE_FULL, id="queue full beats a roomy deadline"),
+    pytest.param(1, 0, 1, 1000, 0.5, 0.5, 0.0, 0.4, Refusal.DEADLINE, id="less time left than one service"),
+    pytest.param(1, 3, 1, 1000, 0.1, 0.1, 0.0, 0.65, None, id="4 services ahead: 0.4 s within 0.55 s"),
+    pytest.param(1, 5, 1, 1000, 0.1, 0.1, 0.0, 0.65, Refusal.DEADLINE, id="6 services ahead: 0.6 s beyond 0.55 s"),
+    pytest.param(1, 0, 1, 0, 0.1, 0.1, 0.0, 10.0, Refusal.QUEUE_FULL, id="no queue at all: busy means refused"),
+]
+
+
+@pytest.mark.parametrize(
+    "inside, waiting, concurrency, max_waiting, service_s, turn_s, turn_dev_s, time_left_s, verdict", JUDGEMENTS)
+def test_admission_is_judged_by_expected_wait_against_the_deadline(
+        inside: int, waiting: int, concurrency: int, max_waiting: int, service_s: float, turn_s: float,
+        turn_dev_s: float, time_left_s: float | None, verdict: Refusal | None) -> None:
+    state = QueueState(inside, waiting, concurrency, max_waiting, service_s, turn_s, turn_dev_s)
+    assert judge(state, time_left_s) is verdict
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.admitted: list[float] = []
+        self.refused: list[str] = []
+        self.abandoned = 0
+
+    def admission_admitted(self, waited_s: float) -> None:
+        self.admitted.append(waited_s)
+
+    def admission_refused(self, reason: str) -> None:
+        self.refused.append(reason)
+
+    def admission_abandoned(self) -> None:
+        self.abandoned += 1
+
+
+async def test_a_caller_that_would_outwait_its_deadline_is_refused_at_once_with_a_retry_time() -> None:
+    seen = _Seen()
+    gate = AdmissionGate("agent registrations", 1, 1000, rng=random.Random(7), observer=seen)
+    gate._service_s, gate._turn = 0.5, _Average(0.5)
+    release = asyncio.Event()
+
+    first = asyncio.create_task(_hold(gate, release))
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(_hold(gate, release, 10.0)) for _ in range(3)]  # 0.5, 1.0, 1.5 s expected: within 10 s
+    await asyncio.sleep(0)
+    assert gate.waiting == 3
+    with pytest.raises(ResourceExhausted) as refused:
+        async with gate.admit(time_left_s=2.0):  # 4 x 0.5 s expected > 2.0 - 0.5 s
+            pass
+    assert refused.value.retry_after_ms is not None and refused.value.retry_after_ms >= MIN_RETRY_S * 1000
+    assert "expected wait (2s, 3 waiting) is longer than the call's deadline leaves (2s)" in refused.value.message
+    assert seen.refused == ["deadline"] and gate.refused == 1 and gate.waiting == 3
+    release.set()
+    await asyncio.gather(first, *queued)
+    assert len(seen.admitted) == 4 and seen.abandoned == 0
+
+
+async def test_a_caller_whose_deadline_passes_in_the_queue_is_counted_as_abandoned() -> None:
+    seen = _Seen()
+    gate = AdmissionGate("agent registrations", 1, 10, observer=seen)
+    release = asyncio.Event()
+
+    first = asyncio.create_task(_hold(gate, release))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(_hold(gate, release))
+    await asyncio.sleep(0)
+    waiter.cancel()  # what gRPC does to a handler whose deadline passed
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert gate.abandoned == 1 and seen.abandoned == 1 and gate.waiting == 0
+    release.set()
+    await first
+
+
+def test_the_time_a_place_takes_and_its_deviation_follow_what_was_measured() -> None:
+    turn = _Average(0.05)
+    for _ in range(60):
+        turn.add(0.2)
+    assert turn.mean == pytest.approx(0.2, abs=1e-4) and turn.deviation < 1e-4
+    for seconds in (0.1, 0.3) * 30:
+        turn.add(seconds)
+    assert turn.deviation > 0.05
+
+
+async def test_a_queued_caller_whose_turn_does_not_come_in_time_is_refused_before_its_deadline() -> None:
+    """The estimate said it would fit (the queue was fast so far); the slot is held longer: the
+    caller is refused when only its own service time is left, not cancelled at its deadline."""
+    seen = _Seen()
+    gate = AdmissionGate("agent registrations", 1, 10, rng=random.Random(7), observer=seen)
+    gate._service_s, gate._turn = 0.01, _Average(0.001)
+    release = asyncio.Event()
+
+    first = asyncio.create_task(_hold(gate, release))
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted) as refused:
+        async with gate.admit(time_left_s=0.05):
+            pass
+    assert "turn did not come in the 0.05s its deadline left" in refused.value.message
+    assert refused.value.retry_after_ms is not None
+    assert seen.refused == ["waited_out"] and gate.abandoned == 0 and gate.waiting == 0
+    assert gate.state().turn_s > 0.001  # what it waited teaches the estimate
+    release.set()
+    await first

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import grpc
 import pytest
 from grpc_status import rpc_status
+from prometheus_client import generate_latest
 from sqlalchemy import select
 
 from controller.agents import AgentHub, _Batch
@@ -20,7 +21,9 @@ from controller.store import models as m
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.domain.values import ShardReport
-from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
+from grpc_harness import (
+    HandAgent, SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology,
+)
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 
 
@@ -192,4 +195,33 @@ async def test_a_join_storm_beyond_the_admission_queue_is_told_when_to_retry(db_
             nodes = (await stubs.admin.ListNodes(admin_pb2.ListNodesRequest(page_size=100))).nodes
             assert len(nodes) == 24
         finally:
+            await stubs.channel.close()
+
+
+async def test_a_join_storm_of_real_agents_never_times_out_in_the_admission_queue(db_url: str, tmp_path) -> None:
+    """128 `maia-simnode` agents start at once against one Register at a time, each Register with a
+    2 s deadline: about as much work as that deadline (256 Registers and hellos one by one, more
+    on a busy machine). A caller that would outwait its deadline is refused RESOURCE_EXHAUSTED at
+    once and comes back when told; none waits in the queue until its deadline passes, and every
+    node ends up ready."""
+    racks, per_rack = 8, 16
+    async with running_controller(db_url, tmp_path, agent_admission_concurrency=1,
+                                  agent_admission_queue=10_000, heartbeat_timeout_s=60) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        await stubs.admin.ApplyTopology(topology({f"rack-{r:02d}": "row-a" for r in range(racks)}))
+        token = await issue_token(app.db, "node-bootstrap", name="storm")
+        fleet = SimFleet(app.address, racks=racks, nodes_per_rack=per_rack, token=token, log_dir=tmp_path,
+                         extra_args=("--register-timeout", "2", "--stagger", "0"))
+        try:
+            await eventually(lambda: stubs.admin.GetClusterSummary(admin_pb2.GetClusterSummaryRequest()),
+                             lambda s: s.nodes_ready == racks * per_rack, timeout=120, every=0.5,
+                             what=f"{racks * per_rack} nodes ready")
+            gate = app.hub.admission
+            assert gate.abandoned == 0, fleet.log_tail()
+            assert gate.admitted >= 2 * racks * per_rack  # every Register and every hello went through it
+            scrape = generate_latest(app.metrics.registry).decode()
+            assert "maia_agent_admission_abandoned_total 0.0" in scrape
+            assert f"maia_agent_admission_admitted_total {float(gate.admitted)}" in scrape
+        finally:
+            fleet.stop()
             await stubs.channel.close()
