@@ -106,7 +106,7 @@ def rows_read(session: Any) -> Iterator[list[int]]:
         event.remove(session.sync_session, "do_orm_execute", count)
 
 
-async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int) -> dict[str, Any]:
+async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int, modes: tuple[bool, ...]) -> dict[str, Any]:
     from controller.store import models as m
     from controller.store.db import Database
     from controller.store.migrate import ensure_schema
@@ -131,11 +131,11 @@ async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int) -> dict[st
         placements = list(snap.problem["placements"])
         deployments = list(snap.problem["deployments"])
         ids = dict(snap.deployment_ids)
-        timings = {(size, scoped): Timing(size, scoped) for size in sizes for scoped in (False, True)}
+        timings = {(size, scoped): Timing(size, scoped) for size in sizes for scoped in modes}
         turned_away = 0
         for rep in range(repeat):
             for size in sizes:
-                for scoped in (False, True):
+                for scoped in modes:
                     names = [f"r{rep}-k{size}-{'s' if scoped else 'u'}-{i}" for i in range(size)]
                     async with db.unit_of_work() as uow:
                         written = await uow.session.execute(insert(m.Deployment).returning(m.Deployment.id), [
@@ -196,8 +196,9 @@ def _no_count() -> Iterator[list[int]]:
 
 
 async def _run(args: argparse.Namespace, backend: str, doc: Doc, directory: Path) -> dict[str, Any]:
+    modes = (True,) if getattr(args, "scoped_only", False) else (False, True)
     if backend == "sqlite":
-        return await _measure(f"sqlite+aiosqlite:///{directory / 'maia.db'}", doc, args.sizes, args.repeat)
+        return await _measure(f"sqlite+aiosqlite:///{directory / 'maia.db'}", doc, args.sizes, args.repeat, modes)
     from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
 
     bin_dir = find_pg_bin_dir()
@@ -206,7 +207,7 @@ async def _run(args: argparse.Namespace, backend: str, doc: Doc, directory: Path
     server = LocalPostgres(bin_dir)
     try:
         url = await create_database(server.start(), prefix="maia_bench")
-        return await _measure(url, doc, args.sizes, args.repeat)
+        return await _measure(url, doc, args.sizes, args.repeat, modes)
     finally:
         server.stop()
 
@@ -230,11 +231,12 @@ def _report(args: argparse.Namespace, backend: str, result: dict[str, Any]) -> N
           f"load_snapshot (what a pass reads) median {result['load_snapshot_ms']:.0f} ms; "
           f"replicas turned away {result['turned_away']}; cache kept from CommitResult.shards "
           f"{'equals' if result['cache_matches'] else 'DIFFERS FROM'} the committed state")
-    print(f"{'plan':>10} {'commit':>9} {'p50 ms':>8} {'p99 ms':>8} {'lock p50':>9} {'lock p99':>9} {'rows read':>10}")
+    print(f"{'plan':>10} {'commit':>9} {'p50 ms':>8} {'p99 ms':>8} {'lock p50':>9} {'lock p99':>9} {'rows read':>10} "
+          f"{'deps/s':>7}")
     for t in result["timings"]:
         print(f"{t.size:>4} dep(s) {'scoped' if t.scoped else 'unscoped':>9} {percentile(t.commit_ms, 50):>8.1f} "
               f"{percentile(t.commit_ms, 99):>8.1f} {percentile(t.lock_ms, 50):>9.1f} {percentile(t.lock_ms, 99):>9.1f} "
-              f"{t.rows_read:>10}")
+              f"{t.rows_read:>10} {t.size * 1000 / max(statistics.mean(t.commit_ms or [0.0]), 1e-9):>7.0f}")
     print(f"({args.repeat - 1} timed commits each; load average now {os.getloadavg()[0]:.1f})", flush=True)
 
 
@@ -246,4 +248,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--repeat", type=int, default=21, help="commits per size and mode (the first is not timed)")
     p.add_argument("--db", choices=("sqlite", "postgres"), nargs="+", default=["sqlite"])
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--scoped-only", action="store_true", help="skip the unscoped commits (slow at size)")
     p.set_defaults(func=main)
