@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|session|rebalance|watchdog|auth|e2e|submit|failover|nodedeath|reconcile|departures|commit ...`."""
+"""Command line: `python -m bench fgd|synthetic|session|rebalance|watchdog|auth|e2e|submit|failover|join|nodedeath|reconcile|departures|commit ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import auth, commit, e2e, failover, nodedeath, session, submit, traces, watchdog
+from bench import auth, commit, e2e, failover, join, nodedeath, session, submit, traces, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     failover.add_arguments(fo)
     fo.set_defaults(func=failover.main)
 
+    jn = sub.add_parser("join", help="real controller + simnode fleets that all start at once: time until every "
+                                     "node is ready, Register p50/p99 and refusals, controller CPU and peak RSS")
+    join.add_arguments(jn)
+    jn.set_defaults(func=join.main)
     nd = sub.add_parser("nodedeath", help="real controller + simnode fleets: a share of the nodes killed at once "
                                           "-> suspect, down, evicted, placed again; needless moves")
     nodedeath.add_arguments(nd)

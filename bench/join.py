@@ -1,0 +1,204 @@
+"""Join storm: a real `maia-controller` (SQLite, or PostgreSQL with `--db postgres`) and real
+`maia-simnode` fleets that all start at once, then stay.
+
+For each size in `--nodes` a fresh controller and database: the topology and a node-bootstrap
+token are set up, every fleet is started together (each starts its nodes `--stagger` apart), and
+the run measures
+- the time until every node is registered, connected and ready (`GetClusterSummary`, polled);
+- Register latency p50/p99 as the agents saw it (the Registers that succeeded), and the Registers
+  that failed, by status code (RESOURCE_EXHAUSTED/UNAVAILABLE: refused with a retry time;
+  DEADLINE_EXCEEDED: timed out), from the fleets' control sockets;
+- the controller's admission counters from its `/metrics` (admitted, refused by reason,
+  abandoned in the queue);
+- controller CPU and peak RSS (VmHWM, /proc) over the join; then the steady state: the nodes
+  heartbeat for `--steady` seconds (longer than the heartbeat timeout, so a node whose heartbeats
+  did not arrive would be suspect by the end) and the controller's CPU share over that window,
+  and whether every node is still ready after it.
+
+    python -m bench join --nodes 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.e2e import NODES_PER_RACK, Process, Shape, admin_setup, database
+from bench.fgd import percentile
+from bench.nodedeath import FleetProcess
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, nargs="+", default=[4096], help="simulated nodes (multiples of 16), one run each")
+    p.add_argument("--db", choices=["sqlite", "postgres"], default="postgres",
+                   help="the controller's database: a SQLite file, or a throwaway PostgreSQL (bench/pgserver.py)")
+    p.add_argument("--nodes-per-fleet", type=int, default=512, help="simulated nodes per maia-simnode process")
+    p.add_argument("--stagger", type=float, default=0.01, help="seconds between one node's start and the next in a fleet")
+    p.add_argument("--heartbeat-timeout", type=float, default=None,
+                   help="the controller's --heartbeat-timeout (agents heartbeat every third of it; default: its own)")
+    p.add_argument("--controller-flags", default="", help="more flags for maia-controller, as one string")
+    p.add_argument("--steady", type=float, default=60.0, help="seconds of steady state measured after the join")
+    p.add_argument("--timeout", type=float, default=1800.0, help="give up on the join after this")
+    p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
+    p.add_argument("--json", help="also write the results to this file")
+
+
+def start_fleet(i: int, prefix: str, racks: int, address: str, token: str, args: argparse.Namespace,
+                root: Path) -> FleetProcess:
+    from controller.simnode.fleet import FleetShape
+    control = root / f"fleet-{i}.sock"
+    bin_dir = Path(sys.executable).parent
+    process = Process(f"maia-simnode {i}", [
+        str(bin_dir / "maia-simnode"), "--controller", address, "--racks", str(racks),
+        "--nodes-per-rack", str(NODES_PER_RACK), "--rack-prefix", prefix, "--stagger", str(args.stagger),
+        "--state-dir", str(root / f"fleet-{i}"), "--control-socket", str(control), "--log-level", "WARNING"],
+        root / f"simnode-{i}.log", env={"MAIA_TOKEN": token})
+    ids = [s.node_id for s in FleetShape(racks, NODES_PER_RACK, rack_prefix=prefix).node_specs()]
+    return FleetProcess(process, control, ids)
+
+
+def scrape_admission(metrics_url: str) -> dict[str, float]:
+    """The controller's `maia_agent_admission_*` counters (name{labels} -> value)."""
+    with urllib.request.urlopen(metrics_url, timeout=30) as reply:
+        text = reply.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"maia_agent_admission_(admitted_total|refused_total|abandoned_total)(\{[^}]*\})? (\S+)", line)
+        if m:
+            found[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return found
+
+
+async def nodes_ready(admin: Any) -> int:
+    import grpc
+    from maia.v1 import admin_pb2
+    try:
+        return (await admin.GetClusterSummary(admin_pb2.GetClusterSummaryRequest(), timeout=30)).nodes_ready
+    except grpc.aio.AioRpcError:  # a controller busy with the storm: ask again
+        return -1
+
+
+async def fleet_status(fleets: list[FleetProcess]) -> dict[str, Any]:
+    answers = await asyncio.gather(*(f.ask({"op": "status"}) for f in fleets))
+    failures: dict[str, int] = {}
+    for a in answers:
+        for code, n in a.get("register_failures", {}).items():
+            failures[code] = failures.get(code, 0) + n
+    latencies = [ms for a in answers for ms in a.get("register_ms", [])]
+    return {"connected": sum(a["connected"] for a in answers), "heartbeats_sent": sum(a["heartbeats_sent"] for a in answers),
+            "register_ok": len(latencies), "register_failures": failures,
+            "register_p50_ms": round(percentile(latencies, 50), 1) if latencies else None,
+            "register_p99_ms": round(percentile(latencies, 99), 1) if latencies else None,
+            "register_max_ms": round(max(latencies), 1) if latencies else None}
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages, as `uptime` shows them."""
+    return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from controller.bearer import aio_channel
+    from maia.v1 import admin_pb2_grpc
+    shape = Shape(nodes, max(1, (nodes + args.nodes_per_fleet - 1) // args.nodes_per_fleet))
+    bin_dir = Path(sys.executable).parent
+    flags = args.controller_flags.split()
+    if args.heartbeat_timeout is not None:
+        flags += ["--heartbeat-timeout", str(args.heartbeat_timeout)]
+    async with database(args.db, root) as url:
+        token_file = root / "admin.token"
+        controller = Process("maia-controller", [
+            str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url, "--metrics-listen", "127.0.0.1:0",
+            "--bootstrap-admin-token-file", str(token_file), "--log-level", "WARNING", *flags], root / "controller.log")
+        fleets: list[FleetProcess] = []
+        result: dict[str, Any] = {"nodes": nodes, "fleets": shape.fleets, "db": args.db, "controller_flags": flags,
+                                  "stagger_s": args.stagger, "load_at_start": load()}
+        try:
+            address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
+            metrics_url = await asyncio.to_thread(controller.read_line, "maia-controller metrics on ", 30)
+            channel = aio_channel(address, token_file.read_text().strip())
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            node_token = await admin_setup(channel, shape)
+            cpu0, started = controller.cpu_s(), time.perf_counter()
+            fleets = [start_fleet(i, prefix, racks, address, node_token, args, root)
+                      for i, (prefix, racks) in enumerate(shape.fleet_racks())]
+            ready, progress = 0, []
+            while time.perf_counter() - started < args.timeout:
+                await asyncio.sleep(1.0)
+                ready = max(ready, await nodes_ready(admin))
+                progress.append((round(time.perf_counter() - started), ready))
+                if len(progress) % 30 == 0:
+                    print(f"  {nodes} nodes: {ready} ready after {progress[-1][0]} s", file=sys.stderr, flush=True)
+                if ready >= nodes:
+                    break
+            joined_s = time.perf_counter() - started
+            join_cpu = controller.cpu_s() - cpu0
+            result.update({"all_ready": ready >= nodes, "ready": ready, "joined_s": round(joined_s, 1),
+                           "ready_by_minute": progress[59::60], "join_cpu_s": round(join_cpu, 1),
+                           "join_cpu_share": round(join_cpu / joined_s, 2), "load_after_join": load()})
+            result["agents_at_join"] = await fleet_status(fleets)
+            result["admission_at_join"] = scrape_admission(metrics_url)
+            cpu1, t1 = controller.cpu_s(), time.perf_counter()
+            beats0 = result["agents_at_join"]["heartbeats_sent"]
+            await asyncio.sleep(args.steady)
+            steady_s = time.perf_counter() - t1
+            after = await fleet_status(fleets)
+            result.update({
+                "steady_s": round(steady_s, 1), "steady_cpu_share": round((controller.cpu_s() - cpu1) / steady_s, 3),
+                "steady_heartbeats_per_s": round((after["heartbeats_sent"] - beats0) / steady_s),
+                "ready_after_steady": await nodes_ready(admin), "agents_after_steady": after,
+                "controller_peak_rss_mib": round(controller.peak_rss_mib()), "load_at_end": load(),
+                "admission_at_end": scrape_admission(metrics_url)})
+            await channel.close()
+        finally:
+            result["controller_exit"] = controller.stop()  # first: nodes stopping before it would be marked suspect
+            for fleet in fleets:
+                fleet.process.stop()
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    a = r.get("agents_at_join", {})
+    return (f"{r['db']} {r['nodes']} nodes ({r['fleets']} fleets): "
+            f"{'all' if r.get('all_ready') else r.get('ready')} ready in {r.get('joined_s')} s; Register p50/p99 "
+            f"{a.get('register_p50_ms')}/{a.get('register_p99_ms')} ms, failed {a.get('register_failures')}; "
+            f"admission {r.get('admission_at_join')}; controller CPU {r.get('join_cpu_s')} s over the join "
+            f"({r.get('join_cpu_share')} of a core), steady {r.get('steady_cpu_share')} of a core at "
+            f"{r.get('steady_heartbeats_per_s')} heartbeats/s, {r.get('ready_after_steady')} ready after "
+            f"{r.get('steady_s')} s; peak RSS {r.get('controller_peak_rss_mib')} MiB; load {r.get('load_at_start')} -> "
+            f"{r.get('load_at_end')}")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    bad = [n for n in args.nodes if n % NODES_PER_RACK or n < NODES_PER_RACK]
+    if bad:
+        print(f"error: --nodes {bad} are not positive multiples of {NODES_PER_RACK}", file=sys.stderr)
+        return 2
+    results = []
+    for nodes in args.nodes:
+        root = Path(tempfile.mkdtemp(prefix=f"maia-bench-join-{nodes}-"))
+        try:
+            results.append(await one_run(nodes, args, root))
+        finally:
+            if args.keep:
+                print(f"logs in {root}", file=sys.stderr)
+            else:
+                subprocess.run(["rm", "-rf", str(root)], check=False)
+        print(report(results[-1]), file=sys.stderr, flush=True)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if all(r.get("all_ready") and r.get("ready_after_steady") == r["nodes"] for r in results) else 1
+
+
+def main(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))

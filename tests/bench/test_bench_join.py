@@ -1,0 +1,28 @@
+"""`python -m bench join` on a tiny fleet (real controller and simnode processes): what it reports
+is about a join that happened (every node ready and still ready after the steady window, every
+Register and hello through the admission gate, none abandoned in its queue); never its times."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_join_reports_every_node_ready_registered_and_heartbeating(tmp_path: Path) -> None:
+    out = tmp_path / "join.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "join", "--nodes", "32", "--nodes-per-fleet", "16", "--db", "sqlite",
+         "--steady", "4", "--heartbeat-timeout", "3", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [run] = json.loads(out.read_text())
+    assert run["nodes"] == 32 and run["fleets"] == 2 and run["all_ready"] and run["ready_after_steady"] == 32
+    agents = run["agents_after_steady"]
+    assert agents["connected"] == 32 and agents["register_ok"] >= 32 and agents["register_p99_ms"] is not None
+    assert agents["heartbeats_sent"] > run["agents_at_join"]["heartbeats_sent"]
+    assert run["admission_at_end"]["admitted_total"] >= 64 and run["admission_at_end"]["abandoned_total"] == 0
+    assert run["controller_peak_rss_mib"] > 0 and run["controller_exit"] == 0
