@@ -8,7 +8,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from controller.store.db import Database
 from controller.store.models import (
@@ -27,7 +27,7 @@ from controller.store.models import (
     utcnow,
 )
 from controller.store.plans import bump_cluster_generation
-from controller.store.snapshot import load_snapshot, node_state
+from controller.store.snapshot import load_snapshot, load_spec_doc, node_state
 from scheduler import problem_from_dict
 
 from .seed import seed_problem
@@ -205,3 +205,24 @@ def test_what_the_solver_and_operators_see_of_a_node(health: NodeHealth, cordone
                                                       shown: str) -> None:
     assert node_state(health, cordoned, evicted) == solver
     assert Node(health=health, cordoned=cordoned).state == shown
+
+
+async def test_the_spec_document_names_every_revision_and_reads_only_what_it_is_asked(database: Database) -> None:
+    await _build_small_cluster(database)
+    async with database.unit_of_work() as uow:  # t1/big rolls to revision 2; revision 1 kept as its spec
+        big = (await uow.session.scalars(select(Deployment).where(Deployment.name == "big"))).one()
+        old = dict(EXPECTED["deployments"][0], id="t1/big")
+        big.template_revision, big.revision_specs, big.shard_hbm_gib = 2, {"1": old}, 56.0
+        small_id = (await uow.session.scalars(select(Deployment.id).where(Deployment.name == "small"))).one()
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        whole = await load_spec_doc(uow.session)
+        part = await load_spec_doc(uow.session, within_rows=["nowhere"], deployment_ids=[small_id])
+    assert {k: whole[k] for k in ("zones", "rows", "racks", "nodes", "tenants")} == {
+        k: EXPECTED[k] for k in ("zones", "rows", "racks", "nodes", "tenants")}
+    assert whole["placements"] == []  # the deleting deployment has no spec either
+    specs = {d["id"]: d for d in whole["deployments"]}
+    assert set(specs) == {"t1/big~1", "t1/big~2", "t2/small~1"}
+    assert specs["t1/big~1"]["shard"]["hbm_gib"] == 48.0 and specs["t1/big~2"]["shard"]["hbm_gib"] == 56.0
+    assert part["rows"] == part["racks"] == part["nodes"] == []
+    assert [d["id"] for d in part["deployments"]] == ["t2/small~1"] and part["tenants"] == EXPECTED["tenants"]
