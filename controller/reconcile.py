@@ -373,7 +373,7 @@ class Reconciler:
             self._retire_checked = result.generation
         self._committed(cache.snapshot, fast.plan, result, fast.scope)
         self._quarantined.good.update(d["id"] for d in docs)
-        self._warm.after_fast(cache, fast, result)
+        await self._warm.after_fast(cache, fast, result)
         # The full solve tries them (and what was preempted) once more; it may move others.
         self._queue.back_off(fast.unplaced + tuple(p.deployment for p in fast.plan.preempted), self._clock())
         retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued else None

@@ -19,8 +19,8 @@ session could not place): its commit is scoped to what it changed (`scope_of`) a
 follows what it wrote (`follow`: `CommitResult.shards` applied to the snapshot, and to the
 session through `Session.adopt`).
 
-Anything else (a stale or re-queued commit, a preemption on the fast path, a change by someone
-else) drops the cache; the reconciler takes its full path and the cache is built again from a
+A fast plan that preempted is followed the same way. Anything else (a stale or re-queued
+commit, a change by someone else) drops the cache; the reconciler takes its full path and the cache is built again from a
 fresh snapshot when the next pass qualifies. The cache never undoes a decision: it is rebuilt
 instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
 `decide`, `scope_of` and `follow` run in a worker thread, never two at once.
@@ -129,7 +129,8 @@ class ClusterCache:
 
     def committed(self, fast: FastPlan, generation: int) -> bool:
         """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing
-        preempted) to the cached snapshot; False when the cache cannot follow it (drop it)."""
+        preempted: else `follow`) to the cached snapshot, at the cost of the decisions; False
+        when the cache cannot follow it (drop it)."""
         snap = self.snapshot
         placements = snap.problem["placements"]
         for decision in fast.decisions:

@@ -90,9 +90,15 @@ class WarmCluster:
             self.unplaced.pop(name, None)
         self.unplaced.update((u.deployment, u) for u in plan.unplaced)
 
-    def after_fast(self, cache: ClusterCache, fast: FastPlan, result: CommitResult) -> None:
-        """The cache follows a fast plan's commit, or is dropped (rebuilt when next needed)."""
-        keep = not (result.requeued or fast.preempted) and cache.committed(fast, result.generation)
+    async def after_fast(self, cache: ClusterCache, fast: FastPlan, result: CommitResult) -> None:
+        """The cache follows a fast plan's commit (the decisions appended; with preemptions,
+        what the commit wrote, victims renumbered), or is dropped (rebuilt when next needed)."""
+        if result.requeued:
+            keep = False
+        elif fast.preempted:
+            keep = await asyncio.to_thread(cache.follow, result.shards, result.generation)
+        else:
+            keep = cache.committed(fast, result.generation)
         self.cache = cache if keep else None
 
     async def after_full(self, snapshot: Snapshot, result: CommitResult) -> None:

@@ -172,12 +172,13 @@ async def test_an_arrival_preempts_on_the_fast_path(cluster):
     async with cluster.unit_of_work() as uow:
         reasons = (await uow.session.scalars(select(m.Deployment.reasons).where(m.Deployment.name == "filler"))).one()
     assert [r["code"] for r in reasons][:1] == ["PREEMPTED"]
-    assert loop.warm_snapshot is None  # a preemption is not followed by the cache: read again
+    # The cache follows what the commit wrote (the victim's replicas renumbered as a fresh read numbers them).
+    assert_same(loop.warm_snapshot, snapshot)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
     assert (await loop.reconcile_once()).solved  # the back-off: the victim is solved once more
-    # The cache is built again; the cluster is full, so the next arrival goes to the back-off,
-    # whose full solve (from the cache) preempts for a high-priority arrival: the cache follows
-    # what that commit wrote (placed and preempted replicas, renumbered as a fresh read numbers them).
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    # The cluster is full, so the next arrival goes to the back-off, whose full solve (from the
+    # cache) preempts for a high-priority arrival: the cache follows that commit too.
     await submit(cluster, deployment("later", accelerators=1, locality="node", preemptible=True))
     await loop.reconcile_once()
     assert loop.fast_passes == 2 and loop.warm_snapshot is not None
