@@ -392,7 +392,8 @@ async def _unread(session: AsyncSession, committed: _Committed, racks: Collectio
                   *where: Any) -> dict[tuple[Any, ...], TenantUsage]:
     """What the live shards a scoped commit did not read (outside its scope and the `racks` it
     read) and `where` selects hold, by the columns `by`: summed by the database for shards of a
-    deployment's current template, one by one for those of older revisions (a rollout in flight)."""
+    deployment's current template, one by one for those of older revisions (a rollout in flight:
+    a second query, only when the first counted some)."""
     fractional = and_(Deployment.shard_accelerators == 1, Deployment.shard_accelerator_milli < 1000)
     milli = case((fractional, func.coalesce(func.nullif(Placement.accelerator_milli, 0),
                                             Deployment.shard_accelerator_milli)), else_=1000)
@@ -404,16 +405,21 @@ async def _unread(session: AsyncSession, committed: _Committed, racks: Collectio
         return (query.join(Placement, Placement.deployment_id == Deployment.id)
                 .join(Node, Node.id == Placement.node_id).join(Rack, Rack.id == Node.rack_id).where(*unread))
 
+    current = Placement.revision == Deployment.template_revision
+    held_now = case((current, held), else_=0)
     usage: dict[tuple[Any, ...], TenantUsage] = defaultdict(TenantUsage)
+    older = 0
     for row in await session.execute(
-        outside(select(*by, func.sum(held), func.sum(held * Deployment.shard_power_w / 1000.0)))
-        .where(Placement.revision == Deployment.template_revision).group_by(*by)
+        outside(select(*by, func.sum(held_now), func.sum(held_now * Deployment.shard_power_w / 1000.0),
+                       func.sum(case((current, 0), else_=1)))).group_by(*by)
     ):
-        usage[tuple(row[:len(by)])] += TenantUsage(float(row[-2] or 0), float(row[-1] or 0))
+        usage[tuple(row[:len(by)])] += TenantUsage(float(row[-3] or 0), float(row[-2] or 0))
+        older += int(row[-1] or 0)
+    if not older:  # the usual case: no rollout in flight there
+        return usage
     for row in await session.execute(
         outside(select(*by, Deployment.revision_specs, Placement.revision, Placement.node_id,
-                       Placement.accelerator_indices, Placement.accelerator_milli))
-        .where(Placement.revision != Deployment.template_revision)
+                       Placement.accelerator_indices, Placement.accelerator_milli)).where(~current)
     ):
         spec = (row.revision_specs or {}).get(str(row.revision))
         if spec is not None:

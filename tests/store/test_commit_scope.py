@@ -339,3 +339,30 @@ async def test_a_deployment_a_cached_snapshot_learnt_without_a_solver_ref_lands(
 
     assert not result.stale and not result.requeued
     assert result.shards == {("a/late", 0, 0): ("r2a-n0", (3,), None)}
+
+
+async def test_a_row_budget_counts_unread_shards_of_an_older_revision_by_their_own_spec(database: Database) -> None:
+    # c/old rolls to a 0 W template; its running shard on r1b keeps revision 1 (300 W an accelerator).
+    doc = {**_cluster(random.Random(0), deployments=0),
+           "rows": [{"id": "row1", "zone": "z1", "power_budget_w": 1000}, {"id": "row2", "zone": "z1"}],
+           "racks": [{"id": rack, "row": row} for rack, row in RACKS.items()],
+           "tenants": [{"id": "a"}, {"id": "c"}],
+           "deployments": [{"id": f"{t}/{n}", "tenant": t, "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": 2, "power_w": 300}} for t, n in (("a", "x"), ("c", "old"))],
+           "placements": [{"deployment": "c/old", "replica": 0, "shard": 0, "node": "r1b-n0",
+                           "accelerator_indices": [0, 1]}]}
+    doc["nodes"] = [dict(n, idle_power_w=0) for n in doc["nodes"]]
+    await _seeded(database, doc)
+    async with database.unit_of_work() as uow:
+        old = (await uow.session.scalars(select(m.Deployment).where(m.Deployment.name == "old"))).one()
+        old.revision_specs = {"1": dict(doc["deployments"][1])}
+        old.template_revision, old.shard_power_w = 2, 0.0
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+
+    result = await _commit(database, snap, Plan("optimal", (PlanPlacement("a/x", 0, 0, "r1a-n0", (0, 1)),)),
+                           scope={"a/x"})
+
+    assert result.requeued == {("a/x", 0): ("POWER: row row1 draws 1200 W, over its budget of 1000 W",)}
