@@ -91,3 +91,35 @@ def test_no_policy_beats_the_bound_on_the_tiny_trace() -> None:
     for policy, batch in (("bestfit", 1), ("random", 1), ("maia", 1), ("maia", 4)):
         r = fgd.run_seed("tiny", 42, policy, nodes=nodes, pods=pods, batch_size=batch)
         assert r.allocated_milli <= b.milli, policy
+
+
+def test_pods_forced_in_give_the_limit_of_a_policy_that_places_them() -> None:
+    # openb's case in small: two 470s per GPU (1,880 on two GPUs) beat an 810 alone; a
+    # policy that placed the 810s cannot reach that.
+    pods = [pod(810), pod(810), pod(470), pod(470), pod(470), pod(470)]
+    free = bound.packing_bound([node("n", 2)], pods)
+    one = bound.packing_bound([node("n", 2)], pods, min_placed={810: 1})
+    both = bound.packing_bound([node("n", 2)], pods, min_placed={810: 2})
+    assert free.proven and one.proven and both.proven
+    assert free.milli == brute_force(["A", "A"], pods) == 1880
+    assert one.milli == brute_force_with(["A", "A"], pods, {810: 1}) == 810 + 940
+    assert both.milli == brute_force_with(["A", "A"], pods, {810: 2}) == 1620
+    # More than there are forces all there are.
+    assert bound.packing_bound([node("n", 2)], pods, min_placed={810: 5}).milli == 1620
+
+
+def brute_force_with(gpu_models: list[str | None], pods: list[TracePod],
+                     at_least: dict[int, int]) -> int:
+    """`brute_force` over the assignments that place at least `at_least` pods per size."""
+    best = 0
+    for choice in itertools.product(range(-1, len(gpu_models)), repeat=len(pods)):
+        used = [0] * len(gpu_models)
+        placed: dict[int, int] = {}
+        for p, g in zip(pods, choice):
+            if g >= 0:
+                used[g] += p.gpu_milli
+                placed[p.gpu_milli] = placed.get(p.gpu_milli, 0) + 1
+        if all(u <= 1000 for u in used) and all(placed.get(m, 0) >= n
+                                               for m, n in at_least.items()):
+            best = max(best, sum(used))
+    return best
