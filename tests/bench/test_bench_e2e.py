@@ -29,3 +29,18 @@ def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
     assert result["deletes"] == 25 // 3
     assert result["controller_exit"] == 0
     assert "submit p50/p99" in done.stdout
+
+
+def test_e2e_from_a_preloaded_cluster(tmp_path: Path) -> None:
+    """`--preload`: the cluster and its running work written before the controller starts; the
+    fleet joins as existing nodes, the run's deployments are its own, the checker agrees."""
+    out = tmp_path / "e2e.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "e2e", "--nodes", "16", "--preload", "16", "--db", "sqlite", "--clients", "4",
+         "--delete-every", "0", "--load-delay", "0.05", "--timeout", "120", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [result] = json.loads(out.read_text())
+    assert result["errors"] == [] and result["checker_violation_count"] == 0
+    assert (result["preloaded"], result["singles"], result["gangs"]) == (16, 24, 0)
+    assert result["running"] == result["deployments"] == 24
