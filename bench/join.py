@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import NODES_PER_RACK, Process, Shape, admin_setup, database
+from bench.e2e import NODES_PER_RACK, Process, Shape, _profile, admin_setup, database
 from bench.fgd import percentile
 from bench.nodedeath import FleetProcess
 
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steady", type=float, default=60.0, help="seconds of steady state measured after the join")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up on the join after this")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
+    p.add_argument("--py-spy", metavar="PATH",
+                   help="profile the controller during the join with this py-spy binary: collapsed stacks in "
+                        "<run dir>/controller.pyspy.txt (implies --keep)")
     p.add_argument("--json", help="also write the results to this file")
 
 
@@ -128,6 +132,7 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             channel = aio_channel(address, token_file.read_text().strip())
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             node_token = await admin_setup(channel, shape)
+            profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
             cpu0, started = controller.cpu_s(), time.perf_counter()
             fleets = [start_fleet(i, prefix, racks, address, node_token, args, root)
                       for i, (prefix, racks) in enumerate(shape.fleet_racks())]
@@ -142,6 +147,9 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
                     break
             joined_s = time.perf_counter() - started
             join_cpu = controller.cpu_s() - cpu0
+            if profiler is not None:
+                profiler.proc.send_signal(signal.SIGINT)  # py-spy writes what it recorded
+                await asyncio.to_thread(profiler.proc.wait, 60)
             result.update({"all_ready": ready >= nodes, "ready": ready, "joined_s": round(joined_s, 1),
                            "ready_by_minute": progress[59::60], "join_cpu_s": round(join_cpu, 1),
                            "join_cpu_share": round(join_cpu / joined_s, 2), "load_after_join": load()})
@@ -189,7 +197,7 @@ async def _run(args: argparse.Namespace) -> int:
         try:
             results.append(await one_run(nodes, args, root))
         finally:
-            if args.keep:
+            if args.keep or args.py_spy:
                 print(f"logs in {root}", file=sys.stderr)
             else:
                 subprocess.run(["rm", "-rf", str(root)], check=False)

@@ -10,11 +10,11 @@ controller needs to serve it:
 - a caller that would wait longer than it has: its expected wait (the services ahead of it, its
   place in the queue shared by `concurrency`, times the measured time each took to clear, plus
   `SPREAD` times its measured deviation) exceeds what its deadline leaves once its own service is
-  paid (RESOURCE_EXHAUSTED: queued, it would only time out, after holding a place others could use).
+  paid, with a reserve (RESOURCE_EXHAUSTED: queued, it would only time out, after holding a place others could use).
   The time a place takes to clear is measured from the waits themselves (the wait of each admitted
   caller over the services it had ahead), not from the service alone: on a busy event loop the
   hand-over from one caller to the next costs time too. An estimate can be wrong: a queued caller
-  whose turn has not come when only its own service time is left is refused then, the same way,
+  whose turn has not come when only that reserve is left is refused then, the same way,
   rather than left to time out in the queue (waited_out);
 - any caller once `max_waiting` are queued (UNAVAILABLE: a bound on memory whatever the deadlines).
 `judge` is that rule alone, a pure function; `AdmissionGate` keeps the queue and the measurements.
@@ -42,6 +42,9 @@ SMOOTHING = 0.2  # weight of the latest service time in the moving averages (its
 # TCP's retransmission timeout adds 4 to the smoothed round trip): the expectation is a mean, and
 # the last callers admitted must still make it when the queue moves slower than usual.
 SPREAD = 1.0
+# What a caller's deadline must keep after its wait: its own service, twice over (a slow one), and
+# at least this share of the deadline (the answer must still reach it on a busy event loop).
+RESERVE_SHARE = 0.1
 
 
 class Refusal(enum.Enum):
@@ -86,9 +89,14 @@ def judge(state: QueueState, time_left_s: float | None) -> Refusal | None:
     if state.waiting >= state.max_waiting:
         return Refusal.QUEUE_FULL
     if time_left_s is not None and math.isfinite(time_left_s) and \
-            state.wait_bound_s() > time_left_s - state.service_s:
+            state.wait_bound_s() > time_left_s - reserve_s(time_left_s, state.service_s):
         return Refusal.DEADLINE
     return None
+
+
+def reserve_s(time_left_s: float, service_s: float) -> float:
+    """The part of a caller's remaining time its wait may not use (`RESERVE_SHARE`)."""
+    return max(2 * service_s, RESERVE_SHARE * time_left_s)
 
 
 class AdmissionObserver(Protocol):
@@ -152,7 +160,8 @@ class AdmissionGate:
             if time_left_s is None or not math.isfinite(time_left_s) or not self._slots.locked():
                 await self._slots.acquire()
             else:  # the estimate was wrong: answer while the caller can still hear it, not at its deadline
-                await asyncio.wait_for(self._slots.acquire(), max(0.0, time_left_s - self._service_s))
+                await asyncio.wait_for(self._slots.acquire(),
+                                       max(0.0, time_left_s - reserve_s(time_left_s, self._service_s)))
         except asyncio.TimeoutError:
             self._turn.add((self.clock() - queued) / max(ahead, 1.0))  # the queue moved slower than thought
             raise self._refuse(Refusal.WAITED_OUT, time_left_s) from None

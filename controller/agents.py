@@ -116,6 +116,7 @@ class AgentHub:
         self._reports: list[tuple[str, ShardReport]] = []
         self._refused: dict[str, RefusedReports] = {}
         self._damper = damper or FlapDamper()
+        self._hellos = _HelloBatcher(db, self.admission)
         self._stopping = False
 
     # --- what others ask ---------------------------------------------------------------------
@@ -157,13 +158,11 @@ class AgentHub:
     # --- one stream --------------------------------------------------------------------------
     async def converse(
         self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
-        time_left_s: float | None = None,
     ) -> AsyncIterator[AssignmentSet]:
-        """Serve one Connect stream after its Hello (`time_left_s`: until the stream's deadline, if
-        it has one): yields the AssignmentSets to send."""
+        """Serve one Connect stream after its Hello (committed with the hellos around it): yields
+        the AssignmentSets to send."""
         damped = self._damper.returns_damped(node_id, time.monotonic())
-        async with self.admission.admit(time_left_s), self._db.unit_of_work() as uow:
-            changed = await agent_cases.hello(uow, who, node_id, session_id, datetime.now(timezone.utc), damped=damped)
+        changed = await self._hellos.accept(agent_cases.Hello(who, node_id, session_id, damped))
         session = AgentSession(node_id, session_id,
                                reports=TokenBucket(self._report_rate, self._report_burst))
         previous = self._sessions.get(node_id)
@@ -350,6 +349,53 @@ class _Batch:
         if items:
             chunks.append(current)
         return chunks
+
+
+class _HelloBatcher:
+    """Hellos committed together: while one batch's transaction runs, the hellos that arrive wait and
+    go in the next one (group commit, no timer: one hello alone is written at once). A join storm's
+    thousands of hellos so cost a transaction (and a cluster generation bump) per batch, not each.
+    A batch is one caller of the admission gate (without a deadline: the streams have none)."""
+
+    def __init__(self, db: Database, admission: AdmissionGate) -> None:
+        self._db = db
+        self._admission = admission
+        self._pending: list[tuple[agent_cases.Hello, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task | None = None
+
+    async def accept(self, hello: agent_cases.Hello) -> bool:
+        """Whether the node's liveness changed; raises what refuses this hello."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((hello, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="agent-hellos")
+        return await future
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch = [(h, f) for h, f in self._pending[:limits.HELLO_BATCH_MAX] if not f.done()]
+            del self._pending[:limits.HELLO_BATCH_MAX]
+            if not batch:
+                continue
+            try:
+                async with self._admission.admit(), self._db.unit_of_work() as uow:
+                    outcomes = await agent_cases.hellos(uow, [h for h, _ in batch], datetime.now(timezone.utc))
+            except Exception as exc:  # the transaction failed: every hello in it did
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            except BaseException:  # cancelled (the controller stops): so are the streams waiting
+                for _, future in batch:
+                    future.cancel()
+                raise
+            for (_, future), outcome in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, MaiaError):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
 
 
 async def _first_of(*events: asyncio.Event) -> None:

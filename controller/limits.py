@@ -61,6 +61,7 @@ REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
 # that; the rest are refused UNAVAILABLE with a retry time (controller.admission).
 AGENT_ADMISSION_CONCURRENCY = 8
 AGENT_ADMISSION_QUEUE = 256
+HELLO_BATCH_MAX = 500               # Connect hellos committed in one transaction (a join storm's)
 FLUSH_CHUNK = 500                   # heartbeats or shard reports written per transaction
 # A client request id whose deployment was deleted is still remembered this long after the
 # request (a retry then is refused rather than applied twice); while it exists, as long as it.

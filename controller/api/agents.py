@@ -57,7 +57,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
         if first.WhichOneof("body") != "hello":
             raise FailedPrecondition("the first message on Connect must be Hello (node_id, session_id)")
         sets = self._deps.hub.converse(current_principal(), first.hello.node_id, first.hello.session_id,
-                                       _inbound(messages), context.time_remaining())
+                                       _inbound(messages))
         try:
             async for assignment_set in sets:
                 yield convert.assignment_set_msg(assignment_set)

@@ -164,6 +164,15 @@ async def get_node(session: AsyncSession, node_id: str) -> m.Node | None:
     return await session.scalar(select(m.Node).options(*_NODE_LOAD).where(m.Node.id == node_id))
 
 
+async def node_rows_by_id(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, m.Node]:
+    """The rows of these nodes (those that exist), in one query and without their racks: what the
+    agent paths (Register, hellos) change."""
+    ids = sorted(set(node_ids))
+    if not ids:
+        return {}
+    return {row.id: row for row in await session.scalars(select(m.Node).where(m.Node.id.in_(ids)))}
+
+
 async def list_node_rows(session: AsyncSession, rack: str = "", page: PageBounds | None = None) -> list[m.Node]:
     stmt = select(m.Node).options(*_NODE_LOAD).order_by(m.Node.id)
     if rack:

@@ -11,14 +11,14 @@ are written in batches by `flush_reports`, one transaction for many nodes.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from controller import limits
 from controller import tokens as secrets_
-from controller.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from controller.errors import FailedPrecondition, InvalidArgument, MaiaError, NotFound, PermissionDenied
 from controller.identity import Principal, Role
 from controller.tokens import MintedToken
 from controller.store import audit
@@ -142,7 +142,7 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
     proposal = _proposal(credential_proposal)
     if await repo.get_rack(uow.session, info.rack) is None:
         raise FailedPrecondition(f"rack {info.rack} is not in the topology; apply it first")
-    row = await repo.get_node(uow.session, info.node_id)
+    row = (await repo.node_rows_by_id(uow.session, [info.node_id])).get(info.node_id)
     created = row is None
     credential, revoked = await _credential_for(uow, who, info.node_id, exists=not created, proposal=proposal)
     if who.role is not Role.ADMIN and held_by_live_agent is not None and held_by_live_agent(info.node_id):
@@ -166,8 +166,7 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
     row.labels = dict(info.labels)
     row.agent_version = info.agent_version
     row.session_id = uuid.uuid4().hex
-    if created or before != _capacity(row):
-        await repo.bump_cluster_generation(uow.session)
+    capacity_changed = created or before != _capacity(row)
     if not created and before is not None and info.accelerators < before[1]:
         released = await repo.release_placements_beyond(uow.session, info.node_id, info.accelerators)
         if released:
@@ -177,6 +176,8 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
                                       f"{len(released)} shard(s) on accelerators it no longer has are placed again")
     repo.record_event(uow.session, actor=who.name, kind="node.registered", object_kind="node", object_id=info.node_id,
                       data={"rack": info.rack, "accelerators": info.accelerators, "created": created})
+    if capacity_changed:  # last before the commit: the generation row stays locked only until it
+        await repo.bump_cluster_generation(uow.session)
     await uow.commit()
     for token_id in revoked:
         if signals is not None:
@@ -199,37 +200,68 @@ async def reset_node_credential(uow: UnitOfWork, who: Principal, node_id: str, s
     return revoked
 
 
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A Connect stream's first message: the node and the session it speaks for."""
+
+    who: Principal
+    node_id: str
+    session_id: str
+    damped: bool = False  # the node flaps: suspect, not up
+
+
 async def hello(uow: UnitOfWork, who: Principal, node_id: str, session_id: str, now: datetime, *,
                 damped: bool = False) -> bool:
-    """Accept a stream for the node's current session and mark it up (suspect while `damped`:
-    it flaps); True if that changed whether it takes new shards. Its placements are kept: the
-    agent is sent them and converges to them. Only the node's own credential (or an admin) may
-    speak for it."""
-    policy.require_node_speaker(who, node_id, f"Connect as node {node_id}")
-    check_id("node", node_id)
-    check_text("hello.session_id", session_id, limits.SESSION_ID_MAX)
-    row = await repo.get_node(uow.session, node_id)
+    """One hello (see `hellos`): True if it changed whether the node takes new shards."""
+    [outcome] = await hellos(uow, [Hello(who, node_id, session_id, damped)], now)
+    if isinstance(outcome, MaiaError):
+        raise outcome
+    return outcome
+
+
+async def hellos(uow: UnitOfWork, batch: Sequence[Hello], now: datetime) -> list[bool | MaiaError]:
+    """Accept streams for their nodes' current sessions and mark the nodes up (suspect while
+    `damped`: they flap), in one transaction: a join storm's hellos are committed together, with one
+    cluster generation bump for all. Each hello is judged alone; its outcome, in its place, is
+    True if it changed whether the node takes new shards, or the error that refuses it. The
+    nodes' placements are kept: their agents are sent them and converge to them. Only a node's own
+    credential (or an admin) may speak for it."""
+    rows = await repo.node_rows_by_id(uow.session, {h.node_id for h in batch if h.node_id})
+    outcomes: list[bool | MaiaError] = []
+    for h in batch:
+        try:
+            outcomes.append(_accept_hello(uow, h, rows.get(h.node_id), now))
+        except MaiaError as exc:
+            outcomes.append(exc)
+    if any(o is True for o in outcomes):
+        await repo.bump_cluster_generation(uow.session)
+    await uow.commit()
+    return outcomes
+
+
+def _accept_hello(uow: UnitOfWork, h: Hello, row: m.Node | None, now: datetime) -> bool:
+    policy.require_node_speaker(h.who, h.node_id, f"Connect as node {h.node_id}")
+    check_id("node", h.node_id)
+    check_text("hello.session_id", h.session_id, limits.SESSION_ID_MAX)
     if row is None:
-        raise FailedPrecondition(f"node {node_id} is not registered; call Register first")
-    if not session_id or row.session_id != session_id:
+        raise FailedPrecondition(f"node {h.node_id} is not registered; call Register first")
+    if not h.session_id or row.session_id != h.session_id:
         raise FailedPrecondition(
-            f"session {session_id or '(empty)'} is not the current session of node {node_id}; register again"
+            f"session {h.session_id or '(empty)'} is not the current session of node {h.node_id}; register again"
         )
     before = (row.health, row.evicted_at is not None)
-    row.health = m.NodeHealth.SUSPECT if damped else m.NodeHealth.UP
+    row.health = m.NodeHealth.SUSPECT if h.damped else m.NodeHealth.UP
     row.last_heartbeat_at = now
     row.evicted_at = None
-    changed = before != (row.health, False)
-    if changed:
-        await repo.bump_cluster_generation(uow.session)
-        if damped:
-            repo.record_event(uow.session, actor="controller", kind="node.flapping", object_kind="node",
-                              object_id=node_id, message="its agent keeps dropping its stream: it stays suspect "
-                                                         "(keeps its shards, takes no new ones) until that calms down")
-        else:
-            repo.record_event(uow.session, actor=node_id, kind="node.up", object_kind="node", object_id=node_id)
-    await uow.commit()
-    return changed
+    if before == (row.health, False):
+        return False
+    if h.damped:
+        repo.record_event(uow.session, actor="controller", kind="node.flapping", object_kind="node",
+                          object_id=h.node_id, message="its agent keeps dropping its stream: it stays suspect "
+                                                       "(keeps its shards, takes no new ones) until that calms down")
+    else:
+        repo.record_event(uow.session, actor=h.node_id, kind="node.up", object_kind="node", object_id=h.node_id)
+    return True
 
 
 async def mark_suspect(uow: UnitOfWork, node_id: str, *, session_id: str | None, why: str) -> bool:

@@ -1,6 +1,6 @@
 """`python -m bench join` on a tiny fleet (real controller and simnode processes): what it reports
 is about a join that happened (every node ready and still ready after the steady window, every
-Register and hello through the admission gate, none abandoned in its queue); never its times."""
+Register through the admission gate, none abandoned in its queue); never its times."""
 
 from __future__ import annotations
 
@@ -24,5 +24,5 @@ def test_join_reports_every_node_ready_registered_and_heartbeating(tmp_path: Pat
     agents = run["agents_after_steady"]
     assert agents["connected"] == 32 and agents["register_ok"] >= 32 and agents["register_p99_ms"] is not None
     assert agents["heartbeats_sent"] > run["agents_at_join"]["heartbeats_sent"]
-    assert run["admission_at_end"]["admitted_total"] >= 64 and run["admission_at_end"]["abandoned_total"] == 0
+    assert run["admission_at_end"]["admitted_total"] >= 32 and run["admission_at_end"]["abandoned_total"] == 0
     assert run["controller_peak_rss_mib"] > 0 and run["controller_exit"] == 0

@@ -65,6 +65,33 @@ async def test_hello_needs_the_current_session(database):
         assert await agents.mark_suspect(uow, "n1", session_id=second.session_id, why="test") is True
 
 
+async def test_hellos_of_a_join_storm_commit_together_each_judged_alone(database):
+    """One transaction for many hellos: the good ones mark their nodes up with one generation bump,
+    a stale session and an unknown node get their own errors, in their places."""
+    from controller.store.plans import bump_cluster_generation
+    await apply_topology(database, {"rack-a": "row-a"})
+    regs = []
+    for node in ("n1", "n2", "n3"):
+        async with database.unit_of_work() as uow:
+            regs.append(await agents.register_node(uow, WHO, NodeInfo(node, "rack-a", 4), heartbeat_interval_ms=1000))
+    async with database.unit_of_work() as uow:
+        generation = await bump_cluster_generation(uow.session)
+        await uow.commit()
+    batch = [agents.Hello(WHO, "n1", regs[0].session_id), agents.Hello(WHO, "n2", "stale"),
+             agents.Hello(WHO, "n9", "whatever"), agents.Hello(WHO, "n3", regs[2].session_id, damped=True)]
+    async with database.unit_of_work() as uow:
+        outcomes = await agents.hellos(uow, batch, datetime.now(timezone.utc))
+    assert outcomes[0] is True and outcomes[3] is True
+    assert isinstance(outcomes[1], FailedPrecondition) and "session stale is not the current session of node n2" \
+        in outcomes[1].message
+    assert isinstance(outcomes[2], FailedPrecondition) and outcomes[2].message == \
+        "node n9 is not registered; call Register first"
+    async with database.unit_of_work() as uow:
+        health = {n.id: n.health for n in await uow.session.scalars(select(m.Node))}
+        assert await bump_cluster_generation(uow.session) == generation + 2  # the batch bumped it once
+    assert health == {"n1": m.NodeHealth.UP, "n2": m.NodeHealth.DOWN, "n3": m.NodeHealth.SUSPECT}
+
+
 async def test_submit_reconcile_running_then_delete(cluster):
     rec = Recorder()
     loop = reconciler(cluster, rec)
