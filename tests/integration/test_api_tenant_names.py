@@ -81,6 +81,11 @@ async def test_two_tenants_run_the_same_name_and_each_sees_only_its_own(stubs: S
     assert (await _code(_get(b, "chat", LAB_A))).code() == grpc.StatusCode.NOT_FOUND
     assert (await _code(_get(b, "only-a"))).code() == grpc.StatusCode.NOT_FOUND
 
+    # Usage: one record per tenant's `chat`, each tenant reading only its own (before
+    # lab-b submits a second deployment below, which the reconciler may place at once).
+    usage = await b.deployments.GetUsage(D.GetUsageRequest())
+    assert {(r.tenant, r.deployment) for r in usage.records} == {(LAB_B, "chat")}
+
     # ALREADY_EXISTS only from one's own names: lab-b may take lab-a's `only-a`, not its own `chat`.
     again = await _code(b.deployments.SubmitDeployment(D.SubmitDeploymentRequest(spec=spec("chat", ""))))
     assert again.code() == grpc.StatusCode.ALREADY_EXISTS and LAB_A not in again.details()
@@ -97,10 +102,6 @@ async def test_two_tenants_run_the_same_name_and_each_sees_only_its_own(stubs: S
     by_admin = await stubs.admin.ListEvents(A.ListEventsRequest(object_kind="deployment", object_id="chat",
                                                                 tenant=LAB_B))
     assert {e.object_id for e in by_admin.events} == {"lab-b/chat"}
-
-    # Usage: one record per tenant's `chat`, each tenant reading only its own.
-    usage = await b.deployments.GetUsage(D.GetUsageRequest())
-    assert {(r.tenant, r.deployment) for r in usage.records} == {(LAB_B, "chat")}
 
 
 async def test_deleting_one_tenants_chat_leaves_the_others_alone(stubs: Stubs, labs: dict[str, Stubs]) -> None:
