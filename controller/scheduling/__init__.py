@@ -3,7 +3,11 @@
 - `cache.ClusterCache`: the last snapshot, kept current from this controller's own commits,
   and a warm `scheduler.session.Session` built from it; a pass that only meets arrivals reads
   the new deployment rows, decides them on the session and commits them in one transaction;
+- `warm.WarmCluster`: when that cache may be used (the generation its own last commit left),
+  how it is built and fed from the database, and what each commit leaves it;
 - `queue.SchedulingQueue`: kube-scheduler's active / back-off / unschedulable queues: what the
   session cannot place gets one more try from the full solve, then waits, out of later solves,
-  until a change could help it.
+  until a change could help it;
+- `quarantine.Quarantine`: deployments beyond today's limits or that the solver fails on are
+  taken out, so that one bad deployment never stalls the others.
 """
