@@ -33,14 +33,18 @@ milliseconds; the placer re-prices every `fragmentation.STATE_PRICE_EVERY` arriv
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from ortools.linear_solver import pywraplp  # at import: loading it inside a timed solve costs
+from ortools.linear_solver import linear_solver_pb2, pywraplp  # at import (costly in a timed solve)
 
 FULL = 1000  # milli per accelerator
 MAX_LEVELS = 200  # fill levels of the arc flow (gcd resolution); coarser sizes round up
+MAX_MODELS = 16  # LPs kept built (one per set of sizes priced)
+_MODELS: dict[tuple[tuple[int, ...], int, bool], _ArcFlow] = {}
+_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -122,55 +126,90 @@ def _size_duals(counts: dict[int, float], cap: int, accelerators: int,
                 ) -> tuple[dict[int, float] | None, float]:
     """The arc-flow LP (most units packed); per size the dual of its supply row, and the
     accelerators row's dual, in units of the levels. `starts`: accelerators per level they
-    start from (None: `accelerators` empty ones)."""
+    start from (None: `accelerators` empty ones).
+
+    Building the model costs ~10x solving it, so each set of sizes is built once (`_ArcFlow`)
+    and each pricing loads a fresh GLOP solver from a copy of it with its own row bounds: the
+    same model as one built anew, solved from scratch (a kept solver would start from its
+    last basis and may answer with other, equally optimal, duals)."""
+    key = (tuple(sorted(counts)), cap, starts is None)
+    with _LOCK:
+        lp = _MODELS.get(key)
+        if lp is None:
+            if len(_MODELS) >= MAX_MODELS:
+                _MODELS.clear()
+            lp = _MODELS[key] = _ArcFlow(*key)
+    model = linear_solver_pb2.MPModelProto()
+    model.CopyFrom(lp.model)
+    rows = model.constraint
+    rows[lp.gpus].upper_bound = accelerators if starts is None else starts.get(0, 0)
+    for a, i in lp.levels.items():
+        rows[i].lower_bound = -(starts or {}).get(a, 0)
+    for size, i in lp.supply.items():
+        rows[i].upper_bound = counts[size]
     solver = pywraplp.Solver.CreateSolver("GLOP")
-    if solver is None:
+    if solver is None or solver.LoadModelFromProto(model) != "":
         return None, 0.0
-    sizes = sorted(counts)
-    if starts is None:
-        reach = {0}
-        for s in sorted(sizes, reverse=True):  # levels reachable with sizes >= s (no symmetry)
-            for a in sorted(reach):
-                b = a + s
-                while b <= cap and b not in reach:
-                    reach.add(b)
-                    b += s
-    else:  # from arbitrary levels every size may come next
-        reach = set(range(cap + 1))
-    out: dict[int, list] = {a: [] for a in reach}
-    into: dict[int, list] = {a: [] for a in reach}
-    into[cap] = []
-    by_size: dict[int, list] = {s: [] for s in sizes}
-    objective = solver.Objective()
-    for a in sorted(reach):
-        for s in sizes:
-            if a + s <= cap:
-                f = solver.NumVar(0, solver.infinity(), "")
-                out[a].append(f)
-                into.setdefault(a + s, []).append(f)
-                by_size[s].append(f)
-                objective.SetCoefficient(f, s)
-        if 0 < a < cap:
-            rest = solver.NumVar(0, solver.infinity(), "")  # the rest stays empty
-            out[a].append(rest)
-            into[cap].append(rest)
-    objective.SetMaximization()
-    gpus = solver.Constraint(0, accelerators if starts is None else starts.get(0, 0))
-    for f in out[0]:
-        gpus.SetCoefficient(f, 1)
-    for a in reach:
-        if 0 < a < cap:
-            # What leaves a level came into it, or started there.
-            row = solver.Constraint(-(starts or {}).get(a, 0), 0)
-            for f in into.get(a, []):
-                row.SetCoefficient(f, 1)
-            for f in out[a]:
-                row.SetCoefficient(f, -1)
-    supply = {}
-    for s in sizes:
-        supply[s] = solver.Constraint(0, counts[s])
-        for f in by_size[s]:
-            supply[s].SetCoefficient(f, 1)
     if solver.Solve() != pywraplp.Solver.OPTIMAL:
         return None, 0.0
-    return {s: max(supply[s].dual_value(), 0.0) for s in sizes}, gpus.dual_value()
+    constraints = solver.constraints()
+    return ({size: max(constraints[i].dual_value(), 0.0) for size, i in lp.supply.items()},
+            constraints[lp.gpus].dual_value())
+
+
+class _ArcFlow:
+    """The arc-flow LP of one set of sizes, with every row bound 0 (`_size_duals` sets them):
+    `model` and the row indices of the accelerators, each level and each size's supply."""
+
+    def __init__(self, sizes: tuple[int, ...], cap: int, empty_start: bool) -> None:
+        solver = pywraplp.Solver.CreateSolver("GLOP")
+        if empty_start:
+            reach = {0}
+            for s in sorted(sizes, reverse=True):  # levels reachable with sizes >= s
+                for a in sorted(reach):            # (no symmetric configurations)
+                    b = a + s
+                    while b <= cap and b not in reach:
+                        reach.add(b)
+                        b += s
+        else:  # from arbitrary levels every size may come next
+            reach = set(range(cap + 1))
+        out: dict[int, list] = {a: [] for a in reach}
+        into: dict[int, list] = {a: [] for a in reach}
+        into[cap] = []
+        by_size: dict[int, list] = {s: [] for s in sizes}
+        objective = solver.Objective()
+        for a in sorted(reach):
+            for s in sizes:
+                if a + s <= cap:
+                    f = solver.NumVar(0, solver.infinity(), "")
+                    out[a].append(f)
+                    into.setdefault(a + s, []).append(f)
+                    by_size[s].append(f)
+                    objective.SetCoefficient(f, s)
+            if 0 < a < cap:
+                rest = solver.NumVar(0, solver.infinity(), "")  # the rest stays empty
+                out[a].append(rest)
+                into[cap].append(rest)
+        objective.SetMaximization()
+        gpus = solver.Constraint(0, 0)
+        for f in out[0]:
+            gpus.SetCoefficient(f, 1)
+        levels = {}
+        for a in reach:
+            if 0 < a < cap:
+                # What leaves a level came into it, or started there.
+                row = levels[a] = solver.Constraint(0, 0)
+                for f in into.get(a, []):
+                    row.SetCoefficient(f, 1)
+                for f in out[a]:
+                    row.SetCoefficient(f, -1)
+        supply = {}
+        for s in sizes:
+            row = supply[s] = solver.Constraint(0, 0)
+            for f in by_size[s]:
+                row.SetCoefficient(f, 1)
+        self.model = linear_solver_pb2.MPModelProto()
+        solver.ExportModelToProto(self.model)
+        self.gpus = gpus.index()
+        self.levels = {a: row.index() for a, row in levels.items()}
+        self.supply = {s: row.index() for s, row in supply.items()}
