@@ -14,7 +14,8 @@ turn:
   placement the snapshot holds (today's plan: the whole cluster), scoped just the new ones;
 - timed: `commit_plan` + the transaction's commit (wall), and how long the generation lock is
   held (from the UPDATE of `cluster_state` to the end of the commit); once per mode and size,
-  the rows the commit's SELECTs returned.
+  the rows the commit's SELECTs returned; the statements the last commit sent (the COMMIT itself
+  is not a cursor statement).
 In-process, one connection, no other writer: the lock is never waited for here.
 """
 
@@ -47,6 +48,7 @@ class Timing:
     commit_ms: list[float] = dataclasses.field(default_factory=list)
     lock_ms: list[float] = dataclasses.field(default_factory=list)
     rows_read: int = 0
+    statements: int = 0  # SQL statements the last commit sent, the COMMIT not counted
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,17 +74,20 @@ def free_slots(snapshot: Any) -> Iterator[tuple[str, int]]:
 
 
 @contextmanager
-def _lock_clock(engine: Any) -> Iterator[list[float]]:
-    """Appends the time each UPDATE of cluster_state returned (the generation lock taken)."""
+def _lock_clock(engine: Any) -> Iterator[tuple[list[float], list[str]]]:
+    """Appends the time each UPDATE of cluster_state returned (the generation lock taken), and
+    every statement sent (an executemany counts once)."""
     taken: list[float] = []
+    sent: list[str] = []
 
     def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
         if statement.lstrip().upper().startswith("UPDATE CLUSTER_STATE"):
             taken.append(time.perf_counter())
 
     event.listen(engine.sync_engine, "after_cursor_execute", after)
     try:
-        yield taken
+        yield taken, sent
     finally:
         event.remove(engine.sync_engine, "after_cursor_execute", after)
 
@@ -161,11 +166,12 @@ async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int, modes: tup
                     timing = timings[(size, scoped)]
                     async with db.unit_of_work() as uow:
                         counting = rows_read(uow.session) if rep == 0 else _no_count()
-                        with _lock_clock(db.engine) as taken, counting as counts:
+                        with _lock_clock(db.engine) as (taken, sent), counting as counts:
                             t0 = time.perf_counter()
                             result = await commit_plan(uow.session, cached, plan, scope=set(keys) if scoped else None)
                             await uow.commit()
                             t1 = time.perf_counter()
+                    timing.statements = len(sent)  # the last commit's (the first may warm up: audit.append)
                     if rep == 0:
                         timing.rows_read = sum(counts)
                     else:  # the first round also counted rows: not timed
@@ -232,11 +238,11 @@ def _report(args: argparse.Namespace, backend: str, result: dict[str, Any]) -> N
           f"replicas turned away {result['turned_away']}; cache kept from CommitResult.shards "
           f"{'equals' if result['cache_matches'] else 'DIFFERS FROM'} the committed state")
     print(f"{'plan':>10} {'commit':>9} {'p50 ms':>8} {'p99 ms':>8} {'lock p50':>9} {'lock p99':>9} {'rows read':>10} "
-          f"{'deps/s':>7}")
+          f"{'SQL':>4} {'deps/s':>7}")
     for t in result["timings"]:
         print(f"{t.size:>4} dep(s) {'scoped' if t.scoped else 'unscoped':>9} {percentile(t.commit_ms, 50):>8.1f} "
               f"{percentile(t.commit_ms, 99):>8.1f} {percentile(t.lock_ms, 50):>9.1f} {percentile(t.lock_ms, 99):>9.1f} "
-              f"{t.rows_read:>10} {t.size * 1000 / max(statistics.mean(t.commit_ms or [0.0]), 1e-9):>7.0f}")
+              f"{t.rows_read:>10} {t.statements:>4} {t.size * 1000 / max(statistics.mean(t.commit_ms or [0.0]), 1e-9):>7.0f}")
     print(f"({args.repeat - 1} timed commits each; load average now {os.getloadavg()[0]:.1f})", flush=True)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import weakref
 from contextvars import ContextVar, Token
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,35 +118,68 @@ def _row_values(record: AuditRecord) -> dict[str, Any]:
     return values
 
 
-async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None) -> list[int]:
-    """Append `records`, in order, to the chain in the caller's transaction; returns their seqs.
+# The head this process last wrote, per database (engine): the next append links to it without
+# reading the head first (`append`).
+_last_heads: weakref.WeakKeyDictionary[Any, tuple[int, str]] = weakref.WeakKeyDictionary()
 
-    The first statement moves the head (taking its lock) so concurrent appenders serialise here.
-    """
-    if not records:
-        return []
-    moved = await session.execute(
-        update(AuditHead)
-        .where(AuditHead.id == 1)
-        .values(seq=AuditHead.seq + len(records))
-        .returning(AuditHead.seq, AuditHead.hash)
-        .execution_options(synchronize_session=False)
-    )
-    head = moved.one_or_none()
-    if head is None:
-        raise RuntimeError("audit_head row id=1 is missing: is the schema migrated?")
-    at = at or utcnow()
-    prev_hash = head.hash
-    first = head.seq - len(records) + 1
+
+def _chained(records: Sequence[AuditRecord], first: int, prev_hash: str, at: datetime) -> list[dict[str, Any]]:
     rows = []
     for offset, record in enumerate(records):
         values = {**_row_values(record), "seq": first + offset, "at": at, "prev_hash": prev_hash}
         values["hash"] = prev_hash = entry_hash(values)
         rows.append(values)
-    await session.execute(insert(AuditEntry), rows)
-    await session.execute(
-        update(AuditHead).where(AuditHead.id == 1).values(hash=prev_hash).execution_options(synchronize_session=False)
-    )
+    return rows
+
+
+async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None) -> list[int]:
+    """Append `records`, in order, to the chain in the caller's transaction; returns their seqs.
+
+    The first statement moves the head (taking its lock) so concurrent appenders serialise here.
+    Usually two statements: the head this process wrote last is moved on to the new entries only
+    if it is still the head (compare and set; PostgreSQL re-evaluates the condition on the row
+    another appender committed), then the entries are inserted. When someone else appended since
+    (another process, a rolled-back transaction, an edit), three: move the head and read where it
+    was, insert, record the new hash.
+    """
+    if not records:
+        return []
+    at = at or utcnow()
+    engine = getattr(session.bind, "sync_engine", None)
+    known = _last_heads.get(engine) if engine is not None else None
+    rows: list[dict[str, Any]] = []
+    if known is not None:
+        rows = _chained(records, known[0] + 1, known[1], at)
+        moved = await session.execute(
+            update(AuditHead)
+            .where(AuditHead.id == 1, AuditHead.seq == known[0], AuditHead.hash == known[1])
+            .values(seq=rows[-1]["seq"], hash=rows[-1]["hash"])
+            .returning(AuditHead.seq)
+            .execution_options(synchronize_session=False)
+        )
+        if moved.one_or_none() is None:
+            rows = []
+    if not rows:
+        moved = await session.execute(
+            update(AuditHead)
+            .where(AuditHead.id == 1)
+            .values(seq=AuditHead.seq + len(records))
+            .returning(AuditHead.seq, AuditHead.hash)
+            .execution_options(synchronize_session=False)
+        )
+        head = moved.one_or_none()
+        if head is None:
+            raise RuntimeError("audit_head row id=1 is missing: is the schema migrated?")
+        rows = _chained(records, head.seq - len(records) + 1, head.hash, at)
+        await session.execute(insert(AuditEntry), rows)
+        await session.execute(
+            update(AuditHead).where(AuditHead.id == 1).values(hash=rows[-1]["hash"])
+            .execution_options(synchronize_session=False)
+        )
+    else:
+        await session.execute(insert(AuditEntry), rows)
+    if engine is not None:
+        _last_heads[engine] = (rows[-1]["seq"], rows[-1]["hash"])
     return [row["seq"] for row in rows]
 
 

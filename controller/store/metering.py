@@ -15,7 +15,7 @@ Sums over a time window are computed by the database (`usage_by`), overlaps clip
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -53,32 +53,72 @@ class StartedShard:
     accelerator_milli: int | None
 
 
-async def start_intervals(session: AsyncSession, started: Sequence[StartedShard], at: datetime) -> None:
-    """Open one interval per started shard (in the caller's transaction)."""
+@dataclass(frozen=True, slots=True)
+class DeploymentMeter:
+    """What an interval needs of the deployment a shard belongs to."""
+
+    name: str
+    tenant_id: str
+    shard_accelerators: int
+    shard_power_w: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMeter:
+    """What an interval needs of the node a shard starts on."""
+
+    accelerators: int
+    accelerator_model: str
+    idle_power_w: float | None
+    zone_id: str
+
+
+def node_meters(problem: Mapping[str, Any], node_ids: Collection[str]) -> dict[str, NodeMeter]:
+    """The `node_ids` an interchange problem document holds (with their racks and rows), as the
+    meter needs them: a writer that has the document (a plan commit's re-check) saves the query."""
+    row_of_rack = {r["id"]: r["row"] for r in problem.get("racks", ())}
+    zone_of_row = {r["id"]: r["zone"] for r in problem.get("rows", ())}
+    meters: dict[str, NodeMeter] = {}
+    for n in problem.get("nodes", ()):
+        zone = zone_of_row.get(row_of_rack.get(n["rack"], ""))
+        if n["id"] in node_ids and zone is not None:
+            meters[n["id"]] = NodeMeter(n["accelerators"], n.get("accelerator_model") or "", n.get("idle_power_w"), zone)
+    return meters
+
+
+async def start_intervals(
+    session: AsyncSession, started: Sequence[StartedShard], at: datetime, *,
+    deployments: Mapping[int, DeploymentMeter] | None = None, nodes: Mapping[str, NodeMeter] | None = None,
+) -> None:
+    """Open one interval per started shard (in the caller's transaction). `deployments` (by id)
+    and `nodes` the caller already read (in this transaction) are not read again; the rest is."""
     if not started:
         return
-    dep_ids = {s.deployment_id for s in started}
-    deployments = {
-        row.id: row for row in await session.execute(
+    deps = dict(deployments or {})
+    missing_deps = {s.deployment_id for s in started} - deps.keys()
+    if missing_deps:
+        deps.update((row.id, DeploymentMeter(row.name, row.tenant_id, row.shard_accelerators, row.shard_power_w))
+                    for row in await session.execute(
             select(m.Deployment.id, m.Deployment.name, m.Deployment.tenant_id, m.Deployment.shard_accelerators,
-                   m.Deployment.shard_power_w).where(m.Deployment.id.in_(dep_ids)))
-    }
-    nodes = {
-        row.id: row for row in await session.execute(
+                   m.Deployment.shard_power_w).where(m.Deployment.id.in_(missing_deps))))
+    where = dict(nodes or {})
+    missing_nodes = {s.node_id for s in started} - where.keys()
+    if missing_nodes:
+        where.update((row.id, NodeMeter(row.accelerators, row.accelerator_model or "", row.idle_power_w, row.zone_id))
+                     for row in await session.execute(
             select(m.Node.id, m.Node.accelerator_model, m.Node.accelerators, m.Node.idle_power_w, m.Row.zone_id)
             .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id)
-            .where(m.Node.id.in_({s.node_id for s in started})))
-    }
+            .where(m.Node.id.in_(missing_nodes))))
     start = epoch_s(at)
     rows: list[dict[str, Any]] = []
     for s in started:
-        dep, node = deployments[s.deployment_id], nodes[s.node_id]
+        dep, node = deps[s.deployment_id], where[s.node_id]
         milli = shard_milli(dep.shard_accelerators, s.accelerator_milli)
         idle_share = (node.idle_power_w or 0.0) * milli / (node.accelerators * 1000) if node.accelerators else 0.0
         rows.append({
             "placement_id": s.placement_id, "tenant_id": dep.tenant_id, "deployment": dep.name,
             "replica": s.replica, "shard": s.shard, "node_id": s.node_id, "zone_id": node.zone_id,
-            "accelerator_model": node.accelerator_model or "", "accelerator_milli": milli,
+            "accelerator_model": node.accelerator_model, "accelerator_milli": milli,
             "load_power_w": (dep.shard_power_w or 0.0) * milli / 1000.0, "idle_share_w": idle_share,
             "started_s": start, "ended_s": None,
         })

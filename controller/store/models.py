@@ -290,7 +290,7 @@ class Placement(Base):
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True, nullable=False)
     accelerator_indices: Mapped[list[int]] = mapped_column(JSON, default=list, nullable=False)
     accelerator_milli: Mapped[int | None] = mapped_column(Integer)
-    phase: Mapped[ShardPhase] = _enum_column(ShardPhase, default=ShardPhase.ASSIGNED, nullable=False)
+    phase: Mapped[ShardPhase] = _enum_column(ShardPhase, default=ShardPhase.ASSIGNED, nullable=False, index=True)
     message: Mapped[str] = mapped_column(Text, default="", nullable=False)
     generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
     # The deployment's template revision this shard was placed for.

@@ -61,7 +61,9 @@ from controller.store.models import (
     ShardPhase,
     utcnow,
 )
-from controller.store.metering import StartedShard, start_intervals, stop_intervals
+from controller.store.metering import (
+    DeploymentMeter, NodeMeter, StartedShard, node_meters, start_intervals, stop_intervals,
+)
 from controller.store.recheck import ReplicaKey, TenantUsage, Unread, recheck, shard_usage
 from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
@@ -120,10 +122,15 @@ async def bump_cluster_generation(session: AsyncSession) -> int:
     A plan in flight, computed before this change, then commits as stale: each replica it
     places is re-checked against the new state, and the caller solves again.
     """
+    return await _move_generation(session, 1)
+
+
+async def _move_generation(session: AsyncSession, by: int) -> int:
+    """Add `by` to the cluster generation (0: take its row's write lock only); the new value."""
     result = await session.execute(
         update(ClusterState)
         .where(ClusterState.id == 1)
-        .values(generation=ClusterState.generation + 1)
+        .values(generation=ClusterState.generation + by)
         .returning(ClusterState.generation)
         .execution_options(synchronize_session=False)
     )
@@ -133,22 +140,15 @@ async def bump_cluster_generation(session: AsyncSession) -> int:
     return generation
 
 
-async def _lock_generation(session: AsyncSession) -> int:
-    """The current cluster generation, with the row's write lock held to the end of the caller's
-    transaction (PostgreSQL row lock, SQLite write lock): commits serialise here, so each plan is
-    checked against a state no other commit changes under it. Nothing is bumped yet: a pass that
-    changes nothing does not wake every watcher of the generation."""
-    result = await session.execute(
-        update(ClusterState)
-        .where(ClusterState.id == 1)
-        .values(generation=ClusterState.generation)
-        .returning(ClusterState.generation)
-        .execution_options(synchronize_session=False)
-    )
-    generation = result.scalar_one_or_none()
-    if generation is None:
-        raise RuntimeError("cluster_state row id=1 is missing: is the schema migrated?")
-    return generation
+def _will_change(snapshot: Snapshot, plan: Plan, scope: frozenset[str] | None) -> bool:
+    """Whether a commit is expected to change placements, guessed before reading anything: a
+    scoped commit (the fast path's: it names what it decides) that places a shard of its scope or
+    removes something. A wrong guess costs one statement, never a wrong generation (`commit_plan`)."""
+    if scope is None:
+        return False
+    keys = snapshot.plan_keys()
+    return (any(keys.name(pl.deployment) in scope for pl in plan.placements)
+            or any(key[0] in scope for key in snapshot.released) or any(key in scope for key in snapshot.deleting))
 
 
 def _reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:
@@ -194,12 +194,15 @@ class _Changes:
     updates: list[tuple[_Row, Any]] = field(default_factory=list)
     deletes: list[_Row] = field(default_factory=list)
     requeued: dict[ReplicaKey, tuple[str, ...]] = field(default_factory=dict)
+    # The nodes the landing replicas touch, from the document they were re-checked against (the
+    # usage meter's, so it does not read them again).
+    nodes: dict[str, NodeMeter] = field(default_factory=dict)
 
 
 _DEPLOYMENT_FIELDS = (
     Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation, Deployment.reasons,
     Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at, Deployment.template_revision,
-    Deployment.revision_specs, Deployment.min_replicas,
+    Deployment.revision_specs, Deployment.min_replicas, Deployment.shard_accelerators, Deployment.shard_power_w,
 )
 _PLACEMENT_FIELDS = (
     Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
@@ -339,7 +342,9 @@ async def _plan_changes(
         else:
             landing[rk] = {k[2]: w for k, w in after.items()}
     if landing:
-        changes.requeued.update(await _recheck(session, snapshot, committed, changes, landing, stale))
+        rejected, doc = await _recheck(session, snapshot, committed, changes, landing, stale)
+        changes.requeued.update(rejected)
+        changes.nodes = node_meters(doc, {w[0] for by_shard in landing.values() for w in by_shard.values()})
     for rk, shards in landing.items():
         if rk in changes.requeued:
             continue
@@ -452,12 +457,13 @@ async def _read_unread(session: AsyncSession, committed: _Committed, doc: dict[s
 async def _recheck(
     session: AsyncSession, snapshot: Snapshot, committed: _Committed, changes: _Changes,
     landing: dict[ReplicaKey, dict[int, Where]], stale: bool,
-) -> dict[ReplicaKey, tuple[str, ...]]:
+) -> tuple[dict[ReplicaKey, tuple[str, ...]], dict[str, Any]]:
     """`recheck` of the landing replicas against the committed state, in a worker thread; shards
     are named by the spec of their revision (`_spec_doc`). The specs and nodes come from the
     snapshot, or are read again when it is stale (a node cordoned, a contract changed since).
     A scoped commit adds the shards outside its scope on the racks the landing replicas touch,
-    and the totals of the rest that row power budgets and tenant quotas need (`Unread`)."""
+    and the totals of the rest that row power budgets and tenant quotas need (`Unread`).
+    Returns the replicas turned away (why) and the document judged by (its nodes are current)."""
     deployments, removed = committed.deployments, {row.key for row in changes.deletes}
     shards = {k: (row.revision, row.where) for k, row in committed.current.items() if k not in removed}
     template = {key: d.template_revision for key, d in deployments.items()}
@@ -488,7 +494,7 @@ async def _recheck(
     wanted = {(spec(rk[0], changes.revision_of[(*rk, min(by_shard))]), rk[1]): by_shard
               for rk, by_shard in landing.items()}
     rejected = await asyncio.to_thread(recheck, doc, placed, wanted, unread)
-    return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}
+    return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}, doc
 
 
 async def commit_plan(
@@ -512,8 +518,15 @@ async def commit_plan(
     that names them (an unscoped pass does). Scoped or not, the same plan lands the same changes
     for the scope's deployments (tests/store/test_commit_scope.py).
     """
-    generation = await _lock_generation(session)
-    stale = generation != snapshot.generation
+    # The generation row's write lock (PostgreSQL row lock, SQLite write lock) to the end of the
+    # caller's transaction: commits serialise here, so each plan is checked against a state no
+    # other commit changes under it. A commit that will change placements bumps the generation in
+    # the same statement; one that changes nothing leaves it (its watchers are not woken), a
+    # wrong guess is put right before the end (nobody sees the row before the commit).
+    scope = None if scope is None else frozenset(scope)
+    bumped = _will_change(snapshot, plan, scope)
+    generation = await _move_generation(session, 1 if bumped else 0)
+    stale = generation - int(bumped) != snapshot.generation
     now = now or utcnow()
 
     # Current state (read under the generation lock): every deployment and placement, or the scope's.
@@ -643,7 +656,9 @@ async def commit_plan(
         started += [StartedShard(*row) for row in written]
     # The usage meter follows the placements: moved shards stop on the old node, start on the new.
     await stop_intervals(session, [row.id for row in deletes] + [row.id for row, _ in updates], now)
-    await start_intervals(session, started, now)
+    await start_intervals(session, started, now, nodes=changes.nodes, deployments={
+            d.id: DeploymentMeter(d.name, d.tenant_id, d.shard_accelerators, d.shard_power_w)
+        for d in map(deployments.__getitem__, changed_deployments)})
     if deployment_updates:
         await session.execute(update(Deployment), deployment_updates)
     deleted_deployments = {name for name, d in deployments.items()
@@ -659,8 +674,8 @@ async def commit_plan(
             .values(assignment_generation=Node.assignment_generation + 1)
             .execution_options(synchronize_session=False)
         )
-    if changed_deployments or deleted_deployments:
-        generation = await bump_cluster_generation(session)
+    if bool(changed_deployments or deleted_deployments) != bumped:
+        generation = await _move_generation(session, -1 if bumped else 1)
 
     events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                      changes.requeued)

@@ -63,6 +63,25 @@ async def test_concurrent_appends_form_one_chain(database: Database) -> None:
     assert report.intact and report.entries == 24
 
 
+async def test_writers_of_two_processes_and_a_rolled_back_append_keep_one_chain(database: Database) -> None:
+    # Each Database is what one process holds: it links its next append to the head it wrote last,
+    # which the other writer and a rolled-back transaction move or leave behind.
+    other = Database(database.url)
+    try:
+        assert await _append(database, _record(1)) == [1]
+        assert await _append(other, _record(2), _record(3)) == [2, 3]
+        async with database.unit_of_work() as uow:
+            assert await audit.append(uow.session, [_record(4)]) == [4]
+            await uow.rollback()
+        assert await _append(database, _record(5)) == [4]
+        assert await _append(other, _record(6)) == [5]
+        assert await _append(other, _record(7)) == [6]
+    finally:
+        await other.dispose()
+    report = await _verify(database)
+    assert report.intact and report.entries == 6 and report.head_seq == 6
+
+
 async def test_unprintable_and_overlong_values_are_stored_cleaned(database: Database) -> None:
     await _append(database, AuditRecord(actor="a\x00b", action="x" * 500, object_id="n\x00" * 300,
                                         detail={"message": "m\x00" * 2000}))

@@ -193,14 +193,14 @@ async def test_a_scoped_commit_reads_and_writes_nothing_of_other_deployments_els
     plan = _restricted(new, snap, {"b/new"})  # the others stay where they are
     async with database.unit_of_work() as uow:
         before = await dump(uow.session)
-    for scope, at_most in (({"b/new"}, 10), (None, 50)):
+    for scope in ({"b/new"}, None):
         async with database.unit_of_work() as uow:
             with rows_read(uow.session) as counts:
                 result = await commit_plan(uow.session, snap, plan, scope=scope, now=NOW)
             after = await dump(uow.session)
         assert result.shards == {("b/new", 0, 0): ("r2a-n0", (0, 1), None), ("b/new", 0, 1): ("r2a-n0", (2, 3), None)}
         # The 24 placements and 24 deployments of row1 are read only by the unscoped commit.
-        assert (sum(counts) <= at_most) == (scope is not None), (scope, counts)
+        assert sum(counts) <= 10 if scope is not None else sum(counts) >= 48, (scope, counts)
         # ... and written by neither.
         assert after["placements"][:24] == before["placements"][:24]
         assert after["deployments"][:24] == before["deployments"][:24]
