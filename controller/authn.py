@@ -10,6 +10,7 @@ controller sharing the database takes effect within `cache_ttl_s`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class Authenticator:
         self.cache_ttl_s = cache_ttl_s
         self._clock = clock
         self._cache: dict[str, _Verified] = {}
+        # Reads in flight, one per token: a join storm's thousands of agents share one bootstrap
+        # token, and each reading it alone would drain the connection pool (lease renewals included).
+        self._loading: dict[str, asyncio.Future[_Verified | None]] = {}
 
     async def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         metadata = tuple(metadata or ())
@@ -95,6 +99,15 @@ class Authenticator:
         return entry
 
     async def _load(self, token_id: str) -> _Verified | None:
+        """The token's row, read once for every caller that asks while the read is in flight."""
+        loading = self._loading.get(token_id)
+        if loading is None:
+            loading = self._loading[token_id] = asyncio.ensure_future(self._read(token_id))
+            loading.add_done_callback(lambda done: self._loading.pop(token_id, None)
+                                      if self._loading.get(token_id) is done else None)
+        return await asyncio.shield(loading)  # a caller that goes away leaves the read to the others
+
+    async def _read(self, token_id: str) -> _Verified | None:
         self._cache.pop(token_id, None)
         async with self.db.unit_of_work() as uow:
             row = await store.get_token(uow.session, token_id)

@@ -168,3 +168,29 @@ async def test_insecure_no_auth_lets_everyone_in_as_admin(db_url: str) -> None:
         await anonymous.channel.close()
     finally:
         await app.stop(grace_s=0.5)
+
+
+async def test_a_storm_of_calls_with_one_token_reads_it_once(database, monkeypatch) -> None:
+    """A join storm: thousands of agents present the same node-bootstrap token at once. Callers
+    that arrive while its row is being read wait for that read instead of each taking a database
+    connection (which drained the pool at 16,384 agents, lease renewals included)."""
+    import asyncio
+
+    from controller import authn
+    from controller.store import tokens as token_store
+    secret = await issue_token(database, "node-bootstrap", name="storm")
+    reads = 0
+    real = token_store.get_token
+
+    async def counted(session, token_id):
+        nonlocal reads
+        reads += 1
+        return await real(session, token_id)
+
+    monkeypatch.setattr(token_store, "get_token", counted)
+    checker = authn.Authenticator(database)
+    who = await asyncio.gather(*(checker.authenticate([("authorization", f"Bearer {secret}")]) for _ in range(50)))
+    assert reads == 1 and {w.name for w in who} == {"storm"} and all(w.role.value == "node-bootstrap" for w in who)
+    checker.forget(secret.split(".")[0].removeprefix("maia_"))
+    with pytest.raises(authn.Unauthenticated):  # a wrong secret still fails, read or not
+        await checker.authenticate([("authorization", f"Bearer {secret}x")])
