@@ -19,7 +19,8 @@ and keeps it: nobody else can take it, so a renewal that waits long for SQLite's
 (a join storm of thousands of agents on a loaded machine) must not make the only controller
 step down and drop every agent stream, which only brings the storm back. A late renewal keeps
 its token (no new term: in-flight commits stay valid, nodes get no new restart grace), and
-its fence checks the holder and token, not the expiry.
+its fence checks the holder and token, not the expiry. Once it leads it stops renewing at all
+(`run`): the row's expiry then says nothing, and nothing on SQLite reads it.
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ class LeaderElection:
     async def run(self) -> None:
         """Acquire or renew until cancelled."""
         while True:
+            if self._exclusive and self.leading:
+                # SQLite: the lease is ours until this process stops (nobody else can open the
+                # file), so it is never renewed. A renewal only queued one more write behind
+                # SQLite's one writer, and one cut off by the deadline below mid-statement could
+                # keep the database locked until its connection was really closed (30-40 s
+                # stalls of every write during a join storm).
+                self._wake.clear()
+                await wait_event(self._wake, 3600.0)
+                continue
             try:  # bounded: a statement stuck on a lock must not keep a stale leader from stepping down
                 await within(self.step(), self.settings.ttl_s)
             except asyncio.CancelledError:

@@ -6,6 +6,7 @@ to live is already expired, one taken for an hour is live.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -176,3 +177,27 @@ async def test_the_lone_sqlite_controller_keeps_leading_through_slow_renewals(da
     async with database.unit_of_work() as uow:  # another holder's token is refused all the same
         with pytest.raises(LeaseLost):
             await lease.fence(uow.session, "b", election.token, live=False)
+
+
+async def test_the_lone_sqlite_controller_writes_no_renewals_once_it_leads(database: Database) -> None:
+    """`force` (SQLite): after taking the lease the loop never writes it again (a renewal only
+    waited for SQLite's one writer, and one cut off by its deadline could hold the lock)."""
+    election = LeaderElection(database, address="a:1", holder="a", force=True,
+                              settings=LeaseSettings(ttl_s=0.5, renew_every_s=0.05, margin_s=0.1))
+    task = asyncio.create_task(election.run())
+    try:
+        for _ in range(200):
+            if election.should_run():
+                break
+            await asyncio.sleep(0.01)
+        assert election.should_run()
+        taken = await _row(database)
+        for _ in range(5):  # ten renewal intervals and more: nothing written, still leading
+            election.wake()
+            await asyncio.sleep(0.05)
+        after = await _row(database)
+        assert (after.holder, after.token, after.expires_at) == (taken.holder, taken.token, taken.expires_at)
+        assert election.should_run() and election.acquisitions == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
