@@ -149,7 +149,10 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             join_cpu = controller.cpu_s() - cpu0
             if profiler is not None:
                 profiler.proc.send_signal(signal.SIGINT)  # py-spy writes what it recorded
-                await asyncio.to_thread(profiler.proc.wait, 60)
+                try:
+                    await asyncio.to_thread(profiler.proc.wait, 60)
+                except subprocess.TimeoutExpired:  # a profiler stuck on a starved machine must not end the run
+                    profiler.proc.kill()
             result.update({"all_ready": ready >= nodes, "ready": ready, "joined_s": round(joined_s, 1),
                            "ready_by_minute": progress[59::60], "join_cpu_s": round(join_cpu, 1),
                            "join_cpu_share": round(join_cpu / joined_s, 2), "load_after_join": load()})
