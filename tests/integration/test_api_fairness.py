@@ -18,6 +18,7 @@ from controller import reconcile
 from controller.api.server import ControllerApp
 from controller.store import models as m
 from controller.usecases import planning
+from scheduler.session import Session
 from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -85,7 +86,7 @@ async def test_dry_runs_are_rate_limited_per_tenant(make_app):
     assert (await _submit(stubs, "d1", "other", dry_run=True)).dry_run
 
 
-async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_are_placed(make_app):
+async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_are_placed(make_app, monkeypatch):
     # A hand agent that never heartbeats: a timeout no loaded machine reaches while the pass isolates.
     app, stubs = await make_app(quarantine_after_failures=2, heartbeat_timeout_s=60)
     real = app.reconciler._solve
@@ -95,6 +96,16 @@ async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_ar
             raise RuntimeError("the solver trips on poison")
         return await real(problem, **kw)
 
+    # Both ways a pass decides trip on it: the warm session's arrival decisions (the fast path,
+    # which then falls back to a whole-cluster solve) and that solve.
+    place = Session.place
+
+    def poisoned_place(session: Session, deployment):
+        if getattr(deployment, "id", deployment) == "lab/poison":
+            raise RuntimeError("the solver trips on poison")
+        return place(session, deployment)
+
+    monkeypatch.setattr(Session, "place", poisoned_place)
     app.reconciler._solve = poisoned
     agent = HandAgent(stubs, "n1", "rack-a")
     await agent.register()
@@ -111,6 +122,7 @@ async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_ar
     assert [p.node for p in good.placements] == ["n1"]
 
     app.reconciler._solve = real  # fixed: submitting it again releases it
+    monkeypatch.setattr(Session, "place", place)
     await _submit(stubs, "poison", accelerators=1, locality=common_pb2.DOMAIN_NODE)
     released = await eventually(lambda: _get(stubs, "poison"), lambda d: d.placed_replicas == 1, what="released")
     assert list(released.reasons) == []
