@@ -35,7 +35,7 @@ from typing import Any
 
 from bench.e2e import NODES_PER_RACK, Process, Shape, _profile, admin_setup, database
 from bench.fgd import percentile
-from bench.nodedeath import FleetProcess
+from bench.nodedeath import FleetProcess, start_fleet
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,20 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile the controller during the join with this py-spy binary: collapsed stacks in "
                         "<run dir>/controller.pyspy.txt (implies --keep)")
     p.add_argument("--json", help="also write the results to this file")
-
-
-def start_fleet(i: int, prefix: str, racks: int, address: str, token: str, args: argparse.Namespace,
-                root: Path) -> FleetProcess:
-    from controller.simnode.fleet import FleetShape
-    control = root / f"fleet-{i}.sock"
-    bin_dir = Path(sys.executable).parent
-    process = Process(f"maia-simnode {i}", [
-        str(bin_dir / "maia-simnode"), "--controller", address, "--racks", str(racks),
-        "--nodes-per-rack", str(NODES_PER_RACK), "--rack-prefix", prefix, "--stagger", str(args.stagger),
-        "--state-dir", str(root / f"fleet-{i}"), "--control-socket", str(control), "--log-level", "WARNING"],
-        root / f"simnode-{i}.log", env={"MAIA_TOKEN": token})
-    ids = [s.node_id for s in FleetShape(racks, NODES_PER_RACK, rack_prefix=prefix).node_specs()]
-    return FleetProcess(process, control, ids)
 
 
 def scrape_admission(metrics_url: str) -> dict[str, float]:
@@ -134,7 +120,7 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             node_token = await admin_setup(channel, shape)
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
             cpu0, started = controller.cpu_s(), time.perf_counter()
-            fleets = [start_fleet(i, prefix, racks, address, node_token, args, root)
+            fleets = [start_fleet(i, prefix, racks, address, node_token, root, ["--stagger", str(args.stagger)])
                       for i, (prefix, racks) in enumerate(shape.fleet_racks())]
             ready, progress = 0, []
             while time.perf_counter() - started < args.timeout:

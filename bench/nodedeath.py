@@ -158,14 +158,16 @@ async def inject(fleets: list[FleetProcess], op: str, nodes: set[str]) -> None:
                            for f in fleets if nodes & set(f.node_ids)))
 
 
-def start_fleet(i: int, prefix: str, racks: int, address: str, token: str, args: argparse.Namespace,
-                root: Path) -> FleetProcess:
+def start_fleet(i: int, prefix: str, racks: int, address: str, token: str, root: Path,
+                options: list[str]) -> FleetProcess:
+    """Fleet `i`: a `maia-simnode` process of `racks` racks named `prefix`..., controlled over a
+    socket in `root`; `options`: more simnode flags (e.g. `--load-delay 0.2`)."""
     from controller.simnode.fleet import FleetShape
     control = root / f"fleet-{i}.sock"
     bin_dir = Path(sys.executable).parent
     process = Process(f"maia-simnode {i}", [
         str(bin_dir / "maia-simnode"), "--controller", address, "--racks", str(racks),
-        "--nodes-per-rack", str(NODES_PER_RACK), "--rack-prefix", prefix, "--load-delay", str(args.load_delay),
+        "--nodes-per-rack", str(NODES_PER_RACK), "--rack-prefix", prefix, *options,
         "--state-dir", str(root / f"fleet-{i}"), "--control-socket", str(control), "--log-level", "WARNING"],
         root / f"simnode-{i}.log", env={"MAIA_TOKEN": token})
     ids = [s.node_id for s in FleetShape(racks, NODES_PER_RACK, rack_prefix=prefix).node_specs()]
@@ -304,7 +306,8 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             node_token = await admin_setup(channel, shape)
             joined_s, expected = 0.0, 0
             for i, (prefix, racks) in enumerate(shape.fleet_racks()):
-                fleets.append(start_fleet(i, prefix, racks, address, node_token, args, root))
+                fleets.append(start_fleet(i, prefix, racks, address, node_token, root,
+                                          ["--load-delay", str(args.load_delay)]))
                 expected += racks * NODES_PER_RACK
                 waited, ready = await wait_connected(channel, expected, timeout_s=180.0)
                 joined_s += waited
