@@ -139,6 +139,10 @@ def time_limited(plan: Plan) -> bool:
         r.code == "TIME_LIMIT" for u in plan.unplaced for r in u.reasons)
 
 
+# The longest pause after a whole-cluster pass (`Reconciler.run`).
+MAX_FULL_PASS_PAUSE_S = 5.0
+
+
 class Reconciler:
     def __init__(
         self, db: Database, *,
@@ -179,6 +183,8 @@ class Reconciler:
         self._last_arrivals: int | None = None
         self._queue = SchedulingQueue(backoff_s=backoff_s)
         self._lock = asyncio.Lock()
+        self.full_passes = 0          # passes that read and solved the whole cluster
+        self._full_pass_s = 0.0       # how long the last pass took when it was one (else 0)
         self.passes = 0
         self.solves = 0
         self._quarantined = Quarantine(quarantine_after)
@@ -237,6 +243,14 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile pass failed; retrying in %.1fs", self._interval)
                 await asyncio.sleep(self._interval)
+            if self._full_pass_s > 0:
+                # A whole-cluster pass runs much of its work on the event loop. When changes keep
+                # the generation moving (thousands of agents joining, each Register a change),
+                # the next one would start at once and the loop would do little else: RPCs,
+                # joins and heartbeats stall behind back-to-back snapshots. Pause as long as
+                # the pass took (at most half the time goes to them); the changes meanwhile
+                # are taken together by the next pass.
+                await asyncio.sleep(min(self._full_pass_s, MAX_FULL_PASS_PAUSE_S))
 
     async def reconcile_once(self, *, force: bool = False) -> ReconcileOutcome:
         """One pass; solves only if the cluster generation moved since the last solve, a
@@ -244,6 +258,7 @@ class Reconciler:
         async with self._lock:
             self.passes += 1
             self._pass_started = self._clock()
+            full_before, self._full_pass_s, began = self.full_passes, 0.0, time.perf_counter()
             try:
                 async with self._db.unit_of_work() as uow:
                     generation = await repo.read_cluster_generation(uow.session)
@@ -283,6 +298,8 @@ class Reconciler:
                 self.consecutive_failures += 1
                 raise
             finally:
+                if self.full_passes != full_before:  # real time, whatever clock the loop is given
+                    self._full_pass_s = time.perf_counter() - began
                 self._pass_started = None
             self.consecutive_failures = 0
             return outcome
@@ -423,6 +440,7 @@ class Reconciler:
         return snapshot, deleting
 
     async def _solve_and_commit(self) -> ReconcileOutcome:
+        self.full_passes += 1
         changed_nodes: set[str] = set()
         changed_deployments: set[str] = set()
         deleted_names: set[str] = set()
