@@ -15,15 +15,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
+def _e2e(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """`bench e2e` on 16 nodes of SQLite with 4 clients and `args`: its output and its one result,
+    which must have run without an error and pass the checker."""
     out = tmp_path / "e2e.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "e2e", "--nodes", "16", "--db", "sqlite", "--clients", "4",
-         "--delete-every", "3", "--load-delay", "0.05", "--timeout", "120", "--json", str(out)],
+        [sys.executable, "-m", "bench", "e2e", "--nodes", "16", "--db", "sqlite", "--clients", "4", *args,
+         "--load-delay", "0.05", "--timeout", "120", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     [result] = json.loads(out.read_text())
     assert result["errors"] == [] and result["checker_violation_count"] == 0
+    return done, result
+
+
+def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
+    done, result = _e2e(tmp_path, "--delete-every", "3")
     assert (result["singles"], result["gangs"], result["gang_shards"]) == (24, 1, 8)
     assert result["running"] == result["deployments"] == 25
     assert result["deletes"] == 25 // 3
@@ -34,13 +41,6 @@ def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
 def test_e2e_from_a_preloaded_cluster(tmp_path: Path) -> None:
     """`--preload`: the cluster and its running work written before the controller starts; the
     fleet joins as existing nodes, the run's deployments are its own, the checker agrees."""
-    out = tmp_path / "e2e.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "e2e", "--nodes", "16", "--preload", "16", "--db", "sqlite", "--clients", "4",
-         "--delete-every", "0", "--load-delay", "0.05", "--timeout", "120", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    [result] = json.loads(out.read_text())
-    assert result["errors"] == [] and result["checker_violation_count"] == 0
+    _, result = _e2e(tmp_path, "--preload", "16", "--delete-every", "0")
     assert (result["preloaded"], result["singles"], result["gangs"]) == (16, 24, 0)
     assert result["running"] == result["deployments"] == 24
