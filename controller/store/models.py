@@ -114,6 +114,19 @@ class ClusterState(Base):
     generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
 
 
+class ClusterChangeRow(Base):
+    """What each cluster generation bump changed (`domain.changes`): one row per object, or one
+    with no object id; the reconciler's warm cache reads the rows above its generation. Old
+    generations are pruned (`store.plans.CHANGES_KEPT`)."""
+
+    __tablename__ = "cluster_changes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    generation: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    object_id: Mapped[str | None] = mapped_column(String(2 * ID_LENGTH + 1))
+
+
 class CapacityState(Base):
     """A single row (id=1): bumped by database triggers when what the cluster could ever hold
     changes (a node added, removed, or its rack, accelerators, model or HBM changed; a rack's

@@ -31,7 +31,8 @@ snapshot's `PlanKeys`.
 
 Every other writer that changes what the solver reads (a node going down, a cordon, a new or
 deleted deployment, a tenant contract) must call `bump_cluster_generation` in its own
-transaction, so the next pass knows its snapshot is stale.
+transaction, saying what it changed (`domain.changes.ClusterChange`, logged in `cluster_changes`),
+so the next pass knows its snapshot is stale and what to read again (`read_changes_since`).
 
 The caller owns the transaction: run both inside one unit of work and `commit()` it.
 """
@@ -50,8 +51,9 @@ from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
+from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
+    ChangesSince, move_generation, bump_cluster_generation, log_change, read_changes_since)
 from controller.store.models import (
-    ClusterState,
     Deployment,
     DeploymentPhase,
     Event,
@@ -67,6 +69,7 @@ from controller.store.metering import (
 from controller.store.recheck import ReplicaKey, TenantUsage, Unread, recheck, shard_usage
 from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
+from controller.domain.changes import ClusterChange
 from controller.domain.values import deployment_key, split_deployment_key
 from controller.domain.phases import deployment_phase, replica_counts
 from controller.domain.restarts import failure_reasons
@@ -114,30 +117,6 @@ class CommitResult:
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
-
-
-async def bump_cluster_generation(session: AsyncSession) -> int:
-    """Mark a placement-relevant change (in the caller's transaction); returns the new generation.
-
-    A plan in flight, computed before this change, then commits as stale: each replica it
-    places is re-checked against the new state, and the caller solves again.
-    """
-    return await _move_generation(session, 1)
-
-
-async def _move_generation(session: AsyncSession, by: int) -> int:
-    """Add `by` to the cluster generation (0: take its row's write lock only); the new value."""
-    result = await session.execute(
-        update(ClusterState)
-        .where(ClusterState.id == 1)
-        .values(generation=ClusterState.generation + by)
-        .returning(ClusterState.generation)
-        .execution_options(synchronize_session=False)
-    )
-    generation = result.scalar_one_or_none()
-    if generation is None:
-        raise RuntimeError("cluster_state row id=1 is missing: is the schema migrated?")
-    return generation
 
 
 def _will_change(snapshot: Snapshot, plan: Plan, scope: frozenset[str] | None) -> bool:
@@ -525,7 +504,7 @@ async def commit_plan(
     # wrong guess is put right before the end (nobody sees the row before the commit).
     scope = None if scope is None else frozenset(scope)
     bumped = _will_change(snapshot, plan, scope)
-    generation = await _move_generation(session, 1 if bumped else 0)
+    generation = await move_generation(session, 1 if bumped else 0)
     stale = generation - int(bumped) != snapshot.generation
     now = now or utcnow()
 
@@ -675,7 +654,9 @@ async def commit_plan(
             .execution_options(synchronize_session=False)
         )
     if bool(changed_deployments or deleted_deployments) != bumped:
-        generation = await _move_generation(session, -1 if bumped else 1)
+        generation = await move_generation(session, -1 if bumped else 1)
+    if changed_deployments or deleted_deployments:  # own commits are known to their cache; anyone else's is not
+        await log_change(session, generation, ClusterChange.placements())
 
     events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                      changes.requeued)

@@ -13,7 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
 from controller.store.metering import stop_intervals
-from controller.store.models import ClusterState, Event, Node, Placement
+from controller.domain.changes import ClusterChange
+from controller.store.changes import bump_cluster_generation
+from controller.store.models import Event, Node, Placement
 
 _CHUNK = 500
 
@@ -27,8 +29,7 @@ async def stop_placements(session: AsyncSession, ids: Sequence[int], nodes: Iter
     await session.execute(update(Node).where(Node.id.in_(set(nodes)))
                           .values(assignment_generation=Node.assignment_generation + 1)
                           .execution_options(synchronize_session=False))
-    await session.execute(update(ClusterState).where(ClusterState.id == 1)
-                          .values(generation=ClusterState.generation + 1).execution_options(synchronize_session=False))
+    await bump_cluster_generation(session, ClusterChange.placements())
 
 
 async def record_decisions(session: AsyncSession, events: Sequence[dict[str, Any]], now: datetime,

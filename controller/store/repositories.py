@@ -20,6 +20,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
+from controller.domain.changes import ClusterChange
 from controller.domain import values as d
 from controller.domain.paging import PageBounds
 from controller.domain import restarts
@@ -485,7 +486,7 @@ async def quarantine_deployment(session: AsyncSession, key: str, reason: str) ->
     row.reasons = [{"code": "QUARANTINED", "message": reason, "scope": ""}]
     row.generation = row.generation + 1
     await bump_node_assignment_generations(session, nodes)
-    await bump_cluster_generation(session)
+    await bump_cluster_generation(session, ClusterChange.deployment(key))
     record_event(session, actor="controller", kind="deployment.quarantined", object_kind="deployment",
                  object_id=key, message=reason)
     await audit.append(session, [audit.AuditRecord(

@@ -27,6 +27,7 @@ from controller.store import repositories as repo
 from controller.store import tokens as node_tokens
 from controller.store.db import UnitOfWork
 from controller.usecases import policy, tokens
+from controller.domain.changes import ClusterChange
 from controller.domain import restarts
 from controller.domain.values import HeartbeatReport, NodeInfo, Registration, ShardReport, deployment_key
 from controller.usecases.validation import (
@@ -177,7 +178,7 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
     repo.record_event(uow.session, actor=who.name, kind="node.registered", object_kind="node", object_id=info.node_id,
                       data={"rack": info.rack, "accelerators": info.accelerators, "created": created})
     if capacity_changed:  # last before the commit: the generation row stays locked only until it
-        await repo.bump_cluster_generation(uow.session)
+        await repo.bump_cluster_generation(uow.session, ClusterChange.node(info.node_id))
     await uow.commit()
     for token_id in revoked:
         if signals is not None:
@@ -234,7 +235,8 @@ async def hellos(uow: UnitOfWork, batch: Sequence[Hello], now: datetime) -> list
         except MaiaError as exc:
             outcomes.append(exc)
     if any(o is True for o in outcomes):
-        await repo.bump_cluster_generation(uow.session)
+        await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(
+            h.node_id for h, o in zip(batch, outcomes) if o is True))
     await uow.commit()
     return outcomes
 
@@ -273,7 +275,7 @@ async def mark_suspect(uow: UnitOfWork, node_id: str, *, session_id: str | None,
     if session_id is not None and row.session_id != session_id:
         return False  # superseded: the newer session owns the node's liveness
     row.health = m.NodeHealth.SUSPECT
-    await repo.bump_cluster_generation(uow.session)
+    await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
     repo.record_event(uow.session, actor="controller", kind="node.suspect", object_kind="node", object_id=node_id,
                       message=why)
     await uow.commit()
@@ -357,7 +359,7 @@ async def flush_reports(
                     r.get("code") == restarts.SHARD_FAILED for r in row.reasons or ()):
                 row.reasons = [r for r in row.reasons or () if r.get("code") != restarts.SHARD_FAILED]
     if failed:  # the reconciler places the failed replicas again after a back-off (store/failures.py)
-        await repo.bump_cluster_generation(s)
+        await repo.bump_cluster_generation(s, ClusterChange.placements(failed))
     for node_id, refusal in (refused or {}).items():
         await record_refused_reports(uow, node_id, refusal)
     await uow.commit()

@@ -25,6 +25,7 @@ from controller.store.db import Database, UnitOfWork
 from controller.usecases import planning, policy, requests
 from controller.usecases.capacity import CapacityCache, load_index
 from controller.usecases.redaction import as_seen_by, redactor_of
+from controller.domain.changes import ClusterChange
 from controller.domain.values import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView, deployment_key,
 )
@@ -380,7 +381,8 @@ async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals:
     row = await visible_row(uow, who, tenant, name, "deleting deployments")
     if row.phase is not m.DeploymentPhase.DELETING:
         row.phase = m.DeploymentPhase.DELETING
-        await repo.bump_cluster_generation(uow.session)
+        await repo.bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(
+            deployment_key(row.tenant_id, row.name)))
         repo.record_event(uow.session, actor=who.name, kind="deployment.deleting", object_kind="deployment",
                           object_id=deployment_key(row.tenant_id, name))
         await uow.commit()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
+from controller.domain.changes import ClusterChange
 from controller.domain.liveness import DOWN, NodeLiveness, Transition
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -47,7 +48,7 @@ async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: dat
                           message=message)
         solver_view_changed |= change.evict or change.health != DOWN  # DOWN alone: still cordoned to it
     if solver_view_changed:
-        await repo.bump_cluster_generation(uow.session)
+        await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(c.node_id for c in changes))
     await uow.commit()
     return solver_view_changed
 

@@ -18,6 +18,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.store.snapshot import load_snapshot
+from controller.domain.changes import ClusterChange
 from controller.domain.values import ClusterSnapshot, ClusterSummary, NodeView, TenantView
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
@@ -56,7 +57,7 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
     draining = drain or (row.draining and cordoned)
     if row.cordoned != cordoned or row.draining != draining:
         row.cordoned, row.draining = cordoned, draining
-        await repo.bump_cluster_generation(uow.session)
+        await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
         kind = "node.draining" if drain else ("node.cordoned" if cordoned else "node.uncordoned")
         repo.record_event(uow.session, actor=who.name, kind=kind, object_kind="node", object_id=node_id)
         await uow.commit()
@@ -90,7 +91,7 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
         raise NotFound(f"node {node_id} not found")
     released = await repo.remove_placements_on_node(uow.session, node_id)
     await uow.session.delete(row)
-    await repo.bump_cluster_generation(uow.session)
+    await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
     repo.record_event(uow.session, actor=who.name, kind="node.deleted", object_kind="node", object_id=node_id,
                       data={"released_shards": bool(released)})
     await uow.commit()

@@ -13,6 +13,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases import policy
+from controller.domain.changes import ClusterChange
 from controller.domain.values import ISOLATIONS, TenantSpec, TenantView
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
@@ -72,7 +73,7 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     row = m.Tenant(id=spec.id)
     _write(row, spec)
     uow.session.add(row)
-    await repo.bump_cluster_generation(uow.session)
+    await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
     repo.record_event(uow.session, actor=who.name, kind="tenant.created", object_kind="tenant", object_id=spec.id)
     await uow.commit()
     signals.wake_reconciler()
@@ -87,7 +88,7 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
         raise NotFound(f"tenant {spec.id} not found")
     await _validate(uow, spec)
     _write(row, spec)
-    await repo.bump_cluster_generation(uow.session)
+    await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id)
     await uow.commit()
     signals.wake_reconciler()
@@ -131,7 +132,7 @@ async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals
         if tenant_id in (other.excludes or ()):
             other.excludes = [t for t in other.excludes if t != tenant_id]
     await uow.session.delete(row)
-    await repo.bump_cluster_generation(uow.session)
+    await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(tenant_id))
     repo.record_event(uow.session, actor=who.name, kind="tenant.deleted", object_kind="tenant", object_id=tenant_id)
     await uow.commit()
     signals.wake_reconciler()

@@ -13,6 +13,7 @@ from controller.usecases import policy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
+from controller.domain.changes import ClusterChange
 from controller.domain.values import RackSpec, RackView, RowSpec, RowView, TopologySpec, TopologyView, ZoneSpec
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_count, check_id, check_quantity, check_unique
@@ -70,7 +71,7 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     await s.flush()
     for k in spec.racks:
         await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w)
-    await repo.bump_cluster_generation(s)
+    await repo.bump_cluster_generation(s, ClusterChange.topology())
     repo.record_event(s, actor=who.name, kind="topology.applied", object_kind="topology", object_id="cluster",
                       message=f"{len(spec.zones)} zones, {len(spec.rows)} rows, {len(spec.racks)} racks")
     await uow.commit()

@@ -25,6 +25,7 @@ from controller.store.metering import shard_milli
 from controller.usecases import planning, requests
 from controller.usecases.redaction import as_seen_by
 from controller.usecases.deployments import as_caller, visible_row, check_could_ever_fit, validate_spec
+from controller.domain.changes import ClusterChange
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentUpdate
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_name
@@ -157,7 +158,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     repo.clear_failures(row)  # a changed spec is a fresh start: a FAILED deployment is placed again
     row.resource_version = row.resource_version + 1
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
-    await repo.bump_cluster_generation(uow.session)
+    await repo.bump_cluster_generation(uow.session, ClusterChange.deployment(spec.key))
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",
                       object_id=spec.key, message="; ".join(changes),
                       data={"changes": changes, "rolling": rolling, "resource_version": row.resource_version,

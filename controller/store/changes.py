@@ -1,0 +1,95 @@
+"""The cluster generation and the log of what moved it.
+
+The generation (`cluster_state`, one row) moves with every placement-relevant change; a plan
+solved from an older one commits as stale (`plans.commit_plan`). Each move also says what it
+changed (`domain.changes.ClusterChange`: rows of `cluster_changes` written in the same
+transaction), so that the reconciler's warm cache can read what changed since the generation it
+was valid at (`read_changes_since`) instead of the whole cluster. Under PostgreSQL the
+generation row's write lock serialises the bumps; a generation a reader sees has its rows
+visible too (same transaction, read after it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.domain.changes import ChangeKind, ClusterChange
+from controller.store.models import ClusterChangeRow, ClusterState
+
+_KINDS = frozenset(k.value for k in ChangeKind)
+
+# The change log keeps this many generations (older rows are pruned every `_PRUNE_EVERY`
+# generations): a cache further behind reads the whole cluster again.
+CHANGES_KEPT = 20_000
+_PRUNE_EVERY = 1_000
+
+
+async def bump_cluster_generation(session: AsyncSession, change: ClusterChange = ClusterChange()) -> int:
+    """Mark a placement-relevant change (in the caller's transaction) and log what it changed
+    (`domain.changes`; the default, OTHER, makes the reconciler read the whole cluster again);
+    returns the new generation.
+
+    A plan in flight, computed before this change, then commits as stale: each replica it
+    places is re-checked against the new state, and the caller solves again.
+    """
+    generation = await move_generation(session, 1)
+    await log_change(session, generation, change)
+    return generation
+
+
+async def log_change(session: AsyncSession, generation: int, change: ClusterChange) -> None:
+    """Write what the bump to `generation` changed (`cluster_changes`), pruning old generations."""
+    ids: Sequence[str | None] = change.ids or (None,)
+    await session.execute(insert(ClusterChangeRow), [
+        {"generation": generation, "kind": change.kind.value, "object_id": object_id} for object_id in ids])
+    if generation % _PRUNE_EVERY == 0:
+        await session.execute(delete(ClusterChangeRow).where(ClusterChangeRow.generation <= generation - CHANGES_KEPT)
+                              .execution_options(synchronize_session=False))
+
+
+@dataclass(frozen=True)
+class ChangesSince:
+    """The changes logged for each generation above `after`, up to the current `generation`."""
+
+    after: int
+    generation: int
+    changes: dict[int, list[tuple[ChangeKind, str | None]]]  # generation -> (kind, object id) rows
+
+    @property
+    def complete(self) -> bool:
+        """Every generation in between logged what it changed (none pruned, none unlogged)."""
+        return self.generation >= self.after and len(self.changes) == self.generation - self.after
+
+
+async def read_changes_since(session: AsyncSession, after: int) -> ChangesSince:
+    """The current generation and the changes logged for each generation above `after` (read
+    after it: a generation that is visible has its rows visible, written in its transaction)."""
+    generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
+    changes: dict[int, list[tuple[ChangeKind, str | None]]] = {}
+    if generation > after:
+        for gen, kind, object_id in await session.execute(
+                select(ClusterChangeRow.generation, ClusterChangeRow.kind, ClusterChangeRow.object_id)
+                .where(ClusterChangeRow.generation > after, ClusterChangeRow.generation <= generation)
+                .order_by(ClusterChangeRow.id)):
+            # A kind this controller does not know (a newer one wrote it): OTHER.
+            changes.setdefault(gen, []).append((ChangeKind(kind) if kind in _KINDS else ChangeKind.OTHER, object_id))
+    return ChangesSince(after, generation, changes)
+
+
+async def move_generation(session: AsyncSession, by: int) -> int:
+    """Add `by` to the cluster generation (0: take its row's write lock only); the new value."""
+    result = await session.execute(
+        update(ClusterState)
+        .where(ClusterState.id == 1)
+        .values(generation=ClusterState.generation + by)
+        .returning(ClusterState.generation)
+        .execution_options(synchronize_session=False)
+    )
+    generation = result.scalar_one_or_none()
+    if generation is None:
+        raise RuntimeError("cluster_state row id=1 is missing: is the schema migrated?")
+    return generation

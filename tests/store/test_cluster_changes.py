@@ -1,0 +1,67 @@
+"""The cluster change log (store/changes.py): every generation bump says what it changed, in
+its own transaction; a reader above a generation gets every change since, or learns that one
+is missing (pruned, or a bump that logged nothing) and reads the whole cluster."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from controller.domain.changes import ChangeKind, ClusterChange
+from controller.store import changes
+from controller.store.db import Database
+from controller.store.models import ClusterChangeRow
+from controller.store.plans import bump_cluster_generation, read_changes_since
+
+
+async def test_each_bump_logs_what_it_changed(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        assert await bump_cluster_generation(uow.session, ClusterChange.nodes(["n2", "n1", "n2"])) == 1
+        await bump_cluster_generation(uow.session, ClusterChange.deployment_deleted("t1/chat"))
+        await bump_cluster_generation(uow.session)  # said nothing: OTHER
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        since = await read_changes_since(uow.session, 0)
+        later = await read_changes_since(uow.session, 2)
+        none = await read_changes_since(uow.session, 3)
+    assert since.generation == 3 and since.complete
+    assert since.changes == {1: [(ChangeKind.NODE, "n1"), (ChangeKind.NODE, "n2")],
+                             2: [(ChangeKind.DEPLOYMENT_DELETED, "t1/chat")],
+                             3: [(ChangeKind.OTHER, None)]}
+    assert later.complete and later.changes == {3: [(ChangeKind.OTHER, None)]}
+    assert none.complete and none.changes == {}
+
+
+async def test_a_rolled_back_bump_leaves_no_change(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        await bump_cluster_generation(uow.session, ClusterChange.node("n1"))
+        # not committed
+    async with database.unit_of_work() as uow:
+        since = await read_changes_since(uow.session, 0)
+    assert since.generation == 0 and since.changes == {} and since.complete
+
+
+async def test_a_generation_without_its_change_is_incomplete(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        await bump_cluster_generation(uow.session, ClusterChange.node("n1"))
+        await changes.move_generation(uow.session, 1)  # a writer that logs nothing (an older controller)
+        await bump_cluster_generation(uow.session, ClusterChange.node("n2"))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        assert not (await read_changes_since(uow.session, 0)).complete
+        assert (await read_changes_since(uow.session, 2)).complete
+        assert not (await read_changes_since(uow.session, 5)).complete  # ahead of the database: never trusted
+
+
+async def test_old_generations_are_pruned(database: Database, monkeypatch) -> None:
+    monkeypatch.setattr(changes, "CHANGES_KEPT", 3)
+    monkeypatch.setattr(changes, "_PRUNE_EVERY", 5)
+    async with database.unit_of_work() as uow:
+        for i in range(1, 11):
+            await bump_cluster_generation(uow.session, ClusterChange.node(f"n{i}"))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        kept = sorted((await uow.session.execute(select(ClusterChangeRow.generation))).scalars())
+        since = await read_changes_since(uow.session, 7)
+        behind = await read_changes_since(uow.session, 1)
+    assert kept == [8, 9, 10]  # the bump to 10 pruned up to 7 (the bump to 5 up to 2)
+    assert since.complete and not behind.complete
