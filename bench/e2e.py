@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controller-log-level", default="WARNING", help="the controller's --log-level")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                   help="a progress line on stderr this often (phase, deployments submitted, committed, "
+                        "running, the rate); 0: none")
     p.add_argument("--py-spy", metavar="PATH",
                    help="profile the controller during the run with this py-spy binary: collapsed stacks "
                         "in <run dir>/controller.pyspy.txt (implies --keep)")
@@ -228,32 +231,47 @@ class Run:
     newly_running: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     expected: int = 0
     names: frozenset[str] = frozenset()  # the workload's (the preloaded deployments are not watched)
-
-    def running_count(self) -> int:
-        return sum(1 for t in self.times.values() if t.running and not t.delete_sent)
+    running: int = 0
+    watches: int = 0  # WatchDeployments streams opened (more than one: the controller cut one off)
 
 
 async def watch(channel: Any, run: Run) -> None:
+    """Timestamps commits, Running and deletions from `WatchDeployments`, watching again when the
+    controller cuts the stream off (a watcher that falls behind is ended UNAVAILABLE; the new
+    stream starts with the current state, so a deployment committed or running meanwhile is
+    stamped when it is seen)."""
+    import grpc
     from maia.v1 import deployments_pb2, deployments_pb2_grpc
     stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
-    running = 0
-    async for event in stub.WatchDeployments(deployments_pb2.WatchDeploymentsRequest()):
-        now = time.perf_counter()
-        d = event.deployment
-        if d.spec.name not in run.names:
-            continue
-        t = run.times.setdefault(d.spec.name, Times())
-        if event.type == deployments_pb2.DeploymentEvent.TYPE_DELETED:
-            t.deleted = t.deleted or now
-            continue
-        if not t.committed and d.placed_replicas >= d.spec.replicas:
-            t.committed = now
-        if not t.running and d.phase == deployments_pb2.DEPLOYMENT_PHASE_RUNNING:
-            t.running = now
-            run.newly_running.put_nowait(d.spec.name)
-            running += 1
-            if running >= run.expected:
-                run.all_running.set()
+    while True:
+        run.watches += 1
+        try:
+            async for event in stub.WatchDeployments(deployments_pb2.WatchDeploymentsRequest()):
+                _seen(run, event, time.perf_counter())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                run.errors.append(f"watch: {exc.code().name} {exc.details()}")
+                return
+        await asyncio.sleep(0.1)
+
+
+def _seen(run: Run, event: Any, now: float) -> None:
+    from maia.v1 import deployments_pb2
+    d = event.deployment
+    if d.spec.name not in run.names:
+        return
+    t = run.times.setdefault(d.spec.name, Times())
+    if event.type == deployments_pb2.DeploymentEvent.TYPE_DELETED:
+        t.deleted = t.deleted or now
+        return
+    if not t.committed and d.placed_replicas >= d.spec.replicas:
+        t.committed = now
+    if not t.running and d.phase == deployments_pb2.DEPLOYMENT_PHASE_RUNNING:
+        t.running = now
+        run.newly_running.put_nowait(d.spec.name)
+        run.running += 1
+        if run.running >= run.expected:
+            run.all_running.set()
 
 
 async def client(channel: Any, queue: list[Work], run: Run) -> None:
@@ -269,6 +287,8 @@ async def client(channel: Any, queue: list[Work], run: Run) -> None:
         except grpc.aio.AioRpcError as exc:
             run.errors.append(f"submit {work.name}: {exc.code().name} {exc.details()}")
             run.expected -= 1
+            if run.running >= run.expected:
+                run.all_running.set()
             continue
         t.acknowledged = time.perf_counter()
 
@@ -309,8 +329,10 @@ async def admin_setup(channel: Any, shape: Shape, tenants: Sequence[str] = TENAN
     return (await admin.CreateToken(admin_pb2.CreateTokenRequest(role="node-bootstrap"))).secret
 
 
-async def wait_connected(channel: Any, nodes: int, timeout_s: float) -> tuple[float, int]:
-    """(seconds, nodes ready): all of them, or as many as made it within `timeout_s`."""
+async def wait_connected(channel: Any, nodes: int, timeout_s: float,
+                         ready_now: list[int] | None = None) -> tuple[float, int]:
+    """(seconds, nodes ready): all of them, or as many as made it within `timeout_s`
+    (`ready_now[0]`: the last count, for whoever reports progress meanwhile)."""
     import grpc
     from maia.v1 import admin_pb2, admin_pb2_grpc
     admin = admin_pb2_grpc.AdminServiceStub(channel)
@@ -321,87 +343,185 @@ async def wait_connected(channel: Any, nodes: int, timeout_s: float) -> tuple[fl
             ready = (await admin.GetClusterSummary(admin_pb2.GetClusterSummaryRequest(), timeout=30)).nodes_ready
         except grpc.aio.AioRpcError:  # a controller busy with a join storm: ask again
             pass
+        if ready_now is not None:
+            ready_now[0] = ready
         if ready >= nodes:
             break
         await asyncio.sleep(0.5)
     return time.perf_counter() - started, ready
 
 
+@dataclass
+class Bench:
+    """One run as it goes: what a progress line, and a report of a run stopped part way, read."""
+
+    kind: str
+    shape: Shape
+    tenants: int
+    phase: str = "starting"
+    works: list[Work] = field(default_factory=list)
+    run: Run = field(default_factory=Run)
+    controller: Process | None = None
+    ready: list[int] = field(default_factory=lambda: [0])  # nodes ready, as last asked
+    preload_s: float = 0.0
+    joined_s: float = 0.0
+    started: float = 0.0    # the first submit (perf_counter); 0 before
+    submitted_s: float = 0.0
+    elapsed_s: float = 0.0
+    cpu0: float = 0.0
+    cpu_s: float = 0.0
+    rss_mib: float = 0.0
+    controller_exit: int | None = None
+    violations: list[str] | None = None  # None: not graded
+    stopped_while: str = ""  # the phase an error or a cancellation stopped
+
+    def measure(self) -> None:
+        """The controller's CPU since the first submit and its peak RSS, while it runs."""
+        if self.controller is None or self.controller.proc.poll() is not None:
+            return
+        try:
+            self.cpu_s = self.controller.cpu_s() - self.cpu0
+            self.rss_mib = self.controller.peak_rss_mib()
+        except OSError:
+            pass
+        if self.started:
+            self.elapsed_s = time.perf_counter() - self.started
+
+    def progress(self, last: tuple[float, int]) -> tuple[str, tuple[float, int]]:
+        """One line of where the run is, and the (time, running) pair the next line's rate is from."""
+        now = time.perf_counter()
+        self.measure()
+        head = f"[e2e {self.kind} {self.shape.nodes}] {self.phase}"
+        if not self.started:
+            return f"{head}: {self.ready[0]}/{self.shape.nodes} nodes ready", last
+        t = self.run.times.values()
+        sent = sum(1 for x in t if x.submitted)
+        acked = sum(1 for x in t if x.acknowledged)
+        committed = sum(1 for x in t if x.committed)
+        running = self.run.running
+        rate = (running - last[1]) / (now - last[0]) if now > last[0] else 0.0
+        return (f"{head} {now - self.started:.0f} s: {sent}/{len(self.works)} submitted, {acked} answered, "
+                f"{committed} committed, {running} running ({rate:.1f}/s now, "
+                f"{running / (now - self.started):.1f}/s overall), {len(self.run.errors)} errors, "
+                f"controller CPU {self.cpu_s:.0f} s"), (now, running)
+
+
+async def report_progress(bench: Bench, every_s: float) -> None:
+    last = (time.perf_counter(), 0)
+    while True:
+        await asyncio.sleep(every_s)
+        line, last = bench.progress(last)
+        print(line, file=sys.stderr, flush=True)
+
+
 async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from controller.bearer import aio_channel
+    """One run, summarised; stopped part way (an error, a cancellation: the bench's timeout, ^C,
+    SIGTERM) it stops every process it started and prints what it measured so far before the
+    error goes on."""
     shape = Shape(nodes, args.fleets or max(1, (nodes + 255) // 256), args.preload)
+    bench = Bench(kind, shape, len(tenants_for(shape, args)))
+    progress = asyncio.create_task(report_progress(bench, args.progress_every)) if args.progress_every else None
+    try:
+        await _measure(bench, args, root)
+    except BaseException as exc:
+        why = "cancelled (a signal, ^C or a timeout)" if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt) \
+            else f"{type(exc).__name__}: {exc}"
+        bench.run.errors.append(f"stopped while {bench.stopped_while or bench.phase}: {why}")
+        print(report(summarize(bench)), flush=True)
+        raise
+    finally:
+        if progress is not None:
+            progress.cancel()
+    return summarize(bench)
+
+
+async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
+    from controller.bearer import aio_channel
+    shape, run = bench.shape, bench.run
     tenants = tenants_for(shape, args)
     bin_dir = Path(sys.executable).parent
-    async with database(kind, root) as url:
-        preload_s = 0.0
+    bench.phase = "starting the database"
+    async with database(bench.kind, root) as url:
         extra: list[str] = []
         if shape.preloaded:
+            bench.phase = f"preloading {shape.preloaded} placements"
             t0 = time.perf_counter()
             await preload(url, shape.layout(), placements=shape.preloaded, tenants=tenants)
-            preload_s = time.perf_counter() - t0
+            bench.preload_s = time.perf_counter() - t0
             # The preloaded nodes count as up from the start: the fleets have this long to join
             # before silence counts against them (they are handed their shards as they do).
             extra = ["--restart-grace", "1800"]
+        bench.phase = "starting the controller"
         token_file = root / "admin.token"
-        controller = Process("maia-controller", [
+        controller = bench.controller = Process("maia-controller", [
             str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url,
             "--bootstrap-admin-token-file", str(token_file), "--submits-per-minute", "0",
             "--log-level", args.controller_log_level, *extra], root / "controller.log")
         fleets: list[Process] = []
+        tasks: list[asyncio.Task[Any]] = []
+        profiler: Process | None = None
+        finished = False
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
             channel = aio_channel(address, token_file.read_text().strip())
             node_token = await admin_setup(channel, shape, tenants)
             # One fleet after the other: what is measured is scheduling, not a join storm.
-            joined_s, ready, expected = 0.0, 0, 0
+            expected = 0
             for i, (prefix, racks) in enumerate(shape.fleet_racks()):
+                bench.phase = f"joining fleet {i + 1}/{shape.fleets}"
                 fleets.append(Process(f"maia-simnode {i}", [
                     str(bin_dir / "maia-simnode"), "--controller", address, "--racks", str(racks),
                     "--nodes-per-rack", str(NODES_PER_RACK), "--rack-prefix", prefix,
                     "--load-delay", str(args.load_delay), "--state-dir", str(root / f"fleet-{i}"),
                     "--log-level", "WARNING"], root / f"simnode-{i}.log", env={"MAIA_TOKEN": node_token}))
                 expected += racks * NODES_PER_RACK
-                waited, ready = await wait_connected(channel, expected, timeout_s=120.0)
-                joined_s += waited
-            works = workload(shape, args)
-            run = Run(expected=len(works), names=frozenset(w.name for w in works))
-            if ready < nodes:  # measured anyway, on the nodes that made it
-                run.errors.append(f"only {ready}/{nodes} nodes ready after {joined_s:.0f} s")
-            watcher = asyncio.create_task(watch(channel, run))
+                waited, ready = await wait_connected(channel, expected, timeout_s=120.0, ready_now=bench.ready)
+                bench.joined_s += waited
+            bench.works = works = workload(shape, args)
+            run.expected, run.names = len(works), frozenset(w.name for w in works)
+            if ready < shape.nodes:  # measured anyway, on the nodes that made it
+                run.errors.append(f"only {ready}/{shape.nodes} nodes ready after {bench.joined_s:.0f} s")
+            tasks.append(asyncio.create_task(watch(channel, run)))
             await asyncio.sleep(0.5)  # the watch is established before the first submit
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
-            cpu0, started = controller.cpu_s(), time.perf_counter()
+            bench.phase = "submitting"
+            bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
             queue = list(reversed(works))
-            deletions = asyncio.create_task(deleter(channel, run, args.delete_every)) if args.delete_every else None
+            if args.delete_every:
+                tasks.append(asyncio.create_task(deleter(channel, run, args.delete_every)))
             await asyncio.gather(*(client(channel, queue, run) for _ in range(args.clients)))
-            submitted_s = time.perf_counter() - started
+            bench.submitted_s = time.perf_counter() - bench.started
+            bench.phase = "waiting for Running"
             try:
                 await asyncio.wait_for(run.all_running.wait(), timeout=args.timeout)
             except TimeoutError:
                 run.errors.append(f"not all running after {args.timeout:.0f} s")
-            if deletions is not None:
+            if args.delete_every:
+                bench.phase = "waiting for the deletions"
                 run.newly_running.put_nowait("")
-                await deletions
-            await _settle_deletions(run, timeout_s=60)
-            elapsed = time.perf_counter() - started
-            cpu = controller.cpu_s() - cpu0
-            rss = controller.peak_rss_mib()
-            watcher.cancel()
+                await tasks[-1]
+                await _settle_deletions(run, timeout_s=60)
+            bench.measure()
+            finished = True
             await channel.close()
+        finally:
+            for task in tasks:
+                task.cancel()
             if profiler is not None:
                 profiler.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-                await asyncio.to_thread(profiler.proc.wait, 60)
+                await asyncio.shield(asyncio.to_thread(profiler.proc.wait, 60))
                 profiler.stop()
-        finally:
             # The controller first: nodes stopping before it would be marked down and their
             # shards released, and the committed state graded below would no longer be the run's.
-            code = controller.stop()
+            if not finished:
+                bench.stopped_while = bench.phase
+                bench.measure()
+            bench.phase = "stopping"
+            bench.controller_exit = controller.stop()
             for fleet in fleets:
                 fleet.stop()
-        violations = await grade(url)
-    return summarize(kind, shape, works, run, submitted_s=submitted_s, elapsed_s=elapsed, cpu_s=cpu,
-                     rss_mib=rss, joined_s=joined_s, violations=violations, controller_exit=code,
-                     preload_s=preload_s, tenants=len(tenants))
+        bench.phase = "grading"
+        bench.violations = await grade(url)
 
 
 def _profile(py_spy: str, controller: Process, root: Path) -> Process:
@@ -437,7 +557,8 @@ def _ms(values: list[float]) -> dict[str, float]:
     return {"p50_ms": round(percentile(values, 50), 1), "p99_ms": round(percentile(values, 99), 1)}
 
 
-def summarize(kind: str, shape: Shape, works: list[Work], run: Run, **measured: Any) -> dict[str, Any]:
+def summarize(bench: Bench) -> dict[str, Any]:
+    works, run, shape = bench.works, bench.run, bench.shape
     singles = [w.name for w in works if w.shards == 1]
     gangs = [w.name for w in works if w.shards > 1]
     gangs64 = [w.name for w in works if w.shards == max(GANG_SIZES)]
@@ -449,10 +570,12 @@ def summarize(kind: str, shape: Shape, works: list[Work], run: Run, **measured: 
 
     ran = [n for n in (singles + gangs) if n in t and t[n].running]
     span = max(t[n].running for n in ran) - min(t[n].submitted for n in ran) if ran else 0.0
+    violations = bench.violations or []
     return {
-        "db": kind, "nodes": shape.nodes, "fleets": shape.fleets, "preloaded": shape.preloaded,
-        "preload_s": round(measured["preload_s"], 1), "tenants": measured["tenants"], "deployments": len(works),
+        "db": bench.kind, "nodes": shape.nodes, "fleets": shape.fleets, "preloaded": shape.preloaded,
+        "preload_s": round(bench.preload_s, 1), "tenants": bench.tenants, "deployments": len(works),
         "singles": len(singles), "gangs": len(gangs), "gang_shards": sum(w.shards for w in works if w.shards > 1),
+        "submitted": sum(1 for x in t.values() if x.submitted),
         "deletes": sum(1 for x in t.values() if x.delete_sent),
         "submit": _ms(stage(singles + gangs, "submitted", "acknowledged")),
         "single_committed": _ms(stage(singles, "submitted", "committed")),
@@ -464,10 +587,11 @@ def summarize(kind: str, shape: Shape, works: list[Work], run: Run, **measured: 
         "delete_gone": _ms(stage(list(t), "delete_sent", "deleted")),
         "running": len(ran),
         "deployments_per_s": round(len(ran) / span, 1) if span else 0.0,
-        "submit_phase_s": round(measured["submitted_s"], 2), "elapsed_s": round(measured["elapsed_s"], 2),
-        "controller_cpu_s": round(measured["cpu_s"], 1), "controller_peak_rss_mib": round(measured["rss_mib"]),
-        "nodes_joined_s": round(measured["joined_s"], 1), "controller_exit": measured["controller_exit"],
-        "checker_violations": measured["violations"][:10], "checker_violation_count": len(measured["violations"]),
+        "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
+        "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
+        "nodes_joined_s": round(bench.joined_s, 1), "controller_exit": bench.controller_exit,
+        "watches": run.watches, "graded": bench.violations is not None,
+        "checker_violations": violations[:10], "checker_violation_count": len(violations),
         "errors": run.errors[:10], "error_count": len(run.errors),
     }
 
@@ -476,22 +600,27 @@ def report(r: dict[str, Any]) -> str:
     def pp(key: str) -> str:
         return f"{r[key]['p50_ms']:.0f}/{r[key]['p99_ms']:.0f}"
     preloaded = (f"{r['preloaded']} placements preloaded in {r['preload_s']} s, " if r["preloaded"] else "")
-    return (f"{r['db']:8} {r['nodes']:>6} nodes  {preloaded}{r['deployments']} deployments submitted by "
-            f"{r['tenants']} tenants ({r['singles']} single, "
+    checker = (f"{r['checker_violation_count']} violations" if r["graded"] else "not run")
+    rewatched = f" (the watch was cut off {r['watches'] - 1} times)" if r["watches"] > 1 else ""
+    return (f"{r['db']:8} {r['nodes']:>6} nodes  {preloaded}{r['submitted']}/{r['deployments']} deployments "
+            f"submitted by {r['tenants']} tenants ({r['singles']} single, "
             f"{r['gangs']} gangs = {r['gang_shards']} shards, {r['deletes']} deleted)\n"
             f"  submit p50/p99 {pp('submit')} ms | submit->committed single {pp('single_committed')} ms, "
             f"gang {pp('gang_committed')} ms ({r['gangs64']} of 64 shards: {pp('gang64_committed')} ms) | "
             f"submit->Running single {pp('single_running')} ms, "
-            f"gang {pp('gang_running')} ms\n"
+            f"gang {pp('gang_running')} ms{rewatched}\n"
             f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
             f"controller CPU {r['controller_cpu_s']} s, peak RSS {r['controller_peak_rss_mib']} MiB | "
             f"nodes joined in {r['nodes_joined_s']} s\n"
-            f"  checker: {r['checker_violation_count']} violations; errors: {r['error_count']}"
+            f"  checker: {checker}; errors: {r['error_count']}"
             + "".join(f"\n    {e}" for e in r["errors"] + r["checker_violations"]))
 
 
 async def _run(args: argparse.Namespace) -> int:
+    # SIGTERM (a `timeout` around the bench, a CI job cancelled) stops it as ^C does: the run in
+    # progress is cancelled, stops what it started (controller, fleets, PostgreSQL) and reports.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     results = []
     for nodes in args.nodes:
         if nodes % NODES_PER_RACK:
@@ -499,13 +628,15 @@ async def _run(args: argparse.Namespace) -> int:
             return 2
         for kind in args.db:
             root = Path(tempfile.mkdtemp(prefix=f"maia-bench-e2e-{kind}-{nodes}-"))
-            result = await one_run(kind, nodes, args, root)
+            try:
+                result = await one_run(kind, nodes, args, root)
+            finally:
+                if args.keep or args.py_spy:
+                    print(f"  logs in {root}", flush=True)
+                else:
+                    subprocess.run(["rm", "-rf", str(root)], check=False)
             results.append(result)
             print(report(result), flush=True)
-            if args.keep or args.py_spy:
-                print(f"  logs in {root}")
-            else:
-                subprocess.run(["rm", "-rf", str(root)], check=False)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     bad = any(r["checker_violation_count"] or r["error_count"] for r in results)
@@ -513,4 +644,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    try:
+        return asyncio.run(_run(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("stopped: everything this run started has been stopped", file=sys.stderr)
+        return 130
