@@ -59,18 +59,21 @@ STATUS_NAMES = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible",
 Var = cp_model.IntVar
 
 
-def configure(params: "sat_parameters_pb2.SatParameters", left_s: float) -> None:
+def configure(params: "sat_parameters_pb2.SatParameters", budget_s: float,
+              left_s: float) -> None:
     """Deterministic search: the same model gives the same answer on every run.
 
     `interleave_search` runs the workers' strategies interleaved in a fixed schedule (the
     result does not depend on thread timing), with a fixed seed, and the search stops at a
     *deterministic* time budget (work counted by the solver, not the clock) proportional to
-    the time left. The wall-clock limit stays as a ceiling, slightly above that budget's
-    usual duration: only a much slower machine reaches it (then the answer can vary)."""
+    `budget_s`, the share of the time limit planned for it (`Solver.budget_s`): not the time
+    actually left, which depends on how fast the stages before it ran. The wall-clock limit
+    (`left_s`, what is left before the deadline) stays as a ceiling, usually above that
+    budget's duration: only a much slower machine reaches it (then the answer can vary)."""
     params.num_workers = NUM_WORKERS
     params.interleave_search = True
     params.random_seed = CPSAT_SEED
-    params.max_deterministic_time = max(left_s * DETERMINISTIC_PER_S, 0.005)
+    params.max_deterministic_time = max(budget_s * DETERMINISTIC_PER_S, 0.005)
     params.max_time_in_seconds = max(left_s * 0.85, 0.01)
 
 
@@ -403,9 +406,11 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
         return
     cp = cp_model.CpSolver()
     opts = solver.problem.options
+    budget = solver.budget_s
     if opts.mode == "rebalance" or opts.allow_preemption:
         left *= CPSAT_SHARE_WITH_REPAIR  # moves and preemption run after it, in what is left
-    configure(cp.parameters, left)
+        budget *= CPSAT_SHARE_WITH_REPAIR
+    configure(cp.parameters, budget, left)
     status = cp.solve(m.model)
     solver.stats.update({"cpsat": STATUS_NAMES.get(status, str(status)),
                          "classes": len(m.classes), "vars": len(m.x) + len(m.y),

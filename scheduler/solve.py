@@ -68,6 +68,10 @@ class Solver:
         limit = time_limit_ms or problem.options.time_limit_ms or DEFAULT_TIME_LIMIT_MS
         self.limit_ms = limit
         self.deadline = self.t0 + limit / 1000.0 if deadline is None else deadline
+        # The seconds of the limit this solve plans for (CP-SAT's deterministic budget is a
+        # share of it, `cpsat.configure`): a count fixed by the input, so the answer does not
+        # depend on how fast the earlier stages ran; the deadline is only a ceiling.
+        self.budget_s = limit / 1000.0
         self.use_cpsat = use_cpsat
         self.topo = build_topology(problem)
         self.state = ClusterState(self.topo)
@@ -94,6 +98,9 @@ class Solver:
         # Trials the move and preemption searches may still run (`room.TrialBudget`): where
         # this ends a search, not the deadline, repeated solves give the same plan.
         self.room_trials = TrialBudget(ROOM_TRIALS)
+        # The guard's greedy pipeline (`solve`), when it ran every stage to its end: the
+        # stages after CP-SAT repeat it exactly if CP-SAT kept the greedy answer.
+        self.repeats: Solver | None = None
         self._load_existing()
 
     # ---- setup ----------------------------------------------------------------------------
@@ -197,8 +204,12 @@ class Solver:
         elif wanted:
             base = self.state.copy()
             self.place_group(wanted, preempt=False)
+            greedy_state = self.state
             if self.use_cpsat and (any(self.pending(d) for d in wanted) or len(wanted) > 1):
                 self.improve_with_cpsat(base, wanted)
+            if self.state is greedy_state and self.repeats is not None:
+                self.take_over(self.repeats)
+                return emit_plan(self)
             if opts.mode == "rebalance":
                 self.rebalance()  # moves before preemption: tier 2 preempts least first
             for d in self.batch_order([d for d in wanted if self.pending(d)]):
@@ -206,6 +217,18 @@ class Solver:
                 if opts.allow_preemption:
                     preempt_for(self, d)
         return emit_plan(self)
+
+    def take_over(self, other: Solver) -> None:
+        """The stages after CP-SAT would repeat `other`'s (the same problem, the greedy
+        answer kept, the same deterministic searches, which `other` ran to their end): take
+        its outcome instead of running them again. What CP-SAT found out (its statistics,
+        the deployments its deadline cut short) stays this solve's."""
+        self.adopt(other.state)
+        self.why = dict(other.why)
+        self.preempted = list(other.preempted)
+        self.moves_used = other.moves_used
+        self.time_cut |= other.time_cut
+        self.stats["after_cpsat"] = "the greedy pipeline's moves and preemptions (same state)"
 
     def place_group(self, ds: list[int], preempt: bool = True) -> None:
         """Greedy over these deployments, priority first, biggest first."""
@@ -293,12 +316,15 @@ def solve(problem: Problem, *, time_limit_ms: int | None = None) -> Plan:
         if not _needs_greedy_guard(problem):
             return Solver(problem, time_limit_ms).run()
         full = Solver(problem, time_limit_ms)  # its clock starts now: the whole limit
+        full.budget_s *= 1.0 - GREEDY_GUARD_SHARE  # planned for what the greedy leaves
         deadline = full.deadline
         greedy = Solver(problem, time_limit_ms, use_cpsat=False,
                         deadline=full.t0 + GREEDY_GUARD_SHARE * (deadline - full.t0))
         greedy_plan = greedy.run()
         if time.perf_counter() >= deadline:
             return greedy_plan
+        if time.perf_counter() < greedy.deadline:  # no stage of it was cut short
+            full.repeats = greedy
         full_plan = full.run()
         g, f = plan_value(greedy_plan, problem), plan_value(full_plan, problem)
         best = full_plan if f >= g else greedy_plan

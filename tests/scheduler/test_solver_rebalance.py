@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from builders import move_beats_preemption, placed_count, solve_doc
+import pytest
+from builders import busy_problem, dep, move_beats_preemption, placed_count, solve_doc
+
+from scheduler import plan_to_dict, problem_from_dict, room
+from scheduler.solve import Solver
 
 
 def test_rebalance_moves_a_replica_rather_than_preempting_it() -> None:
@@ -39,3 +43,49 @@ def test_a_move_onto_a_node_does_not_shift_the_replica_kept_there() -> None:
                   if p.deployment == "d0")
     assert kept == [(0, "n4", (0, 1)), (2, "n2", (0, 1))]
     assert placed_count(plan, "vip0") == 1
+
+
+def _rack_gangs_problem() -> dict:
+    """A busy cluster (builders.busy_problem) in rebalance mode, where one move makes room,
+    plus a gang no rack can hold even emptied (20 shards, racks of 16 accelerators)."""
+    doc = busy_problem(mode="rebalance", allow_preemption=True, max_moves=6)
+    doc["deployments"].append(dep("huge", acc=1, shards=20, locality="rack", priority=5))
+    return doc
+
+
+def test_domains_no_trial_could_fit_are_skipped_with_the_same_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Removing work only frees room, so a domain where the replica does not fit even with
+    # every candidate removed is skipped (its trials counted as spent): the searches give
+    # the plan they gave running every trial.
+    doc = _rack_gangs_problem()
+    said_no = []
+    real_can_fit = room._domain_can_fit
+
+    def spy(*args: object) -> bool:
+        ok = real_can_fit(*args)  # type: ignore[arg-type]
+        said_no.append(not ok)
+        return ok
+
+    monkeypatch.setattr(room, "_domain_can_fit", spy)
+    skipping = plan_to_dict(Solver(problem_from_dict(doc), None, use_cpsat=False).run())
+    assert any(said_no)
+    monkeypatch.setattr(room, "_domain_can_fit", lambda *args: True)
+    monkeypatch.setattr(room, "_may_fit", lambda *args: True)
+    running_all = plan_to_dict(Solver(problem_from_dict(doc), None, use_cpsat=False).run())
+    assert skipping["preempted"] or skipping["moved"]  # the searches found something
+    for part in ("placements", "preempted", "moved", "unplaced"):
+        assert skipping[part] == running_all[part]
+
+
+def test_the_cpsat_pipeline_takes_over_the_greedy_pipelines_moves_when_it_kept_its_answer(
+        ) -> None:
+    # vip fits nowhere before moves, so CP-SAT cannot beat the greedy answer: the stages
+    # after it would repeat the greedy pipeline's, whose outcome (one move) is taken over.
+    doc = move_beats_preemption()
+    plan = solve_doc(doc)
+    assert plan.stats["pipeline"] == "cpsat"
+    assert "after_cpsat" in plan.stats
+    greedy = Solver(problem_from_dict(doc), None, use_cpsat=False).run()
+    assert (plan.placements, plan.moved, plan.preempted) == (
+        greedy.placements, greedy.moved, greedy.preempted)
