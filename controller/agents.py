@@ -33,15 +33,17 @@ from datetime import datetime, timezone
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate
 from controller.errors import MaiaError, Unauthenticated
+from controller.groupcommit import GroupCommit
 from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
+from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.domain.liveness import FlapDamper
-from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport, deployment_key
+from controller.domain.values import AssignmentSet, HeartbeatReport, NodeInfo, ShardReport, deployment_key
 
 log = logging.getLogger("maia.agents")
 
@@ -100,6 +102,7 @@ class AgentHub:
         flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
         reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
         leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
+        heartbeat_interval_ms: int | None = None,
     ) -> None:
         self._db = db
         # Registers and hellos (write transactions) of a join storm: bounded, the rest told when to retry.
@@ -116,7 +119,14 @@ class AgentHub:
         self._reports: list[tuple[str, ShardReport]] = []
         self._refused: dict[str, RefusedReports] = {}
         self._damper = damper or FlapDamper()
-        self._hellos = _HelloBatcher(db, self.admission)
+        # What a Register tells its agent (the controller's `Config.heartbeat_interval_ms`).
+        self._heartbeat_interval_ms = heartbeat_interval_ms or max(100, int(heartbeat_timeout_s * 1000 / 3))
+        # Hellos and Registers that arrive together are committed together (controller/groupcommit.py).
+        self._hellos: GroupCommit[agent_cases.Hello, bool] = GroupCommit(
+            "agent-hellos", self._write_hellos, batch_max=limits.HELLO_BATCH_MAX)
+        self._registers: GroupCommit[agent_cases.Register, agent_cases.Registered] = GroupCommit(
+            "agent-registers", self._write_registers, batch_max=limits.REGISTER_BATCH_MAX,
+            key=lambda r: r.info.node_id)
         self._stopping = False
 
     # --- what others ask ---------------------------------------------------------------------
@@ -155,6 +165,48 @@ class AgentHub:
         if session is not None:
             session.close(reason, mark_down=False)
 
+    # --- Registers and hellos, committed in batches ------------------------------------------
+    async def register(self, who: Principal, info: NodeInfo, *, credential_proposal: str = "",
+                       time_left_s: float | None = None) -> agent_cases.Registered:
+        """Register a node (`usecases.agents.register_nodes`), committed with the Registers around
+        it; raises what refuses it. Each Register is one caller of the admission gate (`time_left_s`
+        until its deadline): the gate bounds how many wait for the batches, and refuses with a retry
+        time those that would wait past their deadline."""
+        async with self.admission.admit(time_left_s):
+            ask = agent_cases.Register(who, info, credential_proposal, call=audit.current_call())
+            outcome = await self._registers.submit(ask)
+            if outcome is not None:
+                return outcome
+            async with self._db.unit_of_work() as uow:  # the batch could not decide it: alone
+                [alone] = await agent_cases.register_nodes(
+                    uow, [replace(ask, call=None)], heartbeat_interval_ms=self._heartbeat_interval_ms,
+                    held_by_live_agent=self.holds_live_session)
+        if isinstance(alone, MaiaError):
+            raise alone
+        return alone
+
+    async def _write_registers(self, batch: list[agent_cases.Register]) -> list[agent_cases.Registered | MaiaError]:
+        async with self._db.unit_of_work() as uow:
+            return await agent_cases.register_nodes(uow, batch, heartbeat_interval_ms=self._heartbeat_interval_ms,
+                                                    held_by_live_agent=self.holds_live_session)
+
+    async def _hello(self, hello: agent_cases.Hello) -> bool:
+        """Whether the node's liveness changed; raises what refuses the hello."""
+        outcome = await self._hellos.submit(hello)
+        if outcome is not None:
+            return outcome
+        async with self.admission.admit(), self._db.unit_of_work() as uow:  # its batch failed: alone
+            [alone] = await agent_cases.hellos(uow, [hello], datetime.now(timezone.utc))
+        if isinstance(alone, MaiaError):
+            raise alone
+        return alone
+
+    async def _write_hellos(self, batch: list[agent_cases.Hello]) -> list[bool | MaiaError]:
+        """One batch of hellos: one caller of the admission gate (without a deadline: the streams
+        have none)."""
+        async with self.admission.admit(), self._db.unit_of_work() as uow:
+            return await agent_cases.hellos(uow, batch, datetime.now(timezone.utc))
+
     # --- one stream --------------------------------------------------------------------------
     async def converse(
         self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
@@ -162,7 +214,7 @@ class AgentHub:
         """Serve one Connect stream after its Hello (committed with the hellos around it): yields
         the AssignmentSets to send."""
         damped = self._damper.returns_damped(node_id, time.monotonic())
-        changed = await self._hellos.accept(agent_cases.Hello(who, node_id, session_id, damped))
+        changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
         session = AgentSession(node_id, session_id,
                                reports=TokenBucket(self._report_rate, self._report_burst))
         previous = self._sessions.get(node_id)
@@ -349,53 +401,6 @@ class _Batch:
         if items:
             chunks.append(current)
         return chunks
-
-
-class _HelloBatcher:
-    """Hellos committed together: while one batch's transaction runs, the hellos that arrive wait and
-    go in the next one (group commit, no timer: one hello alone is written at once). A join storm's
-    thousands of hellos so cost a transaction (and a cluster generation bump) per batch, not each.
-    A batch is one caller of the admission gate (without a deadline: the streams have none)."""
-
-    def __init__(self, db: Database, admission: AdmissionGate) -> None:
-        self._db = db
-        self._admission = admission
-        self._pending: list[tuple[agent_cases.Hello, asyncio.Future[bool]]] = []
-        self._writer: asyncio.Task | None = None
-
-    async def accept(self, hello: agent_cases.Hello) -> bool:
-        """Whether the node's liveness changed; raises what refuses this hello."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((hello, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="agent-hellos")
-        return await future
-
-    async def _write(self) -> None:
-        while self._pending:
-            batch = [(h, f) for h, f in self._pending[:limits.HELLO_BATCH_MAX] if not f.done()]
-            del self._pending[:limits.HELLO_BATCH_MAX]
-            if not batch:
-                continue
-            try:
-                async with self._admission.admit(), self._db.unit_of_work() as uow:
-                    outcomes = await agent_cases.hellos(uow, [h for h, _ in batch], datetime.now(timezone.utc))
-            except Exception as exc:  # the transaction failed: every hello in it did
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            except BaseException:  # cancelled (the controller stops): so are the streams waiting
-                for _, future in batch:
-                    future.cancel()
-                raise
-            for (_, future), outcome in zip(batch, outcomes):
-                if future.done():
-                    continue
-                if isinstance(outcome, MaiaError):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
 
 
 async def _first_of(*events: asyncio.Event) -> None:

@@ -232,8 +232,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         help="the bucket's size: reports one stream may send at once")
     parser.add_argument("--agent-admission-concurrency", type=_positive_int,
                         default=Config.agent_admission_concurrency,
-                        help="agent Registers and Connect hellos (write transactions) served at once; a join "
-                             "storm beyond it queues")
+                        help="agent Registers (committed in batches) and batches of Connect hellos let in at "
+                             "once; a join storm beyond it queues")
     parser.add_argument("--agent-admission-queue", type=_non_negative_int, default=Config.agent_admission_queue,
                         help="agent Registers and hellos queued beyond that; the rest are refused UNAVAILABLE "
                              "with a retry time that grows with the queue")

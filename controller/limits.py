@@ -57,11 +57,13 @@ TENANT_POWER_W_MAX = 1e12
 REPORT_MESSAGE_MAX = 1024           # a shard's status message
 REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
 REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
-# Agent Registers and Connect hellos (each a write transaction) let in at once, and queued beyond
-# that; the rest are refused UNAVAILABLE with a retry time (controller.admission).
-AGENT_ADMISSION_CONCURRENCY = 8
+# Agent Registers and batches of Connect hellos let in at once (the Registers inside are committed
+# in batches, controller/groupcommit.py), and queued beyond that; the rest are refused with a
+# retry time (controller.admission).
+AGENT_ADMISSION_CONCURRENCY = 256
 AGENT_ADMISSION_QUEUE = 256
 HELLO_BATCH_MAX = 500               # Connect hellos committed in one transaction (a join storm's)
+REGISTER_BATCH_MAX = 128            # Registers committed in one transaction
 FLUSH_CHUNK = 500                   # heartbeats or shard reports written per transaction
 # A client request id whose deployment was deleted is still remembered this long after the
 # request (a retry then is refused rather than applied twice); while it exists, as long as it.

@@ -16,7 +16,6 @@ from controller.api.deps import ServiceDeps
 from controller.errors import FailedPrecondition
 from controller.identity import current_principal
 from controller.agents import AgentInbound
-from controller.usecases import agents as cases
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
 
@@ -37,14 +36,13 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
     async def Register(self, request: agent_pb2.RegisterRequest,
                        context: aio.ServicerContext) -> agent_pb2.RegisterResponse:
         self._deps.require_leader()
-        async with self._deps.hub.admission.admit(context.time_remaining()), self._deps.db.unit_of_work() as uow:
-            reg = await cases.register_node(uow, current_principal(), convert.node_info(request.node),
-                                            heartbeat_interval_ms=self._deps.heartbeat_interval_ms,
-                                            signals=self._deps.signals,
-                                            held_by_live_agent=self._deps.hub.holds_live_session,
-                                            credential_proposal=request.credential_proposal)
+        registered = await self._deps.hub.register(current_principal(), convert.node_info(request.node),
+                                                   credential_proposal=request.credential_proposal,
+                                                   time_left_s=context.time_remaining())
+        for token_id in registered.revoked:
+            self._deps.signals.token_revoked(token_id)
         self._deps.signals.wake_reconciler()
-        return convert.registration_msg(reg)
+        return convert.registration_msg(registered.registration)
 
     async def Connect(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage],
                       context: aio.ServicerContext) -> AsyncIterator[agent_pb2.ControllerMessage]:

@@ -142,7 +142,7 @@ class ControllerApp:
             leader_db, heartbeat_timeout_s=config.heartbeat_timeout_s,
             on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
             reports_per_second=config.agent_reports_per_second, reports_burst=config.agent_reports_burst,
-            leading=self.election.should_run, damper=damper,
+            leading=self.election.should_run, damper=damper, heartbeat_interval_ms=config.heartbeat_interval_ms,
             admission=agent_admission_gate(config.agent_admission_concurrency, config.agent_admission_queue,
                                            observer=self.metrics),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 from sqlalchemy import select, tuple_
@@ -61,3 +62,18 @@ def token_view(row: m.ApiToken) -> d.TokenView:
     return d.TokenView(id=row.id, name=row.name, role=row.role, tenant=row.tenant_id or "",
                        node=row.node_id or "", created_by=row.created_by, created_at=aware(row.created_at),
                        expires_at=aware(row.expires_at), revoked_at=aware(row.revoked_at))
+
+
+async def active_tokens_of_nodes(session: AsyncSession, now: datetime, node_ids: Iterable[str], *,
+                                 role: str) -> dict[str, list[m.ApiToken]]:
+    """The active tokens of `role` bound to each of these nodes (nodes without one left out), in
+    one query: what a batch of Registers judges its credentials by."""
+    ids = sorted(set(node_ids))
+    if not ids:
+        return {}
+    found: dict[str, list[m.ApiToken]] = {}
+    for row in await session.scalars(select(m.ApiToken).where(m.ApiToken.role == role, m.ApiToken.node_id.in_(ids))
+                                      .order_by(m.ApiToken.created_at, m.ApiToken.id)):
+        if is_active(row, now) and row.node_id is not None:
+            found.setdefault(row.node_id, []).append(row)
+    return found

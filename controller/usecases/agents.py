@@ -80,9 +80,65 @@ def _capacity(row: m.Node) -> tuple:
             row.memory_mib, row.idle_power_w, dict(row.labels or {}))
 
 
-async def _credential_for(uow: UnitOfWork, who: Principal, node_id: str, exists: bool,
-                          proposal: MintedToken | None) -> tuple[str, list[str]]:
-    """Whether `who` may register `node_id`, and the credential to issue: (secret or "", revoked ids).
+@dataclass(frozen=True, slots=True)
+class Register:
+    """One Register call: who asks, for which node, with which credential proposal (see
+    `_judge`). `call`: the call's audit entry when another task commits it (a group
+    commit appends it with the registration); None when the caller's own commit writes it."""
+
+    who: Principal
+    info: NodeInfo
+    credential_proposal: str = ""
+    call: audit.CallEntry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A committed registration, and the node credentials it revoked (an admin re-registering
+    the node): the authenticator's cache must forget them (`Signals.token_revoked`)."""
+
+    registration: Registration
+    revoked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What a batch of Registers reads before judging them, in a few queries for all."""
+
+    racks: set[str]
+    rows: dict[str, m.Node]
+    credentials: dict[str, list[m.ApiToken]]  # the active node credentials of the existing nodes
+    taken_ids: set[str]                          # token ids the proposals name that exist
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A Register judged admissible: what to write (nothing is written while judging)."""
+
+    ask: Register
+    row: m.Node | None
+    proposal: MintedToken | None
+    issue: bool = False                           # a node credential is issued (the proposal, or a fresh one)
+    revoke: tuple[m.ApiToken, ...] = ()
+
+
+async def _read_facts(uow: UnitOfWork, batch: Sequence[Register],
+                      proposals: Mapping[int, MintedToken | None]) -> _Facts:
+    s = uow.session
+    rows = await repo.node_rows_by_id(s, {r.info.node_id for r in batch})
+    judged_by_credentials = {r.info.node_id for r in batch if r.info.node_id in rows and r.who.role is not Role.NODE}
+    return _Facts(
+        racks=await repo.existing_ids(s, m.Rack, {r.info.rack for r in batch}),
+        rows=rows,
+        credentials=await node_tokens.active_tokens_of_nodes(s, datetime.now(timezone.utc), judged_by_credentials,
+                                                             role=Role.NODE.value),
+        taken_ids=await repo.existing_ids(s, m.ApiToken, {p.id for p in proposals.values() if p is not None}),
+    )
+
+
+def _judge(ask: Register, proposal: MintedToken | None, facts: _Facts, taken_ids: set[str],
+           held_by_live_agent: Callable[[str], bool] | None) -> _Plan:
+    """Whether `ask` may register its node, and what that writes (raises what refuses it).
 
     A new node: admin or node-bootstrap, and a fresh credential. An existing node: its own
     credential (nothing new), an admin (a fresh credential, the old ones revoked), or a
@@ -90,34 +146,43 @@ async def _credential_for(uow: UnitOfWork, who: Principal, node_id: str, exists:
     or a node registered before credentials existed) or when it proves to be the agent that
     proposed the node's credential (a retry after a lost reply): so a bootstrap token cannot take
     over a node its agent still holds. The credential issued is the agent's `proposal` when it
-    sent one (the reply then carries no secret), else a fresh one.
+    sent one (the reply then carries no secret), else a fresh one. A node a live agent stream
+    holds is refused to anyone but an admin (a second agent with the same node id).
     """
+    who, node_id = ask.who, ask.info.node_id
+    if ask.info.rack not in facts.racks:
+        raise FailedPrecondition(f"rack {ask.info.rack} is not in the topology; apply it first")
+    row = facts.rows.get(node_id)
+    plan = _Plan(ask, row, proposal)
     action = f"registering node {node_id}"
-    if not exists:
+    held = facts.credentials.get(node_id, [])
+    if row is None:
         policy.require_role(who, action, Role.NODE_BOOTSTRAP)
+        plan.issue = True
     elif who.role is Role.NODE:
         policy.require_node_speaker(who, node_id, action)
-        return "", []
-    elif who.role is Role.NODE_BOOTSTRAP:
-        held = await node_tokens.active_tokens(uow.session, datetime.now(timezone.utc), role=Role.NODE.value,
-                                               node=node_id)
-        if proposal is not None and any(t.id == proposal.id and secrets_.secret_matches(proposal.secret,
-                                                                                          t.secret_sha256)
-                                        for t in held):
-            return "", []  # the agent that proposed the node's credential, registering again
-        if held:
-            raise PermissionDenied(
-                f"node {node_id} is already registered and holds a node credential: a node-bootstrap token "
-                f"registers new nodes only; re-register with the node's own credential, or have an admin "
-                f"reset it (maiactl node reset-credential {node_id})")
+    elif who.role is Role.NODE_BOOTSTRAP and proposal is not None and any(
+            t.id == proposal.id and secrets_.secret_matches(proposal.secret, t.secret_sha256) for t in held):
+        pass  # the agent that proposed the node's credential, registering again
+    elif who.role is Role.NODE_BOOTSTRAP and held:
+        raise PermissionDenied(
+            f"node {node_id} is already registered and holds a node credential: a node-bootstrap token "
+            f"registers new nodes only; re-register with the node's own credential, or have an admin "
+            f"reset it (maiactl node reset-credential {node_id})")
     else:
-        policy.require_admin(who, action)
-    if proposal is not None and await node_tokens.get_token(uow.session, proposal.id) is not None:
+        if who.role is not Role.NODE_BOOTSTRAP:
+            policy.require_admin(who, action)
+        plan.issue, plan.revoke = True, tuple(held)
+    if plan.issue and proposal is not None and proposal.id in taken_ids:
         raise InvalidArgument(f"credential_proposal: token id {proposal.id} is taken; mint another")
-    revoked = await tokens.revoke_node_credentials(uow, who, node_id) if exists else []
-    issued = tokens.add_token(uow, who, role=Role.NODE, name=f"node-{node_id}"[:ID_MAX], node=node_id,
-                              minted=proposal)
-    return ("" if proposal is not None else issued.secret), revoked
+    if who.role is not Role.ADMIN and held_by_live_agent is not None and held_by_live_agent(node_id):
+        raise FailedPrecondition(
+            f"node {node_id} is held by a live agent stream: a second agent with the same node id is refused "
+            f"(stop the other agent; once its stream ends, or falls silent past the heartbeat timeout, this one "
+            f"may register)")
+    if plan.issue and proposal is not None:
+        taken_ids.add(proposal.id)
+    return plan
 
 
 def _proposal(text: str) -> MintedToken | None:
@@ -134,23 +199,76 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
                         signals: Signals | None = None,
                         held_by_live_agent: Callable[[str], bool] | None = None,
                         credential_proposal: str = "") -> Registration:
-    """Register (or re-register) a node. `held_by_live_agent` says whether a live agent stream
-    holds the node now: a second agent with the same node id is refused (an admin may still
-    re-register it). A node registering with fewer accelerators than its placements use has
-    those placements released (only that node's; the solver places them again).
-    `credential_proposal`: the node credential the agent minted itself (see `_credential_for`)."""
-    _validate(info)
-    proposal = _proposal(credential_proposal)
-    if await repo.get_rack(uow.session, info.rack) is None:
-        raise FailedPrecondition(f"rack {info.rack} is not in the topology; apply it first")
-    row = (await repo.node_rows_by_id(uow.session, [info.node_id])).get(info.node_id)
-    created = row is None
-    credential, revoked = await _credential_for(uow, who, info.node_id, exists=not created, proposal=proposal)
-    if who.role is not Role.ADMIN and held_by_live_agent is not None and held_by_live_agent(info.node_id):
-        raise FailedPrecondition(
-            f"node {info.node_id} is held by a live agent stream: a second agent with the same node id is refused "
-            f"(stop the other agent; once its stream ends, or falls silent past the heartbeat timeout, this one "
-            f"may register)")
+    """Register (or re-register) one node (see `register_nodes`), committed by the caller's own
+    transaction; raises what refuses it."""
+    [outcome] = await register_nodes(uow, [Register(who, info, credential_proposal)],
+                                     heartbeat_interval_ms=heartbeat_interval_ms, held_by_live_agent=held_by_live_agent)
+    if isinstance(outcome, MaiaError):
+        raise outcome
+    for token_id in outcome.revoked:
+        if signals is not None:
+            signals.token_revoked(token_id)
+    return outcome.registration
+
+
+async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbeat_interval_ms: int,
+                         held_by_live_agent: Callable[[str], bool] | None = None) -> list[Registered | MaiaError]:
+    """Register (or re-register) nodes in one transaction: a join storm's Registers are committed
+    together, with one cluster generation bump and one audit append for all. Each Register is
+    judged alone, against the database as it was before the batch (the nodes of a batch are
+    distinct) and the proposals ahead of it in the batch, exactly as if it came alone; its outcome,
+    in its place, is what it registered or the error that refuses it (nothing of it is written).
+    Nothing is committed when every one is refused.
+
+    `held_by_live_agent` says whether a live agent stream holds the node now: a second agent with
+    the same node id is refused (an admin may still re-register it). A node registering with fewer
+    accelerators than its placements use has those placements released (only that node's; the
+    solver places them again). Each Register's `call` (its audit entry) is appended with it.
+    """
+    if len({r.info.node_id for r in batch}) != len(batch):
+        raise ValueError("a batch of Registers names each node once")
+    outcomes: list[Registered | MaiaError | _Plan] = []
+    proposals: dict[int, MintedToken | None] = {}
+    for i, ask in enumerate(batch):
+        try:
+            _validate(ask.info)
+            proposals[i] = _proposal(ask.credential_proposal)
+        except MaiaError as exc:
+            outcomes.append(exc)
+            continue
+        outcomes.append(_Plan(ask, None, None))  # judged below, once the facts are read
+    facts = await _read_facts(uow, [batch[i] for i in proposals], proposals)
+    taken_ids = set(facts.taken_ids)
+    for i, proposal in proposals.items():
+        try:
+            outcomes[i] = _judge(batch[i], proposal, facts, taken_ids, held_by_live_agent)
+        except MaiaError as exc:
+            outcomes[i] = exc
+    plans = [o for o in outcomes if isinstance(o, _Plan)]
+    if not plans:
+        return [o for o in outcomes if isinstance(o, MaiaError)]
+    written = {id(plan): await _write(uow, plan, heartbeat_interval_ms) for plan in plans}
+    changed = [plan.ask.info.node_id for plan in plans if written[id(plan)][1]]
+    if changed:  # last before the commit: the row stays locked only until it
+        await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(changed))
+    calls = [plan.ask.call for plan in plans if plan.ask.call is not None]
+    await audit.append(uow.session, [call.record for call in calls])
+    await uow.commit()
+    for call in calls:
+        call.written = True
+    return [written[id(o)][0] if isinstance(o, _Plan) else o for o in outcomes]
+
+
+async def _write(uow: UnitOfWork, plan: _Plan, heartbeat_interval_ms: int) -> tuple[Registered, bool]:
+    """Stage one judged Register; (what it registered, whether the node's capacity changed)."""
+    who, info = plan.ask.who, plan.ask.info
+    revoked = tokens.revoke_credentials(uow, who, info.node_id, plan.revoke)
+    credential = ""
+    if plan.issue:
+        issued = tokens.add_token(uow, who, role=Role.NODE, name=f"node-{info.node_id}"[:ID_MAX], node=info.node_id,
+                                  minted=plan.proposal)
+        credential = "" if plan.proposal is not None else issued.secret
+    row, created = plan.row, plan.row is None
     if row is None:  # never connected: down, with nothing to evict
         row = m.Node(id=info.node_id, health=m.NodeHealth.DOWN, evicted_at=m.utcnow(), cordoned=False,
                      assignment_generation=0, power_draw_w=0.0)
@@ -167,8 +285,7 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
     row.labels = dict(info.labels)
     row.agent_version = info.agent_version
     row.session_id = uuid.uuid4().hex
-    capacity_changed = created or before != _capacity(row)
-    if not created and before is not None and info.accelerators < before[1]:
+    if before is not None and info.accelerators < before[1]:
         released = await repo.release_placements_beyond(uow.session, info.node_id, info.accelerators)
         if released:
             repo.record_event(uow.session, actor=who.name, kind="node.placements_released", object_kind="node",
@@ -177,14 +294,9 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
                                       f"{len(released)} shard(s) on accelerators it no longer has are placed again")
     repo.record_event(uow.session, actor=who.name, kind="node.registered", object_kind="node", object_id=info.node_id,
                       data={"rack": info.rack, "accelerators": info.accelerators, "created": created})
-    if capacity_changed:  # last before the commit: the generation row stays locked only until it
-        await repo.bump_cluster_generation(uow.session, ClusterChange.node(info.node_id))
-    await uow.commit()
-    for token_id in revoked:
-        if signals is not None:
-            signals.token_revoked(token_id)
-    return Registration(node_id=row.id, session_id=row.session_id or "", heartbeat_interval_ms=heartbeat_interval_ms,
-                        node_credential=credential)
+    registration = Registration(node_id=row.id, session_id=row.session_id, heartbeat_interval_ms=heartbeat_interval_ms,
+                                node_credential=credential)
+    return Registered(registration, tuple(revoked)), created or before != _capacity(row)
 
 
 async def reset_node_credential(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -122,8 +123,14 @@ async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: 
 
 async def revoke_node_credentials(uow: UnitOfWork, who: Principal, node_id: str) -> list[str]:
     """Revoke every active credential of a node (staged; the caller commits); their ids."""
+    return revoke_credentials(uow, who, node_id,
+                              await store.active_tokens(uow.session, _now(), role=Role.NODE.value, node=node_id))
+
+
+def revoke_credentials(uow: UnitOfWork, who: Principal, node_id: str, rows: Iterable[m.ApiToken]) -> list[str]:
+    """Revoke these active credentials of a node (read by the caller; staged); their ids."""
     revoked = []
-    for row in await store.active_tokens(uow.session, _now(), role=Role.NODE.value, node=node_id):
+    for row in rows:
         row.revoked_at = _now()
         revoked.append(row.id)
     if revoked:

@@ -225,3 +225,44 @@ async def test_a_join_storm_of_real_agents_never_times_out_in_the_admission_queu
         finally:
             fleet.stop()
             await stubs.channel.close()
+
+
+async def test_registers_arriving_together_commit_together_and_a_refused_one_fails_alone(db_url: str,
+                                                                                         tmp_path) -> None:
+    """32 Registers at once over real gRPC: they are committed in batches (fewer transactions than
+    calls), the one naming an unknown rack gets its own FAILED_PRECONDITION and its own audit entry,
+    the others are registered and audited OK, and the chain stays intact."""
+    async with running_controller(db_url, tmp_path) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        bootstrap = Stubs.connect(app.address, await issue_token(app.db, "node-bootstrap", name="storm"))
+        try:
+            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+
+            async def register(i: int) -> agent_pb2.RegisterResponse | grpc.aio.AioRpcError:
+                node = agent_pb2.NodeInfo(node_id=f"n{i:02d}", rack="rack-zz" if i == 7 else "rack-a",
+                                          accelerators=4, accelerator_model="maia-100")
+                try:
+                    return await bootstrap.agent.Register(agent_pb2.RegisterRequest(node=node))
+                except grpc.aio.AioRpcError as exc:
+                    return exc
+
+            answers = await asyncio.gather(*(register(i) for i in range(32)))
+            refused = {i: a for i, a in enumerate(answers) if isinstance(a, grpc.aio.AioRpcError)}
+            assert list(refused) == [7]
+            assert refused[7].code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert refused[7].details() == "rack rack-zz is not in the topology; apply it first"
+            assert all(a.node_credential and a.session_id for i, a in enumerate(answers) if i != 7)
+            stats = app.hub._registers.stats
+            assert stats.items == 32 and stats.batches < 32 and stats.alone == 0
+            nodes = (await stubs.admin.ListNodes(admin_pb2.ListNodesRequest(page_size=100))).nodes
+            assert sorted(n.id for n in nodes) == [f"n{i:02d}" for i in range(32) if i != 7]
+            async with app.db.unit_of_work() as uow:
+                entries = [e for e in await audit.list_entries(uow.session, limit=1000)
+                           if e.action == "/maia.v1.NodeAgentService/Register"]
+                assert (await audit.verify_chain(uow.session)).intact
+            assert sorted((e.object_id, e.outcome) for e in entries) == sorted(
+                (f"n{i:02d}", "FAILED_PRECONDITION" if i == 7 else "OK") for i in range(32))
+            assert all(e.actor == "storm" for e in entries)
+        finally:
+            await bootstrap.channel.close()
+            await stubs.channel.close()

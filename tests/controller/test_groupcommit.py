@@ -1,0 +1,92 @@
+"""controller.groupcommit: items that arrive together are committed in one batch, each answered
+alone; a batch that fails hands every member back; items with one key never share a batch."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controller.errors import FailedPrecondition
+from controller.groupcommit import ALONE, GroupCommit
+
+
+class Store:
+    """A commit that records its batches and waits for `release` before each returns."""
+
+    def __init__(self, *, fail_with: Exception | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.fail_with = fail_with
+
+    async def commit(self, batch: list[str]) -> list[str | Exception]:
+        self.batches.append(list(batch))
+        await self.release.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [FailedPrecondition(f"{item} is refused") if item.startswith("bad") else item.upper()
+                for item in batch]
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_items_arriving_while_a_batch_commits_go_together_in_the_next():
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
+    first = asyncio.create_task(group.submit("a"))
+    await _settle()
+    assert store.batches == [["a"]]  # alone: written at once, no timer
+    rest = [asyncio.create_task(group.submit(x)) for x in ("b", "bad-c", "d")]
+    await _settle()
+    store.release.set()
+    assert await first == "A"
+    assert await rest[0] == "B" and await rest[2] == "D"
+    with pytest.raises(FailedPrecondition, match="bad-c is refused"):  # only its own caller hears it
+        await rest[1]
+    assert store.batches == [["a"], ["b", "bad-c", "d"]]
+    assert group.stats.batches == 2 and group.stats.largest == 3
+
+
+async def test_a_batch_holds_at_most_batch_max_and_one_item_per_key():
+    store = Store()
+    store.release.set()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=2, key=lambda item: item[0])
+    answers = await asyncio.gather(*(group.submit(x) for x in ("x1", "x2", "y1", "z1", "y2")))
+    assert answers == ["X1", "X2", "Y1", "Z1", "Y2"]
+    assert store.batches == [["x1", "y1"], ["x2", "z1"], ["y2"]]  # in arrival order, x2 after x1, y2 after y1
+
+
+async def test_a_batch_that_fails_hands_every_member_back_to_go_alone():
+    store = Store(fail_with=RuntimeError("the database went away"))
+    store.release.set()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
+    assert await asyncio.gather(group.submit("a"), group.submit("bad-b")) == [ALONE, ALONE]
+    assert group.stats.alone == 2
+
+
+async def test_a_caller_that_went_away_is_left_out_of_the_next_batch():
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
+    first = asyncio.create_task(group.submit("a"))
+    await _settle()
+    gone, stays = asyncio.create_task(group.submit("b")), asyncio.create_task(group.submit("c"))
+    await _settle()
+    gone.cancel()
+    store.release.set()
+    assert await first == "A" and await stays == "C"
+    assert store.batches == [["a"], ["c"]]
+
+
+async def test_when_the_writer_is_cancelled_so_are_its_callers():
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
+    inflight = asyncio.create_task(group.submit("a"))
+    await _settle()
+    queued = asyncio.create_task(group.submit("b"))
+    await _settle()
+    group._writer.cancel()
+    for caller in (inflight, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await caller
