@@ -11,7 +11,9 @@ from sqlalchemy import func, select
 from controller import tokens as secrets_
 from controller.errors import FailedPrecondition, InvalidArgument, MaiaError, PermissionDenied
 from controller.identity import Principal, Role
+from controller.domain.changes import ChangeKind
 from controller.store import audit
+from controller.store.changes import read_changes_since
 from controller.store import models as m
 from controller.usecases import agents
 from controller.domain.values import NodeInfo
@@ -90,7 +92,10 @@ async def test_a_batch_of_registers_lands_the_good_ones_and_refuses_each_bad_one
     async with database.unit_of_work() as uow:
         nodes = set(await uow.session.scalars(select(m.Node.id)))
         assert nodes == {"old", "kept", "n1", "n6"}
-        assert int(await uow.session.scalar(select(m.ClusterState.generation))) == generation + 1  # one bump
+        since = await read_changes_since(uow.session, generation)
+        assert since.generation == generation + 1  # one bump, saying which nodes joined
+        # kept registered again as it was: not a change
+        assert sorted(since.changes[generation + 1]) == [(ChangeKind.NODE, "n1"), (ChangeKind.NODE, "n6")]
         registered = list(await uow.session.scalars(
             select(m.Event.object_id).where(m.Event.kind == "node.registered", m.Event.id > events)))
         assert sorted(registered) == ["kept", "n1", "n6"]
