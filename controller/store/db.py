@@ -28,9 +28,17 @@ from sqlalchemy.util import await_only
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from controller.store import audit
+from controller.store.exclusive import sqlite_path
 
 DEFAULT_DB_URL = "sqlite+aiosqlite:///maia.db"
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# Connections kept open. A checkout beyond the pool's size opens a connection (SQLite: a thread, a
+# file and its pragmas; PostgreSQL: a server process) and closes it on return; one beyond size +
+# overflow waits. 16 concurrent submits (each checks on its own connection), the submit batch
+# writer, the reconciler, the agents' pushes and the background loops exceed SQLAlchemy's
+# defaults (SQLite 5 + 10; 10 + 10 was set here for PostgreSQL).
+POOL_SIZE = 20
+POOL_OVERFLOW = 20
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
 
 
@@ -41,7 +49,8 @@ def _is_sqlite(url: str) -> bool:
 def create_engine(url: str) -> AsyncEngine:
     """An engine with the settings each backend needs (SQLite: WAL, FKs on, busy timeout)."""
     if _is_sqlite(url):
-        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        pool = {} if sqlite_path(url) is None else {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **pool)  # in memory: one
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +67,7 @@ def create_engine(url: str) -> AsyncEngine:
 
         SqliteWriters().attach(engine)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_pre_ping=True)
 
 
 class SqliteWriters:
