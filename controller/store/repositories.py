@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Select, and_, case, delete, func, select, tuple_, update
+from sqlalchemy import Select, and_, bindparam, case, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -381,13 +381,21 @@ class SubmitFacts:
     capacity_generation: int
 
 
-async def submit_facts(session: AsyncSession, tenant: str, name: str) -> SubmitFacts | None:
-    """The facts a submit of `tenant`/`name` is checked against; None when there is no such tenant."""
+def _submit_facts_query() -> Select:
+    tenant, name = bindparam("tenant"), bindparam("name")
     exists = select(m.Deployment.id).where(m.Deployment.tenant_id == tenant, m.Deployment.name == name).exists()
     count = select(func.count()).select_from(m.Deployment).where(m.Deployment.tenant_id == tenant).scalar_subquery()
     generation = select(m.CapacityState.generation).where(m.CapacityState.id == 1).scalar_subquery()
-    row = (await session.execute(select(m.Tenant.zones, exists, count, generation)
-                                 .where(m.Tenant.id == tenant))).one_or_none()
+    return select(m.Tenant.zones, exists, count, generation).where(m.Tenant.id == tenant)
+
+
+# Built once: building it per submit was a third of the submit's reads' Python time (py-spy, bench e2e).
+_SUBMIT_FACTS = _submit_facts_query()
+
+
+async def submit_facts(session: AsyncSession, tenant: str, name: str) -> SubmitFacts | None:
+    """The facts a submit of `tenant`/`name` is checked against; None when there is no such tenant."""
+    row = (await session.execute(_SUBMIT_FACTS, {"tenant": tenant, "name": name})).one_or_none()
     if row is None:
         return None
     zones, found, deployments, capacity_generation = row
