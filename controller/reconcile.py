@@ -15,14 +15,18 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    and the pass solves again from a fresh snapshot; the commit also releases the shards of
    DELETING deployments and removes their rows,
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events.
-The fast path skips the re-read: while the generation is the one this controller's own last
-commit left and a pass only meets arrivals, it reads just the new deployment rows, decides them
-on a warm `Session` kept with the cached snapshot (`scheduling/cache.py`, `warm.py`), and
-commits them in one scoped transaction; an arrival the session cannot place gets one more try
-from the full solve after `backoff_s` (the back-off; from the cache, which follows its commit),
-which parks it if it fails again. Anything else (a change by someone else, a stale or
-re-queued commit, replacements or avoided nodes, a new leader) drops the cache and takes the
-full path above; the next fast pass builds the cache again.
+The fast path skips the re-read: while the cached snapshot (`scheduling/cache.py`, `warm.py`)
+can follow what changed since this controller's own last commit, a pass reads just the new
+deployment rows, decides them on a warm `Session` kept with the cached snapshot, and commits
+them in one scoped transaction; an arrival the session cannot place gets one more try from the
+full solve after `backoff_s` (the back-off; from the cache, which follows its commit), which
+parks it if it fails again. Changes by others are read from the change log
+(`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes without shards
+removed) are applied to the cache as deltas, and when they could help, the work still short of
+replicas (the unschedulable queue's included) is decided again on the session. Anything else
+(another kind of change, a stale or re-queued commit, replacements or avoided nodes, a new
+leader) drops the cache and takes the full path above, which leaves a cache of what it
+committed for the next changes.
 Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
 again with the nodes they failed on cordoned for it alone (other nodes first; what finds none
@@ -87,6 +91,8 @@ class ReconcileObserver(Protocol):
 
     def queue_depths(self, depths: QueueDepths) -> None: ...
 
+    def pass_taken(self, path: str) -> None: ...
+
 
 class NoObserver:
     def solved(self, status: str, seconds: float) -> None:
@@ -105,6 +111,9 @@ class NoObserver:
         pass
 
     def queue_depths(self, depths: QueueDepths) -> None:
+        pass
+
+    def pass_taken(self, path: str) -> None:
         pass
 
 
@@ -201,7 +210,8 @@ class Reconciler:
         # The fast path: the warm cluster (controller/scheduling/warm.py, cache.py).
         self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
                                  time_limit_ms=solve_time_limit_ms)
-        self.fast_passes = 0
+        self.fast_passes = 0   # passes that decided on the warm session
+        self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
 
     def running_for_s(self) -> float:
         """How long the pass under way has been running (0.0: none is)."""
@@ -283,8 +293,8 @@ class Reconciler:
                 if (not force and not retry_due and generation == self._last_generation
                         and arrivals == self._last_arrivals):
                     outcome = ReconcileOutcome(generation=generation)
-                elif not (force or retry_due) and self._only_arrivals(generation, arrivals):
-                    outcome = await self._fast_pass(arrivals) or await self._solve_and_commit()
+                elif not (force or retry_due) and self._may_go_fast(generation, arrivals):
+                    outcome = await self._fast_pass(generation, arrivals) or await self._solve_and_commit()
                 else:
                     outcome = await self._solve_and_commit()
                 if outcome.solved:
@@ -349,23 +359,42 @@ class Reconciler:
         self._retry_at = self._clock() + delay
         return delay
 
-    def _only_arrivals(self, generation: int, arrivals: int) -> bool:
-        """Nobody changed the cluster since this controller's last commit, deployments arrived,
-        and nothing is being replaced or avoided: the pass may decide on the warm cluster."""
-        return (generation == self._warm.own_generation == self._last_generation and self._last_arrivals is not None
-                and arrivals > self._last_arrivals and not self._replacing and not self._avoid)
+    def _may_go_fast(self, generation: int, arrivals: int) -> bool:
+        """Nothing is being replaced or avoided, and either nobody changed the cluster since this
+        controller's last commit and deployments arrived, or others changed it and the cache
+        may follow (`WarmCluster.catch_up` says): the pass may go on the warm cluster."""
+        own = self._warm.own_generation
+        if self._last_arrivals is None or self._replacing or self._avoid or own != self._last_generation:
+            return False
+        return arrivals > self._last_arrivals if generation == own else self._warm.cache is not None
 
-    async def _fast_pass(self, arrivals: int) -> ReconcileOutcome | None:
-        """Decide the arrivals on the warm cluster and commit them in one transaction (module
-        doc of controller/scheduling/cache.py); None: the full path must run instead."""
+    async def _fast_pass(self, generation: int, arrivals: int) -> ReconcileOutcome | None:
+        """Follow others' changes, then decide the arrivals (and, after a change that could help
+        them, what is still short of replicas) on the warm cluster and commit them in one
+        transaction (module doc of controller/scheduling/cache.py); None: the full path must
+        run instead."""
         started = time.perf_counter()
-        docs = await self._warm.arrivals(arrivals)
+        helped = False
+        if generation != self._warm.own_generation:
+            caught_up = await self._warm.catch_up()
+            if caught_up is None:
+                return None
+            helped = caught_up
+            self._last_generation = self._warm.own_generation
+        docs = await self._warm.arrivals(arrivals) if arrivals != self._last_arrivals else []
         cache = self._warm.cache
         if docs is None or cache is None or self._quarantined.judge(docs):
             self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
             return None
+        if helped:  # everything unschedulable is active again: decided now, on the session
+            self._queue.helped()
+        retried = cache.pending_docs() if helped else []
+        if not docs and not retried:
+            self.delta_passes += 1
+            self._observer.pass_taken("delta")
+            return ReconcileOutcome(generation=cache.snapshot.generation)
         try:
-            fast = await asyncio.to_thread(cache.decide, docs, self._warm.unplaced)
+            fast = await asyncio.to_thread(cache.decide, docs, self._warm.unplaced, retried)
         except Exception:
             log.exception("the session failed to decide %d arrivals; solving the whole cluster", len(docs))
             self._warm.drop()
@@ -378,6 +407,7 @@ class Reconciler:
                                        now=self._wall_clock())
             await uow.commit()
         self.fast_passes += 1
+        self._observer.pass_taken("fast")
         changed = await self._report(result, fast.plan, {}, decided_s * 1000, waiting=0)
         if result.stale:  # someone changed the cluster meanwhile: what held is written; solve it all
             self._observer.plan_conflict()
@@ -391,8 +421,11 @@ class Reconciler:
         self._committed(cache.snapshot, fast.plan, result, fast.scope)
         self._quarantined.good.update(d["id"] for d in docs)
         await self._warm.after_fast(cache, fast, result)
-        # The full solve tries them (and what was preempted) once more; it may move others.
-        self._queue.back_off(fast.unplaced + tuple(p.deployment for p in fast.plan.preempted), self._clock())
+        # The full solve tries the arrivals left short (and what was preempted) once more; it may
+        # move others. What was tried again waits for the next change that could help it.
+        arrived = {d["id"] for d in docs}
+        self._queue.back_off([name for name in fast.unplaced if name in arrived]
+                             + [p.deployment for p in fast.plan.preempted], self._clock())
         retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued else None
         return ReconcileOutcome(
             solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
@@ -441,6 +474,7 @@ class Reconciler:
 
     async def _solve_and_commit(self) -> ReconcileOutcome:
         self.full_passes += 1
+        self._observer.pass_taken("full")
         changed_nodes: set[str] = set()
         changed_deployments: set[str] = set()
         deleted_names: set[str] = set()

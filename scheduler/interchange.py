@@ -256,6 +256,11 @@ def deployment_from_dict(d: dict[str, Any]) -> Deployment:
     return _deployment(d)
 
 
+def node_from_dict(n: dict[str, Any]) -> Node:
+    """One interchange node (already valid) as the model's."""
+    return _node(n)
+
+
 def placement_from_dict(p: dict[str, Any]) -> Placement:
     """One interchange placement (already valid) as the model's."""
     return _placement(p)

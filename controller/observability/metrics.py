@@ -137,6 +137,10 @@ class ControllerMetrics:
                                           "Times this controller acquired the leader lease.", registry=r)
         self.lease_losses = Counter("maia_lease_losses", "Times this controller lost or gave up the leader lease.",
                                     registry=r)
+        self.reconcile_passes = Counter(
+            "maia_reconcile_passes", "Reconcile passes that did work, by path: full (read and solved the whole "
+            "cluster), fast (decided on the warm session), delta (only applied others' changes to the warm cache).",
+            ["path"], registry=r)
         self.scheduling_queue = Gauge("maia_scheduling_queue_deployments",
                                       "Deployments in the reconciler's scheduling queue: active (not attempted yet), "
                                       "backoff (one more try by the full solve due), unschedulable (waiting for a "
@@ -183,6 +187,9 @@ class ControllerMetrics:
     def queue_depths(self, depths: QueueDepths) -> None:
         for queue in ("active", "backoff", "unschedulable"):
             self.scheduling_queue.labels(queue).set(getattr(depths, queue))
+
+    def pass_taken(self, path: str) -> None:
+        self.reconcile_passes.labels(path).inc()
 
     def leadership_changed(self, leading: bool) -> None:
         self.leader.set(1 if leading else 0)

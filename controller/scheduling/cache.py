@@ -19,10 +19,19 @@ session could not place): its commit is scoped to what it changed (`scope_of`) a
 follows what it wrote (`follow`: `CommitResult.shards` applied to the snapshot, and to the
 session through `Session.adopt`).
 
-A fast plan that preempted is followed the same way. Anything else (a stale or re-queued
-commit, a change by someone else) drops the cache; the reconciler takes its full path and the cache is built again from a
-fresh snapshot when the next pass qualifies. The cache never undoes a decision: it is rebuilt
-instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
+A fast plan that preempted (or that placed more replicas of a deployment already holding some)
+is followed the same way. A full solve from a fresh read leaves a cache too (`settled`: its
+snapshot with what the commit wrote), so that changes by others can be followed from there.
+
+Changes by others reach the cache through the change log (`store/changes.py`, read by
+`warm.py`): node changes (a join, a node coming up or going suspect, a cordon, a new label or
+capacity, a node removed) are read as those node rows and applied to the snapshot and to the
+session as one `ClusterDelta` (`apply_nodes`), as long as no node holding shards loses them or
+starts being replaced (removed, evicted, drained, resized: the full path re-places them). When
+they could help (a node added or ready), the deployments still short of replicas are decided
+again on the session (`pending_docs`). Anything else (a stale or re-queued commit, another kind
+of change) drops the cache; the reconciler takes its full path. The cache never undoes a
+decision: it is rebuilt instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
 `decide`, `scope_of` and `follow` run in a worker thread, never two at once.
 """
 
@@ -34,10 +43,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.store.rollout import stored_key
-from controller.store.snapshot import Arrivals, ShardKey, Snapshot, Where
+from controller.store.snapshot import Arrivals, NodeRead, ShardKey, Snapshot, Where
 from scheduler import Plan, Unplaced, problem_from_dict
-from scheduler.interchange import deployment_from_dict, placement_from_dict, placement_to_dict
-from scheduler.session import Decision, Session
+from scheduler.interchange import deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict
+from scheduler.session import ClusterDelta, Decision, Session
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,18 @@ class FastPlan:
     plan: Plan
     decisions: tuple[Decision, ...]
     scope: frozenset[str]  # the stored deployments the plan speaks for (`commit_plan(scope=)`)
+    # Known deployments decided again (`pending_docs`): their new replicas take stored indices
+    # the commit chooses, listed before the arrivals', so the cache follows what it wrote.
+    extended: frozenset[str] = frozenset()
 
     @property
     def preempted(self) -> bool:
         return bool(self.plan.preempted)
+
+    @property
+    def renumbered(self) -> bool:
+        """The cache must follow what the commit wrote (`ClusterCache.follow`), not the decisions."""
+        return self.preempted or bool(self.extended)
 
     @property
     def unplaced(self) -> tuple[str, ...]:
@@ -63,12 +80,7 @@ class ClusterCache:
     commits, and the session that decides on it."""
 
     def __init__(self, snapshot: Snapshot, session: Session) -> None:
-        # Own copies of the mappings: the cache updates them in place after each commit.
-        self.snapshot = dataclasses.replace(
-            snapshot, problem=dict(snapshot.problem, deployments=list(snapshot.problem["deployments"]),
-                                   placements=list(snapshot.problem["placements"])),
-            deployment_ids=dict(snapshot.deployment_ids), solver_refs=dict(snapshot.solver_refs),
-            replica_indices=dict(snapshot.replica_indices))
+        self.snapshot = _own_copy(snapshot)  # updated in place after each commit
         self.session = session
         self.last_id = max(snapshot.deployment_ids.values(), default=0)
 
@@ -85,6 +97,78 @@ class ClusterCache:
         if session.repaired_at_load:  # shards on down nodes: the full path places them again
             return None
         return cls(snapshot, session)
+
+    @classmethod
+    def settled(cls, snapshot: Snapshot, shards: Mapping[ShardKey, Where | None], generation: int, *,
+                allow_preemption: bool, time_limit_ms: int) -> ClusterCache | None:
+        """The cache of the state a whole commit (not stale, nothing re-queued) of a full solve
+        of a fresh `snapshot` left: the snapshot with what the commit wrote (`shards`), its shards
+        to release and deployments being deleted gone (blocking: a worker thread); None when
+        only a full solve can go on from there (replicas being replaced, shards left on down nodes)."""
+        if any(r.outgoing for r in snapshot.solver_refs.values()):
+            return None
+        after = _own_copy(snapshot)
+        if not _write_shards(after, shards, gone=snapshot.deleting):
+            return None
+        return cls.build(dataclasses.replace(after, released={}, deleting=frozenset(), generation=generation),
+                         allow_preemption=allow_preemption, time_limit_ms=time_limit_ms)
+
+    def missed(self, new: Arrivals, schedulable: int) -> bool:
+        """Whether a deployment was stored below the last key read (keys are not committed in
+        order under concurrency): the cache and the rows stored since do not add up to the
+        `count_schedulable_deployments` read with them."""
+        return len(self.snapshot.deployment_ids) + len(new.deployment_ids) != schedulable
+
+    def apply_nodes(self, reads: Sequence[NodeRead], generation: int) -> bool | None:
+        """Apply node changes (the nodes as read now) to the snapshot and to the session (one
+        `ClusterDelta`), at `generation` (blocking: a worker thread). Whether they could help
+        work short of replicas (a node added, ready or changed); None when the cache cannot
+        follow them (a node holding shards removed, evicted, drained, resized or moved; a rack
+        it does not know): drop it."""
+        snap = self.snapshot
+        nodes = {n["id"]: n for n in snap.problem["nodes"]}
+        racks = {r["id"] for r in snap.problem["racks"]}
+        holding = {p["node"] for p in snap.problem["placements"]}
+        changed: list[dict[str, Any]] = []
+        removed: list[str] = []
+        helped = False
+        for read in reads:
+            old, new = nodes.get(read.id), read.doc
+            if new == old:
+                continue
+            if read.id in holding and (new is None or old is None or read.draining or new["state"] == "down"
+                                       or dict(old, state="") != dict(new, state="")):
+                return None  # its shards must be placed again, or replaced: the full path does
+            if new is None:
+                removed.append(read.id)
+                continue
+            if new["rack"] not in racks:
+                return None
+            changed.append(new)
+            helped |= new["state"] == "ready"
+        if not changed and not removed:
+            self.snapshot = dataclasses.replace(snap, generation=generation)
+            return False
+        ordered = all(a < b for a, b in zip(nodes, list(nodes)[1:]))
+        added = any(doc["id"] not in nodes for doc in changed)
+        nodes.update((doc["id"], doc) for doc in changed)
+        for node_id in removed:
+            nodes.pop(node_id, None)
+        # Listed as `load_snapshot` reads them: by id.
+        snap.problem["nodes"] = sorted(nodes.values(), key=lambda n: n["id"]) if ordered and added \
+            else list(nodes.values())
+        repaired = self.session.apply(ClusterDelta(nodes=tuple(map(node_from_dict, changed)),
+                                                   removed_nodes=tuple(removed)))
+        if repaired:  # never: no node holding shards lost them
+            return None
+        self.snapshot = dataclasses.replace(snap, generation=generation)
+        return helped
+
+    def pending_docs(self) -> list[dict[str, Any]]:
+        """The deployments the session holds short of replicas (unplaceable so far, preempted, or
+        placed in part), in arrival order: to decide again after a change that could help them."""
+        short = set(self.session.pending())
+        return [d for d in self.snapshot.problem["deployments"] if d["id"] in short] if short else []
 
     def pending_since(self, known_id: int) -> list[dict[str, Any]] | None:
         """The snapshot's deployments stored after `known_id`, to decide (None: one of them
@@ -105,18 +189,22 @@ class ClusterCache:
         self.last_id = max(self.last_id, arrivals.last_id)
         return arrivals.deployments
 
-    def decide(self, docs: Sequence[dict[str, Any]], waiting: Mapping[str, Unplaced]) -> FastPlan:
-        """Place each deployment whole on the session, in order (blocking: a worker thread).
+    def decide(self, docs: Sequence[dict[str, Any]], waiting: Mapping[str, Unplaced],
+               again: Sequence[dict[str, Any]] = ()) -> FastPlan:
+        """Place each deployment whole on the session, in order (blocking: a worker thread):
+        `again` (known ones short of replicas, `pending_docs`), then the arrivals `docs`.
 
         The plan speaks for the decided deployments and those they preempted replicas of (its
-        scope): their placements (the victims' remaining ones from the cache), the decided ones'
-        reasons, and `waiting`'s (the last commit's) for the victims."""
-        decisions = tuple(self.session.place(deployment_from_dict(doc)) for doc in docs)
+        scope): their placements (the victims' and those tried again's held ones from the
+        cache), the decided ones' reasons, and `waiting`'s (the last commit's) for the victims."""
+        decisions = tuple(self.session.place(deployment_from_dict(doc)) for doc in (*again, *docs))
         victims = {(p.deployment, p.replica) for d in decisions for p in d.preempted}
         hit = {name for name, _ in victims}
-        kept = [placement_from_dict(p) for p in self.snapshot.problem["placements"]
-                if p["deployment"] in hit and (p["deployment"], p["replica"]) not in victims] if hit else []
         decided = {d.deployment for d in decisions}
+        extended = frozenset(d["id"] for d in again)
+        carried = hit | extended  # the plan speaks for them whole: with the replicas they hold
+        kept = [placement_from_dict(p) for p in self.snapshot.problem["placements"]
+                if p["deployment"] in carried and (p["deployment"], p["replica"]) not in victims] if carried else []
         unplaced = [waiting[name] for name in sorted(hit - decided) if name in waiting]
         unplaced += [d.unplaced for d in decisions if d.unplaced is not None]
         plan = Plan(
@@ -125,11 +213,11 @@ class ClusterCache:
             unplaced=tuple(unplaced),
             preempted=tuple(p for d in decisions for p in d.preempted),
             stats={"session_decisions": len(decisions)})
-        return FastPlan(plan, decisions, frozenset(stored_key(name) for name in decided | hit))
+        return FastPlan(plan, decisions, frozenset(stored_key(name) for name in decided | hit), extended)
 
     def committed(self, fast: FastPlan, generation: int) -> bool:
         """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing
-        preempted: else `follow`) to the cached snapshot, at the cost of the decisions; False
+        renumbered: else `follow`) to the cached snapshot, at the cost of the decisions; False
         when the cache cannot follow it (drop it)."""
         snap = self.snapshot
         placements = snap.problem["placements"]
@@ -171,37 +259,66 @@ class ClusterCache:
         placed, moved, removed) to the snapshot and to the session (`Session.adopt`), so that the
         back-off's full solve does not cost a rebuild; False when the cache cannot follow it."""
         snap = self.snapshot
-        touched: dict[str, dict[tuple[int, int], Where | None]] = {}
-        for (key, replica, shard), where in shards.items():
-            touched.setdefault(key, {})[(replica, shard)] = where
+        touched = _write_shards(snap, shards)
+        if touched is None:
+            return False
         docs = {d["id"]: d for d in snap.problem["deployments"]}
-        by_deployment: dict[str, list[dict[str, Any]]] = {}
+        placed: dict[str, list[dict[str, Any]]] = {}
         for p in snap.problem["placements"]:
-            by_deployment.setdefault(p["deployment"], []).append(p)
-        for key, changes in touched.items():
-            ref = snap.solver_refs.get(key)
-            if key not in docs or ref is None or ref.outgoing:
-                return False  # not one solver deployment of its own: read afresh
-            stored = {(ref.replicas[p["replica"]], p["shard"]): (p["node"], tuple(p["accelerator_indices"]),
-                                                                  p.get("accelerator_milli"))
-                      for p in by_deployment.get(key, ())}
-            for at, where in changes.items():
-                if where is None:
-                    stored.pop(at, None)
-                else:
-                    stored[at] = where
-            numbering = {index: solver for solver, index in enumerate(sorted({r for r, _ in stored}))}
-            placed = [_placement_doc(key, numbering[r], shard, where) for (r, shard), where in sorted(stored.items())]
-            by_deployment[key] = placed
-            snap.solver_refs[key] = dataclasses.replace(  # type: ignore[index]
-                ref, replicas={solver: index for index, solver in numbering.items()})
-            snap.replica_indices[key] = frozenset(numbering)  # type: ignore[index]
+            if p["deployment"] in touched:
+                placed.setdefault(p["deployment"], []).append(p)
+        for key in touched:
             if key in self.session:
                 self.session.release(key, self.session.placed_replicas(key))
-            self.session.adopt(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed])
-        snap.problem["placements"] = [p for d in snap.problem["deployments"] for p in by_deployment.get(d["id"], ())]
+            self.session.adopt(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed.get(key, ())])
         self.snapshot = dataclasses.replace(snap, generation=generation)
         return True
+
+
+def _own_copy(snapshot: Snapshot) -> Snapshot:
+    """A snapshot whose mappings and lists may be updated in place (shares the documents)."""
+    return dataclasses.replace(
+        snapshot, problem=dict(snapshot.problem, nodes=list(snapshot.problem["nodes"]),
+                               deployments=list(snapshot.problem["deployments"]),
+                               placements=list(snapshot.problem["placements"])),
+        deployment_ids=dict(snapshot.deployment_ids), solver_refs=dict(snapshot.solver_refs),
+        replica_indices=dict(snapshot.replica_indices))
+
+
+def _write_shards(snap: Snapshot, shards: Mapping[ShardKey, Where | None],
+                  gone: frozenset[str] = frozenset()) -> set[str] | None:
+    """Apply a commit's shards (placed, moved, removed; by stored key) to a snapshot of our own,
+    in place, replicas renumbered as `load_snapshot` numbers them: the deployments touched; None
+    when it cannot (a deployment it does not hold, unless `gone`: being deleted)."""
+    touched: dict[str, dict[tuple[int, int], Where | None]] = {}
+    for (key, replica, shard), where in shards.items():
+        if key not in gone:
+            touched.setdefault(key, {})[(replica, shard)] = where
+    if not touched:
+        return set()
+    docs = {d["id"] for d in snap.problem["deployments"]}
+    by_deployment: dict[str, list[dict[str, Any]]] = {}
+    for p in snap.problem["placements"]:
+        by_deployment.setdefault(p["deployment"], []).append(p)
+    for key, changes in touched.items():
+        ref = snap.solver_refs.get(key)
+        if key not in docs or ref is None or ref.outgoing:
+            return None  # not one solver deployment of its own: read afresh
+        stored = {(ref.replicas[p["replica"]], p["shard"]): (p["node"], tuple(p["accelerator_indices"]),
+                                                              p.get("accelerator_milli"))
+                  for p in by_deployment.get(key, ())}
+        for at, where in changes.items():
+            if where is None:
+                stored.pop(at, None)
+            else:
+                stored[at] = where
+        numbering = {index: solver for solver, index in enumerate(sorted({r for r, _ in stored}))}
+        by_deployment[key] = [_placement_doc(key, numbering[r], shard, where) for (r, shard), where in sorted(stored.items())]
+        snap.solver_refs[key] = dataclasses.replace(  # type: ignore[index]
+            ref, replicas={solver: index for index, solver in numbering.items()})
+        snap.replica_indices[key] = frozenset(numbering)  # type: ignore[index]
+    snap.problem["placements"] = [p for d in snap.problem["deployments"] for p in by_deployment.get(d["id"], ())]
+    return set(touched)
 
 
 def _placement_doc(key: str, replica: int, shard: int, where: Where) -> dict[str, Any]:

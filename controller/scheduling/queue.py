@@ -119,6 +119,13 @@ class SchedulingQueue:
             return problem, ()
         return {**problem, "deployments": kept}, tuple(waiting)
 
+    def helped(self) -> None:
+        """A change that could help them was applied to the warm cluster: everything
+        unschedulable is active again (the fast path decides it on the session; the next full
+        solve takes it in)."""
+        self._parked.clear()
+        self._seen = None
+
     @staticmethod
     def with_waiting(plan: Plan, waiting: tuple[Unplaced, ...]) -> Plan:
         """The plan with the unschedulable deployments' reasons, as if it had left them unplaced itself."""

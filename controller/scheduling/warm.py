@@ -1,11 +1,14 @@
 """The reconciler's hold on its warm cluster (`cache.ClusterCache`): when the cache may be
 used, how it is (re)built and fed from the database, and what each commit leaves it.
 
-The cache is valid exactly while the cluster generation is the one this controller's own last
-commit left (`own_generation`): submissions leave the generation alone, so what changed since
-is only new deployment rows, read by primary key above the last one seen and counted against
+The cache is valid at the cluster generation this controller's own last commit left, or the
+one it caught up to since (`own_generation`). Submissions leave the generation alone: what they
+add is new deployment rows, read by primary key above the last one seen and counted against
 `count_schedulable_deployments` (a key committed out of order makes the counts differ: the
-cache is dropped and the pass reads the whole cluster).
+cache is dropped and the pass reads the whole cluster). Every other change moves the generation
+and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
+node changes as deltas; any other change drops the cache. The log is in the database, so the
+changes another controller made (HA) are read the same way.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from controller.domain.changes import ChangeKind
 from controller.scheduling.cache import ClusterCache, FastPlan
 from controller.store import repositories as repo
 from controller.store.db import Database
-from controller.store.plans import CommitResult
-from controller.store.snapshot import Snapshot, load_arrivals, load_snapshot
+from controller.store.plans import CommitResult, read_changes_since
+from controller.store.snapshot import Snapshot, load_arrivals, load_nodes, load_snapshot
 from scheduler import Plan, Unplaced
 
 
@@ -43,7 +47,7 @@ class WarmCluster:
         async with self._db.unit_of_work() as uow:
             if self.cache is not None:
                 new = await load_arrivals(uow.session, after_id=self.cache.last_id, surge=self._surge)
-                if len(self.cache.snapshot.deployment_ids) + len(new.deployment_ids) != schedulable:
+                if self.cache.missed(new, schedulable):
                     return None
                 return self.cache.add(new)
             snapshot = await load_snapshot(uow.session, surge=self._surge)
@@ -52,6 +56,29 @@ class WarmCluster:
         self.cache = await asyncio.to_thread(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
                                              time_limit_ms=self._time_limit_ms)
         return None if self.cache is None else self.cache.pending_since(self._known_id)
+
+    async def catch_up(self) -> bool | None:
+        """Bring the cache to the current generation from the change log: node changes read as
+        those rows and applied as deltas (`ClusterCache.apply_nodes`). Whether they could help
+        work short of replicas; None when the cache cannot follow (another kind of change, a
+        generation whose change is not logged or was pruned, a node whose shards must move): it
+        is dropped and the pass reads the whole cluster."""
+        cache = self.cache
+        if cache is None:
+            return None
+        async with self._db.unit_of_work() as uow:
+            since = await read_changes_since(uow.session, cache.snapshot.generation)
+            rows = [row for logged in since.changes.values() for row in logged]
+            if not since.complete or any(kind is not ChangeKind.NODE or node is None for kind, node in rows):
+                self.drop()
+                return None
+            reads = await load_nodes(uow.session, {node for _, node in rows if node is not None})
+        helped = await asyncio.to_thread(cache.apply_nodes, reads, since.generation)
+        if helped is None or self.cache is not cache:
+            self.drop()
+            return None
+        self.own_generation = since.generation
+        return helped
 
     async def scope(self, snapshot: Snapshot, plan: Plan) -> frozenset[str] | None:
         """What a commit of a full solve has to speak for: when it was solved from the cache,
@@ -72,8 +99,7 @@ class WarmCluster:
             generation = await repo.read_cluster_generation(uow.session)
             new = await load_arrivals(uow.session, after_id=cache.last_id, surge=self._surge)
             schedulable = await repo.count_schedulable_deployments(uow.session)
-        if generation == cache.snapshot.generation == self.own_generation and \
-                len(cache.snapshot.deployment_ids) + len(new.deployment_ids) == schedulable:
+        if generation == cache.snapshot.generation == self.own_generation and not cache.missed(new, schedulable):
             cache.add(new)
             return cache.snapshot
         self.drop()
@@ -91,19 +117,28 @@ class WarmCluster:
         self.unplaced.update((u.deployment, u) for u in plan.unplaced)
 
     async def after_fast(self, cache: ClusterCache, fast: FastPlan, result: CommitResult) -> None:
-        """The cache follows a fast plan's commit (the decisions appended; with preemptions,
-        what the commit wrote, victims renumbered), or is dropped (rebuilt when next needed)."""
+        """The cache follows a fast plan's commit (the decisions appended; with preemptions or
+        replicas added to placed deployments, what the commit wrote, renumbered), or is dropped
+        (rebuilt when next needed)."""
         if result.requeued:
             keep = False
-        elif fast.preempted:
+        elif fast.renumbered:
             keep = await asyncio.to_thread(cache.follow, result.shards, result.generation)
         else:
             keep = cache.committed(fast, result.generation)
         self.cache = cache if keep else None
 
     async def after_full(self, snapshot: Snapshot, result: CommitResult) -> None:
-        """The cache a full solve started from follows what its commit wrote, or is dropped."""
+        """The cache a full solve started from follows what its commit wrote; one solved from a
+        fresh read leaves a cache of what its commit left (`ClusterCache.settled`), so that the
+        changes others make next can be followed as deltas; else none."""
         cache = self.cache
-        if cache is None or cache.snapshot is not snapshot or result.requeued or \
-                not await asyncio.to_thread(cache.follow, result.shards, result.generation):
+        if result.requeued:
             self.cache = None
+        elif cache is not None and cache.snapshot is snapshot:
+            if not await asyncio.to_thread(cache.follow, result.shards, result.generation):
+                self.cache = None
+        else:
+            self.cache = await asyncio.to_thread(
+                ClusterCache.settled, snapshot, result.shards, result.generation,
+                allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms)

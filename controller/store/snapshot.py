@@ -219,6 +219,32 @@ async def load_spec_doc(session: AsyncSession, *, within_rows: Collection[str] |
 
 
 @dataclass(frozen=True)
+class NodeRead:
+    """One node as `load_snapshot` would list it now (for a cache that follows node changes)."""
+
+    id: str
+    doc: dict[str, Any] | None  # the interchange node; None: no such row, or beyond today's limits
+    exists: bool
+    down: bool      # health DOWN (evicted or not): `solver_view` drops outgoing replicas on it
+    draining: bool  # its replicas are being replaced (`solver_view`)
+
+
+async def load_nodes(session: AsyncSession, ids: Collection[str]) -> list[NodeRead]:
+    """The nodes `ids` as they are now, in id order (one query per 500)."""
+    found: dict[str, Any] = {}
+    wanted = sorted(set(ids))
+    for start in range(0, len(wanted), _CHUNK):
+        for n in await session.execute(select(*_NODE_COLUMNS).where(Node.id.in_(wanted[start:start + _CHUNK]))):
+            found[n.id] = n
+    reads = []
+    for node_id in wanted:
+        n = found.get(node_id)
+        reads.append(NodeRead(node_id, None, False, False, False) if n is None else
+                     NodeRead(node_id, _node_doc(n), True, n.health is NodeHealth.DOWN, bool(n.draining)))
+    return reads
+
+
+@dataclass(frozen=True)
 class Arrivals:
     """Deployments stored after a known one, exactly as `load_snapshot` would add them to its
     problem (they have no placements yet): for a pass that keeps its snapshot and reads only

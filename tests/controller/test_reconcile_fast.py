@@ -34,6 +34,9 @@ async def fresh(db: Database) -> Snapshot:
 def assert_same(cached: Snapshot | None, read: Snapshot) -> None:
     assert cached is not None
     assert cached.generation == read.generation
+    assert cached.problem["nodes"] == read.problem["nodes"]
+    assert cached.problem["deployments"] == read.problem["deployments"]
+    assert cached.problem["placements"] == read.problem["placements"]
     assert cached.problem == read.problem
     assert dict(cached.deployment_ids) == dict(read.deployment_ids)
     assert dict(cached.solver_refs) == dict(read.solver_refs)
@@ -46,11 +49,11 @@ async def test_the_warm_snapshot_stays_what_a_fresh_read_gives(cluster):
     loop = reconciler(cluster)
     await submit(cluster, deployment("first", accelerators=2, locality="node"))
     assert (await loop.reconcile_once()).solved and loop.fast_passes == 0  # the first pass reads it all
-    assert loop.warm_snapshot is None
+    assert_same(loop.warm_snapshot, await fresh(cluster))  # and leaves a cache of what it committed
 
     await submit(cluster, deployment("gang", shards=2, accelerators=2, locality="rack"))
     await submit(cluster, deployment("half", accelerators=1, locality="node", shard_accelerator_milli=500))
-    assert (await loop.reconcile_once()).solved and loop.fast_passes == 1  # built lazily, then decided
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 1  # decided on it
     assert_same(loop.warm_snapshot, await fresh(cluster))
 
     await submit(cluster, deployment("pair", replicas=2, accelerators=1, locality="node"))
@@ -75,19 +78,25 @@ async def test_the_warm_snapshot_stays_what_a_fresh_read_gives(cluster):
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
 
 
-async def test_a_change_by_someone_else_drops_the_cache(cluster):
+async def test_a_node_change_is_followed_and_another_change_drops_the_cache(cluster):
     loop = reconciler(cluster)
     await submit(cluster, deployment("a"))
     await loop.reconcile_once()
     await submit(cluster, deployment("b"))
     await loop.reconcile_once()
-    assert loop.fast_passes == 1 and loop.warm_snapshot is not None
-    await add_nodes(cluster, "rack-b", 1, prefix="late")  # bumps the generation
+    assert (loop.full_passes, loop.fast_passes) == (1, 1) and loop.warm_snapshot is not None
+    await add_nodes(cluster, "rack-b", 1, prefix="late")  # a node change: read as that node's row
     await submit(cluster, deployment("c"))
     assert (await loop.reconcile_once()).solved
-    assert loop.fast_passes == 1 and loop.warm_snapshot is None  # the full path read it all
+    assert (loop.full_passes, loop.fast_passes) == (1, 2)
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    await add_tenant(cluster, "t2")  # a contract: the cache cannot follow it
     await submit(cluster, deployment("d"))
-    assert (await loop.reconcile_once()).solved and loop.fast_passes == 2
+    assert (await loop.reconcile_once()).solved
+    assert (loop.full_passes, loop.fast_passes) == (2, 2)  # the full path read it all...
+    assert_same(loop.warm_snapshot, await fresh(cluster))  # ...and left a cache of what it committed
+    await submit(cluster, deployment("e"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 3
     assert_same(loop.warm_snapshot, await fresh(cluster))
     loop.resync()  # a new leader starts afresh
     assert loop.warm_snapshot is None

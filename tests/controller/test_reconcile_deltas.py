@@ -1,0 +1,162 @@
+"""Others' changes reach the warm cache as deltas (controller/scheduling/cache.py, warm.py):
+after random sequences of node joins, hellos, cordons, uncordons, suspects, node deletions,
+deployment deletions and arrivals, the warm cache is exactly what a fresh `load_snapshot`
+reads, the committed state passes the independent checker, and what is committed is what
+forced whole-cluster passes commit (best-fit scoring, so that the session and `solve()`
+choose alike); a join of many nodes keeps the reconciler off the whole-cluster path."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from bench.checking import check_state
+from controller.store.db import Database
+from controller.usecases import agents, deployments, nodes
+from controller.usecases.ports import RecordingSignals
+from controller.domain.values import NodeInfo
+from test_reconcile_fast import _arrivals, _committed, _four_racks, assert_same, fresh, reconciler
+from uc_builders import WHO, add_nodes, deployment, submit
+
+RACKS = ("rack-a", "rack-b", "rack-c", "rack-d")
+
+
+class Events:
+    """Random changes by others (and arrivals), the same sequence for a seed."""
+
+    def __init__(self, db: Database, seed: int) -> None:
+        self.db = db
+        self.rng = random.Random(seed)
+        self.batches = iter(_arrivals(seed, 200))
+        self.nodes = [f"{rack}-n{i}" for rack in RACKS for i in range(4)]
+        self.registered: dict[str, str] = {}  # node -> session id, registered and not yet up
+        self.deployments: list[str] = []
+        self.joined = 0
+
+    async def one(self) -> str:
+        rng = self.rng
+        kind = rng.choice(("arrivals", "arrivals", "join", "join", "hello", "cordon", "uncordon", "suspect",
+                           "delete_node", "delete_deployment"))
+        async with self.db.unit_of_work() as uow:
+            if kind == "join":
+                node_id = f"late-{self.joined:02d}"
+                self.joined += 1
+                info = NodeInfo(node_id=node_id, rack=rng.choice(RACKS), accelerators=4, accelerator_model="maia-100",
+                                hbm_gib=64.0, idle_power_w=500.0)
+                reg = await agents.register_node(uow, WHO, info, heartbeat_interval_ms=1000)
+                self.registered[node_id] = reg.session_id
+                self.nodes.append(node_id)
+            elif kind == "hello" and self.registered:
+                node_id = rng.choice(sorted(self.registered))
+                await agents.hello(uow, WHO, node_id, self.registered.pop(node_id), datetime.now(timezone.utc))
+            elif kind in ("cordon", "uncordon") and self.nodes:
+                use_case = nodes.cordon_node if kind == "cordon" else nodes.uncordon_node
+                await use_case(uow, WHO, rng.choice(self.nodes), RecordingSignals(), set())
+            elif kind == "suspect" and self.nodes:
+                await agents.mark_suspect(uow, rng.choice(self.nodes), session_id=None, why="its stream ended")
+            elif kind == "delete_node" and self.nodes and rng.random() < 0.5:
+                node_id = self.nodes.pop(rng.randrange(len(self.nodes)))
+                self.registered.pop(node_id, None)
+                await nodes.delete_node(uow, WHO, node_id, RecordingSignals())
+            elif kind == "delete_deployment" and self.deployments:
+                name = self.deployments.pop(rng.randrange(len(self.deployments)))
+                await deployments.delete_deployment(uow, WHO, name, RecordingSignals(), tenant="t1")
+            else:
+                kind = "arrivals"
+        if kind == "arrivals":
+            for spec in next(self.batches):
+                await submit(self.db, spec)
+                self.deployments.append(spec.name)
+        return kind
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+async def test_deltas_commit_what_full_passes_commit(seed, _sqlite_template: Path, tmp_path: Path, monkeypatch):
+    # Room enough that everything is placed: a full solve that leaves work unplaced solves the
+    # whole batch again (greedy, then CP-SAT), which may choose other nodes than online decisions.
+    monkeypatch.setenv("MAIA_SCORER", "bestfit")  # the session and solve() then choose alike
+    states = []
+    for mode in ("deltas", "full"):
+        path = tmp_path / f"{mode}.db"
+        shutil.copyfile(_sqlite_template, path)
+        db = Database(f"sqlite+aiosqlite:///{path}")
+        try:
+            await _four_racks(db)
+            for rack in RACKS:
+                await add_nodes(db, rack, 2, prefix=f"{rack}-more")
+            loop = reconciler(db)
+            events = Events(db, seed)
+            for _ in range(40):
+                await events.one()
+                await loop.reconcile_once(force=mode == "full")
+                if mode == "deltas" and loop.warm_snapshot is not None:
+                    assert_same(loop.warm_snapshot, await fresh(db))
+            if mode == "deltas":  # the sequence went through the deltas, not only through full passes
+                assert loop.delta_passes + loop.fast_passes > loop.full_passes / 2
+            snapshot = await fresh(db)
+            assert not check_state(snapshot.problem, snapshot.problem["placements"])
+            states.append(await _committed(db))
+        finally:
+            await db.dispose()
+    (delta_placed, delta_phases), (full_placed, full_phases) = states
+    assert delta_phases == full_phases and set(delta_phases.values()) == {"scheduled"}
+    assert delta_placed == full_placed
+
+
+async def test_deltas_follow_on_postgres_too(database: Database, monkeypatch) -> None:
+    # The same kind of sequence on each backend (`database`: SQLite and PostgreSQL): the cache
+    # stays what a fresh read gives, the committed state is valid.
+    monkeypatch.setenv("MAIA_SCORER", "bestfit")
+    await _four_racks(database)
+    loop = reconciler(database)
+    events = Events(database, 7)
+    for _ in range(30):
+        await events.one()
+        await loop.reconcile_once()
+        if loop.warm_snapshot is not None:
+            assert_same(loop.warm_snapshot, await fresh(database))
+    assert loop.delta_passes + loop.fast_passes > 0
+    snapshot = await fresh(database)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_join_of_many_nodes_stays_off_the_full_path(database: Database) -> None:
+    await _four_racks(database)
+    loop = reconciler(database)
+    await submit(database, deployment("first", accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    full = loop.full_passes
+    for i in range(8):  # registers and hellos, a pass after each round (each moves the generation)
+        for rack in RACKS:
+            await add_nodes(database, rack, 2, prefix=f"{rack}-join{i}")
+        assert not (await loop.reconcile_once()).solved  # nothing to decide
+    assert loop.full_passes == full and loop.delta_passes == 8  # every pass followed the joins as deltas
+    assert_same(loop.warm_snapshot, await fresh(database))
+
+    # The cluster full (80 nodes), one more deployment cannot be placed: after its back-off's
+    # full solve it is unschedulable.
+    await submit(database, deployment("fill", replicas=79, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await submit(database, deployment("late", accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await loop.reconcile_once()
+    assert loop.full_passes == full + 1 and loop._queue.depths().unschedulable == 1
+    # A node registers: not ready yet, it cannot help.
+    async with database.unit_of_work() as uow:
+        reg = await agents.register_node(uow, WHO, NodeInfo(node_id="new", rack="rack-c", accelerators=4,
+                                                            accelerator_model="maia-100", hbm_gib=64.0,
+                                                            idle_power_w=500.0), heartbeat_interval_ms=1000)
+    assert not (await loop.reconcile_once()).solved
+    # Its hello makes it ready: the unschedulable deployment is decided again at once, on the session.
+    async with database.unit_of_work() as uow:
+        await agents.hello(uow, WHO, "new", reg.session_id, datetime.now(timezone.utc))
+    assert (await loop.reconcile_once()).solved
+    assert loop.full_passes == full + 1 and loop._queue.depths().unschedulable == 0
+    snapshot = await fresh(database)
+    assert {p["node"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/late"} == {"new"}
+    assert_same(loop.warm_snapshot, snapshot)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
