@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the controller's database: a SQLite file, or a throwaway PostgreSQL (bench/pgserver.py)")
     p.add_argument("--nodes-per-fleet", type=int, default=512, help="simulated nodes per maia-simnode process")
     p.add_argument("--stagger", type=float, default=0.01, help="seconds between one node's start and the next in a fleet")
+    p.add_argument("--shared-channel", action="store_true",
+                   help="each fleet multiplexes its nodes on one connection (maia-simnode --shared-channel): "
+                        "cheap enough for 16,384 nodes on a small machine, but the controller holds few connections")
     p.add_argument("--heartbeat-timeout", type=float, default=None,
                    help="the controller's --heartbeat-timeout (agents heartbeat every third of it; default: its own)")
     p.add_argument("--controller-flags", default="", help="more flags for maia-controller, as one string")
@@ -111,7 +114,8 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             "--bootstrap-admin-token-file", str(token_file), "--log-level", "WARNING", *flags], root / "controller.log")
         fleets: list[FleetProcess] = []
         result: dict[str, Any] = {"nodes": nodes, "fleets": shape.fleets, "db": args.db, "controller_flags": flags,
-                                  "stagger_s": args.stagger, "load_at_start": load()}
+                                  "stagger_s": args.stagger, "shared_channel": args.shared_channel,
+                                  "load_at_start": load()}
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
             metrics_url = await asyncio.to_thread(controller.read_line, "maia-controller metrics on ", 30)
@@ -120,7 +124,8 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             node_token = await admin_setup(channel, shape)
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
             cpu0, started = controller.cpu_s(), time.perf_counter()
-            fleets = [start_fleet(i, prefix, racks, address, node_token, root, ["--stagger", str(args.stagger)])
+            fleet_flags = ["--stagger", str(args.stagger), *(["--shared-channel"] if args.shared_channel else [])]
+            fleets = [start_fleet(i, prefix, racks, address, node_token, root, fleet_flags)
                       for i, (prefix, racks) in enumerate(shape.fleet_racks())]
             ready, progress = 0, []
             while time.perf_counter() - started < args.timeout:

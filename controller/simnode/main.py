@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "retry time, a Register that would not be served within it)")
     p.add_argument("--stagger", type=float, default=0.01, metavar="SECONDS",
                    help="pause between starting one node and the next (0: the whole fleet at once, a join storm)")
+    p.add_argument("--shared-channel", action="store_true",
+                   help="one gRPC channel (connection) per controller for the whole fleet, every node's calls "
+                        "multiplexed on it, instead of one per node: a cheap fleet for tens of thousands of nodes "
+                        "on one machine (the controller then holds few connections; not with --cert-dir)")
     p.add_argument("--control-socket", type=Path, default=None, metavar="PATH",
                    help="serve fault injection on this Unix socket (mode 0600) for `maia-simnode fault ...`")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -109,10 +113,11 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
                        hbm_gib=args.hbm_gib, idle_power_w=args.idle_power_w)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     kept = CredentialFile.for_fleet(args.state_dir or default_state_dir(), args.controller, args.rack_prefix)
+    shared: dict[str, grpc.aio.Channel] | None = {} if args.shared_channel else None
     nodes = [SimulatedNode(spec, args.controller, token=token, load_delay_s=args.load_delay,
                            heartbeat_interval_s=args.heartbeat_interval,
                            credentials=credentials_for(args, spec.node_id), node_credentials=kept,
-                           register_timeout_s=args.register_timeout)
+                           register_timeout_s=args.register_timeout, shared_channels=shared)
              for spec in shape.node_specs()]
     return Fleet(nodes, stagger_s=args.stagger)
 
@@ -152,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if (args.cert is None) != (args.key is None) or (args.cert is not None and args.cert_dir is not None):
         log.error("--cert and --key go together, and exclude --cert-dir")
+        return 2
+    if args.shared_channel and args.cert_dir is not None:
+        log.error("--shared-channel excludes --cert-dir (each node's certificate needs its own connection)")
         return 2
     fleet = build_fleet(args)
     log.info("controller %s, %d racks x %d nodes (%s, %d accelerators, %.0f W idle)", args.controller,

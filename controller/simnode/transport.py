@@ -110,8 +110,12 @@ class SimulatedNode:
                  clock: Callable[[], float] = time.monotonic,
                  credentials: grpc.ChannelCredentials | None = None,
                  node_credentials: CredentialFile | None = None,
-                 register_timeout_s: float = REGISTER_TIMEOUT_S) -> None:
+                 register_timeout_s: float = REGISTER_TIMEOUT_S,
+                 shared_channels: dict[str, grpc.aio.Channel] | None = None) -> None:
         self.spec = spec
+        # Channels by controller address shared with the rest of the fleet (one connection for
+        # all its nodes, their calls multiplexed on it), or None: this node's own, closed when it stops.
+        self._shared_channels = shared_channels
         self.controllers = [c.strip() for c in controller.split(",") if c.strip()]
         self.controller = self.controllers[0]  # the one talked to now
         self.credentials = credentials  # TLS (and this node's client certificate); None: plaintext
@@ -211,7 +215,7 @@ class SimulatedNode:
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        channels: dict[str, grpc.aio.Channel] = {}
+        channels: dict[str, grpc.aio.Channel] = self._shared_channels if self._shared_channels is not None else {}
         try:
             while not self._stopping.is_set():
                 if not self._online.is_set():
@@ -258,8 +262,9 @@ class SimulatedNode:
                     self.log.info("%s; trying %s in %.2fs", problem, self.controller, delay)
                 await wait_event(self._stopping, delay)
         finally:
-            for channel in channels.values():
-                await channel.close(grace=None)
+            if self._shared_channels is None:
+                for channel in channels.values():
+                    await channel.close(grace=None)
             self.log.info("stopped")
 
     def _follow(self, exc: grpc.aio.AioRpcError) -> float | None:

@@ -18,6 +18,7 @@ from maia.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 class FakeController(agent_pb2_grpc.NodeAgentServiceServicer):
     def __init__(self) -> None:
         self.registrations: list[agent_pb2.NodeInfo] = []
+        self.peers: list[str] = []  # the connection each Register came on
         self.received: list[agent_pb2.AgentMessage] = []
         self.outgoing: asyncio.Queue = asyncio.Queue()
         self.streams_opened = 0
@@ -25,6 +26,7 @@ class FakeController(agent_pb2_grpc.NodeAgentServiceServicer):
 
     async def Register(self, request, context):  # noqa: N802 (gRPC naming)
         self.registrations.append(request.node)
+        self.peers.append(context.peer())
         return agent_pb2.RegisterResponse(node_id=request.node.node_id,
                                           session_id=f"s{len(self.registrations)}", heartbeat_interval_ms=200)
 
@@ -173,3 +175,22 @@ async def test_stop_while_the_controller_is_unreachable_returns_promptly() -> No
     await asyncio.sleep(0.3)
     node.stop()
     await asyncio.wait_for(task, timeout=2)
+
+
+async def test_a_fleet_with_shared_channels_multiplexes_its_nodes_on_one_connection(
+        fake: tuple[FakeController, str]) -> None:
+    """maia-simnode --shared-channel: every node's calls on one connection; a node that stops
+    leaves it open for the others."""
+    controller, address = fake
+    shared: dict[str, grpc.aio.Channel] = {}
+    nodes = [SimulatedNode(NodeSpec(f"rack-00-n0{i}", "rack-00"), address, shared_channels=shared) for i in range(2)]
+    tasks = [asyncio.create_task(n.run()) for n in nodes]
+    await wait_until(lambda: len(controller.hellos()) == 2)
+    assert len(shared) == 1 and len(set(controller.peers)) == 1
+    nodes[0].stop()
+    await asyncio.wait_for(tasks[0], timeout=5)
+    beats = len(controller.heartbeats())
+    await wait_until(lambda: len(controller.heartbeats()) > beats + 1)  # the other still beats on it
+    nodes[1].stop()
+    await asyncio.wait_for(tasks[1], timeout=5)
+    await shared[address].close()
