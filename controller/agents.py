@@ -38,7 +38,7 @@ from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
 from controller.store import audit
 from controller.store import repositories as repo
-from controller.store.db import Database
+from controller.store.db import Database, database_failed
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
@@ -122,11 +122,12 @@ class AgentHub:
         # What a Register tells its agent (the controller's `Config.heartbeat_interval_ms`).
         self._heartbeat_interval_ms = heartbeat_interval_ms or max(100, int(heartbeat_timeout_s * 1000 / 3))
         # Hellos and Registers that arrive together are committed together (controller/groupcommit.py).
+        # A batch that fails for want of the database or the lease fails its members alike.
         self._hellos: GroupCommit[agent_cases.Hello, bool] = GroupCommit(
-            "agent-hellos", self._write_hellos, batch_max=limits.HELLO_BATCH_MAX)
+            "agent-hellos", self._write_hellos, batch_max=limits.HELLO_BATCH_MAX, shared_failure=_shared_failure)
         self._registers: GroupCommit[agent_cases.Register, agent_cases.Registered] = GroupCommit(
             "agent-registers", self._write_registers, batch_max=limits.REGISTER_BATCH_MAX,
-            key=lambda r: r.info.node_id)
+            key=lambda r: r.info.node_id, shared_failure=_shared_failure)
         self._stopping = False
 
     # --- what others ask ---------------------------------------------------------------------
@@ -401,6 +402,11 @@ class _Batch:
         if items:
             chunks.append(current)
         return chunks
+
+
+def _shared_failure(exc: Exception) -> bool:
+    """A batch failed for a reason each of its members would meet alone: the lease, the database."""
+    return isinstance(exc, LeaseLost) or database_failed(exc)
 
 
 async def _first_of(*events: asyncio.Event) -> None:

@@ -12,7 +12,9 @@ one outcome per item, in its place:
 - `ALONE` (None): the batch could not decide this item (it conflicts with another member, say);
   the caller decides it on its own, as if the batch had not existed.
 If `commit` raises, nothing of the batch was written (one transaction) and every member goes
-alone, so one bad item never fails the others. Items with the same `key` never share a batch:
+alone, so one bad item never fails the others; unless `shared_failure` says the exception is one
+every member would meet alone too (the database or the lease failed): then each caller gets it,
+rather than a batch's worth of lone transactions piling onto whatever failed. Items with the same `key` never share a batch:
 the later one waits for the next (its outcome may depend on the earlier one's, as if they had
 come one after the other). A caller that went away (cancelled) before its batch was formed is
 left out. The writer runs in a context of its own: it is nobody's call.
@@ -47,13 +49,15 @@ class GroupCommit(Generic[Item, Outcome]):
     """Items committed in batches (see the module docstring)."""
 
     def __init__(self, name: str, commit: Callable[[list[Item]], Awaitable[Sequence[Outcome | BaseException | None]]],
-                 *, batch_max: int, key: Callable[[Item], Hashable] | None = None) -> None:
+                 *, batch_max: int, key: Callable[[Item], Hashable] | None = None,
+                 shared_failure: Callable[[Exception], bool] = lambda exc: False) -> None:
         if batch_max < 1:
             raise ValueError(f"{name}: batch_max must be >= 1")
         self.name = name
         self._commit = commit
         self._batch_max = batch_max
         self._key = key
+        self._shared_failure = shared_failure
         self._pending: list[tuple[Item, asyncio.Future[Outcome | None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.stats = GroupStats()
@@ -98,10 +102,11 @@ class GroupCommit(Generic[Item, Outcome]):
                     continue
                 try:
                     outcomes = await self._commit([item for item, _ in batch])
-                except Exception as exc:  # nothing written: each member is decided alone
-                    log.warning("%s: a batch of %d did not commit (%s: %s); each goes alone",
-                                self.name, len(batch), type(exc).__name__, exc)
-                    outcomes = [ALONE] * len(batch)
+                except Exception as exc:  # nothing written: each member is decided alone, or fails with it
+                    shared = self._shared_failure(exc)
+                    log.warning("%s: a batch of %d did not commit (%s: %s); %s", self.name, len(batch),
+                                type(exc).__name__, exc, "each fails with it" if shared else "each goes alone")
+                    outcomes = [exc if shared else ALONE] * len(batch)
                 self.stats.batches += 1
                 self.stats.items += len(batch)
                 self.stats.largest = max(self.stats.largest, len(batch))

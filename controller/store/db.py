@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.util import await_only
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -114,6 +115,15 @@ class SqliteWriters:
         lock = self._held.pop(id(record), None)
         if lock is not None:
             lock.release()
+
+
+def database_failed(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached or used (no connection in time, a
+    connection lost, a lock not granted) rather than that the statements were wrong: the same work
+    retried at once, whole or in parts, fails the same way."""
+    if isinstance(exc, (PoolTimeout, OperationalError, OSError, TimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 class Fence(Protocol):

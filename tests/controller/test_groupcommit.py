@@ -90,3 +90,14 @@ async def test_when_the_writer_is_cancelled_so_are_its_callers():
     for caller in (inflight, queued):
         with pytest.raises(asyncio.CancelledError):
             await caller
+
+
+async def test_a_batch_that_fails_for_everyone_fails_every_member_with_it():
+    """The database or the lease failed: alone each would fail too, so none is retried alone."""
+    lost = RuntimeError("the lease is lost")
+    store = Store(fail_with=lost)
+    store.release.set()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10,
+                                               shared_failure=lambda exc: exc is lost)
+    answers = await asyncio.gather(group.submit("a"), group.submit("b"), return_exceptions=True)
+    assert answers == [lost, lost] and group.stats.alone == 0
