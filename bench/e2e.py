@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fleets", type=int, default=0,
                    help="maia-simnode processes, started one after the other (0: one per 256 nodes)")
     p.add_argument("--load-delay", type=float, default=0.2, help="simnode LOADING -> RUNNING seconds")
+    p.add_argument("--shared-channel", action="store_true",
+                   help="each fleet's nodes share one connection to the controller (maia-simnode --shared-channel): "
+                        "less of the machine goes to the fleets at 4,096 nodes and more")
     p.add_argument("--timeout", type=float, default=600.0, help="give up waiting for Running after this")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--controller-log-level", default="WARNING", help="the controller's --log-level")
@@ -473,7 +476,8 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
                     str(bin_dir / "maia-simnode"), "--controller", address, "--racks", str(racks),
                     "--nodes-per-rack", str(NODES_PER_RACK), "--rack-prefix", prefix,
                     "--load-delay", str(args.load_delay), "--state-dir", str(root / f"fleet-{i}"),
-                    "--log-level", "WARNING"], root / f"simnode-{i}.log", env={"MAIA_TOKEN": node_token}))
+                    "--log-level", "WARNING", *(["--shared-channel"] if args.shared_channel else [])],
+                    root / f"simnode-{i}.log", env={"MAIA_TOKEN": node_token}))
                 expected += racks * NODES_PER_RACK
                 waited, ready = await wait_connected(channel, expected, timeout_s=120.0, ready_now=bench.ready)
                 bench.joined_s += waited
