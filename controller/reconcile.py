@@ -23,7 +23,9 @@ full solve after `backoff_s` (the back-off; from the cache, which follows its co
 parks it if it fails again. Changes by others are read from the change log
 (`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes without shards
 removed) are applied to the cache as deltas, and when they could help, the work still short of
-replicas (the unschedulable queue's included) is decided again on the session. Anything else
+replicas (the unschedulable queue's included) is decided again on the session; deployments
+being deleted leave the cache and the session as departures, their shards and rows removed by
+the pass's scoped commit. Anything else
 (another kind of change, a stale or re-queued commit, replacements or avoided nodes, a new
 leader) drops the cache and takes the full path above, which leaves a cache of what it
 committed for the next changes.
@@ -389,7 +391,8 @@ class Reconciler:
         if helped:  # everything unschedulable is active again: decided now, on the session
             self._queue.helped()
         retried = cache.pending_docs() if helped else []
-        if not docs and not retried:
+        departed = cache.snapshot.deleting
+        if not docs and not retried and not departed:
             self.delta_passes += 1
             self._observer.pass_taken("delta")
             return ReconcileOutcome(generation=cache.snapshot.generation)
@@ -402,13 +405,14 @@ class Reconciler:
         decided_s = time.perf_counter() - started
         self._observer.solved(fast.plan.status, decided_s)
         base = cache.snapshot.generation
+        deleting = await self._deleting_views(departed)
         async with self._db.unit_of_work() as uow:
             result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
                                        now=self._wall_clock())
             await uow.commit()
         self.fast_passes += 1
         self._observer.pass_taken("fast")
-        changed = await self._report(result, fast.plan, {}, decided_s * 1000, waiting=0)
+        changed = await self._report(result, fast.plan, deleting, decided_s * 1000, waiting=0, path="fast")
         if result.stale:  # someone changed the cluster meanwhile: what held is written; solve it all
             self._observer.plan_conflict()
             self._warm.drop()
@@ -429,7 +433,8 @@ class Reconciler:
         retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued else None
         return ReconcileOutcome(
             solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
-            changed_deployments=frozenset(changed), retry_in_s=retry_in_s)
+            changed_deployments=frozenset(changed), deleted=tuple(sorted(result.deleted_deployments)),
+            retry_in_s=retry_in_s)
 
     def _committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult,
                    scope: frozenset[str] | None = None) -> None:
@@ -440,16 +445,16 @@ class Reconciler:
         self._warm.committed(snapshot, plan, result, scope)
 
     async def _report(self, result: CommitResult, plan: Plan, deleting: dict[str, DeploymentView], solve_ms: float,
-                *, waiting: int) -> set[str]:
+                      *, waiting: int, path: str) -> set[str]:
         """Log, count, push and publish what a commit changed; the deployments changed."""
         self._observer.placed(result.first_placed_after_s.values())
         if result.requeued:
             self._observer.requeued(len(result.requeued))
         changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
         log.info(
-            "reconciled generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
+            "reconciled path=%s generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
             "changed_nodes=%d deleted=%s stale=%s requeued=%s",
-            result.generation, plan.status, solve_ms, len(plan.placements),
+            path, result.generation, plan.status, solve_ms, len(plan.placements),
             {u.deployment: u.replicas for u in plan.unplaced}, waiting, len(result.changed_nodes),
             sorted(result.deleted_deployments), result.stale, sorted(result.requeued),
         )
@@ -465,12 +470,20 @@ class Reconciler:
         else changed the cluster (the back-off's retry, a time-limited retry), else a fresh read."""
         warm = await self._warm.snapshot()
         if warm is not None:
-            return warm, {}
+            return warm, await self._deleting_views(warm.deleting)
         async with self._db.unit_of_work() as uow:
             snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
             deleting = {r.spec.key: r for r in map(repo.deployment_view, await repo.list_deployment_rows(
                 uow.session, phases=[m.DeploymentPhase.DELETING]))}
         return snapshot, deleting
+
+    async def _deleting_views(self, keys: frozenset[str]) -> dict[str, DeploymentView]:
+        """The last state of deployments a commit will remove (for their DELETED events)."""
+        if not keys:
+            return {}
+        async with self._db.unit_of_work() as uow:
+            return {r.spec.key: r for r in map(repo.deployment_view, await repo.list_deployment_rows(
+                uow.session, keys=keys, phases=[m.DeploymentPhase.DELETING]))}
 
     async def _solve_and_commit(self) -> ReconcileOutcome:
         self.full_passes += 1
@@ -508,7 +521,7 @@ class Reconciler:
                 result = await commit_plan(uow.session, snapshot, plan, scope=scope, actor="controller",
                                            now=self._wall_clock())
                 await uow.commit()
-            changed = await self._report(result, plan, deleting, solve_ms, waiting=len(waiting))
+            changed = await self._report(result, plan, deleting, solve_ms, waiting=len(waiting), path="full")
             changed_nodes |= result.changed_nodes
             changed_deployments |= changed
             deleted_names |= result.deleted_deployments

@@ -27,9 +27,11 @@ Changes by others reach the cache through the change log (`store/changes.py`, re
 `warm.py`): node changes (a join, a node coming up or going suspect, a cordon, a new label or
 capacity, a node removed) are read as those node rows and applied to the snapshot and to the
 session as one `ClusterDelta` (`apply_nodes`), as long as no node holding shards loses them or
-starts being replaced (removed, evicted, drained, resized: the full path re-places them). When
-they could help (a node added or ready), the deployments still short of replicas are decided
-again on the session (`pending_docs`). Anything else (a stale or re-queued commit, another kind
+starts being replaced (removed, evicted, drained, resized: the full path re-places them).
+Deployments being deleted are departures (`depart`): taken out of the snapshot and the session,
+and named by the next commit's scope and `Snapshot.deleting`, which releases their shards and
+removes their rows. When changes could help (a node added or ready, a departure), the
+deployments still short of replicas are decided again on the session (`pending_docs`). Anything else (a stale or re-queued commit, another kind
 of change) drops the cache; the reconciler takes its full path. The cache never undoes a
 decision: it is rebuilt instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
 `decide`, `scope_of` and `follow` run in a worker thread, never two at once.
@@ -38,7 +40,7 @@ decision: it is rebuilt instead. A cache is driven by one owner (the reconcile l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +166,25 @@ class ClusterCache:
         self.snapshot = dataclasses.replace(snap, generation=generation)
         return helped
 
+    def depart(self, keys: Collection[str], generation: int) -> bool:
+        """Deployments being deleted (by others: `maiactl delete`) leave the snapshot and the
+        session (`Session.release`), at `generation`; the next commit speaks for them
+        (`snapshot.deleting`: their shards and rows go). Whether one held shards (its departure
+        could help work short of replicas). Blocking: a worker thread."""
+        snap = self.snapshot
+        gone = set(keys)
+        held = any(snap.replica_indices.get(key) for key in gone)
+        snap.problem["deployments"] = [d for d in snap.problem["deployments"] if d["id"] not in gone]
+        if held:
+            snap.problem["placements"] = [p for p in snap.problem["placements"] if p["deployment"] not in gone]
+        for key in gone:
+            for mapping in (snap.deployment_ids, snap.solver_refs, snap.replica_indices):
+                mapping.pop(key, None)  # type: ignore[attr-defined]
+            if key in self.session:
+                self.session.release(key)
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=snap.deleting | gone)
+        return held
+
     def pending_docs(self) -> list[dict[str, Any]]:
         """The deployments the session holds short of replicas (unplaceable so far, preempted, or
         placed in part), in arrival order: to decide again after a change that could help them."""
@@ -213,7 +234,9 @@ class ClusterCache:
             unplaced=tuple(unplaced),
             preempted=tuple(p for d in decisions for p in d.preempted),
             stats={"session_decisions": len(decisions)})
-        return FastPlan(plan, decisions, frozenset(stored_key(name) for name in decided | hit), extended)
+        # Departures (`depart`) are in the scope too: the commit releases their shards, removes their rows.
+        scope = frozenset(stored_key(name) for name in decided | hit) | self.snapshot.deleting
+        return FastPlan(plan, decisions, scope, extended)
 
     def committed(self, fast: FastPlan, generation: int) -> bool:
         """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing
@@ -234,7 +257,7 @@ class ClusterCache:
             # Listed by deployment (arrival order: decided ones are the newest), replica, shard, as read.
             placements.extend(placement_to_dict(p) for p in sorted(
                 decision.placements, key=lambda p: (p.replica, p.shard)))
-        self.snapshot = dataclasses.replace(snap, generation=generation)
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset())
         return True
 
     def scope_of(self, plan: Plan) -> frozenset[str]:
@@ -252,14 +275,14 @@ class ClusterCache:
         changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
         changed.update(u.deployment for u in plan.unplaced)
         changed.update(v.deployment for v in plan.preempted)
-        return frozenset(stored_key(name) for name in changed)
+        return frozenset(stored_key(name) for name in changed) | self.snapshot.deleting
 
     def follow(self, shards: Mapping[ShardKey, Where | None], generation: int) -> bool:
         """Apply what a commit of a full solve of this very snapshot wrote (`CommitResult.shards`:
         placed, moved, removed) to the snapshot and to the session (`Session.adopt`), so that the
         back-off's full solve does not cost a rebuild; False when the cache cannot follow it."""
         snap = self.snapshot
-        touched = _write_shards(snap, shards)
+        touched = _write_shards(snap, shards, gone=snap.deleting)
         if touched is None:
             return False
         docs = {d["id"]: d for d in snap.problem["deployments"]}
@@ -271,7 +294,7 @@ class ClusterCache:
             if key in self.session:
                 self.session.release(key, self.session.placed_replicas(key))
             self.session.adopt(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed.get(key, ())])
-        self.snapshot = dataclasses.replace(snap, generation=generation)
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset())
         return True
 
 

@@ -7,7 +7,7 @@ add is new deployment rows, read by primary key above the last one seen and coun
 `count_schedulable_deployments` (a key committed out of order makes the counts differ: the
 cache is dropped and the pass reads the whole cluster). Every other change moves the generation
 and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
-node changes as deltas; any other change drops the cache. The log is in the database, so the
+node changes as deltas and deletions as departures; any other change drops the cache. The log is in the database, so the
 changes another controller made (HA) are read the same way.
 """
 
@@ -21,8 +21,11 @@ from controller.scheduling.cache import ClusterCache, FastPlan
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
-from controller.store.snapshot import Snapshot, load_arrivals, load_nodes, load_snapshot
+from controller.store.snapshot import NodeRead, Snapshot, load_arrivals, load_nodes, load_snapshot
 from scheduler import Plan, Unplaced
+
+# The changes the cache follows (`catch_up`); any other drops it.
+_FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED)
 
 
 class WarmCluster:
@@ -69,16 +72,24 @@ class WarmCluster:
         async with self._db.unit_of_work() as uow:
             since = await read_changes_since(uow.session, cache.snapshot.generation)
             rows = [row for logged in since.changes.values() for row in logged]
-            if not since.complete or any(kind is not ChangeKind.NODE or node is None for kind, node in rows):
+            if not since.complete or any(kind not in _FOLLOWED or name is None for kind, name in rows):
                 self.drop()
                 return None
-            reads = await load_nodes(uow.session, {node for _, node in rows if node is not None})
-        helped = await asyncio.to_thread(cache.apply_nodes, reads, since.generation)
+            reads = await load_nodes(uow.session, {name for kind, name in rows if kind is ChangeKind.NODE})
+        departed = {name for kind, name in rows if kind is ChangeKind.DEPLOYMENT_DELETED}
+        helped = await asyncio.to_thread(self._follow, cache, reads, departed, since.generation)
         if helped is None or self.cache is not cache:
             self.drop()
             return None
         self.own_generation = since.generation
         return helped
+
+    @staticmethod
+    def _follow(cache: ClusterCache, reads: list[NodeRead], departed: set[str], generation: int) -> bool | None:
+        helped = cache.apply_nodes(reads, generation)
+        if helped is None or not departed:
+            return helped
+        return cache.depart(departed, generation) or helped
 
     async def scope(self, snapshot: Snapshot, plan: Plan) -> frozenset[str] | None:
         """What a commit of a full solve has to speak for: when it was solved from the cache,

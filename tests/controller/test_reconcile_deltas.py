@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.checking import check_state
+from controller.reconcile import Reconciler
 from controller.store.db import Database
 from controller.usecases import agents, deployments, nodes
 from controller.usecases.ports import RecordingSignals
@@ -158,5 +159,32 @@ async def test_a_join_of_many_nodes_stays_off_the_full_path(database: Database) 
     assert loop.full_passes == full + 1 and loop._queue.depths().unschedulable == 0
     snapshot = await fresh(database)
     assert {p["node"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/late"} == {"new"}
+    assert_same(loop.warm_snapshot, snapshot)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_deletion_is_a_departure(cluster) -> None:
+    # 16 accelerators (`cluster`): two deployments of 8 fill them, a third waits.
+    published: list[str] = []
+
+    async def publish(changed: set[str], deleted: list) -> None:
+        published.extend(v.spec.key for v in deleted)
+
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+    for name in ("one", "two"):
+        await submit(cluster, deployment(name, replicas=2, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("waits", accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await loop.reconcile_once()  # its back-off's full solve: unschedulable
+    full = loop.full_passes
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "one", RecordingSignals(), tenant="t1")
+    outcome = await loop.reconcile_once()
+    assert outcome.solved and outcome.deleted == ("t1/one",) and published == ["t1/one"]
+    assert loop.full_passes == full  # released in a scoped commit, on the warm cluster
+    snapshot = await fresh(cluster)
+    assert "t1/one" not in snapshot.deployment_ids
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/two", "t1/waits"}  # placed at once
     assert_same(loop.warm_snapshot, snapshot)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
