@@ -110,7 +110,7 @@ class ClusterCache:
         if any(r.outgoing for r in snapshot.solver_refs.values()):
             return None
         after = _own_copy(snapshot)
-        if not _write_shards(after, shards, gone=snapshot.deleting):
+        if _write_shards(after, shards, gone=snapshot.deleting) is None:
             return None
         return cls.build(dataclasses.replace(after, released={}, deleting=frozenset(), generation=generation),
                          allow_preemption=allow_preemption, time_limit_ms=time_limit_ms)

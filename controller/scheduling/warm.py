@@ -7,8 +7,8 @@ add is new deployment rows, read by primary key above the last one seen and coun
 `count_schedulable_deployments` (a key committed out of order makes the counts differ: the
 cache is dropped and the pass reads the whole cluster). Every other change moves the generation
 and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
-node changes as deltas and deletions as departures; any other change drops the cache. The log is in the database, so the
-changes another controller made (HA) are read the same way.
+node changes as deltas and deletions as departures; any other change drops the cache. The log
+is in the database, so the changes another controller made (HA) are read the same way.
 """
 
 from __future__ import annotations
