@@ -29,11 +29,13 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ NODES_PER_RACK = 16
 GANG_SIZES = (8, 16, 32, 64)
 PER_TENANT = 400  # submitted deployments per tenant, at most (under limits.DEPLOYMENTS_PER_TENANT_MAX)
 MIN_TENANTS = 4
+SCRAPE_EVERY_S = 30.0  # the controller's /metrics, for the progress lines
 TENANTS = ("lab-a", "lab-b", "lab-c", "lab-d")  # bench nodedeath's
 
 
@@ -377,6 +380,8 @@ class Bench:
     controller_exit: int | None = None
     violations: list[str] | None = None  # None: not graded
     stopped_while: str = ""  # the phase an error or a cancellation stopped
+    metrics_url: str = ""
+    passes: dict[str, int] = field(default_factory=dict)  # reconcile passes by path, as last scraped
 
     def measure(self) -> None:
         """The controller's CPU since the first submit and its peak RSS, while it runs."""
@@ -410,11 +415,33 @@ class Bench:
 
 
 async def report_progress(bench: Bench, every_s: float) -> None:
-    last = (time.perf_counter(), 0)
+    last, scraped = (time.perf_counter(), 0), 0.0
     while True:
         await asyncio.sleep(every_s)
+        if time.perf_counter() - scraped >= SCRAPE_EVERY_S:
+            await scrape_passes(bench)
+            scraped = time.perf_counter()
         line, last = bench.progress(last)
-        print(line, file=sys.stderr, flush=True)
+        passes = ", ".join(f"{path} {n}" for path, n in sorted(bench.passes.items()))
+        print(line + (f" | reconcile passes: {passes}" if passes else ""), file=sys.stderr, flush=True)
+
+
+async def scrape_passes(bench: Bench) -> None:
+    """The controller's reconcile passes by path (full, fast, delta) from its /metrics (a scrape
+    also reads the cluster's gauges from the database: hence at most every `SCRAPE_EVERY_S`)."""
+    if not bench.metrics_url or bench.controller is None or bench.controller.proc.poll() is not None:
+        return
+    try:
+        text = await asyncio.to_thread(_get, bench.metrics_url)
+    except OSError:  # a controller too busy to answer in time: the last count stands
+        return
+    for m in re.finditer(r'^maia_reconcile_passes_total\{path="(\w+)"\} (\S+)$', text, re.MULTILINE):
+        bench.passes[m.group(1)] = int(float(m.group(2)))
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
 
 
 async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -459,13 +486,15 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
         controller = bench.controller = Process("maia-controller", [
             str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url,
             "--bootstrap-admin-token-file", str(token_file), "--submits-per-minute", "0",
-            "--log-level", args.controller_log_level, *extra], root / "controller.log")
+            "--metrics-listen", "127.0.0.1:0", "--log-level", args.controller_log_level, *extra],
+            root / "controller.log")
         fleets: list[Process] = []
         tasks: list[asyncio.Task[Any]] = []
         profiler: Process | None = None
         finished = False
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
+            bench.metrics_url = await asyncio.to_thread(controller.read_line, "maia-controller metrics on ", 30)
             channel = aio_channel(address, token_file.read_text().strip())
             node_token = await admin_setup(channel, shape, tenants)
             # One fleet after the other: what is measured is scheduling, not a join storm.
@@ -520,6 +549,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             if not finished:
                 bench.stopped_while = bench.phase
                 bench.measure()
+            await asyncio.shield(scrape_passes(bench))
             bench.phase = "stopping"
             bench.controller_exit = controller.stop()
             for fleet in fleets:
@@ -594,7 +624,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
         "nodes_joined_s": round(bench.joined_s, 1), "controller_exit": bench.controller_exit,
-        "watches": run.watches, "graded": bench.violations is not None,
+        "watches": run.watches, "graded": bench.violations is not None, "reconcile_passes": dict(bench.passes),
         "checker_violations": violations[:10], "checker_violation_count": len(violations),
         "errors": run.errors[:10], "error_count": len(run.errors),
     }
@@ -616,7 +646,8 @@ def report(r: dict[str, Any]) -> str:
             f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
             f"controller CPU {r['controller_cpu_s']} s, peak RSS {r['controller_peak_rss_mib']} MiB | "
-            f"nodes joined in {r['nodes_joined_s']} s\n"
+            f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'}\n"
             f"  checker: {checker}; errors: {r['error_count']}"
             + "".join(f"\n    {e}" for e in r["errors"] + r["checker_violations"]))
 
