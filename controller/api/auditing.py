@@ -21,7 +21,10 @@ beyond it are counted, and the next entry written says how many were not written
 (`detail.unaudited_before`). The log still has a line per refused call. Calls refused with a
 retry time (a busy controller shedding a join storm, a tenant over its rate) come in floods by
 nature too, and each entry would be one more write transaction for the database they protect:
-they are audited the same way (`limits.RETRY_LATER_AUDITS_*`, a bucket of their own).
+they are audited the same way (`limits.RETRY_LATER_AUDITS_*`, a bucket of their own). So are
+calls whose callers gave up on them (CANCELLED, DEADLINE_EXCEEDED: a join storm on a starved
+controller ends tens of thousands of Registers so, and on SQLite each entry's transaction queued
+for the one writer ahead of the Registers' own batches, every minute more of them timing out).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ log = logging.getLogger("maia.audit")
 
 AUDITED_PACKAGE = "/maia.v1."
 READ_ONLY_VERBS = ("Get", "List", "Watch", "Verify", "Check")
+# Outcomes of calls their callers gave up on: audited at a bounded rate, like refusals with a retry time.
+ABANDONED = frozenset({grpc.StatusCode.CANCELLED.name, grpc.StatusCode.DEADLINE_EXCEEDED.name})
 # Methods whose object is not named by their last word.
 OBJECT_KIND_OF = {"Register": "node"}
 _WORDS = re.compile(r"[A-Z][a-z0-9]*")
@@ -159,7 +164,7 @@ class AuditInterceptor(aio.ServerInterceptor):
     async def _record(self, entry: AuditRecord) -> None:
         """A failed call's entry (or a call that committed nothing), in its own transaction; of
         the calls refused with a retry time, a sample (the entry counts those left out before it)."""
-        if entry.outcome != "OK" and entry.detail.get("retry_after_ms") is not None:
+        if entry.outcome != "OK" and (entry.detail.get("retry_after_ms") is not None or entry.outcome in ABANDONED):
             skipped = self._retry_later.sample()
             if skipped is None:
                 return

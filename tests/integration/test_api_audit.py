@@ -3,13 +3,17 @@ Tenants list their own entries only; only admins verify the chain."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 import pytest
 from sqlalchemy import text
 
-from controller.api.auditing import UnauthenticatedAuditor
+from controller import limits
+from controller.api.auditing import AuditInterceptor, UnauthenticatedAuditor
 from controller.api.server import ControllerApp
 from controller.store import audit
+from controller.store.audit import AuditRecord
 from controller.store.db import Database
 from controller.usecases import paging
 from grpc_harness import Stubs, issue_token, spec, topology
@@ -144,3 +148,19 @@ async def test_a_flood_of_unauthenticated_calls_is_counted_not_written_one_by_on
         entries = await audit.list_entries(uow.session, limit=1000)
         assert (await audit.verify_chain(uow.session)).intact
     assert len(entries) == 3 and entries[-1].detail["unaudited_before"] == 48 and auditor.unaudited == 0
+
+
+async def test_calls_their_callers_gave_up_on_are_audited_at_a_bounded_rate(database: Database) -> None:
+    """A join storm on a starved controller ends Registers CANCELLED or DEADLINE_EXCEEDED by the
+    ten thousand: each entry would be one more write transaction, so they are sampled (a refusal
+    the caller can act on, say FAILED_PRECONDITION, is written every time)."""
+    now = [0.0]
+    auditor = AuditInterceptor(database, clock=lambda: now[0])
+    gave_up = AuditRecord(actor="agent", action="/maia.v1.NodeAgentService/Register", object_kind="node",
+                          object_id="n1", outcome="CANCELLED")
+    for outcome in ("CANCELLED", "DEADLINE_EXCEEDED") * 30:
+        await auditor._record(replace(gave_up, outcome=outcome))
+    await auditor._record(replace(gave_up, outcome="FAILED_PRECONDITION"))
+    async with database.unit_of_work() as uow:
+        entries = await audit.list_entries(uow.session, limit=1000)
+    assert len(entries) == limits.RETRY_LATER_AUDITS_BURST + 1 and entries[-1].outcome == "FAILED_PRECONDITION"
