@@ -13,10 +13,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from controller.domain.liveness import (
-    DOWN, EvictionLimiter, FlapDamper, LivenessPolicy, Transition, eviction_candidates, health_changes, zone_rates,
+    DOWN, EvictionLimiter, FlapDamper, LivenessPolicy, Transition, eviction_candidates, health_changes, zone_rates_of,
 )
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
@@ -68,10 +68,14 @@ class NodeLifecycle:
     async def pass_once(self) -> list[Transition]:
         """One pass: the transitions written (evictions included)."""
         now, mono = self._wall_clock(), self._clock()
+        # Only the nodes a rule could change (not every node, every second: at 16,384 nodes that
+        # read was most of the event loop), and the zones' counts from the database.
         async with self._db.unit_of_work() as uow:
-            nodes = await liveness.read_liveness(uow, self._connected())
+            nodes = await liveness.read_liveness(
+                uow, self._connected(), silent_before=now - timedelta(seconds=self._policy.heartbeat_timeout_s))
+            total, unhealthy = await liveness.zone_health(uow)
         changes = health_changes(nodes, now, self._started, self._policy, self._damper.damped(mono))
-        rates = zone_rates(nodes, self._policy)
+        rates = zone_rates_of(total, unhealthy, self._policy)
         held_back = 0
         for node in eviction_candidates(nodes, now, self._started, self._policy):
             if self._limiter.allow(node.zone, rates.get(node.zone, 0.0), mono):

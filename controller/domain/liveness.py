@@ -21,6 +21,7 @@ The Kubernetes node-lifecycle lessons, as rules over plain values (no database, 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -107,6 +108,11 @@ def zone_rates(nodes: list[NodeLiveness], policy: LivenessPolicy) -> dict[str, f
         total[n.zone] = total.get(n.zone, 0) + 1
         if n.health != UP:
             unhealthy[n.zone] = unhealthy.get(n.zone, 0) + 1
+    return zone_rates_of(total, unhealthy, policy)
+
+
+def zone_rates_of(total: Mapping[str, int], unhealthy: Mapping[str, int], policy: LivenessPolicy) -> dict[str, float]:
+    """`zone_rates` from each zone's node count and count of nodes not up."""
     full = {z for z, count in total.items() if unhealthy.get(z, 0) == count}
     if full == set(total):  # no node up anywhere: the controller is more likely the one cut off
         return {z: 0.0 for z in total}

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Select, and_, bindparam, case, delete, func, select, tuple_, update
+from sqlalchemy import Select, and_, bindparam, or_, case, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -181,13 +181,31 @@ async def list_node_rows(session: AsyncSession, rack: str = "", page: PageBounds
     return list(await session.scalars(_paged(stmt, page, m.Node.id)))
 
 
-async def node_liveness_rows(session: AsyncSession) -> list[tuple[str, str, m.NodeHealth, datetime | None, bool]]:
-    """(id, zone, health, last heartbeat, evicted) of every node, in one query."""
-    rows = await session.execute(
-        select(m.Node.id, m.Row.zone_id, m.Node.health, m.Node.last_heartbeat_at, m.Node.evicted_at.is_not(None))
-        .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id).order_by(m.Node.id)
-    )
+async def node_liveness_rows(session: AsyncSession, *, silent_before: datetime | None = None,
+                             ) -> list[tuple[str, str, m.NodeHealth, datetime | None, bool]]:
+    """(id, zone, health, last heartbeat, evicted) of every node, in one query; with
+    `silent_before`, of the nodes not up and those up but not heard from since then only."""
+    query = (select(m.Node.id, m.Row.zone_id, m.Node.health, m.Node.last_heartbeat_at, m.Node.evicted_at.is_not(None))
+             .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id))
+    if silent_before is not None:
+        query = query.where(or_(m.Node.health != m.NodeHealth.UP, m.Node.last_heartbeat_at.is_(None),
+                                m.Node.last_heartbeat_at < silent_before))
+    rows = await session.execute(query.order_by(m.Node.id))
     return [(node_id, zone, health, last, bool(evicted)) for node_id, zone, health, last, evicted in rows]
+
+
+async def node_health_by_zone(session: AsyncSession) -> tuple[dict[str, int], dict[str, int]]:
+    """Each zone's node count and count of nodes not up, counted by the database."""
+    total: dict[str, int] = {}
+    unhealthy: dict[str, int] = {}
+    for zone, health, count in await session.execute(
+            select(m.Row.zone_id, m.Node.health, func.count()).select_from(m.Node)
+            .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id)
+            .group_by(m.Row.zone_id, m.Node.health)):
+        total[zone] = total.get(zone, 0) + count
+        if health is not m.NodeHealth.UP:
+            unhealthy[zone] = unhealthy.get(zone, 0) + count
+    return total, unhealthy
 
 
 async def set_node_health(session: AsyncSession, node_id: str, health: m.NodeHealth, *,

@@ -18,10 +18,20 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 
 
-async def read_liveness(uow: UnitOfWork, connected: Iterable[str]) -> list[NodeLiveness]:
+async def read_liveness(uow: UnitOfWork, connected: Iterable[str], *,
+                        silent_before: datetime | None = None) -> list[NodeLiveness]:
+    """Every node's liveness; with `silent_before`, only of the nodes a rule could change: those
+    not up, and those up but not heard from since then (a node up and heard from since is
+    neither suspect nor due anything, connected or not)."""
     live = set(connected)
     return [NodeLiveness(node_id, zone, health.value, _aware(last), evicted, node_id in live)
-            for node_id, zone, health, last, evicted in await repo.node_liveness_rows(uow.session)]
+            for node_id, zone, health, last, evicted
+            in await repo.node_liveness_rows(uow.session, silent_before=silent_before)]
+
+
+async def zone_health(uow: UnitOfWork) -> tuple[dict[str, int], dict[str, int]]:
+    """Each zone's node count and count of nodes not up (what the eviction rates read)."""
+    return await repo.node_health_by_zone(uow.session)
 
 
 def _aware(at: datetime | None) -> datetime | None:
