@@ -33,6 +33,8 @@ MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
 SINGLE_VICTIM_TRIALS = 8  # per domain, victims also tried alone (see make_room)
 
 Replica = tuple[int, int]  # (deployment, replica)
+# A trial that made room: (replicas removed, shards moved), its state, removed, moved.
+Outcome = tuple[tuple[int, int], ClusterState, list[Replica], int]
 
 
 class TrialBudget:
@@ -80,12 +82,17 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
         tries = [sorted(by_domain[dm], key=order) for order in orders]
         doomed = not _domain_can_fit(state, d, by_domain[dm], allowed)
         here = None
+        last: tuple[list[Replica], Outcome | None] | None = None  # removals run, outcome
         for victims in tries:
             if not trials.spend():
                 break
             if doomed:
                 continue  # spent as if run: the same search as running it
-            found = _trial(solver, d, r, victims, allowed, relocate, budget)
+            if last is not None and victims[:len(last[0])] == last[0]:
+                found = last[1]  # the same removals in the same order: the same trial
+            else:
+                found, used = _trial(solver, d, r, victims, allowed, relocate, budget)
+                last = (victims[:used], found)
             if found is not None and (here is None or found[0] < here[0]):
                 here = found
         if here is not None and here[0][0] > 1:
@@ -94,7 +101,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
             for v in tries[0][:SINGLE_VICTIM_TRIALS]:
                 if not trials.spend():
                     break
-                found = _trial(solver, d, r, [v], allowed, relocate, budget)
+                found, _ = _trial(solver, d, r, [v], allowed, relocate, budget)
                 if found is not None and found[0] < here[0]:
                     here = found
         if here is not None and (best is None or here[0] < best[0]):
@@ -154,25 +161,33 @@ def _may_fit(state: ClusterState, d: int, allowed: np.ndarray) -> bool:
 
 
 def _trial(solver: Solver, d: int, r: int, victims: list[Replica], allowed: np.ndarray,
-           relocate: bool, budget: int
-           ) -> tuple[tuple[int, int], ClusterState, list[Replica], int] | None:
-    """Remove victims in order until replica r of d fits in `allowed`; cost or None."""
+           relocate: bool, budget: int) -> tuple[Outcome | None, int]:
+    """Remove victims in order until replica r of d fits in `allowed`: the outcome (cost,
+    trial state, removed, moved) or None, and how many of the victims it took out (a trial
+    taking out the same first ones in the same order would end the same way)."""
     state = solver.state
     dep = state.deps[d]
     trial = state.copy()
     placer = Placer(trial, scorer="bestfit")
     removed: list[Replica] = []
-    fitted = False
+    used = 0
     for v in victims:
+        used += 1
         if v in trial.replicas:
             removed += cascade(trial, [v])
         if _may_fit(trial, d, allowed) and \
                 node_fit(trial, d).slots[allowed].sum() >= dep.shards_per_replica and \
                 placer.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
-            fitted = True
-            break
-    if not fitted:
-        return None
+            return _finish(solver, d, trial, placer, removed, relocate, budget), used
+    return None, used
+
+
+def _finish(solver: Solver, d: int, trial: ClusterState, placer: Placer,
+            removed: list[Replica], relocate: bool, budget: int) -> Outcome | None:
+    """After the new replica fitted in a trial: the rest of d (min_replicas), then the victims
+    spared (preemption) or landed again within the move budget (rebalance)."""
+    state = solver.state
+    dep = state.deps[d]
     # min_replicas: the rest of the deployment must reach it in the same trial.
     rest = [x for x in range(dep.replicas) if (d, x) not in trial.replicas]
     placer.place_deployment(d, rest)
