@@ -413,18 +413,21 @@ class Reconciler:
         self.fast_passes += 1
         self._observer.pass_taken("fast")
         changed = await self._report(result, fast.plan, deleting, decided_s * 1000, waiting=0, path="fast")
-        if result.stale:  # someone changed the cluster meanwhile: what held is written; solve it all
+        if result.stale:  # someone changed the cluster meanwhile: what held is written (re-checked)
             self._observer.plan_conflict()
-            self._warm.drop()
-            return None
-        # Only this commit moved the generation: no FAILED shard or replacement to look for.
-        if self._failures_checked == base:
-            self._failures_checked = result.generation
-        if self._retire_checked == base:
-            self._retire_checked = result.generation
+            if result.requeued:  # what did not hold: solve it all
+                self._warm.drop()
+                return None
+        else:  # only this commit moved the generation: no FAILED shard or replacement to look for
+            if self._failures_checked == base:
+                self._failures_checked = result.generation
+            if self._retire_checked == base:
+                self._retire_checked = result.generation
         self._committed(cache.snapshot, fast.plan, result, fast.scope)
         self._quarantined.good.update(d["id"] for d in docs)
         await self._warm.after_fast(cache, fast, result)
+        if result.stale:  # the next pass reads the change that made it stale from the log
+            self._last_generation = self._warm.own_generation
         # The full solve tries the arrivals left short (and what was preempted) once more; it may
         # move others. What was tried again waits for the next change that could help it.
         arrived = {d["id"] for d in docs}

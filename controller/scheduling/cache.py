@@ -85,6 +85,9 @@ class ClusterCache:
         self.snapshot = _own_copy(snapshot)  # updated in place after each commit
         self.session = session
         self.last_id = max(snapshot.deployment_ids.values(), default=0)
+        # Generations above the snapshot's that this controller's own commits made, already
+        # applied (a commit that landed on a change the cache has not read yet).
+        self.own_commits: set[int] = set()
 
     @classmethod
     def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int) -> ClusterCache | None:

@@ -71,7 +71,8 @@ class WarmCluster:
             return None
         async with self._db.unit_of_work() as uow:
             since = await read_changes_since(uow.session, cache.snapshot.generation)
-            rows = [row for logged in since.changes.values() for row in logged]
+            rows = [row for generation, logged in since.changes.items() if generation not in cache.own_commits
+                    for row in logged]
             if not since.complete or any(kind not in _FOLLOWED or name is None for kind, name in rows):
                 self.drop()
                 return None
@@ -82,6 +83,7 @@ class WarmCluster:
             self.drop()
             return None
         self.own_generation = since.generation
+        cache.own_commits.clear()
         return helped
 
     @staticmethod
@@ -131,13 +133,23 @@ class WarmCluster:
         """The cache follows a fast plan's commit (the decisions appended; with preemptions or
         replicas added to placed deployments, what the commit wrote, renumbered), or is dropped
         (rebuilt when next needed)."""
+        # A stale commit (someone changed the cluster meanwhile) wrote all it decided (nothing was
+        # re-queued): the cache takes it in at its own generation and remembers the commit as its
+        # own; the next `catch_up` reads the change in between from the log and skips this one.
+        generation = cache.snapshot.generation if result.stale else result.generation
         if result.requeued:
             keep = False
         elif fast.renumbered:
-            keep = await asyncio.to_thread(cache.follow, result.shards, result.generation)
+            keep = await asyncio.to_thread(cache.follow, result.shards, generation)
         else:
-            keep = cache.committed(fast, result.generation)
+            keep = cache.committed(fast, generation)
         self.cache = cache if keep else None
+        if result.stale:
+            if keep:
+                cache.own_commits.add(result.generation)
+                self.own_generation = generation
+            else:
+                self.drop()
 
     async def after_full(self, snapshot: Snapshot, result: CommitResult) -> None:
         """The cache a full solve started from follows what its commit wrote; one solved from a

@@ -191,3 +191,32 @@ async def test_a_deletion_is_a_departure(cluster) -> None:
     assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/two", "t1/waits"}  # placed at once
     assert_same(loop.warm_snapshot, snapshot)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_fast_commit_that_lands_on_a_change_keeps_the_cache(cluster, monkeypatch) -> None:
+    # A deletion lands between the pass's read of the log and its commit: the commit is stale,
+    # writes what it decided (re-checked), and the next pass reads the deletion from the log.
+    import controller.reconcile as reconcile_module
+
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("gone", accelerators=2, locality="node"))
+    await loop.reconcile_once()
+    commit = reconcile_module.commit_plan
+    landed: list[str] = []
+
+    async def commit_after_a_deletion(*args, **kw):
+        if not landed:
+            async with cluster.unit_of_work() as uow:
+                await deployments.delete_deployment(uow, WHO, "gone", RecordingSignals(), tenant="t1")
+            landed.append("gone")
+        return await commit(*args, **kw)
+
+    monkeypatch.setattr(reconcile_module, "commit_plan", commit_after_a_deletion)
+    await submit(cluster, deployment("new", accelerators=4, locality="node"))
+    full = loop.full_passes
+    assert (await loop.reconcile_once()).solved and landed
+    assert (await loop.reconcile_once()).deleted == ("t1/gone",)
+    assert loop.full_passes == full
+    snapshot = await fresh(cluster)
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/new"}
+    assert_same(loop.warm_snapshot, snapshot)
