@@ -20,9 +20,12 @@ from controller.store.db import UnitOfWork
 
 async def read_liveness(uow: UnitOfWork, connected: Iterable[str], *,
                         silent_before: datetime | None = None) -> list[NodeLiveness]:
-    """Every node's liveness; with `silent_before`, only of the nodes a rule could change: those
-    not up, and those up but not heard from since then (a node up and heard from since is
-    neither suspect nor due anything, connected or not)."""
+    """Every node's liveness; with `silent_before` (now less the heartbeat timeout), only of the
+    nodes a rule could change: suspect; down and not evicted yet, or evicted and heard from since
+    (connected again: up); up but silent since (a node up and heard from since is due nothing,
+    connected or not; a node down and evicted is due nothing until its agent is back, and a
+    connected agent heartbeats within the timeout). A join's thousands of registered nodes not
+    connected yet are down and evicted: not read every second."""
     live = set(connected)
     return [NodeLiveness(node_id, zone, health.value, _aware(last), evicted, node_id in live)
             for node_id, zone, health, last, evicted

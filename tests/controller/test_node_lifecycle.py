@@ -201,9 +201,13 @@ async def test_a_pass_reads_only_the_nodes_a_rule_could_change(cluster):
         rows["rack-a-n1"].last_heartbeat_at = now                            # up, heard from: nothing due
         rows["rack-b-n0"].health, rows["rack-b-n0"].last_heartbeat_at = m.NodeHealth.SUSPECT, now
         rows["rack-b-n1"].last_heartbeat_at = None                           # up, never heard from
+        for i, (evicted, last) in enumerate([(None, None), (now, None), (now, now - timedelta(seconds=60)),
+                                             (now, now)]):  # down: due eviction; registered, never connected;
+            uow.session.add(m.Node(id=f"d{i}", rack_id="rack-a", accelerators=4,  # evicted, gone; evicted, back
+                                   health=m.NodeHealth.DOWN, evicted_at=evicted, last_heartbeat_at=last))
         await uow.commit()
     async with cluster.unit_of_work() as uow:
-        read = await liveness.read_liveness(uow, {"rack-a-n1"}, silent_before=now - timedelta(seconds=10))
-        assert sorted(n.node_id for n in read) == ["rack-a-n0", "rack-b-n0", "rack-b-n1"]
-        assert len(await liveness.read_liveness(uow, set())) == 4
-        assert await liveness.zone_health(uow) == ({"z1": 4}, {"z1": 1})
+        read = await liveness.read_liveness(uow, {"rack-a-n1", "d3"}, silent_before=now - timedelta(seconds=10))
+        assert sorted(n.node_id for n in read) == ["d0", "d3", "rack-a-n0", "rack-b-n0", "rack-b-n1"]
+        assert len(await liveness.read_liveness(uow, set())) == 8
+        assert await liveness.zone_health(uow) == ({"z1": 8}, {"z1": 5})
