@@ -59,11 +59,13 @@ REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
 REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
 # Agent Registers and batches of Connect hellos let in at once (the Registers inside are committed
 # in batches, controller/groupcommit.py), and queued beyond that; the rest are refused with a
-# retry time (controller.admission).
-AGENT_ADMISSION_CONCURRENCY = 256
+# retry time (controller.admission). A Register inside waits for its batch, which the gate's
+# deadline rule does not see: inside must stay about two batches' worth (with 256 inside, a
+# 4,096-node join on a loaded machine timed out most Registers after they were let in).
+AGENT_ADMISSION_CONCURRENCY = 64
 AGENT_ADMISSION_QUEUE = 256
 HELLO_BATCH_MAX = 500               # Connect hellos committed in one transaction (a join storm's)
-REGISTER_BATCH_MAX = 128            # Registers committed in one transaction
+REGISTER_BATCH_MAX = 64             # Registers committed in one transaction
 FLUSH_CHUNK = 500                   # heartbeats or shard reports written per transaction
 # A client request id whose deployment was deleted is still remembered this long after the
 # request (a retry then is refused rather than applied twice); while it exists, as long as it.
