@@ -383,14 +383,16 @@ class Reconciler:
                 return None
             helped = caught_up
             self._last_generation = self._warm.own_generation
-        docs = await self._warm.arrivals(arrivals) if arrivals != self._last_arrivals else []
+        read = await self._warm.arrivals(arrivals) if arrivals != self._last_arrivals else ([], [])
         cache = self._warm.cache
-        if docs is None or cache is None or self._quarantined.judge(docs):
+        if read is None or cache is None or self._quarantined.judge(read[0] + read[1]):
             self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
             return None
+        docs, late = read
         if helped:  # everything unschedulable is active again: decided now, on the session
             self._queue.helped()
-        retried = cache.pending_docs() if helped else []
+        # Arrivals committed out of order go first, followed as the commit lists them.
+        retried = cache.pending_docs() + late if helped else late
         departed = cache.snapshot.deleting
         if not docs and not retried and not departed:
             self.delta_passes += 1
@@ -424,13 +426,13 @@ class Reconciler:
             if self._retire_checked == base:
                 self._retire_checked = result.generation
         self._committed(cache.snapshot, fast.plan, result, fast.scope)
-        self._quarantined.good.update(d["id"] for d in docs)
+        self._quarantined.good.update(d["id"] for d in docs + late)
         await self._warm.after_fast(cache, fast, result)
         if result.stale:  # the next pass reads the change that made it stale from the log
             self._last_generation = self._warm.own_generation
         # The full solve tries the arrivals left short (and what was preempted) once more; it may
         # move others. What was tried again waits for the next change that could help it.
-        arrived = {d["id"] for d in docs}
+        arrived = {d["id"] for d in docs + late}
         self._queue.back_off([name for name in fast.unplaced if name in arrived]
                              + [p.deployment for p in fast.plan.preempted], self._clock())
         retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued else None

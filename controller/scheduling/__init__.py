@@ -1,10 +1,12 @@
 """What the reconciler keeps between passes to schedule without re-reading the cluster.
 
-- `cache.ClusterCache`: the last snapshot, kept current from this controller's own commits,
-  and a warm `scheduler.session.Session` built from it; a pass that only meets arrivals reads
-  the new deployment rows, decides them on the session and commits them in one transaction;
-- `warm.WarmCluster`: when that cache may be used (the generation its own last commit left),
-  how it is built and fed from the database, and what each commit leaves it;
+- `cache.ClusterCache`: the last snapshot, kept current from this controller's own commits and
+  from others' node changes and deletions (deltas, departures), and a warm
+  `scheduler.session.Session` built from it; a pass reads the new deployment rows, decides them
+  on the session and commits them in one transaction;
+- `warm.WarmCluster`: when that cache may be used (the generation its own last commit left, or
+  the one it caught up to from the change log, `store/changes.py`), how it is built and fed from
+  the database, and what each commit leaves it;
 - `queue.SchedulingQueue`: kube-scheduler's active / back-off / unschedulable queues: what the
   session cannot place gets one more try from the full solve, then waits, out of later solves,
   until a change could help it;

@@ -204,12 +204,17 @@ class ClusterCache:
         return docs
 
     def add(self, arrivals: Arrivals) -> list[dict[str, Any]]:
-        """Add deployments stored since the last read (as `load_snapshot` would); their documents."""
+        """Add deployments stored since the last read (as `load_snapshot` would); their documents.
+        Ones committed out of order (keys below the last one read) take their place by key."""
         snap = self.snapshot
+        late = any(key <= self.last_id for key in arrivals.deployment_ids.values())
         snap.problem["deployments"].extend(arrivals.deployments)
         snap.deployment_ids.update(arrivals.deployment_ids)  # type: ignore[attr-defined]
         snap.solver_refs.update(arrivals.solver_refs)  # type: ignore[attr-defined]
         snap.replica_indices.update((key, frozenset()) for key in arrivals.deployment_ids)  # type: ignore[attr-defined]
+        if late:
+            ids = snap.deployment_ids
+            snap.problem["deployments"].sort(key=lambda d: ids[stored_key(d["id"])])
         self.last_id = max(self.last_id, arrivals.last_id)
         return arrivals.deployments
 

@@ -21,7 +21,8 @@ from controller.scheduling.cache import ClusterCache, FastPlan
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
-from controller.store.snapshot import NodeRead, Snapshot, load_arrivals, load_nodes, load_snapshot
+from controller.store.snapshot import (
+    NodeRead, Snapshot, load_arrivals, load_nodes, load_snapshot, schedulable_keys)
 from scheduler import Plan, Unplaced
 
 # The changes the cache follows (`catch_up`); any other drops it.
@@ -44,21 +45,33 @@ class WarmCluster:
         self.cache = None
         self.own_generation = None
 
-    async def arrivals(self, schedulable: int) -> list[dict[str, Any]] | None:
+    async def arrivals(self, schedulable: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         """The deployments to decide on the cache (building it from a fresh snapshot when there
-        is none); None: not only arrivals after all, or one was missed."""
+        is none), and those of them committed out of order (below keys read before); None: not
+        only arrivals after all."""
         async with self._db.unit_of_work() as uow:
-            if self.cache is not None:
-                new = await load_arrivals(uow.session, after_id=self.cache.last_id, surge=self._surge)
-                if self.cache.missed(new, schedulable):
-                    return None
-                return self.cache.add(new)
-            snapshot = await load_snapshot(uow.session, surge=self._surge)
+            cache = self.cache
+            if cache is not None:
+                new = await load_arrivals(uow.session, after_id=cache.last_id, surge=self._surge)
+                if not cache.missed(new, schedulable):
+                    return cache.add(new), []
+                # The counts differ: a key committed out of order, or a count read before a
+                # submission or deletion landed. Which keys the cache lacks says which.
+                known = cache.snapshot.deployment_ids.keys() | new.deployment_ids.keys()
+                lacking = [i for key, i in (await schedulable_keys(uow.session, up_to_id=new.last_id)).items()
+                           if key not in known]
+                late = await load_arrivals(uow.session, after_id=0, surge=self._surge, only=lacking) \
+                    if lacking else None
+            else:
+                snapshot = await load_snapshot(uow.session, surge=self._surge)
+        if cache is not None:
+            return cache.add(new), [] if late is None else cache.add(late)
         if snapshot.generation != self.own_generation:
             return None
         self.cache = await asyncio.to_thread(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
                                              time_limit_ms=self._time_limit_ms)
-        return None if self.cache is None else self.cache.pending_since(self._known_id)
+        docs = None if self.cache is None else self.cache.pending_since(self._known_id)
+        return None if docs is None else (docs, [])
 
     async def catch_up(self) -> bool | None:
         """Bring the cache to the current generation from the change log: node changes read as

@@ -256,19 +256,20 @@ class Arrivals:
     last_id: int  # the highest primary key read (the `after_id` given when none was)
 
 
-async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DEFAULT_SURGE) -> Arrivals:
-    """The schedulable deployments whose primary key is above `after_id` (one query).
+async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DEFAULT_SURGE,
+                        only: Collection[int] | None = None) -> Arrivals:
+    """The schedulable deployments whose primary key is above `after_id` (one query), or those
+    of `only` (primary keys, whatever `after_id`: arrivals committed out of order).
 
     Primary keys are not committed in order under concurrency: the caller compares its count
-    with `count_schedulable_deployments` and reads the whole snapshot when one was missed."""
+    with `count_schedulable_deployments` and looks for the ones it missed (`schedulable_keys`)."""
     docs: list[dict[str, Any]] = []
     ids: dict[str, int] = {}
     refs: dict[str, SolverRef] = {}
     last_id = after_id
-    for d in await session.execute(
-        select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED, Deployment.id > after_id)
-        .order_by(Deployment.id)
-    ):
+    query = select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED)
+    query = query.where(Deployment.id > after_id) if only is None else query.where(Deployment.id.in_(sorted(only)))
+    for d in await session.execute(query.order_by(Deployment.id)):
         last_id = max(last_id, d.id)
         if d.phase is DeploymentPhase.DELETING:
             continue
@@ -278,6 +279,14 @@ async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DE
         refs.update(view.refs)
         ids[deployment_key(d.tenant_id, d.name)] = d.id
     return Arrivals(docs, ids, refs, last_id)
+
+
+async def schedulable_keys(session: AsyncSession, *, up_to_id: int) -> dict[str, int]:
+    """Every schedulable deployment (neither being deleted nor quarantined) with a primary key
+    up to `up_to_id`: key -> primary key (one narrow query, for the rare count mismatch)."""
+    rows = await session.execute(select(Deployment.id, Deployment.tenant_id, Deployment.name).where(
+        Deployment.phase.not_in((DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)), Deployment.id <= up_to_id))
+    return {deployment_key(tenant, name): dep_id for dep_id, tenant, name in rows}
 
 
 async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) -> Snapshot:
