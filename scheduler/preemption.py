@@ -45,7 +45,7 @@ def eligible_victims(solver: Solver, d: int) -> list[Replica]:
 
 def preempt_for(solver: Solver, d: int) -> None:
     """Evict the fewest victims, one replica of d at a time, until d is placed or stuck."""
-    while solver.pending(d):
+    while solver.placeable(d):
         if solver.late(d):
             return
         eligible = eligible_victims(solver, d)
@@ -60,7 +60,7 @@ def preempt_for(solver: Solver, d: int) -> None:
         solver.adopt(trial)
         solver.preempted += [v for v in removed if v in solver.existing_replicas]
         # The rest of the deployment may fit now; min_replicas still applies.
-        rest = solver.pending(d)
+        rest = solver.placeable(d)
         if rest:
             solver.placer.place_deployment(d, rest)
         if not solver.pending(d):

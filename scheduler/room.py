@@ -71,7 +71,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     ranked = sorted(by_domain, key=lambda dm: -sum(
         len(state.replicas[v]) * state.deps[v[0]].shard.milli for v in by_domain[dm]))
     best = None
-    r = solver.pending(d)[0]
+    r = solver.placeable(d)[0]
     size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1) for v in eligible}
     orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
               lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
@@ -189,7 +189,9 @@ def _finish(solver: Solver, d: int, trial: ClusterState, placer: Placer,
     state = solver.state
     dep = state.deps[d]
     # min_replicas: the rest of the deployment must reach it in the same trial.
-    rest = [x for x in range(dep.replicas) if (d, x) not in trial.replicas]
+    gone = set(solver.preempted)  # not placed again: see Solver.placeable
+    rest = [x for x in range(dep.replicas)
+            if (d, x) not in trial.replicas and (d, x) not in gone]
     placer.place_deployment(d, rest)
     if not trial.placed_replicas(d):
         return None

@@ -154,6 +154,16 @@ class Solver:
             return []
         return [r for r in range(wanted) if r not in placed]
 
+    def placeable(self, d: int) -> list[int]:
+        """Pending replicas of d this solve may place: not an existing one it preempted
+        (placing that again elsewhere would be a move, which only rebalance makes, and
+        rebalance runs before any preemption); it stays reported as preempted."""
+        todo = self.pending(d)
+        if not self.preempted or not todo:
+            return todo
+        gone = set(self.preempted)
+        return [r for r in todo if (d, r) not in gone]
+
     def replica_value(self, d: int) -> int:
         """Term 1 weight of one replica of deployment d (see the module docstring)."""
         return replica_value(self.state, d, self.min_priority)
@@ -238,7 +248,7 @@ class Solver:
             self.place_one(d, preempt)
 
     def place_one(self, d: int, preempt: bool = True) -> None:
-        todo = self.pending(d)
+        todo = self.placeable(d)
         if not todo:
             return
         placed = self.placer.place_deployment(d, todo)

@@ -135,3 +135,41 @@ def test_model_dump_switch(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MAIA_DUMP_MODEL", str(target))
     solve_doc(problem([node("n1")], [dep("a", acc=2), dep("b", acc=1)]))
     assert target.exists() and "x_d" in target.read_text()
+
+
+def test_online_a_replica_preempted_in_the_solve_is_not_placed_again_elsewhere() -> None:
+    # Found by test_every_plan_passes_the_checker: d2 (tenant t0, priority 1) can only go to
+    # rack r1, which t1 (excluding t0) holds with d3's replica 0; it preempts that replica.
+    # d3's own turn comes later in the same online solve: placing replica 0 again elsewhere
+    # would be a move, which online mode never makes, so it stays preempted.
+    nodes = [{"id": n, "rack": r, "accelerators": a}
+             for n, r, a in (("n0", "r0", 1), ("n1", "r1", 4), ("n2", "r0", 2), ("n3", "r0", 1),
+                             ("n4", "r0", 1))]
+    frac = {"accelerators": 1, "accelerator_milli": 250, "memory_mib": 16384}
+    doc = {
+        "zones": [{"id": "z0"}], "rows": [{"id": "w0", "zone": "z0"}],
+        "racks": [{"id": r, "row": "w0"} for r in ("r0", "r1", "r2")],
+        "nodes": [{**n, "accelerator_model": "m1", "idle_power_w": 0} for n in nodes],
+        "tenants": [{"id": "t0"}, {"id": "t1", "excludes": ["t0"]}],
+        "deployments": [
+            {"id": "d0", "tenant": "t1", "replicas": 1, "shards_per_replica": 1,
+             "shard": {**frac, "accelerator_models": ["m1"]}, "locality": "node",
+             "preemptible": True},
+            {"id": "d1", "tenant": "t0", "replicas": 1, "shards_per_replica": 1, "shard": frac,
+             "locality": "node", "preemptible": True},
+            {"id": "d2", "tenant": "t0", "replicas": 1, "shards_per_replica": 1, "priority": 1,
+             "shard": {**frac, "hbm_gib": 16}, "locality": "node", "preemptible": True},
+            {"id": "d3", "tenant": "t1", "replicas": 2, "shards_per_replica": 3, "shard": frac,
+             "locality": "row", "preemptible": True}],
+        "placements": [
+            {"deployment": d, "replica": 0, "shard": s, "node": n, "accelerator_indices": [i],
+             "accelerator_milli": 250}
+            for d, s, n, i in (("d0", 0, "n0", 0), ("d3", 0, "n1", 2), ("d3", 1, "n1", 2),
+                               ("d3", 2, "n2", 1))],
+        "options": {"mode": "online", "time_limit_ms": 2000, "allow_preemption": True}}
+    plan = solve_doc(doc)  # the checker: no moves in online mode
+    assert plan.moved == ()
+    assert [(p.deployment, p.replica) for p in plan.preempted] == [("d3", 0)]
+    assert placed_count(plan, "d2") == 1
+    assert [(u.deployment, u.replicas) for u in plan.unplaced
+            if u.deployment == "d3"] == [("d3", 1)]
