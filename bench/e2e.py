@@ -382,6 +382,8 @@ class Bench:
     stopped_while: str = ""  # the phase an error or a cancellation stopped
     metrics_url: str = ""
     passes: dict[str, int] = field(default_factory=dict)  # reconcile passes by path, as last scraped
+    lag: dict[float, float] = field(default_factory=dict)  # event-loop lag histogram (le -> count), last scraped
+    lag_at_start: dict[float, float] = field(default_factory=dict)  # ... when the submits started
 
     def measure(self) -> None:
         """The controller's CPU since the first submit and its peak RSS, while it runs."""
@@ -437,6 +439,16 @@ async def scrape_passes(bench: Bench) -> None:
         return
     for m in re.finditer(r'^maia_reconcile_passes_total\{path="(\w+)"\} (\S+)$', text, re.MULTILINE):
         bench.passes[m.group(1)] = int(float(m.group(2)))
+    bench.lag = {float(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r'^maia_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def lag_quantile(bench: Bench, q: float) -> float | None:
+    """The event-loop lag below which `q` of the ticks since the submits started fell (a bucket's
+    upper bound; None: unknown)."""
+    counts = sorted((le, n - bench.lag_at_start.get(le, 0.0)) for le, n in bench.lag.items())
+    total = counts[-1][1] if counts else 0.0
+    return next((le for le, n in counts if n >= q * total), None) if total else None
 
 
 def _get(url: str) -> str:
@@ -517,6 +529,8 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             tasks.append(asyncio.create_task(watch(channel, run)))
             await asyncio.sleep(0.5)  # the watch is established before the first submit
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
+            await scrape_passes(bench)
+            bench.lag_at_start = dict(bench.lag)
             bench.phase = "submitting"
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
             queue = list(reversed(works))
@@ -625,6 +639,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
         "nodes_joined_s": round(bench.joined_s, 1), "controller_exit": bench.controller_exit,
         "watches": run.watches, "graded": bench.violations is not None, "reconcile_passes": dict(bench.passes),
+        "loop_lag_p50_le_s": lag_quantile(bench, 0.5), "loop_lag_p99_le_s": lag_quantile(bench, 0.99),
         "checker_violations": violations[:10], "checker_violation_count": len(violations),
         "errors": run.errors[:10], "error_count": len(run.errors),
     }
@@ -647,7 +662,8 @@ def report(r: dict[str, Any]) -> str:
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
             f"controller CPU {r['controller_cpu_s']} s, peak RSS {r['controller_peak_rss_mib']} MiB | "
             f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
-            f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'}\n"
+            f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'} | "
+            f"event-loop lag p50/p99 <= {r['loop_lag_p50_le_s']}/{r['loop_lag_p99_le_s']} s\n"
             f"  checker: {checker}; errors: {r['error_count']}"
             + "".join(f"\n    {e}" for e in r["errors"] + r["checker_violations"]))
 

@@ -40,6 +40,7 @@ from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
 from controller.console.server import ConsoleServer
 from controller.observability.cluster import ClusterGauges, read_cluster_gauges
+from controller.observability.loop import watch_event_loop
 from controller.observability.metrics import ControllerMetrics
 from controller.errors import Unauthenticated
 from controller.health import HealthMonitor
@@ -343,6 +344,7 @@ class ControllerApp:
             asyncio.create_task(self.lifecycle.run(), name="node-lifecycle"),
             asyncio.create_task(self.watchdog.run(), name="isolation-watchdog"),
             asyncio.create_task(self.monitor.run(), name="health"),
+            asyncio.create_task(watch_event_loop(self.metrics.loop_lagged), name="event-loop-lag"),
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))

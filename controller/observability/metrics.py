@@ -137,6 +137,10 @@ class ControllerMetrics:
                                           "Times this controller acquired the leader lease.", registry=r)
         self.lease_losses = Counter("maia_lease_losses", "Times this controller lost or gave up the leader lease.",
                                     registry=r)
+        self.loop_lag = Histogram("maia_event_loop_lag_seconds",
+                                  "How much later than asked a 0.1 s timer fired on the event loop: the time any "
+                                  "request, agent stream or loop waited behind other work (observability/loop.py).",
+                                  registry=r, buckets=RPC_BUCKETS_S)
         self.reconcile_passes = Counter(
             "maia_reconcile_passes", "Reconcile passes that did work, by path: full (read and solved the whole "
             "cluster), fast (decided on the warm session), delta (only applied others' changes to the warm cache).",
@@ -187,6 +191,9 @@ class ControllerMetrics:
     def queue_depths(self, depths: QueueDepths) -> None:
         for queue in ("active", "backoff", "unschedulable"):
             self.scheduling_queue.labels(queue).set(getattr(depths, queue))
+
+    def loop_lagged(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
 
     def pass_taken(self, path: str) -> None:
         self.reconcile_passes.labels(path).inc()
