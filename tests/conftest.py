@@ -7,6 +7,11 @@ binaries (no Docker here), on a free port with trust auth, and stopped at the en
 gets a fresh database in it (CREATE DATABASE is milliseconds). `MAIA_TEST_PG_URL` points the
 tests at an existing server instead. Without either, PostgreSQL cases are skipped, unless
 `MAIA_REQUIRE_POSTGRES=1` (CI), where that is an error.
+
+Property tests (Hypothesis) explore new random examples on every local run, which is how they
+find bugs. `HYPOTHESIS_PROFILE=ci` (set by `.ci/run`) makes them derandomized and free of the
+local example database instead, so CI's verdict is the same on every run of one commit; a new
+counterexample found locally is pinned with `@example` when it is fixed.
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import settings
 from sqlalchemy.engine import make_url
 
 from controller.store.db import Database
 from bench.pgserver import PG_BIN_DIRS, LocalPostgres, create_database, drop_database, find_pg_bin_dir
 from controller.store.migrate import ensure_schema
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 T = TypeVar("T")
 
