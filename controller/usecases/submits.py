@@ -27,13 +27,12 @@ the batch committed, so exactly as if the submits had come one after the other):
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
+from controller.groupcommit import ALONE, GroupCommit, GroupStats
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
 from controller.store import audit
@@ -44,8 +43,6 @@ from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import admit, submit_deployment, submitted_event
 from controller.usecases.ports import Signals
 
-log = logging.getLogger("maia.submits")
-
 BATCH_MAX = 256
 
 
@@ -55,28 +52,21 @@ class Queued:
     request_id: str
     actor: str
     call: audit.CallEntry | None  # the RPC's audit entry, written with the deployment
-    answer: asyncio.Future[DeploymentView | None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-@dataclass
-class BatchStats:
-    batches: int = 0
-    committed: int = 0
-    alone: int = 0     # handed back to the lone path (a conflict, or a failed batch)
-    largest: int = 0
 
 
 class SubmitBatcher:
-    """Submits checked concurrently, committed together (see the module docstring)."""
+    """Submits checked concurrently, committed together (see the module docstring); the
+    queue and the writer are `groupcommit.GroupCommit`'s."""
 
     def __init__(self, db: Database, signals: Signals, *, batch_max: int = BATCH_MAX) -> None:
         self._db = db
         self._signals = signals
-        self._batch_max = batch_max
-        self._queue: list[Queued] = []
-        self._writer: asyncio.Task[None] | None = None
-        self.stats = BatchStats()
+        self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
+            "submit-batches", self._commit_group, batch_max=batch_max)
+
+    @property
+    def stats(self) -> GroupStats:
+        return self._group.stats
 
     async def submit(self, who: Principal, spec: DeploymentSpec, *, throttle: SubmitLimits | None = None,
                      capacity: CapacityCache | None = None, request_id: str = "") -> DeploymentView:
@@ -87,38 +77,22 @@ class SubmitBatcher:
             return admitted.replay
         if admitted.replaced is None:
             queued = Queued(admitted.spec, request_id, who.name, audit.current_call())
-            self._queue.append(queued)
-            if self._writer is None:
-                # A context of its own: the writer is nobody's call (it writes their entries itself).
-                self._writer = asyncio.create_task(self._write(), name="submit-batches",
-                                                   context=contextvars.Context())
-            view = await asyncio.shield(queued.answer)
+            try:
+                # Shielded: a member its caller left is still written with its batch.
+                view = await asyncio.shield(self._group.submit(queued))
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # the caller itself was cancelled
+                view = None  # the writer was stopped (the controller stops): go alone
             if view is not None:
                 return view
-        self.stats.alone += 1
         async with self._db.unit_of_work() as uow:  # the tenant's submit rate was charged above
             return await submit_deployment(uow, who, admitted.spec, self._signals, capacity=capacity,
                                            request_id=request_id)
 
-    async def _write(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:self._batch_max], self._queue[self._batch_max:]
-                try:
-                    views = await self.commit_batch(batch)
-                except Exception as exc:  # nothing written: each member is decided alone
-                    log.warning("a batch of %d submits did not commit (%s: %s); each goes alone",
-                                len(batch), type(exc).__name__, exc)
-                    views = {}
-                for queued in batch:
-                    if not queued.answer.done():
-                        queued.answer.set_result(views.get(id(queued)))
-        finally:
-            self._writer = None
-            for queued in self._queue:  # cancelled (the controller stops): the callers go alone
-                if not queued.answer.done():
-                    queued.answer.set_result(None)
-            self._queue = []
+    async def _commit_group(self, batch: list[Queued]) -> list[DeploymentView | None]:
+        views = await self.commit_batch(batch)
+        return [views.get(id(q), ALONE) for q in batch]
 
     async def commit_batch(self, batch: list[Queued]) -> dict[int, DeploymentView]:
         """Write the members nothing changed for since their checks, in one transaction; returns
@@ -157,7 +131,4 @@ class SubmitBatcher:
         for view in views.values():
             self._signals.publish(DeploymentEvent("added", view))
         self._signals.wake_reconciler()
-        self.stats.batches += 1
-        self.stats.committed += len(accepted)
-        self.stats.largest = max(self.stats.largest, len(accepted))
         return views
