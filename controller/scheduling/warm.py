@@ -5,7 +5,8 @@ The cache is valid at the cluster generation this controller's own last commit l
 one it caught up to since (`own_generation`). Submissions leave the generation alone: what they
 add is new deployment rows, read by primary key above the last one seen and counted against
 `count_schedulable_deployments` (a key committed out of order makes the counts differ: the
-cache is dropped and the pass reads the whole cluster). Every other change moves the generation
+keys the cache lacks, `snapshot.schedulable_keys`, say which, and they are read by key). Every
+other change moves the generation
 and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
 node changes as deltas and deletions as departures; any other change drops the cache. The log
 is in the database, so the changes another controller made (HA) are read the same way.
