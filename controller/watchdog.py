@@ -86,10 +86,12 @@ class IsolationWatchdog:
     async def check_once(self) -> list[Alarm]:
         """One full check; returns the alarms it raised (violations not active before)."""
         started = time.perf_counter()
-        async with self._db.unit_of_work() as uow:
-            # The version first: a change made while the rows are read is checked next round.
-            version = await isolation_version(uow.session)
-            stored = await read_placements(uow.session)
+        async with self._db.read_snapshot() as session:
+            # One snapshot: rows read at different moments can disagree (a placement read, then
+            # its deployment deleted) and raise a false REFERENCE alarm. The version first: a
+            # change committed after the snapshot is checked next round.
+            version = await isolation_version(session)
+            stored = await read_placements(session)
         self._checked = (version, self._clock())
         violations = await asyncio.to_thread(violations_in, stored)
         fresh = [v for v in violations if v.key not in self._active]

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.util import await_only
@@ -183,6 +183,28 @@ class Database:
             # back to the pool, shielded: a task cancelled again while it cleans up (an RPC past
             # its deadline writing its audit entry) must not leave its transaction open, holding
             # the writer (SQLite's lock) until the garbage collector finds the connection.
+            await asyncio.shield(_discard(session))
+
+    @asynccontextmanager
+    async def read_snapshot(self) -> AsyncIterator[AsyncSession]:
+        """A read-only transaction whose statements all see the database as of its first read.
+
+        `unit_of_work`'s reads each see the latest commit (PostgreSQL's READ COMMITTED; on SQLite
+        the driver begins a transaction only before a write), so several SELECTs can straddle a
+        commit: placements read, then their deployment deleted, then deployments read. A reader
+        that joins several tables in Python and must see them whole (the isolation watchdog)
+        reads here: REPEATABLE READ, READ ONLY on PostgreSQL (never a serialization failure for
+        a reader); on SQLite an explicit BEGIN, which holds the WAL snapshot of its first read.
+        Nothing can be written in it.
+        """
+        session = self._sessions()
+        try:
+            if self.is_sqlite:
+                await session.execute(text("BEGIN"))
+            else:
+                await session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+            yield session
+        finally:
             await asyncio.shield(_discard(session))
 
     async def dispose(self) -> None:

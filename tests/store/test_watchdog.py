@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 from controller.store import audit
 from controller.store import models as m
 from controller.store.db import Database
+from controller import watchdog as watchdog_module
 from controller.watchdog import EVENT_KIND, IsolationWatchdog
 
 from .seed import TWO_RACKS, seed_problem
@@ -142,3 +143,39 @@ async def test_only_changes_the_rules_read_cause_a_full_check(database: Database
 
     now[0] = 61.0  # and a full check runs once a minute regardless (dropped triggers)
     assert await watchdog.check_if_changed() == [] and watchdog.checks_total == 3
+
+
+async def test_a_deletion_committed_while_the_watchdog_reads_raises_no_false_alarm(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog reads placements first, then the deployments they name. A deployment deleted
+    (its placements with it) in between must not look like placements of a missing deployment
+    (REFERENCE): the whole read is one snapshot. Seen on PostgreSQL under `bench e2e`."""
+    await _seeded(database)
+    real_read = watchdog_module.read_placements
+
+    async def read_with_a_deletion_in_between(session: Any) -> Any:
+        real_execute = session.execute
+        deleted = False
+
+        async def execute(statement: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal deleted
+            result = await real_execute(statement, *args, **kwargs)
+            if not deleted and "FROM placements" in str(statement):
+                deleted = True
+                result = list(result)  # the page is read; now someone deletes a deployment
+                async with database.engine.begin() as conn:
+                    dep_id = (await conn.execute(text("SELECT id FROM deployments WHERE name = 'rival-web'"))).scalar_one()
+                    await conn.execute(text("DELETE FROM placements WHERE deployment_id = :d"), {"d": dep_id})
+                    await conn.execute(text("DELETE FROM deployments WHERE id = :d"), {"d": dep_id})
+            return result
+
+        monkeypatch.setattr(session, "execute", execute)
+        return await real_read(session)
+
+    monkeypatch.setattr(watchdog_module, "read_placements", read_with_a_deletion_in_between)
+    watchdog = IsolationWatchdog(database)
+    assert await watchdog.check_once() == []
+    monkeypatch.undo()
+    async with database.unit_of_work() as uow:  # the deletion did commit, during the read
+        assert (await uow.session.execute(text("SELECT count(*) FROM deployments WHERE name = 'rival-web'"))).scalar_one() == 0
+    assert await watchdog.check_once() == []  # and the next check sees it gone, cleanly
