@@ -48,6 +48,7 @@ ITEM_NODES = 12  # per item: nodes (of the candidates) it may take, its best by 
 DETERMINISTIC_BUDGET_S = 0.1  # CP-SAT deterministic time per batch (what ends a search)
 WALL_CEILING_S = 10.0  # a ceiling only a very loaded machine reaches (or the deadline)
 SEED = 1
+BATCH_MAX_ITEMS = 256  # fractional replicas beyond which batch mode does not pair them again
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,42 @@ def place_jointly(solver: Solver, placer: Placer, ds: list[int]) -> None:
         todo = solver.pending(d)
         if todo:
             placer.place_deployment(d, todo)
+
+
+def pair_again(solver: Solver, wanted: list[int]) -> None:
+    """Batch-mode stage: the fractional single-shard replicas this solve placed (or left
+    pending) assigned again by the exact pairing, on the answer the solve has so far.
+
+    The greedy decides one fraction at a time and CP-SAT over node classes sums a class's
+    fraction capacity, so neither sees that two 500s share one accelerator where a 700 and a
+    500 do not (`builders.hbm_bound_pairing`). Here the solve's new fractional replicas are
+    taken out and placed again by `_assign` (whole shards stay where the solve put them),
+    then greedily what is left; the result is kept only if it places more (term 1), so the
+    stage never loses. Replicas the problem gave (running or repaired) stay where they are.
+    Skipped beyond `BATCH_MAX_ITEMS` replicas (the model grows with items x accelerators)."""
+    joint = [d for d in wanted if jointly_placeable(solver, d)]
+    state = solver.state
+    new = [(d, r) for d in joint for r in state.by_dep.get(d, ()) if (d, r) not in solver.given]
+    items = len(new) + sum(len(solver.placeable(d)) for d in joint)
+    if items < 2 or items > BATCH_MAX_ITEMS or time.perf_counter() >= solver.deadline:
+        return
+    kept, value = state, solver.objective(state)
+    trial = state.copy()
+    for d, r in new:
+        trial.remove_replica(d, r)
+    solver.adopt(trial)
+    _assign(solver, solver.placer, joint)
+    for d in solver.batch_order(joint):
+        todo = solver.placeable(d)
+        if todo:
+            solver.placer.place_deployment(d, todo)
+    better = solver.objective(trial) > value
+    solver.stats["batch_pairing"] = "kept" if better else "no gain"
+    if not better:
+        solver.adopt(kept)
+        return
+    for d in joint:
+        solver.why.pop(d, None)  # said of the state before: explained again if still pending
 
 
 def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:

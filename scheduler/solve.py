@@ -11,6 +11,7 @@ scheduling cycle runs its extension points and a Nomad evaluation runs its itera
                               joint_batch    one CP-SAT pairing of the fractions
       batch / rebalance       (here)         greedy (greedy.py) over all pending, priority first
         + improve             cpsat.py       CP-SAT over node classes, kept only if better
+        + pair fractions      joint_batch    the new fractions paired again exactly, if better
         + rebalance           rebalance.py   moves (<= max_moves shards) that make room
     preempt                   preemption.py  fewest victims for what still does not fit
     emit the plan             emit.py        placements, moves, preemptions, reasons, status
@@ -39,6 +40,7 @@ from scheduler.emit import emit_plan
 from scheduler.explain import explain
 from scheduler.fragmentation import Workload
 from scheduler.greedy import Placer
+from scheduler.joint_batch import pair_again
 from scheduler.model import Placement, Plan, Problem, Reason
 from scheduler.online_batch import place_batch
 from scheduler.preemption import preempt_for
@@ -217,6 +219,7 @@ class Solver:
             greedy_state = self.state
             if self.use_cpsat and (any(self.pending(d) for d in wanted) or len(wanted) > 1):
                 self.improve_with_cpsat(base, wanted)
+                pair_again(self, wanted)
             if self.state is greedy_state and self.repeats is not None:
                 self.take_over(self.repeats)
                 return emit_plan(self)

@@ -65,6 +65,17 @@ def problem(nodes: list[Doc], deployments: list[Doc], *, racks: list[Doc] | None
             "options": {"mode": "batch", "time_limit_ms": 2000, **options}}
 
 
+def hbm_bound_pairing() -> Doc:
+    """Found by test_tiny_instances_place_the_exhaustive_optimum (main 45cc275, issue 9 part
+    5): in batch mode the 32 GiB node takes none of the 40 GiB fractions; the greedy (biggest
+    first) put a 700 on each of the other two accelerators (1.4) and CP-SAT over node classes,
+    whose fraction capacity is summed per class, did not pair the two 500s: the optimum is
+    both 500s on one accelerator and a 700 on the other (1.7)."""
+    return problem([node("n0", acc=1), node("n1", acc=1), node("n2", acc=1, hbm_gib=32)],
+                   [dep("a", replicas=2, accelerator_milli=500, hbm_gib=40, locality="node"),
+                    dep("b", replicas=2, accelerator_milli=700, hbm_gib=40, locality="node")])
+
+
 def solve_doc(doc: Doc, **kw: Any) -> Plan:
     """Solve, and insist the plan passes the independent checker."""
     plan = solve(problem_from_dict(copy.deepcopy(doc)), **kw)

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, note, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from builders import dep, node, problem  # noqa: E402
+from builders import dep, hbm_bound_pairing, node, problem  # noqa: E402
 from checker import check_plan  # noqa: E402
 from strategies import problems  # noqa: E402
 
@@ -91,3 +91,13 @@ def test_a_batch_pairs_what_no_order_of_single_decisions_pairs() -> None:
     plan = run(doc)
     assert check_plan(doc, plan) == []
     assert placed_milli(doc, plan) == 3_450
+
+
+
+def test_batch_mode_pairs_two_fractions_neither_greedy_nor_classes_pair() -> None:
+    doc = hbm_bound_pairing()
+    plan = run(doc)
+    assert check_plan(doc, plan) == []
+    assert placed_milli(doc, plan) == 1_700
+    pair = [p["node"] for p in plan["placements"] if p["deployment"] == "a"]
+    assert len(pair) == 2 and pair[0] == pair[1]

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, note, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from builders import move_beats_preemption  # noqa: E402
+from builders import hbm_bound_pairing, move_beats_preemption  # noqa: E402
 from checker import MONOTONE_RULES, STATUS, check_plan, placed_accelerators  # noqa: E402
 from strategies import (ReplicaChoice, materialize, plan_doc,  # noqa: E402
                         preemption_problems, problems, shard_choices, tiny_problems)
@@ -241,6 +241,7 @@ EXCLUSION_TRADE_OFF: Doc = {
 
 @settings(max_examples=300, **COMMON)
 @example(EXCLUSION_TRADE_OFF)
+@example(hbm_bound_pairing())
 @given(tiny_problems())
 def test_tiny_instances_place_the_exhaustive_optimum(doc: Doc) -> None:
     plan = run_solver(doc)
