@@ -4,7 +4,9 @@ Every controller runs a `LeaderElection`. It tries to take the lease row
 (`controller.store.lease`) every `retry_every_s` while it follows, and renews it every
 `renew_every_s` while it leads. Only the leader reconciles, watches agents' liveness and runs
 the watchdog; followers serve the API (their writes go to the database; the leader is woken
-through PostgreSQL NOTIFY) and send node agents to the leader's advertised address.
+through PostgreSQL NOTIFY) and send node agents to the leader's advertised address. On
+PostgreSQL the renewing is done by a thread of its own (its own event loop and connection), so
+a saturated event loop cannot starve it (see `LeaderElection`).
 
 Stepping down happens on this controller's own clock, before the database could hand the
 lease to anyone else: a lease renewed by a statement sent at local time t is ours until
@@ -30,6 +32,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -81,8 +84,28 @@ def new_holder_id() -> str:
     return f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Term:
+    """The lease as this controller holds it, replaced whole (read without a lock from any thread)."""
+
+    token: int | None = None   # the token held or last held (kept after stepping down)
+    leading: bool = False      # in office: its term was announced on the controller's loop
+    valid_until: float = 0.0   # local clock: stop scheduling at this instant (0: stepped down)
+
+
 class LeaderElection:
-    """Takes, renews and releases the lease; `should_run` says whether to schedule now."""
+    """Takes, renews and releases the lease; `should_run` says whether to schedule now.
+
+    On PostgreSQL `run` keeps the lease from a thread of its own, with its own event loop and its
+    own connection (`_keep_in_thread`): a renewal never waits for the controller's event loop,
+    however busy it is (solver results, big commits, thousands of agent calls). The thread
+    extends `should_run`'s deadline itself; a new term and a step-down are announced on the
+    controller's loop (`on_elected`, `on_deposed`, the observer), and a new term counts only
+    from there (`leading`): a pass never runs as leader before `on_elected` resynced it. A stalled
+    loop cannot keep acting on an expired lease either: `should_run` reads the local clock, and
+    every leader transaction is fenced on the database. On SQLite the lease is never renewed once
+    taken (see the module docstring), so there is nothing to keep off the loop: `run` stays on it.
+    """
 
     def __init__(self, db: Database, *, address: str, settings: LeaseSettings | None = None,
                  holder: str | None = None, force: bool = False,
@@ -100,16 +123,28 @@ class LeaderElection:
         self._on_deposed = on_deposed
         self._observer = observer
         self._clock = clock
-        self.token: int | None = None     # the token last held (kept after stepping down)
-        self.leading = False
-        self._valid_until = 0.0           # local clock: stop scheduling at this instant
+        self._term = _Term()
+        self._lock = threading.Lock()     # term changes (the keeper thread and the loop both make them)
         self.leader_address = ""          # where the leader is, as last read (followers)
         self.acquisitions = 0
-        self._wake = asyncio.Event()
+        self.renewals = 0                 # renewals that got through (of a term already held)
+        self._loop: asyncio.AbstractEventLoop | None = None     # the controller's: announcements run there
+        self._wake: Callable[[], None] = _nothing          # wakes `_keep`, from any thread
+        self._stop_keeper: Callable[[], None] = _nothing   # cancels the keeper thread's loop
 
     # --- what others ask --------------------------------------------------------------------
+    @property
+    def token(self) -> int | None:
+        """The token held, or last held (kept after stepping down)."""
+        return self._term.token
+
+    @property
+    def leading(self) -> bool:
+        return self._term.leading
+
     def should_run(self) -> bool:
-        return self.leading and self._clock() < self._valid_until
+        term = self._term
+        return term.leading and self._clock() < term.valid_until
 
     def require_leader(self) -> None:
         """Raise `NotLeader` (with where the leader is) unless this controller leads now."""
@@ -118,100 +153,197 @@ class LeaderElection:
 
     async def check(self, session: AsyncSession) -> None:
         """The fence: inside a leader transaction, refuse it unless the lease is still ours."""
+        term = self._term
         try:
-            await lease.fence(session, self.holder, self.token if self.leading else None,
+            await lease.fence(session, self.holder, term.token if term.leading else None,
                               live=not self._exclusive)
         except LeaseLost:
-            self._step_down("a write was refused by the fencing token")
+            self._step_down("a write was refused by the fencing token", term.token)
             raise
 
     def wake(self) -> None:
         """Try now (a lease was released)."""
-        self._wake.set()
+        self._wake()
 
     # --- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
-        """Acquire or renew until cancelled."""
+        """Acquire or renew until cancelled (on PostgreSQL from a thread of its own)."""
+        self._loop = asyncio.get_running_loop()
+        if self._exclusive:
+            await self._keep(self._db)
+            return
+        stopping = threading.Event()
+        keeper = threading.Thread(target=asyncio.run, args=(self._keep_in_thread(stopping),),
+                                  name=f"leader-lease-{self.holder}", daemon=True)
+        keeper.start()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            stopping.set()
+            self._stop_keeper()
+            # bounded: a renewal is cut off after the lease time anyway
+            await asyncio.to_thread(keeper.join, self.settings.ttl_s + 1.0)
+            if keeper.is_alive():
+                log.warning("the leader lease thread did not stop in time; leaving it (a daemon)")
+
+    async def _keep_in_thread(self, stopping: threading.Event) -> None:
+        """The keeper thread's loop: `_keep` on a database handle (pool) of its own."""
+        db = Database(self._db.url)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._stop_keeper = lambda: _call_soon(loop, task.cancel)
+        try:
+            if not stopping.is_set():  # checked after `_stop_keeper` is set: one of the two sees the stop
+                await self._keep(db)
+        except asyncio.CancelledError:
+            pass
+        except BaseException:  # it must not die in silence: without it the lease runs out
+            log.exception("the leader lease thread failed; this controller stops leading when its lease runs out")
+            raise
+        finally:
+            self._wake = self._stop_keeper = _nothing
+            await db.dispose()
+
+    async def _keep(self, db: Database) -> None:
+        """Acquire or renew on `db` every interval, on whichever loop runs it, until cancelled."""
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._wake = lambda: _call_soon(loop, wake.set)
         while True:
-            if self._exclusive and self.leading:
+            term = self._term
+            if self._exclusive and term.leading:
                 # SQLite: the lease is ours until this process stops (nobody else can open the
                 # file), so it is never renewed. A renewal only queued one more write behind
                 # SQLite's one writer, and one cut off by the deadline below mid-statement could
                 # keep the database locked until its connection was really closed (30-40 s
                 # stalls of every write during a join storm).
-                self._wake.clear()
-                await wait_event(self._wake, 3600.0)
+                wake.clear()
+                await wait_event(wake, 3600.0)
                 continue
             try:  # bounded: a statement stuck on a lock must not keep a stale leader from stepping down
-                await within(self.step(), self.settings.ttl_s)
+                await within(self._try(db), self.settings.ttl_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("leader lease: acquiring or renewing failed (%s: %s)", type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "")
-            if self.leading and self._clock() >= self._valid_until:
-                self._step_down("the lease could not be renewed in time")
-            wait = self.settings.renew_every_s if self.leading else self.settings.retry_every_s
-            if self.leading:
-                wait = max(0.0, min(wait, self._valid_until - self._clock()))
-            self._wake.clear()
-            await wait_event(self._wake, wait)
+            term = self._term
+            if term.valid_until and self._clock() >= term.valid_until:
+                self._step_down("the lease could not be renewed in time", term.token)
+                term = self._term
+            wait = self.settings.renew_every_s if term.valid_until else self.settings.retry_every_s
+            if term.valid_until:
+                wait = max(0.0, min(wait, term.valid_until - self._clock()))
+            wake.clear()
+            await wait_event(wake, wait)
 
     async def step(self) -> None:
-        """One try: renew (leading) or acquire (following); steps up or down accordingly."""
+        """One try, on this loop and its database: renew (leading) or acquire (following); steps
+        up or down accordingly."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        await self._try(self._db)
+
+    async def _try(self, db: Database) -> None:
         sent = self._clock()
-        async with self._db.unit_of_work() as uow:
+        term = self._term
+        async with db.unit_of_work() as uow:
             held = await lease.acquire(uow.session, self.holder, self.address, self.settings.ttl_s,
-                                       token=self.token, force=self._force, keep=self._exclusive)
+                                       token=term.token, force=self._force, keep=self._exclusive)
             row = await lease.read(uow.session) if held is None else None
             await uow.session.commit()
         self._force = False  # once: afterwards the lease is ours until we let it go
         if held is None:
             assert row is not None
             self.leader_address = row.address if row.live else ""
-            if self.leading:
-                self._step_down(f"controller {row.holder} holds the lease now")
+            self._step_down(f"controller {row.holder} holds the lease now", term.token)
             return
-        self._valid_until = math.inf if self._exclusive else sent + self.settings.ttl_s - self.settings.margin_s
         self.leader_address = self.address
-        if held != self.token or not self.leading:
-            self.token = held
-            self.leading = True
+        valid_until = math.inf if self._exclusive else sent + self.settings.ttl_s - self.settings.margin_s
+        with self._lock:
+            now = self._term
+            if now.token == held and now.valid_until:  # a renewal of the term held (announced or not yet)
+                self._term = _Term(held, now.leading, max(now.valid_until, valid_until))
+                self.renewals += 1
+                return
+            self._term = _Term(held, False, valid_until)  # a new term: it counts once announced
+        self._on_loop(self._take_office, held)
+
+    def _take_office(self, token: int) -> None:
+        """On the controller's loop: a new term begins (unless it ended before it got here)."""
+        with self._lock:
+            term = self._term
+            if term.token != token or term.leading or not term.valid_until:
+                return
+            self._term = _Term(token, True, term.valid_until)
             self.acquisitions += 1
-            log.warning("leader lease acquired: this controller leads holder=%s token=%d address=%s",
-                        self.holder, held, self.address)
-            if self._observer is not None:
-                self._observer.leadership_changed(True)
-            if self._on_elected is not None:
-                self._on_elected(held)
+        log.warning("leader lease acquired: this controller leads holder=%s token=%d address=%s",
+                    self.holder, token, self.address)
+        if self._observer is not None:
+            self._observer.leadership_changed(True)
+        if self._on_elected is not None:
+            self._on_elected(token)
+
+    def _on_loop(self, announce: Callable[..., None], *args: object) -> None:
+        """Run `announce` on the controller's loop: now when called there, else as soon as it can."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            announce(*args)
+            return
+        _call_soon(loop, announce, *args)
 
     async def release(self) -> None:
         """A clean stop: stop leading and expire the lease now, so a follower takes over at once."""
-        if self.token is None:
+        term = self._term
+        if term.token is None:
             return
-        was_leading = self.leading
-        self._step_down("shutting down")
+        was_leading = term.leading
+        self._step_down("shutting down", term.token)
         if not was_leading or self._exclusive:
             # SQLite: the next controller on the file forces the lease anyway, and a write at
             # stop could wait out the busy timeout behind a transaction a cancelled task left open.
             return
         try:
             async with self._db.unit_of_work() as uow:
-                released = await lease.release(uow.session, self.holder, self.token)
+                released = await lease.release(uow.session, self.holder, term.token)
                 await uow.session.commit()
         except Exception as exc:
             log.warning("could not release the leader lease (%s); it expires in %.0fs", exc, self.settings.ttl_s)
             return
         if released:
-            log.info("leader lease released token=%d", self.token)
+            log.info("leader lease released token=%d", term.token)
 
-    def _step_down(self, why: str) -> None:
-        if not self.leading:
-            return
-        self.leading = False
-        self._valid_until = 0.0
-        log.warning("leader lease lost: this controller stops scheduling (%s) token=%s", why, self.token)
+    def _step_down(self, why: str, token: int | None) -> None:
+        """Stop leading under `token` (from any thread): at once for `should_run`; the deposition
+        is announced on the controller's loop."""
+        with self._lock:
+            term = self._term
+            if term.token != token or not term.valid_until:
+                return
+            self._term = _Term(term.token, False, 0.0)
+        if term.leading:
+            self._on_loop(self._announce_deposed, why, term.token)
+
+    def _announce_deposed(self, why: str, token: int | None) -> None:
+        log.warning("leader lease lost: this controller stops scheduling (%s) token=%s", why, token)
         if self._observer is not None:
             self._observer.leadership_changed(False)
         if self._on_deposed is not None:
             self._on_deposed(why)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
+    """`callback(*args)` on `loop`, from any thread; nothing once that loop is closed (stopped)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass

@@ -8,10 +8,13 @@ agree on when a lease ran out. `expires_at` is seconds since the epoch on that c
   it, in one UPDATE under the row's lock; every new acquisition adds one to `token`, the
   fencing token.
 - `fence` runs inside a writer's own transaction, just before it commits: it locks the row
-  (`FOR SHARE` on PostgreSQL; SQLite has one writer at a time anyway) and refuses with
+  (`FOR KEY SHARE` on PostgreSQL; SQLite has one writer at a time anyway) and refuses with
   `LeaseLost` unless the row still names this holder, this token and an expiry in the future.
-  A new leader's acquisition must wait for that lock, so a deposed leader's late plan either
-  commits before the new leader exists or not at all.
+  A new leader's acquisition must wait for that lock (it takes the row `FOR UPDATE` first), so a
+  deposed leader's late plan either commits before the new leader exists or not at all. The
+  holder's own renewal is a plain UPDATE of the expiry, whose lock (`FOR NO KEY UPDATE`) does
+  not conflict with the fences': it never waits for the leader's in-flight transactions, so a
+  leader whose event loop is slow to finish them still renews in time.
 - `release` expires the lease at once on a clean shutdown, so a follower need not wait out
   the expiry.
 """
@@ -66,16 +69,27 @@ async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float
     `keep`, there too, keeps this holder's token even once its lease ran out (a late renewal is
     no reason for a new term). The caller commits."""
     now = _now(session)
+    if token is not None:  # a renewal of a live lease: no new leader, so no wait for the fences
+        renewed = await session.execute(text(
+            f"UPDATE leader_lease SET address = :address, expires_at = {now} + :ttl "
+            f"WHERE id = 1 AND holder = :holder AND token = :token AND expires_at > {now} RETURNING token"),
+            {"holder": holder, "address": address, "ttl": float(ttl_s), "token": token})
+        if (held := renewed.scalar_one_or_none()) is not None:
+            return held
+    takes = f"id = 1 AND ((holder = :holder AND token = :token) OR expires_at <= {now} OR :force)"
+    values = {"holder": holder, "address": address, "ttl": float(ttl_s), "token": token, "force": force, "keep": keep}
+    booleans = (bindparam("force", type_=Boolean), bindparam("keep", type_=Boolean))
+    if session.bind.dialect.name != "sqlite":  # a takeover waits for the fenced transactions in flight
+        await session.execute(text(f"SELECT token FROM leader_lease WHERE {takes} FOR UPDATE").bindparams(
+            booleans[0]), {k: values[k] for k in ("holder", "token", "force")})
     statement = text(
         f"UPDATE leader_lease SET "
         f"token = CASE WHEN holder = :holder AND token = :token AND (expires_at > {now} OR :keep) THEN token "
         f"ELSE token + 1 END, "
         f"holder = :holder, address = :address, expires_at = {now} + :ttl "
-        f"WHERE id = 1 AND ((holder = :holder AND token = :token) OR expires_at <= {now} OR :force) "
-        f"RETURNING token"
-    ).bindparams(bindparam("force", type_=Boolean), bindparam("keep", type_=Boolean))
-    result = await session.execute(statement, {"holder": holder, "address": address, "ttl": float(ttl_s),
-                                               "token": token, "force": force, "keep": keep})
+        f"WHERE {takes} RETURNING token"
+    ).bindparams(*booleans)
+    result = await session.execute(statement, values)
     return result.scalar_one_or_none()
 
 
@@ -85,7 +99,7 @@ async def fence(session: AsyncSession, holder: str, token: int | None, *, live: 
     transaction ends."""
     if token is None:
         raise LeaseLost(holder, token)
-    lock = "" if session.bind.dialect.name == "sqlite" else " FOR SHARE"
+    lock = "" if session.bind.dialect.name == "sqlite" else " FOR KEY SHARE"
     unexpired = f" AND expires_at > {_now(session)}" if live else ""
     result = await session.execute(text(
         f"SELECT token FROM leader_lease WHERE id = 1 AND holder = :holder AND token = :token"

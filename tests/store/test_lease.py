@@ -7,10 +7,13 @@ to live is already expired, one taken for an hour is live.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+
+from controller.aio import within
 
 from controller.leadership import LeaderElection, LeaseSettings, NotLeader
 from controller.store import lease
@@ -201,3 +204,109 @@ async def test_the_lone_sqlite_controller_writes_no_renewals_once_it_leads(datab
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+# --- renewal off the event loop (PostgreSQL: the only backend where a lease is renewed) --------
+
+POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+
+
+async def _until(condition: Any, what: str, timeout_s: float = 30.0) -> None:
+    """Yield to the loop until `condition()` (an awaitable's result) holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.02)
+
+
+@POSTGRES_ONLY
+async def test_the_lease_is_renewed_while_the_event_loop_is_blocked(database: Database) -> None:
+    """A leader whose loop is stuck (a long synchronous stretch) longer than the lease time keeps
+    its lease: its own thread renews it, and the follower next to it never takes over."""
+    settings = LeaseSettings(ttl_s=3.0, renew_every_s=0.25, margin_s=1.0)
+    elected: list[int] = []
+    deposed: list[str] = []
+    leader = LeaderElection(database, address="a:1", holder="a", settings=settings,
+                            on_elected=elected.append, on_deposed=deposed.append)
+    follower = LeaderElection(database, address="b:1", holder="b", settings=settings)
+    await leader.step()
+    tasks = [asyncio.create_task(leader.run()), asyncio.create_task(follower.run())]
+    try:
+        await _until(lambda: _renewed(leader), "a renewal from the lease thread")
+        before = await _row(database)
+        time.sleep(settings.ttl_s + 0.5)  # the loop is blocked: no coroutine runs, no timer fires
+        # Read before the loop runs anything: only a renewal made during the block explains it.
+        assert leader.should_run() and not follower.should_run()
+        after = await _row(database)
+        assert (after.holder, after.token) == ("a", before.token)
+        assert after.expires_at > before.expires_at + settings.ttl_s  # renewed after the block began
+        assert (leader.acquisitions, follower.acquisitions) == (1, 0)
+        assert elected == [before.token] and deposed == []
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _renewed(election: LeaderElection) -> bool:
+    return election.renewals > 0
+
+
+@POSTGRES_ONLY
+async def test_a_blocked_loop_does_not_keep_a_lease_taken_meanwhile(database: Database) -> None:
+    """Safety: the lease thread finds the lease gone while the loop is stuck and stops the
+    leader at once (before its own deadline would); the loop hears of it when it runs again, and
+    a commit its stale pass tries is refused by the fence."""
+    settings = LeaseSettings(ttl_s=4.0, renew_every_s=0.25, margin_s=1.0)
+    deposed: list[str] = []
+    leader = LeaderElection(database, address="a:1", holder="a", settings=settings, on_deposed=deposed.append)
+    await leader.step()
+    task = asyncio.create_task(leader.run())
+    try:
+        await _until(lambda: _renewed(leader), "a renewal from the lease thread")
+        async with database.unit_of_work() as uow:  # another controller holds it now (its own term)
+            await uow.session.execute(m.LeaderLease.__table__.update().values(
+                holder="b", token=m.LeaderLease.__table__.c.token + 1, address="b:1"))
+            await uow.session.commit()
+        assert leader.should_run()  # its deadline has not come: only a renewal can tell it
+        time.sleep(1.5)  # shorter than the lease time minus the margin: the clock alone says "leading"
+        assert not leader.should_run()
+        assert deposed == []  # announced on the loop, which has not run since
+        await _until(lambda: _true(bool(deposed)), "the deposition announced on the loop")
+        assert "holds the lease now" in deposed[0]
+        with pytest.raises(LeaseLost):
+            async with database.fenced(leader).unit_of_work() as uow:
+                await uow.commit()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@POSTGRES_ONLY
+async def test_a_renewal_never_waits_for_the_leaders_fenced_transactions_but_a_takeover_does(
+        database: Database) -> None:
+    """The fence's row lock keeps a new leader out until a deposed leader's late commit is done;
+    the leader's own renewal must not wait for it (its loop may be slow to commit)."""
+    assert await _acquire(database, "a", HOUR) == 1
+    async with database.unit_of_work() as fenced:
+        await lease.fence(fenced.session, "a", 1)  # a leader transaction about to commit, holding the row
+        assert await within(_acquire(database, "a", HOUR, token=1), 10.0) == 1  # renewed without waiting
+        async with database.unit_of_work() as uow:  # the lease runs out (the leader stalled)
+            await uow.session.execute(m.LeaderLease.__table__.update().values(expires_at=0.0))
+            await uow.session.commit()
+        takeover = asyncio.create_task(_acquire(database, "b", HOUR))
+        await _until(lambda: _waiting_for_a_lock(database), "the takeover waiting for the fenced transaction")
+        assert not takeover.done()
+        await fenced.session.commit()
+    assert await takeover == 2
+
+
+async def _waiting_for_a_lock(database: Database) -> bool:
+    async with database.unit_of_work() as uow:
+        waiting = await uow.session.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"))
+    return bool(waiting)
