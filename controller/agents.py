@@ -4,7 +4,9 @@ The hub is the only place that knows which agents are connected right now. It
 - accepts a stream after its Hello matched the node's current session (a newer stream for the
   same node supersedes the older one),
 - sends the node's complete AssignmentSet when the stream opens and whenever `notify` says it
-  changed (coalesced: an agent gets the latest set, never a backlog),
+  changed (coalesced: an agent gets the latest set, never a backlog); the sets of every stream
+  woken together (a commit's changed nodes) are read in one batch (`repo.assignment_sets`), not
+  one transaction per node,
 - checks every report as it arrives (bounded fields and batch sizes, a per-stream rate limit;
   a violation ends the stream with INVALID_ARGUMENT or RESOURCE_EXHAUSTED) and refuses reports
   for shards the node was never given on this stream (an event per node and flush),
@@ -49,6 +51,8 @@ log = logging.getLogger("maia.agents")
 
 AgentInbound = HeartbeatReport | ShardReport
 
+
+ASSIGNMENT_READ_BATCH_MAX = 2048  # nodes whose sets one batched read fetches
 
 ShardKey = tuple[str, int, int]  # (deployment name, replica, shard): the tenant is looked up in `given`
 REFUSED_SAMPLES = 5
@@ -128,6 +132,10 @@ class AgentHub:
         self._registers: GroupCommit[agent_cases.Register, agent_cases.Registered] = GroupCommit(
             "agent-registers", self._write_registers, batch_max=limits.REGISTER_BATCH_MAX,
             key=lambda r: r.info.node_id, shared_failure=_shared_failure)
+        # The sets of the nodes a commit changed are read together: one read for all of them.
+        self._assignment_reads: GroupCommit[str, _Read] = GroupCommit(
+            "agent-assignment-reads", self._read_assignment_sets, batch_max=ASSIGNMENT_READ_BATCH_MAX,
+            shared_failure=_shared_failure)
         self._stopping = False
 
     # --- what others ask ---------------------------------------------------------------------
@@ -208,6 +216,21 @@ class AgentHub:
         async with self.admission.admit(), self._db.unit_of_work() as uow:
             return await agent_cases.hellos(uow, batch, datetime.now(timezone.utc))
 
+    # --- assignment sets, read in batches ----------------------------------------------------
+    async def _assignment_set(self, node_id: str) -> AssignmentSet | None:
+        """The node's current set (None: the node is gone), read with the other streams' that
+        want theirs now (a commit wakes every node it changed at once)."""
+        read = await self._assignment_reads.submit(node_id)
+        if read is not None:
+            return read.current
+        async with self._db.unit_of_work() as uow:  # its batch failed: alone
+            return (await repo.assignment_sets(uow.session, [node_id])).get(node_id)
+
+    async def _read_assignment_sets(self, node_ids: list[str]) -> list[_Read]:
+        async with self._db.unit_of_work() as uow:
+            sets = await repo.assignment_sets(uow.session, node_ids)
+        return [_Read(sets.get(node_id)) for node_id in node_ids]
+
     # --- one stream --------------------------------------------------------------------------
     async def converse(
         self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
@@ -234,8 +257,7 @@ class AgentHub:
                 if session.closed.is_set():
                     break
                 session.dirty.clear()
-                async with self._db.unit_of_work() as uow:
-                    current = await repo.assignment_set(uow.session, node_id)
+                current = await self._assignment_set(node_id)
                 if current is not None:
                     session.sent(current)
                 if reader is None:  # reports are judged against what the node was given: read after the first set
@@ -363,6 +385,13 @@ class AgentHub:
         self._stopping = True
         for session in list(self._sessions.values()):
             session.close("controller shutting down", mark_down=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """One node's read in a batch: its set, or None when the node no longer exists."""
+
+    current: AssignmentSet | None
 
 
 @dataclass

@@ -643,18 +643,43 @@ async def release_placements_beyond(session: AsyncSession, node_id: str, acceler
     return released
 
 
-async def assignment_set(session: AsyncSession, node_id: str) -> d.AssignmentSet | None:
-    node = await session.get(m.Node, node_id)
-    if node is None:
-        return None
-    assignments = []
-    for p, dep in await placements_on_node(session, node_id):
-        milli = placement_milli(dep, p)
-        assignments.append(d.Assignment(
-            deployment=dep.name, tenant=dep.tenant_id, replica=p.replica, shard=p.shard,
-            shards_per_replica=(_revision_doc(dep, p.revision) or {}).get("shards_per_replica", dep.shards_per_replica),
-            accelerator_indices=tuple(p.accelerator_indices or ()),
-            accelerator_milli=milli if milli < 1000 else 0, spec=_shard_spec_of(dep, p.revision),
-            generation=p.generation or dep.generation,
-        ))
-    return d.AssignmentSet(node_id=node_id, generation=node.assignment_generation, assignments=tuple(assignments))
+ASSIGNMENT_READ_CHUNK = 500  # nodes per query of `assignment_sets` (bound on the IN list)
+
+
+async def assignment_sets(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, d.AssignmentSet]:
+    """The complete AssignmentSet of each of these nodes that exists, in two queries per
+    `ASSIGNMENT_READ_CHUNK` nodes (their assignment generations; their placements with their
+    deployments), however many nodes a commit changed. A node's assignments are in (deployment
+    name, tenant, replica, shard) order; each deployment row and shard spec is built once."""
+    ids = sorted(set(node_ids))
+    sets: dict[str, d.AssignmentSet] = {}
+    specs: dict[tuple[int, int], d.ShardSpec] = {}
+    for start in range(0, len(ids), ASSIGNMENT_READ_CHUNK):
+        chunk = ids[start:start + ASSIGNMENT_READ_CHUNK]
+        generations = {node_id: generation for node_id, generation in await session.execute(
+            select(m.Node.id, m.Node.assignment_generation).where(m.Node.id.in_(chunk)))}
+        assignments: dict[str, list[d.Assignment]] = defaultdict(list)
+        rows = await session.execute(
+            select(m.Placement.node_id, m.Placement.replica, m.Placement.shard, m.Placement.accelerator_indices,
+                   m.Placement.accelerator_milli, m.Placement.generation, m.Placement.revision, m.Deployment)
+            .join(m.Deployment, m.Placement.deployment_id == m.Deployment.id)
+            .where(m.Placement.node_id.in_(chunk))
+            .order_by(m.Placement.node_id, m.Deployment.name, m.Deployment.tenant_id, m.Placement.replica,
+                      m.Placement.shard))
+        for node_id, replica, shard, indices, placed_milli, generation, revision, dep in rows:
+            spec = specs.get((dep.id, revision))
+            if spec is None:
+                spec = specs[(dep.id, revision)] = _shard_spec_of(dep, revision)
+            milli = shard_milli(dep.shard_accelerators, placed_milli)
+            assignments[node_id].append(d.Assignment(
+                deployment=dep.name, tenant=dep.tenant_id, replica=replica, shard=shard,
+                shards_per_replica=(_revision_doc(dep, revision) or {}).get("shards_per_replica",
+                                                                            dep.shards_per_replica),
+                accelerator_indices=tuple(indices or ()),
+                accelerator_milli=milli if milli < 1000 else 0, spec=spec,
+                generation=generation or dep.generation,
+            ))
+        for node_id, node_generation in generations.items():
+            sets[node_id] = d.AssignmentSet(node_id=node_id, generation=node_generation,
+                                            assignments=tuple(assignments.get(node_id, ())))
+    return sets
