@@ -123,7 +123,7 @@ class AdmissionGate:
     _inside: int = 0
     _waiting: int = 0
     _service_s: float = INITIAL_SERVICE_S
-    _turn: _Average = field(default_factory=lambda: _Average(INITIAL_SERVICE_S))
+    _turn: MovingAverage = field(default_factory=lambda: MovingAverage(INITIAL_SERVICE_S))
     _slots: asyncio.Semaphore | None = None
 
     def __post_init__(self) -> None:
@@ -207,7 +207,7 @@ class AdmissionGate:
 
 
 @dataclass
-class _Average:
+class MovingAverage:
     """A moving average and a moving mean deviation from it (weight `SMOOTHING` for the latest)."""
 
     mean: float

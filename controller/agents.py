@@ -131,7 +131,8 @@ class AgentHub:
             "agent-hellos", self._write_hellos, batch_max=limits.HELLO_BATCH_MAX, shared_failure=_shared_failure)
         self._registers: GroupCommit[agent_cases.Register, agent_cases.Registered] = GroupCommit(
             "agent-registers", self._write_registers, batch_max=limits.REGISTER_BATCH_MAX,
-            key=lambda r: r.info.node_id, shared_failure=_shared_failure)
+            key=lambda r: r.info.node_id, shared_failure=_shared_failure,
+            writers=1 if db.is_sqlite else limits.REGISTER_WRITERS_POSTGRES)
         # The sets of the nodes a commit changed are read together: one read for all of them.
         self._assignment_reads: GroupCommit[str, _Read] = GroupCommit(
             "agent-assignment-reads", self._read_assignment_sets, batch_max=ASSIGNMENT_READ_BATCH_MAX,
@@ -180,10 +181,11 @@ class AgentHub:
         """Register a node (`usecases.agents.register_nodes`), committed with the Registers around
         it; raises what refuses it. Each Register is one caller of the admission gate (`time_left_s`
         until its deadline): the gate bounds how many wait for the batches, and refuses with a retry
-        time those that would wait past their deadline."""
+        time those that would wait past their deadline; its batch answers before the deadline too."""
+        deadline = None if time_left_s is None else time.monotonic() + time_left_s
         async with self.admission.admit(time_left_s):
             ask = agent_cases.Register(who, info, credential_proposal, call=audit.current_call())
-            outcome = await self._registers.submit(ask)
+            outcome = await self._registers.submit(ask, None if deadline is None else deadline - time.monotonic())
             if outcome is not None:
                 return outcome
             async with self._db.unit_of_work() as uow:  # the batch could not decide it: alone

@@ -18,6 +18,18 @@ rather than a batch's worth of lone transactions piling onto whatever failed. It
 the later one waits for the next (its outcome may depend on the earlier one's, as if they had
 come one after the other). A caller that went away (cancelled) before its batch was formed is
 left out. The writer runs in a context of its own: it is nobody's call.
+
+Deadlines: a caller that says how long it has (`submit(item, time_left_s)`) is answered before
+that, with a reserve for the answer to reach it. Its item is taken into a batch only while the
+batch can still be written in time (the recent time a batch took, plus its deviation); one still
+queued when that moment passes leaves the queue, not written at all, and its caller is told to
+retry later (UNAVAILABLE with a retry time). An item taken into a batch is written with it or
+not at all, whoever still waits: if the batch has not committed when the caller's time is up,
+the caller is told so (UNAVAILABLE, the item may have landed) and the batch goes on.
+
+`writers` batches may be written at once (each in its own transaction): worth it where the
+batches' reads overlap and only their last statements take turns (PostgreSQL). Items with the
+same key are never in two batches in flight.
 """
 
 from __future__ import annotations
@@ -25,9 +37,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
+import random
+import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from controller.admission import MAX_RETRY_S, MIN_RETRY_S, RESERVE_SHARE, SPREAD, MovingAverage
+from controller.errors import Unavailable
 
 log = logging.getLogger("maia.groupcommit")
 
@@ -43,6 +61,18 @@ class GroupStats:
     items: int = 0
     alone: int = 0    # handed back to their callers (a conflict, or a batch that failed)
     largest: int = 0
+    refused: int = 0  # left the queue unwritten: their batch could not have been written before their deadline
+    late: int = 0     # answered before their batch had committed (their deadline was near); written with it
+
+
+@dataclass(eq=False)
+class _Member(Generic[Item, Outcome]):
+    """A queued item and what its caller waits on."""
+
+    item: Item
+    future: asyncio.Future[Outcome | None]
+    latest_start: float = math.inf  # taken into a batch after this (clock), it could not be answered in time
+    taken: bool = False             # in a batch: written with it or not at all
 
 
 class GroupCommit(Generic[Item, Outcome]):
@@ -50,77 +80,161 @@ class GroupCommit(Generic[Item, Outcome]):
 
     def __init__(self, name: str, commit: Callable[[list[Item]], Awaitable[Sequence[Outcome | BaseException | None]]],
                  *, batch_max: int, key: Callable[[Item], Hashable] | None = None,
-                 shared_failure: Callable[[Exception], bool] = lambda exc: False) -> None:
-        if batch_max < 1:
-            raise ValueError(f"{name}: batch_max must be >= 1")
+                 shared_failure: Callable[[Exception], bool] = lambda exc: False, writers: int = 1,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+        if batch_max < 1 or writers < 1:
+            raise ValueError(f"{name}: batch_max and writers must be >= 1")
         self.name = name
         self._commit = commit
         self._batch_max = batch_max
         self._key = key
         self._shared_failure = shared_failure
-        self._pending: list[tuple[Item, asyncio.Future[Outcome | None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers_max = writers
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._pending: list[_Member[Item, Outcome]] = []
+        self._writers: set[asyncio.Task[None]] = set()
+        self._keys_in_flight: set[Hashable] = set()
+        self._write = MovingAverage(0.0)  # how long a batch takes to commit (no guess before the first)
         self.stats = GroupStats()
 
     @property
     def queued(self) -> int:
         return len(self._pending)
 
-    async def submit(self, item: Item) -> Outcome | None:
+    async def submit(self, item: Item, time_left_s: float | None = None) -> Outcome | None:
         """The item's outcome once its batch committed; raises what refused it; `ALONE` (None)
-        when the batch could not decide it."""
-        future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name=self.name, context=contextvars.Context())
-        return await future
+        when the batch could not decide it. With `time_left_s` (until the caller's deadline) the
+        answer comes in time: `Unavailable` with a retry time when the item could not be written
+        in time (it was not) or its batch had not committed by then (it is written with it)."""
+        member: _Member[Item, Outcome] = _Member(item, asyncio.get_running_loop().create_future())
+        member.future.add_done_callback(_retrieved)
+        answer_by = math.inf
+        if time_left_s is not None and math.isfinite(time_left_s):
+            answer_by = self._clock() + time_left_s * (1.0 - RESERVE_SHARE)  # the rest: for the answer to arrive
+            member.latest_start = answer_by - self._write_bound_s()
+        self._pending.append(member)
+        self._start_writers()
+        try:
+            if not await self._answered_by(member, member.latest_start) and not member.taken:
+                self._pending.remove(member)
+                raise self._refuse()
+            if not await self._answered_by(member, answer_by):
+                self.stats.late += 1
+                raise self._busy("the batch writing this call had not committed when its deadline neared; it is "
+                                 "written with that batch or not at all (a retry finds out)")
+        except asyncio.CancelledError:
+            if not member.taken:  # its caller went away before its batch was formed: left out
+                member.future.cancel()
+            raise
+        return member.future.result()
 
-    def _take(self) -> list[tuple[Item, asyncio.Future[Outcome | None]]]:
-        """The next batch: the pending items in order, up to `batch_max`, one per key."""
-        batch: list[tuple[Item, asyncio.Future[Outcome | None]]] = []
-        keys: set[Hashable] = set()
+    async def _answered_by(self, member: _Member[Item, Outcome], until: float) -> bool:
+        """Wait for the member's outcome until `until` (clock); whether it came."""
+        if not math.isfinite(until):
+            await asyncio.shield(member.future)
+            return True
+        try:
+            async with asyncio.timeout(max(0.0, until - self._clock())):
+                await asyncio.shield(member.future)
+        except TimeoutError:
+            return member.future.done()
+        return True
+
+    def _write_bound_s(self) -> float:
+        return self._write.mean + SPREAD * self._write.deviation
+
+    def _retry_after_s(self) -> float:
+        """How long until the queue ahead could be written, spread over [1, 2) of it."""
+        batches = (len(self._pending) // self._batch_max + 1) / self._writers_max
+        return min(MAX_RETRY_S, max(MIN_RETRY_S, batches * self._write.mean * (1.0 + self._rng.random())))
+
+    def _refuse(self) -> Unavailable:
+        self.stats.refused += 1
+        return self._busy(f"this call could not be written before its deadline ({len(self._pending)} queued, "
+                          f"a batch takes {self._write.mean:.3g}s); nothing was written")
+
+    def _busy(self, why: str) -> Unavailable:
+        wait_s = self._retry_after_s()
+        return Unavailable(f"{self.name}: busy; {why}; retry in {wait_s:.3g}s", retry_after_ms=math.ceil(wait_s * 1000))
+
+    def _start_writers(self) -> None:
+        while len(self._writers) < self._writers_max and self._pending:
+            writer = asyncio.create_task(self._write_batches(), name=self.name, context=contextvars.Context())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+            if len(self._writers) >= len(self._pending):
+                break
+
+    def _take(self) -> list[_Member[Item, Outcome]]:
+        """The next batch: the pending items in order, up to `batch_max`, one per key and none
+        whose key is in a batch in flight; items that could no longer be written in time are
+        refused here."""
+        batch: list[_Member[Item, Outcome]] = []
+        now = self._clock()
         rest = []
-        for item, future in self._pending:
-            if future.done():  # its caller went away
+        for member in self._pending:
+            if member.future.done():  # its caller went away
                 continue
-            key = self._key(item) if self._key is not None else None
-            if len(batch) >= self._batch_max or (key is not None and key in keys):
-                rest.append((item, future))
+            if now > member.latest_start:  # its caller would hear too late: not written
+                member.future.set_exception(self._refuse())
+                continue
+            key = self._key(member.item) if self._key is not None else None
+            if len(batch) >= self._batch_max or (key is not None and key in self._keys_in_flight):
+                rest.append(member)
                 continue
             if key is not None:
-                keys.add(key)
-            batch.append((item, future))
+                self._keys_in_flight.add(key)
+            member.taken = True
+            batch.append(member)
         self._pending = rest
         return batch
 
-    async def _write(self) -> None:
-        batch: list[tuple[Item, asyncio.Future[Outcome | None]]] = []
+    async def _write_batches(self) -> None:
+        batch: list[_Member[Item, Outcome]] = []
         try:
             while self._pending:
                 batch = self._take()
-                if not batch:
-                    continue
+                if not batch:  # what is left waits for keys in flight: their writer takes it next
+                    return
+                started = self._clock()
                 try:
-                    outcomes = await self._commit([item for item, _ in batch])
+                    outcomes = await self._commit([member.item for member in batch])
                 except Exception as exc:  # nothing written: each member is decided alone, or fails with it
                     shared = self._shared_failure(exc)
                     log.warning("%s: a batch of %d did not commit (%s: %s); %s", self.name, len(batch),
                                 type(exc).__name__, exc, "each fails with it" if shared else "each goes alone")
                     outcomes = [exc if shared else ALONE] * len(batch)
+                else:
+                    self._write.add(self._clock() - started)
+                finally:
+                    self._release_keys(batch)
                 self.stats.batches += 1
                 self.stats.items += len(batch)
                 self.stats.largest = max(self.stats.largest, len(batch))
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                for member, outcome in zip(batch, outcomes, strict=True):
                     if outcome is ALONE:
                         self.stats.alone += 1
-                    if future.done():
+                    if member.future.done():
                         continue
                     if isinstance(outcome, BaseException):
-                        future.set_exception(outcome)
+                        member.future.set_exception(outcome)
                     else:
-                        future.set_result(outcome)
+                        member.future.set_result(outcome)
+                batch = []
         except BaseException:  # cancelled (the controller stops): so are the callers waiting
-            for _, future in [*batch, *self._pending]:
-                future.cancel()
+            for member in [*batch, *self._pending]:
+                member.future.cancel()
             self._pending = []
             raise
+
+    def _release_keys(self, batch: list[_Member[Item, Outcome]]) -> None:
+        if self._key is not None:
+            for member in batch:
+                self._keys_in_flight.discard(self._key(member.item))
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark an outcome nobody awaits any more (its caller left) as seen: no 'never retrieved' noise."""
+    if not future.cancelled():
+        future.exception()

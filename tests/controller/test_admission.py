@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from controller.admission import MAX_RETRY_S, MIN_RETRY_S, AdmissionGate, QueueState, Refusal, _Average, judge
+from controller.admission import MAX_RETRY_S, MIN_RETRY_S, AdmissionGate, QueueState, Refusal, MovingAverage, judge
 from controller.errors import ResourceExhausted, Unavailable
 
 
@@ -70,7 +70,7 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
 
 def test_the_retry_time_grows_with_the_queue_and_stays_bounded() -> None:
     gate = _gate(concurrency=4, max_waiting=10_000)
-    gate._turn = _Average(0.2)
+    gate._turn = MovingAverage(0.2)
     short = gate.retry_after_s()
     gate._waiting = 400
     long = gate.retry_after_s()
@@ -139,7 +139,7 @@ class _Seen:
 async def test_a_caller_that_would_outwait_its_deadline_is_refused_at_once_with_a_retry_time() -> None:
     seen = _Seen()
     gate = AdmissionGate("agent registrations", 1, 1000, rng=random.Random(7), observer=seen)
-    gate._service_s, gate._turn = 0.5, _Average(0.5)
+    gate._service_s, gate._turn = 0.5, MovingAverage(0.5)
     release = asyncio.Event()
 
     first = asyncio.create_task(_hold(gate, release))
@@ -175,7 +175,7 @@ async def test_a_caller_whose_deadline_passes_in_the_queue_is_counted_as_abandon
 
 
 def test_the_time_a_place_takes_and_its_deviation_follow_what_was_measured() -> None:
-    turn = _Average(0.05)
+    turn = MovingAverage(0.05)
     for _ in range(60):
         turn.add(0.2)
     assert turn.mean == pytest.approx(0.2, abs=1e-4) and turn.deviation < 1e-4
@@ -189,7 +189,7 @@ async def test_a_queued_caller_whose_turn_does_not_come_in_time_is_refused_befor
     caller is refused when only its own service time is left, not cancelled at its deadline."""
     seen = _Seen()
     gate = AdmissionGate("agent registrations", 1, 10, rng=random.Random(7), observer=seen)
-    gate._service_s, gate._turn = 0.01, _Average(0.001)
+    gate._service_s, gate._turn = 0.01, MovingAverage(0.001)
     release = asyncio.Event()
 
     first = asyncio.create_task(_hold(gate, release))

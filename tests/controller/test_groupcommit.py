@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from controller.errors import FailedPrecondition
+from controller.admission import MAX_RETRY_S, MIN_RETRY_S, MovingAverage
+from controller.errors import FailedPrecondition, Unavailable
 from controller.groupcommit import ALONE, GroupCommit
 
 
@@ -86,7 +87,8 @@ async def test_when_the_writer_is_cancelled_so_are_its_callers():
     await _settle()
     queued = asyncio.create_task(group.submit("b"))
     await _settle()
-    group._writer.cancel()
+    for writer in list(group._writers):
+        writer.cancel()
     for caller in (inflight, queued):
         with pytest.raises(asyncio.CancelledError):
             await caller
@@ -101,3 +103,52 @@ async def test_a_batch_that_fails_for_everyone_fails_every_member_with_it():
                                                shared_failure=lambda exc: exc is lost)
     answers = await asyncio.gather(group.submit("a"), group.submit("b"), return_exceptions=True)
     assert answers == [lost, lost] and group.stats.alone == 0
+
+
+async def test_a_queued_item_whose_batch_could_not_be_written_in_time_is_refused_unwritten():
+    """A batch takes ~10 s here: a caller with 1 s left is told at once to come back (nothing of
+    it written); one with time for a batch leaves the queue when that time is gone behind a slow
+    batch in flight, unwritten too."""
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
+    inflight = asyncio.create_task(group.submit("a"))
+    await _settle()
+    group._write = MovingAverage(10.0)
+    with pytest.raises(Unavailable, match="nothing was written") as refused:
+        await group.submit("b", time_left_s=1.0)
+    assert MIN_RETRY_S * 1000 <= refused.value.retry_after_ms <= MAX_RETRY_S * 1000
+    group._write = MovingAverage(0.05)
+    with pytest.raises(Unavailable, match="nothing was written"):
+        await group.submit("c", time_left_s=0.3)  # the batch of "a" is still being written
+    store.release.set()
+    assert await inflight == "A"
+    assert store.batches == [["a"]] and group.queued == 0 and group.stats.refused == 2
+
+
+async def test_a_member_of_a_batch_in_flight_is_answered_before_its_deadline_and_written_with_it():
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
+    with pytest.raises(Unavailable, match="written with that batch or not at all") as late:
+        await group.submit("a", time_left_s=0.3)  # its batch never commits in that time
+    assert late.value.retry_after_ms is not None
+    assert store.batches == [["a"]] and group.stats.late == 1
+    follower = asyncio.create_task(group.submit("b"))
+    store.release.set()
+    assert await follower == "B"
+    assert store.batches == [["a"], ["b"]] and group.stats.items == 2  # "a" was written, whole, with its batch
+
+
+async def test_writers_write_batches_at_once_but_never_one_key_in_two_of_them():
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10, key=lambda item: item[0],
+                                               writers=2)
+    first = [asyncio.create_task(group.submit("x1"))]
+    await _settle()
+    first.append(asyncio.create_task(group.submit("x2")))  # x is in flight: it waits
+    await _settle()
+    first.append(asyncio.create_task(group.submit("y1")))  # a second batch, beside the first
+    await _settle()
+    assert store.batches == [["x1"], ["y1"]]
+    store.release.set()
+    assert await asyncio.gather(*first) == ["X1", "X2", "Y1"]
+    assert store.batches == [["x1"], ["y1"], ["x2"]]
