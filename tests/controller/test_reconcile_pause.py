@@ -23,7 +23,7 @@ async def test_a_whole_cluster_pass_is_followed_by_a_pause_as_long_as_it(monkeyp
     pauses: list[float] = []
     real_sleep = asyncio.sleep
 
-    async def one_pass(*, force: bool = False) -> ReconcileOutcome:  # what the real pass records
+    async def one_pass(*, force: bool = False, wait_published: bool = True) -> ReconcileOutcome:  # what the real pass records
         began = reconcile.time.perf_counter()
         await real_sleep(0.05)  # the pass's own work
         if full:
@@ -50,3 +50,25 @@ async def test_a_whole_cluster_pass_is_followed_by_a_pause_as_long_as_it(monkeyp
         assert pauses[-2:] == passes[:2]
     else:
         assert not [p for p in pauses if p > 0.01]
+
+
+async def test_publishes_overlap_the_next_pass_but_keep_the_commits_order() -> None:
+    """The run loop does not wait for watchers to be told (reading the views costs round trips):
+    publishes run in the background, one after the other, in the order of the commits; one that
+    fails is logged and the next ones still run."""
+    told: list[str] = []
+
+    async def publish(changed: set[str], deleted: list[Any]) -> None:
+        (name,) = changed
+        if name == "first":
+            await asyncio.sleep(0.05)  # slower than the ones after it
+        if name == "broken":
+            raise RuntimeError("the watchers' read failed")
+        told.append(name)
+
+    r = Reconciler(None, push=lambda nodes: None, publish=publish)  # type: ignore[arg-type]
+    for name in ("first", "broken", "second", "third"):
+        r._publish_in_order({name}, [])
+    assert told == []  # nothing waited for
+    await r.published()
+    assert told == ["first", "second", "third"]
