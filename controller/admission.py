@@ -17,6 +17,9 @@ controller needs to serve it:
   whose turn has not come when only that reserve is left is refused then, the same way,
   rather than left to time out in the queue (waited_out);
 - any caller once `max_waiting` are queued (UNAVAILABLE: a bound on memory whatever the deadlines).
+On a lagging event loop (`loop_lagged`, fed from `observability.loop`) a refusal due at some
+instant is sent late by about that lag: the reserve a deadline keeps grows by it, so a caller is
+answered before its deadline rather than cancelled in the queue (abandoned) by its client.
 `judge` is that rule alone, a pure function; `AdmissionGate` keeps the queue and the measurements.
 """
 from __future__ import annotations
@@ -45,6 +48,9 @@ SPREAD = 1.0
 # What a caller's deadline must keep after its wait: its own service, twice over (a slow one), and
 # at least this share of the deadline (the answer must still reach it on a busy event loop).
 RESERVE_SHARE = 0.1
+# Mean deviations of the event loop's lag added to it for the time an answer may be late (spiky:
+# one long stretch of work now and then), as many as TCP adds to its round trip's.
+LAG_SPREAD = 4.0
 
 
 class Refusal(enum.Enum):
@@ -66,6 +72,7 @@ class QueueState:
     service_s: float    # the recent time one caller is served (a moving average)
     turn_s: float       # the recent time one service ahead took to clear, as its waiters saw it
     turn_dev_s: float = 0.0  # how far that is from its average (a moving mean deviation)
+    lag_s: float = 0.0       # how late the event loop runs a timer now (its bound): an answer is that late too
 
     def services_ahead(self) -> float:
         """Services before an arriving caller's turn: none while a slot is free, else the
@@ -89,14 +96,20 @@ def judge(state: QueueState, time_left_s: float | None) -> Refusal | None:
     if state.waiting >= state.max_waiting:
         return Refusal.QUEUE_FULL
     if time_left_s is not None and math.isfinite(time_left_s) and \
-            state.wait_bound_s() > time_left_s - reserve_s(time_left_s, state.service_s):
+            state.wait_bound_s() > time_left_s - reserve_s(time_left_s, state.service_s, state.lag_s):
         return Refusal.DEADLINE
     return None
 
 
-def reserve_s(time_left_s: float, service_s: float) -> float:
-    """The part of a caller's remaining time its wait may not use (`RESERVE_SHARE`)."""
-    return max(2 * service_s, RESERVE_SHARE * time_left_s)
+def reserve_s(time_left_s: float, service_s: float, lag_s: float = 0.0) -> float:
+    """The part of a caller's remaining time its wait may not use (`RESERVE_SHARE`), and on a
+    lagging event loop that lag more: a refusal due at some instant is sent that much later."""
+    return max(2 * service_s, RESERVE_SHARE * time_left_s) + lag_s
+
+
+def answer_reserve_s(time_left_s: float, lag_s: float = 0.0) -> float:
+    """What a caller already inside must keep of its remaining time for its answer to arrive."""
+    return RESERVE_SHARE * time_left_s + lag_s
 
 
 class AdmissionObserver(Protocol):
@@ -124,6 +137,7 @@ class AdmissionGate:
     _waiting: int = 0
     _service_s: float = INITIAL_SERVICE_S
     _turn: MovingAverage = field(default_factory=lambda: MovingAverage(INITIAL_SERVICE_S))
+    _lag: MovingAverage = field(default_factory=lambda: MovingAverage(0.0))
     _slots: asyncio.Semaphore | None = None
 
     def __post_init__(self) -> None:
@@ -136,7 +150,19 @@ class AdmissionGate:
 
     def state(self) -> QueueState:
         return QueueState(self._inside, self._waiting, self.concurrency, self.max_waiting, self._service_s,
-                          self._turn.mean, self._turn.deviation)
+                          self._turn.mean, self._turn.deviation, self.lag_s())
+
+    def loop_lagged(self, seconds: float) -> None:
+        """How late a short timer of the event loop fired (`observability.loop.watch_event_loop`)."""
+        self._lag.add(seconds)
+
+    def lag_s(self) -> float:
+        """How late the event loop may run a timer now: the recent lag and `LAG_SPREAD` deviations."""
+        return self._lag.mean + LAG_SPREAD * self._lag.deviation
+
+    def answer_reserve_s(self, time_left_s: float) -> float:
+        """`answer_reserve_s` on this gate's event loop (for work its callers wait for inside)."""
+        return answer_reserve_s(time_left_s, self.lag_s())
 
     def retry_after_s(self) -> float:
         """How long until the queue ahead has drained, spread over [1, 2) of it."""
@@ -161,7 +187,7 @@ class AdmissionGate:
                 await self._slots.acquire()
             else:  # the estimate was wrong: answer while the caller can still hear it, not at its deadline
                 await asyncio.wait_for(self._slots.acquire(),
-                                       max(0.0, time_left_s - reserve_s(time_left_s, self._service_s)))
+                                       max(0.0, time_left_s - reserve_s(time_left_s, self._service_s, self.lag_s())))
         except asyncio.TimeoutError:
             self._turn.add((self.clock() - queued) / max(ahead, 1.0))  # the queue moved slower than thought
             raise self._refuse(Refusal.WAITED_OUT, time_left_s) from None

@@ -132,7 +132,8 @@ class AgentHub:
         self._registers: GroupCommit[agent_cases.Register, agent_cases.Registered] = GroupCommit(
             "agent-registers", self._write_registers, batch_max=limits.REGISTER_BATCH_MAX,
             key=lambda r: r.info.node_id, shared_failure=_shared_failure,
-            writers=1 if db.is_sqlite else limits.REGISTER_WRITERS_POSTGRES)
+            writers=1 if db.is_sqlite else limits.REGISTER_WRITERS_POSTGRES,
+            answer_reserve=self.admission.answer_reserve_s)
         # The sets of the nodes a commit changed are read together: one read for all of them.
         self._assignment_reads: GroupCommit[str, _Read] = GroupCommit(
             "agent-assignment-reads", self._read_assignment_sets, batch_max=ASSIGNMENT_READ_BATCH_MAX,

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from controller.admission import MAX_RETRY_S, MIN_RETRY_S, RESERVE_SHARE, SPREAD, MovingAverage
+from controller.admission import MAX_RETRY_S, MIN_RETRY_S, SPREAD, MovingAverage, answer_reserve_s
 from controller.errors import Unavailable
 
 log = logging.getLogger("maia.groupcommit")
@@ -81,6 +81,7 @@ class GroupCommit(Generic[Item, Outcome]):
     def __init__(self, name: str, commit: Callable[[list[Item]], Awaitable[Sequence[Outcome | BaseException | None]]],
                  *, batch_max: int, key: Callable[[Item], Hashable] | None = None,
                  shared_failure: Callable[[Exception], bool] = lambda exc: False, writers: int = 1,
+                 answer_reserve: Callable[[float], float] = answer_reserve_s,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         if batch_max < 1 or writers < 1:
             raise ValueError(f"{name}: batch_max and writers must be >= 1")
@@ -90,6 +91,7 @@ class GroupCommit(Generic[Item, Outcome]):
         self._key = key
         self._shared_failure = shared_failure
         self._writers_max = writers
+        self._answer_reserve = answer_reserve  # what a caller's time left keeps for its answer to arrive
         self._clock = clock
         self._rng = rng or random.Random()
         self._pending: list[_Member[Item, Outcome]] = []
@@ -111,7 +113,7 @@ class GroupCommit(Generic[Item, Outcome]):
         member.future.add_done_callback(_retrieved)
         answer_by = math.inf
         if time_left_s is not None and math.isfinite(time_left_s):
-            answer_by = self._clock() + time_left_s * (1.0 - RESERVE_SHARE)  # the rest: for the answer to arrive
+            answer_by = self._clock() + time_left_s - self._answer_reserve(time_left_s)
             member.latest_start = answer_by - self._write_bound_s()
         self._pending.append(member)
         self._start_writers()

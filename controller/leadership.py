@@ -158,7 +158,8 @@ class LeaderElection:
             await lease.fence(session, self.holder, term.token if term.leading else None,
                               live=not self._exclusive)
         except LeaseLost:
-            self._step_down("a write was refused by the fencing token", term.token)
+            if term.leading:  # a term not yet announced had no writes to refuse: it stands
+                self._step_down("a write was refused by the fencing token", term.token)
             raise
 
     def wake(self) -> None:

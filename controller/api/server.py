@@ -344,7 +344,7 @@ class ControllerApp:
             asyncio.create_task(self.lifecycle.run(), name="node-lifecycle"),
             asyncio.create_task(self.watchdog.run(), name="isolation-watchdog"),
             asyncio.create_task(self.monitor.run(), name="health"),
-            asyncio.create_task(watch_event_loop(self.metrics.loop_lagged), name="event-loop-lag"),
+            asyncio.create_task(watch_event_loop(self._loop_lagged), name="event-loop-lag"),
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))
@@ -352,6 +352,10 @@ class ControllerApp:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.reconciler.wake()
         return self.address
+
+    def _loop_lagged(self, seconds: float) -> None:
+        self.metrics.loop_lagged(seconds)
+        self.hub.admission.loop_lagged(seconds)  # its answers are that late: it keeps time for it
 
     async def read_cluster(self) -> ClusterGauges:
         """The cluster's state for the metrics, read in this loop."""

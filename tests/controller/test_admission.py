@@ -4,6 +4,7 @@ leaves is refused RESOURCE_EXHAUSTED at once instead of timing out in the queue.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import random
 
 import pytest
@@ -203,3 +204,20 @@ async def test_a_queued_caller_whose_turn_does_not_come_in_time_is_refused_befor
     assert gate.state().turn_s > 0.001  # what it waited teaches the estimate
     release.set()
     await first
+
+
+def test_a_lagging_event_loop_leaves_less_of_the_deadline_to_wait() -> None:
+    """4 services ahead at 0.1 s fit a 0.65 s deadline on a quick loop; on one whose timers fire
+    0.2 s late the refusal would come too late, so the caller is refused at once."""
+    quick = QueueState(1, 3, 1, 1000, 0.1, 0.1, 0.0)
+    assert judge(quick, 0.65) is None
+    assert judge(replace(quick, lag_s=0.2), 0.65) is Refusal.DEADLINE
+
+
+def test_the_gate_keeps_the_loops_recent_lag_with_its_spikes() -> None:
+    gate = AdmissionGate("agent registrations", 1, 10)
+    assert gate.lag_s() == 0.0 and gate.answer_reserve_s(2.0) == pytest.approx(0.2)
+    for seconds in (0.0, 0.0, 0.0, 0.5) * 10:  # a long stretch of work every fourth tick
+        gate.loop_lagged(seconds)
+    assert gate.lag_s() > 0.5  # an answer due now may be that late
+    assert gate.state().lag_s == gate.lag_s() and gate.answer_reserve_s(2.0) == pytest.approx(0.2 + gate.lag_s())
