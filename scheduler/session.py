@@ -196,22 +196,27 @@ class Session:
         """The cluster now, as a problem: every node, tenant, live deployment and placement
         (online mode, this session's preemption option). `solve()` or the checker can take it."""
         s = self._solver
-        state, topo = s.state, s.topo
-        deps = state.deps
-        placements = []
-        for (d, r), shards in sorted(state.replicas.items()):
-            dep = deps[d]
-            frac = dep.shard.fractional
-            placements.extend(
-                Placement(dep.id, r, sh, topo.node_ids[at.node], tuple(at.indices),
-                          at.milli if frac else None)
-                for sh, at in sorted(shards.items()))
+        deps = s.state.deps
+        placements = [p for (d, r), shards in sorted(s.state.replicas.items())
+                      for p in self._placements(d, r, shards)]
         return Problem(
             nodes=tuple(self._nodes.values()),
             deployments=tuple(dep for d, dep in enumerate(deps) if d not in self._gone),
             zones=tuple(self._zones.values()), rows=tuple(self._rows.values()),
             racks=tuple(self._racks.values()), tenants=tuple(self._tenants.values()),
             placements=tuple(placements), options=self.options)
+
+    def placements_of(self, deployment: str) -> tuple[Placement, ...]:
+        """Where the session holds a deployment's shards now, by replica and shard."""
+        d = self._index(deployment)
+        state = self._solver.state
+        return tuple(p for r in state.placed_replicas(d) for p in self._placements(d, r, state.replicas[(d, r)]))
+
+    def _placements(self, d: int, r: int, shards: dict[int, ShardAt]) -> list[Placement]:
+        dep, ids = self._solver.state.deps[d], self._solver.topo.node_ids
+        frac = dep.shard.fractional
+        return [Placement(dep.id, r, sh, ids[at.node], tuple(at.indices), at.milli if frac else None)
+                for sh, at in sorted(shards.items())]
 
     def pending(self) -> list[str]:
         """Deployments still short of replicas (unplaceable so far, or preempted)."""

@@ -26,8 +26,11 @@ snapshot with what the commit wrote), so that changes by others can be followed 
 Changes by others reach the cache through the change log (`store/changes.py`, read by
 `warm.py`): node changes (a join, a node coming up or going suspect, a cordon, a new label or
 capacity, a node removed) are read as those node rows and applied to the snapshot and to the
-session as one `ClusterDelta` (`apply_nodes`), as long as no node holding shards loses them or
-starts being replaced (removed, evicted, drained, resized: the full path re-places them).
+session as one `ClusterDelta` (`apply_nodes`). A node holding shards whose work is evicted is
+one too: the session re-places its shards (`Session.apply` repairs them as `solve()` would) and
+the next fast plan commits that, speaking for those deployments whole (`repairs`); a node
+holding shards removed, drained or resized, or one holding a replica being replaced, is not
+(the full path re-places them).
 Deployments being deleted are departures (`depart`): taken out of the snapshot and the session,
 and named by the next commit's scope and `Snapshot.deleting`, which releases their shards and
 removes their rows. When changes could help (a node added or ready, a departure), the
@@ -66,10 +69,13 @@ class FastPlan:
     def preempted(self) -> bool:
         return bool(self.plan.preempted)
 
+    # Known deployments whose shards on evicted nodes the session re-placed (`ClusterCache.repairs`).
+    repaired: frozenset[str] = frozenset()
+
     @property
     def renumbered(self) -> bool:
         """The cache must follow what the commit wrote (`ClusterCache.follow`), not the decisions."""
-        return self.preempted or bool(self.extended)
+        return self.preempted or bool(self.extended) or bool(self.repaired)
 
     @property
     def unplaced(self) -> tuple[str, ...]:
@@ -88,6 +94,9 @@ class ClusterCache:
         # Generations above the snapshot's that this controller's own commits made, already
         # applied (a commit that landed on a change the cache has not read yet).
         self.own_commits: set[int] = set()
+        # What the session re-placed of shards on nodes whose work was evicted (`apply_nodes`),
+        # by solver deployment, not committed yet: the next fast plan speaks for them whole.
+        self.repairs: dict[str, Decision] = {}
 
     @classmethod
     def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int) -> ClusterCache | None:
@@ -128,12 +137,21 @@ class ClusterCache:
         """Apply node changes (the nodes as read now) to the snapshot and to the session (one
         `ClusterDelta`), at `generation` (blocking: a worker thread). Whether they could help
         work short of replicas (a node added, ready or changed); None when the cache cannot
-        follow them (a node holding shards removed, evicted, drained, resized or moved; a rack
-        it does not know): drop it."""
+        follow them (a node holding shards removed, drained, resized or moved; a rack it does
+        not know): drop it.
+
+        A node holding shards whose work is evicted (its state alone turns `down`) is a delta
+        too, unless a replica being replaced has shards there (`solver_view` reads those
+        differently): the session re-places its shards as `solve()` would (`Session.apply`
+        repairs them beside their gangs, or places the gangs again whole), and the next fast
+        plan commits that (`repairs`); the snapshot, like `load_snapshot`, keeps them on the
+        down node until then."""
         snap = self.snapshot
         nodes = {n["id"]: n for n in snap.problem["nodes"]}
         racks = {r["id"] for r in snap.problem["racks"]}
-        holding = {p["node"] for p in snap.problem["placements"]}
+        holding: dict[str, set[str]] = {}
+        for p in snap.problem["placements"]:
+            holding.setdefault(p["node"], set()).add(p["deployment"])
         changed: list[dict[str, Any]] = []
         removed: list[str] = []
         helped = False
@@ -141,8 +159,7 @@ class ClusterCache:
             old, new = nodes.get(read.id), read.doc
             if new == old:
                 continue
-            if read.id in holding and (new is None or old is None or read.draining or new["state"] == "down"
-                                       or dict(old, state="") != dict(new, state="")):
+            if read.id in holding and not self._evicted(old, new, read, holding[read.id]):
                 return None  # its shards must be placed again, or replaced: the full path does
             if new is None:
                 removed.append(read.id)
@@ -164,10 +181,21 @@ class ClusterCache:
             else list(nodes.values())
         repaired = self.session.apply(ClusterDelta(nodes=tuple(map(node_from_dict, changed)),
                                                    removed_nodes=tuple(removed)))
-        if repaired:  # never: no node holding shards lost them
-            return None
+        for decision in repaired:  # a later repair of one deployment holds all of it so far
+            self.repairs[decision.deployment] = decision
         self.snapshot = dataclasses.replace(snap, generation=generation)
         return helped
+
+    def _evicted(self, old: dict[str, Any] | None, new: dict[str, Any] | None, read: NodeRead,
+                 held_by: set[str]) -> bool:
+        """A node holding shards (of the solver deployments `held_by`) whose work was evicted and
+        nothing else changed: its shards are re-placed on the session (`apply_nodes`)."""
+        if old is None or new is None or read.draining or new["state"] != "down":
+            return False
+        if dict(old, state="") != dict(new, state=""):
+            return False
+        refs = self.snapshot.solver_refs
+        return not any(refs[name].outgoing for name in held_by if name in refs)
 
     def depart(self, keys: Collection[str], generation: int) -> bool:
         """Deployments being deleted (by others: `maiactl delete`) leave the snapshot and the
@@ -226,16 +254,23 @@ class ClusterCache:
         The plan speaks for the decided deployments and those they preempted replicas of (its
         scope): their placements (the victims' and those tried again's held ones from the
         cache), the decided ones' reasons, and `waiting`'s (the last commit's) for the victims."""
+        repaired = self.repairs
+        # What the session holds of them before this pass's decisions (the snapshot holds their
+        # shards on the evicted nodes).
+        held = {name: self.session.placements_of(name) for name in repaired if name in self.session}
         decisions = tuple(self.session.place(deployment_from_dict(doc)) for doc in (*again, *docs))
         victims = {(p.deployment, p.replica) for d in decisions for p in d.preempted}
         hit = {name for name, _ in victims}
         decided = {d.deployment for d in decisions}
         extended = frozenset(d["id"] for d in again)
-        carried = hit | extended  # the plan speaks for them whole: with the replicas they hold
+        carried = hit | extended | held.keys()  # the plan speaks for them whole: with the replicas they hold
         kept = [placement_from_dict(p) for p in self.snapshot.problem["placements"]
-                if p["deployment"] in carried and (p["deployment"], p["replica"]) not in victims] if carried else []
-        unplaced = [waiting[name] for name in sorted(hit - decided) if name in waiting]
-        unplaced += [d.unplaced for d in decisions if d.unplaced is not None]
+                if p["deployment"] in carried and p["deployment"] not in held
+                and (p["deployment"], p["replica"]) not in victims] if carried else []
+        kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in victims]
+        reasons = {name: waiting[name] for name in sorted(hit - decided) if name in waiting}
+        reasons.update((name, d.unplaced) for name, d in repaired.items() if name not in decided and d.unplaced)
+        unplaced = list(reasons.values()) + [d.unplaced for d in decisions if d.unplaced is not None]
         plan = Plan(
             status="optimal" if not unplaced else "feasible",
             placements=tuple(kept) + tuple(p for d in decisions for p in d.placements),
@@ -243,8 +278,8 @@ class ClusterCache:
             preempted=tuple(p for d in decisions for p in d.preempted),
             stats={"session_decisions": len(decisions)})
         # Departures (`depart`) are in the scope too: the commit releases their shards, removes their rows.
-        scope = frozenset(stored_key(name) for name in decided | hit) | self.snapshot.deleting
-        return FastPlan(plan, decisions, scope, extended)
+        scope = frozenset(stored_key(name) for name in decided | hit | held.keys()) | self.snapshot.deleting
+        return FastPlan(plan, decisions, scope, extended, frozenset(held))
 
     def committed(self, fast: FastPlan, generation: int) -> bool:
         """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing
@@ -293,6 +328,7 @@ class ClusterCache:
         touched = _write_shards(snap, shards, gone=snap.deleting)
         if touched is None:
             return False
+        self.repairs = {}  # written (what was not is re-placed again, from what the session adopts)
         docs = {d["id"]: d for d in snap.problem["deployments"]}
         placed: dict[str, list[dict[str, Any]]] = {}
         for p in snap.problem["placements"]:

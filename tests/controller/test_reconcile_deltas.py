@@ -1,6 +1,6 @@
 """Others' changes reach the warm cache as deltas (controller/scheduling/cache.py, warm.py):
 after random sequences of node joins, hellos, cordons, uncordons, suspects, node deletions,
-deployment deletions and arrivals, the warm cache is exactly what a fresh `load_snapshot`
+evictions of nodes (holding shards or not), deployment deletions and arrivals, the warm cache is exactly what a fresh `load_snapshot`
 reads, the committed state passes the independent checker, and what is committed is what
 forced whole-cluster passes commit (best-fit scoring, so that the session and `solve()`
 choose alike); a join of many nodes keeps the reconciler off the whole-cluster path."""
@@ -18,7 +18,8 @@ import pytest
 from bench.checking import check_state
 from controller.reconcile import Reconciler
 from controller.store.db import Database
-from controller.usecases import agents, deployments, nodes
+from controller.usecases import agents, deployments, liveness, nodes
+from controller.domain.liveness import Transition
 from controller.usecases.ports import RecordingSignals
 from controller.domain.values import NodeInfo
 from test_reconcile_fast import _arrivals, _committed, _four_racks, assert_same, fresh, reconciler
@@ -38,8 +39,26 @@ class Events:
         self.registered: dict[str, str] = {}  # node -> session id, registered and not yet up
         self.deployments: list[str] = []
         self.joined = 0
+        # One node holding shards has its work evicted, at a step of its own (its own random
+        # numbers: the other events are the same with it or without it).
+        self.evict_rng = random.Random(seed)
+        self.evict_at = self.evict_rng.randrange(5, 25)
+        self.steps = 0
+
+    async def evict(self) -> str:
+        """A node holding shards is down for good: its work is evicted (placed again elsewhere)."""
+        holding = sorted({p["node"] for p in (await fresh(self.db)).problem["placements"]})
+        if not holding:
+            return "evict"
+        async with self.db.unit_of_work() as uow:
+            await liveness.apply_transitions(uow, [Transition(self.evict_rng.choice(holding), "down", "silent",
+                                                              evict=True)], datetime.now(timezone.utc))
+        return "evict"
 
     async def one(self) -> str:
+        self.steps += 1
+        if self.steps == self.evict_at:
+            return await self.evict()
         rng = self.rng
         kind = rng.choice(("arrivals", "arrivals", "join", "join", "hello", "cordon", "uncordon", "suspect",
                            "delete_node", "delete_deployment"))
@@ -89,12 +108,15 @@ async def test_deltas_commit_what_full_passes_commit(seed, _sqlite_template: Pat
         try:
             await _four_racks(db)
             for rack in RACKS:
-                await add_nodes(db, rack, 2, prefix=f"{rack}-more")
+                await add_nodes(db, rack, 3, prefix=f"{rack}-more")  # room for everything after an eviction too
             loop = reconciler(db)
             events = Events(db, seed)
             for _ in range(40):
-                await events.one()
+                kind = await events.one()
+                full = loop.full_passes
                 await loop.reconcile_once(force=mode == "full")
+                if mode == "deltas" and kind == "evict":  # its shards re-placed on the session
+                    assert loop.full_passes == full
                 if mode == "deltas" and loop.warm_snapshot is not None:
                     assert_same(loop.warm_snapshot, await fresh(db))
             if mode == "deltas":  # the sequence went through the deltas, not only through full passes
@@ -192,6 +214,30 @@ async def test_a_deletion_is_a_departure(cluster) -> None:
     assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/two", "t1/waits"}  # placed at once
     assert_same(loop.warm_snapshot, snapshot)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_an_eviction_of_a_node_holding_shards_is_a_delta(cluster) -> None:
+    # 16 accelerators (`cluster`: two racks of two nodes): a rack-local gang of 2 and a single.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("gang", shards=2, accelerators=2, locality="rack"))
+    await submit(cluster, deployment("one", accelerators=3, locality="node"))
+    await loop.reconcile_once()
+    before = await fresh(cluster)
+    node = next(p["node"] for p in before.problem["placements"] if p["deployment"] == "t1/gang")
+    full, fast = loop.full_passes, loop.fast_passes
+    async with cluster.unit_of_work() as uow:
+        await liveness.apply_transitions(uow, [Transition(node, "down", "silent", evict=True)], datetime.now(timezone.utc))
+    outcome = await loop.reconcile_once()
+    assert outcome.solved and node in outcome.changed_nodes
+    assert (loop.full_passes, loop.fast_passes) == (full, fast + 1)  # re-placed on the session, a scoped commit
+    snapshot = await fresh(cluster)
+    assert node not in {p["node"] for p in snapshot.problem["placements"]}
+    assert len(snapshot.problem["placements"]) == len(before.problem["placements"])  # all placed again
+    assert_same(loop.warm_snapshot, snapshot)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+    await submit(cluster, deployment("after", accelerators=1, locality="node"))  # the cache goes on from there
+    assert (await loop.reconcile_once()).solved and loop.full_passes == full
+    assert_same(loop.warm_snapshot, await fresh(cluster))
 
 
 async def test_a_fast_commit_that_lands_on_a_change_keeps_the_cache(cluster, monkeypatch) -> None:
