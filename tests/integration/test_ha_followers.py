@@ -9,6 +9,7 @@ its final `deleted` event.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -88,3 +89,22 @@ async def _first_event(watch, event_type):  # type: ignore[no-untyped-def]
         if event.type == event_type:
             return event
     raise AssertionError("the watch ended")
+
+
+async def test_a_leader_whose_event_loop_is_stuck_past_its_lease_keeps_leading(db_url: str, tmp_path: Path) -> None:
+    """The leader's event loop runs nothing for longer than the lease time (a synchronous stretch
+    of work): its lease thread renews meanwhile, so it still leads afterwards, the follower beside
+    it never took over, and no agent stream or cache was dropped for it (no lease lost)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fast = {**QUIET, "lease_ttl_s": 3.0, "lease_renew_s": 0.25}
+    async with running_controller(db_url, tmp_path / "a", **fast) as leader, \
+            running_controller(db_url, tmp_path / "b", **fast) as follower:
+        assert leader.election.should_run() and not follower.election.should_run()
+        time.sleep(4.0)  # blocks both controllers' loop: only their lease threads run
+        assert leader.election.should_run() and not follower.election.should_run()
+        await asyncio.sleep(0.5)  # whatever the loop had pending (an announcement) runs now
+        assert leader.election.should_run() and not follower.election.should_run()
+        for app, acquired in ((leader, 1.0), (follower, 0.0)):
+            assert app.metrics.registry.get_sample_value("maia_lease_acquisitions_total") == acquired
+            assert not app.metrics.registry.get_sample_value("maia_lease_losses_total")
