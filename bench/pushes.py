@@ -19,65 +19,87 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy import update
 
 from bench.e2e import NODES_PER_RACK, Shape
-from bench.preload import preload, preload_tenants
+from bench.preload import preload
 from controller.agents import AgentHub
+from controller.errors import MaiaError
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store.db import Database
+from controller.domain.values import AssignmentSet
 
 ADMIN = Principal("bench")
 
 
-async def _idle() -> AsyncIterator:
+async def _idle(node_id: str, sets: list[AssignmentSet]) -> AsyncIterator:
     await asyncio.Event().wait()
     yield  # never reached
 
 
-async def run(args: argparse.Namespace) -> dict[str, float]:
+Inbound = Callable[[str, list[AssignmentSet]], AsyncIterator]
+
+
+@asynccontextmanager
+async def conversations(nodes: int, placements: int, inbound: Inbound = _idle,
+                        ) -> AsyncIterator[tuple[AgentHub, dict[str, list[AssignmentSet]]]]:
+    """A preloaded SQLite cluster and a hub with a Connect conversation open for every node
+    (`inbound(node, the sets it received so far)` is what its agent says); yields the hub and
+    the sets each node received, once every node got its first."""
     with tempfile.TemporaryDirectory(prefix="maia-bench-pushes-") as root:
         url = f"sqlite+aiosqlite:///{Path(root) / 'maia.db'}"
-        layout = Shape(args.nodes, 1, args.placements).layout()
-        await preload(url, layout, placements=args.placements, tenants=preload_tenants(args.placements), nodes_up=True)
+        layout = Shape(nodes, 1, placements).layout()
+        await preload(url, layout, placements=placements, tenants=["bench"], nodes_up=True)
         db = Database(url)
         async with db.unit_of_work() as uow:  # the session each node's agent would hello with
             await uow.session.execute(update(m.Node).values(session_id=m.Node.id))
             await uow.commit()
         hub = AgentHub(db, heartbeat_timeout_s=3600, on_liveness_change=lambda: None,
                        on_deployments_changed=lambda keys: asyncio.sleep(0))
-        nodes = [n.node_id for n in layout.nodes()]
-        received = dict.fromkeys(nodes, 0)
+        received: dict[str, list[AssignmentSet]] = {n.node_id: [] for n in layout.nodes()}
 
         async def agent(node_id: str) -> None:
-            async for _ in hub.converse(ADMIN, node_id, node_id, _idle()):
-                received[node_id] += 1
+            while True:  # a hello the admission gate refused (a thousand at once) is retried, as agents do
+                try:
+                    async for current in hub.converse(ADMIN, node_id, node_id, inbound(node_id, received[node_id])):
+                        received[node_id].append(current)
+                    return
+                except MaiaError:
+                    await asyncio.sleep(0.1)
 
-        async def until(count: int, among: list[str]) -> None:
-            while any(received[n] < count for n in among):
-                await asyncio.sleep(0.001)
-
-        tasks = [asyncio.create_task(agent(n)) for n in nodes]
+        tasks = [asyncio.create_task(agent(n)) for n in received]
         try:
-            await until(1, nodes)
-            changed = nodes[::max(1, len(nodes) // args.changed)][:args.changed]
-            walls, cpus = [], []
-            for i in range(args.rounds):
-                wall, cpu = time.perf_counter(), time.process_time()
-                hub.notify(changed)
-                await until(i + 2, changed)
-                walls.append(time.perf_counter() - wall)
-                cpus.append(time.process_time() - cpu)
+            await until(received, 1, list(received))
+            yield hub, received
         finally:
             hub.close_all()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await db.dispose()
+
+
+async def until(received: dict[str, list[AssignmentSet]], count: int, among: list[str]) -> None:
+    while any(len(received[n]) < count for n in among):
+        await asyncio.sleep(0.001)
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    async with conversations(args.nodes, args.placements) as (hub, received):
+        nodes = list(received)
+        changed = nodes[::max(1, len(nodes) // args.changed)][:args.changed]
+        walls, cpus = [], []
+        for i in range(args.rounds):
+            wall, cpu = time.perf_counter(), time.process_time()
+            hub.notify(changed)
+            await until(received, i + 2, changed)
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
     return {"nodes": args.nodes, "placements": args.placements, "changed": len(changed), "rounds": args.rounds,
             "wall_ms_p50": round(statistics.median(walls) * 1000, 1),
             "cpu_ms_p50": round(statistics.median(cpus) * 1000, 1),

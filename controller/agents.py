@@ -12,7 +12,9 @@ The hub is the only place that knows which agents are connected right now. It
   for shards the node was never given on this stream (an event per node and flush),
 - buffers heartbeats and shard reports and writes them per flush interval in chunks of at most
   `limits.FLUSH_CHUNK` items (not one commit per heartbeat per node); a chunk that fails is
-  retried node by node, so one node's bad data never drops every other node's heartbeats,
+  retried node by node, so one node's bad data never drops every other node's heartbeats; of
+  the full shard state a heartbeat repeats, only the shards whose state changed since the
+  stream's last heartbeat are written (all of them every `FULL_REPORTS_EVERY_S`),
 - marks a node suspect when its stream ends or its heartbeats stop for `heartbeat_timeout_s`
   (it keeps its shards; `controller/nodelifecycle.py` takes it further: down, evicted), counts
   the drop against the node's flap penalty, and on Hello marks it up again (suspect while it
@@ -55,6 +57,8 @@ AgentInbound = HeartbeatReport | ShardReport
 ASSIGNMENT_READ_BATCH_MAX = 2048  # nodes whose sets one batched read fetches
 
 ShardKey = tuple[str, int, int]  # (deployment name, replica, shard): the tenant is looked up in `given`
+SaidKey = tuple[str, str, int, int]  # (tenant as the agent said it, deployment name, replica, shard)
+FULL_REPORTS_EVERY_S = 60.0  # a stream's heartbeats write every shard's state at least this often
 REFUSED_SAMPLES = 5
 
 
@@ -72,6 +76,11 @@ class AgentSession:
     # belong to (bounded: reset to the current set when it grows too big).
     given: dict[ShardKey, set[str]] = field(default_factory=dict)
     reports: TokenBucket = field(default_factory=lambda: TokenBucket(limits.REPORTS_PER_SECOND, limits.REPORTS_BURST))
+    # What this stream's agent last said about each shard, as written (bounded like `given`): a
+    # heartbeat repeats every shard's state, and only the shards whose state changed are written;
+    # all of them again every `FULL_REPORTS_EVERY_S`, and after a write of this node's failed.
+    said: dict[SaidKey, ShardReport] = field(default_factory=dict)
+    said_all_at: float = field(default_factory=time.monotonic)
 
     def close(self, reason: str, *, mark_down: bool = True) -> None:
         if not self.closed.is_set():
@@ -88,6 +97,15 @@ class AgentSession:
             self.given = {}
         for a in assignment_set.assignments:
             self.given.setdefault((a.deployment, a.replica, a.shard), set()).add(a.tenant)
+
+    def unchanged(self, report: ShardReport) -> bool:
+        """The agent said exactly this about the shard last time, and it was written."""
+        return self.said.get((report.tenant, report.deployment, report.replica, report.shard)) == report
+
+    def say(self, report: ShardReport) -> None:
+        if len(self.said) >= 2 * limits.SHARDS_PER_NODE_MAX:
+            self.said = {}
+        self.said[(report.tenant, report.deployment, report.replica, report.shard)] = report
 
     def given_tenant(self, report: ShardReport) -> str | None:
         """The tenant of the shard a report is about, if this node was given it: the report's own
@@ -303,15 +321,20 @@ class AgentHub:
             raise rate_limited(f"node {node_id} sent more than {self._report_rate:g} reports a second "
                                f"(burst {self._report_burst})", wait)
         if isinstance(message, HeartbeatReport):
-            agent_cases.validate_heartbeat(node_id, message)
+            agent_cases.validate_heartbeat_header(node_id, message)
             self._beats[node_id] = NodeBeat(datetime.now(timezone.utc), message.power_draw_w)
-            shards = message.shards
+            now = time.monotonic()
+            if now - session.said_all_at >= FULL_REPORTS_EVERY_S:
+                session.said_all_at, shards = now, message.shards
+            else:  # the shards whose state did not change since the last heartbeat are written already
+                shards = tuple(r for r in message.shards if not session.unchanged(r))
         else:
-            agent_cases.validate_report(node_id, message)
             shards = (message,)
         for report in shards:
+            agent_cases.validate_report(node_id, report)
             tenant = session.given_tenant(report)
             if tenant is not None:
+                session.say(report)
                 self._reports.append((node_id, replace(report, tenant=tenant)))
             else:
                 named = deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment
@@ -370,6 +393,9 @@ class AgentHub:
             if len(nodes) == 1:
                 log.exception("could not write the heartbeat and %d shard reports of node %s",
                               len(chunk.reports), nodes[0])
+                session = self._sessions.get(nodes[0])
+                if session is not None:  # its next heartbeat writes every shard's state again
+                    session.said = {}
                 return set()
             log.warning("could not write a chunk of %d nodes; writing them one by one", len(nodes))
             changed: set[str] = set()
