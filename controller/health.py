@@ -1,7 +1,9 @@
 """Health that means "this controller can do its job", for grpc.health.v1.
 
-Every `interval_s` the monitor asks: can the database answer `SELECT 1` within a few seconds?
-Has the reconciler failed fewer than `failures_unhealthy` passes in a row, and is no pass
+Every `interval_s` the monitor asks: can the database answer `SELECT 1` within a few seconds
+(a probe that failed `DB_PROBES_UNHEALTHY` times in a row: one slow answer from a busy machine is
+not an outage, and a controller pulled from service whenever it is busiest would flap)? Has the
+reconciler failed fewer than `failures_unhealthy` passes in a row, and is no pass
 running longer than `stuck_s`? Is resident memory below `max_rss_mib`? Any "no" sets every
 service NOT_SERVING (with the reasons logged once); when all answers are "yes" again it goes
 back to SERVING. A load balancer or orchestrator watching health then stops sending work to,
@@ -24,6 +26,7 @@ from controller.store.db import Database
 log = logging.getLogger("maia.health")
 
 DB_PROBE_TIMEOUT_S = 5.0
+DB_PROBES_UNHEALTHY = 3  # failed database probes in a row that make the controller NOT_SERVING
 
 
 class ReconcilerState(Protocol):
@@ -58,10 +61,12 @@ class HealthMonitor:
         self._rss = rss_mib
         self.problems: list[str] = []
         self.serving = True
+        self.db_probes_failed = 0  # in a row
 
     async def problems_now(self) -> list[str]:
         problems = []
-        if not await self._database_answers():
+        self.db_probes_failed = 0 if await self._database_answers() else self.db_probes_failed + 1
+        if self.db_probes_failed >= DB_PROBES_UNHEALTHY:
             problems.append("the database does not answer")
         failures = self._reconciler.consecutive_failures
         if failures >= self._failures_unhealthy:
