@@ -5,7 +5,8 @@ conversation per node on an `AgentHub`): every node's agent sends, every `--inte
 heartbeat carrying the full state of the shards it was given (all RUNNING, as the preload wrote
 them), while the hub's flush loop runs. After `--warmup` seconds (every node's first heartbeat
 is written in full), the process's CPU time (the database driver's thread included) over
-`--seconds`, divided by the heartbeats sent. The agents' side (a prebuilt heartbeat per node and
+`--seconds`, divided by the heartbeats sent. The hub's heartbeat timeout is three intervals, as
+the controller's default ratio. The agents' side (a prebuilt heartbeat per node and
 a sleep) is in the figure too, alike before and after. Runs against an older tree as
 `bench.pushes` does.
 
@@ -42,7 +43,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             sent += 1
             await asyncio.sleep(args.interval)
 
-    async with conversations(args.nodes, args.placements, beating) as (hub, _):
+    # The controller's ratio: agents heartbeat every third of the timeout.
+    async with conversations(args.nodes, args.placements, beating, heartbeat_timeout_s=3 * args.interval) as (hub, _):
         flushing = asyncio.create_task(hub.run())
         try:
             await asyncio.sleep(args.warmup)

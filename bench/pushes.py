@@ -46,7 +46,7 @@ Inbound = Callable[[str, list[AssignmentSet]], AsyncIterator]
 
 
 @asynccontextmanager
-async def conversations(nodes: int, placements: int, inbound: Inbound = _idle,
+async def conversations(nodes: int, placements: int, inbound: Inbound = _idle, *, heartbeat_timeout_s: float = 3600,
                         ) -> AsyncIterator[tuple[AgentHub, dict[str, list[AssignmentSet]]]]:
     """A preloaded SQLite cluster and a hub with a Connect conversation open for every node
     (`inbound(node, the sets it received so far)` is what its agent says); yields the hub and
@@ -59,7 +59,7 @@ async def conversations(nodes: int, placements: int, inbound: Inbound = _idle,
         async with db.unit_of_work() as uow:  # the session each node's agent would hello with
             await uow.session.execute(update(m.Node).values(session_id=m.Node.id))
             await uow.commit()
-        hub = AgentHub(db, heartbeat_timeout_s=3600, on_liveness_change=lambda: None,
+        hub = AgentHub(db, heartbeat_timeout_s=heartbeat_timeout_s, on_liveness_change=lambda: None,
                        on_deployments_changed=lambda keys: asyncio.sleep(0))
         received: dict[str, list[AssignmentSet]] = {n.node_id: [] for n in layout.nodes()}
 

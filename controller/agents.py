@@ -14,7 +14,9 @@ The hub is the only place that knows which agents are connected right now. It
   `limits.FLUSH_CHUNK` items (not one commit per heartbeat per node); a chunk that fails is
   retried node by node, so one node's bad data never drops every other node's heartbeats; of
   the full shard state a heartbeat repeats, only the shards whose state changed since the
-  stream's last heartbeat are written (all of them every `FULL_REPORTS_EVERY_S`),
+  stream's last heartbeat are written (all of them every `FULL_REPORTS_EVERY_S`), and a node's
+  last-heartbeat time at most every half heartbeat timeout while its stream lives (at once when
+  its power draw changed or its stream ended: the node lifecycle judges streamless nodes by it),
 - marks a node suspect when its stream ends or its heartbeats stop for `heartbeat_timeout_s`
   (it keeps its shards; `controller/nodelifecycle.py` takes it further: down, evicted), counts
   the drop against the node's flap penalty, and on Hello marks it up again (suspect while it
@@ -32,7 +34,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate
@@ -138,6 +140,12 @@ class AgentHub:
         self._report_burst = reports_burst
         self._sessions: dict[str, AgentSession] = {}
         self._beats: dict[str, NodeBeat] = {}
+        # The last heartbeat written per node. While a node's stream lives its liveness is the stream
+        # (in memory: `last_seen`), so a beat that changes nothing but the time is written at most
+        # every half heartbeat timeout; a changed power draw, or a stream gone, at the next flush.
+        self._written_beats: dict[str, NodeBeat] = {}
+        self._held_beats: dict[str, NodeBeat] = {}
+        self._beat_write_every = timedelta(seconds=heartbeat_timeout_s / 2)
         self._reports: list[tuple[str, ShardReport]] = []
         self._refused: dict[str, RefusedReports] = {}
         self._damper = damper or FlapDamper()
@@ -292,6 +300,9 @@ class AgentHub:
                 reader.cancel()
             if self._sessions.get(node_id) is session:
                 del self._sessions[node_id]
+                held = self._held_beats.pop(node_id, None)
+                if held is not None:  # the node's last heartbeat, not written yet: at the next flush
+                    self._beats.setdefault(node_id, held)
             if not session.close_reason:
                 session.close("stream cancelled")
             log.info("agent disconnected node=%s reason=%s", node_id, session.close_reason)
@@ -371,15 +382,33 @@ class AgentHub:
                 await self._expire()
 
     async def flush(self) -> None:
-        if not self._beats and not self._reports and not self._refused:
+        beats = self._due_beats()
+        if not beats and not self._reports and not self._refused:
             return
-        batch = _Batch(self._beats, self._reports, self._refused)
-        self._beats, self._reports, self._refused = {}, [], {}
+        batch = _Batch(beats, self._reports, self._refused)
+        self._reports, self._refused = [], {}
         changed: set[str] = set()
         for chunk in batch.chunks(limits.FLUSH_CHUNK):
             changed |= await self._flush_chunk(chunk)
         if changed:
             await self._on_deployments_changed(changed)
+
+    def _due_beats(self) -> dict[str, NodeBeat]:
+        """The buffered heartbeats to write now; those that changed only the time while the last
+        written one is recent and their stream lives are kept aside (`_held_beats`), written only
+        if the stream ends before a due one comes."""
+        due: dict[str, NodeBeat] = {}
+        for node_id, beat in self._beats.items():
+            last = self._written_beats.get(node_id)
+            session = self._sessions.get(node_id)
+            if (last is None or beat.power_draw_w != last.power_draw_w or beat.at - last.at >= self._beat_write_every
+                    or session is None or session.closed.is_set()):
+                due[node_id] = self._written_beats[node_id] = beat
+                self._held_beats.pop(node_id, None)
+            else:
+                self._held_beats[node_id] = beat
+        self._beats = {}
+        return due
 
     async def _flush_chunk(self, chunk: _Batch) -> set[str]:
         """Write one chunk; if it fails, each of its nodes alone (only the bad node's data is lost)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from sqlalchemy import event, select
 
@@ -39,6 +40,24 @@ class _Stream:
         await asyncio.sleep(0.01)  # the hub took it
 
 
+@asynccontextmanager
+async def _streaming(db, node_id: str) -> AsyncIterator[tuple[AgentHub, _Stream]]:  # noqa: ANN001
+    """A hub (heartbeat timeout 60 s) with the node's stream open and its first set sent."""
+    async with db.unit_of_work() as uow:
+        session_id = (await repo.node_rows_by_id(uow.session, [node_id]))[node_id].session_id
+    hub = AgentHub(db, heartbeat_timeout_s=60, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda keys: asyncio.sleep(0))
+    stream = _Stream(hub, node_id, session_id)
+    try:
+        while stream.sets < 1:  # the node's set was sent: its shards are given
+            await asyncio.sleep(0.01)
+        yield hub, stream
+    finally:
+        hub.close_all()
+        stream.task.cancel()
+        await asyncio.gather(stream.task, return_exceptions=True)
+
+
 async def _placement_reads_of_flush(hub: AgentHub, db) -> int:  # noqa: ANN001
     """The flush's statements that read placements (what writing shard reports costs)."""
     seen: list[str] = []
@@ -67,14 +86,7 @@ async def test_a_heartbeat_writes_only_the_shards_whose_state_changed(cluster):
         placements = [(p.node_id, p.replica, p.shard, p.generation)
                       for p in await uow.session.scalars(select(m.Placement).order_by(m.Placement.shard))]
         [node_id] = {p[0] for p in placements}
-        session_id = (await repo.node_rows_by_id(uow.session, [node_id]))[node_id].session_id
-    hub = AgentHub(cluster, heartbeat_timeout_s=30, on_liveness_change=lambda: None,
-                   on_deployments_changed=lambda keys: asyncio.sleep(0))
-    stream = _Stream(hub, node_id, session_id)
-    try:
-        while stream.sets < 1:  # the node's set was sent: its shards are given
-            await asyncio.sleep(0.01)
-
+    async with _streaming(cluster, node_id) as (hub, stream):
         def beat(seq: int, *phases: str) -> HeartbeatReport:
             return HeartbeatReport(seq, 900.0, tuple(
                 ShardReport("svc", replica, shard, generation, phase, tenant="t1")
@@ -100,10 +112,6 @@ async def test_a_heartbeat_writes_only_the_shards_whose_state_changed(cluster):
         assert await _phases(cluster) == {(0, 0): "running", (0, 1): "running"}
         async with cluster.unit_of_work() as uow:
             assert (await repo.node_rows_by_id(uow.session, [node_id]))[node_id].power_draw_w == 900.0
-    finally:
-        hub.close_all()
-        stream.task.cancel()
-        await asyncio.gather(stream.task, return_exceptions=True)
 
 
 async def test_after_a_failed_write_the_next_heartbeat_writes_every_shard_again(cluster, monkeypatch):
@@ -112,13 +120,7 @@ async def test_after_a_failed_write_the_next_heartbeat_writes_every_shard_again(
     async with cluster.unit_of_work() as uow:
         p = await uow.session.scalar(select(m.Placement))
         node_id, generation = p.node_id, p.generation
-        session_id = (await repo.node_rows_by_id(uow.session, [node_id]))[node_id].session_id
-    hub = AgentHub(cluster, heartbeat_timeout_s=30, on_liveness_change=lambda: None,
-                   on_deployments_changed=lambda keys: asyncio.sleep(0))
-    stream = _Stream(hub, node_id, session_id)
-    try:
-        while stream.sets < 1:
-            await asyncio.sleep(0.01)
+    async with _streaming(cluster, node_id) as (hub, stream):
         running = HeartbeatReport(1, 900.0, (ShardReport("svc", 0, 0, generation, "running", tenant="t1"),))
 
         from controller.usecases import agents as agent_cases
@@ -136,7 +138,37 @@ async def test_after_a_failed_write_the_next_heartbeat_writes_every_shard_again(
         await stream.say(running)  # the same state again: written this time
         assert await _placement_reads_of_flush(hub, cluster) > 0
         assert await _phases(cluster) == {(0, 0): "running"}
-    finally:
-        hub.close_all()
-        stream.task.cancel()
+
+
+async def _last_heartbeat(db, node_id: str):  # noqa: ANN001, ANN202
+    async with db.unit_of_work() as uow:
+        row = (await repo.node_rows_by_id(uow.session, [node_id]))[node_id]
+        return row.last_heartbeat_at, row.power_draw_w
+
+
+async def test_a_heartbeat_that_changes_only_the_time_is_written_when_due_or_when_its_stream_ends(cluster):
+    """A live stream is the node's liveness: its last-heartbeat time is written at most every half
+    heartbeat timeout (30 s here: a 60 s timeout), a changed power draw at once, and the last one when the stream ends."""
+    node_id = "rack-a-n0"
+    async with _streaming(cluster, node_id) as (hub, stream):
+        await stream.say(HeartbeatReport(1, 500.0))
+        await hub.flush()
+        first, power = await _last_heartbeat(cluster, node_id)
+        assert power == 500.0
+
+        await stream.say(HeartbeatReport(2, 500.0))  # only the time changed: held
+        await hub.flush()
+        assert await _last_heartbeat(cluster, node_id) == (first, 500.0)
+
+        await stream.say(HeartbeatReport(3, 700.0))  # the power draw changed: written
+        await hub.flush()
+        changed, power = await _last_heartbeat(cluster, node_id)
+        assert power == 700.0 and changed > first
+
+        await stream.say(HeartbeatReport(4, 700.0))  # held ...
+        await hub.flush()
+        assert (await _last_heartbeat(cluster, node_id))[0] == changed
+        hub.disconnect(node_id, "test")  # ... until the stream ends: then written
         await asyncio.gather(stream.task, return_exceptions=True)
+        await hub.flush()
+        assert (await _last_heartbeat(cluster, node_id))[0] > changed
