@@ -18,7 +18,8 @@ exists where `node_fit` gives the class's representative slots.
 Objective, lexicographic in two solves: placed demand x priority weight first (phase 1, whose
 OPTIMAL is a proof of term 1), then, placing as much, fragmentation: fresh nodes opened and
 fresh (empty) racks opened, so partly used capacity is filled first and whole nodes and racks
-stay free for big gangs (phase 2, hinted with phase 1's answer).
+stay free for big gangs (phase 2, hinted with phase 1's answer, with half the deterministic
+time phase 1 used, within the budget).
 
 Set MAIA_DUMP_MODEL=/path/model.pb.txt to write the model for offline debugging.
 """
@@ -51,7 +52,12 @@ MAX_PAIRS = 200_000      # (deployment, class) pairs beyond which the model is n
 CPSAT_SEED = 1
 CPSAT_SHARE_WITH_REPAIR = 0.5  # of the time left, when moves or preemption follow CP-SAT
 DETERMINISTIC_PER_S = 0.3  # deterministic-time units allowed per wall second left (see configure)
-FRAGMENTATION_SHARE = 0.25  # phase 2's budget, as a share of phase 1's (`_second_phase`)
+MIN_SECOND_PHASE = 0.005  # deterministic units below which phase 2 is not run
+MIN_SECOND_PHASE_S = 0.2  # phase 2's budget floor (seconds of budget, x DETERMINISTIC_PER_S)
+SECOND_PHASE_SHARE = 0.5  # phase 2's budget: this share of the deterministic time phase 1 used
+CLOCK_CUT = -1  # `_second_phase`: stopped by the wall clock (not a CP-SAT status)
+WALL_SHARE = 0.85  # of the time left: CP-SAT's wall-clock ceiling (decoding needs the rest)
+WALL_CUT = 0.95  # a search that ran this share of its wall-clock ceiling was cut by it
 SPREAD_ORDER = {"node": 0, "rack": 1, "row": 2, "zone": 3, "none": 4}
 
 STATUS_NAMES = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible",
@@ -76,7 +82,7 @@ def configure(params: "sat_parameters_pb2.SatParameters", budget_s: float,
     params.interleave_search = True
     params.random_seed = CPSAT_SEED
     params.max_deterministic_time = max(budget_s * DETERMINISTIC_PER_S, 0.005)
-    params.max_time_in_seconds = max(left_s * 0.85, 0.01)
+    params.max_time_in_seconds = max(left_s * WALL_SHARE, 0.01)
 
 
 def _frag_metric(state: ClusterState) -> tuple[int, int]:
@@ -433,8 +439,16 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
     # Term 1: the model's bound and its own answer (before decoding), plus kept work.
     solver.stats["best_bound"] = solver.objective(base) + int(round(cp.best_objective_bound))
     solver.stats["model_objective"] = solver.objective(base) + int(round(cp.objective_value))
-    left -= time.perf_counter() - t_solve
-    answer, frag_status = _second_phase(m, cp, budget * FRAGMENTATION_SHARE, left)
+    # Phase 2 ends by the ceiling phase 1 had: the rest of the time stays for decoding.
+    left -= (time.perf_counter() - t_solve) / WALL_SHARE
+    # Phase 2's budget (deterministic time, a count): half what phase 1 used (at least a small
+    # floor), within what it left of the budget: the two search no longer than one solve did.
+    used_s = cp.deterministic_time / DETERMINISTIC_PER_S
+    second_s = min(budget - used_s, max(SECOND_PHASE_SHARE * used_s, MIN_SECOND_PHASE_S))
+    answer, frag_status = _second_phase(m, cp, second_s, left)
+    if _clock_cut(cp) or frag_status == CLOCK_CUT:
+        solver.stats["clock_cut"] = True  # the plan may differ on a faster machine
+        frag_status = cp_model.UNKNOWN
     solver.stats.update({"cpsat_fragmentation": STATUS_NAMES.get(frag_status, str(frag_status)),
                          "cpsat_ms": round((time.perf_counter() - t_build) * 1000, 1)})
     trial, exact = _decode(solver, m, answer)
@@ -445,12 +459,13 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
 def _second_phase(m: ClassModel, first: cp_model.CpSolver, budget_s: float,
                   left_s: float) -> tuple[cp_model.CpSolver, int]:
     """Phase 2: the fewest fresh nodes and racks among answers placing what phase 1's did,
-    hinted with phase 1's answer. Returns the answer to decode (phase 1's if phase 2 found
-    none in its budget) and phase 2's status."""
+    hinted with phase 1's answer. Returns the answer to decode (phase 1's if phase 2 did not
+    run, found none, or the wall clock stopped it) and phase 2's status (UNKNOWN when it did
+    not run, CLOCK_CUT when the wall clock stopped it)."""
     if not (m.opened or m.rack_open):
         return first, cp_model.OPTIMAL  # nothing to break ties on
-    if left_s < MIN_SOLVE_S:
-        return first, cp_model.UNKNOWN
+    if left_s < MIN_SOLVE_S or budget_s * DETERMINISTIC_PER_S < MIN_SECOND_PHASE:
+        return first, cp_model.UNKNOWN  # not run: phase 1 used the budget
     model = m.model
     model.clear_hints()
     for var in [*m.x.values(), *m.y.values(), *m.z.values(), *m.opened.values(),
@@ -461,9 +476,17 @@ def _second_phase(m: ClassModel, first: cp_model.CpSolver, budget_s: float,
     second = cp_model.CpSolver()
     configure(second.parameters, budget_s, left_s)
     status = second.solve(model)
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    # Stopped by the wall clock rather than its deterministic budget (what is left after
+    # phase 1 is small on a slow machine), its answer depends on the machine's speed: decode
+    # phase 1's instead, so the plan stays the same from run to run.
+    if status == cp_model.OPTIMAL or (status == cp_model.FEASIBLE and not _clock_cut(second)):
         return second, status
-    return first, status
+    return first, CLOCK_CUT if _clock_cut(second) else status
+
+
+def _clock_cut(cp: cp_model.CpSolver) -> bool:
+    """Did the wall-clock ceiling, not the deterministic budget, end this search?"""
+    return cp.wall_time >= WALL_CUT * cp.parameters.max_time_in_seconds
 
 
 def _keep_better(solver: Solver, m: ClassModel, greedy: ClusterState, trial: ClusterState,

@@ -94,12 +94,15 @@ def pair_again(solver: Solver, wanted: list[int]) -> None:
     taken out and placed again by `_assign` (whole shards stay where the solve put them),
     then greedily what is left; the result is kept only if it places more (term 1), so the
     stage never loses. Replicas the problem gave (running or repaired) stay where they are.
-    Skipped beyond `BATCH_MAX_ITEMS` replicas (the model grows with items x accelerators)."""
+    Runs only when such a replica is still pending (otherwise it cannot place more), and not
+    beyond `BATCH_MAX_ITEMS` replicas (the model grows with items x accelerators)."""
     joint = [d for d in wanted if jointly_placeable(solver, d)]
+    waiting = sum(len(solver.placeable(d)) for d in joint)
+    if not waiting:
+        return  # every such replica is placed: re-pairing them cannot place more
     state = solver.state
     new = [(d, r) for d in joint for r in state.by_dep.get(d, ()) if (d, r) not in solver.given]
-    items = len(new) + sum(len(solver.placeable(d)) for d in joint)
-    if items < 2 or items > BATCH_MAX_ITEMS or time.perf_counter() >= solver.deadline:
+    if len(new) + waiting > BATCH_MAX_ITEMS or time.perf_counter() >= solver.deadline:
         return
     kept, value = state, solver.objective(state)
     trial = state.copy()
