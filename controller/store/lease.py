@@ -26,18 +26,24 @@ from dataclasses import dataclass
 from sqlalchemy import Boolean, bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.errors import Unavailable
+
 _PG_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+LEASE_LOST_RETRY_MS = 1000  # about when a follower has taken the lease (it tries every --lease-renew-interval)
 
 
-class LeaseLost(RuntimeError):
-    """This controller no longer holds the leader lease under its token: nothing was written."""
+class LeaseLost(Unavailable):
+    """This controller no longer holds the leader lease under its token: nothing was written. A
+    caller whose write it refused is told UNAVAILABLE (the leader is elsewhere, or soon elected),
+    not INTERNAL: a join storm's batches meet it when the lease moves."""
 
     def __init__(self, holder: str, token: int | None) -> None:
         self.holder = holder
         self.token = token
         super().__init__(f"controller {holder} no longer holds the leader lease (fencing token {token}); "
-                         f"the transaction was refused and rolled back")
+                         f"the transaction was refused and rolled back; retry (the leader serves it)",
+                         retry_after_ms=LEASE_LOST_RETRY_MS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,12 @@ import asyncio
 import time
 from typing import Any
 
+import grpc
 import pytest
 from sqlalchemy import func, select, text
 
 from controller.aio import within
+from controller.api.interceptors import status_for
 
 from controller.leadership import LeaderElection, LeaseSettings, NotLeader
 from controller.store import lease
@@ -103,11 +105,13 @@ async def test_a_deposed_leaders_plan_is_refused_and_nothing_is_written(database
 
     # The old leader wakes up believing it still leads and commits the plan it computed.
     assert old.should_run()
-    with pytest.raises(LeaseLost):
+    with pytest.raises(LeaseLost) as refused:
         async with database.fenced(old).unit_of_work() as uow:
             await commit_plan(uow.session, snapshot, plan, actor="old")
             await uow.commit()
     assert await _dump(database) == before
+    # A caller whose write it refused (an agent's Register in a batch) hears UNAVAILABLE and when to retry.
+    assert status_for(refused.value) is grpc.StatusCode.UNAVAILABLE and refused.value.retry_after_ms
     assert not old.should_run()  # the refusal deposes it at once
     await old.step()  # its next try at the lease finds where the leader is
     assert not old.should_run()
