@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="give up on a round after this")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
+    p.add_argument("--controller-log-level", default="WARNING",
+                   help="the controller's --log-level (INFO: a line per reconcile pass in controller.log)")
     p.add_argument("--json", help="also write the results to this file")
 
 
@@ -296,7 +298,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         controller = Process("maia-controller", [
             str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url,
             "--bootstrap-admin-token-file", str(token_file), "--submits-per-minute", "0",
-            "--log-level", "WARNING", *controller_args(args)], root / "controller.log")
+            "--log-level", args.controller_log_level, *controller_args(args)], root / "controller.log")
         fleets: list[FleetProcess] = []
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)

@@ -447,14 +447,15 @@ class Reconciler:
         run instead."""
         started = time.perf_counter()
         helped = False
-        if generation != self._warm.own_generation:
-            caught_up = await self._warm.catch_up()
-            self._laps.lap("catch_up")
-            if caught_up is None:
-                return None
-            helped = caught_up
-            self._last_generation = self._warm.own_generation
-        read = await self._warm.arrivals(arrivals) if arrivals != self._last_arrivals else ([], [])
+        async with self._db.unit_of_work() as uow:  # one for the reads: round trips are what a pass waits for
+            if generation != self._warm.own_generation:
+                caught_up = await self._warm.catch_up(uow.session)
+                self._laps.lap("catch_up")
+                if caught_up is None:
+                    return None
+                helped = caught_up
+                self._last_generation = self._warm.own_generation
+            read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._last_arrivals else ([], [])
         self._laps.lap("arrivals")
         cache = self._warm.cache
         if read is None or cache is None or self._quarantined.judge(read[0] + read[1]):

@@ -18,6 +18,8 @@ import asyncio
 from typing import Any
 
 from controller.domain.changes import ChangeKind
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from controller.scheduling.cache import ClusterCache, FastPlan
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -46,25 +48,26 @@ class WarmCluster:
         self.cache = None
         self.own_generation = None
 
-    async def arrivals(self, schedulable: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    async def arrivals(self, session: AsyncSession, schedulable: int,
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         """The deployments to decide on the cache (building it from a fresh snapshot when there
         is none), and those of them committed out of order (below keys read before); None: not
-        only arrivals after all."""
-        async with self._db.unit_of_work() as uow:
-            cache = self.cache
-            if cache is not None:
-                new = await load_arrivals(uow.session, after_id=cache.last_id, surge=self._surge)
-                if not cache.missed(new, schedulable):
-                    return cache.add(new), []
-                # The counts differ: a key committed out of order, or a count read before a
-                # submission or deletion landed. Which keys the cache lacks says which.
-                known = cache.snapshot.deployment_ids.keys() | new.deployment_ids.keys()
-                lacking = [i for key, i in (await schedulable_keys(uow.session, up_to_id=new.last_id)).items()
-                           if key not in known]
-                late = await load_arrivals(uow.session, after_id=0, surge=self._surge, only=lacking) \
-                    if lacking else None
-            else:
-                snapshot = await load_snapshot(uow.session, surge=self._surge)
+        only arrivals after all. Read in the caller's unit of work (a pass takes few: on
+        PostgreSQL under load their round trips are what it waits for)."""
+        cache = self.cache
+        if cache is not None:
+            new = await load_arrivals(session, after_id=cache.last_id, surge=self._surge)
+            if not cache.missed(new, schedulable):
+                return cache.add(new), []
+            # The counts differ: a key committed out of order, or a count read before a
+            # submission or deletion landed. Which keys the cache lacks says which.
+            known = cache.snapshot.deployment_ids.keys() | new.deployment_ids.keys()
+            lacking = [i for key, i in (await schedulable_keys(session, up_to_id=new.last_id)).items()
+                       if key not in known]
+            late = await load_arrivals(session, after_id=0, surge=self._surge, only=lacking) \
+                if lacking else None
+        else:
+            snapshot = await load_snapshot(session, surge=self._surge)
         if cache is not None:
             return cache.add(new), [] if late is None else cache.add(late)
         if snapshot.generation != self.own_generation:
@@ -74,23 +77,22 @@ class WarmCluster:
         docs = None if self.cache is None else self.cache.pending_since(self._known_id)
         return None if docs is None else (docs, [])
 
-    async def catch_up(self) -> bool | None:
+    async def catch_up(self, session: AsyncSession) -> bool | None:
         """Bring the cache to the current generation from the change log: node changes read as
         those rows and applied as deltas (`ClusterCache.apply_nodes`). Whether they could help
         work short of replicas; None when the cache cannot follow (another kind of change, a
         generation whose change is not logged or was pruned, a node whose shards must move): it
-        is dropped and the pass reads the whole cluster."""
+        is dropped and the pass reads the whole cluster. Read in the caller's unit of work."""
         cache = self.cache
         if cache is None:
             return None
-        async with self._db.unit_of_work() as uow:
-            since = await read_changes_since(uow.session, cache.snapshot.generation)
-            rows = [row for generation, logged in since.changes.items() if generation not in cache.own_commits
-                    for row in logged]
-            if not since.complete or any(kind not in _FOLLOWED or name is None for kind, name in rows):
-                self.drop()
-                return None
-            reads = await load_nodes(uow.session, {name for kind, name in rows if kind is ChangeKind.NODE})
+        since = await read_changes_since(session, cache.snapshot.generation)
+        rows = [row for generation, logged in since.changes.items() if generation not in cache.own_commits
+                for row in logged]
+        if not since.complete or any(kind not in _FOLLOWED or name is None for kind, name in rows):
+            self.drop()
+            return None
+        reads = await load_nodes(session, {name for kind, name in rows if kind is ChangeKind.NODE})
         departed = {name for kind, name in rows if kind is ChangeKind.DEPLOYMENT_DELETED}
         helped = await asyncio.to_thread(self._follow, cache, reads, departed, since.generation)
         if helped is None or self.cache is not cache:
