@@ -261,6 +261,11 @@ def node_from_dict(n: dict[str, Any]) -> Node:
     return _node(n)
 
 
+def tenant_from_dict(t: dict[str, Any]) -> Tenant:
+    """One interchange tenant (already valid) as the model's."""
+    return _tenant(t)
+
+
 def placement_from_dict(p: dict[str, Any]) -> Placement:
     """One interchange placement (already valid) as the model's."""
     return _placement(p)

@@ -50,7 +50,8 @@ from typing import Any
 from controller.store.rollout import stored_key
 from controller.store.snapshot import Arrivals, NodeRead, ShardKey, Snapshot, Where
 from scheduler import Plan, Unplaced, problem_from_dict
-from scheduler.interchange import deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict
+from scheduler.interchange import (
+    deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict, tenant_from_dict)
 from scheduler.session import ClusterDelta, Decision, Session
 
 
@@ -159,7 +160,9 @@ class ClusterCache:
             old, new = nodes.get(read.id), read.doc
             if new == old:
                 continue
-            if read.id in holding and not self._evicted(old, new, read, holding[read.id]):
+            if read.id in holding and (new is None or old is None or read.draining
+                                       or dict(old, state="") != dict(new, state="")
+                                       or new["state"] == "down" and self._replacing_on(holding[read.id])):
                 return None  # its shards must be placed again, or replaced: the full path does
             if new is None:
                 removed.append(read.id)
@@ -186,16 +189,29 @@ class ClusterCache:
         self.snapshot = dataclasses.replace(snap, generation=generation)
         return helped
 
-    def _evicted(self, old: dict[str, Any] | None, new: dict[str, Any] | None, read: NodeRead,
-                 held_by: set[str]) -> bool:
-        """A node holding shards (of the solver deployments `held_by`) whose work was evicted and
-        nothing else changed: its shards are re-placed on the session (`apply_nodes`)."""
-        if old is None or new is None or read.draining or new["state"] != "down":
-            return False
-        if dict(old, state="") != dict(new, state=""):
-            return False
+    def _replacing_on(self, held_by: set[str]) -> bool:
+        """Whether one of the solver deployments holding shards on a node is a replica being
+        replaced (`solver_view` drops those on a down node: the full path reads them)."""
         refs = self.snapshot.solver_refs
-        return not any(refs[name].outgoing for name in held_by if name in refs)
+        return any(refs[name].outgoing for name in held_by if name in refs)
+
+    def apply_tenants(self, docs: list[dict[str, Any]]) -> bool | None:
+        """Tenants as read now (`snapshot.load_tenants`: all of them, after a contract change) to
+        the snapshot and the session (blocking: a worker thread). Placed work stays where it is,
+        as a full solve leaves it; what is decided next follows the new contracts. Whether one
+        changed (a contract change may help work short of replicas); None when the cache cannot
+        follow (a tenant with deployments gone): drop it."""
+        snap = self.snapshot
+        if docs == snap.problem["tenants"]:
+            return False
+        if {d["tenant"] for d in snap.problem["deployments"]} - {t["id"] for t in docs}:
+            return None
+        before = {t["id"]: t for t in snap.problem["tenants"]}
+        changed = tuple(tenant_from_dict(t) for t in docs if before.get(t["id"]) != t)
+        snap.problem["tenants"] = list(docs)  # a tenant gone has no work: the session's copy is never used
+        if self.session.apply(ClusterDelta(tenants=changed)):
+            return None  # never: no node changed
+        return True
 
     def depart(self, keys: Collection[str], generation: int) -> bool:
         """Deployments being deleted (by others: `maiactl delete`) leave the snapshot and the

@@ -8,7 +8,8 @@ add is new deployment rows, read by primary key above the last one seen and coun
 keys the cache lacks, `snapshot.schedulable_keys`, say which, and they are read by key). Every
 other change moves the generation
 and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
-node changes as deltas and deletions as departures; any other change drops the cache. The log
+node changes as deltas, contract changes (tenants) as deltas too, and deletions as departures;
+any other change drops the cache. The log
 is in the database, so the changes another controller made (HA) are read the same way.
 """
 
@@ -25,11 +26,11 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
 from controller.store.snapshot import (
-    NodeRead, Snapshot, load_arrivals, load_nodes, load_snapshot, schedulable_keys)
+    NodeRead, Snapshot, load_arrivals, load_nodes, load_snapshot, load_tenants, schedulable_keys)
 from scheduler import Plan, Unplaced
 
 # The changes the cache follows (`catch_up`); any other drops it.
-_FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED)
+_FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT)
 
 
 class WarmCluster:
@@ -93,8 +94,10 @@ class WarmCluster:
             self.drop()
             return None
         reads = await load_nodes(session, {name for kind, name in rows if kind is ChangeKind.NODE})
+        # A contract change may touch other tenants too (a deleted one leaves their exclusions): all are read.
+        tenants = await load_tenants(session) if any(kind is ChangeKind.TENANT for kind, _ in rows) else None
         departed = {name for kind, name in rows if kind is ChangeKind.DEPLOYMENT_DELETED}
-        helped = await asyncio.to_thread(self._follow, cache, reads, departed, since.generation)
+        helped = await asyncio.to_thread(self._follow, cache, reads, departed, tenants, since.generation)
         if helped is None or self.cache is not cache:
             self.drop()
             return None
@@ -103,8 +106,12 @@ class WarmCluster:
         return helped
 
     @staticmethod
-    def _follow(cache: ClusterCache, reads: list[NodeRead], departed: set[str], generation: int) -> bool | None:
+    def _follow(cache: ClusterCache, reads: list[NodeRead], departed: set[str],
+                tenants: list[dict[str, Any]] | None, generation: int) -> bool | None:
         helped = cache.apply_nodes(reads, generation)
+        if helped is not None and tenants is not None:
+            contracts = cache.apply_tenants(tenants)
+            helped = None if contracts is None else helped or contracts
         if helped is None or not departed:
             return helped
         return cache.depart(departed, generation) or helped

@@ -244,6 +244,11 @@ async def load_nodes(session: AsyncSession, ids: Collection[str]) -> list[NodeRe
     return reads
 
 
+async def load_tenants(session: AsyncSession) -> list[dict[str, Any]]:
+    """Every tenant as `load_snapshot` lists them (for a cache that follows contract changes)."""
+    return [_tenant_doc(t) for t in await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))]
+
+
 @dataclass(frozen=True)
 class Arrivals:
     """Deployments stored after a known one, exactly as `load_snapshot` would add them to its
@@ -317,7 +322,7 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
             continue
         nodes.append(node)
 
-    tenants = [_tenant_doc(t) for t in await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))]
+    tenants = await load_tenants(session)
 
     current_docs: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
     deleting: set[str] = set()

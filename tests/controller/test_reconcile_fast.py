@@ -78,7 +78,7 @@ async def test_the_warm_snapshot_stays_what_a_fresh_read_gives(cluster):
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
 
 
-async def test_a_node_change_is_followed_and_another_change_drops_the_cache(cluster):
+async def test_node_and_contract_changes_are_followed_and_another_change_drops_the_cache(cluster):
     loop = reconciler(cluster)
     await submit(cluster, deployment("a"))
     await loop.reconcile_once()
@@ -90,13 +90,18 @@ async def test_a_node_change_is_followed_and_another_change_drops_the_cache(clus
     assert (await loop.reconcile_once()).solved
     assert (loop.full_passes, loop.fast_passes) == (1, 2)
     assert_same(loop.warm_snapshot, await fresh(cluster))
-    await add_tenant(cluster, "t2")  # a contract: the cache cannot follow it
+    await add_tenant(cluster, "t2", excludes=("t1",))  # a contract: followed too (the tenants read again)
+    await submit(cluster, deployment("c2"))
+    assert (await loop.reconcile_once()).solved
+    assert (loop.full_passes, loop.fast_passes) == (1, 3)
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    await apply_topology(cluster, {"rack-a": "row-a", "rack-b": "row-a", "rack-c": "row-a"})  # the cache cannot follow
     await submit(cluster, deployment("d"))
     assert (await loop.reconcile_once()).solved
-    assert (loop.full_passes, loop.fast_passes) == (2, 2)  # the full path read it all...
+    assert (loop.full_passes, loop.fast_passes) == (2, 3)  # the full path read it all...
     assert_same(loop.warm_snapshot, await fresh(cluster))  # ...and left a cache of what it committed
     await submit(cluster, deployment("e"))
-    assert (await loop.reconcile_once()).solved and loop.fast_passes == 3
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 4
     assert_same(loop.warm_snapshot, await fresh(cluster))
     loop.resync()  # a new leader starts afresh
     assert loop.warm_snapshot is None
