@@ -255,6 +255,11 @@ class LeaderElection:
             row = await lease.read(uow.session) if held is None else None
             await uow.session.commit()
         self._force = False  # once: afterwards the lease is ours until we let it go
+        took = self._clock() - sent
+        if took > self.settings.renew_every_s:  # what eats the margin: worth seeing before it runs out
+            log.warning("leader lease: one try took %.2fs (renewing every %.2fs, stepping down %.2fs after the "
+                        "last renewal sent)", took, self.settings.renew_every_s,
+                        self.settings.ttl_s - self.settings.margin_s)
         if held is None:
             assert row is not None
             self.leader_address = row.address if row.live else ""
