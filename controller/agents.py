@@ -333,16 +333,19 @@ class AgentHub:
                                f"(burst {self._report_burst})", wait)
         if isinstance(message, HeartbeatReport):
             agent_cases.validate_heartbeat_header(node_id, message)
-            self._beats[node_id] = NodeBeat(datetime.now(timezone.utc), message.power_draw_w)
             now = time.monotonic()
-            if now - session.said_all_at >= FULL_REPORTS_EVERY_S:
-                session.said_all_at, shards = now, message.shards
-            else:  # the shards whose state did not change since the last heartbeat are written already
-                shards = tuple(r for r in message.shards if not session.unchanged(r))
+            full = now - session.said_all_at >= FULL_REPORTS_EVERY_S
+            # The shards whose state did not change since the last heartbeat are written already.
+            shards = message.shards if full else tuple(r for r in message.shards if not session.unchanged(r))
         else:
             shards = (message,)
-        for report in shards:
+        for report in shards:  # all checked before any is used: a bad message leaves nothing behind
             agent_cases.validate_report(node_id, report)
+        if isinstance(message, HeartbeatReport):
+            self._beats[node_id] = NodeBeat(datetime.now(timezone.utc), message.power_draw_w)
+            if full:
+                session.said_all_at = now
+        for report in shards:
             tenant = session.given_tenant(report)
             if tenant is not None:
                 session.say(report)

@@ -172,3 +172,24 @@ async def test_a_heartbeat_that_changes_only_the_time_is_written_when_due_or_whe
         await asyncio.gather(stream.task, return_exceptions=True)
         await hub.flush()
         assert (await _last_heartbeat(cluster, node_id))[0] > changed
+
+
+async def test_a_heartbeat_with_a_bad_shard_report_ends_the_stream_and_leaves_nothing_behind(cluster):
+    from controller import limits
+    from controller.errors import InvalidArgument
+    await submit(cluster, deployment("svc", replicas=1, shards=2, accelerators=1, locality="node"))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        placements = list(await uow.session.scalars(select(m.Placement).order_by(m.Placement.shard)))
+        node_id, generation = placements[0].node_id, placements[0].generation
+    async with _streaming(cluster, node_id) as (hub, stream):
+        before = await _last_heartbeat(cluster, node_id)  # the hello's
+        bad = HeartbeatReport(1, 900.0, (
+            ShardReport("svc", 0, 0, generation, "running", tenant="t1"),
+            ShardReport("svc", 0, 1, generation, "failed", "x" * (limits.REPORT_MESSAGE_MAX + 1), tenant="t1")))
+        await stream.say(bad)
+        [outcome] = await asyncio.gather(stream.task, return_exceptions=True)
+        assert isinstance(outcome, InvalidArgument)
+        await hub.flush()
+    assert await _phases(cluster) == {(0, 0): "assigned", (0, 1): "assigned"}
+    assert await _last_heartbeat(cluster, node_id) == before
