@@ -50,6 +50,7 @@ from typing import Any
 from controller.store.rollout import stored_key
 from controller.store.snapshot import Arrivals, NodeRead, ShardKey, Snapshot, Where
 from scheduler import Plan, Unplaced, problem_from_dict
+from scheduler.model import Rack, Row, Zone
 from scheduler.interchange import (
     deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict, tenant_from_dict)
 from scheduler.session import ClusterDelta, Decision, Session
@@ -210,6 +211,30 @@ class ClusterCache:
         changed = tuple(tenant_from_dict(t) for t in docs if before.get(t["id"]) != t)
         snap.problem["tenants"] = list(docs)  # a tenant gone has no work: the session's copy is never used
         if self.session.apply(ClusterDelta(tenants=changed)):
+            return None  # never: no node changed
+        return True
+
+    def apply_topology(self, zones: list[dict[str, Any]], rows: list[dict[str, Any]],
+                       racks: list[dict[str, Any]]) -> bool | None:
+        """Zones, rows and racks as read now (`snapshot.load_topology`, after a topology change)
+        to the snapshot and the session (blocking: a worker thread): racks and rows added, moved
+        or given other power budgets; placed work stays where it is, as a full solve leaves it.
+        Whether something changed (a budget raised may help); None when the cache cannot follow
+        (something it holds gone, which applying a topology never does; a snapshot without one)."""
+        problem = self.snapshot.problem
+        before = {key: {item["id"]: item for item in problem[key]} for key in ("zones", "rows", "racks")}
+        after = {"zones": zones, "rows": rows, "racks": racks}
+        if all(list(before[key].values()) == after[key] for key in after):
+            return False
+        if any(not before[key] or before[key].keys() - {item["id"] for item in after[key]} for key in after):
+            return None
+        changed = {key: [item for item in after[key] if before[key].get(item["id"]) != item] for key in after}
+        problem.update(after)
+        delta = ClusterDelta(
+            zones=tuple(Zone(z["id"]) for z in changed["zones"]),
+            rows=tuple(Row(r["id"], r["zone"], r.get("power_budget_w")) for r in changed["rows"]),
+            racks=tuple(Rack(r["id"], r["row"], r.get("power_budget_w")) for r in changed["racks"]))
+        if self.session.apply(delta):
             return None  # never: no node changed
         return True
 

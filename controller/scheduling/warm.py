@@ -8,7 +8,8 @@ add is new deployment rows, read by primary key above the last one seen and coun
 keys the cache lacks, `snapshot.schedulable_keys`, say which, and they are read by key). Every
 other change moves the generation
 and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
-node changes as deltas, contract changes (tenants) as deltas too, and deletions as departures;
+node changes as deltas, contract and topology changes (tenants; zones, rows, racks) as deltas
+too, and deletions as departures;
 any other change drops the cache. The log
 is in the database, so the changes another controller made (HA) are read the same way.
 """
@@ -18,19 +19,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from controller.domain.changes import ChangeKind
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.domain.changes import ChangeKind
 
 from controller.scheduling.cache import ClusterCache, FastPlan
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
 from controller.store.snapshot import (
-    NodeRead, Snapshot, load_arrivals, load_nodes, load_snapshot, load_tenants, schedulable_keys)
+    NodeRead, Snapshot, load_arrivals, load_nodes, load_snapshot, load_tenants, load_topology, schedulable_keys)
 from scheduler import Plan, Unplaced
 
+# Zones, rows and racks as `load_snapshot` lists them.
+Topology = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
+
 # The changes the cache follows (`catch_up`); any other drops it.
-_FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT)
+_FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT, ChangeKind.TOPOLOGY)
 
 
 class WarmCluster:
@@ -90,14 +95,16 @@ class WarmCluster:
         since = await read_changes_since(session, cache.snapshot.generation)
         rows = [row for generation, logged in since.changes.items() if generation not in cache.own_commits
                 for row in logged]
-        if not since.complete or any(kind not in _FOLLOWED or name is None for kind, name in rows):
+        if not since.complete or any(kind not in _FOLLOWED or name is None and kind is not ChangeKind.TOPOLOGY
+                                     for kind, name in rows):
             self.drop()
             return None
         reads = await load_nodes(session, {name for kind, name in rows if kind is ChangeKind.NODE})
         # A contract change may touch other tenants too (a deleted one leaves their exclusions): all are read.
         tenants = await load_tenants(session) if any(kind is ChangeKind.TENANT for kind, _ in rows) else None
+        topology = await load_topology(session) if any(kind is ChangeKind.TOPOLOGY for kind, _ in rows) else None
         departed = {name for kind, name in rows if kind is ChangeKind.DEPLOYMENT_DELETED}
-        helped = await asyncio.to_thread(self._follow, cache, reads, departed, tenants, since.generation)
+        helped = await asyncio.to_thread(self._follow, cache, reads, departed, tenants, topology, since.generation)
         if helped is None or self.cache is not cache:
             self.drop()
             return None
@@ -106,9 +113,13 @@ class WarmCluster:
         return helped
 
     @staticmethod
-    def _follow(cache: ClusterCache, reads: list[NodeRead], departed: set[str],
-                tenants: list[dict[str, Any]] | None, generation: int) -> bool | None:
-        helped = cache.apply_nodes(reads, generation)
+    def _follow(cache: ClusterCache, reads: list[NodeRead], departed: set[str], tenants: list[dict[str, Any]] | None,
+                topology: Topology | None, generation: int) -> bool | None:
+        # The topology first: nodes may join racks it adds.
+        helped: bool | None = False if topology is None else cache.apply_topology(*topology)
+        if helped is not None:
+            nodes = cache.apply_nodes(reads, generation)
+            helped = None if nodes is None else helped or nodes
         if helped is not None and tenants is not None:
             contracts = cache.apply_tenants(tenants)
             helped = None if contracts is None else helped or contracts

@@ -167,14 +167,23 @@ async def _topology(session: AsyncSession, within_rows: Collection[str] | None =
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[Any]]:
     """Zones, rows and racks as interchange documents, and the node rows (`_NODE_COLUMNS`), in id
     order; only the rows `within_rows` (their racks and nodes) when given."""
+    zones, rows, racks = await load_topology(session, within_rows)
+    node_query = select(*_NODE_COLUMNS).order_by(Node.id)
+    if within_rows is not None:
+        node_query = node_query.join(Rack, Node.rack_id == Rack.id).where(Rack.row_id.in_(sorted(within_rows)))
+    return zones, rows, racks, list(await session.execute(node_query))
+
+
+async def load_topology(session: AsyncSession, within_rows: Collection[str] | None = None,
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Zones, rows and racks as `load_snapshot` lists them (only the rows `within_rows` and
+    their racks when given)."""
     zones = [{"id": zid} for zid in (await session.execute(select(Zone.id).order_by(Zone.id))).scalars()]
     row_query = select(Row.id, Row.zone_id, Row.power_budget_w).order_by(Row.id)
     rack_query = select(Rack.id, Rack.row_id, Rack.power_budget_w).order_by(Rack.id)
-    node_query = select(*_NODE_COLUMNS).order_by(Node.id)
     if within_rows is not None:
         row_query = row_query.where(Row.id.in_(sorted(within_rows)))
         rack_query = rack_query.where(Rack.row_id.in_(sorted(within_rows)))
-        node_query = node_query.join(Rack, Node.rack_id == Rack.id).where(Rack.row_id.in_(sorted(within_rows)))
 
     rows = []
     for rid, zone_id, budget in await session.execute(row_query):
@@ -187,7 +196,7 @@ async def _topology(session: AsyncSession, within_rows: Collection[str] | None =
         rack: dict[str, Any] = {"id": kid, "row": row_id}
         _put(rack, "power_budget_w", budget)
         racks.append(rack)
-    return zones, rows, racks, list(await session.execute(node_query))
+    return zones, rows, racks
 
 
 async def load_spec_doc(session: AsyncSession, *, within_rows: Collection[str] | None = None,

@@ -24,7 +24,7 @@ from controller.domain.liveness import Transition
 from controller.usecases.ports import RecordingSignals
 from controller.domain.values import NodeInfo, TenantSpec
 from test_reconcile_fast import _arrivals, _committed, _four_racks, assert_same, fresh, reconciler
-from uc_builders import WHO, add_nodes, deployment, submit
+from uc_builders import WHO, add_nodes, apply_topology, deployment, submit
 
 RACKS = ("rack-a", "rack-b", "rack-c", "rack-d")
 # The events the cache follows as deltas (node deletions: only of nodes without shards).
@@ -46,8 +46,9 @@ class Events:
         # numbers: the other events are the same with it or without it).
         self.evict_rng = random.Random(seed)
         self.evict_at = self.evict_rng.randrange(5, 25)
-        # Contract changes too, at steps of their own: a tenant without work created, changed
-        # (excluding t1) and deleted (t1's exclusion of it goes with it), t1's quota raised or lifted.
+        # Contract and topology changes too, at steps of their own: a tenant without work
+        # created, changed (excluding t1) and deleted (t1's exclusion of it goes with it), t1's
+        # quota raised or lifted; rack power budgets set (ample) or lifted, an empty rack added.
         self.contract_rng = random.Random(seed + 1000)
         self.contract_at = set(self.contract_rng.sample(range(2, 40), 4)) - {self.evict_at}
         self.steps = 0
@@ -57,8 +58,13 @@ class Events:
         async with self.db.unit_of_work() as uow:
             other = await repo.get_tenant(uow.session, "t2")
         async with self.db.unit_of_work() as uow:
-            change = rng.choice(("t1", "t2"))
-            if change == "t1":
+            change = rng.choice(("t1", "t2", "topology"))
+            if change == "topology":
+                racks = {rack: "row-a" if rack in ("rack-a", "rack-b") else "row-b" for rack in RACKS}
+                if rng.random() < 0.5:
+                    racks["rack-e"] = "row-b"
+                await apply_topology(self.db, racks, rack_budget_w=rng.choice((None, 100_000.0)))
+            elif change == "t1":
                 await tenants.update_tenant(uow, WHO, TenantSpec(
                     id="t1", excludes=("t2",) if other is not None else (),
                     max_accelerators=rng.choice((None, 1000.0))), RecordingSignals())
