@@ -387,6 +387,11 @@ class Session:
                     if was.get((d, r, sh)) is not None:
                         moved.append(Move(dep.id, r, sh, was[(d, r, sh)], ids[at.node]))
             decision = self._decide(d, preempt=False)
+            # A replica repaired above that this decision stopped again (short of min_replicas,
+            # the deployment keeps none): neither placed nor moved.
+            still = set(s.state.placed_replicas(d))
+            fixed = [p for p in fixed if p.replica in still]
+            moved = [m for m in moved if m.replica in still]
             again = {(p.replica, p.shard): p for p in decision.placements}
             for (r, sh), p in sorted(again.items()):
                 if was.get((d, r, sh)) is not None and was[(d, r, sh)] != p.node:

@@ -340,3 +340,30 @@ def test_arrivals_through_the_session_are_one_online_solve() -> None:
     decisions = [session.place(d) for d in problem_.deployments]
     assert set(session.snapshot().placements) == set(online.placements)
     assert [d.unplaced for d in decisions if d.unplaced] == list(online.unplaced)
+
+
+def test_a_repair_that_its_deployment_then_stops_is_neither_placed_nor_moved() -> None:
+    """Found by test_session_matches_solve_with_best_fit: replica 1 of a gang loses a shard on
+    a down node and is repaired beside its survivor, but replica 0 cannot be placed (the
+    tenant's cap), so the deployment is short of min_replicas and keeps none: the repair's
+    decision must not report replica 1 placed or moved (the checker's MOVES rule)."""
+    shard = {"accelerators": 1, "accelerator_milli": 250, "cpu_milli": 4000, "memory_mib": 16384}
+    down = {"id": "n0", "rack": "r0", "state": "down", "accelerators": 1, "accelerator_model": "m1", "idle_power_w": 0}
+    doc = {
+        "version": 1, "zones": [{"id": "z0"}], "rows": [{"id": "w0", "zone": "z0"}],
+        "racks": [{"id": "r0", "row": "w0"}],
+        "nodes": [down, dict(down, id="n1", state="ready", cpu_milli=8000)],
+        "tenants": [{"id": "t0", "isolation": "shared", "max_accelerators": 1}],
+        "deployments": [{"id": "d0", "tenant": "t0", "replicas": 2, "shards_per_replica": 2, "shard": shard,
+                         "locality": "rack", "min_replicas": 2, "preemptible": True}],
+        "placements": [{"deployment": "d0", "replica": r, "shard": sh, "node": node, "accelerator_indices": [0],
+                        "accelerator_milli": 250}
+                       for r, sh, node in ((0, 0, "n0"), (0, 1, "n0"), (1, 0, "n0"), (1, 1, "n1"))],
+        "options": {"mode": "online", "time_limit_ms": 2000},
+    }
+    before = problem_from_dict(doc)
+    session = Session(before)
+    assert session.placements_of("d0") == ()
+    (decision,) = session.repaired_at_load
+    assert not decision.placements and not decision.moved
+    assert_valid(before, session.snapshot(), session.repaired_at_load)
