@@ -27,8 +27,8 @@ them in one scoped transaction; an arrival the session cannot place gets one mor
 full solve after `backoff_s` (the back-off; from the cache, which follows its commit), which
 parks it if it fails again. Changes by others are read from the change log
 (`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes without shards
-removed, evictions: their shards re-placed on the session, committed by the pass) are applied
-to the cache as deltas, and when they could help, the work still short of
+removed, evictions: their shards re-placed on the session, committed by the pass), tenant
+contracts and the topology are applied to the cache as deltas, and when they could help, the work still short of
 replicas (the unschedulable queue's included) is decided again on the session; deployments
 being deleted leave the cache and the session as departures, their shards and rows removed by
 the pass's scoped commit. Anything else
