@@ -107,6 +107,13 @@ def reserve_s(time_left_s: float, service_s: float, lag_s: float = 0.0) -> float
     return max(2 * service_s, RESERVE_SHARE * time_left_s) + lag_s
 
 
+def spread_retry_s(drain_s: float, rng: random.Random) -> float:
+    """A retry time for a caller refused now: `drain_s` (until the queue ahead could have
+    drained) spread over [1, 2) of it, so refused callers do not all come back at once, within
+    [`MIN_RETRY_S`, `MAX_RETRY_S`]."""
+    return min(MAX_RETRY_S, max(MIN_RETRY_S, drain_s * (1.0 + rng.random())))
+
+
 def answer_reserve_s(time_left_s: float, lag_s: float = 0.0) -> float:
     """What a caller already inside must keep of its remaining time for its answer to arrive."""
     return RESERVE_SHARE * time_left_s + lag_s
@@ -166,8 +173,7 @@ class AdmissionGate:
 
     def retry_after_s(self) -> float:
         """How long until the queue ahead has drained, spread over [1, 2) of it."""
-        drain = (self._waiting + self.concurrency) / self.concurrency * self._turn.mean
-        return min(MAX_RETRY_S, max(MIN_RETRY_S, drain * (1.0 + self.rng.random())))
+        return spread_retry_s((self._waiting + self.concurrency) / self.concurrency * self._turn.mean, self.rng)
 
     @asynccontextmanager
     async def admit(self, time_left_s: float | None = None) -> AsyncIterator[None]:

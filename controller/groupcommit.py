@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from controller.admission import MAX_RETRY_S, MIN_RETRY_S, SPREAD, MovingAverage, answer_reserve_s
+from controller.admission import SPREAD, MovingAverage, answer_reserve_s, spread_retry_s
 from controller.errors import Unavailable
 
 log = logging.getLogger("maia.groupcommit")
@@ -149,7 +149,7 @@ class GroupCommit(Generic[Item, Outcome]):
     def _retry_after_s(self) -> float:
         """How long until the queue ahead could be written, spread over [1, 2) of it."""
         batches = (len(self._pending) // self._batch_max + 1) / self._writers_max
-        return min(MAX_RETRY_S, max(MIN_RETRY_S, batches * self._write.mean * (1.0 + self._rng.random())))
+        return spread_retry_s(batches * self._write.mean, self._rng)
 
     def _refuse(self) -> Unavailable:
         self.stats.refused += 1

@@ -565,9 +565,7 @@ class Reconciler:
                 return warm, await _deleting_views(uow.session, warm.deleting)
         async with self._db.unit_of_work() as uow:
             snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
-            deleting = {r.spec.key: r for r in map(repo.deployment_view, await repo.list_deployment_rows(
-                uow.session, phases=[m.DeploymentPhase.DELETING]))}
-        return snapshot, deleting
+            return snapshot, await _deleting_views(uow.session, snapshot.deleting)
 
     async def _solve_and_commit(self) -> ReconcileOutcome:
         self.full_passes += 1
