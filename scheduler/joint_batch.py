@@ -72,14 +72,17 @@ def place_jointly(solver: Solver, placer: Placer, ds: list[int]) -> None:
     fractional single-shard replicas by one CP-SAT assignment, then whatever is left
     greedily."""
     joint = [d for d in ds if jointly_placeable(solver, d)]
-    for d in solver.batch_order([d for d in ds if d not in joint]):
-        todo = solver.pending(d)
-        if todo:
-            placer.place_deployment(d, todo)
+    place_rest(solver, placer, [d for d in ds if d not in joint])
     if joint:
         _assign(solver, placer, joint)
-    for d in solver.batch_order(joint):
-        todo = solver.pending(d)
+    place_rest(solver, placer, joint)
+
+
+def place_rest(solver: Solver, placer: Placer, ds: list[int]) -> None:
+    """What these deployments still lack, placed greedily in batch order (biggest first):
+    the replicas this solve may place (`Solver.placeable`)."""
+    for d in solver.batch_order(ds):
+        todo = solver.placeable(d)
         if todo:
             placer.place_deployment(d, todo)
 
@@ -110,10 +113,7 @@ def pair_again(solver: Solver, wanted: list[int]) -> None:
         trial.remove_replica(d, r)
     solver.adopt(trial)
     _assign(solver, solver.placer, joint)
-    for d in solver.batch_order(joint):
-        todo = solver.placeable(d)
-        if todo:
-            solver.placer.place_deployment(d, todo)
+    place_rest(solver, solver.placer, joint)
     better = solver.objective(trial) > value
     solver.stats["batch_pairing"] = "kept" if better else "no gain"
     if not better:
