@@ -125,6 +125,37 @@ async def test_a_queued_item_whose_batch_could_not_be_written_in_time_is_refused
     assert store.batches == [["a"]] and group.queued == 0 and group.stats.refused == 2
 
 
+async def test_an_estimate_older_than_itself_is_measured_again_instead_of_refusing_for_good():
+    """One batch took 10 s (a stalled machine): right after it a caller with 3 s left is refused
+    unwritten, as the estimate says; once more than the estimate has passed with nothing written,
+    such a caller is taken into a batch anyway (a probe), and the fast batch it measures lets the
+    next callers in again. Without the probe every later caller would be refused for good: only
+    written batches are measured."""
+    now = [0.0]
+
+    async def commit(batch: list[str]) -> list[str]:
+        if batch == ["slow"]:
+            now[0] += 10.0
+        return [item.upper() for item in batch]
+
+    group: GroupCommit[str, str] = GroupCommit("test", commit, batch_max=10, clock=lambda: now[0])
+    assert await group.submit("slow") == "SLOW"
+    with pytest.raises(Unavailable, match="nothing was written"):
+        await group.submit("early", time_left_s=3.0)
+    estimate = group._write_bound_s()  # what a batch takes, as far as it knows (> 3 s)
+    now[0] += estimate / 2  # less than that since the slow batch ended: still trusted
+    with pytest.raises(Unavailable, match="nothing was written"):
+        await group.submit("still-early", time_left_s=3.0)
+    now[0] += estimate  # more than that: it is put to the test
+    assert await group.submit("probe", time_left_s=3.0) == "PROBE"
+    assert group.stats.probes == 1 and group.stats.refused == 2
+    assert group._write_bound_s() < estimate  # measured again, lower
+    for _ in range(12):  # fast batches bring it down to what batches take now
+        assert await group.submit("next", time_left_s=30.0) == "NEXT"
+    assert await group.submit("in-time", time_left_s=3.0) == "IN-TIME"
+    assert group.stats.probes == 1
+
+
 async def test_a_member_of_a_batch_in_flight_is_answered_before_its_deadline_and_written_with_it():
     store = Store()
     group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
