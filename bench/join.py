@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import NODES_PER_RACK, Process, Shape, _profile, admin_setup, database
+from bench.e2e import NODES_PER_RACK, Process, Shape, _profile, admin_setup, database, stop_all
 from bench.fgd import percentile
 from bench.nodedeath import FleetProcess, start_fleet
 
@@ -171,8 +171,7 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             await channel.close()
         finally:
             result["controller_exit"] = controller.stop()  # first: nodes stopping before it would be marked suspect
-            for fleet in fleets:
-                fleet.process.stop()
+            stop_all([fleet.process for fleet in fleets])
     return result
 
 
@@ -189,6 +188,9 @@ def report(r: dict[str, Any]) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    # SIGTERM (a `timeout` around the bench) stops it as ^C does: the run in progress is
+    # cancelled and stops what it started (controller, fleets, PostgreSQL).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     bad = [n for n in args.nodes if n % NODES_PER_RACK or n < NODES_PER_RACK]
     if bad:
         print(f"error: --nodes {bad} are not positive multiples of {NODES_PER_RACK}", file=sys.stderr)
@@ -211,4 +213,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    try:
+        return asyncio.run(_run(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("stopped: everything this run started has been stopped", file=sys.stderr)
+        return 130

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import NODES_PER_RACK, TENANTS, Process, Shape, admin_setup, database, grade, wait_connected
+from bench.e2e import NODES_PER_RACK, TENANTS, Process, Shape, admin_setup, database, grade, stop_all, wait_connected
 from bench.fgd import percentile
 
 SHARDS_PER_REPLICA = 2
@@ -332,8 +332,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             await channel.close()
         finally:
             code = controller.stop()  # first: nodes stopping before it would be marked suspect
-            for fleet in fleets:
-                fleet.process.stop()
+            stop_all([fleet.process for fleet in fleets])
         violations = await grade(url)
     return {"nodes": shape.nodes, "fleets": shape.fleets, "db": args.db, "services": deployments,
             "shards": deployments * REPLICAS_PER_DEPLOYMENT * SHARDS_PER_REPLICA,
