@@ -12,8 +12,11 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    in one transaction through the plan applier (`store/plans.py`): each replica it places is
    re-checked against the committed state, and one that no longer fits is left out and solved
    again after a back-off; if the cluster changed while it solved, what still held is written
-   and the pass solves again from a fresh snapshot; the commit also releases the shards of
-   DELETING deployments and removes their rows,
+   and the cache of what that commit left catches up with the changes in between from the
+   change log as deltas (what was turned away, or could be helped, is decided on the warm
+   session by the next pass); only when the cache cannot follow them does the pass solve
+   again from a fresh snapshot; the commit also releases the shards of DELETING deployments
+   and removes their rows,
 3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events
    (in the background, in commit order: the run loop's next pass does not wait for watchers).
 Before step 2, in the unit of work that reads the generation, replicas whose shards an agent
@@ -256,6 +259,9 @@ class Reconciler:
                                  time_limit_ms=solve_time_limit_ms)
         self.fast_passes = 0   # passes that decided on the warm session
         self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
+        # A stale full commit turned replicas away, or the changes it caught up with could help
+        # work short of replicas: the next fast pass decides what is short again (`_caught_up`).
+        self._redecide = False
 
     def running_for_s(self) -> float:
         """How long the pass under way has been running (0.0: none is)."""
@@ -352,7 +358,7 @@ class Reconciler:
                 retry_due = self._retry_at is not None and now >= self._retry_at or self._queue.backoff_due(now)
                 self._queue.arrived(arrivals - (self._last_arrivals or 0))
                 if (not force and not retry_due and generation == self._last_generation
-                        and arrivals == self._last_arrivals):
+                        and arrivals == self._last_arrivals and not self._redecide):
                     outcome = ReconcileOutcome(generation=generation)
                 elif not (force or retry_due) and self._may_go_fast(generation, arrivals):
                     outcome = await self._fast_pass(generation, arrivals) or await self._solve_and_commit()
@@ -440,12 +446,15 @@ class Reconciler:
 
     def _may_go_fast(self, generation: int, arrivals: int) -> bool:
         """Nothing is being replaced or avoided, and either nobody changed the cluster since this
-        controller's last commit and deployments arrived, or others changed it and the cache
-        may follow (`WarmCluster.catch_up` says): the pass may go on the warm cluster."""
+        controller's last commit and deployments arrived (or work short of replicas is to be
+        decided again: `_caught_up`), or others changed it and the cache may follow
+        (`WarmCluster.catch_up` says): the pass may go on the warm cluster."""
         own = self._warm.own_generation
         if self._last_arrivals is None or self._replacing or self._avoid or own != self._last_generation:
             return False
-        return arrivals > self._last_arrivals if generation == own else self._warm.cache is not None
+        if generation == own and not self._redecide:
+            return arrivals > self._last_arrivals
+        return self._warm.cache is not None
 
     async def _fast_pass(self, generation: int, arrivals: int) -> ReconcileOutcome | None:
         """Follow others' changes, then decide the arrivals (and, after a change that could help
@@ -453,14 +462,14 @@ class Reconciler:
         transaction (module doc of controller/scheduling/cache.py); None: the full path must
         run instead."""
         started = time.perf_counter()
-        helped = False
+        helped, self._redecide = self._redecide, False
         async with self._db.unit_of_work() as uow:  # one for the reads: round trips are what a pass waits for
             if generation != self._warm.own_generation:
                 caught_up = await self._warm.catch_up(uow.session)
                 self._laps.lap("catch_up")
                 if caught_up is None:
                     return None
-                helped = caught_up
+                helped |= caught_up
                 self._last_generation = self._warm.own_generation
             read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._last_arrivals else ([], [])
         self._laps.lap("arrivals")
@@ -610,12 +619,15 @@ class Reconciler:
             changed_nodes |= result.changed_nodes
             changed_deployments |= changed
             deleted_names |= result.deleted_deployments
-            if result.stale:  # the cluster changed while solving: what still held is written, solve again
+            if result.stale:  # the cluster changed while solving: what still held is written
                 self._observer.plan_conflict()
                 log.info("attempt %d: the plan was solved from generation %d, committed on a newer one",
                          attempt + 1, snapshot.generation)
-                continue
-            self._committed(snapshot, plan, result)
+                if avoided or not await self._caught_up(snapshot, plan, result):
+                    continue  # solve again from a fresh read
+            else:
+                self._committed(snapshot, plan, result)
+                self._redecide = False
             self._quarantined.good = {d["id"] for d in snapshot.problem.get("deployments", ())}
             self._avoid = frozenset()
             if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
@@ -623,10 +635,11 @@ class Reconciler:
                 retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued or plan.unplaced))
             else:
                 self._queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
-                retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued))
-            await self._warm.after_full(snapshot, result)
+                retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued) and not result.stale)
+            if not result.stale:
+                await self._warm.after_full(snapshot, result)
             return ReconcileOutcome(
-                solved=True, generation=result.generation, conflicts=attempt,
+                solved=True, generation=result.generation, conflicts=attempt + int(result.stale),
                 changed_nodes=frozenset(changed_nodes), changed_deployments=frozenset(changed_deployments),
                 deleted=tuple(sorted(deleted_names)), retry_in_s=retry_in_s,
             )
@@ -636,6 +649,27 @@ class Reconciler:
         return ReconcileOutcome(solved=True, conflicts=self._retries + 1, changed_nodes=frozenset(changed_nodes),
                                 changed_deployments=frozenset(changed_deployments),
                                 deleted=tuple(sorted(deleted_names)))
+
+    async def _caught_up(self, snapshot: Snapshot, plan: Plan, result: CommitResult) -> bool:
+        """After a stale commit of a full solve (a join storm moved the generation while it
+        solved): the cache is the state its snapshot and its commit left (`after_stale_full`) and
+        catches up with the changes in between from the log, as deltas, instead of the pass
+        reading and solving the whole cluster again; what the commit turned away, or what those
+        changes could help, is decided on the session by the next pass (woken now). False: the
+        cache cannot follow (another kind of change in between): solve again from a fresh read."""
+        if not await self._warm.after_stale_full(snapshot, plan, result):
+            return False
+        async with self._db.unit_of_work() as uow:
+            helped = await self._warm.catch_up(uow.session)
+        self._laps.lap("catch_up")
+        if helped is None:
+            return False
+        self._last_generation = self._warm.own_generation
+        self._last_arrivals = len(snapshot.deployment_ids)
+        self._redecide = helped or bool(result.requeued)
+        if self._redecide:
+            self.wake()
+        return True
 
     async def _quarantine(self, reasons: dict[str, str]) -> None:
         changed: set[str] = set()

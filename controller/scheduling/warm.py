@@ -180,10 +180,34 @@ class WarmCluster:
         self.cache = cache if keep else None
         if result.stale:
             if keep:
-                cache.own_commits.add(result.generation)
+                _own_commit(cache, result)
                 self.own_generation = generation
             else:
                 self.drop()
+
+    async def after_stale_full(self, snapshot: Snapshot, plan: Plan, result: CommitResult) -> bool:
+        """A full solve's commit landed on changes by others (stale: a join storm moves the
+        generation while a pass solves): what held is written (re-checked), what did not is
+        re-queued. Instead of reading the whole cluster again, the cache is the state its snapshot
+        and its commit left, valid at the snapshot's generation (the cache it started from follows
+        what the commit wrote; one solved from a fresh read is `settled`); the next `catch_up`
+        reads the changes in between from the log as deltas and skips this commit. False: no
+        cache can go on from there (replicas being replaced, shards left on down nodes): read again."""
+        cache = self.cache
+        if cache is not None and cache.snapshot is snapshot:
+            kept = await asyncio.to_thread(cache.follow, result.shards, snapshot.generation)
+            self.cache = cache if kept else None
+        else:
+            self.cache = await asyncio.to_thread(
+                ClusterCache.settled, snapshot, result.shards, snapshot.generation,
+                allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms)
+        if self.cache is None:
+            self.drop()
+            return False
+        self.committed(snapshot, plan, result)
+        _own_commit(self.cache, result)
+        self.own_generation = snapshot.generation
+        return True
 
     async def after_full(self, snapshot: Snapshot, result: CommitResult) -> None:
         """The cache a full solve started from follows what its commit wrote; one solved from a
@@ -199,3 +223,11 @@ class WarmCluster:
             self.cache = await asyncio.to_thread(
                 ClusterCache.settled, snapshot, result.shards, result.generation,
                 allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms)
+
+
+def _own_commit(cache: ClusterCache, result: CommitResult) -> None:
+    """A stale commit of this controller's, applied to the cache already: `catch_up` skips its
+    generation. A commit that wrote nothing moved no generation (the one it returns is someone
+    else's change, which the cache must still read)."""
+    if result.changed_deployments:
+        cache.own_commits.add(result.generation)

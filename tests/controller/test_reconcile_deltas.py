@@ -1,7 +1,8 @@
 """Others' changes reach the warm cache as deltas (controller/scheduling/cache.py, warm.py):
 after random sequences of node joins, hellos, cordons, uncordons, suspects, node deletions,
-evictions of nodes (holding shards or not), contract changes, deployment deletions and arrivals, the warm cache is exactly what a fresh `load_snapshot`
-reads, the committed state passes the independent checker, and what is committed is what
+evictions of nodes (holding shards or not), contract changes, deployment deletions and arrivals,
+and a whole-cluster pass whose commit one of them makes stale, the warm cache is exactly what a
+fresh `load_snapshot` reads, the committed state passes the independent checker, and what is committed is what
 forced whole-cluster passes commit (best-fit scoring, so that the session and `solve()`
 choose alike); a join of many nodes keeps the reconciler off the whole-cluster path."""
 
@@ -19,6 +20,7 @@ from bench.checking import check_state
 from controller.reconcile import Reconciler
 from controller.store.db import Database
 from controller.store import repositories as repo
+from controller.store.plans import commit_plan
 from controller.usecases import agents, deployments, liveness, nodes, tenants
 from controller.domain.liveness import Transition
 from controller.usecases.ports import RecordingSignals
@@ -128,6 +130,21 @@ class Events:
         return kind
 
 
+def _change_while_committing(monkeypatch: pytest.MonkeyPatch, events: Events) -> list[str]:
+    """The next plan commit first lets one more random change land (a stale commit); the change's kind."""
+    import controller.reconcile as reconcile_module
+
+    landed: list[str] = []
+
+    async def commit_after_a_change(*args, **kw):
+        if not landed:
+            landed.append(await events.one())
+        return await commit_plan(*args, **kw)
+
+    monkeypatch.setattr(reconcile_module, "commit_plan", commit_after_a_change)
+    return landed
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 async def test_deltas_commit_what_full_passes_commit(seed, _sqlite_template: Path, tmp_path: Path, monkeypatch):
     # Room enough that everything is placed: a full solve that leaves work unplaced solves the
@@ -144,13 +161,19 @@ async def test_deltas_commit_what_full_passes_commit(seed, _sqlite_template: Pat
                 await add_nodes(db, rack, 3, prefix=f"{rack}-more")  # room for everything after an eviction too
             loop = reconciler(db)
             events = Events(db, seed)
-            for _ in range(40):
+            stale_at = random.Random(seed + 2000).randrange(10, 35)
+            for step in range(40):
                 warm = loop.warm_snapshot is not None
                 kind = await events.one()
                 full = loop.full_passes
+                if step == stale_at:  # a new leader's whole-cluster pass, a change by others lands as it commits
+                    loop.resync()
+                    landed = _change_while_committing(monkeypatch, events)
                 await loop.reconcile_once(force=mode == "full")
-                if mode == "deltas" and warm and kind in FOLLOWED:  # e.g. an eviction's shards re-placed
+                if mode == "deltas" and warm and kind in FOLLOWED and step != stale_at:  # e.g. an eviction's shards re-placed
                     assert loop.full_passes == full, kind             # on the session
+                if mode == "deltas" and step == stale_at and landed and landed[0] in FOLLOWED:
+                    assert loop.full_passes == full + 1, landed  # caught up by deltas, not read again
                 if mode == "deltas" and loop.warm_snapshot is not None:
                     assert_same(loop.warm_snapshot, await fresh(db))
             if mode == "deltas":  # the sequence went through the deltas, not only through full passes
@@ -334,3 +357,60 @@ async def test_an_arrival_committed_out_of_order_is_found(cluster, monkeypatch) 
     snapshot = await fresh(cluster)
     assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/first", "t1/late", "t1/next"}
     assert_same(loop.warm_snapshot, snapshot)
+
+
+async def test_a_stale_full_pass_catches_up_by_deltas(cluster, monkeypatch) -> None:
+    # A join and a cordon land while a whole-cluster pass solves (a join storm): its commit is
+    # stale, the replica placed on the cordoned node is turned away. The cache is what the commit
+    # left at the snapshot's generation and reads the join and the cordon from the log; the next
+    # pass places the turned-away replica on the session, without reading the cluster again.
+    import controller.reconcile as reconcile_module
+
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("a", accelerators=4, locality="node"))
+    commit = reconcile_module.commit_plan
+    cordoned: list[str] = []
+
+    async def commit_after_a_join_and_a_cordon(session, snapshot, plan, **kw):
+        if not cordoned:
+            await add_nodes(cluster, "rack-b", 1, prefix="joined")
+            cordoned.append(plan.placements[0].node)
+            async with cluster.unit_of_work() as uow:
+                await nodes.cordon_node(uow, WHO, cordoned[0], RecordingSignals(), set())
+        return await commit(session, snapshot, plan, **kw)
+
+    monkeypatch.setattr(reconcile_module, "commit_plan", commit_after_a_join_and_a_cordon)
+    outcome = await loop.reconcile_once()
+    assert outcome.solved and outcome.conflicts == 1 and loop.full_passes == 1
+    assert not (await fresh(cluster)).problem["placements"]  # turned away: the node was cordoned meanwhile
+    assert (await loop.reconcile_once()).solved
+    assert loop.full_passes == 1 and loop.fast_passes == 1  # caught up by deltas, decided on the session
+    snapshot = await fresh(cluster)
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/a"}
+    assert cordoned[0] not in {p["node"] for p in snapshot.problem["placements"]}
+    assert_same(loop.warm_snapshot, snapshot)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_stale_full_pass_that_wrote_it_all_is_followed(cluster, monkeypatch) -> None:
+    # Nodes join while the first pass solves: what it placed holds, the joins are deltas.
+    import controller.reconcile as reconcile_module
+
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("a", accelerators=4, locality="node"))
+    commit = reconcile_module.commit_plan
+    joined: list[str] = []
+
+    async def commit_after_joins(*args, **kw):
+        if not joined:
+            joined.extend(await add_nodes(cluster, "rack-a", 2, prefix="joined"))
+        return await commit(*args, **kw)
+
+    monkeypatch.setattr(reconcile_module, "commit_plan", commit_after_joins)
+    assert (await loop.reconcile_once()).conflicts == 1
+    assert not (await loop.reconcile_once()).solved  # the joins followed: nothing to decide
+    assert (loop.full_passes, loop.delta_passes) == (1, 1)
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    await submit(cluster, deployment("b", accelerators=4, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.full_passes == 1
+    assert_same(loop.warm_snapshot, await fresh(cluster))
