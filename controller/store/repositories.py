@@ -181,6 +181,22 @@ async def list_node_rows(session: AsyncSession, rack: str = "", page: PageBounds
     return list(await session.scalars(_paged(stmt, page, m.Node.id)))
 
 
+async def node_state_counts(session: AsyncSession) -> tuple[dict[str, int], int]:
+    """How many nodes are in each operator state (`Node.state`: ready, cordoned, suspect, down)
+    and the accelerators of those not down, counted by the database: a cluster summary must
+    not load every node (at 16,384 nodes that read was a third of a joining controller's CPU)."""
+    counts: dict[str, int] = {}
+    accelerators = 0
+    rows = await session.execute(select(m.Node.health, m.Node.cordoned, func.count(), func.sum(m.Node.accelerators))
+                                 .group_by(m.Node.health, m.Node.cordoned))
+    for health, cordoned, nodes, accs in rows:
+        state = health.value if health is not m.NodeHealth.UP else "cordoned" if cordoned else "ready"
+        counts[state] = counts.get(state, 0) + nodes
+        if health is not m.NodeHealth.DOWN:
+            accelerators += int(accs or 0)
+    return counts, accelerators
+
+
 async def node_liveness_rows(session: AsyncSession, *, silent_before: datetime | None = None,
                              ) -> list[tuple[str, str, m.NodeHealth, datetime | None, bool]]:
     """(id, zone, health, last heartbeat, evicted) of every node, in one query; with

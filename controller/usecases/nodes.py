@@ -14,7 +14,6 @@ from collections.abc import Set
 from controller.errors import NotFound
 from controller.identity import Principal
 from controller.usecases import policy
-from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.store.snapshot import load_snapshot
@@ -113,13 +112,11 @@ async def cluster_summary(uow: UnitOfWork, who: Principal) -> ClusterSummary:
     own = policy.visible_tenant(who, "", "reading the cluster summary")
     s = uow.session
     usage = await repo.cluster_usage(s)
-    nodes = await repo.list_node_rows(s)
-    states = [n.state for n in nodes]
-    total = sum(n.accelerators for n in nodes if n.health is not m.NodeHealth.DOWN)
+    states, total = await repo.node_state_counts(s)
     racks = await repo.list_racks(s)
     return ClusterSummary(
-        nodes_ready=states.count("ready"), nodes_cordoned=states.count("cordoned"), nodes_down=states.count("down"),
-        nodes_suspect=states.count("suspect"),
+        nodes_ready=states.get("ready", 0), nodes_cordoned=states.get("cordoned", 0),
+        nodes_down=states.get("down", 0), nodes_suspect=states.get("suspect", 0),
         accelerators_total=float(total), accelerators_used=sum(usage.node_milli.values()) / 1000.0,
         power_budget_w=sum(k.power_budget_w or 0.0 for k in racks),
         power_used_w=sum(usage.rack_power_w.get(k.id, 0.0) for k in racks),

@@ -63,3 +63,33 @@ async def test_usage_sums_match_placement_milli(database: Database) -> None:
     assert dict(usage.rack_power_w) == pytest.approx({"rack1": 1200.0 + 1400.0 + 600.0, "rack2": 1400.0})
     assert dict(usage.row_power_w) == pytest.approx({"row1": 1200.0 + 2800.0 + 600.0})
     assert usage.tenant("b").accelerators == 0.75
+
+
+async def test_node_state_counts_agree_with_each_nodes_state(database: Database) -> None:
+    """The database's counts per operator state equal `Node.state` node by node, and the
+    accelerators counted are those of nodes not down (a cordoned or suspect node's included)."""
+    cluster = {**CLUSTER, "nodes": [
+        {"id": "n1", "rack": "rack1", "accelerators": 4},
+        {"id": "n2", "rack": "rack1", "accelerators": 8, "state": "cordoned"},
+        {"id": "n3", "rack": "rack2", "accelerators": 4, "state": "down"},
+        {"id": "n4", "rack": "rack2", "accelerators": 2},
+        {"id": "n5", "rack": "rack2", "accelerators": 16},
+    ], "deployments": [], "placements": []}
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, cluster)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        n5 = await repo.get_node(uow.session, "n5")
+        assert n5 is not None
+        n5.health = m.NodeHealth.SUSPECT
+        n3 = await repo.get_node(uow.session, "n3")
+        assert n3 is not None
+        n3.cordoned = True  # down and cordoned: down
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        counts, accelerators = await repo.node_state_counts(uow.session)
+        by_state: dict[str, int] = defaultdict(int)
+        for node in await repo.list_node_rows(uow.session):
+            by_state[node.state] += 1
+    assert counts == by_state == {"ready": 2, "cordoned": 1, "down": 1, "suspect": 1}
+    assert accelerators == 4 + 8 + 2 + 16
