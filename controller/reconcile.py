@@ -31,17 +31,20 @@ full solve after `backoff_s` (the back-off; from the cache, which follows its co
 parks it if it fails again. Changes by others are read from the change log
 (`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes without shards
 removed, evictions: their shards re-placed on the session, committed by the pass), tenant
-contracts and the topology are applied to the cache as deltas, and when they could help, the work still short of
+contracts, the topology, failed shards reported and failed replicas released are applied to the cache as deltas, and when they could help, the work still short of
 replicas (the unschedulable queue's included) is decided again on the session; deployments
 being deleted leave the cache and the session as departures, their shards and rows removed by
 the pass's scoped commit. Anything else
-(another kind of change, a stale or re-queued commit, replacements or avoided nodes, a new
+(another kind of change, a fast commit that was re-queued, replicas being replaced, a new
 leader) drops the cache and takes the full path above, which leaves a cache of what it
 committed for the next changes.
 Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
 again with the nodes they failed on cordoned for it alone (other nodes first; what finds none
-is retried without that after the back-off).
+is retried without that after the back-off). The report and the release are deltas (the
+release logs the deployments it touched: their shards are read again), so the pass places them
+on the warm session (`ClusterCache.decide(avoid=)`), or with the full solve when it takes the
+full path.
 A `Lease` decides whether this controller may reconcile at all: with several controllers on one
 database only the leader does (`controller.leadership`; `AlwaysLeader` alone). The leader's
 database is fenced (`Database.fenced`): a pass whose lease was lost meanwhile commits nothing
@@ -445,12 +448,12 @@ class Reconciler:
         return delay
 
     def _may_go_fast(self, generation: int, arrivals: int) -> bool:
-        """Nothing is being replaced or avoided, and either nobody changed the cluster since this
+        """Nothing is being replaced, and either nobody changed the cluster since this
         controller's last commit and deployments arrived (or work short of replicas is to be
         decided again: `_caught_up`), or others changed it and the cache may follow
         (`WarmCluster.catch_up` says): the pass may go on the warm cluster."""
         own = self._warm.own_generation
-        if self._last_arrivals is None or self._replacing or self._avoid or own != self._last_generation:
+        if self._last_arrivals is None or self._replacing or own != self._last_generation:
             return False
         if generation == own and not self._redecide:
             return arrivals > self._last_arrivals
@@ -483,12 +486,15 @@ class Reconciler:
         # Arrivals committed out of order go first, followed as the commit lists them.
         retried = cache.pending_docs() + late if helped else late
         departed = cache.snapshot.deleting
+        avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
         if not docs and not retried and not departed and not cache.repairs:
+            self._avoid = frozenset()
             self.delta_passes += 1
             self._observer.pass_taken("delta")
             return ReconcileOutcome(generation=cache.snapshot.generation)
         try:
-            fast, cpu_s = await asyncio.to_thread(_on_thread_cpu, cache.decide, docs, self._warm.unplaced, retried)
+            fast, cpu_s = await asyncio.to_thread(_on_thread_cpu, cache.decide, docs, self._warm.unplaced, retried,
+                                                  avoided)
         except Exception:
             log.exception("the session failed to decide %d arrivals; solving the whole cluster", len(docs))
             self._warm.drop()
@@ -529,7 +535,11 @@ class Reconciler:
         arrived = {d["id"] for d in docs + late}
         self._queue.back_off([name for name in fast.unplaced if name in arrived]
                              + [p.deployment for p in fast.plan.preempted], self._clock())
-        retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued else None
+        self._avoid = frozenset()
+        # What found no other node than the ones it failed on is placed anywhere by the full
+        # solve after the back-off, as on the full path.
+        short = avoided and any(name in fast.extended for name in fast.unplaced)
+        retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued or short else None
         return ReconcileOutcome(
             solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
             changed_deployments=frozenset(changed), deleted=tuple(sorted(result.deleted_deployments)),

@@ -31,11 +31,18 @@ one too: the session re-places its shards (`Session.apply` repairs them as `solv
 the next fast plan commits that, speaking for those deployments whole (`repairs`); a node
 holding shards removed, drained or resized, or one holding a replica being replaced, is not
 (the full path re-places them).
+Shards changed outside a plan commit whose change log names their deployments (a failure
+reported; failed replicas released by `store/failures.py`) are read again as those deployments'
+shards (`apply_placements`); the released replicas are decided again by the next fast plan with
+the nodes they failed on cordoned for it alone (`decide(avoid=)`). A stale commit of a full
+solve leaves a cache too (`settled` or `follow` at its snapshot's generation), which catches up
+with the changes in between like any other.
 Deployments being deleted are departures (`depart`): taken out of the snapshot and the session,
 and named by the next commit's scope and `Snapshot.deleting`, which releases their shards and
 removes their rows. When changes could help (a node added or ready, a departure), the
-deployments still short of replicas are decided again on the session (`pending_docs`). Anything else (a stale or re-queued commit, another kind
-of change) drops the cache; the reconciler takes its full path. The cache never undoes a
+deployments still short of replicas are decided again on the session (`pending_docs`). Anything else (a re-queued fast commit, another kind
+of change: a plan commit by another controller, a deployment updated, replicas retired by a
+rollout or a drain) drops the cache; the reconciler takes its full path. The cache never undoes a
 decision: it is rebuilt instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
 `decide`, `scope_of` and `follow` run in a worker thread, never two at once.
 """
@@ -48,9 +55,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.store.rollout import stored_key
-from controller.store.snapshot import Arrivals, NodeRead, ShardKey, Snapshot, Where
+from controller.store.snapshot import Arrivals, NodeRead, PlacementsRead, ShardKey, Snapshot, Where
 from scheduler import Plan, Unplaced, problem_from_dict
-from scheduler.model import Rack, Row, Zone
+from scheduler.model import Node, Rack, Row, Zone
 from scheduler.interchange import (
     deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict, tenant_from_dict)
 from scheduler.session import ClusterDelta, Decision, Session
@@ -288,9 +295,11 @@ class ClusterCache:
         return arrivals.deployments
 
     def decide(self, docs: Sequence[dict[str, Any]], waiting: Mapping[str, Unplaced],
-               again: Sequence[dict[str, Any]] = ()) -> FastPlan:
+               again: Sequence[dict[str, Any]] = (), avoid: Collection[str] = ()) -> FastPlan:
         """Place each deployment whole on the session, in order (blocking: a worker thread):
-        `again` (known ones short of replicas, `pending_docs`), then the arrivals `docs`.
+        `again` (known ones short of replicas, `pending_docs`), then the arrivals `docs`; with
+        the nodes `avoid` cordoned for these decisions alone (replicas released after failing
+        there are placed on other nodes first, as the full path's solve does).
 
         The plan speaks for the decided deployments and those they preempted replicas of (its
         scope): their placements (the victims' and those tried again's held ones from the
@@ -299,7 +308,12 @@ class ClusterCache:
         # What the session holds of them before this pass's decisions (the snapshot holds their
         # shards on the evicted nodes).
         held = {name: self.session.placements_of(name) for name in repaired if name in self.session}
-        decisions = tuple(self.session.place(deployment_from_dict(doc)) for doc in (*again, *docs))
+        avoided = self._cordon(avoid)
+        try:
+            decisions = tuple(self.session.place(deployment_from_dict(doc)) for doc in (*again, *docs))
+        finally:
+            if avoided:  # as they were (a flip between ready and cordoned is updated in place)
+                self.session.apply(ClusterDelta(nodes=avoided))
         victims = {(p.deployment, p.replica) for d in decisions for p in d.preempted}
         hit = {name for name, _ in victims}
         decided = {d.deployment for d in decisions}
@@ -321,6 +335,16 @@ class ClusterCache:
         # Departures (`depart`) are in the scope too: the commit releases their shards, removes their rows.
         scope = frozenset(stored_key(name) for name in decided | hit | held.keys()) | self.snapshot.deleting
         return FastPlan(plan, decisions, scope, extended, frozenset(held))
+
+    def _cordon(self, nodes: Collection[str]) -> tuple[Node, ...]:
+        """Cordon the ready nodes among `nodes` in the session (not in the snapshot); the nodes as
+        they were, to put back."""
+        if not nodes:
+            return ()
+        ready = [n for n in self.snapshot.problem["nodes"] if n["id"] in nodes and n["state"] == "ready"]
+        if ready:
+            self.session.apply(ClusterDelta(nodes=tuple(node_from_dict(dict(n, state="cordoned")) for n in ready)))
+        return tuple(map(node_from_dict, ready))
 
     def committed(self, fast: FastPlan, generation: int) -> bool:
         """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing
@@ -370,6 +394,50 @@ class ClusterCache:
         if touched is None:
             return False
         self.repairs = {}  # written (what was not is re-placed again, from what the session adopts)
+        self._readopt(touched)
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset())
+        return True
+
+    def apply_placements(self, reads: Sequence[PlacementsRead], generation: int) -> bool | None:
+        """Deployments whose shards were changed outside this controller's plan commits (failed
+        replicas released, `store/failures.py`; a failure reported, which moves nothing), as
+        read now, to the snapshot and the session (blocking: a worker thread): each one's
+        shards become what is stored, renumbered as `load_snapshot` numbers them, and the session
+        holds them so (`Session.release`, `adopt`). Whether shards moved or went (capacity freed,
+        a deployment short of replicas: work to decide again); None when the cache cannot follow
+        (shards of a deployment it does not hold, one being rolled over or on a draining node,
+        one with a repair not committed yet): drop it."""
+        snap = self.snapshot
+        wanted = {read.key for read in reads}
+        before: dict[str, dict[tuple[int, int], Where]] = {key: {} for key in wanted}
+        for p in snap.problem["placements"]:
+            if p["deployment"] in wanted:
+                ref = snap.solver_refs[p["deployment"]]
+                before[p["deployment"]][(ref.replicas[p["replica"]], p["shard"])] = (
+                    p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli"))
+        shards: dict[ShardKey, Where | None] = {}
+        for read in reads:
+            ref = snap.solver_refs.get(read.key)
+            if ref is None or read.key not in snap.deployment_ids:
+                if read.shards:
+                    return None
+                continue
+            if not read.plain or ref.outgoing or read.key in self.repairs:
+                return None
+            held = before[read.key]
+            shards.update(((read.key, *at), None) for at in held.keys() - read.shards.keys())
+            shards.update(((read.key, *at), where) for at, where in read.shards.items() if held.get(at) != where)
+        if shards:
+            touched = _write_shards(snap, shards)
+            if touched is None:
+                return None
+            self._readopt(touched)
+        self.snapshot = dataclasses.replace(snap, generation=generation)
+        return bool(shards)
+
+    def _readopt(self, touched: Collection[str]) -> None:
+        """The session holds the deployments `touched` as the snapshot lists them now."""
+        snap = self.snapshot
         docs = {d["id"]: d for d in snap.problem["deployments"]}
         placed: dict[str, list[dict[str, Any]]] = {}
         for p in snap.problem["placements"]:
@@ -379,8 +447,6 @@ class ClusterCache:
             if key in self.session:
                 self.session.release(key, self.session.placed_replicas(key))
             self.session.adopt(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed.get(key, ())])
-        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset())
-        return True
 
 
 def _own_copy(snapshot: Snapshot) -> Snapshot:

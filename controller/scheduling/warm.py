@@ -9,9 +9,12 @@ keys the cache lacks, `snapshot.schedulable_keys`, say which, and they are read 
 other change moves the generation
 and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
 node changes as deltas, contract and topology changes (tenants; zones, rows, racks) as deltas
-too, and deletions as departures;
-any other change drops the cache. The log
-is in the database, so the changes another controller made (HA) are read the same way.
+too, deletions as departures, and placement changes that name their deployments (failures
+reported, failed replicas released) as those deployments' shards read again; any other change
+(a plan commit by another controller, which names none; an update; a rollout's retirements)
+drops the cache. The log is in the database, so the changes another controller made (HA) are
+read the same way. A stale commit of a full solve (`after_stale_full`) leaves a cache at its
+snapshot's generation that catches up the same way.
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
 from controller.store.snapshot import (
-    NodeRead, Snapshot, load_arrivals, load_nodes, load_snapshot, load_tenants, load_topology, schedulable_keys)
+    NodeRead, PlacementsRead, Snapshot, load_arrivals, load_nodes, load_placements, load_snapshot, load_tenants,
+    load_topology, schedulable_keys)
 from scheduler import Plan, Unplaced
 
 # Zones, rows and racks as `load_snapshot` lists them.
 Topology = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
 
 # The changes the cache follows (`catch_up`); any other drops it.
-_FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT, ChangeKind.TOPOLOGY)
+_FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT, ChangeKind.TOPOLOGY,
+             ChangeKind.PLACEMENTS)
 
 
 class WarmCluster:
@@ -104,7 +109,12 @@ class WarmCluster:
         tenants = await load_tenants(session) if any(kind is ChangeKind.TENANT for kind, _ in rows) else None
         topology = await load_topology(session) if any(kind is ChangeKind.TOPOLOGY for kind, _ in rows) else None
         departed = {name for kind, name in rows if kind is ChangeKind.DEPLOYMENT_DELETED}
-        helped = await asyncio.to_thread(self._follow, cache, reads, departed, tenants, topology, since.generation)
+        # Placements changed outside a plan commit (failed replicas released; a failure reported):
+        # those deployments' shards read again (a plan commit logs no ids: it drops the cache).
+        moved = await load_placements(session, {name for kind, name in rows if kind is ChangeKind.PLACEMENTS}
+                                      - departed)
+        helped = await asyncio.to_thread(self._follow, cache, reads, departed, tenants, topology, moved,
+                                         since.generation)
         if helped is None or self.cache is not cache:
             self.drop()
             return None
@@ -114,7 +124,7 @@ class WarmCluster:
 
     @staticmethod
     def _follow(cache: ClusterCache, reads: list[NodeRead], departed: set[str], tenants: list[dict[str, Any]] | None,
-                topology: Topology | None, generation: int) -> bool | None:
+                topology: Topology | None, moved: list[PlacementsRead], generation: int) -> bool | None:
         # The topology first: nodes may join racks it adds.
         helped: bool | None = False if topology is None else cache.apply_topology(*topology)
         if helped is not None:
@@ -123,9 +133,12 @@ class WarmCluster:
         if helped is not None and tenants is not None:
             contracts = cache.apply_tenants(tenants)
             helped = None if contracts is None else helped or contracts
-        if helped is None or not departed:
+        if helped is not None and departed:
+            helped = cache.depart(departed, generation) or helped
+        if helped is None or not moved:
             return helped
-        return cache.depart(departed, generation) or helped
+        placements = cache.apply_placements(moved, generation)
+        return None if placements is None else placements or helped
 
     async def scope(self, snapshot: Snapshot, plan: Plan) -> frozenset[str] | None:
         """What a commit of a full solve has to speak for: when it was solved from the cache,

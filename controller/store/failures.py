@@ -65,6 +65,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
     events: list[dict[str, Any]] = []
     released_ids: list[int] = []
     nodes: set[str] = set()
+    released: set[str] = set()  # keys of the deployments whose replicas are released
     avoid: set[str] = set()
     next_in_s: float | None = None
     released_replicas = 0
@@ -108,12 +109,13 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
         dep.restart_after = None
         dep.generation = dep.generation + 1
         changed.add(deployment_key(dep.tenant_id, dep.name))
+        released.add(deployment_key(dep.tenant_id, dep.name))
         events.append(_event("deployment.replicas_released", dep,
                              f"replicas {sorted(replicas)} released after their back-off, to be placed again "
                              f"(they failed on {', '.join(failed_on)})",
                              {"replicas": sorted(replicas), "nodes": failed_on}))
     if released_ids:
-        await stop_placements(session, released_ids, nodes, now)
+        await stop_placements(session, released_ids, nodes, now, released)
     if events:
         await record_decisions(session, events, now, actor)
     return FailureStep(nodes=frozenset(nodes), deployments=frozenset(changed), avoid=frozenset(avoid),

@@ -23,7 +23,7 @@ from scheduler import Deployment as SolverDeployment
 from scheduler import ShardSpec, Spread, deployment_to_dict
 
 from controller import limits
-from controller.domain.values import deployment_key
+from controller.domain.values import deployment_key, split_deployment_key
 from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, outgoing_id, solver_view
 from controller.store.models import (
     ClusterState,
@@ -256,6 +256,50 @@ async def load_nodes(session: AsyncSession, ids: Collection[str]) -> list[NodeRe
 async def load_tenants(session: AsyncSession) -> list[dict[str, Any]]:
     """Every tenant as `load_snapshot` lists them (for a cache that follows contract changes)."""
     return [_tenant_doc(t) for t in await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))]
+
+
+@dataclass(frozen=True)
+class PlacementsRead:
+    """One deployment's stored shards as they are now, for a cache that follows placements
+    changed outside its own commits (failed replicas released, another controller's commit)."""
+
+    key: str  # TENANT/NAME
+    shards: dict[tuple[int, int], Where]  # (stored replica, shard) -> where it runs
+    # Schedulable, every shard of its current template revision and on a node not draining, no
+    # more replicas than asked: `load_snapshot` lists it as one solver deployment (no rollout
+    # view), its replicas numbered in stored order.
+    plain: bool
+
+
+async def load_placements(session: AsyncSession, keys: Collection[str]) -> list[PlacementsRead]:
+    """The deployments `keys` (TENANT/NAME) and their shards as they are now (two queries per
+    500); a deployment with no row reads as no shards, not plain."""
+    wanted = set(keys)
+    names = sorted({split_deployment_key(key)[1] for key in wanted})
+    found: dict[int, tuple[str, Any]] = {}
+    for start in range(0, len(names), _CHUNK):
+        for d in await session.execute(select(Deployment.id, Deployment.tenant_id, Deployment.name, Deployment.phase,
+                                              Deployment.template_revision, Deployment.replicas)
+                                       .where(Deployment.name.in_(names[start:start + _CHUNK]))):
+            if deployment_key(d.tenant_id, d.name) in wanted:
+                found[d.id] = (deployment_key(d.tenant_id, d.name), d)
+    shards: dict[str, dict[tuple[int, int], Where]] = {key: {} for key in wanted}
+    plain = {key: d.phase not in (DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED) for key, d in found.values()}
+    ids = sorted(found)
+    for start in range(0, len(ids), _CHUNK):
+        for p in await session.execute(
+                select(Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
+                       Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision, Node.draining)
+                .join(Node, Placement.node_id == Node.id, isouter=True)
+                .where(Placement.deployment_id.in_(ids[start:start + _CHUNK]))):
+            key, d = found[p.deployment_id]
+            shards[key][(p.replica, p.shard)] = (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli)
+            if p.revision != d.template_revision or p.draining:
+                plain[key] = False
+    for key, d in found.values():
+        if len({replica for replica, _ in shards[key]}) > d.replicas:
+            plain[key] = False
+    return [PlacementsRead(key, shards[key], plain.get(key, False)) for key in sorted(wanted)]
 
 
 @dataclass(frozen=True)

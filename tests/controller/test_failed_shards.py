@@ -17,6 +17,8 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import agents, updates
 from controller.usecases.ports import RecordingSignals
+from bench.checking import check_state
+from test_reconcile_fast import assert_same, fresh
 from uc_builders import WHO, deployment, no_publish, submit
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
@@ -142,3 +144,50 @@ async def test_a_deployment_that_keeps_failing_is_failed_until_it_is_updated(clu
     clocks.s += 5
     await loop.reconcile_once()
     assert [phase for _, phase in (await placed(cluster, "svc")).values()] == ["assigned", "assigned"]
+
+
+async def test_a_failed_replica_is_placed_again_on_the_warm_cluster(cluster: Database) -> None:
+    # The failure report and the release are deltas: the released replica is decided on the
+    # session, off the node it failed on, without a whole-cluster pass; the cache stays what a
+    # fresh read gives.
+    clocks = Clocks()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4))  # one whole node per replica
+    await loop.reconcile_once()
+    full = loop.full_passes
+    failed_node = (await placed(cluster, "svc"))[0][0]
+    await report(cluster, "svc", 0, "failed", "CUDA error: out of memory")
+    await loop.reconcile_once()  # the failure counted, its back-off started: nothing moves
+    assert loop.full_passes == full and loop.warm_snapshot is not None
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    clocks.s = 5.0
+    outcome = await loop.reconcile_once()  # released and placed again, elsewhere, on the session
+    assert outcome.solved and loop.full_passes == full
+    node, phase = (await placed(cluster, "svc"))[0]
+    assert node not in (failed_node, (await placed(cluster, "svc"))[1][0]) and phase == "assigned"
+    snapshot = await fresh(cluster)
+    assert_same(loop.warm_snapshot, snapshot)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_failed_replica_with_no_other_node_is_placed_anywhere_after_the_retry(cluster: Database) -> None:
+    # Every node is taken: the session finds no node other than the one the replica failed on,
+    # the retry after the back-off places it anywhere (there), as the full path does.
+    clocks = Clocks()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    await submit(cluster, deployment("svc", replicas=4, accelerators=4))
+    await loop.reconcile_once()
+    full = loop.full_passes
+    failed_node = (await placed(cluster, "svc"))[0][0]
+    await report(cluster, "svc", 0, "failed", "crash")
+    await loop.reconcile_once()
+    clocks.s = 5.0
+    outcome = await loop.reconcile_once()
+    assert loop.full_passes == full and outcome.retry_in_s is not None
+    assert 0 not in await placed(cluster, "svc")  # released, not placed again yet
+    clocks.s = 5.0 + outcome.retry_in_s
+    await loop.reconcile_once()
+    assert (await placed(cluster, "svc"))[0] == (failed_node, "assigned")
+    snapshot = await fresh(cluster)
+    assert_same(loop.warm_snapshot, snapshot)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])

@@ -1,7 +1,7 @@
 """Others' changes reach the warm cache as deltas (controller/scheduling/cache.py, warm.py):
 after random sequences of node joins, hellos, cordons, uncordons, suspects, node deletions,
 evictions of nodes (holding shards or not), contract changes, deployment deletions and arrivals,
-and a whole-cluster pass whose commit one of them makes stale, the warm cache is exactly what a
+shards reported FAILED (their replicas released and placed again off the node), and a whole-cluster pass whose commit one of them makes stale, the warm cache is exactly what a
 fresh `load_snapshot` reads, the committed state passes the independent checker, and what is committed is what
 forced whole-cluster passes commit (best-fit scoring, so that the session and `solve()`
 choose alike); a join of many nodes keeps the reconciler off the whole-cluster path."""
@@ -24,13 +24,14 @@ from controller.store.plans import commit_plan
 from controller.usecases import agents, deployments, liveness, nodes, tenants
 from controller.domain.liveness import Transition
 from controller.usecases.ports import RecordingSignals
-from controller.domain.values import NodeInfo, TenantSpec
+from controller.domain.restarts import RestartPolicy
+from controller.domain.values import NodeInfo, ShardReport, TenantSpec
 from test_reconcile_fast import _arrivals, _committed, _four_racks, assert_same, fresh, reconciler
-from uc_builders import WHO, add_nodes, apply_topology, deployment, submit
+from uc_builders import WHO, add_nodes, apply_topology, deployment, no_publish, submit
 
 RACKS = ("rack-a", "rack-b", "rack-c", "rack-d")
 # The events the cache follows as deltas (node deletions: only of nodes without shards).
-FOLLOWED = ("join", "hello", "cordon", "uncordon", "suspect", "evict", "contract", "delete_deployment")
+FOLLOWED = ("join", "hello", "cordon", "uncordon", "suspect", "evict", "contract", "delete_deployment", "fail")
 
 
 class Events:
@@ -53,6 +54,10 @@ class Events:
         # quota raised or lifted; rack power budgets set (ample) or lifted, an empty rack added.
         self.contract_rng = random.Random(seed + 1000)
         self.contract_at = set(self.contract_rng.sample(range(2, 40), 4)) - {self.evict_at}
+        # A placed shard reported FAILED, at steps of their own: released by the next pass (no
+        # back-off: `failing_reconciler`) and placed again off the node it failed on.
+        self.fail_rng = random.Random(seed + 3000)
+        self.fail_at = set(self.fail_rng.sample(range(3, 40), 3)) - {self.evict_at} - self.contract_at
         self.steps = 0
 
     async def contract(self) -> str:
@@ -88,10 +93,23 @@ class Events:
                                                               evict=True)], datetime.now(timezone.utc))
         return "evict"
 
+    async def fail(self) -> str:
+        """An agent reports a placed shard FAILED."""
+        placements = (await fresh(self.db)).problem["placements"]
+        if placements:
+            p = self.fail_rng.choice(placements)
+            tenant, name = p["deployment"].split("/")
+            async with self.db.unit_of_work() as uow:
+                await agents.flush_reports(uow, {}, [(p["node"], ShardReport(
+                    name, p["replica"], p["shard"], 10**9, "failed", "crashed", tenant=tenant))])
+        return "fail"
+
     async def one(self) -> str:
         self.steps += 1
         if self.steps == self.evict_at:
             return await self.evict()
+        if self.steps in self.fail_at:
+            return await self.fail()
         if self.steps in self.contract_at:
             return await self.contract()
         rng = self.rng
@@ -130,6 +148,12 @@ class Events:
         return kind
 
 
+def failing_reconciler(db: Database) -> Reconciler:
+    """`reconciler` whose failed replicas are released at once (no back-off)."""
+    return Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0,
+                      restart_policy=RestartPolicy(initial_delay_s=0.0))
+
+
 def _change_while_committing(monkeypatch: pytest.MonkeyPatch, events: Events) -> list[str]:
     """The next plan commit first lets one more random change land (a stale commit); the change's kind."""
     import controller.reconcile as reconcile_module
@@ -159,7 +183,7 @@ async def test_deltas_commit_what_full_passes_commit(seed, _sqlite_template: Pat
             await _four_racks(db)
             for rack in RACKS:
                 await add_nodes(db, rack, 3, prefix=f"{rack}-more")  # room for everything after an eviction too
-            loop = reconciler(db)
+            loop = failing_reconciler(db)
             events = Events(db, seed)
             stale_at = random.Random(seed + 2000).randrange(10, 35)
             for step in range(40):
@@ -193,7 +217,7 @@ async def test_deltas_follow_on_postgres_too(database: Database, monkeypatch) ->
     # stays what a fresh read gives, the committed state is valid.
     monkeypatch.setenv("MAIA_SCORER", "bestfit")
     await _four_racks(database)
-    loop = reconciler(database)
+    loop = failing_reconciler(database)
     events = Events(database, 7)
     for _ in range(30):
         await events.one()
