@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="give up waiting for Running after this")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--controller-log-level", default="WARNING", help="the controller's --log-level")
+    p.add_argument("--decide-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="the controller's --decide-process / --no-decide-process (default: its default); "
+                        "controller CPU counts the decide process's too")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
@@ -99,8 +102,24 @@ class Process:
                                      env={**os.environ, **(env or {})})
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds of the process and of the children it started (the controller's decide
+        process: running, or exited and reaped), so that CPU moved to a child still counts."""
+        fields = _stat(self.proc.pid)
+        return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK") \
+            + self.children_cpu_s()
+
+    def children_cpu_s(self) -> float:
+        """CPU seconds of the children it runs now."""
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = _stat(int(entry.name))
+                except (OSError, IndexError):
+                    continue
+                if int(fields[1]) == self.proc.pid:
+                    total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -141,6 +160,11 @@ def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
     deadline = time.monotonic() + grace_s
     for process in processes:
         process.stop(max(0.0, deadline - time.monotonic()))
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state, ppid, ..., utime at 11)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 @asynccontextmanager
@@ -386,7 +410,9 @@ class Bench:
     submitted_s: float = 0.0
     elapsed_s: float = 0.0
     cpu0: float = 0.0
-    cpu_s: float = 0.0
+    cpu_s: float = 0.0      # the controller's and its children's (the decide process)
+    child_cpu0: float = 0.0
+    child_cpu_s: float = 0.0  # of that, its children's while they ran
     rss_mib: float = 0.0
     controller_exit: int | None = None
     violations: list[str] | None = None  # None: not graded
@@ -402,6 +428,7 @@ class Bench:
             return
         try:
             self.cpu_s = self.controller.cpu_s() - self.cpu0
+            self.child_cpu_s = max(self.child_cpu_s, self.controller.children_cpu_s() - self.child_cpu0)
             self.rss_mib = self.controller.peak_rss_mib()
         except OSError:
             pass
@@ -509,7 +536,9 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
         controller = bench.controller = Process("maia-controller", [
             str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url,
             "--bootstrap-admin-token-file", str(token_file), "--submits-per-minute", "0",
-            "--metrics-listen", "127.0.0.1:0", "--log-level", args.controller_log_level, *extra],
+            "--metrics-listen", "127.0.0.1:0", "--log-level", args.controller_log_level, *extra,
+            *([] if args.decide_process is None else
+              ["--decide-process" if args.decide_process else "--no-decide-process"])],
             root / "controller.log")
         fleets: list[Process] = []
         tasks: list[asyncio.Task[Any]] = []
@@ -544,6 +573,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             bench.lag_at_start = dict(bench.lag)
             bench.phase = "submitting"
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
+            bench.child_cpu0 = controller.children_cpu_s()
             queue = list(reversed(works))
             if args.delete_every:
                 tasks.append(asyncio.create_task(deleter(channel, run, args.delete_every)))
@@ -647,6 +677,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "deployments_per_s": round(len(ran) / span, 1) if span else 0.0,
         "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
+        "controller_children_cpu_s": round(bench.child_cpu_s, 1),
         "nodes_joined_s": round(bench.joined_s, 1), "controller_exit": bench.controller_exit,
         "watches": run.watches, "graded": bench.violations is not None, "reconcile_passes": dict(bench.passes),
         "loop_lag_p50_le_s": lag_quantile(bench, 0.5), "loop_lag_p99_le_s": lag_quantile(bench, 0.99),
@@ -670,7 +701,8 @@ def report(r: dict[str, Any]) -> str:
             f"gang {pp('gang_running')} ms{rewatched}\n"
             f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
-            f"controller CPU {r['controller_cpu_s']} s, peak RSS {r['controller_peak_rss_mib']} MiB | "
+            f"controller CPU {r['controller_cpu_s']} s (decide process {r['controller_children_cpu_s']} s), "
+            f"peak RSS {r['controller_peak_rss_mib']} MiB | "
             f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'} | "
             f"event-loop lag p50/p99 <= {r['loop_lag_p50_le_s']}/{r['loop_lag_p99_le_s']} s\n"

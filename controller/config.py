@@ -42,6 +42,8 @@ class Config:
     solve_time_limit_ms: int = 2000
     # Stop preemptible work (whole replicas) to place higher-priority or reserved work.
     preemption: bool = True
+    # The warm scheduling session in a process of its own (controller/scheduling/decider.py).
+    decide_process: bool = False
     max_surge: int = DEFAULT_SURGE  # replicas beyond the asked count while replicas are replaced
     # Replicas whose shards FAILED (controller/domain/restarts.py): back-off and the give-up limit.
     restart_backoff_s: float = _RESTARTS.initial_delay_s
@@ -190,6 +192,9 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--no-preemption", dest="preemption", action="store_false",
                         help="never stop preemptible replicas to place higher-priority work or a tenant's "
                              "reservation (the reasons then say what preempting would place)")
+    parser.add_argument("--decide-process", action=argparse.BooleanOptionalAction, default=Config.decide_process,
+                        help="decide arrivals on the warm scheduling session in a child process of its own, off "
+                             "the controller's interpreter (its event loop holds the GIL under load); same decisions")
     parser.add_argument("--max-surge", type=_positive_int, default=Config.max_surge, metavar="REPLICAS",
                         help="replicas a rolling update or a drain may place beyond the replicas asked "
                              "(make-before-break): more rolls faster but holds more capacity meanwhile")
@@ -285,6 +290,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         unhealthy_zone_eviction_rate=ns.unhealthy_zone_eviction_rate,
         solve_time_limit_ms=ns.solve_time_limit_ms,
         preemption=ns.preemption,
+        decide_process=ns.decide_process,
         max_surge=ns.max_surge,
         restart_backoff_s=ns.restart_backoff,
         restart_backoff_max_s=ns.restart_backoff_max,

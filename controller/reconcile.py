@@ -69,6 +69,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller import limits
 from controller.aio import wait_event
+from controller.scheduling.decider import DecideProcess, open_in_process
 from controller.scheduling.warm import WarmCluster
 from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import QueueDepths, SchedulingQueue
@@ -217,6 +218,7 @@ class Reconciler:
         restart_policy: RestartPolicy | None = None,
         max_surge: int = DEFAULT_SURGE,
         backoff_s: float = 1.0,
+        decider: DecideProcess | None = None,
     ) -> None:
         self._db = db
         self._push = push
@@ -258,8 +260,10 @@ class Reconciler:
         self._laps = PassLaps()              # where the pass under way spends its time (the log line)
         self.consecutive_failures = 0        # passes in a row that raised
         # The fast path: the warm cluster (controller/scheduling/warm.py, cache.py).
+        # `decider`: the warm session lives in that process (decider.py), else in this one.
         self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
-                                 time_limit_ms=solve_time_limit_ms)
+                                 time_limit_ms=solve_time_limit_ms,
+                                 open_session=open_in_process if decider is None else decider.open)
         self.fast_passes = 0   # passes that decided on the warm session
         self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
         # A stale full commit turned replicas away, or the changes it caught up with could help
@@ -484,7 +488,7 @@ class Reconciler:
         if helped:  # everything unschedulable is active again: decided now, on the session
             self._queue.helped()
         # Arrivals committed out of order go first, followed as the commit lists them.
-        retried = cache.pending_docs() + late if helped else late
+        retried = await asyncio.to_thread(cache.pending_docs) + late if helped else late  # blocks: the session
         departed = cache.snapshot.deleting
         avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
         if not docs and not retried and not departed and not cache.repairs:

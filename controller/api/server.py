@@ -49,6 +49,7 @@ from controller.nodelifecycle import NodeLifecycle
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.leadership import LeaderElection, LeaseSettings
 from controller.reconcile import Reconciler
+from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
 from controller.store.exclusive import DatabaseInUse, SqliteLock
 from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
@@ -148,8 +149,10 @@ class ControllerApp:
                                            observer=self.metrics),
         )
         self.metrics.watch_admission(lambda: self.hub.admission.waiting)
+        # The warm session in a process of its own (--decide-process), stopped with the controller.
+        self.decider = DecideProcess() if config.decide_process else None
         self.reconciler = Reconciler(
-            leader_db, push=self.hub.notify, publish=self._publish_deployments,
+            leader_db, push=self.hub.notify, publish=self._publish_deployments, decider=self.decider,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,
             lease=self.election, observer=self.metrics,
             quarantine_after=config.quarantine_after_failures, allow_preemption=config.preemption,
@@ -337,6 +340,8 @@ class ControllerApp:
         self._channel_task = asyncio.create_task(self.channel.run(), name="cluster-channel")
         if not await self.channel.wait_ready(CHANNEL_READY_TIMEOUT_S):
             log.warning("not yet listening to the other controllers; retrying in the background")
+        if self.decider is not None:  # its interpreter starts while the agents join
+            await asyncio.to_thread(self.decider.start)
         self._tasks = [
             asyncio.create_task(self.election.run(), name="leader-election"),
             asyncio.create_task(self.hub.run(), name="agent-hub"),
@@ -391,6 +396,8 @@ class ControllerApp:
         await self.console.stop()
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        if self.decider is not None:
+            await asyncio.to_thread(self.decider.close)
         if self.election.leading:
             try:  # bounded: if it cannot be released now, it expires after --lease-ttl anyway
                 await within(self.election.release(), RELEASE_TIMEOUT_S)

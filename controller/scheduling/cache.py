@@ -44,7 +44,9 @@ deployments still short of replicas are decided again on the session (`pending_d
 of change: a plan commit by another controller, a deployment updated, replicas retired by a
 rollout or a drain) drops the cache; the reconciler takes its full path. The cache never undoes a
 decision: it is rebuilt instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
-`decide`, `scope_of` and `follow` run in a worker thread, never two at once.
+`decide`, `scope_of` and `follow` run in a worker thread, never two at once. The session may live
+in the decide process (`decider.py`: `build(open_session=DecideProcess.open)`), with the same
+decisions: every call that touches it blocks, so none runs on the event loop.
 """
 
 from __future__ import annotations
@@ -56,11 +58,13 @@ from typing import Any
 
 from controller.store.rollout import stored_key
 from controller.store.snapshot import Arrivals, NodeRead, PlacementsRead, ShardKey, Snapshot, Where
-from scheduler import Plan, Unplaced, problem_from_dict
+from scheduler import Plan, Unplaced
 from scheduler.model import Node, Rack, Row, Zone
 from scheduler.interchange import (
     deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict, tenant_from_dict)
 from scheduler.session import ClusterDelta, Decision, Session
+
+from controller.scheduling.decider import OpenSession, RemoteSession, open_in_process, place_documents
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class ClusterCache:
     """A snapshot kept equal to the database's state by applying this controller's own
     commits, and the session that decides on it."""
 
-    def __init__(self, snapshot: Snapshot, session: Session) -> None:
+    def __init__(self, snapshot: Snapshot, session: Session | RemoteSession) -> None:
         self.snapshot = _own_copy(snapshot)  # updated in place after each commit
         self.session = session
         self.last_id = max(snapshot.deployment_ids.values(), default=0)
@@ -108,22 +112,25 @@ class ClusterCache:
         self.repairs: dict[str, Decision] = {}
 
     @classmethod
-    def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int) -> ClusterCache | None:
+    def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int,
+              open_session: OpenSession = open_in_process) -> ClusterCache | None:
         """The cache of a fresh snapshot (blocking: call it in a worker thread), or None when
         the snapshot holds work only a full solve does (shards to release or repair,
-        deployments being deleted or rolled over)."""
+        deployments being deleted or rolled over). `open_session` builds its session from the
+        problem document (in this process, or in the decide process: `decider.py`)."""
         if snapshot.released or snapshot.deleting or any(r.outgoing for r in snapshot.solver_refs.values()):
             return None
         problem = dict(snapshot.problem, options={"mode": "online", "time_limit_ms": time_limit_ms,
                                                   "allow_preemption": allow_preemption})
-        session = Session(problem_from_dict(problem, validate=False), time_limit_ms=time_limit_ms)
+        session = open_session(problem, time_limit_ms=time_limit_ms)
         if session.repaired_at_load:  # shards on down nodes: the full path places them again
             return None
         return cls(snapshot, session)
 
     @classmethod
     def settled(cls, snapshot: Snapshot, shards: Mapping[ShardKey, Where | None], generation: int, *,
-                allow_preemption: bool, time_limit_ms: int) -> ClusterCache | None:
+                allow_preemption: bool, time_limit_ms: int,
+                open_session: OpenSession = open_in_process) -> ClusterCache | None:
         """The cache of the state a whole commit (not stale, nothing re-queued) of a full solve
         of a fresh `snapshot` left: the snapshot with what the commit wrote (`shards`), its shards
         to release and deployments being deleted gone (blocking: a worker thread); None when
@@ -134,7 +141,7 @@ class ClusterCache:
         if _write_shards(after, shards, gone=snapshot.deleting) is None:
             return None
         return cls.build(dataclasses.replace(after, released={}, deleting=frozenset(), generation=generation),
-                         allow_preemption=allow_preemption, time_limit_ms=time_limit_ms)
+                         allow_preemption=allow_preemption, time_limit_ms=time_limit_ms, open_session=open_session)
 
     def missed(self, new: Arrivals, schedulable: int) -> bool:
         """Whether a deployment was stored below the last key read (keys are not committed in
@@ -310,7 +317,7 @@ class ClusterCache:
         held = {name: self.session.placements_of(name) for name in repaired if name in self.session}
         avoided = self._cordon(avoid)
         try:
-            decisions = tuple(self.session.place(deployment_from_dict(doc)) for doc in (*again, *docs))
+            decisions = place_documents(self.session, (*again, *docs))
         finally:
             if avoided:  # as they were (a flip between ready and cordoned is updated in place)
                 self.session.apply(ClusterDelta(nodes=avoided))

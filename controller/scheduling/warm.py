@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.domain.changes import ChangeKind
 
 from controller.scheduling.cache import ClusterCache, FastPlan
+from controller.scheduling.decider import OpenSession, open_in_process
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
@@ -44,8 +45,10 @@ _FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT, 
 
 
 class WarmCluster:
-    def __init__(self, db: Database, *, surge: int, allow_preemption: bool, time_limit_ms: int) -> None:
+    def __init__(self, db: Database, *, surge: int, allow_preemption: bool, time_limit_ms: int,
+                 open_session: OpenSession = open_in_process) -> None:
         self._db = db
+        self._open_session = open_session  # in this process, or in the decide process (decider.py)
         self._surge = surge
         self._allow_preemption = allow_preemption
         self._time_limit_ms = time_limit_ms
@@ -84,7 +87,7 @@ class WarmCluster:
         if snapshot.generation != self.own_generation:
             return None
         self.cache = await asyncio.to_thread(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
-                                             time_limit_ms=self._time_limit_ms)
+                                             time_limit_ms=self._time_limit_ms, open_session=self._open_session)
         docs = None if self.cache is None else self.cache.pending_since(self._known_id)
         return None if docs is None else (docs, [])
 
@@ -213,7 +216,8 @@ class WarmCluster:
         else:
             self.cache = await asyncio.to_thread(
                 ClusterCache.settled, snapshot, result.shards, snapshot.generation,
-                allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms)
+                allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms,
+                open_session=self._open_session)
         if self.cache is None:
             self.drop()
             return False
@@ -235,7 +239,8 @@ class WarmCluster:
         else:
             self.cache = await asyncio.to_thread(
                 ClusterCache.settled, snapshot, result.shards, result.generation,
-                allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms)
+                allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms,
+                open_session=self._open_session)
 
 
 def _own_commit(cache: ClusterCache, result: CommitResult) -> None:

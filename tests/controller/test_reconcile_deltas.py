@@ -18,6 +18,7 @@ import pytest
 
 from bench.checking import check_state
 from controller.reconcile import Reconciler
+from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
 from controller.store import repositories as repo
 from controller.store.plans import commit_plan
@@ -148,10 +149,10 @@ class Events:
         return kind
 
 
-def failing_reconciler(db: Database) -> Reconciler:
+def failing_reconciler(db: Database, decider: DecideProcess | None = None) -> Reconciler:
     """`reconciler` whose failed replicas are released at once (no back-off)."""
     return Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0,
-                      restart_policy=RestartPolicy(initial_delay_s=0.0))
+                      restart_policy=RestartPolicy(initial_delay_s=0.0), decider=decider)
 
 
 def _change_while_committing(monkeypatch: pytest.MonkeyPatch, events: Events) -> list[str]:
@@ -170,7 +171,8 @@ def _change_while_committing(monkeypatch: pytest.MonkeyPatch, events: Events) ->
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-async def test_deltas_commit_what_full_passes_commit(seed, _sqlite_template: Path, tmp_path: Path, monkeypatch):
+async def test_deltas_commit_what_full_passes_commit(seed, decider, _sqlite_template: Path, tmp_path: Path,
+                                                    monkeypatch):
     # Room enough that everything is placed: a full solve that leaves work unplaced solves the
     # whole batch again (greedy, then CP-SAT), which may choose other nodes than online decisions.
     monkeypatch.setenv("MAIA_SCORER", "bestfit")  # the session and solve() then choose alike
@@ -183,7 +185,7 @@ async def test_deltas_commit_what_full_passes_commit(seed, _sqlite_template: Pat
             await _four_racks(db)
             for rack in RACKS:
                 await add_nodes(db, rack, 3, prefix=f"{rack}-more")  # room for everything after an eviction too
-            loop = failing_reconciler(db)
+            loop = failing_reconciler(db, decider)
             events = Events(db, seed)
             stale_at = random.Random(seed + 2000).randrange(10, 35)
             for step in range(40):
@@ -212,12 +214,12 @@ async def test_deltas_commit_what_full_passes_commit(seed, _sqlite_template: Pat
     assert delta_placed == full_placed
 
 
-async def test_deltas_follow_on_postgres_too(database: Database, monkeypatch) -> None:
+async def test_deltas_follow_on_postgres_too(database: Database, decide_process, monkeypatch) -> None:
     # The same kind of sequence on each backend (`database`: SQLite and PostgreSQL): the cache
-    # stays what a fresh read gives, the committed state is valid.
+    # stays what a fresh read gives, the committed state is valid. The session in the decide process.
     monkeypatch.setenv("MAIA_SCORER", "bestfit")
     await _four_racks(database)
-    loop = failing_reconciler(database)
+    loop = failing_reconciler(database, decide_process)
     events = Events(database, 7)
     for _ in range(30):
         await events.one()

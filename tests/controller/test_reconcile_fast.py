@@ -5,8 +5,10 @@ that the session and `solve()` choose the same nodes)."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from sqlalchemy import select
 
 from bench.checking import check_state
 from controller.reconcile import Reconciler
+from controller.scheduling.decider import DecideProcess
 from controller.store import models as m
 from controller.store.db import Database
 from controller.store.snapshot import Snapshot, load_snapshot
@@ -24,8 +27,9 @@ from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, no_publish, submit
 
 
-def reconciler(db: Database) -> Reconciler:
-    return Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+def reconciler(db: Database, decider: DecideProcess | None = None) -> Reconciler:
+    return Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0,
+                      decider=decider)
 
 
 async def fresh(db: Database) -> Snapshot:
@@ -46,9 +50,9 @@ def assert_same(cached: Snapshot | None, read: Snapshot) -> None:
     assert (dict(cached.released), cached.deleting) == (dict(read.released), read.deleting)
 
 
-async def test_the_warm_snapshot_stays_what_a_fresh_read_gives(cluster):
+async def test_the_warm_snapshot_stays_what_a_fresh_read_gives(cluster, decider):
     # 16 accelerators: 2 racks x 2 nodes x 4.
-    loop = reconciler(cluster)
+    loop = reconciler(cluster, decider)
     await submit(cluster, deployment("first", accelerators=2, locality="node"))
     assert (await loop.reconcile_once()).solved and loop.fast_passes == 0  # the first pass reads it all
     assert_same(loop.warm_snapshot, await fresh(cluster))  # and leaves a cache of what it committed
@@ -152,7 +156,8 @@ async def _committed(db: Database) -> tuple[set[tuple[Any, ...]], dict[str, str]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_fast_passes_commit_what_full_passes_commit(seed, _sqlite_template: Path, tmp_path: Path, monkeypatch):
+async def test_fast_passes_commit_what_full_passes_commit(seed, decider, _sqlite_template: Path, tmp_path: Path,
+                                                          monkeypatch):
     monkeypatch.setenv("MAIA_SCORER", "bestfit")  # the session and solve() then choose alike
     states = []
     for mode in ("fast", "full"):
@@ -161,7 +166,7 @@ async def test_fast_passes_commit_what_full_passes_commit(seed, _sqlite_template
         db = Database(f"sqlite+aiosqlite:///{path}")
         try:
             await _four_racks(db)
-            loop = reconciler(db)
+            loop = reconciler(db, decider)
             for batch in _arrivals(seed, 24):
                 for spec in batch:
                     await submit(db, spec)
@@ -177,9 +182,9 @@ async def test_fast_passes_commit_what_full_passes_commit(seed, _sqlite_template
     assert fast_placed == full_placed
 
 
-async def test_an_arrival_preempts_on_the_fast_path(cluster):
+async def test_an_arrival_preempts_on_the_fast_path(cluster, decider):
     # 16 accelerators held by preemptible low-priority work; a high-priority arrival takes some.
-    loop = reconciler(cluster)
+    loop = reconciler(cluster, decider)
     await submit(cluster, deployment("filler", replicas=4, accelerators=4, locality="node", preemptible=True))
     await loop.reconcile_once()
     await submit(cluster, deployment("urgent", accelerators=4, locality="node", priority=100))
@@ -212,3 +217,27 @@ async def test_an_arrival_preempts_on_the_fast_path(cluster):
     assert loop.fast_passes == 3
     assert (await loop.reconcile_once()).solved and loop.solves == solves + 2  # its back-off, from the cache
     assert_same(loop.warm_snapshot, await fresh(cluster))
+
+
+async def test_a_decide_process_that_dies_drops_the_cache_and_the_next_pass_commits(cluster, decide_process):
+    loop = reconciler(cluster, decide_process)
+    await submit(cluster, deployment("first", accelerators=1, locality="node"))
+    await loop.reconcile_once()  # a full pass: it leaves a cache whose session is in the process
+    await submit(cluster, deployment("second", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 1
+    pid, starts = decide_process.pid, decide_process.starts
+    assert pid is not None and loop.warm_snapshot is not None
+    os.kill(pid, signal.SIGKILL)
+    await submit(cluster, deployment("third", accelerators=2, locality="node"))
+    full = loop.full_passes
+    # The decision fails: the cache is dropped, the full path commits it and leaves a cache
+    # whose session is in a fresh process.
+    assert (await loop.reconcile_once()).solved and loop.full_passes == full + 1
+    assert decide_process.starts == starts + 1 and decide_process.pid not in (None, pid)
+    snapshot = await fresh(cluster)
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/first", "t1/second", "t1/third"}
+    assert_same(loop.warm_snapshot, snapshot)
+    await submit(cluster, deployment("fourth", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 2  # on the new process
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])

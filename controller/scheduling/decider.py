@@ -1,0 +1,328 @@
+"""The warm session in a process of its own: the decide process and a proxy for its session.
+
+The reconciler decides arrivals on a warm `scheduler.session.Session` (`cache.ClusterCache`) in
+a worker thread. In the controller's interpreter that thread shares one GIL with the event loop
+(asyncpg, the agent streams, the submits), and on a busy PostgreSQL controller it got 13-43 % of
+its wall time on a CPU (docs/benchmarks.md, issue 8). `DecideProcess` keeps the session in a
+long-lived child interpreter instead: the controller's thread sends it the calls and waits on a
+pipe (which releases the GIL), the child computes on a core of its own.
+
+Decisions are those of an in-process session: `RemoteSession` has the interface of the
+`Session` methods the cache uses and forwards every call, in order, over one pipe (pickled
+arguments and results), so the child's session sees exactly the sequence of calls an
+in-process one would. Calls whose result is not needed (`release`, `adopt`) are sent without
+waiting (order is kept: one pipe, one reader); calls that need one wait for it. A session is
+built in the child from the problem *document* (`DecideProcess.open`, with the controller's
+`MAIA_*` environment of the moment, which the scheduler reads): parsing it is the child's CPU
+too, as is parsing the arrivals' documents (`place_documents`).
+
+Failures: a call whose child died, or that is not answered within `timeout_s`, raises
+`DeciderFailed` (a hung child is killed); so does an exception the session raised in the child
+(a later call reports one a pipelined call raised, and nothing more is run on that session).
+The reconciler then drops its cache, as for any exception of the session, and the next
+`open` starts a fresh child when the last one is gone. The child exits when the controller
+closes its end of the pipe (`close`, or the controller dying: the kernel closes it) or when
+its parent is gone. It is started with `subprocess` (fork + exec of a fresh interpreter: never
+a bare fork of a controller running gRPC and threads).
+
+One owner drives it (the reconcile loop, which holds its lock): one call at a time; `close`
+may come from another thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from multiprocessing.connection import Connection, Pipe
+from typing import Any, Protocol
+
+from scheduler import problem_from_dict
+from scheduler.interchange import deployment_from_dict
+from scheduler.model import Deployment, Placement, Problem
+from scheduler.session import ClusterDelta, Decision, Session
+
+log = logging.getLogger(__name__)
+
+# How long a call may wait for the child before it counts as hung (starting an interpreter and
+# importing the solver takes seconds on a loaded machine; building a 16,384-node session a few).
+DEFAULT_TIMEOUT_S = 120.0
+# The environment the scheduler reads (scheduler/solve.py: MAIA_SCORER), sent with each `open`:
+# the child decides as the controller would with its environment at that moment.
+_SCHEDULER_VARIABLES = "MAIA_"
+# How often an idle child checks that its parent is still there.
+_PARENT_CHECK_S = 2.0
+
+
+class DeciderFailed(RuntimeError):
+    """The decide process died, hung, or its session raised: the session is lost."""
+
+
+class OpenSession(Protocol):
+    """How the cache builds its session: `open_in_process` or `DecideProcess.open`."""
+
+    def __call__(self, problem: dict[str, Any], *, time_limit_ms: int) -> Session | RemoteSession: ...
+
+
+def open_in_process(problem: dict[str, Any], *, time_limit_ms: int) -> Session:
+    """A warm session of a problem document, in this interpreter (blocking)."""
+    return Session(problem_from_dict(problem, validate=False), time_limit_ms=time_limit_ms)
+
+
+def place_documents(session: Session | RemoteSession, docs: Sequence[dict[str, Any]]) -> tuple[Decision, ...]:
+    """`Session.place` of each deployment document, in order (blocking): in the decide process
+    one round trip for them all, the documents parsed there."""
+    if isinstance(session, RemoteSession):
+        return session.place_documents(docs)
+    return _place_documents(session, docs)
+
+
+def _place_documents(session: Session, docs: Sequence[dict[str, Any]]) -> tuple[Decision, ...]:
+    return tuple(session.place(deployment_from_dict(doc)) for doc in docs)
+
+
+class DecideProcess:
+    """The long-lived child holding the warm session (one per controller). Sessions are built
+    in it by `open`; a new one replaces the last (whose proxies then fail)."""
+
+    def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._ready = False
+        self._token = 0        # the session the child holds now
+        self._lock = threading.Lock()
+        self.starts = 0        # children started so far
+        self.cpu_s = 0.0       # CPU the child spent in the calls answered so far (its own count)
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while one runs."""
+        return None if self._proc is None or self._proc.poll() is not None else self._proc.pid
+
+    def start(self) -> None:
+        """Start the child now, if none runs (else `open` does): its interpreter and imports
+        then overlap with what the caller does next. Does not wait for it."""
+        with self._lock:
+            self._start()
+
+    def open(self, problem: dict[str, Any], *, time_limit_ms: int) -> RemoteSession:
+        """A warm session of a problem document, built in the child (blocking: a worker
+        thread); a fresh child if the last one is gone or failed."""
+        with self._lock:
+            self._start()
+            self._token += 1
+            repaired = self._ask_locked(self._token, "open", (problem, time_limit_ms, _scheduler_environment()))
+            return RemoteSession(self, self._token, repaired)
+
+    def close(self) -> None:
+        """Stop the child (its pipe closed: it exits; killed if it does not within a few
+        seconds). Safe to call twice, and from another thread than the calls'."""
+        conn, proc = self._conn, self._proc
+        self._conn, self._proc, self._ready = None, None, False
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            _reap(proc, grace_s=5.0)
+
+    # ---- calls ------------------------------------------------------------------------------
+
+    def ask(self, token: int, method: str, args: tuple[Any, ...]) -> Any:
+        """Call a session method in the child and wait for its result."""
+        with self._lock:
+            return self._ask_locked(token, method, args)
+
+    def tell(self, token: int, method: str, args: tuple[Any, ...]) -> None:
+        """Call a session method in the child without waiting (a later `ask` reports its failure)."""
+        with self._lock:
+            self._send(token, method, args, reply=False)
+
+    def _ask_locked(self, token: int, method: str, args: tuple[Any, ...]) -> Any:
+        self._send(token, method, args, reply=True)
+        conn = self._conn
+        assert conn is not None
+        if not self._ready:
+            self._receive(conn, f"start (pid {self._proc.pid if self._proc else '?'})")
+            self._ready = True
+        kind, value, cpu_s = self._receive(conn, method)
+        self.cpu_s += cpu_s
+        if kind == "error":
+            raise DeciderFailed(f"the session in the decide process raised in {method}: {value}")
+        return value
+
+    def _send(self, token: int, method: str, args: tuple[Any, ...], *, reply: bool) -> None:
+        if self._conn is None:
+            raise DeciderFailed("the decide process is not running (stopped, or failed earlier)")
+        try:
+            self._conn.send((token, method, args, reply))
+        except (OSError, EOFError) as exc:
+            self._fail(f"the decide process is gone ({exc})")
+
+    def _receive(self, conn: Connection, what: str) -> Any:
+        try:
+            if not conn.poll(self.timeout_s):
+                self._fail(f"the decide process did not answer {what} within {self.timeout_s:.0f} s: killed")
+            return conn.recv()
+        except (OSError, EOFError) as exc:
+            code = None if self._proc is None else self._proc.poll()
+            self._fail(f"the decide process is gone during {what} (exit code {code}; {type(exc).__name__})")
+
+    def _fail(self, why: str) -> None:
+        log.error("%s", why)
+        self.close()
+        raise DeciderFailed(why)
+
+    def _start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None and self._conn is not None:
+            return
+        self.close()  # a child that exited (crashed) is reaped first
+        ours, theirs = Pipe(duplex=True)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "controller.scheduling.decider", str(theirs.fileno()), str(os.getpid())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            theirs.close()  # the child has its copy: a dead child is EOF on ours
+        self._conn, self._ready, self._token = ours, False, 0
+        self.starts += 1
+        log.info("decide process started (pid %d)", self._proc.pid)
+
+
+class RemoteSession:
+    """A session held by the decide process: the `Session` methods `ClusterCache` uses,
+    forwarded in order. Blocking calls: run them in a worker thread, never on the event loop."""
+
+    def __init__(self, process: DecideProcess, token: int, repaired_at_load: list[Decision]) -> None:
+        self._process = process
+        self._token = token
+        self.repaired_at_load = repaired_at_load
+
+    def place(self, deployment: Deployment | str) -> Decision:
+        result: Decision = self._process.ask(self._token, "place", (deployment,))
+        return result
+
+    def place_documents(self, docs: Sequence[dict[str, Any]]) -> tuple[Decision, ...]:
+        """`place` of each deployment document in order, parsed in the child: one round trip."""
+        result: tuple[Decision, ...] = self._process.ask(self._token, "place_documents", (list(docs),))
+        return result
+
+    def release(self, deployment: str, replicas: list[int] | None = None) -> None:
+        self._process.tell(self._token, "release", (deployment, replicas))
+
+    def adopt(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
+        self._process.tell(self._token, "adopt", (deployment, list(placements)))
+
+    def apply(self, delta: ClusterDelta) -> list[Decision]:
+        result: list[Decision] = self._process.ask(self._token, "apply", (delta,))
+        return result
+
+    def snapshot(self) -> Problem:
+        result: Problem = self._process.ask(self._token, "snapshot", ())
+        return result
+
+    def placements_of(self, deployment: str) -> tuple[Placement, ...]:
+        result: tuple[Placement, ...] = self._process.ask(self._token, "placements_of", (deployment,))
+        return result
+
+    def pending(self) -> list[str]:
+        result: list[str] = self._process.ask(self._token, "pending", ())
+        return result
+
+    def placed_replicas(self, deployment: str) -> list[int]:
+        result: list[int] = self._process.ask(self._token, "placed_replicas", (deployment,))
+        return result
+
+    def __contains__(self, deployment: str) -> bool:
+        result: bool = self._process.ask(self._token, "__contains__", (deployment,))
+        return result
+
+
+def _scheduler_environment() -> dict[str, str]:
+    """The variables the scheduler reads when it builds a session (`MAIA_SCORER`, ...), as now."""
+    return {key: value for key, value in os.environ.items() if key.startswith(_SCHEDULER_VARIABLES)}
+
+
+def _take_environment(environment: dict[str, str]) -> None:
+    """The child's scheduler variables made the parent's (a session built now reads them)."""
+    for key in [key for key in os.environ if key.startswith(_SCHEDULER_VARIABLES)]:
+        del os.environ[key]
+    os.environ.update(environment)
+
+
+def _reap(proc: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ---- the child ------------------------------------------------------------------------------
+
+def serve(conn: Connection, parent_pid: int) -> None:
+    """The child's loop: one session at a time, calls answered in order, until the pipe closes
+    or the parent is gone."""
+    conn.send(("ready", os.getpid(), 0.0))
+    session: Session | None = None
+    token = 0
+    failed: str | None = None  # what a call on this session raised: nothing more runs on it
+    unreported_cpu_s = 0.0     # spent on calls sent without waiting: told with the next answer
+    while True:
+        if not conn.poll(_PARENT_CHECK_S):
+            if os.getppid() != parent_pid:
+                return
+            continue
+        try:
+            call_token, method, args, reply = conn.recv()
+        except (EOFError, OSError):
+            return
+        began = time.process_time()
+        try:
+            if method == "open":
+                problem, time_limit_ms, environment = args
+                session, token, failed = None, call_token, None  # the last one's memory goes first
+                _take_environment(environment)
+                session = open_in_process(problem, time_limit_ms=time_limit_ms)
+                result: Any = session.repaired_at_load
+            elif failed is not None:
+                raise RuntimeError(f"an earlier call failed: {failed}")
+            elif call_token != token or session is None:
+                raise RuntimeError("a newer session replaced this one")
+            elif method == "place_documents":
+                result = _place_documents(session, *args)
+            else:
+                result = getattr(session, method)(*args)
+            answer = ("ok", result)
+        except Exception as exc:
+            if call_token == token:
+                failed = failed or f"{method}: {type(exc).__name__}: {exc}"
+            answer = ("error", "".join(traceback.format_exception_only(exc)).strip())
+            if method != "open" and not isinstance(exc, RuntimeError):
+                traceback.print_exc()
+        unreported_cpu_s += time.process_time() - began
+        if reply:
+            try:
+                conn.send((*answer, unreported_cpu_s))
+            except (OSError, EOFError):
+                return
+            unreported_cpu_s = 0.0
+
+
+def _main(argv: Sequence[str]) -> None:
+    fd, parent_pid = int(argv[0]), int(argv[1])
+    conn = Connection(fd)
+    # ^C at a terminal reaches the whole process group: the controller stops us (`close`).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.getppid() != parent_pid:  # the parent died before we started
+        return
+    serve(conn, parent_pid)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,298 @@
+"""The warm session in the decide process (controller/scheduling/decider.py): the same calls
+give the same decisions as an in-process session; a child that dies, hangs or raises makes the
+call raise and the next `open` starts afresh; the child never outlives its parent."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from controller.scheduling.decider import DecideProcess, DeciderFailed, RemoteSession, open_in_process, place_documents
+from scheduler.model import Node
+from scheduler.session import ClusterDelta, Session
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scheduler"))
+from strategies import problems  # noqa: E402
+
+Doc = dict[str, Any]
+
+
+def gone(pid: int) -> bool:
+    """Whether a process has exited (a zombie nobody reaped counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def wait_gone(pid: int, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        time.sleep(0.05)
+    return gone(pid)
+
+
+@pytest.fixture(scope="module")
+def process():
+    """One decide process for the module (a fresh interpreter costs a second or more)."""
+    decider = DecideProcess()
+    yield decider
+    pid = decider.pid
+    decider.close()
+    assert pid is None or wait_gone(pid, 10)
+
+
+# ---- the same calls, the same answers --------------------------------------------------------
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[Doc, list[tuple[str, int]]]:
+    """A random cluster with some work running, the rest arriving, and calls in between (each
+    an action and a number that picks its target), as the cache makes them."""
+    doc = draw(problems(modes=("online",), max_nodes=6, max_deployments=6))
+    doc["options"].pop("batch_size", None)
+    actions = st.sampled_from(["arrive"] * 4 + ["retry", "depart", "release_one", "adopt", "cordon", "down",
+                                                 "add_node", "remove_node", "contract", "ask"])
+    return doc, draw(st.lists(st.tuples(actions, st.integers(0, 1000)), min_size=1, max_size=12))
+
+
+def play(session: Session | RemoteSession, doc: Doc, events: list[tuple[str, int]]) -> list[Any]:
+    """Every answer the session gives to the calls the events make (state read by `snapshot`)."""
+    running = {p["deployment"] for p in doc["placements"]}
+    arrivals = [d for d in doc["deployments"] if d["id"] not in running]
+    answers: list[Any] = [session.repaired_at_load]
+    for action, k in events:
+        state = session.snapshot()
+        live = [d.id for d in state.deployments]
+        nodes = list(state.nodes)
+        if action == "arrive" and arrivals:
+            answers.append(place_documents(session, [arrivals.pop(0)]))
+        elif action == "retry" and session.pending():
+            pending = session.pending()
+            answers.append(session.place(pending[k % len(pending)]))
+        elif action == "depart" and live:
+            session.release(live[k % len(live)])
+        elif action == "release_one" and live:
+            name = live[k % len(live)]
+            session.release(name, session.placed_replicas(name)[:1])
+        elif action == "adopt" and live:  # as `ClusterCache.follow` does: all released, then adopted
+            name = live[k % len(live)]
+            spec = next(d for d in state.deployments if d.id == name)
+            held = session.placements_of(name)
+            replicas = session.placed_replicas(name)
+            session.release(name, replicas)
+            session.adopt(spec, [p for p in held if p.replica in replicas[: len(replicas) // 2 + 1]])
+        elif action in ("cordon", "down") and nodes:
+            changed = dataclasses.replace(nodes[k % len(nodes)], state="cordoned" if action == "cordon" else "down")
+            answers.append(session.apply(ClusterDelta(nodes=(changed,))))
+        elif action == "add_node":
+            new = Node(id=f"extra{k}", rack=state.racks[k % len(state.racks)].id, accelerators=1 + k % 4,
+                       accelerator_model="m1")
+            answers.append(session.apply(ClusterDelta(nodes=(new,))))
+        elif action == "remove_node" and len(nodes) > 1:
+            answers.append(session.apply(ClusterDelta(removed_nodes=(nodes[k % len(nodes)].id,))))
+        elif action == "contract" and state.tenants:
+            looser = dataclasses.replace(state.tenants[k % len(state.tenants)], max_accelerators=None)
+            answers.append(session.apply(ClusterDelta(tenants=(looser,))))
+        elif action == "ask" and live:
+            name = live[k % len(live)]
+            answers.append((name in session, "nobody" in session, session.placements_of(name),
+                            session.placed_replicas(name), session.pending()))
+        answers.append(session.snapshot())
+    return answers
+
+
+@given(scenarios())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                 HealthCheck.function_scoped_fixture])
+def test_the_process_decides_what_an_in_process_session_decides(process: DecideProcess, scenario) -> None:
+    doc, events = scenario
+    note(str(events))
+    running = {p["deployment"] for p in doc["placements"]}
+    start = dict(doc, deployments=[d for d in doc["deployments"] if d["id"] in running])
+    here = play(open_in_process(copy.deepcopy(start), time_limit_ms=2000), doc, events)
+    there = play(process.open(copy.deepcopy(start), time_limit_ms=2000), doc, events)
+    assert there == here
+
+
+# ---- failures --------------------------------------------------------------------------------
+
+def _tiny() -> tuple[Doc, list[Doc]]:
+    racks = [{"id": "r1", "row": "w1"}]
+    nodes = [{"id": f"n{i}", "rack": "r1", "accelerators": 4, "state": "ready"} for i in range(4)]
+    deployments = [{"id": f"d{i}", "tenant": "t", "replicas": 1, "shards_per_replica": 1,
+                    "shard": {"accelerators": 2}, "locality": "node"} for i in range(4)]
+    doc = {"version": 1, "zones": [{"id": "z1"}], "rows": [{"id": "w1", "zone": "z1"}], "racks": racks,
+           "nodes": nodes, "tenants": [{"id": "t"}], "deployments": [], "placements": [],
+           "options": {"mode": "online"}}
+    return doc, deployments
+
+
+def test_a_session_that_raises_fails_the_call_and_the_next_open_works(process: DecideProcess) -> None:
+    doc, arrivals = _tiny()
+    session = process.open(doc, time_limit_ms=2000)
+    with pytest.raises(DeciderFailed, match="place"):
+        session.place("nobody")  # not a deployment the session knows
+    with pytest.raises(DeciderFailed, match="earlier call failed"):  # nothing more runs on it
+        session.pending()
+    session = process.open(doc, time_limit_ms=2000)
+    session.release("nobody")  # sent without waiting: the next answer reports it
+    with pytest.raises(DeciderFailed, match="release"):
+        session.pending()
+    older, newer = process.open(doc, time_limit_ms=2000), process.open(doc, time_limit_ms=2000)
+    with pytest.raises(DeciderFailed, match="newer session"):
+        older.pending()
+    assert place_documents(newer, arrivals[:1])[0].placements
+    assert process.pid is not None  # the same child all along
+
+
+def test_a_child_that_dies_fails_the_call_and_the_next_open_starts_another(process: DecideProcess) -> None:
+    doc, arrivals = _tiny()
+    session = process.open(doc, time_limit_ms=2000)
+    place_documents(session, arrivals[:1])
+    pid, starts = process.pid, process.starts
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    with pytest.raises(DeciderFailed, match="gone"):
+        place_documents(session, arrivals[1:2])
+    assert process.pid is None
+    with pytest.raises(DeciderFailed):  # its sessions are lost with it
+        session.pending()
+    again = process.open(doc, time_limit_ms=2000)
+    assert process.starts == starts + 1 and process.pid not in (None, pid)
+    here = open_in_process(doc, time_limit_ms=2000)
+    assert place_documents(again, arrivals) == place_documents(here, arrivals)
+
+
+def test_a_child_that_hangs_is_killed_and_the_call_fails() -> None:
+    doc, arrivals = _tiny()
+    decider = DecideProcess(timeout_s=120.0)  # room to start an interpreter on a busy machine
+    try:
+        session = decider.open(doc, time_limit_ms=2000)
+        pid = decider.pid
+        assert pid is not None
+        decider.timeout_s = 1.0
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(DeciderFailed, match="did not answer"):
+            session.pending()
+        assert wait_gone(pid, 10) and decider.pid is None
+    finally:
+        decider.close()
+
+
+def test_the_child_exits_when_its_parent_dies(tmp_path: Path) -> None:
+    # A parent that opens a session, says its child's pid, and is killed without closing anything.
+    script = textwrap.dedent("""
+        import sys, time
+        from controller.scheduling.decider import DecideProcess
+        decider = DecideProcess()
+        decider.open({"version": 1, "zones": [], "rows": [], "racks": [], "nodes": [], "tenants": [],
+                      "deployments": [], "placements": [], "options": {"mode": "online"}}, time_limit_ms=1000)
+        print(decider.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        assert not gone(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert wait_gone(child, 30)
+
+
+# ---- a real controller ------------------------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+TOPOLOGY = """\
+kind: Topology
+zones: [{id: z1}]
+rows: [{id: row-a, zone: z1}]
+racks: [{id: rack-00, row: row-a}]
+---
+kind: Tenant
+id: team-a
+"""
+DEPLOYMENT = """\
+kind: Deployment
+name: {name}
+tenant: team-a
+replicas: 2
+shards_per_replica: 1
+shard: {{accelerators: 1}}
+locality: node
+"""
+
+
+def decide_children(pid: int) -> list[int]:
+    """The decide processes a process started, still running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == pid and b"controller.scheduling.decider" in cmdline and not gone(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_controller_decides_in_its_decide_process_and_leaves_no_child(tmp_path: Path) -> None:
+    log = tmp_path / "controller.log"
+    controller = subprocess.Popen(
+        [str(BIN / "maia-controller"), "--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path}/maia.db",
+         "--reconcile-interval", "0.2", "--bootstrap-admin-token-file", str(tmp_path / "admin.token"),
+         "--decide-process", "--log-level", "INFO"],
+        stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    fleet: subprocess.Popen[bytes] | None = None
+    try:
+        line = controller.stdout.readline().strip()  # type: ignore[union-attr]
+        assert line.startswith("maia-controller listening on "), log.read_text()[-2000:]
+        address = line.rsplit(" ", 1)[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAIA_")}
+        env.update(MAIA_CONFIG=os.devnull, MAIA_TOKEN=(tmp_path / "admin.token").read_text().strip())
+
+        def ctl(*args: str, stdin: str | None = None) -> str:
+            done = subprocess.run([str(BIN / "maiactl"), "--controller", address, *args], input=stdin,
+                                  capture_output=True, text=True, timeout=120, env=env)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        ctl("apply", "-f", "-", stdin=TOPOLOGY)
+        bootstrap = ctl("token", "create", "--role", "node-bootstrap").strip()
+        fleet = subprocess.Popen([str(BIN / "maia-simnode"), "--controller", address, "--racks", "1",
+                                  "--nodes-per-rack", "4", "--load-delay", "0.1", "--state-dir", str(tmp_path / "nodes")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**env, "MAIA_TOKEN": bootstrap})
+        ctl("wait", "nodes", "--connected", "4", "--timeout", "60")
+        for name in ("first", "second", "third"):  # the first by a full pass, the others on the warm session
+            ctl("apply", "-f", "-", stdin=DEPLOYMENT.format(name=name))
+            ctl("wait", "deployment", name, "--for", "running", "--timeout", "120")
+        (child,) = decide_children(controller.pid)
+        assert "path=fast" in log.read_text()
+        assert "decide process" not in log.read_text().replace("decide process started", "")  # no failure
+    finally:
+        if fleet is not None:
+            fleet.send_signal(signal.SIGINT)
+            fleet.wait(timeout=30)
+        controller.send_signal(signal.SIGTERM)
+        code = controller.wait(timeout=60)
+    assert code == 0
+    assert wait_gone(child, 10)  # stopped with the controller
