@@ -47,6 +47,7 @@ MAX_TYPES = 256  # most popular task shapes kept in the workload model (FGD's "t
 BALANCE_WEIGHT = 2.0  # host-balance term per stranded milli, next to FGD's expected milli
 SCARCITY_WEIGHT = 1.0  # model-pressure term per milli taken from a contested model
 STATE_PRICE_EVERY = 32  # arrivals seen between two pricings of the cluster as it stands
+DEDUP_FROM = 32  # rows from which `node_fragmentation` scores identical nodes once
 
 
 class Workload:
@@ -182,14 +183,18 @@ def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, mem_free: np.ndar
     if allowed is not None and workload.node_model is not None:
         model = workload.node_model if nodes is None else workload.node_model[nodes]
     # Identical nodes (same free accelerators, CPU, memory, model) are scored once.
-    # (a 64-bit hash of the sorted row; a collision would only blur one score)
+    # (a 64-bit hash of the sorted row; a collision would only blur one score). A few rows
+    # are scored as they come: finding the duplicates would cost more than it saves.
     host = np.minimum(np.stack([cpu_free, mem_free], axis=1), 2**53)
     extra = [host] if model is None else [host, model[:, None]]
     rows = np.concatenate([np.sort(free, axis=1), *extra], axis=1)
-    keys = (rows.astype(np.int64).astype(np.uint64) * _HASH[:rows.shape[1]]).sum(axis=1)
-    _, first, back = np.unique(keys, return_index=True, return_inverse=True)
+    back: np.ndarray | None = None
+    if len(rows) > DEDUP_FROM:
+        keys = (rows.astype(np.int64).astype(np.uint64) * _HASH[:rows.shape[1]]).sum(axis=1)
+        _, first, back = np.unique(keys, return_index=True, return_inverse=True)
+        rows = rows[first]
     a = free.shape[1]
-    free_u, cpu_u, mem_u = rows[first, :a], rows[first, a], rows[first, a + 1]
+    free_u, cpu_u, mem_u = rows[:, :a], rows[:, a], rows[:, a + 1]
     total = free_u.sum(axis=1)                                               # (U,)
     # Per distinct milli threshold: accelerators with enough room, and milli stranded below.
     thresholds, which = np.unique(milli, return_inverse=True)
@@ -199,14 +204,17 @@ def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, mem_free: np.ndar
     fits = (usable >= np.maximum(gpus, 1)[None, :]) & (cpu_u[:, None] >= cpu[None, :]) & \
         (mem_u[:, None] >= mem[None, :]) & (gpus[None, :] > 0)
     if model is not None:
-        fits &= allowed.T[rows[first, a + 2].astype(np.int64)]                # (U, K)
-    frag = np.where(fits, stranded, total[:, None]) @ prob                   # (U,)
+        fits &= allowed.T[rows[:, a + 2].astype(np.int64)]                    # (U, K)
+    # Summed row by row (not a BLAS matrix-vector product, whose rounding depends on where a
+    # row sits in the batch): a node's score is a function of its state alone, so a cached
+    # score and a fresh one agree to the bit, however many nodes were scored together.
+    frag = (np.where(fits, stranded, total[:, None]) * prob).sum(axis=1)      # (U,)
     if workload.host_ratios is not None and BALANCE_WEIGHT > 0:
         per_cpu, per_mib = workload.host_ratios
         unfed = np.maximum(total - np.minimum(cpu_u, 1e12) * per_cpu,
                            total - np.minimum(mem_u, 1e12) * per_mib)
         frag = frag + BALANCE_WEIGHT * np.maximum(unfed, 0.0)
-    return frag[back.reshape(-1)]
+    return frag if back is None else frag[back.reshape(-1)]
 
 
 def _host_ratios(gpus: np.ndarray, milli: np.ndarray, cpu: np.ndarray, mem: np.ndarray,

@@ -5,10 +5,18 @@ take as a whole (`filters.gang_capacity`), pick a domain that fits the whole gan
 `fragmentation`), fill its nodes, then choose concrete accelerator indices shard by shard. A
 replica is placed completely or not at all; a deployment that ends below `min_replicas` gives
 its new replicas back.
+
+A decision costs the decision, not the cluster: the FGD scores of a node (its fragmentation
+now, per tenant; where a shard of a given shape would go on it and its fragmentation then, per
+tenant and shape) are kept between decisions and computed again only for nodes whose stamp
+(`ClusterState.node_version`, new on every change of the node) moved since, or when the
+workload snapshot or the pairing prices they depend on change. The best node is the
+lexicographic minimum of the ranking keys, found without sorting every candidate.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +33,7 @@ FGD_ACCELERATOR_CHOICE = False  # fractions: FGD picks the accelerator too (as i
 FGD_QUANTUM = 1.0  # fragmentation deltas closer than this (milli) count as ties
 PAIRING_WEIGHT = 30.0  # per milli of pairing value lost (pairing.py), next to FGD's milli
 STATE_PRICES = True  # price pairings on the cluster as it stands, not an empty one
+SHAPES_KEPT = 32  # (tenant, shard shape) score tables a placer keeps, least recently used out
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,39 @@ class NodeRanking:
     pairing_loss: np.ndarray | None  # per node, pairing value lost on `pick` (pairing.py)
 
 
+@dataclass
+class ShardScores:
+    """Where one shard of a shape goes on each node (rows: nodes, or the nodes asked)."""
+
+    pick: np.ndarray | None  # the accelerator a fractional shard takes there
+    pairing_loss: np.ndarray | None  # pairing value lost on `pick` (None: no prices)
+    left_after: np.ndarray  # free milli the tenant could use there, with the shard
+    frag_after: np.ndarray | None  # fragmentation with the shard (None: not FGD)
+
+
+class NodeScores:
+    """Per-node score arrays, each row valid while its node's stamp is the one it was scored
+    at (`ClusterState.node_version`; 0: never scored)."""
+
+    def __init__(self, n_nodes: int, **arrays: np.ndarray | None) -> None:
+        self.stamp = np.zeros(n_nodes, dtype=np.int64)
+        self.arrays = arrays
+
+    def stale(self, state: ClusterState, nodes: np.ndarray) -> np.ndarray:
+        """Those of `nodes` that changed since they were scored (or never were)."""
+        return nodes[self.stamp[nodes] != state.node_version[nodes]]
+
+    def store(self, state: ClusterState, nodes: np.ndarray, **values: np.ndarray | None) -> None:
+        for name, value in values.items():
+            if value is not None:
+                self.arrays[name][nodes] = value  # type: ignore[index]
+        self.stamp[nodes] = state.node_version[nodes]
+
+    def get(self, name: str, nodes: np.ndarray) -> np.ndarray | None:
+        array = self.arrays[name]
+        return None if array is None else array[nodes]
+
+
 class Placer:
     """Places gangs into a ClusterState it owns the mutation of."""
 
@@ -46,10 +88,13 @@ class Placer:
         self.state = state
         self.scorer = scorer
         self.workload = workload or Workload()
-        self._frag: np.ndarray | None = None
-        self._frag_tenant = -1
-        self._frag_version = -1
-        self._known_after: tuple[int, float] | None = None
+        # FGD score tables, valid for one workload snapshot: fragmentation per tenant, and
+        # per (tenant, shard shape, pricing) the shard's place and fragmentation after it.
+        self._scores_version = -1
+        self._before: dict[int, NodeScores] = {}
+        self._after: OrderedDict[tuple, NodeScores] = OrderedDict()
+        self._prices: PairingValues | None = None  # the prices the tables were scored with
+        self._prices_generation = 0  # bumped when the prices change
         self._known_index: tuple[int, int] | None = None  # (node, accelerator) FGD chose
 
     # ---- public ---------------------------------------------------------------------------
@@ -69,7 +114,6 @@ class Placer:
             # Fewer than min_replicas means none, kept replicas included.
             for r in have:
                 self.state.remove_replica(d, r)
-            self._frag = None
             return []
         return placed
 
@@ -169,19 +213,19 @@ class Placer:
 
     def _best_node(self, d: int, slots: np.ndarray) -> int | None:
         """One shard: the node where it adds least fragmentation (FGD) or fits best."""
-        ranking = self.rank_nodes(d, slots)
+        ranking = self.rank_nodes(d, slots, best_only=True)
         if ranking is None:
             return None
         best = int(ranking.nodes[0])
-        if ranking.frag_after is not None:
-            self._known_after = (best, float(ranking.frag_after[0]))
-            if ranking.pick is not None:
-                self._known_index = (best, int(ranking.pick[0]))
+        if ranking.frag_after is not None and ranking.pick is not None:
+            self._known_index = (best, int(ranking.pick[0]))
         return best
 
-    def rank_nodes(self, d: int, slots: np.ndarray, full: bool = False) -> NodeRanking | None:
+    def rank_nodes(self, d: int, slots: np.ndarray, full: bool = False,
+                   best_only: bool = False) -> NodeRanking | None:
         """Nodes with a slot for one shard of d, best first (see `NodeRanking`); None when
-        none has. Without `full`, a single candidate is returned unscored."""
+        none has. Without `full`, a single candidate is returned unscored; with `best_only`,
+        only the first node (the same as the whole ranking's first)."""
         candidates = np.flatnonzero(slots > 0)
         if len(candidates) == 0:
             return None
@@ -190,67 +234,117 @@ class Placer:
         s = self.state
         spec = s.deps[d].shard
         t = int(s.dep_tenant[d])
-        free = self._free_milli(t)[candidates]
+        use_fgd = self.scorer == "fgd" and len(self.workload.counts) > 0
+        scored = self._fgd_scores(t, spec, candidates) if use_fgd else \
+            self._score_rows(t, spec, candidates, None, fgd=False)
+        pick, pairing_loss = scored.pick, scored.pairing_loss
+        cpu_after = s.cpu_free[candidates] - spec.cpu_milli
+        # Prefer racks the tenant already uses, so other racks stay clean for isolation.
+        stranger = s.rack_tenant[s.topo.node_rack[candidates], t] == 0
+        cost = frag_after = None
+        if not use_fgd:
+            keys = [candidates, cpu_after, stranger, scored.left_after]
+        else:
+            assert scored.frag_after is not None
+            before = self._fragmentation(t, candidates)
+            frag_after = scored.frag_after
+            cost = frag_after - before + self._scarcity_cost(t, spec, candidates)
+            delta = cost if pairing_loss is None else cost + PAIRING_WEIGHT * pairing_loss
+            # Ties (common when nothing changes) go to the node left with less free capacity.
+            keys = [candidates, cpu_after, stranger, scored.left_after,
+                    np.round(delta / FGD_QUANTUM)]
+        order = np.array([lexmin(keys)]) if best_only else np.lexsort(keys)
+        return NodeRanking(candidates[order], None if pick is None else pick[order],
+                           None if cost is None else cost[order],
+                           None if frag_after is None else frag_after[order],
+                           None if pairing_loss is None else pairing_loss[order])
+
+    def _fgd_scores(self, t: int, spec: ShardSpec, nodes: np.ndarray) -> ShardScores:
+        """`_score_rows` for these nodes under FGD, from the (tenant, shape) table: only the
+        nodes changed since they were scored (or never scored) are scored now."""
+        self._current_snapshot()
+        values = self.pairing_values() if spec.fractional and spec.accelerators > 0 else None
+        if values is not None and values is not self._prices:
+            if self._prices is None or not same_prices(values, self._prices):
+                self._prices_generation += 1
+            self._prices = values
+        key = (t, spec.accelerators, spec.accelerator_milli, spec.fractional, spec.hbm_gib,
+               spec.cpu_milli, spec.memory_mib,
+               self._prices_generation if values is not None else -1)
+        table = self._after.get(key)
+        if table is None:
+            n = self.state.topo.n_nodes
+            table = NodeScores(
+                n, pick=np.zeros(n, dtype=np.int64)
+                if spec.fractional and spec.accelerators > 0 else None,
+                pairing_loss=np.zeros(n) if values is not None else None,
+                left_after=np.zeros(n, dtype=np.int64), frag_after=np.zeros(n))
+            self._after[key] = table
+            if len(self._after) > SHAPES_KEPT:
+                self._after.popitem(last=False)
+        else:
+            self._after.move_to_end(key)
+        stale = table.stale(self.state, nodes)
+        if len(stale):
+            fresh = self._score_rows(t, spec, stale, values, fgd=True)
+            table.store(self.state, stale, pick=fresh.pick, pairing_loss=fresh.pairing_loss,
+                        left_after=fresh.left_after, frag_after=fresh.frag_after)
+        return ShardScores(table.get("pick", nodes), table.get("pairing_loss", nodes),
+                           table.arrays["left_after"][nodes],  # type: ignore[index]
+                           table.arrays["frag_after"][nodes])  # type: ignore[index]
+
+    def _score_rows(self, t: int, spec: ShardSpec, nodes: np.ndarray,
+                    values: PairingValues | None, fgd: bool) -> ShardScores:
+        """Where one shard of `spec` (tenant t) would go on each of `nodes` and what it leaves
+        there; a function of each node's own state (and the workload and prices) alone."""
+        s = self.state
+        free = self._free_milli_of(t, nodes)
         after = free.copy()
         pick: np.ndarray | None = None
         pairing_loss: np.ndarray | None = None
+        rows = np.arange(len(nodes))
         if spec.accelerators > 0:
             if spec.fractional:
-                fits = (after >= spec.accelerator_milli) & \
-                    (s.acc_hbm[candidates] >= spec.hbm_gib)
-                shared = fits & (s.acc_owner[candidates] == t) & (after < 1000)
+                fits = (after >= spec.accelerator_milli) & (s.acc_hbm[nodes] >= spec.hbm_gib)
+                shared = fits & (s.acc_owner[nodes] == t) & (after < 1000)
                 a = after.shape[1]
                 key = np.where(shared, after, np.where(fits, 2000 + np.arange(a), BIG))
-                values = self.pairing_values()
                 if values is not None:
                     # The accelerator whose pairing loses least, then the packing order.
                     lost = np.round(values.loss(after, spec.accelerator_milli))
                     key = np.where(fits, lost * 4000 + key, BIG)
                 pick = np.argmin(key, axis=1)
                 if values is not None:
-                    pairing_loss = lost[np.arange(len(candidates)), pick]
-                after[np.arange(len(candidates)), pick] -= spec.accelerator_milli
+                    pairing_loss = lost[rows, pick]
+                after[rows, pick] -= spec.accelerator_milli
             else:
-                whole = (after >= 1000) & (s.acc_hbm[candidates] >= spec.hbm_gib)
+                whole = (after >= 1000) & (s.acc_hbm[nodes] >= spec.hbm_gib)
                 take = whole & (np.cumsum(whole, axis=1) <= spec.accelerators)
                 after = np.where(take, 0, after)
-        left_after = after.sum(axis=1)
-        cpu_after = s.cpu_free[candidates] - spec.cpu_milli
-        mem_after = s.mem_free[candidates] - spec.memory_mib
-        # Prefer racks the tenant already uses, so other racks stay clean for isolation.
-        stranger = s.rack_tenant[s.topo.node_rack[candidates], t] == 0
-        use_fgd = self.scorer == "fgd" and len(self.workload.counts) > 0
-        if use_fgd and spec.fractional and FGD_ACCELERATOR_CHOICE:
+        if not fgd:
+            return ShardScores(pick, pairing_loss, after.sum(axis=1), None)
+        cpu_after = s.cpu_free[nodes] - spec.cpu_milli
+        mem_after = s.mem_free[nodes] - spec.memory_mib
+        if spec.accelerators > 0 and spec.fractional and FGD_ACCELERATOR_CHOICE:
             # FGD also picks the accelerator: try each that fits, keep the least fragmenting.
             n_c, a = free.shape
             tries = np.repeat(free[:, None, :], a, axis=1)          # (Nc, A try, A)
             tries[:, np.arange(a), np.arange(a)] -= spec.accelerator_milli
             scored = node_fragmentation(tries.reshape(n_c * a, a), np.repeat(cpu_after, a),
                                         np.repeat(mem_after, a), self.workload,
-                                        np.repeat(candidates, a)).reshape(n_c, a)
+                                        np.repeat(nodes, a)).reshape(n_c, a)
             scored = np.where(fits, scored, np.inf)
             pick = np.argmin(scored + 1e-9 * key, axis=1)           # ties: the packing order
             after = free.copy()
-            after[np.arange(n_c), pick] -= spec.accelerator_milli
-            left_after = after.sum(axis=1)
-        if not use_fgd:
-            order = np.lexsort((candidates, cpu_after, stranger, left_after))
-            return NodeRanking(candidates[order], None if pick is None else pick[order],
-                               None, None, None)
-        before = self._fragmentation(t)[candidates]  # may refresh the snapshot first
-        frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload, candidates)
-        cost = frag_after - before + self._scarcity_cost(t, spec, candidates)
-        delta = cost if pairing_loss is None else cost + PAIRING_WEIGHT * pairing_loss
-        # Ties (common when nothing changes) go to the node left with less free capacity.
-        order = np.lexsort((candidates, cpu_after, stranger, left_after,
-                            np.round(delta / FGD_QUANTUM)))
-        return NodeRanking(candidates[order], None if pick is None else pick[order],
-                           cost[order], frag_after[order],
-                           None if pairing_loss is None else pairing_loss[order])
+            after[rows, pick] -= spec.accelerator_milli
+        frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload, nodes)
+        return ShardScores(pick, pairing_loss, after.sum(axis=1), frag_after)
 
     def forget_scores(self) -> None:
-        """Drop cached node scores: the state was changed other than through this placer."""
-        self._frag = None
+        """Drop the cached node scores (memory only: a changed node is re-scored anyway, its
+        stamp having moved)."""
+        self._before.clear()
+        self._after.clear()
 
     def pairing_values(self) -> PairingValues | None:
         """Prices of free room per accelerator for the workload seen (`pairing.py`); None
@@ -285,16 +379,35 @@ class Placer:
             return np.zeros(len(candidates))
         return SCARCITY_WEIGHT * spec.milli * pressure[w.node_model[candidates]]
 
-    def _fragmentation(self, t: int) -> np.ndarray:
-        """Cached fragmentation of every node, consistent with the workload snapshot."""
+    def _current_snapshot(self) -> None:
+        """Refresh a stale workload snapshot; score tables of an older one are dropped."""
         if self.workload.stale():
             self.workload.refresh()
-        if self._frag is None or self._frag_tenant != t or \
-                self._frag_version != self.workload.version:
-            self._frag = node_fragmentation(self._free_milli(t), self.state.cpu_free,
-                                            self.state.mem_free, self.workload)
-            self._frag_tenant, self._frag_version = t, self.workload.version
-        return self._frag
+        if self._scores_version != self.workload.version:
+            self.forget_scores()
+            self._scores_version = self.workload.version
+
+    def _fragmentation(self, t: int, nodes: np.ndarray) -> np.ndarray:
+        """Fragmentation of these nodes as tenant t sees them, consistent with the workload
+        snapshot; from the tenant's table, nodes changed since scored are scored again."""
+        self._current_snapshot()
+        table = self._before.get(t)
+        if table is None:
+            table = self._before[t] = NodeScores(self.state.topo.n_nodes,
+                                                 frag=np.zeros(self.state.topo.n_nodes))
+        stale = table.stale(self.state, nodes)
+        if len(stale):
+            s = self.state
+            table.store(s, stale, frag=node_fragmentation(
+                self._free_milli_of(t, stale), s.cpu_free[stale], s.mem_free[stale],
+                self.workload, stale))
+        return table.arrays["frag"][nodes]  # type: ignore[index]
+
+    def _free_milli_of(self, t: int, nodes: np.ndarray) -> np.ndarray:
+        """`_free_milli(t)` of these nodes only."""
+        s = self.state
+        usable = s.acc_exists[nodes] & ((s.acc_owner[nodes] == -1) | (s.acc_owner[nodes] == t))
+        return np.where(usable, s.acc_free[nodes], 0)
 
     # ---- mutation -------------------------------------------------------------------------
 
@@ -322,22 +435,27 @@ class Placer:
         if not ok:
             return False
         s.add_replica(d, r, shards)
-        if self._frag is not None:
-            t = int(s.dep_tenant[d])
-            known, self._known_after = self._known_after, None
-            if t == self._frag_tenant and len(shard_nodes) == 1 and known is not None \
-                    and known[0] == shard_nodes[0][1]:
-                self._frag[known[0]] = known[1]  # scored already when it was chosen
-            elif t == self._frag_tenant:
-                self.refresh_nodes(np.unique([n for _, n in shard_nodes]))
         return True
 
     def refresh_nodes(self, nodes: np.ndarray) -> None:
         """The occupancy of these nodes changed outside a placement (a warm session's
-        departure): re-score them in the cached fragmentation."""
-        if self._frag is None or len(nodes) == 0:
-            return
-        s, t = self.state, self._frag_tenant
-        self._frag[nodes] = node_fragmentation(
-            self._free_milli(t)[nodes], s.cpu_free[nodes], s.mem_free[nodes], self.workload,
-            nodes)
+        departure). Nothing to do: their stamps moved with the change (`ClusterState`), so
+        their cached scores are taken again when next needed."""
+
+
+def lexmin(keys: list[np.ndarray]) -> int:
+    """The index `np.lexsort(keys)` puts first (the last key is the primary one), without
+    sorting: narrow to the minimum of each key in turn; what ties on every key goes to the
+    lowest index, as in lexsort's stable order. The keys must hold no NaN."""
+    at = np.arange(len(keys[0]))
+    for key in reversed(keys):
+        column = key[at]
+        at = at[column == column.min()]
+        if len(at) == 1:
+            break
+    return int(at[0])
+
+
+def same_prices(a: PairingValues, b: PairingValues) -> bool:
+    """Whether two pricings value every placement alike (`PairingValues.loss`)."""
+    return a.net_value == b.net_value and np.array_equal(a.room_value, b.room_value)

@@ -2,20 +2,27 @@
 
 `ClusterState` holds what is used where (per accelerator, node, rack, row and tenant) as numpy
 arrays so filters can be vectorised, and records every placed replica so it can be undone
-(trial placements, preemption, moves). All mutation goes through `add_shard`/`remove_shard`,
-which keep the aggregates consistent.
+(trial placements, preemption, moves). All mutation goes through `add_replica`/`remove_replica`
+(one shard at a time, `_apply`) or `load`, which keep the aggregates consistent and give every
+node they change a new stamp (`node_version`): a cache of per-node scores (greedy.py) is valid
+for a node exactly while its stamp is the one it was computed at.
 """
 
 from __future__ import annotations
 
 import copy
-from itertools import chain
+from itertools import chain, count
 from typing import NamedTuple
 
 import numpy as np
 
 from scheduler.model import Deployment
 from scheduler.topology import UNLIMITED, Topology
+
+# Node stamps, unique across every state of the process: a twin (`copy`) starts with its
+# original's stamps (same occupancy) and each later change draws a fresh one, so equal stamps
+# always mean an equal node, whichever state a cache was filled from.
+_stamps = count(1)
 
 
 class ShardAt(NamedTuple):
@@ -59,6 +66,9 @@ class ClusterState:
                                        dtype=bool)
         self.dedicated_rack = np.array([i == "dedicated_rack" for i in topo.tenant_isolation],
                                        dtype=bool)
+        # Per node, the stamp of its last change (see `_stamps`): what it holds (free milli,
+        # owners, HBM, CPU, memory, tenants' shard counts) is the same while this is.
+        self.node_version = np.full(n, next(_stamps), dtype=np.int64)
         self.static_cache: dict[int, tuple] = {}  # filters that never change, shared by copies
         # Placed replicas: (deployment, replica) -> {shard: ShardAt}.
         self.replicas: dict[tuple[int, int], dict[int, ShardAt]] = {}
@@ -71,7 +81,7 @@ class ClusterState:
     def copy(self) -> "ClusterState":
         twin = copy.copy(self)
         for name in ("acc_free", "acc_hbm", "acc_owner", "cpu_free", "mem_free", "node_tenant",
-                     "rack_tenant", "rack_power", "row_power", "tenant_milli", "tenant_power"):
+                     "node_version", "rack_tenant", "rack_power", "row_power", "tenant_milli", "tenant_power"):
             setattr(twin, name, getattr(self, name).copy())
         # A replica's shard dict is never changed in place (add_replica makes a new one), so
         # the twin shares them: copying ~2,000 of them was most of a trial's copy.
@@ -99,6 +109,7 @@ class ClusterState:
         t = int(self.dep_tenant[d])
         n = at.node
         spec = dep.shard
+        self.node_version[n] = next(_stamps)
         for idx in at.indices:
             self.acc_free[n, idx] -= sign * at.milli
             self.acc_hbm[n, idx] -= sign * spec.hbm_gib
@@ -167,6 +178,7 @@ class ClusterState:
         t_arr = self.dep_tenant[d_arr]
         hbm = np.array([d.shard.hbm_gib for d in deps], dtype=float)[d_arr]
         power_w = np.array([d.shard.power_w for d in deps], dtype=float)[d_arr]
+        self.node_version[sn] = next(_stamps)
         np.subtract.at(self.acc_free, (n_arr, i_arr), m_arr)
         np.subtract.at(self.acc_hbm, (n_arr, i_arr), hbm)
         self.acc_owner[n_arr, i_arr] = t_arr
