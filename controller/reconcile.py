@@ -264,7 +264,6 @@ class Reconciler:
         self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
                                  time_limit_ms=solve_time_limit_ms,
                                  open_session=open_in_process if decider is None else decider.open)
-        self._decider = decider
         self.fast_passes = 0   # passes that decided on the warm session
         self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
         # A stale full commit turned replicas away, or the changes it caught up with could help
@@ -497,7 +496,6 @@ class Reconciler:
             self.delta_passes += 1
             self._observer.pass_taken("delta")
             return ReconcileOutcome(generation=cache.snapshot.generation)
-        child_cpu_s = 0.0 if self._decider is None else self._decider.cpu_s
         try:
             fast, cpu_s = await asyncio.to_thread(_on_thread_cpu, cache.decide, docs, self._warm.unplaced, retried,
                                                   avoided)
@@ -508,8 +506,6 @@ class Reconciler:
         decided_s = time.perf_counter() - started
         self._laps.lap("decide")
         self._laps.ms["decide_cpu"] = cpu_s * 1000  # against `decide`: what waiting for the GIL cost
-        if self._decider is not None:  # the session's own CPU, in the decide process
-            self._laps.ms["decide_child_cpu"] = (self._decider.cpu_s - child_cpu_s) * 1000
         self._observer.solved(fast.plan.status, decided_s)
         base = cache.snapshot.generation
         async with self._db.unit_of_work() as uow:  # one unit of work: round trips are what a pass waits for
