@@ -11,6 +11,10 @@ Two kinds of filter:
   * a `SlotFilter` says how many shards of this deployment a node could take (accelerators,
     CPU, power); zero is a failure.
 What survives is turned into *slots*: the minimum over slot filters on nodes every mask admits.
+A slot filter whose answer for a node depends only on that node's own occupancy and the shard
+(`node_local`: accelerators, HBM, CPU, memory) is kept per node between calls, by tenant and
+shard shape, and judged again only for nodes whose stamp moved (`ClusterState.node_version`):
+a decision pays for the nodes that changed, not for every node.
 Rules over tenants rather than nodes are the `TENANT_CAPS` table (`quota_room`); rules over
 domains (a whole gang in one rack within its power) are in `gang_capacity`.
 
@@ -29,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from scheduler.model import Deployment, ShardSpec
-from scheduler.state import ClusterState
+from scheduler.state import ClusterState, NodeTable
 from scheduler.topology import Topology
 
 BIG = 1 << 40
@@ -39,15 +43,22 @@ _ISOLATION_SCAN = 256  # nodes an ISOLATION message looks at to name who holds t
 
 class FitInput:
     """What the filters of one `node_fit` call share: the deployment, its tenant, and
-    intermediate arrays computed once (the Kubernetes CycleState of one filter pass)."""
+    intermediate arrays computed once (the Kubernetes CycleState of one filter pass).
+    With `rows`, node-local filters judge only those nodes (their answers come in that order)."""
 
-    def __init__(self, state: ClusterState, d: int) -> None:
+    def __init__(self, state: ClusterState, d: int, rows: np.ndarray | None = None) -> None:
         self.state = state
         self.topo: Topology = state.topo
         self.d = d
         self.dep: Deployment = state.deps[d]
         self.spec: ShardSpec = self.dep.shard
         self.tenant = int(state.dep_tenant[d])
+        self.rows = rows
+        self.n = self.topo.n_nodes if rows is None else len(rows)
+
+    def at(self, per_node: np.ndarray) -> np.ndarray:
+        """The rows of a per-node array this pass judges."""
+        return per_node if self.rows is None else per_node[self.rows]
 
     @cached_property
     def static(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,17 +79,18 @@ class FitInput:
     @cached_property
     def whole(self) -> np.ndarray:
         """(N, A) accelerators entirely free."""
-        return self.state.acc_exists & (self.state.acc_free >= 1000)
+        return self.at(self.state.acc_exists) & (self.at(self.state.acc_free) >= 1000)
 
     @cached_property
     def per_accelerator(self) -> np.ndarray:
         """(N, A) fractional shards each accelerator this tenant may share could take."""
         s, t = self.state, self.tenant
-        usable = s.acc_exists & ((s.acc_owner == -1) | (s.acc_owner == t))
-        return np.where(usable, s.acc_free // self.spec.accelerator_milli, 0)
+        owner = self.at(s.acc_owner)
+        usable = self.at(s.acc_exists) & ((owner == -1) | (owner == t))
+        return np.where(usable, self.at(s.acc_free) // self.spec.accelerator_milli, 0)
 
     def unlimited(self) -> np.ndarray:
-        return np.full(self.topo.n_nodes, BIG, dtype=np.int64)
+        return np.full(self.n, BIG, dtype=np.int64)
 
 
 def names(items: list[str]) -> str:
@@ -125,6 +137,10 @@ class MaskFilter(NodeFilter):
 
 
 class SlotFilter(NodeFilter):
+    # True when a node's answer depends only on its own occupancy (what its stamp covers) and
+    # the deployment's tenant and shard; `slots` then reads per-node arrays through `fit.at`.
+    node_local = False
+
     def slots(self, fit: FitInput) -> np.ndarray:
         """(N,) int: shards of the deployment each node could take under this rule alone."""
         raise NotImplementedError
@@ -237,6 +253,7 @@ class Spread(MaskFilter):
 
 class Capacity(SlotFilter):
     code = "CAPACITY"
+    node_local = True
 
     def slots(self, fit: FitInput) -> np.ndarray:
         spec = fit.spec
@@ -255,16 +272,18 @@ class Capacity(SlotFilter):
 
 class Hbm(SlotFilter):
     code = "HBM"
+    node_local = True
 
     def slots(self, fit: FitInput) -> np.ndarray:
         spec, s = fit.spec, fit.state
         if spec.accelerators == 0:
             return fit.unlimited()
         if not spec.fractional:
-            return (fit.whole & (s.acc_hbm >= spec.hbm_gib)).sum(axis=1) // spec.accelerators
+            return (fit.whole & (fit.at(s.acc_hbm) >= spec.hbm_gib)).sum(axis=1) \
+                // spec.accelerators
         if spec.hbm_gib <= 0:
             return fit.per_accelerator.sum(axis=1)
-        by_hbm = np.floor(np.maximum(s.acc_hbm, 0) / spec.hbm_gib).astype(np.int64)
+        by_hbm = np.floor(np.maximum(fit.at(s.acc_hbm), 0) / spec.hbm_gib).astype(np.int64)
         return np.minimum(fit.per_accelerator, by_hbm).sum(axis=1)
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
@@ -275,12 +294,13 @@ class Hbm(SlotFilter):
 
 class Cpu(SlotFilter):
     code = "CPU"
+    node_local = True
 
     def slots(self, fit: FitInput) -> np.ndarray:
         need = fit.spec.cpu_milli
         if need <= 0:
             return fit.unlimited()
-        return np.floor(np.maximum(fit.state.cpu_free, 0) / need).astype(np.int64)
+        return np.floor(np.maximum(fit.at(fit.state.cpu_free), 0) / need).astype(np.int64)
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         n = nodes[0]
@@ -290,12 +310,13 @@ class Cpu(SlotFilter):
 
 class Memory(SlotFilter):
     code = "MEMORY"
+    node_local = True
 
     def slots(self, fit: FitInput) -> np.ndarray:
         need = fit.spec.memory_mib
         if need <= 0:
             return fit.unlimited()
-        return np.floor(np.maximum(fit.state.mem_free, 0) / need).astype(np.int64)
+        return np.floor(np.maximum(fit.at(fit.state.mem_free), 0) / need).astype(np.int64)
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         n = nodes[0]
@@ -351,6 +372,8 @@ NODE_FILTERS: tuple[MaskFilter | SlotFilter, ...] = (
     Capacity(), Hbm(), Cpu(), Memory(), PowerRack(), PowerRow(),
 )
 NODE_CODES = tuple(f.code for f in NODE_FILTERS)
+LOCAL_FILTERS = tuple(f for f in NODE_FILTERS if isinstance(f, SlotFilter) and f.node_local)
+FIT_TABLES_KEPT = 64  # (tenant, shard shape) tables of node-local slots a state keeps
 
 
 # ---- running the filters ----------------------------------------------------------------
@@ -365,14 +388,16 @@ def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
     """Slots per node for shards of deployment d (and, with explain, why a node has none)."""
     fit = FitInput(state, d)
     passes: np.ndarray | None = None
-    slots: np.ndarray | None = None
+    # Without explain, the node-local filters' minimum comes from the kept table.
+    slots: np.ndarray | None = None if explain or not LOCAL_FILTERS else \
+        local_slots(state, d).copy()
     admitted: list[np.ndarray | None] = []  # per filter, nodes it admits (explain only)
     for f in NODE_FILTERS:
         if isinstance(f, MaskFilter):
             ok = f.mask(fit)
             if ok is not None:
                 passes = ok if passes is None else passes & ok
-        else:
+        elif explain or not f.node_local:
             room = f.slots(fit)
             slots = room if slots is None else np.minimum(slots, room)
             ok = room > 0 if explain else None
@@ -390,6 +415,29 @@ def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
             if ok is not None:
                 codes[~ok] = i
     return NodeFit(slots=slots, codes=codes)
+
+
+def local_slots(state: ClusterState, d: int) -> np.ndarray:
+    """(N,) the minimum over `LOCAL_FILTERS` for shards of d, from the state's table for d's
+    tenant and shard shape: only nodes changed since they were judged are judged now. The
+    table's own array: read it, do not change it."""
+    spec = state.deps[d].shard
+    key = (int(state.dep_tenant[d]), spec.accelerators, spec.accelerator_milli, spec.hbm_gib,
+           spec.cpu_milli, spec.memory_mib)
+    tables = state.fit_cache
+    table = tables.get(key)
+    if table is None:
+        n = state.topo.n_nodes
+        table = tables[key] = NodeTable(n, slots=np.zeros(n, dtype=np.int64))
+        if len(tables) > FIT_TABLES_KEPT:
+            tables.popitem(last=False)
+    else:
+        tables.move_to_end(key)
+    stale = table.stale(state)
+    if len(stale):
+        fit = FitInput(state, d, rows=stale)
+        table.store(state, stale, slots=np.minimum.reduce([f.slots(fit) for f in LOCAL_FILTERS]))
+    return table.arrays["slots"]  # type: ignore[return-value]
 
 
 def power_slots(headroom: np.ndarray, power: float) -> np.ndarray:

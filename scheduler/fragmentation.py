@@ -73,6 +73,7 @@ class Workload:
         self.restricted_models = np.zeros((0, 0), dtype=bool)
         self._pairing: PairingValues | None = None
         self._pairing_key: tuple[int, int, int] | None = None
+        self._thresholds: tuple[tuple[np.ndarray, ...], np.ndarray, np.ndarray] | None = None
 
     def bind_models(self, node_models: tuple[str | None, ...]) -> None:
         """Learn the cluster's accelerator models, so shapes restricted to some models
@@ -141,6 +142,14 @@ class Workload:
             self._pairing_key = key
         return self._pairing
 
+    def thresholds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct milli per accelerator of the typical shapes, and each shape's index
+        into them (`node_fragmentation`), once per snapshot."""
+        snapshot = self.arrays()
+        if self._thresholds is None or self._thresholds[0] is not snapshot:
+            self._thresholds = (snapshot, *np.unique(snapshot[1], return_inverse=True))
+        return self._thresholds[1], self._thresholds[2]
+
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(gpus, milli per gpu, cpu, memory, probability) of the typical shapes."""
         if self._snapshot is None:
@@ -197,7 +206,7 @@ def node_fragmentation(free: np.ndarray, cpu_free: np.ndarray, mem_free: np.ndar
     free_u, cpu_u, mem_u = rows[:, :a], rows[:, a], rows[:, a + 1]
     total = free_u.sum(axis=1)                                               # (U,)
     # Per distinct milli threshold: accelerators with enough room, and milli stranded below.
-    thresholds, which = np.unique(milli, return_inverse=True)
+    thresholds, which = workload.thresholds()
     enough = free_u[:, :, None] >= thresholds[None, None, :]                 # (U, A, M)
     usable = enough.sum(axis=1)[:, which]                                    # (U, K)
     stranded = np.where(enough, 0, free_u[:, :, None]).sum(axis=1)[:, which]  # (U, K)

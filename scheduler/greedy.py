@@ -26,14 +26,14 @@ from scheduler.filters import BIG, gang_capacity, node_fit, quota_room
 from scheduler.fragmentation import SCARCITY_WEIGHT, Workload, model_pressure, node_fragmentation
 from scheduler.model import ShardSpec
 from scheduler.pairing import PairingValues
-from scheduler.state import ClusterState, ShardAt
+from scheduler.state import ClusterState, NodeTable, ShardAt
 
 Scorer = Literal["fgd", "bestfit"]
 FGD_ACCELERATOR_CHOICE = False  # fractions: FGD picks the accelerator too (as in the paper)
 FGD_QUANTUM = 1.0  # fragmentation deltas closer than this (milli) count as ties
 PAIRING_WEIGHT = 30.0  # per milli of pairing value lost (pairing.py), next to FGD's milli
 STATE_PRICES = True  # price pairings on the cluster as it stands, not an empty one
-SHAPES_KEPT = 32  # (tenant, shard shape) score tables a placer keeps, least recently used out
+SHAPES_KEPT = 64  # score tables (per tenant, shard shape) a placer keeps, least used out
 
 
 @dataclass(frozen=True)
@@ -57,29 +57,6 @@ class ShardScores:
     frag_after: np.ndarray | None  # fragmentation with the shard (None: not FGD)
 
 
-class NodeScores:
-    """Per-node score arrays, each row valid while its node's stamp is the one it was scored
-    at (`ClusterState.node_version`; 0: never scored)."""
-
-    def __init__(self, n_nodes: int, **arrays: np.ndarray | None) -> None:
-        self.stamp = np.zeros(n_nodes, dtype=np.int64)
-        self.arrays = arrays
-
-    def stale(self, state: ClusterState, nodes: np.ndarray) -> np.ndarray:
-        """Those of `nodes` that changed since they were scored (or never were)."""
-        return nodes[self.stamp[nodes] != state.node_version[nodes]]
-
-    def store(self, state: ClusterState, nodes: np.ndarray, **values: np.ndarray | None) -> None:
-        for name, value in values.items():
-            if value is not None:
-                self.arrays[name][nodes] = value  # type: ignore[index]
-        self.stamp[nodes] = state.node_version[nodes]
-
-    def get(self, name: str, nodes: np.ndarray) -> np.ndarray | None:
-        array = self.arrays[name]
-        return None if array is None else array[nodes]
-
-
 class Placer:
     """Places gangs into a ClusterState it owns the mutation of."""
 
@@ -88,11 +65,12 @@ class Placer:
         self.state = state
         self.scorer = scorer
         self.workload = workload or Workload()
-        # FGD score tables, valid for one workload snapshot: fragmentation per tenant, and
-        # per (tenant, shard shape, pricing) the shard's place and fragmentation after it.
+        # FGD score tables, valid for one workload snapshot: fragmentation per tenant; per
+        # (tenant, shard shape) the accelerator a fraction takes (per pricing too), and the
+        # free milli and fragmentation the shard leaves (for the accelerator it takes).
         self._scores_version = -1
-        self._before: dict[int, NodeScores] = {}
-        self._after: OrderedDict[tuple, NodeScores] = OrderedDict()
+        self._before: dict[int, NodeTable] = {}
+        self._tables: OrderedDict[tuple, NodeTable] = OrderedDict()
         self._prices: PairingValues | None = None  # the prices the tables were scored with
         self._prices_generation = 0  # bumped when the prices change
         self._known_index: tuple[int, int] | None = None  # (node, accelerator) FGD chose
@@ -260,91 +238,123 @@ class Placer:
                            None if pairing_loss is None else pairing_loss[order])
 
     def _fgd_scores(self, t: int, spec: ShardSpec, nodes: np.ndarray) -> ShardScores:
-        """`_score_rows` for these nodes under FGD, from the (tenant, shape) table: only the
-        nodes changed since they were scored (or never scored) are scored now."""
+        """`_score_rows` for these nodes under FGD, from tables kept per (tenant, shape): the
+        accelerator a fraction takes (per pricing too) and what the shard leaves (per node and
+        accelerator taken). Only nodes changed since (or never scored), and nodes where new
+        prices move the fraction to another accelerator, are scored now."""
         self._current_snapshot()
-        values = self.pairing_values() if spec.fractional and spec.accelerators > 0 else None
+        state = self.state
+        fractional = spec.fractional and spec.accelerators > 0
+        values = self.pairing_values() if fractional else None
         if values is not None and values is not self._prices:
             if self._prices is None or not same_prices(values, self._prices):
                 self._prices_generation += 1
             self._prices = values
-        key = (t, spec.accelerators, spec.accelerator_milli, spec.fractional, spec.hbm_gib,
-               spec.cpu_milli, spec.memory_mib,
-               self._prices_generation if values is not None else -1)
-        table = self._after.get(key)
+        shape = (t, spec.accelerators, spec.accelerator_milli, spec.hbm_gib, spec.cpu_milli,
+                 spec.memory_mib)
+        n = state.topo.n_nodes
+        pick = pairing_loss = None
+        if fractional:
+            picks = self._table(
+                ("pick", self._prices_generation if values is not None else -1, *shape),
+                pick=np.zeros(n, dtype=np.int64),
+                pairing_loss=None if values is None else np.zeros(n))
+            stale = picks.stale(state, nodes)
+            if len(stale):
+                fresh_pick, fresh_loss = self._pick_rows(t, spec, stale, values, fgd=True)
+                picks.store(state, stale, pick=fresh_pick, pairing_loss=fresh_loss)
+            pick, pairing_loss = picks.get("pick", nodes), picks.get("pairing_loss", nodes)
+        after = self._table(("after", *shape), pick=np.zeros(n, dtype=np.int64) if fractional
+                            else None, left_after=np.zeros(n, dtype=np.int64),
+                            frag_after=np.zeros(n))
+        redo = after.stamp[nodes] != state.node_version[nodes]
+        if pick is not None:
+            redo |= after.arrays["pick"][nodes] != pick  # type: ignore[index]
+        if redo.any():
+            at = np.flatnonzero(redo)
+            on = None if pick is None else pick[at]
+            left, frag = self._after_rows(t, spec, nodes[at], on, fgd=True)
+            after.store(state, nodes[at], pick=on, left_after=left, frag_after=frag)
+        return ShardScores(pick, pairing_loss, after.arrays["left_after"][nodes],  # type: ignore[index]
+                           after.arrays["frag_after"][nodes])  # type: ignore[index]
+
+    def _table(self, key: tuple, **arrays: np.ndarray | None) -> NodeTable:
+        """The score table under `key` (made with these arrays if new), most recently used."""
+        table = self._tables.get(key)
         if table is None:
-            n = self.state.topo.n_nodes
-            table = NodeScores(
-                n, pick=np.zeros(n, dtype=np.int64)
-                if spec.fractional and spec.accelerators > 0 else None,
-                pairing_loss=np.zeros(n) if values is not None else None,
-                left_after=np.zeros(n, dtype=np.int64), frag_after=np.zeros(n))
-            self._after[key] = table
-            if len(self._after) > SHAPES_KEPT:
-                self._after.popitem(last=False)
+            table = self._tables[key] = NodeTable(self.state.topo.n_nodes, **arrays)
+            if len(self._tables) > SHAPES_KEPT:
+                self._tables.popitem(last=False)
         else:
-            self._after.move_to_end(key)
-        stale = table.stale(self.state, nodes)
-        if len(stale):
-            fresh = self._score_rows(t, spec, stale, values, fgd=True)
-            table.store(self.state, stale, pick=fresh.pick, pairing_loss=fresh.pairing_loss,
-                        left_after=fresh.left_after, frag_after=fresh.frag_after)
-        return ShardScores(table.get("pick", nodes), table.get("pairing_loss", nodes),
-                           table.arrays["left_after"][nodes],  # type: ignore[index]
-                           table.arrays["frag_after"][nodes])  # type: ignore[index]
+            self._tables.move_to_end(key)
+        return table
 
     def _score_rows(self, t: int, spec: ShardSpec, nodes: np.ndarray,
                     values: PairingValues | None, fgd: bool) -> ShardScores:
         """Where one shard of `spec` (tenant t) would go on each of `nodes` and what it leaves
         there; a function of each node's own state (and the workload and prices) alone."""
+        pick, pairing_loss = self._pick_rows(t, spec, nodes, values, fgd)
+        left_after, frag_after = self._after_rows(t, spec, nodes, pick, fgd)
+        return ShardScores(pick, pairing_loss, left_after, frag_after)
+
+    def _pick_rows(self, t: int, spec: ShardSpec, nodes: np.ndarray,
+                   values: PairingValues | None, fgd: bool
+                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The accelerator a fractional shard takes on each node, and the pairing value that
+        loses (None, None for other shards)."""
+        if not (spec.accelerators > 0 and spec.fractional):
+            return None, None
         s = self.state
         free = self._free_milli_of(t, nodes)
-        after = free.copy()
-        pick: np.ndarray | None = None
-        pairing_loss: np.ndarray | None = None
         rows = np.arange(len(nodes))
+        fits = (free >= spec.accelerator_milli) & (s.acc_hbm[nodes] >= spec.hbm_gib)
+        shared = fits & (s.acc_owner[nodes] == t) & (free < 1000)
+        a = free.shape[1]
+        key = np.where(shared, free, np.where(fits, 2000 + np.arange(a), BIG))
+        pairing_loss = None
+        if values is not None:
+            # The accelerator whose pairing loses least, then the packing order.
+            lost = np.round(values.loss(free, spec.accelerator_milli))
+            key = np.where(fits, lost * 4000 + key, BIG)
+        pick = np.argmin(key, axis=1)
+        if values is not None:
+            pairing_loss = lost[rows, pick]
+        if fgd and FGD_ACCELERATOR_CHOICE:
+            # FGD also picks the accelerator: try each that fits, keep the least fragmenting.
+            tries = np.repeat(free[:, None, :], a, axis=1)          # (Nc, A try, A)
+            tries[:, np.arange(a), np.arange(a)] -= spec.accelerator_milli
+            scored = node_fragmentation(
+                tries.reshape(len(nodes) * a, a), np.repeat(s.cpu_free[nodes] - spec.cpu_milli, a),
+                np.repeat(s.mem_free[nodes] - spec.memory_mib, a), self.workload,
+                np.repeat(nodes, a)).reshape(len(nodes), a)
+            scored = np.where(fits, scored, np.inf)
+            pick = np.argmin(scored + 1e-9 * key, axis=1)           # ties: the packing order
+        return pick, pairing_loss
+
+    def _after_rows(self, t: int, spec: ShardSpec, nodes: np.ndarray, pick: np.ndarray | None,
+                    fgd: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """With one shard on each node (a fraction on accelerator `pick`): the free milli the
+        tenant could use left there, and (FGD) the node's fragmentation."""
+        s = self.state
+        after = self._free_milli_of(t, nodes)
         if spec.accelerators > 0:
             if spec.fractional:
-                fits = (after >= spec.accelerator_milli) & (s.acc_hbm[nodes] >= spec.hbm_gib)
-                shared = fits & (s.acc_owner[nodes] == t) & (after < 1000)
-                a = after.shape[1]
-                key = np.where(shared, after, np.where(fits, 2000 + np.arange(a), BIG))
-                if values is not None:
-                    # The accelerator whose pairing loses least, then the packing order.
-                    lost = np.round(values.loss(after, spec.accelerator_milli))
-                    key = np.where(fits, lost * 4000 + key, BIG)
-                pick = np.argmin(key, axis=1)
-                if values is not None:
-                    pairing_loss = lost[rows, pick]
-                after[rows, pick] -= spec.accelerator_milli
+                after[np.arange(len(nodes)), pick] -= spec.accelerator_milli
             else:
                 whole = (after >= 1000) & (s.acc_hbm[nodes] >= spec.hbm_gib)
                 take = whole & (np.cumsum(whole, axis=1) <= spec.accelerators)
                 after = np.where(take, 0, after)
         if not fgd:
-            return ShardScores(pick, pairing_loss, after.sum(axis=1), None)
-        cpu_after = s.cpu_free[nodes] - spec.cpu_milli
-        mem_after = s.mem_free[nodes] - spec.memory_mib
-        if spec.accelerators > 0 and spec.fractional and FGD_ACCELERATOR_CHOICE:
-            # FGD also picks the accelerator: try each that fits, keep the least fragmenting.
-            n_c, a = free.shape
-            tries = np.repeat(free[:, None, :], a, axis=1)          # (Nc, A try, A)
-            tries[:, np.arange(a), np.arange(a)] -= spec.accelerator_milli
-            scored = node_fragmentation(tries.reshape(n_c * a, a), np.repeat(cpu_after, a),
-                                        np.repeat(mem_after, a), self.workload,
-                                        np.repeat(nodes, a)).reshape(n_c, a)
-            scored = np.where(fits, scored, np.inf)
-            pick = np.argmin(scored + 1e-9 * key, axis=1)           # ties: the packing order
-            after = free.copy()
-            after[rows, pick] -= spec.accelerator_milli
-        frag_after = node_fragmentation(after, cpu_after, mem_after, self.workload, nodes)
-        return ShardScores(pick, pairing_loss, after.sum(axis=1), frag_after)
+            return after.sum(axis=1), None
+        return after.sum(axis=1), node_fragmentation(
+            after, s.cpu_free[nodes] - spec.cpu_milli, s.mem_free[nodes] - spec.memory_mib,
+            self.workload, nodes)
 
     def forget_scores(self) -> None:
         """Drop the cached node scores (memory only: a changed node is re-scored anyway, its
         stamp having moved)."""
         self._before.clear()
-        self._after.clear()
+        self._tables.clear()
 
     def pairing_values(self) -> PairingValues | None:
         """Prices of free room per accelerator for the workload seen (`pairing.py`); None
@@ -393,7 +403,7 @@ class Placer:
         self._current_snapshot()
         table = self._before.get(t)
         if table is None:
-            table = self._before[t] = NodeScores(self.state.topo.n_nodes,
+            table = self._before[t] = NodeTable(self.state.topo.n_nodes,
                                                  frag=np.zeros(self.state.topo.n_nodes))
         stale = table.stale(self.state, nodes)
         if len(stale):

@@ -11,6 +11,7 @@ for a node exactly while its stamp is the one it was computed at.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from itertools import chain, count
 from typing import NamedTuple
 
@@ -33,6 +34,36 @@ class ShardAt(NamedTuple):
     node: int
     indices: tuple[int, ...]
     milli: int  # per accelerator: 1000 for whole accelerators
+
+
+class NodeTable:
+    """Per-node arrays computed from nodes' occupancy, each row valid while its node's stamp
+    is the one it was computed at (`ClusterState.node_version`; 0: never computed). Stamps
+    are unique across states, so one table may serve a state and its twins."""
+
+    def __init__(self, n_nodes: int, **arrays: np.ndarray | None) -> None:
+        self.stamp = np.zeros(n_nodes, dtype=np.int64)
+        self.arrays = arrays
+
+    def stale(self, state: "ClusterState", nodes: np.ndarray | None = None) -> np.ndarray:
+        """Those of `nodes` (None: all) changed since computed, or never computed."""
+        if nodes is None:
+            return np.flatnonzero(self.stamp != state.node_version)
+        return nodes[self.stamp[nodes] != state.node_version[nodes]]
+
+    def store(self, state: "ClusterState", nodes: np.ndarray,
+              **values: np.ndarray | None) -> None:
+        """Rows `nodes` of the named arrays, computed from the state as it is now."""
+        for name, value in values.items():
+            if value is not None:
+                self.arrays[name][nodes] = value  # type: ignore[index]
+        self.stamp[nodes] = state.node_version[nodes]
+
+    def get(self, name: str, nodes: np.ndarray | None = None) -> np.ndarray | None:
+        array = self.arrays[name]
+        if array is None:
+            return None
+        return array if nodes is None else array[nodes]
 
 
 class ClusterState:
@@ -70,6 +101,9 @@ class ClusterState:
         # owners, HBM, CPU, memory, tenants' shard counts) is the same while this is.
         self.node_version = np.full(n, next(_stamps), dtype=np.int64)
         self.static_cache: dict[int, tuple] = {}  # filters that never change, shared by copies
+        # Per-node filter results by (tenant, shard shape) (`filters.node_fit`), stamped:
+        # shared by copies like the static ones.
+        self.fit_cache: OrderedDict[tuple, NodeTable] = OrderedDict()
         # Placed replicas: (deployment, replica) -> {shard: ShardAt}.
         self.replicas: dict[tuple[int, int], dict[int, ShardAt]] = {}
         self.by_dep: dict[int, set[int]] = {}  # deployment -> its placed replicas

@@ -1,9 +1,10 @@
-"""The placer's cached node scores (scheduler/greedy.py) decide exactly as scoring afresh.
+"""Cached node scores and filter results decide exactly as computing them afresh.
 
-The greedy placer keeps every node's FGD scores between decisions and scores again only the
-nodes whose stamp (`ClusterState.node_version`) moved; it takes the best node as a lexicographic
-minimum instead of sorting. The reference here is the same placer with the tables bypassed
-(every candidate scored afresh on every decision) and the whole `np.lexsort`: on random event
+The greedy placer keeps every node's FGD scores between decisions, and `filters.node_fit` its
+node-local slots, and both compute again only for the nodes whose stamp
+(`ClusterState.node_version`) moved; the placer takes the best node as a lexicographic minimum
+instead of sorting. The reference here bypasses the tables (every candidate scored and every
+node judged afresh on every decision) and sorts with the whole `np.lexsort`: on random event
 sequences (arrivals of whole, fractional and gang shards of several tenants, retries,
 departures, scale-downs, cordons, nodes down, up, added and removed, contract changes) played
 into two warm sessions, one each way, every decision and every resulting state is identical.
@@ -30,7 +31,7 @@ from builders import dep, node, placed, problem  # noqa: E402
 from strategies import problems  # noqa: E402
 
 from scheduler import Node, problem_from_dict  # noqa: E402
-from scheduler import greedy  # noqa: E402
+from scheduler import filters, greedy  # noqa: E402
 from scheduler.fragmentation import node_fragmentation  # noqa: E402
 from scheduler.model import ShardSpec  # noqa: E402
 from scheduler.session import ClusterDelta, Session  # noqa: E402
@@ -55,9 +56,16 @@ def fragmentation_afresh(placer: greedy.Placer, t: int, nodes: np.ndarray) -> np
                               s.mem_free[nodes], placer.workload, nodes)
 
 
+def local_slots_afresh(state: ClusterState, d: int) -> np.ndarray:
+    fit = filters.FitInput(state, d)
+    return np.minimum.reduce([f.slots(fit) for f in filters.LOCAL_FILTERS])
+
+
 def uncached() -> ExitStack:
-    """Patch the placer to score every candidate afresh and sort them all."""
+    """Patch the placer to score every candidate afresh and sort them all, and the filters
+    to judge every node afresh."""
     stack = ExitStack()
+    stack.enter_context(mock.patch.object(filters, "local_slots", local_slots_afresh))
     stack.enter_context(mock.patch.object(greedy.Placer, "_fgd_scores", scores_afresh))
     stack.enter_context(mock.patch.object(greedy.Placer, "_fragmentation",
                                           fragmentation_afresh))
