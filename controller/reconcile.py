@@ -69,7 +69,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller import limits
 from controller.aio import wait_event
-from controller.scheduling.decider import DecideProcess, open_in_process
+from controller.scheduling.decider import DecideProcess, DeciderFailed, open_in_process
 from controller.scheduling.warm import WarmCluster
 from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import QueueDepths, SchedulingQueue
@@ -264,6 +264,7 @@ class Reconciler:
         self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
                                  time_limit_ms=solve_time_limit_ms,
                                  open_session=open_in_process if decider is None else decider.open)
+        self._decider = decider
         self.fast_passes = 0   # passes that decided on the warm session
         self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
         # A stale full commit turned replicas away, or the changes it caught up with could help
@@ -488,7 +489,12 @@ class Reconciler:
         if helped:  # everything unschedulable is active again: decided now, on the session
             self._queue.helped()
         # Arrivals committed out of order go first, followed as the commit lists them.
-        retried = await asyncio.to_thread(cache.pending_docs) + late if helped else late  # blocks: the session
+        try:
+            retried = await asyncio.to_thread(cache.pending_docs) + late if helped else late  # blocks: the session
+        except DeciderFailed:  # the session in the decide process is lost
+            log.exception("the warm session is lost; solving the whole cluster")
+            self._warm.drop()
+            return None
         departed = cache.snapshot.deleting
         avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
         if not docs and not retried and not departed and not cache.repairs:
@@ -496,6 +502,7 @@ class Reconciler:
             self.delta_passes += 1
             self._observer.pass_taken("delta")
             return ReconcileOutcome(generation=cache.snapshot.generation)
+        child_cpu_s = 0.0 if self._decider is None else self._decider.cpu_s
         try:
             fast, cpu_s = await asyncio.to_thread(_on_thread_cpu, cache.decide, docs, self._warm.unplaced, retried,
                                                   avoided)
@@ -506,6 +513,8 @@ class Reconciler:
         decided_s = time.perf_counter() - started
         self._laps.lap("decide")
         self._laps.ms["decide_cpu"] = cpu_s * 1000  # against `decide`: what waiting for the GIL cost
+        if self._decider is not None:  # the session's own CPU, in the decide process
+            self._laps.ms["decide_child_cpu"] = (self._decider.cpu_s - child_cpu_s) * 1000
         self._observer.solved(fast.plan.status, decided_s)
         base = cache.snapshot.generation
         async with self._db.unit_of_work() as uow:  # one unit of work: round trips are what a pass waits for

@@ -20,14 +20,16 @@ snapshot's generation that catches up the same way.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind
 
 from controller.scheduling.cache import ClusterCache, FastPlan
-from controller.scheduling.decider import OpenSession, open_in_process
+from controller.scheduling.decider import DeciderFailed, OpenSession, open_in_process
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
@@ -35,6 +37,9 @@ from controller.store.snapshot import (
     NodeRead, PlacementsRead, Snapshot, load_arrivals, load_nodes, load_placements, load_snapshot, load_tenants,
     load_topology, schedulable_keys)
 from scheduler import Plan, Unplaced
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Zones, rows and racks as `load_snapshot` lists them.
 Topology = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
@@ -86,8 +91,8 @@ class WarmCluster:
             return cache.add(new), [] if late is None else cache.add(late)
         if snapshot.generation != self.own_generation:
             return None
-        self.cache = await asyncio.to_thread(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
-                                             time_limit_ms=self._time_limit_ms, open_session=self._open_session)
+        self.cache = await _on_session(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
+                                       time_limit_ms=self._time_limit_ms, open_session=self._open_session)
         docs = None if self.cache is None else self.cache.pending_since(self._known_id)
         return None if docs is None else (docs, [])
 
@@ -116,8 +121,8 @@ class WarmCluster:
         # those deployments' shards read again (a plan commit logs no ids: it drops the cache).
         moved = await load_placements(session, {name for kind, name in rows if kind is ChangeKind.PLACEMENTS}
                                       - departed)
-        helped = await asyncio.to_thread(self._follow, cache, reads, departed, tenants, topology, moved,
-                                         since.generation)
+        helped = await _on_session(self._follow, cache, reads, departed, tenants, topology, moved,
+                                   since.generation)
         if helped is None or self.cache is not cache:
             self.drop()
             return None
@@ -190,7 +195,7 @@ class WarmCluster:
         if result.requeued:
             keep = False
         elif fast.renumbered:
-            keep = await asyncio.to_thread(cache.follow, result.shards, generation)
+            keep = await _on_session(cache.follow, result.shards, generation)
         else:
             keep = cache.committed(fast, generation)
         self.cache = cache if keep else None
@@ -211,10 +216,10 @@ class WarmCluster:
         cache can go on from there (replicas being replaced, shards left on down nodes): read again."""
         cache = self.cache
         if cache is not None and cache.snapshot is snapshot:
-            kept = await asyncio.to_thread(cache.follow, result.shards, snapshot.generation)
+            kept = await _on_session(cache.follow, result.shards, snapshot.generation)
             self.cache = cache if kept else None
         else:
-            self.cache = await asyncio.to_thread(
+            self.cache = await _on_session(
                 ClusterCache.settled, snapshot, result.shards, snapshot.generation,
                 allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms,
                 open_session=self._open_session)
@@ -234,10 +239,10 @@ class WarmCluster:
         if result.requeued:
             self.cache = None
         elif cache is not None and cache.snapshot is snapshot:
-            if not await asyncio.to_thread(cache.follow, result.shards, result.generation):
+            if not await _on_session(cache.follow, result.shards, result.generation):
                 self.cache = None
         else:
-            self.cache = await asyncio.to_thread(
+            self.cache = await _on_session(
                 ClusterCache.settled, snapshot, result.shards, result.generation,
                 allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms,
                 open_session=self._open_session)
@@ -249,3 +254,14 @@ def _own_commit(cache: ClusterCache, result: CommitResult) -> None:
     else's change, which the cache must still read)."""
     if result.changed_deployments:
         cache.own_commits.add(result.generation)
+
+
+async def _on_session(work: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """`work` in a worker thread (it blocks on the session); None when the session is lost
+    (`DeciderFailed`: the decide process died, hung or raised), which the callers read as a
+    change the cache cannot follow: it is dropped and the next build starts a fresh process."""
+    try:
+        return await asyncio.to_thread(work, *args, **kwargs)
+    except DeciderFailed as exc:
+        log.warning("the warm session is lost (%s): the cache is dropped", exc)
+        return None

@@ -5,6 +5,7 @@ that the session and `solve()` choose the same nodes)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -241,3 +242,35 @@ async def test_a_decide_process_that_dies_drops_the_cache_and_the_next_pass_comm
     assert (await loop.reconcile_once()).solved and loop.fast_passes == 2  # on the new process
     assert_same(loop.warm_snapshot, await fresh(cluster))
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_decide_process_lost_while_following_changes_sends_the_pass_down_the_full_path(
+        cluster, decide_process):
+    loop = reconciler(cluster, decide_process)
+    await submit(cluster, deployment("first", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    pid, starts = decide_process.pid, decide_process.starts
+    assert pid is not None and loop.warm_snapshot is not None
+    os.kill(pid, signal.SIGKILL)
+    # A node joins (applied to the session as a delta: the call finds the child gone) and a
+    # deployment arrives: the pass is not a failure, it reads and solves the whole cluster.
+    await add_nodes(cluster, "rack-b", 1, prefix="late")
+    await submit(cluster, deployment("second", accelerators=4, locality="node"))
+    full = loop.full_passes
+    assert (await loop.reconcile_once()).solved
+    assert loop.full_passes == full + 1 and loop.consecutive_failures == 0
+    assert decide_process.starts == starts + 1 and decide_process.pid not in (None, pid)
+    snapshot = await fresh(cluster)
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/first", "t1/second"}
+    assert_same(loop.warm_snapshot, snapshot)
+
+
+async def test_the_pass_log_says_what_the_decide_process_spent(cluster, decide_process, caplog):
+    loop = reconciler(cluster, decide_process)
+    await submit(cluster, deployment("first", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("second", accelerators=1, locality="node"))
+    with caplog.at_level(logging.INFO, logger="controller.reconcile"):
+        assert (await loop.reconcile_once()).solved and loop.fast_passes == 1
+    (line,) = [r.getMessage() for r in caplog.records if "path=fast" in r.getMessage()]
+    assert "decide_cpu:" in line and "decide_child_cpu:" in line  # the session's CPU, in the child
