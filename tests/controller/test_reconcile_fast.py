@@ -270,7 +270,7 @@ async def test_the_pass_log_says_what_the_decide_process_spent(cluster, decide_p
     await submit(cluster, deployment("first", accelerators=1, locality="node"))
     await loop.reconcile_once()
     await submit(cluster, deployment("second", accelerators=1, locality="node"))
-    with caplog.at_level(logging.INFO, logger="controller.reconcile"):
+    with caplog.at_level(logging.INFO, logger="maia.reconcile"):
         assert (await loop.reconcile_once()).solved and loop.fast_passes == 1
     (line,) = [r.getMessage() for r in caplog.records if "path=fast" in r.getMessage()]
     assert "decide_cpu:" in line and "decide_child_cpu:" in line  # the session's CPU, in the child
