@@ -30,14 +30,16 @@ them in one scoped transaction; an arrival the session cannot place gets one mor
 full solve after `backoff_s` (the back-off; from the cache, which follows its commit), which
 parks it if it fails again. Changes by others are read from the change log
 (`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes without shards
-removed, evictions: their shards re-placed on the session, committed by the pass), tenant
-contracts, the topology, failed shards reported and failed replicas released are applied to the cache as deltas, and when they could help, the work still short of
-replicas (the unschedulable queue's included) is decided again on the session; deployments
-being deleted leave the cache and the session as departures, their shards and rows removed by
-the pass's scoped commit. Anything else
-(another kind of change, a fast commit that was re-queued, replicas being replaced, a new
-leader) drops the cache and takes the full path above, which leaves a cache of what it
-committed for the next changes.
+removed, evictions: their shards re-placed on the session, committed by the pass; drains),
+tenant contracts, the topology, and deployments changed (updates and rollouts, failed shards
+reported, failed replicas released, replaced replicas retired: each read again whole) are
+applied to the cache as deltas, and when they could help, the work still short of replicas
+(the unschedulable queue's included; a rollout's or a drain's replacements, within the surge)
+is decided again on the session; deployments being deleted leave the cache and the session as
+departures, their shards and rows removed by the pass's scoped commit. Anything else (a plan
+commit by another controller, a node holding shards removed or resized, a scale down, a fast
+commit that was re-queued, a new leader) drops the cache and takes the full path above, which
+leaves a cache of what it committed for the next changes.
 Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
 again with the nodes they failed on cordoned for it alone (other nodes first; what finds none
@@ -453,12 +455,12 @@ class Reconciler:
         return delay
 
     def _may_go_fast(self, generation: int, arrivals: int) -> bool:
-        """Nothing is being replaced, and either nobody changed the cluster since this
+        """Either nobody changed the cluster since this
         controller's last commit and deployments arrived (or work short of replicas is to be
         decided again: `_caught_up`), or others changed it and the cache may follow
         (`WarmCluster.catch_up` says): the pass may go on the warm cluster."""
         own = self._warm.own_generation
-        if self._last_arrivals is None or self._replacing or own != self._last_generation:
+        if self._last_arrivals is None or own != self._last_generation:
             return False
         if generation == own and not self._redecide:
             return arrivals > self._last_arrivals
@@ -687,9 +689,12 @@ class Reconciler:
         self._laps.lap("catch_up")
         if helped is None:
             return False
+        cache = self._warm.cache
+        assert cache is not None  # caught up
         self._last_generation = self._warm.own_generation
-        self._last_arrivals = len(snapshot.deployment_ids)
-        self._redecide = helped or bool(result.requeued)
+        self._last_arrivals = len(cache.snapshot.deployment_ids)  # departures caught up with are gone
+        # Departures and repairs caught up with are committed by the next pass too.
+        self._redecide = helped or bool(result.requeued or cache.snapshot.deleting or cache.repairs)
         if self._redecide:
             self.wake()
         return True

@@ -16,6 +16,8 @@ Changes arrive as deltas:
   * `adopt(deployment, placements)`  replicas placed elsewhere (a full `solve()` whose plan was
                              committed), recorded where they are;
   * `release(id, replicas)`  departures: the replicas' placements are taken out;
+  * `replace(deployment, placements)`  a deployment changed elsewhere (updated, replicas
+                             released or retired), held as given from now on;
   * `apply(ClusterDelta)`    nodes, tenants (contracts) and domains added or changed, nodes
                              removed. A node flipped between `ready` and `cordoned` is updated
                              in place; anything that changes the shape of the indexes (a new
@@ -62,6 +64,11 @@ from scheduler.state import ShardAt
 COMPACT_AFTER = 1024
 # What may change about a known deployment without placing it anew.
 _SCALABLE = ("replicas", "min_replicas", "priority", "preemptible")
+
+
+def _scaled_only(old: Deployment, new: Deployment) -> bool:
+    """Whether `new` differs from `old` in `_SCALABLE` fields alone (changed in place)."""
+    return dataclasses.replace(old, **{f: getattr(new, f) for f in _SCALABLE}) == new
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +171,16 @@ class Session:
         state.static_cache.pop(d, None)
         s.placer.refresh_nodes(np.array(sorted(touched), dtype=np.int64))
 
+    def replace(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
+        """A deployment changed elsewhere (a committed update, replicas released or retired):
+        held as given from now on, its replicas where `placements` say (the rest pending). A
+        change of more than its scalable fields makes it a new deployment of the same id."""
+        d = self._solver.topo.deployment_index.get(deployment.id)
+        if d is not None:
+            old = self._solver.state.deps[d]
+            self.release(deployment.id, self.placed_replicas(deployment.id) if _scaled_only(old, deployment) else None)
+        self.adopt(deployment, placements)
+
     def apply(self, delta: ClusterDelta) -> list[Decision]:
         """Apply cluster changes; the decisions repairing what they displaced (if any)."""
         cordons = self._cordons_only(delta)
@@ -263,7 +280,7 @@ class Session:
         old = s.state.deps[d]
         if old == dep:
             return d
-        if dataclasses.replace(old, **{f: getattr(dep, f) for f in _SCALABLE}) != dep:
+        if not _scaled_only(old, dep):
             raise ProblemError(f"deployment {dep.id}", dep.id,
                                f"only {', '.join(_SCALABLE)} may change in place; release it "
                                "and place the new one")

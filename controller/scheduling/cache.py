@@ -28,21 +28,27 @@ Changes by others reach the cache through the change log (`store/changes.py`, re
 capacity, a node removed) are read as those node rows and applied to the snapshot and to the
 session as one `ClusterDelta` (`apply_nodes`). A node holding shards whose work is evicted is
 one too: the session re-places its shards (`Session.apply` repairs them as `solve()` would) and
-the next fast plan commits that, speaking for those deployments whole (`repairs`); a node
-holding shards removed, drained or resized, or one holding a replica being replaced, is not
-(the full path re-places them).
-Shards changed outside a plan commit whose change log names their deployments (a failure
-reported; failed replicas released by `store/failures.py`) are read again as those deployments'
-shards (`apply_placements`); the released replicas are decided again by the next fast plan with
-the nodes they failed on cordoned for it alone (`decide(avoid=)`). A stale commit of a full
-solve leaves a cache too (`settled` or `follow` at its snapshot's generation), which catches up
-with the changes in between like any other.
+the next fast plan commits that, speaking for those deployments whole (`repairs`). A node
+holding shards drained (or no longer drained) is one too: the deployments holding shards there
+are read again whole. A node holding shards removed or resized, or going down while holding a
+replica being replaced, is not (the full path re-places them).
+Deployments whose change log names them (`apply_deployments`: updated, scaled up, rolled; a
+failure reported; failed replicas released by `store/failures.py`; replaced replicas retired by
+`store/rollout.py`) are read again whole, as `load_snapshot` lists them (their current revision
+and the outgoing revisions of a rollout or a drain, `solver_view`), and take the place of what
+the cache held of them; what that leaves short of replicas (a replacement within the surge, a
+replica released) is decided by the next fast plan, which speaks for the deployment whole, its
+outgoing replicas included. Released replicas are decided with the nodes they failed on
+cordoned for that plan alone (`decide(avoid=)`). A deployment whose read leaves shards out (a
+scale down, an outgoing replica on a down node) or that is quarantined is not. A stale commit of
+a full solve leaves a cache too (`settled` or `follow` at its snapshot's generation), which
+catches up with the changes in between like any other.
 Deployments being deleted are departures (`depart`): taken out of the snapshot and the session,
 and named by the next commit's scope and `Snapshot.deleting`, which releases their shards and
 removes their rows. When changes could help (a node added or ready, a departure), the
-deployments still short of replicas are decided again on the session (`pending_docs`). Anything else (a re-queued fast commit, another kind
-of change: a plan commit by another controller, a deployment updated, replicas retired by a
-rollout or a drain) drops the cache; the reconciler takes its full path. The cache never undoes a
+deployments still short of replicas are decided again on the session (`pending_docs`). Anything
+else (a re-queued fast commit; another kind of change: a plan commit by another controller,
+which logs no deployments, a new leader) drops the cache; the reconciler takes its full path. The cache never undoes a
 decision: it is rebuilt instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
 `decide`, `scope_of` and `follow` run in a worker thread, never two at once. The session may live
 in the decide process (`decider.py`: `build(open_session=DecideProcess.open)`), with the same
@@ -57,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.store.rollout import stored_key
-from controller.store.snapshot import Arrivals, NodeRead, PlacementsRead, ShardKey, Snapshot, Where
+from controller.store.snapshot import Arrivals, DeploymentRead, NodeRead, ShardKey, Snapshot, Where
 from scheduler import Plan, Unplaced
 from scheduler.model import Node, Rack, Row, Zone
 from scheduler.interchange import (
@@ -116,9 +122,9 @@ class ClusterCache:
               open_session: OpenSession = open_in_process) -> ClusterCache | None:
         """The cache of a fresh snapshot (blocking: call it in a worker thread), or None when
         the snapshot holds work only a full solve does (shards to release or repair,
-        deployments being deleted or rolled over). `open_session` builds its session from the
-        problem document (in this process, or in the decide process: `decider.py`)."""
-        if snapshot.released or snapshot.deleting or any(r.outgoing for r in snapshot.solver_refs.values()):
+        deployments being deleted). `open_session` builds its session from the problem document
+        (in this process, or in the decide process: `decider.py`)."""
+        if snapshot.released or snapshot.deleting:
             return None
         problem = dict(snapshot.problem, options={"mode": "online", "time_limit_ms": time_limit_ms,
                                                   "allow_preemption": allow_preemption})
@@ -131,12 +137,11 @@ class ClusterCache:
     def settled(cls, snapshot: Snapshot, shards: Mapping[ShardKey, Where | None], generation: int, *,
                 allow_preemption: bool, time_limit_ms: int,
                 open_session: OpenSession = open_in_process) -> ClusterCache | None:
-        """The cache of the state a whole commit (not stale, nothing re-queued) of a full solve
-        of a fresh `snapshot` left: the snapshot with what the commit wrote (`shards`), its shards
-        to release and deployments being deleted gone (blocking: a worker thread); None when
-        only a full solve can go on from there (replicas being replaced, shards left on down nodes)."""
-        if any(r.outgoing for r in snapshot.solver_refs.values()):
-            return None
+        """The cache of the state a commit (nothing re-queued) of a full solve of a fresh
+        `snapshot` left: the snapshot with what the commit wrote (`shards`), its shards to
+        release and deployments being deleted gone (blocking: a worker thread); None when only a
+        full solve can go on from there (an outgoing replica's shards written, shards left on
+        down nodes)."""
         after = _own_copy(snapshot)
         if _write_shards(after, shards, gone=snapshot.deleting) is None:
             return None
@@ -149,11 +154,12 @@ class ClusterCache:
         `count_schedulable_deployments` read with them."""
         return len(self.snapshot.deployment_ids) + len(new.deployment_ids) != schedulable
 
-    def apply_nodes(self, reads: Sequence[NodeRead], generation: int) -> bool | None:
+    def apply_nodes(self, reads: Sequence[NodeRead], generation: int, reread: Collection[str] = ()) -> bool | None:
         """Apply node changes (the nodes as read now) to the snapshot and to the session (one
         `ClusterDelta`), at `generation` (blocking: a worker thread). Whether they could help
         work short of replicas (a node added, ready or changed); None when the cache cannot
-        follow them (a node holding shards removed, drained, resized or moved; a rack it does
+        follow them (a node holding shards removed, resized or moved, or drained unless in
+        `reread`, whose deployments the caller reads again: `apply_deployments`; a rack it does
         not know): drop it.
 
         A node holding shards whose work is evicted (its state alone turns `down`) is a delta
@@ -175,7 +181,7 @@ class ClusterCache:
             old, new = nodes.get(read.id), read.doc
             if new == old:
                 continue
-            if read.id in holding and (new is None or old is None or read.draining
+            if read.id in holding and (new is None or old is None or read.draining and read.id not in reread
                                        or dict(old, state="") != dict(new, state="")
                                        or new["state"] == "down" and self._replacing_on(holding[read.id])):
                 return None  # its shards must be placed again, or replaced: the full path does
@@ -326,8 +332,9 @@ class ClusterCache:
         decided = {d.deployment for d in decisions}
         extended = frozenset(d["id"] for d in again)
         carried = hit | extended | held.keys()  # the plan speaks for them whole: with the replicas they hold
+        carried_keys = {stored_key(name) for name in carried}  # a rollout's outgoing replicas too
         kept = [placement_from_dict(p) for p in self.snapshot.problem["placements"]
-                if p["deployment"] in carried and p["deployment"] not in held
+                if stored_key(p["deployment"]) in carried_keys and p["deployment"] not in held
                 and (p["deployment"], p["replica"]) not in victims] if carried else []
         kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in victims]
         reasons = {name: waiting[name] for name in sorted(hit - decided) if name in waiting}
@@ -405,42 +412,88 @@ class ClusterCache:
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset())
         return True
 
-    def apply_placements(self, reads: Sequence[PlacementsRead], generation: int) -> bool | None:
-        """Deployments whose shards were changed outside this controller's plan commits (failed
-        replicas released, `store/failures.py`; a failure reported, which moves nothing), as
-        read now, to the snapshot and the session (blocking: a worker thread): each one's
-        shards become what is stored, renumbered as `load_snapshot` numbers them, and the session
-        holds them so (`Session.release`, `adopt`). Whether shards moved or went (capacity freed,
-        a deployment short of replicas: work to decide again); None when the cache cannot follow
-        (shards of a deployment it does not hold, one being rolled over or on a draining node,
-        one with a repair not committed yet): drop it."""
+    def apply_deployments(self, reads: Sequence[DeploymentRead], generation: int) -> bool | None:
+        """Deployments changed outside this controller's plan commits (updated or rolled, on a
+        node drained or no longer drained, failed replicas released, replaced replicas retired; a
+        failure reported, which moves nothing), as read now (`load_deployments`), to the snapshot
+        and the session (blocking: a worker thread): each one's solver deployments (its current
+        revision, and the outgoing ones of a rollout or a drain: store/rollout.py) and their
+        placements become what is stored, and the session holds them so (`Session.replace`).
+        Whether one changed (a replacement to place, a replica to place again, capacity freed:
+        work to decide again); None when the cache cannot follow (shards the view leaves out:
+        replicas beyond a smaller count, an outgoing replica on a down node; shards of a
+        deployment it does not hold; one quarantined; a repair not committed yet): drop it."""
         snap = self.snapshot
-        wanted = {read.key for read in reads}
-        before: dict[str, dict[tuple[int, int], Where]] = {key: {} for key in wanted}
-        for p in snap.problem["placements"]:
-            if p["deployment"] in wanted:
-                ref = snap.solver_refs[p["deployment"]]
-                before[p["deployment"]][(ref.replicas[p["replica"]], p["shard"])] = (
-                    p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli"))
-        shards: dict[ShardKey, Where | None] = {}
+        wanted: dict[str, DeploymentRead] = {}
         for read in reads:
-            ref = snap.solver_refs.get(read.key)
-            if ref is None or read.key not in snap.deployment_ids:
-                if read.shards:
+            if read.key not in snap.deployment_ids:
+                if read.placements:
                     return None
-                continue
-            if not read.plain or ref.outgoing or read.key in self.repairs:
+                continue  # not read yet (an arrival), or gone (its deletion is read as a departure)
+            if read.id is None or read.released or not read.deployments:
                 return None
-            held = before[read.key]
-            shards.update(((read.key, *at), None) for at in held.keys() - read.shards.keys())
-            shards.update(((read.key, *at), where) for at, where in read.shards.items() if held.get(at) != where)
-        if shards:
-            touched = _write_shards(snap, shards)
-            if touched is None:
-                return None
-            self._readopt(touched)
+            wanted[read.key] = read
+        held: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {key: ([], []) for key in wanted}
+        for d in snap.problem["deployments"]:
+            if stored_key(d["id"]) in held:
+                held[stored_key(d["id"])][0].append(d)
+        for p in snap.problem["placements"]:
+            if stored_key(p["deployment"]) in held:
+                held[stored_key(p["deployment"])][1].append(p)
+        changed = {key: read for key, read in wanted.items()
+                   if held[key] != (read.deployments, read.placements) or snap.replica_indices.get(key) != read.replica_indices
+                   or {d["id"]: snap.solver_refs.get(d["id"]) for d in held[key][0]} != read.refs}
+        if any(not held[key][0] or any(d["id"] in self.repairs for d in held[key][0]) for key in changed):
+            return None
+        if changed:
+            self._replace(changed, {key: [d["id"] for d in held[key][0]] for key in changed})
         self.snapshot = dataclasses.replace(snap, generation=generation)
-        return bool(shards)
+        return bool(changed)
+
+    def _replace(self, reads: Mapping[str, DeploymentRead], old: Mapping[str, list[str]]) -> None:
+        """Put the deployments `reads` (stored keys) in place of their solver deployments `old`:
+        in the snapshot, listed where they were (placements follow the deployments' order, as
+        read), and in the session."""
+        snap = self.snapshot
+        docs: list[dict[str, Any]] = []
+        for d in snap.problem["deployments"]:
+            key = stored_key(d["id"])
+            if key not in reads:
+                docs.append(d)
+            elif d["id"] == old[key][0]:
+                docs += reads[key].deployments
+        by_solver: dict[str, list[dict[str, Any]]] = {}
+        for p in snap.problem["placements"]:
+            if stored_key(p["deployment"]) not in reads:
+                by_solver.setdefault(p["deployment"], []).append(p)
+        for read in reads.values():
+            for p in read.placements:
+                by_solver.setdefault(p["deployment"], []).append(p)
+        snap.problem["deployments"] = docs
+        snap.problem["placements"] = [p for d in docs for p in by_solver.get(d["id"], ())]
+        for key, read in reads.items():
+            for solver_id in old[key]:
+                snap.solver_refs.pop(solver_id, None)  # type: ignore[attr-defined]
+                if solver_id not in read.refs and solver_id in self.session:
+                    self.session.release(solver_id)
+            snap.solver_refs.update(read.refs)  # type: ignore[attr-defined]
+            snap.replica_indices[key] = read.replica_indices  # type: ignore[index]
+            for doc in read.deployments:
+                self.session.replace(deployment_from_dict(doc),
+                                     [placement_from_dict(p) for p in by_solver.get(doc["id"], ())])
+
+    def holding(self, nodes: Collection[str]) -> dict[str, tuple[frozenset[str], bool]]:
+        """For each of `nodes` holding shards: the stored deployments holding them, and whether
+        one of those shards is an outgoing replica's (a drain or a rollout replaces it)."""
+        refs = self.snapshot.solver_refs
+        held: dict[str, tuple[set[str], list[bool]]] = {}
+        for p in self.snapshot.problem["placements"]:
+            if p["node"] in nodes:
+                keys, outgoing = held.setdefault(p["node"], (set(), [False]))
+                ref = refs.get(p["deployment"])
+                keys.add(stored_key(p["deployment"]))
+                outgoing[0] |= ref is not None and ref.outgoing
+        return {node: (frozenset(keys), outgoing[0]) for node, (keys, outgoing) in held.items()}
 
     def _readopt(self, touched: Collection[str]) -> None:
         """The session holds the deployments `touched` as the snapshot lists them now."""
@@ -481,10 +534,14 @@ def _write_shards(snap: Snapshot, shards: Mapping[ShardKey, Where | None],
     by_deployment: dict[str, list[dict[str, Any]]] = {}
     for p in snap.problem["placements"]:
         by_deployment.setdefault(p["deployment"], []).append(p)
+    outgoing: dict[str, set[int]] = {}  # stored replicas of a rollout's or a drain's outgoing ones
+    for ref in snap.solver_refs.values():
+        if ref.outgoing and ref.key in touched:
+            outgoing.setdefault(ref.key, set()).update(ref.replicas.values())
     for key, changes in touched.items():
         ref = snap.solver_refs.get(key)
-        if key not in docs or ref is None or ref.outgoing:
-            return None  # not one solver deployment of its own: read afresh
+        if key not in docs or ref is None or ref.outgoing or any(r in outgoing.get(key, ()) for r, _ in changes):
+            return None  # not its current revision's replicas: read afresh
         stored = {(ref.replicas[p["replica"]], p["shard"]): (p["node"], tuple(p["accelerator_indices"]),
                                                               p.get("accelerator_milli"))
                   for p in by_deployment.get(key, ())}
@@ -497,7 +554,7 @@ def _write_shards(snap: Snapshot, shards: Mapping[ShardKey, Where | None],
         by_deployment[key] = [_placement_doc(key, numbering[r], shard, where) for (r, shard), where in sorted(stored.items())]
         snap.solver_refs[key] = dataclasses.replace(  # type: ignore[index]
             ref, replicas={solver: index for index, solver in numbering.items()})
-        snap.replica_indices[key] = frozenset(numbering)  # type: ignore[index]
+        snap.replica_indices[key] = frozenset(numbering) | outgoing.get(key, set())  # type: ignore[index]
     snap.problem["placements"] = [p for d in snap.problem["deployments"] for p in by_deployment.get(d["id"], ())]
     return set(touched)
 

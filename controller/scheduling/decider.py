@@ -10,7 +10,7 @@ pipe (which releases the GIL), the child computes on a core of its own.
 Decisions are those of an in-process session: `RemoteSession` has the interface of the
 `Session` methods the cache uses and forwards every call, in order, over one pipe (pickled
 arguments and results), so the child's session sees exactly the sequence of calls an
-in-process one would. Calls whose result is not needed (`release`, `adopt`) are sent without
+in-process one would. Calls whose result is not needed (`release`, `adopt`, `replace`) are sent without
 waiting (order is kept: one pipe, one reader); calls that need one wait for it. A session is
 built in the child from the problem *document* (`DecideProcess.open`, with the controller's
 `MAIA_*` environment of the moment, which the scheduler reads): parsing it is the child's CPU
@@ -217,6 +217,9 @@ class RemoteSession:
 
     def adopt(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
         self._process.tell(self._token, "adopt", (deployment, list(placements)))
+
+    def replace(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
+        self._process.tell(self._token, "replace", (deployment, list(placements)))
 
     def apply(self, delta: ClusterDelta) -> list[Decision]:
         result: list[Decision] = self._process.ask(self._token, "apply", (delta,))

@@ -9,10 +9,10 @@ keys the cache lacks, `snapshot.schedulable_keys`, say which, and they are read 
 other change moves the generation
 and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
 node changes as deltas, contract and topology changes (tenants; zones, rows, racks) as deltas
-too, deletions as departures, and placement changes that name their deployments (failures
-reported, failed replicas released) as those deployments' shards read again; any other change
-(a plan commit by another controller, which names none; an update; a rollout's retirements)
-drops the cache. The log is in the database, so the changes another controller made (HA) are
+too, deletions as departures, and changes that name deployments (updates, failures reported,
+failed replicas released, replaced replicas retired; and the deployments on a node drained or
+no longer drained) as those deployments read again whole; any other change (a plan commit by
+another controller, which names none) drops the cache. The log is in the database, so the changes another controller made (HA) are
 read the same way. A stale commit of a full solve (`after_stale_full`) leaves a cache at its
 snapshot's generation that catches up the same way.
 """
@@ -34,7 +34,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
 from controller.store.snapshot import (
-    NodeRead, PlacementsRead, Snapshot, load_arrivals, load_nodes, load_placements, load_snapshot, load_tenants,
+    DeploymentRead, NodeRead, Snapshot, load_arrivals, load_deployments, load_nodes, load_snapshot, load_tenants,
     load_topology, schedulable_keys)
 from scheduler import Plan, Unplaced
 
@@ -46,7 +46,7 @@ Topology = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]
 
 # The changes the cache follows (`catch_up`); any other drops it.
 _FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT, ChangeKind.TOPOLOGY,
-             ChangeKind.PLACEMENTS)
+             ChangeKind.PLACEMENTS, ChangeKind.DEPLOYMENT)
 
 
 class WarmCluster:
@@ -117,11 +117,15 @@ class WarmCluster:
         tenants = await load_tenants(session) if any(kind is ChangeKind.TENANT for kind, _ in rows) else None
         topology = await load_topology(session) if any(kind is ChangeKind.TOPOLOGY for kind, _ in rows) else None
         departed = {name for kind, name in rows if kind is ChangeKind.DEPLOYMENT_DELETED}
-        # Placements changed outside a plan commit (failed replicas released; a failure reported):
-        # those deployments' shards read again (a plan commit logs no ids: it drops the cache).
-        moved = await load_placements(session, {name for kind, name in rows if kind is ChangeKind.PLACEMENTS}
-                                      - departed)
-        helped = await _on_session(self._follow, cache, reads, departed, tenants, topology, moved,
+        # Deployments updated, or whose placements changed outside a plan commit (failed replicas
+        # released, replaced ones retired; a failure reported), or on a node drained or no longer
+        # drained: read again whole (a plan commit logs no ids: it drops the cache).
+        holding = await asyncio.to_thread(cache.holding, {read.id for read in reads})
+        replaced = {read.id for read in reads if read.id in holding and (read.draining or holding[read.id][1])}
+        keys = {name for kind, name in rows if kind in (ChangeKind.PLACEMENTS, ChangeKind.DEPLOYMENT)}
+        keys.update(key for node in replaced for key in holding[node][0])
+        changed = await load_deployments(session, keys - departed, surge=self._surge) if keys - departed else []
+        helped = await _on_session(self._follow, cache, reads, replaced, departed, tenants, topology, changed,
                                    since.generation)
         if helped is None or self.cache is not cache:
             self.drop()
@@ -131,22 +135,23 @@ class WarmCluster:
         return helped
 
     @staticmethod
-    def _follow(cache: ClusterCache, reads: list[NodeRead], departed: set[str], tenants: list[dict[str, Any]] | None,
-                topology: Topology | None, moved: list[PlacementsRead], generation: int) -> bool | None:
-        # The topology first: nodes may join racks it adds.
+    def _follow(cache: ClusterCache, reads: list[NodeRead], replaced: set[str], departed: set[str],
+                tenants: list[dict[str, Any]] | None, topology: Topology | None, changed: list[DeploymentRead],
+                generation: int) -> bool | None:
+        # The topology first: nodes may join racks it adds; the deployments last (on nodes known).
         helped: bool | None = False if topology is None else cache.apply_topology(*topology)
         if helped is not None:
-            nodes = cache.apply_nodes(reads, generation)
+            nodes = cache.apply_nodes(reads, generation, reread=replaced)
             helped = None if nodes is None else helped or nodes
         if helped is not None and tenants is not None:
             contracts = cache.apply_tenants(tenants)
             helped = None if contracts is None else helped or contracts
         if helped is not None and departed:
             helped = cache.depart(departed, generation) or helped
-        if helped is None or not moved:
+        if helped is None or not changed:
             return helped
-        placements = cache.apply_placements(moved, generation)
-        return None if placements is None else placements or helped
+        deployments = cache.apply_deployments(changed, generation)
+        return None if deployments is None else deployments or helped
 
     async def scope(self, snapshot: Snapshot, plan: Plan) -> frozenset[str] | None:
         """What a commit of a full solve has to speak for: when it was solved from the cache,
@@ -213,7 +218,7 @@ class WarmCluster:
         and its commit left, valid at the snapshot's generation (the cache it started from follows
         what the commit wrote; one solved from a fresh read is `settled`); the next `catch_up`
         reads the changes in between from the log as deltas and skips this commit. False: no
-        cache can go on from there (replicas being replaced, shards left on down nodes): read again."""
+        cache can go on from there (an outgoing replica's shards written, shards left on down nodes): read again."""
         cache = self.cache
         if cache is not None and cache.snapshot is snapshot:
             kept = await _on_session(cache.follow, result.shards, snapshot.generation)

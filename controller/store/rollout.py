@@ -282,6 +282,6 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
             dep.generation = dep.generation + 1
     if not retired_ids:
         return Retired(deployments=frozenset(changed), replacing=replacing)
-    await stop_placements(session, retired_ids, nodes, now)
+    await stop_placements(session, retired_ids, nodes, now, changed)
     await record_decisions(session, events, now, actor)
     return Retired(nodes=frozenset(nodes), deployments=frozenset(changed), lines=tuple(lines), replacing=replacing)

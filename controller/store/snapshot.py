@@ -12,7 +12,7 @@ columns rather than ORM objects, and builds the document in one sweep.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,47 +259,96 @@ async def load_tenants(session: AsyncSession) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class PlacementsRead:
-    """One deployment's stored shards as they are now, for a cache that follows placements
-    changed outside its own commits (failed replicas released, another controller's commit)."""
+class DeploymentRead:
+    """One stored deployment as `load_snapshot` would list it now, for a cache that follows
+    deployments changed outside its own commits (updated, rolled, drained, failed replicas
+    released, replaced replicas retired)."""
 
     key: str  # TENANT/NAME
-    shards: dict[tuple[int, int], Where]  # (stored replica, shard) -> where it runs
-    # Schedulable, every shard of its current template revision and on a node not draining, no
-    # more replicas than asked: `load_snapshot` lists it as one solver deployment (no rollout
-    # view), its replicas numbered in stored order.
-    plain: bool
+    id: int | None  # its primary key; None: no schedulable row (deleted, being deleted, quarantined)
+    deployments: list[dict[str, Any]] = field(default_factory=list)  # its solver deployments (store/rollout.py)
+    placements: list[dict[str, Any]] = field(default_factory=list)
+    refs: dict[str, SolverRef] = field(default_factory=dict)
+    replica_indices: frozenset[int] = frozenset()
+    released: dict[ShardKey, Where] = field(default_factory=dict)  # shards the view leaves out
 
 
-async def load_placements(session: AsyncSession, keys: Collection[str]) -> list[PlacementsRead]:
-    """The deployments `keys` (TENANT/NAME) and their shards as they are now (two queries per
-    500); a deployment with no row reads as no shards, not plain."""
+def _stored_replicas(key: str, rows: Iterable[Any]) -> dict[int, StoredReplica]:
+    """Placement rows of one deployment (key TENANT/NAME; in replica, shard order) as its stored replicas."""
+    shards: dict[int, tuple[int, list[dict[str, Any]], set[str]]] = {}
+    for p in rows:
+        placement: dict[str, Any] = {"deployment": key, "replica": p.replica, "shard": p.shard, "node": p.node_id,
+                                     "accelerator_indices": list(p.accelerator_indices)}
+        _put(placement, "accelerator_milli", p.accelerator_milli)
+        _, placed, on_nodes = shards.setdefault(p.replica, (p.revision, [], set()))
+        placed.append(placement)
+        on_nodes.add(p.node_id)
+    return {index: StoredReplica(index, revision, tuple(placed), frozenset(on_nodes))
+            for index, (revision, placed, on_nodes) in shards.items()}
+
+
+def _view(doc: dict[str, Any], template_revision: int, revision_specs: Mapping[str, Any],
+          replicas: Mapping[int, StoredReplica], *, down: set[str], draining: set[str], surge: int,
+          ) -> tuple[Any, dict[ShardKey, Where]]:
+    """A stored deployment as the solver sees it (`solver_view`), and the shards the view leaves
+    out (an outgoing replica on a down node, replicas beyond the asked count): the commit releases them."""
+    view = solver_view(doc, template_revision, revision_specs, replicas.values(), down=down, draining=draining,
+                       surge=surge)
+    viewed = {index for ref in view.refs.values() for index in ref.replicas.values()}
+    released = {(doc["id"], index, p["shard"]): (p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli"))
+                for index, rep in replicas.items() if index not in viewed for p in rep.placements}
+    return view, released
+
+
+async def load_deployments(session: AsyncSession, keys: Collection[str], *,
+                           surge: int = DEFAULT_SURGE) -> list[DeploymentRead]:
+    """The deployments `keys` (TENANT/NAME) as `load_snapshot` would list them now, in key
+    order (three queries per 500)."""
     wanted = set(keys)
     names = sorted({split_deployment_key(key)[1] for key in wanted})
-    found: dict[int, tuple[str, Any]] = {}
+    found: dict[int, Any] = {}
     for start in range(0, len(names), _CHUNK):
-        for d in await session.execute(select(Deployment.id, Deployment.tenant_id, Deployment.name, Deployment.phase,
-                                              Deployment.template_revision, Deployment.replicas)
-                                       .where(Deployment.name.in_(names[start:start + _CHUNK]))):
+        for d in await session.execute(select(*_DEPLOYMENT_COLUMNS).where(
+                Deployment.name.in_(names[start:start + _CHUNK]),
+                Deployment.phase.not_in((DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)))):
             if deployment_key(d.tenant_id, d.name) in wanted:
-                found[d.id] = (deployment_key(d.tenant_id, d.name), d)
-    shards: dict[str, dict[tuple[int, int], Where]] = {key: {} for key in wanted}
-    plain = {key: d.phase not in (DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED) for key, d in found.values()}
+                found[d.id] = d
+    rows: dict[int, list[Any]] = {dep_id: [] for dep_id in found}
+    nodes: set[str] = set()
     ids = sorted(found)
     for start in range(0, len(ids), _CHUNK):
         for p in await session.execute(
                 select(Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
-                       Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision, Node.draining)
-                .join(Node, Placement.node_id == Node.id, isouter=True)
-                .where(Placement.deployment_id.in_(ids[start:start + _CHUNK]))):
-            key, d = found[p.deployment_id]
-            shards[key][(p.replica, p.shard)] = (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli)
-            if p.revision != d.template_revision or p.draining:
-                plain[key] = False
-    for key, d in found.values():
-        if len({replica for replica, _ in shards[key]}) > d.replicas:
-            plain[key] = False
-    return [PlacementsRead(key, shards[key], plain.get(key, False)) for key in sorted(wanted)]
+                       Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision)
+                .where(Placement.deployment_id.in_(ids[start:start + _CHUNK]))
+                .order_by(Placement.deployment_id, Placement.replica, Placement.shard)):
+            rows[p.deployment_id].append(p)
+            nodes.add(p.node_id)
+    down: set[str] = set()
+    draining: set[str] = set()
+    oversized: set[str] = set()
+    wanted_nodes = sorted(nodes)
+    for start in range(0, len(wanted_nodes), _CHUNK):
+        for n in await session.execute(select(Node.id, Node.health, Node.draining, Node.accelerators)
+                                       .where(Node.id.in_(wanted_nodes[start:start + _CHUNK]))):
+            if n.health is NodeHealth.DOWN:
+                down.add(n.id)
+            if n.draining:
+                draining.add(n.id)
+            if not 0 <= n.accelerators <= limits.NODE_ACCELERATORS_MAX:
+                oversized.add(n.id)
+    reads = {key: DeploymentRead(key, None) for key in wanted}
+    for dep_id, d in found.items():
+        doc = _deployment_doc(d)
+        key = doc["id"]
+        on_oversized = {(key, p.replica, p.shard): (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli)
+                        for p in rows[dep_id] if p.node_id in oversized}
+        replicas = _stored_replicas(key, (p for p in rows[dep_id] if p.node_id not in oversized))
+        view, released = _view(doc, d.template_revision, d.revision_specs or {}, replicas,
+                               down=down, draining=draining, surge=surge)
+        reads[key] = DeploymentRead(key, dep_id, view.deployments, view.placements, view.refs,
+                                    frozenset(replicas), {**on_oversized, **released})
+    return [reads[key] for key in sorted(wanted)]
 
 
 @dataclass(frozen=True)
@@ -394,7 +443,7 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         deployment_ids[key] = d.id
         keys_by_id[d.id] = key
 
-    stored: dict[int, dict[int, tuple[int, list[dict[str, Any]], set[str]]]] = {}
+    placed_rows: dict[int, list[Any]] = {}
     released: dict[ShardKey, Where] = {}
     for p in await session.execute(
         select(
@@ -408,17 +457,7 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         if p.node_id in oversized_nodes:
             released[(key, p.replica, p.shard)] = (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli)
             continue
-        placement: dict[str, Any] = {
-            "deployment": key,
-            "replica": p.replica,
-            "shard": p.shard,
-            "node": p.node_id,
-            "accelerator_indices": list(p.accelerator_indices),
-        }
-        _put(placement, "accelerator_milli", p.accelerator_milli)
-        _, shards, on_nodes = stored.setdefault(p.deployment_id, {}).setdefault(p.replica, (p.revision, [], set()))
-        shards.append(placement)
-        on_nodes.add(p.node_id)
+        placed_rows.setdefault(p.deployment_id, []).append(p)
 
     # Each stored deployment as the solver sees it: its current revision, and the replicas a
     # rollout or drain is replacing (store/rollout.py), numbered 0..n-1 per solver deployment.
@@ -427,21 +466,14 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
     solver_refs: dict[str, SolverRef] = {}
     replica_indices: dict[str, frozenset[int]] = {}
     for dep_id, doc, template_revision, revision_specs in current_docs:
-        replicas = stored.get(dep_id, {})
-        view = solver_view(doc, template_revision, revision_specs,
-                           (StoredReplica(index, rev, tuple(shards), frozenset(on_nodes))
-                            for index, (rev, shards, on_nodes) in replicas.items()),
-                           down=down_nodes, draining=draining_nodes, surge=surge)
+        replicas = _stored_replicas(doc["id"], placed_rows.get(dep_id, ()))
+        view, dropped = _view(doc, template_revision, revision_specs, replicas,
+                              down=down_nodes, draining=draining_nodes, surge=surge)
         deployments += view.deployments
         placements += view.placements
         solver_refs.update(view.refs)
         replica_indices[doc["id"]] = frozenset(replicas)
-        viewed = {index for ref in view.refs.values() for index in ref.replicas.values()}
-        for index, (_, shards, _) in replicas.items():
-            if index not in viewed:  # an outgoing replica the view drops (on a down node)
-                released.update(((doc["id"], index, p["shard"]),
-                                 (p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli")))
-                                for p in shards)
+        released.update(dropped)
 
     problem: dict[str, Any] = {
         "version": PROBLEM_VERSION,
