@@ -64,13 +64,16 @@ async def conversations(nodes: int, placements: int, inbound: Inbound = _idle, *
         received: dict[str, list[AssignmentSet]] = {n.node_id: [] for n in layout.nodes()}
 
         async def agent(node_id: str) -> None:
-            while True:  # a hello the admission gate refused (a thousand at once) is retried, as agents do
+            # A hello the admission gate refused (a thousand at once) is retried, as agents do, and
+            # so is a conversation the hub ended (silent past a short heartbeat timeout on a loaded
+            # machine): a node left without one would never get its first set.
+            while True:
                 try:
                     async for current in hub.converse(ADMIN, node_id, node_id, inbound(node_id, received[node_id])):
                         received[node_id].append(current)
-                    return
                 except MaiaError:
-                    await asyncio.sleep(0.1)
+                    pass
+                await asyncio.sleep(0.1)
 
         tasks = [asyncio.create_task(agent(n)) for n in received]
         try:
@@ -84,8 +87,14 @@ async def conversations(nodes: int, placements: int, inbound: Inbound = _idle, *
             await db.dispose()
 
 
-async def until(received: dict[str, list[AssignmentSet]], count: int, among: list[str]) -> None:
+async def until(received: dict[str, list[AssignmentSet]], count: int, among: list[str],
+                timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
     while any(len(received[n]) < count for n in among):
+        if time.monotonic() > deadline:
+            short = [n for n in among if len(received[n]) < count]
+            raise TimeoutError(f"{len(short)} nodes got fewer than {count} assignment sets in {timeout_s:.0f} s: "
+                               f"{short[:5]}")
         await asyncio.sleep(0.001)
 
 
