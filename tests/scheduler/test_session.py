@@ -151,6 +151,8 @@ def play(doc: Doc, events: list[tuple[str, int]], exact: bool) -> None:
             n = nodes[k % len(nodes)]
             new_state = {"cordon": "cordoned", "uncordon": "ready", "down": "down",
                          "up": "ready"}[action]
+            if n.state == "down" and action in ("cordon", "uncordon"):
+                new_state = "down"  # a cordon does not power a node on (down > cordoned, as in the controller)
             changed = dataclasses.replace(n, state=new_state)
             decisions = session.apply(ClusterDelta(nodes=(changed,)))
             before = dataclasses.replace(state, nodes=tuple(
