@@ -70,7 +70,8 @@ from scheduler.interchange import (
     deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict, tenant_from_dict)
 from scheduler.session import ClusterDelta, Decision, Session
 
-from controller.scheduling.decider import OpenSession, RemoteSession, open_in_process, place_documents
+from controller.scheduling.decider import (
+    OpenSession, RemoteSession, held_placements, open_in_process, place_documents, readopt)
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,7 @@ class ClusterCache:
         repaired = self.repairs
         # What the session holds of them before this pass's decisions (the snapshot holds their
         # shards on the evicted nodes).
-        held = {name: self.session.placements_of(name) for name in repaired if name in self.session}
+        held = held_placements(self.session, repaired)
         avoided = self._cordon(avoid)
         try:
             decisions = place_documents(self.session, (*again, *docs))
@@ -503,10 +504,8 @@ class ClusterCache:
         for p in snap.problem["placements"]:
             if p["deployment"] in touched:
                 placed.setdefault(p["deployment"], []).append(p)
-        for key in touched:
-            if key in self.session:
-                self.session.release(key, self.session.placed_replicas(key))
-            self.session.adopt(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed.get(key, ())])
+        readopt(self.session, [(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed.get(key, ())])
+                               for key in touched])
 
 
 def _own_copy(snapshot: Snapshot) -> Snapshot:

@@ -14,7 +14,9 @@ in-process one would. Calls whose result is not needed (`release`, `adopt`, `rep
 waiting (order is kept: one pipe, one reader); calls that need one wait for it. A session is
 built in the child from the problem *document* (`DecideProcess.open`, with the controller's
 `MAIA_*` environment of the moment, which the scheduler reads): parsing it is the child's CPU
-too, as is parsing the arrivals' documents (`place_documents`).
+too, as is parsing the arrivals' documents (`place_documents`). What the cache does as a loop of
+calls per deployment goes as one message (`place_documents`, `held_placements`, `readopt`: the
+child runs the same loop): each round trip costs the controller's thread a wait for the GIL.
 
 Failures: a call whose child died, or that is not answered within `timeout_s`, raises
 `DeciderFailed` (a hung child is killed); so does an exception the session raised in the child
@@ -85,6 +87,42 @@ def place_documents(session: Session | RemoteSession, docs: Sequence[dict[str, A
 
 def _place_documents(session: Session, docs: Sequence[dict[str, Any]]) -> tuple[Decision, ...]:
     return tuple(session.place(deployment_from_dict(doc)) for doc in docs)
+
+
+def held_placements(session: Session | RemoteSession, names: Iterable[str]) -> dict[str, tuple[Placement, ...]]:
+    """`Session.placements_of` each deployment of `names` the session holds (blocking): in the
+    decide process one round trip for them all."""
+    if isinstance(session, RemoteSession):
+        return session.held_placements(list(names))
+    return _held_placements(session, list(names))
+
+
+def _held_placements(session: Session, names: list[str]) -> dict[str, tuple[Placement, ...]]:
+    return {name: session.placements_of(name) for name in names if name in session}
+
+
+Adoption = tuple[Deployment, list[Placement]]
+
+
+def readopt(session: Session | RemoteSession, adoptions: Sequence[Adoption]) -> None:
+    """Each deployment's replicas released if the session holds it, then adopted where they are
+    now (what `ClusterCache.follow` does after a commit it did not decide; blocking): to the
+    decide process one message, sent without waiting."""
+    if isinstance(session, RemoteSession):
+        session.readopt(adoptions)
+    else:
+        _readopt(session, adoptions)
+
+
+def _readopt(session: Session, adoptions: Sequence[Adoption]) -> None:
+    for deployment, placements in adoptions:
+        if deployment.id in session:
+            session.release(deployment.id, session.placed_replicas(deployment.id))
+        session.adopt(deployment, placements)
+
+
+# What the child runs for the calls that stand for several session calls (one message each).
+_COMPOUND = {"place_documents": _place_documents, "held_placements": _held_placements, "readopt": _readopt}
 
 
 class DecideProcess:
@@ -212,6 +250,15 @@ class RemoteSession:
         result: tuple[Decision, ...] = self._process.ask(self._token, "place_documents", (list(docs),))
         return result
 
+    def held_placements(self, names: list[str]) -> dict[str, tuple[Placement, ...]]:
+        """`placements_of` each of `names` the session holds: one round trip."""
+        result: dict[str, tuple[Placement, ...]] = self._process.ask(self._token, "held_placements", (names,))
+        return result
+
+    def readopt(self, adoptions: Sequence[Adoption]) -> None:
+        """`release` (if held) then `adopt` of each, in the child: one message, not waited for."""
+        self._process.tell(self._token, "readopt", (list(adoptions),))
+
     def release(self, deployment: str, replicas: list[int] | None = None) -> None:
         self._process.tell(self._token, "release", (deployment, replicas))
 
@@ -297,8 +344,8 @@ def serve(conn: Connection, parent_pid: int) -> None:
                 raise RuntimeError(f"an earlier call failed: {failed}")
             elif call_token != token or session is None:
                 raise RuntimeError("a newer session replaced this one")
-            elif method == "place_documents":
-                result = _place_documents(session, *args)
+            elif method in _COMPOUND:
+                result = _COMPOUND[method](session, *args)
             else:
                 result = getattr(session, method)(*args)
             answer = ("ok", result)

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from controller.scheduling.decider import DecideProcess, DeciderFailed, RemoteSession, open_in_process, place_documents
+from controller.scheduling.decider import (
+    DecideProcess, DeciderFailed, RemoteSession, held_placements, open_in_process, place_documents, readopt)
 from scheduler.model import Node
 from scheduler.session import ClusterDelta, Session
 
@@ -94,8 +95,11 @@ def play(session: Session | RemoteSession, doc: Doc, events: list[tuple[str, int
             spec = next(d for d in state.deployments if d.id == name)
             held = session.placements_of(name)
             replicas = session.placed_replicas(name)
-            session.release(name, replicas)
-            session.adopt(spec, [p for p in held if p.replica in replicas[: len(replicas) // 2 + 1]])
+            if k % 2:
+                session.release(name, replicas)
+                session.adopt(spec, [p for p in held if p.replica in replicas[: len(replicas) // 2 + 1]])
+            else:  # the same, one message to the decide process
+                readopt(session, [(spec, [p for p in held if p.replica in replicas[: len(replicas) // 2 + 1]])])
         elif action in ("cordon", "down") and nodes:
             changed = dataclasses.replace(nodes[k % len(nodes)], state="cordoned" if action == "cordon" else "down")
             answers.append(session.apply(ClusterDelta(nodes=(changed,))))
@@ -111,7 +115,8 @@ def play(session: Session | RemoteSession, doc: Doc, events: list[tuple[str, int
         elif action == "ask" and live:
             name = live[k % len(live)]
             answers.append((name in session, "nobody" in session, session.placements_of(name),
-                            session.placed_replicas(name), session.pending()))
+                            session.placed_replicas(name), session.pending(),
+                            held_placements(session, [name, "nobody", *live])))
         answers.append(session.snapshot())
     return answers
 
