@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Doc, list[tuple[str, int]]]:
     an action and a number that picks its target), as the cache makes them."""
     doc = draw(problems(modes=("online",), max_nodes=6, max_deployments=6))
     doc["options"].pop("batch_size", None)
-    actions = st.sampled_from(["arrive"] * 4 + ["retry", "depart", "release_one", "adopt", "cordon", "down",
+    actions = st.sampled_from(["arrive"] * 4 + ["retry", "depart", "release_one", "adopt", "replace", "cordon", "down",
                                                  "add_node", "remove_node", "contract", "ask"])
     return doc, draw(st.lists(st.tuples(actions, st.integers(0, 1000)), min_size=1, max_size=12))
 
@@ -100,6 +101,12 @@ def play(session: Session | RemoteSession, doc: Doc, events: list[tuple[str, int
                 session.adopt(spec, [p for p in held if p.replica in replicas[: len(replicas) // 2 + 1]])
             else:  # the same, one message to the decide process
                 readopt(session, [(spec, [p for p in held if p.replica in replicas[: len(replicas) // 2 + 1]])])
+        elif action == "replace" and live:  # a deployment changed elsewhere, held as given
+            name = live[k % len(live)]
+            spec = next(d for d in state.deployments if d.id == name)
+            held = session.placements_of(name)
+            session.replace(dataclasses.replace(spec, replicas=spec.replicas + k % 2),
+                            [p for p in held if p.replica == min((q.replica for q in held), default=0)])
         elif action in ("cordon", "down") and nodes:
             changed = dataclasses.replace(nodes[k % len(nodes)], state="cordoned" if action == "cordon" else "down")
             answers.append(session.apply(ClusterDelta(nodes=(changed,))))
@@ -132,6 +139,15 @@ def test_the_process_decides_what_an_in_process_session_decides(process: DecideP
     here = play(open_in_process(copy.deepcopy(start), time_limit_ms=2000), doc, events)
     there = play(process.open(copy.deepcopy(start), time_limit_ms=2000), doc, events)
     assert there == here
+
+
+def test_the_proxy_has_every_session_method_the_cache_calls() -> None:
+    # The cache's session may be a `RemoteSession`: a method the cache starts calling must be
+    # forwarded too (else the decide process fails every pass that calls it).
+    import controller.scheduling.cache as cache_module
+
+    called = set(re.findall(r"self\.session\.(\w+)\(", Path(cache_module.__file__).read_text()))
+    assert called and called <= {name for name in dir(RemoteSession) if not name.startswith("_")}
 
 
 # ---- failures --------------------------------------------------------------------------------
@@ -284,8 +300,10 @@ def test_a_controller_decides_in_its_decide_process_and_leaves_no_child(tmp_path
         ctl("apply", "-f", "-", stdin=TOPOLOGY)
         bootstrap = ctl("token", "create", "--role", "node-bootstrap").strip()
         fleet = subprocess.Popen([str(BIN / "maia-simnode"), "--controller", address, "--racks", "1",
-                                  "--nodes-per-rack", "4", "--load-delay", "0.1", "--state-dir", str(tmp_path / "nodes")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**env, "MAIA_TOKEN": bootstrap})
+                                  "--nodes-per-rack", "4", "--load-delay", "0.1",
+                                  "--state-dir", str(tmp_path / "nodes")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**env, "MAIA_TOKEN": bootstrap})
         ctl("wait", "nodes", "--connected", "4", "--timeout", "60")
         for name in ("first", "second", "third"):  # the first by a full pass, the others on the warm session
             ctl("apply", "-f", "-", stdin=DEPLOYMENT.format(name=name))
