@@ -591,8 +591,14 @@ class Reconciler:
 
     async def _full_snapshot(self) -> tuple[Snapshot, dict[str, DeploymentView]]:
         """The snapshot a full solve starts from, and the deployments being deleted (their last
-        state, for the DELETED events once the commit removes them): the warm one while nobody
-        else changed the cluster (the back-off's retry, a time-limited retry), else a fresh read."""
+        state, for the DELETED events once the commit removes them): the warm one while it can
+        follow what others changed (the back-off's retry, a time-limited retry: it catches up
+        first, `WarmCluster.catch_up`), else a fresh read."""
+        if self._warm.cache is not None and self._warm.own_generation == self._last_generation:
+            async with self._db.unit_of_work() as uow:
+                if await repo.read_cluster_generation(uow.session) != self._last_generation \
+                        and await self._warm.catch_up(uow.session) is not None:
+                    self._last_generation = self._warm.own_generation
         warm = await self._warm.snapshot()
         if warm is not None:
             async with self._db.unit_of_work() as uow:

@@ -559,3 +559,31 @@ async def _roll_and_scale(cluster: Database, loop: Reconciler) -> None:
     snapshot = await fresh(cluster)
     assert_same(loop.warm_snapshot, snapshot)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_back_off_retry_after_changes_by_others_catches_up_instead_of_reading_again(cluster, monkeypatch):
+    # The cluster is full: an arrival the session cannot place waits for its back-off's full
+    # solve. A node joins meanwhile: that solve starts from the cache caught up with the join,
+    # not from a fresh read of the whole cluster.
+    from controller.usecases import planning
+
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("fill", replicas=4, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("late", accelerators=4, locality="node"))
+    await loop.reconcile_once()  # the session cannot place it: backed off (0 s here)
+    read = planning.load_snapshot
+    reads: list[int] = []
+
+    async def counted(*args, **kw):
+        reads.append(1)
+        return await read(*args, **kw)
+
+    monkeypatch.setattr(planning, "load_snapshot", counted)
+    full = loop.full_passes
+    await add_nodes(cluster, "rack-a", 1, prefix="joined")
+    assert (await loop.reconcile_once()).solved
+    assert loop.full_passes == full + 1 and not reads  # the back-off's full solve, from the caught-up cache
+    snapshot = await fresh(cluster)
+    assert {p["node"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/late"} == {"joined-n0"}
+    assert_same(loop.warm_snapshot, snapshot)
