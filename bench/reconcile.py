@@ -13,6 +13,12 @@ full path (every pass re-reads the whole cluster and solves it), in-process.
    the session could not place once `--backoff-s` is over, or a forced one). `--path full`
    forces every pass down the full path (the loop as it was before the cache).
 3. The committed state is read back with `load_snapshot` and graded by the independent checker.
+
+With `--changes K`, the first K batches each come with one change by others, in turn: a drain of
+a node holding shards, an update of a placed deployment that rolls it (a new shard shape), a
+shard reported FAILED (released at once: no restart back-off); the passes that follow each kind
+are reported apart (`after_<kind>`: warm or full, and their times), which says whether that kind
+of change costs a whole-cluster pass.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--time-limit-ms", type=int, default=2000)
     p.add_argument("--backoff-s", type=float, default=1.0, help="the reconciler's back-off before the full retry")
+    p.add_argument("--changes", type=int, default=0,
+                   help="batches that come with a change by others (drain, rolling update, FAILED shard, in turn)")
     p.add_argument("--json", default="")
 
 
@@ -111,8 +119,41 @@ async def _submit(db: Any, batch: list[Doc]) -> None:
         await uow.commit()
 
 
+CHANGES = ("drain", "update", "fail")
+
+
+async def _change(db: Any, kind: str, placements: list[Doc], rng: random.Random) -> None:
+    """One change by others of `kind` (`CHANGES`), through the use cases, on a placed shard."""
+    import dataclasses
+    from controller.domain.values import ShardReport
+    from controller.identity import Principal
+    from controller.store import repositories as repo
+    from controller.usecases import agents, nodes, updates
+    from controller.usecases.ports import RecordingSignals
+    from controller.store.snapshot import load_snapshot
+    who = Principal("bench")
+    async with db.unit_of_work() as uow:
+        placed = [p for p in (await load_snapshot(uow.session)).problem["placements"] if "~" not in p["deployment"]]
+    p = rng.choice(placed)
+    tenant, name = p["deployment"].split("/")
+    async with db.unit_of_work() as uow:
+        if kind == "drain":
+            await nodes.drain_node(uow, who, p["node"], RecordingSignals(), set())
+        elif kind == "update":
+            view = repo.deployment_view(await repo.get_deployment(uow.session, tenant, name))
+            spec = dataclasses.replace(view.spec, shard=dataclasses.replace(
+                view.spec.shard, hbm_gib=view.spec.shard.hbm_gib + 1.0))
+            await updates.update_deployment(uow, who, spec, view.resource_version, RecordingSignals())
+        else:
+            rows = await repo.placements_of_deployments(uow.session, [p["deployment"]])
+            row = rows[0][0]
+            await agents.flush_reports(uow, {}, [(row.node_id, ShardReport(
+                name, row.replica, row.shard, 10**9, "failed", "bench", tenant=tenant))])
+
+
 async def run_path(path: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
     from bench.checking import check_state
+    from controller.domain.restarts import RestartPolicy
     from controller.reconcile import Reconciler
     from controller.store.db import Database
     from controller.store.migrate import ensure_schema
@@ -134,21 +175,27 @@ async def run_path(path: str, url: str, args: argparse.Namespace) -> dict[str, A
         await ensure_schema(db, migrate=True)
         await _load(db, doc, background, placements)
         loop = Reconciler(db, push=lambda nodes: None, publish=nothing, solve_time_limit_ms=args.time_limit_ms,
-                          backoff_s=args.backoff_s)
+                          backoff_s=args.backoff_s, restart_policy=RestartPolicy(initial_delay_s=0.0))
         t0 = time.perf_counter()
         await loop.reconcile_once()
         first_s = time.perf_counter() - t0
         passes: dict[str, list[float]] = {"warm": [], "rebuild": [], "full": []}
+        after: dict[str, list[tuple[str, float]]] = {change: [] for change in CHANGES}
         busy = 0.0
         for start in range(0, len(burst), args.batch):
             await _submit(db, burst[start:start + args.batch])
-            warm, fast = loop.warm_snapshot is not None, loop.fast_passes
+            change = CHANGES[start // args.batch % len(CHANGES)] if start // args.batch < args.changes else None
+            if change is not None:
+                await _change(db, change, placements, rng)
+            warm, full = loop.warm_snapshot is not None, loop.full_passes
             t = time.perf_counter()
             await loop.reconcile_once(force=path == "full")
             seconds = time.perf_counter() - t
             busy += seconds
-            kind = "full" if loop.fast_passes == fast else "warm" if warm else "rebuild"
+            kind = "full" if loop.full_passes != full else "warm" if warm else "rebuild"
             passes[kind].append(1000 * seconds)
+            if change is not None:
+                after[change].append((kind, 1000 * seconds))
         while True:  # what is left to the back-off once the burst is over (counted in the rate)
             await asyncio.sleep(max(0.0, args.backoff_s))
             t = time.perf_counter()
@@ -171,7 +218,10 @@ async def run_path(path: str, url: str, args: argparse.Namespace) -> dict[str, A
             **{f"{kind}_p50_p99_ms": [round(percentile(ms, 50), 1), round(percentile(ms, 99), 1)]
                for kind, ms in passes.items() if ms},
             "decisions_per_s": round(len(burst) / busy, 1), "placed": len(new & placed),
-            "violations": len(violations)}
+            "violations": len(violations),
+            **{f"after_{change}": {"full": sum(kind == "full" for kind, _ in seen), "passes": len(seen),
+                                   "p50_ms": round(percentile([ms for _, ms in seen], 50), 1)}
+               for change, seen in after.items() if seen}}
 
 
 async def _one(path: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -196,7 +246,9 @@ def report(r: dict[str, Any]) -> str:
     return (f"{r['path']:>4} {r['db']:>8} {r['nodes']:>6} nodes {r['background_shards']:>6} shards: "
             f"pass p50/p99 {r['pass_p50_ms']}/{r['pass_p99_ms']} ms, {r['decisions_per_s']} decisions/s; "
             f"passes {kinds}; placed {r['placed']}/{r['arrivals']}, first pass {r['first_pass_s']} s, "
-            f"violations {r['violations']}")
+            f"violations {r['violations']}"
+            + "".join(f"; after a {change}: {r[f'after_{change}']['full']}/{r[f'after_{change}']['passes']} full, "
+                      f"p50 {r[f'after_{change}']['p50_ms']} ms" for change in CHANGES if f"after_{change}" in r))
 
 
 def main(args: argparse.Namespace) -> int:
