@@ -3,11 +3,10 @@
 Candidates, each played out on the state and undone: several orders of the k arrivals (as
 they arrived, biggest first, `BATCH_SHUFFLES` seeded shuffles; priority always first), each
 arrival then decided alone by the placer (in arrival order learning the workload one arrival
-at a time, exactly as online decisions would: so a batch never places less than they do);
-then the joint assignment of `joint_batch.py`: the best order's whole shards, its fractions
-assigned again by one CP-SAT model that maximises the batch's score, started from the best
-order's places. The candidate placing most (priority-weighted) is kept, then the one leaving
-the nodes it touched best (`batch_quality.py`: least fragmentation, most pairing value kept).
+at a time, exactly as online decisions would: so a batch never places less than they do), and the joint assignment of `joint_batch.py` (the
+batch's fractional shards paired onto accelerators by one CP-SAT model). The candidate placing
+most (priority-weighted) is kept, then the one leaving the cluster best by `node_quality`
+(least fragmentation, most pairing value kept, `pairing.py`) on the nodes it touched.
 """
 
 from __future__ import annotations
@@ -17,17 +16,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.batch_quality import Replicas, batch_quality, node_quality
 from scheduler.explain import explain
-from scheduler.greedy import Placer
-from scheduler.joint_batch import WALL_CEILING_S, Hint, jointly_placeable, place_jointly
-from scheduler.state import ClusterState
+from scheduler.fragmentation import node_fragmentation
+from scheduler.greedy import PAIRING_WEIGHT, Placer
+from scheduler.joint_batch import jointly_placeable, place_jointly
+from scheduler.state import ClusterState, ShardAt
 
 if TYPE_CHECKING:
     from scheduler.solve import Solver
 
 JOINT: list[int] = []  # stands for the joint assignment among the orders tried
 BATCH_SHUFFLES = 4  # random orders tried per online batch, besides arrival and size order
+
+Replicas = dict[int, dict[int, dict[int, ShardAt]]]  # deployment -> replica -> shard -> place
 
 
 def batch_orders(solver: Solver, ds: list[int], seed: int) -> list[list[int]]:
@@ -59,7 +60,7 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
     before = replicas_of(state, ds)
     base = node_quality(solver, solver.placer, state)
     best: tuple[tuple[float, float], Replicas] | None = None
-    joint = [d for d in ds if jointly_placeable(solver, d)]
+    joint = any(jointly_placeable(solver, d) for d in ds)
     joint_won = False
     orders = batch_orders(solver, ds, seed)
     for order in [*orders, *([JOINT] if joint else [])]:
@@ -69,13 +70,7 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
         placer = Placer(state, scorer=solver.placer.scorer,
                         workload=alone if first else solver.workload)
         if order is JOINT:
-            # From the best order: its whole shards stay, its fractions are the model's hint
-            # (so the assignment starts from it and can only improve it by the model's score).
-            assert best is not None
-            whole = [d for d in ds if d not in joint]
-            set_replicas(state, whole, best[1])
-            place_jointly(solver, placer, ds, hint=fraction_places(best[1], joint),
-                          wall_s=WALL_CEILING_S)
+            place_jointly(solver, placer, ds)
         else:
             for d in order:
                 if first:
@@ -102,12 +97,6 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
             solver.why[d] = explain(state, d)
 
 
-def fraction_places(replicas: Replicas, ds: list[int]) -> Hint:
-    """Where these deployments' single-shard replicas are: (d, r) -> (node, accelerator)."""
-    return {(d, r): (shards[0].node, shards[0].indices[0])
-            for d in ds for r, shards in replicas[d].items()}
-
-
 def replicas_of(state: ClusterState, ds: list[int]) -> Replicas:
     """These deployments' replicas as they stand (copies: what `set_replicas` restores)."""
     return {d: {r: dict(state.replicas[(d, r)]) for r in state.by_dep.get(d, ())}
@@ -121,3 +110,36 @@ def set_replicas(state: ClusterState, ds: list[int], replicas: Replicas) -> None
             state.remove_replica(d, r)
         for r, shards in replicas[d].items():
             state.add_replica(d, r, shards)
+
+
+def node_quality(solver: Solver, placer: Placer, state: ClusterState,
+                 nodes: np.ndarray | None = None) -> np.ndarray:
+    """Per node (all, or these), higher is better: minus its fragmentation, plus
+    `PAIRING_WEIGHT` x the pairing value its free room keeps (`pairing.py`): the terms the
+    placer and the joint assignment weigh per shard."""
+    free = np.where(state.acc_exists & state.topo.node_ready[:, None], state.acc_free, 0)
+    cpu, mem = state.cpu_free, state.mem_free
+    if nodes is not None:
+        free, cpu, mem = free[nodes], cpu[nodes], mem[nodes]
+    quality = -node_fragmentation(free, cpu, mem, solver.workload, nodes)
+    values = placer.pairing_values()
+    if values is not None:
+        quality += PAIRING_WEIGHT * values.room_value[np.clip(free, 0, 1000)].sum(axis=1)
+    return quality
+
+
+def batch_quality(solver: Solver, placer: Placer, state: ClusterState, result: Replicas,
+                  base: np.ndarray) -> float:
+    """How much better the batch left the cluster than `base` (`node_quality` before it),
+    counting only the nodes it touched, plus the pairing value its fractional shards add."""
+    nodes = np.array(sorted({at.node for rs in result.values() for shards in rs.values()
+                             for at in shards.values()}), dtype=np.int64)
+    if len(nodes) == 0:
+        return 0.0
+    gain = float((node_quality(solver, placer, state, nodes) - base[nodes]).sum())
+    values = placer.pairing_values()
+    if values is not None:
+        gain += PAIRING_WEIGHT * sum(len(rs) * values.net(state.deps[d].shard.accelerator_milli)
+                                     for d, rs in result.items()
+                                     if state.deps[d].shard.fractional)
+    return gain

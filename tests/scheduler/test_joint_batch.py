@@ -103,35 +103,6 @@ def test_batch_mode_pairs_two_fractions_neither_greedy_nor_classes_pair() -> Non
     assert len(pair) == 2 and pair[0] == pair[1]
 
 
-def free_room(doc: Doc, plan: Doc) -> list[int]:
-    """Free milli per accelerator after the plan, sorted."""
-    milli = {d["id"]: d["shard"].get("accelerator_milli", 1000) for d in doc["deployments"]}
-    free = {(n["id"], a): 1000 for n in doc["nodes"] for a in range(n["accelerators"])}
-    for p in plan["placements"]:
-        for a in p["accelerator_indices"]:
-            free[(p["node"], a)] -= milli[p["deployment"]]
-    return sorted(free.values())
-
-
-def test_a_batch_keeps_the_accelerator_every_order_spends() -> None:
-    # A 350 runs; the batch is 320, 160, 530, 300. Each order, one fraction at a time, ends
-    # on four used accelerators (e.g. 530+160, 350, 320, 300); the batch's best by its own
-    # measure (`batch_quality`) packs 530+300+160 on one, 320 and the 350 alone: five whole
-    # accelerators stay free. The joint assignment used to price each fraction by its node's
-    # FGD delta alone, on the state before the batch, and never found it (4 whole left).
-    nodes = [node(f"n{i}", acc=4, cpu_milli=64_000) for i in range(2)]
-    running = dep("e0", acc=1, accelerator_milli=350, locality="node", cpu_milli=1000)
-    batch = [dep(f"f{i}", acc=1, accelerator_milli=m, locality="node", cpu_milli=1000)
-             for i, m in enumerate([320, 160, 530, 300])]
-    doc = problem(nodes, [running, *batch], mode="online", batch_size=len(batch),
-                  placements=[placed("e0", "n0", [3], milli=350)])
-    plan = run(doc)
-    assert check_plan(doc, plan) == []
-    assert placed_milli(doc, plan) == 350 + 1_310
-    assert free_room(doc, plan) == [10, 650, 680, 1000, 1000, 1000, 1000, 1000]
-    assert plan["stats"]["joint_batches"] == [1, 1]
-
-
 SIZES = (160, 230, 300, 320, 350, 470, 530, 650, 700, 810)  # openb-like fractions
 
 
