@@ -544,6 +544,13 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
     for (d_id, _r) in by_replica:
         if d_id in prob.deployments:
             tenant_held[prob.tenant_of(d_id)] += _replica_accelerators(prob, d_id)
+    # What each tenant held before the plan's new replicas: the reservation rule ("a tenant that
+    # is below its reservation may preempt") is judged there. Judged against the plan's total
+    # less one replica, the first of two new replicas looked as if it came last: a victim the
+    # first needed (a tenant excluded from the rack, say) was refused.
+    tenant_before: dict[str, float] = dict(tenant_held)
+    for (d_id, _r) in newly_placed:
+        tenant_before[prob.tenant_of(d_id)] -= _replica_accelerators(prob, d_id)
     for e in preempted:
         dep = prob.deployments.get(e["deployment"])
         label = f"preempted {e['deployment']} replica {e['replica']}"
@@ -569,7 +576,7 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
                 justified = True
             elif (not other.get("preemptible", False)
                   and other["tenant"] != dep["tenant"]
-                  and tenant_held[other["tenant"]] - _replica_accelerators(prob, d2)
+                  and tenant_before[other["tenant"]]
                   < prob.tenant(other["tenant"]).get("reserved_accelerators", 0) - EPSILON):
                 justified = True
         if not justified:

@@ -523,6 +523,20 @@ def test_reserved_tenant_below_its_reservation_may_preempt() -> None:
     assert check_plan(p, good) == []
 
 
+def test_reserved_work_below_its_reservation_may_preempt_for_its_first_replica_of_several() -> None:
+    """Tenant a (reserved 4, nothing held) places two new replicas of 4 accelerators; the first
+    needs the node b's burst holds. Its tenant was below its reservation when the plan began, so
+    the preemption is allowed, although with both replicas placed a holds more than it reserved."""
+    p = problem([dep("vip", "a", acc=4, replicas=2, locality="node"),
+                 dep("burst", "b", acc=4, preemptible=True)],
+                placements=[pl("burst", 0, 0, "n1", [0, 1, 2, 3])],
+                options={"mode": "batch", "allow_preemption": True},
+                edit=lambda d: d["tenants"][0].update(reserved_accelerators=4))
+    good = plan(p, [VIP_AGAIN, pl("vip", 0, 0, "n2", [0, 1, 2, 3])],
+                preempted=[{"deployment": "burst", "replica": 0}])
+    assert check_plan(p, good) == []
+
+
 def test_placed_accelerators_counts_fractions() -> None:
     p = problem([dep("w", acc=2), dep("f", accelerator_milli=250)])
     doc = plan(p, [pl("w", 0, 0, "n1", [0, 1]), pl("f", 0, 0, "n1", [2], 250)])
