@@ -172,6 +172,14 @@ class Rack(Base):
     nodes: Mapped[list[Node]] = relationship(back_populates="rack")
 
 
+def operator_state(health: NodeHealth, cordoned: bool) -> str:
+    """What operators see of a node: its health when not up (suspect, down), else cordoned or
+    ready. One rule for a loaded row (`Node.state`) and for counts the database groups."""
+    if health is not NodeHealth.UP:
+        return health.value
+    return "cordoned" if cordoned else "ready"
+
+
 class Node(Base):
     """A server and what its agent last told us. Effective state: down > cordoned > ready."""
 
@@ -209,9 +217,7 @@ class Node(Base):
     @property
     def state(self) -> str:
         """What operators see: ready, cordoned, suspect or down."""
-        if self.health is not NodeHealth.UP:
-            return self.health.value
-        return "cordoned" if self.cordoned else "ready"
+        return operator_state(self.health, self.cordoned)
 
 
 class Tenant(Base):

@@ -190,7 +190,7 @@ async def node_state_counts(session: AsyncSession) -> tuple[dict[str, int], int]
     rows = await session.execute(select(m.Node.health, m.Node.cordoned, func.count(), func.sum(m.Node.accelerators))
                                  .group_by(m.Node.health, m.Node.cordoned))
     for health, cordoned, nodes, accs in rows:
-        state = health.value if health is not m.NodeHealth.UP else "cordoned" if cordoned else "ready"
+        state = m.operator_state(health, cordoned)
         counts[state] = counts.get(state, 0) + nodes
         if health is not m.NodeHealth.DOWN:
             accelerators += int(accs or 0)

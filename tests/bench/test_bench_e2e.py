@@ -8,11 +8,13 @@ times, which are for docs/benchmarks.md.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchrun import bench_session, session_processes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,11 +55,8 @@ def test_e2e_from_a_preloaded_cluster(tmp_path: Path) -> None:
 def test_e2e_stopped_part_way_stops_what_it_started_and_reports(tmp_path: Path) -> None:
     """SIGTERM while the clients submit (a `timeout` around the bench): the controller and the
     fleet it started are gone when it exits, and it printed what it measured up to then."""
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "bench", "e2e", "--nodes", "16", "--db", "sqlite", "--clients", "1",
-         "--load-delay", "0.05", "--fill", "1", "--progress-every", "0.2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    with bench_session("e2e", "--nodes", "16", "--db", "sqlite", "--clients", "1",
+                       "--load-delay", "0.05", "--fill", "1", "--progress-every", "0.2") as bench:
         assert bench.stderr is not None
         for line in bench.stderr:  # progress lines: wait until the submits are under way
             if "] submitting" in line:
@@ -66,12 +65,7 @@ def test_e2e_stopped_part_way_stops_what_it_started_and_reports(tmp_path: Path) 
             raise AssertionError(f"no progress line said 'submitting': {bench.communicate()}")
         bench.send_signal(signal.SIGTERM)
         out, _ = bench.communicate(timeout=120)
-        left = subprocess.run(["pgrep", "-s", str(bench.pid)], capture_output=True, text=True, check=False).stdout
-    finally:
-        try:  # whatever the run left behind (its session: the bench, the controller, the fleet)
-            os.killpg(bench.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        left = session_processes(bench.pid)
     assert bench.returncode == 130, out
     assert "stopped while submitting: cancelled" in out and "submit p50/p99" in out
-    assert left == "", f"processes of the run still alive: {left}"
+    assert left == [], f"processes of the run still alive: {left}"

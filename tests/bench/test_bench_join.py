@@ -5,12 +5,14 @@ Register through the admission gate, none abandoned in its queue); never its tim
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchrun import bench_session, session_processes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,31 +36,19 @@ def test_join_reports_every_node_ready_registered_and_heartbeating(tmp_path: Pat
 def test_join_stopped_part_way_stops_its_controller_and_fleets(tmp_path: Path) -> None:
     """SIGTERM while the fleets join (a `timeout` around the bench): the controller and every fleet
     it started are gone when it exits (it used to die at once and leave them running)."""
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "bench", "join", "--nodes", "32", "--nodes-per-fleet", "16", "--db", "sqlite",
-         "--steady", "120", "--heartbeat-timeout", "3"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    with bench_session("join", "--nodes", "32", "--nodes-per-fleet", "16", "--db", "sqlite",
+                       "--steady", "120", "--heartbeat-timeout", "3") as bench:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the bench, its controller and its two fleets
-            if len(_session_processes(bench.pid)) >= 4:
+            if len(session_processes(bench.pid)) >= 4:
                 break
             time.sleep(0.2)
         else:
             raise AssertionError(f"the fleets never started: {bench.communicate(timeout=5)}")
         bench.send_signal(signal.SIGTERM)
         _, err = bench.communicate(timeout=120)
-        left = _session_processes(bench.pid)
-    finally:
-        try:  # whatever the run left behind (its session: the bench, the controller, the fleets)
-            os.killpg(bench.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        left = session_processes(bench.pid)
     assert bench.returncode == 130, err
     assert "everything this run started has been stopped" in err
     assert left == [], f"processes of the run still alive: {left}"
 
-
-def _session_processes(session: int) -> list[str]:
-    return subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True,
-                          check=False).stdout.split()
