@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from scheduler.model import ShardSpec
-from scheduler.pairing import PairingValues, pairing_values
+from scheduler.pairing import PairingValues, expected_packing, pairing_values
 from scheduler.state import ClusterState
 
 _HASH = np.random.default_rng(7).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
@@ -130,17 +130,25 @@ class Workload:
         cluster of `accelerators`; computed once per snapshot. With `used` (the cluster's
         accelerators with room, per milli used: `pairing_values`), priced on the cluster as
         it stands, again every `STATE_PRICE_EVERY` arrivals seen."""
-        gpus, milli, *_, prob = self.arrays()
         epoch = -1 if used is None else self.seen // STATE_PRICE_EVERY
         key = (self.version, accelerators, epoch)
         if self._pairing_key != key:
-            # Milli asked per arrival of each shape, undoing observe()'s whole-task weight.
-            demand = prob * np.maximum(gpus, 1) * milli / (1 + np.where(milli >= 1000, gpus, 0))
-            self._pairing = pairing_values(
-                ((int(m), float(x)) for m, g, x in zip(milli, gpus, demand) if g > 0),
-                accelerators, None if used is None else used())
+            self._pairing = pairing_values(self.demand(), accelerators,
+                                           None if used is None else used())
             self._pairing_key = key
         return self._pairing
+
+    def expected_packing(self, accelerators: int, used: Mapping[int, int]) -> float | None:
+        """Milli of this snapshot's demand the cluster as it stands (`used`, as for
+        `pairing`) can still take (`pairing.expected_packing`); not cached."""
+        return expected_packing(self.demand(), accelerators, used)
+
+    def demand(self) -> list[tuple[int, float]]:
+        """(milli per accelerator, share of the milli asked) per accelerator shape of the
+        snapshot, undoing observe()'s whole-task weight (`pairing.py`'s demand)."""
+        gpus, milli, *_, prob = self.arrays()
+        asked = prob * np.maximum(gpus, 1) * milli / (1 + np.where(milli >= 1000, gpus, 0))
+        return [(int(m), float(x)) for m, g, x in zip(milli, gpus, asked) if g > 0]
 
     def thresholds(self) -> tuple[np.ndarray, np.ndarray]:
         """The distinct milli per accelerator of the typical shapes, and each shape's index

@@ -363,9 +363,20 @@ class Placer:
             return None
         if self.workload.stale():
             self.workload.refresh()
-        topo = self.state.topo
-        return self.workload.pairing(int(topo.node_accelerators[topo.node_ready].sum()),
+        return self.workload.pairing(self._ready_accelerators(),
                                      self._room_by_use if STATE_PRICES else None)
+
+    def expected_packing(self) -> float | None:
+        """Milli of the workload's expected demand the cluster as it stands can still take
+        (`pairing.expected_packing`); None with plain best fit, before any arrival or with
+        nothing fractional."""
+        if self.scorer != "fgd" or not self.workload.counts:
+            return None
+        return self.workload.expected_packing(self._ready_accelerators(), self._room_by_use())
+
+    def _ready_accelerators(self) -> int:
+        topo = self.state.topo
+        return int(topo.node_accelerators[topo.node_ready].sum())
 
     def _room_by_use(self) -> dict[int, int]:
         """Accelerators of ready nodes with room, per milli used on them (0: empty)."""

@@ -5,8 +5,11 @@ they arrived, biggest first, `BATCH_SHUFFLES` seeded shuffles; priority always f
 arrival then decided alone by the placer (in arrival order learning the workload one arrival
 at a time, exactly as online decisions would: so a batch never places less than they do), and the joint assignment of `joint_batch.py` (the
 batch's fractional shards paired onto accelerators by one CP-SAT model). The candidate placing
-most (priority-weighted) is kept, then the one leaving the cluster best by `node_quality`
-(least fragmentation, most pairing value kept, `pairing.py`) on the nodes it touched.
+most (priority-weighted) is kept, then (with `LOOKAHEAD`) the one whose free room, over the
+whole cluster, the pairing LP predicts takes most of the workload's expected demand
+(`lookahead`: a score of the final allocation, not of this batch), then the one leaving the
+cluster best by `node_quality` (least fragmentation, most pairing value kept, `pairing.py`) on
+the nodes it touched.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 
 JOINT: list[int] = []  # stands for the joint assignment among the orders tried
 BATCH_SHUFFLES = 4  # random orders tried per online batch, besides arrival and size order
+LOOKAHEAD = False  # among candidates placing as much, prefer the one `lookahead` rates higher
 
 Replicas = dict[int, dict[int, dict[int, ShardAt]]]  # deployment -> replica -> shard -> place
 
@@ -59,7 +63,7 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
         solver.workload.refresh()  # one snapshot for every candidate, so scores compare
     before = replicas_of(state, ds)
     base = node_quality(solver, solver.placer, state)
-    best: tuple[tuple[float, float], Replicas] | None = None
+    best: tuple[tuple[float, float, float], Replicas] | None = None
     joint = any(jointly_placeable(solver, d) for d in ds)
     joint_won = False
     orders = batch_orders(solver, ds, seed)
@@ -80,7 +84,8 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
                     placer.place_deployment(d, todo)
         result = replicas_of(state, ds)
         value = sum(len(rs) * solver.replica_value(d) for d, rs in result.items())
-        score = (float(value), batch_quality(solver, solver.placer, state, result, base))
+        score = (float(value), lookahead(solver),
+                 batch_quality(solver, solver.placer, state, result, base))
         if best is None or score > best[0]:
             best = (score, result)
             joint_won = order is JOINT
@@ -95,6 +100,15 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
     for d in ds:
         if solver.pending(d):
             solver.why[d] = explain(state, d)
+
+
+def lookahead(solver: Solver) -> float:
+    """What the cluster as it stands predicts for the final allocation: milli of the
+    workload's expected demand its free room can still take (`Placer.expected_packing`, the
+    pairing LP over every accelerator with room), to whole milli so that LP noise cannot
+    order two equal states; 0 when `LOOKAHEAD` is off or nothing is priced."""
+    packed = solver.placer.expected_packing() if LOOKAHEAD else None
+    return 0.0 if packed is None else float(round(packed))
 
 
 def replicas_of(state: ClusterState, ds: list[int]) -> Replicas:

@@ -77,39 +77,14 @@ def pairing_values(demand: Iterable[tuple[int, float]], accelerators: int,
     used on them (0: empty); the demand then fills the room left, packed onto those
     accelerators from where they are, instead of an empty cluster of `accelerators`.
     None when there is nothing fractional to price or the LP fails."""
-    shares: dict[int, float] = {}
-    for milli, share in demand:
-        if share > 0 and 0 < milli <= FULL:
-            shares[milli] = shares.get(milli, 0.0) + share
-    frac = sorted(m for m in shares if m < FULL)
-    total = sum(shares.values())
-    if not frac or accelerators <= 0 or total <= 0:
+    solved = _solved(demand, accelerators, used)
+    if solved is None:
         return None
-    unit = math.gcd(FULL, *frac)
-    while FULL // unit > MAX_LEVELS:
-        unit *= 2
-    cap = FULL // unit
-    starts: dict[int, int] | None = None
-    room = accelerators * FULL
-    if used is not None:
-        # Levels in whole units, rounded up (a used amount off the grid wastes the rest).
-        starts = {}
-        for milli, n in used.items():
-            level = -(-int(milli) // unit)
-            if n > 0 and level < cap:
-                starts[level] = starts.get(level, 0) + int(n)
-        room = sum((cap - level) * unit * n for level, n in starts.items())
-        if room <= 0:
-            return None
-    # Tasks expected if demand fills the room, in units of `unit` milli.
-    counts = {-(-m // unit): 0.0 for m in frac}
-    for m in frac:
-        counts[-(-m // unit)] += shares[m] / total * room / m
-    counts[cap] = counts.get(cap, 0.0) + shares.get(FULL, 0.0) / total * room / FULL
-    w, u = _size_duals(counts, cap, accelerators, starts)
-    if w is None:
-        return None
-    net = {s: (s - w[s]) * unit for s in counts}  # milli
+    expected, solver = solved
+    lp, unit, cap = expected.lp, expected.unit, expected.cap
+    constraints = solver.constraints()
+    w = {size: max(constraints[i].dual_value(), 0.0) for size, i in lp.supply.items()}
+    net = {s: (s - w[s]) * unit for s in expected.counts}  # milli
     value = np.zeros(cap + 1)
     for level in range(1, cap + 1):
         best = value[level - 1]
@@ -118,47 +93,119 @@ def pairing_values(demand: Iterable[tuple[int, float]], accelerators: int,
                 best = value[level - s] + pi
         value[level] = best
     room = value[np.arange(FULL + 1) // unit]
-    return PairingValues(room, {m: net[-(-m // unit)] for m in frac})
+    return PairingValues(room, {m: net[-(-m // unit)] for m in expected.frac})
 
 
-def _size_duals(counts: dict[int, float], cap: int, accelerators: int,
-                starts: dict[int, int] | None = None
-                ) -> tuple[dict[int, float] | None, float]:
-    """The arc-flow LP (most units packed); per size the dual of its supply row, and the
-    accelerators row's dual, in units of the levels. `starts`: accelerators per level they
-    start from (None: `accelerators` empty ones).
+def expected_packing(demand: Iterable[tuple[int, float]], accelerators: int,
+                     used: Mapping[int, int]) -> float | None:
+    """Milli of the expected demand the cluster as it stands can still take: the optimum of
+    the same LP whose duals `pairing_values` prices with (demand filling the room left,
+    packed onto the accelerators from where they are). Two states that placed the same work
+    compare by it: the higher leaves room the workload pairs up better, i.e. predicts more
+    allocated once the cluster is full. None when there is nothing fractional or the LP
+    fails."""
+    solved = _solved(demand, accelerators, used)
+    if solved is None:
+        return None
+    expected, solver = solved
+    return float(solver.Objective().Value()) * expected.unit
 
-    Building the model costs ~10x solving it, so each set of sizes is built once (`_ArcFlow`)
-    and each pricing loads a fresh GLOP solver from a copy of it with its own row bounds: the
-    same model as one built anew, solved from scratch (a kept solver would start from its
-    last basis and may answer with other, equally optimal, duals)."""
-    key = (tuple(sorted(counts)), cap, starts is None)
-    with _LOCK:
-        lp = _MODELS.get(key)
-        if lp is None:
-            if len(_MODELS) >= MAX_MODELS:
-                _MODELS.clear()
-            lp = _MODELS[key] = _ArcFlow(*key)
-    model = linear_solver_pb2.MPModelProto()
-    model.CopyFrom(lp.model)
-    rows = model.constraint
-    rows[lp.gpus].upper_bound = accelerators if starts is None else starts.get(0, 0)
-    for a, i in lp.levels.items():
-        rows[i].lower_bound = -(starts or {}).get(a, 0)
-    for size, i in lp.supply.items():
-        rows[i].upper_bound = counts[size]
-    solver = pywraplp.Solver.CreateSolver("GLOP")
-    if solver is None or solver.LoadModelFromProto(model) != "":
-        return None, 0.0
-    if solver.Solve() != pywraplp.Solver.OPTIMAL:
-        return None, 0.0
-    constraints = solver.constraints()
-    return ({size: max(constraints[i].dual_value(), 0.0) for size, i in lp.supply.items()},
-            constraints[lp.gpus].dual_value())
+
+def _solved(demand: Iterable[tuple[int, float]], accelerators: int,
+            used: Mapping[int, int] | None) -> tuple[_Expected, pywraplp.Solver] | None:
+    """The LP of this workload on this cluster, solved; None: nothing fractional, or GLOP
+    failed."""
+    expected = _Expected.of(demand, accelerators, used)
+    solver = None if expected is None else expected.solve()
+    return None if expected is None or solver is None else (expected, solver)
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """The arc-flow LP's data for one workload on one cluster: the tasks expected per size
+    (in units of `unit` milli; size `cap` is a whole accelerator) and where the
+    accelerators start."""
+
+    frac: list[int]  # fractional milli of the workload
+    unit: int
+    cap: int
+    counts: dict[int, float]
+    accelerators: int
+    starts: dict[int, int] | None
+
+    @staticmethod
+    def of(demand: Iterable[tuple[int, float]], accelerators: int,
+           used: Mapping[int, int] | None) -> _Expected | None:
+        shares: dict[int, float] = {}
+        for milli, share in demand:
+            if share > 0 and 0 < milli <= FULL:
+                shares[milli] = shares.get(milli, 0.0) + share
+        frac = sorted(m for m in shares if m < FULL)
+        total = sum(shares.values())
+        if not frac or accelerators <= 0 or total <= 0:
+            return None
+        unit = math.gcd(FULL, *frac)
+        while FULL // unit > MAX_LEVELS:
+            unit *= 2
+        cap = FULL // unit
+        starts: dict[int, int] | None = None
+        room = accelerators * FULL
+        if used is not None:
+            # Levels in whole units, rounded up (a used amount off the grid wastes the rest).
+            starts = {}
+            for milli, n in used.items():
+                level = -(-int(milli) // unit)
+                if n > 0 and level < cap:
+                    starts[level] = starts.get(level, 0) + int(n)
+            room = sum((cap - level) * unit * n for level, n in starts.items())
+            if room <= 0:
+                return None
+        # Tasks expected if demand fills the room, in units of `unit` milli.
+        counts = {-(-m // unit): 0.0 for m in frac}
+        for m in frac:
+            counts[-(-m // unit)] += shares[m] / total * room / m
+        counts[cap] = counts.get(cap, 0.0) + shares.get(FULL, 0.0) / total * room / FULL
+        return _Expected(frac, unit, cap, counts, accelerators, starts)
+
+    @property
+    def lp(self) -> _ArcFlow:
+        """The LP of this set of sizes, built once (`MAX_MODELS` kept)."""
+        key = (tuple(sorted(self.counts)), self.cap, self.starts is None)
+        with _LOCK:
+            lp = _MODELS.get(key)
+            if lp is None:
+                if len(_MODELS) >= MAX_MODELS:
+                    _MODELS.clear()
+                lp = _MODELS[key] = _ArcFlow(*key)
+        return lp
+
+    def solve(self) -> pywraplp.Solver | None:
+        """The arc-flow LP (most units packed) solved to optimality; None if GLOP fails.
+
+        Building the model costs ~10x solving it, so each set of sizes is built once
+        (`_ArcFlow`) and each solve loads a fresh GLOP solver from a copy of it with its own
+        row bounds: the same model as one built anew, solved from scratch (a kept solver
+        would start from its last basis and may answer with other, equally optimal, duals)."""
+        lp = self.lp
+        model = linear_solver_pb2.MPModelProto()
+        model.CopyFrom(lp.model)
+        rows = model.constraint
+        starts = self.starts or {}
+        rows[lp.gpus].upper_bound = self.accelerators if self.starts is None else starts.get(0, 0)
+        for a, i in lp.levels.items():
+            rows[i].lower_bound = -starts.get(a, 0)
+        for size, i in lp.supply.items():
+            rows[i].upper_bound = self.counts[size]
+        solver = pywraplp.Solver.CreateSolver("GLOP")
+        if solver is None or solver.LoadModelFromProto(model) != "":
+            return None
+        if solver.Solve() != pywraplp.Solver.OPTIMAL:
+            return None
+        return solver
 
 
 class _ArcFlow:
-    """The arc-flow LP of one set of sizes, with every row bound 0 (`_size_duals` sets them):
+    """The arc-flow LP of one set of sizes, with every row bound 0 (`_Expected.solve` sets them):
     `model` and the row indices of the accelerators, each level and each size's supply."""
 
     def __init__(self, sizes: tuple[int, ...], cap: int, empty_start: bool) -> None:

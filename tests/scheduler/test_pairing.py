@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scheduler.pairing import pairing_values
+from scheduler.pairing import expected_packing, pairing_values
 
 # The openb `default` trace's demand: (milli per accelerator, % of the GPU milli asked).
 OPENB_DEFAULT = [(1000, 64.25 + 5.78 + 0.99 + 0.53), (810, 14.35), (470, 5.79), (650, 2.7),
@@ -72,3 +72,26 @@ def test_priced_as_it_stands_empty_accelerators_are_kept_for_whole_tasks() -> No
 
 def test_a_cluster_without_room_has_no_prices() -> None:
     assert pairing_values(OPENB_DEFAULT, accelerators=10, used={}) is None
+
+
+def test_expected_packing_prefers_room_the_workload_fills() -> None:
+    # Two accelerators, 600 milli used either way. Of 700-milli demand, two 300s apart leave
+    # two 700 holes (both filled); paired on one accelerator they leave 400 (nothing fits)
+    # and one empty accelerator (one 700).
+    apart = expected_packing([(700, 1.0)], accelerators=2, used={300: 2})
+    paired = expected_packing([(700, 1.0)], accelerators=2, used={600: 1, 0: 1})
+    assert apart is not None and paired is not None
+    assert round(apart) == 1400 and round(paired) == 700
+    # Of 500-milli demand both take two: one in each 700 hole, or two on the empty one.
+    apart = expected_packing([(500, 1.0)], accelerators=2, used={300: 2})
+    paired = expected_packing([(500, 1.0)], accelerators=2, used={600: 1, 0: 1})
+    assert apart is not None and paired is not None
+    assert round(apart) == round(paired) == 1000
+
+
+def test_expected_packing_never_exceeds_the_room_left() -> None:
+    used = {0: 40, 810: 30, 470: 20, 650: 10, 940: 5}
+    room = sum((1000 - milli) * n for milli, n in used.items())
+    packed = expected_packing(OPENB_DEFAULT, accelerators=105, used=used)
+    assert packed is not None and 0 < packed <= room + 1e-6
+    assert expected_packing([(1000, 1.0)], accelerators=8, used={0: 8}) is None
