@@ -14,9 +14,10 @@ full path (every pass re-reads the whole cluster and solves it), in-process.
    forces every pass down the full path (the loop as it was before the cache).
 3. The committed state is read back with `load_snapshot` and graded by the independent checker.
 
-With `--changes K`, the first K batches each come with one change by others, in turn: a drain of
-a node holding shards, an update of a placed deployment that rolls it (a new shard shape), a
-shard reported FAILED (released at once: no restart back-off); the passes that follow each kind
+With `--changes K`, the first K batches each come with one change by others, in turn (those of
+`--change-kinds`, all by default): a drain of a node holding shards, an update of a placed
+deployment that rolls it (a new shard shape), a shard reported FAILED (released at once: no
+restart back-off), a scale down of a placed deployment by one replica; the passes that follow each kind
 are reported apart (`after_<kind>`: warm or full, and their times), which says whether that kind
 of change costs a whole-cluster pass.
 """
@@ -37,6 +38,7 @@ from bench.fgd import percentile
 from bench.synthetic import TENANTS, arrival, cluster
 
 Doc = dict[str, Any]
+CHANGES = ("drain", "update", "fail", "scale_down")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit-ms", type=int, default=2000)
     p.add_argument("--backoff-s", type=float, default=1.0, help="the reconciler's back-off before the full retry")
     p.add_argument("--changes", type=int, default=0,
-                   help="batches that come with a change by others (drain, rolling update, FAILED shard, in turn)")
+                   help="batches that come with a change by others (drain, rolling update, FAILED shard, ..., in turn)")
+    p.add_argument("--change-kinds", default=",".join(CHANGES),
+                   help=f"the kinds of change by others, in turn (of {', '.join(CHANGES)})")
     p.add_argument("--json", default="")
 
 
@@ -119,9 +123,6 @@ async def _submit(db: Any, batch: list[Doc]) -> None:
         await uow.commit()
 
 
-CHANGES = ("drain", "update", "fail")
-
-
 async def _change(db: Any, kind: str, placements: list[Doc], rng: random.Random) -> None:
     """One change by others of `kind` (`CHANGES`), through the use cases, on a placed shard."""
     import dataclasses
@@ -133,16 +134,23 @@ async def _change(db: Any, kind: str, placements: list[Doc], rng: random.Random)
     from controller.store.snapshot import load_snapshot
     who = Principal("bench")
     async with db.unit_of_work() as uow:
-        placed = [p for p in (await load_snapshot(uow.session)).problem["placements"] if "~" not in p["deployment"]]
+        snapshot = await load_snapshot(uow.session)
+    placed = [p for p in snapshot.problem["placements"] if "~" not in p["deployment"]]
+    if kind == "scale_down":  # a deployment with two replicas placed or more
+        replicas: dict[str, set[int]] = {}
+        for q in placed:
+            replicas.setdefault(q["deployment"], set()).add(q["replica"])
+        placed = [q for q in placed if len(replicas[q["deployment"]]) > 1] or placed
     p = rng.choice(placed)
     tenant, name = p["deployment"].split("/")
     async with db.unit_of_work() as uow:
         if kind == "drain":
             await nodes.drain_node(uow, who, p["node"], RecordingSignals(), set())
-        elif kind == "update":
+        elif kind in ("update", "scale_down"):
             view = repo.deployment_view(await repo.get_deployment(uow.session, tenant, name))
             spec = dataclasses.replace(view.spec, shard=dataclasses.replace(
-                view.spec.shard, hbm_gib=view.spec.shard.hbm_gib + 1.0))
+                view.spec.shard, hbm_gib=view.spec.shard.hbm_gib + 1.0)) if kind == "update" else \
+                dataclasses.replace(view.spec, replicas=max(1, view.spec.replicas - 1))
             await updates.update_deployment(uow, who, spec, view.resource_version, RecordingSignals())
         else:
             rows = await repo.placements_of_deployments(uow.session, [p["deployment"]])
@@ -180,11 +188,14 @@ async def run_path(path: str, url: str, args: argparse.Namespace) -> dict[str, A
         await loop.reconcile_once()
         first_s = time.perf_counter() - t0
         passes: dict[str, list[float]] = {"warm": [], "rebuild": [], "full": []}
-        after: dict[str, list[tuple[str, float]]] = {change: [] for change in CHANGES}
+        kinds = [kind for kind in args.change_kinds.split(",") if kind]
+        if set(kinds) - set(CHANGES) or not kinds:
+            raise SystemExit(f"--change-kinds: of {', '.join(CHANGES)}")
+        after: dict[str, list[tuple[str, float]]] = {change: [] for change in kinds}
         busy = 0.0
         for start in range(0, len(burst), args.batch):
             await _submit(db, burst[start:start + args.batch])
-            change = CHANGES[start // args.batch % len(CHANGES)] if start // args.batch < args.changes else None
+            change = kinds[start // args.batch % len(kinds)] if start // args.batch < args.changes else None
             if change is not None:
                 await _change(db, change, placements, rng)
             warm, full = loop.warm_snapshot is not None, loop.full_passes

@@ -31,14 +31,16 @@ full solve after `backoff_s` (the back-off; from the cache, which follows its co
 parks it if it fails again. Changes by others are read from the change log
 (`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes without shards
 removed, evictions: their shards re-placed on the session, committed by the pass; drains),
-tenant contracts, the topology, and deployments changed (updates and rollouts, failed shards
-reported, failed replicas released, replaced replicas retired: each read again whole) are
+tenant contracts, the topology, and deployments changed (updates and rollouts, scale downs,
+failed shards reported, failed replicas released, replaced replicas retired; an outgoing
+replica's node going down: each read again whole, the shards the view leaves out released by
+the pass's scoped commit) are
 applied to the cache as deltas, and when they could help, the work still short of replicas
 (the unschedulable queue's included; a rollout's or a drain's replacements, within the surge)
 is decided again on the session; deployments being deleted leave the cache and the session as
 departures, their shards and rows removed by the pass's scoped commit. Anything else (a plan
-commit by another controller, a node holding shards removed or resized, a scale down, a fast
-commit that was re-queued, a new leader) drops the cache and takes the full path above, which
+commit by another controller, a node holding shards removed or resized, a fast commit that was
+re-queued, a new leader) drops the cache and takes the full path above, which
 leaves a cache of what it committed for the next changes.
 Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
@@ -499,7 +501,7 @@ class Reconciler:
             return None
         departed = cache.snapshot.deleting
         avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
-        if not docs and not retried and not departed and not cache.repairs:
+        if not docs and not retried and not departed and not cache.repairs and not cache.releasing:
             self._avoid = frozenset()
             self.delta_passes += 1
             self._observer.pass_taken("delta")
@@ -700,7 +702,7 @@ class Reconciler:
         self._last_generation = self._warm.own_generation
         self._last_arrivals = len(cache.snapshot.deployment_ids)  # departures caught up with are gone
         # Departures and repairs caught up with are committed by the next pass too.
-        self._redecide = helped or bool(result.requeued or cache.snapshot.deleting or cache.repairs)
+        self._redecide = helped or bool(result.requeued or cache.snapshot.deleting or cache.repairs or cache.releasing)
         if self._redecide:
             self.wake()
         return True

@@ -29,9 +29,10 @@ capacity, a node removed) are read as those node rows and applied to the snapsho
 session as one `ClusterDelta` (`apply_nodes`). A node holding shards whose work is evicted is
 one too: the session re-places its shards (`Session.apply` repairs them as `solve()` would) and
 the next fast plan commits that, speaking for those deployments whole (`repairs`). A node
-holding shards drained (or no longer drained) is one too: the deployments holding shards there
-are read again whole. A node holding shards removed or resized, or going down while holding a
-replica being replaced, is not (the full path re-places them).
+holding shards drained (or no longer drained), or going down while holding a replica being
+replaced, is one too: the deployments holding shards there are read again whole (before the
+node changes: the view drops an outgoing replica on a down node, the session must not re-place
+it). A node holding shards removed or resized is not (the full path re-places them).
 Deployments whose change log names them (`apply_deployments`: updated, scaled up, rolled; a
 failure reported; failed replicas released by `store/failures.py`; replaced replicas retired by
 `store/rollout.py`) are read again whole, as `load_snapshot` lists them (their current revision
@@ -40,7 +41,9 @@ the cache held of them; what that leaves short of replicas (a replacement within
 replica released) is decided by the next fast plan, which speaks for the deployment whole, its
 outgoing replicas included. Released replicas are decided with the nodes they failed on
 cordoned for that plan alone (`decide(avoid=)`). A deployment whose read leaves shards out (a
-scale down, an outgoing replica on a down node) or that is quarantined is not. A stale commit of
+scale down's replicas beyond the count, an outgoing replica on a down node) is one too: the
+shards go to the snapshot's `released`, and the next fast plan speaks for it whole, so that its
+scoped commit releases them (`releasing`). One quarantined is not. A stale commit of
 a full solve leaves a cache too (`settled` or `follow` at its snapshot's generation), which
 catches up with the changes in between like any other.
 Deployments being deleted are departures (`depart`): taken out of the snapshot and the session,
@@ -333,10 +336,11 @@ class ClusterCache:
         decided = {d.deployment for d in decisions}
         extended = frozenset(d["id"] for d in again)
         carried = hit | extended | held.keys()  # the plan speaks for them whole: with the replicas they hold
-        carried_keys = {stored_key(name) for name in carried}  # a rollout's outgoing replicas too
+        # A rollout's outgoing replicas too; and deployments with shards to release (`apply_deployments`).
+        carried_keys = {stored_key(name) for name in carried} | self.releasing
         kept = [placement_from_dict(p) for p in self.snapshot.problem["placements"]
                 if stored_key(p["deployment"]) in carried_keys and p["deployment"] not in held
-                and (p["deployment"], p["replica"]) not in victims] if carried else []
+                and (p["deployment"], p["replica"]) not in victims] if carried_keys else []
         kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in victims]
         reasons = {name: waiting[name] for name in sorted(hit - decided) if name in waiting}
         reasons.update((name, d.unplaced) for name, d in repaired.items() if name not in decided and d.unplaced)
@@ -348,7 +352,8 @@ class ClusterCache:
             preempted=tuple(p for d in decisions for p in d.preempted),
             stats={"session_decisions": len(decisions)})
         # Departures (`depart`) are in the scope too: the commit releases their shards, removes their rows.
-        scope = frozenset(stored_key(name) for name in decided | hit | held.keys()) | self.snapshot.deleting
+        scope = (frozenset(stored_key(name) for name in decided | hit | held.keys()) | self.snapshot.deleting
+                 | self.releasing)
         return FastPlan(plan, decisions, scope, extended, frozenset(held))
 
     def _cordon(self, nodes: Collection[str]) -> tuple[Node, ...]:
@@ -380,7 +385,8 @@ class ClusterCache:
             # Listed by deployment (arrival order: decided ones are the newest), replica, shard, as read.
             placements.extend(placement_to_dict(p) for p in sorted(
                 decision.placements, key=lambda p: (p.replica, p.shard)))
-        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset())
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
+                                            released=self._released_written())
         return True
 
     def scope_of(self, plan: Plan) -> frozenset[str]:
@@ -398,20 +404,47 @@ class ClusterCache:
         changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
         changed.update(u.deployment for u in plan.unplaced)
         changed.update(v.deployment for v in plan.preempted)
-        return frozenset(stored_key(name) for name in changed) | self.snapshot.deleting
+        return frozenset(stored_key(name) for name in changed) | self.snapshot.deleting | self.releasing
 
     def follow(self, shards: Mapping[ShardKey, Where | None], generation: int) -> bool:
         """Apply what a commit of a full solve of this very snapshot wrote (`CommitResult.shards`:
         placed, moved, removed) to the snapshot and to the session (`Session.adopt`), so that the
         back-off's full solve does not cost a rebuild; False when the cache cannot follow it."""
         snap = self.snapshot
-        touched = _write_shards(snap, shards, gone=snap.deleting)
+        # Shards the snapshot left out already (released: `apply_deployments`) are not renumbered.
+        touched = _write_shards(snap, {key: where for key, where in shards.items() if key not in snap.released},
+                                gone=snap.deleting)
         if touched is None:
             return False
         self.repairs = {}  # written (what was not is re-placed again, from what the session adopts)
         self._readopt(touched)
-        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset())
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
+                                            released=self._released_written())
         return True
+
+    @property
+    def releasing(self) -> frozenset[str]:
+        """The stored deployments with shards the snapshot leaves out (`Snapshot.released`: a
+        scale down's replicas beyond the count, an outgoing replica on a down node), followed
+        from their changes but not released yet: the next commit speaks for them and releases
+        them (`commit_plan` releases a scope's `released` shards)."""
+        return frozenset(key for key, _, _ in self.snapshot.released)
+
+    def _released_written(self) -> dict[ShardKey, Where]:
+        """After a commit that spoke for `releasing`: their shards are released, so each of those
+        deployments uses the replica indices of what the snapshot holds of it, as a fresh read
+        lists them; none is left to release (blocking: a worker thread)."""
+        snap = self.snapshot
+        keys = self.releasing
+        if not keys:
+            return {}
+        used: dict[str, set[int]] = {key: set() for key in keys}
+        for ref in snap.solver_refs.values():
+            if ref.key in used:
+                used[ref.key].update(ref.replicas.values())
+        for key, indices in used.items():
+            snap.replica_indices[key] = frozenset(indices)  # type: ignore[index]
+        return {}
 
     def apply_deployments(self, reads: Sequence[DeploymentRead], generation: int) -> bool | None:
         """Deployments changed outside this controller's plan commits (updated or rolled, on a
@@ -420,10 +453,12 @@ class ClusterCache:
         and the session (blocking: a worker thread): each one's solver deployments (its current
         revision, and the outgoing ones of a rollout or a drain: store/rollout.py) and their
         placements become what is stored, and the session holds them so (`Session.replace`).
+        Shards the view leaves out (replicas beyond a smaller count, an outgoing replica on a
+        down node) are the snapshot's `released`, as `load_snapshot` lists them, until the next
+        commit, which speaks for the deployment (`releasing`), releases them.
         Whether one changed (a replacement to place, a replica to place again, capacity freed:
-        work to decide again); None when the cache cannot follow (shards the view leaves out:
-        replicas beyond a smaller count, an outgoing replica on a down node; shards of a
-        deployment it does not hold; one quarantined; a repair not committed yet): drop it."""
+        work to decide again); None when the cache cannot follow (shards of a deployment it
+        does not hold; one quarantined; a repair not committed yet): drop it."""
         snap = self.snapshot
         wanted: dict[str, DeploymentRead] = {}
         for read in reads:
@@ -431,7 +466,7 @@ class ClusterCache:
                 if read.placements:
                     return None
                 continue  # not read yet (an arrival), or gone (its deletion is read as a departure)
-            if read.id is None or read.released or not read.deployments:
+            if read.id is None or not read.deployments:
                 return None
             wanted[read.key] = read
         held: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {key: ([], []) for key in wanted}
@@ -441,14 +476,22 @@ class ClusterCache:
         for p in snap.problem["placements"]:
             if stored_key(p["deployment"]) in held:
                 held[stored_key(p["deployment"])][1].append(p)
+        releasing: dict[str, dict[ShardKey, Where]] = {}
+        for at, where in snap.released.items():
+            releasing.setdefault(at[0], {})[at] = where
         changed = {key: read for key, read in wanted.items()
                    if held[key] != (read.deployments, read.placements) or snap.replica_indices.get(key) != read.replica_indices
-                   or {d["id"]: snap.solver_refs.get(d["id"]) for d in held[key][0]} != read.refs}
+                   or {d["id"]: snap.solver_refs.get(d["id"]) for d in held[key][0]} != read.refs
+                   or releasing.get(key, {}) != read.released}
         if any(not held[key][0] or any(d["id"] in self.repairs for d in held[key][0]) for key in changed):
             return None
+        released = dict(snap.released)
         if changed:
             self._replace(changed, {key: [d["id"] for d in held[key][0]] for key in changed})
-        self.snapshot = dataclasses.replace(snap, generation=generation)
+            released = {at: where for at, where in released.items() if at[0] not in changed}
+            for read in changed.values():
+                released.update(read.released)
+        self.snapshot = dataclasses.replace(snap, generation=generation, released=released)
         return bool(changed)
 
     def _replace(self, reads: Mapping[str, DeploymentRead], old: Mapping[str, list[str]]) -> None:

@@ -10,8 +10,9 @@ other change moves the generation
 and says what it changed (`store/changes.py`): `catch_up` reads the changes since and applies
 node changes as deltas, contract and topology changes (tenants; zones, rows, racks) as deltas
 too, deletions as departures, and changes that name deployments (updates, failures reported,
-failed replicas released, replaced replicas retired; and the deployments on a node drained or
-no longer drained) as those deployments read again whole; any other change (a plan commit by
+failed replicas released, replaced replicas retired, scaled down; and the deployments on a node
+drained or no longer drained, or going down while holding a replica being replaced) as those
+deployments read again whole; any other change (a plan commit by
 another controller, which names none) drops the cache. The log is in the database, so the changes another controller made (HA) are
 read the same way. A stale commit of a full solve (`after_stale_full`) leaves a cache at its
 snapshot's generation that catches up the same way.
@@ -138,8 +139,15 @@ class WarmCluster:
     def _follow(cache: ClusterCache, reads: list[NodeRead], replaced: set[str], departed: set[str],
                 tenants: list[dict[str, Any]] | None, topology: Topology | None, changed: list[DeploymentRead],
                 generation: int) -> bool | None:
-        # The topology first: nodes may join racks it adds; the deployments last (on nodes known).
+        # The topology first: nodes may join racks it adds. The deployments read again go before
+        # the nodes when every node they hold shards on is known (a node going down drops an
+        # outgoing replica from the view: the session must not re-place it), else last.
+        known = {n["id"] for n in cache.snapshot.problem["nodes"]}
+        early = all(p["node"] in known for read in changed for p in read.placements)
         helped: bool | None = False if topology is None else cache.apply_topology(*topology)
+        if helped is not None and changed and early:
+            deployments = cache.apply_deployments(changed, generation)
+            helped = None if deployments is None else helped or deployments
         if helped is not None:
             nodes = cache.apply_nodes(reads, generation, reread=replaced)
             helped = None if nodes is None else helped or nodes
@@ -148,7 +156,7 @@ class WarmCluster:
             helped = None if contracts is None else helped or contracts
         if helped is not None and departed:
             helped = cache.depart(departed, generation) or helped
-        if helped is None or not changed:
+        if helped is None or not changed or early:
             return helped
         deployments = cache.apply_deployments(changed, generation)
         return None if deployments is None else deployments or helped

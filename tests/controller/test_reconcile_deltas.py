@@ -34,7 +34,7 @@ from uc_builders import WHO, add_nodes, apply_topology, deployment, no_publish, 
 RACKS = ("rack-a", "rack-b", "rack-c", "rack-d")
 # The events the cache follows as deltas (node deletions: only of nodes without shards).
 FOLLOWED = ("join", "hello", "cordon", "uncordon", "suspect", "evict", "contract", "delete_deployment", "fail",
-            "drain", "update")
+            "drain", "update", "scale_down")
 
 
 class Events:
@@ -61,8 +61,8 @@ class Events:
         # back-off: `failing_reconciler`) and placed again off the node it failed on.
         self.fail_rng = random.Random(seed + 3000)
         self.fail_at = set(self.fail_rng.sample(range(3, 40), 3)) - {self.evict_at} - self.contract_at
-        # A node holding shards drained, a deployment scaled up or given a new shape (a rolling
-        # update), at steps of their own.
+        # A node holding shards drained, a deployment scaled up or down or given a new shape (a
+        # rolling update), at steps of their own.
         self.roll_rng = random.Random(seed + 4000)
         self.roll_at = set(self.roll_rng.sample(range(4, 40), 5)) - {self.evict_at} - self.contract_at - self.fail_at
         self.specs: dict[str, DeploymentSpec] = {}
@@ -113,7 +113,7 @@ class Events:
         return "fail"
 
     async def roll(self) -> str:
-        """A drain of a node holding shards, or an update of a deployment (scale up, new shape)."""
+        """A drain of a node holding shards, or an update of a deployment (scale up or down, new shape)."""
         rng = self.roll_rng
         holding = sorted({p["node"] for p in (await fresh(self.db)).problem["placements"]})
         if rng.random() < 0.4 and holding:
@@ -124,15 +124,18 @@ class Events:
             return "update"
         name = rng.choice(self.deployments)
         spec = self.specs[name]
+        kind = "update"
         if rng.random() < 0.5:
             spec = dataclasses.replace(spec, replicas=spec.replicas + 1)
+        elif rng.random() < 0.5 and spec.replicas > 1:
+            spec, kind = dataclasses.replace(spec, replicas=spec.replicas - 1), "scale_down"
         else:
             spec = dataclasses.replace(spec, shard=dataclasses.replace(spec.shard, hbm_gib=rng.choice((8.0, 16.0))))
         self.specs[name] = spec
         async with self.db.unit_of_work() as uow:
             row = await repo.get_deployment(uow.session, "t1", name)
             await updates.update_deployment(uow, WHO, spec, row.resource_version, RecordingSignals())
-        return "update"
+        return kind
 
     async def one(self) -> str:
         self.steps += 1
@@ -493,11 +496,9 @@ async def _stored(db: Database, name: str) -> set[tuple[int, str]]:
         return {(p.replica, p.node_id) for p, _ in await repo.placements_of_deployments(uow.session, [f"t1/{name}"])}
 
 
-async def test_a_drain_replaces_make_before_break_on_the_warm_cluster(cluster) -> None:
-    # Two running replicas of a whole node each (of four): a drain of one's node places its
-    # replacement on the session beside it; the outgoing replica stops once the replacement
-    # runs. No whole-cluster pass; the cache stays what a fresh read gives.
-    loop = reconciler(cluster)
+async def _drain_one_of_two(cluster: Database, loop: Reconciler) -> tuple[int, str]:
+    """Two running replicas of a whole node each; one's node drained: its replacement is placed
+    beside it on the warm cluster (make-before-break). The full passes before the drain, the node."""
     await submit(cluster, deployment("svc", replicas=2, accelerators=4, locality="node"))
     await loop.reconcile_once()
     await _run_all(cluster)
@@ -509,8 +510,25 @@ async def test_a_drain_replaces_make_before_break_on_the_warm_cluster(cluster) -
     stored = await _stored(cluster, "svc")
     assert len(stored) == 3 and drained in {node for _, node in stored}  # make-before-break: the old one runs
     assert_same(loop.warm_snapshot, await fresh(cluster))
-    await _run_all(cluster)
-    await loop.reconcile_once()  # the replacement runs: the outgoing replica is retired
+    return full, drained
+
+
+@pytest.mark.parametrize("then", ["replacement_runs", "node_down"])
+async def test_a_drain_replaces_make_before_break_on_the_warm_cluster(cluster, then: str) -> None:
+    # Two running replicas of a whole node each (of four): a drain of one's node places its
+    # replacement on the session beside it; the outgoing replica stops once the replacement
+    # runs, or at once when the drained node goes down and its work is evicted before that (the
+    # view drops an outgoing replica on a down node). No whole-cluster pass; the cache stays
+    # what a fresh read gives.
+    loop = reconciler(cluster)
+    full, drained = await _drain_one_of_two(cluster, loop)
+    if then == "replacement_runs":
+        await _run_all(cluster)
+    else:
+        async with cluster.unit_of_work() as uow:
+            await liveness.apply_transitions(uow, [Transition(drained, "down", "silent", evict=True)],
+                                             datetime.now(timezone.utc))
+    await loop.reconcile_once()  # the outgoing replica is retired
     assert loop.full_passes == full
     stored = await _stored(cluster, "svc")
     assert len(stored) == 2 and drained not in {node for _, node in stored}
@@ -587,3 +605,29 @@ async def test_a_back_off_retry_after_changes_by_others_catches_up_instead_of_re
     snapshot = await fresh(cluster)
     assert {p["node"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/late"} == {"joined-n0"}
     assert_same(loop.warm_snapshot, snapshot)
+
+
+async def test_a_scale_down_releases_on_the_warm_cluster(cluster) -> None:
+    # Three replicas of a whole node each (of four): scaled down to one, the two beyond the count
+    # are released by the next pass's commit on the warm cluster (the view leaves them out), and
+    # the capacity they freed takes an arrival that was waiting. No whole-cluster pass.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("svc", replicas=3, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("wait", replicas=2, accelerators=4, locality="node"))
+    await loop.reconcile_once()  # one replica of it placed, one short
+    await loop.reconcile_once()  # the back-off's full retry (0 s here) parks it: unschedulable
+    full = loop.full_passes
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=1, accelerators=4, locality="node"),
+                                        row.resource_version, RecordingSignals())
+    assert (await loop.reconcile_once()).solved and loop.full_passes == full
+    assert {replica for replica, _ in await _stored(cluster, "svc")} == {0}
+    assert len(await _stored(cluster, "wait")) == 2  # the freed node took the replica short
+    snapshot = await fresh(cluster)
+    assert not snapshot.released
+    assert_same(loop.warm_snapshot, snapshot)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+    assert not (await loop.reconcile_once()).solved and loop.full_passes == full
+
