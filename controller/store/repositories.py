@@ -90,6 +90,15 @@ async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
     return await session.get(m.Tenant, tenant_id)
 
 
+async def tenant_zones(session: AsyncSession, tenants: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """The zones each of these tenants may run in (none: anywhere), for those that exist."""
+    wanted = set(tenants)
+    if not wanted:
+        return {}
+    rows = await session.execute(select(m.Tenant.id, m.Tenant.zones).where(m.Tenant.id.in_(wanted)))
+    return {tenant: tuple(zones or ()) for tenant, zones in rows}
+
+
 async def tenant_ids(session: AsyncSession) -> list[str]:
     return list(await session.scalars(select(m.Tenant.id).order_by(m.Tenant.id)))
 

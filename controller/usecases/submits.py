@@ -1,24 +1,33 @@
-"""Group commit of submits: concurrent submits written in one transaction.
+"""Group commit of submits: concurrent submits checked and written in one transaction.
 
 A submit is a handful of reads (the checks) and a handful of writes (the deployment, its
 request id, its event, the call's audit entry), and every write transaction takes the
 database's single writer (SQLite's lock, PostgreSQL's audit chain head row) from its first
 write to its commit. One transaction per submit so caps the submit rate at the writer's turn
-time, whatever the cluster. Here each submit runs its checks on its own, concurrently
-(`deployments.admit`, reads only), then joins a queue; one writer at a time takes everything
-queued (what arrived while the previous batch was committing: no fixed wait) and commits it as
-ONE transaction: every deployment, every request id, one event and one audit entry each (each
-call's own, appended to the chain in order), then answers each caller.
+time, whatever the cluster. Here a submit checks what it can on its own (the spec, the request
+id's form: no reads), then joins a queue; one writer at a time takes everything queued (what
+arrived while the previous batch was committing: no fixed wait) and, in ONE transaction, reads
+what the checks need for the whole batch at once (the tenants, which names exist, which
+request ids were used, the tenants' deployment counts, the capacity generation), judges each
+member in order as a lone submit would (the tenant's submit rate, "could it ever fit" from the
+capacity aggregates, the tenant's limit with the batch's own counted), writes the members that
+pass (every deployment, every request id, one event and one audit entry each: each call's own,
+appended to the chain in order) and then answers each caller. A submit so costs the event loop
+no unit of work of its own: under load each round trip to the database is a turn of a busy
+loop, and the reads of a lone check were most of a submit's time (docs/benchmarks.md,
+2026-12-01 day).
 
 Every guarantee of a lone submit holds, because anything a batch cannot decide on its own is
 decided by the lone submit itself (`deployments.submit_deployment`, in the caller's task, after
 the batch committed, so exactly as if the submits had come one after the other):
-- in the transaction, the batch reads again what the checks read that another write could have
-  changed since: which names exist (a name taken meanwhile, or twice in the batch), the
-  tenants' deployment counts (the batch's own included), which request ids were used;
-  a member that conflicts is handed back and goes alone (its ALREADY_EXISTS, its replayed
-  answer or its RESOURCE_EXHAUSTED are the lone path's);
-- a quarantined deployment submitted again (a delete and an insert) goes alone;
+- a request id used before (a retry: its replayed answer, or the refusal of an id reused), a
+  tenant that does not exist, a name taken (before, or earlier in the batch: ALREADY_EXISTS, or
+  a quarantined deployment released), a tenant at its deployment limit: the member is handed
+  back and goes alone, which answers it as it always did;
+- what a batch refuses itself (the tenant's submit rate, a spec no node could ever run) is the
+  lone submit's own error, raised in that caller alone;
+- the tenant's submit rate is charged once: by the batch, or by the lone submit when the batch
+  handed the member back before charging it;
 - a batch that fails to commit writes nothing (one transaction) and every member goes alone:
   one bad member never fails the others;
 - a caller is answered only after the commit that holds its deployment and its audit entry.
@@ -32,15 +41,17 @@ from dataclasses import dataclass
 
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
+from controller.errors import MaiaError
 from controller.groupcommit import ALONE, GroupCommit, GroupStats
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import repositories as repo
-from controller.store.db import Database
+from controller.store.db import Database, UnitOfWork
 from controller.usecases import requests
 from controller.usecases.capacity import CapacityCache
-from controller.usecases.deployments import admit, submit_deployment, submitted_event
+from controller.usecases.deployments import as_caller, check_could_ever_fit, submit_deployment, submitted_event, \
+    validate_spec
 from controller.usecases.ports import Signals
 
 BATCH_MAX = 256
@@ -48,15 +59,29 @@ BATCH_MAX = 256
 
 @dataclass
 class Queued:
-    spec: DeploymentSpec
+    spec: DeploymentSpec  # in the caller's tenant
     request_id: str
     actor: str
     call: audit.CallEntry | None  # the RPC's audit entry, written with the deployment
+    throttle: SubmitLimits | None = None  # the tenant's submit rate, charged by the batch
+    capacity: CapacityCache | None = None  # "could it ever fit" (None: read the nodes afresh)
+    charged: bool = False  # the batch charged the submit rate: the lone submit after it does not again
+
+
+@dataclass
+class _BatchFacts:
+    """What the batch's checks read, for all its members at once."""
+
+    zones: dict[str, tuple[str, ...]]  # of the batch's tenants that exist
+    taken: set[tuple[str, str]]        # (tenant, name) of deployments that exist, and of members accepted
+    used: set[tuple[str, str]]         # (tenant, request id) used, by earlier calls or members accepted
+    counts: Counter[str]               # deployments by tenant, members accepted included
+    capacity_generation: int | None
 
 
 class SubmitBatcher:
-    """Submits checked concurrently, committed together (see the module docstring); the
-    queue and the writer are `groupcommit.GroupCommit`'s."""
+    """Submits checked and committed together (see the module docstring); the queue and the
+    writer are `groupcommit.GroupCommit`'s."""
 
     def __init__(self, db: Database, signals: Signals, *, batch_max: int = BATCH_MAX) -> None:
         self._db = db
@@ -70,51 +95,44 @@ class SubmitBatcher:
 
     async def submit(self, who: Principal, spec: DeploymentSpec, *, throttle: SubmitLimits | None = None,
                      capacity: CapacityCache | None = None, request_id: str = "") -> DeploymentView:
-        """What `deployments.submit_deployment` does, committed in a batch."""
+        """What `deployments.submit_deployment` does, checked and committed in a batch."""
+        spec = as_caller(who, spec, "submitting deployments")
+        validate_spec(spec)
+        requests.check_request_id(request_id)
+        queued = Queued(spec, request_id, who.name, audit.current_call(), throttle, capacity)
+        try:
+            # Shielded: a member its caller left is still written with its batch.
+            view = await asyncio.shield(self._group.submit(queued))
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # the caller itself was cancelled
+            view = None  # the writer was stopped (the controller stops): go alone
+        if view is not None:
+            return view
         async with self._db.unit_of_work() as uow:
-            admitted = await admit(uow, who, spec, throttle, capacity, request_id)
-        if admitted.replay is not None:
-            return admitted.replay
-        if admitted.replaced is None:
-            queued = Queued(admitted.spec, request_id, who.name, audit.current_call())
-            try:
-                # Shielded: a member its caller left is still written with its batch.
-                view = await asyncio.shield(self._group.submit(queued))
-            except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise  # the caller itself was cancelled
-                view = None  # the writer was stopped (the controller stops): go alone
-            if view is not None:
-                return view
-        async with self._db.unit_of_work() as uow:  # the tenant's submit rate was charged above
-            return await submit_deployment(uow, who, admitted.spec, self._signals, capacity=capacity,
-                                           request_id=request_id)
+            return await submit_deployment(uow, who, spec, self._signals, None if queued.charged else throttle,
+                                           capacity, request_id=request_id)
 
-    async def _commit_group(self, batch: list[Queued]) -> list[DeploymentView | None]:
-        views = await self.commit_batch(batch)
-        return [views.get(id(q), ALONE) for q in batch]
+    async def _commit_group(self, batch: list[Queued]) -> list[DeploymentView | MaiaError | None]:
+        outcomes = await self.commit_batch(batch)
+        return [outcomes.get(id(q), ALONE) for q in batch]
 
-    async def commit_batch(self, batch: list[Queued]) -> dict[int, DeploymentView]:
-        """Write the members nothing changed for since their checks, in one transaction; returns
-        their views by id(member). The others are left out (they go alone)."""
+    async def commit_batch(self, batch: list[Queued]) -> dict[int, DeploymentView | MaiaError]:
+        """Check the members and write those that pass, in one transaction; returns by id(member)
+        their views, or the error that refused them. The others are left out (they go alone)."""
         async with self._db.unit_of_work() as uow:
-            s = uow.session
-            keys = [(q.spec.tenant, q.spec.name) for q in batch]
-            taken = await repo.existing_deployment_keys(s, keys)
-            used = await repo.existing_request_ids(s, [(q.spec.tenant, q.request_id) for q in batch])
-            counts = Counter(await repo.count_deployments_of_tenants(s, {q.spec.tenant for q in batch}))
+            facts = await self._read_facts(uow, batch)
+            outcomes: dict[int, DeploymentView | MaiaError] = {}
             accepted: list[Queued] = []
-            for queued, key in zip(batch, keys):
-                request_key = (queued.spec.tenant, queued.request_id)
-                if (key in taken or (queued.request_id and request_key in used)
-                        or counts[queued.spec.tenant] >= limits.DEPLOYMENTS_PER_TENANT_MAX):
-                    continue
-                taken.add(key)
-                used.add(request_key)
-                counts[queued.spec.tenant] += 1
-                accepted.append(queued)
+            for queued in batch:
+                try:
+                    if await self._admitted(uow, queued, facts):
+                        accepted.append(queued)
+                except MaiaError as exc:
+                    outcomes[id(queued)] = exc
             if not accepted:
-                return {}
+                return outcomes
+            s = uow.session
             rows = [repo.new_deployment_row(q.spec) for q in accepted]
             s.add_all(rows)
             await s.flush()
@@ -131,4 +149,36 @@ class SubmitBatcher:
         for view in views.values():
             self._signals.publish(DeploymentEvent("added", view))
         self._signals.wake_reconciler()
-        return views
+        return outcomes | views
+
+    @staticmethod
+    async def _read_facts(uow: UnitOfWork, batch: list[Queued]) -> _BatchFacts:
+        s = uow.session
+        tenants = {q.spec.tenant for q in batch}
+        return _BatchFacts(
+            zones=await repo.tenant_zones(s, tenants),
+            taken=await repo.existing_deployment_keys(s, [(q.spec.tenant, q.spec.name) for q in batch]),
+            used=await repo.existing_request_ids(s, [(q.spec.tenant, q.request_id) for q in batch]),
+            counts=Counter(await repo.count_deployments_of_tenants(s, tenants)),
+            capacity_generation=(await repo.read_capacity_generation(s)
+                                 if any(q.capacity is not None for q in batch) else None))
+
+    @staticmethod
+    async def _admitted(uow: UnitOfWork, queued: Queued, facts: _BatchFacts) -> bool:
+        """Whether the member is written with the batch (False: it goes alone); raises what refuses
+        it. In the order of a lone submit's checks (`deployments.admit`)."""
+        spec = queued.spec
+        tenant, key, request_key = spec.tenant, (spec.tenant, spec.name), (spec.tenant, queued.request_id)
+        if queued.request_id and request_key in facts.used or tenant not in facts.zones:
+            return False  # a retry (its replayed answer) or no such tenant: as alone
+        if queued.throttle is not None and not queued.charged:
+            queued.throttle.check_submit(tenant)
+            queued.charged = True
+        if key in facts.taken or facts.counts[tenant] >= limits.DEPLOYMENTS_PER_TENANT_MAX:
+            return False  # ALREADY_EXISTS (or a quarantined one released), or the tenant's limit: as alone
+        await check_could_ever_fit(uow, spec, facts.zones[tenant], queued.capacity,
+                                   capacity_generation=facts.capacity_generation)
+        facts.taken.add(key)
+        facts.used.add(request_key)
+        facts.counts[tenant] += 1
+        return True

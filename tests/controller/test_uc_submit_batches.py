@@ -1,6 +1,7 @@
-"""Group commit of submits (usecases/submits.py): a batch writes in one transaction what nothing
-changed for since its checks, with one event and one audit entry each; every other member is
-handed back to the lone submit, which gives it the answer it would have had alone."""
+"""Group commit of submits (usecases/submits.py): a batch checks its members and writes those
+that pass in one transaction, with one event and one audit entry each; refuses with the lone
+submit's own error what it can judge (the submit rate, a spec no node could run), and hands
+every other member back to the lone submit, which gives it the answer it would have had alone."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import pytest
 from sqlalchemy import func, select
 
 from controller import limits
+from controller.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.store import audit
 from controller.store import models as m
 from controller.store.audit import AuditRecord, CallEntry
+from controller.usecases import submits
+from controller.usecases.capacity import CapacityCache
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.submits import Queued, SubmitBatcher
 from uc_builders import WHO, add_tenant, deployment
@@ -79,13 +84,58 @@ async def test_concurrent_submits_each_get_the_answer_they_would_get_alone(clust
         assert (await audit.verify_chain(uow.session)).intact
 
 
-async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(cluster):
+async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(cluster, monkeypatch):
     batcher = SubmitBatcher(cluster, RecordingSignals())
-    bad = _queued("bad")
-    bad.spec = replace(bad.spec, tenant="nobody")  # its insert fails (no such tenant) and takes the batch with it
-    with pytest.raises(Exception):
-        await batcher.commit_batch([_queued("good"), bad])
+
+    async def failing_append(*args, **kwargs):
+        raise RuntimeError("the audit chain could not be appended to")
+
+    monkeypatch.setattr(submits.audit, "append", failing_append)
+    with pytest.raises(RuntimeError):
+        await batcher.commit_batch([_queued("good"), _queued("good2")])
     assert await _count(cluster, m.Deployment) == 0
+    monkeypatch.undo()
     results = await asyncio.gather(batcher.submit(WHO, deployment("good")),
                                    batcher.submit(WHO, deployment("good2")), return_exceptions=True)
     assert [r.spec.name for r in results] == ["good", "good2"]
+
+
+def _throttle(per_minute: float) -> SubmitLimits:
+    return SubmitLimits(submits=KeyedRateLimiter(per_minute, "submits"), dry_runs=KeyedRateLimiter(0, "dry runs"))
+
+
+async def test_a_batch_refuses_what_a_lone_submit_refuses_and_writes_the_others(cluster):
+    """A spec no node could run and a tenant past its submit rate are refused by the batch with
+    the lone submit's errors; a tenant that does not exist is answered by the lone submit."""
+    await add_tenant(cluster, "t2")
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    throttle, capacity = _throttle(2), CapacityCache()
+    batch = [replace(_queued("a"), throttle=throttle, capacity=capacity),
+             replace(_queued("huge"), spec=deployment("huge", accelerators=8), throttle=throttle, capacity=capacity),
+             replace(_queued("b"), throttle=throttle, capacity=capacity),  # t1's third submit: over its rate
+             replace(_queued("c", "t2"), throttle=throttle, capacity=capacity),
+             replace(_queued("d", "nobody"), throttle=throttle, capacity=capacity)]
+    outcomes = await batcher.commit_batch(batch)
+
+    assert [type(outcomes.get(id(q))).__name__ for q in batch] == [
+        "DeploymentView", "InvalidArgument", "ResourceExhausted", "DeploymentView", "NoneType"]
+    assert "the largest node has 4" in str(outcomes[id(batch[1])])
+    assert [q.call.written for q in batch] == [True, False, False, True, False]
+    assert [q.charged for q in batch] == [True, True, False, True, False]  # "d" is charged by its lone submit
+    assert await _count(cluster, m.Deployment) == 2
+
+
+async def test_a_member_handed_back_is_charged_the_submit_rate_once(cluster):
+    """A name taken goes alone after the batch charged its tenant's rate: the lone submit does not
+    charge it again (with a rate of 2, the third call is the first refused)."""
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    throttle = _throttle(2)
+    await batcher.submit(WHO, deployment("a"), throttle=throttle)
+    with pytest.raises(AlreadyExists):
+        await batcher.submit(WHO, deployment("a"), throttle=throttle)
+    with pytest.raises(ResourceExhausted):
+        await batcher.submit(WHO, deployment("b"), throttle=throttle)
+    with pytest.raises(NotFound):
+        await batcher.submit(WHO, deployment("x", "nobody"), throttle=throttle)
+    with pytest.raises(InvalidArgument):
+        await batcher.submit(WHO, deployment("y", shards=3, replicas=0), throttle=throttle)
