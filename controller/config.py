@@ -42,8 +42,9 @@ class Config:
     solve_time_limit_ms: int = 2000
     # Stop preemptible work (whole replicas) to place higher-priority or reserved work.
     preemption: bool = True
-    # The warm scheduling session in a process of its own (controller/scheduling/decider.py).
-    decide_process: bool = False
+    # The warm scheduling session in a process of its own (controller/scheduling/decider.py): on
+    # by default, it halved submit -> committed on a quiet machine (docs/benchmarks.md, 2026-12-01).
+    decide_process: bool = True
     max_surge: int = DEFAULT_SURGE  # replicas beyond the asked count while replicas are replaced
     # Replicas whose shards FAILED (controller/domain/restarts.py): back-off and the give-up limit.
     restart_backoff_s: float = _RESTARTS.initial_delay_s
@@ -194,7 +195,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                              "reservation (the reasons then say what preempting would place)")
     parser.add_argument("--decide-process", action=argparse.BooleanOptionalAction, default=Config.decide_process,
                         help="decide arrivals on the warm scheduling session in a child process of its own, off "
-                             "the controller's interpreter (its event loop holds the GIL under load); same decisions")
+                             "the controller's interpreter (its event loop holds the GIL under load); same decisions. "
+                             "On by default; --no-decide-process decides in a thread of the controller")
     parser.add_argument("--max-surge", type=_positive_int, default=Config.max_surge, metavar="REPLICAS",
                         help="replicas a rolling update or a drain may place beyond the replicas asked "
                              "(make-before-break): more rolls faster but holds more capacity meanwhile")

@@ -277,11 +277,12 @@ def decide_children(pid: int) -> list[int]:
 
 
 def test_a_controller_decides_in_its_decide_process_and_leaves_no_child(tmp_path: Path) -> None:
+    """The default: `maia-controller` without the flag decides in its decide process."""
     log = tmp_path / "controller.log"
     controller = subprocess.Popen(
         [str(BIN / "maia-controller"), "--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path}/maia.db",
          "--reconcile-interval", "0.2", "--bootstrap-admin-token-file", str(tmp_path / "admin.token"),
-         "--decide-process", "--log-level", "INFO"],
+         "--log-level", "INFO"],
         stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     fleet: subprocess.Popen[bytes] | None = None
     try:

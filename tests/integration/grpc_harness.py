@@ -37,7 +37,12 @@ TEST_CONFIG = Config(listen="127.0.0.1:0", reconcile_interval_s=0.2, heartbeat_t
                      node_down_grace_s=0.5, node_eviction_grace_s=1.0, restart_grace_s=1.0,
                      # A lone test controller must not step down because a renewal was slow on a
                      # loaded machine (failover is tested with real processes and short leases).
-                     lease_ttl_s=30.0)
+                     lease_ttl_s=30.0,
+                     # A decide process is an interpreter more for each of the hundreds of controllers
+                     # these tests start, and beside their point; the default (on) is tested with real
+                     # `maia-controller` processes (tests/cli, tests/simnode, test_decider.py), and a
+                     # test about it would pass `decide_process=True`.
+                     decide_process=False)
 
 
 @asynccontextmanager
