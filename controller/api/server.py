@@ -106,9 +106,12 @@ class AppSignals:
         if not self._app.election.should_run():
             self._app.channel.send(NODES, node_ids)
 
-    def publish(self, event: DeploymentEvent) -> None:
-        self._app.bus.publish(event)
-        self._app.channel.send(DEPLOYMENTS, [deployment_item(event.type, event.deployment)])
+    def publish(self, *events: DeploymentEvent) -> None:
+        """To this controller's watchers, and in one message to the others' (a batch of submits:
+        one notification, not one round trip each)."""
+        for event in events:
+            self._app.bus.publish(event)
+        self._app.channel.send(DEPLOYMENTS, [deployment_item(e.type, e.deployment) for e in events])
 
     def token_revoked(self, token_id: str) -> None:
         self._app.authn.forget(token_id)

@@ -21,7 +21,7 @@ class Signals(Protocol):
 
     def assignments_changed(self, node_ids: Iterable[str]) -> None: ...
 
-    def publish(self, event: DeploymentEvent) -> None: ...
+    def publish(self, *events: DeploymentEvent) -> None: ...
 
     def token_revoked(self, token_id: str) -> None: ...
 
@@ -47,8 +47,8 @@ class RecordingSignals:
     def assignments_changed(self, node_ids: Iterable[str]) -> None:
         self.nodes.update(node_ids)
 
-    def publish(self, event: DeploymentEvent) -> None:
-        self.events.append(event)
+    def publish(self, *events: DeploymentEvent) -> None:
+        self.events.extend(events)
 
     def token_revoked(self, token_id: str) -> None:
         self.revoked_tokens.append(token_id)

@@ -146,8 +146,7 @@ class SubmitBatcher:
         for call in calls:
             call.written = True
         views = {id(q): repo.deployment_view(row) for q, row in zip(accepted, rows)}
-        for view in views.values():
-            self._signals.publish(DeploymentEvent("added", view))
+        self._signals.publish(*(DeploymentEvent("added", view) for view in views.values()))
         self._signals.wake_reconciler()
         return outcomes | views
 

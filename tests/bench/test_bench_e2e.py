@@ -41,6 +41,7 @@ def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
     assert result["controller_exit"] == 0
     assert result["reconcile_passes"].get("full", 0) + result["reconcile_passes"].get("fast", 0) > 0
     assert result["loop_lag_p99_le_s"] is not None  # the controller's event-loop lag, from its /metrics
+    assert result["submit_server_p99_le_s"] is not None  # its own timing of the submits, from its /metrics
     assert "submit p50/p99" in done.stdout
 
 
