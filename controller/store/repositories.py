@@ -90,13 +90,37 @@ async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
     return await session.get(m.Tenant, tenant_id)
 
 
-async def tenant_zones(session: AsyncSession, tenants: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """The zones each of these tenants may run in (none: anywhere), for those that exist."""
-    wanted = set(tenants)
+@dataclass(frozen=True)
+class TenantSubmitFacts:
+    """What a batch of submits is checked against, per tenant."""
+
+    zones: tuple[str, ...]  # the zones the tenant may run in (none: anywhere)
+    deployments: int        # the tenant's deployments
+
+
+def _batch_facts_query() -> Select:
+    count = (select(func.count()).select_from(m.Deployment).where(m.Deployment.tenant_id == m.Tenant.id)
+             .correlate(m.Tenant).scalar_subquery())
+    generation = select(m.CapacityState.generation).where(m.CapacityState.id == 1).scalar_subquery()
+    tenants = bindparam("tenants", expanding=True)
+    return select(m.Tenant.id, m.Tenant.zones, count, generation).where(m.Tenant.id.in_(tenants))
+
+
+_BATCH_FACTS = _batch_facts_query()
+
+
+async def submit_batch_facts(session: AsyncSession,
+                             tenants: Iterable[str]) -> tuple[dict[str, TenantSubmitFacts], int]:
+    """For a batch of submits, in one query: the facts of each of these tenants that exists, and
+    the capacity generation (0 when none exists)."""
+    wanted = sorted(set(tenants))
     if not wanted:
-        return {}
-    rows = await session.execute(select(m.Tenant.id, m.Tenant.zones).where(m.Tenant.id.in_(wanted)))
-    return {tenant: tuple(zones or ()) for tenant, zones in rows}
+        return {}, 0
+    facts, generation = {}, 0
+    for tenant, zones, deployments, capacity_generation in await session.execute(_BATCH_FACTS, {"tenants": wanted}):
+        facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
+        generation = int(capacity_generation or 0)
+    return facts, generation
 
 
 async def tenant_ids(session: AsyncSession) -> list[str]:

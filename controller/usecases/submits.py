@@ -76,7 +76,7 @@ class _BatchFacts:
     taken: set[tuple[str, str]]        # (tenant, name) of deployments that exist, and of members accepted
     used: set[tuple[str, str]]         # (tenant, request id) used, by earlier calls or members accepted
     counts: Counter[str]               # deployments by tenant, members accepted included
-    capacity_generation: int | None
+    capacity_generation: int
 
 
 class SubmitBatcher:
@@ -152,15 +152,16 @@ class SubmitBatcher:
 
     @staticmethod
     async def _read_facts(uow: UnitOfWork, batch: list[Queued]) -> _BatchFacts:
+        """Round trips are what a batch waits for under load: the tenants' facts and the capacity
+        generation in one query, the names in one more (the request ids in a third when any)."""
         s = uow.session
-        tenants = {q.spec.tenant for q in batch}
+        tenants, generation = await repo.submit_batch_facts(s, {q.spec.tenant for q in batch})
         return _BatchFacts(
-            zones=await repo.tenant_zones(s, tenants),
+            zones={tenant: facts.zones for tenant, facts in tenants.items()},
             taken=await repo.existing_deployment_keys(s, [(q.spec.tenant, q.spec.name) for q in batch]),
             used=await repo.existing_request_ids(s, [(q.spec.tenant, q.request_id) for q in batch]),
-            counts=Counter(await repo.count_deployments_of_tenants(s, tenants)),
-            capacity_generation=(await repo.read_capacity_generation(s)
-                                 if any(q.capacity is not None for q in batch) else None))
+            counts=Counter({tenant: facts.deployments for tenant, facts in tenants.items()}),
+            capacity_generation=generation)
 
     @staticmethod
     async def _admitted(uow: UnitOfWork, queued: Queued, facts: _BatchFacts) -> bool:
