@@ -17,7 +17,9 @@ full path (every pass re-reads the whole cluster and solves it), in-process.
 With `--changes K`, the first K batches each come with one change by others, in turn (those of
 `--change-kinds`, all by default): a drain of a node holding shards, an update of a placed
 deployment that rolls it (a new shard shape), a shard reported FAILED (released at once: no
-restart back-off), a scale down of a placed deployment by one replica; the passes that follow each kind
+restart back-off), a scale down of a placed deployment by one replica, the batch placed by another
+controller on the same database (a second `Reconciler`, as after a handover; its first pass
+reads the whole cluster, untimed); the passes that follow each kind
 are reported apart (`after_<kind>`: warm or full, and their times), which says whether that kind
 of change costs a whole-cluster pass.
 """
@@ -38,7 +40,7 @@ from bench.fgd import percentile
 from bench.synthetic import TENANTS, arrival, cluster
 
 Doc = dict[str, Any]
-CHANGES = ("drain", "update", "fail", "scale_down")
+CHANGES = ("drain", "update", "fail", "scale_down", "other_commit")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,8 +125,12 @@ async def _submit(db: Any, batch: list[Doc]) -> None:
         await uow.commit()
 
 
-async def _change(db: Any, kind: str, placements: list[Doc], rng: random.Random) -> None:
-    """One change by others of `kind` (`CHANGES`), through the use cases, on a placed shard."""
+async def _change(db: Any, kind: str, placements: list[Doc], rng: random.Random, other: Any) -> None:
+    """One change by others of `kind` (`CHANGES`), through the use cases, on a placed shard; or
+    a pass of the `other` controller."""
+    if kind == "other_commit":
+        await other.reconcile_once()
+        return
     import dataclasses
     from controller.domain.values import ShardReport
     from controller.identity import Principal
@@ -184,6 +190,9 @@ async def run_path(path: str, url: str, args: argparse.Namespace) -> dict[str, A
         await _load(db, doc, background, placements)
         loop = Reconciler(db, push=lambda nodes: None, publish=nothing, solve_time_limit_ms=args.time_limit_ms,
                           backoff_s=args.backoff_s, restart_policy=RestartPolicy(initial_delay_s=0.0))
+        # Another controller on the same database (`other_commit`).
+        other = Reconciler(db, push=lambda nodes: None, publish=nothing, solve_time_limit_ms=args.time_limit_ms,
+                           backoff_s=args.backoff_s, restart_policy=RestartPolicy(initial_delay_s=0.0))
         t0 = time.perf_counter()
         await loop.reconcile_once()
         first_s = time.perf_counter() - t0
@@ -197,7 +206,7 @@ async def run_path(path: str, url: str, args: argparse.Namespace) -> dict[str, A
             await _submit(db, burst[start:start + args.batch])
             change = kinds[start // args.batch % len(kinds)] if start // args.batch < args.changes else None
             if change is not None:
-                await _change(db, change, placements, rng)
+                await _change(db, change, placements, rng, other)
             warm, full = loop.warm_snapshot is not None, loop.full_passes
             t = time.perf_counter()
             await loop.reconcile_once(force=path == "full")

@@ -33,14 +33,14 @@ parks it if it fails again. Changes by others are read from the change log
 removed, evictions: their shards re-placed on the session, committed by the pass; drains),
 tenant contracts, the topology, and deployments changed (updates and rollouts, scale downs,
 failed shards reported, failed replicas released, replaced replicas retired; an outgoing
-replica's node going down: each read again whole, the shards the view leaves out released by
-the pass's scoped commit) are
+replica's node going down; another controller's plan commits: each read again whole, the
+shards the view leaves out released by the pass's scoped commit) are
 applied to the cache as deltas, and when they could help, the work still short of replicas
 (the unschedulable queue's included; a rollout's or a drain's replacements, within the surge)
 is decided again on the session; deployments being deleted leave the cache and the session as
-departures, their shards and rows removed by the pass's scoped commit. Anything else (a plan
-commit by another controller, a node holding shards removed or resized, a fast commit that was
-re-queued, a new leader) drops the cache and takes the full path above, which
+departures, their shards and rows removed by the pass's scoped commit. Anything else (a commit
+by another controller touching very many deployments, a node holding shards removed or resized,
+a fast commit that was re-queued, a new leader) drops the cache and takes the full path above, which
 leaves a cache of what it committed for the next changes.
 Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
@@ -503,6 +503,8 @@ class Reconciler:
         avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
         if not docs and not retried and not departed and not cache.repairs and not cache.releasing:
             self._avoid = frozenset()
+            # Deployments another controller placed are held now (`ClusterCache.apply_deployments`).
+            self._last_arrivals = len(cache.snapshot.deployment_ids)
             self.delta_passes += 1
             self._observer.pass_taken("delta")
             return ReconcileOutcome(generation=cache.snapshot.generation)

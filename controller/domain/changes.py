@@ -20,7 +20,7 @@ class ChangeKind(enum.StrEnum):
     NODE = "node"                       # nodes (ids) registered, up, suspect, down, cordoned, drained, removed
     DEPLOYMENT_DELETED = "deployment_deleted"  # deployments (keys TENANT/NAME) marked DELETING
     DEPLOYMENT = "deployment"           # deployments (keys) updated or quarantined
-    PLACEMENTS = "placements"           # placements written outside a plan commit, or by one
+    PLACEMENTS = "placements"           # deployments (keys) whose placements a plan commit or another writer changed
     TENANT = "tenant"                   # tenants (ids) created, changed, removed
     TOPOLOGY = "topology"               # zones, rows, racks
     OTHER = "other"                     # anything else (the reader takes the whole-cluster path)

@@ -35,7 +35,8 @@ node changes: the view drops an outgoing replica on a down node, the session mus
 it). A node holding shards removed or resized is not (the full path re-places them).
 Deployments whose change log names them (`apply_deployments`: updated, scaled up, rolled; a
 failure reported; failed replicas released by `store/failures.py`; replaced replicas retired by
-`store/rollout.py`) are read again whole, as `load_snapshot` lists them (their current revision
+`store/rollout.py`; placed, moved, preempted or removed by another controller's plan commit,
+which names what it touched) are read again whole, as `load_snapshot` lists them (their current revision
 and the outgoing revisions of a rollout or a drain, `solver_view`), and take the place of what
 the cache held of them; what that leaves short of replicas (a replacement within the surge, a
 replica released) is decided by the next fast plan, which speaks for the deployment whole, its
@@ -43,15 +44,17 @@ outgoing replicas included. Released replicas are decided with the nodes they fa
 cordoned for that plan alone (`decide(avoid=)`). A deployment whose read leaves shards out (a
 scale down's replicas beyond the count, an outgoing replica on a down node) is one too: the
 shards go to the snapshot's `released`, and the next fast plan speaks for it whole, so that its
-scoped commit releases them (`releasing`). One quarantined is not. A stale commit of
+scoped commit releases them (`releasing`). One another controller placed before this cache read
+it is added where `load_snapshot` lists it (`_adopt`; the arrivals read later skip it). One
+quarantined is not. A stale commit of
 a full solve leaves a cache too (`settled` or `follow` at its snapshot's generation), which
 catches up with the changes in between like any other.
 Deployments being deleted are departures (`depart`): taken out of the snapshot and the session,
 and named by the next commit's scope and `Snapshot.deleting`, which releases their shards and
 removes their rows. When changes could help (a node added or ready, a departure), the
 deployments still short of replicas are decided again on the session (`pending_docs`). Anything
-else (a re-queued fast commit; another kind of change: a plan commit by another controller,
-which logs no deployments, a new leader) drops the cache; the reconciler takes its full path. The cache never undoes a
+else (a re-queued fast commit; another kind of change: a commit by another controller touching
+more than `plans.LOGGED_DEPLOYMENTS_MAX` deployments, which names none; a new leader) drops the cache; the reconciler takes its full path. The cache never undoes a
 decision: it is rebuilt instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
 `decide`, `scope_of` and `follow` run in a worker thread, never two at once. The session may live
 in the decide process (`decider.py`: `build(open_session=DecideProcess.open)`), with the same
@@ -120,6 +123,9 @@ class ClusterCache:
         # What the session re-placed of shards on nodes whose work was evicted (`apply_nodes`),
         # by solver deployment, not committed yet: the next fast plan speaks for them whole.
         self.repairs: dict[str, Decision] = {}
+        # The highest key of the deployments another controller placed before this cache read
+        # them (`apply_deployments`), taken in above `last_id`: arrivals below it go in key order.
+        self._adopted_id = 0
 
     @classmethod
     def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int,
@@ -156,7 +162,8 @@ class ClusterCache:
         """Whether a deployment was stored below the last key read (keys are not committed in
         order under concurrency): the cache and the rows stored since do not add up to the
         `count_schedulable_deployments` read with them."""
-        return len(self.snapshot.deployment_ids) + len(new.deployment_ids) != schedulable
+        known = self.snapshot.deployment_ids
+        return len(known) + len(new.deployment_ids.keys() - known.keys()) != schedulable
 
     def apply_nodes(self, reads: Sequence[NodeRead], generation: int, reread: Collection[str] = ()) -> bool | None:
         """Apply node changes (the nodes as read now) to the snapshot and to the session (one
@@ -298,18 +305,23 @@ class ClusterCache:
 
     def add(self, arrivals: Arrivals) -> list[dict[str, Any]]:
         """Add deployments stored since the last read (as `load_snapshot` would); their documents.
-        Ones committed out of order (keys below the last one read) take their place by key."""
+        Ones committed out of order (keys below the last one read, or below one another
+        controller placed: `apply_deployments`) take their place by key; ones the cache holds
+        already (that one) are not added again."""
         snap = self.snapshot
-        late = any(key <= self.last_id for key in arrivals.deployment_ids.values())
-        snap.problem["deployments"].extend(arrivals.deployments)
-        snap.deployment_ids.update(arrivals.deployment_ids)  # type: ignore[attr-defined]
-        snap.solver_refs.update(arrivals.solver_refs)  # type: ignore[attr-defined]
-        snap.replica_indices.update((key, frozenset()) for key in arrivals.deployment_ids)  # type: ignore[attr-defined]
+        fresh = {key: i for key, i in arrivals.deployment_ids.items() if key not in snap.deployment_ids}
+        docs = [d for d in arrivals.deployments if stored_key(d["id"]) in fresh]
+        late = any(key <= max(self.last_id, self._adopted_id) for key in fresh.values())
+        snap.problem["deployments"].extend(docs)
+        snap.deployment_ids.update(fresh)  # type: ignore[attr-defined]
+        snap.solver_refs.update((name, ref) for name, ref in arrivals.solver_refs.items()  # type: ignore[attr-defined]
+                                if ref.key in fresh)
+        snap.replica_indices.update((key, frozenset()) for key in fresh)  # type: ignore[attr-defined]
         if late:
             ids = snap.deployment_ids
             snap.problem["deployments"].sort(key=lambda d: ids[stored_key(d["id"])])
         self.last_id = max(self.last_id, arrivals.last_id)
-        return arrivals.deployments
+        return docs
 
     def decide(self, docs: Sequence[dict[str, Any]], waiting: Mapping[str, Unplaced],
                again: Sequence[dict[str, Any]] = (), avoid: Collection[str] = ()) -> FastPlan:
@@ -461,11 +473,16 @@ class ClusterCache:
         does not hold; one quarantined; a repair not committed yet): drop it."""
         snap = self.snapshot
         wanted: dict[str, DeploymentRead] = {}
+        adopted: dict[str, DeploymentRead] = {}
         for read in reads:
+            if read.id is not None and read.deployments and read.key not in snap.deployment_ids:
+                if read.placements or read.released:  # placed by another controller before this cache read it
+                    adopted[read.key] = read
+                continue  # not read yet (an arrival): the pass reads it
             if read.key not in snap.deployment_ids:
                 if read.placements:
                     return None
-                continue  # not read yet (an arrival), or gone (its deletion is read as a departure)
+                continue  # gone (its deletion is read as a departure)
             if read.id is None or not read.deployments:
                 return None
             wanted[read.key] = read
@@ -489,10 +506,12 @@ class ClusterCache:
         if changed:
             self._replace(changed, {key: [d["id"] for d in held[key][0]] for key in changed})
             released = {at: where for at, where in released.items() if at[0] not in changed}
-            for read in changed.values():
-                released.update(read.released)
+        if adopted:
+            self._adopt(adopted)
+        for read in (*changed.values(), *adopted.values()):
+            released.update(read.released)
         self.snapshot = dataclasses.replace(snap, generation=generation, released=released)
-        return bool(changed)
+        return bool(changed or adopted)
 
     def _replace(self, reads: Mapping[str, DeploymentRead], old: Mapping[str, list[str]]) -> None:
         """Put the deployments `reads` (stored keys) in place of their solver deployments `old`:
@@ -522,6 +541,29 @@ class ClusterCache:
                     self.session.release(solver_id)
             snap.solver_refs.update(read.refs)  # type: ignore[attr-defined]
             snap.replica_indices[key] = read.replica_indices  # type: ignore[index]
+            for doc in read.deployments:
+                self.session.replace(deployment_from_dict(doc),
+                                     [placement_from_dict(p) for p in by_solver.get(doc["id"], ())])
+
+    def _adopt(self, reads: Mapping[str, DeploymentRead]) -> None:
+        """Deployments another controller placed before this cache read them (`reads`, by key):
+        added to the snapshot where `load_snapshot` lists them (by key), and to the session
+        where they are placed."""
+        snap = self.snapshot
+        for key, read in reads.items():
+            snap.deployment_ids[key] = read.id  # type: ignore[index]
+            snap.solver_refs.update(read.refs)  # type: ignore[attr-defined]
+            snap.replica_indices[key] = read.replica_indices  # type: ignore[index]
+            self._adopted_id = max(self._adopted_id, read.id or 0)
+        ids = snap.deployment_ids
+        docs = snap.problem["deployments"] + [d for read in reads.values() for d in read.deployments]
+        docs.sort(key=lambda d: ids[stored_key(d["id"])])  # stable: a rollout's solver deployments keep their order
+        by_solver: dict[str, list[dict[str, Any]]] = {}
+        for p in (*snap.problem["placements"], *(p for read in reads.values() for p in read.placements)):
+            by_solver.setdefault(p["deployment"], []).append(p)
+        snap.problem["deployments"] = docs
+        snap.problem["placements"] = [p for d in docs for p in by_solver.get(d["id"], ())]
+        for read in reads.values():
             for doc in read.deployments:
                 self.session.replace(deployment_from_dict(doc),
                                      [placement_from_dict(p) for p in by_solver.get(doc["id"], ())])

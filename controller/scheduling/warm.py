@@ -11,16 +11,18 @@ and says what it changed (`store/changes.py`): `catch_up` reads the changes sinc
 node changes as deltas, contract and topology changes (tenants; zones, rows, racks) as deltas
 too, deletions as departures, and changes that name deployments (updates, failures reported,
 failed replicas released, replaced replicas retired, scaled down; and the deployments on a node
-drained or no longer drained, or going down while holding a replica being replaced) as those
-deployments read again whole; any other change (a plan commit by
-another controller, which names none) drops the cache. The log is in the database, so the changes another controller made (HA) are
-read the same way. A stale commit of a full solve (`after_stale_full`) leaves a cache at its
+drained or no longer drained, or going down while holding a replica being replaced; and another
+controller's plan commits, which name the deployments they touched) as those deployments read
+again whole; any other change (one that names nothing: a commit by another controller touching
+very many deployments) drops the cache. The log is in the database, so the changes another
+controller made (HA) are read the same way. A stale commit of a full solve (`after_stale_full`) leaves a cache at its
 snapshot's generation that catches up the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -36,7 +38,7 @@ from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
 from controller.store.snapshot import (
     DeploymentRead, NodeRead, Snapshot, load_arrivals, load_deployments, load_nodes, load_snapshot, load_tenants,
-    load_topology, schedulable_keys)
+    load_topology, schedulable_keys, stored_keys)
 from scheduler import Plan, Unplaced
 
 log = logging.getLogger(__name__)
@@ -118,16 +120,21 @@ class WarmCluster:
         tenants = await load_tenants(session) if any(kind is ChangeKind.TENANT for kind, _ in rows) else None
         topology = await load_topology(session) if any(kind is ChangeKind.TOPOLOGY for kind, _ in rows) else None
         departed = {name for kind, name in rows if kind is ChangeKind.DEPLOYMENT_DELETED}
-        # Deployments updated, or whose placements changed outside a plan commit (failed replicas
-        # released, replaced ones retired; a failure reported), or on a node drained or no longer
-        # drained: read again whole (a plan commit logs no ids: it drops the cache).
+        # Deployments updated, or whose placements changed (another controller's plan commit;
+        # failed replicas released, replaced ones retired; a failure reported), or on a node
+        # drained or no longer drained, or going down: read again whole.
         holding = await asyncio.to_thread(cache.holding, {read.id for read in reads})
         replaced = {read.id for read in reads if read.id in holding and (read.draining or holding[read.id][1])}
         keys = {name for kind, name in rows if kind in (ChangeKind.PLACEMENTS, ChangeKind.DEPLOYMENT)}
         keys.update(key for node in replaced for key in holding[node][0])
         changed = await load_deployments(session, keys - departed, surge=self._surge) if keys - departed else []
+        # Deployments being deleted whose rows another controller's commit removed: not for this one to remove.
+        deleting = keys & (cache.snapshot.deleting | departed)
+        removed = deleting - await stored_keys(session, deleting) if deleting else set()
         helped = await _on_session(self._follow, cache, reads, replaced, departed, tenants, topology, changed,
                                    since.generation)
+        if helped is not None and removed:
+            cache.snapshot = dataclasses.replace(cache.snapshot, deleting=cache.snapshot.deleting - removed)
         if helped is None or self.cache is not cache:
             self.drop()
             return None

@@ -81,6 +81,8 @@ if TYPE_CHECKING:  # the controller may import the solver's types; it never need
 _CHUNK = 500
 
 CHANGED_SINCE = "changed by another commit since the plan's snapshot"
+# A commit names at most this many deployments in the change log (`domain.changes`), else none.
+LOGGED_DEPLOYMENTS_MAX = 1_000
 TEMPLATE_REPLACED = "the deployment's template changed since the plan's snapshot"
 
 
@@ -655,8 +657,13 @@ async def commit_plan(
         )
     if bool(changed_deployments or deleted_deployments) != bumped:
         generation = await move_generation(session, -1 if bumped else 1)
-    if changed_deployments or deleted_deployments:  # own commits are known to their cache; anyone else's is not
-        await log_change(session, generation, ClusterChange.placements())
+    if changed_deployments or deleted_deployments:
+        # What it touched: another controller's cache (HA) reads those deployments again
+        # (`warm.catch_up`; its own cache knows them). One touching very many names none: that
+        # cache reads the whole cluster, which then costs little more.
+        touched = changed_deployments | deleted_deployments
+        await log_change(session, generation,
+                         ClusterChange.placements(touched if len(touched) <= LOGGED_DEPLOYMENTS_MAX else ()))
 
     events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                      changes.requeued)

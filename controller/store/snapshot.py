@@ -253,6 +253,19 @@ async def load_nodes(session: AsyncSession, ids: Collection[str]) -> list[NodeRe
     return reads
 
 
+async def stored_keys(session: AsyncSession, keys: Collection[str]) -> set[str]:
+    """Which of the deployments `keys` (TENANT/NAME) have a row, whatever their phase (one query
+    per 500: a cache learns that another controller's commit removed ones being deleted)."""
+    wanted = set(keys)
+    names = sorted({split_deployment_key(key)[1] for key in wanted})
+    found: set[str] = set()
+    for start in range(0, len(names), _CHUNK):
+        for tenant, name in await session.execute(select(Deployment.tenant_id, Deployment.name).where(
+                Deployment.name.in_(names[start:start + _CHUNK]))):
+            found.add(deployment_key(tenant, name))
+    return found & wanted
+
+
 async def load_tenants(session: AsyncSession) -> list[dict[str, Any]]:
     """Every tenant as `load_snapshot` lists them (for a cache that follows contract changes)."""
     return [_tenant_doc(t) for t in await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))]

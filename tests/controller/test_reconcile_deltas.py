@@ -1,7 +1,7 @@
 """Others' changes reach the warm cache as deltas (controller/scheduling/cache.py, warm.py):
 after random sequences of node joins, hellos, cordons, uncordons, suspects, node deletions,
 evictions of nodes (holding shards or not), contract changes, deployment deletions and arrivals,
-shards reported FAILED (their replicas released and placed again off the node), and a whole-cluster pass whose commit one of them makes stale, the warm cache is exactly what a
+arrivals placed by another controller, shards reported FAILED (their replicas released and placed again off the node), and a whole-cluster pass whose commit one of them makes stale, the warm cache is exactly what a
 fresh `load_snapshot` reads, the committed state passes the independent checker, and what is committed is what
 forced whole-cluster passes commit (best-fit scoring, so that the session and `solve()`
 choose alike); a join of many nodes keeps the reconciler off the whole-cluster path."""
@@ -34,7 +34,7 @@ from uc_builders import WHO, add_nodes, apply_topology, deployment, no_publish, 
 RACKS = ("rack-a", "rack-b", "rack-c", "rack-d")
 # The events the cache follows as deltas (node deletions: only of nodes without shards).
 FOLLOWED = ("join", "hello", "cordon", "uncordon", "suspect", "evict", "contract", "delete_deployment", "fail",
-            "drain", "update", "scale_down")
+            "drain", "update", "scale_down", "other_controller")
 
 
 class Events:
@@ -65,6 +65,12 @@ class Events:
         # rolling update), at steps of their own.
         self.roll_rng = random.Random(seed + 4000)
         self.roll_at = set(self.roll_rng.sample(range(4, 40), 5)) - {self.evict_at} - self.contract_at - self.fail_at
+        # Arrivals placed by another controller on the same database (its whole-cluster pass), at
+        # steps of their own: its plan commits name what they touched.
+        self.other_rng = random.Random(seed + 5000)
+        self.other_at = set(self.other_rng.sample(
+            sorted(set(range(3, 40)) - {self.evict_at} - self.contract_at - self.fail_at - self.roll_at), 3))
+        self.other = reconciler(db)
         self.specs: dict[str, DeploymentSpec] = {}
         self.steps = 0
 
@@ -137,8 +143,22 @@ class Events:
             await updates.update_deployment(uow, WHO, spec, row.resource_version, RecordingSignals())
         return kind
 
+    async def other_controller(self) -> str:
+        """Arrivals another controller places (its pass reads the whole cluster and commits)."""
+        await self.submit()
+        await self.other.reconcile_once(force=True)
+        return "other_controller"
+
+    async def submit(self) -> None:
+        for spec in next(self.batches):
+            await submit(self.db, spec)
+            self.deployments.append(spec.name)
+            self.specs[spec.name] = spec
+
     async def one(self) -> str:
         self.steps += 1
+        if self.steps in self.other_at:
+            return await self.other_controller()
         if self.steps in self.roll_at:
             return await self.roll()
         if self.steps == self.evict_at:
@@ -177,10 +197,7 @@ class Events:
             else:
                 kind = "arrivals"
         if kind == "arrivals":
-            for spec in next(self.batches):
-                await submit(self.db, spec)
-                self.deployments.append(spec.name)
-                self.specs[spec.name] = spec
+            await self.submit()
         return kind
 
 
@@ -222,6 +239,7 @@ async def test_deltas_commit_what_full_passes_commit(seed, decider, _sqlite_temp
                 await add_nodes(db, rack, 3, prefix=f"{rack}-more")  # room for everything after an eviction too
             loop = failing_reconciler(db, decider)
             events = Events(db, seed)
+            followed: set[str] = set()
             stale_at = random.Random(seed + 2000).randrange(10, 35)
             for step in range(40):
                 warm = loop.warm_snapshot is not None
@@ -233,6 +251,7 @@ async def test_deltas_commit_what_full_passes_commit(seed, decider, _sqlite_temp
                 await loop.reconcile_once(force=mode == "full")
                 if mode == "deltas" and warm and kind in FOLLOWED and step != stale_at:  # e.g. an eviction's shards re-placed
                     assert loop.full_passes == full, kind             # on the session
+                    followed.add(kind)
                 if mode == "deltas" and step == stale_at and landed and landed[0] in FOLLOWED:
                     assert loop.full_passes == full + 1, landed  # caught up by deltas, not read again
                 # (Arrivals landing as a commit does are read by the next pass: the cache lacks them till then.)
@@ -240,6 +259,7 @@ async def test_deltas_commit_what_full_passes_commit(seed, decider, _sqlite_temp
                     assert_same(loop.warm_snapshot, await fresh(db))
             if mode == "deltas":  # the sequence went through the deltas, not only through full passes
                 assert loop.delta_passes + loop.fast_passes > loop.full_passes / 2
+                assert "other_controller" in followed, sorted(followed)
             snapshot = await fresh(db)
             assert not check_state(snapshot.problem, snapshot.problem["placements"])
             states.append(await _committed(db))
@@ -631,3 +651,29 @@ async def test_a_scale_down_releases_on_the_warm_cluster(cluster) -> None:
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
     assert not (await loop.reconcile_once()).solved and loop.full_passes == full
 
+
+
+async def test_another_controllers_plan_commits_are_followed(cluster) -> None:
+    # Two controllers on one database (a deposed leader's late pass, or a cache kept across a
+    # handover): each plan commit logs the deployments it touched, and the other's warm cache
+    # reads those again whole (arrivals it placed, replicas it preempted or added) instead of
+    # reading the whole cluster. Deciding on the caught-up cache places beside what the other placed.
+    mine, theirs = reconciler(cluster), reconciler(cluster)
+    await submit(cluster, deployment("first", accelerators=2, locality="node"))
+    await mine.reconcile_once()
+    await submit(cluster, deployment("second", accelerators=2, locality="node"))
+    await theirs.reconcile_once()  # builds its own cache from a fresh read, commits
+    await submit(cluster, deployment("third", replicas=2, accelerators=4, locality="node"))
+    await theirs.reconcile_once()  # a fast pass on its cache
+    full = mine.full_passes
+    assert not (await mine.reconcile_once()).solved and mine.full_passes == full and mine.delta_passes == 1
+    assert_same(mine.warm_snapshot, await fresh(cluster))
+    await submit(cluster, deployment("fourth", accelerators=1, locality="node"))
+    assert (await mine.reconcile_once()).solved and mine.full_passes == full  # decided on the caught-up cache
+    snapshot = await fresh(cluster)
+    assert_same(mine.warm_snapshot, snapshot)
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/first", "t1/second", "t1/third",
+                                                                        "t1/fourth"}
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+    assert not (await theirs.reconcile_once()).solved  # and the other follows this one's commit
+    assert_same(theirs.warm_snapshot, snapshot)
