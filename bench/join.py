@@ -61,18 +61,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile the controller during the join with this py-spy binary: collapsed stacks in "
                         "<run dir>/controller.pyspy.txt (implies --keep)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--count-sql", action="store_true",
+                   help="count the controller's SQL statements by kind (bench/sqlcount.py): the work per node "
+                        "joined, which a loaded machine does not change as it changes seconds")
+    p.add_argument("--controller-src", metavar="DIR",
+                   help="run the controller from this checkout (e.g. a `git worktree` of an older commit; the "
+                        "fleets and this benchmark stay this checkout's): compares the controller's work alone")
+
+
+_ADMISSION = re.compile(r"maia_agent_admission_(admitted_total|refused_total|abandoned_total)(\{[^}]*\})? (\S+)")
+_AGENT_CALLS = re.compile(r'maia_grpc_server_handled_total\{[^}]*method="(Register|Connect)"[^}]*\} (\S+)')
+_AGENT_CODE = re.compile(r'code="(\w+)"')
+_PASSES = re.compile(r'maia_reconcile_passes_total\{path="(\w+)"\} (\S+)')
+_SHED = re.compile(r'maia_grpc_server_shed_total\{[^}]*method="(\w+)"[^}]*\} (\S+)')
+
+
+def _metrics(metrics_url: str) -> str:
+    with urllib.request.urlopen(metrics_url, timeout=30) as reply:
+        return reply.read().decode()
 
 
 def scrape_admission(metrics_url: str) -> dict[str, float]:
     """The controller's `maia_agent_admission_*` counters (name{labels} -> value)."""
-    with urllib.request.urlopen(metrics_url, timeout=30) as reply:
-        text = reply.read().decode()
     found: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"maia_agent_admission_(admitted_total|refused_total|abandoned_total)(\{[^}]*\})? (\S+)", line)
+    for line in _metrics(metrics_url).splitlines():
+        m = _ADMISSION.match(line)
         if m:
             found[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     return found
+
+
+def scrape_work(metrics_url: str) -> dict[str, Any]:
+    """What the controller did, counted: agent calls answered by method and status code (the
+    calls shed before the interceptor chain included), reconcile passes by path."""
+    calls: dict[str, int] = {}
+    passes: dict[str, int] = {}
+    for line in _metrics(metrics_url).splitlines():
+        if m := _AGENT_CALLS.match(line):
+            code = _AGENT_CODE.search(line)
+            key = f"{m.group(1)} {code.group(1) if code else '?'}"
+            calls[key] = calls.get(key, 0) + int(float(m.group(2)))
+        elif m := _PASSES.match(line):
+            passes[m.group(1)] = int(float(m.group(2)))
+        elif m := _SHED.match(line):
+            calls[f"{m.group(1)} shed"] = int(float(m.group(2)))
+    return {"agent_calls": dict(sorted(calls.items())), "reconcile_passes": passes}
 
 
 async def nodes_ready(admin: Any) -> int:
@@ -111,15 +144,29 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
     flags = args.controller_flags.split()
     if args.heartbeat_timeout is not None:
         flags += ["--heartbeat-timeout", str(args.heartbeat_timeout)]
+    env: dict[str, str] = {}
+    sql_counts = root / "sql-counts.json"
+    if args.count_sql:
+        from bench.sqlcount import ENV_PATH, sitecustomize_source
+        (root / "site").mkdir()
+        (root / "site" / "sitecustomize.py").write_text(sitecustomize_source())
+        env[ENV_PATH] = str(sql_counts)
+    paths = [str(root / "site")] if args.count_sql else []
+    if args.controller_src:
+        src = Path(args.controller_src).resolve()
+        paths += [str(src), str(src / "proto")]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
     async with database(args.db, root) as url:
         token_file = root / "admin.token"
         controller = Process("maia-controller", [
             str(bin_dir / "maia-controller"), "--listen", "127.0.0.1:0", "--db", url, "--metrics-listen", "127.0.0.1:0",
-            "--bootstrap-admin-token-file", str(token_file), "--log-level", "WARNING", *flags], root / "controller.log")
+            "--bootstrap-admin-token-file", str(token_file), "--log-level", "WARNING", *flags], root / "controller.log",
+            env=env)
         fleets: list[FleetProcess] = []
         result: dict[str, Any] = {"nodes": nodes, "fleets": shape.fleets, "db": args.db, "controller_flags": flags,
                                   "stagger_s": args.stagger, "shared_channel": args.shared_channel,
-                                  "fleet_nice": args.fleet_nice,
+                                  "fleet_nice": args.fleet_nice, "controller_src": args.controller_src,
                                   "load_at_start": load()}
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
@@ -128,6 +175,7 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             node_token = await admin_setup(channel, shape)
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
+            sql0, work0 = read_sql(sql_counts), scrape_work(metrics_url)
             cpu0, started = controller.cpu_s(), time.perf_counter()
             fleet_flags = ["--stagger", str(args.stagger), *(["--shared-channel"] if args.shared_channel else [])]
             fleets = [start_fleet(i, prefix, racks, address, node_token, root, fleet_flags)
@@ -157,6 +205,8 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
                            "join_cpu_share": round(join_cpu / joined_s, 2), "load_after_join": load()})
             result["agents_at_join"] = await fleet_status(fleets)
             result["admission_at_join"] = scrape_admission(metrics_url)
+            result["work_at_join"] = work_per_node(
+                scrape_work(metrics_url), work0, read_sql(sql_counts), sql0, join_cpu, max(ready, 1), args.count_sql)
             cpu1, t1 = controller.cpu_s(), time.perf_counter()
             beats0 = result["agents_at_join"]["heartbeats_sent"]
             await asyncio.sleep(args.steady)
@@ -175,6 +225,29 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
     return result
 
 
+def read_sql(path: Path) -> dict[str, Any]:
+    from bench.sqlcount import read
+    return read(path)
+
+
+def work_per_node(work: dict[str, Any], work0: dict[str, Any], sql: dict[str, Any], sql0: dict[str, Any],
+                  cpu_s: float, ready: int, counted_sql: bool) -> dict[str, Any]:
+    """The join's work, in total and per node ready: agent calls answered (by method and code),
+    reconcile passes, controller CPU, and with `--count-sql` the SQL statements (by kind)."""
+    from bench.sqlcount import difference
+    calls = {k: v - work0["agent_calls"].get(k, 0) for k, v in work["agent_calls"].items()}
+    passes = {k: v - work0["reconcile_passes"].get(k, 0) for k, v in work["reconcile_passes"].items()}
+    out: dict[str, Any] = {
+        "agent_calls": calls, "agent_calls_per_node": round(sum(calls.values()) / ready, 2),
+        "reconcile_passes": passes, "cpu_ms_per_node": round(cpu_s * 1000 / ready, 1)}
+    if counted_sql:
+        d = difference(sql, sql0)
+        out.update({"sql_statements": d["total_executions"],
+                    "sql_per_node": round(d["total_executions"] / ready, 1),
+                    "sql_top": dict(list(d["executions"].items())[:15])})
+    return out
+
+
 def report(r: dict[str, Any]) -> str:
     a = r.get("agents_at_join", {})
     return (f"{r['db']} {r['nodes']} nodes ({r['fleets']} fleets): "
@@ -184,7 +257,7 @@ def report(r: dict[str, Any]) -> str:
             f"({r.get('join_cpu_share')} of a core), steady {r.get('steady_cpu_share')} of a core at "
             f"{r.get('steady_heartbeats_per_s')} heartbeats/s, {r.get('ready_after_steady')} ready after "
             f"{r.get('steady_s')} s; peak RSS {r.get('controller_peak_rss_mib')} MiB; load {r.get('load_at_start')} -> "
-            f"{r.get('load_at_end')}")
+            f"{r.get('load_at_end')}; work {r.get('work_at_join')}")
 
 
 async def _run(args: argparse.Namespace) -> int:

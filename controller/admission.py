@@ -137,6 +137,8 @@ class AdmissionGate:
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
     observer: AdmissionObserver | None = None
+    # When a refused caller should come back (a `groupcommit.RetryPacer`'s slots); None: `retry_after_s`'s own rule.
+    pace: Callable[[], float] | None = None
     refused: int = 0
     admitted: int = 0
     abandoned: int = 0  # callers that left the queue before their turn (their deadline passed, or they went away)
@@ -172,7 +174,9 @@ class AdmissionGate:
         return answer_reserve_s(time_left_s, self.lag_s())
 
     def retry_after_s(self) -> float:
-        """How long until the queue ahead has drained, spread over [1, 2) of it."""
+        """How long until the queue ahead has drained, spread over [1, 2) of it (or `pace`'s time)."""
+        if self.pace is not None:
+            return self.pace()
         return spread_retry_s((self._waiting + self.concurrency) / self.concurrency * self._turn.mean, self.rng)
 
     @asynccontextmanager

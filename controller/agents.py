@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from controller import limits
-from controller.admission import AdmissionGate, agent_admission_gate
-from controller.errors import MaiaError, Unauthenticated
-from controller.groupcommit import GroupCommit
+from controller.admission import AdmissionGate, agent_admission_gate, judge
+from controller.errors import MaiaError, Unauthenticated, Unavailable
+from controller.groupcommit import GroupCommit, RetryPacer
 from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
 from controller.store import audit
@@ -153,13 +155,18 @@ class AgentHub:
         self._heartbeat_interval_ms = heartbeat_interval_ms or max(100, int(heartbeat_timeout_s * 1000 / 3))
         # Hellos and Registers that arrive together are committed together (controller/groupcommit.py).
         # A batch that fails for want of the database or the lease fails its members alike.
+        # A refused Register is told to come back at the next slot of the rate Registers are written
+        # (groupcommit.RetryPacer), whoever refuses it: the shedding check, the gate, the group commit.
+        self.pacer = RetryPacer()
+        self.shed = 0  # Registers refused before the interceptor chain (`shed_register`)
+        self.admission.pace = self.pacer.retry_after_s
         self._hellos: GroupCommit[agent_cases.Hello, bool] = GroupCommit(
             "agent-hellos", self._write_hellos, batch_max=limits.HELLO_BATCH_MAX, shared_failure=_shared_failure)
         self._registers: GroupCommit[agent_cases.Register, agent_cases.Registered] = GroupCommit(
             "agent-registers", self._write_registers, batch_max=limits.REGISTER_BATCH_MAX,
             key=lambda r: r.info.node_id, shared_failure=_shared_failure,
             writers=1 if db.is_sqlite else limits.REGISTER_WRITERS_POSTGRES,
-            answer_reserve=self.admission.answer_reserve_s)
+            answer_reserve=self.admission.answer_reserve_s, pacer=self.pacer)
         # The sets of the nodes a commit changed are read together: one read for all of them.
         self._assignment_reads: GroupCommit[str, _Read] = GroupCommit(
             "agent-assignment-reads", self._read_assignment_sets, batch_max=ASSIGNMENT_READ_BATCH_MAX,
@@ -203,6 +210,20 @@ class AgentHub:
             session.close(reason, mark_down=False)
 
     # --- Registers and hellos, committed in batches ------------------------------------------
+    def shed_register(self, time_left_s: float | None) -> MaiaError | None:
+        """The refusal of a Register arriving now with `time_left_s` until its deadline, if the
+        admission gate would refuse it (its queue is full, or it would wait past its deadline),
+        else None. Asked before the interceptor chain (`api.interceptors.LoadShedInterceptor`):
+        a refusal then costs no token check, audit entry or log line. The retry time is the
+        pacer's next slot."""
+        if judge(self.admission.state(), time_left_s) is None:
+            return None
+        self.shed += 1
+        wait_s = self.pacer.retry_after_s()
+        return Unavailable(f"the controller is busy with agent registrations ({self.admission.waiting} waiting, "
+                           f"about {self.pacer.rate():.0f} written a second); nothing was written; retry in "
+                           f"{wait_s:.3g}s", retry_after_ms=math.ceil(wait_s * 1000))
+
     async def register(self, who: Principal, info: NodeInfo, *, credential_proposal: str = "",
                        time_left_s: float | None = None) -> agent_cases.Registered:
         """Register a node (`usecases.agents.register_nodes`), committed with the Registers around
@@ -241,8 +262,11 @@ class AgentHub:
 
     async def _write_hellos(self, batch: list[agent_cases.Hello]) -> list[bool | MaiaError]:
         """One batch of hellos: one caller of the admission gate (without a deadline: the streams
-        have none)."""
-        async with self.admission.admit(), self._db.unit_of_work() as uow:
+        have none), taking its turn with the Registers; but never refused for a full queue: a hello
+        completes a join whose Register was written (refused, its agent had to register again),
+        and one writer at a time bounds the batches anyway."""
+        gate = self.admission.admit() if self.admission.waiting < self.admission.max_waiting else nullcontext()
+        async with gate, self._db.unit_of_work() as uow:
             return await agent_cases.hellos(uow, batch, datetime.now(timezone.utc))
 
     # --- assignment sets, read in batches ----------------------------------------------------

@@ -18,6 +18,9 @@ from controller.identity import current_principal
 from controller.agents import AgentInbound
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
+# The full method name of Register (its calls may be shed before the interceptor chain: server.py).
+REGISTER_METHOD = f"/{agent_pb2.DESCRIPTOR.services_by_name['NodeAgentService'].full_name}/Register"
+
 
 async def _inbound(messages: AsyncIterator[agent_pb2.AgentMessage]) -> AsyncIterator[AgentInbound]:
     async for message in messages:

@@ -1,5 +1,13 @@
-"""The one interceptor chain every RPC goes through: authentication -> metrics -> logging -> error
-translation.
+"""The one interceptor chain every RPC goes through: (load shedding ->) authentication -> metrics ->
+logging -> error translation.
+
+- load shedding (`LoadShedInterceptor`, outermost, for the methods it is given: agent Registers):
+  a call the controller would refuse anyway for want of room (a join storm) is refused first,
+  UNAVAILABLE with a retry time (`retry-after-ms` and google.rpc.RetryInfo), before its request is
+  parsed and before any other interceptor runs: no token check, no audit entry, no log line of
+  its own (a summary line every `SHED_LOG_EVERY_S`), counted in `maia_grpc_server_shed`. In a
+  4,096-node join storm the refusals, each through the whole chain, took the event loop from the
+  writes that would have let the agents in;
 
 - authentication: the bearer token in the metadata verified (`controller.authn`) and the
   caller's `Principal` (with the call's request id) put into a context variable; a call that
@@ -19,6 +27,7 @@ behaviour, so the same code covers unary and streaming RPCs alike.
 from __future__ import annotations
 
 import inspect
+import math
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -184,6 +193,68 @@ class _BehaviourInterceptor(aio.ServerInterceptor):
                 yield item
 
 
+SHED_LOG_EVERY_S = 10.0
+
+# A method's shedding rule: the refusal for a call with this much time left (None: no deadline),
+# or None to serve it.
+ShedRule = Callable[[float | None], errors.MaiaError | None]
+
+
+class LoadShedInterceptor(aio.ServerInterceptor):
+    """Refuses calls of the given methods before anything else runs when their rule says so (the
+    module docstring). The rule is asked with the call's deadline; the rest of the chain is built
+    only for a call that is served (its request parsed then), so a refusal costs one rule and one
+    status. `on_shed(method)` counts each refusal."""
+
+    def __init__(self, rules: dict[str, ShedRule], on_shed: Callable[[str], None] | None = None,
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rules = rules
+        self._on_shed = on_shed
+        self._clock = clock
+        self._serializers: dict[str, tuple[Any, Any]] = {}  # method -> (request deserializer, response serializer)
+        self._shed_since_log = 0
+        self._logged_at = -math.inf
+        self.shed = 0
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        rule = self._rules.get(details.method)
+        if rule is None:
+            return await continuation(details)
+        if details.method not in self._serializers:  # the first call: learn the method's serializers
+            handler = await continuation(details)
+            if handler is None or handler.unary_unary is None:
+                return handler
+            self._serializers[details.method] = (handler.request_deserializer, handler.response_serializer)
+            return self._guarded(rule, details, handler=handler, continuation=continuation)
+        return self._guarded(rule, details, handler=None, continuation=continuation)
+
+    def _guarded(self, rule: ShedRule, details: grpc.HandlerCallDetails, *, handler: Any,
+                 continuation: Any) -> grpc.RpcMethodHandler:
+        deserialize, serialize = self._serializers[details.method]
+
+        async def shed_or_serve(raw: bytes, context: aio.ServicerContext) -> Any:
+            refusal = rule(context.time_remaining())
+            if refusal is not None:
+                self._count(details.method)
+                await abort_with(context, refusal)
+            inner = handler if handler is not None else await continuation(details)
+            return await inner.unary_unary(deserialize(raw) if deserialize is not None else raw, context)
+
+        return grpc.unary_unary_rpc_method_handler(shed_or_serve, request_deserializer=None,
+                                                   response_serializer=serialize)
+
+    def _count(self, method: str) -> None:
+        self.shed += 1
+        self._shed_since_log += 1
+        if self._on_shed is not None:
+            self._on_shed(method)
+        now = self._clock()
+        if now - self._logged_at >= SHED_LOG_EVERY_S:
+            log.warning("load shedding: %d call(s) refused busy before authentication since the last such line "
+                        "(one at most every %.0fs), the last to %s", self._shed_since_log, SHED_LOG_EVERY_S, method)
+            self._logged_at, self._shed_since_log = now, 0
+
+
 # Services anyone may call without a token: health checking (load balancers, probes) and reflection.
 UNAUTHENTICATED_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -338,10 +409,11 @@ class ErrorInterceptor(_BehaviourInterceptor):
 def interceptor_chain(authenticator: Authenticator, *extra: aio.ServerInterceptor,
                       observer: RpcObserver | None = None,
                       on_refused: Callable[[str, str, str], Awaitable[None]] | None = None,
+                      shed: LoadShedInterceptor | None = None,
                       ) -> list[aio.ServerInterceptor]:
-    """Outermost first: the principal is set before metrics and logging read it; they see the
-    translated status code; errors are translated around `extra` (the audit interceptor), which
-    so sees a failure before its status is sent."""
+    """Outermost first: load shedding (when given) before anything; the principal is set before
+    metrics and logging read it; they see the translated status code; errors are translated around
+    `extra` (the audit interceptor), which so sees a failure before its status is sent."""
     metrics = [MetricsInterceptor(observer)] if observer is not None else []
-    return [AuthenticationInterceptor(authenticator, on_refused), *metrics, LoggingInterceptor(), ErrorInterceptor(),
-            *extra]
+    return [*([shed] if shed is not None else []), AuthenticationInterceptor(authenticator, on_refused), *metrics,
+            LoggingInterceptor(), ErrorInterceptor(), *extra]

@@ -30,12 +30,12 @@ from controller.admission import agent_admission_gate
 from controller.aio import cancel_and_wait, within
 from controller.authn import AUTHORIZATION_KEY, BOOTSTRAP_HINT, Authenticator
 from controller.api.admin import AdminServicer
-from controller.api.agents import NodeAgentServicer
+from controller.api.agents import REGISTER_METHOD, NodeAgentServicer
 from controller.api.audit import AuditServicer
 from controller.api.auditing import AuditInterceptor, UnauthenticatedAuditor
 from controller.api.deployments import DeploymentServicer
 from controller.api.deps import ServiceDeps
-from controller.api.interceptors import interceptor_chain
+from controller.api.interceptors import LoadShedInterceptor, interceptor_chain
 from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
 from controller.console.server import ConsoleServer
@@ -283,7 +283,9 @@ class ControllerApp:
         if tls is not None and tls.client_ca is not None:
             checks.append(NodeCertificateInterceptor())  # inside the audit: a refused agent is audited
         self.unauthenticated_audit = UnauthenticatedAuditor(self.db)
-        server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics,
+        # A join storm's Registers the gate would refuse are refused before the chain (cheaply).
+        shed = LoadShedInterceptor({REGISTER_METHOD: self.hub.shed_register}, on_shed=self.metrics.rpc_shed)
+        server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics, shed=shed,
                                                            on_refused=self.unauthenticated_audit.refused),
                             options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)])
         host, _, _ = self.config.listen.rpartition(":")

@@ -129,6 +129,9 @@ class ControllerMetrics:
                             ["service", "method", "code"], registry=r)
         self.rpc_duration = Histogram("maia_grpc_server_handling_seconds", "gRPC call duration, by method.",
                                       ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
+        self.rpcs_shed = Counter("maia_grpc_server_shed", "gRPC calls refused busy (UNAVAILABLE, with a retry time) "
+                                 "before the interceptor chain, by method: not in maia_grpc_server_handled.",
+                                 ["service", "method"], registry=r)
         self.cluster_read_errors = Counter("maia_metrics_cluster_read_errors",
                                            "Scrapes whose database read failed or timed out.", registry=r)
         self.leader = Gauge("maia_leader", "1 while this controller holds the leader lease (schedules), else 0.",
@@ -216,6 +219,9 @@ class ControllerMetrics:
         service, method = split_method(full_method)
         self.rpcs.labels(service, method, code).inc()
         self.rpc_duration.labels(service, method).observe(seconds)
+
+    def rpc_shed(self, full_method: str) -> None:
+        self.rpcs_shed.labels(*split_method(full_method)).inc()
 
     # --- state read at scrape time --------------------------------------------------------------
     def watch_cluster(self, loop: asyncio.AbstractEventLoop, reader: ClusterReader) -> None:

@@ -8,7 +8,10 @@ import pytest
 
 from controller.admission import MAX_RETRY_S, MIN_RETRY_S, MovingAverage
 from controller.errors import FailedPrecondition, Unavailable
-from controller.groupcommit import ALONE, GroupCommit
+from controller.groupcommit import (
+    ALONE, PACE_INITIAL_RATE, PACE_MAX_S, PACE_MIN_RATE, PACE_MIN_S, PACE_OVERBOOK, PACE_WINDOW_S, GroupCommit,
+    RetryPacer,
+)
 
 
 class Store:
@@ -183,3 +186,64 @@ async def test_writers_write_batches_at_once_but_never_one_key_in_two_of_them():
     store.release.set()
     assert await asyncio.gather(*first) == ["X1", "X2", "Y1"]
     assert store.batches == [["x1"], ["y1"], ["x2"]]
+
+
+class LowestDraw:
+    """An rng whose uniform(a, b) is a: the pacer's jitter out of the way."""
+
+    @staticmethod
+    def uniform(a: float, b: float) -> float:
+        return a
+
+
+def test_refused_callers_are_given_slots_one_after_another_at_the_rate_batches_are_written():
+    """The pacer measures 100 items a second of writing (two batches of 50 in 0.5 s each) and hands
+    the callers refused one after another slots 1/(100 x overbook) apart, the first refused first,
+    none sooner than PACE_MIN_S; the time a batch took, not the time between batches, is the rate."""
+    now = [0.0]
+    pacer = RetryPacer(clock=lambda: now[0], rng=LowestDraw())  # type: ignore[arg-type]
+    assert pacer.rate() == PACE_INITIAL_RATE
+    pacer.written(50, 0.5)
+    now[0] += 3.0  # idle between batches: not counted against the rate
+    pacer.written(50, 0.5)
+    assert pacer.rate() == pytest.approx(100.0)
+    waits = [pacer.retry_after_s() for _ in range(300)]
+    step = 1.0 / (100.0 * PACE_OVERBOOK)
+    assert waits[0] == PACE_MIN_S
+    assert waits == pytest.approx([PACE_MIN_S + i * step for i in range(300)])
+    assert pacer.stats.paced == 300 and pacer.backlog_s() == pytest.approx(PACE_MIN_S + 300 * step)
+
+
+def test_slots_past_the_longest_wait_are_not_taken_and_the_rate_follows_the_recent_batches():
+    """With slots running PACE_MAX_S ahead a refused caller is told about PACE_MAX_S and takes no
+    slot (it asks again then); batches older than PACE_WINDOW_S no longer count; a very slow
+    writer still gets PACE_MIN_RATE."""
+    now = [0.0]
+    pacer = RetryPacer(clock=lambda: now[0], rng=LowestDraw())  # type: ignore[arg-type]
+    pacer.written(1, 1.0)  # 1 a second: the floor
+    assert pacer.rate() == PACE_MIN_RATE
+    while pacer.stats.capped == 0:
+        assert pacer.retry_after_s() <= PACE_MAX_S
+    assert pacer.stats.paced == int((PACE_MAX_S - PACE_MIN_S) * PACE_MIN_RATE * PACE_OVERBOOK) + 1
+    backlog = pacer.backlog_s()
+    assert pacer.retry_after_s() == PACE_MAX_S and pacer.backlog_s() == backlog  # no slot taken
+    assert pacer.stats.capped == 2
+    now[0] += PACE_WINDOW_S + 1
+    pacer.written(200, 1.0)
+    assert pacer.rate() == pytest.approx(200.0)  # the old batch fell out of the window
+
+
+async def test_a_caller_the_group_commit_refuses_is_told_the_pacers_slot():
+    store = Store()
+    pacer = RetryPacer(rng=LowestDraw())  # type: ignore[arg-type]
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10, pacer=pacer)
+    inflight = asyncio.create_task(group.submit("a"))
+    await _settle()
+    group._write = MovingAverage(10.0)
+    for expected in (PACE_MIN_S, PACE_MIN_S + 1 / (PACE_INITIAL_RATE * PACE_OVERBOOK)):
+        with pytest.raises(Unavailable, match="nothing was written") as refused:
+            await group.submit("b", time_left_s=1.0)
+        assert refused.value.retry_after_ms == pytest.approx(expected * 1000, abs=5)
+    store.release.set()
+    assert await inflight == "A"
+    assert pacer.stats.paced == 2 and len(pacer._batches) == 1  # the written batch was measured

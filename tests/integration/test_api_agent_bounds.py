@@ -10,12 +10,14 @@ from datetime import datetime, timezone
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client import generate_latest
 from sqlalchemy import select
 
 from controller.agents import AgentHub, _Batch
 from controller.api.server import ControllerApp
+from controller.groupcommit import PACE_JITTER, PACE_MAX_S, PACE_MIN_S
 from controller.store import audit
 from controller.store import models as m
 from controller.usecases import agents as agent_cases
@@ -188,14 +190,59 @@ async def test_a_join_storm_beyond_the_admission_queue_is_told_when_to_retry(db_
 
             told = await asyncio.gather(*(register(i) for i in range(24)))
             refused = [i for i, wait in enumerate(told) if wait is not None]
-            assert refused and all(0.5 <= told[i] <= 30 for i in refused)
-            assert app.hub.admission.refused == len(refused)
+            assert refused and all(PACE_MIN_S <= told[i] <= PACE_MAX_S * (1 + PACE_JITTER) for i in refused)
+            assert app.hub.admission.refused + app.hub.shed == len(refused)
             for i in refused:  # what the refusal said: come back later, and then it works
                 assert await register(i) is None
             nodes = (await stubs.admin.ListNodes(admin_pb2.ListNodesRequest(page_size=100))).nodes
             assert len(nodes) == 24
         finally:
             await stubs.channel.close()
+
+
+async def test_a_register_the_gate_would_refuse_is_shed_before_the_interceptor_chain(
+        db_url: str, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """With the gate full (one inside, no queue), a Register is refused UNAVAILABLE with the
+    pacer's retry time (retry-after-ms and google.rpc.RetryInfo) before any interceptor runs: a
+    caller with a token nobody issued hears 'busy', not UNAUTHENTICATED (no token check), no audit
+    entry is written for it, no per-call log line, and it is counted in maia_grpc_server_shed.
+    Each refused caller takes a slot of the pacer. Once the gate has room, the next Register is
+    served."""
+    async with running_controller(db_url, tmp_path, agent_admission_concurrency=1, agent_admission_queue=0) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        stranger = Stubs.connect(app.address, "maia_0123456789abcdef.not-a-token-anyone-issued")
+        bootstrap = Stubs.connect(app.address, await issue_token(app.db, "node-bootstrap", name="storm"))
+        try:
+            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+            node = agent_pb2.NodeInfo(node_id="n00", rack="rack-a", accelerators=4, accelerator_model="maia-100")
+            caplog.set_level("DEBUG", logger="maia.api")
+            waits = []
+            async with app.hub.admission.admit():  # the gate's one place taken: a storm in progress
+                for caller in (stranger, bootstrap):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await caller.agent.Register(agent_pb2.RegisterRequest(node=node))
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+                    assert "busy with agent registrations" in refused.value.details()
+                    waits.append(int(dict(refused.value.trailing_metadata())["retry-after-ms"]))
+                    assert rpc_status.from_call(refused.value).details[0].Is(
+                        error_details_pb2.RetryInfo.DESCRIPTOR)
+            assert all(PACE_MIN_S * 1000 <= wait <= PACE_MAX_S * 1000 for wait in waits)
+            assert app.hub.shed == 2 and app.hub.pacer.stats.paced == 2 and app.hub.admission.refused == 0
+            assert not [r for r in caplog.records if "NodeAgentService/Register" in r.getMessage()
+                        and r.getMessage().startswith("rpc ")]
+            scrape = generate_latest(app.metrics.registry).decode()
+            assert 'maia_grpc_server_shed_total{method="Register",service="maia.v1.NodeAgentService"} 2.0' in scrape
+            assert 'method="Register"' not in "".join(
+                line for line in scrape.splitlines() if line.startswith("maia_grpc_server_handled_total"))
+            registered = await bootstrap.agent.Register(agent_pb2.RegisterRequest(node=node))  # room again
+            assert registered.session_id
+            async with app.db.unit_of_work() as uow:
+                entries = [e for e in await audit.list_entries(uow.session, limit=1000)
+                           if e.action == "/maia.v1.NodeAgentService/Register"]
+            assert [(e.actor, e.outcome) for e in entries] == [("storm", "OK")]  # the refusals left none
+        finally:
+            for s in (stubs, stranger, bootstrap):
+                await s.channel.close()
 
 
 async def test_a_join_storm_of_real_agents_never_times_out_in_the_admission_queue(db_url: str, tmp_path) -> None:

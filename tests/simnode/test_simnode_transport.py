@@ -3,6 +3,7 @@ speaks NodeAgentService and records everything the agent sends."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -194,3 +195,60 @@ async def test_a_fleet_with_shared_channels_multiplexes_its_nodes_on_one_connect
     nodes[1].stop()
     await asyncio.wait_for(tasks[1], timeout=5)
     await shared[address].close()
+
+
+class RefusingController(FakeController):
+    """Refuses the first Registers: `told` of them busy with a retry time (retry-after-ms), then
+    `silent` of them UNAVAILABLE with none, then registers."""
+
+    def __init__(self, told: int, silent: int, retry_after_ms: int) -> None:
+        super().__init__()
+        self.refusals = ["told"] * told + ["silent"] * silent
+        self.retry_after_ms = retry_after_ms
+        self.calls = 0
+
+    async def Register(self, request, context):  # noqa: N802 (gRPC naming)
+        self.calls += 1
+        if self.refusals:
+            kind = self.refusals.pop(0)
+            trailing = (("retry-after-ms", str(self.retry_after_ms)),) if kind == "told" else ()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "busy", trailing_metadata=trailing)
+        return await super().Register(request, context)
+
+
+async def test_a_refused_agent_waits_what_it_is_told_jittered_else_backs_off_exponentially(monkeypatch) -> None:
+    """The agent's pauses between Registers (recorded, not slept): told 7 s, it waits 7 s stretched
+    by up to its jitter, never less, and not all alike; refused with no time, it backs off
+    exponentially with jitter (0.5 s, 1 s, 2 s ceilings, each at least half its ceiling); then it
+    registers and connects."""
+    from controller.simnode import transport
+
+    server = grpc.aio.server()
+    controller = RefusingController(told=3, silent=3, retry_after_ms=7000)
+    agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(controller, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), f"127.0.0.1:{port}", load_delay_s=0.0,
+                         backoff=Backoff(rng=random.Random(7)))
+    pauses: list[float] = []
+    real_wait = transport.wait_event
+
+    async def recorded(event: asyncio.Event, timeout_s: float) -> bool:
+        if event is node._stopping:  # a pause before the next attempt: noted, not waited
+            pauses.append(timeout_s)
+            return False
+        return await real_wait(event, timeout_s)
+
+    monkeypatch.setattr(transport, "wait_event", recorded)
+    task = asyncio.create_task(node.run())
+    try:
+        await wait_until(lambda: controller.hellos())
+        assert controller.calls == 7 and node.register_failures == {"UNAVAILABLE": 6}
+        told, silent = pauses[:3], pauses[3:6]
+        assert all(7.0 <= p <= 7.0 * (1 + node.backoff.retry_jitter) for p in told) and len(set(told)) == 3
+        for pause, ceiling in zip(silent, (0.5, 1.0, 2.0), strict=True):
+            assert ceiling / 2 <= pause <= ceiling
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, timeout=5)
+        await server.stop(grace=None)
