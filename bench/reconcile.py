@@ -19,7 +19,8 @@ With `--changes K`, the first K batches each come with one change by others, in 
 deployment that rolls it (a new shard shape), a shard reported FAILED (released at once: no
 restart back-off), a scale down of a placed deployment by one replica, the batch placed by another
 controller on the same database (a second `Reconciler`, as after a handover; its first pass
-reads the whole cluster, untimed); the passes that follow each kind
+reads the whole cluster, untimed), a node holding shards deleted, or registering again with half
+its accelerators (the shards on the others released); the passes that follow each kind
 are reported apart (`after_<kind>`: warm or full, and their times), which says whether that kind
 of change costs a whole-cluster pass.
 """
@@ -40,7 +41,7 @@ from bench.fgd import percentile
 from bench.synthetic import TENANTS, arrival, cluster
 
 Doc = dict[str, Any]
-CHANGES = ("drain", "update", "fail", "scale_down", "other_commit")
+CHANGES = ("drain", "update", "fail", "scale_down", "other_commit", "delete_node", "resize")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,7 +133,8 @@ async def _change(db: Any, kind: str, placements: list[Doc], rng: random.Random,
         await other.reconcile_once()
         return
     import dataclasses
-    from controller.domain.values import ShardReport
+    from datetime import datetime, timezone
+    from controller.domain.values import NodeInfo, ShardReport
     from controller.identity import Principal
     from controller.store import repositories as repo
     from controller.usecases import agents, nodes, updates
@@ -152,6 +154,18 @@ async def _change(db: Any, kind: str, placements: list[Doc], rng: random.Random,
     async with db.unit_of_work() as uow:
         if kind == "drain":
             await nodes.drain_node(uow, who, p["node"], RecordingSignals(), set())
+        elif kind == "delete_node":
+            await nodes.delete_node(uow, who, p["node"], RecordingSignals())
+        elif kind == "resize":
+            node = next(n for n in snapshot.problem["nodes"] if n["id"] == p["node"])
+            reg = await agents.register_node(uow, who, NodeInfo(
+                node_id=node["id"], rack=node["rack"], accelerators=max(1, node["accelerators"] // 2),
+                accelerator_model=node.get("accelerator_model", ""), hbm_gib=node.get("hbm_gib"),
+                cpu_milli=node.get("cpu_milli"), memory_mib=node.get("memory_mib"),
+                idle_power_w=node["idle_power_w"], labels=node.get("labels", {})), heartbeat_interval_ms=1000)
+            await uow.commit()
+            async with db.unit_of_work() as hello:
+                await agents.hello(hello, who, node["id"], reg.session_id, datetime.now(timezone.utc))
         elif kind in ("update", "scale_down"):
             view = repo.deployment_view(await repo.get_deployment(uow.session, tenant, name))
             spec = dataclasses.replace(view.spec, shard=dataclasses.replace(

@@ -29,8 +29,8 @@ deployment rows, decides them on a warm `Session` kept with the cached snapshot,
 them in one scoped transaction; an arrival the session cannot place gets one more try from the
 full solve after `backoff_s` (the back-off; from the cache, which follows its commit), which
 parks it if it fails again. Changes by others are read from the change log
-(`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes without shards
-removed, evictions: their shards re-placed on the session, committed by the pass; drains),
+(`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes removed or
+resized, evictions: their shards re-placed on the session, committed by the pass; drains),
 tenant contracts, the topology, and deployments changed (updates and rollouts, scale downs,
 failed shards reported, failed replicas released, replaced replicas retired; an outgoing
 replica's node going down; another controller's plan commits: each read again whole, the
@@ -39,8 +39,8 @@ applied to the cache as deltas, and when they could help, the work still short o
 (the unschedulable queue's included; a rollout's or a drain's replacements, within the surge)
 is decided again on the session; deployments being deleted leave the cache and the session as
 departures, their shards and rows removed by the pass's scoped commit. Anything else (a commit
-by another controller touching very many deployments, a node holding shards removed or resized,
-a fast commit that was re-queued, a new leader) drops the cache and takes the full path above, which
+by another controller touching very many deployments, a fast commit that was re-queued, a new
+leader) drops the cache and takes the full path above, which
 leaves a cache of what it committed for the next changes.
 Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them

@@ -29,10 +29,12 @@ capacity, a node removed) are read as those node rows and applied to the snapsho
 session as one `ClusterDelta` (`apply_nodes`). A node holding shards whose work is evicted is
 one too: the session re-places its shards (`Session.apply` repairs them as `solve()` would) and
 the next fast plan commits that, speaking for those deployments whole (`repairs`). A node
-holding shards drained (or no longer drained), or going down while holding a replica being
-replaced, is one too: the deployments holding shards there are read again whole (before the
-node changes: the view drops an outgoing replica on a down node, the session must not re-place
-it). A node holding shards removed or resized is not (the full path re-places them).
+holding shards drained (or no longer drained), going down while holding a replica being
+replaced, removed or resized is one too (`reread`): the deployments holding shards there are
+read again whole before the node changes are applied (the view drops an outgoing replica on a
+down node, which the session must not re-place; a node's removal or a registration with fewer
+accelerators released its shards there, and the session, rebuilding its indexes for the node
+change, completes what is left of their replicas beside their gangs as `solve()` does: repairs).
 Deployments whose change log names them (`apply_deployments`: updated, scaled up, rolled; a
 failure reported; failed replicas released by `store/failures.py`; replaced replicas retired by
 `store/rollout.py`; placed, moved, preempted or removed by another controller's plan commit,
@@ -169,7 +171,7 @@ class ClusterCache:
         """Apply node changes (the nodes as read now) to the snapshot and to the session (one
         `ClusterDelta`), at `generation` (blocking: a worker thread). Whether they could help
         work short of replicas (a node added, ready or changed); None when the cache cannot
-        follow them (a node holding shards removed, resized or moved, or drained unless in
+        follow them (a node holding shards removed, resized or moved, or drained, unless in
         `reread`, whose deployments the caller reads again: `apply_deployments`; a rack it does
         not know): drop it.
 
@@ -192,9 +194,9 @@ class ClusterCache:
             old, new = nodes.get(read.id), read.doc
             if new == old:
                 continue
-            if read.id in holding and (new is None or old is None or read.draining and read.id not in reread
-                                       or dict(old, state="") != dict(new, state="")
-                                       or new["state"] == "down" and self._replacing_on(holding[read.id])):
+            if read.id in holding and read.id not in reread and (
+                    new is None or old is None or read.draining or dict(old, state="") != dict(new, state="")
+                    or new["state"] == "down" and self._replacing_on(holding[read.id])):
                 return None  # its shards must be placed again, or replaced: the full path does
             if new is None:
                 removed.append(read.id)
@@ -567,6 +569,26 @@ class ClusterCache:
             for doc in read.deployments:
                 self.session.replace(deployment_from_dict(doc),
                                      [placement_from_dict(p) for p in by_solver.get(doc["id"], ())])
+
+    def reread(self, reads: Sequence[NodeRead]) -> dict[str, frozenset[str]]:
+        """The nodes among `reads` holding shards whose deployments must be read again whole
+        before the nodes are applied (`apply_nodes(reread=)`), with those deployments (blocking:
+        a worker thread): drained or no longer drained, holding a replica being replaced (the
+        view drops one on a down node), removed, or changed other than in state (resized: the
+        shards on accelerators it no longer has, or on a node removed, were released as it
+        changed; the session repairs what is left of their replicas, as `solve()` does)."""
+        holding = self.holding({read.id for read in reads})
+        nodes = {n["id"]: n for n in self.snapshot.problem["nodes"]} if holding else {}
+        again = {}
+        for read in reads:
+            if read.id not in holding:
+                continue
+            old = nodes.get(read.id)
+            keys, outgoing = holding[read.id]
+            if (read.draining or outgoing or read.doc is None or old is None
+                    or dict(old, state="") != dict(read.doc, state="")):
+                again[read.id] = keys
+        return again
 
     def holding(self, nodes: Collection[str]) -> dict[str, tuple[frozenset[str], bool]]:
         """For each of `nodes` holding shards: the stored deployments holding them, and whether

@@ -123,10 +123,10 @@ class WarmCluster:
         # Deployments updated, or whose placements changed (another controller's plan commit;
         # failed replicas released, replaced ones retired; a failure reported), or on a node
         # drained or no longer drained, or going down: read again whole.
-        holding = await asyncio.to_thread(cache.holding, {read.id for read in reads})
-        replaced = {read.id for read in reads if read.id in holding and (read.draining or holding[read.id][1])}
+        reread = await asyncio.to_thread(cache.reread, reads)
+        replaced = set(reread)
         keys = {name for kind, name in rows if kind in (ChangeKind.PLACEMENTS, ChangeKind.DEPLOYMENT)}
-        keys.update(key for node in replaced for key in holding[node][0])
+        keys.update(key for held in reread.values() for key in held)
         changed = await load_deployments(session, keys - departed, surge=self._surge) if keys - departed else []
         # Deployments being deleted whose rows another controller's commit removed: not for this one to remove.
         deleting = keys & (cache.snapshot.deleting | departed)

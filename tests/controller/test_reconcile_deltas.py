@@ -1,6 +1,6 @@
 """Others' changes reach the warm cache as deltas (controller/scheduling/cache.py, warm.py):
 after random sequences of node joins, hellos, cordons, uncordons, suspects, node deletions,
-evictions of nodes (holding shards or not), contract changes, deployment deletions and arrivals,
+evictions of nodes (holding shards or not), nodes holding shards deleted or resized, contract changes, deployment deletions and arrivals,
 arrivals placed by another controller, shards reported FAILED (their replicas released and placed again off the node), and a whole-cluster pass whose commit one of them makes stale, the warm cache is exactly what a
 fresh `load_snapshot` reads, the committed state passes the independent checker, and what is committed is what
 forced whole-cluster passes commit (best-fit scoring, so that the session and `solve()`
@@ -32,9 +32,9 @@ from test_reconcile_fast import _arrivals, _committed, _four_racks, assert_same,
 from uc_builders import WHO, add_nodes, apply_topology, deployment, no_publish, submit
 
 RACKS = ("rack-a", "rack-b", "rack-c", "rack-d")
-# The events the cache follows as deltas (node deletions: only of nodes without shards).
+# The events the cache follows as deltas.
 FOLLOWED = ("join", "hello", "cordon", "uncordon", "suspect", "evict", "contract", "delete_deployment", "fail",
-            "drain", "update", "scale_down", "other_controller")
+            "drain", "update", "scale_down", "other_controller", "delete_node", "resize")
 
 
 class Events:
@@ -71,6 +71,10 @@ class Events:
         self.other_at = set(self.other_rng.sample(
             sorted(set(range(3, 40)) - {self.evict_at} - self.contract_at - self.fail_at - self.roll_at), 3))
         self.other = reconciler(db)
+        # A node holding shards registering again with fewer accelerators, at steps of their own.
+        self.resize_rng = random.Random(seed + 6000)
+        self.resize_at = set(self.resize_rng.sample(sorted(
+            set(range(3, 40)) - {self.evict_at} - self.contract_at - self.fail_at - self.roll_at - self.other_at), 2))
         self.specs: dict[str, DeploymentSpec] = {}
         self.steps = 0
 
@@ -149,6 +153,23 @@ class Events:
         await self.other.reconcile_once(force=True)
         return "other_controller"
 
+    async def resize(self) -> str:
+        """A node holding shards registers again with 2 accelerators (of 4): the shards on the
+        others are released, what is left of their replicas completed elsewhere."""
+        snapshot = await fresh(self.db)
+        holding = sorted({p["node"] for p in snapshot.problem["placements"]})
+        if holding:
+            node = self.resize_rng.choice(holding)
+            rack = next(n["rack"] for n in snapshot.problem["nodes"] if n["id"] == node)
+            async with self.db.unit_of_work() as uow:
+                reg = await agents.register_node(uow, WHO, NodeInfo(
+                    node_id=node, rack=rack, accelerators=2, accelerator_model="maia-100", hbm_gib=64.0,
+                    idle_power_w=500.0), heartbeat_interval_ms=1000)
+            async with self.db.unit_of_work() as uow:
+                await agents.hello(uow, WHO, node, reg.session_id, datetime.now(timezone.utc))
+            self.registered.pop(node, None)
+        return "resize"
+
     async def submit(self) -> None:
         for spec in next(self.batches):
             await submit(self.db, spec)
@@ -159,6 +180,8 @@ class Events:
         self.steps += 1
         if self.steps in self.other_at:
             return await self.other_controller()
+        if self.steps in self.resize_at:
+            return await self.resize()
         if self.steps in self.roll_at:
             return await self.roll()
         if self.steps == self.evict_at:
@@ -259,7 +282,7 @@ async def test_deltas_commit_what_full_passes_commit(seed, decider, _sqlite_temp
                     assert_same(loop.warm_snapshot, await fresh(db))
             if mode == "deltas":  # the sequence went through the deltas, not only through full passes
                 assert loop.delta_passes + loop.fast_passes > loop.full_passes / 2
-                assert "other_controller" in followed, sorted(followed)
+                assert {"other_controller", "resize"} <= followed, sorted(followed)
             snapshot = await fresh(db)
             assert not check_state(snapshot.problem, snapshot.problem["placements"])
             states.append(await _committed(db))
@@ -677,3 +700,37 @@ async def test_another_controllers_plan_commits_are_followed(cluster) -> None:
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
     assert not (await theirs.reconcile_once()).solved  # and the other follows this one's commit
     assert_same(theirs.warm_snapshot, snapshot)
+
+
+@pytest.mark.parametrize("change", ["delete", "resize"])
+async def test_a_node_holding_shards_deleted_or_resized_is_a_delta(cluster, change: str) -> None:
+    # A node holding shards deleted (its shards released with it), or registering again with
+    # fewer accelerators (the shards on those it no longer has released): the deployments that
+    # held shards there are read again whole, and the session completes what is left of their
+    # replicas beside their gangs (or places them again), as a whole-cluster solve would. No
+    # whole-cluster pass; the cache stays what a fresh read gives.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("gang", shards=2, accelerators=2, locality="rack"))
+    await submit(cluster, deployment("pair", replicas=2, accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("more", replicas=2, accelerators=2, locality="node"))
+    await loop.reconcile_once()
+    full = loop.full_passes
+    placed = (await fresh(cluster)).problem["placements"]
+    node = next(p["node"] for p in placed if p["deployment"] == "t1/gang")
+    if change == "delete":
+        async with cluster.unit_of_work() as uow:
+            await nodes.delete_node(uow, WHO, node, RecordingSignals())
+    else:
+        async with cluster.unit_of_work() as uow:
+            reg = await agents.register_node(uow, WHO, NodeInfo(
+                node_id=node, rack=node.rsplit("-n", 1)[0], accelerators=1, accelerator_model="maia-100",
+                hbm_gib=64.0, idle_power_w=500.0), heartbeat_interval_ms=1000)
+        async with cluster.unit_of_work() as uow:
+            await agents.hello(uow, WHO, node, reg.session_id, datetime.now(timezone.utc))
+    assert (await loop.reconcile_once()).solved and loop.full_passes == full
+    snapshot = await fresh(cluster)
+    assert_same(loop.warm_snapshot, snapshot)
+    held = [p for p in snapshot.problem["placements"] if p["deployment"] == "t1/gang"]
+    assert len(held) == 2 and not any(p["node"] == node and max(p["accelerator_indices"]) > 0 for p in held)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
