@@ -175,6 +175,8 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             node_token = await admin_setup(channel, shape)
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
+            if args.count_sql:  # the counts written after the start's statements (migrations, setup)
+                await asyncio.sleep(SQL_DUMP_WAIT_S)
             sql0, work0 = read_sql(sql_counts), scrape_work(metrics_url)
             cpu0, started = controller.cpu_s(), time.perf_counter()
             fleet_flags = ["--stagger", str(args.stagger), *(["--shared-channel"] if args.shared_channel else [])]
@@ -205,6 +207,8 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
                            "join_cpu_share": round(join_cpu / joined_s, 2), "load_after_join": load()})
             result["agents_at_join"] = await fleet_status(fleets)
             result["admission_at_join"] = scrape_admission(metrics_url)
+            if args.count_sql:  # the join's last statements written
+                await asyncio.sleep(SQL_DUMP_WAIT_S)
             result["work_at_join"] = work_per_node(
                 scrape_work(metrics_url), work0, read_sql(sql_counts), sql0, join_cpu, max(ready, 1), args.count_sql)
             cpu1, t1 = controller.cpu_s(), time.perf_counter()
@@ -223,6 +227,9 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             result["controller_exit"] = controller.stop()  # first: nodes stopping before it would be marked suspect
             stop_all([fleet.process for fleet in fleets])
     return result
+
+
+SQL_DUMP_WAIT_S = 2.5  # longer than bench.sqlcount.DUMP_EVERY_S
 
 
 def read_sql(path: Path) -> dict[str, Any]:

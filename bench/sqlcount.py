@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 DUMP_EVERY_S = 2.0
-ENV_PATH = "MAIA_BENCH_SQL_COUNT"  # where the counts go; the hook is installed only when it is set
+# Where the counts go; the hook is installed only when it is set, and only in the process started
+# with it (it is removed from the environment at once: the controller's decide process must not
+# count its own nothing into the same file).
+ENV_PATH = "BENCH_SQL_COUNT_PATH"
 
 _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN)\s+\"?(\w+)", re.IGNORECASE)
 
@@ -73,7 +76,10 @@ def install(path: str) -> StatementCounts:
     def dump_forever() -> None:
         while True:
             time.sleep(DUMP_EVERY_S)
-            dump()
+            try:
+                dump()
+            except RuntimeError:  # the counts changed size while copied (the event loop's thread): next time
+                pass
 
     threading.Thread(target=dump_forever, name="sql-count", daemon=True).start()
     atexit.register(dump)
@@ -88,7 +94,7 @@ def sitecustomize_source() -> str:
             f"    spec = importlib.util.spec_from_file_location('maia_bench_sqlcount', {here!r})\n"
             f"    module = importlib.util.module_from_spec(spec)\n"
             f"    spec.loader.exec_module(module)\n"
-            f"    module.install(os.environ[{ENV_PATH!r}])\n")
+            f"    module.install(os.environ.pop({ENV_PATH!r}))\n")
 
 
 def read(path: Path) -> dict[str, Any]:
