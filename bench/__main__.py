@@ -32,7 +32,7 @@ def _fgd(args: argparse.Namespace) -> int:
                                  time_limit_ms=args.time_limit_ms, probes=args.probe_calls)
                 runs.append(r)
                 lat = r.latencies_ms
-                print(f"  {workload} {label} seed {seed}: unallocated {r.unallocated_pct:.2f}% "
+                print(f"  {workload} {label} seed {seed}: unallocated {r.unallocated_pct:.3f}% "
                       f"({r.arrivals} arrivals, {r.seconds:.1f} s, {r.arrivals_per_s:.0f}/s"
                       + (f", call p50 {fgd.percentile(lat, 50):.2f} ms p99 "
                          f"{fgd.percentile(lat, 99):.2f} ms" if len(lat) > 1 else "") + ")",
