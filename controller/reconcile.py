@@ -39,9 +39,11 @@ applied to the cache as deltas, and when they could help, the work still short o
 (the unschedulable queue's included; a rollout's or a drain's replacements, within the surge)
 is decided again on the session; deployments being deleted leave the cache and the session as
 departures, their shards and rows removed by the pass's scoped commit. Anything else (a commit
-by another controller touching very many deployments, a fast commit that was re-queued, a new
-leader) drops the cache and takes the full path above, which
-leaves a cache of what it committed for the next changes.
+by another controller touching very many deployments, a fast commit that was re-queued, a pass
+the lease was lost in) drops the cache and takes the full path above, which leaves a cache of
+what it committed for the next changes. A controller leading again (`resync`) solves the whole
+cluster once, from the cache it kept when it can catch up with what the leader meanwhile
+committed.
 Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
 is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
 again with the nodes they failed on cordoned for it alone (other nodes first; what finds none
@@ -274,6 +276,8 @@ class Reconciler:
         # A stale full commit turned replicas away, or the changes it caught up with could help
         # work short of replicas: the next fast pass decides what is short again (`_caught_up`).
         self._redecide = False
+        # `resync` calls, and those a whole-cluster pass has been done after: until then one is due.
+        self._resyncs = self._resynced = 0
 
     def running_for_s(self) -> float:
         """How long the pass under way has been running (0.0: none is)."""
@@ -289,13 +293,16 @@ class Reconciler:
 
     def resync(self) -> None:
         """Solve again on the next pass whatever the generation (a new leader starts afresh:
-        every stored deployment judged against the limits again, nothing parked)."""
-        self._last_generation = None
+        every stored deployment judged against the limits again, nothing parked). From the warm
+        cache when this controller kept one (it led before and lost the lease between passes: a
+        pass the lease was lost in drops it) and it can catch up with what the leader meanwhile
+        committed (the change log: its plan commits name what they touched), else from a fresh
+        read."""
+        self._resyncs += 1
         self._retry_at = None
         self._failures_checked = self._failures_due = None
         self._quarantined.within.clear()
         self._queue = SchedulingQueue(backoff_s=self._queue.backoff_s)
-        self._warm.drop()
         self.wake()
 
     async def run(self) -> None:
@@ -363,6 +370,8 @@ class Reconciler:
             self._pass_started = self._clock()
             self._laps = PassLaps()
             full_before, self._full_pass_s, began = self.full_passes, 0.0, time.perf_counter()
+            resyncs = self._resyncs
+            force = force or resyncs != self._resynced
             try:
                 generation, arrivals = await self._before_pass()
                 self._laps.lap("generation")
@@ -391,6 +400,7 @@ class Reconciler:
                     self._full_pass_s = time.perf_counter() - began
                 self._pass_started = None
             self.consecutive_failures = 0
+            self._resynced = resyncs
             return outcome
 
     async def _before_pass(self) -> tuple[int, int]:

@@ -315,7 +315,8 @@ async def test_a_join_of_many_nodes_stays_off_the_full_path(database: Database) 
     loop = reconciler(database)
     await submit(database, deployment("first", accelerators=4, locality="node"))
     await loop.reconcile_once()
-    loop.resync()  # a new leader: a full pass from a fresh read that writes nothing leaves a cache too
+    loop._warm.drop()  # a new leader without a cache: a full pass from a fresh read that writes
+    loop.resync()      # nothing leaves a cache too
     await loop.reconcile_once()
     assert_same(loop.warm_snapshot, await fresh(database))
     full = loop.full_passes
@@ -622,17 +623,10 @@ async def _roll_and_scale(cluster: Database, loop: Reconciler) -> None:
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
 
 
-async def test_a_back_off_retry_after_changes_by_others_catches_up_instead_of_reading_again(cluster, monkeypatch):
-    # The cluster is full: an arrival the session cannot place waits for its back-off's full
-    # solve. A node joins meanwhile: that solve starts from the cache caught up with the join,
-    # not from a fresh read of the whole cluster.
+def _count_fresh_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the whole-cluster reads of the full path (`planning.load_snapshot`) from now on."""
     from controller.usecases import planning
 
-    loop = reconciler(cluster)
-    await submit(cluster, deployment("fill", replicas=4, accelerators=4, locality="node"))
-    await loop.reconcile_once()
-    await submit(cluster, deployment("late", accelerators=4, locality="node"))
-    await loop.reconcile_once()  # the session cannot place it: backed off (0 s here)
     read = planning.load_snapshot
     reads: list[int] = []
 
@@ -641,6 +635,19 @@ async def test_a_back_off_retry_after_changes_by_others_catches_up_instead_of_re
         return await read(*args, **kw)
 
     monkeypatch.setattr(planning, "load_snapshot", counted)
+    return reads
+
+
+async def test_a_back_off_retry_after_changes_by_others_catches_up_instead_of_reading_again(cluster, monkeypatch):
+    # The cluster is full: an arrival the session cannot place waits for its back-off's full
+    # solve. A node joins meanwhile: that solve starts from the cache caught up with the join,
+    # not from a fresh read of the whole cluster.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("fill", replicas=4, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("late", accelerators=4, locality="node"))
+    await loop.reconcile_once()  # the session cannot place it: backed off (0 s here)
+    reads = _count_fresh_reads(monkeypatch)
     full = loop.full_passes
     await add_nodes(cluster, "rack-a", 1, prefix="joined")
     assert (await loop.reconcile_once()).solved
@@ -733,4 +740,31 @@ async def test_a_node_holding_shards_deleted_or_resized_is_a_delta(cluster, chan
     assert_same(loop.warm_snapshot, snapshot)
     held = [p for p in snapshot.problem["placements"] if p["deployment"] == "t1/gang"]
     assert len(held) == 2 and not any(p["node"] == node and max(p["accelerator_indices"]) > 0 for p in held)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_leader_again_catches_its_cache_up_instead_of_reading_again(cluster, monkeypatch) -> None:
+    # A leader loses its lease between passes; the new leader places arrivals and scales a
+    # deployment down; the first one leads again (`resync`): its whole-cluster pass starts from
+    # its cache caught up with those commits from the change log, not from a fresh read.
+    first, second = reconciler(cluster), reconciler(cluster)
+    await submit(cluster, deployment("svc", replicas=3, accelerators=2, locality="node"))
+    await first.reconcile_once()
+    await submit(cluster, deployment("other", accelerators=2, locality="node"))
+    second.resync()
+    await second.reconcile_once()  # the new leader: a fresh read (it has no cache)
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=2, accelerators=2, locality="node"),
+                                        row.resource_version, RecordingSignals())
+    await second.reconcile_once()
+    await submit(cluster, deployment("late", accelerators=4, locality="node"))
+    reads = _count_fresh_reads(monkeypatch)
+    full = first.full_passes
+    first.resync()
+    assert (await first.reconcile_once()).solved
+    assert first.full_passes == full + 1 and not reads  # a whole-cluster pass, from the caught-up cache
+    snapshot = await fresh(cluster)
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/svc", "t1/other", "t1/late"}
+    assert_same(first.warm_snapshot, snapshot)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
