@@ -342,3 +342,16 @@ def _retrieved(future: asyncio.Future) -> None:
     """Mark an outcome nobody awaits any more (its caller left) as seen: no 'never retrieved' noise."""
     if not future.cancelled():
         future.exception()
+
+
+async def outcome_or_alone(group: GroupCommit[Item, Outcome], item: Item) -> Outcome | None:
+    """`group.submit(item)` for a caller that decides alone what the batch did not: shielded (a
+    member its caller left is still written with its batch); `ALONE` (None) when the batch could
+    not decide it or the writer was stopped (the controller stops). Raises what refused it, and
+    the caller's own cancellation."""
+    try:
+        return await asyncio.shield(group.submit(item))
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            raise  # the caller itself was cancelled
+        return ALONE

@@ -10,6 +10,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store.db import Database
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.ports import Signals
+from controller.usecases.deletes import DeleteBatcher
 from controller.usecases.submits import SubmitBatcher
 from controller.usecases.watch import DeploymentEventBus
 
@@ -27,6 +28,7 @@ class ServiceDeps:
     require_leader: Callable[[], None] = lambda: None
     capacity: CapacityCache | None = None  # the submit path's aggregates (None: read per submit)
     submits: SubmitBatcher | None = None  # group commit of submits (None: one transaction each)
+    deletes: DeleteBatcher | None = None  # group commit of deletions (None: one transaction each)
 
     def connected(self) -> frozenset[str]:
         return self.hub.connected()

@@ -55,6 +55,7 @@ from controller.store.exclusive import DatabaseInUse, SqliteLock
 from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache
+from controller.usecases.deletes import DeleteBatcher
 from controller.usecases.submits import SubmitBatcher
 from controller.usecases.deployments import views_of
 from controller.domain.liveness import FlapDamper
@@ -320,6 +321,7 @@ class ControllerApp:
             heartbeat_interval_ms=self.config.heartbeat_interval_ms, throttle=self.throttle,
             require_leader=self.election.require_leader,
             capacity=CapacityCache(), submits=SubmitBatcher(self.db, self.signals),
+            deletes=DeleteBatcher(self.db, self.signals),
         )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)

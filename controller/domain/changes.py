@@ -42,8 +42,8 @@ class ClusterChange:
         return cls(ChangeKind.NODE, (node_id,))
 
     @classmethod
-    def deployment_deleted(cls, key: str) -> ClusterChange:
-        return cls(ChangeKind.DEPLOYMENT_DELETED, (key,))
+    def deployment_deleted(cls, *keys: str) -> ClusterChange:
+        return cls(ChangeKind.DEPLOYMENT_DELETED, tuple(sorted(set(keys))))
 
     @classmethod
     def deployment(cls, key: str) -> ClusterChange:

@@ -227,7 +227,12 @@ async def visible_row(uow: UnitOfWork, who: Principal, tenant: str, name: str, a
     """The deployment `name` of `tenant` (see `resolve_tenant`) if `who` may see it; another
     tenant's is NOT_FOUND, like a missing one."""
     tenant = await resolve_tenant(uow, who, tenant, name, action)
-    row = await repo.get_deployment(uow.session, tenant, name)
+    return seen_or_not_found(who, tenant, name, await repo.get_deployment(uow.session, tenant, name))
+
+
+def seen_or_not_found(who: Principal, tenant: str, name: str, row: m.Deployment | None) -> m.Deployment:
+    """The row of deployment `name` of `tenant` read for `who`; NOT_FOUND when there is none or
+    `who` may not see it (another tenant's reads as a missing one)."""
     if row is None or not policy.may_see_tenant(who, row.tenant_id):
         raise NotFound(f"deployment {name} not found" + (f" in tenant {tenant}" if who.is_admin else ""))
     return row
@@ -378,18 +383,32 @@ async def all_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> 
 
 async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals,
                             tenant: str = "") -> DeploymentView:
-    row = await visible_row(uow, who, tenant, name, "deleting deployments")
+    """Mark the deployment DELETING (a second delete changes nothing and answers the same); the
+    reconciler releases its shards and removes the row. Concurrent deletions are better committed
+    together: `usecases.deletes.DeleteBatcher`."""
+    row = await visible_row(uow, who, tenant, name, DELETING)
     if row.phase is not m.DeploymentPhase.DELETING:
-        row.phase = m.DeploymentPhase.DELETING
-        await repo.bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(
-            deployment_key(row.tenant_id, row.name)))
-        repo.record_event(uow.session, actor=who.name, kind="deployment.deleting", object_kind="deployment",
-                          object_id=deployment_key(row.tenant_id, name))
+        await mark_deleting(uow, [(row, who.name)])
         await uow.commit()
         signals.wake_reconciler()
     view = repo.deployment_view(row)
     signals.publish(DeploymentEvent("modified", view))  # whole: each watcher reads it redacted for itself
     return await as_seen_by(uow, who, view)
+
+
+DELETING = "deleting deployments"  # the action, in refusals
+
+
+async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment, str]]) -> None:
+    """Mark deployments DELETING, each with its event (by its actor), in the caller's transaction:
+    ONE cluster generation bump for all, which logs every key (plan commits wait for that row
+    from the bump to the commit, so it comes last)."""
+    for row, actor in rows:
+        row.phase = m.DeploymentPhase.DELETING
+        repo.record_event(uow.session, actor=actor, kind="deployment.deleting", object_kind="deployment",
+                          object_id=deployment_key(row.tenant_id, row.name))
+    await repo.bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(
+        *(deployment_key(row.tenant_id, row.name) for row, _ in rows)))
 
 
 async def views_of(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:

@@ -35,14 +35,13 @@ the batch committed, so exactly as if the submits had come one after the other):
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from dataclasses import dataclass
 
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
 from controller.errors import MaiaError
-from controller.groupcommit import ALONE, GroupCommit, GroupStats
+from controller.groupcommit import ALONE, GroupCommit, GroupStats, outcome_or_alone
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
 from controller.store import audit
@@ -100,13 +99,7 @@ class SubmitBatcher:
         validate_spec(spec)
         requests.check_request_id(request_id)
         queued = Queued(spec, request_id, who.name, audit.current_call(), throttle, capacity)
-        try:
-            # Shielded: a member its caller left is still written with its batch.
-            view = await asyncio.shield(self._group.submit(queued))
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise  # the caller itself was cancelled
-            view = None  # the writer was stopped (the controller stops): go alone
+        view = await outcome_or_alone(self._group, queued)
         if view is not None:
             return view
         async with self._db.unit_of_work() as uow:

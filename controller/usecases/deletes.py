@@ -1,0 +1,123 @@
+"""Group commit of deletions: concurrent DeleteDeployment calls marked DELETING in one transaction.
+
+A deletion moves the cluster generation (the reconciler's warm cache reads what changed), and
+plan commits wait for that row from the bump to the commit; one transaction per deletion so
+queued every plan commit behind a stream of them, and its unit of work (pool checkout, BEGIN,
+the reads, the writes, COMMIT: each a turn of a busy event loop) was most of the unary handlers'
+event-loop time under `bench e2e` (docs/benchmarks.md, 2026-12-01 day (deletes)). Here a delete
+checks what needs no read (the name, the tenant a token may name), then joins a
+`groupcommit.GroupCommit` as submits do (`usecases.submits`); one writer at a time takes what
+is queued and, in ONE transaction, reads every member's deployment at once, marks those that
+exist and are not DELETING yet (one event and one audit entry each, ONE generation bump logging
+every key), commits, tells the watchers in one notification and wakes the reconciler once.
+
+Each caller gets what a lone delete (`deployments.delete_deployment`) would have given it:
+- a deployment that does not exist, or that the caller may not see: the lone NOT_FOUND;
+- one already DELETING: its view, nothing written (idempotent, as alone);
+- the same deployment twice never shares a batch (the group commit's key): the second is
+  answered after the first committed, as if they came one after the other;
+- an admin who names no tenant (the tenant is found by a read) goes alone, as does every member
+  of a batch that fails to commit (nothing of it was written: one transaction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controller.domain.values import DeploymentEvent, DeploymentView, deployment_key
+from controller.errors import MaiaError
+from controller.groupcommit import ALONE, GroupCommit, GroupStats, outcome_or_alone
+from controller.identity import Principal
+from controller.store import audit
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import Database, UnitOfWork
+from controller.usecases import policy
+from controller.usecases.deployments import DELETING, delete_deployment, mark_deleting, seen_or_not_found
+from controller.usecases.ports import Signals
+from controller.usecases.redaction import NOTHING, Redactor, redactor_for
+from controller.usecases.validation import check_name, check_optional_id
+
+BATCH_MAX = 256
+
+
+@dataclass
+class QueuedDelete:
+    who: Principal
+    tenant: str                   # the tenant the caller means (its own for a tenant token)
+    name: str
+    call: audit.CallEntry | None  # the RPC's audit entry, written with the change
+
+    @property
+    def key(self) -> str:
+        return deployment_key(self.tenant, self.name)
+
+
+class DeleteBatcher:
+    """Deletions marked and committed together (see the module docstring); the queue and the
+    writer are `groupcommit.GroupCommit`'s."""
+
+    def __init__(self, db: Database, signals: Signals, *, batch_max: int = BATCH_MAX) -> None:
+        self._db = db
+        self._signals = signals
+        self._group: GroupCommit[QueuedDelete, DeploymentView] = GroupCommit(
+            "delete-batches", self._commit_group, batch_max=batch_max, key=lambda q: q.key)
+
+    @property
+    def stats(self) -> GroupStats:
+        return self._group.stats
+
+    async def delete(self, who: Principal, name: str, tenant: str = "") -> DeploymentView:
+        """What `deployments.delete_deployment` does, committed in a batch."""
+        check_name("deployment", name)
+        check_optional_id("tenant", tenant)
+        meant = policy.visible_tenant(who, tenant, DELETING)
+        if meant:  # else an admin named no tenant: which one is meant takes a read of its own
+            view = await outcome_or_alone(self._group, QueuedDelete(who, meant, name, audit.current_call()))
+            if view is not None:
+                return view
+        async with self._db.unit_of_work() as uow:
+            return await delete_deployment(uow, who, name, self._signals, tenant=tenant)
+
+    async def _commit_group(self, batch: list[QueuedDelete]) -> list[DeploymentView | MaiaError | None]:
+        outcomes = await self.commit_batch(batch)
+        return [outcomes.get(id(q), ALONE) for q in batch]
+
+    async def commit_batch(self, batch: list[QueuedDelete]) -> dict[int, DeploymentView | MaiaError]:
+        """Mark the members' deployments DELETING in one transaction; returns by id(member) the
+        view each caller reads, or the error that refused it."""
+        async with self._db.unit_of_work() as uow:
+            s = uow.session
+            found = {deployment_key(r.tenant_id, r.name): r
+                     for r in await repo.list_deployment_rows(s, keys={q.key for q in batch})}
+            outcomes: dict[int, DeploymentView | MaiaError] = {}
+            rows: dict[int, m.Deployment] = {}
+            for queued in batch:
+                try:
+                    rows[id(queued)] = seen_or_not_found(queued.who, queued.tenant, queued.name, found.get(queued.key))
+                except MaiaError as exc:
+                    outcomes[id(queued)] = exc
+            marking = [q for q in batch if id(q) in rows and rows[id(q)].phase is not m.DeploymentPhase.DELETING]
+            redactors = await self._redactors(uow, [q for q in batch if id(q) in rows and rows[id(q)].reasons])
+            calls = [q.call for q in marking if q.call is not None]
+            if marking:
+                await mark_deleting(uow, [(rows[id(q)], q.who.name) for q in marking])
+                await audit.append(s, [c.record for c in calls])
+                await uow.commit()
+            views = {id(q): repo.deployment_view(row) for q in batch if (row := rows.get(id(q))) is not None}
+        for call in calls:
+            call.written = True
+        self._signals.publish(*(DeploymentEvent("modified", view) for view in views.values()))
+        if marking:
+            self._signals.wake_reconciler()
+        return outcomes | {i: redactors.get(i, NOTHING).deployment(view) for i, view in views.items()}
+
+    @staticmethod
+    async def _redactors(uow: UnitOfWork, readers: list[QueuedDelete]) -> dict[int, Redactor]:
+        """What each member whose view has reasons may read of them (one read of the tenant ids,
+        only when a tenant token is among them: `redaction.as_seen_by`)."""
+        tenants = [q for q in readers if not q.who.is_admin and q.who.tenant]
+        if not tenants:
+            return {}
+        tenant_ids = await repo.tenant_ids(uow.session)
+        return {id(q): redactor_for(q.who, tenant_ids) for q in tenants}

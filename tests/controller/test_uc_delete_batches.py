@@ -1,0 +1,159 @@
+"""Group commit of deletions (usecases/deletes.py): a batch marks its members' deployments
+DELETING in one transaction with one cluster generation bump (logging every key), one event and
+one audit entry each; every caller gets what a lone delete gives it (NOT_FOUND for a name it
+cannot see, the same view again for one already deleting), and a batch that cannot commit
+writes nothing and hands every member to the lone delete."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import func, select
+
+from controller.errors import MaiaError, NotFound
+from controller.identity import Principal, Role
+from controller.store import audit
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.audit import AuditRecord, CallEntry
+from controller.usecases import deletes, deployments
+from controller.usecases.deletes import DeleteBatcher, QueuedDelete
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO, add_tenant, deployment
+
+T1 = Principal("t1-token", Role.TENANT, tenant="t1")
+
+
+def _queued(who: Principal, name: str, tenant: str = "t1") -> QueuedDelete:
+    record = AuditRecord(actor=who.name, action="/maia.v1.DeploymentService/DeleteDeployment", tenant=tenant,
+                         object_kind="deployment", object_id=f"{tenant}/{name}")
+    return QueuedDelete(who, tenant, name, CallEntry(record, None))
+
+
+async def _count(db, model) -> int:
+    async with db.unit_of_work() as uow:
+        return int(await uow.session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+async def _generation(db) -> int:
+    async with db.unit_of_work() as uow:
+        return await repo.read_cluster_generation(uow.session)
+
+
+async def _logged(db, generation: int) -> list[tuple[str, str | None]]:
+    async with db.unit_of_work() as uow:
+        rows = await uow.session.execute(select(m.ClusterChangeRow.kind, m.ClusterChangeRow.object_id)
+                                         .where(m.ClusterChangeRow.generation == generation))
+        return sorted((kind, object_id) for kind, object_id in rows)
+
+
+async def _submit(db, *keys: tuple[str, str]) -> None:
+    async with db.unit_of_work() as uow:
+        for tenant, name in keys:
+            await deployments.submit_deployment(uow, WHO, deployment(name, tenant), RecordingSignals())
+
+
+async def _alone(db, who: Principal, name: str, tenant: str = "") -> object:
+    try:
+        async with db.unit_of_work() as uow:
+            return await deployments.delete_deployment(uow, who, name, RecordingSignals(), tenant=tenant)
+    except MaiaError as exc:
+        return exc
+
+
+def _answer(outcome: object) -> object:
+    """What a caller reads of an outcome: an error's code and message, or the view (but its
+    updated_at: the database's, read again by a later call, is not the one the marking call held)."""
+    if isinstance(outcome, BaseException):
+        return type(outcome).__name__, str(outcome)
+    return replace(outcome, updated_at=None)
+
+
+async def test_a_batch_gives_each_caller_the_lone_answer_in_one_transaction_and_one_bump(cluster):
+    await add_tenant(cluster, "t2")
+    await _submit(cluster, ("t1", "a"), ("t1", "b"), ("t1", "again"), ("t2", "theirs"))
+    await _alone(cluster, WHO, "again", "t1")  # already DELETING
+    signals = RecordingSignals()
+    batcher = DeleteBatcher(cluster, signals)
+    before, events, entries = await _generation(cluster), await _count(cluster, m.Event), \
+        await _count(cluster, m.AuditEntry)
+    batch = [_queued(WHO, "a"), _queued(T1, "b"), _queued(WHO, "nope"),  # ok (admin), ok (tenant), unknown
+             _queued(T1, "theirs"),                                       # t2's, asked for by t1's token
+             _queued(WHO, "again")]                                       # already deleting
+    outcomes = await batcher.commit_batch(batch)
+
+    answers = [_answer(outcomes[id(q)]) for q in batch]
+    assert [a.phase if not isinstance(a, tuple) else a[0] for a in answers] == \
+        ["deleting", "deleting", "NotFound", "NotFound", "deleting"]
+    # One transaction, one generation bump for the batch, logging both deployments it marked.
+    assert await _generation(cluster) == before + 1
+    assert await _logged(cluster, before + 1) == [("deployment_deleted", "t1/a"), ("deployment_deleted", "t1/b")]
+    assert [q.call.written for q in batch] == [True, True, False, False, False]
+    assert await _count(cluster, m.Event) == events + 2
+    assert await _count(cluster, m.AuditEntry) == entries + 2
+    assert [e.type for e in signals.events] == ["modified"] * 3 and signals.wakes == 1
+    async with cluster.unit_of_work() as uow:
+        assert (await audit.verify_chain(uow.session)).intact
+    # The lone delete answers the same (a second delete is idempotent: the same view, nothing written).
+    alone = [_answer(await _alone(cluster, q.who, q.name, q.tenant if q.who.is_admin else "")) for q in batch]
+    assert alone == answers
+    assert answers[2] == ("NotFound", "deployment nope not found in tenant t1")
+    assert answers[3] == ("NotFound", "deployment theirs not found")
+    assert await _generation(cluster) == before + 1
+
+
+async def test_concurrent_deletes_each_get_the_lone_answer(cluster):
+    await add_tenant(cluster, "t2")
+    names = [f"d{i}" for i in range(8)]
+    await _submit(cluster, *(("t1", n) for n in names), ("t2", "theirs"))
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+    before = await _generation(cluster)
+    calls = [(WHO, n, "t1") for n in names] + [(WHO, "d0", "t1"),  # the same deployment twice
+                                               (T1, "theirs", ""), (T1, "theirs", "t2"), (WHO, "nope", "t1")]
+    results = await asyncio.gather(*(batcher.delete(who, name, tenant) for who, name, tenant in calls),
+                                   return_exceptions=True)
+    assert [r.phase for r in results[:9]] == ["deleting"] * 9
+    assert [_answer(r) for r in results[9:]] == [("NotFound", "deployment theirs not found"),
+                                                 ("NotFound", "tenant t2 not found"),  # refused before the batch
+                                                 ("NotFound", "deployment nope not found in tenant t1")]
+    # The eight deletions shared a batch (the repeat waited for the next): far fewer bumps than deletes.
+    assert batcher.stats.largest >= 8 and batcher.stats.alone == 0
+    assert await _generation(cluster) - before <= batcher.stats.batches < len(calls)
+    async with cluster.unit_of_work() as uow:
+        phases = [r.phase for r in await repo.list_deployment_rows(uow.session, tenant="t2")]
+    assert phases == [m.DeploymentPhase.PENDING]
+
+
+async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(cluster, monkeypatch):
+    await _submit(cluster, ("t1", "a"), ("t1", "b"))
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+    before = await _generation(cluster)
+
+    async def failing_append(*args, **kwargs):
+        raise RuntimeError("the audit chain could not be appended to")
+
+    monkeypatch.setattr(deletes.audit, "append", failing_append)
+    with pytest.raises(RuntimeError):
+        await batcher.commit_batch([_queued(WHO, "a"), _queued(WHO, "b")])
+    assert await _generation(cluster) == before
+    async with cluster.unit_of_work() as uow:
+        assert {r.phase for r in await repo.list_deployment_rows(uow.session)} == {m.DeploymentPhase.PENDING}
+    monkeypatch.undo()
+
+    failing = {"left": 1}
+    commit_batch = batcher.commit_batch
+
+    async def fails_once(batch):
+        if failing["left"]:
+            failing["left"] -= 1
+            raise RuntimeError("this batch could not commit")
+        return await commit_batch(batch)
+
+    monkeypatch.setattr(batcher, "commit_batch", fails_once)
+    results = await asyncio.gather(batcher.delete(WHO, "a", "t1"), batcher.delete(WHO, "b", "t1"),
+                                   batcher.delete(WHO, "nope", "t1"), return_exceptions=True)
+    assert [_answer(r) if isinstance(r, NotFound) else r.phase for r in results] == \
+        ["deleting", "deleting", ("NotFound", "deployment nope not found in tenant t1")]
+    assert batcher.stats.alone == 3
