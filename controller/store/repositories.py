@@ -404,6 +404,12 @@ async def get_deployment(session: AsyncSession, tenant: str, name: str) -> m.Dep
     )
 
 
+async def deployments_named(session: AsyncSession, names: Iterable[str]) -> list[m.Deployment]:
+    """The deployments called any of `names`, in every tenant (a batch of by-name calls)."""
+    return list(await session.scalars(select(m.Deployment).options(*_DEPLOYMENT_LOAD)
+                                      .where(m.Deployment.name.in_(set(names)))))
+
+
 async def tenants_with_deployment(session: AsyncSession, name: str, limit: int = 2) -> list[str]:
     """Tenants that have a deployment called `name` (the first `limit`, by tenant id)."""
     return list(await session.scalars(

@@ -14,10 +14,14 @@ every key), commits, tells the watchers in one notification and wakes the reconc
 Each caller gets what a lone delete (`deployments.delete_deployment`) would have given it:
 - a deployment that does not exist, or that the caller may not see: the lone NOT_FOUND;
 - one already DELETING: its view, nothing written (idempotent, as alone);
-- the same deployment twice never shares a batch (the group commit's key): the second is
-  answered after the first committed, as if they came one after the other;
-- an admin who names no tenant (the tenant is found by a read) goes alone, as does every member
-  of a batch that fails to commit (nothing of it was written: one transaction).
+- an admin who names no tenant: the one tenant with a deployment of that name (the batch reads
+  the owners of all its names in its one query), NOT_FOUND or the lone FAILED_PRECONDITION
+  naming the tenants when none or several have one;
+- the same name twice never shares a batch (the group commit's key is the name: whichever tenant
+  a call means, or finds): the second is answered after the first committed, as if they came one
+  after the other;
+- every member of a batch that fails to commit goes alone (nothing of it was written: one
+  transaction).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import policy
-from controller.usecases.deployments import DELETING, delete_deployment, mark_deleting, seen_or_not_found
+from controller.usecases.deployments import DELETING, delete_deployment, mark_deleting, only_owner, seen_or_not_found
 from controller.usecases.ports import Signals
 from controller.usecases.redaction import NOTHING, Redactor, redactor_for
 from controller.usecases.validation import check_name, check_optional_id
@@ -44,13 +48,17 @@ BATCH_MAX = 256
 @dataclass
 class QueuedDelete:
     who: Principal
-    tenant: str                   # the tenant the caller means (its own for a tenant token)
+    tenant: str                   # the tenant the caller means (its own for a tenant token; "": an admin naming none)
     name: str
     call: audit.CallEntry | None  # the RPC's audit entry, written with the change
 
     @property
     def key(self) -> str:
         return deployment_key(self.tenant, self.name)
+
+    def tenant_in(self, owners: dict[str, list[str]]) -> str:
+        """The tenant meant: named, or (an admin naming none) the one of `owners` (by name)."""
+        return self.tenant or only_owner(self.name, owners.get(self.name, []))
 
 
 class DeleteBatcher:
@@ -61,7 +69,7 @@ class DeleteBatcher:
         self._db = db
         self._signals = signals
         self._group: GroupCommit[QueuedDelete, DeploymentView] = GroupCommit(
-            "delete-batches", self._commit_group, batch_max=batch_max, key=lambda q: q.key)
+            "delete-batches", self._commit_group, batch_max=batch_max, key=lambda q: q.name)
 
     @property
     def stats(self) -> GroupStats:
@@ -72,10 +80,9 @@ class DeleteBatcher:
         check_name("deployment", name)
         check_optional_id("tenant", tenant)
         meant = policy.visible_tenant(who, tenant, DELETING)
-        if meant:  # else an admin named no tenant: which one is meant takes a read of its own
-            view = await outcome_or_alone(self._group, QueuedDelete(who, meant, name, audit.current_call()))
-            if view is not None:
-                return view
+        view = await outcome_or_alone(self._group, QueuedDelete(who, meant, name, audit.current_call()))
+        if view is not None:
+            return view
         async with self._db.unit_of_work() as uow:
             return await delete_deployment(uow, who, name, self._signals, tenant=tenant)
 
@@ -89,12 +96,17 @@ class DeleteBatcher:
         async with self._db.unit_of_work() as uow:
             s = uow.session
             found = {deployment_key(r.tenant_id, r.name): r
-                     for r in await repo.list_deployment_rows(s, keys={q.key for q in batch})}
+                     for r in await repo.deployments_named(s, {q.name for q in batch})}
+            owners: dict[str, list[str]] = {}
+            for row in sorted(found.values(), key=lambda r: r.tenant_id):
+                owners.setdefault(row.name, []).append(row.tenant_id)
             outcomes: dict[int, DeploymentView | MaiaError] = {}
             rows: dict[int, m.Deployment] = {}
             for queued in batch:
                 try:
-                    rows[id(queued)] = seen_or_not_found(queued.who, queued.tenant, queued.name, found.get(queued.key))
+                    tenant = queued.tenant_in(owners)
+                    rows[id(queued)] = seen_or_not_found(queued.who, tenant, queued.name,
+                                                         found.get(deployment_key(tenant, queued.name)))
                 except MaiaError as exc:
                     outcomes[id(queued)] = exc
             marking = [q for q in batch if id(q) in rows and rows[id(q)].phase is not m.DeploymentPhase.DELETING]

@@ -213,7 +213,11 @@ async def resolve_tenant(uow: UnitOfWork, who: Principal, tenant: str, name: str
     tenant = policy.visible_tenant(who, tenant, action)
     if tenant:
         return tenant
-    owners = await repo.tenants_with_deployment(uow.session, name, limit=3)
+    return only_owner(name, await repo.tenants_with_deployment(uow.session, name, limit=3))
+
+
+def only_owner(name: str, owners: Sequence[str]) -> str:
+    """The one tenant of `owners` (sorted) that has a deployment `name`, for a caller naming none."""
     if not owners:
         raise NotFound(f"deployment {name} not found")
     if len(owners) > 1:

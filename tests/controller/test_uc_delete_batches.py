@@ -157,3 +157,20 @@ async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(clu
     assert [_answer(r) if isinstance(r, NotFound) else r.phase for r in results] == \
         ["deleting", "deleting", ("NotFound", "deployment nope not found in tenant t1")]
     assert batcher.stats.alone == 3
+
+
+async def test_an_admin_naming_no_tenant_is_answered_in_the_batch_as_alone(cluster):
+    await add_tenant(cluster, "t2")
+    await _submit(cluster, ("t1", "shared"), ("t2", "shared"), ("t2", "solo"))
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+    before = await _generation(cluster)
+    batch = [_queued(WHO, "solo", ""), _queued(WHO, "shared", ""), _queued(WHO, "ghost", "")]
+    outcomes = await batcher.commit_batch(batch)
+    answers = [_answer(outcomes[id(q)]) for q in batch]
+    assert answers[0].spec.tenant == "t2" and answers[0].phase == "deleting"
+    assert answers[1:] == [("FailedPrecondition", "deployment shared exists in several tenants (t1, t2); name the "
+                                                  "tenant (maiactl --tenant T)"),
+                           ("NotFound", "deployment ghost not found")]
+    assert [_answer(await _alone(cluster, WHO, q.name)) for q in batch] == answers
+    assert await _logged(cluster, before + 1) == [("deployment_deleted", "t2/solo")]
+    assert await _generation(cluster) == before + 1
