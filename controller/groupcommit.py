@@ -331,6 +331,13 @@ class GroupCommit(Generic[Item, Outcome]):
                 member.future.cancel()
             self._pending = []
             raise
+        finally:
+            # Out of the writers now, in the step that saw nothing left to take, not by the done
+            # callback a turn later: a caller queuing in between would find this writer counted,
+            # start none, and wait for good.
+            writer = asyncio.current_task()
+            if writer is not None:
+                self._writers.discard(writer)
 
     def _release_keys(self, batch: list[_Member[Item, Outcome]]) -> None:
         if self._key is not None:

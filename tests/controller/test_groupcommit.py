@@ -53,6 +53,30 @@ async def test_items_arriving_while_a_batch_commits_go_together_in_the_next():
     assert group.stats.batches == 2 and group.stats.largest == 3
 
 
+async def test_a_caller_queued_in_the_turn_its_writer_stops_is_still_written():
+    """The writer stops (nothing pending) and, in that same turn of the event loop, a caller woken
+    by the batch it just wrote queues an item: a writer is started for it. The writer used to leave
+    the group's set of writers only by its done callback, a turn later, so the caller found it
+    still counted, none was started, and it waited for good (a simnode's hello in CI: 3 of 4
+    nodes connected, the fourth's stream open and never answered)."""
+    woken = asyncio.Event()
+
+    async def commit(batch: list[str]) -> list[str]:
+        woken.set()  # the next caller runs after this writer's step, before its done callbacks
+        return [item.upper() for item in batch]
+
+    group: GroupCommit[str, str] = GroupCommit("t", commit, batch_max=8)
+
+    async def next_caller() -> str | None:
+        await woken.wait()
+        return await group.submit("b")
+
+    later = asyncio.create_task(next_caller())
+    await asyncio.sleep(0)  # it waits for the first batch
+    assert await group.submit("a") == "A"
+    assert await asyncio.wait_for(later, 10) == "B"
+
+
 async def test_a_batch_holds_at_most_batch_max_and_one_item_per_key():
     store = Store()
     store.release.set()
