@@ -109,7 +109,7 @@ async def _running_work(s: AsyncSession, nodes: list[NodeSpec], tenants: list[st
          "reasons": [], "generation": 1, "revision_specs": {}}
         for i, name in enumerate(names)])
     ids = dict((await s.execute(select(m.Deployment.name, m.Deployment.id)
-                                .where(m.Deployment.name.startswith(PRELOAD_PREFIX)))).tuples().all())
+                                .where(m.Deployment.name.startswith(PRELOAD_PREFIX)))).all())
     await s.execute(insert(m.Placement), [
         {"deployment_id": ids[name], "replica": 0, "shard": 0, "node_id": nodes[i % len(nodes)].node_id,
          "accelerator_indices": [i // len(nodes)], "phase": m.ShardPhase.RUNNING, "generation": 1}
