@@ -81,7 +81,8 @@ from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import QueueDepths, SchedulingQueue
 from controller.store import models as m
 from controller.store import repositories as repo
-from controller.store.db import Database
+from controller.store.changes import read_generation_and_schedulable
+from controller.store.db import Database, UnitOfWork
 from controller.store.lease import LeaseLost
 from controller.store.failures import FailureStep, handle_failures
 from controller.store.plans import CommitResult, commit_plan
@@ -308,7 +309,11 @@ class Reconciler:
     async def run(self) -> None:
         """Reconcile until cancelled."""
         while True:
-            if await wait_event(self._wake, self._interval):  # let a burst of changes (many nodes connecting at once) land before snapshotting
+            # Woken while the last pass ran: the next starts at once (the burst that woke it has
+            # landed meanwhile, and an arrival waiting for it must not wait longer). Woken while
+            # idle: let a burst of changes (many nodes connecting at once) land before reading.
+            woken_during_pass = self._wake.is_set()
+            if await wait_event(self._wake, self._interval) and not woken_during_pass:
                 await asyncio.sleep(self._settle)
             self._wake.clear()
             if not self._lease.should_run():
@@ -373,17 +378,22 @@ class Reconciler:
             resyncs = self._resyncs
             force = force or resyncs != self._resynced
             try:
-                generation, arrivals = await self._before_pass()
-                self._laps.lap("generation")
-                now = self._clock()
-                retry_due = self._retry_at is not None and now >= self._retry_at or self._queue.backoff_due(now)
-                self._queue.arrived(arrivals - (self._last_arrivals or 0))
-                if (not force and not retry_due and generation == self._last_generation
-                        and arrivals == self._last_arrivals and not self._redecide):
-                    outcome = ReconcileOutcome(generation=generation)
-                elif not (force or retry_due) and self._may_go_fast(generation, arrivals):
-                    outcome = await self._fast_pass(generation, arrivals) or await self._solve_and_commit()
-                else:
+                # One unit of work for a fast pass, reads and commit (each more costs round trips:
+                # a connection's check, BEGIN and the end, which on PostgreSQL under load are
+                # what a pass waits for); the full path takes its own.
+                outcome: ReconcileOutcome | None = None
+                async with self._db.unit_of_work() as uow:
+                    generation, arrivals = await self._before_pass(uow)
+                    self._laps.lap("generation")
+                    now = self._clock()
+                    retry_due = self._retry_at is not None and now >= self._retry_at or self._queue.backoff_due(now)
+                    self._queue.arrived(arrivals - (self._last_arrivals or 0))
+                    if (not force and not retry_due and generation == self._last_generation
+                            and arrivals == self._last_arrivals and not self._redecide):
+                        outcome = ReconcileOutcome(generation=generation)
+                    elif not (force or retry_due) and self._may_go_fast(generation, arrivals):
+                        outcome = await self._fast_pass(uow, generation, arrivals)
+                if outcome is None:
                     outcome = await self._solve_and_commit()
                 if outcome.solved:
                     self._queue.arrived(0)
@@ -403,32 +413,29 @@ class Reconciler:
             self._resynced = resyncs
             return outcome
 
-    async def _before_pass(self) -> tuple[int, int]:
-        """The cluster generation and the count of schedulable deployments, after the work a pass
-        does first when due, in the same unit of work (each one more costs round trips, which
-        under load on PostgreSQL are what a pass waits for): replicas whose shards an agent
-        reported FAILED (`store/failures.py`) and outgoing replicas whose replacements run
-        (rolling updates, drains: `store/rollout.py`)."""
+    async def _before_pass(self, uow: UnitOfWork) -> tuple[int, int]:
+        """The cluster generation and the count of schedulable deployments (one statement), after
+        the work a pass does first when due, in the pass's unit of work (committed when it wrote
+        something): replicas whose shards an agent reported FAILED (`store/failures.py`) and
+        outgoing replicas whose replacements run (rolling updates, drains: `store/rollout.py`)."""
         step: FailureStep | None = None
         retired: Retired | None = None
-        async with self._db.unit_of_work() as uow:
-            generation = await repo.read_cluster_generation(uow.session)
-            arrivals = await repo.count_schedulable_deployments(uow.session)
-            # Shards reported FAILED bump the generation; a back-off running ends at a known time.
-            failures_due = self._failures_due is not None and self._clock() >= self._failures_due
-            if generation != self._failures_checked or failures_due:
-                step = await handle_failures(uow.session, now=self._wall_clock(), policy=self._restarts)
-                if step.deployments:
-                    generation = await repo.read_cluster_generation(uow.session)
-                failures_checked = generation
-            # Only while replicas are being replaced, or when the cluster changed (an update or
-            # a drain may have started replacing some): an idle cluster costs no scan.
-            if self._replacing or generation != self._retire_checked:
-                retired = await retire_replaced(uow.session, now=self._wall_clock())
-                if retired.deployments:
-                    generation = await repo.read_cluster_generation(uow.session)
-            if step is not None and step.deployments or retired is not None and retired.deployments:
-                await uow.commit()
+        generation, arrivals = await read_generation_and_schedulable(uow.session)
+        # Shards reported FAILED bump the generation; a back-off running ends at a known time.
+        failures_due = self._failures_due is not None and self._clock() >= self._failures_due
+        if generation != self._failures_checked or failures_due:
+            step = await handle_failures(uow.session, now=self._wall_clock(), policy=self._restarts)
+            if step.deployments:
+                generation = await repo.read_cluster_generation(uow.session)
+            failures_checked = generation
+        # Only while replicas are being replaced, or when the cluster changed (an update or
+        # a drain may have started replacing some): an idle cluster costs no scan.
+        if self._replacing or generation != self._retire_checked:
+            retired = await retire_replaced(uow.session, now=self._wall_clock())
+            if retired.deployments:
+                generation = await repo.read_cluster_generation(uow.session)
+        if step is not None and step.deployments or retired is not None and retired.deployments:
+            await uow.commit()  # the session goes on in a new transaction
         # Marked checked once committed (a pass whose commit failed checks again).
         if step is not None:
             self._failures_checked = failures_checked
@@ -478,22 +485,21 @@ class Reconciler:
             return arrivals > self._last_arrivals
         return self._warm.cache is not None
 
-    async def _fast_pass(self, generation: int, arrivals: int) -> ReconcileOutcome | None:
-        """Follow others' changes, then decide the arrivals (and, after a change that could help
-        them, what is still short of replicas) on the warm cluster and commit them in one
-        transaction (module doc of controller/scheduling/cache.py); None: the full path must
-        run instead."""
+    async def _fast_pass(self, uow: UnitOfWork, generation: int, arrivals: int) -> ReconcileOutcome | None:
+        """Follow others' changes (up to `generation`, read first in `uow`), then decide the
+        arrivals (and, after a change that could help them, what is still short of replicas) on
+        the warm cluster and commit them, all in the pass's unit of work `uow` (module doc of
+        controller/scheduling/cache.py); None: the full path must run instead."""
         started = time.perf_counter()
         helped, self._redecide = self._redecide, False
-        async with self._db.unit_of_work() as uow:  # one for the reads: round trips are what a pass waits for
-            if generation != self._warm.own_generation:
-                caught_up = await self._warm.catch_up(uow.session)
-                self._laps.lap("catch_up")
-                if caught_up is None:
-                    return None
-                helped |= caught_up
-                self._last_generation = self._warm.own_generation
-            read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._last_arrivals else ([], [])
+        if generation != self._warm.own_generation:
+            caught_up = await self._warm.catch_up(uow.session, generation=generation)
+            self._laps.lap("catch_up")
+            if caught_up is None:
+                return None
+            helped |= caught_up
+            self._last_generation = self._warm.own_generation
+        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._last_arrivals else ([], [])
         self._laps.lap("arrivals")
         cache = self._warm.cache
         if read is None or cache is None or self._quarantined.judge(read[0] + read[1]):
@@ -533,12 +539,11 @@ class Reconciler:
             self._laps.ms["decide_child_cpu"] = (self._decider.cpu_s - child_cpu_s) * 1000
         self._observer.solved(fast.plan.status, decided_s)
         base = cache.snapshot.generation
-        async with self._db.unit_of_work() as uow:  # one unit of work: round trips are what a pass waits for
-            deleting = await _deleting_views(uow.session, departed)
-            result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
-                                       now=self._wall_clock())
-            self._laps.lap("commit_plan")
-            await uow.commit()
+        deleting = await _deleting_views(uow.session, departed)
+        result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
+                                   now=self._wall_clock())
+        self._laps.lap("commit_plan")
+        await uow.commit()
         self._laps.lap("commit")
         self.fast_passes += 1
         self._observer.pass_taken("fast")

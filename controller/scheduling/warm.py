@@ -99,8 +99,9 @@ class WarmCluster:
         docs = None if self.cache is None else self.cache.pending_since(self._known_id)
         return None if docs is None else (docs, [])
 
-    async def catch_up(self, session: AsyncSession) -> bool | None:
-        """Bring the cache to the current generation from the change log: node changes read as
+    async def catch_up(self, session: AsyncSession, *, generation: int | None = None) -> bool | None:
+        """Bring the cache to the current generation (or to `generation`, read earlier in the
+        caller's transaction) from the change log: node changes read as
         those rows and applied as deltas (`ClusterCache.apply_nodes`). Whether they could help
         work short of replicas; None when the cache cannot follow (another kind of change, a
         generation whose change is not logged or was pruned, a node whose shards must move): it
@@ -108,7 +109,7 @@ class WarmCluster:
         cache = self.cache
         if cache is None:
             return None
-        since = await read_changes_since(session, cache.snapshot.generation)
+        since = await read_changes_since(session, cache.snapshot.generation, generation=generation)
         rows = [row for generation, logged in since.changes.items() if generation not in cache.own_commits
                 for row in logged]
         if not since.complete or any(kind not in _FOLLOWED or name is None and kind is not ChangeKind.TOPOLOGY

@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind, ClusterChange
-from controller.store.models import ClusterChangeRow, ClusterState
+from controller.store.models import ClusterChangeRow, ClusterState, Deployment, DeploymentPhase
 
 _KINDS = frozenset(k.value for k in ChangeKind)
 
@@ -65,10 +65,23 @@ class ChangesSince:
         return self.generation >= self.after and len(self.changes) == self.generation - self.after
 
 
-async def read_changes_since(session: AsyncSession, after: int) -> ChangesSince:
+async def read_generation_and_schedulable(session: AsyncSession) -> tuple[int, int]:
+    """The cluster generation and the count of schedulable deployments (neither being deleted
+    nor quarantined: `repositories.count_schedulable_deployments`), in one statement: what a
+    reconcile pass reads first (on PostgreSQL under load, each round trip is a wait)."""
+    schedulable = select(func.count()).select_from(Deployment).where(
+        Deployment.phase.not_in([DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED])).scalar_subquery()
+    row = (await session.execute(select(ClusterState.generation, schedulable).where(ClusterState.id == 1))).one_or_none()
+    return (0, 0) if row is None else (int(row[0] or 0), int(row[1] or 0))
+
+
+async def read_changes_since(session: AsyncSession, after: int, *, generation: int | None = None) -> ChangesSince:
     """The current generation and the changes logged for each generation above `after` (read
-    after it: a generation that is visible has its rows visible, written in its transaction)."""
-    generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
+    after it: a generation that is visible has its rows visible, written in its transaction).
+    `generation`: the generation the caller read earlier in the same transaction (the changes
+    up to it, one statement fewer); the next read finds the later ones."""
+    if generation is None:
+        generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
     changes: dict[int, list[tuple[ChangeKind, str | None]]] = {}
     if generation > after:
         for gen, kind, object_id in await session.execute(

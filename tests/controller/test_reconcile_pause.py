@@ -72,3 +72,34 @@ async def test_publishes_overlap_the_next_pass_but_keep_the_commits_order() -> N
     assert told == []  # nothing waited for
     await r.published()
     assert told == ["first", "second", "third"]
+
+
+async def test_a_wake_during_a_pass_starts_the_next_at_once_and_one_while_idle_settles_first(monkeypatch) -> None:
+    """The settle lets a burst land before a pass reads; a wake that came while a pass ran finds
+    its burst landed already: the next pass starts without it (an arrival waits one pass less)."""
+    r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=60.0, settle_s=0.05)  # type: ignore[arg-type]
+    passes = 0
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def one_pass(*, force: bool = False, wait_published: bool = True) -> ReconcileOutcome:
+        nonlocal passes
+        passes += 1
+        if passes == 1:
+            r.wake()  # a submit lands while the pass runs
+            await real_sleep(0)
+            return ReconcileOutcome()
+        raise asyncio.CancelledError
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(r, "reconcile_once", one_pass)
+    monkeypatch.setattr(reconcile.asyncio, "sleep", sleep)
+    loop = asyncio.get_running_loop()
+    loop.call_soon(r.wake)  # woken while idle (the loop waits for it)
+    with pytest.raises(asyncio.CancelledError):
+        await r.run()
+    assert passes == 2
+    assert sleeps == [0.05]  # the settle before the first pass only

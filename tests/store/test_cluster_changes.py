@@ -9,8 +9,11 @@ from sqlalchemy import select
 from controller.domain.changes import ChangeKind, ClusterChange
 from controller.store import changes
 from controller.store.db import Database
-from controller.store.models import ClusterChangeRow
+from controller.store import repositories as repo
+from controller.store.models import ClusterChangeRow, Deployment, DeploymentPhase
 from controller.store.plans import bump_cluster_generation, read_changes_since
+
+from .seed import TWO_RACKS, seed_problem
 
 
 async def test_each_bump_logs_what_it_changed(database: Database) -> None:
@@ -65,3 +68,38 @@ async def test_old_generations_are_pruned(database: Database, monkeypatch) -> No
         behind = await read_changes_since(uow.session, 1)
     assert kept == [8, 9, 10]  # the bump to 10 pruned up to 7 (the bump to 5 up to 2)
     assert since.complete and not behind.complete
+
+
+async def test_changes_up_to_a_generation_read_before_stop_there(database: Database) -> None:
+    """A reconcile pass reads the generation first, then the changes up to it (no second read
+    of the generation): a later bump is left for the next pass."""
+    async with database.unit_of_work() as uow:
+        for node in ("n1", "n2", "n3"):
+            await bump_cluster_generation(uow.session, ClusterChange.node(node))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        upto = await read_changes_since(uow.session, 0, generation=2)
+    assert upto.generation == 2 and upto.complete
+    assert upto.changes == {1: [(ChangeKind.NODE, "n1")], 2: [(ChangeKind.NODE, "n2")]}
+
+
+async def test_the_generation_and_the_schedulable_count_read_together(database: Database) -> None:
+    """One statement for what `read_cluster_generation` and `count_schedulable_deployments`
+    say apart: deployments being deleted or quarantined are not counted."""
+    doc = {**TWO_RACKS, "nodes": [{"id": "n1", "rack": "rack1", "accelerators": 4}],
+           "tenants": [{"id": "t1"}],
+           "deployments": [{"id": f"t1/d{i}", "tenant": "t1", "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": 1}} for i in range(4)]}
+    async with database.unit_of_work() as uow:
+        assert await changes.read_generation_and_schedulable(uow.session) == (0, 0)
+        await seed_problem(uow.session, doc)
+        rows = list((await uow.session.execute(select(Deployment).order_by(Deployment.id))).scalars())
+        rows[1].phase = DeploymentPhase.DELETING
+        rows[2].phase = DeploymentPhase.QUARANTINED
+        await bump_cluster_generation(uow.session, ClusterChange.node("n1"))
+        await bump_cluster_generation(uow.session, ClusterChange.node("n1"))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        both = await changes.read_generation_and_schedulable(uow.session)
+        assert both == (await repo.read_cluster_generation(uow.session),
+                        await repo.count_schedulable_deployments(uow.session)) == (2, 2)
