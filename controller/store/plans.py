@@ -69,7 +69,7 @@ from controller.store.metering import (
 from controller.store.recheck import ReplicaKey, TenantUsage, Unread, recheck, shard_usage
 from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
-from controller.domain.changes import ClusterChange
+from controller.domain.changes import ChangeKind, ClusterChange
 from controller.domain.values import deployment_key, split_deployment_key
 from controller.domain.phases import deployment_phase, replica_counts
 from controller.domain.restarts import failure_reasons
@@ -199,6 +199,7 @@ class _Committed:
     for (all, or its scope's) and their placements."""
 
     scope: frozenset[str] | None
+    generation: int  # the cluster generation it was read at (under the lock), before this commit's
     deployments: dict[str, Any]  # key TENANT/NAME -> row (`_DEPLOYMENT_FIELDS`)
     live: set[str]  # neither being deleted nor quarantined
     current: dict[ShardKey, _Row]  # placements of live deployments
@@ -208,9 +209,9 @@ class _Committed:
         return self.scope is None or key in self.scope
 
 
-async def _read_committed(session: AsyncSession, scope: Collection[str] | None) -> _Committed:
+async def _read_committed(session: AsyncSession, scope: Collection[str] | None, generation: int) -> _Committed:
     """Every deployment and placement (`scope` None), or only the scope's: one query per table
-    (per `_CHUNK` keys of a scope)."""
+    (per `_CHUNK` keys of a scope); at `generation`."""
     scope = None if scope is None else frozenset(scope)
     if scope is None:
         found = list(await session.execute(select(*_DEPLOYMENT_FIELDS)))
@@ -230,7 +231,7 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None) 
     else:
         placements = [p for chunk in _chunks(sorted(keys_by_id))
                       for p in await session.execute(query.where(Placement.deployment_id.in_(chunk)))]
-    committed = _Committed(scope, deployments,
+    committed = _Committed(scope, generation, deployments,
                            {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [])
     for p in placements:
         name = keys_by_id[p.deployment_id]
@@ -435,6 +436,20 @@ async def _read_unread(session: AsyncSession, committed: _Committed, doc: dict[s
     return Unread(tenants, by_row)
 
 
+async def _same_specs(session: AsyncSession, snapshot: Snapshot, generation: int) -> bool:
+    """Whether what the re-check judges by (topology, nodes, tenants, the specs of deployments)
+    is as `snapshot` has it at `generation`, said by the change log in between: only deletions
+    (a deployment being deleted is judged by nothing: its shards leave) and placements changed
+    of deployments the snapshot knows (shards released, failures reported, another controller's
+    plan; the shards themselves are read under the lock). One query instead of the six that
+    read the document again; the usual staleness under load is deletions."""
+    since = await read_changes_since(session, snapshot.generation, generation=generation)
+    known = snapshot.deployment_ids
+    return since.complete and all(
+        kind is ChangeKind.DEPLOYMENT_DELETED or kind is ChangeKind.PLACEMENTS and name is not None and name in known
+        for logged in since.changes.values() for kind, name in logged)
+
+
 async def _recheck(
     session: AsyncSession, snapshot: Snapshot, committed: _Committed, changes: _Changes,
     landing: dict[ReplicaKey, dict[int, Where]], stale: bool,
@@ -457,7 +472,7 @@ async def _recheck(
         shards.update(outside)
         template.update((key, revision) for key, (_, revision) in others.items())
         ids = {d.id for d in deployments.values()} | {i for i, _ in others.values()}
-    if stale:
+    if stale and not await _same_specs(session, snapshot, committed.generation):
         doc = await load_spec_doc(session, within_rows=rows, deployment_ids=ids)
     else:
         doc = _spec_doc(snapshot, None if committed.scope is None else set(template), rows)
@@ -511,7 +526,7 @@ async def commit_plan(
     now = now or utcnow()
 
     # Current state (read under the generation lock): every deployment and placement, or the scope's.
-    committed = await _read_committed(session, scope)
+    committed = await _read_committed(session, scope, generation - int(bumped))
     deployments, live, current = committed.deployments, committed.live, committed.current
 
     # Shards the snapshot left out (store/snapshot.py `released`): released if still there.

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from controller.domain.changes import ClusterChange
 from controller.store.db import Database
-from controller.store import audit
+from controller.store import audit, plans
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.plans import (
@@ -424,3 +425,58 @@ async def test_a_requeued_replica_is_not_audited(database: Database) -> None:
                                                                     P(TRAIN, 0, 1, "n2", 0, 1))))
     assert set(result.requeued) == {(TRAIN, 0)}
     assert await _audit_rows(database) == []
+
+
+async def _judged_by(database: Database, monkeypatch: pytest.MonkeyPatch, change: ClusterChange,
+                     edit: Any = None) -> tuple[CommitResult, int]:
+    """A plan placing TRAIN on n2, committed after `change` (and `edit` of the rows) landed since
+    its snapshot; with how many times the re-check read its document again."""
+    snap = await _seeded(database)
+    async with database.unit_of_work() as uow:
+        if edit is not None:
+            await edit(uow.session)
+        await bump_cluster_generation(uow.session, change)
+        await uow.commit()
+    reads = 0
+    real = plans.load_spec_doc
+
+    async def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(plans, "load_spec_doc", counted)
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
+                                                                    P(TRAIN, 0, 1, "n2", 2, 3))))
+    return result, reads
+
+
+async def _burst_deleting(session: Any) -> None:
+    burst = (await session.scalars(select(m.Deployment).where(m.Deployment.name == "burst"))).one()
+    burst.phase = m.DeploymentPhase.DELETING
+
+
+async def test_a_plan_stale_by_deletions_only_is_judged_by_its_snapshots_specs(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion changes nothing a re-check judges by (topology, nodes, tenants, specs): the
+    commit reads the change log, not the document (the usual staleness under load)."""
+    result, reads = await _judged_by(database, monkeypatch, ClusterChange.deployment_deleted(BURST), _burst_deleting)
+    assert result.stale and not result.requeued and reads == 0
+    assert {key for key in (await _state(database))["placements"] if key[0] == TRAIN} == {(TRAIN, 0, 0), (TRAIN, 0, 1)}
+
+
+async def _cordon_n2(session: Any) -> None:
+    await repo.set_node_cordoned(session, "n2", True)
+
+
+@pytest.mark.parametrize("change", [
+    ClusterChange.node("n2"), ClusterChange.deployment(TRAIN), ClusterChange.placements(["a/unknown"]),
+    ClusterChange.placements(), ClusterChange.tenant("a"), ClusterChange()])
+async def test_a_plan_stale_by_other_changes_is_judged_by_the_document_read_again(
+        database: Database, monkeypatch: pytest.MonkeyPatch, change: ClusterChange) -> None:
+    """A node, a spec, a tenant, placements of a deployment the snapshot does not know (or of
+    too many to name) or any other change since the snapshot: the document is read again (n2
+    cordoned meanwhile: TRAIN is turned away)."""
+    result, reads = await _judged_by(database, monkeypatch, change, _cordon_n2)
+    assert result.stale and reads == 1
+    assert result.requeued == {(TRAIN, 0): ("node n2 is cordoned: it takes no new shards",)}
