@@ -76,6 +76,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller import limits
 from controller.aio import wait_event
 from controller.scheduling.decider import DecideProcess, DeciderFailed, open_in_process
+from controller.scheduling.own_loop import OwnLoop
 from controller.scheduling.warm import WarmCluster
 from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import QueueDepths, SchedulingQueue
@@ -204,6 +205,13 @@ async def _deleting_views(session: AsyncSession, keys: frozenset[str]) -> dict[s
         session, keys=keys, phases=[m.DeploymentPhase.DELETING]))}
 
 
+def _same_database(db: Database) -> Database:
+    """A handle of its own (engine, pool) on `db`'s database, fenced as `db` is: for another
+    event loop (a connection belongs to the loop that opened it)."""
+    own = Database(db.url)
+    return own if db.fence is None else own.fenced(db.fence)
+
+
 # The longest pause after a whole-cluster pass (`Reconciler.run`).
 MAX_FULL_PASS_PAUSE_S = 5.0
 
@@ -226,8 +234,13 @@ class Reconciler:
         max_surge: int = DEFAULT_SURGE,
         backoff_s: float = 1.0,
         decider: DecideProcess | None = None,
+        own_thread: bool | None = None,
     ) -> None:
         self._db = db
+        # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. Not on
+        # SQLite: its writers take turns through one asyncio lock per event loop (`SqliteWriters`).
+        self._own_thread = db is not None and not db.is_sqlite if own_thread is None else own_thread
+        self._own: OwnLoop | None = None  # while `run` runs there
         self._push = push
         self._publish = publish
         self._publishing: asyncio.Task[None] | None = None  # the last of the publishes in flight (in order)
@@ -266,6 +279,7 @@ class Reconciler:
         self._pass_started: float | None = None
         self._laps = PassLaps()              # where the pass under way spends its time (the log line)
         self.consecutive_failures = 0        # passes in a row that raised
+        self.published_after_ms = 0.0        # the last publish done: from its commit to the watchers told (the log line)
         # The fast path: the warm cluster (controller/scheduling/warm.py, cache.py).
         # `decider`: the warm session lives in that process (decider.py), else in this one.
         self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
@@ -285,7 +299,11 @@ class Reconciler:
         return 0.0 if self._pass_started is None else self._clock() - self._pass_started
 
     def wake(self) -> None:
-        self._wake.set()
+        """Start a pass soon (from the controller's loop; onto the reconciler's own when it has one)."""
+        if self._own is not None:
+            self._own.call(self._wake.set)
+        else:
+            self._wake.set()
 
     @property
     def warm_snapshot(self) -> Snapshot | None:
@@ -299,6 +317,12 @@ class Reconciler:
         pass the lease was lost in drops it) and it can catch up with what the leader meanwhile
         committed (the change log: its plan commits name what they touched), else from a fresh
         read."""
+        if self._own is not None:  # its state belongs to the reconciler's own loop
+            self._own.call(self._resync)
+        else:
+            self._resync()
+
+    def _resync(self) -> None:
         self._resyncs += 1
         self._retry_at = None
         self._failures_checked = self._failures_due = None
@@ -307,7 +331,39 @@ class Reconciler:
         self.wake()
 
     async def run(self) -> None:
-        """Reconcile until cancelled."""
+        """Reconcile until cancelled: on a thread of its own with its own event loop and its own
+        database connections when so made (`own_thread`, by default on PostgreSQL: a pass's
+        round trips then never queue behind the agent streams on the controller's loop); pushes
+        to nodes and publishes to watchers are handed to the controller's loop."""
+        if not self._own_thread:
+            await self._run()
+            return
+        own = OwnLoop("reconciler")
+        push, publish, db = self._push, self._publish, self._db
+        woken = self._wake.is_set()
+        self._wake = asyncio.Event()  # bound to the thread's loop once it waits there
+        if woken:
+            self._wake.set()
+        self._push = lambda nodes: own.to_main(push, nodes)
+        self._publish = lambda changed, deleted: own.on_main(publish(changed, deleted))
+        self._own = own  # wakes and resyncs go to the thread's loop from now on
+        try:
+            await own.run(lambda: self._run_on(_same_database(db)))
+        finally:
+            self._own = None
+            self._push, self._publish = push, publish
+
+    async def _run_on(self, db: Database) -> None:
+        """`_run` with `db` (the thread's engine: connections belong to one event loop)."""
+        main = self._db
+        self._db = self._warm.db = db
+        try:
+            await self._run()
+        finally:
+            self._db = self._warm.db = main
+            await db.dispose()
+
+    async def _run(self) -> None:
         while True:
             # Woken while the last pass ran: the next starts at once (the burst that woke it has
             # landed meanwhile, and an arrival waiting for it must not wait longer). Woken while
@@ -353,16 +409,17 @@ class Reconciler:
         views for the watchers costs round trips that, on PostgreSQL under load, took a sixth of
         every pass. Publishes run one after the other, in the order of the commits."""
         self._publishing = asyncio.get_running_loop().create_task(
-            self._publish_after(self._publishing, changed, deleted))
+            self._publish_after(self._publishing, changed, deleted, time.perf_counter()))
 
     async def _publish_after(self, previous: asyncio.Task[None] | None, changed: set[str],
-                             deleted: list[DeploymentView]) -> None:
+                             deleted: list[DeploymentView], queued: float) -> None:
         if previous is not None:
             await asyncio.wait([previous])
         try:
             await self._publish(changed, deleted)
         except Exception:
             log.exception("publishing %d changed and %d deleted deployments failed", len(changed), len(deleted))
+        self.published_after_ms = (time.perf_counter() - queued) * 1000
 
     async def published(self) -> None:
         """Wait until every publish started so far is done."""
@@ -601,10 +658,11 @@ class Reconciler:
         self._laps.lap("publish")
         log.info(
             "reconciled path=%s generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
-            "changed_nodes=%d deleted=%s stale=%s requeued=%s ms=%s",
+            "changed_nodes=%d deleted=%s stale=%s requeued=%s published_after_ms=%.0f ms=%s",
             path, result.generation, plan.status, solve_ms, len(plan.placements),
             {u.deployment: u.replicas for u in plan.unplaced}, waiting, len(result.changed_nodes),
-            sorted(result.deleted_deployments), result.stale, sorted(result.requeued), self._laps,
+            sorted(result.deleted_deployments), result.stale, sorted(result.requeued), self.published_after_ms,
+            self._laps,
         )
         return changed
 

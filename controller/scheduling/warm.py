@@ -55,7 +55,7 @@ _FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT, 
 class WarmCluster:
     def __init__(self, db: Database, *, surge: int, allow_preemption: bool, time_limit_ms: int,
                  open_session: OpenSession = open_in_process) -> None:
-        self._db = db
+        self.db = db  # the reconciler's (its own thread's, `Reconciler.run`)
         self._open_session = open_session  # in this process, or in the decide process (decider.py)
         self._surge = surge
         self._allow_preemption = allow_preemption
@@ -184,7 +184,7 @@ class WarmCluster:
         cache = self.cache
         if cache is None:
             return None
-        async with self._db.unit_of_work() as uow:
+        async with self.db.unit_of_work() as uow:
             generation = await repo.read_cluster_generation(uow.session)
             new = await load_arrivals(uow.session, after_id=cache.last_id, surge=self._surge)
             schedulable = await repo.count_schedulable_deployments(uow.session)

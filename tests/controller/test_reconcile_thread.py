@@ -1,0 +1,95 @@
+"""The reconcile loop on a thread of its own (`Reconciler(own_thread=True)`, the default on
+PostgreSQL; `scheduling/own_loop.py`): its passes run on that thread's event loop with their own
+database connections, what they push to nodes and publish to watchers is handed to the
+controller's loop, wakes and resyncs reach it from the controller's loop, and cancelling `run`
+stops the thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from controller.reconcile import NoObserver, Reconciler
+from controller.scheduling.own_loop import OwnLoop
+from controller.store.db import Database
+from uc_builders import deployment, submit
+
+
+class ThreadsSeen(NoObserver):
+    def __init__(self) -> None:
+        self.passes: list[tuple[str, str]] = []  # (path, thread name)
+
+    def pass_taken(self, path: str) -> None:
+        self.passes.append((path, threading.current_thread().name))
+
+
+async def _until(condition: Any, what: str) -> None:
+    for _ in range(600):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_passes_run_on_their_own_thread_and_hand_pushes_and_publishes_to_the_controllers_loop(
+        cluster: Database) -> None:
+    main = threading.current_thread().name
+    pushed: list[tuple[str, set[str]]] = []
+    published: list[tuple[str, set[str]]] = []
+
+    def push(nodes: set[str]) -> None:
+        pushed.append((threading.current_thread().name, set(nodes)))
+
+    async def publish(changed: set[str], deleted: list[Any]) -> None:
+        await asyncio.sleep(0)  # a coroutine of the controller's loop
+        published.append((threading.current_thread().name, set(changed)))
+
+    seen = ThreadsSeen()
+    r = Reconciler(cluster, push=push, publish=publish, observer=seen, own_thread=True, interval_s=0.2,
+                   solve_time_limit_ms=60_000, backoff_s=0.0)
+    task = asyncio.create_task(r.run())
+    await submit(cluster, deployment("first", accelerators=2, locality="node"))
+    r.wake()
+    await _until(lambda: any("t1/first" in names for _, names in published), "first published")
+    await submit(cluster, deployment("second", accelerators=2, locality="node"))
+    r.wake()
+    await _until(lambda: any("t1/second" in names for _, names in published), "second published")
+    assert pushed and {name for name, _ in pushed + published} == {main}
+    assert {thread for _, thread in seen.passes} == {"reconciler"}
+    assert [path for path, _ in seen.passes][:2] == ["full", "fast"]
+
+    r.resync()  # from the controller's loop, as on election: one whole-cluster pass
+    await _until(lambda: [path for path, _ in seen.passes].count("full") == 2, "the resync's full pass")
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "reconciler" not in {t.name for t in threading.enumerate()}
+    async with cluster.unit_of_work() as uow:  # the controller's own handle is the reconciler's again
+        assert r._db is cluster and uow is not None
+
+
+async def test_own_loop_reports_the_works_error_and_stops_when_cancelled() -> None:
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("the work broke")
+
+    with pytest.raises(RuntimeError, match="the work broke"):
+        await OwnLoop("failing").run(fails)
+
+    started = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    own = OwnLoop("forever")
+    task = asyncio.create_task(own.run(forever))
+    await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "forever" not in {t.name for t in threading.enumerate()} and own.loop.is_closed()
