@@ -220,7 +220,7 @@ class Reconciler:
     def __init__(
         self, db: Database, *,
         push: Callable[[set[str]], None],
-        publish: Callable[[set[str], list[DeploymentView]], Awaitable[None]],
+        publish: Callable[..., Awaitable[None]],
         interval_s: float = 1.0, solve_time_limit_ms: int = 2000,
         lease: Lease | None = None, max_conflict_retries: int = 5, settle_s: float = 0.05,
         retry_backoff_s: float = 2.0, max_retry_backoff_s: float = 60.0,
@@ -235,6 +235,7 @@ class Reconciler:
         backoff_s: float = 1.0,
         decider: DecideProcess | None = None,
         own_thread: bool | None = None,
+        read_views: Callable[[UnitOfWork, set[str]], Awaitable[list[DeploymentView]]] | None = None,
     ) -> None:
         self._db = db
         # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. Not on
@@ -243,6 +244,10 @@ class Reconciler:
         self._own: OwnLoop | None = None  # while `run` runs there
         self._push = push
         self._publish = publish
+        # Given: the views of the deployments a commit changed are read here, on the reconciler's
+        # own connection (and loop), and handed to `publish(changed, deleted, views)`; else `publish`
+        # reads them (on the controller's loop).
+        self._read_views = read_views
         self._publishing: asyncio.Task[None] | None = None  # the last of the publishes in flight (in order)
         self._interval = interval_s
         self._time_limit_ms = solve_time_limit_ms
@@ -345,7 +350,7 @@ class Reconciler:
         if woken:
             self._wake.set()
         self._push = lambda nodes: own.to_main(push, nodes)
-        self._publish = lambda changed, deleted: own.on_main(publish(changed, deleted))
+        self._publish = lambda *args: own.on_main(publish(*args))
         self._own = own  # wakes and resyncs go to the thread's loop from now on
         try:
             await own.run(lambda: self._run_on(_same_database(db)))
@@ -416,7 +421,12 @@ class Reconciler:
         if previous is not None:
             await asyncio.wait([previous])
         try:
-            await self._publish(changed, deleted)
+            if self._read_views is not None and changed:
+                async with self._db.unit_of_work() as uow:
+                    views = await self._read_views(uow, changed)
+                await self._publish(changed, deleted, views)
+            else:
+                await self._publish(changed, deleted)
         except Exception:
             log.exception("publishing %d changed and %d deleted deployments failed", len(changed), len(deleted))
         self.published_after_ms = (time.perf_counter() - queued) * 1000

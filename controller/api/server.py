@@ -156,7 +156,8 @@ class ControllerApp:
         # The warm session in a process of its own (--decide-process), stopped with the controller.
         self.decider = DecideProcess() if config.decide_process else None
         self.reconciler = Reconciler(
-            leader_db, push=self.hub.notify, publish=self._publish_deployments, decider=self.decider,
+            leader_db, push=self.hub.notify, publish=self._publish_deployments, read_views=views_of,
+            decider=self.decider,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,
             lease=self.election, observer=self.metrics,
             quarantine_after=config.quarantine_after_failures, allow_preemption=config.preemption,
@@ -252,15 +253,18 @@ class ControllerApp:
         self.reconciler.wake()  # a replacement that now runs lets a rollout or drain stop an old replica
         await self._publish_deployments(keys, [])
 
-    async def _publish_deployments(self, keys: set[str], deleted: list[DeploymentView]) -> None:
-        """Tell watchers about deployments (by key, TENANT/NAME) that changed or were deleted."""
+    async def _publish_deployments(self, keys: set[str], deleted: list[DeploymentView],
+                                   views: list[DeploymentView] | None = None) -> None:
+        """Tell watchers about deployments (by key, TENANT/NAME) that changed or were deleted
+        (`views`: theirs, read by the caller already)."""
         for view in deleted:
             self.bus.publish(DeploymentEvent("deleted", view))
         if deleted:
             self.channel.send(DEPLOYMENTS, [deployment_item("deleted", view) for view in deleted])
         if keys:
-            async with self.db.unit_of_work() as uow:
-                views = await views_of(uow, keys)
+            if views is None:
+                async with self.db.unit_of_work() as uow:
+                    views = await views_of(uow, keys)
             for view in views:
                 self.bus.publish(DeploymentEvent("modified", view))
             self.channel.send(DEPLOYMENTS, [f"modified:{key}" for key in sorted(keys)])

@@ -341,12 +341,17 @@ async def _plan_changes(
     return changes
 
 
-async def _neighbours(session: AsyncSession, committed: _Committed, nodes: Collection[str],
-                      ) -> tuple[set[str], set[str], dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]]:
-    """What a scoped commit's re-check reads beyond its scope: the racks holding `nodes` and
-    their rows, and the shards of live deployments outside the scope on those racks ((revision,
-    where) by key), with those deployments' (id, template revision). Every rule the re-check
-    applies in full lies within one rack (recheck.py); rows and tenants come as totals (`_unread`)."""
+def _snapshot_racks(snapshot: Snapshot, nodes: Collection[str]) -> tuple[set[str], set[str]]:
+    """The racks holding `nodes` and their rows, as `snapshot` has them (current while the
+    topology and the nodes are: `_same_specs`)."""
+    rack_of = {n["id"]: n["rack"] for n in snapshot.problem.get("nodes", ())}
+    row_of = {r["id"]: r["row"] for r in snapshot.problem.get("racks", ())}
+    racks = {rack_of[n] for n in nodes if n in rack_of}
+    return racks, {row_of[r] for r in racks if r in row_of}
+
+
+async def _read_racks(session: AsyncSession, nodes: Collection[str]) -> tuple[set[str], set[str]]:
+    """The racks holding `nodes` and their rows, as committed."""
     racks: set[str] = set()
     rows: set[str] = set()
     for chunk in _chunks(sorted(set(nodes))):
@@ -355,10 +360,20 @@ async def _neighbours(session: AsyncSession, committed: _Committed, nodes: Colle
         ):
             racks.add(rack)
             rows.add(row)
+    return racks, rows
+
+
+async def _neighbours(session: AsyncSession, committed: _Committed, racks: Collection[str],
+                      ) -> tuple[dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]]:
+    """What a scoped commit's re-check reads beyond its scope on `racks` (those holding the
+    nodes its landing replicas touch): the shards of live deployments outside the scope there
+    ((revision, where) by key), with those deployments' (id, template revision). Every rule the
+    re-check applies in full lies within one rack (recheck.py); rows and tenants come as totals
+    (`_unread`)."""
     shards: dict[ShardKey, tuple[int, Where]] = {}
     outside: dict[str, tuple[int, int]] = {}
     if not racks:
-        return racks, rows, shards, outside
+        return shards, outside
     known = {d.id for d in committed.deployments.values()}
     for p in await session.execute(
         select(Deployment.id, Deployment.tenant_id, Deployment.name, Deployment.template_revision, Placement.replica,
@@ -372,7 +387,7 @@ async def _neighbours(session: AsyncSession, committed: _Committed, nodes: Colle
         key = deployment_key(p.tenant_id, p.name)
         outside[key] = (p.id, p.template_revision)
         shards[(key, p.replica, p.shard)] = (p.revision, (p.node_id, tuple(p.accelerator_indices), p.accelerator_milli))
-    return racks, rows, shards, outside
+    return shards, outside
 
 
 async def _unread(session: AsyncSession, committed: _Committed, racks: Collection[str], by: tuple[Any, ...],
@@ -466,13 +481,15 @@ async def _recheck(
     racks: set[str] = set()
     rows: set[str] | None = None
     ids: set[int] | None = None
+    current = not stale or await _same_specs(session, snapshot, committed.generation)  # the snapshot's document
     if committed.scope is not None:
         touched = {w[0] for s in landing.values() for w in s.values()}
-        racks, rows, outside, others = await _neighbours(session, committed, touched)
+        racks, rows = _snapshot_racks(snapshot, touched) if current else await _read_racks(session, touched)
+        outside, others = await _neighbours(session, committed, racks)
         shards.update(outside)
         template.update((key, revision) for key, (_, revision) in others.items())
         ids = {d.id for d in deployments.values()} | {i for i, _ in others.values()}
-    if stale and not await _same_specs(session, snapshot, committed.generation):
+    if not current:
         doc = await load_spec_doc(session, within_rows=rows, deployment_ids=ids)
     else:
         doc = _spec_doc(snapshot, None if committed.scope is None else set(template), rows)

@@ -1,7 +1,7 @@
 """The reconcile loop on a thread of its own (`Reconciler(own_thread=True)`, the default on
 PostgreSQL; `scheduling/own_loop.py`): its passes run on that thread's event loop with their own
 database connections, what they push to nodes and publish to watchers is handed to the
-controller's loop, wakes and resyncs reach it from the controller's loop, and cancelling `run`
+controller's loop (the views of what changed read on the reconciler's connection), wakes and resyncs reach it from the controller's loop, and cancelling `run`
 stops the thread."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import pytest
 
 from controller.reconcile import NoObserver, Reconciler
 from controller.scheduling.own_loop import OwnLoop
-from controller.store.db import Database
+from controller.domain.values import DeploymentView
+from controller.store.db import Database, UnitOfWork
+from controller.usecases.deployments import views_of
 from uc_builders import deployment, submit
 
 
@@ -43,13 +45,20 @@ async def test_passes_run_on_their_own_thread_and_hand_pushes_and_publishes_to_t
     def push(nodes: set[str]) -> None:
         pushed.append((threading.current_thread().name, set(nodes)))
 
-    async def publish(changed: set[str], deleted: list[Any]) -> None:
+    read_on: set[str] = set()
+
+    async def read_views(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:
+        read_on.add(threading.current_thread().name)
+        return await views_of(uow, keys)
+
+    async def publish(changed: set[str], deleted: list[Any], views: list[DeploymentView]) -> None:
         await asyncio.sleep(0)  # a coroutine of the controller's loop
+        assert {v.spec.key for v in views} == changed  # read by the reconciler, handed over
         published.append((threading.current_thread().name, set(changed)))
 
     seen = ThreadsSeen()
-    r = Reconciler(cluster, push=push, publish=publish, observer=seen, own_thread=True, interval_s=0.2,
-                   solve_time_limit_ms=60_000, backoff_s=0.0)
+    r = Reconciler(cluster, push=push, publish=publish, read_views=read_views, observer=seen, own_thread=True,
+                   interval_s=0.2, solve_time_limit_ms=60_000, backoff_s=0.0)
     task = asyncio.create_task(r.run())
     await submit(cluster, deployment("first", accelerators=2, locality="node"))
     r.wake()
@@ -58,7 +67,7 @@ async def test_passes_run_on_their_own_thread_and_hand_pushes_and_publishes_to_t
     r.wake()
     await _until(lambda: any("t1/second" in names for _, names in published), "second published")
     assert pushed and {name for name, _ in pushed + published} == {main}
-    assert {thread for _, thread in seen.passes} == {"reconciler"}
+    assert {thread for _, thread in seen.passes} == read_on == {"reconciler"}
     assert [path for path, _ in seen.passes][:2] == ["full", "fast"]
 
     r.resync()  # from the controller's loop, as on election: one whole-cluster pass
