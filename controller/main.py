@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from controller.config import Config, parse_args
+from controller.gcpolicy import configure_gc
 from controller.preflight import StartupError, check_db_url, check_listen
 
 EXIT_SCHEMA = 2  # every start-up refusal: bad settings, database unreachable or on the wrong schema
@@ -135,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
         return EXIT_SCHEMA
     configure_logging(config.log_level)
+    configure_gc()
     return asyncio.run(serve(config))
 
 

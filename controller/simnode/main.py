@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from controller.devca import node_stem
+from controller.gcpolicy import configure_gc
 from controller.bearer import TOKEN_ENV
 from controller.simnode import faultcli
 from controller.simnode.credentials import CredentialFile, default_state_dir
@@ -161,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shared_channel and args.cert_dir is not None:
         log.error("--shared-channel excludes --cert-dir (each node's certificate needs its own connection)")
         return 2
+    configure_gc()
     fleet = build_fleet(args)
     log.info("controller %s, %d racks x %d nodes (%s, %d accelerators, %.0f W idle)", args.controller,
              args.racks, args.nodes_per_rack, args.model, args.accelerators, args.idle_power_w)
