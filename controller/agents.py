@@ -33,7 +33,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -51,7 +51,9 @@ from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.domain.liveness import FlapDamper
-from controller.domain.values import AssignmentSet, HeartbeatReport, NodeInfo, ShardReport, deployment_key
+from controller.domain.values import (
+    AssignmentSet, DeploymentView, HeartbeatReport, NodeInfo, ShardReport, deployment_key,
+)
 
 log = logging.getLogger("maia.agents")
 
@@ -124,7 +126,7 @@ class AgentHub:
     def __init__(
         self, db: Database, *, heartbeat_timeout_s: float,
         on_liveness_change: Callable[[], None],
-        on_deployments_changed: Callable[[set[str]], Awaitable[None]],
+        on_deployments_changed: Callable[[Mapping[str, DeploymentView]], Awaitable[None]],
         flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
         reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
         leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
@@ -373,7 +375,7 @@ class AgentHub:
             tenant = session.given_tenant(report)
             if tenant is not None:
                 session.say(report)
-                self._reports.append((node_id, replace(report, tenant=tenant)))
+                self._reports.append((node_id, report if report.tenant == tenant else replace(report, tenant=tenant)))
             else:
                 named = deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment
                 self._refuse(node_id, (named, report.replica, report.shard))
@@ -414,9 +416,9 @@ class AgentHub:
             return
         batch = _Batch(beats, self._reports, self._refused)
         self._reports, self._refused = [], {}
-        changed: set[str] = set()
-        for chunk in batch.chunks(limits.FLUSH_CHUNK):
-            changed |= await self._flush_chunk(chunk)
+        changed: dict[str, DeploymentView] = {}
+        for chunk in batch.chunks(limits.FLUSH_CHUNK):  # a later chunk's view of a deployment is newer
+            changed.update(await self._flush_chunk(chunk))
         if changed:
             await self._on_deployments_changed(changed)
 
@@ -437,13 +439,16 @@ class AgentHub:
         self._beats = {}
         return due
 
-    async def _flush_chunk(self, chunk: _Batch) -> set[str]:
-        """Write one chunk; if it fails, each of its nodes alone (only the bad node's data is lost)."""
+    async def _flush_chunk(self, chunk: _Batch) -> dict[str, DeploymentView]:
+        """Write one chunk; if it fails, each of its nodes alone (only the bad node's data is lost).
+        Returns the views of the deployments whose shard phases it changed, as committed."""
+        views: dict[str, DeploymentView] = {}
         try:
             async with self._db.unit_of_work() as uow:
-                return await agent_cases.flush_reports(uow, chunk.beats, chunk.reports, chunk.refused)
+                await agent_cases.flush_reports(uow, chunk.beats, chunk.reports, chunk.refused, views=views)
+            return views
         except LeaseLost:  # deposed: these agents report to the new leader from now on
-            return set()
+            return {}
         except Exception:
             nodes = chunk.nodes()
             if len(nodes) == 1:
@@ -452,12 +457,11 @@ class AgentHub:
                 session = self._sessions.get(nodes[0])
                 if session is not None:  # its next heartbeat writes every shard's state again
                     session.said = {}
-                return set()
+                return {}
             log.warning("could not write a chunk of %d nodes; writing them one by one", len(nodes))
-            changed: set[str] = set()
             for node_id in nodes:
-                changed |= await self._flush_chunk(chunk.only(node_id))
-            return changed
+                views.update(await self._flush_chunk(chunk.only(node_id)))
+            return views
 
     async def _expire(self) -> None:
         now = time.monotonic()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from grpc import aio
@@ -249,9 +249,10 @@ class ControllerApp:
         for event in gone:  # after the reads: a DELETING seen in the same message comes first
             self.bus.publish(event)
 
-    async def _publish_changed(self, keys: set[str]) -> None:
+    async def _publish_changed(self, views: Mapping[str, DeploymentView]) -> None:
+        """Agents' reports changed these deployments (their views as committed, by key)."""
         self.reconciler.wake()  # a replacement that now runs lets a rollout or drain stop an old replica
-        await self._publish_deployments(keys, [])
+        await self._publish_deployments(set(views), [], list(views.values()))
 
     async def _publish_deployments(self, keys: set[str], deleted: list[DeploymentView],
                                    views: list[DeploymentView] | None = None) -> None:

@@ -386,9 +386,11 @@ class SimulatedNode:
         self._wake.set()
 
     def _send_reports(self, reports: list[ShardReport]) -> None:
+        logged = self.log.isEnabledFor(logging.INFO)
         for report in reports:
-            self.log.info("%s %s%s (generation %d)", report.key, report.phase.value,
-                          self._where(report), report.generation)
+            if logged:
+                self.log.info("%s %s%s (generation %d)", report.key, report.phase.value,
+                              self._where(report), report.generation)
             if self._outbox is not None and not self.muted:
                 self._outbox.put_nowait(protocol.shard_status(report))
 

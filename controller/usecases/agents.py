@@ -29,7 +29,9 @@ from controller.store.db import UnitOfWork
 from controller.usecases import policy, tokens
 from controller.domain.changes import ClusterChange
 from controller.domain import restarts
-from controller.domain.values import HeartbeatReport, NodeInfo, Registration, ShardReport, deployment_key
+from controller.domain.values import (
+    DeploymentView, HeartbeatReport, NodeInfo, Registration, ShardReport, deployment_key,
+)
 from controller.usecases.validation import (
     ID_MAX, check_count, check_id, check_labels, check_name, check_optional_id, check_quantity, check_range, check_text,
 )
@@ -425,7 +427,7 @@ class NodeBeat:
 
 async def flush_reports(
     uow: UnitOfWork, beats: Mapping[str, NodeBeat], reports: Iterable[tuple[str, ShardReport]],
-    refused: Mapping[str, RefusedReports] | None = None,
+    refused: Mapping[str, RefusedReports] | None = None, *, views: dict[str, DeploymentView] | None = None,
 ) -> set[str]:
     """Write batched heartbeats, shard reports and refused-report events in one transaction.
 
@@ -435,7 +437,8 @@ async def flush_reports(
     deployment a SHARD_FAILED reason with the agent's message (dropped once it runs again) and
     bumps the cluster generation: the reconciler places the replica again after a back-off.
     Returns the keys (TENANT/NAME) of the deployments whose shard phases (and so perhaps their
-    phase) changed.
+    phase) changed; `views`, when given, receives their views as committed (what watchers are
+    told), built from the rows this transaction read and wrote rather than read again.
     """
     s = uow.session
     if beats:  # one executemany for every node that beat since the last flush
@@ -462,8 +465,10 @@ async def flush_reports(
                 placement.phase = phase
                 placement.message = report.message
                 touched.add(key)
+    rows: list[m.Deployment] = []
     if touched:  # their deployments' phases may follow the shards'
-        for row in await repo.list_deployment_rows(s, keys=touched):
+        rows = await repo.list_deployment_rows(s, keys=touched)
+        for row in rows:
             row.phase = repo.implied_phase(row)
             if deployment_key(row.tenant_id, row.name) in failed:
                 row.reasons = restarts.with_failure(row.reasons or [], failed[deployment_key(row.tenant_id, row.name)])
@@ -475,4 +480,6 @@ async def flush_reports(
     for node_id, refusal in (refused or {}).items():
         await record_refused_reports(uow, node_id, refusal)
     await uow.commit()
+    if views is not None:  # the rows keep their committed state (the session does not expire them)
+        views.update((deployment_key(row.tenant_id, row.name), repo.deployment_view(row)) for row in rows)
     return touched

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import select
 
+from controller.api import convert
 from controller.errors import FailedPrecondition
 from controller.reconcile import Reconciler
 from controller.store import models as m
@@ -110,9 +111,15 @@ async def test_submit_reconcile_running_then_delete(cluster):
     async with cluster.unit_of_work() as uow:
         await agents.flush_reports(uow, {stale_node: NodeBeat(datetime.now(timezone.utc), 900.0)},
                                    [(stale_node, ShardReport("svc", 0, 0, view.generation - 1, "failed", tenant="t1"))])
+    published: dict = {}
     async with cluster.unit_of_work() as uow:
-        changed = await agents.flush_reports(uow, {}, reports)
+        changed = await agents.flush_reports(uow, {}, reports, views=published)
     assert changed == {"t1/svc"}
+    async with cluster.unit_of_work() as uow:  # what watchers are told is what a read finds afterwards
+        [read] = await deployments.views_of(uow, {"t1/svc"})
+    assert list(published) == ["t1/svc"] and published["t1/svc"].phase == "running"
+    # as sent (SQLite reads its times back without their zone, which the message restores)
+    assert convert.deployment_msg(published["t1/svc"]) == convert.deployment_msg(read)
     async with cluster.unit_of_work() as uow:
         view = await deployments.get_deployment(uow, WHO, "svc")
         node = await nodes.get_node(uow, WHO, stale_node, frozenset())

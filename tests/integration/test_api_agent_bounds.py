@@ -149,10 +149,10 @@ async def test_one_node_failing_its_write_never_drops_the_others_heartbeats(data
         await uow.commit()
     real = agent_cases.flush_reports
 
-    async def failing_for_n1(uow, beats, reports, refused=None):
+    async def failing_for_n1(uow, beats, reports, refused=None, *, views=None):
         if "n1" in beats:
             raise RuntimeError("n1's data breaks the write")
-        return await real(uow, beats, reports, refused)
+        return await real(uow, beats, reports, refused, views=views)
 
     monkeypatch.setattr(agent_cases, "flush_reports", failing_for_n1)
 
