@@ -73,6 +73,8 @@ class AgentSession:
     node_id: str
     session_id: str
     last_seen: float = field(default_factory=time.monotonic)
+    # The stream's pusher waits on `dirty` alone: its set changed, or the stream closed (`close`
+    # sets both; one event to wait on costs no waiter tasks per push).
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
@@ -93,6 +95,7 @@ class AgentSession:
             self.close_reason = reason
             self.mark_down_on_close = mark_down
             self.closed.set()
+            self.dirty.set()
 
     def fail(self, error: MaiaError) -> None:
         self.error = error
@@ -308,7 +311,7 @@ class AgentHub:
         try:
             while True:
                 if reader is not None:
-                    await _first_of(session.dirty, session.closed)
+                    await session.dirty.wait()
                 if session.closed.is_set():
                     break
                 session.dirty.clear()
@@ -526,11 +529,3 @@ def _shared_failure(exc: Exception) -> bool:
     """A batch failed for a reason each of its members would meet alone: the lease, the database."""
     return isinstance(exc, LeaseLost) or database_failed(exc)
 
-
-async def _first_of(*events: asyncio.Event) -> None:
-    waiters = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
