@@ -278,13 +278,18 @@ async def count_placements_on_nodes(session: AsyncSession, node_ids: Iterable[st
     return {node_id: count for node_id, count in rows}
 
 
+_NODES = m.Node.__table__
+_WRITE_HEARTBEAT = (update(_NODES).where(_NODES.c.id == bindparam("node_id"))
+                    .values(last_heartbeat_at=bindparam("at"), power_draw_w=bindparam("power")))
+
+
 async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetime, float]]) -> None:
-    """Last heartbeat time and power draw of many nodes in one executemany (unknown ids skipped)."""
-    known = await existing_ids(session, m.Node, beats)
-    rows = [{"id": node_id, "last_heartbeat_at": at, "power_draw_w": power}
-            for node_id, (at, power) in beats.items() if node_id in known]
-    if rows:
-        await session.execute(update(m.Node), rows)
+    """Last heartbeat time and power draw of many nodes in one executemany (an unknown id updates
+    no row). A Core statement: the ORM's bulk update by primary key, after a read of which ids
+    exist, cost about three times the CPU per flush (micro-benchmark, SQLite, 30 nodes)."""
+    if beats:
+        await session.execute(_WRITE_HEARTBEAT, [{"node_id": node_id, "at": at, "power": power}
+                                                 for node_id, (at, power) in beats.items()])
 
 
 async def node_capacities(session: AsyncSession) -> list[tuple[str, str, str, str, str, int, float | None]]:
