@@ -50,7 +50,8 @@ def test_balance_counts_milli_the_free_cpu_cannot_feed() -> None:
     cpu = np.array([8_000.0, 6_000.0])  # feeds 2000 milli, 1500 milli
     mem = np.array([1e15, 1e15])
     frag = node_fragmentation(free, cpu, mem, w)
-    # FGD part: node 1 fits the task (stranded 0); the balance term adds 2 x 500 unfed milli.
+    # FGD part: node 1 fits the task (stranded 0); the balance term adds BALANCE_WEIGHT x 500
+    # unfed milli.
     assert frag[0] == pytest.approx(0.0)
     assert frag[1] == pytest.approx(fragmentation.BALANCE_WEIGHT * 500)
 
