@@ -39,6 +39,10 @@ def _fgd(args: argparse.Namespace) -> int:
                       file=sys.stderr, flush=True)
                 if args.check:
                     _check(r)
+                shown = args.configs and fgd.format_configurations(
+                    fgd.gpu_configurations(r.deployments, r.placements), args.configs)
+                if shown:
+                    print(shown, file=sys.stderr, flush=True)
                 summary.append({"workload": workload, "policy": label, "seed": seed,
                                 "unallocated_pct": round(r.unallocated_pct, 3),
                                 "arrivals": r.arrivals, "seconds": round(r.seconds, 3),
@@ -118,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--probe-calls", type=int, default=0,
                    help="after the run, time this many further arrivals one solve() each")
     f.add_argument("--json", help="also write per-seed results to this file")
+    f.add_argument("--configs", type=int, default=0, metavar="N",
+                   help="after each seed, the N GPU configurations (pod milli sharing a GPU) "
+                        "leaving the most free milli")
     f.add_argument("--no-bound", dest="bound", action="store_false",
                    help="skip the packing bound (what no policy can beat; bench/bound.py)")
     f.add_argument("--bound-time-limit-s", type=float, default=120.0,

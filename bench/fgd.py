@@ -28,12 +28,13 @@ import dataclasses
 import random
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from bench import traces
-from bench.bound import Bound
+from bench.bound import FULL, Bound
 from bench.greedy import BestFitGreedy
 
 Doc = dict[str, Any]
@@ -136,6 +137,28 @@ def allocated_milli(deployments: list[Doc], placements: Iterable[Doc]) -> int:
         else:
             total += 1000 * len(p["accelerator_indices"])
     return total
+
+
+def gpu_configurations(deployments: list[Doc], placements: Iterable[Doc]) -> Counter[tuple[int, ...]]:
+    """Per GPU holding work, the milli of each pod on it (largest first), counted: e.g.
+    `(810,)` for an 810 alone, `(470, 470)` for a pair. What a run's unallocated milli is made
+    of (each GPU leaves 1000 - the sum of its configuration; GPUs without work leave 1000),
+    to set beside the pairing of the packing bound (`bench/bound.py`)."""
+    by_id = {d["id"]: d["shard"] for d in deployments}
+    gpus: dict[tuple[str, int], list[int]] = {}
+    for p in placements:
+        shard = by_id[p["deployment"]]
+        milli = shard.get("accelerator_milli", 1000) if shard["accelerators"] == 1 else 1000
+        for index in p["accelerator_indices"]:
+            gpus.setdefault((p["node"], index), []).append(milli)
+    return Counter(tuple(sorted(m, reverse=True)) for m in gpus.values())
+
+
+def format_configurations(configs: Counter[tuple[int, ...]], top: int) -> str:
+    """The `top` configurations leaving the most free milli in all, one line each."""
+    worst = sorted(configs.items(), key=lambda kv: (-(FULL - sum(kv[0])) * kv[1], kv[0]))
+    return "\n".join(f"    {'+'.join(map(str, c))}: {n} GPUs, {FULL - sum(c)} free each, "
+                     f"{(FULL - sum(c)) * n} milli" for c, n in worst[:top] if sum(c) < FULL)
 
 
 # ---- drivers ------------------------------------------------------------------------------

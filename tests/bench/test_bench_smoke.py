@@ -59,6 +59,35 @@ def test_fgd_protocol_end_to_end(policy: str, batch: int) -> None:
     assert check_plan(doc, plan) == []
 
 
+@pytest.mark.parametrize("policy", ["maia", "random"])
+def test_gpu_configurations_account_for_every_unallocated_milli(policy: str) -> None:
+    nodes, pods = load()
+    r = fgd.run_seed("tiny", 42, policy, nodes=nodes, pods=pods)
+    configs = fgd.gpu_configurations(r.deployments, r.placements)
+    assert all(sum(c) <= 1000 and list(c) == sorted(c, reverse=True) for c in configs)
+    used = sum(configs.values())
+    free = sum((1000 - sum(c)) * n for c, n in configs.items())
+    assert free + 1000 * (sum(n.gpus for n in nodes) - used) == r.capacity_milli - r.allocated_milli
+    shown = fgd.format_configurations(configs, 3).splitlines()
+    assert len(shown) == min(3, sum(1 for c in configs if sum(c) < 1000))
+    lost = [int(line.rsplit(", ", 1)[1].split()[0]) for line in shown]
+    assert lost == sorted(lost, reverse=True)
+
+
+def test_gpu_configurations_group_pods_by_gpu() -> None:
+    deps = [{"id": "a", "shard": {"accelerators": 1, "accelerator_milli": 470}},
+            {"id": "b", "shard": {"accelerators": 1, "accelerator_milli": 320}},
+            {"id": "c", "shard": {"accelerators": 2}}]
+    at = [{"deployment": "b", "node": "n", "accelerator_indices": [0]},
+          {"deployment": "a", "node": "n", "accelerator_indices": [0]},
+          {"deployment": "a", "node": "m", "accelerator_indices": [0]},
+          {"deployment": "c", "node": "n", "accelerator_indices": [1, 2]}]
+    assert fgd.gpu_configurations(deps, at) == {(470, 320): 1, (470,): 1, (1000,): 2}
+    assert fgd.format_configurations(fgd.gpu_configurations(deps, at), 5).splitlines() == [
+        "    470: 1 GPUs, 530 free each, 530 milli",
+        "    470+320: 1 GPUs, 210 free each, 210 milli"]
+
+
 def test_sampling_reaches_the_share_and_is_seeded() -> None:
     nodes, pods = load()
     cap = fgd.capacity_milli(nodes)
@@ -72,10 +101,11 @@ def test_sampling_reaches_the_share_and_is_seeded() -> None:
 def test_cli_prints_the_table(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench", "fgd", "--workload", "tiny", "--seeds", "42-43",
-         "--policies", "bestfit"], cwd=REPO, capture_output=True, text=True,
+         "--policies", "bestfit", "--configs", "2"], cwd=REPO, capture_output=True, text=True,
         env={"MAIA_DATA_DIR": str(TINY), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "bestfit" in out.stdout and "unalloc %" in out.stdout
+    assert " GPUs, " in out.stderr and " free each, " in out.stderr  # --configs, per seed
 
 
 def test_missing_trace_fails_clearly(tmp_path: Path) -> None:
