@@ -23,7 +23,9 @@ Measure (documented for the objective, the greedy and the benchmarks):
   FGD's term is an expectation of at most the node's free milli, so the certain loss should
   dominate the choice. Over seeds 1-10 (weights 1 to 32 tried, none of 42-51) the online
   `default` run left 0.03-0.06 points less from 4 on, best at 8; on seeds 42-51, 3.823 ->
-  3.788 % (docs/benchmarks.md, issue 9 part 9).
+  3.788 % (docs/benchmarks.md, issue 9 part 9). `SCARCITY_WEIGHT` (the model-pressure term
+  of the placer, the same unit: milli expected lost) moved with it, 1 -> 8: left at 1 next to
+  a balance weight of 8, scarce models were spent freely (gpuspec33 +0.4-0.6 points).
   The workload is the distribution of arrivals seen so far in this solve (online decisions must
   not know later arrivals), falling back to the pending deployments themselves in batch.
 * **Rack/row level — keep whole domains free.** Gangs are placed in the feasible domain that
@@ -50,7 +52,7 @@ from scheduler.state import ClusterState
 _HASH = np.random.default_rng(7).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
 MAX_TYPES = 256  # most popular task shapes kept in the workload model (FGD's "typical pods")
 BALANCE_WEIGHT = 8.0  # host-balance term per unfed milli, next to FGD's expected milli
-SCARCITY_WEIGHT = 1.0  # model-pressure term per milli taken from a contested model
+SCARCITY_WEIGHT = 8.0  # model-pressure term per milli taken from a contested model (= BALANCE_WEIGHT)
 STATE_PRICE_EVERY = 32  # arrivals seen between two pricings of the cluster as it stands
 DEDUP_FROM = 32  # rows from which `node_fragmentation` scores identical nodes once
 
