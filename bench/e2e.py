@@ -20,6 +20,14 @@ as keep each under `PER_TENANT` deployments (`limits.DEPLOYMENTS_PER_TENANT_MAX`
 
     python -m bench e2e --nodes 256 --db sqlite postgres
     python -m bench e2e --nodes 4096 --preload 10000 --db sqlite
+    python -m bench e2e --nodes 4096 --preload 10000 --db sqlite --rate 250   # open loop
+
+Two ways to offer the load. Closed loop (`--clients N`, the default): N clients, each sending its
+next submit once the last was answered; at saturation a submit's latency is N / the rate (the
+clients' own queue), not the submit's work. Open loop (`--rate R`): submits sent at arrival times
+R a second apart on average (`--arrivals poisson|even`), whatever the earlier ones' answers, so
+the latency is that of a submit at that offered load; the bench reports how late it sent
+(a client too busy to keep to the arrivals measures less than it offers).
 """
 
 from __future__ import annotations
@@ -58,7 +66,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, nargs="+", default=[256],
                    help="simulated nodes (multiples of 16: racks of 16 nodes x 4 accelerators)")
     p.add_argument("--db", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"])
-    p.add_argument("--clients", type=int, default=16, help="concurrent gRPC clients")
+    p.add_argument("--clients", type=int, default=16,
+                   help="concurrent gRPC clients, each submitting its next deployment when the last was answered "
+                        "(closed loop: at saturation a submit's latency is clients / rate, the clients' queue)")
+    p.add_argument("--rate", type=float, default=0.0, metavar="PER_S",
+                   help="open loop instead: deployments offered at this rate, each submitted at its arrival time "
+                        "whatever the answers to the earlier ones (submit latency at a load below saturation); "
+                        "0: closed loop (--clients)")
+    p.add_argument("--arrivals", choices=["poisson", "even"], default="poisson",
+                   help="open loop: exponential gaps between arrivals (poisson) or evenly spaced ones")
     p.add_argument("--fill", type=float, default=0.5,
                    help="share of the cluster's accelerators the submitted deployments ask for")
     p.add_argument("--gang-share", type=float, default=0.25,
@@ -274,6 +290,8 @@ class Run:
     names: frozenset[str] = frozenset()  # the workload's (the preloaded deployments are not watched)
     running: int = 0
     watches: int = 0  # WatchDeployments streams opened (more than one: the controller cut one off)
+    send_late_ms: list[float] = field(default_factory=list)  # open loop: each submit sent this late
+    sending_s: float = 0.0  # open loop: from the first submit sent to the last
 
 
 async def watch(channel: Any, run: Run) -> None:
@@ -315,23 +333,69 @@ def _seen(run: Run, event: Any, now: float) -> None:
             run.all_running.set()
 
 
-async def client(channel: Any, queue: list[Work], run: Run) -> None:
+async def submit_one(stub: Any, work: Work, run: Run) -> None:
+    """One SubmitDeployment, timestamped (an error is recorded and the deployment not waited for)."""
     import grpc
-    from maia.v1 import deployments_pb2, deployments_pb2_grpc
+    from maia.v1 import deployments_pb2
+    t = run.times.setdefault(work.name, Times())
+    t.submitted = time.perf_counter()
+    try:
+        await stub.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=work.spec()), timeout=60)
+    except grpc.aio.AioRpcError as exc:
+        run.errors.append(f"submit {work.name}: {exc.code().name} {exc.details()}")
+        run.expected -= 1
+        if run.running >= run.expected:
+            run.all_running.set()
+        return
+    t.acknowledged = time.perf_counter()
+
+
+async def client(channel: Any, queue: list[Work], run: Run) -> None:
+    """Closed loop: the next submit once the last was answered."""
+    from maia.v1 import deployments_pb2_grpc
     stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
     while queue:
-        work = queue.pop()
-        t = run.times.setdefault(work.name, Times())
-        t.submitted = time.perf_counter()
-        try:
-            await stub.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=work.spec()), timeout=60)
-        except grpc.aio.AioRpcError as exc:
-            run.errors.append(f"submit {work.name}: {exc.code().name} {exc.details()}")
-            run.expected -= 1
-            if run.running >= run.expected:
-                run.all_running.set()
-            continue
-        t.acknowledged = time.perf_counter()
+        await submit_one(stub, queue.pop(), run)
+
+
+def arrival_offsets(count: int, rate: float, poisson: bool, rng: random.Random) -> list[float]:
+    """Seconds from the start at which `count` arrivals come, `rate` a second: exponential gaps
+    (a Poisson process) or even ones."""
+    offsets, at = [], 0.0
+    for _ in range(count):
+        offsets.append(at)
+        at += rng.expovariate(rate) if poisson else 1.0 / rate
+    return offsets
+
+
+async def open_loop(offsets: Sequence[float], send: Any, late_ms: list[float]) -> float:
+    """Call `send(i)` (a coroutine function) as a task of its own at each arrival `offsets[i]`
+    (seconds from now), never waiting for an answer; appends how late each was sent (ms) to
+    `late_ms`. Returns the seconds from the first send to the last; waits for every call."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    calls: list[asyncio.Task[Any]] = []
+    try:
+        for i, offset in enumerate(offsets):
+            wait = start + offset - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            late_ms.append(max(0.0, loop.time() - start - offset) * 1000)
+            calls.append(asyncio.create_task(send(i)))
+        sent_s = loop.time() - start
+        await asyncio.gather(*calls)
+    finally:
+        for call in calls:
+            call.cancel()
+    return sent_s
+
+
+async def offered(channel: Any, works: list[Work], run: Run, rate: float, poisson: bool, seed: int) -> None:
+    """Open loop: every deployment submitted at its arrival time, `rate` a second."""
+    from maia.v1 import deployments_pb2_grpc
+    stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
+    offsets = arrival_offsets(len(works), rate, poisson, random.Random(seed))
+    run.sending_s = await open_loop(offsets, lambda i: submit_one(stub, works[i], run), run.send_late_ms)
 
 
 async def deleter(channel: Any, run: Run, every: int) -> None:
@@ -399,6 +463,7 @@ class Bench:
     kind: str
     shape: Shape
     tenants: int
+    load: str = ""  # how the submits were offered (closed loop: clients; open loop: a rate)
     phase: str = "starting"
     works: list[Work] = field(default_factory=list)
     run: Run = field(default_factory=Run)
@@ -501,6 +566,24 @@ def bucket_quantile(buckets: dict[float, float], before: dict[float, float], q: 
     return next((le for le, n in counts if n >= q * total), None) if total else None
 
 
+def interpolated_quantile(buckets: dict[float, float], before: dict[float, float], q: float) -> float | None:
+    """Prometheus's histogram_quantile: the `q` quantile of the observations since `before`,
+    linear within the bucket it falls in (the bucket below +Inf's bound when it falls there;
+    None: none observed)."""
+    counts = sorted((le, n - before.get(le, 0.0)) for le, n in buckets.items())
+    total = counts[-1][1] if counts else 0.0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, n in counts:
+        if n >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * ((rank - below) / (n - below) if n > below else 1.0)
+        lower, below = le, n
+    return lower
+
+
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return reply.read().decode()
@@ -511,7 +594,9 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
     SIGTERM) it stops every process it started and prints what it measured so far before the
     error goes on."""
     shape = Shape(nodes, args.fleets or max(1, (nodes + 255) // 256), args.preload)
-    bench = Bench(kind, shape, len(tenants_for(shape, args)))
+    bench = Bench(kind, shape, len(tenants_for(shape, args)),
+                  load=f"open loop, {args.rate:g}/s offered ({args.arrivals})" if args.rate > 0
+                  else f"closed loop, {args.clients} clients")
     progress = asyncio.create_task(report_progress(bench, args.progress_every)) if args.progress_every else None
     try:
         await _measure(bench, args, root)
@@ -589,7 +674,10 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             queue = list(reversed(works))
             if args.delete_every:
                 tasks.append(asyncio.create_task(deleter(channel, run, args.delete_every)))
-            await asyncio.gather(*(client(channel, queue, run) for _ in range(args.clients)))
+            if args.rate > 0:
+                await offered(channel, works, run, args.rate, args.arrivals == "poisson", args.seed)
+            else:
+                await asyncio.gather(*(client(channel, queue, run) for _ in range(args.clients)))
             bench.submitted_s = time.perf_counter() - bench.started
             bench.phase = "waiting for Running"
             try:
@@ -699,6 +787,11 @@ def summarize(bench: Bench) -> dict[str, Any]:
         # the preloaded bench submits nothing before the submit phase: the histogram is the run's
         "submit_server_p50_le_s": bucket_quantile(bench.submit_rpc, {}, 0.5),
         "submit_server_p99_le_s": bucket_quantile(bench.submit_rpc, {}, 0.99),
+        "submit_server": {f"p{q}_ms": None if (v := interpolated_quantile(bench.submit_rpc, {}, q / 100)) is None
+                          else round(v * 1000, 1) for q in (50, 99)},
+        "load": bench.load,
+        "offered_per_s": round(len(run.send_late_ms) / run.sending_s, 1) if run.sending_s else None,
+        "send_late": _ms(run.send_late_ms) if run.send_late_ms else None,
         "checker_violations": violations[:10], "checker_violation_count": len(violations),
         "errors": run.errors[:10], "error_count": len(run.errors),
     }
@@ -710,10 +803,14 @@ def report(r: dict[str, Any]) -> str:
     preloaded = (f"{r['preloaded']} placements preloaded in {r['preload_s']} s, " if r["preloaded"] else "")
     checker = (f"{r['checker_violation_count']} violations" if r["graded"] else "not run")
     rewatched = f" (the watch was cut off {r['watches'] - 1} times)" if r["watches"] > 1 else ""
+    server = r["submit_server"]
+    in_controller = (f"{server['p50_ms']:.1f}/{server['p99_ms']:.1f} ms interpolated, "
+                     if server["p50_ms"] is not None else "")
+    sent = (f", sent at {r['offered_per_s']}/s, late p50/p99 {pp('send_late')} ms" if r["send_late"] else "")
     return (f"{r['db']:8} {r['nodes']:>6} nodes  {preloaded}{r['submitted']}/{r['deployments']} deployments "
             f"submitted by {r['tenants']} tenants ({r['singles']} single, "
-            f"{r['gangs']} gangs = {r['gang_shards']} shards, {r['deletes']} deleted)\n"
-            f"  submit p50/p99 {pp('submit')} ms (in the controller <= {r['submit_server_p50_le_s']}/"
+            f"{r['gangs']} gangs = {r['gang_shards']} shards, {r['deletes']} deleted); {r['load']}{sent}\n"
+            f"  submit p50/p99 {pp('submit')} ms (in the controller {in_controller}<= {r['submit_server_p50_le_s']}/"
             f"{r['submit_server_p99_le_s']} s) | submit->committed single {pp('single_committed')} ms, "
             f"gang {pp('gang_committed')} ms ({r['gangs64']} of 64 shards: {pp('gang64_committed')} ms) | "
             f"answered->committed single {pp('single_answered_committed')} ms, "

@@ -22,6 +22,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import database
+from bench.e2e import arrival_offsets, database, open_loop
 from bench.fgd import percentile
 from bench.preload import Layout, preload
 
@@ -43,7 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=4096, help="preloaded nodes (a multiple of 16)")
     p.add_argument("--placements", type=int, default=10_000, help="preloaded running single-shard deployments")
     p.add_argument("--submits", type=int, default=2000, help="deployments submitted during the run")
-    p.add_argument("--clients", type=int, default=16, help="concurrent gRPC clients")
+    p.add_argument("--clients", type=int, default=16, help="concurrent gRPC clients (closed loop)")
+    p.add_argument("--rate", type=float, default=0.0, metavar="PER_S",
+                   help="open loop instead: submits offered at this rate (Poisson arrivals), whatever the answers "
+                        "(bench e2e --rate); 0: closed loop (--clients). The warm-up is closed loop")
     p.add_argument("--warmup", type=int, default=64,
                    help="submits first, not measured (the controller's first reads of the cluster)")
     p.add_argument("--db", nargs="+", choices=["sqlite", "postgres"], default=["sqlite"])
@@ -55,7 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _submits(address: str, token: str, works: list[tuple[str, str]], clients: int,
-                   request_ids: bool) -> tuple[list[float], list[str], float]:
+                   request_ids: bool, rate: float = 0.0) -> tuple[list[float], list[str], float, list[float]]:
+    """(latencies ms, errors, seconds, how late each open-loop submit was sent in ms): `clients`
+    closed-loop clients, or (`rate` > 0) Poisson arrivals at that rate."""
     import grpc
     from controller.bearer import aio_channel
     from maia.v1 import common_pb2, deployments_pb2, deployments_pb2_grpc
@@ -64,27 +70,34 @@ async def _submits(address: str, token: str, works: list[tuple[str, str]], clien
     latencies: list[float] = []
     errors: list[str] = []
     queue = list(reversed(works))
+    late_ms: list[float] = []
+
+    async def submit(name: str, tenant: str) -> None:
+        spec = deployments_pb2.DeploymentSpec(
+            name=name, tenant=tenant, replicas=1, shards_per_replica=1, locality=common_pb2.DOMAIN_NODE,
+            shard=common_pb2.ShardSpec(accelerators=1, hbm_gib=16, power_w=300))
+        started = time.perf_counter()
+        try:
+            await stub.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+                spec=spec, client_request_id=f"req-{name}" if request_ids else ""), timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            errors.append(f"{name}: {exc.code().name} {exc.details()}")
+            return
+        latencies.append((time.perf_counter() - started) * 1000)
 
     async def client() -> None:
         while queue:
-            name, tenant = queue.pop()
-            spec = deployments_pb2.DeploymentSpec(
-                name=name, tenant=tenant, replicas=1, shards_per_replica=1, locality=common_pb2.DOMAIN_NODE,
-                shard=common_pb2.ShardSpec(accelerators=1, hbm_gib=16, power_w=300))
-            started = time.perf_counter()
-            try:
-                await stub.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
-                    spec=spec, client_request_id=f"req-{name}" if request_ids else ""), timeout=60)
-            except grpc.aio.AioRpcError as exc:
-                errors.append(f"{name}: {exc.code().name} {exc.details()}")
-                continue
-            latencies.append((time.perf_counter() - started) * 1000)
+            await submit(*queue.pop())
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
+    if rate > 0:
+        offsets = arrival_offsets(len(works), rate, True, random.Random(len(works)))
+        await open_loop(offsets, lambda i: submit(*works[i]), late_ms)
+    else:
+        await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - started
     await channel.close()
-    return latencies, errors, elapsed
+    return latencies, errors, elapsed, late_ms
 
 
 async def one_run(kind: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -111,8 +124,8 @@ async def one_run(kind: str, args: argparse.Namespace, root: Path) -> dict[str, 
             await _submits(address, token, works[:args.warmup], args.clients, args.request_ids)
             profiler = _py_spy(args.py_spy, root) if args.py_spy else None
             cpu0 = time.process_time()
-            latencies, errors, elapsed = await _submits(address, token, works[args.warmup:], args.clients,
-                                                        args.request_ids)
+            latencies, errors, elapsed, late_ms = await _submits(address, token, works[args.warmup:], args.clients,
+                                                                 args.request_ids, args.rate)
             cpu = time.process_time() - cpu0
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
@@ -121,7 +134,8 @@ async def one_run(kind: str, args: argparse.Namespace, root: Path) -> dict[str, 
             await app.stop(grace_s=1.0)
     return {
         "db": kind, "nodes": args.nodes, "placements": args.placements, "submits": args.submits,
-        "clients": args.clients, "warmup": args.warmup, "reconciler": not args.no_reconciler,
+        "clients": args.clients, "rate": args.rate, "warmup": args.warmup,
+        "send_late_p99_ms": round(percentile(late_ms, 99), 1) if late_ms else None, "reconciler": not args.no_reconciler,
         "request_ids": args.request_ids,
         "preload_s": round(preload_s, 1), "elapsed_s": round(elapsed, 2),
         "submits_per_s": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
@@ -140,8 +154,10 @@ def _py_spy(binary: str, root: Path) -> subprocess.Popen[bytes]:
 
 def report(r: dict[str, Any]) -> str:
     loop = "reconciler on" if r["reconciler"] else "reconciler off"
+    offered = (f"offered at {r['rate']:g}/s (open loop, sent late p99 {r['send_late_p99_ms']} ms)" if r["rate"]
+               else f"by {r['clients']} clients")
     return (f"{r['db']:8} {r['nodes']} nodes, {r['placements']} placements preloaded ({r['preload_s']} s); "
-            f"{r['submits']} submits (after {r['warmup']}) by {r['clients']} clients, {loop}"
+            f"{r['submits']} submits (after {r['warmup']}) {offered}, {loop}"
             f"{', request ids' if r['request_ids'] else ''}\n"
             f"  submit p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms | "
             f"{r['submits_per_s']} submits/s | process CPU {r['process_cpu_s']} s in {r['elapsed_s']} s | "

@@ -70,3 +70,14 @@ def test_e2e_stopped_part_way_stops_what_it_started_and_reports(tmp_path: Path) 
     assert bench.returncode == 130, out
     assert "stopped while submitting: cancelled" in out and "submit p50/p99" in out
     assert left == [], f"processes of the run still alive: {left}"
+
+
+def test_e2e_open_loop_offers_every_deployment_at_its_rate(tmp_path: Path) -> None:
+    """`--rate`: every deployment submitted at its arrival time (no clients), all of them ran,
+    the checker agrees; the report names the load and how late the bench sent."""
+    done, result = _e2e(tmp_path, "--rate", "40", "--arrivals", "even", "--delete-every", "0")
+    assert result["submitted"] == result["running"] == result["deployments"] == 25
+    assert result["load"] == "open loop, 40/s offered (even)"
+    assert result["send_late"] is not None and result["offered_per_s"] > 0
+    assert result["submit_server"]["p99_ms"] is not None  # the controller's own timing, interpolated
+    assert "open loop, 40/s offered" in done.stdout
