@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import event, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.util import await_only
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -40,6 +40,8 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 # defaults (SQLite 5 + 10; 10 + 10 was set here for PostgreSQL).
 POOL_SIZE = 20
 POOL_OVERFLOW = 20
+# A pooled PostgreSQL connection idle this long is pinged before use (`_ping_when_idle`).
+PING_IDLE_S = 5.0
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
 
 
@@ -68,7 +70,37 @@ def create_engine(url: str) -> AsyncEngine:
 
         SqliteWriters().attach(engine)
         return engine
-    return create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    """A pooled connection is pinged before use only when it sat in the pool longer than `PING_IDLE_S`
+    (`pool_pre_ping` pinged at every checkout: a round trip, a turn of the event loop, in front of
+    every unit of work). One that fails its ping is replaced, as with `pool_pre_ping`. One dropped
+    while in use or lately used fails its first statement instead (`database_failed`: its caller
+    hears UNAVAILABLE), and SQLAlchemy then replaces every older connection of the pool at its
+    next checkout: a server restart fails the units of work under way or started before the first
+    failure was seen, not the later ones."""
+    pool = engine.sync_engine.pool
+
+    @event.listens_for(pool, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["maia_checked_in_at"] = time.monotonic()
+
+    @event.listens_for(pool, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        checked_in_at = record.info.get("maia_checked_in_at")
+        idle_s = PING_IDLE_S
+        if checked_in_at is None or time.monotonic() - checked_in_at <= idle_s:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # noqa: BLE001 (whatever the driver raises: the connection is gone)
+            raise DisconnectionError(f"a pooled connection idle for {idle_s:g}+ s failed its ping: {exc}") from exc
+        if not alive:
+            raise DisconnectionError(f"a pooled connection idle for {idle_s:g}+ s failed its ping")
 
 
 class SqliteWriters:
@@ -102,7 +134,7 @@ class SqliteWriters:
         loop = asyncio.get_running_loop()
         lock = self._locks.setdefault(loop, asyncio.Lock())
         try:
-            await_only(asyncio.wait_for(lock.acquire(), self.timeout_s))
+            await_only(_acquire(lock, self.timeout_s))
         except TimeoutError as exc:
             raise OperationalError(statement, None, Exception(
                 f"database is locked (no turn to write in {self.timeout_s:.0f} s; "
@@ -115,6 +147,14 @@ class SqliteWriters:
         lock = self._held.pop(id(record), None)
         if lock is not None:
             lock.release()
+
+
+async def _acquire(lock: asyncio.Lock, timeout_s: float) -> None:
+    """`lock` within `timeout_s` (TimeoutError), in the caller's task: a free lock is taken at once
+    (`asyncio.wait_for` ran the acquisition as a task of its own, a turn of the event loop in
+    front of every write transaction)."""
+    async with asyncio.timeout(timeout_s):
+        await lock.acquire()
 
 
 def database_failed(exc: BaseException) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Select, and_, bindparam, or_, case, delete, func, select, tuple_, update
+from sqlalchemy import Select, and_, bindparam, inspect, insert, or_, case, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -63,6 +63,28 @@ def record_event(
 ) -> None:
     session.add(m.Event(actor=actor, kind=kind, object_kind=object_kind, object_id=object_id,
                         message=message, data=data or {}))
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to record (`record_events`)."""
+
+    actor: str
+    kind: str
+    object_kind: str
+    object_id: str
+    message: str = ""
+    data: dict = field(default_factory=dict)
+
+
+async def record_events(session: AsyncSession, events: Iterable[NewEvent]) -> None:
+    """Several events in one INSERT statement (`record_event` adds an ORM row, which the flush
+    writes with a statement of its own on SQLite, to learn its id)."""
+    at = m.utcnow()
+    rows = [{"at": at, "actor": e.actor, "kind": e.kind, "object_kind": e.object_kind, "object_id": e.object_id,
+             "message": e.message, "data": e.data} for e in events]
+    if rows:
+        await session.execute(insert(m.Event.__table__), rows)
 
 
 async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
@@ -121,6 +143,59 @@ async def submit_batch_facts(session: AsyncSession,
         facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
         generation = int(capacity_generation or 0)
     return facts, generation
+
+
+# Joins a tenant's names and request ids into one text column; neither can hold it
+# (validation refuses control characters in both).
+_JOINED = "\x1f"
+
+
+@dataclass(frozen=True)
+class SubmitBatchReads:
+    """What a batch of submits is checked against (`submit_batch_reads`)."""
+
+    tenants: dict[str, TenantSubmitFacts]  # the batch's tenants that exist
+    taken: set[tuple[str, str]]            # (tenant, name): of the names asked, the deployments that exist
+    used: set[tuple[str, str]]             # (tenant, request id): of the ids asked, those used before
+    capacity_generation: int               # 0 when none exists
+
+
+def _batch_reads_query() -> Select:
+    def joined(column: object, where: list[object]) -> object:
+        return select(func.aggregate_strings(column, _JOINED)).where(*where).correlate(m.Tenant).scalar_subquery()
+
+    names = joined(m.Deployment.name, [m.Deployment.tenant_id == m.Tenant.id,
+                                       m.Deployment.name.in_(bindparam("names", expanding=True))])
+    request_ids = joined(m.ClientRequest.request_id, [
+        m.ClientRequest.tenant_id == m.Tenant.id,
+        m.ClientRequest.request_id.in_(bindparam("request_ids", expanding=True))])
+    return _BATCH_FACTS.add_columns(names, request_ids)
+
+
+_BATCH_READS = _batch_reads_query()
+
+
+async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, str, str]]) -> SubmitBatchReads:
+    """For a batch of submits (tenant, name, request id or ""), in ONE query: the facts of each
+    tenant that exists, which of the names exist in their tenant, which request ids were used
+    there, and the capacity generation (`submit_batch_facts`, `existing_deployment_keys` and
+    `existing_request_ids` at once: each round trip is a turn of a busy event loop)."""
+    keys = list(keys)
+    tenants = sorted({tenant for tenant, _, _ in keys})
+    facts: dict[str, TenantSubmitFacts] = {}
+    taken: set[tuple[str, str]] = set()
+    used: set[tuple[str, str]] = set()
+    generation = 0
+    if tenants:
+        rows = await session.execute(_BATCH_READS, {
+            "tenants": tenants, "names": sorted({name for _, name, _ in keys}),
+            "request_ids": sorted({rid for _, _, rid in keys if rid})})
+        for tenant, zones, deployments, capacity_generation, names, request_ids in rows:
+            facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
+            taken.update((tenant, name) for name in (names or "").split(_JOINED) if name)
+            used.update((tenant, rid) for rid in (request_ids or "").split(_JOINED) if rid)
+            generation = int(capacity_generation or 0)
+    return SubmitBatchReads(facts, taken, used, generation)
 
 
 async def tenant_ids(session: AsyncSession) -> list[str]:
@@ -532,6 +607,27 @@ def new_deployment_row(spec: d.DeploymentSpec) -> m.Deployment:
                        resource_version=1, template_revision=1, revision_specs={})
     write_deployment_spec(row, spec)
     return row
+
+
+async def insert_deployments(session: AsyncSession, specs: Iterable[d.DeploymentSpec]) -> list[m.Deployment]:
+    """New deployments (as `new_deployment_row`) written in ONE INSERT statement; returns their
+    rows, ids set, outside the session (what the callers' views are built from). The ORM's flush
+    wrote one statement per row on SQLite, to learn each id in order; here the ids are matched by
+    (tenant, name), which is unique."""
+    now = m.utcnow()
+    rows = [new_deployment_row(spec) for spec in specs]
+    if not rows:
+        return rows
+    columns = [(attr.key, attr.columns[0].key) for attr in inspect(m.Deployment).column_attrs if attr.key != "id"]
+    for row in rows:
+        row.failures, row.created_at, row.updated_at = 0, now, now
+    table = m.Deployment.__table__
+    ids = {(tenant, name): id_ for id_, tenant, name in await session.execute(
+        insert(table).returning(table.c.id, table.c.tenant_id, table.c.name),
+        [{column: getattr(row, attr) for attr, column in columns} for row in rows])}
+    for row in rows:
+        row.id = ids[(row.tenant_id, row.name)]
+    return rows
 
 
 def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:

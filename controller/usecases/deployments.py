@@ -273,9 +273,9 @@ async def admit(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, throttle:
     return Admitted(spec, replaced=checked.replaced)
 
 
-def submitted_event(uow: UnitOfWork, actor: str, spec: DeploymentSpec, *, released: bool = False) -> None:
-    repo.record_event(uow.session, actor=actor, kind="deployment.released" if released else "deployment.submitted",
-                      object_kind="deployment", object_id=spec.key, data=planning.deployment_doc(spec))
+def submitted_event(actor: str, spec: DeploymentSpec, *, released: bool = False) -> repo.NewEvent:
+    return repo.NewEvent(actor=actor, kind="deployment.released" if released else "deployment.submitted",
+                         object_kind="deployment", object_id=spec.key, data=planning.deployment_doc(spec))
 
 
 async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
@@ -298,7 +298,7 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # conflict. The reconciler sees new arrivals by `repo.count_schedulable_deployments`.
     await uow.session.flush()
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "submit")
-    submitted_event(uow, who.name, spec, released=replaced is not None)
+    await repo.record_events(uow.session, [submitted_event(who.name, spec, released=replaced is not None)])
     await uow.commit()
     view = repo.deployment_view(row)
     signals.publish(DeploymentEvent("added", view))
@@ -407,10 +407,12 @@ async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment, str]
     """Mark deployments DELETING, each with its event (by its actor), in the caller's transaction:
     ONE cluster generation bump for all, which logs every key (plan commits wait for that row
     from the bump to the commit, so it comes last)."""
-    for row, actor in rows:
+    for row, _ in rows:
         row.phase = m.DeploymentPhase.DELETING
-        repo.record_event(uow.session, actor=actor, kind="deployment.deleting", object_kind="deployment",
-                          object_id=deployment_key(row.tenant_id, row.name))
+    await repo.record_events(uow.session, (repo.NewEvent(actor=actor, kind="deployment.deleting",
+                                                         object_kind="deployment",
+                                                         object_id=deployment_key(row.tenant_id, row.name))
+                                           for row, actor in rows))
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(
         *(deployment_key(row.tenant_id, row.name) for row, _ in rows)))
 

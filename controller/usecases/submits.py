@@ -126,13 +126,10 @@ class SubmitBatcher:
             if not accepted:
                 return outcomes
             s = uow.session
-            rows = [repo.new_deployment_row(q.spec) for q in accepted]
-            s.add_all(rows)
-            await s.flush()
+            rows = await repo.insert_deployments(s, [q.spec for q in accepted])
             await requests.remember_all(uow, [(q.spec.tenant, q.request_id, row.id, q.spec)
                                               for q, row in zip(accepted, rows)], "submit")
-            for queued in accepted:
-                submitted_event(uow, queued.actor, queued.spec)
+            await repo.record_events(s, [submitted_event(q.actor, q.spec) for q in accepted])
             calls = [q.call for q in accepted if q.call is not None]
             await audit.append(s, [c.record for c in calls])
             await uow.commit()
@@ -145,16 +142,14 @@ class SubmitBatcher:
 
     @staticmethod
     async def _read_facts(uow: UnitOfWork, batch: list[Queued]) -> _BatchFacts:
-        """Round trips are what a batch waits for under load: the tenants' facts and the capacity
-        generation in one query, the names in one more (the request ids in a third when any)."""
-        s = uow.session
-        tenants, generation = await repo.submit_batch_facts(s, {q.spec.tenant for q in batch})
+        """Round trips are what a batch waits for under load: the tenants' facts, the names taken,
+        the request ids used and the capacity generation in one query."""
+        reads = await repo.submit_batch_reads(uow.session, [(q.spec.tenant, q.spec.name, q.request_id) for q in batch])
         return _BatchFacts(
-            zones={tenant: facts.zones for tenant, facts in tenants.items()},
-            taken=await repo.existing_deployment_keys(s, [(q.spec.tenant, q.spec.name) for q in batch]),
-            used=await repo.existing_request_ids(s, [(q.spec.tenant, q.request_id) for q in batch]),
-            counts=Counter({tenant: facts.deployments for tenant, facts in tenants.items()}),
-            capacity_generation=generation)
+            zones={tenant: facts.zones for tenant, facts in reads.tenants.items()},
+            taken=reads.taken, used=reads.used,
+            counts=Counter({tenant: facts.deployments for tenant, facts in reads.tenants.items()}),
+            capacity_generation=reads.capacity_generation)
 
     @staticmethod
     async def _admitted(uow: UnitOfWork, queued: Queued, facts: _BatchFacts) -> bool:

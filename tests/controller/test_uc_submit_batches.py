@@ -19,6 +19,7 @@ from controller.store import models as m
 from controller.store.audit import AuditRecord, CallEntry
 from controller.usecases import submits
 from controller.usecases.capacity import CapacityCache
+from controller.usecases.deployments import views_of
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.submits import Queued, SubmitBatcher
 from uc_builders import WHO, add_tenant, deployment
@@ -139,3 +140,29 @@ async def test_a_member_handed_back_is_charged_the_submit_rate_once(cluster):
         await batcher.submit(WHO, deployment("x", "nobody"), throttle=throttle)
     with pytest.raises(InvalidArgument):
         await batcher.submit(WHO, deployment("y", shards=3, replicas=0), throttle=throttle)
+
+
+async def test_a_batch_reads_names_and_request_ids_per_tenant_and_writes_each_row_under_its_own_id(cluster):
+    """A name or a request id taken in another tenant does not count against this one; the
+    deployments written in one statement each get their own id (their request ids point at them,
+    the views answered are the rows as stored)."""
+    await add_tenant(cluster, "t2")
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    await batcher.submit(WHO, deployment("x", "t2"), request_id="r-1")
+    batch = [_queued("x", "t1", request_id="r-1"), _queued("y", "t2", request_id="r-2"),
+             _queued("x", "t2", request_id="r-3"),  # taken in t2: goes alone
+             _queued("z", "t1", request_id="r-2")]  # r-2 is t2's (earlier in the batch), not t1's
+    outcomes = await batcher.commit_batch(batch)
+    assert [id(q) in outcomes for q in batch] == [True, True, False, True]
+    async with cluster.unit_of_work() as uow:
+        s = uow.session
+        ids = {(r.tenant_id, r.name): r.id for r in await s.scalars(select(m.Deployment))}
+        requests = {(r.tenant_id, r.request_id): r.deployment_id for r in await s.scalars(select(m.ClientRequest))}
+        stored = {view.spec.key: view for view in await views_of(uow, {"t1/x", "t2/y", "t1/z"})}
+    assert requests == {("t2", "r-1"): ids[("t2", "x")], ("t1", "r-1"): ids[("t1", "x")],
+                        ("t2", "r-2"): ids[("t2", "y")], ("t1", "r-2"): ids[("t1", "z")]}
+    for q in batch[:2] + batch[3:]:
+        answered = outcomes[id(q)]
+        assert replace(answered, created_at=None, updated_at=None) == \
+            replace(stored[q.spec.key], created_at=None, updated_at=None)
+        assert answered.phase == "pending" and answered.resource_version == 1

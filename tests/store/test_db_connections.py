@@ -1,0 +1,74 @@
+"""Connections (store/db.py). PostgreSQL's pool (`_ping_when_idle`): a connection that sat idle
+in the pool is pinged before use and replaced if dead; one used lately is trusted (no round trip
+in front of every unit of work), so a connection dropped since fails its unit of work as a
+database failure, and the next one gets a live connection. SQLite's writers (`SqliteWriters`)
+take turns, and one that cannot have its turn in time fails as SQLite's busy timeout would."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from controller.store import db as dbmod
+from controller.store.db import Database, SqliteWriters, database_failed
+
+POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+
+
+async def _pooled_backend_pid(db: Database) -> int:
+    async with db.unit_of_work() as uow:
+        return int(await uow.session.scalar(text("SELECT pg_backend_pid()")))
+
+
+async def _terminate(url: str, pid: int) -> None:
+    """The server drops that connection (as a restart or an idle timeout would)."""
+    other = Database(url)
+    try:
+        async with other.unit_of_work() as uow:
+            assert await uow.session.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        await other.dispose()
+
+
+@POSTGRES_ONLY
+async def test_an_idle_connection_dropped_by_the_server_is_replaced_before_use(database: Database, monkeypatch):
+    monkeypatch.setattr(dbmod, "PING_IDLE_S", 0.0)  # every connection back in the pool counts as idle
+    pid = await _pooled_backend_pid(database)
+    await _terminate(database.url, pid)
+    assert await _pooled_backend_pid(database) != pid  # pinged, found dead, replaced: no error
+
+
+@POSTGRES_ONLY
+async def test_a_connection_used_lately_is_not_pinged_and_a_drop_fails_one_unit_of_work(database: Database,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(dbmod, "PING_IDLE_S", 3600.0)
+    pid = await _pooled_backend_pid(database)
+    await _terminate(database.url, pid)
+    with pytest.raises(Exception) as failed:  # no ping: the dead connection is used
+        await _pooled_backend_pid(database)
+    assert database_failed(failed.value)
+    assert await _pooled_backend_pid(database) != pid  # the pool replaced it
+
+
+async def test_a_sqlite_writer_waits_its_turn_and_fails_as_sqlite_would_past_the_timeout(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+    SqliteWriters(timeout_s=0.2).attach(engine)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        async with engine.connect() as first:
+            await first.execute(text("INSERT INTO t VALUES (1)"))  # holds the turn until it returns
+            async with engine.connect() as second:
+                with pytest.raises(OperationalError, match="no turn to write in 0 s; held by .*INSERT INTO t"):
+                    await asyncio.wait_for(second.execute(text("INSERT INTO t VALUES (2)")), 30)  # no hang
+            await first.commit()
+        async with engine.begin() as conn:  # the turn was given back: a writer goes at once
+            await conn.execute(text("INSERT INTO t VALUES (3)"))
+            assert list(await conn.scalars(text("SELECT x FROM t ORDER BY x"))) == [1, 3]
+    finally:
+        await engine.dispose()
