@@ -220,9 +220,12 @@ class GroupCommit(Generic[Item, Outcome]):
         return member.future.result()
 
     async def _answered_by(self, member: _Member[Item, Outcome], until: float) -> bool:
-        """Wait for the member's outcome until `until` (clock); whether it came."""
+        """Wait for the member's outcome until `until` (clock); whether it came. With no deadline
+        the future itself is awaited (a shield is one more turn of the event loop before the
+        caller wakes; a caller cancelled meanwhile cancels the future, which the writer skips and
+        `submit` treats as a caller gone)."""
         if not math.isfinite(until):
-            await asyncio.shield(member.future)
+            await member.future
             return True
         try:
             async with asyncio.timeout(max(0.0, until - self._clock())):
@@ -352,12 +355,13 @@ def _retrieved(future: asyncio.Future) -> None:
 
 
 async def outcome_or_alone(group: GroupCommit[Item, Outcome], item: Item) -> Outcome | None:
-    """`group.submit(item)` for a caller that decides alone what the batch did not: shielded (a
-    member its caller left is still written with its batch); `ALONE` (None) when the batch could
-    not decide it or the writer was stopped (the controller stops). Raises what refused it, and
-    the caller's own cancellation."""
+    """`group.submit(item)` for a caller that decides alone what the batch did not; `ALONE` (None)
+    when the batch could not decide it or the writer was stopped (the controller stops). Raises
+    what refused it, and the caller's own cancellation (a member its caller left is still written
+    with its batch once taken into it: `submit`). In the caller's task: no task of its own to
+    start and to wake the caller from (two turns of the event loop each way)."""
     try:
-        return await asyncio.shield(group.submit(item))
+        return await group.submit(item)
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():  # type: ignore[union-attr]
             raise  # the caller itself was cancelled

@@ -10,7 +10,7 @@ from controller.admission import MAX_RETRY_S, MIN_RETRY_S, MovingAverage
 from controller.errors import FailedPrecondition, Unavailable
 from controller.groupcommit import (
     ALONE, PACE_INITIAL_RATE, PACE_MAX_S, PACE_MIN_RATE, PACE_MIN_S, PACE_OVERBOOK, PACE_WINDOW_S, GroupCommit,
-    RetryPacer,
+    RetryPacer, outcome_or_alone,
 )
 
 
@@ -271,3 +271,29 @@ async def test_a_caller_the_group_commit_refuses_is_told_the_pacers_slot():
     store.release.set()
     assert await inflight == "A"
     assert pacer.stats.paced == 2 and len(pacer._batches) == 1  # the written batch was measured
+
+
+async def test_a_caller_that_goes_away_once_its_item_is_taken_still_has_it_written():
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
+    caller = asyncio.create_task(outcome_or_alone(group, "a"))
+    await _settle()
+    assert store.batches == [["a"]]  # taken: in the batch being written
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):  # the caller's own cancellation goes on
+        await caller
+    store.release.set()
+    assert await group.submit("b") == "B"
+    assert store.batches == [["a"], ["b"]] and group.stats.items == 2  # "a" was written with its batch
+
+
+async def test_a_caller_whose_writer_is_stopped_decides_alone():
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
+    inflight = asyncio.create_task(outcome_or_alone(group, "a"))
+    await _settle()
+    queued = asyncio.create_task(outcome_or_alone(group, "b"))
+    await _settle()
+    for writer in list(group._writers):
+        writer.cancel()
+    assert await inflight is ALONE and await queued is ALONE  # not cancelled: each goes alone
