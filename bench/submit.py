@@ -9,6 +9,7 @@ loop places what arrives while the submits go on (the load the submit path reall
 No agents are connected: the preloaded nodes stay up through the controller's restart grace.
 
     python -m bench submit --nodes 4096 --placements 10000 --submits 2000 --clients 16 --db sqlite
+    python -m bench submit ... --rate 100   # open loop: Poisson arrivals at 100/s (bench e2e --rate)
     python -m bench submit ... --py-spy /path/to/py-spy   # collapsed stacks of this process
 
 Clients run in the controller's event loop (one process): their cost is in the latency
