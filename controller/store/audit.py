@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import weakref
 from contextvars import ContextVar, Token
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -118,9 +117,12 @@ def _row_values(record: AuditRecord) -> dict[str, Any]:
     return values
 
 
-# The head this process last wrote, per database (engine): the next append links to it without
-# reading the head first (`append`).
-_last_heads: weakref.WeakKeyDictionary[Any, tuple[int, str]] = weakref.WeakKeyDictionary()
+# The head this process last wrote, per database (its URL, not its engine: the reconcile thread's
+# engine and the controller's append to one chain, and each missed the other's head every time,
+# a failed compare-and-set and two more statements per append): the next append links to it
+# without reading the head first (`append`). Stale (another process appended, a transaction
+# rolled back), the compare-and-set misses and the head is read.
+_last_heads: dict[str, tuple[int, str]] = {}
 
 # `append`'s statements, built once (Core, on the tables: building and caching them per append,
 # and the ORM's bulk insert, were a fifth of a submit batch's own time).
@@ -157,7 +159,8 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
         return []
     at = at or utcnow()
     engine = getattr(session.bind, "sync_engine", None)
-    known = _last_heads.get(engine) if engine is not None else None
+    database = str(engine.url) if engine is not None else None
+    known = _last_heads.get(database) if database is not None else None
     rows: list[dict[str, Any]] = []
     if known is not None:
         rows = _chained(records, known[0] + 1, known[1], at)
@@ -184,8 +187,8 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
         )
     else:
         await session.execute(_INSERT_ENTRIES, rows)
-    if engine is not None:
-        _last_heads[engine] = (rows[-1]["seq"], rows[-1]["hash"])
+    if database is not None:
+        _last_heads[database] = (rows[-1]["seq"], rows[-1]["hash"])
     return [row["seq"] for row in rows]
 
 

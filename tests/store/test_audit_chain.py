@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from controller.store import audit
 from controller.store.audit import AuditRecord, ChainReport, entry_hash
@@ -64,22 +64,56 @@ async def test_concurrent_appends_form_one_chain(database: Database) -> None:
 
 
 async def test_writers_of_two_processes_and_a_rolled_back_append_keep_one_chain(database: Database) -> None:
-    # Each Database is what one process holds: it links its next append to the head it wrote last,
-    # which the other writer and a rolled-back transaction move or leave behind.
+    # A process links its next append to the head it wrote last (audit._last_heads), which the
+    # other process's appends and a rolled-back transaction move or leave behind.
     other = Database(database.url)
+    ours: dict[str, tuple[int, str]] = {}
+    theirs: dict[str, tuple[int, str]] = {}
+
+    async def append_as(heads: dict[str, tuple[int, str]], db: Database, *records: AuditRecord) -> list[int]:
+        audit._last_heads.clear()
+        audit._last_heads.update(heads)  # what that process knows
+        seqs = await _append(db, *records)
+        heads.clear()
+        heads.update(audit._last_heads)
+        return seqs
+
     try:
-        assert await _append(database, _record(1)) == [1]
-        assert await _append(other, _record(2), _record(3)) == [2, 3]
+        assert await append_as(ours, database, _record(1)) == [1]
+        assert await append_as(theirs, other, _record(2), _record(3)) == [2, 3]
         async with database.unit_of_work() as uow:
+            audit._last_heads.clear()
+            audit._last_heads.update(ours)
             assert await audit.append(uow.session, [_record(4)]) == [4]
             await uow.rollback()
-        assert await _append(database, _record(5)) == [4]
-        assert await _append(other, _record(6)) == [5]
-        assert await _append(other, _record(7)) == [6]
+        ours.update(audit._last_heads)
+        assert await append_as(ours, database, _record(5)) == [4]
+        assert await append_as(theirs, other, _record(6)) == [5]
+        assert await append_as(theirs, other, _record(7)) == [6]
     finally:
         await other.dispose()
     report = await _verify(database)
     assert report.intact and report.entries == 6 and report.head_seq == 6
+
+
+async def test_two_engines_of_one_process_link_to_each_others_head(database: Database) -> None:
+    """The reconcile thread's engine and the controller's append to one chain in turn: each
+    append links to the head the other wrote (a compare-and-set that holds and the insert: two
+    statements), not to its own engine's last one (a miss, and the head read: four)."""
+    other = Database(database.url)
+    statements: list[str] = []
+    for db in (database, other):
+        event.listen(db.engine.sync_engine, "before_cursor_execute",
+                     lambda _c, _cur, statement, *_a: statements.append(statement.split()[0]))
+    try:
+        await _append(database, _record(1))
+        for i, db in enumerate([other, database, other, database]):
+            statements.clear()
+            assert await _append(db, _record(10 + i)) == [2 + i]
+            assert [s for s in statements if s in ("UPDATE", "INSERT", "SELECT")] == ["UPDATE", "INSERT"]
+    finally:
+        await other.dispose()
+    assert (await _verify(database)).intact
 
 
 async def test_unprintable_and_overlong_values_are_stored_cleaned(database: Database) -> None:
