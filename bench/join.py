@@ -13,7 +13,10 @@ the run measures
 - controller CPU and peak RSS (VmHWM, /proc) over the join; then the steady state: the nodes
   heartbeat for `--steady` seconds (longer than the heartbeat timeout, so a node whose heartbeats
   did not arrive would be suspect by the end) and the controller's CPU share over that window,
-  and whether every node is still ready after it.
+  and whether every node is still ready after it;
+- how long the controller took to stop after SIGTERM with every node connected
+  (`controller_stop_s`) and its exit code (`controller_exit`: 0 clean, 3 its own shutdown deadline
+  passed, -9 killed by this benchmark after that deadline and a margin).
 
     python -m bench join --nodes 4096 16384
 """
@@ -37,6 +40,7 @@ from typing import Any
 from bench.e2e import NODES_PER_RACK, Process, Shape, _profile, admin_setup, database, stop_all
 from bench.fgd import percentile
 from bench.nodedeath import FleetProcess, start_fleet
+from controller.main import SHUTDOWN_DEADLINE_S
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -224,12 +228,17 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
                 "admission_at_end": scrape_admission(metrics_url)})
             await channel.close()
         finally:
-            result["controller_exit"] = controller.stop()  # first: nodes stopping before it would be marked suspect
+            # First: nodes stopping before it would be marked suspect. Waited for longer than its own
+            # shutdown deadline: a stuck stop then exits EXIT_STUCK with its threads' stacks in the log.
+            stopping = time.perf_counter()
+            result["controller_exit"] = controller.stop(grace_s=SHUTDOWN_DEADLINE_S + STOP_MARGIN_S)
+            result["controller_stop_s"] = round(time.perf_counter() - stopping, 1)
             stop_all([fleet.process for fleet in fleets])
     return result
 
 
 SQL_DUMP_WAIT_S = 2.5  # longer than bench.sqlcount.DUMP_EVERY_S
+STOP_MARGIN_S = 5.0  # waited for the controller past its own shutdown deadline
 
 
 def read_sql(path: Path) -> dict[str, Any]:

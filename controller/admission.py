@@ -148,6 +148,8 @@ class AdmissionGate:
     _turn: MovingAverage = field(default_factory=lambda: MovingAverage(INITIAL_SERVICE_S))
     _lag: MovingAverage = field(default_factory=lambda: MovingAverage(0.0))
     _slots: asyncio.Semaphore | None = None
+    _queued: set[asyncio.Task] = field(default_factory=set)  # the tasks waiting for a slot now
+    _closed: str = ""  # why the gate refuses everyone (`close`), or ""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_waiting < 0:
@@ -179,10 +181,26 @@ class AdmissionGate:
             return self.pace()
         return spread_retry_s((self._waiting + self.concurrency) / self.concurrency * self._turn.mean, self.rng)
 
+    def close(self, reason: str) -> None:
+        """Refuse every caller from now on with UNAVAILABLE (`reason`: the controller is stopping),
+        the queued ones at once: none is left to be cancelled by the server's stop, and nothing of
+        theirs was written."""
+        self._closed = reason
+        for task in self._queued:
+            task.cancel(_CLOSING)
+
     @asynccontextmanager
-    async def admit(self, time_left_s: float | None = None) -> AsyncIterator[None]:
+    async def admit(self, time_left_s: float | None = None, *, pass_when_full: bool = False) -> AsyncIterator[None]:
         """Enter (waiting for a slot), or raise with a retry time when the caller, with `time_left_s`
-        until its deadline (None: no deadline), would wait too long or the queue is full."""
+        until its deadline (None: no deadline), would wait too long or the queue is full.
+        `pass_when_full`: a caller that completes work already admitted (a hello after its
+        Register) is never refused for a full queue: it goes in without a slot then (the queue
+        bound is a bound on memory; such callers are bounded by their own work)."""
+        if self._closed:
+            raise self._closing()
+        if pass_when_full and self._waiting >= self.max_waiting:
+            yield
+            return
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.concurrency)  # made in the loop that uses it
         state = self.state()
@@ -192,22 +210,30 @@ class AdmissionGate:
         ahead = state.services_ahead()
         self._waiting += 1
         queued = self.clock()
+        task = asyncio.current_task()
+        if task is not None:
+            self._queued.add(task)
         try:
             if time_left_s is None or not math.isfinite(time_left_s) or not self._slots.locked():
                 await self._slots.acquire()
             else:  # the estimate was wrong: answer while the caller can still hear it, not at its deadline
-                await asyncio.wait_for(self._slots.acquire(),
-                                       max(0.0, time_left_s - reserve_s(time_left_s, self._service_s, self.lag_s())))
-        except asyncio.TimeoutError:
+                async with asyncio.timeout(
+                        max(0.0, time_left_s - reserve_s(time_left_s, self._service_s, self.lag_s()))):
+                    await self._slots.acquire()
+        except TimeoutError:
             self._turn.add((self.clock() - queued) / max(ahead, 1.0))  # the queue moved slower than thought
             raise self._refuse(Refusal.WAITED_OUT, time_left_s) from None
-        except BaseException:
+        except BaseException as exc:
+            if (isinstance(exc, asyncio.CancelledError) and exc.args == (_CLOSING,) and task is not None
+                    and task.uncancel() == 0):
+                raise self._closing() from None  # `close`: refused, not abandoned
             self.abandoned += 1
             if self.observer is not None:
                 self.observer.admission_abandoned()
             raise
         finally:
             self._waiting -= 1
+            self._queued.discard(task)
         started = self.clock()
         if ahead:
             self._turn.add((started - queued) / ahead)
@@ -221,6 +247,10 @@ class AdmissionGate:
             self._slots.release()
             self.admitted += 1
             self._service_s += SMOOTHING * (max(0.0, self.clock() - started) - self._service_s)
+
+    def _closing(self) -> MaiaError:
+        return Unavailable(f"{self._closed}; nothing was written; retry (another controller, or this one "
+                           f"once it is back)")
 
     def _refuse(self, refusal: Refusal, time_left_s: float | None) -> MaiaError:
         self.refused += 1
@@ -240,6 +270,9 @@ class AdmissionGate:
                 f"deadline leaves ({time_left_s:.3g}s); {retry}", retry_after_ms=math.ceil(wait_s * 1000))
         return Unavailable(f"the controller is busy with {self.what} ({self._waiting} waiting); {retry}",
                            retry_after_ms=math.ceil(wait_s * 1000))
+
+
+_CLOSING = "admission gate closed"  # the cancellation message `close` sends its queued callers
 
 
 @dataclass
