@@ -34,7 +34,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
@@ -270,8 +269,7 @@ class AgentHub:
         have none), taking its turn with the Registers; but never refused for a full queue: a hello
         completes a join whose Register was written (refused, its agent had to register again),
         and one writer at a time bounds the batches anyway."""
-        gate = self.admission.admit() if self.admission.waiting < self.admission.max_waiting else nullcontext()
-        async with gate, self._db.unit_of_work() as uow:
+        async with self.admission.admit(pass_when_full=True), self._db.unit_of_work() as uow:
             return await agent_cases.hellos(uow, batch, datetime.now(timezone.utc))
 
     # --- assignment sets, read in batches ----------------------------------------------------
