@@ -9,7 +9,7 @@ the run measures
   that failed, by status code (RESOURCE_EXHAUSTED/UNAVAILABLE: refused with a retry time;
   DEADLINE_EXCEEDED: timed out), from the fleets' control sockets;
 - the controller's admission counters from its `/metrics` (admitted, refused by reason,
-  abandoned in the queue);
+  abandoned in the queue, answered late by a stalled event loop);
 - controller CPU and peak RSS (VmHWM, /proc) over the join; then the steady state: the nodes
   heartbeat for `--steady` seconds (longer than the heartbeat timeout, so a node whose heartbeats
   did not arrive would be suspect by the end) and the controller's CPU share over that window,
@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fleets and this benchmark stay this checkout's): compares the controller's work alone")
 
 
-_ADMISSION = re.compile(r"maia_agent_admission_(admitted_total|refused_total|abandoned_total)(\{[^}]*\})? (\S+)")
+_ADMISSION = re.compile(r"maia_agent_admission_(admitted_total|refused_total|abandoned_total|late_total)(\{[^}]*\})? (\S+)")
 _AGENT_CALLS = re.compile(r'maia_grpc_server_handled_total\{[^}]*method="(Register|Connect)"[^}]*\} (\S+)')
 _AGENT_CODE = re.compile(r'code="(\w+)"')
 _PASSES = re.compile(r'maia_reconcile_passes_total\{path="(\w+)"\} (\S+)')

@@ -128,6 +128,8 @@ class AdmissionObserver(Protocol):
 
     def admission_abandoned(self) -> None: ...
 
+    def admission_late(self) -> None: ...
+
 
 @dataclass
 class AdmissionGate:
@@ -141,7 +143,11 @@ class AdmissionGate:
     pace: Callable[[], float] | None = None
     refused: int = 0
     admitted: int = 0
-    abandoned: int = 0  # callers that left the queue before their turn (their deadline passed, or they went away)
+    # Callers that left the queue before their turn (their deadline passed, or they went away)
+    # while the gate still let them wait; `late`: those whose refusal was due already, but the event
+    # loop had not run it yet (it was stalled longer than the reserve).
+    abandoned: int = 0
+    late: int = 0
     _inside: int = 0
     _waiting: int = 0
     _service_s: float = INITIAL_SERVICE_S
@@ -213,12 +219,14 @@ class AdmissionGate:
         task = asyncio.current_task()
         if task is not None:
             self._queued.add(task)
+        refuse_at: float | None = None  # when the caller is refused if its turn has not come (WAITED_OUT)
         try:
             if time_left_s is None or not math.isfinite(time_left_s) or not self._slots.locked():
                 await self._slots.acquire()
             else:  # the estimate was wrong: answer while the caller can still hear it, not at its deadline
-                async with asyncio.timeout(
-                        max(0.0, time_left_s - reserve_s(time_left_s, self._service_s, self.lag_s()))):
+                patience = max(0.0, time_left_s - reserve_s(time_left_s, self._service_s, self.lag_s()))
+                refuse_at = queued + patience
+                async with asyncio.timeout(patience):
                     await self._slots.acquire()
         except TimeoutError:
             self._turn.add((self.clock() - queued) / max(ahead, 1.0))  # the queue moved slower than thought
@@ -227,9 +235,17 @@ class AdmissionGate:
             if (isinstance(exc, asyncio.CancelledError) and exc.args == (_CLOSING,) and task is not None
                     and task.uncancel() == 0):
                 raise self._closing() from None  # `close`: refused, not abandoned
-            self.abandoned += 1
-            if self.observer is not None:
-                self.observer.admission_abandoned()
+            if refuse_at is not None and self.clock() >= refuse_at:
+                # Its refusal was due before its deadline, but the event loop ran it too late (stalled
+                # past the reserve: a starved machine, a long synchronous step): gRPC's deadline
+                # cancellation came first. The loop's lateness, not a caller the gate let wait.
+                self.late += 1
+                if self.observer is not None:
+                    self.observer.admission_late()
+            else:
+                self.abandoned += 1
+                if self.observer is not None:
+                    self.observer.admission_abandoned()
             raise
         finally:
             self._waiting -= 1

@@ -163,7 +163,11 @@ class ControllerMetrics:
                                       ["reason"], registry=r)
         self.agents_abandoned = Counter("maia_agent_admission_abandoned",
                                         "Agent calls that left the admission queue before their turn "
-                                        "(deadline passed or cancelled).", registry=r)
+                                        "(deadline passed or cancelled) while the gate still let them wait.", registry=r)
+        self.agents_late = Counter("maia_agent_admission_late",
+                                   "Agent calls whose refusal from the admission queue was due before their "
+                                   "deadline but ran after it ended: the event loop was stalled longer than the "
+                                   "gate's reserve (a starved machine, a long synchronous step).", registry=r)
         self.agents_admission_wait = Histogram("maia_agent_admission_wait_seconds",
                                                "Time an admitted agent call waited in the admission queue.",
                                                registry=r, buckets=ADMISSION_WAIT_BUCKETS_S)
@@ -216,6 +220,9 @@ class ControllerMetrics:
 
     def admission_abandoned(self) -> None:
         self.agents_abandoned.inc()
+
+    def admission_late(self) -> None:
+        self.agents_late.inc()
 
     def rpc_handled(self, full_method: str, code: str, seconds: float) -> None:
         service, method = split_method(full_method)

@@ -126,6 +126,7 @@ class _Seen:
         self.admitted: list[float] = []
         self.refused: list[str] = []
         self.abandoned = 0
+        self.late = 0
 
     def admission_admitted(self, waited_s: float) -> None:
         self.admitted.append(waited_s)
@@ -135,6 +136,9 @@ class _Seen:
 
     def admission_abandoned(self) -> None:
         self.abandoned += 1
+
+    def admission_late(self) -> None:
+        self.late += 1
 
 
 async def test_a_caller_that_would_outwait_its_deadline_is_refused_at_once_with_a_retry_time() -> None:
@@ -221,3 +225,76 @@ def test_the_gate_keeps_the_loops_recent_lag_with_its_spikes() -> None:
         gate.loop_lagged(seconds)
     assert gate.lag_s() > 0.5  # an answer due now may be that late
     assert gate.state().lag_s == gate.lag_s() and gate.answer_reserve_s(2.0) == pytest.approx(0.2 + gate.lag_s())
+
+
+async def test_a_caller_cancelled_after_its_refusal_was_due_is_late_not_abandoned() -> None:
+    """The event loop stalled past the gate's reserve: the caller's WAITED_OUT refusal was due (by
+    the gate's clock) but had not run when gRPC cancelled the call at its deadline. That is the
+    loop's lateness (`late`), not a caller the gate let wait to its deadline (`abandoned`)."""
+    now = [100.0]
+    seen = _Seen()
+    gate = AdmissionGate("agent registrations", 1, 10, clock=lambda: now[0], observer=seen)
+    release = asyncio.Event()
+    first = asyncio.create_task(_hold(gate, release))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(_hold(gate, release, 1.0))  # refused after 1.0 s less the reserve
+    await asyncio.sleep(0)
+    assert gate.waiting == 1
+    now[0] += 1.0  # the loop comes back after the refusal was due, with the call's deadline passed too
+    waiter.cancel()  # gRPC's deadline cancellation, run before the gate's overdue timer
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert (gate.late, gate.abandoned, seen.late, seen.abandoned, gate.waiting) == (1, 0, 1, 0, 0)
+    release.set()
+    await first
+
+
+async def test_close_refuses_the_queued_and_the_arriving_callers_unavailable() -> None:
+    seen = _Seen()
+    gate = AdmissionGate("agent registrations", 1, 10, observer=seen)
+    release = asyncio.Event()
+    first = asyncio.create_task(_hold(gate, release))
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(_hold(gate, release, t)) for t in (None, 30.0)]
+    await asyncio.sleep(0)
+    assert gate.waiting == 2
+    gate.close("the controller is shutting down")
+    outcomes = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(o, Unavailable) and "shutting down" in o.message and "nothing was written" in o.message
+               for o in outcomes), outcomes
+    with pytest.raises(Unavailable):
+        async with gate.admit(pass_when_full=True):
+            pass
+    assert gate.waiting == 0 and gate.abandoned == 0 and seen.abandoned == 0
+    release.set()
+    await first  # the caller inside finishes its work
+
+
+async def test_a_caller_that_passes_when_full_is_never_refused_for_the_queue_but_waits_its_turn_otherwise() -> None:
+    gate = AdmissionGate("agent registrations", 1, 1)
+    release = asyncio.Event()
+    first = asyncio.create_task(_hold(gate, release))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(_hold(gate, release))  # the one place in the queue
+    await asyncio.sleep(0)
+    with pytest.raises(Unavailable):  # the queue is full: an ordinary caller is refused
+        async with gate.admit():
+            pass
+    async with gate.admit(pass_when_full=True):  # it goes in without a slot
+        assert gate.waiting == 1
+    release.set()
+    await asyncio.gather(first, second)
+    entered = asyncio.Event()
+
+    async def passing() -> None:
+        async with gate.admit(pass_when_full=True):
+            entered.set()
+
+    release.clear()
+    first = asyncio.create_task(_hold(gate, release))
+    await asyncio.sleep(0)
+    later = asyncio.create_task(passing())  # room in the queue: it queues like anyone
+    await asyncio.sleep(0)
+    assert gate.waiting == 1 and not entered.is_set()
+    release.set()
+    await asyncio.gather(first, later)
+    assert entered.is_set()

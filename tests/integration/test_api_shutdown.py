@@ -105,21 +105,26 @@ def test_sigterm_with_a_fleet_connected_ends_every_stream_and_exits_0(tmp_path: 
         assert line.startswith("maia-controller listening on "), log_path.read_text() if proc.poll() else line
         address = line.rsplit(" ", 1)[1]
 
-        async def join() -> SimFleet:
+        async def setup() -> str:  # the topology, and a node-bootstrap token for the fleet
             stubs = Stubs.connect(address, token_file.read_text().strip())
             try:
                 await stubs.admin.ApplyTopology(topology({f"rack-{r:02d}": "row-a" for r in range(racks)}))
-                token = (await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="node-bootstrap"))).secret
-                joined = SimFleet(address, racks=racks, nodes_per_rack=per_rack, token=token, log_dir=tmp_path,
-                                  extra_args=("--shared-channel", "--stagger", "0"))
-                await eventually(lambda: stubs.admin.GetClusterSummary(admin_pb2.GetClusterSummaryRequest()),
-                                 lambda s: s.nodes_ready == racks * per_rack, timeout=120, every=0.5,
-                                 what=f"{racks * per_rack} nodes ready")
-                return joined
+                return (await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="node-bootstrap"))).secret
             finally:
                 await stubs.channel.close()
 
-        fleet = asyncio.run(join())
+        async def joined() -> None:
+            stubs = Stubs.connect(address, token_file.read_text().strip())
+            try:
+                await eventually(lambda: stubs.admin.GetClusterSummary(admin_pb2.GetClusterSummaryRequest()),
+                                 lambda s: s.nodes_ready == racks * per_rack, timeout=120, every=0.5,
+                                 what=f"{racks * per_rack} nodes ready")
+            finally:
+                await stubs.channel.close()
+
+        fleet = SimFleet(address, racks=racks, nodes_per_rack=per_rack, token=asyncio.run(setup()), log_dir=tmp_path,
+                         extra_args=("--shared-channel", "--stagger", "0"))
+        asyncio.run(joined())
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=SHUTDOWN_DEADLINE_S + 30)
         err = log_path.read_text()
