@@ -163,18 +163,32 @@ async def test_a_caller_that_would_outwait_its_deadline_is_refused_at_once_with_
     assert len(seen.admitted) == 4 and seen.abandoned == 0
 
 
-async def test_a_caller_whose_deadline_passes_in_the_queue_is_counted_as_abandoned() -> None:
+@pytest.mark.parametrize("time_left_s, then_s, late", [
+    pytest.param(None, 0.0, False, id="no deadline: cancelled while the gate let it wait: abandoned"),
+    pytest.param(1.0, 0.0, False, id="its refusal not due yet: abandoned"),
+    pytest.param(1.0, 1.0, True, id="its refusal due already, the loop stalled past it: late"),
+])
+async def test_a_caller_cancelled_in_the_queue_is_abandoned_or_late(
+        time_left_s: float | None, then_s: float, late: bool) -> None:
+    """gRPC cancels a queued caller (its deadline passed, or it went away). If its WAITED_OUT
+    refusal was due by then (by the gate's clock) and had not run, the event loop was stalled past
+    the gate's reserve: `late`, the loop's doing; otherwise the gate let it wait: `abandoned`."""
+    now = [100.0]
     seen = _Seen()
-    gate = AdmissionGate("agent registrations", 1, 10, observer=seen)
+    gate = AdmissionGate("agent registrations", 1, 10, clock=lambda: now[0], observer=seen)
     release = asyncio.Event()
 
     first = asyncio.create_task(_hold(gate, release))
     await asyncio.sleep(0)
-    waiter = asyncio.create_task(_hold(gate, release))
+    waiter = asyncio.create_task(_hold(gate, release, time_left_s))
     await asyncio.sleep(0)
+    assert gate.waiting == 1
+    now[0] += then_s
     waiter.cancel()  # what gRPC does to a handler whose deadline passed
     await asyncio.gather(waiter, return_exceptions=True)
-    assert gate.abandoned == 1 and seen.abandoned == 1 and gate.waiting == 0
+    expected = (1, 0) if late else (0, 1)
+    assert (gate.late, gate.abandoned) == expected and (seen.late, seen.abandoned) == expected
+    assert gate.waiting == 0
     release.set()
     await first
 
@@ -225,27 +239,6 @@ def test_the_gate_keeps_the_loops_recent_lag_with_its_spikes() -> None:
         gate.loop_lagged(seconds)
     assert gate.lag_s() > 0.5  # an answer due now may be that late
     assert gate.state().lag_s == gate.lag_s() and gate.answer_reserve_s(2.0) == pytest.approx(0.2 + gate.lag_s())
-
-
-async def test_a_caller_cancelled_after_its_refusal_was_due_is_late_not_abandoned() -> None:
-    """The event loop stalled past the gate's reserve: the caller's WAITED_OUT refusal was due (by
-    the gate's clock) but had not run when gRPC cancelled the call at its deadline. That is the
-    loop's lateness (`late`), not a caller the gate let wait to its deadline (`abandoned`)."""
-    now = [100.0]
-    seen = _Seen()
-    gate = AdmissionGate("agent registrations", 1, 10, clock=lambda: now[0], observer=seen)
-    release = asyncio.Event()
-    first = asyncio.create_task(_hold(gate, release))
-    await asyncio.sleep(0)
-    waiter = asyncio.create_task(_hold(gate, release, 1.0))  # refused after 1.0 s less the reserve
-    await asyncio.sleep(0)
-    assert gate.waiting == 1
-    now[0] += 1.0  # the loop comes back after the refusal was due, with the call's deadline passed too
-    waiter.cancel()  # gRPC's deadline cancellation, run before the gate's overdue timer
-    await asyncio.gather(waiter, return_exceptions=True)
-    assert (gate.late, gate.abandoned, seen.late, seen.abandoned, gate.waiting) == (1, 0, 1, 0, 0)
-    release.set()
-    await first
 
 
 async def test_close_refuses_the_queued_and_the_arriving_callers_unavailable() -> None:
