@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind, ClusterChange
@@ -65,13 +65,18 @@ class ChangesSince:
         return self.generation >= self.after and len(self.changes) == self.generation - self.after
 
 
+def schedulable_count() -> Select[tuple[int]]:
+    """The count of schedulable deployments: neither being deleted nor quarantined
+    (`repositories.count_schedulable_deployments` reads it alone)."""
+    return select(func.count()).select_from(Deployment).where(
+        Deployment.phase.not_in([DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED]))
+
+
 async def read_generation_and_schedulable(session: AsyncSession) -> tuple[int, int]:
-    """The cluster generation and the count of schedulable deployments (neither being deleted
-    nor quarantined: `repositories.count_schedulable_deployments`), in one statement: what a
-    reconcile pass reads first (on PostgreSQL under load, each round trip is a wait)."""
-    schedulable = select(func.count()).select_from(Deployment).where(
-        Deployment.phase.not_in([DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED])).scalar_subquery()
-    row = (await session.execute(select(ClusterState.generation, schedulable).where(ClusterState.id == 1))).one_or_none()
+    """The cluster generation and `schedulable_count()`, in one statement: what a reconcile pass
+    reads first (on PostgreSQL under load, each round trip is a wait)."""
+    row = (await session.execute(select(ClusterState.generation, schedulable_count().scalar_subquery())
+                                 .where(ClusterState.id == 1))).one_or_none()
     return (0, 0) if row is None else (int(row[0] or 0), int(row[1] or 0))
 
 

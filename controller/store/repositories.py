@@ -19,6 +19,7 @@ from sqlalchemy.orm import selectinload
 from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
+from controller.store.changes import schedulable_count
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain.changes import ClusterChange
 from controller.domain import values as d
@@ -53,8 +54,7 @@ async def count_schedulable_deployments(session: AsyncSession) -> int:
     """Deployments a snapshot holds (neither being deleted nor quarantined). At one cluster
     generation this only grows, by submissions, which leave the generation alone (a new
     deployment invalidates no plan; it only asks for another pass): how the reconciler sees them."""
-    return int(await session.scalar(select(func.count()).select_from(m.Deployment).where(
-        m.Deployment.phase.not_in([m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED]))) or 0)
+    return int(await session.scalar(schedulable_count()) or 0)
 
 
 def record_event(
