@@ -28,6 +28,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.util import await_only
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from controller.aio import within
 from controller.store import audit
 from controller.store.exclusive import sqlite_path
 
@@ -134,7 +135,9 @@ class SqliteWriters:
         loop = asyncio.get_running_loop()
         lock = self._locks.setdefault(loop, asyncio.Lock())
         try:
-            await_only(_acquire(lock, self.timeout_s))
+            # In the caller's task (`asyncio.wait_for` ran it as a task of its own: a turn of the
+            # event loop in front of every write transaction); a free lock is taken at once.
+            await_only(within(lock.acquire(), self.timeout_s))
         except TimeoutError as exc:
             raise OperationalError(statement, None, Exception(
                 f"database is locked (no turn to write in {self.timeout_s:.0f} s; "
@@ -147,14 +150,6 @@ class SqliteWriters:
         lock = self._held.pop(id(record), None)
         if lock is not None:
             lock.release()
-
-
-async def _acquire(lock: asyncio.Lock, timeout_s: float) -> None:
-    """`lock` within `timeout_s` (TimeoutError), in the caller's task: a free lock is taken at once
-    (`asyncio.wait_for` ran the acquisition as a task of its own, a turn of the event loop in
-    front of every write transaction)."""
-    async with asyncio.timeout(timeout_s):
-        await lock.acquire()
 
 
 def database_failed(exc: BaseException) -> bool:
