@@ -131,20 +131,6 @@ def _batch_facts_query() -> Select:
 _BATCH_FACTS = _batch_facts_query()
 
 
-async def submit_batch_facts(session: AsyncSession,
-                             tenants: Iterable[str]) -> tuple[dict[str, TenantSubmitFacts], int]:
-    """For a batch of submits, in one query: the facts of each of these tenants that exists, and
-    the capacity generation (0 when none exists)."""
-    wanted = sorted(set(tenants))
-    if not wanted:
-        return {}, 0
-    facts, generation = {}, 0
-    for tenant, zones, deployments, capacity_generation in await session.execute(_BATCH_FACTS, {"tenants": wanted}):
-        facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
-        generation = int(capacity_generation or 0)
-    return facts, generation
-
-
 # Joins a tenant's names and request ids into one text column; neither can hold it
 # (validation refuses control characters in both).
 _JOINED = "\x1f"
@@ -178,8 +164,8 @@ _BATCH_READS = _batch_reads_query()
 async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, str, str]]) -> SubmitBatchReads:
     """For a batch of submits (tenant, name, request id or ""), in ONE query: the facts of each
     tenant that exists, which of the names exist in their tenant, which request ids were used
-    there, and the capacity generation (`submit_batch_facts`, `existing_deployment_keys` and
-    `existing_request_ids` at once: each round trip is a turn of a busy event loop)."""
+    there, and the capacity generation (0 when none exists): each round trip is a turn of a busy
+    event loop."""
     keys = list(keys)
     tenants = sorted({tenant for tenant, _, _ in keys})
     facts: dict[str, TenantSubmitFacts] = {}
@@ -523,16 +509,6 @@ async def list_deployment_rows(
     return rows
 
 
-async def existing_deployment_keys(session: AsyncSession, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Which of these (tenant, name) deployments exist."""
-    wanted = set(keys)
-    if not wanted:
-        return set()
-    rows = await session.execute(select(m.Deployment.tenant_id, m.Deployment.name)
-                                 .where(m.Deployment.name.in_({name for _, name in wanted})))
-    return {(t, n) for t, n in rows if (t, n) in wanted}
-
-
 @dataclass(frozen=True)
 class SubmitFacts:
     """What a submit's checks read of the store, in one query."""
@@ -571,16 +547,6 @@ async def count_deployments_of_tenants(session: AsyncSession, tenants: Iterable[
     rows = await session.execute(select(m.Deployment.tenant_id, func.count())
                                  .where(m.Deployment.tenant_id.in_(wanted)).group_by(m.Deployment.tenant_id))
     return {tenant: 0 for tenant in wanted} | {t: int(n) for t, n in rows}
-
-
-async def existing_request_ids(session: AsyncSession, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Which of these (tenant, client request id) have been used."""
-    wanted = {k for k in keys if k[1]}
-    if not wanted:
-        return set()
-    rows = await session.execute(select(m.ClientRequest.tenant_id, m.ClientRequest.request_id)
-                                 .where(m.ClientRequest.request_id.in_({r for _, r in wanted})))
-    return {(t, r) for t, r in rows if (t, r) in wanted}
 
 
 async def count_deployments_by_phase(session: AsyncSession, tenant: str = "") -> dict[str, int]:
