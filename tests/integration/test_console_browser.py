@@ -85,7 +85,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
 
 
 async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) -> None:
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
     app, stubs = cluster
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
@@ -101,13 +101,15 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
 
             racks = await page.locator("[data-rack]").evaluate_all("els => els.map(e => e.dataset.rack)")
             assert racks == ["rack-00", "rack-01"]
-            # The legend: each tenant with its colour, and the map uses the same colours.
+            # The legend: each tenant with its colour, and the map uses the same colours. The page
+            # replaces the legend's elements on every render, and `locator.evaluate` finds the element
+            # and then evaluates on it in two steps, so it could read one just detached (computed
+            # style ''): `expect` retries until the live element answers.
             for tenant in ("acme", "lab"):
                 item = page.locator(f'#legend [data-tenant="{tenant}"]')
-                assert (await item.inner_text()).strip() == tenant
-                swatch = await item.locator(".swatch").evaluate("e => getComputedStyle(e).backgroundColor")
-                assert swatch == rgb(colours[tenant])
-            fills = await page.locator(".acc > span").evaluate_all(
+                await expect(item).to_have_text(tenant)
+                await expect(item.locator(".swatch")).to_have_css("background-color", rgb(colours[tenant]))
+            fills = await page.locator(".acc > span").evaluate_all(  # one script in the page: atomic
                 "els => els.map(e => getComputedStyle(e).backgroundColor)")
             assert set(fills) == {rgb(colours["acme"]), rgb(colours["lab"])}
             # 4 whole accelerators of lab; acme's two quarters as fractions (on one accelerator or two).
