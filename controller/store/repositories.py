@@ -540,15 +540,6 @@ async def submit_facts(session: AsyncSession, tenant: str, name: str) -> SubmitF
     return SubmitFacts(tuple(zones or ()), bool(found), int(deployments), int(capacity_generation or 0))
 
 
-async def count_deployments_of_tenants(session: AsyncSession, tenants: Iterable[str]) -> dict[str, int]:
-    wanted = set(tenants)
-    if not wanted:
-        return {}
-    rows = await session.execute(select(m.Deployment.tenant_id, func.count())
-                                 .where(m.Deployment.tenant_id.in_(wanted)).group_by(m.Deployment.tenant_id))
-    return {tenant: 0 for tenant in wanted} | {t: int(n) for t, n in rows}
-
-
 async def count_deployments_by_phase(session: AsyncSession, tenant: str = "") -> dict[str, int]:
     query = select(m.Deployment.phase, func.count()).group_by(m.Deployment.phase)
     if tenant:
