@@ -14,7 +14,11 @@ The hub is the only place that knows which agents are connected right now. It
   `limits.FLUSH_CHUNK` items (not one commit per heartbeat per node); a chunk that fails is
   retried node by node, so one node's bad data never drops every other node's heartbeats; of
   the full shard state a heartbeat repeats, only the shards whose state changed since the
-  stream's last heartbeat are written (all of them every `FULL_REPORTS_EVERY_S`), and a node's
+  stream's last heartbeat are written (all of them every `FULL_REPORTS_EVERY_S`); a heartbeat
+  that omits its shards under the version of the state this stream's last full heartbeat carried
+  costs no shard at all, and one that names a version the stream does not hold (never received,
+  or its write failed), or comes when every shard is due again, asks the agent for its full state
+  (`ShardStateRequest`) and counts for liveness meanwhile; and a node's
   last-heartbeat time at most every half heartbeat timeout while its stream lives (at once when
   its power draw changed or its stream ended: the node lifecycle judges streamless nodes by it),
 - marks a node suspect when its stream ends or its heartbeats stop for `heartbeat_timeout_s`
@@ -59,6 +63,14 @@ log = logging.getLogger("maia.agents")
 AgentInbound = HeartbeatReport | ShardReport
 
 
+@dataclass(frozen=True, slots=True)
+class ShardStateRequest:
+    """Sent to an agent: its next heartbeat must carry its full shard state (see `_accept`)."""
+
+
+AgentOutbound = AssignmentSet | ShardStateRequest
+
+
 ASSIGNMENT_READ_BATCH_MAX = 2048  # nodes whose sets one batched read fetches
 
 ShardKey = tuple[str, int, int]  # (deployment name, replica, shard): the tenant is looked up in `given`
@@ -88,6 +100,14 @@ class AgentSession:
     # all of them again every `FULL_REPORTS_EVERY_S`, and after a write of this node's failed.
     said: dict[SaidKey, ShardReport] = field(default_factory=dict)
     said_all_at: float = field(default_factory=time.monotonic)
+    # The shard_state_version of the last full heartbeat judged on this stream (None: none, or its
+    # write failed): a heartbeat that omits its shards under this version changed nothing.
+    state_version: int | None = None
+    # The pusher's work besides closing: the node's set changed (`set_due`), the agent must be
+    # asked for its full shard state (`ask_state`; `state_asked` once sent, until a full heartbeat).
+    set_due: bool = True
+    ask_state: bool = False
+    state_asked: bool = False
 
     def close(self, reason: str, *, mark_down: bool = True) -> None:
         if not self.closed.is_set():
@@ -99,6 +119,21 @@ class AgentSession:
     def fail(self, error: MaiaError) -> None:
         self.error = error
         self.close(f"refused: {error.message}")
+
+    def push_set(self) -> None:
+        self.set_due = True
+        self.dirty.set()
+
+    def want_state(self) -> None:
+        """Ask the agent for its full shard state (once until a heartbeat carries it)."""
+        if not self.state_asked:
+            self.state_asked = self.ask_state = True
+            self.dirty.set()
+
+    def forget_state(self) -> None:
+        """What this stream's agent said was not written: its next heartbeat writes every shard."""
+        self.said = {}
+        self.state_version = None
 
     def sent(self, assignment_set: AssignmentSet) -> None:
         if len(self.given) + len(assignment_set.assignments) > 2 * limits.SHARDS_PER_NODE_MAX:
@@ -191,7 +226,7 @@ class AgentHub:
         for node_id in node_ids:
             session = self._sessions.get(node_id)
             if session is not None:
-                session.dirty.set()
+                session.push_set()
 
     def follow(self, reason: str) -> None:
         """This controller lost the lead: end every stream (the agents go to the new leader)."""
@@ -290,9 +325,9 @@ class AgentHub:
     # --- one stream --------------------------------------------------------------------------
     async def converse(
         self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
-    ) -> AsyncIterator[AssignmentSet]:
+    ) -> AsyncIterator[AgentOutbound]:
         """Serve one Connect stream after its Hello (committed with the hellos around it): yields
-        the AssignmentSets to send."""
+        the AssignmentSets to send, and the requests for the agent's full shard state."""
         damped = self._damper.returns_damped(node_id, time.monotonic())
         changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
         session = AgentSession(node_id, session_id,
@@ -301,7 +336,7 @@ class AgentHub:
         if previous is not None:
             previous.close("superseded by a newer session", mark_down=False)
         self._sessions[node_id] = session
-        session.dirty.set()  # the full set, right away
+        session.push_set()  # the full set, right away
         log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
         if changed:
             self._on_liveness_change()
@@ -313,6 +348,12 @@ class AgentHub:
                 if session.closed.is_set():
                     break
                 session.dirty.clear()
+                if session.ask_state:
+                    session.ask_state = False
+                    yield ShardStateRequest()
+                    if not session.set_due:
+                        continue
+                session.set_due = False
                 current = await self._assignment_set(node_id)
                 if current is not None:
                     session.sent(current)
@@ -358,28 +399,41 @@ class AgentHub:
         if wait:
             raise rate_limited(f"node {node_id} sent more than {self._report_rate:g} reports a second "
                                f"(burst {self._report_burst})", wait)
-        if isinstance(message, HeartbeatReport):
+        beat = isinstance(message, HeartbeatReport)
+        if beat:
             agent_cases.validate_heartbeat_header(node_id, message)
             now = time.monotonic()
             full = now - session.said_all_at >= FULL_REPORTS_EVERY_S
-            # The shards whose state did not change since the last heartbeat are written already.
-            shards = message.shards if full else tuple(r for r in message.shards if not session.unchanged(r))
+            if message.shards_omitted:  # unchanged since the full state of that version, if this stream holds it
+                shards: tuple[ShardReport, ...] = ()
+                if full or session.state_version is None or message.shard_state_version != session.state_version:
+                    session.want_state()
+            elif full:
+                shards = message.shards
+            else:  # the shards whose state did not change since the last heartbeat are written already
+                shards = tuple(r for r in message.shards if not session.unchanged(r))
         else:
             shards = (message,)
         for report in shards:  # all checked before any is used: a bad message leaves nothing behind
             agent_cases.validate_report(node_id, report)
-        if isinstance(message, HeartbeatReport):
-            self._beats[node_id] = NodeBeat(datetime.now(timezone.utc), message.power_draw_w)
-            if full:
-                session.said_all_at = now
+        refused = False
         for report in shards:
             tenant = session.given_tenant(report)
             if tenant is not None:
                 session.say(report)
                 self._reports.append((node_id, report if report.tenant == tenant else replace(report, tenant=tenant)))
             else:
+                refused = True
                 named = deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment
                 self._refuse(node_id, (named, report.replica, report.shard))
+        if beat:
+            self._beats[node_id] = NodeBeat(datetime.now(timezone.utc), message.power_draw_w)
+            if not message.shards_omitted:
+                # A state naming shards this node was not given is judged again (they may be given by then).
+                session.state_version = None if refused else message.shard_state_version or None
+                session.state_asked = False
+                if full:
+                    session.said_all_at = now
 
     def _refuse(self, node_id: str, key: ShardKey) -> None:
         before = self._refused.get(node_id, RefusedReports(0, ()))
@@ -457,7 +511,7 @@ class AgentHub:
                               len(chunk.reports), nodes[0])
                 session = self._sessions.get(nodes[0])
                 if session is not None:  # its next heartbeat writes every shard's state again
-                    session.said = {}
+                    session.forget_state()
                 return {}
             log.warning("could not write a chunk of %d nodes; writing them one by one", len(nodes))
             for node_id in nodes:

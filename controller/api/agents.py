@@ -15,11 +15,12 @@ from controller.api import convert
 from controller.api.deps import ServiceDeps
 from controller.errors import FailedPrecondition
 from controller.identity import current_principal
-from controller.agents import AgentInbound
+from controller.agents import AgentInbound, ShardStateRequest
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
 # The full method name of Register (its calls may be shed before the interceptor chain: server.py).
 REGISTER_METHOD = f"/{agent_pb2.DESCRIPTOR.services_by_name['NodeAgentService'].full_name}/Register"
+_SHARD_STATE_REQUEST = agent_pb2.ControllerMessage(shard_state_request=agent_pb2.ShardStateRequest())
 
 
 async def _inbound(messages: AsyncIterator[agent_pb2.AgentMessage]) -> AsyncIterator[AgentInbound]:
@@ -57,10 +58,10 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
             return
         if first.WhichOneof("body") != "hello":
             raise FailedPrecondition("the first message on Connect must be Hello (node_id, session_id)")
-        sets = self._deps.hub.converse(current_principal(), first.hello.node_id, first.hello.session_id,
-                                       _inbound(messages))
+        outbound = self._deps.hub.converse(current_principal(), first.hello.node_id, first.hello.session_id,
+                                           _inbound(messages))
         try:
-            async for assignment_set in sets:
-                yield convert.assignment_set_msg(assignment_set)
+            async for item in outbound:
+                yield _SHARD_STATE_REQUEST if isinstance(item, ShardStateRequest) else convert.assignment_set_msg(item)
         finally:
-            await sets.aclose()
+            await outbound.aclose()

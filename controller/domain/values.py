@@ -284,6 +284,8 @@ class HeartbeatReport:
     seq: int
     power_draw_w: float
     shards: tuple[ShardReport, ...] = ()
+    shard_state_version: int = 0  # 0: unversioned (every heartbeat carries the full state)
+    shards_omitted: bool = False  # the state is that of `shard_state_version`, sent in full before
 
 
 # --- tokens ----------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ longer wanted report STOPPED and are forgotten, sets older than the last one app
 ignored. Faults (`controller/simnode/faults.py`) fail a shard (`fail`, or `load_failure` for
 every load it names): it reports FAILED with a message and stays so until the controller stops
 it or assigns it anew. Every method takes `now` (seconds, any monotonic origin) so tests drive
-the clock.
+the clock. `state_version` changes with every change of what `reports()` says (a heartbeat may
+omit its shards while it has not changed since they were last sent).
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class NodeAgent:
     load_delay_s: float = 1.0
     last_generation: int | None = None
     stale_ignored: int = 0
+    state_version: int = 1  # the shard state's version (0 means unversioned in the protocol)
     # A fault: the message a finishing load of this shard fails with (None: it runs).
     load_failure: Callable[[ShardKey], str | None] | None = None
     _held: dict[ShardKey, _Held] = field(default_factory=dict)
@@ -132,6 +134,8 @@ class NodeAgent:
                 continue
             self._held[key] = _Held(shard, Phase.LOADING, now)
             reports.append(self._report(self._held[key], "loading weights"))
+        if reports:
+            self.state_version += 1
         return reports
 
     def tick(self, now: float) -> list[ShardReport]:
@@ -146,6 +150,8 @@ class NodeAgent:
                     continue
                 held.phase, held.since = Phase.RUNNING, now
                 reports.append(self._report(held))
+        if reports:
+            self.state_version += 1
         return reports
 
     def fail(self, key: ShardKey, message: str, now: float) -> ShardReport | None:
@@ -158,6 +164,7 @@ class NodeAgent:
 
     def _fail(self, held: _Held, message: str, now: float) -> ShardReport:
         held.phase, held.since, held.message = Phase.FAILED, now, message
+        self.state_version += 1
         return self._report(held)
 
     def crash(self) -> None:
@@ -165,6 +172,7 @@ class NodeAgent:
         self._held.clear()
         self.last_generation = None
         self._accept_any = True
+        self.state_version += 1
 
     # --- outputs ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:

@@ -60,9 +60,16 @@ def hello(node_id: str, session_id: str) -> agent_pb2.AgentMessage:
     return agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id=node_id, session_id=session_id))
 
 
-def heartbeat(seq: int, power_draw_w: float, reports: list[ShardReport]) -> agent_pb2.AgentMessage:
+def heartbeat(seq: int, power_draw_w: float, reports: list[ShardReport] | None,
+              state_version: int = 0) -> agent_pb2.AgentMessage:
+    """A heartbeat with the node's full shard state (`reports`), or without it (None: unchanged since
+    the stream's last heartbeat that carried it, under `state_version`)."""
+    if reports is None:
+        return agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
+            seq=seq, power_draw_w=power_draw_w, shard_state_version=state_version, shards_omitted=True))
     return agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
-        seq=seq, power_draw_w=power_draw_w, shards=[status_to_proto(r) for r in reports]))
+        seq=seq, power_draw_w=power_draw_w, shards=[status_to_proto(r) for r in reports],
+        shard_state_version=state_version))
 
 
 def shard_status(report: ShardReport) -> agent_pb2.AgentMessage:

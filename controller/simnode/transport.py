@@ -147,6 +147,8 @@ class SimulatedNode:
         self.heartbeat_delay_s = 0.0
         self._call: grpc.aio.StreamStreamCall | None = None
         self._outbox: asyncio.Queue | None = None
+        # The controller asked for the full shard state (ShardStateRequest): the next heartbeat carries it.
+        self._state_asked = False
 
     # --- control --------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -369,9 +371,14 @@ class SimulatedNode:
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         async for message in call:
-            if message.HasField("assignments") and not self.muted:
+            if self.muted:
+                continue
+            body = message.WhichOneof("body")
+            if body == "assignments":
                 self.backoff.reset()
                 self._apply(message.assignments)
+            elif body == "shard_state_request":
+                self._state_asked = True
 
     def _apply(self, message: agent_pb2.AssignmentSet) -> None:
         desired = protocol.desired_from_proto(message)
@@ -411,8 +418,12 @@ class SimulatedNode:
             yield message
 
     async def _pump(self, outbox: asyncio.Queue, interval: float) -> None:
-        """Heartbeats every `interval`, and load completions as soon as they are due."""
+        """Heartbeats every `interval`, and load completions as soon as they are due. A heartbeat
+        carries the full shard state first on a stream, when it changed since the last one that
+        carried it, and when the controller asked for it; else it names that state's version."""
         seq = 0
+        sent_version: int | None = None
+        self._state_asked = False
         next_heartbeat = self.clock()
         while True:
             now = self.clock()
@@ -420,7 +431,12 @@ class SimulatedNode:
             if now >= next_heartbeat:
                 if not self.muted:
                     seq += 1
-                    outbox.put_nowait(protocol.heartbeat(seq, self.agent.power_draw_w(), self.agent.reports()))
+                    version = self.agent.state_version
+                    full = self._state_asked or version != sent_version
+                    outbox.put_nowait(protocol.heartbeat(seq, self.agent.power_draw_w(),
+                                                         self.agent.reports() if full else None, version))
+                    if full:
+                        sent_version, self._state_asked = version, False
                     self.heartbeats_sent += 1
                 next_heartbeat = now + interval + self.heartbeat_delay_s
             due = self.agent.next_deadline()

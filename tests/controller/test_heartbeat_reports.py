@@ -1,5 +1,7 @@
 """A heartbeat repeats the node's full shard state: the hub writes only the shards whose state
-changed since the stream's last heartbeat (and all of them again after a failed write)."""
+changed since the stream's last heartbeat (and all of them again after a failed write). A heartbeat
+may instead omit its shards under the version of the state it last sent in full: the hub writes
+none, and asks for the full state when it does not hold that version."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy import event, select
 
-from controller.agents import AgentHub
+from controller.agents import AgentHub, ShardStateRequest
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -23,6 +25,7 @@ class _Stream:
     def __init__(self, hub: AgentHub, node_id: str, session_id: str) -> None:
         self.inbound: asyncio.Queue = asyncio.Queue()
         self.sets = 0
+        self.state_requests = 0
         self.task = asyncio.create_task(self._run(hub, node_id, session_id))
 
     async def _messages(self) -> AsyncIterator:
@@ -30,8 +33,11 @@ class _Stream:
             yield await self.inbound.get()
 
     async def _run(self, hub: AgentHub, node_id: str, session_id: str) -> None:
-        async for _ in hub.converse(WHO, node_id, session_id, self._messages()):
-            self.sets += 1
+        async for item in hub.converse(WHO, node_id, session_id, self._messages()):
+            if isinstance(item, ShardStateRequest):
+                self.state_requests += 1
+            else:
+                self.sets += 1
 
     async def say(self, message: object) -> None:
         await self.inbound.put(message)
@@ -193,3 +199,97 @@ async def test_a_heartbeat_with_a_bad_shard_report_ends_the_stream_and_leaves_no
         await hub.flush()
     assert await _phases(cluster) == {(0, 0): "assigned", (0, 1): "assigned"}
     assert await _last_heartbeat(cluster, node_id) == before
+
+
+async def _placed_on_one_node(cluster) -> tuple[str, int]:  # noqa: ANN001
+    await submit(cluster, deployment("svc", replicas=1, shards=1, accelerators=1))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        p = await uow.session.scalar(select(m.Placement))
+        return p.node_id, p.generation
+
+
+def _versioned(seq: int, version: int, *shards: ShardReport, power: float = 900.0) -> HeartbeatReport:
+    return HeartbeatReport(seq, power, shards, shard_state_version=version)
+
+
+def _omitted(seq: int, version: int, power: float = 900.0) -> HeartbeatReport:
+    return HeartbeatReport(seq, power, shard_state_version=version, shards_omitted=True)
+
+
+async def test_a_heartbeat_that_omits_its_shards_under_the_version_held_writes_none(cluster):
+    node_id, generation = await _placed_on_one_node(cluster)
+    async with _streaming(cluster, node_id) as (hub, stream):
+        running = ShardReport("svc", 0, 0, generation, "running", tenant="t1")
+        await stream.say(_versioned(1, 7, running))
+        assert await _placement_reads_of_flush(hub, cluster) > 0
+        assert await _phases(cluster) == {(0, 0): "running"}
+
+        await stream.say(_omitted(2, 7, power=950.0))  # unchanged: no shard read or written, the beat is
+        assert await _placement_reads_of_flush(hub, cluster) == 0
+        assert (await _last_heartbeat(cluster, node_id))[1] == 950.0
+        assert stream.state_requests == 0
+
+
+async def test_a_heartbeat_naming_a_version_the_stream_does_not_hold_asks_for_the_full_state(cluster):
+    node_id, generation = await _placed_on_one_node(cluster)
+    async with _streaming(cluster, node_id) as (hub, stream):
+        await stream.say(_omitted(1, 3))  # never sent in full on this stream
+        assert stream.state_requests == 1
+        assert await _placement_reads_of_flush(hub, cluster) == 0
+        await stream.say(_omitted(2, 3))  # asked already: not again
+        assert stream.state_requests == 1
+
+        await stream.say(_versioned(3, 3, ShardReport("svc", 0, 0, generation, "running", tenant="t1")))
+        assert await _placement_reads_of_flush(hub, cluster) > 0
+        assert await _phases(cluster) == {(0, 0): "running"}
+        await stream.say(_omitted(4, 4))  # a version it did not send in full
+        assert stream.state_requests == 2
+
+
+async def test_after_a_failed_write_a_heartbeat_omitting_its_shards_gets_the_full_state_asked_and_written(
+        cluster, monkeypatch):
+    node_id, generation = await _placed_on_one_node(cluster)
+    async with _streaming(cluster, node_id) as (hub, stream):
+        running = _versioned(1, 5, ShardReport("svc", 0, 0, generation, "running", tenant="t1"))
+        from controller.usecases import agents as agent_cases
+        real = agent_cases.flush_reports
+
+        async def broken(*args, **kwargs):  # noqa: ANN002, ANN003
+            raise RuntimeError("the database said no")
+
+        monkeypatch.setattr(agent_cases, "flush_reports", broken)
+        await stream.say(running)
+        await hub.flush()  # lost
+        monkeypatch.setattr(agent_cases, "flush_reports", real)
+        assert await _phases(cluster) == {(0, 0): "assigned"}
+
+        await stream.say(_omitted(2, 5))  # the version the agent sent, but its state was not written
+        assert stream.state_requests == 1
+        await stream.say(running)  # what the agent sends when asked: written this time
+        assert await _placement_reads_of_flush(hub, cluster) > 0
+        assert await _phases(cluster) == {(0, 0): "running"}
+
+
+async def test_when_every_shard_is_due_again_a_heartbeat_omitting_its_shards_asks_for_them(cluster, monkeypatch):
+    from controller import agents
+    node_id, generation = await _placed_on_one_node(cluster)
+    async with _streaming(cluster, node_id) as (hub, stream):
+        running = _versioned(1, 5, ShardReport("svc", 0, 0, generation, "running", tenant="t1"))
+        await stream.say(running)
+        await hub.flush()
+        monkeypatch.setattr(agents, "FULL_REPORTS_EVERY_S", 0.0)  # every heartbeat rewrites every shard
+        await stream.say(_omitted(2, 5))
+        assert stream.state_requests == 1
+        await stream.say(running)  # unchanged, but due: written again
+        assert await _placement_reads_of_flush(hub, cluster) > 0
+
+
+async def test_a_full_state_naming_a_shard_the_node_was_not_given_is_asked_for_again(cluster):
+    """Refused shards are judged again at the next heartbeat (the node may be given them by then),
+    as when every heartbeat carried them."""
+    node_id, generation = await _placed_on_one_node(cluster)
+    async with _streaming(cluster, node_id) as (hub, stream):
+        await stream.say(_versioned(1, 9, ShardReport("other", 0, 0, generation, "running", tenant="t1")))
+        await stream.say(_omitted(2, 9))
+        assert stream.state_requests == 1

@@ -64,6 +64,19 @@ class FakeController(agent_pb2_grpc.NodeAgentServiceServicer):
     def heartbeats(self) -> list[agent_pb2.Heartbeat]:
         return [m.heartbeat for m in self.received if m.HasField("heartbeat")]
 
+    def last_state(self) -> list[agent_pb2.ShardStatus]:
+        """The shards of the last heartbeat that carried the node's state (one may omit it)."""
+        return list([b for b in self.heartbeats() if not b.shards_omitted][-1].shards)
+
+    def heartbeats_of_session(self, n: int) -> list[agent_pb2.Heartbeat]:
+        """The heartbeats sent after the n-th Hello (1-based) and before the next one."""
+        hellos, beats = 0, []
+        for m in self.received:
+            hellos += m.HasField("hello")
+            if hellos == n and m.HasField("heartbeat"):
+                beats.append(m.heartbeat)
+        return beats
+
     def statuses(self) -> list[tuple[str, int, int, int]]:
         return [(s.deployment, s.shard, s.phase, s.generation)
                 for m in self.received if m.HasField("shard_status") for s in [m.shard_status]]
@@ -123,13 +136,13 @@ async def test_register_hello_assign_load_run_stop(fake: tuple[FakeController, s
     assert sorted(s[1] for s in loading) == [0, 1]
     # the next heartbeat carries both running shards and their power
     await wait_until(lambda: controller.heartbeats()[-1].power_draw_w == 600.0 + 2 * 700.0)
-    assert {s.shard for s in controller.heartbeats()[-1].shards} == {0, 1}
+    assert {s.shard for s in controller.last_state()} == {0, 1}
 
     await controller.outgoing.put(assignment_set(0))  # stale: ignored
     await controller.outgoing.put(assignment_set(2, 1))  # shard 0 removed
     await wait_until(lambda: ("claude", 0, common_pb2.SHARD_PHASE_STOPPED, 1) in controller.statuses())
     assert node.agent.stale_ignored == 1
-    await wait_until(lambda: [s.shard for s in controller.heartbeats()[-1].shards] == [1])
+    await wait_until(lambda: [s.shard for s in controller.last_state()] == [1])
 
     node.stop()
     await asyncio.wait_for(task, timeout=5)
@@ -147,10 +160,39 @@ async def test_reconnects_and_registers_again_after_the_stream_breaks(fake: tupl
     await wait_until(lambda: len(controller.registrations) == 2)
     await wait_until(lambda: len(controller.hellos()) == 2)
     assert controller.hellos()[1].session_id == "s2"
-    # the shard survived the reconnect and is reported in the new session's heartbeats
+    # the shard survived the reconnect and is reported in the new session's first heartbeat
+    await wait_until(lambda: controller.heartbeats_of_session(2))
+    first = controller.heartbeats_of_session(2)[0]
+    assert not first.shards_omitted and [s.shard for s in first.shards] == [2]
+    node.stop()
+    await asyncio.wait_for(task, timeout=5)
+
+
+async def test_a_heartbeat_omits_an_unchanged_shard_state_and_carries_it_when_it_changed_or_is_asked_for(
+        fake: tuple[FakeController, str]) -> None:
+    controller, address = fake
+    node = SimulatedNode(NodeSpec("rack-00-n04", "rack-00"), address, load_delay_s=0.0)
+    task = asyncio.create_task(node.run())
+    await wait_until(lambda: len(controller.heartbeats()) >= 2)
+    first, second = controller.heartbeats()[:2]
+    assert not first.shards_omitted and first.shard_state_version > 0  # a stream's first heartbeat: in full
+    assert second.shards_omitted and second.shard_state_version == first.shard_state_version
+
+    count = len(controller.heartbeats())
+    await controller.outgoing.put(agent_pb2.ControllerMessage(shard_state_request=agent_pb2.ShardStateRequest()))
+    await wait_until(lambda: any(not b.shards_omitted for b in controller.heartbeats()[count:]))
+    asked = next(b for b in controller.heartbeats()[count:] if not b.shards_omitted)
+    assert asked.shard_state_version == first.shard_state_version and not asked.shards
+
+    await controller.outgoing.put(assignment_set(1, 3))
+    running = common_pb2.SHARD_PHASE_RUNNING
+    await wait_until(lambda: [(s.shard, s.phase) for s in controller.last_state()] == [(3, running)])
+    changed = [b for b in controller.heartbeats() if not b.shards_omitted][-1]
+    assert changed.shard_state_version != first.shard_state_version
     count = len(controller.heartbeats())
     await wait_until(lambda: len(controller.heartbeats()) > count)
-    assert [s.shard for s in controller.heartbeats()[-1].shards] == [2]
+    assert controller.heartbeats()[-1].shards_omitted  # unchanged again
+    assert controller.heartbeats()[-1].shard_state_version == controller.heartbeats()[-2].shard_state_version
     node.stop()
     await asyncio.wait_for(task, timeout=5)
 

@@ -79,14 +79,18 @@ class Hello(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("seq", "power_draw_w", "shards")
+    __slots__ = ("seq", "power_draw_w", "shards", "shard_state_version", "shards_omitted")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     POWER_DRAW_W_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     power_draw_w: float
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
-    def __init__(self, seq: _Optional[int] = ..., power_draw_w: _Optional[float] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
+    shard_state_version: int
+    shards_omitted: bool
+    def __init__(self, seq: _Optional[int] = ..., power_draw_w: _Optional[float] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., shard_state_version: _Optional[int] = ..., shards_omitted: _Optional[bool] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
     __slots__ = ("deployment", "replica", "shard", "generation", "phase", "message", "power_draw_w", "tenant")
@@ -109,10 +113,16 @@ class ShardStatus(_message.Message):
     def __init__(self, deployment: _Optional[str] = ..., replica: _Optional[int] = ..., shard: _Optional[int] = ..., generation: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ..., power_draw_w: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("assignments",)
+    __slots__ = ("assignments", "shard_state_request")
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_STATE_REQUEST_FIELD_NUMBER: _ClassVar[int]
     assignments: AssignmentSet
-    def __init__(self, assignments: _Optional[_Union[AssignmentSet, _Mapping]] = ...) -> None: ...
+    shard_state_request: ShardStateRequest
+    def __init__(self, assignments: _Optional[_Union[AssignmentSet, _Mapping]] = ..., shard_state_request: _Optional[_Union[ShardStateRequest, _Mapping]] = ...) -> None: ...
+
+class ShardStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class AssignmentSet(_message.Message):
     __slots__ = ("generation", "assignments")
