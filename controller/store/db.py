@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from controller.aio import within
 from controller.store import audit
+from controller.store import sqlite_driver
 from controller.store.exclusive import sqlite_path
 
 DEFAULT_DB_URL = "sqlite+aiosqlite:///maia.db"
@@ -51,10 +52,12 @@ def _is_sqlite(url: str) -> bool:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An engine with the settings each backend needs (SQLite: WAL, FKs on, busy timeout)."""
+    """An engine with the settings each backend needs (SQLite: WAL, FKs on, busy timeout, one trip
+    to aiosqlite's thread per statement: `sqlite_driver`)."""
     if _is_sqlite(url):
         pool = {} if sqlite_path(url) is None else {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
-        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **pool)  # in memory: one
+        module = {"module": sqlite_driver.dbapi()} if url.startswith("sqlite+aiosqlite") else {}
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **module, **pool)  # in memory: one
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]

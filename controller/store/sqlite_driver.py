@@ -1,0 +1,142 @@
+"""SQLite through aiosqlite with one trip to its thread per statement.
+
+aiosqlite runs each connection's sqlite3 calls on a thread of its own; every call is a round trip
+(a queue put, the thread woken, the result handed back through `call_soon_threadsafe`, the event
+loop woken). SQLAlchemy's aiosqlite adapter makes four of them per statement (open a cursor,
+execute, fetch the rows, close the cursor) and three per write. Here the cursor adapter does all
+of a statement in one function run on the connection's thread: the sqlite3 cursor is opened,
+executed, read and closed there, and what SQLAlchemy reads afterwards (`description`, `rowcount`,
+`lastrowid`, the rows) is kept in the adapter, so nothing of sqlite3 is touched from the event
+loop's thread. A commit or rollback with no transaction open takes no trip at all. Statements,
+transactions and errors are the same as with the stock adapter;
+server-side cursors (`stream_results`) keep the stock one.
+
+`dbapi()` is the DBAPI module to hand `create_async_engine(..., module=...)` for a
+`sqlite+aiosqlite` URL.
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+from typing import Any
+
+import aiosqlite
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection, AsyncAdapt_aiosqlite_cursor, AsyncAdapt_aiosqlite_dbapi,
+)
+from sqlalchemy.util import EMPTY_DICT, await_only
+
+_Outcome = tuple[Any, int, Any, list[Any] | None]  # description, rowcount, lastrowid, rows
+
+
+def _run(conn: sqlite3.Connection, operation: str, parameters: Any, many: bool) -> _Outcome:
+    """One statement on the connection's thread: execute, read every row, close."""
+    cursor = conn.cursor()
+    try:
+        if many:
+            cursor.executemany(operation, parameters)
+        elif parameters is None:
+            cursor.execute(operation)
+        else:
+            cursor.execute(operation, parameters)
+        description = cursor.description
+        rows = cursor.fetchall() if description else None
+        return description, cursor.rowcount, cursor.lastrowid, rows
+    finally:
+        cursor.close()
+
+
+class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
+    """A client-side cursor whose statements each take one trip to the connection's thread."""
+
+    __slots__ = ("_description", "_rowcount", "_lastrowid")
+    _awaitable_cursor_close = False  # nothing is left open on the thread to close
+
+    def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:  # no trip: no sqlite3 cursor yet
+        self._adapt_connection = adapt_connection
+        self._connection = adapt_connection._connection
+        self._cursor = None  # type: ignore[assignment]
+        self._soft_closed_memoized = EMPTY_DICT
+        self._rows = collections.deque()
+        self._description: Any = None
+        self._rowcount = -1
+        self._lastrowid: Any = None
+
+    @property
+    def description(self) -> Any:
+        return self._description
+
+    @property
+    def rowcount(self) -> int:
+        return self._rowcount
+
+    @property
+    def lastrowid(self) -> Any:
+        return self._lastrowid
+
+    def close(self) -> None:
+        self._rows.clear()
+
+    def execute(self, operation: Any, parameters: Any = None) -> Any:
+        try:
+            return await_only(self._trip(operation, parameters, many=False))
+        except Exception as error:
+            self._adapt_connection._handle_exception(error)
+
+    def executemany(self, operation: Any, seq_of_parameters: Any) -> Any:
+        try:
+            return await_only(self._trip(operation, seq_of_parameters, many=True))
+        except Exception as error:
+            self._adapt_connection._handle_exception(error)
+
+    async def _trip(self, operation: Any, parameters: Any, *, many: bool) -> None:
+        connection: aiosqlite.Connection = self._connection
+        async with self._adapt_connection._execute_mutex:
+            try:
+                outcome = await connection._execute(_run, connection._conn, operation, parameters, many)
+            except BaseException:  # cancelled, the statement may still run on the thread: see `_Connection`
+                self._adapt_connection.unsure = True
+                raise
+        self._description, self._rowcount, self._lastrowid, rows = outcome
+        self._rows = collections.deque(rows) if rows else collections.deque()
+
+
+class _Connection(AsyncAdapt_aiosqlite_connection):
+    """A connection whose rollback and commit take no trip when sqlite3 has no transaction open
+    (its driver begins one only before a write: a unit of work that only read, and the pool's
+    rollback after a commit, have nothing to end). `in_transaction` is read from the event loop's
+    thread while the connection's thread is idle: its statements are awaited one at a time. After
+    a statement that did not come back (cancelled: it may still be running there, and begin a
+    transaction), the next rollback takes its trip, queued behind it, whatever sqlite3 says."""
+
+    __slots__ = ("unsure",)
+    _cursor_cls = OneTripCursor
+
+    def __init__(self, dbapi: Any, connection: aiosqlite.Connection) -> None:
+        super().__init__(dbapi, connection)
+        self.unsure = False
+
+    def _idle(self) -> bool:
+        conn = self._connection._conn
+        return not self.unsure and conn is not None and not conn.in_transaction
+
+    def rollback(self) -> None:
+        if not self._idle():
+            super().rollback()
+            self.unsure = False
+
+    def commit(self) -> None:
+        if not self._idle():
+            super().commit()
+
+
+class _Dbapi(AsyncAdapt_aiosqlite_dbapi):
+    def connect(self, *arg: Any, **kw: Any) -> _Connection:
+        stock = super().connect(*arg, **kw)
+        return _Connection(self, stock._connection)
+
+
+def dbapi() -> AsyncAdapt_aiosqlite_dbapi:
+    """The DBAPI module of a `sqlite+aiosqlite` engine whose statements take one trip each."""
+    return _Dbapi(aiosqlite, sqlite3)

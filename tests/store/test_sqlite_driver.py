@@ -1,0 +1,89 @@
+"""SQLite with one trip to aiosqlite's thread per statement (store/sqlite_driver.py): the same
+results, row counts, ids, errors and transactions as the stock adapter, in fewer trips."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiosqlite.core
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from controller.store.db import Database
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'd.db'}")
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER NOT NULL UNIQUE)"))
+        await uow.session.commit()
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+def trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The functions run on aiosqlite's threads from now on, by name."""
+    seen: list[str] = []
+    real = aiosqlite.core.Connection._execute
+
+    async def counted(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(getattr(fn, "__name__", repr(fn)))
+        return await real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.core.Connection, "_execute", counted)
+    return seen
+
+
+async def test_statements_read_and_write_as_with_the_stock_adapter(db: Database) -> None:
+    async with db.unit_of_work() as uow:
+        s = uow.session
+        inserted = await s.execute(text("INSERT INTO t (v) VALUES (10)"))
+        assert inserted.lastrowid == 1 and inserted.rowcount == 1
+        many = await s.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 20}, {"v": 30}])
+        assert many.rowcount == 2
+        updated = await s.execute(text("UPDATE t SET v = v + 1 WHERE v >= 20"))
+        assert updated.rowcount == 2
+        rows = (await s.execute(text("SELECT id, v FROM t ORDER BY id"))).all()
+        assert [tuple(r) for r in rows] == [(1, 10), (2, 21), (3, 31)]
+        assert list((await s.execute(text("SELECT v FROM t WHERE v > 100"))).all()) == []
+        await s.commit()
+    async with db.unit_of_work() as uow:
+        assert await uow.session.scalar(text("SELECT sum(v) FROM t")) == 62
+
+
+async def test_a_failed_statement_raises_the_dbapi_error_and_its_transaction_is_rolled_back(db: Database) -> None:
+    with pytest.raises(IntegrityError):
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(text("INSERT INTO t (v) VALUES (1)"))
+            await uow.session.execute(text("INSERT INTO t (v) VALUES (1)"))  # UNIQUE
+    with pytest.raises(OperationalError):
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(text("INSERT INTO t (v) VALUES (2)"))
+            await uow.session.execute(text("SELECT nothing FROM nowhere"))
+    async with db.unit_of_work() as uow:  # neither was committed, and the writer's turn was given back
+        assert await uow.session.scalar(text("SELECT count(*) FROM t")) == 0
+        await uow.session.execute(text("INSERT INTO t (v) VALUES (3)"))
+        await uow.session.commit()
+    async with db.unit_of_work() as uow:
+        assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [3]
+
+
+async def test_a_read_takes_one_trip_and_a_write_two(db: Database, trips: list[str]) -> None:
+    async with db.unit_of_work() as uow:
+        await uow.session.execute(text("SELECT v FROM t"))
+    assert trips == ["_run"]  # the statement; no cursor to open or close, no transaction to end
+    trips.clear()
+    async with db.unit_of_work() as uow:
+        await uow.session.execute(text("INSERT INTO t (v) VALUES (1)"))
+        await uow.session.commit()
+    assert trips == ["_run", "commit"]
+    trips.clear()
+    async with db.unit_of_work() as uow:  # not committed: rolled back on its trip
+        await uow.session.execute(text("INSERT INTO t (v) VALUES (2)"))
+    assert trips == ["_run", "rollback"]
+    async with db.unit_of_work() as uow:
+        assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [1]
