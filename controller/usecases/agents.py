@@ -449,8 +449,11 @@ async def flush_reports(
             latest[(deployment_key(report.tenant, report.deployment), report.replica, report.shard)] = (node_id, report)
     touched: set[str] = set()
     failed: dict[str, dict[str, Any]] = {}  # deployment key -> why its latest shard failure happened
-    if latest:
-        for placement, key in await repo.placements_of_deployments(s, {k[0] for k in latest}):
+    # The deployments reported on, with their placements (one read: what the views need too).
+    named = await repo.list_deployment_rows(s, keys={k[0] for k in latest}) if latest else []
+    for row in named:
+        key = deployment_key(row.tenant_id, row.name)
+        for placement in row.placements:
             hit = latest.get((key, placement.replica, placement.shard))
             if hit is None:
                 continue
@@ -465,9 +468,8 @@ async def flush_reports(
                 placement.phase = phase
                 placement.message = report.message
                 touched.add(key)
-    rows: list[m.Deployment] = []
+    rows = [row for row in named if deployment_key(row.tenant_id, row.name) in touched]
     if touched:  # their deployments' phases may follow the shards'
-        rows = await repo.list_deployment_rows(s, keys=touched)
         for row in rows:
             row.phase = repo.implied_phase(row)
             if deployment_key(row.tenant_id, row.name) in failed:

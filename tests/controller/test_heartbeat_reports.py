@@ -120,6 +120,19 @@ async def test_a_heartbeat_writes_only_the_shards_whose_state_changed(cluster):
             assert (await repo.node_rows_by_id(uow.session, [node_id]))[node_id].power_draw_w == 900.0
 
 
+async def _said_and_lost(hub: AgentHub, stream: _Stream, message: object, monkeypatch) -> None:  # noqa: ANN001
+    """The agent says `message`, and the flush that would write it fails (the database said no)."""
+    from controller.usecases import agents as agent_cases
+
+    async def broken(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise RuntimeError("the database said no")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(agent_cases, "flush_reports", broken)
+        await stream.say(message)
+        await hub.flush()
+
+
 async def test_after_a_failed_write_the_next_heartbeat_writes_every_shard_again(cluster, monkeypatch):
     await submit(cluster, deployment("svc", replicas=1, shards=1, accelerators=1))
     await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
@@ -128,17 +141,7 @@ async def test_after_a_failed_write_the_next_heartbeat_writes_every_shard_again(
         node_id, generation = p.node_id, p.generation
     async with _streaming(cluster, node_id) as (hub, stream):
         running = HeartbeatReport(1, 900.0, (ShardReport("svc", 0, 0, generation, "running", tenant="t1"),))
-
-        from controller.usecases import agents as agent_cases
-        real = agent_cases.flush_reports
-
-        async def broken(*args, **kwargs):  # noqa: ANN002, ANN003
-            raise RuntimeError("the database said no")
-
-        monkeypatch.setattr(agent_cases, "flush_reports", broken)
-        await stream.say(running)
-        await hub.flush()  # lost
-        monkeypatch.setattr(agent_cases, "flush_reports", real)
+        await _said_and_lost(hub, stream, running, monkeypatch)
         assert await _phases(cluster) == {(0, 0): "assigned"}
 
         await stream.say(running)  # the same state again: written this time
@@ -252,16 +255,7 @@ async def test_after_a_failed_write_a_heartbeat_omitting_its_shards_gets_the_ful
     node_id, generation = await _placed_on_one_node(cluster)
     async with _streaming(cluster, node_id) as (hub, stream):
         running = _versioned(1, 5, ShardReport("svc", 0, 0, generation, "running", tenant="t1"))
-        from controller.usecases import agents as agent_cases
-        real = agent_cases.flush_reports
-
-        async def broken(*args, **kwargs):  # noqa: ANN002, ANN003
-            raise RuntimeError("the database said no")
-
-        monkeypatch.setattr(agent_cases, "flush_reports", broken)
-        await stream.say(running)
-        await hub.flush()  # lost
-        monkeypatch.setattr(agent_cases, "flush_reports", real)
+        await _said_and_lost(hub, stream, running, monkeypatch)
         assert await _phases(cluster) == {(0, 0): "assigned"}
 
         await stream.say(_omitted(2, 5))  # the version the agent sent, but its state was not written
