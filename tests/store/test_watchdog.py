@@ -134,6 +134,7 @@ async def test_only_changes_the_rules_read_cause_a_full_check(database: Database
         await conn.execute(text("UPDATE nodes SET power_draw_w = 900, last_heartbeat_at = CURRENT_TIMESTAMP"))
     assert await watchdog.check_if_changed() is None and watchdog.checks_total == 1
 
+    now[0] = 30.0  # (later than the last check's cost allows: see the next test)
     async with database.engine.begin() as conn:  # a hand edit of where a shard runs does
         await conn.execute(text("UPDATE placements SET node_id = 'n1', accelerator_indices = '[1]' "
                                 "WHERE node_id = 'n2'"))
@@ -141,8 +142,25 @@ async def test_only_changes_the_rules_read_cause_a_full_check(database: Database
     assert watchdog.checks_total == 2 and [a.violation.rule for a in alarms] == ["ISOLATION"]
     assert await watchdog.check_if_changed() is None
 
-    now[0] = 61.0  # and a full check runs once a minute regardless (dropped triggers)
+    now[0] = 91.0  # and a full check runs once a minute regardless (dropped triggers)
     assert await watchdog.check_if_changed() == [] and watchdog.checks_total == 3
+
+
+async def test_under_churn_checks_take_at_most_their_share_of_the_time(database: Database) -> None:
+    """A full check reads every placement: after one that cost 1 s, with `max_share` 0.05, a
+    change waits until 20 s after it, and is checked then."""
+    await _seeded(database)
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, max_share=0.05, clock=lambda: now[0])
+    assert await watchdog.check_if_changed() == [] and watchdog.checks_total == 1
+    watchdog.last_check_ms = 1000.0  # as if that check had taken a second
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    now[0] = 19.0
+    assert await watchdog.check_if_changed() is None
+    assert watchdog.checks_total == 1 and watchdog.deferred_total == 1 and watchdog.alarms_total == 0
+    now[0] = 20.5
+    alarms = await watchdog.check_if_changed()
+    assert watchdog.checks_total == 2 and [a.violation.rule for a in alarms] == ["ISOLATION"]
 
 
 async def test_a_deletion_committed_while_the_watchdog_reads_raises_no_false_alarm(
