@@ -9,7 +9,8 @@ most (priority-weighted) is kept, then (with `LOOKAHEAD`) the one whose free roo
 whole cluster, the pairing LP predicts takes most of the workload's expected demand
 (`lookahead`: a score of the final allocation, not of this batch), then the one leaving the
 cluster best by `node_quality` (least fragmentation, most pairing value kept, `pairing.py`) on
-the nodes it touched.
+the nodes it touched. A batch that starts short of empty accelerators then defers the big
+fractions it put alone on one (`defer.py`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scheduler.defer import defer_openers, tight
 from scheduler.explain import explain
 from scheduler.fragmentation import node_fragmentation
 from scheduler.greedy import PAIRING_WEIGHT, Placer
-from scheduler.joint_batch import jointly_placeable, place_jointly
+from scheduler.joint_batch import jointly_placeable, place_jointly, place_rest
 from scheduler.state import ClusterState, ShardAt
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
     if solver.workload.stale():
         solver.workload.refresh()  # one snapshot for every candidate, so scores compare
     before = replicas_of(state, ds)
+    squeezed = tight(state)
     base = node_quality(solver, solver.placer, state)
     best: tuple[tuple[float, float, float], Replicas] | None = None
     joint = any(jointly_placeable(solver, d) for d in ds)
@@ -97,9 +100,24 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
         counts[1] += 1  # type: ignore[index]
     set_replicas(state, ds, best[1])
     solver.adopt(state)
+    deferred = [] if squeezed is None else defer_big_fractions(solver, ds, *squeezed)
     for d in ds:
-        if solver.pending(d):
-            solver.why[d] = explain(state, d)
+        if solver.pending(d) and d not in deferred:
+            solver.why[d] = explain(solver.state, d)
+
+
+def defer_big_fractions(solver: Solver, ds: list[int], empty: int, ready: int) -> list[int]:
+    """The batch started with `empty` of `ready` accelerators empty, too few (`defer.tight`):
+    take out the big fractions it put alone on one (`defer.defer_openers`), place the
+    batch's other pending replicas on the room that frees, and defer again what that
+    opened; returns the deployments deferred."""
+    deferred = defer_openers(solver, ds, empty, ready)
+    if deferred:
+        solver.adopt(solver.state)  # the placer's scores saw the replicas taken out
+        rest = [d for d in ds if d not in deferred]
+        place_rest(solver, solver.placer, rest)
+        deferred += defer_openers(solver, rest, empty, ready)
+    return deferred
 
 
 def lookahead(solver: Solver) -> float:
