@@ -37,7 +37,7 @@ from scheduler.state import ClusterState, ShardAt
 if TYPE_CHECKING:
     from scheduler.solve import Solver
 
-EMPTY_SHARE = 0.16  # tight below this share of the ready accelerators left empty
+EMPTY_SHARE = 0.13  # tight below this share of the ready accelerators left empty
 MIN_MILLI = 600  # fractions from this size up are deferred rather than open an accelerator
 
 
