@@ -122,7 +122,8 @@ SIZES = (160, 230, 300, 320, 350, 470, 530, 650, 700, 810)  # openb-like fractio
 
 @st.composite
 def fraction_batches(draw: st.DrawFn) -> Doc:
-    """A batch of fractions onto a partly used cluster (CPU may bind), `batch_size` = all."""
+    """A batch of fractions onto a partly used cluster (fractions and whole tasks running, CPU
+    may bind), `batch_size` = all."""
     n_nodes = draw(st.integers(2, 3))
     acc = draw(st.sampled_from([2, 4]))
     nodes = [node(f"n{i}", acc=acc, cpu_milli=draw(st.sampled_from([3_000, 64_000])))
@@ -137,6 +138,12 @@ def fraction_batches(draw: st.DrawFn) -> Doc:
         running.append(dep(f"e{j}", acc=1, accelerator_milli=milli, locality="node",
                            cpu_milli=500))
         placements.append(placed(f"e{j}", at[0], [at[1]], milli=milli))
+    # Whole tasks on some of the accelerators still empty: a batch may then start short of
+    # empty accelerators (scheduler/defer.py).
+    empty = [(f"n{i}", a) for i in range(n_nodes) for a in range(acc) if (f"n{i}", a) not in used]
+    for j, at in enumerate(empty[:draw(st.integers(0, len(empty)))]):
+        running.append(dep(f"w{j}", acc=1, locality="node", cpu_milli=500))
+        placements.append(placed(f"w{j}", at[0], [at[1]]))
     sizes = draw(st.lists(st.sampled_from(SIZES), min_size=2, max_size=10))
     batch = [dep(f"f{i}", acc=1, accelerator_milli=m, locality="node",
                  cpu_milli=draw(st.sampled_from([500, 1_000])))
