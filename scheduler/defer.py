@@ -56,7 +56,7 @@ def tight(state: ClusterState) -> tuple[int, int] | None:
 
 def defer_openers(solver: Solver, ds: list[int], empty: int, ready: int) -> list[int]:
     """Take out the replicas of these deployments that the module doc defers (each a big
-    fraction alone on its accelerator) and give each deferred deployment its reason, which
+    fraction this solve put alone on an accelerator; running ones stay) and give each deferred deployment its reason, which
     counts the `empty` of `ready` accelerators the batch started with; returns the
     deployments that lost a replica."""
     state = solver.state
@@ -67,8 +67,9 @@ def defer_openers(solver: Solver, ds: list[int], empty: int, ready: int) -> list
         milli = dep.shard.accelerator_milli
         if not (dep.shard.fractional and dep.shards_per_replica == 1 and milli >= MIN_MILLI):
             continue
-        opened = [r for r in sorted(state.by_dep.get(d, ()))
-                  if _alone(state, state.replicas[(d, r)][0], milli)]
+        opened = [r for r in sorted(state.by_dep.get(d, ()))  # this batch's, not the given
+                  if (d, r) not in solver.given
+                  and _alone(state, state.replicas[(d, r)][0], milli)]
         for r in opened:
             state.remove_replica(d, r)
         if opened:

@@ -70,3 +70,16 @@ def test_small_fractions_and_whole_tasks_are_never_deferred() -> None:
     # One empty accelerator and the 320's 680: both arrivals are placed.
     assert placed_count(plan, "half") == 1 and placed_count(plan, "whole") == 1
     assert "deferred_replicas" not in plan.stats
+
+
+def test_a_running_replica_is_never_taken_out() -> None:
+    # "big" already runs one replica alone on n0's last accelerator and asks for a second:
+    # the batch is tight (no empty accelerator left), the running one stays where it is.
+    grown = dep("big", acc=1, accelerator_milli=810, locality="node", replicas=2)
+    doc = cluster(1, [grown, dep("other", acc=1, accelerator_milli=100, locality="node")],
+                  batch_size=2)
+    doc["placements"].append(placed("big", "n0", [7], milli=810))
+    plan = solve_doc(doc)
+    assert [(p.replica, p.accelerator_indices) for p in plan.placements
+            if p.deployment == "big"] == [(0, (7,))]
+    assert "deferred_replicas" not in plan.stats
