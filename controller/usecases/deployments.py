@@ -376,15 +376,6 @@ async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
         lambda row: redactor.deployment(repo.deployment_view(row)))
 
 
-async def all_deployments(uow: UnitOfWork, who: Principal, tenant: str = "") -> list[DeploymentView]:
-    """Every deployment (of a tenant): for watches, which stream them one event at a time."""
-    check_optional_id("tenant", tenant)
-    tenant = policy.visible_tenant(who, tenant, "watching deployments")
-    redactor = await redactor_of(uow, who)
-    return [redactor.deployment(repo.deployment_view(r))
-            for r in await repo.list_deployment_rows(uow.session, tenant=tenant)]
-
-
 async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals,
                             tenant: str = "") -> DeploymentView:
     """Mark the deployment DELETING (a second delete changes nothing and answers the same); the

@@ -4,19 +4,24 @@ Good enough for one controller: every use case or reconcile step that commits a 
 change publishes a `DeploymentEvent`; each watcher has a bounded queue. A watcher that falls
 too far behind is cut off with UNAVAILABLE rather than slowing down the publishers (it can
 simply watch again: the stream starts with the current state).
+
+The current state is read and streamed a page at a time (`CURRENT_PAGE` deployments): read
+whole, 10,000 deployments held the controller's event loop for over a second of CPU (every
+RPC and agent stream waited), and no event left before the last row was read.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, aclosing
 
 from controller.errors import Unavailable
 from controller.identity import Principal
 from controller.store.db import UnitOfWork
 from controller.usecases import policy
-from controller.usecases.deployments import all_deployments
+from controller.usecases.deployments import list_deployments
+from controller.usecases.paging import PageRequest
 from controller.usecases.validation import check_name
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView, ShardSpec
 from controller.usecases.redaction import redactor_of
@@ -27,6 +32,9 @@ _CLOSED = object()
 # every watcher on such a commit (bench e2e's watch at 1,024 nodes on PostgreSQL). A queued event
 # is a reference to a view the bus shares among watchers, so the bound costs little memory.
 WATCH_QUEUE_EVENTS = 20_000
+# Deployments of a new watch's current state read at a time (each page in a transaction of its
+# own, streamed before the next is read): ~15 ms of the event loop's time per page.
+CURRENT_PAGE = 100
 
 
 class DeploymentEventBus:
@@ -93,12 +101,11 @@ async def watch_deployments(
         check_name("deployment", name)
     queue = bus.subscribe()  # before reading, so no change between the read and the stream is lost
     try:
-        async with unit_of_work() as uow:
-            current = await all_deployments(uow, who, tenant)
-        for view in current:
-            event = DeploymentEvent("added", view)
-            if _matches(event, tenant, name):
-                yield event
+        async with aclosing(_current(unit_of_work, who, tenant)) as current:
+            async for view in current:
+                event = DeploymentEvent("added", view)
+                if _matches(event, tenant, name):
+                    yield event
         while True:
             item = await queue.get()
             if item is _CLOSED:
@@ -110,3 +117,18 @@ async def watch_deployments(
                 yield item
     finally:
         bus.unsubscribe(queue)
+
+
+async def _current(unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
+                   tenant: str) -> AsyncIterator[DeploymentView]:
+    """Every deployment `who` may see (of `tenant`), by name, `CURRENT_PAGE` at a time: a page is
+    read, its unit of work closed, and its views handed out before the next page is read."""
+    page = PageRequest(CURRENT_PAGE)
+    while True:
+        async with unit_of_work() as uow:
+            got = await list_deployments(uow, who, tenant, page)
+        for view in got.items:
+            yield view
+        if not got.next_token:
+            return
+        page = PageRequest(CURRENT_PAGE, got.next_token)
