@@ -56,6 +56,7 @@ from bench.fgd import percentile
 from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
 from bench.preload import Layout, preload
 from controller.main import SHUTDOWN_DEADLINE_S
+from controller.observability.loop import watch_event_loop
 
 NODES_PER_RACK = 16
 GANG_SIZES = (8, 16, 32, 64)
@@ -289,6 +290,7 @@ class Times:
     submitted: float = 0.0      # the submit call started
     acknowledged: float = 0.0   # it returned
     committed: float = 0.0      # first seen with every replica placed
+    commit_seen_ms: float | None = None  # from that commit (the deployment's updated_at) to seeing it
     running: float = 0.0
     delete_sent: float = 0.0
     deleted: float = 0.0
@@ -305,7 +307,15 @@ class Run:
     names: frozenset[str] = frozenset()  # the workload's (the preloaded deployments are not watched)
     running: int = 0
     watches: int = 0  # WatchDeployments streams opened (more than one: the controller cut one off)
+    # The current state a watch starts with: the preloaded deployments it must list before the
+    # first submit (else the submits' events queue behind that list and their delivery is timed).
+    preexisting: int = 0
+    listed: int = 0  # by the stream open now
+    current_listed: asyncio.Event = field(default_factory=asyncio.Event)
     send_late_ms: list[float] = field(default_factory=list)  # open loop: each submit sent this late
+    # The bench's own event loop, late by this much every tick from the first submit: when it is
+    # small, what the clients and the watch wait for is the controller (and the transport).
+    loop_lag_ms: list[float] = field(default_factory=list)
     sending_s: float = 0.0  # open loop: from the first submit sent to the last
 
 
@@ -319,6 +329,7 @@ async def watch(channel: Any, run: Run) -> None:
     stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
     while True:
         run.watches += 1
+        run.listed = 0
         try:
             async for event in stub.WatchDeployments(deployments_pb2.WatchDeploymentsRequest()):
                 _seen(run, event, time.perf_counter())
@@ -333,6 +344,10 @@ def _seen(run: Run, event: Any, now: float) -> None:
     from maia.v1 import deployments_pb2
     d = event.deployment
     if d.spec.name not in run.names:
+        if event.type == deployments_pb2.DeploymentEvent.TYPE_ADDED:
+            run.listed += 1
+            if run.listed >= run.preexisting:
+                run.current_listed.set()
         return
     t = run.times.setdefault(d.spec.name, Times())
     if event.type == deployments_pb2.DeploymentEvent.TYPE_DELETED:
@@ -340,6 +355,9 @@ def _seen(run: Run, event: Any, now: float) -> None:
         return
     if not t.committed and d.placed_replicas >= d.spec.replicas:
         t.committed = now
+        # updated_at: when the commit that placed the last replica began (a later change only
+        # makes it later), on this machine's clock
+        t.commit_seen_ms = (time.time() - d.updated_at.ToMicroseconds() / 1e6) * 1000
     if not t.running and d.phase == deployments_pb2.DEPLOYMENT_PHASE_RUNNING:
         t.running = now
         run.newly_running.put_nowait(d.spec.name)
@@ -485,6 +503,7 @@ class Bench:
     controller: Process | None = None
     ready: list[int] = field(default_factory=lambda: [0])  # nodes ready, as last asked
     preload_s: float = 0.0
+    listed_s: float = 0.0   # from opening the watch to its listing the deployments that exist
     joined_s: float = 0.0
     started: float = 0.0    # the first submit (perf_counter); 0 before
     submitted_s: float = 0.0
@@ -686,15 +705,20 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
                                                              ready_now=bench.ready)
             bench.works = works = workload(shape, args)
             run.expected, run.names = len(works), frozenset(w.name for w in works)
+            run.preexisting = shape.preloaded
             if ready < shape.nodes:  # measured anyway, on the nodes that made it
                 run.errors.append(f"only {ready}/{shape.nodes} nodes ready after {bench.joined_s:.0f} s")
+            bench.phase = "watching"
+            listing = time.perf_counter()
             tasks.append(asyncio.create_task(watch(channel, run)))
-            await asyncio.sleep(0.5)  # the watch is established before the first submit
+            await watch_listed(run, timeout_s=args.join_timeout)
+            bench.listed_s = time.perf_counter() - listing
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
             await scrape_passes(bench)
             bench.lag_at_start = dict(bench.lag)
             bench.phase = "submitting"
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
+            tasks.append(asyncio.create_task(watch_event_loop(lambda late_s: run.loop_lag_ms.append(late_s * 1000))))
             bench.child_cpu0 = controller.children_cpu_s()
             queue = list(reversed(works))
             if args.delete_every:
@@ -744,6 +768,19 @@ def _profile(py_spy: str, controller: Process, root: Path) -> Process:
                    root / "py-spy.log")
 
 
+async def watch_listed(run: Run, timeout_s: float) -> None:
+    """Until the watch is established before the first submit: it has listed the deployments
+    that exist (the preloaded ones: what a watch starts with), or, with none, half a second."""
+    if not run.preexisting:
+        await asyncio.sleep(0.5)
+        return
+    try:
+        await asyncio.wait_for(run.current_listed.wait(), timeout=timeout_s)
+    except TimeoutError:
+        run.errors.append(f"the watch listed {run.listed} of the {run.preexisting} preloaded deployments "
+                          f"in {timeout_s:.0f} s")
+
+
 async def _settle_deletions(run: Run, timeout_s: float) -> None:
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
@@ -782,6 +819,9 @@ def summarize(bench: Bench) -> dict[str, Any]:
         return [(getattr(t[n], b) - getattr(t[n], a)) * 1000 for n in names
                 if n in t and getattr(t[n], a) and getattr(t[n], b)]
 
+    def commit_seen(names: list[str]) -> list[float]:
+        return [ms for n in names if n in t and (ms := t[n].commit_seen_ms) is not None]
+
     ran = [n for n in (singles + gangs) if n in t and t[n].running]
     span = max(t[n].running for n in ran) - min(t[n].submitted for n in ran) if ran else 0.0
     violations = bench.violations or []
@@ -800,6 +840,11 @@ def summarize(bench: Bench) -> dict[str, Any]:
         # after the submit was answered: the wait for a reconcile pass, and the pass
         "gang64_answered_committed": _ms(stage(gangs64, "acknowledged", "committed")),
         "single_answered_committed": _ms(stage(singles, "acknowledged", "committed")),
+        # the controller's commit (the deployment's updated_at) -> the bench's watch saw it: the
+        # delivery part of submit -> committed
+        "single_commit_seen": _ms(commit_seen(singles)), "gang_commit_seen": _ms(commit_seen(gangs)),
+        "watch_listed_s": round(bench.listed_s, 2),
+        "bench_loop_lag": _ms(run.loop_lag_ms),
         "delete_rpc": _ms(run.delete_rpc_ms),
         "delete_gone": _ms(stage(list(t), "delete_sent", "deleted")),
         "running": len(ran),
@@ -841,6 +886,8 @@ def report(r: dict[str, Any]) -> str:
             f"gang {pp('gang_committed')} ms ({r['gangs64']} of 64 shards: {pp('gang64_committed')} ms) | "
             f"answered->committed single {pp('single_answered_committed')} ms, "
             f"64-shard gang {pp('gang64_answered_committed')} ms | "
+            f"commit->seen on the watch single {pp('single_commit_seen')} ms, gang {pp('gang_commit_seen')} ms "
+            f"(the watch listed {r['preloaded']} existing deployments in {r['watch_listed_s']} s) | "
             f"submit->Running single {pp('single_running')} ms, "
             f"gang {pp('gang_running')} ms{rewatched}\n"
             f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
@@ -849,7 +896,8 @@ def report(r: dict[str, Any]) -> str:
             f"peak RSS {r['controller_peak_rss_mib']} MiB | "
             f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'} | "
-            f"event-loop lag p50/p99 <= {r['loop_lag_p50_le_s']}/{r['loop_lag_p99_le_s']} s\n"
+            f"event-loop lag p50/p99 <= {r['loop_lag_p50_le_s']}/{r['loop_lag_p99_le_s']} s "
+            f"(the bench's own {pp('bench_loop_lag')} ms)\n"
             f"  checker: {checker}; errors: {r['error_count']}"
             + "".join(f"\n    {e}" for e in r["errors"] + r["checker_violations"]))
 
