@@ -13,7 +13,7 @@ from controller.identity import current_principal
 from controller.usecases import deployments as cases
 from controller.usecases.updates import update_deployment
 from controller.usecases.usage import usage_report
-from controller.usecases.watch import watch_deployments
+from controller.usecases.watch import watch_deployment_batches, watch_deployments
 from maia.v1 import deployments_pb2, deployments_pb2_grpc
 
 
@@ -79,6 +79,13 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         async for event in watch_deployments(self._deps.db.unit_of_work, current_principal(), self._deps.bus,
                                              tenant=request.tenant, name=request.name):
             yield convert.deployment_event_msg(event)
+
+    async def WatchDeploymentBatches(
+        self, request: deployments_pb2.WatchDeploymentsRequest, context: aio.ServicerContext,
+    ) -> AsyncIterator[deployments_pb2.DeploymentEventBatch]:
+        async for batch in watch_deployment_batches(self._deps.db.unit_of_work, current_principal(), self._deps.bus,
+                                                    tenant=request.tenant, name=request.name):
+            yield deployments_pb2.DeploymentEventBatch(events=[convert.deployment_event_msg(e) for e in batch])
 
     async def GetUsage(self, request: deployments_pb2.GetUsageRequest,
                        context: aio.ServicerContext) -> deployments_pb2.GetUsageResponse:

@@ -35,6 +35,8 @@ WATCH_QUEUE_EVENTS = 20_000
 # Deployments of a new watch's current state read at a time (each page in a transaction of its
 # own, streamed before the next is read): ~15 ms of the event loop's time per page.
 CURRENT_PAGE = 100
+# Events in one message of WatchDeploymentBatches at most (a page of the current state is one).
+WATCH_BATCH = CURRENT_PAGE
 
 
 class DeploymentEventBus:
@@ -96,39 +98,65 @@ async def watch_deployments(
 ) -> AsyncIterator[DeploymentEvent]:
     """The current state of matching deployments (ADDED), then every change to them; a tenant
     token watches its own tenant's deployments only."""
+    async with aclosing(watch_deployment_batches(unit_of_work, who, bus, tenant=tenant, name=name)) as batches:
+        async for batch in batches:
+            for event in batch:
+                yield event
+
+
+async def watch_deployment_batches(
+    unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
+    bus: DeploymentEventBus, *, tenant: str = "", name: str = "",
+) -> AsyncIterator[list[DeploymentEvent]]:
+    """`watch_deployments`' events, in order, in lists of one to `WATCH_BATCH` events: a page
+    of the current state, then the changes waiting when the last list was taken."""
     tenant = policy.visible_tenant(who, tenant, "watching deployments")
     if name:
         check_name("deployment", name)
     queue = bus.subscribe()  # before reading, so no change between the read and the stream is lost
     try:
-        async with aclosing(_current(unit_of_work, who, tenant)) as current:
-            async for view in current:
-                event = DeploymentEvent("added", view)
-                if _matches(event, tenant, name):
-                    yield event
+        async with aclosing(_current(unit_of_work, who, tenant)) as pages:
+            async for views in pages:
+                if batch := [e for e in map(_added, views) if _matches(e, tenant, name)]:
+                    yield batch
         while True:
-            item = await queue.get()
-            if item is _CLOSED:
+            items = [await queue.get()]
+            while len(items) < WATCH_BATCH and not queue.empty():
+                items.append(queue.get_nowait())
+            closed = any(e is _CLOSED for e in items)
+            if batch := await _visible(unit_of_work, who, [e for e in items if e is not _CLOSED
+                                                            and _matches(e, tenant, name)]):
+                yield batch
+            if closed:
                 raise Unavailable("the watch fell behind or the controller is stopping; watch again")
-            if _matches(item, tenant, name):
-                if item.deployment.reasons and not who.is_admin:  # the bus carries the admin's view
-                    async with unit_of_work() as uow:
-                        item = (await redactor_of(uow, who)).deployment_event(item)
-                yield item
     finally:
         bus.unsubscribe(queue)
 
 
+def _added(view: DeploymentView) -> DeploymentEvent:
+    return DeploymentEvent("added", view)
+
+
+async def _visible(unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
+                   events: list[DeploymentEvent]) -> list[DeploymentEvent]:
+    """`events` as `who` may read them: the bus carries the admin's view, which quotes the
+    solver's reasons (one read for the redactor, when a list has any)."""
+    if who.is_admin or not any(e.deployment.reasons for e in events):
+        return events
+    async with unit_of_work() as uow:
+        redactor = await redactor_of(uow, who)
+    return [redactor.deployment_event(e) if e.deployment.reasons else e for e in events]
+
+
 async def _current(unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
-                   tenant: str) -> AsyncIterator[DeploymentView]:
-    """Every deployment `who` may see (of `tenant`), by name, `CURRENT_PAGE` at a time: a page is
-    read, its unit of work closed, and its views handed out before the next page is read."""
+                   tenant: str) -> AsyncIterator[tuple[DeploymentView, ...]]:
+    """Every deployment `who` may see (of `tenant`), by name, a page of `CURRENT_PAGE` at a time:
+    each read in a unit of work of its own, closed before the page is handed out."""
     page = PageRequest(CURRENT_PAGE)
     while True:
         async with unit_of_work() as uow:
             got = await list_deployments(uow, who, tenant, page)
-        for view in got.items:
-            yield view
+        yield got.items
         if not got.next_token:
             return
         page = PageRequest(CURRENT_PAGE, got.next_token)

@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
+
 from controller.domain.values import DeploymentEvent
+from controller.errors import Unavailable
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import deployments, watch
 from controller.usecases.ports import RecordingSignals
-from controller.usecases.watch import DeploymentEventBus, watch_deployments
+from controller.usecases.watch import DeploymentEventBus, watch_deployment_batches, watch_deployments
 from uc_builders import WHO, add_tenant, deployment
 
 NAMES = [f"d{i}" for i in range(5)]
@@ -92,3 +95,43 @@ async def test_a_watch_of_one_tenant_pages_through_that_tenant_only(cluster, mon
         await events.aclose()
     assert [e.deployment.spec.name for e in got] == NAMES
     assert (after.type, after.deployment.spec.tenant, after.deployment.spec.name) == ("modified", "t1", "d0")
+
+
+
+async def test_batches_take_every_waiting_change_in_order_up_to_the_bound(cluster, monkeypatch):
+    """What waits for a batched watcher goes out in as few lists as the bound allows, in order:
+    the current state a page a list, then the changes published meanwhile."""
+    monkeypatch.setattr(watch, "CURRENT_PAGE", 2)
+    monkeypatch.setattr(watch, "WATCH_BATCH", 3)
+    for name in NAMES:
+        await _submit(cluster, name)
+    bus = DeploymentEventBus()
+    batches = watch_deployment_batches(cluster.unit_of_work, WHO, bus)
+    try:
+        first = await anext(batches)
+        changes = [DeploymentEvent("modified", e.deployment) for e in first] * 4  # 8 changes
+        for event in changes:
+            bus.publish(event)
+        rest = [await anext(batches) for _ in range(2)]  # the rest of the current state
+        assert [[e.deployment.spec.name for e in b] for b in [first, *rest]] == [["d0", "d1"], ["d2", "d3"], ["d4"]]
+        lists = [await anext(batches) for _ in range(3)]
+        assert [len(b) for b in lists] == [3, 3, 2]
+        assert [e for b in lists for e in b] == changes
+    finally:
+        await batches.aclose()
+
+
+async def test_a_batched_watcher_cut_off_gets_what_came_before_the_end_then_unavailable(cluster):
+    await _submit(cluster, "d0")
+    bus = DeploymentEventBus(queue_size=3)
+    batches = watch_deployment_batches(cluster.unit_of_work, WHO, bus)
+    try:
+        [listed] = await anext(batches)
+        changes = [DeploymentEvent("modified", listed.deployment) for _ in range(4)]
+        for event in changes:  # the fourth is one too many: the oldest makes room for the end
+            bus.publish(event)
+        assert await anext(batches) == changes[1:3]
+        with pytest.raises(Unavailable, match="fell behind"):
+            await anext(batches)
+    finally:
+        await batches.aclose()

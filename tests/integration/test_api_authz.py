@@ -75,6 +75,10 @@ CASES = [
         D.WatchDeploymentsRequest(tenant=OWNER))), NOT_FOUND),
     Case("WatchDeployments(chat)", lambda s: _first(s.deployments.WatchDeployments(
         D.WatchDeploymentsRequest(name="chat"), timeout=1.5)), C.DEADLINE_EXCEEDED),
+    Case("WatchDeploymentBatches(owner)", lambda s: _first(s.deployments.WatchDeploymentBatches(
+        D.WatchDeploymentsRequest(tenant=OWNER))), NOT_FOUND),
+    Case("WatchDeploymentBatches(chat)", lambda s: _first(s.deployments.WatchDeploymentBatches(
+        D.WatchDeploymentsRequest(name="chat"), timeout=1.5)), C.DEADLINE_EXCEEDED),
     Case("GetUsage", lambda s: s.deployments.GetUsage(D.GetUsageRequest(tenant=OWNER)), NOT_FOUND),
     Case("CreateTenant", lambda s: s.admin.CreateTenant(A.Tenant(id="newcomer")), DENIED),
     Case("UpdateTenant", lambda s: s.admin.UpdateTenant(A.Tenant(id=OWNER, max_accelerators=1)), DENIED),

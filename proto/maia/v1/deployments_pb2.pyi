@@ -208,6 +208,12 @@ class DeploymentEvent(_message.Message):
     deployment: Deployment
     def __init__(self, type: _Optional[_Union[DeploymentEvent.Type, str]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
 
+class DeploymentEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[DeploymentEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[DeploymentEvent, _Mapping]]] = ...) -> None: ...
+
 class GetUsageRequest(_message.Message):
     __slots__ = ("tenant", "since", "until")
     TENANT_FIELD_NUMBER: _ClassVar[int]
