@@ -305,6 +305,7 @@ async def reset_node_credential(uow: UnitOfWork, who: Principal, node_id: str, s
     """Revoke a node's credentials (lost, or leaked): its agent, holding only a node-bootstrap
     token, may then register it again and receives a new credential. Returns the revoked ids."""
     policy.require_admin(who, "resetting node credentials")
+    check_id("node", node_id)  # as every node RPC: a NUL in it is INVALID_ARGUMENT, not PostgreSQL's error
     if await repo.get_node(uow.session, node_id) is None:
         raise NotFound(f"node {node_id} not found")
     revoked = await tokens.revoke_node_credentials(uow, who, node_id)
