@@ -89,6 +89,7 @@ from controller.store.failures import FailureStep, handle_failures
 from controller.store.plans import CommitResult, commit_plan
 from controller.store.rollout import DEFAULT_SURGE, Retired, retire_replaced, stored_key
 from controller.store.snapshot import Snapshot
+from controller.store.turns import WritePriority, write_priority
 from controller.usecases import planning
 from controller.domain.restarts import RestartPolicy
 from controller.domain.values import DeploymentView
@@ -437,6 +438,12 @@ class Reconciler:
             await asyncio.wait([self._publishing])
 
     async def _one_pass(self, *, force: bool) -> ReconcileOutcome:
+        # On SQLite a pass's transactions take the writer after answered batches (submits,
+        # deletions), before agents' reports: a deployment is placed when its plan commits.
+        with write_priority(WritePriority.SCHEDULE):
+            return await self._one_pass_locked(force=force)
+
+    async def _one_pass_locked(self, *, force: bool) -> ReconcileOutcome:
         async with self._lock:
             self.passes += 1
             self._pass_started = self._clock()

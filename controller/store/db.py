@@ -32,6 +32,7 @@ from controller.aio import within
 from controller.store import audit
 from controller.store import sqlite_driver
 from controller.store.exclusive import sqlite_path
+from controller.store.turns import WriterTurns
 
 DEFAULT_DB_URL = "sqlite+aiosqlite:///maia.db"
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -108,13 +109,14 @@ def _ping_when_idle(engine: AsyncEngine) -> None:
 
 
 class SqliteWriters:
-    """This process's SQLite writers take turns, in arrival order.
+    """This process's SQLite writers take turns: by priority, in arrival order within one.
 
     SQLite lets one connection write at a time; the others wait in its busy handler, which polls
     with growing sleeps (up to 100 ms each). Under a stream of short writers (submits, agent
     reports, plan commits) a waiter keeps losing the race to newcomers and runs out its 30 s
     busy timeout ("database is locked") while the database is never idle. Here a connection
-    waits for an asyncio lock (FIFO) before its transaction's first write statement and gives
+    waits for its turn (`turns.WriterTurns`: by its task's `write_priority`, first come first
+    served within one, none starved) before its transaction's first write statement and gives
     it back when it returns to the pool (committed or rolled back), so the busy handler only
     ever sees another process. Reads (WAL) never wait. A writer waiting longer than the busy
     timeout fails as SQLite would (a nested writer waiting for its own outer transaction).
@@ -122,9 +124,9 @@ class SqliteWriters:
 
     def __init__(self, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-        self._held: dict[int, asyncio.Lock] = {}  # id(pool entry) -> the lock its transaction holds
-        self._holder: dict[asyncio.Lock, str] = {}  # what holds it (for the error of a writer that waited too long)
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriterTurns] = weakref.WeakKeyDictionary()
+        self._held: dict[int, WriterTurns] = {}  # id(pool entry) -> the turns its transaction holds
+        self._holder: dict[WriterTurns, str] = {}  # what holds it (for the error of a writer that waited too long)
 
     def attach(self, engine: AsyncEngine) -> None:
         event.listen(engine.sync_engine, "before_cursor_execute", self._before_execute)
@@ -136,7 +138,7 @@ class SqliteWriters:
         if entry in self._held or not statement.lstrip()[:7].upper().startswith(_WRITE_VERBS):
             return
         loop = asyncio.get_running_loop()
-        lock = self._locks.setdefault(loop, asyncio.Lock())
+        lock = self._locks.setdefault(loop, WriterTurns())
         try:
             # In the caller's task (`asyncio.wait_for` ran it as a task of its own: a turn of the
             # event loop in front of every write transaction); a free lock is taken at once.

@@ -36,6 +36,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
+from controller.store.turns import WritePriority, write_priority
 from controller.usecases import policy
 from controller.usecases.deployments import DELETING, delete_deployment, mark_deleting, only_owner, seen_or_not_found
 from controller.usecases.ports import Signals
@@ -87,7 +88,8 @@ class DeleteBatcher:
             return await delete_deployment(uow, who, name, self._signals, tenant=tenant)
 
     async def _commit_group(self, batch: list[QueuedDelete]) -> list[DeploymentView | MaiaError | None]:
-        outcomes = await self.commit_batch(batch)
+        with write_priority(WritePriority.ANSWER):  # callers wait for this commit: before reports and passes
+            outcomes = await self.commit_batch(batch)
         return [outcomes.get(id(q), ALONE) for q in batch]
 
     async def commit_batch(self, batch: list[QueuedDelete]) -> dict[int, DeploymentView | MaiaError]:

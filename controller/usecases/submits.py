@@ -47,6 +47,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
+from controller.store.turns import WritePriority, write_priority
 from controller.usecases import requests
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import as_caller, check_could_ever_fit, submit_deployment, submitted_event, \
@@ -107,7 +108,8 @@ class SubmitBatcher:
                                            capacity, request_id=request_id)
 
     async def _commit_group(self, batch: list[Queued]) -> list[DeploymentView | MaiaError | None]:
-        outcomes = await self.commit_batch(batch)
+        with write_priority(WritePriority.ANSWER):  # callers wait for this commit: before reports and passes
+            outcomes = await self.commit_batch(batch)
         return [outcomes.get(id(q), ALONE) for q in batch]
 
     async def commit_batch(self, batch: list[Queued]) -> dict[int, DeploymentView | MaiaError]:

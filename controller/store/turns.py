@@ -1,0 +1,112 @@
+"""Turns at SQLite's single writer, given by priority, first come first served within one.
+
+`db.SqliteWriters` makes this process's writing transactions take turns (SQLite lets one
+connection write at a time). In arrival order, a short transaction that a caller waits for (a
+submit batch, answered when it commits) queued behind every report flush of thousands of agents
+and behind the reconciler's plan commits, each holding the writer for tens of milliseconds, and
+the reconciler's commit behind all of those (docs/benchmarks.md, 2026-12-01 evening, `gang2`).
+Here a transaction waiting for its turn says how urgent it is (`write_priority`, a context
+variable its task sets; the default is `WritePriority.BACKGROUND`):
+- `ANSWER`: batches whose callers wait for the commit (submits, deletions);
+- `SCHEDULE`: the reconciler's passes (a deployment is placed when its plan commits);
+- `BACKGROUND`: everything else (agents' reports, registers, hellos, the background loops).
+When the writer is free the most urgent waiter goes, the earliest first among equals. No waiter
+starves: one that has waited `AGED_S` or longer counts as the most urgent (the earliest of those
+first), so under a stream of urgent writers the others still go within about `AGED_S` plus one
+transaction; a writer that saturates the database degrades to arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+# A waiter this old goes before any younger one, whatever its priority.
+AGED_S = 0.5
+
+
+class WritePriority(enum.IntEnum):
+    ANSWER = 0
+    SCHEDULE = 1
+    BACKGROUND = 2
+
+
+_PRIORITY: contextvars.ContextVar[WritePriority] = contextvars.ContextVar(
+    "maia_write_priority", default=WritePriority.BACKGROUND)
+
+
+@contextmanager
+def write_priority(priority: WritePriority) -> Iterator[None]:
+    """The transactions begun inside (in this task, and the tasks it starts) wait for their turn
+    at the writer with `priority`."""
+    token = _PRIORITY.set(priority)
+    try:
+        yield
+    finally:
+        _PRIORITY.reset(token)
+
+
+def current_priority() -> WritePriority:
+    return _PRIORITY.get()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    priority: WritePriority
+    since: float
+    seq: int
+    granted: asyncio.Future[None] = field(repr=False)
+
+
+class WriterTurns:
+    """A lock whose waiters go by priority (module docstring); for one event loop."""
+
+    def __init__(self, *, aged_s: float = AGED_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self._aged_s = aged_s
+        self._clock = clock
+        self._held = False
+        self._waiters: list[_Waiter] = []
+        self._seq = 0
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, priority: WritePriority | None = None) -> None:
+        """Wait for the turn (at `priority`, by default the task's `write_priority`). Cancelled
+        while waiting (a timeout), nothing is held; cancelled just after the turn was given, it
+        is passed on."""
+        if not self._held and not self._waiters:
+            self._held = True
+            return
+        self._seq += 1
+        waiter = _Waiter(current_priority() if priority is None else priority, self._clock(), self._seq,
+                         asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            await waiter.granted
+        except BaseException:
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                self.release()  # given the turn as it was cancelled: the next waiter's
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give the turn to the most urgent waiter (aged ones first), or free the writer."""
+        now = self._clock()
+        while self._waiters:
+            nxt = min(self._waiters, key=lambda w: (w.priority if now - w.since < self._aged_s else -1, w.seq))
+            self._waiters.remove(nxt)
+            if not nxt.granted.done():  # else cancelled meanwhile: the next one
+                nxt.granted.set_result(None)
+                return
+        self._held = False

@@ -1,0 +1,150 @@
+"""SQLite writers' turns by priority (`controller.store.turns`): the most urgent waiter goes when
+the writer is free, in arrival order among equals, an aged waiter before any younger one, and a
+waiter cancelled while waiting (or just after its turn was given) never keeps the writer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from controller.store.db import SqliteWriters
+from controller.store.turns import WritePriority, WriterTurns, write_priority
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _wait_queued(turns: WriterTurns, count: int) -> None:
+    while turns.waiting() < count:
+        await asyncio.sleep(0)
+
+
+async def test_the_most_urgent_waiter_goes_first_then_arrival_order() -> None:
+    turns = WriterTurns(clock=Clock())
+    await turns.acquire(WritePriority.BACKGROUND)
+    order: list[str] = []
+
+    async def writer(name: str, priority: WritePriority) -> None:
+        await turns.acquire(priority)
+        order.append(name)
+        turns.release()
+
+    tasks = []
+    for n, (name, priority) in enumerate([("report-1", WritePriority.BACKGROUND), ("pass", WritePriority.SCHEDULE),
+                                          ("report-2", WritePriority.BACKGROUND), ("submit-1", WritePriority.ANSWER),
+                                          ("submit-2", WritePriority.ANSWER)]):
+        tasks.append(asyncio.create_task(writer(name, priority)))
+        await _wait_queued(turns, n + 1)
+    turns.release()
+    await asyncio.gather(*tasks)
+    assert order == ["submit-1", "submit-2", "pass", "report-1", "report-2"]
+    assert not turns.held
+
+
+async def test_an_aged_waiter_goes_before_younger_urgent_ones() -> None:
+    clock = Clock()
+    turns = WriterTurns(aged_s=0.5, clock=clock)
+    await turns.acquire(WritePriority.ANSWER)
+    order: list[str] = []
+
+    async def writer(name: str, priority: WritePriority) -> None:
+        await turns.acquire(priority)
+        order.append(name)
+        turns.release()
+
+    report = asyncio.create_task(writer("report", WritePriority.BACKGROUND))
+    await _wait_queued(turns, 1)
+    clock.now = 0.4
+    submit = asyncio.create_task(writer("submit", WritePriority.ANSWER))
+    await _wait_queued(turns, 2)
+    clock.now = 0.6  # the report has waited 0.6 s, the submit 0.2 s
+    turns.release()
+    await asyncio.gather(report, submit)
+    assert order == ["report", "submit"]
+
+
+async def test_the_task_priority_is_the_default_and_a_free_writer_is_taken_at_once() -> None:
+    turns = WriterTurns(clock=Clock())
+    await turns.acquire()  # free: no wait, whatever the priority
+    order: list[str] = []
+
+    async def writer(name: str) -> None:
+        await turns.acquire()  # the task's `write_priority`
+        order.append(name)
+        turns.release()
+
+    background = asyncio.create_task(writer("background"))
+    await _wait_queued(turns, 1)
+    with write_priority(WritePriority.ANSWER):
+        answer = asyncio.create_task(writer("answer"))  # the task copies the context
+    await _wait_queued(turns, 2)
+    turns.release()
+    await asyncio.gather(background, answer)
+    assert order == ["answer", "background"]
+
+
+async def test_a_waiter_cancelled_while_waiting_or_just_after_its_turn_never_keeps_the_writer() -> None:
+    turns = WriterTurns(clock=Clock())
+    await turns.acquire(WritePriority.BACKGROUND)
+    gone = asyncio.create_task(turns.acquire(WritePriority.ANSWER))
+    await _wait_queued(turns, 1)
+    gone.cancel()  # cancelled while waiting: leaves the queue
+    await asyncio.gather(gone, return_exceptions=True)
+    assert turns.waiting() == 0
+
+    granted = asyncio.create_task(turns.acquire(WritePriority.ANSWER))
+    await _wait_queued(turns, 1)
+    later: list[str] = []
+
+    async def writer() -> None:
+        await turns.acquire(WritePriority.BACKGROUND)
+        later.append("report")
+        turns.release()
+
+    report = asyncio.create_task(writer())
+    await _wait_queued(turns, 2)
+    turns.release()  # the turn goes to `granted`...
+    granted.cancel()  # ...which is cancelled before it runs: it passes the turn on
+    await asyncio.gather(granted, return_exceptions=True)
+    await report
+    assert later == ["report"]
+    assert not turns.held
+
+
+async def test_sqlite_writers_take_turns_by_the_task_priority(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+    writers = SqliteWriters()
+    writers.attach(engine)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x TEXT)"))
+        order: list[str] = []
+
+        async def write(name: str, priority: WritePriority) -> None:
+            with write_priority(priority):
+                async with engine.begin() as conn:
+                    await conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": name})
+                    order.append(name)
+
+        async with engine.connect() as first:
+            await first.execute(text("INSERT INTO t VALUES ('first')"))  # holds the turn until it returns
+            turns = next(iter(writers._locks.values()))
+            report = asyncio.create_task(write("report", WritePriority.BACKGROUND))
+            await _wait_queued(turns, 1)
+            submit = asyncio.create_task(write("submit", WritePriority.ANSWER))
+            await _wait_queued(turns, 2)
+            await first.commit()
+        await asyncio.gather(report, submit)
+        assert order == ["submit", "report"]
+        async with engine.connect() as conn:
+            assert list(await conn.scalars(text("SELECT x FROM t ORDER BY rowid"))) == ["first", "submit", "report"]
+    finally:
+        await engine.dispose()
