@@ -82,7 +82,7 @@ from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import QueueDepths, SchedulingQueue
 from controller.store import models as m
 from controller.store import repositories as repo
-from controller.store.changes import read_generation_and_schedulable
+from controller.store.changes import read_changes_since, read_generation_and_schedulable
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import LeaseLost
 from controller.store.failures import FailureStep, handle_failures
@@ -91,6 +91,7 @@ from controller.store.rollout import DEFAULT_SURGE, Retired, retire_replaced, st
 from controller.store.snapshot import Snapshot
 from controller.store.turns import WritePriority, write_priority
 from controller.usecases import planning
+from controller.domain.changes import ChangeKind
 from controller.domain.restarts import RestartPolicy
 from controller.domain.values import DeploymentView
 from scheduler import Plan
@@ -280,6 +281,7 @@ class Reconciler:
         self._retire_checked: int | None = None  # the generation the last such check saw
         self._restarts = restart_policy or RestartPolicy()
         self._failures_checked: int | None = None  # the generation the last FAILED-shard check saw
+        self._own_commits: set[int] = set()  # generations this controller's plan commits moved to, since those checks
         self._failures_due: float | None = None     # when a failed replica's back-off ends
         self._avoid: frozenset[str] = frozenset()   # nodes the next solve keeps new shards off
         self._pass_started: float | None = None
@@ -373,9 +375,11 @@ class Reconciler:
         while True:
             # Woken while the last pass ran: the next starts at once (the burst that woke it has
             # landed meanwhile, and an arrival waiting for it must not wait longer). Woken while
-            # idle: let a burst of changes (many nodes connecting at once) land before reading.
+            # idle with no warm cache: let a burst of changes (many nodes connecting at once)
+            # land before the whole cluster is read. With one, the pass costs the changes (the
+            # log's deltas, the arrivals): it starts at once too.
             woken_during_pass = self._wake.is_set()
-            if await wait_event(self._wake, self._interval) and not woken_during_pass:
+            if await wait_event(self._wake, self._interval) and not woken_during_pass and self._warm.cache is None:
                 await asyncio.sleep(self._settle)
             self._wake.clear()
             if not self._lease.should_run():
@@ -497,6 +501,22 @@ class Reconciler:
         generation, arrivals = await read_generation_and_schedulable(uow.session)
         # Shards reported FAILED bump the generation; a back-off running ends at a known time.
         failures_due = self._failures_due is not None and self._clock() >= self._failures_due
+        # Checks due only because the generation moved are skipped when it moved by deletions
+        # and this controller's own plan commits alone since (the usual case under load): those
+        # fail no shard and start no replacement. One read of the change log instead of two
+        # scans of every placement.
+        moved = [checked for checked, due in ((self._failures_checked, not failures_due),
+                                              (self._retire_checked, not self._replacing))
+                 if due and checked is not None and checked != generation]
+        if moved:
+            others = (await read_changes_since(uow.session, min(moved), generation=generation)).last_other_than(
+                (ChangeKind.DEPLOYMENT_DELETED,), ignoring=self._own_commits)
+            if others is not None and self._failures_checked is not None and self._failures_checked >= others \
+                    and not failures_due:
+                self._failures_checked = generation
+            if others is not None and self._retire_checked is not None and self._retire_checked >= others \
+                    and not self._replacing:
+                self._retire_checked = generation
         if generation != self._failures_checked or failures_due:
             step = await handle_failures(uow.session, now=self._wall_clock(), policy=self._restarts)
             if step.deployments:
@@ -516,6 +536,8 @@ class Reconciler:
             self._failures_handled(step)
         if retired is not None:
             self._replacing, self._retire_checked = retired.replacing, generation
+        checked = [c for c in (self._failures_checked, self._retire_checked) if c is not None]
+        self._own_commits = {g for g in self._own_commits if checked and g > min(checked)}
         if retired is not None and retired.deployments:
             for line in retired.lines:
                 log.info("replica retired: %s", line)
@@ -665,6 +687,8 @@ class Reconciler:
                       *, waiting: int, path: str) -> set[str]:
         """Log, count, push and publish what a commit changed; the deployments changed."""
         self._observer.placed(result.first_placed_after_s.values())
+        if result.changed_deployments:  # it moved the generation (else the one it returns is another's)
+            self._own_commits.add(result.generation)
         if result.requeued:
             self._observer.requeued(len(result.requeued))
         changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments

@@ -11,7 +11,7 @@ visible too (same transaction, read after it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Select, delete, func, insert, select, update
@@ -63,6 +63,15 @@ class ChangesSince:
     def complete(self) -> bool:
         """Every generation in between logged what it changed (none pruned, none unlogged)."""
         return self.generation >= self.after and len(self.changes) == self.generation - self.after
+
+    def last_other_than(self, kinds: Collection[ChangeKind], *, ignoring: Collection[int] = ()) -> int | None:
+        """The latest generation whose change was of another kind than `kinds`, generations
+        `ignoring` aside (`after` when none was); None when the log is not complete (anything
+        may have changed)."""
+        if not self.complete:
+            return None
+        return max((gen for gen, logged in self.changes.items()
+                    if gen not in ignoring and any(kind not in kinds for kind, _ in logged)), default=self.after)
 
 
 def schedulable_count() -> Select[tuple[int]]:

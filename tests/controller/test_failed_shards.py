@@ -15,7 +15,7 @@ from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
-from controller.usecases import agents, updates
+from controller.usecases import agents, deployments, updates
 from controller.usecases.ports import RecordingSignals
 from bench.checking import check_state
 from test_reconcile_fast import assert_same, fresh
@@ -191,3 +191,40 @@ async def test_a_failed_replica_with_no_other_node_is_placed_anywhere_after_the_
     snapshot = await fresh(cluster)
     assert_same(loop.warm_snapshot, snapshot)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_pass_after_deletions_and_own_commits_alone_scans_no_placements_for_failures_or_replacements(
+        cluster: Database, monkeypatch) -> None:
+    import controller.reconcile as reconcile_module
+    scans: list[str] = []
+
+    def counted(name: str, scan: Any) -> Any:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            scans.append(name)
+            return await scan(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(reconcile_module, "handle_failures", counted("failures", reconcile_module.handle_failures))
+    monkeypatch.setattr(reconcile_module, "retire_replaced", counted("retire", reconcile_module.retire_replaced))
+    clocks = Clocks()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    for name in ("svc", "gone", "gone2"):
+        await submit(cluster, deployment(name, replicas=1, accelerators=1))
+    await loop.reconcile_once()
+    scans.clear()
+    await loop.reconcile_once()  # the generation moved by the pass's own commit alone: neither scan
+    assert scans == []
+
+    async with cluster.unit_of_work() as uow:  # a deletion moves the generation
+        await deployments.delete_deployment(uow, WHO, "gone", RecordingSignals())
+        await uow.commit()
+    await loop.reconcile_once()  # releases its shards: neither scan
+    assert scans == []
+
+    await report(cluster, "svc", 0, "failed", "crash")  # a failure reported, then a deletion
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "gone2", RecordingSignals())
+        await uow.commit()
+    await loop.reconcile_once()  # both scans: a change besides deletions
+    assert scans == ["failures", "retire"]
+    assert (await state(cluster, "svc")).failures == 1

@@ -103,3 +103,26 @@ async def test_a_wake_during_a_pass_starts_the_next_at_once_and_one_while_idle_s
         await r.run()
     assert passes == 2
     assert sleeps == [0.05]  # the settle before the first pass only
+
+
+async def test_a_wake_while_idle_with_a_warm_cache_starts_the_pass_at_once(monkeypatch) -> None:
+    """With a warm cache a pass costs the changes, not the cluster: an arrival (a 64-shard gang)
+    woken into an idle loop is not held back by the settle."""
+    r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=60.0, settle_s=0.05)  # type: ignore[arg-type]
+    r._warm.cache = object()  # type: ignore[assignment]  # what the pass decides on is warm
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def one_pass(*, force: bool = False, wait_published: bool = True) -> ReconcileOutcome:
+        raise asyncio.CancelledError
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(r, "reconcile_once", one_pass)
+    monkeypatch.setattr(reconcile.asyncio, "sleep", sleep)
+    asyncio.get_running_loop().call_soon(r.wake)  # woken while idle
+    with pytest.raises(asyncio.CancelledError):
+        await r.run()
+    assert sleeps == []
