@@ -79,7 +79,7 @@ class WarmCluster:
         cache = self.cache
         if cache is not None:
             new = await load_arrivals(session, after_id=cache.last_id, surge=self._surge)
-            if not cache.missed(new, schedulable):
+            if not cache.missed(new, schedulable if new.schedulable is None else new.schedulable):
                 return cache.add(new), []
             # The counts differ: a key committed out of order, or a count read before a
             # submission or deletion landed. Which keys the cache lacks says which.

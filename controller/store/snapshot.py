@@ -24,6 +24,7 @@ from scheduler import ShardSpec, Spread, deployment_to_dict
 
 from controller import limits
 from controller.domain.values import deployment_key, split_deployment_key
+from controller.store.changes import schedulable_count
 from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, outgoing_id, solver_view
 from controller.store.models import (
     ClusterState,
@@ -374,6 +375,9 @@ class Arrivals:
     deployment_ids: dict[str, int]
     solver_refs: dict[str, SolverRef]
     last_id: int  # the highest primary key read (the `after_id` given when none was)
+    # The schedulable deployments counted by the statement that read these (None: no row came
+    # back, or read by key): consistent with them whatever lands meanwhile.
+    schedulable: int | None = None
 
 
 async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DEFAULT_SURGE,
@@ -387,10 +391,20 @@ async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DE
     ids: dict[str, int] = {}
     refs: dict[str, SolverRef] = {}
     last_id = after_id
-    query = select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED)
-    query = query.where(Deployment.id > after_id) if only is None else query.where(Deployment.id.in_(sorted(only)))
+    schedulable: int | None = None
+    if only is None:
+        # Counted in the same statement: a count read apart from the rows differs from them
+        # whenever a submit or a deletion lands in between, which sent the caller looking for
+        # keys it missed (`schedulable_keys`, every key) though none was.
+        query = select(*_DEPLOYMENT_COLUMNS, schedulable_count().correlate(None).scalar_subquery().label("schedulable")).where(
+            Deployment.phase != DeploymentPhase.QUARANTINED, Deployment.id > after_id)
+    else:
+        query = select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED,
+                                                   Deployment.id.in_(sorted(only)))
     for d in await session.execute(query.order_by(Deployment.id)):
         last_id = max(last_id, d.id)
+        if only is None:
+            schedulable = d.schedulable
         if d.phase is DeploymentPhase.DELETING:
             continue
         view = solver_view(_deployment_doc(d), d.template_revision, d.revision_specs or {}, (),
@@ -398,7 +412,7 @@ async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DE
         docs += view.deployments
         refs.update(view.refs)
         ids[deployment_key(d.tenant_id, d.name)] = d.id
-    return Arrivals(docs, ids, refs, last_id)
+    return Arrivals(docs, ids, refs, last_id, schedulable)
 
 
 async def schedulable_keys(session: AsyncSession, *, up_to_id: int) -> dict[str, int]:

@@ -465,6 +465,40 @@ async def test_an_arrival_committed_out_of_order_is_found(cluster, monkeypatch) 
     assert_same(loop.warm_snapshot, snapshot)
 
 
+async def test_a_submit_landing_between_the_count_and_the_read_is_no_key_missed(cluster, monkeypatch) -> None:
+    # The pass counts the schedulable deployments first and reads the new rows after: one
+    # submitted in between is among the rows but not in that count. The rows' own statement
+    # counts them too, so the cache does not go looking for keys it lacks (every key read).
+    import controller.scheduling.warm as warm_module
+
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("first", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    read = warm_module.load_arrivals
+    looked_for: list[int] = []
+    landed: list[str] = []
+
+    async def read_after_a_submit(session, **kw):
+        if not landed:
+            landed.append("between")
+            await submit(cluster, deployment("between", accelerators=1, locality="node"))
+        return await read(session, **kw)
+
+    async def keys(session, *, up_to_id):
+        looked_for.append(up_to_id)
+        return {}
+
+    monkeypatch.setattr(warm_module, "load_arrivals", read_after_a_submit)
+    monkeypatch.setattr(warm_module, "schedulable_keys", keys)
+    await submit(cluster, deployment("next", accelerators=1, locality="node"))
+    full = loop.full_passes
+    assert (await loop.reconcile_once()).solved and landed
+    assert looked_for == [] and loop.full_passes == full
+    snapshot = await fresh(cluster)
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/first", "t1/next", "t1/between"}
+    assert_same(loop.warm_snapshot, snapshot)
+
+
 async def test_a_stale_full_pass_catches_up_by_deltas(cluster, monkeypatch) -> None:
     # A join and a cordon land while a whole-cluster pass solves (a join storm): its commit is
     # stale, the replica placed on the cordoned node is turned away. The cache is what the commit
