@@ -74,10 +74,16 @@ async def test_publishes_overlap_the_next_pass_but_keep_the_commits_order() -> N
     assert told == ["first", "second", "third"]
 
 
-async def test_a_wake_during_a_pass_starts_the_next_at_once_and_one_while_idle_settles_first(monkeypatch) -> None:
-    """The settle lets a burst land before a pass reads; a wake that came while a pass ran finds
-    its burst landed already: the next pass starts without it (an arrival waits one pass less)."""
+@pytest.mark.parametrize("warm", [False, True])
+async def test_a_wake_during_a_pass_starts_the_next_at_once_and_one_while_idle_settles_first(monkeypatch,
+                                                                                             warm: bool) -> None:
+    """The settle lets a burst land before a pass reads the whole cluster; a wake that came while
+    a pass ran finds its burst landed already: the next pass starts without it (an arrival waits
+    one pass less). With a warm cache a pass costs the changes, not the cluster: an arrival (a
+    64-shard gang) woken into an idle loop is not held back by the settle either."""
     r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=60.0, settle_s=0.05)  # type: ignore[arg-type]
+    if warm:
+        r._warm.cache = object()  # type: ignore[assignment]  # what the pass decides on is warm
     passes = 0
     sleeps: list[float] = []
     real_sleep = asyncio.sleep
@@ -102,27 +108,5 @@ async def test_a_wake_during_a_pass_starts_the_next_at_once_and_one_while_idle_s
     with pytest.raises(asyncio.CancelledError):
         await r.run()
     assert passes == 2
-    assert sleeps == [0.05]  # the settle before the first pass only
+    assert sleeps == ([] if warm else [0.05])  # the settle before the first pass only, when cold
 
-
-async def test_a_wake_while_idle_with_a_warm_cache_starts_the_pass_at_once(monkeypatch) -> None:
-    """With a warm cache a pass costs the changes, not the cluster: an arrival (a 64-shard gang)
-    woken into an idle loop is not held back by the settle."""
-    r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=60.0, settle_s=0.05)  # type: ignore[arg-type]
-    r._warm.cache = object()  # type: ignore[assignment]  # what the pass decides on is warm
-    sleeps: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def one_pass(*, force: bool = False, wait_published: bool = True) -> ReconcileOutcome:
-        raise asyncio.CancelledError
-
-    async def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(r, "reconcile_once", one_pass)
-    monkeypatch.setattr(reconcile.asyncio, "sleep", sleep)
-    asyncio.get_running_loop().call_soon(r.wake)  # woken while idle
-    with pytest.raises(asyncio.CancelledError):
-        await r.run()
-    assert sleeps == []

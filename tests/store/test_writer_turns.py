@@ -27,21 +27,23 @@ async def _wait_queued(turns: WriterTurns, count: int) -> None:
         await asyncio.sleep(0)
 
 
+async def _write(turns: WriterTurns, order: list[str], name: str, priority: WritePriority | None = None) -> None:
+    """Take the turn (at `priority`, else the task's), note it, give it back."""
+    await turns.acquire(priority)
+    order.append(name)
+    turns.release()
+
+
 async def test_the_most_urgent_waiter_goes_first_then_arrival_order() -> None:
     turns = WriterTurns(clock=Clock())
     await turns.acquire(WritePriority.BACKGROUND)
     order: list[str] = []
 
-    async def writer(name: str, priority: WritePriority) -> None:
-        await turns.acquire(priority)
-        order.append(name)
-        turns.release()
-
     tasks = []
     for n, (name, priority) in enumerate([("report-1", WritePriority.BACKGROUND), ("pass", WritePriority.SCHEDULE),
                                           ("report-2", WritePriority.BACKGROUND), ("submit-1", WritePriority.ANSWER),
                                           ("submit-2", WritePriority.ANSWER)]):
-        tasks.append(asyncio.create_task(writer(name, priority)))
+        tasks.append(asyncio.create_task(_write(turns, order, name, priority)))
         await _wait_queued(turns, n + 1)
     turns.release()
     await asyncio.gather(*tasks)
@@ -55,15 +57,10 @@ async def test_an_aged_waiter_goes_before_younger_urgent_ones() -> None:
     await turns.acquire(WritePriority.ANSWER)
     order: list[str] = []
 
-    async def writer(name: str, priority: WritePriority) -> None:
-        await turns.acquire(priority)
-        order.append(name)
-        turns.release()
-
-    report = asyncio.create_task(writer("report", WritePriority.BACKGROUND))
+    report = asyncio.create_task(_write(turns, order, "report", WritePriority.BACKGROUND))
     await _wait_queued(turns, 1)
     clock.now = 0.4
-    submit = asyncio.create_task(writer("submit", WritePriority.ANSWER))
+    submit = asyncio.create_task(_write(turns, order, "submit", WritePriority.ANSWER))
     await _wait_queued(turns, 2)
     clock.now = 0.6  # the report has waited 0.6 s, the submit 0.2 s
     turns.release()
@@ -76,15 +73,10 @@ async def test_the_task_priority_is_the_default_and_a_free_writer_is_taken_at_on
     await turns.acquire()  # free: no wait, whatever the priority
     order: list[str] = []
 
-    async def writer(name: str) -> None:
-        await turns.acquire()  # the task's `write_priority`
-        order.append(name)
-        turns.release()
-
-    background = asyncio.create_task(writer("background"))
+    background = asyncio.create_task(_write(turns, order, "background"))  # the task's priority
     await _wait_queued(turns, 1)
     with write_priority(WritePriority.ANSWER):
-        answer = asyncio.create_task(writer("answer"))  # the task copies the context
+        answer = asyncio.create_task(_write(turns, order, "answer"))  # the task copies the context
     await _wait_queued(turns, 2)
     turns.release()
     await asyncio.gather(background, answer)
@@ -103,13 +95,7 @@ async def test_a_waiter_cancelled_while_waiting_or_just_after_its_turn_never_kee
     granted = asyncio.create_task(turns.acquire(WritePriority.ANSWER))
     await _wait_queued(turns, 1)
     later: list[str] = []
-
-    async def writer() -> None:
-        await turns.acquire(WritePriority.BACKGROUND)
-        later.append("report")
-        turns.release()
-
-    report = asyncio.create_task(writer())
+    report = asyncio.create_task(_write(turns, later, "report", WritePriority.BACKGROUND))
     await _wait_queued(turns, 2)
     turns.release()  # the turn goes to `granted`...
     granted.cancel()  # ...which is cancelled before it runs: it passes the turn on
