@@ -490,13 +490,15 @@ async def tenants_with_deployment(session: AsyncSession, name: str, limit: int =
 
 async def list_deployment_rows(
     session: AsyncSession, *, tenant: str = "", keys: Iterable[str] | None = None,
-    phases: Iterable[m.DeploymentPhase] | None = None, page: PageBounds | None = None,
+    phases: Iterable[m.DeploymentPhase] | None = None, page: PageBounds | None = None, name: str = "",
 ) -> list[m.Deployment]:
-    """Deployments by name (then id), optionally of one tenant, with given keys (`TENANT/NAME`),
-    or in given phases."""
+    """Deployments by name (then id), optionally of one tenant, of one name, with given keys
+    (`TENANT/NAME`), or in given phases."""
     stmt = select(m.Deployment).options(*_DEPLOYMENT_LOAD).order_by(m.Deployment.name, m.Deployment.id)
     if tenant:
         stmt = stmt.where(m.Deployment.tenant_id == tenant)
+    if name:
+        stmt = stmt.where(m.Deployment.name == name)
     wanted: set[str] | None = None
     if keys is not None:
         wanted = set(keys)

@@ -366,11 +366,14 @@ async def get_deployment(uow: UnitOfWork, who: Principal, name: str, tenant: str
 
 
 async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
-                           page: PageRequest = PageRequest()) -> Page[DeploymentView]:
+                           page: PageRequest = PageRequest(), *, name: str = "") -> Page[DeploymentView]:
+    """The deployments `who` may see (of `tenant`; named `name`, if given), a page of them."""
     check_optional_id("tenant", tenant)
+    if name:
+        check_name("deployment", name)
     tenant = policy.visible_tenant(who, tenant, "listing deployments")
     bounds = paging.bounds(page, arity=2)
-    rows = await repo.list_deployment_rows(uow.session, tenant=tenant, page=bounds)
+    rows = await repo.list_deployment_rows(uow.session, tenant=tenant, name=name, page=bounds)
     redactor = await redactor_of(uow, who)
     return paging.page_of(rows, bounds, key=lambda r: (r.name, r.id)).map(
         lambda row: redactor.deployment(repo.deployment_view(row)))

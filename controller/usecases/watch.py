@@ -115,10 +115,10 @@ async def watch_deployment_batches(
         check_name("deployment", name)
     queue = bus.subscribe()  # before reading, so no change between the read and the stream is lost
     try:
-        async with aclosing(_current(unit_of_work, who, tenant)) as pages:
+        async with aclosing(_current(unit_of_work, who, tenant, name)) as pages:
             async for views in pages:
-                if batch := [e for e in map(_added, views) if _matches(e, tenant, name)]:
-                    yield batch
+                if views:
+                    yield [_added(view) for view in views]
         while True:
             items = [await queue.get()]
             while len(items) < WATCH_BATCH and not queue.empty():
@@ -149,13 +149,15 @@ async def _visible(unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOf
 
 
 async def _current(unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
-                   tenant: str) -> AsyncIterator[tuple[DeploymentView, ...]]:
-    """Every deployment `who` may see (of `tenant`), by name, a page of `CURRENT_PAGE` at a time:
-    each read in a unit of work of its own, closed before the page is handed out."""
+                   tenant: str, name: str) -> AsyncIterator[tuple[DeploymentView, ...]]:
+    """Every deployment `who` may see (of `tenant`; named `name`, if given: filtered in the query,
+    so watching one deployment reads that one, not every deployment), by name, a page of
+    `CURRENT_PAGE` at a time: each read in a unit of work of its own, closed before the page is
+    handed out."""
     page = PageRequest(CURRENT_PAGE)
     while True:
         async with unit_of_work() as uow:
-            got = await list_deployments(uow, who, tenant, page)
+            got = await list_deployments(uow, who, tenant, page, name=name)
         yield got.items
         if not got.next_token:
             return

@@ -14,6 +14,8 @@ import pytest
 
 from controller.domain.values import DeploymentEvent
 from controller.errors import Unavailable
+from controller.identity import Principal, Role
+from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import deployments, watch
 from controller.usecases.ports import RecordingSignals
@@ -96,6 +98,42 @@ async def test_a_watch_of_one_tenant_pages_through_that_tenant_only(cluster, mon
     assert [e.deployment.spec.name for e in got] == NAMES
     assert (after.type, after.deployment.spec.tenant, after.deployment.spec.name) == ("modified", "t1", "d0")
 
+
+T1 = Principal("t1-token", Role.TENANT, tenant="t1")
+
+
+@pytest.mark.parametrize(("who", "expected"), [(T1, [("t1", "d3")]), (WHO, [("t1", "d3"), ("t2", "d3")])],
+                         ids=["tenant", "admin"])
+async def test_a_watch_of_one_name_reads_only_the_deployments_of_that_name(cluster, monkeypatch, who, expected):
+    """`maiactl wait` watches one deployment: its current state is read by name in the query, not
+    every deployment the caller may see filtered afterwards (10,000+ rows for each wait). A tenant
+    caller still sees its own tenant's only."""
+    monkeypatch.setattr(watch, "CURRENT_PAGE", 2)
+    await add_tenant(cluster, "t2")
+    published = {name: await _submit(cluster, name) for name in NAMES}
+    await _submit(cluster, "d3", tenant="t2")
+    read: list[tuple[str, str]] = []
+    list_rows = repo.list_deployment_rows
+
+    async def reading(*args, **kwargs):
+        rows = await list_rows(*args, **kwargs)
+        read.extend((row.tenant_id, row.name) for row in rows)
+        return rows
+
+    monkeypatch.setattr(repo, "list_deployment_rows", reading)
+    units, bus = CountingUnitsOfWork(cluster), DeploymentEventBus()
+    batches = watch_deployment_batches(units, who, bus, name="d3")
+    try:
+        listed = await anext(batches)
+        assert [(e.type, e.deployment.spec.tenant, e.deployment.spec.name) for e in listed] == [
+            ("added", *key) for key in expected]
+        assert read == expected
+        assert units.opened == 1  # one page, not a page per CURRENT_PAGE of every deployment
+        bus.publish(published["d0"])
+        bus.publish(published["d3"])
+        assert await anext(batches) == [published["d3"]]  # the changes after it: filtered as before
+    finally:
+        await batches.aclose()
 
 
 async def test_batches_take_every_waiting_change_in_order_up_to_the_bound(cluster, monkeypatch):
