@@ -327,9 +327,15 @@ class AgentHub:
         self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
     ) -> AsyncIterator[AgentOutbound]:
         """Serve one Connect stream after its Hello (committed with the hellos around it): yields
-        the AssignmentSets to send, and the requests for the agent's full shard state."""
+        the AssignmentSets to send, and the requests for the agent's full shard state. Refused
+        UNAVAILABLE once `close_all` began, with no session opened: a session opened then would be
+        closed by no one, and cut only when the server's grace ends (its agent should go to the next
+        leader now). A hello that arrives after it is refused before it is written; one whose write
+        was under way is refused when it returns."""
+        self._refuse_when_stopping(node_id)
         damped = self._damper.returns_damped(node_id, time.monotonic())
         changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
+        self._refuse_when_stopping(node_id)
         session = AgentSession(node_id, session_id,
                                reports=TokenBucket(self._report_rate, self._report_burst))
         previous = self._sessions.get(node_id)
@@ -523,6 +529,11 @@ class AgentHub:
         for session in list(self._sessions.values()):
             if now - session.last_seen > self._timeout:
                 session.close(f"no heartbeat for {now - session.last_seen:.1f}s (timeout {self._timeout:g}s)")
+
+    def _refuse_when_stopping(self, node_id: str) -> None:
+        if self._stopping:
+            raise Unavailable(f"controller is stopping: no stream opened for node {node_id}; connect to the "
+                              f"next leader")
 
     def close_all(self) -> None:
         """Shutdown: end every stream without marking nodes down (agents reconnect to the next controller)."""

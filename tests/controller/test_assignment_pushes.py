@@ -5,10 +5,7 @@ transaction per node)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-
-from sqlalchemy import event
+from collections.abc import AsyncIterator
 
 from controller.agents import AgentHub
 from controller.reconcile import Reconciler
@@ -16,24 +13,9 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store import models as m
 from controller.domain.values import AssignmentSet
-from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, no_publish, submit
+from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, no_publish, statements, submit
 
 NODES = 12
-
-
-@contextmanager
-def statements(db: Database) -> Iterator[list[str]]:
-    """The SQL statements the database runs inside the block."""
-    seen: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
-        seen.append(statement)
-
-    event.listen(db.engine.sync_engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(db.engine.sync_engine, "before_cursor_execute", record)
 
 
 async def _cluster(db: Database) -> list[str]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from controller.identity import Principal
 from controller.store import models as m
@@ -87,6 +88,20 @@ async def assert_refused_writing_nothing(db: Database, use_case: Callable[[UnitO
     assert message in info.value.message
     assert await row_counts(db) == before
 
+
+@contextmanager
+def statements(db: Database) -> Iterator[list[str]]:
+    """The SQL statements the database runs inside the block."""
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        seen.append(statement)
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", record)
 
 
 async def no_publish(names: set[str], deleted: list) -> None:
