@@ -246,7 +246,7 @@ class Deployment(Base):
     __table_args__ = (UniqueConstraint("tenant_id", "name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(63), nullable=False)
+    name: Mapped[str] = mapped_column(String(63), nullable=False, index=True)  # a watch by name alone
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True, nullable=False)
     replicas: Mapped[int] = mapped_column(Integer, nullable=False)
     min_replicas: Mapped[int] = mapped_column(Integer, default=1, nullable=False)

@@ -99,3 +99,22 @@ async def test_sqlite_foreign_keys_stay_on_after_migrating(tmp_path: Path) -> No
             assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar_one() == 1
     finally:
         await db.dispose()
+
+
+async def test_a_deployment_named_without_its_tenant_is_found_through_an_index(db_url: str) -> None:
+    """An admin's watch or `maiactl wait NAME` without a tenant looks a deployment up by name alone,
+    which the (tenant_id, name) unique index cannot serve (migration 0015)."""
+    await asyncio.to_thread(command.upgrade, alembic_config(db_url), "head")
+    db = Database(db_url)
+    try:
+        async with db.engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN SELECT id FROM deployments WHERE name = 'chat'")
+                plan = " ".join(str(r[-1]) for r in rows)
+            else:  # an empty table: a sequential scan is what PostgreSQL picks unless told not to
+                await conn.exec_driver_sql("SET enable_seqscan = off")
+                rows = await conn.exec_driver_sql("EXPLAIN SELECT id FROM deployments WHERE name = 'chat'")
+                plan = " ".join(str(r[0]) for r in rows)
+        assert "ix_deployments_name" in plan, plan
+    finally:
+        await db.dispose()
