@@ -9,14 +9,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from controller.agents import AgentHub, ShardStateRequest
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.domain.values import HeartbeatReport, ShardReport
-from uc_builders import WHO, deployment, no_publish, submit
+from uc_builders import WHO, deployment, no_publish, statements, submit
 
 
 class _Stream:
@@ -66,16 +66,8 @@ async def _streaming(db, node_id: str) -> AsyncIterator[tuple[AgentHub, _Stream]
 
 async def _placement_reads_of_flush(hub: AgentHub, db) -> int:  # noqa: ANN001
     """The flush's statements that read placements (what writing shard reports costs)."""
-    seen: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
-        seen.append(statement)
-
-    event.listen(db.engine.sync_engine, "before_cursor_execute", record)
-    try:
+    with statements(db) as seen:
         await hub.flush()
-    finally:
-        event.remove(db.engine.sync_engine, "before_cursor_execute", record)
     return sum("FROM placements" in s for s in seen)
 
 
