@@ -133,6 +133,10 @@ class Process:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      env={**os.environ, **(env or {})})
 
+    def nicer(self, by: int) -> None:
+        """Run this process `by` nicer than this one (a stand-in for other machines: simnode fleets)."""
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + by))
+
     def cpu_s(self) -> float:
         """CPU seconds of the process and of the children it started (the controller's decide
         process: running, or exited and reaped), so that CPU moved to a child still counts."""
@@ -697,8 +701,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
                     "--log-level", "WARNING", *(["--shared-channel"] if args.shared_channel else []),
                     *([] if args.stagger is None else ["--stagger", str(args.stagger)])],
                     root / f"simnode-{i}.log", env={"MAIA_TOKEN": node_token}))
-                os.setpriority(os.PRIO_PROCESS, fleets[-1].proc.pid,
-                               min(19, os.getpriority(os.PRIO_PROCESS, 0) + args.fleet_nice))
+                fleets[-1].nicer(args.fleet_nice)
                 expected += racks * NODES_PER_RACK
                 if not args.fleets_at_once:
                     waited, ready = await wait_connected(channel, expected, timeout_s=args.join_timeout,

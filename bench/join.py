@@ -187,8 +187,7 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
             fleets = [start_fleet(i, prefix, racks, address, node_token, root, fleet_flags)
                       for i, (prefix, racks) in enumerate(shape.fleet_racks())]
             for fleet in fleets:
-                os.setpriority(os.PRIO_PROCESS, fleet.process.proc.pid,
-                               min(19, os.getpriority(os.PRIO_PROCESS, 0) + args.fleet_nice))
+                fleet.process.nicer(args.fleet_nice)
             ready, progress = 0, []
             while time.perf_counter() - started < args.timeout:
                 await asyncio.sleep(1.0)
