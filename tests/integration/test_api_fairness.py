@@ -197,14 +197,32 @@ async def test_health_is_not_serving_when_the_database_is_gone(tmp_path):
         await _lose_the_database(app, path)
 
 
+async def _replace_with_a_directory(app: ControllerApp, path) -> None:
+    """Put a directory where the database file was, so that no new connection can open it.
+
+    The controller's background work (lease renewal, health probes, passes) keeps opening
+    connections, and SQLite creates a missing file on open: one may land between the unlink and
+    the mkdir. So retry until the directory is in place, then drop pooled connections once more
+    (one opened in between holds the unlinked file and would still answer).
+    """
+    for _ in range(100):
+        await app.db.dispose()  # drop pooled connections: the next one opens the path again
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(f"maia.db{suffix}").unlink(missing_ok=True)
+        try:
+            path.mkdir()  # a directory where the database file was: it cannot be opened
+        except FileExistsError:
+            continue  # a connection re-created the file in between
+        await app.db.dispose()
+        return
+    raise AssertionError(f"{path} kept being re-created; could not replace it with a directory")
+
+
 async def _lose_the_database(app: ControllerApp, path) -> None:
     stubs = Stubs.connect(app.address, admin_token_of(app))
     try:
         assert await _health(stubs) == SERVING
-        await app.db.dispose()  # drop pooled connections: the next one opens the path again
-        for suffix in ("", "-wal", "-shm"):
-            path.with_name(f"maia.db{suffix}").unlink(missing_ok=True)
-        path.mkdir()  # a directory where the database file was: it cannot be opened
+        await _replace_with_a_directory(app, path)
         await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
         assert "the database does not answer" in app.monitor.problems
     finally:
