@@ -295,7 +295,10 @@ class Times:
     acknowledged: float = 0.0   # it returned
     committed: float = 0.0      # first seen with every replica placed
     commit_seen_ms: float | None = None  # from that commit (the deployment's updated_at) to seeing it
+    commit_at: float = 0.0      # that updated_at (seconds since the epoch, the controller's clock)
     running: float = 0.0
+    running_at: float = 0.0     # updated_at when first seen Running: the flush that recorded it
+    running_seen_ms: float | None = None  # from that flush to seeing it
     delete_sent: float = 0.0
     deleted: float = 0.0
 
@@ -365,9 +368,12 @@ def _seen(run: Run, event: Any, now: float) -> None:
         t.committed = now
         # updated_at: when the commit that placed the last replica began (a later change only
         # makes it later), on this machine's clock
-        t.commit_seen_ms = (time.time() - d.updated_at.ToMicroseconds() / 1e6) * 1000
+        t.commit_at = d.updated_at.ToMicroseconds() / 1e6
+        t.commit_seen_ms = (time.time() - t.commit_at) * 1000
     if not t.running and d.phase == deployments_pb2.DEPLOYMENT_PHASE_RUNNING:
         t.running = now
+        t.running_at = d.updated_at.ToMicroseconds() / 1e6
+        t.running_seen_ms = (time.time() - t.running_at) * 1000
         run.newly_running.put_nowait(d.spec.name)
         run.running += 1
         if run.running >= run.expected:
@@ -531,6 +537,9 @@ class Bench:
     # the controller's own timing of SubmitDeployment (its gRPC handling histogram, le -> count):
     # against the clients' submit latency, what the bench's side and the transport add
     submit_rpc: dict[float, float] = field(default_factory=dict)
+    # the controller's maia_shard_start_stage_seconds (stage -> le -> count): commit -> RUNNING recorded
+    shard_start: dict[str, dict[float, float]] = field(default_factory=dict)
+    shard_start_at_start: dict[str, dict[float, float]] = field(default_factory=dict)  # the join's, subtracted
 
     def measure(self) -> None:
         """The controller's CPU since the first submit and its peak RSS, while it runs."""
@@ -592,6 +601,9 @@ async def scrape_passes(bench: Bench) -> None:
     bench.submit_rpc = {float(m.group(1)): float(m.group(2)) for m in re.finditer(
         r'^maia_grpc_server_handling_seconds_bucket\{(?=[^}]*method="SubmitDeployment")[^}]*le="([^"]+)"[^}]*\} (\S+)$',
         text, re.MULTILINE)}
+    bench.shard_start = {}
+    for m in re.finditer(r'^maia_shard_start_stage_seconds_bucket\{le="([^"]+)",stage="(\w+)"\} (\S+)$', text, re.MULTILINE):
+        bench.shard_start.setdefault(m.group(2), {})[float(m.group(1))] = float(m.group(3))
 
 
 def lag_quantile(bench: Bench, q: float) -> float | None:
@@ -722,7 +734,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             bench.listed_s = time.perf_counter() - listing
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
             await scrape_passes(bench)
-            bench.lag_at_start = dict(bench.lag)
+            bench.lag_at_start, bench.shard_start_at_start = dict(bench.lag), dict(bench.shard_start)
             bench.phase = "submitting"
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
             tasks.append(asyncio.create_task(watch_event_loop(lambda late_s: run.loop_lag_ms.append(late_s * 1000))))
@@ -829,6 +841,9 @@ def summarize(bench: Bench) -> dict[str, Any]:
     def commit_seen(names: list[str]) -> list[float]:
         return [ms for n in names if n in t and (ms := t[n].commit_seen_ms) is not None]
 
+    def recorded(names: list[str]) -> list[float]:  # the commit -> the flush that recorded Running, controller clock
+        return [(t[n].running_at - t[n].commit_at) * 1000 for n in names if n in t and t[n].commit_at and t[n].running_at]
+
     ran = [n for n in (singles + gangs) if n in t and t[n].running]
     span = max(t[n].running for n in ran) - min(t[n].submitted for n in ran) if ran else 0.0
     violations = bench.violations or []
@@ -851,6 +866,14 @@ def summarize(bench: Bench) -> dict[str, Any]:
         # delivery part of submit -> committed
         "single_commit_seen": _ms(commit_seen(singles)), "gang_commit_seen": _ms(commit_seen(gangs)),
         "watch_listed_s": round(bench.listed_s, 2),
+        # committed -> Running, stage by stage: the controller's commit -> its flush recording Running
+        # (updated_at to updated_at), that flush -> seen on the watch, and the controller's histograms
+        "single_running_recorded": _ms(recorded(singles)),
+        "single_running_seen": _ms([ms for n in singles if n in t and (ms := t[n].running_seen_ms) is not None]),
+        "shard_start": {stage: {f"p{q}_ms": None if (v := interpolated_quantile(
+                                    buckets, bench.shard_start_at_start.get(stage, {}), q / 100)) is None
+                                else round(v * 1000, 1) for q in (50, 99)}
+                        for stage, buckets in sorted(bench.shard_start.items())},
         "bench_loop_lag": _ms(run.loop_lag_ms),
         "delete_rpc": _ms(run.delete_rpc_ms),
         "delete_gone": _ms(stage(list(t), "delete_sent", "deleted")),
@@ -897,6 +920,9 @@ def report(r: dict[str, Any]) -> str:
             f"(the watch listed {r['preloaded']} existing deployments in {r['watch_listed_s']} s) | "
             f"submit->Running single {pp('single_running')} ms, "
             f"gang {pp('gang_running')} ms{rewatched}\n"
+            f"  committed->Running recorded single {pp('single_running_recorded')} ms, ->seen on the watch "
+            f"{pp('single_running_seen')} ms | shard start stages p50/p99 ms: "
+            + ", ".join(f"{stage} {v['p50_ms']}/{v['p99_ms']}" for stage, v in r["shard_start"].items()) + "\n"
             f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
             f"controller CPU {r['controller_cpu_s']} s (decide process {r['controller_children_cpu_s']} s), "

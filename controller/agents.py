@@ -40,6 +40,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from typing import Protocol
 
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate, judge
@@ -79,6 +80,22 @@ FULL_REPORTS_EVERY_S = 60.0  # a stream's heartbeats write every shard's state a
 REFUSED_SAMPLES = 5
 
 
+class ShardStartObserver(Protocol):
+    """Where a shard's way from its commit to RUNNING recorded goes, stage by stage (the metrics
+    implement it): `push`, a node's set changed (`notify`) -> the set handed to its stream;
+    `agent`, the set that first named a shard handed to the stream -> the agent's RUNNING report
+    of it received (the agent's load time included); `flush_wait`, a shard report received -> the
+    flush that writes it began; `flush_write`, that flush began -> it ended (every chunk committed:
+    the writer's turn and the transactions)."""
+
+    def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None: ...
+
+
+class _NoObserver:
+    def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None:
+        pass
+
+
 @dataclass(eq=False)
 class AgentSession:
     node_id: str
@@ -108,6 +125,10 @@ class AgentSession:
     set_due: bool = True
     ask_state: bool = False
     state_asked: bool = False
+    due_since: float | None = field(default_factory=time.monotonic)  # when `set_due` was set (the `push` stage)
+    # The shards named by a set sent on this stream whose agent has not said RUNNING, FAILED or
+    # STOPPED of them yet, with when that set was sent (the `agent` stage; bounded like `given`).
+    starting: dict[ShardKey, float] = field(default_factory=dict)
 
     def close(self, reason: str, *, mark_down: bool = True) -> None:
         if not self.closed.is_set():
@@ -122,6 +143,8 @@ class AgentSession:
 
     def push_set(self) -> None:
         self.set_due = True
+        if self.due_since is None:
+            self.due_since = time.monotonic()
         self.dirty.set()
 
     def want_state(self) -> None:
@@ -135,11 +158,24 @@ class AgentSession:
         self.said = {}
         self.state_version = None
 
-    def sent(self, assignment_set: AssignmentSet) -> None:
+    def sent(self, assignment_set: AssignmentSet, now: float) -> None:
+        fresh = [key for a in assignment_set.assignments if (key := (a.deployment, a.replica, a.shard)) not in self.given]
         if len(self.given) + len(assignment_set.assignments) > 2 * limits.SHARDS_PER_NODE_MAX:
             self.given = {}
+        if len(self.starting) + len(fresh) > 2 * limits.SHARDS_PER_NODE_MAX:
+            self.starting = {}
+        for key in fresh:
+            self.starting[key] = now
         for a in assignment_set.assignments:
             self.given.setdefault((a.deployment, a.replica, a.shard), set()).add(a.tenant)
+
+    def started(self, report: ShardReport, now: float) -> float | None:
+        """Seconds from the set that first named the shard to this report saying RUNNING (None: not
+        such a report, or the shard's start was timed already)."""
+        if report.phase == "loading":
+            return None
+        at = self.starting.pop((report.deployment, report.replica, report.shard), None)
+        return None if at is None or report.phase != "running" else now - at
 
     def unchanged(self, report: ShardReport) -> bool:
         """The agent said exactly this about the shard last time, and it was written."""
@@ -167,9 +203,10 @@ class AgentHub:
         flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
         reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
         leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
-        heartbeat_interval_ms: int | None = None,
+        heartbeat_interval_ms: int | None = None, observer: ShardStartObserver | None = None,
     ) -> None:
         self._db = db
+        self._observer = observer or _NoObserver()
         # Registers and hellos (write transactions) of a join storm: bounded, the rest told when to retry.
         self.admission = admission or agent_admission_gate()
         self._leading = leading
@@ -188,6 +225,7 @@ class AgentHub:
         self._held_beats: dict[str, NodeBeat] = {}
         self._beat_write_every = timedelta(seconds=heartbeat_timeout_s / 2)
         self._reports: list[tuple[str, ShardReport]] = []
+        self._received: list[float] = []  # when each of `_reports` arrived (the `flush_wait` stage)
         self._refused: dict[str, RefusedReports] = {}
         self._damper = damper or FlapDamper()
         # What a Register tells its agent (the controller's `Config.heartbeat_interval_ms`).
@@ -360,9 +398,13 @@ class AgentHub:
                     if not session.set_due:
                         continue
                 session.set_due = False
+                due_since, session.due_since = session.due_since, None
                 current = await self._assignment_set(node_id)
                 if current is not None:
-                    session.sent(current)
+                    now = time.monotonic()
+                    session.sent(current, now)
+                    if due_since is not None:
+                        self._observer.shard_start_stage("push", (now - due_since,))
                 if reader is None:  # reports are judged against what the node was given: read after the first set
                     reader = asyncio.create_task(self._read(session, inbound), name=f"agent-read-{node_id}")
                 if current is not None:
@@ -423,11 +465,16 @@ class AgentHub:
         for report in shards:  # all checked before any is used: a bad message leaves nothing behind
             agent_cases.validate_report(node_id, report)
         refused = False
+        received = time.monotonic()
         for report in shards:
             tenant = session.given_tenant(report)
             if tenant is not None:
                 session.say(report)
                 self._reports.append((node_id, report if report.tenant == tenant else replace(report, tenant=tenant)))
+                self._received.append(received)
+                started = session.started(report, received)
+                if started is not None:
+                    self._observer.shard_start_stage("agent", (started,))
             else:
                 refused = True
                 named = deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment
@@ -476,10 +523,16 @@ class AgentHub:
         if not beats and not self._reports and not self._refused:
             return
         batch = _Batch(beats, self._reports, self._refused)
-        self._reports, self._refused = [], {}
+        received = self._received
+        self._reports, self._received, self._refused = [], [], {}
+        began = time.monotonic()
         changed: dict[str, DeploymentView] = {}
         for chunk in batch.chunks(limits.FLUSH_CHUNK):  # a later chunk's view of a deployment is newer
             changed.update(await self._flush_chunk(chunk))
+        if received:
+            ended = time.monotonic()
+            self._observer.shard_start_stage("flush_wait", (began - at for at in received))
+            self._observer.shard_start_stage("flush_write", (ended - began for _ in received))
         if changed:
             await self._on_deployments_changed(changed)
 

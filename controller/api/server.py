@@ -150,6 +150,7 @@ class ControllerApp:
             on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
             reports_per_second=config.agent_reports_per_second, reports_burst=config.agent_reports_burst,
             leading=self.election.should_run, damper=damper, heartbeat_interval_ms=config.heartbeat_interval_ms,
+            observer=self.metrics,
             admission=agent_admission_gate(config.agent_admission_concurrency, config.agent_admission_queue,
                                            observer=self.metrics),
         )

@@ -35,6 +35,7 @@ PLACED_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.
 # Fine below 0.1 s: the submit RPC's target is a p99 of 20 ms (issue 8), read from these buckets.
 RPC_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25,
                  0.5, 1.0, 2.5, 10.0)
+SHARD_START_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 60.0)
 ADMISSION_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCRAPE_READ_TIMEOUT_S = 10.0
 
@@ -173,6 +174,13 @@ class ControllerMetrics:
                                                registry=r, buckets=ADMISSION_WAIT_BUCKETS_S)
         self.agents_waiting = Gauge("maia_agent_admission_waiting", "Agent calls waiting in the admission queue now.",
                                     registry=r)
+        self.shard_start = Histogram(
+            "maia_shard_start_stage_seconds",
+            "A shard's way from its commit to RUNNING recorded, by stage (controller/agents.py, "
+            "ShardStartObserver): push (a node's set changed -> handed to its stream), agent (that set -> the "
+            "agent's RUNNING report received, its load time included), flush_wait (a shard report received -> "
+            "the flush that writes it began), flush_write (that flush began -> committed).",
+            ["stage"], registry=r, buckets=SHARD_START_BUCKETS_S)
         self._reader: ClusterReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
@@ -200,6 +208,11 @@ class ControllerMetrics:
     def queue_depths(self, depths: QueueDepths) -> None:
         for queue in ("active", "backoff", "unschedulable"):
             self.scheduling_queue.labels(queue).set(getattr(depths, queue))
+
+    def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None:
+        histogram = self.shard_start.labels(stage)
+        for value in seconds:
+            histogram.observe(value)
 
     def loop_lagged(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)
