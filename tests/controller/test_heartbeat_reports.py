@@ -1,17 +1,18 @@
 """A heartbeat repeats the node's full shard state: the hub writes only the shards whose state
 changed since the stream's last heartbeat (and all of them again after a failed write). A heartbeat
 may instead omit its shards under the version of the state it last sent in full: the hub writes
-none, and asks for the full state when it does not hold that version."""
+none, and asks for the full state when it does not hold that version. The hub times a shard's
+way to RUNNING recorded by stage (`ShardStartObserver`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from sqlalchemy import select
 
-from controller.agents import AgentHub, ShardStateRequest
+from controller.agents import AgentHub, ShardStartObserver, ShardStateRequest
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -47,12 +48,13 @@ class _Stream:
 
 
 @asynccontextmanager
-async def _streaming(db, node_id: str) -> AsyncIterator[tuple[AgentHub, _Stream]]:  # noqa: ANN001
+async def _streaming(db, node_id: str, observer: ShardStartObserver | None = None,  # noqa: ANN001
+                     ) -> AsyncIterator[tuple[AgentHub, _Stream]]:
     """A hub (heartbeat timeout 60 s) with the node's stream open and its first set sent."""
     async with db.unit_of_work() as uow:
         session_id = (await repo.node_rows_by_id(uow.session, [node_id]))[node_id].session_id
     hub = AgentHub(db, heartbeat_timeout_s=60, on_liveness_change=lambda: None,
-                   on_deployments_changed=lambda keys: asyncio.sleep(0))
+                   on_deployments_changed=lambda keys: asyncio.sleep(0), observer=observer)
     stream = _Stream(hub, node_id, session_id)
     try:
         while stream.sets < 1:  # the node's set was sent: its shards are given
@@ -279,3 +281,42 @@ async def test_a_full_state_naming_a_shard_the_node_was_not_given_is_asked_for_a
         await stream.say(_versioned(1, 9, ShardReport("other", 0, 0, generation, "running", tenant="t1")))
         await stream.say(_omitted(2, 9))
         assert stream.state_requests == 1
+
+
+class _Stages:
+    """A ShardStartObserver that counts what each stage observed."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {}
+
+    def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None:
+        self.seen.setdefault(stage, []).extend(seconds)
+
+    def counts(self) -> dict[str, int]:
+        return {stage: len(values) for stage, values in sorted(self.seen.items())}
+
+
+async def test_a_shards_way_to_running_is_timed_once_per_stage(cluster):
+    await submit(cluster, deployment("svc", replicas=1, shards=1, accelerators=1))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        p = await uow.session.scalar(select(m.Placement))
+        node_id, generation = p.node_id, p.generation
+    stages = _Stages()
+    async with _streaming(cluster, node_id, stages) as (hub, stream):
+        assert stages.counts() == {"push": 1}  # the stream's first set
+        await stream.say(ShardReport("svc", 0, 0, generation, "loading", tenant="t1"))
+        assert stages.counts() == {"push": 1}  # not running yet
+        await stream.say(ShardReport("svc", 0, 0, generation, "running", tenant="t1"))
+        await stream.say(ShardReport("svc", 0, 0, generation, "running", tenant="t1"))  # said again: timed once
+        assert stages.counts() == {"agent": 1, "push": 1}
+        await hub.flush()
+        assert stages.counts() == {"agent": 1, "flush_wait": 3, "flush_write": 3, "push": 1}
+        assert await _phases(cluster) == {(0, 0): "running"}
+
+        hub.notify([node_id])  # the set again (unchanged): pushed, and the running shard not timed again
+        while stream.sets < 2:
+            await asyncio.sleep(0.01)
+        await stream.say(HeartbeatReport(1, 900.0, (ShardReport("svc", 0, 0, generation, "running", tenant="t1"),)))
+        assert stages.counts() == {"agent": 1, "flush_wait": 3, "flush_write": 3, "push": 2}
+        assert all(v >= 0 for values in stages.seen.values() for v in values)
