@@ -85,8 +85,8 @@ class ShardStartObserver(Protocol):
     implement it): `push`, a node's set changed (`notify`) -> the set handed to its stream;
     `agent`, the set that first named a shard handed to the stream -> the agent's RUNNING report
     of it received (the agent's load time included); `flush_wait`, a shard report received -> the
-    flush that writes it began; `flush_write`, that flush began -> it ended (every chunk committed:
-    the writer's turn and the transactions)."""
+    flush that writes it began; `flush_write`, that flush began -> the report's chunk committed (the
+    writer's turns and the transactions of the chunks up to its own)."""
 
     def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None: ...
 
@@ -508,11 +508,15 @@ class AgentHub:
 
     # --- background work ---------------------------------------------------------------------
     async def run(self) -> None:
-        """Flush reports and close silent streams until cancelled."""
+        """Flush reports and close silent streams until cancelled. A flush begins a flush interval
+        after the last one began, or as soon as it ended when it took longer: a report that arrives
+        during a long flush waits for it, not for it and an interval more."""
         check_every = min(1.0, self._timeout / 4)
         next_check = time.monotonic()
+        next_flush = time.monotonic() + self._flush_interval
         while True:
-            await asyncio.sleep(self._flush_interval)
+            await asyncio.sleep(max(0.0, next_flush - time.monotonic()))
+            next_flush = time.monotonic() + self._flush_interval
             await self.flush()
             if time.monotonic() >= next_check and self._leading():
                 next_check = time.monotonic() + check_every
@@ -523,18 +527,22 @@ class AgentHub:
         if not beats and not self._reports and not self._refused:
             return
         batch = _Batch(beats, self._reports, self._refused)
-        received = self._received
+        received: dict[str, list[float]] = {}  # when each node's reports arrived
+        for (node_id, _), at in zip(self._reports, self._received):
+            received.setdefault(node_id, []).append(at)
         self._reports, self._received, self._refused = [], [], {}
         began = time.monotonic()
-        changed: dict[str, DeploymentView] = {}
-        for chunk in batch.chunks(limits.FLUSH_CHUNK):  # a later chunk's view of a deployment is newer
-            changed.update(await self._flush_chunk(chunk))
-        if received:
-            ended = time.monotonic()
-            self._observer.shard_start_stage("flush_wait", (began - at for at in received))
-            self._observer.shard_start_stage("flush_write", (ended - began for _ in received))
-        if changed:
-            await self._on_deployments_changed(changed)
+        self._observer.shard_start_stage("flush_wait", (began - at for times in received.values() for at in times))
+        # The chunks with shard reports first, each published once committed (a later chunk's view
+        # of a deployment is newer): a RUNNING report is not held back by the heartbeats of nodes
+        # that said nothing else, each chunk a transaction waiting for its turn at the writer.
+        for chunk in batch.chunks(limits.FLUSH_CHUNK):
+            changed = await self._flush_chunk(chunk)
+            written = time.monotonic() - began
+            self._observer.shard_start_stage(
+                "flush_write", (written for node_id in {n for n, _ in chunk.reports} for _ in received[node_id]))
+            if changed:
+                await self._on_deployments_changed(changed)
 
     def _due_beats(self) -> dict[str, NodeBeat]:
         """The buffered heartbeats to write now; those that changed only the time while the last
@@ -611,7 +619,9 @@ class _Batch:
     refused: dict[str, RefusedReports]
 
     def nodes(self) -> list[str]:
-        return sorted({*self.beats, *(n for n, _ in self.reports), *self.refused})
+        """The nodes with shard reports or refusals, then those with only a heartbeat (each in id order)."""
+        speaking = {*(n for n, _ in self.reports), *self.refused}
+        return [*sorted(speaking), *sorted(set(self.beats) - speaking)]
 
     def only(self, node_id: str) -> _Batch:
         return _Batch({k: v for k, v in self.beats.items() if k == node_id},
@@ -619,7 +629,8 @@ class _Batch:
                       {k: v for k, v in self.refused.items() if k == node_id})
 
     def chunks(self, size: int) -> list[_Batch]:
-        """Whole nodes per chunk, about `size` items each (one node's reports are never split)."""
+        """Whole nodes per chunk, about `size` items each (one node's reports are never split), in
+        the order of `nodes`: the heartbeat-only nodes last."""
         by_node: dict[str, list[tuple[str, ShardReport]]] = {}
         for node_id, report in self.reports:
             by_node.setdefault(node_id, []).append((node_id, report))

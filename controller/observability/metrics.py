@@ -179,7 +179,7 @@ class ControllerMetrics:
             "A shard's way from its commit to RUNNING recorded, by stage (controller/agents.py, "
             "ShardStartObserver): push (a node's set changed -> handed to its stream), agent (that set -> the "
             "agent's RUNNING report received, its load time included), flush_wait (a shard report received -> "
-            "the flush that writes it began), flush_write (that flush began -> committed).",
+            "the flush that writes it began), flush_write (that flush began -> the report's chunk committed).",
             ["stage"], registry=r, buckets=SHARD_START_BUCKETS_S)
         self._reader: ClusterReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

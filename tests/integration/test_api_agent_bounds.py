@@ -128,15 +128,35 @@ async def test_reports_for_shards_never_given_are_refused_and_recorded(strict: S
     await impostor.close()
 
 
-def test_a_batch_is_chunked_by_whole_nodes():
+def test_a_batch_is_chunked_by_whole_nodes_those_with_reports_first():
     now = datetime.now(timezone.utc)
     report = ShardReport("svc", 0, 0, 1, "running")
     batch = _Batch({f"n{i}": NodeBeat(now, 1.0) for i in range(5)},
                    [("n1", report)] * 3 + [("n3", report)], {"n4": RefusedReports(1, ())})
     chunks = batch.chunks(4)
-    assert [c.nodes() for c in chunks] == [["n0"], ["n1"], ["n2", "n3", "n4"]]
-    assert [len(c.reports) for c in chunks] == [0, 3, 1]
-    assert sum(len(c.beats) for c in chunks) == 5 and chunks[-1].refused == {"n4": RefusedReports(1, ())}
+    assert [c.nodes() for c in chunks] == [["n1"], ["n3", "n4", "n0"], ["n2"]]
+    assert [len(c.reports) for c in chunks] == [3, 1, 0]
+    assert sum(len(c.beats) for c in chunks) == 5 and chunks[1].refused == {"n4": RefusedReports(1, ())}
+
+
+async def test_a_flush_publishes_each_chunk_once_it_is_written_the_reports_first(database, monkeypatch):
+    monkeypatch.setattr("controller.limits.FLUSH_CHUNK", 1)
+    seen: list[tuple[str, list[str]]] = []
+
+    async def written(chunk: _Batch) -> dict:
+        seen.append(("written", chunk.nodes()))
+        return {f"t1/of-{node_id}": object() for node_id, _ in chunk.reports}
+
+    async def published(views: dict) -> None:
+        seen.append(("published", sorted(views)))
+
+    hub = AgentHub(database, heartbeat_timeout_s=10, on_liveness_change=lambda: None, on_deployments_changed=published)
+    monkeypatch.setattr(hub, "_flush_chunk", written)
+    now = datetime.now(timezone.utc)
+    hub._beats = {f"n{i}": NodeBeat(now, 100.0) for i in range(3)}
+    hub._reports, hub._received = [("n2", ShardReport("svc", 0, 0, 1, "running", tenant="t1"))], [0.0]
+    await hub.flush()
+    assert seen == [("written", ["n2"]), ("published", ["t1/of-n2"]), ("written", ["n0"]), ("written", ["n1"])]
 
 
 async def test_one_node_failing_its_write_never_drops_the_others_heartbeats(database, monkeypatch):
