@@ -11,8 +11,9 @@ The hub is the only place that knows which agents are connected right now. It
   a violation ends the stream with INVALID_ARGUMENT or RESOURCE_EXHAUSTED) and refuses reports
   for shards the node was never given on this stream (an event per node and flush),
 - buffers heartbeats and shard reports and writes them per flush interval in chunks of at most
-  `limits.FLUSH_CHUNK` items (not one commit per heartbeat per node); a chunk that fails is
-  retried node by node, so one node's bad data never drops every other node's heartbeats; of
+  `limits.FLUSH_CHUNK` shard reports and `BEATS_PER_CHUNK` heartbeats (not one commit per
+  heartbeat per node), the nodes with shard reports first, each chunk published once written;
+  a chunk that fails is retried node by node, so one node's bad data never drops every other node's heartbeats; of
   the full shard state a heartbeat repeats, only the shards whose state changed since the
   stream's last heartbeat are written (all of them every `FULL_REPORTS_EVERY_S`); a heartbeat
   that omits its shards under the version of the state this stream's last full heartbeat carried
@@ -76,6 +77,10 @@ ASSIGNMENT_READ_BATCH_MAX = 2048  # nodes whose sets one batched read fetches
 
 ShardKey = tuple[str, int, int]  # (deployment name, replica, shard): the tenant is looked up in `given`
 SaidKey = tuple[str, str, int, int]  # (tenant as the agent said it, deployment name, replica, shard)
+# Heartbeats a flush transaction writes at most besides its shard reports (`limits.FLUSH_CHUNK`):
+# one row each in one executemany, where a report costs its deployment's read and write; each
+# transaction more waits for its own turn at SQLite's writer (behind submits and passes).
+BEATS_PER_CHUNK = 4 * limits.FLUSH_CHUNK
 FULL_REPORTS_EVERY_S = 60.0  # a stream's heartbeats write every shard's state at least this often
 REFUSED_SAMPLES = 5
 
@@ -628,26 +633,29 @@ class _Batch:
                       [(n, r) for n, r in self.reports if n == node_id],
                       {k: v for k, v in self.refused.items() if k == node_id})
 
-    def chunks(self, size: int) -> list[_Batch]:
-        """Whole nodes per chunk, about `size` items each (one node's reports are never split), in
-        the order of `nodes`: the heartbeat-only nodes last."""
+    def chunks(self, size: int, beats_size: int = BEATS_PER_CHUNK) -> list[_Batch]:
+        """Whole nodes per chunk (one node's reports are never split), in the order of `nodes` (the
+        heartbeat-only nodes last), each with at most about `size` shard reports and refusals and
+        `beats_size` heartbeats."""
         by_node: dict[str, list[tuple[str, ShardReport]]] = {}
         for node_id, report in self.reports:
             by_node.setdefault(node_id, []).append((node_id, report))
         chunks: list[_Batch] = []
         current = _Batch({}, [], {})
-        items = 0
+        items = beats = 0
         for node_id in self.nodes():
-            if items and items + 1 + len(by_node.get(node_id, ())) > size:
+            said = len(by_node.get(node_id, ())) + (node_id in self.refused)
+            beat = int(node_id in self.beats)
+            if (items or beats) and (items + said > size or beats + beat > beats_size):
                 chunks.append(current)
-                current, items = _Batch({}, [], {}), 0
-            if node_id in self.beats:
+                current, items, beats = _Batch({}, [], {}), 0, 0
+            if beat:
                 current.beats[node_id] = self.beats[node_id]
             if node_id in self.refused:
                 current.refused[node_id] = self.refused[node_id]
             current.reports.extend(by_node.get(node_id, ()))
-            items += 1 + len(by_node.get(node_id, ()))
-        if items:
+            items, beats = items + said, beats + beat
+        if items or beats:
             chunks.append(current)
         return chunks
 

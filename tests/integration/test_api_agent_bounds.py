@@ -133,9 +133,9 @@ def test_a_batch_is_chunked_by_whole_nodes_those_with_reports_first():
     report = ShardReport("svc", 0, 0, 1, "running")
     batch = _Batch({f"n{i}": NodeBeat(now, 1.0) for i in range(5)},
                    [("n1", report)] * 3 + [("n3", report)], {"n4": RefusedReports(1, ())})
-    chunks = batch.chunks(4)
-    assert [c.nodes() for c in chunks] == [["n1"], ["n3", "n4", "n0"], ["n2"]]
-    assert [len(c.reports) for c in chunks] == [3, 1, 0]
+    chunks = batch.chunks(4, beats_size=2)  # at most 4 reports and refusals, 2 heartbeats
+    assert [c.nodes() for c in chunks] == [["n1", "n3"], ["n4", "n0"], ["n2"]]
+    assert [len(c.reports) for c in chunks] == [4, 0, 0]
     assert sum(len(c.beats) for c in chunks) == 5 and chunks[1].refused == {"n4": RefusedReports(1, ())}
 
 
@@ -154,9 +154,11 @@ async def test_a_flush_publishes_each_chunk_once_it_is_written_the_reports_first
     monkeypatch.setattr(hub, "_flush_chunk", written)
     now = datetime.now(timezone.utc)
     hub._beats = {f"n{i}": NodeBeat(now, 100.0) for i in range(3)}
-    hub._reports, hub._received = [("n2", ShardReport("svc", 0, 0, 1, "running", tenant="t1"))], [0.0]
-    await hub.flush()
-    assert seen == [("written", ["n2"]), ("published", ["t1/of-n2"]), ("written", ["n0"]), ("written", ["n1"])]
+    hub._reports = [(n, ShardReport("svc", 0, 0, 1, "running", tenant="t1")) for n in ("n2", "n0")]
+    hub._received = [0.0, 0.0]
+    await hub.flush()  # one report a chunk; the heartbeats ride along, the heartbeat-only node's last
+    assert seen == [("written", ["n0"]), ("published", ["t1/of-n0"]),
+                    ("written", ["n2", "n1"]), ("published", ["t1/of-n2"])]
 
 
 async def test_one_node_failing_its_write_never_drops_the_others_heartbeats(database, monkeypatch):
