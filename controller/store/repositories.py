@@ -700,6 +700,34 @@ async def placements_of_deployments(session: AsyncSession, keys: Iterable[str]) 
             if (key := d.deployment_key(tenant, name)) in wanted]
 
 
+@dataclass(frozen=True, slots=True)
+class ShardState:
+    """One placement as an agent's report is judged against (plain columns, no row loaded)."""
+
+    key: str  # its deployment's, TENANT/NAME
+    replica: int
+    shard: int
+    node_id: str
+    generation: int
+    phase: m.ShardPhase
+    message: str
+
+
+async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[ShardState]:
+    """Every placement of the deployments with these keys (`TENANT/NAME`), as `ShardState`s: one
+    statement of plain columns, for the agents' report flush to find which reports change anything
+    before it loads those deployments whole."""
+    wanted = set(keys)
+    rows = await session.execute(
+        select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
+               m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message)
+        .select_from(m.Placement).join(m.Deployment)
+        .where(m.Deployment.name.in_({d.split_deployment_key(k)[1] for k in wanted})))
+    return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "")
+            for tenant, name, replica, shard, node_id, generation, phase, message in rows
+            if (key := d.deployment_key(tenant, name)) in wanted]
+
+
 async def placements_on_node(session: AsyncSession, node_id: str) -> list[tuple[m.Placement, m.Deployment]]:
     rows = await session.execute(
         select(m.Placement, m.Deployment).join(m.Deployment)

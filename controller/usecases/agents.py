@@ -426,6 +426,16 @@ class NodeBeat:
     power_draw_w: float
 
 
+def _changes(hit: tuple[str, ShardReport] | None, node_id: str, generation: int, phase: m.ShardPhase,
+             message: str) -> tuple[str, ShardReport] | None:
+    """The report `hit` (node, report) if it changes a placement on `node_id` of `generation` in
+    `phase` with `message` (else None): it comes from that node, answers that generation or a newer
+    one (older reports are stale), and says something else."""
+    if hit is None or hit[0] != node_id or hit[1].generation < generation:
+        return None
+    return hit if phase is not m.ShardPhase(hit[1].phase) or message != hit[1].message else None
+
+
 async def flush_reports(
     uow: UnitOfWork, beats: Mapping[str, NodeBeat], reports: Iterable[tuple[str, ShardReport]],
     refused: Mapping[str, RefusedReports] | None = None, *, views: dict[str, DeploymentView] | None = None,
@@ -450,19 +460,21 @@ async def flush_reports(
             latest[(deployment_key(report.tenant, report.deployment), report.replica, report.shard)] = (node_id, report)
     touched: set[str] = set()
     failed: dict[str, dict[str, Any]] = {}  # deployment key -> why its latest shard failure happened
-    # The deployments reported on, with their placements (one read: what the views need too).
-    named = await repo.list_deployment_rows(s, keys={k[0] for k in latest}) if latest else []
+    # The deployments whose placements a report changes (most reports repeat what is stored: a
+    # heartbeat's full state every minute), then those whole, with their placements (what the views
+    # need too): the writer's turn is not held reading deployments that nothing changes.
+    changing = {state.key for state in (await repo.shard_states(s, {k[0] for k in latest}) if latest else ())
+                if _changes(latest.get((state.key, state.replica, state.shard)), state.node_id, state.generation,
+                            state.phase, state.message) is not None}
+    named = await repo.list_deployment_rows(s, keys=changing) if changing else []
     for row in named:
         key = deployment_key(row.tenant_id, row.name)
         for placement in row.placements:
-            hit = latest.get((key, placement.replica, placement.shard))
-            if hit is None:
-                continue
-            node_id, report = hit
-            if placement.node_id != node_id or report.generation < (placement.generation or 0):
-                continue
-            phase = m.ShardPhase(report.phase)
-            if placement.phase is not phase or placement.message != report.message:
+            hit = _changes(latest.get((key, placement.replica, placement.shard)), placement.node_id,
+                           placement.generation or 0, placement.phase, placement.message)
+            if hit is not None:
+                node_id, report = hit
+                phase = m.ShardPhase(report.phase)
                 if phase is m.ShardPhase.FAILED and placement.phase is not m.ShardPhase.FAILED:
                     failed[key] = restarts.failure_reason(placement.replica, placement.shard, node_id,
                                                            report.message)

@@ -16,6 +16,7 @@ from controller.agents import AgentHub, ShardStartObserver, ShardStateRequest
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
+from controller.usecases import agents as agent_cases
 from controller.domain.values import HeartbeatReport, ShardReport
 from uc_builders import WHO, deployment, no_publish, statements, submit
 
@@ -116,8 +117,6 @@ async def test_a_heartbeat_writes_only_the_shards_whose_state_changed(cluster):
 
 async def _said_and_lost(hub: AgentHub, stream: _Stream, message: object, monkeypatch) -> None:  # noqa: ANN001
     """The agent says `message`, and the flush that would write it fails (the database said no)."""
-    from controller.usecases import agents as agent_cases
-
     async def broken(*args, **kwargs):  # noqa: ANN002, ANN003
         raise RuntimeError("the database said no")
 
@@ -320,3 +319,19 @@ async def test_a_shards_way_to_running_is_timed_once_per_stage(cluster):
         await stream.say(HeartbeatReport(1, 900.0, (ShardReport("svc", 0, 0, generation, "running", tenant="t1"),)))
         assert stages.counts() == {"agent": 1, "flush_wait": 3, "flush_write": 3, "push": 2}
         assert all(v >= 0 for values in stages.seen.values() for v in values)
+
+
+async def test_a_flush_of_reports_that_change_nothing_loads_no_deployment(cluster):
+    await submit(cluster, deployment("svc", replicas=1, shards=1, accelerators=1))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        p = await uow.session.scalar(select(m.Placement))
+        node_id, generation = p.node_id, p.generation
+    running = [(node_id, ShardReport("svc", 0, 0, generation, "running", tenant="t1"))]
+    async with cluster.unit_of_work() as uow:
+        assert await agent_cases.flush_reports(uow, {}, running) == {"t1/svc"}
+    with statements(cluster) as seen:  # the same again (a heartbeat's full state): one read of columns
+        async with cluster.unit_of_work() as uow:
+            assert await agent_cases.flush_reports(uow, {}, running) == set()
+    assert len(seen) == 1 and "FROM placements JOIN deployments" in seen[0], seen
+    assert await _phases(cluster) == {(0, 0): "running"}
