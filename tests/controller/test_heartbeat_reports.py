@@ -127,11 +127,7 @@ async def _said_and_lost(hub: AgentHub, stream: _Stream, message: object, monkey
 
 
 async def test_after_a_failed_write_the_next_heartbeat_writes_every_shard_again(cluster, monkeypatch):
-    await submit(cluster, deployment("svc", replicas=1, shards=1, accelerators=1))
-    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
-    async with cluster.unit_of_work() as uow:
-        p = await uow.session.scalar(select(m.Placement))
-        node_id, generation = p.node_id, p.generation
+    node_id, generation = await _placed_on_one_node(cluster)
     async with _streaming(cluster, node_id) as (hub, stream):
         running = HeartbeatReport(1, 900.0, (ShardReport("svc", 0, 0, generation, "running", tenant="t1"),))
         await _said_and_lost(hub, stream, running, monkeypatch)
@@ -296,11 +292,7 @@ class _Stages:
 
 
 async def test_a_shards_way_to_running_is_timed_once_per_stage(cluster):
-    await submit(cluster, deployment("svc", replicas=1, shards=1, accelerators=1))
-    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
-    async with cluster.unit_of_work() as uow:
-        p = await uow.session.scalar(select(m.Placement))
-        node_id, generation = p.node_id, p.generation
+    node_id, generation = await _placed_on_one_node(cluster)
     stages = _Stages()
     async with _streaming(cluster, node_id, stages) as (hub, stream):
         assert stages.counts() == {"push": 1}  # the stream's first set
@@ -322,11 +314,7 @@ async def test_a_shards_way_to_running_is_timed_once_per_stage(cluster):
 
 
 async def test_a_flush_of_reports_that_change_nothing_loads_no_deployment(cluster):
-    await submit(cluster, deployment("svc", replicas=1, shards=1, accelerators=1))
-    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
-    async with cluster.unit_of_work() as uow:
-        p = await uow.session.scalar(select(m.Placement))
-        node_id, generation = p.node_id, p.generation
+    node_id, generation = await _placed_on_one_node(cluster)
     running = [(node_id, ShardReport("svc", 0, 0, generation, "running", tenant="t1"))]
     async with cluster.unit_of_work() as uow:
         assert await agent_cases.flush_reports(uow, {}, running) == {"t1/svc"}
