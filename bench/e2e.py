@@ -55,6 +55,7 @@ from typing import Any
 from bench.fgd import percentile
 from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
 from bench.preload import Layout, preload
+from controller.api.interceptors import SENT_AT_METADATA_KEY
 from controller.main import SHUTDOWN_DEADLINE_S
 from controller.observability.loop import watch_event_loop
 
@@ -385,9 +386,11 @@ async def submit_one(stub: Any, work: Work, run: Run) -> None:
     import grpc
     from maia.v1 import deployments_pb2
     t = run.times.setdefault(work.name, Times())
+    request = deployments_pb2.SubmitDeploymentRequest(spec=work.spec())
     t.submitted = time.perf_counter()
     try:
-        await stub.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=work.spec()), timeout=60)
+        # the send time: the controller observes the call's wait before its handler (maia_grpc_server_queued_seconds)
+        await stub.SubmitDeployment(request, timeout=60, metadata=((SENT_AT_METADATA_KEY, f"{time.time():.6f}"),))
     except grpc.aio.AioRpcError as exc:
         run.errors.append(f"submit {work.name}: {exc.code().name} {exc.details()}")
         run.expected -= 1
@@ -540,6 +543,10 @@ class Bench:
     # the controller's maia_shard_start_stage_seconds (stage -> le -> count): commit -> RUNNING recorded
     shard_start: dict[str, dict[float, float]] = field(default_factory=dict)
     shard_start_at_start: dict[str, dict[float, float]] = field(default_factory=dict)  # the join's, subtracted
+    # ... the wait before its handler ran (from the time the bench's clients send with each call),
+    # and where a batched submit's time went, by stage (each le -> count)
+    submit_queued: dict[float, float] = field(default_factory=dict)
+    submit_stages: dict[str, dict[float, float]] = field(default_factory=dict)
 
     def measure(self) -> None:
         """The controller's CPU since the first submit and its peak RSS, while it runs."""
@@ -598,12 +605,26 @@ async def scrape_passes(bench: Bench) -> None:
         bench.passes[m.group(1)] = int(float(m.group(2)))
     bench.lag = {float(m.group(1)): float(m.group(2)) for m in re.finditer(
         r'^maia_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
-    bench.submit_rpc = {float(m.group(1)): float(m.group(2)) for m in re.finditer(
-        r'^maia_grpc_server_handling_seconds_bucket\{(?=[^}]*method="SubmitDeployment")[^}]*le="([^"]+)"[^}]*\} (\S+)$',
+    bench.submit_rpc = _submit_buckets(text, "maia_grpc_server_handling_seconds")
+    bench.submit_queued = _submit_buckets(text, "maia_grpc_server_queued_seconds")
+    bench.submit_stages = _stage_buckets(text, "maia_submit_stage_seconds")
+    bench.shard_start = _stage_buckets(text, "maia_shard_start_stage_seconds")
+
+
+def _submit_buckets(text: str, histogram: str) -> dict[float, float]:
+    """The SubmitDeployment series of a histogram by method (le -> count)."""
+    return {float(m.group(1)): float(m.group(2)) for m in re.finditer(
+        rf'^{histogram}_bucket\{{(?=[^}}]*method="SubmitDeployment")[^}}]*le="([^"]+)"[^}}]*\}} (\S+)$',
         text, re.MULTILINE)}
-    bench.shard_start = {}
-    for m in re.finditer(r'^maia_shard_start_stage_seconds_bucket\{le="([^"]+)",stage="(\w+)"\} (\S+)$', text, re.MULTILINE):
-        bench.shard_start.setdefault(m.group(2), {})[float(m.group(1))] = float(m.group(3))
+
+
+def _stage_buckets(text: str, histogram: str) -> dict[str, dict[float, float]]:
+    """A histogram by its `stage` label (stage -> le -> count)."""
+    stages: dict[str, dict[float, float]] = {}
+    for m in re.finditer(rf'^{histogram}_bucket\{{(?=[^}}]*stage="(\w+)")[^}}]*le="([^"]+)"[^}}]*\}} (\S+)$',
+                         text, re.MULTILINE):
+        stages.setdefault(m.group(1), {})[float(m.group(2))] = float(m.group(3))
+    return stages
 
 
 def lag_quantile(bench: Bench, q: float) -> float | None:
@@ -888,14 +909,32 @@ def summarize(bench: Bench) -> dict[str, Any]:
         # the preloaded bench submits nothing before the submit phase: the histogram is the run's
         "submit_server_p50_le_s": bucket_quantile(bench.submit_rpc, {}, 0.5),
         "submit_server_p99_le_s": bucket_quantile(bench.submit_rpc, {}, 0.99),
-        "submit_server": {f"p{q}_ms": None if (v := interpolated_quantile(bench.submit_rpc, {}, q / 100)) is None
-                          else round(v * 1000, 1) for q in (50, 99)},
+        "submit_server": _interpolated_ms(bench.submit_rpc),
+        # before the handler ran (the bench's send time in the call's metadata), and by stage inside
+        "submit_queued": _interpolated_ms(bench.submit_queued),
+        "submit_stages": {stage: _interpolated_ms(buckets) for stage, buckets in bench.submit_stages.items()},
         "load": bench.load,
         "offered_per_s": round(len(run.send_late_ms) / run.sending_s, 1) if run.sending_s else None,
         "send_late": _ms(run.send_late_ms) if run.send_late_ms else None,
         "checker_violations": violations[:10], "checker_violation_count": len(violations),
         "errors": run.errors[:10], "error_count": len(run.errors),
     }
+
+
+def _interpolated_ms(buckets: dict[float, float]) -> dict[str, float | None]:
+    """p50 and p99 (ms) of a histogram's observations (the run's: the bench submits nothing before)."""
+    return {f"p{q}_ms": None if (v := interpolated_quantile(buckets, {}, q / 100)) is None else round(v * 1000, 1)
+            for q in (50, 99)}
+
+
+def _stages_line(r: dict[str, Any]) -> str:
+    """Where a submit's time went in the controller, p50/p99 ms a stage (empty: not reported)."""
+    parts = [f"{stage} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}" for stage, v in r["submit_stages"].items()
+             if v["p50_ms"] is not None]
+    queued = r["submit_queued"]
+    if queued["p50_ms"] is not None:
+        parts.insert(0, f"before the handler {queued['p50_ms']:.1f}/{queued['p99_ms']:.1f}")
+    return f"\n  submit stages p50/p99 ms (interpolated): {', '.join(parts)}" if parts else ""
 
 
 def report(r: dict[str, Any]) -> str:
@@ -930,7 +969,8 @@ def report(r: dict[str, Any]) -> str:
             f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'} | "
             f"event-loop lag p50/p99 <= {r['loop_lag_p50_le_s']}/{r['loop_lag_p99_le_s']} s "
-            f"(the bench's own {pp('bench_loop_lag')} ms)\n"
+            f"(the bench's own {pp('bench_loop_lag')} ms)"
+            f"{_stages_line(r)}\n"
             f"  checker: {checker}; errors: {r['error_count']}"
             + "".join(f"\n    {e}" for e in r["errors"] + r["checker_violations"]))
 

@@ -309,6 +309,25 @@ def _who() -> str:
 class RpcObserver(Protocol):
     def rpc_handled(self, full_method: str, code: str, seconds: float) -> None: ...
 
+    def rpc_queued(self, full_method: str, seconds: float) -> None: ...
+
+
+# A client may say when it sent a call (its Unix time in seconds, as text): the controller then
+# observes the call's wait before its handler ran (the transport, gRPC's queue), which its handling
+# time misses. The benchmarks' clients send it; one clock only (clamped at 0).
+SENT_AT_METADATA_KEY = "maia-sent-at"
+
+
+def sent_at(context: aio.ServicerContext) -> float | None:
+    """The `SENT_AT_METADATA_KEY` time the call carries (None: none, or not a number)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == SENT_AT_METADATA_KEY:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return None
+    return None
+
 
 class _CompletionInterceptor(_BehaviourInterceptor):
     """Base: `completed` is called once per RPC, when it ends, with its start time and failure."""
@@ -338,6 +357,14 @@ class _CompletionInterceptor(_BehaviourInterceptor):
 class MetricsInterceptor(_CompletionInterceptor):
     def __init__(self, observer: RpcObserver) -> None:
         self._observer = observer
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
+        sent = sent_at(context)
+        if sent is not None:
+            self._observer.rpc_queued(method, max(0.0, time.time() - sent))
+        async with super().scope(method, context, stream=stream):
+            yield
 
     def completed(self, method: str, context: aio.ServicerContext, started: float,
                   failed: BaseException | None) -> None:

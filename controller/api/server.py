@@ -327,7 +327,7 @@ class ControllerApp:
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms, throttle=self.throttle,
             require_leader=self.election.require_leader,
-            capacity=CapacityCache(), submits=SubmitBatcher(self.db, self.signals),
+            capacity=CapacityCache(), submits=SubmitBatcher(self.db, self.signals, observer=self.metrics),
             deletes=DeleteBatcher(self.db, self.signals),
         )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -27,6 +28,9 @@ from prometheus_client.registry import Collector
 
 from controller.observability.cluster import ClusterGauges
 from controller.scheduling.queue import QueueDepths
+
+if TYPE_CHECKING:
+    from controller.usecases.submits import SubmitStages
 
 log = logging.getLogger("maia.metrics")
 
@@ -132,6 +136,17 @@ class ControllerMetrics:
                             ["service", "method", "code"], registry=r)
         self.rpc_duration = Histogram("maia_grpc_server_handling_seconds", "gRPC call duration, by method.",
                                       ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
+        self.rpc_queue_wait = Histogram(
+            "maia_grpc_server_queued_seconds",
+            "From the time a client says it sent a call (metadata maia-sent-at, Unix seconds) to its handler "
+            "starting: the wait in the transport and gRPC's queue, which maia_grpc_server_handling_seconds "
+            "misses. Only calls that carry it (the benchmarks' clients); meaningful on one clock.",
+            ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
+        self.submit_stage = Histogram(
+            "maia_submit_stage_seconds",
+            "Where a batched SubmitDeployment's time in the controller went, by stage: validate, queued (for its "
+            "batch), reads, checks, writer_turn (SQLite's writer), writes, commit, answer (from the commit to the "
+            "caller's task running again).", ["stage"], registry=r, buckets=RPC_BUCKETS_S)
         self.rpcs_shed = Counter("maia_grpc_server_shed", "gRPC calls refused busy (UNAVAILABLE, with a retry time) "
                                  "before the interceptor chain, by method: not in maia_grpc_server_handled.",
                                  ["service", "method"], registry=r)
@@ -241,6 +256,13 @@ class ControllerMetrics:
         service, method = split_method(full_method)
         self.rpcs.labels(service, method, code).inc()
         self.rpc_duration.labels(service, method).observe(seconds)
+
+    def rpc_queued(self, full_method: str, seconds: float) -> None:
+        self.rpc_queue_wait.labels(*split_method(full_method)).observe(seconds)
+
+    def submit_staged(self, stages: SubmitStages) -> None:
+        for stage, seconds in stages.items():
+            self.submit_stage.labels(stage).observe(seconds)
 
     def rpc_shed(self, full_method: str) -> None:
         self.rpcs_shed.labels(*split_method(full_method)).inc()

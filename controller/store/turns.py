@@ -15,6 +15,9 @@ starves: one that has waited `AGED_S` or longer counts as the most urgent (the e
 first), so under a stream of urgent writers the others still go within about `AGED_S` plus one
 transaction (a report flush waits at most that much longer than in arrival order); a writer
 that saturates the database degrades to arrival order.
+
+A task that wants to know how long its transactions waited for their turn (the submit batch,
+for its latency's split) meters them (`metered_turns`): each wait adds to its `TurnWait`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,26 @@ _PRIORITY: contextvars.ContextVar[WritePriority] = contextvars.ContextVar(
     "maia_write_priority", default=WritePriority.BACKGROUND)
 
 
+@dataclass
+class TurnWait:
+    """What a task's transactions waited for their turns at the writer (`metered_turns`)."""
+
+    waited_s: float = 0.0
+    waits: int = 0  # turns that were not free at once
+    # The priority of the writer that held the turn when the longest wait began (None: no wait).
+    behind: WritePriority | None = None
+    _longest_s: float = field(default=0.0, repr=False)
+
+    def add(self, seconds: float, behind: WritePriority | None) -> None:
+        self.waited_s += seconds
+        self.waits += 1
+        if seconds >= self._longest_s:
+            self._longest_s, self.behind = seconds, behind
+
+
+_METER: contextvars.ContextVar[TurnWait | None] = contextvars.ContextVar("maia_turn_wait", default=None)
+
+
 @contextmanager
 def write_priority(priority: WritePriority) -> Iterator[None]:
     """The transactions begun inside (in this task, and the tasks it starts) wait for their turn
@@ -56,6 +79,18 @@ def write_priority(priority: WritePriority) -> Iterator[None]:
 
 def current_priority() -> WritePriority:
     return _PRIORITY.get()
+
+
+@contextmanager
+def metered_turns() -> Iterator[TurnWait]:
+    """The waits for the writer's turn of the transactions begun inside (in this task, and the
+    tasks it starts), added up in the `TurnWait` yielded."""
+    meter = TurnWait()
+    token = _METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _METER.reset(token)
 
 
 @dataclass(eq=False)
@@ -73,6 +108,7 @@ class WriterTurns:
         self._aged_s = aged_s
         self._clock = clock
         self._held = False
+        self._holder: WritePriority | None = None  # the priority the turn was given at (None: free)
         self._waiters: list[_Waiter] = []
         self._seq = 0
 
@@ -87,12 +123,13 @@ class WriterTurns:
         """Wait for the turn (at `priority`, by default the task's `write_priority`). Cancelled
         while waiting (a timeout), nothing is held; cancelled just after the turn was given, it
         is passed on."""
+        priority = current_priority() if priority is None else priority
         if not self._held and not self._waiters:
-            self._held = True
+            self._held, self._holder = True, priority
             return
         self._seq += 1
-        waiter = _Waiter(current_priority() if priority is None else priority, self._clock(), self._seq,
-                         asyncio.get_running_loop().create_future())
+        waiter = _Waiter(priority, self._clock(), self._seq, asyncio.get_running_loop().create_future())
+        behind = self._holder
         self._waiters.append(waiter)
         try:
             await waiter.granted
@@ -102,6 +139,9 @@ class WriterTurns:
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
             raise
+        meter = _METER.get()
+        if meter is not None:
+            meter.add(self._clock() - waiter.since, behind)
 
     def release(self) -> None:
         """Give the turn to the most urgent waiter (aged ones first), or free the writer."""
@@ -111,5 +151,6 @@ class WriterTurns:
             self._waiters.remove(nxt)
             if not nxt.granted.done():  # else cancelled meanwhile: the next one
                 nxt.granted.set_result(None)
+                self._holder = nxt.priority
                 return
-        self._held = False
+        self._held, self._holder = False, None

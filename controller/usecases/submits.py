@@ -31,12 +31,18 @@ the batch committed, so exactly as if the submits had come one after the other):
 - a batch that fails to commit writes nothing (one transaction) and every member goes alone:
   one bad member never fails the others;
 - a caller is answered only after the commit that holds its deployment and its audit entry.
+
+Where a batched submit's time went (`SubmitStages`: its checks, its wait for a batch, the
+batch's read, checks, wait for SQLite's writer turn, writes and commit, then the wait of its
+caller's task to run again) goes to a `SubmitObserver` (the controller's metrics).
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
@@ -47,7 +53,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
-from controller.store.turns import WritePriority, write_priority
+from controller.store.turns import WritePriority, metered_turns, write_priority
 from controller.usecases import requests
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import as_caller, check_could_ever_fit, submit_deployment, submitted_event, \
@@ -55,6 +61,36 @@ from controller.usecases.deployments import as_caller, check_could_ever_fit, sub
 from controller.usecases.ports import Signals
 
 BATCH_MAX = 256
+
+
+@dataclass
+class SubmitStages:
+    """Where one batched submit's time in the controller went (seconds), in the order it was spent."""
+
+    validate: float = 0.0     # its own checks (the spec, the request id), before it queued
+    queued: float = 0.0       # waiting for its batch to start (the batch before it committing)
+    reads: float = 0.0        # the batch's one read (tenants, names, request ids, counts)
+    checks: float = 0.0       # the batch's members judged (rate, "could it ever fit", limits)
+    writer_turn: float = 0.0  # the batch waiting for SQLite's writer turn (0 on PostgreSQL)
+    writes: float = 0.0       # the batch's inserts, events and audit entries, the wait excluded
+    commit: float = 0.0       # the batch's commit
+    answer: float = 0.0       # from the commit to its caller running again (a busy event loop)
+
+    def items(self) -> list[tuple[str, float]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+class SubmitObserver(Protocol):
+    """Told where each batched submit's time went (`controller.observability.metrics` implements it)."""
+
+    def submit_staged(self, stages: SubmitStages) -> None: ...
+
+
+@dataclass
+class _BatchTimes:
+    started: float = 0.0   # (perf_counter) when the batch began
+    committed: float = 0.0  # (perf_counter) when its commit returned
+    stages: SubmitStages = field(default_factory=SubmitStages)  # the batch's own stages (reads .. commit)
 
 
 @dataclass
@@ -66,6 +102,7 @@ class Queued:
     throttle: SubmitLimits | None = None  # the tenant's submit rate, charged by the batch
     capacity: CapacityCache | None = None  # "could it ever fit" (None: read the nodes afresh)
     charged: bool = False  # the batch charged the submit rate: the lone submit after it does not again
+    batch: _BatchTimes | None = None  # the timing of the batch that wrote it
 
 
 @dataclass
@@ -83,9 +120,11 @@ class SubmitBatcher:
     """Submits checked and committed together (see the module docstring); the queue and the
     writer are `groupcommit.GroupCommit`'s."""
 
-    def __init__(self, db: Database, signals: Signals, *, batch_max: int = BATCH_MAX) -> None:
+    def __init__(self, db: Database, signals: Signals, *, batch_max: int = BATCH_MAX,
+                 observer: SubmitObserver | None = None) -> None:
         self._db = db
         self._signals = signals
+        self._observer = observer
         self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
             "submit-batches", self._commit_group, batch_max=batch_max)
 
@@ -96,16 +135,27 @@ class SubmitBatcher:
     async def submit(self, who: Principal, spec: DeploymentSpec, *, throttle: SubmitLimits | None = None,
                      capacity: CapacityCache | None = None, request_id: str = "") -> DeploymentView:
         """What `deployments.submit_deployment` does, checked and committed in a batch."""
+        began = time.perf_counter()
         spec = as_caller(who, spec, "submitting deployments")
         validate_spec(spec)
         requests.check_request_id(request_id)
         queued = Queued(spec, request_id, who.name, audit.current_call(), throttle, capacity)
+        enqueued = time.perf_counter()
         view = await outcome_or_alone(self._group, queued)
         if view is not None:
+            if self._observer is not None and queued.batch is not None:
+                self._observer.submit_staged(self._stages(queued.batch, began, enqueued))
             return view
         async with self._db.unit_of_work() as uow:
             return await submit_deployment(uow, who, spec, self._signals, None if queued.charged else throttle,
                                            capacity, request_id=request_id)
+
+    @staticmethod
+    def _stages(batch: _BatchTimes, began: float, enqueued: float) -> SubmitStages:
+        b = batch.stages
+        return SubmitStages(validate=enqueued - began, queued=batch.started - enqueued, reads=b.reads,
+                            checks=b.checks, writer_turn=b.writer_turn, writes=b.writes, commit=b.commit,
+                            answer=time.perf_counter() - batch.committed)
 
     async def _commit_group(self, batch: list[Queued]) -> list[DeploymentView | MaiaError | None]:
         with write_priority(WritePriority.ANSWER):  # callers wait for this commit: before reports and passes
@@ -115,8 +165,12 @@ class SubmitBatcher:
     async def commit_batch(self, batch: list[Queued]) -> dict[int, DeploymentView | MaiaError]:
         """Check the members and write those that pass, in one transaction; returns by id(member)
         their views, or the error that refused them. The others are left out (they go alone)."""
+        times = _BatchTimes(started=time.perf_counter())
+        stages = times.stages
         async with self._db.unit_of_work() as uow:
             facts = await self._read_facts(uow, batch)
+            read = time.perf_counter()
+            stages.reads = read - times.started
             outcomes: dict[int, DeploymentView | MaiaError] = {}
             accepted: list[Queued] = []
             for queued in batch:
@@ -127,16 +181,25 @@ class SubmitBatcher:
                     outcomes[id(queued)] = exc
             if not accepted:
                 return outcomes
+            checked = time.perf_counter()
+            stages.checks = checked - read
             s = uow.session
-            rows = await repo.insert_deployments(s, [q.spec for q in accepted])
-            await requests.remember_all(uow, [(q.spec.tenant, q.request_id, row.id, q.spec)
-                                              for q, row in zip(accepted, rows)], "submit")
-            await repo.record_events(s, [submitted_event(q.actor, q.spec) for q in accepted])
-            calls = [q.call for q in accepted if q.call is not None]
-            await audit.append(s, [c.record for c in calls])
+            with metered_turns() as turn:
+                rows = await repo.insert_deployments(s, [q.spec for q in accepted])
+                await requests.remember_all(uow, [(q.spec.tenant, q.request_id, row.id, q.spec)
+                                                  for q, row in zip(accepted, rows)], "submit")
+                await repo.record_events(s, [submitted_event(q.actor, q.spec) for q in accepted])
+                calls = [q.call for q in accepted if q.call is not None]
+                await audit.append(s, [c.record for c in calls])
+            wrote = time.perf_counter()
+            stages.writer_turn, stages.writes = turn.waited_s, wrote - checked - turn.waited_s
             await uow.commit()
+        times.committed = time.perf_counter()
+        stages.commit = times.committed - wrote
         for call in calls:
             call.written = True
+        for q in accepted:
+            q.batch = times
         views = {id(q): repo.deployment_view(row) for q, row in zip(accepted, rows)}
         self._signals.publish(*(DeploymentEvent("added", view) for view in views.values()))
         self._signals.wake_reconciler()

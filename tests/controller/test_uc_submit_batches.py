@@ -9,7 +9,7 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from controller import limits
 from controller.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
@@ -166,3 +166,39 @@ async def test_a_batch_reads_names_and_request_ids_per_tenant_and_writes_each_ro
         assert replace(answered, created_at=None, updated_at=None) == \
             replace(stored[q.spec.key], created_at=None, updated_at=None)
         assert answered.phase == "pending" and answered.resource_version == 1
+
+
+class _Stages:
+    def __init__(self) -> None:
+        self.seen: list[submits.SubmitStages] = []
+
+    def submit_staged(self, stages: submits.SubmitStages) -> None:
+        self.seen.append(stages)
+
+
+async def test_a_batched_submit_tells_where_its_time_went_the_writer_turn_included(cluster, monkeypatch):
+    observer = _Stages()
+    batcher = SubmitBatcher(cluster, RecordingSignals(), observer=observer)
+    await batcher.submit(WHO, deployment("a"))
+    assert len(observer.seen) == 1 and observer.seen[0].writer_turn == 0.0  # the writer was free
+    if not cluster.is_sqlite:
+        return  # SQLite's writer turns only
+    writing = asyncio.Event()
+    insert = submits.repo.insert_deployments
+
+    async def noted_insert(*args, **kwargs):
+        writing.set()  # its first write statement waits for the writer's turn next
+        return await insert(*args, **kwargs)
+
+    monkeypatch.setattr(submits.repo, "insert_deployments", noted_insert)
+    async with cluster.unit_of_work() as holder:  # another transaction holds the writer
+        await holder.session.execute(update(m.Tenant).where(m.Tenant.id == "nobody").values(max_accelerators=1))
+        submitted = asyncio.create_task(batcher.submit(WHO, deployment("b")))
+        await writing.wait()
+        await asyncio.sleep(0.1)
+        assert not submitted.done()  # waiting for the writer
+        await holder.commit()
+    await submitted
+    assert len(observer.seen) == 2
+    stages = observer.seen[-1]
+    assert stages.writer_turn >= 0.1 and all(seconds >= 0.0 for _, seconds in stages.items())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,8 +15,10 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.api.interceptors import SENT_AT_METADATA_KEY
 from controller.api.server import ControllerApp
 from controller.config import Config
+from controller.usecases.submits import SubmitStages
 from grpc_harness import PENDING, RUNNING, SimFleet, Stubs, admin_token_of, issue_token, eventually, spec, topology
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -78,9 +81,9 @@ async def test_metrics_follow_the_scenario(app: ControllerApp, tmp_path: Path) -
             spec=spec("svc", replicas=1, shards=2, accelerators=2)))
         await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
                          lambda d: d.phase == RUNNING, what="svc running")
-        # Pending: 4 more accelerators would pass the tenant's cap of 6.
+        # Pending: 4 more accelerators would pass the tenant's cap of 6. Sent saying when (the bench's way).
         await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
-            spec=spec("odd", shards=1, accelerators=4)))
+            spec=spec("odd", shards=1, accelerators=4)), metadata=((SENT_AT_METADATA_KEY, f"{time.time():.6f}"),))
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="nope"))
         assert missing.value.code() is grpc.StatusCode.NOT_FOUND
@@ -128,6 +131,9 @@ async def test_metrics_follow_the_scenario(app: ControllerApp, tmp_path: Path) -
     assert value(samples, "maia_grpc_server_handled_total", code="NOT_FOUND",
                  service="maia.v1.DeploymentService", method="GetDeployment") == 1
     assert value(samples, "maia_grpc_server_handling_seconds_count", **submit) == 2
+    assert value(samples, "maia_grpc_server_queued_seconds_count", **submit) == 1  # the one that said when it was sent
+    for stage, _ in SubmitStages().items():  # both submits went in a batch: each stage observed for each
+        assert value(samples, "maia_submit_stage_seconds_count", stage=stage) == 2
     assert total(samples, "maia_grpc_server_handled_total", service="maia.v1.NodeAgentService",
                  method="Register", code="OK") == 4
     # Usage meters run from the placement on: svc's 4 accelerators (4 x 400 W load + 4 x 150 W idle share).

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from controller.store.db import SqliteWriters
-from controller.store.turns import WritePriority, WriterTurns, write_priority
+from controller.store.turns import WritePriority, WriterTurns, metered_turns, write_priority
 
 
 class Clock:
@@ -134,3 +134,25 @@ async def test_sqlite_writers_take_turns_by_the_task_priority(tmp_path: Path) ->
             assert list(await conn.scalars(text("SELECT x FROM t ORDER BY rowid"))) == ["first", "submit", "report"]
     finally:
         await engine.dispose()
+
+
+async def test_metered_turns_add_up_the_waits_and_name_the_holder() -> None:
+    clock = Clock()
+    turns = WriterTurns(clock=clock)
+
+    async def metered_write() -> tuple[float, int, WritePriority | None]:
+        with write_priority(WritePriority.ANSWER), metered_turns() as meter:
+            await turns.acquire()  # held by the pass below: waits until it is given
+            turns.release()
+            await turns.acquire()  # free now: no wait
+            turns.release()
+        return meter.waited_s, meter.waits, meter.behind
+
+    await turns.acquire(WritePriority.BACKGROUND)
+    turns.release()  # a free writer taken and given back: nothing metered outside
+    await turns.acquire(WritePriority.SCHEDULE)
+    writer = asyncio.create_task(metered_write())
+    await _wait_queued(turns, 1)
+    clock.now = 0.25
+    turns.release()
+    assert await writer == (0.25, 1, WritePriority.SCHEDULE)
