@@ -11,6 +11,14 @@ loop's thread. A commit or rollback with no transaction open takes no trip at al
 transactions and errors are the same as with the stock adapter;
 server-side cursors (`stream_results`) keep the stock one.
 
+A writer that never handles one INSERT's failure on its own (a batch that fails, or commits, as a
+whole) may defer its INSERTs without RETURNING (`deferred_inserts`): each waits on the connection
+and goes to the thread with its next statement or its commit, in order, in that one trip. Under
+load each trip is a turn of a busy event loop while the transaction holds SQLite's only writer
+(a submit batch: five trips -> three). A deferred INSERT's error is raised by the statement or the
+commit it went with; nothing after it in that trip runs, and the transaction is rolled back by
+its caller as for any failed statement. Everything else is executed at once, as before.
+
 `dbapi()` is the DBAPI module to hand `create_async_engine(..., module=...)` for a
 `sqlite+aiosqlite` URL.
 """
@@ -18,7 +26,10 @@ server-side cursors (`stream_results`) keep the stock one.
 from __future__ import annotations
 
 import collections
+import contextvars
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aiosqlite
@@ -28,6 +39,43 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
 from sqlalchemy.util import EMPTY_DICT, await_only
 
 _Outcome = tuple[Any, int, Any, list[Any] | None]  # description, rowcount, lastrowid, rows
+_Statement = tuple[str, Any, bool]  # operation, parameters, executemany
+
+_DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("maia_sqlite_deferred_inserts", default=False)
+
+
+@contextmanager
+def deferred_inserts() -> Iterator[None]:
+    """INSERTs without RETURNING executed inside (in this task) go to the thread with the
+    connection's next statement or commit (module docstring). For writers whose transaction fails
+    as a whole when any of its statements fails; no effect on other databases."""
+    token = _DEFERRING.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRING.reset(token)
+
+
+def _deferrable(operation: str) -> bool:
+    head = operation.lstrip()[:6].upper()
+    return head == "INSERT" and "RETURNING" not in operation.upper()
+
+
+def _run_deferred(conn: sqlite3.Connection, deferred: list[_Statement]) -> None:
+    for operation, parameters, many in deferred:
+        _run(conn, operation, parameters, many)
+
+
+def _run_after(conn: sqlite3.Connection, deferred: list[_Statement], operation: str, parameters: Any,
+               many: bool) -> _Outcome:
+    """The deferred statements, then this one: one trip."""
+    _run_deferred(conn, deferred)
+    return _run(conn, operation, parameters, many)
+
+
+def _commit_after(conn: sqlite3.Connection, deferred: list[_Statement]) -> None:
+    _run_deferred(conn, deferred)
+    conn.commit()
 
 
 def _run(conn: sqlite3.Connection, operation: str, parameters: Any, many: bool) -> _Outcome:
@@ -91,12 +139,23 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
             self._adapt_connection._handle_exception(error)
 
     async def _trip(self, operation: Any, parameters: Any, *, many: bool) -> None:
+        adapt: _Connection = self._adapt_connection  # type: ignore[assignment]
+        if _DEFERRING.get() and _deferrable(operation):
+            adapt.deferred.append((operation, parameters, many))
+            self._description, self._rowcount, self._lastrowid = None, -1, None
+            self._rows = collections.deque()
+            return
         connection: aiosqlite.Connection = self._connection
-        async with self._adapt_connection._execute_mutex:
+        async with adapt._execute_mutex:
+            deferred, adapt.deferred = adapt.deferred, []
             try:
-                outcome = await connection._execute(_run, connection._conn, operation, parameters, many)
+                if deferred:
+                    outcome = await connection._execute(_run_after, connection._conn, deferred, operation,
+                                                        parameters, many)
+                else:
+                    outcome = await connection._execute(_run, connection._conn, operation, parameters, many)
             except BaseException:  # cancelled, the statement may still run on the thread: see `_Connection`
-                self._adapt_connection.unsure = True
+                adapt.unsure = True
                 raise
         self._description, self._rowcount, self._lastrowid, rows = outcome
         self._rows = collections.deque(rows) if rows else collections.deque()
@@ -110,24 +169,35 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     a statement that did not come back (cancelled: it may still be running there, and begin a
     transaction), the next rollback takes its trip, queued behind it, whatever sqlite3 says."""
 
-    __slots__ = ("unsure",)
+    __slots__ = ("unsure", "deferred")
     _cursor_cls = OneTripCursor
 
     def __init__(self, dbapi: Any, connection: aiosqlite.Connection) -> None:
         super().__init__(dbapi, connection)
         self.unsure = False
+        self.deferred: list[_Statement] = []  # INSERTs waiting for the next trip (`deferred_inserts`)
 
     def _idle(self) -> bool:
         conn = self._connection._conn
         return not self.unsure and conn is not None and not conn.in_transaction
 
     def rollback(self) -> None:
+        self.deferred = []  # never sent: nothing of theirs to undo
         if not self._idle():
             super().rollback()
             self.unsure = False
 
     def commit(self) -> None:
-        if not self._idle():
+        if self.deferred:
+            deferred, self.deferred = self.deferred, []
+            try:
+                await_only(self._connection._execute(_commit_after, self._connection._conn, deferred))
+            except Exception as error:
+                self._handle_exception(error)
+            except BaseException:  # cancelled: the trip may still run on the thread (`rollback` takes its own)
+                self.unsure = True
+                raise
+        elif not self._idle():
             super().commit()
 
 

@@ -36,6 +36,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
+from controller.store.sqlite_driver import deferred_inserts
 from controller.store.turns import WritePriority, write_priority
 from controller.usecases import policy
 from controller.usecases.deployments import DELETING, delete_deployment, mark_deleting, only_owner, seen_or_not_found
@@ -115,8 +116,9 @@ class DeleteBatcher:
             redactors = await self._redactors(uow, [q for q in batch if id(q) in rows and rows[id(q)].reasons])
             calls = [q.call for q in marking if q.call is not None]
             if marking:
-                await mark_deleting(uow, [(rows[id(q)], q.who.name) for q in marking])
-                await audit.append(s, [c.record for c in calls])
+                with deferred_inserts():  # the batch fails or commits whole
+                    await mark_deleting(uow, [(rows[id(q)], q.who.name) for q in marking])
+                    await audit.append(s, [c.record for c in calls])
                 await uow.commit()
             views = {id(q): repo.deployment_view(row) for q in batch if (row := rows.get(id(q))) is not None}
         for call in calls:

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from controller.store.db import Database
+from controller.store.sqlite_driver import deferred_inserts
 
 
 @pytest.fixture
@@ -87,3 +88,49 @@ async def test_a_read_takes_one_trip_and_a_write_two(db: Database, trips: list[s
     assert trips == ["_run", "rollback"]
     async with db.unit_of_work() as uow:
         assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [1]
+
+
+async def test_deferred_inserts_go_with_the_next_statement_or_the_commit_in_order(db: Database,
+                                                                                  trips: list[str]) -> None:
+    async with db.unit_of_work() as uow:
+        s = uow.session
+        with deferred_inserts():
+            await s.execute(text("INSERT INTO t (v) VALUES (1)"))  # deferred
+            await s.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 2}, {"v": 3}])  # deferred
+            assert trips == []
+            moved = await s.execute(text("UPDATE t SET v = v * 10 WHERE v >= 2"))  # the inserts go first, with it
+            assert trips == ["_run_after"] and moved.rowcount == 2
+            returned = await s.execute(text("INSERT INTO t (v) VALUES (4) RETURNING id"))  # RETURNING: at once
+            assert returned.scalar_one() == 4
+            await s.execute(text("INSERT INTO t (v) VALUES (5)"))  # deferred: goes with the commit
+        await s.commit()
+    assert trips == ["_run_after", "_run", "_commit_after"]
+    async with db.unit_of_work() as uow:
+        assert list(await uow.session.scalars(text("SELECT v FROM t ORDER BY id"))) == [1, 20, 30, 4, 5]
+
+
+async def test_a_deferred_insert_that_fails_fails_the_commit_and_nothing_is_written(db: Database) -> None:
+    with pytest.raises(IntegrityError):
+        async with db.unit_of_work() as uow:
+            with deferred_inserts():
+                await uow.session.execute(text("INSERT INTO t (v) VALUES (7)"))
+                await uow.session.execute(text("INSERT INTO t (v) VALUES (7)"))  # UNIQUE, raised by the commit
+            await uow.session.commit()
+    async with db.unit_of_work() as uow:  # rolled back whole, and the writer's turn was given back
+        assert await uow.session.scalar(text("SELECT count(*) FROM t")) == 0
+        await uow.session.execute(text("INSERT INTO t (v) VALUES (8)"))
+        await uow.session.commit()
+    async with db.unit_of_work() as uow:
+        assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [8]
+
+
+async def test_deferred_inserts_of_a_transaction_not_committed_are_never_run(db: Database, trips: list[str]) -> None:
+    async with db.unit_of_work() as uow:
+        with deferred_inserts():
+            await uow.session.execute(text("INSERT INTO t (v) VALUES (9)"))
+    assert trips == []  # dropped with the rollback: nothing had reached the thread
+    async with db.unit_of_work() as uow:
+        await uow.session.execute(text("INSERT INTO t (v) VALUES (10)"))
+        await uow.session.commit()
+    async with db.unit_of_work() as uow:
+        assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [10]
