@@ -39,6 +39,16 @@ def trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+async def _nothing_written_and_the_writer_free(db: Database) -> None:
+    """The table is empty, and the writer's turn was given back: a new write commits, alone."""
+    async with db.unit_of_work() as uow:
+        assert await uow.session.scalar(text("SELECT count(*) FROM t")) == 0
+        await uow.session.execute(text("INSERT INTO t (v) VALUES (3)"))
+        await uow.session.commit()
+    async with db.unit_of_work() as uow:
+        assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [3]
+
+
 async def test_statements_read_and_write_as_with_the_stock_adapter(db: Database) -> None:
     async with db.unit_of_work() as uow:
         s = uow.session
@@ -65,12 +75,7 @@ async def test_a_failed_statement_raises_the_dbapi_error_and_its_transaction_is_
         async with db.unit_of_work() as uow:
             await uow.session.execute(text("INSERT INTO t (v) VALUES (2)"))
             await uow.session.execute(text("SELECT nothing FROM nowhere"))
-    async with db.unit_of_work() as uow:  # neither was committed, and the writer's turn was given back
-        assert await uow.session.scalar(text("SELECT count(*) FROM t")) == 0
-        await uow.session.execute(text("INSERT INTO t (v) VALUES (3)"))
-        await uow.session.commit()
-    async with db.unit_of_work() as uow:
-        assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [3]
+    await _nothing_written_and_the_writer_free(db)  # neither was committed
 
 
 async def test_a_read_takes_one_trip_and_a_write_two(db: Database, trips: list[str]) -> None:
@@ -116,12 +121,7 @@ async def test_a_deferred_insert_that_fails_fails_the_commit_and_nothing_is_writ
                 await uow.session.execute(text("INSERT INTO t (v) VALUES (7)"))
                 await uow.session.execute(text("INSERT INTO t (v) VALUES (7)"))  # UNIQUE, raised by the commit
             await uow.session.commit()
-    async with db.unit_of_work() as uow:  # rolled back whole, and the writer's turn was given back
-        assert await uow.session.scalar(text("SELECT count(*) FROM t")) == 0
-        await uow.session.execute(text("INSERT INTO t (v) VALUES (8)"))
-        await uow.session.commit()
-    async with db.unit_of_work() as uow:
-        assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [8]
+    await _nothing_written_and_the_writer_free(db)  # rolled back whole
 
 
 async def test_deferred_inserts_of_a_transaction_not_committed_are_never_run(db: Database, trips: list[str]) -> None:
@@ -129,8 +129,4 @@ async def test_deferred_inserts_of_a_transaction_not_committed_are_never_run(db:
         with deferred_inserts():
             await uow.session.execute(text("INSERT INTO t (v) VALUES (9)"))
     assert trips == []  # dropped with the rollback: nothing had reached the thread
-    async with db.unit_of_work() as uow:
-        await uow.session.execute(text("INSERT INTO t (v) VALUES (10)"))
-        await uow.session.commit()
-    async with db.unit_of_work() as uow:
-        assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [10]
+    await _nothing_written_and_the_writer_free(db)
