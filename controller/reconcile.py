@@ -637,7 +637,7 @@ class Reconciler:
         base = cache.snapshot.generation
         deleting = await _deleting_views(uow.session, departed)
         result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
-                                   now=self._wall_clock())
+                                   now=self._wall_clock(), laps=self._laps.lap)
         self._laps.lap("commit_plan")
         await uow.commit()
         self._laps.lap("commit")
@@ -761,7 +761,7 @@ class Reconciler:
             scope = await self._warm.scope(snapshot, plan)
             async with self._db.unit_of_work() as uow:
                 result = await commit_plan(uow.session, snapshot, plan, scope=scope, actor="controller",
-                                           now=self._wall_clock())
+                                           now=self._wall_clock(), laps=self._laps.lap)
                 await uow.commit()
             self._laps.lap("commit")
             changed = await self._report(result, plan, deleting, solve_ms, waiting=len(waiting), path="full")

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -343,7 +343,7 @@ async def _plan_changes(
 
 def _snapshot_racks(snapshot: Snapshot, nodes: Collection[str]) -> tuple[set[str], set[str]]:
     """The racks holding `nodes` and their rows, as `snapshot` has them (current while the
-    topology and the nodes are: `_same_specs`)."""
+    topology and the nodes are: `_specs_since`)."""
     rack_of = {n["id"]: n["rack"] for n in snapshot.problem.get("nodes", ())}
     row_of = {r["id"]: r["row"] for r in snapshot.problem.get("racks", ())}
     racks = {rack_of[n] for n in nodes if n in rack_of}
@@ -451,18 +451,76 @@ async def _read_unread(session: AsyncSession, committed: _Committed, doc: dict[s
     return Unread(tenants, by_row)
 
 
-async def _same_specs(session: AsyncSession, snapshot: Snapshot, generation: int) -> bool:
+@dataclass(frozen=True)
+class _Since:
+    """What the change log says changed since a stale commit's snapshot, when the re-check may
+    still judge by that snapshot's document (`_specs_since`)."""
+
+    # Deployments being deleted since (their shards leave); None: a deletion that names none.
+    deleted: frozenset[str] | None
+    placed: bool  # another commit changed shards of deployments the snapshot knows
+
+
+async def _specs_since(session: AsyncSession, snapshot: Snapshot, generation: int) -> _Since | None:
     """Whether what the re-check judges by (topology, nodes, tenants, the specs of deployments)
     is as `snapshot` has it at `generation`, said by the change log in between: only deletions
     (a deployment being deleted is judged by nothing: its shards leave) and placements changed
     of deployments the snapshot knows (shards released, failures reported, another controller's
-    plan; the shards themselves are read under the lock). One query instead of the six that
-    read the document again; the usual staleness under load is deletions."""
+    plan; the shards themselves are read under the lock); None: something else changed. One
+    query instead of the six that read the document again; the usual staleness under load is
+    deletions."""
     since = await read_changes_since(session, snapshot.generation, generation=generation)
+    if not since.complete:
+        return None
     known = snapshot.deployment_ids
-    return since.complete and all(
-        kind is ChangeKind.DEPLOYMENT_DELETED or kind is ChangeKind.PLACEMENTS and name is not None and name in known
-        for logged in since.changes.values() for kind, name in logged)
+    deleted: set[str] | None = set()
+    placed = False
+    for kind, name in (change for logged in since.changes.values() for change in logged):
+        if kind is ChangeKind.DEPLOYMENT_DELETED:
+            deleted = None if deleted is None or name is None else deleted | {name}
+        elif kind is ChangeKind.PLACEMENTS and name is not None and name in known:
+            placed = True
+        else:
+            return None
+    return _Since(None if deleted is None else frozenset(deleted), placed)
+
+
+def _snapshot_neighbours(snapshot: Snapshot, committed: _Committed, racks: Collection[str], since: _Since | None,
+                         ) -> tuple[dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]] | None:
+    """`_neighbours` from `snapshot` instead of the database, for a commit whose snapshot is
+    current (`since` None) or stale by deletions alone (`since.deleted`: their shards are left
+    out, as the database's live shards leave them out): the snapshot holds every committed shard
+    of the deployments outside the commit's scope. None when it cannot tell: another commit
+    changed shards since, or the snapshot left out shards still stored on those racks
+    (`Snapshot.released`). No statement under the writer's lock, and a cost of the snapshot's
+    placements, not of a join of every placement on the racks (a 64-shard gang touches dozens)."""
+    if not racks:
+        return {}, {}
+    if since is not None and (since.placed or since.deleted is None):
+        return None
+    problem = snapshot.problem
+    on = {n["id"] for n in problem.get("nodes", ()) if n["rack"] in racks}
+    if any(where[0] in on for where in snapshot.released.values()):
+        return None
+    gone = frozenset() if since is None or since.deleted is None else since.deleted
+    keys = snapshot.plan_keys()
+    shards: dict[ShardKey, tuple[int, Where]] = {}
+    outside: dict[str, tuple[int, int]] = {}
+    for p in problem.get("placements", ()):
+        if p["node"] not in on:
+            continue
+        mapped = keys.key(p["deployment"], p["replica"], p["shard"])
+        if mapped is None:
+            return None
+        key, revision = mapped
+        if committed.speaks_for(key[0]) or key[0] in committed.deployments or key[0] in gone:
+            continue
+        if key[0] not in outside:
+            ref = snapshot.solver_refs.get(key[0])
+            template = ref.revision if ref is not None and not ref.outgoing else revision
+            outside[key[0]] = (snapshot.deployment_ids.get(key[0], 0), template)
+        shards[key] = (revision, _where(p))
+    return shards, outside
 
 
 async def _recheck(
@@ -481,11 +539,13 @@ async def _recheck(
     racks: set[str] = set()
     rows: set[str] | None = None
     ids: set[int] | None = None
-    current = not stale or await _same_specs(session, snapshot, committed.generation)  # the snapshot's document
+    since = await _specs_since(session, snapshot, committed.generation) if stale else None
+    current = not stale or since is not None  # the snapshot's document
     if committed.scope is not None:
         touched = {w[0] for s in landing.values() for w in s.values()}
         racks, rows = _snapshot_racks(snapshot, touched) if current else await _read_racks(session, touched)
-        outside, others = await _neighbours(session, committed, racks)
+        near = _snapshot_neighbours(snapshot, committed, racks, since) if current else None
+        outside, others = near if near is not None else await _neighbours(session, committed, racks)
         shards.update(outside)
         template.update((key, revision) for key, (_, revision) in others.items())
         ids = {d.id for d in deployments.values()} | {i for i, _ in others.values()}
@@ -510,9 +570,13 @@ async def _recheck(
     return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}, doc
 
 
+def _no_lap(_step: str) -> None:
+    pass
+
+
 async def commit_plan(
     session: AsyncSession, snapshot: Snapshot, plan: Plan, *, scope: Collection[str] | None = None,
-    actor: str = "controller", now: datetime | None = None,
+    actor: str = "controller", now: datetime | None = None, laps: Callable[[str], None] | None = None,
 ) -> CommitResult:
     """Apply `plan` (solved from `snapshot`) in the caller's transaction; the caller commits.
 
@@ -530,7 +594,13 @@ async def commit_plan(
     `snapshot.deleting`, as an unscoped commit does for all of them; the others wait for a commit
     that names them (an unscoped pass does). Scoped or not, the same plan lands the same changes
     for the scope's deployments (tests/store/test_commit_scope.py).
+
+    `laps(step)` is told as each step ends (a caller's timings): `commit_turn` (on SQLite the
+    wait for the writer's turn; the writer is held from its end to the caller's commit),
+    `commit_read` (the committed state), `commit_check` (the plan's changes, re-checked); the
+    writes follow.
     """
+    lap = laps or _no_lap
     # The generation row's write lock (PostgreSQL row lock, SQLite write lock) to the end of the
     # caller's transaction: commits serialise here, so each plan is checked against a state no
     # other commit changes under it. A commit that will change placements bumps the generation in
@@ -541,14 +611,17 @@ async def commit_plan(
     generation = await move_generation(session, 1 if bumped else 0)
     stale = generation - int(bumped) != snapshot.generation
     now = now or utcnow()
+    lap("commit_turn")
 
     # Current state (read under the generation lock): every deployment and placement, or the scope's.
     committed = await _read_committed(session, scope, generation - int(bumped))
+    lap("commit_read")
     deployments, live, current = committed.deployments, committed.live, committed.current
 
     # Shards the snapshot left out (store/snapshot.py `released`): released if still there.
     released = [current.pop(k) for k, where in snapshot.released.items() if k in current and current[k].where == where]
     changes = await _plan_changes(session, snapshot, plan, committed, stale)
+    lap("commit_check")
     inserts, updates = changes.inserts, changes.updates
     deletes = changes.deletes + committed.leaving + released
     deleted_keys = {row.key for row in deletes}

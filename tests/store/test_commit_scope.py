@@ -16,7 +16,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.domain.changes import ClusterChange
 from controller.store import models as m
+from controller.store import plans
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, bump_cluster_generation, commit_plan
@@ -341,8 +343,9 @@ async def test_a_deployment_a_cached_snapshot_learnt_without_a_solver_ref_lands(
     assert result.shards == {("a/late", 0, 0): ("r2a-n0", (3,), None)}
 
 
-async def test_a_row_budget_counts_unread_shards_of_an_older_revision_by_their_own_spec(database: Database) -> None:
-    # c/old rolls to a 0 W template; its running shard on r1b keeps revision 1 (300 W an accelerator).
+async def _rolled_cluster(database: Database) -> None:
+    """c/old rolls to a 0 W template; its running shard on r1b keeps revision 1 (300 W an
+    accelerator); a/x (2 accelerators, 300 W each) is new; row1 has a 1,000 W budget."""
     doc = {**_cluster(random.Random(0), deployments=0),
            "rows": [{"id": "row1", "zone": "z1", "power_budget_w": 1000}, {"id": "row2", "zone": "z1"}],
            "racks": [{"id": rack, "row": row} for rack, row in RACKS.items()],
@@ -359,6 +362,10 @@ async def test_a_row_budget_counts_unread_shards_of_an_older_revision_by_their_o
         old.template_revision, old.shard_power_w = 2, 0.0
         await bump_cluster_generation(uow.session)
         await uow.commit()
+
+
+async def test_a_row_budget_counts_unread_shards_of_an_older_revision_by_their_own_spec(database: Database) -> None:
+    await _rolled_cluster(database)
     async with database.unit_of_work() as uow:
         snap = await load_snapshot(uow.session)
 
@@ -366,3 +373,87 @@ async def test_a_row_budget_counts_unread_shards_of_an_older_revision_by_their_o
                            scope={"a/x"})
 
     assert result.requeued == {("a/x", 0): ("POWER: row row1 draws 1200 W, over its budget of 1000 W",)}
+
+
+async def _beside(database: Database, snap: Snapshot, scope: set[str], racks: set[str]) -> tuple[Any, Any]:
+    """The shards outside `scope` on `racks` as a commit now would take them from `snap` (None:
+    it cannot say) and as stored."""
+    async with database.unit_of_work() as uow:
+        generation = await repo.read_cluster_generation(uow.session)
+        committed = await plans._read_committed(uow.session, scope, generation)
+        since = None if generation == snap.generation else await plans._specs_since(uow.session, snap, generation)
+        return (plans._snapshot_neighbours(snap, committed, racks, since),
+                await plans._neighbours(uow.session, committed, racks))
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_the_shards_beside_a_scope_from_a_snapshot_current_or_stale_by_deletions_are_those_stored(
+        database: Database, seed: int) -> None:
+    rng = random.Random(seed)
+    doc = _cluster(rng, deployments=12)
+    slots = rng.sample([(node, index) for node in NODES for index in range(4)], 36)
+    doc["placements"] = [{"deployment": d["id"], "replica": replica, "shard": shard, "node": node,
+                          "accelerator_indices": [index]}
+                         for d in doc["deployments"] for replica in range(d["replicas"])
+                         for shard in range(d["shards_per_replica"]) if rng.random() < 0.7 and slots
+                         for node, index in (slots.pop(),)]
+    snap = await _seeded(database, doc)
+    names = sorted(snap.deployment_ids)
+    if seed % 2:  # deployments deleted since the snapshot: their shards leave
+        gone = rng.sample(names, 3)
+        async with database.unit_of_work() as uow:
+            for key in gone:
+                row = (await uow.session.scalars(select(m.Deployment).where(
+                    m.Deployment.name == key.split("/")[1]))).one()
+                row.phase = m.DeploymentPhase.DELETING
+            await bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(*gone))
+            await uow.commit()
+    scope = set(rng.sample(names, 2))
+    for racks in (set(RACKS), {"r1a"}, {"r1b", "r2a"}):
+        from_snapshot, stored = await _beside(database, snap, scope, racks)
+        assert from_snapshot == stored, racks
+        assert stored[0] or racks != set(RACKS)  # something runs beside the scope
+
+
+async def test_the_shards_beside_a_scope_of_an_older_revision_from_a_snapshot_are_those_stored(
+        database: Database) -> None:
+    await _rolled_cluster(database)
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    from_snapshot, stored = await _beside(database, snap, {"a/x"}, {"r1b"})
+    assert from_snapshot == stored and stored[0] == {("c/old", 0, 0): (1, ("r1b-n0", (0, 1), None))}
+
+
+async def test_the_snapshot_does_not_say_the_shards_beside_a_scope_placed_since_or_beside_those_it_left_out(
+        database: Database) -> None:
+    snap = await _quota_cluster(database)
+    first = await _commit(database, snap, _one("a/x", "r1a-n1", 0), scope={"a/x"})  # another commit since
+    assert not first.stale
+    from_snapshot, stored = await _beside(database, snap, {"a/y"}, {"r1a"})
+    assert from_snapshot is None and ("a/x", 0, 0) in stored[0]
+    async with database.unit_of_work() as uow:
+        now = await load_snapshot(uow.session)
+    left_out = replace(now, released={("a/x", 0, 0): ("r1a-n1", (0,), None)})
+    assert (await _beside(database, left_out, {"a/y"}, {"r1a"}))[0] is None
+    assert (await _beside(database, left_out, {"a/y"}, {"r2a"}))[0] == ({}, {})
+
+
+async def test_a_scoped_commit_onto_accelerators_another_commit_took_since_its_snapshot_is_requeued(
+        database: Database) -> None:
+    snap = await _quota_cluster(database)
+    assert not (await _commit(database, snap, _one("a/x", "r1a-n1", 2), scope={"a/x"})).requeued
+
+    result = await _commit(database, snap, _one("a/y", "r1a-n1", 2), scope={"a/y"})
+
+    assert result.stale and list(result.requeued) == [("a/y", 0)] and result.shards == {}
+
+
+async def test_a_current_scoped_commit_judges_the_shards_beside_it_by_its_snapshot_without_reading_them(
+        database: Database) -> None:
+    snap = await _quota_cluster(database)  # a/old holds r1a-n0's accelerators 0 and 1
+    for plan, turned_away in ((_one("a/x", "r1a-n0", 1), True), (_one("a/x", "r1a-n0", 2), False)):
+        async with database.unit_of_work() as uow:
+            with rows_read(uow.session) as counts:
+                result = await commit_plan(uow.session, snap, plan, scope={"a/x"}, now=NOW)
+        assert not result.stale and bool(result.requeued) == turned_away
+        assert sum(counts) == 1, counts  # a/x's row: no placement read, a/old's neither
