@@ -244,16 +244,31 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
     return committed
 
 
+def _solver_ids(snapshot: Snapshot, keys: Collection[str]) -> set[str]:
+    """The solver deployments that stand for the stored deployments `keys` in `snapshot`: each
+    one's own and, while a rollout or a drain replaces its replicas, its outgoing revisions'
+    (store/rollout.py), looked for among all of the snapshot's only then (a cost of `keys`, not
+    of the cluster, for a scope of a few)."""
+    refs, indices = snapshot.solver_refs, snapshot.replica_indices
+    ids = set(keys)
+    for key in keys:
+        ref = refs.get(key)
+        if ref is None or ref.outgoing or indices.get(key, frozenset()) - set(ref.replicas.values()):
+            return ids | {sid for sid, ref in refs.items() if ref.key in ids}
+    return ids
+
+
 def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None,
               rows: Collection[str] | None = None) -> dict[str, Any]:
     """The snapshot's problem with one deployment per stored deployment and revision, named
     `TENANT/NAME~REVISION`: what the re-check judges each shard by (the spec its replica was
     placed with); only the stored deployments `keys` and the nodes of `rows` when given."""
     specs: dict[str, dict[str, Any]] = {}
+    ids = None if keys is None else _solver_ids(snapshot, keys)
     for doc in snapshot.problem.get("deployments", ()):
-        ref = snapshot.solver_refs.get(doc["id"])
-        if keys is not None and (ref.key if ref is not None else doc["id"]) not in keys:
+        if ids is not None and doc["id"] not in ids:
             continue
+        ref = snapshot.solver_refs.get(doc["id"])
         spec_id = outgoing_id(ref.key, ref.revision) if ref is not None else doc["id"]
         specs.setdefault(spec_id, dict(doc, id=spec_id))
     problem = {**snapshot.problem, "deployments": list(specs.values()), "placements": []}
@@ -277,11 +292,12 @@ async def _plan_changes(
     deployments, current, live = committed.deployments, committed.current, committed.live
     keys = snapshot.plan_keys()
     # The solver deployments of the live ones (a plain set test per snapshot placement: a
-    # scoped commit skips the cluster's placements at little cost).
-    solver_ids = {sid for sid, ref in snapshot.solver_refs.items() if ref.key in live}
-    solver_ids |= live - snapshot.solver_refs.keys()
+    # scoped commit skips the cluster's placements at little cost, none when its deployments
+    # hold no shards in the snapshot: arrivals).
+    solver_ids = _solver_ids(snapshot, live)
+    held = any(snapshot.replica_indices.get(key) for key in live)
     base: dict[ShardKey, Where] = {}
-    for p in snapshot.problem.get("placements", ()):
+    for p in snapshot.problem.get("placements", ()) if held else ():
         if p["deployment"] not in solver_ids:
             continue
         mapped = keys.key(p["deployment"], p["replica"], p["shard"])

@@ -457,3 +457,14 @@ async def test_a_current_scoped_commit_judges_the_shards_beside_it_by_its_snapsh
                 result = await commit_plan(uow.session, snap, plan, scope={"a/x"}, now=NOW)
         assert not result.stale and bool(result.requeued) == turned_away
         assert sum(counts) == 1, counts  # a/x's row: no placement read, a/old's neither
+
+
+async def test_the_specs_a_scope_is_judged_by_include_its_outgoing_revisions(database: Database) -> None:
+    await _rolled_cluster(database)
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    outgoing = {sid for sid, ref in snap.solver_refs.items() if ref.key == "c/old" and ref.outgoing}
+    assert outgoing  # the running replica of revision 1
+    assert plans._solver_ids(snap, {"c/old", "a/x"}) == {"c/old", "a/x"} | outgoing
+    assert plans._solver_ids(snap, {"a/x"}) == {"a/x"}
+    assert {d["id"] for d in plans._spec_doc(snap, {"c/old"})["deployments"]} == {"c/old~1", "c/old~2"}
