@@ -214,6 +214,15 @@ def _same_database(db: Database) -> Database:
     return own if db.fence is None else own.fenced(db.fence)
 
 
+@dataclass(slots=True)
+class _Scan:
+    """A scan of every placement a pass makes first when due (`Reconciler._before_pass`): the
+    generation it last saw (None: never), so that a pass whose generation only deletions and
+    this controller's own plan commits moved since skips it."""
+
+    checked: int | None = None
+
+
 # The longest pause after a whole-cluster pass (`Reconciler.run`).
 MAX_FULL_PASS_PAUSE_S = 5.0
 
@@ -278,9 +287,9 @@ class Reconciler:
         self._allow_preemption = allow_preemption
         self._max_surge = max_surge
         self._replacing = True               # replicas being replaced (store/rollout.py): check every pass
-        self._retire_checked: int | None = None  # the generation the last such check saw
+        self._retire = _Scan()               # for replaced replicas to retire (store/rollout.py)
         self._restarts = restart_policy or RestartPolicy()
-        self._failures_checked: int | None = None  # the generation the last FAILED-shard check saw
+        self._failures = _Scan()             # for shards reported FAILED (store/failures.py)
         self._own_commits: set[int] = set()  # generations this controller's plan commits moved to, since those checks
         self._failures_due: float | None = None     # when a failed replica's back-off ends
         self._avoid: frozenset[str] = frozenset()   # nodes the next solve keeps new shards off
@@ -333,7 +342,7 @@ class Reconciler:
     def _resync(self) -> None:
         self._resyncs += 1
         self._retry_at = None
-        self._failures_checked = self._failures_due = None
+        self._failures.checked = self._failures_due = None
         self._quarantined.within.clear()
         self._queue = SchedulingQueue(backoff_s=self._queue.backoff_s)
         self.wake()
@@ -505,26 +514,23 @@ class Reconciler:
         # and this controller's own plan commits alone since (the usual case under load): those
         # fail no shard and start no replacement. One read of the change log instead of two
         # scans of every placement.
-        moved = [checked for checked, due in ((self._failures_checked, not failures_due),
-                                              (self._retire_checked, not self._replacing))
-                 if due and checked is not None and checked != generation]
+        moved = [(scan, scan.checked) for scan, due in ((self._failures, failures_due), (self._retire, self._replacing))
+                 if not due and scan.checked is not None and scan.checked != generation]
         if moved:
-            others = (await read_changes_since(uow.session, min(moved), generation=generation)).last_other_than(
+            others = (await read_changes_since(uow.session, min(seen for _, seen in moved),
+                                               generation=generation)).last_other_than(
                 (ChangeKind.DEPLOYMENT_DELETED,), ignoring=self._own_commits)
-            if others is not None and self._failures_checked is not None and self._failures_checked >= others \
-                    and not failures_due:
-                self._failures_checked = generation
-            if others is not None and self._retire_checked is not None and self._retire_checked >= others \
-                    and not self._replacing:
-                self._retire_checked = generation
-        if generation != self._failures_checked or failures_due:
+            for scan, seen in moved:
+                if others is not None and seen >= others:
+                    scan.checked = generation
+        if generation != self._failures.checked or failures_due:
             step = await handle_failures(uow.session, now=self._wall_clock(), policy=self._restarts)
             if step.deployments:
                 generation = await repo.read_cluster_generation(uow.session)
             failures_checked = generation
         # Only while replicas are being replaced, or when the cluster changed (an update or
         # a drain may have started replacing some): an idle cluster costs no scan.
-        if self._replacing or generation != self._retire_checked:
+        if self._replacing or generation != self._retire.checked:
             retired = await retire_replaced(uow.session, now=self._wall_clock())
             if retired.deployments:
                 generation = await repo.read_cluster_generation(uow.session)
@@ -532,11 +538,11 @@ class Reconciler:
             await uow.commit()  # the session goes on in a new transaction
         # Marked checked once committed (a pass whose commit failed checks again).
         if step is not None:
-            self._failures_checked = failures_checked
+            self._failures.checked = failures_checked
             self._failures_handled(step)
         if retired is not None:
-            self._replacing, self._retire_checked = retired.replacing, generation
-        checked = [c for c in (self._failures_checked, self._retire_checked) if c is not None]
+            self._replacing, self._retire.checked = retired.replacing, generation
+        checked = [scan.checked for scan in (self._failures, self._retire) if scan.checked is not None]
         self._own_commits = {g for g in self._own_commits if checked and g > min(checked)}
         if retired is not None and retired.deployments:
             for line in retired.lines:
@@ -650,10 +656,9 @@ class Reconciler:
                 self._warm.drop()
                 return None
         else:  # only this commit moved the generation: no FAILED shard or replacement to look for
-            if self._failures_checked == base:
-                self._failures_checked = result.generation
-            if self._retire_checked == base:
-                self._retire_checked = result.generation
+            for scan in (self._failures, self._retire):
+                if scan.checked == base:
+                    scan.checked = result.generation
         self._committed(cache.snapshot, fast.plan, result, fast.scope)
         self._quarantined.good.update(d["id"] for d in docs + late)
         await self._warm.after_fast(cache, fast, result)
