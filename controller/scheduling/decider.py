@@ -268,9 +268,6 @@ class RemoteSession:
     def replace(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
         self._process.tell(self._token, "replace", (deployment, list(placements)))
 
-    def replace(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
-        self._process.tell(self._token, "replace", (deployment, list(placements)))
-
     def apply(self, delta: ClusterDelta) -> list[Decision]:
         result: list[Decision] = self._process.ask(self._token, "apply", (delta,))
         return result
