@@ -100,7 +100,8 @@ class Replay:
     """One policy over one job list: the solver's cycle state driven event by event."""
 
     def __init__(self, nodes: list[traces.TraceNode], jobs: list[Job], policy: str,
-                 max_moves: int, rebalance_every: float) -> None:
+                 max_moves: int, rebalance_every: float, batch_size: int = 1,
+                 defer: bool = True) -> None:
         from scheduler import problem_from_dict
         from scheduler.greedy import Placer
         from scheduler.solve import Solver
@@ -121,18 +122,50 @@ class Replay:
         self.moves = 0
         self.rebalance_every = rebalance_every
         self.last_rebalance = float("-inf")
+        # Batches (maia policies, batch_size > 1): arrivals held until `batch_size` of them
+        # are decided together (`online_batch.place_batch`, deferral included with `defer`).
+        self.batch_size = batch_size if policy != "bestfit" else 1
+        self.defer = defer
+        self.held: list[int] = []
+        self.batches = 0
 
-    def arrive(self, i: int, now: float) -> bool:
-        """A new pod: tried at once (it may pass pods waiting for room it does not need)."""
+    def arrive(self, i: int, now: float) -> list[int]:
+        """A new pod: tried at once (it may pass pods waiting for room it does not need), or
+        held for its batch; returns the pods that started."""
+        if self.batch_size > 1:
+            self.held.append(i)
+            return self.decide_batch(now) if len(self.held) >= self.batch_size else []
         self.solver.workload.observe(self.solver.state.deps[i].shard, 1)
         if self.try_place(i, now):
-            return True
+            return [i]
         self.waiting.append(i)
-        return False
+        return []
+
+    def decide_batch(self, now: float) -> list[int]:
+        """The held arrivals decided together; what the batch left (no room, or deferred)
+        waits; returns the pods that started."""
+        from scheduler.online_batch import place_batch
+        group, self.held = self.held, []
+        place_batch(self.solver, group, self.batches, defer=self.defer)
+        self.batches += 1
+        placed = [i for i in group if (i, 0) in self.solver.state.replicas]
+        for i in group:
+            if i in placed:
+                self._started(i, now)
+            else:
+                self.waiting.append(i)
+        return placed
 
     def try_place(self, i: int, now: float) -> bool:
+        """Place pod i now if it fits (with batches and `defer`, not as a big fraction
+        opening one of the last empty accelerators: `defer.defer_openers`, as a batch would
+        decide it)."""
+        from scheduler.defer import defer_openers, tight
+        squeezed = tight(self.solver.state) if self.batch_size > 1 and self.defer else None
         if not self.solver.placer.place_deployment(i, [0]):
             return False
+        if squeezed is not None and defer_openers(self.solver, [i], *squeezed):
+            return False  # taken out again (a changed node is re-scored: no adopt needed)
         self._started(i, now)
         return True
 
@@ -199,10 +232,11 @@ class Replay:
 
 def replay(workload: str, nodes: list[traces.TraceNode], jobs: list[Job], policy: str, *,
            seed: int, load: float, max_moves: int = 4, rebalance_every: float = 60.0,
-           samples: int = 4, repack: bool = True) -> ReplayResult:
+           samples: int = 4, repack: bool = True, batch_size: int = 1,
+           defer: bool = True) -> ReplayResult:
     """Run the event loop over the arrival window and measure its second half."""
     t0 = time.perf_counter()
-    sim = Replay(nodes, jobs, policy, max_moves, rebalance_every)
+    sim = Replay(nodes, jobs, policy, max_moves, rebalance_every, batch_size, defer)
     end = jobs[-1].arrive if jobs else 0.0
     start = end / 2
     moments = [start + (end - start) * (k + 1) / (samples + 1) for k in range(samples)]
@@ -214,23 +248,22 @@ def replay(workload: str, nodes: list[traces.TraceNode], jobs: list[Job], policy
         now, kind, i = heapq.heappop(events)
         if now > start:
             alloc_area += sim.allocated * (now - last)
-            wait_area += len(sim.waiting) * (now - last)
+            wait_area += (len(sim.waiting) + len(sim.held)) * (now - last)
             last = now
         while moments and moments[0] <= now:
             moments.pop(0)
             present = [d for d, _ in sim.solver.state.replicas] + sim.waiting
             seen.append((now, sim.allocated, present))
         if kind == 1:
-            if not sim.arrive(i, now):
-                continue
-            started = [i]
+            started = sim.arrive(i, now)
         else:
             sim.leave(i)
             started = sim.retry(now)
         for s in started:
             heapq.heappush(events, (now + jobs[s].lifetime, 0, s))
     alloc_area += sim.allocated * (end - last)
-    wait_area += len(sim.waiting) * (end - last)
+    wait_area += (len(sim.waiting) + len(sim.held)) * (end - last)
+    sim.waiting += sim.held  # a batch not yet full at the end: still waiting
     late = [i for i in sim.started if jobs[i].arrive >= start]
     waits = [sim.started[i] - jobs[i].arrive for i in late if sim.started[i] > jobs[i].arrive]
     still = [i for i in sim.waiting if jobs[i].arrive >= start]
@@ -293,6 +326,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-repack", dest="repack", action="store_false")
     p.add_argument("--check", action="store_true",
                    help="grade the state at the window's end with the independent checker")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="maia policies: arrivals decided together (online_batch.place_batch)")
+    p.add_argument("--no-defer", dest="defer", action="store_false",
+                   help="batches never defer big fractions (scheduler/defer.py)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -310,7 +347,8 @@ def main(args: argparse.Namespace) -> int:
                 jobs = make_jobs(pods, lifetimes, cap, args.load, seed, args.window_s)
                 r = replay(workload, nodes, jobs, policy, seed=seed, load=args.load,
                            max_moves=args.max_moves, rebalance_every=args.rebalance_every,
-                           samples=args.samples, repack=args.repack)
+                           samples=args.samples, repack=args.repack,
+                           batch_size=args.batch_size, defer=args.defer)
                 results.setdefault(policy, []).append(r)
                 print(f"  {workload} {policy} seed {seed}: alloc {r.alloc_pct:.2f}%, waiting "
                       f"{r.waiting_avg:.1f}, waited {r.waited}, wait mean {r.wait_mean_s:.0f} s,"

@@ -175,16 +175,29 @@ def run_greedy(cluster: Doc, deployments: list[Doc], policy: str, seed: int) -> 
     return g.placements, lat
 
 
+def decision_limit_ms(time_limit_ms: int | None) -> int:
+    """The time limit of one decision: the given one, else the solver's default."""
+    from scheduler.solve import DEFAULT_TIME_LIMIT_MS
+    return time_limit_ms or DEFAULT_TIME_LIMIT_MS
+
+
 def run_solver_single(cluster: Doc, deployments: list[Doc], batch_size: int,
                       time_limit_ms: int | None) -> tuple[list[Doc], list[float]]:
-    """One online solve() over all arrivals (batch_size k groups k arrivals per decision)."""
+    """One online solve() over all arrivals (batch_size k groups k arrivals per decision).
+
+    The solve's time limit is `decision_limit_ms` (per decision) times the decisions: the
+    single solve stands for one call per decision, each with its own limit (`per-call`).
+    With one limit for the whole run, every batch after the first seconds found the deadline
+    passed and its joint CP-SAT assignment cut to 10 ms of wall clock, so the plan depended
+    on the machine's load."""
     from scheduler import plan_to_dict, problem_from_dict, solve
     options: Doc = {"mode": "online"}
     if batch_size > 1:
         options["batch_size"] = batch_size
     problem = problem_from_dict({**cluster, "deployments": deployments, "options": options})
+    decisions = -(-len(deployments) // max(batch_size, 1))
     t0 = time.perf_counter()
-    plan = solve(problem, time_limit_ms=time_limit_ms)
+    plan = solve(problem, time_limit_ms=decision_limit_ms(time_limit_ms) * max(decisions, 1))
     elapsed = 1000 * (time.perf_counter() - t0)
     return plan_to_dict(plan)["placements"], [elapsed]
 

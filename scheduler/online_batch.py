@@ -54,9 +54,10 @@ def batch_orders(solver: Solver, ds: list[int], seed: int) -> list[list[int]]:
     return unique
 
 
-def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
+def place_batch(solver: Solver, ds: list[int], seed: int, defer: bool = True) -> None:
     """Decide these arrivals together: the best of `batch_orders` and the joint assignment,
-    each played out and undone."""
+    each played out and undone; then, with `defer` and a batch that starts short of empty
+    accelerators, `defer_big_fractions`."""
     state = solver.state
     alone = copy.deepcopy(solver.workload)  # what one arrival at a time would have seen
     for d in ds:
@@ -64,7 +65,7 @@ def place_batch(solver: Solver, ds: list[int], seed: int) -> None:
     if solver.workload.stale():
         solver.workload.refresh()  # one snapshot for every candidate, so scores compare
     before = replicas_of(state, ds)
-    squeezed = tight(state)
+    squeezed = tight(state) if defer else None
     base = node_quality(solver, solver.placer, state)
     best: tuple[tuple[float, float, float], Replicas] | None = None
     joint = any(jointly_placeable(solver, d) for d in ds)

@@ -59,6 +59,29 @@ def test_fgd_protocol_end_to_end(policy: str, batch: int) -> None:
     assert check_plan(doc, plan) == []
 
 
+@pytest.mark.parametrize(("batch", "given"), [(1, None), (4, None), (4, 300)])
+def test_single_solve_gives_every_decision_its_own_time_limit(
+        monkeypatch: pytest.MonkeyPatch, batch: int, given: int | None) -> None:
+    """The single solve stands for one call per decision: its limit is one decision's times
+    the decisions, so a batch late in the run still gets its joint search (a whole-run
+    limit of 2 s cut every later batch's CP-SAT to 10 ms, the plan depending on load)."""
+    import scheduler
+    from scheduler.solve import DEFAULT_TIME_LIMIT_MS
+    limits: list[int | None] = []
+    real = scheduler.solve
+
+    def spy(problem: object, *, time_limit_ms: int | None = None) -> object:
+        limits.append(time_limit_ms)
+        return real(problem, time_limit_ms=time_limit_ms)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scheduler, "solve", spy)
+    nodes, pods = load()
+    r = fgd.run_seed("tiny", 42, "maia", nodes=nodes, pods=pods, batch_size=batch,
+                     time_limit_ms=given)
+    decisions = -(-r.arrivals // batch)
+    assert limits == [(given or DEFAULT_TIME_LIMIT_MS) * decisions]
+
+
 @pytest.mark.parametrize("policy", ["maia", "random"])
 def test_gpu_configurations_account_for_every_unallocated_milli(policy: str) -> None:
     nodes, pods = load()

@@ -57,3 +57,29 @@ def test_replay_stays_under_the_repack_limit_and_ends_valid(policy: str) -> None
     doc = {**fgd.cluster_doc(nodes), "deployments": r.deployments}
     assert check_state(doc, r.placements) == []
     assert {p["deployment"] for p in r.placements} <= {d["id"] for d in r.deployments}
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_batches_end_valid_and_account_for_every_arrival(defer: bool) -> None:
+    nodes, pods, lifetimes = load()
+    cap = fgd.capacity_milli(nodes)
+    jobs = departures.make_jobs(pods, lifetimes, cap, 1.2, seed=2)
+    r = departures.replay("tiny", nodes, jobs, "maia", seed=2, load=1.2, samples=2,
+                          batch_size=4, defer=defer)
+    assert 0.0 < r.alloc_pct <= 100.0
+    for _, alloc, limit in r.moments:
+        assert 0.0 < alloc <= limit + 1e-9
+    doc = {**fgd.cluster_doc(nodes), "deployments": r.deployments}
+    assert check_state(doc, r.placements) == []
+
+
+def test_a_batch_holds_its_arrivals_until_it_is_full() -> None:
+    nodes, pods, lifetimes = load()
+    jobs = departures.make_jobs(pods, lifetimes, fgd.capacity_milli(nodes), 0.9, seed=1)
+    sim = departures.Replay(nodes, jobs, "maia", 0, 60.0, batch_size=3)
+    assert sim.arrive(0, 1.0) == [] and sim.arrive(1, 2.0) == []
+    assert sim.held == [0, 1] and not sim.solver.state.replicas
+    started = sim.arrive(2, 3.0)
+    assert sim.held == [] and started  # the empty cluster takes the batch
+    assert sorted(started + sim.waiting) == [0, 1, 2]
+    assert all(sim.started[i] == 3.0 for i in started)  # started when the batch was decided
