@@ -21,7 +21,13 @@ own decision about several arrivals, so here it may say "not now":
 Both constants were chosen on seeds 1-10 of openb `default` (never 42-51), deferring in the
 online protocol as a proxy and then in batches (docs/benchmarks.md, issue 9, 2026-12-01,
 evening). They are the protocol's: no departures, 130 % of the capacity offered, measured at
-100 % arrived; with departures or a different mix they would want measuring again.
+100 % arrived. **With departures the deferral hurts**: `bench departures --batch-size 16`
+(seed 42, 95 % offered) allocates 90.64 % of GPU capacity on time average with it against
+91.42 % without, 510 pods waiting against 336 (docs/benchmarks.md, issue 9, 2026-12-01, late):
+accelerators free up all the time there, and a held-back fraction leaves room nothing else
+takes. `online_batch.place_batch(defer=False)` turns it off; `solve()`'s online batches
+(`batch_size` > 1) still defer (no option switches it; the controller decides one arrival at
+a time, where nothing is deferred).
 """
 
 from __future__ import annotations
