@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Select, and_, bindparam, inspect, insert, or_, case, delete, func, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, and_, bindparam, inspect, insert, or_, case, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -488,6 +488,12 @@ async def tenants_with_deployment(session: AsyncSession, name: str, limit: int =
     ))
 
 
+def _named_as_any(keys: Iterable[str]) -> ColumnElement[bool]:
+    """Deployments named as any of `keys` (`TENANT/NAME`): by name alone, which the index serves; a
+    superset that the caller narrows to the keys' tenants."""
+    return m.Deployment.name.in_({d.split_deployment_key(k)[1] for k in keys})
+
+
 async def list_deployment_rows(
     session: AsyncSession, *, tenant: str = "", keys: Iterable[str] | None = None,
     phases: Iterable[m.DeploymentPhase] | None = None, page: PageBounds | None = None, name: str = "",
@@ -502,7 +508,7 @@ async def list_deployment_rows(
     wanted: set[str] | None = None
     if keys is not None:
         wanted = set(keys)
-        stmt = stmt.where(m.Deployment.name.in_({d.split_deployment_key(k)[1] for k in wanted}))
+        stmt = stmt.where(_named_as_any(wanted))
     if phases is not None:
         stmt = stmt.where(m.Deployment.phase.in_(list(phases)))
     rows = list(await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id)))
@@ -694,7 +700,7 @@ async def placements_of_deployments(session: AsyncSession, keys: Iterable[str]) 
     wanted = set(keys)
     rows = await session.execute(
         select(m.Placement, m.Deployment.tenant_id, m.Deployment.name).join(m.Deployment)
-        .where(m.Deployment.name.in_({d.split_deployment_key(k)[1] for k in wanted}))
+        .where(_named_as_any(wanted))
     )
     return [(placement, key) for placement, tenant, name in rows
             if (key := d.deployment_key(tenant, name)) in wanted]
@@ -722,7 +728,7 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
         select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
                m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message)
         .select_from(m.Placement).join(m.Deployment)
-        .where(m.Deployment.name.in_({d.split_deployment_key(k)[1] for k in wanted})))
+        .where(_named_as_any(wanted)))
     return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "")
             for tenant, name, replica, shard, node_id, generation, phase, message in rows
             if (key := d.deployment_key(tenant, name)) in wanted]
