@@ -216,9 +216,13 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
                 scrape_work(metrics_url), work0, read_sql(sql_counts), sql0, join_cpu, max(ready, 1), args.count_sql)
             cpu1, t1 = controller.cpu_s(), time.perf_counter()
             beats0 = result["agents_at_join"]["heartbeats_sent"]
+            sql1 = read_sql(sql_counts) if args.count_sql else {}
             await asyncio.sleep(args.steady)
             steady_s = time.perf_counter() - t1
             after = await fleet_status(fleets)
+            if args.count_sql:  # the steady state's statements written
+                await asyncio.sleep(SQL_DUMP_WAIT_S)
+                result["steady_sql_rows_per_s"] = steady_rows_per_s(read_sql(sql_counts), sql1, steady_s)
             result.update({
                 "steady_s": round(steady_s, 1), "steady_cpu_share": round((controller.cpu_s() - cpu1) / steady_s, 3),
                 "steady_heartbeats_per_s": round((after["heartbeats_sent"] - beats0) / steady_s),
@@ -243,6 +247,13 @@ STOP_MARGIN_S = 5.0  # waited for the controller past its own shutdown deadline
 def read_sql(path: Path) -> dict[str, Any]:
     from bench.sqlcount import read
     return read(path)
+
+
+def steady_rows_per_s(sql: dict[str, Any], sql0: dict[str, Any], seconds: float) -> dict[str, float]:
+    """SQL rows (an executemany's parameter sets each) a second over the steady state, by kind, the
+    busiest first (`UPDATE nodes`: the heartbeats written)."""
+    rows = {k: (v - sql0.get("rows", {}).get(k, 0)) / seconds for k, v in sql.get("rows", {}).items()}
+    return {k: round(v, 1) for k, v in sorted(rows.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
 def work_per_node(work: dict[str, Any], work0: dict[str, Any], sql: dict[str, Any], sql0: dict[str, Any],
@@ -271,7 +282,7 @@ def report(r: dict[str, Any]) -> str:
             f"admission {r.get('admission_at_join')}; controller CPU {r.get('join_cpu_s')} s over the join "
             f"({r.get('join_cpu_share')} of a core), steady {r.get('steady_cpu_share')} of a core at "
             f"{r.get('steady_heartbeats_per_s')} heartbeats/s, {r.get('ready_after_steady')} ready after "
-            f"{r.get('steady_s')} s; peak RSS {r.get('controller_peak_rss_mib')} MiB; load {r.get('load_at_start')} -> "
+            f"{r.get('steady_s')} s, SQL rows/s {r.get('steady_sql_rows_per_s')}; peak RSS {r.get('controller_peak_rss_mib')} MiB; load {r.get('load_at_start')} -> "
             f"{r.get('load_at_end')}; work {r.get('work_at_join')}")
 
 

@@ -19,9 +19,11 @@ The hub is the only place that knows which agents are connected right now. It
   that omits its shards under the version of the state this stream's last full heartbeat carried
   costs no shard at all, and one that names a version the stream does not hold (never received,
   or its write failed), or comes when every shard is due again, asks the agent for its full state
-  (`ShardStateRequest`) and counts for liveness meanwhile; and a node's
-  last-heartbeat time at most every half heartbeat timeout while its stream lives (at once when
-  its power draw changed or its stream ended: the node lifecycle judges streamless nodes by it),
+  (`ShardStateRequest`) and counts for liveness meanwhile; and a node's last-heartbeat time at
+  most every `LivenessPolicy.contact_write_every_s` (three heartbeat timeouts) while its stream
+  lives (at once when its power draw changed or its stream ended): a live stream is the node's
+  liveness, and the node lifecycle judges a node whose stream ended here by the last heartbeat
+  the hub saw (`released`), a new leader by the restart grace,
 - marks a node suspect when its stream ends or its heartbeats stop for `heartbeat_timeout_s`
   (it keeps its shards; `controller/nodelifecycle.py` takes it further: down, evicted), counts
   the drop against the node's flap penalty, and on Hello marks it up again (suspect while it
@@ -55,7 +57,7 @@ from controller.store.db import Database, database_failed
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
-from controller.domain.liveness import FlapDamper
+from controller.domain.liveness import FlapDamper, LivenessPolicy
 from controller.domain.values import (
     AssignmentSet, DeploymentView, HeartbeatReport, NodeInfo, ShardReport, deployment_key,
 )
@@ -209,6 +211,7 @@ class AgentHub:
         reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
         leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
         heartbeat_interval_ms: int | None = None, observer: ShardStartObserver | None = None,
+        contact_write_every_s: float | None = None,
     ) -> None:
         self._db = db
         self._observer = observer or _NoObserver()
@@ -225,10 +228,15 @@ class AgentHub:
         self._beats: dict[str, NodeBeat] = {}
         # The last heartbeat written per node. While a node's stream lives its liveness is the stream
         # (in memory: `last_seen`), so a beat that changes nothing but the time is written at most
-        # every half heartbeat timeout; a changed power draw, or a stream gone, at the next flush.
+        # every `contact_write_every_s`; a changed power draw, or a stream gone, at the next flush.
         self._written_beats: dict[str, NodeBeat] = {}
         self._held_beats: dict[str, NodeBeat] = {}
-        self._beat_write_every = timedelta(seconds=heartbeat_timeout_s / 2)
+        if contact_write_every_s is None:
+            contact_write_every_s = LivenessPolicy(heartbeat_timeout_s=heartbeat_timeout_s).contact_write_every_s
+        self._beat_write_every = timedelta(seconds=contact_write_every_s)
+        # The nodes whose stream ended on this leader's watch (none open now), with the last time
+        # their agent was heard from: what the node lifecycle judges them by (`released`).
+        self._released: dict[str, datetime] = {}
         self._reports: list[tuple[str, ShardReport]] = []
         self._received: list[float] = []  # when each of `_reports` arrived (the `flush_wait` stage)
         self._refused: dict[str, RefusedReports] = {}
@@ -259,6 +267,18 @@ class AgentHub:
     def connected(self) -> frozenset[str]:
         return frozenset(self._sessions)
 
+    def released(self) -> dict[str, datetime]:
+        """The nodes whose stream ended while this controller led and that hold none now, with when
+        their agent was last heard from (its stored time may be older: written only every
+        `contact_write_every_s` while the stream lived; or newer: a Hello on another controller)."""
+        return dict(self._released)
+
+    def last_heard(self) -> dict[str, datetime]:
+        """When each node this controller holds or held a stream of was last heard from (wall clock)."""
+        wall, mono = datetime.now(timezone.utc), time.monotonic()
+        return {**self._released, **{node_id: wall - timedelta(seconds=mono - session.last_seen)
+                                     for node_id, session in self._sessions.items()}}
+
     def holds_live_session(self, node_id: str) -> bool:
         """A stream holds the node and was heard from within the heartbeat timeout."""
         session = self._sessions.get(node_id)
@@ -275,6 +295,7 @@ class AgentHub:
         """This controller lost the lead: end every stream (the agents go to the new leader)."""
         for session in list(self._sessions.values()):
             session.close(f"this controller no longer leads ({reason})", mark_down=False)
+        self._released.clear()  # the next leader judges these nodes
 
     def revoke(self, node_id: str, reason: str) -> None:
         """End the node's stream (if any) with UNAUTHENTICATED: the credential it connected with
@@ -385,6 +406,7 @@ class AgentHub:
         if previous is not None:
             previous.close("superseded by a newer session", mark_down=False)
         self._sessions[node_id] = session
+        self._released.pop(node_id, None)
         session.push_set()  # the full set, right away
         log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
         if changed:
@@ -424,6 +446,9 @@ class AgentHub:
                 held = self._held_beats.pop(node_id, None)
                 if held is not None:  # the node's last heartbeat, not written yet: at the next flush
                     self._beats.setdefault(node_id, held)
+                if not self._stopping and self._leading():
+                    self._released[node_id] = datetime.now(timezone.utc) - timedelta(
+                        seconds=time.monotonic() - session.last_seen)
             if not session.close_reason:
                 session.close("stream cancelled")
             log.info("agent disconnected node=%s reason=%s", node_id, session.close_reason)

@@ -5,6 +5,14 @@ Once a second (on the leader only) it reads every node's liveness, applies the r
 nodes silent past the eviction grace at most at each zone's rate, longest silent first. The
 agent hub (`controller/agents.py`) handles what happens on a stream: a node goes suspect at
 once when its stream ends, and up on Hello (or stays suspect while it flaps).
+
+A connected node is judged by its stream (the hub ends a stream silent for the heartbeat
+timeout), never by its stored last contact, which the hub writes only every
+`LivenessPolicy.contact_write_every_s` while the stream lives. A node whose stream ended on this
+leader's watch is judged by the last heartbeat the hub saw (`heard`), read by id while its stored
+time may still look fresh; any other node up whose stored time is older than
+`stored_contact_stale_s` is read too (a new leader's nodes that never came over: by the end of the
+restart grace, which counts silence from the leader's start, not from that stored time).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 from controller.domain.liveness import (
@@ -30,12 +38,14 @@ class NodeLifecycle:
     def __init__(
         self, db: Database, policy: LivenessPolicy, *, connected: Callable[[], frozenset[str]],
         damper: FlapDamper, on_change: Callable[[], None], is_leader: Callable[[], bool] = lambda: True,
+        heard: Callable[[], Mapping[str, datetime]] = dict,
         interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._db = db
         self._policy = policy
         self._connected = connected
+        self._heard = heard  # nodes whose stream ended here -> their last heartbeat the hub saw
         self._damper = damper
         self._on_change = on_change
         self._is_leader = is_leader
@@ -70,9 +80,11 @@ class NodeLifecycle:
         now, mono = self._wall_clock(), self._clock()
         # Only the nodes a rule could change (not every node, every second: at 16,384 nodes that
         # read was most of the event loop), and the zones' counts from the database.
+        stale = now - timedelta(seconds=self._policy.stored_contact_stale_s)
+        heard = self._heard()
         async with self._db.unit_of_work() as uow:
-            nodes = await liveness.read_liveness(
-                uow, self._connected(), silent_before=now - timedelta(seconds=self._policy.heartbeat_timeout_s))
+            nodes = await liveness.read_liveness(uow, self._connected(), silent_before=stale, heard=heard,
+                                                 recent=[node_id for node_id, at in heard.items() if at >= stale])
             total, unhealthy = await liveness.zone_health(uow)
         changes = health_changes(nodes, now, self._started, self._policy, self._damper.damped(mono))
         rates = zone_rates_of(total, unhealthy, self._policy)

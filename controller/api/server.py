@@ -150,7 +150,7 @@ class ControllerApp:
             on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
             reports_per_second=config.agent_reports_per_second, reports_burst=config.agent_reports_burst,
             leading=self.election.should_run, damper=damper, heartbeat_interval_ms=config.heartbeat_interval_ms,
-            observer=self.metrics,
+            observer=self.metrics, contact_write_every_s=config.liveness.contact_write_every_s,
             admission=agent_admission_gate(config.agent_admission_concurrency, config.agent_admission_queue,
                                            observer=self.metrics),
         )
@@ -167,7 +167,7 @@ class ControllerApp:
         )
         self.lifecycle = NodeLifecycle(
             leader_db, config.liveness, connected=self.hub.connected, damper=damper,
-            on_change=self.signals.wake_reconciler, is_leader=self.election.should_run,
+            on_change=self.signals.wake_reconciler, is_leader=self.election.should_run, heard=self.hub.released,
             interval_s=min(1.0, config.heartbeat_timeout_s / 4),
         )
         self.throttle = SubmitLimits(
@@ -379,7 +379,7 @@ class ControllerApp:
     async def read_cluster(self) -> ClusterGauges:
         """The cluster's state for the metrics, read in this loop."""
         async with self.db.unit_of_work() as uow:
-            return await read_cluster_gauges(uow.session)
+            return await read_cluster_gauges(uow.session, heard=self.hub.last_heard())
 
 
     async def _prepare_authentication(self) -> None:

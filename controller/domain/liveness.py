@@ -13,6 +13,11 @@ The Kubernetes node-lifecycle lessons, as rules over plain values (no database, 
   network than every node at once: evicting would only reshuffle everything on return);
 - after a controller start nothing changes for `restart_grace_s`, and silence counts from the
   start at the earliest: a reconnecting herd is not mistaken for dead nodes;
+- while a node's agent stream lives, its stream is its liveness: the stored last contact is
+  written at most every `contact_write_every_s` (plus one heartbeat interval and a flush), so
+  the stored time of a connected node may be that stale; the leader judges a node whose stream
+  ended on its watch by what it saw itself (its last heartbeat, in memory), and a new leader
+  counts silence from its own start (the restart grace), never from a stale stored time;
 - a node that comes back before its eviction keeps its shards (nothing is reshuffled); a node
   that keeps dropping is damped (`FlapDamper`): it comes back SUSPECT (connected, holding its
   shards, taking no new ones) until its penalty decays.
@@ -28,6 +33,11 @@ from datetime import datetime
 from controller.ratelimit import TokenBucket
 
 UP, SUSPECT, DOWN = "up", "suspect", "down"
+# A connected node's stored last contact is written at most every this many heartbeat timeouts:
+# with the timeout added (`LivenessPolicy.stored_contact_stale_s`), 40 s at the default 10 s
+# timeout and 120 s at 30 s, within the default restart grace (a new leader's nodes that never
+# come over are found stale at its end).
+CONTACT_WRITE_TIMEOUTS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +52,18 @@ class LivenessPolicy:
     flap_half_life_s: float = 60.0
     flap_suppress: float = 2.5             # penalty (drops, decaying) at which a return is damped: ~3 drops in a minute
     flap_reuse: float = 1.0                # ... and at or below which a damped node is up again
+
+    @property
+    def contact_write_every_s(self) -> float:
+        """How often a connected node's last contact is written at most (a changed power draw, or
+        its stream's end, at once)."""
+        return CONTACT_WRITE_TIMEOUTS * self.heartbeat_timeout_s
+
+    @property
+    def stored_contact_stale_s(self) -> float:
+        """A node up whose stored last contact is older than this is not being written by a live
+        stream: the write cadence plus a timeout (a heartbeat interval and the flush fit in it)."""
+        return self.contact_write_every_s + self.heartbeat_timeout_s
 
 
 @dataclass(frozen=True, slots=True)

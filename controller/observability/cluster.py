@@ -10,6 +10,7 @@ reason codes); never a deployment name.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -53,7 +54,10 @@ def _aware(at: datetime) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
 
 
-async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None) -> ClusterGauges:
+async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None,
+                              heard: Mapping[str, datetime] | None = None) -> ClusterGauges:
+    """`heard`: when the nodes whose streams this controller holds (or held) were last heard from,
+    later than their stored last heartbeat (written only every few heartbeat timeouts meanwhile)."""
     now = now or datetime.now(timezone.utc)
     placed = await repo.cluster_usage(session)
     phases = {phase.value: 0 for phase in m.DeploymentPhase}
@@ -90,6 +94,9 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
         if down:
             continue
         draw[rack_id] += draw_w or 0.0
+        seen = (heard or {}).get(node_id)
+        if last_beat is None or (seen is not None and seen > _aware(last_beat)):
+            last_beat = seen
         if last_beat is not None:
             lag[rack_id] = max(lag.get(rack_id, 0.0), max(0.0, (now - _aware(last_beat)).total_seconds()))
         if state == "ready":

@@ -291,19 +291,22 @@ async def node_state_counts(session: AsyncSession) -> tuple[dict[str, int], int]
     return counts, accelerators
 
 
-async def node_liveness_rows(session: AsyncSession, *, silent_before: datetime | None = None,
+async def node_liveness_rows(session: AsyncSession, *, silent_before: datetime | None = None, also: Iterable[str] = (),
                              ) -> list[tuple[str, str, m.NodeHealth, datetime | None, bool]]:
     """(id, zone, health, last heartbeat, evicted) of every node, in one query; with
     `silent_before`, only of those a liveness rule could change: suspect; down and not evicted, or
-    evicted but heard from since then (an agent connected again); up but not heard from since."""
+    evicted but heard from since then (an agent connected again); up but not heard from since; and
+    the nodes `also` names."""
     query = (select(m.Node.id, m.Row.zone_id, m.Node.health, m.Node.last_heartbeat_at, m.Node.evicted_at.is_not(None))
              .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id))
     if silent_before is not None:
         silent = or_(m.Node.last_heartbeat_at.is_(None), m.Node.last_heartbeat_at < silent_before)
+        named = set(also)
         query = query.where(or_(
             m.Node.health == m.NodeHealth.SUSPECT,
             and_(m.Node.health == m.NodeHealth.DOWN, or_(m.Node.evicted_at.is_(None), ~silent)),
-            and_(m.Node.health == m.NodeHealth.UP, silent)))
+            and_(m.Node.health == m.NodeHealth.UP, silent),
+            *([m.Node.id.in_(named)] if named else [])))
     rows = await session.execute(query.order_by(m.Node.id))
     return [(node_id, zone, health, last, bool(evicted)) for node_id, zone, health, last, evicted in rows]
 

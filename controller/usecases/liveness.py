@@ -8,7 +8,7 @@ takes new shards again, or one whose work is evicted).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 
 from controller.domain.changes import ClusterChange
@@ -18,18 +18,29 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 
 
-async def read_liveness(uow: UnitOfWork, connected: Iterable[str], *,
-                        silent_before: datetime | None = None) -> list[NodeLiveness]:
-    """Every node's liveness; with `silent_before` (now less the heartbeat timeout), only of the
-    nodes a rule could change: suspect; down and not evicted yet, or evicted and heard from since
-    (connected again: up); up but silent since (a node up and heard from since is due nothing,
-    connected or not; a node down and evicted is due nothing until its agent is back, and a
-    connected agent heartbeats within the timeout). A join's thousands of registered nodes not
-    connected yet are down and evicted: not read every second."""
+async def read_liveness(uow: UnitOfWork, connected: Iterable[str], *, silent_before: datetime | None = None,
+                        heard: Mapping[str, datetime] | None = None, recent: Iterable[str] = ()) -> list[NodeLiveness]:
+    """Every node's liveness; with `silent_before` (now less how stale a live stream's stored last
+    contact may be), only of the nodes a rule could change: suspect; down and not evicted yet, or
+    evicted and heard from since (connected again: up); up but silent since (a node up and heard
+    from since is due nothing, connected or not; a node down and evicted is due nothing until its
+    agent is back, and a connected agent's last contact is written within that time); and the
+    `recent` ones whatever they are (the nodes whose stream ended lately: stored as heard from,
+    yet silent past the heartbeat timeout sooner). A join's thousands of registered nodes not
+    connected yet are down and evicted: not read every second.
+    A node's last contact is the later of the stored one and what `heard` says (the leader's own
+    observation of the nodes whose stream it held: stored at most every
+    `LivenessPolicy.contact_write_every_s`)."""
     live = set(connected)
-    return [NodeLiveness(node_id, zone, health.value, _aware(last), evicted, node_id in live)
-            for node_id, zone, health, last, evicted
-            in await repo.node_liveness_rows(uow.session, silent_before=silent_before)]
+    heard = heard or {}
+    out = []
+    for node_id, zone, health, last, evicted in await repo.node_liveness_rows(
+            uow.session, silent_before=silent_before, also=recent):
+        last, seen = _aware(last), heard.get(node_id)
+        if seen is not None and (last is None or seen > last):
+            last = seen
+        out.append(NodeLiveness(node_id, zone, health.value, last, evicted, node_id in live))
+    return out
 
 
 async def zone_health(uow: UnitOfWork) -> tuple[dict[str, int], dict[str, int]]:

@@ -48,18 +48,25 @@ class _Stream:
         await asyncio.sleep(0.01)  # the hub took it
 
 
-@asynccontextmanager
-async def _streaming(db, node_id: str, observer: ShardStartObserver | None = None,  # noqa: ANN001
-                     ) -> AsyncIterator[tuple[AgentHub, _Stream]]:
-    """A hub (heartbeat timeout 60 s) with the node's stream open and its first set sent."""
+async def _open(hub: AgentHub, db, node_id: str) -> _Stream:  # noqa: ANN001
+    """The node's stream, open on `hub` with its first set sent."""
     async with db.unit_of_work() as uow:
         session_id = (await repo.node_rows_by_id(uow.session, [node_id]))[node_id].session_id
-    hub = AgentHub(db, heartbeat_timeout_s=60, on_liveness_change=lambda: None,
-                   on_deployments_changed=lambda keys: asyncio.sleep(0), observer=observer)
     stream = _Stream(hub, node_id, session_id)
+    while stream.sets < 1:  # the node's set was sent: its shards are given
+        await asyncio.sleep(0.01)
+    return stream
+
+
+@asynccontextmanager
+async def _streaming(db, node_id: str, observer: ShardStartObserver | None = None,  # noqa: ANN001
+                     contact_write_every_s: float | None = None) -> AsyncIterator[tuple[AgentHub, _Stream]]:
+    """A hub (heartbeat timeout 60 s) with the node's stream open and its first set sent."""
+    hub = AgentHub(db, heartbeat_timeout_s=60, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda keys: asyncio.sleep(0), observer=observer,
+                   contact_write_every_s=contact_write_every_s)
+    stream = await _open(hub, db, node_id)
     try:
-        while stream.sets < 1:  # the node's set was sent: its shards are given
-            await asyncio.sleep(0.01)
         yield hub, stream
     finally:
         hub.close_all()
@@ -145,8 +152,9 @@ async def _last_heartbeat(db, node_id: str):  # noqa: ANN001, ANN202
 
 
 async def test_a_heartbeat_that_changes_only_the_time_is_written_when_due_or_when_its_stream_ends(cluster):
-    """A live stream is the node's liveness: its last-heartbeat time is written at most every half
-    heartbeat timeout (30 s here: a 60 s timeout), a changed power draw at once, and the last one when the stream ends."""
+    """A live stream is the node's liveness: its last-heartbeat time is written at most every
+    `contact_write_every_s` (three timeouts: 180 s here), a changed power draw at once, and the
+    last one when the stream ends."""
     node_id = "rack-a-n0"
     async with _streaming(cluster, node_id) as (hub, stream):
         await stream.say(HeartbeatReport(1, 500.0))
@@ -170,6 +178,49 @@ async def test_a_heartbeat_that_changes_only_the_time_is_written_when_due_or_whe
         await asyncio.gather(stream.task, return_exceptions=True)
         await hub.flush()
         assert (await _last_heartbeat(cluster, node_id))[0] > changed
+
+
+async def _heartbeat_rows_written(hub: AgentHub, stream: _Stream, db, beats: int) -> int:  # noqa: ANN001
+    """The node rows the flushes write while the stream sends `beats` heartbeats of unchanged power."""
+    written = 0
+    for seq in range(beats):
+        await stream.say(HeartbeatReport(seq + 1, 500.0))
+        with statements(db) as seen:
+            await hub.flush()
+        written += sum(st.startswith("UPDATE nodes") for st in seen)
+    return written
+
+
+async def test_heartbeats_on_a_live_stream_write_no_row_each(cluster):
+    """Only the first of many heartbeats is written (the node's time, by default every three
+    timeouts); a hub told to write every heartbeat's time writes one row a flush."""
+    async with _streaming(cluster, "rack-a-n0") as (hub, stream):
+        assert await _heartbeat_rows_written(hub, stream, cluster, 5) == 1
+    async with _streaming(cluster, "rack-a-n0", contact_write_every_s=0) as (hub, stream):
+        assert await _heartbeat_rows_written(hub, stream, cluster, 5) == 5
+
+
+async def test_a_stream_that_ends_leaves_its_node_released_with_when_it_was_last_heard_from(cluster):
+    """What the node lifecycle judges a node whose stream ended here by: the last heartbeat the hub
+    saw, not the stored time (written every few timeouts). Forgotten when the node's stream opens
+    again, and when this controller stops leading (the next leader judges the node)."""
+    from datetime import datetime, timezone
+    async with _streaming(cluster, "rack-a-n0") as (hub, stream):
+        await stream.say(HeartbeatReport(1, 500.0))
+        heard = hub.last_heard()["rack-a-n0"]
+        assert hub.released() == {}
+        hub.revoke("rack-a-n0", "test")  # ended without marking it suspect: the lifecycle's to judge
+        await asyncio.gather(stream.task, return_exceptions=True)
+        [(node_id, at)] = hub.released().items()
+        assert node_id == "rack-a-n0" and abs((at - heard).total_seconds()) < 0.5
+        assert at <= datetime.now(timezone.utc)
+        again = await _open(hub, cluster, "rack-a-n0")  # its agent is back
+        assert hub.released() == {}
+        hub.disconnect("rack-a-n0", "test")
+        await asyncio.gather(again.task, return_exceptions=True)
+        assert set(hub.released()) == {"rack-a-n0"}
+        hub.follow("test")
+        assert hub.released() == {}
 
 
 async def test_a_heartbeat_with_a_bad_shard_report_ends_the_stream_and_leaves_nothing_behind(cluster):

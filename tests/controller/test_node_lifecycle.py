@@ -117,6 +117,54 @@ async def test_becoming_the_leader_gives_the_nodes_the_restart_grace_again(clust
     assert {state for state, _ in (await health(cluster)).values()} == {"suspect"}
 
 
+async def test_a_node_whose_stream_ended_here_is_judged_by_the_heartbeat_the_hub_saw(cluster):
+    """The hub writes a live stream's last contact only every few timeouts (`contact_write_every_s`):
+    a node whose stream ended without being marked suspect (its credential revoked) still goes
+    suspect at the heartbeat timeout though its stored time looks fresh, and a node whose stored
+    time is older than what the hub saw is not taken down early by it."""
+    clocks = Clocks()
+    heard: dict[str, datetime] = {}
+    connected = {"rack-b-n0", "rack-b-n1"}
+    cycle = NodeLifecycle(cluster, POLICY, connected=lambda: frozenset(connected), damper=FlapDamper(),
+                          on_change=lambda: None, heard=lambda: heard, clock=lambda: clocks.mono,
+                          wall_clock=lambda: clocks.wall)
+    clocks.advance(100)  # leading for a while: silence is not counted from its start
+    stale_write = clocks.wall - timedelta(seconds=60)  # the stored time lags what the hub saw
+    async with cluster.unit_of_work() as uow:
+        rows = {n.id: n for n in (await uow.session.execute(select(m.Node))).scalars()}
+        rows["rack-a-n0"].health, rows["rack-a-n0"].last_heartbeat_at = m.NodeHealth.UP, clocks.wall
+        rows["rack-a-n1"].health, rows["rack-a-n1"].last_heartbeat_at = m.NodeHealth.SUSPECT, stale_write
+        await uow.commit()
+    heard.update({"rack-a-n0": clocks.wall, "rack-a-n1": clocks.wall})  # both streams ended now
+    clocks.advance(POLICY.heartbeat_timeout_s + 1)
+    assert [(c.node_id, c.health) for c in await cycle.pass_once()] == [("rack-a-n0", "suspect")]
+    clocks.advance(POLICY.down_grace_s - POLICY.heartbeat_timeout_s - 2)  # 29 s since the hub heard it
+    assert await cycle.pass_once() == []
+    clocks.advance(2)
+    assert {(c.node_id, c.health) for c in await cycle.pass_once()} == {("rack-a-n0", "down"), ("rack-a-n1", "down")}
+
+
+async def test_a_connected_node_is_not_judged_by_its_stored_contact(cluster):
+    """Its stream is its liveness: a stored time older than the timeout (written every few
+    timeouts) neither suspects it nor makes the pass read it while it is within the write cadence."""
+    from controller.usecases import liveness
+    clocks = Clocks()
+    async with cluster.unit_of_work() as uow:
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, clocks.wall
+        await uow.commit()
+    everyone = frozenset({"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"})
+    cycle = lifecycle(cluster, clocks, set(everyone))
+    clocks.advance(POLICY.contact_write_every_s)
+    assert await cycle.pass_once() == []
+    async with cluster.unit_of_work() as uow:
+        stale = clocks.wall - timedelta(seconds=POLICY.stored_contact_stale_s)
+        assert await liveness.read_liveness(uow, everyone, silent_before=stale) == []
+    clocks.advance(POLICY.stored_contact_stale_s)  # not written for that long: read, still up
+    assert await cycle.pass_once() == []
+    assert {state for state, _ in (await health(cluster)).values()} == {"up"}
+
+
 async def test_a_node_back_before_its_eviction_keeps_its_shards(cluster):
     clocks = Clocks()
     loop, before = await placed(cluster)
@@ -209,5 +257,7 @@ async def test_a_pass_reads_only_the_nodes_a_rule_could_change(cluster):
     async with cluster.unit_of_work() as uow:
         read = await liveness.read_liveness(uow, {"rack-a-n1", "d3"}, silent_before=now - timedelta(seconds=10))
         assert sorted(n.node_id for n in read) == ["d0", "d3", "rack-a-n0", "rack-b-n0", "rack-b-n1"]
+        named = await liveness.read_liveness(uow, set(), silent_before=now - timedelta(seconds=10), recent=["rack-a-n1"])
+        assert "rack-a-n1" in {n.node_id for n in named}  # a node whose stream ended lately: read whatever it is
         assert len(await liveness.read_liveness(uow, set())) == 8
         assert await liveness.zone_health(uow) == ({"z1": 8}, {"z1": 5})
