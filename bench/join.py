@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "at 16,384 nodes on 2 cores 32 fleets at its priority took most of its CPU")
     p.add_argument("--heartbeat-timeout", type=float, default=None,
                    help="the controller's --heartbeat-timeout (agents heartbeat every third of it; default: its own)")
+    p.add_argument("--heartbeat-interval", type=float, default=None, metavar="SECONDS",
+                   help="the fleets' maia-simnode --heartbeat-interval (default: what the controller tells them, a "
+                        "third of its heartbeat timeout): the controller's CPU per heartbeat message")
     p.add_argument("--controller-flags", default="", help="more flags for maia-controller, as one string")
     p.add_argument("--steady", type=float, default=60.0, help="seconds of steady state measured after the join")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up on the join after this")
@@ -183,7 +186,8 @@ async def one_run(nodes: int, args: argparse.Namespace, root: Path) -> dict[str,
                 await asyncio.sleep(SQL_DUMP_WAIT_S)
             sql0, work0 = read_sql(sql_counts), scrape_work(metrics_url)
             cpu0, started = controller.cpu_s(), time.perf_counter()
-            fleet_flags = ["--stagger", str(args.stagger), *(["--shared-channel"] if args.shared_channel else [])]
+            fleet_flags = ["--stagger", str(args.stagger), *(["--shared-channel"] if args.shared_channel else []),
+                           *(["--heartbeat-interval", str(args.heartbeat_interval)] if args.heartbeat_interval else [])]
             fleets = [start_fleet(i, prefix, racks, address, node_token, root, fleet_flags)
                       for i, (prefix, racks) in enumerate(shape.fleet_racks())]
             for fleet in fleets:

@@ -108,6 +108,7 @@ class AgentSession:
     node_id: str
     session_id: str
     last_seen: float = field(default_factory=time.monotonic)
+    beat_at: datetime | None = None  # the last heartbeat's time (wall clock), written or not
     # The stream's pusher waits on `dirty` alone: its set changed, or the stream closed (`close`
     # sets both; one event to wait on costs no waiter tasks per push).
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
@@ -274,10 +275,15 @@ class AgentHub:
         return dict(self._released)
 
     def last_heard(self) -> dict[str, datetime]:
-        """When each node this controller holds or held a stream of was last heard from (wall clock)."""
-        wall, mono = datetime.now(timezone.utc), time.monotonic()
-        return {**self._released, **{node_id: wall - timedelta(seconds=mono - session.last_seen)
-                                     for node_id, session in self._sessions.items()}}
+        """When each node this controller holds or held a stream of last heartbeated (or, for a
+        stream that ended, was last heard from): later than the stored time while its stream lives."""
+        return {**self._released, **{node_id: session.beat_at for node_id, session in self._sessions.items()
+                                     if session.beat_at is not None}}
+
+    def heard_from(self, node_id: str) -> datetime | None:
+        """`last_heard` of one node (None: not heard from on a stream to this controller)."""
+        session = self._sessions.get(node_id)
+        return session.beat_at if session is not None else self._released.get(node_id)
 
     def holds_live_session(self, node_id: str) -> bool:
         """A stream holds the node and was heard from within the heartbeat timeout."""
@@ -447,8 +453,7 @@ class AgentHub:
                 if held is not None:  # the node's last heartbeat, not written yet: at the next flush
                     self._beats.setdefault(node_id, held)
                 if not self._stopping and self._leading():
-                    self._released[node_id] = datetime.now(timezone.utc) - timedelta(
-                        seconds=time.monotonic() - session.last_seen)
+                    self._released[node_id] = _wall(session.last_seen)
             if not session.close_reason:
                 session.close("stream cancelled")
             log.info("agent disconnected node=%s reason=%s", node_id, session.close_reason)
@@ -510,7 +515,8 @@ class AgentHub:
                 named = deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment
                 self._refuse(node_id, (named, report.replica, report.shard))
         if beat:
-            self._beats[node_id] = NodeBeat(datetime.now(timezone.utc), message.power_draw_w)
+            session.beat_at = datetime.now(timezone.utc)
+            self._beats[node_id] = NodeBeat(session.beat_at, message.power_draw_w)
             if not message.shards_omitted:
                 # A state naming shards this node was not given is judged again (they may be given by then).
                 session.state_version = None if refused else message.shard_state_version or None
@@ -682,6 +688,11 @@ class _Batch:
         if items or beats:
             chunks.append(current)
         return chunks
+
+
+def _wall(monotonic: float) -> datetime:
+    """A `time.monotonic()` reading of the past as a wall-clock time."""
+    return datetime.now(timezone.utc) - timedelta(seconds=time.monotonic() - monotonic)
 
 
 def _shared_failure(exc: Exception) -> bool:

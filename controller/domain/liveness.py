@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 from controller.ratelimit import TokenBucket
 
@@ -84,6 +84,17 @@ class Transition:
     health: str
     why: str
     evict: bool = False
+
+
+def later_contact(stored: datetime | None, heard: datetime | None) -> datetime | None:
+    """A node's last contact: the later of its stored one (naive: UTC, as SQLite hands it back) and
+    what the leader heard itself (`AgentHub.last_heard`: the stored one is written only every
+    `contact_write_every_s` while its stream lives)."""
+    if stored is not None and stored.tzinfo is None:
+        stored = stored.replace(tzinfo=timezone.utc)
+    if heard is None or (stored is not None and stored >= heard):
+        return stored
+    return heard
 
 
 def silence_s(node: NodeLiveness, now: datetime, started: datetime) -> float:

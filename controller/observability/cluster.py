@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.domain.liveness import later_contact
 from controller.store import metering
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -48,10 +49,6 @@ class ClusterGauges:
     free: dict[tuple[str, str], float] = field(default_factory=dict)
     # Metered usage per (tenant, model, zone): (accelerator-seconds, joules), up to the read.
     usage: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
 
 
 async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None,
@@ -94,11 +91,9 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
         if down:
             continue
         draw[rack_id] += draw_w or 0.0
-        seen = (heard or {}).get(node_id)
-        if last_beat is None or (seen is not None and seen > _aware(last_beat)):
-            last_beat = seen
+        last_beat = later_contact(last_beat, (heard or {}).get(node_id))
         if last_beat is not None:
-            lag[rack_id] = max(lag.get(rack_id, 0.0), max(0.0, (now - _aware(last_beat)).total_seconds()))
+            lag[rack_id] = max(lag.get(rack_id, 0.0), max(0.0, (now - last_beat).total_seconds()))
         if state == "ready":
             zone = zone_of_row.get(racks_budget.get(rack_id, ("", None))[0], "")
             free[(model, zone)] += max(0, accelerators * 1000 - placed.node_milli.get(node_id, 0)) / 1000.0

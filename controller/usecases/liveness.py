@@ -9,10 +9,10 @@ takes new shards again, or one whose work is evicted).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 
 from controller.domain.changes import ClusterChange
-from controller.domain.liveness import DOWN, NodeLiveness, Transition
+from controller.domain.liveness import DOWN, NodeLiveness, Transition, later_contact
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -33,24 +33,14 @@ async def read_liveness(uow: UnitOfWork, connected: Iterable[str], *, silent_bef
     `LivenessPolicy.contact_write_every_s`)."""
     live = set(connected)
     heard = heard or {}
-    out = []
-    for node_id, zone, health, last, evicted in await repo.node_liveness_rows(
-            uow.session, silent_before=silent_before, also=recent):
-        last, seen = _aware(last), heard.get(node_id)
-        if seen is not None and (last is None or seen > last):
-            last = seen
-        out.append(NodeLiveness(node_id, zone, health.value, last, evicted, node_id in live))
-    return out
+    return [NodeLiveness(node_id, zone, health.value, later_contact(last, heard.get(node_id)), evicted, node_id in live)
+            for node_id, zone, health, last, evicted
+            in await repo.node_liveness_rows(uow.session, silent_before=silent_before, also=recent)]
 
 
 async def zone_health(uow: UnitOfWork) -> tuple[dict[str, int], dict[str, int]]:
     """Each zone's node count and count of nodes not up (what the eviction rates read)."""
     return await repo.node_health_by_zone(uow.session)
-
-
-def _aware(at: datetime | None) -> datetime | None:
-    """SQLite hands back naive UTC."""
-    return at.replace(tzinfo=timezone.utc) if at is not None and at.tzinfo is None else at
 
 
 async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: datetime) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+
 import grpc
 
 from grpc_harness import RUNNING, HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
@@ -115,3 +118,31 @@ async def _reset_ends_the_stream(app, stubs: Stubs) -> None:
         assert "revoked" in ended.details() and "register again" in ended.details()
     finally:
         await node.channel.close()
+
+
+async def test_a_node_shows_the_last_heartbeat_its_stream_brought_though_not_written_yet(db_url: str, tmp_path):
+    """While a stream lives its heartbeats' times are written only every three timeouts (180 s
+    here): GetNode shows the leader's own time of the last one."""
+    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        try:
+            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+            agent = HandAgent(stubs, "node-1", "rack-a")
+            await agent.register()
+            await agent.connect()
+            await agent.next_set()
+            agent.heartbeat(1, 700.0)  # a new power draw: written at once
+            first = await eventually(lambda: stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="node-1")),
+                                     lambda n: n.power_draw_w == 700.0, what="the first heartbeat written")
+            await asyncio.sleep(1.5)
+            agent.heartbeat(2, 700.0)  # only the time changed: not written
+            later = await eventually(
+                lambda: stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="node-1")),
+                lambda n: n.last_heartbeat.ToDatetime() - first.last_heartbeat.ToDatetime() > timedelta(seconds=1),
+                what="the second heartbeat's time shown")
+            assert later.connected
+            [listed] = (await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())).nodes
+            assert listed.last_heartbeat.ToDatetime() >= later.last_heartbeat.ToDatetime()
+            await agent.close()
+        finally:
+            await stubs.channel.close()
