@@ -100,7 +100,9 @@ class Config:
 
     @property
     def heartbeat_interval_ms(self) -> int:
-        """What agents are told: three heartbeats fit in one timeout."""
+        """What agents are told: three heartbeats fit in one timeout. The interval does not change
+        how soon a silent node is found (its stream is ended at the timeout), only how many late
+        heartbeats in a row make a live node suspect: two (docs/benchmarks.md, `beat`)."""
         return max(100, int(self.heartbeat_timeout_s * 1000 / 3))
 
 
@@ -169,7 +171,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         metavar="SECONDS", help="seconds between reconcile passes when nothing wakes the loop")
     parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s,
                         metavar="SECONDS", help="seconds without a heartbeat before a node is suspect: it keeps its "
-                                                "shards, takes no new ones (agents are told to beat 3 times per timeout)")
+                                                "shards, takes no new ones (agents are told to beat 3 times per timeout; a "
+                                                "live stream's last heartbeat is written every 3 timeouts)")
     parser.add_argument("--node-down-grace", type=_positive_float, default=Config.node_down_grace_s,
                         metavar="SECONDS", help="seconds of silence before a suspect node is down (it still keeps "
                                                 "its shards)")
