@@ -79,17 +79,19 @@ class NodeLifecycle:
         """One pass: the transitions written (evictions included)."""
         now, mono = self._wall_clock(), self._clock()
         # Only the nodes a rule could change (not every node, every second: at 16,384 nodes that
-        # read was most of the event loop), and the zones' counts from the database.
+        # read was most of the event loop), and the zones' counts from the database when a node is
+        # due for eviction (a count of every node: not every second when nothing is).
         stale = now - timedelta(seconds=self._policy.stored_contact_stale_s)
         heard = self._heard()
         async with self._db.unit_of_work() as uow:
             nodes = await liveness.read_liveness(uow, self._connected(), silent_before=stale, heard=heard,
                                                  recent=[node_id for node_id, at in heard.items() if at >= stale])
-            total, unhealthy = await liveness.zone_health(uow)
+            due = eviction_candidates(nodes, now, self._started, self._policy)
+            total, unhealthy = await liveness.zone_health(uow) if due else ({}, {})
         changes = health_changes(nodes, now, self._started, self._policy, self._damper.damped(mono))
         rates = zone_rates_of(total, unhealthy, self._policy)
         held_back = 0
-        for node in eviction_candidates(nodes, now, self._started, self._policy):
+        for node in due:
             if self._limiter.allow(node.zone, rates.get(node.zone, 0.0), mono):
                 changes.append(Transition(node.node_id, DOWN, f"silent past the eviction grace "
                                           f"({self._policy.eviction_grace_s:g}s)", evict=True))
