@@ -33,6 +33,11 @@ from controller.usecases import liveness
 
 log = logging.getLogger("maia.nodelifecycle")
 
+# The nodes whose stream ended lately that a pass reads by id at most; with more, it reads every
+# node up and stored as silent for a timeout instead (most of the connected ones too: their stored
+# time is written every few timeouts), not one bind parameter per node.
+RECENT_BY_ID_MAX = 2048
+
 
 class NodeLifecycle:
     def __init__(
@@ -81,11 +86,14 @@ class NodeLifecycle:
         # Only the nodes a rule could change (not every node, every second: at 16,384 nodes that
         # read was most of the event loop), and the zones' counts from the database when a node is
         # due for eviction (a count of every node: not every second when nothing is).
-        stale = now - timedelta(seconds=self._policy.stored_contact_stale_s)
+        silent_before = now - timedelta(seconds=self._policy.stored_contact_stale_s)
         heard = self._heard()
+        recent = [node_id for node_id, at in heard.items() if at >= silent_before]
+        if len(recent) > RECENT_BY_ID_MAX:  # streams ended by the thousand: every node silent for a timeout
+            recent, silent_before = [], now - timedelta(seconds=self._policy.heartbeat_timeout_s)
         async with self._db.unit_of_work() as uow:
-            nodes = await liveness.read_liveness(uow, self._connected(), silent_before=stale, heard=heard,
-                                                 recent=[node_id for node_id, at in heard.items() if at >= stale])
+            nodes = await liveness.read_liveness(uow, self._connected(), silent_before=silent_before, heard=heard,
+                                                 recent=recent)
             due = eviction_candidates(nodes, now, self._started, self._policy)
             total, unhealthy = await liveness.zone_health(uow) if due else ({}, {})
         changes = health_changes(nodes, now, self._started, self._policy, self._damper.damped(mono))

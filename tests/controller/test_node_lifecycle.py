@@ -144,6 +144,28 @@ async def test_a_node_whose_stream_ended_here_is_judged_by_the_heartbeat_the_hub
     assert {(c.node_id, c.health) for c in await cycle.pass_once()} == {("rack-a-n0", "down"), ("rack-a-n1", "down")}
 
 
+async def test_after_streams_ended_by_the_thousand_a_pass_reads_the_nodes_silent_for_a_timeout(cluster, monkeypatch):
+    """More nodes released than a pass reads by id: it reads every node up and stored as silent for
+    the timeout instead, and a released node still goes suspect at the timeout."""
+    from controller import nodelifecycle
+    monkeypatch.setattr(nodelifecycle, "RECENT_BY_ID_MAX", 1)
+    clocks = Clocks()
+    heard: dict[str, datetime] = {}
+    cycle = NodeLifecycle(cluster, POLICY, connected=frozenset, damper=FlapDamper(), on_change=lambda: None,
+                          heard=lambda: heard, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall)
+    clocks.advance(100)
+    async with cluster.unit_of_work() as uow:
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, clocks.wall
+            heard[node.id] = clocks.wall
+        await uow.commit()
+    clocks.advance(POLICY.heartbeat_timeout_s - 1)
+    assert await cycle.pass_once() == []
+    clocks.advance(2)
+    assert {c.health for c in await cycle.pass_once()} == {"suspect"}
+    assert {state for state, _ in (await health(cluster)).values()} == {"suspect"}
+
+
 async def test_a_connected_node_is_not_judged_by_its_stored_contact(cluster):
     """Its stream is its liveness: a stored time older than the timeout (written every few
     timeouts) neither suspects it nor makes the pass read it while it is within the write cadence."""
