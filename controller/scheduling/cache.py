@@ -80,7 +80,7 @@ from scheduler.interchange import (
 from scheduler.session import ClusterDelta, Decision, Session
 
 from controller.scheduling.decider import (
-    OpenSession, RemoteSession, held_placements, open_in_process, place_documents, readopt)
+    OpenSession, RemoteSession, held_placements, open_in_process, place_documents, readopt, release_held)
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,10 @@ class ClusterCache:
         # The highest key of the deployments another controller placed before this cache read
         # them (`apply_deployments`), taken in above `last_id`: arrivals below it go in key order.
         self._adopted_id = 0
+        # The snapshot's nodes by id and the solver deployments with shards on each node, kept
+        # with its lists (a node change, a departure need not scan the whole cluster).
+        self._nodes = _NodesById()
+        self._placed = _PlacedOn()
 
     @classmethod
     def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int,
@@ -162,11 +166,18 @@ class ClusterCache:
                          allow_preemption=allow_preemption, time_limit_ms=time_limit_ms, open_session=open_session)
 
     def missed(self, new: Arrivals, schedulable: int) -> bool:
-        """Whether a deployment was stored below the last key read (keys are not committed in
-        order under concurrency): the cache and the rows stored since do not add up to the
-        `count_schedulable_deployments` read with them."""
+        """Whether the cache and the rows stored since (`new`) do not add up to the
+        `count_schedulable_deployments` read with them (`unaccounted`)."""
+        return self.unaccounted(new, schedulable) != 0
+
+    def unaccounted(self, new: Arrivals, schedulable: int) -> int:
+        """The `count_schedulable_deployments` read with the rows stored since (`new`) less what
+        the cache and those rows hold. Above 0: a deployment was stored below the last key read
+        (keys are not committed in order under concurrency). Below 0: the cache holds one
+        deleted (or quarantined) since the change log was read, which the next read of the log
+        takes out (a deletion moves the generation)."""
         known = self.snapshot.deployment_ids
-        return len(known) + len(new.deployment_ids.keys() - known.keys()) != schedulable
+        return schedulable - len(known) - len(new.deployment_ids.keys() - known.keys())
 
     def apply_nodes(self, reads: Sequence[NodeRead], generation: int, reread: Collection[str] = ()) -> bool | None:
         """Apply node changes (the nodes as read now) to the snapshot and to the session (one
@@ -183,18 +194,18 @@ class ClusterCache:
         plan commits that (`repairs`); the snapshot, like `load_snapshot`, keeps them on the
         down node until then."""
         snap = self.snapshot
-        nodes = {n["id"]: n for n in snap.problem["nodes"]}
+        known = self._nodes.of(snap.problem["nodes"])
+        differ = [read for read in reads if read.doc != known.get(read.id)]
+        if not differ:
+            self.snapshot = dataclasses.replace(snap, generation=generation)
+            return False
         racks = {r["id"] for r in snap.problem["racks"]}
-        holding: dict[str, set[str]] = {}
-        for p in snap.problem["placements"]:
-            holding.setdefault(p["node"], set()).add(p["deployment"])
+        holding = self._placed.of(snap.problem["placements"])
         changed: list[dict[str, Any]] = []
         removed: list[str] = []
         helped = False
-        for read in reads:
-            old, new = nodes.get(read.id), read.doc
-            if new == old:
-                continue
+        for read in differ:
+            old, new = known.get(read.id), read.doc
             if read.id in holding and read.id not in reread and (
                     new is None or old is None or read.draining or dict(old, state="") != dict(new, state="")
                     or new["state"] == "down" and self._replacing_on(holding[read.id])):
@@ -209,14 +220,19 @@ class ClusterCache:
         if not changed and not removed:
             self.snapshot = dataclasses.replace(snap, generation=generation)
             return False
+        nodes = dict(known)  # the index's own mapping is not changed in place
         ordered = all(a < b for a, b in zip(nodes, list(nodes)[1:]))
         added = any(doc["id"] not in nodes for doc in changed)
         nodes.update((doc["id"], doc) for doc in changed)
         for node_id in removed:
             nodes.pop(node_id, None)
         # Listed as `load_snapshot` reads them: by id.
-        snap.problem["nodes"] = sorted(nodes.values(), key=lambda n: n["id"]) if ordered and added \
-            else list(nodes.values())
+        if ordered and added:
+            snap.problem["nodes"] = sorted(nodes.values(), key=lambda n: n["id"])
+            nodes = {n["id"]: n for n in snap.problem["nodes"]}  # in the list's order
+        else:
+            snap.problem["nodes"] = list(nodes.values())
+        self._nodes.took(snap.problem["nodes"], nodes)
         repaired = self.session.apply(ClusterDelta(nodes=tuple(map(node_from_dict, changed)),
                                                    removed_nodes=tuple(removed)))
         for decision in repaired:  # a later repair of one deployment holds all of it so far
@@ -224,7 +240,7 @@ class ClusterCache:
         self.snapshot = dataclasses.replace(snap, generation=generation)
         return helped
 
-    def _replacing_on(self, held_by: set[str]) -> bool:
+    def _replacing_on(self, held_by: Collection[str]) -> bool:
         """Whether one of the solver deployments holding shards on a node is a replica being
         replaced (`solver_view` drops those on a down node: the full path reads them)."""
         refs = self.snapshot.solver_refs
@@ -286,8 +302,7 @@ class ClusterCache:
         for key in gone:
             for mapping in (snap.deployment_ids, snap.solver_refs, snap.replica_indices):
                 mapping.pop(key, None)  # type: ignore[attr-defined]
-            if key in self.session:
-                self.session.release(key)
+        release_held(self.session, sorted(gone))  # to the decide process one message, not waited for
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=snap.deleting | gone)
         return held
 
@@ -579,7 +594,7 @@ class ClusterCache:
         shards on accelerators it no longer has, or on a node removed, were released as it
         changed; the session repairs what is left of their replicas, as `solve()` does)."""
         holding = self.holding({read.id for read in reads})
-        nodes = {n["id"]: n for n in self.snapshot.problem["nodes"]} if holding else {}
+        nodes = self._nodes.of(self.snapshot.problem["nodes"]) if holding else {}
         again = {}
         for read in reads:
             if read.id not in holding:
@@ -595,14 +610,14 @@ class ClusterCache:
         """For each of `nodes` holding shards: the stored deployments holding them, and whether
         one of those shards is an outgoing replica's (a drain or a rollout replaces it)."""
         refs = self.snapshot.solver_refs
-        held: dict[str, tuple[set[str], list[bool]]] = {}
-        for p in self.snapshot.problem["placements"]:
-            if p["node"] in nodes:
-                keys, outgoing = held.setdefault(p["node"], (set(), [False]))
-                ref = refs.get(p["deployment"])
-                keys.add(stored_key(p["deployment"]))
-                outgoing[0] |= ref is not None and ref.outgoing
-        return {node: (frozenset(keys), outgoing[0]) for node, (keys, outgoing) in held.items()}
+        placed = self._placed.of(self.snapshot.problem["placements"])
+        held: dict[str, tuple[frozenset[str], bool]] = {}
+        for node in nodes:
+            names = placed.get(node)
+            if names:
+                held[node] = (frozenset(map(stored_key, names)),
+                              any(name in refs and refs[name].outgoing for name in names))
+        return held
 
     def _readopt(self, touched: Collection[str]) -> None:
         """The session holds the deployments `touched` as the snapshot lists them now."""
@@ -614,6 +629,44 @@ class ClusterCache:
                 placed.setdefault(p["deployment"], []).append(p)
         readopt(self.session, [(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed.get(key, ())])
                                for key in touched])
+
+
+class _NodesById:
+    """The snapshot's node documents by id, read again when the cache replaces the list (it
+    never changes one in place). Not to be changed by its users."""
+
+    def __init__(self) -> None:
+        self._source: list[dict[str, Any]] | None = None  # held: its id is never another list's
+        self._by_id: dict[str, dict[str, Any]] = {}
+
+    def of(self, nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if nodes is not self._source:
+            self.took(nodes, {n["id"]: n for n in nodes})
+        return self._by_id
+
+    def took(self, nodes: list[dict[str, Any]], by_id: dict[str, dict[str, Any]]) -> None:
+        """`nodes` is the snapshot's list now, `by_id` its documents by id in its order (built by the caller)."""
+        self._source, self._by_id = nodes, by_id
+
+
+class _PlacedOn:
+    """The solver deployments with shards on each node, of the snapshot's placements: read
+    once, then only what was appended since (`ClusterCache.committed`); read again when the
+    cache replaces the list (every other change of it does). Not to be changed by its users."""
+
+    def __init__(self) -> None:
+        self._source: list[dict[str, Any]] | None = None
+        self._read = 0
+        self._on: dict[str, set[str]] = {}
+
+    def of(self, placements: list[dict[str, Any]]) -> dict[str, set[str]]:
+        if placements is not self._source or len(placements) < self._read:
+            self._source, self._read, self._on = placements, 0, {}
+        on = self._on
+        for p in placements[self._read:]:
+            on.setdefault(p["node"], set()).add(p["deployment"])
+        self._read = len(placements)
+        return on
 
 
 def _own_copy(snapshot: Snapshot) -> Snapshot:

@@ -121,8 +121,24 @@ def _readopt(session: Session, adoptions: Sequence[Adoption]) -> None:
         session.adopt(deployment, placements)
 
 
+def release_held(session: Session | RemoteSession, names: Sequence[str]) -> None:
+    """`Session.release` of each deployment of `names` the session holds (departures; blocking):
+    to the decide process one message, sent without waiting."""
+    if isinstance(session, RemoteSession):
+        session.release_held(list(names))
+    else:
+        _release_held(session, names)
+
+
+def _release_held(session: Session, names: Sequence[str]) -> None:
+    for name in names:
+        if name in session:
+            session.release(name)
+
+
 # What the child runs for the calls that stand for several session calls (one message each).
-_COMPOUND = {"place_documents": _place_documents, "held_placements": _held_placements, "readopt": _readopt}
+_COMPOUND = {"place_documents": _place_documents, "held_placements": _held_placements, "readopt": _readopt,
+             "release_held": _release_held}
 
 
 class DecideProcess:
@@ -261,6 +277,10 @@ class RemoteSession:
 
     def release(self, deployment: str, replicas: list[int] | None = None) -> None:
         self._process.tell(self._token, "release", (deployment, replicas))
+
+    def release_held(self, names: list[str]) -> None:
+        """`release` of each of `names` the session holds, in the child: one message, not waited for."""
+        self._process.tell(self._token, "release_held", (names,))
 
     def adopt(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
         self._process.tell(self._token, "adopt", (deployment, list(placements)))

@@ -499,6 +499,60 @@ async def test_a_submit_landing_between_the_count_and_the_read_is_no_key_missed(
     assert_same(loop.warm_snapshot, snapshot)
 
 
+@pytest.mark.parametrize("late", [False, True])
+async def test_a_deletion_landing_between_the_log_and_the_count_reads_no_keys(cluster, monkeypatch, late: bool) -> None:
+    # A deletion lands after the pass read the change log, before it counts the new rows: fewer
+    # are counted than the cache holds. No key can be lacking for that: the pass reads no
+    # schedulable keys, and the next one takes the deletion from the log. With two such
+    # deletions and an arrival committed out of order in the same pass (`late`), the counts
+    # still say fewer; the next pass, counting again after the deletions, finds the late one.
+    import controller.scheduling.warm as warm_module
+
+    loop = reconciler(cluster)
+    for name in ("first", "gone", "gone2"):
+        await submit(cluster, deployment(name, accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    read = warm_module.load_arrivals
+    keys = warm_module.schedulable_keys
+    looked_for: list[int] = []
+    hidden: list[str] = []
+
+    async def read_after_deletions(session, **kw):
+        if kw.get("only") is None and not hidden:
+            async with cluster.unit_of_work() as uow:
+                for name in ("gone", "gone2") if late else ("gone",):
+                    await deployments.delete_deployment(uow, WHO, name, RecordingSignals(), tenant="t1")
+            arrivals = await read(session, **kw)
+            hidden.append(arrivals.deployments[0]["id"] if late else "")
+            if late:  # its key committed after the next one's: not among the rows read
+                gone = hidden[0]
+                return dataclasses.replace(
+                    arrivals, deployments=arrivals.deployments[1:],
+                    deployment_ids={k: v for k, v in arrivals.deployment_ids.items() if k != gone},
+                    solver_refs={k: v for k, v in arrivals.solver_refs.items() if k != gone})
+            return arrivals
+        return await read(session, **kw)
+
+    async def counted_keys(session, *, up_to_id):
+        looked_for.append(up_to_id)
+        return await keys(session, up_to_id=up_to_id)
+
+    monkeypatch.setattr(warm_module, "load_arrivals", read_after_deletions)
+    monkeypatch.setattr(warm_module, "schedulable_keys", counted_keys)
+    await submit(cluster, deployment("late", accelerators=1, locality="node"))
+    await submit(cluster, deployment("next", accelerators=1, locality="node"))
+    full = loop.full_passes
+    assert (await loop.reconcile_once()).solved and hidden
+    assert looked_for == []
+    deleted = ("t1/gone", "t1/gone2") if late else ("t1/gone",)
+    assert (await loop.reconcile_once()).deleted == deleted
+    assert bool(looked_for) == late and loop.full_passes == full
+    snapshot = await fresh(cluster)
+    assert {p["deployment"] for p in snapshot.problem["placements"]} == \
+        {"t1/first", "t1/late", "t1/next"} | ({"t1/gone2"} if not late else set())
+    assert_same(loop.warm_snapshot, snapshot)
+
+
 async def test_a_stale_full_pass_catches_up_by_deltas(cluster, monkeypatch) -> None:
     # A join and a cordon land while a whole-cluster pass solves (a join storm): its commit is
     # stale, the replica placed on the cordoned node is turned away. The cache is what the commit
@@ -775,6 +829,28 @@ async def test_a_node_holding_shards_deleted_or_resized_is_a_delta(cluster, chan
     held = [p for p in snapshot.problem["placements"] if p["deployment"] == "t1/gang"]
     assert len(held) == 2 and not any(p["node"] == node and max(p["accelerator_indices"]) > 0 for p in held)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_node_holding_only_shards_placed_after_a_node_change_is_known_to_hold_them(cluster) -> None:
+    # The cache learns which deployments hold shards on each node once (at the first node change
+    # it applies) and follows its own commits from there: a node holding only shards placed
+    # after that, deleted, is one holding shards (their deployment read again, its replica
+    # placed again elsewhere), not an empty node removed.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("first", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    await add_nodes(cluster, "rack-a", 1, prefix="joined")
+    full = loop.full_passes
+    await loop.reconcile_once()
+    await submit(cluster, deployment("whole", accelerators=4, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.full_passes == full
+    node = next(p["node"] for p in (await fresh(cluster)).problem["placements"] if p["deployment"] == "t1/whole")
+    async with cluster.unit_of_work() as uow:
+        await nodes.delete_node(uow, WHO, node, RecordingSignals())
+    assert (await loop.reconcile_once()).solved and loop.full_passes == full
+    snapshot = await fresh(cluster)
+    assert_same(loop.warm_snapshot, snapshot)
+    assert {p["node"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/whole"} - {node}
 
 
 async def test_a_leader_again_catches_its_cache_up_instead_of_reading_again(cluster, monkeypatch) -> None:
