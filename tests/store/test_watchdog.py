@@ -14,6 +14,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store.db import Database
 from controller import watchdog as watchdog_module
+from controller.store.isolation import ModelMemo, read_placements, to_problem
 from controller.watchdog import EVENT_KIND, IsolationWatchdog
 
 from .seed import TWO_RACKS, seed_problem
@@ -197,3 +198,36 @@ async def test_a_deletion_committed_while_the_watchdog_reads_raises_no_false_ala
     async with database.unit_of_work() as uow:  # the deletion did commit, during the read
         assert (await uow.session.execute(text("SELECT count(*) FROM deployments WHERE name = 'rival-web'"))).scalar_one() == 0
     assert await watchdog.check_once() == []  # and the next check sees it gone, cleanly
+
+
+async def test_a_check_judges_rows_changed_by_hand_since_the_last_one_as_they_are_now(database: Database) -> None:
+    # Each row's model is built once and kept while the row is unchanged (`isolation.ModelMemo`):
+    # a deployment renamed by hand keeps its placements' references whole (no false REFERENCE
+    # alarm), and a placement moved by hand is judged where it is now.
+    await _seeded(database)
+    watchdog = IsolationWatchdog(database)
+    assert await watchdog.check_once() == []
+    async with database.engine.begin() as conn:
+        await conn.execute(text("UPDATE deployments SET name = 'lab-api' WHERE name = 'lab-web'"))
+    assert await watchdog.check_once() == []
+    async with database.engine.begin() as conn:
+        await conn.execute(text("UPDATE placements SET node_id = 'n2' WHERE deployment_id = "
+                                "(SELECT id FROM deployments WHERE name = 'rival-web')"))
+    alarms = await watchdog.check_once()
+    assert [(a.violation.rule, a.violation.tenants) for a in alarms][:1] == [("ACCELERATOR", ("lab", "rival"))]
+
+
+async def test_rows_unchanged_since_the_last_check_are_not_built_again(database: Database) -> None:
+    await _seeded(database)
+    memo = ModelMemo()
+    async with database.read_snapshot() as session:
+        before = to_problem(await read_placements(session), memo)
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    async with database.read_snapshot() as session:
+        stored = await read_placements(session)
+    after = to_problem(stored, memo)
+    assert after == to_problem(stored)  # what a model built afresh is
+    assert len(after.placements) == len(before.placements) + 1
+    assert all(a is b for a, b in zip(after.placements, before.placements))
+    assert all(a is b for a, b in zip(after.deployments, before.deployments))
+    assert all(a is b for a, b in zip(after.nodes, before.nodes))
