@@ -68,12 +68,17 @@ def _enum_word(table: dict[int, str], value: int, what: str, default: str | None
         raise InvalidArgument(f"{what}: unknown value {value}") from None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NAIVE_EPOCH = datetime(1970, 1, 1)  # a naive datetime is taken as UTC, as Timestamp.FromDatetime takes it
+
+
 def timestamp(value: datetime | None) -> Timestamp | None:
+    """`Timestamp.FromDatetime`'s value, worked out in integers (FromDatetime's Python took ~6 us
+    of the ~20 us of a deployment's conversion, twice: every watch event has two)."""
     if value is None:
         return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    since = value - (_NAIVE_EPOCH if value.tzinfo is None else _EPOCH)
+    return Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
 
 
 def _opt(msg: object, name: str) -> float | None:
