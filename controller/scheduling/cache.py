@@ -298,7 +298,9 @@ class ClusterCache:
         held = any(snap.replica_indices.get(key) for key in gone)
         snap.problem["deployments"] = [d for d in snap.problem["deployments"] if d["id"] not in gone]
         if held:
-            snap.problem["placements"] = [p for p in snap.problem["placements"] if p["deployment"] not in gone]
+            before = snap.problem["placements"]
+            snap.problem["placements"] = [p for p in before if p["deployment"] not in gone]
+            self._placed.without(before, snap.problem["placements"], gone)
         for key in gone:
             for mapping in (snap.deployment_ids, snap.solver_refs, snap.replica_indices):
                 mapping.pop(key, None)  # type: ignore[attr-defined]
@@ -609,6 +611,8 @@ class ClusterCache:
     def holding(self, nodes: Collection[str]) -> dict[str, tuple[frozenset[str], bool]]:
         """For each of `nodes` holding shards: the stored deployments holding them, and whether
         one of those shards is an outgoing replica's (a drain or a rollout replaces it)."""
+        if not nodes:  # (a catch-up with no node change)
+            return {}
         refs = self.snapshot.solver_refs
         placed = self._placed.of(self.snapshot.problem["placements"])
         held: dict[str, tuple[frozenset[str], bool]] = {}
@@ -651,8 +655,9 @@ class _NodesById:
 
 class _PlacedOn:
     """The solver deployments with shards on each node, of the snapshot's placements: read
-    once, then only what was appended since (`ClusterCache.committed`); read again when the
-    cache replaces the list (every other change of it does). Not to be changed by its users."""
+    once, then only what was appended since (`ClusterCache.committed`) or what departures took
+    out (`without`); read again when the cache replaces the list otherwise. Not to be changed
+    by its users."""
 
     def __init__(self) -> None:
         self._source: list[dict[str, Any]] | None = None
@@ -667,6 +672,21 @@ class _PlacedOn:
             on.setdefault(p["node"], set()).add(p["deployment"])
         self._read = len(placements)
         return on
+
+    def without(self, before: list[dict[str, Any]], after: list[dict[str, Any]], gone: Collection[str]) -> None:
+        """`after` replaces `before`, which it is without every placement of the solver
+        deployments `gone` (departures). Followed when `before` was read whole, else `after` is
+        read afresh when next asked."""
+        if before is not self._source or self._read != len(before):
+            return
+        for p in before:
+            if p["deployment"] in gone:
+                names = self._on.get(p["node"])
+                if names is not None:
+                    names.discard(p["deployment"])
+                    if not names:
+                        del self._on[p["node"]]
+        self._source, self._read = after, len(after)
 
 
 def _own_copy(snapshot: Snapshot) -> Snapshot:

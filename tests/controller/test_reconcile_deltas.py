@@ -18,7 +18,7 @@ import pytest
 
 from bench.checking import check_state
 from controller.reconcile import Reconciler
-from controller.scheduling.decider import DecideProcess
+from controller.scheduling.cache import ClusterCache
 from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
 from controller.store import repositories as repo
@@ -851,6 +851,32 @@ async def test_a_node_holding_only_shards_placed_after_a_node_change_is_known_to
     snapshot = await fresh(cluster)
     assert_same(loop.warm_snapshot, snapshot)
     assert {p["node"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/whole"} - {node}
+
+
+async def test_what_the_cache_holds_on_each_node_follows_commits_and_departures(cluster) -> None:
+    # `ClusterCache.holding` (which node changes must read deployments again) answers from an
+    # index kept with the snapshot's placements: after node changes, commits and departures it
+    # is what a scan of the placements says.
+    loop = reconciler(cluster)
+    for name in ("a", "b", "c"):
+        await submit(cluster, deployment(name, replicas=2, accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    cache = ClusterCache.build(await fresh(cluster), allow_preemption=True, time_limit_ms=60_000)
+    assert cache is not None
+    every = [n["id"] for n in cache.snapshot.problem["nodes"]]
+
+    def scanned() -> dict[str, frozenset[str]]:
+        held: dict[str, set[str]] = {}
+        for p in cache.snapshot.problem["placements"]:
+            held.setdefault(p["node"], set()).add(p["deployment"])
+        return {node: frozenset(keys) for node, keys in held.items()}
+
+    assert {node: keys for node, (keys, _) in cache.holding(every).items()} == scanned()
+    cache.depart(["t1/a"], cache.snapshot.generation)
+    assert {node: keys for node, (keys, _) in cache.holding(every).items()} == scanned()
+    assert all("t1/a" not in keys for keys, _ in cache.holding(every).values())
+    cache.depart(["t1/b", "t1/c"], cache.snapshot.generation)
+    assert cache.holding(every) == {} == scanned()
 
 
 async def test_a_leader_again_catches_its_cache_up_instead_of_reading_again(cluster, monkeypatch) -> None:
