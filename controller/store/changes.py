@@ -18,6 +18,7 @@ from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind, ClusterChange
+from controller.store.sqlite_driver import deferrable
 from controller.store.models import ClusterChangeRow, ClusterState, Deployment, DeploymentPhase
 
 _KINDS = frozenset(k.value for k in ChangeKind)
@@ -47,7 +48,8 @@ async def log_change(session: AsyncSession, generation: int, change: ClusterChan
     await session.execute(insert(ClusterChangeRow), [
         {"generation": generation, "kind": change.kind.value, "object_id": object_id} for object_id in ids])
     if generation % _PRUNE_EVERY == 0:
-        await session.execute(delete(ClusterChangeRow).where(ClusterChangeRow.generation <= generation - CHANGES_KEPT)
+        await session.execute(deferrable(delete(ClusterChangeRow))
+                              .where(ClusterChangeRow.generation <= generation - CHANGES_KEPT)
                               .execution_options(synchronize_session=False))
 
 

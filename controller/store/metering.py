@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, and_, case, func, insert, literal, select,
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
+from controller.store.sqlite_driver import deferrable
 
 J_PER_KWH = 3.6e6
 _CHUNK = 500
@@ -130,7 +131,7 @@ async def stop_intervals(session: AsyncSession, placement_ids: Iterable[int], at
     ids = sorted(set(placement_ids))
     for start in range(0, len(ids), _CHUNK):
         await session.execute(
-            update(m.UsageInterval)
+            deferrable(update(m.UsageInterval))
             .where(m.UsageInterval.placement_id.in_(ids[start:start + _CHUNK]), m.UsageInterval.ended_s.is_(None))
             .values(ended_s=epoch_s(at)).execution_options(synchronize_session=False)
         )

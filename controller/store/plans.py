@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, case, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
@@ -69,6 +69,7 @@ from controller.store.metering import (
 from controller.store.recheck import ReplicaKey, TenantUsage, Unread, recheck, shard_usage
 from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
+from controller.store.sqlite_driver import deferrable, deferred_writes
 from controller.domain.changes import ChangeKind, ClusterChange
 from controller.domain.values import deployment_key, split_deployment_key
 from controller.domain.phases import deployment_phase, replica_counts
@@ -702,18 +703,64 @@ async def commit_plan(
             first_placed[name] = _seconds_between(d.created_at, now)
         if name in changed_deployments or phase is not d.phase or name in reasons_changed:
             deployment_updates.append(
-                {"id": d.id, "phase": phase, "reasons": reasons, "generation": new_generation[name], "updated_at": now}
+                {"b_id": d.id, "phase": phase, "reasons": reasons, "generation": new_generation[name], "updated_at": now}
             )
             if name not in changed_deployments:
                 updated_deployments.add(name)
 
-    # Write: placements, deployments, nodes, the cluster generation, events.
-    delete_ids = [row.id for row in deletes]
-    for chunk in _chunks(delete_ids):
-        await session.execute(
-            delete(Placement).where(Placement.id.in_(chunk)).execution_options(synchronize_session=False)
-        )
-    if updates:
+    deleted_deployments = {name for name, d in deployments.items()
+                           if d.phase is DeploymentPhase.DELETING and name in snapshot.deleting}
+    # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
+    # whose results nothing reads ride with the next statement that returns rows, or the caller's
+    # commit (`sqlite_driver.deferred_writes`: five trips to SQLite's thread under the writer
+    # instead of twelve): the commit fails or commits whole.
+    with deferred_writes():
+        generation = await _write(session, changes, deletes, changed_nodes, changed_deployments, deleted_deployments,
+                                  deployment_updates, new_generation, deployments, bumped, generation, now)
+        events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
+                         changes.requeued)
+        if events:
+            await session.execute(insert(Event), [{**e, "actor": actor, "at": now} for e in events])
+            tenants = {name: d.tenant_id for name, d in deployments.items()}
+            await audit.append(session, _decision_records(events, tenants, actor), at=now)
+
+    return CommitResult(
+        changed_nodes=changed_nodes,
+        changed_deployments=changed_deployments | deleted_deployments,
+        generation=generation,
+        updated_deployments=updated_deployments,
+        deleted_deployments=deleted_deployments,
+        first_placed_after_s=first_placed,
+        stale=stale,
+        requeued=dict(changes.requeued),
+        shards={**{row.key: None for row in deletes}, **{row.key: _where(pl) for row, pl in updates},
+                **{key: _where(pl) for key, pl in inserts.items()}},
+    )
+
+
+# A deployment's phase, reasons and generation as a plan commit writes them: a Core executemany
+# (its row count is not read: the ORM's bulk UPDATE checks it, and so could not be deferred). The
+# rows were read under the generation lock in this transaction, and only a plan commit deletes
+# a schedulable deployment's row.
+_DEPLOYMENTS = Deployment.__table__
+_UPDATE_DEPLOYMENT = deferrable(
+    update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("b_id")).values(
+        phase=bindparam("phase"), reasons=bindparam("reasons"), generation=bindparam("generation"),
+        updated_at=bindparam("updated_at")))
+
+
+async def _write(
+    session: AsyncSession, changes: _Changes, deletes: list[_Row], changed_nodes: set[str],
+    changed_deployments: set[str], deleted_deployments: set[str], deployment_updates: list[dict[str, Any]],
+    new_generation: dict[str, int], deployments: dict[str, Any], bumped: bool, generation: int, now: datetime,
+) -> int:
+    """A plan commit's placements, usage meters, deployments, nodes and cluster generation (with
+    what moved it); returns the generation after it."""
+    inserts, updates = changes.inserts, changes.updates
+    for chunk in _chunks([row.id for row in deletes]):
+        await session.execute(deferrable(delete(Placement).where(Placement.id.in_(chunk)))
+                              .execution_options(synchronize_session=False))
+    if updates:  # the ORM's bulk UPDATE: its row count is checked (a placement deleted since fails the commit)
         await session.execute(
             update(Placement),
             [
@@ -762,17 +809,13 @@ async def commit_plan(
             d.id: DeploymentMeter(d.name, d.tenant_id, d.shard_accelerators, d.shard_power_w)
         for d in map(deployments.__getitem__, changed_deployments)})
     if deployment_updates:
-        await session.execute(update(Deployment), deployment_updates)
-    deleted_deployments = {name for name, d in deployments.items()
-                           if d.phase is DeploymentPhase.DELETING and name in snapshot.deleting}
+        await session.execute(_UPDATE_DEPLOYMENT, deployment_updates)
     for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
-        await session.execute(
-            delete(Deployment).where(Deployment.id.in_(chunk)).execution_options(synchronize_session=False)
-        )
+        await session.execute(deferrable(delete(Deployment).where(Deployment.id.in_(chunk)))
+                              .execution_options(synchronize_session=False))
     for chunk in _chunks(sorted(changed_nodes)):
         await session.execute(
-            update(Node)
-            .where(Node.id.in_(chunk))
+            deferrable(update(Node).where(Node.id.in_(chunk)))
             .values(assignment_generation=Node.assignment_generation + 1)
             .execution_options(synchronize_session=False)
         )
@@ -785,26 +828,7 @@ async def commit_plan(
         touched = changed_deployments | deleted_deployments
         await log_change(session, generation,
                          ClusterChange.placements(touched if len(touched) <= LOGGED_DEPLOYMENTS_MAX else ()))
-
-    events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
-                     changes.requeued)
-    if events:
-        await session.execute(insert(Event), [{**e, "actor": actor, "at": now} for e in events])
-        tenants = {name: d.tenant_id for name, d in deployments.items()}
-        await audit.append(session, _decision_records(events, tenants, actor), at=now)
-
-    return CommitResult(
-        changed_nodes=changed_nodes,
-        changed_deployments=changed_deployments | deleted_deployments,
-        generation=generation,
-        updated_deployments=updated_deployments,
-        deleted_deployments=deleted_deployments,
-        first_placed_after_s=first_placed,
-        stale=stale,
-        requeued=dict(changes.requeued),
-        shards={**{row.key: None for row in deletes}, **{row.key: _where(pl) for row, pl in updates},
-                **{key: _where(pl) for key, pl in inserts.items()}},
-    )
+    return generation
 
 
 PREEMPTED = "PREEMPTED"

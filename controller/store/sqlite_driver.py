@@ -11,13 +11,16 @@ loop's thread. A commit or rollback with no transaction open takes no trip at al
 transactions and errors are the same as with the stock adapter;
 server-side cursors (`stream_results`) keep the stock one.
 
-A writer that never handles one INSERT's failure on its own (a batch that fails, or commits, as a
-whole) may defer its INSERTs without RETURNING (`deferred_inserts`): each waits on the connection
-and goes to the thread with its next statement or its commit, in order, in that one trip. Under
-load each trip is a turn of a busy event loop while the transaction holds SQLite's only writer
-(a submit batch: five trips -> three). A deferred INSERT's error is raised by the statement or the
+A writer that never handles one statement's failure on its own (a batch or a plan commit that
+fails, or commits, as a whole) may defer its writes (`deferred_writes`): inside it, an INSERT
+without RETURNING, and an UPDATE or DELETE marked `deferrable` (its row count is never read: a
+deferred statement's cursor says -1, unknown), waits on the connection and goes to the thread
+with the connection's next statement or its commit, in order, in that one trip. Under load each
+trip is a turn of a busy event loop while the transaction holds SQLite's only writer (a plan
+commit: twelve trips -> five). A deferred statement's error is raised by the statement or the
 commit it went with; nothing after it in that trip runs, and the transaction is rolled back by
-its caller as for any failed statement. Everything else is executed at once, as before.
+its caller as for any failed statement. Everything else is executed at once, as before: the
+ORM's own UPDATEs and DELETEs (a flush checks their row counts) are never marked.
 
 `dbapi()` is the DBAPI module to hand `create_async_engine(..., module=...)` for a
 `sqlite+aiosqlite` URL.
@@ -30,9 +33,10 @@ import contextvars
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
+from sqlalchemy import Delete, Update
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection, AsyncAdapt_aiosqlite_cursor, AsyncAdapt_aiosqlite_dbapi,
 )
@@ -41,14 +45,27 @@ from sqlalchemy.util import EMPTY_DICT, await_only
 _Outcome = tuple[Any, int, Any, list[Any] | None]  # description, rowcount, lastrowid, rows
 _Statement = tuple[str, Any, bool]  # operation, parameters, executemany
 
-_DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("maia_sqlite_deferred_inserts", default=False)
+_DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("maia_sqlite_deferred_writes", default=False)
+
+# What marks an UPDATE or DELETE as deferrable: a comment, so the statement is the same on every
+# database (PostgreSQL ignores it) and the mark reaches the cursor with the statement's text.
+_DEFERRABLE = "/* maia:deferrable */"
+
+_Dml = TypeVar("_Dml", Update, Delete)
+
+
+def deferrable(statement: _Dml) -> _Dml:
+    """`statement` marked as one whose row count nobody reads: deferred inside
+    `deferred_writes` (module docstring). Never for a statement with RETURNING."""
+    return statement.prefix_with(_DEFERRABLE)
 
 
 @contextmanager
-def deferred_inserts() -> Iterator[None]:
-    """INSERTs without RETURNING executed inside (in this task) go to the thread with the
-    connection's next statement or commit (module docstring). For writers whose transaction fails
-    as a whole when any of its statements fails; no effect on other databases."""
+def deferred_writes() -> Iterator[None]:
+    """INSERTs without RETURNING and `deferrable` statements executed inside (in this task) go to
+    the thread with the connection's next statement or commit (module docstring). For writers
+    whose transaction fails as a whole when any of its statements fails; no effect on other
+    databases."""
     token = _DEFERRING.set(True)
     try:
         yield
@@ -57,8 +74,9 @@ def deferred_inserts() -> Iterator[None]:
 
 
 def _deferrable(operation: str) -> bool:
-    head = operation.lstrip()[:6].upper()
-    return head == "INSERT" and "RETURNING" not in operation.upper()
+    if "RETURNING" in operation.upper():
+        return False
+    return operation.lstrip()[:6].upper() == "INSERT" or _DEFERRABLE in operation
 
 
 def _run_deferred(conn: sqlite3.Connection, deferred: list[_Statement]) -> None:
@@ -175,7 +193,7 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     def __init__(self, dbapi: Any, connection: aiosqlite.Connection) -> None:
         super().__init__(dbapi, connection)
         self.unsure = False
-        self.deferred: list[_Statement] = []  # INSERTs waiting for the next trip (`deferred_inserts`)
+        self.deferred: list[_Statement] = []  # writes waiting for the next trip (`deferred_writes`)
 
     def _idle(self) -> bool:
         conn = self._connection._conn

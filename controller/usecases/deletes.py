@@ -36,7 +36,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
-from controller.store.sqlite_driver import deferred_inserts
+from controller.store.sqlite_driver import deferred_writes
 from controller.store.turns import WritePriority, write_priority
 from controller.usecases import policy
 from controller.usecases.deployments import DELETING, delete_deployment, mark_deleting, only_owner, seen_or_not_found
@@ -116,7 +116,7 @@ class DeleteBatcher:
             redactors = await self._redactors(uow, [q for q in batch if id(q) in rows and rows[id(q)].reasons])
             calls = [q.call for q in marking if q.call is not None]
             if marking:
-                with deferred_inserts():  # the batch fails or commits whole
+                with deferred_writes():  # the batch fails or commits whole
                     await mark_deleting(uow, [(rows[id(q)], q.who.name) for q in marking])
                     await audit.append(s, [c.record for c in calls])
                 await uow.commit()

@@ -53,7 +53,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
-from controller.store.sqlite_driver import deferred_inserts
+from controller.store.sqlite_driver import deferred_writes
 from controller.store.turns import WritePriority, metered_turns, write_priority
 from controller.usecases import requests
 from controller.usecases.capacity import CapacityCache
@@ -185,7 +185,7 @@ class SubmitBatcher:
             checked = time.perf_counter()
             stages.checks = checked - read
             s = uow.session
-            with metered_turns() as turn, deferred_inserts():  # the batch fails or commits whole
+            with metered_turns() as turn, deferred_writes():  # the batch fails or commits whole
                 rows = await repo.insert_deployments(s, [q.spec for q in accepted])
                 await requests.remember_all(uow, [(q.spec.tenant, q.request_id, row.id, q.spec)
                                                   for q, row in zip(accepted, rows)], "submit")

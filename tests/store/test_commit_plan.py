@@ -9,12 +9,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiosqlite.core
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 
 from controller.domain.changes import ClusterChange
 from controller.store.db import Database
-from controller.store import audit, plans
+from controller.store import audit, plans, sqlite_driver
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.plans import (
@@ -480,3 +482,76 @@ async def test_a_plan_stale_by_other_changes_is_judged_by_the_document_read_agai
     result, reads = await _judged_by(database, monkeypatch, change, _cordon_n2)
     assert result.stale and reads == 1
     assert result.requeued == {(TRAIN, 0): ("node n2 is cordoned: it takes no new shards",)}
+
+
+@pytest.fixture
+def sqlite_trips(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Each trip to aiosqlite's thread from now on: the statement it runs (its first words;
+    "COMMIT"), and how many deferred writes went with it (store/sqlite_driver.py)."""
+    seen: list[tuple[str, int]] = []
+    real = aiosqlite.core.Connection._execute
+
+    async def counted(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if fn is sqlite_driver._run:
+            seen.append((" ".join(args[1].split()[:3]), 0))
+        elif fn is sqlite_driver._run_after:
+            seen.append((" ".join(args[2].split()[:3]), len(args[1])))
+        elif fn is sqlite_driver._commit_after:
+            seen.append(("COMMIT", len(args[1])))
+        else:
+            seen.append((getattr(fn, "__name__", repr(fn)).upper(), 0))
+        return await real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.core.Connection, "_execute", counted)
+    return seen
+
+
+async def test_a_plan_commit_on_sqlite_writes_what_returns_nothing_with_the_next_trip(
+        database: Database, sqlite_trips: list[tuple[str, int]]) -> None:
+    if not database.is_sqlite:
+        pytest.skip("trips to aiosqlite's thread: SQLite only")
+    snap = await _seeded(database)
+    sqlite_trips.clear()
+    plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
+
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, plan, scope={TRAIN}, actor="test")
+        await uow.commit()
+
+    assert result.changed_deployments == {TRAIN} and not result.requeued
+    # Six trips under the writer for thirteen statements: only what returns rows goes at once;
+    # the usage meter, the deployment, the node, the change log, the event and the audit entry
+    # ride with the next of those, or with the commit.
+    assert sqlite_trips == [
+        ("UPDATE cluster_state SET", 0),  # the generation's lock (RETURNING)
+        ("SELECT deployments.id, deployments.name,", 0), ("SELECT placements.id, placements.deployment_id,", 0),
+        ("INSERT INTO placements", 0),  # RETURNING the new rows' ids
+        ("UPDATE audit_head SET", 5),  # RETURNING the chain's head
+        ("COMMIT", 2),
+    ]
+    after = await _state(database)
+    assert after["deployments"][TRAIN].phase is m.DeploymentPhase.SCHEDULED
+    assert after["events"] == [("deployment.placed", TRAIN, {"replicas": [0], "nodes": ["n2"]}, "test")]
+
+
+async def test_a_deferred_write_of_a_plan_commit_that_fails_fails_it_whole(database: Database) -> None:
+    if not database.is_sqlite:
+        pytest.skip("deferred writes: SQLite only")
+    snap = await _seeded(database)
+    async with database.unit_of_work() as uow:  # the nodes' UPDATE (deferred to the commit) fails
+        await uow.session.execute(text("CREATE TRIGGER refuse BEFORE UPDATE OF assignment_generation ON nodes "
+                                       "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        await uow.commit()
+        before = await dump(uow.session)
+    plan = Plan("optimal", KEPT[:2] + (P(TRAIN, 0, 0, "n4", 0, 1), P(TRAIN, 0, 1, "n4", 2, 3)),
+                preempted=(Preemption(BURST, 0),))
+
+    with pytest.raises(IntegrityError, match="refused"):
+        await _commit(database, snap, plan)
+
+    async with database.unit_of_work() as uow:
+        assert await dump(uow.session) == before  # nothing of it: placements, meters, events, audit, generation
+        await uow.session.execute(text("DROP TRIGGER refuse"))
+        await uow.commit()
+    result = await _commit(database, snap, plan)  # the writer was given back: the same plan commits
+    assert result.changed_deployments == {TRAIN, BURST}

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import aiosqlite.core
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, Integer, MetaData, Table, delete, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from controller.store.db import Database
-from controller.store.sqlite_driver import deferred_inserts
+from controller.store.sqlite_driver import deferrable, deferred_writes
+
+
+T = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("v", Integer, nullable=False))
 
 
 @pytest.fixture
@@ -95,11 +98,11 @@ async def test_a_read_takes_one_trip_and_a_write_two(db: Database, trips: list[s
         assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [1]
 
 
-async def test_deferred_inserts_go_with_the_next_statement_or_the_commit_in_order(db: Database,
+async def test_deferred_writes_go_with_the_next_statement_or_the_commit_in_order(db: Database,
                                                                                   trips: list[str]) -> None:
     async with db.unit_of_work() as uow:
         s = uow.session
-        with deferred_inserts():
+        with deferred_writes():
             await s.execute(text("INSERT INTO t (v) VALUES (1)"))  # deferred
             await s.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 2}, {"v": 3}])  # deferred
             assert trips == []
@@ -117,16 +120,54 @@ async def test_deferred_inserts_go_with_the_next_statement_or_the_commit_in_orde
 async def test_a_deferred_insert_that_fails_fails_the_commit_and_nothing_is_written(db: Database) -> None:
     with pytest.raises(IntegrityError):
         async with db.unit_of_work() as uow:
-            with deferred_inserts():
+            with deferred_writes():
                 await uow.session.execute(text("INSERT INTO t (v) VALUES (7)"))
                 await uow.session.execute(text("INSERT INTO t (v) VALUES (7)"))  # UNIQUE, raised by the commit
             await uow.session.commit()
     await _nothing_written_and_the_writer_free(db)  # rolled back whole
 
 
-async def test_deferred_inserts_of_a_transaction_not_committed_are_never_run(db: Database, trips: list[str]) -> None:
+async def test_deferred_writes_of_a_transaction_not_committed_are_never_run(db: Database, trips: list[str]) -> None:
     async with db.unit_of_work() as uow:
-        with deferred_inserts():
+        with deferred_writes():
             await uow.session.execute(text("INSERT INTO t (v) VALUES (9)"))
     assert trips == []  # dropped with the rollback: nothing had reached the thread
     await _nothing_written_and_the_writer_free(db)
+
+
+async def test_deferrable_updates_and_deletes_are_deferred_and_unmarked_ones_are_not(db: Database,
+                                                                                  trips: list[str]) -> None:
+    async with db.unit_of_work() as uow:
+        s = uow.session
+        with deferred_writes():
+            await s.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}, {"v": 3}])  # deferred
+            marked = await s.execute(deferrable(update(T).where(T.c.v >= 2).values(v=T.c.v * 10)))  # deferred
+            assert marked.rowcount == -1  # unknown: nothing ran yet
+            await s.execute(deferrable(delete(T).where(T.c.v == 1)))  # deferred
+            assert trips == []
+            unmarked = await s.execute(update(T).where(T.c.v == 30).values(v=31))  # at once, after the three
+            assert trips == ["_run_after"] and unmarked.rowcount == 1
+            await s.execute(deferrable(update(T).where(T.c.v == 20).values(v=21)))  # goes with the commit
+        await s.commit()
+    assert trips == ["_run_after", "_commit_after"]
+    async with db.unit_of_work() as uow:
+        assert list(await uow.session.scalars(text("SELECT v FROM t ORDER BY id"))) == [21, 31]
+
+
+async def test_a_marked_statement_outside_deferred_writes_runs_at_once(db: Database, trips: list[str]) -> None:
+    async with db.unit_of_work() as uow:
+        await uow.session.execute(text("INSERT INTO t (v) VALUES (5)"))
+        moved = await uow.session.execute(deferrable(update(T).values(v=6)))
+        assert moved.rowcount == 1
+        await uow.session.commit()
+    assert trips == ["_run", "_run", "commit"]
+
+
+async def test_a_deferred_update_that_fails_fails_the_commit_and_nothing_is_written(db: Database) -> None:
+    with pytest.raises(IntegrityError):
+        async with db.unit_of_work() as uow:
+            with deferred_writes():
+                await uow.session.execute(text("INSERT INTO t (v) VALUES (7), (8)"))
+                await uow.session.execute(deferrable(update(T).where(T.c.v == 8).values(v=7)))  # UNIQUE
+            await uow.session.commit()
+    await _nothing_written_and_the_writer_free(db)  # rolled back whole
