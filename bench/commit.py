@@ -16,7 +16,10 @@ turn:
   held (from the UPDATE of `cluster_state` to the end of the commit); once per mode and size,
   the rows the commit's SELECTs returned; the statements the last commit sent (the COMMIT itself
   is not a cursor statement).
-In-process, one connection, no other writer: the lock is never waited for here.
+In-process, one connection, no other writer: the lock is never waited for here. With
+`--busy-loop-ms N` a task keeps the event loop busy in slices of N ms (what a controller's loop
+shared with thousands of agents is like), so each trip to SQLite's thread waits for a slice, as
+in the controller under load; on SQLite the last commit's trips are counted.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Timing:
     lock_ms: list[float] = dataclasses.field(default_factory=list)
     rows_read: int = 0
     statements: int = 0  # SQL statements the last commit sent, the COMMIT not counted
+    trips: int = 0  # trips the last commit took to SQLite's thread, the COMMIT's counted (0: not SQLite)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,6 +97,34 @@ def _lock_clock(engine: Any) -> Iterator[tuple[list[float], list[str]]]:
 
 
 @contextmanager
+def _trips() -> Iterator[list[str]]:
+    """The functions run on aiosqlite's threads meanwhile (each a trip from the event loop)."""
+    import aiosqlite.core
+
+    seen: list[str] = []
+    real = aiosqlite.core.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(getattr(fn, "__name__", repr(fn)))
+        return await real(self, fn, *args, **kwargs)
+
+    aiosqlite.core.Connection._execute = counted  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        aiosqlite.core.Connection._execute = real  # type: ignore[method-assign]
+
+
+async def _busy(slice_ms: float) -> None:
+    """Keeps the event loop busy in slices of `slice_ms`, yielding between them."""
+    while True:
+        until = time.perf_counter() + slice_ms / 1000
+        while time.perf_counter() < until:
+            pass
+        await asyncio.sleep(0)
+
+
+@contextmanager
 def rows_read(session: Any) -> Iterator[list[int]]:
     """Counts the rows each SELECT through `session` returns."""
     counts: list[int] = []
@@ -111,7 +143,8 @@ def rows_read(session: Any) -> Iterator[list[int]]:
         event.remove(session.sync_session, "do_orm_execute", count)
 
 
-async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int, modes: tuple[bool, ...]) -> dict[str, Any]:
+async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int, modes: tuple[bool, ...],
+                   busy_loop_ms: float = 0.0) -> dict[str, Any]:
     from controller.store import models as m
     from controller.store.db import Database
     from controller.store.migrate import ensure_schema
@@ -164,14 +197,18 @@ async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int, modes: tup
                                   p.get("accelerator_milli")) for p in placements)
                     plan = Plan("optimal", kept + new)
                     timing = timings[(size, scoped)]
+                    busy = asyncio.create_task(_busy(busy_loop_ms)) if busy_loop_ms > 0 else None
                     async with db.unit_of_work() as uow:
                         counting = rows_read(uow.session) if rep == 0 else _no_count()
-                        with _lock_clock(db.engine) as (taken, sent), counting as counts:
+                        with _lock_clock(db.engine) as (taken, sent), counting as counts, _trips() as trips:
                             t0 = time.perf_counter()
                             result = await commit_plan(uow.session, cached, plan, scope=set(keys) if scoped else None)
                             await uow.commit()
                             t1 = time.perf_counter()
+                    if busy is not None:
+                        busy.cancel()
                     timing.statements = len(sent)  # the last commit's (the first may warm up: audit.append)
+                    timing.trips = len(trips)
                     if rep == 0:
                         timing.rows_read = sum(counts)
                     else:  # the first round also counted rows: not timed
@@ -204,7 +241,8 @@ def _no_count() -> Iterator[list[int]]:
 async def _run(args: argparse.Namespace, backend: str, doc: Doc, directory: Path) -> dict[str, Any]:
     modes = (True,) if getattr(args, "scoped_only", False) else (False, True)
     if backend == "sqlite":
-        return await _measure(f"sqlite+aiosqlite:///{directory / 'maia.db'}", doc, args.sizes, args.repeat, modes)
+        return await _measure(f"sqlite+aiosqlite:///{directory / 'maia.db'}", doc, args.sizes, args.repeat, modes,
+                              args.busy_loop_ms)
     from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
 
     bin_dir = find_pg_bin_dir()
@@ -213,7 +251,7 @@ async def _run(args: argparse.Namespace, backend: str, doc: Doc, directory: Path
     server = LocalPostgres(bin_dir)
     try:
         url = await create_database(server.start(), prefix="maia_bench")
-        return await _measure(url, doc, args.sizes, args.repeat, modes)
+        return await _measure(url, doc, args.sizes, args.repeat, modes, args.busy_loop_ms)
     finally:
         server.stop()
 
@@ -238,11 +276,11 @@ def _report(args: argparse.Namespace, backend: str, result: dict[str, Any]) -> N
           f"replicas turned away {result['turned_away']}; cache kept from CommitResult.shards "
           f"{'equals' if result['cache_matches'] else 'DIFFERS FROM'} the committed state")
     print(f"{'plan':>10} {'commit':>9} {'p50 ms':>8} {'p99 ms':>8} {'lock p50':>9} {'lock p99':>9} {'rows read':>10} "
-          f"{'SQL':>4} {'deps/s':>7}")
+          f"{'SQL':>4} {'trips':>6} {'deps/s':>7}")
     for t in result["timings"]:
         print(f"{t.size:>4} dep(s) {'scoped' if t.scoped else 'unscoped':>9} {percentile(t.commit_ms, 50):>8.1f} "
               f"{percentile(t.commit_ms, 99):>8.1f} {percentile(t.lock_ms, 50):>9.1f} {percentile(t.lock_ms, 99):>9.1f} "
-              f"{t.rows_read:>10} {t.statements:>4} {t.size * 1000 / max(statistics.mean(t.commit_ms or [0.0]), 1e-9):>7.0f}")
+              f"{t.rows_read:>10} {t.statements:>4} {t.trips:>6} {t.size * 1000 / max(statistics.mean(t.commit_ms or [0.0]), 1e-9):>7.0f}")
     print(f"({args.repeat - 1} timed commits each; load average now {os.getloadavg()[0]:.1f})", flush=True)
 
 
@@ -255,4 +293,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--db", choices=("sqlite", "postgres"), nargs="+", default=["sqlite"])
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--scoped-only", action="store_true", help="skip the unscoped commits (slow at size)")
+    p.add_argument("--busy-loop-ms", type=float, default=0.0,
+                   help="keep the event loop busy in slices of this many ms while committing (0: idle)")
     p.set_defaults(func=main)
