@@ -242,7 +242,7 @@ async def _run(args: argparse.Namespace, backend: str, doc: Doc, directory: Path
     modes = (True,) if getattr(args, "scoped_only", False) else (False, True)
     if backend == "sqlite":
         return await _measure(f"sqlite+aiosqlite:///{directory / 'maia.db'}", doc, args.sizes, args.repeat, modes,
-                              args.busy_loop_ms)
+                              getattr(args, "busy_loop_ms", 0.0))
     from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
 
     bin_dir = find_pg_bin_dir()
@@ -251,7 +251,7 @@ async def _run(args: argparse.Namespace, backend: str, doc: Doc, directory: Path
     server = LocalPostgres(bin_dir)
     try:
         url = await create_database(server.start(), prefix="maia_bench")
-        return await _measure(url, doc, args.sizes, args.repeat, modes, args.busy_loop_ms)
+        return await _measure(url, doc, args.sizes, args.repeat, modes, getattr(args, "busy_loop_ms", 0.0))
     finally:
         server.stop()
 

@@ -91,13 +91,18 @@ async def read_generation_and_schedulable(session: AsyncSession) -> tuple[int, i
     return (0, 0) if row is None else (int(row[0] or 0), int(row[1] or 0))
 
 
+async def read_generation(session: AsyncSession) -> int:
+    """The cluster generation (as committed, or as this transaction moved it)."""
+    return (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
+
+
 async def read_changes_since(session: AsyncSession, after: int, *, generation: int | None = None) -> ChangesSince:
     """The current generation and the changes logged for each generation above `after` (read
     after it: a generation that is visible has its rows visible, written in its transaction).
     `generation`: the generation the caller read earlier in the same transaction (the changes
     up to it, one statement fewer); the next read finds the later ones."""
     if generation is None:
-        generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
+        generation = await read_generation(session)
     changes: dict[int, list[tuple[ChangeKind, str | None]]] = {}
     if generation > after:
         for gen, kind, object_id in await session.execute(

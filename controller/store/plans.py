@@ -23,6 +23,9 @@ A commit with a `scope` (deployment keys) speaks only for those deployments: it 
 rows and placements, and, for the re-check, only the shards on the rows its landing replicas
 touch (every rule the re-check applies lies within one row): a fast pass that decides a few
 deployments on a cached snapshot commits at the cost of those deployments, not of the cluster.
+Such a commit reads and checks before it takes the lock, and under the lock reads its rows
+again: when they and the generation are as before, the check stands (all else it depends on
+moves the generation), and the lock is held for the reads and the writes alone.
 `CommitResult.shards` and `requeued` tell such a caller what to apply to its cache.
 
 Plans name solver deployments and replicas (`store/rollout.py`: a rolling update's outgoing
@@ -43,7 +46,7 @@ import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
 from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
-    ChangesSince, move_generation, bump_cluster_generation, log_change, read_changes_since)
+    ChangesSince, move_generation, bump_cluster_generation, log_change, read_changes_since, read_generation)
 from controller.store.models import (
     Deployment,
     DeploymentPhase,
@@ -587,6 +590,33 @@ async def _recheck(
     return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}, doc
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A plan's changes against the committed state as read at one generation (`_check`)."""
+
+    read: _Committed  # as read
+    committed: _Committed  # without the shards released (`released`)
+    # Shards the snapshot left out (store/snapshot.py `released`) that are still there: removed.
+    released: list[_Row]
+    changes: _Changes
+
+
+async def _check(session: AsyncSession, snapshot: Snapshot, plan: Plan, read: _Committed) -> _Checked:
+    """The plan's changes (each replica re-checked) against `read`. What it depends on beyond
+    `read` (the snapshot's or the database's topology, nodes, tenants, specs, the shards of other
+    deployments and the change log) changes only with the cluster generation, which `read` holds
+    (every writer of those bumps it: module docstring): checked again against a read with the same
+    rows at the same generation, it gives the same changes."""
+    current = read.current
+    released = [current[k] for k, where in snapshot.released.items() if k in current and current[k].where == where]
+    committed = read
+    if released:
+        gone = {row.key for row in released}
+        committed = replace(read, current={k: row for k, row in current.items() if k not in gone})
+    changes = await _plan_changes(session, snapshot, plan, committed, read.generation != snapshot.generation)
+    return _Checked(read, committed, released, changes)
+
+
 def _no_lap(_step: str) -> None:
     pass
 
@@ -612,10 +642,11 @@ async def commit_plan(
     that names them (an unscoped pass does). Scoped or not, the same plan lands the same changes
     for the scope's deployments (tests/store/test_commit_scope.py).
 
-    `laps(step)` is told as each step ends (a caller's timings): `commit_turn` (on SQLite the
-    wait for the writer's turn; the writer is held from its end to the caller's commit),
-    `commit_read` (the committed state), `commit_check` (the plan's changes, re-checked); the
-    writes follow.
+    `laps(step)` is told as each step ends (a caller's timings): `commit_early` (a scoped
+    commit's read and check before the lock), `commit_turn` (on SQLite the wait for the writer's
+    turn; the writer is held from its end to the caller's commit), `commit_read` (the committed
+    state), `commit_check` (the plan's changes, re-checked: nothing when the early check stands);
+    the writes follow.
     """
     lap = laps or _no_lap
     # The generation row's write lock (PostgreSQL row lock, SQLite write lock) to the end of the
@@ -625,20 +656,26 @@ async def commit_plan(
     # wrong guess is put right before the end (nobody sees the row before the commit).
     scope = None if scope is None else frozenset(scope)
     bumped = _will_change(snapshot, plan, scope)
+    # A scoped commit reads its rows and checks the plan against them before it takes the lock,
+    # and again under the lock only when the rows read there differ (`_check`): the writer is
+    # held for the reads and the writes. An unscoped one (the whole cluster) reads once, under it.
+    early = None
+    if scope is not None:
+        early = await _check(session, snapshot, plan,
+                             await _read_committed(session, scope, await read_generation(session)))
+        lap("commit_early")
     generation = await move_generation(session, 1 if bumped else 0)
     stale = generation - int(bumped) != snapshot.generation
     now = now or utcnow()
     lap("commit_turn")
 
     # Current state (read under the generation lock): every deployment and placement, or the scope's.
-    committed = await _read_committed(session, scope, generation - int(bumped))
+    read = await _read_committed(session, scope, generation - int(bumped))
     lap("commit_read")
-    deployments, live, current = committed.deployments, committed.live, committed.current
-
-    # Shards the snapshot left out (store/snapshot.py `released`): released if still there.
-    released = [current.pop(k) for k, where in snapshot.released.items() if k in current and current[k].where == where]
-    changes = await _plan_changes(session, snapshot, plan, committed, stale)
+    checked = early if early is not None and early.read == read else await _check(session, snapshot, plan, read)
     lap("commit_check")
+    committed, released, changes = checked.committed, checked.released, checked.changes
+    deployments, live, current = committed.deployments, committed.live, committed.current
     inserts, updates = changes.inserts, changes.updates
     deletes = changes.deletes + committed.leaving + released
     deleted_keys = {row.key for row in deletes}

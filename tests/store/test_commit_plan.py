@@ -506,7 +506,7 @@ def sqlite_trips(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return seen
 
 
-async def test_a_plan_commit_on_sqlite_writes_what_returns_nothing_with_the_next_trip(
+async def test_a_scoped_commit_on_sqlite_holds_the_writer_for_reads_and_trips_that_return_rows(
         database: Database, sqlite_trips: list[tuple[str, int]]) -> None:
     if not database.is_sqlite:
         pytest.skip("trips to aiosqlite's thread: SQLite only")
@@ -519,12 +519,15 @@ async def test_a_plan_commit_on_sqlite_writes_what_returns_nothing_with_the_next
         await uow.commit()
 
     assert result.changed_deployments == {TRAIN} and not result.requeued
-    # Six trips under the writer for thirteen statements: only what returns rows goes at once;
-    # the usage meter, the deployment, the node, the change log, the event and the audit entry
-    # ride with the next of those, or with the commit.
-    assert sqlite_trips == [
+    early = [("SELECT cluster_state.generation FROM", 0),
+             ("SELECT deployments.id, deployments.name,", 0), ("SELECT placements.id, placements.deployment_id,", 0)]
+    # Under the writer, six trips for thirteen statements: the scope's rows read again (the early
+    # check stands: nothing read for it), and only what returns rows goes at once; the usage
+    # meter, the deployment, the node, the change log, the event and the audit entry ride with
+    # the next of those, or with the commit.
+    assert sqlite_trips == early + [
         ("UPDATE cluster_state SET", 0),  # the generation's lock (RETURNING)
-        ("SELECT deployments.id, deployments.name,", 0), ("SELECT placements.id, placements.deployment_id,", 0),
+        *early[1:],
         ("INSERT INTO placements", 0),  # RETURNING the new rows' ids
         ("UPDATE audit_head SET", 5),  # RETURNING the chain's head
         ("COMMIT", 2),
@@ -532,6 +535,87 @@ async def test_a_plan_commit_on_sqlite_writes_what_returns_nothing_with_the_next
     after = await _state(database)
     assert after["deployments"][TRAIN].phase is m.DeploymentPhase.SCHEDULED
     assert after["events"] == [("deployment.placed", TRAIN, {"replicas": [0], "nodes": ["n2"]}, "test")]
+
+
+def _between_check_and_lock(monkeypatch: pytest.MonkeyPatch, work: Any) -> list[bool]:
+    """Runs `work()` (another transaction) once, after a commit's early check and before it takes
+    the generation's lock; returns a list that gets one item per check of a plan's changes."""
+    checks: list[bool] = []
+    real_changes, real_move = plans._plan_changes, plans.move_generation
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        checks.append(True)
+        return await real_changes(*args, **kwargs)
+
+    async def interfered(session: Any, by: int) -> int:
+        if len(checks) == 1 and not getattr(interfered, "done", False):
+            interfered.done = True  # type: ignore[attr-defined]
+            await work()
+        return await real_move(session, by)
+
+    monkeypatch.setattr(plans, "_plan_changes", counted)
+    monkeypatch.setattr(plans, "move_generation", interfered)
+    return checks
+
+
+async def test_a_scoped_commit_checked_early_is_not_checked_again_when_nothing_changed(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = await _seeded(database)
+
+    async def nothing() -> None:
+        pass
+
+    checks = _between_check_and_lock(monkeypatch, nothing)
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
+                                                                              P(TRAIN, 0, 1, "n2", 2, 3))),
+                                   scope={TRAIN}, actor="test")
+        await uow.commit()
+    assert len(checks) == 1 and result.changed_deployments == {TRAIN}
+
+
+async def test_a_scoped_commit_checks_again_under_the_lock_when_the_cluster_moved_after_its_early_check(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = await _seeded(database)
+
+    async def cordon() -> None:
+        async with database.unit_of_work() as uow:
+            await repo.set_node_cordoned(uow.session, "n2", True)
+            await bump_cluster_generation(uow.session)
+            await uow.commit()
+
+    checks = _between_check_and_lock(monkeypatch, cordon)
+    async with database.unit_of_work() as uow:  # the early check accepted n2
+        result = await commit_plan(uow.session, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
+                                                                              P(TRAIN, 0, 1, "n2", 2, 3))),
+                                   scope={TRAIN}, actor="test")
+        await uow.commit()
+    assert len(checks) == 2
+    assert result.stale and result.requeued == {(TRAIN, 0): ("node n2 is cordoned: it takes no new shards",)}
+    assert not any(key[0] == TRAIN for key in (await _state(database))["placements"])
+
+
+async def test_a_scoped_commit_writes_from_the_rows_under_the_lock_when_a_report_changed_them_since_its_early_check(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = await _seeded(database)
+    plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
+    await _commit(database, snap, plan)
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+
+    async def running() -> None:  # agents' reports: shard phases change, the generation does not
+        async with database.unit_of_work() as uow:
+            for p in (await uow.session.execute(select(m.Placement))).scalars():
+                p.phase = m.ShardPhase.RUNNING
+            await uow.commit()
+
+    checks = _between_check_and_lock(monkeypatch, running)
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, plan, scope={TRAIN}, actor="test")
+        await uow.commit()
+    assert len(checks) == 2 and not result.stale
+    assert result.updated_deployments == {TRAIN}
+    assert (await _state(database))["deployments"][TRAIN].phase is m.DeploymentPhase.RUNNING
 
 
 async def test_a_deferred_write_of_a_plan_commit_that_fails_fails_it_whole(database: Database) -> None:
