@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy import Select, Update, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind, ClusterChange
@@ -114,16 +114,28 @@ async def read_changes_since(session: AsyncSession, after: int, *, generation: i
     return ChangesSince(after, generation, changes)
 
 
+def _moved(by: int) -> Update:
+    return (update(ClusterState).where(ClusterState.id == 1).values(generation=ClusterState.generation + by)
+            .execution_options(synchronize_session=False))
+
+
 async def move_generation(session: AsyncSession, by: int) -> int:
     """Add `by` to the cluster generation (0: take its row's write lock only); the new value."""
-    result = await session.execute(
-        update(ClusterState)
-        .where(ClusterState.id == 1)
-        .values(generation=ClusterState.generation + by)
-        .returning(ClusterState.generation)
-        .execution_options(synchronize_session=False)
-    )
+    result = await session.execute(_moved(by).returning(ClusterState.generation))
     generation = result.scalar_one_or_none()
     if generation is None:
-        raise RuntimeError("cluster_state row id=1 is missing: is the schema migrated?")
+        raise MissingGeneration()
     return generation
+
+
+async def move_generation_unread(session: AsyncSession, by: int) -> None:
+    """`move_generation` for a caller that reads the new value with its next statement (in the
+    same transaction): `deferrable`, so on SQLite inside `deferred_writes` the two take one trip."""
+    await session.execute(deferrable(_moved(by)))
+
+
+class MissingGeneration(RuntimeError):
+    """The generation row is not there: the schema was never migrated."""
+
+    def __init__(self) -> None:
+        super().__init__("cluster_state row id=1 is missing: is the schema migrated?")

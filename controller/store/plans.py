@@ -50,13 +50,15 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, and_, bindparam, case, delete, func, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
 from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
-    ChangesSince, move_generation, bump_cluster_generation, log_change, read_changes_since, read_generation)
+    ChangesSince, MissingGeneration, move_generation, move_generation_unread, bump_cluster_generation, log_change,
+    read_changes_since, read_generation)
 from controller.store.models import (
+    ClusterState,
     Deployment,
     DeploymentPhase,
     Event,
@@ -213,20 +215,39 @@ class _Committed:
         return self.scope is None or key in self.scope
 
 
-async def _read_committed(session: AsyncSession, scope: Collection[str] | None, generation: int) -> _Committed:
-    """Every deployment and placement (`scope` None), or only the scope's: one query per table
-    (per `_CHUNK` keys of a scope); at `generation`."""
+def _deployments_at_generation(moved_by: int, where: ColumnElement[bool] | None) -> Select[Any]:
+    """The cluster generation less `moved_by` (`cluster_generation`) and the deployments `where`
+    selects (every one: None), in one statement: the generation's row outer-joined to them, so a
+    row of NULL deployment fields when none is selected."""
+    return (select((ClusterState.generation - moved_by).label("cluster_generation"), *_DEPLOYMENT_FIELDS)
+            .select_from(ClusterState).outerjoin(Deployment, true() if where is None else where)
+            .where(ClusterState.id == 1))
+
+
+async def _read_committed(session: AsyncSession, scope: Collection[str] | None, *, moved_by: int = 0) -> _Committed:
+    """Every deployment and placement (`scope` None), or only the scope's, and the cluster
+    generation before this transaction moved it by `moved_by`: one query per table (per `_CHUNK`
+    keys of a scope), the generation read with the deployments (on SQLite, a move of the
+    generation deferred just before goes with it: one trip)."""
     scope = None if scope is None else frozenset(scope)
-    if scope is None:
-        found = list(await session.execute(select(*_DEPLOYMENT_FIELDS)))
-    else:
-        found = []
+    wheres: list[ColumnElement[bool] | None] = [None]
+    if scope is not None:
+        wheres = []
         for chunk in _chunks(sorted(scope)):
             names = [split_deployment_key(key) for key in chunk]
-            found += [d for d in await session.execute(
-                select(*_DEPLOYMENT_FIELDS).where(Deployment.tenant_id.in_({t for t, _ in names}),
-                                                  Deployment.name.in_({n for _, n in names})))
-                      if deployment_key(d.tenant_id, d.name) in scope]
+            wheres.append(and_(Deployment.tenant_id.in_({t for t, _ in names}),
+                               Deployment.name.in_({n for _, n in names})))
+    generation: int | None = None
+    found = []
+    for where in wheres:
+        for d in await session.execute(_deployments_at_generation(moved_by, where)):
+            generation = d.cluster_generation if generation is None else generation
+            if d.id is not None and (scope is None or deployment_key(d.tenant_id, d.name) in scope):
+                found.append(d)
+    if generation is None and wheres:
+        raise MissingGeneration()
+    if generation is None:  # an empty scope: nothing read yet
+        generation = await read_generation(session) - moved_by
     deployments = {deployment_key(d.tenant_id, d.name): d for d in found}
     keys_by_id = {d.id: key for key, d in deployments.items()}
     query = select(*_PLACEMENT_FIELDS)
@@ -661,16 +682,16 @@ async def commit_plan(
     # held for the reads and the writes. An unscoped one (the whole cluster) reads once, under it.
     early = None
     if scope is not None:
-        early = await _check(session, snapshot, plan,
-                             await _read_committed(session, scope, await read_generation(session)))
+        early = await _check(session, snapshot, plan, await _read_committed(session, scope))
         lap("commit_early")
-    generation = await move_generation(session, 1 if bumped else 0)
-    stale = generation - int(bumped) != snapshot.generation
+    with deferred_writes():  # on SQLite the generation's UPDATE goes with the read that follows it
+        await move_generation_unread(session, 1 if bumped else 0)
+        lap("commit_turn")
+        # Current state (read under the generation lock): every deployment and placement, or the scope's.
+        read = await _read_committed(session, scope, moved_by=int(bumped))
+    generation = read.generation + int(bumped)
+    stale = read.generation != snapshot.generation
     now = now or utcnow()
-    lap("commit_turn")
-
-    # Current state (read under the generation lock): every deployment and placement, or the scope's.
-    read = await _read_committed(session, scope, generation - int(bumped))
     lap("commit_read")
     checked = early if early is not None and early.read == read else await _check(session, snapshot, plan, read)
     lap("commit_check")

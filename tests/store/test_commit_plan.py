@@ -519,15 +519,14 @@ async def test_a_scoped_commit_on_sqlite_holds_the_writer_for_reads_and_trips_th
         await uow.commit()
 
     assert result.changed_deployments == {TRAIN} and not result.requeued
-    early = [("SELECT cluster_state.generation FROM", 0),
-             ("SELECT deployments.id, deployments.name,", 0), ("SELECT placements.id, placements.deployment_id,", 0)]
-    # Under the writer, six trips for thirteen statements: the scope's rows read again (the early
-    # check stands: nothing read for it), and only what returns rows goes at once; the usage
-    # meter, the deployment, the node, the change log, the event and the audit entry ride with
-    # the next of those, or with the commit.
-    assert sqlite_trips == early + [
-        ("UPDATE cluster_state SET", 0),  # the generation's lock (RETURNING)
-        *early[1:],
+    # Before the writer: the generation with the scope's deployments, their placements.
+    read = [("SELECT cluster_state.generation -", 0), ("SELECT placements.id, placements.deployment_id,", 0)]
+    # Under it, five trips for thirteen statements: the generation's UPDATE (its lock) goes with
+    # the scope's rows read again (the early check stands: nothing read for it), and only what
+    # returns rows goes at once; the usage meter, the deployment, the node, the change log, the
+    # event and the audit entry ride with the next of those, or with the commit.
+    assert sqlite_trips == read + [
+        ("SELECT cluster_state.generation -", 1), read[1],
         ("INSERT INTO placements", 0),  # RETURNING the new rows' ids
         ("UPDATE audit_head SET", 5),  # RETURNING the chain's head
         ("COMMIT", 2),
@@ -541,20 +540,20 @@ def _between_check_and_lock(monkeypatch: pytest.MonkeyPatch, work: Any) -> list[
     """Runs `work()` (another transaction) once, after a commit's early check and before it takes
     the generation's lock; returns a list that gets one item per check of a plan's changes."""
     checks: list[bool] = []
-    real_changes, real_move = plans._plan_changes, plans.move_generation
+    real_changes, real_move = plans._plan_changes, plans.move_generation_unread
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         checks.append(True)
         return await real_changes(*args, **kwargs)
 
-    async def interfered(session: Any, by: int) -> int:
+    async def interfered(session: Any, by: int) -> None:
         if len(checks) == 1 and not getattr(interfered, "done", False):
             interfered.done = True  # type: ignore[attr-defined]
             await work()
-        return await real_move(session, by)
+        await real_move(session, by)
 
     monkeypatch.setattr(plans, "_plan_changes", counted)
-    monkeypatch.setattr(plans, "move_generation", interfered)
+    monkeypatch.setattr(plans, "move_generation_unread", interfered)
     return checks
 
 
