@@ -771,7 +771,7 @@ async def commit_plan(
     # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
     # whose results nothing reads ride with the next statement that returns rows, or the caller's
     # commit (`sqlite_driver.deferred_writes`: five trips to SQLite's thread under the writer
-    # instead of twelve): the commit fails or commits whole.
+    # instead of thirteen): the commit fails or commits whole.
     with deferred_writes():
         generation = await _write(session, changes, deletes, changed_nodes, changed_deployments, deleted_deployments,
                                   deployment_updates, new_generation, deployments, bumped, generation, now)
