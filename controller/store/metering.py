@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
@@ -44,9 +44,9 @@ def shard_milli(shard_accelerators: int, accelerator_milli: int | None) -> int:
 
 @dataclass(frozen=True, slots=True)
 class StartedShard:
-    """A placement row just written (inserted, or moved to a node)."""
+    """A placement row just written (inserted, or moved to a node), in the caller's transaction;
+    its interval finds it by (deployment, replica, shard)."""
 
-    placement_id: int
     deployment_id: int
     replica: int
     shard: int
@@ -87,6 +87,15 @@ def node_meters(problem: Mapping[str, Any], node_ids: Collection[str]) -> dict[s
     return meters
 
 
+# An interval names its placement's id, read by the placement's key in the statement itself: the
+# placement rows a plan commit inserts need not return their ids (on SQLite the INSERTs of both
+# then ride with the commit's next trip: `sqlite_driver.deferred_writes`).
+_PLACEMENTS = m.Placement.__table__
+_START_INTERVAL = insert(m.UsageInterval.__table__).values(placement_id=select(_PLACEMENTS.c.id).where(
+    _PLACEMENTS.c.deployment_id == bindparam("s_deployment_id"), _PLACEMENTS.c.replica == bindparam("s_replica"),
+    _PLACEMENTS.c.shard == bindparam("s_shard")).scalar_subquery())
+
+
 async def start_intervals(
     session: AsyncSession, started: Sequence[StartedShard], at: datetime, *,
     deployments: Mapping[int, DeploymentMeter] | None = None, nodes: Mapping[str, NodeMeter] | None = None,
@@ -117,13 +126,14 @@ async def start_intervals(
         milli = shard_milli(dep.shard_accelerators, s.accelerator_milli)
         idle_share = (node.idle_power_w or 0.0) * milli / (node.accelerators * 1000) if node.accelerators else 0.0
         rows.append({
-            "placement_id": s.placement_id, "tenant_id": dep.tenant_id, "deployment": dep.name,
+            "s_deployment_id": s.deployment_id, "s_replica": s.replica, "s_shard": s.shard,
+            "tenant_id": dep.tenant_id, "deployment": dep.name,
             "replica": s.replica, "shard": s.shard, "node_id": s.node_id, "zone_id": node.zone_id,
             "accelerator_model": node.accelerator_model, "accelerator_milli": milli,
             "load_power_w": (dep.shard_power_w or 0.0) * milli / 1000.0, "idle_share_w": idle_share,
             "started_s": start, "ended_s": None,
         })
-    await session.execute(insert(m.UsageInterval), rows)
+    await session.execute(_START_INTERVAL, rows)
 
 
 async def stop_intervals(session: AsyncSession, placement_ids: Iterable[int], at: datetime) -> None:

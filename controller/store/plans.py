@@ -836,13 +836,11 @@ async def _write(
             ],
         )
     started: list[StartedShard] = [
-        StartedShard(row.id, row.deployment_id, row.key[1], row.key[2], pl.node, pl.accelerator_milli)
-        for row, pl in updates
+        StartedShard(row.deployment_id, row.key[1], row.key[2], pl.node, pl.accelerator_milli) for row, pl in updates
     ]
-    if inserts:
-        written = await session.execute(
-            insert(Placement).returning(Placement.id, Placement.deployment_id, Placement.replica, Placement.shard,
-                                        Placement.node_id, Placement.accelerator_milli),
+    if inserts:  # no RETURNING: the usage meter finds the rows by their keys (`start_intervals`)
+        await session.execute(
+            insert(Placement.__table__),
             [
                 {
                     "deployment_id": deployments[key[0]].id,
@@ -860,7 +858,8 @@ async def _write(
                 for key, pl in inserts.items()
             ],
         )
-        started += [StartedShard(*row) for row in written]
+        started += [StartedShard(deployments[key[0]].id, key[1], key[2], pl.node, pl.accelerator_milli)
+                    for key, pl in inserts.items()]
     # The usage meter follows the placements: moved shards stop on the old node, start on the new.
     await stop_intervals(session, [row.id for row in deletes] + [row.id for row, _ in updates], now)
     await start_intervals(session, started, now, nodes=changes.nodes, deployments={

@@ -521,14 +521,13 @@ async def test_a_scoped_commit_on_sqlite_holds_the_writer_for_reads_and_trips_th
     assert result.changed_deployments == {TRAIN} and not result.requeued
     # Before the writer: the generation with the scope's deployments, their placements.
     read = [("SELECT cluster_state.generation -", 0), ("SELECT placements.id, placements.deployment_id,", 0)]
-    # Under it, five trips for thirteen statements: the generation's UPDATE (its lock) goes with
+    # Under it, four trips for thirteen statements: the generation's UPDATE (its lock) goes with
     # the scope's rows read again (the early check stands: nothing read for it), and only what
-    # returns rows goes at once; the usage meter, the deployment, the node, the change log, the
-    # event and the audit entry ride with the next of those, or with the commit.
+    # returns rows goes at once; the placements, the usage meter, the deployment, the node, the
+    # change log, the event and the audit entry ride with the next of those, or with the commit.
     assert sqlite_trips == read + [
         ("SELECT cluster_state.generation -", 1), read[1],
-        ("INSERT INTO placements", 0),  # RETURNING the new rows' ids
-        ("UPDATE audit_head SET", 5),  # RETURNING the chain's head
+        ("UPDATE audit_head SET", 6),  # RETURNING the chain's head
         ("COMMIT", 2),
     ]
     after = await _state(database)
