@@ -770,7 +770,7 @@ async def commit_plan(
                            if d.phase is DeploymentPhase.DELETING and name in snapshot.deleting}
     # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
     # whose results nothing reads ride with the next statement that returns rows, or the caller's
-    # commit (`sqlite_driver.deferred_writes`: five trips to SQLite's thread under the writer
+    # commit (`sqlite_driver.deferred_writes`: four trips to SQLite's thread under the writer
     # instead of thirteen): the commit fails or commits whole.
     with deferred_writes():
         generation = await _write(session, changes, deletes, changed_nodes, changed_deployments, deleted_deployments,

@@ -17,7 +17,7 @@ without RETURNING, and an UPDATE or DELETE marked `deferrable` (its row count is
 deferred statement's cursor says -1, unknown), waits on the connection and goes to the thread
 with the connection's next statement or its commit, in order, in that one trip. Under load each
 trip is a turn of a busy event loop while the transaction holds SQLite's only writer (a plan
-commit of a few arrivals: thirteen trips -> five). A deferred statement's error is raised by
+commit of a few arrivals: thirteen trips -> four). A deferred statement's error is raised by
 the statement or the commit it went with; nothing after it in that trip runs, and the
 transaction is rolled back by its caller as for any failed statement. Everything else is executed at once, as before: the
 ORM's own UPDATEs and DELETEs (a flush checks their row counts) are never marked.
