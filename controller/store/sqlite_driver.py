@@ -19,8 +19,9 @@ with the connection's next statement or its commit, in order, in that one trip. 
 trip is a turn of a busy event loop while the transaction holds SQLite's only writer (a plan
 commit of a few arrivals: thirteen trips -> four). A deferred statement's error is raised by
 the statement or the commit it went with; nothing after it in that trip runs, and the
-transaction is rolled back by its caller as for any failed statement. Everything else is executed at once, as before: the
-ORM's own UPDATEs and DELETEs (a flush checks their row counts) are never marked.
+transaction is rolled back by its caller as for any failed statement. Everything else is
+executed at once, as before: the ORM's own UPDATEs and DELETEs (a flush checks their row counts)
+are never marked.
 
 `dbapi()` is the DBAPI module to hand `create_async_engine(..., module=...)` for a
 `sqlite+aiosqlite` URL.
