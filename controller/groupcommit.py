@@ -56,9 +56,10 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from controller.admission import SPREAD, MovingAverage, answer_reserve_s, spread_retry_s
 from controller.errors import Unavailable
@@ -352,6 +353,20 @@ def _retrieved(future: asyncio.Future) -> None:
     """Mark an outcome nobody awaits any more (its caller left) as seen: no 'never retrieved' noise."""
     if not future.cancelled():
         future.exception()
+
+
+def by_member(commit: Callable[[list[Item]], Awaitable[Mapping[int, Outcome | BaseException]]], *,
+              within: Callable[[], AbstractContextManager[Any]] = nullcontext,
+              ) -> Callable[[list[Item]], Awaitable[list[Outcome | BaseException | None]]]:
+    """A `GroupCommit`'s `commit` made of one that answers by id(item) (an item it leaves out goes
+    `ALONE`), each batch written `within` a context (its writer's priority, say)."""
+
+    async def in_order(batch: list[Item]) -> list[Outcome | BaseException | None]:
+        with within():
+            outcomes = await commit(batch)
+        return [outcomes.get(id(item), ALONE) for item in batch]
+
+    return in_order
 
 
 async def outcome_or_alone(group: GroupCommit[Item, Outcome], item: Item) -> Outcome | None:

@@ -761,7 +761,8 @@ async def commit_plan(
             first_placed[name] = _seconds_between(d.created_at, now)
         if name in changed_deployments or phase is not d.phase or name in reasons_changed:
             deployment_updates.append(
-                {"b_id": d.id, "phase": phase, "reasons": reasons, "generation": new_generation[name], "updated_at": now}
+                {"b_id": d.id, "phase": phase, "reasons": reasons, "generation": new_generation[name],
+                 "updated_at": now}
             )
             if name not in changed_deployments:
                 updated_deployments.add(name)

@@ -27,7 +27,7 @@ import contextvars
 import enum
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 # A waiter this old goes before any younger one, whatever its priority. At 0.5 s the agents'
@@ -75,6 +75,12 @@ def write_priority(priority: WritePriority) -> Iterator[None]:
         yield
     finally:
         _PRIORITY.reset(token)
+
+
+def answering() -> AbstractContextManager[None]:
+    """`write_priority(ANSWER)`: for the batches whose callers wait for their commit (submits,
+    deletions), before reports and passes."""
+    return write_priority(WritePriority.ANSWER)
 
 
 def current_priority() -> WritePriority:

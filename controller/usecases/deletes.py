@@ -30,14 +30,14 @@ from dataclasses import dataclass
 
 from controller.domain.values import DeploymentEvent, DeploymentView, deployment_key
 from controller.errors import MaiaError
-from controller.groupcommit import ALONE, GroupCommit, GroupStats, outcome_or_alone
+from controller.groupcommit import GroupCommit, GroupStats, by_member, outcome_or_alone
 from controller.identity import Principal
 from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.store.sqlite_driver import deferred_writes
-from controller.store.turns import WritePriority, write_priority
+from controller.store.turns import answering
 from controller.usecases import policy
 from controller.usecases.deployments import DELETING, delete_deployment, mark_deleting, only_owner, seen_or_not_found
 from controller.usecases.ports import Signals
@@ -71,7 +71,10 @@ class DeleteBatcher:
         self._db = db
         self._signals = signals
         self._group: GroupCommit[QueuedDelete, DeploymentView] = GroupCommit(
-            "delete-batches", self._commit_group, batch_max=batch_max, key=lambda q: q.name)
+            "delete-batches",
+            # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
+            by_member(lambda batch: self.commit_batch(batch), within=answering), batch_max=batch_max,
+            key=lambda q: q.name)
 
     @property
     def stats(self) -> GroupStats:
@@ -87,11 +90,6 @@ class DeleteBatcher:
             return view
         async with self._db.unit_of_work() as uow:
             return await delete_deployment(uow, who, name, self._signals, tenant=tenant)
-
-    async def _commit_group(self, batch: list[QueuedDelete]) -> list[DeploymentView | MaiaError | None]:
-        with write_priority(WritePriority.ANSWER):  # callers wait for this commit: before reports and passes
-            outcomes = await self.commit_batch(batch)
-        return [outcomes.get(id(q), ALONE) for q in batch]
 
     async def commit_batch(self, batch: list[QueuedDelete]) -> dict[int, DeploymentView | MaiaError]:
         """Mark the members' deployments DELETING in one transaction; returns by id(member) the

@@ -47,14 +47,14 @@ from typing import Protocol
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
 from controller.errors import MaiaError
-from controller.groupcommit import ALONE, GroupCommit, GroupStats, outcome_or_alone
+from controller.groupcommit import GroupCommit, GroupStats, by_member, outcome_or_alone
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.store.sqlite_driver import deferred_writes
-from controller.store.turns import WritePriority, metered_turns, write_priority
+from controller.store.turns import answering, metered_turns
 from controller.usecases import requests
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import as_caller, check_could_ever_fit, submit_deployment, submitted_event, \
@@ -127,7 +127,9 @@ class SubmitBatcher:
         self._signals = signals
         self._observer = observer
         self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
-            "submit-batches", self._commit_group, batch_max=batch_max)
+            "submit-batches",
+            # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
+            by_member(lambda batch: self.commit_batch(batch), within=answering), batch_max=batch_max)
 
     @property
     def stats(self) -> GroupStats:
@@ -157,11 +159,6 @@ class SubmitBatcher:
         return SubmitStages(validate=enqueued - began, queued=batch.started - enqueued, reads=b.reads,
                             checks=b.checks, writer_turn=b.writer_turn, writes=b.writes, commit=b.commit,
                             answer=time.perf_counter() - batch.committed)
-
-    async def _commit_group(self, batch: list[Queued]) -> list[DeploymentView | MaiaError | None]:
-        with write_priority(WritePriority.ANSWER):  # callers wait for this commit: before reports and passes
-            outcomes = await self.commit_batch(batch)
-        return [outcomes.get(id(q), ALONE) for q in batch]
 
     async def commit_batch(self, batch: list[Queued]) -> dict[int, DeploymentView | MaiaError]:
         """Check the members and write those that pass, in one transaction; returns by id(member)

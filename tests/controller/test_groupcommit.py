@@ -3,6 +3,8 @@ alone; a batch that fails hands every member back; items with one key never shar
 from __future__ import annotations
 
 import asyncio
+import contextvars
+from contextlib import contextmanager
 
 import pytest
 
@@ -10,7 +12,7 @@ from controller.admission import MAX_RETRY_S, MIN_RETRY_S, MovingAverage
 from controller.errors import FailedPrecondition, Unavailable
 from controller.groupcommit import (
     ALONE, PACE_INITIAL_RATE, PACE_MAX_S, PACE_MIN_RATE, PACE_MIN_S, PACE_OVERBOOK, PACE_WINDOW_S, GroupCommit,
-    RetryPacer, outcome_or_alone,
+    RetryPacer, by_member, outcome_or_alone,
 )
 
 
@@ -297,3 +299,29 @@ async def test_a_caller_whose_writer_is_stopped_decides_alone():
     for writer in list(group._writers):
         writer.cancel()
     assert await inflight is ALONE and await queued is ALONE  # not cancelled: each goes alone
+
+
+async def test_by_member_answers_each_item_by_its_id_within_the_context_given():
+    inside: list[bool] = []
+    entered = contextvars.ContextVar("entered", default=False)
+
+    @contextmanager
+    def marked():
+        token = entered.set(True)
+        try:
+            yield
+        finally:
+            entered.reset(token)
+
+    async def commit(batch: list[str]) -> dict[int, str | Exception]:
+        inside.append(entered.get())
+        return {id(item): FailedPrecondition(f"{item} is refused") if item.startswith("bad") else item.upper()
+                for item in batch if not item.startswith("other")}
+
+    group = GroupCommit("t", by_member(commit, within=marked), batch_max=10)
+    results = await asyncio.gather(*(outcome_or_alone(group, item) for item in ("a", "bad", "other", "b")),
+                                   return_exceptions=True)
+    assert results[0] == "A" and results[3] == "B"
+    assert isinstance(results[1], FailedPrecondition)
+    assert results[2] is ALONE  # left out by the commit: its caller goes alone
+    assert inside == [True]  # one batch, committed within the context

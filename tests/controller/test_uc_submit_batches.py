@@ -17,6 +17,7 @@ from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.store import audit
 from controller.store import models as m
 from controller.store.audit import AuditRecord, CallEntry
+from controller.store.turns import WritePriority, current_priority
 from controller.usecases import submits
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import views_of
@@ -202,3 +203,17 @@ async def test_a_batched_submit_tells_where_its_time_went_the_writer_turn_includ
     assert len(observer.seen) == 2
     stages = observer.seen[-1]
     assert stages.writer_turn >= 0.1 and all(seconds >= 0.0 for _, seconds in stages.items())
+
+
+async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cluster, monkeypatch):
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    priorities = []
+    commit_batch = batcher.commit_batch
+
+    async def recorded(batch):
+        priorities.append(current_priority())
+        return await commit_batch(batch)
+
+    monkeypatch.setattr(batcher, "commit_batch", recorded)
+    await batcher.submit(WHO, deployment("a", "t1"))
+    assert priorities == [WritePriority.ANSWER]
