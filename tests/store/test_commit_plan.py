@@ -506,10 +506,10 @@ def sqlite_trips(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return seen
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite"])  # trips to aiosqlite's thread: SQLite only
 async def test_a_scoped_commit_on_sqlite_holds_the_writer_for_reads_and_trips_that_return_rows(
         database: Database, sqlite_trips: list[tuple[str, int]]) -> None:
-    if not database.is_sqlite:
-        pytest.skip("trips to aiosqlite's thread: SQLite only")
+    assert database.is_sqlite
     snap = await _seeded(database)
     sqlite_trips.clear()
     plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
@@ -616,9 +616,9 @@ async def test_a_scoped_commit_writes_from_the_rows_under_the_lock_when_a_report
     assert (await _state(database))["deployments"][TRAIN].phase is m.DeploymentPhase.RUNNING
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite"])  # deferred writes: SQLite only
 async def test_a_deferred_write_of_a_plan_commit_that_fails_fails_it_whole(database: Database) -> None:
-    if not database.is_sqlite:
-        pytest.skip("deferred writes: SQLite only")
+    assert database.is_sqlite
     snap = await _seeded(database)
     async with database.unit_of_work() as uow:  # the nodes' UPDATE (deferred to the commit) fails
         await uow.session.execute(text("CREATE TRIGGER refuse BEFORE UPDATE OF assignment_generation ON nodes "
