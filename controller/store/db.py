@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from controller.aio import within
 from controller.store import audit
-from controller.store import sqlite_driver
+from controller.store import pg_driver, sqlite_driver
 from controller.store.exclusive import sqlite_path
 from controller.store.turns import WriterTurns
 
@@ -43,6 +43,10 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 # defaults (SQLite 5 + 10; 10 + 10 was set here for PostgreSQL).
 POOL_SIZE = 20
 POOL_OVERFLOW = 20
+# PostgreSQL: statements prepared and kept per connection (SQLAlchemy's asyncpg default: 100). A statement
+# not in its connection's cache costs a round trip to prepare before it runs; an IN list or a multi-row
+# INSERT is a statement per length, so the default cache kept losing the hot ones.
+PG_STATEMENT_CACHE = 1000
 # A pooled PostgreSQL connection idle this long is pinged before use (`_ping_when_idle`).
 PING_IDLE_S = 5.0
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
@@ -75,7 +79,10 @@ def create_engine(url: str) -> AsyncEngine:
 
         SqliteWriters().attach(engine)
         return engine
-    engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    module = {"module": pg_driver.dbapi()} if url.startswith("postgresql+asyncpg") else {}
+    engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_use_lifo=True, **module,
+                                 connect_args={"prepared_statement_cache_size": PG_STATEMENT_CACHE}
+                                 if module else {})
     _ping_when_idle(engine)
     return engine
 

@@ -1,0 +1,113 @@
+"""SQLAlchemy's asyncpg adaptation with the transaction begun at the first statement that needs one.
+
+SQLAlchemy's asyncpg adapter sends BEGIN (a round trip of its own) before a transaction's first
+statement and ROLLBACK (another) when its session closes: a unit of work that only reads costs
+three round trips for its one SELECT, and on the controller's event loop each trip waits for a
+turn of the loop (at 4,096 nodes ~5-10 ms: measured, `docs/benchmarks.md`, `pg8`).
+
+Here the SELECTs a unit of work runs before its first write run outside a transaction (PostgreSQL's
+autocommit), and BEGIN is sent before the first statement that needs one: anything but a plain
+SELECT (an INSERT, UPDATE, DELETE, SET TRANSACTION, SAVEPOINT, a WITH that may write), a SELECT
+that locks rows (FOR UPDATE / SHARE) or one that calls a function with transactional effects
+(advisory locks, sequences, pg_notify, set_config). From then on every statement runs in the
+transaction as before. A unit of work that never needs one sends neither BEGIN nor ROLLBACK.
+
+This changes nothing a caller can see under READ COMMITTED (`Database.unit_of_work`'s isolation):
+there every statement reads the latest commit anyway, in a transaction or not. A connection set to
+a stricter isolation level (`read_snapshot`'s SET TRANSACTION, an `isolation_level` option) begins
+at its first statement as before, since its snapshot must be taken there.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy.dialects.postgresql.asyncpg import (
+    AsyncAdapt_asyncpg_connection, AsyncAdapt_asyncpg_cursor, AsyncAdapt_asyncpg_dbapi,
+)
+from sqlalchemy.util import await_only
+
+# Isolation levels (asyncpg's names) under which reads before the first write need no transaction.
+_LAZY_LEVELS = (None, "read_committed")
+_LOCKS_OR_EFFECTS = re.compile(
+    r"\bFOR\s+(?:UPDATE|NO\s+KEY\s+UPDATE|SHARE|KEY\s+SHARE)\b"
+    r"|\b(?:pg_advisory\w*|pg_try_advisory\w*|nextval|setval|pg_notify|set_config|txid_current\w*"
+    r"|pg_current_xact_id\w*)\s*\(",
+    re.IGNORECASE)
+_KNOWN_MAX = 4096  # statements remembered (the controller's are compiled once: a few hundred)
+
+
+class _Reads:
+    """Whether a statement reads only (memoised by its text)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, bool] = {}
+
+    def only(self, statement: str) -> bool:
+        known = self._known.get(statement)
+        if known is None:
+            head = statement.lstrip(" \t\n(")[:6].upper()
+            known = head == "SELECT" and _LOCKS_OR_EFFECTS.search(statement) is None
+            if len(self._known) >= _KNOWN_MAX:
+                self._known.clear()
+            self._known[statement] = known
+        return known
+
+
+reads = _Reads()
+
+
+def reads_only(statement: str) -> bool:
+    """True for a plain SELECT: no row locks, no functions with transactional effects."""
+    return reads.only(statement)
+
+
+class LazyBeginCursor(AsyncAdapt_asyncpg_cursor):
+    __slots__ = ()
+
+    async def _prepare_and_execute(self, operation: str, parameters: Any) -> None:
+        connection = self._adapt_connection
+        connection.begin_later = reads_only(operation)
+        try:
+            await super()._prepare_and_execute(operation, parameters)
+        finally:
+            connection.begin_later = False
+
+
+class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
+    """Begins its transaction at the first statement that needs one (the module docstring)."""
+
+    __slots__ = ("begin_later",)
+    _cursor_cls = LazyBeginCursor
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.begin_later = False
+
+    async def _start_transaction(self) -> None:
+        if self.begin_later and self.isolation_level in _LAZY_LEVELS and not self.readonly and not self.deferrable:
+            return  # this statement runs on its own; the next one asks again
+        await super()._start_transaction()
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether BEGIN was sent (and neither COMMIT nor ROLLBACK since)."""
+        return self._transaction is not None
+
+
+class LazyBeginDbapi(AsyncAdapt_asyncpg_dbapi):
+    """asyncpg's DBAPI adaptation whose connections are `LazyBeginConnection`s."""
+
+    def connect(self, *arg: Any, **kw: Any) -> LazyBeginConnection:
+        creator = kw.pop("async_creator_fn", self.asyncpg.connect)
+        adapted = {"prepared_statement_cache_size": kw.pop("prepared_statement_cache_size", 100),
+                   "prepared_statement_name_func": kw.pop("prepared_statement_name_func", None)}
+        return await_only(LazyBeginConnection.create(self, creator(*arg, **kw), **adapted))
+
+
+def dbapi() -> LazyBeginDbapi:
+    """The module to give `create_async_engine(url, module=...)` for postgresql+asyncpg URLs."""
+    import asyncpg
+
+    return LazyBeginDbapi(asyncpg)
