@@ -82,21 +82,38 @@ class PgChannel:
         self._conn = None  # asyncpg.Connection while connected
         self._lock = asyncio.Lock()
         self._pending: set[asyncio.Task] = set()
+        self._queued: list[tuple[str, list[str]]] = []  # (kind, items) not sent yet, in order
+        self._flushing: asyncio.Task | None = None
         self._ready = asyncio.Event()  # set while listening
 
     def send(self, kind: str, items: Iterable[str] = ()) -> None:
-        """Queue the message (fire and forget: never blocks the caller)."""
-        task = asyncio.get_running_loop().create_task(self._send(payloads(kind, self._sender, items)))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        """Queue the message (fire and forget: never blocks the caller). Those queued while the
+        last ones are being sent, or in the same turn of the event loop, go out together: one
+        round trip for all of them, in order, a kind's consecutive messages merged."""
+        items = list(items)
+        if self._queued and self._queued[-1][0] == kind:
+            self._queued[-1][1].extend(items)
+        else:
+            self._queued.append((kind, items))
+        if self._flushing is None:
+            self._flushing = task = asyncio.get_running_loop().create_task(self._flush())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _flush(self) -> None:
+        try:
+            while self._queued:
+                queued, self._queued = self._queued, []
+                await self._send([m for kind, items in queued for m in payloads(kind, self._sender, items)])
+        finally:
+            self._flushing = None
 
     async def _send(self, messages: list[str]) -> None:
         async with self._lock:
             if self._conn is None or self._conn.is_closed():
                 return
-            try:
-                for message in messages:
-                    await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, message)
+            try:  # one statement: PostgreSQL delivers them in this order (and one of identical ones)
+                await self._conn.execute("SELECT pg_notify($1, m) FROM unnest($2::text[]) AS m", CHANNEL, messages)
             except Exception as exc:
                 log.warning("could not notify the other controllers (%s)", exc)
 
