@@ -86,7 +86,9 @@ def test_binary_prints_its_port_serves_and_stops_on_sigterm(tmp_path: Path):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        assert '"msg": "stopped"' in proc.stderr.read()
+        err = proc.stderr.read()
+        assert '"msg": "stopped"' in err
+        assert "serving on uvloop's event loop" in err  # main.use_uvloop
     finally:
         if proc.poll() is None:
             proc.kill()
