@@ -85,8 +85,8 @@ def use_uvloop() -> None:
     """Event loops from uvloop (libuv, in C) for the controller's loop and for those its threads
     create (`scheduling.own_loop`). Each round trip to PostgreSQL, each gRPC completion and each
     agent stream's message is a callback of that loop, and gRPC hands calls to their handlers at a
-    rate set by how long the loop's turns are (`docs/benchmarks.md`, `pg8`: on PostgreSQL a lean
-    to more deployments/s for less CPU; on SQLite no change seen)."""
+    rate set by how long the loop's turns are (`docs/benchmarks.md`, `pg8`: on PostgreSQL mixed
+    results on a loaded machine, not shown yet; on SQLite no change seen)."""
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
