@@ -161,10 +161,10 @@ class Replay:
         opening one of the last empty accelerators: `defer.defer_openers`, as a batch would
         decide it)."""
         from scheduler.defer import defer_openers, tight
-        squeezed = tight(self.solver.state) if self.batch_size > 1 and self.defer else None
+        squeezed = tight(self.solver) if self.batch_size > 1 and self.defer else None
         if not self.solver.placer.place_deployment(i, [0]):
             return False
-        if squeezed is not None and defer_openers(self.solver, [i], *squeezed):
+        if squeezed is not None and defer_openers(self.solver, [i], squeezed):
             return False  # taken out again (a changed node is re-scored: no adopt needed)
         self._started(i, now)
         return True

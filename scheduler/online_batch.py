@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.defer import defer_openers, tight
+from scheduler.defer import Squeeze, defer_openers, tight
 from scheduler.explain import explain
 from scheduler.fragmentation import node_fragmentation
 from scheduler.greedy import PAIRING_WEIGHT, Placer
@@ -65,7 +65,7 @@ def place_batch(solver: Solver, ds: list[int], seed: int, defer: bool = True) ->
     if solver.workload.stale():
         solver.workload.refresh()  # one snapshot for every candidate, so scores compare
     before = replicas_of(state, ds)
-    squeezed = tight(state) if defer else None
+    squeezed = tight(solver) if defer else None
     base = node_quality(solver, solver.placer, state)
     best: tuple[tuple[float, float, float], Replicas] | None = None
     joint = any(jointly_placeable(solver, d) for d in ds)
@@ -101,23 +101,23 @@ def place_batch(solver: Solver, ds: list[int], seed: int, defer: bool = True) ->
         counts[1] += 1  # type: ignore[index]
     set_replicas(state, ds, best[1])
     solver.adopt(state)
-    deferred = [] if squeezed is None else defer_big_fractions(solver, ds, *squeezed)
+    deferred = [] if squeezed is None else defer_big_fractions(solver, ds, squeezed)
     for d in ds:
         if solver.pending(d) and d not in deferred:
             solver.why[d] = explain(solver.state, d)
 
 
-def defer_big_fractions(solver: Solver, ds: list[int], empty: int, ready: int) -> list[int]:
-    """The batch started with `empty` of `ready` accelerators empty, too few (`defer.tight`):
+def defer_big_fractions(solver: Solver, ds: list[int], squeeze: Squeeze) -> list[int]:
+    """The batch started short of empty accelerators (`defer.tight`, `squeeze`):
     take out the big fractions it put alone on one (`defer.defer_openers`), place the
     batch's other pending replicas on the room that frees, and defer again what that
     opened; returns the deployments deferred."""
-    deferred = defer_openers(solver, ds, empty, ready)
+    deferred = defer_openers(solver, ds, squeeze)
     if deferred:
         solver.adopt(solver.state)  # the placer's scores saw the replicas taken out
         rest = [d for d in ds if d not in deferred]
         place_rest(solver, solver.placer, rest)
-        deferred += defer_openers(solver, rest, empty, ready)
+        deferred += defer_openers(solver, rest, squeeze)
     return deferred
 
 

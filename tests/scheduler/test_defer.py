@@ -12,7 +12,7 @@ from builders import codes, dep, messages, node, placed, placed_count, problem, 
 from checker import check_plan  # noqa: E402
 
 from scheduler import plan_to_dict  # noqa: E402
-from scheduler.defer import EMPTY_SHARE, MIN_MILLI  # noqa: E402
+from scheduler.defer import MIN_MILLI  # noqa: E402
 
 Doc = dict[str, Any]
 
