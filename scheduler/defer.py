@@ -28,9 +28,9 @@ own decision about several arrivals, so here it may say "not now":
 empty accelerators as the threshold (docs/benchmarks.md, issue 9, 2026-12-01, evening);
 the threshold from the demand still to come replaced it (seeds 1-10, deferring in the online
 protocol as a proxy: 3.62 -> 3.43 %, every seed better; docs/benchmarks.md, issue 9,
-2026-12-01, night). The constants are the protocol's: no departures, 130 % of the capacity offered, measured at
-100 % arrived. **With departures the deferral hurts**: `bench departures --batch-size 16`
-(seed 42, 95 % offered) allocates 90.64 % of GPU capacity on time average with it against
+2026-12-01, night). The constants are the protocol's: no departures, 130 % of the capacity
+offered, measured at 100 % arrived. **With departures the deferral hurts** (measured with
+the fixed share): `bench departures --batch-size 16` (seed 42, 95 % offered) allocates 90.64 % of GPU capacity on time average with it against
 91.42 % without, 510 pods waiting against 336 (docs/benchmarks.md, issue 9, 2026-12-01, late):
 accelerators free up all the time there, and a held-back fraction leaves room nothing else
 takes. `online_batch.place_batch(defer=False)` turns it off; `solve()`'s online batches
