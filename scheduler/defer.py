@@ -94,17 +94,25 @@ def left_out_milli(solver: Solver) -> int:
                for d in solver.why)
 
 
+def still_to_come(solver: Solver) -> int:
+    """Milli of demand expected from here on: the free milli less what this solve has left
+    out (module doc)."""
+    return max(free_milli(solver.state) - left_out_milli(solver), 0)
+
+
 def expected_whole(solver: Solver) -> float:
     """Accelerators whole tasks are expected to ask for from here on (module doc): the
-    workload's whole share of the demand still to come, i.e. of the free milli less what
-    this solve has left out."""
-    coming = max(free_milli(solver.state) - left_out_milli(solver), 0)
-    return whole_share(solver.workload) * coming / FULL
+    workload's whole share of the demand still to come."""
+    return whole_share(solver.workload) * still_to_come(solver) / FULL
 
 
 def tight(solver: Solver) -> Squeeze | None:
-    """Why the cluster is short of empty accelerators (module doc), or None."""
+    """Why the cluster is short of empty accelerators (module doc), or None. Never while
+    the empty accelerators could take all the demand still to come (an empty cluster, say,
+    however much of the workload asks for whole accelerators)."""
     empty, ready = empty_accelerators(solver.state)
+    if still_to_come(solver) <= empty * FULL:
+        return None
     whole = expected_whole(solver)
     return Squeeze(empty, ready, whole) if empty < WHOLE_COVER * whole else None
 

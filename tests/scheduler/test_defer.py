@@ -116,3 +116,14 @@ def test_a_running_replica_is_never_taken_out() -> None:
     assert [(p.replica, p.accelerator_indices) for p in plan.placements
             if p.deployment == "big"] == [(0, (7,))]
     assert "deferred_replicas" not in plan.stats
+
+
+def test_an_empty_cluster_is_never_tight_however_much_asks_for_whole_accelerators() -> None:
+    # 6,000 of the 6,810 milli asked are whole: 1.3 x 88 % of the free milli is more than
+    # the 8 empty accelerators, but they could take all the demand still to come.
+    batch = [BATCH[0], dep("four", acc=4, locality="node"), BATCH[2]]
+    assert WHOLE_COVER * 6000 / 6810 > 1
+    doc = problem([node("n0", acc=8, cpu_milli=64_000)], batch, mode="online", batch_size=3)
+    plan = solve_doc(doc)
+    assert [placed_count(plan, d) for d in ("big", "four", "two")] == [1, 1, 1]
+    assert "deferred_replicas" not in plan.stats
