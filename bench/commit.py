@@ -97,25 +97,6 @@ def _lock_clock(engine: Any) -> Iterator[tuple[list[float], list[str]]]:
         event.remove(engine.sync_engine, "after_cursor_execute", after)
 
 
-@contextmanager
-def _trips() -> Iterator[list[str]]:
-    """The functions run on aiosqlite's threads meanwhile (each a trip from the event loop)."""
-    import aiosqlite.core
-
-    seen: list[str] = []
-    real = aiosqlite.core.Connection._execute
-
-    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(getattr(fn, "__name__", repr(fn)))
-        return await real(self, fn, *args, **kwargs)
-
-    aiosqlite.core.Connection._execute = counted  # type: ignore[method-assign]
-    try:
-        yield seen
-    finally:
-        aiosqlite.core.Connection._execute = real  # type: ignore[method-assign]
-
-
 async def _busy(slice_ms: float) -> None:
     """Keeps the event loop busy in slices of `slice_ms`, yielding between them."""
     while True:
@@ -151,6 +132,7 @@ async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int, modes: tup
     from controller.store.migrate import ensure_schema
     from controller.store.plans import bump_cluster_generation, commit_plan
     from controller.store.snapshot import load_snapshot
+    from controller.store.sqlite_driver import counted_trips
     from scheduler import Placement, Plan
 
     db = Database(url)
@@ -201,7 +183,7 @@ async def _measure(url: str, doc: Doc, sizes: list[int], repeat: int, modes: tup
                     busy = asyncio.create_task(_busy(busy_loop_ms)) if busy_loop_ms > 0 else None
                     async with db.unit_of_work() as uow:
                         counting = rows_read(uow.session) if rep == 0 else _no_count()
-                        with _lock_clock(db.engine) as (taken, sent), counting as counts, _trips() as trips:
+                        with _lock_clock(db.engine) as (taken, sent), counting as counts, counted_trips() as trips:
                             t0 = time.perf_counter()
                             result = await commit_plan(uow.session, cached, plan, scope=set(keys) if scoped else None)
                             await uow.commit()

@@ -9,7 +9,7 @@ once when its stream ends, and up on Hello (or stays suspect while it flaps).
 A connected node is judged by its stream (the hub ends a stream silent for the heartbeat
 timeout), never by its stored last contact, which the hub writes only every
 `LivenessPolicy.contact_write_every_s` while the stream lives. A node whose stream ended on this
-leader's watch is judged by the last heartbeat the hub saw (`heard`), read by id while its stored
+leader's watch is judged by the last heartbeat the hub saw (`released`), read by id while its stored
 time may still look fresh; any other node up whose stored time is older than
 `stored_contact_stale_s` is read too (a new leader's nodes that never came over: by the end of the
 restart grace, which counts silence from the leader's start, not from that stored time).
@@ -43,14 +43,14 @@ class NodeLifecycle:
     def __init__(
         self, db: Database, policy: LivenessPolicy, *, connected: Callable[[], frozenset[str]],
         damper: FlapDamper, on_change: Callable[[], None], is_leader: Callable[[], bool] = lambda: True,
-        heard: Callable[[], Mapping[str, datetime]] = dict,
+        released: Callable[[], Mapping[str, datetime]] = dict,
         interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._db = db
         self._policy = policy
         self._connected = connected
-        self._heard = heard  # nodes whose stream ended here -> their last heartbeat the hub saw
+        self._released = released  # nodes whose stream ended here -> their last heartbeat the hub saw
         self._damper = damper
         self._on_change = on_change
         self._is_leader = is_leader
@@ -87,7 +87,7 @@ class NodeLifecycle:
         # read was most of the event loop), and the zones' counts from the database when a node is
         # due for eviction (a count of every node: not every second when nothing is).
         silent_before = now - timedelta(seconds=self._policy.stored_contact_stale_s)
-        heard = self._heard()
+        heard = self._released()
         recent = [node_id for node_id, at in heard.items() if at >= silent_before]
         if len(recent) > RECENT_BY_ID_MAX:  # streams ended by the thousand: every node silent for a timeout
             recent, silent_before = [], now - timedelta(seconds=self._policy.heartbeat_timeout_s)

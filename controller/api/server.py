@@ -167,7 +167,7 @@ class ControllerApp:
         )
         self.lifecycle = NodeLifecycle(
             leader_db, config.liveness, connected=self.hub.connected, damper=damper,
-            on_change=self.signals.wake_reconciler, is_leader=self.election.should_run, heard=self.hub.released,
+            on_change=self.signals.wake_reconciler, is_leader=self.election.should_run, released=self.hub.released,
             interval_s=min(1.0, config.heartbeat_timeout_s / 4),
         )
         self.throttle = SubmitLimits(

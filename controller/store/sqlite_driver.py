@@ -34,6 +34,7 @@ import contextvars
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -82,7 +83,11 @@ def _deferrable(operation: str) -> bool:
 
 def _run_deferred(conn: sqlite3.Connection, deferred: list[_Statement]) -> None:
     for operation, parameters, many in deferred:
-        _run(conn, operation, parameters, many)
+        try:
+            _run(conn, operation, parameters, many)
+        except sqlite3.Error as exc:  # raised by the statement it rode with: name the one that failed
+            exc.add_note(f"in a deferred statement: {operation[:200]}")
+            raise
 
 
 def _run_after(conn: sqlite3.Connection, deferred: list[_Statement], operation: str, parameters: Any,
@@ -112,6 +117,44 @@ def _run(conn: sqlite3.Connection, operation: str, parameters: Any, many: bool) 
         return description, cursor.rowcount, cursor.lastrowid, rows
     finally:
         cursor.close()
+
+
+@dataclass(frozen=True)
+class Trip:
+    """One trip to aiosqlite's thread (`counted_trips`)."""
+
+    function: str  # what ran there: `_run`, `_run_after`, `_commit_after`, or aiosqlite's own (`commit`, ...)
+    statement: str  # the statement's first three words, "COMMIT", or the function's name in capitals
+    deferred: int  # deferred writes that went with it
+
+
+def _trip(fn: Any, args: tuple[Any, ...]) -> Trip:
+    name = getattr(fn, "__name__", repr(fn))
+    if fn is _run:
+        return Trip(name, " ".join(args[1].split()[:3]), 0)
+    if fn is _run_after:
+        return Trip(name, " ".join(args[2].split()[:3]), len(args[1]))
+    if fn is _commit_after:
+        return Trip(name, "COMMIT", len(args[1]))
+    return Trip(name, name.upper(), 0)
+
+
+@contextmanager
+def counted_trips() -> Iterator[list[Trip]]:
+    """Every trip to aiosqlite's threads meanwhile, in order (for tests and `bench commit`: it
+    patches aiosqlite's connection class, so every connection's trips are counted)."""
+    seen: list[Trip] = []
+    real = aiosqlite.core.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(_trip(fn, args))
+        return await real(self, fn, *args, **kwargs)
+
+    aiosqlite.core.Connection._execute = counted  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        aiosqlite.core.Connection._execute = real  # type: ignore[method-assign]
 
 
 class OneTripCursor(AsyncAdapt_aiosqlite_cursor):

@@ -126,7 +126,7 @@ async def test_a_node_whose_stream_ended_here_is_judged_by_the_heartbeat_the_hub
     heard: dict[str, datetime] = {}
     connected = {"rack-b-n0", "rack-b-n1"}
     cycle = NodeLifecycle(cluster, POLICY, connected=lambda: frozenset(connected), damper=FlapDamper(),
-                          on_change=lambda: None, heard=lambda: heard, clock=lambda: clocks.mono,
+                          on_change=lambda: None, released=lambda: heard, clock=lambda: clocks.mono,
                           wall_clock=lambda: clocks.wall)
     clocks.advance(100)  # leading for a while: silence is not counted from its start
     stale_write = clocks.wall - timedelta(seconds=60)  # the stored time lags what the hub saw
@@ -152,7 +152,7 @@ async def test_after_streams_ended_by_the_thousand_a_pass_reads_the_nodes_silent
     clocks = Clocks()
     heard: dict[str, datetime] = {}
     cycle = NodeLifecycle(cluster, POLICY, connected=frozenset, damper=FlapDamper(), on_change=lambda: None,
-                          heard=lambda: heard, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall)
+                          released=lambda: heard, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall)
     clocks.advance(100)
     async with cluster.unit_of_work() as uow:
         for node in (await uow.session.execute(select(m.Node))).scalars():

@@ -18,6 +18,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.audit import AuditRecord, CallEntry
+from controller.store.turns import WritePriority, current_priority
 from controller.usecases import deletes, deployments
 from controller.usecases.deletes import DeleteBatcher, QueuedDelete
 from controller.usecases.ports import RecordingSignals
@@ -174,3 +175,18 @@ async def test_an_admin_naming_no_tenant_is_answered_in_the_batch_as_alone(clust
     assert [_answer(await _alone(cluster, WHO, q.name)) for q in batch] == answers
     assert await _logged(cluster, before + 1) == [("deployment_deleted", "t2/solo")]
     assert await _generation(cluster) == before + 1
+
+
+async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cluster, monkeypatch):
+    await _submit(cluster, ("t1", "a"))
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+    priorities = []
+    commit_batch = batcher.commit_batch
+
+    async def recorded(batch):
+        priorities.append(current_priority())
+        return await commit_batch(batch)
+
+    monkeypatch.setattr(batcher, "commit_batch", recorded)
+    assert (await batcher.delete(WHO, "a", "t1")).phase == "deleting"
+    assert priorities == [WritePriority.ANSWER]

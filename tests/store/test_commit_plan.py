@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiosqlite.core
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
@@ -485,30 +485,15 @@ async def test_a_plan_stale_by_other_changes_is_judged_by_the_document_read_agai
 
 
 @pytest.fixture
-def sqlite_trips(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Each trip to aiosqlite's thread from now on: the statement it runs (its first words;
-    "COMMIT"), and how many deferred writes went with it (store/sqlite_driver.py)."""
-    seen: list[tuple[str, int]] = []
-    real = aiosqlite.core.Connection._execute
-
-    async def counted(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if fn is sqlite_driver._run:
-            seen.append((" ".join(args[1].split()[:3]), 0))
-        elif fn is sqlite_driver._run_after:
-            seen.append((" ".join(args[2].split()[:3]), len(args[1])))
-        elif fn is sqlite_driver._commit_after:
-            seen.append(("COMMIT", len(args[1])))
-        else:
-            seen.append((getattr(fn, "__name__", repr(fn)).upper(), 0))
-        return await real(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(aiosqlite.core.Connection, "_execute", counted)
-    return seen
+def sqlite_trips() -> Iterator[list[sqlite_driver.Trip]]:
+    """Each trip to aiosqlite's thread from now on (store/sqlite_driver.py)."""
+    with sqlite_driver.counted_trips() as seen:
+        yield seen
 
 
 @pytest.mark.parametrize("db_backend", ["sqlite"])  # trips to aiosqlite's thread: SQLite only
 async def test_a_scoped_commit_on_sqlite_holds_the_writer_for_reads_and_trips_that_return_rows(
-        database: Database, sqlite_trips: list[tuple[str, int]]) -> None:
+        database: Database, sqlite_trips: list[sqlite_driver.Trip]) -> None:
     assert database.is_sqlite
     snap = await _seeded(database)
     sqlite_trips.clear()
@@ -525,7 +510,8 @@ async def test_a_scoped_commit_on_sqlite_holds_the_writer_for_reads_and_trips_th
     # the scope's rows read again (the early check stands: nothing read for it), and only what
     # returns rows goes at once; the placements, the usage meter, the deployment, the node, the
     # change log, the event and the audit entry ride with the next of those, or with the commit.
-    assert sqlite_trips == read + [
+    # Each trip: the statement it runs (its first words; "COMMIT"), the deferred writes with it.
+    assert [(trip.statement, trip.deferred) for trip in sqlite_trips] == read + [
         ("SELECT cluster_state.generation -", 1), read[1],
         ("UPDATE audit_head SET", 6),  # RETURNING the chain's head
         ("COMMIT", 2),

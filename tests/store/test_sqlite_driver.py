@@ -3,16 +3,15 @@ results, row counts, ids, errors and transactions as the stock adapter, in fewer
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import aiosqlite.core
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, delete, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from controller.store.db import Database
-from controller.store.sqlite_driver import deferrable, deferred_writes
+from controller.store.sqlite_driver import Trip, counted_trips, deferrable, deferred_writes
 
 
 T = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("v", Integer, nullable=False))
@@ -28,18 +27,16 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
     await database.dispose()
 
 
+def _names(trips: list[Trip]) -> list[str]:
+    """What ran on aiosqlite's threads, by function name."""
+    return [trip.function for trip in trips]
+
+
 @pytest.fixture
-def trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The functions run on aiosqlite's threads from now on, by name."""
-    seen: list[str] = []
-    real = aiosqlite.core.Connection._execute
-
-    async def counted(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen.append(getattr(fn, "__name__", repr(fn)))
-        return await real(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(aiosqlite.core.Connection, "_execute", counted)
-    return seen
+def trips() -> Iterator[list[Trip]]:
+    """Every trip to aiosqlite's threads from now on."""
+    with counted_trips() as seen:
+        yield seen
 
 
 async def _nothing_written_and_the_writer_free(db: Database) -> None:
@@ -81,62 +78,64 @@ async def test_a_failed_statement_raises_the_dbapi_error_and_its_transaction_is_
     await _nothing_written_and_the_writer_free(db)  # neither was committed
 
 
-async def test_a_read_takes_one_trip_and_a_write_two(db: Database, trips: list[str]) -> None:
+async def test_a_read_takes_one_trip_and_a_write_two(db: Database, trips: list[Trip]) -> None:
     async with db.unit_of_work() as uow:
         await uow.session.execute(text("SELECT v FROM t"))
-    assert trips == ["_run"]  # the statement; no cursor to open or close, no transaction to end
+    assert _names(trips) == ["_run"]  # the statement; no cursor to open or close, no transaction to end
     trips.clear()
     async with db.unit_of_work() as uow:
         await uow.session.execute(text("INSERT INTO t (v) VALUES (1)"))
         await uow.session.commit()
-    assert trips == ["_run", "commit"]
+    assert _names(trips) == ["_run", "commit"]
     trips.clear()
     async with db.unit_of_work() as uow:  # not committed: rolled back on its trip
         await uow.session.execute(text("INSERT INTO t (v) VALUES (2)"))
-    assert trips == ["_run", "rollback"]
+    assert _names(trips) == ["_run", "rollback"]
     async with db.unit_of_work() as uow:
         assert list(await uow.session.scalars(text("SELECT v FROM t"))) == [1]
 
 
 async def test_deferred_writes_go_with_the_next_statement_or_the_commit_in_order(db: Database,
-                                                                                  trips: list[str]) -> None:
+                                                                                  trips: list[Trip]) -> None:
     async with db.unit_of_work() as uow:
         s = uow.session
         with deferred_writes():
             await s.execute(text("INSERT INTO t (v) VALUES (1)"))  # deferred
             await s.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 2}, {"v": 3}])  # deferred
-            assert trips == []
+            assert _names(trips) == []
             moved = await s.execute(text("UPDATE t SET v = v * 10 WHERE v >= 2"))  # the inserts go first, with it
-            assert trips == ["_run_after"] and moved.rowcount == 2
+            assert _names(trips) == ["_run_after"] and moved.rowcount == 2
             returned = await s.execute(text("INSERT INTO t (v) VALUES (4) RETURNING id"))  # RETURNING: at once
             assert returned.scalar_one() == 4
             await s.execute(text("INSERT INTO t (v) VALUES (5)"))  # deferred: goes with the commit
         await s.commit()
-    assert trips == ["_run_after", "_run", "_commit_after"]
+    assert _names(trips) == ["_run_after", "_run", "_commit_after"]
     async with db.unit_of_work() as uow:
         assert list(await uow.session.scalars(text("SELECT v FROM t ORDER BY id"))) == [1, 20, 30, 4, 5]
 
 
 async def test_a_deferred_insert_that_fails_fails_the_commit_and_nothing_is_written(db: Database) -> None:
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError) as raised:
         async with db.unit_of_work() as uow:
             with deferred_writes():
                 await uow.session.execute(text("INSERT INTO t (v) VALUES (7)"))
                 await uow.session.execute(text("INSERT INTO t (v) VALUES (7)"))  # UNIQUE, raised by the commit
             await uow.session.commit()
     await _nothing_written_and_the_writer_free(db)  # rolled back whole
+    # raised by the commit it rode with, the error names the deferred statement that failed
+    assert raised.value.orig.__notes__ == ["in a deferred statement: INSERT INTO t (v) VALUES (7)"]
 
 
-async def test_deferred_writes_of_a_transaction_not_committed_are_never_run(db: Database, trips: list[str]) -> None:
+async def test_deferred_writes_of_a_transaction_not_committed_are_never_run(db: Database, trips: list[Trip]) -> None:
     async with db.unit_of_work() as uow:
         with deferred_writes():
             await uow.session.execute(text("INSERT INTO t (v) VALUES (9)"))
-    assert trips == []  # dropped with the rollback: nothing had reached the thread
+    assert _names(trips) == []  # dropped with the rollback: nothing had reached the thread
     await _nothing_written_and_the_writer_free(db)
 
 
 async def test_deferrable_updates_and_deletes_are_deferred_and_unmarked_ones_are_not(db: Database,
-                                                                                  trips: list[str]) -> None:
+                                                                                  trips: list[Trip]) -> None:
     async with db.unit_of_work() as uow:
         s = uow.session
         with deferred_writes():
@@ -144,23 +143,23 @@ async def test_deferrable_updates_and_deletes_are_deferred_and_unmarked_ones_are
             marked = await s.execute(deferrable(update(T).where(T.c.v >= 2).values(v=T.c.v * 10)))  # deferred
             assert marked.rowcount == -1  # unknown: nothing ran yet
             await s.execute(deferrable(delete(T).where(T.c.v == 1)))  # deferred
-            assert trips == []
+            assert _names(trips) == []
             unmarked = await s.execute(update(T).where(T.c.v == 30).values(v=31))  # at once, after the three
-            assert trips == ["_run_after"] and unmarked.rowcount == 1
+            assert _names(trips) == ["_run_after"] and unmarked.rowcount == 1
             await s.execute(deferrable(update(T).where(T.c.v == 20).values(v=21)))  # goes with the commit
         await s.commit()
-    assert trips == ["_run_after", "_commit_after"]
+    assert _names(trips) == ["_run_after", "_commit_after"]
     async with db.unit_of_work() as uow:
         assert list(await uow.session.scalars(text("SELECT v FROM t ORDER BY id"))) == [21, 31]
 
 
-async def test_a_marked_statement_outside_deferred_writes_runs_at_once(db: Database, trips: list[str]) -> None:
+async def test_a_marked_statement_outside_deferred_writes_runs_at_once(db: Database, trips: list[Trip]) -> None:
     async with db.unit_of_work() as uow:
         await uow.session.execute(text("INSERT INTO t (v) VALUES (5)"))
         moved = await uow.session.execute(deferrable(update(T).values(v=6)))
         assert moved.rowcount == 1
         await uow.session.commit()
-    assert trips == ["_run", "_run", "commit"]
+    assert _names(trips) == ["_run", "_run", "commit"]
 
 
 async def test_a_deferred_update_that_fails_fails_the_commit_and_nothing_is_written(db: Database) -> None:
