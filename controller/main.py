@@ -22,10 +22,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from controller.config import Config, parse_args
 from controller.gcpolicy import configure_gc
 from controller.preflight import StartupError, check_db_url, check_listen
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 EXIT_SCHEMA = 2  # every start-up refusal: bad settings, database unreachable or on the wrong schema
 EXIT_STUCK = 3   # the stop did not finish in time (or a second signal): stacks dumped, exited anyway
@@ -81,12 +85,17 @@ def configure_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def use_uvloop() -> None:
-    """Event loops from uvloop (libuv, in C) for the controller's loop and for those its threads
-    create (`scheduling.own_loop`). Each round trip to PostgreSQL, each gRPC completion and each
-    agent stream's message is a callback of that loop, and gRPC hands calls to their handlers at a
-    rate set by how long the loop's turns are (`docs/benchmarks.md`, `pg8`: on PostgreSQL mixed
-    results on a loaded machine, not shown yet; on SQLite no change seen)."""
+def choose_event_loop(db: URL) -> None:
+    """uvloop's event loops (libuv, in C) on PostgreSQL, asyncio's own on SQLite, for the
+    controller's loop and those its threads create (`scheduling.own_loop`). On PostgreSQL every
+    round trip is a callback of the loop, and gRPC hands calls to their handlers at a rate set by
+    how long the loop's turns are; on SQLite the statements are trips to aiosqlite's thread.
+    Measured (docs/benchmarks.md, issue 8, 2026-12-01, night, lead: 64 clients at 4,096 nodes,
+    two runs each): PostgreSQL 127.5 and 100.2 deployments/s with uvloop against 92.4 and 73.9
+    without, controller CPU 19.6 and 24.0 s against 26.0 and 31.3 s; SQLite 179.3 and 192.9/s
+    with it against 238.4 and 202.0/s without."""
+    if db.get_backend_name() != "postgresql":
+        return
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -143,13 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_listen(config.metrics_listen, flag="--metrics-listen")
         if config.http_listen:
             check_listen(config.http_listen, flag="--http-listen")
-        check_db_url(config.db_url)
+        db = check_db_url(config.db_url)
     except StartupError as exc:
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
         return EXIT_SCHEMA
     configure_logging(config.log_level)
     configure_gc()
-    use_uvloop()
+    choose_event_loop(db)
     return asyncio.run(serve(config))
 
 

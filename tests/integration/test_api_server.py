@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import select
@@ -88,7 +89,23 @@ def test_binary_prints_its_port_serves_and_stops_on_sigterm(tmp_path: Path):
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()
         assert '"msg": "stopped"' in err
-        assert "serving on uvloop's event loop" in err  # main.use_uvloop
+        assert "serving on asyncio's event loop" in err  # main.choose_event_loop: asyncio's on SQLite
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_backend", ["postgres"])  # on SQLite: the test above
+def test_the_binary_serves_on_uvloop_on_postgres(tmp_path: Path, db_url: str):
+    proc = _controller("--listen", "127.0.0.1:0", "--db", db_url, tmp_path=tmp_path)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("maia-controller listening on 127.0.0.1:"), proc.stderr.read() if proc.poll() else line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "serving on uvloop's event loop" in proc.stderr.read()  # main.choose_event_loop
     finally:
         if proc.poll() is None:
             proc.kill()
