@@ -18,11 +18,11 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.audit import AuditRecord, CallEntry
-from controller.store.turns import WritePriority, current_priority
+from controller.store.turns import WritePriority
 from controller.usecases import deletes, deployments
 from controller.usecases.deletes import DeleteBatcher, QueuedDelete
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, add_tenant, deployment
+from uc_builders import WHO, add_tenant, batch_priorities, deployment
 
 T1 = Principal("t1-token", Role.TENANT, tenant="t1")
 
@@ -180,13 +180,6 @@ async def test_an_admin_naming_no_tenant_is_answered_in_the_batch_as_alone(clust
 async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cluster, monkeypatch):
     await _submit(cluster, ("t1", "a"))
     batcher = DeleteBatcher(cluster, RecordingSignals())
-    priorities = []
-    commit_batch = batcher.commit_batch
-
-    async def recorded(batch):
-        priorities.append(current_priority())
-        return await commit_batch(batch)
-
-    monkeypatch.setattr(batcher, "commit_batch", recorded)
+    priorities = batch_priorities(batcher, monkeypatch)
     assert (await batcher.delete(WHO, "a", "t1")).phase == "deleting"
     assert priorities == [WritePriority.ANSWER]

@@ -17,13 +17,13 @@ from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.store import audit
 from controller.store import models as m
 from controller.store.audit import AuditRecord, CallEntry
-from controller.store.turns import WritePriority, current_priority
+from controller.store.turns import WritePriority
 from controller.usecases import submits
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import views_of
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.submits import Queued, SubmitBatcher
-from uc_builders import WHO, add_tenant, deployment
+from uc_builders import WHO, add_tenant, batch_priorities, deployment
 
 
 def _queued(name: str, tenant: str = "t1", request_id: str = "") -> Queued:
@@ -207,13 +207,6 @@ async def test_a_batched_submit_tells_where_its_time_went_the_writer_turn_includ
 
 async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cluster, monkeypatch):
     batcher = SubmitBatcher(cluster, RecordingSignals())
-    priorities = []
-    commit_batch = batcher.commit_batch
-
-    async def recorded(batch):
-        priorities.append(current_priority())
-        return await commit_batch(batch)
-
-    monkeypatch.setattr(batcher, "commit_batch", recorded)
+    priorities = batch_priorities(batcher, monkeypatch)
     await batcher.submit(WHO, deployment("a", "t1"))
     assert priorities == [WritePriority.ANSWER]

@@ -14,6 +14,7 @@ from sqlalchemy import event, func, select
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store.db import Database, UnitOfWork
+from controller.store.turns import WritePriority, current_priority
 from controller.usecases import agents, deployments, tenants, topology
 from controller.domain.values import (
     DeploymentSpec, NodeInfo, RackSpec, RowSpec, ShardSpec, TenantSpec, TopologySpec, ZoneSpec,
@@ -112,3 +113,16 @@ async def submit(db: Database, spec: DeploymentSpec) -> None:
     """Submit a deployment in its own unit of work, as the API would."""
     async with db.unit_of_work() as uow:
         await deployments.submit_deployment(uow, WHO, spec, RecordingSignals())
+
+
+def batch_priorities(batcher: Any, monkeypatch: pytest.MonkeyPatch) -> list[WritePriority]:
+    """The write priority each `batcher.commit_batch` (a submit or delete batch) runs at, from now on."""
+    priorities: list[WritePriority] = []
+    commit_batch = batcher.commit_batch
+
+    async def recorded(batch: Any) -> Any:
+        priorities.append(current_priority())
+        return await commit_batch(batch)
+
+    monkeypatch.setattr(batcher, "commit_batch", recorded)
+    return priorities
