@@ -4,6 +4,7 @@ node fleets as `maia-simnode` subprocesses, an in-test agent, and polling with a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -204,6 +205,7 @@ class HandAgent:
         self._out: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
         self.call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
+        self._beating: asyncio.Task | None = None
 
     async def register(self) -> agent_pb2.RegisterResponse:
         reply = await self.stubs.agent.Register(agent_pb2.RegisterRequest(node=self.info))
@@ -238,6 +240,16 @@ class HandAgent:
     def heartbeat(self, seq: int, power_w: float) -> None:
         self.send(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=seq, power_draw_w=power_w)))
 
+    def keep_beating(self, every_s: float = 0.5, power_w: float = 500.0) -> None:
+        """Heartbeats every `every_s` until `close()`, as a live agent sends them: for tests whose
+        node must stay ready however slow the machine is (the test controller's timeout is 2 s)."""
+        async def beat() -> None:
+            for seq in itertools.count(1):
+                self.heartbeat(seq, power_w)
+                await asyncio.sleep(every_s)
+
+        self._beating = asyncio.create_task(beat())
+
     async def next_set(self, check: Callable[[agent_pb2.AssignmentSet], bool] = lambda s: True,
                        timeout: float = 20.0) -> agent_pb2.AssignmentSet:
         deadline = time.monotonic() + timeout
@@ -250,6 +262,8 @@ class HandAgent:
                 return current
 
     async def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
         self._out.put_nowait(None)
         if self._reader is not None:
             try:

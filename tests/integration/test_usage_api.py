@@ -22,6 +22,7 @@ async def _placed(stubs: Stubs) -> HandAgent:
     agent = HandAgent(stubs, "n1", "rack-a")
     await agent.register()
     await agent.connect()
+    agent.keep_beating()  # the node stays ready under load (a silent stream ends after 2 s)
     await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
         spec=spec("svc", accelerators=2)))
     await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
