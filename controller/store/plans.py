@@ -774,8 +774,11 @@ async def commit_plan(
     # commit (`sqlite_driver.deferred_writes`: four trips to SQLite's thread under the writer
     # instead of thirteen): the commit fails or commits whole.
     with deferred_writes():
-        generation = await _write(session, changes, deletes, changed_nodes, changed_deployments, deleted_deployments,
-                                  deployment_updates, new_generation, deployments, bumped, generation, now)
+        generation = await _write(
+            session, changes=changes, deletes=deletes, deployments=deployments, new_generation=new_generation,
+            deployment_updates=deployment_updates, changed_nodes=changed_nodes,
+            changed_deployments=changed_deployments, deleted_deployments=deleted_deployments, bumped=bumped,
+            generation=generation, now=now)
         events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                          changes.requeued)
         if events:
@@ -809,12 +812,14 @@ _UPDATE_DEPLOYMENT = deferrable(
 
 
 async def _write(
-    session: AsyncSession, changes: _Changes, deletes: list[_Row], changed_nodes: set[str],
-    changed_deployments: set[str], deleted_deployments: set[str], deployment_updates: list[dict[str, Any]],
-    new_generation: dict[str, int], deployments: dict[str, Any], bumped: bool, generation: int, now: datetime,
+    session: AsyncSession, *, changes: _Changes, deletes: list[_Row], deployments: dict[str, Any],
+    new_generation: dict[str, int], deployment_updates: list[dict[str, Any]], changed_nodes: set[str],
+    changed_deployments: set[str], deleted_deployments: set[str], bumped: bool, generation: int, now: datetime,
 ) -> int:
     """A plan commit's placements, usage meters, deployments, nodes and cluster generation (with
-    what moved it); returns the generation after it."""
+    what moved it); returns the generation after it. Keyword-only: three sets of names in a row
+    are easily handed over in the wrong order. `bumped`: the generation was moved when the lock
+    was taken (`generation` is the value after that)."""
     inserts, updates = changes.inserts, changes.updates
     for chunk in _chunks([row.id for row in deletes]):
         await session.execute(deferrable(delete(Placement).where(Placement.id.in_(chunk)))
