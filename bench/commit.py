@@ -87,7 +87,7 @@ def _lock_clock(engine: Any) -> Iterator[tuple[list[float], list[str]]]:
 
     def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         sent.append(statement)
-        if re.match(r"\s*UPDATE\s+(/\*.*?\*/\s*)?CLUSTER_STATE\b", statement, re.IGNORECASE):  # maybe deferrable
+        if re.match(r"\s*UPDATE\s+(/\*.*?\*/\s*)?CLUSTER_STATE\b", statement, re.IGNORECASE):  # maybe marked (store/marks.py)
             taken.append(time.perf_counter())
 
     event.listen(engine.sync_engine, "after_cursor_execute", after)

@@ -32,7 +32,7 @@ from sqlalchemy import Row, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store.models import AuditEntry, AuditHead, utcnow
-from controller.store.sqlite_driver import deferrable
+from controller.store.marks import rowcount_unread
 
 GENESIS_HASH = "0" * 64
 OUTCOME_OK = "OK"
@@ -183,7 +183,7 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
         rows = _chained(records, head.seq - len(records) + 1, head.hash, at)
         await session.execute(_INSERT_ENTRIES, rows)
         await session.execute(
-            deferrable(update(AuditHead)).where(AuditHead.id == 1).values(hash=rows[-1]["hash"])
+            rowcount_unread(update(AuditHead)).where(AuditHead.id == 1).values(hash=rows[-1]["hash"])
             .execution_options(synchronize_session=False)
         )
     else:

@@ -18,7 +18,7 @@ from sqlalchemy import Select, Update, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind, ClusterChange
-from controller.store.sqlite_driver import deferrable
+from controller.store.marks import rowcount_unread
 from controller.store.models import ClusterChangeRow, ClusterState, Deployment, DeploymentPhase
 
 _KINDS = frozenset(k.value for k in ChangeKind)
@@ -48,7 +48,7 @@ async def log_change(session: AsyncSession, generation: int, change: ClusterChan
     await session.execute(insert(ClusterChangeRow), [
         {"generation": generation, "kind": change.kind.value, "object_id": object_id} for object_id in ids])
     if generation % _PRUNE_EVERY == 0:
-        await session.execute(deferrable(delete(ClusterChangeRow))
+        await session.execute(rowcount_unread(delete(ClusterChangeRow))
                               .where(ClusterChangeRow.generation <= generation - CHANGES_KEPT)
                               .execution_options(synchronize_session=False))
 
@@ -130,8 +130,8 @@ async def move_generation(session: AsyncSession, by: int) -> int:
 
 async def move_generation_unread(session: AsyncSession, by: int) -> None:
     """`move_generation` for a caller that reads the new value with its next statement (in the
-    same transaction): `deferrable`, so on SQLite inside `deferred_writes` the two take one trip."""
-    await session.execute(deferrable(_moved(by)))
+    same transaction): `rowcount_unread`, so on SQLite inside `deferred_writes` the two take one trip."""
+    await session.execute(rowcount_unread(_moved(by)))
 
 
 class MissingGeneration(RuntimeError):

@@ -24,7 +24,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, case, func, insert, liter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
-from controller.store.sqlite_driver import deferrable
+from controller.store.marks import rowcount_unread
 
 J_PER_KWH = 3.6e6
 _CHUNK = 500
@@ -141,7 +141,7 @@ async def stop_intervals(session: AsyncSession, placement_ids: Iterable[int], at
     ids = sorted(set(placement_ids))
     for start in range(0, len(ids), _CHUNK):
         await session.execute(
-            deferrable(update(m.UsageInterval))
+            rowcount_unread(update(m.UsageInterval))
             .where(m.UsageInterval.placement_id.in_(ids[start:start + _CHUNK]), m.UsageInterval.ended_s.is_(None))
             .values(ended_s=epoch_s(at)).execution_options(synchronize_session=False)
         )

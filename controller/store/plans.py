@@ -74,7 +74,8 @@ from controller.store.metering import (
 from controller.store.recheck import ReplicaKey, TenantUsage, Unread, recheck, shard_usage
 from controller.store.rollout import outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
-from controller.store.sqlite_driver import deferrable, deferred_writes
+from controller.store.marks import rowcount_unread
+from controller.store.sqlite_driver import deferred_writes
 from controller.domain.changes import ChangeKind, ClusterChange
 from controller.domain.values import deployment_key, split_deployment_key
 from controller.domain.phases import deployment_phase, replica_counts
@@ -805,7 +806,7 @@ async def commit_plan(
 # rows were read under the generation lock in this transaction, and only a plan commit deletes
 # a schedulable deployment's row.
 _DEPLOYMENTS = Deployment.__table__
-_UPDATE_DEPLOYMENT = deferrable(
+_UPDATE_DEPLOYMENT = rowcount_unread(
     update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("b_id")).values(
         phase=bindparam("phase"), reasons=bindparam("reasons"), generation=bindparam("generation"),
         updated_at=bindparam("updated_at")))
@@ -822,7 +823,7 @@ async def _write(
     was taken (`generation` is the value after that)."""
     inserts, updates = changes.inserts, changes.updates
     for chunk in _chunks([row.id for row in deletes]):
-        await session.execute(deferrable(delete(Placement).where(Placement.id.in_(chunk)))
+        await session.execute(rowcount_unread(delete(Placement).where(Placement.id.in_(chunk)))
                               .execution_options(synchronize_session=False))
     if updates:  # the ORM's bulk UPDATE: its row count is checked (a placement deleted since fails the commit)
         await session.execute(
@@ -874,11 +875,11 @@ async def _write(
     if deployment_updates:
         await session.execute(_UPDATE_DEPLOYMENT, deployment_updates)
     for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
-        await session.execute(deferrable(delete(Deployment).where(Deployment.id.in_(chunk)))
+        await session.execute(rowcount_unread(delete(Deployment).where(Deployment.id.in_(chunk)))
                               .execution_options(synchronize_session=False))
     for chunk in _chunks(sorted(changed_nodes)):
         await session.execute(
-            deferrable(update(Node).where(Node.id.in_(chunk)))
+            rowcount_unread(update(Node).where(Node.id.in_(chunk)))
             .values(assignment_generation=Node.assignment_generation + 1)
             .execution_options(synchronize_session=False)
         )

@@ -13,8 +13,8 @@ server-side cursors (`stream_results`) keep the stock one.
 
 A writer that never handles one statement's failure on its own (a batch or a plan commit that
 fails, or commits, as a whole) may defer its writes (`deferred_writes`): inside it, an INSERT
-without RETURNING, and an UPDATE or DELETE marked `deferrable` (its row count is never read: a
-deferred statement's cursor says -1, unknown), waits on the connection and goes to the thread
+without RETURNING, and an UPDATE or DELETE marked `rowcount_unread` (`store/marks.py`: its row
+count is never read; a deferred statement's cursor says -1, unknown), waits on the connection and goes to the thread
 with the connection's next statement or its commit, in order, in that one trip. Under load each
 trip is a turn of a busy event loop while the transaction holds SQLite's only writer (a plan
 commit of a few arrivals: thirteen trips -> four). A deferred statement's error is raised by
@@ -35,36 +35,24 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
-from sqlalchemy import Delete, Update
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection, AsyncAdapt_aiosqlite_cursor, AsyncAdapt_aiosqlite_dbapi,
 )
 from sqlalchemy.util import EMPTY_DICT, await_only
+
+from controller.store.marks import ROWCOUNT_UNREAD
 
 _Outcome = tuple[Any, int, Any, list[Any] | None]  # description, rowcount, lastrowid, rows
 _Statement = tuple[str, Any, bool]  # operation, parameters, executemany
 
 _DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("maia_sqlite_deferred_writes", default=False)
 
-# What marks an UPDATE or DELETE as deferrable: a comment, so the statement is the same on every
-# database (PostgreSQL ignores it) and the mark reaches the cursor with the statement's text.
-_DEFERRABLE = "/* maia:deferrable */"
-
-_Dml = TypeVar("_Dml", Update, Delete)
-
-
-def deferrable(statement: _Dml) -> _Dml:
-    """`statement` marked as one whose row count nobody reads: deferred inside
-    `deferred_writes` (module docstring). Never for a statement with RETURNING."""
-    return statement.prefix_with(_DEFERRABLE)
-
-
 @contextmanager
 def deferred_writes() -> Iterator[None]:
-    """INSERTs without RETURNING and `deferrable` statements executed inside (in this task) go to
+    """INSERTs without RETURNING and statements marked `rowcount_unread` executed inside (in this task) go to
     the thread with the connection's next statement or commit (module docstring). For writers
     whose transaction fails as a whole when any of its statements fails; no effect on other
     databases."""
@@ -75,10 +63,10 @@ def deferred_writes() -> Iterator[None]:
         _DEFERRING.reset(token)
 
 
-def _deferrable(operation: str) -> bool:
+def _may_defer(operation: str) -> bool:
     if "RETURNING" in operation.upper():
         return False
-    return operation.lstrip()[:6].upper() == "INSERT" or _DEFERRABLE in operation
+    return operation.lstrip()[:6].upper() == "INSERT" or ROWCOUNT_UNREAD in operation
 
 
 def _run_deferred(conn: sqlite3.Connection, deferred: list[_Statement]) -> None:
@@ -202,7 +190,7 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     async def _trip(self, operation: Any, parameters: Any, *, many: bool) -> None:
         adapt: _Connection = self._adapt_connection  # type: ignore[assignment]
-        if _DEFERRING.get() and _deferrable(operation):
+        if _DEFERRING.get() and _may_defer(operation):
             adapt.deferred.append((operation, parameters, many))
             self._description, self._rowcount, self._lastrowid = None, -1, None
             self._rows = collections.deque()

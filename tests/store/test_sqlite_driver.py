@@ -11,7 +11,8 @@ from sqlalchemy import Column, Integer, MetaData, Table, delete, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from controller.store.db import Database
-from controller.store.sqlite_driver import Trip, counted_trips, deferrable, deferred_writes
+from controller.store.marks import ROWCOUNT_UNREAD, rowcount_unread
+from controller.store.sqlite_driver import Trip, counted_trips, deferred_writes
 
 
 T = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("v", Integer, nullable=False))
@@ -134,29 +135,34 @@ async def test_deferred_writes_of_a_transaction_not_committed_are_never_run(db: 
     await _nothing_written_and_the_writer_free(db)
 
 
-async def test_deferrable_updates_and_deletes_are_deferred_and_unmarked_ones_are_not(db: Database,
-                                                                                  trips: list[Trip]) -> None:
+async def test_updates_and_deletes_marked_rowcount_unread_are_deferred_and_unmarked_ones_are_not(
+        db: Database, trips: list[Trip]) -> None:
     async with db.unit_of_work() as uow:
         s = uow.session
         with deferred_writes():
             await s.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}, {"v": 3}])  # deferred
-            marked = await s.execute(deferrable(update(T).where(T.c.v >= 2).values(v=T.c.v * 10)))  # deferred
+            marked = await s.execute(rowcount_unread(update(T).where(T.c.v >= 2).values(v=T.c.v * 10)))  # deferred
             assert marked.rowcount == -1  # unknown: nothing ran yet
-            await s.execute(deferrable(delete(T).where(T.c.v == 1)))  # deferred
+            await s.execute(rowcount_unread(delete(T).where(T.c.v == 1)))  # deferred
             assert _names(trips) == []
             unmarked = await s.execute(update(T).where(T.c.v == 30).values(v=31))  # at once, after the three
             assert _names(trips) == ["_run_after"] and unmarked.rowcount == 1
-            await s.execute(deferrable(update(T).where(T.c.v == 20).values(v=21)))  # goes with the commit
+            await s.execute(rowcount_unread(update(T).where(T.c.v == 20).values(v=21)))  # goes with the commit
         await s.commit()
     assert _names(trips) == ["_run_after", "_commit_after"]
     async with db.unit_of_work() as uow:
         assert list(await uow.session.scalars(text("SELECT v FROM t ORDER BY id"))) == [21, 31]
 
 
+def test_the_mark_is_a_comment_the_driver_reads_in_the_statement_text() -> None:
+    compiled = str(rowcount_unread(update(T).values(v=1)))
+    assert compiled.startswith(f"UPDATE {ROWCOUNT_UNREAD} t SET")  # same SQL on every database
+
+
 async def test_a_marked_statement_outside_deferred_writes_runs_at_once(db: Database, trips: list[Trip]) -> None:
     async with db.unit_of_work() as uow:
         await uow.session.execute(text("INSERT INTO t (v) VALUES (5)"))
-        moved = await uow.session.execute(deferrable(update(T).values(v=6)))
+        moved = await uow.session.execute(rowcount_unread(update(T).values(v=6)))
         assert moved.rowcount == 1
         await uow.session.commit()
     assert _names(trips) == ["_run", "_run", "commit"]
@@ -167,6 +173,6 @@ async def test_a_deferred_update_that_fails_fails_the_commit_and_nothing_is_writ
         async with db.unit_of_work() as uow:
             with deferred_writes():
                 await uow.session.execute(text("INSERT INTO t (v) VALUES (7), (8)"))
-                await uow.session.execute(deferrable(update(T).where(T.c.v == 8).values(v=7)))  # UNIQUE
+                await uow.session.execute(rowcount_unread(update(T).where(T.c.v == 8).values(v=7)))  # UNIQUE
             await uow.session.commit()
     await _nothing_written_and_the_writer_free(db)  # rolled back whole
