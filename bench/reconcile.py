@@ -153,7 +153,7 @@ async def _change(db: Any, kind: str, placements: list[Doc], rng: random.Random,
     tenant, name = p["deployment"].split("/")
     async with db.unit_of_work() as uow:
         if kind == "drain":
-            await nodes.drain_node(uow, who, p["node"], RecordingSignals(), set())
+            await nodes.drain_node(uow, who, p["node"], RecordingSignals(), set(), {})
         elif kind == "delete_node":
             await nodes.delete_node(uow, who, p["node"], RecordingSignals())
         elif kind == "resize":

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 from grpc import aio
 
 from controller.api import convert
 from controller.api.deps import ServiceDeps
-from controller.domain.liveness import later_contact
-from controller.domain.values import NodeView
 from controller.identity import current_principal
 from controller.usecases import agents, events, nodes, tenants, tokens, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc
@@ -64,39 +61,34 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListNodes(self, request: admin_pb2.ListNodesRequest,
                         context: aio.ServicerContext) -> admin_pb2.ListNodesResponse:
         async with self._deps.db.unit_of_work() as uow:
-            page = await nodes.list_nodes(uow, current_principal(), self._deps.connected(), request.rack,
-                                          convert.page_request(request))
-        return admin_pb2.ListNodesResponse(nodes=[self._node_msg(v) for v in page.items],
+            page = await nodes.list_nodes(uow, current_principal(), self._deps.connected(), self._deps.last_heard(),
+                                          request.rack, convert.page_request(request))
+        return admin_pb2.ListNodesResponse(nodes=[convert.node_msg(v) for v in page.items],
                                            next_page_token=page.next_token)
 
     async def GetNode(self, request: admin_pb2.GetNodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
         async with self._deps.db.unit_of_work() as uow:
-            view = await nodes.get_node(uow, current_principal(), request.id, self._deps.connected())
-        return self._node_msg(view)
-
-    def _node_msg(self, view: NodeView) -> admin_pb2.Node:
-        """The node as stored, its last heartbeat the later of the stored one and the leader's own
-        (stored only every few heartbeat timeouts while its stream lives)."""
-        heard = later_contact(view.last_heartbeat, self._deps.hub.heard_from(view.info.node_id))
-        return convert.node_msg(replace(view, last_heartbeat=heard) if heard != view.last_heartbeat else view)
+            view = await nodes.get_node(uow, current_principal(), request.id, self._deps.connected(),
+                                        self._deps.last_heard())
+        return convert.node_msg(view)
 
     async def CordonNode(self, request: admin_pb2.NodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
         async with self._deps.db.unit_of_work() as uow:
             view = await nodes.cordon_node(uow, current_principal(), request.id, self._deps.signals,
-                                           self._deps.connected())
-        return self._node_msg(view)
+                                           self._deps.connected(), self._deps.last_heard())
+        return convert.node_msg(view)
 
     async def UncordonNode(self, request: admin_pb2.NodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
         async with self._deps.db.unit_of_work() as uow:
             view = await nodes.uncordon_node(uow, current_principal(), request.id, self._deps.signals,
-                                             self._deps.connected())
-        return self._node_msg(view)
+                                             self._deps.connected(), self._deps.last_heard())
+        return convert.node_msg(view)
 
     async def DrainNode(self, request: admin_pb2.NodeRequest, context: aio.ServicerContext) -> admin_pb2.Node:
         async with self._deps.db.unit_of_work() as uow:
             view = await nodes.drain_node(uow, current_principal(), request.id, self._deps.signals,
-                                          self._deps.connected())
-        return self._node_msg(view)
+                                          self._deps.connected(), self._deps.last_heard())
+        return convert.node_msg(view)
 
     async def DeleteNode(self, request: admin_pb2.NodeRequest,
                          context: aio.ServicerContext) -> admin_pb2.DeleteNodeResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from controller.agents import AgentHub
 from controller.ratelimit import SubmitLimits
@@ -33,3 +34,5 @@ class ServiceDeps:
     def connected(self) -> frozenset[str]:
         return self.hub.connected()
 
+    def last_heard(self) -> dict[str, datetime]:
+        return self.hub.last_heard()

@@ -5,19 +5,28 @@ Drain is cordon plus `draining`: the node's replicas become outgoing and are rep
 make-before-break (`store/rollout.py`): the reconciler places a replacement elsewhere, and
 stops a replica on the node only once its replacement runs, never below the replicas asked.
 Uncordon ends a drain (what still runs there stays).
+
+The views are the node as stored, with what only the leader's agent hub knows: `connected` (the
+nodes whose agent holds a stream to it) and `heard` (when each was last heard from on one: its
+stored last heartbeat is written only every few heartbeat timeouts while the stream lives,
+`domain.liveness.CONTACT_WRITE_TIMEOUTS`); a node's last heartbeat is the later of the two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Mapping, Set
+from dataclasses import replace
+from datetime import datetime
 
 from controller.errors import NotFound
 from controller.identity import Principal
 from controller.usecases import policy
+from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.store.snapshot import load_snapshot
 from controller.domain.changes import ClusterChange
+from controller.domain.liveness import later_contact
 from controller.domain.values import ClusterSnapshot, ClusterSummary, NodeView, TenantView
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
@@ -25,29 +34,37 @@ from controller.usecases.ports import Signals
 from controller.usecases.validation import check_id, check_optional_id
 
 
-async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], rack: str = "",
-                     page: PageRequest = PageRequest()) -> Page[NodeView]:
+def _view(row: m.Node, usage: repo.ClusterUsage, connected: Set[str], heard: Mapping[str, datetime]) -> NodeView:
+    """The node as stored, connected or not, its last heartbeat the later of the stored one and
+    the hub's (module docstring)."""
+    view = repo.node_view(row, usage, row.id in connected)
+    last = later_contact(view.last_heartbeat, heard.get(row.id))
+    return view if last == view.last_heartbeat else replace(view, last_heartbeat=last)
+
+
+async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], heard: Mapping[str, datetime],
+                     rack: str = "", page: PageRequest = PageRequest()) -> Page[NodeView]:
     check_optional_id("rack", rack)
     bounds = paging.bounds(page)
     rows = await repo.list_node_rows(uow.session, rack, bounds)
     policy.require_admin(who, "listing nodes")
     usage = await repo.cluster_usage(uow.session)
-    return paging.page_of(rows, bounds, key=lambda n: (n.id,)).map(
-        lambda n: repo.node_view(n, usage, n.id in connected))
+    return paging.page_of(rows, bounds, key=lambda n: (n.id,)).map(lambda n: _view(n, usage, connected, heard))
 
 
-async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str]) -> NodeView:
+async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str],
+                   heard: Mapping[str, datetime]) -> NodeView:
     check_id("node", node_id)
     policy.require_admin(who, "reading nodes")
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
     usage = await repo.cluster_usage(uow.session)
-    return repo.node_view(row, usage, node_id in connected)
+    return _view(row, usage, connected, heard)
 
 
 async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: bool, signals: Signals,
-                      connected: Set[str], *, drain: bool = False) -> NodeView:
+                      connected: Set[str], heard: Mapping[str, datetime], *, drain: bool = False) -> NodeView:
     check_id("node", node_id)
     policy.require_admin(who, "cordoning, uncordoning and draining nodes")
     row = await repo.get_node(uow.session, node_id)
@@ -62,22 +79,22 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
         await uow.commit()
         signals.wake_reconciler()
     usage = await repo.cluster_usage(uow.session)
-    return repo.node_view(row, usage, node_id in connected)
+    return _view(row, usage, connected, heard)
 
 
 async def cordon_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
-                      connected: Set[str]) -> NodeView:
-    return await _set_cordon(uow, who, node_id, True, signals, connected)
+                      connected: Set[str], heard: Mapping[str, datetime]) -> NodeView:
+    return await _set_cordon(uow, who, node_id, True, signals, connected, heard)
 
 
 async def uncordon_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
-                        connected: Set[str]) -> NodeView:
-    return await _set_cordon(uow, who, node_id, False, signals, connected)
+                        connected: Set[str], heard: Mapping[str, datetime]) -> NodeView:
+    return await _set_cordon(uow, who, node_id, False, signals, connected, heard)
 
 
 async def drain_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
-                     connected: Set[str]) -> NodeView:
-    return await _set_cordon(uow, who, node_id, True, signals, connected, drain=True)
+                     connected: Set[str], heard: Mapping[str, datetime]) -> NodeView:
+    return await _set_cordon(uow, who, node_id, True, signals, connected, heard, drain=True)
 
 
 async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals) -> None:

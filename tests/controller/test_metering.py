@@ -118,7 +118,7 @@ async def test_the_meter_survives_a_restart_and_stops_with_a_drain(cluster: Data
         # Draining a node stops the meters of the shards on it once they are stopped (these never
         # ran on an agent: nothing to wait for, the next retire pass stops them).
         async with restarted.unit_of_work() as uow:
-            await nodes.drain_node(uow, WHO, sorted(frac_nodes)[0], RecordingSignals(), frozenset())
+            await nodes.drain_node(uow, WHO, sorted(frac_nodes)[0], RecordingSignals(), frozenset(), {})
         async with restarted.unit_of_work() as uow:
             assert (await retire_replaced(uow.session, now=T0 + 3 * H)).nodes == {sorted(frac_nodes)[0]}
             await uow.commit()

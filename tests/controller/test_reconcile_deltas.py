@@ -128,7 +128,7 @@ class Events:
         holding = sorted({p["node"] for p in (await fresh(self.db)).problem["placements"]})
         if rng.random() < 0.4 and holding:
             async with self.db.unit_of_work() as uow:
-                await nodes.drain_node(uow, WHO, rng.choice(holding), RecordingSignals(), set())
+                await nodes.drain_node(uow, WHO, rng.choice(holding), RecordingSignals(), set(), {})
             return "drain"
         if not self.deployments:
             return "update"
@@ -207,7 +207,7 @@ class Events:
                 await agents.hello(uow, WHO, node_id, self.registered.pop(node_id), datetime.now(timezone.utc))
             elif kind in ("cordon", "uncordon") and self.nodes:
                 use_case = nodes.cordon_node if kind == "cordon" else nodes.uncordon_node
-                await use_case(uow, WHO, rng.choice(self.nodes), RecordingSignals(), set())
+                await use_case(uow, WHO, rng.choice(self.nodes), RecordingSignals(), set(), {})
             elif kind == "suspect" and self.nodes:
                 await agents.mark_suspect(uow, rng.choice(self.nodes), session_id=None, why="its stream ended")
             elif kind == "delete_node" and self.nodes and rng.random() < 0.5:
@@ -570,7 +570,7 @@ async def test_a_stale_full_pass_catches_up_by_deltas(cluster, monkeypatch) -> N
             await add_nodes(cluster, "rack-b", 1, prefix="joined")
             cordoned.append(plan.placements[0].node)
             async with cluster.unit_of_work() as uow:
-                await nodes.cordon_node(uow, WHO, cordoned[0], RecordingSignals(), set())
+                await nodes.cordon_node(uow, WHO, cordoned[0], RecordingSignals(), set(), {})
         return await commit(session, snapshot, plan, **kw)
 
     monkeypatch.setattr(reconcile_module, "commit_plan", commit_after_a_join_and_a_cordon)
@@ -637,7 +637,7 @@ async def _drain_one_of_two(cluster: Database, loop: Reconciler) -> tuple[int, s
     full = loop.full_passes
     drained = sorted(await _stored(cluster, "svc"))[0][1]
     async with cluster.unit_of_work() as uow:
-        await nodes.drain_node(uow, WHO, drained, RecordingSignals(), set())
+        await nodes.drain_node(uow, WHO, drained, RecordingSignals(), set(), {})
     assert (await loop.reconcile_once()).solved and loop.full_passes == full
     stored = await _stored(cluster, "svc")
     assert len(stored) == 3 and drained in {node for _, node in stored}  # make-before-break: the old one runs

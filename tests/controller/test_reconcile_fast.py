@@ -110,7 +110,7 @@ async def test_node_contract_topology_changes_and_a_drain_are_followed(cluster):
     before = (await fresh(cluster)).problem["placements"]
     held = before[0]["node"]
     async with cluster.unit_of_work() as uow:  # a drain: its replicas are replaced (none runs: they go at once)
-        await nodes.drain_node(uow, WHO, held, RecordingSignals(), set())
+        await nodes.drain_node(uow, WHO, held, RecordingSignals(), set(), {})
     await submit(cluster, deployment("d"))
     assert (await loop.reconcile_once()).solved
     assert (loop.full_passes, loop.fast_passes) == (1, 5)  # followed: the replacements placed on the session

@@ -122,7 +122,7 @@ async def test_submit_reconcile_running_then_delete(cluster):
     assert convert.deployment_msg(published["t1/svc"]) == convert.deployment_msg(read)
     async with cluster.unit_of_work() as uow:
         view = await deployments.get_deployment(uow, WHO, "svc")
-        node = await nodes.get_node(uow, WHO, stale_node, frozenset())
+        node = await nodes.get_node(uow, WHO, stale_node, frozenset(), {})
     assert view.phase == "running" and view.running_replicas == 2
     assert node.power_draw_w == 900.0 and node.shards >= 1
 
@@ -141,7 +141,7 @@ async def test_submit_reconcile_running_then_delete(cluster):
 async def test_unplaceable_stays_pending_with_reasons(cluster):
     rec = Recorder()
     async with cluster.unit_of_work() as uow:
-        await nodes.cordon_node(uow, WHO, "rack-a-n0", RecordingSignals(), frozenset())
+        await nodes.cordon_node(uow, WHO, "rack-a-n0", RecordingSignals(), frozenset(), {})
     # A whole rack of 8 is needed; rack-a has a cordoned node, so only rack-b fits one replica.
     spec = deployment("gang", replicas=2, min_replicas=2, shards=2, accelerators=4)
     async with cluster.unit_of_work() as uow:
@@ -177,7 +177,7 @@ async def test_drain_replaces_make_before_break(cluster):
     [(_, first, _)] = await _where(cluster, "svc")
     signals = RecordingSignals()
     async with cluster.unit_of_work() as uow:
-        view = await nodes.drain_node(uow, WHO, first, signals, frozenset())
+        view = await nodes.drain_node(uow, WHO, first, signals, frozenset(), {})
     assert view.state == "cordoned" and view.shards == 1 and signals.wakes == 1  # still running there
     await loop.reconcile_once()
     placed = await _where(cluster, "svc")

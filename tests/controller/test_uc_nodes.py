@@ -1,0 +1,56 @@
+"""Node views from the use cases (usecases/nodes.py): the stored node with what only the leader's
+agent hub knows, whether its agent is connected and when it was last heard from."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from controller.domain.values import NodeView
+from controller.store.db import Database, UnitOfWork
+from controller.usecases import nodes
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO
+
+HEARD, BEHIND, SILENT = "rack-a-n0", "rack-a-n1", "rack-b-n0"
+Read = Callable[[UnitOfWork, frozenset[str], Mapping[str, datetime]], Awaitable[NodeView]]
+
+
+async def _listed(uow: UnitOfWork, connected: frozenset[str], heard: Mapping[str, datetime],
+                  node_id: str) -> NodeView:
+    page = await nodes.list_nodes(uow, WHO, connected, heard)
+    return next(v for v in page.items if v.info.node_id == node_id)
+
+
+READS: dict[str, Callable[[str], Read]] = {
+    "get": lambda node_id: lambda uow, c, h: nodes.get_node(uow, WHO, node_id, c, h),
+    "list": lambda node_id: lambda uow, c, h: _listed(uow, c, h, node_id),
+    "cordon": lambda node_id: lambda uow, c, h: nodes.cordon_node(uow, WHO, node_id, RecordingSignals(), c, h),
+    "uncordon": lambda node_id: lambda uow, c, h: nodes.uncordon_node(uow, WHO, node_id, RecordingSignals(), c, h),
+    "drain": lambda node_id: lambda uow, c, h: nodes.drain_node(uow, WHO, node_id, RecordingSignals(), c, h),
+}
+
+
+async def _stored(db: Database, node_id: str) -> datetime:
+    async with db.unit_of_work() as uow:
+        stored = (await nodes.get_node(uow, WHO, node_id, frozenset(), {})).last_heartbeat
+    assert stored is not None  # said Hello (uc_builders.add_nodes)
+    return stored if stored.tzinfo is not None else stored.replace(tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("use_case", sorted(READS))
+async def test_a_node_view_shows_the_later_of_its_stored_last_heartbeat_and_the_hubs(
+        cluster: Database, use_case: str) -> None:
+    """The hub's time where it is later (the stored one is written only every few heartbeat
+    timeouts while a stream lives), the stored one where the hub's is older or it has none."""
+    stored = {node_id: await _stored(cluster, node_id) for node_id in (HEARD, BEHIND, SILENT)}
+    heard = {HEARD: stored[HEARD] + timedelta(seconds=25), BEHIND: stored[BEHIND] - timedelta(seconds=25)}
+    seen = {}
+    for node_id in (HEARD, BEHIND, SILENT):
+        async with cluster.unit_of_work() as uow:
+            seen[node_id] = await READS[use_case](node_id)(uow, frozenset({HEARD, BEHIND}), heard)
+    assert {n: v.last_heartbeat.replace(tzinfo=v.last_heartbeat.tzinfo or timezone.utc) for n, v in seen.items()} == {
+        HEARD: heard[HEARD], BEHIND: stored[BEHIND], SILENT: stored[SILENT]}
+    assert {n: v.connected for n, v in seen.items()} == {HEARD: True, BEHIND: True, SILENT: False}
