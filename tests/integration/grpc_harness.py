@@ -206,6 +206,7 @@ class HandAgent:
         self.call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
         self._beating: asyncio.Task | None = None
+        self.beat_power_w = 0.0  # what `keep_beating`'s heartbeats report
 
     async def register(self) -> agent_pb2.RegisterResponse:
         reply = await self.stubs.agent.Register(agent_pb2.RegisterRequest(node=self.info))
@@ -242,10 +243,13 @@ class HandAgent:
 
     def keep_beating(self, every_s: float = 0.5, power_w: float = 500.0) -> None:
         """Heartbeats every `every_s` until `close()`, as a live agent sends them: for tests whose
-        node must stay ready however slow the machine is (the test controller's timeout is 2 s)."""
+        node must stay ready however slow the machine is (the test controller's timeout is 2 s).
+        They report `beat_power_w` (`power_w` until a test sets another draw)."""
+        self.beat_power_w = power_w
+
         async def beat() -> None:
             for seq in itertools.count(1):
-                self.heartbeat(seq, power_w)
+                self.heartbeat(seq, self.beat_power_w)
                 await asyncio.sleep(every_s)
 
         self._beating = asyncio.create_task(beat())

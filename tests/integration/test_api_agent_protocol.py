@@ -18,6 +18,7 @@ async def test_assignment_lifecycle_submit_running_delete_stopped(stubs: Stubs):
     reply = await agent.register()
     assert reply.node_id == "node-1" and reply.session_id and reply.heartbeat_interval_ms > 0
     await agent.connect()
+    agent.keep_beating()  # the node stays ready under load (a silent stream ends after 2 s)
     first = await agent.next_set()
     assert list(first.assignments) == []  # the full (empty) set right after Hello
     node = await eventually(lambda: stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="node-1")),
@@ -34,7 +35,7 @@ async def test_assignment_lifecycle_submit_running_delete_stopped(stubs: Stubs):
 
     for a in assigned.assignments:
         agent.report(a, common_pb2.SHARD_PHASE_RUNNING)
-    agent.heartbeat(1, 1234.0)
+    agent.beat_power_w = 1234.0  # its next heartbeats report a new draw
     running = await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
                                lambda d: d.phase == RUNNING, what="svc running")
     assert running.running_replicas == 1 and running.placed_replicas == 1

@@ -123,11 +123,13 @@ async def test_delete_node_releases_its_shards_and_they_are_placed_again(stubs: 
     bad, good = HandAgent(stubs, "bad-node", "rack-a"), HandAgent(stubs, "good-node", "rack-a")
     await bad.register()
     await bad.connect()
+    bad.keep_beating()  # both nodes stay ready under load (a silent stream ends after 2 s)
     await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
         spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
     await bad.next_set(lambda s: len(s.assignments) == 1)
     await good.register()
     await good.connect()
+    good.keep_beating()
 
     await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id="bad-node"))
 
@@ -140,6 +142,7 @@ async def test_delete_node_releases_its_shards_and_they_are_placed_again(stubs: 
                            lambda d: [p.node for p in d.placements] == ["good-node"], what="svc on good-node")
     assert dep.placed_replicas == 1
     assert await bad.reader_error() is None  # the deleted node's stream was ended by the controller
+    await bad.close()
     await good.close()
 
 

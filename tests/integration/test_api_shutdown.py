@@ -33,13 +33,14 @@ async def test_a_stop_ends_every_agent_stream_and_refuses_the_queued_register(db
     async with running_controller(db_url, tmp_path, agent_admission_concurrency=1,
                                   agent_admission_queue=AGENTS) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
+        agents = [HandAgent(stubs, f"n{i:03d}", f"rack-{i % RACKS:02d}") for i in range(AGENTS)]
         try:
             await stubs.admin.ApplyTopology(topology({f"rack-{r:02d}": "row-a" for r in range(RACKS)}))
-            agents = [HandAgent(stubs, f"n{i:03d}", f"rack-{i % RACKS:02d}") for i in range(AGENTS)]
             for i in range(0, AGENTS, 20):
                 await asyncio.gather(*(a.register() for a in agents[i:i + 20]))
             for agent in agents:
                 await agent.connect()
+                agent.keep_beating()  # every stream lives until the stop under load (a silent one ends after 2 s)
             await asyncio.gather(*(agent.next_set() for agent in agents))  # every stream open and served
             assert len(app.hub.connected()) == AGENTS
 
@@ -72,6 +73,8 @@ async def test_a_stop_ends_every_agent_stream_and_refuses_the_queued_register(db
             assert [e.code() for e in ended if e is not None] == []  # every stream ended OK, none cut off
             assert app.hub.connected() == frozenset()
         finally:
+            for agent in agents:
+                await agent.close()
             await stubs.channel.close()
     db = Database(db_url)
     try:
