@@ -1,11 +1,13 @@
 """A coroutine on a thread of its own, with an event loop of its own.
 
-The reconcile loop runs there on PostgreSQL (`Reconciler.run`): each of a pass's statements is
-a round trip, and on the controller's event loop every one of them waits for its turn behind
-the callbacks of 1,024-4,096 agent streams and the RPCs (a pass of ~15 round trips took ~900 ms
-at load, ~50 ms of it its own CPU). On a loop of its own a statement's answer waits only for
-the GIL (handed over within `sys.getswitchinterval()`, 5 ms). The lease renewal runs the same
-way (`controller.leadership`).
+The reconcile loop runs there (`Reconciler.run`; not on an in-memory SQLite database): each of
+a pass's statements is a trip (a round trip to PostgreSQL, a trip to aiosqlite's thread), and on
+the controller's event loop every one of them waits for its turn behind the callbacks of
+1,024-4,096 agent streams and the RPCs (a pass of ~15 round trips took ~900 ms at load, ~50 ms
+of it its own CPU), while the pass's own CPU delays every RPC (gRPC hands calls to their
+handlers at a rate set by the length of the loop's turns). On a loop of its own a statement's
+answer waits only for the GIL (handed over within `sys.getswitchinterval()`, 5 ms). The lease
+renewal runs the same way (`controller.leadership`).
 
 `OwnLoop.run` is awaited on the controller's loop: it starts the thread, runs the work there
 until it ends or `run` is cancelled, then cancels the work, waits (bounded) for the thread to

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import event, text
@@ -78,7 +80,7 @@ def create_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
-        SqliteWriters().attach(engine)
+        SqliteWriters(turns=process_turns(url)).attach(engine)
         return engine
     module = {"module": pg_driver.dbapi()} if url.startswith("postgresql+asyncpg") else {}
     engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_use_lifo=True, **module,
@@ -116,6 +118,26 @@ def _ping_when_idle(engine: AsyncEngine) -> None:
             raise DisconnectionError(f"a pooled connection idle for {idle_s:g}+ s failed its ping")
 
 
+# The writer turns of each SQLite file this process opened (`process_turns`), kept while an engine uses them.
+_FILE_TURNS: weakref.WeakValueDictionary[Path, WriterTurns] = weakref.WeakValueDictionary()
+_FILE_TURNS_LOCK = threading.Lock()
+
+
+def process_turns(url: str) -> WriterTurns:
+    """The writer turns every engine of this process on `url`'s SQLite file shares (one SQLite
+    writer per file, whichever thread or loop writes); new ones for an in-memory database (each
+    engine its own database)."""
+    path = sqlite_path(url)
+    if path is None:
+        return WriterTurns()
+    key = path.resolve()
+    with _FILE_TURNS_LOCK:
+        turns = _FILE_TURNS.get(key)
+        if turns is None:
+            turns = _FILE_TURNS[key] = WriterTurns()
+        return turns
+
+
 class SqliteWriters:
     """This process's SQLite writers take turns: by priority, in arrival order within one.
 
@@ -128,11 +150,13 @@ class SqliteWriters:
     it back when it returns to the pool (committed or rolled back), so the busy handler only
     ever sees another process. Reads (WAL) never wait. A writer waiting longer than the busy
     timeout fails as SQLite would (a nested writer waiting for its own outer transaction).
+    `turns` are shared by every engine of the process on one database file (`process_turns`):
+    the reconciler's engine, on its own thread and loop, takes turns with the controller's.
     """
 
-    def __init__(self, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+    def __init__(self, timeout_s: float = SQLITE_BUSY_TIMEOUT_S, *, turns: WriterTurns | None = None) -> None:
         self.timeout_s = timeout_s
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriterTurns] = weakref.WeakKeyDictionary()
+        self.turns = WriterTurns() if turns is None else turns
         self._held: dict[int, WriterTurns] = {}  # id(pool entry) -> the turns its transaction holds
         self._holder: dict[WriterTurns, str] = {}  # what holds it (for the error of a writer that waited too long)
 
@@ -145,8 +169,7 @@ class SqliteWriters:
         entry = id(conn.connection._connection_record)
         if entry in self._held or not statement.lstrip()[:7].upper().startswith(_WRITE_VERBS):
             return
-        loop = asyncio.get_running_loop()
-        lock = self._locks.setdefault(loop, WriterTurns())
+        lock = self.turns
         try:
             # In the caller's task (`asyncio.wait_for` ran it as a task of its own: a turn of the
             # event loop in front of every write transaction); a free lock is taken at once.
@@ -220,6 +243,12 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return _is_sqlite(self.url)
+
+    @property
+    def reopenable(self) -> bool:
+        """Whether another engine on `url` (another thread's, another loop's) opens this same
+        database: PostgreSQL and a SQLite file, not an in-memory SQLite database."""
+        return not self.is_sqlite or sqlite_path(self.url) is not None
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:

@@ -18,6 +18,11 @@ that saturates the database degrades to arrival order.
 
 A task that wants to know how long its transactions waited for their turn (the submit batch,
 for its latency's split) meters them (`metered_turns`): each wait adds to its `TurnWait`.
+
+The turns are the process's, not one event loop's: the reconciler writes from a thread with an
+event loop of its own (`scheduling/own_loop.py`), so a waiter is woken on its own loop
+(`call_soon_threadsafe` when the turn is given from another thread) and the queue is guarded by
+a thread lock held only while it is read or changed, never while a turn is awaited.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -104,15 +110,26 @@ class _Waiter:
     priority: WritePriority
     since: float
     seq: int
+    loop: asyncio.AbstractEventLoop = field(repr=False)
     granted: asyncio.Future[None] = field(repr=False)
+    given: bool = False  # the turn is this waiter's (set under the turns' lock)
+
+
+def _wake(waiter: _Waiter) -> None:
+    """Resolve `waiter`'s future on its own loop (a no-op when it was cancelled meanwhile: the
+    waiter, seeing `given`, passes the turn on)."""
+    if not waiter.granted.done():
+        waiter.granted.set_result(None)
 
 
 class WriterTurns:
-    """A lock whose waiters go by priority (module docstring); for one event loop."""
+    """A lock whose waiters go by priority (module docstring); for every event loop and thread of
+    the process."""
 
     def __init__(self, *, aged_s: float = AGED_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._aged_s = aged_s
         self._clock = clock
+        self._mutex = threading.Lock()  # guards the fields below; never held across an await
         self._held = False
         self._holder: WritePriority | None = None  # the priority the turn was given at (None: free)
         self._waiters: list[_Waiter] = []
@@ -130,33 +147,57 @@ class WriterTurns:
         while waiting (a timeout), nothing is held; cancelled just after the turn was given, it
         is passed on."""
         priority = current_priority() if priority is None else priority
-        if not self._held and not self._waiters:
-            self._held, self._holder = True, priority
-            return
-        self._seq += 1
-        waiter = _Waiter(priority, self._clock(), self._seq, asyncio.get_running_loop().create_future())
-        behind = self._holder
-        self._waiters.append(waiter)
+        loop = asyncio.get_running_loop()
+        with self._mutex:
+            if not self._held and not self._waiters:
+                self._held, self._holder = True, priority
+                return
+            self._seq += 1
+            waiter = _Waiter(priority, self._clock(), self._seq, loop, loop.create_future())
+            behind = self._holder
+            self._waiters.append(waiter)
         try:
             await waiter.granted
         except BaseException:
-            if waiter.granted.done() and not waiter.granted.cancelled():
+            with self._mutex:
+                given = waiter.given
+                if not given:
+                    self._waiters.remove(waiter)
+            if given:
                 self.release()  # given the turn as it was cancelled: the next waiter's
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
             raise
         meter = _METER.get()
         if meter is not None:
             meter.add(self._clock() - waiter.since, behind)
 
     def release(self) -> None:
-        """Give the turn to the most urgent waiter (aged ones first), or free the writer."""
-        now = self._clock()
-        while self._waiters:
-            nxt = min(self._waiters, key=lambda w: (w.priority if now - w.since < self._aged_s else -1, w.seq))
-            self._waiters.remove(nxt)
-            if not nxt.granted.done():  # else cancelled meanwhile: the next one
-                nxt.granted.set_result(None)
-                self._holder = nxt.priority
+        """Give the turn to the most urgent waiter (aged ones first), or free the writer. From any
+        thread: the waiter is woken on its own loop."""
+        while True:
+            with self._mutex:
+                if not self._waiters:
+                    self._held, self._holder = False, None
+                    return
+                now = self._clock()
+                nxt = min(self._waiters, key=lambda w: (w.priority if now - w.since < self._aged_s else -1, w.seq))
+                self._waiters.remove(nxt)
+                nxt.given, self._holder = True, nxt.priority
+            if _wake_on_its_loop(nxt):
                 return
-        self._held, self._holder = False, None
+            # Its loop is closed: nobody will take the turn there; the next waiter's.
+
+
+def _wake_on_its_loop(waiter: _Waiter) -> bool:
+    """Wake `waiter` on its loop, at once when that is the running one; False when its loop is closed."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is waiter.loop:
+        _wake(waiter)
+        return True
+    try:
+        waiter.loop.call_soon_threadsafe(_wake, waiter)
+    except RuntimeError:  # closed
+        return False
+    return True

@@ -1,16 +1,19 @@
 """SQLite writers' turns by priority (`controller.store.turns`): the most urgent waiter goes when
 the writer is free, in arrival order among equals, an aged waiter before any younger one, and a
-waiter cancelled while waiting (or just after its turn was given) never keeps the writer."""
+waiter cancelled while waiting (or just after its turn was given) never keeps the writer; the
+same across the event loops of several threads, whose engines on one file share the turns."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from controller.store.db import SqliteWriters
+from controller.store.db import SqliteWriters, process_turns
 from controller.store.turns import WritePriority, WriterTurns, metered_turns, write_priority
 
 
@@ -122,7 +125,7 @@ async def test_sqlite_writers_take_turns_by_the_task_priority(tmp_path: Path) ->
 
         async with engine.connect() as first:
             await first.execute(text("INSERT INTO t VALUES ('first')"))  # holds the turn until it returns
-            turns = next(iter(writers._locks.values()))
+            turns = writers.turns
             report = asyncio.create_task(write("report", WritePriority.BACKGROUND))
             await _wait_queued(turns, 1)
             submit = asyncio.create_task(write("submit", WritePriority.ANSWER))
@@ -156,3 +159,123 @@ async def test_metered_turns_add_up_the_waits_and_name_the_holder() -> None:
     clock.now = 0.25
     turns.release()
     assert await writer == (0.25, 1, WritePriority.SCHEDULE)
+
+
+class _OtherLoop:
+    """An event loop on a thread of its own (as the reconciler's, `scheduling/own_loop.py`)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="other", daemon=True)
+        self._thread.start()
+
+    def start(self, coro: Any) -> asyncio.Future[Any]:
+        """`coro` as a task there, awaitable from the caller's loop."""
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+async def test_turns_are_shared_by_the_loops_of_several_threads_in_priority_order() -> None:
+    turns = WriterTurns(clock=Clock())
+    other = _OtherLoop()
+    try:
+        order: list[str] = []
+        threads: dict[str, str] = {}
+
+        async def write(name: str, priority: WritePriority) -> None:
+            await turns.acquire(priority)
+            order.append(name)
+            threads[name] = threading.current_thread().name
+            await asyncio.sleep(0.01)  # holds the turn across a turn of its loop
+            turns.release()
+
+        await turns.acquire(WritePriority.BACKGROUND)  # held here, on the test's loop
+        report = other.start(write("report", WritePriority.BACKGROUND))
+        await _wait_queued(turns, 1)
+        passes = other.start(write("pass", WritePriority.SCHEDULE))
+        await _wait_queued(turns, 2)
+        submit = asyncio.create_task(write("submit", WritePriority.ANSWER))
+        await _wait_queued(turns, 3)
+        turns.release()  # from this thread: the other loop's waiters are woken on their loop
+        await asyncio.wait_for(asyncio.gather(report, passes, submit), 10)
+        assert order == ["submit", "pass", "report"]
+        assert threads == {"submit": threading.current_thread().name, "pass": "other", "report": "other"}
+        assert not turns.held and turns.waiting() == 0
+    finally:
+        other.close()
+
+
+async def test_a_turn_given_to_a_waiter_of_another_loop_as_it_is_cancelled_is_passed_on() -> None:
+    turns = WriterTurns(clock=Clock())
+    other = _OtherLoop()
+    try:
+        await turns.acquire(WritePriority.BACKGROUND)
+        started = threading.Event()
+
+        async def wait_then_get_cancelled() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            started.set()
+            await turns.acquire(WritePriority.ANSWER)
+
+        doomed = asyncio.run_coroutine_threadsafe(wait_then_get_cancelled(), other.loop)
+        await _wait_queued(turns, 1)
+        later: list[str] = []
+        report = asyncio.create_task(_write(turns, later, "report", WritePriority.BACKGROUND))
+        await _wait_queued(turns, 2)
+        # Given to the other loop's waiter and cancelled there before its loop runs it: the
+        # cancellation is queued on that loop first, the grant after it.
+        other.loop.call_soon_threadsafe(doomed.cancel)
+        turns.release()
+        await asyncio.wait_for(report, 10)
+        assert later == ["report"]
+        assert doomed.cancelled()
+        assert not turns.held
+    finally:
+        other.close()
+
+
+async def test_engines_on_one_sqlite_file_share_turns_and_in_memory_ones_do_not(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
+    assert process_turns(url) is process_turns(f"sqlite+aiosqlite:///{tmp_path / '.' / 'w.db'}")
+    assert process_turns(url) is not process_turns(f"sqlite+aiosqlite:///{tmp_path / 'other.db'}")
+    assert process_turns("sqlite+aiosqlite://") is not process_turns("sqlite+aiosqlite://")
+
+
+async def test_two_threads_write_one_sqlite_file_by_turns_without_the_busy_handler(tmp_path: Path) -> None:
+    """Each thread its own engine (connections belong to one loop), both on one file: their
+    writers take the same turns, so none ever waits in SQLite's busy handler (timeout 0 here:
+    a race for the lock would fail at once with "database is locked")."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
+
+    def engine() -> Any:
+        made = create_async_engine(url, connect_args={"timeout": 0})
+        SqliteWriters(turns=process_turns(url)).attach(made)
+        return made
+
+    async def writes(name: str, count: int) -> None:
+        made = engine()
+        try:
+            for n in range(count):
+                async with made.begin() as conn:
+                    await conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": f"{name}-{n}"})
+                    await asyncio.sleep(0)  # holds the write lock across a turn of its loop
+                    await conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": f"{name}-{n}b"})
+        finally:
+            await made.dispose()
+
+    setup = engine()
+    async with setup.begin() as conn:
+        await conn.execute(text("CREATE TABLE t (x TEXT)"))
+    other = _OtherLoop()
+    try:
+        await asyncio.gather(writes("here", 40), other.start(writes("there", 40)))
+        async with setup.connect() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM t")) == 160
+    finally:
+        other.close()
+        await setup.dispose()
