@@ -547,6 +547,16 @@ class Bench:
     # and where a batched submit's time went, by stage (each le -> count)
     submit_queued: dict[float, float] = field(default_factory=dict)
     submit_stages: dict[str, dict[float, float]] = field(default_factory=dict)
+    # maia_agent_heartbeat_rows_written (perf_counter, count): as last scraped, and when the submits started
+    beat_rows: tuple[float, float] | None = None
+    beat_rows_at_start: tuple[float, float] | None = None
+
+    def beat_rows_per_s(self) -> float | None:
+        """Node rows heartbeats were written to per second from the submits' start to the last
+        scrape (every node joined: the steady state `beat` bounds); None: not scraped twice."""
+        if self.beat_rows is None or self.beat_rows_at_start is None or self.beat_rows[0] <= self.beat_rows_at_start[0]:
+            return None
+        return (self.beat_rows[1] - self.beat_rows_at_start[1]) / (self.beat_rows[0] - self.beat_rows_at_start[0])
 
     def measure(self) -> None:
         """The controller's CPU since the first submit and its peak RSS, while it runs."""
@@ -601,6 +611,8 @@ async def scrape_passes(bench: Bench) -> None:
         text = await asyncio.to_thread(_get, bench.metrics_url)
     except OSError:  # a controller too busy to answer in time: the last count stands
         return
+    if m := re.search(r'^maia_agent_heartbeat_rows_written_total (\S+)$', text, re.MULTILINE):
+        bench.beat_rows = (time.perf_counter(), float(m.group(1)))
     for m in re.finditer(r'^maia_reconcile_passes_total\{path="(\w+)"\} (\S+)$', text, re.MULTILINE):
         bench.passes[m.group(1)] = int(float(m.group(2)))
     bench.lag = {float(m.group(1)): float(m.group(2)) for m in re.finditer(
@@ -756,6 +768,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             profiler = _profile(args.py_spy, controller, root) if args.py_spy else None
             await scrape_passes(bench)
             bench.lag_at_start, bench.shard_start_at_start = dict(bench.lag), dict(bench.shard_start)
+            bench.beat_rows_at_start = bench.beat_rows
             bench.phase = "submitting"
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
             tasks.append(asyncio.create_task(watch_event_loop(lambda late_s: run.loop_lag_ms.append(late_s * 1000))))
@@ -903,6 +916,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
         "controller_children_cpu_s": round(bench.child_cpu_s, 1),
+        "heartbeat_rows_per_s": None if (rows := bench.beat_rows_per_s()) is None else round(rows, 1),
         "nodes_joined_s": round(bench.joined_s, 1), "controller_exit": bench.controller_exit,
         "watches": run.watches, "graded": bench.violations is not None, "reconcile_passes": dict(bench.passes),
         "loop_lag_p50_le_s": lag_quantile(bench, 0.5), "loop_lag_p99_le_s": lag_quantile(bench, 0.99),
@@ -965,7 +979,8 @@ def report(r: dict[str, Any]) -> str:
             f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
             f"controller CPU {r['controller_cpu_s']} s (decide process {r['controller_children_cpu_s']} s), "
-            f"peak RSS {r['controller_peak_rss_mib']} MiB | "
+            f"peak RSS {r['controller_peak_rss_mib']} MiB (the controller's process, not the decide process) | "
+            f"heartbeat node-row writes {r['heartbeat_rows_per_s']}/s since the submits began | "
             f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'} | "
             f"event-loop lag p50/p99 <= {r['loop_lag_p50_le_s']}/{r['loop_lag_p99_le_s']} s "

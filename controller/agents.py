@@ -87,19 +87,29 @@ FULL_REPORTS_EVERY_S = 60.0  # a stream's heartbeats write every shard's state a
 REFUSED_SAMPLES = 5
 
 
-class ShardStartObserver(Protocol):
-    """Where a shard's way from its commit to RUNNING recorded goes, stage by stage (the metrics
-    implement it): `push`, a node's set changed (`notify`) -> the set handed to its stream;
-    `agent`, the set that first named a shard handed to the stream -> the agent's RUNNING report
-    of it received (the agent's load time included); `flush_wait`, a shard report received -> the
-    flush that writes it began; `flush_write`, that flush began -> the report's chunk committed (the
-    writer's turns and the transactions of the chunks up to its own)."""
+class HubObserver(Protocol):
+    """Where the hub's timings and counts go (the metrics implement it).
+
+    `shard_start_stage`: a shard's way from its commit to RUNNING recorded, stage by stage: `push`,
+    a node's set changed (`notify`) -> the set handed to its stream; `agent`, the set that first
+    named a shard handed to the stream -> the agent's RUNNING report of it received (the agent's
+    load time included); `flush_wait`, a shard report received -> the flush that writes it began;
+    `flush_write`, that flush began -> the report's chunk committed (the writer's turns and the
+    transactions of the chunks up to its own).
+
+    `heartbeats_written`: node rows a committed flush wrote heartbeats to (what `beat`'s
+    `contact_write_every_s` bounds while streams live)."""
 
     def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None: ...
+
+    def heartbeats_written(self, rows: int) -> None: ...
 
 
 class _NoObserver:
     def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None:
+        pass
+
+    def heartbeats_written(self, rows: int) -> None:
         pass
 
 
@@ -211,7 +221,7 @@ class AgentHub:
         flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
         reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
         leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
-        heartbeat_interval_ms: int | None = None, observer: ShardStartObserver | None = None,
+        heartbeat_interval_ms: int | None = None, observer: HubObserver | None = None,
         contact_write_every_s: float | None = None,
     ) -> None:
         self._db = db
@@ -603,6 +613,7 @@ class AgentHub:
         try:
             async with self._db.unit_of_work() as uow:
                 await agent_cases.flush_reports(uow, chunk.beats, chunk.reports, chunk.refused, views=views)
+            self._observer.heartbeats_written(len(chunk.beats))
             return views
         except LeaseLost:  # deposed: these agents report to the new leader from now on
             return {}

@@ -192,10 +192,14 @@ class ControllerMetrics:
         self.shard_start = Histogram(
             "maia_shard_start_stage_seconds",
             "A shard's way from its commit to RUNNING recorded, by stage (controller/agents.py, "
-            "ShardStartObserver): push (a node's set changed -> handed to its stream), agent (that set -> the "
+            "HubObserver): push (a node's set changed -> handed to its stream), agent (that set -> the "
             "agent's RUNNING report received, its load time included), flush_wait (a shard report received -> "
             "the flush that writes it began), flush_write (that flush began -> the report's chunk committed).",
             ["stage"], registry=r, buckets=SHARD_START_BUCKETS_S)
+        self.heartbeat_rows = Counter(
+            "maia_agent_heartbeat_rows_written",
+            "Node rows heartbeats were written to (committed flushes, controller/agents.py): while a node's "
+            "stream lives, at most one per contact_write_every_s unless its power draw changed.", registry=r)
         self._reader: ClusterReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
@@ -228,6 +232,9 @@ class ControllerMetrics:
         histogram = self.shard_start.labels(stage)
         for value in seconds:
             histogram.observe(value)
+
+    def heartbeats_written(self, rows: int) -> None:
+        self.heartbeat_rows.inc(rows)
 
     def loop_lagged(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)

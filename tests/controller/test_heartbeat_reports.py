@@ -2,7 +2,7 @@
 changed since the stream's last heartbeat (and all of them again after a failed write). A heartbeat
 may instead omit its shards under the version of the state it last sent in full: the hub writes
 none, and asks for the full state when it does not hold that version. The hub times a shard's
-way to RUNNING recorded by stage (`ShardStartObserver`)."""
+way to RUNNING recorded by stage (`HubObserver`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy import select
 
-from controller.agents import AgentHub, ShardStartObserver, ShardStateRequest
+from controller.agents import AgentHub, HubObserver, ShardStateRequest
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -59,7 +59,7 @@ async def _open(hub: AgentHub, db, node_id: str) -> _Stream:  # noqa: ANN001
 
 
 @asynccontextmanager
-async def _streaming(db, node_id: str, observer: ShardStartObserver | None = None,  # noqa: ANN001
+async def _streaming(db, node_id: str, observer: HubObserver | None = None,  # noqa: ANN001
                      contact_write_every_s: float | None = None) -> AsyncIterator[tuple[AgentHub, _Stream]]:
     """A hub (heartbeat timeout 60 s) with the node's stream open and its first set sent."""
     hub = AgentHub(db, heartbeat_timeout_s=60, on_liveness_change=lambda: None,
@@ -200,6 +200,15 @@ async def test_heartbeats_on_a_live_stream_write_no_row_each(cluster):
         assert await _heartbeat_rows_written(hub, stream, cluster, 5) == 5
 
 
+async def test_the_observer_counts_the_heartbeat_rows_the_flushes_wrote(cluster):
+    """`maia_agent_heartbeat_rows_written`: one per node row a committed flush wrote."""
+    for every_s, rows in ((None, 1), (0, 5)):
+        counted = _Stages()
+        async with _streaming(cluster, "rack-a-n0", counted, contact_write_every_s=every_s) as (hub, stream):
+            assert await _heartbeat_rows_written(hub, stream, cluster, 5) == rows
+        assert counted.beat_rows == rows
+
+
 async def test_a_stream_that_ends_leaves_its_node_released_with_when_it_was_last_heard_from(cluster):
     """What the node lifecycle judges a node whose stream ended here by: the last heartbeat the hub
     saw, not the stored time (written every few timeouts). Forgotten when the node's stream opens
@@ -330,13 +339,17 @@ async def test_a_full_state_naming_a_shard_the_node_was_not_given_is_asked_for_a
 
 
 class _Stages:
-    """A ShardStartObserver that counts what each stage observed."""
+    """A HubObserver that counts what each stage observed."""
 
     def __init__(self) -> None:
         self.seen: dict[str, list[float]] = {}
+        self.beat_rows = 0
 
     def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None:
         self.seen.setdefault(stage, []).extend(seconds)
+
+    def heartbeats_written(self, rows: int) -> None:
+        self.beat_rows += rows
 
     def counts(self) -> dict[str, int]:
         return {stage: len(values) for stage, values in sorted(self.seen.items())}
