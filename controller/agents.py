@@ -273,6 +273,9 @@ class AgentHub:
             "agent-assignment-reads", self._read_assignment_sets, batch_max=ASSIGNMENT_READ_BATCH_MAX,
             shared_failure=_shared_failure)
         self._stopping = False
+        # Suspect marks under way (`_mark_suspect`): held here so that one outlives the stream's
+        # task, which gRPC cancels when the connection under it died.
+        self._marking: set[asyncio.Task[None]] = set()
 
     # --- what others ask ---------------------------------------------------------------------
     def connected(self) -> frozenset[str]:
@@ -469,7 +472,14 @@ class AgentHub:
             log.info("agent disconnected node=%s reason=%s", node_id, session.close_reason)
             if session.mark_down_on_close and not self._stopping:
                 self._damper.dropped(node_id, time.monotonic())
-                await self._mark_suspect(node_id, session_id, session.close_reason)
+                # Written whatever becomes of this task: gRPC cancels a stream's handler when its
+                # connection dies (a keepalive unanswered, an RST), often while this runs; cut short,
+                # the node would stay up until the lifecycle found it silent for a heartbeat timeout.
+                marking = asyncio.create_task(self._mark_suspect(node_id, session_id, session.close_reason),
+                                              name=f"agent-suspect-{node_id}")
+                self._marking.add(marking)
+                marking.add_done_callback(self._marking.discard)
+                await asyncio.shield(marking)
 
     async def _read(self, session: AgentSession, inbound: AsyncIterator[AgentInbound]) -> None:
         try:

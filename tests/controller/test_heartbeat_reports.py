@@ -31,8 +31,8 @@ class _Stream:
         self.task = asyncio.create_task(self._run(hub, node_id, session_id))
 
     async def _messages(self) -> AsyncIterator:
-        while True:
-            yield await self.inbound.get()
+        while (message := await self.inbound.get()) is not None:  # None: the agent ends its stream
+            yield message
 
     async def _run(self, hub: AgentHub, node_id: str, session_id: str) -> None:
         async for item in hub.converse(WHO, node_id, session_id, self._messages()):
@@ -207,6 +207,33 @@ async def test_the_observer_counts_the_heartbeat_rows_the_flushes_wrote(cluster)
         async with _streaming(cluster, "rack-a-n0", counted, contact_write_every_s=every_s) as (hub, stream):
             assert await _heartbeat_rows_written(hub, stream, cluster, 5) == rows
         assert counted.beat_rows == rows
+
+
+async def test_a_stream_cancelled_while_its_end_is_written_still_marks_its_node_suspect(cluster, monkeypatch):
+    """gRPC cancels a stream's handler when the connection under it dies (a keepalive ping
+    unanswered), often while the hub writes the node's suspect mark: the mark is written anyway."""
+    writing, written = asyncio.Event(), asyncio.Event()
+    mark_suspect = agent_cases.mark_suspect
+
+    async def held_mark(uow, node_id: str, **kw) -> bool:  # noqa: ANN001
+        writing.set()
+        await written.wait()
+        return await mark_suspect(uow, node_id, **kw)
+
+    monkeypatch.setattr(agent_cases, "mark_suspect", held_mark)
+    async with _streaming(cluster, "rack-a-n0") as (hub, stream):
+        await stream.inbound.put(None)  # the agent's side ended
+        await writing.wait()
+        stream.task.cancel()  # ... and gRPC ends the handler
+        await asyncio.gather(stream.task, return_exceptions=True)
+        written.set()
+        for _ in range(500):
+            async with cluster.unit_of_work() as uow:
+                health = (await repo.get_node(uow.session, "rack-a-n0")).health
+            if health is m.NodeHealth.SUSPECT:
+                break
+            await asyncio.sleep(0.01)
+        assert health is m.NodeHealth.SUSPECT
 
 
 async def test_a_stream_that_ends_leaves_its_node_released_with_when_it_was_last_heard_from(cluster):
