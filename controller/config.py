@@ -65,6 +65,7 @@ class Config:
     auth_cache_ttl_s: float = 30.0
     # HOST:PORT of the read-only web console (/); empty: not served.
     http_listen: str = ""
+    agent_keepalive: limits.Keepalive = limits.AGENT_KEEPALIVE  # HTTP/2 pings (no flag: tests shorten them)
     agent_reports_per_second: float = limits.REPORTS_PER_SECOND
     agent_reports_burst: int = limits.REPORTS_BURST
     agent_admission_concurrency: int = limits.AGENT_ADMISSION_CONCURRENCY

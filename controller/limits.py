@@ -13,6 +13,8 @@ carries, and page sizes bound every list.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # --- names and identifiers ---------------------------------------------------------------------
 NAME_MAX = 63                 # deployment names (DNS label)
 ID_MAX = 128                  # tenant, zone, row, rack and node ids (the database column's length)
@@ -97,6 +99,59 @@ GRPC_FAILOVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """HTTP/2 keepalive pings on the controller's connections and the agents' channels (gRPC
+    core's channel arguments, grpc/doc/keepalive.md), so that a peer whose network died without a
+    FIN or RST is found in `*_time_ms + *_timeout_ms` rather than when TCP gives up (~15 min):
+    the controller frees the half-open transport and ends its streams (the node is then suspect, as
+    when its stream drops); the agent reconnects (to the next leader). A hung agent whose gRPC
+    core still answers pings is found by the heartbeat timeout alone.
+
+    The two sides must agree: the server counts a ping that comes sooner than
+    `server_min_ping_interval_ms` after the last one (when it sent no data between) as a strike,
+    and after two strikes ends the connection with GOAWAY "too_many_pings"; an agent stream can
+    carry no controller data for hours. So the agents ping at most every `client_time_ms`, twice
+    the server's minimum."""
+
+    client_time_ms: int = 20_000      # an agent pings the controller after this long (its channel)
+    client_timeout_ms: int = 10_000   # ... and gives the connection up without the ping's ack this long
+    server_time_ms: int = 30_000      # the controller pings each connection after this long
+    server_timeout_ms: int = 10_000
+    server_min_ping_interval_ms: int = 10_000  # pings from a peer sooner than this are strikes
+
+    def __post_init__(self) -> None:
+        if self.server_min_ping_interval_ms > self.client_time_ms:
+            raise ValueError(f"agents ping every {self.client_time_ms} ms, which the server counts as too many "
+                             f"pings (its minimum is {self.server_min_ping_interval_ms} ms)")
+
+    def server_options(self) -> tuple[tuple[str, int], ...]:
+        return (
+            ("grpc.keepalive_time_ms", self.server_time_ms),
+            ("grpc.keepalive_timeout_ms", self.server_timeout_ms),
+            # Any ping's ack, not only a keepalive's: gRPC's flow-control (BDP) pings wait a minute
+            # by default, and a keepalive due while one is unanswered waits for it.
+            ("grpc.http2.ping_timeout_ms", self.server_timeout_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", self.server_min_ping_interval_ms),
+            # An agent's channel with no call open (between streams, a Register's retry) may ping.
+            ("grpc.keepalive_permit_without_calls", 1),
+            # The controller's own pings go on however long it sends an agent nothing (0: no cap).
+            ("grpc.http2.max_pings_without_data", 0),
+        )
+
+    def client_options(self) -> tuple[tuple[str, int], ...]:
+        return (
+            ("grpc.keepalive_time_ms", self.client_time_ms),
+            ("grpc.keepalive_timeout_ms", self.client_timeout_ms),
+            ("grpc.http2.ping_timeout_ms", self.client_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        )
+
+
+AGENT_KEEPALIVE = Keepalive()
 ERROR_MESSAGE_MAX = 1024            # an error's message as sent to the caller
 QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error message
 

@@ -295,7 +295,8 @@ class ControllerApp:
         shed = LoadShedInterceptor({REGISTER_METHOD: self.hub.shed_register}, on_shed=self.metrics.rpc_shed)
         server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics, shed=shed,
                                                            on_refused=self.unauthenticated_audit.refused),
-                            options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)])
+                            options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0),
+                                     *self.config.agent_keepalive.server_options()])
         host, _, _ = self.config.listen.rpartition(":")
         try:
             if tls is None:

@@ -226,7 +226,8 @@ class SimulatedNode:
                 if self.controller not in channels:
                     channels[self.controller] = aio_channel(
                         self.controller, None, credentials=self.credentials,
-                        options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS))
+                        options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS,
+                                 *limits.AGENT_KEEPALIVE.client_options()))
                 stub = agent_pb2_grpc.NodeAgentServiceStub(channels[self.controller])
                 delay: float | None = None
                 problem = ""
