@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.restarts import SHARD_FAILED, RestartPolicy
 from controller.domain.values import deployment_key
+from controller.store.inlist import any_of
 from controller.store.models import Deployment, DeploymentPhase, Placement, ShardPhase
 from controller.store.release import record_decisions, stop_placements
 
@@ -60,7 +61,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
         failed[dep_id][replica].add(node_id)
     if not failed:
         return FailureStep()
-    deps = {d.id: d for d in await session.scalars(select(Deployment).where(Deployment.id.in_(failed)))}
+    deps = {d.id: d for d in await session.scalars(select(Deployment).where(any_of(session, Deployment.id, failed)))}
     changed: set[str] = set()
     events: list[dict[str, Any]] = []
     released_ids: list[int] = []
@@ -100,7 +101,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
             next_in_s = wait if next_in_s is None else min(next_in_s, wait)
             continue
         gang = await session.execute(select(Placement.id, Placement.node_id).where(
-            Placement.deployment_id == dep.id, Placement.replica.in_(replicas)))
+            Placement.deployment_id == dep.id, any_of(session, Placement.replica, replicas)))
         for pid, node_id in gang:
             released_ids.append(pid)
             nodes.add(node_id)

@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, case, func, insert, liter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
+from controller.store.inlist import any_of
 from controller.store.marks import rowcount_unread
 
 J_PER_KWH = 3.6e6
@@ -110,7 +111,7 @@ async def start_intervals(
         deps.update((row.id, DeploymentMeter(row.name, row.tenant_id, row.shard_accelerators, row.shard_power_w))
                     for row in await session.execute(
             select(m.Deployment.id, m.Deployment.name, m.Deployment.tenant_id, m.Deployment.shard_accelerators,
-                   m.Deployment.shard_power_w).where(m.Deployment.id.in_(missing_deps))))
+                   m.Deployment.shard_power_w).where(any_of(session, m.Deployment.id, missing_deps))))
     where = dict(nodes or {})
     missing_nodes = {s.node_id for s in started} - where.keys()
     if missing_nodes:
@@ -118,7 +119,7 @@ async def start_intervals(
                      for row in await session.execute(
             select(m.Node.id, m.Node.accelerator_model, m.Node.accelerators, m.Node.idle_power_w, m.Row.zone_id)
             .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id)
-            .where(m.Node.id.in_(missing_nodes))))
+            .where(any_of(session, m.Node.id, missing_nodes))))
     start = epoch_s(at)
     rows: list[dict[str, Any]] = []
     for s in started:
@@ -142,7 +143,8 @@ async def stop_intervals(session: AsyncSession, placement_ids: Iterable[int], at
     for start in range(0, len(ids), _CHUNK):
         await session.execute(
             rowcount_unread(update(m.UsageInterval))
-            .where(m.UsageInterval.placement_id.in_(ids[start:start + _CHUNK]), m.UsageInterval.ended_s.is_(None))
+            .where(any_of(session, m.UsageInterval.placement_id, ids[start:start + _CHUNK]),
+                   m.UsageInterval.ended_s.is_(None))
             .values(ended_s=epoch_s(at)).execution_options(synchronize_session=False)
         )
 

@@ -21,6 +21,9 @@ at its first statement as before, since its snapshot must be taken there.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.dialects.postgresql.asyncpg import (
@@ -111,3 +114,61 @@ def dbapi() -> LazyBeginDbapi:
     import asyncpg
 
     return LazyBeginDbapi(asyncpg)
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """One round trip to the server (`counted_trips`)."""
+
+    kind: str       # "prepare", "execute" (a prepared statement run), "executemany", "query" (simple: BEGIN, COMMIT, ...)
+    statement: str  # its first three words
+
+
+@contextmanager
+def counted_trips() -> Iterator[list[Trip]]:
+    """Every round trip of every asyncpg connection meanwhile, in order (for tests and benchmarks:
+    it patches asyncpg's connection and prepared statement classes, as `sqlite_driver.counted_trips`
+    patches aiosqlite's)."""
+    from asyncpg import connection, prepared_stmt
+
+    seen: list[Trip] = []
+
+    def note(kind: str, statement: str) -> None:
+        seen.append(Trip(kind, " ".join(statement.split()[:3])))
+
+    real_statement = connection.Connection._get_statement
+    real_execute = connection.Connection.execute
+    real_many = connection.Connection.executemany
+    real_fetch = prepared_stmt.PreparedStatement.fetch
+
+    async def get_statement(self: Any, query: str, timeout: Any, *, use_cache: bool = True, **kw: Any) -> Any:
+        key = (query, kw.get("record_class") or self._protocol.get_record_class(), kw.get("ignore_custom_codec", False))
+        if not use_cache or self._stmt_cache.get(key) is None:
+            note("prepare", query)
+        return await real_statement(self, query, timeout, use_cache=use_cache, **kw)
+
+    async def execute(self: Any, query: str, *args: Any, **kw: Any) -> Any:
+        note("query" if not args else "execute", query)  # with arguments: prepared (and counted) first
+        return await real_execute(self, query, *args, **kw)
+
+    async def executemany(self: Any, command: str, args: Any, **kw: Any) -> Any:
+        note("executemany", command)
+        return await real_many(self, command, args, **kw)
+
+    async def fetch(self: Any, *args: Any, **kw: Any) -> Any:
+        note("execute", self._query)
+        return await real_fetch(self, *args, **kw)
+
+    patches: list[tuple[type, str, Callable[..., Any], Callable[..., Any]]] = [
+        (connection.Connection, "_get_statement", get_statement, real_statement),
+        (connection.Connection, "execute", execute, real_execute),
+        (connection.Connection, "executemany", executemany, real_many),
+        (prepared_stmt.PreparedStatement, "fetch", fetch, real_fetch),
+    ]
+    for cls, name, counted, _ in patches:
+        setattr(cls, name, counted)
+    try:
+        yield seen
+    finally:
+        for cls, name, _, real in patches:
+            setattr(cls, name, real)

@@ -57,6 +57,7 @@ from controller.store import audit
 from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
     ChangesSince, MissingGeneration, move_generation, move_generation_unread, bump_cluster_generation, log_change,
     read_changes_since, read_generation)
+from controller.store.inlist import any_of
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -236,8 +237,8 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
         wheres = []
         for chunk in _chunks(sorted(scope)):
             names = [split_deployment_key(key) for key in chunk]
-            wheres.append(and_(Deployment.tenant_id.in_({t for t, _ in names}),
-                               Deployment.name.in_({n for _, n in names})))
+            wheres.append(and_(any_of(session, Deployment.tenant_id, {t for t, _ in names}),
+                               any_of(session, Deployment.name, {n for _, n in names})))
     generation: int | None = None
     found = []
     for where in wheres:
@@ -256,7 +257,7 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
         placements = list(await session.execute(query))
     else:
         placements = [p for chunk in _chunks(sorted(keys_by_id))
-                      for p in await session.execute(query.where(Placement.deployment_id.in_(chunk)))]
+                      for p in await session.execute(query.where(any_of(session, Placement.deployment_id, chunk)))]
     committed = _Committed(scope, generation, deployments,
                            {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [])
     for p in placements:
@@ -398,7 +399,8 @@ async def _read_racks(session: AsyncSession, nodes: Collection[str]) -> tuple[se
     rows: set[str] = set()
     for chunk in _chunks(sorted(set(nodes))):
         for rack, row in await session.execute(
-            select(Node.rack_id, Rack.row_id).join(Rack, Rack.id == Node.rack_id).where(Node.id.in_(chunk)).distinct()
+            select(Node.rack_id, Rack.row_id).join(Rack, Rack.id == Node.rack_id)
+            .where(any_of(session, Node.id, chunk)).distinct()
         ):
             racks.add(rack)
             rows.add(row)
@@ -422,7 +424,7 @@ async def _neighbours(session: AsyncSession, committed: _Committed, racks: Colle
                Placement.shard, Placement.node_id, Placement.accelerator_indices, Placement.accelerator_milli,
                Placement.revision)
         .join(Placement, Placement.deployment_id == Deployment.id).join(Node, Node.id == Placement.node_id)
-        .where(Node.rack_id.in_(sorted(racks)), Deployment.phase.not_in(_LEAVING))
+        .where(any_of(session, Node.rack_id, sorted(racks)), Deployment.phase.not_in(_LEAVING))
     ):
         if p.id in known:
             continue
@@ -482,12 +484,13 @@ async def _read_unread(session: AsyncSession, committed: _Committed, doc: dict[s
     budgeted = {r["id"] for r in doc["rows"] if r["id"] in rows and r.get("power_budget_w") is not None}
     tenants: dict[str, TenantUsage] = {}
     if capped:
-        held = await _unread(session, committed, racks, (Deployment.tenant_id,), Deployment.tenant_id.in_(sorted(capped)))
+        held = await _unread(session, committed, racks, (Deployment.tenant_id,),
+                             any_of(session, Deployment.tenant_id, sorted(capped)))
         tenants = {tenant: usage for (tenant,), usage in held.items()}
     by_row: dict[str, dict[str, float]] = defaultdict(dict)
     if budgeted:
         drawn = await _unread(session, committed, racks, (Rack.row_id, Deployment.tenant_id),
-                              Rack.row_id.in_(sorted(budgeted)))
+                              any_of(session, Rack.row_id, sorted(budgeted)))
         for (row, tenant), usage in drawn.items():
             by_row[row][tenant] = usage.power_w
     return Unread(tenants, by_row)
@@ -826,7 +829,7 @@ async def _write(
     was taken (`generation` is the value after that)."""
     inserts, updates = changes.inserts, changes.updates
     for chunk in _chunks([row.id for row in deletes]):
-        await session.execute(rowcount_unread(delete(Placement).where(Placement.id.in_(chunk)))
+        await session.execute(rowcount_unread(delete(Placement).where(any_of(session, Placement.id, chunk)))
                               .execution_options(synchronize_session=False))
     if updates:  # the ORM's bulk UPDATE: its row count is checked (a placement deleted since fails the commit)
         await session.execute(
@@ -878,11 +881,11 @@ async def _write(
     if deployment_updates:
         await session.execute(_UPDATE_DEPLOYMENT, deployment_updates)
     for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
-        await session.execute(rowcount_unread(delete(Deployment).where(Deployment.id.in_(chunk)))
+        await session.execute(rowcount_unread(delete(Deployment).where(any_of(session, Deployment.id, chunk)))
                               .execution_options(synchronize_session=False))
     for chunk in _chunks(sorted(changed_nodes)):
         await session.execute(
-            rowcount_unread(update(Node).where(Node.id.in_(chunk)))
+            rowcount_unread(update(Node).where(any_of(session, Node.id, chunk)))
             .values(assignment_generation=Node.assignment_generation + 1)
             .execution_options(synchronize_session=False)
         )

@@ -15,6 +15,7 @@ from controller.store import audit
 from controller.store.metering import stop_intervals
 from controller.domain.changes import ClusterChange
 from controller.store.changes import bump_cluster_generation
+from controller.store.inlist import any_of
 from controller.store.models import Event, Node, Placement
 
 _CHUNK = 500
@@ -26,10 +27,10 @@ async def stop_placements(session: AsyncSession, ids: Sequence[int], nodes: Iter
     keys (TENANT/NAME) of the deployments they belong to, logged with the change (a warm cache
     reads those deployments' shards again instead of the whole cluster; none: it reads it all)."""
     for start in range(0, len(ids), _CHUNK):
-        await session.execute(delete(Placement).where(Placement.id.in_(ids[start:start + _CHUNK]))
+        await session.execute(delete(Placement).where(any_of(session, Placement.id, ids[start:start + _CHUNK]))
                               .execution_options(synchronize_session=False))
     await stop_intervals(session, list(ids), now)
-    await session.execute(update(Node).where(Node.id.in_(set(nodes)))
+    await session.execute(update(Node).where(any_of(session, Node.id, set(nodes)))
                           .values(assignment_generation=Node.assignment_generation + 1)
                           .execution_options(synchronize_session=False))
     await bump_cluster_generation(session, ClusterChange.placements(deployments))

@@ -19,6 +19,7 @@ from sqlalchemy.orm import selectinload
 from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
+from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of
 from controller.store.changes import schedulable_count
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain.changes import ClusterChange
@@ -120,15 +121,6 @@ class TenantSubmitFacts:
     deployments: int        # the tenant's deployments
 
 
-def _batch_facts_query() -> Select:
-    count = (select(func.count()).select_from(m.Deployment).where(m.Deployment.tenant_id == m.Tenant.id)
-             .correlate(m.Tenant).scalar_subquery())
-    generation = select(m.CapacityState.generation).where(m.CapacityState.id == 1).scalar_subquery()
-    tenants = bindparam("tenants", expanding=True)
-    return select(m.Tenant.id, m.Tenant.zones, count, generation).where(m.Tenant.id.in_(tenants))
-
-
-_BATCH_FACTS = _batch_facts_query()
 
 
 # Joins a tenant's names and request ids into one text column; neither can hold it
@@ -146,19 +138,23 @@ class SubmitBatchReads:
     capacity_generation: int               # 0 when none exists
 
 
-def _batch_reads_query() -> Select:
+def _batch_reads_query(dialect: str) -> Select:
+    """`submit_batch_reads`' query for `dialect`, its lists named `tenants`, `names`, `request_ids`."""
     def joined(column: object, where: list[object]) -> object:
         return select(func.aggregate_strings(column, _JOINED)).where(*where).correlate(m.Tenant).scalar_subquery()
 
+    count = (select(func.count()).select_from(m.Deployment).where(m.Deployment.tenant_id == m.Tenant.id)
+             .correlate(m.Tenant).scalar_subquery())
+    generation = select(m.CapacityState.generation).where(m.CapacityState.id == 1).scalar_subquery()
     names = joined(m.Deployment.name, [m.Deployment.tenant_id == m.Tenant.id,
-                                       m.Deployment.name.in_(bindparam("names", expanding=True))])
+                                       any_of_named(dialect, m.Deployment.name, "names")])
     request_ids = joined(m.ClientRequest.request_id, [
-        m.ClientRequest.tenant_id == m.Tenant.id,
-        m.ClientRequest.request_id.in_(bindparam("request_ids", expanding=True))])
-    return _BATCH_FACTS.add_columns(names, request_ids)
+        m.ClientRequest.tenant_id == m.Tenant.id, any_of_named(dialect, m.ClientRequest.request_id, "request_ids")])
+    return (select(m.Tenant.id, m.Tenant.zones, count, generation, names, request_ids)
+            .where(any_of_named(dialect, m.Tenant.id, "tenants")))
 
 
-_BATCH_READS = _batch_reads_query()
+_BATCH_READS = {dialect: _batch_reads_query(dialect) for dialect in ("sqlite", POSTGRESQL)}
 
 
 async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, str, str]]) -> SubmitBatchReads:
@@ -173,7 +169,7 @@ async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, st
     used: set[tuple[str, str]] = set()
     generation = 0
     if tenants:
-        rows = await session.execute(_BATCH_READS, {
+        rows = await session.execute(_BATCH_READS[dialect_of(session)], {
             "tenants": tenants, "names": sorted({name for _, name, _ in keys}),
             "request_ids": sorted({rid for _, _, rid in keys if rid})})
         for tenant, zones, deployments, capacity_generation, names, request_ids in rows:
@@ -200,7 +196,7 @@ async def existing_tenant_ids(session: AsyncSession, ids: Iterable[str]) -> set[
     wanted = set(ids)
     if not wanted:
         return set()
-    return set(await session.scalars(select(m.Tenant.id).where(m.Tenant.id.in_(wanted))))
+    return set(await session.scalars(select(m.Tenant.id).where(any_of(session, m.Tenant.id, wanted))))
 
 
 async def count_tenant_deployments(session: AsyncSession, tenant_id: str) -> int:
@@ -222,7 +218,7 @@ async def existing_ids(session: AsyncSession, model: type, ids: Iterable[str]) -
     wanted = set(ids)
     if not wanted:
         return set()
-    return set(await session.scalars(select(model.id).where(model.id.in_(wanted))))
+    return set(await session.scalars(select(model.id).where(any_of(session, model.id, wanted))))
 
 
 async def list_zones(session: AsyncSession) -> list[m.Zone]:
@@ -265,7 +261,7 @@ async def node_rows_by_id(session: AsyncSession, node_ids: Iterable[str]) -> dic
     ids = sorted(set(node_ids))
     if not ids:
         return {}
-    return {row.id: row for row in await session.scalars(select(m.Node).where(m.Node.id.in_(ids)))}
+    return {row.id: row for row in await session.scalars(select(m.Node).where(any_of(session, m.Node.id, ids)))}
 
 
 async def list_node_rows(session: AsyncSession, rack: str = "", page: PageBounds | None = None) -> list[m.Node]:
@@ -306,7 +302,7 @@ async def node_liveness_rows(session: AsyncSession, *, silent_before: datetime |
             m.Node.health == m.NodeHealth.SUSPECT,
             and_(m.Node.health == m.NodeHealth.DOWN, or_(m.Node.evicted_at.is_(None), ~silent)),
             and_(m.Node.health == m.NodeHealth.UP, silent),
-            *([m.Node.id.in_(named)] if named else [])))
+            *([any_of(session, m.Node.id, named)] if named else [])))
     rows = await session.execute(query.order_by(m.Node.id))
     return [(node_id, zone, health, last, bool(evicted)) for node_id, zone, health, last, evicted in rows]
 
@@ -338,7 +334,8 @@ async def count_placements_on_nodes(session: AsyncSession, node_ids: Iterable[st
     if not ids:
         return {}
     rows = await session.execute(
-        select(m.Placement.node_id, func.count()).where(m.Placement.node_id.in_(ids)).group_by(m.Placement.node_id))
+        select(m.Placement.node_id, func.count()).where(any_of(session, m.Placement.node_id, ids))
+        .group_by(m.Placement.node_id))
     return {node_id: count for node_id, count in rows}
 
 
@@ -481,7 +478,7 @@ _BATCH_DEPLOYMENT_LOAD = (selectinload(m.Deployment.placements).joinedload(m.Pla
 async def deployments_named(session: AsyncSession, names: Iterable[str]) -> list[m.Deployment]:
     """The deployments called any of `names`, in every tenant (a batch of by-name calls)."""
     return list(await session.scalars(select(m.Deployment).options(*_BATCH_DEPLOYMENT_LOAD)
-                                      .where(m.Deployment.name.in_(set(names)))))
+                                      .where(any_of(session, m.Deployment.name, set(names)))))
 
 
 async def tenants_with_deployment(session: AsyncSession, name: str, limit: int = 2) -> list[str]:
@@ -491,10 +488,10 @@ async def tenants_with_deployment(session: AsyncSession, name: str, limit: int =
     ))
 
 
-def _named_as_any(keys: Iterable[str]) -> ColumnElement[bool]:
+def _named_as_any(session: AsyncSession, keys: Iterable[str]) -> ColumnElement[bool]:
     """Deployments named as any of `keys` (`TENANT/NAME`): by name alone, which the index serves; a
     superset that the caller narrows to the keys' tenants."""
-    return m.Deployment.name.in_({d.split_deployment_key(k)[1] for k in keys})
+    return any_of(session, m.Deployment.name, {d.split_deployment_key(k)[1] for k in keys})
 
 
 async def list_deployment_rows(
@@ -511,7 +508,7 @@ async def list_deployment_rows(
     wanted: set[str] | None = None
     if keys is not None:
         wanted = set(keys)
-        stmt = stmt.where(_named_as_any(wanted))
+        stmt = stmt.where(_named_as_any(session, wanted))
     if phases is not None:
         stmt = stmt.where(m.Deployment.phase.in_(list(phases)))
     rows = list(await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id)))
@@ -703,7 +700,7 @@ async def placements_of_deployments(session: AsyncSession, keys: Iterable[str]) 
     wanted = set(keys)
     rows = await session.execute(
         select(m.Placement, m.Deployment.tenant_id, m.Deployment.name).join(m.Deployment)
-        .where(_named_as_any(wanted))
+        .where(_named_as_any(session, wanted))
     )
     return [(placement, key) for placement, tenant, name in rows
             if (key := d.deployment_key(tenant, name)) in wanted]
@@ -731,7 +728,7 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
         select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
                m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message)
         .select_from(m.Placement).join(m.Deployment)
-        .where(_named_as_any(wanted)))
+        .where(_named_as_any(session, wanted)))
     return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "")
             for tenant, name, replica, shard, node_id, generation, phase, message in rows
             if (key := d.deployment_key(tenant, name)) in wanted]
@@ -749,7 +746,7 @@ async def bump_node_assignment_generations(session: AsyncSession, node_ids: Iter
     ids = set(node_ids)
     if ids:
         await session.execute(
-            update(m.Node).where(m.Node.id.in_(ids))
+            update(m.Node).where(any_of(session, m.Node.id, ids))
             .values(assignment_generation=m.Node.assignment_generation + 1)
         )
 
@@ -765,7 +762,7 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
     await session.execute(delete(m.Placement).where(m.Placement.node_id == node_id))
     await stop_intervals_on_node(session, node_id, now or m.utcnow())
     await session.execute(
-        update(m.Deployment).where(m.Deployment.id.in_(deployment_ids))
+        update(m.Deployment).where(any_of(session, m.Deployment.id, deployment_ids))
         .values(generation=m.Deployment.generation + 1)
     )
     await bump_node_assignment_generations(session, [node_id])
@@ -814,13 +811,13 @@ async def assignment_sets(session: AsyncSession, node_ids: Iterable[str]) -> dic
     for start in range(0, len(ids), ASSIGNMENT_READ_CHUNK):
         chunk = ids[start:start + ASSIGNMENT_READ_CHUNK]
         generations = {node_id: generation for node_id, generation in await session.execute(
-            select(m.Node.id, m.Node.assignment_generation).where(m.Node.id.in_(chunk)))}
+            select(m.Node.id, m.Node.assignment_generation).where(any_of(session, m.Node.id, chunk)))}
         assignments: dict[str, list[d.Assignment]] = defaultdict(list)
         rows = await session.execute(
             select(m.Placement.node_id, m.Placement.replica, m.Placement.shard, m.Placement.accelerator_indices,
                    m.Placement.accelerator_milli, m.Placement.generation, m.Placement.revision, m.Deployment)
             .join(m.Deployment, m.Placement.deployment_id == m.Deployment.id)
-            .where(m.Placement.node_id.in_(chunk))
+            .where(any_of(session, m.Placement.node_id, chunk))
             .order_by(m.Placement.node_id, m.Deployment.name, m.Deployment.tenant_id, m.Placement.replica,
                       m.Placement.shard))
         for node_id, replica, shard, indices, placed_milli, generation, revision, dep in rows:

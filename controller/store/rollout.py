@@ -31,6 +31,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.values import deployment_key
+from controller.store.inlist import any_of
 from controller.store.release import record_decisions, stop_placements
 from controller.store.models import (
     Deployment, DeploymentPhase, Node, NodeHealth, Placement, ShardPhase,
@@ -228,11 +229,12 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
     if not outgoing_deps:
         return Retired()
     replacing = False
-    deps = {d.id: d for d in await session.scalars(select(Deployment).where(Deployment.id.in_(outgoing_deps)))}
+    deps = {d.id: d for d in await session.scalars(
+        select(Deployment).where(any_of(session, Deployment.id, outgoing_deps)))}
     rows = await session.execute(
         select(Placement.id, Placement.deployment_id, Placement.replica, Placement.revision, Placement.phase,
                Placement.node_id, Node.draining, Node.health)
-        .join(Node, Placement.node_id == Node.id).where(Placement.deployment_id.in_(deps)))
+        .join(Node, Placement.node_id == Node.id).where(any_of(session, Placement.deployment_id, deps)))
     replicas: dict[int, dict[int, _Replica]] = defaultdict(dict)
     for pid, dep_id, index, revision, phase, node_id, draining, health in rows:
         rep = replicas[dep_id].setdefault(index, _Replica(index, revision))

@@ -25,6 +25,7 @@ from scheduler import ShardSpec, Spread, deployment_to_dict
 from controller import limits
 from controller.domain.values import deployment_key, split_deployment_key
 from controller.store.changes import schedulable_count
+from controller.store.inlist import any_of
 from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, outgoing_id, solver_view
 from controller.store.models import (
     ClusterState,
@@ -171,7 +172,8 @@ async def _topology(session: AsyncSession, within_rows: Collection[str] | None =
     zones, rows, racks = await load_topology(session, within_rows)
     node_query = select(*_NODE_COLUMNS).order_by(Node.id)
     if within_rows is not None:
-        node_query = node_query.join(Rack, Node.rack_id == Rack.id).where(Rack.row_id.in_(sorted(within_rows)))
+        node_query = (node_query.join(Rack, Node.rack_id == Rack.id)
+                      .where(any_of(session, Rack.row_id, sorted(within_rows))))
     return zones, rows, racks, list(await session.execute(node_query))
 
 
@@ -183,8 +185,8 @@ async def load_topology(session: AsyncSession, within_rows: Collection[str] | No
     row_query = select(Row.id, Row.zone_id, Row.power_budget_w).order_by(Row.id)
     rack_query = select(Rack.id, Rack.row_id, Rack.power_budget_w).order_by(Rack.id)
     if within_rows is not None:
-        row_query = row_query.where(Row.id.in_(sorted(within_rows)))
-        rack_query = rack_query.where(Rack.row_id.in_(sorted(within_rows)))
+        row_query = row_query.where(any_of(session, Row.id, sorted(within_rows)))
+        rack_query = rack_query.where(any_of(session, Rack.row_id, sorted(within_rows)))
 
     rows = []
     for rid, zone_id, budget in await session.execute(row_query):
@@ -216,7 +218,7 @@ async def load_spec_doc(session: AsyncSession, *, within_rows: Collection[str] |
     else:
         ids = sorted(deployment_ids)
         found = [d for start in range(0, len(ids), _CHUNK)
-                 for d in await session.execute(query.where(Deployment.id.in_(ids[start:start + _CHUNK])))]
+                 for d in await session.execute(query.where(any_of(session, Deployment.id, ids[start:start + _CHUNK])))]
     specs = []
     for d in found:
         current = _deployment_doc(d)
@@ -244,7 +246,8 @@ async def load_nodes(session: AsyncSession, ids: Collection[str]) -> list[NodeRe
     found: dict[str, Any] = {}
     wanted = sorted(set(ids))
     for start in range(0, len(wanted), _CHUNK):
-        for n in await session.execute(select(*_NODE_COLUMNS).where(Node.id.in_(wanted[start:start + _CHUNK]))):
+        chunk = wanted[start:start + _CHUNK]
+        for n in await session.execute(select(*_NODE_COLUMNS).where(any_of(session, Node.id, chunk))):
             found[n.id] = n
     reads = []
     for node_id in wanted:
@@ -262,7 +265,7 @@ async def stored_keys(session: AsyncSession, keys: Collection[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(names), _CHUNK):
         for tenant, name in await session.execute(select(Deployment.tenant_id, Deployment.name).where(
-                Deployment.name.in_(names[start:start + _CHUNK]))):
+                any_of(session, Deployment.name, names[start:start + _CHUNK]))):
             found.add(deployment_key(tenant, name))
     return found & wanted
 
@@ -323,7 +326,7 @@ async def load_deployments(session: AsyncSession, keys: Collection[str], *,
     found: dict[int, Any] = {}
     for start in range(0, len(names), _CHUNK):
         for d in await session.execute(select(*_DEPLOYMENT_COLUMNS).where(
-                Deployment.name.in_(names[start:start + _CHUNK]),
+                any_of(session, Deployment.name, names[start:start + _CHUNK]),
                 Deployment.phase.not_in((DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)))):
             if deployment_key(d.tenant_id, d.name) in wanted:
                 found[d.id] = d
@@ -334,7 +337,7 @@ async def load_deployments(session: AsyncSession, keys: Collection[str], *,
         for p in await session.execute(
                 select(Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
                        Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision)
-                .where(Placement.deployment_id.in_(ids[start:start + _CHUNK]))
+                .where(any_of(session, Placement.deployment_id, ids[start:start + _CHUNK]))
                 .order_by(Placement.deployment_id, Placement.replica, Placement.shard)):
             rows[p.deployment_id].append(p)
             nodes.add(p.node_id)
@@ -344,7 +347,7 @@ async def load_deployments(session: AsyncSession, keys: Collection[str], *,
     wanted_nodes = sorted(nodes)
     for start in range(0, len(wanted_nodes), _CHUNK):
         for n in await session.execute(select(Node.id, Node.health, Node.draining, Node.accelerators)
-                                       .where(Node.id.in_(wanted_nodes[start:start + _CHUNK]))):
+                                       .where(any_of(session, Node.id, wanted_nodes[start:start + _CHUNK]))):
             if n.health is NodeHealth.DOWN:
                 down.add(n.id)
             if n.draining:
@@ -400,7 +403,7 @@ async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DE
             Deployment.phase != DeploymentPhase.QUARANTINED, Deployment.id > after_id)
     else:
         query = select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED,
-                                                   Deployment.id.in_(sorted(only)))
+                                                   any_of(session, Deployment.id, sorted(only)))
     for d in await session.execute(query.order_by(Deployment.id)):
         last_id = max(last_id, d.id)
         if only is None:

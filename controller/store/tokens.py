@@ -9,6 +9,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
+from controller.store.inlist import any_of
 from controller.domain import values as d
 from controller.domain.paging import PageBounds
 
@@ -72,8 +73,9 @@ async def active_tokens_of_nodes(session: AsyncSession, now: datetime, node_ids:
     if not ids:
         return {}
     found: dict[str, list[m.ApiToken]] = {}
-    for row in await session.scalars(select(m.ApiToken).where(m.ApiToken.role == role, m.ApiToken.node_id.in_(ids))
-                                      .order_by(m.ApiToken.created_at, m.ApiToken.id)):
+    query = (select(m.ApiToken).where(m.ApiToken.role == role, any_of(session, m.ApiToken.node_id, ids))
+             .order_by(m.ApiToken.created_at, m.ApiToken.id))
+    for row in await session.scalars(query):
         if is_active(row, now) and row.node_id is not None:
             found.setdefault(row.node_id, []).append(row)
     return found
