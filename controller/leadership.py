@@ -12,7 +12,7 @@ Stepping down happens on this controller's own clock, before the database could 
 lease to anyone else: a lease renewed by a statement sent at local time t is ours until
 t + ttl on the database's clock at the earliest, so the leader stops scheduling at
 t + ttl - margin unless a renewal succeeded meanwhile. That is a courtesy; safety comes from
-the fencing token, checked inside every leader transaction (`LeaderElection.check`, the
+the fencing token, checked as every leader transaction commits (`LeaderElection.commit`, the
 `Fence` of `Database.fenced`): a deposed leader's late plan is refused and rolled back.
 
 On SQLite one controller holds the file (`controller.store.exclusive`), so its election
@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -151,12 +151,12 @@ class LeaderElection:
         if not self.should_run():
             raise NotLeader(self.leader_address if self.leader_address != self.address else "")
 
-    async def check(self, session: AsyncSession) -> None:
-        """The fence: inside a leader transaction, refuse it unless the lease is still ours."""
+    async def commit(self, session: AsyncSession, commit: Callable[[], Awaitable[None]]) -> None:
+        """The fence: commit a leader transaction (`commit`) only if the lease is still ours."""
         term = self._term
         try:
-            await lease.fence(session, self.holder, term.token if term.leading else None,
-                              live=not self._exclusive)
+            await lease.commit_fenced(session, self.holder, term.token if term.leading else None, commit,
+                                      live=not self._exclusive)
         except LeaseLost:
             if term.leading:  # a term not yet announced had no writes to refuse: it stands
                 self._step_down("a write was refused by the fencing token", term.token)

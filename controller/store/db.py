@@ -3,9 +3,10 @@
 `Database` owns the async engine (SQLite via aiosqlite, PostgreSQL via asyncpg);
 `Database.unit_of_work()` yields a `UnitOfWork` whose changes are rolled back unless
 `commit()` is called, so a failed use case never leaves anything half-written.
-`Database.fenced(fence)` is the same database whose units of work run `fence.check` inside
-every transaction they commit, just before it commits: the leader's writers use it, so a
-controller that lost the leader lease (`controller.store.lease`) writes nothing.
+`Database.fenced(fence)` is the same database whose units of work commit through `fence.commit`,
+which checks the leader lease as the transaction commits (`lease.commit_fenced`): the leader's
+writers use it, so a controller that lost the leader lease (`controller.store.lease`) writes
+nothing.
 
 On SQLite, `SqliteWriters` makes this process's writing transactions take turns, first come
 first served, instead of racing in SQLite's busy handler (see there).
@@ -18,7 +19,7 @@ import copy
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +199,10 @@ def database_failed(exc: BaseException) -> bool:
 
 
 class Fence(Protocol):
-    """Refuses (raises) inside a transaction its writer may no longer commit."""
+    """Commits a transaction only while its writer may; refuses (raises) otherwise, and then
+    nothing is committed."""
 
-    async def check(self, session: AsyncSession) -> None: ...
+    async def commit(self, session: AsyncSession, commit: Callable[[], Awaitable[None]]) -> None: ...
 
 
 @dataclass
@@ -211,10 +213,11 @@ class UnitOfWork:
     fence: Fence | None = None
 
     async def commit(self) -> None:
-        if self.fence is not None:  # last, so its lock is held only until the commit below
-            await self.fence.check(self.session)
         # Inside an audited API call, the call's audit entry is written in this transaction.
-        await audit.commit(self.session)
+        if self.fence is None:
+            await audit.commit(self.session)
+        else:
+            await self.fence.commit(self.session, lambda: audit.commit(self.session))
 
     async def rollback(self) -> None:
         await self.session.rollback()

@@ -10,6 +10,8 @@ agree on when a lease ran out. `expires_at` is seconds since the epoch on that c
 - `fence` runs inside a writer's own transaction, just before it commits: it locks the row
   (`FOR KEY SHARE` on PostgreSQL; SQLite has one writer at a time anyway) and refuses with
   `LeaseLost` unless the row still names this holder, this token and an expiry in the future.
+  `commit_fenced` commits a writer's transaction so fenced; on PostgreSQL the same check rides in
+  the COMMIT's own message (`fence_guard`), so it costs no round trip of its own.
   A new leader's acquisition must wait for that lock (it takes the row `FOR UPDATE` first), so a
   deposed leader's late plan either commits before the new leader exists or not at all. The
   holder's own renewal is a plain UPDATE of the expiry, whose lock (`FOR NO KEY UPDATE`) does
@@ -21,12 +23,15 @@ agree on when a lease ran out. `expires_at` is seconds since the epoch on that c
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Boolean, bindparam, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.errors import Unavailable
+from controller.store import pg_driver
 
 _PG_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -112,6 +117,61 @@ async def fence(session: AsyncSession, holder: str, token: int | None, *, live: 
         f"{unexpired}{lock}"), {"holder": holder, "token": token})
     if result.scalar_one_or_none() is None:
         raise LeaseLost(holder, token)
+
+
+# The SQLSTATE `commit_fenced`'s guard raises when it refuses (class "MA": none of PostgreSQL's).
+FENCE_REFUSED = "MA001"
+
+
+def _quoted(value: str) -> str:
+    """`value` as an escape-string literal that holds no `$` (it goes inside a dollar-quoted body)."""
+    return "E'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("$", "\\x24") + "'"
+
+
+def fence_guard(holder: str, token: int, *, live: bool = True) -> str:
+    """PostgreSQL: `fence` as one statement without parameters, for a COMMIT's own message: it
+    locks the row (`FOR KEY SHARE`) or raises `FENCE_REFUSED`, which aborts the transaction."""
+    unexpired = f" AND expires_at > {_PG_NOW}" if live else ""
+    return (f"DO $fence$ BEGIN PERFORM 1 FROM leader_lease WHERE id = 1 AND holder = {_quoted(holder)} "
+            f"AND token = {int(token)}{unexpired} FOR KEY SHARE; "
+            f"IF NOT FOUND THEN RAISE EXCEPTION 'leader lease lost' USING ERRCODE = '{FENCE_REFUSED}'; END IF; "
+            f"END $fence$")
+
+
+def _refused_by_guard(exc: DBAPIError) -> bool:
+    cause: BaseException | None = exc.orig
+    while cause is not None:
+        if getattr(cause, "sqlstate", None) == FENCE_REFUSED:
+            return True
+        cause = cause.__cause__
+    return False
+
+
+async def commit_fenced(session: AsyncSession, holder: str, token: int | None,
+                        commit: Callable[[], Awaitable[None]], *, live: bool = True) -> None:
+    """Run `commit` (which commits `session`) only if `holder` still holds the lease under `token`
+    (as `fence`); otherwise `LeaseLost`, and nothing is committed.
+
+    On PostgreSQL (asyncpg, `pg_driver`) the check rides in the COMMIT's own message
+    (`fence_guard`): no round trip of its own, and the row is locked only for the COMMIT. A unit of
+    work that wrote nothing sends no COMMIT and is not checked: it has nothing a new leader could
+    find half-done. Elsewhere (SQLite) `fence` runs just before `commit`."""
+    if token is None:
+        raise LeaseLost(holder, token)
+    connection = await pg_driver.adapted_connection(session)
+    if connection is None:
+        await fence(session, holder, token, live=live)
+        await commit()
+        return
+    connection.commit_guard = fence_guard(holder, token, live=live)
+    try:
+        await commit()
+    except DBAPIError as exc:
+        if _refused_by_guard(exc):
+            raise LeaseLost(holder, token) from exc
+        raise
+    finally:
+        connection.commit_guard = None
 
 
 async def release(session: AsyncSession, holder: str, token: int) -> bool:

@@ -16,6 +16,10 @@ This changes nothing a caller can see under READ COMMITTED (`Database.unit_of_wo
 there every statement reads the latest commit anyway, in a transaction or not. A connection set to
 a stricter isolation level (`read_snapshot`'s SET TRANSACTION, an `isolation_level` option) begins
 at its first statement as before, since its snapshot must be taken there.
+
+BEGIN, COMMIT and ROLLBACK are sent as plain statements (`PlainTransaction`), so that a COMMIT can
+carry a statement of the caller's in its own message (`LazyBeginConnection.commit_guard`: the
+leader fence, `lease.commit_fenced`) instead of a round trip before it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 from sqlalchemy.dialects.postgresql.asyncpg import (
     AsyncAdapt_asyncpg_connection, AsyncAdapt_asyncpg_cursor, AsyncAdapt_asyncpg_dbapi,
 )
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util import await_only
 
 # Isolation levels (asyncpg's names) under which reads before the first write need no transaction.
@@ -78,25 +83,80 @@ class LazyBeginCursor(AsyncAdapt_asyncpg_cursor):
             connection.begin_later = False
 
 
-class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
-    """Begins its transaction at the first statement that needs one (the module docstring)."""
+_ISOLATION = {"read_committed": " ISOLATION LEVEL READ COMMITTED", "read_uncommitted": " ISOLATION LEVEL READ UNCOMMITTED",
+              "repeatable_read": " ISOLATION LEVEL REPEATABLE READ", "serializable": " ISOLATION LEVEL SERIALIZABLE"}
 
-    __slots__ = ("begin_later",)
+
+class PlainTransaction:
+    """BEGIN, COMMIT and ROLLBACK sent as plain statements, as asyncpg's `Transaction` sends them,
+    except that the COMMIT carries the connection's `commit_guard` in its message: one round trip
+    for both. A guard that fails (raises) leaves the transaction aborted: it is rolled back and the
+    guard's error raised, nothing committed."""
+
+    __slots__ = ("_adapted",)
+
+    def __init__(self, adapted: LazyBeginConnection) -> None:
+        self._adapted = adapted
+
+    async def start(self) -> None:
+        a = self._adapted
+        await a._connection.execute(f"BEGIN{_ISOLATION.get(a.isolation_level or '', '')}"
+                                    f"{' READ ONLY' if a.readonly else ''}{' DEFERRABLE' if a.deferrable else ''}")
+
+    async def commit(self) -> None:
+        connection, guard = self._adapted._connection, self._adapted.commit_guard
+        if guard is None:
+            await connection.execute("COMMIT")
+            return
+        try:
+            await connection.execute(f"{guard};\nCOMMIT")
+        except Exception:
+            if not connection.is_closed() and connection.is_in_transaction():
+                await connection.execute("ROLLBACK")  # the guard failed: its statement aborted the transaction
+            raise
+
+    async def rollback(self) -> None:
+        await self._adapted._connection.execute("ROLLBACK")
+
+
+class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
+    """Begins its transaction at the first statement that needs one (the module docstring).
+
+    `commit_guard`, when set, is a statement (no parameters) run in the COMMIT's own message, just
+    before it (`PlainTransaction`): `lease.commit_fenced`'s check costs no round trip of its own."""
+
+    __slots__ = ("begin_later", "commit_guard")
     _cursor_cls = LazyBeginCursor
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.begin_later = False
+        self.commit_guard: str | None = None
 
     async def _start_transaction(self) -> None:
+        if self.isolation_level == "autocommit":
+            return
         if self.begin_later and self.isolation_level in _LAZY_LEVELS and not self.readonly and not self.deferrable:
             return  # this statement runs on its own; the next one asks again
-        await super()._start_transaction()
+        transaction = PlainTransaction(self)
+        try:
+            await transaction.start()
+        except Exception as error:
+            self._handle_exception(error)
+        else:
+            self._transaction = transaction  # type: ignore[assignment]
 
     @property
     def in_transaction(self) -> bool:
         """Whether BEGIN was sent (and neither COMMIT nor ROLLBACK since)."""
         return self._transaction is not None
+
+
+async def adapted_connection(session: AsyncSession) -> LazyBeginConnection | None:
+    """The connection `session` runs on (checked out now if it has none), as this driver adapts it;
+    None on another driver (SQLite's)."""
+    connection = (await (await session.connection()).get_raw_connection()).dbapi_connection
+    return connection if isinstance(connection, LazyBeginConnection) else None
 
 
 class LazyBeginDbapi(AsyncAdapt_asyncpg_dbapi):

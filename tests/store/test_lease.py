@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.aio import within
 from controller.api.interceptors import status_for
@@ -22,6 +23,7 @@ from controller.store import lease
 from controller.store import models as m
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
+from controller.store.pg_driver import counted_trips
 from controller.store.plans import commit_plan
 from controller.store.snapshot import load_snapshot
 from scheduler import Placement as PlanPlacement, Plan
@@ -178,12 +180,26 @@ async def test_the_lone_sqlite_controller_keeps_leading_through_slow_renewals(da
     token = election.token
     await election.step()  # the late renewal gets through: the same term, no new election
     assert (election.token, election.acquisitions) == (token, 1)
-    async with database.unit_of_work() as uow:
-        await election.check(uow.session)  # the lease ran out, but it is still ours: not refused
-    assert election.should_run()
+    async with database.fenced(election).unit_of_work() as uow:
+        await _add_zone(uow.session, "z1")
+        await uow.commit()  # the lease ran out, but it is still ours: not refused
+    assert election.should_run() and await _zones(database) == ["z1"]
     async with database.unit_of_work() as uow:  # another holder's token is refused all the same
         with pytest.raises(LeaseLost):
             await lease.fence(uow.session, "b", election.token, live=False)
+        await _add_zone(uow.session, "z2")
+        with pytest.raises(LeaseLost):
+            await lease.commit_fenced(uow.session, "b", election.token, uow.session.commit, live=False)
+    assert await _zones(database) == ["z1"]
+
+
+async def _add_zone(session: AsyncSession, zone: str) -> None:
+    await session.execute(m.Zone.__table__.insert().values(id=zone))
+
+
+async def _zones(database: Database) -> list[str]:
+    async with database.unit_of_work() as uow:
+        return list(await uow.session.scalars(select(m.Zone.id).order_by(m.Zone.id)))
 
 
 async def test_the_lone_sqlite_controller_writes_no_renewals_once_it_leads(database: Database) -> None:
@@ -314,3 +330,62 @@ async def _waiting_for_a_lock(database: Database) -> bool:
         waiting = await uow.session.scalar(text(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"))
     return bool(waiting)
+
+
+@POSTGRES_ONLY
+async def test_a_fenced_commit_costs_no_round_trip_of_its_own(database: Database) -> None:
+    """On PostgreSQL the fence rides in the COMMIT's message: a fenced unit of work makes as many
+    round trips as the same unit unfenced, and its last one is the check and the COMMIT."""
+    election = LeaderElection(database, address="a:1", holder="a", settings=LeaseSettings())
+    await election.step()
+    trips: dict[str, list[str]] = {}
+    for name, db in (("unfenced", database), ("fenced", database.fenced(election))):
+        async with db.unit_of_work() as uow:
+            await _add_zone(uow.session, "warm-" + name)  # prepared on this connection (LIFO) before counting
+            await uow.commit()
+        with counted_trips() as seen:
+            async with db.unit_of_work() as uow:
+                await _add_zone(uow.session, name)
+                await uow.commit()
+        trips[name] = [t.statement for t in seen]
+    assert trips["unfenced"] == ["BEGIN", "INSERT INTO zones", "COMMIT"]
+    assert trips["fenced"] == ["BEGIN", "INSERT INTO zones", "DO $fence$ BEGIN"]
+    assert await _zones(database) == ["fenced", "unfenced", "warm-fenced", "warm-unfenced"]
+
+
+@POSTGRES_ONLY
+async def test_a_fenced_commit_waits_for_a_takeover_in_flight_and_is_refused(database: Database) -> None:
+    """A takeover that locked the row first: the fenced COMMIT's check waits for it, then reads the
+    row it committed (READ COMMITTED re-reads a row locked meanwhile) and refuses."""
+    assert await _acquire(database, "a", HOUR) == 1
+    async with database.unit_of_work() as takeover:
+        assert await lease.acquire(takeover.session, "b", "b:1", HOUR, token=None, force=True) == 2
+
+        async def late_commit() -> None:
+            async with database.unit_of_work() as uow:
+                await _add_zone(uow.session, "late")
+                await lease.commit_fenced(uow.session, "a", 1, uow.session.commit)
+
+        late = asyncio.create_task(late_commit())
+        await _until(lambda: _waiting_for_a_lock(database), "the fenced commit waiting for the takeover")
+        assert not late.done()
+        await takeover.session.commit()
+    with pytest.raises(LeaseLost):
+        await late
+    assert await _zones(database) == []
+
+
+@POSTGRES_ONLY
+@pytest.mark.parametrize("holder", ["it's", "back\\slash", "$fence$ END $fence$; COMMIT; --", "e'\\$x"])
+async def test_the_commit_fence_quotes_any_holder(database: Database, holder: str) -> None:
+    """The check in the COMMIT's message has no parameters: the holder is quoted into it."""
+    assert await _acquire(database, holder, HOUR) == 1
+    async with database.unit_of_work() as uow:
+        await _add_zone(uow.session, "theirs")
+        await lease.commit_fenced(uow.session, holder, 1, uow.session.commit)
+    for other in (holder + "x", holder[:-1], "it"):
+        async with database.unit_of_work() as uow:
+            await _add_zone(uow.session, "not-theirs")
+            with pytest.raises(LeaseLost):
+                await lease.commit_fenced(uow.session, other, 1, uow.session.commit)
+    assert await _zones(database) == ["theirs"]
