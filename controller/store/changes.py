@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Select, Update, delete, func, insert, select, update
+from sqlalchemy import Select, Update, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind, ClusterChange
+from controller.store.inlist import POSTGRESQL, dialect_of
 from controller.store.marks import rowcount_unread
 from controller.store.models import ClusterChangeRow, ClusterState, Deployment, DeploymentPhase
 
@@ -37,16 +38,42 @@ async def bump_cluster_generation(session: AsyncSession, change: ClusterChange =
     A plan in flight, computed before this change, then commits as stale: each replica it
     places is re-checked against the new state, and the caller solves again.
     """
-    generation = await move_generation(session, 1)
-    await log_change(session, generation, change)
+    if dialect_of(session) != POSTGRESQL:
+        generation = await move_generation(session, 1)
+        await log_change(session, generation, change)
+        return generation
+    # One statement, not two (each a round trip on the event loop's turns): the bump and its rows.
+    generation = (await session.execute(_BUMP_AND_LOG, {
+        "kind": change.kind.value, "ids": list(_logged_ids(change))})).scalars().first()
+    if generation is None:
+        raise MissingGeneration()
+    await _prune(session, generation)
     return generation
+
+
+# PostgreSQL: `move_generation` by 1 and `log_change`'s rows, in order, in one statement.
+_BUMP_AND_LOG = text(
+    "WITH moved AS (UPDATE cluster_state SET generation = generation + 1 WHERE id = 1 RETURNING generation) "
+    "INSERT INTO cluster_changes (generation, kind, object_id) "
+    "SELECT moved.generation, :kind, changed.id "
+    "FROM moved, unnest(CAST(:ids AS VARCHAR[])) WITH ORDINALITY AS changed(id, n) ORDER BY changed.n "
+    "RETURNING generation")
+
+
+def _logged_ids(change: ClusterChange) -> Sequence[str | None]:
+    """The object ids of a change's rows (one row without an id when it names none)."""
+    return change.ids or (None,)
 
 
 async def log_change(session: AsyncSession, generation: int, change: ClusterChange) -> None:
     """Write what the bump to `generation` changed (`cluster_changes`), pruning old generations."""
-    ids: Sequence[str | None] = change.ids or (None,)
     await session.execute(insert(ClusterChangeRow), [
-        {"generation": generation, "kind": change.kind.value, "object_id": object_id} for object_id in ids])
+        {"generation": generation, "kind": change.kind.value, "object_id": object_id}
+        for object_id in _logged_ids(change)])
+    await _prune(session, generation)
+
+
+async def _prune(session: AsyncSession, generation: int) -> None:
     if generation % _PRUNE_EVERY == 0:
         await session.execute(rowcount_unread(delete(ClusterChangeRow))
                               .where(ClusterChangeRow.generation <= generation - CHANGES_KEPT)
