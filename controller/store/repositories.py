@@ -459,26 +459,25 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
 
 
 # --- deployments -----------------------------------------------------------------------------
+# Deployments with their placements and the placements' nodes: in three statements (selectin), for
+# lists and pages of any size; in one (joined) for one deployment or a few named ones, which the
+# hot paths read on the event loop's turns, each statement a round trip (the selectin loads' IN
+# lists of ids were also a statement text per size). Joined results need `.unique()`.
 _DEPLOYMENT_LOAD = (selectinload(m.Deployment.placements).selectinload(m.Placement.node),)
+_DEPLOYMENT_JOINED = (joinedload(m.Deployment.placements).joinedload(m.Placement.node),)
 
 
 async def get_deployment(session: AsyncSession, tenant: str, name: str) -> m.Deployment | None:
     """The deployment `name` of `tenant` (names are per tenant)."""
-    return await session.scalar(
-        select(m.Deployment).options(*_DEPLOYMENT_LOAD)
+    return (await session.scalars(
+        select(m.Deployment).options(*_DEPLOYMENT_JOINED)
         .where(m.Deployment.tenant_id == tenant, m.Deployment.name == name)
-    )
-
-
-# A batch's deployments with their placements and the placements' nodes in one statement (joined),
-# not three (the deletions' batch reads them on the event loop's turns, each a round trip; a
-# selectin load's IN list of the batch's ids was also a statement text per batch size).
-_BATCH_DEPLOYMENT_LOAD = (joinedload(m.Deployment.placements).joinedload(m.Placement.node),)
+    )).unique().one_or_none()
 
 
 async def deployments_named(session: AsyncSession, names: Iterable[str]) -> list[m.Deployment]:
     """The deployments called any of `names`, in every tenant (a batch of by-name calls)."""
-    return list((await session.scalars(select(m.Deployment).options(*_BATCH_DEPLOYMENT_LOAD)
+    return list((await session.scalars(select(m.Deployment).options(*_DEPLOYMENT_JOINED)
                                        .where(any_of(session, m.Deployment.name, set(names))))).unique())
 
 
@@ -501,7 +500,9 @@ async def list_deployment_rows(
 ) -> list[m.Deployment]:
     """Deployments by name (then id), optionally of one tenant, of one name, with given keys
     (`TENANT/NAME`), or in given phases."""
-    stmt = select(m.Deployment).options(*_DEPLOYMENT_LOAD).order_by(m.Deployment.name, m.Deployment.id)
+    named = keys is not None or bool(name)  # a few: joined (see `_DEPLOYMENT_JOINED`)
+    stmt = (select(m.Deployment).options(*(_DEPLOYMENT_JOINED if named else _DEPLOYMENT_LOAD))
+            .order_by(m.Deployment.name, m.Deployment.id))
     if tenant:
         stmt = stmt.where(m.Deployment.tenant_id == tenant)
     if name:
@@ -512,7 +513,8 @@ async def list_deployment_rows(
         stmt = stmt.where(_named_as_any(session, wanted))
     if phases is not None:
         stmt = stmt.where(m.Deployment.phase.in_(list(phases)))
-    rows = list(await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id)))
+    found = await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id))
+    rows = list(found.unique() if named else found)
     if wanted is not None:  # the names matched; the tenants must too
         rows = [r for r in rows if d.deployment_key(r.tenant_id, r.name) in wanted]
     return rows

@@ -78,14 +78,18 @@ async def test_a_submit_batch_reads_its_lists_of_every_length(database: Database
 @POSTGRES_ONLY
 async def test_one_statement_and_one_prepare_for_every_list_length_on_postgresql(database: Database) -> None:
     """The hot list reads (an agent batch's nodes, a commit's assignment sets, a submit batch's
-    tenants, names and request ids) with lists of 2 to 8, after one of 1: each statement
-    is one text, already prepared on the one connection these units of work take in turn (the
-    pool's LIFO). An IN list would be a text, and a prepare, per length."""
+    tenants, names and request ids, a delete batch's deployments, the views of a report's or a
+    watch's deployments, each with its placements) with lists of 2 to 8, after one of 1: each
+    statement is one text, already prepared on the one connection these units of work take in
+    turn (the pool's LIFO). An IN list (a selectin load's too) would be a text, and a prepare, per
+    length."""
     await _seeded(database)
     calls = {
         "nodes": lambda s, k: repo.node_rows_by_id(s, NODES[:k]),
         "assignments": lambda s, k: repo.assignment_sets(s, NODES[:k]),
         "submits": lambda s, k: repo.submit_batch_reads(s, [("a", f"web{i}", f"r{i}") for i in range(k)]),
+        "deletes": lambda s, k: repo.deployments_named(s, [f"web{i % 4}" for i in range(k)] + [f"gone{k}"]),
+        "views": lambda s, k: repo.list_deployment_rows(s, keys=[f"{'ab'[i % 2]}/web{i % 4}" for i in range(k)]),
     }
     for name, call in calls.items():
         async with database.unit_of_work() as uow:
