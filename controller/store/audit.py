@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Row, bindparam, insert, select, update
+from sqlalchemy import Row, bindparam, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.store.inlist import POSTGRESQL, dialect_of
 from controller.store.models import AuditEntry, AuditHead, utcnow
 from controller.store.marks import rowcount_unread
 
@@ -135,6 +136,14 @@ _MOVE_KNOWN_HEAD = (
     .returning(_HEAD.c.seq)
 )
 _INSERT_ENTRIES = insert(AuditEntry.__table__)
+# PostgreSQL: `_MOVE_KNOWN_HEAD` and, when it moved the head, the entries (`rows`: JSON), in one
+# statement (each is a round trip on the event loop's turns); nothing is inserted when it did not.
+_ENTRY_COLUMNS = ", ".join(("seq", "at", "prev_hash", "hash", "detail", *_LIMITS))
+_MOVE_KNOWN_HEAD_AND_INSERT = text(
+    "WITH moved AS (UPDATE audit_head SET seq = :new_seq, hash = :new_hash "
+    "WHERE id = 1 AND seq = :known_seq AND hash = :known_hash RETURNING seq) "
+    f"INSERT INTO audit_log ({_ENTRY_COLUMNS}) SELECT {', '.join('e.' + c for c in _ENTRY_COLUMNS.split(', '))} "
+    "FROM moved, json_populate_recordset(NULL::audit_log, CAST(:rows AS JSON)) AS e RETURNING seq")
 
 
 def _chained(records: Sequence[AuditRecord], first: int, prev_hash: str, at: datetime) -> list[dict[str, Any]]:
@@ -150,9 +159,10 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
     """Append `records`, in order, to the chain in the caller's transaction; returns their seqs.
 
     The first statement moves the head (taking its lock) so concurrent appenders serialise here.
-    Usually two statements: the head this process wrote last is moved on to the new entries only
-    if it is still the head (compare and set; PostgreSQL re-evaluates the condition on the row
-    another appender committed), then the entries are inserted. When someone else appended since
+    Usually two statements (one on PostgreSQL): the head this process wrote last is moved on to the
+    new entries only if it is still the head (compare and set; PostgreSQL re-evaluates the
+    condition on the row another appender committed), then the entries are inserted (on
+    PostgreSQL by the same statement, only if it moved the head). When someone else appended since
     (another process, a rolled-back transaction, an edit), three: move the head and read where it
     was, insert, record the new hash.
     """
@@ -163,11 +173,18 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
     database = str(engine.url) if engine is not None else None
     known = _last_heads.get(database) if database is not None else None
     rows: list[dict[str, Any]] = []
+    inserted = False
     if known is not None:
         rows = _chained(records, known[0] + 1, known[1], at)
-        moved = await session.execute(_MOVE_KNOWN_HEAD, {"known_seq": known[0], "known_hash": known[1],
-                                                         "new_seq": rows[-1]["seq"], "new_hash": rows[-1]["hash"]})
-        if moved.one_or_none() is None:
+        moving = {"known_seq": known[0], "known_hash": known[1],
+                  "new_seq": rows[-1]["seq"], "new_hash": rows[-1]["hash"]}
+        if dialect_of(session) == POSTGRESQL:
+            entries = json.dumps([{**row, "at": _at_text(row["at"])} for row in rows])
+            moved = inserted = (await session.execute(
+                _MOVE_KNOWN_HEAD_AND_INSERT, {**moving, "rows": entries})).first() is not None
+        else:
+            moved = (await session.execute(_MOVE_KNOWN_HEAD, moving)).one_or_none() is not None
+        if not moved:
             rows = []
     if not rows:
         moved = await session.execute(
@@ -186,7 +203,7 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
             rowcount_unread(update(AuditHead)).where(AuditHead.id == 1).values(hash=rows[-1]["hash"])
             .execution_options(synchronize_session=False)
         )
-    else:
+    elif not inserted:
         await session.execute(_INSERT_ENTRIES, rows)
     if database is not None:
         _last_heads[database] = (rows[-1]["seq"], rows[-1]["hash"])
