@@ -56,7 +56,7 @@ _BUMP_AND_LOG = text(
     "WITH moved AS (UPDATE cluster_state SET generation = generation + 1 WHERE id = 1 RETURNING generation) "
     "INSERT INTO cluster_changes (generation, kind, object_id) "
     "SELECT moved.generation, :kind, changed.id "
-    "FROM moved, unnest(CAST(:ids AS VARCHAR[])) WITH ORDINALITY AS changed(id, n) ORDER BY changed.n "
+    "FROM moved, unnest(CAST(:ids AS TEXT[])) WITH ORDINALITY AS changed(id, n) ORDER BY changed.n "
     "RETURNING generation")
 
 

@@ -3,10 +3,11 @@
 SQLAlchemy renders an IN list as one parameter per value (`IN ($1, $2, $3)`): a statement text per
 length. PostgreSQL prepares each text once per connection (`db.PG_STATEMENT_CACHE`), so every batch
 whose length a connection has not met yet costs a round trip to prepare before it runs (`pg8` in
-`docs/benchmarks.md`: 539 distinct statements in a 1,024-node run). There `column = ANY($1::type[])`
+`docs/benchmarks.md`: 539 distinct statements in a 1,024-node run). There `column = ANY($1::TEXT[])`
 takes the whole list as one array parameter: one text, prepared once per connection, for every
-length (an empty array matches nothing, as an empty IN does). SQLite has no array parameters and
-no round trips to prepare (a statement is parsed in-process): it keeps IN.
+length (an empty array matches nothing, as an empty IN does); a text array because asyncpg encodes
+it without looking its type up first (`_any`). SQLite has no array parameters and no round trips to
+prepare (a statement is parsed in-process): it keeps IN.
 
 `any_of` builds the clause with its values bound, for statements built per call; `any_of_named`
 builds it around a named parameter, for statements built once per dialect and executed with
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, any_, bindparam
+from sqlalchemy import BindParameter, ColumnElement, String, Text, any_, bindparam, cast
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,16 +34,28 @@ def dialect_of(session: AsyncSession) -> str:
     return bind.dialect.name
 
 
+def _texts(column: ColumnElement[Any]) -> bool:
+    return isinstance(column.type, String)
+
+
+def _any(column: ColumnElement[Any], array: BindParameter[Any]) -> ColumnElement[bool]:
+    """`column = ANY(array)`, the array a text[] parameter: asyncpg encodes text[] (and oid[]) with
+    codecs of its own, but must look up any other array type on each new connection (four round
+    trips, 10-30 ms on an idle server) before its first use; other columns cast it on the server."""
+    return column == any_(array if _texts(column) else cast(array, ARRAY(column.type)))
+
+
 def any_of(session: AsyncSession, column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[bool]:
     """`column` equal to any of `values`: one array parameter on PostgreSQL, an IN list elsewhere."""
     if dialect_of(session) == POSTGRESQL:
-        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+        texts = list(values) if _texts(column) else [None if v is None else str(v) for v in values]
+        return _any(column, bindparam(None, texts, type_=ARRAY(Text)))
     return column.in_(list(values))
 
 
 def any_of_named(dialect: str, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
-    """`column` equal to any value of the parameter `name` (a list at execution), for a statement
-    built once for `dialect`."""
+    """`column` equal to any value of the parameter `name` (a list at execution; of text for a
+    column of another type, on PostgreSQL), for a statement built once for `dialect`."""
     if dialect == POSTGRESQL:
-        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+        return _any(column, bindparam(name, type_=ARRAY(Text)))
     return column.in_(bindparam(name, expanding=True))
