@@ -73,6 +73,7 @@ from typing import Any
 
 from controller.store.rollout import stored_key
 from controller.store.snapshot import Arrivals, DeploymentRead, NodeRead, ShardKey, Snapshot, Where
+from controller.store.snapshot_index import SnapshotIndex
 from scheduler import Plan, Unplaced
 from scheduler.model import Node, Rack, Row, Zone
 from scheduler.interchange import (
@@ -129,10 +130,6 @@ class ClusterCache:
         # The highest key of the deployments another controller placed before this cache read
         # them (`apply_deployments`), taken in above `last_id`: arrivals below it go in key order.
         self._adopted_id = 0
-        # The snapshot's nodes by id and the solver deployments with shards on each node, kept
-        # with its lists (a node change, a departure need not scan the whole cluster).
-        self._nodes = _NodesById()
-        self._placed = _PlacedOn()
 
     @classmethod
     def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int,
@@ -194,21 +191,21 @@ class ClusterCache:
         plan commits that (`repairs`); the snapshot, like `load_snapshot`, keeps them on the
         down node until then."""
         snap = self.snapshot
-        known = self._nodes.of(snap.problem["nodes"])
+        known = snap.index.nodes_by_id(snap.problem)
         differ = [read for read in reads if read.doc != known.get(read.id)]
         if not differ:
             self.snapshot = dataclasses.replace(snap, generation=generation)
             return False
         racks = {r["id"] for r in snap.problem["racks"]}
-        holding = self._placed.of(snap.problem["placements"])
         changed: list[dict[str, Any]] = []
         removed: list[str] = []
         helped = False
         for read in differ:
             old, new = known.get(read.id), read.doc
-            if read.id in holding and read.id not in reread and (
+            held_by = snap.index.placed_on(snap.problem, read.id)
+            if held_by and read.id not in reread and (
                     new is None or old is None or read.draining or dict(old, state="") != dict(new, state="")
-                    or new["state"] == "down" and self._replacing_on(holding[read.id])):
+                    or new["state"] == "down" and self._replacing_on(held_by)):
                 return None  # its shards must be placed again, or replaced: the full path does
             if new is None:
                 removed.append(read.id)
@@ -232,7 +229,7 @@ class ClusterCache:
             nodes = {n["id"]: n for n in snap.problem["nodes"]}  # in the list's order
         else:
             snap.problem["nodes"] = list(nodes.values())
-        self._nodes.took(snap.problem["nodes"], nodes)
+        snap.index.took_nodes(snap.problem["nodes"], nodes)
         repaired = self.session.apply(ClusterDelta(nodes=tuple(map(node_from_dict, changed)),
                                                    removed_nodes=tuple(removed)))
         for decision in repaired:  # a later repair of one deployment holds all of it so far
@@ -296,11 +293,11 @@ class ClusterCache:
         snap = self.snapshot
         gone = set(keys)
         held = any(snap.replica_indices.get(key) for key in gone)
-        snap.problem["deployments"] = [d for d in snap.problem["deployments"] if d["id"] not in gone]
+        before = {name: snap.problem[name] for name in ("deployments", "placements")}
+        snap.problem["deployments"] = [d for d in before["deployments"] if d["id"] not in gone]
         if held:
-            before = snap.problem["placements"]
-            snap.problem["placements"] = [p for p in before if p["deployment"] not in gone]
-            self._placed.without(before, snap.problem["placements"], gone)
+            snap.problem["placements"] = [p for p in before["placements"] if p["deployment"] not in gone]
+        snap.index.without(before, snap.problem, gone)
         for key in gone:
             for mapping in (snap.deployment_ids, snap.solver_refs, snap.replica_indices):
                 mapping.pop(key, None)  # type: ignore[attr-defined]
@@ -332,14 +329,16 @@ class ClusterCache:
         fresh = {key: i for key, i in arrivals.deployment_ids.items() if key not in snap.deployment_ids}
         docs = [d for d in arrivals.deployments if stored_key(d["id"]) in fresh]
         late = any(key <= max(self.last_id, self._adopted_id) for key in fresh.values())
-        snap.problem["deployments"].extend(docs)
         snap.deployment_ids.update(fresh)  # type: ignore[attr-defined]
         snap.solver_refs.update((name, ref) for name, ref in arrivals.solver_refs.items()  # type: ignore[attr-defined]
                                 if ref.key in fresh)
         snap.replica_indices.update((key, frozenset()) for key in fresh)  # type: ignore[attr-defined]
-        if late:
+        if late:  # a new list, never one sorted in place (`SnapshotIndex`)
             ids = snap.deployment_ids
-            snap.problem["deployments"].sort(key=lambda d: ids[stored_key(d["id"])])
+            snap.problem["deployments"] = sorted((*snap.problem["deployments"], *docs),
+                                                 key=lambda d: ids[stored_key(d["id"])])
+        else:
+            snap.problem["deployments"].extend(docs)
         self.last_id = max(self.last_id, arrivals.last_id)
         return docs
 
@@ -596,7 +595,7 @@ class ClusterCache:
         shards on accelerators it no longer has, or on a node removed, were released as it
         changed; the session repairs what is left of their replicas, as `solve()` does)."""
         holding = self.holding({read.id for read in reads})
-        nodes = self._nodes.of(self.snapshot.problem["nodes"]) if holding else {}
+        nodes = self.snapshot.index.nodes_by_id(self.snapshot.problem) if holding else {}
         again = {}
         for read in reads:
             if read.id not in holding:
@@ -613,11 +612,11 @@ class ClusterCache:
         one of those shards is an outgoing replica's (a drain or a rollout replaces it)."""
         if not nodes:  # (a catch-up with no node change)
             return {}
-        refs = self.snapshot.solver_refs
-        placed = self._placed.of(self.snapshot.problem["placements"])
+        snap = self.snapshot
+        refs = snap.solver_refs
         held: dict[str, tuple[frozenset[str], bool]] = {}
         for node in nodes:
-            names = placed.get(node)
+            names = snap.index.placed_on(snap.problem, node)
             if names:
                 held[node] = (frozenset(map(stored_key, names)),
                               any(name in refs and refs[name].outgoing for name in names))
@@ -635,68 +634,15 @@ class ClusterCache:
                                for key in touched])
 
 
-class _NodesById:
-    """The snapshot's node documents by id, read again when the cache replaces the list (it
-    never changes one in place). Not to be changed by its users."""
-
-    def __init__(self) -> None:
-        self._source: list[dict[str, Any]] | None = None  # held: its id is never another list's
-        self._by_id: dict[str, dict[str, Any]] = {}
-
-    def of(self, nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        if nodes is not self._source:
-            self.took(nodes, {n["id"]: n for n in nodes})
-        return self._by_id
-
-    def took(self, nodes: list[dict[str, Any]], by_id: dict[str, dict[str, Any]]) -> None:
-        """`nodes` is the snapshot's list now, `by_id` its documents by id in its order (built by the caller)."""
-        self._source, self._by_id = nodes, by_id
-
-
-class _PlacedOn:
-    """The solver deployments with shards on each node, of the snapshot's placements: read
-    once, then only what was appended since (`ClusterCache.committed`) or what departures took
-    out (`without`); read again when the cache replaces the list otherwise. Not to be changed
-    by its users."""
-
-    def __init__(self) -> None:
-        self._source: list[dict[str, Any]] | None = None
-        self._read = 0
-        self._on: dict[str, set[str]] = {}
-
-    def of(self, placements: list[dict[str, Any]]) -> dict[str, set[str]]:
-        if placements is not self._source or len(placements) < self._read:
-            self._source, self._read, self._on = placements, 0, {}
-        on = self._on
-        for p in placements[self._read:]:
-            on.setdefault(p["node"], set()).add(p["deployment"])
-        self._read = len(placements)
-        return on
-
-    def without(self, before: list[dict[str, Any]], after: list[dict[str, Any]], gone: Collection[str]) -> None:
-        """`after` replaces `before`, which it is without every placement of the solver
-        deployments `gone` (departures). Followed when `before` was read whole, else `after` is
-        read afresh when next asked."""
-        if before is not self._source or self._read != len(before):
-            return
-        for p in before:
-            if p["deployment"] in gone:
-                names = self._on.get(p["node"])
-                if names is not None:
-                    names.discard(p["deployment"])
-                    if not names:
-                        del self._on[p["node"]]
-        self._source, self._read = after, len(after)
-
-
 def _own_copy(snapshot: Snapshot) -> Snapshot:
-    """A snapshot whose mappings and lists may be updated in place (shares the documents)."""
+    """A snapshot whose mappings and lists may be updated in place (shares the documents), with
+    an index of its own."""
     return dataclasses.replace(
         snapshot, problem=dict(snapshot.problem, nodes=list(snapshot.problem["nodes"]),
                                deployments=list(snapshot.problem["deployments"]),
                                placements=list(snapshot.problem["placements"])),
         deployment_ids=dict(snapshot.deployment_ids), solver_refs=dict(snapshot.solver_refs),
-        replica_indices=dict(snapshot.replica_indices))
+        replica_indices=dict(snapshot.replica_indices), index=SnapshotIndex())
 
 
 def _write_shards(snap: Snapshot, shards: Mapping[ShardKey, Where | None],

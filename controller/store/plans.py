@@ -73,7 +73,7 @@ from controller.store.metering import (
     DeploymentMeter, NodeMeter, StartedShard, node_meters, start_intervals, stop_intervals,
 )
 from controller.store.recheck import ReplicaKey, TenantUsage, Unread, recheck, shard_usage
-from controller.store.rollout import outgoing_id, shards_of, stored_key
+from controller.store.rollout import SolverRef, outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
 from controller.store.marks import rowcount_unread
 from controller.store.sqlite_driver import deferred_writes
@@ -271,40 +271,59 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
     return committed
 
 
-def _solver_ids(snapshot: Snapshot, keys: Collection[str]) -> set[str]:
+@dataclass(frozen=True)
+class _SolverIds:
+    """The solver deployments that stand for the stored deployments `keys` in a snapshot
+    (`_solver_ids`), told by membership: the keys themselves and, when `refs` is given, every
+    solver deployment whose ref names one of them."""
+
+    keys: frozenset[str]
+    refs: Mapping[str, SolverRef] | None = None
+
+    def __contains__(self, solver_id: object) -> bool:
+        if solver_id in self.keys:
+            return True
+        ref = None if self.refs is None else self.refs.get(solver_id)  # type: ignore[call-overload]
+        return ref is not None and ref.key in self.keys
+
+
+def _solver_ids(snapshot: Snapshot, keys: Collection[str]) -> _SolverIds:
     """The solver deployments that stand for the stored deployments `keys` in `snapshot`: each
     one's own and, while a rollout or a drain replaces its replicas, its outgoing revisions'
-    (store/rollout.py), looked for among all of the snapshot's only then (a cost of `keys`, not
-    of the cluster, for a scope of a few)."""
+    (store/rollout.py), told by their refs (a cost of `keys`, not of the cluster). A solver
+    deployment's ref names the stored deployment its id does (`SolverRef`): each of them is
+    among the snapshot's documents of `keys` (`SnapshotIndex.deployments_of`, `placements_of`)."""
     refs, indices = snapshot.solver_refs, snapshot.replica_indices
-    ids = set(keys)
-    for key in keys:
+    wanted = frozenset(keys)
+    for key in wanted:
         ref = refs.get(key)
         if ref is None or ref.outgoing or indices.get(key, frozenset()) - set(ref.replicas.values()):
-            return ids | {sid for sid, ref in refs.items() if ref.key in ids}
-    return ids
+            return _SolverIds(wanted, refs)
+    return _SolverIds(wanted)
 
 
 def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None,
               rows: Collection[str] | None = None) -> dict[str, Any]:
     """The snapshot's problem with one deployment per stored deployment and revision, named
     `TENANT/NAME~REVISION`: what the re-check judges each shard by (the spec its replica was
-    placed with); only the stored deployments `keys` and the nodes of `rows` when given."""
+    placed with); only the stored deployments `keys` and the nodes of `rows` when given (looked
+    up in the snapshot's index: a cost of what they hold, not of the cluster)."""
+    problem, index = snapshot.problem, snapshot.index
+    docs = problem.get("deployments", ())
+    if keys is not None:
+        ids = _solver_ids(snapshot, keys)
+        docs = [doc for doc in index.deployments_of(problem, keys) if doc["id"] in ids]
     specs: dict[str, dict[str, Any]] = {}
-    ids = None if keys is None else _solver_ids(snapshot, keys)
-    for doc in snapshot.problem.get("deployments", ()):
-        if ids is not None and doc["id"] not in ids:
-            continue
+    for doc in docs:
         ref = snapshot.solver_refs.get(doc["id"])
         spec_id = outgoing_id(ref.key, ref.revision) if ref is not None else doc["id"]
         specs.setdefault(spec_id, dict(doc, id=spec_id))
-    problem = {**snapshot.problem, "deployments": list(specs.values()), "placements": []}
+    judged = {**problem, "deployments": list(specs.values()), "placements": []}
     if rows is not None:
-        racks = [r for r in problem.get("racks", ()) if r["row"] in rows]
-        within = {r["id"] for r in racks}
-        problem.update(rows=[r for r in problem.get("rows", ()) if r["id"] in rows], racks=racks,
-                       nodes=[n for n in problem["nodes"] if n["rack"] in within])
-    return problem
+        racks = index.racks_in(problem, rows)
+        judged.update(rows=[r for r in problem.get("rows", ()) if r["id"] in rows], racks=racks,
+                      nodes=index.nodes_on(problem, {r["id"] for r in racks}))
+    return judged
 
 
 async def _plan_changes(
@@ -318,13 +337,12 @@ async def _plan_changes(
     the live deployments `committed` read are considered (a scoped commit's plan speaks for no other)."""
     deployments, current, live = committed.deployments, committed.current, committed.live
     keys = snapshot.plan_keys()
-    # The solver deployments of the live ones (a plain set test per snapshot placement: a
-    # scoped commit skips the cluster's placements at little cost, none when its deployments
-    # hold no shards in the snapshot: arrivals).
+    # The placements of the live ones' solver deployments (looked up in the snapshot's index;
+    # none when they hold no shards in the snapshot: arrivals).
     solver_ids = _solver_ids(snapshot, live)
     held = any(snapshot.replica_indices.get(key) for key in live)
     base: dict[ShardKey, Where] = {}
-    for p in snapshot.problem.get("placements", ()) if held else ():
+    for p in snapshot.index.placements_of(snapshot.problem, live) if held else ():
         if p["deployment"] not in solver_ids:
             continue
         mapped = keys.key(p["deployment"], p["replica"], p["shard"])
@@ -386,10 +404,10 @@ async def _plan_changes(
 
 def _snapshot_racks(snapshot: Snapshot, nodes: Collection[str]) -> tuple[set[str], set[str]]:
     """The racks holding `nodes` and their rows, as `snapshot` has them (current while the
-    topology and the nodes are: `_specs_since`)."""
-    rack_of = {n["id"]: n["rack"] for n in snapshot.problem.get("nodes", ())}
-    row_of = {r["id"]: r["row"] for r in snapshot.problem.get("racks", ())}
-    racks = {rack_of[n] for n in nodes if n in rack_of}
+    topology and the nodes are: `_specs_since`), looked up in its index."""
+    by_id = snapshot.index.nodes_by_id(snapshot.problem)
+    row_of = snapshot.index.row_of(snapshot.problem)
+    racks = {by_id[n]["rack"] for n in nodes if n in by_id}
     return racks, {row_of[r] for r in racks if r in row_of}
 
 
@@ -538,22 +556,21 @@ def _snapshot_neighbours(snapshot: Snapshot, committed: _Committed, racks: Colle
     of the deployments outside the commit's scope. None when it cannot tell: another commit
     changed shards since, or the snapshot left out shards still stored on those racks
     (`Snapshot.released`). No statement under the writer's lock, and a cost of the snapshot's
-    placements, not of a join of every placement on the racks (a 64-shard gang touches dozens)."""
+    placements on those racks (its index), not of a join of every placement on the racks (a
+    64-shard gang touches dozens)."""
     if not racks:
         return {}, {}
     if since is not None and (since.placed or since.deleted is None):
         return None
-    problem = snapshot.problem
-    on = {n["id"] for n in problem.get("nodes", ()) if n["rack"] in racks}
+    problem, index = snapshot.problem, snapshot.index
+    on = {n["id"] for n in index.nodes_on(problem, racks)}
     if any(where[0] in on for where in snapshot.released.values()):
         return None
     gone = frozenset() if since is None or since.deleted is None else since.deleted
     keys = snapshot.plan_keys()
     shards: dict[ShardKey, tuple[int, Where]] = {}
     outside: dict[str, tuple[int, int]] = {}
-    for p in problem.get("placements", ()):
-        if p["node"] not in on:
-            continue
+    for p in index.placements_on(problem, on):
         mapped = keys.key(p["deployment"], p["replica"], p["shard"])
         if mapped is None:
             return None

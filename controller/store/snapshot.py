@@ -27,6 +27,7 @@ from controller.domain.values import deployment_key, split_deployment_key
 from controller.store.changes import schedulable_count
 from controller.store.inlist import any_of
 from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, outgoing_id, solver_view
+from controller.store.snapshot_index import SnapshotIndex
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -72,6 +73,9 @@ class Snapshot:
     # Deployments (keys) being deleted when it was read: the commit removes their rows (one deleted
     # later is removed by the next pass, which publishes its deletion).
     deleting: frozenset[str] = frozenset()
+    # Lookups into `problem` (by node, rack, row, stored deployment) kept across the copies a
+    # cache makes of it (`dataclasses.replace`); one whose lists are replaced is read again.
+    index: SnapshotIndex = field(default_factory=SnapshotIndex, compare=False, repr=False)
 
     def plan_keys(self) -> PlanKeys:
         """Maps a plan solved from this snapshot back to stored shard keys."""
