@@ -174,7 +174,7 @@ class ClusterCache:
         deleted (or quarantined) since the change log was read, which the next read of the log
         takes out (a deletion moves the generation)."""
         known = self.snapshot.deployment_ids
-        return schedulable - len(known) - len(new.deployment_ids.keys() - known.keys())
+        return schedulable - len(known) - sum(1 for key in new.deployment_ids if key not in known)
 
     def apply_nodes(self, reads: Sequence[NodeRead], generation: int, reread: Collection[str] = ()) -> bool | None:
         """Apply node changes (the nodes as read now) to the snapshot and to the session (one
@@ -309,7 +309,8 @@ class ClusterCache:
         """The deployments the session holds short of replicas (unplaceable so far, preempted, or
         placed in part), in arrival order: to decide again after a change that could help them."""
         short = set(self.session.pending())
-        return [d for d in self.snapshot.problem["deployments"] if d["id"] in short] if short else []
+        snap = self.snapshot
+        return [d for d in snap.index.deployments_of(snap.problem, map(stored_key, short)) if d["id"] in short]
 
     def pending_since(self, known_id: int) -> list[dict[str, Any]] | None:
         """The snapshot's deployments stored after `known_id`, to decide (None: one of them
@@ -369,9 +370,8 @@ class ClusterCache:
         carried = hit | extended | held.keys()  # the plan speaks for them whole: with the replicas they hold
         # A rollout's outgoing replicas too; and deployments with shards to release (`apply_deployments`).
         carried_keys = {stored_key(name) for name in carried} | self.releasing
-        kept = [placement_from_dict(p) for p in self.snapshot.problem["placements"]
-                if stored_key(p["deployment"]) in carried_keys and p["deployment"] not in held
-                and (p["deployment"], p["replica"]) not in victims] if carried_keys else []
+        kept = [placement_from_dict(p) for p in self.snapshot.index.placements_of(self.snapshot.problem, carried_keys)
+                if p["deployment"] not in held and (p["deployment"], p["replica"]) not in victims]
         kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in victims]
         reasons = {name: waiting[name] for name in sorted(hit - decided) if name in waiting}
         reasons.update((name, d.unplaced) for name, d in repaired.items() if name not in decided and d.unplaced)

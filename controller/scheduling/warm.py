@@ -154,7 +154,7 @@ class WarmCluster:
         # The topology first: nodes may join racks it adds. The deployments read again go before
         # the nodes when every node they hold shards on is known (a node going down drops an
         # outgoing replica from the view: the session must not re-place it), else last.
-        known = {n["id"] for n in cache.snapshot.problem["nodes"]}
+        known = cache.snapshot.index.nodes_by_id(cache.snapshot.problem)
         early = all(p["node"] in known for read in changed for p in read.placements)
         helped: bool | None = False if topology is None else cache.apply_topology(*topology)
         if helped is not None and changed and early:

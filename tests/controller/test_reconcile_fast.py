@@ -25,6 +25,7 @@ from controller.store.snapshot import Snapshot, load_snapshot
 from controller.domain.values import DeploymentSpec, deployment_key
 from controller.usecases import nodes
 from controller.usecases.ports import RecordingSignals
+from tests.store.snapshot_walks import assert_index_walks
 from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, no_publish, submit
 
 
@@ -49,6 +50,7 @@ def assert_same(cached: Snapshot | None, read: Snapshot) -> None:
     assert dict(cached.solver_refs) == dict(read.solver_refs)
     assert dict(cached.replica_indices) == dict(read.replica_indices)
     assert (dict(cached.released), cached.deleting) == (dict(read.released), read.deleting)
+    assert_index_walks(cached)  # its index, kept as the cache followed, answers as walks of it
 
 
 async def test_the_warm_snapshot_stays_what_a_fresh_read_gives(cluster, decider):

@@ -1,0 +1,204 @@
+"""A snapshot's index answers as walks of its document, kept as the document is appended to,
+departed from and replaced; the plan applier's re-check reads through it exactly what walks of
+the whole snapshot read (`plans._snapshot_racks`, `_snapshot_neighbours`, `_spec_doc`,
+`_solver_ids`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Collection
+from typing import Any
+
+import pytest
+
+from controller.store import plans
+from controller.store.rollout import SolverRef, outgoing_id, stored_key
+from controller.store.snapshot import ShardKey, Snapshot, Where
+
+from .snapshot_walks import assert_index_walks
+
+TEMPLATE = 3  # every deployment's current revision; some hold replicas of revision 2 too
+
+
+def _deployment(rng: random.Random, snap: Snapshot, key: str) -> None:
+    """Append one stored deployment (its current revision and maybe an outgoing one, or no ref
+    at all: one a cache learnt) and its placements on random nodes."""
+    problem = snap.problem
+    nodes = [n["id"] for n in problem["nodes"]]
+    used: set[int] = set()
+    for revision in [TEMPLATE] + ([2] if rng.random() < 0.3 else []):
+        outgoing = revision != TEMPLATE
+        solver_id = outgoing_id(key, revision) if outgoing else key
+        replicas, shards = rng.randint(1, 3), rng.randint(1, 2)
+        problem["deployments"].append({"id": solver_id, "tenant": "t", "replicas": replicas,
+                                       "shards_per_replica": shards, "shard": {"accelerators": 1}})
+        placed = rng.sample(range(replicas), rng.randint(0, replicas))
+        mapping = {}
+        for replica in placed:
+            mapping[replica] = stored = len(used) + 10 * outgoing
+            used.add(stored)
+            for shard in range(shards):
+                problem["placements"].append({"deployment": solver_id, "replica": replica, "shard": shard,
+                                              "node": rng.choice(nodes), "accelerator_indices": [shard]})
+        if outgoing or rng.random() < 0.9:
+            snap.solver_refs[solver_id] = SolverRef(key, revision, outgoing, shards, mapping)  # type: ignore[index]
+    snap.replica_indices[key] = frozenset(used)  # type: ignore[index]
+    snap.deployment_ids[key] = len(snap.deployment_ids) + 1  # type: ignore[index]
+
+
+def _snapshot(rng: random.Random) -> Snapshot:
+    rows = [{"id": f"row{i}", "zone": "z"} for i in range(rng.randint(1, 3))]
+    racks = [{"id": f"rack{i}", "row": rng.choice(rows)["id"]} for i in range(rng.randint(1, 6))]
+    nodes = [{"id": f"n{i:02d}", "rack": rng.choice(racks)["id"], "state": "ready", "accelerators": 4}
+             for i in sorted(rng.sample(range(60), rng.randint(1, 24)))]
+    snap = Snapshot(1, {"version": 1, "zones": [{"id": "z"}], "rows": rows, "racks": racks, "nodes": nodes,
+                        "tenants": [{"id": "t"}], "deployments": [], "placements": []}, {}, {}, {})
+    for k in range(rng.randint(0, 20)):
+        _deployment(rng, snap, f"t/d{k}")
+    return snap
+
+
+def _step(rng: random.Random, snap: Snapshot, step: int) -> Snapshot:
+    """One change as the owners of snapshots make them: arrivals and their placements appended,
+    departures (the deployments' lists rebuilt without them: `SnapshotIndex.without`), a list
+    replaced, a copy of the snapshot (the index goes with it)."""
+    problem = snap.problem
+    kind = rng.choice(["arrive", "arrive", "depart", "depart", "nodes", "placements", "copy"])
+    if kind == "arrive":
+        _deployment(rng, snap, f"t/new{step}")
+    elif kind == "depart" and snap.deployment_ids:
+        gone = set(rng.sample(sorted(snap.deployment_ids), rng.randint(1, min(3, len(snap.deployment_ids)))))
+        before = {name: problem[name] for name in ("deployments", "placements")}
+        problem["deployments"] = [d for d in before["deployments"] if d["id"] not in gone]
+        problem["placements"] = [p for p in before["placements"] if p["deployment"] not in gone]
+        snap.index.without(before, problem, gone)
+        for key in gone:
+            for mapping in (snap.deployment_ids, snap.solver_refs, snap.replica_indices):
+                mapping.pop(key, None)  # type: ignore[attr-defined]
+    elif kind == "nodes":  # a node changed: the list is replaced
+        problem["nodes"] = [dict(n, rack=rng.choice(problem["racks"])["id"]) if rng.random() < 0.2 else n
+                            for n in problem["nodes"]]
+    elif kind == "placements":  # a commit followed: the list is rebuilt
+        problem["placements"] = [p for p in problem["placements"] if rng.random() < 0.9]
+    else:
+        snap = dataclasses.replace(snap, generation=snap.generation + 1)
+    return snap
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_index_answers_as_walks_of_the_document_as_it_changes(seed: int) -> None:
+    rng = random.Random(seed)
+    snap = _snapshot(rng)
+    assert_index_walks(snap, rng)
+    for step in range(12):
+        snap = _step(rng, snap, step)
+        assert_index_walks(snap, rng)
+
+
+def test_a_list_changed_otherwise_than_said_is_read_again() -> None:
+    rng = random.Random(5)
+    snap = _snapshot(rng)
+    while len(snap.problem["placements"]) < 2:
+        _deployment(rng, snap, f"t/more{len(snap.deployment_ids)}")
+    assert_index_walks(snap, rng)
+    before = {name: snap.problem[name] for name in ("deployments", "placements")}
+    gone = {stored_key(snap.problem["placements"][0]["deployment"])}
+    snap.problem["placements"] = snap.problem["placements"][1:]  # one placement less than the departure holds
+    snap.index.without(before, snap.problem, gone)
+    assert_index_walks(snap, rng)
+
+
+# The re-check's readers as whole-snapshot walks (what they were before the index).
+def _walked_solver_ids(snap: Snapshot, keys: Collection[str]) -> set[str]:
+    refs, indices = snap.solver_refs, snap.replica_indices
+    ids = set(keys)
+    for key in keys:
+        ref = refs.get(key)
+        if ref is None or ref.outgoing or indices.get(key, frozenset()) - set(ref.replicas.values()):
+            return ids | {sid for sid, ref in refs.items() if ref.key in ids}
+    return ids
+
+
+def _walked_spec_doc(snap: Snapshot, keys: Collection[str] | None, rows: Collection[str] | None) -> dict[str, Any]:
+    specs: dict[str, dict[str, Any]] = {}
+    ids = None if keys is None else _walked_solver_ids(snap, keys)
+    for doc in snap.problem["deployments"]:
+        if ids is not None and doc["id"] not in ids:
+            continue
+        ref = snap.solver_refs.get(doc["id"])
+        spec_id = outgoing_id(ref.key, ref.revision) if ref is not None else doc["id"]
+        specs.setdefault(spec_id, dict(doc, id=spec_id))
+    problem = {**snap.problem, "deployments": list(specs.values()), "placements": []}
+    if rows is not None:
+        racks = [r for r in problem["racks"] if r["row"] in rows]
+        within = {r["id"] for r in racks}
+        problem.update(rows=[r for r in problem["rows"] if r["id"] in rows], racks=racks,
+                       nodes=[n for n in problem["nodes"] if n["rack"] in within])
+    return problem
+
+
+def _walked_racks(snap: Snapshot, nodes: Collection[str]) -> tuple[set[str], set[str]]:
+    rack_of = {n["id"]: n["rack"] for n in snap.problem["nodes"]}
+    row_of = {r["id"]: r["row"] for r in snap.problem["racks"]}
+    racks = {rack_of[n] for n in nodes if n in rack_of}
+    return racks, {row_of[r] for r in racks if r in row_of}
+
+
+def _walked_neighbours(snap: Snapshot, committed: Any, racks: Collection[str], gone: frozenset[str],
+                       ) -> tuple[dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]] | None:
+    if not racks:
+        return {}, {}
+    on = {n["id"] for n in snap.problem["nodes"] if n["rack"] in racks}
+    if any(where[0] in on for where in snap.released.values()):
+        return None
+    keys = snap.plan_keys()
+    shards: dict[ShardKey, tuple[int, Where]] = {}
+    outside: dict[str, tuple[int, int]] = {}
+    for p in snap.problem["placements"]:
+        if p["node"] not in on:
+            continue
+        mapped = keys.key(p["deployment"], p["replica"], p["shard"])
+        if mapped is None:
+            return None
+        key, revision = mapped
+        if committed.speaks_for(key[0]) or key[0] in committed.deployments or key[0] in gone:
+            continue
+        if key[0] not in outside:
+            ref = snap.solver_refs.get(key[0])
+            template = ref.revision if ref is not None and not ref.outgoing else revision
+            outside[key[0]] = (snap.deployment_ids.get(key[0], 0), template)
+        shards[key] = (revision, (p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli")))
+    return shards, outside
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_recheck_reads_through_the_index_what_walks_of_the_snapshot_read(seed: int) -> None:
+    rng = random.Random(seed)
+    snap = _snapshot(rng)
+    for step in range(8):
+        snap = _step(rng, snap, step)
+        problem = snap.problem
+        names = sorted(snap.deployment_ids) + ["t/unknown"]
+        if rng.random() < 0.2 and problem["placements"]:  # shards left out of the document
+            p = rng.choice(problem["placements"])
+            snap = dataclasses.replace(snap, released={(stored_key(p["deployment"]), 99, 0): (p["node"], (0,), None)})
+        for _ in range(4):
+            keys = set(rng.sample(names, rng.randint(0, len(names))))
+            every = {*snap.solver_refs, *(d["id"] for d in problem["deployments"]), *keys}
+            ids = plans._solver_ids(snap, keys)
+            assert {sid for sid in every if sid in ids} == _walked_solver_ids(snap, keys) & every
+            rows = rng.choice([None, set(), {r["id"] for r in problem["rows"][:1]}, {r["id"] for r in problem["rows"]}])
+            for wanted in (keys, None):
+                assert plans._spec_doc(snap, wanted, rows) == _walked_spec_doc(snap, wanted, rows)
+            touched = set(rng.sample([n["id"] for n in problem["nodes"]], rng.randint(0, len(problem["nodes"]))))
+            assert plans._snapshot_racks(snap, touched | {"n-unknown"}) == _walked_racks(snap, touched)
+            racks, _ = _walked_racks(snap, touched)
+            scope = frozenset(rng.sample(names, rng.randint(0, min(3, len(names)))))
+            read = set(rng.sample(names, rng.randint(0, min(3, len(names)))))
+            committed = plans._Committed(scope, snap.generation, {key: None for key in read}, set(), {}, [])
+            gone = frozenset(rng.sample(names, rng.randint(0, min(2, len(names)))))
+            since = rng.choice([None, plans._Since(gone, False)])
+            assert plans._snapshot_neighbours(snap, committed, racks, since) == _walked_neighbours(
+                snap, committed, racks, frozenset() if since is None else gone)
+
