@@ -12,11 +12,12 @@ columns rather than ORM objects, and builds the document in one sweep.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler import Deployment as SolverDeployment
@@ -387,6 +388,18 @@ class Arrivals:
     schedulable: int | None = None
 
 
+@functools.cache
+def _arrivals_after() -> Select[Any]:
+    """The schedulable deployments above the key `after_id` (a bound parameter), and the count of
+    all of them (`load_arrivals`), built once: a pass reads it, most passes. Counted in the same
+    statement: a count read apart from the rows differs from them whenever a submit or a
+    deletion lands in between, which sent the caller looking for keys it missed
+    (`schedulable_keys`, every key) though none was."""
+    return (select(*_DEPLOYMENT_COLUMNS, schedulable_count().correlate(None).scalar_subquery().label("schedulable"))
+            .where(Deployment.phase != DeploymentPhase.QUARANTINED, Deployment.id > bindparam("after_id"))
+            .order_by(Deployment.id))
+
+
 async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DEFAULT_SURGE,
                         only: Collection[int] | None = None) -> Arrivals:
     """The schedulable deployments whose primary key is above `after_id` (one query), or those
@@ -400,15 +413,12 @@ async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DE
     last_id = after_id
     schedulable: int | None = None
     if only is None:
-        # Counted in the same statement: a count read apart from the rows differs from them
-        # whenever a submit or a deletion lands in between, which sent the caller looking for
-        # keys it missed (`schedulable_keys`, every key) though none was.
-        query = select(*_DEPLOYMENT_COLUMNS, schedulable_count().correlate(None).scalar_subquery().label("schedulable")).where(
-            Deployment.phase != DeploymentPhase.QUARANTINED, Deployment.id > after_id)
+        rows = await session.execute(_arrivals_after(), {"after_id": after_id})
     else:
         query = select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED,
                                                    any_of(session, Deployment.id, sorted(only)))
-    for d in await session.execute(query.order_by(Deployment.id)):
+        rows = await session.execute(query.order_by(Deployment.id))
+    for d in rows:
         last_id = max(last_id, d.id)
         if only is None:
             schedulable = d.schedulable
