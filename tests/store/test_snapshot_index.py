@@ -14,9 +14,9 @@ import pytest
 
 from controller.store import plans
 from controller.store.rollout import SolverRef, outgoing_id, stored_key
-from controller.store.snapshot import ShardKey, Snapshot, Where
+from controller.store.snapshot import Snapshot
 
-from .snapshot_walks import assert_index_walks
+from .snapshot_walks import WalkingIndex, assert_index_walks
 
 TEMPLATE = 3  # every deployment's current revision; some hold replicas of revision 2 too
 
@@ -109,7 +109,8 @@ def test_a_list_changed_otherwise_than_said_is_read_again() -> None:
     assert_index_walks(snap, rng)
 
 
-# The re-check's readers as whole-snapshot walks (what they were before the index).
+# The spec readers as whole-snapshot walks, as they were before the index (they read the
+# deployments of the keys' solver ids among all of the snapshot's, not the keys' documents).
 def _walked_solver_ids(snap: Snapshot, keys: Collection[str]) -> set[str]:
     refs, indices = snap.solver_refs, snap.replica_indices
     ids = set(keys)
@@ -138,40 +139,6 @@ def _walked_spec_doc(snap: Snapshot, keys: Collection[str] | None, rows: Collect
     return problem
 
 
-def _walked_racks(snap: Snapshot, nodes: Collection[str]) -> tuple[set[str], set[str]]:
-    rack_of = {n["id"]: n["rack"] for n in snap.problem["nodes"]}
-    row_of = {r["id"]: r["row"] for r in snap.problem["racks"]}
-    racks = {rack_of[n] for n in nodes if n in rack_of}
-    return racks, {row_of[r] for r in racks if r in row_of}
-
-
-def _walked_neighbours(snap: Snapshot, committed: Any, racks: Collection[str], gone: frozenset[str],
-                       ) -> tuple[dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]] | None:
-    if not racks:
-        return {}, {}
-    on = {n["id"] for n in snap.problem["nodes"] if n["rack"] in racks}
-    if any(where[0] in on for where in snap.released.values()):
-        return None
-    keys = snap.plan_keys()
-    shards: dict[ShardKey, tuple[int, Where]] = {}
-    outside: dict[str, tuple[int, int]] = {}
-    for p in snap.problem["placements"]:
-        if p["node"] not in on:
-            continue
-        mapped = keys.key(p["deployment"], p["replica"], p["shard"])
-        if mapped is None:
-            return None
-        key, revision = mapped
-        if committed.speaks_for(key[0]) or key[0] in committed.deployments or key[0] in gone:
-            continue
-        if key[0] not in outside:
-            ref = snap.solver_refs.get(key[0])
-            template = ref.revision if ref is not None and not ref.outgoing else revision
-            outside[key[0]] = (snap.deployment_ids.get(key[0], 0), template)
-        shards[key] = (revision, (p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli")))
-    return shards, outside
-
-
 @pytest.mark.parametrize("seed", range(30))
 def test_the_recheck_reads_through_the_index_what_walks_of_the_snapshot_read(seed: int) -> None:
     rng = random.Random(seed)
@@ -183,6 +150,7 @@ def test_the_recheck_reads_through_the_index_what_walks_of_the_snapshot_read(see
         if rng.random() < 0.2 and problem["placements"]:  # shards left out of the document
             p = rng.choice(problem["placements"])
             snap = dataclasses.replace(snap, released={(stored_key(p["deployment"]), 99, 0): (p["node"], (0,), None)})
+        walked = dataclasses.replace(snap, index=WalkingIndex())  # the readers over walks of the document
         for _ in range(4):
             keys = set(rng.sample(names, rng.randint(0, len(names))))
             every = {*snap.solver_refs, *(d["id"] for d in problem["deployments"]), *keys}
@@ -192,13 +160,13 @@ def test_the_recheck_reads_through_the_index_what_walks_of_the_snapshot_read(see
             for wanted in (keys, None):
                 assert plans._spec_doc(snap, wanted, rows) == _walked_spec_doc(snap, wanted, rows)
             touched = set(rng.sample([n["id"] for n in problem["nodes"]], rng.randint(0, len(problem["nodes"]))))
-            assert plans._snapshot_racks(snap, touched | {"n-unknown"}) == _walked_racks(snap, touched)
-            racks, _ = _walked_racks(snap, touched)
+            racks, in_rows = plans._snapshot_racks(snap, touched | {"n-unknown"})
+            assert (racks, in_rows) == plans._snapshot_racks(walked, touched)
+            assert racks == {n["rack"] for n in problem["nodes"] if n["id"] in touched}
             scope = frozenset(rng.sample(names, rng.randint(0, min(3, len(names)))))
             read = set(rng.sample(names, rng.randint(0, min(3, len(names)))))
             committed = plans._Committed(scope, snap.generation, {key: None for key in read}, set(), {}, [])
             gone = frozenset(rng.sample(names, rng.randint(0, min(2, len(names)))))
             since = rng.choice([None, plans._Since(gone, False)])
-            assert plans._snapshot_neighbours(snap, committed, racks, since) == _walked_neighbours(
-                snap, committed, racks, frozenset() if since is None else gone)
-
+            assert plans._snapshot_neighbours(snap, committed, racks, since) == plans._snapshot_neighbours(
+                walked, committed, racks, since)
