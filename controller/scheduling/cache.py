@@ -119,6 +119,7 @@ class ClusterCache:
 
     def __init__(self, snapshot: Snapshot, session: Session | RemoteSession) -> None:
         self.snapshot = _own_copy(snapshot)  # updated in place after each commit
+        self.snapshot.index.read(self.snapshot.problem)  # in the worker thread that builds it (`build`)
         self.session = session
         self.last_id = max(snapshot.deployment_ids.values(), default=0)
         # Generations above the snapshot's that this controller's own commits made, already
@@ -230,6 +231,7 @@ class ClusterCache:
         else:
             snap.problem["nodes"] = list(nodes.values())
         snap.index.took_nodes(snap.problem["nodes"], nodes)
+        snap.index.read(snap.problem)  # here rather than on the event loop
         repaired = self.session.apply(ClusterDelta(nodes=tuple(map(node_from_dict, changed)),
                                                    removed_nodes=tuple(removed)))
         for decision in repaired:  # a later repair of one deployment holds all of it so far
@@ -451,6 +453,7 @@ class ClusterCache:
         self._readopt(touched)
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
                                             released=self._released_written())
+        snap.index.read(snap.problem)  # the lists it replaced, here rather than on the event loop
         return True
 
     @property
@@ -530,6 +533,7 @@ class ClusterCache:
         for read in (*changed.values(), *adopted.values()):
             released.update(read.released)
         self.snapshot = dataclasses.replace(snap, generation=generation, released=released)
+        snap.index.read(snap.problem)  # the lists it replaced, here rather than on the event loop
         return bool(changed or adopted)
 
     def _replace(self, reads: Mapping[str, DeploymentRead], old: Mapping[str, list[str]]) -> None:

@@ -41,12 +41,14 @@ class _Grouped:
         self._read = 0
         self._seq = 0
         self._groups: tuple[dict[str, dict[int, Doc]], ...] = tuple({} for _ in keys)
+        self.whole_reads = 0  # lists read whole (a replaced one, or one changed otherwise than said)
 
     def of(self, items: list[Doc]) -> tuple[dict[str, dict[int, Doc]], ...]:
         """The groupings of `items` (the document's list now), by key: sequence number -> document."""
         if items is not self._source or len(items) < self._read:
             self._source, self._read = items, 0
             self._groups = tuple({} for _ in self._keys)
+            self.whole_reads += 1
         if self._read < len(items):
             groups = tuple(zip(self._keys, self._groups))
             seq = self._seq
@@ -67,8 +69,9 @@ class _Grouped:
         """`after` replaces `before`, which it is without the documents under `keys` in
         `grouping` for which `leaves` holds. Followed when `before` was read whole, else `after`
         is read afresh when next asked."""
-        if before is not self._source or self._read != len(before):
+        if before is not self._source or len(before) < self._read:
             return
+        self.of(before)  # what was appended since it was last read
         removed = 0
         for key in keys:
             under = self._groups[grouping].get(key)
@@ -118,6 +121,14 @@ class SnapshotIndex:
         self._placements = _Grouped(_node_of, _key_of_placement)
         self._deployments = _Grouped(_key_of_deployment)
 
+    def read(self, problem: Mapping[str, Any]) -> None:
+        """Read what of `problem` the index has not read yet (an owner that replaced a list reads
+        it in its worker thread, so that the event loop's next lookup finds it read)."""
+        self._on_racks(problem)
+        self._topology(problem)
+        self._placements.of(problem.get("placements", []))
+        self._deployments.of(problem.get("deployments", []))
+
     # Nodes and racks.
     def nodes_by_id(self, problem: Mapping[str, Any]) -> dict[str, Doc]:
         """The document's nodes by id, in the list's order."""
@@ -132,13 +143,17 @@ class SnapshotIndex:
 
     def nodes_on(self, problem: Mapping[str, Any], racks: Iterable[str]) -> list[Doc]:
         """The document's nodes on `racks`, in the list's order."""
+        on_rack = self._on_racks(problem)
+        return _in_order(entry for rack in set(racks) for entry in on_rack.get(rack, ()))
+
+    def _on_racks(self, problem: Mapping[str, Any]) -> dict[str, list[tuple[int, Doc]]]:
         by_id = self.nodes_by_id(problem)
         if self._on_rack is None:
             on_rack: dict[str, list[tuple[int, Doc]]] = {}
             for at, n in enumerate(by_id.values()):
                 on_rack.setdefault(n["rack"], []).append((at, n))
             self._on_rack = on_rack
-        return _in_order(entry for rack in set(racks) for entry in self._on_rack.get(rack, ()))
+        return self._on_rack
 
     def _topology(self, problem: Mapping[str, Any]) -> None:
         racks = problem.get("racks", [])
@@ -160,6 +175,12 @@ class SnapshotIndex:
         return _in_order(entry for row in set(rows) for entry in self._in_row.get(row, ()))
 
     # Placements and deployments.
+    @property
+    def whole_reads(self) -> int:
+        """How many times a list of placements or deployments was read whole (its first read
+        included): the lists' owners keep it to those they replace."""
+        return self._placements.whole_reads + self._deployments.whole_reads
+
     def placements_on(self, problem: Mapping[str, Any], nodes: Iterable[str]) -> list[Doc]:
         """The document's placements on `nodes`, in the list's order."""
         return self._placements.select(problem.get("placements", []), 0, nodes)

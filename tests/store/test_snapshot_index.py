@@ -59,7 +59,7 @@ def _snapshot(rng: random.Random) -> Snapshot:
     return snap
 
 
-def _step(rng: random.Random, snap: Snapshot, step: int) -> Snapshot:
+def _step(rng: random.Random, snap: Snapshot, step: int) -> tuple[Snapshot, str]:
     """One change as the owners of snapshots make them: arrivals and their placements appended,
     departures (the deployments' lists rebuilt without them: `SnapshotIndex.without`), a list
     replaced, a copy of the snapshot (the index goes with it)."""
@@ -83,7 +83,7 @@ def _step(rng: random.Random, snap: Snapshot, step: int) -> Snapshot:
         problem["placements"] = [p for p in problem["placements"] if rng.random() < 0.9]
     else:
         snap = dataclasses.replace(snap, generation=snap.generation + 1)
-    return snap
+    return snap, kind
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -91,9 +91,15 @@ def test_the_index_answers_as_walks_of_the_document_as_it_changes(seed: int) -> 
     rng = random.Random(seed)
     snap = _snapshot(rng)
     assert_index_walks(snap, rng)
-    for step in range(12):
-        snap = _step(rng, snap, step)
-        assert_index_walks(snap, rng)
+    reads, replaced = snap.index.whole_reads, False
+    for step in range(16):
+        snap, kind = _step(rng, snap, step)
+        replaced |= kind == "placements"
+        if rng.random() < 0.5:  # else the next change lands on what the index has not read yet
+            assert_index_walks(snap, rng)
+            # Arrivals and departures are followed at their cost: only a replaced list is read whole.
+            assert snap.index.whole_reads == reads + replaced, kind
+            reads, replaced = snap.index.whole_reads, False
 
 
 def test_a_list_changed_otherwise_than_said_is_read_again() -> None:
@@ -104,9 +110,13 @@ def test_a_list_changed_otherwise_than_said_is_read_again() -> None:
     assert_index_walks(snap, rng)
     before = {name: snap.problem[name] for name in ("deployments", "placements")}
     gone = {stored_key(snap.problem["placements"][0]["deployment"])}
-    snap.problem["placements"] = snap.problem["placements"][1:]  # one placement less than the departure holds
+    snap.problem["deployments"] = [d for d in before["deployments"] if d["id"] not in gone]
+    snap.problem["placements"] = before["placements"][1:]  # its first placement alone left: not what was said
+    assert len(snap.problem["placements"]) != len([p for p in before["placements"] if p["deployment"] not in gone])
+    reads = snap.index.whole_reads
     snap.index.without(before, snap.problem, gone)
     assert_index_walks(snap, rng)
+    assert snap.index.whole_reads == reads + 1
 
 
 # The spec readers as whole-snapshot walks, as they were before the index (they read the
@@ -144,7 +154,7 @@ def test_the_recheck_reads_through_the_index_what_walks_of_the_snapshot_read(see
     rng = random.Random(seed)
     snap = _snapshot(rng)
     for step in range(8):
-        snap = _step(rng, snap, step)
+        snap, _ = _step(rng, snap, step)
         problem = snap.problem
         names = sorted(snap.deployment_ids) + ["t/unknown"]
         if rng.random() < 0.2 and problem["placements"]:  # shards left out of the document
