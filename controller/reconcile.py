@@ -249,10 +249,13 @@ class Reconciler:
         read_views: Callable[[UnitOfWork, set[str]], Awaitable[list[DeploymentView]]] | None = None,
     ) -> None:
         self._db = db
-        # `run` on a thread of its own (`scheduling/own_loop.py`): by default wherever another
-        # engine reaches the same database (PostgreSQL, a SQLite file: its writers take turns
-        # across threads, `db.SqliteWriters`), not on an in-memory SQLite database.
-        self._own_thread = db is not None and db.reopenable if own_thread is None else own_thread
+        # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. On a
+        # SQLite file it can (its writers take turns across threads, `db.SqliteWriters`) but does
+        # not by default: measured at 4,096 nodes (docs/benchmarks.md, issue 8, night 2, lead), its
+        # plan commits then held SQLite's writer longer (each trip back to the reconciler's thread
+        # waits for the GIL, up to a switch interval, behind the busy controller's loop) and three
+        # of four runs were slower. Never on an in-memory one (a second engine opens another database).
+        self._own_thread = db is not None and not db.is_sqlite if own_thread is None else own_thread
         self._own: OwnLoop | None = None  # while `run` runs there
         self._push = push
         self._publish = publish
@@ -350,9 +353,10 @@ class Reconciler:
 
     async def run(self) -> None:
         """Reconcile until cancelled: on a thread of its own with its own event loop and its own
-        database connections when so made (`own_thread`, by default: a pass's round trips then
-        never queue behind the agent streams on the controller's loop, nor the RPCs behind a
-        pass's CPU); pushes to nodes and publishes to watchers are handed to the controller's loop."""
+        database connections when so made (`own_thread`, by default on PostgreSQL: a pass's
+        round trips then never queue behind the agent streams on the controller's loop, nor the
+        RPCs behind a pass's CPU); pushes to nodes and publishes to watchers are handed to the
+        controller's loop."""
         if not self._own_thread:
             await self._run()
             return

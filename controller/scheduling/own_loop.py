@@ -1,6 +1,6 @@
 """A coroutine on a thread of its own, with an event loop of its own.
 
-The reconcile loop runs there (`Reconciler.run`; not on an in-memory SQLite database): each of
+The reconcile loop runs there on PostgreSQL (`Reconciler.run`; on a SQLite file when asked): each of
 a pass's statements is a trip (a round trip to PostgreSQL, a trip to aiosqlite's thread), and on
 the controller's event loop every one of them waits for its turn behind the callbacks of
 1,024-4,096 agent streams and the RPCs (a pass of ~15 round trips took ~900 ms at load, ~50 ms

@@ -247,12 +247,6 @@ class Database:
     def is_sqlite(self) -> bool:
         return _is_sqlite(self.url)
 
-    @property
-    def reopenable(self) -> bool:
-        """Whether another engine on `url` (another thread's, another loop's) opens this same
-        database: PostgreSQL and a SQLite file, not an in-memory SQLite database."""
-        return not self.is_sqlite or sqlite_path(self.url) is not None
-
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
         session = self._sessions()
