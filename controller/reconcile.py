@@ -251,10 +251,11 @@ class Reconciler:
         self._db = db
         # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. On a
         # SQLite file it can (its writers take turns across threads, `db.SqliteWriters`) but does
-        # not by default: measured at 4,096 nodes (docs/benchmarks.md, issue 8, night 2, lead), its
-        # plan commits then held SQLite's writer longer (each trip back to the reconciler's thread
-        # waits for the GIL, up to a switch interval, behind the busy controller's loop) and three
-        # of four runs were slower. Never on an in-memory one (a second engine opens another database).
+        # not by default: no gain was shown at 4,096 nodes (docs/benchmarks.md, issue 8, night 2,
+        # lead: three of four pairs slower, and runs of one code varied more than the versions did),
+        # and each of a plan commit's trips back to the reconciler's thread may wait for the GIL
+        # behind the busy controller's loop while it holds SQLite's writer. Never on an in-memory
+        # one (a second engine opens another database).
         self._own_thread = db is not None and not db.is_sqlite if own_thread is None else own_thread
         self._own: OwnLoop | None = None  # while `run` runs there
         self._push = push

@@ -40,7 +40,6 @@ async def test_a_stop_ends_every_agent_stream_and_refuses_the_queued_register(db
                 await asyncio.gather(*(a.register() for a in agents[i:i + 20]))
             for agent in agents:
                 await agent.connect()
-                agent.keep_beating()  # every stream lives until the stop under load (a silent one ends after 2 s)
             await asyncio.gather(*(agent.next_set() for agent in agents))  # every stream open and served
             assert len(app.hub.connected()) == AGENTS
 

@@ -25,6 +25,9 @@ async def test_the_batches_carry_the_watchs_events_in_order(seeded: Stubs) -> No
         # the current state (the 5 and `existing`, all on one page) is one message
         assert [(e.type, e.deployment.spec.name) for e in first.events] == \
             [(D.DeploymentEvent.TYPE_ADDED, n) for n in [*NAMES, "existing"]]
+        # The single watch's listing is read before anything changes: a handler started late
+        # under load would otherwise list the state after the changes below.
+        events = [await one.read() for _ in range(len(first.events))]
         await seeded.deployments.DeleteDeployment(D.DeleteDeploymentRequest(name="a3"))
         await seeded.deployments.SubmitDeployment(D.SubmitDeploymentRequest(spec=spec("late")))
         await seeded.deployments.DeleteDeployment(D.DeleteDeploymentRequest(name="late"))
@@ -32,7 +35,6 @@ async def test_the_batches_carry_the_watchs_events_in_order(seeded: Stubs) -> No
         def ends(event: D.DeploymentEvent) -> bool:  # the last change made above, once it is gone
             return event.type == D.DeploymentEvent.TYPE_DELETED and event.deployment.spec.name == "late"
 
-        events = []
         async for event in one:
             events.append(event)
             if ends(event):
