@@ -30,8 +30,10 @@ async def test_a_stop_ends_every_agent_stream_and_refuses_the_queued_register(db
     by the server at the end of the grace) and ends every stream cleanly (status OK: "the
     controller ended it", which sends an agent to the next controller). None of these calls is
     cut off (CANCELLED) by the server's grace running out."""
+    # A 60 s heartbeat timeout: the 200 streams are silent until the stop, and with the test
+    # controller's 2 s the first ones were ended before the last connected under load (.ci/run).
     async with running_controller(db_url, tmp_path, agent_admission_concurrency=1,
-                                  agent_admission_queue=AGENTS) as app:
+                                  agent_admission_queue=AGENTS, heartbeat_timeout_s=60) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         agents = [HandAgent(stubs, f"n{i:03d}", f"rack-{i % RACKS:02d}") for i in range(AGENTS)]
         try:
