@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from controller.aio import within
 from controller.store import audit
 from controller.store import pg_driver, sqlite_driver
+from controller.store.lease import CommitOutcomeUnknown
 from controller.store.exclusive import sqlite_path
 from controller.store.turns import WriterTurns
 
@@ -193,7 +194,7 @@ def database_failed(exc: BaseException) -> bool:
     """Whether `exc` says the database could not be reached or used (no connection in time, a
     connection lost, a lock not granted) rather than that the statements were wrong: the same work
     retried at once, whole or in parts, fails the same way."""
-    if isinstance(exc, (PoolTimeout, OperationalError, OSError, TimeoutError)):
+    if isinstance(exc, (PoolTimeout, OperationalError, OSError, TimeoutError, CommitOutcomeUnknown)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 

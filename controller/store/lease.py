@@ -51,6 +51,19 @@ class LeaseLost(Unavailable):
                          retry_after_ms=LEASE_LOST_RETRY_MS)
 
 
+class CommitOutcomeUnknown(Unavailable):
+    """The connection to the database was lost while a fenced transaction was committing (its
+    COMMIT on the way, or the answer on the way back): the server may have committed it or not,
+    and no client can tell which. Its caller is told UNAVAILABLE saying the write may have landed:
+    it must read before it writes the same again, never count it as failed (nor as written)."""
+
+    def __init__(self, holder: str, cause: BaseException) -> None:
+        self.holder = holder
+        super().__init__(f"controller {holder} lost its database connection while committing "
+                         f"({cause}); the write may have landed: "
+                         f"read before retrying it", retry_after_ms=LEASE_LOST_RETRY_MS)
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseRow:
     """The lease as stored, with the database's time when it was read."""
@@ -155,7 +168,9 @@ async def commit_fenced(session: AsyncSession, holder: str, token: int | None,
     On PostgreSQL (asyncpg, `pg_driver`) the check rides in the COMMIT's own message
     (`fence_guard`): no round trip of its own, and the row is locked only for the COMMIT. A unit of
     work that wrote nothing sends no COMMIT and is not checked: it has nothing a new leader could
-    find half-done. Elsewhere (SQLite) `fence` runs just before `commit`."""
+    find half-done. A connection lost with the COMMIT in flight raises `CommitOutcomeUnknown` (the
+    server may have committed); a refusal stays `LeaseLost` whatever happens to the connection after
+    it. Elsewhere (SQLite) `fence` runs just before `commit`."""
     if token is None:
         raise LeaseLost(holder, token)
     connection = await pg_driver.adapted_connection(session)
@@ -169,6 +184,8 @@ async def commit_fenced(session: AsyncSession, holder: str, token: int | None,
     except DBAPIError as exc:
         if _refused_by_guard(exc):
             raise LeaseLost(holder, token) from exc
+        if connection.commit_unknown:
+            raise CommitOutcomeUnknown(holder, exc.orig or exc) from exc
         raise
     finally:
         connection.commit_guard = None

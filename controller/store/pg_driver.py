@@ -91,7 +91,14 @@ class PlainTransaction:
     """BEGIN, COMMIT and ROLLBACK sent as plain statements, as asyncpg's `Transaction` sends them,
     except that the COMMIT carries the connection's `commit_guard` in its message: one round trip
     for both. A guard that fails (raises) leaves the transaction aborted: it is rolled back and the
-    guard's error raised, nothing committed."""
+    guard's error raised, nothing committed; if that ROLLBACK fails too (the connection lost
+    meanwhile), the connection is closed (the server rolls back what it ends) and the guard's error
+    raised all the same: the refusal is known, the loss after it changes nothing.
+
+    A connection lost while the COMMIT was on its way or its answer on the way back leaves the
+    outcome unknown (the server may have committed): the connection's `commit_unknown` says so
+    until its next COMMIT (`lease.commit_fenced` reads it). One found closed before the COMMIT was
+    sent did not commit and does not set it."""
 
     __slots__ = ("_adapted",)
 
@@ -104,15 +111,20 @@ class PlainTransaction:
                                     f"{' READ ONLY' if a.readonly else ''}{' DEFERRABLE' if a.deferrable else ''}")
 
     async def commit(self) -> None:
-        connection, guard = self._adapted._connection, self._adapted.commit_guard
-        if guard is None:
-            await connection.execute("COMMIT")
-            return
+        adapted = self._adapted
+        connection, guard = adapted._connection, adapted.commit_guard
+        adapted.commit_unknown = False
+        sent = not connection.is_closed()
         try:
-            await connection.execute(f"{guard};\nCOMMIT")
+            await connection.execute("COMMIT" if guard is None else f"{guard};\nCOMMIT")
         except Exception:
-            if not connection.is_closed() and connection.is_in_transaction():
-                await connection.execute("ROLLBACK")  # the guard failed: its statement aborted the transaction
+            if connection.is_closed():
+                adapted.commit_unknown = sent
+            elif connection.is_in_transaction():  # the guard failed: its statement aborted the transaction
+                try:
+                    await connection.execute("ROLLBACK")
+                except Exception:
+                    connection.terminate()  # never back to the pool inside the aborted transaction
             raise
 
     async def rollback(self) -> None:
@@ -123,15 +135,17 @@ class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
     """Begins its transaction at the first statement that needs one (the module docstring).
 
     `commit_guard`, when set, is a statement (no parameters) run in the COMMIT's own message, just
-    before it (`PlainTransaction`): `lease.commit_fenced`'s check costs no round trip of its own."""
+    before it (`PlainTransaction`): `lease.commit_fenced`'s check costs no round trip of its own.
+    `commit_unknown`: the last COMMIT's connection was lost with its outcome unknown."""
 
-    __slots__ = ("begin_later", "commit_guard")
+    __slots__ = ("begin_later", "commit_guard", "commit_unknown")
     _cursor_cls = LazyBeginCursor
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.begin_later = False
         self.commit_guard: str | None = None
+        self.commit_unknown = False
 
     async def _start_transaction(self) -> None:
         if self.isolation_level == "autocommit":

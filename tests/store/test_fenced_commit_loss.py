@@ -1,0 +1,284 @@
+"""The fenced COMMIT (`lease.commit_fenced`: the leader check rides in the COMMIT's message on
+PostgreSQL) when the connection is lost around it, on a real server and real connection loss.
+
+The connection is cut by a byte-level proxy between the controller and PostgreSQL (`_Cut`): it
+drops the COMMIT's message, or forwards it and drops the answer once the server has sent it whole
+(committed), or drops what the client sends after the guard's refusal (its ROLLBACK); or by
+`pg_terminate_backend` from another connection while the COMMIT waits for the lease row's lock.
+A client cannot tell a COMMIT lost on its way from one whose answer was lost: both must be told
+apart from a refusal (the lease lost: nothing written, for sure) and reach callers as UNAVAILABLE
+saying the write may have landed, never as a write known to have failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from controller.api.interceptors import status_for
+from controller.leadership import LeaderElection, LeaseSettings
+from controller.store import lease
+from controller.store import models as m
+from controller.store.db import Database, database_failed
+from controller.store.lease import CommitOutcomeUnknown, LeaseLost
+
+from .test_lease import HOUR, POSTGRES_ONLY, _acquire, _add_zone, _until, _waiting_for_a_lock, _zones
+
+pytestmark = POSTGRES_ONLY
+
+_READY = b"Z\x00\x00\x00\x05"  # ReadyForQuery: the server's answer to a query is whole
+
+
+class _Cut:
+    """A TCP proxy to PostgreSQL that cuts the connection (closes both sides) at one moment:
+    - "commit": the client's message holding the fenced COMMIT is dropped (never reaches the server);
+    - "answer": that message is forwarded and the server's answer, once whole, dropped;
+    - "after-refusal": the answer is forwarded and the client's next message dropped.
+    Every other byte passes as is; once it has cut, the proxy passes everything."""
+
+    def __init__(self, target: tuple[str, int], moment: str) -> None:
+        self.target = target
+        self.moment = moment
+        self.cut = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._armed: tuple[asyncio.StreamWriter, asyncio.StreamWriter] | None = None  # the COMMIT's connection
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self.target)
+        pair = (client_w, server_w)
+        try:
+            await asyncio.gather(self._pipe(client_r, server_w, pair, upstream=True),
+                                 self._pipe(server_r, client_w, pair, upstream=False))
+        finally:
+            for writer in pair:
+                writer.close()
+
+    def _cut_now(self, pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        self.cut.set()
+        for writer in pair:
+            writer.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter], *, upstream: bool) -> None:
+        answer = b""
+        while data := await reader.read(65536):
+            if self.cut.is_set():
+                writer.write(data)
+                continue
+            if upstream and b"$fence$" in data and self._armed is None:
+                self._armed = pair
+                if self.moment == "commit":
+                    self._cut_now(pair)
+                    return
+            elif upstream and self._armed is pair and self.moment == "after-refusal":
+                self._cut_now(pair)
+                return
+            elif not upstream and self._armed is pair and self.moment == "answer":
+                answer += data
+                if _READY in answer:
+                    self._cut_now(pair)
+                    return
+                continue
+            writer.write(data)
+            await writer.drain()
+        writer.close()  # one side closed: so is the other (a client closing waits for the server to)
+
+
+@pytest.fixture
+async def cut(database: Database, request: pytest.FixtureRequest) -> AsyncIterator[Callable[[str], Database]]:
+    """`cut(moment)`: a `Database` on `database`'s PostgreSQL through a proxy that cuts the
+    connection at `moment` (see `_Cut`)."""
+    opened: list[tuple[_Cut, Database]] = []
+    url = make_url(database.url)
+
+    async def through(moment: str) -> Database:
+        proxy = _Cut((url.host or "127.0.0.1", url.port or 5432), moment)
+        port = await proxy.start()
+        db = Database(url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False))
+        opened.append((proxy, db))
+        return db
+
+    yield through  # type: ignore[misc]
+    for proxy, db in opened:
+        await db.dispose()
+        await proxy.close()
+
+
+async def _fenced_write(db: Database, zone: str, holder: str = "a", token: int = 1) -> None:
+    async with db.unit_of_work() as uow:
+        await _add_zone(uow.session, zone)
+        await lease.commit_fenced(uow.session, holder, token, uow.session.commit)
+
+
+async def _still_writes(db: Database, zone: str) -> None:
+    """The pool gives a working connection again (the lost one was replaced)."""
+    await _fenced_write(db, zone)
+
+
+def _told_may_have_landed(exc: BaseException) -> None:
+    assert isinstance(exc, CommitOutcomeUnknown), repr(exc)
+    assert status_for(exc) is grpc.StatusCode.UNAVAILABLE
+    assert "may have landed" in str(exc)
+    assert database_failed(exc)  # a group commit fails every member with it (none retries alone)
+    assert not isinstance(exc, LeaseLost)  # the leader does not step down for it
+
+
+async def test_a_commit_lost_on_its_way_writes_nothing_and_is_told_it_may_have_landed(
+        database: Database, cut: Callable[[str], AsyncIterator[Database]]) -> None:
+    assert await _acquire(database, "a", HOUR) == 1
+    db = await cut("commit")  # type: ignore[misc]
+    with pytest.raises(Exception) as lost:
+        await _fenced_write(db, "lost")
+    _told_may_have_landed(lost.value)
+    assert await _zones(database) == []
+    await _still_writes(db, "after")
+    assert await _zones(database) == ["after"]
+
+
+async def test_a_commit_whose_answer_was_lost_landed_and_is_told_it_may_have_landed(
+        database: Database, cut: Callable[[str], AsyncIterator[Database]]) -> None:
+    assert await _acquire(database, "a", HOUR) == 1
+    db = await cut("answer")  # type: ignore[misc]
+    with pytest.raises(Exception) as lost:
+        await _fenced_write(db, "landed")
+    _told_may_have_landed(lost.value)
+    assert await _zones(database) == ["landed"]
+    await _still_writes(db, "after")
+    assert await _zones(database) == ["after", "landed"]
+
+
+async def test_a_refusal_stays_a_refusal_when_the_connection_is_lost_before_its_rollback(
+        database: Database, cut: Callable[[str], AsyncIterator[Database]]) -> None:
+    """The guard refused (the lease is another's): nothing was committed, whatever happens to the
+    connection after; the caller hears LeaseLost (the leader steps down), not 'may have landed'."""
+    assert await _acquire(database, "a", HOUR) == 1
+    db = await cut("after-refusal")  # type: ignore[misc]
+    with pytest.raises(Exception) as refused:
+        await _fenced_write(db, "refused", token=7)
+    assert isinstance(refused.value, LeaseLost), repr(refused.value)
+    assert await _zones(database) == []
+    await _still_writes(db, "after")
+    assert await _zones(database) == ["after"]
+
+
+async def _backend_of(database: Database, zone: str) -> int:
+    """The server process of the transaction that inserted `zone` (uncommitted)."""
+    async with database.unit_of_work() as uow:
+        pid = await uow.session.scalar(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
+            "AND wait_event_type = 'Lock' AND query LIKE '%$fence$%'"))
+    assert pid is not None, "no fenced COMMIT waiting"
+    return int(pid)
+
+
+async def test_a_commit_cut_while_it_waits_for_the_lease_row_writes_nothing(database: Database) -> None:
+    """The server process ends (pg_terminate_backend) while the COMMIT's check waits for the lease
+    row (a takeover holds it): nothing is committed, the caller is told it may have landed."""
+    assert await _acquire(database, "a", HOUR) == 1
+    async with database.unit_of_work() as holding:
+        await holding.session.execute(text("SELECT token FROM leader_lease WHERE id = 1 FOR UPDATE"))
+        write = asyncio.create_task(_fenced_write(database, "cut"))
+        await _until(lambda: _waiting_for_a_lock(database), "the fenced commit waiting for the row")
+        pid = await _backend_of(database, "cut")
+        async with database.unit_of_work() as uow:
+            assert await uow.session.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(Exception) as lost:
+            await write
+        await holding.rollback()
+    _told_may_have_landed(lost.value)
+    assert await _zones(database) == []
+    await _still_writes(database, "after")
+    assert await _zones(database) == ["after"]
+
+
+async def test_a_commit_cancelled_while_it_waits_for_the_lease_row_leaves_no_transaction_open(
+        database: Database) -> None:
+    """The writer's task is cancelled (an RPC's deadline, a stop) while the COMMIT's check waits:
+    nothing is committed and no connection goes back to the pool inside the aborted transaction."""
+    assert await _acquire(database, "a", HOUR) == 1
+    async with database.unit_of_work() as holding:
+        await holding.session.execute(text("SELECT token FROM leader_lease WHERE id = 1 FOR UPDATE"))
+        write = asyncio.create_task(_fenced_write(database, "cancelled"))
+        await _until(lambda: _waiting_for_a_lock(database), "the fenced commit waiting for the row")
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        await holding.rollback()
+    assert await _zones(database) == []
+    for zone in ("after-1", "after-2", "after-3"):
+        await _still_writes(database, zone)
+    assert await _zones(database) == ["after-1", "after-2", "after-3"]
+    async with database.unit_of_work() as uow:
+        aborted = await uow.session.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state = 'idle in transaction (aborted)'"))
+    assert aborted == 0
+
+
+async def test_the_lease_row_stays_locked_from_the_check_to_the_commit(database: Database) -> None:
+    """Between the COMMIT's check and the COMMIT itself (held here by a deferred trigger waiting
+    for an advisory lock the test holds) a takeover waits: the write lands before the new leader
+    exists; the leader's own renewal and the lease running out do not wait and do not undo it."""
+    assert await _acquire(database, "a", HOUR) == 1
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(text(
+            "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$"))
+        await uow.session.execute(text(
+            "CREATE CONSTRAINT TRIGGER hold_commit AFTER INSERT ON zones DEFERRABLE INITIALLY DEFERRED "
+            "FOR EACH ROW EXECUTE FUNCTION hold_commit()"))
+        await uow.session.commit()
+    async with database.unit_of_work() as gate:
+        await gate.session.execute(text("SELECT pg_advisory_lock(4242)"))
+        write = asyncio.create_task(_fenced_write(database, "late"))
+        await _until(lambda: _waiting_for(database, "advisory"), "the COMMIT held after its check")
+        assert await _acquire(database, "a", HOUR, token=1) == 1  # the renewal does not wait
+        async with database.unit_of_work() as uow:  # the lease runs out meanwhile
+            await uow.session.execute(m.LeaderLease.__table__.update().values(expires_at=0.0))
+            await uow.session.commit()
+        takeover = asyncio.create_task(_acquire(database, "b", HOUR))
+        await _until(lambda: _waiting_for(database, "tuple", "transactionid"), "the takeover waiting for the row")
+        assert not takeover.done() and not write.done()
+        await gate.session.execute(text("SELECT pg_advisory_unlock(4242)"))
+        await write  # checked before the lease ran out: it lands
+    assert await takeover == 2
+    assert await _zones(database) == ["late"]
+    with pytest.raises(LeaseLost):  # and the next one is refused
+        await _fenced_write(database, "later")
+
+
+async def _waiting_for(database: Database, *events: str) -> bool:
+    async with database.unit_of_work() as uow:
+        waiting = await uow.session.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND wait_event = ANY(:events)"), {"events": list(events)})
+    return bool(waiting)
+
+
+async def test_an_election_does_not_step_down_for_a_lost_commit(
+        database: Database, cut: Callable[[str], AsyncIterator[Database]]) -> None:
+    """A COMMIT whose outcome is unknown says nothing about the lease: the leader keeps leading."""
+    db = await cut("answer")  # type: ignore[misc]
+    election = LeaderElection(db, address="a:1", holder="a", settings=LeaseSettings())
+    await election.step()
+    assert election.should_run()
+    with pytest.raises(Exception) as lost:
+        async with db.fenced(election).unit_of_work() as uow:
+            await _add_zone(uow.session, "landed")
+            await uow.commit()
+    _told_may_have_landed(lost.value)
+    assert election.should_run()
+    assert await _zones(database) == ["landed"]
