@@ -14,19 +14,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
+from controller import tokens
+from controller.agents import AgentHub
 from controller.api.interceptors import status_for
+from controller.domain.values import NodeInfo
+from controller.identity import Principal, Role
 from controller.leadership import LeaderElection, LeaseSettings
-from controller.store import lease
+from controller.store import audit, lease
 from controller.store import models as m
 from controller.store.db import Database, database_failed
 from controller.store.lease import CommitOutcomeUnknown, LeaseLost
+from controller.store.plans import commit_plan
+from controller.store.snapshot import load_snapshot
+from scheduler import Placement as PlanPlacement, Plan
 
+from .seed import TWO_RACKS, seed_problem
 from .test_lease import HOUR, POSTGRES_ONLY, _acquire, _add_zone, _until, _waiting_for_a_lock, _zones
 
 pytestmark = POSTGRES_ONLY
@@ -39,14 +48,19 @@ class _Cut:
     - "commit": the client's message holding the fenced COMMIT is dropped (never reaches the server);
     - "answer": that message is forwarded and the server's answer, once whole, dropped;
     - "after-refusal": the answer is forwarded and the client's next message dropped.
-    Every other byte passes as is; once it has cut, the proxy passes everything."""
+    Fenced COMMITs before the `after`+1-th pass; once it has cut, the proxy passes everything."""
 
-    def __init__(self, target: tuple[str, int], moment: str) -> None:
+    def __init__(self, target: tuple[str, int], moment: str, after: int = 0) -> None:
         self.target = target
         self.moment = moment
+        self._passing = after
         self.cut = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._armed: tuple[asyncio.StreamWriter, asyncio.StreamWriter] | None = None  # the COMMIT's connection
+
+    def _passes(self) -> bool:
+        self._passing -= 1
+        return self._passing >= 0
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -78,7 +92,7 @@ class _Cut:
             if self.cut.is_set():
                 writer.write(data)
                 continue
-            if upstream and b"$fence$" in data and self._armed is None:
+            if upstream and b"$fence$" in data and self._armed is None and not self._passes():
                 self._armed = pair
                 if self.moment == "commit":
                     self._cut_now(pair)
@@ -98,14 +112,14 @@ class _Cut:
 
 
 @pytest.fixture
-async def cut(database: Database, request: pytest.FixtureRequest) -> AsyncIterator[Callable[[str], Database]]:
-    """`cut(moment)`: a `Database` on `database`'s PostgreSQL through a proxy that cuts the
-    connection at `moment` (see `_Cut`)."""
+async def cut(database: Database) -> AsyncIterator[Callable[..., Database]]:
+    """`cut(moment, after=0)`: a `Database` on `database`'s PostgreSQL through a proxy that cuts
+    the connection at `moment` of the fenced COMMIT after the first `after` (see `_Cut`)."""
     opened: list[tuple[_Cut, Database]] = []
     url = make_url(database.url)
 
-    async def through(moment: str) -> Database:
-        proxy = _Cut((url.host or "127.0.0.1", url.port or 5432), moment)
+    async def through(moment: str, after: int = 0) -> Database:
+        proxy = _Cut((url.host or "127.0.0.1", url.port or 5432), moment, after)
         port = await proxy.start()
         db = Database(url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False))
         opened.append((proxy, db))
@@ -137,7 +151,7 @@ def _told_may_have_landed(exc: BaseException) -> None:
 
 
 async def test_a_commit_lost_on_its_way_writes_nothing_and_is_told_it_may_have_landed(
-        database: Database, cut: Callable[[str], AsyncIterator[Database]]) -> None:
+        database: Database, cut: Callable[..., AsyncIterator[Database]]) -> None:
     assert await _acquire(database, "a", HOUR) == 1
     db = await cut("commit")  # type: ignore[misc]
     with pytest.raises(Exception) as lost:
@@ -149,7 +163,7 @@ async def test_a_commit_lost_on_its_way_writes_nothing_and_is_told_it_may_have_l
 
 
 async def test_a_commit_whose_answer_was_lost_landed_and_is_told_it_may_have_landed(
-        database: Database, cut: Callable[[str], AsyncIterator[Database]]) -> None:
+        database: Database, cut: Callable[..., AsyncIterator[Database]]) -> None:
     assert await _acquire(database, "a", HOUR) == 1
     db = await cut("answer")  # type: ignore[misc]
     with pytest.raises(Exception) as lost:
@@ -161,7 +175,7 @@ async def test_a_commit_whose_answer_was_lost_landed_and_is_told_it_may_have_lan
 
 
 async def test_a_refusal_stays_a_refusal_when_the_connection_is_lost_before_its_rollback(
-        database: Database, cut: Callable[[str], AsyncIterator[Database]]) -> None:
+        database: Database, cut: Callable[..., AsyncIterator[Database]]) -> None:
     """The guard refused (the lease is another's): nothing was committed, whatever happens to the
     connection after; the caller hears LeaseLost (the leader steps down), not 'may have landed'."""
     assert await _acquire(database, "a", HOUR) == 1
@@ -269,7 +283,7 @@ async def _waiting_for(database: Database, *events: str) -> bool:
 
 
 async def test_an_election_does_not_step_down_for_a_lost_commit(
-        database: Database, cut: Callable[[str], AsyncIterator[Database]]) -> None:
+        database: Database, cut: Callable[..., AsyncIterator[Database]]) -> None:
     """A COMMIT whose outcome is unknown says nothing about the lease: the leader keeps leading."""
     db = await cut("answer")  # type: ignore[misc]
     election = LeaderElection(db, address="a:1", holder="a", settings=LeaseSettings())
@@ -282,3 +296,114 @@ async def test_an_election_does_not_step_down_for_a_lost_commit(
     _told_may_have_landed(lost.value)
     assert election.should_run()
     assert await _zones(database) == ["landed"]
+
+
+CLUSTER: dict[str, Any] = {
+    **TWO_RACKS,
+    "nodes": [{"id": "n1", "rack": "rack1", "accelerators": 4}, {"id": "n2", "rack": "rack2", "accelerators": 4}],
+    "tenants": [{"id": "a"}],
+    "deployments": [{"id": "web", "tenant": "a", "replicas": 1, "shards_per_replica": 1,
+                     "shard": {"accelerators": 1}}],
+}
+
+
+async def _placements(database: Database) -> list[tuple[str, int, int, str]]:
+    async with database.unit_of_work() as uow:
+        rows = await uow.session.execute(select(m.Placement.deployment_id, m.Placement.replica, m.Placement.shard,
+                                                m.Placement.node_id))
+        return sorted(tuple(row) for row in rows)
+
+
+@pytest.mark.parametrize("moment", ["commit", "answer"])
+async def test_a_plan_committed_again_after_a_lost_commit_is_placed_once(
+        database: Database, cut: Callable[..., AsyncIterator[Database]], moment: str) -> None:
+    """A leader that commits the same plan again after a lost COMMIT (from the same snapshot, as
+    a retry would): whether or not the first landed, the deployment's replica is placed once."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    db = await cut(moment)  # type: ignore[misc]
+    election = LeaderElection(db, address="a:1", holder="a", settings=LeaseSettings())
+    await election.step()
+    async with database.unit_of_work() as uow:
+        snapshot = await load_snapshot(uow.session)
+    plan = Plan(status="optimal", placements=(PlanPlacement("a/web", 0, 0, "n1", (0,), None),))
+    with pytest.raises(Exception) as lost:
+        async with db.fenced(election).unit_of_work() as uow:
+            await commit_plan(uow.session, snapshot, plan, actor="a")
+            await uow.commit()
+    _told_may_have_landed(lost.value)
+    landed = await _placements(database)
+    assert len(landed) == (1 if moment == "answer" else 0)
+    async with db.fenced(election).unit_of_work() as uow:
+        again = await commit_plan(uow.session, snapshot, plan, actor="a")
+        await uow.commit()
+    assert again.stale == (moment == "answer")
+    assert [row[1:] for row in await _placements(database)] == [(0, 0, "n1")]
+
+
+@pytest.mark.parametrize("moment", ["commit", "answer"])
+async def test_the_audit_chain_stays_whole_after_a_lost_commit(
+        database: Database, cut: Callable[..., AsyncIterator[Database]], moment: str) -> None:
+    """An audited leader write whose COMMIT is lost: the next entries link to what the chain
+    really holds (the process's remembered head may be one that never landed): no fork, no gap."""
+    db = await cut(moment, after=1)  # type: ignore[misc]
+    election = LeaderElection(db, address="a:1", holder="a", settings=LeaseSettings())
+    await election.step()
+
+    async def audited(what: str) -> None:
+        token = audit.open_call(audit.AuditRecord(actor="a", action=what))
+        try:
+            async with db.fenced(election).unit_of_work() as uow:
+                await _add_zone(uow.session, what)
+                await uow.commit()
+        finally:
+            audit.close_call(token)
+
+    await audited("first")
+    with pytest.raises(Exception) as lost:
+        await audited("lost")
+    _told_may_have_landed(lost.value)
+    await audited("next")
+    async with database.unit_of_work() as uow:
+        report = await audit.verify_chain(uow.session)
+        actions = list(await uow.session.scalars(select(m.AuditEntry.action).order_by(m.AuditEntry.seq)))
+    assert report.intact, report.problem
+    assert actions == (["first", "lost", "next"] if moment == "answer" else ["first", "next"])
+
+
+async def test_a_register_whose_commit_was_lost_is_answered_unavailable_and_not_written_again(
+        database: Database, cut: Callable[..., AsyncIterator[Database]]) -> None:
+    """An agent's Register (a group commit of the leader's) whose COMMIT's answer was lost: its
+    caller hears UNAVAILABLE 'may have landed' (was INTERNAL), the batch is not written again alone
+    behind its back (one node row, one audit entry); the agent's retry with its credential
+    proposal is answered (what an agent does with UNAVAILABLE)."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, {**TWO_RACKS, "nodes": [], "tenants": [], "deployments": []})
+        await uow.commit()
+    db = await cut("answer")  # type: ignore[misc]
+    election = LeaderElection(db, address="a:1", holder="a", settings=LeaseSettings())
+    await election.step()
+    hub = AgentHub(db.fenced(election), heartbeat_timeout_s=60, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda changed: asyncio.sleep(0))
+    boot = Principal("boot", Role.NODE_BOOTSTRAP, token_id="b00t")
+    info = NodeInfo("n1", "rack1", 4, accelerator_model="maia-100")
+    proposal = tokens.mint().text
+
+    async def register() -> Any:
+        token = audit.open_call(audit.AuditRecord(actor="boot", action="Register", object_kind="node",
+                                                  object_id="n1"))
+        try:
+            return await hub.register(boot, info, credential_proposal=proposal)
+        finally:
+            audit.close_call(token)
+
+    with pytest.raises(Exception) as lost:
+        await register()
+    _told_may_have_landed(lost.value)
+    async with database.unit_of_work() as uow:
+        assert list(await uow.session.scalars(select(m.Node.id))) == ["n1"]
+        assert list(await uow.session.scalars(select(m.AuditEntry.action))) == ["Register"]
+    retried = await register()
+    assert retried.registration.node_id == "n1"
+    hub.close_all()
