@@ -20,6 +20,7 @@ import grpc
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from controller import tokens
 from controller.agents import AgentHub
@@ -27,7 +28,7 @@ from controller.api.interceptors import status_for
 from controller.domain.values import NodeInfo
 from controller.identity import Principal, Role
 from controller.leadership import LeaderElection, LeaseSettings
-from controller.store import audit, lease
+from controller.store import audit, lease, pg_driver
 from controller.store import models as m
 from controller.store.db import Database, database_failed
 from controller.store.lease import CommitOutcomeUnknown, LeaseLost
@@ -163,6 +164,31 @@ async def test_a_lost_commit_is_told_it_may_have_landed_whether_or_not_it_did(
     assert await _zones(database) == landed
     await _still_writes(db, "after")
     assert await _zones(database) == ["after", *landed]
+
+
+async def test_a_connection_known_lost_before_the_commit_is_a_plain_database_failure(database: Database) -> None:
+    """The server ended the connection (pg_terminate_backend) and the client saw it close before
+    committing: the COMMIT was never sent, nothing was written, and that is known: not 'may have
+    landed', a database failure (the pool replaces the connection)."""
+    assert await _acquire(database, "a", HOUR) == 1
+    async with database.unit_of_work() as uow:
+        await _add_zone(uow.session, "never")
+        adapted = await pg_driver.adapted_connection(uow.session)
+        assert adapted is not None
+        async with database.unit_of_work() as other:
+            assert await other.session.scalar(text("SELECT pg_terminate_backend(:pid)"),
+                                              {"pid": adapted._connection.get_server_pid()})
+        await _until(lambda: _true(adapted._connection.is_closed()), "the client seeing its connection closed")
+        with pytest.raises(DBAPIError) as lost:
+            await lease.commit_fenced(uow.session, "a", 1, uow.session.commit)
+    assert database_failed(lost.value) and not isinstance(lost.value, CommitOutcomeUnknown)
+    assert await _zones(database) == []
+    await _still_writes(database, "after")
+    assert await _zones(database) == ["after"]
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_a_refusal_stays_a_refusal_when_the_connection_is_lost_before_its_rollback(
