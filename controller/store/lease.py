@@ -36,6 +36,7 @@ from controller.store import pg_driver
 _PG_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 LEASE_LOST_RETRY_MS = 1000  # about when a follower has taken the lease (it tries every --lease-renew-interval)
+COMMIT_UNKNOWN_RETRY_MS = 1000  # the pool opens a new connection at the next unit of work: soon, once the server is back
 
 
 class LeaseLost(Unavailable):
@@ -61,7 +62,7 @@ class CommitOutcomeUnknown(Unavailable):
         self.holder = holder
         super().__init__(f"controller {holder} lost its database connection while committing "
                          f"({cause}); the write may have landed: "
-                         f"read before retrying it", retry_after_ms=LEASE_LOST_RETRY_MS)
+                         f"read before retrying it", retry_after_ms=COMMIT_UNKNOWN_RETRY_MS)
 
 
 @dataclass(frozen=True, slots=True)
