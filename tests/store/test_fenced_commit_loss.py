@@ -151,15 +151,17 @@ def _told_may_have_landed(exc: BaseException) -> None:
     assert not isinstance(exc, LeaseLost)  # the leader does not step down for it
 
 
-@pytest.mark.parametrize(("moment", "landed"), [("commit", []), ("answer", ["lost"])])
+@pytest.mark.parametrize(("moment", "token", "landed"), [("commit", 1, []), ("answer", 1, ["lost"]), ("answer", 7, [])])
 async def test_a_lost_commit_is_told_it_may_have_landed_whether_or_not_it_did(
-        database: Database, cut: Callable[..., AsyncIterator[Database]], moment: str, landed: list[str]) -> None:
-    """The COMMIT dropped on its way (nothing written) and its answer dropped once the server
-    committed (written): the client sees the same loss, and says the same."""
+        database: Database, cut: Callable[..., AsyncIterator[Database]], moment: str, token: int,
+        landed: list[str]) -> None:
+    """The COMMIT dropped on its way (nothing written), its answer dropped once the server
+    committed (written), or once the guard refused (token 7: nothing written): the client sees the
+    same loss, and says the same."""
     assert await _acquire(database, "a", HOUR) == 1
     db = await cut(moment)  # type: ignore[misc]
     with pytest.raises(Exception) as lost:
-        await _fenced_write(db, "lost")
+        await _fenced_write(db, "lost", token=token)
     _told_may_have_landed(lost.value)
     assert await _zones(database) == landed
     await _still_writes(db, "after")
