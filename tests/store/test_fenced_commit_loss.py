@@ -207,8 +207,8 @@ async def test_a_refusal_stays_a_refusal_when_the_connection_is_lost_before_its_
     assert await _zones(database) == ["after"]
 
 
-async def _backend_of(database: Database, zone: str) -> int:
-    """The server process of the transaction that inserted `zone` (uncommitted)."""
+async def _backend_of(database: Database) -> int:
+    """The server process of the fenced COMMIT waiting for a lock."""
     async with database.unit_of_work() as uow:
         pid = await uow.session.scalar(text(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
@@ -225,7 +225,7 @@ async def test_a_commit_cut_while_it_waits_for_the_lease_row_writes_nothing(data
         await holding.session.execute(text("SELECT token FROM leader_lease WHERE id = 1 FOR UPDATE"))
         write = asyncio.create_task(_fenced_write(database, "cut"))
         await _until(lambda: _waiting_for_a_lock(database), "the fenced commit waiting for the row")
-        pid = await _backend_of(database, "cut")
+        pid = await _backend_of(database)
         async with database.unit_of_work() as uow:
             assert await uow.session.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         with pytest.raises(Exception) as lost:
