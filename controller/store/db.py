@@ -153,7 +153,8 @@ class SqliteWriters:
     ever sees another process. Reads (WAL) never wait. A writer waiting longer than the busy
     timeout fails as SQLite would (a nested writer waiting for its own outer transaction).
     `turns` are shared by every engine of the process on one database file (`process_turns`):
-    the reconciler's engine, on its own thread and loop, takes turns with the controller's.
+    a reconciler's engine on its own thread and loop (`own_thread=True`; not SQLite's default)
+    takes turns with the controller's.
     """
 
     def __init__(self, timeout_s: float = SQLITE_BUSY_TIMEOUT_S, *, turns: WriterTurns | None = None) -> None:

@@ -19,8 +19,10 @@ that saturates the database degrades to arrival order.
 A task that wants to know how long its transactions waited for their turn (the submit batch,
 for its latency's split) meters them (`metered_turns`): each wait adds to its `TurnWait`.
 
-The turns are the process's, not one event loop's: the reconciler writes from a thread with an
-event loop of its own (`scheduling/own_loop.py`), so a waiter is woken on its own loop
+The turns are the process's, not one event loop's: the reconciler can write from a thread with
+an event loop of its own (`scheduling/own_loop.py`; on SQLite only with `Reconciler(own_thread=
+True)`, not the default: measured slower, docs/benchmarks.md, 2026-12-01 night 2), so a waiter
+is woken on its own loop
 (`call_soon_threadsafe` when the turn is given from another thread) and the queue is guarded by
 a thread lock held only while it is read or changed, never while a turn is awaited.
 """
@@ -110,7 +112,6 @@ class _Waiter:
     priority: WritePriority
     since: float
     seq: int
-    loop: asyncio.AbstractEventLoop = field(repr=False)
     granted: asyncio.Future[None] = field(repr=False)
     given: bool = False  # the turn is this waiter's (set under the turns' lock)
 
@@ -153,7 +154,7 @@ class WriterTurns:
                 self._held, self._holder = True, priority
                 return
             self._seq += 1
-            waiter = _Waiter(priority, self._clock(), self._seq, loop, loop.create_future())
+            waiter = _Waiter(priority, self._clock(), self._seq, loop.create_future())
             behind = self._holder
             self._waiters.append(waiter)
         try:
@@ -193,11 +194,12 @@ def _wake_on_its_loop(waiter: _Waiter) -> bool:
         running = asyncio.get_running_loop()
     except RuntimeError:
         running = None
-    if running is waiter.loop:
+    loop = waiter.granted.get_loop()
+    if running is loop:
         _wake(waiter)
         return True
     try:
-        waiter.loop.call_soon_threadsafe(_wake, waiter)
+        loop.call_soon_threadsafe(_wake, waiter)
     except RuntimeError:  # closed
         return False
     return True
