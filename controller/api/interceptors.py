@@ -44,6 +44,7 @@ from controller import errors, limits
 from controller.authn import Authenticator
 from controller.identity import peek_principal, reset_principal, set_principal
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
+from controller.store.db import database_failed
 from maia.v1 import common_pb2
 
 log = logging.getLogger("maia.api")
@@ -67,6 +68,7 @@ STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
 
 
 MAX_REASONS = 16
+DATABASE_FAILED_RETRY_MS = 1000  # the pool replaces a lost connection at the next unit of work
 
 
 def capped(message: str, limit: int = limits.ERROR_MESSAGE_MAX) -> str:
@@ -414,8 +416,10 @@ def _retry_status(code: grpc.StatusCode, message: str, retry_after_ms: int) -> b
 class ErrorInterceptor(_BehaviourInterceptor):
     """Translates the error hierarchy to status codes: the one place that does.
 
-    It is also where malformed protobuf becomes INVALID_ARGUMENT, and where every message is
-    capped at `limits.ERROR_MESSAGE_MAX` characters."""
+    It is also where malformed protobuf becomes INVALID_ARGUMENT, where a database that could not
+    be reached or failed mid-call (`db.database_failed`: a connection lost, none in time) becomes
+    UNAVAILABLE with a retry time rather than INTERNAL, and where every message is capped at
+    `limits.ERROR_MESSAGE_MAX` characters."""
 
     guard_requests = True
 
@@ -428,12 +432,25 @@ class ErrorInterceptor(_BehaviourInterceptor):
         except Exception as exc:
             if isinstance(exc, aio.AbortError):
                 raise
-            await self._internal(method, context, exc)
+            if database_failed(exc):
+                await abort_with(context, _database_unavailable(method, exc))
+            else:
+                await self._internal(method, context, exc)
 
     @staticmethod
     async def _internal(method: str, context: aio.ServicerContext, exc: Exception) -> None:
         log.exception("unexpected error in %s", method)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the controller log")
+
+
+def _database_unavailable(method: str, exc: Exception) -> errors.Unavailable:
+    """What a caller is told when the database failed under its call: retry soon, and read first
+    (the call's writes may have landed: a COMMIT whose answer was lost cannot be told apart from
+    one that never arrived)."""
+    log.warning("the database failed during %s; the caller is told UNAVAILABLE", method, exc_info=exc)
+    return errors.Unavailable(f"the controller's database failed during the call ({type(exc).__name__}); "
+                              f"what it wrote may have landed: read before retrying it",
+                              retry_after_ms=DATABASE_FAILED_RETRY_MS)
 
 
 class BuiltOncePerMethod(aio.ServerInterceptor):
