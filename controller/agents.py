@@ -43,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate, judge
@@ -65,6 +65,12 @@ from controller.domain.values import (
 log = logging.getLogger("maia.agents")
 
 AgentInbound = HeartbeatReport | ShardReport
+Message = TypeVar("Message")  # what a stream's agent sends, before `converse`'s `convert`
+
+
+def _as_is(message: Any) -> Any:
+    """`converse`'s default `convert`: the inbound stream says reports already."""
+    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +119,34 @@ class _NoObserver:
         pass
 
 
+class Wakeup:
+    """An event with one waiter (a stream's pusher): a flag, and a future only while it waits.
+    asyncio.Event keeps a deque of waiters, ~0.6 KiB a stream."""
+
+    __slots__ = ("is_set", "_waiter")
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self.is_set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.is_set = False
+
+    async def wait(self) -> None:
+        if self.is_set:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
 @dataclass(eq=False, slots=True)
 class AgentSession:
     node_id: str
@@ -121,8 +155,8 @@ class AgentSession:
     beat_at: datetime | None = None  # the last heartbeat's time (wall clock), written or not
     # The stream's pusher waits on `dirty` alone: its set changed, or the stream closed (`close`
     # sets it; one event to wait on costs no waiter tasks per push). `closed` is a flag, not an
-    # event: nothing waits on it, and an event's waiter deque is ~0.6 KiB a stream.
-    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    # event: nothing waits on it.
+    dirty: Wakeup = field(default_factory=Wakeup)
     closed: bool = False
     close_reason: str = ""
     mark_down_on_close: bool = True
@@ -408,10 +442,13 @@ class AgentHub:
 
     # --- one stream --------------------------------------------------------------------------
     async def converse(
-        self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[AgentInbound],
+        self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[Message],
+        convert: Callable[[Message], AgentInbound | None] = _as_is,
     ) -> AsyncIterator[AgentOutbound]:
         """Serve one Connect stream after its Hello (committed with the hellos around it): yields
-        the AssignmentSets to send, and the requests for the agent's full shard state. Refused
+        the AssignmentSets to send, and the requests for the agent's full shard state. `inbound` is
+        what the agent says after its Hello, each message made a report by `convert` (None: nothing
+        to act on) as the stream's reader takes it: a message crosses no generator of its own. Refused
         UNAVAILABLE once `close_all` began, with no session opened: a session opened then would be
         closed by no one, and cut only when the server's grace ends (its agent should go to the next
         leader now). A hello that arrives after it is refused before it is written; one whose write
@@ -453,7 +490,7 @@ class AgentHub:
                     if due_since is not None:
                         self._observer.shard_start_stage("push", (now - due_since,))
                 if reader is None:  # reports are judged against what the node was given: read after the first set
-                    reader = asyncio.create_task(self._read(session, inbound), name=f"agent-read-{node_id}")
+                    reader = asyncio.create_task(self._read(session, inbound, convert), name=f"agent-read-{node_id}")
                 if current is not None:
                     yield current
             if session.error is not None:
@@ -482,11 +519,14 @@ class AgentHub:
                 marking.add_done_callback(self._marking.discard)
                 await asyncio.shield(marking)
 
-    async def _read(self, session: AgentSession, inbound: AsyncIterator[AgentInbound]) -> None:
+    async def _read(self, session: AgentSession, inbound: AsyncIterator[Message],
+                    convert: Callable[[Message], AgentInbound | None]) -> None:
         try:
             async for message in inbound:
-                session.last_seen = time.monotonic()
-                self._accept(session, message)
+                report = convert(message)
+                if report is not None:
+                    session.last_seen = time.monotonic()
+                    self._accept(session, report)
             session.close("stream ended by the agent")
         except asyncio.CancelledError:
             raise

@@ -23,14 +23,15 @@ REGISTER_METHOD = f"/{agent_pb2.DESCRIPTOR.services_by_name['NodeAgentService'].
 _SHARD_STATE_REQUEST = agent_pb2.ControllerMessage(shard_state_request=agent_pb2.ShardStateRequest())
 
 
-async def _inbound(messages: AsyncIterator[agent_pb2.AgentMessage]) -> AsyncIterator[AgentInbound]:
-    async for message in messages:
-        body = message.WhichOneof("body")
-        if body == "heartbeat":
-            yield convert.heartbeat_report(message.heartbeat)
-        elif body == "shard_status":
-            yield convert.shard_report(message.shard_status)
-        # a repeated Hello or an unknown body carries nothing to act on
+def _inbound(message: agent_pb2.AgentMessage) -> AgentInbound | None:
+    """What the hub judges of a message after the Hello (None: a repeated Hello or an unknown
+    body carries nothing to act on)."""
+    body = message.WhichOneof("body")
+    if body == "heartbeat":
+        return convert.heartbeat_report(message.heartbeat)
+    if body == "shard_status":
+        return convert.shard_report(message.shard_status)
+    return None
 
 
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
@@ -59,7 +60,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
         if first.WhichOneof("body") != "hello":
             raise FailedPrecondition("the first message on Connect must be Hello (node_id, session_id)")
         outbound = self._deps.hub.converse(current_principal(), first.hello.node_id, first.hello.session_id,
-                                           _inbound(messages))
+                                           messages, _inbound)
         try:
             async for item in outbound:
                 yield _SHARD_STATE_REQUEST if isinstance(item, ShardStateRequest) else convert.assignment_set_msg(item)

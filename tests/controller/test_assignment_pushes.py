@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from controller.agents import AgentHub
+from controller.agents import AgentHub, Wakeup
 from controller.reconcile import Reconciler
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -138,3 +138,19 @@ async def test_a_commit_pushes_each_changed_node_exactly_its_new_set_in_one_batc
         for a in agents.values():
             a.task.cancel()
         await asyncio.gather(*(a.task for a in agents.values()), return_exceptions=True)
+
+
+async def test_a_streams_pusher_wakes_for_a_set_made_before_or_while_it_waits_and_not_after_a_clear() -> None:
+    wakeup = Wakeup()
+    wakeup.set()
+    await asyncio.wait_for(wakeup.wait(), 1)  # set before: no wait
+    wakeup.clear()
+    waiting = asyncio.create_task(wakeup.wait())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not waiting.done()  # cleared: it waits
+    wakeup.set()
+    await asyncio.wait_for(waiting, 1)
+    wakeup.set()  # a set with no one waiting, twice: harmless
+    wakeup.set()
+    assert wakeup.is_set
