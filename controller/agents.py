@@ -25,7 +25,7 @@ The hub is the only place that knows which agents are connected right now. It
   liveness, and the node lifecycle judges a node whose stream ended here by the last heartbeat
   the hub saw (`released`), a new leader by the restart grace,
 - marks a node suspect when its stream ends or its heartbeats stop for `heartbeat_timeout_s`
-  (it keeps its shards; `controller/nodelifecycle.py` takes it further: down, evicted), counts
+  (found at two silence checks in a row: `_expire`; it keeps its shards; `controller/nodelifecycle.py` takes it further: down, evicted), counts
   the drop against the node's flap penalty, and on Hello marks it up again (suspect while it
   flaps), waking the reconciler either way;
 - says whether a live stream holds a node (`holds_live_session`): a second agent registering
@@ -308,6 +308,7 @@ class AgentHub:
             "agent-assignment-reads", self._read_assignment_sets, batch_max=ASSIGNMENT_READ_BATCH_MAX,
             shared_failure=_shared_failure)
         self._stopping = False
+        self._silent: set[AgentSession] = set()  # the streams found silent at the last check (`_expire`)
         # Suspect marks under way (`_mark_suspect`): held here so that one outlives the stream's
         # task, which gRPC cancels when the connection under it died.
         self._marking: set[asyncio.Task[None]] = set()
@@ -683,10 +684,17 @@ class AgentHub:
             return views
 
     async def _expire(self) -> None:
+        """End the streams silent for the heartbeat timeout at this check and at the one before.
+        A stream's silence is what its reader took last, not what reached the controller: after
+        the event loop stalled past the timeout (a long collection, a starved process), a check
+        that runs before the readers finds every stream silent though their heartbeats are
+        waiting to be read (a 2.5 s stall under a 2 s timeout ended 200 of 200 beating streams);
+        by the next check the readers had their turn. A silent stream so ends a check later."""
         now = time.monotonic()
-        for session in list(self._sessions.values()):
-            if now - session.last_seen > self._timeout:
-                session.close(f"no heartbeat for {now - session.last_seen:.1f}s (timeout {self._timeout:g}s)")
+        silent = {session for session in self._sessions.values() if now - session.last_seen > self._timeout}
+        for session in silent & self._silent:
+            session.close(f"no heartbeat for {now - session.last_seen:.1f}s (timeout {self._timeout:g}s)")
+        self._silent = silent - self._silent
 
     def _refuse_when_stopping(self, node_id: str) -> None:
         if self._stopping:

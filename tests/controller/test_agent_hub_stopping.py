@@ -1,15 +1,18 @@
 """A Connect whose hello comes once the hub's `close_all` began (the controller is stopping) is
 refused UNAVAILABLE with no session opened: nobody would close that session (it would be cut only
-when the server's grace ends), and its agent should go to the next leader now."""
+when the server's grace ends), and its agent should go to the next leader now. A stall of the
+controller's own event loop ends no stream whose heartbeats wait to be read."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from controller.agents import AgentHub, AgentInbound
+from controller.domain.values import HeartbeatReport
 from controller.errors import Unavailable
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -57,3 +60,42 @@ async def test_a_hello_written_while_close_all_began_opens_no_session(cluster, m
     with pytest.raises(Unavailable, match="controller is stopping"):
         await anext(hub.converse(WHO, NODE, session_id, _silent()))
     assert hub.connected() == frozenset()
+
+
+
+async def _quiet() -> AsyncIterator[AgentInbound]:
+    """An agent that stays connected and says nothing."""
+    await asyncio.Event().wait()
+    yield
+
+
+async def test_a_stall_of_the_event_loop_past_the_timeout_ends_no_stream_whose_heartbeat_waits_to_be_read(cluster):
+    """The controller's own stall (a long collection, a starved process) is not the agents'
+    silence: the check that runs before the readers took what arrived meanwhile ends nothing; the
+    next one ends the stream that stayed silent."""
+    hub = AgentHub(cluster, heartbeat_timeout_s=0.2, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda views: asyncio.sleep(0))
+    beats: asyncio.Queue[AgentInbound] = asyncio.Queue()
+
+    async def beating() -> AsyncIterator[AgentInbound]:
+        while True:
+            yield await beats.get()
+
+    quiet_node = "rack-a-n1"
+    live = hub.converse(WHO, NODE, await _session_of(cluster, NODE), beating())
+    quiet = hub.converse(WHO, quiet_node, await _session_of(cluster, quiet_node), _quiet())
+    await anext(live)  # each stream's first set sent: its reader runs
+    await anext(quiet)
+    sessions = dict(hub._sessions)
+    beats.put_nowait(HeartbeatReport(seq=1, power_draw_w=500.0))
+    time.sleep(0.3)  # the loop stalls past the timeout, the heartbeat unread
+    await hub._expire()  # the check that runs first after the stall
+    assert [s.closed for s in sessions.values()] == [False, False]
+    for _ in range(5):  # the readers' turn
+        await asyncio.sleep(0)
+    await hub._expire()
+    # The silent stream ended at the second check; the beating one lives.
+    assert not sessions[NODE].closed
+    assert sessions[quiet_node].closed and sessions[quiet_node].close_reason.startswith("no heartbeat for")
+    for stream in (live, quiet):
+        await stream.aclose()
