@@ -7,8 +7,9 @@ time (`time.process_time`: the event loop and gRPC's threads) is the controller'
 
 - `--mode cpu`: every stream sends a full heartbeat (no shards) and then `--beats` heartbeats that
   omit their unchanged shard state (as the simulated nodes do), `--rate` messages a second in all;
-  the CPU of the window they are sent in (plus a drain second), less the same window's length
-  with the streams open and silent (the controller's own loops), divided by the messages sent.
+  the CPU of the window they are sent in (plus a drain second), less the mean of a window as long
+  before and after it with the streams open and silent (the controller's own loops), divided by
+  the messages sent.
 - `--mode memory`: the streams are opened after every node registered; what they hold is the
   difference in Python's traced memory (tracemalloc, after a collection) and in RSS between
   before and after, divided by the streams; the top lines by allocation site are printed.
@@ -197,11 +198,9 @@ async def _memory(args: argparse.Namespace, agents: _Agents) -> dict[str, object
 async def _cpu(args: argparse.Namespace, agents: _Agents) -> dict[str, object]:
     agents.say("connect")
     await agents.heard("connected")
-    await asyncio.sleep(2.0)
+    await asyncio.sleep(args.settle)  # the joins' own work done (the nodes' first writes, the passes)
     window = args.beats * args.streams / args.rate + 1.0
-    idle = time.process_time()
-    await asyncio.sleep(window)
-    idle = time.process_time() - idle
+    idle_before = await _cpu_over(window)
     spy = _profiler(args, window)
     agents.say("beat")
     cpu, wall = time.process_time(), time.perf_counter()
@@ -210,11 +209,19 @@ async def _cpu(args: argparse.Namespace, agents: _Agents) -> dict[str, object]:
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     if spy is not None:
         spy.wait(30)
+    idle_after = await _cpu_over(window)
+    idle = (idle_before + idle_after) / 2 * wall / window  # the streams open and silent, as long as the beats took
     messages = args.beats * args.streams
-    return {"streams": args.streams, "messages": messages, "wall_s": round(wall, 2),
-            "cpu_s": round(cpu, 3), "idle_cpu_s": round(idle * wall / window, 3),
-            "us_per_message": round((cpu - idle * wall / window) * 1e6 / messages, 1),
+    return {"streams": args.streams, "messages": messages, "wall_s": round(wall, 2), "cpu_s": round(cpu, 3),
+            "idle_cpu_s_before_after": [round(idle_before, 3), round(idle_after, 3)],
+            "us_per_message": round((cpu - idle) * 1e6 / messages, 1),
             "us_per_message_gross": round(cpu * 1e6 / messages, 1)}
+
+
+async def _cpu_over(seconds: float) -> float:
+    began = time.process_time()
+    await asyncio.sleep(seconds)
+    return time.process_time() - began
 
 
 def _profiler(args: argparse.Namespace, seconds: float) -> subprocess.Popen | None:
@@ -232,6 +239,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--beats", type=int, default=20, help="heartbeats each stream sends (cpu mode)")
     parser.add_argument("--rate", type=float, default=2000.0, help="heartbeats a second, all streams together")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds after every stream opened before measuring")
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0, help="the controller's (no stream expires)")
     parser.add_argument("--frames", type=int, default=1, help="tracemalloc frames per allocation (memory mode)")
     parser.add_argument("--top", type=int, default=15, help="allocation sites printed (memory mode)")

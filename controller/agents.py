@@ -540,14 +540,14 @@ class AgentHub:
     def _accept(self, session: AgentSession, message: AgentInbound) -> None:
         """Check one inbound message and buffer what it says (raises to end the stream)."""
         node_id = session.node_id
-        wait = session.reports.take(time.monotonic())
+        now = time.monotonic()
+        wait = session.reports.take(now)
         if wait:
             raise rate_limited(f"node {node_id} sent more than {self._report_rate:g} reports a second "
                                f"(burst {self._report_burst})", wait)
         beat = isinstance(message, HeartbeatReport)
         if beat:
             agent_cases.validate_heartbeat_header(node_id, message)
-            now = time.monotonic()
             full = now - session.said_all_at >= FULL_REPORTS_EVERY_S
             if message.shards_omitted:  # unchanged since the full state of that version, if this stream holds it
                 shards: tuple[ShardReport, ...] = ()
@@ -562,14 +562,13 @@ class AgentHub:
         for report in shards:  # all checked before any is used: a bad message leaves nothing behind
             agent_cases.validate_report(node_id, report)
         refused = False
-        received = time.monotonic()
         for report in shards:
             tenant = session.given_tenant(report)
             if tenant is not None:
                 session.say(report)
                 self._reports.append((node_id, report if report.tenant == tenant else replace(report, tenant=tenant)))
-                self._received.append(received)
-                started = session.started(report, received)
+                self._received.append(now)
+                started = session.started(report, now)
                 if started is not None:
                     self._observer.shard_start_stage("agent", (started,))
             else:

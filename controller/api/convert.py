@@ -264,8 +264,7 @@ def shard_report(msg: agent_pb2.ShardStatus) -> d.ShardReport:
 
 
 def heartbeat_report(msg: agent_pb2.Heartbeat) -> d.HeartbeatReport:
-    return d.HeartbeatReport(seq=msg.seq, power_draw_w=msg.power_draw_w,
-                             shards=tuple(shard_report(s) for s in msg.shards),
+    return d.HeartbeatReport(seq=msg.seq, power_draw_w=msg.power_draw_w, shards=tuple(map(shard_report, msg.shards)),
                              shard_state_version=msg.shard_state_version, shards_omitted=msg.shards_omitted)
 
 
