@@ -200,8 +200,11 @@ async def _cpu(args: argparse.Namespace, agents: _Agents) -> dict[str, object]:
     await agents.heard("connected")
     await asyncio.sleep(args.settle)  # the joins' own work done (the nodes' first writes, the passes)
     window = args.beats * args.streams / args.rate + 1.0
+    spy = _profiler(args, window) if args.py_spy_window == "idle" else None
     idle_before = await _cpu_over(window)
-    spy = _profiler(args, window)
+    if spy is not None:
+        spy.wait(30)
+    spy = _profiler(args, window) if args.py_spy_window == "beats" else None
     agents.say("beat")
     cpu, wall = time.process_time(), time.perf_counter()
     await agents.heard("sent")
@@ -219,9 +222,26 @@ async def _cpu(args: argparse.Namespace, agents: _Agents) -> dict[str, object]:
 
 
 async def _cpu_over(seconds: float) -> float:
-    began = time.process_time()
+    """This process's CPU seconds over the next `seconds`; its threads' by name on stderr."""
+    began, threads = time.process_time(), _thread_ticks()
     await asyncio.sleep(seconds)
+    spent = {name: ticks - threads.get(name, 0) for name, ticks in _thread_ticks().items()}
+    print("threads' CPU s:", {name: round(t / os.sysconf("SC_CLK_TCK"), 2) for name, t in
+                              sorted(spent.items(), key=lambda kv: -kv[1]) if t}, file=sys.stderr)
     return time.process_time() - began
+
+
+def _thread_ticks() -> dict[str, int]:
+    """utime + stime of this process's threads by name and id (the event loop's: "main"), clock ticks."""
+    ticks: dict[str, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = "main" if int(task.name) == os.getpid() else f"{(task / 'comm').read_text().strip()}-{task.name}"
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        ticks[name] = ticks.get(name, 0) + int(fields[11]) + int(fields[12])
+    return ticks
 
 
 def _profiler(args: argparse.Namespace, seconds: float) -> subprocess.Popen | None:
@@ -229,7 +249,8 @@ def _profiler(args: argparse.Namespace, seconds: float) -> subprocess.Popen | No
     if not args.py_spy:
         return None
     return subprocess.Popen([args.py_spy, "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "100",
-                             "--duration", str(max(1, round(seconds))), "--nonblocking", "-o", args.py_spy_out],
+                             "--duration", str(max(1, round(seconds))), "-o", args.py_spy_out,
+                             *(["--native"] if args.py_spy_native else ["--nonblocking"])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -245,6 +266,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="allocation sites printed (memory mode)")
     parser.add_argument("--py-spy", help="profile the beat window with this py-spy binary (cpu mode)")
     parser.add_argument("--py-spy-out", default="agentstreams.pyspy.txt", help="where py-spy writes (raw)")
+    parser.add_argument("--py-spy-window", choices=("beats", "idle"), default="beats",
+                        help="profile the beats' window, or the idle one before it")
+    parser.add_argument("--py-spy-native", action="store_true", help="py-spy --native (C and C++ frames too)")
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--agents", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
