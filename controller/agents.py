@@ -25,9 +25,9 @@ The hub is the only place that knows which agents are connected right now. It
   liveness, and the node lifecycle judges a node whose stream ended here by the last heartbeat
   the hub saw (`released`), a new leader by the restart grace,
 - marks a node suspect when its stream ends or its heartbeats stop for `heartbeat_timeout_s`
-  (found at two silence checks in a row: `_expire`; it keeps its shards; `controller/nodelifecycle.py` takes it further: down, evicted), counts
-  the drop against the node's flap penalty, and on Hello marks it up again (suspect while it
-  flaps), waking the reconciler either way;
+  (silent at two checks in a row: `_expire`; it keeps its shards; `controller/nodelifecycle.py`
+  takes it further: down, evicted), counts the drop against the node's flap penalty, and on
+  Hello marks it up again (suspect while it flaps), waking the reconciler either way;
 - says whether a live stream holds a node (`holds_live_session`): a second agent registering
   the same node id meanwhile is refused.
 Only the leader talks to agents (`follow` ends every stream when it loses the lead): a
