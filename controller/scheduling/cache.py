@@ -122,6 +122,8 @@ class ClusterCache:
         self.snapshot.index.read(self.snapshot.problem)  # in the worker thread that builds it (`build`)
         self.session = session
         self.last_id = max(snapshot.deployment_ids.values(), default=0)
+        # The highest key of `snapshot.deployment_ids` (None: to be found again, `highest_id`).
+        self._highest: int | None = self.last_id
         # Generations above the snapshot's that this controller's own commits made, already
         # applied (a commit that landed on a change the cache has not read yet).
         self.own_commits: set[int] = set()
@@ -295,6 +297,8 @@ class ClusterCache:
         snap = self.snapshot
         gone = set(keys)
         held = any(snap.replica_indices.get(key) for key in gone)
+        if any(snap.deployment_ids.get(key) == self._highest for key in gone):
+            self._highest = None  # the newest left: found again when asked
         before = {name: snap.problem[name] for name in ("deployments", "placements")}
         snap.problem["deployments"] = [d for d in before["deployments"] if d["id"] not in gone]
         if held:
@@ -313,6 +317,14 @@ class ClusterCache:
         short = set(self.session.pending())
         snap = self.snapshot
         return [d for d in snap.index.deployments_of(snap.problem, map(stored_key, short)) if d["id"] in short]
+
+    def highest_id(self) -> int:
+        """The highest primary key among the snapshot's deployments (0: none): `max` of
+        `snapshot.deployment_ids`, followed as deployments arrive, are adopted and depart (found
+        again only when the newest departs)."""
+        if self._highest is None:
+            self._highest = max(self.snapshot.deployment_ids.values(), default=0)
+        return self._highest
 
     def pending_since(self, known_id: int) -> list[dict[str, Any]] | None:
         """The snapshot's deployments stored after `known_id`, to decide (None: one of them
@@ -333,6 +345,8 @@ class ClusterCache:
         docs = [d for d in arrivals.deployments if stored_key(d["id"]) in fresh]
         late = any(key <= max(self.last_id, self._adopted_id) for key in fresh.values())
         snap.deployment_ids.update(fresh)  # type: ignore[attr-defined]
+        if self._highest is not None:
+            self._highest = max(self._highest, max(fresh.values(), default=0))
         snap.solver_refs.update((name, ref) for name, ref in arrivals.solver_refs.items()  # type: ignore[attr-defined]
                                 if ref.key in fresh)
         snap.replica_indices.update((key, frozenset()) for key in fresh)  # type: ignore[attr-defined]
@@ -575,6 +589,8 @@ class ClusterCache:
         snap = self.snapshot
         for key, read in reads.items():
             snap.deployment_ids[key] = read.id  # type: ignore[index]
+            if self._highest is not None and read.id is not None:
+                self._highest = max(self._highest, read.id)
             snap.solver_refs.update(read.refs)  # type: ignore[attr-defined]
             snap.replica_indices[key] = read.replica_indices  # type: ignore[index]
             self._adopted_id = max(self._adopted_id, read.id or 0)

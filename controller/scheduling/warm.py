@@ -202,7 +202,9 @@ class WarmCluster:
                   scope: frozenset[str] | None = None) -> None:
         """After a commit that was not stale, by either path (`scope`: what a fast plan spoke for)."""
         self.own_generation = result.generation
-        self._known_id = max(snapshot.deployment_ids.values(), default=0)
+        cache = self.cache
+        self._known_id = cache.highest_id() if cache is not None and cache.snapshot is snapshot \
+            else max(snapshot.deployment_ids.values(), default=0)
         if scope is None:
             self.unplaced = {}
         for name in scope or ():

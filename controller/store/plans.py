@@ -739,7 +739,7 @@ async def commit_plan(
     # Deployments the plan knows (in its snapshot): generation, phase (the rule of domain/phases
     # over the shards written), reasons. One submitted after the snapshot is left to the next pass.
     keys = snapshot.plan_keys()
-    planned = live & set(snapshot.deployment_ids)
+    planned = {name for name in live if name in snapshot.deployment_ids}  # a cost of the scope, not of the cluster
     new_generation = {
         name: deployments[name].generation + (1 if name in changed_deployments else 0) for name in live
     }

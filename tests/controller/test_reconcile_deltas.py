@@ -280,6 +280,8 @@ async def test_deltas_commit_what_full_passes_commit(seed, decider, _sqlite_temp
                 # (Arrivals landing as a commit does are read by the next pass: the cache lacks them till then.)
                 if mode == "deltas" and loop.warm_snapshot is not None and not (step == stale_at and landed == ["arrivals"]):
                     assert_same(loop.warm_snapshot, await fresh(db))
+                    cache = loop._warm.cache  # its newest key, followed as deployments arrive and depart
+                    assert cache is not None and cache.highest_id() == max(cache.snapshot.deployment_ids.values(), default=0)
             if mode == "deltas":  # the sequence went through the deltas, not only through full passes
                 assert loop.delta_passes + loop.fast_passes > loop.full_passes / 2
                 assert {"other_controller", "resize"} <= followed, sorted(followed)
@@ -872,11 +874,17 @@ async def test_what_the_cache_holds_on_each_node_follows_commits_and_departures(
         return {node: frozenset(keys) for node, keys in held.items()}
 
     assert {node: keys for node, (keys, _) in cache.holding(every).items()} == scanned()
+    ids = cache.snapshot.deployment_ids
+    assert cache.highest_id() == ids["t1/c"] > ids["t1/b"]
     cache.depart(["t1/a"], cache.snapshot.generation)
     assert {node: keys for node, (keys, _) in cache.holding(every).items()} == scanned()
     assert all("t1/a" not in keys for keys, _ in cache.holding(every).values())
-    cache.depart(["t1/b", "t1/c"], cache.snapshot.generation)
+    newest, second = ids["t1/c"], ids["t1/b"]
+    cache.depart(["t1/c"], cache.snapshot.generation)  # the newest leaves: the next one's key
+    assert cache.highest_id() == second < newest
+    cache.depart(["t1/b"], cache.snapshot.generation)
     assert cache.holding(every) == {} == scanned()
+    assert cache.highest_id() == 0
 
 
 async def test_a_leader_again_catches_its_cache_up_instead_of_reading_again(cluster, monkeypatch) -> None:
