@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Select, Update, delete, func, insert, select, text, update
+from sqlalchemy import Integer, Select, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind, ClusterChange
@@ -110,17 +110,27 @@ def schedulable_count() -> Select[tuple[int]]:
         Deployment.phase.not_in([DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED]))
 
 
+# The statements a reconcile pass runs every time, built once (building one and its cache key
+# costs more CPU than running it on SQLite).
+_GENERATION = select(ClusterState.generation).where(ClusterState.id == 1)
+_GENERATION_AND_SCHEDULABLE = select(ClusterState.generation, schedulable_count().scalar_subquery()).where(
+    ClusterState.id == 1)
+_CHANGES_BETWEEN = (select(ClusterChangeRow.generation, ClusterChangeRow.kind, ClusterChangeRow.object_id)
+                    .where(ClusterChangeRow.generation > bindparam("after", type_=Integer),
+                           ClusterChangeRow.generation <= bindparam("generation", type_=Integer))
+                    .order_by(ClusterChangeRow.id))
+
+
 async def read_generation_and_schedulable(session: AsyncSession) -> tuple[int, int]:
     """The cluster generation and `schedulable_count()`, in one statement: what a reconcile pass
     reads first (on PostgreSQL under load, each round trip is a wait)."""
-    row = (await session.execute(select(ClusterState.generation, schedulable_count().scalar_subquery())
-                                 .where(ClusterState.id == 1))).one_or_none()
+    row = (await session.execute(_GENERATION_AND_SCHEDULABLE)).one_or_none()
     return (0, 0) if row is None else (int(row[0] or 0), int(row[1] or 0))
 
 
 async def read_generation(session: AsyncSession) -> int:
     """The cluster generation (as committed, or as this transaction moved it)."""
-    return (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
+    return (await session.execute(_GENERATION)).scalar_one()
 
 
 async def read_changes_since(session: AsyncSession, after: int, *, generation: int | None = None) -> ChangesSince:
@@ -132,23 +142,23 @@ async def read_changes_since(session: AsyncSession, after: int, *, generation: i
         generation = await read_generation(session)
     changes: dict[int, list[tuple[ChangeKind, str | None]]] = {}
     if generation > after:
-        for gen, kind, object_id in await session.execute(
-                select(ClusterChangeRow.generation, ClusterChangeRow.kind, ClusterChangeRow.object_id)
-                .where(ClusterChangeRow.generation > after, ClusterChangeRow.generation <= generation)
-                .order_by(ClusterChangeRow.id)):
+        for gen, kind, object_id in await session.execute(_CHANGES_BETWEEN, {"after": after, "generation": generation}):
             # A kind this controller does not know (a newer one wrote it): OTHER.
             changes.setdefault(gen, []).append((ChangeKind(kind) if kind in _KINDS else ChangeKind.OTHER, object_id))
     return ChangesSince(after, generation, changes)
 
 
-def _moved(by: int) -> Update:
-    return (update(ClusterState).where(ClusterState.id == 1).values(generation=ClusterState.generation + by)
-            .execution_options(synchronize_session=False))
+# The generation moved by the parameter `by`: built once, with its new value returned or not.
+_MOVED = (update(ClusterState).where(ClusterState.id == 1)
+          .values(generation=ClusterState.generation + bindparam("by", type_=Integer))
+          .execution_options(synchronize_session=False))
+_MOVED_RETURNING = _MOVED.returning(ClusterState.generation)
+_MOVED_UNREAD = rowcount_unread(_MOVED)
 
 
 async def move_generation(session: AsyncSession, by: int) -> int:
     """Add `by` to the cluster generation (0: take its row's write lock only); the new value."""
-    result = await session.execute(_moved(by).returning(ClusterState.generation))
+    result = await session.execute(_MOVED_RETURNING, {"by": by})
     generation = result.scalar_one_or_none()
     if generation is None:
         raise MissingGeneration()
@@ -158,7 +168,7 @@ async def move_generation(session: AsyncSession, by: int) -> int:
 async def move_generation_unread(session: AsyncSession, by: int) -> None:
     """`move_generation` for a caller that reads the new value with its next statement (in the
     same transaction): `rowcount_unread`, so on SQLite inside `deferred_writes` the two take one trip."""
-    await session.execute(rowcount_unread(_moved(by)))
+    await session.execute(_MOVED_UNREAD, {"by": by})
 
 
 class MissingGeneration(RuntimeError):

@@ -50,14 +50,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Select, and_, bindparam, case, delete, func, insert, select, true, update
+from sqlalchemy import ColumnElement, Integer, Select, and_, bindparam, case, delete, func, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
 from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
     ChangesSince, MissingGeneration, move_generation, move_generation_unread, bump_cluster_generation, log_change,
     read_changes_since, read_generation)
-from controller.store.inlist import any_of
+from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of
 from controller.store.models import (
     ClusterState,
     Deployment,
@@ -197,6 +197,7 @@ _PLACEMENT_FIELDS = (
     Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
     Placement.accelerator_indices, Placement.accelerator_milli, Placement.phase, Placement.revision,
 )
+_EVERY_PLACEMENT = select(*_PLACEMENT_FIELDS)
 # Deployments whose shards no plan holds: a commit removes them (`_Committed.leaving`).
 _LEAVING = (DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)
 
@@ -217,13 +218,35 @@ class _Committed:
         return self.scope is None or key in self.scope
 
 
-def _deployments_at_generation(moved_by: int, where: ColumnElement[bool] | None) -> Select[Any]:
-    """The cluster generation less `moved_by` (`cluster_generation`) and the deployments `where`
-    selects (every one: None), in one statement: the generation's row outer-joined to them, so a
-    row of NULL deployment fields when none is selected."""
-    return (select((ClusterState.generation - moved_by).label("cluster_generation"), *_DEPLOYMENT_FIELDS)
+def _deployments_at_generation(where: ColumnElement[bool] | None) -> Select[Any]:
+    """The cluster generation less the parameter `moved_by` (`cluster_generation`) and the
+    deployments `where` selects (every one: None), in one statement: the generation's row
+    outer-joined to them, so a row of NULL deployment fields when none is selected."""
+    return (select((ClusterState.generation - bindparam("moved_by", type_=Integer)).label("cluster_generation"),
+                   *_DEPLOYMENT_FIELDS)
             .select_from(ClusterState).outerjoin(Deployment, true() if where is None else where)
             .where(ClusterState.id == 1))
+
+
+@dataclass(frozen=True)
+class _CommittedQueries:
+    """`_read_committed`'s statements for one dialect, built once (building a statement and its
+    cache key costs more CPU than running it): every deployment, a scope's (its lists named
+    `tenants` and `names`), and the placements of deployments (`ids`)."""
+
+    every: Select[Any]
+    scoped: Select[Any]
+    placements: Select[Any]
+
+    @classmethod
+    def of(cls, dialect: str) -> _CommittedQueries:
+        return cls(_deployments_at_generation(None),
+                   _deployments_at_generation(and_(any_of_named(dialect, Deployment.tenant_id, "tenants"),
+                                                   any_of_named(dialect, Deployment.name, "names"))),
+                   select(*_PLACEMENT_FIELDS).where(any_of_named(dialect, Placement.deployment_id, "ids")))
+
+
+_COMMITTED_QUERIES = {dialect: _CommittedQueries.of(dialect) for dialect in ("sqlite", POSTGRESQL)}
 
 
 async def _read_committed(session: AsyncSession, scope: Collection[str] | None, *, moved_by: int = 0) -> _Committed:
@@ -232,32 +255,33 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
     keys of a scope), the generation read with the deployments (on SQLite, a move of the
     generation deferred just before goes with it: one trip)."""
     scope = None if scope is None else frozenset(scope)
-    wheres: list[ColumnElement[bool] | None] = [None]
+    dialect = dialect_of(session)
+    queries = _COMMITTED_QUERIES[dialect]
+    reads: list[tuple[Select[Any], dict[str, Any]]] = [(queries.every, {"moved_by": moved_by})]
     if scope is not None:
-        wheres = []
+        reads = []
         for chunk in _chunks(sorted(scope)):
             names = [split_deployment_key(key) for key in chunk]
-            wheres.append(and_(any_of(session, Deployment.tenant_id, {t for t, _ in names}),
-                               any_of(session, Deployment.name, {n for _, n in names})))
+            reads.append((queries.scoped, {"moved_by": moved_by, "tenants": sorted({t for t, _ in names}),
+                                           "names": sorted({n for _, n in names})}))
     generation: int | None = None
     found = []
-    for where in wheres:
-        for d in await session.execute(_deployments_at_generation(moved_by, where)):
+    for query, params in reads:
+        for d in await session.execute(query, params):
             generation = d.cluster_generation if generation is None else generation
             if d.id is not None and (scope is None or deployment_key(d.tenant_id, d.name) in scope):
                 found.append(d)
-    if generation is None and wheres:
+    if generation is None and reads:
         raise MissingGeneration()
     if generation is None:  # an empty scope: nothing read yet
         generation = await read_generation(session) - moved_by
     deployments = {deployment_key(d.tenant_id, d.name): d for d in found}
     keys_by_id = {d.id: key for key, d in deployments.items()}
-    query = select(*_PLACEMENT_FIELDS)
     if scope is None:
-        placements = list(await session.execute(query))
+        placements = list(await session.execute(_EVERY_PLACEMENT))
     else:
-        placements = [p for chunk in _chunks(sorted(keys_by_id))
-                      for p in await session.execute(query.where(any_of(session, Placement.deployment_id, chunk)))]
+        placements = [p for chunk in _chunks(sorted(keys_by_id)) for p in await session.execute(
+            queries.placements, {"ids": list(chunk) if dialect != POSTGRESQL else [str(i) for i in chunk]})]
     committed = _Committed(scope, generation, deployments,
                            {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [])
     for p in placements:
