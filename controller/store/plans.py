@@ -140,6 +140,10 @@ def _will_change(snapshot: Snapshot, plan: Plan, scope: frozenset[str] | None) -
             or any(key[0] in scope for key in snapshot.released) or any(key in scope for key in snapshot.deleting))
 
 
+# Core, not the ORM's bulk INSERT (its per-row bookkeeping costs more than the statement here).
+_INSERT_EVENT = insert(Event.__table__)
+
+
 def _reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:
     out = []
     for r in reasons:
@@ -281,7 +285,7 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
         placements = list(await session.execute(_EVERY_PLACEMENT))
     else:
         placements = [p for chunk in _chunks(sorted(keys_by_id)) for p in await session.execute(
-            queries.placements, {"ids": list(chunk) if dialect != POSTGRESQL else [str(i) for i in chunk]})]
+            queries.placements, {"ids": _listed(dialect, chunk)})]
     committed = _Committed(scope, generation, deployments,
                            {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [])
     for p in placements:
@@ -830,7 +834,7 @@ async def commit_plan(
         events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                          changes.requeued)
         if events:
-            await session.execute(insert(Event), [{**e, "actor": actor, "at": now} for e in events])
+            await session.execute(_INSERT_EVENT, [{**e, "actor": actor, "at": now} for e in events])
             tenants = {name: d.tenant_id for name, d in deployments.items()}
             await audit.append(session, _decision_records(events, tenants, actor), at=now)
 
@@ -859,6 +863,36 @@ _UPDATE_DEPLOYMENT = rowcount_unread(
         updated_at=bindparam("updated_at")))
 
 
+@dataclass(frozen=True)
+class _Writes:
+    """A plan commit's statements over lists of rows for one dialect, built once (each list
+    named `ids`): placements and deployments deleted, nodes whose assignment generation moves.
+    Their row counts are not read (`rowcount_unread`)."""
+
+    delete_placements: Any
+    delete_deployments: Any
+    bump_nodes: Any
+
+    @classmethod
+    def of(cls, dialect: str) -> _Writes:
+        def unread(statement: Any) -> Any:
+            return rowcount_unread(statement).execution_options(synchronize_session=False)
+
+        return cls(unread(delete(Placement).where(any_of_named(dialect, Placement.id, "ids"))),
+                   unread(delete(Deployment).where(any_of_named(dialect, Deployment.id, "ids"))),
+                   unread(update(Node).where(any_of_named(dialect, Node.id, "ids"))
+                          .values(assignment_generation=Node.assignment_generation + 1)))
+
+
+_WRITES = {dialect: _Writes.of(dialect) for dialect in ("sqlite", POSTGRESQL)}
+
+
+def _listed(dialect: str, ids: Iterable[int]) -> list[Any]:
+    """Integer keys as an `any_of_named` list wants them: as text on PostgreSQL (a text array,
+    cast by the server), as they are elsewhere."""
+    return [str(i) for i in ids] if dialect == POSTGRESQL else list(ids)
+
+
 async def _write(
     session: AsyncSession, *, changes: _Changes, deletes: list[_Row], deployments: dict[str, Any],
     new_generation: dict[str, int], deployment_updates: list[dict[str, Any]], changed_nodes: set[str],
@@ -869,9 +903,10 @@ async def _write(
     are easily handed over in the wrong order. `bumped`: the generation was moved when the lock
     was taken (`generation` is the value after that)."""
     inserts, updates = changes.inserts, changes.updates
+    dialect = dialect_of(session)
+    writes = _WRITES[dialect]
     for chunk in _chunks([row.id for row in deletes]):
-        await session.execute(rowcount_unread(delete(Placement).where(any_of(session, Placement.id, chunk)))
-                              .execution_options(synchronize_session=False))
+        await session.execute(writes.delete_placements, {"ids": _listed(dialect, chunk)})
     if updates:  # the ORM's bulk UPDATE: its row count is checked (a placement deleted since fails the commit)
         await session.execute(
             update(Placement),
@@ -922,14 +957,9 @@ async def _write(
     if deployment_updates:
         await session.execute(_UPDATE_DEPLOYMENT, deployment_updates)
     for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
-        await session.execute(rowcount_unread(delete(Deployment).where(any_of(session, Deployment.id, chunk)))
-                              .execution_options(synchronize_session=False))
+        await session.execute(writes.delete_deployments, {"ids": _listed(dialect, chunk)})
     for chunk in _chunks(sorted(changed_nodes)):
-        await session.execute(
-            rowcount_unread(update(Node).where(any_of(session, Node.id, chunk)))
-            .values(assignment_generation=Node.assignment_generation + 1)
-            .execution_options(synchronize_session=False)
-        )
+        await session.execute(writes.bump_nodes, {"ids": list(chunk)})
     if bool(changed_deployments or deleted_deployments) != bumped:
         generation = await move_generation(session, -1 if bumped else 1)
     if changed_deployments or deleted_deployments:
