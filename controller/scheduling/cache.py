@@ -299,11 +299,7 @@ class ClusterCache:
         held = any(snap.replica_indices.get(key) for key in gone)
         if any(snap.deployment_ids.get(key) == self._highest for key in gone):
             self._highest = None  # the newest left: found again when asked
-        before = {name: snap.problem[name] for name in ("deployments", "placements")}
-        snap.problem["deployments"] = [d for d in before["deployments"] if d["id"] not in gone]
-        if held:
-            snap.problem["placements"] = [p for p in before["placements"] if p["deployment"] not in gone]
-        snap.index.without(before, snap.problem, gone)
+        snap.index.depart(snap.problem, gone)  # their documents and placements, cut from the lists
         for key in gone:
             for mapping in (snap.deployment_ids, snap.solver_refs, snap.replica_indices):
                 mapping.pop(key, None)  # type: ignore[attr-defined]

@@ -11,8 +11,9 @@ thousands of nodes, on the event loop; a `SnapshotIndex` (kept with its `Snapsho
 - nodes by id and by rack, racks by id and by row: read again whole when the document holds
   another list (a node or topology change replaces it; nothing changes one in place);
 - placements by node and by stored deployment, deployments by stored deployment: read whole
-  once, then only what was appended since, or what a departure took out (`without`); read again
-  whole when the document holds another list. What they return is in the list's order.
+  once, then only what was appended since; a departure's lists are cut by the index itself
+  (`depart`); read again whole when the document holds another list. What they return is in
+  the list's order.
 
 Every list of the document is either replaced or appended to, never changed in place (the
 owners of snapshots keep to it: `scheduling/cache.py`); the index holds the lists it read, so
@@ -22,6 +23,7 @@ another list is never taken for one it read. One thread at a time uses it, as it
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
+from bisect import bisect_left
 from operator import itemgetter
 from typing import Any
 
@@ -40,6 +42,7 @@ class _Grouped:
         self._source: list[Doc] | None = None  # held: its id is never another list's
         self._read = 0
         self._seq = 0
+        self._seqs: list[int] = []  # each read document's sequence number, in the list's order
         self._groups: tuple[dict[str, dict[int, Doc]], ...] = tuple({} for _ in keys)
         self.whole_reads = 0  # lists read whole (a replaced one, or one changed otherwise than said)
 
@@ -47,7 +50,7 @@ class _Grouped:
         """The groupings of `items` (the document's list now), by key: sequence number -> document."""
         if items is not self._source or len(items) < self._read:
             self._source, self._read = items, 0
-            self._groups = tuple({} for _ in self._keys)
+            self._groups, self._seqs = tuple({} for _ in self._keys), []
             self.whole_reads += 1
         if self._read < len(items):
             groups = tuple(zip(self._keys, self._groups))
@@ -56,6 +59,7 @@ class _Grouped:
                 for key, grouped in groups:
                     grouped.setdefault(key(item), {})[seq] = item
                 seq += 1
+            self._seqs.extend(range(self._seq, seq))
             self._seq, self._read = seq, len(items)
         return self._groups
 
@@ -64,30 +68,33 @@ class _Grouped:
         grouped = self.of(items)[grouping]
         return _in_order(entry for key in set(keys) for entry in grouped.get(key, {}).items())
 
-    def without(self, before: list[Doc], after: list[Doc], grouping: int, keys: Collection[str],
-                leaves: Callable[[Doc], bool]) -> None:
-        """`after` replaces `before`, which it is without the documents under `keys` in
-        `grouping` for which `leaves` holds. Followed when `before` was read whole, else `after`
-        is read afresh when next asked."""
-        if before is not self._source or len(before) < self._read:
-            return
-        self.of(before)  # what was appended since it was last read
-        removed = 0
-        for key in keys:
-            under = self._groups[grouping].get(key)
-            for seq, item in list(under.items()) if under else ():
-                if not leaves(item):
-                    continue
-                removed += 1
-                for key_of, grouped in zip(self._keys, self._groups):
-                    at = grouped[key_of(item)]
-                    del at[seq]
-                    if not at:
-                        del grouped[key_of(item)]
-        if len(after) == len(before) - removed:
-            self._source, self._read = after, len(after)
-        else:  # not what was said: read afresh
-            self._source = None
+    def cut(self, items: list[Doc], grouping: int, keys: Collection[str], leaves: Callable[[Doc], bool]) -> list[Doc]:
+        """`items` (the document's list now) without the documents under `keys` in `grouping`
+        for which `leaves` holds: a new list, cut from `items` by slices (or `items` itself when
+        none leaves), which the index has read. A cost of what leaves, not of the list's
+        documents one by one."""
+        groups = self.of(items)
+        leaving = sorted((seq, item) for key in keys for seq, item in groups[grouping].get(key, {}).items()
+                         if leaves(item))
+        if not leaving:
+            return items
+        kept: list[Doc] = []
+        seqs: list[int] = []
+        start = 0
+        for seq, item in leaving:
+            at = bisect_left(self._seqs, seq, start)
+            kept += items[start:at]
+            seqs += self._seqs[start:at]
+            start = at + 1
+            for key_of, grouped in zip(self._keys, groups):
+                under = grouped[key_of(item)]
+                del under[seq]
+                if not under:
+                    del grouped[key_of(item)]
+        kept += items[start:]
+        seqs += self._seqs[start:]
+        self._source, self._read, self._seqs = kept, len(kept), seqs
+        return kept
 
 
 def _in_order(entries: Iterable[tuple[int, Doc]]) -> list[Doc]:
@@ -199,11 +206,12 @@ class SnapshotIndex:
         """The document's solver deployments of the stored deployments `keys`, in the list's order."""
         return self._deployments.select(problem.get("deployments", []), 0, keys)
 
-    def without(self, before: Mapping[str, list[Doc]], after: Mapping[str, list[Doc]], gone: Collection[str]) -> None:
-        """The document's lists `after` ("deployments", "placements") are those `before` without
-        the solver deployments whose id is in `gone` (stored keys: departures; their outgoing
-        revisions stay) and their placements. Followed at the cost of what left when the lists
-        `before` were read whole, else read afresh when next asked."""
-        self._deployments.without(before["deployments"], after["deployments"], 0, gone, lambda d: d["id"] in gone)
-        self._placements.without(before["placements"], after["placements"], 1, gone,
-                                 lambda p: p["deployment"] in gone)
+    def depart(self, problem: dict[str, Any], gone: Collection[str]) -> None:
+        """Take the solver deployments whose id is in `gone` (stored keys: departures; their
+        outgoing revisions stay) and their placements out of `problem`: its lists are replaced by
+        lists without them (one left as it was when none of them is in it), which the index has
+        read (a cost of what leaves)."""
+        problem["deployments"] = self._deployments.cut(problem.get("deployments", []), 0, gone,
+                                                       lambda d: d["id"] in gone)
+        problem["placements"] = self._placements.cut(problem.get("placements", []), 1, gone,
+                                                     lambda p: p["deployment"] in gone)
