@@ -192,14 +192,19 @@ class _Changes:
     nodes: dict[str, NodeMeter] = field(default_factory=dict)
 
 
+# What a plan commit reads and writes every pass is written with the tables' columns (Core): an
+# ORM-enabled statement costs the event loop more per execution (its compile state, its rows
+# built by the ORM's loader) for the same rows.
+_DEPLOYMENTS = Deployment.__table__
+_PLACEMENTS = Placement.__table__
+_D, _P = _DEPLOYMENTS.c, _PLACEMENTS.c
 _DEPLOYMENT_FIELDS = (
-    Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.phase, Deployment.generation, Deployment.reasons,
-    Deployment.replicas, Deployment.shards_per_replica, Deployment.created_at, Deployment.template_revision,
-    Deployment.revision_specs, Deployment.min_replicas, Deployment.shard_accelerators, Deployment.shard_power_w,
+    _D.id, _D.name, _D.tenant_id, _D.phase, _D.generation, _D.reasons, _D.replicas, _D.shards_per_replica,
+    _D.created_at, _D.template_revision, _D.revision_specs, _D.min_replicas, _D.shard_accelerators, _D.shard_power_w,
 )
 _PLACEMENT_FIELDS = (
-    Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
-    Placement.accelerator_indices, Placement.accelerator_milli, Placement.phase, Placement.revision,
+    _P.id, _P.deployment_id, _P.replica, _P.shard, _P.node_id, _P.accelerator_indices, _P.accelerator_milli, _P.phase,
+    _P.revision,
 )
 _EVERY_PLACEMENT = select(*_PLACEMENT_FIELDS)
 # Deployments whose shards no plan holds: a commit removes them (`_Committed.leaving`).
@@ -226,10 +231,11 @@ def _deployments_at_generation(where: ColumnElement[bool] | None) -> Select[Any]
     """The cluster generation less the parameter `moved_by` (`cluster_generation`) and the
     deployments `where` selects (every one: None), in one statement: the generation's row
     outer-joined to them, so a row of NULL deployment fields when none is selected."""
-    return (select((ClusterState.generation - bindparam("moved_by", type_=Integer)).label("cluster_generation"),
+    state = ClusterState.__table__.c
+    return (select((state.generation - bindparam("moved_by", type_=Integer)).label("cluster_generation"),
                    *_DEPLOYMENT_FIELDS)
-            .select_from(ClusterState).outerjoin(Deployment, true() if where is None else where)
-            .where(ClusterState.id == 1))
+            .select_from(ClusterState.__table__).outerjoin(_DEPLOYMENTS, true() if where is None else where)
+            .where(state.id == 1))
 
 
 @dataclass(frozen=True)
@@ -245,9 +251,9 @@ class _CommittedQueries:
     @classmethod
     def of(cls, dialect: str) -> _CommittedQueries:
         return cls(_deployments_at_generation(None),
-                   _deployments_at_generation(and_(any_of_named(dialect, Deployment.tenant_id, "tenants"),
-                                                   any_of_named(dialect, Deployment.name, "names"))),
-                   select(*_PLACEMENT_FIELDS).where(any_of_named(dialect, Placement.deployment_id, "ids")))
+                   _deployments_at_generation(and_(any_of_named(dialect, _D.tenant_id, "tenants"),
+                                                   any_of_named(dialect, _D.name, "names"))),
+                   select(*_PLACEMENT_FIELDS).where(any_of_named(dialect, _P.deployment_id, "ids")))
 
 
 _COMMITTED_QUERIES = {dialect: _CommittedQueries.of(dialect) for dialect in ("sqlite", POSTGRESQL)}
@@ -719,6 +725,8 @@ async def commit_plan(
     the writes follow.
     """
     lap = laps or _no_lap
+    if session.new or session.dirty or session.deleted:  # its statements are Core: nothing flushes for them
+        await session.flush()
     # The generation row's write lock (PostgreSQL row lock, SQLite write lock) to the end of the
     # caller's transaction: commits serialise here, so each plan is checked against a state no
     # other commit changes under it. A commit that will change placements bumps the generation in
@@ -856,7 +864,6 @@ async def commit_plan(
 # (its row count is not read: the ORM's bulk UPDATE checks it, and so could not be deferred). The
 # rows were read under the generation lock in this transaction, and only a plan commit deletes
 # a schedulable deployment's row.
-_DEPLOYMENTS = Deployment.__table__
 _UPDATE_DEPLOYMENT = rowcount_unread(
     update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("b_id")).values(
         phase=bindparam("phase"), reasons=bindparam("reasons"), generation=bindparam("generation"),
@@ -876,12 +883,13 @@ class _Writes:
     @classmethod
     def of(cls, dialect: str) -> _Writes:
         def unread(statement: Any) -> Any:
-            return rowcount_unread(statement).execution_options(synchronize_session=False)
+            return rowcount_unread(statement)
 
-        return cls(unread(delete(Placement).where(any_of_named(dialect, Placement.id, "ids"))),
-                   unread(delete(Deployment).where(any_of_named(dialect, Deployment.id, "ids"))),
-                   unread(update(Node).where(any_of_named(dialect, Node.id, "ids"))
-                          .values(assignment_generation=Node.assignment_generation + 1)))
+        nodes = Node.__table__
+        return cls(unread(delete(_PLACEMENTS).where(any_of_named(dialect, _P.id, "ids"))),
+                   unread(delete(_DEPLOYMENTS).where(any_of_named(dialect, _D.id, "ids"))),
+                   unread(update(nodes).where(any_of_named(dialect, nodes.c.id, "ids"))
+                          .values(assignment_generation=nodes.c.assignment_generation + 1)))
 
 
 _WRITES = {dialect: _Writes.of(dialect) for dialect in ("sqlite", POSTGRESQL)}
@@ -929,7 +937,7 @@ async def _write(
     ]
     if inserts:  # no RETURNING: the usage meter finds the rows by their keys (`start_intervals`)
         await session.execute(
-            insert(Placement.__table__),
+            insert(_PLACEMENTS),
             [
                 {
                     "deployment_id": deployments[key[0]].id,

@@ -395,9 +395,11 @@ def _arrivals_after() -> Select[Any]:
     statement: a count read apart from the rows differs from them whenever a submit or a
     deletion lands in between, which sent the caller looking for keys it missed
     (`schedulable_keys`, every key) though none was."""
-    return (select(*_DEPLOYMENT_COLUMNS, schedulable_count().correlate(None).scalar_subquery().label("schedulable"))
-            .where(Deployment.phase != DeploymentPhase.QUARANTINED, Deployment.id > bindparam("after_id"))
-            .order_by(Deployment.id))
+    table = Deployment.__table__  # Core: an ORM-enabled statement costs more per execution for the same rows
+    return (select(*(table.c[column.key] for column in _DEPLOYMENT_COLUMNS),
+                   schedulable_count().correlate(None).scalar_subquery().label("schedulable"))
+            .where(table.c.phase != DeploymentPhase.QUARANTINED, table.c.id > bindparam("after_id"))
+            .order_by(table.c.id))
 
 
 async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DEFAULT_SURGE,
