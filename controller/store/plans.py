@@ -725,8 +725,6 @@ async def commit_plan(
     the writes follow.
     """
     lap = laps or _no_lap
-    if session.new or session.dirty or session.deleted:  # its statements are Core: nothing flushes for them
-        await session.flush()
     # The generation row's write lock (PostgreSQL row lock, SQLite write lock) to the end of the
     # caller's transaction: commits serialise here, so each plan is checked against a state no
     # other commit changes under it. A commit that will change placements bumps the generation in

@@ -137,6 +137,24 @@ async def test_new_placements_are_inserted_and_generations_bumped(database: Data
     ]
 
 
+async def test_what_the_session_holds_pending_is_written_before_the_plan(database: Database) -> None:
+    # The commit's statements are Core; the session flushes the caller's pending ORM changes
+    # before them too (SQLAlchemy autoflushes before Core statements), so that the plan is checked
+    # against them. Here WEB marked DELETING in the session: the commit reads it so and releases
+    # its shards, as it does a committed one's.
+    snap = await _seeded(database)
+    plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
+    async with database.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "a", "web")
+        row.phase = m.DeploymentPhase.DELETING
+        result = await commit_plan(uow.session, snap, plan, actor="test")
+        await uow.commit()
+    after = await _state(database)
+    assert not [key for key in after["placements"] if key[0] == WEB]
+    assert after["placements"][(TRAIN, 0, 0)][:2] == ("n2", (0, 1))
+    assert result.changed_nodes == {"n1", "n2", "n3"}
+
+
 async def test_a_plan_that_changes_nothing_writes_nothing(database: Database) -> None:
     snap = await _seeded(database)
     async with database.unit_of_work() as uow:
