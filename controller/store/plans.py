@@ -652,12 +652,17 @@ async def _recheck(
     specs = {d["id"] for d in doc["deployments"]}
     unread = Unread() if rows is None else await _read_unread(session, committed, doc, landing, racks, rows)
 
+    named: dict[tuple[str, int], str] = {}  # each deployment's shards share one or two revisions
+
     def spec(name: str, revision: int) -> str:
-        # A deployment without a solver ref in its snapshot (a cache that learnt it) is its own spec.
-        for candidate in (outgoing_id(name, revision), outgoing_id(name, template[name]), name):
-            if candidate in specs:
-                return candidate
-        return outgoing_id(name, revision)  # judged as an unknown deployment
+        found = named.get((name, revision))
+        if found is None:
+            # A deployment without a solver ref in its snapshot (a cache that learnt it) is its own spec.
+            found = next((candidate for candidate in (outgoing_id(name, revision), outgoing_id(name, template[name]),
+                                                      name) if candidate in specs),
+                         outgoing_id(name, revision))  # else judged as an unknown deployment
+            named[(name, revision)] = found
+        return found
 
     placed = {(spec(k[0], revision), k[1], k[2]): where for k, (revision, where) in shards.items()}
     wanted = {(spec(rk[0], changes.revision_of[(*rk, min(by_shard))]), rk[1]): by_shard
