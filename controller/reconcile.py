@@ -84,7 +84,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.changes import read_changes_since, read_generation_and_schedulable
 from controller.store.db import Database, UnitOfWork
-from controller.store.lease import LeaseLost
+from controller.store.lease import CommitOutcomeUnknown, LeaseLost
 from controller.store.failures import FailureStep, handle_failures
 from controller.store.plans import CommitResult, commit_plan
 from controller.store.rollout import DEFAULT_SURGE, Retired, retire_replaced, stored_key
@@ -541,7 +541,9 @@ class Reconciler:
             if retired.deployments:
                 generation = await repo.read_cluster_generation(uow.session)
         if step is not None and step.deployments or retired is not None and retired.deployments:
-            await uow.commit()  # the session goes on in a new transaction
+            # The session goes on in a new transaction.
+            await self._commit(uow, (step.nodes if step is not None else frozenset())
+                               | (retired.nodes if retired is not None else frozenset()))
         # Marked checked once committed (a pass whose commit failed checks again).
         if step is not None:
             self._failures.checked = failures_checked
@@ -651,7 +653,7 @@ class Reconciler:
         result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
                                    now=self._wall_clock(), laps=self._laps.lap)
         self._laps.lap("commit_plan")
-        await uow.commit()
+        await self._commit(uow, result.changed_nodes)
         self._laps.lap("commit")
         self.fast_passes += 1
         self._observer.pass_taken("fast")
@@ -773,7 +775,7 @@ class Reconciler:
             async with self._db.unit_of_work() as uow:
                 result = await commit_plan(uow.session, snapshot, plan, scope=scope, actor="controller",
                                            now=self._wall_clock(), laps=self._laps.lap)
-                await uow.commit()
+                await self._commit(uow, result.changed_nodes)
             self._laps.lap("commit")
             changed = await self._report(result, plan, deleting, solve_ms, waiting=len(waiting), path="full")
             changed_nodes |= result.changed_nodes
@@ -834,12 +836,24 @@ class Reconciler:
             self.wake()
         return True
 
+    async def _commit(self, uow: UnitOfWork, nodes: Iterable[str]) -> None:
+        """Commit a unit of work that changed `nodes`' assignment sets. A COMMIT whose outcome is
+        unknown (`CommitOutcomeUnknown`: the connection lost with it in flight) may have landed:
+        those nodes' agents are sent their sets as stored before the error goes on (a set that did
+        not change is sent again, which an agent takes as it is). Sets are pushed on change, not
+        polled: without this an agent would hear of a landed commit only at its node's next change."""
+        try:
+            await uow.commit()
+        except CommitOutcomeUnknown:
+            self._push(set(nodes))
+            raise
+
     async def _quarantine(self, reasons: dict[str, str]) -> None:
         changed: set[str] = set()
         async with self._db.unit_of_work() as uow:
             for name, reason in reasons.items():
                 changed |= await repo.quarantine_deployment(uow.session, stored_key(name), reason)
-            await uow.commit()
+            await self._commit(uow, changed)
         self._quarantined.quarantined(reasons)
         for name, reason in reasons.items():
             log.error("deployment quarantined deployment=%s reason=%s", name, reason)

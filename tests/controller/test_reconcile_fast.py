@@ -20,7 +20,8 @@ from bench.checking import check_state
 from controller.reconcile import Reconciler
 from controller.scheduling.decider import DecideProcess
 from controller.store import models as m
-from controller.store.db import Database
+from controller.store.db import Database, UnitOfWork
+from controller.store.lease import CommitOutcomeUnknown
 from controller.store.snapshot import Snapshot, load_snapshot
 from controller.domain.values import DeploymentSpec, deployment_key
 from controller.usecases import nodes
@@ -283,3 +284,37 @@ async def test_the_pass_log_says_what_the_decide_process_spent(cluster, decide_p
         assert (await loop.reconcile_once()).solved and loop.fast_passes == 1
     (line,) = [r.getMessage() for r in caplog.records if "path=fast" in r.getMessage()]
     assert "decide_cpu:" in line and "decide_child_cpu:" in line  # the session's CPU, in the child
+
+
+async def test_a_plan_commit_whose_outcome_is_unknown_still_sends_its_nodes_their_sets(cluster, monkeypatch):
+    """A plan's COMMIT that landed but whose answer was lost (`CommitOutcomeUnknown`, as on
+    PostgreSQL when the connection drops with it in flight) fails the pass; the nodes it placed on
+    are sent their sets all the same (sets are pushed on change, not polled: else the agents would
+    hear of the landed placements only at their nodes' next change). Both paths: full, then fast."""
+    pushed: list[set[str]] = []
+    loop = Reconciler(cluster, push=lambda nodes: pushed.append(set(nodes)), publish=no_publish,
+                      solve_time_limit_ms=60_000, backoff_s=0.0)
+    armed = [False]
+    real_commit = UnitOfWork.commit
+
+    async def landed_then_lost(self: UnitOfWork) -> None:
+        await real_commit(self)
+        if armed[0]:
+            armed[0] = False
+            raise CommitOutcomeUnknown("test", ConnectionError("the answer was lost"))
+
+    monkeypatch.setattr(UnitOfWork, "commit", landed_then_lost)
+    for name, warm in (("first", False), ("second", True)):  # the full path first, then the fast one
+        await submit(cluster, deployment(name, accelerators=4, locality="node"))
+        assert (loop.warm_snapshot is not None) == warm
+        pushed.clear()
+        armed[0] = True
+        full_before = loop.full_passes
+        with pytest.raises(CommitOutcomeUnknown):
+            await loop.reconcile_once()
+        assert loop.full_passes == full_before + (0 if warm else 1)  # counted as it starts
+        assert loop.warm_snapshot is None  # dropped: it may hold what was never committed
+        placed_on = {p["node"] for p in (await fresh(cluster)).problem["placements"] if p["deployment"] == f"t1/{name}"}
+        assert placed_on and placed_on <= set().union(*pushed), (placed_on, pushed)
+        await loop.reconcile_once()  # the next pass (full: the cache was dropped) finds it placed
+        assert not (await loop.reconcile_once()).solved
