@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|session|rebalance|watchdog|auth|e2e|submit|failover|join|nodedeath|reconcile|departures|commit ...`."""
+"""Command line: `python -m bench fgd|synthetic|session|rebalance|watchdog|auth|e2e|submit|unary|failover|join|nodedeath|reconcile|departures|commit ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import auth, commit, e2e, failover, join, nodedeath, session, submit, traces, watchdog
+from bench import auth, commit, e2e, failover, join, nodedeath, session, submit, traces, unary, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                                        "placements): p50/p99, submits/s, where the time goes (--py-spy)")
     submit.add_arguments(sb)
     sb.set_defaults(func=submit.main)
+    ub = sub.add_parser("unary", help="the controller's CPU per submit and per delete RPC (clients in a process "
+                                      "of their own), SQL statements per call")
+    unary.add_arguments(ub)
+    ub.set_defaults(func=unary.main)
 
     fo = sub.add_parser("failover", help="leader controller SIGKILLed -> next placement committed (PostgreSQL)")
     failover.add_arguments(fo)
