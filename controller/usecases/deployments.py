@@ -401,8 +401,7 @@ async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment, str]
     """Mark deployments DELETING, each with its event (by its actor), in the caller's transaction:
     ONE cluster generation bump for all, which logs every key (plan commits wait for that row
     from the bump to the commit, so it comes last)."""
-    for row, _ in rows:
-        row.phase = m.DeploymentPhase.DELETING
+    await repo.set_deleting(uow.session, [row for row, _ in rows])
     await repo.record_events(uow.session, (repo.NewEvent(actor=actor, kind="deployment.deleting",
                                                          object_kind="deployment",
                                                          object_id=deployment_key(row.tenant_id, row.name))

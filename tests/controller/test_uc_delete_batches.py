@@ -190,7 +190,7 @@ async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cl
 async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(cluster):
     """A delete batch's round trips on PostgreSQL: its deployments with their placements in one
     read (joined, whatever the batch's size: no statement to prepare for a new size), then BEGIN,
-    the phases, the events, the generation bump with its change rows in one statement, the audit
+    the phases in one statement, the events, the generation bump with its change rows in one statement, the audit
     head moved with its entries in one statement, COMMIT."""
     await _submit(cluster, *(("t1", f"d{i}") for i in range(8)))
     batcher = DeleteBatcher(cluster, RecordingSignals())
@@ -202,6 +202,6 @@ async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(
     assert {outcome.phase for outcome in outcomes.values()} == {"deleting"}
     assert [(t.kind, t.statement) for t in trips] == [
         ("execute", "SELECT deployments.id, deployments.name,"), ("query", "BEGIN"),
-        ("executemany", "UPDATE deployments SET"), ("executemany", "INSERT INTO events"),
+        ("execute", "UPDATE deployments SET"), ("executemany", "INSERT INTO events"),
         ("execute", "WITH moved AS"), ("execute", "WITH moved AS"), ("query", "COMMIT")]
     assert await _logged(cluster, before + 1) == [("deployment_deleted", f"t1/d{i}") for i in (1, 2, 3)]
