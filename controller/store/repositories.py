@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, Select, Update, and_, bindparam, inspect, insert, or_, case, delete, func, select, tuple_, update
@@ -600,46 +600,64 @@ def deployment_spec(row: m.Deployment) -> d.DeploymentSpec:
     )
 
 
+def spec_columns(spec: d.DeploymentSpec) -> dict[str, object]:
+    """The deployment columns (by attribute name) a spec sets."""
+    return {
+        "name": spec.name, "tenant_id": spec.tenant,
+        "replicas": spec.replicas, "min_replicas": spec.min_replicas, "shards_per_replica": spec.shards_per_replica,
+        "shard_accelerators": spec.shard.accelerators, "shard_accelerator_milli": spec.shard.accelerator_milli,
+        "shard_hbm_gib": spec.shard.hbm_gib, "shard_cpu_milli": spec.shard.cpu_milli,
+        "shard_memory_mib": spec.shard.memory_mib, "shard_power_w": spec.shard.power_w,
+        "shard_accelerator_models": list(spec.shard.accelerator_models or ()),
+        "locality": m.Domain(spec.locality),
+        "spread_domain": m.Domain(spec.spread.domain) if spec.spread else None,
+        "spread_max_per_domain": spec.spread.max_per_domain if spec.spread else None,
+        "priority": spec.priority, "preemptible": spec.preemptible,
+    }
+
+
+def new_deployment_columns(spec: d.DeploymentSpec, at: datetime) -> dict[str, object]:
+    """A new deployment's columns (by attribute name): the spec's, PENDING, nothing placed, its
+    first revision, created `at`."""
+    return {**spec_columns(spec), "phase": m.DeploymentPhase.PENDING, "reasons": [], "generation": 0,
+            "resource_version": 1, "template_revision": 1, "revision_specs": {}, "failures": 0,
+            "created_at": at, "updated_at": at}
+
+
 def new_deployment_row(spec: d.DeploymentSpec) -> m.Deployment:
-    row = m.Deployment(phase=m.DeploymentPhase.PENDING, reasons=[], generation=0, placements=[],
-                       resource_version=1, template_revision=1, revision_specs={})
-    write_deployment_spec(row, spec)
-    return row
+    return m.Deployment(**new_deployment_columns(spec, m.utcnow()), placements=[])
 
 
-async def insert_deployments(session: AsyncSession, specs: Iterable[d.DeploymentSpec]) -> list[m.Deployment]:
+def new_deployment_view(spec: d.DeploymentSpec, at: datetime) -> d.DeploymentView:
+    """`deployment_view` of the row `new_deployment_columns(spec, at)` writes, built from the spec
+    (the spec as read back: no accelerator models is None, a spread needs its maximum)."""
+    shard = spec.shard if spec.shard.accelerator_models else replace(spec.shard, accelerator_models=None)
+    spread = spec.spread if spec.spread is not None and spec.spread.max_per_domain else None
+    return d.DeploymentView(spec=replace(spec, shard=shard, spread=spread), phase=m.DeploymentPhase.PENDING.value,
+                            created_at=at, updated_at=at)
+
+
+async def insert_deployments(session: AsyncSession,
+                             specs: Iterable[d.DeploymentSpec]) -> list[tuple[int, d.DeploymentView]]:
     """New deployments (as `new_deployment_row`) written in ONE INSERT statement; returns their
-    rows, ids set, outside the session (what the callers' views are built from). The ORM's flush
-    wrote one statement per row on SQLite, to learn each id in order; here the ids are matched by
-    (tenant, name), which is unique."""
-    now = m.utcnow()
-    rows = [new_deployment_row(spec) for spec in specs]
-    if not rows:
-        return rows
-    columns = [(attr.key, attr.columns[0].key) for attr in inspect(m.Deployment).column_attrs if attr.key != "id"]
-    for row in rows:
-        row.failures, row.created_at, row.updated_at = 0, now, now
+    ids and views, in order. No ORM rows: the ORM's flush wrote one statement per row on SQLite (to
+    learn each id in order), and building the rows was most of a batch's own CPU; the ids are
+    matched by (tenant, name), which is unique."""
+    at = m.utcnow()
+    specs = list(specs)
+    if not specs:
+        return []
     table = m.Deployment.__table__
     ids = {(tenant, name): id_ for id_, tenant, name in await session.execute(
         insert(table).returning(table.c.id, table.c.tenant_id, table.c.name),
-        [{column: getattr(row, attr) for attr, column in columns} for row in rows])}
-    for row in rows:
-        row.id = ids[(row.tenant_id, row.name)]
-    return rows
+        [new_deployment_columns(spec, at) for spec in specs])}
+    return [(ids[(spec.tenant, spec.name)], new_deployment_view(spec, at)) for spec in specs]
 
 
 def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:
-    """The spec's fields onto the row (a new one, or an update in place)."""
-    row.name, row.tenant_id = spec.name, spec.tenant
-    row.replicas, row.min_replicas, row.shards_per_replica = spec.replicas, spec.min_replicas, spec.shards_per_replica
-    row.shard_accelerators, row.shard_accelerator_milli = spec.shard.accelerators, spec.shard.accelerator_milli
-    row.shard_hbm_gib, row.shard_cpu_milli = spec.shard.hbm_gib, spec.shard.cpu_milli
-    row.shard_memory_mib, row.shard_power_w = spec.shard.memory_mib, spec.shard.power_w
-    row.shard_accelerator_models = list(spec.shard.accelerator_models or ())
-    row.locality = m.Domain(spec.locality)
-    row.spread_domain = m.Domain(spec.spread.domain) if spec.spread else None
-    row.spread_max_per_domain = spec.spread.max_per_domain if spec.spread else None
-    row.priority, row.preemptible = spec.priority, spec.preemptible
+    """The spec's fields onto the row (an update in place)."""
+    for attribute, value in spec_columns(spec).items():
+        setattr(row, attribute, value)
 
 
 def _revision_doc(row: m.Deployment, revision: int) -> dict | None:

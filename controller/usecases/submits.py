@@ -183,9 +183,9 @@ class SubmitBatcher:
             stages.checks = checked - read
             s = uow.session
             with metered_turns() as turn, deferred_writes():  # the batch fails or commits whole
-                rows = await repo.insert_deployments(s, [q.spec for q in accepted])
-                await requests.remember_all(uow, [(q.spec.tenant, q.request_id, row.id, q.spec)
-                                                  for q, row in zip(accepted, rows)], "submit")
+                inserted = await repo.insert_deployments(s, [q.spec for q in accepted])
+                await requests.remember_all(uow, [(q.spec.tenant, q.request_id, deployment_id, q.spec)
+                                                  for q, (deployment_id, _) in zip(accepted, inserted)], "submit")
                 await repo.record_events(s, [submitted_event(q.actor, q.spec) for q in accepted])
                 calls = [q.call for q in accepted if q.call is not None]
                 await audit.append(s, [c.record for c in calls])
@@ -198,7 +198,7 @@ class SubmitBatcher:
             call.written = True
         for q in accepted:
             q.batch = times
-        views = {id(q): repo.deployment_view(row) for q, row in zip(accepted, rows)}
+        views = {id(q): view for q, (_, view) in zip(accepted, inserted)}
         self._signals.publish(*(DeploymentEvent("added", view) for view in views.values()))
         self._signals.wake_reconciler()
         return outcomes | views

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 
 from controller import limits
+from controller.domain.values import Spread
 from controller.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.store import audit
@@ -26,10 +28,10 @@ from controller.usecases.submits import Queued, SubmitBatcher
 from uc_builders import WHO, add_tenant, batch_priorities, deployment
 
 
-def _queued(name: str, tenant: str = "t1", request_id: str = "") -> Queued:
+def _queued(name: str, tenant: str = "t1", request_id: str = "", **spec: Any) -> Queued:
     record = AuditRecord(actor="tester", action="/maia.v1.DeploymentService/SubmitDeployment", tenant=tenant,
                          object_kind="deployment", object_id=f"{tenant}/{name}")
-    return Queued(deployment(name, tenant), request_id, "tester", CallEntry(record, None))
+    return Queued(deployment(name, tenant, **spec), request_id, "tester", CallEntry(record, None))
 
 
 async def _count(db, model) -> int:
@@ -146,13 +148,14 @@ async def test_a_member_handed_back_is_charged_the_submit_rate_once(cluster):
 async def test_a_batch_reads_names_and_request_ids_per_tenant_and_writes_each_row_under_its_own_id(cluster):
     """A name or a request id taken in another tenant does not count against this one; the
     deployments written in one statement each get their own id (their request ids point at them,
-    the views answered are the rows as stored)."""
+    the views answered are the rows as stored, whatever optional fields their specs hold)."""
     await add_tenant(cluster, "t2")
     batcher = SubmitBatcher(cluster, RecordingSignals())
     await batcher.submit(WHO, deployment("x", "t2"), request_id="r-1")
-    batch = [_queued("x", "t1", request_id="r-1"), _queued("y", "t2", request_id="r-2"),
+    batch = [_queued("x", "t1", request_id="r-1", shard_accelerator_models=("maia-100",), priority=3),
+             _queued("y", "t2", request_id="r-2", replicas=2, spread=Spread("rack", 1), shard_accelerator_models=()),
              _queued("x", "t2", request_id="r-3"),  # taken in t2: goes alone
-             _queued("z", "t1", request_id="r-2")]  # r-2 is t2's (earlier in the batch), not t1's
+             _queued("z", "t1", request_id="r-2", locality="row", preemptible=True)]  # r-2 is t2's, not t1's
     outcomes = await batcher.commit_batch(batch)
     assert [id(q) in outcomes for q in batch] == [True, True, False, True]
     async with cluster.unit_of_work() as uow:
