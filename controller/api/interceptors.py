@@ -411,14 +411,13 @@ class _CompletionInterceptor(_BehaviourInterceptor):
 
     async def around(self, method: str, behaviour: Behaviour, request: Any, context: aio.ServicerContext) -> Any:
         started = self.began(method, context, stream=False)
-        failed: BaseException | None = None
         try:
-            return await behaviour(request, context)
+            response = await behaviour(request, context)
         except BaseException as exc:
-            failed = exc
+            self.completed(method, context, started, exc)
             raise
-        finally:
-            self.completed(method, context, started, failed)
+        self.completed(method, context, started, None)
+        return response
 
     def began(self, method: str, context: aio.ServicerContext, *, stream: bool) -> float:
         """The RPC's start (perf_counter)."""
