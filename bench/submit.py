@@ -22,9 +22,7 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from typing import Any
 from bench.e2e import arrival_offsets, database, open_loop
 from bench.fgd import percentile
 from bench.preload import Layout, preload
+from bench.selfprofile import recording
 
 NODES_PER_RACK = 16
 SUBMITS_PER_TENANT = 400
@@ -123,14 +122,11 @@ async def one_run(kind: str, args: argparse.Namespace, root: Path) -> dict[str, 
                         task.cancel()
             token = (root / "admin.token").read_text().strip()
             await _submits(address, token, works[:args.warmup], args.clients, args.request_ids)
-            profiler = _py_spy(args.py_spy, root) if args.py_spy else None
-            cpu0 = time.process_time()
-            latencies, errors, elapsed, late_ms = await _submits(address, token, works[args.warmup:], args.clients,
-                                                                 args.request_ids, args.rate)
-            cpu = time.process_time() - cpu0
-            if profiler is not None:
-                profiler.send_signal(signal.SIGINT)
-                await asyncio.to_thread(profiler.wait, 60)
+            async with recording(args.py_spy, root / "submit.pyspy.txt", rate_hz=100, log=root / "py-spy.log"):
+                cpu0 = time.process_time()
+                latencies, errors, elapsed, late_ms = await _submits(address, token, works[args.warmup:],
+                                                                     args.clients, args.request_ids, args.rate)
+                cpu = time.process_time() - cpu0
         finally:
             await app.stop(grace_s=1.0)
     return {
@@ -145,12 +141,6 @@ async def one_run(kind: str, args: argparse.Namespace, root: Path) -> dict[str, 
         "errors": errors[:10], "error_count": len(errors),
         "profile": str(root / "submit.pyspy.txt") if args.py_spy else "",
     }
-
-
-def _py_spy(binary: str, root: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([binary, "record", "--pid", str(os.getpid()), "--format", "raw", "--threads",
-                             "--rate", "100", "--output", str(root / "submit.pyspy.txt")],
-                            stdout=subprocess.DEVNULL, stderr=(root / "py-spy.log").open("w"))
 
 
 def report(r: dict[str, Any]) -> str:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from typing import Any
 
 from bench.fgd import percentile
 from bench.preload import Layout, preload
+from bench.selfprofile import recording
 
 NODES_PER_RACK = 16
 TENANTS = 8
@@ -86,14 +85,11 @@ async def one_run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         assert client.stdin is not None and client.stdout is not None
         await client.stdout.readline()  # warmed up
         for phase in ("submit", "delete"):
-            profiler = _py_spy(args.py_spy, Path(f"unary-{phase}.pyspy.txt")) if args.py_spy else None
-            cpu0, statements0, wall0 = time.process_time(), statements, time.perf_counter()
-            client.stdin.write(b"go\n")
-            await client.stdin.drain()
-            done = json.loads(await client.stdout.readline())
-            if profiler is not None:
-                profiler.send_signal(signal.SIGINT)
-                await asyncio.to_thread(profiler.wait, 60)
+            async with recording(args.py_spy, Path(f"unary-{phase}.pyspy.txt"), rate_hz=200):
+                cpu0, statements0, wall0 = time.process_time(), statements, time.perf_counter()
+                client.stdin.write(b"go\n")
+                await client.stdin.drain()
+                done = json.loads(await client.stdout.readline())
             calls = len(done["latencies_ms"])
             phases[phase] = {
                 "calls": calls, "errors": done["errors"],
@@ -108,14 +104,6 @@ async def one_run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         event.remove(app.db.engine.sync_engine, "before_cursor_execute", counted)
         await app.stop(grace_s=1.0)
     return phases
-
-
-def _py_spy(binary: str, output: Path) -> subprocess.Popen[bytes]:
-    profiler = subprocess.Popen([binary, "record", "--pid", str(os.getpid()), "--format", "raw", "--threads",
-                                 "--rate", "200", "--output", str(output)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)  # attached before the calls start
-    return profiler
 
 
 def client_main(argv: list[str]) -> None:
