@@ -83,7 +83,7 @@ from controller.scheduling.queue import QueueDepths, SchedulingQueue
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.changes import read_changes_since, read_generation_and_schedulable
-from controller.store.db import Database, UnitOfWork
+from controller.store.db import Database, UnitOfWork, database_failed
 from controller.store.lease import CommitOutcomeUnknown, LeaseLost
 from controller.store.failures import FailureStep, handle_failures
 from controller.store.plans import CommitResult, commit_plan
@@ -91,6 +91,7 @@ from controller.store.rollout import DEFAULT_SURGE, Retired, retire_replaced, st
 from controller.store.snapshot import Snapshot
 from controller.store.turns import WritePriority, write_priority
 from controller.usecases import planning
+from controller.usecases.deployments import views_of
 from controller.domain.changes import ChangeKind
 from controller.domain.restarts import RestartPolicy
 from controller.domain.values import DeploymentView
@@ -207,6 +208,13 @@ async def _deleting_views(session: AsyncSession, keys: frozenset[str]) -> dict[s
         session, keys=keys, phases=[m.DeploymentPhase.DELETING]))}
 
 
+def _to_publish(result: CommitResult, deleting: dict[str, DeploymentView]) -> tuple[set[str], list[DeploymentView]]:
+    """What watchers are told of a plan commit: the deployments it changed (keys: their views are
+    read as committed) and the last views of those it removed (`deleting`: read before it)."""
+    changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
+    return changed, [deleting[name] for name in sorted(result.deleted_deployments) if name in deleting]
+
+
 def _same_database(db: Database) -> Database:
     """A handle of its own (engine, pool) on `db`'s database, fenced as `db` is: for another
     event loop (a connection belongs to the loop that opened it)."""
@@ -225,6 +233,13 @@ class _Scan:
 
 # The longest pause after a whole-cluster pass (`Reconciler.run`).
 MAX_FULL_PASS_PAUSE_S = 5.0
+# A publish whose read of the deployments failed for the database tries again after the reconcile
+# interval (at least the first), doubling up to the second (`Reconciler._read_stored`).
+MIN_PUBLISH_RETRY_S = 0.05
+MAX_PUBLISH_RETRY_S = 30.0
+
+# Reads the views of deployments by key (TENANT/NAME) in a unit of work (`usecases.deployments.views_of`).
+ViewReader = Callable[[UnitOfWork, set[str]], Awaitable[list[DeploymentView]]]
 
 
 class Reconciler:
@@ -246,7 +261,7 @@ class Reconciler:
         backoff_s: float = 1.0,
         decider: DecideProcess | None = None,
         own_thread: bool | None = None,
-        read_views: Callable[[UnitOfWork, set[str]], Awaitable[list[DeploymentView]]] | None = None,
+        read_views: ViewReader | None = None,
     ) -> None:
         self._db = db
         # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. On a
@@ -429,27 +444,67 @@ class Reconciler:
             await self.published()
         return outcome
 
-    def _publish_in_order(self, changed: set[str], deleted: list[DeploymentView]) -> None:
+    def _publish_in_order(self, changed: set[str], deleted: list[DeploymentView], *, unsure: bool = False) -> None:
         """Publish what a commit changed without holding up the pass: reading the deployments'
         views for the watchers costs round trips that, on PostgreSQL under load, took a sixth of
-        every pass. Publishes run one after the other, in the order of the commits."""
+        every pass. Publishes run one after the other, in the order of the commits. `unsure`: the
+        commit's outcome is unknown (`_commit`): watchers are told what is stored (`_as_stored`)."""
         self._publishing = asyncio.get_running_loop().create_task(
-            self._publish_after(self._publishing, changed, deleted, time.perf_counter()))
+            self._publish_after(self._publishing, changed, deleted, time.perf_counter(), unsure=unsure))
 
     async def _publish_after(self, previous: asyncio.Task[None] | None, changed: set[str],
-                             deleted: list[DeploymentView], queued: float) -> None:
+                             deleted: list[DeploymentView], queued: float, *, unsure: bool = False) -> None:
         if previous is not None:
-            await asyncio.wait([previous])
+            try:
+                await asyncio.wait([previous])
+            except asyncio.CancelledError:  # the run loop cancels the last publish: the chain stops whole
+                previous.cancel()
+                raise
         try:
-            if self._read_views is not None and changed:
-                async with self._db.unit_of_work() as uow:
-                    views = await self._read_views(uow, changed)
-                await self._publish(changed, deleted, views)
-            else:
+            views: list[DeploymentView] = []
+            if unsure:
+                changed, deleted, views = await self._as_stored(changed, deleted)
+            elif self._read_views is not None and changed:
+                views = await self._read_stored(changed, self._read_views)
+            if (changed or deleted) and self._read_views is None:  # `publish` reads the views itself
                 await self._publish(changed, deleted)
+            elif changed or deleted:
+                await self._publish(changed, deleted, views)
         except Exception:
             log.exception("publishing %d changed and %d deleted deployments failed", len(changed), len(deleted))
         self.published_after_ms = (time.perf_counter() - queued) * 1000
+
+    async def _read_stored(self, keys: set[str], read: ViewReader) -> list[DeploymentView]:
+        """`read(uow, keys)` once the database answers: a read that fails for the database
+        (`database_failed`: a connection lost, none in time) is tried again, after the reconcile
+        interval doubling up to `MAX_PUBLISH_RETRY_S`, until it answers; the publishes behind it
+        wait (they stay in commit order). A commit that landed is so told to watchers after an
+        outage rather than never."""
+        wait = max(self._interval, MIN_PUBLISH_RETRY_S)
+        while True:
+            try:
+                async with self._db.unit_of_work() as uow:
+                    return await read(uow, keys)
+            except Exception as exc:
+                if not database_failed(exc):
+                    raise
+                log.warning("reading %d deployments to publish failed (%s: %s); trying again in %.1fs", len(keys),
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", wait)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, MAX_PUBLISH_RETRY_S)
+
+    async def _as_stored(self, changed: set[str], deleted: list[DeploymentView],
+                         ) -> tuple[set[str], list[DeploymentView], list[DeploymentView]]:
+        """What a commit whose outcome is unknown would have changed, as stored once the database
+        answers (`_read_stored`): whether it landed or not, watchers are told only what is stored.
+        The deployments it changed that exist, with their views as read (placed if it landed, as
+        before if not: an event that repeats a state, never one that was not stored); of those it
+        would have removed, the ones gone, with their last views (deleted). One it would have
+        removed that is still there was DELETING and still is: nothing to say of it."""
+        stored = await self._read_stored(changed | {view.spec.key for view in deleted}, self._read_views or views_of)
+        keys = {view.spec.key for view in stored}
+        return (changed & keys, [view for view in deleted if view.spec.key not in keys],
+                [view for view in stored if view.spec.key in changed])
 
     async def published(self) -> None:
         """Wait until every publish started so far is done."""
@@ -543,7 +598,9 @@ class Reconciler:
         if step is not None and step.deployments or retired is not None and retired.deployments:
             # The session goes on in a new transaction.
             await self._commit(uow, (step.nodes if step is not None else frozenset())
-                               | (retired.nodes if retired is not None else frozenset()))
+                               | (retired.nodes if retired is not None else frozenset()),
+                               (step.deployments if step is not None else frozenset())
+                               | (retired.deployments if retired is not None else frozenset()))
         # Marked checked once committed (a pass whose commit failed checks again).
         if step is not None:
             self._failures.checked = failures_checked
@@ -653,7 +710,7 @@ class Reconciler:
         result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
                                    now=self._wall_clock(), laps=self._laps.lap)
         self._laps.lap("commit_plan")
-        await self._commit(uow, result.changed_nodes)
+        await self._commit(uow, result.changed_nodes, *_to_publish(result, deleting))
         self._laps.lap("commit")
         self.fast_passes += 1
         self._observer.pass_taken("fast")
@@ -704,9 +761,8 @@ class Reconciler:
             self._own_commits.add(result.generation)
         if result.requeued:
             self._observer.requeued(len(result.requeued))
-        changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
+        changed, deleted = _to_publish(result, deleting)
         self._push(set(result.changed_nodes))
-        deleted = [deleting[name] for name in sorted(result.deleted_deployments) if name in deleting]
         if changed or deleted:
             self._publish_in_order(changed, deleted)
         self._laps.lap("publish")
@@ -775,7 +831,7 @@ class Reconciler:
             async with self._db.unit_of_work() as uow:
                 result = await commit_plan(uow.session, snapshot, plan, scope=scope, actor="controller",
                                            now=self._wall_clock(), laps=self._laps.lap)
-                await self._commit(uow, result.changed_nodes)
+                await self._commit(uow, result.changed_nodes, *_to_publish(result, deleting))
             self._laps.lap("commit")
             changed = await self._report(result, plan, deleting, solve_ms, waiting=len(waiting), path="full")
             changed_nodes |= result.changed_nodes
@@ -836,16 +892,24 @@ class Reconciler:
             self.wake()
         return True
 
-    async def _commit(self, uow: UnitOfWork, nodes: Iterable[str]) -> None:
-        """Commit a unit of work that changed `nodes`' assignment sets. A COMMIT whose outcome is
-        unknown (`CommitOutcomeUnknown`: the connection lost with it in flight) may have landed:
-        those nodes' agents are sent their sets as stored before the error goes on (a set that did
-        not change is sent again, which an agent takes as it is). Sets are pushed on change, not
-        polled: without this an agent would hear of a landed commit only at its node's next change."""
+    async def _commit(self, uow: UnitOfWork, nodes: Iterable[str], changed: Iterable[str] = (),
+                      deleted: Iterable[DeploymentView] = ()) -> None:
+        """Commit a unit of work that changed `nodes`' assignment sets and the deployments
+        `changed` (keys) and removed those of `deleted` (their last views). A COMMIT whose outcome
+        is unknown (`CommitOutcomeUnknown`: the connection lost with it in flight) may have landed:
+        before the error goes on, those nodes' agents are sent their sets as stored (a set that did
+        not change is sent again, which an agent takes as it is), and those deployments are
+        published as stored once the database answers (`_as_stored`: placed if it landed, as before
+        if not). Sets are pushed and deployments published on change, not polled: without this an
+        agent would hear of a landed commit only at its node's next change, and a watcher never
+        (the next pass finds nothing to change)."""
         try:
             await uow.commit()
         except CommitOutcomeUnknown:
             self._push(set(nodes))
+            changed, deleted = set(changed), list(deleted)
+            if changed or deleted:
+                self._publish_in_order(changed, deleted, unsure=True)
             raise
 
     async def _quarantine(self, reasons: dict[str, str]) -> None:
@@ -853,7 +917,7 @@ class Reconciler:
         async with self._db.unit_of_work() as uow:
             for name, reason in reasons.items():
                 changed |= await repo.quarantine_deployment(uow.session, stored_key(name), reason)
-            await self._commit(uow, changed)
+            await self._commit(uow, changed, {stored_key(name) for name in reasons})
         self._quarantined.quarantined(reasons)
         for name, reason in reasons.items():
             log.error("deployment quarantined deployment=%s reason=%s", name, reason)

@@ -25,15 +25,18 @@ from sqlalchemy.exc import DBAPIError
 from controller import tokens
 from controller.agents import AgentHub
 from controller.api.interceptors import status_for
-from controller.domain.values import NodeInfo
+from controller.domain.values import DeploymentEvent, DeploymentView, NodeInfo
 from controller.identity import Principal, Role
 from controller.leadership import LeaderElection, LeaseSettings
+from controller.reconcile import Reconciler
 from controller.store import audit, lease, pg_driver
 from controller.store import models as m
 from controller.store.db import Database, database_failed
 from controller.store.lease import CommitOutcomeUnknown, LeaseLost
 from controller.store.plans import commit_plan
 from controller.store.snapshot import load_snapshot
+from controller.usecases.deployments import views_of
+from controller.usecases.watch import DeploymentEventBus
 from scheduler import Placement as PlanPlacement, Plan
 
 from .seed import TWO_RACKS, seed_problem
@@ -359,6 +362,40 @@ async def test_a_plan_committed_again_after_a_lost_commit_is_placed_once(
         await uow.commit()
     assert again.stale == (moment == "answer")
     assert [row[1:] for row in await _placements(database)] == [(0, 0, "n1")]
+
+
+@pytest.mark.parametrize(("moment", "placed"), [("commit", False), ("answer", True)])
+async def test_a_watcher_hears_a_plan_whose_commit_was_lost_as_it_is_stored(
+        database: Database, cut: Callable[..., AsyncIterator[Database]], moment: str, placed: bool) -> None:
+    """A reconciler's plan commit whose COMMIT was dropped on its way (nothing written) or whose
+    answer was dropped (written): the pass fails 'may have landed'; once the pool connects again
+    the watcher is told the deployment as stored: placed if the COMMIT landed, still pending if
+    not (`Reconciler._commit`). Before, a landed plan reached no watcher: the next pass finds
+    nothing to change."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    db = await cut(moment)  # type: ignore[misc]
+    election = LeaderElection(db, address="a:1", holder="a", settings=LeaseSettings())
+    await election.step()
+    bus = DeploymentEventBus()
+    watcher = bus.subscribe()
+
+    async def publish(keys: set[str], deleted: list[DeploymentView], views: list[DeploymentView]) -> None:
+        for view in views:
+            bus.publish(DeploymentEvent("modified", view))
+
+    loop = Reconciler(db.fenced(election), push=lambda nodes: None, publish=publish, read_views=views_of,
+                      lease=election, own_thread=False)
+    with pytest.raises(Exception) as lost:
+        await loop.reconcile_once()
+    _told_may_have_landed(lost.value)
+    await loop.published()
+    told = [watcher.get_nowait() for _ in range(watcher.qsize())]
+    async with database.unit_of_work() as uow:
+        [stored] = await views_of(uow, {"a/web"})
+    assert bool(stored.placements) == placed
+    assert [e.deployment for e in told] == [stored]
 
 
 @pytest.mark.parametrize("moment", ["commit", "answer"])

@@ -1,0 +1,162 @@
+"""A reconciler's commit whose COMMIT outcome is unknown (`CommitOutcomeUnknown`: on PostgreSQL the
+connection lost with the COMMIT in flight) may have landed or not. Watchers are told the
+deployments it touched as they are stored once the database answers: placed (or gone) if it
+landed, as before if not; never a state that is not stored. Without it a landed plan reached no
+watcher at all: the next pass finds nothing to change, so publishes nothing.
+
+The outcome is made unknown by `UnitOfWork.commit` raising `CommitOutcomeUnknown` after the real
+commit ("landed") or instead of it ("lost": the unit of work is rolled back as it closes), as
+`tests/controller/test_reconcile_fast.py` does; `tests/store/test_fenced_commit_loss.py` shows the
+real connection loss raises it both ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.domain.values import DeploymentEvent, DeploymentView
+from controller.reconcile import Reconciler, ViewReader
+from controller.store.db import Database, UnitOfWork
+from controller.store.lease import CommitOutcomeUnknown
+from controller.usecases import deployments
+from controller.usecases.deployments import views_of
+from controller.usecases.ports import RecordingSignals
+from controller.usecases.watch import DeploymentEventBus
+from uc_builders import WHO, deployment, submit
+
+
+class _Watched:
+    """A reconciler publishing to an event bus as the controller does (`ControllerApp.
+    _publish_deployments`: deleted views, then the changed ones as read by `read_views`), and one
+    watcher's queue on it (what `WatchDeployments` streams)."""
+
+    def __init__(self, db: Database, read_views: ViewReader = views_of, interval_s: float = 1.0) -> None:
+        self.bus = DeploymentEventBus()
+        self.queue = self.bus.subscribe()
+        self.loop = Reconciler(db, push=lambda nodes: None, publish=self._publish, read_views=read_views,
+                               interval_s=interval_s, solve_time_limit_ms=60_000, backoff_s=0.0)
+
+    async def _publish(self, keys: set[str], deleted: list[DeploymentView], views: list[DeploymentView]) -> None:
+        for view in deleted:
+            self.bus.publish(DeploymentEvent("deleted", view))
+        for view in views:
+            self.bus.publish(DeploymentEvent("modified", view))
+
+    async def heard(self) -> list[DeploymentEvent]:
+        """What the watcher was told since the last call, once every publish started is done."""
+        await self.loop.published()
+        events = []
+        while not self.queue.empty():
+            events.append(self.queue.get_nowait())
+        return events
+
+
+def _commit_outcome_unknown(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool | None]:
+    """The next unit of work's commit (once `armed["landed"]` is True or False) raises
+    CommitOutcomeUnknown, having committed (True) or not (False)."""
+    armed: dict[str, bool | None] = {"landed": None}
+    real_commit = UnitOfWork.commit
+
+    async def commit(self: UnitOfWork) -> None:
+        landed, armed["landed"] = armed["landed"], None
+        if landed is not False:
+            await real_commit(self)
+        if landed is not None:
+            raise CommitOutcomeUnknown("test", ConnectionError("the connection was lost with the COMMIT in flight"))
+
+    monkeypatch.setattr(UnitOfWork, "commit", commit)
+    return armed
+
+
+async def _stored(db: Database, key: str) -> DeploymentView | None:
+    async with db.unit_of_work() as uow:
+        found = await views_of(uow, {key})
+    return found[0] if found else None
+
+
+def _of(events: list[DeploymentEvent], key: str) -> list[DeploymentEvent]:
+    return [e for e in events if e.deployment.spec.key == key]
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+async def test_watchers_hear_a_plan_whose_commit_outcome_is_unknown_as_it_is_stored(cluster, monkeypatch, landed):
+    """Both paths: the full one (first pass), then the fast one (a warm cache). Landed: the watcher
+    is told the deployment placed, as stored. Lost: it is told nothing that is not stored (the
+    deployment as it was, pending); the next pass places it and says so."""
+    armed = _commit_outcome_unknown(monkeypatch)
+    watched = _Watched(cluster)
+    for name, warm in (("first", False), ("second", True)):
+        key = f"t1/{name}"
+        await submit(cluster, deployment(name, accelerators=4, locality="node"))
+        assert (watched.loop.warm_snapshot is not None) == warm
+        full_passes = watched.loop.full_passes
+        armed["landed"] = landed
+        with pytest.raises(CommitOutcomeUnknown):
+            await watched.loop.reconcile_once()
+        assert watched.loop.full_passes == full_passes + (0 if warm else 1)
+        stored = await _stored(cluster, key)
+        assert stored is not None and bool(stored.placements) == landed
+        told = _of(await watched.heard(), key)
+        assert told, "the watcher was told nothing of a commit that may have landed"
+        assert all(e.type == "modified" and e.deployment == stored for e in told), (told, stored)
+
+        await watched.loop.reconcile_once()  # the next pass (full: the cache was dropped) places it if it did not land
+        placed = await _stored(cluster, key)
+        assert placed is not None and placed.placements
+        later = [e.deployment for e in _of(await watched.heard(), key)]
+        if landed:  # nothing to change: whatever is said is the stored state
+            assert all(view == placed for view in later), (later, placed)
+        else:
+            assert later == [placed]
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+async def test_a_deletion_whose_commit_outcome_is_unknown_is_told_deleted_only_if_it_landed(
+        cluster, monkeypatch, landed):
+    """A pass's commit removes a deployment being deleted; its outcome is unknown. Landed: the row
+    is gone and the watcher is told it was deleted (its last view). Lost: the row is still there,
+    DELETING: no deleted event; the next pass removes it and says so."""
+    armed = _commit_outcome_unknown(monkeypatch)
+    watched = _Watched(cluster)
+    await submit(cluster, deployment("gone", accelerators=2, locality="node"))
+    await watched.loop.reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "gone", RecordingSignals())
+    deleting = await _stored(cluster, "t1/gone")
+    assert deleting is not None and deleting.phase == "deleting"
+    await watched.heard()
+    armed["landed"] = landed
+    with pytest.raises(CommitOutcomeUnknown):
+        await watched.loop.reconcile_once()
+    assert (await _stored(cluster, "t1/gone") is None) == landed
+    told = _of(await watched.heard(), "t1/gone")
+    assert [e.type for e in told] == (["deleted"] if landed else [])
+    await watched.loop.reconcile_once()
+    assert await _stored(cluster, "t1/gone") is None
+    later = _of(await watched.heard(), "t1/gone")
+    assert [e.type for e in later] == ([] if landed else ["deleted"])
+
+
+async def test_a_publish_waits_for_the_database_to_answer(cluster, monkeypatch):
+    """The read of what a commit of unknown outcome changed fails while the database does not
+    answer (as it may right after the connection was lost): it is tried again until it answers,
+    then the watcher is told the stored state."""
+    armed = _commit_outcome_unknown(monkeypatch)
+    failing = [2]  # the next two reads of the views fail as a refused connection does
+
+    async def read_views(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:
+        if failing[0]:
+            failing[0] -= 1
+            raise OSError("connection refused")
+        return await views_of(uow, keys)
+
+    watched = _Watched(cluster, read_views, interval_s=0.0)  # tried again after the shortest wait
+    await submit(cluster, deployment("svc", accelerators=4, locality="node"))
+    armed["landed"] = True
+    with pytest.raises(CommitOutcomeUnknown):
+        await watched.loop.reconcile_once()
+    told = _of(await watched.heard(), "t1/svc")
+    assert failing == [0]
+    stored = await _stored(cluster, "t1/svc")
+    assert stored is not None and stored.placements
+    assert [e.deployment for e in told] == [stored]
