@@ -169,9 +169,10 @@ async def commit_fenced(session: AsyncSession, holder: str, token: int | None,
     On PostgreSQL (asyncpg, `pg_driver`) the check rides in the COMMIT's own message
     (`fence_guard`): no round trip of its own, and the row is locked only for the COMMIT. A unit of
     work that wrote nothing sends no COMMIT and is not checked: it has nothing a new leader could
-    find half-done. A connection lost with the COMMIT in flight raises `CommitOutcomeUnknown` (the
-    server may have committed); a refusal stays `LeaseLost` whatever happens to the connection after
-    it. Elsewhere (SQLite) `fence` runs just before `commit`."""
+    find half-done, and nothing acts as the leader on it (below). A connection lost with the COMMIT
+    in flight raises `CommitOutcomeUnknown` (the server may have committed); a refusal stays
+    `LeaseLost` whatever happens to the connection after it. Elsewhere (SQLite) `fence` runs just
+    before `commit`."""
     if token is None:
         raise LeaseLost(holder, token)
     connection = await pg_driver.adapted_connection(session)
@@ -179,6 +180,22 @@ async def commit_fenced(session: AsyncSession, holder: str, token: int | None,
         await fence(session, holder, token, live=live)
         await commit()
         return
+    # The guard rides in the COMMIT: a unit that wrote nothing began no transaction, sends no
+    # COMMIT and is not checked (before pg9 a SELECT refused a deposed leader's). Safe because no
+    # fenced unit acts as the leader on a commit that wrote nothing. What such a unit read is the
+    # database's committed state (READ COMMITTED: what a follower or the new leader reads too),
+    # not this controller's, so it acts on nothing stale: the fenced units whose commit may write
+    # nothing are a hello batch refused whole (`usecases.agents.hellos`: it answers refusals read
+    # from the node rows, as the new leader would) and a report flush with nothing new
+    # (`flush_reports`: it hands back nothing to publish). Every fenced unit after which the
+    # controller acts as the leader writes, so its COMMIT is checked: a plan commit, even one that
+    # changes nothing (the generation row's lock is an UPDATE), after which the reconciler pushes
+    # sets, publishes and keeps its cache; an accepted hello, even one that changes no health (it
+    # stores the contact time), after which the hub opens the stream and pushes the set; Registers,
+    # liveness changes, failures released, replicas retired, alarms. Units that read and never
+    # commit (the sets read for pushes, snapshots, the watchdog's check) were never checked.
+    # Pinned by tests/controller/test_fenced_reads.py: a change that makes one of those writes
+    # conditional fails it (a deposed leader would then act unchecked).
     connection.commit_guard = fence_guard(holder, token, live=live)
     try:
         await commit()
