@@ -336,17 +336,24 @@ async def _placements(database: Database) -> list[tuple[str, int, int, str]]:
         return sorted(tuple(row) for row in rows)
 
 
-@pytest.mark.parametrize("moment", ["commit", "answer"])
-async def test_a_plan_committed_again_after_a_lost_commit_is_placed_once(
-        database: Database, cut: Callable[..., AsyncIterator[Database]], moment: str) -> None:
-    """A leader that commits the same plan again after a lost COMMIT (from the same snapshot, as
-    a retry would): whether or not the first landed, the deployment's replica is placed once."""
+async def _leading_through(database: Database, cut: Callable[..., AsyncIterator[Database]],
+                           moment: str) -> tuple[Database, LeaderElection]:
+    """CLUSTER seeded, and a leader on a connection `cut` at `moment` of its first fenced COMMIT."""
     async with database.unit_of_work() as uow:
         await seed_problem(uow.session, CLUSTER)
         await uow.commit()
     db = await cut(moment)  # type: ignore[misc]
     election = LeaderElection(db, address="a:1", holder="a", settings=LeaseSettings())
     await election.step()
+    return db, election
+
+
+@pytest.mark.parametrize("moment", ["commit", "answer"])
+async def test_a_plan_committed_again_after_a_lost_commit_is_placed_once(
+        database: Database, cut: Callable[..., AsyncIterator[Database]], moment: str) -> None:
+    """A leader that commits the same plan again after a lost COMMIT (from the same snapshot, as
+    a retry would): whether or not the first landed, the deployment's replica is placed once."""
+    db, election = await _leading_through(database, cut, moment)
     async with database.unit_of_work() as uow:
         snapshot = await load_snapshot(uow.session)
     plan = Plan(status="optimal", placements=(PlanPlacement("a/web", 0, 0, "n1", (0,), None),))
@@ -372,12 +379,7 @@ async def test_a_watcher_hears_a_plan_whose_commit_was_lost_as_it_is_stored(
     the watcher is told the deployment as stored: placed if the COMMIT landed, still pending if
     not (`Reconciler._commit`). Before, a landed plan reached no watcher: the next pass finds
     nothing to change."""
-    async with database.unit_of_work() as uow:
-        await seed_problem(uow.session, CLUSTER)
-        await uow.commit()
-    db = await cut(moment)  # type: ignore[misc]
-    election = LeaderElection(db, address="a:1", holder="a", settings=LeaseSettings())
-    await election.step()
+    db, election = await _leading_through(database, cut, moment)
     bus = DeploymentEventBus()
     watcher = bus.subscribe()
 
