@@ -710,11 +710,12 @@ class Reconciler:
         result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
                                    now=self._wall_clock(), laps=self._laps.lap)
         self._laps.lap("commit_plan")
-        await self._commit(uow, result.changed_nodes, *_to_publish(result, deleting))
+        published = _to_publish(result, deleting)
+        await self._commit(uow, result.changed_nodes, *published)
         self._laps.lap("commit")
         self.fast_passes += 1
         self._observer.pass_taken("fast")
-        changed = await self._report(result, fast.plan, deleting, decided_s * 1000, waiting=0, path="fast")
+        changed = await self._report(result, fast.plan, published, decided_s * 1000, waiting=0, path="fast")
         if result.stale:  # someone changed the cluster meanwhile: what held is written (re-checked)
             self._observer.plan_conflict()
             if result.requeued:  # what did not hold: solve it all
@@ -753,15 +754,16 @@ class Reconciler:
         self._last_arrivals = len(snapshot.deployment_ids)
         self._warm.committed(snapshot, plan, result, scope)
 
-    async def _report(self, result: CommitResult, plan: Plan, deleting: dict[str, DeploymentView], solve_ms: float,
-                      *, waiting: int, path: str) -> set[str]:
-        """Log, count, push and publish what a commit changed; the deployments changed."""
+    async def _report(self, result: CommitResult, plan: Plan, published: tuple[set[str], list[DeploymentView]],
+                      solve_ms: float, *, waiting: int, path: str) -> set[str]:
+        """Log, count, push and publish what a commit changed (`published`: `_to_publish`'s); the
+        deployments changed."""
         self._observer.placed(result.first_placed_after_s.values())
         if result.changed_deployments:  # it moved the generation (else the one it returns is another's)
             self._own_commits.add(result.generation)
         if result.requeued:
             self._observer.requeued(len(result.requeued))
-        changed, deleted = _to_publish(result, deleting)
+        changed, deleted = published
         self._push(set(result.changed_nodes))
         if changed or deleted:
             self._publish_in_order(changed, deleted)
@@ -831,9 +833,10 @@ class Reconciler:
             async with self._db.unit_of_work() as uow:
                 result = await commit_plan(uow.session, snapshot, plan, scope=scope, actor="controller",
                                            now=self._wall_clock(), laps=self._laps.lap)
-                await self._commit(uow, result.changed_nodes, *_to_publish(result, deleting))
+                published = _to_publish(result, deleting)
+                await self._commit(uow, result.changed_nodes, *published)
             self._laps.lap("commit")
-            changed = await self._report(result, plan, deleting, solve_ms, waiting=len(waiting), path="full")
+            changed = await self._report(result, plan, published, solve_ms, waiting=len(waiting), path="full")
             changed_nodes |= result.changed_nodes
             changed_deployments |= changed
             deleted_names |= result.deleted_deployments
