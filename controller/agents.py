@@ -20,14 +20,19 @@ The hub is the only place that knows which agents are connected right now. It
   costs no shard at all, and one that names a version the stream does not hold (never received,
   or its write failed), or comes when every shard is due again, asks the agent for its full state
   (`ShardStateRequest`) and counts for liveness meanwhile; and a node's last-heartbeat time at
-  most every `LivenessPolicy.contact_write_every_s` (three heartbeat timeouts) while its stream
-  lives (at once when its power draw changed or its stream ended): a live stream is the node's
-  liveness, and the node lifecycle judges a node whose stream ended here by the last heartbeat
-  the hub saw (`released`), a new leader by the restart grace,
-- marks a node suspect when its stream ends or its heartbeats stop for `heartbeat_timeout_s`
-  (silent at two checks in a row: `_expire`; it keeps its shards; `controller/nodelifecycle.py`
-  takes it further: down, evicted), counts the drop against the node's flap penalty, and on
-  Hello marks it up again (suspect while it flaps), waking the reconciler either way;
+  most every `LivenessPolicy.contact_write_every_for` (three of the longest silence timeouts
+  told) while its stream lives (at once when its power draw changed or its stream ended): a live
+  stream is the node's liveness, and the node lifecycle judges a node whose stream ended here by
+  the last heartbeat the hub saw (`released`), a new leader by the restart grace,
+- tells each agent its heartbeat interval (`HeartbeatPacing`: a third of the heartbeat timeout,
+  longer as the connected nodes grow past `max_heartbeats_per_second`), at Register, and judges
+  its stream by three of the intervals it told that agent (`AgentSession.timeout_s`, never less
+  than `heartbeat_timeout_s`); an agent keeps its interval until it registers again;
+- marks a node suspect when its stream ends or its heartbeats stop for its stream's silence
+  timeout (silent at two checks in a row: `_expire`; it keeps its shards;
+  `controller/nodelifecycle.py` takes it further: down, evicted), counts the drop against the
+  node's flap penalty, and on Hello marks it up again (suspect while it flaps), waking the
+  reconciler either way;
 - says whether a live stream holds a node (`holds_live_session`): a second agent registering
   the same node id meanwhile is refused.
 Only the leader talks to agents (`follow` ends every stream when it loses the lead): a
@@ -53,11 +58,11 @@ from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
 from controller.store import audit
 from controller.store import repositories as repo
-from controller.store.db import Database, database_failed
+from controller.store.db import Database, UnitOfWork, database_failed
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
-from controller.domain.liveness import FlapDamper, LivenessPolicy
+from controller.domain.liveness import FlapDamper, HeartbeatPacing, LivenessPolicy
 from controller.domain.values import (
     AssignmentSet, DeploymentView, HeartbeatReport, NodeInfo, ShardReport, deployment_key,
 )
@@ -151,6 +156,9 @@ class Wakeup:
 class AgentSession:
     node_id: str
     session_id: str
+    # The heartbeat interval its agent was told, and the silence that ends the stream (`_expire`).
+    interval_ms: int
+    timeout_s: float
     last_seen: float = field(default_factory=time.monotonic)
     beat_at: datetime | None = None  # the last heartbeat's time (wall clock), written or not
     # The stream's pusher waits on `dirty` alone: its set changed, or the stream closed (`close`
@@ -256,7 +264,7 @@ class AgentHub:
         flush_interval_s: float = 0.2, reports_per_second: float = limits.REPORTS_PER_SECOND,
         reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
         leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
-        heartbeat_interval_ms: int | None = None, observer: HubObserver | None = None,
+        max_heartbeats_per_second: float = 0.0, observer: HubObserver | None = None,
         contact_write_every_s: float | None = None,
     ) -> None:
         self._db = db
@@ -277,9 +285,9 @@ class AgentHub:
         # every `contact_write_every_s`; a changed power draw, or a stream gone, at the next flush.
         self._written_beats: dict[str, NodeBeat] = {}
         self._held_beats: dict[str, NodeBeat] = {}
-        if contact_write_every_s is None:
-            contact_write_every_s = LivenessPolicy(heartbeat_timeout_s=heartbeat_timeout_s).contact_write_every_s
-        self._beat_write_every = timedelta(seconds=contact_write_every_s)
+        # None: `LivenessPolicy.contact_write_every_for` the longest silence timeout told (`_due_beats`).
+        self._beat_write_every = None if contact_write_every_s is None else timedelta(seconds=contact_write_every_s)
+        self._policy = LivenessPolicy(heartbeat_timeout_s=heartbeat_timeout_s)
         # The nodes whose stream ended on this leader's watch (none open now), with the last time
         # their agent was heard from: what the node lifecycle judges them by (`released`).
         self._released: dict[str, datetime] = {}
@@ -287,8 +295,11 @@ class AgentHub:
         self._received: list[float] = []  # when each of `_reports` arrived (the `flush_wait` stage)
         self._refused: dict[str, RefusedReports] = {}
         self._damper = damper or FlapDamper()
-        # What a Register tells its agent (the controller's `Config.heartbeat_interval_ms`).
-        self._heartbeat_interval_ms = heartbeat_interval_ms or max(100, int(heartbeat_timeout_s * 1000 / 3))
+        # The heartbeat interval a Register tells its agent, by the connected nodes (0: no cap);
+        # what each node was told last (its stream is judged by it), and the longest one told.
+        self._pacing = HeartbeatPacing(timeout_s=heartbeat_timeout_s, max_per_second=max_heartbeats_per_second)
+        self._told_ms: dict[str, int] = {}
+        self._longest_ms = self._pacing.base_interval_ms
         # Hellos and Registers that arrive together are committed together (controller/groupcommit.py).
         # A batch that fails for want of the database or the lease fails its members alike.
         # A refused Register is told to come back at the next slot of the rate Registers are written
@@ -335,9 +346,30 @@ class AgentHub:
         return session.beat_at if session is not None else self._released.get(node_id)
 
     def holds_live_session(self, node_id: str) -> bool:
-        """A stream holds the node and was heard from within the heartbeat timeout."""
+        """A stream holds the node and was heard from within its silence timeout."""
         session = self._sessions.get(node_id)
-        return session is not None and time.monotonic() - session.last_seen <= self._timeout
+        return session is not None and time.monotonic() - session.last_seen <= session.timeout_s
+
+    def longest_silence_timeout_s(self) -> float:
+        """The longest silence timeout of an interval this controller told an agent (the heartbeat
+        timeout at least): how stale a live stream's stored last contact may be is counted in it."""
+        return self._pacing.silence_timeout_s(self._longest_ms)
+
+    # --- heartbeat intervals -----------------------------------------------------------------
+    def _interval_for(self, node_ids: Iterable[str]) -> int:
+        """The interval to tell the agents of `node_ids` registering now: the connected nodes,
+        with them."""
+        joining = sum(1 for node_id in set(node_ids) if node_id not in self._sessions)
+        return self._pacing.interval_ms(len(self._sessions) + joining)
+
+    def _told(self, node_id: str, interval_ms: int) -> None:
+        self._told_ms[node_id] = interval_ms
+        self._longest_ms = max(self._longest_ms, interval_ms)
+
+    def _told_to(self, node_id: str) -> int:
+        """The interval the node's agent was told at Register (one told by another controller, or
+        before this one started: the shortest, a third of the timeout): its stream is judged by it."""
+        return self._told_ms.get(node_id, self._pacing.base_interval_ms)
 
     def notify(self, node_ids: Iterable[str]) -> None:
         """The assignment sets of these nodes changed: push them to their agents."""
@@ -363,6 +395,7 @@ class AgentHub:
 
     def disconnect(self, node_id: str, reason: str) -> None:
         """End the node's stream (if any) without marking it down (it no longer exists)."""
+        self._told_ms.pop(node_id, None)
         session = self._sessions.get(node_id)
         if session is not None:
             session.close(reason, mark_down=False)
@@ -395,17 +428,26 @@ class AgentHub:
             if outcome is not None:
                 return outcome
             async with self._db.unit_of_work() as uow:  # the batch could not decide it: alone
-                [alone] = await agent_cases.register_nodes(
-                    uow, [replace(ask, call=None)], heartbeat_interval_ms=self._heartbeat_interval_ms,
-                    held_by_live_agent=self.holds_live_session)
+                [alone] = await self._register_nodes(uow, [replace(ask, call=None)])
         if isinstance(alone, MaiaError):
             raise alone
         return alone
 
     async def _write_registers(self, batch: list[agent_cases.Register]) -> list[agent_cases.Registered | MaiaError]:
         async with self._db.unit_of_work() as uow:
-            return await agent_cases.register_nodes(uow, batch, heartbeat_interval_ms=self._heartbeat_interval_ms,
+            return await self._register_nodes(uow, batch)
+
+    async def _register_nodes(self, uow: UnitOfWork, batch: list[agent_cases.Register]
+                              ) -> list[agent_cases.Registered | MaiaError]:
+        """`usecases.agents.register_nodes`, telling the batch the interval of the connected nodes
+        with its own, and remembering what each registered agent was told."""
+        interval_ms = self._interval_for(ask.info.node_id for ask in batch)
+        outcomes = await agent_cases.register_nodes(uow, batch, heartbeat_interval_ms=interval_ms,
                                                     held_by_live_agent=self.holds_live_session)
+        for outcome in outcomes:
+            if not isinstance(outcome, MaiaError):
+                self._told(outcome.registration.node_id, interval_ms)
+        return outcomes
 
     async def _hello(self, hello: agent_cases.Hello) -> bool:
         """Whether the node's liveness changed; raises what refuses the hello."""
@@ -458,7 +500,8 @@ class AgentHub:
         damped = self._damper.returns_damped(node_id, time.monotonic())
         changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
         self._refuse_when_stopping(node_id)
-        session = AgentSession(node_id, session_id,
+        told_ms = self._told_to(node_id)
+        session = AgentSession(node_id, session_id, told_ms, self._pacing.silence_timeout_s(told_ms),
                                reports=TokenBucket(self._report_rate, self._report_burst))
         previous = self._sessions.get(node_id)
         if previous is not None:
@@ -645,10 +688,13 @@ class AgentHub:
         written one is recent and their stream lives are kept aside (`_held_beats`), written only
         if the stream ends before a due one comes."""
         due: dict[str, NodeBeat] = {}
+        every = self._beat_write_every
+        if every is None:
+            every = timedelta(seconds=self._policy.contact_write_every_for(self.longest_silence_timeout_s()))
         for node_id, beat in self._beats.items():
             last = self._written_beats.get(node_id)
             session = self._sessions.get(node_id)
-            if (last is None or beat.power_draw_w != last.power_draw_w or beat.at - last.at >= self._beat_write_every
+            if (last is None or beat.power_draw_w != last.power_draw_w or beat.at - last.at >= every
                     or session is None or session.closed):
                 due[node_id] = self._written_beats[node_id] = beat
                 self._held_beats.pop(node_id, None)
@@ -690,9 +736,9 @@ class AgentHub:
         waiting to be read (a 2.5 s stall under a 2 s timeout ended 200 of 200 beating streams);
         by the next check the readers had their turn. A silent stream so ends a check later."""
         now = time.monotonic()
-        silent = {session for session in self._sessions.values() if now - session.last_seen > self._timeout}
+        silent = {session for session in self._sessions.values() if now - session.last_seen > session.timeout_s}
         for session in silent & self._silent:
-            session.close(f"no heartbeat for {now - session.last_seen:.1f}s (timeout {self._timeout:g}s)")
+            session.close(f"no heartbeat for {now - session.last_seen:.1f}s (timeout {session.timeout_s:g}s)")
         self._silent = silent - self._silent
 
     def _refuse_when_stopping(self, node_id: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller import limits
-from controller.domain.liveness import LivenessPolicy
+from controller.domain.liveness import HeartbeatPacing, LivenessPolicy
 from controller.domain.restarts import RestartPolicy
 from controller.store.rollout import DEFAULT_SURGE
 from controller.store.db import DEFAULT_DB_URL
@@ -32,6 +32,9 @@ class Config:
     migrate: bool = True
     reconcile_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
+    # Heartbeats the whole cluster sends a second at most: agents are told longer intervals (and
+    # given longer silence timeouts) as it grows (domain/liveness.py, `HeartbeatPacing`); 0: no cap.
+    max_heartbeats_per_second: float = limits.MAX_HEARTBEATS_PER_SECOND
     # Node lifecycle (controller/domain/liveness.py): graces and eviction rates.
     node_down_grace_s: float = _LIVENESS.down_grace_s
     node_eviction_grace_s: float = _LIVENESS.eviction_grace_s
@@ -100,11 +103,18 @@ class Config:
                              reset_after_s=_RESTARTS.reset_after_s, limit=self.restart_limit)
 
     @property
+    def heartbeat_pacing(self) -> HeartbeatPacing:
+        """What agents are told: three heartbeats per timeout, fewer as the cluster grows past
+        `max_heartbeats_per_second` (each stream then judged silent by three of its intervals)."""
+        return HeartbeatPacing(timeout_s=self.heartbeat_timeout_s, max_per_second=self.max_heartbeats_per_second)
+
+    @property
     def heartbeat_interval_ms(self) -> int:
-        """What agents are told: three heartbeats fit in one timeout. The interval does not change
-        how soon a silent node is found (its stream is ended at the timeout), only how many late
-        heartbeats in a row make a live node suspect: two (docs/benchmarks.md, `beat`)."""
-        return max(100, int(self.heartbeat_timeout_s * 1000 / 3))
+        """The shortest interval agents are told (a cluster below the cap): three heartbeats fit in
+        one timeout. The interval does not change how soon a silent node is found (its stream is
+        ended at the timeout), only how many late heartbeats in a row make a live node suspect: two
+        (docs/benchmarks.md, `beat`)."""
+        return self.heartbeat_pacing.base_interval_ms
 
 
 def _positive_float(text: str) -> float:
@@ -172,8 +182,16 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         metavar="SECONDS", help="seconds between reconcile passes when nothing wakes the loop")
     parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s,
                         metavar="SECONDS", help="seconds without a heartbeat before a node is suspect: it keeps its "
-                                                "shards, takes no new ones (agents are told to beat 3 times per timeout; a "
-                                                "live stream's last heartbeat is written every 3 timeouts)")
+                                                "shards, takes no new ones (agents are told to beat 3 times per timeout, "
+                                                "less often past --max-heartbeats-per-second; a live stream's last "
+                                                "heartbeat is written every 3 timeouts)")
+    parser.add_argument("--max-heartbeats-per-second", type=_non_negative_float,
+                        default=Config.max_heartbeats_per_second, metavar="RATE",
+                        help="heartbeats all agents together send a second at most: past RATE x timeout/3 "
+                             "connected nodes each agent is told an interval of nodes/RATE seconds, and its stream "
+                             "is judged silent after 3 such intervals instead of --heartbeat-timeout (an agent "
+                             "keeps its interval until it registers again). 0: no cap (every agent beats 3 "
+                             "times per timeout)")
     parser.add_argument("--node-down-grace", type=_positive_float, default=Config.node_down_grace_s,
                         metavar="SECONDS", help="seconds of silence before a suspect node is down (it still keeps "
                                                 "its shards)")
@@ -288,6 +306,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         migrate=ns.migrate,
         reconcile_interval_s=ns.reconcile_interval,
         heartbeat_timeout_s=ns.heartbeat_timeout,
+        max_heartbeats_per_second=ns.max_heartbeats_per_second,
         node_down_grace_s=ns.node_down_grace,
         node_eviction_grace_s=ns.node_eviction_grace,
         restart_grace_s=ns.restart_grace,

@@ -156,6 +156,9 @@ ERROR_MESSAGE_MAX = 1024            # an error's message as sent to the caller
 QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error message
 
 # --- rates (defaults of the controller flags) ------------------------------------------------------
+# Heartbeats the whole cluster sends a second at most (agents are told longer intervals as it grows,
+# `domain.liveness.HeartbeatPacing`): ~60-120 us of the controller's CPU each, mostly gRPC's.
+MAX_HEARTBEATS_PER_SECOND = 1000.0
 SUBMITS_PER_MINUTE = 120.0          # per tenant, burst the same
 DRY_RUNS_PER_MINUTE = 30.0          # per tenant
 DRY_RUN_TIME_LIMIT_MS = 2000        # a dry run's solve never runs longer

@@ -8,10 +8,11 @@ once when its stream ends, and up on Hello (or stays suspect while it flaps).
 
 A connected node is judged by its stream (the hub ends a stream silent for the heartbeat
 timeout), never by its stored last contact, which the hub writes only every
-`LivenessPolicy.contact_write_every_s` while the stream lives. A node whose stream ended on this
+`LivenessPolicy.contact_write_every_for` the longest silence timeout the hub told an agent
+(`silence_timeout_s`) while the stream lives. A node whose stream ended on this
 leader's watch is judged by the last heartbeat the hub saw (`released`), read by id while its stored
 time may still look fresh; any other node up whose stored time is older than
-`stored_contact_stale_s` is read too (a new leader's nodes that never came over: by the end of the
+`stored_contact_stale_for` that timeout is read too (a new leader's nodes that never came over: by the end of the
 restart grace, which counts silence from the leader's start, not from that stored time).
 """
 
@@ -44,6 +45,7 @@ class NodeLifecycle:
         self, db: Database, policy: LivenessPolicy, *, connected: Callable[[], frozenset[str]],
         damper: FlapDamper, on_change: Callable[[], None], is_leader: Callable[[], bool] = lambda: True,
         released: Callable[[], Mapping[str, datetime]] = dict,
+        silence_timeout_s: Callable[[], float] | None = None,
         interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -51,6 +53,8 @@ class NodeLifecycle:
         self._policy = policy
         self._connected = connected
         self._released = released  # nodes whose stream ended here -> their last heartbeat the hub saw
+        # The longest silence timeout the hub told an agent (`AgentHub.longest_silence_timeout_s`).
+        self._silence_timeout = silence_timeout_s or (lambda: policy.heartbeat_timeout_s)
         self._damper = damper
         self._on_change = on_change
         self._is_leader = is_leader
@@ -86,7 +90,7 @@ class NodeLifecycle:
         # Only the nodes a rule could change (not every node, every second: at 16,384 nodes that
         # read was most of the event loop), and the zones' counts from the database when a node is
         # due for eviction (a count of every node: not every second when nothing is).
-        silent_before = now - timedelta(seconds=self._policy.stored_contact_stale_s)
+        silent_before = now - timedelta(seconds=self._policy.stored_contact_stale_for(self._silence_timeout()))
         heard = self._released()
         recent = [node_id for node_id, at in heard.items() if at >= silent_before]
         if len(recent) > RECENT_BY_ID_MAX:  # streams ended by the thousand: every node silent for a timeout

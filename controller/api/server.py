@@ -149,8 +149,8 @@ class ControllerApp:
             leader_db, heartbeat_timeout_s=config.heartbeat_timeout_s,
             on_liveness_change=self.signals.wake_reconciler, on_deployments_changed=self._publish_changed,
             reports_per_second=config.agent_reports_per_second, reports_burst=config.agent_reports_burst,
-            leading=self.election.should_run, damper=damper, heartbeat_interval_ms=config.heartbeat_interval_ms,
-            observer=self.metrics, contact_write_every_s=config.liveness.contact_write_every_s,
+            leading=self.election.should_run, damper=damper, observer=self.metrics,
+            max_heartbeats_per_second=config.max_heartbeats_per_second,
             admission=agent_admission_gate(config.agent_admission_concurrency, config.agent_admission_queue,
                                            observer=self.metrics),
         )
@@ -168,7 +168,7 @@ class ControllerApp:
         self.lifecycle = NodeLifecycle(
             leader_db, config.liveness, connected=self.hub.connected, damper=damper,
             on_change=self.signals.wake_reconciler, is_leader=self.election.should_run, released=self.hub.released,
-            interval_s=min(1.0, config.heartbeat_timeout_s / 4),
+            silence_timeout_s=self.hub.longest_silence_timeout_s, interval_s=min(1.0, config.heartbeat_timeout_s / 4),
         )
         self.throttle = SubmitLimits(
             submits=KeyedRateLimiter(config.submits_per_minute, "submits"),

@@ -13,11 +13,16 @@ The Kubernetes node-lifecycle lessons, as rules over plain values (no database, 
   network than every node at once: evicting would only reshuffle everything on return);
 - after a controller start nothing changes for `restart_grace_s`, and silence counts from the
   start at the earliest: a reconnecting herd is not mistaken for dead nodes;
+- agents are told to heartbeat three times per timeout, less often as the cluster grows
+  (`HeartbeatPacing`: all nodes together send at most `max_per_second`, like Nomad's
+  `max_heartbeats_per_second`), and each stream is judged silent by three of the intervals its
+  agent was told, never less than `heartbeat_timeout_s`;
 - while a node's agent stream lives, its stream is its liveness: the stored last contact is
-  written at most every `contact_write_every_s` (plus one heartbeat interval and a flush), so
-  the stored time of a connected node may be that stale; the leader judges a node whose stream
-  ended on its watch by what it saw itself (its last heartbeat, in memory), and a new leader
-  counts silence from its own start (the restart grace), never from a stale stored time;
+  written at most every `contact_write_every_for` the longest silence timeout told (plus one
+  heartbeat interval and a flush), so the stored time of a connected node may be that stale; the
+  leader judges a node whose stream ended on its watch by what it saw itself (its last heartbeat,
+  in memory), and a new leader counts silence from its own start (the restart grace), never from a
+  stale stored time;
 - a node that comes back before its eviction keeps its shards (nothing is reshuffled); a node
   that keeps dropping is damped (`FlapDamper`): it comes back SUSPECT (connected, holding its
   shards, taking no new ones) until its penalty decays.
@@ -30,14 +35,50 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from controller import limits
 from controller.ratelimit import TokenBucket
 
 UP, SUSPECT, DOWN = "up", "suspect", "down"
-# A connected node's stored last contact is written at most every this many heartbeat timeouts:
-# with the timeout added (`LivenessPolicy.stored_contact_stale_s`), 40 s at the default 10 s
-# timeout and 120 s at 30 s, within the default restart grace (a new leader's nodes that never
-# come over are found stale at its end).
+# A connected node's stored last contact is written at most every this many heartbeat timeouts
+# (the longest silence timeout told, `HeartbeatPacing`): with the timeout added
+# (`LivenessPolicy.stored_contact_stale_s`), 40 s at the default 10 s timeout and 120 s at 30 s,
+# within the default restart grace (a new leader's nodes that never come over are found stale at
+# its end). A cluster whose paced silence timeout passes 30 s (more than 10,000 nodes at the
+# default 1,000 heartbeats a second) finds them later than that: up to that stale time after
+# their last written contact.
 CONTACT_WRITE_TIMEOUTS = 3.0
+BEATS_PER_TIMEOUT = 3  # heartbeats an agent is told to send per silence timeout
+MIN_HEARTBEAT_INTERVAL_MS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatPacing:
+    """How often an agent is told to heartbeat, and how long its stream may stay silent.
+
+    The interval is a third of the heartbeat timeout, longer once the cluster is big enough that
+    its nodes together would send more than `max_per_second` (0: no cap): `nodes / max_per_second`
+    seconds (Nomad's servers scale each client's heartbeat TTL the same way,
+    `max_heartbeats_per_second`). A stream is judged silent by three of the intervals its agent
+    was told (never less than the timeout): an agent beating at its interval is never found silent,
+    and one that stops is found within its own timeout."""
+
+    timeout_s: float = 10.0
+    max_per_second: float = limits.MAX_HEARTBEATS_PER_SECOND
+
+    @property
+    def base_interval_ms(self) -> int:
+        """The interval of a cluster below the cap: three heartbeats per timeout."""
+        return max(MIN_HEARTBEAT_INTERVAL_MS, int(self.timeout_s * 1000 / BEATS_PER_TIMEOUT))
+
+    def interval_ms(self, nodes: int) -> int:
+        """The interval to tell an agent when the cluster has `nodes` nodes (connected ones)."""
+        if self.max_per_second <= 0:
+            return self.base_interval_ms
+        return max(self.base_interval_ms, math.ceil(nodes * 1000 / self.max_per_second))
+
+    def silence_timeout_s(self, interval_ms: int) -> float:
+        """How long the stream of an agent told `interval_ms` may stay silent."""
+        return max(self.timeout_s, BEATS_PER_TIMEOUT * interval_ms / 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +97,25 @@ class LivenessPolicy:
     @property
     def contact_write_every_s(self) -> float:
         """How often a connected node's last contact is written at most (a changed power draw, or
-        its stream's end, at once)."""
-        return CONTACT_WRITE_TIMEOUTS * self.heartbeat_timeout_s
+        its stream's end, at once), while no agent was told a longer silence timeout."""
+        return self.contact_write_every_for(self.heartbeat_timeout_s)
 
     @property
     def stored_contact_stale_s(self) -> float:
+        """`stored_contact_stale_for` the heartbeat timeout."""
+        return self.stored_contact_stale_for(self.heartbeat_timeout_s)
+
+    def contact_write_every_for(self, silence_timeout_s: float) -> float:
+        """`contact_write_every_s` when the longest silence timeout an agent was told is
+        `silence_timeout_s` (`HeartbeatPacing`): a few of those timeouts."""
+        return CONTACT_WRITE_TIMEOUTS * max(self.heartbeat_timeout_s, silence_timeout_s)
+
+    def stored_contact_stale_for(self, silence_timeout_s: float) -> float:
         """A node up whose stored last contact is older than this is not being written by a live
-        stream: the write cadence plus a timeout (a heartbeat interval and the flush fit in it)."""
-        return self.contact_write_every_s + self.heartbeat_timeout_s
+        stream: the write cadence plus the longest silence timeout (its agent's interval and the
+        flush fit in it)."""
+        timeout_s = max(self.heartbeat_timeout_s, silence_timeout_s)
+        return self.contact_write_every_for(timeout_s) + timeout_s
 
 
 @dataclass(frozen=True, slots=True)

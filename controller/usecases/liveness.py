@@ -30,7 +30,8 @@ async def read_liveness(uow: UnitOfWork, connected: Iterable[str], *, silent_bef
     connected yet are down and evicted: not read every second.
     A node's last contact is the later of the stored one and what `heard` says (the leader's own
     observation of the nodes whose stream it held: stored at most every
-    `LivenessPolicy.contact_write_every_s`)."""
+    `LivenessPolicy.contact_write_every_for` the longest silence timeout told, `silent_before`
+    counting that timeout in)."""
     live = set(connected)
     heard = heard or {}
     return [NodeLiveness(node_id, zone, health.value, later_contact(last, heard.get(node_id)), evicted, node_id in live)

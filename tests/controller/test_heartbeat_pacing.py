@@ -1,0 +1,87 @@
+"""Heartbeat pacing (domain/liveness.py, `HeartbeatPacing`): the interval agents are told grows
+with the cluster past the cap, a stream's silence timeout is three of its agent's intervals, and
+what is counted in silence timeouts (the stored contact's write cadence, how stale it may be)
+follows the longest one told. The wire side: tests/integration/test_api_heartbeat_pacing.py."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from controller import nodelifecycle
+from controller.config import parse_args
+from controller.domain.liveness import FlapDamper, HeartbeatPacing, LivenessPolicy
+from controller.nodelifecycle import NodeLifecycle
+from controller.store import models as m
+
+POLICY = LivenessPolicy(heartbeat_timeout_s=10, restart_grace_s=0)
+
+
+@pytest.mark.parametrize(("pacing", "nodes", "expected_ms"), [
+    pytest.param(HeartbeatPacing(10, 1000), 1, 3333, id="one node: a third of the timeout"),
+    pytest.param(HeartbeatPacing(10, 1000), 3333, 3333, id="the cap's size: still a third"),
+    pytest.param(HeartbeatPacing(10, 1000), 4096, 4096, id="4,096 nodes at 1,000 a second: 4.1 s"),
+    pytest.param(HeartbeatPacing(10, 1000), 16384, 16384, id="16,384 nodes: 16.4 s"),
+    pytest.param(HeartbeatPacing(10, 500), 4096, 8192, id="half the cap, twice the interval"),
+    pytest.param(HeartbeatPacing(10, 0), 16384, 3333, id="0: no cap"),
+    pytest.param(HeartbeatPacing(0.2, 0), 1, 100, id="never below 100 ms"),
+])
+def test_the_interval_grows_with_the_nodes_past_the_cap(pacing: HeartbeatPacing, nodes: int,
+                                                         expected_ms: int) -> None:
+    assert pacing.interval_ms(nodes) == expected_ms
+
+
+@pytest.mark.parametrize(("interval_ms", "expected_s"), [
+    pytest.param(3333, 10.0, id="a third of the timeout: the timeout"),
+    pytest.param(16384, 49.152, id="a longer interval: three of it"),
+])
+def test_a_streams_silence_timeout_is_three_of_its_intervals_never_below_the_timeout(
+        interval_ms: int, expected_s: float) -> None:
+    assert HeartbeatPacing(10, 1000).silence_timeout_s(interval_ms) == pytest.approx(expected_s)
+
+
+def test_the_stored_contacts_cadence_and_staleness_count_the_longest_silence_timeout() -> None:
+    assert POLICY.contact_write_every_for(5.0) == POLICY.contact_write_every_s == 30.0  # never below the timeout's
+    assert POLICY.stored_contact_stale_for(5.0) == POLICY.stored_contact_stale_s == 40.0
+    assert POLICY.contact_write_every_for(49.0) == 147.0
+    # A live stream's stored contact is at most one cadence and one interval (a third of the
+    # timeout) old, and a flush: within the staleness.
+    assert POLICY.stored_contact_stale_for(49.0) == 147.0 + 49.0
+
+
+def test_the_controller_option_and_its_default() -> None:
+    assert parse_args([]).heartbeat_pacing == HeartbeatPacing(10.0, 1000.0)
+    config = parse_args(["--heartbeat-timeout", "6", "--max-heartbeats-per-second", "250"])
+    assert config.heartbeat_pacing == HeartbeatPacing(6.0, 250.0)
+    assert config.heartbeat_interval_ms == 2000  # the shortest told: a third of the timeout
+    assert parse_args(["--max-heartbeats-per-second", "0"]).heartbeat_pacing.interval_ms(100_000) == 3333
+    with pytest.raises(SystemExit):
+        parse_args(["--max-heartbeats-per-second", "-1"])
+
+
+async def test_the_lifecycle_leaves_alone_connected_nodes_whose_stored_contact_is_within_the_longest_cadence(
+        cluster, monkeypatch) -> None:  # noqa: ANN001
+    """Nodes told a 10 s interval (a 30 s silence timeout) have their stored contact written every
+    90 s: a pass reads none of them while it is younger than that and a timeout (it would read
+    all four, every second, at the heartbeat timeout's 40 s)."""
+    wall = datetime.now(timezone.utc)
+    async with cluster.unit_of_work() as uow:
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, wall - timedelta(seconds=100)
+        await uow.commit()
+    read: list[set[str]] = []
+    real = nodelifecycle.liveness.read_liveness
+
+    async def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        nodes = await real(*args, **kwargs)
+        read.append({n.node_id for n in nodes})
+        return nodes
+
+    monkeypatch.setattr(nodelifecycle.liveness, "read_liveness", spy)
+    everyone = frozenset({"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"})
+    cycle = NodeLifecycle(cluster, POLICY, connected=lambda: everyone, damper=FlapDamper(), on_change=lambda: None,
+                          silence_timeout_s=lambda: 30.0, wall_clock=lambda: wall)
+    assert await cycle.pass_once() == []
+    assert read == [set()]
