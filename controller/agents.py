@@ -27,7 +27,11 @@ The hub is the only place that knows which agents are connected right now. It
 - tells each agent its heartbeat interval (`HeartbeatPacing`: a third of the heartbeat timeout,
   longer as the connected nodes grow past `max_heartbeats_per_second`), at Register, and judges
   its stream by three of the intervals it told that agent (`AgentSession.timeout_s`, never less
-  than `heartbeat_timeout_s`); an agent keeps its interval until it registers again;
+  than `heartbeat_timeout_s`); once the cluster's interval grew `PACING_STEP` times past the
+  shortest one told, every connected agent told less is told the cluster's on its stream
+  (`HeartbeatPolicy`, `_pace_grown`), so the cluster sends at most that many times the cap. An
+  agent that ignores it beats more often than it is judged by, which is safe. Intervals shrink
+  when nodes leave only as agents register again;
 - marks a node suspect when its stream ends or its heartbeats stop for its stream's silence
   timeout (silent at two checks in a row: `_expire`; it keeps its shards;
   `controller/nodelifecycle.py` takes it further: down, evicted), counts the drop against the
@@ -83,7 +87,14 @@ class ShardStateRequest:
     """Sent to an agent: its next heartbeat must carry its full shard state (see `_accept`)."""
 
 
-AgentOutbound = AssignmentSet | ShardStateRequest
+@dataclass(frozen=True, slots=True)
+class HeartbeatPolicy:
+    """Sent to an agent: heartbeat every `interval_ms` from now on (the cluster grew)."""
+
+    interval_ms: int
+
+
+AgentOutbound = AssignmentSet | ShardStateRequest | HeartbeatPolicy
 
 
 ASSIGNMENT_READ_BATCH_MAX = 2048  # nodes whose sets one batched read fetches
@@ -182,9 +193,11 @@ class AgentSession:
     # write failed): a heartbeat that omits its shards under this version changed nothing.
     state_version: int | None = None
     # The pusher's work besides closing: the node's set changed (`set_due`), the agent must be
-    # asked for its full shard state (`ask_state`; `state_asked` once sent, until a full heartbeat).
+    # asked for its full shard state (`ask_state`; `state_asked` once sent, until a full heartbeat),
+    # or told a longer heartbeat interval (`tell_due`: `interval_ms`).
     set_due: bool = True
     ask_state: bool = False
+    tell_due: bool = False
     state_asked: bool = False
     due_since: float | None = field(default_factory=time.monotonic)  # when `set_due` was set (the `push` stage)
     # The shards named by a set sent on this stream whose agent has not said RUNNING, FAILED or
@@ -213,6 +226,12 @@ class AgentSession:
         if not self.state_asked:
             self.state_asked = self.ask_state = True
             self.dirty.set()
+
+    def tell(self, interval_ms: int, timeout_s: float) -> None:
+        """Tell the agent a longer heartbeat interval; judged by its timeout from now on (longer
+        than the last one: the agent's beats at its old interval pass it too)."""
+        self.interval_ms, self.timeout_s, self.tell_due = interval_ms, timeout_s, True
+        self.dirty.set()
 
     def forget_state(self) -> None:
         """What this stream's agent said was not written: its next heartbeat writes every shard."""
@@ -296,10 +315,11 @@ class AgentHub:
         self._refused: dict[str, RefusedReports] = {}
         self._damper = damper or FlapDamper()
         # The heartbeat interval a Register tells its agent, by the connected nodes (0: no cap);
-        # what each node was told last (its stream is judged by it), and the longest one told.
+        # what each node was told last (its stream is judged by it), and the longest one told; the
+        # shortest one a connected agent may have been told (a bound: `_pace_grown` raises it).
         self._pacing = HeartbeatPacing(timeout_s=heartbeat_timeout_s, max_per_second=max_heartbeats_per_second)
         self._told_ms: dict[str, int] = {}
-        self._longest_ms = self._pacing.base_interval_ms
+        self._longest_ms = self._shortest_ms = self._pacing.base_interval_ms
         # Hellos and Registers that arrive together are committed together (controller/groupcommit.py).
         # A batch that fails for want of the database or the lease fails its members alike.
         # A refused Register is told to come back at the next slot of the rate Registers are written
@@ -365,6 +385,33 @@ class AgentHub:
     def _told(self, node_id: str, interval_ms: int) -> None:
         self._told_ms[node_id] = interval_ms
         self._longest_ms = max(self._longest_ms, interval_ms)
+        self._shortest_ms = min(self._shortest_ms, interval_ms)
+
+    def _tell(self, session: AgentSession, interval_ms: int) -> None:
+        session.tell(interval_ms, self._pacing.silence_timeout_s(interval_ms))
+        self._told_ms[session.node_id] = interval_ms
+        self._longest_ms = max(self._longest_ms, interval_ms)
+
+    def _pace(self, session: AgentSession) -> None:
+        """A stream opened: tell its agent the cluster's interval if it missed a `_pace_grown`
+        since its Register; then every connected agent, if the cluster's interval grew enough."""
+        current_ms = self._pacing.interval_ms(len(self._sessions))
+        if session.interval_ms < self._shortest_ms and current_ms > session.interval_ms:
+            self._tell(session, current_ms)
+        if self._pacing.grown(self._shortest_ms, current_ms):
+            self._pace_grown(current_ms)
+
+    def _pace_grown(self, interval_ms: int) -> None:
+        """The cluster's interval grew `PACING_STEP` times past the shortest one told: tell it to
+        every connected agent told less (each grown step: O(nodes) now and then, not per connect)."""
+        told = 0
+        for session in self._sessions.values():
+            if session.interval_ms < interval_ms:
+                self._tell(session, interval_ms)
+                told += 1
+        self._shortest_ms = interval_ms
+        log.info("heartbeat interval now %d ms for %d connected nodes (%d agents told)", interval_ms,
+                 len(self._sessions), told)
 
     def _told_to(self, node_id: str) -> int:
         """The interval the node's agent was told at Register (one told by another controller, or
@@ -489,9 +536,10 @@ class AgentHub:
         convert: Callable[[Message], AgentInbound | None] = _as_is,
     ) -> AsyncIterator[AgentOutbound]:
         """Serve one Connect stream after its Hello (committed with the hellos around it): yields
-        the AssignmentSets to send, and the requests for the agent's full shard state. `inbound` is
-        what the agent says after its Hello, each message made a report by `convert` (None: nothing
-        to act on) as the stream's reader takes it: a message crosses no generator of its own. Refused
+        the AssignmentSets to send, the requests for the agent's full shard state, and the longer
+        heartbeat intervals it is told (`_pace`). `inbound` is what the agent says after its Hello,
+        each message made a report by `convert` (None: nothing to act on) as the stream's reader
+        takes it: a message crosses no generator of its own. Refused
         UNAVAILABLE once `close_all` began, with no session opened: a session opened then would be
         closed by no one, and cut only when the server's grace ends (its agent should go to the next
         leader now). A hello that arrives after it is refused before it is written; one whose write
@@ -507,6 +555,7 @@ class AgentHub:
         if previous is not None:
             previous.close("superseded by a newer session", mark_down=False)
         self._sessions[node_id] = session
+        self._pace(session)
         self._released.pop(node_id, None)
         session.push_set()  # the full set, right away
         log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
@@ -520,6 +569,11 @@ class AgentHub:
                 if session.closed:
                     break
                 session.dirty.clear()
+                if session.tell_due:
+                    session.tell_due = False
+                    yield HeartbeatPolicy(session.interval_ms)
+                    if not (session.set_due or session.ask_state):
+                        continue
                 if session.ask_state:
                     session.ask_state = False
                     yield ShardStateRequest()

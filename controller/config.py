@@ -189,9 +189,10 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         default=Config.max_heartbeats_per_second, metavar="RATE",
                         help="heartbeats all agents together send a second at most: past RATE x timeout/3 "
                              "connected nodes each agent is told an interval of nodes/RATE seconds, and its stream "
-                             "is judged silent after 3 such intervals instead of --heartbeat-timeout (an agent "
-                             "keeps its interval until it registers again). 0: no cap (every agent beats 3 "
-                             "times per timeout)")
+                             "is judged silent after 3 such intervals instead of --heartbeat-timeout (agents "
+                             "connected earlier are told the longer interval on their stream once it grew 1.5x, "
+                             "so the cluster sends at most 1.5 x RATE; it shrinks again only when they register "
+                             "again). 0: no cap (every agent beats 3 times per timeout)")
     parser.add_argument("--node-down-grace", type=_positive_float, default=Config.node_down_grace_s,
                         metavar="SECONDS", help="seconds of silence before a suspect node is down (it still keeps "
                                                 "its shards)")

@@ -1,7 +1,8 @@
 """NodeAgentService: Register, and the Connect stream (Hello first, then reports; sets go out).
 
 The conversation itself lives in `controller.agents.AgentHub`; this servicer only converts
-messages and checks that a stream starts with a Hello. Agents talk to the leader only: a
+messages (the hub's sets, state requests and heartbeat intervals to `ControllerMessage`s) and
+checks that a stream starts with a Hello. Agents talk to the leader only: a
 follower answers UNAVAILABLE with the leader's address in the `maia-leader` trailing metadata.
 """
 
@@ -15,12 +16,21 @@ from controller.api import convert
 from controller.api.deps import ServiceDeps
 from controller.errors import FailedPrecondition
 from controller.identity import current_principal
-from controller.agents import AgentInbound, ShardStateRequest
+from controller.agents import AgentInbound, AgentOutbound, HeartbeatPolicy, ShardStateRequest
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
 # The full method name of Register (its calls may be shed before the interceptor chain: server.py).
 REGISTER_METHOD = f"/{agent_pb2.DESCRIPTOR.services_by_name['NodeAgentService'].full_name}/Register"
 _SHARD_STATE_REQUEST = agent_pb2.ControllerMessage(shard_state_request=agent_pb2.ShardStateRequest())
+
+
+def _outbound(item: AgentOutbound) -> agent_pb2.ControllerMessage:
+    if isinstance(item, ShardStateRequest):
+        return _SHARD_STATE_REQUEST
+    if isinstance(item, HeartbeatPolicy):
+        return agent_pb2.ControllerMessage(
+            heartbeat_policy=agent_pb2.HeartbeatPolicy(heartbeat_interval_ms=item.interval_ms))
+    return convert.assignment_set_msg(item)
 
 
 def _inbound(message: agent_pb2.AgentMessage) -> AgentInbound | None:
@@ -63,6 +73,6 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
                                            messages, _inbound)
         try:
             async for item in outbound:
-                yield _SHARD_STATE_REQUEST if isinstance(item, ShardStateRequest) else convert.assignment_set_msg(item)
+                yield _outbound(item)
         finally:
             await outbound.aclose()

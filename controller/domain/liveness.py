@@ -49,6 +49,10 @@ UP, SUSPECT, DOWN = "up", "suspect", "down"
 CONTACT_WRITE_TIMEOUTS = 3.0
 BEATS_PER_TIMEOUT = 3  # heartbeats an agent is told to send per silence timeout
 MIN_HEARTBEAT_INTERVAL_MS = 100
+# A connected agent is told a longer interval once the cluster's has grown this much beyond the
+# shortest one told to any connected agent (`HeartbeatPacing.grown`): the cluster then sends at most
+# this many times `max_per_second`, and each agent is told anew at most every such step.
+PACING_STEP = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,11 @@ class HeartbeatPacing:
     def silence_timeout_s(self, interval_ms: int) -> float:
         """How long the stream of an agent told `interval_ms` may stay silent."""
         return max(self.timeout_s, BEATS_PER_TIMEOUT * interval_ms / 1000)
+
+    @staticmethod
+    def grown(shortest_ms: int, current_ms: int) -> bool:
+        """The cluster's interval grew enough past the shortest one told to tell agents anew."""
+        return current_ms >= PACING_STEP * shortest_ms
 
 
 @dataclass(frozen=True, slots=True)

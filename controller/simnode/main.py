@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hbm-gib", type=float, default=64.0)
     p.add_argument("--idle-power-w", type=float, default=600.0)
     p.add_argument("--heartbeat-interval", type=_interval, default=None, metavar="auto|SECONDS",
-                   help="default: what the controller asks for at registration")
+                   help="default: what the controller asks for at registration, and later on the stream "
+                        "(HeartbeatPolicy: the cluster grew); a number here ignores both")
     p.add_argument("--register-timeout", type=float, default=REGISTER_TIMEOUT_S, metavar="SECONDS",
                    help="each Register's deadline (a controller busy with a join storm refuses at once, with a "
                         "retry time, a Register that would not be served within it)")

@@ -1,8 +1,9 @@
 """One simulated node over its own gRPC channel: Register, a Connect stream, heartbeats, reconnects.
 
 `SimulatedNode.run()` loops until `stop()`: register (NodeInfo), open Connect, send Hello and a
-first heartbeat, then heartbeat every interval while applying each AssignmentSet to the
-`NodeAgent` and sending a ShardStatus for every phase change. When the stream or the
+first heartbeat, then heartbeat every interval (the Register's, or the one a later HeartbeatPolicy
+on the stream tells: the cluster grew; `--heartbeat-interval` overrides both) while applying each
+AssignmentSet to the `NodeAgent` and sending a ShardStatus for every phase change. When the stream or the
 registration fails it waits a jittered, exponentially growing delay and starts over (the
 shards it runs survive a reconnect, as processes on a real host would). `controller` may list
 several controllers ("A,B,C"): the node talks to the leader; a follower answers UNAVAILABLE
@@ -126,6 +127,7 @@ class SimulatedNode:
         self._pending_proposal: str | None = None
         self.agent = NodeAgent(spec.node_id, spec.idle_power_w, load_delay_s)
         self.heartbeat_override_s = heartbeat_interval_s
+        self.heartbeat_interval_s = heartbeat_interval_s or DEFAULT_HEARTBEAT_S  # what the pump beats at now
         self.backoff = backoff or Backoff()
         self.clock = clock
         self.log = logging.getLogger(f"simnode.{spec.node_id}")
@@ -332,6 +334,7 @@ class SimulatedNode:
             raise _Crashed()
         self.session_id = registration.session_id
         interval = self.heartbeat_override_s or (registration.heartbeat_interval_ms / 1000) or DEFAULT_HEARTBEAT_S
+        self.heartbeat_interval_s = interval
         self.agent.begin_session()
         self.sessions += 1
         outbox: asyncio.Queue = asyncio.Queue()
@@ -344,7 +347,7 @@ class SimulatedNode:
         self.connected = True
         self.log.info("registered and connected (session %s, heartbeat every %.1fs)", self.session_id, interval)
         started = self.clock()
-        pump = asyncio.create_task(self._pump(outbox, interval), name=f"pump-{self.spec.node_id}")
+        pump = asyncio.create_task(self._pump(outbox), name=f"pump-{self.spec.node_id}")
         reader = asyncio.create_task(self._read(call), name=f"read-{self.spec.node_id}")
         stopping = asyncio.create_task(self._stopping.wait())
         try:
@@ -380,6 +383,16 @@ class SimulatedNode:
                 self._apply(message.assignments)
             elif body == "shard_state_request":
                 self._state_asked = True
+            elif body == "heartbeat_policy":
+                self._adopt(message.heartbeat_policy.heartbeat_interval_ms)
+
+    def _adopt(self, interval_ms: int) -> None:
+        """The controller tells a new heartbeat interval (the cluster grew): beat at it from the
+        next heartbeat on, unless `--heartbeat-interval` fixed ours."""
+        if self.heartbeat_override_s or interval_ms <= 0:
+            return
+        self.heartbeat_interval_s = interval_ms / 1000
+        self.log.debug("heartbeat every %.1fs from now on (told by the controller)", self.heartbeat_interval_s)
 
     def _apply(self, message: agent_pb2.AssignmentSet) -> None:
         desired = protocol.desired_from_proto(message)
@@ -418,8 +431,9 @@ class SimulatedNode:
                 return
             yield message
 
-    async def _pump(self, outbox: asyncio.Queue, interval: float) -> None:
-        """Heartbeats every `interval`, and load completions as soon as they are due. A heartbeat
+    async def _pump(self, outbox: asyncio.Queue) -> None:
+        """Heartbeats every `heartbeat_interval_s` (as it is now), and load completions as soon as
+        they are due. A heartbeat
         carries the full shard state first on a stream, when it changed since the last one that
         carried it, and when the controller asked for it; else it names that state's version."""
         seq = 0
@@ -439,7 +453,7 @@ class SimulatedNode:
                     if full:
                         sent_version, self._state_asked = version, False
                     self.heartbeats_sent += 1
-                next_heartbeat = now + interval + self.heartbeat_delay_s
+                next_heartbeat = now + self.heartbeat_interval_s + self.heartbeat_delay_s
             due = self.agent.next_deadline()
             wake_at = min(next_heartbeat, due if due is not None else math.inf)
             self._wake.clear()

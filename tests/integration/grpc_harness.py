@@ -202,6 +202,7 @@ class HandAgent:
                                        accelerator_model=model, hbm_gib=64, idle_power_w=500)
         self.session_id = ""
         self.sets: asyncio.Queue[agent_pb2.AssignmentSet] = asyncio.Queue()
+        self.told_intervals_ms: list[int] = []  # the HeartbeatPolicy messages received
         self._out: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
         self.call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
@@ -228,7 +229,11 @@ class HandAgent:
 
     async def _read(self) -> None:
         async for message in self.call:
-            await self.sets.put(message.assignments)
+            body = message.WhichOneof("body")
+            if body == "heartbeat_policy":
+                self.told_intervals_ms.append(message.heartbeat_policy.heartbeat_interval_ms)
+            elif body == "assignments":
+                await self.sets.put(message.assignments)
 
     def send(self, message: agent_pb2.AgentMessage) -> None:
         self._out.put_nowait(message)
@@ -253,6 +258,11 @@ class HandAgent:
                 await asyncio.sleep(every_s)
 
         self._beating = asyncio.create_task(beat())
+
+    def stop_beating(self) -> None:
+        """No more heartbeats from `keep_beating`; the stream stays open."""
+        if self._beating is not None:
+            self._beating.cancel()
 
     async def next_set(self, check: Callable[[agent_pb2.AssignmentSet], bool] = lambda s: True,
                        timeout: float = 20.0) -> agent_pb2.AssignmentSet:

@@ -1,6 +1,7 @@
 """Heartbeat pacing over real gRPC with hand-driven agents: the interval a Register tells grows
 with the connected nodes past `--max-heartbeats-per-second`, each stream is judged silent by
-three of the intervals its agent was told (never by the shorter heartbeat timeout alone).
+three of the intervals its agent was told (never by the shorter heartbeat timeout alone), and
+connected agents are told the cluster's interval on their stream once it grew 1.5 times.
 
 The pacing is the hub's, not the database's: SQLite alone."""
 
@@ -103,3 +104,30 @@ async def test_a_node_that_stops_is_marked_silent_by_its_own_timeout(db_url: str
         assert not node.connected
         await agent.close()
 
+
+async def test_connected_agents_are_told_the_grown_interval_and_judged_by_it(db_url: str, tmp_path: Path) -> None:
+    """Two heartbeats a second: each node joining lengthens the cluster's interval by half a
+    second. Connected agents are told it once it grew 1.5 times past the shortest one told (at the
+    2nd and 3rd node, not the 4th). Agents that keep beating at their Register's interval (they
+    ignore what they are told) stay connected; node-0, told 1.5 s, stops and is judged silent by
+    4.5 s of silence, not by its Register's 1.5 s."""
+    async with _controller(db_url, tmp_path, timeout_s=1.0, max_per_second=2.0) as (_, stubs):
+        agents, told = [], []
+        for i in range(4):
+            agent, interval_ms = await _joined(stubs, f"node-{i}")
+            agent.keep_beating(every_s=interval_ms / 1000)
+            agents.append(agent)
+            told.append(interval_ms)
+        assert told == [500, 1000, 1500, 2000]
+        await eventually(lambda: asyncio.sleep(0, [a.told_intervals_ms for a in agents]),
+                         lambda pushed: pushed == [[1000, 1500], [1500], [], []], what="the grown intervals told")
+        agents[0].stop_beating()
+        [suspect] = await eventually(lambda: _suspect_events(stubs, "node-0"), lambda events: len(events) == 1,
+                                     timeout=30, what="node-0 suspect")
+        silent = re.search(r"no heartbeat for (\d+(?:\.\d+)?)s", suspect.message)
+        assert silent is not None and float(silent.group(1)) >= 4.0, suspect.message
+        for agent in agents[1:]:
+            node = await stubs.admin.GetNode(admin_pb2.GetNodeRequest(id=agent.info.node_id))
+            assert node.connected and await _suspect_events(stubs, agent.info.node_id) == []
+        for agent in agents:
+            await agent.close()

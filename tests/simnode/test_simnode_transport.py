@@ -197,6 +197,25 @@ async def test_a_heartbeat_omits_an_unchanged_shard_state_and_carries_it_when_it
     await asyncio.wait_for(task, timeout=5)
 
 
+async def test_a_node_beats_at_the_interval_the_controller_tells_on_its_stream(
+        fake: tuple[FakeController, str]) -> None:
+    """Registered with 200 ms, told a minute (HeartbeatPolicy): after the heartbeat already due it
+    sends none for a second (five at 200 ms)."""
+    controller, address = fake
+    node = SimulatedNode(NodeSpec("rack-00-n05", "rack-00"), address, load_delay_s=0.0)
+    task = asyncio.create_task(node.run())
+    await wait_until(lambda: len(controller.heartbeats()) >= 2)
+    assert node.heartbeat_interval_s == 0.2
+    await controller.outgoing.put(agent_pb2.ControllerMessage(
+        heartbeat_policy=agent_pb2.HeartbeatPolicy(heartbeat_interval_ms=60_000)))
+    await wait_until(lambda: node.heartbeat_interval_s == 60.0)
+    sent = len(controller.heartbeats())
+    await asyncio.sleep(1.0)
+    assert len(controller.heartbeats()) - sent <= 1
+    node.stop()
+    await asyncio.wait_for(task, timeout=5)
+
+
 async def test_crash_drops_shards_and_comes_back(fake: tuple[FakeController, str]) -> None:
     controller, address = fake
     node = SimulatedNode(NodeSpec("rack-00-n02", "rack-00"), address, load_delay_s=0.0)

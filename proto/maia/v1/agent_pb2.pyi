@@ -113,12 +113,20 @@ class ShardStatus(_message.Message):
     def __init__(self, deployment: _Optional[str] = ..., replica: _Optional[int] = ..., shard: _Optional[int] = ..., generation: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ..., power_draw_w: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("assignments", "shard_state_request")
+    __slots__ = ("assignments", "shard_state_request", "heartbeat_policy")
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     SHARD_STATE_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_POLICY_FIELD_NUMBER: _ClassVar[int]
     assignments: AssignmentSet
     shard_state_request: ShardStateRequest
-    def __init__(self, assignments: _Optional[_Union[AssignmentSet, _Mapping]] = ..., shard_state_request: _Optional[_Union[ShardStateRequest, _Mapping]] = ...) -> None: ...
+    heartbeat_policy: HeartbeatPolicy
+    def __init__(self, assignments: _Optional[_Union[AssignmentSet, _Mapping]] = ..., shard_state_request: _Optional[_Union[ShardStateRequest, _Mapping]] = ..., heartbeat_policy: _Optional[_Union[HeartbeatPolicy, _Mapping]] = ...) -> None: ...
+
+class HeartbeatPolicy(_message.Message):
+    __slots__ = ("heartbeat_interval_ms",)
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_ms: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class ShardStateRequest(_message.Message):
     __slots__ = ()
