@@ -59,6 +59,18 @@ async def running_controller(db_url: str, tmp_path: Path, **overrides: Any) -> A
         await app.stop(grace_s=1.0)
 
 
+@asynccontextmanager
+async def controller_with_rack(db_url: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
+    """`running_controller` with admin stubs on it and rack rack-a (row row-a) applied."""
+    async with running_controller(db_url, tmp_path, **overrides) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        try:
+            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+            yield app, stubs
+        finally:
+            await stubs.channel.close()
+
+
 RUNNING = deployments_pb2.DEPLOYMENT_PHASE_RUNNING
 PENDING = deployments_pb2.DEPLOYMENT_PHASE_PENDING
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -16,7 +15,7 @@ import pytest
 from controller import limits
 from controller.api.server import ControllerApp
 from controller.bearer import aio_channel
-from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, running_controller, topology
+from grpc_harness import HandAgent, Stubs, admin_token_of, controller_with_rack, eventually
 from maia.v1 import admin_pb2, common_pb2
 
 # Long enough that the hub never ends a silent stream while these tests watch it: whatever ends
@@ -80,16 +79,9 @@ class BlackholeProxy:
         # EOF: keep the other side open (a dead network tells nobody)
 
 
-@contextlib.asynccontextmanager
-async def _controller(db_url: str, tmp_path: Path, keepalive: limits.Keepalive) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
-    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
-                                  agent_keepalive=keepalive) as app:
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            yield app, stubs
-        finally:
-            await stubs.channel.close()
+def _controller(db_url: str, tmp_path: Path,
+                keepalive: limits.Keepalive) -> contextlib.AbstractAsyncContextManager[tuple[ControllerApp, Stubs]]:
+    return controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, agent_keepalive=keepalive)
 
 
 async def _connected(stubs: Stubs) -> bool:

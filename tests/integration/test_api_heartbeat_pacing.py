@@ -10,30 +10,22 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 
 from controller.api.server import ControllerApp
-from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, running_controller, topology
+from grpc_harness import HandAgent, Stubs, controller_with_rack, eventually
 from maia.v1 import admin_pb2, common_pb2
 
 pytestmark = pytest.mark.parametrize("db_backend", ["sqlite"])
 
 
-@asynccontextmanager
-async def _controller(db_url: str, tmp_path: Path, *, timeout_s: float,
-                      max_per_second: float) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
-    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=timeout_s,
-                                  max_heartbeats_per_second=max_per_second) as app:
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            yield app, stubs
-        finally:
-            await stubs.channel.close()
+def _controller(db_url: str, tmp_path: Path, *, timeout_s: float,
+                max_per_second: float) -> AbstractAsyncContextManager[tuple[ControllerApp, Stubs]]:
+    return controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=timeout_s,
+                                max_heartbeats_per_second=max_per_second)
 
 
 async def _joined(stubs: Stubs, node_id: str) -> tuple[HandAgent, int]:
