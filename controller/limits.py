@@ -158,7 +158,12 @@ QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error messag
 # --- rates (defaults of the controller flags) ------------------------------------------------------
 # Heartbeats the whole cluster sends a second at most (agents are told longer intervals as it grows,
 # `domain.liveness.HeartbeatPacing`): ~60-120 us of the controller's CPU each, mostly gRPC's.
-MAX_HEARTBEATS_PER_SECOND = 1000.0
+# 500: at 4,096 nodes agents beat every ~8 s (1,235 -> 571 heartbeats/s measured) and a hung agent
+# is found in ~25 s (Kubernetes' node-monitor grace: 40 s); with agents beating ~400 times a second
+# instead of ~1,280 a saturated controller placed ~35 % more deployments a second (docs/benchmarks.md,
+# 2026-12-02 morning). Past 5,000 nodes a new leader finds nodes that never came over later than its
+# restart grace (`domain.liveness.CONTACT_WRITE_TIMEOUTS`).
+MAX_HEARTBEATS_PER_SECOND = 500.0
 SUBMITS_PER_MINUTE = 120.0          # per tenant, burst the same
 DRY_RUNS_PER_MINUTE = 30.0          # per tenant
 DRY_RUN_TIME_LIMIT_MS = 2000        # a dry run's solve never runs longer

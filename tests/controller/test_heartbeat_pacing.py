@@ -52,7 +52,7 @@ def test_the_stored_contacts_cadence_and_staleness_count_the_longest_silence_tim
 
 
 def test_the_controller_option_and_its_default() -> None:
-    assert parse_args([]).heartbeat_pacing == HeartbeatPacing(10.0, 1000.0)
+    assert parse_args([]).heartbeat_pacing == HeartbeatPacing(10.0, 500.0)
     config = parse_args(["--heartbeat-timeout", "6", "--max-heartbeats-per-second", "250"])
     assert config.heartbeat_pacing == HeartbeatPacing(6.0, 250.0)
     assert config.heartbeat_interval_ms == 2000  # the shortest told: a third of the timeout
