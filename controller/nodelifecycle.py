@@ -106,7 +106,7 @@ class NodeLifecycle:
         for node in due:
             if self._limiter.allow(node.zone, rates.get(node.zone, 0.0), mono):
                 changes.append(Transition(node.node_id, DOWN, f"silent past the eviction grace "
-                                          f"({self._policy.eviction_grace_s:g}s)", evict=True))
+                                          f"({self._policy.eviction_grace_s:g}s)", evict=True, was=DOWN))
             else:
                 held_back += 1
         if held_back and held_back != self._held_back:

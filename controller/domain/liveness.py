@@ -43,8 +43,8 @@ UP, SUSPECT, DOWN = "up", "suspect", "down"
 # (the longest silence timeout told, `HeartbeatPacing`): with the timeout added
 # (`LivenessPolicy.stored_contact_stale_s`), 40 s at the default 10 s timeout and 120 s at 30 s,
 # within the default restart grace (a new leader's nodes that never come over are found stale at
-# its end). A cluster whose paced silence timeout passes 30 s (more than 10,000 nodes at the
-# default 1,000 heartbeats a second) finds them later than that: up to that stale time after
+# its end). A cluster whose paced silence timeout passes 30 s (more than 5,000 nodes at the
+# default 500 heartbeats a second) finds them later than that: up to that stale time after
 # their last written contact.
 CONTACT_WRITE_TIMEOUTS = 3.0
 BEATS_PER_TIMEOUT = 3  # heartbeats an agent is told to send per silence timeout
@@ -141,10 +141,13 @@ class NodeLiveness:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
+    """A node's health change, judged from a read (`was`: the health it was read with; None: write
+    whatever it is now). Written only if the node still has that health (`apply_transitions`)."""
     node_id: str
     health: str
     why: str
     evict: bool = False
+    was: str | None = None
 
 
 def later_contact(stored: datetime | None, heard: datetime | None) -> datetime | None:
@@ -168,19 +171,20 @@ def health_changes(nodes: list[NodeLiveness], now: datetime, started: datetime, 
                    damped: set[str]) -> list[Transition]:
     """Every health change due now, evictions aside (`eviction_candidates`, `zone_rates`)."""
     if (now - started).total_seconds() < policy.restart_grace_s:
-        return [Transition(n.node_id, UP, "its agent is connected") for n in nodes
+        return [Transition(n.node_id, UP, "its agent is connected", was=n.health) for n in nodes
                 if n.connected and n.health != UP and n.node_id not in damped]
     out: list[Transition] = []
     for n in nodes:
         if n.connected:
             if n.health != UP and n.node_id not in damped:
-                out.append(Transition(n.node_id, UP, "its agent is connected"))
+                out.append(Transition(n.node_id, UP, "its agent is connected", was=n.health))
             continue
         silent = silence_s(n, now, started)
         if n.health == UP and silent > policy.heartbeat_timeout_s:
-            out.append(Transition(n.node_id, SUSPECT, f"no agent stream and no heartbeat for {silent:.0f}s"))
+            out.append(Transition(n.node_id, SUSPECT, f"no agent stream and no heartbeat for {silent:.0f}s", was=UP))
         elif n.health == SUSPECT and silent > policy.down_grace_s:
-            out.append(Transition(n.node_id, DOWN, f"no contact for {silent:.0f}s (down grace {policy.down_grace_s:g}s)"))
+            out.append(Transition(n.node_id, DOWN, f"no contact for {silent:.0f}s (down grace {policy.down_grace_s:g}s)",
+                                  was=SUSPECT))
     return out
 
 

@@ -323,11 +323,19 @@ async def node_health_by_zone(session: AsyncSession) -> tuple[dict[str, int], di
 
 
 async def set_node_health(session: AsyncSession, node_id: str, health: m.NodeHealth, *,
-                          evicted_at: datetime | None = None) -> None:
+                          evicted_at: datetime | None = None, was: m.NodeHealth | None = None) -> bool:
+    """Set a node's health (and its eviction time); with `was`, only if its health is still that
+    (and, for an eviction, its work not evicted yet). True if the row changed."""
     values: dict[str, object] = {"health": health}
     if evicted_at is not None:
         values["evicted_at"] = evicted_at
-    await session.execute(update(m.Node).where(m.Node.id == node_id).values(**values))
+    where = [m.Node.id == node_id]
+    if was is not None:
+        where.append(m.Node.health == was)
+    if evicted_at is not None and was is not None:
+        where.append(m.Node.evicted_at.is_(None))
+    result = await session.execute(update(m.Node).where(*where).values(**values))
+    return bool(result.rowcount)
 
 
 async def count_placements_on_nodes(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, int]:

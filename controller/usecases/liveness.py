@@ -45,14 +45,24 @@ async def zone_health(uow: UnitOfWork) -> tuple[dict[str, int], dict[str, int]]:
 
 
 async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: datetime) -> bool:
-    """Write the changes; True if the solver's view changed (the reconciler should run)."""
+    """Write the changes; True if the solver's view changed (the reconciler should run).
+
+    The changes were judged from a read in an earlier unit of work: a change whose node no longer
+    has the health it was judged with (`Transition.was`; an eviction: its work evicted already)
+    is left out, event and all. Between the read and this write the agent hub may have marked the
+    node suspect itself (its stream ended: a second `node.suspect` event), or the node's agent may
+    have said Hello (up again: marking it down would leave a connected node down)."""
     if not changes:
         return False
     held = await repo.count_placements_on_nodes(uow.session, [c.node_id for c in changes if c.evict])
-    solver_view_changed = False
+    solver_view_changed, applied = False, []
     for change in changes:
         health = m.NodeHealth(change.health)
-        await repo.set_node_health(uow.session, change.node_id, health, evicted_at=now if change.evict else None)
+        was = m.NodeHealth(change.was) if change.was is not None else None
+        if not await repo.set_node_health(uow.session, change.node_id, health,
+                                          evicted_at=now if change.evict else None, was=was):
+            continue
+        applied.append(change.node_id)
         if change.evict:
             kind = "node.evicted"
             message = f"{change.why}: its {held.get(change.node_id, 0)} shard(s) are placed again elsewhere"
@@ -63,7 +73,7 @@ async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: dat
                           message=message)
         solver_view_changed |= change.evict or change.health != DOWN  # DOWN alone: still cordoned to it
     if solver_view_changed:
-        await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(c.node_id for c in changes))
+        await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(applied))
     await uow.commit()
     return solver_view_changed
 

@@ -285,3 +285,65 @@ async def test_a_pass_reads_only_the_nodes_a_rule_could_change(cluster):
         assert "rack-a-n1" in {n.node_id for n in named}  # a node whose stream ended lately: read whatever it is
         assert len(await liveness.read_liveness(uow, set())) == 8
         assert await liveness.zone_health(uow) == ({"z1": 8}, {"z1": 5})
+
+
+def _after_the_read(monkeypatch, meanwhile) -> None:
+    """The lifecycle's read of the nodes is followed, before its write, by `meanwhile(node_id)` in
+    a unit of work of its own (what the agent hub does on a stream's end or a Hello)."""
+    from controller.usecases import liveness
+    read = liveness.read_liveness
+
+    async def read_then(uow, *args, **kwargs):
+        nodes = await read(uow, *args, **kwargs)
+        await meanwhile()
+        return nodes
+    monkeypatch.setattr(liveness, "read_liveness", read_then)
+
+
+async def _events(db: Database, node_id: str, kind: str) -> int:
+    async with db.unit_of_work() as uow:
+        return len((await uow.session.execute(
+            select(m.Event).where(m.Event.object_id == node_id, m.Event.kind == kind))).scalars().all())
+
+
+async def test_a_node_the_hub_marked_suspect_after_the_lifecycle_read_it_gets_one_suspect_event(cluster, monkeypatch):
+    clocks = Clocks()
+    async with cluster.unit_of_work() as uow:  # every node up, last heard from now
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, clocks.wall
+        await uow.commit()
+    victim = "rack-a-n0"
+
+    async def stream_ends() -> None:
+        async with cluster.unit_of_work() as uow:
+            assert await agents.mark_suspect(uow, victim, session_id=None, why="stream ended")
+    _after_the_read(monkeypatch, stream_ends)
+    cycle = lifecycle(cluster, clocks, {"rack-a-n1", "rack-b-n0", "rack-b-n1"})
+    clocks.advance(45)  # past the stored contact's staleness: read, judged silent; the hub's mark lands before the write
+    await cycle.pass_once()
+    assert (await health(cluster))[victim] == ("suspect", False)
+    assert await _events(cluster, victim, "node.suspect") == 1
+
+
+async def test_a_node_back_between_the_lifecycle_read_and_its_write_is_not_evicted(cluster, monkeypatch):
+    clocks = Clocks()
+    loop, before = await placed(cluster)
+    victim = before[("svc", 0, 0)][0]
+    everyone = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - {victim}
+    await lose(cluster, victim, clocks.wall)
+    cycle = lifecycle(cluster, clocks, everyone)
+    clocks.advance(35)
+    assert [(c.node_id, c.health) for c in await cycle.pass_once()] == [(victim, "down")]
+
+    async def hello() -> None:  # its agent is back: up again (the hub's Hello)
+        async with cluster.unit_of_work() as uow:
+            node = await uow.session.get(m.Node, victim)
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, clocks.wall
+            await uow.commit()
+    _after_the_read(monkeypatch, hello)
+    clocks.advance(60)  # 95 s silent in the read: due for eviction
+    await cycle.pass_once()
+    assert (await health(cluster))[victim] == ("up", False)
+    assert await _events(cluster, victim, "node.evicted") == 0
+    await loop.reconcile_once(force=True)
+    assert await placements(cluster) == before
