@@ -11,8 +11,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Update, and_, bindparam, inspect, insert, or_, case, delete, func, select, tuple_, update
+from sqlalchemy import ColumnElement, Row, Select, Update, and_, bindparam, inspect, insert, or_, case, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -484,10 +486,80 @@ async def get_deployment(session: AsyncSession, tenant: str, name: str) -> m.Dep
     )).unique().one_or_none()
 
 
-async def deployments_named(session: AsyncSession, names: Iterable[str]) -> list[m.Deployment]:
-    """The deployments called any of `names`, in every tenant (a batch of by-name calls)."""
-    return list((await session.scalars(select(m.Deployment).options(*_DEPLOYMENT_JOINED)
-                                       .where(any_of(session, m.Deployment.name, set(names))))).unique())
+# A deployment's columns by attribute name without the ORM: a Core row of its table
+# (`deployments_named`), or the columns written for a new one (`new_deployment_view`).
+DeploymentColumns = Row[Any] | SimpleNamespace
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedNode:
+    """What a view reads of a placement's node."""
+
+    rack_id: str
+    draining: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementColumns:
+    """A placement's columns `deployment_view` reads, loaded without the ORM (`deployments_named`)."""
+
+    replica: int
+    shard: int
+    node_id: str
+    accelerator_indices: list[int] | None
+    accelerator_milli: int | None
+    phase: m.ShardPhase
+    message: str
+    revision: int
+    node: PlacedNode | None
+
+
+@dataclass(frozen=True, slots=True)
+class NamedDeployment:
+    """A deployment read without the ORM (`deployments_named`): its columns and its placements."""
+
+    row: Row[Any]
+    placements: tuple[PlacementColumns, ...]
+
+    def view(self) -> d.DeploymentView:
+        return deployment_view(self.row, self.placements)
+
+
+_DEPLOYMENTS, _PLACEMENTS = m.Deployment.__table__, m.Placement.__table__
+_PLACEMENT_READ = ("replica", "shard", "node_id", "accelerator_indices", "accelerator_milli", "phase", "message",
+                   "revision")  # with the node's rack and draining flag: `PlacementColumns`, in order
+
+
+def _named_query(dialect: str) -> Select:
+    """`deployments_named`' query for `dialect`, its list named `names`: each deployment's columns
+    (by their names), then, outer joined, those of each placement and its node (labelled apart):
+    a row per placement, one for a deployment with none."""
+    placement = _PLACEMENTS.c
+    return (select(_DEPLOYMENTS, *(placement[c].label(f"placement_{c}") for c in _PLACEMENT_READ),
+                   _NODES.c.rack_id.label("node_rack_id"), _NODES.c.draining.label("node_draining"))
+            .select_from(_DEPLOYMENTS.outerjoin(_PLACEMENTS, placement.deployment_id == _DEPLOYMENTS.c.id)
+                         .outerjoin(_NODES, _NODES.c.id == placement.node_id))
+            .where(any_of_named(dialect, _DEPLOYMENTS.c.name, "names")))
+
+
+_NAMED = {dialect: _named_query(dialect) for dialect in ("sqlite", POSTGRESQL)}
+_DEPLOYMENT_WIDTH = len(_DEPLOYMENTS.c)
+
+
+async def deployments_named(session: AsyncSession, names: Iterable[str]) -> list[NamedDeployment]:
+    """The deployments called any of `names`, in every tenant (a batch of by-name calls), with
+    their placements: one query of plain columns. As ORM entities (joined) the same read was the
+    largest item of a delete batch's CPU after its flush (docs/benchmarks.md, `unary`)."""
+    found: dict[int, tuple[Row[Any], list[PlacementColumns]]] = {}
+    for row in await session.execute(_NAMED[dialect_of(session)], {"names": sorted(set(names))}):
+        entry = found.get(row.id)
+        if entry is None:
+            entry = found[row.id] = (row, [])
+        replica, shard, node_id, indices, milli, phase, message, revision, rack_id, draining = row[_DEPLOYMENT_WIDTH:]
+        if replica is not None:  # a placement (the outer join's NULLs: none)
+            entry[1].append(PlacementColumns(replica, shard, node_id, indices, milli, phase, message, revision,
+                                             None if rack_id is None else PlacedNode(rack_id, draining)))
+    return [NamedDeployment(row, tuple(placed)) for row, placed in found.values()]
 
 
 def _deleting_statement(dialect: str) -> Update:
@@ -500,18 +572,27 @@ def _deleting_statement(dialect: str) -> Update:
 _DELETING = {dialect: _deleting_statement(dialect) for dialect in ("sqlite", POSTGRESQL)}
 
 
-async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment]) -> None:
-    """Mark loaded deployment rows DELETING in ONE UPDATE statement, the rows themselves updated as
-    written (nothing left for the session to flush): the ORM's flush of the same change (its unit
-    of work over every loaded row and placement) was most of a batch of deletions' CPU."""
+async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[Any]]) -> datetime:
+    """Mark deployments DELETING in ONE UPDATE statement; returns the time written. ORM rows
+    among them are updated as written (nothing left for the session to flush: the ORM's flush of
+    the same change, its unit of work over every loaded row and placement, was most of a batch of
+    deletions' CPU); the views of plain rows read what it wrote with `deleting_view`."""
     at = m.utcnow()
     dialect = dialect_of(session)
     ids = [row.id for row in rows]
     await session.execute(_DELETING[dialect], {"ids": [str(i) for i in ids] if dialect == POSTGRESQL else ids,
                                                "at": at})
     for row in rows:
-        set_committed_value(row, "phase", m.DeploymentPhase.DELETING)
-        set_committed_value(row, "updated_at", at)
+        if isinstance(row, m.Deployment):
+            set_committed_value(row, "phase", m.DeploymentPhase.DELETING)
+            set_committed_value(row, "updated_at", at)
+    return at
+
+
+def deleting_view(deployment: NamedDeployment, at: datetime) -> d.DeploymentView:
+    """The view of a deployment read by `deployments_named` once `set_deleting` marked it `at`:
+    what its UPDATE wrote (the phase and the time) over what was read."""
+    return replace(deployment.view(), phase=m.DeploymentPhase.DELETING.value, updated_at=at)
 
 
 async def tenants_with_deployment(session: AsyncSession, name: str, limit: int = 2) -> list[str]:
@@ -724,27 +805,40 @@ def clear_failures(row: m.Deployment) -> None:
         row.phase = implied_phase(row)
 
 
-def deployment_view(row: m.Deployment) -> d.DeploymentView:
-    counts = _replica_counts(row)
-    placements = tuple(
-        d.ShardPlacementView(
-            replica=p.replica, shard=p.shard, node=p.node_id, rack=p.node.rack_id if p.node else "",
-            accelerator_indices=tuple(p.accelerator_indices or ()),
-            accelerator_milli=placement_milli(row, p) if placement_milli(row, p) < 1000 else 0,
-            phase=p.phase.value, message=p.message or "", revision=p.revision, outgoing=_outgoing(row, p),
+_NOTHING_PLACED = replica_counts(1, ())
+
+
+def deployment_view(row: m.Deployment | DeploymentColumns,
+                    placements: Sequence[m.Placement | PlacementColumns] | None = None) -> d.DeploymentView:
+    """What callers read of a deployment: of a loaded ORM row with its placements (and their
+    nodes), or of a row's columns with the placements given (`deployments_named`,
+    `new_deployment_view`): one reading of a row for both."""
+    placed = row.placements if placements is None else placements
+    counts = updated = _NOTHING_PLACED  # nothing placed (a new or pending deployment): nothing to count
+    shard_views: tuple[d.ShardPlacementView, ...] = ()
+    outgoing_replicas = 0
+    if placed:
+        counts = _replica_counts(row, placed)
+        shard_views = tuple(
+            d.ShardPlacementView(
+                replica=p.replica, shard=p.shard, node=p.node_id, rack=p.node.rack_id if p.node else "",
+                accelerator_indices=tuple(p.accelerator_indices or ()),
+                accelerator_milli=placement_milli(row, p) if placement_milli(row, p) < 1000 else 0,
+                phase=p.phase.value, message=p.message or "", revision=p.revision, outgoing=_outgoing(row, p),
+            )
+            for p in sorted(placed, key=lambda p: (p.replica, p.shard))
         )
-        for p in sorted(row.placements, key=lambda p: (p.replica, p.shard))
-    )
-    current = [p for p in row.placements if not _outgoing(row, p)]
-    outgoing_replicas = len({p.replica for p in row.placements if _outgoing(row, p)})
+        current = [p for p in placed if not _outgoing(row, p)]
+        outgoing_replicas = len({p.replica for p in placed if _outgoing(row, p)})
+        updated = counts if len(current) == len(placed) else _replica_counts(row, current)  # none outgoing: the same
     return d.DeploymentView(
         spec=deployment_spec(row), phase=row.phase.value, generation=row.generation,
-        placed_replicas=counts.placed, running_replicas=counts.running, placements=placements,
+        placed_replicas=counts.placed, running_replicas=counts.running, placements=shard_views,
         reasons=tuple(d.ReasonView(r.get("code", ""), r.get("message", ""), r.get("scope") or "")
                       for r in row.reasons or ()),
         created_at=row.created_at, updated_at=row.updated_at,
         resource_version=row.resource_version, revision=row.template_revision,
-        updated_replicas=_replica_counts(row, current).running, outgoing_replicas=outgoing_replicas,
+        updated_replicas=updated.running, outgoing_replicas=outgoing_replicas,
     )
 
 

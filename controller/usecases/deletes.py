@@ -96,29 +96,33 @@ class DeleteBatcher:
         view each caller reads, or the error that refused it."""
         async with self._db.unit_of_work() as uow:
             s = uow.session
-            found = {deployment_key(r.tenant_id, r.name): r
-                     for r in await repo.deployments_named(s, {q.name for q in batch})}
+            found = {deployment_key(named.row.tenant_id, named.row.name): named
+                     for named in await repo.deployments_named(s, {q.name for q in batch})}
             owners: dict[str, list[str]] = {}
-            for row in sorted(found.values(), key=lambda r: r.tenant_id):
-                owners.setdefault(row.name, []).append(row.tenant_id)
+            for named in sorted(found.values(), key=lambda named: named.row.tenant_id):
+                owners.setdefault(named.row.name, []).append(named.row.tenant_id)
             outcomes: dict[int, DeploymentView | MaiaError] = {}
-            rows: dict[int, m.Deployment] = {}
+            seen: dict[int, repo.NamedDeployment] = {}
             for queued in batch:
                 try:
                     tenant = queued.tenant_in(owners)
-                    rows[id(queued)] = seen_or_not_found(queued.who, tenant, queued.name,
-                                                         found.get(deployment_key(tenant, queued.name)))
+                    named = found.get(deployment_key(tenant, queued.name))
+                    seen_or_not_found(queued.who, tenant, queued.name, named.row if named else None)
+                    seen[id(queued)] = named  # found and visible: seen_or_not_found raised otherwise
                 except MaiaError as exc:
                     outcomes[id(queued)] = exc
-            marking = [q for q in batch if id(q) in rows and rows[id(q)].phase is not m.DeploymentPhase.DELETING]
-            redactors = await self._redactors(uow, [q for q in batch if id(q) in rows and rows[id(q)].reasons])
+            marking = [q for q in batch if id(q) in seen and seen[id(q)].row.phase is not m.DeploymentPhase.DELETING]
+            redactors = await self._redactors(uow, [q for q in batch if id(q) in seen and seen[id(q)].row.reasons])
             calls = [q.call for q in marking if q.call is not None]
+            marked_at = None
             if marking:
                 with deferred_writes():  # the batch fails or commits whole
-                    await mark_deleting(uow, [(rows[id(q)], q.who.name) for q in marking])
+                    marked_at = await mark_deleting(uow, [(seen[id(q)].row, q.who.name) for q in marking])
                     await audit.append(s, [c.record for c in calls])
                 await uow.commit()
-            views = {id(q): repo.deployment_view(row) for q in batch if (row := rows.get(id(q))) is not None}
+            marked = {id(q) for q in marking}
+            views = {i: repo.deleting_view(named, marked_at) if marked_at is not None and i in marked else named.view()
+                     for i, named in seen.items()}
         for call in calls:
             call.written = True
         self._signals.publish(*(DeploymentEvent("modified", view) for view in views.values()))

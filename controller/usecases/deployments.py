@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from controller import limits
@@ -397,17 +398,19 @@ async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals:
 DELETING = "deleting deployments"  # the action, in refusals
 
 
-async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment, str]]) -> None:
-    """Mark deployments DELETING, each with its event (by its actor), in the caller's transaction:
-    ONE cluster generation bump for all, which logs every key (plan commits wait for that row
-    from the bump to the commit, so it comes last)."""
-    await repo.set_deleting(uow.session, [row for row, _ in rows])
+async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | repo.DeploymentColumns, str]]) -> datetime:
+    """Mark deployments (loaded rows, or plain ones: `repo.set_deleting`) DELETING, each with its
+    event (by its actor), in the caller's transaction: ONE cluster generation bump for all, which
+    logs every key (plan commits wait for that row from the bump to the commit, so it comes
+    last). Returns the time written."""
+    at = await repo.set_deleting(uow.session, [row for row, _ in rows])
     await repo.record_events(uow.session, (repo.NewEvent(actor=actor, kind="deployment.deleting",
                                                          object_kind="deployment",
                                                          object_id=deployment_key(row.tenant_id, row.name))
                                            for row, actor in rows))
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(
         *(deployment_key(row.tenant_id, row.name) for row, _ in rows)))
+    return at
 
 
 async def views_of(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:

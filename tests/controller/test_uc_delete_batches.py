@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from controller.errors import MaiaError, NotFound
 from controller.identity import Principal, Role
+from controller.reconcile import Reconciler
 from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -23,7 +24,7 @@ from controller.store.turns import WritePriority
 from controller.usecases import deletes, deployments
 from controller.usecases.deletes import DeleteBatcher, QueuedDelete
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, add_tenant, batch_priorities, deployment
+from uc_builders import WHO, add_tenant, batch_priorities, deployment, no_publish, submit
 
 T1 = Principal("t1-token", Role.TENANT, tenant="t1")
 
@@ -104,6 +105,35 @@ async def test_a_batch_gives_each_caller_the_lone_answer_in_one_transaction_and_
     assert answers[2] == ("NotFound", "deployment nope not found in tenant t1")
     assert answers[3] == ("NotFound", "deployment theirs not found")
     assert await _generation(cluster) == before + 1
+
+
+async def test_a_batch_answers_placed_deployments_as_the_lone_delete_reads_their_rows(cluster):
+    """The batch reads its deployments as plain columns (`repo.deployments_named`), not as ORM rows:
+    its views of placed deployments (a shard running with a message, a replica outgoing on a
+    draining node, accelerator indices; marked now or already deleting) are what the lone delete
+    reads of the stored rows (`repo.deployment_view`)."""
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4, spread=None))  # a node each
+    for name in ("web", "old"):
+        await submit(cluster, deployment(name, spread=None, shard_accelerator_milli=500))
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        svc = await repo.get_deployment(uow.session, "t1", "svc")
+        running, outgoing = sorted(svc.placements, key=lambda p: (p.replica, p.shard))
+        running.phase, running.message = m.ShardPhase.RUNNING, "serving"
+        outgoing.node.draining = True
+        await uow.commit()
+    await _alone(cluster, WHO, "old", "t1")  # already DELETING
+    batch = [_queued(WHO, "svc"), _queued(T1, "web"), _queued(WHO, "old")]
+    outcomes = await DeleteBatcher(cluster, RecordingSignals()).commit_batch(batch)
+
+    answers = [_answer(outcomes[id(q)]) for q in batch]
+    assert [len(a.placements) for a in answers] == [2, 1, 1] and {a.phase for a in answers} == {"deleting"}
+    svc_view = answers[0]
+    assert (svc_view.running_replicas, svc_view.updated_replicas, svc_view.outgoing_replicas) == (1, 1, 1)
+    assert [(p.phase, p.message, p.outgoing, p.accelerator_indices) for p in svc_view.placements] == \
+        [("running", "serving", False, (0, 1, 2, 3)), ("assigned", "", True, (0, 1, 2, 3))]
+    assert all(p.rack for p in svc_view.placements) and answers[1].placements[0].accelerator_milli == 500
+    assert [_answer(await _alone(cluster, q.who, q.name, q.tenant if q.who.is_admin else "")) for q in batch] == answers
 
 
 async def test_concurrent_deletes_each_get_the_lone_answer(cluster):
