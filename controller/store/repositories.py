@@ -717,13 +717,11 @@ def new_deployment_row(spec: d.DeploymentSpec) -> m.Deployment:
     return m.Deployment(**new_deployment_columns(spec, m.utcnow()), placements=[])
 
 
-def new_deployment_view(spec: d.DeploymentSpec, at: datetime) -> d.DeploymentView:
-    """`deployment_view` of the row `new_deployment_columns(spec, at)` writes, built from the spec
-    (the spec as read back: no accelerator models is None, a spread needs its maximum)."""
-    shard = spec.shard if spec.shard.accelerator_models else replace(spec.shard, accelerator_models=None)
-    spread = spec.spread if spec.spread is not None and spec.spread.max_per_domain else None
-    return d.DeploymentView(spec=replace(spec, shard=shard, spread=spread), phase=m.DeploymentPhase.PENDING.value,
-                            created_at=at, updated_at=at)
+def new_deployment_view(columns: dict[str, object]) -> d.DeploymentView:
+    """`deployment_view` of the row inserted with `columns` (`new_deployment_columns`), which has
+    no placements yet: the row as it reads back (`deployment_spec`: no accelerator models is
+    None, a spread needs its maximum), by the one reading of a row there is."""
+    return deployment_view(SimpleNamespace(**columns), ())
 
 
 async def insert_deployments(session: AsyncSession,
@@ -737,10 +735,10 @@ async def insert_deployments(session: AsyncSession,
     if not specs:
         return []
     table = m.Deployment.__table__
+    columns = [new_deployment_columns(spec, at) for spec in specs]
     ids = {(tenant, name): id_ for id_, tenant, name in await session.execute(
-        insert(table).returning(table.c.id, table.c.tenant_id, table.c.name),
-        [new_deployment_columns(spec, at) for spec in specs])}
-    return [(ids[(spec.tenant, spec.name)], new_deployment_view(spec, at)) for spec in specs]
+        insert(table).returning(table.c.id, table.c.tenant_id, table.c.name), columns)}
+    return [(ids[(spec.tenant, spec.name)], new_deployment_view(written)) for spec, written in zip(specs, columns)]
 
 
 def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:
