@@ -159,9 +159,11 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str,
 
 
 def _guarded(behaviour: Any, check: Callable[[Any], Any]) -> Any:
-    """`behaviour` with its request (or request stream) passed through `check` first."""
-    async def guarded(request: Any, context: aio.ServicerContext) -> Any:
-        return await behaviour(check(request), context)
+    """`behaviour` with its request (or request stream) passed through `check` first: a plain
+    function that returns the behaviour's coroutine (no coroutine of its own to run per call).
+    The level around it calls it inside its scope, so a refusal `check` raises is that level's."""
+    def guarded(request: Any, context: aio.ServicerContext) -> Any:
+        return behaviour(check(request), context)
     return guarded
 
 
