@@ -6,6 +6,15 @@ unknown, expired and revoked tokens are refused. Verified tokens are cached for 
 (a digest comparison instead of a database read per call); a revoke on this controller drops
 the entry at once (`forget`), expiry is checked on every call, and a revoke on another
 controller sharing the database takes effect within `cache_ttl_s`.
+
+A call that presents the very text a cached entry was verified with is let through on that
+entry without parsing the token and digesting its secret again (both were most of the
+authenticator's CPU per call: docs/benchmarks.md, issue 8, `deletes`), as long as the entry is
+still the cached one: a revoke (`forget`), a re-read after `cache_ttl_s` or a revoked row
+replace or drop it, and the text is verified afresh. Expiry is checked on every call either
+way. The texts are kept in memory as the calls carry them (at most `CACHE_MAX_ENTRIES`), each
+for as long as its entry is cached; they are found by dictionary lookup, which compares a text
+only with one of equal (keyed) hash.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ class Authenticator:
         self.cache_ttl_s = cache_ttl_s
         self._clock = clock
         self._cache: dict[str, _Verified] = {}
+        self._by_text: dict[str, _Verified] = {}  # a bearer text -> the cached entry it was verified against
         # Reads in flight, one per token: a join storm's thousands of agents share one bootstrap
         # token, and each reading it alone would drain the connection pool (lease renewals included).
         self._loading: dict[str, asyncio.Future[_Verified | None]] = {}
@@ -78,11 +88,34 @@ class Authenticator:
         if text is None:
             raise Unauthenticated("authentication required: send 'authorization: Bearer <token>' metadata "
                                   "(maiactl: --token or MAIA_TOKEN)")
-        presented = tokens.parse(text)
-        if presented is None:
-            raise Unauthenticated("malformed bearer token: expected maia_<id>.<secret>")
-        verified = await self._verified(presented)
+        verified = self._verified_before(text)
+        if verified is None:
+            presented = tokens.parse(text)
+            if presented is None:
+                raise Unauthenticated("malformed bearer token: expected maia_<id>.<secret>")
+            verified = await self._verified(presented)
+            self._remember(text, verified)
+        else:
+            self._check_unexpired(verified)
         return verified.principal.with_request_id(request_id)
+
+    def _verified_before(self, text: str) -> _Verified | None:
+        """The cached entry `text` was verified against, if it is still the cached one and fresh
+        (else the text is dropped: it is verified afresh)."""
+        entry = self._by_text.get(text)
+        if entry is None:
+            return None
+        if self._cache.get(entry.principal.token_id) is not entry or self._clock() - entry.cached_at > self.cache_ttl_s:
+            del self._by_text[text]
+            return None
+        return entry
+
+    def _remember(self, text: str, entry: _Verified) -> None:
+        if self._cache.get(entry.principal.token_id) is not entry:  # not cached (revoked): never remembered
+            return
+        if len(self._by_text) >= CACHE_MAX_ENTRIES:
+            self._by_text.clear()
+        self._by_text[text] = entry
 
     async def _verified(self, presented: tokens.PresentedToken) -> _Verified:
         entry = self._cache.get(presented.id)
@@ -93,10 +126,14 @@ class Authenticator:
         # Only a caller holding the secret learns why its token no longer works.
         if entry.revoked:
             raise Unauthenticated(f"token {presented.id} was revoked")
-        if entry.expires_at is not None and entry.expires_at <= datetime.now(timezone.utc):
-            self._cache.pop(presented.id, None)
-            raise Unauthenticated(f"token {presented.id} expired at {entry.expires_at.isoformat(timespec='seconds')}")
+        self._check_unexpired(entry)
         return entry
+
+    def _check_unexpired(self, entry: _Verified) -> None:
+        if entry.expires_at is not None and entry.expires_at <= datetime.now(timezone.utc):
+            self.forget(entry.principal.token_id)
+            raise Unauthenticated(f"token {entry.principal.token_id} expired at "
+                                  f"{entry.expires_at.isoformat(timespec='seconds')}")
 
     async def _load(self, token_id: str) -> _Verified | None:
         """The token's row, read once for every caller that asks while the read is in flight."""
@@ -127,4 +164,6 @@ class Authenticator:
     def forget(self, token_id: str) -> None:
         """Drop a cached verification (the token was revoked): its next use reads the database."""
         self._cache.pop(token_id, None)
+        for text in [t for t, entry in self._by_text.items() if entry.principal.token_id == token_id]:
+            del self._by_text[text]
 

@@ -194,3 +194,78 @@ async def test_a_storm_of_calls_with_one_token_reads_it_once(database, monkeypat
     checker.forget(secret.split(".")[0].removeprefix("maia_"))
     with pytest.raises(authn.Unauthenticated):  # a wrong secret still fails, read or not
         await checker.authenticate([("authorization", f"Bearer {secret}x")])
+
+
+async def _revoke_in_store(database, token_id: str) -> None:
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(update(m.ApiToken).where(m.ApiToken.id == token_id)
+                                  .values(revoked_at=datetime.now(timezone.utc)))
+        await uow.commit()
+
+
+async def test_a_text_verified_before_is_not_digested_again_until_its_entry_changes(database, monkeypatch) -> None:
+    """A call presenting the text a cached entry was verified with is let through on that entry
+    (no parse, no digest); a revoke here (`forget`, what RevokeToken signals) refuses it at once,
+    and a wrong secret for the same id is verified, and refused, as ever."""
+    from controller import authn, tokens
+    secret = await issue_token(database, "admin", name="ops")
+    token_id = secret.split(".")[0].removeprefix("maia_")
+    digests = 0
+    real = tokens.secret_matches
+
+    def counted(*args):
+        nonlocal digests
+        digests += 1
+        return real(*args)
+
+    monkeypatch.setattr(tokens, "secret_matches", counted)
+    checker = authn.Authenticator(database)
+    bearer = [("authorization", f"Bearer {secret}")]
+    who = [await checker.authenticate(bearer) for _ in range(3)]
+    assert digests == 1 and {w.name for w in who} == {"ops"} and len({w.request_id for w in who}) == 3
+    with pytest.raises(authn.Unauthenticated, match="invalid token"):
+        await checker.authenticate([("authorization", f"Bearer {secret[:-1]}{'A' if secret[-1] != 'A' else 'B'}")])
+    assert digests == 2
+
+    await _revoke_in_store(database, token_id)
+    checker.forget(token_id)
+    with pytest.raises(authn.Unauthenticated, match=f"token {token_id} was revoked"):
+        await checker.authenticate(bearer)
+    assert not checker._by_text  # the revoked token's text is not kept
+
+
+async def test_a_text_verified_before_is_refused_once_its_token_expires_or_its_entry_goes_stale(
+        database, monkeypatch) -> None:
+    """Expiry is checked on every call, remembered text or not; past `cache_ttl_s` the row is read
+    again (a revoke on another controller sharing the database is seen then)."""
+    from controller import authn
+    secret = await issue_token(database, "admin", name="ops", ttl_s=3600)
+    token_id = secret.split(".")[0].removeprefix("maia_")
+    now = [1000.0]
+    checker = authn.Authenticator(database, cache_ttl_s=30.0, clock=lambda: now[0])
+    bearer = [("authorization", f"Bearer {secret}")]
+    await checker.authenticate(bearer)
+    await checker.authenticate(bearer)  # remembered
+
+    await _revoke_in_store(database, token_id)  # by another controller: this one is not told
+    now[0] += 10.0
+    assert (await checker.authenticate(bearer)).name == "ops"  # within the cache's time, as before
+    now[0] += 25.0
+    with pytest.raises(authn.Unauthenticated, match="was revoked"):
+        await checker.authenticate(bearer)
+
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+
+    class TwoHoursOn(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return later
+
+    other = await issue_token(database, "admin", name="short", ttl_s=3600)
+    bearer = [("authorization", f"Bearer {other}")]
+    await checker.authenticate(bearer)
+    await checker.authenticate(bearer)  # remembered
+    monkeypatch.setattr(authn, "datetime", TwoHoursOn)
+    with pytest.raises(authn.Unauthenticated, match="expired at"):
+        await checker.authenticate(bearer)
+    assert not checker._by_text and not checker._cache
