@@ -7,9 +7,10 @@ the reads, the writes, COMMIT: each a turn of a busy event loop) was most of the
 event-loop time under `bench e2e` (docs/benchmarks.md, 2026-12-01 day (deletes)). Here a delete
 checks what needs no read (the name, the tenant a token may name), then joins a
 `groupcommit.GroupCommit` as submits do (`usecases.submits`); one writer at a time takes what
-is queued and, in ONE transaction, reads every member's deployment at once, marks those that
-exist and are not DELETING yet (one event and one audit entry each, ONE generation bump logging
-every key), commits, tells the watchers in one notification and wakes the reconciler once.
+is queued and, in ONE transaction, reads every member's deployment at once (plain columns with
+its placements, no ORM entities: `repo.deployments_named`), marks those that exist and are not
+DELETING yet (one event and one audit entry each, ONE generation bump logging every key),
+commits, tells the watchers in one notification and wakes the reconciler once.
 
 Each caller gets what a lone delete (`deployments.delete_deployment`) would have given it:
 - a deployment that does not exist, or that the caller may not see: the lone NOT_FOUND;
@@ -121,7 +122,7 @@ class DeleteBatcher:
                     await audit.append(s, [c.record for c in calls])
                 await uow.commit()
             marked = {id(q) for q in marking}
-            views = {i: repo.deleting_view(named, marked_at) if marked_at is not None and i in marked else named.view()
+            views = {i: repo.deleting_view(named, marked_at) if i in marked else named.view()  # type: ignore[arg-type]
                      for i, named in seen.items()}
         for call in calls:
             call.written = True
