@@ -49,7 +49,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
@@ -345,8 +345,12 @@ class AgentHub:
         self._marking: set[asyncio.Task[None]] = set()
 
     # --- what others ask ---------------------------------------------------------------------
-    def connected(self) -> frozenset[str]:
-        return frozenset(self._sessions)
+    def connected(self) -> Set[str]:
+        """The nodes whose agent holds a stream to this controller now: a live read-only view, not a
+        copy (at 16,384 nodes a copy per call cost ~0.3 ms; most callers test a few ids or take its
+        size). It changes as streams open and end: a caller that needs one moment's set across an
+        await copies it then."""
+        return self._sessions.keys()
 
     def released(self) -> dict[str, datetime]:
         """The nodes whose stream ended while this controller led and that hold none now, with when

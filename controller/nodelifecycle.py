@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from datetime import datetime, timedelta
 
 from controller.domain.liveness import (
@@ -42,7 +42,7 @@ RECENT_BY_ID_MAX = 2048
 
 class NodeLifecycle:
     def __init__(
-        self, db: Database, policy: LivenessPolicy, *, connected: Callable[[], frozenset[str]],
+        self, db: Database, policy: LivenessPolicy, *, connected: Callable[[], Set[str]],
         damper: FlapDamper, on_change: Callable[[], None], is_leader: Callable[[], bool] = lambda: True,
         released: Callable[[], Mapping[str, datetime]] = dict,
         silence_timeout_s: Callable[[], float] | None = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -31,8 +31,31 @@ class ServiceDeps:
     submits: SubmitBatcher | None = None  # group commit of submits (None: one transaction each)
     deletes: DeleteBatcher | None = None  # group commit of deletions (None: one transaction each)
 
-    def connected(self) -> frozenset[str]:
+    def connected(self) -> Set[str]:
+        """The nodes whose agent holds a stream to this controller (the hub's live view: no copy)."""
         return self.hub.connected()
 
-    def last_heard(self) -> dict[str, datetime]:
-        return self.hub.last_heard()
+    def last_heard(self) -> Mapping[str, datetime]:
+        """When each node was last heard from on a stream to this controller, asked node by node
+        (a node's view needs its own; the whole map is built only when iterated)."""
+        return _LastHeard(self.hub)
+
+
+@dataclass(frozen=True, eq=False)
+class _LastHeard(Mapping[str, datetime]):
+    """`AgentHub.last_heard` looked up one node at a time (`heard_from`): a node's view (GetNode, a
+    cordon, a page of ListNodes) no longer builds a map of every connected node."""
+
+    hub: AgentHub
+
+    def __getitem__(self, node_id: str) -> datetime:
+        at = self.hub.heard_from(node_id)
+        if at is None:
+            raise KeyError(node_id)
+        return at
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.hub.last_heard())
+
+    def __len__(self) -> int:
+        return len(self.hub.last_heard())

@@ -259,6 +259,27 @@ async def test_a_stream_that_ends_leaves_its_node_released_with_when_it_was_last
         assert hub.released() == {}
 
 
+async def test_connected_is_a_live_view_and_last_heard_is_asked_node_by_node(cluster):
+    """`connected` is a live view of the streams, not a copy; the servicers' `last_heard` looks one
+    node up at a time and agrees with the hub's whole map."""
+    from controller.api.deps import ServiceDeps
+    async with _streaming(cluster, "rack-a-n0") as (hub, stream):
+        view = hub.connected()
+        assert set(view) == {"rack-a-n0"}
+        await stream.say(HeartbeatReport(1, 500.0))
+        heard = ServiceDeps(cluster, None, None, hub, 0, 0).last_heard()  # type: ignore[arg-type]
+        assert dict(heard) == hub.last_heard() and heard["rack-a-n0"] == hub.last_heard()["rack-a-n0"]
+        assert heard.get("rack-b-n0") is None
+        hub.disconnect("rack-a-n0", "test")
+        await asyncio.gather(stream.task, return_exceptions=True)
+        assert "rack-a-n0" not in view and len(view) == 0
+        assert set(heard) == {"rack-a-n0"}  # released: heard from on a stream here
+        again = await _open(hub, cluster, "rack-a-n0")
+        assert "rack-a-n0" in view
+        hub.disconnect("rack-a-n0", "test")
+        await asyncio.gather(again.task, return_exceptions=True)
+
+
 async def test_a_heartbeat_with_a_bad_shard_report_ends_the_stream_and_leaves_nothing_behind(cluster):
     from controller import limits
     from controller.errors import InvalidArgument
