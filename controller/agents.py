@@ -310,6 +310,7 @@ class AgentHub:
         # The nodes whose stream ended on this leader's watch (none open now), with the last time
         # their agent was heard from: what the node lifecycle judges them by (`released`).
         self._released: dict[str, datetime] = {}
+        self._streams_changed = 0  # streams opened and ended here (`streams_changed`)
         self._reports: list[tuple[str, ShardReport]] = []
         self._received: list[float] = []  # when each of `_reports` arrived (the `flush_wait` stage)
         self._refused: dict[str, RefusedReports] = {}
@@ -351,6 +352,12 @@ class AgentHub:
         size). It changes as streams open and end: a caller that needs one moment's set across an
         await copies it then."""
         return self._sessions.keys()
+
+    def streams_changed(self) -> int:
+        """How many times a stream opened or ended here (a node connected, or its stream ended and
+        it was released): while it stays, no node's liveness changed through this hub (the node
+        lifecycle reads no node then)."""
+        return self._streams_changed
 
     def released(self) -> dict[str, datetime]:
         """The nodes whose stream ended while this controller led and that hold none now, with when
@@ -560,6 +567,7 @@ class AgentHub:
             previous.close("superseded by a newer session", mark_down=False)
         self._sessions[node_id] = session
         self._pace(session)
+        self._streams_changed += 1
         self._released.pop(node_id, None)
         session.push_set()  # the full set, right away
         log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
@@ -602,6 +610,7 @@ class AgentHub:
                 reader.cancel()
             if self._sessions.get(node_id) is session:
                 del self._sessions[node_id]
+                self._streams_changed += 1
                 held = self._held_beats.pop(node_id, None)
                 if held is not None:  # the node's last heartbeat, not written yet: at the next flush
                     self._beats.setdefault(node_id, held)

@@ -14,6 +14,15 @@ leader's watch is judged by the last heartbeat the hub saw (`released`), read by
 time may still look fresh; any other node up whose stored time is older than
 `stored_contact_stale_for` that timeout is read too (a new leader's nodes that never came over: by the end of the
 restart grace, which counts silence from the leader's start, not from that stored time).
+
+A pass whose read found no node a rule could change leaves the next passes nothing to read while
+nothing that could make one happened here (`streams`: the hub's count of streams opened and
+ended; this loop's own writes come only from nodes it read): every change to a node's liveness
+on the leader comes with a stream opening or ending (a Hello; a stream ended, marked suspect and
+released, or revoked and released), so an idle cluster of thousands of connected nodes costs no
+scan of every node each second. What no stream signals (a node's row written by hand, a stored
+time going stale on a node no stream holds) is read at least every heartbeat timeout; never
+during the restart grace, which ends with a read.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ class NodeLifecycle:
         self, db: Database, policy: LivenessPolicy, *, connected: Callable[[], Set[str]],
         damper: FlapDamper, on_change: Callable[[], None], is_leader: Callable[[], bool] = lambda: True,
         released: Callable[[], Mapping[str, datetime]] = dict,
-        silence_timeout_s: Callable[[], float] | None = None,
+        silence_timeout_s: Callable[[], float] | None = None, streams: Callable[[], int] | None = None,
         interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -55,6 +64,11 @@ class NodeLifecycle:
         self._released = released  # nodes whose stream ended here -> their last heartbeat the hub saw
         # The longest silence timeout the hub told an agent (`AgentHub.longest_silence_timeout_s`).
         self._silence_timeout = silence_timeout_s or (lambda: policy.heartbeat_timeout_s)
+        # Moves whenever a stream opens or ends here (`AgentHub.streams_changed`); None: every pass reads.
+        self._streams = streams
+        # (the streams count, clock) of the last read that found no node a rule could change, past
+        # the restart grace: until the count moves or a heartbeat timeout passes, passes read nothing.
+        self._quiet: tuple[int, float] | None = None
         self._damper = damper
         self._on_change = on_change
         self._is_leader = is_leader
@@ -68,6 +82,7 @@ class NodeLifecycle:
     def lead(self) -> None:
         """This controller became the leader: the nodes get the restart grace to come over."""
         self._started = self._wall_clock()
+        self._quiet = None
 
     async def run(self) -> None:
         self._started = self._wall_clock()
@@ -84,9 +99,20 @@ class NodeLifecycle:
             except Exception:
                 log.exception("node lifecycle pass failed")
 
+    def _nothing_due(self, streams: int | None, mono: float) -> bool:
+        """The last read found no node a rule could change, no stream opened or ended here since,
+        and it is less than a heartbeat timeout old (module docstring)."""
+        if streams is None or self._quiet is None:
+            return False
+        quiet_streams, quiet_at = self._quiet
+        return streams == quiet_streams and mono - quiet_at < self._policy.heartbeat_timeout_s
+
     async def pass_once(self) -> list[Transition]:
         """One pass: the transitions written (evictions included)."""
         now, mono = self._wall_clock(), self._clock()
+        streams = None if self._streams is None else self._streams()
+        if self._nothing_due(streams, mono):
+            return []
         # Only the nodes a rule could change (not every node, every second: at 16,384 nodes that
         # read was most of the event loop), and the zones' counts from the database when a node is
         # due for eviction (a count of every node: not every second when nothing is).
@@ -100,6 +126,8 @@ class NodeLifecycle:
                                                  recent=recent)
             due = eviction_candidates(nodes, now, self._started, self._policy)
             total, unhealthy = await liveness.zone_health(uow) if due else ({}, {})
+        past_grace = (now - self._started).total_seconds() >= self._policy.restart_grace_s
+        self._quiet = (streams, mono) if streams is not None and not nodes and past_grace else None
         changes = health_changes(nodes, now, self._started, self._policy, self._damper.damped(mono))
         rates = zone_rates_of(total, unhealthy, self._policy)
         held_back = 0

@@ -261,21 +261,23 @@ async def test_a_stream_that_ends_leaves_its_node_released_with_when_it_was_last
 
 async def test_connected_is_a_live_view_and_last_heard_is_asked_node_by_node(cluster):
     """`connected` is a live view of the streams, not a copy; the servicers' `last_heard` looks one
-    node up at a time and agrees with the hub's whole map."""
+    node up at a time and agrees with the hub's whole map; `streams_changed` moves when a stream
+    opens or ends, never with a heartbeat (the node lifecycle reads no node while it stays)."""
     from controller.api.deps import ServiceDeps
     async with _streaming(cluster, "rack-a-n0") as (hub, stream):
-        view = hub.connected()
-        assert set(view) == {"rack-a-n0"}
+        view, opened = hub.connected(), hub.streams_changed()
+        assert set(view) == {"rack-a-n0"} and opened == 1
         await stream.say(HeartbeatReport(1, 500.0))
+        assert hub.streams_changed() == opened
         heard = ServiceDeps(cluster, None, None, hub, 0, 0).last_heard()  # type: ignore[arg-type]
         assert dict(heard) == hub.last_heard() and heard["rack-a-n0"] == hub.last_heard()["rack-a-n0"]
         assert heard.get("rack-b-n0") is None
         hub.disconnect("rack-a-n0", "test")
         await asyncio.gather(stream.task, return_exceptions=True)
-        assert "rack-a-n0" not in view and len(view) == 0
+        assert "rack-a-n0" not in view and len(view) == 0 and hub.streams_changed() == opened + 1
         assert set(heard) == {"rack-a-n0"}  # released: heard from on a stream here
         again = await _open(hub, cluster, "rack-a-n0")
-        assert "rack-a-n0" in view
+        assert "rack-a-n0" in view and hub.streams_changed() == opened + 2
         hub.disconnect("rack-a-n0", "test")
         await asyncio.gather(again.task, return_exceptions=True)
 

@@ -347,3 +347,85 @@ async def test_a_node_back_between_the_lifecycle_read_and_its_write_is_not_evict
     assert await _events(cluster, victim, "node.evicted") == 0
     await loop.reconcile_once(force=True)
     assert await placements(cluster) == before
+
+
+async def _all_up_and_heard(db: Database, at: datetime) -> None:
+    async with db.unit_of_work() as uow:
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, at
+        await uow.commit()
+
+
+async def _reads(cycle: NodeLifecycle, db: Database) -> tuple[list, bool]:
+    """One pass: its transitions, and whether it read the database."""
+    with statements(db) as seen:
+        changes = await cycle.pass_once()
+    return changes, bool(seen)
+
+
+async def test_an_idle_pass_reads_nothing_until_a_stream_opens_or_ends(cluster):
+    """Every node connected and up: after a read that found no node a rule could change, passes
+    read nothing while no stream opens or ends; a stream's end makes the next pass read, and its
+    node still goes suspect, down and evicted on time."""
+    clocks = Clocks()
+    await _all_up_and_heard(cluster, clocks.wall)
+    connected = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"}
+    heard: dict[str, datetime] = {}
+    streams = [4]
+    cycle = NodeLifecycle(cluster, POLICY, connected=lambda: connected, damper=FlapDamper(), on_change=lambda: None,
+                          released=lambda: heard, streams=lambda: streams[0], clock=lambda: clocks.mono,
+                          wall_clock=lambda: clocks.wall)
+    assert await _reads(cycle, cluster) == ([], True)
+    for _ in range(int(POLICY.heartbeat_timeout_s) - 2):
+        clocks.advance(1)
+        assert await _reads(cycle, cluster) == ([], False)
+    connected.discard("rack-a-n0")  # its stream ends (the hub releases it and marks it suspect)
+    heard["rack-a-n0"] = clocks.wall
+    streams[0] += 1
+    await lose(cluster, "rack-a-n0", clocks.wall)
+    clocks.advance(1)
+    assert await _reads(cycle, cluster) == ([], True)
+    seen: dict[str, float] = {}
+    for second in range(2, int(POLICY.eviction_grace_s) + 2):
+        clocks.advance(1)
+        changes, read = await _reads(cycle, cluster)
+        assert read  # a node a rule could change: every pass reads
+        for c in changes:
+            seen.setdefault("evicted" if c.evict else c.health, second)
+    assert seen == {"down": POLICY.down_grace_s + 1, "evicted": POLICY.eviction_grace_s + 1}
+
+
+async def test_a_quiet_lifecycle_still_reads_within_a_heartbeat_timeout(cluster):
+    """What no stream signals (here a node up that no stream holds, its stored time going stale)
+    is still read, at most a heartbeat timeout after a pass reading every second would have."""
+    clocks = Clocks()
+    await _all_up_and_heard(cluster, clocks.wall)
+    connected = {"rack-a-n1", "rack-b-n0", "rack-b-n1"}  # rack-a-n0: up, held by no stream here
+    cycle = NodeLifecycle(cluster, POLICY, connected=lambda: connected, damper=FlapDamper(), on_change=lambda: None,
+                          streams=lambda: 3, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall)
+    reads, suspected = 0, None
+    for second in range(1, 80):
+        clocks.advance(1)
+        changes, read = await _reads(cycle, cluster)
+        reads += read
+        if changes:
+            assert [(c.node_id, c.health) for c in changes] == [("rack-a-n0", "suspect")]
+            suspected = second
+            break
+    stale = int(POLICY.stored_contact_stale_s) + 1  # when a read every second finds it
+    assert suspected is not None and stale <= suspected <= stale + POLICY.heartbeat_timeout_s
+    assert reads <= suspected / POLICY.heartbeat_timeout_s + 1  # one pass in a timeout read, until then
+
+
+async def test_becoming_the_leader_ends_a_quiet_lifecycle(cluster):
+    clocks = Clocks()
+    await _all_up_and_heard(cluster, clocks.wall)
+    connected = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"}
+    cycle = NodeLifecycle(cluster, POLICY, connected=lambda: connected, damper=FlapDamper(), on_change=lambda: None,
+                          streams=lambda: 4, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall)
+    assert await _reads(cycle, cluster) == ([], True)
+    clocks.advance(1)
+    assert await _reads(cycle, cluster) == ([], False)
+    cycle.lead()
+    clocks.advance(1)
+    assert await _reads(cycle, cluster) == ([], True)
