@@ -133,6 +133,10 @@ class ClusterCache:
         # The highest key of the deployments another controller placed before this cache read
         # them (`apply_deployments`), taken in above `last_id`: arrivals below it go in key order.
         self._adopted_id = 0
+        # The session holds nothing short of replicas (`pending_docs` then asks it nothing): set
+        # when it last answered none, cleared by every call that may leave a deployment short
+        # (`_may_leave_short`).
+        self._none_pending = False
 
     @classmethod
     def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int,
@@ -236,6 +240,8 @@ class ClusterCache:
         snap.index.read(snap.problem)  # here rather than on the event loop
         repaired = self.session.apply(ClusterDelta(nodes=tuple(map(node_from_dict, changed)),
                                                    removed_nodes=tuple(removed)))
+        if repaired:
+            self._may_leave_short()
         for decision in repaired:  # a later repair of one deployment holds all of it so far
             self.repairs[decision.deployment] = decision
         self.snapshot = dataclasses.replace(snap, generation=generation)
@@ -309,8 +315,14 @@ class ClusterCache:
 
     def pending_docs(self) -> list[dict[str, Any]]:
         """The deployments the session holds short of replicas (unplaceable so far, preempted, or
-        placed in part), in arrival order: to decide again after a change that could help them."""
+        placed in part), in arrival order: to decide again after a change that could help them.
+        The session is asked (a walk of every deployment it holds; in the decide process a round
+        trip) only when it may hold some: not after it answered none and nothing since could
+        leave one short (`_may_leave_short`)."""
+        if self._none_pending:
+            return []
         short = set(self.session.pending())
+        self._none_pending = not short
         snap = self.snapshot
         return [d for d in snap.index.deployments_of(snap.problem, map(stored_key, short)) if d["id"] in short]
 
@@ -375,6 +387,8 @@ class ClusterCache:
         finally:
             if avoided:  # as they were (a flip between ready and cordoned is updated in place)
                 self.session.apply(ClusterDelta(nodes=avoided))
+        if avoided or any(d.unplaced is not None or d.preempted or d.released for d in decisions):
+            self._may_leave_short()
         victims = {(p.deployment, p.replica) for d in decisions for p in d.preempted}
         hit = {name for name, _ in victims}
         decided = {d.deployment for d in decisions}
@@ -535,6 +549,8 @@ class ClusterCache:
         if any(not held[key][0] or any(d["id"] in self.repairs for d in held[key][0]) for key in changed):
             return None
         released = dict(snap.released)
+        if changed or adopted:  # replicas released, retired or added: some may wait to be placed
+            self._may_leave_short()
         if changed:
             self._replace(changed, {key: [d["id"] for d in held[key][0]] for key in changed})
             released = {at: where for at, where in released.items() if at[0] not in changed}
@@ -638,8 +654,15 @@ class ClusterCache:
                               any(name in refs and refs[name].outgoing for name in names))
         return held
 
+    def _may_leave_short(self) -> None:
+        """A call on the session may have left a deployment short of replicas (a decision left
+        one unplaced or preempted, a repair, replicas released or adopted short): `pending_docs`
+        asks the session again."""
+        self._none_pending = False
+
     def _readopt(self, touched: Collection[str]) -> None:
         """The session holds the deployments `touched` as the snapshot lists them now."""
+        self._may_leave_short()  # what a commit wrote may leave some short (a full solve's unplaced)
         snap = self.snapshot
         docs = {d["id"]: d for d in snap.problem["deployments"]}
         placed: dict[str, list[dict[str, Any]]] = {}

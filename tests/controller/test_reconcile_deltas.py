@@ -282,6 +282,8 @@ async def test_deltas_commit_what_full_passes_commit(seed, decider, _sqlite_temp
                     assert_same(loop.warm_snapshot, await fresh(db))
                     cache = loop._warm.cache  # its newest key, followed as deployments arrive and depart
                     assert cache is not None and cache.highest_id() == max(cache.snapshot.deployment_ids.values(), default=0)
+                    # Known to hold nothing short of replicas (`pending_docs` asks nothing) only when so.
+                    assert not cache._none_pending or cache.session.pending() == []
             if mode == "deltas":  # the sequence went through the deltas, not only through full passes
                 assert loop.delta_passes + loop.fast_passes > loop.full_passes / 2
                 assert {"other_controller", "resize"} <= followed, sorted(followed)

@@ -24,7 +24,7 @@ from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown
 from controller.store.snapshot import Snapshot, load_snapshot
 from controller.domain.values import DeploymentSpec, deployment_key
-from controller.usecases import nodes
+from controller.usecases import deployments, nodes
 from controller.usecases.ports import RecordingSignals
 from tests.store.snapshot_walks import assert_index_walks
 from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, no_publish, submit
@@ -318,3 +318,55 @@ async def test_a_plan_commit_whose_outcome_is_unknown_still_sends_its_nodes_thei
         assert placed_on and placed_on <= set().union(*pushed), (placed_on, pushed)
         await loop.reconcile_once()  # the next pass (full: the cache was dropped) finds it placed
         assert not (await loop.reconcile_once()).solved
+
+
+async def test_the_session_is_asked_what_waits_only_when_something_may(cluster, monkeypatch):
+    # After a departure a pass decides again what the session holds short of replicas
+    # (`ClusterCache.pending_docs`). It asks the session (a walk of every deployment it holds; in
+    # the decide process a round trip) only when a call since its last answer may have left one
+    # short: a decision left unplaced, a full solve's commit followed, ...
+    from scheduler.session import Session
+
+    answers: list[list[str]] = []
+    real = Session.pending
+
+    def pending(self: Session) -> list[str]:
+        answers.append(real(self))
+        return answers[-1]
+
+    monkeypatch.setattr(Session, "pending", pending)
+    # (A back-off the test never reaches: what waits is decided again on the session, not by a full solve.)
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000,
+                      backoff_s=3600.0)
+
+    async def delete(name: str) -> None:
+        async with cluster.unit_of_work() as uow:
+            await deployments.delete_deployment(uow, WHO, name, RecordingSignals(), tenant="t1")
+        assert (await loop.reconcile_once()).deleted == (f"t1/{name}",)
+
+    for name in ("a", "b", "c"):
+        await submit(cluster, deployment(name, accelerators=4, locality="node"))
+    await loop.reconcile_once()  # the full path: a cache of what it committed
+    await submit(cluster, deployment("d", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    assert loop.fast_passes == 1
+    await delete("a")  # not known yet: asked, nothing waits
+    assert answers == [[]]
+    await delete("b")  # nothing since could leave one short: not asked
+    assert answers == [[]] and loop.fast_passes == 3
+    # 3 replicas of a whole node each: 2 nodes free, one replica left short.
+    await submit(cluster, deployment("wide", replicas=3, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    assert loop.fast_passes == 4 and answers == [[]]
+    await delete("c")  # asked: it waits, and is placed whole on the node c leaves
+    assert answers[-1] == ["t1/wide"] and loop.fast_passes == 5
+    placed = {p["replica"] for p in (await fresh(cluster)).problem["placements"] if p["deployment"] == "t1/wide"}
+    assert placed == {0, 1, 2}
+    asked = len(answers)
+    await delete("d")  # asked again (it waited at the last answer): nothing waits now
+    assert len(answers) == asked + 1 and answers[-1] == []
+    await submit(cluster, deployment("e", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    await delete("e")
+    assert len(answers) == asked + 1
+    assert_same(loop.warm_snapshot, await fresh(cluster))
