@@ -72,7 +72,8 @@ from controller.store.models import (
 from controller.store.metering import (
     DeploymentMeter, NodeMeter, StartedShard, node_meters, start_intervals, stop_intervals,
 )
-from controller.store.recheck import ReplicaKey, TenantUsage, Unread, recheck, shard_usage
+from controller.store.recheck import (
+    ReplicaKey, TenantUsage, Unread, capped, rack_rules_apply, recheck, shard_usage)
 from controller.store.rollout import SolverRef, outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
 from controller.store.marks import rowcount_unread
@@ -337,11 +338,12 @@ def _solver_ids(snapshot: Snapshot, keys: Collection[str]) -> _SolverIds:
 
 
 def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None,
-              rows: Collection[str] | None = None) -> dict[str, Any]:
+              rows: Collection[str] | None = None, nodes: Collection[str] | None = None) -> dict[str, Any]:
     """The snapshot's problem with one deployment per stored deployment and revision, named
     `TENANT/NAME~REVISION`: what the re-check judges each shard by (the spec its replica was
-    placed with); only the stored deployments `keys` and the nodes of `rows` when given (looked
-    up in the snapshot's index: a cost of what they hold, not of the cluster)."""
+    placed with); only the stored deployments `keys` and the nodes of `rows` when given, of
+    those only `nodes` when given too (looked up in the snapshot's index: a cost of what they
+    hold, not of the cluster)."""
     problem, index = snapshot.problem, snapshot.index
     docs = problem.get("deployments", ())
     if keys is not None:
@@ -355,8 +357,14 @@ def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None,
     judged = {**problem, "deployments": list(specs.values()), "placements": []}
     if rows is not None:
         racks = index.racks_in(problem, rows)
-        judged.update(rows=[r for r in problem.get("rows", ()) if r["id"] in rows], racks=racks,
-                      nodes=index.nodes_on(problem, {r["id"] for r in racks}))
+        within = {r["id"] for r in racks}
+        if nodes is None:
+            on = index.nodes_on(problem, within)
+        else:
+            by_id = index.nodes_by_id(problem)
+            held = {by_id[n]["rack"] for n in nodes if n in by_id} & within
+            on = [n for n in index.nodes_on(problem, held) if n["id"] in nodes]
+        judged.update(rows=[r for r in problem.get("rows", ()) if r["id"] in rows], racks=racks, nodes=on)
     return judged
 
 
@@ -531,13 +539,12 @@ async def _read_unread(session: AsyncSession, committed: _Committed, doc: dict[s
     """The totals a scoped commit's re-check needs of what it did not read: what the landing
     replicas' tenants with a quota hold, and what the shards on the other racks of the touched
     rows with a power budget draw."""
-    capped = {t["id"] for t in doc["tenants"] if t.get("max_accelerators") is not None or t.get("max_power_w") is not None}
-    capped &= {committed.deployments[rk[0]].tenant_id for rk in landing}
+    quota = {t["id"] for t in doc["tenants"] if capped(t)} & {committed.deployments[rk[0]].tenant_id for rk in landing}
     budgeted = {r["id"] for r in doc["rows"] if r["id"] in rows and r.get("power_budget_w") is not None}
     tenants: dict[str, TenantUsage] = {}
-    if capped:
+    if quota:
         held = await _unread(session, committed, racks, (Deployment.tenant_id,),
-                             any_of(session, Deployment.tenant_id, sorted(capped)))
+                             any_of(session, Deployment.tenant_id, sorted(quota)))
         tenants = {tenant: usage for (tenant,), usage in held.items()}
     by_row: dict[str, dict[str, float]] = defaultdict(dict)
     if budgeted:
@@ -583,21 +590,24 @@ async def _specs_since(session: AsyncSession, snapshot: Snapshot, generation: in
 
 
 def _snapshot_neighbours(snapshot: Snapshot, committed: _Committed, racks: Collection[str], since: _Since | None,
+                         nodes: Collection[str] | None = None,
                          ) -> tuple[dict[ShardKey, tuple[int, Where]], dict[str, tuple[int, int]]] | None:
     """`_neighbours` from `snapshot` instead of the database, for a commit whose snapshot is
     current (`since` None) or stale by deletions alone (`since.deleted`: their shards are left
     out, as the database's live shards leave them out): the snapshot holds every committed shard
-    of the deployments outside the commit's scope. None when it cannot tell: another commit
-    changed shards since, or the snapshot left out shards still stored on those racks
-    (`Snapshot.released`). No statement under the writer's lock, and a cost of the snapshot's
-    placements on those racks (its index), not of a join of every placement on the racks (a
-    64-shard gang touches dozens)."""
+    of the deployments outside the commit's scope. Only those on `nodes` of the racks when given
+    (`_judged_alone`). None when it cannot tell: another commit changed shards since, or the
+    snapshot left out shards still stored there (`Snapshot.released`). No statement under the
+    writer's lock, and a cost of the snapshot's placements there (its index), not of a join of
+    every placement on the racks (a 64-shard gang touches dozens)."""
     if not racks:
         return {}, {}
     if since is not None and (since.placed or since.deleted is None):
         return None
     problem, index = snapshot.problem, snapshot.index
     on = {n["id"] for n in index.nodes_on(problem, racks)}
+    if nodes is not None:
+        on.intersection_update(nodes)
     if any(where[0] in on for where in snapshot.released.values()):
         return None
     gone = frozenset() if since is None or since.deleted is None else since.deleted
@@ -619,6 +629,21 @@ def _snapshot_neighbours(snapshot: Snapshot, committed: _Committed, racks: Colle
     return shards, outside
 
 
+def _judged_alone(snapshot: Snapshot, committed: _Committed, landing: Mapping[ReplicaKey, Mapping[int, Where]],
+                  racks: Collection[str], rows: Collection[str]) -> bool:
+    """Whether the re-check judges the nodes the landing replicas touch alone and needs no totals
+    of what lies around them: no rule of a rack's scope applies on `racks`
+    (`recheck.rack_rules_apply`, as the re-check itself tells from the same documents), no row of
+    `rows` has a power budget and no landing replica's tenant a quota. A scoped commit then takes
+    the shards beside its scope on those nodes alone, else on every node of `racks`."""
+    problem, index = snapshot.problem, snapshot.index
+    tenants = problem.get("tenants", ())
+    landing_tenants = {committed.deployments[rk[0]].tenant_id for rk in landing}
+    return not (rack_rules_apply([r for r in index.racks_in(problem, rows) if r["id"] in racks], tenants)
+                or any(r.get("power_budget_w") is not None for r in problem.get("rows", ()) if r["id"] in rows)
+                or any(capped(t) for t in tenants if t["id"] in landing_tenants))
+
+
 async def _recheck(
     session: AsyncSession, snapshot: Snapshot, committed: _Committed, changes: _Changes,
     landing: dict[ReplicaKey, dict[int, Where]], stale: bool,
@@ -626,8 +651,9 @@ async def _recheck(
     """`recheck` of the landing replicas against the committed state, in a worker thread; shards
     are named by the spec of their revision (`_spec_doc`). The specs and nodes come from the
     snapshot, or are read again when it is stale (a node cordoned, a contract changed since).
-    A scoped commit adds the shards outside its scope on the racks the landing replicas touch,
-    and the totals of the rest that row power budgets and tenant quotas need (`Unread`).
+    A scoped commit adds the shards outside its scope on the racks the landing replicas touch
+    (on the nodes they touch, when the re-check judges those alone: `_judged_alone`), and the
+    totals of the rest that row power budgets and tenant quotas need (`Unread`).
     Returns the replicas turned away (why) and the document judged by (its nodes are current)."""
     deployments, removed = committed.deployments, {row.key for row in changes.deletes}
     shards = {k: (row.revision, row.where) for k, row in committed.current.items() if k not in removed}
@@ -635,12 +661,15 @@ async def _recheck(
     racks: set[str] = set()
     rows: set[str] | None = None
     ids: set[int] | None = None
+    touched: set[str] = set()
+    alone = False
     since = await _specs_since(session, snapshot, committed.generation) if stale else None
     current = not stale or since is not None  # the snapshot's document
     if committed.scope is not None:
         touched = {w[0] for s in landing.values() for w in s.values()}
         racks, rows = _snapshot_racks(snapshot, touched) if current else await _read_racks(session, touched)
-        near = _snapshot_neighbours(snapshot, committed, racks, since) if current else None
+        alone = current and _judged_alone(snapshot, committed, landing, racks, rows)
+        near = _snapshot_neighbours(snapshot, committed, racks, since, touched if alone else None) if current else None
         outside, others = near if near is not None else await _neighbours(session, committed, racks)
         shards.update(outside)
         template.update((key, revision) for key, (_, revision) in others.items())
@@ -648,7 +677,8 @@ async def _recheck(
     if not current:
         doc = await load_spec_doc(session, within_rows=rows, deployment_ids=ids)
     else:
-        doc = _spec_doc(snapshot, None if committed.scope is None else set(template), rows)
+        # Judged alone, the nodes the landing replicas touch are all of the rows it needs.
+        doc = _spec_doc(snapshot, None if committed.scope is None else set(template), rows, touched if alone else None)
     specs = {d["id"] for d in doc["deployments"]}
     unread = Unread() if rows is None else await _read_unread(session, committed, doc, landing, racks, rows)
 

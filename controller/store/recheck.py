@@ -16,10 +16,13 @@ rule there on their own; if none does alone, on all of them (they break it toget
 check repeats without the blamed replicas until nothing new is found: a replica that lands
 beside one that was just turned away is judged without it. Only the racks the landing replicas
 touch are judged in full (every rule's scope but a row's power budget and a tenant's quota
-lies within one rack), so a small plan costs little on a large cluster; row power budgets are
-judged over the whole row (`RowPower`), tenant quotas (max_accelerators, max_power_w, as the
-solver's QUOTA_* filters count them) over all the shards of a landing replica's tenant
-(`Quotas`). A scoped commit passes what it did not read as totals (`Unread`).
+lies within one rack), and only the nodes they land on when no rule of a rack's scope can be
+broken there (`rack_rules_apply`: no rack power budget there, no tenant dedicated to racks or
+excluding another; every other rule lies within one node), so a small plan costs little on a
+large cluster; row power budgets are judged over the whole row (`RowPower`), tenant quotas
+(max_accelerators, max_power_w, as the solver's QUOTA_* filters count them) over all the shards
+of a landing replica's tenant (`Quotas`). A scoped commit passes what it did not read as totals
+(`Unread`).
 
 Pure (no database, run it in a worker thread). `plans.commit_plan` calls it with shard keys
 whose deployment part names the spec the shard runs (a deployment's revision, see
@@ -29,7 +32,7 @@ whose deployment part names the spec the shard runs (a deployment's revision, se
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,11 +52,14 @@ def recheck(
     """The landing replicas that no longer fit, each with why ("RULE: message" of each violation).
 
     `doc`: the committed problem document (its placements are ignored; all the nodes of the
-    rows the landing replicas touch); `committed`: the committed shards once the plan's accepted
-    removals are applied: every one, or (a scoped commit) at least those on the racks the
-    landing replicas touch and those of the landing replicas' deployments, with `unread` the
-    totals of the others that the rules need; `landing`: each replica the plan places or moves,
-    with all its shards as the plan wants them.
+    rows the landing replicas touch, or the nodes they touch alone when no rule of a rack's
+    scope applies there and no row there has a power budget); `committed`: the committed shards
+    once the plan's accepted removals are applied: every one, or (a scoped commit) at least
+    those on the racks the landing replicas touch (on the nodes they land on, when no rule of a
+    rack's scope applies there, no row there has a power budget and no landing tenant a quota:
+    `judged_nodes`) and those of the landing replicas' deployments, with `unread` the totals of
+    the others that the rules need; `landing`: each replica the plan places or moves, with all
+    its shards as the plan wants them.
     """
     nodes = {n["id"]: n for n in doc["nodes"]}
     rejected: dict[ReplicaKey, tuple[str, ...]] = {}
@@ -142,15 +148,15 @@ class Unread:
 
 
 class RowPower:
-    """The power budgets of the rows around the judged racks: the one rule of a wider scope than
+    """The power budgets of the rows around the judged nodes: the one rule of a wider scope than
     the racks judged but a quota's. A row draws the idle power of its nodes that are not down
     plus the load of every shard on it, the way `find_power_violations` counts: the shards on
-    the judged racks (the placements judged), the other committed ones (`committed`) and what
+    the judged nodes (the placements judged), the other committed ones (`committed`) and what
     was not read (`unread`)."""
 
     def __init__(self, doc: Mapping[str, Any], committed: Mapping[ShardKey, Where],
                  unread: Mapping[str, Mapping[str, float]], problem: Problem) -> None:
-        judged = {r.id for r in problem.racks}
+        judged = {n.id for n in problem.nodes}
         rows = {r.row for r in problem.racks}
         self._budgets = {r["id"]: float(r["power_budget_w"]) for r in doc.get("rows", ())
                          if r["id"] in rows and r.get("power_budget_w") is not None}
@@ -162,7 +168,7 @@ class RowPower:
         for n in doc["nodes"]:
             if n["id"] in node_row and n.get("state", "ready") != "down":
                 self._draw[node_row[n["id"]]] += n.get("idle_power_w", 0.0)
-        outside = {n["id"] for n in doc["nodes"] if n["id"] in node_row and n["rack"] not in judged}
+        outside = {n["id"] for n in doc["nodes"] if n["id"] in node_row and n["id"] not in judged}
         for key, where in committed.items():
             if where[0] in outside and key[0] in specs:
                 row = node_row[where[0]]
@@ -192,6 +198,11 @@ class RowPower:
                 for row, budget in sorted(self._budgets.items()) if draw[row] > budget + EPSILON]
 
 
+def capped(tenant: Mapping[str, Any]) -> bool:
+    """Whether a tenant (its document) has a quota the re-check judges (`Quotas`)."""
+    return tenant.get("max_accelerators") is not None or tenant.get("max_power_w") is not None
+
+
 class Quotas:
     """The tenant quotas (max_accelerators, max_power_w) of the landing replicas' tenants: the
     only rules whose scope, a tenant, is not within one row. What the tenant holds is summed
@@ -200,10 +211,9 @@ class Quotas:
     def __init__(self, doc: Mapping[str, Any], committed: Mapping[ShardKey, Where],
                  elsewhere: Mapping[str, TenantUsage], landing: set[str]) -> None:
         self._specs = {d["id"]: d for d in doc.get("deployments", ())}
-        self._caps = {t["id"]: t for t in doc.get("tenants", ())
-                      if t.get("max_accelerators") is not None or t.get("max_power_w") is not None}
-        capped = {self.tenant(name) for name in landing} & set(self._caps)
-        self._held = {t: elsewhere.get(t, TenantUsage()) for t in capped}
+        self._caps = {t["id"]: t for t in doc.get("tenants", ()) if capped(t)}
+        watched = {self.tenant(name) for name in landing} & set(self._caps)
+        self._held = {t: elsewhere.get(t, TenantUsage()) for t in watched}
         self._replicas: dict[ReplicaKey, TenantUsage] = defaultdict(TenantUsage)  # what each replica holds
         for key, where in committed.items():
             tenant = self.tenant(key[0])
@@ -260,24 +270,52 @@ def _placements(committed: Mapping[ShardKey, Where], landing: Mapping[ReplicaKey
     return tuple(Placement(k[0], k[1], k[2], w[0], w[1], w[2]) for k, w in shards.items() if w[0] in local)
 
 
+def rack_rules_apply(racks: Iterable[Mapping[str, Any]], tenants: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether a rule of a rack's scope may be broken on the racks `racks` (their documents):
+    one has a power budget, or a tenant (of `tenants`: every one) is dedicated to racks
+    (ISOLATION) or excludes another (EXCLUSION). When none may, every rule the re-check judges
+    within a rack lies within one node: the replicas landing there are judged on the nodes they
+    land on (`judged_nodes`)."""
+    return (any(r.get("power_budget_w") is not None for r in racks)
+            or any(t.get("isolation") == "dedicated_rack" or t.get("excludes") for t in tenants))
+
+
+def judged_nodes(doc: Mapping[str, Any], touched: Collection[str]) -> list[dict[str, Any]]:
+    """The nodes of `doc` (in its order) whose shards the re-check of replicas landing on the
+    `touched` nodes judges in full: every node of the racks holding them, or the `touched` ones
+    alone when no rule of those racks' scope applies (`rack_rules_apply`)."""
+    node_rack = {n["id"]: n["rack"] for n in doc["nodes"] if n["id"] in touched}
+    in_racks = set(node_rack.values())
+    if rack_rules_apply((r for r in doc.get("racks", ()) if r["id"] in in_racks), doc.get("tenants", ())):
+        return [n for n in doc["nodes"] if n["rack"] in in_racks]
+    return [n for n in doc["nodes"] if n["id"] in node_rack]
+
+
 def _neighbourhood(doc: Mapping[str, Any], touched: set[str], committed: Mapping[ShardKey, Where],
                    landing: set[str]) -> Problem:
-    """The committed problem cut down to the racks holding `touched` nodes, their rows without
-    power budgets (`RowPower` judges those), and the deployments with shards there or `landing`
-    there (no placements): what is converted is what is judged."""
-    node_rack = {n["id"]: n["rack"] for n in doc["nodes"]}
-    in_racks = {node_rack[n] for n in touched if n in node_rack}
+    """The committed problem cut down to the nodes judged around the `touched` ones
+    (`judged_nodes`), their racks, their rows without power budgets (`RowPower` judges those),
+    the deployments with shards there or `landing` there (no placements) and their tenants
+    (every tenant when one excludes another: it names others): what is converted is what is
+    judged."""
+    nodes = judged_nodes(doc, touched)
+    local = {n["id"] for n in nodes}
+    in_racks = {n["rack"] for n in nodes}
     racks = [r for r in doc.get("racks", ()) if r["id"] in in_racks]
     rows = {r["row"] for r in racks}
-    nodes = [n for n in doc["nodes"] if n["rack"] in in_racks]
-    local = {n["id"] for n in nodes}
     used = landing | {key[0] for key, where in committed.items() if where[0] in local}
+    deployments = [d for d in doc.get("deployments", ()) if d["id"] in used]
+    tenants = doc.get("tenants", ())
+    if not any(t.get("excludes") for t in tenants):
+        present = {d["tenant"] for d in deployments}
+        tenants = [t for t in tenants if t["id"] in present]
     part = {
         **{k: v for k, v in doc.items() if k not in ("placements", "options")},
         "rows": [{k: v for k, v in r.items() if k != "power_budget_w"} for r in doc.get("rows", ()) if r["id"] in rows],
         "racks": racks,
         "nodes": nodes,
-        "deployments": [d for d in doc.get("deployments", ()) if d["id"] in used],
+        "tenants": list(tenants),
+        "deployments": deployments,
         "placements": [],
     }
     return problem_from_dict(part, validate=False)

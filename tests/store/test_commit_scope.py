@@ -177,6 +177,50 @@ async def test_a_scoped_commit_lands_what_an_unscoped_commit_of_the_same_decisio
     assert {key[0] for key in scoped[0].shards} <= scope and {rk[0] for rk in scoped[0].requeued} <= scope
 
 
+def _plain_cluster(rng: random.Random) -> dict[str, Any]:
+    """`_cluster` without power budgets, quotas or a rule of a rack's scope (a tenant dedicated to
+    racks, an exclusion): a scoped commit's re-check judges the nodes its replicas land on alone
+    and reads the shards beside its scope there alone (`plans._judged_alone`)."""
+    doc = _cluster(rng, deployments=10)
+    doc["rows"] = [{"id": r["id"], "zone": r["zone"]} for r in doc["rows"]]
+    doc["racks"] = [{"id": r["id"], "row": r["row"]} for r in doc["racks"]]
+    doc["tenants"] = [{"id": "a"}, {"id": "b", "isolation": "dedicated_node"}, {"id": "c"}]
+    return doc
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_a_scoped_commit_judged_on_the_nodes_alone_lands_what_an_unscoped_commit_lands(
+        database: Database, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(seed)
+    first = await _seeded(database, _plain_cluster(rng))
+    await _commit(database, first, Plan("feasible", _random_plan(rng, first).placements), actor="setup")
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)  # current: the scoped commit takes the shards beside it from it
+    names = [d["id"] for d in snap.problem["deployments"]]
+    beside = plans._snapshot_neighbours
+    read_on: list[Any] = []
+
+    def neighbours(*args: Any) -> Any:
+        read_on.append(args[4])
+        return beside(*args)
+
+    monkeypatch.setattr(plans, "_snapshot_neighbours", neighbours)
+    requeued = 0
+    for _ in range(6):  # (each tried, then rolled back)
+        plan = _random_plan(rng, snap)
+        scope = set(rng.sample(names, rng.randint(1, len(names) - 1)))
+        read_on.clear()
+
+        scoped = await _tried(database, snap, plan, scope)
+        unscoped = await _tried(database, snap, _restricted(plan, snap, scope), None)
+
+        assert scoped == unscoped and not scoped[0].stale
+        landing = {p.node for p in plan.placements if p.deployment in scope}
+        assert all(nodes is not None and nodes <= landing for nodes in read_on)  # the nodes alone, not their racks
+        requeued += len(scoped[0].requeued)
+    assert requeued  # (plans on random accelerators: some land where others run, and are turned away)
+
+
 async def test_a_scoped_commit_reads_and_writes_nothing_of_other_deployments_elsewhere(database: Database) -> None:
     # 40 deployments of tenant a fill row1; one new deployment of tenant b is placed in row2.
     doc = {

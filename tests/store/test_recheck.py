@@ -123,3 +123,90 @@ def test_row_budgets_judged_from_a_rack_and_totals_match_the_whole_row(seed: int
     whole = problem_from_dict({**doc, "placements": []})
     whole = replace(whole, placements=_placements(shards, {}, {n.id for n in whole.nodes}))
     assert found == [v for v in find_power_violations(whole) if v.scope.startswith("row ")]
+
+
+def _random_state(rng: random.Random, rack_rules: bool) -> tuple[dict[str, Any], dict, dict]:
+    """Two rows of two racks of three small nodes (some with HBM, CPU or memory bounds; some
+    cordoned), tenants (one dedicated to its nodes, one zoned), deployments of 1-2 shards; shards
+    committed at random (some on taken accelerators: violations already there) and replicas
+    landing at random. With `rack_rules`, a rule of a rack's scope too (a rack power budget, a
+    tenant dedicated to racks, or an exclusion)."""
+    racks = {"r1": "row1", "r2": "row1", "r3": "row2", "r4": "row2"}
+    nodes = [{"id": f"{rack}-n{i}", "rack": rack, "accelerators": 4, "idle_power_w": 50,
+              "state": rng.choice(["ready"] * 5 + ["cordoned"]),
+              **rng.choice([{}, {"hbm_gib": 32}, {"cpu_milli": 4000}, {"memory_mib": 8192}])}
+             for rack in racks for i in range(3)]
+    tenants = [{"id": "a"}, {"id": "b", "isolation": "dedicated_node"}, {"id": "c", "zones": ["z1"]}, {"id": "d"}]
+    doc_racks = [{"id": rack, "row": row} for rack, row in racks.items()]
+    if rack_rules:
+        kind = rng.choice(["budget", "dedicated_rack", "excludes"])
+        if kind == "budget":
+            doc_racks[rng.randrange(4)]["power_budget_w"] = rng.choice([300, 600])
+        elif kind == "dedicated_rack":
+            tenants[3]["isolation"] = "dedicated_rack"
+        else:
+            tenants[3]["excludes"] = ["a"]
+    doc = {"version": 1, "zones": [{"id": "z1"}, {"id": "z2"}],
+           "rows": [{"id": "row1", "zone": "z1"}, {"id": "row2", "zone": "z2"}], "racks": doc_racks,
+           "nodes": nodes, "tenants": tenants,
+           "deployments": [{"id": f"x{i}", "tenant": rng.choice("abcd"), "replicas": 4,
+                            "shards_per_replica": rng.randint(1, 2),
+                            "shard": {"accelerators": rng.randint(1, 2), "hbm_gib": rng.choice([0, 16, 48]),
+                                      "cpu_milli": rng.choice([0, 1000, 3000]), "memory_mib": rng.choice([0, 4096]),
+                                      "power_w": rng.choice([0, 100, 300])}}
+                           for i in range(8)],
+           "placements": []}
+
+    def shards(d: dict[str, Any]) -> dict[int, Any]:
+        return {s: W(rng.choice(nodes)["id"], *sorted(rng.sample(range(4), d["shard"]["accelerators"])))
+                for s in range(d["shards_per_replica"])}
+
+    committed: dict[tuple[str, int, int], Any] = {}
+    landing: dict[tuple[str, int], dict[int, Any]] = {}
+    for d in doc["deployments"]:
+        for replica in range(d["replicas"]):
+            roll = rng.random()
+            if roll < 0.4:
+                committed.update(((d["id"], replica, s), w) for s, w in shards(d).items())
+            elif roll < 0.55:
+                landing[(d["id"], replica)] = shards(d)
+    return doc, committed, landing
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_replicas_judged_on_the_nodes_they_land_on_are_turned_away_as_over_their_racks(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a rule of a rack's scope, the re-check judges the nodes the landing replicas land
+    on alone; it turns away exactly the replicas (with exactly the reasons) that judging every
+    node of their racks turns away."""
+    import controller.store.recheck as module
+
+    rng = random.Random(seed)
+    doc, committed, landing = _random_state(rng, rack_rules=seed % 3 == 0)
+    touched = {w[0] for shards in landing.values() for w in shards.values()}
+    if seed % 3:  # no rule of a rack's scope anywhere: the nodes alone
+        assert module.judged_nodes(doc, touched) == [n for n in doc["nodes"] if n["id"] in touched]
+
+    found = recheck(doc, committed, landing)
+    monkeypatch.setattr(module, "judged_nodes", lambda doc, touched: [
+        n for n in doc["nodes"] if n["rack"] in {m["rack"] for m in doc["nodes"] if m["id"] in touched}])
+    assert found == recheck(doc, committed, landing)
+
+
+def test_the_random_states_turn_replicas_away_by_node_rules_and_rack_rules() -> None:
+    # (So that the comparison above compares refusals, of every kind.)
+    why: set[str] = set()
+    for seed in range(60):
+        doc, committed, landing = _random_state(random.Random(seed), rack_rules=seed % 3 == 0)
+        why.update(reason.split(":")[0] for reasons in recheck(doc, committed, landing).values() for reason in reasons)
+    assert {"ACCELERATOR", "HBM", "CPU", "ISOLATION", "ZONE", "POWER"} <= why, why
+
+
+def test_a_tenant_dedicated_to_racks_is_judged_over_the_rack() -> None:
+    # No exclusion, no rack budget: a tenant dedicated to racks alone makes the rack the scope.
+    doc = {**DOC, "racks": [{"id": "rack1", "row": "row1"}, {"id": "rack2", "row": "row1"}],
+           "rows": [{"id": "row1", "zone": "z"}],
+           "tenants": [{"id": "a"}, {"id": "b", "isolation": "dedicated_rack"}]}
+    committed = {("web", 0, 0): W("n1", 0)}
+    rejected = recheck(doc, committed, {("solo", 0): {0: W("n2", 0)}, ("solo", 1): {0: W("n4", 0)}})
+    assert list(rejected) == [("solo", 0)] and "rack rack1" in rejected[("solo", 0)][0]

@@ -126,7 +126,8 @@ def _walked_solver_ids(snap: Snapshot, keys: Collection[str]) -> set[str]:
     return ids
 
 
-def _walked_spec_doc(snap: Snapshot, keys: Collection[str] | None, rows: Collection[str] | None) -> dict[str, Any]:
+def _walked_spec_doc(snap: Snapshot, keys: Collection[str] | None, rows: Collection[str] | None,
+                     nodes: Collection[str] | None = None) -> dict[str, Any]:
     specs: dict[str, dict[str, Any]] = {}
     ids = None if keys is None else _walked_solver_ids(snap, keys)
     for doc in snap.problem["deployments"]:
@@ -140,7 +141,7 @@ def _walked_spec_doc(snap: Snapshot, keys: Collection[str] | None, rows: Collect
         racks = [r for r in problem["racks"] if r["row"] in rows]
         within = {r["id"] for r in racks}
         problem.update(rows=[r for r in problem["rows"] if r["id"] in rows], racks=racks,
-                       nodes=[n for n in problem["nodes"] if n["rack"] in within])
+                       nodes=[n for n in problem["nodes"] if n["rack"] in within and (nodes is None or n["id"] in nodes)])
     return problem
 
 
@@ -164,6 +165,10 @@ def test_the_recheck_reads_through_the_index_what_walks_of_the_snapshot_read(see
             rows = rng.choice([None, set(), {r["id"] for r in problem["rows"][:1]}, {r["id"] for r in problem["rows"]}])
             for wanted in (keys, None):
                 assert plans._spec_doc(snap, wanted, rows) == _walked_spec_doc(snap, wanted, rows)
+                if rows is not None:  # of those rows, only some nodes (and some of none of them)
+                    some = set(rng.sample([n["id"] for n in problem["nodes"]], rng.randint(0, len(problem["nodes"]))))
+                    some.add("n-unknown")
+                    assert plans._spec_doc(snap, wanted, rows, some) == _walked_spec_doc(snap, wanted, rows, some)
             touched = set(rng.sample([n["id"] for n in problem["nodes"]], rng.randint(0, len(problem["nodes"]))))
             racks, in_rows = plans._snapshot_racks(snap, touched | {"n-unknown"})
             assert (racks, in_rows) == plans._snapshot_racks(walked, touched)
@@ -173,5 +178,6 @@ def test_the_recheck_reads_through_the_index_what_walks_of_the_snapshot_read(see
             committed = plans._Committed(scope, snap.generation, {key: None for key in read}, set(), {}, [])
             gone = frozenset(rng.sample(names, rng.randint(0, min(2, len(names)))))
             since = rng.choice([None, plans._Since(gone, False)])
-            assert plans._snapshot_neighbours(snap, committed, racks, since) == plans._snapshot_neighbours(
-                walked, committed, racks, since)
+            on = rng.choice([None, touched])  # every node of the racks, or the touched ones alone
+            assert plans._snapshot_neighbours(snap, committed, racks, since, on) == plans._snapshot_neighbours(
+                walked, committed, racks, since, on)
