@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -208,6 +208,8 @@ _PLACEMENT_FIELDS = (
     _P.revision,
 )
 _EVERY_PLACEMENT = select(*_PLACEMENT_FIELDS)
+# A deployment as a commit reads it (`_DEPLOYMENT_FIELDS`, by name).
+_DeploymentRow = namedtuple("_DeploymentRow", [c.name for c in _DEPLOYMENT_FIELDS])
 # Deployments whose shards no plan holds: a commit removes them (`_Committed.leaving`).
 _LEAVING = (DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED)
 
@@ -228,33 +230,35 @@ class _Committed:
         return self.scope is None or key in self.scope
 
 
-def _deployments_at_generation(where: ColumnElement[bool] | None) -> Select[Any]:
+def _deployments_at_generation(where: ColumnElement[bool] | None, *, placed: bool = False) -> Select[Any]:
     """The cluster generation less the parameter `moved_by` (`cluster_generation`) and the
     deployments `where` selects (every one: None), in one statement: the generation's row
-    outer-joined to them, so a row of NULL deployment fields when none is selected."""
+    outer-joined to them, so a row of NULL deployment fields when none is selected; with
+    `placed`, outer-joined to their placements too (`_PLACEMENT_FIELDS` after the deployment's:
+    one row per placement, NULL ones for a deployment without)."""
     state = ClusterState.__table__.c
+    joined = ClusterState.__table__.outerjoin(_DEPLOYMENTS, true() if where is None else where)
+    if placed:
+        joined = joined.outerjoin(_PLACEMENTS, _P.deployment_id == _D.id)
     return (select((state.generation - bindparam("moved_by", type_=Integer)).label("cluster_generation"),
-                   *_DEPLOYMENT_FIELDS)
-            .select_from(ClusterState.__table__).outerjoin(_DEPLOYMENTS, true() if where is None else where)
-            .where(state.id == 1))
+                   *_DEPLOYMENT_FIELDS, *((c.label(f"placed_{c.name}") for c in _PLACEMENT_FIELDS) if placed else ()))
+            .select_from(joined).where(state.id == 1))
 
 
 @dataclass(frozen=True)
 class _CommittedQueries:
     """`_read_committed`'s statements for one dialect, built once (building a statement and its
-    cache key costs more CPU than running it): every deployment, a scope's (its lists named
-    `tenants` and `names`), and the placements of deployments (`ids`)."""
+    cache key costs more CPU than running it): every deployment, and a scope's (its lists named
+    `tenants` and `names`) with their placements."""
 
     every: Select[Any]
     scoped: Select[Any]
-    placements: Select[Any]
 
     @classmethod
     def of(cls, dialect: str) -> _CommittedQueries:
         return cls(_deployments_at_generation(None),
                    _deployments_at_generation(and_(any_of_named(dialect, _D.tenant_id, "tenants"),
-                                                   any_of_named(dialect, _D.name, "names"))),
-                   select(*_PLACEMENT_FIELDS).where(any_of_named(dialect, _P.deployment_id, "ids")))
+                                                   any_of_named(dialect, _D.name, "names")), placed=True))
 
 
 _COMMITTED_QUERIES = {dialect: _CommittedQueries.of(dialect) for dialect in ("sqlite", POSTGRESQL)}
@@ -262,12 +266,12 @@ _COMMITTED_QUERIES = {dialect: _CommittedQueries.of(dialect) for dialect in ("sq
 
 async def _read_committed(session: AsyncSession, scope: Collection[str] | None, *, moved_by: int = 0) -> _Committed:
     """Every deployment and placement (`scope` None), or only the scope's, and the cluster
-    generation before this transaction moved it by `moved_by`: one query per table (per `_CHUNK`
-    keys of a scope), the generation read with the deployments (on SQLite, a move of the
-    generation deferred just before goes with it: one trip)."""
+    generation before this transaction moved it by `moved_by`: the generation read with the
+    deployments (on SQLite, a move of the generation deferred just before goes with it: one
+    trip); every placement in a query of its own, a scope's with its deployments (one query per
+    `_CHUNK` keys)."""
     scope = None if scope is None else frozenset(scope)
-    dialect = dialect_of(session)
-    queries = _COMMITTED_QUERIES[dialect]
+    queries = _COMMITTED_QUERIES[dialect_of(session)]
     reads: list[tuple[Select[Any], dict[str, Any]]] = [(queries.every, {"moved_by": moved_by})]
     if scope is not None:
         reads = []
@@ -276,29 +280,30 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
             reads.append((queries.scoped, {"moved_by": moved_by, "tenants": sorted({t for t, _ in names}),
                                            "names": sorted({n for _, n in names})}))
     generation: int | None = None
-    found = []
+    deployments: dict[str, Any] = {}
+    placed: dict[int, Sequence[Any]] = {}  # a scope's placements by id (a deployment two chunks select: once)
+    fields = 1 + len(_DEPLOYMENT_FIELDS)
     for query, params in reads:
         for d in await session.execute(query, params):
             generation = d.cluster_generation if generation is None else generation
-            if d.id is not None and (scope is None or deployment_key(d.tenant_id, d.name) in scope):
-                found.append(d)
+            if d.id is None:
+                continue
+            key = deployment_key(d.tenant_id, d.name)
+            if scope is None or key in scope:
+                deployments.setdefault(key, _DeploymentRow(*d[1:fields]))
+                if scope is not None and d.placed_id is not None:
+                    placed[d.placed_id] = d[fields:]
     if generation is None and reads:
         raise MissingGeneration()
     if generation is None:  # an empty scope: nothing read yet
         generation = await read_generation(session) - moved_by
-    deployments = {deployment_key(d.tenant_id, d.name): d for d in found}
     keys_by_id = {d.id: key for key, d in deployments.items()}
-    if scope is None:
-        placements = list(await session.execute(_EVERY_PLACEMENT))
-    else:
-        placements = [p for chunk in _chunks(sorted(keys_by_id)) for p in await session.execute(
-            queries.placements, {"ids": _listed(dialect, chunk)})]
+    placements = list(await session.execute(_EVERY_PLACEMENT)) if scope is None else list(placed.values())
     committed = _Committed(scope, generation, deployments,
                            {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [])
-    for p in placements:
-        name = keys_by_id[p.deployment_id]
-        row = _Row(p.id, p.deployment_id, (name, p.replica, p.shard), p.node_id,
-                   list(p.accelerator_indices), p.accelerator_milli, p.phase, p.revision)
+    for p in placements:  # `_PLACEMENT_FIELDS`, in order
+        name = keys_by_id[p[1]]
+        row = _Row(p[0], p[1], (name, p[2], p[3]), p[4], list(p[5]), p[6], p[7], p[8])
         if name in committed.live:
             committed.current[row.key] = row
         else:  # its deployment is being deleted or is quarantined: the plan no longer holds it

@@ -522,15 +522,15 @@ async def test_a_scoped_commit_on_sqlite_holds_the_writer_for_reads_and_trips_th
         await uow.commit()
 
     assert result.changed_deployments == {TRAIN} and not result.requeued
-    # Before the writer: the generation with the scope's deployments, their placements.
-    read = [("SELECT cluster_state.generation -", 0), ("SELECT placements.id, placements.deployment_id,", 0)]
-    # Under it, four trips for thirteen statements: the generation's UPDATE (its lock) goes with
+    # Before the writer: the generation with the scope's deployments and their placements (one statement).
+    read = [("SELECT cluster_state.generation -", 0)]
+    # Under it, three trips for twelve statements: the generation's UPDATE (its lock) goes with
     # the scope's rows read again (the early check stands: nothing read for it), and only what
     # returns rows goes at once; the placements, the usage meter, the deployment, the node, the
     # change log, the event and the audit entry ride with the next of those, or with the commit.
     # Each trip: the statement it runs (its first words; "COMMIT"), the deferred writes with it.
     assert [(trip.statement, trip.deferred) for trip in sqlite_trips] == read + [
-        ("SELECT cluster_state.generation -", 1), read[1],
+        ("SELECT cluster_state.generation -", 1),
         ("UPDATE audit_head SET", 6),  # RETURNING the chain's head
         ("COMMIT", 2),
     ]
