@@ -20,9 +20,11 @@ same transaction: a decision is audited exactly when it is committed). `CommitRe
 and `requeued` tell the caller to solve again.
 
 A commit with a `scope` (deployment keys) speaks only for those deployments: it reads their
-rows and placements, and, for the re-check, only the shards on the rows its landing replicas
-touch (every rule the re-check applies lies within one row): a fast pass that decides a few
-deployments on a cached snapshot commits at the cost of those deployments, not of the cluster.
+rows and placements (one statement), and, for the re-check, only the shards on the racks its
+landing replicas touch, or on the nodes they land on when the re-check judges those alone
+(`_judged_alone`), with totals of the rest of their rows and tenants where a budget or a quota
+needs them (`_read_unread`): a fast pass that decides a few deployments on a cached snapshot
+commits at the cost of those deployments, not of the cluster.
 Such a commit reads and checks before it takes the lock, and under the lock reads its rows
 again: when they and the generation are as before, the check stands (all else it depends on
 moves the generation), and the lock is held for the reads and the writes alone.
