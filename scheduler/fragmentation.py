@@ -81,6 +81,8 @@ class Workload:
         self._pairing: PairingValues | None = None
         self._pairing_key: tuple[int, int, int] | None = None
         self._thresholds: tuple[tuple[np.ndarray, ...], np.ndarray, np.ndarray] | None = None
+        self._keys: tuple = ()  # the snapshot's model restrictions, per shape
+        self._models_bound = False  # `bind_models` since the last snapshot
 
     def bind_models(self, node_models: tuple[str | None, ...]) -> None:
         """Learn the cluster's accelerator models, so shapes restricted to some models
@@ -88,6 +90,7 @@ class Workload:
         self.model_names = tuple(dict.fromkeys(node_models))
         index = {m: i for i, m in enumerate(self.model_names)}
         self.node_model = np.array([index[m] for m in node_models], dtype=np.int64)
+        self._models_bound = True
 
     def observe(self, spec: ShardSpec, weight: int = 1) -> None:
         """Count one arrival; whole-accelerator tasks count 1 + accelerators times (like
@@ -107,28 +110,40 @@ class Workload:
         return self._snapshot is None or seen > self._seen_at_refresh * 1.25 + 8
 
     def refresh(self) -> None:
+        """Take a new snapshot of the shapes seen. The version (what the placer's score
+        tables are valid for) moves only when the snapshot does: arrivals of the shapes in
+        the same proportions as before (a stream of one shape, say) keep every score."""
         top = self.counts.most_common(MAX_TYPES)
         total = sum(c for _, c in top) or 1
-        self._snapshot = (np.array([k[0] for k, _ in top], dtype=np.int64),
-                          np.array([k[1] for k, _ in top], dtype=np.int64),
-                          np.array([k[2] for k, _ in top], dtype=float),
-                          np.array([k[3] for k, _ in top], dtype=float),
-                          np.array([c / total for _, c in top], dtype=float))
-        self.host_ratios = _host_ratios(*self._snapshot)
-        self.allowed = None
-        self.restricted_share = np.zeros(0)
-        self.restricted_models = np.zeros((0, len(self.model_names)), dtype=bool)
+        snapshot = (np.array([k[0] for k, _ in top], dtype=np.int64),
+                    np.array([k[1] for k, _ in top], dtype=np.int64),
+                    np.array([k[2] for k, _ in top], dtype=float),
+                    np.array([k[3] for k, _ in top], dtype=float),
+                    np.array([c / total for _, c in top], dtype=float))
+        allowed = None
+        restricted_share = np.zeros(0)
+        restricted_models = np.zeros((0, len(self.model_names)), dtype=bool)
         if self.node_model is not None and any(k[4] is not None for k, _ in top):
-            self.allowed = np.array([[k[4] is None or (m is not None and m in k[4])
-                                      for m in self.model_names] for k, _ in top], dtype=bool)
+            allowed = np.array([[k[4] is None or (m is not None and m in k[4])
+                                 for m in self.model_names] for k, _ in top], dtype=bool)
             # Demand (milli per arrival) per shape, undoing observe()'s whole-task weight.
             demand = np.array([c * max(k[0], 1) * k[1] / (1 + (k[0] if k[1] >= 1000 else 0))
                                for k, c in top], dtype=float)
             restricted = np.array([k[4] is not None for k, _ in top]) & (demand > 0)
             if demand.sum() > 0 and restricted.any():
-                self.restricted_share = demand[restricted] / demand.sum()
-                self.restricted_models = self.allowed[restricted]
+                restricted_share = demand[restricted] / demand.sum()
+                restricted_models = allowed[restricted]
         self._seen_at_refresh = self.seen
+        keys = tuple(k[4] for k, _ in top)  # model restrictions: `allowed` follows them
+        if self._snapshot is not None and not self._models_bound and keys == self._keys and \
+                all(np.array_equal(a, b) for a, b in zip(snapshot, self._snapshot)) and \
+                np.array_equal(restricted_share, self.restricted_share):
+            return  # the same snapshot: everything scored from it stands
+        self._snapshot, self._keys, self._models_bound = snapshot, keys, False
+        self.host_ratios = _host_ratios(*snapshot)
+        self.allowed = allowed
+        self.restricted_share = restricted_share
+        self.restricted_models = restricted_models
         self.version += 1
 
     def pairing(self, accelerators: int,
