@@ -417,10 +417,11 @@ def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
     return NodeFit(slots=slots, codes=codes)
 
 
-def local_slots(state: ClusterState, d: int) -> np.ndarray:
+def local_slots(state: ClusterState, d: int, nodes: np.ndarray | None = None) -> np.ndarray:
     """(N,) the minimum over `LOCAL_FILTERS` for shards of d, from the state's table for d's
     tenant and shard shape: only nodes changed since they were judged are judged now. The
-    table's own array: read it, do not change it."""
+    table's own array: read it, do not change it. With `nodes`, only those are brought up
+    to date and returned (a new array)."""
     spec = state.deps[d].shard
     key = (int(state.dep_tenant[d]), spec.accelerators, spec.accelerator_milli, spec.hbm_gib,
            spec.cpu_milli, spec.memory_mib)
@@ -433,11 +434,11 @@ def local_slots(state: ClusterState, d: int) -> np.ndarray:
             tables.popitem(last=False)
     else:
         tables.move_to_end(key)
-    stale = table.stale(state)
+    stale = table.stale(state, nodes)
     if len(stale):
         fit = FitInput(state, d, rows=stale)
         table.store(state, stale, slots=np.minimum.reduce([f.slots(fit) for f in LOCAL_FILTERS]))
-    return table.arrays["slots"]  # type: ignore[return-value]
+    return table.arrays["slots"] if nodes is None else table.arrays["slots"][nodes]  # type: ignore[index,return-value]
 
 
 def power_slots(headroom: np.ndarray, power: float) -> np.ndarray:
@@ -447,27 +448,51 @@ def power_slots(headroom: np.ndarray, power: float) -> np.ndarray:
 
 def tenant_masks(state: ClusterState, t: int) -> tuple[np.ndarray, np.ndarray]:
     """(exclusion ok, isolation ok) per node for tenant t, from who is placed where now."""
+    rack_of = state.topo.node_rack
+    excl_rack, iso_rack = tenant_rack_masks(state, t)
+    return excl_rack[rack_of], isolation_node_mask(state, t) & iso_rack[rack_of]
+
+
+def tenant_rack_masks(state: ClusterState, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per rack, for tenant t: no tenant it excludes there; no isolation rule of a rack
+    (its own dedicated_rack, another's) against it there."""
     topo = state.topo
-    rack_of = topo.node_rack
+    n_racks = len(topo.rack_ids)
     excluded = topo.tenant_excludes[t]
     if excluded.any():
-        excl_ok = ~((state.rack_tenant[:, excluded].sum(axis=1) > 0)[rack_of])
+        excl_ok = ~(state.rack_tenant[:, excluded].sum(axis=1) > 0)
     else:
-        excl_ok = np.ones(topo.n_nodes, dtype=bool)
-    others = np.ones(len(topo.tenant_ids), dtype=bool)
-    others[t] = False
-    iso_ok = np.ones(topo.n_nodes, dtype=bool)
-    if state.dedicated_node[t]:
-        iso_ok &= state.node_tenant[:, others].sum(axis=1) == 0
+        excl_ok = np.ones(n_racks, dtype=bool)
+    others = _others(state, t)
+    iso_ok = np.ones(n_racks, dtype=bool)
     if state.dedicated_rack[t]:
-        iso_ok &= (state.rack_tenant[:, others].sum(axis=1) == 0)[rack_of]
-    ded_node = state.dedicated_node & others
-    if ded_node.any():
-        iso_ok &= state.node_tenant[:, ded_node].sum(axis=1) == 0
+        iso_ok &= state.rack_tenant[:, others].sum(axis=1) == 0
     ded_rack = state.dedicated_rack & others
     if ded_rack.any():
-        iso_ok &= (state.rack_tenant[:, ded_rack].sum(axis=1) == 0)[rack_of]
+        iso_ok &= state.rack_tenant[:, ded_rack].sum(axis=1) == 0
     return excl_ok, iso_ok
+
+
+def isolation_node_mask(state: ClusterState, t: int, nodes: np.ndarray | None = None
+                        ) -> np.ndarray:
+    """Per node (of `nodes`, None: all), no isolation rule of a node (its own
+    dedicated_node, another's) against tenant t there: a function of the node's own
+    occupancy, which its stamp covers."""
+    held = state.node_tenant if nodes is None else state.node_tenant[nodes]
+    others = _others(state, t)
+    iso_ok = np.ones(len(held), dtype=bool)
+    if state.dedicated_node[t]:
+        iso_ok &= held[:, others].sum(axis=1) == 0
+    ded_node = state.dedicated_node & others
+    if ded_node.any():
+        iso_ok &= held[:, ded_node].sum(axis=1) == 0
+    return iso_ok
+
+
+def _others(state: ClusterState, t: int) -> np.ndarray:
+    others = np.ones(len(state.topo.tenant_ids), dtype=bool)
+    others[t] = False
+    return others
 
 
 def spread_mask(state: ClusterState, d: int) -> np.ndarray | None:

@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from scheduler.candidates import RackBest, RackOrder
 from scheduler.filters import BIG, gang_capacity, node_fit, quota_room
 from scheduler.fragmentation import SCARCITY_WEIGHT, Workload, model_pressure, node_fragmentation
 from scheduler.model import ShardSpec
@@ -34,6 +35,7 @@ FGD_QUANTUM = 1.0  # fragmentation deltas closer than this (milli) count as ties
 PAIRING_WEIGHT = 30.0  # per milli of pairing value lost (pairing.py), next to FGD's milli
 STATE_PRICES = True  # price pairings on the cluster as it stands, not an empty one
 SHAPES_KEPT = 64  # score tables (per tenant, shard shape) a placer keeps, least used out
+KEEP_CANDIDATES = True  # single shards: the best node per rack kept (`candidates.RackBest`)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class Placer:
         self._prices: PairingValues | None = None  # the prices the tables were scored with
         self._prices_generation = 0  # bumped when the prices change
         self._known_index: tuple[int, int] | None = None  # (node, accelerator) FGD chose
+        # Single node-local shards: admitted nodes and each rack's best, per (tenant, shape).
+        self._rack_order: RackOrder | None = None
+        self._rack_best: OrderedDict[tuple, RackBest] = OrderedDict()
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -106,6 +111,10 @@ class Placer:
         room, _ = quota_room(state, d)
         if room < count:
             return False
+        if count == 1 and allowed is None and dep.locality not in ("rack", "row", "zone") \
+                and self._keeps_candidates(d):
+            node = self._best_kept(d)
+            return node is not None and self._commit(d, r, [(shard_ids[0], node)])
         slots = node_fit(state, d).slots
         if allowed is not None:
             slots = np.where(allowed, slots, 0)
@@ -212,7 +221,7 @@ class Placer:
         s = self.state
         spec = s.deps[d].shard
         t = int(s.dep_tenant[d])
-        use_fgd = self.scorer == "fgd" and len(self.workload.counts) > 0
+        use_fgd = self._uses_fgd()
         scored = self._fgd_scores(t, spec, candidates) if use_fgd else \
             self._score_rows(t, spec, candidates, None, fgd=False)
         pick, pairing_loss = scored.pick, scored.pairing_loss
@@ -227,10 +236,9 @@ class Placer:
             before = self._fragmentation(t, candidates)
             frag_after = scored.frag_after
             cost = frag_after - before + self._scarcity_cost(t, spec, candidates)
-            delta = cost if pairing_loss is None else cost + PAIRING_WEIGHT * pairing_loss
             # Ties (common when nothing changes) go to the node left with less free capacity.
             keys = [candidates, cpu_after, stranger, scored.left_after,
-                    np.round(delta / FGD_QUANTUM)]
+                    rounded_delta(cost, pairing_loss)]
         order = np.array([lexmin(keys)]) if best_only else np.lexsort(keys)
         return NodeRanking(candidates[order], None if pick is None else pick[order],
                            None if cost is None else cost[order],
@@ -242,14 +250,25 @@ class Placer:
         accelerator a fraction takes (per pricing too) and what the shard leaves (per node and
         accelerator taken). Only nodes changed since (or never scored), and nodes where new
         prices move the fraction to another accelerator, are scored now."""
+        return self._kept_scores(t, spec, nodes, self._prices_now(spec))
+
+    def _prices_now(self, spec: ShardSpec) -> PairingValues | None:
+        """Bring the workload snapshot up to date, and the pairing prices a shard of `spec`
+        is scored with (None: not a fraction, or no prices); a new pricing moves
+        `_prices_generation`."""
         self._current_snapshot()
-        state = self.state
-        fractional = spec.fractional and spec.accelerators > 0
-        values = self.pairing_values() if fractional else None
+        values = self.pairing_values() if spec.fractional and spec.accelerators > 0 else None
         if values is not None and values is not self._prices:
             if self._prices is None or not same_prices(values, self._prices):
                 self._prices_generation += 1
             self._prices = values
+        return values
+
+    def _kept_scores(self, t: int, spec: ShardSpec, nodes: np.ndarray,
+                     values: PairingValues | None) -> ShardScores:
+        """`_fgd_scores` under these prices (`_prices_now`)."""
+        state = self.state
+        fractional = spec.fractional and spec.accelerators > 0
         shape = (t, spec.accelerators, spec.accelerator_milli, spec.hbm_gib, spec.cpu_milli,
                  spec.memory_mib)
         n = state.topo.n_nodes
@@ -390,7 +409,7 @@ class Placer:
         (its milli x the pressure on the node's model, `model_pressure`); zeros when no shape
         is restricted. Keeps scarce models for the shapes that can only use them."""
         w = self.workload
-        if w.restricted_share.size == 0 or w.node_model is None or SCARCITY_WEIGHT <= 0:
+        if not self._scarce():
             return np.zeros(len(candidates))
         s = self.state
         free = np.where(s.topo.node_ready, self._free_milli(t).sum(axis=1), 0)
@@ -399,6 +418,71 @@ class Placer:
         if pressure is None:
             return np.zeros(len(candidates))
         return SCARCITY_WEIGHT * spec.milli * pressure[w.node_model[candidates]]
+
+    def _scarce(self) -> bool:
+        """Whether `_scarcity_cost` may be other than zero (a model-restricted shape seen)."""
+        w = self.workload
+        return w.restricted_share.size > 0 and w.node_model is not None and SCARCITY_WEIGHT > 0
+
+    def _uses_fgd(self) -> bool:
+        return self.scorer == "fgd" and len(self.workload.counts) > 0
+
+    # ---- single shards from the kept candidates (`candidates.RackBest`) --------------------
+
+    def _keeps_candidates(self, d: int) -> bool:
+        """Whether a single shard of d is chosen from the kept candidates: FGD scoring (the
+        ranking `RackBest` keeps) and no spread rule (a rule of the deployment's own)."""
+        return KEEP_CANDIDATES and self._uses_fgd() and self.state.deps[d].spread is None
+
+    def _best_kept(self, d: int) -> int | None:
+        """`_best_node(d, node_fit(state, d).slots)`, from the kept candidates: the same node
+        (and the same accelerator noted for a fraction), the same snapshot and prices taken
+        (only when two nodes or more have a slot, as `rank_nodes` does)."""
+        s = self.state
+        spec = s.deps[d].shard
+        t = int(s.dep_tenant[d])
+        kept = self._kept_candidates(t, spec)
+        kept.judge(s, d)
+        racks, count = kept.candidates(s, d)
+        if count <= 1:
+            return None if count == 0 else kept.only(racks)
+        values = self._prices_now(spec)
+        if self._scarce():  # a model-restricted shape seen: a cost over the whole cluster
+            return self._best_node(d, node_fit(s, d).slots)
+        kept.rank(s, (self.workload.version, -1 if values is None else self._prices_generation),
+                  lambda nodes: self._node_keys(t, spec, nodes, values))
+        best, keys = kept.ranking_keys(s, t, racks)
+        node = int(best[lexmin(keys)])
+        if spec.fractional and spec.accelerators > 0:  # as `_best_node` notes it
+            pick = self._kept_scores(t, spec, np.array([node]), values).pick
+            assert pick is not None
+            self._known_index = (node, int(pick[0]))
+        return node
+
+    def _kept_candidates(self, t: int, spec: ShardSpec) -> RackBest:
+        key = (t, spec.accelerators, spec.accelerator_milli, spec.hbm_gib, spec.cpu_milli,
+               spec.memory_mib, spec.accelerator_models)
+        kept = self._rack_best.get(key)
+        if kept is None:
+            if self._rack_order is None:
+                self._rack_order = RackOrder.of(self.state.topo)
+            kept = self._rack_best[key] = RackBest(self._rack_order, self.state.topo.n_nodes)
+            if len(self._rack_best) > SHAPES_KEPT:
+                self._rack_best.popitem(last=False)
+        else:
+            self._rack_best.move_to_end(key)
+        return kept
+
+    def _node_keys(self, t: int, spec: ShardSpec, nodes: np.ndarray,
+                   values: PairingValues | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per node, the ranking keys of `rank_nodes` that are the node's own: FGD delta
+        (rounded), free milli left, CPU left."""
+        scored = self._kept_scores(t, spec, nodes, values)
+        assert scored.frag_after is not None
+        cost = scored.frag_after - self._fragmentation(t, nodes) + \
+            self._scarcity_cost(t, spec, nodes)
+        return (rounded_delta(cost, scored.pairing_loss), scored.left_after,
+                self.state.cpu_free[nodes] - spec.cpu_milli)
 
     def _current_snapshot(self) -> None:
         """Refresh a stale workload snapshot; score tables of an older one are dropped."""
@@ -462,6 +546,12 @@ class Placer:
         """The occupancy of these nodes changed outside a placement (a warm session's
         departure). Nothing to do: their stamps moved with the change (`ClusterState`), so
         their cached scores are taken again when next needed."""
+
+
+def rounded_delta(cost: np.ndarray, pairing_loss: np.ndarray | None) -> np.ndarray:
+    """The primary ranking key: FGD cost plus the pairing loss's weight, in quanta."""
+    delta = cost if pairing_loss is None else cost + PAIRING_WEIGHT * pairing_loss
+    return np.round(delta / FGD_QUANTUM)
 
 
 def lexmin(keys: list[np.ndarray]) -> int:

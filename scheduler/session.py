@@ -191,8 +191,10 @@ class Session:
             self._nodes = dict(sorted(self._nodes.items()))  # a problem listed by id stays so
         if cordons is not None:
             topo = self._solver.topo
-            for n in cordons:
-                topo.node_ready[topo.node_index[n.id]] = n.state == "ready"
+            flipped = np.array([topo.node_index[n.id] for n in cordons], dtype=np.int64)
+            for i, n in zip(flipped.tolist(), cordons):
+                topo.node_ready[i] = n.state == "ready"
+            self._solver.state.touch(flipped)  # the placer's kept candidates judge them again
             return []
         for z in delta.zones:
             self._zones[z.id] = z

@@ -26,6 +26,12 @@ from scheduler.topology import UNLIMITED, Topology
 _stamps = count(1)
 
 
+def stamp_now() -> int:
+    """A stamp newer than every node's now and older than any given later: nodes changed
+    after this call are those whose stamp is at least it."""
+    return next(_stamps)
+
+
 class ShardAt(NamedTuple):
     """Where one shard runs: node index, accelerator indices and the milli it takes on each.
 
@@ -161,6 +167,11 @@ class ClusterState:
         self.row_power[self.topo.node_row[n]] += sign * power
         self.tenant_milli[t] += sign * at.milli * len(at.indices)
         self.tenant_power[t] += sign * power
+
+    def touch(self, nodes: np.ndarray) -> None:
+        """New stamps for these nodes: something per-node caches read changed outside the
+        occupancy (a node cordoned or made ready again)."""
+        self.node_version[nodes] = next(_stamps)
 
     def _spread_domains(self, d: int, shards: dict[int, ShardAt]) -> set[int]:
         level = self.deps[d].spread.domain  # type: ignore[union-attr]

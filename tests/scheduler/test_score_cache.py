@@ -62,9 +62,10 @@ def local_slots_afresh(state: ClusterState, d: int) -> np.ndarray:
 
 
 def uncached() -> ExitStack:
-    """Patch the placer to score every candidate afresh and sort them all, and the filters
-    to judge every node afresh."""
+    """Patch the placer to score every candidate afresh and sort them all (no kept
+    candidates per rack), and the filters to judge every node afresh."""
     stack = ExitStack()
+    stack.enter_context(mock.patch.object(greedy, "KEEP_CANDIDATES", False))
     stack.enter_context(mock.patch.object(filters, "local_slots", local_slots_afresh))
     stack.enter_context(mock.patch.object(greedy.Placer, "_fgd_scores", scores_afresh))
     stack.enter_context(mock.patch.object(greedy.Placer, "_fragmentation",
@@ -83,6 +84,7 @@ def play(doc: Doc, events: list[tuple[str, int]]) -> list[Any]:
     arrivals = [d for d in problem.deployments if d.id not in running]
     session = Session(start)
     seen: list[Any] = [session.repaired_at_load]
+    last: str | None = None  # the node of the last placement decided
     for action, k in events:
         state = session.snapshot()
         nodes, live = list(state.nodes), list(state.deployments)
@@ -96,6 +98,9 @@ def play(doc: Doc, events: list[tuple[str, int]]) -> list[Any]:
         elif action == "scale" and live:
             d = live[k % len(live)]
             out = session.place(dataclasses.replace(d, replicas=1 + k % 3, min_replicas=1))
+        elif action == "cordon_used" and last is not None:
+            n = next(n for n in nodes if n.id == last)  # where the last decision placed
+            out = session.apply(ClusterDelta(nodes=(dataclasses.replace(n, state="cordoned"),)))
         elif action in ("cordon", "uncordon", "down", "up") and nodes:
             n = nodes[k % len(nodes)]
             new_state = {"cordon": "cordoned", "uncordon": "ready", "down": "down",
@@ -112,6 +117,8 @@ def play(doc: Doc, events: list[tuple[str, int]]) -> list[Any]:
             t = state.tenants[k % len(state.tenants)]
             out = session.apply(ClusterDelta(tenants=(dataclasses.replace(
                 t, max_accelerators=None, max_power_w=None),)))
+        if getattr(out, "placements", None):
+            last = out.placements[-1].node
         seen.append((action, k, out, session.snapshot().placements))
     return seen
 
@@ -156,6 +163,42 @@ def test_cached_scores_decide_as_fresh_ones_on_a_maia_cluster_with_many_tenants(
     events = [("arrive", 0)] * 20 + [
         (rng.choice(["arrive", "arrive", "arrive", "depart", "scale", "cordon", "uncordon",
                      "down", "up", "retry"]), rng.randrange(1000)) for _ in range(80)]
+    assert_same_both_ways(doc, events)
+
+
+def test_a_cordoned_node_leaves_the_kept_candidates() -> None:
+    """The placer keeps each rack's best node for a tenant and shape between decisions
+    (`candidates.RackBest`); cordoning the best one (no change of its occupancy) must take
+    it out of the next choice."""
+    nodes = [node(f"n{i}", rack=f"r{i // 2}", acc=4) for i in range(6)]
+    running = dep("p", replicas=5, locality="node")
+    used = [("n0", 0), ("n0", 1), ("n0", 2), ("n1", 0), ("n1", 1)]  # n0 the fullest, then n1
+    doc = problem(nodes, [running, dep("a", locality="node"), dep("b", locality="node")],
+                  placements=[placed("p", n, [i], replica=r) for r, (n, i) in enumerate(used)],
+                  mode="online")
+    p, a, b = problem_from_dict(doc).deployments
+    session = Session(dataclasses.replace(problem_from_dict(doc), deployments=(p,)))
+    assert session.place(a).placements[0].node == "n0"  # full now; n1 is the best left
+    n1 = next(n for n in session.snapshot().nodes if n.id == "n1")
+    session.apply(ClusterDelta(nodes=(dataclasses.replace(n1, state="cordoned"),)))
+    assert session.rebuilds == 0  # changed in place, not rebuilt
+    assert session.place(b).placements[0].node not in ("n0", "n1")
+
+
+def test_kept_candidates_decide_as_the_full_ranking_on_many_racks() -> None:
+    """256 Maia-shaped nodes in 16 racks (power budgets that bind, isolation, exclusion,
+    zones): single shards of every tenant, whole and fractional, between departures,
+    cordons and nodes going down, decided from the kept candidates and from the full
+    ranking of every node afresh."""
+    from bench import synthetic as syn
+    rng = random.Random(11)
+    doc = syn.cluster(256, 11)
+    arrivals = [syn.arrival(rng, i, rng.choice(["node", "fraction", "fraction", "gang"]))
+                for i in range(120)]
+    doc = {**doc, "deployments": arrivals, "options": {"mode": "online"}}
+    events = [(rng.choice(["arrive"] * 6 + ["depart", "retry", "cordon", "cordon_used",
+                                            "uncordon", "down", "up"]), rng.randrange(1000))
+              for _ in range(140)]
     assert_same_both_ways(doc, events)
 
 
