@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from scheduler.model import Deployment, ShardSpec
-from scheduler.state import ClusterState, NodeTable
+from scheduler.state import ClusterState, NodeTable, kept
 from scheduler.topology import Topology
 
 BIG = 1 << 40
@@ -425,15 +425,9 @@ def local_slots(state: ClusterState, d: int, nodes: np.ndarray | None = None) ->
     spec = state.deps[d].shard
     key = (int(state.dep_tenant[d]), spec.accelerators, spec.accelerator_milli, spec.hbm_gib,
            spec.cpu_milli, spec.memory_mib)
-    tables = state.fit_cache
-    table = tables.get(key)
-    if table is None:
-        n = state.topo.n_nodes
-        table = tables[key] = NodeTable(n, slots=np.zeros(n, dtype=np.int64))
-        if len(tables) > FIT_TABLES_KEPT:
-            tables.popitem(last=False)
-    else:
-        tables.move_to_end(key)
+    n = state.topo.n_nodes
+    table = kept(state.fit_cache, key, lambda: NodeTable(n, slots=np.zeros(n, dtype=np.int64)),
+                 FIT_TABLES_KEPT)
     stale = table.stale(state, nodes)
     if len(stale):
         fit = FitInput(state, d, rows=stale)

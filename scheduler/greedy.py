@@ -27,7 +27,7 @@ from scheduler.filters import BIG, gang_capacity, node_fit, quota_room
 from scheduler.fragmentation import SCARCITY_WEIGHT, Workload, model_pressure, node_fragmentation
 from scheduler.model import ShardSpec
 from scheduler.pairing import PairingValues
-from scheduler.state import ClusterState, NodeTable, ShardAt
+from scheduler.state import ClusterState, NodeTable, ShardAt, kept
 
 Scorer = Literal["fgd", "bestfit"]
 FGD_ACCELERATOR_CHOICE = False  # fractions: FGD picks the accelerator too (as in the paper)
@@ -299,14 +299,8 @@ class Placer:
 
     def _table(self, key: tuple, **arrays: np.ndarray | None) -> NodeTable:
         """The score table under `key` (made with these arrays if new), most recently used."""
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = NodeTable(self.state.topo.n_nodes, **arrays)
-            if len(self._tables) > SHAPES_KEPT:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-        return table
+        return kept(self._tables, key, lambda: NodeTable(self.state.topo.n_nodes, **arrays),
+                    SHAPES_KEPT)
 
     def _score_rows(self, t: int, spec: ShardSpec, nodes: np.ndarray,
                     values: PairingValues | None, fgd: bool) -> ShardScores:
@@ -441,17 +435,18 @@ class Placer:
         s = self.state
         spec = s.deps[d].shard
         t = int(s.dep_tenant[d])
-        kept = self._kept_candidates(t, spec)
-        kept.judge(s, d)
-        racks, count = kept.candidates(s, d)
+        best_of = self._kept_candidates(t, spec)
+        best_of.judge(s, d)
+        racks, count = best_of.candidates(s, d)
         if count <= 1:
-            return None if count == 0 else kept.only(racks)
+            return None if count == 0 else best_of.only(racks)
         values = self._prices_now(spec)
         if self._scarce():  # a model-restricted shape seen: a cost over the whole cluster
             return self._best_node(d, node_fit(s, d).slots)
-        kept.rank(s, (self.workload.version, -1 if values is None else self._prices_generation),
-                  lambda nodes: self._node_keys(t, spec, nodes, values))
-        best, keys = kept.ranking_keys(s, t, racks)
+        prices = -1 if values is None else self._prices_generation
+        best_of.rank(s, (self.workload.version, prices),
+                     lambda nodes: self._node_keys(t, spec, nodes, values))
+        best, keys = best_of.ranking_keys(s, t, racks)
         node = int(best[lexmin(keys)])
         if spec.fractional and spec.accelerators > 0:  # as `_best_node` notes it
             pick = self._kept_scores(t, spec, np.array([node]), values).pick
@@ -462,16 +457,11 @@ class Placer:
     def _kept_candidates(self, t: int, spec: ShardSpec) -> RackBest:
         key = (t, spec.accelerators, spec.accelerator_milli, spec.hbm_gib, spec.cpu_milli,
                spec.memory_mib, spec.accelerator_models)
-        kept = self._rack_best.get(key)
-        if kept is None:
-            if self._rack_order is None:
-                self._rack_order = RackOrder.of(self.state.topo)
-            kept = self._rack_best[key] = RackBest(self._rack_order, self.state.topo.n_nodes)
-            if len(self._rack_best) > SHAPES_KEPT:
-                self._rack_best.popitem(last=False)
-        else:
-            self._rack_best.move_to_end(key)
-        return kept
+        if self._rack_order is None:
+            self._rack_order = RackOrder.of(self.state.topo)
+        order = self._rack_order
+        return kept(self._rack_best, key, lambda: RackBest(order, self.state.topo.n_nodes),
+                    SHAPES_KEPT)
 
     def _node_keys(self, t: int, spec: ShardSpec, nodes: np.ndarray,
                    values: PairingValues | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from itertools import chain, count
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -24,6 +25,23 @@ from scheduler.topology import UNLIMITED, Topology
 # original's stamps (same occupancy) and each later change draws a fresh one, so equal stamps
 # always mean an equal node, whichever state a cache was filled from.
 _stamps = count(1)
+
+
+Kept = TypeVar("Kept")
+
+
+def kept(cache: "OrderedDict[Hashable, Kept]", key: Hashable, make: Callable[[], Kept],
+         limit: int) -> Kept:
+    """`cache[key]` (made if missing), marked most recently used; beyond `limit` entries the
+    least recently used goes (the per-shape tables of filters and placer)."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        if len(cache) > limit:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
 
 
 def stamp_now() -> int:
