@@ -63,7 +63,9 @@ class RackBest:
         self.count = np.zeros(n_racks, dtype=np.int64)  # admitted nodes per rack
         self.judged = 0  # stamps below this are judged (0: none)
         self.keys_for: object = None  # what the keys were computed under (see `rank`)
-        self.ranked = 0  # stamps below this are ranked
+        self.ranked = 0  # stamps below this were seen by `rank` (0: never)
+        self.scored_at = np.zeros(n_nodes, dtype=np.int64)  # per node, the stamp keyed at
+        self.ranked_ok = np.zeros(n_racks, dtype=bool)  # per rack, `best` is up to date
         self.delta = np.zeros(n_nodes)
         self.left = np.zeros(n_nodes, dtype=np.int64)
         self.cpu = np.zeros(n_nodes)
@@ -92,22 +94,32 @@ class RackBest:
         nodes, _ = self.order.nodes_of(np.flatnonzero(racks & (self.count > 0)))
         return int(nodes[self.admitted[nodes]][0])
 
-    def rank(self, state: ClusterState, keys_for: object, node_keys: NodeKeys) -> None:
-        """Bring the keys and every rack's best node up to date: all of them when `keys_for`
-        (the workload snapshot and prices the keys depend on) changed, else those of nodes
-        changed since (the admitted nodes are judged already)."""
-        if keys_for != self.keys_for or not self.ranked:
-            racks = np.arange(len(self.best))
-            changed = np.flatnonzero(self.admitted)
-        else:
+    def rank(self, state: ClusterState, keys_for: object, racks: np.ndarray,
+             node_keys: NodeKeys) -> None:
+        """Bring the best node of these racks (a mask) up to date, and the keys of their
+        admitted nodes that changed since scored (the admitted nodes are judged already).
+        When `keys_for` (the workload snapshot and prices the keys depend on) changed, every
+        key is stale; racks not asked for are ranked when first asked (as the full ranking
+        scores only the nodes with a slot)."""
+        if keys_for != self.keys_for:
+            self.keys_for = keys_for
+            self.scored_at[:] = 0
+            self.ranked_ok[:] = False
+        elif self.ranked:
             moved = np.flatnonzero(state.node_version >= self.ranked)
-            racks = np.unique(state.topo.node_rack[moved])
-            changed = moved[self.admitted[moved]]
-        self.keys_for, self.ranked = keys_for, stamp_now()
-        if len(changed):
-            self.delta[changed], self.left[changed], self.cpu[changed] = node_keys(changed)
-        if len(racks):
-            self._rank_racks(racks)
+            self.ranked_ok[state.topo.node_rack[moved]] = False
+        self.ranked = stamp_now()
+        todo = np.flatnonzero(racks & ~self.ranked_ok)
+        if len(todo) == 0:
+            return
+        nodes, _ = self.order.nodes_of(todo)
+        nodes = nodes[self.admitted[nodes]]
+        stale = nodes[self.scored_at[nodes] != state.node_version[nodes]]
+        if len(stale):
+            self.delta[stale], self.left[stale], self.cpu[stale] = node_keys(stale)
+            self.scored_at[stale] = state.node_version[stale]
+        self._rank_racks(todo)
+        self.ranked_ok[todo] = True
 
     def _rank_racks(self, racks: np.ndarray) -> None:
         """The best admitted node of each of these racks under the node keys (-1: none):

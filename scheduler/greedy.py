@@ -444,7 +444,7 @@ class Placer:
         if self._scarce():  # a model-restricted shape seen: a cost over the whole cluster
             return self._best_node(d, node_fit(s, d).slots)
         prices = -1 if values is None else self._prices_generation
-        best_of.rank(s, (self.workload.version, prices),
+        best_of.rank(s, (self.workload.version, prices), racks,
                      lambda nodes: self._node_keys(t, spec, nodes, values))
         best, keys = best_of.ranking_keys(s, t, racks)
         node = int(best[lexmin(keys)])
