@@ -144,10 +144,11 @@ class NodeLifecycle:
         if not changes:
             return []
         async with self._db.unit_of_work() as uow:
-            solver_view_changed = await liveness.apply_transitions(uow, changes, now)
-        for change in changes:
+            # Only those written: a change whose node moved on since the read is left out.
+            applied = await liveness.apply_transitions(uow, changes, now)
+        for change in applied:
             log.warning("node %s node=%s why=%s", "evicted" if change.evict else change.health, change.node_id,
                         change.why)
-        if solver_view_changed:
+        if any(change.moves_solver for change in applied):
             self._on_change()
-        return changes
+        return applied

@@ -149,6 +149,12 @@ class Transition:
     evict: bool = False
     was: str | None = None
 
+    @property
+    def moves_solver(self) -> bool:
+        """Written, it changes what the solver sees: a node that takes new shards again, or one
+        whose work is evicted (DOWN alone: the node is still cordoned to it)."""
+        return self.evict or self.health != DOWN
+
 
 def later_contact(stored: datetime | None, heard: datetime | None) -> datetime | None:
     """A node's last contact: the later of its stored one (naive: UTC, as SQLite hands it back) and

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from controller.domain.changes import ClusterChange
-from controller.domain.liveness import DOWN, NodeLiveness, Transition, later_contact
+from controller.domain.liveness import NodeLiveness, Transition, later_contact
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -44,8 +44,8 @@ async def zone_health(uow: UnitOfWork) -> tuple[dict[str, int], dict[str, int]]:
     return await repo.node_health_by_zone(uow.session)
 
 
-async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: datetime) -> bool:
-    """Write the changes; True if the solver's view changed (the reconciler should run).
+async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: datetime) -> list[Transition]:
+    """Write the changes; the ones written (`Transition.moves_solver`: the reconciler should run).
 
     The changes were judged from a read in an earlier unit of work: a change whose node no longer
     has the health it was judged with (`Transition.was`; an eviction: its work evicted already)
@@ -53,16 +53,16 @@ async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: dat
     node suspect itself (its stream ended: a second `node.suspect` event), or the node's agent may
     have said Hello (up again: marking it down would leave a connected node down)."""
     if not changes:
-        return False
+        return []
     held = await repo.count_placements_on_nodes(uow.session, [c.node_id for c in changes if c.evict])
-    solver_view_changed, applied = False, []
+    applied: list[Transition] = []
     for change in changes:
         health = m.NodeHealth(change.health)
         was = m.NodeHealth(change.was) if change.was is not None else None
         if not await repo.set_node_health(uow.session, change.node_id, health,
                                           evicted_at=now if change.evict else None, was=was):
             continue
-        applied.append(change.node_id)
+        applied.append(change)
         if change.evict:
             kind = "node.evicted"
             message = f"{change.why}: its {held.get(change.node_id, 0)} shard(s) are placed again elsewhere"
@@ -71,9 +71,8 @@ async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: dat
             message = change.why
         repo.record_event(uow.session, actor="controller", kind=kind, object_kind="node", object_id=change.node_id,
                           message=message)
-        solver_view_changed |= change.evict or change.health != DOWN  # DOWN alone: still cordoned to it
-    if solver_view_changed:
-        await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(applied))
+    if any(change.moves_solver for change in applied):
+        await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(c.node_id for c in applied))
     await uow.commit()
-    return solver_view_changed
+    return applied
 
