@@ -34,7 +34,8 @@ from collections.abc import Callable, Mapping, Set
 from datetime import datetime, timedelta
 
 from controller.domain.liveness import (
-    DOWN, EvictionLimiter, FlapDamper, LivenessPolicy, Transition, eviction_candidates, health_changes, zone_rates_of,
+    DOWN, UP, EvictionLimiter, FlapDamper, LivenessPolicy, Transition, eviction_candidates, health_changes,
+    zone_rates_of,
 )
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
@@ -141,6 +142,11 @@ class NodeLifecycle:
             log.warning("%d node(s) due for eviction are held back by the zone eviction rates %s", held_back,
                         {z: r for z, r in sorted(rates.items())})
         self._held_back = held_back
+        if any(change.health == UP for change in changes):
+            # A stream that ended since the read (the hub's own mark found the node suspect already
+            # and wrote nothing, so the compare-and-set cannot tell): not marked up while disconnected.
+            connected = self._connected()
+            changes = [change for change in changes if change.health != UP or change.node_id in connected]
         if not changes:
             return []
         async with self._db.unit_of_work() as uow:

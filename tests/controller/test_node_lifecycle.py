@@ -429,3 +429,30 @@ async def test_becoming_the_leader_ends_a_quiet_lifecycle(cluster):
     cycle.lead()
     clocks.advance(1)
     assert await _reads(cycle, cluster) == ([], True)
+
+
+async def test_a_suspect_node_whose_stream_ends_between_the_lifecycle_read_and_its_write_is_not_marked_up(
+        cluster, monkeypatch):
+    """Connected and suspect (its flap damping over): the lifecycle marks it up. Its stream ends
+    after the read: the hub's own mark finds it suspect already and writes nothing, so the health
+    the lifecycle's compare-and-set checks is unchanged; it stays suspect, not up (and given new
+    shards) while disconnected."""
+    clocks = Clocks()
+    victim = "rack-a-n0"
+    async with cluster.unit_of_work() as uow:
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, clocks.wall
+        (await uow.session.get(m.Node, victim)).health = m.NodeHealth.SUSPECT
+        await uow.commit()
+    connected = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"}
+
+    async def stream_ends() -> None:
+        connected.discard(victim)
+        async with cluster.unit_of_work() as uow:
+            assert not await agents.mark_suspect(uow, victim, session_id=None, why="stream ended")
+    _after_the_read(monkeypatch, stream_ends)
+    cycle = lifecycle(cluster, clocks, connected)
+    ups = await _events(cluster, victim, "node.up")
+    assert await cycle.pass_once() == []
+    assert (await health(cluster))[victim] == ("suspect", False)
+    assert await _events(cluster, victim, "node.up") == ups
