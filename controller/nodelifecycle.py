@@ -142,11 +142,14 @@ class NodeLifecycle:
             log.warning("%d node(s) due for eviction are held back by the zone eviction rates %s", held_back,
                         {z: r for z, r in sorted(rates.items())})
         self._held_back = held_back
-        if any(change.health == UP for change in changes):
-            # A stream that ended since the read (the hub's own mark found the node suspect already
-            # and wrote nothing, so the compare-and-set cannot tell): not marked up while disconnected.
+        if changes:
+            # Each change was judged by whether the node's agent was connected at the read (up: it
+            # was; suspect, down, evicted: it was not). One whose stream ended or opened since is left
+            # out: the compare-and-set on health cannot tell when the hub wrote the same health (a
+            # stream's end finds a damped node suspect already; a damped node's Hello keeps it
+            # suspect), and it would mark up a disconnected node or down a connected one.
             connected = self._connected()
-            changes = [change for change in changes if change.health != UP or change.node_id in connected]
+            changes = [change for change in changes if (change.health == UP) == (change.node_id in connected)]
         if not changes:
             return []
         async with self._db.unit_of_work() as uow:

@@ -456,3 +456,30 @@ async def test_a_suspect_node_whose_stream_ends_between_the_lifecycle_read_and_i
     assert await cycle.pass_once() == []
     assert (await health(cluster))[victim] == ("suspect", False)
     assert await _events(cluster, victim, "node.up") == ups
+
+
+async def test_a_suspect_node_back_damped_between_the_lifecycle_read_and_its_write_is_not_marked_down(
+        cluster, monkeypatch):
+    """Suspect and silent past the down grace in the read; its agent says Hello before the write,
+    damped (it flaps): the hub keeps it suspect, so the health the compare-and-set checks is
+    unchanged. It stays suspect, not down while connected."""
+    clocks = Clocks()
+    victim = "rack-a-n0"
+    async with cluster.unit_of_work() as uow:
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, clocks.wall
+        await uow.commit()
+    connected = {"rack-a-n1", "rack-b-n0", "rack-b-n1"}
+    cycle = lifecycle(cluster, clocks, connected)
+    await lose(cluster, victim, clocks.wall)
+    clocks.advance(35)  # past the down grace
+
+    async def back_damped() -> None:  # what a damped Hello writes: the contact, the health kept suspect
+        connected.add(victim)
+        async with cluster.unit_of_work() as uow:
+            node = await uow.session.get(m.Node, victim)
+            node.health, node.last_heartbeat_at = m.NodeHealth.SUSPECT, clocks.wall
+            await uow.commit()
+    _after_the_read(monkeypatch, back_damped)
+    assert await cycle.pass_once() == []
+    assert (await health(cluster))[victim] == ("suspect", False)
