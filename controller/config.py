@@ -134,6 +134,15 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _heartbeat_rate(text: str) -> float:
+    """0 (no cap) or at least one heartbeat a second: a smaller cap would tell agents intervals
+    of days, past the int32 milliseconds of `RegisterResponse.heartbeat_interval_ms`."""
+    value = _non_negative_float(text)
+    if 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (no cap) or at least 1 heartbeat a second, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = _non_negative_float(text)
     if value > 1:
@@ -185,7 +194,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                                                 "shards, takes no new ones (agents are told to beat 3 times per timeout, "
                                                 "less often past --max-heartbeats-per-second; a live stream's last "
                                                 "heartbeat is written every 3 timeouts)")
-    parser.add_argument("--max-heartbeats-per-second", type=_non_negative_float,
+    parser.add_argument("--max-heartbeats-per-second", type=_heartbeat_rate,
                         default=Config.max_heartbeats_per_second, metavar="RATE",
                         help="heartbeats all agents together send a second at most: past RATE x timeout/3 "
                              "connected nodes each agent is told an interval of nodes/RATE seconds, and its stream "

@@ -59,6 +59,9 @@ def test_the_controller_option_and_its_default() -> None:
     assert parse_args(["--max-heartbeats-per-second", "0"]).heartbeat_pacing.interval_ms(100_000) == 3333
     with pytest.raises(SystemExit):
         parse_args(["--max-heartbeats-per-second", "-1"])
+    with pytest.raises(SystemExit):  # intervals of days: past RegisterResponse's int32 milliseconds
+        parse_args(["--max-heartbeats-per-second", "0.01"])
+    assert parse_args(["--max-heartbeats-per-second", "1"]).heartbeat_pacing.interval_ms(100_000) == 100_000_000
 
 
 async def test_the_lifecycle_leaves_alone_connected_nodes_whose_stored_contact_is_within_the_longest_cadence(
