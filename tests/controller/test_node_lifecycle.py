@@ -72,13 +72,19 @@ async def placed(cluster: Database, replicas: int = 2) -> tuple[Reconciler, dict
     return loop, await placements(cluster)
 
 
-async def test_a_silent_node_is_suspect_then_down_then_evicted_and_its_work_placed_again(cluster):
-    clocks = Clocks()
+async def placed_and_lost(cluster: Database, clocks: Clocks) -> tuple[Reconciler, dict, str, NodeLifecycle]:
+    """Two replicas placed, then the node of the first one's stream ends now; the lifecycle of the
+    other nodes (connected)."""
     loop, before = await placed(cluster)
     victim = before[("svc", 0, 0)][0]
     everyone = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - {victim}
     await lose(cluster, victim, clocks.wall)
-    cycle = lifecycle(cluster, clocks, everyone)
+    return loop, before, victim, lifecycle(cluster, clocks, everyone)
+
+
+async def test_a_silent_node_is_suspect_then_down_then_evicted_and_its_work_placed_again(cluster):
+    clocks = Clocks()
+    loop, before, victim, cycle = await placed_and_lost(cluster, clocks)
 
     clocks.advance(20)  # suspect, within the down grace: it keeps its shards
     assert await cycle.pass_once() == []
@@ -327,11 +333,7 @@ async def test_a_node_the_hub_marked_suspect_after_the_lifecycle_read_it_gets_on
 
 async def test_a_node_back_between_the_lifecycle_read_and_its_write_is_not_evicted(cluster, monkeypatch):
     clocks = Clocks()
-    loop, before = await placed(cluster)
-    victim = before[("svc", 0, 0)][0]
-    everyone = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - {victim}
-    await lose(cluster, victim, clocks.wall)
-    cycle = lifecycle(cluster, clocks, everyone)
+    loop, before, victim, cycle = await placed_and_lost(cluster, clocks)
     clocks.advance(35)
     assert [(c.node_id, c.health) for c in await cycle.pass_once()] == [(victim, "down")]
 
