@@ -108,14 +108,6 @@ class Config:
         `max_heartbeats_per_second` (each stream then judged silent by three of its intervals)."""
         return HeartbeatPacing(timeout_s=self.heartbeat_timeout_s, max_per_second=self.max_heartbeats_per_second)
 
-    @property
-    def heartbeat_interval_ms(self) -> int:
-        """The shortest interval agents are told (a cluster below the cap): three heartbeats fit in
-        one timeout. The interval does not change how soon a silent node is found (its stream is
-        ended at the timeout), only how many late heartbeats in a row make a live node suspect: two
-        (docs/benchmarks.md, `beat`)."""
-        return self.heartbeat_pacing.base_interval_ms
-
 
 def _positive_float(text: str) -> float:
     try:

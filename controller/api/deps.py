@@ -23,7 +23,6 @@ class ServiceDeps:
     bus: DeploymentEventBus
     hub: AgentHub
     solve_time_limit_ms: int
-    heartbeat_interval_ms: int
     throttle: SubmitLimits | None = None
     # Raises `NotLeader` (UNAVAILABLE with the leader's address) on a follower: agents go to the leader.
     require_leader: Callable[[], None] = lambda: None

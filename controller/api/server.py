@@ -327,7 +327,7 @@ class ControllerApp:
         deps = ServiceDeps(
             db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
             solve_time_limit_ms=self.config.solve_time_limit_ms,
-            heartbeat_interval_ms=self.config.heartbeat_interval_ms, throttle=self.throttle,
+            throttle=self.throttle,
             require_leader=self.election.require_leader,
             capacity=CapacityCache(), submits=SubmitBatcher(self.db, self.signals, observer=self.metrics),
             deletes=DeleteBatcher(self.db, self.signals),

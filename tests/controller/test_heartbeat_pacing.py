@@ -55,7 +55,7 @@ def test_the_controller_option_and_its_default() -> None:
     assert parse_args([]).heartbeat_pacing == HeartbeatPacing(10.0, 500.0)
     config = parse_args(["--heartbeat-timeout", "6", "--max-heartbeats-per-second", "250"])
     assert config.heartbeat_pacing == HeartbeatPacing(6.0, 250.0)
-    assert config.heartbeat_interval_ms == 2000  # the shortest told: a third of the timeout
+    assert config.heartbeat_pacing.base_interval_ms == 2000  # the shortest told: a third of the timeout
     assert parse_args(["--max-heartbeats-per-second", "0"]).heartbeat_pacing.interval_ms(100_000) == 3333
     with pytest.raises(SystemExit):
         parse_args(["--max-heartbeats-per-second", "-1"])

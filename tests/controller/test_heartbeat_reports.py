@@ -269,7 +269,7 @@ async def test_connected_is_a_live_view_and_last_heard_is_asked_node_by_node(clu
         assert set(view) == {"rack-a-n0"} and opened == 1
         await stream.say(HeartbeatReport(1, 500.0))
         assert hub.streams_changed() == opened
-        heard = ServiceDeps(cluster, None, None, hub, 0, 0).last_heard()  # type: ignore[arg-type]
+        heard = ServiceDeps(cluster, None, None, hub, 0).last_heard()  # type: ignore[arg-type]
         assert dict(heard) == hub.last_heard() and heard["rack-a-n0"] == hub.last_heard()["rack-a-n0"]
         assert heard.get("rack-b-n0") is None
         hub.disconnect("rack-a-n0", "test")
