@@ -199,6 +199,21 @@ def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
         process.stop(max(0.0, deadline - time.monotonic()))
 
 
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine since boot, every core summed (/proc/stat's
+    first line; idle and iowait are not busy): what is left of the machine for the controller."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (total - fields[3] - fields[4]) / tick, total / tick
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process (the bench's clients, watch and scrapes)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _stat(pid: int) -> list[str]:
     """/proc/PID/stat's fields after the command name (state, ppid, ..., utime at 11)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -529,6 +544,11 @@ class Bench:
     cpu_s: float = 0.0      # the controller's and its children's (the decide process)
     child_cpu0: float = 0.0
     child_cpu_s: float = 0.0  # of that, its children's while they ran
+    machine0: tuple[float, float] = (0.0, 0.0)  # machine_cpu_s() when the submits started
+    machine_busy_s: float = 0.0  # the machine's busy CPU since, every core summed
+    machine_all_s: float = 0.0   # ... and all of it (cores x seconds)
+    own0: float = 0.0
+    own_cpu_s: float = 0.0  # this bench process's since
     rss_mib: float = 0.0
     controller_exit: int | None = None
     violations: list[str] | None = None  # None: not graded
@@ -566,6 +586,9 @@ class Bench:
             self.cpu_s = self.controller.cpu_s() - self.cpu0
             self.child_cpu_s = max(self.child_cpu_s, self.controller.children_cpu_s() - self.child_cpu0)
             self.rss_mib = self.controller.peak_rss_mib()
+            busy, total = machine_cpu_s()
+            self.machine_busy_s, self.machine_all_s = busy - self.machine0[0], total - self.machine0[1]
+            self.own_cpu_s = own_cpu_s() - self.own0
         except OSError:
             pass
         if self.started:
@@ -773,6 +796,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
             tasks.append(asyncio.create_task(watch_event_loop(lambda late_s: run.loop_lag_ms.append(late_s * 1000))))
             bench.child_cpu0 = controller.children_cpu_s()
+            bench.machine0, bench.own0 = machine_cpu_s(), own_cpu_s()
             queue = list(reversed(works))
             if args.delete_every:
                 tasks.append(asyncio.create_task(deleter(channel, run, args.delete_every)))
@@ -916,6 +940,9 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
         "controller_children_cpu_s": round(bench.child_cpu_s, 1),
+        # the whole machine over the same span: the fleets are most of busy - controller - bench
+        "machine_busy_cpu_s": round(bench.machine_busy_s, 1), "machine_cpu_s": round(bench.machine_all_s, 1),
+        "bench_cpu_s": round(bench.own_cpu_s, 1),
         "heartbeat_rows_per_s": None if (rows := bench.beat_rows_per_s()) is None else round(rows, 1),
         "nodes_joined_s": round(bench.joined_s, 1), "controller_exit": bench.controller_exit,
         "watches": run.watches, "graded": bench.violations is not None, "reconcile_passes": dict(bench.passes),
@@ -980,6 +1007,8 @@ def report(r: dict[str, Any]) -> str:
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
             f"controller CPU {r['controller_cpu_s']} s (decide process {r['controller_children_cpu_s']} s), "
             f"peak RSS {r['controller_peak_rss_mib']} MiB (the controller's process, not the decide process) | "
+            f"machine busy {r['machine_busy_cpu_s']} of {r['machine_cpu_s']} CPU s (this bench "
+            f"{r['bench_cpu_s']} s; the fleets and anything else most of the rest) | "
             f"heartbeat node-row writes {r['heartbeat_rows_per_s']}/s since the submits began | "
             f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'} | "
