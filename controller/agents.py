@@ -27,7 +27,9 @@ The hub is the only place that knows which agents are connected right now. It
 - tells each agent its heartbeat interval (`HeartbeatPacing`: a third of the heartbeat timeout,
   longer as the connected nodes grow past `max_heartbeats_per_second`), at Register, and judges
   its stream by three of the intervals it told that agent (`AgentSession.timeout_s`, never less
-  than `heartbeat_timeout_s`); once the cluster's interval grew `PACING_STEP` times past the
+  than `heartbeat_timeout_s`), or of the one its agent states in its Hello it follows (told by
+  another leader, or before a restart), bounded (`HeartbeatPacing.stated`; an agent stating more
+  is told the bound); once the cluster's interval grew `PACING_STEP` times past the
   shortest one told, every connected agent told less is told the cluster's on its stream
   (`HeartbeatPolicy`, `_pace_grown`), so the cluster sends at most that many times the cap. An
   agent that ignores it beats more often than it is judged by, which is safe. Intervals shrink
@@ -56,7 +58,7 @@ from typing import Any, Protocol, TypeVar
 
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate, judge
-from controller.errors import MaiaError, Unauthenticated, Unavailable
+from controller.errors import InvalidArgument, MaiaError, Unauthenticated, Unavailable
 from controller.groupcommit import GroupCommit, RetryPacer
 from controller.ratelimit import TokenBucket, rate_limited
 from controller.identity import Principal
@@ -89,7 +91,8 @@ class ShardStateRequest:
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatPolicy:
-    """Sent to an agent: heartbeat every `interval_ms` from now on (the cluster grew)."""
+    """Sent to an agent: heartbeat every `interval_ms` from now on (the cluster grew, or the
+    interval its Hello stated is past what this controller allows)."""
 
     interval_ms: int
 
@@ -194,7 +197,8 @@ class AgentSession:
     state_version: int | None = None
     # The pusher's work besides closing: the node's set changed (`set_due`), the agent must be
     # asked for its full shard state (`ask_state`; `state_asked` once sent, until a full heartbeat),
-    # or told a longer heartbeat interval (`tell_due`: `interval_ms`).
+    # or told a heartbeat interval (`tell_due`: `interval_ms`; a longer one as the cluster grows, or
+    # the bound of what its Hello stated: `_judge`).
     set_due: bool = True
     ask_state: bool = False
     tell_due: bool = False
@@ -405,7 +409,10 @@ class AgentHub:
 
     def _pace(self, session: AgentSession) -> None:
         """A stream opened: tell its agent the cluster's interval if it missed a `_pace_grown`
-        since its Register; then every connected agent, if the cluster's interval grew enough."""
+        since its Register (or stated a shorter one in its Hello); then every connected agent, if
+        the cluster's interval grew enough. Never a shorter one than its agent follows: a new
+        leader's connected nodes are few while the fleet comes over, and telling them its interval
+        would make the agents that state a longer one beat faster than the cap until it grew."""
         current_ms = self._pacing.interval_ms(len(self._sessions))
         if session.interval_ms < self._shortest_ms and current_ms > session.interval_ms:
             self._tell(session, current_ms)
@@ -424,10 +431,25 @@ class AgentHub:
         log.info("heartbeat interval now %d ms for %d connected nodes (%d agents told)", interval_ms,
                  len(self._sessions), told)
 
-    def _told_to(self, node_id: str) -> int:
-        """The interval the node's agent was told at Register (one told by another controller, or
-        before this one started: the shortest, a third of the timeout): its stream is judged by it."""
+    def _told_to(self, node_id: str, stated_ms: int = 0) -> int:
+        """The interval the node's stream is judged by: the one its agent states in its Hello it
+        follows (`stated_ms`; told at a Register or on a stream, here or by another controller),
+        bounded (`HeartbeatPacing.stated`); from an agent that states none (0), the one told at
+        Register here (one told by another controller, or before this one started: the shortest, a
+        third of the timeout)."""
+        if stated_ms > 0:
+            return self._pacing.stated(stated_ms, told_longest_ms=self._longest_ms)
         return self._told_ms.get(node_id, self._pacing.base_interval_ms)
+
+    def _judge(self, node_id: str, session_id: str, stated_ms: int) -> AgentSession:
+        """The session of a stream whose Hello was accepted, judged by `_told_to`; an agent that
+        stated a longer interval than that is told it (`HeartbeatPolicy`). A stated interval longer
+        than any told counts in the longest one (the stored contact's cadence, `_due_beats`)."""
+        told_ms = self._told_to(node_id, stated_ms)
+        self._longest_ms = max(self._longest_ms, told_ms)
+        return AgentSession(node_id, session_id, told_ms, self._pacing.silence_timeout_s(told_ms),
+                            reports=TokenBucket(self._report_rate, self._report_burst),
+                            tell_due=stated_ms > told_ms)
 
     def notify(self, node_ids: Iterable[str]) -> None:
         """The assignment sets of these nodes changed: push them to their agents."""
@@ -544,24 +566,26 @@ class AgentHub:
     # --- one stream --------------------------------------------------------------------------
     async def converse(
         self, who: Principal, node_id: str, session_id: str, inbound: AsyncIterator[Message],
-        convert: Callable[[Message], AgentInbound | None] = _as_is,
+        convert: Callable[[Message], AgentInbound | None] = _as_is, *, heartbeat_interval_ms: int = 0,
     ) -> AsyncIterator[AgentOutbound]:
         """Serve one Connect stream after its Hello (committed with the hellos around it): yields
         the AssignmentSets to send, the requests for the agent's full shard state, and the longer
-        heartbeat intervals it is told (`_pace`). `inbound` is what the agent says after its Hello,
-        each message made a report by `convert` (None: nothing to act on) as the stream's reader
-        takes it: a message crosses no generator of its own. Refused
+        heartbeat intervals it is told (`_pace`). `heartbeat_interval_ms`: the interval the Hello
+        states its agent follows (0: not stated; `_told_to`). `inbound` is what the agent says after
+        its Hello, each message made a report by `convert` (None: nothing to act on) as the stream's
+        reader takes it: a message crosses no generator of its own. Refused
         UNAVAILABLE once `close_all` began, with no session opened: a session opened then would be
         closed by no one, and cut only when the server's grace ends (its agent should go to the next
         leader now). A hello that arrives after it is refused before it is written; one whose write
         was under way is refused when it returns."""
         self._refuse_when_stopping(node_id)
+        if heartbeat_interval_ms < 0:
+            raise InvalidArgument(f"hello.heartbeat_interval_ms must be 0 (not stated) or positive, got "
+                                  f"{heartbeat_interval_ms}")
         damped = self._damper.returns_damped(node_id, time.monotonic())
         changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
         self._refuse_when_stopping(node_id)
-        told_ms = self._told_to(node_id)
-        session = AgentSession(node_id, session_id, told_ms, self._pacing.silence_timeout_s(told_ms),
-                               reports=TokenBucket(self._report_rate, self._report_burst))
+        session = self._judge(node_id, session_id, heartbeat_interval_ms)
         previous = self._sessions.get(node_id)
         if previous is not None:
             previous.close("superseded by a newer session", mark_down=False)

@@ -2,7 +2,8 @@
 
 The conversation itself lives in `controller.agents.AgentHub`; this servicer only converts
 messages (the hub's sets, state requests and heartbeat intervals to `ControllerMessage`s) and
-checks that a stream starts with a Hello. Agents talk to the leader only: a
+checks that a stream starts with a Hello (whose stated heartbeat interval the hub judges the
+stream by). Agents talk to the leader only: a
 follower answers UNAVAILABLE with the leader's address in the `maia-leader` trailing metadata.
 """
 
@@ -70,7 +71,8 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
         if first.WhichOneof("body") != "hello":
             raise FailedPrecondition("the first message on Connect must be Hello (node_id, session_id)")
         outbound = self._deps.hub.converse(current_principal(), first.hello.node_id, first.hello.session_id,
-                                           messages, _inbound)
+                                           messages, _inbound,
+                                           heartbeat_interval_ms=first.hello.heartbeat_interval_ms)
         try:
             async for item in outbound:
                 yield _outbound(item)

@@ -53,6 +53,10 @@ MIN_HEARTBEAT_INTERVAL_MS = 100
 # shortest one told to any connected agent (`HeartbeatPacing.grown`): the cluster then sends at most
 # this many times `max_per_second`, and each agent is told anew at most every such step.
 PACING_STEP = 1.5
+# The largest cluster whose interval an agent may state in its Hello (`HeartbeatPacing.stated`):
+# four times the largest fleet measured on one controller (16,384 nodes, docs/scaling.md). At the
+# default 500 heartbeats a second: a 131 s interval, a 393 s silence timeout at most.
+STATED_INTERVAL_NODES_MAX = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,21 @@ class HeartbeatPacing:
     def silence_timeout_s(self, interval_ms: int) -> float:
         """How long the stream of an agent told `interval_ms` may stay silent."""
         return max(self.timeout_s, BEATS_PER_TIMEOUT * interval_ms / 1000)
+
+    @property
+    def longest_interval_ms(self) -> int:
+        """The longest interval this pacing tells a cluster it supports (`STATED_INTERVAL_NODES_MAX`
+        nodes; without a cap, the base interval whatever the size)."""
+        return self.interval_ms(STATED_INTERVAL_NODES_MAX)
+
+    def stated(self, interval_ms: int, *, told_longest_ms: int = 0) -> int:
+        """The interval to judge a stream by whose agent states it follows `interval_ms` (one this
+        controller did not necessarily tell: another leader's, or one told before a restart): at
+        least the base interval (a stream is never judged silent sooner than the timeout), at most
+        the longest interval this pacing tells, or the longest one it told (`told_longest_ms`), if
+        longer: an agent cannot buy itself more silence than any cluster here could be given."""
+        longest = max(self.longest_interval_ms, told_longest_ms)
+        return min(max(interval_ms, self.base_interval_ms), longest)
 
     @staticmethod
     def grown(shortest_ms: int, current_ms: int) -> bool:

@@ -56,8 +56,11 @@ def status_to_proto(report: ShardReport) -> agent_pb2.ShardStatus:
         power_draw_w=report.power_draw_w)
 
 
-def hello(node_id: str, session_id: str) -> agent_pb2.AgentMessage:
-    return agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id=node_id, session_id=session_id))
+def hello(node_id: str, session_id: str, heartbeat_interval_s: float) -> agent_pb2.AgentMessage:
+    """The stream's first message, stating the heartbeat interval the agent follows (a controller
+    that did not tell it, a new leader, judges the stream by it)."""
+    return agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id=node_id, session_id=session_id,
+                                                        heartbeat_interval_ms=round(heartbeat_interval_s * 1000)))
 
 
 def heartbeat(seq: int, power_draw_w: float, reports: list[ShardReport] | None,

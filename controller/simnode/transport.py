@@ -1,8 +1,9 @@
 """One simulated node over its own gRPC channel: Register, a Connect stream, heartbeats, reconnects.
 
-`SimulatedNode.run()` loops until `stop()`: register (NodeInfo), open Connect, send Hello and a
-first heartbeat, then heartbeat every interval (the Register's, or the one a later HeartbeatPolicy
-on the stream tells: the cluster grew; `--heartbeat-interval` overrides both) while applying each
+`SimulatedNode.run()` loops until `stop()`: register (NodeInfo), open Connect, send Hello (stating
+the interval it beats at now) and a first heartbeat, then heartbeat every interval (the Register's,
+or the one a later HeartbeatPolicy on the stream tells: the cluster grew; `--heartbeat-interval`
+overrides both) while applying each
 AssignmentSet to the `NodeAgent` and sending a ShardStatus for every phase change. When the stream or the
 registration fails it waits a jittered, exponentially growing delay and starts over (the
 shards it runs survive a reconnect, as processes on a real host would). `controller` may list
@@ -339,7 +340,7 @@ class SimulatedNode:
         self.sessions += 1
         outbox: asyncio.Queue = asyncio.Queue()
         self._outbox = outbox
-        outbox.put_nowait(protocol.hello(self.spec.node_id, self.session_id))
+        outbox.put_nowait(protocol.hello(self.spec.node_id, self.session_id, self.heartbeat_interval_s))
         if self._stopping.is_set():
             outbox.put_nowait(_CLOSE)
         call = stub.Connect(self._outbound(outbox), metadata=self._auth())

@@ -1,6 +1,6 @@
 """Heartbeat pacing (domain/liveness.py, `HeartbeatPacing`): the interval agents are told grows
 with the cluster past the cap, a stream's silence timeout is three of its agent's intervals, and
-what is counted in silence timeouts (the stored contact's write cadence, how stale it may be)
+an interval an agent states in its Hello is bounded, and what is counted in silence timeouts (the stored contact's write cadence, how stale it may be)
 follows the longest one told. The wire side: tests/integration/test_api_heartbeat_pacing.py."""
 
 from __future__ import annotations
@@ -40,6 +40,18 @@ def test_the_interval_grows_with_the_nodes_past_the_cap(pacing: HeartbeatPacing,
 def test_a_streams_silence_timeout_is_three_of_its_intervals_never_below_the_timeout(
         interval_ms: int, expected_s: float) -> None:
     assert HeartbeatPacing(10, 1000).silence_timeout_s(interval_ms) == pytest.approx(expected_s)
+
+
+@pytest.mark.parametrize(("pacing", "stated_ms", "told_longest_ms", "expected_ms"), [
+    pytest.param(HeartbeatPacing(10, 500), 32_768, 0, 32_768, id="16,384 nodes' interval: as stated"),
+    pytest.param(HeartbeatPacing(10, 500), 1_000, 0, 3_333, id="below a third of the timeout: that third"),
+    pytest.param(HeartbeatPacing(10, 500), 3_600_000, 0, 131_072, id="an hour: 65,536 nodes' interval at most"),
+    pytest.param(HeartbeatPacing(10, 500), 3_600_000, 200_000, 200_000, id="or the longest one told, if longer"),
+    pytest.param(HeartbeatPacing(10, 0), 32_768, 0, 3_333, id="no cap: never longer than a third of the timeout"),
+])
+def test_a_stated_interval_is_bounded_by_what_the_pacing_could_tell(
+        pacing: HeartbeatPacing, stated_ms: int, told_longest_ms: int, expected_ms: int) -> None:
+    assert pacing.stated(stated_ms, told_longest_ms=told_longest_ms) == expected_ms
 
 
 def test_the_stored_contacts_cadence_and_staleness_count_the_longest_silence_timeout() -> None:

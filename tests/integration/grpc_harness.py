@@ -233,10 +233,12 @@ class HandAgent:
                 return
             yield message
 
-    async def connect(self, session_id: str | None = None) -> None:
+    async def connect(self, session_id: str | None = None, *, heartbeat_interval_ms: int = 0) -> None:
+        """Open Connect with a Hello (stating `heartbeat_interval_ms`; 0: none, as older agents)."""
         self.call = self.stubs.agent.Connect(self._outbound())
         self.send(agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id=self.info.node_id,
-                                                               session_id=session_id or self.session_id)))
+                                                               session_id=session_id or self.session_id,
+                                                               heartbeat_interval_ms=heartbeat_interval_ms)))
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:

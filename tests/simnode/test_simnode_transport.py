@@ -24,12 +24,14 @@ class FakeController(agent_pb2_grpc.NodeAgentServiceServicer):
         self.outgoing: asyncio.Queue = asyncio.Queue()
         self.streams_opened = 0
         self.streams_closed_by_client = 0
+        self.register_interval_ms = 200  # the interval a Register tells
 
     async def Register(self, request, context):  # noqa: N802 (gRPC naming)
         self.registrations.append(request.node)
         self.peers.append(context.peer())
         return agent_pb2.RegisterResponse(node_id=request.node.node_id,
-                                          session_id=f"s{len(self.registrations)}", heartbeat_interval_ms=200)
+                                          session_id=f"s{len(self.registrations)}",
+                                          heartbeat_interval_ms=self.register_interval_ms)
 
     async def Connect(self, request_iterator, context) -> AsyncIterator[agent_pb2.ControllerMessage]:  # noqa: N802
         self.streams_opened += 1
@@ -213,6 +215,33 @@ async def test_a_node_beats_at_the_interval_the_controller_tells_on_its_stream(
     await asyncio.sleep(1.0)
     assert len(controller.heartbeats()) - sent <= 1
     node.stop()
+    await asyncio.wait_for(task, timeout=5)
+
+
+async def test_a_hello_states_the_interval_the_node_beats_at(fake: tuple[FakeController, str]) -> None:
+    """Each stream's Hello states the interval the node follows then: its Register's (a Register
+    again after a HeartbeatPolicy was adopted supersedes it), or the one `--heartbeat-interval` fixed."""
+    controller, address = fake
+    node = SimulatedNode(NodeSpec("rack-00-n06", "rack-00"), address, load_delay_s=0.0,
+                         backoff=Backoff(initial_s=0.05, maximum_s=0.1))
+    task = asyncio.create_task(node.run())
+    await wait_until(lambda: len(controller.hellos()) == 1)
+    assert controller.hellos()[0].heartbeat_interval_ms == 200
+    await controller.outgoing.put(agent_pb2.ControllerMessage(
+        heartbeat_policy=agent_pb2.HeartbeatPolicy(heartbeat_interval_ms=60_000)))
+    await wait_until(lambda: node.heartbeat_interval_s == 60.0)
+    controller.register_interval_ms = 7_000
+    await controller.outgoing.put("abort")
+    await wait_until(lambda: len(controller.hellos()) == 2)
+    assert controller.hellos()[1].heartbeat_interval_ms == 7_000
+    node.stop()
+    await asyncio.wait_for(task, timeout=5)
+
+    fixed = SimulatedNode(NodeSpec("rack-00-n07", "rack-00"), address, load_delay_s=0.0, heartbeat_interval_s=0.5)
+    task = asyncio.create_task(fixed.run())
+    await wait_until(lambda: len(controller.hellos()) == 3)
+    assert controller.hellos()[2].heartbeat_interval_ms == 500
+    fixed.stop()
     await asyncio.wait_for(task, timeout=5)
 
 

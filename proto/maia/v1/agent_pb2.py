@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from maia.v1 import common_pb2 as maia_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13maia/v1/agent.proto\x12\x07maia.v1\x1a\x14maia/v1/common.proto\"\xaf\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0c\n\x04rack\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x04 \x01(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_model\x18\x05 \x01(\t\x12\x0f\n\x07hbm_gib\x18\x06 \x01(\x01\x12\x11\n\tcpu_milli\x18\x07 \x01(\x03\x12\x12\n\nmemory_mib\x18\x08 \x01(\x03\x12\x14\n\x0cidle_power_w\x18\t \x01(\x01\x12-\n\x06labels\x18\n \x03(\x0b\x32\x1d.maia.v1.NodeInfo.LabelsEntry\x12\x15\n\ragent_version\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x0fRegisterRequest\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.maia.v1.NodeInfo\x12\x1b\n\x13\x63redential_proposal\x18\x02 \x01(\t\"o\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x05\x12\x17\n\x0fnode_credential\x18\x04 \x01(\t\"\x8e\x01\n\x0c\x41gentMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.maia.v1.HelloH\x00\x12\'\n\theartbeat\x18\x02 \x01(\x0b\x32\x12.maia.v1.HeartbeatH\x00\x12,\n\x0cshard_status\x18\x03 \x01(\x0b\x32\x14.maia.v1.ShardStatusH\x00\x42\x06\n\x04\x62ody\",\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x89\x01\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x14\n\x0cpower_draw_w\x18\x02 \x01(\x01\x12$\n\x06shards\x18\x03 \x03(\x0b\x32\x14.maia.v1.ShardStatus\x12\x1b\n\x13shard_state_version\x18\x04 \x01(\x04\x12\x16\n\x0eshards_omitted\x18\x05 \x01(\x08\"\xb0\x01\n\x0bShardStatus\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12\"\n\x05phase\x18\x05 \x01(\x0e\x32\x13.maia.v1.ShardPhase\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x14\n\x0cpower_draw_w\x18\x07 \x01(\x01\x12\x0e\n\x06tenant\x18\x08 \x01(\t\"\xbb\x01\n\x11\x43ontrollerMessage\x12-\n\x0b\x61ssignments\x18\x01 \x01(\x0b\x32\x16.maia.v1.AssignmentSetH\x00\x12\x39\n\x13shard_state_request\x18\x02 \x01(\x0b\x32\x1a.maia.v1.ShardStateRequestH\x00\x12\x34\n\x10heartbeat_policy\x18\x03 \x01(\x0b\x32\x18.maia.v1.HeartbeatPolicyH\x00\x42\x06\n\x04\x62ody\"0\n\x0fHeartbeatPolicy\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x05\"\x13\n\x11ShardStateRequest\"M\n\rAssignmentSet\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12(\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x13.maia.v1.Assignment\"\xda\x01\n\nAssignment\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\x05\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x1a\n\x12shards_per_replica\x18\x05 \x01(\x05\x12\x1b\n\x13\x61\x63\x63\x65lerator_indices\x18\x06 \x03(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_milli\x18\x07 \x01(\x05\x12 \n\x04spec\x18\x08 \x01(\x0b\x32\x12.maia.v1.ShardSpec\x12\x12\n\ngeneration\x18\t \x01(\x03\x32\x95\x01\n\x10NodeAgentService\x12?\n\x08Register\x12\x18.maia.v1.RegisterRequest\x1a\x19.maia.v1.RegisterResponse\x12@\n\x07\x43onnect\x12\x15.maia.v1.AgentMessage\x1a\x1a.maia.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13maia/v1/agent.proto\x12\x07maia.v1\x1a\x14maia/v1/common.proto\"\xaf\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0c\n\x04rack\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x04 \x01(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_model\x18\x05 \x01(\t\x12\x0f\n\x07hbm_gib\x18\x06 \x01(\x01\x12\x11\n\tcpu_milli\x18\x07 \x01(\x03\x12\x12\n\nmemory_mib\x18\x08 \x01(\x03\x12\x14\n\x0cidle_power_w\x18\t \x01(\x01\x12-\n\x06labels\x18\n \x03(\x0b\x32\x1d.maia.v1.NodeInfo.LabelsEntry\x12\x15\n\ragent_version\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x0fRegisterRequest\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.maia.v1.NodeInfo\x12\x1b\n\x13\x63redential_proposal\x18\x02 \x01(\t\"o\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x05\x12\x17\n\x0fnode_credential\x18\x04 \x01(\t\"\x8e\x01\n\x0c\x41gentMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.maia.v1.HelloH\x00\x12\'\n\theartbeat\x18\x02 \x01(\x0b\x32\x12.maia.v1.HeartbeatH\x00\x12,\n\x0cshard_status\x18\x03 \x01(\x0b\x32\x14.maia.v1.ShardStatusH\x00\x42\x06\n\x04\x62ody\"K\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x05\"\x89\x01\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x14\n\x0cpower_draw_w\x18\x02 \x01(\x01\x12$\n\x06shards\x18\x03 \x03(\x0b\x32\x14.maia.v1.ShardStatus\x12\x1b\n\x13shard_state_version\x18\x04 \x01(\x04\x12\x16\n\x0eshards_omitted\x18\x05 \x01(\x08\"\xb0\x01\n\x0bShardStatus\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12\"\n\x05phase\x18\x05 \x01(\x0e\x32\x13.maia.v1.ShardPhase\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x14\n\x0cpower_draw_w\x18\x07 \x01(\x01\x12\x0e\n\x06tenant\x18\x08 \x01(\t\"\xbb\x01\n\x11\x43ontrollerMessage\x12-\n\x0b\x61ssignments\x18\x01 \x01(\x0b\x32\x16.maia.v1.AssignmentSetH\x00\x12\x39\n\x13shard_state_request\x18\x02 \x01(\x0b\x32\x1a.maia.v1.ShardStateRequestH\x00\x12\x34\n\x10heartbeat_policy\x18\x03 \x01(\x0b\x32\x18.maia.v1.HeartbeatPolicyH\x00\x42\x06\n\x04\x62ody\"0\n\x0fHeartbeatPolicy\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x05\"\x13\n\x11ShardStateRequest\"M\n\rAssignmentSet\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12(\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x13.maia.v1.Assignment\"\xda\x01\n\nAssignment\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\x05\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x1a\n\x12shards_per_replica\x18\x05 \x01(\x05\x12\x1b\n\x13\x61\x63\x63\x65lerator_indices\x18\x06 \x03(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_milli\x18\x07 \x01(\x05\x12 \n\x04spec\x18\x08 \x01(\x0b\x32\x12.maia.v1.ShardSpec\x12\x12\n\ngeneration\x18\t \x01(\x03\x32\x95\x01\n\x10NodeAgentService\x12?\n\x08Register\x12\x18.maia.v1.RegisterRequest\x1a\x19.maia.v1.RegisterResponse\x12@\n\x07\x43onnect\x12\x15.maia.v1.AgentMessage\x1a\x1a.maia.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,21 +45,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTMESSAGE']._serialized_start=555
   _globals['_AGENTMESSAGE']._serialized_end=697
   _globals['_HELLO']._serialized_start=699
-  _globals['_HELLO']._serialized_end=743
-  _globals['_HEARTBEAT']._serialized_start=746
-  _globals['_HEARTBEAT']._serialized_end=883
-  _globals['_SHARDSTATUS']._serialized_start=886
-  _globals['_SHARDSTATUS']._serialized_end=1062
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1065
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1252
-  _globals['_HEARTBEATPOLICY']._serialized_start=1254
-  _globals['_HEARTBEATPOLICY']._serialized_end=1302
-  _globals['_SHARDSTATEREQUEST']._serialized_start=1304
-  _globals['_SHARDSTATEREQUEST']._serialized_end=1323
-  _globals['_ASSIGNMENTSET']._serialized_start=1325
-  _globals['_ASSIGNMENTSET']._serialized_end=1402
-  _globals['_ASSIGNMENT']._serialized_start=1405
-  _globals['_ASSIGNMENT']._serialized_end=1623
-  _globals['_NODEAGENTSERVICE']._serialized_start=1626
-  _globals['_NODEAGENTSERVICE']._serialized_end=1775
+  _globals['_HELLO']._serialized_end=774
+  _globals['_HEARTBEAT']._serialized_start=777
+  _globals['_HEARTBEAT']._serialized_end=914
+  _globals['_SHARDSTATUS']._serialized_start=917
+  _globals['_SHARDSTATUS']._serialized_end=1093
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1096
+  _globals['_CONTROLLERMESSAGE']._serialized_end=1283
+  _globals['_HEARTBEATPOLICY']._serialized_start=1285
+  _globals['_HEARTBEATPOLICY']._serialized_end=1333
+  _globals['_SHARDSTATEREQUEST']._serialized_start=1335
+  _globals['_SHARDSTATEREQUEST']._serialized_end=1354
+  _globals['_ASSIGNMENTSET']._serialized_start=1356
+  _globals['_ASSIGNMENTSET']._serialized_end=1433
+  _globals['_ASSIGNMENT']._serialized_start=1436
+  _globals['_ASSIGNMENT']._serialized_end=1654
+  _globals['_NODEAGENTSERVICE']._serialized_start=1657
+  _globals['_NODEAGENTSERVICE']._serialized_end=1806
 # @@protoc_insertion_point(module_scope)
