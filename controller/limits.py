@@ -161,8 +161,9 @@ QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error messag
 # 500: at 4,096 nodes agents beat every ~8 s (1,235 -> 571 heartbeats/s measured) and a hung agent
 # is found in ~25 s (Kubernetes' node-monitor grace: 40 s); with agents beating ~400 times a second
 # instead of ~1,280 a saturated controller placed ~35 % more deployments a second (docs/benchmarks.md,
-# 2026-12-02 morning). Past 5,000 nodes a new leader finds nodes that never came over later than its
-# restart grace (`domain.liveness.CONTACT_WRITE_TIMEOUTS`).
+# 2026-12-02 morning). A new leader finds nodes that never came over at the end of its restart grace
+# whatever the interval (`controller/nodelifecycle.py`), and judges each agent's stream by the
+# interval its Hello states (`domain.liveness.HeartbeatPacing.stated`).
 MAX_HEARTBEATS_PER_SECOND = 500.0
 SUBMITS_PER_MINUTE = 120.0          # per tenant, burst the same
 DRY_RUNS_PER_MINUTE = 30.0          # per tenant

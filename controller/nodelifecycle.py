@@ -12,8 +12,14 @@ timeout), never by its stored last contact, which the hub writes only every
 (`silence_timeout_s`) while the stream lives. A node whose stream ended on this
 leader's watch is judged by the last heartbeat the hub saw (`released`), read by id while its stored
 time may still look fresh; any other node up whose stored time is older than
-`stored_contact_stale_for` that timeout is read too (a new leader's nodes that never came over: by the end of the
-restart grace, which counts silence from the leader's start, not from that stored time).
+`stored_contact_stale_for` that timeout is read too, and once the restart grace is over every node
+up whose stored time is older than this leader's start (`_silent_before`): a new leader's nodes that
+never came over are found at the end of the grace, which counts silence from the leader's start,
+however fresh their stored time looks. (It may be a cadence old, or fresh: written by the old
+leader just before it went. Those nodes must be read then, not once their stored time grows
+stale: a cadence of three silence timeouts is ~300 s at 16,384 nodes paced at 500 heartbeats a
+second, well past the 120 s grace. A node that came over said Hello here, which wrote its stored
+time after this leader's start.)
 
 A pass whose read found no node a rule could change leaves the next passes nothing to read while
 nothing that could make one happened here (`streams`: the hub's count of streams opened and
@@ -108,6 +114,12 @@ class NodeLifecycle:
         quiet_streams, quiet_at = self._quiet
         return streams == quiet_streams and mono - quiet_at < self._policy.heartbeat_timeout_s
 
+    def _silent_before(self, stale: datetime, past_grace: bool) -> datetime:
+        """The stored time before which a node up is read: `stale` (a live stream's stored time is
+        never older), and once the restart grace is over this leader's start at least (a node not
+        heard from since then never came over: module docstring)."""
+        return max(stale, self._started) if past_grace else stale
+
     async def pass_once(self) -> list[Transition]:
         """One pass: the transitions written (evictions included)."""
         now, mono = self._wall_clock(), self._clock()
@@ -122,12 +134,13 @@ class NodeLifecycle:
         recent = [node_id for node_id, at in heard.items() if at >= silent_before]
         if len(recent) > RECENT_BY_ID_MAX:  # streams ended by the thousand: every node silent for a timeout
             recent, silent_before = [], now - timedelta(seconds=self._policy.heartbeat_timeout_s)
+        past_grace = (now - self._started).total_seconds() >= self._policy.restart_grace_s
+        silent_before = self._silent_before(silent_before, past_grace)
         async with self._db.unit_of_work() as uow:
             nodes = await liveness.read_liveness(uow, self._connected(), silent_before=silent_before, heard=heard,
                                                  recent=recent)
             due = eviction_candidates(nodes, now, self._started, self._policy)
             total, unhealthy = await liveness.zone_health(uow) if due else ({}, {})
-        past_grace = (now - self._started).total_seconds() >= self._policy.restart_grace_s
         self._quiet = (streams, mono) if streams is not None and not nodes and past_grace else None
         changes = health_changes(nodes, now, self._started, self._policy, self._damper.damped(mono))
         rates = zone_rates_of(total, unhealthy, self._policy)

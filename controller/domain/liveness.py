@@ -22,7 +22,8 @@ The Kubernetes node-lifecycle lessons, as rules over plain values (no database, 
   heartbeat interval and a flush), so the stored time of a connected node may be that stale; the
   leader judges a node whose stream ended on its watch by what it saw itself (its last heartbeat,
   in memory), and a new leader counts silence from its own start (the restart grace), never from a
-  stale stored time;
+  stale stored time, and judges every node not heard from since its start at the grace's end,
+  however fresh its stored time (`NodeLifecycle`): a node that came over said Hello to it;
 - a node that comes back before its eviction keeps its shards (nothing is reshuffled); a node
   that keeps dropping is damped (`FlapDamper`): it comes back SUSPECT (connected, holding its
   shards, taking no new ones) until its penalty decays.
@@ -41,11 +42,10 @@ from controller.ratelimit import TokenBucket
 UP, SUSPECT, DOWN = "up", "suspect", "down"
 # A connected node's stored last contact is written at most every this many heartbeat timeouts
 # (the longest silence timeout told, `HeartbeatPacing`): with the timeout added
-# (`LivenessPolicy.stored_contact_stale_s`), 40 s at the default 10 s timeout and 120 s at 30 s,
-# within the default restart grace (a new leader's nodes that never come over are found stale at
-# its end). A cluster whose paced silence timeout passes 30 s (more than 5,000 nodes at the
-# default 500 heartbeats a second) finds them later than that: up to that stale time after
-# their last written contact.
+# (`LivenessPolicy.stored_contact_stale_s`), 40 s at the default 10 s timeout, ~390 s at 16,384
+# nodes paced at the default 500 heartbeats a second. A new leader does not wait for it: at the end
+# of its restart grace it judges every node it has not heard from since it began to lead, whatever
+# its stored time (`controller/nodelifecycle.py`).
 CONTACT_WRITE_TIMEOUTS = 3.0
 BEATS_PER_TIMEOUT = 3  # heartbeats an agent is told to send per silence timeout
 MIN_HEARTBEAT_INTERVAL_MS = 100

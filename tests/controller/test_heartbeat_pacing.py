@@ -1,7 +1,9 @@
 """Heartbeat pacing (domain/liveness.py, `HeartbeatPacing`): the interval agents are told grows
-with the cluster past the cap, a stream's silence timeout is three of its agent's intervals, and
-an interval an agent states in its Hello is bounded, and what is counted in silence timeouts (the stored contact's write cadence, how stale it may be)
-follows the longest one told. The wire side: tests/integration/test_api_heartbeat_pacing.py."""
+with the cluster past the cap, a stream's silence timeout is three of its agent's intervals, an
+interval an agent states in its Hello is bounded, and what is counted in silence timeouts (the
+stored contact's write cadence, how stale it may be) follows the longest one told; a new leader
+finds the nodes that never came over at the end of its restart grace, however long the cadence.
+The wire side: tests/integration/test_api_heartbeat_pacing.py, test_api_hello_interval.py."""
 
 from __future__ import annotations
 
@@ -80,8 +82,10 @@ async def test_the_lifecycle_leaves_alone_connected_nodes_whose_stored_contact_i
         cluster, monkeypatch) -> None:  # noqa: ANN001
     """Nodes told a 10 s interval (a 30 s silence timeout) have their stored contact written every
     90 s: a pass reads none of them while it is younger than that and a timeout (it would read
-    all four, every second, at the heartbeat timeout's 40 s)."""
+    all four, every second, at the heartbeat timeout's 40 s). The leader leads since before they
+    came over (their Hellos wrote a stored time after its start)."""
     wall = datetime.now(timezone.utc)
+    clock = [wall - timedelta(seconds=200)]
     async with cluster.unit_of_work() as uow:
         for node in (await uow.session.execute(select(m.Node))).scalars():
             node.health, node.last_heartbeat_at = m.NodeHealth.UP, wall - timedelta(seconds=100)
@@ -97,6 +101,35 @@ async def test_the_lifecycle_leaves_alone_connected_nodes_whose_stored_contact_i
     monkeypatch.setattr(nodelifecycle.liveness, "read_liveness", spy)
     everyone = frozenset({"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"})
     cycle = NodeLifecycle(cluster, POLICY, connected=lambda: everyone, damper=FlapDamper(), on_change=lambda: None,
-                          silence_timeout_s=lambda: 30.0, wall_clock=lambda: wall)
+                          silence_timeout_s=lambda: 30.0, wall_clock=lambda: clock[0])
+    clock[0] = wall
     assert await cycle.pass_once() == []
     assert read == [set()]
+
+
+async def test_a_new_leader_finds_the_nodes_that_never_came_over_when_its_restart_grace_ends(
+        cluster) -> None:  # noqa: ANN001
+    """16,384 nodes at 500 heartbeats a second: told ~33 s, a ~98 s silence timeout, the stored
+    contact written every ~295 s and read as stale past ~393 s. The old leader wrote two nodes'
+    stored contact just before it went; they never come over. Past the new leader's restart grace
+    (120 s) they are suspect, their silence counted from its start, not ~390 s after that write;
+    the two nodes that came over (connected, up) are left alone."""
+    pacing = HeartbeatPacing(10, 500)
+    policy = LivenessPolicy(heartbeat_timeout_s=10, restart_grace_s=120)
+    silence_timeout_s = pacing.silence_timeout_s(pacing.interval_ms(16_384))
+    assert policy.stored_contact_stale_for(silence_timeout_s) > 390
+    clock = [datetime.now(timezone.utc)]
+    async with cluster.unit_of_work() as uow:
+        for node in (await uow.session.execute(select(m.Node))).scalars():
+            node.health, node.last_heartbeat_at = m.NodeHealth.UP, clock[0] - timedelta(seconds=5)
+        await uow.commit()
+    came_over = frozenset({"rack-b-n0", "rack-b-n1"})
+    cycle = NodeLifecycle(cluster, policy, connected=lambda: came_over, damper=FlapDamper(), on_change=lambda: None,
+                          silence_timeout_s=lambda: silence_timeout_s, wall_clock=lambda: clock[0])
+    cycle.lead()
+    clock[0] += timedelta(seconds=policy.restart_grace_s - 1)
+    assert await cycle.pass_once() == []  # within the grace: nobody
+    clock[0] += timedelta(seconds=2)
+    changes = await cycle.pass_once()
+    assert sorted((c.node_id, c.health) for c in changes) == [("rack-a-n0", "suspect"), ("rack-a-n1", "suspect")]
+    assert all("121s" in c.why for c in changes)
