@@ -325,15 +325,19 @@ async def node_health_by_zone(session: AsyncSession) -> tuple[dict[str, int], di
 
 
 async def set_node_health(session: AsyncSession, node_id: str, health: m.NodeHealth, *,
-                          evicted_at: datetime | None = None, was: m.NodeHealth | None = None) -> bool:
+                          evicted_at: datetime | None = None, was: m.NodeHealth | None = None,
+                          session_id: str | None = None) -> bool:
     """Set a node's health (and its eviction time); with `was`, only if its health is still that
-    (and, for an eviction, its work not evicted yet). True if the row changed."""
+    (and, for an eviction, its work not evicted yet); with `session_id`, only if that is still the
+    node's session. One conditional UPDATE: True if the row changed."""
     values: dict[str, object] = {"health": health}
     if evicted_at is not None:
         values["evicted_at"] = evicted_at
     where = [m.Node.id == node_id]
     if was is not None:
         where.append(m.Node.health == was)
+    if session_id is not None:
+        where.append(m.Node.session_id == session_id)
     if evicted_at is not None and was is not None:
         where.append(m.Node.evicted_at.is_(None))
     result = await session.execute(update(m.Node).where(*where).values(**values))

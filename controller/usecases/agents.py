@@ -382,14 +382,15 @@ def _accept_hello(uow: UnitOfWork, h: Hello, row: m.Node | None, now: datetime) 
 
 
 async def mark_suspect(uow: UnitOfWork, node_id: str, *, session_id: str | None, why: str) -> bool:
-    """The node's stream ended: suspect (keeps its shards, takes no new ones) unless a newer
-    session speaks for it; True if it changed."""
-    row = await repo.get_node(uow.session, node_id)
-    if row is None or row.health is not m.NodeHealth.UP:
+    """The node's stream ended: suspect (keeps its shards, takes no new ones) if it is up and
+    `session_id` (None: any) is still its session; True if it changed.
+
+    One conditional UPDATE, not a read and then a write: another unit of work may change the node
+    in between (the node lifecycle marking it suspect itself, or a newer session's Hello: that
+    session owns the node's liveness), and what it wrote is never overwritten."""
+    if not await repo.set_node_health(uow.session, node_id, m.NodeHealth.SUSPECT, was=m.NodeHealth.UP,
+                                      session_id=session_id):
         return False
-    if session_id is not None and row.session_id != session_id:
-        return False  # superseded: the newer session owns the node's liveness
-    row.health = m.NodeHealth.SUSPECT
     await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
     repo.record_event(uow.session, actor="controller", kind="node.suspect", object_kind="node", object_id=node_id,
                       message=why)

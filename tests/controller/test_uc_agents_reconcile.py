@@ -66,6 +66,87 @@ async def test_hello_needs_the_current_session(database):
         assert await agents.mark_suspect(uow, "n1", session_id=second.session_id, why="test") is True
 
 
+def _overtaken_before_its_first_write(uow, meanwhile) -> None:
+    """`meanwhile()` (another unit of work: the hub's Hello, the node lifecycle's mark) commits
+    once, just before `uow` first writes (a write statement, or a flush of changed rows): after
+    whatever `uow` read, where a use case that reads and then writes is overtaken."""
+    session = uow.session
+    due = [meanwhile]
+
+    def changed() -> bool:
+        return bool(session.dirty or session.new or session.deleted)
+
+    def before(method: str, writes) -> None:
+        original = getattr(session, method)
+
+        async def call(*args, **kwargs):
+            if due and writes(*args):
+                await due.pop()()
+            return await original(*args, **kwargs)
+        setattr(session, method, call)
+    for method in ("execute", "scalar", "scalars"):
+        before(method, lambda statement, *_: changed() or getattr(statement, "is_dml", False))
+    for method in ("flush", "commit"):
+        before(method, lambda *_: True)
+
+
+async def _suspect_events(database, node_id: str) -> int:
+    async with database.unit_of_work() as uow:
+        return len((await uow.session.execute(select(m.Event).where(
+            m.Event.object_id == node_id, m.Event.kind == "node.suspect"))).scalars().all())
+
+
+async def _node(database, node_id: str) -> tuple[m.NodeHealth, str]:
+    async with database.unit_of_work() as uow:
+        row = await uow.session.get(m.Node, node_id)
+        return row.health, row.session_id
+
+
+async def _up(database, node_id: str) -> str:
+    """Register `node_id` (rack-a) and say Hello with its session: up. Returns the session."""
+    async with database.unit_of_work() as uow:
+        reg = await agents.register_node(uow, WHO, NodeInfo(node_id, "rack-a", 4), heartbeat_interval_ms=1000)
+    async with database.unit_of_work() as uow:
+        await agents.hello(uow, WHO, node_id, reg.session_id, datetime.now(timezone.utc))
+    return reg.session_id
+
+
+async def test_a_stream_end_overtaken_by_a_newer_sessions_hello_leaves_the_node_up(database):
+    """The old session's stream ended; before its suspect mark is written, the agent registered
+    again and its new session said Hello: the node stays up, of the new session (marked suspect,
+    a connected node would take no new shards until the lifecycle found it heard from)."""
+    await apply_topology(database, {"rack-a": "row-a"})
+    old = await _up(database, "n1")
+    new: list[str] = []
+
+    async def newer_hello() -> None:
+        new.append(await _up(database, "n1"))
+    async with database.unit_of_work() as uow:
+        _overtaken_before_its_first_write(uow, newer_hello)
+        assert await agents.mark_suspect(uow, "n1", session_id=old, why="stream ended") is False
+    assert new and await _node(database, "n1") == (m.NodeHealth.UP, new[0])
+    assert await _suspect_events(database, "n1") == 0
+
+
+async def test_a_stream_end_overtaken_by_the_lifecycles_suspect_mark_writes_nothing(database):
+    """The node lifecycle marked the node suspect (silent) while its stream's end was being
+    written: it stays the lifecycle's one suspect mark, with one event (not a second)."""
+    from controller.domain.liveness import Transition
+    from controller.usecases import liveness
+    await apply_topology(database, {"rack-a": "row-a"})
+    session_id = await _up(database, "n1")
+
+    async def lifecycle_marks() -> None:
+        async with database.unit_of_work() as uow:
+            assert await liveness.apply_transitions(
+                uow, [Transition("n1", "suspect", "silent", was="up")], datetime.now(timezone.utc))
+    async with database.unit_of_work() as uow:
+        _overtaken_before_its_first_write(uow, lifecycle_marks)
+        assert await agents.mark_suspect(uow, "n1", session_id=session_id, why="stream ended") is False
+    assert await _node(database, "n1") == (m.NodeHealth.SUSPECT, session_id)
+    assert await _suspect_events(database, "n1") == 1
+
+
 async def test_hellos_of_a_join_storm_commit_together_each_judged_alone(database):
     """One transaction for many hellos: the good ones mark their nodes up with one generation bump,
     a stale session and an unknown node get their own errors, in their places."""
