@@ -74,7 +74,7 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller import limits
-from controller.aio import wait_event
+from controller.aio import cancel_and_wait, wait_event
 from controller.scheduling.decider import DecideProcess, DeciderFailed, open_in_process
 from controller.scheduling.own_loop import OwnLoop
 from controller.scheduling.warm import WarmCluster
@@ -280,6 +280,7 @@ class Reconciler:
         # reads them (on the controller's loop).
         self._read_views = read_views
         self._publishing: asyncio.Task[None] | None = None  # the last of the publishes in flight (in order)
+        self._publishes: set[asyncio.Task[None]] = set()    # every one in flight (cancelled when `run` ends)
         self._interval = interval_s
         self._time_limit_ms = solve_time_limit_ms
         self._lease = lease or AlwaysLeader()
@@ -374,7 +375,7 @@ class Reconciler:
         RPCs behind a pass's CPU); pushes to nodes and publishes to watchers are handed to the
         controller's loop."""
         if not self._own_thread:
-            await self._run()
+            await self._run_then_stop_publishing()
             return
         own = OwnLoop("reconciler")
         push, publish, db = self._push, self._publish, self._db
@@ -396,10 +397,20 @@ class Reconciler:
         main = self._db
         self._db = self._warm.db = db
         try:
-            await self._run()
+            await self._run_then_stop_publishing()
         finally:
             self._db = self._warm.db = main
             await db.dispose()
+
+    async def _run_then_stop_publishing(self) -> None:
+        """`_run` until cancelled (the controller stops), then the publishes
+        still in flight are cancelled and waited for, whatever the run loop was doing when it was
+        cancelled: one waiting out a database outage (`_read_stored` tries again until the
+        database answers) would otherwise keep going after the stop, on an engine disposed."""
+        try:
+            await self._run()
+        finally:
+            await cancel_and_wait(tuple(self._publishes))
 
     async def _run(self) -> None:
         while True:
@@ -416,10 +427,6 @@ class Reconciler:
                 continue
             try:
                 await self.reconcile_once(wait_published=False)
-            except asyncio.CancelledError:
-                if self._publishing is not None:
-                    self._publishing.cancel()
-                raise
             except LeaseLost as exc:
                 log.warning("reconcile pass discarded: %s", exc)
             except Exception:
@@ -451,15 +458,13 @@ class Reconciler:
         commit's outcome is unknown (`_commit`): watchers are told what is stored (`_as_stored`)."""
         self._publishing = asyncio.get_running_loop().create_task(
             self._publish_after(self._publishing, changed, deleted, time.perf_counter(), unsure=unsure))
+        self._publishes.add(self._publishing)
+        self._publishing.add_done_callback(self._publishes.discard)
 
     async def _publish_after(self, previous: asyncio.Task[None] | None, changed: set[str],
                              deleted: list[DeploymentView], queued: float, *, unsure: bool = False) -> None:
-        if previous is not None:
-            try:
-                await asyncio.wait([previous])
-            except asyncio.CancelledError:  # the run loop cancels the last publish: the chain stops whole
-                previous.cancel()
-                raise
+        if previous is not None:  # cancelled while it waits: `run` ended, and cancels every publish in flight
+            await asyncio.wait([previous])
         try:
             views: list[DeploymentView] = []
             if unsure:

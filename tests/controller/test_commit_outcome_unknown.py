@@ -12,10 +12,12 @@ real connection loss raises it both ways.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from controller.domain.values import DeploymentEvent, DeploymentView
-from controller.reconcile import Reconciler, ViewReader
+from controller.reconcile import MIN_PUBLISH_RETRY_S, Reconciler, ViewReader
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown
 from controller.usecases import deployments
@@ -160,3 +162,56 @@ async def test_a_publish_waits_for_the_database_to_answer(cluster, monkeypatch):
     stored = await _stored(cluster, "t1/svc")
     assert stored is not None and stored.placements
     assert [e.deployment for e in told] == [stored]
+
+
+class _LeadsOnce:
+    """A lease held for the first pass only (a controller following after it): the run loop then
+    waits between passes, where the controller's stop finds it."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def should_run(self) -> bool:
+        self.passes += 1
+        return self.passes == 1
+
+
+def _publishes_running() -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "Reconciler._publish_after"]
+
+
+@pytest.mark.parametrize("own_thread", [False, True], ids=["controller_loop", "own_thread"])
+async def test_a_publish_waiting_out_a_database_outage_ends_with_the_reconciler(cluster, own_thread):
+    """A publish whose read fails while the database does not answer is tried again until it
+    answers (`Reconciler._read_stored`); the reconciler stopped meanwhile (its `run` cancelled, as
+    `ControllerApp.stop` does before it disposes the engine), the publish is cancelled and waited
+    for with it: no read of the database after the stop. (On its own thread the publishes run on
+    that thread's loop, cancelled before its engine is disposed; not among this loop's tasks.)"""
+    reads: list[set[str]] = []
+
+    async def read_views(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:
+        reads.append(keys)
+        raise OSError("connection refused")
+
+    published: list[tuple] = []
+
+    async def publish(*args) -> None:  # noqa: ANN002
+        published.append(args)
+
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=publish, read_views=read_views, lease=_LeadsOnce(),
+                      interval_s=MIN_PUBLISH_RETRY_S, solve_time_limit_ms=60_000, backoff_s=0.0, own_thread=own_thread)
+    await submit(cluster, deployment("svc", accelerators=4, locality="node"))
+    running = asyncio.create_task(loop.run())
+    loop.wake()
+    for _ in range(1000):  # the pass committed; its publish tries again while the database is down
+        if len(reads) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(reads) >= 2 and reads[0] == {"t1/svc"} and bool(_publishes_running()) is not own_thread
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert _publishes_running() == []
+    stopped_at = len(reads)
+    await asyncio.sleep(10 * MIN_PUBLISH_RETRY_S)  # past the next tries it would have made
+    assert len(reads) == stopped_at and published == []
