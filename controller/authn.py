@@ -14,7 +14,8 @@ still the cached one: a revoke (`forget`), a re-read after `cache_ttl_s` or a re
 replace or drop it, and the text is verified afresh. Expiry is checked on every call either
 way. The texts are kept in memory as the calls carry them (at most `CACHE_MAX_ENTRIES`), each
 for as long as its entry is cached; they are found by dictionary lookup, which compares a text
-only with one of equal (keyed) hash.
+only with one of equal (keyed) hash, and by token id when the token is forgotten (revoked, or
+found expired: no scan of every text remembered).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Authenticator:
         self._clock = clock
         self._cache: dict[str, _Verified] = {}
         self._by_text: dict[str, _Verified] = {}  # a bearer text -> the cached entry it was verified against
+        # A token id -> its text in `_by_text` (a token has one: `maia_<id>.<secret>`, the secret
+        # the one its digest was stored for), which `forget` drops.
+        self._text_of: dict[str, str] = {}
         # Reads in flight, one per token: a join storm's thousands of agents share one bootstrap
         # token, and each reading it alone would drain the connection pool (lease renewals included).
         self._loading: dict[str, asyncio.Future[_Verified | None]] = {}
@@ -106,16 +110,25 @@ class Authenticator:
         if entry is None:
             return None
         if self._cache.get(entry.principal.token_id) is not entry or self._clock() - entry.cached_at > self.cache_ttl_s:
-            del self._by_text[text]
+            self._drop_text(entry.principal.token_id)
             return None
         return entry
 
     def _remember(self, text: str, entry: _Verified) -> None:
-        if self._cache.get(entry.principal.token_id) is not entry:  # not cached (revoked): never remembered
+        token_id = entry.principal.token_id
+        if self._cache.get(token_id) is not entry:  # not cached (revoked): never remembered
             return
         if len(self._by_text) >= CACHE_MAX_ENTRIES:
             self._by_text.clear()
+            self._text_of.clear()
+        self._drop_text(token_id)
         self._by_text[text] = entry
+        self._text_of[token_id] = text
+
+    def _drop_text(self, token_id: str) -> None:
+        text = self._text_of.pop(token_id, None)
+        if text is not None:
+            del self._by_text[text]
 
     async def _verified(self, presented: tokens.PresentedToken) -> _Verified:
         entry = self._cache.get(presented.id)
@@ -162,8 +175,8 @@ class Authenticator:
         return entry
 
     def forget(self, token_id: str) -> None:
-        """Drop a cached verification (the token was revoked): its next use reads the database."""
+        """Drop a cached verification (the token was revoked, or found expired) and the text it was
+        verified with: its next use reads the database."""
         self._cache.pop(token_id, None)
-        for text in [t for t, entry in self._by_text.items() if entry.principal.token_id == token_id]:
-            del self._by_text[text]
+        self._drop_text(token_id)
 

@@ -269,3 +269,63 @@ async def test_a_text_verified_before_is_refused_once_its_token_expires_or_its_e
     with pytest.raises(authn.Unauthenticated, match="expired at"):
         await checker.authenticate(bearer)
     assert not checker._by_text and not checker._cache
+
+
+class _NoScan(dict):
+    """The authenticator's remembered texts, which must never be scanned whole."""
+
+    def _scan(self, *_args):  # noqa: ANN202
+        raise AssertionError("every remembered text was scanned")
+
+    __iter__ = items = keys = values = _scan
+
+
+async def test_a_forgotten_token_has_its_text_dropped_by_id_and_the_others_stay_remembered(
+        database, monkeypatch) -> None:
+    """A revoked token and an expired one, both verified and their texts remembered, are refused;
+    forgetting each drops its own text, found by token id: never a scan of every text remembered
+    (up to `CACHE_MAX_ENTRIES`, at every use of an expired token). Another token's text stays
+    remembered and lets its calls through."""
+    from controller import authn
+    texts = {name: await issue_token(database, "admin", name=name, ttl_s=ttl_s)
+             for name, ttl_s in (("revoked", 3600), ("expiring", 3600), ("other", 3 * 86400))}
+    ids = {name: text.split(".")[0].removeprefix("maia_") for name, text in texts.items()}
+    checker = authn.Authenticator(database)
+    for text in texts.values():
+        for _ in range(2):
+            await checker.authenticate([("authorization", f"Bearer {text}")])
+    assert set(checker._by_text) == set(texts.values())
+    checker._by_text = _NoScan(checker._by_text)
+
+    await _revoke_in_store(database, ids["revoked"])
+    checker.forget(ids["revoked"])
+    with pytest.raises(authn.Unauthenticated, match=f"token {ids['revoked']} was revoked"):
+        await checker.authenticate([("authorization", f"Bearer {texts['revoked']}")])
+
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+
+    class TwoHoursOn(datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN206
+            return later
+
+    monkeypatch.setattr(authn, "datetime", TwoHoursOn)
+    for _ in range(2):  # remembered, then verified afresh: refused both times
+        with pytest.raises(authn.Unauthenticated, match=f"token {ids['expiring']} expired at"):
+            await checker.authenticate([("authorization", f"Bearer {texts['expiring']}")])
+    assert (await checker.authenticate([("authorization", f"Bearer {texts['other']}")])).name == "other"
+    assert dict.keys(checker._by_text) == {texts["other"]} and checker._text_of == {ids["other"]: texts["other"]}
+
+
+async def test_the_remembered_texts_stay_bounded(database, monkeypatch) -> None:
+    """At most `CACHE_MAX_ENTRIES` texts are remembered (and as many token ids naming them); every
+    token still authenticates, remembered or not."""
+    from controller import authn
+    monkeypatch.setattr(authn, "CACHE_MAX_ENTRIES", 3)
+    texts = [await issue_token(database, "admin", name=f"ops-{i}") for i in range(7)]
+    checker = authn.Authenticator(database)
+    for _ in range(2):
+        for i, text in enumerate(texts):
+            assert (await checker.authenticate([("authorization", f"Bearer {text}")])).name == f"ops-{i}"
+            assert len(checker._by_text) <= 3 and len(checker._cache) <= 3
+            assert checker._text_of == {entry.principal.token_id: text for text, entry in checker._by_text.items()}
