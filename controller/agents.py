@@ -51,7 +51,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Set
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Set
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
@@ -302,6 +303,8 @@ class AgentHub:
         self._report_rate = reports_per_second
         self._report_burst = reports_burst
         self._sessions: dict[str, AgentSession] = {}
+        # The nodes whose Hello is being written (a stream opening), with how many: `greeting`.
+        self._greeting: dict[str, int] = {}
         self._beats: dict[str, NodeBeat] = {}
         # The last heartbeat written per node. While a node's stream lives its liveness is the stream
         # (in memory: `last_seen`), so a beat that changes nothing but the time is written at most
@@ -356,6 +359,23 @@ class AgentHub:
         size). It changes as streams open and end: a caller that needs one moment's set across an
         await copies it then."""
         return self._sessions.keys()
+
+    def greeting(self) -> Set[str]:
+        """The nodes whose Hello is being written (their stream opening): a live read-only view, as
+        `connected`. Not connected yet, and their stored contact may be old (a new leader's nodes
+        coming over); their Hello writes their health, and a stream holds them once it is written."""
+        return self._greeting.keys()
+
+    @contextmanager
+    def _greeted(self, node_id: str) -> Iterator[None]:
+        """`node_id` is in `greeting` while this block (its Hello's write) runs."""
+        self._greeting[node_id] = self._greeting.get(node_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._greeting.pop(node_id) - 1
+            if left:
+                self._greeting[node_id] = left
 
     def streams_changed(self) -> int:
         """How many times a stream opened or ended here (a node connected, or its stream ended and
@@ -583,7 +603,8 @@ class AgentHub:
             raise InvalidArgument(f"hello.heartbeat_interval_ms must be 0 (not stated) or positive, got "
                                   f"{heartbeat_interval_ms}")
         damped = self._damper.returns_damped(node_id, time.monotonic())
-        changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
+        with self._greeted(node_id):  # left on the event loop's same turn as the session is held below
+            changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
         self._refuse_when_stopping(node_id)
         session = self._judge(node_id, session_id, heartbeat_interval_ms)
         previous = self._sessions.get(node_id)

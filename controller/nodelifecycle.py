@@ -19,7 +19,8 @@ however fresh their stored time looks. (It may be a cadence old, or fresh: writt
 leader just before it went. Those nodes must be read then, not once their stored time grows
 stale: a cadence of three silence timeouts is ~300 s at 16,384 nodes paced at 500 heartbeats a
 second, well past the 120 s grace. A node that came over said Hello here, which wrote its stored
-time after this leader's start.)
+time after this leader's start.) A node whose Hello the hub is writing (`greeting`) is left to
+that Hello, which writes its health: its agent is back, though no stream holds it yet.
 
 A pass whose read found no node a rule could change leaves the next passes nothing to read while
 nothing that could make one happened here (`streams`: the hub's count of streams opened and
@@ -60,7 +61,7 @@ class NodeLifecycle:
     def __init__(
         self, db: Database, policy: LivenessPolicy, *, connected: Callable[[], Set[str]],
         damper: FlapDamper, on_change: Callable[[], None], is_leader: Callable[[], bool] = lambda: True,
-        released: Callable[[], Mapping[str, datetime]] = dict,
+        released: Callable[[], Mapping[str, datetime]] = dict, greeting: Callable[[], Set[str]] = frozenset,
         silence_timeout_s: Callable[[], float] | None = None, streams: Callable[[], int] | None = None,
         interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utcnow,
@@ -69,6 +70,7 @@ class NodeLifecycle:
         self._policy = policy
         self._connected = connected
         self._released = released  # nodes whose stream ended here -> their last heartbeat the hub saw
+        self._greeting = greeting  # nodes whose Hello the hub is writing (`AgentHub.greeting`): left to it
         # The longest silence timeout the hub told an agent (`AgentHub.longest_silence_timeout_s`).
         self._silence_timeout = silence_timeout_s or (lambda: policy.heartbeat_timeout_s)
         # Moves whenever a stream opens or ends here (`AgentHub.streams_changed`); None: every pass reads.
@@ -160,9 +162,13 @@ class NodeLifecycle:
             # was; suspect, down, evicted: it was not). One whose stream ended or opened since is left
             # out: the compare-and-set on health cannot tell when the hub wrote the same health (a
             # stream's end finds a damped node suspect already; a damped node's Hello keeps it
-            # suspect), and it would mark up a disconnected node or down a connected one.
-            connected = self._connected()
-            changes = [change for change in changes if (change.health == UP) == (change.node_id in connected)]
+            # suspect), and it would mark up a disconnected node or down a connected one. So is one
+            # whose Hello is being written: its agent is back, and that Hello writes its health (judged
+            # silent, a node coming over to a new leader when its restart grace ends, its Hello
+            # waiting for the writer, would be marked suspect, down and evicted, a pass each).
+            connected, greeting = self._connected(), self._greeting()
+            changes = [change for change in changes if change.node_id not in greeting
+                       and (change.health == UP) == (change.node_id in connected)]
         if not changes:
             return []
         async with self._db.unit_of_work() as uow:

@@ -169,7 +169,7 @@ class ControllerApp:
             leader_db, config.liveness, connected=self.hub.connected, damper=damper,
             on_change=self.signals.wake_reconciler, is_leader=self.election.should_run, released=self.hub.released,
             silence_timeout_s=self.hub.longest_silence_timeout_s, streams=self.hub.streams_changed,
-            interval_s=min(1.0, config.heartbeat_timeout_s / 4),
+            greeting=self.hub.greeting, interval_s=min(1.0, config.heartbeat_timeout_s / 4),
         )
         self.throttle = SubmitLimits(
             submits=KeyedRateLimiter(config.submits_per_minute, "submits"),

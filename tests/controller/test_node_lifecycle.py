@@ -4,12 +4,15 @@ a second agent for one node id is refused. Clocks are driven by hand."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
 
+from controller.agents import AgentHub, AgentInbound
 from controller.domain.liveness import FlapDamper, LivenessPolicy
 from controller.domain.values import NodeInfo
 from controller.errors import FailedPrecondition
@@ -485,3 +488,50 @@ async def test_a_suspect_node_back_damped_between_the_lifecycle_read_and_its_wri
     _after_the_read(monkeypatch, back_damped)
     assert await cycle.pass_once() == []
     assert (await health(cluster))[victim] == ("suspect", False)
+
+
+async def _a_quiet_agent() -> AsyncIterator[AgentInbound]:
+    """An agent that stays connected and says nothing after its Hello."""
+    await asyncio.Event().wait()
+    yield
+
+
+async def test_a_node_whose_hello_is_being_written_is_left_to_it_when_the_restart_grace_ends(cluster, monkeypatch):
+    """A new leader's restart grace ends while one node's Hello waits for the writer (a join storm's
+    batches queue for it; a batch that failed is written again, each hello alone). Its stored
+    contact is the old leader's, older than this leader's start, and no stream holds it yet: judged
+    silent since that start, it would be marked suspect, then down, then its work evicted, a pass
+    each, before its Hello lands. Its Hello writes its health: the lifecycle leaves it alone. The
+    nodes that never came over are suspect, then down."""
+    clocks = Clocks()
+    await _all_up_and_heard(cluster, clocks.wall - timedelta(seconds=5))  # the old leader's last writes
+    hub = AgentHub(cluster, heartbeat_timeout_s=POLICY.heartbeat_timeout_s, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda views: asyncio.sleep(0))
+    cycle = NodeLifecycle(cluster, replace(POLICY, restart_grace_s=120), connected=hub.connected,
+                          greeting=hub.greeting, released=hub.released, damper=FlapDamper(), on_change=lambda: None,
+                          clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall)
+    cycle.lead()
+    comer = "rack-a-n0"
+    async with cluster.unit_of_work() as uow:
+        session_id = (await uow.session.get(m.Node, comer)).session_id
+    written = asyncio.Event()
+    write_hello = hub._hello
+
+    async def held_back(hello):  # noqa: ANN001, ANN202
+        await written.wait()
+        return await write_hello(hello)
+    monkeypatch.setattr(hub, "_hello", held_back)
+    stream = hub.converse(WHO, comer, session_id, _a_quiet_agent())
+    opening = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0)  # its Hello is under way
+    clocks.advance(121)
+    for _ in range(3):  # suspect, down, evicted: one pass each
+        await cycle.pass_once()
+        clocks.advance(1)
+    states = await health(cluster)
+    assert states.pop(comer) == ("up", False)
+    assert {state for state, _ in states.values()} == {"down"}
+    written.set()
+    await opening
+    assert comer in hub.connected()
+    await stream.aclose()
