@@ -464,9 +464,14 @@ class AgentHub:
     def _judge(self, node_id: str, session_id: str, stated_ms: int) -> AgentSession:
         """The session of a stream whose Hello was accepted, judged by `_told_to`; an agent that
         stated a longer interval than that is told it (`HeartbeatPolicy`). A stated interval longer
-        than any told counts in the longest one (the stored contact's cadence, `_due_beats`)."""
+        than any told counts in the longest one (the stored contact's cadence, `_due_beats`, and
+        how stale the node lifecycle lets it grow) as far as the cluster's interval with this node
+        connected: an agent's own stream may be judged by up to `HeartbeatPacing.stated`, but one
+        agent (hostile, or run with a long fixed interval) must not make every node's stored
+        contact that old for the rest of this controller's life (the longest never shrinks). A
+        fleet coming over from a leader that told it a long interval counts in full once back."""
         told_ms = self._told_to(node_id, stated_ms)
-        self._longest_ms = max(self._longest_ms, told_ms)
+        self._longest_ms = max(self._longest_ms, min(told_ms, self._pacing.interval_ms(len(self._sessions) + 1)))
         return AgentSession(node_id, session_id, told_ms, self._pacing.silence_timeout_s(told_ms),
                             reports=TokenBucket(self._report_rate, self._report_burst),
                             tell_due=stated_ms > told_ms)

@@ -7,16 +7,20 @@ The wire side: tests/integration/test_api_heartbeat_pacing.py, test_api_hello_in
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
 
 from controller import nodelifecycle
+from controller.agents import AgentHub, AgentInbound
 from controller.config import parse_args
 from controller.domain.liveness import FlapDamper, HeartbeatPacing, LivenessPolicy
 from controller.nodelifecycle import NodeLifecycle
 from controller.store import models as m
+from uc_builders import WHO
 
 POLICY = LivenessPolicy(heartbeat_timeout_s=10, restart_grace_s=0)
 
@@ -133,3 +137,34 @@ async def test_a_new_leader_finds_the_nodes_that_never_came_over_when_its_restar
     changes = await cycle.pass_once()
     assert sorted((c.node_id, c.health) for c in changes) == [("rack-a-n0", "suspect"), ("rack-a-n1", "suspect")]
     assert all("121s" in c.why for c in changes)
+
+
+async def _a_quiet_agent() -> AsyncIterator[AgentInbound]:
+    await asyncio.Event().wait()
+    yield
+
+
+async def test_a_stated_interval_counts_in_the_stored_contacts_cadence_only_as_far_as_the_connected_nodes_do(
+        cluster) -> None:  # noqa: ANN001
+    """One heartbeat a second, four nodes, each agent stating an hour (a hostile one, or one run with
+    a long fixed interval; an hour is within 65,536 nodes' interval at this cap). Each stream is
+    judged by what its agent states (bounded). The longest silence timeout, by which every node's
+    stored contact is written and read as stale (`LivenessPolicy.contact_write_every_for`,
+    `stored_contact_stale_for`), follows the nodes connected: a lone agent's hour would otherwise
+    have made every node's stored contact hours old for the rest of the controller's life (the
+    longest one told never shrinks), and a node left up with no stream (its Hello written as its
+    connection died) found that late instead of within ~40 s."""
+    hub = AgentHub(cluster, heartbeat_timeout_s=10, max_heartbeats_per_second=1.0, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda views: asyncio.sleep(0))
+    async with cluster.unit_of_work() as uow:
+        sessions = {node.id: node.session_id for node in (await uow.session.execute(select(m.Node))).scalars()}
+    longest_s = []
+    streams = []
+    for node_id, session_id in sorted(sessions.items()):
+        streams.append(hub.converse(WHO, node_id, session_id, _a_quiet_agent(), heartbeat_interval_ms=3_600_000))
+        await anext(streams[-1])
+        assert hub._sessions[node_id].timeout_s == 3 * 3_600
+        longest_s.append(hub.longest_silence_timeout_s())
+    assert longest_s == [10.0, 10.0, 10.0, 12.0]  # the timeout, then three of four nodes' interval (4 s)
+    for stream in streams:
+        await stream.aclose()
