@@ -181,12 +181,21 @@ def _publishes_running() -> list[asyncio.Task]:
 
 
 @pytest.mark.parametrize("own_thread", [False, True], ids=["controller_loop", "own_thread"])
-async def test_a_publish_waiting_out_a_database_outage_ends_with_the_reconciler(cluster, own_thread):
+async def test_a_publish_waiting_out_a_database_outage_ends_with_the_reconciler(cluster, own_thread, monkeypatch):
     """A publish whose read fails while the database does not answer is tried again until it
     answers (`Reconciler._read_stored`); the reconciler stopped meanwhile (its `run` cancelled, as
     `ControllerApp.stop` does before it disposes the engine), the publish is cancelled and waited
     for with it: no read of the database after the stop. (On its own thread the publishes run on
-    that thread's loop, cancelled before its engine is disposed; not among this loop's tasks.)"""
+    that thread's loop, cancelled before its engine is disposed; not among this loop's tasks. Its
+    loop's runner would cancel them too as it closes, after that engine was disposed: the publishes
+    running on the disposing loop are looked at then.)"""
+    at_dispose: list[list[asyncio.Task]] = []
+    dispose = Database.dispose
+
+    async def disposing(db: Database) -> None:
+        at_dispose.append(_publishes_running())
+        await dispose(db)
+    monkeypatch.setattr(Database, "dispose", disposing)
     reads: list[set[str]] = []
 
     async def read_views(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:
@@ -215,3 +224,4 @@ async def test_a_publish_waiting_out_a_database_outage_ends_with_the_reconciler(
     stopped_at = len(reads)
     await asyncio.sleep(10 * MIN_PUBLISH_RETRY_S)  # past the next tries it would have made
     assert len(reads) == stopped_at and published == []
+    assert at_dispose == ([[]] if own_thread else [])  # the thread's engine, disposed once its publishes ended
