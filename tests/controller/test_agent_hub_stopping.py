@@ -16,7 +16,7 @@ from controller.domain.values import HeartbeatReport
 from controller.errors import Unavailable
 from controller.store import repositories as repo
 from controller.store.db import Database
-from uc_builders import WHO, statements
+from uc_builders import WHO, quiet_agent, statements
 
 NODE = "rack-a-n0"  # the `cluster` fixture's, up
 
@@ -63,12 +63,6 @@ async def test_a_hello_written_while_close_all_began_opens_no_session(cluster, m
 
 
 
-async def _quiet() -> AsyncIterator[AgentInbound]:
-    """An agent that stays connected and says nothing."""
-    await asyncio.Event().wait()
-    yield
-
-
 async def test_a_stall_of_the_event_loop_past_the_timeout_ends_no_stream_whose_heartbeat_waits_to_be_read(cluster):
     """The controller's own stall (a long collection, a starved process) is not the agents'
     silence: the check that runs before the readers took what arrived meanwhile ends nothing; the
@@ -83,7 +77,7 @@ async def test_a_stall_of_the_event_loop_past_the_timeout_ends_no_stream_whose_h
 
     quiet_node = "rack-a-n1"
     live = hub.converse(WHO, NODE, await _session_of(cluster, NODE), beating())
-    quiet = hub.converse(WHO, quiet_node, await _session_of(cluster, quiet_node), _quiet())
+    quiet = hub.converse(WHO, quiet_node, await _session_of(cluster, quiet_node), quiet_agent())
     await anext(live)  # each stream's first set sent: its reader runs
     await anext(quiet)
     sessions = dict(hub._sessions)

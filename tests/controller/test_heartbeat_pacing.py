@@ -8,19 +8,18 @@ The wire side: tests/integration/test_api_heartbeat_pacing.py, test_api_hello_in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
 
 from controller import nodelifecycle
-from controller.agents import AgentHub, AgentInbound
+from controller.agents import AgentHub
 from controller.config import parse_args
 from controller.domain.liveness import FlapDamper, HeartbeatPacing, LivenessPolicy
 from controller.nodelifecycle import NodeLifecycle
 from controller.store import models as m
-from uc_builders import WHO
+from uc_builders import WHO, quiet_agent
 
 POLICY = LivenessPolicy(heartbeat_timeout_s=10, restart_grace_s=0)
 
@@ -139,11 +138,6 @@ async def test_a_new_leader_finds_the_nodes_that_never_came_over_when_its_restar
     assert all("121s" in c.why for c in changes)
 
 
-async def _a_quiet_agent() -> AsyncIterator[AgentInbound]:
-    await asyncio.Event().wait()
-    yield
-
-
 async def test_a_stated_interval_counts_in_the_stored_contacts_cadence_only_as_far_as_the_connected_nodes_do(
         cluster) -> None:  # noqa: ANN001
     """One heartbeat a second, four nodes, each agent stating an hour (a hostile one, or one run with
@@ -161,7 +155,7 @@ async def test_a_stated_interval_counts_in_the_stored_contacts_cadence_only_as_f
     longest_s = []
     streams = []
     for node_id, session_id in sorted(sessions.items()):
-        streams.append(hub.converse(WHO, node_id, session_id, _a_quiet_agent(), heartbeat_interval_ms=3_600_000))
+        streams.append(hub.converse(WHO, node_id, session_id, quiet_agent(), heartbeat_interval_ms=3_600_000))
         await anext(streams[-1])
         assert hub._sessions[node_id].timeout_s == 3 * 3_600
         longest_s.append(hub.longest_silence_timeout_s())

@@ -5,14 +5,13 @@ a second agent for one node id is refused. Clocks are driven by hand."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
 
-from controller.agents import AgentHub, AgentInbound
+from controller.agents import AgentHub
 from controller.domain.liveness import FlapDamper, LivenessPolicy
 from controller.domain.values import NodeInfo
 from controller.errors import FailedPrecondition
@@ -22,7 +21,7 @@ from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store.db import Database
 from controller.usecases import agents
-from uc_builders import WHO, deployment, no_publish, statements, submit
+from uc_builders import WHO, deployment, no_publish, quiet_agent, statements, submit
 
 POLICY = LivenessPolicy(heartbeat_timeout_s=10, down_grace_s=30, eviction_grace_s=90, restart_grace_s=0,
                         eviction_rate=1.0)
@@ -490,12 +489,6 @@ async def test_a_suspect_node_back_damped_between_the_lifecycle_read_and_its_wri
     assert (await health(cluster))[victim] == ("suspect", False)
 
 
-async def _a_quiet_agent() -> AsyncIterator[AgentInbound]:
-    """An agent that stays connected and says nothing after its Hello."""
-    await asyncio.Event().wait()
-    yield
-
-
 async def test_a_node_whose_hello_is_being_written_is_left_to_it_when_the_restart_grace_ends(cluster, monkeypatch):
     """A new leader's restart grace ends while one node's Hello waits for the writer (a join storm's
     batches queue for it; a batch that failed is written again, each hello alone). Its stored
@@ -521,7 +514,7 @@ async def test_a_node_whose_hello_is_being_written_is_left_to_it_when_the_restar
         await written.wait()
         return await write_hello(hello)
     monkeypatch.setattr(hub, "_hello", held_back)
-    stream = hub.converse(WHO, comer, session_id, _a_quiet_agent())
+    stream = hub.converse(WHO, comer, session_id, quiet_agent())
     opening = asyncio.create_task(anext(stream))
     await asyncio.sleep(0)  # its Hello is under way
     clocks.advance(121)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -103,6 +104,12 @@ def statements(db: Database) -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+
+
+async def quiet_agent() -> AsyncIterator[Any]:
+    """What an agent that stays connected and says nothing after its Hello sends (`AgentHub.converse`)."""
+    await asyncio.Event().wait()
+    yield
 
 
 async def no_publish(names: set[str], deleted: list) -> None:
