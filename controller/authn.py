@@ -4,7 +4,7 @@ Every RPC except health checking and reflection carries `authorization: Bearer m
 The row is found by id and the secret's digest compared in constant time; missing, malformed,
 unknown, expired and revoked tokens are refused. Verified tokens are cached for `cache_ttl_s`
 (a digest comparison instead of a database read per call); a revoke on this controller drops
-the entry at once (`forget`), expiry is checked on every call, and a revoke on another
+the entry at once (`forget`; a read of its row in flight is not cached), expiry is checked on every call, and a revoke on another
 controller sharing the database takes effect within `cache_ttl_s`.
 
 A call that presents the very text a cached entry was verified with is let through on that
@@ -77,7 +77,7 @@ class Authenticator:
         self._cache: dict[str, _Verified] = {}
         self._by_text: dict[str, _Verified] = {}  # a bearer text -> the cached entry it was verified against
         # A token id -> its text in `_by_text` (a token has one: `maia_<id>.<secret>`, the secret
-        # the one its digest was stored for), which `forget` drops.
+        # the one its digest was stored for), which `_drop` drops.
         self._text_of: dict[str, str] = {}
         # Reads in flight, one per token: a join storm's thousands of agents share one bootstrap
         # token, and each reading it alone would drain the connection pool (lease renewals included).
@@ -144,18 +144,32 @@ class Authenticator:
 
     def _check_unexpired(self, entry: _Verified) -> None:
         if entry.expires_at is not None and entry.expires_at <= datetime.now(timezone.utc):
-            self.forget(entry.principal.token_id)
+            self._drop(entry.principal.token_id)
             raise Unauthenticated(f"token {entry.principal.token_id} expired at "
                                   f"{entry.expires_at.isoformat(timespec='seconds')}")
 
     async def _load(self, token_id: str) -> _Verified | None:
-        """The token's row, read once for every caller that asks while the read is in flight."""
+        """The token's row, read once for every caller that asks while the read is in flight, and
+        cached once read (`_loaded`)."""
         loading = self._loading.get(token_id)
         if loading is None:
             loading = self._loading[token_id] = asyncio.ensure_future(self._read(token_id))
-            loading.add_done_callback(lambda done: self._loading.pop(token_id, None)
-                                      if self._loading.get(token_id) is done else None)
+            loading.add_done_callback(lambda done: self._loaded(token_id, done))  # before any caller wakes
         return await asyncio.shield(loading)  # a caller that goes away leaves the read to the others
+
+    def _loaded(self, token_id: str, done: asyncio.Future[_Verified | None]) -> None:
+        """A read of the token's row ended: its entry cached, unless it is revoked (every use reads
+        the row again) or the token was forgotten while it was read (`forget`: a revoke here
+        committed while the row, as it was before, was on its way; the callers waiting for this
+        read are answered with it, the next one reads again)."""
+        if self._loading.get(token_id) is not done:
+            return
+        del self._loading[token_id]
+        entry = None if done.cancelled() or done.exception() is not None else done.result()
+        if entry is not None and not entry.revoked:
+            if len(self._cache) >= CACHE_MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[token_id] = entry
 
     async def _read(self, token_id: str) -> _Verified | None:
         self._cache.pop(token_id, None)
@@ -163,20 +177,22 @@ class Authenticator:
             row = await store.get_token(uow.session, token_id)
             if row is None:
                 return None
-            entry = _Verified(
+            return _Verified(
                 row.secret_sha256,
                 principal_of(row.role, name=row.name, token_id=row.id, tenant=row.tenant_id, node=row.node_id),
                 store.aware(row.expires_at), self._clock(), revoked=row.revoked_at is not None,
             )
-        if not entry.revoked:  # revoked tokens are never cached: every use reads the row again
-            if len(self._cache) >= CACHE_MAX_ENTRIES:
-                self._cache.clear()
-            self._cache[token_id] = entry
-        return entry
 
     def forget(self, token_id: str) -> None:
-        """Drop a cached verification (the token was revoked, or found expired) and the text it was
-        verified with: its next use reads the database."""
+        """The token was revoked: drop its cached verification and the text it was verified with
+        (`_drop`), and leave a read of its row in flight uncached (`_loaded`): its next use reads
+        the database."""
+        self._loading.pop(token_id, None)
+        self._drop(token_id)
+
+    def _drop(self, token_id: str) -> None:
+        """Drop a cached verification (revoked, or found expired: a read in flight finds it
+        expired as well, and the callers sharing it share it still) and its text."""
         self._cache.pop(token_id, None)
         self._drop_text(token_id)
 

@@ -329,3 +329,31 @@ async def test_the_remembered_texts_stay_bounded(database, monkeypatch) -> None:
             assert (await checker.authenticate([("authorization", f"Bearer {text}")])).name == f"ops-{i}"
             assert len(checker._by_text) <= 3 and len(checker._cache) <= 3
             assert checker._text_of == {entry.principal.token_id: text for text, entry in checker._by_text.items()}
+
+
+async def test_a_token_revoked_here_while_its_row_was_being_read_is_refused_at_its_next_use(
+        database, monkeypatch) -> None:
+    """A read of the token's row answered with the row as it was before a revoke here committed
+    (the revoke's `forget` ran while the answer was on its way): the call that read it is let
+    through (it began before the revoke), but the row it read is not kept, so the next call reads
+    the row again and is refused. Kept, the revoked token would be let through until the cache's
+    time ran out (30 s), though a revoke here takes effect at once."""
+    from controller import authn
+    from controller.store import tokens as store
+    secret = await issue_token(database, "admin", name="ops")
+    token_id = secret.split(".")[0].removeprefix("maia_")
+    checker = authn.Authenticator(database)
+    get_token = store.get_token
+
+    async def revoked_as_it_answers(session, wanted: str):  # noqa: ANN001, ANN202
+        row = await get_token(session, wanted)
+        session.expunge(row)  # the row as read, before the revoke
+        await _revoke_in_store(database, wanted)
+        checker.forget(wanted)
+        return row
+    monkeypatch.setattr(store, "get_token", revoked_as_it_answers)
+    bearer = [("authorization", f"Bearer {secret}")]
+    assert (await checker.authenticate(bearer)).name == "ops"
+    monkeypatch.setattr(store, "get_token", get_token)
+    with pytest.raises(authn.Unauthenticated, match=f"token {token_id} was revoked"):
+        await checker.authenticate(bearer)
