@@ -299,6 +299,7 @@ async def test_a_forgotten_token_has_its_text_dropped_by_id_and_the_others_stay_
 
     await _revoke_in_store(database, ids["revoked"])
     checker.forget(ids["revoked"])
+    assert texts["revoked"] not in dict.keys(checker._by_text) and ids["revoked"] not in checker._text_of
     with pytest.raises(authn.Unauthenticated, match=f"token {ids['revoked']} was revoked"):
         await checker.authenticate([("authorization", f"Bearer {texts['revoked']}")])
 
