@@ -1,12 +1,20 @@
-"""A controller restart on the same database: agents reconnect, nothing is re-placed."""
+"""A controller restart on the same database: agents reconnect, nothing is re-placed; a node whose
+Hello the restarted controller is writing when its restart grace ends is left to that Hello."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from controller.api.server import ControllerApp
 from controller.config import Config
-from grpc_harness import RUNNING, SimFleet, Stubs, eventually, issue_token, spec, topology
+from controller.store import models as m
+from grpc_harness import (
+    RUNNING, HandAgent, SimFleet, Stubs, admin_token_of, controller_with_rack, eventually, issue_token,
+    running_controller, spec, topology,
+)
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 
@@ -60,3 +68,57 @@ async def test_restart_keeps_placements_and_agents_reconnect(db_url: str, tmp_pa
             await second.stop(grace_s=0.5)
         else:
             await first.stop(grace_s=0.5)
+
+
+async def _greeting(app: ControllerApp, node_id: str, timeout_s: float = 20.0) -> None:
+    """Until the hub is writing the node's Hello."""
+    deadline = time.monotonic() + timeout_s
+    while node_id not in app.hub.greeting():
+        assert time.monotonic() < deadline, f"no Hello of {node_id} under way"
+        await asyncio.sleep(0.01)
+
+
+async def _health(app: ControllerApp, node_id: str) -> tuple[m.NodeHealth, bool]:
+    async with app.db.unit_of_work() as uow:
+        node = await uow.session.get(m.Node, node_id)
+        return node.health, node.evicted_at is not None
+
+
+async def test_a_restarted_controller_leaves_a_node_whose_hello_it_is_writing_to_that_hello(
+        db_url: str, tmp_path: Path, monkeypatch) -> None:
+    """Its restart grace over (its node lifecycle's clock moved past it and the down and eviction
+    graces), the controller finds the node up, its stored contact written before the restart, no
+    stream holding it: its Hello is being written (held back here). The lifecycle leaves it to
+    that Hello: still up, its work not evicted, whatever passes run meanwhile; then connected."""
+    node_id = "node-1"
+    async with controller_with_rack(db_url, tmp_path) as (_, stubs):
+        session_id = (await HandAgent(stubs, node_id, "rack-a").register()).session_id
+    went_at = datetime.now(timezone.utc)
+    async with running_controller(db_url, tmp_path) as app:
+        async with app.db.unit_of_work() as uow:  # as the old leader left it: up, heard from just before it went
+            node = await uow.session.get(m.Node, node_id)
+            node.health, node.evicted_at, node.last_heartbeat_at = m.NodeHealth.UP, None, went_at
+            await uow.commit()
+        written = asyncio.Event()
+        write_hello = app.hub._hello
+
+        async def held_back(hello):  # noqa: ANN001, ANN202
+            await written.wait()
+            return await write_hello(hello)
+        monkeypatch.setattr(app.hub, "_hello", held_back)
+        later = datetime.now(timezone.utc) + timedelta(minutes=5)
+        monkeypatch.setattr(app.lifecycle, "_wall_clock", lambda: later)
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        agent = HandAgent(stubs, node_id, "rack-a")
+        try:
+            await agent.connect(session_id)
+            await _greeting(app, node_id)
+            for _ in range(3):  # suspect, down, evicted, a pass each, were it judged silent
+                await app.lifecycle.pass_once()
+            assert await _health(app, node_id) == (m.NodeHealth.UP, False)
+            written.set()
+            await agent.next_set()
+            assert node_id in app.hub.connected()
+        finally:
+            await agent.close()
+            await stubs.channel.close()
