@@ -396,6 +396,7 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
     left = solver.deadline - time.perf_counter()
     if left < MIN_SOLVE_S:
         solver.stats["cpsat"] = "skipped: no time left"
+        solver.stats["clock_cut"] = True  # the clock, not a budget, decided: the plan may differ
         solver.time_cut.update(wanted)
         return
     t_build = time.perf_counter()
@@ -417,6 +418,7 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
     left = solver.deadline - time.perf_counter()
     if left < MIN_SOLVE_S:
         solver.stats["cpsat"] = "skipped: model build used the time"
+        solver.stats["clock_cut"] = True
         solver.time_cut.update(pending)
         return
     cp = cp_model.CpSolver()
@@ -434,6 +436,8 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
         # INFEASIBLE / MODEL_INVALID / UNKNOWN: keep the greedy answer.
         if status == cp_model.UNKNOWN:  # stopped by its time limit before any solution
             solver.time_cut.update(pending)
+            if stopped_by_clock(cp):  # not by its budget: on a faster machine it finds one
+                solver.stats["clock_cut"] = True
         solver.stats["cpsat_ms"] = round((time.perf_counter() - t_build) * 1000, 1)
         return
     # Term 1: the model's bound and its own answer (before decoding), plus kept work.
@@ -446,7 +450,7 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
     used_s = cp.deterministic_time / DETERMINISTIC_PER_S
     second_s = min(budget - used_s, max(SECOND_PHASE_SHARE * used_s, MIN_SECOND_PHASE_S))
     answer, frag_status = _second_phase(m, cp, second_s, left)
-    if _clock_cut(cp) or frag_status == CLOCK_CUT:
+    if stopped_by_clock(cp) or frag_status == CLOCK_CUT:
         solver.stats["clock_cut"] = True  # the plan may differ on a faster machine
         frag_status = cp_model.UNKNOWN
     solver.stats.update({"cpsat_fragmentation": STATUS_NAMES.get(frag_status, str(frag_status)),
@@ -460,12 +464,14 @@ def _second_phase(m: ClassModel, first: cp_model.CpSolver, budget_s: float,
                   left_s: float) -> tuple[cp_model.CpSolver, int]:
     """Phase 2: the fewest fresh nodes and racks among answers placing what phase 1's did,
     hinted with phase 1's answer. Returns the answer to decode (phase 1's if phase 2 did not
-    run, found none, or the wall clock stopped it) and phase 2's status (UNKNOWN when it did
-    not run, CLOCK_CUT when the wall clock stopped it)."""
+    run, found none, or the wall clock stopped it) and phase 2's status (UNKNOWN when the budget
+    left it none, CLOCK_CUT when the wall clock stopped it or left it no time)."""
     if not (m.opened or m.rack_open):
         return first, cp_model.OPTIMAL  # nothing to break ties on
-    if left_s < MIN_SOLVE_S or budget_s * DETERMINISTIC_PER_S < MIN_SECOND_PHASE:
+    if budget_s * DETERMINISTIC_PER_S < MIN_SECOND_PHASE:
         return first, cp_model.UNKNOWN  # not run: phase 1 used the budget
+    if left_s < MIN_SOLVE_S:
+        return first, CLOCK_CUT  # not run: phase 1 used the time (its answer, as when cut)
     model = m.model
     model.clear_hints()
     for var in [*m.x.values(), *m.y.values(), *m.z.values(), *m.opened.values(),
@@ -479,12 +485,12 @@ def _second_phase(m: ClassModel, first: cp_model.CpSolver, budget_s: float,
     # Stopped by the wall clock rather than its deterministic budget (what is left after
     # phase 1 is small on a slow machine), its answer depends on the machine's speed: decode
     # phase 1's instead, so the plan stays the same from run to run.
-    if status == cp_model.OPTIMAL or (status == cp_model.FEASIBLE and not _clock_cut(second)):
+    if status == cp_model.OPTIMAL or (status == cp_model.FEASIBLE and not stopped_by_clock(second)):
         return second, status
-    return first, CLOCK_CUT if _clock_cut(second) else status
+    return first, CLOCK_CUT if stopped_by_clock(second) else status
 
 
-def _clock_cut(cp: cp_model.CpSolver) -> bool:
+def stopped_by_clock(cp: cp_model.CpSolver) -> bool:
     """Did the wall-clock ceiling, not the deterministic budget, end this search?"""
     return cp.wall_time >= WALL_CUT * cp.parameters.max_time_in_seconds
 

@@ -183,10 +183,13 @@ class Solver:
                                          d))
 
     def late(self, d: int) -> bool:
-        """Past the deadline? Then deployment d's search was cut short (TIME_LIMIT)."""
+        """Past the deadline? Then deployment d's search was cut short (TIME_LIMIT), by the
+        clock rather than its trial budget (`stats.clock_cut`: the plan may differ on a faster
+        machine, even when d ends up placed)."""
         if time.perf_counter() < self.deadline:
             return False
         self.time_cut.add(d)
+        self.stats["clock_cut"] = True
         return True
 
     def adopt(self, state: ClusterState) -> None:

@@ -9,10 +9,11 @@ and the diff of tests/scheduler/golden/ shows what changed. Pinned: status, plac
 unplaced (with reasons), preempted and moved; not stats (timings). Every plan also passes the
 independent checker. CP-SAT stops at a deterministic budget, well inside the wall-clock limit
 on an idle machine, so the answers do not depend on the machine's speed; on a machine so loaded
-that the wall clock stops the search first (the plan says `time_limit_hit`, or `clock_cut` when
-it stopped only CP-SAT's fragmentation phase or a proved search, or `joint_clock_cut` when it
-stopped the exact pairing of a batch's fractions, `joint_batch.py`), a plan that differs
-only by its TIME_LIMIT notes passes, and any other difference is skipped, not failed.
+that the wall clock decides first (the plan says `time_limit_hit`; or `clock_cut` when it
+stopped a CP-SAT search, left CP-SAT no time to run, or cut a move or preemption search; or
+`joint_clock_cut` when it stopped the exact pairing of a batch's fractions or left it no time,
+`joint_batch.py`), a plan that differs only by its TIME_LIMIT notes passes, and any other
+difference is skipped, not failed.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import copy
 
 from ortools.sat.python import cp_model
 
-from builders import check, codes, dep, node, placed, placed_count, problem, solve_doc
+from builders import check, codes, dep, hbm_bound_pairing, node, placed, placed_count, problem, solve_doc
 from scheduler import Plan, plan_to_dict, problem_from_dict
 from scheduler.solve import Solver
 
@@ -53,13 +53,45 @@ def test_a_solve_with_time_to_spare_has_no_time_limit() -> None:
     assert plan.stats["time_limit_hit"] is False
 
 
-def test_cpsat_stopped_before_any_solution_says_time_limit(monkeypatch) -> None:
+def stopped_unknown(monkeypatch, *, by_clock: bool) -> None:
+    """Every CP-SAT search stops before any solution, by its wall-clock ceiling or (not
+    `by_clock`) by its deterministic budget."""
     monkeypatch.setattr(cp_model.CpSolver, "solve", lambda self, model, *a: cp_model.UNKNOWN)
+    monkeypatch.setattr(cp_model.CpSolver, "wall_time", property(
+        lambda self: self.parameters.max_time_in_seconds if by_clock else 0.0))
+
+
+def test_cpsat_stopped_before_any_solution_says_time_limit(monkeypatch) -> None:
+    stopped_unknown(monkeypatch, by_clock=False)
     plan = solve_doc(two_big())
     [left] = [u.deployment for u in plan.unplaced]
     assert "TIME_LIMIT" in codes(plan, left)
     assert plan.stats["cpsat"] == "unknown" and plan.stats["time_limit_hit"] is True
     assert plan.status == "feasible"
+    assert "clock_cut" not in plan.stats  # its budget ended it: the same on any machine
+
+
+def test_searches_the_wall_clock_stopped_say_so(monkeypatch) -> None:
+    """CP-SAT over node classes and the exact pairing of the batch's fractions, both stopped by
+    the clock: the plan may differ on a faster machine (`clock_cut`, `joint_clock_cut`)."""
+    stopped_unknown(monkeypatch, by_clock=True)
+    plan = solve_doc(hbm_bound_pairing())
+    assert plan.stats["cpsat"] == "unknown" and plan.stats["clock_cut"] is True
+    assert plan.stats["joint_clock_cut"] == 1
+
+
+def test_searches_their_budgets_stopped_are_not_clock_cut(monkeypatch) -> None:
+    stopped_unknown(monkeypatch, by_clock=False)
+    plan = solve_doc(hbm_bound_pairing())
+    assert plan.stats["cpsat"] == "unknown"
+    assert "clock_cut" not in plan.stats and "joint_clock_cut" not in plan.stats
+
+
+def test_searches_the_deadline_left_no_time_say_so() -> None:
+    """Past the deadline, CP-SAT and the exact pairing are not run: the clock decided."""
+    plan = solve_expired(hbm_bound_pairing())
+    assert plan.stats["cpsat"] == "skipped: no time left" and plan.stats["clock_cut"] is True
+    assert plan.stats["joint_clock_cut"] == 1
 
 
 def burst_full() -> dict:
@@ -76,6 +108,7 @@ def test_preemption_cut_by_the_deadline_says_time_limit() -> None:
     assert plan.preempted == ()
     # Nothing new was placed, but nothing was proved either: not "infeasible".
     assert plan.status == "feasible" and plan.stats["time_limit_hit"] is True
+    assert plan.stats["clock_cut"] is True
     # With time, the same problem preempts and places svc.
     assert placed_count(solve_doc(burst_full()), "svc") == 1
 
@@ -91,3 +124,4 @@ def test_rebalance_cut_by_the_deadline_says_time_limit(monkeypatch) -> None:
     assert plan.stats["time_limit_hit"] is True
     # With time, one move makes room.
     assert placed_count(solve_doc(doc), "big") == 1
+
