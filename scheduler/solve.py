@@ -64,12 +64,12 @@ class Solver:
     """One solve: the state, the placer and the bookkeeping every stage reads and writes."""
 
     def __init__(self, problem: Problem, time_limit_ms: int | None, *, use_cpsat: bool = True,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, wall_limit_ms: int | None = None) -> None:
         self.t0 = time.perf_counter()
         self.problem = problem
         limit = time_limit_ms or problem.options.time_limit_ms or DEFAULT_TIME_LIMIT_MS
-        self.limit_ms = limit
-        self.deadline = self.t0 + limit / 1000.0 if deadline is None else deadline
+        self.limit_ms = wall_limit_ms or limit  # the wall-clock limit (`solve`)
+        self.deadline = self.t0 + self.limit_ms / 1000.0 if deadline is None else deadline
         # The seconds of the limit this solve plans for (CP-SAT's deterministic budget is a
         # share of it, `cpsat.configure`): a count fixed by the input, so the answer does not
         # depend on how fast the earlier stages ran; the deadline is only a ceiling.
@@ -321,8 +321,17 @@ def _needs_greedy_guard(problem: Problem) -> bool:
     return opts.mode == "rebalance" or (opts.mode == "batch" and opts.allow_preemption)
 
 
-def solve(problem: Problem, *, time_limit_ms: int | None = None) -> Plan:
+def solve(problem: Problem, *, time_limit_ms: int | None = None,
+          wall_limit_ms: int | None = None) -> Plan:
     """Place what the problem asks for; never raises for a valid problem.
+
+    The searches stop at budgets planned for `time_limit_ms` (the problem's by default):
+    deterministic time and trial counts, the same on any machine. The wall clock stops the
+    solve at `wall_limit_ms` (`time_limit_ms` by default); on a loaded machine it may stop a
+    search first, or shape CP-SAT's multi-worker search when its ceiling comes near (even one
+    that ends OPTIMAL: another of the equal answers), and then the plan can differ. A caller
+    that needs the same plan on any machine (the golden plans) gives a wall limit far above
+    the time limit.
 
     With moves or preemption in play, the greedy pipeline (greedy, moves, preemption; no
     CP-SAT) runs first, then the full one in the time left, and the better plan by
@@ -330,8 +339,9 @@ def solve(problem: Problem, *, time_limit_ms: int | None = None) -> Plan:
     places less priority-weighted demand than the greedy with moves does."""
     with _cyclic_gc_paused():
         if not _needs_greedy_guard(problem):
-            return Solver(problem, time_limit_ms).run()
-        full = Solver(problem, time_limit_ms)  # its clock starts now: the whole limit
+            return Solver(problem, time_limit_ms, wall_limit_ms=wall_limit_ms).run()
+        # Its clock starts now: the whole limit.
+        full = Solver(problem, time_limit_ms, wall_limit_ms=wall_limit_ms)
         full.budget_s *= 1.0 - GREEDY_GUARD_SHARE  # planned for what the greedy leaves
         deadline = full.deadline
         greedy = Solver(problem, time_limit_ms, use_cpsat=False,

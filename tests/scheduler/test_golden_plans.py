@@ -7,13 +7,13 @@ issue 9). A deliberate change of behaviour re-pins the plans:
 
 and the diff of tests/scheduler/golden/ shows what changed. Pinned: status, placements,
 unplaced (with reasons), preempted and moved; not stats (timings). Every plan also passes the
-independent checker. CP-SAT stops at a deterministic budget, well inside the wall-clock limit
-on an idle machine, so the answers do not depend on the machine's speed; on a machine so loaded
-that the wall clock decides first (the plan says `time_limit_hit`; or `clock_cut` when it
-stopped a CP-SAT search, left CP-SAT no time to run, or cut a move or preemption search; or
-`joint_clock_cut` when it stopped the exact pairing of a batch's fractions or left it no time,
-`joint_batch.py`), a plan that differs only by its TIME_LIMIT notes passes, and any other
-difference is skipped, not failed.
+independent checker. The searches stop at budgets planned for the problem's time limit
+(deterministic time, trial counts), the same on any machine, and the wall-clock limit is set far
+above it (`WALL_LIMIT_MS`): on a loaded machine a ceiling near CP-SAT's search changes its answer
+even when it ends OPTIMAL (synthetic-64-batch under load 10: phase 1 proved the same objective
+with another of its answers at 91 % of a tight ceiling, phase 2 stopped at 52-87 % of its ceiling
+short of its budget), so a plan shaped by the clock would differ from run to run. No plan here says
+`time_limit_hit`, `clock_cut` or `joint_clock_cut`, and none may differ.
 """
 
 from __future__ import annotations
@@ -99,10 +99,14 @@ def pinned(plan_doc: Doc) -> Doc:
                                              "moved")}
 
 
+# The wall clock never decides here: ten minutes for problems whose budgets are planned for 2-5 s.
+WALL_LIMIT_MS = 600_000
+
+
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_plan_matches_the_golden_one(name: str) -> None:
     doc = PROBLEMS[name]()
-    plan_doc = plan_to_dict(solve(problem_from_dict(copy.deepcopy(doc))))
+    plan_doc = plan_to_dict(solve(problem_from_dict(copy.deepcopy(doc)), wall_limit_ms=WALL_LIMIT_MS))
     assert check(doc, plan_doc) == []
     got = pinned(plan_doc)
     path = GOLDEN / f"{name}.plan.json"
@@ -110,17 +114,5 @@ def test_plan_matches_the_golden_one(name: str) -> None:
         path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     want = json.loads(path.read_text())
     stats = plan_doc.get("stats") or {}
-    if got != want and (stats.get("time_limit_hit") or stats.get("clock_cut") or stats.get("joint_clock_cut")):
-        # The wall-clock ceiling, not the deterministic budget, ended the search: this machine
-        # was too slow (or too loaded) for the pinned answer, which only a deterministic stop gives.
-        if without_time_limit_reasons(got) == want:
-            return  # the same plan; only the TIME_LIMIT note differs
-        pytest.skip(f"{name}: the wall clock cut the search short on this machine; the pinned plan "
-                    f"needs the deterministic budget to end it")
+    assert not any(stats.get(flag) for flag in ("time_limit_hit", "clock_cut", "joint_clock_cut")), stats
     assert got == want, f"plan for {name} differs from {path.name} (see the module doc)"
-
-
-def without_time_limit_reasons(plan: Doc) -> Doc:
-    unplaced = [{**u, "reasons": [r for r in u["reasons"] if r["code"] != "TIME_LIMIT"]}
-                for u in plan["unplaced"]]
-    return {**plan, "unplaced": unplaced}

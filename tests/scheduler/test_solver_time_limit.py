@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 from ortools.sat.python import cp_model
 
 from builders import check, codes, dep, hbm_bound_pairing, node, placed, placed_count, problem, solve_doc
@@ -125,3 +126,15 @@ def test_rebalance_cut_by_the_deadline_says_time_limit(monkeypatch) -> None:
     # With time, one move makes room.
     assert placed_count(solve_doc(doc), "big") == 1
 
+
+def test_a_wall_limit_moves_the_deadline_not_the_budgets() -> None:
+    """`wall_limit_ms` (the golden plans' far ceiling): the deterministic budgets stay planned
+    for the time limit, so the plan is the one the time limit gives when the clock never cuts."""
+    far = Solver(problem_from_dict(two_big()), 5000, wall_limit_ms=600_000)
+    assert far.budget_s == 5.0 and far.deadline - far.t0 == pytest.approx(600.0)
+    near = Solver(problem_from_dict(two_big()), 5000)
+    assert near.budget_s == 5.0 and near.deadline - near.t0 == pytest.approx(5.0)
+    doc = hbm_bound_pairing()
+    plans = [plan_to_dict(solve_doc(doc, time_limit_ms=5000, **kw)) for kw in ({"wall_limit_ms": 600_000}, {})]
+    assert [{k: v for k, v in p.items() if k != "stats"} for p in plans] == \
+        [{k: v for k, v in plans[1].items() if k != "stats"}] * 2
