@@ -446,6 +446,29 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class DeploymentCount(Base):
+    """A single row (id=1): the schedulable deployments (neither being deleted nor quarantined),
+    kept by database triggers (migration 0016), so a reconcile pass reads a number instead of
+    counting every deployment. On PostgreSQL the triggers add each statement's change as a row of
+    `deployment_count_deltas` and fold those into this row when no other transaction is folding;
+    the count is this row plus the rows not folded yet (`changes.schedulable_count`)."""
+
+    __tablename__ = "deployment_counts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schedulable: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+
+
+class DeploymentCountDelta(Base):
+    """A change to `DeploymentCount.schedulable` not folded into it yet (PostgreSQL; empty on
+    SQLite, whose one writer adds to the row directly)."""
+
+    __tablename__ = "deployment_count_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    schedulable: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 class IsolationState(Base):
     """A single row (id=1): bumped by database triggers on every change the isolation rules read
     (migration 0005), so the isolation watchdog re-checks only when something moved."""
