@@ -7,14 +7,16 @@ the ORM stays behind this module (rows are returned only to the use cases that c
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, Update, and_, bindparam, inspect, insert, or_, case, delete, func, select, tuple_, update
+from sqlalchemy import ColumnElement, Row, Select, Text, Update, and_, bindparam, inspect, insert, or_, case, cast, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -919,11 +921,8 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
     return {node_id}
 
 
-def _shard_spec_of(dep: m.Deployment, revision: int) -> d.ShardSpec:
-    """What one shard of `revision` needs (an older revision's during a rolling update)."""
-    doc = _revision_doc(dep, revision)
-    if doc is None:
-        return deployment_spec(dep).shard
+def _shard_spec_of_doc(doc: dict[str, Any]) -> d.ShardSpec:
+    """What one shard of an interchange deployment document needs (an older revision's)."""
     shard = dict(doc["shard"])
     models = shard.pop("accelerator_models", None)
     return d.ShardSpec(**shard, accelerator_models=tuple(models) if models else None)
@@ -948,40 +947,79 @@ async def release_placements_beyond(session: AsyncSession, node_id: str, acceler
 
 
 ASSIGNMENT_READ_CHUNK = 500  # nodes per query of `assignment_sets` (bound on the IN list)
+ASSIGNED_SPECS_KEPT = 4096  # distinct (shard spec, shards per replica) pairs `_assigned_spec` keeps
+
+
+@lru_cache(maxsize=ASSIGNED_SPECS_KEPT, typed=True)
+def _assigned_spec(revision: int, older_specs: str | None, accelerators: int, accelerator_milli: int, hbm_gib: float,
+                   cpu_milli: int, memory_mib: int, power_w: float, models: str,
+                   shards_per_replica: int) -> tuple[d.ShardSpec, int]:
+    """(shard spec, shards per replica) of a placement of `revision`: of the deployment's current
+    columns (`models`: its accelerator models' JSON text), or of `older_specs` (the JSON text of
+    its `revision_specs`, given only when `revision` is not the current one) where it holds that
+    revision. Keyed by everything it is built of, not by deployment id and revision: a revision's
+    spec is written once, but an id is not (SQLite gives a deleted last row's id to the next
+    deployment, and one process may open many databases), so a cached value is never stale."""
+    doc = (json.loads(older_specs) or {}).get(str(revision)) if older_specs is not None else None
+    if doc is not None:
+        return _shard_spec_of_doc(doc), doc.get("shards_per_replica", shards_per_replica)
+    listed = json.loads(models)
+    return d.ShardSpec(accelerators=accelerators, accelerator_milli=accelerator_milli, hbm_gib=hbm_gib,
+                       cpu_milli=cpu_milli, memory_mib=memory_mib, power_w=power_w,
+                       accelerator_models=tuple(listed or ()) or None), shards_per_replica
+
+
+@lru_cache(maxsize=ASSIGNED_SPECS_KEPT)
+def _indices(text: str) -> tuple[int, ...]:
+    """A placement's accelerator indices from their JSON text (a few distinct lists repeat)."""
+    return tuple(json.loads(text) or ())
+
+
+def _assignment_queries(dialect: str) -> tuple[Select, Select]:
+    """`assignment_sets`' two queries for `dialect`, their node list named `nodes`: the nodes'
+    assignment generations; their placements as plain columns of the tables (no ORM entity, no
+    ORM result processing) in a set's order, the JSON columns as text (decoded once per distinct
+    value: `_assigned_spec`, `_indices`), a deployment's `revision_specs` only on placements of an
+    older revision."""
+    p, dep, node = _PLACEMENTS.c, _DEPLOYMENTS.c, _NODES.c
+    generations = select(node.id, node.assignment_generation).where(any_of_named(dialect, node.id, "nodes"))
+    placements = (
+        select(p.node_id, dep.name, dep.tenant_id, p.replica, p.shard, cast(p.accelerator_indices, Text),
+               p.accelerator_milli, p.generation, dep.generation, p.revision,
+               case((p.revision != dep.template_revision, cast(dep.revision_specs, Text)), else_=None),
+               dep.shard_accelerators, dep.shard_accelerator_milli, dep.shard_hbm_gib, dep.shard_cpu_milli,
+               dep.shard_memory_mib, dep.shard_power_w, cast(dep.shard_accelerator_models, Text),
+               dep.shards_per_replica)
+        .select_from(_PLACEMENTS.join(_DEPLOYMENTS, p.deployment_id == dep.id))
+        .where(any_of_named(dialect, p.node_id, "nodes"))
+        .order_by(p.node_id, dep.name, dep.tenant_id, p.replica, p.shard))
+    return generations, placements
+
+
+_ASSIGNMENT_QUERIES = {dialect: _assignment_queries(dialect) for dialect in ("sqlite", POSTGRESQL)}
 
 
 async def assignment_sets(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, d.AssignmentSet]:
     """The complete AssignmentSet of each of these nodes that exists, in two queries per
     `ASSIGNMENT_READ_CHUNK` nodes (their assignment generations; their placements with their
-    deployments), however many nodes a commit changed. A node's assignments are in (deployment
-    name, tenant, replica, shard) order; each deployment row and shard spec is built once."""
+    deployments' columns). A node's assignments are in (deployment name, tenant, replica, shard)
+    order; the shard specs are built once per distinct spec in the process (`_assigned_spec`)."""
     ids = sorted(set(node_ids))
     sets: dict[str, d.AssignmentSet] = {}
-    specs: dict[tuple[int, int], d.ShardSpec] = {}
+    generations_query, placements_query = _ASSIGNMENT_QUERIES[dialect_of(session)]
     for start in range(0, len(ids), ASSIGNMENT_READ_CHUNK):
-        chunk = ids[start:start + ASSIGNMENT_READ_CHUNK]
-        generations = {node_id: generation for node_id, generation in await session.execute(
-            select(m.Node.id, m.Node.assignment_generation).where(any_of(session, m.Node.id, chunk)))}
+        chunk = {"nodes": ids[start:start + ASSIGNMENT_READ_CHUNK]}
+        generations = {node_id: generation for node_id, generation in await session.execute(generations_query, chunk)}
         assignments: dict[str, list[d.Assignment]] = defaultdict(list)
-        rows = await session.execute(
-            select(m.Placement.node_id, m.Placement.replica, m.Placement.shard, m.Placement.accelerator_indices,
-                   m.Placement.accelerator_milli, m.Placement.generation, m.Placement.revision, m.Deployment)
-            .join(m.Deployment, m.Placement.deployment_id == m.Deployment.id)
-            .where(any_of(session, m.Placement.node_id, chunk))
-            .order_by(m.Placement.node_id, m.Deployment.name, m.Deployment.tenant_id, m.Placement.replica,
-                      m.Placement.shard))
-        for node_id, replica, shard, indices, placed_milli, generation, revision, dep in rows:
-            spec = specs.get((dep.id, revision))
-            if spec is None:
-                spec = specs[(dep.id, revision)] = _shard_spec_of(dep, revision)
-            milli = shard_milli(dep.shard_accelerators, placed_milli)
+        for (node_id, name, tenant, replica, shard, indices, placed_milli, generation, dep_generation, revision,
+             older, accelerators, *spec_columns) in await session.execute(placements_query, chunk):
+            spec, shards_per_replica = _assigned_spec(revision if older is not None else 0, older, accelerators,
+                                                      *spec_columns)
+            milli = shard_milli(accelerators, placed_milli)
             assignments[node_id].append(d.Assignment(
-                deployment=dep.name, tenant=dep.tenant_id, replica=replica, shard=shard,
-                shards_per_replica=(_revision_doc(dep, revision) or {}).get("shards_per_replica",
-                                                                            dep.shards_per_replica),
-                accelerator_indices=tuple(indices or ()),
-                accelerator_milli=milli if milli < 1000 else 0, spec=spec,
-                generation=generation or dep.generation,
+                deployment=name, tenant=tenant, replica=replica, shard=shard, shards_per_replica=shards_per_replica,
+                accelerator_indices=_indices(indices), accelerator_milli=milli if milli < 1000 else 0, spec=spec,
+                generation=generation or dep_generation,
             ))
         for node_id, node_generation in generations.items():
             sets[node_id] = d.AssignmentSet(node_id=node_id, generation=node_generation,
