@@ -762,7 +762,8 @@ def _outgoing(row: m.Deployment, p: m.Placement) -> bool:
     return p.revision != row.template_revision or bool(p.node is not None and p.node.draining)
 
 
-def _replica_counts(row: m.Deployment, placements: Iterable[m.Placement] | None = None) -> ReplicaCounts:
+def _replica_counts(row: m.Deployment | DeploymentColumns,
+                    placements: Iterable[m.Placement | PlacementColumns] | None = None) -> ReplicaCounts:
     placements = row.placements if placements is None else list(placements)
     sizes = {p.replica: int(doc["shards_per_replica"]) for p in placements
              if (doc := _revision_doc(row, p.revision)) is not None}
@@ -790,12 +791,14 @@ async def quarantine_deployment(session: AsyncSession, key: str, reason: str) ->
     return nodes
 
 
-def implied_phase(row: m.Deployment) -> m.DeploymentPhase:
-    """The phase its stored placements imply (domain/phases' rule; DELETING and FAILED are sticky)."""
+def implied_phase(row: m.Deployment | DeploymentColumns,
+                  placements: Sequence[m.Placement | PlacementColumns] | None = None) -> m.DeploymentPhase:
+    """The phase its stored placements (or `placements`, for a row read without the ORM) imply
+    (domain/phases' rule; DELETING and FAILED are sticky)."""
     if row.phase is m.DeploymentPhase.QUARANTINED:
         return row.phase  # sticky until it is submitted again or deleted
     return m.DeploymentPhase(deployment_phase(
-        row.replicas, _replica_counts(row), deleting=row.phase is m.DeploymentPhase.DELETING,
+        row.replicas, _replica_counts(row, placements), deleting=row.phase is m.DeploymentPhase.DELETING,
         failed=row.phase is m.DeploymentPhase.FAILED, failing=bool(restarts.failure_reasons(row.reasons or ())),
         min_replicas=row.min_replicas))
 
@@ -884,6 +887,43 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
     return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "")
             for tenant, name, replica, shard, node_id, generation, phase, message in rows
             if (key := d.deployment_key(tenant, name)) in wanted]
+
+
+# The agents' report flush, without the ORM: the placements reports changed and the deployments
+# whose phase or reasons followed, each kind in one executemany by key.
+_REPORTED_SHARD = (update(_PLACEMENTS)
+                   .where(_PLACEMENTS.c.deployment_id == bindparam("deployment"),
+                          _PLACEMENTS.c.replica == bindparam("at_replica"), _PLACEMENTS.c.shard == bindparam("at_shard"))
+                   .values(phase=bindparam("new_phase"), message=bindparam("new_message"), updated_at=bindparam("at")))
+_REPORTED_DEPLOYMENT = (update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("deployment"))
+                        .values(phase=bindparam("new_phase"), reasons=bindparam("new_reasons"),
+                                updated_at=bindparam("at")))
+
+
+async def write_reported_shards(session: AsyncSession, shards: Sequence[tuple[int, PlacementColumns]],
+                                at: datetime) -> None:
+    """The phase and message of these placements (by deployment id and the placement's replica and
+    shard), updated `at`, in one executemany."""
+    if shards:
+        await session.execute(_REPORTED_SHARD, [
+            {"deployment": dep_id, "at_replica": p.replica, "at_shard": p.shard, "new_phase": p.phase,
+             "new_message": p.message, "at": at} for dep_id, p in shards])
+
+
+async def write_deployment_phases(session: AsyncSession,
+                                  deployments: Sequence[tuple[int, m.DeploymentPhase, list[dict[str, Any]]]],
+                                  at: datetime) -> None:
+    """The phase and reasons of these deployments (by id), updated `at`, in one executemany."""
+    if deployments:
+        await session.execute(_REPORTED_DEPLOYMENT, [
+            {"deployment": dep_id, "new_phase": phase, "new_reasons": reasons, "at": at}
+            for dep_id, phase, reasons in deployments])
+
+
+def view_as_written(row: Row[Any], placements: Sequence[PlacementColumns], **written: object) -> d.DeploymentView:
+    """The view of a deployment read without the ORM (`deployments_named`) with its `placements`
+    and the columns `written` (by attribute name) as they are now."""
+    return deployment_view(SimpleNamespace(**(row._asdict() | written)) if written else row, placements)
 
 
 async def placements_on_node(session: AsyncSession, node_id: str) -> list[tuple[m.Placement, m.Deployment]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,7 +30,7 @@ from controller.usecases import policy, tokens
 from controller.domain.changes import ClusterChange
 from controller.domain import restarts
 from controller.domain.values import (
-    DeploymentView, HeartbeatReport, NodeInfo, Registration, ShardReport, deployment_key,
+    DeploymentView, HeartbeatReport, NodeInfo, Registration, ShardReport, deployment_key, split_deployment_key,
 )
 from controller.usecases.validation import (
     ID_MAX, check_count, check_id, check_labels, check_name, check_optional_id, check_quantity, check_range, check_text,
@@ -450,7 +450,11 @@ async def flush_reports(
     bumps the cluster generation: the reconciler places the replica again after a back-off.
     Returns the keys (TENANT/NAME) of the deployments whose shard phases (and so perhaps their
     phase) changed; `views`, when given, receives their views as committed (what watchers are
-    told), built from the rows this transaction read and wrote rather than read again.
+    told), built from the columns this transaction read and wrote rather than read again.
+    No ORM rows: the placements first as plain columns (most reports repeat what is stored: a
+    heartbeat's full state every minute), then the deployments that a report changes with their
+    placements (`repo.deployments_named`), the changes written by key in two executemanys
+    (loading, tracking and flushing those deployments as ORM rows was most of a flush's CPU).
     """
     s = uow.session
     if beats:  # one executemany for every node that beat since the last flush
@@ -459,43 +463,76 @@ async def flush_reports(
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
             latest[(deployment_key(report.tenant, report.deployment), report.replica, report.shard)] = (node_id, report)
-    touched: set[str] = set()
-    failed: dict[str, dict[str, Any]] = {}  # deployment key -> why its latest shard failure happened
-    # The deployments whose placements a report changes (most reports repeat what is stored: a
-    # heartbeat's full state every minute), then those whole, with their placements (what the views
-    # need too): the writer's turn is not held reading deployments that nothing changes.
-    changing = {state.key for state in (await repo.shard_states(s, {k[0] for k in latest}) if latest else ())
-                if _changes(latest.get((state.key, state.replica, state.shard)), state.node_id, state.generation,
-                            state.phase, state.message) is not None}
-    named = await repo.list_deployment_rows(s, keys=changing) if changing else []
-    for row in named:
-        key = deployment_key(row.tenant_id, row.name)
-        for placement in row.placements:
-            hit = _changes(latest.get((key, placement.replica, placement.shard)), placement.node_id,
-                           placement.generation or 0, placement.phase, placement.message)
-            if hit is not None:
-                node_id, report = hit
-                phase = m.ShardPhase(report.phase)
-                if phase is m.ShardPhase.FAILED and placement.phase is not m.ShardPhase.FAILED:
-                    failed[key] = restarts.failure_reason(placement.replica, placement.shard, node_id,
-                                                           report.message)
-                placement.phase = phase
-                placement.message = report.message
-                touched.add(key)
-    rows = [row for row in named if deployment_key(row.tenant_id, row.name) in touched]
-    if touched:  # their deployments' phases may follow the shards'
-        for row in rows:
-            row.phase = repo.implied_phase(row)
-            if deployment_key(row.tenant_id, row.name) in failed:
-                row.reasons = restarts.with_failure(row.reasons or [], failed[deployment_key(row.tenant_id, row.name)])
-            elif row.phase is m.DeploymentPhase.RUNNING and any(
-                    r.get("code") == restarts.SHARD_FAILED for r in row.reasons or ()):
-                row.reasons = [r for r in row.reasons or () if r.get("code") != restarts.SHARD_FAILED]
+    hits: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}  # the reports that change their shard
+    for state in await repo.shard_states(s, {k[0] for k in latest}) if latest else ():
+        place = (state.key, state.replica, state.shard)
+        hit = _changes(latest.get(place), state.node_id, state.generation, state.phase, state.message)
+        if hit is not None:
+            hits[place] = hit
+    named = await repo.deployments_named(s, {split_deployment_key(k)[1] for k, _, _ in hits}) if hits else []
+    at = m.utcnow()
+    reported = [changed for dep in sorted(named, key=lambda dep: (dep.row.name, dep.row.id))
+                if (changed := _reported(dep, hits)) is not None]
+    await repo.write_reported_shards(s, [(r.read.row.id, p) for r in reported for p in r.shards], at)
+    await repo.write_deployment_phases(s, [(r.read.row.id, r.phase, r.reasons) for r in reported if r.moved], at)
+    failed = {r.key: r.failure for r in reported if r.failure is not None}
     if failed:  # the reconciler places the failed replicas again after a back-off (store/failures.py)
         await repo.bump_cluster_generation(s, ClusterChange.placements(failed))
     for node_id, refusal in (refused or {}).items():
         await record_refused_reports(uow, node_id, refusal)
     await uow.commit()
-    if views is not None:  # the rows keep their committed state (the session does not expire them)
-        views.update((deployment_key(row.tenant_id, row.name), repo.deployment_view(row)) for row in rows)
-    return touched
+    if views is not None:
+        views.update((r.key, r.view(at)) for r in reported)
+    return {r.key for r in reported}
+
+
+@dataclass(frozen=True, slots=True)
+class _Reported:
+    """A deployment whose shards reports changed: as read, its placements as the reports left them
+    (`shards`: those they changed), and its phase and reasons that follow."""
+
+    key: str
+    read: repo.NamedDeployment
+    placements: tuple[repo.PlacementColumns, ...]
+    shards: tuple[repo.PlacementColumns, ...]
+    phase: m.DeploymentPhase
+    reasons: list[dict[str, Any]]
+    failure: dict[str, Any] | None  # why its latest newly failed shard failed
+
+    @property
+    def moved(self) -> bool:
+        """Its phase or reasons changed (its row is written, and its time of update with them)."""
+        return self.phase is not self.read.row.phase or self.reasons != (self.read.row.reasons or [])
+
+    def view(self, at: datetime) -> DeploymentView:
+        """Its view as written `at`."""
+        written = {"phase": self.phase, "reasons": self.reasons, "updated_at": at} if self.moved else {}
+        return repo.view_as_written(self.read.row, self.placements, **written)
+
+
+def _reported(dep: repo.NamedDeployment, hits: Mapping[tuple[str, int, int], tuple[str, ShardReport]]) -> _Reported | None:
+    """What the reports `hits` (by deployment key, replica and shard) change of `dep` (None: nothing)."""
+    key = deployment_key(dep.row.tenant_id, dep.row.name)
+    placements = sorted(dep.placements, key=lambda p: (p.replica, p.shard))  # a later failure is the latest
+    shards: list[repo.PlacementColumns] = []
+    failure: dict[str, Any] | None = None
+    for i, placement in enumerate(placements):
+        hit = hits.get((key, placement.replica, placement.shard))
+        if hit is None or hit[0] != placement.node_id:
+            continue
+        node_id, report = hit
+        phase = m.ShardPhase(report.phase)
+        if phase is m.ShardPhase.FAILED and placement.phase is not m.ShardPhase.FAILED:
+            failure = restarts.failure_reason(placement.replica, placement.shard, node_id, report.message)
+        placements[i] = replace(placement, phase=phase, message=report.message)
+        shards.append(placements[i])
+    if not shards:
+        return None
+    row = dep.row
+    phase = repo.implied_phase(row, placements)  # the deployment's phase may follow its shards'
+    reasons = list(row.reasons or [])
+    if failure is not None:
+        reasons = restarts.with_failure(reasons, failure)
+    elif phase is m.DeploymentPhase.RUNNING and any(r.get("code") == restarts.SHARD_FAILED for r in reasons):
+        reasons = [r for r in reasons if r.get("code") != restarts.SHARD_FAILED]
+    return _Reported(key, dep, tuple(placements), tuple(shards), phase, reasons, failure)

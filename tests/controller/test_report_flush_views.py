@@ -1,0 +1,76 @@
+"""The agents' report flush on random reports (every shard phase, stale generations, shards
+reported by a node that does not hold them, failures): each shard holds the last report that
+applies to it, each deployment the phase the rule gives its stored shards and a SHARD_FAILED
+reason while a shard failed, and the views the flush publishes are what a read finds afterwards."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from controller.api import convert
+from controller.domain import restarts
+from controller.domain.values import ShardReport
+from controller.reconcile import Reconciler
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import Database
+from controller.usecases import agents, deployments
+from uc_builders import deployment, no_publish, submit
+
+PHASES = [p.value for p in m.ShardPhase]
+
+
+async def _placed(db: Database) -> dict[tuple[str, int, int], tuple[str, int, str, str]]:
+    """(key, replica, shard) -> (node, generation, phase, message) of every placement."""
+    async with db.unit_of_work() as uow:
+        return {(key, p.replica, p.shard): (p.node_id, p.generation, p.phase.value, p.message)
+                for p, key in await repo.placements_of_deployments(uow.session, ["t1/a", "t1/b", "t1/c"])}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_reports_leave_each_shard_and_deployment_as_the_rules_say(cluster: Database, seed: int) -> None:
+    for name, replicas, shards in (("a", 2, 2), ("b", 3, 1), ("c", 1, 2)):
+        await submit(cluster, deployment(name, replicas=replicas, shards=shards))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    nodes = sorted({node for node, _, _, _ in (await _placed(cluster)).values()})
+    pick = random.Random(seed)
+    for _ in range(12):
+        before = await _placed(cluster)
+        reports, expected = [], dict(before)
+        for place, (held_by, generation, _, _) in pick.sample(sorted(before.items()), 4):
+            said, node = pick.choice(PHASES), held_by
+            kind = pick.random()
+            if kind < 0.15:  # another node's word: ignored
+                node = pick.choice(nodes)
+            elif kind < 0.3:  # an older generation's: ignored
+                generation -= 1
+            message = pick.choice(["", f"said {said}"])
+            key, replica, shard = place
+            reports.append((node, ShardReport(key.split("/")[1], replica, shard, generation, said, message,
+                                              tenant="t1")))
+            if node == held_by and generation >= before[place][1]:
+                expected[place] = (held_by, before[place][1], said, message)
+        published: dict = {}
+        async with cluster.unit_of_work() as uow:
+            changed = await agents.flush_reports(uow, {}, reports, views=published)
+
+        assert await _placed(cluster) == expected
+        assert changed == {place[0] for place, now in expected.items() if now != before[place]}
+        assert set(published) == changed
+        async with cluster.unit_of_work() as uow:
+            read = {f"t1/{v.spec.name}": v for v in await deployments.views_of(uow, {"t1/a", "t1/b", "t1/c"})}
+            rows = await repo.list_deployment_rows(uow.session, keys=set(read))
+            for key, view in published.items():  # as sent (SQLite reads times back without their zone)
+                assert convert.deployment_msg(view) == convert.deployment_msg(read[key])
+            for row in rows:
+                assert row.phase is repo.implied_phase(row)
+                reasons = [r for r in row.reasons if r["code"] == restarts.SHARD_FAILED]
+                newly = [p for p in row.placements
+                         if p.phase is m.ShardPhase.FAILED and before[(f"t1/{row.name}", p.replica, p.shard)][2] != "failed"]
+                if newly:
+                    assert len(reasons) == 1
+                    assert f"replica {newly[-1].replica} shard {newly[-1].shard}" in reasons[0]["message"]
+                elif row.phase is m.DeploymentPhase.RUNNING:
+                    assert reasons == []
