@@ -8,8 +8,9 @@ reports from random shards that moves its shard between LOADING and RUNNING (as 
 deployment's shard does twice), with a heartbeat from each reporting node. Per flush: the event
 loop thread's CPU (`time.thread_time`: the ORM, building the views) and the process's (the
 database driver's thread with SQLite too), and the statements sent; the figures are medians per
-report. Counts, not latencies: steadier on a shared machine. Runs against an older tree too
-(`PYTHONPATH=<old tree>:<old tree>/proto python bench/reportflush.py`), as `bench.pushes`.
+report. Counts, not latencies: steadier on a shared machine. To run it against an older
+tree, copy bench/assignments.py and bench/reportflush.py into that tree's bench/ (they need only
+`repo.assignment_sets` and `usecases.agents.flush_reports`, which older trees have) and run it there.
 
     python -m bench.reportflush --nodes 4096 --placements 10000 --reports 64 --rounds 100
 """
@@ -20,17 +21,14 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
-import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import select
 
-from bench.e2e import NODES_PER_RACK, Shape
-from bench.preload import preload
+from bench.assignments import Measured, preloaded
+from bench.e2e import NODES_PER_RACK
 from bench.selfprofile import recording
 from controller.domain.values import DeploymentView, ShardReport
 from controller.store import models as m
@@ -50,28 +48,15 @@ async def _shards(db: Database) -> list[tuple[str, str, str, int]]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="maia-bench-reportflush-") as root:
-        url = f"sqlite+aiosqlite:///{Path(root) / 'maia.db'}"
-        await preload(url, Shape(args.nodes, 1, args.placements).layout(), placements=args.placements,
-                      tenants=["bench"], nodes_up=True)
-        db = Database(url)
+    async with preloaded(args.nodes, args.placements, "maia-bench-reportflush-") as (db, _):
         shards = await _shards(db)
         said = [1] * len(shards)  # the index in PHASES each shard is in (the preload's: RUNNING)
-        sent = 0
-
-        def count(*_args: Any) -> None:
-            nonlocal sent
-            sent += 1
-
-        event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+        measured = Measured(db)
         pick = random.Random(args.seed)
-        loop_cpu: list[float] = []
-        process_cpu: list[float] = []
-        statements: list[int] = []
         changed = 0
 
-        async def flush_once() -> tuple[float, float, int, int]:
-            """(loop CPU, process CPU, statements, views) of one flush of `--reports` reports."""
+        async def flush_once(counted: bool) -> int:
+            """One flush of `--reports` reports; the views it published."""
             reports = []
             for index in pick.sample(range(len(shards)), args.reports):
                 node_id, tenant, name, generation = shards[index]
@@ -80,30 +65,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             now = datetime.now(timezone.utc)
             beats = {node_id: NodeBeat(now, 700.0) for node_id, _ in reports}
             views: dict[str, DeploymentView] = {}
-            sent_before, thread, process = sent, time.thread_time(), time.process_time()
-            async with db.unit_of_work() as uow:
-                await flush_reports(uow, beats, reports, views=views)
-            return time.thread_time() - thread, time.process_time() - process, sent - sent_before, len(views)
+            with measured.call(counted):
+                async with db.unit_of_work() as uow:
+                    await flush_reports(uow, beats, reports, views=views)
+            return len(views)
 
-        try:
-            for _ in range(args.warmup):
-                await flush_once()
-            async with recording(args.py_spy, Path(f"reportflush-{args.reports}.pyspy.txt"), rate_hz=250):
-                for _ in range(args.rounds):
-                    thread, process, count_, views = await flush_once()
-                    loop_cpu.append(thread)
-                    process_cpu.append(process)
-                    statements.append(count_)
-                    changed += views
-        finally:
-            await db.dispose()
-    per_report = 1000 / args.reports
+        for _ in range(args.warmup):
+            await flush_once(False)
+        async with recording(args.py_spy, Path(f"reportflush-{args.reports}.pyspy.txt"), rate_hz=250):
+            for _ in range(args.rounds):
+                changed += await flush_once(True)
     return {"nodes": args.nodes, "placements": args.placements, "reports": args.reports, "rounds": args.rounds,
-            "views_per_flush": round(changed / args.rounds, 1),
-            "statements_per_flush": statistics.median(statements),
-            "loop_cpu_ms_per_report": round(statistics.median(loop_cpu) * per_report, 4),
-            "process_cpu_ms_per_report": round(statistics.median(process_cpu) * per_report, 4),
-            "loop_cpu_ms_per_flush_p50": round(statistics.median(loop_cpu) * 1000, 3)}
+            "views_per_flush": round(changed / args.rounds, 1), **measured.figures("flush", "report", args.reports)}
 
 
 def main() -> None:

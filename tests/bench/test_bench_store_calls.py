@@ -1,0 +1,23 @@
+"""bench.assignments and bench.reportflush on a tiny cluster: they run and count what they measure
+(no timing judged)."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import assignments, reportflush
+
+
+async def test_assignments_reads_the_sets_of_the_nodes_asked_in_two_statements() -> None:
+    result = await assignments.run(argparse.Namespace(nodes=32, placements=40, changed=8, rounds=3, warmup=1, seed=1))
+    assert (result["nodes"], result["changed"], result["rounds"]) == (32, 8, 3)
+    assert result["statements_per_read"] == 2 and result["assignments_per_node"] > 0
+    assert result["loop_cpu_ms_per_node"] > 0
+
+
+async def test_reportflush_changes_a_deployment_per_report() -> None:
+    result = await reportflush.run(argparse.Namespace(nodes=32, placements=40, reports=8, rounds=3, warmup=1, seed=1,
+                                                      py_spy=None))
+    assert (result["reports"], result["rounds"]) == (8, 3)
+    assert result["views_per_flush"] == 8 and result["statements_per_flush"] >= 4
+    assert result["loop_cpu_ms_per_report"] > 0
