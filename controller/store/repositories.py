@@ -893,7 +893,8 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
 # whose phase or reasons followed, each kind in one executemany by key.
 _REPORTED_SHARD = (update(_PLACEMENTS)
                    .where(_PLACEMENTS.c.deployment_id == bindparam("deployment"),
-                          _PLACEMENTS.c.replica == bindparam("at_replica"), _PLACEMENTS.c.shard == bindparam("at_shard"))
+                          _PLACEMENTS.c.replica == bindparam("at_replica"), _PLACEMENTS.c.shard == bindparam("at_shard"),
+                          _PLACEMENTS.c.node_id == bindparam("at_node"))
                    .values(phase=bindparam("new_phase"), message=bindparam("new_message"), updated_at=bindparam("at")))
 _REPORTED_DEPLOYMENT = (update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("deployment"))
                         .values(phase=bindparam("new_phase"), reasons=bindparam("new_reasons"),
@@ -903,11 +904,13 @@ _REPORTED_DEPLOYMENT = (update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindpara
 async def write_reported_shards(session: AsyncSession, shards: Sequence[tuple[int, PlacementColumns]],
                                 at: datetime) -> None:
     """The phase and message of these placements (by deployment id and the placement's replica and
-    shard), updated `at`, in one executemany."""
+    shard), updated `at`, in one executemany; each only while it is still on the node it was read
+    on (`p.node_id`, the node whose agent reported it): a placement a plan commit moved since the
+    read keeps the phase of its new node, not a report from the old one."""
     if shards:
         await session.execute(_REPORTED_SHARD, [
-            {"deployment": dep_id, "at_replica": p.replica, "at_shard": p.shard, "new_phase": p.phase,
-             "new_message": p.message, "at": at} for dep_id, p in shards])
+            {"deployment": dep_id, "at_replica": p.replica, "at_shard": p.shard, "at_node": p.node_id,
+             "new_phase": p.phase, "new_message": p.message, "at": at} for dep_id, p in shards])
 
 
 async def write_deployment_phases(session: AsyncSession,

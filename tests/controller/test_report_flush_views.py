@@ -6,6 +6,7 @@ reason while a shard failed, and the views the flush publishes are what a read f
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -74,3 +75,25 @@ async def test_random_reports_leave_each_shard_and_deployment_as_the_rules_say(c
                     assert f"replica {newly[-1].replica} shard {newly[-1].shard}" in reasons[0]["message"]
                 elif row.phase is m.DeploymentPhase.RUNNING:
                     assert reasons == []
+
+
+async def test_a_report_read_before_a_move_leaves_the_moved_shard_alone(cluster: Database) -> None:
+    """The flush writes what it read by (deployment, replica, shard): a plan commit that moves the
+    shard to another node between the flush's read and its write must keep the new node's phase,
+    not take a report from the node that no longer holds it."""
+    await submit(cluster, deployment("a", replicas=1, shards=1))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        [read] = await repo.deployments_named(uow.session, ["a"])
+    [placement] = read.placements
+    old_node = placement.node_id
+    async with cluster.unit_of_work() as uow:  # a plan commit moves it meanwhile (assigned to the new node)
+        other = next(n.id for n in await repo.list_node_rows(uow.session) if n.id != old_node)
+        row = (await repo.placements_of_deployments(uow.session, ["t1/a"]))[0][0]
+        row.node_id, row.phase = other, m.ShardPhase.ASSIGNED
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:  # the flush's write, from what it read before the move
+        await repo.write_reported_shards(uow.session, [(read.row.id, replace(placement, phase=m.ShardPhase.RUNNING))],
+                                         m.utcnow())
+        await uow.commit()
+    assert (await _placed(cluster))[("t1/a", 0, 0)][0::2] == (other, m.ShardPhase.ASSIGNED.value)
