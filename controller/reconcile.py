@@ -94,7 +94,7 @@ from controller.usecases import planning
 from controller.usecases.deployments import views_of
 from controller.domain.changes import ChangeKind
 from controller.domain.restarts import RestartPolicy
-from controller.domain.values import DeploymentView
+from controller.domain.values import DeploymentView, deployment_key, split_deployment_key
 from scheduler import Plan
 
 log = logging.getLogger("maia.reconcile")
@@ -201,11 +201,16 @@ def _on_thread_cpu(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 
 
 async def _deleting_views(session: AsyncSession, keys: frozenset[str]) -> dict[str, DeploymentView]:
-    """The last state of deployments a commit will remove (for their DELETED events)."""
+    """The last state of deployments a commit will remove (for their DELETED events): read as
+    plain columns (`repo.deployments_named`), not ORM rows."""
     if not keys:
         return {}
-    return {r.spec.key: r for r in map(repo.deployment_view, await repo.list_deployment_rows(
-        session, keys=keys, phases=[m.DeploymentPhase.DELETING]))}
+    views = {}
+    for named in await repo.deployments_named(session, {split_deployment_key(key)[1] for key in keys}):
+        key = deployment_key(named.row.tenant_id, named.row.name)
+        if key in keys and named.row.phase == m.DeploymentPhase.DELETING:
+            views[key] = named.view()
+    return views
 
 
 def _to_publish(result: CommitResult, deleting: dict[str, DeploymentView]) -> tuple[set[str], list[DeploymentView]]:
