@@ -5,6 +5,7 @@ reason while a shard failed, and the views the flush publishes are what a read f
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import replace
 
@@ -97,3 +98,39 @@ async def test_a_report_read_before_a_move_leaves_the_moved_shard_alone(cluster:
                                          m.utcnow())
         await uow.commit()
     assert (await _placed(cluster))[("t1/a", 0, 0)][0::2] == (other, m.ShardPhase.ASSIGNED.value)
+
+
+async def test_a_deletion_committed_while_the_flush_reads_stays_deleting(cluster: Database,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush of shard reports alone (no heartbeat to write first) reads the deployments it
+    changes, then writes their phase: a deletion committed between that read and the write must
+    not be undone (the deployment brought back RUNNING, its deletion lost). The deletion is
+    started right after the flush's read and given until the flush is done to commit: wherever the
+    store serializes the two, the deployment ends DELETING."""
+    await submit(cluster, deployment("a", replicas=1, shards=1))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    [((_, replica, shard), (node, generation, _, _))] = (await _placed(cluster)).items()
+
+    async def delete() -> None:
+        async with cluster.unit_of_work() as uow:
+            await repo.set_deleting(uow.session, [r.row for r in await repo.deployments_named(uow.session, ["a"])])
+            await uow.commit()
+
+    read = repo.deployments_named
+    deleting: list[asyncio.Task[None]] = []
+
+    async def read_then_delete(session, names):  # type: ignore[no-untyped-def]
+        found = await read(session, names)
+        if not deleting:  # the flush's read: the deletion lands before its write if nothing holds it
+            deleting.append(asyncio.create_task(delete()))
+            await asyncio.wait(deleting, timeout=1.0)
+        return found
+
+    monkeypatch.setattr(repo, "deployments_named", read_then_delete)
+    report = ShardReport("a", replica, shard, generation, m.ShardPhase.RUNNING.value, "", tenant="t1")
+    async with cluster.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(node, report)])
+    await asyncio.gather(*deleting)
+    async with cluster.unit_of_work() as uow:
+        [row] = await read(uow.session, ["a"])
+    assert row.row.phase is m.DeploymentPhase.DELETING
