@@ -863,7 +863,8 @@ async def placements_of_deployments(session: AsyncSession, keys: Iterable[str]) 
 
 @dataclass(frozen=True, slots=True)
 class ShardState:
-    """One placement as an agent's report is judged against (plain columns, no row loaded)."""
+    """One placement as an agent's report is judged against (plain columns, no row loaded), or as a
+    report says it is now (`write_reported_shards`)."""
 
     key: str  # its deployment's, TENANT/NAME
     replica: int
@@ -872,6 +873,7 @@ class ShardState:
     generation: int
     phase: m.ShardPhase
     message: str
+    deployment_id: int
 
 
 async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[ShardState]:
@@ -881,11 +883,12 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
     wanted = set(keys)
     rows = await session.execute(
         select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
-               m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message)
+               m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message,
+               m.Placement.deployment_id)
         .select_from(m.Placement).join(m.Deployment)
         .where(_named_as_any(session, wanted)))
-    return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "")
-            for tenant, name, replica, shard, node_id, generation, phase, message in rows
+    return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "", dep_id)
+            for tenant, name, replica, shard, node_id, generation, phase, message, dep_id in rows
             if (key := d.deployment_key(tenant, name)) in wanted]
 
 
@@ -894,33 +897,39 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
 _REPORTED_SHARD = (update(_PLACEMENTS)
                    .where(_PLACEMENTS.c.deployment_id == bindparam("deployment"),
                           _PLACEMENTS.c.replica == bindparam("at_replica"), _PLACEMENTS.c.shard == bindparam("at_shard"),
-                          _PLACEMENTS.c.node_id == bindparam("at_node"))
+                          _PLACEMENTS.c.node_id == bindparam("at_node"),
+                          _PLACEMENTS.c.generation <= bindparam("report_generation"))
                    .values(phase=bindparam("new_phase"), message=bindparam("new_message"), updated_at=bindparam("at")))
-_REPORTED_DEPLOYMENT = (update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("deployment"))
+_REPORTED_DEPLOYMENT = (update(_DEPLOYMENTS)
+                        .where(_DEPLOYMENTS.c.id == bindparam("deployment"), _DEPLOYMENTS.c.phase == bindparam("was_phase"))
                         .values(phase=bindparam("new_phase"), reasons=bindparam("new_reasons"),
                                 updated_at=bindparam("at")))
 
 
-async def write_reported_shards(session: AsyncSession, shards: Sequence[tuple[int, PlacementColumns]],
-                                at: datetime) -> None:
-    """The phase and message of these placements (by deployment id and the placement's replica and
-    shard), updated `at`, in one executemany; each only while it is still on the node it was read
-    on (`p.node_id`, the node whose agent reported it): a placement a plan commit moved since the
-    read keeps the phase of its new node, not a report from the old one."""
+async def write_reported_shards(session: AsyncSession, shards: Sequence[ShardState], at: datetime) -> None:
+    """These placements (by deployment id, replica and shard) as reports say they are now: their
+    phase and message, updated `at`, in one executemany; each only while it is still on the node
+    that reported it (`node_id`) and of the generation the report answers (`generation`) or an
+    older one (the report's test, `agents._changes`, as of the write): a placement a plan commit
+    moved or placed again since the report was judged keeps what that commit wrote."""
     if shards:
         await session.execute(_REPORTED_SHARD, [
-            {"deployment": dep_id, "at_replica": p.replica, "at_shard": p.shard, "at_node": p.node_id,
-             "new_phase": p.phase, "new_message": p.message, "at": at} for dep_id, p in shards])
+            {"deployment": r.deployment_id, "at_replica": r.replica, "at_shard": r.shard, "at_node": r.node_id,
+             "report_generation": r.generation, "new_phase": r.phase, "new_message": r.message, "at": at}
+            for r in shards])
 
 
-async def write_deployment_phases(session: AsyncSession,
-                                  deployments: Sequence[tuple[int, m.DeploymentPhase, list[dict[str, Any]]]],
-                                  at: datetime) -> None:
-    """The phase and reasons of these deployments (by id), updated `at`, in one executemany."""
+async def write_deployment_phases(
+        session: AsyncSession,
+        deployments: Sequence[tuple[int, m.DeploymentPhase, m.DeploymentPhase, list[dict[str, Any]]]],
+        at: datetime) -> None:
+    """The phase and reasons of these deployments (id, the phase they were read in, the new phase,
+    the new reasons), updated `at`, in one executemany; each only while still in the phase it was
+    read in: a deletion or a quarantine committed since the read is not undone."""
     if deployments:
         await session.execute(_REPORTED_DEPLOYMENT, [
-            {"deployment": dep_id, "new_phase": phase, "new_reasons": reasons, "at": at}
-            for dep_id, phase, reasons in deployments])
+            {"deployment": dep_id, "was_phase": was, "new_phase": phase, "new_reasons": reasons, "at": at}
+            for dep_id, was, phase, reasons in deployments])
 
 
 def view_as_written(row: Row[Any], placements: Sequence[PlacementColumns], **written: object) -> d.DeploymentView:

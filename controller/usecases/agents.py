@@ -452,9 +452,11 @@ async def flush_reports(
     phase) changed; `views`, when given, receives their views as committed (what watchers are
     told), built from the columns this transaction read and wrote rather than read again.
     No ORM rows: the placements first as plain columns (most reports repeat what is stored: a
-    heartbeat's full state every minute), then the deployments that a report changes with their
-    placements (`repo.deployments_named`), the changes written by key in two executemanys
-    (loading, tracking and flushing those deployments as ORM rows was most of a flush's CPU).
+    heartbeat's full state every minute), the shards that reports change written by key in one
+    executemany, then the deployments they belong to read with their placements
+    (`repo.deployments_named`) and their phases written in another, each only while still in the
+    phase read (loading, tracking and flushing those deployments as ORM rows was most of a
+    flush's CPU).
     """
     s = uow.session
     if beats:  # one executemany for every node that beat since the last flush
@@ -463,18 +465,26 @@ async def flush_reports(
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
             latest[(deployment_key(report.tenant, report.deployment), report.replica, report.shard)] = (node_id, report)
-    hits: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}  # the reports that change their shard
+    hits: dict[tuple[str, int, int], tuple[repo.ShardState, ShardReport]] = {}  # the reports that change their shard
     for state in await repo.shard_states(s, {k[0] for k in latest}) if latest else ():
         place = (state.key, state.replica, state.shard)
         hit = _changes(latest.get(place), state.node_id, state.generation, state.phase, state.message)
         if hit is not None:
-            hits[place] = hit
-    named = await repo.deployments_named(s, {split_deployment_key(k)[1] for k, _, _ in hits}) if hits else []
+            hits[place] = (state, hit[1])
     at = m.utcnow()
+    # The shards first, each only if the report still applies as it is written: on SQLite the write
+    # takes the writer's turn (and begins the transaction), so the deployments read next, whose
+    # phases are written from that read, are what this transaction commits over; read before it
+    # (outside any transaction when no heartbeat was written first), a deletion or a plan commit
+    # landing in between was overwritten with a phase computed from the older read.
+    await repo.write_reported_shards(s, [
+        replace(state, generation=report.generation, phase=m.ShardPhase(report.phase), message=report.message)
+        for state, report in hits.values()], at)
+    named = await repo.deployments_named(s, {split_deployment_key(k)[1] for k, _, _ in hits}) if hits else []
     reported = [changed for dep in sorted(named, key=lambda dep: (dep.row.name, dep.row.id))
                 if (changed := _reported(dep, hits)) is not None]
-    await repo.write_reported_shards(s, [(r.read.row.id, p) for r in reported for p in r.shards], at)
-    await repo.write_deployment_phases(s, [(r.read.row.id, r.phase, r.reasons) for r in reported if r.moved], at)
+    await repo.write_deployment_phases(
+        s, [(r.read.row.id, r.read.row.phase, r.phase, r.reasons) for r in reported if r.moved], at)
     failed = {r.key: r.failure for r in reported if r.failure is not None}
     if failed:  # the reconciler places the failed replicas again after a back-off (store/failures.py)
         await repo.bump_cluster_generation(s, ClusterChange.placements(failed))
@@ -488,13 +498,11 @@ async def flush_reports(
 
 @dataclass(frozen=True, slots=True)
 class _Reported:
-    """A deployment whose shards reports changed: as read, its placements as the reports left them
-    (`shards`: those they changed), and its phase and reasons that follow."""
+    """A deployment whose shards reports changed: as read after the reports were written
+    (`placements`: as they left them), and its phase and reasons that follow."""
 
     key: str
     read: repo.NamedDeployment
-    placements: tuple[repo.PlacementColumns, ...]
-    shards: tuple[repo.PlacementColumns, ...]
     phase: m.DeploymentPhase
     reasons: list[dict[str, Any]]
     failure: dict[str, Any] | None  # why its latest newly failed shard failed
@@ -507,26 +515,29 @@ class _Reported:
     def view(self, at: datetime) -> DeploymentView:
         """Its view as written `at`."""
         written = {"phase": self.phase, "reasons": self.reasons, "updated_at": at} if self.moved else {}
-        return repo.view_as_written(self.read.row, self.placements, **written)
+        return repo.view_as_written(self.read.row, self.read.placements, **written)
 
 
-def _reported(dep: repo.NamedDeployment, hits: Mapping[tuple[str, int, int], tuple[str, ShardReport]]) -> _Reported | None:
-    """What the reports `hits` (by deployment key, replica and shard) change of `dep` (None: nothing)."""
+def _reported(dep: repo.NamedDeployment,
+              hits: Mapping[tuple[str, int, int], tuple[repo.ShardState, ShardReport]]) -> _Reported | None:
+    """What the reports `hits` (by deployment key, replica and shard: the placement as judged, the
+    report), written already, changed of `dep` as read since (None: nothing)."""
     key = deployment_key(dep.row.tenant_id, dep.row.name)
     placements = sorted(dep.placements, key=lambda p: (p.replica, p.shard))  # a later failure is the latest
-    shards: list[repo.PlacementColumns] = []
+    applied = False
     failure: dict[str, Any] | None = None
-    for i, placement in enumerate(placements):
+    for placement in placements:
         hit = hits.get((key, placement.replica, placement.shard))
-        if hit is None or hit[0] != placement.node_id:
+        if hit is None:
             continue
-        node_id, report = hit
-        phase = m.ShardPhase(report.phase)
-        if phase is m.ShardPhase.FAILED and placement.phase is not m.ShardPhase.FAILED:
-            failure = restarts.failure_reason(placement.replica, placement.shard, node_id, report.message)
-        placements[i] = replace(placement, phase=phase, message=report.message)
-        shards.append(placements[i])
-    if not shards:
+        judged, report = hit
+        if placement.node_id != judged.node_id or (placement.phase.value, placement.message) != (report.phase,
+                                                                                                  report.message):
+            continue  # moved or placed again before the write: the report did not apply
+        applied = True
+        if placement.phase is m.ShardPhase.FAILED and judged.phase is not m.ShardPhase.FAILED:
+            failure = restarts.failure_reason(placement.replica, placement.shard, judged.node_id, report.message)
+    if not applied:
         return None
     row = dep.row
     phase = repo.implied_phase(row, placements)  # the deployment's phase may follow its shards'
@@ -535,4 +546,4 @@ def _reported(dep: repo.NamedDeployment, hits: Mapping[tuple[str, int, int], tup
         reasons = restarts.with_failure(reasons, failure)
     elif phase is m.DeploymentPhase.RUNNING and any(r.get("code") == restarts.SHARD_FAILED for r in reasons):
         reasons = [r for r in reasons if r.get("code") != restarts.SHARD_FAILED]
-    return _Reported(key, dep, tuple(placements), tuple(shards), phase, reasons, failure)
+    return _Reported(key, dep, phase, reasons, failure)

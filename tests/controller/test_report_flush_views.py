@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import replace
 
 import pytest
 
@@ -88,14 +87,16 @@ async def test_a_report_read_before_a_move_leaves_the_moved_shard_alone(cluster:
         [read] = await repo.deployments_named(uow.session, ["a"])
     [placement] = read.placements
     old_node = placement.node_id
+    [(_, generation, _, _)] = (await _placed(cluster)).values()
     async with cluster.unit_of_work() as uow:  # a plan commit moves it meanwhile (assigned to the new node)
         other = next(n.id for n in await repo.list_node_rows(uow.session) if n.id != old_node)
         row = (await repo.placements_of_deployments(uow.session, ["t1/a"]))[0][0]
         row.node_id, row.phase = other, m.ShardPhase.ASSIGNED
         await uow.commit()
     async with cluster.unit_of_work() as uow:  # the flush's write, from what it read before the move
-        await repo.write_reported_shards(uow.session, [(read.row.id, replace(placement, phase=m.ShardPhase.RUNNING))],
-                                         m.utcnow())
+        await repo.write_reported_shards(uow.session, [repo.ShardState(
+            "t1/a", placement.replica, placement.shard, old_node, generation, m.ShardPhase.RUNNING, "", read.row.id)],
+            m.utcnow())
         await uow.commit()
     assert (await _placed(cluster))[("t1/a", 0, 0)][0::2] == (other, m.ShardPhase.ASSIGNED.value)
 
