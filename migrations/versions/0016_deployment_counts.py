@@ -93,8 +93,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deployment_count_deltas")),
     )
     op.bulk_insert(counts, [{"id": 1, "schedulable": 0}])
-    op.execute(f"UPDATE deployment_counts SET schedulable = (SELECT count(*) FROM deployments WHERE {SCHEDULABLE}) "
-               "WHERE id = 1")
+    # The triggers before the count: creating one waits for every transaction writing deployments
+    # and holds off new ones until this migration commits (PostgreSQL; SQLite's one writer is this
+    # one already), so the count sees every row written without them and no row is counted twice.
+    # Counted first, a row in flight then (another controller still running, a migration by hand)
+    # was missed for good.
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_pg_function())
         for event, clause in PG_EVENTS.items():
@@ -102,9 +105,11 @@ def upgrade() -> None:
                        f"FOR EACH STATEMENT EXECUTE FUNCTION {PG_FUNCTION}()")
         op.execute(f"CREATE TRIGGER trg_count_deployments_truncate AFTER TRUNCATE ON deployments "
                    f"FOR EACH STATEMENT EXECUTE FUNCTION {PG_FUNCTION}()")
-        return
-    for event, body in SQLITE_TRIGGERS.items():
-        op.execute(f"CREATE TRIGGER trg_count_deployments_{event} {body}")
+    else:
+        for event, body in SQLITE_TRIGGERS.items():
+            op.execute(f"CREATE TRIGGER trg_count_deployments_{event} {body}")
+    op.execute(f"UPDATE deployment_counts SET schedulable = (SELECT count(*) FROM deployments WHERE {SCHEDULABLE}) "
+               "WHERE id = 1")
 
 
 def downgrade() -> None:
