@@ -125,6 +125,15 @@ _FILE_TURNS: weakref.WeakValueDictionary[Path, WriterTurns] = weakref.WeakValueD
 _FILE_TURNS_LOCK = threading.Lock()
 
 
+# The writer turns of each engine `SqliteWriters` is attached to (`engine_turns`).
+_ENGINE_TURNS: weakref.WeakKeyDictionary[Any, WriterTurns] = weakref.WeakKeyDictionary()
+
+
+def engine_turns(engine: AsyncEngine) -> WriterTurns | None:
+    """The writer turns `engine`'s writing transactions take (None: it takes none, PostgreSQL)."""
+    return _ENGINE_TURNS.get(engine.sync_engine)
+
+
 def process_turns(url: str) -> WriterTurns:
     """The writer turns every engine of this process on `url`'s SQLite file shares (one SQLite
     writer per file, whichever thread or loop writes); new ones for an in-memory database (each
@@ -164,6 +173,7 @@ class SqliteWriters:
         self._holder: dict[WriterTurns, str] = {}  # what holds it (for the error of a writer that waited too long)
 
     def attach(self, engine: AsyncEngine) -> None:
+        _ENGINE_TURNS[engine.sync_engine] = self.turns
         event.listen(engine.sync_engine, "before_cursor_execute", self._before_execute)
         for name in ("checkin", "invalidate", "close", "detach"):
             event.listen(engine.sync_engine.pool, name, self._released)
@@ -249,6 +259,11 @@ class Database:
     def is_sqlite(self) -> bool:
         return _is_sqlite(self.url)
 
+    @property
+    def turns(self) -> WriterTurns | None:
+        """The turns at SQLite's writer its writing transactions take (None on PostgreSQL)."""
+        return engine_turns(self.engine)
+
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
         session = self._sessions()
@@ -260,6 +275,18 @@ class Database:
             # its deadline writing its audit entry) must not leave its transaction open, holding
             # the writer (SQLite's lock) until the garbage collector finds the connection.
             await asyncio.shield(_discard(session))
+
+    @asynccontextmanager
+    async def writing_soon(self) -> AsyncIterator[None]:
+        """Inside, this task reads and then writes, its caller waiting for the commit (a submit
+        batch): on SQLite the writer is kept for it meanwhile (`WriterTurns.intend`), so that the
+        transaction it waits for is never one that began during its reads."""
+        turns = self.turns
+        if turns is None:
+            yield
+            return
+        with turns.intend():
+            yield
 
     @asynccontextmanager
     async def read_snapshot(self) -> AsyncIterator[AsyncSession]:

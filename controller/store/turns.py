@@ -16,6 +16,13 @@ first), so under a stream of urgent writers the others still go within about `AG
 transaction (a report flush waits at most that much longer than in arrival order); a writer
 that saturates the database degrades to arrival order.
 
+A turn cannot be taken from a transaction that holds it, so a submit batch that asked for its
+turn after its read (its first write) waited for whatever began meanwhile: a plan commit or a
+report flush that took the free writer during the batch's read and held it for tens of
+milliseconds. A task that will write soon says so (`intend`, the submit batch, from its start):
+until it asks for its turn or leaves, a free writer is not given to a less urgent waiter that
+has not aged. The writer may idle meanwhile, for the read at most.
+
 A task that wants to know how long its transactions waited for their turn (the submit batch,
 for its latency's split) meters them (`metered_turns`): each wait adds to its `TurnWait`.
 
@@ -37,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 # A waiter this old goes before any younger one, whatever its priority. At 0.5 s the agents'
 # report flushes (one batch at a time) fell behind at 100 submits/s on 4,096 nodes: placed ->
@@ -135,6 +143,7 @@ class WriterTurns:
         self._holder: WritePriority | None = None  # the priority the turn was given at (None: free)
         self._waiters: list[_Waiter] = []
         self._seq = 0
+        self._intents = 0  # ANSWER writers on their way (`intend`)
 
     @property
     def held(self) -> bool:
@@ -143,20 +152,67 @@ class WriterTurns:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def on_its_way(self) -> int:
+        """ANSWER writers on their way (`intend`) that have not asked for their turn yet."""
+        return self._intents
+
+    def answering(self) -> bool:
+        """Whether an ANSWER writer holds the turn, waits for it or is on its way (`intend`)."""
+        with self._mutex:
+            return self._intents > 0 or self._holder is WritePriority.ANSWER or any(
+                w.priority is WritePriority.ANSWER for w in self._waiters)
+
+    @contextmanager
+    def intend(self) -> Iterator[None]:
+        """An ANSWER writer on its way: the task inside reads, then writes (a submit batch). Until
+        it asks for its turn (its first write, which takes the intent back) or leaves, a free
+        writer is not given to a less urgent waiter that has not aged: a plan commit or a report
+        flush starting during the batch's reads would hold the writer for a whole transaction
+        while the batch, its callers waiting, waits for it. The writer idles meanwhile at most
+        for the reads; an aged waiter still goes (module docstring). Tasks started inside do
+        not take it back (they copy the context, not the task)."""
+        intent = _Intent(self, asyncio.current_task())
+        with self._mutex:
+            self._intents += 1
+        token = _INTENT.set(intent)
+        try:
+            yield
+        finally:
+            _INTENT.reset(token)
+            if self._withdraw(intent):
+                self._hand_on()
+
+    def _withdraw(self, intent: _Intent) -> bool:
+        """Take `intent` back (once); whether the free writer may now go to a held-back waiter."""
+        with self._mutex:
+            if not intent.open:
+                return False
+            intent.open = False
+            self._intents -= 1
+            return self._intents == 0 and not self._held and bool(self._waiters)
+
     async def acquire(self, priority: WritePriority | None = None) -> None:
         """Wait for the turn (at `priority`, by default the task's `write_priority`). Cancelled
         while waiting (a timeout), nothing is held; cancelled just after the turn was given, it
         is passed on."""
         priority = current_priority() if priority is None else priority
         loop = asyncio.get_running_loop()
+        intent = _INTENT.get()
         with self._mutex:
-            if not self._held and not self._waiters:
+            if intent is not None and intent.open and intent.turns is self and intent.task is asyncio.current_task():
+                # asking now: no longer on its way (a task it started, with its context, is not it)
+                intent.open = False
+                self._intents -= 1
+            if not self._held and not self._waiters and (priority is WritePriority.ANSWER or not self._intents):
                 self._held, self._holder = True, priority
                 return
             self._seq += 1
             waiter = _Waiter(priority, self._clock(), self._seq, loop.create_future())
             behind = self._holder
             self._waiters.append(waiter)
+            free = not self._held
+        if free:  # held back for an intent, or others are held back and this one may go
+            self._hand_on()
         try:
             await waiter.granted
         except BaseException:
@@ -174,18 +230,46 @@ class WriterTurns:
     def release(self) -> None:
         """Give the turn to the most urgent waiter (aged ones first), or free the writer. From any
         thread: the waiter is woken on its own loop."""
+        with self._mutex:
+            self._held, self._holder = False, None
+        self._hand_on()
+
+    def _next(self) -> _Waiter | None:
+        """The waiter a free writer goes to (under the mutex): the most urgent, aged ones first;
+        None while the writer is kept for an ANSWER writer on its way (`intend`)."""
+        if not self._waiters:
+            return None
+        now = self._clock()
+        nxt = min(self._waiters, key=lambda w: (w.priority if now - w.since < self._aged_s else -1, w.seq))
+        if self._intents and nxt.priority is not WritePriority.ANSWER and now - nxt.since < self._aged_s:
+            return None
+        return nxt
+
+    def _hand_on(self) -> None:
+        """Give a free writer to the next waiter (`_next`), if any."""
         while True:
             with self._mutex:
-                if not self._waiters:
-                    self._held, self._holder = False, None
+                if self._held:
                     return
-                now = self._clock()
-                nxt = min(self._waiters, key=lambda w: (w.priority if now - w.since < self._aged_s else -1, w.seq))
+                nxt = self._next()
+                if nxt is None:
+                    return
                 self._waiters.remove(nxt)
-                nxt.given, self._holder = True, nxt.priority
+                nxt.given, self._held, self._holder = True, True, nxt.priority
             if _wake_on_its_loop(nxt):
                 return
-            # Its loop is closed: nobody will take the turn there; the next waiter's.
+            with self._mutex:  # its loop is closed: nobody will take the turn there; the next waiter's
+                self._held, self._holder = False, None
+
+
+@dataclass(eq=False)
+class _Intent:
+    turns: WriterTurns
+    task: asyncio.Task[Any] | None  # whose first write takes it back
+    open: bool = True  # not yet taken back (its writer asked for its turn, or left)
+
+
+_INTENT: contextvars.ContextVar[_Intent | None] = contextvars.ContextVar("maia_write_intent", default=None)
 
 
 def _wake_on_its_loop(waiter: _Waiter) -> bool:

@@ -168,7 +168,7 @@ class SubmitBatcher:
         their views, or the error that refused them. The others are left out (they go alone)."""
         times = _BatchTimes(started=time.perf_counter())
         stages = times.stages
-        async with self._db.unit_of_work() as uow:
+        async with self._db.unit_of_work() as uow, self._db.writing_soon():
             facts = await self._read_facts(uow, batch)
             read = time.perf_counter()
             stages.reads = read - times.started

@@ -213,3 +213,23 @@ async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cl
     priorities = batch_priorities(batcher, monkeypatch)
     await batcher.submit(WHO, deployment("a", "t1"))
     assert priorities == [WritePriority.ANSWER]
+
+
+async def test_a_batch_keeps_the_writer_from_passes_and_reports_while_it_reads(cluster, monkeypatch):
+    """On SQLite a plan commit or a report flush asking for a free writer during a batch's read
+    waits for the batch's transaction (`WriterTurns.intend`), not the batch for theirs."""
+    turns = cluster.turns
+    if turns is None:
+        return  # SQLite's writer turns only
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    reads = submits.repo.submit_batch_reads
+    kept: list[int] = []
+
+    async def noted_reads(*args, **kwargs):
+        kept.append(turns.on_its_way())
+        return await reads(*args, **kwargs)
+
+    monkeypatch.setattr(submits.repo, "submit_batch_reads", noted_reads)
+    await batcher.submit(WHO, deployment("a"))
+    assert kept == [1]  # on its way while it read
+    assert turns.on_its_way() == 0 and not turns.answering()  # taken back by its write

@@ -6,10 +6,12 @@ same across the event loops of several threads, whose engines on one file share 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -54,7 +56,9 @@ async def test_the_most_urgent_waiter_goes_first_then_arrival_order() -> None:
     assert not turns.held
 
 
-async def test_an_aged_waiter_goes_before_younger_urgent_ones() -> None:
+@pytest.mark.parametrize("intent", [False, True])
+async def test_an_aged_waiter_goes_before_younger_urgent_ones(intent: bool) -> None:
+    """Also while an ANSWER writer is on its way (`intend`): the writer is never kept from an aged one."""
     clock = Clock()
     turns = WriterTurns(aged_s=0.5, clock=clock)
     await turns.acquire(WritePriority.ANSWER)
@@ -66,8 +70,9 @@ async def test_an_aged_waiter_goes_before_younger_urgent_ones() -> None:
     submit = asyncio.create_task(_write(turns, order, "submit", WritePriority.ANSWER))
     await _wait_queued(turns, 2)
     clock.now = 0.6  # the report has waited 0.6 s, the submit 0.2 s
-    turns.release()
-    await asyncio.gather(report, submit)
+    with turns.intend() if intent else contextlib.nullcontext():
+        turns.release()
+        await asyncio.gather(report, submit)
     assert order == ["report", "submit"]
 
 
@@ -281,3 +286,52 @@ async def test_two_threads_write_one_sqlite_file_by_turns_without_the_busy_handl
     finally:
         other.close()
         await setup.dispose()
+
+
+async def test_a_free_writer_is_kept_for_an_answer_writer_on_its_way_until_it_asks() -> None:
+    """A pass asking while a submit batch reads (`intend`) waits for the batch's transaction,
+    rather than the batch waiting for the pass's whole commit."""
+    turns = WriterTurns(clock=Clock())
+    order: list[str] = []
+    with turns.intend():
+        assert turns.answering() and turns.on_its_way() == 1
+        commit = asyncio.create_task(_write(turns, order, "pass", WritePriority.SCHEDULE))
+        await _wait_queued(turns, 1)
+        await asyncio.sleep(0)
+        assert order == [] and not turns.held  # free, but kept for the batch
+        await turns.acquire(WritePriority.ANSWER)  # the batch's first write: taken at once
+        assert turns.on_its_way() == 0
+        order.append("batch")
+        turns.release()
+    await commit
+    assert order == ["batch", "pass"]
+    assert not turns.held and not turns.answering()
+
+
+async def test_an_intent_withdrawn_without_writing_hands_the_writer_on() -> None:
+    turns = WriterTurns(clock=Clock())
+    order: list[str] = []
+    with turns.intend():  # a batch whose members were all refused: it never writes
+        report = asyncio.create_task(_write(turns, order, "report", WritePriority.BACKGROUND))
+        await _wait_queued(turns, 1)
+        await asyncio.sleep(0)
+        assert order == []
+    await report
+    assert order == ["report"] and not turns.held
+
+
+async def test_an_intent_keeps_the_writer_from_waiters_of_another_loop() -> None:
+    turns = WriterTurns(clock=Clock())
+    other = _OtherLoop()
+    try:
+        order: list[str] = []
+        with turns.intend():
+            passes = other.start(_write(turns, order, "pass", WritePriority.SCHEDULE))
+            await _wait_queued(turns, 1)
+            await asyncio.sleep(0.01)
+            assert order == []
+            await _write(turns, order, "batch", WritePriority.ANSWER)
+        await asyncio.wait_for(passes, 10)
+        assert order == ["batch", "pass"]
+    finally:
+        other.close()
