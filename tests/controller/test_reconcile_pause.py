@@ -10,6 +10,7 @@ import pytest
 
 from controller import reconcile
 from controller.reconcile import Reconciler, ReconcileOutcome
+from controller.store.turns import WriterTurns
 
 
 async def _publish(nodes: set[str], deleted: list[Any]) -> None:
@@ -18,6 +19,7 @@ async def _publish(nodes: set[str], deleted: list[Any]) -> None:
 
 @pytest.mark.parametrize("full", [True, False])
 async def test_a_whole_cluster_pass_is_followed_by_a_pause_as_long_as_it(monkeypatch, full: bool) -> None:
+    monkeypatch.setattr(reconcile, "PASS_PERIOD_S", 0.0)  # the period has a test of its own
     r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=0.001, settle_s=0.0)  # type: ignore[arg-type]
     passes: list[float] = []
     pauses: list[float] = []
@@ -81,9 +83,18 @@ async def test_a_wake_during_a_pass_starts_the_next_at_once_and_one_while_idle_s
     a pass ran finds its burst landed already: the next pass starts without it (an arrival waits
     one pass less). With a warm cache a pass costs the changes, not the cluster: an arrival (a
     64-shard gang) woken into an idle loop is not held back by the settle either."""
+    monkeypatch.setattr(reconcile, "PASS_PERIOD_S", 0.0)  # the period has a test of its own
     r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=60.0, settle_s=0.05)  # type: ignore[arg-type]
     if warm:
         r._warm.cache = object()  # type: ignore[assignment]  # what the pass decides on is warm
+    passes, sleeps = await _two_passes(r, monkeypatch)
+    assert passes == 2
+    assert sleeps == ([] if warm else [0.05])  # the settle before the first pass only, when cold
+
+
+async def _two_passes(r: Reconciler, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[float]]:
+    """Run `r`'s loop, woken while idle, for two passes, the first woken again while it runs (a
+    submit lands); the passes run and what the loop slept (no time passes in those sleeps)."""
     passes = 0
     sleeps: list[float] = []
     real_sleep = asyncio.sleep
@@ -107,6 +118,45 @@ async def test_a_wake_during_a_pass_starts_the_next_at_once_and_one_while_idle_s
     loop.call_soon(r.wake)  # woken while idle (the loop waits for it)
     with pytest.raises(asyncio.CancelledError):
         await r.run()
-    assert passes == 2
-    assert sleeps == ([] if warm else [0.05])  # the settle before the first pass only, when cold
+    return passes, sleeps
 
+
+
+async def test_a_pass_starts_a_period_after_the_last_one_began_and_the_first_at_once(monkeypatch) -> None:
+    """Passes back to back took a core at 50 submits a second: the next one waits for what is
+    left of `PASS_PERIOD_S` since the last one began, and deploys what arrived meanwhile."""
+    monkeypatch.setattr(reconcile, "PASS_PERIOD_S", 60.0)
+    r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=60.0, settle_s=0.0)  # type: ignore[arg-type]
+    r._warm.cache = object()  # type: ignore[assignment]  # warm: no settle
+    passes, sleeps = await _two_passes(r, monkeypatch)
+    assert passes == 2
+    assert len(sleeps) == 1 and 50.0 < sleeps[0] <= 60.0  # none before the first; the period's rest before the second
+
+
+class _Db:
+    def __init__(self, turns: WriterTurns) -> None:
+        self.turns = turns
+
+
+async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound(monkeypatch) -> None:
+    """A submit batch on its way to SQLite's writer (`WriterTurns.intend`) is written before the
+    next pass starts, which then decides its arrivals; not after `ANSWER_YIELD_MAX_S` past the
+    period since the last pass began (a long pass, at saturation, is followed at once)."""
+    monkeypatch.setattr(reconcile, "ANSWER_POLL_S", 0.0)
+    r = Reconciler(None, push=lambda nodes: None, publish=_publish)  # type: ignore[arg-type]
+    turns = WriterTurns()
+    r._db = _Db(turns)  # type: ignore[assignment]
+    long_ago = reconcile.time.perf_counter() - 3600.0  # the period is over
+
+    monkeypatch.setattr(reconcile, "ANSWER_YIELD_MAX_S", 3600.0)
+    with turns.intend():
+        room = asyncio.create_task(r._make_room(long_ago))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not room.done()  # the batch is still on its way
+    await asyncio.wait_for(room, 10)
+
+    monkeypatch.setattr(reconcile, "ANSWER_YIELD_MAX_S", 1800.0)
+    with turns.intend():
+        await asyncio.wait_for(r._make_room(long_ago), 10)  # the last pass began past the bound: no wait
+        await asyncio.wait_for(r._make_room(None), 10)  # no pass before: at once
