@@ -165,6 +165,24 @@ class ReconcileOutcome:
     retry_in_s: float | None = None
 
 
+def waits_on_report(view: DeploymentView) -> bool:
+    """Whether a pass may have work once agents' reports changed this deployment's shards
+    (`view`: as the report flush committed it), so the reports' flush wakes the reconciler.
+
+    A pass reads shard phases for two things alone: a rollout's or a drain's outgoing replicas
+    are stopped once their replacements run (`store/rollout.py`: only a deployment that still has
+    outgoing replicas; one not running goes at once), and replicas with a FAILED shard are
+    counted and released (`store/failures.py`; the flush bumps the cluster generation for a
+    newly failed shard). Nothing else a pass does follows a report: a deletion releases shards
+    without waiting for them to stop, and a shard that loads or runs frees and takes no
+    capacity. So a new deployment's shards going LOADING -> RUNNING, most reports at
+    saturation, wake nothing."""
+    return view.outgoing_replicas > 0 or any(p.phase == _FAILED for p in view.placements)
+
+
+_FAILED = m.ShardPhase.FAILED.value
+
+
 def time_limited(plan: Plan) -> bool:
     """The solver stopped at its time limit with work left unplaced: another try may place it.
 
@@ -577,6 +595,7 @@ class Reconciler:
                     if (not force and not retry_due and generation == self._last_generation
                             and arrivals == self._last_arrivals and not self._redecide):
                         outcome = ReconcileOutcome(generation=generation)
+                        self._observer.pass_taken("idle")  # woken for nothing (or only retired/released first)
                     elif not (force or retry_due) and self._may_go_fast(generation, arrivals):
                         outcome = await self._fast_pass(uow, generation, arrivals)
                 if outcome is None:

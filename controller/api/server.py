@@ -49,7 +49,7 @@ from controller.identity import CONTROLLER, Principal, Role
 from controller.nodelifecycle import NodeLifecycle
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.leadership import LeaderElection, LeaseSettings
-from controller.reconcile import Reconciler
+from controller.reconcile import Reconciler, waits_on_report
 from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
 from controller.store.exclusive import DatabaseInUse, SqliteLock
@@ -253,8 +253,13 @@ class ControllerApp:
             self.bus.publish(event)
 
     async def _publish_changed(self, views: Mapping[str, DeploymentView]) -> None:
-        """Agents' reports changed these deployments (their views as committed, by key)."""
-        self.reconciler.wake()  # a replacement that now runs lets a rollout or drain stop an old replica
+        """Agents' reports changed these deployments (their views as committed, by key). The
+        reconciler is woken only when one of them may give a pass work (`waits_on_report`: a
+        replacement that now runs lets a rollout or drain stop an old replica, a failed shard is
+        counted and placed again); a new deployment's shards going LOADING -> RUNNING, almost
+        every report under load, give it none."""
+        if any(map(waits_on_report, views.values())):
+            self.reconciler.wake()
         await self._publish_deployments(set(views), [], list(views.values()))
 
     async def _publish_deployments(self, keys: set[str], deleted: list[DeploymentView],

@@ -164,8 +164,10 @@ class ControllerMetrics:
                                   "request, agent stream or loop waited behind other work (observability/loop.py).",
                                   registry=r, buckets=RPC_BUCKETS_S)
         self.reconcile_passes = Counter(
-            "maia_reconcile_passes", "Reconcile passes that did work, by path: full (read and solved the whole "
-            "cluster), fast (decided on the warm session), delta (only applied others' changes to the warm cache).",
+            "maia_reconcile_passes", "Reconcile passes by path: full (read and solved the whole "
+            "cluster), fast (decided on the warm session), delta (only applied others' changes to the warm cache); "
+            "idle: passes that found the cluster unchanged (the generation and the arrivals as the last pass left "
+            "them), after stopping replaced replicas or releasing failed ones if any were due.",
             ["path"], registry=r)
         self.scheduling_queue = Gauge("maia_scheduling_queue_deployments",
                                       "Deployments in the reconciler's scheduling queue: active (not attempted yet), "
