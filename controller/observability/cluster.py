@@ -3,9 +3,8 @@
 `read_cluster_gauges` runs in the controller's event loop (the metrics endpoint asks the loop
 for it) and costs a handful of aggregate queries whatever the cluster size: placements are
 summed by the database per (node, tenant) through `repositories.cluster_usage`. The per-row
-reads (every deployment's reasons, every node) are streamed in partitions of `PARTITION` rows,
-each decoded and counted in its own turn of the loop: read whole, the 10,000 deployments' JSON
-reasons and 4,096 nodes held the loop ~40-90 ms in one piece (issue 8). Every label it
+reads (every deployment's reasons, every node) come in partitions (`store.partitions`), each
+decoded and counted in its own turn of the loop. Every label it
 produces is bounded by configuration (tenants, racks, rows, zones, accelerator models, phases,
 reason codes); never a deployment name.
 """
@@ -13,21 +12,18 @@ reason codes); never a deployment name.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
-from sqlalchemy import Row, Select, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.liveness import later_contact
 from controller.store import metering
 from controller.store import models as m
 from controller.store import repositories as repo
-
-PARTITION = 256  # rows decoded in one turn of the event loop
-
+from controller.store.partitions import partitions
 
 @dataclass(frozen=True, slots=True)
 class PowerDomain:
@@ -67,7 +63,7 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
     phases.update(await repo.count_deployments_by_phase(session))
 
     unplaced: dict[str, int] = defaultdict(int)
-    async for part in _partitions(session, select(m.Deployment.reasons)):
+    async for part in partitions(session, select(m.Deployment.reasons)):
         for (reasons,) in part:
             for code in {r.get("code", "") for r in reasons or () if r.get("code")}:
                 unplaced[code] += 1
@@ -90,7 +86,7 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
         m.Node.id, m.Node.rack_id, m.Node.accelerators, m.Node.accelerator_model, m.Node.health, m.Node.cordoned,
         m.Node.last_heartbeat_at, m.Node.power_draw_w,
     )
-    async for part in _partitions(session, nodes):
+    async for part in partitions(session, nodes):
         for node_id, rack_id, accelerators, model, health, cordoned, last_beat, draw_w in part:
             model_of[node_id] = model
             down = health is m.NodeHealth.DOWN
@@ -128,13 +124,3 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
     )
 
 
-
-async def _partitions(session: AsyncSession, statement: Select[Any]) -> AsyncIterator[Sequence[Row[Any]]]:
-    """The statement's rows, `PARTITION` at a time: streamed (a server-side cursor), so each
-    partition is fetched, decoded and handed over in a turn of the event loop of its own."""
-    result = await session.stream(statement)
-    try:
-        async for part in result.partitions(PARTITION):
-            yield part
-    finally:
-        await result.close()

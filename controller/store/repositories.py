@@ -26,6 +26,7 @@ from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of
 from controller.store.changes import schedulable_count
+from controller.store.partitions import partitions
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain.changes import ClusterChange
 from controller.domain import values as d
@@ -446,32 +447,30 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
     returns at most one row per node and tenant on it, however many shards are placed.
     """
     usage = ClusterUsage()
-    rows = await session.execute(
-        select(m.Node.id, m.Node.rack_id, m.Rack.row_id, m.Node.idle_power_w, m.Node.health)
-        .join(m.Rack, m.Node.rack_id == m.Rack.id)
-    )
+    nodes = (select(m.Node.id, m.Node.rack_id, m.Rack.row_id, m.Node.idle_power_w, m.Node.health)
+             .join(m.Rack, m.Node.rack_id == m.Rack.id))
     node_rack: dict[str, tuple[str, str]] = {}
-    for node_id, rack_id, row_id, idle_w, health in rows:
-        node_rack[node_id] = (rack_id, row_id)
-        if health is not m.NodeHealth.DOWN:
-            usage.rack_power_w[rack_id] += idle_w or 0.0
-            usage.row_power_w[row_id] += idle_w or 0.0
-    placed = await session.execute(
-        select(m.Placement.node_id, m.Deployment.tenant_id, func.count(), func.sum(_PLACEMENT_MILLI),
-               func.sum(m.Deployment.shard_power_w * _PLACEMENT_MILLI / 1000.0))
-        .join(m.Deployment).group_by(m.Placement.node_id, m.Deployment.tenant_id)
-    )
-    for node_id, tenant_id, shards, milli, power in placed:
-        milli, power = int(milli), float(power)
-        usage.tenant_milli[tenant_id] += milli
-        usage.tenant_power_w[tenant_id] += power
-        usage.node_milli[node_id] += milli
-        usage.node_shards[node_id] += shards
-        usage.node_tenants[node_id].add(tenant_id)
-        usage.node_tenant_milli[(node_id, tenant_id)] += milli
-        rack_id, row_id = node_rack.get(node_id, ("", ""))
-        usage.rack_power_w[rack_id] += power
-        usage.row_power_w[row_id] += power
+    async for part in partitions(session, nodes):  # a row per node: not in one piece on the loop
+        for node_id, rack_id, row_id, idle_w, health in part:
+            node_rack[node_id] = (rack_id, row_id)
+            if health is not m.NodeHealth.DOWN:
+                usage.rack_power_w[rack_id] += idle_w or 0.0
+                usage.row_power_w[row_id] += idle_w or 0.0
+    placed = (select(m.Placement.node_id, m.Deployment.tenant_id, func.count(), func.sum(_PLACEMENT_MILLI),
+                     func.sum(m.Deployment.shard_power_w * _PLACEMENT_MILLI / 1000.0))
+              .join(m.Deployment).group_by(m.Placement.node_id, m.Deployment.tenant_id))
+    async for part in partitions(session, placed):
+        for node_id, tenant_id, shards, milli, power in part:
+            milli, power = int(milli), float(power)
+            usage.tenant_milli[tenant_id] += milli
+            usage.tenant_power_w[tenant_id] += power
+            usage.node_milli[node_id] += milli
+            usage.node_shards[node_id] += shards
+            usage.node_tenants[node_id].add(tenant_id)
+            usage.node_tenant_milli[(node_id, tenant_id)] += milli
+            rack_id, row_id = node_rack.get(node_id, ("", ""))
+            usage.rack_power_w[rack_id] += power
+            usage.row_power_w[row_id] += power
     return usage
 
 

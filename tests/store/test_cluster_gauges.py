@@ -1,6 +1,6 @@
-"""The cluster gauges read their per-row tables (deployments' reasons, nodes) in partitions, each
-in a turn of the event loop of its own (issue 8): what they report must not depend on where the
-partitions fall."""
+"""The cluster gauges (and `repositories.cluster_usage` under them) read their per-row tables
+(deployments' reasons, nodes, sums per node) in partitions, each in a turn of the event loop of
+its own (issue 8): what they report must not depend on where the partitions fall."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy import update
 
 from controller.observability import cluster
 from controller.store import models as m
+from controller.store import partitions
 from controller.store.db import Database
 
 from .seed import TWO_RACKS, seed_problem
@@ -51,9 +52,9 @@ async def test_the_gauges_do_not_depend_on_the_partition_size(database: Database
         await uow.commit()
 
     whole = await _gauges(database)  # the default partition holds every row here
-    monkeypatch.setattr(cluster, "PARTITION", 2)
+    monkeypatch.setattr(partitions, "PARTITION", 2)
     assert await _gauges(database) == whole
-    monkeypatch.setattr(cluster, "PARTITION", 1)
+    monkeypatch.setattr(partitions, "PARTITION", 1)
     assert await _gauges(database) == whole
 
     # And what it reports is what was written (the partitioning could not hide a dropped row).
