@@ -235,17 +235,24 @@ def _tenant(t: dict[str, Any]) -> Tenant:
                   max_accelerators=t.get("max_accelerators"), max_power_w=t.get("max_power_w"))
 
 
-def _deployment(d: dict[str, Any]) -> Deployment:
-    s = d["shard"]
+def shard_spec_from_dict(s: dict[str, Any]) -> ShardSpec:
+    """One interchange shard (a deployment's `shard`, already valid) as the model's: the inverse
+    of `deployment_to_dict`'s. Absent fields take the schema's defaults; `hbm_gib` and `power_w`
+    are floats whatever number the JSON holds (16 and 16.0 are one spec); `accelerator_models`
+    absent means any model."""
     models = s.get("accelerator_models")
-    shard = ShardSpec(accelerators=s["accelerators"],
-                      accelerator_milli=s.get("accelerator_milli", 1000),
-                      hbm_gib=float(s.get("hbm_gib", 0)), cpu_milli=s.get("cpu_milli", 0),
-                      memory_mib=s.get("memory_mib", 0), power_w=float(s.get("power_w", 0)),
-                      accelerator_models=tuple(models) if models is not None else None)
+    return ShardSpec(accelerators=s["accelerators"],
+                     accelerator_milli=s.get("accelerator_milli", 1000),
+                     hbm_gib=float(s.get("hbm_gib", 0)), cpu_milli=s.get("cpu_milli", 0),
+                     memory_mib=s.get("memory_mib", 0), power_w=float(s.get("power_w", 0)),
+                     accelerator_models=tuple(models) if models is not None else None)
+
+
+def _deployment(d: dict[str, Any]) -> Deployment:
     spread = d.get("spread")
     return Deployment(id=d["id"], tenant=d["tenant"], replicas=d["replicas"],
-                      shards_per_replica=d["shards_per_replica"], shard=shard,
+                      shards_per_replica=d["shards_per_replica"],
+                      shard=shard_spec_from_dict(d["shard"]),
                       min_replicas=d.get("min_replicas", 1), locality=d.get("locality", "rack"),
                       spread=Spread(spread["domain"], spread["max_per_domain"]) if spread else None,
                       priority=d.get("priority", 0), preemptible=d.get("preemptible", False))

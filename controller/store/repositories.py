@@ -33,6 +33,7 @@ from controller.domain import values as d
 from controller.domain.paging import PageBounds
 from controller.domain import restarts
 from controller.domain.phases import ReplicaCounts, deployment_phase, replica_counts
+from scheduler.interchange import shard_spec_from_dict
 
 
 def _paged(stmt: Select, page: PageBounds | None, *columns: object) -> Select:
@@ -972,13 +973,6 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
     return {node_id}
 
 
-def _shard_spec_of_doc(doc: dict[str, Any]) -> d.ShardSpec:
-    """What one shard of an interchange deployment document needs (an older revision's)."""
-    shard = dict(doc["shard"])
-    models = shard.pop("accelerator_models", None)
-    return d.ShardSpec(**shard, accelerator_models=tuple(models) if models else None)
-
-
 async def release_placements_beyond(session: AsyncSession, node_id: str, accelerators: int) -> list[list[object]]:
     """Delete the node's placements that use an accelerator index it no longer has (it registered
     with fewer), stopping their usage meters; returns them as [TENANT/NAME, replica, shard]."""
@@ -1013,7 +1007,7 @@ def _assigned_spec(revision: int, older_specs: str | None, accelerators: int, ac
     deployment, and one process may open many databases), so a cached value is never stale."""
     doc = (json.loads(older_specs) or {}).get(str(revision)) if older_specs is not None else None
     if doc is not None:
-        return _shard_spec_of_doc(doc), doc.get("shards_per_replica", shards_per_replica)
+        return shard_spec_from_dict(doc["shard"]), doc.get("shards_per_replica", shards_per_replica)
     listed = json.loads(models)
     return d.ShardSpec(accelerators=accelerators, accelerator_milli=accelerator_milli, hbm_gib=hbm_gib,
                        cpu_milli=cpu_milli, memory_mib=memory_mib, power_w=power_w,

@@ -16,7 +16,8 @@ from typing import Any
 from controller.errors import InvalidArgument
 from controller.store.snapshot import load_snapshot  # noqa: F401  (the snapshot half of this seam)
 from controller.domain.values import DeploymentSpec, split_deployment_key
-from scheduler import Deployment, Plan, Problem, ProblemError, ShardSpec, Spread, deployment_to_dict, problem_from_dict, solve
+from scheduler import Deployment, Plan, Problem, ProblemError, deployment_to_dict, problem_from_dict, solve
+from scheduler.interchange import deployment_from_dict
 
 
 def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
@@ -28,16 +29,13 @@ def deployment_doc(spec: DeploymentSpec) -> dict[str, Any]:
 
 
 def spec_of_doc(doc: dict[str, Any]) -> DeploymentSpec:
-    """The inverse of `deployment_doc`: an interchange deployment as the use cases' spec."""
-    shard = dict(doc["shard"])
-    models = shard.pop("accelerator_models", None)
-    spread = doc.get("spread")
+    """The inverse of `deployment_doc`: an interchange deployment as the use cases' spec, read by
+    the solver's own parser (the controller and the solver never read one document two ways)."""
+    dep = deployment_from_dict(doc)
     return DeploymentSpec(
-        name=split_deployment_key(doc["id"])[1], tenant=doc["tenant"], replicas=doc["replicas"], shards_per_replica=doc["shards_per_replica"],
-        shard=ShardSpec(**shard, accelerator_models=tuple(models) if models else None),
-        min_replicas=doc.get("min_replicas", 1), locality=doc.get("locality", "rack"),
-        spread=Spread(spread["domain"], spread["max_per_domain"]) if spread else None,
-        priority=doc.get("priority", 0), preemptible=doc.get("preemptible", False))
+        name=split_deployment_key(dep.id)[1], tenant=dep.tenant, replicas=dep.replicas,
+        shards_per_replica=dep.shards_per_replica, shard=dep.shard, min_replicas=dep.min_replicas,
+        locality=dep.locality, spread=dep.spread, priority=dep.priority, preemptible=dep.preemptible)
 
 
 def with_only(problem: dict[str, Any], key: str) -> dict[str, Any]:

@@ -11,7 +11,9 @@ import jsonschema
 import pytest
 
 from builders import SHARED, dep, node, placed, problem, solve_doc
-from scheduler import ProblemError, plan_to_dict, problem_from_dict, solve
+from scheduler import (Deployment, ProblemError, ShardSpec, Spread, deployment_to_dict, plan_to_dict,
+                       problem_from_dict, solve)
+from scheduler.interchange import deployment_from_dict, shard_spec_from_dict
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "scheduler" / "schemas"
 
@@ -72,6 +74,26 @@ def test_every_shared_example_solves_to_a_valid_plan(path: Path) -> None:
     doc = json.loads(path.read_text())
     plan = solve_doc(doc, time_limit_ms=1000)
     _plan_validator().validate(plan_to_dict(plan))
+
+
+@pytest.mark.parametrize("shard", [
+    ShardSpec(accelerators=1, accelerator_milli=250),
+    ShardSpec(accelerators=4, hbm_gib=16.5, cpu_milli=4000, memory_mib=1024, power_w=412.5,
+              accelerator_models=("maia-100", "maia-200")),
+    ShardSpec(accelerators=2, accelerator_models=()),  # no model accepted, unlike None (any)
+])
+def test_a_deployment_reads_back_as_it_was_written(shard: ShardSpec) -> None:
+    deployment = Deployment("t/web", "t", 3, 2, shard, min_replicas=2, locality="row",
+                            spread=Spread("zone", 1), priority=5, preemptible=True)
+    doc = json.loads(json.dumps(deployment_to_dict(deployment)))
+    assert shard_spec_from_dict(doc["shard"]) == shard
+    assert deployment_from_dict(doc) == deployment
+
+
+def test_a_shard_reads_the_schema_defaults_and_floats_whatever_number_json_holds() -> None:
+    shard = shard_spec_from_dict({"accelerators": 2, "hbm_gib": 16, "power_w": 300})
+    assert repr(shard) == repr(ShardSpec(accelerators=2, accelerator_milli=1000, hbm_gib=16.0, cpu_milli=0,
+                                         memory_mib=0, power_w=300.0, accelerator_models=None))
 
 
 def test_moved_items_use_from_and_to() -> None:
