@@ -417,15 +417,18 @@ class AgentHub:
         joining = sum(1 for node_id in set(node_ids) if node_id not in self._sessions)
         return self._pacing.interval_ms(len(self._sessions) + joining)
 
-    def _told(self, node_id: str, interval_ms: int) -> None:
+    def _remember_told(self, node_id: str, interval_ms: int) -> None:
+        """The node's agent was told `interval_ms` (at its Register, or on its stream): a Hello
+        of its that states none is judged by it (`_told_to`), and the longest one told bounds how
+        stale a live stream's stored contact may grow."""
         self._told_ms[node_id] = interval_ms
         self._longest_ms = max(self._longest_ms, interval_ms)
-        self._shortest_ms = min(self._shortest_ms, interval_ms)
 
     def _tell(self, session: AgentSession, interval_ms: int) -> None:
+        """Tell a connected agent a longer interval on its stream. Never a shorter one than it
+        follows, so the shortest one a connected agent may follow stays as it is."""
         session.tell(interval_ms, self._pacing.silence_timeout_s(interval_ms))
-        self._told_ms[session.node_id] = interval_ms
-        self._longest_ms = max(self._longest_ms, interval_ms)
+        self._remember_told(session.node_id, interval_ms)
 
     def _pace(self, session: AgentSession) -> None:
         """A stream opened: tell its agent the cluster's interval if it missed a `_pace_grown`
@@ -551,7 +554,9 @@ class AgentHub:
                                                     held_by_live_agent=self.holds_live_session)
         for outcome in outcomes:
             if not isinstance(outcome, MaiaError):
-                self._told(outcome.registration.node_id, interval_ms)
+                self._remember_told(outcome.registration.node_id, interval_ms)
+                # unlike a stream's (`_tell`), a Register's may be shorter than every connected agent follows
+                self._shortest_ms = min(self._shortest_ms, interval_ms)
         return outcomes
 
     async def _hello(self, hello: agent_cases.Hello) -> bool:

@@ -48,6 +48,18 @@ async def _joined(stubs: Stubs, node_id: str) -> tuple[HandAgent, int]:
     return agent, told
 
 
+async def _all_joined(stubs: Stubs, node_ids: list[str]) -> tuple[list[HandAgent], list[int]]:
+    """Hand agents registered and connected one after the other, each beating at the interval its
+    Register told (ignoring any it is told later), with those intervals."""
+    agents, told = [], []
+    for node_id in node_ids:
+        agent, interval_ms = await _joined(stubs, node_id)
+        agent.keep_beating(every_s=interval_ms / 1000)
+        agents.append(agent)
+        told.append(interval_ms)
+    return agents, told
+
+
 class _StreamEnd:
     """When an agent's Connect stream ended (the controller cut it): the call's done callback."""
 
@@ -162,12 +174,7 @@ async def test_connected_agents_are_told_the_grown_interval_and_judged_by_it(db_
     they are told) stay connected; node-0, told 600 ms, stops and is judged silent by 1.8 s of
     silence, not by its Register's 0.6 s nor the 0.3 s heartbeat timeout."""
     async with _controller(db_url, tmp_path, timeout_s=0.3, max_per_second=5.0) as (_, stubs):
-        agents, told = [], []
-        for i in range(4):
-            agent, interval_ms = await _joined(stubs, f"node-{i}")
-            agent.keep_beating(every_s=interval_ms / 1000)
-            agents.append(agent)
-            told.append(interval_ms)
+        agents, told = await _all_joined(stubs, [f"node-{i}" for i in range(4)])
         assert told == [200, 400, 600, 800]
         await eventually(lambda: asyncio.sleep(0, [a.told_intervals_ms for a in agents]),
                          lambda pushed: pushed == [[400, 600], [600], [], []], timeout=ENDED_WITHIN_S,
@@ -182,4 +189,26 @@ async def test_connected_agents_are_told_the_grown_interval_and_judged_by_it(db_
             node = await stubs.admin.GetNode(admin_pb2.GetNodeRequest(id=agent.info.node_id))
             assert node.connected and await _suspect_events(stubs, agent.info.node_id) == []
         for agent in agents:
+            await agent.close()
+
+
+async def test_an_agent_registered_after_the_fleet_shrank_is_told_the_interval_it_grows_back_to(
+        db_url: str, tmp_path: Path) -> None:
+    """Five heartbeats a second. Three nodes join (the cluster's interval grows to 600 ms, told
+    to all); two leave. node-1 registers again with one node connected: told 400 ms, shorter than
+    any agent was told since the last growth. When node-2 comes back the interval is 600 ms again,
+    1.5 times node-1's: node-1 is told it on its stream (else it would beat faster than the cap)."""
+    async with _controller(db_url, tmp_path, timeout_s=0.3, max_per_second=5.0) as (_, stubs):
+        agents, told = await _all_joined(stubs, ["node-0", "node-1", "node-2"])
+        assert told == [200, 400, 600]
+        for agent in agents[1:]:
+            await agent.close()
+            await eventually(lambda: stubs.admin.GetNode(admin_pb2.GetNodeRequest(id=agent.info.node_id)),
+                             lambda node: not node.connected, timeout=ENDED_WITHIN_S, what="the stream ended")
+        back, told = await _all_joined(stubs, ["node-1", "node-2"])
+        assert told == [400, 600]
+        await eventually(lambda: asyncio.sleep(0, [a.told_intervals_ms for a in back]),
+                         lambda pushed: pushed == [[600], []], timeout=ENDED_WITHIN_S,
+                         every=0.02, what="the grown interval told to the agent registered after the fleet shrank")
+        for agent in [agents[0], *back]:
             await agent.close()
