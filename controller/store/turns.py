@@ -152,10 +152,6 @@ class WriterTurns:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def on_its_way(self) -> int:
-        """ANSWER writers on their way (`intend`) that have not asked for their turn yet."""
-        return self._intents
-
     def answering(self) -> bool:
         """Whether an ANSWER writer holds the turn, waits for it or is on its way (`intend`)."""
         with self._mutex:
