@@ -292,36 +292,33 @@ class Hbm(SlotFilter):
                 f"{names(first(nodes, lambda n: state.topo.node_ids[n]))}")
 
 
-class Cpu(SlotFilter):
-    code = "CPU"
+class NodeQuantity(SlotFilter):
+    """A quantity each node has free (`free`, a per-node array of the state) and each shard needs
+    (`need`, a field of its spec; 0: none): as many shards as what is free holds."""
+
     node_local = True
+    need = ""
+    free = ""
 
     def slots(self, fit: FitInput) -> np.ndarray:
-        need = fit.spec.cpu_milli
+        need = getattr(fit.spec, self.need)
         if need <= 0:
             return fit.unlimited()
-        return np.floor(np.maximum(fit.at(fit.state.cpu_free), 0) / need).astype(np.int64)
+        free = fit.at(getattr(fit.state, self.free))
+        return np.floor(np.maximum(free, 0) / need).astype(np.int64)
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         n = nodes[0]
-        return (f"need {state.deps[d].shard.cpu_milli} cpu_milli, {state.topo.node_ids[n]} "
-                f"has {max(state.cpu_free[n], 0):.0f} free")
+        need, free = getattr(state.deps[d].shard, self.need), getattr(state, self.free)[n]
+        return f"need {need} {self.need}, {state.topo.node_ids[n]} has {max(free, 0):.0f} free"
 
 
-class Memory(SlotFilter):
-    code = "MEMORY"
-    node_local = True
+class Cpu(NodeQuantity):
+    code, need, free = "CPU", "cpu_milli", "cpu_free"
 
-    def slots(self, fit: FitInput) -> np.ndarray:
-        need = fit.spec.memory_mib
-        if need <= 0:
-            return fit.unlimited()
-        return np.floor(np.maximum(fit.at(fit.state.mem_free), 0) / need).astype(np.int64)
 
-    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
-        n = nodes[0]
-        return (f"need {state.deps[d].shard.memory_mib} memory_mib, {state.topo.node_ids[n]} "
-                f"has {max(state.mem_free[n], 0):.0f} free")
+class Memory(NodeQuantity):
+    code, need, free = "MEMORY", "memory_mib", "mem_free"
 
 
 class PowerRack(SlotFilter):

@@ -68,6 +68,9 @@ def test_cpu_and_memory() -> None:
     assert placed_count(plan, "c") + placed_count(plan, "c2") == 1
     assert "CPU" in codes(plan, "c") | codes(plan, "c2")
     assert codes(plan, "m") == {"MEMORY"}
+    # the reasons name what a shard needs and what the node has free
+    assert "need 6000 cpu_milli, n1 has 2000 free" in messages(plan, "c") + messages(plan, "c2")
+    assert "need 2048 memory_mib, n1 has 1024 free" in messages(plan, "m")
 
 
 def test_undeclared_node_resources_are_unlimited() -> None:
