@@ -45,18 +45,20 @@ async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
             raise ResourceExhausted(
                 f"the topology would hold {total} {model.__tablename__}; at most {limits.TOPOLOGY_ITEMS_MAX}")
 
-    zones = {z.id for z in spec.zones}
-    wanted_zones = {r.zone for r in spec.rows} - zones
-    missing = sorted(wanted_zones - await repo.existing_ids(uow.session, m.Zone, wanted_zones))
+    await _check_parents(uow, "row", [(r.id, r.zone) for r in spec.rows], "zone", m.Zone, {z.id for z in spec.zones})
+    await _check_parents(uow, "rack", [(k.id, k.row) for k in spec.racks], "row", m.Row, {r.id for r in spec.rows})
+
+
+async def _check_parents(uow: UnitOfWork, kind: str, children: list[tuple[str, str]], parent_kind: str,
+                         parent_model: type, given: set[str]) -> None:
+    """Every (id, parent id) of `children` names a parent in the request (`given`) or stored;
+    else NotFound naming the unknown parents and who refers to them."""
+    wanted = {parent for _, parent in children} - given
+    missing = sorted(wanted - await repo.existing_ids(uow.session, parent_model, wanted))
     if missing:
-        names = ", ".join(f"row {r.id} -> zone {r.zone}" for r in spec.rows if r.zone in missing)
-        raise NotFound(f"unknown zone(s) {', '.join(missing)} ({names}); add them to the topology")
-    rows = {r.id for r in spec.rows}
-    wanted_rows = {k.row for k in spec.racks} - rows
-    missing = sorted(wanted_rows - await repo.existing_ids(uow.session, m.Row, wanted_rows))
-    if missing:
-        names = ", ".join(f"rack {k.id} -> row {k.row}" for k in spec.racks if k.row in missing)
-        raise NotFound(f"unknown row(s) {', '.join(missing)} ({names}); add them to the topology")
+        names = ", ".join(f"{kind} {child} -> {parent_kind} {parent}"
+                          for child, parent in children if parent in missing)
+        raise NotFound(f"unknown {parent_kind}(s) {', '.join(missing)} ({names}); add them to the topology")
 
 
 async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals) -> TopologyView:
