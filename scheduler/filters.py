@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -321,41 +321,57 @@ class Memory(NodeQuantity):
     code, need, free = "MEMORY", "memory_mib", "mem_free"
 
 
-class PowerRack(SlotFilter):
-    code = "POWER_RACK"
+class PowerDomains(NamedTuple):
+    """The domains of one level with a power budget (racks, rows), as `DomainPower` reads them
+    (a tuple: built on every call of the filter)."""
+
+    of_node: np.ndarray  # (N,) each node's domain
+    used: np.ndarray     # per domain, the power drawn now
+    budget: np.ndarray   # per domain, UNLIMITED if none
+    ids: tuple[str, ...]
+
+
+class DomainPower(SlotFilter):
+    """A power budget per domain (`level`: rack or row): a node takes as many shards as its
+    domain's headroom powers."""
+
+    level = ""
+
+    def domains(self, state: ClusterState) -> PowerDomains:
+        raise NotImplementedError
 
     def slots(self, fit: FitInput) -> np.ndarray:
         power = fit.spec.shard_power_w
         if power <= 0:
             return fit.unlimited()
-        return power_slots(fit.state.rack_headroom(), power)[fit.topo.node_rack]
+        at = self.domains(fit.state)
+        return power_slots(at.budget - at.used, power)[at.of_node]
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
-        topo, need = state.topo, state.deps[d].shard.shard_power_w
-        return names(first(np.unique(topo.node_rack[nodes]), lambda r: power_line(
-            "rack", topo.rack_ids[r], state.rack_power[r], need, topo.rack_budget[r])))
+        at, need = self.domains(state), state.deps[d].shard.shard_power_w
+        return names(first(np.unique(at.of_node[nodes]), lambda i: power_line(
+            self.level, at.ids[i], at.used[i], need, at.budget[i])))
 
     def scope(self, state: ClusterState, nodes: np.ndarray) -> str | None:
-        return _one_rack(state, nodes)
+        at = self.domains(state)
+        domains = np.unique(at.of_node[nodes])
+        return at.ids[domains[0]] if len(domains) == 1 else None
 
 
-class PowerRow(SlotFilter):
-    code = "POWER_ROW"
+class PowerRack(DomainPower):
+    code, level = "POWER_RACK", "rack"
 
-    def slots(self, fit: FitInput) -> np.ndarray:
-        power = fit.spec.shard_power_w
-        if power <= 0:
-            return fit.unlimited()
-        return power_slots(fit.state.row_headroom(), power)[fit.topo.node_row]
+    def domains(self, state: ClusterState) -> PowerDomains:
+        topo = state.topo
+        return PowerDomains(topo.node_rack, state.rack_power, topo.rack_budget, topo.rack_ids)
 
-    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
-        topo, need = state.topo, state.deps[d].shard.shard_power_w
-        return names(first(np.unique(topo.node_row[nodes]), lambda r: power_line(
-            "row", topo.row_ids[r], state.row_power[r], need, topo.row_budget[r])))
 
-    def scope(self, state: ClusterState, nodes: np.ndarray) -> str | None:
-        rows = np.unique(state.topo.node_row[nodes])
-        return state.topo.row_ids[rows[0]] if len(rows) == 1 else None
+class PowerRow(DomainPower):
+    code, level = "POWER_ROW", "row"
+
+    def domains(self, state: ClusterState) -> PowerDomains:
+        topo = state.topo
+        return PowerDomains(topo.node_row, state.row_power, topo.row_budget, topo.row_ids)
 
 
 def _one_rack(state: ClusterState, nodes: np.ndarray) -> str | None:

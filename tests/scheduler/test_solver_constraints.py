@@ -239,6 +239,9 @@ def test_row_power_budget() -> None:
     plan = solve_doc(doc)
     assert placed_count(plan, "a") + placed_count(plan, "b") == 1
     assert "POWER_ROW" in codes(plan, "a") | codes(plan, "b")
+    [power] = [r for u in plan.unplaced for r in u.reasons if r.code == "POWER_ROW"]
+    assert power.scope == "w1"  # the row, named as the rack is for POWER_RACK
+    assert "row w1 power: 2200 W used + 2000 W needed > 2300 W budget" in power.message
 
 
 def test_cordoned_keeps_its_shards_and_takes_none() -> None:
