@@ -6,6 +6,14 @@ A message is `kind|sender|data`; a controller ignores its own. Delivery is best 
 leader also reconciles on an interval and followers poll the lease, so a message lost while the
 listening connection is down (it reconnects) only delays things.
 
+A controller sends only while another one listens (a lone controller sent one `pg_notify` round
+trip per batch of watch events, 9 % of its round trips under load, to hear it back and drop it:
+docs/benchmarks.md, `pg10`). Each listening connection names itself (`APPLICATION_NAME`); on
+connecting it asks `pg_stat_activity` whether another controller's is there and says HELLO (in one
+statement), and every `RECONNECT_S` its keepalive asks again. A HELLO heard makes the others send
+at once: a message sent before it arrives (the first milliseconds of a new controller's listening)
+is lost, as one sent while its connection is down.
+
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
 everything, in-process signals already reached everyone.
 """
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from sqlalchemy.engine import make_url
@@ -23,6 +31,9 @@ from controller.aio import wait_event, within
 log = logging.getLogger("maia.notify")
 
 CHANNEL = "maia_cluster"
+# The listening connections' name, by which a controller finds the others (`pg_stat_activity`).
+APPLICATION_NAME = "maia-cluster-channel"
+HELLO = "hello"  # a controller started listening (the channel's own kind: never handed on)
 PAYLOAD_MAX = 7000  # PostgreSQL refuses payloads of 8000 bytes and more
 RECONNECT_S = 2.0
 
@@ -48,6 +59,12 @@ class LocalChannel:
     async def run(self) -> None:
         await asyncio.Event().wait()
 
+    async def _look(self, others: Awaitable[bool]) -> None:
+        """Whether others listen, as `others` (a query on the connection) tells; a HELLO heard while it
+        was on its way stands (the query may have looked before that controller connected)."""
+        hellos = self._hellos
+        self._others = bool(await others) or self._hellos != hellos
+
     async def wait_ready(self, timeout_s: float) -> bool:
         return True
 
@@ -72,8 +89,16 @@ def payloads(kind: str, sender: str, items: Iterable[str]) -> list[str]:
     return out
 
 
+# Whether another controller listens on this database (its listening connection is there).
+_OTHERS = ("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+           f"AND application_name = '{APPLICATION_NAME}' AND pid <> pg_backend_pid())")
+# On connecting: `_OTHERS`, and HELLO to those (one round trip).
+_ANNOUNCE = f"SELECT ({_OTHERS}), pg_notify($1, $2)"
+
+
 class PgChannel:
-    """LISTEN/NOTIFY over one dedicated asyncpg connection, reconnected when it drops."""
+    """LISTEN/NOTIFY over one dedicated asyncpg connection, reconnected when it drops; messages
+    are sent only while another controller listens (module docstring)."""
 
     def __init__(self, url: str, sender: str, on_message: Handler) -> None:
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -85,11 +110,22 @@ class PgChannel:
         self._queued: list[tuple[str, list[str]]] = []  # (kind, items) not sent yet, in order
         self._flushing: asyncio.Task | None = None
         self._ready = asyncio.Event()  # set while listening
+        self._others = False  # another controller listens (as last seen or heard)
+        self._hellos = 0  # HELLOs heard
+
+    @property
+    def others_listening(self) -> bool:
+        """Whether another controller listens, as last seen (`pg_stat_activity`) or heard (HELLO):
+        messages are sent only then."""
+        return self._others
 
     def send(self, kind: str, items: Iterable[str] = ()) -> None:
-        """Queue the message (fire and forget: never blocks the caller). Those queued while the
-        last ones are being sent, or in the same turn of the event loop, go out together: one
-        round trip for all of them, in order, a kind's consecutive messages merged."""
+        """Queue the message (fire and forget: never blocks the caller), or drop it when no other
+        controller listens. Those queued while the last ones are being sent, or in the same turn
+        of the event loop, go out together: one round trip for all of them, in order, a kind's
+        consecutive messages merged."""
+        if not self._others:
+            return
         items = list(items)
         if self._queued and self._queued[-1][0] == kind:
             self._queued[-1][1].extend(items)
@@ -122,6 +158,10 @@ class PgChannel:
         sender, _, data = rest.partition("|")
         if sender == self._sender:
             return
+        if kind == HELLO:
+            self._hellos += 1
+            self._others = True
+            return
         try:
             self._on_message(kind, data)
         except Exception:
@@ -133,15 +173,17 @@ class PgChannel:
 
         while True:
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await asyncpg.connect(self._dsn, server_settings={"application_name": APPLICATION_NAME})
                 await conn.add_listener(CHANNEL, self._received)
+                await self._look(conn.fetchval(_ANNOUNCE, CHANNEL, f"{HELLO}|{self._sender}|"))
                 self._conn = conn
                 self._ready.set()
-                log.info("listening for other controllers on channel %s", CHANNEL)
+                log.info("listening for other controllers on channel %s (others listening: %s)", CHANNEL,
+                         self._others)
                 while True:  # a query notices a dead connection that is_closed() would not
                     await asyncio.sleep(RECONNECT_S)
                     async with self._lock:
-                        await within(conn.execute("SELECT 1"), RECONNECT_S)
+                        await within(self._look(conn.fetchval(_OTHERS)), RECONNECT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -149,6 +191,12 @@ class PgChannel:
             finally:
                 await self._drop()
             await asyncio.sleep(RECONNECT_S)
+
+    async def _look(self, others: Awaitable[bool]) -> None:
+        """Whether others listen, as `others` (a query on the connection) tells; a HELLO heard while it
+        was on its way stands (the query may have looked before that controller connected)."""
+        hellos = self._hellos
+        self._others = bool(await others) or self._hellos != hellos
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Until listening (True), or `timeout_s` passed (False: messages sent meanwhile are lost)."""

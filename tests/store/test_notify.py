@@ -1,6 +1,7 @@
 """Controllers on one PostgreSQL tell each other what changed (`store/notify.py`): the messages a
 controller queues in one turn of its event loop reach the others in order, in one round trip, a
-kind's consecutive messages merged; a controller ignores its own; long ones are split."""
+kind's consecutive messages merged; a controller ignores its own; long ones are split; a
+controller alone sends nothing, and learns of another as it starts listening."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 
 from controller.store.db import Database
+from controller.store import notify
 from controller.store.notify import PAYLOAD_MAX, PgChannel
 
 POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -29,22 +31,45 @@ async def _until(predicate: Any, timeout_s: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def _pair(url: str, heard_a: list[tuple[str, str]], heard_b: list[tuple[str, str]],
+                ) -> list[tuple[PgChannel, asyncio.Task]]:
+    """Two controllers listening, each knowing the other does (`a` from `b`'s HELLO)."""
+    a = await _listening(url, "a", heard_a)
+    b = await _listening(url, "b", heard_b)
+    await _until(lambda: a[0].others_listening)
+    assert b[0].others_listening  # it saw a's connection as it connected
+    return [a, b]
+
+
+def _counted_notifies(monkeypatch: pytest.MonkeyPatch, channel: PgChannel) -> list[str]:
+    """The `pg_notify` statements `channel` runs from now on."""
+    notifies: list[str] = []
+    execute = asyncpg.Connection.execute
+
+    async def counted(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> Any:
+        if self is channel._conn and "pg_notify" in query:
+            notifies.append(query)
+        return await execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", counted)
+    return notifies
+
+
+async def _stop(*listening: tuple[PgChannel, asyncio.Task]) -> None:
+    for channel, task in listening:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await channel.close()
+
+
 @POSTGRES_ONLY
 async def test_messages_queued_in_one_turn_arrive_in_order_in_one_round_trip(database: Database,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     heard_a: list[tuple[str, str]] = []
     heard_b: list[tuple[str, str]] = []
-    a, a_task = await _listening(database.url, "a", heard_a)
-    b, b_task = await _listening(database.url, "b", heard_b)
-    notifies: list[str] = []
-    execute = asyncpg.Connection.execute
-
-    async def counted(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> Any:
-        if self is a._conn and "pg_notify" in query:
-            notifies.append(query)
-        return await execute(self, query, *args, **kw)
-
-    monkeypatch.setattr(asyncpg.Connection, "execute", counted)
+    listening = await _pair(database.url, heard_a, heard_b)
+    a = listening[0][0]
+    notifies = _counted_notifies(monkeypatch, a)
     try:
         a.send("wake")
         a.send("deployments", ["added:t/x"])
@@ -58,18 +83,15 @@ async def test_messages_queued_in_one_turn_arrive_in_order_in_one_round_trip(dat
         assert len(notifies) == 1
         assert heard_a == []  # its own messages are ignored
     finally:
-        for channel, task in ((a, a_task), (b, b_task)):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await channel.close()
+        await _stop(*listening)
 
 
 @POSTGRES_ONLY
 async def test_messages_sent_while_others_are_on_their_way_follow_them_and_long_ones_are_split(
         database: Database) -> None:
     heard: list[tuple[str, str]] = []
-    a, a_task = await _listening(database.url, "a", [])
-    b, b_task = await _listening(database.url, "b", heard)
+    listening = await _pair(database.url, [], heard)
+    a = listening[0][0]
     try:
         items = [f"modified:tenant/deployment-{i:05d}" for i in range(2 * PAYLOAD_MAX // 30)]
         a.send("deployments", items)
@@ -82,7 +104,35 @@ async def test_messages_sent_while_others_are_on_their_way_follow_them_and_long_
         assert [item for _, data in heard[:-2] for item in data.split(",")] == items
         assert all(len(f"deployments|a|{data}".encode()) <= PAYLOAD_MAX for _, data in heard)
     finally:
-        for channel, task in ((a, a_task), (b, b_task)):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await channel.close()
+        await _stop(*listening)
+
+
+@POSTGRES_ONLY
+async def test_a_controller_alone_sends_nothing_and_sends_while_another_listens(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "RECONNECT_S", 0.05)  # the keepalive that looks again
+    heard_b: list[tuple[str, str]] = []
+    a_listening = await _listening(database.url, "a", [])
+    a = a_listening[0]
+    notifies = _counted_notifies(monkeypatch, a)
+    b_listening: tuple[PgChannel, asyncio.Task] | None = None
+    try:
+        a.send("wake")
+        a.send("deployments", ["added:t/x"])
+        await asyncio.sleep(0.2)  # several keepalives: still alone
+        assert not a.others_listening and notifies == []
+
+        b_listening = await _listening(database.url, "b", heard_b)
+        await _until(lambda: a.others_listening)  # b's HELLO, or a's next look
+        a.send("deployments", ["added:t/y"])
+        await _until(lambda: heard_b == [("deployments", "added:t/y")])  # the HELLO is not handed on
+        assert len(notifies) == 1
+
+        await _stop(b_listening)
+        b_listening = None
+        await _until(lambda: not a.others_listening)  # its keepalive no longer sees b
+        a.send("wake")
+        await asyncio.sleep(0.1)
+        assert len(notifies) == 1
+    finally:
+        await _stop(a_listening, *([b_listening] if b_listening else []))
