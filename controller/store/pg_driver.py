@@ -19,7 +19,8 @@ at its first statement as before, since its snapshot must be taken there.
 
 BEGIN, COMMIT and ROLLBACK are sent as plain statements (`PlainTransaction`), so that a COMMIT can
 carry a statement of the caller's in its own message (`LazyBeginConnection.commit_guard`: the
-leader fence, `lease.commit_fenced`) instead of a round trip before it.
+leader fence, `lease.commit_fenced`) instead of a round trip before it, and a BEGIN a SAVEPOINT
+(`savepoint`: a plan commit's, `store/plans.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 from sqlalchemy.dialects.postgresql.asyncpg import (
     AsyncAdapt_asyncpg_connection, AsyncAdapt_asyncpg_cursor, AsyncAdapt_asyncpg_dbapi,
 )
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util import await_only
 
@@ -107,8 +109,10 @@ class PlainTransaction:
 
     async def start(self) -> None:
         a = self._adapted
+        then, a.begin_with = a.begin_with, None
         await a._connection.execute(f"BEGIN{_ISOLATION.get(a.isolation_level or '', '')}"
-                                    f"{' READ ONLY' if a.readonly else ''}{' DEFERRABLE' if a.deferrable else ''}")
+                                    f"{' READ ONLY' if a.readonly else ''}{' DEFERRABLE' if a.deferrable else ''}"
+                                    + ("" if then is None else f";\n{then}"))
 
     async def commit(self) -> None:
         adapted = self._adapted
@@ -136,14 +140,16 @@ class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
 
     `commit_guard`, when set, is a statement (no parameters) run in the COMMIT's own message, just
     before it (`PlainTransaction`): `lease.commit_fenced`'s check costs no round trip of its own.
+    `begin_with`, when set, one run in the next BEGIN's message, just after it (`savepoint`).
     `commit_unknown`: the last COMMIT's connection was lost with its outcome unknown."""
 
-    __slots__ = ("begin_later", "commit_guard", "commit_unknown")
+    __slots__ = ("begin_later", "begin_with", "commit_guard", "commit_unknown")
     _cursor_cls = LazyBeginCursor
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.begin_later = False
+        self.begin_with: str | None = None
         self.commit_guard: str | None = None
         self.commit_unknown = False
 
@@ -171,6 +177,33 @@ async def adapted_connection(session: AsyncSession) -> LazyBeginConnection | Non
     None on another driver (SQLite's)."""
     connection = (await (await session.connection()).get_raw_connection()).dbapi_connection
     return connection if isinstance(connection, LazyBeginConnection) else None
+
+
+class Savepoint:
+    """A SAVEPOINT in a session's transaction on this driver, set by `open`, sent with the
+    transaction's BEGIN when it has not begun yet (no round trip of its own), else on its own.
+    `rollback` undoes what the transaction did since (its row locks included); `close` forgets
+    one never sent (the transaction never began after it)."""
+
+    def __init__(self, session: AsyncSession, name: str) -> None:
+        self._session = session
+        self._statement = f"SAVEPOINT {name}"
+        self._name = name
+        self._connection: LazyBeginConnection | None = None
+
+    async def open(self) -> None:
+        connection = self._connection = await adapted_connection(self._session)
+        if connection is not None and not connection.in_transaction:
+            connection.begin_with = self._statement
+        else:
+            await self._session.execute(text(self._statement))
+
+    async def rollback(self) -> None:
+        await self._session.execute(text(f"ROLLBACK TO SAVEPOINT {self._name}"))
+
+    def close(self) -> None:
+        if self._connection is not None and self._connection.begin_with == self._statement:
+            self._connection.begin_with = None
 
 
 class LazyBeginDbapi(AsyncAdapt_asyncpg_dbapi):

@@ -79,6 +79,7 @@ from controller.store.recheck import (
 from controller.store.rollout import SolverRef, outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
 from controller.store.marks import rowcount_unread
+from controller.store import pg_driver
 from controller.store.sqlite_driver import deferred_writes
 from controller.domain.changes import ChangeKind, ClusterChange
 from controller.domain.values import deployment_key, split_deployment_key
@@ -232,46 +233,57 @@ class _Committed:
         return self.scope is None or key in self.scope
 
 
-def _deployments_at_generation(where: ColumnElement[bool] | None, *, placed: bool = False) -> Select[Any]:
+def _deployments_at_generation(where: ColumnElement[bool] | None, *, placed: bool = False,
+                               locking: bool = False) -> Select[Any]:
     """The cluster generation less the parameter `moved_by` (`cluster_generation`) and the
     deployments `where` selects (every one: None), in one statement: the generation's row
     outer-joined to them, so a row of NULL deployment fields when none is selected; with
     `placed`, outer-joined to their placements too (`_PLACEMENT_FIELDS` after the deployment's:
-    one row per placement, NULL ones for a deployment without)."""
-    state = ClusterState.__table__.c
-    joined = ClusterState.__table__.outerjoin(_DEPLOYMENTS, true() if where is None else where)
+    one row per placement, NULL ones for a deployment without). With `locking` (PostgreSQL), the
+    same statement moves the generation by `moved_by` first (its row's lock, to the commit)."""
+    table = ClusterState.__table__
+    moved_by = bindparam("moved_by", type_=Integer)
+    state: Any = table
+    if locking:
+        state = (update(table).where(table.c.id == 1).values(generation=table.c.generation + moved_by)
+                 .returning(table.c.id, table.c.generation).cte("moved"))
+    joined = state.outerjoin(_DEPLOYMENTS, true() if where is None else where)
     if placed:
         joined = joined.outerjoin(_PLACEMENTS, _P.deployment_id == _D.id)
-    return (select((state.generation - bindparam("moved_by", type_=Integer)).label("cluster_generation"),
+    return (select((state.c.generation - moved_by).label("cluster_generation"),
                    *_DEPLOYMENT_FIELDS, *((c.label(f"placed_{c.name}") for c in _PLACEMENT_FIELDS) if placed else ()))
-            .select_from(joined).where(state.id == 1))
+            .select_from(joined).where(state.c.id == 1))
 
 
 @dataclass(frozen=True)
 class _CommittedQueries:
     """`_read_committed`'s statements for one dialect, built once (building a statement and its
     cache key costs more CPU than running it): every deployment, and a scope's (its lists named
-    `tenants` and `names`) with their placements."""
+    `tenants` and `names`) with their placements, read alone or (`scoped_locking`) by the statement
+    that moves the generation."""
 
     every: Select[Any]
     scoped: Select[Any]
+    scoped_locking: Select[Any]
 
     @classmethod
     def of(cls, dialect: str) -> _CommittedQueries:
-        return cls(_deployments_at_generation(None),
-                   _deployments_at_generation(and_(any_of_named(dialect, _D.tenant_id, "tenants"),
-                                                   any_of_named(dialect, _D.name, "names")), placed=True))
+        scope = and_(any_of_named(dialect, _D.tenant_id, "tenants"), any_of_named(dialect, _D.name, "names"))
+        return cls(_deployments_at_generation(None), _deployments_at_generation(scope, placed=True),
+                   _deployments_at_generation(scope, placed=True, locking=True))
 
 
 _COMMITTED_QUERIES = {dialect: _CommittedQueries.of(dialect) for dialect in ("sqlite", POSTGRESQL)}
 
 
-async def _read_committed(session: AsyncSession, scope: Collection[str] | None, *, moved_by: int = 0) -> _Committed:
+async def _read_committed(session: AsyncSession, scope: Collection[str] | None, *, moved_by: int = 0,
+                          locking: bool = False) -> _Committed:
     """Every deployment and placement (`scope` None), or only the scope's, and the cluster
     generation before this transaction moved it by `moved_by`: the generation read with the
     deployments (on SQLite, a move of the generation deferred just before goes with it: one
     trip); every placement in a query of its own, a scope's with its deployments (one query per
-    `_CHUNK` keys)."""
+    `_CHUNK` keys). `locking` (PostgreSQL, a scope): the first of those queries moves the
+    generation by `moved_by` itself (`_commit_locking_last`)."""
     scope = None if scope is None else frozenset(scope)
     queries = _COMMITTED_QUERIES[dialect_of(session)]
     reads: list[tuple[Select[Any], dict[str, Any]]] = [(queries.every, {"moved_by": moved_by})]
@@ -279,7 +291,7 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
         reads = []
         for chunk in _chunks(sorted(scope)):
             names = [split_deployment_key(key) for key in chunk]
-            reads.append((queries.scoped, {"moved_by": moved_by, "tenants": sorted({t for t, _ in names}),
+            reads.append((queries.scoped_locking if locking and not reads else queries.scoped, {"moved_by": moved_by, "tenants": sorted({t for t, _ in names}),
                                            "names": sorted({n for _, n in names})}))
     generation: int | None = None
     deployments: dict[str, Any] = {}
@@ -298,7 +310,7 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
     if generation is None and reads:
         raise MissingGeneration()
     if generation is None:  # an empty scope: nothing read yet
-        generation = await read_generation(session) - moved_by
+        generation = (await move_generation(session, moved_by) if locking else await read_generation(session)) - moved_by
     keys_by_id = {d.id: key for key, d in deployments.items()}
     placements = list(await session.execute(_EVERY_PLACEMENT)) if scope is None else list(placed.values())
     committed = _Committed(scope, generation, deployments,
@@ -784,17 +796,96 @@ async def commit_plan(
     if scope is not None:
         early = await _check(session, snapshot, plan, await _read_committed(session, scope))
         lap("commit_early")
+        if dialect_of(session) == POSTGRESQL:
+            landed = await _commit_locking_last(session, snapshot, plan, early, actor=actor, now=now or utcnow(), lap=lap)
+            if landed is not None:
+                return landed
     with deferred_writes():  # on SQLite the generation's UPDATE goes with the read that follows it
         await move_generation_unread(session, 1 if bumped else 0)
         lap("commit_turn")
         # Current state (read under the generation lock): every deployment and placement, or the scope's.
         read = await _read_committed(session, scope, moved_by=int(bumped))
-    generation = read.generation + int(bumped)
-    stale = read.generation != snapshot.generation
     now = now or utcnow()
     lap("commit_read")
     checked = early if early is not None and early.read == read else await _check(session, snapshot, plan, read)
     lap("commit_check")
+    # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
+    # whose results nothing reads ride with the next statement that returns rows, or the caller's
+    # commit (`sqlite_driver.deferred_writes`: four trips to SQLite's thread under the writer
+    # instead of thirteen): the commit fails or commits whole.
+    with deferred_writes():
+        landed = await _land(session, snapshot, plan, checked, stale=read.generation != snapshot.generation,
+                             generation=read.generation + int(bumped), bumped=bumped, actor=actor, now=now)
+        await audit.append(session, landed.audited, at=now)
+    return landed.result
+
+
+# A plan commit's savepoint on PostgreSQL (`_commit_locking_last`).
+_SAVEPOINT = "maia_plan_commit"
+
+
+async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: Plan, early: _Checked, *,
+                               actor: str, now: datetime, lap: Callable[[str], None]) -> CommitResult | None:
+    """PostgreSQL, a scoped commit checked early: its writes first, the generation's lock last.
+
+    The plan's changes as checked against the early read are written (the change log at the
+    generation they will have), then one statement moves the generation (its row lock, to the
+    commit) and reads the scope's rows again. When the generation was the early read's (no writer
+    that bumps it committed since) and the rows are the early read's with this commit's writes on
+    them (no report changed them since), the check stands as under the lock: the audit entries
+    follow and the commit is done, the lock held for two statements and the COMMIT rather than
+    for every write (a delete or submit batch's generation bump waited for it: docs/benchmarks.md,
+    `pg10`, `pgcost`). Else what it wrote is rolled back (to a savepoint sent with the BEGIN) and
+    None returned: the caller commits as before, the lock first."""
+    savepoint = pg_driver.Savepoint(session, _SAVEPOINT)
+    await savepoint.open()
+    try:
+        landed = await _land(session, snapshot, plan, early, stale=early.read.generation != snapshot.generation,
+                             generation=None, bumped=False, actor=actor, now=now)
+        lap("commit_write")
+        moved = int(landed.moved)
+        read = await _read_committed(session, early.read.scope, moved_by=moved, locking=True)
+        lap("commit_turn")
+    finally:
+        savepoint.close()
+    if read.generation == early.read.generation and _rows(read) == landed.rows:
+        await audit.append(session, landed.audited, at=now)
+        return replace(landed.result, generation=read.generation + moved)
+    await savepoint.rollback()
+    lap("commit_undone")
+    return None
+
+
+_PlacedRows = dict[ShardKey, tuple[str, tuple[int, ...], int | None, ShardPhase, int]]
+
+
+def _rows(committed: _Committed) -> tuple[dict[str, Any], _PlacedRows]:
+    """What a commit compares of a read: its deployments' rows and their placements (by key,
+    without their ids: a row written by this transaction has one it has not read)."""
+    placed = {row.key: (row.node, tuple(row.indices), row.milli, row.phase, row.revision)
+              for row in (*committed.current.values(), *committed.leaving)}
+    return dict(committed.deployments), placed
+
+
+@dataclass(frozen=True)
+class _Landed:
+    """A plan's changes as written (`_land`): the result, the audit entries still to append, and
+    for a commit that takes the lock last, whether it moves the generation and the rows its reads
+    should find after its writes (`_rows`)."""
+
+    result: CommitResult
+    audited: list[audit.AuditRecord]
+    moved: bool
+    rows: tuple[dict[str, Any], _PlacedRows]
+
+
+async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: _Checked, *, stale: bool,
+                generation: int | None, bumped: bool, actor: str, now: datetime) -> _Landed:
+    """Write `plan`'s changes as `checked` found them (placements, meters, deployments, nodes,
+    the change log, events); `generation`: the cluster generation after the commit, its row
+    locked and moved by `bumped` already (a wrong guess put right here); None: the caller moves it
+    last, by one when the commit changes placements (`_commit_locking_last`), and the change log
+    is written at the generation after the one `checked` read."""
     committed, released, changes = checked.committed, checked.released, checked.changes
     deployments, live, current = committed.deployments, committed.live, committed.current
     inserts, updates = changes.inserts, changes.updates
@@ -869,27 +960,30 @@ async def commit_plan(
 
     deleted_deployments = {name for name, d in deployments.items()
                            if d.phase is DeploymentPhase.DELETING and name in snapshot.deleting}
-    # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
-    # whose results nothing reads ride with the next statement that returns rows, or the caller's
-    # commit (`sqlite_driver.deferred_writes`: four trips to SQLite's thread under the writer
-    # instead of thirteen): the commit fails or commits whole.
-    with deferred_writes():
-        generation = await _write(
-            session, changes=changes, deletes=deletes, deployments=deployments, new_generation=new_generation,
-            deployment_updates=deployment_updates, changed_nodes=changed_nodes,
-            changed_deployments=changed_deployments, deleted_deployments=deleted_deployments, bumped=bumped,
-            generation=generation, now=now)
-        events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
-                         changes.requeued)
-        if events:
-            await session.execute(_INSERT_EVENT, [{**e, "actor": actor, "at": now} for e in events])
-            tenants = {name: d.tenant_id for name, d in deployments.items()}
-            await audit.append(session, _decision_records(events, tenants, actor), at=now)
-
-    return CommitResult(
+    moved = bool(changed_deployments or deleted_deployments)
+    await _write(session, changes=changes, deletes=deletes, deployments=deployments, new_generation=new_generation,
+                 deployment_updates=deployment_updates, changed_nodes=changed_nodes,
+                 changed_deployments=changed_deployments, deleted_deployments=deleted_deployments, now=now)
+    if generation is None:
+        logged = checked.read.generation + 1
+    else:
+        logged = generation = await _move_to(session, generation, bumped, moved)
+    if moved:
+        # What it touched: another controller's cache (HA) reads those deployments again
+        # (`warm.catch_up`; its own cache knows them). One touching very many names none: that
+        # cache reads the whole cluster, which then costs little more.
+        touched = changed_deployments | deleted_deployments
+        await log_change(session, logged,
+                         ClusterChange.placements(touched if len(touched) <= LOGGED_DEPLOYMENTS_MAX else ()))
+    events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
+                     changes.requeued)
+    if events:
+        await session.execute(_INSERT_EVENT, [{**e, "actor": actor, "at": now} for e in events])
+    tenants = {name: d.tenant_id for name, d in deployments.items()}
+    result = CommitResult(
         changed_nodes=changed_nodes,
         changed_deployments=changed_deployments | deleted_deployments,
-        generation=generation,
+        generation=checked.read.generation + int(moved) if generation is None else generation,
         updated_deployments=updated_deployments,
         deleted_deployments=deleted_deployments,
         first_placed_after_s=first_placed,
@@ -898,6 +992,36 @@ async def commit_plan(
         shards={**{row.key: None for row in deletes}, **{row.key: _where(pl) for row, pl in updates},
                 **{key: _where(pl) for key, pl in inserts.items()}},
     )
+    return _Landed(result, _decision_records(events, tenants, actor), moved,
+                   _as_written(checked.read, deletes, updates, inserts, changes.revision_of, deployment_updates,
+                               deleted_deployments) if generation is None else ({}, {}))
+
+
+async def _move_to(session: AsyncSession, generation: int, bumped: bool, moved: bool) -> int:
+    """The generation after a commit that moved it by `bumped` when it took the lock and changes
+    placements or not (`moved`): a wrong guess put right (nobody sees the row before the commit)."""
+    return generation if moved == bumped else await move_generation(session, -1 if bumped else 1)
+
+
+def _as_written(read: _Committed, deletes: list[_Row], updates: list[tuple[_Row, Any]], inserts: dict[ShardKey, Any],
+                revision_of: dict[ShardKey, int], deployment_updates: list[dict[str, Any]],
+                deleted: set[str]) -> tuple[dict[str, Any], _PlacedRows]:
+    """`_rows` of the scope as `read`, once a commit's writes are on it."""
+    deployments, placed = _rows(read)
+    for row in deletes:
+        placed.pop(row.key, None)
+    for row, pl in updates:
+        placed[row.key] = (*_where(pl), ShardPhase.ASSIGNED, row.revision)
+    for key, pl in inserts.items():
+        placed[key] = (*_where(pl), ShardPhase.ASSIGNED, revision_of[key])
+    by_id = {d.id: key for key, d in deployments.items()}
+    for update_ in deployment_updates:
+        key = by_id[update_["b_id"]]
+        deployments[key] = deployments[key]._replace(phase=update_["phase"], reasons=update_["reasons"],
+                                                     generation=update_["generation"])
+    for key in deleted:
+        deployments.pop(key, None)
+    return deployments, placed
 
 
 # A deployment's phase, reasons and generation as a plan commit writes them: a Core executemany
@@ -944,12 +1068,10 @@ def _listed(dialect: str, ids: Iterable[int]) -> list[Any]:
 async def _write(
     session: AsyncSession, *, changes: _Changes, deletes: list[_Row], deployments: dict[str, Any],
     new_generation: dict[str, int], deployment_updates: list[dict[str, Any]], changed_nodes: set[str],
-    changed_deployments: set[str], deleted_deployments: set[str], bumped: bool, generation: int, now: datetime,
-) -> int:
-    """A plan commit's placements, usage meters, deployments, nodes and cluster generation (with
-    what moved it); returns the generation after it. Keyword-only: three sets of names in a row
-    are easily handed over in the wrong order. `bumped`: the generation was moved when the lock
-    was taken (`generation` is the value after that)."""
+    changed_deployments: set[str], deleted_deployments: set[str], now: datetime,
+) -> None:
+    """A plan commit's placements, usage meters, deployments and nodes. Keyword-only: three sets
+    of names in a row are easily handed over in the wrong order."""
     inserts, updates = changes.inserts, changes.updates
     dialect = dialect_of(session)
     writes = _WRITES[dialect]
@@ -1008,16 +1130,6 @@ async def _write(
         await session.execute(writes.delete_deployments, {"ids": _listed(dialect, chunk)})
     for chunk in _chunks(sorted(changed_nodes)):
         await session.execute(writes.bump_nodes, {"ids": list(chunk)})
-    if bool(changed_deployments or deleted_deployments) != bumped:
-        generation = await move_generation(session, -1 if bumped else 1)
-    if changed_deployments or deleted_deployments:
-        # What it touched: another controller's cache (HA) reads those deployments again
-        # (`warm.catch_up`; its own cache knows them). One touching very many names none: that
-        # cache reads the whole cluster, which then costs little more.
-        touched = changed_deployments | deleted_deployments
-        await log_change(session, generation,
-                         ClusterChange.placements(touched if len(touched) <= LOGGED_DEPLOYMENTS_MAX else ()))
-    return generation
 
 
 PREEMPTED = "PREEMPTED"

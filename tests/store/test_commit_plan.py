@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from controller.domain.changes import ClusterChange
 from controller.store.db import Database
-from controller.store import audit, plans, sqlite_driver
+from controller.store import audit, pg_driver, plans, sqlite_driver
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.plans import (
@@ -541,22 +541,32 @@ async def test_a_scoped_commit_on_sqlite_holds_the_writer_for_reads_and_trips_th
 
 def _between_check_and_lock(monkeypatch: pytest.MonkeyPatch, work: Any) -> list[bool]:
     """Runs `work()` (another transaction) once, after a commit's early check and before it takes
-    the generation's lock; returns a list that gets one item per check of a plan's changes."""
+    the generation's lock (on PostgreSQL, where the lock comes after the writes: before those);
+    returns a list that gets one item per check of a plan's changes."""
     checks: list[bool] = []
-    real_changes, real_move = plans._plan_changes, plans.move_generation_unread
+    real_changes, real_move, real_land = plans._plan_changes, plans.move_generation_unread, plans._land
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         checks.append(True)
         return await real_changes(*args, **kwargs)
 
-    async def interfered(session: Any, by: int) -> None:
-        if len(checks) == 1 and not getattr(interfered, "done", False):
-            interfered.done = True  # type: ignore[attr-defined]
+    async def interfere() -> None:
+        if len(checks) == 1 and not getattr(interfere, "done", False):
+            interfere.done = True  # type: ignore[attr-defined]
             await work()
+
+    async def interfered(session: Any, by: int) -> None:
+        await interfere()
         await real_move(session, by)
+
+    async def landing(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["generation"] is None:  # the lock comes last
+            await interfere()
+        return await real_land(*args, **kwargs)
 
     monkeypatch.setattr(plans, "_plan_changes", counted)
     monkeypatch.setattr(plans, "move_generation_unread", interfered)
+    monkeypatch.setattr(plans, "_land", landing)
     return checks
 
 
@@ -641,3 +651,27 @@ async def test_a_deferred_write_of_a_plan_commit_that_fails_fails_it_whole(datab
         await uow.commit()
     result = await _commit(database, snap, plan)  # the writer was given back: the same plan commits
     assert result.changed_deployments == {TRAIN, BURST}
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_scoped_commit_on_postgres_writes_first_and_takes_the_generations_lock_last(
+        database: Database) -> None:
+    snap = await _seeded(database)
+    plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
+    async with database.unit_of_work() as uow:
+        with pg_driver.counted_trips() as trips:
+            result = await commit_plan(uow.session, snap, plan, scope={TRAIN}, actor="test")
+            await uow.commit()
+
+    assert result.changed_deployments == {TRAIN} and result.generation == 1 and not result.requeued
+    run = [trip.statement for trip in trips if trip.kind != "prepare"]
+    locked = run.index("WITH moved AS")  # moves the generation (its lock) and reads the scope's rows again
+    # The early read outside the transaction; the savepoint (undone to if the check fails) in the BEGIN's message.
+    assert run[:2] == ["SELECT cluster_state.generation -", "BEGIN; SAVEPOINT maia_plan_commit"]
+    assert {"INSERT INTO placements", "INSERT INTO cluster_changes", "INSERT INTO events"} <= set(run[2:locked])
+    # Under the lock: the audit entries (the chain's head has a lock of its own, taken after this one) and the COMMIT.
+    assert run[-1] == "COMMIT"
+    assert all(statement.startswith(("UPDATE audit_head", "INSERT INTO audit_log", "UPDATE /* maia:rowcount-unread"))
+               for statement in run[locked + 1:-1])
+    after = await _state(database)
+    assert after["generation"] == 1 and after["deployments"][TRAIN].phase is m.DeploymentPhase.SCHEDULED
