@@ -549,15 +549,22 @@ def _named_query(dialect: str) -> Select:
 
 
 _NAMED = {dialect: _named_query(dialect) for dialect in ("sqlite", POSTGRESQL)}
+# The same, the deployments' rows locked to the end of the transaction (PostgreSQL: FOR NO KEY
+# UPDATE OF deployments, which rows that refer to them do not wait for; SQLite: as `_NAMED`).
+_NAMED_LOCKED = {dialect: query.with_for_update(of=_DEPLOYMENTS, key_share=True) for dialect, query in _NAMED.items()}
 _DEPLOYMENT_WIDTH = len(_DEPLOYMENTS.c)
 
 
-async def deployments_named(session: AsyncSession, names: Iterable[str]) -> list[NamedDeployment]:
+async def deployments_named(session: AsyncSession, names: Iterable[str], *, lock: bool = False) -> list[NamedDeployment]:
     """The deployments called any of `names`, in every tenant (a batch of by-name calls), with
     their placements: one query of plain columns. As ORM entities (joined) the same read was the
-    largest item of a delete batch's CPU after its flush (docs/benchmarks.md, `unary`)."""
+    largest item of a delete batch's CPU after its flush (docs/benchmarks.md, `unary`).
+    `lock`: their rows are locked to the end of the transaction (PostgreSQL; SQLite's writer is
+    one already), so that what is written from this read is not written over a commit that lands
+    in between (that commit is waited for, and read)."""
     found: dict[int, tuple[Row[Any], list[PlacementColumns]]] = {}
-    for row in await session.execute(_NAMED[dialect_of(session)], {"names": sorted(set(names))}):
+    queries = _NAMED_LOCKED if lock else _NAMED
+    for row in await session.execute(queries[dialect_of(session)], {"names": sorted(set(names))}):
         entry = found.get(row.id)
         if entry is None:
             entry = found[row.id] = (row, [])

@@ -480,7 +480,9 @@ async def flush_reports(
     await repo.write_reported_shards(s, [
         replace(state, generation=report.generation, phase=m.ShardPhase(report.phase), message=report.message)
         for state, report in hits.values()], at)
-    named = await repo.deployments_named(s, {split_deployment_key(k)[1] for k, _, _ in hits}) if hits else []
+    # Locked as read (PostgreSQL): a plan commit that changes their reasons and not their phase
+    # (which the write below checks) landing between this read and that write was written over.
+    named = await repo.deployments_named(s, {split_deployment_key(k)[1] for k, _, _ in hits}, lock=True) if hits else []
     reported = [changed for dep in sorted(named, key=lambda dep: (dep.row.name, dep.row.id))
                 if (changed := _reported(dep, hits)) is not None]
     await repo.write_deployment_phases(

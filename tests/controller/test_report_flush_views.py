@@ -9,6 +9,7 @@ import asyncio
 import random
 
 import pytest
+from sqlalchemy import update
 
 from controller.api import convert
 from controller.domain import restarts
@@ -120,8 +121,8 @@ async def test_a_deletion_committed_while_the_flush_reads_stays_deleting(cluster
     read = repo.deployments_named
     deleting: list[asyncio.Task[None]] = []
 
-    async def read_then_delete(session, names):  # type: ignore[no-untyped-def]
-        found = await read(session, names)
+    async def read_then_delete(session, names, **kw):  # type: ignore[no-untyped-def]
+        found = await read(session, names, **kw)
         if not deleting:  # the flush's read: the deletion lands before its write if nothing holds it
             deleting.append(asyncio.create_task(delete()))
             await asyncio.wait(deleting, timeout=1.0)
@@ -135,3 +136,42 @@ async def test_a_deletion_committed_while_the_flush_reads_stays_deleting(cluster
     async with cluster.unit_of_work() as uow:
         [row] = await read(uow.session, ["a"])
     assert row.row.phase is m.DeploymentPhase.DELETING
+
+
+async def test_reasons_a_plan_commit_wrote_while_the_flush_reads_are_kept(cluster: Database,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush writes a deployment's phase and reasons from what it read, only while the phase
+    is still the one read: a plan commit that changes the deployment's reasons and not its phase
+    (a replica it could not place, say) committed between that read and the write must not be
+    written over. Started right after the flush's read and given until the flush is done: wherever
+    the store serializes the two, the plan's reasons stay, and the report's phase."""
+    await submit(cluster, deployment("a", replicas=1, shards=1))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    [((_, replica, shard), (node, generation, _, _))] = (await _placed(cluster)).items()
+    why = [{"code": "NO_CAPACITY", "message": "1 replica(s) not placed: no node has 4 free accelerators"}]
+
+    async def plan_commit() -> None:  # its write of the reasons alone
+        async with cluster.unit_of_work() as uow:
+            await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "a")
+                                      .values(reasons=why, updated_at=m.utcnow()))
+            await uow.commit()
+
+    read = repo.deployments_named
+    committing: list[asyncio.Task[None]] = []
+
+    async def read_then_commit(session, names, **kw):  # type: ignore[no-untyped-def]
+        found = await read(session, names, **kw)
+        if not committing:  # the flush's read: the plan commit lands before its write if nothing holds it
+            committing.append(asyncio.create_task(plan_commit()))
+            await asyncio.wait(committing, timeout=1.0)
+        return found
+
+    monkeypatch.setattr(repo, "deployments_named", read_then_commit)
+    report = ShardReport("a", replica, shard, generation, m.ShardPhase.RUNNING.value, "", tenant="t1")
+    async with cluster.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(node, report)])
+    await asyncio.gather(*committing)
+    async with cluster.unit_of_work() as uow:
+        [row] = await read(uow.session, ["a"])
+    assert row.row.reasons == why
+    assert row.row.phase is m.DeploymentPhase.RUNNING
