@@ -13,7 +13,7 @@ import asyncio
 
 import pytest
 from alembic import command
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
@@ -159,5 +159,61 @@ async def test_a_write_in_flight_while_the_migration_runs_is_counted(db_url: str
             await writer.commit()
         await asyncio.wait_for(migrating, 60)
         assert await _counts(db) == (1, 1)
+    finally:
+        await db.dispose()
+
+
+_COUNTING_CALLS = text("SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions "
+                       "WHERE funcname IN ('maia_count_deployments', 'maia_count_deployment_moves')")
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_updates_that_change_no_count_run_no_trigger(database: Database) -> None:
+    """PostgreSQL (migration 0017): updates of deployments that move none into or out of the
+    schedulable phases (a plan commit's phases and reasons, a report flush's: executemany, one
+    statement per row) call none of the counting triggers' functions; a move that changes the
+    count calls one per row moved, and the count stays exact."""
+    await _tenant(database)
+    async with database.unit_of_work() as uow:
+        await _insert(uow.session, [f"d{i}" for i in range(4)])
+        await uow.commit()
+    table = m.Deployment.__table__
+    by_name = update(table).where(table.c.name == bindparam("n"))
+    async with database.unit_of_work() as uow:
+        s = uow.session
+        await s.execute(text("SET LOCAL track_functions = 'pl'"))  # this transaction's calls, as they happen
+        await s.execute(by_name.values(phase=bindparam("p"), reasons=bindparam("r")),
+                        [{"n": f"d{i}", "p": m.DeploymentPhase.RUNNING, "r": [{"code": "X", "message": str(i)}]}
+                         for i in range(4)])
+        await s.execute(update(table).values(reasons=[]))  # no phase in the statement at all
+        assert await s.scalar(_COUNTING_CALLS) == 0
+        await s.execute(by_name.values(phase=bindparam("p")), [{"n": "d0", "p": m.DeploymentPhase.DELETING},
+                                                               {"n": "d1", "p": m.DeploymentPhase.QUARANTINED}])
+        assert await s.scalar(_COUNTING_CALLS) == 2
+        await uow.commit()
+    assert await _counts(database) == (2, 2)
+
+
+async def test_the_count_stays_exact_through_migration_0017_and_back(db_url: str) -> None:
+    """Upgraded from 0016 with deployments there, downgraded back to it: the count follows
+    deletions and releases under either revision's triggers."""
+    await asyncio.to_thread(command.upgrade, alembic_config(db_url), "0016_deployment_counts")
+    db = Database(db_url)
+    table = m.Deployment.__table__
+    leaving = update(table).where(table.c.name == bindparam("n"))
+    try:
+        await _tenant(db)
+        async with db.unit_of_work() as uow:
+            await _insert(uow.session, ["a", "b", "c"])
+            await uow.commit()
+        for revision, name, phase, expected in (("head", "a", m.DeploymentPhase.DELETING, 2),
+                                                ("0016_deployment_counts", "b", m.DeploymentPhase.QUARANTINED, 1),
+                                                ("head", "b", m.DeploymentPhase.PENDING, 2)):
+            move = command.upgrade if revision == "head" else command.downgrade
+            await asyncio.to_thread(move, alembic_config(db_url), revision)
+            async with db.unit_of_work() as uow:
+                await uow.session.execute(leaving.values(phase=phase), [{"n": name}])
+                await uow.commit()
+            assert await _counts(db) == (expected, expected)
     finally:
         await db.dispose()
