@@ -11,8 +11,9 @@ statement per row (a plan commit's phases, the agents' report flush: ~10,000 run
 window at 64 clients, every one of them changing no count; docs/benchmarks.md, `pgcost`). Here
 that trigger is a row-level one, `AFTER UPDATE OF phase` and only `WHEN` the row moves into or out
 of the schedulable phases (a deletion, a quarantine, a release): the server tests the condition
-itself and calls nothing for the others. Each such row adds its delta and folds as 0016's function
-does. INSERT, DELETE and TRUNCATE keep 0016's statement-level triggers.
+itself and calls nothing for the others. Each such row adds its delta (an INSERT: no wait); the
+next INSERT or DELETE of deployments folds it with the rest (0016's statement-level triggers,
+kept, as for TRUNCATE), and the count reads the deltas not folded yet meanwhile (0016).
 
 SQLite's update trigger was restricted so already (0016: `AFTER UPDATE OF phase ... WHEN`):
 nothing changes there.
@@ -27,7 +28,6 @@ branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
 SCHEDULABLE = "phase NOT IN ('deleting', 'quarantined')"
-FOLD_LOCK = 7_316_400_016  # 0016's
 ROW_FUNCTION = "maia_count_deployment_moves"
 STATEMENT_FUNCTION = "maia_count_deployments"  # 0016's
 TRIGGER = "trg_count_deployments_update"
@@ -37,11 +37,6 @@ def _row_function() -> str:
     return f"""CREATE FUNCTION {ROW_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO deployment_count_deltas (schedulable) VALUES (CASE WHEN NEW.{SCHEDULABLE} THEN 1 ELSE -1 END);
-    IF pg_try_advisory_xact_lock({FOLD_LOCK}) THEN
-        WITH folded AS (DELETE FROM deployment_count_deltas RETURNING schedulable)
-        UPDATE deployment_counts SET schedulable = schedulable + (SELECT coalesce(sum(schedulable), 0) FROM folded)
-        WHERE id = 1;
-    END IF;
     RETURN NULL;
 END $$"""
 
