@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -102,40 +103,48 @@ async def test_a_report_read_before_a_move_leaves_the_moved_shard_alone(cluster:
     assert (await _placed(cluster))[("t1/a", 0, 0)][0::2] == (other, m.ShardPhase.ASSIGNED.value)
 
 
-async def test_a_deletion_committed_while_the_flush_reads_stays_deleting(cluster: Database,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A flush of shard reports alone (no heartbeat to write first) reads the deployments it
-    changes, then writes their phase: a deletion committed between that read and the write must
-    not be undone (the deployment brought back RUNNING, its deletion lost). The deletion is
-    started right after the flush's read and given until the flush is done to commit: wherever the
-    store serializes the two, the deployment ends DELETING."""
+_READ = repo.deployments_named
+
+
+async def _flushed_while(cluster: Database, monkeypatch: pytest.MonkeyPatch, work: Any) -> repo.NamedDeployment:
+    """Deployment "a" (one shard) placed, then its shard's RUNNING report flushed alone (no
+    heartbeat to write first) while `work()` (another transaction) starts right after the flush's
+    read of the deployments and is given until the flush is done to commit (it lands before the
+    flush's write if nothing holds it); "a" as it ends."""
     await submit(cluster, deployment("a", replicas=1, shards=1))
     await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
     [((_, replica, shard), (node, generation, _, _))] = (await _placed(cluster)).items()
+    started: list[asyncio.Task[None]] = []
 
-    async def delete() -> None:
-        async with cluster.unit_of_work() as uow:
-            await repo.set_deleting(uow.session, [r.row for r in await repo.deployments_named(uow.session, ["a"])])
-            await uow.commit()
-
-    read = repo.deployments_named
-    deleting: list[asyncio.Task[None]] = []
-
-    async def read_then_delete(session, names, **kw):  # type: ignore[no-untyped-def]
-        found = await read(session, names, **kw)
-        if not deleting:  # the flush's read: the deletion lands before its write if nothing holds it
-            deleting.append(asyncio.create_task(delete()))
-            await asyncio.wait(deleting, timeout=1.0)
+    async def read_then_work(session, names, **kw):  # type: ignore[no-untyped-def]
+        found = await _READ(session, names, **kw)
+        if not started:
+            started.append(asyncio.create_task(work()))
+            await asyncio.wait(started, timeout=1.0)
         return found
 
-    monkeypatch.setattr(repo, "deployments_named", read_then_delete)
+    monkeypatch.setattr(repo, "deployments_named", read_then_work)
     report = ShardReport("a", replica, shard, generation, m.ShardPhase.RUNNING.value, "", tenant="t1")
     async with cluster.unit_of_work() as uow:
         await agents.flush_reports(uow, {}, [(node, report)])
-    await asyncio.gather(*deleting)
+    await asyncio.gather(*started)
     async with cluster.unit_of_work() as uow:
-        [row] = await read(uow.session, ["a"])
-    assert row.row.phase is m.DeploymentPhase.DELETING
+        [row] = await _READ(uow.session, ["a"])
+    return row
+
+
+async def test_a_deletion_committed_while_the_flush_reads_stays_deleting(cluster: Database,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush reads the deployments it changes, then writes their phase: a deletion committed
+    between that read and the write must not be undone (the deployment brought back RUNNING, its
+    deletion lost): wherever the store serializes the two, the deployment ends DELETING."""
+
+    async def delete() -> None:
+        async with cluster.unit_of_work() as uow:
+            await repo.set_deleting(uow.session, [r.row for r in await _READ(uow.session, ["a"])])
+            await uow.commit()
+
+    assert (await _flushed_while(cluster, monkeypatch, delete)).row.phase is m.DeploymentPhase.DELETING
 
 
 async def test_reasons_a_plan_commit_wrote_while_the_flush_reads_are_kept(cluster: Database,
@@ -143,11 +152,8 @@ async def test_reasons_a_plan_commit_wrote_while_the_flush_reads_are_kept(cluste
     """The flush writes a deployment's phase and reasons from what it read, only while the phase
     is still the one read: a plan commit that changes the deployment's reasons and not its phase
     (a replica it could not place, say) committed between that read and the write must not be
-    written over. Started right after the flush's read and given until the flush is done: wherever
-    the store serializes the two, the plan's reasons stay, and the report's phase."""
-    await submit(cluster, deployment("a", replicas=1, shards=1))
-    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
-    [((_, replica, shard), (node, generation, _, _))] = (await _placed(cluster)).items()
+    written over: wherever the store serializes the two, the plan's reasons stay, and the
+    report's phase (PostgreSQL: the flush locks the rows it reads)."""
     why = [{"code": "NO_CAPACITY", "message": "1 replica(s) not placed: no node has 4 free accelerators"}]
 
     async def plan_commit() -> None:  # its write of the reasons alone
@@ -156,22 +162,5 @@ async def test_reasons_a_plan_commit_wrote_while_the_flush_reads_are_kept(cluste
                                       .values(reasons=why, updated_at=m.utcnow()))
             await uow.commit()
 
-    read = repo.deployments_named
-    committing: list[asyncio.Task[None]] = []
-
-    async def read_then_commit(session, names, **kw):  # type: ignore[no-untyped-def]
-        found = await read(session, names, **kw)
-        if not committing:  # the flush's read: the plan commit lands before its write if nothing holds it
-            committing.append(asyncio.create_task(plan_commit()))
-            await asyncio.wait(committing, timeout=1.0)
-        return found
-
-    monkeypatch.setattr(repo, "deployments_named", read_then_commit)
-    report = ShardReport("a", replica, shard, generation, m.ShardPhase.RUNNING.value, "", tenant="t1")
-    async with cluster.unit_of_work() as uow:
-        await agents.flush_reports(uow, {}, [(node, report)])
-    await asyncio.gather(*committing)
-    async with cluster.unit_of_work() as uow:
-        [row] = await read(uow.session, ["a"])
-    assert row.row.reasons == why
-    assert row.row.phase is m.DeploymentPhase.RUNNING
+    row = (await _flushed_while(cluster, monkeypatch, plan_commit)).row
+    assert row.reasons == why and row.phase is m.DeploymentPhase.RUNNING
