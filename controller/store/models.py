@@ -460,13 +460,28 @@ class DeploymentCount(Base):
 
 
 class DeploymentCountDelta(Base):
-    """A change to `DeploymentCount.schedulable` not folded into it yet (PostgreSQL; empty on
-    SQLite, whose one writer adds to the row directly)."""
+    """A change to `DeploymentCount.schedulable` and, with a tenant, to that tenant's
+    `TenantDeploymentCount` not folded into them yet (PostgreSQL; empty on SQLite, whose one
+    writer adds to the rows directly)."""
 
     __tablename__ = "deployment_count_deltas"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     schedulable: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tenant_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))  # migration 0017
+    deployments: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+
+
+class TenantDeploymentCount(Base):
+    """A tenant's deployments (every phase), kept by the triggers that keep `DeploymentCount`
+    (migration 0017): what a submit checks against the tenant's limit, read instead of counted;
+    on PostgreSQL this row plus the tenant's deltas not folded yet (`repositories.tenant_deployments`).
+    No row: none."""
+
+    __tablename__ = "tenant_deployment_counts"
+
+    tenant_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    deployments: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class IsolationState(Base):

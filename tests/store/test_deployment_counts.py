@@ -1,4 +1,5 @@
-"""The schedulable deployments as the database's triggers count them (migration 0016).
+"""The schedulable deployments, and each tenant's deployments, as the database's triggers count
+them (migrations 0016, 0017).
 
 `changes.schedulable_count` reads the count the triggers keep instead of counting the
 deployments; here every kind of write that changes it (inserts of one and of many rows, phase
@@ -24,29 +25,37 @@ from controller.store.migrate import alembic_config
 _LEAVING = (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED)
 
 
-def _rows(names: list[str], phase: m.DeploymentPhase = m.DeploymentPhase.PENDING) -> list[dict]:
-    return [{"name": name, "tenant_id": "t1", "replicas": 1, "min_replicas": 1, "shards_per_replica": 1,
+def _rows(names: list[str], phase: m.DeploymentPhase = m.DeploymentPhase.PENDING, tenant: str = "t1") -> list[dict]:
+    return [{"name": name, "tenant_id": tenant, "replicas": 1, "min_replicas": 1, "shards_per_replica": 1,
              "shard_accelerators": 1, "shard_accelerator_milli": 1000, "shard_hbm_gib": 0.0, "shard_cpu_milli": 0,
              "shard_memory_mib": 0, "shard_power_w": 0.0, "shard_accelerator_models": [],
              "locality": m.Domain.NODE, "priority": 0, "preemptible": False, "phase": phase} for name in names]
 
 
-async def _insert(session: AsyncSession, names: list[str], phase: m.DeploymentPhase = m.DeploymentPhase.PENDING) -> None:
-    await session.execute(insert(m.Deployment.__table__), _rows(names, phase))
+async def _insert(session: AsyncSession, names: list[str], phase: m.DeploymentPhase = m.DeploymentPhase.PENDING,
+                  tenant: str = "t1") -> None:
+    await session.execute(insert(m.Deployment.__table__), _rows(names, phase, tenant))
 
 
-async def _counts(database: Database) -> tuple[int, int]:
-    """(the triggers' count, a real count of the schedulable deployments), read in a fresh unit of work."""
+async def _counts(database: Database, *, tenants: bool = True) -> tuple[int, int]:
+    """(the triggers' count, a real count of the schedulable deployments), read in a fresh unit of
+    work; each tenant's deployments as the triggers count them are checked against a real count
+    (`tenants`: counted there, migration 0017)."""
     async with database.unit_of_work() as uow:
         kept = await repo.count_schedulable_deployments(uow.session)
         real = await uow.session.scalar(select(func.count()).select_from(m.Deployment)
                                         .where(m.Deployment.phase.not_in(_LEAVING)))
+        by_tenant = dict((await uow.session.execute(select(m.Deployment.tenant_id, func.count())
+                                                    .group_by(m.Deployment.tenant_id))).all())
+        for tenant in ("t1", "t2") if tenants else ():
+            assert await repo.count_tenant_deployments(uow.session, tenant) == by_tenant.get(tenant, 0), tenant
     return kept, int(real or 0)
 
 
 async def _tenant(database: Database) -> None:
     async with database.unit_of_work() as uow:
-        uow.session.add(m.Tenant(id="t1", isolation=m.Isolation.SHARED, excludes=[], zones=[]))
+        for tenant in ("t1", "t2"):
+            uow.session.add(m.Tenant(id=tenant, isolation=m.Isolation.SHARED, excludes=[], zones=[]))
         await uow.commit()
 
 
@@ -56,6 +65,7 @@ async def test_the_count_follows_every_write_that_changes_it(database: Database)
     steps = [
         lambda s: _insert(s, [f"d{i}" for i in range(6)]),  # many rows, one statement
         lambda s: _insert(s, ["lone"]),
+        lambda s: _insert(s, ["other"], m.DeploymentPhase.DELETING, tenant="t2"),  # another tenant's, born leaving
         lambda s: _insert(s, ["gone"], m.DeploymentPhase.DELETING),  # born leaving: not counted
         lambda s: s.execute(update(m.Deployment).where(m.Deployment.name.in_(["d0", "d1"]))
                             .values(phase=m.DeploymentPhase.DELETING)),
@@ -67,7 +77,7 @@ async def test_the_count_follows_every_write_that_changes_it(database: Database)
                             .values(phase=m.DeploymentPhase.RUNNING)),
         lambda s: s.execute(update(m.Deployment).where(m.Deployment.name == "d1")  # between leaving phases
                             .values(phase=m.DeploymentPhase.QUARANTINED)),
-        lambda s: s.execute(delete(m.Deployment).where(m.Deployment.name.in_(["d0", "d3"]))),  # one counted
+        lambda s: s.execute(delete(m.Deployment).where(m.Deployment.name.in_(["d0", "d3", "other"]))),  # one counted
         lambda s: s.execute(delete(m.Deployment)),
     ]
     seen = []
@@ -78,7 +88,7 @@ async def test_the_count_follows_every_write_that_changes_it(database: Database)
         kept, real = await _counts(database)
         assert kept == real
         seen.append(kept)
-    assert seen == [6, 7, 7, 5, 4, 5, 5, 5, 4, 0]
+    assert seen == [6, 7, 7, 7, 5, 4, 5, 5, 5, 4, 0]
     async with database.unit_of_work() as uow:  # a single writer folds what it added at once
         assert await uow.session.scalar(select(func.count()).select_from(m.DeploymentCountDelta)) == 0
 
@@ -214,6 +224,6 @@ async def test_the_count_stays_exact_through_migration_0017_and_back(db_url: str
             async with db.unit_of_work() as uow:
                 await uow.session.execute(leaving.values(phase=phase), [{"n": name}])
                 await uow.commit()
-            assert await _counts(db) == (expected, expected)
+            assert await _counts(db, tenants=revision == "head") == (expected, expected)
     finally:
         await db.dispose()
