@@ -27,7 +27,11 @@ needs them (`_read_unread`): a fast pass that decides a few deployments on a cac
 commits at the cost of those deployments, not of the cluster.
 Such a commit reads and checks before it takes the lock, and under the lock reads its rows
 again: when they and the generation are as before, the check stands (all else it depends on
-moves the generation), and the lock is held for the reads and the writes alone.
+moves the generation), and the lock is held for the reads and the writes alone. On PostgreSQL it
+writes before it takes the lock, and the statement that takes it reads the rows again: when the
+generation is as before and the rows are as written, the check stands and the lock is held for
+the audit entries and the COMMIT alone; else the writes are undone and the commit goes lock first
+(`_commit_locking_last`).
 `CommitResult.shards` and `requeued` tell such a caller what to apply to its cache.
 
 Plans name solver deployments and replicas (`store/rollout.py`: a rolling update's outgoing
@@ -791,7 +795,8 @@ async def commit_plan(
     # held for the reads and the writes. An unscoped one (the whole cluster) reads once, under it.
     # On PostgreSQL as on SQLite: there the early read is two statements more, and the generation
     # row's lock (every writer that bumps the generation waits for it) is held ~60 % shorter
-    # (measured: docs/benchmarks.md, issue 8, night 2, `tidy2`).
+    # (measured: docs/benchmarks.md, issue 8, night 2, `tidy2`); shorter still when it is taken
+    # after the writes (`_commit_locking_last`).
     early = None
     if scope is not None:
         early = await _check(session, snapshot, plan, await _read_committed(session, scope))
