@@ -44,10 +44,10 @@ async def bump_cluster_generation(session: AsyncSession, change: ClusterChange =
         return generation
     # One statement, not two (each a round trip on the event loop's turns): the bump and its rows.
     generation = (await session.execute(_BUMP_AND_LOG, {
-        "kind": change.kind.value, "ids": list(_logged_ids(change))})).scalars().first()
+        "kind": change.kind.value, "ids": list(logged_ids(change))})).scalars().first()
     if generation is None:
         raise MissingGeneration()
-    await _prune(session, generation)
+    await prune_changes(session, generation)
     return generation
 
 
@@ -60,7 +60,7 @@ _BUMP_AND_LOG = text(
     "RETURNING generation")
 
 
-def _logged_ids(change: ClusterChange) -> Sequence[str | None]:
+def logged_ids(change: ClusterChange) -> Sequence[str | None]:
     """The object ids of a change's rows (one row without an id when it names none)."""
     return change.ids or (None,)
 
@@ -72,11 +72,13 @@ async def log_change(session: AsyncSession, generation: int, change: ClusterChan
     """Write what the bump to `generation` changed (`cluster_changes`), pruning old generations."""
     await session.execute(_INSERT_CHANGE, [
         {"generation": generation, "kind": change.kind.value, "object_id": object_id}
-        for object_id in _logged_ids(change)])
-    await _prune(session, generation)
+        for object_id in logged_ids(change)])
+    await prune_changes(session, generation)
 
 
-async def _prune(session: AsyncSession, generation: int) -> None:
+async def prune_changes(session: AsyncSession, generation: int) -> None:
+    """Every `_PRUNE_EVERY` generations (`generation` the one just logged), the log's rows older
+    than `CHANGES_KEPT` generations go (for a writer that logs its change itself)."""
     if generation % _PRUNE_EVERY == 0:
         await session.execute(rowcount_unread(delete(ClusterChangeRow))
                               .where(ClusterChangeRow.generation <= generation - CHANGES_KEPT)

@@ -56,15 +56,17 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Integer, Select, and_, bindparam, case, delete, func, insert, select, true, update
+from sqlalchemy import ColumnElement, Integer, Select, String, and_, bindparam, case, delete, func, insert, select, true, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
 from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
     ChangesSince, MissingGeneration, move_generation, move_generation_unread, bump_cluster_generation, log_change,
-    read_changes_since, read_generation)
+    logged_ids, prune_changes, read_changes_since, read_generation)
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of
 from controller.store.models import (
+    ClusterChangeRow,
     ClusterState,
     Deployment,
     DeploymentPhase,
@@ -244,7 +246,8 @@ def _deployments_at_generation(where: ColumnElement[bool] | None, *, placed: boo
     outer-joined to them, so a row of NULL deployment fields when none is selected; with
     `placed`, outer-joined to their placements too (`_PLACEMENT_FIELDS` after the deployment's:
     one row per placement, NULL ones for a deployment without). With `locking` (PostgreSQL), the
-    same statement moves the generation by `moved_by` first (its row's lock, to the commit)."""
+    same statement moves the generation by `moved_by` first (its row's lock, to the commit) and
+    logs the change of kind `kind` with the ids `logged` (none: nothing logged) at the new one."""
     table = ClusterState.__table__
     moved_by = bindparam("moved_by", type_=Integer)
     state: Any = table
@@ -254,9 +257,16 @@ def _deployments_at_generation(where: ColumnElement[bool] | None, *, placed: boo
     joined = state.outerjoin(_DEPLOYMENTS, true() if where is None else where)
     if placed:
         joined = joined.outerjoin(_PLACEMENTS, _P.deployment_id == _D.id)
-    return (select((state.c.generation - moved_by).label("cluster_generation"),
-                   *_DEPLOYMENT_FIELDS, *((c.label(f"placed_{c.name}") for c in _PLACEMENT_FIELDS) if placed else ()))
-            .select_from(joined).where(state.c.id == 1))
+    query = (select((state.c.generation - moved_by).label("cluster_generation"),
+                    *_DEPLOYMENT_FIELDS, *((c.label(f"placed_{c.name}") for c in _PLACEMENT_FIELDS) if placed else ()))
+             .select_from(joined).where(state.c.id == 1))
+    if locking:
+        changes = ClusterChangeRow.__table__
+        query = query.add_cte(insert(changes).from_select(
+            [changes.c.generation, changes.c.kind, changes.c.object_id],
+            select(state.c.generation, bindparam("kind", type_=String),
+                   func.unnest(bindparam("logged", type_=ARRAY(String))))).cte("logged"))
+    return query
 
 
 @dataclass(frozen=True)
@@ -281,13 +291,13 @@ _COMMITTED_QUERIES = {dialect: _CommittedQueries.of(dialect) for dialect in ("sq
 
 
 async def _read_committed(session: AsyncSession, scope: Collection[str] | None, *, moved_by: int = 0,
-                          locking: bool = False) -> _Committed:
+                          locking: bool = False, change: ClusterChange | None = None) -> _Committed:
     """Every deployment and placement (`scope` None), or only the scope's, and the cluster
     generation before this transaction moved it by `moved_by`: the generation read with the
     deployments (on SQLite, a move of the generation deferred just before goes with it: one
     trip); every placement in a query of its own, a scope's with its deployments (one query per
     `_CHUNK` keys). `locking` (PostgreSQL, a scope): the first of those queries moves the
-    generation by `moved_by` itself (`_commit_locking_last`)."""
+    generation by `moved_by` itself and logs `change` at the new one (`_commit_locking_last`)."""
     scope = None if scope is None else frozenset(scope)
     queries = _COMMITTED_QUERIES[dialect_of(session)]
     reads: list[tuple[Select[Any], dict[str, Any]]] = [(queries.every, {"moved_by": moved_by})]
@@ -295,8 +305,12 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
         reads = []
         for chunk in _chunks(sorted(scope)):
             names = [split_deployment_key(key) for key in chunk]
-            reads.append((queries.scoped_locking if locking and not reads else queries.scoped, {"moved_by": moved_by, "tenants": sorted({t for t, _ in names}),
-                                           "names": sorted({n for _, n in names})}))
+            params = {"moved_by": moved_by, "tenants": sorted({t for t, _ in names}), "names": sorted({n for _, n in names})}
+            first = locking and not reads
+            if first:
+                params.update(kind=(change or ClusterChange()).kind.value,
+                              logged=list(logged_ids(change)) if change is not None else [])
+            reads.append((queries.scoped_locking if first else queries.scoped, params))
     generation: int | None = None
     deployments: dict[str, Any] = {}
     placed: dict[int, Sequence[Any]] = {}  # a scope's placements by id (a deployment two chunks select: once)
@@ -848,17 +862,32 @@ async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: 
         landed = await _land(session, snapshot, plan, early, stale=early.read.generation != snapshot.generation,
                              generation=None, bumped=False, actor=actor, now=now)
         lap("commit_write")
-        moved = int(landed.moved)
-        read = await _read_committed(session, early.read.scope, moved_by=moved, locking=True)
+        moved = int(landed.change is not None)
+        read = await _read_committed(session, early.read.scope, moved_by=moved, locking=True, change=landed.change)
         lap("commit_turn")
     finally:
         savepoint.close()
-    if read.generation == early.read.generation and _rows(read) == landed.rows:
+    if _rows(read) == landed.rows and await _deletions_alone(session, early.read.generation, read.generation):
+        generation = read.generation + moved
+        await prune_changes(session, generation)
         await audit.append(session, landed.audited, at=now)
-        return replace(landed.result, generation=read.generation + moved)
+        return replace(landed.result, generation=generation, stale=read.generation != snapshot.generation)
     await savepoint.rollback()
     lap("commit_undone")
     return None
+
+
+async def _deletions_alone(session: AsyncSession, checked: int, generation: int) -> bool:
+    """Whether the cluster generation moved from `checked` (a commit's early read) to `generation`
+    (under the lock) by deletions alone (deployments marked DELETING, all the usual moves under
+    load: each delete batch's), which leave a check made at `checked` standing: their shards stay
+    stored until a commit removes them, and leaving only frees what they held (a deployment the
+    commit speaks for shows its new phase in its rows). One statement, only when it moved."""
+    if generation == checked:
+        return True
+    since = await read_changes_since(session, checked, generation=generation)
+    return since.complete and all(kind is ChangeKind.DEPLOYMENT_DELETED
+                                  for logged in since.changes.values() for kind, _ in logged)
 
 
 _PlacedRows = dict[ShardKey, tuple[str, tuple[int, ...], int | None, ShardPhase, int]]
@@ -874,23 +903,23 @@ def _rows(committed: _Committed) -> tuple[dict[str, Any], _PlacedRows]:
 
 @dataclass(frozen=True)
 class _Landed:
-    """A plan's changes as written (`_land`): the result, the audit entries still to append, and
-    for a commit that takes the lock last, whether it moves the generation and the rows its reads
-    should find after its writes (`_rows`)."""
+    """A plan's changes as written (`_land`): the result, the audit entries still to append, what
+    it changed for the change log (logged already by a commit that holds the lock), and for one
+    that takes the lock last the rows its read should find after its writes (`_rows`)."""
 
     result: CommitResult
     audited: list[audit.AuditRecord]
-    moved: bool
+    change: ClusterChange | None  # what moves the generation (placements), logged; None: nothing
     rows: tuple[dict[str, Any], _PlacedRows]
 
 
 async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: _Checked, *, stale: bool,
                 generation: int | None, bumped: bool, actor: str, now: datetime) -> _Landed:
     """Write `plan`'s changes as `checked` found them (placements, meters, deployments, nodes,
-    the change log, events); `generation`: the cluster generation after the commit, its row
-    locked and moved by `bumped` already (a wrong guess put right here); None: the caller moves it
-    last, by one when the commit changes placements (`_commit_locking_last`), and the change log
-    is written at the generation after the one `checked` read."""
+    events); `generation`: the cluster generation after the commit, its row locked and moved by
+    `bumped` already (a wrong guess put right here), and the change logged at it; None: the
+    caller moves it last, by one when the commit changes placements, and logs the change
+    (`_commit_locking_last`)."""
     committed, released, changes = checked.committed, checked.released, checked.changes
     deployments, live, current = committed.deployments, committed.live, committed.current
     inserts, updates = changes.inserts, changes.updates
@@ -969,17 +998,15 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
     await _write(session, changes=changes, deletes=deletes, deployments=deployments, new_generation=new_generation,
                  deployment_updates=deployment_updates, changed_nodes=changed_nodes,
                  changed_deployments=changed_deployments, deleted_deployments=deleted_deployments, now=now)
-    if generation is None:
-        logged = checked.read.generation + 1
-    else:
-        logged = generation = await _move_to(session, generation, bumped, moved)
-    if moved:
-        # What it touched: another controller's cache (HA) reads those deployments again
-        # (`warm.catch_up`; its own cache knows them). One touching very many names none: that
-        # cache reads the whole cluster, which then costs little more.
-        touched = changed_deployments | deleted_deployments
-        await log_change(session, logged,
-                         ClusterChange.placements(touched if len(touched) <= LOGGED_DEPLOYMENTS_MAX else ()))
+    # What it touched: another controller's cache (HA) reads those deployments again
+    # (`warm.catch_up`; its own cache knows them). One touching very many names none: that
+    # cache reads the whole cluster, which then costs little more.
+    touched = changed_deployments | deleted_deployments
+    change = ClusterChange.placements(touched if len(touched) <= LOGGED_DEPLOYMENTS_MAX else ()) if moved else None
+    if generation is not None:
+        generation = await _move_to(session, generation, bumped, moved)
+        if change is not None:
+            await log_change(session, generation, change)
     events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                      changes.requeued)
     if events:
@@ -997,7 +1024,7 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
         shards={**{row.key: None for row in deletes}, **{row.key: _where(pl) for row, pl in updates},
                 **{key: _where(pl) for key, pl in inserts.items()}},
     )
-    return _Landed(result, _decision_records(events, tenants, actor), moved,
+    return _Landed(result, _decision_records(events, tenants, actor), change,
                    _as_written(checked.read, deletes, updates, inserts, changes.revision_of, deployment_updates,
                                deleted_deployments) if generation is None else ({}, {}))
 

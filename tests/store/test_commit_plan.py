@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from controller.domain.changes import ClusterChange
+from controller.domain.changes import ChangeKind, ClusterChange
 from controller.store.db import Database
 from controller.store import audit, pg_driver, plans, sqlite_driver
 from controller.store import models as m
@@ -668,10 +668,47 @@ async def test_a_scoped_commit_on_postgres_writes_first_and_takes_the_generation
     locked = run.index("WITH moved AS")  # moves the generation (its lock) and reads the scope's rows again
     # The early read outside the transaction; the savepoint (undone to if the check fails) in the BEGIN's message.
     assert run[:2] == ["SELECT cluster_state.generation -", "BEGIN; SAVEPOINT maia_plan_commit"]
-    assert {"INSERT INTO placements", "INSERT INTO cluster_changes", "INSERT INTO events"} <= set(run[2:locked])
+    assert {"INSERT INTO placements", "INSERT INTO events"} <= set(run[2:locked])
     # Under the lock: the audit entries (the chain's head has a lock of its own, taken after this one) and the COMMIT.
     assert run[-1] == "COMMIT"
     assert all(statement.startswith(("UPDATE audit_head", "INSERT INTO audit_log", "UPDATE /* maia:rowcount-unread"))
                for statement in run[locked + 1:-1])
     after = await _state(database)
     assert after["generation"] == 1 and after["deployments"][TRAIN].phase is m.DeploymentPhase.SCHEDULED
+    async with database.unit_of_work() as uow:  # logged by the statement that moved the generation
+        since = await plans.read_changes_since(uow.session, 0)
+    assert since.complete and since.changes == {1: [(ChangeKind.PLACEMENTS, TRAIN)]}
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_scoped_commit_on_postgres_stands_when_only_deletions_moved_the_generation_under_its_writes(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = await _seeded(database)
+
+    async def delete_burst() -> None:  # a delete batch: its deployment leaves, nothing else changes
+        async with database.unit_of_work() as uow:
+            await repo.set_deleting(uow.session, [r.row for r in await repo.deployments_named(uow.session, ["burst"])])
+            await bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(BURST))
+            await uow.commit()
+
+    checks = _between_check_and_lock(monkeypatch, delete_burst)
+    rollbacks = []
+    real_rollback = pg_driver.Savepoint.rollback
+
+    async def rollback(self: pg_driver.Savepoint) -> None:
+        rollbacks.append(True)
+        await real_rollback(self)
+
+    monkeypatch.setattr(pg_driver.Savepoint, "rollback", rollback)
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
+                                                                              P(TRAIN, 0, 1, "n2", 2, 3))),
+                                   scope={TRAIN}, actor="test")
+        await uow.commit()
+    assert len(checks) == 1 and rollbacks == []  # checked once, written once
+    assert result.changed_deployments == {TRAIN} and result.generation == 2 and result.stale
+    async with database.unit_of_work() as uow:
+        since = await plans.read_changes_since(uow.session, 0)
+    assert since.complete and since.changes == {1: [(ChangeKind.DEPLOYMENT_DELETED, BURST)],
+                                                2: [(ChangeKind.PLACEMENTS, TRAIN)]}
+    assert sum(1 for key in (await _state(database))["placements"] if key[0] == TRAIN) == 2
