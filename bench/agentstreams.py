@@ -149,7 +149,9 @@ async def _controller(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="maia-bench-agentstreams-") as root:
         config = replace(Config(), listen="127.0.0.1:0", db_url=f"sqlite+aiosqlite:///{Path(root) / 'maia.db'}",
                          bootstrap_admin_token_file=str(Path(root) / "admin.token"), decide_process=False,
-                         heartbeat_timeout_s=args.heartbeat_timeout, log_level="WARNING")
+                         heartbeat_timeout_s=args.heartbeat_timeout, log_level="WARNING",
+                         **({"agent_gateways": args.gateways, "agent_listen": "127.0.0.1:0",
+                            "agent_gateway_linger_ms": args.gateway_linger_ms} if args.gateways else {}))
         app = ControllerApp(config)
         address = await app.start()
         agents = None
@@ -161,11 +163,11 @@ async def _controller(args: argparse.Namespace) -> dict[str, object]:
                 racks=[admin_pb2.Rack(id=f"rack-{r:02d}", row="row-0") for r in range(RACKS)]))
             token = (await admin.CreateToken(admin_pb2.CreateTokenRequest(role="node-bootstrap"))).secret
             await channel.close()
-            agents = _Agents(args, address, token)
+            agents = _Agents(args, app.agent_address or address, token)
             await agents.heard("registered")
             if args.mode == "memory":
                 return await _memory(args, agents)
-            return await _cpu(args, agents)
+            return await _cpu(args, agents, app.gateways.pids() if app.gateways is not None else [])
         finally:
             if agents is not None:
                 agents.say("quit")
@@ -195,7 +197,7 @@ async def _memory(args: argparse.Namespace, agents: _Agents) -> dict[str, object
             "rss_bytes_per_stream": round((rss_after - rss_before) / args.streams)}
 
 
-async def _cpu(args: argparse.Namespace, agents: _Agents) -> dict[str, object]:
+async def _cpu(args: argparse.Namespace, agents: _Agents, gateways: list[int]) -> dict[str, object]:
     agents.say("connect")
     await agents.heard("connected")
     await asyncio.sleep(args.settle)  # the joins' own work done (the nodes' first writes, the passes)
@@ -206,10 +208,10 @@ async def _cpu(args: argparse.Namespace, agents: _Agents) -> dict[str, object]:
         spy.wait(30)
     spy = _profiler(args, window) if args.py_spy_window == "beats" else None
     agents.say("beat")
-    cpu, wall = time.process_time(), time.perf_counter()
+    cpu, wall, gateway_cpu = time.process_time(), time.perf_counter(), _cpu_of(gateways)
     await agents.heard("sent")
     await asyncio.sleep(max(0.0, window - (time.perf_counter() - wall)))
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall, gateway_cpu = time.process_time() - cpu, time.perf_counter() - wall, _cpu_of(gateways) - gateway_cpu
     if spy is not None:
         spy.wait(30)
     idle_after = await _cpu_over(window)
@@ -218,7 +220,18 @@ async def _cpu(args: argparse.Namespace, agents: _Agents) -> dict[str, object]:
     return {"streams": args.streams, "messages": messages, "wall_s": round(wall, 2), "cpu_s": round(cpu, 3),
             "idle_cpu_s_before_after": [round(idle_before, 3), round(idle_after, 3)],
             "us_per_message": round((cpu - idle) * 1e6 / messages, 1),
-            "us_per_message_gross": round(cpu * 1e6 / messages, 1)}
+            "us_per_message_gross": round(cpu * 1e6 / messages, 1),
+            **({"gateways": len(gateways), "gateway_cpu_s": round(gateway_cpu, 3),
+                "gateway_us_per_message_gross": round(gateway_cpu * 1e6 / messages, 1)} if gateways else {})}
+
+
+def _cpu_of(pids: list[int]) -> float:
+    """utime + stime of these processes (the agent gateways), seconds."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def _cpu_over(seconds: float) -> float:
@@ -270,6 +283,10 @@ def main() -> None:
                         help="profile the beats' window, or the idle one before it")
     parser.add_argument("--py-spy-native", action="store_true", help="py-spy --native (C and C++ frames too)")
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--gateways", type=int, default=0,
+                        help="the agents connect through this many agent gateway processes (--agent-gateways); "
+                             "their CPU is reported apart")
+    parser.add_argument("--gateway-linger-ms", type=float, default=2.0, help="--agent-gateway-linger-ms")
     parser.add_argument("--agents", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()

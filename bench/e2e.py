@@ -60,6 +60,7 @@ from controller.main import SHUTDOWN_DEADLINE_S
 from controller.observability.loop import watch_event_loop
 
 NODES_PER_RACK = 16
+GATEWAY_MODULE = "controller.gateway"  # the agent gateways' command line (their CPU is reported apart)
 GANG_SIZES = (8, 16, 32, 64)
 PER_TENANT = 400  # submitted deployments per tenant, at most (under limits.DEPLOYMENTS_PER_TENANT_MAX)
 MIN_TENANTS = 4
@@ -113,6 +114,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decide-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the controller's --decide-process / --no-decide-process (default: its default); "
                         "controller CPU counts the decide process's too")
+    p.add_argument("--agent-gateways", type=int, default=0, metavar="N",
+                   help="the controller serves the agents from N gateway processes (maia-controller "
+                        "--agent-gateways); the fleets connect to them; their CPU is counted in the controller's "
+                        "and reported apart")
+    p.add_argument("--agent-gateway-linger-ms", type=float, default=None, metavar="MS",
+                   help="maia-controller --agent-gateway-linger-ms (with --agent-gateways; default: its default)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
@@ -145,17 +152,20 @@ class Process:
         return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK") \
             + self.children_cpu_s()
 
-    def children_cpu_s(self) -> float:
-        """CPU seconds of the children it runs now."""
+    def children_cpu_s(self, named: str = "") -> float:
+        """CPU seconds of the children it runs now (`named`: those whose command line holds it)."""
         total = 0
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
                     fields = _stat(int(entry.name))
+                    if int(fields[1]) != self.proc.pid:
+                        continue
+                    if named and named not in (entry / "cmdline").read_text(errors="replace"):
+                        continue
                 except (OSError, IndexError):
                     continue
-                if int(fields[1]) == self.proc.pid:
-                    total += int(fields[11]) + int(fields[12])
+                total += int(fields[11]) + int(fields[12])
         return total / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
@@ -544,6 +554,9 @@ class Bench:
     cpu_s: float = 0.0      # the controller's and its children's (the decide process)
     child_cpu0: float = 0.0
     child_cpu_s: float = 0.0  # of that, its children's while they ran
+    gateway_cpu0: float = 0.0
+    gateway_cpu_s: float = 0.0  # of those, the agent gateways' (--agent-gateways)
+    gateways: int = 0
     machine0: tuple[float, float] = (0.0, 0.0)  # machine_cpu_s() when the submits started
     machine_busy_s: float = 0.0  # the machine's busy CPU since, every core summed
     machine_all_s: float = 0.0   # ... and all of it (cores x seconds)
@@ -585,6 +598,7 @@ class Bench:
         try:
             self.cpu_s = self.controller.cpu_s() - self.cpu0
             self.child_cpu_s = max(self.child_cpu_s, self.controller.children_cpu_s() - self.child_cpu0)
+            self.gateway_cpu_s = max(self.gateway_cpu_s, self.controller.children_cpu_s(GATEWAY_MODULE) - self.gateway_cpu0)
             self.rss_mib = self.controller.peak_rss_mib()
             busy, total = machine_cpu_s()
             self.machine_busy_s, self.machine_all_s = busy - self.machine0[0], total - self.machine0[1]
@@ -704,7 +718,7 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
     SIGTERM) it stops every process it started and prints what it measured so far before the
     error goes on."""
     shape = Shape(nodes, args.fleets or max(1, (nodes + 255) // 256), args.preload)
-    bench = Bench(kind, shape, len(tenants_for(shape, args)),
+    bench = Bench(kind, shape, len(tenants_for(shape, args)), gateways=args.agent_gateways,
                   load=f"open loop, {args.rate:g}/s offered ({args.arrivals})" if args.rate > 0
                   else f"closed loop, {args.clients} clients")
     progress = asyncio.create_task(report_progress(bench, args.progress_every)) if args.progress_every else None
@@ -746,7 +760,11 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             "--metrics-listen", "127.0.0.1:0", "--log-level", args.controller_log_level, *extra,
             *([] if args.heartbeat_timeout is None else ["--heartbeat-timeout", str(args.heartbeat_timeout)]),
             *([] if args.decide_process is None else
-              ["--decide-process" if args.decide_process else "--no-decide-process"])],
+              ["--decide-process" if args.decide_process else "--no-decide-process"]),
+            *(["--agent-gateways", str(args.agent_gateways), "--agent-listen", "127.0.0.1:0"] if args.agent_gateways
+              else []),
+            *([] if args.agent_gateway_linger_ms is None else
+              ["--agent-gateway-linger-ms", str(args.agent_gateway_linger_ms)])],
             root / "controller.log")
         fleets: list[Process] = []
         tasks: list[asyncio.Task[Any]] = []
@@ -754,6 +772,10 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
         finished = False
         try:
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
+            agent_address = address
+            if args.agent_gateways:  # the fleets connect to the gateways ("HOST:PORT (N gateways)")
+                agent_address = (await asyncio.to_thread(controller.read_line, "maia-controller agents on ", 60)
+                                 ).split()[0]
             bench.metrics_url = await asyncio.to_thread(controller.read_line, "maia-controller metrics on ", 30)
             channel = aio_channel(address, token_file.read_text().strip())
             node_token = await admin_setup(channel, shape, tenants)
@@ -763,7 +785,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             for i, (prefix, racks) in enumerate(shape.fleet_racks()):
                 bench.phase = "joining the fleets" if args.fleets_at_once else f"joining fleet {i + 1}/{shape.fleets}"
                 fleets.append(Process(f"maia-simnode {i}", [
-                    str(bin_dir / "maia-simnode"), "--controller", address, "--racks", str(racks),
+                    str(bin_dir / "maia-simnode"), "--controller", agent_address, "--racks", str(racks),
                     "--nodes-per-rack", str(NODES_PER_RACK), "--rack-prefix", prefix,
                     "--load-delay", str(args.load_delay), "--state-dir", str(root / f"fleet-{i}"),
                     "--log-level", "WARNING", *(["--shared-channel"] if args.shared_channel else []),
@@ -796,6 +818,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
             tasks.append(asyncio.create_task(watch_event_loop(lambda late_s: run.loop_lag_ms.append(late_s * 1000))))
             bench.child_cpu0 = controller.children_cpu_s()
+            bench.gateway_cpu0 = controller.children_cpu_s(GATEWAY_MODULE)
             bench.machine0, bench.own0 = machine_cpu_s(), own_cpu_s()
             queue = list(reversed(works))
             if args.delete_every:
@@ -940,6 +963,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
         "controller_children_cpu_s": round(bench.child_cpu_s, 1),
+        "controller_gateways_cpu_s": round(bench.gateway_cpu_s, 1), "agent_gateways": bench.gateways,
         # the whole machine over the same span: the fleets are most of busy - controller - bench
         "machine_busy_cpu_s": round(bench.machine_busy_s, 1), "machine_cpu_s": round(bench.machine_all_s, 1),
         "bench_cpu_s": round(bench.own_cpu_s, 1),
@@ -1005,7 +1029,10 @@ def report(r: dict[str, Any]) -> str:
             + ", ".join(f"{stage} {v['p50_ms']}/{v['p99_ms']}" for stage, v in r["shard_start"].items()) + "\n"
             f"  delete rpc {pp('delete_rpc')} ms, delete->gone {pp('delete_gone')} ms | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
-            f"controller CPU {r['controller_cpu_s']} s (decide process {r['controller_children_cpu_s']} s), "
+            f"controller CPU {r['controller_cpu_s']} s (decide process "
+            f"{round(r['controller_children_cpu_s'] - r['controller_gateways_cpu_s'], 1)} s"
+            + (f", {r['agent_gateways']} agent gateways {r['controller_gateways_cpu_s']} s" if r["agent_gateways"] else "")
+            + "), "
             f"peak RSS {r['controller_peak_rss_mib']} MiB (the controller's process, not the decide process) | "
             f"machine busy {r['machine_busy_cpu_s']} of {r['machine_cpu_s']} CPU s (this bench "
             f"{r['bench_cpu_s']} s; the fleets and anything else most of the rest) | "

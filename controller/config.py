@@ -87,6 +87,11 @@ class Config:
     lease_ttl_s: float = 5.0
     lease_renew_s: float = 1.0
     lease_margin_s: float = 1.5
+    # Agent gateways (controller/gateway/): N processes serving NodeAgentService on agent_listen
+    # (SO_REUSEPORT), each relaying its agents' calls over one link; 0: agents call --listen alone.
+    agent_gateways: int = 0
+    agent_listen: str = ""
+    agent_gateway_linger_ms: float = 5.0
 
     @property
     def liveness(self) -> LivenessPolicy:
@@ -290,6 +295,20 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--lease-renew-interval", type=_positive_float, default=Config.lease_renew_s,
                         metavar="SECONDS", help="how often the leader renews its lease (and followers try to "
                                                 "take it); must be below --lease-ttl minus 1.5 s")
+    parser.add_argument("--agent-gateways", type=_non_negative_int, default=Config.agent_gateways, metavar="N",
+                        help="serve the node agents (Register, Connect) from N gateway processes on "
+                             "--agent-listen (they share the port with SO_REUSEPORT); each relays its agents' "
+                             "calls to this controller over one local link, many messages a frame, so gRPC's "
+                             "per-message work leaves the controller's interpreter. Authentication, liveness and "
+                             "every decision stay here. 0: agents connect to --listen only. Not with "
+                             "--tls-client-ca (client certificates end at the gateway)")
+    parser.add_argument("--agent-listen", default=Config.agent_listen, metavar="HOST:PORT",
+                        help="where the agent gateways listen (with --agent-gateways; port 0 picks a free port, "
+                             "printed on start as 'maia-controller agents on HOST:PORT'); --listen keeps serving "
+                             "agents too")
+    parser.add_argument("--agent-gateway-linger-ms", type=_non_negative_float, default=Config.agent_gateway_linger_ms,
+                        metavar="MS", help="how long a message waits on a gateway's link for others to share its "
+                                           "frame (either way); 0: those of the same event-loop turn")
     ns = parser.parse_args(argv)
     if not ns.lease_renew_interval < ns.lease_ttl - Config.lease_margin_s:
         parser.error(f"--lease-renew-interval ({ns.lease_renew_interval:g}) must be below --lease-ttl "
@@ -300,6 +319,14 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         parser.error("--tls-cert and --tls-key go together")
     if ns.tls_client_ca is not None and ns.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    if ns.agent_gateways and not ns.agent_listen:
+        parser.error("--agent-gateways needs --agent-listen HOST:PORT (where the gateways serve the agents)")
+    if ns.agent_listen and not ns.agent_gateways:
+        parser.error("--agent-listen is where --agent-gateways listen: give --agent-gateways N (N >= 1) too")
+    if ns.agent_gateways and ns.tls_client_ca is not None:
+        parser.error("--agent-gateways cannot carry mutual-TLS agent identities (a client certificate ends at the "
+                     "gateway, and the controller checks it names the node): use bearer tokens with TLS, or "
+                     "--agent-gateways 0")
     if ns.insecure_no_auth and ns.bootstrap_admin_token_file:
         parser.error("--insecure-no-auth and --bootstrap-admin-token-file contradict each other")
     return Config(
@@ -345,4 +372,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         advertise_address=ns.advertise_address,
         lease_ttl_s=ns.lease_ttl,
         lease_renew_s=ns.lease_renew_interval,
+        agent_gateways=ns.agent_gateways,
+        agent_listen=ns.agent_listen,
+        agent_gateway_linger_ms=ns.agent_gateway_linger_ms,
     )

@@ -131,6 +131,8 @@ async def serve(config: Config) -> int:
         return EXIT_SCHEMA
     log.info("serving on %s's event loop", type(loop).__module__.partition(".")[0])
     print(f"maia-controller listening on {address}", flush=True)
+    if app.agent_address:
+        print(f"maia-controller agents on {app.agent_address} ({config.agent_gateways} gateways)", flush=True)
     if app.metrics_address:
         print(f"maia-controller metrics on http://{app.metrics_address}/metrics", flush=True)
     if app.console_address:
@@ -152,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_listen(config.metrics_listen, flag="--metrics-listen")
         if config.http_listen:
             check_listen(config.http_listen, flag="--http-listen")
+        if config.agent_listen:
+            check_listen(config.agent_listen, flag="--agent-listen")
         db = check_db_url(config.db_url)
     except StartupError as exc:
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)

@@ -44,6 +44,9 @@ from controller.observability.cluster import ClusterGauges, read_cluster_gauges
 from controller.observability.loop import watch_event_loop
 from controller.observability.metrics import ControllerMetrics
 from controller.errors import Unauthenticated
+from controller.gateway.children import GatewayProcesses, GatewaySettings, GatewayStartError
+from controller.gateway.frames import LINK_OPTIONS
+from controller.gateway.relay import RelayServicer, method_handlers
 from controller.health import HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
 from controller.nodelifecycle import NodeLifecycle
@@ -65,6 +68,7 @@ from controller.usecases.watch import DeploymentEventBus, deleted_elsewhere
 from controller.watchdog import IsolationWatchdog
 from maia.v1 import (
     admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2, audit_pb2_grpc, deployments_pb2, deployments_pb2_grpc,
+    relay_pb2_grpc,
 )
 
 log = logging.getLogger("maia.server")
@@ -190,6 +194,10 @@ class ControllerApp:
         )
         self.server: aio.Server | None = None
         self.address = ""
+        # --agent-gateways: the processes, and the private server of their links (controller/gateway/).
+        self.gateways: GatewayProcesses | None = None
+        self.relay_server: aio.Server | None = None
+        self.agent_address = ""
         self.metrics_address = ""
         self.console_address = ""
         self._tasks: list[asyncio.Task] = []
@@ -299,8 +307,9 @@ class ControllerApp:
         self.unauthenticated_audit = UnauthenticatedAuditor(self.db)
         # A join storm's Registers the gate would refuse are refused before the chain (cheaply).
         shed = LoadShedInterceptor({REGISTER_METHOD: self.hub.shed_register}, on_shed=self.metrics.rpc_shed)
-        server = aio.server(interceptors=interceptor_chain(self.authn, *checks, observer=self.metrics, shed=shed,
-                                                           on_refused=self.unauthenticated_audit.refused),
+        chain = interceptor_chain(self.authn, *checks, observer=self.metrics, shed=shed,
+                                  on_refused=self.unauthenticated_audit.refused)
+        server = aio.server(interceptors=chain,
                             options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0),
                                      *self.config.agent_keepalive.server_options()])
         host, _, _ = self.config.listen.rpartition(":")
@@ -339,7 +348,8 @@ class ControllerApp:
         )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
-        agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(deps), server)
+        agents = NodeAgentServicer(deps)
+        agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(agents, server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -351,6 +361,12 @@ class ControllerApp:
         await server.start()
         self.server = server
         self.address = f"{host}:{port}"
+        if self.config.agent_gateways:
+            try:
+                await self._start_gateways(agents, chain)
+            except GatewayStartError as exc:
+                await self.stop(grace_s=0.0)
+                raise ListenError(str(exc)) from exc
         self.election.address = self.config.advertise_address or self.address
         try:  # lead at once when the lease is free (a lone controller schedules from the start)
             await self.election.step()
@@ -378,6 +394,23 @@ class ControllerApp:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.reconciler.wake()
         return self.address
+
+    async def _start_gateways(self, agents: NodeAgentServicer, chain: list[aio.ServerInterceptor]) -> None:
+        """The agent gateways (--agent-gateways) and the private server of their links: each relayed
+        call is served by `agents` through this server's interceptor chain (controller/gateway/relay.py)."""
+        config = self.config
+        self.gateways = GatewayProcesses(GatewaySettings(
+            count=config.agent_gateways, listen=config.agent_listen, linger_ms=config.agent_gateway_linger_ms,
+            tls_cert=config.tls_cert, tls_key=config.tls_key, log_level=config.log_level))
+        relay = RelayServicer(config.agent_gateway_linger_ms / 1000)
+        relay.handlers = await method_handlers(agents, chain)
+        self.relay_server = aio.server(options=LINK_OPTIONS)
+        relay_pb2_grpc.add_AgentRelayServicer_to_server(relay, self.relay_server)
+        self.relay_server.add_insecure_port(self.gateways.link_address)
+        await self.relay_server.start()
+        self.agent_address = await self.gateways.start()
+        log.info("agents served by %d gateway processes on %s (pids %s)", config.agent_gateways,
+                 self.agent_address, self.gateways.pids())
 
     def _loop_lagged(self, seconds: float) -> None:
         self.metrics.loop_lagged(seconds)
@@ -428,13 +461,15 @@ class ControllerApp:
         self.hub.admission.close("the controller is shutting down")
         self.hub.close_all()
         self.bus.close()
-        if self.server is not None:
-            server, self.server = self.server, None
-            try:
-                await within(server.stop(grace_s), grace_s + STREAMS_END_TIMEOUT_S)
-            except TimeoutError:
-                log.warning("%d agent streams and calls still ending %.0fs after the stop began; going on",
-                            len(self.hub.connected()), time.monotonic() - started)
+        servers = [s for s in (self.server, self.relay_server) if s is not None]
+        self.server = self.relay_server = None
+        try:
+            await within(asyncio.gather(*(s.stop(grace_s) for s in servers)), grace_s + STREAMS_END_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("%d agent streams and calls still ending %.0fs after the stop began; going on",
+                        len(self.hub.connected()), time.monotonic() - started)
+        if self.gateways is not None:  # their links ended with the relay server: they are exiting
+            await self.gateways.stop()
         log.info("%d agent streams ended in %.1fs", streams, time.monotonic() - started)
         await asyncio.to_thread(self.metrics.stop)
         await self.console.stop()

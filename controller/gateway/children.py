@@ -1,0 +1,110 @@
+"""The controller's gateway processes: started with it, stopped with it.
+
+`GatewayProcesses.start` binds the controller's end of the links (a unix socket in a directory of
+its own, mode 0700: only the controller's user can reach it) and starts N gateway processes
+(`python -m controller.gateway`) on the same agent address: the first one's port is the others'
+(SO_REUSEPORT: the kernel spreads the agents' connections over them). A gateway that exits is
+logged, not restarted: its agents reconnect to the others on the same port. `stop` sends SIGTERM
+and kills what is still there after a grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("maia.gateway")
+
+READY_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+READY_PREFIX = "maia-gateway listening on "
+
+
+class GatewayStartError(OSError):
+    """A gateway process did not start serving (it exited, or did not say so in time)."""
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    count: int
+    listen: str  # HOST:PORT the agents connect to (port 0: the first gateway picks one)
+    linger_ms: float
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    log_level: str = "INFO"
+
+
+class GatewayProcesses:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self._dir = Path(tempfile.mkdtemp(prefix="maia-gateways-"))  # mode 0700
+        self.link_address = f"unix:{self._dir / 'relay.sock'}"
+        self.address = ""
+        self.processes: list[subprocess.Popen[str]] = []
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    async def start(self) -> str:
+        """Start the gateways (the link's socket must be served already); returns the agents' HOST:PORT."""
+        listen = self.settings.listen
+        for index in range(self.settings.count):
+            process = self._spawn(index, listen)
+            self.processes.append(process)
+            self.address = await self._ready(process, index)
+            listen = self.address  # the others share the first one's port
+            self._watchers.append(asyncio.create_task(self._watch(process, index), name=f"gateway-{index}-watch"))
+        return self.address
+
+    def _spawn(self, index: int, listen: str) -> subprocess.Popen[str]:
+        s = self.settings
+        args = [sys.executable, "-m", "controller.gateway", "--listen", listen, "--link", self.link_address,
+                "--name", f"gateway-{index}", "--linger-ms", str(s.linger_ms), "--log-level", s.log_level]
+        if s.tls_cert is not None and s.tls_key is not None:
+            args += ["--tls-cert", str(s.tls_cert), "--tls-key", str(s.tls_key)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+    @staticmethod
+    async def _ready(process: subprocess.Popen[str], index: int) -> str:
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                line = await asyncio.to_thread(process.stdout.readline)
+        except TimeoutError:
+            process.kill()
+            raise GatewayStartError(f"agent gateway {index} did not start serving within {READY_TIMEOUT_S:.0f}s")
+        if not line.startswith(READY_PREFIX):
+            process.kill()
+            raise GatewayStartError(f"agent gateway {index} exited before serving (code {process.wait()}); "
+                                    f"see its log lines above")
+        return line[len(READY_PREFIX):].strip()
+
+    async def _watch(self, process: subprocess.Popen[str], index: int) -> None:
+        code = await asyncio.to_thread(process.wait)
+        if not self._stopping:
+            log.error("agent gateway %d (pid %d) exited with code %s; its agents reconnect to the other gateways "
+                      "(it is not restarted)", index, process.pid, code)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                await asyncio.to_thread(process.wait, STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("agent gateway pid %d did not stop within %.0fs; killed", process.pid, STOP_GRACE_S)
+                process.kill()
+                await asyncio.to_thread(process.wait)
+        for watcher in self._watchers:
+            watcher.cancel()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""What both ends of a gateway's link share: the frame batching and the metadata and status
+conversions of `proto/maia/v1/relay.proto`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import grpc
+
+from controller.agents import Wakeup
+from maia.v1 import relay_pb2
+
+RELAY_METHOD = "/maia.v1.AgentRelay/Relay"
+# A frame is sent once it holds this many events or bytes of messages, whatever the linger.
+FRAME_EVENTS_MAX = 1024
+FRAME_BYTES_MAX = 4 * 1024 * 1024
+# The link's messages may be large (many sets a frame); it is private to one host.
+LINK_MESSAGE_BYTES_MAX = 256 * 1024 * 1024
+LINK_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", LINK_MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", LINK_MESSAGE_BYTES_MAX),
+)
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+_CODES: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Outbox:
+    """Events to send on a link, sent as frames: the first event of a frame waits at most
+    `linger_s` for others to join it (0: those added in the same turn of the event loop), and a
+    frame past `FRAME_EVENTS_MAX` events or `FRAME_BYTES_MAX` bytes goes at once."""
+
+    def __init__(self, linger_s: float) -> None:
+        self._linger_s = linger_s
+        self._events: list[relay_pb2.RelayEvent] = []
+        self._bytes = 0
+        self._ready = Wakeup()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.frames_sent = 0
+        self.events_sent = 0
+
+    def add(self, event: relay_pb2.RelayEvent, size: int = 0) -> None:
+        if self._closed:
+            return
+        self._events.append(event)
+        self._bytes += size
+        if len(self._events) >= FRAME_EVENTS_MAX or self._bytes >= FRAME_BYTES_MAX:
+            self._send_now()
+        elif self._timer is None and not self._ready.is_set:
+            loop = asyncio.get_running_loop()
+            self._timer = (loop.call_later(self._linger_s, self._send_now) if self._linger_s > 0
+                           else loop.call_soon(self._send_now))
+
+    def message(self, call: int, data: bytes) -> None:
+        self.add(relay_pb2.RelayEvent(call=call, message=data), len(data))
+
+    def close(self) -> None:
+        """No more frames: `frames` ends once the events added before are sent."""
+        self._closed = True
+        self._send_now()
+
+    def _send_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._ready.set()
+
+    async def frames(self) -> AsyncIterator[relay_pb2.RelayFrame]:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            events, self._events, self._bytes = self._events, [], 0
+            if events:
+                self.frames_sent += 1
+                self.events_sent += len(events)
+                yield relay_pb2.RelayFrame(events=events)
+            if self._closed and not self._events:
+                return
+
+
+def to_relayed(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[relay_pb2.RelayMetadatum]:
+    return [relay_pb2.RelayMetadatum(key=key, value=value if isinstance(value, bytes) else value.encode())
+            for key, value in metadata or ()]
+
+
+def from_relayed(metadata: Sequence[relay_pb2.RelayMetadatum]) -> Metadata:
+    """Back to gRPC's pairs: binary keys (`-bin`) keep bytes, the others are text."""
+    return tuple((m.key, m.value if m.key.endswith("-bin") else m.value.decode(errors="replace")) for m in metadata)
+
+
+def status_event(call: int, code: grpc.StatusCode, details: str = "",
+                 trailing_metadata: Iterable[tuple[str, str | bytes]] | None = None) -> relay_pb2.RelayEvent:
+    return relay_pb2.RelayEvent(call=call, status=relay_pb2.RelayStatus(
+        code=code.value[0], details=details, trailing_metadata=to_relayed(trailing_metadata)))
+
+
+def status_code(status: relay_pb2.RelayStatus) -> grpc.StatusCode:
+    return _CODES.get(status.code, grpc.StatusCode.UNKNOWN)

@@ -1,0 +1,236 @@
+"""The gateway process: NodeAgentService for agents, relayed to the controller over one link.
+
+`python -m controller.gateway --listen HOST:PORT --link unix:PATH` (the controller starts it:
+`children.GatewayProcesses`). It serves Register and Connect with the messages as bytes (it parses
+none), opens one `AgentRelay.Relay` stream to the controller and relays each agent call there:
+its opening (method, the agent's metadata, peer, time left), its requests, its end; it answers
+each call with what the controller sends back, ending it with the controller's status and
+trailing metadata. It exits when the link ends (the controller stopped or died), ending every
+agent call UNAVAILABLE first, and on SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT"
+once serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+from controller import limits
+from controller.agents import Wakeup
+from controller.gateway.frames import LINK_OPTIONS, Outbox, from_relayed, status_code, to_relayed
+from controller.gateway.relay import RelayServicer
+from maia.v1 import relay_pb2, relay_pb2_grpc
+
+log = logging.getLogger("maia.gateway")
+
+SERVICE = "maia.v1.NodeAgentService"
+LINK_LOST = "the agent gateway lost its controller; connect again"
+EXIT_LINK_LOST = 4
+
+
+class _Pending:
+    """One relayed call's answer as it arrives: messages, then its status (None: the link ended)."""
+
+    __slots__ = ("messages", "status", "done", "arrived")
+
+    def __init__(self) -> None:
+        self.messages: deque[bytes] = deque()
+        self.status: relay_pb2.RelayStatus | None = None
+        self.done = False
+        self.arrived = Wakeup()
+
+    def finish(self, status: relay_pb2.RelayStatus | None) -> None:
+        self.status, self.done = status, True
+        self.arrived.set()
+
+    async def next(self) -> bytes | None:
+        """The next message, or None once the call is over."""
+        while not self.messages:
+            if self.done:
+                return None
+            self.arrived.clear()
+            await self.arrived.wait()
+        return self.messages.popleft()
+
+
+class Gateway:
+    def __init__(self, name: str, linger_s: float) -> None:
+        self.name = name
+        self.outbox = Outbox(linger_s)
+        self._calls: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self.linked = False
+
+    # --- the link ----------------------------------------------------------------------------
+    async def run_link(self, channel: aio.Channel) -> None:
+        """Relay until the link ends; then every open agent call ends UNAVAILABLE."""
+        stub = relay_pb2_grpc.AgentRelayStub(channel)
+        call = stub.Relay(self.outbox.frames(), metadata=((RelayServicer.GATEWAY_METADATA_KEY, self.name),))
+        self.linked = True
+        try:
+            async for frame in call:
+                for event in frame.events:
+                    pending = self._calls.get(event.call)
+                    if pending is None:
+                        continue
+                    if event.WhichOneof("body") == "message":
+                        pending.messages.append(event.message)
+                        pending.arrived.set()
+                    else:
+                        pending.finish(event.status)
+        except grpc.RpcError as exc:
+            log.warning("gateway %s: link to the controller failed: %s", self.name, exc.code())
+        finally:
+            self.linked = False
+            for pending in list(self._calls.values()):
+                pending.finish(None)
+
+    # --- agent calls -------------------------------------------------------------------------
+    def _open(self, method: str, context: aio.ServicerContext) -> tuple[int, _Pending]:
+        if not self.linked:
+            raise _LinkDown()
+        call_id = next(self._ids)
+        pending = self._calls[call_id] = _Pending()
+        time_left = context.time_remaining()
+        self.outbox.add(relay_pb2.RelayEvent(call=call_id, open=relay_pb2.RelayOpen(
+            method=method, metadata=to_relayed(context.invocation_metadata()), peer=context.peer(),
+            timeout_s=time_left or 0.0)))
+        return call_id, pending
+
+    def _end(self, call_id: int, *, cancelled: bool) -> None:
+        if call_id in self._calls:
+            self.outbox.add(relay_pb2.RelayEvent(call=call_id, end=relay_pb2.RelayEnd(cancelled=cancelled)))
+
+    async def _finish(self, pending: _Pending, context: aio.ServicerContext) -> None:
+        """End the agent's call with the controller's status."""
+        status = pending.status
+        if status is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, LINK_LOST)
+            return
+        code = status_code(status)
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, status.details, trailing_metadata=from_relayed(status.trailing_metadata))
+
+    async def register(self, request: bytes, context: aio.ServicerContext) -> bytes:
+        try:
+            call_id, pending = self._open(f"/{SERVICE}/Register", context)
+        except _LinkDown:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, LINK_LOST)
+        try:
+            self.outbox.message(call_id, request)
+            self._end(call_id, cancelled=False)
+            response = await pending.next()
+            while await pending.next() is not None:  # to the status
+                pass
+            await self._finish(pending, context)
+            if response is None:
+                await context.abort(grpc.StatusCode.INTERNAL, "the controller answered the call with no response")
+            return response  # type: ignore[return-value]
+        except asyncio.CancelledError:  # the agent's call is gone
+            self._end(call_id, cancelled=True)
+            raise
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def connect(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            call_id, pending = self._open(f"/{SERVICE}/Connect", context)
+        except _LinkDown:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, LINK_LOST)
+        pump = asyncio.create_task(self._pump(call_id, requests), name=f"gateway-pump-{call_id}")
+        ended = False
+        try:
+            while (message := await pending.next()) is not None:
+                yield message
+            ended = True
+            await self._finish(pending, context)
+        finally:
+            pump.cancel()
+            if not ended:  # the agent's call is gone (cancelled, its connection died)
+                self._end(call_id, cancelled=True)
+            self._calls.pop(call_id, None)
+
+    async def _pump(self, call_id: int, requests: AsyncIterator[bytes]) -> None:
+        try:
+            async for data in requests:
+                self.outbox.message(call_id, data)
+        except Exception:  # the agent's side of the call broke
+            self._end(call_id, cancelled=True)
+            return
+        self._end(call_id, cancelled=False)
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Register": grpc.unary_unary_rpc_method_handler(self.register),
+            "Connect": grpc.stream_stream_rpc_method_handler(self.connect),
+        })
+
+
+class _LinkDown(Exception):
+    pass
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="maia-gateway", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="where agents connect (SO_REUSEPORT)")
+    parser.add_argument("--link", required=True, metavar="unix:PATH", help="the controller's relay socket")
+    parser.add_argument("--name", default="gateway", help="this gateway's name in the controller's logs")
+    parser.add_argument("--linger-ms", type=float, default=5.0, help="how long a frame waits for more events")
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS to agents with this certificate (chain)")
+    parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    gateway = Gateway(args.name, args.linger_ms / 1000)
+    channel = aio.insecure_channel(args.link, options=LINK_OPTIONS)
+    await channel.channel_ready()
+    server = aio.server(options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 1),
+                                 *limits.AGENT_KEEPALIVE.server_options()])
+    server.add_generic_rpc_handlers((gateway.handlers(),))
+    if args.tls_cert is not None:
+        credentials = grpc.ssl_server_credentials([(args.tls_key.read_bytes(), args.tls_cert.read_bytes())])
+        port = server.add_secure_port(args.listen, credentials)
+    else:
+        port = server.add_insecure_port(args.listen)
+    link = asyncio.create_task(gateway.run_link(channel), name="gateway-link")
+    await server.start()
+    host, _, _ = args.listen.rpartition(":")
+    print(f"maia-gateway listening on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([link, stopping], return_when=asyncio.FIRST_COMPLETED)
+    lost = link.done() and not stop.is_set()
+    if lost:
+        log.warning("gateway %s: the link to the controller ended; stopping", args.name)
+    await server.stop(1.0)
+    link.cancel()
+    stopping.cancel()
+    await channel.close()
+    return EXIT_LINK_LOST if lost else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from controller.main import configure_logging
+
+    args = parse_args(argv)
+    configure_logging(args.log_level.upper())
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The controller's end of a gateway's link: each relayed call served as if it had come to the port.
+
+`RelayServicer.Relay` is one gateway's link. A relayed call (`RelayOpen`: the method, the agent's
+metadata, its peer, its time left) is handed to the method's handler as built by the controller's
+interceptor chain (`method_handlers`: load shedding, authentication, metrics, logging, errors,
+audit, around `NodeAgentServicer`), with a `RelayedContext` standing for gRPC's: the chain reads
+the agent's metadata and peer from it, and its aborts become the call's status. So an agent
+without a valid token is refused UNAUTHENTICATED with today's message, a follower answers
+UNAVAILABLE with the leader's address, and a Connect stream feeds `AgentHub.converse` exactly as
+on the port. A call the gateway says is gone (`RelayEnd.cancelled`) is cancelled as gRPC cancels
+the handler of a call whose connection died; the link ending cancels every call of its gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import grpc
+from grpc import aio
+
+from controller.agents import Wakeup
+from controller.gateway.frames import Metadata, Outbox, from_relayed, status_event
+from maia.v1 import agent_pb2_grpc, relay_pb2, relay_pb2_grpc
+
+log = logging.getLogger("maia.gateway")
+
+
+class _Details(NamedTuple):
+    """What an interceptor is told of a call when it builds the method's handler."""
+
+    method: str
+    invocation_metadata: Metadata = ()
+
+
+class _Collector:
+    """Takes the method handlers a generated `add_*Servicer_to_server` registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers.update({f"/{service}/{name}": handler for name, handler in handlers.items()})
+
+
+async def method_handlers(servicer: agent_pb2_grpc.NodeAgentServiceServicer,
+                          interceptors: Sequence[aio.ServerInterceptor]) -> dict[str, grpc.RpcMethodHandler]:
+    """NodeAgentService's handlers, each wrapped by `interceptors` (outermost first) as the gRPC
+    server wraps them for a call on the port (every interceptor of the controller builds a
+    method's handler from its name alone: `interceptors.BuiltOncePerMethod`)."""
+    collector = _Collector()
+    agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(servicer, collector)
+
+    async def built(level: int, details: Any, raw: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if level == len(interceptors):
+            return raw
+        return await interceptors[level].intercept_service(lambda inner: built(level + 1, inner, raw), details)
+
+    return {method: await built(0, _Details(method), raw) for method, raw in collector.handlers.items()}
+
+
+class RelayedContext:
+    """What the chain and the servicer read of a relayed call (a `grpc.aio.ServicerContext`'s
+    part they use): the agent's metadata and peer, the time left, and the status an abort sets."""
+
+    def __init__(self, opened: relay_pb2.RelayOpen, gateway: str) -> None:
+        self._metadata = from_relayed(opened.metadata)
+        self._peer = f"{opened.peer} (via {gateway})"
+        self._deadline = time.monotonic() + opened.timeout_s if opened.timeout_s > 0 else None
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+        self._trailing: Metadata = ()
+
+    def invocation_metadata(self) -> Metadata:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}  # no client certificate crosses a gateway (mutual TLS is refused with gateways)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()) -> None:
+        self._code, self._details, self._trailing = code, details, tuple(trailing_metadata)
+        raise aio.AbortError(f"relayed call aborted with {code.name}")
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def set_trailing_metadata(self, trailing_metadata: Metadata) -> None:
+        self._trailing = tuple(trailing_metadata)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Metadata:
+        return self._trailing
+
+
+class RelayedRequests:
+    """A relayed call's requests as its handler reads them (an async iterator), parsed as it takes
+    each (by the chain's deserializer: a malformed one reaches the chain's check as on the port)."""
+
+    __slots__ = ("_items", "_ended", "_arrived", "_parse")
+
+    def __init__(self, parse: Callable[[bytes], Any] | None) -> None:
+        self._items: deque[bytes] = deque()
+        self._ended = False
+        self._arrived = Wakeup()
+        self._parse = parse
+
+    def put(self, data: bytes) -> None:
+        self._items.append(data)
+        self._arrived.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._arrived.set()
+
+    def __aiter__(self) -> RelayedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._ended:
+                raise StopAsyncIteration
+            self._arrived.clear()
+            await self._arrived.wait()
+        data = self._items.popleft()
+        return data if self._parse is None else self._parse(data)
+
+
+class _Call(NamedTuple):
+    requests: RelayedRequests
+    task: asyncio.Task[None]
+
+
+class _Link:
+    """One gateway's link: its relayed calls by the gateway's ids."""
+
+    def __init__(self, name: str, handlers: Mapping[str, grpc.RpcMethodHandler], outbox: Outbox) -> None:
+        self.name = name
+        self._handlers = handlers
+        self._outbox = outbox
+        self._calls: dict[int, _Call] = {}
+
+    def take(self, frame: relay_pb2.RelayFrame) -> None:
+        calls = self._calls
+        for event in frame.events:
+            body = event.WhichOneof("body")
+            if body == "message":
+                call = calls.get(event.call)
+                if call is not None:
+                    call.requests.put(event.message)
+            elif body == "open":
+                self._open(event.call, event.open)
+            elif body == "end":
+                call = calls.get(event.call)
+                if call is None:
+                    continue
+                if event.end.cancelled:
+                    call.task.cancel()
+                else:
+                    call.requests.end()
+
+    def _open(self, call_id: int, opened: relay_pb2.RelayOpen) -> None:
+        handler = self._handlers.get(opened.method)
+        if handler is None or call_id in self._calls:
+            self._outbox.add(status_event(call_id, grpc.StatusCode.UNIMPLEMENTED,
+                                          f"method {opened.method} is not relayed"))
+            return
+        requests = RelayedRequests(handler.request_deserializer)
+        context = RelayedContext(opened, self.name)
+        serve = self._serve_unary if handler.unary_unary is not None else self._serve_stream
+        task = asyncio.create_task(serve(call_id, handler, requests, context), name=f"relayed-{self.name}-{call_id}")
+        self._calls[call_id] = _Call(requests, task)
+        task.add_done_callback(lambda _: self._calls.pop(call_id, None))
+
+    async def _serve_unary(self, call_id: int, handler: grpc.RpcMethodHandler, requests: RelayedRequests,
+                           context: RelayedContext) -> None:
+        async def respond() -> AsyncIterator[Any]:
+            request = await anext(requests, None)
+            if request is None:
+                raise _NoRequest()
+            yield await handler.unary_unary(request, context)
+
+        await self._serve(call_id, handler, respond(), context)
+
+    async def _serve_stream(self, call_id: int, handler: grpc.RpcMethodHandler, requests: RelayedRequests,
+                            context: RelayedContext) -> None:
+        await self._serve(call_id, handler, handler.stream_stream(requests, context), context)
+
+    async def _serve(self, call_id: int, handler: grpc.RpcMethodHandler, responses: AsyncIterator[Any],
+                     context: RelayedContext) -> None:
+        """Send the call's responses, then its status (none when cancelled: the agent is gone)."""
+        serialize = handler.response_serializer
+        outbox = self._outbox
+        try:
+            async for response in responses:
+                outbox.message(call_id, response if serialize is None else serialize(response))
+            outbox.add(status_event(call_id, grpc.StatusCode.OK))
+        except aio.AbortError:
+            outbox.add(status_event(call_id, context.code() or grpc.StatusCode.UNKNOWN, context.details(),
+                                    context.trailing_metadata()))
+        except _NoRequest:
+            outbox.add(status_event(call_id, grpc.StatusCode.INTERNAL, "the relayed unary call carried no request"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the chain translates every error: this is a bug, answered as gRPC would
+            log.exception("relayed call %s on %s failed", call_id, self.name)
+            outbox.add(status_event(call_id, grpc.StatusCode.UNKNOWN, f"Unexpected error: {type(exc).__name__}"))
+
+    def cancel_all(self) -> None:
+        for call in list(self._calls.values()):
+            call.task.cancel()
+
+    def open_calls(self) -> int:
+        return len(self._calls)
+
+
+class _NoRequest(Exception):
+    pass
+
+
+class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
+    """AgentRelay: one `Relay` call per gateway (on the controller's private unix socket).
+    `handlers`: `method_handlers` (built once the server's chain exists)."""
+
+    GATEWAY_METADATA_KEY = "maia-gateway"
+
+    def __init__(self, linger_s: float) -> None:
+        self._linger_s = linger_s
+        self.handlers: Mapping[str, grpc.RpcMethodHandler] = {}
+        self.links: dict[str, _Link] = {}
+
+    async def Relay(self, request_iterator: AsyncIterator[relay_pb2.RelayFrame],
+                    context: aio.ServicerContext) -> AsyncIterator[relay_pb2.RelayFrame]:
+        name = dict(context.invocation_metadata() or ()).get(self.GATEWAY_METADATA_KEY, "gateway")
+        outbox = Outbox(self._linger_s)
+        link = _Link(str(name), self.handlers, outbox)
+        self.links[link.name] = link
+        log.info("agent gateway %s linked", link.name)
+
+        async def read() -> None:
+            try:
+                async for frame in request_iterator:
+                    link.take(frame)
+            finally:
+                outbox.close()
+
+        reader = asyncio.create_task(read(), name=f"relay-read-{link.name}")
+        try:
+            async for frame in outbox.frames():
+                yield frame
+        finally:
+            reader.cancel()
+            log.warning("agent gateway %s unlinked: its %d calls end as lost connections", link.name,
+                        link.open_calls())
+            link.cancel_all()
+            if self.links.get(link.name) is link:
+                del self.links[link.name]
