@@ -92,6 +92,7 @@ class Config:
     agent_gateways: int = 0
     agent_listen: str = ""
     agent_gateway_linger_ms: float = 5.0
+    agent_gateway_restart_s: float = 1.0  # a gateway that exited is started again after (no flag: tests set it)
 
     @property
     def liveness(self) -> LivenessPolicy:

@@ -196,6 +196,7 @@ class ControllerApp:
         self.address = ""
         # --agent-gateways: the processes, and the private server of their links (controller/gateway/).
         self.gateways: GatewayProcesses | None = None
+        self.relay: RelayServicer | None = None
         self.relay_server: aio.Server | None = None
         self.agent_address = ""
         self.metrics_address = ""
@@ -401,11 +402,12 @@ class ControllerApp:
         config = self.config
         self.gateways = GatewayProcesses(GatewaySettings(
             count=config.agent_gateways, listen=config.agent_listen, linger_ms=config.agent_gateway_linger_ms,
-            tls_cert=config.tls_cert, tls_key=config.tls_key, log_level=config.log_level))
-        relay = RelayServicer(config.agent_gateway_linger_ms / 1000)
-        relay.handlers = await method_handlers(agents, chain)
+            tls_cert=config.tls_cert, tls_key=config.tls_key, log_level=config.log_level,
+            restart_after_s=config.agent_gateway_restart_s))
+        self.relay = RelayServicer(config.agent_gateway_linger_ms / 1000)
+        self.relay.handlers = await method_handlers(agents, chain)
         self.relay_server = aio.server(options=LINK_OPTIONS)
-        relay_pb2_grpc.add_AgentRelayServicer_to_server(relay, self.relay_server)
+        relay_pb2_grpc.add_AgentRelayServicer_to_server(self.relay, self.relay_server)
         self.relay_server.add_insecure_port(self.gateways.link_address)
         await self.relay_server.start()
         self.agent_address = await self.gateways.start()

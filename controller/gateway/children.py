@@ -4,7 +4,8 @@
 its own, mode 0700: only the controller's user can reach it) and starts N gateway processes
 (`python -m controller.gateway`) on the same agent address: the first one's port is the others'
 (SO_REUSEPORT: the kernel spreads the agents' connections over them). A gateway that exits is
-logged, not restarted: its agents reconnect to the others on the same port. `stop` sends SIGTERM
+logged and started again after `restart_after_s` on the same address (its agents' streams ended:
+their nodes are suspect, and they reconnect to the other gateways or to it). `stop` sends SIGTERM
 and kills what is still there after a grace.
 """
 
@@ -38,6 +39,7 @@ class GatewaySettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     log_level: str = "INFO"
+    restart_after_s: float = 1.0  # a gateway that exited is started again this long after
 
 
 class GatewayProcesses:
@@ -46,7 +48,8 @@ class GatewayProcesses:
         self._dir = Path(tempfile.mkdtemp(prefix="maia-gateways-"))  # mode 0700
         self.link_address = f"unix:{self._dir / 'relay.sock'}"
         self.address = ""
-        self.processes: list[subprocess.Popen[str]] = []
+        self.processes: list[subprocess.Popen[str]] = []  # by index: the one running now (or the last one)
+        self.restarts = 0
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -61,7 +64,7 @@ class GatewayProcesses:
             self.processes.append(process)
             self.address = await self._ready(process, index)
             listen = self.address  # the others share the first one's port
-            self._watchers.append(asyncio.create_task(self._watch(process, index), name=f"gateway-{index}-watch"))
+            self._watchers.append(asyncio.create_task(self._watch(index), name=f"gateway-{index}-watch"))
         return self.address
 
     def _spawn(self, index: int, listen: str) -> subprocess.Popen[str]:
@@ -70,7 +73,8 @@ class GatewayProcesses:
                 "--name", f"gateway-{index}", "--linger-ms", str(s.linger_ms), "--log-level", s.log_level]
         if s.tls_cert is not None and s.tls_key is not None:
             args += ["--tls-cert", str(s.tls_cert), "--tls-key", str(s.tls_key)]
-        return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        # A session of its own: a terminal's ^C reaches the controller, which stops its gateways itself.
+        return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, start_new_session=True)
 
     @staticmethod
     async def _ready(process: subprocess.Popen[str], index: int) -> str:
@@ -87,11 +91,24 @@ class GatewayProcesses:
                                     f"see its log lines above")
         return line[len(READY_PREFIX):].strip()
 
-    async def _watch(self, process: subprocess.Popen[str], index: int) -> None:
-        code = await asyncio.to_thread(process.wait)
-        if not self._stopping:
-            log.error("agent gateway %d (pid %d) exited with code %s; its agents reconnect to the other gateways "
-                      "(it is not restarted)", index, process.pid, code)
+    async def _watch(self, index: int) -> None:
+        """Start gateway `index` again whenever it exits (until `stop`)."""
+        while True:
+            process = self.processes[index]
+            code = await asyncio.to_thread(process.wait)
+            if self._stopping:
+                return
+            log.error("agent gateway %d (pid %d) exited with code %s; its agents' streams ended; starting it again "
+                      "in %.1fs", index, process.pid, code, self.settings.restart_after_s)
+            await asyncio.sleep(self.settings.restart_after_s)
+            if self._stopping:
+                return
+            self.processes[index] = self._spawn(index, self.address)
+            self.restarts += 1
+            try:
+                await self._ready(self.processes[index], index)
+            except GatewayStartError as exc:
+                log.error("%s", exc)
 
     async def stop(self) -> None:
         self._stopping = True

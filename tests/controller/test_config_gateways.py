@@ -1,0 +1,28 @@
+"""maia-controller's agent gateway flags: what goes together, and how they land in Config."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.config import parse_args
+
+
+def test_gateway_flags_reach_the_config() -> None:
+    config = parse_args(["--agent-gateways", "2", "--agent-listen", "0.0.0.0:7000",
+                         "--agent-gateway-linger-ms", "3"], env={})
+    assert (config.agent_gateways, config.agent_listen, config.agent_gateway_linger_ms) == (2, "0.0.0.0:7000", 3.0)
+    assert parse_args([], env={}).agent_gateways == 0  # off by default: agents call --listen
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--agent-gateways", "1"], "--agent-gateways needs --agent-listen"),
+    (["--agent-listen", "127.0.0.1:7000"], "--agent-listen is where --agent-gateways listen"),
+    (["--agent-gateways", "1", "--agent-listen", "127.0.0.1:7000", "--tls-cert", "s.pem", "--tls-key", "k.pem",
+      "--tls-client-ca", "ca.pem"], "--agent-gateways cannot carry mutual-TLS agent identities"),
+    (["--agent-gateways", "-1", "--agent-listen", "127.0.0.1:7000"], "must be >= 0"),
+])
+def test_inconsistent_gateway_flags_are_usage_errors(argv: list[str], message: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_args(argv, env={})
+    assert caught.value.code == 2 and message in capsys.readouterr().err

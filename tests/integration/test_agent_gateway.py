@@ -1,0 +1,167 @@
+"""Agents through a gateway process (`--agent-gateways`): real gateway processes, real sockets.
+
+The controller runs in process (its gateways are its child processes, as `maia-controller` starts
+them); agents are `HandAgent`s and a `maia-simnode` fleet connecting to the gateways' address."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from controller.api.server import ControllerApp
+from grpc_harness import (
+    RUNNING, HandAgent, SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology,
+)
+from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
+
+READY = common_pb2.NODE_STATE_READY
+SUSPECT = common_pb2.NODE_STATE_SUSPECT
+
+
+@asynccontextmanager
+async def gatewayed(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
+    """A controller serving agents through one gateway, rack rack-a and tenant lab; admin stubs."""
+    async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path, agent_gateways=1,
+                                  agent_listen="127.0.0.1:0", **overrides) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        try:
+            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-a": "row-a"}))
+            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+            yield app, stubs
+        finally:
+            await stubs.channel.close()
+
+
+async def node(stubs: Stubs, node_id: str) -> Any:
+    nodes = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
+    return next((n for n in nodes.nodes if n.id == node_id), None)
+
+
+async def test_an_agent_through_a_gateway_registers_runs_its_shard_and_stays_up(tmp_path: Path) -> None:
+    async with gatewayed(tmp_path) as (app, stubs):
+        assert app.agent_address and app.agent_address != app.address
+        bootstrap = await issue_token(app.db, "node-bootstrap", name="fleet")
+        joining = Stubs.connect(app.agent_address, bootstrap)
+        agent = HandAgent(joining, "n1", "rack-a")
+        registered = await agent.register()
+        assert registered.node_credential and registered.heartbeat_interval_ms > 0
+        agent.stubs = Stubs.connect(app.agent_address, registered.node_credential)
+        try:
+            await agent.connect()
+            assert not (await agent.next_set()).assignments  # the full (empty) set as the stream opens
+            agent.keep_beating(every_s=0.3)
+            [link] = app.relay.links.values()
+            assert link.open_calls() == 1  # the stream is relayed, not served on --listen
+            await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("d1")))
+            given = await agent.next_set(lambda s: len(s.assignments) == 1)
+            agent.report(given.assignments[0], common_pb2.SHARD_PHASE_RUNNING)
+            await eventually(lambda: stubs.deployments.GetDeployment(
+                deployments_pb2.GetDeploymentRequest(name="d1", tenant="lab")), lambda d: d.phase == RUNNING,
+                what="d1 running")
+            # Past two heartbeat timeouts (2 s each) the relayed heartbeats still keep the node up.
+            for _ in range(3):
+                await asyncio.sleep(1.5)
+                n1 = await node(stubs, "n1")
+                assert n1.connected and n1.state == READY
+        finally:
+            await agent.close()
+            await joining.channel.close()
+            await agent.stubs.channel.close()
+
+
+async def test_a_gateway_that_dies_ends_its_streams_and_the_nodes_are_suspect_at_once(tmp_path: Path) -> None:
+    # A heartbeat timeout of a minute: within the test's wait only a stream that ended makes a node suspect.
+    # Not started again within the test: the nodes stay suspect.
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0, node_down_grace_s=60.0,
+                         node_eviction_grace_s=120.0, agent_gateway_restart_s=600.0) as (app, stubs):
+        bootstrap = await issue_token(app.db, "node-bootstrap", name="fleet")
+        fleet = SimFleet(app.agent_address, racks=1, nodes_per_rack=3, token=bootstrap, log_dir=tmp_path)
+        try:
+            await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                             lambda r: sum(n.connected and n.state == READY for n in r.nodes) == 3,
+                             what="3 agents connected through the gateway")
+            [gateway] = app.gateways.processes
+            gateway.send_signal(signal.SIGKILL)
+            nodes = await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                                     lambda r: all(not n.connected and n.state == SUSPECT for n in r.nodes),
+                                     timeout=20, what="every node suspect after its gateway died")
+            assert {n.id for n in nodes.nodes} == set(fleet.node_ids)
+            assert not app.hub.connected()
+        finally:
+            fleet.stop()
+
+
+@pytest.mark.parametrize("token", [None, "maia_nope.nope", "not-a-token"])
+async def test_an_unauthenticated_agent_is_refused_as_without_a_gateway(tmp_path: Path, token: str | None) -> None:
+    async with gatewayed(tmp_path) as (app, stubs):
+        answers = []
+        for address in (app.address, app.agent_address):
+            caller = Stubs.connect(address, token)
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as refused_register:
+                    await caller.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+                        node_id="n9", hostname="n9", rack="rack-a", accelerators=4, accelerator_model="maia-100",
+                        hbm_gib=64)))
+                call = caller.agent.Connect(iter([agent_pb2.AgentMessage(
+                    hello=agent_pb2.Hello(node_id="n9", session_id="s"))]))
+                with pytest.raises(grpc.aio.AioRpcError) as refused_connect:
+                    async for _ in call:
+                        pass
+                answers.append([(e.value.code(), e.value.details()) for e in (refused_register, refused_connect)])
+            finally:
+                await caller.channel.close()
+        direct, through_gateway = answers
+        assert direct[0][0] == direct[1][0] == grpc.StatusCode.UNAUTHENTICATED
+        assert through_gateway == direct
+        assert await node(stubs, "n9") is None
+
+
+async def test_a_revoked_credential_ends_the_relayed_stream_unauthenticated(tmp_path: Path) -> None:
+    # The agent never heartbeats: a long timeout, so only the reset can end its stream.
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0) as (app, stubs):
+        credential = (await HandAgent(stubs, "n1", "rack-a").register()).node_credential
+        through_gateway = Stubs.connect(app.agent_address, credential)
+        try:
+            agent = HandAgent(through_gateway, "n1", "rack-a")
+            await agent.register()
+            await agent.connect()
+            await agent.next_set()
+            await stubs.admin.ResetNodeCredential(admin_pb2.NodeRequest(id="n1"))
+            ended = await agent.reader_error()  # at once, not at the agent's next call
+            assert ended is not None and ended.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "revoked" in ended.details() and "register again" in ended.details()
+        finally:
+            await through_gateway.channel.close()
+
+
+async def test_a_gateway_that_died_is_started_again_and_its_agents_come_back(tmp_path: Path) -> None:
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0, agent_gateway_restart_s=0.5) as (app, stubs):
+        bootstrap = await issue_token(app.db, "node-bootstrap", name="fleet")
+        fleet = SimFleet(app.agent_address, racks=1, nodes_per_rack=2, token=bootstrap, log_dir=tmp_path)
+        try:
+            await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                             lambda r: sum(n.connected and n.state == READY for n in r.nodes) == 2,
+                             what="2 agents connected through the gateway")
+            [first] = app.gateways.processes
+            first.send_signal(signal.SIGKILL)
+            await eventually(lambda: _async(app.gateways.restarts), lambda n: n == 1, what="the gateway started again")
+            [second] = app.gateways.processes
+            assert second.pid != first.pid and second.poll() is None
+            await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                             lambda r: sum(n.connected and n.state == READY for n in r.nodes) == 2,
+                             what="the agents back through the new gateway")
+            [link] = app.relay.links.values()
+            assert link.name == "gateway-0" and link.open_calls() == 2
+        finally:
+            fleet.stop()
+
+
+async def _async(value: Any) -> Any:
+    return value

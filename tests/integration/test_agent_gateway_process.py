@@ -1,0 +1,93 @@
+"""`maia-controller --agent-gateways`: the real binary's gateway processes live and die with it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent / "maia-controller"
+
+
+def gateway_pids(controller_pid: int) -> list[int]:
+    """The controller's children running `controller.gateway`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue
+        if ppid == controller_pid and "controller.gateway" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def start(tmp_path: Path, gateways: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([str(BIN), "--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path / 'm.db'}",
+                             "--insecure-no-auth", "--no-decide-process", "--agent-gateways", str(gateways),
+                             "--agent-listen", "127.0.0.1:0"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("maia-controller listening on ")
+    agents = proc.stdout.readline()
+    assert agents.startswith("maia-controller agents on ") and agents.strip().endswith(f"({gateways} gateways)")
+    return proc, agents.split()[3]
+
+
+def test_a_stopped_controller_stops_its_gateways(tmp_path: Path) -> None:
+    controller, address = start(tmp_path, 2)
+    try:
+        pids = gateway_pids(controller.pid)
+        assert len(pids) == 2 and address.startswith("127.0.0.1:") and not address.endswith(":0")
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(30) == 0
+        assert wait_gone(pids, 10) == []
+    finally:
+        controller.kill()
+        controller.wait(10)
+
+
+def test_the_gateways_of_a_killed_controller_exit_on_their_own(tmp_path: Path) -> None:
+    controller, _ = start(tmp_path, 1)
+    pids = gateway_pids(controller.pid)
+    try:
+        assert len(pids) == 1
+        controller.kill()  # kill -9: nothing stops the gateways but their lost link
+        controller.wait(10)
+        assert wait_gone(pids, 20) == []
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--agent-gateways", "1", "--agent-listen", "127.0.0.1:99999"], "--agent-listen"),
+])
+def test_a_bad_agent_listen_address_exits_2(tmp_path: Path, argv: list[str], message: str) -> None:
+    proc = subprocess.run([str(BIN), "--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path / 'm.db'}",
+                           *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "m.db").exists()
