@@ -39,6 +39,23 @@ async def gatewayed(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Con
             await stubs.channel.close()
 
 
+@asynccontextmanager
+async def fleet_through_gateway(app: ControllerApp, stubs: Stubs, tmp_path: Path, nodes: int) -> AsyncIterator[SimFleet]:
+    """A `maia-simnode` fleet of `nodes` on rack-00 connected through the gateways, every node ready."""
+    bootstrap = await issue_token(app.db, "node-bootstrap", name="fleet")
+    fleet = SimFleet(app.agent_address, racks=1, nodes_per_rack=nodes, token=bootstrap, log_dir=tmp_path)
+    try:
+        await ready_nodes(stubs, nodes, "agents connected through the gateway")
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+async def ready_nodes(stubs: Stubs, count: int, what: str) -> None:
+    await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                     lambda r: sum(n.connected and n.state == READY for n in r.nodes) == count, what=what)
+
+
 async def node(stubs: Stubs, node_id: str) -> Any:
     nodes = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
     return next((n for n in nodes.nodes if n.id == node_id), None)
@@ -81,12 +98,7 @@ async def test_a_gateway_that_dies_ends_its_streams_and_the_nodes_are_suspect_at
     # Not started again within the test: the nodes stay suspect.
     async with gatewayed(tmp_path, heartbeat_timeout_s=60.0, node_down_grace_s=60.0,
                          node_eviction_grace_s=120.0, agent_gateway_restart_s=600.0) as (app, stubs):
-        bootstrap = await issue_token(app.db, "node-bootstrap", name="fleet")
-        fleet = SimFleet(app.agent_address, racks=1, nodes_per_rack=3, token=bootstrap, log_dir=tmp_path)
-        try:
-            await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
-                             lambda r: sum(n.connected and n.state == READY for n in r.nodes) == 3,
-                             what="3 agents connected through the gateway")
+        async with fleet_through_gateway(app, stubs, tmp_path, 3) as fleet:
             [gateway] = app.gateways.processes
             gateway.send_signal(signal.SIGKILL)
             nodes = await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
@@ -94,8 +106,6 @@ async def test_a_gateway_that_dies_ends_its_streams_and_the_nodes_are_suspect_at
                                      timeout=20, what="every node suspect after its gateway died")
             assert {n.id for n in nodes.nodes} == set(fleet.node_ids)
             assert not app.hub.connected()
-        finally:
-            fleet.stop()
 
 
 @pytest.mark.parametrize("token", [None, "maia_nope.nope", "not-a-token"])
@@ -143,24 +153,15 @@ async def test_a_revoked_credential_ends_the_relayed_stream_unauthenticated(tmp_
 
 async def test_a_gateway_that_died_is_started_again_and_its_agents_come_back(tmp_path: Path) -> None:
     async with gatewayed(tmp_path, heartbeat_timeout_s=60.0, agent_gateway_restart_s=0.5) as (app, stubs):
-        bootstrap = await issue_token(app.db, "node-bootstrap", name="fleet")
-        fleet = SimFleet(app.agent_address, racks=1, nodes_per_rack=2, token=bootstrap, log_dir=tmp_path)
-        try:
-            await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
-                             lambda r: sum(n.connected and n.state == READY for n in r.nodes) == 2,
-                             what="2 agents connected through the gateway")
+        async with fleet_through_gateway(app, stubs, tmp_path, 2):
             [first] = app.gateways.processes
             first.send_signal(signal.SIGKILL)
             await eventually(lambda: _async(app.gateways.restarts), lambda n: n == 1, what="the gateway started again")
             [second] = app.gateways.processes
             assert second.pid != first.pid and second.poll() is None
-            await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
-                             lambda r: sum(n.connected and n.state == READY for n in r.nodes) == 2,
-                             what="the agents back through the new gateway")
+            await ready_nodes(stubs, 2, "the agents back through the new gateway")
             [link] = app.relay.links.values()
             assert link.name == "gateway-0" and link.open_calls() == 2
-        finally:
-            fleet.stop()
 
 
 async def _async(value: Any) -> Any:
