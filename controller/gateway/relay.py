@@ -159,9 +159,13 @@ class _Link:
         self._handlers = handlers
         self._outbox = outbox
         self._calls: dict[int, _Call] = {}
+        self.frames_taken = 0
+        self.events_taken = 0
 
     def take(self, frame: relay_pb2.RelayFrame) -> None:
         calls = self._calls
+        self.frames_taken += 1
+        self.events_taken += len(frame.events)
         for event in frame.events:
             body = event.WhichOneof("body")
             if body == "message":
@@ -270,8 +274,9 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
                 yield frame
         finally:
             reader.cancel()
-            log.warning("agent gateway %s unlinked: its %d calls end as lost connections", link.name,
-                        link.open_calls())
+            log.warning("agent gateway %s unlinked: its %d calls end as lost connections (relayed: %d events in "
+                        "%d frames from it, %d events in %d frames to it)", link.name, link.open_calls(),
+                        link.events_taken, link.frames_taken, outbox.events_sent, outbox.frames_sent)
             link.cancel_all()
             if self.links.get(link.name) is link:
                 del self.links[link.name]
