@@ -154,7 +154,15 @@ class Process:
 
     def children_cpu_s(self, named: str = "") -> float:
         """CPU seconds of the children it runs now (`named`: those whose command line holds it)."""
-        total = 0
+        return sum(int(fields[11]) + int(fields[12]) for _, fields in self._children(named)) / os.sysconf("SC_CLK_TCK")
+
+    def children_peak_rss_mib(self, named: str) -> float:
+        """The peak RSS of the children running now whose command line holds `named`, summed."""
+        return sum(_peak_rss_mib(pid) for pid, _ in self._children(named))
+
+    def _children(self, named: str) -> list[tuple[int, list[str]]]:
+        """(pid, stat fields) of the children it runs now (`named`: those whose command line holds it)."""
+        found = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
@@ -165,14 +173,11 @@ class Process:
                         continue
                 except (OSError, IndexError):
                     continue
-                total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+                found.append((int(entry.name), fields))
+        return found
 
     def peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return _peak_rss_mib(self.proc.pid)
 
     def read_line(self, prefix: str, timeout_s: float) -> str:
         """The rest of the first stdout line starting with `prefix`."""
@@ -222,6 +227,16 @@ def own_cpu_s() -> float:
     """CPU seconds of this process (the bench's clients, watch and scrapes)."""
     t = os.times()
     return t.user + t.system
+
+
+def _peak_rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def _stat(pid: int) -> list[str]:
@@ -563,6 +578,7 @@ class Bench:
     own0: float = 0.0
     own_cpu_s: float = 0.0  # this bench process's since
     rss_mib: float = 0.0
+    gateway_rss_mib: float = 0.0  # the agent gateways' peak RSS, summed
     controller_exit: int | None = None
     violations: list[str] | None = None  # None: not graded
     stopped_while: str = ""  # the phase an error or a cancellation stopped
@@ -597,9 +613,13 @@ class Bench:
             return
         try:
             self.cpu_s = self.controller.cpu_s() - self.cpu0
-            self.child_cpu_s = max(self.child_cpu_s, self.controller.children_cpu_s() - self.child_cpu0)
-            self.gateway_cpu_s = max(self.gateway_cpu_s, self.controller.children_cpu_s(GATEWAY_MODULE) - self.gateway_cpu0)
+            if self.started:  # since the submits began (a progress line before has no baseline)
+                self.child_cpu_s = max(self.child_cpu_s, self.controller.children_cpu_s() - self.child_cpu0)
+                self.gateway_cpu_s = max(self.gateway_cpu_s,
+                                         self.controller.children_cpu_s(GATEWAY_MODULE) - self.gateway_cpu0)
             self.rss_mib = self.controller.peak_rss_mib()
+            if self.gateways:
+                self.gateway_rss_mib = max(self.gateway_rss_mib, self.controller.children_peak_rss_mib(GATEWAY_MODULE))
             busy, total = machine_cpu_s()
             self.machine_busy_s, self.machine_all_s = busy - self.machine0[0], total - self.machine0[1]
             self.own_cpu_s = own_cpu_s() - self.own0
@@ -964,6 +984,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
         "controller_children_cpu_s": round(bench.child_cpu_s, 1),
         "controller_gateways_cpu_s": round(bench.gateway_cpu_s, 1), "agent_gateways": bench.gateways,
+        "gateways_peak_rss_mib": round(bench.gateway_rss_mib),
         # the whole machine over the same span: the fleets are most of busy - controller - bench
         "machine_busy_cpu_s": round(bench.machine_busy_s, 1), "machine_cpu_s": round(bench.machine_all_s, 1),
         "bench_cpu_s": round(bench.own_cpu_s, 1),
@@ -1033,7 +1054,8 @@ def report(r: dict[str, Any]) -> str:
             f"{round(r['controller_children_cpu_s'] - r['controller_gateways_cpu_s'], 1)} s"
             + (f", {r['agent_gateways']} agent gateways {r['controller_gateways_cpu_s']} s" if r["agent_gateways"] else "")
             + "), "
-            f"peak RSS {r['controller_peak_rss_mib']} MiB (the controller's process, not the decide process) | "
+            f"peak RSS {r['controller_peak_rss_mib']} MiB (the controller's process, not the decide process"
+            + (f"; the gateways {r['gateways_peak_rss_mib']} MiB" if r["agent_gateways"] else "") + ") | "
             f"machine busy {r['machine_busy_cpu_s']} of {r['machine_cpu_s']} CPU s (this bench "
             f"{r['bench_cpu_s']} s; the fleets and anything else most of the rest) | "
             f"heartbeat node-row writes {r['heartbeat_rows_per_s']}/s since the submits began | "

@@ -48,6 +48,18 @@ def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
         result["machine_busy_cpu_s"] + 0.2 <= result["machine_cpu_s"] + 0.2
 
 
+def test_e2e_through_agent_gateways_counts_their_cpu_apart(tmp_path: Path) -> None:
+    """`--agent-gateways 2`: the fleet connects to the gateways; their CPU is part of the
+    controller's (its children's) and reported apart, with their memory."""
+    done, result = _e2e(tmp_path, "--agent-gateways", "2", "--delete-every", "0")
+    assert result["running"] == result["deployments"] == 25
+    assert result["agent_gateways"] == 2
+    # (a run this small keeps them busy for hundredths of a second: their memory says they were found)
+    assert 0 <= result["controller_gateways_cpu_s"] <= result["controller_children_cpu_s"] <= result["controller_cpu_s"]
+    assert result["gateways_peak_rss_mib"] > 2 * 20  # two interpreters with grpc
+    assert "2 agent gateways" in done.stdout
+
+
 def test_e2e_from_a_preloaded_cluster(tmp_path: Path) -> None:
     """`--preload`: the cluster and its running work written before the controller starts; the
     fleet joins as existing nodes, the run's deployments are its own, the checker agrees."""
