@@ -166,3 +166,31 @@ async def test_a_gateway_that_died_is_started_again_and_its_agents_come_back(tmp
 
 async def _async(value: Any) -> Any:
     return value
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_followers_gateway_sends_agents_to_the_leader(db_url: str, tmp_path: Path) -> None:
+    """Two controllers on one PostgreSQL: the follower's gateway answers as the follower does,
+    UNAVAILABLE with the leader's address in the `maia-leader` trailing metadata."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with running_controller(db_url, tmp_path / "a") as leader, \
+            running_controller(db_url, tmp_path / "b", agent_gateways=1, agent_listen="127.0.0.1:0") as follower:
+        assert leader.election.should_run() and not follower.election.should_run()
+        node_token = await issue_token(leader.db, "node-bootstrap")
+        caller = Stubs.connect(follower.agent_address, node_token)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as refused_register:
+                await caller.agent.Register(agent_pb2.RegisterRequest(
+                    node=agent_pb2.NodeInfo(node_id="n1", rack="rack-00", accelerators=4)))
+            call = caller.agent.Connect(iter([agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id="n1",
+                                                                                           session_id="s"))]))
+            with pytest.raises(grpc.aio.AioRpcError) as refused_connect:
+                async for _ in call:
+                    pass
+        finally:
+            await caller.channel.close()
+        for refused in (refused_register.value, refused_connect.value):
+            assert refused.code() == grpc.StatusCode.UNAVAILABLE
+            assert ("maia-leader", leader.address) in tuple(refused.trailing_metadata())
+            assert leader.address in refused.details()
