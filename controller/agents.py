@@ -59,6 +59,7 @@ from typing import Any, Protocol, TypeVar
 
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate, judge
+from controller.aio import Wakeup
 from controller.errors import InvalidArgument, MaiaError, Unauthenticated, Unavailable
 from controller.groupcommit import GroupCommit, RetryPacer
 from controller.ratelimit import TokenBucket, rate_limited
@@ -137,34 +138,6 @@ class _NoObserver:
 
     def heartbeats_written(self, rows: int) -> None:
         pass
-
-
-class Wakeup:
-    """An event with one waiter (a stream's pusher): a flag, and a future only while it waits.
-    asyncio.Event keeps a deque of waiters, ~0.6 KiB a stream."""
-
-    __slots__ = ("is_set", "_waiter")
-
-    def __init__(self) -> None:
-        self.is_set = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def set(self) -> None:
-        self.is_set = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def clear(self) -> None:
-        self.is_set = False
-
-    async def wait(self) -> None:
-        if self.is_set:
-            return
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
 
 
 @dataclass(eq=False, slots=True)

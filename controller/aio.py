@@ -57,3 +57,31 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task], *, patience_s: float = 
     for task in tasks:  # retrieve the outcomes so none is reported as "never retrieved"
         if task.done() and not task.cancelled():
             task.exception()
+
+
+class Wakeup:
+    """An event with one waiter (a stream's pusher): a flag, and a future only while it waits.
+    asyncio.Event keeps a deque of waiters, ~0.6 KiB a stream."""
+
+    __slots__ = ("is_set", "_waiter")
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self.is_set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.is_set = False
+
+    async def wait(self) -> None:
+        if self.is_set:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from controller.config import Config, parse_args
+from controller.logs import configure_logging
 from controller.gcpolicy import configure_gc
 from controller.preflight import StartupError, check_db_url, check_listen
 
@@ -58,31 +57,6 @@ def exit_if_stuck(deadline_s: float) -> Callable[[], None]:
     timer.daemon = True
     timer.start()
     return fire
-
-
-class StructuredFormatter(logging.Formatter):
-    """One JSON object per line on stderr: time, level, logger, message (and exc on errors)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(StructuredFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def choose_event_loop(db: URL) -> None:

@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from controller.agents import Wakeup
+from controller.aio import Wakeup
 from maia.v1 import relay_pb2
 
 RELAY_METHOD = "/maia.v1.AgentRelay/Relay"
+GATEWAY_METADATA_KEY = "maia-gateway"  # the Relay call's metadata: the gateway's name
 # A frame is sent once it holds this many events or bytes of messages, whatever the linger.
 FRAME_EVENTS_MAX = 1024
 FRAME_BYTES_MAX = 4 * 1024 * 1024

@@ -26,9 +26,9 @@ import grpc
 from grpc import aio
 
 from controller import limits
-from controller.agents import Wakeup
-from controller.gateway.frames import LINK_OPTIONS, Outbox, from_relayed, status_code, to_relayed
-from controller.gateway.relay import RelayServicer
+from controller.aio import Wakeup
+from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_OPTIONS, Outbox, from_relayed, status_code, to_relayed
+from controller.logs import configure_logging
 from maia.v1 import relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger("maia.gateway")
@@ -75,7 +75,7 @@ class Gateway:
     async def run_link(self, channel: aio.Channel) -> None:
         """Relay until the link ends; then every open agent call ends UNAVAILABLE."""
         stub = relay_pb2_grpc.AgentRelayStub(channel)
-        call = stub.Relay(self.outbox.frames(), metadata=((RelayServicer.GATEWAY_METADATA_KEY, self.name),))
+        call = stub.Relay(self.outbox.frames(), metadata=((GATEWAY_METADATA_KEY, self.name),))
         self.linked = True
         try:
             async for frame in call:
@@ -225,8 +225,6 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from controller.main import configure_logging
-
     args = parse_args(argv)
     configure_logging(args.log_level.upper())
     return asyncio.run(serve(args))

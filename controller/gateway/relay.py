@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 import grpc
 from grpc import aio
 
-from controller.agents import Wakeup
-from controller.gateway.frames import Metadata, Outbox, from_relayed, status_event
+from controller.aio import Wakeup
+from controller.gateway.frames import GATEWAY_METADATA_KEY, Metadata, Outbox, from_relayed, status_event
 from maia.v1 import agent_pb2_grpc, relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger("maia.gateway")
@@ -246,8 +246,6 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
     """AgentRelay: one `Relay` call per gateway (on the controller's private unix socket).
     `handlers`: `method_handlers` (built once the server's chain exists)."""
 
-    GATEWAY_METADATA_KEY = "maia-gateway"
-
     def __init__(self, linger_s: float) -> None:
         self._linger_s = linger_s
         self.handlers: Mapping[str, grpc.RpcMethodHandler] = {}
@@ -255,7 +253,7 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
 
     async def Relay(self, request_iterator: AsyncIterator[relay_pb2.RelayFrame],
                     context: aio.ServicerContext) -> AsyncIterator[relay_pb2.RelayFrame]:
-        name = dict(context.invocation_metadata() or ()).get(self.GATEWAY_METADATA_KEY, "gateway")
+        name = dict(context.invocation_metadata() or ()).get(GATEWAY_METADATA_KEY, "gateway")
         outbox = Outbox(self._linger_s)
         link = _Link(str(name), self.handlers, outbox)
         self.links[link.name] = link

@@ -91,3 +91,12 @@ def test_a_bad_agent_listen_address_exits_2(tmp_path: Path, argv: list[str], mes
                            *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "m.db").exists()
+
+
+def test_the_gateway_process_loads_neither_the_database_nor_the_solver() -> None:
+    """A gateway relays bytes: importing the controller's store or scheduler cost it ~110 MiB."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, controller.gateway.process; "
+                             "print(sorted({m.split('.')[0] for m in sys.modules}))"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    for heavy in ("sqlalchemy", "ortools", "aiosqlite", "scheduler"):
+        assert f"'{heavy}'" not in loaded
