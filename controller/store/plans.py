@@ -867,7 +867,8 @@ async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: 
         lap("commit_turn")
     finally:
         savepoint.close()
-    if _rows(read) == landed.rows and await _deletions_alone(session, early.read.generation, read.generation):
+    if _rows(read) == landed.rows and await _deletions_alone(session, early.read.generation, read.generation,
+                                                             early.read.scope or frozenset()):
         generation = read.generation + moved
         await prune_changes(session, generation)
         await audit.append(session, landed.audited, at=now)
@@ -877,17 +878,19 @@ async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: 
     return None
 
 
-async def _deletions_alone(session: AsyncSession, checked: int, generation: int) -> bool:
+async def _deletions_alone(session: AsyncSession, checked: int, generation: int, scope: frozenset[str]) -> bool:
     """Whether the cluster generation moved from `checked` (a commit's early read) to `generation`
     (under the lock) by deletions alone (deployments marked DELETING, all the usual moves under
-    load: each delete batch's), which leave a check made at `checked` standing: their shards stay
-    stored until a commit removes them, and leaving only frees what they held (a deployment the
-    commit speaks for shows its new phase in its rows). One statement, only when it moved."""
+    load: each delete batch's) of deployments outside `scope` (the commit's), which leave a check
+    made at `checked` standing: their shards stay stored until a commit removes them, and leaving
+    only frees what they held. A deletion of one the commit speaks for (or of unnamed ones) does
+    not: the commit's UPDATE of that deployment's row wrote its phase over DELETING, so its rows
+    read as written. One statement, only when it moved."""
     if generation == checked:
         return True
     since = await read_changes_since(session, checked, generation=generation)
-    return since.complete and all(kind is ChangeKind.DEPLOYMENT_DELETED
-                                  for logged in since.changes.values() for kind, _ in logged)
+    return since.complete and all(kind is ChangeKind.DEPLOYMENT_DELETED and key is not None and key not in scope
+                                  for logged in since.changes.values() for kind, key in logged)
 
 
 _PlacedRows = dict[ShardKey, tuple[str, tuple[int, ...], int | None, ShardPhase, int]]

@@ -712,3 +712,28 @@ async def test_a_scoped_commit_on_postgres_stands_when_only_deletions_moved_the_
     assert since.complete and since.changes == {1: [(ChangeKind.DEPLOYMENT_DELETED, BURST)],
                                                 2: [(ChangeKind.PLACEMENTS, TRAIN)]}
     assert sum(1 for key in (await _state(database))["placements"] if key[0] == TRAIN) == 2
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_scoped_commit_on_postgres_does_not_write_over_the_deletion_of_a_deployment_it_places(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deletion of a deployment of the commit's scope lands between its early check and its
+    writes: the commit's UPDATE of that deployment's row would write its phase over DELETING and
+    its rows then read as written; it must not stand (the lock-first commit finds it DELETING)."""
+    snap = await _seeded(database)
+
+    async def delete_train() -> None:  # a delete batch of the very deployment the plan places
+        async with database.unit_of_work() as uow:
+            await repo.set_deleting(uow.session, [r.row for r in await repo.deployments_named(uow.session, ["train"])])
+            await bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(TRAIN))
+            await uow.commit()
+
+    _between_check_and_lock(monkeypatch, delete_train)
+    async with database.unit_of_work() as uow:
+        await commit_plan(uow.session, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
+                                                                     P(TRAIN, 0, 1, "n2", 2, 3))),
+                          scope={TRAIN}, actor="test")
+        await uow.commit()
+    after = await _state(database)
+    assert TRAIN not in after["deployments"] or after["deployments"][TRAIN].phase is m.DeploymentPhase.DELETING
+    assert not any(key[0] == TRAIN for key in after["placements"])  # nothing placed for a deployment deleted
