@@ -459,8 +459,6 @@ async def flush_reports(
     flush's CPU).
     """
     s = uow.session
-    if beats:  # one executemany for every node that beat since the last flush
-        await repo.write_heartbeats(s, {node_id: (beat.at, beat.power_draw_w) for node_id, beat in beats.items()})
     latest: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
@@ -475,7 +473,7 @@ async def flush_reports(
     # The shards first, each only if the report still applies as it is written: on SQLite the write
     # takes the writer's turn (and begins the transaction), so the deployments read next, whose
     # phases are written from that read, are what this transaction commits over; read before it
-    # (outside any transaction when no heartbeat was written first), a deletion or a plan commit
+    # (outside any transaction: the heartbeats are written last), a deletion or a plan commit
     # landing in between was overwritten with a phase computed from the older read.
     await repo.write_reported_shards(s, [
         replace(state, generation=report.generation, phase=m.ShardPhase(report.phase), message=report.message)
@@ -487,6 +485,11 @@ async def flush_reports(
                 if (changed := _reported(dep, hits)) is not None]
     await repo.write_deployment_phases(
         s, [(r.read.row.id, r.read.row.phase, r.phase, r.reasons) for r in reported if r.moved], at)
+    # The nodes after the shards and deployments, as a plan commit writes them (PostgreSQL row
+    # locks taken in one order: a flush that locked a node first and a commit that locked a shard
+    # on it first waited for each other until one was aborted as a deadlock).
+    if beats:  # one executemany for every node that beat since the last flush
+        await repo.write_heartbeats(s, {node_id: (beat.at, beat.power_draw_w) for node_id, beat in beats.items()})
     failed = {r.key: r.failure for r in reported if r.failure is not None}
     if failed:  # the reconciler places the failed replicas again after a back-off (store/failures.py)
         await repo.bump_cluster_generation(s, ClusterChange.placements(failed))

@@ -737,3 +737,63 @@ async def test_a_scoped_commit_on_postgres_does_not_write_over_the_deletion_of_a
     after = await _state(database)
     assert TRAIN not in after["deployments"] or after["deployments"][TRAIN].phase is m.DeploymentPhase.DELETING
     assert not any(key[0] == TRAIN for key in after["placements"])  # nothing placed for a deployment deleted
+
+
+async def _waits_for_a_lock(database: Database) -> bool:
+    async with database.unit_of_work() as uow:
+        return bool(await uow.session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_report_flush_and_a_plan_commit_at_once_on_postgres_do_not_deadlock(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agents' report flush writes a node's heartbeat and a shard's report in one transaction;
+    a plan commit moves that shard onto that node. Whichever writes first, the other waits for it
+    and both commit: they lock the tables they share in one order (a flush that locked the node
+    first and the commit that locked the shard first waited for each other until PostgreSQL
+    aborted one of them as a deadlock)."""
+    from controller.domain.values import ShardReport
+    from controller.usecases import agents
+
+    snap = await _seeded(database)
+    moved = (await _state(database))["placements"][(WEB, 1, 0)]
+    first_written, go_on = asyncio.Event(), asyncio.Event()
+    writes = 0
+
+    def paused(real: Any) -> Any:  # the flush stops after its first write until told to go on
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            nonlocal writes
+            writes += 1
+            if writes > 1:
+                await go_on.wait()
+            await real(*args, **kwargs)
+            first_written.set()
+        return write
+
+    monkeypatch.setattr(repo, "write_heartbeats", paused(repo.write_heartbeats))
+    monkeypatch.setattr(repo, "write_reported_shards", paused(repo.write_reported_shards))
+
+    async def flush() -> None:
+        async with database.unit_of_work() as uow:
+            await agents.flush_reports(uow, {"n2": agents.NodeBeat(m.utcnow(), 120.0)}, [
+                ("n3", ShardReport("web", 1, 0, moved[3], "running", "up", tenant="a"))])
+
+    async def move_web() -> None:  # WEB's replica 1 from n3 to n2
+        async with database.unit_of_work() as uow:
+            await commit_plan(uow.session, snap, Plan("optimal", (P(WEB, 0, 0, "n1", 0), P(WEB, 1, 0, "n2", 0),
+                                                                  P(BURST, 0, 0, "n4", 0, 1, 2, 3))),
+                              scope={WEB}, actor="test")
+            await uow.commit()
+
+    flushing = asyncio.create_task(flush())
+    await asyncio.wait_for(first_written.wait(), 30)
+    committing = asyncio.create_task(move_web())
+    for _ in range(600):  # until the commit waits for the flush's lock, or is done
+        if committing.done() or await _waits_for_a_lock(database):
+            break
+        await asyncio.sleep(0.05)
+    go_on.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(flushing, committing, return_exceptions=True), 60)
+    assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
+    after = await _state(database)
+    assert after["placements"][(WEB, 1, 0)][0] == "n2"
