@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import ColumnElement, Integer, Select, String, and_, bindparam, case, delete, func, insert, select, true, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from controller.store import audit
 from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
@@ -859,8 +860,13 @@ async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: 
     savepoint = pg_driver.Savepoint(session, _SAVEPOINT)
     await savepoint.open()
     try:
-        landed = await _land(session, snapshot, plan, early, stale=early.read.generation != snapshot.generation,
-                             generation=None, bumped=False, actor=actor, now=now)
+        try:
+            landed = await _land(session, snapshot, plan, early, stale=early.read.generation != snapshot.generation,
+                                 generation=None, bumped=False, actor=actor, now=now)
+        except StaleDataError:  # a shard it moves was removed since the early read (a node's shards released)
+            await savepoint.rollback()
+            lap("commit_undone")
+            return None
         lap("commit_write")
         moved = int(landed.change is not None)
         read = await _read_committed(session, early.read.scope, moved_by=moved, locking=True, change=landed.change)

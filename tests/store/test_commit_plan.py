@@ -797,3 +797,28 @@ async def test_a_report_flush_and_a_plan_commit_at_once_on_postgres_do_not_deadl
     assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
     after = await _state(database)
     assert after["placements"][(WEB, 1, 0)][0] == "n2"
+
+
+async def test_a_scoped_commit_is_checked_again_when_a_shard_it_moves_was_removed_after_its_early_check(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's shards removed (a node deleted or evicted) between a commit's early check and the
+    lock (on PostgreSQL, its writes), one of them a shard the plan moves: the commit is checked
+    again under the lock and lands what holds, on both backends (PostgreSQL's UPDATE of the row
+    gone failed the commit)."""
+    snap = await _seeded(database)
+
+    async def clear_n3() -> None:
+        async with database.unit_of_work() as uow:
+            await repo.remove_placements_on_node(uow.session, "n3")
+            await bump_cluster_generation(uow.session, ClusterChange.node("n3"))
+            await uow.commit()
+
+    checks = _between_check_and_lock(monkeypatch, clear_n3)
+    async with database.unit_of_work() as uow:  # WEB's replica 1 from n3 to n2
+        result = await commit_plan(uow.session, snap, Plan("optimal", (P(WEB, 0, 0, "n1", 0), P(WEB, 1, 0, "n2", 0),
+                                                                       P(BURST, 0, 0, "n4", 0, 1, 2, 3))),
+                                   scope={WEB}, actor="test")
+        await uow.commit()
+    assert len(checks) == 2 and result.stale  # checked again, under the lock
+    placed = (await _state(database))["placements"]  # the replica changed since the snapshot: the next pass decides
+    assert (WEB, 1, 0) not in placed and placed[(WEB, 0, 0)][0] == "n1"
