@@ -59,12 +59,6 @@ class LocalChannel:
     async def run(self) -> None:
         await asyncio.Event().wait()
 
-    async def _look(self, others: Awaitable[bool]) -> None:
-        """Whether others listen, as `others` (a query on the connection) tells; a HELLO heard while it
-        was on its way stands (the query may have looked before that controller connected)."""
-        hellos = self._hellos
-        self._others = bool(await others) or self._hellos != hellos
-
     async def wait_ready(self, timeout_s: float) -> bool:
         return True
 
