@@ -29,6 +29,7 @@ from controller.usecases.redaction import as_seen_by, redactor_of
 from controller.domain.changes import ClusterChange
 from controller.domain.values import (
     DOMAINS, DeploymentEvent, DeploymentSpec, DeploymentView, ReasonView, ShardPlacementView, deployment_key,
+    split_deployment_key,
 )
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
@@ -414,5 +415,9 @@ async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | rep
 
 
 async def views_of(uow: UnitOfWork, keys: set[str]) -> list[DeploymentView]:
-    """Current views of some deployments, by key `TENANT/NAME` (those that no longer exist are skipped)."""
-    return [repo.deployment_view(r) for r in await repo.list_deployment_rows(uow.session, keys=keys)]
+    """Current views of some deployments, by key `TENANT/NAME` (those that no longer exist are
+    skipped), by name then id. Read as plain columns (`repo.deployments_named`: one statement), not
+    as ORM entities: what every plan commit's publish reads (a view per deployment it changed)."""
+    read = await repo.deployments_named(uow.session, {split_deployment_key(key)[1] for key in keys})
+    named = [found for found in read if deployment_key(found.row.tenant_id, found.row.name) in keys]
+    return [found.view() for found in sorted(named, key=lambda found: (found.row.name, found.row.id))]
