@@ -235,6 +235,10 @@ class _Committed:
     live: set[str]  # neither being deleted nor quarantined
     current: dict[ShardKey, _Row]  # placements of live deployments
     leaving: list[_Row]  # placements of the others: the plan no longer holds them, removed
+    # The rows the statements returned, which the rest is built of (`_read_committed`): the
+    # deployments' (a scope's with their placements) and, unscoped, every placement.
+    rows: tuple[list[Sequence[Any]], list[Sequence[Any]]] = field(
+        default_factory=lambda: ([], []), compare=False, repr=False)
 
     def speaks_for(self, key: str) -> bool:
         return self.scope is None or key in self.scope
@@ -292,13 +296,16 @@ _COMMITTED_QUERIES = {dialect: _CommittedQueries.of(dialect) for dialect in ("sq
 
 
 async def _read_committed(session: AsyncSession, scope: Collection[str] | None, *, moved_by: int = 0,
-                          locking: bool = False, change: ClusterChange | None = None) -> _Committed:
+                          locking: bool = False, change: ClusterChange | None = None,
+                          same_as: _Committed | None = None) -> _Committed:
     """Every deployment and placement (`scope` None), or only the scope's, and the cluster
     generation before this transaction moved it by `moved_by`: the generation read with the
     deployments (on SQLite, a move of the generation deferred just before goes with it: one
     trip); every placement in a query of its own, a scope's with its deployments (one query per
     `_CHUNK` keys). `locking` (PostgreSQL, a scope): the first of those queries moves the
-    generation by `moved_by` itself and logs `change` at the new one (`_commit_locking_last`)."""
+    generation by `moved_by` itself and logs `change` at the new one (`_commit_locking_last`).
+    `same_as` itself when the statements return the rows it was built of (a scoped commit's read
+    under the lock, the same as its early read: nothing built again)."""
     scope = None if scope is None else frozenset(scope)
     queries = _COMMITTED_QUERIES[dialect_of(session)]
     reads: list[tuple[Select[Any], dict[str, Any]]] = [(queries.every, {"moved_by": moved_by})]
@@ -312,28 +319,40 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
                 params.update(kind=(change or ClusterChange()).kind.value,
                               logged=list(logged_ids(change)) if change is not None else [])
             reads.append((queries.scoped_locking if first else queries.scoped, params))
-    generation: int | None = None
+    rows: list[Sequence[Any]] = []
+    for query, params in reads:
+        rows += await session.execute(query, params)
+    if not rows and reads:
+        raise MissingGeneration()
+    if rows:
+        generation = rows[0].cluster_generation
+    else:  # an empty scope: nothing read yet
+        generation = (await move_generation(session, moved_by) if locking else await read_generation(session)) - moved_by
+    every = list(await session.execute(_EVERY_PLACEMENT)) if scope is None else []
+    if same_as is not None and (same_as.scope, same_as.generation, same_as.rows) == (scope, generation, (rows, every)):
+        return same_as
+    return _committed_of(scope, generation, rows, every)
+
+
+def _committed_of(scope: frozenset[str] | None, generation: int, rows: list[Sequence[Any]],
+                  every: list[Sequence[Any]]) -> _Committed:
+    """`_read_committed`'s state of the rows its statements returned: the deployments' (`rows`,
+    with their placements when scoped) and, unscoped, every placement (`every`)."""
     deployments: dict[str, Any] = {}
     placed: dict[int, Sequence[Any]] = {}  # a scope's placements by id (a deployment two chunks select: once)
     fields = 1 + len(_DEPLOYMENT_FIELDS)
-    for query, params in reads:
-        for d in await session.execute(query, params):
-            generation = d.cluster_generation if generation is None else generation
-            if d.id is None:
-                continue
-            key = deployment_key(d.tenant_id, d.name)
-            if scope is None or key in scope:
-                deployments.setdefault(key, _DeploymentRow(*d[1:fields]))
-                if scope is not None and d.placed_id is not None:
-                    placed[d.placed_id] = d[fields:]
-    if generation is None and reads:
-        raise MissingGeneration()
-    if generation is None:  # an empty scope: nothing read yet
-        generation = (await move_generation(session, moved_by) if locking else await read_generation(session)) - moved_by
+    for d in rows:
+        if d.id is None:
+            continue
+        key = deployment_key(d.tenant_id, d.name)
+        if scope is None or key in scope:
+            deployments.setdefault(key, _DeploymentRow(*d[1:fields]))
+            if scope is not None and d.placed_id is not None:
+                placed[d.placed_id] = d[fields:]
     keys_by_id = {d.id: key for key, d in deployments.items()}
-    placements = list(await session.execute(_EVERY_PLACEMENT)) if scope is None else list(placed.values())
+    placements = every if scope is None else list(placed.values())
     committed = _Committed(scope, generation, deployments,
-                           {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [])
+                           {key for key, d in deployments.items() if d.phase not in _LEAVING}, {}, [], (rows, every))
     for p in placements:  # `_PLACEMENT_FIELDS`, in order
         name = keys_by_id[p[1]]
         row = _Row(p[0], p[1], (name, p[2], p[3]), p[4], list(p[5]), p[6], p[7], p[8])
@@ -824,10 +843,11 @@ async def commit_plan(
         await move_generation_unread(session, 1 if bumped else 0)
         lap("commit_turn")
         # Current state (read under the generation lock): every deployment and placement, or the scope's.
-        read = await _read_committed(session, scope, moved_by=int(bumped))
+        read = await _read_committed(session, scope, moved_by=int(bumped),
+                                     same_as=None if early is None else early.read)
     now = now or utcnow()
     lap("commit_read")
-    checked = early if early is not None and early.read == read else await _check(session, snapshot, plan, read)
+    checked = early if early is not None and early.read is read else await _check(session, snapshot, plan, read)
     lap("commit_check")
     # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
     # whose results nothing reads ride with the next statement that returns rows, or the caller's
