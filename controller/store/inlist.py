@@ -59,3 +59,9 @@ def any_of_named(dialect: str, column: ColumnElement[Any], name: str) -> ColumnE
     if dialect == POSTGRESQL:
         return _any(column, bindparam(name, type_=ARRAY(Text)))
     return column.in_(bindparam(name, expanding=True))
+
+
+def listed(dialect: str, values: Iterable[Any]) -> list[Any]:
+    """Values as an `any_of_named` list wants them: as text on PostgreSQL (a text array, cast by the
+    server for a column of another type), as they are elsewhere."""
+    return [str(v) for v in values] if dialect == POSTGRESQL else list(values)

@@ -24,7 +24,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, case, func, insert, liter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
-from controller.store.inlist import any_of
+from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
 from controller.store.marks import rowcount_unread
 
 J_PER_KWH = 3.6e6
@@ -137,16 +137,25 @@ async def start_intervals(
     await session.execute(_START_INTERVAL, rows)
 
 
+def _stop_statement(dialect: str) -> Any:
+    """`stop_intervals`' UPDATE for `dialect` (Core, built once: per call, building it and its
+    cache key cost more than running it), its list of placement ids named `ids`."""
+    intervals = m.UsageInterval.__table__.c
+    return rowcount_unread(update(m.UsageInterval.__table__)
+                           .where(any_of_named(dialect, intervals.placement_id, "ids"), intervals.ended_s.is_(None))
+                           .values(ended_s=bindparam("ended_s")))
+
+
+_STOP = {dialect: _stop_statement(dialect) for dialect in ("sqlite", POSTGRESQL)}
+
+
 async def stop_intervals(session: AsyncSession, placement_ids: Iterable[int], at: datetime) -> None:
     """Close the open intervals of these placements (removed, or moved away)."""
     ids = sorted(set(placement_ids))
+    dialect = dialect_of(session)
     for start in range(0, len(ids), _CHUNK):
-        await session.execute(
-            rowcount_unread(update(m.UsageInterval))
-            .where(any_of(session, m.UsageInterval.placement_id, ids[start:start + _CHUNK]),
-                   m.UsageInterval.ended_s.is_(None))
-            .values(ended_s=epoch_s(at)).execution_options(synchronize_session=False)
-        )
+        await session.execute(_STOP[dialect], {"ids": listed(dialect, ids[start:start + _CHUNK]),
+                                               "ended_s": epoch_s(at)})
 
 
 async def stop_intervals_on_node(session: AsyncSession, node_id: str, at: datetime) -> None:

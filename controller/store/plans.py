@@ -65,7 +65,7 @@ from controller.store import audit
 from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
     ChangesSince, MissingGeneration, move_generation, move_generation_unread, bump_cluster_generation, log_change,
     logged_ids, prune_changes, read_changes_since, read_generation)
-from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of
+from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
 from controller.store.models import (
     ClusterChangeRow,
     ClusterState,
@@ -1120,12 +1120,6 @@ class _Writes:
 _WRITES = {dialect: _Writes.of(dialect) for dialect in ("sqlite", POSTGRESQL)}
 
 
-def _listed(dialect: str, ids: Iterable[int]) -> list[Any]:
-    """Integer keys as an `any_of_named` list wants them: as text on PostgreSQL (a text array,
-    cast by the server), as they are elsewhere."""
-    return [str(i) for i in ids] if dialect == POSTGRESQL else list(ids)
-
-
 async def _write(
     session: AsyncSession, *, changes: _Changes, deletes: list[_Row], deployments: dict[str, Any],
     new_generation: dict[str, int], deployment_updates: list[dict[str, Any]], changed_nodes: set[str],
@@ -1137,7 +1131,7 @@ async def _write(
     dialect = dialect_of(session)
     writes = _WRITES[dialect]
     for chunk in _chunks([row.id for row in deletes]):
-        await session.execute(writes.delete_placements, {"ids": _listed(dialect, chunk)})
+        await session.execute(writes.delete_placements, {"ids": listed(dialect, chunk)})
     if updates:  # the ORM's bulk UPDATE: its row count is checked (a placement deleted since fails the commit)
         await session.execute(
             update(Placement),
@@ -1188,7 +1182,7 @@ async def _write(
     if deployment_updates:
         await session.execute(_UPDATE_DEPLOYMENT, deployment_updates)
     for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
-        await session.execute(writes.delete_deployments, {"ids": _listed(dialect, chunk)})
+        await session.execute(writes.delete_deployments, {"ids": listed(dialect, chunk)})
     for chunk in _chunks(sorted(changed_nodes)):
         await session.execute(writes.bump_nodes, {"ids": list(chunk)})
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
-from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of
+from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
 from controller.store.changes import schedulable_count
 from controller.store.partitions import partitions
 from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
@@ -600,8 +600,7 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[
     at = m.utcnow()
     dialect = dialect_of(session)
     ids = [row.id for row in rows]
-    await session.execute(_DELETING[dialect], {"ids": [str(i) for i in ids] if dialect == POSTGRESQL else ids,
-                                               "at": at})
+    await session.execute(_DELETING[dialect], {"ids": listed(dialect, ids), "at": at})
     for row in rows:
         if isinstance(row, m.Deployment):
             set_committed_value(row, "phase", m.DeploymentPhase.DELETING)
