@@ -10,8 +10,9 @@ converted to its protobuf message and serialized). Before each pass, untimed: `-
 single-accelerator deployments written as a submit batch writes them, `--deletes` of the
 deployments placed earlier marked DELETING as a delete batch marks them, and every
 `--gang-every`th pass a gang of 8..64 one-accelerator shards (row locality), as `bench e2e`'s
-mix. Per pass: the event loop thread's CPU (`time.thread_time`; the controller's thresholds of the garbage collector) over `reconcile_once()` and the
-watcher's handling of what it published, the process's (SQLite's thread, the worker threads;
+mix; the garbage collector's thresholds are the controller's (`gcpolicy`). Per pass: the event
+loop thread's CPU (`time.thread_time`) over `reconcile_once()` and the watcher's handling of what
+it published, the process's (SQLite's thread, the worker threads;
 not the decide process's), the statements sent; figures are medians per pass and per deployment
 decided (arrivals and gang). Counts, not latencies: steadier on a shared machine. Run against an
 older tree by copying this file into its bench/.

@@ -327,7 +327,8 @@ async def _read_committed(session: AsyncSession, scope: Collection[str] | None, 
     if rows:
         generation = rows[0].cluster_generation
     else:  # an empty scope: nothing read yet
-        generation = (await move_generation(session, moved_by) if locking else await read_generation(session)) - moved_by
+        generation = (await move_generation(session, moved_by) if locking
+                      else await read_generation(session)) - moved_by
     every = list(await session.execute(_EVERY_PLACEMENT)) if scope is None else []
     if same_as is not None and (same_as.scope, same_as.generation, same_as.rows) == (scope, generation, (rows, every)):
         return same_as
