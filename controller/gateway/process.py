@@ -6,7 +6,8 @@ none), opens one `AgentRelay.Relay` stream to the controller and relays each age
 its opening (method, the agent's metadata, peer, time left), its requests, its end; it answers
 each call with what the controller sends back, ending it with the controller's status and
 trailing metadata. It exits when the link ends (the controller stopped or died), ending every
-agent call UNAVAILABLE first, and on SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT"
+agent call UNAVAILABLE first, when the link does not come up (`LINK_READY_TIMEOUT_S`), and on
+SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT"
 once serving.
 """
 
@@ -36,6 +37,10 @@ log = logging.getLogger("maia.gateway")
 SERVICE = "maia.v1.NodeAgentService"
 LINK_LOST = "the agent gateway lost its controller; connect again"
 EXIT_LINK_LOST = 4
+# The controller serves the link before it starts a gateway: a link not up within this long means
+# the controller is gone (SIGKILLed while this gateway started), and the gateway exits rather than
+# wait for it forever, an orphan no one stops.
+LINK_READY_TIMEOUT_S = 10.0
 
 
 class _Pending:
@@ -195,7 +200,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> int:
     gateway = Gateway(args.name, args.linger_ms / 1000)
     channel = aio.insecure_channel(args.link, options=LINK_OPTIONS)
-    await channel.channel_ready()
+    try:
+        async with asyncio.timeout(LINK_READY_TIMEOUT_S):
+            await channel.channel_ready()
+    except TimeoutError:
+        log.error("gateway %s: no controller on %s within %.0fs (it stopped or died); exiting", args.name,
+                  args.link, LINK_READY_TIMEOUT_S)
+        await channel.close()
+        return EXIT_LINK_LOST
     server = aio.server(options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 1),
                                  *limits.AGENT_KEEPALIVE.server_options()])
     server.add_generic_rpc_handlers((gateway.handlers(),))

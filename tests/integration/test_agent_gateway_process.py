@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,6 +82,22 @@ def test_the_gateways_of_a_killed_controller_exit_on_their_own(tmp_path: Path) -
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_gateway_whose_controller_died_before_it_linked_exits_on_its_own(tmp_path: Path) -> None:
+    """A gateway started (again) just before its controller was SIGKILLed finds the link's socket
+    file left behind and no one serving it: it exits rather than wait forever, an orphan."""
+    link = tmp_path / "relay.sock"
+    with socket.socket(socket.AF_UNIX) as left_behind:
+        left_behind.bind(str(link))  # the file stays; connecting to it is refused
+    gateway = subprocess.Popen([sys.executable, "-m", "controller.gateway", "--listen", "127.0.0.1:0",
+                                "--link", f"unix:{link}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert gateway.wait(60) == 4  # EXIT_LINK_LOST
+        assert gateway.stdout is not None and gateway.stdout.read() == ""  # it never served agents
+    finally:
+        gateway.kill()
+        gateway.wait(10)
 
 
 @pytest.mark.parametrize("argv, message", [
