@@ -5,8 +5,10 @@ its own, mode 0700: only the controller's user can reach it) and starts N gatewa
 (`python -m controller.gateway`) on the same agent address: the first one's port is the others'
 (SO_REUSEPORT: the kernel spreads the agents' connections over them). A gateway that exits is
 logged and started again after `restart_after_s` on the same address (its agents' streams ended:
-their nodes are suspect, and they reconnect to the other gateways or to it). `stop` sends SIGTERM
-and kills what is still there after a grace.
+their nodes are suspect, and they reconnect to the other gateways or to it); one that fails to
+start is tried again after twice the last wait, up to `RESTART_BACKOFF_MAX_S` (a gateway that
+cannot start, its port taken or its certificate gone, is not an interpreter started every second
+on the controller's host). `stop` sends SIGTERM and kills what is still there after a grace.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger("maia.gateway")
 
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
+RESTART_BACKOFF_MAX_S = 30.0
 READY_PREFIX = "maia-gateway listening on "
 
 
@@ -92,23 +95,28 @@ class GatewayProcesses:
         return line[len(READY_PREFIX):].strip()
 
     async def _watch(self, index: int) -> None:
-        """Start gateway `index` again whenever it exits (until `stop`)."""
+        """Start gateway `index` again whenever it exits (until `stop`): after `restart_after_s`
+        once it served, after twice the last wait (at most `RESTART_BACKOFF_MAX_S`) when it did not."""
+        delay = self.settings.restart_after_s
         while True:
             process = self.processes[index]
             code = await asyncio.to_thread(process.wait)
             if self._stopping:
                 return
             log.error("agent gateway %d (pid %d) exited with code %s; its agents' streams ended; starting it again "
-                      "in %.1fs", index, process.pid, code, self.settings.restart_after_s)
-            await asyncio.sleep(self.settings.restart_after_s)
+                      "in %.1fs", index, process.pid, code, delay)
+            await asyncio.sleep(delay)
             if self._stopping:
                 return
-            self.processes[index] = self._spawn(index, self.address)
-            self.restarts += 1
             try:
+                self.processes[index] = self._spawn(index, self.address)
+                self.restarts += 1
                 await self._ready(self.processes[index], index)
-            except GatewayStartError as exc:
-                log.error("%s", exc)
+            except OSError as exc:  # GatewayStartError, or the process could not be created
+                log.error("agent gateway %d did not start again: %s", index, exc)
+                delay = min(max(delay, 0.1) * 2, RESTART_BACKOFF_MAX_S)
+            else:
+                delay = self.settings.restart_after_s
 
     async def stop(self) -> None:
         self._stopping = True

@@ -6,7 +6,10 @@ them); agents are `HandAgent`s and a `maia-simnode` fleet connecting to the gate
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -194,3 +197,27 @@ async def test_a_followers_gateway_sends_agents_to_the_leader(db_url: str, tmp_p
             assert refused.code() == grpc.StatusCode.UNAVAILABLE
             assert ("maia-leader", leader.address) in tuple(refused.trailing_metadata())
             assert leader.address in refused.details()
+
+
+async def test_a_gateway_that_fails_to_start_every_time_is_tried_again_ever_later(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its port taken by another program: each start fails, and the controller waits twice as long
+    before the next one (not an interpreter started every `agent_gateway_restart_s` forever)."""
+    caplog.set_level(logging.ERROR, logger="maia.gateway")
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0, agent_gateway_restart_s=0.1) as (app, stubs):
+        host, _, port = app.agent_address.rpartition(":")
+        [gateway] = app.gateways.processes
+        gateway.send_signal(signal.SIGKILL)
+        with socket.socket() as squatter:  # no SO_REUSEPORT: the gateway's bind fails while it listens
+            while True:
+                try:
+                    squatter.bind((host, int(port)))
+                    break
+                except OSError:  # the killed gateway still holds it
+                    await asyncio.sleep(0.01)
+            squatter.listen()
+            await eventually(lambda: _async(app.gateways.restarts), lambda n: n >= 4, timeout=60,
+                             what="four failed starts")
+        waits = [float(m.group(1)) for r in caplog.records
+                 if (m := re.search(r"starting it again in ([\d.]+)s", r.getMessage()))]
+        assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
