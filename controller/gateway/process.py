@@ -3,8 +3,9 @@
 `python -m controller.gateway --listen HOST:PORT --link unix:PATH` (the controller starts it:
 `children.GatewayProcesses`). It serves Register and Connect with the messages as bytes (it parses
 none), opens one `AgentRelay.Relay` stream to the controller and relays each agent call there:
-its opening (method, the agent's metadata, peer, time left), its requests, its end; it answers
-each call with what the controller sends back, ending it with the controller's status and
+its opening (method, the agent's metadata, peer, time left), its requests, its end, and each of
+its responses the agent's transport took (the controller sends a call only a few ahead); it
+answers each call with what the controller sends back, ending it with the controller's status and
 trailing metadata. It exits when the link ends (the controller stopped or died), ending every
 agent call UNAVAILABLE first, when the link does not come up (`LINK_READY_TIMEOUT_S`), and on
 SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT"
@@ -156,7 +157,8 @@ class Gateway:
         ended = False
         try:
             while (message := await pending.next()) is not None:
-                yield message
+                yield message  # back once the agent's transport took it: the controller may send one more
+                self.outbox.add(relay_pb2.RelayEvent(call=call_id, taken=1))
             ended = True
             await self._finish(pending, context)
         finally:

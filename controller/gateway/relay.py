@@ -29,6 +29,12 @@ from maia.v1 import agent_pb2_grpc, relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger("maia.gateway")
 
+# Responses of one relayed call sent ahead of those its gateway says the agent's transport took
+# (`RelayEvent.taken`): past them the call's handler waits, as gRPC's write waits on the port for
+# an agent that does not read (the hub's stream then coalesces its sets). Without it every set was
+# pulled at once and queued in the gateway for as long as the agent did not read.
+RELAY_WINDOW = 8
+
 
 class _Details(NamedTuple):
     """What an interceptor is told of a call when it builds the method's handler."""
@@ -146,8 +152,30 @@ class RelayedRequests:
         return data if self._parse is None else self._parse(data)
 
 
+class _Credit:
+    """A relayed call's responses sent and not yet taken by the agent's transport."""
+
+    __slots__ = ("ahead", "taken")
+
+    def __init__(self) -> None:
+        self.ahead = 0
+        self.taken = Wakeup()
+
+    def take(self, count: int) -> None:
+        self.ahead = max(0, self.ahead - count)
+        self.taken.set()
+
+    async def sent(self) -> None:
+        """One more response sent: wait while `RELAY_WINDOW` are ahead."""
+        self.ahead += 1
+        while self.ahead >= RELAY_WINDOW:
+            self.taken.clear()
+            await self.taken.wait()
+
+
 class _Call(NamedTuple):
     requests: RelayedRequests
+    credit: _Credit
     task: asyncio.Task[None]
 
 
@@ -172,6 +200,10 @@ class _Link:
                 call = calls.get(event.call)
                 if call is not None:
                     call.requests.put(event.message)
+            elif body == "taken":
+                call = calls.get(event.call)
+                if call is not None:
+                    call.credit.take(event.taken)
             elif body == "open":
                 self._open(event.call, event.open)
             elif body == "end":
@@ -191,33 +223,37 @@ class _Link:
             return
         requests = RelayedRequests(handler.request_deserializer)
         context = RelayedContext(opened, self.name)
+        credit = _Credit()
         serve = self._serve_unary if handler.unary_unary is not None else self._serve_stream
-        task = asyncio.create_task(serve(call_id, handler, requests, context), name=f"relayed-{self.name}-{call_id}")
-        self._calls[call_id] = _Call(requests, task)
+        task = asyncio.create_task(serve(call_id, handler, requests, context, credit),
+                                   name=f"relayed-{self.name}-{call_id}")
+        self._calls[call_id] = _Call(requests, credit, task)
         task.add_done_callback(lambda _: self._calls.pop(call_id, None))
 
     async def _serve_unary(self, call_id: int, handler: grpc.RpcMethodHandler, requests: RelayedRequests,
-                           context: RelayedContext) -> None:
+                           context: RelayedContext, credit: _Credit) -> None:
         async def respond() -> AsyncIterator[Any]:
             request = await anext(requests, None)
             if request is None:
                 raise _NoRequest()
             yield await handler.unary_unary(request, context)
 
-        await self._serve(call_id, handler, respond(), context)
+        await self._serve(call_id, handler, respond(), context, credit)
 
     async def _serve_stream(self, call_id: int, handler: grpc.RpcMethodHandler, requests: RelayedRequests,
-                            context: RelayedContext) -> None:
-        await self._serve(call_id, handler, handler.stream_stream(requests, context), context)
+                            context: RelayedContext, credit: _Credit) -> None:
+        await self._serve(call_id, handler, handler.stream_stream(requests, context), context, credit)
 
     async def _serve(self, call_id: int, handler: grpc.RpcMethodHandler, responses: AsyncIterator[Any],
-                     context: RelayedContext) -> None:
-        """Send the call's responses, then its status (none when cancelled: the agent is gone)."""
+                     context: RelayedContext, credit: _Credit) -> None:
+        """Send the call's responses (at most `RELAY_WINDOW` ahead of those taken), then its status
+        (none when cancelled: the agent is gone)."""
         serialize = handler.response_serializer
         outbox = self._outbox
         try:
             async for response in responses:
                 outbox.message(call_id, response if serialize is None else serialize(response))
+                await credit.sent()
             outbox.add(status_event(call_id, grpc.StatusCode.OK))
         except aio.AbortError:
             outbox.add(status_event(call_id, context.code() or grpc.StatusCode.UNKNOWN, context.details(),

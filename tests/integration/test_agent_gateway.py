@@ -19,13 +19,16 @@ import grpc
 import pytest
 
 from controller.api.server import ControllerApp
+from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_OPTIONS
+from controller.gateway.relay import RELAY_WINDOW
 from grpc_harness import (
     RUNNING, HandAgent, SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology,
 )
-from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
+from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2, relay_pb2, relay_pb2_grpc
 
 READY = common_pb2.NODE_STATE_READY
 SUSPECT = common_pb2.NODE_STATE_SUSPECT
+SCHEDULED = deployments_pb2.DEPLOYMENT_PHASE_SCHEDULED
 
 
 @asynccontextmanager
@@ -221,3 +224,71 @@ async def test_a_gateway_that_fails_to_start_every_time_is_tried_again_ever_late
         waits = [float(m.group(1)) for r in caplog.records
                  if (m := re.search(r"starting it again in ([\d.]+)s", r.getMessage()))]
         assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
+
+
+async def test_a_relayed_stream_is_sent_no_more_than_its_window_ahead_of_what_its_agent_took(tmp_path: Path) -> None:
+    """A gateway's agent that does not read its sets: the controller sends RELAY_WINDOW of them and
+    then waits (its hub coalesces the rest, as gRPC's write makes it wait on the port), rather than
+    send every set to be queued in the gateway for as long as the agent does not read; once the
+    agent takes them, the stream goes on with the latest set."""
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0) as (app, stubs):
+        agent = HandAgent(stubs, "n1", "rack-a", accelerators=4 * RELAY_WINDOW)
+        credential = (await agent.register()).node_credential
+        # A gateway of the test's own on the controller's link socket: it reads every frame at once.
+        channel = grpc.aio.insecure_channel(app.gateways.link_address, options=LINK_OPTIONS)
+        to_controller: asyncio.Queue[relay_pb2.RelayFrame] = asyncio.Queue()
+
+        async def frames() -> AsyncIterator[relay_pb2.RelayFrame]:
+            while True:
+                yield await to_controller.get()
+
+        link = relay_pb2_grpc.AgentRelayStub(channel).Relay(frames(), metadata=((GATEWAY_METADATA_KEY, "slow"),))
+        sets: list[agent_pb2.AssignmentSet] = []
+
+        async def read() -> None:
+            async for frame in link:
+                sets.extend(agent_pb2.ControllerMessage.FromString(e.message).assignments
+                            for e in frame.events if e.call == 1 and e.WhichOneof("body") == "message")
+
+        reader = asyncio.create_task(read())
+        try:
+            hello = agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id="n1", session_id=agent.session_id))
+            to_controller.put_nowait(relay_pb2.RelayFrame(events=[
+                relay_pb2.RelayEvent(call=1, open=relay_pb2.RelayOpen(
+                    method="/maia.v1.NodeAgentService/Connect", peer="ipv4:127.0.0.1:1",
+                    metadata=[relay_pb2.RelayMetadatum(key="authorization", value=f"Bearer {credential}".encode())])),
+                relay_pb2.RelayEvent(call=1, message=hello.SerializeToString())]))
+            await place_one_by_one(stubs, 3 * RELAY_WINDOW)  # the agent taking none of their sets
+            assert 0 < len(sets) <= RELAY_WINDOW
+            while not sets or len(sets[-1].assignments) < 3 * RELAY_WINDOW:  # the agent takes what it was sent
+                taken, before = len(sets), len(sets)
+                to_controller.put_nowait(relay_pb2.RelayFrame(events=[relay_pb2.RelayEvent(call=1, taken=taken)]))
+                await eventually(lambda: _async(len(sets)), lambda n: n > before or len(sets[-1].assignments) ==
+                                 3 * RELAY_WINDOW, what="the sets after those taken")
+        finally:
+            reader.cancel()
+            await channel.close()
+
+
+async def place_one_by_one(stubs: Stubs, count: int) -> None:
+    """Deployments d0.. placed one after the other (a set each for the node)."""
+    for i in range(count):
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec(f"d{i}")))
+        await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(
+            name=f"d{i}", tenant="lab")), lambda d: d.phase == SCHEDULED, what=f"d{i} placed")
+
+
+async def test_an_agent_reading_through_a_gateway_gets_every_set_past_the_window(tmp_path: Path) -> None:
+    """The gateway tells the controller of each set its agent's transport took: a stream is not
+    stopped after RELAY_WINDOW sets."""
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0) as (app, stubs):
+        credential = (await HandAgent(stubs, "n1", "rack-a", accelerators=4 * RELAY_WINDOW).register()).node_credential
+        agent = HandAgent(Stubs.connect(app.agent_address, credential), "n1", "rack-a", accelerators=4 * RELAY_WINDOW)
+        try:
+            await agent.register()
+            await agent.connect()
+            await place_one_by_one(stubs, 2 * RELAY_WINDOW)
+            await agent.next_set(lambda s: len(s.assignments) == 2 * RELAY_WINDOW)
+        finally:
+            await agent.close()
+            await agent.stubs.channel.close()

@@ -13,18 +13,20 @@ class RelayFrame(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[RelayEvent, _Mapping]]] = ...) -> None: ...
 
 class RelayEvent(_message.Message):
-    __slots__ = ("call", "open", "message", "end", "status")
+    __slots__ = ("call", "open", "message", "end", "status", "taken")
     CALL_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
     call: int
     open: RelayOpen
     message: bytes
     end: RelayEnd
     status: RelayStatus
-    def __init__(self, call: _Optional[int] = ..., open: _Optional[_Union[RelayOpen, _Mapping]] = ..., message: _Optional[bytes] = ..., end: _Optional[_Union[RelayEnd, _Mapping]] = ..., status: _Optional[_Union[RelayStatus, _Mapping]] = ...) -> None: ...
+    taken: int
+    def __init__(self, call: _Optional[int] = ..., open: _Optional[_Union[RelayOpen, _Mapping]] = ..., message: _Optional[bytes] = ..., end: _Optional[_Union[RelayEnd, _Mapping]] = ..., status: _Optional[_Union[RelayStatus, _Mapping]] = ..., taken: _Optional[int] = ...) -> None: ...
 
 class RelayMetadatum(_message.Message):
     __slots__ = ("key", "value")
