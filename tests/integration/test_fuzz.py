@@ -19,14 +19,14 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import maia.v1
-from controller.api.server import ControllerApp
+from controller.api.server import SERVICE_NAMES, ControllerApp
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.usecases import agents as agent_cases
@@ -47,18 +47,31 @@ FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None,
                                                 HealthCheck.data_too_large])
 
 
-def _methods() -> list[MethodDescriptor]:
-    found = []
+def _services() -> Iterator[ServiceDescriptor]:
+    """Every service declared in proto/ (maia.v1)."""
     for info in pkgutil.iter_modules(maia.v1.__path__):
         if info.name.endswith("_pb2"):
-            module = importlib.import_module(f"maia.v1.{info.name}")
-            for service in module.DESCRIPTOR.services_by_name.values():
-                found.extend(service.methods)
+            yield from importlib.import_module(f"maia.v1.{info.name}").DESCRIPTOR.services_by_name.values()
+
+
+def _methods() -> list[MethodDescriptor]:
+    """Every method of every service the controller's port serves (`SERVICE_NAMES`; the gateways'
+    private link, AgentRelay, is served only on a unix socket of the controller's own)."""
+    found = [md for service in _services() if service.full_name in SERVICE_NAMES for md in service.methods]
     return sorted(found, key=lambda md: md.full_name)
 
 
 METHODS = _methods()
 CASES: dict[str, int] = defaultdict(int)
+# Services in proto/ that the controller's port does not serve, and why.
+PRIVATE_SERVICES = {"maia.v1.AgentRelay"}  # the gateways' link, on a unix socket only (controller/gateway/)
+
+
+def test_the_fuzzed_services_are_every_service_but_the_private_link() -> None:
+    """A service added to proto/ is either served on the port (and so fuzzed) or named private."""
+    declared = {service.full_name for service in _services()}
+    assert declared - PRIVATE_SERVICES == set(SERVICE_NAMES)
+    assert {md.containing_service.full_name for md in METHODS} == set(SERVICE_NAMES)
 
 
 @pytest.fixture(scope="module", autouse=True)
