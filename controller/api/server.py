@@ -47,6 +47,7 @@ from controller.errors import Unauthenticated
 from controller.gateway.children import GatewayProcesses, GatewaySettings, GatewayStartError
 from controller.gateway.frames import LINK_OPTIONS
 from controller.gateway.relay import RelayServicer, method_handlers
+from controller.gcpolicy import WarmHeapFreezer
 from controller.health import HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
 from controller.nodelifecycle import NodeLifecycle
@@ -388,6 +389,8 @@ class ControllerApp:
             asyncio.create_task(self.watchdog.run(), name="isolation-watchdog"),
             asyncio.create_task(self.monitor.run(), name="health"),
             asyncio.create_task(watch_event_loop(self._loop_lagged), name="event-loop-lag"),
+            # once the agents have joined, the warm heap out of the collector's walks (gcpolicy)
+            asyncio.create_task(WarmHeapFreezer(lambda: len(self.hub.connected())).run(), name="gc-freeze"),
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))
