@@ -48,11 +48,12 @@ FREEZE_SETTLED_READS = 3
 REFREEZE_GROWTH = 1.25
 
 
-def freeze_heap() -> int:
-    """Move every object the collector tracks now out of its collections (`gc.freeze`), with no
-    collection first (that would walk the whole heap at once); how many are frozen in all."""
+def freeze_heap() -> None:
+    """Move every object the collector tracks now out of its collections (`gc.freeze`: a splice of
+    its lists), with no collection first (that would walk the whole heap at once). Nor is what it
+    froze counted: `gc.get_freeze_count` walks the frozen list (124 ms for ~330,000 objects, measured
+    on the event loop at 4,096 nodes)."""
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 class WarmHeapFreezer:
@@ -61,7 +62,7 @@ class WarmHeapFreezer:
     `growth` times what it was at the last freeze (module docstring)."""
 
     def __init__(self, measure: Callable[[], int], *, settled_reads: int = FREEZE_SETTLED_READS,
-                 growth: float = REFREEZE_GROWTH, freeze: Callable[[], int] = freeze_heap) -> None:
+                 growth: float = REFREEZE_GROWTH, freeze: Callable[[], None] = freeze_heap) -> None:
         self._measure = measure
         self._settled_reads = settled_reads
         self._growth = growth
@@ -78,9 +79,9 @@ class WarmHeapFreezer:
         if (self._same < self._settled_reads or value <= 0
                 or (self.frozen_at is not None and value < self.frozen_at * self._growth)):
             return False
-        frozen = self._freeze()
+        self._freeze()
         self.frozen_at = value
-        log.info("heap frozen out of the collector's reach: %d objects (warm measure %d)", frozen, value)
+        log.info("heap frozen out of the collector's reach (warm measure %d)", value)
         return True
 
     async def run(self, every_s: float = FREEZE_CHECK_S) -> None:
