@@ -460,6 +460,8 @@ class ControllerApp:
         started = time.monotonic()
         streams = len(self.hub.connected())
         log.info("stopping: %d agent streams open", streams)
+        if self.gateways is not None:  # no gateway started again while the servers stop
+            self.gateways.stopping()
         await self.health.enter_graceful_shutdown()
         await cancel_and_wait(self._tasks)
         self._tasks = []

@@ -8,7 +8,8 @@ logged and started again after `restart_after_s` on the same address (its agents
 their nodes are suspect, and they reconnect to the other gateways or to it); one that fails to
 start is tried again after twice the last wait, up to `RESTART_BACKOFF_MAX_S` (a gateway that
 cannot start, its port taken or its certificate gone, is not an interpreter started every second
-on the controller's host). `stop` sends SIGTERM and kills what is still there after a grace.
+on the controller's host). `stopping` (the controller's stop began) ends the restarts; `stop`
+sends SIGTERM and kills what is still there after a grace.
 """
 
 from __future__ import annotations
@@ -118,8 +119,13 @@ class GatewayProcesses:
             else:
                 delay = self.settings.restart_after_s
 
-    async def stop(self) -> None:
+    def stopping(self) -> None:
+        """The controller began to stop: a gateway that exits from now on is not started again (its
+        link ends with the controller's servers; one started now would linger until `stop`)."""
         self._stopping = True
+
+    async def stop(self) -> None:
+        self.stopping()
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()

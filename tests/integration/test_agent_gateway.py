@@ -292,3 +292,25 @@ async def test_an_agent_reading_through_a_gateway_gets_every_set_past_the_window
         finally:
             await agent.close()
             await agent.stubs.channel.close()
+
+
+async def test_a_gateway_that_exits_while_the_controller_stops_is_not_started_again(tmp_path: Path) -> None:
+    """The gateway exits while the main server stops (before the watchers would have been told):
+    its watcher ends rather than start a gateway that lingers after the stop."""
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0, agent_gateway_restart_s=0.0) as (app, stubs):
+        gateways = app.gateways
+        [gateway] = gateways.processes
+        [watcher] = gateways._watchers
+        server = app.server
+        stop_server = server.stop
+
+        async def stop_after_the_gateway_exited(grace: float | None) -> None:
+            gateway.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(gateway.wait)
+            await eventually(lambda: _async(watcher.done() or gateways.restarts), lambda seen: bool(seen),
+                             what="the watcher saw the gateway exit")
+            await stop_server(grace)
+
+        server.stop = stop_after_the_gateway_exited  # type: ignore[method-assign]
+    assert gateways.restarts == 0 and watcher.done() and not watcher.cancelled()
+    assert gateways.pids() == [gateway.pid]
