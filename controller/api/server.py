@@ -453,8 +453,9 @@ class ControllerApp:
            controller they reach (a stream's first heartbeat writes every shard's state);
         2. the admission gate refuses the queued Registers and hellos UNAVAILABLE (nothing of
            theirs was written), every agent stream ends ("controller shutting down": the agents go
-           to the next controller), the server takes no new call and gives the calls in flight
-           `grace_s` to finish, then cancels them; waited for at most `STREAMS_END_TIMEOUT_S` more;
+           to the next controller; a gateway's link ends once its calls sent their statuses, and the
+           gateway ends the rest as for a controller gone), the server takes no new call and gives
+           the calls in flight `grace_s` to finish, then cancels them; waited for at most `STREAMS_END_TIMEOUT_S` more;
         3. the leader lease released, the cluster channel closed, the engine disposed (each bounded).
         """
         started = time.monotonic()
@@ -467,6 +468,8 @@ class ControllerApp:
         self._tasks = []
         self.hub.admission.close("the controller is shutting down")
         self.hub.close_all()
+        if self.relay is not None:  # the gateways' links end once their calls sent their statuses
+            self.relay.end_links()
         self.bus.close()
         servers = [s for s in (self.server, self.relay_server) if s is not None]
         self.server = self.relay_server = None

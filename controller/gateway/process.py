@@ -99,7 +99,8 @@ class Gateway:
         finally:
             self.linked = False
             for pending in list(self._calls.values()):
-                pending.finish(None)
+                if not pending.done:  # one whose status came has it (the controller ends the link right after)
+                    pending.finish(None)
 
     # --- agent calls -------------------------------------------------------------------------
     def _open(self, method: str, context: aio.ServicerContext) -> tuple[int, _Pending]:

@@ -9,6 +9,10 @@ without a valid token is refused UNAUTHENTICATED with today's message, a followe
 UNAVAILABLE with the leader's address, and a Connect stream feeds `AgentHub.converse` exactly as
 on the port. A call the gateway says is gone (`RelayEnd.cancelled`) is cancelled as gRPC cancels
 the handler of a call whose connection died; the link ending cancels every call of its gateway.
+The controller's stop ends the links itself (`RelayServicer.end_links`): each link's stream ends
+once its calls have sent their statuses (the hub ended their streams), so its gateway ends what is
+left of its agents' calls as for a controller gone and exits, and the relay server's stop does not
+wait out its grace for links that would otherwise end only when cancelled.
 """
 
 from __future__ import annotations
@@ -189,6 +193,18 @@ class _Link:
         self._calls: dict[int, _Call] = {}
         self.frames_taken = 0
         self.events_taken = 0
+        self.ending = False
+
+    def end_when_idle(self) -> None:
+        """End the link's stream once its calls are over (their statuses sent first)."""
+        self.ending = True
+        if not self._calls:
+            self._outbox.close()
+
+    def _forget(self, call_id: int) -> None:
+        self._calls.pop(call_id, None)
+        if self.ending and not self._calls:
+            self._outbox.close()
 
     def take(self, frame: relay_pb2.RelayFrame) -> None:
         calls = self._calls
@@ -228,7 +244,7 @@ class _Link:
         task = asyncio.create_task(serve(call_id, handler, requests, context, credit),
                                    name=f"relayed-{self.name}-{call_id}")
         self._calls[call_id] = _Call(requests, credit, task)
-        task.add_done_callback(lambda _: self._calls.pop(call_id, None))
+        task.add_done_callback(lambda _: self._forget(call_id))
 
     async def _serve_unary(self, call_id: int, handler: grpc.RpcMethodHandler, requests: RelayedRequests,
                            context: RelayedContext, credit: _Credit) -> None:
@@ -286,6 +302,14 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
         self._linger_s = linger_s
         self.handlers: Mapping[str, grpc.RpcMethodHandler] = {}
         self.links: dict[str, _Link] = {}
+        self._ending = False
+
+    def end_links(self) -> None:
+        """The controller is stopping: end every link (and any that links from now on) once its
+        calls are over."""
+        self._ending = True
+        for link in list(self.links.values()):
+            link.end_when_idle()
 
     async def Relay(self, request_iterator: AsyncIterator[relay_pb2.RelayFrame],
                     context: aio.ServicerContext) -> AsyncIterator[relay_pb2.RelayFrame]:
@@ -294,6 +318,8 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
         link = _Link(str(name), self.handlers, outbox)
         self.links[link.name] = link
         log.info("agent gateway %s linked", link.name)
+        if self._ending:
+            link.end_when_idle()
 
         async def read() -> None:
             try:
@@ -303,14 +329,19 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
                 outbox.close()
 
         reader = asyncio.create_task(read(), name=f"relay-read-{link.name}")
+        ended = False
         try:
             async for frame in outbox.frames():
                 yield frame
+            ended = link.ending
         finally:
             reader.cancel()
-            log.warning("agent gateway %s unlinked: its %d calls end as lost connections (relayed: %d events in "
-                        "%d frames from it, %d events in %d frames to it)", link.name, link.open_calls(),
-                        link.events_taken, link.frames_taken, outbox.events_sent, outbox.frames_sent)
+            if ended:
+                log.info("agent gateway %s unlinked: the controller is stopping", link.name)
+            else:
+                log.warning("agent gateway %s unlinked: its %d calls end as lost connections (relayed: %d events in "
+                            "%d frames from it, %d events in %d frames to it)", link.name, link.open_calls(),
+                            link.events_taken, link.frames_taken, outbox.events_sent, outbox.frames_sent)
             link.cancel_all()
             if self.links.get(link.name) is link:
                 del self.links[link.name]

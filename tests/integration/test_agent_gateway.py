@@ -314,3 +314,25 @@ async def test_a_gateway_that_exits_while_the_controller_stops_is_not_started_ag
         server.stop = stop_after_the_gateway_exited  # type: ignore[method-assign]
     assert gateways.restarts == 0 and watcher.done() and not watcher.cancelled()
     assert gateways.pids() == [gateway.pid]
+
+
+async def test_the_controllers_stop_ends_its_gateways_links_and_their_agents_streams_as_without_a_gateway(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The stop ends each link once its calls sent their statuses: the agent's stream ends as on the
+    controller's port (OK, not the gateway's UNAVAILABLE for a lost link), and the link is not left
+    for the relay server's grace to cancel (then logged unlinked, its calls ending as lost connections)."""
+    caplog.set_level(logging.INFO, logger="maia.gateway")
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0) as (app, stubs):
+        credential = (await HandAgent(stubs, "n1", "rack-a").register()).node_credential
+        through_gateway = Stubs.connect(app.agent_address, credential)
+        agent = HandAgent(through_gateway, "n1", "rack-a")
+        await agent.register()
+        await agent.connect()
+        await agent.next_set()
+    try:
+        assert await agent.reader_error() is None  # as on the port: the hub ends the stream, status OK
+        assert await agent.call.code() == grpc.StatusCode.OK
+    finally:
+        await through_gateway.channel.close()
+    unlinked = [r.getMessage() for r in caplog.records if "unlinked" in r.getMessage()]
+    assert unlinked == ["agent gateway gateway-0 unlinked: the controller is stopping"]
