@@ -4,6 +4,7 @@ conversions of `proto/maia/v1/relay.proto`."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
@@ -25,6 +26,40 @@ LINK_OPTIONS: tuple[tuple[str, int], ...] = (
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 _CODES: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Arrivals:
+    """One relayed call's messages as they arrive from the link, taken in order by the task that
+    serves the call, until the call ends (at either end of the link: a call's requests in the
+    controller, its responses in the gateway)."""
+
+    __slots__ = ("_messages", "_ended", "_arrived")
+
+    def __init__(self) -> None:
+        self._messages: deque[bytes] = deque()
+        self._ended = False
+        self._arrived = Wakeup()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def put(self, data: bytes) -> None:
+        self._messages.append(data)
+        self._arrived.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._arrived.set()
+
+    async def next(self) -> bytes | None:
+        """The next message, or None once the call has ended and every message was taken."""
+        while not self._messages:
+            if self._ended:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._messages.popleft()
 
 
 class Outbox:

@@ -20,7 +20,6 @@ import itertools
 import logging
 import signal
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import grpc
 from grpc import aio
 
 from controller import limits
-from controller.aio import Wakeup
-from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_OPTIONS, Outbox, from_relayed, status_code, to_relayed
+from controller.gateway.frames import (
+    GATEWAY_METADATA_KEY, LINK_OPTIONS, Arrivals, Outbox, from_relayed, status_code, to_relayed)
 from controller.logs import configure_logging
 from maia.v1 import relay_pb2, relay_pb2_grpc
 
@@ -44,29 +43,18 @@ EXIT_LINK_LOST = 4
 LINK_READY_TIMEOUT_S = 10.0
 
 
-class _Pending:
+class _Pending(Arrivals):
     """One relayed call's answer as it arrives: messages, then its status (None: the link ended)."""
 
-    __slots__ = ("messages", "status", "done", "arrived")
+    __slots__ = ("status",)
 
     def __init__(self) -> None:
-        self.messages: deque[bytes] = deque()
+        super().__init__()
         self.status: relay_pb2.RelayStatus | None = None
-        self.done = False
-        self.arrived = Wakeup()
 
     def finish(self, status: relay_pb2.RelayStatus | None) -> None:
-        self.status, self.done = status, True
-        self.arrived.set()
-
-    async def next(self) -> bytes | None:
-        """The next message, or None once the call is over."""
-        while not self.messages:
-            if self.done:
-                return None
-            self.arrived.clear()
-            await self.arrived.wait()
-        return self.messages.popleft()
+        self.status = status
+        self.end()
 
 
 class Gateway:
@@ -90,8 +78,7 @@ class Gateway:
                     if pending is None:
                         continue
                     if event.WhichOneof("body") == "message":
-                        pending.messages.append(event.message)
-                        pending.arrived.set()
+                        pending.put(event.message)
                     else:
                         pending.finish(event.status)
         except grpc.RpcError as exc:
@@ -99,7 +86,7 @@ class Gateway:
         finally:
             self.linked = False
             for pending in list(self._calls.values()):
-                if not pending.done:  # one whose status came has it (the controller ends the link right after)
+                if not pending.ended:  # one whose status came has it (the controller ends the link right after)
                     pending.finish(None)
 
     # --- agent calls -------------------------------------------------------------------------

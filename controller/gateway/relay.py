@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -28,7 +27,7 @@ import grpc
 from grpc import aio
 
 from controller.aio import Wakeup
-from controller.gateway.frames import GATEWAY_METADATA_KEY, Metadata, Outbox, from_relayed, status_event
+from controller.gateway.frames import GATEWAY_METADATA_KEY, Arrivals, Metadata, Outbox, from_relayed, status_event
 from maia.v1 import agent_pb2_grpc, relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger("maia.gateway")
@@ -127,32 +126,19 @@ class RelayedRequests:
     """A relayed call's requests as its handler reads them (an async iterator), parsed as it takes
     each (by the chain's deserializer: a malformed one reaches the chain's check as on the port)."""
 
-    __slots__ = ("_items", "_ended", "_arrived", "_parse")
+    __slots__ = ("arrivals", "_parse")
 
     def __init__(self, parse: Callable[[bytes], Any] | None) -> None:
-        self._items: deque[bytes] = deque()
-        self._ended = False
-        self._arrived = Wakeup()
+        self.arrivals = Arrivals()
         self._parse = parse
-
-    def put(self, data: bytes) -> None:
-        self._items.append(data)
-        self._arrived.set()
-
-    def end(self) -> None:
-        self._ended = True
-        self._arrived.set()
 
     def __aiter__(self) -> RelayedRequests:
         return self
 
     async def __anext__(self) -> Any:
-        while not self._items:
-            if self._ended:
-                raise StopAsyncIteration
-            self._arrived.clear()
-            await self._arrived.wait()
-        data = self._items.popleft()
+        data = await self.arrivals.next()
+        if data is None:
+            raise StopAsyncIteration
         return data if self._parse is None else self._parse(data)
 
 
@@ -215,7 +201,7 @@ class _Link:
             if body == "message":
                 call = calls.get(event.call)
                 if call is not None:
-                    call.requests.put(event.message)
+                    call.requests.arrivals.put(event.message)
             elif body == "taken":
                 call = calls.get(event.call)
                 if call is not None:
@@ -229,7 +215,7 @@ class _Link:
                 if event.end.cancelled:
                     call.task.cancel()
                 else:
-                    call.requests.end()
+                    call.requests.arrivals.end()
 
     def _open(self, call_id: int, opened: relay_pb2.RelayOpen) -> None:
         handler = self._handlers.get(opened.method)
