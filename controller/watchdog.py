@@ -1,18 +1,29 @@
 """The isolation watchdog: committed placements re-checked, continuously, against isolation.
 
-Every `interval_s` it reads the isolation version (a counter database triggers bump on every
-change to what the rules read, including rows written by hand); when it moved, or `full_every_s`
-passed since the last full check (in case someone dropped the triggers), it reads the stored
-placements (`controller.store.isolation`, in pages) and runs
-`scheduler.violations.find_violations` over them in a worker thread (the model of each row
-built once and kept while the row is unchanged: `isolation.ModelMemo`). A full check reads every
-placement, so under steady churn (the version moves every round) its cost is bounded instead:
-the next check starts no sooner than its last one's cost divided by `max_share` after it (with
-the default 0.05, checks take at most ~5 % of the controller's time; a check of 150 ms on 4,096
-busy nodes comes every 3 s rather than every 2). A violation the watchdog has
-not seen before raises an alarm: a log line at ERROR, an `isolation.violation` event and an
-audit entry (one transaction), and the in-process counters below. A violation raises one
-alarm while it persists; if it clears and comes back, it alarms again.
+The watchdog keeps a view of the stored placements (`store.isolation_view`: the rows the rules
+read, and the violations found in each rack) and keeps it current with what changed:
+- every `interval_s` it reads the isolation version (a counter database triggers bump on every
+  change to what the rules read, including rows written by hand) and the cluster generation;
+  when the version has not moved, nothing is read (the round is skipped);
+- when it moved, a **change check**: the cluster change log (`store.changes`, written by every
+  controller writer in the transaction of its change) names what changed since the generation
+  the view is at: the deployments and nodes it names are read again with their placements
+  (`isolation.read_around`), the small tables (rows, racks, tenants) whole, and only the racks
+  those rows touch are judged again. A violation it finds for the first time is confirmed first:
+  the racks it lies in are read again whole, in the same snapshot, and judged again (a row
+  changed behind the log's back, left stale in the view, raises no false alarm);
+- a **full check** reads every row again, in pages folded into the view one at a time (a row
+  unchanged builds nothing, and no page outlives its fold: neither the event loop nor the young
+  generation holds the whole cluster's rows) and judges every rack, in chunks, in a worker
+  thread. It runs every `full_every_s` (writes made outside this controller's writers, which log
+  nothing: a hand edit, a restore, dropped triggers, are found by it at the latest), when the log
+  cannot say what changed (pruned, a kind it does not name, too many objects), and when the
+  version moved with no change logged (a hand edit in a quiet cluster is found at the next round).
+  Its cost is bounded: the next full check starts no sooner than the last one's cost divided by
+  `max_share` after it (a change check waits for none).
+A violation the watchdog has not seen before raises an alarm: a log line at ERROR, an
+`isolation.violation` event and an audit entry (one transaction), and the in-process counters
+below. A violation raises one alarm while it persists; if it clears and comes back, it alarms again.
 
 Placements are written only by the plan commit, which the solver keeps within the rules, so
 an alarm means something else wrote them: a hand edit, a restore, a bug. The watchdog reports;
@@ -29,17 +40,27 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.domain.changes import ChangeKind
 from controller.store import audit
+from controller.store.changes import ChangesSince, read_changes_since
 from controller.store.db import Database
+from controller.store.isolation import (
+    DEPLOYMENT_COLUMNS, NODE_COLUMNS, PLACEMENT_COLUMNS, pages, read_around, read_contracts, read_versions)
+from controller.store.isolation_view import IsolationView
 from controller.store.models import Event, utcnow
-from controller.store.isolation import ModelMemo, StoredPlacements, isolation_version, read_placements, to_problem
-from scheduler.violations import Violation, find_violations
+from scheduler.violations import Violation
 
 log = logging.getLogger("maia.watchdog")
 
 ACTOR = "isolation-watchdog"
 EVENT_KIND = "isolation.violation"
+
+# A change check names at most this many deployments and nodes; more, and a full check costs little more.
+CHANGED_MAX = 2_000
+_DEPLOYMENT_KINDS = frozenset({ChangeKind.PLACEMENTS, ChangeKind.DEPLOYMENT, ChangeKind.DEPLOYMENT_DELETED})
+_CONTRACT_KINDS = frozenset({ChangeKind.TENANT, ChangeKind.TOPOLOGY})  # the small tables: read whole every check
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +69,32 @@ class Alarm:
     at: datetime
 
 
-def violations_in(stored: StoredPlacements, memo: ModelMemo | None = None) -> list[Violation]:
-    """The violations of the stored placements (CPU work: runs in a worker thread); `memo`: the
-    model objects of the last check, for the rows unchanged since (`isolation.ModelMemo`)."""
-    return find_violations(to_problem(stored, memo))
+@dataclass(frozen=True)
+class Changed:
+    """What the change log says changed: deployments (TENANT/NAME) and nodes (ids)."""
+
+    deployments: frozenset[str]
+    nodes: frozenset[str]
+
+
+def changed_since(changes: ChangesSince) -> Changed | None:
+    """What `changes` name, for a change check; None when the log cannot say (a generation
+    unlogged or pruned, a kind that names nothing the watchdog reads, a change naming none of
+    its objects, or more than `CHANGED_MAX` of them): a full check."""
+    if not changes.complete:
+        return None
+    deployments: set[str] = set()
+    nodes: set[str] = set()
+    for logged in changes.changes.values():
+        for kind, object_id in logged:
+            if kind in _CONTRACT_KINDS:
+                continue
+            if object_id is None or kind not in _DEPLOYMENT_KINDS | {ChangeKind.NODE}:
+                return None
+            (nodes if kind is ChangeKind.NODE else deployments).add(object_id)
+    if len(deployments) + len(nodes) > CHANGED_MAX:
+        return None
+    return Changed(frozenset(deployments), frozenset(nodes))
 
 
 class IsolationWatchdog:
@@ -67,56 +110,123 @@ class IsolationWatchdog:
         self.full_every_s = full_every_s
         self.max_share = max_share
         self._clock = clock
-        self._checked: tuple[int, float] | None = None  # (isolation version, clock) of the last full check
+        self._view = IsolationView()
+        # The isolation version and cluster generation the view is at (None: never read).
+        self._at: tuple[int, int] | None = None
+        self._full_at = 0.0  # clock of the last full check
         self._on_alarm = on_alarm
         self._active: set[tuple[str, str, tuple[str, ...]]] = set()
-        self._memo = ModelMemo()  # one check at a time uses it (in its worker thread)
-        # For metrics and health: how many alarms were raised, what is violated now, the last one.
+        # For metrics, health and benchmarks: how many alarms were raised, what is violated now, the last one.
         self.alarms_total = 0
-        self.checks_total = 0
+        self.checks_total = 0  # full and change checks
+        self.full_checks_total = 0
+        self.rows_read_total = 0  # rows read by the checks
+        self.placements_judged_total = 0
         self.skipped_total = 0  # rounds where nothing had changed since the last check
-        self.deferred_total = 0  # rounds where something had, but the last check was too recent for its cost
+        self.deferred_total = 0  # rounds that needed a full check too soon after the last for its cost
         self.active_violations = 0
         self.last_alarm: Alarm | None = None
         self.last_check_ms = 0.0
+        self.last_full_ms = 0.0
 
     async def check_if_changed(self) -> list[Alarm] | None:
-        """A full check when the isolation version moved or the last one is `full_every_s` old;
-        None when nothing changed, or when the last check is too recent for what it cost
-        (`max_share`: the change is checked at a later round)."""
+        """A change check when the isolation version moved, a full check when one is due (see
+        the module docstring); None when nothing changed, or when a full check is needed but the
+        last one is too recent for what it cost (`max_share`: it runs at a later round)."""
         async with self._db.unit_of_work() as uow:
-            version = await isolation_version(uow.session)
-        if self._checked is not None:
-            last_version, last_at = self._checked
-            since = self._clock() - last_at
-            if version == last_version and since < self.full_every_s:
+            version, generation = await read_versions(uow.session)
+        due = self._at is None or self._clock() - self._full_at >= self.full_every_s
+        if self._at is not None and not due:
+            if version == self._at[0]:  # nothing the rules read changed: the view holds at this generation
+                self._at = (version, generation)
                 self.skipped_total += 1
                 return None
-            if since < self.last_check_ms / 1000 / self.max_share:
-                self.deferred_total += 1
-                return None
-        return await self.check_once()
+            if generation == self._at[1]:  # changed, and no writer logged it: a full check
+                if self._full_deferred():
+                    return None
+                due = True
+        return await self._check(full=due)
 
     async def check_once(self) -> list[Alarm]:
         """One full check; returns the alarms it raised (violations not active before)."""
+        alarms = await self._check(full=True)
+        assert alarms is not None  # a full check asked for is never deferred
+        return alarms
+
+    def _full_deferred(self) -> bool:
+        """The last full check is too recent for what it cost (counted as a deferred round)."""
+        if self._clock() - self._full_at >= self.last_full_ms / 1000 / self.max_share:
+            return False
+        self.deferred_total += 1
+        return True
+
+    async def _check(self, *, full: bool) -> list[Alarm] | None:
+        """A full check (`full`, or when the view was never read or the change log cannot say
+        what changed and the last full check is old enough: else None), or a change check."""
         started = time.perf_counter()
+        # One snapshot: rows read at different moments can disagree (a placement read, then its
+        # deployment deleted) and raise a false REFERENCE alarm. The versions first: a change
+        # committed after the snapshot is checked next round.
         async with self._db.read_snapshot() as session:
-            # One snapshot: rows read at different moments can disagree (a placement read, then
-            # its deployment deleted) and raise a false REFERENCE alarm. The version first: a
-            # change committed after the snapshot is checked next round.
-            version = await isolation_version(session)
-            stored = await read_placements(session)
-        self._checked = (version, self._clock())
-        violations = await asyncio.to_thread(violations_in, stored, self._memo)
+            version, generation = await read_versions(session)
+            changed = None if full or self._at is None else changed_since(
+                await read_changes_since(session, self._at[1], generation=generation))
+            if changed is None:
+                if not full and self._at is not None and self._full_deferred():
+                    return None
+                full = True
+                self._full_at = self._clock()
+                await self._read_all(session)
+            else:
+                self._view.set_contracts(await read_contracts(session))
+                around = await read_around(session, changed.deployments, changed.nodes)
+                self.rows_read_total += around.rows
+                self._view.apply(around)
+            if full:
+                self._view.mark_all()
+            self.placements_judged_total += await asyncio.to_thread(self._view.check, self._view.take_dirty())
+            if not full and any(v.key not in self._active for v in self._view.violations):
+                await self._confirm(session)
+        self._at = (version, generation)
+        violations = self._view.violations
         fresh = [v for v in violations if v.key not in self._active]
         self._active = {v.key for v in violations}
         self.active_violations = len(violations)
         self.checks_total += 1
+        self.full_checks_total += full
         alarms = [Alarm(v, utcnow()) for v in fresh]
         if alarms:
             await self._record(alarms)
         self.last_check_ms = (time.perf_counter() - started) * 1000
+        if full:
+            self.last_full_ms = self.last_check_ms
         return alarms
+
+    async def _read_all(self, session: AsyncSession) -> None:
+        """Every row, in pages, each folded into the view as it comes; what was not read is forgotten."""
+        view = self._view
+        view.set_contracts(await read_contracts(session))
+        nodes: set[str] = set()
+        deployments: set[int] = set()
+        placements: set[int] = set()
+        for columns, put, seen in ((NODE_COLUMNS, view.put_nodes, nodes),
+                                   (DEPLOYMENT_COLUMNS, view.put_deployments, deployments),
+                                   (PLACEMENT_COLUMNS, view.put_placements, placements)):
+            async for page in pages(session, columns):
+                put(page)
+                seen.update(row[0] for row in page)
+                self.rows_read_total += len(page)
+        view.retain(nodes=nodes, deployments=deployments, placements=placements)
+
+    async def _confirm(self, session: AsyncSession) -> None:
+        """The nodes of violations a change check found for the first time (every node of the
+        rack, for a rack's), read again whole in the same snapshot and judged again: a row the
+        log did not name is not judged stale."""
+        fresh = [v for v in self._view.violations if v.key not in self._active]
+        around = await read_around(session, node_ids=self._view.nodes_around(fresh))
+        self.rows_read_total += around.rows
+        self._view.apply(around)
+        self.placements_judged_total += await asyncio.to_thread(self._view.check, self._view.take_dirty())
 
     async def _record(self, alarms: list[Alarm]) -> None:
         for alarm in alarms:

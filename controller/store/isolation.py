@@ -1,129 +1,146 @@
-"""What the isolation watchdog reads: every stored placement with the facts its rules need.
+"""What the isolation watchdog reads: the stored placements and the facts its rules need.
 
-Leaner than the reconciler's snapshot (`snapshot.load_snapshot`): plain columns, the JSON of
-accelerator indices left as text, placements read in keyset pages so the event loop is never
-held for long; `to_problem` (run in a worker thread) parses and builds the solver's model,
-taking what it built at the last check for the rows unchanged since (`ModelMemo`).
+Leaner than the reconciler's snapshot (`snapshot.load_snapshot`): plain columns as tuples, the
+JSON of accelerator indices left as text (the view parses a row once, `isolation_view`).
 Placements of deployments being deleted are included: they still hold their accelerators.
-`isolation_version` reads the counter that database triggers (migration 0005) bump whenever a
-row the rules read changes, however it was written.
+
+Two ways to read: every row, in keyset pages (`pages`: the watchdog's full pass folds each page
+into its view and lets it go, so neither the event loop nor the young generation holds a whole
+table's rows at once), or only the rows around what the change log names (`read_around`: some
+deployments and nodes, their placements and the deployments those name). The small tables
+(rows, racks, tenants: `read_contracts`) are read whole every check. `isolation_version` reads
+the counter that database triggers (migration 0005) bump whenever a row the rules read changes,
+however it was written.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row as SqlRow
-from sqlalchemy import Text, cast, select
+from sqlalchemy import ColumnElement, Text, cast, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.domain.values import deployment_key
-from controller.store.models import Deployment, IsolationState, Node, Placement, Rack, Row, Tenant
-from scheduler.model import Deployment as SolverDeployment
-from scheduler.model import Node as SolverNode
-from scheduler.model import Placement as SolverPlacement
-from scheduler.model import Problem, Rack as SolverRack, Row as SolverRow, ShardSpec, Tenant as SolverTenant
+from controller.domain.values import deployment_key, split_deployment_key
+from controller.store.inlist import any_of
+from controller.store.models import ClusterState, Deployment, IsolationState, Node, Placement, Rack, Row, Tenant
 
-PAGE = 1000  # rows per query: the event loop is never held for long
+PAGE = 1000  # rows per query: the event loop is never held for long, nor a whole table kept
+
+Values = tuple[Any, ...]  # one row's columns, in the order of the column tuples below
+
+# (id, deployment id, replica, shard, node id, accelerator indices as JSON text, accelerator milli)
+PLACEMENT_COLUMNS: tuple[ColumnElement[Any], ...] = (
+    Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,  # type: ignore[assignment]
+    cast(Placement.accelerator_indices, Text), Placement.accelerator_milli)
+# (id, name, tenant id, shard accelerators, accelerator milli, HBM GiB, CPU milli, memory MiB)
+DEPLOYMENT_COLUMNS: tuple[ColumnElement[Any], ...] = (
+    Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.shard_accelerators,  # type: ignore[assignment]
+    Deployment.shard_accelerator_milli, Deployment.shard_hbm_gib, Deployment.shard_cpu_milli,
+    Deployment.shard_memory_mib)
+# (id, rack id, accelerators, HBM GiB, CPU milli, memory MiB)
+NODE_COLUMNS: tuple[ColumnElement[Any], ...] = (
+    Node.id, Node.rack_id, Node.accelerators, Node.hbm_gib, Node.cpu_milli, Node.memory_mib)  # type: ignore[assignment]
+
+_IN_CHUNK = 500  # values per IN list
 
 
 @dataclass(frozen=True)
-class StoredPlacements:
-    """Raw rows, as read (parsing and building happen in `to_problem`, off the event loop)."""
+class Contracts:
+    """The small tables, whole: rows (id, zone), racks (id, row), tenants (id, isolation, excludes, zones)."""
 
-    rows: list[SqlRow[Any]]
-    racks: list[SqlRow[Any]]
-    nodes: list[SqlRow[Any]]
-    tenants: list[SqlRow[Any]]
-    deployments: list[SqlRow[Any]]
-    placements: list[SqlRow[Any]]
+    rows: list[Values]
+    racks: list[Values]
+    tenants: list[Values]
 
 
-async def read_placements(session: AsyncSession) -> StoredPlacements:
-    """Every placement and what it refers to; placements in pages of `PAGE` rows."""
-    async def rows(*columns: Any) -> list[SqlRow[Any]]:
-        return list(await session.execute(select(*columns)))
+@dataclass(frozen=True)
+class Around:
+    """The rows read again around what changed: `deployment_keys` and `node_ids` as asked (one
+    asked and not found is gone), the deployments found (those asked, and those the placements
+    read name), the nodes found, and the placements of those deployments and on those nodes."""
 
-    placements: list[SqlRow[Any]] = []
-    after = 0
+    deployment_keys: frozenset[str]
+    node_ids: frozenset[str]
+    deployments: list[Values]
+    nodes: list[Values]
+    placements: list[Values]
+
+    @property
+    def rows(self) -> int:
+        return len(self.deployments) + len(self.nodes) + len(self.placements)
+
+
+async def read_contracts(session: AsyncSession) -> Contracts:
+    async def rows(*columns: Any) -> list[Values]:
+        return [tuple(r) for r in await session.execute(select(*columns))]
+
+    return Contracts(rows=await rows(Row.id, Row.zone_id), racks=await rows(Rack.id, Rack.row_id),
+                     tenants=await rows(Tenant.id, Tenant.isolation, Tenant.excludes, Tenant.zones))
+
+
+async def pages(session: AsyncSession, columns: Sequence[ColumnElement[Any]]) -> AsyncIterator[list[Values]]:
+    """Every row of `columns`' table in pages of `PAGE`, by its key (the first column)."""
+    key = columns[0]
+    after: Any = None
     while True:
-        page = list(await session.execute(
-            select(Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
-                   cast(Placement.accelerator_indices, Text), Placement.accelerator_milli)
-            .where(Placement.id > after).order_by(Placement.id).limit(PAGE)))
-        placements += page
+        statement = select(*columns).order_by(key).limit(PAGE)
+        if after is not None:
+            statement = statement.where(key > after)
+        page = [tuple(r) for r in await session.execute(statement)]
+        if page:
+            yield page
         if len(page) < PAGE:
-            break
+            return
         after = page[-1][0]
-    return StoredPlacements(
-        rows=await rows(Row.id, Row.zone_id),
-        racks=await rows(Rack.id, Rack.row_id),
-        nodes=await rows(Node.id, Node.rack_id, Node.accelerators, Node.hbm_gib, Node.cpu_milli, Node.memory_mib),
-        tenants=await rows(Tenant.id, Tenant.isolation, Tenant.excludes, Tenant.zones),
-        deployments=await rows(Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.shard_accelerators,
-                               Deployment.shard_accelerator_milli, Deployment.shard_hbm_gib,
-                               Deployment.shard_cpu_milli, Deployment.shard_memory_mib),
-        placements=placements,
-    )
+
+
+async def read_around(session: AsyncSession, deployment_keys: Collection[str] = (),
+                      node_ids: Collection[str] = ()) -> Around:
+    """The rows around `deployment_keys` (TENANT/NAME) and `node_ids` (see `Around`)."""
+    deployments: dict[int, Values] = {}
+    wanted = set(deployment_keys)
+    names = [split_deployment_key(k) for k in sorted(wanted)]
+    for chunk in _chunks(names):
+        for d in await session.execute(select(*DEPLOYMENT_COLUMNS).where(
+                any_of(session, Deployment.tenant_id, sorted({t for t, _ in chunk})),
+                any_of(session, Deployment.name, sorted({n for _, n in chunk})))):
+            if deployment_key(d[2], d[1]) in wanted:
+                deployments[d[0]] = tuple(d)
+    placements: dict[int, Values] = {}
+    for column, values in ((Placement.deployment_id, sorted(deployments)), (Placement.node_id, sorted(node_ids))):
+        for chunk in _chunks(values):
+            for p in await session.execute(select(*PLACEMENT_COLUMNS).where(any_of(session, column, chunk))):
+                placements[p[0]] = tuple(p)
+    named = sorted({p[1] for p in placements.values()} - deployments.keys())
+    for chunk in _chunks(named):
+        for d in await session.execute(select(*DEPLOYMENT_COLUMNS).where(any_of(session, Deployment.id, chunk))):
+            deployments[d[0]] = tuple(d)
+    nodes: list[Values] = []
+    for chunk in _chunks(sorted(node_ids)):
+        nodes += [tuple(n) for n in await session.execute(select(*NODE_COLUMNS).where(any_of(session, Node.id, chunk)))]
+    return Around(frozenset(wanted), frozenset(node_ids), list(deployments.values()), nodes, list(placements.values()))
+
+
+def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start:start + _IN_CHUNK]
 
 
 async def isolation_version(session: AsyncSession) -> int:
     """The counter the database's triggers bump on every change the isolation rules read."""
-    version = (await session.execute(select(IsolationState.version).where(IsolationState.id == 1))).scalar_one_or_none()
-    if version is None:
-        raise RuntimeError("isolation_state row id=1 is missing: is the schema migrated?")
-    return version
+    return (await read_versions(session))[0]
 
 
-class ModelMemo:
-    """The solver objects `to_problem` built from each row at the last check, by that row's
-    values (and a placement's by its deployment's label too): a row unchanged since is not
-    parsed and built again. Under churn nearly every row is: at 4,096 nodes and ~12,000
-    placements building them all took ~100 ms of CPU a check. Holds only what the last check used."""
-
-    def __init__(self) -> None:
-        self.deployments: dict[tuple[Any, ...], tuple[str, SolverDeployment]] = {}
-        self.placements: dict[tuple[tuple[Any, ...], str], SolverPlacement] = {}
-        self.nodes: dict[tuple[Any, ...], SolverNode] = {}
+_VERSIONS = select(select(IsolationState.version).where(IsolationState.id == 1).scalar_subquery(),
+                   select(ClusterState.generation).where(ClusterState.id == 1).scalar_subquery())
 
 
-def to_problem(stored: StoredPlacements, memo: ModelMemo | None = None) -> Problem:
-    """The solver's model of the stored placements (CPU work: call it in a worker thread); with
-    `memo`, the objects of rows unchanged since its last use are taken from it (and it holds
-    this call's)."""
-    memo = memo or ModelMemo()
-    deployments: dict[tuple[Any, ...], tuple[str, SolverDeployment]] = {}
-    labels: dict[int, str] = {}  # violations name TENANT/NAME
-    for d in stored.deployments:
-        values = tuple(d)  # plain tuples: a Row compares in Python, ~4x slower
-        deployments[values] = built = memo.deployments.get(values) or _deployment(d)
-        labels[d.id] = built[0]
-    placements: dict[tuple[tuple[Any, ...], str], SolverPlacement] = {}
-    for p in stored.placements:
-        key = (tuple(p), labels.get(p[1], f"deployment #{p[1]}"))
-        placements[key] = memo.placements.get(key) or SolverPlacement(
-            key[1], p[2], p[3], p[4], tuple(json.loads(p[5])), p[6])
-    nodes: dict[tuple[Any, ...], SolverNode] = {}
-    for n in stored.nodes:
-        values = tuple(n)
-        nodes[values] = memo.nodes.get(values) or SolverNode(
-            n.id, n.rack_id, n.accelerators, hbm_gib=n.hbm_gib, cpu_milli=n.cpu_milli, memory_mib=n.memory_mib)
-    memo.deployments, memo.placements, memo.nodes = deployments, placements, nodes
-    return Problem(
-        zones=(),
-        rows=tuple(SolverRow(r.id, r.zone_id) for r in stored.rows),
-        racks=tuple(SolverRack(r.id, r.row_id) for r in stored.racks),
-        nodes=tuple(nodes.values()),
-        tenants=tuple(SolverTenant(t.id, t.isolation.value, tuple(t.excludes), tuple(t.zones) or None)
-                      for t in stored.tenants),
-        deployments=tuple(deployment for _, deployment in deployments.values()),
-        placements=tuple(placements.values()),
-    )
-
-
-def _deployment(d: SqlRow[Any]) -> tuple[str, SolverDeployment]:
-    label = deployment_key(d.tenant_id, d.name)
-    return label, SolverDeployment(label, d.tenant_id, 1, 1, ShardSpec(
-        d.shard_accelerators, d.shard_accelerator_milli, d.shard_hbm_gib, d.shard_cpu_milli, d.shard_memory_mib))
+async def read_versions(session: AsyncSession) -> tuple[int, int]:
+    """The isolation version and the cluster generation (`store.changes`), in one statement: when
+    the version has not moved, the rows the rules read are as they were at any generation since."""
+    row = (await session.execute(_VERSIONS)).one()
+    if row[0] is None or row[1] is None:
+        raise RuntimeError("isolation_state or cluster_state row id=1 is missing: is the schema migrated?")
+    return int(row[0]), int(row[1])
