@@ -129,6 +129,11 @@ class IsolationWatchdog:
         self.last_check_ms = 0.0
         self.last_full_ms = 0.0
 
+    @property
+    def violations(self) -> list[Violation]:
+        """The violations found by the last check, in a stable order (rule, scope, tenants)."""
+        return self._view.violations
+
     async def check_if_changed(self) -> list[Alarm] | None:
         """A change check when the isolation version moved, a full check when one is due (see
         the module docstring); None when nothing changed, or when a full check is needed but the

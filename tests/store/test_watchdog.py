@@ -219,3 +219,140 @@ async def test_a_check_judges_rows_changed_by_hand_since_the_last_one_as_they_ar
     assert [(a.violation.rule, a.violation.tenants) for a in alarms][:1] == [("ACCELERATOR", ("lab", "rival"))]
 
 
+
+
+# Change checks: what a controller writer changes (and logs, `store.changes`) is read and judged alone.
+
+async def _written_and_logged(database: Database, change: ClusterChange, *statements: str) -> None:
+    """`statements` and the change log's entry for them, in one transaction: as a controller writer does."""
+    async with database.unit_of_work() as uow:
+        for statement in statements:
+            await uow.session.execute(text(statement))
+        await bump_cluster_generation(uow.session, change)
+        await uow.commit()
+
+
+def _insert(deployment: str, replica: int, node: str, indices: str) -> str:
+    return ("INSERT INTO placements (deployment_id, replica, shard, node_id, accelerator_indices, phase, message, "
+            f"generation, updated_at) SELECT id, {replica}, 0, '{node}', '{indices}', 'running', '', 0, "
+            f"CURRENT_TIMESTAMP FROM deployments WHERE name = '{deployment}'")
+
+
+def _keys(violations: list[Any]) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [v.key for v in violations]
+
+
+# Eight nodes, two racks, no rule of a rack's scope (no tenant dedicated_rack or excluding
+# another): a change check judges the nodes it touches alone. Tenant "solo" is dedicated_node.
+WIDE: dict[str, Any] = {
+    **TWO_RACKS,
+    "nodes": [{"id": f"n{i}", "rack": "rack1" if i <= 4 else "rack2", "accelerators": 4} for i in range(1, 9)],
+    "tenants": [{"id": "solo", "isolation": "dedicated_node"}, {"id": "lab"}],
+    "deployments": [{"id": f"{t}-web", "tenant": t, "replicas": 8, "shards_per_replica": 1, "shard": {"accelerators": 1}}
+                    for t in ("solo", "lab")],
+    "placements": [{"deployment": "solo-web", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]}]
+    + [{"deployment": "lab-web", "replica": r, "shard": 0, "node": f"n{r + 2}", "accelerator_indices": [0]}
+       for r in range(6)],
+}
+
+
+async def test_a_change_check_reads_and_judges_only_what_the_log_names(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, WIDE)
+        await uow.commit()
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, clock=lambda: now[0])
+    assert await watchdog.check_if_changed() == []
+    assert (watchdog.full_checks_total, watchdog.placements_judged_total) == (1, 7)
+    rows, judged = watchdog.rows_read_total, watchdog.placements_judged_total
+
+    now[0] = 2.0  # lab's replica 6 placed on n1, beside the dedicated_node tenant solo, by a writer that logs it
+    await _written_and_logged(database, ClusterChange.placements(["lab/lab-web"]), _insert("lab-web", 6, "n1", "[1]"))
+    alarms = await watchdog.check_if_changed()
+    assert [(a.violation.rule, a.violation.scope, a.violation.tenants) for a in alarms] == [
+        ("ISOLATION", "node n1", ("lab", "solo"))]
+    assert (watchdog.checks_total, watchdog.full_checks_total) == (2, 1)
+    # lab/lab-web and its 7 placements (then, to confirm the alarm, n1, its 2 placements and their
+    # 2 deployments: as the view held them, so not judged again), not the 17 rows of the cluster;
+    # judged: n1's 2 placements
+    assert watchdog.rows_read_total - rows == 1 + 7 + 1 + 2 + 2
+    assert watchdog.placements_judged_total - judged == 2
+
+    now[0] = 4.0  # moved away by the next logged change: cleared, without a full check
+    await _written_and_logged(database, ClusterChange.placements(["lab/lab-web"]),
+                              "UPDATE placements SET node_id = 'n8' WHERE replica = 6")
+    assert await watchdog.check_if_changed() == []
+    assert (watchdog.active_violations, watchdog.full_checks_total) == (0, 1)
+
+
+async def test_a_change_check_raises_no_false_alarm_for_a_row_the_log_did_not_name(database: Database) -> None:
+    # lab's shard on n2[0] deleted by hand (nothing logged), then rival placed on n2[0] by a writer
+    # that logs it: the view still holds lab's shard there, and judged alone it would see two
+    # tenants on one accelerator. The alarm's node is read again first, and nothing is raised.
+    await _seeded(database)
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, clock=lambda: now[0])
+    assert await watchdog.check_if_changed() == []
+    now[0] = 2.0
+    async with database.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM placements WHERE node_id = 'n2'"))
+    await _written_and_logged(database, ClusterChange.placements(["rival/rival-web"]),
+                              _insert("rival-web", 1, "n2", "[0]"))
+    assert await watchdog.check_if_changed() == []
+    assert (watchdog.full_checks_total, watchdog.active_violations, watchdog.alarms_total) == (1, 0, 0)
+    assert watchdog.violations == await IsolationWatchdog(database).check_once() == []
+
+
+async def test_under_churn_a_hand_written_violation_is_found_by_the_periodic_full_check(database: Database) -> None:
+    await _seeded(database)
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, full_every_s=60, clock=lambda: now[0])
+    assert await watchdog.check_if_changed() == []
+    now[0] = 10.0  # a hand edit, while a writer logs a change of its own: the log does not name it
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    await _written_and_logged(database, ClusterChange.placements(["rival/rival-web"]),
+                              "UPDATE placements SET accelerator_indices = '[1]' WHERE node_id = 'n3'")
+    assert await watchdog.check_if_changed() == []
+    assert (watchdog.checks_total, watchdog.full_checks_total) == (2, 1)
+    now[0] = 61.0  # churn goes on; the full check is due and reads every row
+    await _written_and_logged(database, ClusterChange.placements(["rival/rival-web"]),
+                              "UPDATE placements SET accelerator_indices = '[2]' WHERE node_id = 'n3'")
+    alarms = await watchdog.check_if_changed()
+    assert [(a.violation.rule, a.violation.scope) for a in alarms] == [("ISOLATION", "node n1")]
+    assert watchdog.full_checks_total == 2
+
+
+async def test_change_checks_find_what_a_full_check_finds(database: Database) -> None:
+    """Logged changes of every kind the watchdog reads (placements written, moved and removed,
+    a deployment deleted, a node removed, a tenant's contract changed): after each, the change
+    check's violations are those of a full check of the database by a new watchdog."""
+    await _seeded(database)
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, clock=lambda: now[0])
+    await watchdog.check_if_changed()
+    steps: list[tuple[ClusterChange, tuple[str, ...]]] = [
+        (ClusterChange.placements(["lab/lab-web"]), (_insert("lab-web", 1, "n1", "[1]"),)),  # ISOLATION n1
+        (ClusterChange.placements(["rival/rival-web"]),  # ACCELERATOR n2[0], and off n3
+         ("UPDATE placements SET node_id = 'n2' WHERE node_id = 'n3'",)),
+        (ClusterChange.placements(["eu/eu-web"]), (_insert("eu-web", 0, "n4", "[0]"),)),  # rack2
+        (ClusterChange.tenant("eu"), ("UPDATE tenants SET isolation = 'dedicated_rack' WHERE id = 'eu'",)),
+        (ClusterChange.placements(["rival/rival-web"]), (_insert("rival-web", 1, "n4", "[1]"),)),  # ISOLATION rack2
+        (ClusterChange.tenant("lab"), ("UPDATE tenants SET excludes = '[]' WHERE id = 'lab'",)),  # EXCLUSION gone
+        (ClusterChange.deployment_deleted("lab/lab-web"),
+         ("DELETE FROM placements WHERE deployment_id = (SELECT id FROM deployments WHERE name = 'lab-web')",
+          "DELETE FROM deployments WHERE name = 'lab-web'")),
+        (ClusterChange.node("n4"), ("DELETE FROM placements WHERE node_id = 'n4'", "DELETE FROM nodes WHERE id = 'n4'")),
+        (ClusterChange.placements(["solo/solo-web"]), (_insert("solo-web", 1, "n2", "[3]"),)),  # ISOLATION n2
+    ]
+    seen = set()
+    for step, (change, statements) in enumerate(steps, start=1):
+        now[0] = 2.0 * step
+        await _written_and_logged(database, change, *statements)
+        await watchdog.check_if_changed()
+        fresh = IsolationWatchdog(database)
+        await fresh.check_once()
+        expected = _keys(fresh.violations)
+        assert _keys(watchdog.violations) == expected, f"after step {step}"
+        seen.update(expected)
+    assert watchdog.full_checks_total == 1
+    assert {rule for rule, _, _ in seen} == {"ISOLATION", "ACCELERATOR", "EXCLUSION"}
