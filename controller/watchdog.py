@@ -116,6 +116,7 @@ class IsolationWatchdog:
         self._full_at = 0.0  # clock of the last full check
         self._on_alarm = on_alarm
         self._active: set[tuple[str, str, tuple[str, ...]]] = set()
+        self._violations: list[Violation] = []  # as the last check left them (the view may be judging)
         # For metrics, health and benchmarks: how many alarms were raised, what is violated now, the last one.
         self.alarms_total = 0
         self.checks_total = 0  # full and change checks
@@ -132,7 +133,7 @@ class IsolationWatchdog:
     @property
     def violations(self) -> list[Violation]:
         """The violations found by the last check, in a stable order (rule, scope, tenants)."""
-        return self._view.violations
+        return self._violations
 
     async def check_if_changed(self) -> list[Alarm] | None:
         """A change check when the isolation version moved, a full check when one is due (see
@@ -196,6 +197,7 @@ class IsolationWatchdog:
         violations = self._view.violations
         fresh = [v for v in violations if v.key not in self._active]
         self._active = {v.key for v in violations}
+        self._violations = violations
         self.active_violations = len(violations)
         self.checks_total += 1
         self.full_checks_total += full
