@@ -9,9 +9,11 @@ tables (rows, racks, tenants), a rack's on the tenants its nodes hold. So the vi
 violations by node and by rack, and what changed marks only the nodes and racks it touches to be
 judged again (`dirty`): a placement written, moved or removed (its old and its new node), a node
 changed, a deployment changed (the nodes of its placements), a tenant's contract (the nodes
-holding it), a rack's row or a row's zone (the rack's nodes). While no tenant has a rule of a
-rack's scope (none dedicated_rack, none excluding another: `rack_rules`) the dirty nodes are
-judged alone; else the racks holding them, whole (as `recheck.rack_rules_apply` decides for a plan).
+holding it), a rack's row or a row's zone (the rack's nodes). A dirty node is judged alone
+unless its rack holds a tenant with a rule of a rack's scope (dedicated_rack, or excluding
+another: `ruled`) or had a violation of a rack's scope: then the rack is judged whole (as
+`recheck.rack_rules_apply` decides for a plan). A tenant whose contract changed has its nodes
+dirty, so a rack it joins or leaves the rules of is judged whole then.
 
 Rows come in as read (`controller.store.isolation`, tuples). A row equal to the one the view
 holds changes nothing and keeps its model objects: a full pass that reads every row again builds
@@ -81,7 +83,7 @@ class IsolationView:
         self._violations: dict[tuple[str, str], list[Violation]] = {}  # by ("node", id) and ("rack", id)
         self._dirty_nodes: set[str] = set()
         self._dirty_racks: set[str] = set()
-        self.rack_rules = False  # some tenant is dedicated_rack or excludes another
+        self._ruled: frozenset[str] = frozenset()  # tenants dedicated_rack or excluding another
 
     # What it holds
 
@@ -132,10 +134,8 @@ class IsolationView:
         for node_id in self._nodes_holding(_changed(self._tenants, tenants)):
             self._dirty(node_id)
         self._rows, self._racks, self._tenants = rows, racks, tenants
-        rack_rules = any(getattr(t[1], "value", t[1]) == "dedicated_rack" or t[2] for t in tenants.values())
-        if rack_rules != self.rack_rules:  # judged in another way from now on: everything again
-            self.rack_rules = rack_rules
-            self.mark_all()
+        self._ruled = frozenset(t[0] for t in tenants.values()
+                                if getattr(t[1], "value", t[1]) == "dedicated_rack" or t[2])
         self._contracts = (
             tuple(SolverRow(r[0], r[1]) for r in rows.values()),
             tuple(SolverRack(r[0], r[1]) for r in racks.values()),
@@ -242,13 +242,17 @@ class IsolationView:
     def check(self, dirty: Dirty) -> int:
         """Judge the `dirty` nodes and racks again (see the module docstring): their violations
         replace what was found there. The number of placements judged."""
-        if self.rack_rules:  # racks whole: a rack of a dirty node, and the dirty nodes gone from every rack
-            racks = dirty.racks | {self.rack_of(n) for n in dirty.nodes}
-            groups = [sorted(self._rack_nodes.get(rack, ())) for rack in racks]
-            groups.append(sorted(dirty.nodes - self.nodes_in(racks)))
-        else:
-            racks, groups = dirty.racks, [[node_id] for node_id in dirty.nodes]
-        for rack in racks:
+        dirty_in: dict[str, set[str]] = {rack: set() for rack in dirty.racks}
+        for node_id in dirty.nodes:
+            dirty_in.setdefault(self.rack_of(node_id), set()).add(node_id)
+        whole = {rack for rack in dirty_in if self._judged_whole(rack)}
+        groups: list[list[str]] = []  # a rack judged whole, or a node alone
+        for rack, nodes in dirty_in.items():
+            if rack in whole:
+                groups.append(sorted(self._rack_nodes.get(rack, set()) | nodes))
+            else:
+                groups += [[node_id] for node_id in sorted(nodes)]
+        for rack in whole:
             self._violations.pop(("rack", rack), None)
         judged = 0
         for nodes in self._chunks(groups):
@@ -258,9 +262,22 @@ class IsolationView:
                 self._violations.pop(("node", node_id), None)
             for violation in find_violations(problem):
                 unit = _unit_of_scope(violation.scope)
-                if unit[0] == "node" or self.rack_rules:  # a rack's are judged whole only
+                if unit[0] == "node" or unit[1] in whole:  # a rack's are judged whole only
                     self._violations.setdefault(unit, []).append(violation)
         return judged
+
+    def _judged_whole(self, rack: str) -> bool:
+        """A rack holding a tenant with a rule of a rack's scope, or where one was broken."""
+        if ("rack", rack) in self._violations:
+            return True
+        if not self._ruled:
+            return False
+        for node_id in self._rack_nodes.get(rack, ()):
+            for placement_id in self._on_node.get(node_id, ()):
+                deployed = self._deployments.get(self._placements[placement_id].values[1])
+                if deployed is not None and deployed.model.tenant in self._ruled:
+                    return True
+        return False
 
     def _chunks(self, groups: Iterable[list[str]]) -> Iterator[list[str]]:
         """The groups' nodes in chunks of about `CHUNK` placements (a group whole in one)."""

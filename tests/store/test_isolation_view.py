@@ -54,3 +54,16 @@ def test_a_node_gone_leaves_its_placements_as_references_to_nothing() -> None:
     view.put_nodes([NODES[2]])
     view.check(view.take_dirty())
     assert view.violations == []
+
+
+def test_a_rack_no_tenant_of_a_rack_rule_is_on_is_judged_by_node() -> None:
+    view = _view(lab_excludes=["rival"])
+    view.drop_placement(13)  # lab leaves rack2 (n3): its EXCLUSION judged whole, and cleared
+    assert view.check(view.take_dirty()) == 1
+    assert [v.key for v in view.violations] == [("EXCLUSION", "rack rack1", ("lab", "rival"))]
+    view.put_placements([(30, 2, 9, 0, "n3", "[1]", None)])  # rival on n3: rack2 holds rival alone
+    assert view.check(view.take_dirty()) == 1  # n3 alone, not n3 and n4
+    view.put_placements([(31, 1, 9, 0, "n3", "[2]", None)])  # lab back on n3: rack2 whole again
+    assert view.check(view.take_dirty()) == 3
+    assert [v.key for v in view.violations] == [("EXCLUSION", "rack rack1", ("lab", "rival")),
+                                                ("EXCLUSION", "rack rack2", ("lab", "rival"))]
