@@ -182,7 +182,11 @@ class IsolationWatchdog:
                     return None
                 full = True
                 self._full_at = self._clock()
-                await self._read_all(session)
+                try:
+                    await self._read_all(session)
+                except BaseException:
+                    self._at = None  # the view is part read: the next round reads it all again
+                    raise
             else:
                 self._view.set_contracts(await read_contracts(session))
                 around = await read_around(session, changed.deployments, changed.nodes)

@@ -356,3 +356,29 @@ async def test_change_checks_find_what_a_full_check_finds(database: Database) ->
         seen.update(expected)
     assert watchdog.full_checks_total == 1
     assert {rule for rule, _, _ in seen} == {"ISOLATION", "ACCELERATOR", "EXCLUSION"}
+
+
+async def test_a_full_check_that_fails_half_way_is_followed_by_another(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    await _seeded(database)
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, clock=lambda: now[0])
+    assert await watchdog.check_if_changed() == []
+    real_pages = watchdog_module.pages
+
+    async def failing_pages(session: Any, columns: Any) -> Any:  # the nodes read, then the database fails
+        async for page in real_pages(session, columns):
+            yield page
+        if columns is watchdog_module.DEPLOYMENT_COLUMNS:
+            raise ConnectionError("database went away")
+
+    monkeypatch.setattr(watchdog_module, "pages", failing_pages)
+    with pytest.raises(ConnectionError):
+        await watchdog.check_once()
+    monkeypatch.undo()
+    now[0] = 2.0  # the next round reads everything again, though nothing was logged since
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    await _written_and_logged(database, ClusterChange.placements(["rival/rival-web"]),
+                              "UPDATE placements SET accelerator_indices = '[1]' WHERE node_id = 'n3'")
+    alarms = await watchdog.check_if_changed()
+    assert [a.violation.rule for a in alarms] == ["ISOLATION"] and watchdog.full_checks_total == 2
