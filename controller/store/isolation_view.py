@@ -66,7 +66,7 @@ class _Deployed:
 
 class IsolationView:
     """The placements, nodes, deployments and contracts as last read, and the violations of
-    each rack as last judged (see the module docstring)."""
+    each node and rack as last judged (see the module docstring)."""
 
     def __init__(self) -> None:
         self._rows: dict[str, Values] = {}
@@ -91,10 +91,6 @@ class IsolationView:
     def violations(self) -> list[Violation]:
         """Every violation found, in a stable order (rule, scope, tenants)."""
         return sorted((v for found in self._violations.values() for v in found), key=lambda v: v.key)
-
-    @property
-    def placements(self) -> int:
-        return len(self._placements)
 
     def rack_of(self, node_id: str) -> str:
         node = self._nodes.get(node_id)
@@ -121,7 +117,7 @@ class IsolationView:
     # What changed
 
     def set_contracts(self, contracts: Contracts) -> None:
-        """The small tables as read now: the racks a changed row, rack or tenant concerns are dirty."""
+        """The small tables as read now: the nodes a changed row, rack or tenant concerns are dirty."""
         rows, racks, tenants = ({r[0]: r for r in table} for table in (contracts.rows, contracts.racks,
                                                                           contracts.tenants))
         if (rows, racks, tenants) == (self._rows, self._racks, self._tenants):
