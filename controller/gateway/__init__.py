@@ -19,4 +19,5 @@ connections) and the gateway exits.
 - `relay`: the controller's end (a relayed call's context, the AgentRelay servicer).
 - `process`: the gateway process (`python -m controller.gateway`).
 - `children`: the controller starting and stopping its gateways.
+- `linkdir`: the private directory of the links' socket, and the removal of those left behind.
 """

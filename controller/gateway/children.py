@@ -1,7 +1,8 @@
 """The controller's gateway processes: started with it, stopped with it.
 
 `GatewayProcesses.start` binds the controller's end of the links (a unix socket in a directory of
-its own, mode 0700: only the controller's user can reach it) and starts N gateway processes
+its own, mode 0700: only the controller's user can reach it; `linkdir`, which also removes those
+of controllers killed before they could) and starts N gateway processes
 (`python -m controller.gateway`) on the same agent address: the first one's port is the others'
 (SO_REUSEPORT: the kernel spreads the agents' connections over them). A gateway that exits is
 logged and started again after `restart_after_s` on the same address (its agents' streams ended:
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from controller.gateway.linkdir import LinkDirectory
 
 log = logging.getLogger("maia.gateway")
 
@@ -49,8 +50,8 @@ class GatewaySettings:
 class GatewayProcesses:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self._dir = Path(tempfile.mkdtemp(prefix="maia-gateways-"))  # mode 0700
-        self.link_address = f"unix:{self._dir / 'relay.sock'}"
+        self.link_directory = LinkDirectory()  # in the temporary directory ($TMPDIR)
+        self.link_address = f"unix:{self.link_directory.socket}"
         self.address = ""
         self.processes: list[subprocess.Popen[str]] = []  # by index: the one running now (or the last one)
         self.restarts = 0
@@ -138,4 +139,4 @@ class GatewayProcesses:
                 await asyncio.to_thread(process.wait)
         for watcher in self._watchers:
             watcher.cancel()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self.link_directory.remove()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from controller.gateway import linkdir
+
 BIN = Path(sys.executable).parent / "maia-controller"
 
 
@@ -45,11 +47,20 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     return left
 
 
+def link_directories(tmp_path: Path) -> list[Path]:
+    """The gateway link directories (`maia-gateways-*`) of the controllers `start` started."""
+    return sorted((tmp_path / "tmp").glob(f"{linkdir.PREFIX}*"))
+
+
 def start(tmp_path: Path, gateways: int) -> tuple[subprocess.Popen[str], str]:
+    """`maia-controller` with `gateways` gateways; its temporary directory (where the links'
+    directory is made, and left when it is killed) is tmp_path/tmp, not the machine's /tmp."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     proc = subprocess.Popen([str(BIN), "--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path / 'm.db'}",
                              "--insecure-no-auth", "--no-decide-process", "--agent-gateways", str(gateways),
                              "--agent-listen", "127.0.0.1:0"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")})
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("maia-controller listening on ")
     agents = proc.stdout.readline()
@@ -82,6 +93,27 @@ def test_the_gateways_of_a_killed_controller_exit_on_their_own(tmp_path: Path) -
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_next_controller_removes_the_link_directory_a_killed_one_left(tmp_path: Path) -> None:
+    killed, _ = start(tmp_path, 1)
+    try:
+        [left] = link_directories(tmp_path)
+        assert (left / linkdir.OWNER_FILE).read_text().strip() == str(killed.pid)
+    finally:
+        killed.kill()  # kill -9: it cannot remove its directory
+        killed.wait(10)
+    assert link_directories(tmp_path) == [left] and (left / linkdir.SOCKET_FILE).exists()
+    nxt, _ = start(tmp_path, 1)
+    try:
+        [made] = link_directories(tmp_path)
+        assert made != left and (made / linkdir.OWNER_FILE).read_text().strip() == str(nxt.pid)
+        nxt.send_signal(signal.SIGTERM)
+        assert nxt.wait(30) == 0
+        assert link_directories(tmp_path) == []  # a clean stop removes its own
+    finally:
+        nxt.kill()
+        nxt.wait(10)
 
 
 def test_a_gateway_whose_controller_died_before_it_linked_exits_on_its_own(tmp_path: Path) -> None:

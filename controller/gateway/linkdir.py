@@ -1,0 +1,100 @@
+"""The private directory of a controller's gateway links, and the removal of those left behind.
+
+The controller's end of its gateways' links is a unix socket (`relay.sock`) in a directory of its
+own under the temporary directory (`maia-gateways-*`, mode 0700: only the controller's user can
+reach the socket). A clean stop removes it; a controller killed with SIGKILL (or by the OOM
+killer) cannot, and its directory stayed, a dead socket in it, one more for every such death.
+
+So the directory names its owner: the controller's pid in `owner`, written before the socket is
+bound. A controller starting gateways first removes the directories its user left whose owner is
+gone and whose socket nobody serves (`remove_stale`). A live controller's directory is never
+removed: its owner's pid is alive, and its socket answers (the socket check also keeps a
+directory whose owner's pid this process cannot see, another pid namespace sharing /tmp). A
+directory made before owners were recorded is removed once its socket exists and refuses
+connections; one with neither owner nor socket (being made this instant) is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("maia.gateway")
+
+PREFIX = "maia-gateways-"
+OWNER_FILE = "owner"
+SOCKET_FILE = "relay.sock"
+
+
+class LinkDirectory:
+    """A new private directory for the links' socket, owned by this process (`path / SOCKET_FILE`)."""
+
+    def __init__(self, parent: Path | None = None) -> None:
+        parent = Path(tempfile.gettempdir()) if parent is None else parent
+        remove_stale(parent)
+        self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))  # mode 0700
+        (self.path / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        self.socket = self.path / SOCKET_FILE
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def remove_stale(parent: Path) -> list[Path]:
+    """Remove the link directories this user left in `parent` whose controller is gone; returns them."""
+    removed = []
+    for directory in sorted(parent.glob(f"{PREFIX}*")):
+        try:
+            if directory.is_symlink() or not directory.is_dir() or directory.stat().st_uid != os.getuid():
+                continue
+            if not _stale(directory):
+                continue
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        log.info("removed %s: the controller that made it is gone", directory)
+        removed.append(directory)
+    return removed
+
+
+def _stale(directory: Path) -> bool:
+    owner = _owner(directory)
+    if owner is not None and _alive(owner):
+        return False
+    link = directory / SOCKET_FILE
+    if owner is None and not link.exists():
+        return False  # no owner recorded yet: being made now (or by an older controller before it bound)
+    return not _served(link)
+
+
+def _owner(directory: Path) -> int | None:
+    try:
+        return int((directory / OWNER_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _served(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket at `path` (unsure: yes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:
+            return True
+    return True
