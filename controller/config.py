@@ -93,6 +93,9 @@ class Config:
     agent_listen: str = ""
     agent_gateway_linger_ms: float = 5.0
     agent_gateway_restart_s: float = 1.0  # a gateway that exited is started again after (no flag: tests set it)
+    # Where agents reach this controller's gateways when it leads (followers send them there; empty:
+    # the gateways' bound agent_listen address).
+    advertise_agent_address: str = ""
 
     @property
     def liveness(self) -> LivenessPolicy:
@@ -307,6 +310,10 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         help="where the agent gateways listen (with --agent-gateways; port 0 picks a free port, "
                              "printed on start as 'maia-controller agents on HOST:PORT'); --listen keeps serving "
                              "agents too")
+    parser.add_argument("--advertise-agent-address", default=env.get("MAIA_ADVERTISE_AGENT_ADDRESS", ""),
+                        metavar="HOST:PORT", help="where agents reach this controller's gateways (with --agent-gateways): "
+                                                  "followers send agents there while it leads; default: the gateways' "
+                                                  "bound --agent-listen address (env MAIA_ADVERTISE_AGENT_ADDRESS)")
     parser.add_argument("--agent-gateway-linger-ms", type=_non_negative_float, default=Config.agent_gateway_linger_ms,
                         metavar="MS", help="how long a message waits on a gateway's link for others to share its "
                                            "frame (either way); 0: those of the same event-loop turn")
@@ -324,6 +331,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         parser.error("--agent-gateways needs --agent-listen HOST:PORT (where the gateways serve the agents)")
     if ns.agent_listen and not ns.agent_gateways:
         parser.error("--agent-listen is where --agent-gateways listen: give --agent-gateways N (N >= 1) too")
+    if ns.advertise_agent_address and not ns.agent_gateways:
+        parser.error("--advertise-agent-address is where agents reach --agent-gateways: give --agent-gateways N too")
     if ns.agent_gateways and ns.tls_client_ca is not None:
         parser.error("--agent-gateways cannot carry mutual-TLS agent identities (a client certificate ends at the "
                      "gateway, and the controller checks it names the node): use bearer tokens with TLS, or "
@@ -376,4 +385,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         agent_gateways=ns.agent_gateways,
         agent_listen=ns.agent_listen,
         agent_gateway_linger_ms=ns.agent_gateway_linger_ms,
+        advertise_agent_address=ns.advertise_agent_address,
     )

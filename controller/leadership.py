@@ -4,7 +4,8 @@ Every controller runs a `LeaderElection`. It tries to take the lease row
 (`controller.store.lease`) every `retry_every_s` while it follows, and renews it every
 `renew_every_s` while it leads. Only the leader reconciles, watches agents' liveness and runs
 the watchdog; followers serve the API (their writes go to the database; the leader is woken
-through PostgreSQL NOTIFY) and send node agents to the leader's advertised address. On
+through PostgreSQL NOTIFY) and send node agents to the leader: to its agent gateways'
+address when it runs gateways, else to its advertised address (both in the lease row). On
 PostgreSQL the renewing is done by a thread of its own (its own event loop and connection), so
 a saturated event loop cannot starve it (see `LeaderElection`).
 
@@ -50,6 +51,18 @@ from controller.store.lease import LeaseLost
 log = logging.getLogger("maia.leadership")
 
 LEADER_METADATA_KEY = "maia-leader"  # trailing metadata of a follower's UNAVAILABLE: the leader's address
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderAddress:
+    """Where the leader serves, as the lease row says (replaced whole: read from any thread)."""
+
+    api: str = ""     # its gRPC server (--advertise-address)
+    agents: str = ""  # its agent gateways (--agent-listen), '' when it runs none
+
+    @property
+    def for_agents(self) -> str:
+        return self.agents or self.api
 
 
 class NotLeader(Unavailable):
@@ -107,7 +120,7 @@ class LeaderElection:
     taken (see the module docstring), so there is nothing to keep off the loop: `run` stays on it.
     """
 
-    def __init__(self, db: Database, *, address: str, settings: LeaseSettings | None = None,
+    def __init__(self, db: Database, *, address: str, agent_address: str = "", settings: LeaseSettings | None = None,
                  holder: str | None = None, force: bool = False,
                  on_elected: Callable[[int], None] | None = None,
                  on_deposed: Callable[[str], None] | None = None,
@@ -115,6 +128,7 @@ class LeaderElection:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
         self.address = address
+        self.agent_address = agent_address  # where this controller's agent gateways serve ('' without)
         self.settings = settings or LeaseSettings()
         self.holder = holder or new_holder_id()
         self._force = force
@@ -125,7 +139,7 @@ class LeaderElection:
         self._clock = clock
         self._term = _Term()
         self._lock = threading.Lock()     # term changes (the keeper thread and the loop both make them)
-        self.leader_address = ""          # where the leader is, as last read (followers)
+        self.leader = LeaderAddress()     # where the leader is, as last read (followers)
         self.acquisitions = 0
         self.renewals = 0                 # renewals that got through (of a term already held)
         self._loop: asyncio.AbstractEventLoop | None = None     # the controller's: announcements run there
@@ -147,9 +161,11 @@ class LeaderElection:
         return term.leading and self._clock() < term.valid_until
 
     def require_leader(self) -> None:
-        """Raise `NotLeader` (with where the leader is) unless this controller leads now."""
+        """Raise `NotLeader` (with where the leader serves agents: the calls that ask this are the
+        agents') unless this controller leads now."""
         if not self.should_run():
-            raise NotLeader(self.leader_address if self.leader_address != self.address else "")
+            leader = self.leader
+            raise NotLeader(leader.for_agents if leader.api != self.address else "")
 
     async def commit(self, session: AsyncSession, commit: Callable[[], Awaitable[None]]) -> None:
         """The fence: commit a leader transaction (`commit`) only if the lease is still ours."""
@@ -251,7 +267,8 @@ class LeaderElection:
         term = self._term
         async with db.unit_of_work() as uow:
             held = await lease.acquire(uow.session, self.holder, self.address, self.settings.ttl_s,
-                                       token=term.token, force=self._force, keep=self._exclusive)
+                                       token=term.token, force=self._force, keep=self._exclusive,
+                                       agent_address=self.agent_address)
             row = await lease.read(uow.session) if held is None else None
             await uow.session.commit()
         self._force = False  # once: afterwards the lease is ours until we let it go
@@ -262,10 +279,10 @@ class LeaderElection:
                         self.settings.ttl_s - self.settings.margin_s)
         if held is None:
             assert row is not None
-            self.leader_address = row.address if row.live else ""
+            self.leader = LeaderAddress(row.address, row.agent_address) if row.live else LeaderAddress()
             self._step_down(f"controller {row.holder} holds the lease now", term.token)
             return
-        self.leader_address = self.address
+        self.leader = LeaderAddress(self.address, self.agent_address)
         valid_until = math.inf if self._exclusive else sent + self.settings.ttl_s - self.settings.margin_s
         with self._lock:
             now = self._term

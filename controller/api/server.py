@@ -370,12 +370,13 @@ class ControllerApp:
                 await self.stop(grace_s=0.0)
                 raise ListenError(str(exc)) from exc
         self.election.address = self.config.advertise_address or self.address
+        self.election.agent_address = self.config.advertise_agent_address or self.agent_address
         try:  # lead at once when the lease is free (a lone controller schedules from the start)
             await self.election.step()
         except Exception as exc:
             log.warning("first try at the leader lease failed (%s); retrying in the background", exc)
         if not self.election.leading:
-            log.info("following: the leader is at %s", self.election.leader_address or "<none yet>")
+            log.info("following: the leader is at %s", self.election.leader.api or "<none yet>")
         self._channel_task = asyncio.create_task(self.channel.run(), name="cluster-channel")
         if not await self.channel.wait_ready(CHANNEL_READY_TIMEOUT_S):
             log.warning("not yet listening to the other controllers; retrying in the background")

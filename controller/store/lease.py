@@ -72,7 +72,8 @@ class LeaseRow:
     holder: str
     token: int
     expires_at: float
-    address: str
+    address: str  # where the holder serves gRPC
+    agent_address: str  # where it serves agents through gateways ('' when it runs none, or wrote none)
     db_now: float
 
     @property
@@ -85,8 +86,9 @@ def _now(session: AsyncSession) -> str:
 
 
 async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float, *,
-                  token: int | None, force: bool = False, keep: bool = False) -> int | None:
+                  token: int | None, force: bool = False, keep: bool = False, agent_address: str = "") -> int | None:
     """Take or renew the lease for `ttl_s` seconds; the token now held, or None (another's is live).
+    The row then says where the holder serves: `address`, and its agent gateways' `agent_address`.
 
     `token` is the one this holder last held (None: none): the same token comes back while it is
     still live; otherwise the lease is acquired afresh under token + 1. `force` takes it even
@@ -96,13 +98,15 @@ async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float
     now = _now(session)
     if token is not None:  # a renewal of a live lease: no new leader, so no wait for the fences
         renewed = await session.execute(text(
-            f"UPDATE leader_lease SET address = :address, expires_at = {now} + :ttl "
+            f"UPDATE leader_lease SET address = :address, agent_address = :agent_address, expires_at = {now} + :ttl "
             f"WHERE id = 1 AND holder = :holder AND token = :token AND expires_at > {now} RETURNING token"),
-            {"holder": holder, "address": address, "ttl": float(ttl_s), "token": token})
+            {"holder": holder, "address": address, "agent_address": agent_address, "ttl": float(ttl_s),
+             "token": token})
         if (held := renewed.scalar_one_or_none()) is not None:
             return held
     takes = f"id = 1 AND ((holder = :holder AND token = :token) OR expires_at <= {now} OR :force)"
-    values = {"holder": holder, "address": address, "ttl": float(ttl_s), "token": token, "force": force, "keep": keep}
+    values = {"holder": holder, "address": address, "agent_address": agent_address, "ttl": float(ttl_s),
+              "token": token, "force": force, "keep": keep}
     booleans = (bindparam("force", type_=Boolean), bindparam("keep", type_=Boolean))
     if session.bind.dialect.name != "sqlite":  # a takeover waits for the fenced transactions in flight
         await session.execute(text(f"SELECT token FROM leader_lease WHERE {takes} FOR UPDATE").bindparams(
@@ -111,7 +115,7 @@ async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float
         f"UPDATE leader_lease SET "
         f"token = CASE WHEN holder = :holder AND token = :token AND (expires_at > {now} OR :keep) THEN token "
         f"ELSE token + 1 END, "
-        f"holder = :holder, address = :address, expires_at = {now} + :ttl "
+        f"holder = :holder, address = :address, agent_address = :agent_address, expires_at = {now} + :ttl "
         f"WHERE {takes} RETURNING token"
     ).bindparams(*booleans)
     result = await session.execute(statement, values)
@@ -219,8 +223,9 @@ async def release(session: AsyncSession, holder: str, token: int) -> bool:
 
 async def read(session: AsyncSession) -> LeaseRow:
     row = (await session.execute(text(
-        f"SELECT holder, token, expires_at, address, {_now(session)} AS db_now FROM leader_lease WHERE id = 1"
+        f"SELECT holder, token, expires_at, address, agent_address, {_now(session)} AS db_now "
+        f"FROM leader_lease WHERE id = 1"
     ))).one_or_none()
     if row is None:
         raise RuntimeError("leader_lease row id=1 is missing: is the schema migrated?")
-    return LeaseRow(row.holder, row.token, row.expires_at, row.address, row.db_now)
+    return LeaseRow(row.holder, row.token, row.expires_at, row.address, row.agent_address, row.db_now)

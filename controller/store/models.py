@@ -507,5 +507,7 @@ class LeaderLease(Base):
     holder: Mapped[str] = mapped_column(String(200), default="", nullable=False)
     token: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
     expires_at: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
-    # Where the holder serves gRPC (its --advertise-address): followers send agents there.
+    # Where the holder serves gRPC (its --advertise-address): followers send agents there...
     address: Mapped[str] = mapped_column(String(300), default="", nullable=False)
+    # ...or to its agent gateways (--agent-listen), when it runs them ('' when not).
+    agent_address: Mapped[str] = mapped_column(String(300), default="", nullable=False)

@@ -11,6 +11,10 @@ def test_gateway_flags_reach_the_config() -> None:
     config = parse_args(["--agent-gateways", "2", "--agent-listen", "0.0.0.0:7000",
                          "--agent-gateway-linger-ms", "3"], env={})
     assert (config.agent_gateways, config.agent_listen, config.agent_gateway_linger_ms) == (2, "0.0.0.0:7000", 3.0)
+    assert config.advertise_agent_address == ""  # the gateways' bound address
+    advertised = parse_args(["--agent-gateways", "1", "--agent-listen", "0.0.0.0:7000"],
+                            env={"MAIA_ADVERTISE_AGENT_ADDRESS": "agents.example:7000"})
+    assert advertised.advertise_agent_address == "agents.example:7000"
     assert parse_args([], env={}).agent_gateways == 0  # off by default: agents call --listen
 
 
@@ -20,6 +24,7 @@ def test_gateway_flags_reach_the_config() -> None:
     (["--agent-gateways", "1", "--agent-listen", "127.0.0.1:7000", "--tls-cert", "s.pem", "--tls-key", "k.pem",
       "--tls-client-ca", "ca.pem"], "--agent-gateways cannot carry mutual-TLS agent identities"),
     (["--agent-gateways", "-1", "--agent-listen", "127.0.0.1:7000"], "must be >= 0"),
+    (["--advertise-agent-address", "agents.example:7000"], "--advertise-agent-address is where agents reach"),
 ])
 def test_inconsistent_gateway_flags_are_usage_errors(argv: list[str], message: str,
                                                       capsys: pytest.CaptureFixture[str]) -> None:

@@ -202,6 +202,41 @@ async def test_a_followers_gateway_sends_agents_to_the_leader(db_url: str, tmp_p
             assert leader.address in refused.details()
 
 
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_agents_sent_on_by_a_follower_go_to_the_leaders_gateways(db_url: str, tmp_path: Path) -> None:
+    """Two controllers on one PostgreSQL, the leader with gateways: the follower (on its --listen and
+    through its own gateway) names the leader's agent address, and a fleet pointed at the follower
+    ends up streaming through the leader's gateway."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with running_controller(db_url, tmp_path / "a", agent_gateways=1, agent_listen="127.0.0.1:0") as leader, \
+            running_controller(db_url, tmp_path / "b", agent_gateways=1, agent_listen="127.0.0.1:0") as follower:
+        assert leader.election.should_run() and not follower.election.should_run()
+        node_token = await issue_token(leader.db, "node-bootstrap", name="fleet")
+        for address in (follower.address, follower.agent_address):
+            caller = Stubs.connect(address, node_token)
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await caller.agent.Register(agent_pb2.RegisterRequest(
+                        node=agent_pb2.NodeInfo(node_id="n1", rack="rack-00", accelerators=4)))
+            finally:
+                await caller.channel.close()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert ("maia-leader", leader.agent_address) in tuple(refused.value.trailing_metadata())
+
+        stubs = Stubs.connect(leader.address, admin_token_of(leader))
+        fleet = SimFleet(follower.address, racks=1, nodes_per_rack=2, token=node_token, log_dir=tmp_path)
+        try:
+            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+            await ready_nodes(stubs, 2, "the fleet sent on to the leader")
+            [link] = leader.relay.links.values()
+            assert link.open_calls() == 2  # both streams through the leader's gateway, none on its --listen
+            assert not follower.hub.connected()
+        finally:
+            fleet.stop()
+            await stubs.channel.close()
+
+
 async def test_a_gateway_that_fails_to_start_every_time_is_tried_again_ever_later(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Its port taken by another program: each start fails, and the controller waits twice as long

@@ -145,6 +145,36 @@ async def test_release_lets_a_follower_take_over_at_once(database: Database) -> 
     assert second.should_run() and elected == [2]
 
 
+async def test_a_follower_sends_agents_to_the_leaders_gateways_when_it_runs_them(database: Database) -> None:
+    gatewayed = LeaderElection(database, address="first:1", agent_address="first:7000", holder="first")
+    plain = LeaderElection(database, address="second:1", holder="second")
+    follower = LeaderElection(database, address="third:1", agent_address="third:7000", holder="third")
+    await gatewayed.step()
+    await follower.step()
+    assert (await _row(database)).agent_address == "first:7000"
+    with pytest.raises(NotLeader) as refused:
+        follower.require_leader()
+    assert refused.value.metadata == (("maia-leader", "first:7000"),)
+    assert "the leader is at first:7000" in str(refused.value)
+
+    await gatewayed.release()
+    await plain.step()  # a leader without gateways: its row names none, and agents go to its --listen
+    await follower.step()
+    assert (await _row(database)).agent_address == ""
+    with pytest.raises(NotLeader) as refused:
+        follower.require_leader()
+    assert refused.value.metadata == (("maia-leader", "second:1"),)
+
+
+async def test_a_renewal_writes_the_agent_address_of_now(database: Database) -> None:
+    assert await _acquire(database, "a", HOUR) == 1
+    async with database.unit_of_work() as uow:  # the gateways came up after the first try at the lease
+        assert await lease.acquire(uow.session, "a", "a:50051", HOUR, token=1, agent_address="a:7000") == 1
+        await uow.session.commit()
+    row = await _row(database)
+    assert (row.address, row.agent_address) == ("a:50051", "a:7000")
+
+
 async def _dump(database: Database) -> dict[str, Any]:
     async with database.unit_of_work() as uow:
         return await dump(uow.session)

@@ -13,9 +13,11 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
 
+from controller.leadership import LeaderElection, NotLeader
+from controller.store import lease
 from controller.store.db import Database
 from controller.store.migrate import (
     SchemaAheadError,
@@ -116,5 +118,28 @@ async def test_a_deployment_named_without_its_tenant_is_found_through_an_index(d
                 rows = await conn.exec_driver_sql("EXPLAIN SELECT id FROM deployments WHERE name = 'chat'")
                 plan = " ".join(str(r[0]) for r in rows)
         assert "ix_deployments_name" in plan, plan
+    finally:
+        await db.dispose()
+
+
+async def test_a_lease_row_written_before_agent_addresses_still_names_the_leader(db_url: str) -> None:
+    """Migration 0018: a row an older controller wrote says no agent address; followers send the
+    agents to the leader's `address`, as before."""
+    await asyncio.to_thread(command.upgrade, alembic_config(db_url), "0017_count_trigger_rows")
+    db = Database(db_url)
+    try:
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(text("UPDATE leader_lease SET holder = 'old', token = 1, "
+                                           "expires_at = 1e12, address = 'old:50051' WHERE id = 1"))
+            await uow.session.commit()
+        await asyncio.to_thread(command.upgrade, alembic_config(db_url), "head")
+        async with db.unit_of_work() as uow:
+            row = await lease.read(uow.session)
+        assert (row.holder, row.address, row.agent_address, row.live) == ("old", "old:50051", "", True)
+        follower = LeaderElection(db, address="new:50051", agent_address="new:7000", holder="new")
+        await follower.step()
+        with pytest.raises(NotLeader) as refused:
+            follower.require_leader()
+        assert refused.value.metadata == (("maia-leader", "old:50051"),)
     finally:
         await db.dispose()
