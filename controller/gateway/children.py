@@ -11,14 +11,21 @@ start is tried again after twice the last wait, up to `RESTART_BACKOFF_MAX_S` (a
 cannot start, its port taken or its certificate gone, is not an interpreter started every second
 on the controller's host). `stopping` (the controller's stop began) ends the restarts; `stop`
 sends SIGTERM and kills what is still there after a grace.
+
+A gateway is given its settings as flags and only the part of the controller's environment that
+the interpreter, the C library and gRPC core read (`gateway_environment`): not the controller's
+own settings (`MAIA_DB_URL` and the password in it, `MAIA_TOKEN`) nor whatever else its host put
+there (cloud credentials). It holds no credential and needs none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,17 @@ READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 RESTART_BACKOFF_MAX_S = 30.0
 READY_PREFIX = "maia-gateway listening on "
+# What a gateway takes of the controller's environment: the programs' path, the locale and time
+# zone, the temporary directory, the shared libraries' path (an interpreter built with them
+# elsewhere), and the interpreter's (PYTHONPATH among them) and gRPC core's own settings.
+INHERITED_VARIABLES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH"})
+INHERITED_PREFIXES = ("LC_", "PYTHON", "GRPC_")
+
+
+def gateway_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of `environ` a gateway process is started with."""
+    return {name: value for name, value in environ.items()
+            if name in INHERITED_VARIABLES or name.startswith(INHERITED_PREFIXES)}
 
 
 class GatewayStartError(OSError):
@@ -79,7 +97,8 @@ class GatewayProcesses:
         if s.tls_cert is not None and s.tls_key is not None:
             args += ["--tls-cert", str(s.tls_cert), "--tls-key", str(s.tls_key)]
         # A session of its own: a terminal's ^C reaches the controller, which stops its gateways itself.
-        return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                env=gateway_environment(os.environ))
 
     @staticmethod
     async def _ready(process: subprocess.Popen[str], index: int) -> str:

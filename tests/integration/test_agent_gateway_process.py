@@ -52,7 +52,7 @@ def link_directories(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "tmp").glob(f"{linkdir.PREFIX}*"))
 
 
-def start(tmp_path: Path, gateways: int) -> tuple[subprocess.Popen[str], str]:
+def start(tmp_path: Path, gateways: int, **environment: str) -> tuple[subprocess.Popen[str], str]:
     """`maia-controller` with `gateways` gateways; its temporary directory (where the links'
     directory is made, and left when it is killed) is tmp_path/tmp, not the machine's /tmp."""
     (tmp_path / "tmp").mkdir(exist_ok=True)
@@ -60,7 +60,7 @@ def start(tmp_path: Path, gateways: int) -> tuple[subprocess.Popen[str], str]:
                              "--insecure-no-auth", "--no-decide-process", "--agent-gateways", str(gateways),
                              "--agent-listen", "127.0.0.1:0"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp"), **environment})
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("maia-controller listening on ")
     agents = proc.stdout.readline()
@@ -93,6 +93,21 @@ def test_the_gateways_of_a_killed_controller_exit_on_their_own(tmp_path: Path) -
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_gateway_gets_none_of_the_controllers_secrets_from_its_environment(tmp_path: Path) -> None:
+    controller, _ = start(tmp_path, 1, MAIA_DB_URL="postgresql+asyncpg://maia:hunter2@db/maia",
+                          MAIA_TOKEN="maia_secret.token", AWS_SECRET_ACCESS_KEY="hunter3")
+    try:
+        [pid] = gateway_pids(controller.pid)
+        environment = dict(entry.split("=", 1) for entry in
+                           Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if entry)
+        assert not [name for name in environment if name.startswith(("MAIA_", "AWS_"))]
+        assert "hunter2" not in str(environment)
+        assert environment["TMPDIR"] == str(tmp_path / "tmp") and environment["PYTHONUNBUFFERED"] == "1"
+    finally:
+        controller.terminate()
+        controller.wait(30)
 
 
 def test_the_next_controller_removes_the_link_directory_a_killed_one_left(tmp_path: Path) -> None:
