@@ -59,7 +59,7 @@ from typing import Any, Protocol, TypeVar
 
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate, judge
-from controller.aio import Wakeup
+from controller.aio import Wakeup, pushed
 from controller.errors import InvalidArgument, MaiaError, Unauthenticated, Unavailable
 from controller.groupcommit import GroupCommit, RetryPacer
 from controller.ratelimit import TokenBucket, rate_limited
@@ -576,7 +576,9 @@ class AgentHub:
         heartbeat intervals it is told (`_pace`). `heartbeat_interval_ms`: the interval the Hello
         states its agent follows (0: not stated; `_told_to`). `inbound` is what the agent says after
         its Hello, each message made a report by `convert` (None: nothing to act on) as the stream's
-        reader takes it: a message crosses no generator of its own. Refused
+        reader takes it: a message crosses no generator of its own; an `inbound` that pushes its
+        messages (`controller.aio.PushedStream`: a relayed stream's) is not read by a task at all,
+        each message is taken as it arrives (`_start_reading`). Refused
         UNAVAILABLE once `close_all` began, with no session opened: a session opened then would be
         closed by no one, and cut only when the server's grace ends (its agent should go to the next
         leader now). A hello that arrives after it is refused before it is written; one whose write
@@ -601,10 +603,10 @@ class AgentHub:
         log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
         if changed:
             self._on_liveness_change()
-        reader: asyncio.Task | None = None
+        stop_reading: Callable[[], None] | None = None
         try:
             while True:
-                if reader is not None:
+                if stop_reading is not None:
                     await session.dirty.wait()
                 if session.closed:
                     break
@@ -627,15 +629,15 @@ class AgentHub:
                     session.sent(current, now)
                     if due_since is not None:
                         self._observer.shard_start_stage("push", (now - due_since,))
-                if reader is None:  # reports are judged against what the node was given: read after the first set
-                    reader = asyncio.create_task(self._read(session, inbound, convert), name=f"agent-read-{node_id}")
+                if stop_reading is None:  # reports are judged against what the node was given: read after the first set
+                    stop_reading = self._start_reading(session, inbound, convert)
                 if current is not None:
                     yield current
             if session.error is not None:
                 raise session.error
         finally:
-            if reader is not None:
-                reader.cancel()
+            if stop_reading is not None:
+                stop_reading()
             if self._sessions.get(node_id) is session:
                 del self._sessions[node_id]
                 self._streams_changed += 1
@@ -658,22 +660,43 @@ class AgentHub:
                 marking.add_done_callback(self._marking.discard)
                 await asyncio.shield(marking)
 
+    def _start_reading(self, session: AgentSession, inbound: AsyncIterator[Message],
+                       convert: Callable[[Message], AgentInbound | None]) -> Callable[[], None]:
+        """Take the stream's messages from now on; returns what stops it. A stream that pushes
+        them has each taken in the call that delivers it; another is read by a task of its own."""
+        def take(message: Message) -> None:
+            report = convert(message)
+            if report is not None:
+                session.last_seen = time.monotonic()
+                self._accept(session, report)
+
+        source = pushed(inbound)
+        if source is not None:
+            return source.push_to(take, lambda error: self._read_ended(session, error))
+        return asyncio.create_task(self._read(session, inbound, take), name=f"agent-read-{session.node_id}").cancel
+
     async def _read(self, session: AgentSession, inbound: AsyncIterator[Message],
-                    convert: Callable[[Message], AgentInbound | None]) -> None:
+                    take: Callable[[Message], None]) -> None:
         try:
             async for message in inbound:
-                report = convert(message)
-                if report is not None:
-                    session.last_seen = time.monotonic()
-                    self._accept(session, report)
-            session.close("stream ended by the agent")
+                take(message)
         except asyncio.CancelledError:
             raise
-        except MaiaError as exc:  # bad input, a malformed message, too many reports: end the stream with it
-            log.warning("agent stream refused node=%s: %s", session.node_id, exc.message)
-            session.fail(exc)
-        except Exception as exc:  # a broken stream is the agent going away
-            session.close(f"stream failed: {type(exc).__name__}")
+        except Exception as exc:
+            self._read_ended(session, exc)
+        else:
+            self._read_ended(session, None)
+
+    @staticmethod
+    def _read_ended(session: AgentSession, error: BaseException | None) -> None:
+        """A stream's reading ended: the agent ended it (`error` None), or with `error`."""
+        if error is None:
+            session.close("stream ended by the agent")
+        elif isinstance(error, MaiaError):  # bad input, a malformed message, too many reports: end the stream with it
+            log.warning("agent stream refused node=%s: %s", session.node_id, error.message)
+            session.fail(error)
+        else:  # a broken stream is the agent going away
+            session.close(f"stream failed: {type(error).__name__}")
 
     def _accept(self, session: AgentSession, message: AgentInbound) -> None:
         """Check one inbound message and buffer what it says (raises to end the stream)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("maia.aio")
@@ -85,3 +85,26 @@ class Wakeup:
             await self._waiter
         finally:
             self._waiter = None
+
+
+class PushedStream(Protocol):
+    """A stream of requests that can hand its messages over as they arrive instead of being read.
+
+    A relayed agent stream (controller/gateway/relay.py) receives its messages in frames, many
+    streams' at once: read as an async iterator, each message wakes its reader's task (~1 event
+    loop step a message); pushed, the frame's reader hands each to the consumer in one call.
+    `push_to(take, ended)`: from now on each message (those waiting first) goes to `take`; the
+    stream's end, or the first exception `take` raises, goes to `ended` (None: the sender ended
+    the stream) and nothing more is taken. Returns the function that stops the pushing (the
+    consumer is done). Whoever reads the stream uses `push_to` when it has it (`pushed`), and
+    iterates it otherwise."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    def push_to(self, take: Callable[[Any], None],
+                ended: Callable[[BaseException | None], None]) -> Callable[[], None]: ...
+
+
+def pushed(stream: object) -> PushedStream | None:
+    """`stream` when it can push its messages (`PushedStream`), else None."""
+    return stream if callable(getattr(stream, "push_to", None)) else None

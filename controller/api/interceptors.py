@@ -46,6 +46,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from controller import errors, limits
+from controller.aio import PushedStream, pushed
 from controller.authn import Authenticator
 from controller.identity import Principal, peek_principal, reset_principal, set_principal
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
@@ -116,9 +117,34 @@ def _parsed(request: Any) -> Any:
     return request
 
 
-async def _parsed_stream(requests: Any) -> AsyncIterator[Any]:
+def _parsed_stream(requests: Any) -> Any:
+    """`requests`, each checked by `_parsed` as it is taken (read, or pushed: `_ParsedPushes`)."""
+    source = pushed(requests)
+    return _parsed_reads(requests) if source is None else _ParsedPushes(source)
+
+
+async def _parsed_reads(requests: Any) -> AsyncIterator[Any]:
     async for request in requests:
         yield _parsed(request)
+
+
+class _ParsedPushes:
+    """A stream that pushes its requests (`controller.aio.PushedStream`: a relayed one), each
+    checked by `_parsed` whether read or pushed; a refusal ends the pushing as it ends a read."""
+
+    __slots__ = ("_requests",)
+
+    def __init__(self, requests: PushedStream) -> None:
+        self._requests = requests  # its own iterator
+
+    def __aiter__(self) -> _ParsedPushes:
+        return self
+
+    async def __anext__(self) -> Any:
+        return _parsed(await anext(self._requests))
+
+    def push_to(self, take: Callable[[Any], None], ended: Callable[[BaseException | None], None]) -> Callable[[], None]:
+        return self._requests.push_to(lambda request: take(_parsed(request)), ended)
 
 
 # A unary method handler's behaviour: (request, context) -> its response.

@@ -52,6 +52,12 @@ class Arrivals:
         self._ended = True
         self._arrived.set()
 
+    def take_waiting(self) -> list[bytes]:
+        """The messages not taken yet, all taken now."""
+        waiting = list(self._messages)
+        self._messages.clear()
+        return waiting
+
     async def next(self) -> bytes | None:
         """The next message, or None once the call has ended and every message was taken."""
         while not self._messages:

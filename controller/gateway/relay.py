@@ -123,14 +123,18 @@ class RelayedContext:
 
 
 class RelayedRequests:
-    """A relayed call's requests as its handler reads them (an async iterator), parsed as it takes
-    each (by the chain's deserializer: a malformed one reaches the chain's check as on the port)."""
+    """A relayed call's requests, each parsed by the chain's deserializer (a malformed one reaches
+    the chain's check as on the port): read by its handler (an async iterator), or pushed to it as
+    the link takes them (`push_to`, `controller.aio.PushedStream`: the agent hub takes a stream's
+    messages so, with no task woken a message)."""
 
-    __slots__ = ("arrivals", "_parse")
+    __slots__ = ("arrivals", "_parse", "_take", "_ended")
 
     def __init__(self, parse: Callable[[bytes], Any] | None) -> None:
         self.arrivals = Arrivals()
         self._parse = parse
+        self._take: Callable[[Any], None] | None = None  # pushing to it (None: read)
+        self._ended: Callable[[BaseException | None], None] = _ignored
 
     def __aiter__(self) -> RelayedRequests:
         return self
@@ -140,6 +144,46 @@ class RelayedRequests:
         if data is None:
             raise StopAsyncIteration
         return data if self._parse is None else self._parse(data)
+
+    def put(self, data: bytes) -> None:
+        """A request from the link."""
+        take = self._take
+        if take is None:
+            self.arrivals.put(data)
+        elif take is not _ignored:
+            try:
+                take(data if self._parse is None else self._parse(data))
+            except Exception as exc:  # the consumer's refusal ends its reading, as a read's would
+                self._finish(exc)
+
+    def end(self) -> None:
+        """The agent half-closed the call."""
+        if self._take is None:
+            self.arrivals.end()
+        elif self._take is not _ignored:
+            self._finish(None)
+
+    def push_to(self, take: Callable[[Any], None], ended: Callable[[BaseException | None], None]) -> Callable[[], None]:
+        self._take, self._ended = take, ended
+        for data in self.arrivals.take_waiting():
+            if self._take is _ignored:
+                break
+            self.put(data)
+        if self.arrivals.ended and self._take is not _ignored:
+            self._finish(None)
+        return self._stop
+
+    def _finish(self, error: BaseException | None) -> None:
+        ended = self._ended
+        self._stop()
+        ended(error)
+
+    def _stop(self) -> None:
+        self._take, self._ended = _ignored, _ignored
+
+
+def _ignored(_: Any) -> None:
+    """What a stream's requests go to once its consumer stopped taking them."""
 
 
 class _Credit:
@@ -201,7 +245,7 @@ class _Link:
             if body == "message":
                 call = calls.get(event.call)
                 if call is not None:
-                    call.requests.arrivals.put(event.message)
+                    call.requests.put(event.message)
             elif body == "taken":
                 call = calls.get(event.call)
                 if call is not None:
@@ -215,7 +259,7 @@ class _Link:
                 if event.end.cancelled:
                     call.task.cancel()
                 else:
-                    call.requests.arrivals.end()
+                    call.requests.end()
 
     def _open(self, call_id: int, opened: relay_pb2.RelayOpen) -> None:
         handler = self._handlers.get(opened.method)

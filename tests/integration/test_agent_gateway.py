@@ -99,6 +99,30 @@ async def test_an_agent_through_a_gateway_registers_runs_its_shard_and_stays_up(
             await agent.stubs.channel.close()
 
 
+async def test_a_relayed_streams_messages_are_taken_as_its_frames_arrive_and_a_bad_one_ends_it(tmp_path: Path) -> None:
+    """The hub takes a relayed stream's messages in the call that delivers each frame (no reader
+    task woken a message), and a message it refuses ends the stream as on the port."""
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0) as (app, stubs):
+        credential = (await HandAgent(stubs, "n1", "rack-a").register()).node_credential
+        agent = HandAgent(Stubs.connect(app.agent_address, credential), "n1", "rack-a")
+        try:
+            await agent.register()
+            await agent.connect()
+            await agent.next_set()
+            assert app.hub.heard_from("n1") is None
+            agent.heartbeat(1, 640.0)
+            await eventually(lambda: _async(app.hub.heard_from("n1")), lambda heard: heard is not None,
+                             what="the relayed heartbeat taken")
+            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("agent-read-")]
+            agent.heartbeat(2, 1e12)  # past limits.POWER_W_MAX: refused
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(agent._reader, 20)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "power_draw_w" in refused.value.details()
+        finally:
+            await agent.close()
+            await agent.stubs.channel.close()
+
+
 async def test_a_gateway_that_dies_ends_its_streams_and_the_nodes_are_suspect_at_once(tmp_path: Path) -> None:
     # A heartbeat timeout of a minute: within the test's wait only a stream that ended makes a node suspect.
     # Not started again within the test: the nodes stay suspect.
