@@ -6,8 +6,9 @@ interceptor chain (`method_handlers`: load shedding, authentication, metrics, lo
 audit, around `NodeAgentServicer`), with a `RelayedContext` standing for gRPC's: the chain reads
 the agent's metadata and peer from it, and its aborts become the call's status. So an agent
 without a valid token is refused UNAUTHENTICATED with today's message, a follower answers
-UNAVAILABLE with the leader's address, and a Connect stream feeds `AgentHub.converse` exactly as
-on the port. A call the gateway says is gone (`RelayEnd.cancelled`) is cancelled as gRPC cancels
+UNAVAILABLE with the leader's address, and a Connect stream feeds `AgentHub.converse` as on the
+port, its requests pushed to the hub as each frame arrives (`RelayedRequests.push_to`: no task
+woken a message). A call the gateway says is gone (`RelayEnd.cancelled`) is cancelled as gRPC cancels
 the handler of a call whose connection died; the link ending cancels every call of its gateway.
 The controller's stop ends the links itself (`RelayServicer.end_links`): each link's stream ends
 once its calls have sent their statuses (the hub ended their streams), so its gateway ends what is
