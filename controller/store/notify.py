@@ -11,8 +11,16 @@ trip per batch of watch events, 9 % of its round trips under load, to hear it ba
 docs/benchmarks.md, `pg10`). Each listening connection names itself (`APPLICATION_NAME`); on
 connecting it asks `pg_stat_activity` whether another controller's is there and says HELLO (in one
 statement), and every `RECONNECT_S` its keepalive asks again. A HELLO heard makes the others send
-at once: a message sent before it arrives (the first milliseconds of a new controller's listening)
-is lost, as one sent while its connection is down.
+at once.
+
+A controller that believes itself alone holds what it would send instead of dropping it, and
+drops a message only once a look at `pg_stat_activity` that began after it was queued found no
+other controller's connection: a controller that LISTENs has its (named) connection there before
+it listens, so one listening when a message was queued is seen by the next look, or is heard
+(HELLO) first; either sends the held messages, in order. A new controller's watchers so miss
+nothing sent between its LISTEN and the moment the others hear its HELLO (the few milliseconds
+until then, or until the next look). Held messages are bounded (`HELD_MAX` items, the oldest
+dropped beyond); a message sent while a connection is down is lost, as before.
 
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
 everything, in-process signals already reached everyone.
@@ -36,6 +44,7 @@ APPLICATION_NAME = "maia-cluster-channel"
 HELLO = "hello"  # a controller started listening (the channel's own kind: never handed on)
 PAYLOAD_MAX = 7000  # PostgreSQL refuses payloads of 8000 bytes and more
 RECONNECT_S = 2.0
+HELD_MAX = 100_000  # items held while alone (`PgChannel.send`), about one look's worth under any load
 
 Handler = Callable[[str, str], None]  # (kind, data)
 
@@ -106,6 +115,10 @@ class PgChannel:
         self._ready = asyncio.Event()  # set while listening
         self._others = False  # another controller listens (as last seen or heard)
         self._hellos = 0  # HELLOs heard
+        # What `send` held while alone, in order: sent when another controller is seen or heard,
+        # dropped by a look that began after it was held and saw none (module docstring).
+        self._held: list[tuple[str, list[str]]] = []
+        self._held_items = 0
 
     @property
     def others_listening(self) -> bool:
@@ -114,13 +127,35 @@ class PgChannel:
         return self._others
 
     def send(self, kind: str, items: Iterable[str] = ()) -> None:
-        """Queue the message (fire and forget: never blocks the caller), or drop it when no other
-        controller listens. Those queued while the last ones are being sent, or in the same turn
-        of the event loop, go out together: one round trip for all of them, in order, a kind's
-        consecutive messages merged."""
-        if not self._others:
-            return
+        """Queue the message (fire and forget: never blocks the caller), or hold it while no other
+        controller is known to listen (module docstring). Those queued while the last ones are
+        being sent, or in the same turn of the event loop, go out together: one round trip for all
+        of them, in order, a kind's consecutive messages merged."""
         items = list(items)
+        if not self._others:
+            self._hold(kind, items)
+            return
+        self._queue(kind, items)
+
+    def _hold(self, kind: str, items: list[str]) -> None:
+        self._held.append((kind, items))
+        self._held_items += max(1, len(items))
+        while self._held_items > HELD_MAX and len(self._held) > 1:
+            _, dropped = self._held.pop(0)
+            self._held_items -= max(1, len(dropped))
+
+    def _release(self, held: int | None = None) -> None:
+        """Another controller listens: the messages held so far are sent, in order. `held`: only
+        drop the first `held` of them (a look that saw nobody; those held since it began stay)."""
+        if held is not None:
+            del self._held[:held]
+            self._held_items = sum(max(1, len(items)) for _, items in self._held)
+            return
+        held_now, self._held, self._held_items = self._held, [], 0
+        for kind, items in held_now:
+            self._queue(kind, items)
+
+    def _queue(self, kind: str, items: list[str]) -> None:
         if self._queued and self._queued[-1][0] == kind:
             self._queued[-1][1].extend(items)
         else:
@@ -155,6 +190,7 @@ class PgChannel:
         if kind == HELLO:
             self._hellos += 1
             self._others = True
+            self._release()
             return
         try:
             self._on_message(kind, data)
@@ -187,10 +223,13 @@ class PgChannel:
             await asyncio.sleep(RECONNECT_S)
 
     async def _look(self, others: Awaitable[bool]) -> None:
-        """Whether others listen, as `others` (a query on the connection) tells; a HELLO heard while it
-        was on its way stands (the query may have looked before that controller connected)."""
-        hellos = self._hellos
+        """Whether others listen, as `others` (a query on the connection, sent now) tells; a HELLO
+        heard while it was on its way stands (the query may have looked before that controller
+        connected). Seen: what was held goes; not seen: what was held before the query went out is
+        dropped (nobody listened then), what was held since stays for the next look."""
+        hellos, held = self._hellos, len(self._held)
         self._others = bool(await others) or self._hellos != hellos
+        self._release(None if self._others else held)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Until listening (True), or `timeout_s` passed (False: messages sent meanwhile are lost)."""

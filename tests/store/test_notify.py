@@ -136,3 +136,58 @@ async def test_a_controller_alone_sends_nothing_and_sends_while_another_listens(
         assert len(notifies) == 1
     finally:
         await _stop(a_listening, *([b_listening] if b_listening else []))
+
+
+async def _bare_listener(url: str, heard: list[str]) -> asyncpg.Connection:
+    """A controller's listening connection as it is between its LISTEN and its HELLO: named as one,
+    listening, not announced yet (`PgChannel.run` sends the HELLO just after the LISTEN)."""
+    dsn = url.replace("postgresql+asyncpg", "postgresql")
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": notify.APPLICATION_NAME})
+    await conn.add_listener(notify.CHANNEL, lambda _c, _p, _ch, payload: heard.append(payload))
+    return conn
+
+
+@POSTGRES_ONLY
+async def test_a_message_sent_between_a_new_controllers_listen_and_its_hello_reaches_it(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "RECONNECT_S", 3600.0)  # no keepalive look: only the HELLO tells `a`
+    a_listening = await _listening(database.url, "a", [])
+    a = a_listening[0]
+    heard: list[str] = []
+    b = await _bare_listener(database.url, heard)
+    try:
+        assert not a.others_listening  # b listens; a has not heard of it yet
+        a.send("deployments", ["modified:t/x"])  # b's watchers need this one
+        await asyncio.sleep(0)
+        await b.execute("SELECT pg_notify($1, $2)", notify.CHANNEL, f"{notify.HELLO}|b|")
+        await _until(lambda: a.others_listening)
+        a.send("wake")
+        await _until(lambda: "wake|a|" in heard)
+        assert [m for m in heard if not m.startswith("hello|")] == ["deployments|a|modified:t/x", "wake|a|"]
+    finally:
+        await b.close()
+        await _stop(a_listening)
+
+
+@POSTGRES_ONLY
+async def test_messages_held_while_alone_go_when_a_look_finds_a_listener_and_are_dropped_when_none(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "RECONNECT_S", 3600.0)
+    a_listening = await _listening(database.url, "a", [])
+    a = a_listening[0]
+    notifies = _counted_notifies(monkeypatch, a)
+    heard: list[str] = []
+    b: asyncpg.Connection | None = None
+    try:
+        a.send("deployments", ["modified:t/gone"])
+        await a._look(a._conn.fetchval(notify._OTHERS))  # nobody listened when it was sent: dropped
+        b = await _bare_listener(database.url, heard)
+        a.send("deployments", ["modified:t/x"])  # b listens, silent: a looks before it drops this one
+        await a._look(a._conn.fetchval(notify._OTHERS))
+        assert a.others_listening
+        await _until(lambda: heard == ["deployments|a|modified:t/x"])
+        assert len(notifies) == 1
+    finally:
+        if b is not None:
+            await b.close()
+        await _stop(a_listening)
