@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Integer, Select, String, and_, bindparam, case, delete, func, insert, select, true, update
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -884,7 +885,10 @@ async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: 
         try:
             landed = await _land(session, snapshot, plan, early, stale=early.read.generation != snapshot.generation,
                                  generation=None, bumped=False, actor=actor, now=now)
-        except StaleDataError:  # a shard it moves was removed since the early read (a node's shards released)
+        except (StaleDataError, IntegrityError):
+            # A shard it moves was removed since the early read (a node's shards released), or one
+            # it places was placed meanwhile by another controller's commit (two passes at once
+            # around a leader change: its INSERT waited for that row, then met its unique key).
             await savepoint.rollback()
             lap("commit_undone")
             return None

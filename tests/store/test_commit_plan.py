@@ -822,3 +822,37 @@ async def test_a_scoped_commit_is_checked_again_when_a_shard_it_moves_was_remove
     assert len(checks) == 2 and result.stale  # checked again, under the lock
     placed = (await _state(database))["placements"]  # the replica changed since the snapshot: the next pass decides
     assert (WEB, 1, 0) not in placed and placed[(WEB, 0, 0)][0] == "n1"
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_two_scoped_commits_placing_one_shard_at_once_on_postgres_land_one_and_requeue_the_other(
+        database: Database) -> None:
+    """Two controllers' passes (just after a leader change) commit the same placement of the same
+    snapshot at once, each writing before it takes the generation's lock: the second one's INSERT
+    waits for the first's row and, once that commits, meets its unique key. It must not fail: it
+    goes lock first, reads the first one's shards and re-queues its own (CHANGED_SINCE)."""
+    snap = await _seeded(database)
+    plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
+
+    async def second() -> CommitResult:
+        async with database.unit_of_work() as uow:
+            result = await commit_plan(uow.session, snap, plan, scope={TRAIN}, actor="second")
+            await uow.commit()
+        return result
+
+    async with database.unit_of_work() as uow:
+        first = await commit_plan(uow.session, snap, plan, scope={TRAIN}, actor="first")
+        committing = asyncio.create_task(second())
+        for _ in range(600):  # until the second one's INSERT waits for the first one's rows
+            if committing.done() or await _waits_for_a_lock(database):
+                break
+            await asyncio.sleep(0.05)
+        assert not committing.done()
+        await uow.commit()
+    result = await asyncio.wait_for(committing, 60)
+
+    assert first.changed_deployments == {TRAIN} and not first.requeued
+    assert result.requeued == {(TRAIN, 0): (plans.CHANGED_SINCE,)} and result.changed_deployments == set()
+    after = await _state(database)
+    assert [after["placements"][(TRAIN, 0, s)][0] for s in (0, 1)] == ["n2", "n2"]
+    assert after["generation"] == 1
