@@ -7,6 +7,21 @@ transaction), so that the reconciler's warm cache can read what changed since th
 was valid at (`read_changes_since`) instead of the whole cluster. Under PostgreSQL the
 generation row's write lock serialises the bumps; a generation a reader sees has its rows
 visible too (same transaction, read after it).
+
+PostgreSQL's lock order. Every transaction that moves the generation takes its locks in this order:
+1. the generation writers' advisory lock (`GENERATION_WRITERS`), before any row lock: shared by
+   one that moves the generation after its writes (`will_move_generation`: a delete batch, a
+   cordon or drain, liveness, a Register or Hello batch, a report flush that fails shards, a
+   release, a quarantine, a plan commit that takes the generation last), exclusive by a plan commit
+   that takes the generation first (`moves_generation_first`: an unscoped pass, a fallback);
+2. rows: placements, deployments, nodes (a plan commit and a report flush write them in this order);
+3. the generation row (`cluster_state`), then the change log (inserts);
+4. the audit chain's head (`audit_head`), then the leader lease (`FOR KEY SHARE`, with the COMMIT).
+A plan commit that holds the generation row while it writes rows (step 3 before 2) does so under
+the exclusive lock, so no transaction that holds rows and waits for the generation row is running
+then: the cycle that PostgreSQL broke as a deadlock after `deadlock_timeout` (a second) cannot form.
+Writers that take the generation row last hold it from their bump to their COMMIT only. SQLite
+has one writer at a time: nothing to order.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from sqlalchemy import Integer, Select, bindparam, delete, func, insert, select,
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind, ClusterChange
+from controller.store import pg_driver
 from controller.store.inlist import POSTGRESQL, dialect_of
 from controller.store.marks import rowcount_unread
 from controller.store.models import ClusterChangeRow, ClusterState, DeploymentCount, DeploymentCountDelta
@@ -30,6 +46,39 @@ CHANGES_KEPT = 20_000
 _PRUNE_EVERY = 1_000
 
 
+# The generation writers' advisory lock (PostgreSQL; module docstring), 'maiagen' as a number.
+GENERATION_WRITERS = 0x6D61_6961_6765_6E
+_SHARED = f"SELECT pg_advisory_xact_lock_shared({GENERATION_WRITERS})"
+_EXCLUSIVE = f"SELECT pg_advisory_xact_lock({GENERATION_WRITERS})"
+
+
+async def will_move_generation(session: AsyncSession) -> None:
+    """Say, before the transaction's first row lock, that it will move the generation after its
+    writes: the generation writers' lock, shared (PostgreSQL: module docstring; sent with the
+    transaction's BEGIN when it has not begun, no round trip of its own). Once per transaction;
+    nothing on SQLite. `bump_cluster_generation` takes it when its caller did not (in time for the
+    rows the ORM holds pending; a caller that wrote rows with statements of its own calls this first)."""
+    await _take(session, _SHARED)
+
+
+async def moves_generation_first(session: AsyncSession) -> None:
+    """The generation writers' lock, exclusive, for a plan commit about to take the generation row
+    before its writes (PostgreSQL: module docstring): it waits for those that will move the
+    generation last to end, and they for it. Call it before the transaction's first row lock."""
+    await _take(session, _EXCLUSIVE)
+
+
+async def _take(session: AsyncSession, statement: str) -> None:
+    if dialect_of(session) != POSTGRESQL:
+        return
+    transaction = session.sync_session.get_transaction()
+    held = session.info.get(pg_driver.SAVEPOINT_HELD)
+    if held is not None and transaction is not None and held[0] is transaction and statement in (held[1], _SHARED):
+        return  # held already (the exclusive lock stands for the shared one)
+    await pg_driver.run_at_begin(session, statement)
+    session.info[pg_driver.SAVEPOINT_HELD] = (session.sync_session.get_transaction(), statement)
+
+
 async def bump_cluster_generation(session: AsyncSession, change: ClusterChange = ClusterChange()) -> int:
     """Mark a placement-relevant change (in the caller's transaction) and log what it changed
     (`domain.changes`; the default, OTHER, makes the reconciler read the whole cluster again);
@@ -38,6 +87,7 @@ async def bump_cluster_generation(session: AsyncSession, change: ClusterChange =
     A plan in flight, computed before this change, then commits as stale: each replica it
     places is re-checked against the new state, and the caller solves again.
     """
+    await will_move_generation(session)
     if dialect_of(session) != POSTGRESQL:
         generation = await move_generation(session, 1)
         await log_change(session, generation, change)

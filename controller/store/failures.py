@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.restarts import SHARD_FAILED, RestartPolicy
 from controller.domain.values import deployment_key
+from controller.store.changes import will_move_generation
 from controller.store.inlist import any_of
 from controller.store.models import Deployment, DeploymentPhase, Placement, ShardPhase
 from controller.store.release import record_decisions, stop_placements
@@ -62,6 +63,9 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
     if not failed:
         return FailureStep()
     deps = {d.id: d for d in await session.scalars(select(Deployment).where(any_of(session, Deployment.id, failed)))}
+    # What it writes moves the generation (`stop_placements`): the generation writers' lock
+    # before the first row (PostgreSQL's lock order: store/changes.py).
+    await will_move_generation(session)
     changed: set[str] = set()
     events: list[dict[str, Any]] = []
     released_ids: list[int] = []

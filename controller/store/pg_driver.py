@@ -171,6 +171,14 @@ class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
         """Whether BEGIN was sent (and neither COMMIT nor ROLLBACK since)."""
         return self._transaction is not None
 
+    def commit(self) -> None:
+        self.begin_with = None  # queued for a BEGIN that never came: it ends with the transaction
+        super().commit()
+
+    def rollback(self) -> None:
+        self.begin_with = None
+        super().rollback()
+
 
 async def adapted_connection(session: AsyncSession) -> LazyBeginConnection | None:
     """The connection `session` runs on (checked out now if it has none), as this driver adapts it;
@@ -179,31 +187,52 @@ async def adapted_connection(session: AsyncSession) -> LazyBeginConnection | Non
     return connection if isinstance(connection, LazyBeginConnection) else None
 
 
+async def run_at_begin(session: AsyncSession, statement: str) -> LazyBeginConnection | None:
+    """Run `statement` (no parameters, no rows wanted) in `session`'s transaction: sent with the
+    transaction's BEGIN when it has not begun yet (after what was queued there already: no round
+    trip of its own), else on its own now. Returns the connection it was queued on (None: run)."""
+    connection = await adapted_connection(session)
+    if connection is not None and not connection.in_transaction:
+        connection.begin_with = statement if connection.begin_with is None else f"{connection.begin_with};\n{statement}"
+        return connection
+    with session.sync_session.no_autoflush:  # the caller's pending writes come after it
+        await session.execute(text(statement))
+    return None
+
+
+# `session.info`'s key of what a transaction holds that a savepoint rolled back to releases with
+# the rest (the generation writers' advisory lock: `changes.will_move_generation`).
+SAVEPOINT_HELD = "maia_savepoint_held"
+
+
 class Savepoint:
     """A SAVEPOINT in a session's transaction on this driver, set by `open`, sent with the
     transaction's BEGIN when it has not begun yet (no round trip of its own), else on its own.
-    `rollback` undoes what the transaction did since (its row locks included); `close` forgets
-    one never sent (the transaction never began after it)."""
+    `rollback` undoes what the transaction did since (its row and advisory locks included, and
+    `session.info[SAVEPOINT_HELD]` as it was at `open`); `close` forgets one never sent (the
+    transaction never began after it) and what was queued after it."""
 
     def __init__(self, session: AsyncSession, name: str) -> None:
         self._session = session
         self._statement = f"SAVEPOINT {name}"
         self._name = name
         self._connection: LazyBeginConnection | None = None
+        self._held: Any = None
 
     async def open(self) -> None:
-        connection = self._connection = await adapted_connection(self._session)
-        if connection is not None and not connection.in_transaction:
-            connection.begin_with = self._statement
-        else:
-            await self._session.execute(text(self._statement))
+        self._held = self._session.info.get(SAVEPOINT_HELD)
+        self._connection = await run_at_begin(self._session, self._statement)
 
     async def rollback(self) -> None:
         await self._session.execute(text(f"ROLLBACK TO SAVEPOINT {self._name}"))
+        self._session.info[SAVEPOINT_HELD] = self._held
 
     def close(self) -> None:
-        if self._connection is not None and self._connection.begin_with == self._statement:
-            self._connection.begin_with = None
+        connection = self._connection
+        if connection is not None and connection.begin_with is not None and connection.begin_with.startswith(
+                self._statement):
+            connection.begin_with = None
+            self._session.info[SAVEPOINT_HELD] = self._held
 
 
 class LazyBeginDbapi(AsyncAdapt_asyncpg_dbapi):

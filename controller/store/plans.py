@@ -64,8 +64,9 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from controller.store import audit
 from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, read_changes_since: re-exported)
-    ChangesSince, MissingGeneration, move_generation, move_generation_unread, bump_cluster_generation, log_change,
-    logged_ids, prune_changes, read_changes_since, read_generation)
+    ChangesSince, MissingGeneration, move_generation, move_generation_unread, moves_generation_first,
+    bump_cluster_generation, log_change, logged_ids, prune_changes, read_changes_since, read_generation,
+    will_move_generation)  # noqa: F401  (will_move_generation: re-exported)
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
 from controller.store.models import (
     ClusterChangeRow,
@@ -841,6 +842,9 @@ async def commit_plan(
             landed = await _commit_locking_last(session, snapshot, plan, early, actor=actor, now=now or utcnow(), lap=lap)
             if landed is not None:
                 return landed
+    # The generation's row before the writes: under the generation writers' lock, exclusive
+    # (PostgreSQL's lock order: store/changes.py).
+    await moves_generation_first(session)
     with deferred_writes():  # on SQLite the generation's UPDATE goes with the read that follows it
         await move_generation_unread(session, 1 if bumped else 0)
         lap("commit_turn")
@@ -881,6 +885,9 @@ async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: 
     None returned: the caller commits as before, the lock first."""
     savepoint = pg_driver.Savepoint(session, _SAVEPOINT)
     await savepoint.open()
+    # The generation writers' lock, shared, after the savepoint: undone with it when the commit
+    # falls back to taking it exclusive (PostgreSQL's lock order: store/changes.py).
+    await will_move_generation(session)
     try:
         try:
             landed = await _land(session, snapshot, plan, early, stale=early.read.generation != snapshot.generation,

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.store import audit
 from controller.store.metering import stop_intervals
 from controller.domain.changes import ClusterChange
-from controller.store.changes import bump_cluster_generation
+from controller.store.changes import bump_cluster_generation, will_move_generation
 from controller.store.inlist import any_of
 from controller.store.models import Event, Node, Placement
 
@@ -26,6 +26,7 @@ async def stop_placements(session: AsyncSession, ids: Sequence[int], nodes: Iter
     """Delete the placements `ids` (on `nodes`), in the caller's transaction; `deployments`: the
     keys (TENANT/NAME) of the deployments they belong to, logged with the change (a warm cache
     reads those deployments' shards again instead of the whole cluster; none: it reads it all)."""
+    await will_move_generation(session)  # before its rows (PostgreSQL's lock order: store/changes.py)
     for start in range(0, len(ids), _CHUNK):
         await session.execute(delete(Placement).where(any_of(session, Placement.id, ids[start:start + _CHUNK]))
                               .execution_options(synchronize_session=False))

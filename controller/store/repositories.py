@@ -27,7 +27,7 @@ from controller.store.metering import shard_milli, stop_intervals, stop_interval
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
 from controller.store.changes import schedulable_count
 from controller.store.partitions import partitions
-from controller.store.plans import bump_cluster_generation  # noqa: F401  (re-exported for use cases)
+from controller.store.plans import bump_cluster_generation, will_move_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain.changes import ClusterChange
 from controller.domain import values as d
 from controller.domain.paging import PageBounds
@@ -789,6 +789,7 @@ async def quarantine_deployment(session: AsyncSession, key: str, reason: str) ->
     row = await get_deployment(session, *d.split_deployment_key(key))
     if row is None or row.phase in (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED):
         return set()
+    await will_move_generation(session)  # before its rows (PostgreSQL's lock order: store/changes.py)
     nodes = {p.node_id for p in row.placements}
     row.placements.clear()
     row.phase = m.DeploymentPhase.QUARANTINED

@@ -249,6 +249,7 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     plans = [o for o in outcomes if isinstance(o, _Plan)]
     if not plans:
         return [o for o in outcomes if isinstance(o, MaiaError)]
+    await repo.will_move_generation(uow.session)  # before the nodes' rows (lock order: store/changes.py)
     written = {id(plan): await _write(uow, plan, heartbeat_interval_ms) for plan in plans}
     changed = [plan.ask.info.node_id for plan in plans if written[id(plan)][1]]
     if changed:  # last before the commit: the row stays locked only until it
@@ -388,6 +389,7 @@ async def mark_suspect(uow: UnitOfWork, node_id: str, *, session_id: str | None,
     One conditional UPDATE, not a read and then a write: another unit of work may change the node
     in between (the node lifecycle marking it suspect itself, or a newer session's Hello: that
     session owns the node's liveness), and what it wrote is never overwritten."""
+    await repo.will_move_generation(uow.session)  # before the node's row (lock order: store/changes.py)
     if not await repo.set_node_health(uow.session, node_id, m.NodeHealth.SUSPECT, was=m.NodeHealth.UP,
                                       session_id=session_id):
         return False
@@ -470,6 +472,10 @@ async def flush_reports(
         if hit is not None:
             hits[place] = (state, hit[1])
     at = m.utcnow()
+    if any(report.phase == m.ShardPhase.FAILED.value for _, report in hits.values()):
+        # A shard newly failed moves the generation below: the generation writers' lock before
+        # the rows (PostgreSQL's lock order: store/changes.py).
+        await repo.will_move_generation(s)
     # The shards first, each only if the report still applies as it is written: on SQLite the write
     # takes the writer's turn (and begins the transaction), so the deployments read next, whose
     # phases are written from that read, are what this transaction commits over; read before it

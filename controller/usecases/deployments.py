@@ -403,7 +403,8 @@ async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | rep
     """Mark deployments (loaded rows, or plain ones: `repo.set_deleting`) DELETING, each with its
     event (by its actor), in the caller's transaction: ONE cluster generation bump for all, which
     logs every key (plan commits wait for that row from the bump to the commit, so it comes
-    last). Returns the time written."""
+    last, after the generation writers' lock: store/changes.py). Returns the time written."""
+    await repo.will_move_generation(uow.session)
     at = await repo.set_deleting(uow.session, [row for row, _ in rows])
     await repo.record_events(uow.session, (repo.NewEvent(actor=actor, kind="deployment.deleting",
                                                          object_kind="deployment",

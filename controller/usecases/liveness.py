@@ -55,6 +55,7 @@ async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: dat
     if not changes:
         return []
     held = await repo.count_placements_on_nodes(uow.session, [c.node_id for c in changes if c.evict])
+    await repo.will_move_generation(uow.session)  # before the nodes' rows (lock order: store/changes.py)
     applied: list[Transition] = []
     for change in changes:
         health = m.NodeHealth(change.health)

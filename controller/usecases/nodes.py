@@ -105,6 +105,7 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
+    await repo.will_move_generation(uow.session)  # before its rows (lock order: store/changes.py)
     released = await repo.remove_placements_on_node(uow.session, node_id)
     await uow.session.delete(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))

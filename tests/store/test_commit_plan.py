@@ -666,8 +666,9 @@ async def test_a_scoped_commit_on_postgres_writes_first_and_takes_the_generation
     assert result.changed_deployments == {TRAIN} and result.generation == 1 and not result.requeued
     run = [trip.statement for trip in trips if trip.kind != "prepare"]
     locked = run.index("WITH moved AS")  # moves the generation (its lock) and reads the scope's rows again
-    # The early read outside the transaction; the savepoint (undone to if the check fails) in the BEGIN's message.
-    assert run[:2] == ["SELECT cluster_state.generation -", "BEGIN; SAVEPOINT maia_plan_commit"]
+    # The early read outside the transaction; the savepoint (undone to if the check fails) and the
+    # generation writers' lock (shared, store/changes.py) in the BEGIN's message.
+    assert run[:2] == ["SELECT cluster_state.generation -", "BEGIN; SAVEPOINT maia_plan_commit;"]
     assert {"INSERT INTO placements", "INSERT INTO events"} <= set(run[2:locked])
     # Under the lock: the audit entries (the chain's head has a lock of its own, taken after this one) and the COMMIT.
     assert run[-1] == "COMMIT"
@@ -856,3 +857,65 @@ async def test_two_scoped_commits_placing_one_shard_at_once_on_postgres_land_one
     after = await _state(database)
     assert [after["placements"][(TRAIN, 0, s)][0] for s in (0, 1)] == ["n2", "n2"]
     assert after["generation"] == 1
+
+
+async def _a_delete_batch_of_train(database: Database) -> None:
+    """A delete batch: the deployment's row marked DELETING, then the generation moved."""
+    from controller.usecases.deployments import mark_deleting
+
+    async with database.unit_of_work() as uow:
+        [train] = [r.row for r in await repo.deployments_named(uow.session, ["train"])]
+        await mark_deleting(uow, [(train, "admin")])
+        await uow.commit()
+
+
+async def _a_cordon_of_n2(database: Database) -> None:
+    """A cordon: the node's row written, then the generation moved (the ORM flushes the row at the bump)."""
+    from controller.identity import Principal
+    from controller.usecases import nodes
+    from controller.usecases.ports import RecordingSignals
+
+    async with database.unit_of_work() as uow:
+        await nodes.cordon_node(uow, Principal("admin"), "n2", RecordingSignals(), set(), {})
+
+
+async def _n2_down_by_liveness(database: Database) -> None:
+    """Liveness: the node's health written, its work evicted, then the generation moved."""
+    from controller.domain.liveness import Transition
+    from controller.usecases import liveness
+
+    async with database.unit_of_work() as uow:
+        assert await liveness.apply_transitions(uow, [Transition("n2", "down", "silent", evict=True)], m.utcnow())
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("writer", [_a_delete_batch_of_train, _a_cordon_of_n2, _n2_down_by_liveness], ids=["delete", "cordon", "liveness"])
+async def test_a_plan_commit_that_locks_first_and_a_writer_that_moves_the_generation_last_do_not_deadlock(
+        database: Database, monkeypatch: pytest.MonkeyPatch, writer: Any) -> None:
+    """An unscoped plan commit takes the generation's lock and reads; a delete batch, a cordon or
+    liveness writes the row the commit is about to write (TRAIN's, n2's) and then waits for the
+    generation's lock. Both must commit (the commit waiting for that row while holding the lock the
+    writer waits for was a deadlock PostgreSQL broke after deadlock_timeout, aborting one)."""
+    snap = await _seeded(database)
+    read, go_on = asyncio.Event(), asyncio.Event()
+    real_check = plans._check
+
+    async def paused(*args: Any) -> Any:  # the commit stops after its read (under the lock) until told to go on
+        read.set()
+        await go_on.wait()
+        return await real_check(*args)
+
+    monkeypatch.setattr(plans, "_check", paused)
+    committing = asyncio.create_task(_commit(database, snap, Plan(
+        "optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))))
+    await asyncio.wait_for(read.wait(), 30)
+    writing = asyncio.create_task(writer(database))
+    for _ in range(600):  # until the writer waits for a lock the commit holds
+        if writing.done() or await _waits_for_a_lock(database):
+            break
+        await asyncio.sleep(0.05)
+    assert not writing.done()
+    go_on.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(committing, writing, return_exceptions=True), 60)
+    assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
+    assert outcomes[0].changed_deployments == {TRAIN}  # committed first, onto n2

@@ -120,3 +120,38 @@ async def test_a_read_snapshot_still_reads_one_snapshot(database: Database) -> N
             await uow.session.execute(text("INSERT INTO scratch VALUES (1, 'a')"))
             await uow.commit()
         assert await snapshot.scalar(text("SELECT count(*) FROM scratch")) == 0
+
+
+async def _generation_writers_free(database: Database, exclusive: bool) -> bool:
+    from controller.store.changes import GENERATION_WRITERS
+
+    function = "pg_try_advisory_xact_lock" if exclusive else "pg_try_advisory_xact_lock_shared"
+    async with database.unit_of_work() as other:
+        return bool(await other.session.scalar(text(f"SELECT {function}({GENERATION_WRITERS})")))
+
+
+@POSTGRES_ONLY
+async def test_the_generation_writers_lock_goes_with_the_begin_and_with_a_savepoint_rolled_back_to(
+        database: Database) -> None:
+    """A plan commit that takes the generation last holds the generation writers' lock shared
+    after its savepoint; falling back (rolled back to it) it must hold nothing, then take it
+    exclusive (an upgrade from shared waited for every other holder, which could wait for it)."""
+    from controller.store import changes, pg_driver
+
+    async with database.unit_of_work() as uow:
+        savepoint = pg_driver.Savepoint(uow.session, "maia_test")
+        await savepoint.open()
+        await changes.will_move_generation(uow.session)
+        driver = await _driver(uow.session)
+        assert not driver.in_transaction and driver.begin_with is not None  # queued for the BEGIN: no trip
+        await changes.move_generation(uow.session, 0)
+        assert driver.in_transaction and driver.begin_with is None
+        await changes.will_move_generation(uow.session)  # held: nothing sent
+        assert await _generation_writers_free(database, exclusive=False)
+        assert not await _generation_writers_free(database, exclusive=True)
+        await savepoint.rollback()
+        assert await _generation_writers_free(database, exclusive=True)
+        await changes.moves_generation_first(uow.session)  # taken again, exclusive this time
+        assert not await _generation_writers_free(database, exclusive=False)
+        await uow.commit()
+    assert await _generation_writers_free(database, exclusive=True)
