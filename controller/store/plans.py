@@ -845,29 +845,89 @@ async def commit_plan(
     # The generation's row before the writes: under the generation writers' lock, exclusive
     # (PostgreSQL's lock order: store/changes.py).
     await moves_generation_first(session)
-    with deferred_writes():  # on SQLite the generation's UPDATE goes with the read that follows it
-        await move_generation_unread(session, 1 if bumped else 0)
-        lap("commit_turn")
-        # Current state (read under the generation lock): every deployment and placement, or the scope's.
-        read = await _read_committed(session, scope, moved_by=int(bumped),
-                                     same_as=None if early is None else early.read)
     now = now or utcnow()
-    lap("commit_read")
-    checked = early if early is not None and early.read is read else await _check(session, snapshot, plan, read)
-    lap("commit_check")
-    # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
-    # whose results nothing reads ride with the next statement that returns rows, or the caller's
-    # commit (`sqlite_driver.deferred_writes`: four trips to SQLite's thread under the writer
-    # instead of thirteen): the commit fails or commits whole.
-    with deferred_writes():
-        landed = await _land(session, snapshot, plan, checked, stale=read.generation != snapshot.generation,
-                             generation=read.generation + int(bumped), bumped=bumped, actor=actor, now=now)
-        await audit.append(session, landed.audited, at=now)
-    return landed.result
+    settled = _ReportsSettled(session)
+    while True:
+        await settled.begin()
+        with deferred_writes():  # on SQLite the generation's UPDATE goes with the read that follows it
+            await move_generation_unread(session, 1 if bumped else 0)
+            lap("commit_turn")
+            # Current state (read under the generation lock): every deployment and placement, or the scope's.
+            read = await _read_committed(session, scope, moved_by=int(bumped),
+                                         same_as=None if early is None else early.read)
+        lap("commit_read")
+        checked = early if early is not None and early.read is read else await _check(session, snapshot, plan, read)
+        lap("commit_check")
+        # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
+        # whose results nothing reads ride with the next statement that returns rows, or the caller's
+        # commit (`sqlite_driver.deferred_writes`: four trips to SQLite's thread under the writer
+        # instead of thirteen): the commit fails or commits whole.
+        with deferred_writes():
+            landed = await _land(session, snapshot, plan, checked, stale=read.generation != snapshot.generation,
+                                 generation=read.generation + int(bumped), bumped=bumped, actor=actor, now=now)
+            if await settled.stands(landed):
+                await audit.append(session, landed.audited, at=now)
+                return landed.result
+        lap("commit_undone")
 
 
 # A plan commit's savepoint on PostgreSQL (`_commit_locking_last`).
 _SAVEPOINT = "maia_plan_commit"
+# The savepoint of a PostgreSQL commit that takes the lock first (`_ReportsSettled`).
+_READ_SAVEPOINT = "maia_plan_read"
+_PLACED_PHASES = select(_P.deployment_id, _P.replica, _P.shard, _P.phase).where(_P.deployment_id == func.any(
+    bindparam("ids", type_=ARRAY(Integer))))
+_LOCK_DEPLOYMENTS = (select(_D.id).where(_D.id == func.any(bindparam("ids", type_=ARRAY(Integer))))
+                     .order_by(_D.id).with_for_update(key_share=True))
+
+
+class _ReportsSettled:
+    """PostgreSQL: what makes a commit that takes the generation's lock first (before its read)
+    write its deployments' phases from their shards as committed.
+
+    Agents' reports (the hub's flush) change shard phases, and the phases of their deployments, under
+    no generation lock: a report landing between this commit's read and its write of a deployment's
+    row was written over, with a phase judged from the shards as read (issue 8, `pgcost`'s leftover).
+    Once written, the rows are its own: a report on their shards waits for them (the flush locks a
+    deployment before it writes its phase) and then reads what this commit wrote. So after its
+    writes the commit reads again the shards of the deployments it wrote (one statement); when one
+    of them is not as the commit judged its phase by (a report landed in between), what it wrote is
+    undone (to a savepoint taken with its read) and it reads again, those deployments locked first:
+    no report on them lands after that read. SQLite's writer lock keeps reports out already."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+        self._postgres = dialect_of(session) == POSTGRESQL
+        self._savepoint: pg_driver.Savepoint | None = None
+        self._locked: set[int] = set()  # deployments locked before the read
+
+    async def begin(self) -> None:
+        """Before the read: the savepoint, and the rows of the deployments reports moved under a
+        former try (sent with the transaction's BEGIN when it has not begun: no round trip)."""
+        if not self._postgres:
+            return
+        self._savepoint = pg_driver.Savepoint(self._session, _READ_SAVEPOINT)
+        await self._savepoint.open()
+        if self._locked:
+            await self._session.execute(_LOCK_DEPLOYMENTS, {"ids": sorted(self._locked)})
+
+    async def stands(self, landed: _Landed) -> bool:
+        """Whether the deployments `landed` wrote have the shards it judged their phases by; if
+        not, its writes are undone and the next `begin` locks those deployments."""
+        savepoint = self._savepoint
+        if savepoint is None or not landed.judged_by:
+            return True
+        placed: dict[int, set[tuple[int, int, ShardPhase]]] = defaultdict(set)
+        for deployment_id, replica, shard, phase in await self._session.execute(
+                _PLACED_PHASES, {"ids": sorted(landed.judged_by)}):
+            placed[deployment_id].add((replica, shard, ShardPhase(phase)))
+        moved = {i for i, judged in landed.judged_by.items() if placed.get(i, set()) != judged}
+        if not moved:
+            savepoint.close()
+            return True
+        await savepoint.rollback()
+        self._locked |= moved
+        return False
 
 
 async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: Plan, early: _Checked, *,
@@ -952,6 +1012,9 @@ class _Landed:
     audited: list[audit.AuditRecord]
     change: ClusterChange | None  # what moves the generation (placements), logged; None: nothing
     rows: tuple[dict[str, Any], _PlacedRows]
+    # The deployments whose rows it wrote (by id), each with the shards (replica, shard, phase) its
+    # phase was judged by: their placements as the commit leaves them (`_ReportsSettled`).
+    judged_by: dict[int, frozenset[tuple[int, int, ShardPhase]]] = field(default_factory=dict)
 
 
 async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: _Checked, *, stale: bool,
@@ -986,11 +1049,14 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
         name: deployments[name].generation + (1 if name in changed_deployments else 0) for name in live
     }
     shard_phases: dict[str, list[tuple[int, ShardPhase]]] = defaultdict(list)
+    judged_by: dict[str, set[tuple[int, int, ShardPhase]]] = defaultdict(set)
     sizes: dict[str, dict[int, int]] = defaultdict(dict)  # shards per replica, where not the deployment's
     restarted = set(inserts) | {row.key for row, _ in updates}  # new and moved shards start over as ASSIGNED
     for key in final:
         row = current.get(key)
-        shard_phases[key[0]].append((key[1], ShardPhase.ASSIGNED if key in restarted or row is None else row.phase))
+        shard_phase = ShardPhase.ASSIGNED if key in restarted or row is None else row.phase
+        shard_phases[key[0]].append((key[1], shard_phase))
+        judged_by[key[0]].add((key[1], key[2], shard_phase))
         d = deployments[key[0]]
         revision = changes.revision_of[key] if row is None else row.revision
         if revision != d.template_revision:
@@ -1065,9 +1131,11 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
         shards={**{row.key: None for row in deletes}, **{row.key: _where(pl) for row, pl in updates},
                 **{key: _where(pl) for key, pl in inserts.items()}},
     )
+    written = {update_["b_id"] for update_ in deployment_updates}
     return _Landed(result, _decision_records(events, tenants, actor), change,
                    _as_written(checked.read, deletes, updates, inserts, changes.revision_of, deployment_updates,
-                               deleted_deployments) if generation is None else ({}, {}))
+                               deleted_deployments) if generation is None else ({}, {}),
+                   {d.id: frozenset(judged_by[name]) for name, d in deployments.items() if d.id in written})
 
 
 async def _move_to(session: AsyncSession, generation: int, bumped: bool, moved: bool) -> int:

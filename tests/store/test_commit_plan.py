@@ -919,3 +919,67 @@ async def test_a_plan_commit_that_locks_first_and_a_writer_that_moves_the_genera
     outcomes = await asyncio.wait_for(asyncio.gather(committing, writing, return_exceptions=True), 60)
     assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
     assert outcomes[0].changed_deployments == {TRAIN}  # committed first, onto n2
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("scoped", [False, True], ids=["unscoped", "fallback"])
+async def test_a_report_landing_between_a_plan_commits_read_and_its_write_is_not_written_over(
+        database: Database, monkeypatch: pytest.MonkeyPatch, scoped: bool) -> None:
+    """TRAIN (two replicas asked, one placed, its shards assigned) is told why its second replica
+    waits: the commit writes its row, with the phase its shards give. Its agent reports them
+    running (DEGRADED: all that is placed runs) after the commit read them and before it writes:
+    the commit must write the phase of the shards as committed, not as it read them (it wrote
+    SCHEDULED over the report's DEGRADED). Unscoped, or scoped and fallen back to the lock first."""
+    from controller.domain.values import ShardReport
+    from controller.usecases import agents
+
+    snap = await _seeded(database)
+    placed = KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3))
+    await _commit(database, snap, Plan("optimal", placed))
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(text("UPDATE deployments SET replicas = 2 WHERE name = 'train'"))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    generation = (await _state(database))["placements"][(TRAIN, 0, 0)][3]
+    read, reported = asyncio.Event(), asyncio.Event()
+    real_check = plans._check
+    checks: list[int] = []
+
+    async def report_after_the_read(*args: Any) -> Any:  # the lock-first read is done (scoped: after the early one)
+        checks.append(1)
+        if len(checks) == (2 if scoped else 1):
+            read.set()
+            await reported.wait()
+        return await real_check(*args)
+
+    if scoped:  # the early check fails: a node cordoned in between (not one TRAIN is on)
+        async def cordon_n4() -> None:
+            async with database.unit_of_work() as uow:
+                await repo.set_node_cordoned(uow.session, "n4", True)
+                await bump_cluster_generation(uow.session, ClusterChange.node("n4"))
+                await uow.commit()
+        _between_check_and_lock(monkeypatch, cordon_n4)
+    monkeypatch.setattr(plans, "_check", report_after_the_read)
+
+    async def commit() -> CommitResult:
+        async with database.unit_of_work() as uow:
+            result = await commit_plan(uow.session, snap, Plan("optimal", placed, unplaced=(
+                Unplaced(TRAIN, 1, (Reason("NO_FIT", "no node has 4 free accelerators"),)),)),
+                scope={TRAIN} if scoped else None, actor="test")
+            await uow.commit()
+        return result
+
+    committing = asyncio.create_task(commit())
+    await asyncio.wait_for(read.wait(), 30)
+    async with database.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [("n2", ShardReport("train", 0, s, generation, "running", "", tenant="a"))
+                                             for s in (0, 1)])
+    assert (await _state(database))["deployments"][TRAIN].phase is m.DeploymentPhase.DEGRADED
+    reported.set()
+    result = await asyncio.wait_for(committing, 60)
+
+    assert TRAIN in result.updated_deployments
+    train = (await _state(database))["deployments"][TRAIN]
+    assert train.phase is m.DeploymentPhase.DEGRADED
+    assert [r["code"] for r in train.reasons] == ["NO_FIT"]
