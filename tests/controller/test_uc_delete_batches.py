@@ -19,6 +19,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.audit import AuditRecord, CallEntry
+from controller.store.changes import GENERATION_WRITERS
 from controller.store.pg_driver import counted_trips
 from controller.store.turns import WritePriority
 from controller.usecases import deletes, deployments
@@ -219,8 +220,8 @@ async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cl
 @pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(cluster):
     """A delete batch's round trips on PostgreSQL: its deployments with their placements in one
-    read (joined, whatever the batch's size: no statement to prepare for a new size), then BEGIN,
-    the phases in one statement, the events, the generation bump with its change rows in one statement, the audit
+    read (joined, whatever the batch's size: no statement to prepare for a new size), then BEGIN
+    with the generation writers' lock (store/changes.py) in its message, the phases in one statement, the events, the generation bump with its change rows in one statement, the audit
     head moved with its entries in one statement, COMMIT."""
     await _submit(cluster, *(("t1", f"d{i}") for i in range(8)))
     batcher = DeleteBatcher(cluster, RecordingSignals())
@@ -231,7 +232,8 @@ async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(
         outcomes = await batcher.commit_batch([_queued(WHO, "d1"), _queued(T1, "d2"), _queued(WHO, "d3")])
     assert {outcome.phase for outcome in outcomes.values()} == {"deleting"}
     assert [(t.kind, t.statement) for t in trips] == [
-        ("execute", "SELECT deployments.id, deployments.name,"), ("query", "BEGIN"),
+        ("execute", "SELECT deployments.id, deployments.name,"),
+        ("query", f"BEGIN; SELECT pg_advisory_xact_lock_shared({GENERATION_WRITERS})"),
         ("execute", "UPDATE deployments SET"), ("executemany", "INSERT INTO events"),
         ("execute", "WITH moved AS"), ("execute", "WITH moved AS"), ("query", "COMMIT")]
     assert await _logged(cluster, before + 1) == [("deployment_deleted", f"t1/d{i}") for i in (1, 2, 3)]
