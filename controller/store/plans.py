@@ -31,7 +31,13 @@ moves the generation), and the lock is held for the reads and the writes alone. 
 writes before it takes the lock, and the statement that takes it reads the rows again: when the
 generation is as before and the rows are as written, the check stands and the lock is held for
 the audit entries and the COMMIT alone; else the writes are undone and the commit goes lock first
-(`_commit_locking_last`).
+(`_commit_locking_last`; also when its INSERT meets the unique key of a shard another commit
+placed meanwhile).
+On PostgreSQL a commit that takes the generation's row first (unscoped, or fallen back) does so
+under the generation writers' advisory lock, exclusive, and one that takes it last under the same
+lock, shared (the lock order: store/changes.py); and since agents' reports change shard phases
+under no generation lock, one that takes it first reads again the shards of the deployments whose
+rows it wrote, and reads and writes again when a report landed in between (`_ReportsSettled`).
 `CommitResult.shards` and `requeued` tell such a caller what to apply to its cache.
 
 Plans name solver deployments and replicas (`store/rollout.py`: a rolling update's outgoing
@@ -877,8 +883,10 @@ _SAVEPOINT = "maia_plan_commit"
 _READ_SAVEPOINT = "maia_plan_read"
 _PLACED_PHASES = select(_P.deployment_id, _P.replica, _P.shard, _P.phase).where(_P.deployment_id == func.any(
     bindparam("ids", type_=ARRAY(Integer))))
-_LOCK_DEPLOYMENTS = (select(_D.id).where(_D.id == func.any(bindparam("ids", type_=ARRAY(Integer))))
-                     .order_by(_D.id).with_for_update(key_share=True))
+# The shards of some deployments locked (a report flush writes a deployment's shards before its
+# row: locking the shards keeps the order of the locks a flush takes).
+_LOCK_SHARDS = (select(_P.id).where(_P.deployment_id == func.any(bindparam("ids", type_=ARRAY(Integer))))
+                .order_by(_P.id).with_for_update(key_share=True))
 
 
 class _ReportsSettled:
@@ -892,8 +900,11 @@ class _ReportsSettled:
     deployment before it writes its phase) and then reads what this commit wrote. So after its
     writes the commit reads again the shards of the deployments it wrote (one statement); when one
     of them is not as the commit judged its phase by (a report landed in between), what it wrote is
-    undone (to a savepoint taken with its read) and it reads again, those deployments locked first:
-    no report on them lands after that read. SQLite's writer lock keeps reports out already."""
+    undone (to a savepoint taken with its read) and it reads again, those deployments' shards
+    locked first (a flush writes a deployment's shards before it locks its row, so no report on
+    them lands after that read, and the two take their locks in one order). Only a plan commit adds
+    shards, and this one holds the generation writers' lock exclusive. SQLite's writer lock keeps
+    reports out already."""
 
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -902,18 +913,18 @@ class _ReportsSettled:
         self._locked: set[int] = set()  # deployments locked before the read
 
     async def begin(self) -> None:
-        """Before the read: the savepoint, and the rows of the deployments reports moved under a
-        former try (sent with the transaction's BEGIN when it has not begun: no round trip)."""
+        """Before the read: the savepoint (sent with the transaction's BEGIN when it has not begun:
+        no round trip), and the shards of the deployments reports moved under a former try."""
         if not self._postgres:
             return
         self._savepoint = pg_driver.Savepoint(self._session, _READ_SAVEPOINT)
         await self._savepoint.open()
         if self._locked:
-            await self._session.execute(_LOCK_DEPLOYMENTS, {"ids": sorted(self._locked)})
+            await self._session.execute(_LOCK_SHARDS, {"ids": sorted(self._locked)})
 
     async def stands(self, landed: _Landed) -> bool:
         """Whether the deployments `landed` wrote have the shards it judged their phases by; if
-        not, its writes are undone and the next `begin` locks those deployments."""
+        not, its writes are undone and the next `begin` locks those deployments' shards."""
         savepoint = self._savepoint
         if savepoint is None or not landed.judged_by:
             return True
