@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from controller.aio import within
 from controller.store import audit
-from controller.store import pg_driver, sqlite_driver
+from controller.store import jsoncodec, pg_driver, sqlite_driver
 from controller.store.lease import CommitOutcomeUnknown
 from controller.store.exclusive import sqlite_path
 from controller.store.turns import WriterTurns
@@ -61,13 +61,18 @@ def _is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+# JSON columns' text as `json.dumps` / `json.loads` make it, cheaper per value (`jsoncodec`).
+_JSON_CODEC = {"json_serializer": jsoncodec.dumps, "json_deserializer": jsoncodec.loads}
+
+
 def create_engine(url: str) -> AsyncEngine:
     """An engine with the settings each backend needs (SQLite: WAL, FKs on, busy timeout, one trip
     to aiosqlite's thread per statement: `sqlite_driver`)."""
     if _is_sqlite(url):
         pool = {} if sqlite_path(url) is None else {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
         module = {"module": sqlite_driver.dbapi()} if url.startswith("sqlite+aiosqlite") else {}
-        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **module, **pool)  # in memory: one
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **module, **pool,  # in memory: one
+                                     **_JSON_CODEC)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -86,6 +91,7 @@ def create_engine(url: str) -> AsyncEngine:
         return engine
     module = {"module": pg_driver.dbapi()} if url.startswith("postgresql+asyncpg") else {}
     engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_use_lifo=True, **module,
+                                 **_JSON_CODEC,
                                  connect_args={"prepared_statement_cache_size": PG_STATEMENT_CACHE}
                                  if module else {})
     _ping_when_idle(engine)
