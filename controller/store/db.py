@@ -243,7 +243,8 @@ class UnitOfWork:
 
 async def _discard(session: AsyncSession) -> None:
     try:
-        await session.rollback()
+        if session.in_transaction():  # committed: nothing to roll back (a trip into SQLAlchemy less)
+            await session.rollback()
     finally:
         await session.close()
 

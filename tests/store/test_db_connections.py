@@ -72,3 +72,25 @@ async def test_a_sqlite_writer_waits_its_turn_and_fails_as_sqlite_would_past_the
             assert list(await conn.scalars(text("SELECT x FROM t ORDER BY x"))) == [1, 3]
     finally:
         await engine.dispose()
+
+
+async def test_a_unit_of_work_rolls_back_what_it_did_not_commit_and_nothing_after_a_commit(database: Database,
+                                                                                          monkeypatch) -> None:
+    rollbacks: list[bool] = []
+    rollback = dbmod.AsyncSession.rollback
+
+    async def counted(self: dbmod.AsyncSession) -> None:
+        rollbacks.append(self.in_transaction())
+        await rollback(self)
+
+    monkeypatch.setattr(dbmod.AsyncSession, "rollback", counted)
+    insert = text("INSERT INTO zones (id, created_at) VALUES (:id, CURRENT_TIMESTAMP)")
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(insert, {"id": "kept"})
+        await uow.commit()
+    assert rollbacks == []  # committed: closed without a rollback call
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(insert, {"id": "dropped"})
+    assert rollbacks == [True]
+    async with database.unit_of_work() as uow:
+        assert list(await uow.session.scalars(text("SELECT id FROM zones ORDER BY id"))) == ["kept"]
