@@ -14,7 +14,7 @@ from sqlalchemy import event, select
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
-from controller.store.inlist import any_of
+from controller.store.inlist import any_of, any_of_named, dialect_of, listed
 from controller.store.pg_driver import counted_trips
 
 from .seed import TWO_RACKS, seed_problem
@@ -64,6 +64,22 @@ async def test_any_of_matches_what_an_in_list_matches(database: Database, wanted
     assert by_id == set(some)
 
 
+@pytest.mark.parametrize("wanted", [[], ["n1"], ["n2", "n4", "missing", "n2"], NODES, ["é/\"x"]])
+async def test_any_of_named_matches_what_an_in_list_matches(database: Database, wanted: list[str]) -> None:
+    await _seeded(database)
+    async with database.unit_of_work() as uow:
+        dialect = dialect_of(uow.session)
+        by_node = select(m.Node.id).where(any_of_named(dialect, m.Node.id, "ids"))
+        by_id = select(m.Deployment.id).where(any_of_named(dialect, m.Deployment.id, "ids"))
+        found = set(await uow.session.scalars(by_node, {"ids": listed(dialect, wanted)}))
+        ids = list(await uow.session.scalars(select(m.Deployment.id).order_by(m.Deployment.id)))
+        some = ids[1::3] + [max(ids) + 1]
+        found_ids = set(await uow.session.scalars(by_id, {"ids": listed(dialect, some)}))
+        none = set(await uow.session.scalars(by_id, {"ids": []}))
+    assert found == set(wanted) & set(NODES)
+    assert found_ids == set(ids[1::3]) and none == set()
+
+
 async def test_a_submit_batch_reads_its_lists_of_every_length(database: Database) -> None:
     await _seeded(database)
     async with database.unit_of_work() as uow:
@@ -75,6 +91,37 @@ async def test_a_submit_batch_reads_its_lists_of_every_length(database: Database
     assert (set(one.tenants), one.taken) == ({"b"}, {("b", "web3")})
 
 
+def _hot_list_reads() -> dict[str, Any]:
+    """The hot list reads (an agent batch's nodes, a commit's assignment sets, a submit batch's
+    tenants, names and request ids, a delete batch's deployments, the views of a report's or a
+    watch's deployments, each with its placements), each with a list of `k`."""
+    return {
+        "nodes": lambda s, k: repo.node_rows_by_id(s, NODES[:k]),
+        "assignments": lambda s, k: repo.assignment_sets(s, NODES[:k]),
+        "submits": lambda s, k: repo.submit_batch_reads(s, [("a", f"web{i}", f"r{i}") for i in range(k)]),
+        "deletes": lambda s, k: repo.deployments_named(s, [f"web{i % 4}" for i in range(k)] + [f"gone{k}"]),
+        "views": lambda s, k: repo.list_deployment_rows(s, keys=[f"{'ab'[i % 2]}/web{i % 4}" for i in range(k)]),
+    }
+
+
+SQLITE_ONLY = pytest.mark.parametrize("db_backend", ["sqlite"])
+
+
+@SQLITE_ONLY
+async def test_one_statement_text_for_every_list_length_on_sqlite(database: Database) -> None:
+    """The statements built once (`any_of_named`: a submit batch's, a delete batch's reads) take
+    their lists as one JSON text: one statement text whatever the length, not one rendered again
+    per length (those built per call, `any_of`, keep IN)."""
+    await _seeded(database)
+    reads = _hot_list_reads()
+    for name in ("submits", "deletes", "assignments"):
+        with _statements(database) as texts:
+            for k in range(1, len(NODES) + 1):
+                async with database.unit_of_work() as uow:
+                    await reads[name](uow.session, k)
+        assert set(texts.values()) == {len(NODES)}, (name, texts)  # every text ran at every length
+
+
 @POSTGRES_ONLY
 async def test_one_statement_and_one_prepare_for_every_list_length_on_postgresql(database: Database) -> None:
     """The hot list reads (an agent batch's nodes, a commit's assignment sets, a submit batch's
@@ -84,14 +131,7 @@ async def test_one_statement_and_one_prepare_for_every_list_length_on_postgresql
     turn (the pool's LIFO). An IN list (a selectin load's too) would be a text, and a prepare, per
     length."""
     await _seeded(database)
-    calls = {
-        "nodes": lambda s, k: repo.node_rows_by_id(s, NODES[:k]),
-        "assignments": lambda s, k: repo.assignment_sets(s, NODES[:k]),
-        "submits": lambda s, k: repo.submit_batch_reads(s, [("a", f"web{i}", f"r{i}") for i in range(k)]),
-        "deletes": lambda s, k: repo.deployments_named(s, [f"web{i % 4}" for i in range(k)] + [f"gone{k}"]),
-        "views": lambda s, k: repo.list_deployment_rows(s, keys=[f"{'ab'[i % 2]}/web{i % 4}" for i in range(k)]),
-    }
-    for name, call in calls.items():
+    for name, call in _hot_list_reads().items():
         with counted_trips() as first:
             async with database.unit_of_work() as uow:
                 await call(uow.session, 1)
