@@ -88,7 +88,8 @@ def _now(session: AsyncSession) -> str:
 async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float, *,
                   token: int | None, force: bool = False, keep: bool = False, agent_address: str = "") -> int | None:
     """Take or renew the lease for `ttl_s` seconds; the token now held, or None (another's is live).
-    The row then says where the holder serves: `address`, and its agent gateways' `agent_address`.
+    The row then says where the holder serves: `address`, and its agent gateways' `agent_address`
+    (with `agent_holder`, the holder that wrote it: `read` names it only while that holder holds).
 
     `token` is the one this holder last held (None: none): the same token comes back while it is
     still live; otherwise the lease is acquired afresh under token + 1. `force` takes it even
@@ -98,7 +99,8 @@ async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float
     now = _now(session)
     if token is not None:  # a renewal of a live lease: no new leader, so no wait for the fences
         renewed = await session.execute(text(
-            f"UPDATE leader_lease SET address = :address, agent_address = :agent_address, expires_at = {now} + :ttl "
+            f"UPDATE leader_lease SET address = :address, agent_address = :agent_address, agent_holder = :holder, "
+            f"expires_at = {now} + :ttl "
             f"WHERE id = 1 AND holder = :holder AND token = :token AND expires_at > {now} RETURNING token"),
             {"holder": holder, "address": address, "agent_address": agent_address, "ttl": float(ttl_s),
              "token": token})
@@ -115,7 +117,8 @@ async def acquire(session: AsyncSession, holder: str, address: str, ttl_s: float
         f"UPDATE leader_lease SET "
         f"token = CASE WHEN holder = :holder AND token = :token AND (expires_at > {now} OR :keep) THEN token "
         f"ELSE token + 1 END, "
-        f"holder = :holder, address = :address, agent_address = :agent_address, expires_at = {now} + :ttl "
+        f"holder = :holder, address = :address, agent_address = :agent_address, agent_holder = :holder, "
+        f"expires_at = {now} + :ttl "
         f"WHERE {takes} RETURNING token"
     ).bindparams(*booleans)
     result = await session.execute(statement, values)
@@ -223,7 +226,11 @@ async def release(session: AsyncSession, holder: str, token: int) -> bool:
 
 async def read(session: AsyncSession) -> LeaseRow:
     row = (await session.execute(text(
-        f"SELECT holder, token, expires_at, address, agent_address, {_now(session)} AS db_now "
+        # `agent_address` is the holder's only when it wrote it (`agent_holder`): a controller older
+        # than migration 0018 takes the lease leaving the last one's there.
+        f"SELECT holder, token, expires_at, address, "
+        f"CASE WHEN agent_holder = holder THEN agent_address ELSE '' END AS agent_address, "
+        f"{_now(session)} AS db_now "
         f"FROM leader_lease WHERE id = 1"
     ))).one_or_none()
     if row is None:

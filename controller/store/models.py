@@ -511,3 +511,6 @@ class LeaderLease(Base):
     address: Mapped[str] = mapped_column(String(300), default="", nullable=False)
     # ...or to its agent gateways (--agent-listen), when it runs them ('' when not).
     agent_address: Mapped[str] = mapped_column(String(300), default="", nullable=False)
+    # The holder that wrote agent_address: a controller older than it takes the lease leaving it
+    # (its UPDATE names no such column), and the address is then not the holder's.
+    agent_holder: Mapped[str] = mapped_column(String(200), default="", nullable=False)

@@ -175,6 +175,26 @@ async def test_a_renewal_writes_the_agent_address_of_now(database: Database) -> 
     assert (row.address, row.agent_address) == ("a:50051", "a:7000")
 
 
+async def test_a_leader_running_older_code_is_not_named_by_the_gateways_address_a_newer_one_left(
+        database: Database) -> None:
+    """A rolling upgrade: the schema is migrated while older controllers still run. One of them
+    taking the lease from a leader with gateways leaves `agent_address` as that leader wrote it
+    (its UPDATE knows no such column); followers must not send agents to the gone gateways."""
+    gatewayed = LeaderElection(database, address="new:1", agent_address="new:7000", holder="new")
+    follower = LeaderElection(database, address="third:1", holder="third")
+    await gatewayed.step()
+    async with database.unit_of_work() as uow:  # the gatewayed leader died; an older controller takes over
+        await uow.session.execute(text("UPDATE leader_lease SET token = token + 1, holder = 'old', "
+                                       "address = 'old:50051', expires_at = 1e12 WHERE id = 1"))
+        await uow.session.commit()
+    row = await _row(database)
+    assert (row.holder, row.address, row.agent_address) == ("old", "old:50051", "")
+    await follower.step()
+    with pytest.raises(NotLeader) as refused:
+        follower.require_leader()
+    assert refused.value.metadata == (("maia-leader", "old:50051"),)
+
+
 async def _dump(database: Database) -> dict[str, Any]:
     async with database.unit_of_work() as uow:
         return await dump(uow.session)
