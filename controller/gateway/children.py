@@ -37,11 +37,14 @@ READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 RESTART_BACKOFF_MAX_S = 30.0
 READY_PREFIX = "maia-gateway listening on "
-# What a gateway takes of the controller's environment: the programs' path, the locale and time
-# zone, the temporary directory, the shared libraries' path (an interpreter built with them
-# elsewhere), and the interpreter's (PYTHONPATH among them) and gRPC core's own settings.
-INHERITED_VARIABLES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH"})
-INHERITED_PREFIXES = ("LC_", "PYTHON", "GRPC_")
+# What a gateway takes of the controller's environment: the programs' path, the home directory
+# (where the interpreter looks for a `pip install --user`'s packages), the locale and time zone,
+# the temporary directory, the dynamic linker's libraries (an interpreter built with them
+# elsewhere, a preloaded allocator), the C library's allocator settings, and the interpreter's
+# (PYTHONPATH among them) and gRPC core's own settings.
+INHERITED_VARIABLES = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "LD_PRELOAD",
+                                 "GLIBC_TUNABLES"})
+INHERITED_PREFIXES = ("LC_", "MALLOC_", "PYTHON", "GRPC_")
 
 
 def gateway_environment(environ: Mapping[str, str]) -> dict[str, str]:
