@@ -9,7 +9,8 @@ So the directory names its owner: the controller's pid in `owner`, written befor
 bound. A controller starting gateways first removes the directories its user left whose owner is
 gone and whose socket nobody serves (`remove_stale`). A live controller's directory is never
 removed: its owner's pid is alive, and its socket answers (the socket check also keeps a
-directory whose owner's pid this process cannot see, another pid namespace sharing /tmp). A
+directory whose owner's pid this process cannot see, another pid namespace sharing /tmp, once
+that owner has bound its socket: in the moment before, such a directory looks killed early). A
 directory made before owners were recorded is removed once its socket exists and refuses
 connections; one with neither owner nor socket (being made this instant) is left alone.
 """
