@@ -114,6 +114,9 @@ class IsolationWatchdog:
         # The isolation version and cluster generation the view is at (None: never read).
         self._at: tuple[int, int] | None = None
         self._full_at = 0.0  # clock of the last full check
+        # The version moved with no change logged, and the full check that needs was deferred: a
+        # change check at a later round (a logged change) does not find what was not logged.
+        self._full_owed = False
         self._on_alarm = on_alarm
         self._active: set[tuple[str, str, tuple[str, ...]]] = set()
         self._violations: list[Violation] = []  # as the last check left them (the view may be judging)
@@ -147,7 +150,8 @@ class IsolationWatchdog:
                 self._at = (version, generation)
                 self.skipped_total += 1
                 return None
-            if generation == self._at[1]:  # changed, and no writer logged it: a full check
+            if generation == self._at[1] or self._full_owed:  # changed, and no writer logged it: a full check
+                self._full_owed = True
                 if self._full_deferred():
                     return None
                 due = True
@@ -182,6 +186,7 @@ class IsolationWatchdog:
                     return None
                 full = True
                 self._full_at = self._clock()
+                self._full_owed = False
                 try:
                     await self._read_all(session)
                 except BaseException:

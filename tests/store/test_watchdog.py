@@ -382,3 +382,26 @@ async def test_a_full_check_that_fails_half_way_is_followed_by_another(
                               "UPDATE placements SET accelerator_indices = '[1]' WHERE node_id = 'n3'")
     alarms = await watchdog.check_if_changed()
     assert [a.violation.rule for a in alarms] == ["ISOLATION"] and watchdog.full_checks_total == 2
+
+
+async def test_a_full_check_deferred_for_an_unlogged_change_is_not_forgotten_by_a_change_check(
+        database: Database) -> None:
+    # A hand edit moves the isolation version and not the generation: a full check is owed, and
+    # deferred for its cost. A logged change that comes next must not pay that debt with a change
+    # check of its own objects (the hand edit would wait for the periodic full check).
+    await _seeded(database)
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, full_every_s=60, max_share=0.05, clock=lambda: now[0])
+    assert await watchdog.check_if_changed() == []
+    watchdog.last_full_ms = 1000.0  # as if that check had taken a second: the next full check waits 20 s
+    now[0] = 2.0
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    assert await watchdog.check_if_changed() is None and watchdog.deferred_total == 1
+    now[0] = 4.0
+    await _written_and_logged(database, ClusterChange.placements(["rival/rival-web"]),
+                              "UPDATE placements SET accelerator_indices = '[1]' WHERE node_id = 'n3'")
+    assert await watchdog.check_if_changed() is None  # still owed, still deferred
+    now[0] = 21.0
+    alarms = await watchdog.check_if_changed()
+    assert alarms is not None and [(a.violation.rule, a.violation.scope) for a in alarms] == [("ISOLATION", "node n1")]
+    assert watchdog.full_checks_total == 2
