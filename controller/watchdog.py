@@ -22,8 +22,9 @@ read, and the violations found in each rack) and keeps it current with what chan
   Its cost is bounded: the next full check starts no sooner than the last one's cost divided by
   `max_share` after it (a change check waits for none).
 A violation the watchdog has not seen before raises an alarm: a log line at ERROR, an
-`isolation.violation` event and an audit entry (one transaction), and the in-process counters
-below. A violation raises one alarm while it persists; if it clears and comes back, it alarms again.
+`isolation.violation` event and an audit entry (one transaction: one that fails to commit is
+written again at the next round), and the in-process counters below. A violation raises one
+alarm while it persists; if it clears and comes back, it alarms again.
 
 Placements are written only by the plan commit, which the solver keeps within the rules, so
 an alarm means something else wrote them: a hand edit, a restore, a bug. The watchdog reports;
@@ -120,6 +121,7 @@ class IsolationWatchdog:
         self._on_alarm = on_alarm
         self._active: set[tuple[str, str, tuple[str, ...]]] = set()
         self._violations: list[Violation] = []  # as the last check left them (the view may be judging)
+        self._unstored: list[Alarm] = []  # raised, their event and audit entries not committed yet
         # For metrics, health and benchmarks: how many alarms were raised, what is violated now, the last one.
         self.alarms_total = 0
         self.checks_total = 0  # full and change checks
@@ -142,6 +144,7 @@ class IsolationWatchdog:
         """A change check when the isolation version moved, a full check when one is due (see
         the module docstring); None when nothing changed, or when a full check is needed but the
         last one is too recent for what it cost (`max_share`: it runs at a later round)."""
+        await self._store()  # alarms a failed write left unstored first (else retried at the next round)
         async with self._db.unit_of_work() as uow:
             version, generation = await read_versions(uow.session)
         due = self._at is None or self._clock() - self._full_at >= self.full_every_s
@@ -211,8 +214,8 @@ class IsolationWatchdog:
         self.checks_total += 1
         self.full_checks_total += full
         alarms = [Alarm(v, utcnow()) for v in fresh]
-        if alarms:
-            await self._record(alarms)
+        self._raise(alarms)
+        await self._store()
         self.last_check_ms = (time.perf_counter() - started) * 1000
         if full:
             self.last_full_ms = self.last_check_ms
@@ -244,7 +247,8 @@ class IsolationWatchdog:
         self._view.apply(around)
         self.placements_judged_total += await asyncio.to_thread(self._view.check, self._view.take_dirty())
 
-    async def _record(self, alarms: list[Alarm]) -> None:
+    def _raise(self, alarms: list[Alarm]) -> None:
+        """Log and count `alarms`, once each; their records are stored by `_store`."""
         for alarm in alarms:
             v = alarm.violation
             log.error("isolation violation %s at %s (tenants %s): %s", v.rule, v.scope, ", ".join(v.tenants) or "-",
@@ -253,9 +257,16 @@ class IsolationWatchdog:
             self.last_alarm = alarm
             if self._on_alarm is not None:
                 self._on_alarm(alarm)
+        self._unstored += alarms
+
+    async def _store(self) -> None:
+        """The events and audit entries of the alarms raised and not stored yet (one transaction):
+        a write that fails leaves them for the next round, which has no new alarm to raise."""
+        if not self._unstored:
+            return
         rows = []
         records = []
-        for alarm in alarms:
+        for alarm in self._unstored:
             v = alarm.violation
             kind, _, where = v.scope.partition(" ")
             data = {"rule": v.rule, "scope": v.scope, "tenants": list(v.tenants)}
@@ -269,6 +280,7 @@ class IsolationWatchdog:
             await uow.session.execute(insert(Event), rows)
             await audit.append(uow.session, records)
             await uow.commit()
+        self._unstored = []
 
     async def run(self) -> None:
         """Check forever; an error in one check is logged and the next check runs on time."""

@@ -384,6 +384,38 @@ async def test_a_full_check_that_fails_half_way_is_followed_by_another(
     assert [a.violation.rule for a in alarms] == ["ISOLATION"] and watchdog.full_checks_total == 2
 
 
+async def test_an_alarm_whose_records_failed_to_commit_is_stored_by_a_later_round(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The event and audit entry are written after the violation is marked active: a failed write
+    # (a busy database, a failover) must not leave the alarm raised in the log and never stored.
+    await _seeded(database)
+    now = [0.0]
+    watchdog = IsolationWatchdog(database, clock=lambda: now[0])
+    assert await watchdog.check_if_changed() == []
+    real_append = audit.append
+
+    async def failing_append(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("database went away")
+
+    monkeypatch.setattr(audit, "append", failing_append)
+    now[0] = 2.0
+    await _written_and_logged(database, ClusterChange.placements(["lab/lab-web"]), _insert("lab-web", 1, "n1", "[1]"))
+    with pytest.raises(ConnectionError):
+        await watchdog.check_if_changed()
+    monkeypatch.setattr(audit, "append", real_append)
+    now[0] = 4.0  # nothing changed since: the round is otherwise skipped
+    await watchdog.check_if_changed()
+    async with database.unit_of_work() as uow:
+        events = (await uow.session.execute(select(m.Event).where(m.Event.kind == EVENT_KIND))).scalars().all()
+        assert [(e.object_kind, e.object_id) for e in events] == [("node", "n1")]
+        assert [(e.action, e.tenant) for e in await audit.list_entries(uow.session)] == [
+            (EVENT_KIND, "lab"), (EVENT_KIND, "solo")]
+    assert watchdog.alarms_total == 1
+    await watchdog.check_if_changed()  # stored once
+    async with database.unit_of_work() as uow:
+        assert len((await uow.session.execute(select(m.Event).where(m.Event.kind == EVENT_KIND))).scalars().all()) == 1
+
+
 async def test_a_full_check_deferred_for_an_unlogged_change_is_not_forgotten_by_a_change_check(
         database: Database) -> None:
     # A hand edit moves the isolation version and not the generation: a full check is owed, and
