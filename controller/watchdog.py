@@ -116,7 +116,7 @@ class IsolationWatchdog:
         self._at: tuple[int, int] | None = None
         self._full_at = 0.0  # clock of the last full check
         # The version moved with no change logged, and the full check that needs was deferred: a
-        # change check at a later round (a logged change) does not find what was not logged.
+        # change check at a later round (of a logged change) does not find what was not logged.
         self._full_owed = False
         self._on_alarm = on_alarm
         self._active: set[tuple[str, str, tuple[str, ...]]] = set()
@@ -149,15 +149,17 @@ class IsolationWatchdog:
             version, generation = await read_versions(uow.session)
         due = self._at is None or self._clock() - self._full_at >= self.full_every_s
         if self._at is not None and not due:
-            if version == self._at[0]:  # nothing the rules read changed: the view holds at this generation
+            if version == self._at[0] and not self._full_owed:  # nothing the rules read changed: the view holds
                 self._at = (version, generation)
                 self.skipped_total += 1
                 return None
             if generation == self._at[1] or self._full_owed:  # changed, and no writer logged it: a full check
                 self._full_owed = True
-                if self._full_deferred():
+                if not self._full_deferred():
+                    due = True
+                elif generation == self._at[1]:
                     return None
-                due = True
+                # else a change check of what was logged meanwhile; the full check stays owed
         return await self._check(full=due)
 
     async def check_once(self) -> list[Alarm]:
