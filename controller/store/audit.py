@@ -81,10 +81,17 @@ def _clean(text: Any, limit: int) -> str:
     return text[:limit]
 
 
+# Types `_clean_json` keeps as they are, exactly these (checked first: the ABC checks below cost
+# more than the rest of an entry's cleaning, and a plan commit's details are mostly numbers).
+_KEPT_TYPES = frozenset({bool, int, float, type(None)})
+
+
 def _clean_json(value: Any) -> Any:
+    if type(value) in _KEPT_TYPES:
+        return value
     if isinstance(value, str):
         return _clean(value, _DETAIL_TEXT_LIMIT)
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):
         return {_clean(k, 128): _clean_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean_json(v) for v in value]
@@ -100,17 +107,25 @@ def _at_text(at: datetime) -> str:
     return at.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+# The canonical JSON of an entry, one encoder for all (`json.dumps` with these options builds one a call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def entry_hash(values: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of an entry's canonical content: every column but `hash`, as sorted JSON."""
+    return _hash_at(values, _at_text(values["at"]))
+
+
+def _hash_at(values: Mapping[str, Any], at_text: str) -> str:
+    """`entry_hash` with the entry's time as `_at_text` gives it (the same for a whole append)."""
     content = {
         "seq": int(values["seq"]),
-        "at": _at_text(values["at"]),
+        "at": at_text,
         "prev_hash": values["prev_hash"],
         "detail": values["detail"],
         **{key: values[key] for key in _LIMITS},
     }
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(content).encode()).hexdigest()
 
 
 def _row_values(record: AuditRecord) -> dict[str, Any]:
@@ -148,9 +163,10 @@ _MOVE_KNOWN_HEAD_AND_INSERT = text(
 
 def _chained(records: Sequence[AuditRecord], first: int, prev_hash: str, at: datetime) -> list[dict[str, Any]]:
     rows = []
+    at_text = _at_text(at)
     for offset, record in enumerate(records):
         values = {**_row_values(record), "seq": first + offset, "at": at, "prev_hash": prev_hash}
-        values["hash"] = prev_hash = entry_hash(values)
+        values["hash"] = prev_hash = _hash_at(values, at_text)
         rows.append(values)
     return rows
 

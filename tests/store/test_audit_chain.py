@@ -4,6 +4,8 @@ directly in SQL (edit, delete, insert, reorder, truncate) is found and named by 
 from __future__ import annotations
 
 import asyncio
+import enum
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import event, text
@@ -197,3 +199,26 @@ async def test_truncating_entries_and_head_together_needs_the_expected_head(data
     assert (await _verify(database)).intact  # the limit of a chain in the same database
     report = await _verify(database, (saved.head_seq, saved.head_hash))
     assert not report.intact and report.first_bad_seq == 4 and "expected head" in report.problem
+
+
+class _Kind(enum.IntEnum):
+    ONE = 1
+
+
+def test_entries_hash_and_clean_as_the_canonical_form_says() -> None:
+    """Known answers (computed with `json.dumps` per entry before appends shared one encoder and
+    one time text): an entry's hash and cleaned detail, whatever the detail's value types."""
+    at = datetime(2026, 12, 2, 13, 0, 0, 123456, tzinfo=timezone.utc)
+    records = [AuditRecord(actor="controller", action="deployment.placed", role="controller", tenant="t",
+                           object_kind="deployment", object_id="t/web", request_id="plan-1",
+                           detail={"message": "placed\x00 1", "replicas": 2, "ratio": 0.5, "nodes": ["n1", "n2"],
+                                   "moved": ("a", 1), "nested": {"ok": True, "none": None, "kind": _Kind.ONE},
+                                   "when": at}),
+               AuditRecord(actor="x" * 200, action="y")]
+    first, second = audit._chained(records, 7, audit.GENESIS_HASH, at)
+    assert first["detail"] == {"message": "placed\ufffd 1", "replicas": 2, "ratio": 0.5, "nodes": ["n1", "n2"],
+                               "moved": ["a", 1], "nested": {"ok": True, "none": None, "kind": _Kind.ONE},
+                               "when": "2026-12-02 13:00:00.123456+00:00"}
+    assert first["hash"] == "005daec3beb9c70f12f4fdceee0a3a3b3211a8f23bc143913e6acd94454ad18a" == entry_hash(first)
+    assert second["hash"] == "3a11a8d20a5f49aed324dea28e33251d78a8d9320beb157b47b1c6721b36bd99" == entry_hash(second)
+    assert second["prev_hash"] == first["hash"] and second["actor"] == "x" * 128
