@@ -257,10 +257,9 @@ class _Scan:
 # The longest pause after a whole-cluster pass (`Reconciler.run`).
 MAX_FULL_PASS_PAUSE_S = 5.0
 # Passes start at most this often; then each waits while answered batches are written, until the
-# second more since the last one began, looking every third (`Reconciler._make_room`).
+# second more since the last one began (`Reconciler._make_room`).
 PASS_PERIOD_S = 0.1
 ANSWER_YIELD_MAX_S = 0.05
-ANSWER_POLL_S = 0.002
 # A publish whose read of the deployments failed for the database tries again after the reconcile
 # interval (at least the first), doubling up to the second (`Reconciler._read_stored`).
 MIN_PUBLISH_RETRY_S = 0.05
@@ -479,7 +478,9 @@ class Reconciler:
         At 50 submits a second on 4,096 nodes passes ran back to back, a core's worth, each
         taking the event loop and SQLite's writer from the batches a caller waits for; the
         arrivals a pass waits for here are decided by it rather than by one more pass. A pass
-        that took longer than both (saturation) is followed at once, as before."""
+        that took longer than both (saturation) is followed at once, as before. The pass goes as
+        soon as the last such batch leaves the writer (`WriterTurns.wait_until_not_answering`, woken
+        by the turns, not a poll)."""
         if last_started is None:
             return
         wait_s = last_started + PASS_PERIOD_S - time.perf_counter()
@@ -488,9 +489,9 @@ class Reconciler:
         turns = None if self._db is None else self._db.turns
         if turns is None:
             return
-        give_up = last_started + PASS_PERIOD_S + ANSWER_YIELD_MAX_S
-        while turns.answering() and time.perf_counter() < give_up:
-            await asyncio.sleep(ANSWER_POLL_S)
+        left_s = last_started + PASS_PERIOD_S + ANSWER_YIELD_MAX_S - time.perf_counter()
+        if left_s > 0:
+            await turns.wait_until_not_answering(left_s)
 
     async def reconcile_once(self, *, force: bool = False, wait_published: bool = True) -> ReconcileOutcome:
         """One pass; solves only if the cluster generation moved since the last solve, a

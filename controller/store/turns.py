@@ -24,7 +24,9 @@ until it asks for its turn or leaves, a free writer is not given to a less urgen
 has not aged. The writer may idle meanwhile, for the read at most.
 
 A task that wants to know how long its transactions waited for their turn (the submit batch,
-for its latency's split) meters them (`metered_turns`): each wait adds to its `TurnWait`.
+for its latency's split) meters them (`metered_turns`): each wait adds to its `TurnWait`. One that
+gives way to ANSWER writers (the reconciler, before a pass) waits until there are none
+(`wait_until_not_answering`), woken when the turns change rather than polling them.
 
 The turns are the process's, not one event loop's: the reconciler can write from a thread with
 an event loop of its own (`scheduling/own_loop.py`; on SQLite only with `Reconciler(own_thread=
@@ -124,11 +126,11 @@ class _Waiter:
     given: bool = False  # the turn is this waiter's (set under the turns' lock)
 
 
-def _wake(waiter: _Waiter) -> None:
-    """Resolve `waiter`'s future on its own loop (a no-op when it was cancelled meanwhile: the
-    waiter, seeing `given`, passes the turn on)."""
-    if not waiter.granted.done():
-        waiter.granted.set_result(None)
+def _resolve(future: asyncio.Future[None]) -> None:
+    """Resolve `future` (a no-op when it was cancelled meanwhile: a waiter, seeing `given`, passes
+    the turn on)."""
+    if not future.done():
+        future.set_result(None)
 
 
 class WriterTurns:
@@ -144,6 +146,7 @@ class WriterTurns:
         self._waiters: list[_Waiter] = []
         self._seq = 0
         self._intents = 0  # ANSWER writers on their way (`intend`)
+        self._watchers: list[asyncio.Future[None]] = []  # `wait_until_not_answering`: resolved on a change
 
     @property
     def held(self) -> bool:
@@ -155,8 +158,42 @@ class WriterTurns:
     def answering(self) -> bool:
         """Whether an ANSWER writer holds the turn, waits for it or is on its way (`intend`)."""
         with self._mutex:
-            return self._intents > 0 or self._holder is WritePriority.ANSWER or any(
-                w.priority is WritePriority.ANSWER for w in self._waiters)
+            return self._answering()
+
+    def _answering(self) -> bool:
+        """`answering`, under the mutex."""
+        return self._intents > 0 or self._holder is WritePriority.ANSWER or any(
+            w.priority is WritePriority.ANSWER for w in self._waiters)
+
+    async def wait_until_not_answering(self, timeout_s: float) -> bool:
+        """Wait until no ANSWER writer holds the turn, waits for it or is on its way (`answering`),
+        at most `timeout_s`; whether that came. Woken by each change that can end it (a turn
+        released, an intent taken back, a waiter gone), on this task's own loop whatever thread
+        made the change."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while True:
+            with self._mutex:
+                if not self._answering():
+                    return True
+                left = give_up - loop.time()
+                if left <= 0:
+                    return False
+                change: asyncio.Future[None] = loop.create_future()
+                self._watchers.append(change)
+            try:
+                await asyncio.wait([change], timeout=left)
+            finally:
+                with self._mutex:
+                    if change in self._watchers:
+                        self._watchers.remove(change)
+
+    def _changed(self) -> None:
+        """Wake the tasks waiting in `wait_until_not_answering` (they look again)."""
+        with self._mutex:
+            watchers, self._watchers = self._watchers, []
+        for change in watchers:
+            _resolve_on_its_loop(change)
 
     @contextmanager
     def intend(self) -> Iterator[None]:
@@ -177,6 +214,8 @@ class WriterTurns:
             _INTENT.reset(token)
             if self._withdraw(intent):
                 self._hand_on()
+            if self._watchers:
+                self._changed()
 
     def _withdraw(self, intent: _Intent) -> bool:
         """Take `intent` back (once); whether the free writer may now go to a held-back waiter."""
@@ -218,6 +257,8 @@ class WriterTurns:
                     self._waiters.remove(waiter)
             if given:
                 self.release()  # given the turn as it was cancelled: the next waiter's
+            elif self._watchers:
+                self._changed()
             raise
         meter = _METER.get()
         if meter is not None:
@@ -229,6 +270,8 @@ class WriterTurns:
         with self._mutex:
             self._held, self._holder = False, None
         self._hand_on()
+        if self._watchers:
+            self._changed()
 
     def _next(self) -> _Waiter | None:
         """The waiter a free writer goes to (under the mutex): the most urgent, aged ones first;
@@ -270,16 +313,21 @@ _INTENT: contextvars.ContextVar[_Intent | None] = contextvars.ContextVar("maia_w
 
 def _wake_on_its_loop(waiter: _Waiter) -> bool:
     """Wake `waiter` on its loop, at once when that is the running one; False when its loop is closed."""
+    return _resolve_on_its_loop(waiter.granted)
+
+
+def _resolve_on_its_loop(future: asyncio.Future[None]) -> bool:
+    """Resolve `future` on its loop, at once when that is the running one; False when its loop is closed."""
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
         running = None
-    loop = waiter.granted.get_loop()
+    loop = future.get_loop()
     if running is loop:
-        _wake(waiter)
+        _resolve(future)
         return True
     try:
-        loop.call_soon_threadsafe(_wake, waiter)
+        loop.call_soon_threadsafe(_resolve, future)
     except RuntimeError:  # closed
         return False
     return True

@@ -10,7 +10,7 @@ import pytest
 
 from controller import reconcile
 from controller.reconcile import Reconciler, ReconcileOutcome
-from controller.store.turns import WriterTurns
+from controller.store.turns import WritePriority, WriterTurns
 
 
 async def _publish(nodes: set[str], deleted: list[Any]) -> None:
@@ -142,7 +142,6 @@ async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound
     """A submit batch on its way to SQLite's writer (`WriterTurns.intend`) is written before the
     next pass starts, which then decides its arrivals; not after `ANSWER_YIELD_MAX_S` past the
     period since the last pass began (a long pass, at saturation, is followed at once)."""
-    monkeypatch.setattr(reconcile, "ANSWER_POLL_S", 0.0)
     r = Reconciler(None, push=lambda nodes: None, publish=_publish)  # type: ignore[arg-type]
     turns = WriterTurns()
     r._db = _Db(turns)  # type: ignore[assignment]
@@ -160,3 +159,23 @@ async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound
     with turns.intend():
         await asyncio.wait_for(r._make_room(long_ago), 10)  # the last pass began past the bound: no wait
         await asyncio.wait_for(r._make_room(None), 10)  # no pass before: at once
+
+
+async def test_a_pass_waiting_for_an_answered_batch_goes_when_its_turn_ends(monkeypatch) -> None:
+    """The pass waiting for a submit batch at SQLite's writer goes on when the batch's turn
+    ends, woken by it (`WriterTurns.wait_until_not_answering`): within a few turns of the loop,
+    no timer (a poll every 2 ms left it waiting up to a poll's period after the batch)."""
+    r = Reconciler(None, push=lambda nodes: None, publish=_publish)  # type: ignore[arg-type]
+    turns = WriterTurns()
+    r._db = _Db(turns)  # type: ignore[assignment]
+    monkeypatch.setattr(reconcile, "ANSWER_YIELD_MAX_S", 3600.0)
+    await turns.acquire(WritePriority.ANSWER)  # the batch writes
+    room = asyncio.create_task(r._make_room(reconcile.time.perf_counter() - 3600.0))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not room.done()
+    turns.release()  # the batch committed
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert room.done()
+    room.result()

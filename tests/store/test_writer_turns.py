@@ -336,3 +336,87 @@ async def test_an_intent_keeps_the_writer_from_waiters_of_another_loop() -> None
         assert order == ["batch", "pass"]
     finally:
         other.close()
+
+
+async def _turns_of_the_loop(times: int = 5) -> None:
+    """Let the loop run `times` turns: what is woken by a resolved future goes; no timer fires."""
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+async def test_a_wait_for_no_answer_writer_ends_when_the_answer_turn_is_released() -> None:
+    """The reconciler's yield to submit batches (`wait_until_not_answering`) goes on when the
+    batch's turn ends, woken by the release: no poll, no timer between the release and it."""
+    turns = WriterTurns(clock=Clock())
+    assert await turns.wait_until_not_answering(3600.0)  # nobody answering: at once
+    await turns.acquire(WritePriority.ANSWER)
+    waiting = asyncio.create_task(turns.wait_until_not_answering(3600.0))
+    await _turns_of_the_loop()
+    assert not waiting.done()
+    turns.release()
+    await _turns_of_the_loop()
+    assert waiting.done() and waiting.result() is True
+
+
+async def test_a_wait_for_no_answer_writer_goes_on_while_others_hold_the_writer() -> None:
+    """Only ANSWER writers are waited for: a report flush holding the writer is not, and an
+    ANSWER waiter behind it is, until it has written."""
+    turns = WriterTurns(clock=Clock())
+    await turns.acquire(WritePriority.BACKGROUND)
+    assert await turns.wait_until_not_answering(3600.0)
+    batch = asyncio.create_task(_write(turns, [], "batch", WritePriority.ANSWER))
+    await _wait_queued(turns, 1)
+    waiting = asyncio.create_task(turns.wait_until_not_answering(3600.0))
+    await _turns_of_the_loop()
+    assert not waiting.done()
+    turns.release()  # the batch's turn, then the batch's release
+    await batch
+    await _turns_of_the_loop()
+    assert waiting.result() is True
+
+
+async def test_a_wait_for_no_answer_writer_ends_when_an_intent_is_taken_back_or_a_waiter_leaves() -> None:
+    turns = WriterTurns(clock=Clock())
+    with turns.intend():  # a batch reading, then refused whole: it never writes
+        waiting = asyncio.create_task(turns.wait_until_not_answering(3600.0))
+        await _turns_of_the_loop()
+        assert not waiting.done()
+    await _turns_of_the_loop()
+    assert waiting.result() is True
+
+    await turns.acquire(WritePriority.BACKGROUND)
+    batch = asyncio.create_task(turns.acquire(WritePriority.ANSWER))
+    await _wait_queued(turns, 1)
+    waiting = asyncio.create_task(turns.wait_until_not_answering(3600.0))
+    await _turns_of_the_loop()
+    assert not waiting.done()
+    batch.cancel()  # a batch whose caller went away while it waited
+    await _turns_of_the_loop()
+    assert waiting.result() is True and turns.held
+    turns.release()
+
+
+async def test_a_wait_for_no_answer_writer_gives_up_after_its_bound() -> None:
+    turns = WriterTurns(clock=Clock())
+    await turns.acquire(WritePriority.ANSWER)
+    assert await turns.wait_until_not_answering(0.01) is False
+    assert await turns.wait_until_not_answering(0.0) is False
+    turns.release()
+    assert turns._watchers == []  # nothing left behind by the waits that gave up
+
+
+async def test_a_wait_for_no_answer_writer_is_woken_on_its_loop_by_a_release_on_another() -> None:
+    """The reconciler on a loop of its own (`own_thread`) waits for batches written on the
+    controller's."""
+    turns = WriterTurns(clock=Clock())
+    other = _OtherLoop()
+    try:
+        await turns.acquire(WritePriority.ANSWER)
+        waiting = other.start(turns.wait_until_not_answering(3600.0))
+        while not turns._watchers:
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        turns.release()
+        assert await asyncio.wait_for(waiting, 10) is True
+    finally:
+        other.close()
