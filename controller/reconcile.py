@@ -77,7 +77,7 @@ from controller import limits
 from controller.aio import cancel_and_wait, wait_event
 from controller.scheduling.decider import DecideProcess, DeciderFailed, open_in_process
 from controller.scheduling.own_loop import OwnLoop
-from controller.scheduling.warm import WarmCluster
+from controller.scheduling.warm import ArrivalDocs, WarmCluster
 from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import QueueDepths, SchedulingQueue
 from controller.store import models as m
@@ -92,6 +92,7 @@ from controller.store.snapshot import Snapshot
 from controller.store.turns import WritePriority, write_priority
 from controller.usecases import planning
 from controller.usecases.deployments import views_of
+from controller.usecases.submits import SubmittedRows
 from controller.domain.changes import ChangeKind
 from controller.domain.restarts import RestartPolicy
 from controller.domain.values import DeploymentView, deployment_key, split_deployment_key
@@ -289,6 +290,7 @@ class Reconciler:
         decider: DecideProcess | None = None,
         own_thread: bool | None = None,
         read_views: ViewReader | None = None,
+        submitted: SubmittedRows | None = None,
     ) -> None:
         self._db = db
         # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. On a
@@ -332,6 +334,8 @@ class Reconciler:
         self.passes = 0
         self.solves = 0
         self._quarantined = Quarantine(quarantine_after)
+        # The deployments this process's submit batches validated and inserted (not judged again).
+        self._submitted = submitted
         self._allow_preemption = allow_preemption
         self._max_surge = max_surge
         self._replacing = True               # replicas being replaced (store/rollout.py): check every pass
@@ -724,13 +728,13 @@ class Reconciler:
                 return None
             helped |= caught_up
             self._last_generation = self._warm.own_generation
-        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._last_arrivals else ([], [])
+        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._last_arrivals else ArrivalDocs([])
         self._laps.lap("arrivals")
         cache = self._warm.cache
-        if read is None or cache is None or self._quarantined.judge(read[0] + read[1]):
+        if read is None or cache is None or self._quarantined.judge(read.docs + read.late, self._submitted_here(read)):
             self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
             return None
-        docs, late = read
+        docs, late = read.docs, read.late
         if helped:  # everything unschedulable is active again: decided now, on the session
             self._queue.helped()
         # Arrivals committed out of order go first, followed as the commit lists them.
@@ -803,6 +807,20 @@ class Reconciler:
             solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
             changed_deployments=frozenset(changed), deleted=tuple(sorted(result.deleted_deployments)),
             retry_in_s=retry_in_s)
+
+    def _submitted_here(self, read: ArrivalDocs) -> set[str]:
+        """The arrivals this process's submit batches validated and inserted, read as inserted
+        (`SubmittedRows`): the quarantine's judge would check the same fields against the same
+        limits again. Each is taken from `SubmittedRows` once, whatever it is found to be."""
+        if self._submitted is None:
+            return set()
+        here = set()
+        for doc in read.docs + read.late:
+            key = doc["id"]
+            inserted = self._submitted.take(key)
+            if inserted is not None and inserted == read.as_inserted.get(key):
+                here.add(key)
+        return here
 
     def _committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult,
                    scope: frozenset[str] | None = None) -> None:

@@ -61,7 +61,7 @@ from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deletes import DeleteBatcher
-from controller.usecases.submits import SubmitBatcher
+from controller.usecases.submits import SubmitBatcher, SubmittedRows
 from controller.usecases.deployments import views_of
 from controller.domain.liveness import FlapDamper
 from controller.domain.values import DeploymentEvent, DeploymentView, split_deployment_key
@@ -162,9 +162,11 @@ class ControllerApp:
         self.metrics.watch_admission(lambda: self.hub.admission.waiting)
         # The warm session in a process of its own (--decide-process), stopped with the controller.
         self.decider = DecideProcess() if config.decide_process else None
+        # What this process's submit batches validated and inserted: its reconciler does not judge it again.
+        self.submitted = SubmittedRows()
         self.reconciler = Reconciler(
             leader_db, push=self.hub.notify, publish=self._publish_deployments, read_views=views_of,
-            decider=self.decider,
+            decider=self.decider, submitted=self.submitted,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,
             lease=self.election, observer=self.metrics,
             quarantine_after=config.quarantine_after_failures, allow_preemption=config.preemption,
@@ -345,7 +347,8 @@ class ControllerApp:
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             throttle=self.throttle,
             require_leader=self.election.require_leader,
-            capacity=CapacityCache(), submits=SubmitBatcher(self.db, self.signals, observer=self.metrics),
+            capacity=CapacityCache(),
+            submits=SubmitBatcher(self.db, self.signals, observer=self.metrics, submitted=self.submitted),
             deletes=DeleteBatcher(self.db, self.signals),
         )
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)

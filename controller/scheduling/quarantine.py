@@ -4,7 +4,9 @@ Two ways a stored deployment can stop every solve: it is beyond today's limits (
 they existed: the solver would build arrays its size), or the solver raises on it. The
 reconciler asks `Quarantine` which ones to take out (`repo.quarantine_deployment` writes it):
 - `beyond_limits`: each deployment is judged once, on the first pass that sees it after
-  start-up or after becoming leader (submissions are validated already);
+  start-up or after becoming leader (submissions are validated already, by whichever controller
+  took them, with its limits); not those a fast pass reads as this process's submit validated
+  and inserted them (`usecases.submits.SubmittedRows`: the same fields, the same limits);
 - `isolate`: when the solver raised on the whole cluster, the deployments new since the last
   good pass are solved alone (at most `limits.ISOLATION_SOLVES_MAX` of them, newest first);
   one the solver fails on `quarantine_after` times is a culprit, with why.
@@ -12,7 +14,7 @@ reconciler asks `Quarantine` which ones to take out (`repo.quarantine_deployment
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -41,14 +43,23 @@ class Quarantine:
         self.within.intersection_update(doc["id"] for doc in docs)  # forget the gone
         return beyond
 
-    def judge(self, docs: Iterable[dict[str, Any]]) -> dict[str, str]:
-        """`beyond_limits` of some deployments (those passed before are not judged again)."""
+    def judge(self, docs: Iterable[dict[str, Any]], validated: Collection[str] = ()) -> dict[str, str]:
+        """`beyond_limits` of some deployments (those passed before are not judged again, nor
+        those `validated`: ids whose documents this process's validation passed already)."""
         beyond: dict[str, str] = {}
         for doc in docs:
-            if doc["id"] in self.within:
+            solver_id = doc["id"]
+            if solver_id in self.within:
                 continue
-            try:  # an outgoing revision (TENANT/NAME~REVISION) is checked under its deployment's name
-                validate_spec(replace(planning.spec_of_doc(doc), name=split_deployment_key(stored_key(doc["id"]))[1]))
+            if solver_id in validated:
+                self.within.add(solver_id)
+                continue
+            key = stored_key(solver_id)
+            try:
+                spec = planning.spec_of_doc(doc)
+                if key != solver_id:  # an outgoing revision (TENANT/NAME~REVISION): under its deployment's name
+                    spec = replace(spec, name=split_deployment_key(key)[1])
+                validate_spec(spec)
             except InvalidArgument as exc:
                 beyond[doc["id"]] = f"exceeds the controller's limits: {exc.message}; submit it again within them"
             else:

@@ -37,7 +37,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, read_changes_since
 from controller.store.snapshot import (
-    DeploymentRead, NodeRead, Snapshot, load_arrivals, load_deployments, load_nodes, load_snapshot, load_tenants,
+    DeploymentRead, InsertedRow, NodeRead, Snapshot, load_arrivals, load_deployments, load_nodes, load_snapshot, load_tenants,
     load_topology, schedulable_keys, stored_keys)
 from scheduler import Plan, Unplaced
 
@@ -46,6 +46,19 @@ T = TypeVar("T")
 
 # Zones, rows and racks as `load_snapshot` lists them.
 Topology = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrivalDocs:
+    """What `WarmCluster.arrivals` read: the documents of the deployments to decide, and of those
+    of them committed out of order."""
+
+    docs: list[dict[str, Any]]
+    late: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Of those read as the submit that inserted them wrote them: key -> the row (`Arrivals.as_inserted`).
+    as_inserted: dict[str, InsertedRow] = dataclasses.field(default_factory=dict)
+
 
 # The changes the cache follows (`catch_up`); any other drops it.
 _FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT, ChangeKind.TOPOLOGY,
@@ -70,8 +83,7 @@ class WarmCluster:
         self.cache = None
         self.own_generation = None
 
-    async def arrivals(self, session: AsyncSession, schedulable: int,
-                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    async def arrivals(self, session: AsyncSession, schedulable: int) -> ArrivalDocs | None:
         """The deployments to decide on the cache (building it from a fresh snapshot when there
         is none), and those of them committed out of order (below keys read before); None: not
         only arrivals after all. Read in the caller's unit of work (a pass takes few: on
@@ -84,7 +96,7 @@ class WarmCluster:
             # moved the generation, so the next pass takes it out and counts again (a key
             # committed out of order meanwhile is looked for then, instead of every key now).
             if cache.unaccounted(new, schedulable if new.schedulable is None else new.schedulable) <= 0:
-                return cache.add(new), []
+                return ArrivalDocs(cache.add(new), as_inserted=new.as_inserted)
             # More counted: a key committed out of order, or a count read before a submission
             # landed. Which keys the cache lacks says which.
             known = cache.snapshot.deployment_ids.keys() | new.deployment_ids.keys()
@@ -95,13 +107,16 @@ class WarmCluster:
         else:
             snapshot = await load_snapshot(session, surge=self._surge)
         if cache is not None:
-            return cache.add(new), [] if late is None else cache.add(late)
+            docs = cache.add(new)
+            if late is None:
+                return ArrivalDocs(docs, as_inserted=new.as_inserted)
+            return ArrivalDocs(docs, cache.add(late), {**new.as_inserted, **late.as_inserted})
         if snapshot.generation != self.own_generation:
             return None
         self.cache = await _on_session(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
                                        time_limit_ms=self._time_limit_ms, open_session=self._open_session)
         docs = None if self.cache is None else self.cache.pending_since(self._known_id)
-        return None if docs is None else (docs, [])
+        return None if docs is None else ArrivalDocs(docs)
 
     async def catch_up(self, session: AsyncSession, *, generation: int | None = None) -> bool | None:
         """Bring the cache to the current generation (or to `generation`, read earlier in the

@@ -15,6 +15,7 @@ import copy
 import functools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Select, bindparam, select
@@ -119,6 +120,8 @@ _DEPLOYMENT_COLUMNS = (
     Deployment.spread_domain, Deployment.spread_max_per_domain, Deployment.priority,
     Deployment.preemptible, Deployment.template_revision, Deployment.revision_specs, Deployment.phase,
 )
+# An arrival's, and whether it is as inserted (`Arrivals.as_inserted`).
+_ARRIVAL_COLUMNS = (*_DEPLOYMENT_COLUMNS, Deployment.resource_version, Deployment.created_at)
 
 
 def _node_doc(n: Any) -> dict[str, Any] | None:
@@ -386,6 +389,23 @@ class Arrivals:
     # The schedulable deployments counted by the statement that read these (None: no row came
     # back, or read by key): consistent with them whatever lands meanwhile.
     schedulable: int | None = None
+    # Of those read at their first resource version (their spec as the submit that inserted them
+    # wrote it: every update bumps the version): key -> the row (`InsertedRow`).
+    as_inserted: dict[str, InsertedRow] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InsertedRow:
+    """Which row a deployment's submit inserted: its primary key and when (one primary key may
+    be given again once its row is gone, on SQLite)."""
+
+    id: int
+    created_at: datetime  # aware
+
+
+def inserted_row(id_: int, created_at: datetime) -> InsertedRow:
+    """`InsertedRow` of a row as read (SQLite hands back naive UTC) or as written."""
+    return InsertedRow(id_, created_at if created_at.tzinfo is not None else created_at.replace(tzinfo=timezone.utc))
 
 
 @functools.cache
@@ -396,7 +416,7 @@ def _arrivals_after() -> Select[Any]:
     deletion lands in between, which sent the caller looking for keys it missed
     (`schedulable_keys`, every key) though none was."""
     table = Deployment.__table__  # Core: an ORM-enabled statement costs more per execution for the same rows
-    return (select(*(table.c[column.key] for column in _DEPLOYMENT_COLUMNS),
+    return (select(*(table.c[column.key] for column in _ARRIVAL_COLUMNS),
                    schedulable_count().correlate(None).scalar_subquery().label("schedulable"))
             .where(table.c.phase != DeploymentPhase.QUARANTINED, table.c.id > bindparam("after_id"))
             .order_by(table.c.id))
@@ -414,11 +434,12 @@ async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DE
     refs: dict[str, SolverRef] = {}
     last_id = after_id
     schedulable: int | None = None
+    as_inserted: dict[str, InsertedRow] = {}
     if only is None:
         rows = await session.execute(_arrivals_after(), {"after_id": after_id})
     else:
-        query = select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED,
-                                                   any_of(session, Deployment.id, sorted(only)))
+        query = select(*_ARRIVAL_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED,
+                                                any_of(session, Deployment.id, sorted(only)))
         rows = await session.execute(query.order_by(Deployment.id))
     for d in rows:
         last_id = max(last_id, d.id)
@@ -430,8 +451,11 @@ async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DE
                            down=set(), draining=set(), surge=surge)
         docs += view.deployments
         refs.update(view.refs)
-        ids[deployment_key(d.tenant_id, d.name)] = d.id
-    return Arrivals(docs, ids, refs, last_id, schedulable)
+        key = deployment_key(d.tenant_id, d.name)
+        ids[key] = d.id
+        if d.resource_version == 1:
+            as_inserted[key] = inserted_row(d.id, d.created_at)
+    return Arrivals(docs, ids, refs, last_id, schedulable, as_inserted)
 
 
 async def schedulable_keys(session: AsyncSession, *, up_to_id: int) -> dict[str, int]:

@@ -39,8 +39,10 @@ caller's task to run again) goes to a `SubmitObserver` (the controller's metrics
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
@@ -53,6 +55,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
+from controller.store.snapshot import InsertedRow, inserted_row
 from controller.store.sqlite_driver import deferred_writes
 from controller.store.turns import answering, metered_turns
 from controller.usecases import requests
@@ -62,6 +65,8 @@ from controller.usecases.deployments import as_caller, check_could_ever_fit, sub
 from controller.usecases.ports import Signals
 
 BATCH_MAX = 256
+# The most deployments `SubmittedRows` remembers (the oldest forgotten first: judged again).
+SUBMITTED_ROWS_MAX = 16384
 
 
 @dataclass
@@ -120,15 +125,51 @@ class _BatchFacts:
     capacity_generation: int
 
 
+class SubmittedRows:
+    """The deployments this process's submit batches validated (`validate_spec`, with this
+    process's limits) and inserted, by key: the row each inserted (`InsertedRow`).
+
+    The reconciler judges every deployment it has not seen against today's limits
+    (`scheduling/quarantine.py`): one stored before them, or by another controller, may be beyond
+    them. One of these, read as its row was inserted (its first resource version: no update since;
+    that primary key, created then: not a row stored again under the key) is the spec this
+    process's validation passed, as the row holds it: judging it again re-checks the same fields
+    against the same limits. `take` hands each key out
+    once (a pass judges an arrival once); the oldest are forgotten beyond `SUBMITTED_ROWS_MAX` (a
+    deployment deleted before any pass read it, a follower's submits): judged as before. Shared by
+    the controller's loop and the reconciler's thread (`own_thread`)."""
+
+    def __init__(self, most: int = SUBMITTED_ROWS_MAX) -> None:
+        self._most = most
+        self._rows: dict[str, InsertedRow] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, rows: Iterable[tuple[str, InsertedRow]]) -> None:
+        """Remember (key, row) of deployments just inserted, their specs validated here."""
+        with self._lock:
+            self._rows.update(rows)
+            while len(self._rows) > self._most:
+                del self._rows[next(iter(self._rows))]
+
+    def take(self, key: str) -> InsertedRow | None:
+        """The row the submit of `key` inserted (None: none remembered), forgotten."""
+        with self._lock:
+            return self._rows.pop(key, None)
+
+
 class SubmitBatcher:
     """Submits checked and committed together (see the module docstring); the queue and the
-    writer are `groupcommit.GroupCommit`'s."""
+    writer are `groupcommit.GroupCommit`'s. `submitted`: told of each deployment it inserted."""
 
     def __init__(self, db: Database, signals: Signals, *, batch_max: int = BATCH_MAX,
-                 observer: SubmitObserver | None = None) -> None:
+                 observer: SubmitObserver | None = None, submitted: SubmittedRows | None = None) -> None:
         self._db = db
         self._signals = signals
         self._observer = observer
+        self._submitted = submitted
         self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
             "submit-batches",
             # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
@@ -199,6 +240,9 @@ class SubmitBatcher:
         stages.commit = times.committed - wrote
         for call in calls:
             call.written = True
+        if self._submitted is not None:
+            self._submitted.add((q.spec.key, inserted_row(deployment_id, view.created_at))
+                                for q, (deployment_id, view) in zip(accepted, inserted))
         for q in accepted:
             q.batch = times
         views = {id(q): view for q, (_, view) in zip(accepted, inserted)}
