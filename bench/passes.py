@@ -7,7 +7,8 @@ In process, no gRPC and no agents: a database preloaded (`bench.preload`: `--nod
 publish read by `usecases.deployments.views_of` on the pass's loop, then published to a
 `DeploymentEventBus`), and one watcher on it as `WatchDeploymentBatches` serves one (each batch
 converted to its protobuf message and serialized). Before each pass, untimed: `--arrivals`
-single-accelerator deployments written as a submit batch writes them, `--deletes` of the
+single-accelerator deployments written as a submit batch writes them (and, as it does, told to
+the reconciler's `SubmittedRows` when the tree has one), `--deletes` of the
 deployments placed earlier marked DELETING as a delete batch marks them, and every
 `--gang-every`th pass a gang of 8..64 one-accelerator shards (row locality), as `bench e2e`'s
 mix; the garbage collector's thresholds are the controller's (`gcpolicy`). Per pass: the event
@@ -73,17 +74,23 @@ class _Watcher:
             pass
 
 
-async def _submit(db: Database, names: list[str], sizes: list[int]) -> None:
+async def _submit(db: Database, names: list[str], sizes: list[int], submitted: Any = None) -> None:
     """New deployments as the submit batch writes them (PENDING, generation 0; the generation of
-    the cluster untouched: arrivals are counted)."""
+    the cluster untouched: arrivals are counted), told to `submitted` (`SubmittedRows`) as it does."""
+    at = m.utcnow()
     async with db.unit_of_work() as uow:
-        await uow.session.execute(insert(m.Deployment), [
+        table = m.Deployment.__table__
+        rows = await uow.session.execute(insert(table).returning(table.c.id, table.c.name), [
             {"name": name, "tenant_id": TENANT, "replicas": 1, "min_replicas": 1, "shards_per_replica": size,
              "shard_accelerators": 1, "shard_hbm_gib": 16.0, "shard_power_w": 300.0, "shard_accelerator_models": [],
              "locality": m.Domain.NODE if size == 1 else m.Domain.ROW, "phase": m.DeploymentPhase.PENDING,
-             "reasons": [], "generation": 0, "revision_specs": {}}
+             "reasons": [], "generation": 0, "revision_specs": {}, "created_at": at, "updated_at": at}
             for name, size in zip(names, sizes)])
+        ids = list(rows)
         await uow.commit()
+    if submitted is not None:
+        from controller.store.snapshot import inserted_row
+        submitted.add((f"{TENANT}/{name}", inserted_row(id_, at)) for id_, name in ids)
 
 
 async def _delete(db: Database, names: list[str]) -> None:
@@ -115,7 +122,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 bus.publish(DeploymentEvent("modified", view))
 
         decider = DecideProcess() if args.decide_process else None
-        reconciler = Reconciler(db, push=lambda nodes: None, publish=publish, read_views=views_of, decider=decider)
+        try:  # as the controller wires it (trees before it: none)
+            from controller.usecases.submits import SubmittedRows
+        except ImportError:
+            submitted, wiring = None, {}
+        else:
+            submitted = SubmittedRows()
+            wiring = {"submitted": submitted}
+        reconciler = Reconciler(db, push=lambda nodes: None, publish=publish, read_views=views_of, decider=decider,
+                                **wiring)
         watcher = _Watcher(db, bus)
         sent = [0]
 
@@ -145,7 +160,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     names.append(f"gang-{serial:07d}")
                     sizes.append(pick.choice(GANG_SIZES))
                     serial += 1
-                await _submit(db, names, sizes)
+                await _submit(db, names, sizes, submitted)
                 gone = [placed.pop(pick.randrange(len(placed))) for _ in range(min(args.deletes, len(placed)))]
                 await _delete(db, gone)
                 at, thread, process = sent[0], time.thread_time(), time.process_time()
