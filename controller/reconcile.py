@@ -814,13 +814,8 @@ class Reconciler:
         limits again. Each is taken from `SubmittedRows` once, whatever it is found to be."""
         if self._submitted is None:
             return set()
-        here = set()
-        for doc in read.docs + read.late:
-            key = doc["id"]
-            inserted = self._submitted.take(key)
-            if inserted is not None and inserted == read.as_inserted.get(key):
-                here.add(key)
-        return here
+        inserted = self._submitted.take(doc["id"] for doc in read.docs + read.late)
+        return {key for key, row in inserted.items() if row == read.as_inserted.get(key)}
 
     def _committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult,
                    scope: frozenset[str] | None = None) -> None:

@@ -376,6 +376,16 @@ async def load_deployments(session: AsyncSession, keys: Collection[str], *,
     return [reads[key] for key in sorted(wanted)]
 
 
+# Which row a deployment's submit inserted: its primary key and when, in naive UTC (one primary
+# key may be given again once its row is gone, on SQLite). A tuple: one is built for each arrival.
+InsertedRow = tuple[int, datetime]
+
+
+def inserted_row(id_: int, created_at: datetime) -> InsertedRow:
+    """`InsertedRow` of a row as read (SQLite hands back naive UTC, PostgreSQL aware) or as written."""
+    return id_, created_at if created_at.tzinfo is None else created_at.astimezone(timezone.utc).replace(tzinfo=None)
+
+
 @dataclass(frozen=True)
 class Arrivals:
     """Deployments stored after a known one, exactly as `load_snapshot` would add them to its
@@ -393,19 +403,6 @@ class Arrivals:
     # wrote it: every update bumps the version): key -> the row (`InsertedRow`).
     as_inserted: dict[str, InsertedRow] = field(default_factory=dict)
 
-
-@dataclass(frozen=True, slots=True)
-class InsertedRow:
-    """Which row a deployment's submit inserted: its primary key and when (one primary key may
-    be given again once its row is gone, on SQLite)."""
-
-    id: int
-    created_at: datetime  # aware
-
-
-def inserted_row(id_: int, created_at: datetime) -> InsertedRow:
-    """`InsertedRow` of a row as read (SQLite hands back naive UTC) or as written."""
-    return InsertedRow(id_, created_at if created_at.tzinfo is not None else created_at.replace(tzinfo=timezone.utc))
 
 
 @functools.cache

@@ -154,10 +154,10 @@ class SubmittedRows:
             while len(self._rows) > self._most:
                 del self._rows[next(iter(self._rows))]
 
-    def take(self, key: str) -> InsertedRow | None:
-        """The row the submit of `key` inserted (None: none remembered), forgotten."""
+    def take(self, keys: Iterable[str]) -> dict[str, InsertedRow]:
+        """The rows the submits of `keys` inserted (those remembered), forgotten."""
         with self._lock:
-            return self._rows.pop(key, None)
+            return {key: row for key in keys if (row := self._rows.pop(key, None)) is not None}
 
 
 class SubmitBatcher:
