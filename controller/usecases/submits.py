@@ -66,7 +66,7 @@ from controller.usecases.ports import Signals
 
 BATCH_MAX = 256
 # The most deployments `SubmittedRows` remembers (the oldest forgotten first: judged again).
-SUBMITTED_ROWS_MAX = 16384
+SUBMITTED_ROWS_MAX = 4096  # ~1 MiB; a pass takes what arrived since the last (tens to hundreds)
 
 
 @dataclass
@@ -134,10 +134,10 @@ class SubmittedRows:
     them. One of these, read as its row was inserted (its first resource version: no update since;
     that primary key, created then: not a row stored again under the key) is the spec this
     process's validation passed, as the row holds it: judging it again re-checks the same fields
-    against the same limits. `take` hands each key out
-    once (a pass judges an arrival once); the oldest are forgotten beyond `SUBMITTED_ROWS_MAX` (a
-    deployment deleted before any pass read it, a follower's submits): judged as before. Shared by
-    the controller's loop and the reconciler's thread (`own_thread`)."""
+    against the same limits. `take` hands each key out once (a pass judges an arrival once); the
+    oldest are forgotten beyond `SUBMITTED_ROWS_MAX` (a deployment deleted before any pass read
+    it, a follower's submits): judged as before. Shared by the controller's loop and the
+    reconciler's thread (`own_thread`)."""
 
     def __init__(self, most: int = SUBMITTED_ROWS_MAX) -> None:
         self._most = most
