@@ -9,8 +9,9 @@ length (an empty array matches nothing, as an empty IN does); a text array becau
 it without looking its type up first (`_any`). SQLite has no array parameters and no round trips to
 prepare (a statement is parsed in-process): `any_of` keeps IN there. A statement built once
 (`any_of_named`) takes its list on SQLite as one JSON text, `column IN (SELECT value FROM
-json_each(:list))` (SQLite's JSON1, built in): an expanding IN had SQLAlchemy render the
-statement's text again at every execution (a batch's read of 3 lists: ~25 % of its CPU), and each
+json_each(:list))` (SQLite's JSON1, built in; `value` cast to text for a text column, whose
+affinity an IN list applied): an expanding IN had SQLAlchemy render the statement's text again
+at every execution (a batch's read of 3 lists: ~25 % of its CPU), and each
 length was a text of its own for sqlite3's statement cache. The index on `column` is still used
 (one lookup per value).
 
@@ -68,7 +69,10 @@ def any_of_named(dialect: str, column: ColumnElement[Any], name: str) -> ColumnE
     if dialect == POSTGRESQL:
         return _any(column, bindparam(name, type_=ARRAY(Text)))
     listed_values = func.json_each(bindparam(name, type_=_JsonList()))
-    return column.in_(select(literal_column("value")).select_from(listed_values))
+    value: ColumnElement[Any] = literal_column("value")
+    if _texts(column):  # a number compared as its text, as an IN list's (the column's affinity): json_each's
+        value = cast(value, Text)  # values have none, and no text equals the integer 7
+    return column.in_(select(value).select_from(listed_values))
 
 
 class _JsonList(TypeDecorator[Any]):

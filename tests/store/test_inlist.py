@@ -80,6 +80,20 @@ async def test_any_of_named_matches_what_an_in_list_matches(database: Database, 
     assert found_ids == set(ids[1::3]) and none == set()
 
 
+
+async def test_any_of_named_matches_a_text_column_as_an_in_list_does_for_a_value_not_text(database: Database) -> None:
+    """A number for a text column is compared as its text, as an IN list did on SQLite (the
+    column's affinity) and as `listed` has it on PostgreSQL: `json_each` hands the number back
+    as an integer, which no text equals."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, {**CLUSTER, "tenants": [{"id": "7"}, {"id": "a"}, {"id": "b"}]})
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        dialect = dialect_of(uow.session)
+        named = select(m.Tenant.id).where(any_of_named(dialect, m.Tenant.id, "ids"))
+        found = set(await uow.session.scalars(named, {"ids": listed(dialect, [7, 8, "a"])}))
+    assert found == {"7", "a"}
+
 async def test_a_submit_batch_reads_its_lists_of_every_length(database: Database) -> None:
     await _seeded(database)
     async with database.unit_of_work() as uow:
