@@ -25,6 +25,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
+from controller.store.marks import rowcount_unread
 from controller.store.changes import schedulable_count
 from controller.store.partitions import partitions
 from controller.store.plans import bump_cluster_generation, will_move_generation  # noqa: F401  (re-exported for use cases)
@@ -366,8 +367,10 @@ async def count_placements_on_nodes(session: AsyncSession, node_ids: Iterable[st
 
 
 _NODES = m.Node.__table__
-_WRITE_HEARTBEAT = (update(_NODES).where(_NODES.c.id == bindparam("node_id"))
-                    .values(last_heartbeat_at=bindparam("at"), power_draw_w=bindparam("power")))
+# The report flush's writes: their row counts are never read, so on SQLite inside the flush's
+# `deferred_writes` each goes to the database with the statement or commit that follows it.
+_WRITE_HEARTBEAT = rowcount_unread(update(_NODES).where(_NODES.c.id == bindparam("node_id"))
+                                   .values(last_heartbeat_at=bindparam("at"), power_draw_w=bindparam("power")))
 
 
 async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetime, float]]) -> None:
@@ -908,16 +911,16 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
 
 # The agents' report flush, without the ORM: the placements reports changed and the deployments
 # whose phase or reasons followed, each kind in one executemany by key.
-_REPORTED_SHARD = (update(_PLACEMENTS)
-                   .where(_PLACEMENTS.c.deployment_id == bindparam("deployment"),
-                          _PLACEMENTS.c.replica == bindparam("at_replica"), _PLACEMENTS.c.shard == bindparam("at_shard"),
-                          _PLACEMENTS.c.node_id == bindparam("at_node"),
-                          _PLACEMENTS.c.generation <= bindparam("report_generation"))
-                   .values(phase=bindparam("new_phase"), message=bindparam("new_message"), updated_at=bindparam("at")))
-_REPORTED_DEPLOYMENT = (update(_DEPLOYMENTS)
-                        .where(_DEPLOYMENTS.c.id == bindparam("deployment"), _DEPLOYMENTS.c.phase == bindparam("was_phase"))
-                        .values(phase=bindparam("new_phase"), reasons=bindparam("new_reasons"),
-                                updated_at=bindparam("at")))
+_REPORTED_SHARD = rowcount_unread(
+    update(_PLACEMENTS)
+    .where(_PLACEMENTS.c.deployment_id == bindparam("deployment"),
+           _PLACEMENTS.c.replica == bindparam("at_replica"), _PLACEMENTS.c.shard == bindparam("at_shard"),
+           _PLACEMENTS.c.node_id == bindparam("at_node"), _PLACEMENTS.c.generation <= bindparam("report_generation"))
+    .values(phase=bindparam("new_phase"), message=bindparam("new_message"), updated_at=bindparam("at")))
+_REPORTED_DEPLOYMENT = rowcount_unread(
+    update(_DEPLOYMENTS)
+    .where(_DEPLOYMENTS.c.id == bindparam("deployment"), _DEPLOYMENTS.c.phase == bindparam("was_phase"))
+    .values(phase=bindparam("new_phase"), reasons=bindparam("new_reasons"), updated_at=bindparam("at")))
 
 
 async def write_reported_shards(session: AsyncSession, shards: Sequence[ShardState], at: datetime) -> None:

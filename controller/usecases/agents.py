@@ -26,6 +26,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store import tokens as node_tokens
 from controller.store.db import UnitOfWork
+from controller.store.sqlite_driver import deferred_writes
 from controller.usecases import policy, tokens
 from controller.domain.changes import ClusterChange
 from controller.domain import restarts
@@ -476,30 +477,35 @@ async def flush_reports(
         # A shard newly failed moves the generation below: the generation writers' lock before
         # the rows (PostgreSQL's lock order: store/changes.py).
         await repo.will_move_generation(s)
-    # The shards first, each only if the report still applies as it is written: on SQLite the write
-    # takes the writer's turn (and begins the transaction), so the deployments read next, whose
-    # phases are written from that read, are what this transaction commits over; read before it
-    # (outside any transaction: the heartbeats are written last), a deletion or a plan commit
-    # landing in between was overwritten with a phase computed from the older read.
-    await repo.write_reported_shards(s, [
-        replace(state, generation=report.generation, phase=m.ShardPhase(report.phase), message=report.message)
-        for state, report in hits.values()], at)
-    # Locked as read (PostgreSQL): a plan commit that changes their reasons and not their phase
-    # (which the write below checks) landing between this read and that write was written over.
-    named = await repo.deployments_named(s, {split_deployment_key(k)[1] for k, _, _ in hits}, lock=True) if hits else []
-    reported = [changed for dep in sorted(named, key=lambda dep: (dep.row.name, dep.row.id))
-                if (changed := _reported(dep, hits)) is not None]
-    await repo.write_deployment_phases(
-        s, [(r.read.row.id, r.read.row.phase, r.phase, r.reasons) for r in reported if r.moved], at)
-    # The nodes after the shards and deployments, as a plan commit writes them (PostgreSQL row
-    # locks taken in one order: a flush that locked a node first and a commit that locked a shard
-    # on it first waited for each other until one was aborted as a deadlock).
-    if beats:  # one executemany for every node that beat since the last flush
-        await repo.write_heartbeats(s, {node_id: (beat.at, beat.power_draw_w) for node_id, beat in beats.items()})
-    failed = {r.key: r.failure for r in reported if r.failure is not None}
-    if failed:  # the reconciler places the failed replicas again after a back-off (store/failures.py)
-        await repo.bump_cluster_generation(s, ClusterChange.placements(failed))
-    for node_id, refusal in (refused or {}).items():
+    # Deferred (SQLite): each write goes with the statement or the commit after it, one trip fewer
+    # each while the chunk holds the writer (the chunk fails or commits whole: the hub retries it
+    # node by node).
+    with deferred_writes():
+        # The shards first, each only if the report still applies as it is written: on SQLite the write
+        # takes the writer's turn (and begins the transaction), so the deployments read next, whose
+        # phases are written from that read, are what this transaction commits over; read before it
+        # (outside any transaction: the heartbeats are written last), a deletion or a plan commit
+        # landing in between was overwritten with a phase computed from the older read.
+        await repo.write_reported_shards(s, [
+            replace(state, generation=report.generation, phase=m.ShardPhase(report.phase), message=report.message)
+            for state, report in hits.values()], at)
+        # Locked as read (PostgreSQL): a plan commit that changes their reasons and not their phase
+        # (which the write below checks) landing between this read and that write was written over.
+        names = {split_deployment_key(k)[1] for k, _, _ in hits}
+        named = await repo.deployments_named(s, names, lock=True) if hits else []
+        reported = [changed for dep in sorted(named, key=lambda dep: (dep.row.name, dep.row.id))
+                    if (changed := _reported(dep, hits)) is not None]
+        await repo.write_deployment_phases(
+            s, [(r.read.row.id, r.read.row.phase, r.phase, r.reasons) for r in reported if r.moved], at)
+        # The nodes after the shards and deployments, as a plan commit writes them (PostgreSQL row
+        # locks taken in one order: a flush that locked a node first and a commit that locked a shard
+        # on it first waited for each other until one was aborted as a deadlock).
+        if beats:  # one executemany for every node that beat since the last flush
+            await repo.write_heartbeats(s, {node_id: (beat.at, beat.power_draw_w) for node_id, beat in beats.items()})
+        failed = {r.key: r.failure for r in reported if r.failure is not None}
+        if failed:  # the reconciler places the failed replicas again after a back-off (store/failures.py)
+            await repo.bump_cluster_generation(s, ClusterChange.placements(failed))
+    for node_id, refusal in (refused or {}).items():  # ORM rows (their ids read back): not deferred
         await record_refused_reports(uow, node_id, refusal)
     await uow.commit()
     if views is not None:

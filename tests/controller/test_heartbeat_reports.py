@@ -16,6 +16,7 @@ from controller.agents import AgentHub, HubObserver, ShardStateRequest
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
+from controller.store.marks import ROWCOUNT_UNREAD
 from controller.usecases import agents as agent_cases
 from controller.domain.values import HeartbeatReport, ShardReport
 from uc_builders import WHO, deployment, no_publish, statements, submit
@@ -187,7 +188,7 @@ async def _heartbeat_rows_written(hub: AgentHub, stream: _Stream, db, beats: int
         await stream.say(HeartbeatReport(seq + 1, 500.0))
         with statements(db) as seen:
             await hub.flush()
-        written += sum(st.startswith("UPDATE nodes") for st in seen)
+        written += sum(st.replace(f"{ROWCOUNT_UNREAD} ", "").startswith("UPDATE nodes") for st in seen)
     return written
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -19,8 +20,10 @@ from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.store.marks import ROWCOUNT_UNREAD
+from controller.store.sqlite_driver import counted_trips
 from controller.usecases import agents, deployments
-from uc_builders import deployment, no_publish, submit
+from uc_builders import deployment, no_publish, statements, submit
 
 PHASES = [p.value for p in m.ShardPhase]
 
@@ -164,3 +167,30 @@ async def test_reasons_a_plan_commit_wrote_while_the_flush_reads_are_kept(cluste
 
     row = (await _flushed_while(cluster, monkeypatch, plan_commit)).row
     assert row.reasons == why and row.phase is m.DeploymentPhase.RUNNING
+
+
+async def test_a_flush_holds_the_writer_for_two_trips_its_writes_riding_with_them_heartbeats_last(
+        cluster: Database) -> None:
+    """On SQLite the flush's writes are deferred: the shards' write goes with the read of their
+    deployments (the writer's turn taken by it, the read inside the transaction it begins), the
+    phases' and the heartbeats' with the commit, in the order written (the heartbeats last). Each
+    trip under load is a turn of a busy event loop while the flush holds the only writer; five
+    trips were two."""
+    if not cluster.is_sqlite:
+        pytest.skip("deferred writes and trips are SQLite's")
+    await submit(cluster, deployment("a", replicas=1, shards=1))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    [(_, replica, shard), (node, generation, _, _)] = next(iter((await _placed(cluster)).items()))
+    report = ShardReport("a", replica, shard, generation, m.ShardPhase.RUNNING.value, "", tenant="t1")
+    beat = agents.NodeBeat(datetime.now(timezone.utc), 300.0)
+    with counted_trips() as trips, statements(cluster) as seen:
+        async with cluster.unit_of_work() as uow:
+            await agents.flush_reports(uow, {node: beat}, [(node, report)])
+    assert [(t.function, t.deferred) for t in trips] == [("_run", 0), ("_run_after", 1), ("_commit_after", 2)]
+    writes = [" ".join(st.replace(ROWCOUNT_UNREAD, "").split()[:2]) for st in seen if not st.startswith("SELECT")]
+    assert writes == ["UPDATE placements", "UPDATE deployments", "UPDATE nodes"]
+    assert (await _placed(cluster))[("t1/a", replica, shard)][2] == m.ShardPhase.RUNNING.value
+    async with cluster.unit_of_work() as uow:
+        [row] = await repo.deployments_named(uow.session, ["a"])
+        assert row.row.phase is m.DeploymentPhase.RUNNING
+        assert (await uow.session.get(m.Node, node)).power_draw_w == 300.0
