@@ -928,6 +928,13 @@ def _ms(values: list[float]) -> dict[str, float]:
     return {"p50_ms": round(percentile(values, 50), 1), "p99_ms": round(percentile(values, 99), 1)}
 
 
+SLOW_SUBMIT_MS = (20, 50)  # the submits slower than each, counted (the submit p99 target is 20 ms)
+
+
+def _slow(values: list[float]) -> dict[str, int]:
+    return {f"over_{limit}_ms": sum(1 for v in values if v > limit) for limit in SLOW_SUBMIT_MS}
+
+
 def summarize(bench: Bench) -> dict[str, Any]:
     works, run, shape = bench.works, bench.run, bench.shape
     singles = [w.name for w in works if w.shards == 1]
@@ -955,6 +962,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "submitted": sum(1 for x in t.values() if x.submitted),
         "deletes": sum(1 for x in t.values() if x.delete_sent),
         "submit": _ms(stage(singles + gangs, "submitted", "acknowledged")),
+        "submit_slow": _slow(stage(singles + gangs, "submitted", "acknowledged")),
         "single_committed": _ms(stage(singles, "submitted", "committed")),
         "single_running": _ms(stage(singles, "submitted", "running")),
         "gang_committed": _ms(stage(gangs, "submitted", "committed")),
@@ -1032,11 +1040,14 @@ def report(r: dict[str, Any]) -> str:
     server = r["submit_server"]
     in_controller = (f"{server['p50_ms']:.1f}/{server['p99_ms']:.1f} ms interpolated, "
                      if server["p50_ms"] is not None else "")
+    slow = ", ".join(f"{n} > {limit} ms" for limit in SLOW_SUBMIT_MS
+                     if (n := r.get("submit_slow", {}).get(f"over_{limit}_ms")) is not None)
     sent = (f", sent at {r['offered_per_s']}/s, late p50/p99 {pp('send_late')} ms" if r["send_late"] else "")
     return (f"{r['db']:8} {r['nodes']:>6} nodes  {preloaded}{r['submitted']}/{r['deployments']} deployments "
             f"submitted by {r['tenants']} tenants ({r['singles']} single, "
             f"{r['gangs']} gangs = {r['gang_shards']} shards, {r['deletes']} deleted); {r['load']}{sent}\n"
-            f"  submit p50/p99 {pp('submit')} ms (in the controller {in_controller}<= {r['submit_server_p50_le_s']}/"
+            f"  submit p50/p99 {pp('submit')} ms ({slow}; in the controller {in_controller}"
+            f"<= {r['submit_server_p50_le_s']}/"
             f"{r['submit_server_p99_le_s']} s) | submit->committed single {pp('single_committed')} ms, "
             f"gang {pp('gang_committed')} ms ({r['gangs64']} of 64 shards: {pp('gang64_committed')} ms) | "
             f"answered->committed single {pp('single_answered_committed')} ms, "
