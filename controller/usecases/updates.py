@@ -146,6 +146,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         raise NotFound(f"tenant {spec.tenant} not found")
     await check_could_ever_fit(uow, spec, tenant.zones)
     await check_contract(uow, row, spec)
+    # Before the row's writes: the request id's DELETE below flushes them (PostgreSQL's lock order: store/changes.py).
+    await repo.will_move_generation(uow.session)
     rolling = needs_rollout(old, spec)
     if rolling:
         running_old = {p.revision for p in row.placements}
