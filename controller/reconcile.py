@@ -650,23 +650,21 @@ class Reconciler:
             step = await handle_failures(uow.session, now=self._wall_clock(), policy=self._restarts)
             if step.deployments:
                 generation = await repo.read_cluster_generation(uow.session)
-            failures_checked = generation
+                # Committed before the retirements' writes (the session goes on in a new
+                # transaction): one that moved the generation takes no row lock after it, else a
+                # writer holding those rows and waiting for the generation's row deadlocks with it
+                # (PostgreSQL's lock order: store/changes.py).
+                await self._commit(uow, step.nodes, step.deployments)
+            # Marked checked once committed (a pass whose commit failed checks again).
+            self._failures.checked = generation
+            self._failures_handled(step)
         # Only while replicas are being replaced, or when the cluster changed (an update or
         # a drain may have started replacing some): an idle cluster costs no scan.
         if self._replacing or generation != self._retire.checked:
             retired = await retire_replaced(uow.session, now=self._wall_clock())
             if retired.deployments:
                 generation = await repo.read_cluster_generation(uow.session)
-        if step is not None and step.deployments or retired is not None and retired.deployments:
-            # The session goes on in a new transaction.
-            await self._commit(uow, (step.nodes if step is not None else frozenset())
-                               | (retired.nodes if retired is not None else frozenset()),
-                               (step.deployments if step is not None else frozenset())
-                               | (retired.deployments if retired is not None else frozenset()))
-        # Marked checked once committed (a pass whose commit failed checks again).
-        if step is not None:
-            self._failures.checked = failures_checked
-            self._failures_handled(step)
+                await self._commit(uow, retired.nodes, retired.deployments)  # the session goes on in a new transaction
         if retired is not None:
             self._replacing, self._retire.checked = retired.replacing, generation
         checked = [scan.checked for scan in (self._failures, self._retire) if scan.checked is not None]

@@ -10,11 +10,14 @@ import asyncio
 import pytest
 from sqlalchemy import text
 
+from controller import reconcile
+from controller.domain.restarts import RestartPolicy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.changes import move_generation, moves_generation_first
 from controller.usecases import updates
 from controller.usecases.ports import RecordingSignals
+from test_failed_shards import Clocks, placed, reconciler, report
 from uc_builders import WHO, deployment, submit
 
 pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -67,3 +70,30 @@ async def test_an_update_with_a_request_id_waits_for_the_generation_writers_befo
         row = await repo.get_deployment(uow.session, "t1", "svc")
         assert row is not None and row.replicas == 2 and row.phase is not m.DeploymentPhase.DELETING
 
+
+async def test_a_pass_commits_the_failures_it_released_before_it_retires_replicas(cluster, monkeypatch):
+    """Releasing failed replicas moves the generation (its row held to the COMMIT); retiring
+    replaced replicas writes deployments, placements and nodes. In one transaction the second took
+    row locks while holding the generation's row, waited for by a report flush, a delete batch or
+    liveness holding those rows: a deadlock. The failures' step is committed first."""
+    clocks = Clocks()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4))
+    await loop.reconcile_once()
+    for replica in (0, 1):
+        await report(cluster, "svc", replica, "running")
+    await report(cluster, "svc", 0, "failed", "CUDA error: out of memory")
+    await loop.reconcile_once()  # the back-off starts
+    failed_node = (await placed(cluster, "svc"))[0][0]
+    generation_free: list[bool] = []
+    retire = reconcile.retire_replaced
+
+    async def retire_replaced(session, **kw):
+        generation_free.append(await _row_free(cluster, "cluster_state", 1))
+        return await retire(session, **kw)
+
+    monkeypatch.setattr(reconcile, "retire_replaced", retire_replaced)
+    clocks.s = 5.0
+    await loop.reconcile_once()  # released (the generation moved), then the retirements checked
+    assert (await placed(cluster, "svc"))[0][0] != failed_node
+    assert generation_free == [True]
