@@ -119,6 +119,7 @@ class PgChannel:
         # dropped by a look that began after it was held and saw none (module docstring).
         self._held: list[tuple[str, list[str]]] = []
         self._held_items = 0
+        self._held_gone = 0  # messages gone from the front of `_held` (sent, dropped), ever
 
     @property
     def others_listening(self) -> bool:
@@ -140,18 +141,28 @@ class PgChannel:
     def _hold(self, kind: str, items: list[str]) -> None:
         self._held.append((kind, items))
         self._held_items += max(1, len(items))
+        dropped = 0
         while self._held_items > HELD_MAX and len(self._held) > 1:
-            _, dropped = self._held.pop(0)
-            self._held_items -= max(1, len(dropped))
+            _, gone = self._held.pop(0)
+            self._held_items -= max(1, len(gone))
+            self._held_gone += 1
+            dropped += 1
+        if dropped:  # a controller listening unseen would miss them: said, not silent
+            log.warning("dropped %d held notification(s): more than %d items held while no other controller "
+                        "was seen listening", dropped, HELD_MAX)
 
     def _release(self, held: int | None = None) -> None:
         """Another controller listens: the messages held so far are sent, in order. `held`: only
-        drop the first `held` of them (a look that saw nobody; those held since it began stay)."""
+        drop those held before the `held`-th message ever held (`_held_gone` counts from the
+        first: a look that saw nobody; those held since it began stay)."""
         if held is not None:
-            del self._held[:held]
+            gone = max(0, held - self._held_gone)
+            del self._held[:gone]
+            self._held_gone += gone
             self._held_items = sum(max(1, len(items)) for _, items in self._held)
             return
         held_now, self._held, self._held_items = self._held, [], 0
+        self._held_gone += len(held_now)
         for kind, items in held_now:
             self._queue(kind, items)
 
@@ -227,7 +238,7 @@ class PgChannel:
         heard while it was on its way stands (the query may have looked before that controller
         connected). Seen: what was held goes; not seen: what was held before the query went out is
         dropped (nobody listened then), what was held since stays for the next look."""
-        hellos, held = self._hellos, len(self._held)
+        hellos, held = self._hellos, self._held_gone + len(self._held)  # counted from the first ever held
         self._others = bool(await others) or self._hellos != hellos
         self._release(None if self._others else held)
 

@@ -191,3 +191,23 @@ async def test_messages_held_while_alone_go_when_a_look_finds_a_listener_and_are
         if b is not None:
             await b.close()
         await _stop(a_listening)
+
+
+async def test_a_look_that_saw_nobody_keeps_what_was_held_since_it_began_even_past_the_cap(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Held messages beyond `HELD_MAX` drop the oldest (logged); those held while a look was on its
+    way stay when it saw nobody, though the cap dropped older ones meanwhile."""
+    monkeypatch.setattr(notify, "HELD_MAX", 3)
+    channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
+    for name in ("o1", "o2", "o3"):
+        channel.send("deployments", [name])
+    answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    look = asyncio.create_task(channel._look(answer))
+    await asyncio.sleep(0)  # the look's query is on its way
+    with caplog.at_level("WARNING", logger="maia.notify"):
+        channel.send("deployments", ["n1"])
+        channel.send("deployments", ["n2"])
+    assert "dropped 1 held notification(s)" in caplog.text
+    answer.set_result(False)
+    await look
+    assert channel._held == [("deployments", ["n1"]), ("deployments", ["n2"])]
