@@ -628,7 +628,6 @@ class Reconciler:
         the work a pass does first when due, in the pass's unit of work (committed when it wrote
         something): replicas whose shards an agent reported FAILED (`store/failures.py`) and
         outgoing replicas whose replacements run (rolling updates, drains: `store/rollout.py`)."""
-        step: FailureStep | None = None
         retired: Retired | None = None
         generation, arrivals = await read_generation_and_schedulable(uow.session)
         # Shards reported FAILED bump the generation; a back-off running ends at a known time.
