@@ -26,6 +26,7 @@ from controller.config import Config, parse_args
 from controller.logs import configure_logging
 from controller.gcpolicy import configure_gc
 from controller.preflight import StartupError, check_db_url, check_listen
+from controller.gateway.linkdir import LinkPathTooLong, check_link_parent
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -130,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_listen(config.http_listen, flag="--http-listen")
         if config.agent_listen:
             check_listen(config.agent_listen, flag="--agent-listen")
+        if config.agent_gateways:
+            check_link_parent()
         db = check_db_url(config.db_url)
-    except StartupError as exc:
+    except (StartupError, LinkPathTooLong) as exc:
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
         return EXIT_SCHEMA
     configure_logging(config.log_level)

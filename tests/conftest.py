@@ -149,3 +149,13 @@ async def database(db_backend: str, request: pytest.FixtureRequest, tmp_path: Pa
         await db.dispose()
         if server_url is not None:
             await drop_database(server_url, url)
+
+
+@pytest.fixture
+def socket_tmp() -> Iterator[Path]:
+    """A new directory right under /tmp, removed after the test, for unix sockets: their paths must
+    fit in 107 bytes, which pytest's tmp_path (/tmp/pytest-of-<user>/pytest-<n>/popen-gw<k>/<test>)
+    outgrows as its run counter and test names grow."""
+    directory = Path(tempfile.mkdtemp(prefix="maia-t-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

@@ -29,13 +29,19 @@ log = logging.getLogger("maia.gateway")
 PREFIX = "maia-gateways-"
 OWNER_FILE = "owner"
 SOCKET_FILE = "relay.sock"
+# A unix socket's path (sockaddr_un.sun_path on Linux: 108 bytes with its terminating NUL).
+SOCKET_PATH_MAX = 107
+
+
+class LinkPathTooLong(ValueError):
+    """The links' socket would not fit in a unix socket address under this temporary directory."""
 
 
 class LinkDirectory:
     """A new private directory for the links' socket, owned by this process (`path / SOCKET_FILE`)."""
 
     def __init__(self, parent: Path | None = None) -> None:
-        parent = Path(tempfile.gettempdir()) if parent is None else parent
+        parent = check_link_parent(parent)
         remove_stale(parent)
         self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))  # mode 0700
         (self.path / OWNER_FILE).write_text(f"{os.getpid()}\n")
@@ -43,6 +49,18 @@ class LinkDirectory:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def check_link_parent(parent: Path | None = None) -> Path:
+    """The directory link directories are made in ($TMPDIR by default); raises LinkPathTooLong if
+    the links' socket in one would not fit in a unix socket address."""
+    parent = Path(tempfile.gettempdir()) if parent is None else parent
+    longest = parent / f"{PREFIX}{'x' * 8}" / SOCKET_FILE  # mkdtemp's names: PREFIX and 8 characters
+    if (size := len(os.fsencode(longest))) > SOCKET_PATH_MAX:
+        raise LinkPathTooLong(
+            f"the agent gateways' link socket under {parent} would be {size} bytes, more than a unix "
+            f"socket's {SOCKET_PATH_MAX}; hint: set TMPDIR to a shorter directory (e.g. /tmp)")
+    return parent
 
 
 def remove_stale(parent: Path) -> list[Path]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.gateway.linkdir import OWNER_FILE, PREFIX, SOCKET_FILE, LinkDirectory, remove_stale
+from controller.gateway.linkdir import OWNER_FILE, PREFIX, SOCKET_FILE, LinkDirectory, LinkPathTooLong, remove_stale
 
 
 @pytest.fixture
@@ -51,9 +51,9 @@ def link_directory(parent: Path, name: str, *, owner: int | None, served: bool |
 
 
 def test_a_dead_controllers_directory_is_removed_and_a_live_ones_kept(
-        tmp_path: Path, gone_pid: int, listening: list[socket.socket]) -> None:
+        socket_tmp: Path, gone_pid: int, listening: list[socket.socket]) -> None:
     def made(name: str, owner: int | None, served: bool | None) -> Path:
-        return link_directory(tmp_path, name, owner=owner, served=served, listening=listening)
+        return link_directory(socket_tmp, name, owner=owner, served=served, listening=listening)
 
     killed = made("killed", gone_pid, False)
     killed_before_binding = made("killed-early", gone_pid, None)
@@ -63,22 +63,30 @@ def test_a_dead_controllers_directory_is_removed_and_a_live_ones_kept(
     being_made = made("being-made", None, None)
     other_namespace = made("unseen-owner", gone_pid, True)  # its pid is not ours to see, its socket answers
 
-    assert sorted(remove_stale(tmp_path)) == sorted([killed, killed_before_binding, older_controllers])
+    assert sorted(remove_stale(socket_tmp)) == sorted([killed, killed_before_binding, older_controllers])
     assert not killed.exists() and not killed_before_binding.exists() and not older_controllers.exists()
     for kept in (live, live_not_bound_yet, being_made, other_namespace):
         assert kept.is_dir()
 
 
 def test_a_new_link_directory_records_its_owner_and_clears_what_the_dead_left(
-        tmp_path: Path, gone_pid: int, listening: list[socket.socket]) -> None:
-    left = link_directory(tmp_path, "left", owner=gone_pid, served=False, listening=listening)
-    (tmp_path / f"{PREFIX}a-file").write_text("not a directory: not ours to judge")
+        socket_tmp: Path, gone_pid: int, listening: list[socket.socket]) -> None:
+    left = link_directory(socket_tmp, "left", owner=gone_pid, served=False, listening=listening)
+    (socket_tmp / f"{PREFIX}a-file").write_text("not a directory: not ours to judge")
 
-    made = LinkDirectory(tmp_path)
+    made = LinkDirectory(socket_tmp)
 
-    assert not left.exists() and (tmp_path / f"{PREFIX}a-file").exists()
-    assert made.path.parent == tmp_path and made.path.name.startswith(PREFIX)
+    assert not left.exists() and (socket_tmp / f"{PREFIX}a-file").exists()
+    assert made.path.parent == socket_tmp and made.path.name.startswith(PREFIX)
     assert (made.path / OWNER_FILE).read_text().strip() == str(os.getpid())
     assert made.path.stat().st_mode & 0o777 == 0o700 and made.socket == made.path / SOCKET_FILE
     made.remove()
     assert not made.path.exists()
+
+
+def test_a_temporary_directory_too_long_for_the_links_socket_is_refused_with_a_hint(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    with pytest.raises(LinkPathTooLong, match="set TMPDIR to a shorter directory"):
+        LinkDirectory(deep)
+    assert list(deep.iterdir()) == []  # nothing made

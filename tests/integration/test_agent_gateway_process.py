@@ -47,20 +47,20 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     return left
 
 
-def link_directories(tmp_path: Path) -> list[Path]:
+def link_directories(temporary: Path) -> list[Path]:
     """The gateway link directories (`maia-gateways-*`) of the controllers `start` started."""
-    return sorted((tmp_path / "tmp").glob(f"{linkdir.PREFIX}*"))
+    return sorted(temporary.glob(f"{linkdir.PREFIX}*"))
 
 
-def start(tmp_path: Path, gateways: int, **environment: str) -> tuple[subprocess.Popen[str], str]:
+def start(tmp_path: Path, temporary: Path, gateways: int, **environment: str) -> tuple[subprocess.Popen[str], str]:
     """`maia-controller` with `gateways` gateways; its temporary directory (where the links'
-    directory is made, and left when it is killed) is tmp_path/tmp, not the machine's /tmp."""
-    (tmp_path / "tmp").mkdir(exist_ok=True)
+    directory is made, and left when it is killed) is `temporary` (short: the link's socket
+    path must fit a unix socket's 107 bytes), not the machine's /tmp."""
     proc = subprocess.Popen([str(BIN), "--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path / 'm.db'}",
                              "--insecure-no-auth", "--no-decide-process", "--agent-gateways", str(gateways),
                              "--agent-listen", "127.0.0.1:0"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp"), **environment})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(temporary), **environment})
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("maia-controller listening on ")
     agents = proc.stdout.readline()
@@ -68,8 +68,8 @@ def start(tmp_path: Path, gateways: int, **environment: str) -> tuple[subprocess
     return proc, agents.split()[3]
 
 
-def test_a_stopped_controller_stops_its_gateways(tmp_path: Path) -> None:
-    controller, address = start(tmp_path, 2)
+def test_a_stopped_controller_stops_its_gateways(tmp_path: Path, socket_tmp: Path) -> None:
+    controller, address = start(tmp_path, socket_tmp, 2)
     try:
         pids = gateway_pids(controller.pid)
         assert len(pids) == 2 and address.startswith("127.0.0.1:") and not address.endswith(":0")
@@ -81,8 +81,8 @@ def test_a_stopped_controller_stops_its_gateways(tmp_path: Path) -> None:
         controller.wait(10)
 
 
-def test_the_gateways_of_a_killed_controller_exit_on_their_own(tmp_path: Path) -> None:
-    controller, _ = start(tmp_path, 1)
+def test_the_gateways_of_a_killed_controller_exit_on_their_own(tmp_path: Path, socket_tmp: Path) -> None:
+    controller, _ = start(tmp_path, socket_tmp, 1)
     pids = gateway_pids(controller.pid)
     try:
         assert len(pids) == 1
@@ -95,8 +95,8 @@ def test_the_gateways_of_a_killed_controller_exit_on_their_own(tmp_path: Path) -
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_gateway_gets_none_of_the_controllers_secrets_from_its_environment(tmp_path: Path) -> None:
-    controller, _ = start(tmp_path, 1, MAIA_DB_URL="postgresql+asyncpg://maia:hunter2@db/maia",
+def test_a_gateway_gets_none_of_the_controllers_secrets_from_its_environment(tmp_path: Path, socket_tmp: Path) -> None:
+    controller, _ = start(tmp_path, socket_tmp, 1, MAIA_DB_URL="postgresql+asyncpg://maia:hunter2@db/maia",
                           MAIA_TOKEN="maia_secret.token", AWS_SECRET_ACCESS_KEY="hunter3")
     try:
         [pid] = gateway_pids(controller.pid)
@@ -104,28 +104,28 @@ def test_a_gateway_gets_none_of_the_controllers_secrets_from_its_environment(tmp
                            Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if entry)
         assert not [name for name in environment if name.startswith(("MAIA_", "AWS_"))]
         assert "hunter2" not in str(environment)
-        assert environment["TMPDIR"] == str(tmp_path / "tmp") and environment["PYTHONUNBUFFERED"] == "1"
+        assert environment["TMPDIR"] == str(socket_tmp) and environment["PYTHONUNBUFFERED"] == "1"
     finally:
         controller.terminate()
         controller.wait(30)
 
 
-def test_the_next_controller_removes_the_link_directory_a_killed_one_left(tmp_path: Path) -> None:
-    killed, _ = start(tmp_path, 1)
+def test_the_next_controller_removes_the_link_directory_a_killed_one_left(tmp_path: Path, socket_tmp: Path) -> None:
+    killed, _ = start(tmp_path, socket_tmp, 1)
     try:
-        [left] = link_directories(tmp_path)
+        [left] = link_directories(socket_tmp)
         assert (left / linkdir.OWNER_FILE).read_text().strip() == str(killed.pid)
     finally:
         killed.kill()  # kill -9: it cannot remove its directory
         killed.wait(10)
-    assert link_directories(tmp_path) == [left] and (left / linkdir.SOCKET_FILE).exists()
-    nxt, _ = start(tmp_path, 1)
+    assert link_directories(socket_tmp) == [left] and (left / linkdir.SOCKET_FILE).exists()
+    nxt, _ = start(tmp_path, socket_tmp, 1)
     try:
-        [made] = link_directories(tmp_path)
+        [made] = link_directories(socket_tmp)
         assert made != left and (made / linkdir.OWNER_FILE).read_text().strip() == str(nxt.pid)
         nxt.send_signal(signal.SIGTERM)
         assert nxt.wait(30) == 0
-        assert link_directories(tmp_path) == []  # a clean stop removes its own
+        assert link_directories(socket_tmp) == []  # a clean stop removes its own
     finally:
         nxt.kill()
         nxt.wait(10)
@@ -164,3 +164,16 @@ def test_the_gateway_process_loads_neither_the_database_nor_the_solver() -> None
                             capture_output=True, text=True, timeout=60, check=True).stdout
     for heavy in ("sqlalchemy", "ortools", "aiosqlite", "scheduler"):
         assert f"'{heavy}'" not in loaded
+
+
+def test_a_temporary_directory_too_long_for_the_links_socket_stops_the_start_with_one_clear_line(
+        tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    proc = subprocess.run([str(BIN), "--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path / 'm.db'}",
+                           "--insecure-no-auth", "--no-decide-process", "--agent-gateways", "1",
+                           "--agent-listen", "127.0.0.1:0"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "TMPDIR": str(deep)})
+    assert proc.returncode != 0 and "listening on" not in proc.stdout
+    assert "maia-controller: the agent gateways' link socket" in proc.stderr
+    assert "set TMPDIR to a shorter directory" in proc.stderr and "Traceback" not in proc.stderr
