@@ -64,8 +64,16 @@ async def will_move_generation(session: AsyncSession) -> None:
 async def moves_generation_first(session: AsyncSession) -> None:
     """The generation writers' lock, exclusive, for a plan commit about to take the generation row
     before its writes (PostgreSQL: module docstring): it waits for those that will move the
-    generation last to end, and they for it. Call it before the transaction's first row lock."""
+    generation last to end, and they for it. Call it before the transaction's first row lock, in
+    a transaction that does not hold it shared (`LockUpgrade`)."""
     await _take(session, _EXCLUSIVE)
+
+
+class LockUpgrade(RuntimeError):
+    """A transaction holding the generation writers' lock shared asked for it exclusive: the
+    upgrade waits for every other holder, and two transactions upgrading at once wait for each
+    other (PostgreSQL aborts one as a deadlock a second later). Commit what moved the generation
+    first, or take the lock only when writing (a programming error, raised before any wait)."""
 
 
 async def _take(session: AsyncSession, statement: str) -> None:
@@ -73,8 +81,11 @@ async def _take(session: AsyncSession, statement: str) -> None:
         return
     transaction = session.sync_session.get_transaction()
     held = session.info.get(pg_driver.SAVEPOINT_HELD)
-    if held is not None and transaction is not None and held[0] is transaction and statement in (held[1], _SHARED):
-        return  # held already (the exclusive lock stands for the shared one)
+    if held is not None and transaction is not None and held[0] is transaction:
+        if statement in (held[1], _SHARED):
+            return  # held already (the exclusive lock stands for the shared one)
+        raise LockUpgrade("the generation writers' lock is held shared by this transaction: "
+                          "it cannot be taken exclusive (store/changes.py)")
     await pg_driver.run_at_begin(session, statement)
     session.info[pg_driver.SAVEPOINT_HELD] = (session.sync_session.get_transaction(), statement)
 

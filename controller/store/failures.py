@@ -64,8 +64,12 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
         return FailureStep()
     deps = {d.id: d for d in await session.scalars(select(Deployment).where(any_of(session, Deployment.id, failed)))}
     # What it writes moves the generation (`stop_placements`): the generation writers' lock
-    # before the first row (PostgreSQL's lock order: store/changes.py).
-    await will_move_generation(session)
+    # before the first row (PostgreSQL's lock order: store/changes.py). Only when it writes: a
+    # step that writes nothing (back-offs running) is not committed before the pass's plan
+    # commit, whose fallback takes the lock exclusive in the same transaction: held shared from
+    # here, that was an upgrade, and two at once deadlocked.
+    if any(_writes(deps[dep_id], now) for dep_id in failed):
+        await will_move_generation(session)
     changed: set[str] = set()
     events: list[dict[str, Any]] = []
     released_ids: list[int] = []
@@ -125,6 +129,12 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
         await record_decisions(session, events, now, actor)
     return FailureStep(nodes=frozenset(nodes), deployments=frozenset(changed), avoid=frozenset(avoid),
                        next_in_s=next_in_s, replicas=released_replicas, lines=tuple(f"{e['object_id']}: {e['message']}" for e in events))
+
+
+def _writes(dep: Deployment, now: datetime) -> bool:
+    """Whether `handle_failures` writes `dep`'s row: a failure not counted yet, or a back-off over."""
+    due = _aware(dep.restart_after)
+    return due is None or now >= due
 
 
 def _event(kind: str, dep: Deployment, message: str, data: dict[str, Any]) -> dict[str, Any]:

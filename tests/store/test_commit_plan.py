@@ -983,3 +983,67 @@ async def test_a_report_landing_between_a_plan_commits_read_and_its_write_is_not
     train = (await _state(database))["deployments"][TRAIN]
     assert train.phase is m.DeploymentPhase.DEGRADED
     assert [r["code"] for r in train.reasons] == ["NO_FIT"]
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_two_passes_whose_failures_step_wrote_nothing_fall_back_from_lock_last_at_once_without_deadlock(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconcile pass runs the failures' step (`handle_failures`) and then its fast plan commit in
+    one transaction; with a failed replica still in its back-off the step writes nothing and the
+    pass commits nothing in between. Two such passes at once (two controllers around a leader
+    change), each scoped commit falling back from lock-last (the generation moved by another
+    change under them), each takes the generation writers' lock exclusive: neither may hold it
+    shared by then (the step took it shared; each upgrade then waited for the other's shared hold,
+    a deadlock PostgreSQL broke after deadlock_timeout, aborting one pass)."""
+    from datetime import timedelta
+
+    from controller.domain.restarts import RestartPolicy
+    from controller.store.failures import handle_failures
+
+    snap = await _seeded(database)
+    now = m.utcnow()
+    async with database.unit_of_work() as uow:  # WEB's replica 1 failed; its back-off runs for a minute
+        await uow.session.execute(text("UPDATE placements SET phase = 'failed' WHERE replica = 1 AND deployment_id = "
+                                       "(SELECT id FROM deployments WHERE name = 'web')"))
+        await uow.session.execute(text("UPDATE deployments SET failures = 1, restart_after = :at WHERE name = 'web'"),
+                                  {"at": now + timedelta(seconds=60)})
+        await uow.commit()
+    early, both_early = [], asyncio.Event()
+    go_on, at_fallback = asyncio.Event(), asyncio.Barrier(2)
+    real_last, real_first = plans._commit_locking_last, plans.moves_generation_first
+
+    async def after_the_early_read(*args: Any, **kwargs: Any) -> Any:  # both wait, the generation moves
+        early.append(1)
+        if len(early) == 2:
+            both_early.set()
+        await go_on.wait()
+        return await real_last(*args, **kwargs)
+
+    async def together(session: Any) -> None:  # both fallbacks ask for the exclusive lock at once
+        await asyncio.wait_for(at_fallback.wait(), 30)
+        await real_first(session)
+
+    monkeypatch.setattr(plans, "_commit_locking_last", after_the_early_read)
+    monkeypatch.setattr(plans, "moves_generation_first", together)
+
+    async def a_pass(plan: Plan, scope: set[str]) -> CommitResult:
+        async with database.unit_of_work() as uow:
+            step = await handle_failures(uow.session, now=now, policy=RestartPolicy())
+            assert not step.deployments and step.next_in_s is not None  # nothing written, nothing committed
+            result = await commit_plan(uow.session, snap, plan, scope=scope, actor="test")
+            await uow.commit()
+        return result
+
+    passes = [asyncio.create_task(a_pass(Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3))),
+                                         {TRAIN})),
+              asyncio.create_task(a_pass(Plan("optimal", (P(WEB, 0, 0, "n1", 0), P(WEB, 1, 0, "n1", 1),
+                                                           P(BURST, 0, 0, "n4", 0, 1, 2, 3))), {WEB}))]
+    await asyncio.wait_for(both_early.wait(), 30)
+    async with database.unit_of_work() as uow:  # not deletions alone: each lock-last commit falls back
+        await bump_cluster_generation(uow.session, ClusterChange())
+        await uow.commit()
+    go_on.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*passes, return_exceptions=True), 60)
+    assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
+    placed = (await _state(database))["placements"]
+    assert [placed[(TRAIN, 0, s)][0] for s in (0, 1)] == ["n2", "n2"]

@@ -155,3 +155,22 @@ async def test_the_generation_writers_lock_goes_with_the_begin_and_with_a_savepo
         assert not await _generation_writers_free(database, exclusive=False)
         await uow.commit()
     assert await _generation_writers_free(database, exclusive=True)
+
+
+@POSTGRES_ONLY
+async def test_the_generation_writers_lock_held_shared_is_never_upgraded_to_exclusive(database: Database) -> None:
+    """A transaction that holds the generation writers' lock shared (from before a savepoint, or
+    with none) and then asks for it exclusive is refused at once, before any wait: the upgrade
+    waits for every other holder, and two upgrading at once wait for each other (a deadlock)."""
+    from controller.store import changes, pg_driver
+
+    async with database.unit_of_work() as uow:
+        await changes.will_move_generation(uow.session)
+        savepoint = pg_driver.Savepoint(uow.session, "maia_test")
+        await savepoint.open()
+        await changes.move_generation(uow.session, 0)
+        await savepoint.rollback()  # the shared lock was taken before it: still held
+        with pytest.raises(changes.LockUpgrade):
+            await changes.moves_generation_first(uow.session)
+        assert not await _generation_writers_free(database, exclusive=True)
+    assert await _generation_writers_free(database, exclusive=True)
