@@ -57,7 +57,7 @@ from controller.reconcile import Reconciler, waits_on_report
 from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
 from controller.store.exclusive import DatabaseInUse, SqliteLock
-from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
+from controller.store.notify import RESYNC, ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deletes import DeleteBatcher
@@ -239,6 +239,19 @@ class ControllerApp:
             task = asyncio.get_running_loop().create_task(self._republish(items))
             self._republishing.add(task)
             task.add_done_callback(self._republishing.discard)
+        elif kind == RESYNC:
+            self._resync()
+
+    def _resync(self) -> None:
+        """Another controller dropped messages this one may have been owed (`store/notify.py`):
+        what they would have said is taken again from the database. Every watch ends (UNAVAILABLE,
+        as one that fell behind: its client watches again, from the current state), every agent
+        connected here is sent its set as stored, and the reconciler looks (a lost WAKE)."""
+        log.warning("another controller dropped notifications owed to this one: ending %d watch(es) "
+                    "and sending %d agent(s) their sets again", self.bus.subscriber_count, len(self.hub.connected()))
+        self.bus.close()
+        self.hub.notify(list(self.hub.connected()))
+        self.reconciler.wake()
 
     async def _republish(self, items: list[str]) -> None:
         """Deployments another controller changed (`TYPE:TENANT/NAME`), for this controller's watchers."""

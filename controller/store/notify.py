@@ -20,7 +20,11 @@ it listens, so one listening when a message was queued is seen by the next look,
 (HELLO) first; either sends the held messages, in order. A new controller's watchers so miss
 nothing sent between its LISTEN and the moment the others hear its HELLO (the few milliseconds
 until then, or until the next look). Held messages are bounded (`HELD_MAX` items, the oldest
-dropped beyond); a message sent while a connection is down is lost, as before.
+dropped beyond, logged). A message so dropped may have been owed to a controller that listened
+unseen: unless a look that began after it saw nobody, the held messages go out after a RESYNC,
+on which each listener resyncs what it kept from the messages (its watchers watch again from the
+current state, its agents are sent their sets: `ControllerApp._resync`). A message sent while a
+connection is down is lost, as before.
 
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
 everything, in-process signals already reached everyone.
@@ -42,6 +46,7 @@ CHANNEL = "maia_cluster"
 # The listening connections' name, by which a controller finds the others (`pg_stat_activity`).
 APPLICATION_NAME = "maia-cluster-channel"
 HELLO = "hello"  # a controller started listening (the channel's own kind: never handed on)
+RESYNC = "resync"  # messages a listener may have been owed were dropped (`HELD_MAX`): it resyncs
 PAYLOAD_MAX = 7000  # PostgreSQL refuses payloads of 8000 bytes and more
 RECONNECT_S = 2.0
 HELD_MAX = 100_000  # items held while alone (`PgChannel.send`), about one look's worth under any load
@@ -120,6 +125,9 @@ class PgChannel:
         self._held: list[tuple[str, list[str]]] = []
         self._held_items = 0
         self._held_gone = 0  # messages gone from the front of `_held` (sent, dropped), ever
+        # The cap dropped held messages before this one (counted as `_held_gone`; 0: none owed):
+        # a RESYNC goes before the held ones unless a look that began after them saw nobody.
+        self._cap_dropped_to = 0
 
     @property
     def others_listening(self) -> bool:
@@ -147,22 +155,29 @@ class PgChannel:
             self._held_items -= max(1, len(gone))
             self._held_gone += 1
             dropped += 1
+            self._cap_dropped_to = self._held_gone
         if dropped:  # a controller listening unseen would miss them: said, not silent
             log.warning("dropped %d held notification(s): more than %d items held while no other controller "
                         "was seen listening", dropped, HELD_MAX)
 
     def _release(self, held: int | None = None) -> None:
-        """Another controller listens: the messages held so far are sent, in order. `held`: only
-        drop those held before the `held`-th message ever held (`_held_gone` counts from the
-        first: a look that saw nobody; those held since it began stay)."""
+        """Another controller listens: the messages held so far are sent, in order (after a RESYNC
+        when the cap dropped some since nobody was last seen). `held`: only drop those held before
+        the `held`-th message ever held (`_held_gone` counts from the first: a look that saw nobody;
+        those held since it began stay)."""
         if held is not None:
             gone = max(0, held - self._held_gone)
             del self._held[:gone]
             self._held_gone += gone
             self._held_items = sum(max(1, len(items)) for _, items in self._held)
+            if self._cap_dropped_to <= held:  # those the cap dropped were owed to nobody
+                self._cap_dropped_to = 0
             return
         held_now, self._held, self._held_items = self._held, [], 0
         self._held_gone += len(held_now)
+        if self._cap_dropped_to:  # some may have been owed to a listener: it resyncs first
+            self._cap_dropped_to = 0
+            self._queue(RESYNC, [])
         for kind, items in held_now:
             self._queue(kind, items)
 

@@ -61,7 +61,7 @@ class DeploymentEventBus:
                 self._close(queue)
 
     def close(self) -> None:
-        """End every watch (shutdown)."""
+        """End every watch (shutdown, or a resync: each client watches again, from the current state)."""
         for queue in list(self._subscribers):
             self._close(queue)
         self._subscribers.clear()

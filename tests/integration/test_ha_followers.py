@@ -111,3 +111,32 @@ async def test_a_leader_whose_event_loop_is_stuck_past_its_lease_keeps_leading(d
         for app, acquired in ((leader, 1.0), (follower, 0.0)):
             assert app.metrics.registry.get_sample_value("maia_lease_acquisitions_total") == acquired
             assert not app.metrics.registry.get_sample_value("maia_lease_losses_total")
+
+
+async def test_a_follower_told_to_resync_ends_its_watches_which_watch_again_from_the_current_state(
+        db_url: str, tmp_path: Path) -> None:
+    """The leader dropped notifications a follower may have been owed (past `notify.HELD_MAX`):
+    its RESYNC ends the follower's watches as fallen behind (UNAVAILABLE), and a watch started
+    again begins with the current state, so no change it missed is missed for good."""
+    from controller.store.notify import RESYNC
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
+            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
+        async with Stubs.connect(follower.address, admin_token_of(leader)).channel as channel:
+            stubs = Stubs.on(channel)
+            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+            await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
+            watch = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+            assert (await asyncio.wait_for(_first(watch, lambda d: True), timeout=20)).spec.name == "svc"
+            await _until(lambda: leader.channel.others_listening, "the leader knows the follower listens")
+            leader.channel.send(RESYNC)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(_first(watch, lambda d: False), timeout=20)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            again = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+            first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
+            assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == "svc"
+            again.cancel()

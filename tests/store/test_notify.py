@@ -211,3 +211,57 @@ async def test_a_look_that_saw_nobody_keeps_what_was_held_since_it_began_even_pa
     answer.set_result(False)
     await look
     assert channel._held == [("deployments", ["n1"]), ("deployments", ["n2"])]
+
+
+@POSTGRES_ONLY
+async def test_messages_the_cap_dropped_while_a_listener_was_unseen_make_it_resync_first(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`b` listens before `a` has seen it; `a` holds more than `HELD_MAX` items meanwhile and drops
+    the oldest (owed to `b`). When `a` hears `b`'s HELLO, a RESYNC goes before what it still held:
+    `b` resyncs instead of missing a change for good."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 3600.0)  # no keepalive look: only the HELLO tells `a`
+    monkeypatch.setattr(notify, "HELD_MAX", 2)
+    a_listening = await _listening(database.url, "a", [])
+    a = a_listening[0]
+    heard: list[str] = []
+    b = await _bare_listener(database.url, heard)
+    try:
+        for key in ("t/x", "t/y", "t/z"):
+            a.send("deployments", [f"modified:{key}"])  # t/x dropped past the cap
+        await b.execute("SELECT pg_notify($1, $2)", notify.CHANNEL, f"{notify.HELLO}|b|")
+        await _until(lambda: "deployments|a|modified:t/y,modified:t/z" in heard)
+        assert [m for m in heard if not m.startswith("hello|")] == [
+            "resync|a|", "deployments|a|modified:t/y,modified:t/z"]
+        a.send("wake")  # said once
+        await _until(lambda: "wake|a|" in heard)
+        assert heard.count("resync|a|") == 1
+    finally:
+        await b.close()
+        await _stop(a_listening)
+
+
+async def test_messages_the_cap_dropped_before_a_look_that_saw_nobody_owe_no_resync(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropped past the cap, but held before a look that then saw nobody: nobody listened then, so
+    the listener a later look or HELLO finds is owed nothing of them (no RESYNC). Dropped while
+    that look was on its way: it may have been, and is told to resync."""
+    monkeypatch.setattr(notify, "HELD_MAX", 2)
+
+    async def look(channel: PgChannel, before: tuple[str, ...], during: tuple[str, ...]) -> None:
+        for name in before:
+            channel.send("deployments", [name])
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        looking = asyncio.create_task(channel._look(answer))
+        await asyncio.sleep(0)  # the look's query is on its way
+        for name in during:
+            channel.send("deployments", [name])
+        answer.set_result(False)
+        await looking
+
+    for during, resync in (((), False), (("n1", "n2"), True)):
+        channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
+        await look(channel, ("o1", "o2", "o3"), during)  # o1 dropped past the cap (and o2 with `during`)
+        channel.send("deployments", ["late"])
+        channel._received(None, 0, notify.CHANNEL, f"{notify.HELLO}|b|")
+        assert channel._queued[0] == (notify.RESYNC, []) if resync else channel._queued[0][0] == "deployments"
+        await channel.close()
