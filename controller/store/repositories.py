@@ -16,7 +16,7 @@ from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, Text, Update, and_, bindparam, inspect, insert, or_, case, cast, delete, func, select, tuple_, update
+from sqlalchemy import ColumnElement, Row, Select, Text, Update, and_, bindparam, inspect, insert, or_, case, cast, delete, func, literal_column, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -546,23 +546,35 @@ _PLACEMENT_READ = ("replica", "shard", "node_id", "accelerator_indices", "accele
                    "revision")  # with the node's rack and draining flag: `PlacementColumns`, in order
 
 
-def _named_query(dialect: str) -> Select:
+def _named_query(dialect: str, *, lock: bool = False) -> Select:
     """`deployments_named`' query for `dialect`, its list named `names`: each deployment's columns
     (by their names), then, outer joined, those of each placement and its node (labelled apart):
-    a row per placement, one for a deployment with none."""
+    a row per placement, one for a deployment with none. `lock`: the deployments' rows locked to
+    the end of the transaction (PostgreSQL: FOR NO KEY UPDATE OF deployments, which rows that
+    refer to them do not wait for; SQLite: as without), and on PostgreSQL one more column, whether
+    the row was written by a commit the lock waited for (`_WRITTEN_UNDER_LOCK`)."""
     placement = _PLACEMENTS.c
-    return (select(_DEPLOYMENTS, *(placement[c].label(f"placement_{c}") for c in _PLACEMENT_READ),
-                   _NODES.c.rack_id.label("node_rack_id"), _NODES.c.draining.label("node_draining"))
-            .select_from(_DEPLOYMENTS.outerjoin(_PLACEMENTS, placement.deployment_id == _DEPLOYMENTS.c.id)
-                         .outerjoin(_NODES, _NODES.c.id == placement.node_id))
-            .where(any_of_named(dialect, _DEPLOYMENTS.c.name, "names")))
+    written = (_WRITTEN_UNDER_LOCK,) if lock and dialect == POSTGRESQL else ()
+    query = (select(_DEPLOYMENTS, *(placement[c].label(f"placement_{c}") for c in _PLACEMENT_READ),
+                    _NODES.c.rack_id.label("node_rack_id"), _NODES.c.draining.label("node_draining"), *written)
+             .select_from(_DEPLOYMENTS.outerjoin(_PLACEMENTS, placement.deployment_id == _DEPLOYMENTS.c.id)
+                          .outerjoin(_NODES, _NODES.c.id == placement.node_id))
+             .where(any_of_named(dialect, _DEPLOYMENTS.c.name, "names")))
+    return query.with_for_update(of=_DEPLOYMENTS, key_share=True) if lock else query
 
 
+# PostgreSQL (READ COMMITTED): a locking read that waited for a commit holding a row hands back
+# that row as the commit left it (re-read: EvalPlanQual) but the rows joined to it as the
+# statement's snapshot had them: a report flush judged a deployment's phase by shards a plan
+# commit had removed, or without those it added. The row's version (xmin) against the one the
+# snapshot sees (a subquery, not re-read) tells such a row; its placements are read again.
+_AS_READ = _DEPLOYMENTS.alias("as_read")
+_WRITTEN_UNDER_LOCK = (literal_column("deployments.xmin::text") != select(literal_column("as_read.xmin::text"))
+                       .where(_AS_READ.c.id == _DEPLOYMENTS.c.id).scalar_subquery()).label("written_under_lock")
 _NAMED = {dialect: _named_query(dialect) for dialect in ("sqlite", POSTGRESQL)}
-# The same, the deployments' rows locked to the end of the transaction (PostgreSQL: FOR NO KEY
-# UPDATE OF deployments, which rows that refer to them do not wait for; SQLite: as `_NAMED`).
-_NAMED_LOCKED = {dialect: query.with_for_update(of=_DEPLOYMENTS, key_share=True) for dialect, query in _NAMED.items()}
+_NAMED_LOCKED = {dialect: _named_query(dialect, lock=True) for dialect in ("sqlite", POSTGRESQL)}
 _DEPLOYMENT_WIDTH = len(_DEPLOYMENTS.c)
+_PLACEMENT_WIDTH = len(_PLACEMENT_READ) + 2  # with the node's rack and draining flag
 
 
 async def deployments_named(session: AsyncSession, names: Iterable[str], *, lock: bool = False) -> list[NamedDeployment]:
@@ -574,15 +586,24 @@ async def deployments_named(session: AsyncSession, names: Iterable[str], *, lock
     in between (that commit is waited for, and read)."""
     found: dict[int, tuple[Row[Any], list[PlacementColumns]]] = {}
     queries = _NAMED_LOCKED if lock else _NAMED
+    written: set[str] = set()  # written by a commit the lock waited for (`_WRITTEN_UNDER_LOCK`)
     for row in await session.execute(queries[dialect_of(session)], {"names": sorted(set(names))}):
         entry = found.get(row.id)
         if entry is None:
             entry = found[row.id] = (row, [])
-        replica, shard, node_id, indices, milli, phase, message, revision, rack_id, draining = row[_DEPLOYMENT_WIDTH:]
+        replica, shard, node_id, indices, milli, phase, message, revision, rack_id, draining = \
+            row[_DEPLOYMENT_WIDTH:_DEPLOYMENT_WIDTH + _PLACEMENT_WIDTH]
         if replica is not None:  # a placement (the outer join's NULLs: none)
             entry[1].append(PlacementColumns(replica, shard, node_id, indices, milli, phase, message, revision,
                                              None if rack_id is None else PlacedNode(rack_id, draining)))
-    return [NamedDeployment(row, tuple(placed)) for row, placed in found.values()]
+        if len(row) > _DEPLOYMENT_WIDTH + _PLACEMENT_WIDTH and row[-1]:
+            written.add(row.name)
+    named = [NamedDeployment(row, tuple(placed)) for row, placed in found.values()]
+    if not written:
+        return named
+    # Locked now: read again (a statement of its own sees that commit), as committed.
+    again = {dep.row.id: dep for dep in await deployments_named(session, written)}
+    return [again.get(dep.row.id, dep) for dep in named]
 
 
 def _deleting_statement(dialect: str) -> Update:

@@ -1047,3 +1047,57 @@ async def test_two_passes_whose_failures_step_wrote_nothing_fall_back_from_lock_
     assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
     placed = (await _state(database))["placements"]
     assert [placed[(TRAIN, 0, s)][0] for s in (0, 1)] == ["n2", "n2"]
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_report_flush_that_waited_for_a_commit_of_its_deployment_judges_it_by_the_shards_committed(
+        database: Database) -> None:
+    """A report flush writes a shard's report, then reads its deployment with the deployment's
+    other shards, the row locked. A commit that removed one of those shards holds that row: the
+    flush waits for it. PostgreSQL then hands back the row as the commit left it but the shards as
+    the read's snapshot had them (only the locked row is read again), and the flush judged the
+    deployment's phase by a shard that was gone: its phase must follow the shards committed."""
+    from controller.domain.values import ShardReport
+    from controller.usecases import agents
+
+    await _seeded(database)
+    generation = (await _state(database))["placements"][(WEB, 0, 0)][3]
+    async with database.unit_of_work() as commit:  # WEB's replica 1 removed, its row written
+        s = commit.session
+        await s.execute(text("DELETE FROM placements WHERE replica = 1 AND deployment_id = "
+                             "(SELECT id FROM deployments WHERE name = 'web')"))
+        await s.execute(text("UPDATE deployments SET generation = generation + 1 WHERE name = 'web'"))
+
+        async def flush() -> None:  # WEB's replica 0 fails
+            async with database.unit_of_work() as uow:
+                await agents.flush_reports(uow, {}, [("n1", ShardReport("web", 0, 0, generation, "failed", "oom",
+                                                                        tenant="a"))])
+
+        flushing = asyncio.create_task(flush())
+        for _ in range(600):  # until the flush waits for WEB's row
+            if flushing.done() or await _waits_for_a_lock(database):
+                break
+            await asyncio.sleep(0.05)
+        assert not flushing.done()
+        await commit.commit()
+    await asyncio.wait_for(flushing, 60)
+    async with database.unit_of_work() as uow:
+        [web] = await repo.deployments_named(uow.session, ["web"])
+    assert [(p.replica, p.phase) for p in web.placements] == [(0, m.ShardPhase.FAILED)]
+    assert web.row.phase is repo.implied_phase(web.row, web.placements)
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_locking_read_of_deployments_that_waited_for_nothing_reads_once(database: Database) -> None:
+    """The read again above is only for rows a commit wrote while the lock waited: a flush's usual
+    locking read is one statement, and a row written before it began is not taken for one."""
+    await _seeded(database)
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(text("UPDATE deployments SET generation = generation + 1 WHERE name = 'web'"))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        with pg_driver.counted_trips() as trips:
+            [web] = await repo.deployments_named(uow.session, ["web"], lock=True)
+        await uow.commit()
+    assert len(web.placements) == 2
+    assert [t.statement for t in trips if t.kind == "execute"] == ["SELECT deployments.id, deployments.name,"]
