@@ -121,6 +121,24 @@ _BUMP_AND_LOG = text(
     "RETURNING generation")
 
 
+async def bump_cluster_generation_unread(session: AsyncSession, change: ClusterChange) -> None:
+    """`bump_cluster_generation` for a caller that does not read the new generation. On SQLite
+    its three statements (the bump, the change rows at the generation it moved to, the pruning
+    when that generation is due) are written so that nothing is read back: inside
+    `sqlite_driver.deferred_writes` they take no trip of their own to SQLite's thread but go with
+    the transaction's next statement or its commit (a delete batch held SQLite's writer for four
+    trips, each a turn of a busy event loop). A missing generation row fails the change rows'
+    INSERT (their generation NULL), so the transaction fails, as `MissingGeneration` makes it.
+    PostgreSQL: `bump_cluster_generation` (one statement, and the pruning when due)."""
+    if dialect_of(session) == POSTGRESQL:
+        await bump_cluster_generation(session, change)
+        return
+    await move_generation_unread(session, 1)
+    await session.execute(_LOG_AT_CURRENT, [{"kind": change.kind.value, "object_id": object_id}
+                                            for object_id in logged_ids(change)])
+    await session.execute(_PRUNE_AT_CURRENT)
+
+
 def logged_ids(change: ClusterChange) -> Sequence[str | None]:
     """The object ids of a change's rows (one row without an id when it names none)."""
     return change.ids or (None,)
@@ -243,6 +261,16 @@ async def move_generation_unread(session: AsyncSession, by: int) -> None:
     """`move_generation` for a caller that reads the new value with its next statement (in the
     same transaction): `rowcount_unread`, so on SQLite inside `deferred_writes` the two take one trip."""
     await session.execute(_MOVED_UNREAD, {"by": by})
+
+
+# SQLite, `bump_cluster_generation_unread`: the generation as this transaction moved it, read by the
+# statements that need it instead of by the caller (the change rows; the pruning, every
+# `_PRUNE_EVERY` generations, of what `prune_changes` prunes).
+_CURRENT = select(_STATE.c.generation).where(_STATE.c.id == 1).scalar_subquery()
+_LOG_AT_CURRENT = insert(ClusterChangeRow.__table__).values(
+    generation=_CURRENT, kind=bindparam("kind"), object_id=bindparam("object_id"))
+_PRUNE_AT_CURRENT = rowcount_unread(delete(ClusterChangeRow.__table__).where(
+    _CURRENT % _PRUNE_EVERY == 0, ClusterChangeRow.__table__.c.generation <= _CURRENT - CHANGES_KEPT))
 
 
 class MissingGeneration(RuntimeError):

@@ -26,7 +26,7 @@ from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
 from controller.store.marks import rowcount_unread
-from controller.store.changes import schedulable_count
+from controller.store.changes import bump_cluster_generation_unread, schedulable_count  # noqa: F401  (the first re-exported)
 from controller.store.partitions import partitions
 from controller.store.plans import bump_cluster_generation, will_move_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain.changes import ClusterChange
@@ -609,8 +609,8 @@ async def deployments_named(session: AsyncSession, names: Iterable[str], *, lock
 def _deleting_statement(dialect: str) -> Update:
     """`set_deleting`'s UPDATE for `dialect`: the deployments of the ids `ids` DELETING as of `at`."""
     table = m.Deployment.__table__
-    return (update(table).where(any_of_named(dialect, table.c.id, "ids"))
-            .values(phase=m.DeploymentPhase.DELETING, updated_at=bindparam("at")))
+    return rowcount_unread(update(table).where(any_of_named(dialect, table.c.id, "ids"))
+                           .values(phase=m.DeploymentPhase.DELETING, updated_at=bindparam("at")))
 
 
 _DELETING = {dialect: _deleting_statement(dialect) for dialect in ("sqlite", POSTGRESQL)}

@@ -403,14 +403,16 @@ async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | rep
     """Mark deployments (loaded rows, or plain ones: `repo.set_deleting`) DELETING, each with its
     event (by its actor), in the caller's transaction: ONE cluster generation bump for all, which
     logs every key (plan commits wait for that row from the bump to the commit, so it comes
-    last, after the generation writers' lock: store/changes.py). Returns the time written."""
+    last, after the generation writers' lock: store/changes.py). Nothing is read back: inside
+    `sqlite_driver.deferred_writes` (a batch) every statement goes to SQLite with the caller's
+    next statement or commit. Returns the time written."""
     await repo.will_move_generation(uow.session)
     at = await repo.set_deleting(uow.session, [row for row, _ in rows])
     await repo.record_events(uow.session, (repo.NewEvent(actor=actor, kind="deployment.deleting",
                                                          object_kind="deployment",
                                                          object_id=deployment_key(row.tenant_id, row.name))
                                            for row, actor in rows))
-    await repo.bump_cluster_generation(uow.session, ClusterChange.deployment_deleted(
+    await repo.bump_cluster_generation_unread(uow.session, ClusterChange.deployment_deleted(
         *(deployment_key(row.tenant_id, row.name) for row, _ in rows)))
     return at
 
