@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Row, bindparam, insert, select, text, update
+from sqlalchemy import Row, bindparam, case, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store.inlist import POSTGRESQL, dialect_of
@@ -151,6 +151,16 @@ _MOVE_KNOWN_HEAD = (
     .returning(_HEAD.c.seq)
 )
 _INSERT_ENTRIES = insert(AuditEntry.__table__)
+# SQLite, `append(unread=True)`: `_MOVE_KNOWN_HEAD` with nothing read back, and the entries with
+# their hash only where the head is now at the last one's (`new_hash`): NULL, which the column
+# refuses, when the compare and set missed.
+_MOVE_KNOWN_HEAD_UNREAD = rowcount_unread(
+    update(_HEAD)
+    .where(_HEAD.c.id == 1, _HEAD.c.seq == bindparam("known_seq"), _HEAD.c.hash == bindparam("known_hash"))
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
+_INSERT_ENTRIES_IF_MOVED = insert(AuditEntry.__table__).values(hash=case(
+    (select(_HEAD.c.hash).where(_HEAD.c.id == 1).scalar_subquery() == bindparam("new_hash"), bindparam("row_hash"))))
 # PostgreSQL: `_MOVE_KNOWN_HEAD` and, when it moved the head, the entries (`rows`: JSON), in one
 # statement (each is a round trip on the event loop's turns); nothing is inserted when it did not.
 _ENTRY_COLUMNS = ", ".join(("seq", "at", "prev_hash", "hash", "detail", *_LIMITS))
@@ -171,7 +181,8 @@ def _chained(records: Sequence[AuditRecord], first: int, prev_hash: str, at: dat
     return rows
 
 
-async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None) -> list[int]:
+async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None,
+                 unread: bool = False) -> list[int]:
     """Append `records`, in order, to the chain in the caller's transaction; returns their seqs.
 
     The first statement moves the head (taking its lock) so concurrent appenders serialise here.
@@ -181,6 +192,14 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
     PostgreSQL by the same statement, only if it moved the head). When someone else appended since
     (another process, a rolled-back transaction, an edit), three: move the head and read where it
     was, insert, record the new hash.
+
+    `unread` (SQLite, inside `sqlite_driver.deferred_writes`; for a writer whose transaction
+    fails or commits whole, and that is retried when it fails): the compare and set reads
+    nothing back, so both statements go with the transaction's next statement or its commit (no
+    trip of their own to SQLite's thread while it holds the writer). A missed compare and set
+    then fails the transaction instead of reading the head: the entries' INSERT writes their
+    hash only where the head was moved to it, and NULL (refused: NOT NULL) elsewhere, so nothing
+    is written; the caller's retry (without `unread`) reads the head.
     """
     if not records:
         return []
@@ -198,6 +217,12 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
             entries = json.dumps([{**row, "at": _at_text(row["at"])} for row in rows])
             moved = inserted = (await session.execute(
                 _MOVE_KNOWN_HEAD_AND_INSERT, {**moving, "rows": entries})).first() is not None
+        elif unread:
+            await session.execute(_MOVE_KNOWN_HEAD_UNREAD, moving)
+            await session.execute(_INSERT_ENTRIES_IF_MOVED, [
+                {**{key: value for key, value in row.items() if key != "hash"}, "row_hash": row["hash"],
+                 "new_hash": moving["new_hash"]} for row in rows])
+            moved = inserted = True
         else:
             moved = (await session.execute(_MOVE_KNOWN_HEAD, moving)).one_or_none() is not None
         if not moved:
