@@ -136,7 +136,7 @@ async def bump_cluster_generation_unread(session: AsyncSession, change: ClusterC
     await move_generation_unread(session, 1)
     await session.execute(_LOG_AT_CURRENT, [{"kind": change.kind.value, "object_id": object_id}
                                             for object_id in logged_ids(change)])
-    await session.execute(_PRUNE_AT_CURRENT)
+    await session.execute(_PRUNE_AT_CURRENT, {"every": _PRUNE_EVERY, "kept": CHANGES_KEPT})
 
 
 def logged_ids(change: ClusterChange) -> Sequence[str | None]:
@@ -270,7 +270,8 @@ _CURRENT = select(_STATE.c.generation).where(_STATE.c.id == 1).scalar_subquery()
 _LOG_AT_CURRENT = insert(ClusterChangeRow.__table__).values(
     generation=_CURRENT, kind=bindparam("kind"), object_id=bindparam("object_id"))
 _PRUNE_AT_CURRENT = rowcount_unread(delete(ClusterChangeRow.__table__).where(
-    _CURRENT % _PRUNE_EVERY == 0, ClusterChangeRow.__table__.c.generation <= _CURRENT - CHANGES_KEPT))
+    _CURRENT % bindparam("every", type_=Integer) == 0,
+    ClusterChangeRow.__table__.c.generation <= _CURRENT - bindparam("kept", type_=Integer)))
 
 
 class MissingGeneration(RuntimeError):
