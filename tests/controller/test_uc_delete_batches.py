@@ -20,6 +20,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.audit import AuditRecord, CallEntry
 from controller.store.changes import GENERATION_WRITERS
+from controller.store import sqlite_driver
 from controller.store.pg_driver import counted_trips
 from controller.store.turns import WritePriority
 from controller.usecases import deletes, deployments
@@ -237,3 +238,51 @@ async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(
         ("execute", "UPDATE deployments SET"), ("executemany", "INSERT INTO events"),
         ("execute", "WITH moved AS"), ("execute", "WITH moved AS"), ("query", "COMMIT")]
     assert await _logged(cluster, before + 1) == [("deployment_deleted", f"t1/d{i}") for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_a_batch_holds_sqlites_writer_for_one_trip_its_commit(cluster):
+    """On SQLite a batch reads its deployments, then every write (the phases, the events, the
+    generation bump and its change rows, the audit head and entries) goes with its COMMIT: one
+    trip to SQLite's thread while it holds the writer, where a busy event loop made each trip
+    cost milliseconds (four trips before: docs/benchmarks.md, `delbatch`)."""
+    await _submit(cluster, *(("t1", f"d{i}") for i in range(3)))
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+    await batcher.commit_batch([_queued(WHO, "d0")])  # the audit head this process wrote: known
+    before = await _generation(cluster)
+    with sqlite_driver.counted_trips() as trips:
+        outcomes = await batcher.commit_batch([_queued(WHO, "d1"), _queued(T1, "d2")])
+    assert {outcome.phase for outcome in outcomes.values()} == {"deleting"}
+    assert [trip.statement for trip in trips] == ["SELECT deployments.id, deployments.name,", "COMMIT"]
+    assert await _logged(cluster, before + 1) == [("deployment_deleted", "t1/d1"), ("deployment_deleted", "t1/d2")]
+    assert await _generation(cluster) == before + 1
+    async with cluster.unit_of_work() as uow:
+        report = await audit.verify_chain(uow.session)
+        assert [e.object_id for e in await audit.list_entries(uow.session)] == ["t1/d0", "t1/d1", "t1/d2"]
+    assert report.intact and report.entries == 3
+
+
+async def test_a_batch_behind_a_stale_audit_head_writes_nothing_and_each_delete_lands_alone(cluster):
+    """The audit head this process wrote last is not the database's (a rolled-back transaction
+    left it ahead): on SQLite the batch's compare and set, which reads nothing back, misses and
+    fails the batch whole; its members go alone, each marked with its own audit entry in one chain."""
+    await _submit(cluster, ("t1", "a"), ("t1", "b"))
+    async with cluster.unit_of_work() as uow:
+        await audit.append(uow.session, [_queued(WHO, "x").call.record])
+        await uow.rollback()
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+
+    async def delete_in_a_call(name: str):
+        call = _queued(WHO, name).call
+        audit.open_call(call.record)
+        return await batcher.delete(WHO, name, "t1")
+
+    results = await asyncio.gather(delete_in_a_call("a"), delete_in_a_call("b"))
+    assert [r.phase for r in results] == ["deleting", "deleting"]
+    if cluster.url.startswith("sqlite"):
+        assert batcher.stats.alone == 2
+    async with cluster.unit_of_work() as uow:
+        report = await audit.verify_chain(uow.session)
+        assert sorted(e.object_id for e in await audit.list_entries(uow.session)) == ["t1/a", "t1/b"]
+        assert {r.phase for r in await repo.list_deployment_rows(uow.session)} == {m.DeploymentPhase.DELETING}
+    assert report.intact and report.entries == 2

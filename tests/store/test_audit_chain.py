@@ -9,10 +9,12 @@ from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import IntegrityError
 
 from controller.store import audit
 from controller.store.audit import AuditRecord, ChainReport, entry_hash
 from controller.store.db import Database
+from controller.store.sqlite_driver import counted_trips, deferred_writes
 
 
 def _record(i: int, tenant: str = "a") -> AuditRecord:
@@ -222,3 +224,31 @@ def test_entries_hash_and_clean_as_the_canonical_form_says() -> None:
     assert first["hash"] == "005daec3beb9c70f12f4fdceee0a3a3b3211a8f23bc143913e6acd94454ad18a" == entry_hash(first)
     assert second["hash"] == "3a11a8d20a5f49aed324dea28e33251d78a8d9320beb157b47b1c6721b36bd99" == entry_hash(second)
     assert second["prev_hash"] == first["hash"] and second["actor"] == "x" * 128
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_an_unread_append_goes_with_the_commit_and_a_missed_head_fails_its_transaction(
+        database: Database) -> None:
+    """`append(unread=True)` inside `deferred_writes` on SQLite: no trip of its own, the entries
+    chained to the head this process wrote. When that head is stale (a rolled-back append left it
+    ahead), the compare and set misses and the commit fails with nothing written; an append that
+    reads the head then links to the real one."""
+    assert await _append(database, _record(1)) == [1]
+    async with database.unit_of_work() as uow:
+        with deferred_writes(), counted_trips() as trips:
+            assert await audit.append(uow.session, [_record(2), _record(3)], unread=True) == [2, 3]
+        await uow.commit()
+    assert trips == []
+    async with database.unit_of_work() as uow:
+        await audit.append(uow.session, [_record(4)])  # rolled back: the head it wrote is not the database's
+        await uow.rollback()
+    with pytest.raises(IntegrityError):
+        async with database.unit_of_work() as uow:
+            with deferred_writes():
+                await audit.append(uow.session, [_record(5)], unread=True)
+            await uow.commit()
+    report = await _verify(database)
+    assert report.intact and report.entries == 3 and report.head_seq == 3
+    assert await _append(database, _record(6)) == [4]
+    report = await _verify(database)
+    assert report.intact and report.entries == 4 and report.head_seq == 4

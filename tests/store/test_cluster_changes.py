@@ -4,14 +4,17 @@ is missing (pruned, or a bump that logged nothing) and reads the whole cluster."
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from controller.domain.changes import ChangeKind, ClusterChange
 from controller.store import changes
 from controller.store.db import Database
 from controller.store import repositories as repo
-from controller.store.models import ClusterChangeRow, Deployment, DeploymentPhase
+from controller.store.models import ClusterChangeRow, ClusterState, Deployment, DeploymentPhase
 from controller.store.plans import bump_cluster_generation, read_changes_since
+from controller.store.sqlite_driver import counted_trips, deferred_writes
 
 from .seed import TWO_RACKS, seed_problem
 
@@ -55,12 +58,18 @@ async def test_a_generation_without_its_change_is_incomplete(database: Database)
         assert not (await read_changes_since(uow.session, 5)).complete  # ahead of the database: never trusted
 
 
-async def test_old_generations_are_pruned(database: Database, monkeypatch) -> None:
+async def _bump_unread(session, change: ClusterChange) -> None:
+    with deferred_writes():
+        await changes.bump_cluster_generation_unread(session, change)
+
+
+@pytest.mark.parametrize("bump", [bump_cluster_generation, _bump_unread], ids=["read", "unread"])
+async def test_old_generations_are_pruned(database: Database, monkeypatch, bump) -> None:
     monkeypatch.setattr(changes, "CHANGES_KEPT", 3)
     monkeypatch.setattr(changes, "_PRUNE_EVERY", 5)
     async with database.unit_of_work() as uow:
         for i in range(1, 11):
-            await bump_cluster_generation(uow.session, ClusterChange.node(f"n{i}"))
+            await bump(uow.session, ClusterChange.node(f"n{i}"))
         await uow.commit()
     async with database.unit_of_work() as uow:
         kept = sorted((await uow.session.execute(select(ClusterChangeRow.generation))).scalars())
@@ -103,3 +112,34 @@ async def test_the_generation_and_the_schedulable_count_read_together(database: 
         both = await changes.read_generation_and_schedulable(uow.session)
         assert both == (await repo.read_cluster_generation(uow.session),
                         await repo.count_schedulable_deployments(uow.session)) == (2, 2)
+
+
+async def test_an_unread_bump_logs_its_change_at_the_generation_it_moved_to_without_a_trip(database: Database) -> None:
+    """On SQLite inside `deferred_writes` the bump, its change rows and the pruning go to SQLite
+    with the commit (a delete batch's writes: no trip of their own while it holds the writer)."""
+    async with database.unit_of_work() as uow:
+        await bump_cluster_generation(uow.session, ClusterChange.node("n1"))
+        with counted_trips() as trips:
+            await _bump_unread(uow.session, ClusterChange.deployment_deleted("t1/b", "t1/a"))
+            await _bump_unread(uow.session, ClusterChange())
+        await uow.commit()
+    if database.url.startswith("sqlite"):
+        assert trips == []
+    async with database.unit_of_work() as uow:
+        since = await read_changes_since(uow.session, 0)
+    assert since.generation == 3 and since.complete
+    assert since.changes == {1: [(ChangeKind.NODE, "n1")],
+                             2: [(ChangeKind.DEPLOYMENT_DELETED, "t1/a"), (ChangeKind.DEPLOYMENT_DELETED, "t1/b")],
+                             3: [(ChangeKind.OTHER, None)]}
+
+
+async def test_an_unread_bump_without_the_generation_row_fails_its_transaction(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(delete(ClusterState))
+        await uow.commit()
+    with pytest.raises((IntegrityError, changes.MissingGeneration)):
+        async with database.unit_of_work() as uow:
+            await _bump_unread(uow.session, ClusterChange.node("n1"))
+            await uow.commit()
+    async with database.unit_of_work() as uow:
+        assert list((await uow.session.execute(select(ClusterChangeRow.id))).scalars()) == []
