@@ -10,7 +10,13 @@ checks what needs no read (the name, the tenant a token may name), then joins a
 is queued and, in ONE transaction, reads every member's deployment at once (plain columns with
 its placements, no ORM entities: `repo.deployments_named`), marks those that exist and are not
 DELETING yet (one event and one audit entry each, ONE generation bump logging every key),
-commits, tells the watchers in one notification and wakes the reconciler once.
+commits, tells the watchers in one notification and wakes the reconciler once. Its writes read
+nothing back (`mark_deleting`, `audit.append(unread=True)`): on SQLite they all go with the
+COMMIT, one trip to SQLite's thread while the batch holds the writer instead of four, each a
+turn of a busy event loop. That matters because a batch is often of one: the group commit has no
+timer, so deletes are batched only when they arrive while a batch commits (a client deleting one
+deployment after another, as `bench e2e`'s deleter does, makes batches of one, 12.8 ms each of
+SQLite's writer at saturation: docs/benchmarks.md, `sqlcpu`, `delbatch`).
 
 Each caller gets what a lone delete (`deployments.delete_deployment`) would have given it:
 - a deployment that does not exist, or that the caller may not see: the lone NOT_FOUND;
@@ -22,7 +28,8 @@ Each caller gets what a lone delete (`deployments.delete_deployment`) would have
   a call means, or finds): the second is answered after the first committed, as if they came one
   after the other;
 - every member of a batch that fails to commit goes alone (nothing of it was written: one
-  transaction).
+  transaction); so does every member of a batch whose audit compare and set missed on SQLite
+  (the head this process wrote last was not the database's: a rolled-back transaction left it).
 """
 
 from __future__ import annotations
