@@ -119,7 +119,9 @@ async def test_a_controller_alone_sends_nothing_and_sends_while_another_listens(
     try:
         a.send("wake")
         a.send("deployments", ["added:t/x"])
-        await asyncio.sleep(0.2)  # several keepalives: still alone
+        # A look that began after both found nobody: they are dropped, not held for `b` (a fixed
+        # sleep was not enough on a loaded machine: the look had not run, b then heard them).
+        await _until(lambda: not a._held)
         assert not a.others_listening and notifies == []
 
         b_listening = await _listening(database.url, "b", heard_b)
