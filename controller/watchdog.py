@@ -49,7 +49,7 @@ from controller.store.changes import ChangesSince, read_changes_since
 from controller.store.db import Database
 from controller.store.isolation import (
     DEPLOYMENT_COLUMNS, NODE_COLUMNS, PLACEMENT_COLUMNS, pages, read_around, read_contracts, read_versions)
-from controller.store.isolation_view import IsolationView
+from controller.store.isolation_view import HeldRows, IsolationView
 from controller.store.models import Event, utcnow
 from scheduler.violations import Violation
 
@@ -134,6 +134,10 @@ class IsolationWatchdog:
         self.last_alarm: Alarm | None = None
         self.last_check_ms = 0.0
         self.last_full_ms = 0.0
+
+    def held_rows(self) -> HeldRows:
+        """The rows its view holds (as the last check left them)."""
+        return self._view.held_rows()
 
     @property
     def violations(self) -> list[Violation]:

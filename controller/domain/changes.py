@@ -19,7 +19,7 @@ from dataclasses import dataclass
 class ChangeKind(enum.StrEnum):
     NODE = "node"                       # nodes (ids) registered, up, suspect, down, cordoned, drained, removed
     DEPLOYMENT_DELETED = "deployment_deleted"  # deployments (keys TENANT/NAME) marked DELETING
-    DEPLOYMENT = "deployment"           # deployments (keys) updated or quarantined
+    DEPLOYMENT = "deployment"           # deployments (keys) updated, quarantined, or released by a submit of the name
     PLACEMENTS = "placements"           # deployments (keys) whose placements a plan commit or another writer changed
     TENANT = "tenant"                   # tenants (ids) created, changed, removed
     TOPOLOGY = "topology"               # zones, rows, racks

@@ -58,6 +58,16 @@ class Dirty:
     racks: frozenset[str]
 
 
+@dataclass(frozen=True)
+class HeldRows:
+    """The rows a view holds, by id (`isolation` columns): what a view kept current from the
+    change log is compared with one read whole."""
+
+    nodes: dict[str, Values]
+    deployments: dict[int, Values]
+    placements: dict[int, Values]
+
+
 @dataclass(frozen=True, slots=True)
 class _Deployed:
     values: Values  # `isolation.DEPLOYMENT_COLUMNS`
@@ -91,6 +101,11 @@ class IsolationView:
     def violations(self) -> list[Violation]:
         """Every violation found, in a stable order (rule, scope, tenants)."""
         return sorted((v for found in self._violations.values() for v in found), key=lambda v: v.key)
+
+    def held_rows(self) -> HeldRows:
+        return HeldRows({n: node[0] for n, node in self._nodes.items()},
+                        {d: deployed.values for d, deployed in self._deployments.items()},
+                        {p: placed.values for p, placed in self._placements.items()})
 
     def rack_of(self, node_id: str) -> str:
         node = self._nodes.get(node_id)

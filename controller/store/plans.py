@@ -121,7 +121,8 @@ class CommitResult:
 
     # Nodes whose desired shard set changed: send them a new AssignmentSet.
     changed_nodes: set[str]
-    # Deployments whose placements changed (or that were deleted): their generation was bumped.
+    # Deployments whose placements changed (or that were deleted; each is named in the change log):
+    # the live ones' generation was bumped. Empty exactly when the cluster generation did not move.
     changed_deployments: set[str]
     # The cluster generation after the commit (unchanged when no placement changed).
     generation: int
@@ -1112,14 +1113,18 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
 
     deleted_deployments = {name for name, d in deployments.items()
                            if d.phase is DeploymentPhase.DELETING and name in snapshot.deleting}
-    moved = bool(changed_deployments or deleted_deployments)
-    await _write(session, changes=changes, deletes=deletes, deployments=deployments, new_generation=new_generation,
-                 deployment_updates=deployment_updates, changed_nodes=changed_nodes,
-                 changed_deployments=changed_deployments, deleted_deployments=deleted_deployments, now=now)
-    # What it touched: another controller's cache (HA) reads those deployments again
-    # (`warm.catch_up`; its own cache knows them). One touching very many names none: that
-    # cache reads the whole cluster, which then costs little more.
-    touched = changed_deployments | deleted_deployments
+    written = await _write(session, changes=changes, deletes=deletes, deployments=deployments,
+                           new_generation=new_generation, deployment_updates=deployment_updates,
+                           changed_nodes=changed_nodes, changed_deployments=changed_deployments,
+                           deleted_deployments=deleted_deployments, now=now)
+    # What it touched, as written: every deployment whose placement rows it deleted, moved or
+    # inserted (those of deployments being deleted or quarantined among them, which no plan holds:
+    # `_Committed.leaving`), or whose row it deleted. The generation moves when it touched one, and
+    # the change log names them: another controller's cache (HA) and the isolation watchdog's view
+    # read those deployments again (`warm.catch_up`, `watchdog`; this controller's cache knows
+    # them). One touching very many names none: they read the whole cluster, which then costs little more.
+    touched = written | deleted_deployments
+    moved = bool(touched)
     change = ClusterChange.placements(touched if len(touched) <= LOGGED_DEPLOYMENTS_MAX else ()) if moved else None
     if generation is not None:
         generation = await _move_to(session, generation, bumped, moved)
@@ -1132,7 +1137,7 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
     tenants = {name: d.tenant_id for name, d in deployments.items()}
     result = CommitResult(
         changed_nodes=changed_nodes,
-        changed_deployments=changed_deployments | deleted_deployments,
+        changed_deployments=touched,
         generation=checked.read.generation + int(moved) if generation is None else generation,
         updated_deployments=updated_deployments,
         deleted_deployments=deleted_deployments,
@@ -1215,9 +1220,11 @@ async def _write(
     session: AsyncSession, *, changes: _Changes, deletes: list[_Row], deployments: dict[str, Any],
     new_generation: dict[str, int], deployment_updates: list[dict[str, Any]], changed_nodes: set[str],
     changed_deployments: set[str], deleted_deployments: set[str], now: datetime,
-) -> None:
+) -> set[str]:
     """A plan commit's placements, usage meters, deployments and nodes. Keyword-only: three sets
-    of names in a row are easily handed over in the wrong order."""
+    of names in a row are easily handed over in the wrong order. Returns the deployments (keys)
+    whose placement rows it deleted, moved or inserted, taken from the very rows it wrote: the
+    change log names every one (`_land`), whatever path put a row among them."""
     inserts, updates = changes.inserts, changes.updates
     dialect = dialect_of(session)
     writes = _WRITES[dialect]
@@ -1276,6 +1283,7 @@ async def _write(
         await session.execute(writes.delete_deployments, {"ids": listed(dialect, chunk)})
     for chunk in _chunks(sorted(changed_nodes)):
         await session.execute(writes.bump_nodes, {"ids": list(chunk)})
+    return {row.key[0] for row in deletes} | {row.key[0] for row, _ in updates} | {key[0] for key in inserts}
 
 
 PREEMPTED = "PREEMPTED"

@@ -829,6 +829,19 @@ async def quarantine_deployment(session: AsyncSession, key: str, reason: str) ->
     return nodes
 
 
+async def release_quarantined(session: AsyncSession, row: m.Deployment) -> None:
+    """Delete a quarantined deployment's row, and the shards it may still hold, for a submit of its
+    name (a fresh start: the caller inserts the new row after this). Logged as a change of the
+    deployment (`ClusterChange.deployment`): the isolation watchdog's view reads its key again and
+    forgets the old row and its shards; a reconciler's cache finds an arrival not read yet."""
+    await will_move_generation(session)  # before its rows (PostgreSQL's lock order: store/changes.py)
+    nodes = {p.node_id for p in row.placements}
+    await session.delete(row)
+    await session.flush()
+    await bump_node_assignment_generations(session, nodes)
+    await bump_cluster_generation(session, ClusterChange.deployment(d.deployment_key(row.tenant_id, row.name)))
+
+
 def implied_phase(row: m.Deployment | DeploymentColumns,
                   placements: Sequence[m.Placement | PlacementColumns] | None = None) -> m.DeploymentPhase:
     """The phase its stored placements (or `placements`, for a row read without the ORM) imply

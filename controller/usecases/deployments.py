@@ -291,8 +291,7 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         return admitted.replay
     spec, replaced = admitted.spec, admitted.replaced
     if replaced is not None:  # submitting a quarantined deployment again releases it (a fresh start)
-        await uow.session.delete(replaced)
-        await uow.session.flush()
+        await repo.release_quarantined(uow.session, replaced)
     row = repo.new_deployment_row(spec)
     uow.session.add(row)
     # No cluster generation bump: a plan solved without this deployment is still valid (it only
