@@ -24,7 +24,11 @@ read, and the violations found in each rack) and keeps it current with what chan
 A violation the watchdog has not seen before raises an alarm: a log line at ERROR, an
 `isolation.violation` event and an audit entry (one transaction: one that fails to commit is
 written again at the next round), and the in-process counters below. A violation raises one
-alarm while it persists; if it clears and comes back, it alarms again.
+alarm while it persists; if it clears and comes back, it alarms again: its clearing is stored
+too (an `isolation.cleared` event). So the alarms are one per violation across leaders: a
+watchdog that starts checking (a new leader, or one leading again) takes a violation it finds
+whose last stored record is its alarm as raised already (`_stored_alarms`), instead of raising
+it again, and stores the clearing of those alarmed that it no longer finds.
 
 Placements are written only by the plan commit, which the solver keeps within the rules, so
 an alarm means something else wrote them: a hand edit, a restore, a bug. The watchdog reports;
@@ -39,8 +43,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind
@@ -57,6 +62,7 @@ log = logging.getLogger("maia.watchdog")
 
 ACTOR = "isolation-watchdog"
 EVENT_KIND = "isolation.violation"
+CLEARED_KIND = "isolation.cleared"  # a violation alarmed before is no longer found
 
 # A change check names at most this many deployments and nodes; more, and a full check costs little more.
 CHANGED_MAX = 2_000
@@ -98,6 +104,29 @@ def changed_since(changes: ChangesSince) -> Changed | None:
     return Changed(frozenset(deployments), frozenset(nodes))
 
 
+_Key = tuple[str, str, tuple[str, ...]]  # `Violation.key`
+
+
+def _event(kind: str, v: Violation, message: str, at: datetime) -> dict[str, Any]:
+    """The event row of a violation's alarm or clearing, on its node or rack."""
+    scope_kind, _, where = v.scope.partition(" ")
+    return {"kind": kind, "object_kind": scope_kind[:32], "object_id": where[:128], "actor": ACTOR,
+            "message": message, "data": {"rule": v.rule, "scope": v.scope, "tenants": list(v.tenants)}, "at": at}
+
+
+async def _stored_alarms(session: AsyncSession) -> dict[_Key, Violation]:
+    """The violations whose last stored record is their alarm, not their clearing: raised, by this
+    controller or an earlier leader, and not seen clear since. A scan of the events of the two
+    kinds (once per leadership: few rows come back, the database filters)."""
+    last: dict[_Key, tuple[str, Violation]] = {}
+    for kind, message, data in await session.execute(
+            select(Event.kind, Event.message, Event.data).where(Event.kind.in_((EVENT_KIND, CLEARED_KIND)))
+            .order_by(Event.id)):
+        v = Violation(data.get("rule", ""), data.get("scope", ""), tuple(data.get("tenants", ())), message)
+        last[v.key] = (kind, v)
+    return {key: v for key, (kind, v) in last.items() if kind == EVENT_KIND}
+
+
 class IsolationWatchdog:
     """Re-checks the stored placements every `interval_s` seconds (see the module docstring)."""
 
@@ -119,9 +148,13 @@ class IsolationWatchdog:
         # change check at a later round (of a logged change) does not find what was not logged.
         self._full_owed = False
         self._on_alarm = on_alarm
-        self._active: set[tuple[str, str, tuple[str, ...]]] = set()
+        # The violations alarmed and not cleared (None: not known yet, read from the stored records).
+        self._active: set[_Key] | None = None
+        self._leading = False
         self._violations: list[Violation] = []  # as the last check left them (the view may be judging)
-        self._unstored: list[Alarm] = []  # raised, their event and audit entries not committed yet
+        # Alarms raised (EVENT_KIND) and violations cleared (CLEARED_KIND), in order, their records
+        # not committed yet.
+        self._unstored: list[tuple[str, Alarm]] = []
         # For metrics, health and benchmarks: how many alarms were raised, what is violated now, the last one.
         self.alarms_total = 0
         self.checks_total = 0  # full and change checks
@@ -209,17 +242,23 @@ class IsolationWatchdog:
             if full:
                 self._view.mark_all()
             self.placements_judged_total += await asyncio.to_thread(self._view.check, self._view.take_dirty())
-            if not full and any(v.key not in self._active for v in self._view.violations):
+            if not full and any(v.key not in (self._active or ()) for v in self._view.violations):
                 await self._confirm(session)
+            violations = self._view.violations
+            # Alarmed before: as this watchdog left them, or (leading anew) as the stored records say.
+            before = list((await _stored_alarms(session)).values()) if self._active is None else self._violations
         self._at = (version, generation)
-        violations = self._view.violations
-        fresh = [v for v in violations if v.key not in self._active]
-        self._active = {v.key for v in violations}
+        alarmed = {v.key for v in before}
+        fresh = [v for v in violations if v.key not in alarmed]
+        now = utcnow()
+        found = {v.key for v in violations}
+        self._unstored += [(CLEARED_KIND, Alarm(v, now)) for v in before if v.key not in found]
+        self._active = found
         self._violations = violations
         self.active_violations = len(violations)
         self.checks_total += 1
         self.full_checks_total += full
-        alarms = [Alarm(v, utcnow()) for v in fresh]
+        alarms = [Alarm(v, now) for v in fresh]
         self._raise(alarms)
         await self._store()
         self.last_check_ms = (time.perf_counter() - started) * 1000
@@ -247,7 +286,7 @@ class IsolationWatchdog:
         """The nodes of violations a change check found for the first time (every node of the
         rack, for a rack's), read again whole in the same snapshot and judged again: a row the
         log did not name is not judged stale."""
-        fresh = [v for v in self._view.violations if v.key not in self._active]
+        fresh = [v for v in self._view.violations if v.key not in (self._active or ())]
         around = await read_around(session, node_ids=self._view.nodes_around(fresh))
         self.rows_read_total += around.rows
         self._view.apply(around)
@@ -263,36 +302,49 @@ class IsolationWatchdog:
             self.last_alarm = alarm
             if self._on_alarm is not None:
                 self._on_alarm(alarm)
-        self._unstored += alarms
+        self._unstored += [(EVENT_KIND, alarm) for alarm in alarms]
 
     async def _store(self) -> None:
-        """The events and audit entries of the alarms raised and not stored yet (one transaction):
-        a write that fails leaves them for the next round, which has no new alarm to raise."""
+        """The events and audit entries of the alarms raised and not stored yet, and the events of
+        the violations cleared (one transaction): a write that fails leaves them for the next
+        round, which has no new alarm to raise."""
         if not self._unstored:
             return
         rows = []
         records = []
-        for alarm in self._unstored:
+        for kind, alarm in self._unstored:
             v = alarm.violation
-            kind, _, where = v.scope.partition(" ")
-            data = {"rule": v.rule, "scope": v.scope, "tenants": list(v.tenants)}
-            rows.append({"kind": EVENT_KIND, "object_kind": kind[:32], "object_id": where[:128], "actor": ACTOR,
-                         "message": v.message, "data": data, "at": alarm.at})
+            if kind == CLEARED_KIND:
+                rows.append(_event(kind, v, f"no longer violated: {v.message}", alarm.at))
+                continue
+            event = _event(kind, v, v.message, alarm.at)
+            rows.append(event)
             records.extend(audit.AuditRecord(actor=ACTOR, role="controller", tenant=tenant, action=EVENT_KIND,
-                                             object_kind=kind, object_id=where, outcome="VIOLATION",
-                                             detail={"message": v.message, **data})
+                                             object_kind=event["object_kind"], object_id=event["object_id"],
+                                             outcome="VIOLATION", detail={"message": v.message, **event["data"]})
                            for tenant in (v.tenants or ("",)))
         async with self._db.unit_of_work() as uow:
             await uow.session.execute(insert(Event), rows)
-            await audit.append(uow.session, records)
+            if records:
+                await audit.append(uow.session, records)
             await uow.commit()
         self._unstored = []
+
+    def leads(self) -> bool:
+        """Whether this controller checks now; one that starts leading again forgets what it saw
+        (another leader may have alarmed and cleared since): its next check reads it all and takes
+        what is alarmed from the stored records."""
+        leading = self._should_run()
+        if leading and not self._leading:
+            self._at, self._active = None, None
+        self._leading = leading
+        return leading
 
     async def run(self) -> None:
         """Check forever; an error in one check is logged and the next check runs on time."""
         while True:
             try:
-                if self._should_run():
+                if self.leads():
                     await self.check_if_changed()
             except asyncio.CancelledError:
                 raise

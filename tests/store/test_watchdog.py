@@ -16,7 +16,7 @@ from controller.store.db import Database
 from controller import watchdog as watchdog_module
 from controller.domain.changes import ClusterChange
 from controller.store.changes import bump_cluster_generation
-from controller.watchdog import EVENT_KIND, IsolationWatchdog
+from controller.watchdog import CLEARED_KIND, EVENT_KIND, IsolationWatchdog
 
 from .seed import TWO_RACKS, seed_problem
 
@@ -438,3 +438,49 @@ async def test_a_full_check_deferred_for_an_unlogged_change_is_not_forgotten_by_
     alarms = await watchdog.check_if_changed()
     assert alarms is not None and [(a.violation.rule, a.violation.scope) for a in alarms] == [("ISOLATION", "node n1")]
     assert watchdog.full_checks_total == 2
+
+
+async def _stored(database: Database) -> list[tuple[str, str]]:
+    async with database.unit_of_work() as uow:
+        return [(e.kind, e.object_id) for e in (await uow.session.execute(
+            select(m.Event).where(m.Event.kind.in_((EVENT_KIND, CLEARED_KIND))).order_by(m.Event.id))).scalars()]
+
+
+async def test_a_new_leader_does_not_alarm_again_what_the_old_one_alarmed(database: Database) -> None:
+    await _seeded(database)
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    old = IsolationWatchdog(database)
+    assert len(await old.check_once()) == 1
+    new = IsolationWatchdog(database)  # another controller, leading after a failover
+    assert await new.check_once() == [] and new.active_violations == 1 and new.alarms_total == 0
+    assert await _stored(database) == [(EVENT_KIND, "n1")]
+    # Cleared under the new leader, and back: alarmed again (its clearing is stored).
+    async with database.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM placements WHERE replica = 1"))
+    assert await new.check_once() == []
+    assert await _stored(database) == [(EVENT_KIND, "n1"), (CLEARED_KIND, "n1")]
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    assert len(await IsolationWatchdog(database).check_once()) == 1  # a third leader: alarmed, cleared since
+
+
+async def test_a_leader_again_stores_the_clearing_of_an_alarm_it_no_longer_finds(database: Database) -> None:
+    # Alarmed by an old leader that died before it saw the violation clear: the next leader finds
+    # it gone and stores its clearing, so that when it comes back it alarms again.
+    await _seeded(database)
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    assert len(await IsolationWatchdog(database).check_once()) == 1
+    async with database.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM placements WHERE replica = 1"))
+    leading = [True]
+    watchdog = IsolationWatchdog(database, should_run=lambda: leading[0])
+    assert watchdog.leads()
+    assert await watchdog.check_if_changed() == []
+    assert await _stored(database) == [(EVENT_KIND, "n1"), (CLEARED_KIND, "n1")]
+    leading[0] = False
+    assert not watchdog.leads()
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    assert len(await IsolationWatchdog(database).check_once()) == 1  # alarmed by the leader of the moment
+    leading[0] = True
+    assert watchdog.leads()  # leading again: what it saw before is forgotten, the records read
+    assert await watchdog.check_if_changed() == []
+    assert await _stored(database) == [(EVENT_KIND, "n1"), (CLEARED_KIND, "n1"), (EVENT_KIND, "n1")]
