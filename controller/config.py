@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,26 @@ def _non_negative_int(text: str) -> int:
     return _whole_number(text, least=0)
 
 
+def _advertise_agent_address(parser: argparse.ArgumentParser, flag: str | None, gateways: int,
+                             env: Mapping[str, str]) -> str:
+    """--advertise-agent-address, else MAIA_ADVERTISE_AGENT_ADDRESS; only where gateways serve the
+    agents. Without them the flag is a usage error (it names gateways there are none of), while the
+    variable, often set alike for every controller of a deployment, is ignored with a warning:
+    agents reach --listen then, and followers send them to the leader's --advertise-address (a
+    stale gateway address in the lease would send them to a port nothing serves)."""
+    if flag is not None:
+        if flag and not gateways:
+            parser.error("--advertise-agent-address is where agents reach --agent-gateways: give --agent-gateways "
+                         "N too (without gateways agents reach --listen, advertised by --advertise-address)")
+        return flag
+    from_env = env.get("MAIA_ADVERTISE_AGENT_ADDRESS", "")
+    if from_env and not gateways:
+        print(f"{parser.prog}: warning: MAIA_ADVERTISE_AGENT_ADDRESS={from_env} ignored: no --agent-gateways, so "
+              "agents reach --listen (followers send them to the leader's --advertise-address)", file=sys.stderr)
+        return ""
+    return from_env
+
+
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -310,10 +331,11 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         help="where the agent gateways listen (with --agent-gateways; port 0 picks a free port, "
                              "printed on start as 'maia-controller agents on HOST:PORT'); --listen keeps serving "
                              "agents too")
-    parser.add_argument("--advertise-agent-address", default=env.get("MAIA_ADVERTISE_AGENT_ADDRESS", ""),
+    parser.add_argument("--advertise-agent-address", default=None,
                         metavar="HOST:PORT", help="where agents reach this controller's gateways (with --agent-gateways): "
                                                   "followers send agents there while it leads; default: the gateways' "
-                                                  "bound --agent-listen address (env MAIA_ADVERTISE_AGENT_ADDRESS)")
+                                                  "bound --agent-listen address (env MAIA_ADVERTISE_AGENT_ADDRESS, "
+                                                  "ignored without --agent-gateways)")
     parser.add_argument("--agent-gateway-linger-ms", type=_non_negative_float, default=Config.agent_gateway_linger_ms,
                         metavar="MS", help="how long a message waits on a gateway's link for others to share its "
                                            "frame (either way); 0: those of the same event-loop turn")
@@ -331,8 +353,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         parser.error("--agent-gateways needs --agent-listen HOST:PORT (where the gateways serve the agents)")
     if ns.agent_listen and not ns.agent_gateways:
         parser.error("--agent-listen is where --agent-gateways listen: give --agent-gateways N (N >= 1) too")
-    if ns.advertise_agent_address and not ns.agent_gateways:
-        parser.error("--advertise-agent-address is where agents reach --agent-gateways: give --agent-gateways N too")
+    ns.advertise_agent_address = _advertise_agent_address(parser, ns.advertise_agent_address, ns.agent_gateways, env)
     if ns.agent_gateways and ns.tls_client_ca is not None:
         parser.error("--agent-gateways cannot carry mutual-TLS agent identities (a client certificate ends at the "
                      "gateway, and the controller checks it names the node): use bearer tokens with TLS, or "

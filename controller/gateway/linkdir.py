@@ -31,6 +31,10 @@ OWNER_FILE = "owner"
 SOCKET_FILE = "relay.sock"
 # A unix socket's path (sockaddr_un.sun_path on Linux: 108 bytes with its terminating NUL).
 SOCKET_PATH_MAX = 107
+# How long the probe of a left socket may wait to connect: a listener that accepts nothing (a hung
+# or stopped process, its backlog full) holds a blocking connect forever, and the controller's
+# start with it. A probe that times out counts as served: the directory is kept.
+PROBE_TIMEOUT_S = 1.0
 
 
 class LinkPathTooLong(ValueError):
@@ -108,12 +112,14 @@ def _alive(pid: int) -> bool:
 
 
 def _served(path: Path) -> bool:
-    """Whether something accepts connections on the unix socket at `path` (unsure: yes)."""
+    """Whether something accepts connections on the unix socket at `path` (unsure: yes; a listener
+    that does not take the connection within `PROBE_TIMEOUT_S` is unsure)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(PROBE_TIMEOUT_S)
         try:
             probe.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             return False
-        except OSError:
+        except OSError:  # TimeoutError among them: a listener that takes no connection
             return True
     return True

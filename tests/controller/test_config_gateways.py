@@ -31,3 +31,15 @@ def test_inconsistent_gateway_flags_are_usage_errors(argv: list[str], message: s
     with pytest.raises(SystemExit) as caught:
         parse_args(argv, env={})
     assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_environments_agent_address_without_gateways_is_ignored_with_a_warning(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """MAIA_ADVERTISE_AGENT_ADDRESS is set alike for a deployment's controllers; one run without
+    gateways starts, advertising no gateway address (followers name its --advertise-address)."""
+    config = parse_args([], env={"MAIA_ADVERTISE_AGENT_ADDRESS": "agents.example:7000"})
+    assert config.agent_gateways == 0 and config.advertise_agent_address == ""
+    assert "MAIA_ADVERTISE_AGENT_ADDRESS=agents.example:7000 ignored: no --agent-gateways" in capsys.readouterr().err
+    flag_wins = parse_args(["--agent-gateways", "1", "--agent-listen", "0.0.0.0:7000", "--advertise-agent-address",
+                            "lb.example:7000"], env={"MAIA_ADVERTISE_AGENT_ADDRESS": "agents.example:7000"})
+    assert flag_wins.advertise_agent_address == "lb.example:7000"

@@ -90,3 +90,23 @@ def test_a_temporary_directory_too_long_for_the_links_socket_is_refused_with_a_h
     with pytest.raises(LinkPathTooLong, match="set TMPDIR to a shorter directory"):
         LinkDirectory(deep)
     assert list(deep.iterdir()) == []  # nothing made
+
+
+@pytest.mark.timeout(30)  # without the probe's timeout the connect below blocks for good
+def test_a_listener_that_takes_no_connection_does_not_hold_the_start(
+        socket_tmp: Path, gone_pid: int, listening: list[socket.socket]) -> None:
+    """A hung process's socket (listening, accepting nothing, its backlog full) left under a dead
+    owner's pid: the probe gives up, counts it as served and keeps the directory."""
+    hung = link_directory(socket_tmp, "hung", owner=gone_pid, served=True, listening=listening)
+    listening[-1].listen(0)
+    while True:  # fill the backlog: a blocking connect would now wait for an accept that never comes
+        waiting = socket.socket(socket.AF_UNIX)
+        listening.append(waiting)
+        waiting.setblocking(False)
+        try:
+            waiting.connect(str(hung / SOCKET_FILE))
+        except BlockingIOError:
+            break
+
+    assert remove_stale(socket_tmp) == []
+    assert hung.is_dir()
