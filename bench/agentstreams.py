@@ -12,7 +12,8 @@ time (`time.process_time`: the event loop and gRPC's threads) is the controller'
   the messages sent.
 - `--mode memory`: the streams are opened after every node registered; what they hold is the
   difference in Python's traced memory (tracemalloc, after a collection) and in RSS between
-  before and after, divided by the streams; the top lines by allocation site are printed.
+  before and after, divided by the streams; the top lines by allocation site are printed. With
+  `--gateways`, the gateways' RSS before and after too (their processes', summed).
 
 It imports nothing from `bench`, so it runs against another tree alike:
 
@@ -165,9 +166,10 @@ async def _controller(args: argparse.Namespace) -> dict[str, object]:
             await channel.close()
             agents = _Agents(args, app.agent_address or address, token)
             await agents.heard("registered")
+            gateways = app.gateways.pids() if app.gateways is not None else []
             if args.mode == "memory":
-                return await _memory(args, agents)
-            return await _cpu(args, agents, app.gateways.pids() if app.gateways is not None else [])
+                return await _memory(args, agents, gateways)
+            return await _cpu(args, agents, gateways)
         finally:
             if agents is not None:
                 agents.say("quit")
@@ -180,21 +182,24 @@ async def _settled() -> None:
     gc.collect()
 
 
-async def _memory(args: argparse.Namespace, agents: _Agents) -> dict[str, object]:
+async def _memory(args: argparse.Namespace, agents: _Agents, gateways: list[int]) -> dict[str, object]:
     tracemalloc.start(args.frames)
     await _settled()
-    before, rss_before = tracemalloc.take_snapshot(), _rss_bytes()
+    before, rss_before, gateways_before = tracemalloc.take_snapshot(), _rss_bytes(), _rss_of(gateways)
     agents.say("connect")
     await agents.heard("connected")
     await _settled()
-    after, rss_after = tracemalloc.take_snapshot(), _rss_bytes()
+    after, rss_after, gateways_after = tracemalloc.take_snapshot(), _rss_bytes(), _rss_of(gateways)
     diff = after.compare_to(before, "traceback" if args.frames > 1 else "lineno")
     traced = sum(d.size_diff for d in diff)
     for d in diff[:args.top]:
         print(f"{d.size_diff / args.streams:8.0f} B/stream {d.count_diff / args.streams:6.2f} blocks/stream  "
               + " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in d.traceback), file=sys.stderr)
     return {"streams": args.streams, "traced_bytes_per_stream": round(traced / args.streams),
-            "rss_bytes_per_stream": round((rss_after - rss_before) / args.streams)}
+            "rss_bytes_per_stream": round((rss_after - rss_before) / args.streams),
+            **({"gateways": len(gateways), "gateway_rss_mib": round(gateways_after / 2**20, 1),
+                "gateway_rss_bytes_per_stream": round((gateways_after - gateways_before) / args.streams)}
+               if gateways else {})}
 
 
 async def _cpu(args: argparse.Namespace, agents: _Agents, gateways: list[int]) -> dict[str, object]:
@@ -223,6 +228,11 @@ async def _cpu(args: argparse.Namespace, agents: _Agents, gateways: list[int]) -
             "us_per_message_gross": round(cpu * 1e6 / messages, 1),
             **({"gateways": len(gateways), "gateway_cpu_s": round(gateway_cpu, 3),
                 "gateway_us_per_message_gross": round(gateway_cpu * 1e6 / messages, 1)} if gateways else {})}
+
+
+def _rss_of(pids: list[int]) -> int:
+    """The resident memory of these processes (the agent gateways), summed, bytes."""
+    return sum(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) for pid in pids) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _cpu_of(pids: list[int]) -> float:
