@@ -31,12 +31,16 @@ _CODES: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.Statu
 class Arrivals:
     """One relayed call's messages as they arrive from the link, taken in order by the task that
     serves the call, until the call ends (at either end of the link: a call's requests in the
-    controller, its responses in the gateway)."""
+    controller, its responses in the gateway).
+
+    The queue exists only while messages wait in it: an agent stream is idle between its messages
+    (and a pushed one's requests never wait), and an empty deque is ~0.6 KiB, ~10 MiB at 16,384
+    streams at each end of the link."""
 
     __slots__ = ("_messages", "_ended", "_arrived")
 
     def __init__(self) -> None:
-        self._messages: deque[bytes] = deque()
+        self._messages: deque[bytes] | None = None
         self._ended = False
         self._arrived = Wakeup()
 
@@ -45,6 +49,8 @@ class Arrivals:
         return self._ended
 
     def put(self, data: bytes) -> None:
+        if self._messages is None:
+            self._messages = deque()
         self._messages.append(data)
         self._arrived.set()
 
@@ -54,8 +60,7 @@ class Arrivals:
 
     def take_waiting(self) -> list[bytes]:
         """The messages not taken yet, all taken now."""
-        waiting = list(self._messages)
-        self._messages.clear()
+        waiting, self._messages = list(self._messages or ()), None
         return waiting
 
     async def next(self) -> bytes | None:
@@ -65,7 +70,10 @@ class Arrivals:
                 return None
             self._arrived.clear()
             await self._arrived.wait()
-        return self._messages.popleft()
+        data = self._messages.popleft()
+        if not self._messages:
+            self._messages = None
+        return data
 
 
 class Outbox:
