@@ -32,8 +32,9 @@ SOCKET_FILE = "relay.sock"
 # A unix socket's path (sockaddr_un.sun_path on Linux: 108 bytes with its terminating NUL).
 SOCKET_PATH_MAX = 107
 # How long the probe of a left socket may wait to connect: a listener that accepts nothing (a hung
-# or stopped process, its backlog full) holds a blocking connect forever, and the controller's
-# start with it. A probe that times out counts as served: the directory is kept.
+# or stopped process, its backlog full) held a blocking connect forever, and the controller's
+# start with it. With a timeout the connect is non-blocking underneath: a full backlog answers
+# at once (EAGAIN), a slow peer within this long. Either counts as served: the directory is kept.
 PROBE_TIMEOUT_S = 1.0
 
 
@@ -120,6 +121,6 @@ def _served(path: Path) -> bool:
             probe.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             return False
-        except OSError:  # TimeoutError among them: a listener that takes no connection
+        except OSError:  # BlockingIOError or TimeoutError among them: a listener that takes no connection
             return True
     return True
