@@ -444,7 +444,7 @@ def placement_milli(dep: m.Deployment, placement: m.Placement) -> int:
 
 
 # `placement_milli` in SQL, for sums over many placements (tests/store/test_usage.py holds them equal).
-_PLACEMENT_MILLI = case(
+PLACEMENT_MILLI = case(
     (and_(m.Deployment.shard_accelerators == 1, m.Placement.accelerator_milli != 0,
           m.Placement.accelerator_milli < 1000), m.Placement.accelerator_milli),
     else_=1000 * m.Deployment.shard_accelerators,
@@ -467,8 +467,8 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
             if health is not m.NodeHealth.DOWN:
                 usage.rack_power_w[rack_id] += idle_w or 0.0
                 usage.row_power_w[row_id] += idle_w or 0.0
-    placed = (select(m.Placement.node_id, m.Deployment.tenant_id, func.count(), func.sum(_PLACEMENT_MILLI),
-                     func.sum(m.Deployment.shard_power_w * _PLACEMENT_MILLI / 1000.0))
+    placed = (select(m.Placement.node_id, m.Deployment.tenant_id, func.count(), func.sum(PLACEMENT_MILLI),
+                     func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
               .join(m.Deployment).group_by(m.Placement.node_id, m.Deployment.tenant_id))
     async for part in partitions(session, placed):
         for node_id, tenant_id, shards, milli, power in part:

@@ -4,15 +4,22 @@ its own (issue 8): what they report must not depend on where the partitions fall
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
+from controller.domain.liveness import later_contact
 from controller.observability import cluster
+from controller.store import metering
 from controller.store import models as m
 from controller.store import partitions
+from controller.store import repositories as repo
 from controller.store.db import Database
 
 from .seed import TWO_RACKS, seed_problem
@@ -74,3 +81,136 @@ async def test_the_gauges_do_not_depend_on_the_partition_size(database: Database
     for p in CLUSTER["placements"]:
         held[p["node"]] += 1
     assert sum(whole.free.values()) == sum(n["accelerators"] - held.get(n["id"], 0) for n in ready)
+
+
+async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.ClusterGauges:
+    """The gauges from every row, in Python (what a scrape read before the database summed them)."""
+    async with database.unit_of_work() as uow:
+        s = uow.session
+        nodes = list((await s.execute(select(m.Node))).scalars())
+        deployments = {d.id: d for d in (await s.execute(select(m.Deployment))).scalars()}
+        placements = list((await s.execute(select(m.Placement))).scalars())
+        racks = {r.id: r for r in (await s.execute(select(m.Rack))).scalars()}
+        rows = {r.id: r for r in (await s.execute(select(m.Row))).scalars()}
+        usage = await metering.usage_by(s, ("tenant", "accelerator_model", "zone"), now=NOW)
+        node_of = {n.id: n for n in nodes}
+        held: dict[str, int] = defaultdict(int)
+        allocated: dict[tuple[str, str], float] = defaultdict(float)
+        used: dict[str, float] = defaultdict(float)
+        for p in placements:
+            dep = deployments[p.deployment_id]
+            milli = repo.placement_milli(dep, p)
+            held[p.node_id] += milli
+            allocated[(dep.tenant_id, node_of[p.node_id].accelerator_model)] += milli / 1000.0
+            used[node_of[p.node_id].rack_id] += dep.shard_power_w * milli / 1000.0
+        states = {"ready": 0, "cordoned": 0, "suspect": 0, "down": 0}
+        lag: dict[str, float] = {}
+        draw: dict[str, float] = defaultdict(float)
+        free: dict[tuple[str, str], float] = defaultdict(float)
+        for n in nodes:
+            up = n.health is not m.NodeHealth.DOWN
+            state = n.health.value if n.health is not m.NodeHealth.UP else "cordoned" if n.cordoned else "ready"
+            states[state] += 1
+            if not up:
+                continue
+            used[n.rack_id] += n.idle_power_w
+            draw[n.rack_id] += n.power_draw_w
+            contact = later_contact(n.last_heartbeat_at, heard.get(n.id))
+            if contact is not None:
+                lag[n.rack_id] = max(lag.get(n.rack_id, 0.0), max(0.0, (NOW - contact).total_seconds()))
+            if state == "ready":
+                zone = rows[racks[n.rack_id].row_id].zone_id
+                free[(n.accelerator_model, zone)] += max(0, n.accelerators * 1000 - held[n.id]) / 1000.0
+        unplaced: dict[str, int] = defaultdict(int)
+        for dep in deployments.values():
+            for code in {r.get("code", "") for r in dep.reasons or () if r.get("code")}:
+                unplaced[code] += 1
+        phases = {phase.value: 0 for phase in m.DeploymentPhase}
+        for dep in deployments.values():
+            phases[dep.phase.value] += 1
+        row_used: dict[str, float] = defaultdict(float)
+        for rack_id, watts in used.items():
+            row_used[racks[rack_id].row_id] += watts
+        return cluster.ClusterGauges(
+            deployments_by_phase=phases, unplaced_by_reason=dict(unplaced), nodes_by_state=states, heartbeat_lag_max_s=lag,
+            racks=tuple(cluster.PowerDomain(r.id, r.row_id, used.get(r.id, 0.0), r.power_budget_w, draw.get(r.id, 0.0))
+                        for r in sorted(racks.values(), key=lambda r: r.id)),
+            rows=tuple(cluster.PowerDomain(r.id, r.zone_id, row_used.get(r.id, 0.0), r.power_budget_w)
+                       for r in sorted(rows.values(), key=lambda r: r.id)),
+            allocated=dict(allocated), free=dict(free),
+            usage={(t.tenant, t.accelerator_model, t.zone): (t.accelerator_seconds, t.energy_j) for t in usage})
+
+
+def _compared(g: cluster.ClusterGauges, close: Any = lambda value: value) -> dict[str, Any]:
+    """The gauges as plain values (`close`: pytest.approx, for sums that may differ in their last
+    bits, added in another order); each power domain's id and parent, then its numbers."""
+    plain = {name: close(value) for name, value in dataclasses.asdict(g).items() if name not in ("racks", "rows")}
+    for name in ("racks", "rows"):
+        plain[name] = [(d.id, d.parent, close((d.used_w, d.budget_w, d.draw_w))) for d in getattr(g, name)]
+    return plain
+
+
+async def _random_changes(database: Database, rng: random.Random, round_: int) -> None:
+    """Nodes' health, cordons, draws, idle power and contact; placements placed and removed (whole
+    and fractional); deployments' reasons set and cleared."""
+    async with database.unit_of_work() as uow:
+        s = uow.session
+        for node_id in rng.sample([n["id"] for n in CLUSTER["nodes"]], 3):
+            await s.execute(update(m.Node).where(m.Node.id == node_id).values(
+                health=rng.choice(list(m.NodeHealth)), cordoned=rng.random() < 0.3,
+                power_draw_w=rng.choice((0.0, 120.5, 310.25)), idle_power_w=rng.choice((0.0, 90.0, 100.0)),
+                last_heartbeat_at=rng.choice((None, NOW - timedelta(seconds=rng.randint(0, 90))))))
+        deployments = list((await s.execute(select(m.Deployment))).scalars())
+        for dep in rng.sample(deployments, 3):
+            codes = rng.choice(((), ("NO_CAPACITY",), ("QUOTA_ACCELERATORS", "QUOTA_ACCELERATORS"), ("",),
+                                ("NO_CAPACITY", "POWER_BUDGET")))
+            dep.reasons = [{"code": code} for code in codes]
+        placements = list((await s.execute(select(m.Placement))).scalars())
+        for placement in rng.sample(placements, min(2, len(placements))):
+            await s.delete(placement)
+        for i in range(3):
+            dep = rng.choice(deployments)
+            s.add(m.Placement(deployment_id=dep.id, replica=100 + round_ * 10 + i, shard=0,
+                              node_id=rng.choice(CLUSTER["nodes"])["id"], accelerator_indices=[0],
+                              accelerator_milli=rng.choice((None, 250, 500, 1000)), phase=m.ShardPhase.RUNNING))
+        await uow.commit()
+
+
+async def test_the_gauges_match_a_full_read_after_random_changes(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    heard = {"n1": NOW - timedelta(seconds=3), "n4": NOW - timedelta(seconds=200)}
+    rng = random.Random(8)
+    for round_ in range(12):
+        await _random_changes(database, rng, round_)
+        async with database.unit_of_work() as uow:
+            read = await cluster.read_cluster_gauges(uow.session, now=NOW, heard=heard)
+        assert _compared(read) == _compared(await _full_read(database, heard), pytest.approx), f"round {round_}"
+
+
+async def test_a_scrape_reads_a_row_only_per_unplaced_deployment_and_up_node(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sums are the database's: the rows handed to the loop are the deployments with reasons
+    and the up nodes' contact times, not every deployment, node and (node, tenant)."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        for name, reasons in REASONS.items():
+            await uow.session.execute(update(m.Deployment).where(m.Deployment.name == name).values(reasons=reasons))
+        await uow.commit()
+    rows_read = 0
+
+    def counted(read: Any) -> Any:
+        async def reading(session: Any, statement: Any) -> AsyncIterator[Any]:
+            nonlocal rows_read
+            async for part in read(session, statement):
+                rows_read += len(part)
+                yield part
+        return reading
+
+    monkeypatch.setattr(cluster, "partitions", counted(cluster.partitions))
+    monkeypatch.setattr(repo, "partitions", counted(repo.partitions))
+    gauges = await _gauges(database)
+    assert gauges.unplaced_by_reason == {"NO_CAPACITY": 2, "QUOTA_ACCELERATORS": 1}
+    up_nodes = sum(1 for state in STATES if state != "down")
+    assert rows_read == len(REASONS) + up_nodes
