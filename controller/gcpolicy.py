@@ -70,6 +70,7 @@ class WarmHeapFreezer:
         self._last: int | None = None
         self._same = 0
         self.frozen_at: int | None = None  # the measure at the last freeze (None: never frozen)
+        self.builds_frozen = 0  # freezes after a warm state was built (`built`)
 
     def read(self) -> bool:
         """One read of the measure; whether it froze the heap."""
@@ -83,6 +84,14 @@ class WarmHeapFreezer:
         self.frozen_at = value
         log.info("heap frozen out of the collector's reach (warm measure %d)", value)
         return True
+
+    def built(self) -> None:
+        """Long-lived state was just built whole (the reconciler's warm cluster, read afresh: at
+        the start, and at each re-sync): frozen at once, before young collections walk it and
+        promote it, and middle and full ones walk it again."""
+        self._freeze()
+        self.builds_frozen += 1
+        log.debug("heap frozen after a warm state was built (%d so far)", self.builds_frozen)
 
     async def run(self, every_s: float = FREEZE_CHECK_S) -> None:
         """Read the measure every `every_s` until cancelled."""

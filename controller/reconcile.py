@@ -291,6 +291,7 @@ class Reconciler:
         own_thread: bool | None = None,
         read_views: ViewReader | None = None,
         submitted: SubmittedRows | None = None,
+        on_warm_built: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
         # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. On a
@@ -353,7 +354,8 @@ class Reconciler:
         # `decider`: the warm session lives in that process (decider.py), else in this one.
         self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
                                  time_limit_ms=solve_time_limit_ms,
-                                 open_session=open_in_process if decider is None else decider.open)
+                                 open_session=open_in_process if decider is None else decider.open,
+                                 on_built=on_warm_built)
         self._decider = decider
         self.fast_passes = 0   # passes that decided on the warm session
         self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)

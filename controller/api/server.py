@@ -164,9 +164,12 @@ class ControllerApp:
         self.decider = DecideProcess() if config.decide_process else None
         # What this process's submit batches validated and inserted: its reconciler does not judge it again.
         self.submitted = SubmittedRows()
+        # Once the agents have joined, and each time the warm cluster is built whole, the heap it
+        # made goes out of the collector's walks (gcpolicy).
+        self.freezer = WarmHeapFreezer(lambda: len(self.hub.connected()))
         self.reconciler = Reconciler(
             leader_db, push=self.hub.notify, publish=self._publish_deployments, read_views=views_of,
-            decider=self.decider, submitted=self.submitted,
+            decider=self.decider, submitted=self.submitted, on_warm_built=self.freezer.built,
             interval_s=config.reconcile_interval_s, solve_time_limit_ms=config.solve_time_limit_ms,
             lease=self.election, observer=self.metrics,
             quarantine_after=config.quarantine_after_failures, allow_preemption=config.preemption,
@@ -406,8 +409,7 @@ class ControllerApp:
             asyncio.create_task(self.watchdog.run(), name="isolation-watchdog"),
             asyncio.create_task(self.monitor.run(), name="health"),
             asyncio.create_task(watch_event_loop(self._loop_lagged), name="event-loop-lag"),
-            # once the agents have joined, the warm heap out of the collector's walks (gcpolicy)
-            asyncio.create_task(WarmHeapFreezer(lambda: len(self.hub.connected())).run(), name="gc-freeze"),
+            asyncio.create_task(self.freezer.run(), name="gc-freeze"),
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))

@@ -67,9 +67,12 @@ _FOLLOWED = (ChangeKind.NODE, ChangeKind.DEPLOYMENT_DELETED, ChangeKind.TENANT, 
 
 class WarmCluster:
     def __init__(self, db: Database, *, surge: int, allow_preemption: bool, time_limit_ms: int,
-                 open_session: OpenSession = open_in_process) -> None:
+                 open_session: OpenSession = open_in_process, on_built: Callable[[], None] = lambda: None) -> None:
         self.db = db  # the reconciler's (its own thread's, `Reconciler.run`)
         self._open_session = open_session  # in this process, or in the decide process (decider.py)
+        # Told each time a cache is built whole (a fresh read, or what a full solve's commit left):
+        # the controller's collector policy freezes what it just made (`gcpolicy.WarmHeapFreezer.built`).
+        self._on_built = on_built
         self._surge = surge
         self._allow_preemption = allow_preemption
         self._time_limit_ms = time_limit_ms
@@ -77,6 +80,12 @@ class WarmCluster:
         self.own_generation: int | None = None  # what this controller's last commit left
         self._known_id = 0  # highest deployment key the last commit's snapshot held
         self.unplaced: dict[str, Unplaced] = {}  # the last commits' reasons, by solver deployment
+
+    def _built(self, cache: ClusterCache | None) -> ClusterCache | None:
+        """A cache just built whole (None: the session was lost), after telling `on_built`."""
+        if cache is not None:
+            self._on_built()
+        return cache
 
     def drop(self) -> None:
         """Forget the cache and the generation it was valid for (the next read is a fresh one)."""
@@ -113,8 +122,9 @@ class WarmCluster:
             return ArrivalDocs(docs, cache.add(late), {**new.as_inserted, **late.as_inserted})
         if snapshot.generation != self.own_generation:
             return None
-        self.cache = await _on_session(ClusterCache.build, snapshot, allow_preemption=self._allow_preemption,
-                                       time_limit_ms=self._time_limit_ms, open_session=self._open_session)
+        self.cache = self._built(await _on_session(
+            ClusterCache.build, snapshot, allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms,
+            open_session=self._open_session))
         docs = None if self.cache is None else self.cache.pending_since(self._known_id)
         return None if docs is None else ArrivalDocs(docs)
 
@@ -261,10 +271,10 @@ class WarmCluster:
             kept = await _on_session(cache.follow, result.shards, snapshot.generation)
             self.cache = cache if kept else None
         else:
-            self.cache = await _on_session(
+            self.cache = self._built(await _on_session(
                 ClusterCache.settled, snapshot, result.shards, snapshot.generation,
                 allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms,
-                open_session=self._open_session)
+                open_session=self._open_session))
         if self.cache is None:
             self.drop()
             return False
@@ -284,10 +294,10 @@ class WarmCluster:
             if not await _on_session(cache.follow, result.shards, result.generation):
                 self.cache = None
         else:
-            self.cache = await _on_session(
+            self.cache = self._built(await _on_session(
                 ClusterCache.settled, snapshot, result.shards, result.generation,
                 allow_preemption=self._allow_preemption, time_limit_ms=self._time_limit_ms,
-                open_session=self._open_session)
+                open_session=self._open_session))
 
 
 def _own_commit(cache: ClusterCache, result: CommitResult) -> None:

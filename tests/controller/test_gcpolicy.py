@@ -44,3 +44,10 @@ def test_freeze_heap_moves_the_tracked_objects_out_of_the_generations() -> None:
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_a_built_warm_state_is_frozen_at_once_whatever_the_measure() -> None:
+    freezer, frozen = _freezer([])
+    freezer.built()
+    freezer.built()
+    assert frozen == [0, 1] and freezer.builds_frozen == 2 and freezer.frozen_at is None
