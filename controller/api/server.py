@@ -47,7 +47,7 @@ from controller.errors import Unauthenticated
 from controller.gateway.children import GatewayProcesses, GatewaySettings, GatewayStartError
 from controller.gateway.frames import LINK_OPTIONS
 from controller.gateway.relay import RelayServicer, method_handlers
-from controller.gcpolicy import WarmHeapFreezer
+from controller.gcpolicy import CollectionPacer, WarmHeapFreezer
 from controller.health import HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
 from controller.nodelifecycle import NodeLifecycle
@@ -410,6 +410,7 @@ class ControllerApp:
             asyncio.create_task(self.monitor.run(), name="health"),
             asyncio.create_task(watch_event_loop(self._loop_lagged), name="event-loop-lag"),
             asyncio.create_task(self.freezer.run(), name="gc-freeze"),
+            asyncio.create_task(CollectionPacer().run(), name="gc-pace"),  # young collections by time (gcpolicy)
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))
