@@ -55,8 +55,9 @@ def configure_gc() -> None:
 
 
 # The controller's young collections: one every YOUNG_EVERY_S (a few milliseconds each at 4,096
-# streams beating every ~4 s); a middle one every PACED_MIDDLE_EVERY of them (~2 minutes: it walks
-# what the young ones promoted and is still alive, every stream's pending read at most).
+# streams beating every ~8 s: 500 heartbeats a second, `limits.MAX_HEARTBEATS_PER_SECOND`); a middle
+# one every PACED_MIDDLE_EVERY of them (~2 minutes: it walks what the young ones promoted and is
+# still alive, every stream's pending read at most).
 YOUNG_EVERY_S = 0.5
 PACED_MIDDLE_EVERY = 240
 
