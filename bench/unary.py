@@ -6,7 +6,8 @@ preloaded with a small cluster, its reconcile loop stopped (the RPCs alone: no p
 clients run in a child process, so what this process spends is the controller's alone: N
 submits by `--clients` concurrent closed-loop clients, then the N deletions of what they
 submitted. For each phase: this process's CPU time (`time.process_time`: every thread, gRPC's
-and SQLite's included) per call, the SQL statements it sent per call, wall time and the calls'
+and SQLite's included) per call and its event loop's thread's alone (`time.thread_time`: what
+the writer's turns wait for), the SQL statements it sent per call, wall time and the calls'
 latency. Counts are steadier than latencies on a shared machine: compare builds back to back.
 
     python -m bench unary --submits 2000 --clients 32 --repeat 3
@@ -32,6 +33,7 @@ from bench.selfprofile import recording
 
 NODES_PER_RACK = 16
 TENANTS = 8
+ANSWER_LINE_MAX = 16 * 1024 * 1024  # the child's answer: a JSON line with every call's latency
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,10 +75,12 @@ async def one_run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         statements += 1
 
     event.listen(app.db.engine.sync_engine, "before_cursor_execute", counted)
+    work_file = root / "work.json"  # a file: the names of a long run are beyond one argument's limit (128 KiB)
+    work_file.write_text(json.dumps(work))
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "import sys, bench.unary as u; u.client_main(sys.argv[1:])", address,
-        (root / "admin.token").read_text().strip(), json.dumps(work),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        (root / "admin.token").read_text().strip(), str(work_file),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=ANSWER_LINE_MAX)
     phases: dict[str, Any] = {}
     try:
         for task in app._tasks:  # bench only: the reconcile loop stopped, the rest of the controller as is
@@ -87,6 +91,7 @@ async def one_run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for phase in ("submit", "delete"):
             async with recording(args.py_spy, Path(f"unary-{phase}.pyspy.txt"), rate_hz=200):
                 cpu0, statements0, wall0 = time.process_time(), statements, time.perf_counter()
+                loop0 = time.thread_time()  # this thread runs the controller's event loop
                 client.stdin.write(b"go\n")
                 await client.stdin.drain()
                 done = json.loads(await client.stdout.readline())
@@ -94,6 +99,7 @@ async def one_run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             phases[phase] = {
                 "calls": calls, "errors": done["errors"],
                 "cpu_ms_per_call": (time.process_time() - cpu0) * 1000 / max(calls, 1),
+                "loop_cpu_ms_per_call": (time.thread_time() - loop0) * 1000 / max(calls, 1),
                 "statements_per_call": (statements - statements0) / max(calls, 1),
                 "per_s": calls / (time.perf_counter() - wall0),
                 "p50_ms": percentile(done["latencies_ms"], 50), "p99_ms": percentile(done["latencies_ms"], 99)}
@@ -109,7 +115,7 @@ async def one_run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def client_main(argv: list[str]) -> None:
     """The child process: warm-up submits, then on each `go` line from the parent, the measured
     submits, then their deletions; one JSON line back after each."""
-    address, token, work = argv[0], argv[1], json.loads(argv[2])
+    address, token, work = argv[0], argv[1], json.loads(Path(argv[2]).read_text())
     asyncio.run(_clients(address, token, work))
 
 
@@ -161,8 +167,10 @@ def report(runs: list[dict[str, Any]]) -> str:
     lines = []
     for phase in ("submit", "delete"):
         cpu = [r[phase]["cpu_ms_per_call"] for r in runs]
+        loop = [r[phase]["loop_cpu_ms_per_call"] for r in runs]
         lines.append(
-            f"{phase:6}: CPU {statistics.median(cpu):.3f} ms/call (runs: {', '.join(f'{c:.3f}' for c in cpu)}) | "
+            f"{phase:6}: CPU {statistics.median(cpu):.3f} ms/call (runs: {', '.join(f'{c:.3f}' for c in cpu)}), "
+            f"event loop's thread {statistics.median(loop):.3f} (runs: {', '.join(f'{c:.3f}' for c in loop)}) | "
             f"SQL {statistics.median(r[phase]['statements_per_call'] for r in runs):.3f} statements/call | "
             f"{statistics.median(r[phase]['per_s'] for r in runs):.0f}/s | "
             f"p50 {statistics.median(r[phase]['p50_ms'] for r in runs):.1f} ms, "
