@@ -77,3 +77,27 @@ async def test_statements_that_change_no_row_leave_the_isolation_version_and_oth
         before = await _version(database)
         await _run(database, statement)
         assert await _version(database) > before, statement
+
+
+async def test_a_transaction_moves_the_isolation_version_once_however_many_rows_it_changes(
+        database: Database) -> None:
+    """Each move updated the version's one row again, walking the versions of it the transaction
+    had written: a 10,000-row UPDATE of a watched column took seconds (row-level triggers, 0019).
+    Once per transaction says as much to the watchdog (it reads committed states); a move undone
+    by a savepoint rolled back to is made again by the next change."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    before = await _version(database)
+    async with database.engine.begin() as conn:
+        await conn.execute(text("UPDATE placements SET accelerator_indices = '[3]'"))  # two rows
+        await conn.execute(text("UPDATE nodes SET accelerators = 8"))  # two more, another table
+        await conn.execute(text("DELETE FROM placements WHERE replica = 1"))
+    assert await _version(database) == before + 1
+    async with database.engine.begin() as conn:
+        await conn.execute(text("SAVEPOINT s"))
+        await conn.execute(text("UPDATE nodes SET accelerators = 4"))
+        await conn.execute(text("ROLLBACK TO SAVEPOINT s"))
+        assert (await conn.execute(text("SELECT version FROM isolation_state"))).scalar_one() == before + 1
+        await conn.execute(text("UPDATE tenants SET excludes = '[]' WHERE id = 'a'"))
+    assert await _version(database) == before + 2
