@@ -333,10 +333,16 @@ class IsolationWatchdog:
     def leads(self) -> bool:
         """Whether this controller checks now; one that starts leading again forgets what it saw
         (another leader may have alarmed and cleared since): its next check reads it all and takes
-        what is alarmed from the stored records."""
+        what is alarmed from the stored records. The records a failed write left unstored are
+        dropped (logged): stored now, after what the leaders since stored, they would be the
+        violation's last record, an alarm taken as raised or a clearing that is not; what is still
+        violated is alarmed again."""
         leading = self._should_run()
         if leading and not self._leading:
-            self._at, self._active = None, None
+            if self._unstored:
+                log.warning("dropping %d isolation records left unstored when this controller last led",
+                            len(self._unstored))
+            self._at, self._active, self._unstored = None, None, []
         self._leading = leading
         return leading
 

@@ -484,3 +484,37 @@ async def test_a_leader_again_stores_the_clearing_of_an_alarm_it_no_longer_finds
     assert watchdog.leads()  # leading again: what it saw before is forgotten, the records read
     assert await watchdog.check_if_changed() == []
     assert await _stored(database) == [(EVENT_KIND, "n1"), (CLEARED_KIND, "n1"), (EVENT_KIND, "n1")]
+
+
+async def test_records_left_unstored_by_a_lost_leadership_do_not_outlive_what_the_next_leader_stored(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A leader whose alarm's write failed (the database went away, and its lease with it) keeps the
+    # record. Stored when it leads again, after the next leader alarmed and cleared the violation,
+    # it would be the violation's last record: the violation, back meanwhile, would be taken as
+    # alarmed and never alarmed.
+    await _seeded(database)
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    leading = [True]
+    old = IsolationWatchdog(database, should_run=lambda: leading[0])
+    real_append = audit.append
+
+    async def failing_append(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("database went away")
+
+    monkeypatch.setattr(audit, "append", failing_append)
+    assert old.leads()
+    with pytest.raises(ConnectionError):
+        await old.check_if_changed()
+    monkeypatch.setattr(audit, "append", real_append)
+    leading[0] = False
+    assert not old.leads()
+    new = IsolationWatchdog(database)  # the next leader: alarms (nothing stored), sees it clear
+    assert len(await new.check_once()) == 1
+    async with database.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM placements WHERE replica = 1"))
+    assert await new.check_once() == []
+    await _place_by_hand(database, "lab-web", "n1", "[1]")  # back, before the next round
+    leading[0] = True
+    assert old.leads()  # leading again
+    alarms = await old.check_if_changed()
+    assert alarms is not None and [(a.violation.rule, a.violation.scope) for a in alarms] == [("ISOLATION", "node n1")]
