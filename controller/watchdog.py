@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind
@@ -114,14 +114,18 @@ def _event(kind: str, v: Violation, message: str, at: datetime) -> dict[str, Any
             "message": message, "data": {"rule": v.rule, "scope": v.scope, "tenants": list(v.tenants)}, "at": at}
 
 
+# The two kinds as literals (not bound parameters): what either database needs to use the
+# partial index of them (`models.Event`, migration 0021).
+_RECORDS = Event.kind.in_(bindparam("kinds", [EVENT_KIND, CLEARED_KIND], expanding=True, literal_execute=True))
+
+
 async def _stored_alarms(session: AsyncSession) -> dict[_Key, Violation]:
     """The violations whose last stored record is their alarm, not their clearing: raised, by this
-    controller or an earlier leader, and not seen clear since. A scan of the events of the two
-    kinds (once per leadership: few rows come back, the database filters)."""
+    controller or an earlier leader, and not seen clear since. Read once per leadership through
+    the partial index of the two kinds (`events` is never pruned)."""
     last: dict[_Key, tuple[str, Violation]] = {}
     for kind, message, data in await session.execute(
-            select(Event.kind, Event.message, Event.data).where(Event.kind.in_((EVENT_KIND, CLEARED_KIND)))
-            .order_by(Event.id)):
+            select(Event.kind, Event.message, Event.data).where(_RECORDS).order_by(Event.id)):
         v = Violation(data.get("rule", ""), data.get("scope", ""), tuple(data.get("tenants", ())), message)
         last[v.key] = (kind, v)
     return {key: v for key, (kind, v) in last.items() if kind == EVENT_KIND}

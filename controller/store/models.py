@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -340,10 +341,17 @@ class ClientRequest(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
 
+ISOLATION_RECORDS = text("kind IN ('isolation.violation', 'isolation.cleared')")
+
+
 class Event(Base):
     """Append-only history: who changed what, when (the seam for the audit log)."""
 
     __tablename__ = "events"
+    # The isolation watchdog's alarms and clearings (`controller.watchdog`: read once by a new
+    # leader); no other event is indexed by kind (migration 0021).
+    __table_args__ = (Index("ix_events_isolation", "id", postgresql_where=ISOLATION_RECORDS,
+                            sqlite_where=ISOLATION_RECORDS),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False, index=True)

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from controller.store import audit
 from controller.store import models as m
@@ -518,3 +518,29 @@ async def test_records_left_unstored_by_a_lost_leadership_do_not_outlive_what_th
     assert old.leads()  # leading again
     alarms = await old.check_if_changed()
     assert alarms is not None and [(a.violation.rule, a.violation.scope) for a in alarms] == [("ISOLATION", "node n1")]
+
+
+async def test_a_new_leader_reads_the_stored_records_through_their_index(database: Database) -> None:
+    # `events` is never pruned: the read once per leadership goes through the partial index of the
+    # two kinds (migration 0021), not a scan of every event.
+    executed: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if "FROM events" in statement:
+            executed.append((statement, parameters))
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        async with database.unit_of_work() as uow:
+            assert await watchdog_module._stored_alarms(uow.session) == {}
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", capture)
+    [(statement, parameters)] = executed
+    async with database.engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            explain = "EXPLAIN QUERY PLAN"
+        else:
+            explain = "EXPLAIN"
+            await conn.exec_driver_sql("SET enable_seqscan = off")  # an empty table is scanned otherwise
+        plan = " ".join(str(row[-1]) for row in await conn.exec_driver_sql(f"{explain} {statement}", parameters))
+    assert "ix_events_isolation" in plan, plan
