@@ -265,13 +265,15 @@ async def move_generation_unread(session: AsyncSession, by: int) -> None:
 
 # SQLite, `bump_cluster_generation_unread`: the generation as this transaction moved it, read by the
 # statements that need it instead of by the caller (the change rows; the pruning, every
-# `_PRUNE_EVERY` generations, of what `prune_changes` prunes).
+# `_PRUNE_EVERY` generations, of what `prune_changes` prunes). The pruning's bound is NULL (no row
+# to visit) when the generation is not due: a condition on the generation beside the range was
+# checked on each row below the cut (up to `_PRUNE_EVERY` generations' rows) by every bump.
 _CURRENT = select(_STATE.c.generation).where(_STATE.c.id == 1).scalar_subquery()
 _LOG_AT_CURRENT = insert(ClusterChangeRow.__table__).values(
     generation=_CURRENT, kind=bindparam("kind"), object_id=bindparam("object_id"))
 _PRUNE_AT_CURRENT = rowcount_unread(delete(ClusterChangeRow.__table__).where(
-    _CURRENT % bindparam("every", type_=Integer) == 0,
-    ClusterChangeRow.__table__.c.generation <= _CURRENT - bindparam("kept", type_=Integer)))
+    ClusterChangeRow.__table__.c.generation <= select(_STATE.c.generation - bindparam("kept", type_=Integer))
+    .where(_STATE.c.id == 1, _STATE.c.generation % bindparam("every", type_=Integer) == 0).scalar_subquery()))
 
 
 class MissingGeneration(RuntimeError):

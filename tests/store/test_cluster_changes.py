@@ -5,14 +5,14 @@ is missing (pruned, or a bump that logged nothing) and reads the whole cluster."
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import create_engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from controller.domain.changes import ChangeKind, ClusterChange
 from controller.store import changes
 from controller.store.db import Database
 from controller.store import repositories as repo
-from controller.store.models import ClusterChangeRow, ClusterState, Deployment, DeploymentPhase
+from controller.store.models import Base, ClusterChangeRow, ClusterState, Deployment, DeploymentPhase
 from controller.store.plans import bump_cluster_generation, read_changes_since
 from controller.store.sqlite_driver import counted_trips, deferred_writes
 
@@ -143,3 +143,35 @@ async def test_an_unread_bump_without_the_generation_row_fails_its_transaction(d
             await uow.commit()
     async with database.unit_of_work() as uow:
         assert list((await uow.session.execute(select(ClusterChangeRow.id))).scalars()) == []
+
+
+def _pruning_steps(generation: int, rows_below_cut: int) -> int:
+    """SQLite virtual machine steps of `bump_cluster_generation_unread`'s pruning at `generation`
+    (CHANGES_KEPT 10, _PRUNE_EVERY 100) over a log with `rows_below_cut` rows it may prune."""
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine, tables=[ClusterState.__table__, ClusterChangeRow.__table__])
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    with engine.begin() as conn:
+        conn.execute(insert(ClusterState), [{"id": 1, "generation": generation}])
+        if rows_below_cut:
+            conn.execute(insert(ClusterChangeRow), [{"generation": 1 + i % (generation - 10), "kind": "node"}
+                                                    for i in range(rows_below_cut)])
+        conn.connection.dbapi_connection.set_progress_handler(step, 1)
+        conn.execute(changes._PRUNE_AT_CURRENT, {"every": 100, "kept": 10})
+        conn.connection.dbapi_connection.set_progress_handler(None, 1)
+    engine.dispose()
+    return steps
+
+
+def test_an_unread_bump_not_due_to_prune_does_not_walk_the_rows_it_would_prune() -> None:
+    """The unread pruning runs with every bump (whether its generation is due is the database's
+    to say): one that is not due costs the same however many rows lie below the cut (up to
+    `_PRUNE_EVERY` generations' of them between prunes), not a visit to each, held under SQLite's writer."""
+    assert _pruning_steps(150, 5_000) == _pruning_steps(150, 500)
+    assert _pruning_steps(200, 5_000) > _pruning_steps(200, 500)  # due: it prunes them
