@@ -251,6 +251,15 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
     return [row["seq"] for row in rows]
 
 
+def forget_head(session: AsyncSession) -> None:
+    """Forget the head this process wrote last, for a caller whose transaction that appended did
+    not commit: the next append reads the database's head. After an unread append it must (its
+    compare and set misses the head it would link to, as its own did, and fails in turn)."""
+    engine = getattr(session.bind, "sync_engine", None)
+    if engine is not None:
+        _last_heads.pop(str(engine.url), None)
+
+
 @dataclass
 class CallEntry:
     """The audit entry of the API call being served, written by the call's first commit."""

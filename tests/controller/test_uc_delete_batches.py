@@ -286,3 +286,30 @@ async def test_a_batch_behind_a_stale_audit_head_writes_nothing_and_each_delete_
         assert sorted(e.object_id for e in await audit.list_entries(uow.session)) == ["t1/a", "t1/b"]
         assert {r.phase for r in await repo.list_deployment_rows(uow.session)} == {m.DeploymentPhase.DELETING}
     assert report.intact and report.entries == 2
+
+
+async def test_a_batch_after_one_that_missed_the_audit_head_commits(cluster):
+    """A batch whose unread compare and set missed (a rolled-back transaction left the head this
+    process wrote ahead) fails whole; the head it wrote was never committed, so the next batch
+    links to the database's again (it read nothing back either): it does not miss in turn, and
+    neither do the ones after it (each linked to the last failed one's head: a run of failed
+    batches, every member sent alone)."""
+    await _submit(cluster, ("t1", "a"), ("t1", "b"), ("t1", "c"))
+    async with cluster.unit_of_work() as uow:
+        await audit.append(uow.session, [_queued(WHO, "x").call.record])
+        await uow.rollback()
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+    if cluster.url.startswith("sqlite"):
+        with pytest.raises(Exception):
+            await batcher.commit_batch([_queued(WHO, "a")])
+    else:
+        await batcher.commit_batch([_queued(WHO, "a")])
+    assert {view.phase for view in (await batcher.commit_batch([_queued(WHO, "b")])).values()} == {"deleting"}
+    with sqlite_driver.counted_trips() as trips:
+        await batcher.commit_batch([_queued(WHO, "c")])
+    if cluster.url.startswith("sqlite"):
+        assert [trip.statement for trip in trips] == ["SELECT deployments.id, deployments.name,", "COMMIT"]
+    async with cluster.unit_of_work() as uow:
+        report = await audit.verify_chain(uow.session)
+        written = [e.object_id for e in await audit.list_entries(uow.session)]
+    assert report.intact and written[-2:] == ["t1/b", "t1/c"]
