@@ -78,7 +78,7 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
     }
 
     states = await _nodes_by_state(session)
-    used, draw = await _rack_power(session)
+    used, draw = await repo.rack_power(session)
     row_used: dict[str, float] = defaultdict(float)
     for rack_id, watts in used.items():
         row_used[racks_budget[rack_id][0] if rack_id in racks_budget else ""] += watts
@@ -128,23 +128,6 @@ async def _nodes_by_state(session: AsyncSession) -> dict[str, int]:
         state = health.value if health is not m.NodeHealth.UP else "cordoned" if cordoned else "ready"
         states[state] += int(count)
     return states
-
-
-async def _rack_power(session: AsyncSession) -> tuple[dict[str, float], dict[str, float]]:
-    """Per rack: the placed power (idle power of its up nodes plus every placed shard's power on
-    its nodes) and the power its up nodes' agents last reported."""
-    used: dict[str, float] = defaultdict(float)
-    draw: dict[str, float] = {}
-    idle = (select(m.Node.rack_id, func.sum(m.Node.idle_power_w), func.sum(m.Node.power_draw_w))
-            .where(_is_up()).group_by(m.Node.rack_id))
-    for rack_id, idle_w, draw_w in await session.execute(idle):
-        used[rack_id] += float(idle_w or 0.0)
-        draw[rack_id] = float(draw_w or 0.0)
-    shards = (select(m.Node.rack_id, func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
-              .select_from(m.Placement).join(m.Deployment).join(m.Node).group_by(m.Node.rack_id))
-    for rack_id, watts in await session.execute(shards):
-        used[rack_id] += float(watts or 0.0)
-    return dict(used), draw
 
 
 async def _allocated(session: AsyncSession) -> dict[tuple[str, str], float]:

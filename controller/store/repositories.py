@@ -451,22 +451,36 @@ PLACEMENT_MILLI = case(
 )
 
 
+async def rack_power(session: AsyncSession) -> tuple[dict[str, float], dict[str, float]]:
+    """Per rack, summed by the database: the power placed on it (the idle power of its nodes that
+    are not down, plus every placed shard's power on its nodes, down ones included: still placed)
+    and the power its up nodes' agents last reported. Two queries, a row per rack each."""
+    used: dict[str, float] = defaultdict(float)
+    draw: dict[str, float] = {}
+    idle = (select(m.Node.rack_id, func.sum(m.Node.idle_power_w), func.sum(m.Node.power_draw_w))
+            .where(m.Node.health != m.NodeHealth.DOWN).group_by(m.Node.rack_id))
+    for rack_id, idle_w, draw_w in await session.execute(idle):
+        used[rack_id] += float(idle_w or 0.0)
+        draw[rack_id] = float(draw_w or 0.0)
+    shards = (select(m.Node.rack_id, func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
+              .select_from(m.Placement).join(m.Deployment).join(m.Node).group_by(m.Node.rack_id))
+    for rack_id, watts in await session.execute(shards):
+        used[rack_id] += float(watts or 0.0)
+    return dict(used), draw
+
+
 async def cluster_usage(session: AsyncSession) -> ClusterUsage:
     """Usage of every placed shard, plus the idle power of nodes that are not down.
 
-    Placements are summed by the database per (node, tenant): a read costs two queries and
-    returns at most one row per node and tenant on it, however many shards are placed.
+    Placements are summed by the database per (node, tenant), power per rack (`rack_power`): a
+    read returns at most one row per node and tenant on it, however many shards are placed.
     """
     usage = ClusterUsage()
-    nodes = (select(m.Node.id, m.Node.rack_id, m.Rack.row_id, m.Node.idle_power_w, m.Node.health)
-             .join(m.Rack, m.Node.rack_id == m.Rack.id))
-    node_rack: dict[str, tuple[str, str]] = {}
-    async for part in partitions(session, nodes):  # a row per node: not in one piece on the loop
-        for node_id, rack_id, row_id, idle_w, health in part:
-            node_rack[node_id] = (rack_id, row_id)
-            if health is not m.NodeHealth.DOWN:
-                usage.rack_power_w[rack_id] += idle_w or 0.0
-                usage.row_power_w[row_id] += idle_w or 0.0
+    used, _ = await rack_power(session)
+    row_of = {rack_id: row_id for rack_id, row_id in await session.execute(select(m.Rack.id, m.Rack.row_id))}
+    for rack_id, watts in used.items():
+        usage.rack_power_w[rack_id] += watts
+        usage.row_power_w[row_of.get(rack_id, "")] += watts
     placed = (select(m.Placement.node_id, m.Deployment.tenant_id, func.count(), func.sum(PLACEMENT_MILLI),
                      func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
               .join(m.Deployment).group_by(m.Placement.node_id, m.Deployment.tenant_id))
@@ -479,9 +493,6 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
             usage.node_shards[node_id] += shards
             usage.node_tenants[node_id].add(tenant_id)
             usage.node_tenant_milli[(node_id, tenant_id)] += milli
-            rack_id, row_id = node_rack.get(node_id, ("", ""))
-            usage.rack_power_w[rack_id] += power
-            usage.row_power_w[row_id] += power
     return usage
 
 
