@@ -1194,23 +1194,52 @@ _UPDATE_DEPLOYMENT = rowcount_unread(
 @dataclass(frozen=True)
 class _Writes:
     """A plan commit's statements over lists of rows for one dialect, built once (each list
-    named `ids`): placements and deployments deleted, nodes whose assignment generation moves.
-    Their row counts are not read (`rowcount_unread`)."""
+    named `ids`): placements and deployments deleted, nodes whose assignment generation moves;
+    on PostgreSQL, placements and deployments locked. Their row counts are not read
+    (`rowcount_unread`).
+
+    PostgreSQL locks the rows of each table in ascending id (the lock order: store/changes.py): a
+    report flush locks them so (`repo.write_reported_shards`, `deployments_named`,
+    `write_heartbeats`), and a commit that took two rows in the other order than the flush
+    deadlocked with it (PostgreSQL aborted one after `deadlock_timeout`). A DELETE or UPDATE over
+    a list takes its rows in the order its plan scans them (an index's or the heap's), so theirs
+    take them in a subquery first, `ORDER BY id` (`FOR UPDATE`: what a DELETE takes; `FOR NO KEY
+    UPDATE`: an UPDATE of other columns); `lock_*` take the rows of a commit that deletes some and
+    updates others of one table, before it writes either."""
 
     delete_placements: Any
     delete_deployments: Any
     bump_nodes: Any
+    lock_placements: Any = None
+    lock_deployments: Any = None
 
     @classmethod
     def of(cls, dialect: str) -> _Writes:
         def unread(statement: Any) -> Any:
             return rowcount_unread(statement)
 
+        def listed_ids(table: Any, *, deletes: bool) -> ColumnElement[bool]:
+            listed_ = any_of_named(dialect, table.c.id, "ids")
+            if dialect != POSTGRESQL:
+                return listed_
+            return and_(listed_, table.c.id.in_(_locked_in_order(table, deletes=deletes)))
+
         nodes = Node.__table__
-        return cls(unread(delete(_PLACEMENTS).where(any_of_named(dialect, _P.id, "ids"))),
-                   unread(delete(_DEPLOYMENTS).where(any_of_named(dialect, _D.id, "ids"))),
-                   unread(update(nodes).where(any_of_named(dialect, nodes.c.id, "ids"))
-                          .values(assignment_generation=nodes.c.assignment_generation + 1)))
+        return cls(unread(delete(_PLACEMENTS).where(listed_ids(_PLACEMENTS, deletes=True))),
+                   unread(delete(_DEPLOYMENTS).where(listed_ids(_DEPLOYMENTS, deletes=True))),
+                   unread(update(nodes).where(listed_ids(nodes, deletes=False))
+                          .values(assignment_generation=nodes.c.assignment_generation + 1)),
+                   *((_locked_in_order(_PLACEMENTS, deletes=True), _locked_in_order(_DEPLOYMENTS, deletes=True))
+                     if dialect == POSTGRESQL else ()))
+
+
+def _locked_in_order(table: Any, *, deletes: bool) -> Select[Any]:
+    """PostgreSQL: the rows of `table` whose ids the parameter `ids` lists, locked in ascending id
+    (a text id in code point order, as Python sorts it: `repo.write_heartbeats`; the database's
+    collation may order it otherwise)."""
+    order = table.c.id.collate("C") if isinstance(table.c.id.type, String) else table.c.id
+    return (select(table.c.id).where(any_of_named(POSTGRESQL, table.c.id, "ids")).order_by(order)
+            .with_for_update(key_share=not deletes))
 
 
 _WRITES = {dialect: _Writes.of(dialect) for dialect in ("sqlite", POSTGRESQL)}
@@ -1225,10 +1254,14 @@ async def _write(
     of names in a row are easily handed over in the wrong order. Returns the deployments (keys)
     whose placement rows it deleted, moved or inserted, taken from the very rows it wrote: the
     change log names every one (`_land`), whatever path put a row among them."""
-    inserts, updates = changes.inserts, changes.updates
+    inserts = changes.inserts
+    updates = sorted(changes.updates, key=lambda update_: update_[0].id)  # each table's rows in ascending id
     dialect = dialect_of(session)
     writes = _WRITES[dialect]
-    for chunk in _chunks([row.id for row in deletes]):
+    deleted_ids = sorted(deployments[name].id for name in deleted_deployments)
+    await _lock_deleted_and_updated(session, writes.lock_placements, [row.id for row in deletes],
+                                    [row.id for row, _ in updates])
+    for chunk in _chunks(sorted(row.id for row in deletes)):
         await session.execute(writes.delete_placements, {"ids": listed(dialect, chunk)})
     if updates:  # the ORM's bulk UPDATE: its row count is checked (a placement deleted since fails the commit)
         await session.execute(
@@ -1277,13 +1310,23 @@ async def _write(
     await start_intervals(session, started, now, nodes=changes.nodes, deployments={
             d.id: DeploymentMeter(d.name, d.tenant_id, d.shard_accelerators, d.shard_power_w)
         for d in map(deployments.__getitem__, changed_deployments)})
+    await _lock_deleted_and_updated(session, writes.lock_deployments, deleted_ids,
+                                    [update_["b_id"] for update_ in deployment_updates])
     if deployment_updates:
-        await session.execute(_UPDATE_DEPLOYMENT, deployment_updates)
-    for chunk in _chunks(sorted(deployments[name].id for name in deleted_deployments)):
+        await session.execute(_UPDATE_DEPLOYMENT, sorted(deployment_updates, key=lambda update_: update_["b_id"]))
+    for chunk in _chunks(deleted_ids):
         await session.execute(writes.delete_deployments, {"ids": listed(dialect, chunk)})
     for chunk in _chunks(sorted(changed_nodes)):
         await session.execute(writes.bump_nodes, {"ids": list(chunk)})
     return {row.key[0] for row in deletes} | {row.key[0] for row, _ in updates} | {key[0] for key in inserts}
+
+
+async def _lock_deleted_and_updated(session: AsyncSession, lock: Any, deleted: list[int], updated: list[int]) -> None:
+    """PostgreSQL (`lock`: `_Writes.lock_*`): the rows of one table a commit deletes and those it
+    updates, when it does both, locked together in ascending id before either write (each write
+    alone takes its rows in that order: `_Writes`)."""
+    if lock is not None and deleted and updated:
+        await session.execute(lock, {"ids": [str(i) for i in sorted({*deleted, *updated})]})
 
 
 PREEMPTED = "PREEMPTED"

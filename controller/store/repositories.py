@@ -376,10 +376,11 @@ _WRITE_HEARTBEAT = rowcount_unread(update(_NODES).where(_NODES.c.id == bindparam
 async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetime, float]]) -> None:
     """Last heartbeat time and power draw of many nodes in one executemany (an unknown id updates
     no row). A Core statement: the ORM's bulk update by primary key, after a read of which ids
-    exist, cost about three times the CPU per flush (micro-benchmark, SQLite, 30 nodes)."""
+    exist, cost about three times the CPU per flush (micro-benchmark, SQLite, 30 nodes). In
+    ascending id, as a plan commit locks nodes (the lock order: store/changes.py)."""
     if beats:
         await session.execute(_WRITE_HEARTBEAT, [{"node_id": node_id, "at": at, "power": power}
-                                                 for node_id, (at, power) in beats.items()])
+                                                 for node_id, (at, power) in sorted(beats.items())])
 
 
 async def node_capacities(session: AsyncSession) -> list[tuple[str, str, str, str, str, int, float | None]]:
@@ -562,8 +563,9 @@ def _named_query(dialect: str, *, lock: bool = False) -> Select:
     (by their names), then, outer joined, those of each placement and its node (labelled apart):
     a row per placement, one for a deployment with none. `lock`: the deployments' rows locked to
     the end of the transaction (PostgreSQL: FOR NO KEY UPDATE OF deployments, which rows that
-    refer to them do not wait for; SQLite: as without), and on PostgreSQL one more column, whether
-    the row was written by a commit the lock waited for (`_WRITTEN_UNDER_LOCK`)."""
+    refer to them do not wait for; SQLite: as without), in ascending id as a plan commit locks them
+    (the lock order: store/changes.py), and on PostgreSQL one more column, whether the row was
+    written by a commit the lock waited for (`_WRITTEN_UNDER_LOCK`)."""
     placement = _PLACEMENTS.c
     written = (_WRITTEN_UNDER_LOCK,) if lock and dialect == POSTGRESQL else ()
     query = (select(_DEPLOYMENTS, *(placement[c].label(f"placement_{c}") for c in _PLACEMENT_READ),
@@ -571,7 +573,7 @@ def _named_query(dialect: str, *, lock: bool = False) -> Select:
              .select_from(_DEPLOYMENTS.outerjoin(_PLACEMENTS, placement.deployment_id == _DEPLOYMENTS.c.id)
                           .outerjoin(_NODES, _NODES.c.id == placement.node_id))
              .where(any_of_named(dialect, _DEPLOYMENTS.c.name, "names")))
-    return query.with_for_update(of=_DEPLOYMENTS, key_share=True) if lock else query
+    return query.order_by(_DEPLOYMENTS.c.id).with_for_update(of=_DEPLOYMENTS, key_share=True) if lock else query
 
 
 # PostgreSQL (READ COMMITTED): a locking read that waited for a commit holding a row hands back
@@ -935,7 +937,7 @@ class ShardState:
     generation: int
     phase: m.ShardPhase
     message: str
-    deployment_id: int
+    placement_id: int  # the row's id
 
 
 async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[ShardState]:
@@ -946,21 +948,20 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
     rows = await session.execute(
         select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
                m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message,
-               m.Placement.deployment_id)
+               m.Placement.id)
         .select_from(m.Placement).join(m.Deployment)
         .where(_named_as_any(session, wanted)))
-    return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "", dep_id)
-            for tenant, name, replica, shard, node_id, generation, phase, message, dep_id in rows
+    return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "", placement_id)
+            for tenant, name, replica, shard, node_id, generation, phase, message, placement_id in rows
             if (key := d.deployment_key(tenant, name)) in wanted]
 
 
 # The agents' report flush, without the ORM: the placements reports changed and the deployments
-# whose phase or reasons followed, each kind in one executemany by key.
+# whose phase or reasons followed, each kind in one executemany by id.
 _REPORTED_SHARD = rowcount_unread(
     update(_PLACEMENTS)
-    .where(_PLACEMENTS.c.deployment_id == bindparam("deployment"),
-           _PLACEMENTS.c.replica == bindparam("at_replica"), _PLACEMENTS.c.shard == bindparam("at_shard"),
-           _PLACEMENTS.c.node_id == bindparam("at_node"), _PLACEMENTS.c.generation <= bindparam("report_generation"))
+    .where(_PLACEMENTS.c.id == bindparam("placement"), _PLACEMENTS.c.node_id == bindparam("at_node"),
+           _PLACEMENTS.c.generation <= bindparam("report_generation"))
     .values(phase=bindparam("new_phase"), message=bindparam("new_message"), updated_at=bindparam("at")))
 _REPORTED_DEPLOYMENT = rowcount_unread(
     update(_DEPLOYMENTS)
@@ -969,16 +970,18 @@ _REPORTED_DEPLOYMENT = rowcount_unread(
 
 
 async def write_reported_shards(session: AsyncSession, shards: Sequence[ShardState], at: datetime) -> None:
-    """These placements (by deployment id, replica and shard) as reports say they are now: their
-    phase and message, updated `at`, in one executemany; each only while it is still on the node
-    that reported it (`node_id`) and of the generation the report answers (`generation`) or an
-    older one (the report's test, `agents._changes`, as of the write): a placement a plan commit
-    moved or placed again since the report was judged keeps what that commit wrote."""
+    """These placements (by id) as reports say they are now: their phase and message, updated
+    `at`, in one executemany in ascending id (as a plan commit locks them: the lock order,
+    store/changes.py); each only while it is still on the node that reported it (`node_id`) and of
+    the generation the report answers (`generation`) or an older one (the report's test,
+    `agents._changes`, as of the write): a placement a plan commit moved since the report was
+    judged keeps what that commit wrote, and one it removed (or placed again: a row of its own)
+    is not written."""
     if shards:
         await session.execute(_REPORTED_SHARD, [
-            {"deployment": r.deployment_id, "at_replica": r.replica, "at_shard": r.shard, "at_node": r.node_id,
-             "report_generation": r.generation, "new_phase": r.phase, "new_message": r.message, "at": at}
-            for r in shards])
+            {"placement": r.placement_id, "at_node": r.node_id, "report_generation": r.generation,
+             "new_phase": r.phase, "new_message": r.message, "at": at}
+            for r in sorted(shards, key=lambda r: r.placement_id)])
 
 
 async def write_deployment_phases(

@@ -497,9 +497,10 @@ async def flush_reports(
                     if (changed := _reported(dep, hits)) is not None]
         await repo.write_deployment_phases(
             s, [(r.read.row.id, r.read.row.phase, r.phase, r.reasons) for r in reported if r.moved], at)
-        # The nodes after the shards and deployments, as a plan commit writes them (PostgreSQL row
-        # locks taken in one order: a flush that locked a node first and a commit that locked a shard
-        # on it first waited for each other until one was aborted as a deadlock).
+        # The nodes after the shards and deployments, as a plan commit writes them, and each table's
+        # rows in ascending id, as it locks them (PostgreSQL row locks taken in one order: a flush
+        # that locked a node, a shard or a deployment first and a commit that locked another one
+        # first waited for each other until one was aborted as a deadlock; store/changes.py).
         if beats:  # one executemany for every node that beat since the last flush
             await repo.write_heartbeats(s, {node_id: (beat.at, beat.power_draw_w) for node_id, beat in beats.items()})
         failed = {r.key: r.failure for r in reported if r.failure is not None}

@@ -100,7 +100,7 @@ async def test_a_report_read_before_a_move_leaves_the_moved_shard_alone(cluster:
         await uow.commit()
     async with cluster.unit_of_work() as uow:  # the flush's write, from what it read before the move
         await repo.write_reported_shards(uow.session, [repo.ShardState(
-            "t1/a", placement.replica, placement.shard, old_node, generation, m.ShardPhase.RUNNING, "", read.row.id)],
+            "t1/a", placement.replica, placement.shard, old_node, generation, m.ShardPhase.RUNNING, "", row.id)],
             m.utcnow())
         await uow.commit()
     assert (await _placed(cluster))[("t1/a", 0, 0)][0::2] == (other, m.ShardPhase.ASSIGNED.value)

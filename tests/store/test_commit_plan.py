@@ -800,6 +800,155 @@ async def test_a_report_flush_and_a_plan_commit_at_once_on_postgres_do_not_deadl
     assert after["placements"][(WEB, 1, 0)][0] == "n2"
 
 
+async def _waiting_for_locks(database: Database, count: int) -> None:
+    """Until `count` backends of the test's database wait for a lock."""
+    for _ in range(600):
+        async with database.engine.connect() as conn:
+            waiting = (await conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"))).scalar_one()
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} transaction(s) never waited for a lock")
+
+
+async def _behind_a_held_row(database: Database, held: str, first: Any, second: Any) -> list[str]:
+    """`first()` and then `second()` (each a transaction) run while a third transaction holds the
+    row that `held` (a `SELECT ... FOR NO KEY UPDATE`) locks: `first` is started and waits for that
+    row, then `second` is started and waits (for that row, or one `first` holds); then the row
+    is let go. The first line of each error they end with (a deadlock: PostgreSQL aborts one)."""
+    async with database.engine.connect() as holder:
+        transaction = await holder.begin()
+        assert (await holder.execute(text(held))).all()
+        firsts = asyncio.create_task(first())
+        await _waiting_for_locks(database, 1)
+        seconds = asyncio.create_task(second())
+        await _waiting_for_locks(database, 2)
+        await transaction.rollback()
+    outcomes = await asyncio.wait_for(asyncio.gather(firsts, seconds, return_exceptions=True), 60)
+    return [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)]
+
+
+def _reports(*shards: tuple[str, str, str, int, int]) -> list[tuple[str, Any]]:
+    """(node, ShardReport running "up") of shards (node, tenant, deployment name, replica, shard)
+    at their stored generations."""
+    from controller.domain.values import ShardReport
+    return [(node, ShardReport(name, replica, shard, 1, "running", "up", tenant=tenant))
+            for node, tenant, name, replica, shard in shards]
+
+
+async def _flush(database: Database, reports: list[tuple[str, Any]], beats: tuple[str, ...] = ()) -> None:
+    from controller.usecases import agents
+    async with database.unit_of_work() as uow:
+        await agents.flush_reports(uow, {node: agents.NodeBeat(m.utcnow(), 100.0) for node in beats}, reports)
+
+
+async def _committed(database: Database, snapshot: Snapshot, plan: Plan, scope: set[str]) -> None:
+    async with database.unit_of_work() as uow:
+        await commit_plan(uow.session, snapshot, plan, scope=scope, actor="test")
+        await uow.commit()
+
+
+async def _rewritten(database: Database, statement: str) -> None:
+    """`statement` (an UPDATE that writes columns over themselves): those rows' new versions go to
+    the end of their table's heap, where a sequential scan (a list's DELETE or UPDATE, a join's
+    read) now finds them last."""
+    async with database.engine.begin() as conn:
+        await conn.execute(text(statement))
+
+
+async def _ids(database: Database, query: str) -> dict[str, int]:
+    async with database.engine.connect() as conn:
+        return dict((await conn.execute(text(query))).all())  # type: ignore[arg-type]
+
+
+# Each test of one order below runs twice: the rows as seeded, which the commit took in the other
+# order than the flush before it locked them in ascending id, and the row the flush's read came to
+# last rewritten (`_rewritten`), which the flush took in the other order than the commit before
+# it did. Each side's order alone, left as it was, deadlocks one of the two.
+ONE_ORDER = pytest.mark.parametrize("db_backend, rewritten", [
+    pytest.param("postgres", False, marks=pytest.mark.postgres, id="as seeded"),
+    pytest.param("postgres", True, marks=pytest.mark.postgres, id="rewritten")])
+
+
+@ONE_ORDER
+async def test_a_plan_commit_and_a_report_flush_lock_placements_in_one_order(database: Database,
+                                                                            rewritten: bool) -> None:
+    """The commit removes BURST's shard and moves WEB's replica 1 (a DELETE, then an UPDATE); the
+    flush reports on both shards. Both lock the two rows in ascending id, so the one that waits
+    holds neither, and both commit (PostgreSQL aborted one as a deadlock when the commit held
+    BURST's row, deleted first, and the flush WEB's, the first its read returned; or, WEB's row
+    rewritten, when the flush held BURST's, now read first, and the commit WEB's)."""
+    snap = await _seeded(database)
+    ids = await _ids(database, "SELECT d.name, p.id FROM placements p JOIN deployments d ON d.id = p.deployment_id "
+                               "WHERE p.replica = 1 OR d.name = 'burst'")
+    assert ids["web"] < ids["burst"]
+    if rewritten:
+        await _rewritten(database, f"UPDATE placements SET message = message WHERE id = {ids['web']}")
+    errors = await _behind_a_held_row(
+        database, f"SELECT id FROM placements WHERE id = {ids['web' if rewritten else 'burst']} FOR NO KEY UPDATE",
+        lambda: _committed(database, snap, Plan("optimal", (P(WEB, 0, 0, "n1", 0), P(WEB, 1, 0, "n2", 0))),
+                           {WEB, BURST}),
+        lambda: _flush(database, _reports(("n3", "a", "web", 1, 0), ("n4", "b", "burst", 0, 0))))
+    assert errors == []
+    after = (await _state(database))["placements"]
+    assert after[(WEB, 1, 0)][0] == "n2" and (BURST, 0, 0) not in after
+
+
+# WEB and TRAIN placed, TRAIN's two shards on n2: stored keys a/train < a/web, ids web < train.
+PLACED_TWO: dict[str, Any] = {
+    **CLUSTER,
+    "deployments": [{**d, "shard": {"accelerators": 1}} if d["id"] == TRAIN else d for d in CLUSTER["deployments"]],
+    "placements": [
+        {"deployment": WEB, "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]},
+        {"deployment": WEB, "replica": 1, "shard": 0, "node": "n3", "accelerator_indices": [0]},
+        {"deployment": TRAIN, "replica": 0, "shard": 0, "node": "n2", "accelerator_indices": [0]},
+        {"deployment": TRAIN, "replica": 0, "shard": 1, "node": "n2", "accelerator_indices": [1]},
+    ],
+}
+
+
+@ONE_ORDER
+async def test_a_plan_commit_and_a_report_flush_lock_deployments_in_one_order(database: Database,
+                                                                             rewritten: bool) -> None:
+    """The commit moves a shard of WEB and one of TRAIN (both rows' generations move: an UPDATE
+    each, written in the order of their keys, TRAIN's first); the flush reports on their other
+    shards and locks both rows to write their phases (in the order its join returned them: WEB's
+    placements first, or, rewritten, last). Both take the rows in ascending id, and both commit."""
+    snap = await _seeded(database, PLACED_TWO)
+    ids = await _ids(database, "SELECT name, id FROM deployments")
+    assert ids["web"] < ids["train"]
+    if rewritten:
+        await _rewritten(database, f"UPDATE placements SET message = message WHERE deployment_id = {ids['web']}")
+    plan = Plan("optimal", (P(WEB, 0, 0, "n1", 0), P(WEB, 1, 0, "n4", 0), P(TRAIN, 0, 0, "n2", 0),
+                            P(TRAIN, 0, 1, "n1", 2)))
+    errors = await _behind_a_held_row(
+        database, f"SELECT id FROM deployments WHERE id = {ids['web' if rewritten else 'train']} FOR NO KEY UPDATE",
+        lambda: _committed(database, snap, plan, {WEB, TRAIN}),
+        lambda: _flush(database, _reports(("n1", "a", "web", 0, 0), ("n2", "a", "train", 0, 0))))
+    assert errors == []
+    after = (await _state(database))["placements"]
+    assert (after[(WEB, 1, 0)][0], after[(TRAIN, 0, 1)][0]) == ("n4", "n1")
+
+
+@ONE_ORDER
+async def test_a_plan_commit_and_a_report_flush_lock_nodes_in_one_order(database: Database, rewritten: bool) -> None:
+    """The commit moves WEB's replica 1 from n3 to n2 (both nodes' assignment generations move: one
+    UPDATE over the list, in the order its scan finds them: n2 first, or, n2 rewritten, last); the
+    flush writes heartbeats in the order the nodes beat (n3 first, or n2). Both write the rows in
+    ascending id, and both commit."""
+    snap = await _seeded(database)
+    if rewritten:
+        await _rewritten(database, "UPDATE nodes SET hostname = hostname WHERE id = 'n2'")
+    errors = await _behind_a_held_row(
+        database, f"SELECT id FROM nodes WHERE id = '{'n3' if rewritten else 'n2'}' FOR NO KEY UPDATE",
+        lambda: _committed(database, snap, Plan("optimal", KEPT[:1] + (P(WEB, 1, 0, "n2", 0),) + KEPT[2:]), {WEB}),
+        lambda: _flush(database, [], beats=("n2", "n3") if rewritten else ("n3", "n2")))
+    assert errors == []
+    assert (await _state(database))["placements"][(WEB, 1, 0)][0] == "n2"
+
+
 async def test_a_scoped_commit_is_checked_again_when_a_shard_it_moves_was_removed_after_its_early_check(
         database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A node's shards removed (a node deleted or evicted) between a commit's early check and the
