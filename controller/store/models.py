@@ -131,8 +131,8 @@ class ClusterChangeRow(Base):
 class CapacityState(Base):
     """A single row (id=1): bumped by database triggers when what the cluster could ever hold
     changes (a node added, removed, or its rack, accelerators, model or HBM changed; a rack's
-    row, a row's zone: migration 0012), so the submit path's capacity aggregates are rebuilt
-    only then."""
+    row, a row's zone: migration 0012; only by statements that changed one, on PostgreSQL once
+    a transaction: 0022), so the submit path's capacity aggregates are rebuilt only then."""
 
     __tablename__ = "capacity_state"
 

@@ -7,7 +7,7 @@ cluster; `CapacityIndex` keeps, per (accelerator model, zone), the largest node,
 and the accelerators of every rack, row and zone, so one judgement costs the groups it
 touches. `CapacityCache` keeps one index per capacity generation, which database triggers
 bump on every change of a node's capacity, rack or existence, a rack's row or a row's zone
-(migration 0012): the index is rebuilt (one plain-column query) only after such a change,
+(migrations 0012, 0022: never for a statement that changed none of those): the index is rebuilt (one plain-column query) only after such a change,
 never per submit nor after a placement commit, and a second controller's (or a hand edit's)
 node changes are seen too.
 """
