@@ -69,9 +69,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         if self._deps.deletes is not None:
             view = await self._deps.deletes.delete(current_principal(), request.name, tenant=request.tenant)
         else:
-            async with self._deps.db.unit_of_work() as uow:
-                view = await cases.delete_deployment(uow, current_principal(), request.name, self._deps.signals,
-                                                     tenant=request.tenant)
+            view = await cases.delete_deployment_alone(self._deps.db, current_principal(), request.name,
+                                                       self._deps.signals, tenant=request.tenant)
         return convert.deployment_msg(view)
 
     async def WatchDeployments(self, request: deployments_pb2.WatchDeploymentsRequest,

@@ -16,7 +16,8 @@ from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, Text, Update, and_, bindparam, inspect, insert, or_, case, cast, delete, func, literal_column, select, tuple_, update
+from sqlalchemy import ColumnElement, Row, Select, Text, Update, and_, bindparam, inspect, insert, or_, case, cast, delete, func, literal, literal_column, null, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -620,10 +621,13 @@ async def deployments_named(session: AsyncSession, names: Iterable[str], *, lock
 
 
 def _deleting_statement(dialect: str) -> Update:
-    """`set_deleting`'s UPDATE for `dialect`: the deployments of the ids `ids` DELETING as of `at`."""
+    """`set_deleting`'s UPDATE for `dialect`: the deployments of the ids `ids` DELETING as of `at`.
+    A row DELETING already gets NULL, which the column refuses (`marked_since_read`)."""
     table = m.Deployment.__table__
-    return rowcount_unread(update(table).where(any_of_named(dialect, table.c.id, "ids"))
-                           .values(phase=m.DeploymentPhase.DELETING, updated_at=bindparam("at")))
+    deleting = m.DeploymentPhase.DELETING
+    return rowcount_unread(update(table).where(any_of_named(dialect, table.c.id, "ids")).values(
+        phase=case((table.c.phase == deleting, null()), else_=literal(deleting, table.c.phase.type)),
+        updated_at=bindparam("at")))
 
 
 _DELETING = {dialect: _deleting_statement(dialect) for dialect in ("sqlite", POSTGRESQL)}
@@ -633,7 +637,13 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[
     """Mark deployments DELETING in ONE UPDATE statement; returns the time written. ORM rows
     among them are updated as written (nothing left for the session to flush: the ORM's flush of
     the same change, its unit of work over every loaded row and placement, was most of a batch of
-    deletions' CPU); the views of plain rows read what it wrote with `deleting_view`."""
+    deletions' CPU); the views of plain rows read what it wrote with `deleting_view`.
+
+    The caller read them not DELETING; one that another transaction marked since (a lone delete
+    racing a batch of the same name) fails the statement, and so the caller's transaction, before
+    its event, bump or audit entry is written (`marked_since_read`; on SQLite inside
+    `deferred_writes`, at the COMMIT): nothing reads the statement's row count, so a deployment is
+    never marked twice without a trip to learn it."""
     at = m.utcnow()
     dialect = dialect_of(session)
     ids = [row.id for row in rows]
@@ -643,6 +653,12 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[
             set_committed_value(row, "phase", m.DeploymentPhase.DELETING)
             set_committed_value(row, "updated_at", at)
     return at
+
+
+def marked_since_read(exc: BaseException) -> bool:
+    """`exc` is `set_deleting`'s refusal of a deployment marked DELETING after its caller read it
+    (the NULL phase its UPDATE wrote: SQLite's and PostgreSQL's NOT NULL failures name the column)."""
+    return isinstance(exc, IntegrityError) and "phase" in str(exc.orig)
 
 
 def deleting_view(deployment: NamedDeployment, at: datetime) -> d.DeploymentView:

@@ -29,7 +29,11 @@ Each caller gets what a lone delete (`deployments.delete_deployment`) would have
   after the other;
 - every member of a batch that fails to commit goes alone (nothing of it was written: one
   transaction); so does every member of a batch whose audit compare and set missed on SQLite
-  (the head this process wrote last was not the database's: a rolled-back transaction left it).
+  (the head this process wrote last was not the database's: a rolled-back transaction left it);
+- a deployment is marked once: a mark that finds it DELETING already (marked by another
+  transaction since it was read: a member gone alone and a later batch with its name) fails its
+  transaction whole (`repo.set_deleting`); a batch's members then go alone, and a lone delete
+  reads it again and answers as for one already DELETING (`delete_deployment_alone`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ from controller.store.db import Database, UnitOfWork
 from controller.store.sqlite_driver import deferred_writes
 from controller.store.turns import answering
 from controller.usecases import policy
-from controller.usecases.deployments import DELETING, delete_deployment, mark_deleting, only_owner, seen_or_not_found
+from controller.usecases.deployments import (DELETING, delete_deployment_alone, mark_deleting, only_owner,
+                                             seen_or_not_found)
 from controller.usecases.ports import Signals
 from controller.usecases.redaction import NOTHING, Redactor, redactor_for
 from controller.usecases.validation import check_name, check_optional_id
@@ -96,8 +101,7 @@ class DeleteBatcher:
         view = await outcome_or_alone(self._group, QueuedDelete(who, meant, name, audit.current_call()))
         if view is not None:
             return view
-        async with self._db.unit_of_work() as uow:
-            return await delete_deployment(uow, who, name, self._signals, tenant=tenant)
+        return await delete_deployment_alone(self._db, who, name, self._signals, tenant=tenant)
 
     async def commit_batch(self, batch: list[QueuedDelete]) -> dict[int, DeploymentView | MaiaError]:
         """Mark the members' deployments DELETING in one transaction; returns by id(member) the

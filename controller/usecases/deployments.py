@@ -395,6 +395,23 @@ async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals:
     return await as_seen_by(uow, who, view)
 
 
+async def delete_deployment_alone(db: Database, who: Principal, name: str, signals: Signals,
+                                  tenant: str = "") -> DeploymentView:
+    """`delete_deployment` in a transaction of its own. When another delete of the deployment
+    marked it between this one's read and its mark (a member of a failed batch racing a later
+    batch with its name, or two lone deletes), the mark is refused (`repo.marked_since_read`,
+    nothing written): read once more, it is DELETING, and the answer is that of a second delete
+    (no second event, bump or audit entry with a change)."""
+    try:
+        async with db.unit_of_work() as uow:
+            return await delete_deployment(uow, who, name, signals, tenant=tenant)
+    except Exception as exc:
+        if not repo.marked_since_read(exc):
+            raise
+    async with db.unit_of_work() as uow:
+        return await delete_deployment(uow, who, name, signals, tenant=tenant)
+
+
 DELETING = "deleting deployments"  # the action, in refusals
 
 

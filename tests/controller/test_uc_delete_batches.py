@@ -313,3 +313,80 @@ async def test_a_batch_after_one_that_missed_the_audit_head_commits(cluster):
         report = await audit.verify_chain(uow.session)
         written = [e.object_id for e in await audit.list_entries(uow.session)]
     assert report.intact and written[-2:] == ["t1/b", "t1/c"]
+
+
+async def _events(db, kind: str) -> list[str]:
+    async with db.unit_of_work() as uow:
+        return list(await uow.session.scalars(select(m.Event.object_id).where(m.Event.kind == kind)))
+
+
+async def test_a_member_of_a_failed_batch_racing_a_later_delete_of_its_name_marks_it_once(cluster, monkeypatch):
+    """A batch fails and its member goes alone; while the lone delete has read the deployment (not
+    DELETING yet) a second delete of the same name is batched (the group commit released the name
+    with the failed batch) and marks it. The lone delete's mark then finds it DELETING: nothing is
+    written (no second event, no second generation bump, no second audit entry with a change),
+    and it answers as a delete of a deployment already DELETING does (its call's entry is then the
+    audit interceptor's, as for any call that committed nothing)."""
+    await _submit(cluster, ("t1", "a"))
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+    failing = {"left": 1}
+    commit_batch = batcher.commit_batch
+
+    async def fails_once(batch):
+        if failing["left"]:
+            failing["left"] -= 1
+            raise RuntimeError("this batch could not commit")
+        return await commit_batch(batch)
+
+    monkeypatch.setattr(batcher, "commit_batch", fails_once)
+    read, go_on = asyncio.Event(), asyncio.Event()
+    lone_mark = deployments.mark_deleting
+
+    async def mark_after_the_second(uow, rows):  # the lone path's mark (the batch imported its own name)
+        read.set()
+        await go_on.wait()
+        return await lone_mark(uow, rows)
+
+    monkeypatch.setattr(deployments, "mark_deleting", mark_after_the_second)
+    before = await _generation(cluster)
+
+    async def delete_in_a_call(name: str):
+        audit.open_call(_queued(WHO, name).call.record)
+        return await batcher.delete(WHO, name, "t1")
+
+    first = asyncio.create_task(delete_in_a_call("a"))
+    await asyncio.wait_for(read.wait(), 10)  # alone, after its read
+    second = await delete_in_a_call("a")  # batched: marks it
+    go_on.set()
+    first = await first
+    assert (first.phase, second.phase) == ("deleting", "deleting")
+    assert batcher.stats.alone == 1
+    assert _answer(first) == _answer(second)
+    assert await _events(cluster, "deployment.deleting") == ["t1/a"]
+    assert await _generation(cluster) == before + 1
+    async with cluster.unit_of_work() as uow:
+        report = await audit.verify_chain(uow.session)
+        assert [e.object_id for e in await audit.list_entries(uow.session)] == ["t1/a"]
+    assert report.intact
+
+
+async def test_a_mark_of_a_deployment_marked_since_it_was_read_fails_its_transaction_whole(cluster):
+    """A batch read a deployment not DELETING and another transaction marked it before the batch's
+    mark (its statements deferred to the COMMIT on SQLite): the mark is refused, nothing of the
+    batch is written (no event, no bump), and the refusal is told apart (`marked_since_read`)."""
+    await _submit(cluster, ("t1", "a"), ("t1", "b"))
+    async with cluster.unit_of_work() as uow:
+        read = await repo.deployments_named(uow.session, {"a", "b"})
+    assert await _alone(cluster, WHO, "a", "t1")
+    before = await _generation(cluster)
+    with pytest.raises(Exception) as refused:
+        async with cluster.unit_of_work() as uow:
+            with sqlite_driver.deferred_writes():
+                await deployments.mark_deleting(uow, [(named.row, WHO.name) for named in read])
+            await uow.commit()
+    assert repo.marked_since_read(refused.value)
+    assert await _generation(cluster) == before
+    assert await _events(cluster, "deployment.deleting") == ["t1/a"]
+    async with cluster.unit_of_work() as uow:
+        assert {r.name: r.phase for r in await repo.list_deployment_rows(uow.session)} == {
+            "a": m.DeploymentPhase.DELETING, "b": m.DeploymentPhase.PENDING}
