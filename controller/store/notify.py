@@ -23,8 +23,11 @@ until then, or until the next look). Held messages are bounded (`HELD_MAX` items
 dropped beyond, logged). A message so dropped may have been owed to a controller that listened
 unseen: unless a look that began after it saw nobody, the held messages go out after a RESYNC,
 on which each listener resyncs what it kept from the messages (its watchers watch again from the
-current state, its agents are sent their sets: `ControllerApp._resync`). A message sent while a
-connection is down is lost, as before.
+current state, its agents are sent their sets: `ControllerApp._resync`). A RESYNC whose NOTIFY
+failed (the connection broke, or was down) stays owed until one gets through: it goes before the
+next message sent, or with the next look that sees another controller (the keepalive's every
+`RECONNECT_S`, the reconnection's). Another message sent while a connection is down is lost, as
+before.
 
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
 everything, in-process signals already reached everyone.
@@ -128,6 +131,9 @@ class PgChannel:
         # The cap dropped held messages before this one (counted as `_held_gone`; 0: none owed):
         # a RESYNC goes before the held ones unless a look that began after them saw nobody.
         self._cap_dropped_to = 0
+        # A RESYNC to send before the next message: the cap dropped some that were owed, or the
+        # NOTIFY that carried one failed. Cleared when a NOTIFY carrying it is sent.
+        self._resync_owed = False
 
     @property
     def others_listening(self) -> bool:
@@ -177,7 +183,9 @@ class PgChannel:
         self._held_gone += len(held_now)
         if self._cap_dropped_to:  # some may have been owed to a listener: it resyncs first
             self._cap_dropped_to = 0
-            self._queue(RESYNC, [])
+            self._resync_owed = True
+        if self._resync_owed:
+            self._flush_soon()
         for kind, items in held_now:
             self._queue(kind, items)
 
@@ -186,6 +194,9 @@ class PgChannel:
             self._queued[-1][1].extend(items)
         else:
             self._queued.append((kind, items))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self._flushing is None:
             self._flushing = task = asyncio.get_running_loop().create_task(self._flush())
             self._pending.add(task)
@@ -193,20 +204,29 @@ class PgChannel:
 
     async def _flush(self) -> None:
         try:
-            while self._queued:
+            while self._queued or self._resync_owed:
                 queued, self._queued = self._queued, []
-                await self._send([m for kind, items in queued for m in payloads(kind, self._sender, items)])
+                resync, self._resync_owed = self._resync_owed, False
+                if resync:
+                    queued.insert(0, (RESYNC, []))
+                if not await self._send([m for kind, items in queued for m in payloads(kind, self._sender, items)]):
+                    self._resync_owed |= resync  # owed still: with the next message, or the next look
+                    if not self._queued:
+                        break
         finally:
             self._flushing = None
 
-    async def _send(self, messages: list[str]) -> None:
+    async def _send(self, messages: list[str]) -> bool:
+        """Whether the NOTIFY went (False: the connection is down, or failed)."""
         async with self._lock:
             if self._conn is None or self._conn.is_closed():
-                return
+                return False
             try:  # one statement: PostgreSQL delivers them in this order (and one of identical ones)
                 await self._conn.execute("SELECT pg_notify($1, m) FROM unnest($2::text[]) AS m", CHANNEL, messages)
             except Exception as exc:
                 log.warning("could not notify the other controllers (%s)", exc)
+                return False
+            return True
 
     def _received(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         kind, _, rest = payload.partition("|")

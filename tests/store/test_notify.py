@@ -265,5 +265,88 @@ async def test_messages_the_cap_dropped_before_a_look_that_saw_nobody_owe_no_res
         await look(channel, ("o1", "o2", "o3"), during)  # o1 dropped past the cap (and o2 with `during`)
         channel.send("deployments", ["late"])
         channel._received(None, 0, notify.CHANNEL, f"{notify.HELLO}|b|")
-        assert channel._queued[0] == (notify.RESYNC, []) if resync else channel._queued[0][0] == "deployments"
+        assert channel._resync_owed is resync  # a RESYNC goes before what is queued
+        assert channel._queued[0][0] == "deployments"
         await channel.close()
+
+
+class _Connection:
+    """A listening connection whose NOTIFYs fail while `down` (a connection error), else are kept."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.sent: list[list[str]] = []
+
+    def is_closed(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass
+
+    async def execute(self, query: str, channel: str, messages: list[str]) -> None:
+        if self.down:
+            raise ConnectionResetError("connection reset by peer")
+        self.sent.append(list(messages))
+
+
+async def _told_to_resync_and_failed(monkeypatch: pytest.MonkeyPatch) -> tuple[PgChannel, _Connection]:
+    """A channel whose cap dropped a held message, which hears a HELLO while its NOTIFYs fail: the
+    RESYNC it owes, and what it held, are not sent."""
+    monkeypatch.setattr(notify, "HELD_MAX", 2)
+    channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
+    channel._conn = conn = _Connection()
+    for key in ("t/x", "t/y", "t/z"):
+        channel.send("deployments", [f"modified:{key}"])  # t/x dropped past the cap
+    conn.down = True
+    channel._received(None, 0, notify.CHANNEL, f"{notify.HELLO}|b|")
+    await _until(lambda: channel._flushing is None)
+    assert conn.sent == []
+    conn.down = False
+    return channel, conn
+
+
+async def test_a_resync_whose_notify_failed_goes_before_the_next_message_sent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RESYNC a listener is owed is not lost with the NOTIFY that failed to carry it: it goes
+    first with the next message sent, once."""
+    channel, conn = await _told_to_resync_and_failed(monkeypatch)
+    channel.send("wake")
+    await _until(lambda: channel._flushing is None)
+    channel.send("wake")
+    await _until(lambda: len(conn.sent) == 2)
+    assert conn.sent == [["resync|a|", "wake|a|"], ["wake|a|"]]
+    await channel.close()
+
+
+async def test_a_resync_whose_notify_failed_is_sent_by_the_next_look_that_sees_a_listener(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing more to send: the next look that sees another controller (the keepalive's, or the
+    one a reconnection makes) sends the RESYNC still owed, once."""
+    channel, conn = await _told_to_resync_and_failed(monkeypatch)
+    for _ in range(2):
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        answer.set_result(True)
+        await channel._look(answer)
+        await _until(lambda: channel._flushing is None)
+    assert conn.sent == [["resync|a|"]]
+    await channel.close()
+
+
+async def test_a_resync_queued_while_the_connection_is_down_is_sent_once_it_is_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No connection at all when the RESYNC was to go (between a drop and the reconnection):
+    owed until a connection sends it, still before what is sent next."""
+    monkeypatch.setattr(notify, "HELD_MAX", 2)
+    channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
+    for key in ("t/x", "t/y", "t/z"):
+        channel.send("deployments", [f"modified:{key}"])
+    channel._received(None, 0, notify.CHANNEL, f"{notify.HELLO}|b|")  # no connection: nothing sent
+    await _until(lambda: channel._flushing is None)
+    channel._conn = conn = _Connection()
+    answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    answer.set_result(True)
+    await channel._look(answer)  # the reconnection's look
+    channel.send("wake")
+    await _until(lambda: channel._flushing is None and conn.sent)
+    assert [m for batch in conn.sent for m in batch] == ["resync|a|", "wake|a|"]
+    await channel.close()
