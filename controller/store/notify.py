@@ -210,7 +210,8 @@ class PgChannel:
                 if resync:
                     queued.insert(0, (RESYNC, []))
                 if not await self._send([m for kind, items in queued for m in payloads(kind, self._sender, items)]):
-                    self._resync_owed |= resync  # owed still: with the next message, or the next look
+                    # owed still (with the next message, or the next look), whoever queued it
+                    self._resync_owed |= resync or any(kind == RESYNC for kind, _ in queued)
                     if not self._queued:
                         break
         finally:
