@@ -253,6 +253,9 @@ class AgentSession:
         return next(iter(tenants)) if len(tenants) == 1 else None
 
 
+NODE_DELETED = "the node was deleted by an administrator"  # why its stream ended
+
+
 class AgentHub:
     def __init__(
         self, db: Database, *, heartbeat_timeout_s: float,
@@ -624,15 +627,18 @@ class AgentHub:
                 session.set_due = False
                 due_since, session.due_since = session.due_since, None
                 current = await self._assignment_set(node_id)
-                if current is not None:
-                    now = time.monotonic()
-                    session.sent(current, now)
-                    if due_since is not None:
-                        self._observer.shard_start_stage("push", (now - due_since,))
+                if current is None:  # the node was deleted: by another controller, whose NODE_REMOVED
+                    # this one may have missed (dropped: the resync that follows pushes every set)
+                    self._told_ms.pop(node_id, None)
+                    session.close(NODE_DELETED, mark_down=False)
+                    break
+                now = time.monotonic()
+                session.sent(current, now)
+                if due_since is not None:
+                    self._observer.shard_start_stage("push", (now - due_since,))
                 if stop_reading is None:  # reports are judged against what the node was given: read after the first set
                     stop_reading = self._start_reading(session, inbound, convert)
-                if current is not None:
-                    yield current
+                yield current
             if session.error is not None:
                 raise session.error
         finally:

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller import limits
-from controller.agents import AgentHub
+from controller.agents import NODE_DELETED, AgentHub
 from controller.admission import agent_admission_gate
 from controller.aio import cancel_and_wait, within
 from controller.authn import AUTHORIZATION_KEY, BOOTSTRAP_HINT, Authenticator
@@ -127,7 +127,7 @@ class AppSignals:
         self._app.hub.revoke(node_id, f"the credential of node {node_id} was revoked; register again")
 
     def node_removed(self, node_id: str) -> None:
-        self._app.hub.disconnect(node_id, "the node was deleted by an administrator")
+        self._app.hub.disconnect(node_id, NODE_DELETED)
         self._app.channel.send(NODE_REMOVED, [node_id])
 
 
@@ -235,7 +235,7 @@ class ControllerApp:
             self.hub.notify(items)
         elif kind == NODE_REMOVED:
             for node_id in items:
-                self.hub.disconnect(node_id, "the node was deleted by an administrator")
+                self.hub.disconnect(node_id, NODE_DELETED)
         elif kind == LEASE_RELEASED:
             self.election.wake()
         elif kind == DEPLOYMENTS:
@@ -249,7 +249,8 @@ class ControllerApp:
         """Another controller dropped messages this one may have been owed (`store/notify.py`):
         what they would have said is taken again from the database. Every watch ends (UNAVAILABLE,
         as one that fell behind: its client watches again, from the current state), every agent
-        connected here is sent its set as stored, and the reconciler looks (a lost WAKE)."""
+        connected here is sent its set as stored (a node deleted meanwhile has none: its stream
+        ends, as a NODE_REMOVED lost would have ended it), and the reconciler looks (a lost WAKE)."""
         log.warning("another controller dropped notifications owed to this one: ending %d watch(es) "
                     "and sending %d agent(s) their sets again", self.bus.subscriber_count, len(self.hub.connected()))
         self.bus.close()

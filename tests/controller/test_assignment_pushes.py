@@ -154,3 +154,33 @@ async def test_a_streams_pusher_wakes_for_a_set_made_before_or_while_it_waits_an
     wakeup.set()  # a set with no one waiting, twice: harmless
     wakeup.set()
     assert wakeup.is_set
+
+
+async def test_a_push_to_a_node_deleted_elsewhere_ends_its_stream(database):
+    """A node deleted by another controller whose NODE_REMOVED this one never heard (dropped past
+    `notify.HELD_MAX`): the resync that follows pushes every connected agent its set
+    (`ControllerApp._resync`), and the deleted node has none, so its stream ends as a delete's
+    would; the other streams stay."""
+    from controller.usecases.nodes import delete_node
+    from controller.usecases.ports import RecordingSignals
+
+    nodes = await _cluster(database)
+    async with database.unit_of_work() as uow:
+        sessions = {node_id: row.session_id for node_id, row in (await repo.node_rows_by_id(uow.session, nodes)).items()}
+    hub = AgentHub(database, heartbeat_timeout_s=30, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda keys: asyncio.sleep(0))
+    gone, kept = nodes[0], nodes[1]
+    agents = {n: _Agent(hub, n, sessions[n]) for n in (gone, kept)}
+    try:
+        await _until(lambda: all(len(a.received) == 1 for a in agents.values()))
+        async with database.unit_of_work() as uow:  # elsewhere: this hub is not told
+            await delete_node(uow, WHO, gone, RecordingSignals())
+        hub.notify(list(hub.connected()))
+        await asyncio.wait_for(agents[gone].task, 10)  # the stream ended
+        assert set(hub.connected()) == {kept}
+        assert not agents[kept].task.done()
+    finally:
+        hub.close_all()
+        for a in agents.values():
+            a.task.cancel()
+        await asyncio.gather(*(a.task for a in agents.values()), return_exceptions=True)

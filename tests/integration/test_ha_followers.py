@@ -140,3 +140,39 @@ async def test_a_follower_told_to_resync_ends_its_watches_which_watch_again_from
             first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
             assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == "svc"
             again.cancel()
+
+
+async def test_a_node_deleted_through_a_follower_whose_node_removed_was_lost_leaves_the_leader_on_resync(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A node is deleted through the follower and its NODE_REMOVED never reaches the leader (as one
+    dropped past `notify.HELD_MAX`): the leader keeps the node's stream. The RESYNC the follower then
+    owes makes the leader push every connected agent its set; the deleted node has none, so its
+    stream ends as a NODE_REMOVED heard would have ended it."""
+    from controller.api.server import NODE_REMOVED
+    from controller.store.notify import RESYNC
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    caplog.set_level("INFO", logger="maia.agents")
+    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
+            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
+        token = admin_token_of(leader)
+        node_token = await issue_token(leader.db, "node-bootstrap")
+        async with Stubs.connect(follower.address, token).channel as channel:
+            stubs = Stubs.on(channel)
+            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+            fleet = SimFleet(leader.address, racks=1, nodes_per_rack=2, token=node_token, log_dir=tmp_path)
+            try:
+                await _until(lambda: len(leader.hub.connected()) == 2, "both agents reached the leader")
+                await _until(lambda: follower.channel.others_listening, "the follower knows the leader listens")
+                send = follower.channel.send
+                follower.channel.send = lambda kind, items=(): None if kind == NODE_REMOVED else send(kind, items)
+                gone = fleet.node_ids[0]
+                ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
+                await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=gone))
+                assert ended not in caplog.text  # the leader was not told
+                follower.channel.send = send
+                follower.channel.send(RESYNC)
+                await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader")
+            finally:
+                fleet.stop()
