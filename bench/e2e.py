@@ -87,6 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the requested accelerators that comes in gangs of 8..64 shards")
     p.add_argument("--delete-every", type=int, default=10,
                    help="delete every this many-th deployment to start running, during the run (0: none)")
+    p.add_argument("--deleters", type=int, default=1, metavar="N",
+                   help="concurrent deleting clients, each sending its next delete once the last was answered "
+                        "(1: one delete after another, never two at the controller at once; more: deletes "
+                        "that arrive together, which the controller marks in one batch)")
     p.add_argument("--preload", type=int, default=0, metavar="PLACEMENTS",
                    help="start from a cluster already running this many single-shard deployments "
                         "(written into the database before the controller starts)")
@@ -349,6 +353,7 @@ class Run:
     times: dict[str, Times] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     delete_rpc_ms: list[float] = field(default_factory=list)
+    deleters: int = 1  # concurrent deleting clients (`deleter`)
     all_running: asyncio.Event = field(default_factory=asyncio.Event)
     newly_running: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     expected: int = 0
@@ -488,19 +493,38 @@ async def offered(channel: Any, works: list[Work], run: Run, rate: float, poisso
     run.sending_s = await open_loop(offsets, lambda i: submit_one(stub, works[i], run), run.send_late_ms)
 
 
-async def deleter(channel: Any, run: Run, every: int) -> None:
-    """Deletes every `every`-th deployment that starts running, while the submits go on."""
+async def deleter(channel: Any, run: Run, every: int, deleters: int = 1) -> None:
+    """Deletes every `every`-th deployment that starts running, while the submits go on, by
+    `deleters` clients: each sends its next delete once the last was answered, so with one there is
+    never more than one delete at the controller, with N up to N (those due meanwhile wait here)."""
+    due: asyncio.Queue[str] = asyncio.Queue()
+    clients = [asyncio.create_task(_delete_each(channel, run, due)) for _ in range(deleters)]
+    try:
+        seen = 0
+        while True:
+            name = await run.newly_running.get()
+            if not name:  # the run is over
+                break
+            seen += 1
+            if seen % every == 0:
+                due.put_nowait(name)
+        for _ in clients:
+            due.put_nowait("")
+        await asyncio.gather(*clients)
+    finally:
+        for task in clients:
+            task.cancel()
+
+
+async def _delete_each(channel: Any, run: Run, due: asyncio.Queue[str]) -> None:
+    """One deleting client: the deployments `due` names, one after another, until an empty name."""
     import grpc
     from maia.v1 import deployments_pb2, deployments_pb2_grpc
     stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
-    seen = 0
     while True:
-        name = await run.newly_running.get()
-        if not name:  # the run is over
+        name = await due.get()
+        if not name:
             return
-        seen += 1
-        if seen % every:
-            continue
         t = run.times[name]
         t.delete_sent = time.perf_counter()
         try:
@@ -842,7 +866,8 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             bench.machine0, bench.own0 = machine_cpu_s(), own_cpu_s()
             queue = list(reversed(works))
             if args.delete_every:
-                tasks.append(asyncio.create_task(deleter(channel, run, args.delete_every)))
+                run.deleters = args.deleters
+                tasks.append(asyncio.create_task(deleter(channel, run, args.delete_every, args.deleters)))
             if args.rate > 0:
                 await offered(channel, works, run, args.rate, args.arrivals == "poisson", args.seed)
             else:
@@ -960,7 +985,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "preload_s": round(bench.preload_s, 1), "tenants": bench.tenants, "deployments": len(works),
         "singles": len(singles), "gangs": len(gangs), "gang_shards": sum(w.shards for w in works if w.shards > 1),
         "submitted": sum(1 for x in t.values() if x.submitted),
-        "deletes": sum(1 for x in t.values() if x.delete_sent),
+        "deletes": sum(1 for x in t.values() if x.delete_sent), "deleters": run.deleters,
         "submit": _ms(stage(singles + gangs, "submitted", "acknowledged")),
         "submit_slow": _slow(stage(singles + gangs, "submitted", "acknowledged")),
         "single_committed": _ms(stage(singles, "submitted", "committed")),
@@ -1045,7 +1070,8 @@ def report(r: dict[str, Any]) -> str:
     sent = (f", sent at {r['offered_per_s']}/s, late p50/p99 {pp('send_late')} ms" if r["send_late"] else "")
     return (f"{r['db']:8} {r['nodes']:>6} nodes  {preloaded}{r['submitted']}/{r['deployments']} deployments "
             f"submitted by {r['tenants']} tenants ({r['singles']} single, "
-            f"{r['gangs']} gangs = {r['gang_shards']} shards, {r['deletes']} deleted); {r['load']}{sent}\n"
+            f"{r['gangs']} gangs = {r['gang_shards']} shards, {r['deletes']} deleted by {r.get('deleters', 1)} "
+            f"deleter(s)); {r['load']}{sent}\n"
             f"  submit p50/p99 {pp('submit')} ms ({slow}; in the controller {in_controller}"
             f"<= {r['submit_server_p50_le_s']}/"
             f"{r['submit_server_p99_le_s']} s) | submit->committed single {pp('single_committed')} ms, "

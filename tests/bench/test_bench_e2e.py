@@ -96,3 +96,48 @@ def test_e2e_open_loop_offers_every_deployment_at_its_rate(tmp_path: Path) -> No
     assert result["send_late"] is not None and result["offered_per_s"] > 0
     assert result["submit_server"]["p99_ms"] is not None  # the controller's own timing, interpolated
     assert "open loop, 40/s offered" in done.stdout
+
+
+def test_e2e_deleters_send_every_nth_delete_with_at_most_n_at_the_controller_at_once() -> None:
+    """`--deleters N`: every `--delete-every`-th deployment to run is deleted, by N clients each
+    waiting for its last answer: up to N deletes at the controller at once (1: one after another)."""
+    import asyncio
+
+    from bench.e2e import Run, Times, deleter
+
+    async def deleted_with(deleters: int) -> tuple[list[str], int]:
+        sent: list[str] = []
+        at_once = {"now": 0, "most": 0}
+        answer = asyncio.Event()
+
+        async def delete(request, **_: object) -> None:  # noqa: ANN001
+            sent.append(request.name)
+            at_once["now"] += 1
+            at_once["most"] = max(at_once["most"], at_once["now"])
+            await answer.wait()
+            at_once["now"] -= 1
+
+        class Channel:  # what the stub asks of a channel
+            def unary_unary(self, method: str, **_: object):  # noqa: ANN201
+                return delete
+
+            unary_stream = stream_unary = stream_stream = unary_unary
+
+        run = Run()
+        names = [f"d{i}" for i in range(12)]
+        run.times = {name: Times() for name in names}
+        task = asyncio.create_task(deleter(Channel(), run, 2, deleters))
+        for name in names:
+            run.newly_running.put_nowait(name)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        answer.set()
+        run.newly_running.put_nowait("")
+        await asyncio.wait_for(task, 10)
+        assert len(run.delete_rpc_ms) == len(sent)
+        return sent, at_once["most"]
+
+    for deleters, most in ((1, 1), (4, 4)):
+        sent, at_once = asyncio.run(deleted_with(deleters))
+        assert sorted(sent) == sorted(f"d{i}" for i in range(1, 12, 2))
+        assert at_once == most
