@@ -135,6 +135,7 @@ def test_e2e_deleters_send_every_nth_delete_with_at_most_n_at_the_controller_at_
         run.newly_running.put_nowait("")
         await asyncio.wait_for(task, 10)
         assert len(run.delete_rpc_ms) == len(sent)
+        assert all(0 < t.delete_due <= t.delete_sent <= t.delete_answered for name, t in run.times.items() if name in sent)
         return sent, at_once["most"]
 
     for deleters, most in ((1, 1), (4, 4)):
