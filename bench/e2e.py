@@ -1018,6 +1018,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         # from picked to answered: the RPC and the wait for a free deleter (one deleter: every
         # delete due while one is at the controller waits in the bench, which the RPC's time hides)
         "delete_due_answered": _ms(stage(list(t), "delete_due", "delete_answered")),
+        "delete_due_gone": _ms(stage(list(t), "delete_due", "deleted")),
         "running": len(ran),
         "deployments_per_s": round(len(ran) / span, 1) if span else 0.0,
         "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
@@ -1093,7 +1094,7 @@ def report(r: dict[str, Any]) -> str:
             f"{pp('single_running_seen')} ms | shard start stages p50/p99 ms: "
             + ", ".join(f"{stage} {v['p50_ms']}/{v['p99_ms']}" for stage, v in r["shard_start"].items()) + "\n"
             f"  delete rpc {pp('delete_rpc')} ms (due->answered {pp('delete_due_answered')} ms), "
-            f"delete->gone {pp('delete_gone')} ms | "
+            f"delete->gone {pp('delete_gone')} ms (due->gone {pp('delete_due_gone')} ms) | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
             f"controller CPU {r['controller_cpu_s']} s (decide process "
             f"{round(r['controller_children_cpu_s'] - r['controller_gateways_cpu_s'], 1)} s"
