@@ -76,6 +76,20 @@ def _answer(outcome: object) -> object:
     return replace(outcome, updated_at=None)
 
 
+def _first_batch_fails(batcher: DeleteBatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batcher's next batch fails to commit (nothing written: each member goes alone)."""
+    failing = {"left": 1}
+    commit_batch = batcher.commit_batch
+
+    async def fails_once(batch):
+        if failing["left"]:
+            failing["left"] -= 1
+            raise RuntimeError("this batch could not commit")
+        return await commit_batch(batch)
+
+    monkeypatch.setattr(batcher, "commit_batch", fails_once)
+
+
 async def test_a_batch_gives_each_caller_the_lone_answer_in_one_transaction_and_one_bump(cluster):
     await add_tenant(cluster, "t2")
     await _submit(cluster, ("t1", "a"), ("t1", "b"), ("t1", "again"), ("t2", "theirs"))
@@ -176,16 +190,7 @@ async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(clu
         assert {r.phase for r in await repo.list_deployment_rows(uow.session)} == {m.DeploymentPhase.PENDING}
     monkeypatch.undo()
 
-    failing = {"left": 1}
-    commit_batch = batcher.commit_batch
-
-    async def fails_once(batch):
-        if failing["left"]:
-            failing["left"] -= 1
-            raise RuntimeError("this batch could not commit")
-        return await commit_batch(batch)
-
-    monkeypatch.setattr(batcher, "commit_batch", fails_once)
+    _first_batch_fails(batcher, monkeypatch)
     results = await asyncio.gather(batcher.delete(WHO, "a", "t1"), batcher.delete(WHO, "b", "t1"),
                                    batcher.delete(WHO, "nope", "t1"), return_exceptions=True)
     assert [_answer(r) if isinstance(r, NotFound) else r.phase for r in results] == \
@@ -329,16 +334,7 @@ async def test_a_member_of_a_failed_batch_racing_a_later_delete_of_its_name_mark
     audit interceptor's, as for any call that committed nothing)."""
     await _submit(cluster, ("t1", "a"))
     batcher = DeleteBatcher(cluster, RecordingSignals())
-    failing = {"left": 1}
-    commit_batch = batcher.commit_batch
-
-    async def fails_once(batch):
-        if failing["left"]:
-            failing["left"] -= 1
-            raise RuntimeError("this batch could not commit")
-        return await commit_batch(batch)
-
-    monkeypatch.setattr(batcher, "commit_batch", fails_once)
+    _first_batch_fails(batcher, monkeypatch)
     read, go_on = asyncio.Event(), asyncio.Event()
     lone_mark = deployments.mark_deleting
 
