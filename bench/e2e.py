@@ -1019,6 +1019,9 @@ def summarize(bench: Bench) -> dict[str, Any]:
         # delete due while one is at the controller waits in the bench, which the RPC's time hides)
         "delete_due_answered": _ms(stage(list(t), "delete_due", "delete_answered")),
         "delete_due_gone": _ms(stage(list(t), "delete_due", "deleted")),
+        # sent once every submit was answered: to a controller no longer saturated
+        "deletes_after_submits": sum(1 for x in t.values()
+                                     if x.delete_sent and x.delete_sent > bench.started + bench.submitted_s),
         "running": len(ran),
         "deployments_per_s": round(len(ran) / span, 1) if span else 0.0,
         "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
@@ -1093,7 +1096,8 @@ def report(r: dict[str, Any]) -> str:
             f"  committed->Running recorded single {pp('single_running_recorded')} ms, ->seen on the watch "
             f"{pp('single_running_seen')} ms | shard start stages p50/p99 ms: "
             + ", ".join(f"{stage} {v['p50_ms']}/{v['p99_ms']}" for stage, v in r["shard_start"].items()) + "\n"
-            f"  delete rpc {pp('delete_rpc')} ms (due->answered {pp('delete_due_answered')} ms), "
+            f"  delete rpc {pp('delete_rpc')} ms (due->answered {pp('delete_due_answered')} ms; "
+            f"{r['deletes_after_submits']} sent after the submits), "
             f"delete->gone {pp('delete_gone')} ms (due->gone {pp('delete_due_gone')} ms) | "
             f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
             f"controller CPU {r['controller_cpu_s']} s (decide process "
