@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Row, bindparam, case, insert, select, text, update
+from sqlalchemy import Row, bindparam, case, event, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from controller.store.inlist import POSTGRESQL, dialect_of
 from controller.store.models import AuditEntry, AuditHead, utcnow
@@ -137,9 +138,25 @@ def _row_values(record: AuditRecord) -> dict[str, Any]:
 # The head this process last wrote, per database (its URL, not its engine: the reconcile thread's
 # engine and the controller's append to one chain, and each missed the other's head every time,
 # a failed compare-and-set and two more statements per append): the next append links to it
-# without reading the head first (`append`). Stale (another process appended, a transaction
-# rolled back), the compare-and-set misses and the head is read.
+# without reading the head first (`append`). Stale (another process appended: another controller,
+# a leader before this one, `maiactl` on the file), the compare-and-set misses and the head is
+# read (or, unread, the transaction fails). A transaction of this process that appended and then
+# rolled back forgets the head it wrote (`_rolled_back`): it was never committed.
 _last_heads: dict[str, tuple[int, str]] = {}
+# In a session's `info`: (database, head) of the append it made in its open transaction.
+_APPENDED = "maia_audit_appended"
+
+
+@event.listens_for(Session, "after_commit")
+def _committed(session: Session) -> None:
+    session.info.pop(_APPENDED, None)
+
+
+@event.listens_for(Session, "after_rollback")
+def _rolled_back(session: Session) -> None:
+    appended = session.info.pop(_APPENDED, None)
+    if appended is not None and _last_heads.get(appended[0]) == appended[1]:  # no later append linked to it
+        _last_heads.pop(appended[0], None)
 
 # `append`'s statements, built once (Core, on the tables: building and caching them per append,
 # and the ORM's bulk insert, were a fifth of a submit batch's own time).
@@ -190,8 +207,9 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
     new entries only if it is still the head (compare and set; PostgreSQL re-evaluates the
     condition on the row another appender committed), then the entries are inserted (on
     PostgreSQL by the same statement, only if it moved the head). When someone else appended since
-    (another process, a rolled-back transaction, an edit), three: move the head and read where it
-    was, insert, record the new hash.
+    (another process, an edit), three: move the head and read where it was, insert, record the
+    new hash. The head written is remembered for the next append; forgotten if the transaction
+    rolls back.
 
     `unread` (SQLite, inside `sqlite_driver.deferred_writes`; for a writer whose transaction
     fails or commits whole, and that is retried when it fails): the compare and set reads
@@ -199,7 +217,8 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
     trip of their own to SQLite's thread while it holds the writer). A missed compare and set
     then fails the transaction instead of reading the head: the entries' INSERT writes their
     hash only where the head was moved to it, and NULL (refused: NOT NULL) elsewhere, so nothing
-    is written; the caller's retry (without `unread`) reads the head.
+    is written, and the rollback forgets the head it would have linked to: the caller's retry
+    (with or without `unread`) reads the database's head.
     """
     if not records:
         return []
@@ -247,17 +266,9 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
     elif not inserted:
         await session.execute(_INSERT_ENTRIES, rows)
     if database is not None:
-        _last_heads[database] = (rows[-1]["seq"], rows[-1]["hash"])
+        head = _last_heads[database] = (rows[-1]["seq"], rows[-1]["hash"])
+        session.info[_APPENDED] = (database, head)
     return [row["seq"] for row in rows]
-
-
-def forget_head(session: AsyncSession) -> None:
-    """Forget the head this process wrote last, for a caller whose transaction that appended did
-    not commit: the next append reads the database's head. After an unread append it must (its
-    compare and set misses the head it would link to, as its own did, and fails in turn)."""
-    engine = getattr(session.bind, "sync_engine", None)
-    if engine is not None:
-        _last_heads.pop(str(engine.url), None)
 
 
 @dataclass

@@ -113,9 +113,9 @@ async def list_events(session: AsyncSession, *, object_kind: str = "", object_id
 # --- tenants ---------------------------------------------------------------------------------
 async def forget_request_ids(session: AsyncSession, tenant_id: str, *, before: datetime) -> None:
     """Drop a tenant's client request ids whose deployment is gone and that were made before `before`."""
-    await session.execute(delete(m.ClientRequest).where(
+    await session.execute(rowcount_unread(delete(m.ClientRequest).where(
         m.ClientRequest.tenant_id == tenant_id, m.ClientRequest.deployment_id.is_(None),
-        m.ClientRequest.created_at < before).execution_options(synchronize_session=False))
+        m.ClientRequest.created_at < before)).execution_options(synchronize_session=False))
 
 
 async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:

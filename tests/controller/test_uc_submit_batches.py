@@ -18,6 +18,7 @@ from controller.errors import AlreadyExists, InvalidArgument, NotFound, Resource
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.store import audit
 from controller.store import models as m
+from controller.store import sqlite_driver
 from controller.store.audit import AuditRecord, CallEntry
 from controller.store.turns import WritePriority
 from controller.usecases import submits
@@ -25,7 +26,7 @@ from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import views_of
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.submits import Queued, SubmitBatcher
-from uc_builders import WHO, add_tenant, batch_priorities, deployment
+from uc_builders import WHO, add_tenant, appended_elsewhere, batch_priorities, deployment
 
 
 def _queued(name: str, tenant: str = "t1", request_id: str = "", **spec: Any) -> Queued:
@@ -233,3 +234,53 @@ async def test_a_batch_keeps_the_writer_from_passes_and_reports_while_it_reads(c
     await batcher.submit(WHO, deployment("a"))
     assert kept == [True]  # on its way while it read
     assert not turns.answering()  # taken back
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_a_batch_holds_sqlites_writer_for_two_trips_its_inserts_and_its_commit(cluster):
+    """On SQLite a batch's first write (the deployments' INSERT, which reads their ids back) takes
+    the writer; every other write (the old request ids' DELETE, the request ids, the events, the
+    audit head's compare and set and the entries) goes with its COMMIT: two trips to SQLite's thread
+    while it holds the writer, where a busy event loop made each cost milliseconds (four with a
+    request id, three without, before: docs/benchmarks.md, `p99c`)."""
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    capacity = CapacityCache()
+    await batcher.commit_batch([replace(_queued("w"), capacity=capacity)])  # the audit head this process wrote: known
+    with sqlite_driver.counted_trips() as trips:
+        outcomes = await batcher.commit_batch([replace(_queued("a"), capacity=capacity),
+                                               replace(_queued("b", request_id="r-b"), capacity=capacity)])
+    assert len(outcomes) == 2
+    writes = [trip.statement for trip in trips]
+    assert writes[writes.index("INSERT INTO deployments"):] == ["INSERT INTO deployments", "COMMIT"]
+    async with cluster.unit_of_work() as uow:
+        report = await audit.verify_chain(uow.session)
+        assert [e.object_id for e in await audit.list_entries(uow.session)] == ["t1/w", "t1/a", "t1/b"]
+        assert await uow.session.get(m.ClientRequest, ("t1", "r-b")) is not None
+    assert report.intact and report.entries == 3
+
+
+async def test_a_batch_behind_a_stale_audit_head_commits_nothing_and_each_submit_lands_alone(cluster):
+    """The audit head this process wrote last is not the database's (another process appended
+    since): on SQLite the batch's compare and set, which reads nothing back, misses and fails the
+    batch whole (nothing written); its members go alone, each with its own audit entry in one
+    chain, and the batch after links to the database's head again."""
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    await appended_elsewhere(cluster)
+
+    async def submit_in_a_call(name: str):
+        call = _queued(name).call
+        audit.open_call(call.record)
+        return await batcher.submit(WHO, deployment(name))
+
+    results = await asyncio.gather(submit_in_a_call("a"), submit_in_a_call("b"))
+    assert [r.spec.name for r in results] == ["a", "b"]
+    if cluster.is_sqlite:
+        assert batcher.stats.alone == 2
+    await asyncio.create_task(submit_in_a_call("c"))
+    assert batcher.stats.alone == (2 if cluster.is_sqlite else 0)
+    async with cluster.unit_of_work() as uow:
+        report = await audit.verify_chain(uow.session)
+        written = [e.object_id for e in await audit.list_entries(uow.session)]
+    assert report.intact and report.entries == 5
+    assert sorted(written[2:4]) == ["t1/a", "t1/b"] and written[4] == "t1/c"
+    assert await _count(cluster, m.Deployment) == 3

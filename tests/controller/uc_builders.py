@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import event, func, select
 
 from controller.identity import Principal
+from controller.store import audit
 from controller.store import models as m
 from controller.store.db import Database, UnitOfWork
 from controller.store.turns import WritePriority, current_priority
@@ -133,3 +134,16 @@ def batch_priorities(batcher: Any, monkeypatch: pytest.MonkeyPatch) -> list[Writ
 
     monkeypatch.setattr(batcher, "commit_batch", recorded)
     return priorities
+
+
+async def appended_elsewhere(db: Database) -> None:
+    """Another process (a leader before this one, `maiactl` on the file) appends to the audit
+    chain after this one did: the head this process wrote last is no longer the database's. Two
+    entries, "here" then "elsewhere"."""
+    for actor in ("here", "elsewhere"):
+        known = dict(audit._last_heads)
+        async with db.unit_of_work() as uow:
+            await audit.append(uow.session, [audit.AuditRecord(actor=actor, action="test.append")])
+            await uow.commit()
+    audit._last_heads.clear()
+    audit._last_heads.update(known)  # what this process knew before the other appended

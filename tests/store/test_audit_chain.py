@@ -230,8 +230,8 @@ def test_entries_hash_and_clean_as_the_canonical_form_says() -> None:
 async def test_an_unread_append_goes_with_the_commit_and_a_missed_head_fails_its_transaction(
         database: Database) -> None:
     """`append(unread=True)` inside `deferred_writes` on SQLite: no trip of its own, the entries
-    chained to the head this process wrote. When that head is stale (a rolled-back append left it
-    ahead), the compare and set misses and the commit fails with nothing written; an append that
+    chained to the head this process wrote. When that head is stale (another process appended
+    since), the compare and set misses and the commit fails with nothing written; an append that
     reads the head then links to the real one."""
     assert await _append(database, _record(1)) == [1]
     async with database.unit_of_work() as uow:
@@ -239,16 +239,33 @@ async def test_an_unread_append_goes_with_the_commit_and_a_missed_head_fails_its
             assert await audit.append(uow.session, [_record(2), _record(3)], unread=True) == [2, 3]
         await uow.commit()
     assert trips == []
-    async with database.unit_of_work() as uow:
-        await audit.append(uow.session, [_record(4)])  # rolled back: the head it wrote is not the database's
-        await uow.rollback()
+    ours = dict(audit._last_heads)
+    assert await _append(database, _record(4)) == [4]  # another process's append
+    audit._last_heads.clear()
+    audit._last_heads.update(ours)
     with pytest.raises(IntegrityError):
         async with database.unit_of_work() as uow:
             with deferred_writes():
                 await audit.append(uow.session, [_record(5)], unread=True)
             await uow.commit()
     report = await _verify(database)
-    assert report.intact and report.entries == 3 and report.head_seq == 3
-    assert await _append(database, _record(6)) == [4]
-    report = await _verify(database)
     assert report.intact and report.entries == 4 and report.head_seq == 4
+    assert await _append(database, _record(6)) == [5]
+    report = await _verify(database)
+    assert report.intact and report.entries == 5 and report.head_seq == 5
+
+
+async def test_a_rolled_back_append_forgets_the_head_it_wrote(database: Database) -> None:
+    """A transaction that appended and rolled back (a failed plan commit, a failed batch) wrote a
+    head that was never committed: the next append does not link to it. Unread (SQLite), linking to
+    it would fail the next transaction whole (`test_an_unread_append_goes_with_...`)."""
+    assert await _append(database, _record(1)) == [1]
+    async with database.unit_of_work() as uow:
+        assert await audit.append(uow.session, [_record(2)]) == [2]
+        await uow.rollback()
+    async with database.unit_of_work() as uow:
+        with deferred_writes():
+            assert await audit.append(uow.session, [_record(3)], unread=True) == [2]
+        await uow.commit()
+    report = await _verify(database)
+    assert report.intact and report.entries == 2 and report.head_seq == 2
