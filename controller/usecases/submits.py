@@ -15,7 +15,9 @@ pass (every deployment, every request id, one event and one audit entry each: ea
 appended to the chain in order) and then answers each caller. A submit so costs the event loop
 no unit of work of its own: under load each round trip to the database is a turn of a busy
 loop, and the reads of a lone check were most of a submit's time (docs/benchmarks.md,
-2026-12-01 day).
+2026-12-01 day). For the same reason the batch's writes read nothing back but the deployments'
+ids: on SQLite it holds the writer for two trips, the INSERT and the COMMIT (the audit append
+`unread`).
 
 Every guarantee of a lone submit holds, because anything a batch cannot decide on its own is
 decided by the lone submit itself (`deployments.submit_deployment`, in the caller's task, after
@@ -29,7 +31,8 @@ the batch committed, so exactly as if the submits had come one after the other):
 - the tenant's submit rate is charged once: by the batch, or by the lone submit when the batch
   handed the member back before charging it;
 - a batch that fails to commit writes nothing (one transaction) and every member goes alone:
-  one bad member never fails the others;
+  one bad member never fails the others; so does a batch whose audit compare and set missed on
+  SQLite (another process appended since this one last did: `audit.append(unread=True)`);
 - a caller is answered only after the commit that holds its deployment and its audit entry.
 
 Where a batched submit's time went (`SubmitStages`: its checks, its wait for a batch, the
