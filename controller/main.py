@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from controller.config import Config, parse_args
 from controller.logs import configure_logging
 from controller.gcpolicy import configure_gc
+from controller.threads import name_threads
 from controller.preflight import StartupError, check_db_url, check_listen
 from controller.gateway.linkdir import LinkPathTooLong, check_link_parent
 
@@ -139,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SCHEMA
     configure_logging(config.log_level)
     configure_gc()
+    name_threads()
     choose_event_loop(db)
     return asyncio.run(serve(config))
 
