@@ -738,7 +738,9 @@ class Reconciler:
             self._queue.helped()
         # Arrivals committed out of order go first, followed as the commit lists them.
         try:
-            retried = await asyncio.to_thread(cache.pending_docs) + late if helped else late  # blocks: the session
+            # A worker thread only when the session is asked (it blocks on it): not after it answered none.
+            retried = (await asyncio.to_thread(cache.pending_docs) if cache.may_hold_pending else []) + late \
+                if helped else late
         except DeciderFailed:  # the session in the decide process is lost
             log.exception("the warm session is lost; solving the whole cluster")
             self._warm.drop()

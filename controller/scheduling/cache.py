@@ -313,6 +313,12 @@ class ClusterCache:
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=snap.deleting | gone)
         return held
 
+    @property
+    def may_hold_pending(self) -> bool:
+        """Whether `pending_docs` may ask the session (and block on it): False when the session
+        last answered none and nothing since could leave a deployment short."""
+        return not self._none_pending
+
     def pending_docs(self) -> list[dict[str, Any]]:
         """The deployments the session holds short of replicas (unplaceable so far, preempted, or
         placed in part), in arrival order: to decide again after a change that could help them.
@@ -621,8 +627,8 @@ class ClusterCache:
 
     def reread(self, reads: Sequence[NodeRead]) -> dict[str, frozenset[str]]:
         """The nodes among `reads` holding shards whose deployments must be read again whole
-        before the nodes are applied (`apply_nodes(reread=)`), with those deployments (blocking:
-        a worker thread): drained or no longer drained, holding a replica being replaced (the
+        before the nodes are applied (`apply_nodes(reread=)`), with those deployments (no call
+        on the session: short Python, on the event loop): drained or no longer drained, holding a replica being replaced (the
         view drops one on a down node), removed, or changed other than in state (resized: the
         shards on accelerators it no longer has, or on a node removed, were released as it
         changed; the session repairs what is left of their replicas, as `solve()` does)."""

@@ -153,7 +153,7 @@ class WarmCluster:
         # Deployments updated, or whose placements changed (another controller's plan commit;
         # failed replicas released, replaced ones retired; a failure reported), or on a node
         # drained or no longer drained, or going down: read again whole.
-        reread = await asyncio.to_thread(cache.reread, reads)
+        reread = cache.reread(reads)  # short Python (no session call): on the loop (`gilthreads`)
         replaced = set(reread)
         keys = {name for kind, name in rows if kind in (ChangeKind.PLACEMENTS, ChangeKind.DEPLOYMENT)}
         keys.update(key for held in reread.values() for key in held)

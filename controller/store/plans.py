@@ -54,7 +54,6 @@ The caller owns the transaction: run both inside one unit of work and `commit()`
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import defaultdict, namedtuple
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -764,7 +763,11 @@ async def _recheck(
     placed = {(spec(k[0], revision), k[1], k[2]): where for k, (revision, where) in shards.items()}
     wanted = {(spec(rk[0], changes.revision_of[(*rk, min(by_shard))]), rk[1]): by_shard
               for rk, by_shard in landing.items()}
-    rejected = await asyncio.to_thread(recheck, doc, placed, wanted, unread)
+    # On the loop, not a worker thread: Python holding the GIL all along (4 ms of CPU a call at
+    # the median, 17 ms at most, saturated at 4,096 nodes), which a worker holds just as long and
+    # the loop waits for just the same, after a hand-over each way (there 12.5 ms of wall time a
+    # call for 3.6 ms of CPU: docs/benchmarks.md, issue 8, `gilthreads`).
+    rejected = recheck(doc, placed, wanted, unread)
     return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}, doc
 
 

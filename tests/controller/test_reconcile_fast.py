@@ -335,6 +335,17 @@ async def test_the_session_is_asked_what_waits_only_when_something_may(cluster, 
         return answers[-1]
 
     monkeypatch.setattr(Session, "pending", pending)
+    # Not even a trip to a worker thread when the session is not asked (`ClusterCache.may_hold_pending`).
+    from controller.scheduling.cache import ClusterCache
+
+    looked = [0]
+    real_docs = ClusterCache.pending_docs
+
+    def pending_docs(self: ClusterCache) -> list[dict[str, Any]]:
+        looked[0] += 1
+        return real_docs(self)
+
+    monkeypatch.setattr(ClusterCache, "pending_docs", pending_docs)
     # (A back-off the test never reaches: what waits is decided again on the session, not by a full solve.)
     loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000,
                       backoff_s=3600.0)
@@ -353,7 +364,7 @@ async def test_the_session_is_asked_what_waits_only_when_something_may(cluster, 
     await delete("a")  # not known yet: asked, nothing waits
     assert answers == [[]]
     await delete("b")  # nothing since could leave one short: not asked
-    assert answers == [[]] and loop.fast_passes == 3
+    assert answers == [[]] and loop.fast_passes == 3 and looked[0] == 1
     # 3 replicas of a whole node each: 2 nodes free, one replica left short.
     await submit(cluster, deployment("wide", replicas=3, accelerators=4, locality="node"))
     await loop.reconcile_once()

@@ -362,7 +362,20 @@ async def test_concurrent_plans_that_fit_alone_but_not_together_commit_a_checker
     assert check_state(committed.problem, committed.problem["placements"]) == []
 
 
-async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Database) -> None:
+async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Database,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The re-check is short Python holding the GIL: on the loop's thread, not a worker's (which
+    # holds the GIL just as long, after a hand-over each way: docs/benchmarks.md, `gilthreads`).
+    import threading
+    from controller.store import recheck as recheck_module
+
+    threads: list[threading.Thread] = []
+
+    def recheck(*args: Any) -> Any:
+        threads.append(threading.current_thread())
+        return recheck_module.recheck(*args)
+
+    monkeypatch.setattr(plans, "recheck", recheck)
     snap = await _seeded(database)
     async with database.unit_of_work() as uow:
         await repo.set_node_cordoned(uow.session, "n2", True)
@@ -372,6 +385,7 @@ async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Dat
                                                                     P(TRAIN, 0, 1, "n2", 2, 3))))
     assert result.stale and result.requeued == {(TRAIN, 0): ("node n2 is cordoned: it takes no new shards",)}
     assert not any(key[0] == TRAIN for key in (await _state(database))["placements"])
+    assert threads and all(thread is threading.main_thread() for thread in threads)
 
 
 async def test_a_new_replica_of_a_template_replaced_since_the_snapshot_is_requeued(database: Database) -> None:
