@@ -3,10 +3,11 @@ and py-spy show which thread burns the CPU.
 
 CPython names a thread only for itself (`threading.Thread.name`, which py-spy reads); the
 operating system's name stays the process's (`maia-controller`) for every thread. The threads
-the controller starts carry names of their own (`asyncio_<n>`: the loop's default executor, which
-`asyncio.to_thread` uses; `OwnLoop`'s; the lease keeper's); `name_threads` gives every Python thread started after it the OS name its Python name
-says, and a short name to the libraries' threads that CPython names after their target
-(`Thread-7 (_connection_worker_thread)`: aiosqlite's connection threads, one a connection).
+the controller starts carry names of their own (`asyncio_<n>`: the loop's default executor,
+which `asyncio.to_thread` uses; `OwnLoop`'s; the lease keeper's); `name_threads` gives every
+Python thread started after it the OS name its Python name says, and a short name to the
+libraries' threads that CPython names after their target (`Thread-7
+(_connection_worker_thread)`: aiosqlite's connection threads, one a connection).
 gRPC's own threads (`event_engine`, `grpc_global_tim`) name themselves.
 """
 

@@ -628,10 +628,11 @@ class ClusterCache:
     def reread(self, reads: Sequence[NodeRead]) -> dict[str, frozenset[str]]:
         """The nodes among `reads` holding shards whose deployments must be read again whole
         before the nodes are applied (`apply_nodes(reread=)`), with those deployments (no call
-        on the session: short Python, on the event loop): drained or no longer drained, holding a replica being replaced (the
-        view drops one on a down node), removed, or changed other than in state (resized: the
-        shards on accelerators it no longer has, or on a node removed, were released as it
-        changed; the session repairs what is left of their replicas, as `solve()` does)."""
+        on the session: short Python, on the event loop): drained or no longer drained, holding
+        a replica being replaced (the view drops one on a down node), removed, or changed other
+        than in state (resized: the shards on accelerators it no longer has, or on a node
+        removed, were released as it changed; the session repairs what is left of their
+        replicas, as `solve()` does)."""
         holding = self.holding({read.id for read in reads})
         nodes = self.snapshot.index.nodes_by_id(self.snapshot.problem) if holding else {}
         again = {}
