@@ -477,13 +477,15 @@ class ControllerApp:
            to the next controller; a gateway's link ends once its calls sent their statuses, and the
            gateway ends the rest as for a controller gone), the server takes no new call and gives
            the calls in flight `grace_s` to finish, then cancels them; waited for at most `STREAMS_END_TIMEOUT_S` more;
-        3. the leader lease released, the cluster channel closed, the engine disposed (each bounded).
+        3. the agent gateways, told to stop, are given until a deadline set at the stop's start that
+           grows with the streams they hold (`children.stop_grace_s`), then killed;
+        4. the leader lease released, the cluster channel closed, the engine disposed (each bounded).
         """
         started = time.monotonic()
         streams = len(self.hub.connected())
         log.info("stopping: %d agent streams open", streams)
-        if self.gateways is not None:  # no gateway started again while the servers stop
-            self.gateways.stopping()
+        if self.gateways is not None:  # no gateway started again; their deadline grows with their streams
+            self.gateways.stopping(self.relay.open_calls() if self.relay is not None else 0)
         await self.health.enter_graceful_shutdown()
         await cancel_and_wait(self._tasks)
         self._tasks = []

@@ -9,8 +9,17 @@ logged and started again after `restart_after_s` on the same address (its agents
 their nodes are suspect, and they reconnect to the other gateways or to it); one that fails to
 start is tried again after twice the last wait, up to `RESTART_BACKOFF_MAX_S` (a gateway that
 cannot start, its port taken or its certificate gone, is not an interpreter started every second
-on the controller's host). `stopping` (the controller's stop began) ends the restarts; `stop`
-sends SIGTERM and kills what is still there after a grace.
+on the controller's host). `stopping` (the controller's stop began) ends the restarts and sets
+the gateways' deadline; `stop` sends SIGTERM and kills what is still there at the deadline.
+
+The deadline grows with the agent streams the gateways hold (`stop_grace_s`): a gateway ends each
+of its agents' calls with the controller's status (gRPC has no call for ending many at once, and
+its own per-call work is most of the cost: ~80 us of CPU a stream, 0.7 s at 8,192 streams on a
+quiet host, docs/benchmarks.md "a gateway's stop at many streams"); a fixed 5 s ran out at 16,384
+streams on a loaded host, and the agents whose calls were not ended yet saw their connection reset
+instead of the controller's goodbye. It counts from the start of the controller's stop, when the
+gateways begin ending their calls (the statuses cross the link while the controller's servers
+stop), and it is capped so that the controller's own stop stays within its shutdown deadline.
 
 A gateway is given its settings as flags and only the part of the controller's environment that
 the interpreter, the C library and gRPC core read (`gateway_environment`): not the controller's
@@ -25,6 +34,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +44,15 @@ from controller.gateway.linkdir import LinkDirectory
 log = logging.getLogger("maia.gateway")
 
 READY_TIMEOUT_S = 30.0
+# The gateways' stop deadline (module docstring): STOP_GRACE_S, plus STOP_GRACE_PER_STREAM_S a
+# stream they hold (~12x the CPU a stream's end costs: a loaded host gives a niced gateway a small
+# share of a core), at most STOP_GRACE_MAX_S after the controller's stop began (its shutdown
+# deadline is 30 s: the lease's release and the database's disposal come after); a gateway is given
+# at least STOP_AFTER_SIGTERM_S after its SIGTERM whatever the deadline.
 STOP_GRACE_S = 5.0
+STOP_GRACE_PER_STREAM_S = 0.001
+STOP_GRACE_MAX_S = 20.0
+STOP_AFTER_SIGTERM_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
 READY_PREFIX = "maia-gateway listening on "
 # What a gateway takes of the controller's environment: the programs' path, the home directory
@@ -45,6 +63,12 @@ READY_PREFIX = "maia-gateway listening on "
 INHERITED_VARIABLES = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "LD_PRELOAD",
                                  "GLIBC_TUNABLES"})
 INHERITED_PREFIXES = ("LC_", "MALLOC_", "PYTHON", "GRPC_")
+
+
+def stop_grace_s(streams: int) -> float:
+    """How long gateways holding `streams` agent streams are given to stop, from the controller's
+    stop's start."""
+    return min(STOP_GRACE_MAX_S, STOP_GRACE_S + STOP_GRACE_PER_STREAM_S * max(0, streams))
 
 
 def gateway_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -78,6 +102,7 @@ class GatewayProcesses:
         self.restarts = 0
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._stop_deadline: float | None = None  # time.monotonic() at which `stop` kills what is left
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
@@ -142,21 +167,29 @@ class GatewayProcesses:
             else:
                 delay = self.settings.restart_after_s
 
-    def stopping(self) -> None:
-        """The controller began to stop: a gateway that exits from now on is not started again (its
-        link ends with the controller's servers; one started now would linger until `stop`)."""
+    def stopping(self, streams: int = 0) -> None:
+        """The controller began to stop, its gateways holding `streams` agent streams: a gateway that
+        exits from now on is not started again (its link ends with the controller's servers; one
+        started now would linger until `stop`), and `stop` kills what is left `stop_grace_s(streams)`
+        from now (the first call sets it)."""
         self._stopping = True
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + stop_grace_s(streams)
 
     async def stop(self) -> None:
+        """SIGTERM to every gateway; those still there at the deadline (`stopping`) are killed."""
         self.stopping()
+        assert self._stop_deadline is not None
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()
         for process in self.processes:
+            grace = max(self._stop_deadline - time.monotonic(), STOP_AFTER_SIGTERM_S)
             try:
-                await asyncio.to_thread(process.wait, STOP_GRACE_S)
+                await asyncio.to_thread(process.wait, grace)
             except subprocess.TimeoutExpired:
-                log.warning("agent gateway pid %d did not stop within %.0fs; killed", process.pid, STOP_GRACE_S)
+                log.warning("agent gateway pid %d did not stop by its deadline (%.1fs after its SIGTERM); killed",
+                            process.pid, grace)
                 process.kill()
                 await asyncio.to_thread(process.wait)
         for watcher in self._watchers:

@@ -20,6 +20,7 @@ import itertools
 import logging
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class Gateway:
         self._calls: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.linked = False
+
+    def open_calls(self) -> int:
+        return len(self._calls)
 
     # --- the link ----------------------------------------------------------------------------
     async def run_link(self, channel: aio.Channel) -> None:
@@ -219,10 +223,13 @@ async def serve(args: argparse.Namespace) -> int:
     lost = link.done() and not stop.is_set()
     if lost:
         log.warning("gateway %s: the link to the controller ended; stopping", args.name)
+    began, calls = time.monotonic(), gateway.open_calls()
     await server.stop(1.0)
     link.cancel()
     stopping.cancel()
     await channel.close()
+    log.info("gateway %s: stopped in %.2fs (%d agent calls were still open)", args.name, time.monotonic() - began,
+             calls)
     return EXIT_LINK_LOST if lost else 0
 
 

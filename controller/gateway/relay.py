@@ -335,6 +335,10 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
         self.links: dict[str, _Link] = {}
         self._ending = False
 
+    def open_calls(self) -> int:
+        """The relayed calls open on every link (the agent streams the gateways hold, mostly)."""
+        return sum(link.open_calls() for link in self.links.values())
+
     def end_links(self) -> None:
         """The controller is stopping: end every link (and any that links from now on) once its
         calls are over."""

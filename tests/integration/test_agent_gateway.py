@@ -395,3 +395,31 @@ async def test_the_controllers_stop_ends_its_gateways_links_and_their_agents_str
         await through_gateway.channel.close()
     unlinked = [r.getMessage() for r in caplog.records if "unlinked" in r.getMessage()]
     assert unlinked == ["agent gateway gateway-0 unlinked: the controller is stopping"]
+
+
+async def test_the_gateways_stop_deadline_is_set_from_the_streams_they_hold_when_the_stop_begins(
+        tmp_path: Path) -> None:
+    """The controller tells its gateways how many agent streams they hold as its stop begins: their
+    grace before the kill grows with them (`children.stop_grace_s`)."""
+    told: list[int] = []
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0) as (app, stubs):
+        assert app.gateways is not None
+        stopping = app.gateways.stopping
+
+        def recorded(streams: int = 0) -> None:
+            told.append(streams)
+            stopping(streams)
+
+        app.gateways.stopping = recorded  # type: ignore[method-assign]
+        channels = []
+        for name in ("n1", "n2"):
+            credential = (await HandAgent(stubs, name, "rack-a").register()).node_credential
+            through_gateway = Stubs.connect(app.agent_address, credential)
+            channels.append(through_gateway.channel)
+            agent = HandAgent(through_gateway, name, "rack-a")
+            await agent.register()
+            await agent.connect()
+            await agent.next_set()
+    for channel in channels:
+        await channel.close()
+    assert told[0] == 2

@@ -1,0 +1,82 @@
+"""A real gateway process holding many agent streams stops with its controller: every agent gets
+the controller's status (its clean end of stream), and the gateway exits on its own before its
+deadline (not killed). The controller's end is the real relay (`RelayServicer`), with a Connect
+handler that answers each stream once and holds it until the stop, as the hub does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from controller.gateway.children import GatewayProcesses, GatewaySettings
+from controller.gateway.frames import LINK_OPTIONS
+from controller.gateway.process import EXIT_LINK_LOST
+from controller.gateway.relay import RelayServicer
+from maia.v1 import relay_pb2_grpc
+
+CONNECT = "/maia.v1.NodeAgentService/Connect"
+STREAMS = 300
+CHANNELS = 3
+
+
+class Holder:
+    def __init__(self) -> None:
+        self.open = 0
+        self.released = asyncio.Event()
+
+    async def connect(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        self.open += 1
+        yield b"first set"
+        await self.released.wait()  # then OK, as the hub's `close_all` ends a stream
+
+
+async def test_every_stream_of_a_gateway_gets_the_controllers_goodbye_and_the_gateway_exits_itself() -> None:
+    holder = Holder()
+    relay = RelayServicer(0.005)
+    relay.handlers = {CONNECT: grpc.stream_stream_rpc_method_handler(holder.connect)}
+    gateways = GatewayProcesses(GatewaySettings(count=1, listen="127.0.0.1:0", linger_ms=5.0))
+    relay_server = aio.server(options=LINK_OPTIONS)
+    relay_pb2_grpc.add_AgentRelayServicer_to_server(relay, relay_server)
+    relay_server.add_insecure_port(gateways.link_address)
+    await relay_server.start()
+    channels: list[aio.Channel] = []
+    try:
+        address = await gateways.start()
+        channels = [aio.insecure_channel(address) for _ in range(CHANNELS)]
+        opening = asyncio.Semaphore(32)
+
+        async def stream(index: int) -> str:
+            async with opening:
+                call = channels[index % CHANNELS].stream_stream(CONNECT)()
+                await call.write(b"hello")
+                assert await call.read() == b"first set"
+            try:
+                while await call.read() is not aio.EOF:
+                    pass
+                return (await call.code()).name
+            except grpc.RpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+
+        streams = [asyncio.create_task(stream(i)) for i in range(STREAMS)]
+        while holder.open < STREAMS:
+            await asyncio.sleep(0.05)
+        assert relay.open_calls() == STREAMS
+        # The controller's stop, in its order: the streams end, the links end once their statuses went.
+        gateways.stopping(relay.open_calls())
+        holder.released.set()
+        relay.end_links()
+        await relay_server.stop(2.0)
+        await gateways.stop()
+        ends = Counter(await asyncio.gather(*streams))
+    finally:
+        for channel in channels:
+            await channel.close()
+        await relay_server.stop(None)
+    assert ends == {"OK": STREAMS}
+    [code] = [p.returncode for p in gateways.processes]
+    assert code in (0, EXIT_LINK_LOST)  # it exited itself (its link ended, or its SIGTERM): a kill is -9
