@@ -8,7 +8,8 @@ The agents are a child process: `--streams` Connect streams, `--per-channel` a c
 
 The stop is `ControllerApp.stop`'s order for the gateways: the streams' handlers end (the hub's
 `close_all`), the links are told to end once their calls sent their statuses (`end_links`), the
-relay server stops (`grace`), then `GatewayProcesses.stop` (SIGTERM, the grace, a kill). Printed:
+relay server stops (`grace`), then `GatewayProcesses.stop` (SIGTERM, the grace, a kill; a tree
+whose deadline grows with the streams is told them first, `GatewayProcesses.stopping(streams)`). Printed:
 the time from the stop's start to the relay server's end, to the gateway's exit, whether it was
 killed, the gateway's CPU over the stop, and the agents' ends by status (and when they came).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -147,6 +149,8 @@ async def _controller(args: argparse.Namespace) -> dict[str, object]:
 
             sampler = asyncio.create_task(sample())
             began = time.monotonic()
+            if "streams" in inspect.signature(gateways.stopping).parameters:  # a tree whose deadline grows with them
+                gateways.stopping(relay.open_calls())
             holder.released.set()  # the hub ends every stream
             relay.end_links()
             await relay_server.stop(args.relay_grace)
