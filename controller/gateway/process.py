@@ -220,6 +220,11 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([link, stopping], return_when=asyncio.FIRST_COMPLETED)
+    # From here on the gateway stops on its own: a SIGTERM now (its parent's, racing a lost link's
+    # stop) must not kill it with the default action once the loop closes and gives its handlers back.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lost = link.done() and not stop.is_set()
     if lost:
         log.warning("gateway %s: the link to the controller ended; stopping", args.name)

@@ -1327,9 +1327,9 @@ async def _write(
 async def _lock_deleted_and_updated(session: AsyncSession, lock: Any, deleted: list[int], updated: list[int]) -> None:
     """PostgreSQL (`lock`: `_Writes.lock_*`): the rows of one table a commit deletes and those it
     updates, when it does both, locked together in ascending id before either write (each write
-    alone takes its rows in that order: `_Writes`)."""
+    alone takes its rows in that order: `_Writes`; `lock` exists only there)."""
     if lock is not None and deleted and updated:
-        await session.execute(lock, {"ids": [str(i) for i in sorted({*deleted, *updated})]})
+        await session.execute(lock, {"ids": listed(POSTGRESQL, sorted({*deleted, *updated}))})
 
 
 PREEMPTED = "PREEMPTED"

@@ -6,6 +6,7 @@ handler that answers each stream once and holds it until the stop, as the hub do
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -80,3 +81,35 @@ async def test_every_stream_of_a_gateway_gets_the_controllers_goodbye_and_the_ga
     assert ends == {"OK": STREAMS}
     [code] = [p.returncode for p in gateways.processes]
     assert code in (0, EXIT_LINK_LOST)  # it exited itself (its link ended, or its SIGTERM): a kill is -9
+
+
+# A gateway whose serve() returned, then signalled as its parent's stop does when it races the
+# gateway's own (a lost link's) stop: the loop has closed and given its handlers back by then.
+_SIGNALLED_AFTER_SERVE = """
+import os, signal, sys, time
+from controller.gateway import process
+code = process.main(sys.argv[1:])
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+sys.exit(code)
+"""
+
+
+async def test_a_sigterm_that_arrives_after_the_gateway_stopped_itself_does_not_kill_it() -> None:
+    gateways = GatewayProcesses(GatewaySettings(count=1, listen="127.0.0.1:0", linger_ms=5.0))  # its link directory
+    relay_server = aio.server(options=LINK_OPTIONS)
+    relay_pb2_grpc.add_AgentRelayServicer_to_server(RelayServicer(0.005), relay_server)
+    relay_server.add_insecure_port(gateways.link_address)
+    await relay_server.start()
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SIGNALLED_AFTER_SERVE, "--listen", "127.0.0.1:0", "--link",
+            gateways.link_address, "--name", "gateway-t", stdout=asyncio.subprocess.PIPE)
+        assert child.stdout is not None
+        assert (await child.stdout.readline()).startswith(b"maia-gateway listening on")
+        await relay_server.stop(None)  # the link is lost: the gateway stops itself
+        code = await asyncio.wait_for(child.wait(), 30)
+    finally:
+        await relay_server.stop(None)
+        gateways.link_directory.remove()
+    assert code == EXIT_LINK_LOST  # not -15 (SIGTERM's default action)
