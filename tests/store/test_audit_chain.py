@@ -269,3 +269,33 @@ async def test_a_rolled_back_append_forgets_the_head_it_wrote(database: Database
         await uow.commit()
     report = await _verify(database)
     assert report.intact and report.entries == 2 and report.head_seq == 2
+
+
+async def test_an_append_in_a_released_savepoint_is_forgotten_when_its_transaction_rolls_back(
+        database: Database) -> None:
+    """SQLAlchemy fires `after_commit` when a savepoint (`begin_nested`) is released: that is not
+    the transaction's commit. The transaction rolls back after: the head appended in the savepoint
+    was never committed and is forgotten (unread, linking to it would fail the next transaction
+    whole); a transaction that commits after its savepoint keeps the head it wrote."""
+    url = str(database.engine.url)
+    assert await _append(database, _record(1)) == [1]
+    async with database.unit_of_work() as uow:
+        assert await audit.append(uow.session, [_record(2)]) == [2]  # begun before the savepoint (SQLite)
+        async with uow.session.begin_nested():
+            assert await audit.append(uow.session, [_record(3)]) == [3]
+        rolled_back = audit._last_heads[url]
+        await uow.rollback()
+    assert audit._last_heads.get(url) != rolled_back
+    async with database.unit_of_work() as uow:
+        with deferred_writes():
+            assert await audit.append(uow.session, [_record(4)], unread=True) == [2]
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        assert await audit.append(uow.session, [_record(5)]) == [3]
+        async with uow.session.begin_nested():
+            assert await audit.append(uow.session, [_record(6)]) == [4]
+        committed = audit._last_heads[url]
+        await uow.commit()
+    assert audit._last_heads.get(url) == committed
+    report = await _verify(database)
+    assert report.intact and report.entries == 4 and report.head_seq == 4
