@@ -284,3 +284,31 @@ async def test_a_batch_behind_a_stale_audit_head_commits_nothing_and_each_submit
     assert report.intact and report.entries == 5
     assert sorted(written[2:4]) == ["t1/a", "t1/b"] and written[4] == "t1/c"
     assert await _count(cluster, m.Deployment) == 3
+
+
+async def test_a_batch_forgets_the_tenants_old_request_ids_of_deleted_deployments_and_keeps_the_rest(cluster):
+    """The old request ids' DELETE goes with the batch's COMMIT on SQLite (deferred, its count
+    unread): it is run, not lost. After a batch records a request id, the tenant's ids of
+    deployments deleted before the retention are gone; an id as old whose deployment stands is
+    kept (its retry is answered with that deployment, never submitted twice), and so is another
+    tenant's."""
+    from datetime import timedelta
+
+    from sqlalchemy import delete
+
+    await add_tenant(cluster, "t2")
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    await batcher.commit_batch([_queued("gone", request_id="r-gone"), _queued("kept", request_id="r-kept"),
+                                _queued("gone", "t2", request_id="r-gone")])
+    async with cluster.unit_of_work() as uow:
+        await uow.session.execute(delete(m.Deployment).where(m.Deployment.name == "gone"))
+        await uow.session.execute(update(m.ClientRequest).values(
+            created_at=m.utcnow() - timedelta(seconds=limits.REQUEST_ID_RETENTION_S + 60)))
+        await uow.commit()
+    outcomes = await batcher.commit_batch([_queued("new", request_id="r-new")])
+    assert len(outcomes) == 1
+    async with cluster.unit_of_work() as uow:
+        kept = {(r.tenant_id, r.request_id) for r in await uow.session.scalars(select(m.ClientRequest))}
+    assert kept == {("t1", "r-kept"), ("t1", "r-new"), ("t2", "r-gone")}
+    again = await batcher.submit(WHO, deployment("kept"), request_id="r-kept")
+    assert again.spec.name == "kept" and await _count(cluster, m.Deployment) == 2
