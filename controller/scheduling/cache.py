@@ -628,7 +628,8 @@ class ClusterCache:
     def reread(self, reads: Sequence[NodeRead]) -> dict[str, frozenset[str]]:
         """The nodes among `reads` holding shards whose deployments must be read again whole
         before the nodes are applied (`apply_nodes(reread=)`), with those deployments (no call
-        on the session: short Python, on the event loop): drained or no longer drained, holding
+        on the session: short Python, on the event loop unless `reads` are many:
+        `warm.REREAD_ON_LOOP_MAX_NODES`): drained or no longer drained, holding
         a replica being replaced (the view drops one on a down node), removed, or changed other
         than in state (resized: the shards on accelerators it no longer has, or on a node
         removed, were released as it changed; the session repairs what is left of their

@@ -44,6 +44,12 @@ from scheduler import Plan, Unplaced
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# The most node changes a catch-up looks over on the event loop (`ClusterCache.reread`: ~3 us of
+# CPU a node, 3 ms for 1,024; 55-130 ms for 16,384, a zone going down or a fleet joining at once,
+# measured at 16,384 nodes: docs/benchmarks.md, issue 8, `rv-gil`); more in a worker thread, where
+# the loop still gets its turns.
+REREAD_ON_LOOP_MAX_NODES = 1_024
+
 # Zones, rows and racks as `load_snapshot` lists them.
 Topology = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
 
@@ -153,7 +159,9 @@ class WarmCluster:
         # Deployments updated, or whose placements changed (another controller's plan commit;
         # failed replicas released, replaced ones retired; a failure reported), or on a node
         # drained or no longer drained, or going down: read again whole.
-        reread = cache.reread(reads)  # short Python (no session call): on the loop (`gilthreads`)
+        # Short Python (no session call): on the loop (`gilthreads`), unless many nodes changed.
+        reread = cache.reread(reads) if len(reads) <= REREAD_ON_LOOP_MAX_NODES else \
+            await asyncio.to_thread(cache.reread, reads)
         replaced = set(reread)
         keys = {name for kind, name in rows if kind in (ChangeKind.PLACEMENTS, ChangeKind.DEPLOYMENT)}
         keys.update(key for held in reread.values() for key in held)

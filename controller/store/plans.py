@@ -54,6 +54,7 @@ The caller owns the transaction: run both inside one unit of work and `commit()`
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import defaultdict, namedtuple
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -710,11 +711,26 @@ def _judged_alone(snapshot: Snapshot, committed: _Committed, landing: Mapping[Re
                 or any(capped(t) for t in tenants if t["id"] in landing_tenants))
 
 
+# The largest re-check run on the event loop (`recheck_work`): ~10 ms of CPU. Its cost is the
+# nodes and shards of the document it judges and ~60 times as much a landing replica (measured at
+# 16,384 nodes and 44,114 shards: an unscoped commit's re-check, 51-63 ms of CPU for 1-32 landing
+# replicas, 0.76 s for all 19,125; a scoped one's, 1-4 ms; docs/benchmarks.md, issue 8, `rv-gil`).
+RECHECK_ON_LOOP_MAX = 16_000
+RECHECK_REPLICA_WORK = 60
+
+
+def recheck_work(doc: Mapping[str, Any], placed: Collection[Any], wanted: Collection[Any]) -> int:
+    """What a re-check costs, in the units of `RECHECK_ON_LOOP_MAX`: the document's nodes, the
+    committed shards and the landing replicas (`RECHECK_REPLICA_WORK` each)."""
+    return len(doc.get("nodes", ())) + len(placed) + RECHECK_REPLICA_WORK * len(wanted)
+
+
 async def _recheck(
     session: AsyncSession, snapshot: Snapshot, committed: _Committed, changes: _Changes,
     landing: dict[ReplicaKey, dict[int, Where]], stale: bool,
 ) -> tuple[dict[ReplicaKey, tuple[str, ...]], dict[str, Any]]:
-    """`recheck` of the landing replicas against the committed state, in a worker thread; shards
+    """`recheck` of the landing replicas against the committed state (on the event loop when it
+    is small, else in a worker thread: `RECHECK_ON_LOOP_MAX`); shards
     are named by the spec of their revision (`_spec_doc`). The specs and nodes come from the
     snapshot, or are read again when it is stale (a node cordoned, a contract changed since).
     A scoped commit adds the shards outside its scope on the racks the landing replicas touch
@@ -763,11 +779,16 @@ async def _recheck(
     placed = {(spec(k[0], revision), k[1], k[2]): where for k, (revision, where) in shards.items()}
     wanted = {(spec(rk[0], changes.revision_of[(*rk, min(by_shard))]), rk[1]): by_shard
               for rk, by_shard in landing.items()}
-    # On the loop, not a worker thread: Python holding the GIL all along (4 ms of CPU a call at
-    # the median, 17 ms at most, saturated at 4,096 nodes), which a worker holds just as long and
-    # the loop waits for just the same, after a hand-over each way (there 12.5 ms of wall time a
-    # call for 3.6 ms of CPU: docs/benchmarks.md, issue 8, `gilthreads`).
-    rejected = recheck(doc, placed, wanted, unread)
+    # A small re-check on the loop, not a worker thread: Python holding the GIL all along (4 ms of
+    # CPU a call at the median, 17 ms at most, saturated at 4,096 nodes), which a worker holds just
+    # as long and the loop waits for just the same, after a hand-over each way (there 12.5 ms of
+    # wall time a call for 3.6 ms of CPU: docs/benchmarks.md, issue 8, `gilthreads`). A large one
+    # (an unscoped commit's, which judges the whole cluster) in a worker thread, where the loop
+    # still gets its turns: `RECHECK_ON_LOOP_MAX`.
+    if recheck_work(doc, placed, wanted) <= RECHECK_ON_LOOP_MAX:
+        rejected = recheck(doc, placed, wanted, unread)
+    else:
+        rejected = await asyncio.to_thread(recheck, doc, placed, wanted, unread)
     return {(stored_key(spec_id), replica): why for (spec_id, replica), why in rejected.items()}, doc
 
 

@@ -128,6 +128,35 @@ async def test_node_contract_topology_changes_and_a_drain_are_followed(cluster):
     assert_same(loop.warm_snapshot, await fresh(cluster))
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["few-on-the-loop", "many-on-a-worker"])
+async def test_node_changes_are_looked_over_on_the_loop_unless_many(cluster, monkeypatch, many: bool) -> None:
+    """`ClusterCache.reread` is short Python: on the event loop for a few node changes, in a
+    worker thread for many (16,384 nodes changed: 55-130 ms), where the loop gets its turns."""
+    import threading
+
+    from controller.scheduling import warm
+    from controller.scheduling.cache import ClusterCache
+
+    threads: list[threading.Thread] = []
+    real = ClusterCache.reread
+
+    def reread(self: ClusterCache, reads: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real(self, reads)
+
+    monkeypatch.setattr(ClusterCache, "reread", reread)
+    if many:  # one node change counts as many
+        monkeypatch.setattr(warm, "REREAD_ON_LOOP_MAX_NODES", 0, raising=False)
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("a"))
+    await loop.reconcile_once()
+    await add_nodes(cluster, "rack-b", 1, prefix="late")  # a node change: caught up on the warm cluster
+    await submit(cluster, deployment("b"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 1
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    assert threads and all((thread is threading.main_thread()) is not many for thread in threads)
+
+
 def _arrivals(seed: int, count: int) -> list[list[DeploymentSpec]]:
     """Batches of random arrivals that all fit the 64 accelerators (at most ~half asked)."""
     rng = random.Random(seed)

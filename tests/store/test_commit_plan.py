@@ -362,10 +362,13 @@ async def test_concurrent_plans_that_fit_alone_but_not_together_commit_a_checker
     assert check_state(committed.problem, committed.problem["placements"]) == []
 
 
+@pytest.mark.parametrize("large", [False, True], ids=["small-on-the-loop", "large-on-a-worker"])
 async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Database,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    # The re-check is short Python holding the GIL: on the loop's thread, not a worker's (which
-    # holds the GIL just as long, after a hand-over each way: docs/benchmarks.md, `gilthreads`).
+                                                                  monkeypatch: pytest.MonkeyPatch, large: bool) -> None:
+    # A small re-check is short Python holding the GIL: on the loop's thread, not a worker's (which
+    # holds the GIL just as long, after a hand-over each way: docs/benchmarks.md, `gilthreads`); a
+    # large one (an unscoped commit's at thousands of nodes: tens of ms to seconds) on a worker's,
+    # so that the loop still gets its turns meanwhile.
     import threading
     from controller.store import recheck as recheck_module
 
@@ -376,6 +379,8 @@ async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Dat
         return recheck_module.recheck(*args)
 
     monkeypatch.setattr(plans, "recheck", recheck)
+    if large:  # this one's (4 nodes, 3 shards, 1 replica) counts as large
+        monkeypatch.setattr(plans, "RECHECK_ON_LOOP_MAX", 0, raising=False)
     snap = await _seeded(database)
     async with database.unit_of_work() as uow:
         await repo.set_node_cordoned(uow.session, "n2", True)
@@ -385,7 +390,7 @@ async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Dat
                                                                     P(TRAIN, 0, 1, "n2", 2, 3))))
     assert result.stale and result.requeued == {(TRAIN, 0): ("node n2 is cordoned: it takes no new shards",)}
     assert not any(key[0] == TRAIN for key in (await _state(database))["placements"])
-    assert threads and all(thread is threading.main_thread() for thread in threads)
+    assert threads and all((thread is threading.main_thread()) is not large for thread in threads)
 
 
 async def test_a_new_replica_of_a_template_replaced_since_the_snapshot_is_requeued(database: Database) -> None:
