@@ -183,13 +183,16 @@ class GatewayProcesses:
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()
+        # One moment after the SIGTERMs (sent together) for them all, not one a gateway in turn: k
+        # gateways stuck past the deadline would hold the stop k-1 s more.
+        kill_at = max(self._stop_deadline, time.monotonic() + STOP_AFTER_SIGTERM_S)
         for process in self.processes:
-            grace = max(self._stop_deadline - time.monotonic(), STOP_AFTER_SIGTERM_S)
+            grace = max(kill_at - time.monotonic(), 0.0)
             try:
                 await asyncio.to_thread(process.wait, grace)
             except subprocess.TimeoutExpired:
-                log.warning("agent gateway pid %d did not stop by its deadline (%.1fs after its SIGTERM); killed",
-                            process.pid, grace)
+                log.warning("agent gateway pid %d did not stop by its deadline (%.1fs more after the SIGTERMs); "
+                            "killed", process.pid, grace)
                 process.kill()
                 await asyncio.to_thread(process.wait)
         for watcher in self._watchers:

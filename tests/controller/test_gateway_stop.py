@@ -93,3 +93,50 @@ async def test_past_the_deadline_a_gateway_still_gets_a_moment_after_its_sigterm
     for gateway in (first, second):
         assert gateway.signals == ["TERM", "KILL"]
         assert gateway.graces[0] == children.STOP_AFTER_SIGTERM_S
+
+
+
+class Clock:
+    """`children.time.monotonic`, moved by the waits that run out (a real wait's time passes)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, now: float) -> None:
+        self.now = now
+        monkeypatch.setattr(children.time, "monotonic", lambda: self.now)
+
+    def stuck(self, pid: int) -> FakeGateway:
+        clock = self
+
+        class Stuck(FakeGateway):
+            def wait(self, timeout: float | None = None) -> int:
+                try:
+                    return super().wait(timeout)
+                except subprocess.TimeoutExpired:
+                    clock.now += timeout or 0.0
+                    raise
+
+        return Stuck(pid, stops=False)
+
+
+async def test_gateways_stuck_together_are_killed_at_one_deadline_not_a_moment_each_in_turn(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their SIGTERMs go together: each wait that runs out takes its time from the next one's."""
+    clock = Clock(monkeypatch, time.monotonic())
+    stuck = [clock.stuck(100 + i) for i in range(4)]
+    gateways = gateways_of(*stuck)
+    gateways.stopping(0)
+    clock.now += 60.0  # past the deadline: the controller's servers took longer than the whole grace
+    began = clock.now
+    await gateways.stop()
+    assert all(gateway.signals == ["TERM", "KILL"] for gateway in stuck)
+    assert stuck[0].graces[0] == children.STOP_AFTER_SIGTERM_S
+    assert clock.now - began == pytest.approx(children.STOP_AFTER_SIGTERM_S)  # not 4 of them
+
+
+async def test_at_the_cap_gateways_stuck_together_are_killed_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(monkeypatch, time.monotonic())
+    stuck = [clock.stuck(100 + i) for i in range(8)]
+    gateways = gateways_of(*stuck)
+    began = clock.now
+    gateways.stopping(1_000_000)
+    await gateways.stop()
+    assert clock.now - began == pytest.approx(children.STOP_GRACE_MAX_S)  # inside the controller's shutdown deadline
