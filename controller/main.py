@@ -5,7 +5,7 @@ asked for port 0), so scripts and tests can read where it is, and with --metrics
 "maia-controller metrics on http://HOST:PORT/metrics", with --http-listen "maia-controller
 console on http://HOST:PORT/". Exit codes: 0 after a clean stop, 3 when a stop did not finish
 within SHUTDOWN_DEADLINE_S (or a second SIGINT/SIGTERM asked for it at once: every thread's stack
-is written to stderr first, so a stuck shutdown can be diagnosed), 2 for a bad --listen or --db (checked by `preflight` before the database is touched), when the
+is written to stderr first, so a stuck shutdown can be diagnosed; a SIGTERM once the stop is over is ignored), 2 for a bad --listen or --db (checked by `preflight` before the database is touched), when the
 database cannot be reached, when the schema is behind and --no-migrate forbids upgrading it, or
 when it is ahead of this code. Every such error is one line on stderr, with a hint.
 """
@@ -119,7 +119,18 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, fire)
     await app.stop()
+    stopped_ignoring_sigterm(loop)
     return 0
+
+
+def stopped_ignoring_sigterm(loop: asyncio.AbstractEventLoop) -> None:
+    """The stop is over: a SIGTERM from now on (a supervisor's second, a harness that signals
+    twice) has nothing left to hurry. Without this, one that came before the loop closed would
+    report the clean stop as stuck (EXIT_STUCK, the stacks), and one after it (the loop gives its
+    handlers back) would kill the process with the default action (exit -15) on its way out."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -136,6 +136,12 @@ async def _run(fleet: Fleet, control_socket: Path | None) -> None:
     finally:
         if control is not None:
             await control.close()
+    # Every node stopped: a SIGTERM from now on (a second one: `bench e2e` tells every fleet, then
+    # each in turn again) must not kill the process with the default action (exit -15) once the
+    # loop closes and gives its handlers back.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _on_signal(fleet: Fleet, sig: signal.Signals) -> None:

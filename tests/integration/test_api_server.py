@@ -96,6 +96,34 @@ def test_binary_prints_its_port_serves_and_stops_on_sigterm(tmp_path: Path):
             proc.wait()
 
 
+# The controller's main() returned after a clean stop, then signalled as a supervisor's second
+# SIGTERM (or a harness that signals twice) may: the loop has closed and given its handlers back.
+_SIGNALLED_AFTER_MAIN = """
+import os, signal, sys, time
+from controller import main
+code = main.main(sys.argv[1:])
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+sys.exit(code)
+"""
+
+
+def test_a_sigterm_after_the_controllers_clean_stop_does_not_kill_it(tmp_path: Path):
+    proc = subprocess.Popen([sys.executable, "-c", _SIGNALLED_AFTER_MAIN, "--listen", "127.0.0.1:0", "--db",
+                             f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("maia-controller listening on 127.0.0.1:"), proc.stderr.read() if proc.poll() else line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # not -15 (SIGTERM's default action)
+        assert '"msg": "stopped"' in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("db_backend", ["postgres"])  # on SQLite: the test above
 def test_the_binary_serves_on_uvloop_on_postgres(tmp_path: Path, db_url: str):
