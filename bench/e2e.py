@@ -195,9 +195,11 @@ class Process:
                 return line[len(prefix):].strip()
         raise RuntimeError(f"{self.name} did not print {prefix!r} in {timeout_s:.0f} s")
 
-    def stop(self, grace_s: float = 20.0) -> int:
+    def stop(self, grace_s: float = 20.0, *, told: bool = False) -> int:
+        """SIGTERM (unless `told`: sent already), `grace_s` to exit, then SIGKILL; its exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not told:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
@@ -209,13 +211,14 @@ class Process:
 
 def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
     """Stop them all within one grace period: every one is told first, then each is waited for
-    (one after the other, 32 fleets could take 32 grace periods)."""
+    (one after the other, 32 fleets could take 32 grace periods), and not told again (a second
+    SIGTERM: one that lands after a fleet's loop closed would kill it, exit -15)."""
     for process in processes:
         if process.proc.poll() is None:
             process.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for process in processes:
-        process.stop(max(0.0, deadline - time.monotonic()))
+        process.stop(max(0.0, deadline - time.monotonic()), told=True)
 
 
 def machine_cpu_s() -> tuple[float, float]:

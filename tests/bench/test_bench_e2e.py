@@ -142,3 +142,28 @@ def test_e2e_deleters_send_every_nth_delete_with_at_most_n_at_the_controller_at_
         sent, at_once = asyncio.run(deleted_with(deleters))
         assert sorted(sent) == sorted(f"d{i}" for i in range(1, 12, 2))
         assert at_once == most
+
+
+# A process that counts the SIGTERMs it gets (on stderr) and exits 0.5 s after the first.
+_COUNTS_SIGTERMS = """
+import signal, sys, time
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append(time.monotonic()))
+print("ready", flush=True)
+while not got or time.monotonic() < got[0] + 0.5:
+    time.sleep(0.01)
+print(f"sigterms {len(got)}", file=sys.stderr, flush=True)
+"""
+
+
+def test_stop_all_tells_each_process_once(tmp_path: Path) -> None:
+    """Every fleet is sent SIGTERM, then waited for without a second one (which, landing after a
+    fleet's loop closed, killed it: exit -15)."""
+    from bench.e2e import Process, stop_all
+
+    processes = [Process(f"p{i}", [sys.executable, "-c", _COUNTS_SIGTERMS], tmp_path / f"p{i}.log") for i in range(3)]
+    for process in processes:
+        assert process.proc.stdout is not None and process.proc.stdout.readline() == "ready\n"
+    stop_all(processes)
+    assert [process.proc.returncode for process in processes] == [0, 0, 0]
+    assert [(tmp_path / f"p{i}.log").read_text() for i in range(3)] == ["sigterms 1\n"] * 3
