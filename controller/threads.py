@@ -49,13 +49,19 @@ def name_os_thread() -> None:
         pass
 
 
-def _name_once(_frame: FrameType, _event: str, _arg: Any) -> None:
-    """A new thread's first profile event: name it and stop profiling it (costs nothing after)."""
-    sys.setprofile(None)
-    name_os_thread()
-
-
 def name_threads() -> None:
-    """Every Python thread started from now on names itself (`name_os_thread`) as it starts."""
-    threading.setprofile(_name_once)
+    """Every Python thread started from now on names itself (`name_os_thread`) as it starts. A
+    profile hook set for new threads before (`threading.setprofile`: a profiler of every thread,
+    yappi's) is kept: each new thread hands it its first event and is profiled by it from then on."""
+    theirs = threading.getprofile()
+
+    def name_once(frame: FrameType, event: str, arg: Any) -> None:
+        """A new thread's first profile event: name it, then leave the thread to the hook set
+        before (none: not profiled, it costs nothing after)."""
+        sys.setprofile(theirs)
+        name_os_thread()
+        if theirs is not None:
+            theirs(frame, event, arg)
+
+    threading.setprofile(name_once)
 

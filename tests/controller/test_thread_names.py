@@ -65,3 +65,38 @@ def test_threads_started_after_name_threads_carry_their_names_to_the_os() -> Non
     assert not found["to_thread"]["profiled"]
     assert found["aiosqlite"]["python"].startswith("aiosqlite-")
     assert found["aiosqlite"]["os"] == found["aiosqlite"]["python"]
+
+
+def test_a_profile_hook_set_for_new_threads_before_is_kept() -> None:
+    """A profiler of every thread (`threading.setprofile`) set before `name_threads` still sees
+    the new threads' calls, which are named too."""
+    script = textwrap.dedent("""
+        import json, sys, threading
+        from controller.threads import name_threads
+
+        seen = []
+
+        def theirs(frame, event, arg):
+            seen.append((threading.current_thread().name, event, frame.f_code.co_name))
+
+        threading.setprofile(theirs)
+        name_threads()
+
+        named = []
+
+        def work():
+            with open(f"/proc/self/task/{threading.get_native_id()}/comm") as comm:
+                named.append(comm.read().strip())
+
+        thread = threading.Thread(target=lambda: work(), name="worker-1")
+        thread.start()
+        thread.join()
+        print(json.dumps({"named": named,
+                          "seen": sorted({(name, event, code) for name, event, code in seen
+                                          if code == "work" and event in ("call", "return")})}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["named"] == ["worker-1"]
+    assert found["seen"] == [["worker-1", "call", "work"], ["worker-1", "return", "work"]]
