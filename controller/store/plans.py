@@ -711,11 +711,12 @@ def _judged_alone(snapshot: Snapshot, committed: _Committed, landing: Mapping[Re
                 or any(capped(t) for t in tenants if t["id"] in landing_tenants))
 
 
-# The largest re-check run on the event loop (`recheck_work`): ~10 ms of CPU. Its cost is the
-# nodes and shards of the document it judges and ~60 times as much a landing replica (measured at
-# 16,384 nodes and 44,114 shards: an unscoped commit's re-check, 51-63 ms of CPU for 1-32 landing
-# replicas, 0.76 s for all 19,125; a scoped one's, 1-4 ms; docs/benchmarks.md, issue 8, `rv-gil`).
-RECHECK_ON_LOOP_MAX = 16_000
+# The largest re-check run on the event loop (`recheck_work`): ~8 ms of CPU. Its cost is ~1 us a
+# node and a shard of the document it judges and ~60 times as much a landing replica (measured:
+# an unscoped commit's re-check, 12-20 ms of CPU at 4,096 nodes and 11,058 shards, 51-63 ms at
+# 16,384 and 44,114 for 1-32 landing replicas, 0.76 s for all 19,125; a scoped one's, 1-5 ms;
+# docs/benchmarks.md, issue 8, `rv-gil`).
+RECHECK_ON_LOOP_MAX = 8_000
 RECHECK_REPLICA_WORK = 60
 
 
