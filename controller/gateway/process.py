@@ -212,12 +212,13 @@ async def serve(args: argparse.Namespace) -> int:
         port = server.add_insecure_port(args.listen)
     link = asyncio.create_task(gateway.run_link(channel), name="gateway-link")
     await server.start()
-    host, _, _ = args.listen.rpartition(":")
-    print(f"maia-gateway listening on {host}:{port}", flush=True)
+    # Handlers before the line that says it serves: a SIGTERM as soon as it is read stops it cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    host, _, _ = args.listen.rpartition(":")
+    print(f"maia-gateway listening on {host}:{port}", flush=True)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([link, stopping], return_when=asyncio.FIRST_COMPLETED)
     # From here on the gateway stops on its own: a SIGTERM now (its parent's, racing a lost link's

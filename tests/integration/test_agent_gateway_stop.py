@@ -113,3 +113,35 @@ async def test_a_sigterm_that_arrives_after_the_gateway_stopped_itself_does_not_
         await relay_server.stop(None)
         gateways.link_directory.remove()
     assert code == EXIT_LINK_LOST  # not -15 (SIGTERM's default action)
+
+
+# A gateway signalled the moment it says it serves (its parent's stop, racing its start).
+_SIGNALLED_AS_IT_SERVES = """
+import os, signal, sys
+from controller.gateway import process
+
+def print_then_signalled(*args, **kwargs):
+    print(*args, **kwargs)
+    if str(args[0]).startswith("maia-gateway listening on"):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+process.print = print_then_signalled
+sys.exit(process.main(sys.argv[1:]))
+"""
+
+
+async def test_a_sigterm_as_soon_as_the_gateway_says_it_serves_stops_it_cleanly() -> None:
+    gateways = GatewayProcesses(GatewaySettings(count=1, listen="127.0.0.1:0", linger_ms=5.0))  # its link directory
+    relay_server = aio.server(options=LINK_OPTIONS)
+    relay_pb2_grpc.add_AgentRelayServicer_to_server(RelayServicer(0.005), relay_server)
+    relay_server.add_insecure_port(gateways.link_address)
+    await relay_server.start()
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SIGNALLED_AS_IT_SERVES, "--listen", "127.0.0.1:0", "--link",
+            gateways.link_address, "--name", "gateway-t", stdout=asyncio.subprocess.PIPE)
+        code = await asyncio.wait_for(child.wait(), 30)
+    finally:
+        await relay_server.stop(None)
+        gateways.link_directory.remove()
+    assert code == 0  # its own stop, not -15 (SIGTERM's default action)
