@@ -9,6 +9,7 @@ import asyncio
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -95,23 +96,30 @@ sys.exit(code)
 """
 
 
-async def test_a_sigterm_that_arrives_after_the_gateway_stopped_itself_does_not_kill_it() -> None:
+@asynccontextmanager
+async def one_gateway(script: str) -> AsyncIterator[tuple[aio.Server, asyncio.subprocess.Process]]:
+    """A relay server (the controller's end of the link) and a gateway process run by `script`
+    (its arguments: one gateway's) linked to it."""
     gateways = GatewayProcesses(GatewaySettings(count=1, listen="127.0.0.1:0", linger_ms=5.0))  # its link directory
     relay_server = aio.server(options=LINK_OPTIONS)
     relay_pb2_grpc.add_AgentRelayServicer_to_server(RelayServicer(0.005), relay_server)
     relay_server.add_insecure_port(gateways.link_address)
     await relay_server.start()
     try:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _SIGNALLED_AFTER_SERVE, "--listen", "127.0.0.1:0", "--link",
+        yield relay_server, await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, "--listen", "127.0.0.1:0", "--link",
             gateways.link_address, "--name", "gateway-t", stdout=asyncio.subprocess.PIPE)
+    finally:
+        await relay_server.stop(None)
+        gateways.link_directory.remove()
+
+
+async def test_a_sigterm_that_arrives_after_the_gateway_stopped_itself_does_not_kill_it() -> None:
+    async with one_gateway(_SIGNALLED_AFTER_SERVE) as (relay_server, child):
         assert child.stdout is not None
         assert (await child.stdout.readline()).startswith(b"maia-gateway listening on")
         await relay_server.stop(None)  # the link is lost: the gateway stops itself
         code = await asyncio.wait_for(child.wait(), 30)
-    finally:
-        await relay_server.stop(None)
-        gateways.link_directory.remove()
     assert code == EXIT_LINK_LOST  # not -15 (SIGTERM's default action)
 
 
@@ -131,17 +139,6 @@ sys.exit(process.main(sys.argv[1:]))
 
 
 async def test_a_sigterm_as_soon_as_the_gateway_says_it_serves_stops_it_cleanly() -> None:
-    gateways = GatewayProcesses(GatewaySettings(count=1, listen="127.0.0.1:0", linger_ms=5.0))  # its link directory
-    relay_server = aio.server(options=LINK_OPTIONS)
-    relay_pb2_grpc.add_AgentRelayServicer_to_server(RelayServicer(0.005), relay_server)
-    relay_server.add_insecure_port(gateways.link_address)
-    await relay_server.start()
-    try:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _SIGNALLED_AS_IT_SERVES, "--listen", "127.0.0.1:0", "--link",
-            gateways.link_address, "--name", "gateway-t", stdout=asyncio.subprocess.PIPE)
+    async with one_gateway(_SIGNALLED_AS_IT_SERVES) as (_, child):
         code = await asyncio.wait_for(child.wait(), 30)
-    finally:
-        await relay_server.stop(None)
-        gateways.link_directory.remove()
     assert code == 0  # its own stop, not -15 (SIGTERM's default action)
