@@ -16,8 +16,10 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    that takes the generation first (`moves_generation_first`: an unscoped pass, a fallback);
 2. rows: placements, deployments, nodes (a plan commit and a report flush write them in this order),
    each table's rows in ascending id (`plans._Writes`; the flush's `repo.write_reported_shards`,
-   `deployments_named(lock=True)`, `write_heartbeats`): two transactions that write rows of one
-   table wait for each other at the first row both write, never each for a row the other holds;
+   `deployments_named(lock=True)`, `write_heartbeats`; the other writers over a list through
+   `inlist.any_of_in_order`, the node lifecycle's health changes sorted): two transactions that
+   write rows of one table wait for each other at the first row both write, never each for a row
+   the other holds;
 3. the generation row (`cluster_state`), then the change log (inserts);
 4. the audit chain's head (`audit_head`), then the leader lease (`FOR KEY SHARE`, with the COMMIT).
 A plan commit that holds the generation row while it writes rows (step 3 before 2) does so under

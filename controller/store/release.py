@@ -15,7 +15,7 @@ from controller.store import audit
 from controller.store.metering import stop_intervals
 from controller.domain.changes import ClusterChange
 from controller.store.changes import bump_cluster_generation, will_move_generation
-from controller.store.inlist import any_of
+from controller.store.inlist import any_of_in_order
 from controller.store.models import Event, Node, Placement
 
 _CHUNK = 500
@@ -27,11 +27,13 @@ async def stop_placements(session: AsyncSession, ids: Sequence[int], nodes: Iter
     keys (TENANT/NAME) of the deployments they belong to, logged with the change (a warm cache
     reads those deployments' shards again instead of the whole cluster; none: it reads it all)."""
     await will_move_generation(session)  # before its rows (PostgreSQL's lock order: store/changes.py)
-    for start in range(0, len(ids), _CHUNK):
-        await session.execute(delete(Placement).where(any_of(session, Placement.id, ids[start:start + _CHUNK]))
+    ordered = sorted(ids)  # each table's rows in ascending id (the lock order)
+    for start in range(0, len(ordered), _CHUNK):
+        await session.execute(delete(Placement)
+                              .where(any_of_in_order(session, Placement.id, ordered[start:start + _CHUNK], deletes=True))
                               .execution_options(synchronize_session=False))
     await stop_intervals(session, list(ids), now)
-    await session.execute(update(Node).where(any_of(session, Node.id, set(nodes)))
+    await session.execute(update(Node).where(any_of_in_order(session, Node.id, set(nodes), deletes=False))
                           .values(assignment_generation=Node.assignment_generation + 1)
                           .execution_options(synchronize_session=False))
     await bump_cluster_generation(session, ClusterChange.placements(deployments))

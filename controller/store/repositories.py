@@ -25,7 +25,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
-from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
+from controller.store.inlist import POSTGRESQL, any_of, any_of_in_order, any_of_named, dialect_of, listed
 from controller.store.marks import rowcount_unread
 from controller.store.changes import bump_cluster_generation_unread, schedulable_count  # noqa: F401  (the first re-exported)
 from controller.store.partitions import partitions
@@ -1030,8 +1030,8 @@ async def placements_on_node(session: AsyncSession, node_id: str) -> list[tuple[
 async def bump_node_assignment_generations(session: AsyncSession, node_ids: Iterable[str]) -> None:
     ids = set(node_ids)
     if ids:
-        await session.execute(
-            update(m.Node).where(any_of(session, m.Node.id, ids))
+        await session.execute(  # in ascending id, as a plan commit and a report flush lock nodes
+            update(m.Node).where(any_of_in_order(session, m.Node.id, ids, deletes=False))
             .values(assignment_generation=m.Node.assignment_generation + 1)
         )
 
@@ -1044,10 +1044,14 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
     ))
     if not deployment_ids:
         return set()
-    await session.execute(delete(m.Placement).where(m.Placement.node_id == node_id))
+    on_node: ColumnElement[bool] = m.Placement.node_id == node_id
+    if dialect_of(session) == POSTGRESQL:  # each table's rows in ascending id (the lock order: store/changes.py)
+        on_node = and_(on_node, m.Placement.id.in_(select(m.Placement.id).where(on_node).order_by(m.Placement.id)
+                                                   .with_for_update()))
+    await session.execute(delete(m.Placement).where(on_node))
     await stop_intervals_on_node(session, node_id, now or m.utcnow())
     await session.execute(
-        update(m.Deployment).where(any_of(session, m.Deployment.id, deployment_ids))
+        update(m.Deployment).where(any_of_in_order(session, m.Deployment.id, deployment_ids, deletes=False))
         .values(generation=m.Deployment.generation + 1)
     )
     await bump_node_assignment_generations(session, [node_id])

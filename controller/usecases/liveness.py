@@ -56,14 +56,17 @@ async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: dat
         return []
     held = await repo.count_placements_on_nodes(uow.session, [c.node_id for c in changes if c.evict])
     await repo.will_move_generation(uow.session)  # before the nodes' rows (lock order: store/changes.py)
-    applied: list[Transition] = []
-    for change in changes:
+    written: set[int] = set()  # indices into `changes`
+    # The nodes' rows in ascending id, as a plan commit and a report flush lock them (the lock order:
+    # store/changes.py); `changes` come in the read's order, then evictions longest silent first.
+    for i in sorted(range(len(changes)), key=lambda i: changes[i].node_id):
+        change = changes[i]
         health = m.NodeHealth(change.health)
         was = m.NodeHealth(change.was) if change.was is not None else None
         if not await repo.set_node_health(uow.session, change.node_id, health,
                                           evicted_at=now if change.evict else None, was=was):
             continue
-        applied.append(change)
+        written.add(i)
         if change.evict:
             kind = "node.evicted"
             message = f"{change.why}: its {held.get(change.node_id, 0)} shard(s) are placed again elsewhere"
@@ -72,6 +75,7 @@ async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: dat
             message = change.why
         repo.record_event(uow.session, actor="controller", kind=kind, object_kind="node", object_id=change.node_id,
                           message=message)
+    applied = [changes[i] for i in sorted(written)]
     if any(change.moves_solver for change in applied):
         await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(c.node_id for c in applied))
     await uow.commit()
