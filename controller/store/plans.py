@@ -62,7 +62,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Integer, Select, String, and_, bindparam, case, delete, func, insert, select, true, update
+from sqlalchemy import ColumnElement, Integer, Select, String, and_, bindparam, or_, case, delete, func, insert, select, true, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -910,9 +910,12 @@ _READ_SAVEPOINT = "maia_plan_read"
 _PLACED_PHASES = select(_P.deployment_id, _P.replica, _P.shard, _P.phase).where(_P.deployment_id == func.any(
     bindparam("ids", type_=ARRAY(Integer))))
 # The shards of some deployments locked (a report flush writes a deployment's shards before its
-# row: locking the shards keeps the order of the locks a flush takes).
-_LOCK_SHARDS = (select(_P.id).where(_P.deployment_id == func.any(bindparam("ids", type_=ARRAY(Integer))))
-                .order_by(_P.id).with_for_update(key_share=True))
+# row: locking the shards keeps the order of the locks a flush takes), with the shards a former
+# try deleted or moved (`written`), all in ascending id in one statement (the lock order):
+# `FOR UPDATE`, what a DELETE takes.
+_LOCK_SHARDS = (select(_P.id).where(or_(_P.deployment_id == func.any(bindparam("ids", type_=ARRAY(Integer))),
+                                        _P.id == func.any(bindparam("written", type_=ARRAY(Integer)))))
+                .order_by(_P.id).with_for_update())
 
 
 class _ReportsSettled:
@@ -928,7 +931,9 @@ class _ReportsSettled:
     of them is not as the commit judged its phase by (a report landed in between), what it wrote is
     undone (to a savepoint taken with its read) and it reads again, those deployments' shards
     locked first (a flush writes a deployment's shards before it locks its row, so no report on
-    them lands after that read, and the two take their locks in one order). Only a plan commit adds
+    them lands after that read, and the two take their locks in one order), with the shards it
+    deleted or moved, all in ascending id (taken after those, one of a lower id waited for a
+    flush that held it and waited for one of them: a deadlock). Only a plan commit adds
     shards, and this one holds the generation writers' lock exclusive. SQLite's writer lock keeps
     reports out already."""
 
@@ -937,6 +942,7 @@ class _ReportsSettled:
         self._postgres = dialect_of(session) == POSTGRESQL
         self._savepoint: pg_driver.Savepoint | None = None
         self._locked: set[int] = set()  # deployments locked before the read
+        self._written: set[int] = set()  # placements a former try deleted or moved, locked with them
 
     async def begin(self) -> None:
         """Before the read: the savepoint (sent with the transaction's BEGIN when it has not begun:
@@ -946,7 +952,7 @@ class _ReportsSettled:
         self._savepoint = pg_driver.Savepoint(self._session, _READ_SAVEPOINT)
         await self._savepoint.open()
         if self._locked:
-            await self._session.execute(_LOCK_SHARDS, {"ids": sorted(self._locked)})
+            await self._session.execute(_LOCK_SHARDS, {"ids": sorted(self._locked), "written": sorted(self._written)})
 
     async def stands(self, landed: _Landed) -> bool:
         """Whether the deployments `landed` wrote have the shards it judged their phases by; if
@@ -964,6 +970,10 @@ class _ReportsSettled:
             return True
         await savepoint.rollback()
         self._locked |= moved
+        # The next try writes these again (reports move no shard, and the writers that do wait
+        # for this commit's exclusive lock): taken before its read with the others, in ascending
+        # id, never after shards of a higher id (a flush holding one waited for those).
+        self._written |= landed.shards_written
         return False
 
 
@@ -1052,6 +1062,7 @@ class _Landed:
     # The deployments whose rows it wrote (by id), each with the shards (replica, shard, phase) its
     # phase was judged by: their placements as the commit leaves them (`_ReportsSettled`).
     judged_by: dict[int, frozenset[tuple[int, int, ShardPhase]]] = field(default_factory=dict)
+    shards_written: frozenset[int] = frozenset()  # the placements (ids) it deleted or moved
 
 
 async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: _Checked, *, stale: bool,
@@ -1176,7 +1187,8 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
     return _Landed(result, _decision_records(events, tenants, actor), change,
                    _as_written(checked.read, deletes, updates, inserts, changes.revision_of, deployment_updates,
                                deleted_deployments) if generation is None else ({}, {}),
-                   {d.id: frozenset(judged_by[name]) for name, d in deployments.items() if d.id in written})
+                   {d.id: frozenset(judged_by[name]) for name, d in deployments.items() if d.id in written},
+                   frozenset(row.id for row in deletes) | frozenset(row.id for row, _ in updates))
 
 
 async def _move_to(session: AsyncSession, generation: int, bumped: bool, moved: bool) -> int:

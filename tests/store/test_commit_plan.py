@@ -1154,6 +1154,66 @@ async def test_a_report_landing_between_a_plan_commits_read_and_its_write_is_not
 
 
 @pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_plan_commit_read_again_after_a_report_locks_the_shards_it_writes_in_ascending_id(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock-first commit moves WEB's replica 1 and writes TRAIN's row (why its second replica
+    waits); a report on TRAIN's shard 0 (loading) lands between its read and its write, so it reads and
+    writes again, TRAIN's shards locked first. A flush that reports on WEB's replica 1 (a lower id
+    than TRAIN's shards) and TRAIN's shard 1 meanwhile took WEB's row and waited for TRAIN's: the
+    commit, holding TRAIN's shards, then waited for WEB's (PostgreSQL aborted one as a deadlock).
+    The second read locks the shards the first try wrote with TRAIN's, in ascending id."""
+    from controller.domain.values import ShardReport
+    from controller.usecases import agents
+
+    await _seeded(database, PLACED_TWO)
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(text("UPDATE deployments SET replicas = 2 WHERE name = 'train'"))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    ids = await _ids(database, "SELECT d.name || '/' || p.replica || '/' || p.shard, p.id FROM placements p "
+                               "JOIN deployments d ON d.id = p.deployment_id")
+    assert ids["web/1/0"] < ids["train/0/0"] < ids["train/0/1"]
+    stored = (await _state(database))["placements"]
+    reads = [asyncio.Event(), asyncio.Event()]
+    go_on = [asyncio.Event(), asyncio.Event()]
+    real_check = plans._check
+
+    async def paused(*args: Any) -> Any:  # each try's read done, its writes not begun
+        tried = sum(read.is_set() for read in reads)
+        reads[tried].set()
+        await go_on[tried].wait()
+        return await real_check(*args)
+
+    monkeypatch.setattr(plans, "_check", paused)
+
+    async def commit() -> None:
+        async with database.unit_of_work() as uow:
+            await commit_plan(uow.session, snap, Plan("optimal", (
+                P(WEB, 0, 0, "n1", 0), P(WEB, 1, 0, "n4", 0), P(TRAIN, 0, 0, "n2", 0), P(TRAIN, 0, 1, "n2", 1)),
+                unplaced=(Unplaced(TRAIN, 1, (Reason("NO_FIT", "no node fits"),)),)), actor="test")
+            await uow.commit()
+
+    def report(node: str, key: tuple[str, int, int]) -> tuple[str, ShardReport]:
+        return node, ShardReport(key[0].split("/")[1], key[1], key[2], stored[key][3], "loading", "",
+                                 tenant=key[0].split("/")[0])
+
+    committing = asyncio.create_task(commit())
+    await asyncio.wait_for(reads[0].wait(), 30)
+    async with database.unit_of_work() as uow:  # lands between the first try's read and its write
+        await agents.flush_reports(uow, {}, [report("n2", (TRAIN, 0, 0))])
+    go_on[0].set()
+    await asyncio.wait_for(reads[1].wait(), 30)  # read again, TRAIN's shards locked
+    flushing = asyncio.create_task(_flush(database, [report("n3", (WEB, 1, 0)), report("n2", (TRAIN, 0, 1))]))
+    await _waiting_for_locks(database, 1)
+    go_on[1].set()
+    outcomes = await asyncio.wait_for(asyncio.gather(committing, flushing, return_exceptions=True), 60)
+    assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
+    after = (await _state(database))["placements"]
+    assert after[(WEB, 1, 0)][0] == "n4" and after[(TRAIN, 0, 1)][2] is m.ShardPhase.LOADING
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_two_passes_whose_failures_step_wrote_nothing_fall_back_from_lock_last_at_once_without_deadlock(
         database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reconcile pass runs the failures' step (`handle_failures`) and then its fast plan commit in
