@@ -17,7 +17,8 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
 2. rows: placements, deployments, nodes (a plan commit and a report flush write them in this order),
    each table's rows in ascending id (`plans._Writes`; the flush's `repo.write_reported_shards`,
    `deployments_named(lock=True)`, `write_heartbeats`; the other writers over a list through
-   `inlist.any_of_in_order`, the node lifecycle's health changes sorted): two transactions that
+   `inlist.any_of_in_order`/`any_of_named_in_order`, the node lifecycle's health changes sorted,
+   placements the ORM deletes after their deployment's row locked first): two transactions that
    write rows of one table wait for each other at the first row both write, never each for a row
    the other holds;
 3. the generation row (`cluster_state`), then the change log (inserts);

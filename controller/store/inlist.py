@@ -17,8 +17,8 @@ length was a text of its own for sqlite3's statement cache. The index on `column
 
 `any_of` builds the clause with its values bound, for statements built per call; `any_of_named`
 builds it around a named parameter, for statements built once per dialect and executed with
-`{name: [values]}`; `any_of_in_order` is `any_of` for a DELETE or UPDATE that must take its rows'
-locks in ascending key on PostgreSQL (the lock order: store/changes.py).
+`{name: [values]}`; `any_of_in_order` and `any_of_named_in_order` are those for a DELETE or
+UPDATE that takes its rows' locks in ascending key on PostgreSQL (the lock order: store/changes.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import (BindParameter, ColumnElement, String, Text, and_, any_, bindparam, cast, func, literal_column,
-                        select)
+from sqlalchemy import (BindParameter, ColumnElement, Select, String, Text, and_, any_, bindparam, cast, func,
+                        literal_column, select)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -65,23 +65,37 @@ def any_of(session: AsyncSession, column: ColumnElement[Any], values: Iterable[A
     return column.in_(list(values))
 
 
+def locked_in_order(listed: ColumnElement[bool], column: ColumnElement[Any], *, deletes: bool) -> Select[Any]:
+    """PostgreSQL: `column` of the rows of its table that `listed` matches, locked in ascending
+    `column` (a text one in code point order, `COLLATE "C"`, as Python sorts it: the lock order,
+    store/changes.py), `FOR UPDATE` (what a DELETE takes: `deletes`) or `FOR NO KEY UPDATE` (what
+    an UPDATE of other columns takes). A DELETE or UPDATE over a list takes its rows in the order
+    its plan scans them (an index's, or the heap's, where an updated row's new version comes
+    last): two transactions that took two rows in the other order waited for each other until
+    PostgreSQL aborted one as a deadlock. As a subquery of the statement (`column IN (...)`) it
+    takes them first, in this order."""
+    order = column.collate("C") if _texts(column) else column
+    return select(column).where(listed).order_by(order).with_for_update(key_share=not deletes)
+
+
 def any_of_in_order(session: AsyncSession, column: ColumnElement[Any], values: Iterable[Any], *,
                     deletes: bool) -> ColumnElement[bool]:
     """`any_of`, for a DELETE (`deletes`) or UPDATE over a list of keys of `column`'s table: on
-    PostgreSQL the rows are locked first in a subquery, in ascending `column` (a text one in code
-    point order, `COLLATE "C"`, as Python sorts it and the plan commit locks: `plans._Writes`),
-    `FOR UPDATE` (what a DELETE takes) or `FOR NO KEY UPDATE` (an UPDATE of other columns). Alone
-    the statement takes them in the order its plan scans them (an index's, or the heap's, where an
-    updated row's new version comes last), and two transactions that took two rows in the other
-    order waited for each other until PostgreSQL aborted one as a deadlock."""
+    PostgreSQL its rows locked first, in ascending key (`locked_in_order`)."""
     values = list(values)
-    listed_ = any_of(session, column, values)
     if dialect_of(session) != POSTGRESQL:
-        return listed_
-    order = column.collate("C") if _texts(column) else column
-    locked = (select(column).where(any_of(session, column, values)).order_by(order)
-              .with_for_update(key_share=not deletes))
-    return and_(listed_, column.in_(locked))
+        return any_of(session, column, values)
+    return and_(any_of(session, column, values),
+                column.in_(locked_in_order(any_of(session, column, values), column, deletes=deletes)))
+
+
+def any_of_named_in_order(dialect: str, column: ColumnElement[Any], name: str, *, deletes: bool) -> ColumnElement[bool]:
+    """`any_of_named`, for a DELETE (`deletes`) or UPDATE over a list of keys of `column`'s table:
+    on PostgreSQL its rows locked first, in ascending key (`locked_in_order`)."""
+    if dialect != POSTGRESQL:
+        return any_of_named(dialect, column, name)
+    return and_(any_of_named(dialect, column, name),
+                column.in_(locked_in_order(any_of_named(dialect, column, name), column, deletes=deletes)))
 
 
 def any_of_named(dialect: str, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:

@@ -73,7 +73,8 @@ from controller.store.changes import (  # noqa: F401  (bump_cluster_generation, 
     ChangesSince, MissingGeneration, move_generation, move_generation_unread, moves_generation_first,
     bump_cluster_generation, log_change, logged_ids, prune_changes, read_changes_since, read_generation,
     will_move_generation)  # noqa: F401  (will_move_generation: re-exported)
-from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of, listed
+from controller.store.inlist import (POSTGRESQL, any_of, any_of_named, any_of_named_in_order, dialect_of, listed,
+                                      locked_in_order)
 from controller.store.models import (
     ClusterChangeRow,
     ClusterState,
@@ -1256,10 +1257,7 @@ class _Writes:
             return rowcount_unread(statement)
 
         def listed_ids(table: Any, *, deletes: bool) -> ColumnElement[bool]:
-            listed_ = any_of_named(dialect, table.c.id, "ids")
-            if dialect != POSTGRESQL:
-                return listed_
-            return and_(listed_, table.c.id.in_(_locked_in_order(table, deletes=deletes)))
+            return any_of_named_in_order(dialect, table.c.id, "ids", deletes=deletes)
 
         nodes = Node.__table__
         return cls(unread(delete(_PLACEMENTS).where(listed_ids(_PLACEMENTS, deletes=True))),
@@ -1274,9 +1272,7 @@ def _locked_in_order(table: Any, *, deletes: bool) -> Select[Any]:
     """PostgreSQL: the rows of `table` whose ids the parameter `ids` lists, locked in ascending id
     (a text id in code point order, as Python sorts it: `repo.write_heartbeats`; the database's
     collation may order it otherwise)."""
-    order = table.c.id.collate("C") if isinstance(table.c.id.type, String) else table.c.id
-    return (select(table.c.id).where(any_of_named(POSTGRESQL, table.c.id, "ids")).order_by(order)
-            .with_for_update(key_share=not deletes))
+    return locked_in_order(any_of_named(POSTGRESQL, table.c.id, "ids"), table.c.id, deletes=deletes)
 
 
 _WRITES = {dialect: _Writes.of(dialect) for dialect in ("sqlite", POSTGRESQL)}

@@ -25,7 +25,8 @@ from sqlalchemy.orm.attributes import set_committed_value
 from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
-from controller.store.inlist import POSTGRESQL, any_of, any_of_in_order, any_of_named, dialect_of, listed
+from controller.store.inlist import (POSTGRESQL, any_of, any_of_in_order, any_of_named, any_of_named_in_order, dialect_of,
+                                     listed, locked_in_order)
 from controller.store.marks import rowcount_unread
 from controller.store.changes import bump_cluster_generation_unread, schedulable_count  # noqa: F401  (the first re-exported)
 from controller.store.partitions import partitions
@@ -625,7 +626,7 @@ def _deleting_statement(dialect: str) -> Update:
     A row DELETING already gets NULL, which the column refuses (`marked_since_read`)."""
     table = m.Deployment.__table__
     deleting = m.DeploymentPhase.DELETING
-    return rowcount_unread(update(table).where(any_of_named(dialect, table.c.id, "ids")).values(
+    return rowcount_unread(update(table).where(any_of_named_in_order(dialect, table.c.id, "ids", deletes=False)).values(
         phase=case((table.c.phase == deleting, null()), else_=literal(deleting, table.c.phase.type)),
         updated_at=bindparam("at")))
 
@@ -843,6 +844,7 @@ async def quarantine_deployment(session: AsyncSession, key: str, reason: str) ->
     if row is None or row.phase in (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED):
         return set()
     await will_move_generation(session)  # before its rows (PostgreSQL's lock order: store/changes.py)
+    await _lock_placements(session, m.Placement.deployment_id == row.id)
     nodes = {p.node_id for p in row.placements}
     row.placements.clear()
     row.phase = m.DeploymentPhase.QUARANTINED
@@ -1046,8 +1048,7 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
         return set()
     on_node: ColumnElement[bool] = m.Placement.node_id == node_id
     if dialect_of(session) == POSTGRESQL:  # each table's rows in ascending id (the lock order: store/changes.py)
-        on_node = and_(on_node, m.Placement.id.in_(select(m.Placement.id).where(on_node).order_by(m.Placement.id)
-                                                   .with_for_update()))
+        on_node = and_(on_node, m.Placement.id.in_(locked_in_order(on_node, m.Placement.id, deletes=True)))
     await session.execute(delete(m.Placement).where(on_node))
     await stop_intervals_on_node(session, node_id, now or m.utcnow())
     await session.execute(
@@ -1056,6 +1057,15 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
     )
     await bump_node_assignment_generations(session, [node_id])
     return {node_id}
+
+
+async def _lock_placements(session: AsyncSession, where: ColumnElement[bool]) -> None:
+    """PostgreSQL: the placements `where` matches locked in ascending id (`FOR UPDATE`), before the
+    ORM deletes them: its flush writes a deployment's row before it deletes the deployment's
+    placements (a parent's UPDATE before its children's DELETEs), the other order than a plan
+    commit's and a report flush's (the lock order: store/changes.py)."""
+    if dialect_of(session) == POSTGRESQL:
+        await session.execute(locked_in_order(where, m.Placement.id, deletes=True))
 
 
 async def release_placements_beyond(session: AsyncSession, node_id: str, accelerators: int) -> list[list[object]]:
@@ -1067,6 +1077,7 @@ async def release_placements_beyond(session: AsyncSession, node_id: str, acceler
         return []
     ids = [p.id for p, _ in gone]
     released = [[d.deployment_key(dep.tenant_id, dep.name), p.replica, p.shard] for p, dep in gone]
+    await _lock_placements(session, any_of(session, m.Placement.id, ids))
     for p, dep in gone:
         await session.delete(p)
         dep.generation = dep.generation + 1

@@ -2,8 +2,9 @@
 transaction that writes more than one, as a plan commit and a report flush take them
 (tests/store/test_commit_plan.py provokes theirs). Here the other writers of placements,
 deployments and nodes over a list: the node lifecycle's health changes, a release of placements
-(rollouts, failed replicas), a drain, and the nodes' assignment generations moved by a
-quarantine. Each test holds a row, starts a report flush that waits for it, then the writer,
+(rollouts, failed replicas), a drain, the nodes' assignment generations moved by a quarantine, a
+batch of deletions; and the ORM's deletions of a deployment's placements after its row's update
+(a quarantine, shards beyond a node's accelerators). Each test holds a row, starts a report flush that waits for it, then the writer,
 which (the rows in the other order, as its statement's scan or its list found them) took a row
 the flush wants next and waited for the held one: PostgreSQL aborted one of the two as a deadlock.
 """
@@ -133,3 +134,49 @@ async def test_a_drain_locks_the_nodes_placements_and_their_deployments_in_ascen
         lambda: _in_transaction(database, lambda s: repo.remove_placements_on_node(s, "n2")))
     assert errors == []
     assert not [key for key, placed in (await _state(database))["placements"].items() if placed[0] == "n2"]
+
+
+@POSTGRES
+async def test_a_batch_of_deletions_marks_its_deployments_in_ascending_id(database: Database) -> None:
+    """WEB and TRAIN marked DELETING in one UPDATE over their list, WEB's row rewritten (found last
+    by the scan); the flush reports on a shard of each and locks their rows in ascending id."""
+    from types import SimpleNamespace
+
+    await _seeded(database, PLACED_TWO)
+    deployments = await _ids(database, "SELECT name, id FROM deployments")
+    assert deployments["web"] < deployments["train"]
+    await _rewritten(database, f"UPDATE deployments SET phase = phase WHERE id = {deployments['web']}")
+    rows: Any = [SimpleNamespace(id=deployments[name]) for name in ("web", "train")]
+    errors = await _behind_a_held_row(
+        database, f"SELECT id FROM deployments WHERE id = {deployments['web']} FOR NO KEY UPDATE",
+        lambda: _flush(database, _reports(("n1", "a", "web", 0, 0), ("n2", "a", "train", 0, 1))),
+        lambda: _in_transaction(database, lambda s: repo.set_deleting(s, rows)))
+    assert errors == []
+    after = (await _state(database))["deployments"]
+    assert after[WEB].phase is after[TRAIN].phase is m.DeploymentPhase.DELETING
+
+
+@POSTGRES
+@pytest.mark.parametrize("release", ["quarantine", "beyond"])
+async def test_a_deployments_placements_released_by_the_orm_are_locked_before_its_row(database: Database,
+                                                                                      release: str) -> None:
+    """WEB quarantined, or its shard on n3 released (n3 registered again with no accelerators): the
+    ORM's flush wrote WEB's row, then deleted its placements. The flush reports on WEB's replica 1
+    and BURST's shard (BURST's row held: it waits for it, holding WEB's shard), then locks WEB's
+    and BURST's rows."""
+    await _seeded(database)
+    ids = await _ids(database, _PLACEMENT_IDS)
+    assert ids["web/1/0"] < ids["burst/0/0"]
+
+    async def released(session: Any) -> None:
+        if release == "quarantine":
+            assert await repo.quarantine_deployment(session, WEB, "test") == {"n1", "n3"}
+        else:
+            assert await repo.release_placements_beyond(session, "n3", 0) == [[WEB, 1, 0]]
+
+    errors = await _behind_a_held_row(
+        database, f"SELECT id FROM placements WHERE id = {ids['burst/0/0']} FOR NO KEY UPDATE",
+        lambda: _flush(database, _reports(("n3", "a", "web", 1, 0), ("n4", "b", "burst", 0, 0))),
+        lambda: _in_transaction(database, released))
+    assert errors == []
+    assert (WEB, 1, 0) not in (await _state(database))["placements"]
