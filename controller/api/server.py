@@ -246,12 +246,13 @@ class ControllerApp:
             self._resync()
 
     def _resync(self) -> None:
-        """Another controller dropped messages this one may have been owed (`store/notify.py`):
-        what they would have said is taken again from the database. Every watch ends (UNAVAILABLE,
-        as one that fell behind: its client watches again, from the current state), every agent
-        connected here is sent its set as stored (a node deleted meanwhile has none: its stream
-        ends, as a NODE_REMOVED lost would have ended it), and the reconciler looks (a lost WAKE)."""
-        log.warning("another controller dropped notifications owed to this one: ending %d watch(es) "
+        """Messages this controller was owed may be lost (another controller dropped some, or this
+        one listens again after its connection dropped: `store/notify.py`): what they would have
+        said is taken again from the database. Every watch ends (UNAVAILABLE, as one that fell
+        behind: its client watches again, from the current state), every agent connected here is
+        sent its set as stored (a node deleted meanwhile has none: its stream ends, as a
+        NODE_REMOVED lost would have ended it), and the reconciler looks (a lost WAKE)."""
+        log.warning("notifications from the other controllers may have been lost: ending %d watch(es) "
                     "and sending %d agent(s) their sets again", self.bus.subscriber_count, len(self.hub.connected()))
         self.bus.close()
         self.hub.notify(list(self.hub.connected()))

@@ -2,9 +2,10 @@
 
 A follower that accepted a submission wakes the leader's reconciler; the leader tells
 followers which deployments changed (for their watch streams) and that it released the lease.
-A message is `kind|sender|data`; a controller ignores its own. Delivery is best effort: the
-leader also reconciles on an interval and followers poll the lease, so a message lost while the
-listening connection is down (it reconnects) only delays things.
+A message is `kind|sender|data`; a controller ignores its own. A lost WAKE or lease release
+only delays things (the leader also reconciles on an interval, followers poll the lease); watch
+streams and agent streams have no such repair (a watcher would miss a deployment's change until
+its next one), so what a listener may have missed is either sent again or resynced (below).
 
 A controller sends only while another one listens (a lone controller sent one `pg_notify` round
 trip per batch of watch events, 9 % of its round trips under load, to hear it back and drop it:
@@ -24,10 +25,25 @@ dropped beyond, logged). A message so dropped may have been owed to a controller
 unseen: unless a look that began after it saw nobody, the held messages go out after a RESYNC,
 on which each listener resyncs what it kept from the messages (its watchers watch again from the
 current state, its agents are sent their sets: `ControllerApp._resync`). A RESYNC whose NOTIFY
-failed (the connection broke, or was down) stays owed until one gets through: it goes before the
-next message sent, or with the next look that sees another controller (the keepalive's every
-`RECONNECT_S`, the reconnection's). Another message sent while a connection is down is lost, as
-before.
+failed stays owed until one gets through: it goes before the next message sent, or with the next
+look that sees another controller (the keepalive's every `RECONNECT_S`, the reconnection's).
+
+A listener misses what is sent while its own listening connection is down. On listening again
+(any connection after the first, or the first once `wait_ready` gave up on it) it resyncs itself
+as if it had heard a RESYNC, after its LISTEN is in place: what it missed is read again from the
+database, and what is sent from then on reaches it.
+
+A sender keeps what it could not send: a NOTIFY that did not go because the connection was down or
+broke under it (it, and whatever was queued behind it) goes back to the front of the held messages,
+and the controller believes itself alone until its next look (the reconnection's): one that sees
+another controller sends them, in order, late by the reconnection's delay; one that began after
+they came back and saw nobody drops them (a listener of then has gone, and resyncs when it listens
+again). They are not replaced by a RESYNC: that would end every watch of every follower on each
+blip of one controller's connection, where the messages late cost nothing. A message may then
+arrive twice (a NOTIFY that went as its connection broke, before the answer): each kind is read
+again from the database or repeated harmlessly. A NOTIFY PostgreSQL refused on a live connection
+(sent again it would be refused again: it would hold up everything behind it) is dropped, and a
+RESYNC is owed for it.
 
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
 everything, in-process signals already reached everyone.
@@ -55,6 +71,8 @@ RECONNECT_S = 2.0
 HELD_MAX = 100_000  # items held while alone (`PgChannel.send`), about one look's worth under any load
 
 Handler = Callable[[str, str], None]  # (kind, data)
+# What became of a NOTIFY (`PgChannel._send`).
+SENT, DOWN, REFUSED = "sent", "down", "refused"  # went; no live connection (held again); refused on a live one
 
 
 class ClusterChannel(Protocol):
@@ -131,9 +149,12 @@ class PgChannel:
         # The cap dropped held messages before this one (counted as `_held_gone`; 0: none owed):
         # a RESYNC goes before the held ones unless a look that began after them saw nobody.
         self._cap_dropped_to = 0
-        # A RESYNC to send before the next message: the cap dropped some that were owed, or the
-        # NOTIFY that carried one failed. Cleared when a NOTIFY carrying it is sent.
+        # A RESYNC to send before the next message: the cap dropped some that were owed, the
+        # NOTIFY that carried one failed, or PostgreSQL refused one. Cleared when one is sent.
         self._resync_owed = False
+        self._reheld = 0  # times messages came back to `_held` from a NOTIFY that did not go
+        self._listened = False  # a connection listened (the next one resyncs this controller)
+        self._waited_out = False  # `wait_ready` gave up: even the first connection resyncs
 
     @property
     def others_listening(self) -> bool:
@@ -155,6 +176,11 @@ class PgChannel:
     def _hold(self, kind: str, items: list[str]) -> None:
         self._held.append((kind, items))
         self._held_items += max(1, len(items))
+        self._trim_held()
+
+    def _trim_held(self) -> None:
+        """The oldest held messages dropped past `HELD_MAX` items (a RESYNC owed for them, unless a
+        look that began after they were held saw nobody)."""
         dropped = 0
         while self._held_items > HELD_MAX and len(self._held) > 1:
             _, gone = self._held.pop(0)
@@ -209,25 +235,53 @@ class PgChannel:
                 resync, self._resync_owed = self._resync_owed, False
                 if resync:
                     queued.insert(0, (RESYNC, []))
-                if not await self._send([m for kind, items in queued for m in payloads(kind, self._sender, items)]):
-                    # owed still (with the next message, or the next look), whoever queued it
-                    self._resync_owed |= resync or any(kind == RESYNC for kind, _ in queued)
-                    if not self._queued:
-                        break
+                outcome = await self._send([m for kind, items in queued for m in payloads(kind, self._sender, items)])
+                if outcome == SENT:
+                    continue
+                # owed still (with the next message, or the next look), whoever queued it
+                self._resync_owed |= resync or any(kind == RESYNC for kind, _ in queued)
+                unsent = [(kind, items) for kind, items in queued if kind != RESYNC]
+                if outcome == DOWN:
+                    self._hold_again(unsent)
+                    break
+                if unsent:  # refused: dropped, and the listeners owed them resync instead
+                    log.warning("dropped %d notification(s) PostgreSQL refused; the other controllers will "
+                                "resync", len(unsent))
+                    self._resync_owed = True
+                if not self._queued:
+                    break
         finally:
             self._flushing = None
 
-    async def _send(self, messages: list[str]) -> bool:
-        """Whether the NOTIFY went (False: the connection is down, or failed)."""
+    def _hold_again(self, unsent: list[tuple[str, list[str]]]) -> None:
+        """A NOTIFY did not go (no live connection): what it carried, and what was queued behind
+        it, go back to the front of the held messages, before those held since (later ones), and
+        this controller believes itself alone until its next look tells (module docstring)."""
+        unsent += self._queued
+        self._queued = []
+        self._others = False
+        if not unsent:
+            return
+        self._reheld += 1
+        self._held[:0] = unsent
+        self._held_items += sum(max(1, len(items)) for _, items in unsent)
+        self._trim_held()
+        log.info("holding %d notification(s) until the connection to the other controllers is back",
+                 len(unsent))
+
+    async def _send(self, messages: list[str]) -> str:
+        """What became of the NOTIFY: SENT; DOWN (the connection is down, or broke under it);
+        REFUSED (it failed on a connection that is still open: sent again, it would fail again)."""
         async with self._lock:
-            if self._conn is None or self._conn.is_closed():
-                return False
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                return DOWN
             try:  # one statement: PostgreSQL delivers them in this order (and one of identical ones)
-                await self._conn.execute("SELECT pg_notify($1, m) FROM unnest($2::text[]) AS m", CHANNEL, messages)
+                await conn.execute("SELECT pg_notify($1, m) FROM unnest($2::text[]) AS m", CHANNEL, messages)
             except Exception as exc:
                 log.warning("could not notify the other controllers (%s)", exc)
-                return False
-            return True
+                return DOWN if conn.is_closed() else REFUSED
+            return SENT
 
     def _received(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         kind, _, rest = payload.partition("|")
@@ -252,6 +306,9 @@ class PgChannel:
             try:
                 conn = await asyncpg.connect(self._dsn, server_settings={"application_name": APPLICATION_NAME})
                 await conn.add_listener(CHANNEL, self._received)
+                if self._listened or self._waited_out:
+                    self._resync_self()
+                self._listened = True
                 await self._look(conn.fetchval(_ANNOUNCE, CHANNEL, f"{HELLO}|{self._sender}|"))
                 self._conn = conn
                 self._ready.set()
@@ -269,18 +326,38 @@ class PgChannel:
                 await self._drop()
             await asyncio.sleep(RECONNECT_S)
 
+    def _resync_self(self) -> None:
+        """Listening again: what was sent while this controller did not listen is lost to it, so it
+        resyncs as if it had heard a RESYNC (its LISTEN is in place: nothing sent from now on is
+        missed)."""
+        log.warning("listening again to the other controllers: resyncing what their messages kept, "
+                    "some may have been sent while this controller did not listen")
+        try:
+            self._on_message(RESYNC, "")
+        except Exception:
+            log.exception("resyncing after listening again failed")
+
     async def _look(self, others: Awaitable[bool]) -> None:
         """Whether others listen, as `others` (a query on the connection, sent now) tells; a HELLO
         heard while it was on its way stands (the query may have looked before that controller
         connected). Seen: what was held goes; not seen: what was held before the query went out is
-        dropped (nobody listened then), what was held since stays for the next look."""
-        hellos, held = self._hellos, self._held_gone + len(self._held)  # counted from the first ever held
+        dropped (nobody listened then), what was held since stays for the next look, and all of it
+        when messages came back from a NOTIFY that did not go meanwhile (they count as held when
+        they came back: the next look judges them)."""
+        hellos, reheld = self._hellos, self._reheld
+        held = self._held_gone + len(self._held)  # counted from the first ever held
         self._others = bool(await others) or self._hellos != hellos
-        self._release(None if self._others else held)
+        if self._others:
+            self._release()
+        elif self._reheld == reheld:
+            self._release(held)
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        """Until listening (True), or `timeout_s` passed (False: messages sent meanwhile are lost)."""
-        return await wait_event(self._ready, timeout_s)
+        """Until listening (True), or `timeout_s` passed (False: messages sent meanwhile are lost to
+        this controller, which resyncs once it listens)."""
+        ready = await wait_event(self._ready, timeout_s)
+        self._waited_out |= not ready
+        return ready
 
     async def _drop(self) -> None:
         self._ready.clear()

@@ -14,6 +14,7 @@ import pytest
 from controller.store.db import Database
 from controller.store import notify
 from controller.store.notify import PAYLOAD_MAX, PgChannel
+from tests.store.listening import end_listening_connection, reconnections_held
 
 POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 
@@ -271,37 +272,45 @@ async def test_messages_the_cap_dropped_before_a_look_that_saw_nobody_owe_no_res
 
 
 class _Connection:
-    """A listening connection whose NOTIFYs fail while `down` (a connection error), else are kept."""
+    """A listening connection whose NOTIFYs PostgreSQL refuses while `refusing` (the connection
+    stays open), or which breaks under the next NOTIFY once `breaking` (closed from then on); the
+    NOTIFYs that went are kept."""
 
     def __init__(self) -> None:
-        self.down = False
+        self.refusing = False
+        self.breaking = False
+        self.closed = False
         self.sent: list[list[str]] = []
 
     def is_closed(self) -> bool:
-        return False
+        return self.closed
 
     async def close(self) -> None:
-        pass
+        self.closed = True
 
     async def execute(self, query: str, channel: str, messages: list[str]) -> None:
-        if self.down:
+        if self.breaking:
+            self.closed = True
             raise ConnectionResetError("connection reset by peer")
+        if self.refusing:
+            raise asyncpg.PostgresError("too many notifications in the NOTIFY queue")
         self.sent.append(list(messages))
 
 
 async def _told_to_resync_and_failed(monkeypatch: pytest.MonkeyPatch) -> tuple[PgChannel, _Connection]:
-    """A channel whose cap dropped a held message, which hears a HELLO while its NOTIFYs fail: the
-    RESYNC it owes, and what it held, are not sent."""
+    """A channel whose cap dropped a held message, which hears a HELLO while PostgreSQL refuses its
+    NOTIFYs: the RESYNC it owes, and what it held, are not sent (what it held is dropped: a RESYNC
+    is owed for it anyway)."""
     monkeypatch.setattr(notify, "HELD_MAX", 2)
     channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
     channel._conn = conn = _Connection()
     for key in ("t/x", "t/y", "t/z"):
         channel.send("deployments", [f"modified:{key}"])  # t/x dropped past the cap
-    conn.down = True
+    conn.refusing = True
     channel._received(None, 0, notify.CHANNEL, f"{notify.HELLO}|b|")
     await _until(lambda: channel._flushing is None)
     assert conn.sent == []
-    conn.down = False
+    conn.refusing = False
     return channel, conn
 
 
@@ -335,7 +344,8 @@ async def test_a_resync_whose_notify_failed_is_sent_by_the_next_look_that_sees_a
 async def test_a_resync_queued_while_the_connection_is_down_is_sent_once_it_is_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No connection at all when the RESYNC was to go (between a drop and the reconnection):
-    owed until a connection sends it, still before what is sent next."""
+    owed until a connection sends it, still before what is sent next; what it held goes after
+    it (held again: the NOTIFY did not go)."""
     monkeypatch.setattr(notify, "HELD_MAX", 2)
     channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
     for key in ("t/x", "t/y", "t/z"):
@@ -348,5 +358,140 @@ async def test_a_resync_queued_while_the_connection_is_down_is_sent_once_it_is_b
     await channel._look(answer)  # the reconnection's look
     channel.send("wake")
     await _until(lambda: channel._flushing is None and conn.sent)
-    assert [m for batch in conn.sent for m in batch] == ["resync|a|", "wake|a|"]
+    assert [m for batch in conn.sent for m in batch] == [
+        "resync|a|", "deployments|a|modified:t/y,modified:t/z", "wake|a|"]
+    await channel.close()
+
+
+@POSTGRES_ONLY
+async def test_a_listener_whose_connection_dropped_resyncs_once_it_listens_again_and_hears_what_follows(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`b`'s listening connection is ended (a restart, a network cut): what `a` sent meanwhile is
+    lost to `b`, so `b` resyncs as if told to, once it listens again (not on its first connection),
+    and hears what is sent from then on."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 0.05)
+    heard_b: list[tuple[str, str]] = []
+    listening = await _pair(database.url, [], heard_b)
+    (a, _), (b, _) = listening
+    allowed = reconnections_held(monkeypatch)
+    try:
+        assert heard_b == []  # the first connection owes nothing
+        await end_listening_connection(database.url, b)
+        a.send("deployments", ["modified:t/missed"])
+        await _until(lambda: not a._held and not a._queued)  # sent to nobody, or dropped: lost to b
+        allowed.set()
+        await _until(lambda: heard_b == [(notify.RESYNC, "")])
+        await _until(lambda: a.others_listening)
+        a.send("wake")
+        await _until(lambda: ("wake", "") in heard_b)
+        assert heard_b[0] == (notify.RESYNC, "") and heard_b.count((notify.RESYNC, "")) == 1
+    finally:
+        await _stop(*listening)
+
+
+@POSTGRES_ONLY
+async def test_a_listener_that_was_not_ready_in_time_resyncs_on_its_first_connection(database: Database) -> None:
+    """Its controller gave up waiting for it (`wait_ready`) and serves meanwhile: what was sent
+    before its first LISTEN is lost to it, so it resyncs then."""
+    heard: list[tuple[str, str]] = []
+    channel = PgChannel(database.url, "b", lambda kind, data: heard.append((kind, data)))
+    assert not await channel.wait_ready(0.0)
+    task = asyncio.create_task(channel.run())
+    try:
+        assert await channel.wait_ready(10.0)
+        assert heard == [(notify.RESYNC, "")]
+    finally:
+        await _stop((channel, task))
+
+
+@POSTGRES_ONLY
+async def test_a_message_sent_while_the_senders_connection_is_down_goes_once_it_is_back(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`a`'s own connection is ended: what it sends meanwhile is held, not lost, and reaches `b`
+    (whose connection lived: it has nothing to resync) once `a` is back, in order, without a
+    RESYNC."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 0.05)
+    heard_b: list[tuple[str, str]] = []
+    listening = await _pair(database.url, [], heard_b)
+    (a, _), (b, _) = listening
+    allowed = reconnections_held(monkeypatch)
+    try:
+        await end_listening_connection(database.url, a)
+        a.send("deployments", ["modified:t/x"])
+        a.send("node_removed", ["n1"])
+        await _until(lambda: not a._queued and a._flushing is None)
+        assert a._held  # not sent
+        allowed.set()
+        await _until(lambda: len(heard_b) == 2)
+        assert heard_b == [("deployments", "modified:t/x"), ("node_removed", "n1")]
+    finally:
+        await _stop(*listening)
+
+
+def _connected(monkeypatch: pytest.MonkeyPatch) -> tuple[PgChannel, _Connection]:
+    """A channel on a fake connection, which knows another controller listens."""
+    channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
+    channel._conn = conn = _Connection()
+    channel._received(None, 0, notify.CHANNEL, f"{notify.HELLO}|b|")
+    return channel, conn
+
+
+async def _looked(channel: PgChannel, others: bool) -> None:
+    answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    answer.set_result(others)
+    await channel._look(answer)
+    await _until(lambda: channel._flushing is None)
+
+
+async def test_messages_whose_connection_broke_under_their_notify_go_in_order_after_the_next_look(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection breaks under a NOTIFY: what it carried, and what is sent until a look finds
+    the other controller again (the reconnection's), go then, in order, in one NOTIFY; no RESYNC
+    (the listener lost nothing)."""
+    channel, conn = _connected(monkeypatch)
+    conn.breaking = True
+    channel.send("deployments", ["modified:t/x"])
+    await _until(lambda: channel._flushing is None)
+    channel.send("wake")
+    channel.send("deployments", ["deleted:t/y"])
+    assert not channel.others_listening and conn.sent == []
+    channel._conn = conn = _Connection()  # the reconnection
+    await _looked(channel, True)
+    assert conn.sent == [["deployments|a|modified:t/x", "wake|a|", "deployments|a|deleted:t/y"]]
+    assert not channel._resync_owed
+    await channel.close()
+
+
+async def test_messages_held_again_are_dropped_only_by_a_look_that_began_after_they_came_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look on its way when a NOTIFY's messages came back that sees nobody drops none of them (a
+    listener may have been there when they were sent); the next look that sees nobody drops them
+    (nobody listens: a listener of then has gone, and resyncs when it listens again)."""
+    channel, conn = _connected(monkeypatch)
+    answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    look = asyncio.create_task(channel._look(answer))
+    await asyncio.sleep(0)  # the look's query is on its way
+    conn.breaking = True
+    channel.send("deployments", ["modified:t/x"])
+    await _until(lambda: channel._flushing is None)
+    answer.set_result(False)
+    await look
+    assert channel._held == [("deployments", ["modified:t/x"])]
+    await _looked(channel, False)
+    assert channel._held == [] and not channel._resync_owed
+
+
+async def test_a_notify_postgresql_refuses_is_dropped_and_a_resync_owed_for_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused on a live connection (sent again, it would be refused again, and hold up what
+    follows): dropped, and the listeners are told to resync instead, with the next message."""
+    channel, conn = _connected(monkeypatch)
+    conn.refusing = True
+    channel.send("deployments", ["modified:t/x"])
+    await _until(lambda: channel._flushing is None)
+    assert channel._held == [] and channel.others_listening
+    conn.refusing = False
+    channel.send("wake")
+    await _until(lambda: channel._flushing is None and conn.sent)
+    assert conn.sent == [["resync|a|", "wake|a|"]]
     await channel.close()
