@@ -176,3 +176,85 @@ async def test_a_node_deleted_through_a_follower_whose_node_removed_was_lost_lea
                 await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader")
             finally:
                 fleet.stop()
+
+
+async def test_a_follower_whose_listening_connection_dropped_ends_its_watches_once_it_listens_again(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follower's listening connection is ended (a restart, a network cut) and a deployment is
+    submitted through the leader while it is away: the leader's message is lost to the follower (the
+    leader, seeing nobody listen, drops it). Once the follower listens again it resyncs: its watch
+    ends (UNAVAILABLE) and one started again begins with the deployment, which it would otherwise
+    never have been told of."""
+    from controller.store import notify
+    from tests.store.listening import end_listening_connection, reconnections_held
+
+    monkeypatch.setattr(notify, "RECONNECT_S", 0.5)  # the keepalives notice a dropped connection soon
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
+            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
+        token = admin_token_of(leader)
+        async with Stubs.connect(follower.address, token).channel as to_follower, \
+                Stubs.connect(leader.address, token).channel as to_leader:
+            await Stubs.on(to_leader).admin.ApplyTopology(topology({"rack-00": "row-a"}))
+            await Stubs.on(to_leader).admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+            watches = Stubs.on(to_follower).deployments
+            watch = watches.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+            await _until(lambda: follower.bus.subscriber_count == 1, "the follower's watch is on")
+            allowed = reconnections_held(monkeypatch)
+            await end_listening_connection(db_url, follower.channel)
+            await Stubs.on(to_leader).deployments.SubmitDeployment(
+                deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
+            await _until(lambda: not leader.channel.others_listening and not leader.channel._held,
+                         "the leader dropped what it held for nobody")
+            allowed.set()
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(_first(watch, lambda d: False), timeout=20)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            again = watches.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+            first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
+            assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == "svc"
+            again.cancel()
+
+
+@pytest.mark.parametrize("away", ["leader", "follower"])
+async def test_a_node_deleted_through_a_follower_while_a_listening_connection_was_away_leaves_the_leader(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        away: str) -> None:
+    """A node is deleted through the follower while one listening connection is away. The
+    leader's: the follower's NODE_REMOVED is lost to it (the follower, seeing nobody listen, drops
+    it), and the leader, listening again, resyncs: the push of the deleted node's set (none) ends
+    its stream. The follower's: its NODE_REMOVED cannot go, is held, and goes once it is back. The
+    leader keeps the node's stream in neither case."""
+    from controller.store import notify
+    from tests.store.listening import end_listening_connection, reconnections_held
+
+    monkeypatch.setattr(notify, "RECONNECT_S", 0.5)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    caplog.set_level("INFO", logger="maia.agents")
+    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
+            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
+        node_token = await issue_token(leader.db, "node-bootstrap")
+        async with Stubs.connect(follower.address, admin_token_of(leader)).channel as channel:
+            stubs = Stubs.on(channel)
+            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+            fleet = SimFleet(leader.address, racks=1, nodes_per_rack=2, token=node_token, log_dir=tmp_path)
+            try:
+                await _until(lambda: len(leader.hub.connected()) == 2, "both agents reached the leader")
+                await _until(lambda: follower.channel.others_listening, "the follower knows the leader listens")
+                allowed = reconnections_held(monkeypatch)
+                await end_listening_connection(db_url, leader.channel if away == "leader" else follower.channel)
+                gone = fleet.node_ids[0]
+                ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
+                await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=gone))
+                if away == "leader":
+                    await _until(lambda: not follower.channel.others_listening and not follower.channel._held,
+                                 "the follower dropped what it held for nobody")
+                else:  # its NOTIFY was tried (and could not go)
+                    await _until(lambda: follower.channel._flushing is None, "the follower tried its NODE_REMOVED")
+                assert ended not in caplog.text  # the leader was not told
+                allowed.set()
+                await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader")
+            finally:
+                fleet.stop()
