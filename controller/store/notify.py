@@ -33,17 +33,20 @@ A listener misses what is sent while its own listening connection is down. On li
 as if it had heard a RESYNC, after its LISTEN is in place: what it missed is read again from the
 database, and what is sent from then on reaches it.
 
-A sender keeps what it could not send: a NOTIFY that did not go because the connection was down or
-broke under it (it, and whatever was queued behind it) goes back to the front of the held messages,
-and the controller believes itself alone until its next look (the reconnection's): one that sees
-another controller sends them, in order, late by the reconnection's delay; one that began after
-they came back and saw nobody drops them (a listener of then has gone, and resyncs when it listens
-again). They are not replaced by a RESYNC: that would end every watch of every follower on each
-blip of one controller's connection, where the messages late cost nothing. A message may then
-arrive twice (a NOTIFY that went as its connection broke, before the answer): each kind is read
-again from the database or repeated harmlessly. A NOTIFY PostgreSQL refused on a live connection
-(sent again it would be refused again: it would hold up everything behind it) is dropped, and a
-RESYNC is owed for it.
+A sender keeps what it could not send: a NOTIFY that did not go because the connection was down,
+broke under it, or gave no answer within `RECONNECT_S` (a cut no error tells of: the connection is
+given up, as the keepalive's look, which would wait behind it, gives it up), it and whatever was
+queued behind it, goes back to the front of the held messages, and the controller believes itself
+alone until its next look (the reconnection's): one that sees another controller sends them, in
+order, late by the reconnection's delay; one that began after they came back and saw nobody drops
+them (a listener of then has gone, and resyncs when it listens again). They are not replaced by a
+RESYNC: that would end every watch of every follower on each blip of one controller's connection,
+where the messages late cost nothing. A message may then arrive twice (a NOTIFY that went as its
+connection broke, before the answer): each kind is read again from the database or repeated
+harmlessly. Late, it may come after another controller's newer message about the same thing (a
+deployment's `deleted` after its name was submitted again elsewhere), as two controllers' messages
+racing may. A NOTIFY PostgreSQL refused on a live connection (sent again it would be refused
+again, and hold up everything behind it) is dropped, and a RESYNC is owed for it.
 
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
 everything, in-process signals already reached everyone.
@@ -270,14 +273,21 @@ class PgChannel:
                  len(unsent))
 
     async def _send(self, messages: list[str]) -> str:
-        """What became of the NOTIFY: SENT; DOWN (the connection is down, or broke under it);
-        REFUSED (it failed on a connection that is still open: sent again, it would fail again)."""
+        """What became of the NOTIFY: SENT; DOWN (the connection is down, broke under it, or gave
+        no answer within `RECONNECT_S`: a cut no error tells, given up as the keepalive gives it
+        up, which waits behind it for the lock); REFUSED (it failed on a connection that is still
+        open: sent again, it would fail again)."""
         async with self._lock:
             conn = self._conn
             if conn is None or conn.is_closed():
                 return DOWN
             try:  # one statement: PostgreSQL delivers them in this order (and one of identical ones)
-                await conn.execute("SELECT pg_notify($1, m) FROM unnest($2::text[]) AS m", CHANNEL, messages)
+                await within(conn.execute("SELECT pg_notify($1, m) FROM unnest($2::text[]) AS m", CHANNEL, messages),
+                             RECONNECT_S)
+            except TimeoutError:
+                log.warning("notifying the other controllers got no answer within %.1fs: reconnecting", RECONNECT_S)
+                conn.terminate()
+                return DOWN
             except Exception as exc:
                 log.warning("could not notify the other controllers (%s)", exc)
                 return DOWN if conn.is_closed() else REFUSED

@@ -273,12 +273,14 @@ async def test_messages_the_cap_dropped_before_a_look_that_saw_nobody_owe_no_res
 
 class _Connection:
     """A listening connection whose NOTIFYs PostgreSQL refuses while `refusing` (the connection
-    stays open), or which breaks under the next NOTIFY once `breaking` (closed from then on); the
-    NOTIFYs that went are kept."""
+    stays open), which breaks under the next NOTIFY once `breaking` (closed from then on), or
+    whose NOTIFYs get no answer while `silent` (a network cut no error tells of); the NOTIFYs that
+    went are kept."""
 
     def __init__(self) -> None:
         self.refusing = False
         self.breaking = False
+        self.silent = False
         self.closed = False
         self.sent: list[list[str]] = []
 
@@ -288,7 +290,12 @@ class _Connection:
     async def close(self) -> None:
         self.closed = True
 
+    def terminate(self) -> None:
+        self.closed = True
+
     async def execute(self, query: str, channel: str, messages: list[str]) -> None:
+        if self.silent:
+            await asyncio.Event().wait()
         if self.breaking:
             self.closed = True
             raise ConnectionResetError("connection reset by peer")
@@ -498,4 +505,22 @@ async def test_a_notify_postgresql_refuses_is_dropped_and_a_resync_owed_for_it(
     channel.send("wake")
     await _until(lambda: channel._flushing is None and conn.sent)
     assert conn.sent == [["resync|a|", "wake|a|"]]
+    await channel.close()
+
+
+async def test_a_notify_without_an_answer_gives_its_connection_up_and_is_held_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NOTIFY on a connection cut without an error (no answer, ever) would hold the lock the
+    keepalive needs to notice: after `RECONNECT_S` the connection is given up (the keepalive
+    then reconnects), and what the NOTIFY carried is held for the next look, as for a connection
+    that broke."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 0.05)
+    channel, conn = _connected(monkeypatch)
+    conn.silent = True
+    channel.send("deployments", ["modified:t/x"])
+    await _until(lambda: channel._flushing is None)
+    assert conn.closed and channel._held == [("deployments", ["modified:t/x"])]
+    channel._conn = conn = _Connection()  # the reconnection
+    await _looked(channel, True)
+    assert conn.sent == [["deployments|a|modified:t/x"]]
     await channel.close()
