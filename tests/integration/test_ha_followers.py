@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controller.api.server import ControllerApp
 from grpc_harness import SimFleet, Stubs, admin_token_of, issue_token, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
@@ -151,29 +154,37 @@ async def test_a_node_deleted_through_a_follower_whose_node_removed_was_lost_lea
     from controller.api.server import NODE_REMOVED
     from controller.store.notify import RESYNC
 
+    caplog.set_level("INFO", logger="maia.agents")
+    async with _two_agents_on_the_leader(db_url, tmp_path) as (leader, follower, stubs, fleet):
+        send = follower.channel.send
+        follower.channel.send = lambda kind, items=(): None if kind == NODE_REMOVED else send(kind, items)
+        gone = fleet.node_ids[0]
+        ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
+        await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=gone))
+        assert ended not in caplog.text  # the leader was not told
+        follower.channel.send = send
+        follower.channel.send(RESYNC)
+        await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader")
+
+
+@asynccontextmanager
+async def _two_agents_on_the_leader(db_url: str, tmp_path: Path,
+                                    ) -> AsyncIterator[tuple[ControllerApp, ControllerApp, Stubs, SimFleet]]:
+    """A leader and a follower, each knowing the other listens, with stubs on the follower, and
+    two simulated nodes connected to the leader."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    caplog.set_level("INFO", logger="maia.agents")
     async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
             running_controller(db_url, tmp_path / "b", **QUIET) as follower:
-        token = admin_token_of(leader)
         node_token = await issue_token(leader.db, "node-bootstrap")
-        async with Stubs.connect(follower.address, token).channel as channel:
+        async with Stubs.connect(follower.address, admin_token_of(leader)).channel as channel:
             stubs = Stubs.on(channel)
             await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
             fleet = SimFleet(leader.address, racks=1, nodes_per_rack=2, token=node_token, log_dir=tmp_path)
             try:
                 await _until(lambda: len(leader.hub.connected()) == 2, "both agents reached the leader")
                 await _until(lambda: follower.channel.others_listening, "the follower knows the leader listens")
-                send = follower.channel.send
-                follower.channel.send = lambda kind, items=(): None if kind == NODE_REMOVED else send(kind, items)
-                gone = fleet.node_ids[0]
-                ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
-                await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=gone))
-                assert ended not in caplog.text  # the leader was not told
-                follower.channel.send = send
-                follower.channel.send(RESYNC)
-                await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader")
+                yield leader, follower, stubs, fleet
             finally:
                 fleet.stop()
 
@@ -230,31 +241,18 @@ async def test_a_node_deleted_through_a_follower_while_a_listening_connection_wa
     from tests.store.listening import end_listening_connection, reconnections_held
 
     monkeypatch.setattr(notify, "RECONNECT_S", 0.5)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     caplog.set_level("INFO", logger="maia.agents")
-    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
-            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
-        node_token = await issue_token(leader.db, "node-bootstrap")
-        async with Stubs.connect(follower.address, admin_token_of(leader)).channel as channel:
-            stubs = Stubs.on(channel)
-            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
-            fleet = SimFleet(leader.address, racks=1, nodes_per_rack=2, token=node_token, log_dir=tmp_path)
-            try:
-                await _until(lambda: len(leader.hub.connected()) == 2, "both agents reached the leader")
-                await _until(lambda: follower.channel.others_listening, "the follower knows the leader listens")
-                allowed = reconnections_held(monkeypatch)
-                await end_listening_connection(db_url, leader.channel if away == "leader" else follower.channel)
-                gone = fleet.node_ids[0]
-                ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
-                await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=gone))
-                if away == "leader":
-                    await _until(lambda: not follower.channel.others_listening and not follower.channel._held,
-                                 "the follower dropped what it held for nobody")
-                else:  # its NOTIFY was tried (and could not go)
-                    await _until(lambda: follower.channel._flushing is None, "the follower tried its NODE_REMOVED")
-                assert ended not in caplog.text  # the leader was not told
-                allowed.set()
-                await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader")
-            finally:
-                fleet.stop()
+    async with _two_agents_on_the_leader(db_url, tmp_path) as (leader, follower, stubs, fleet):
+        allowed = reconnections_held(monkeypatch)
+        await end_listening_connection(db_url, leader.channel if away == "leader" else follower.channel)
+        gone = fleet.node_ids[0]
+        ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
+        await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=gone))
+        if away == "leader":
+            await _until(lambda: not follower.channel.others_listening and not follower.channel._held,
+                         "the follower dropped what it held for nobody")
+        else:  # its NOTIFY was tried (and could not go)
+            await _until(lambda: follower.channel._flushing is None, "the follower tried its NODE_REMOVED")
+        assert ended not in caplog.text  # the leader was not told
+        allowed.set()
+        await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader")

@@ -370,19 +370,25 @@ async def test_a_resync_queued_while_the_connection_is_down_is_sent_once_it_is_b
     await channel.close()
 
 
+async def _pair_reconnecting(url: str, heard_b: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch,
+                             ) -> tuple[list[tuple[PgChannel, asyncio.Task]], asyncio.Event]:
+    """`_pair`, whose keepalives notice a dropped connection soon (a look given less than that to
+    answer may time out on a busy host: a reconnection, and a resync, more), and whose listening
+    connections reconnect only once the event returned is set."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 0.5)
+    listening = await _pair(url, [], heard_b)
+    return listening, reconnections_held(monkeypatch)
+
+
 @POSTGRES_ONLY
 async def test_a_listener_whose_connection_dropped_resyncs_once_it_listens_again_and_hears_what_follows(
         database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """`b`'s listening connection is ended (a restart, a network cut): what `a` sent meanwhile is
     lost to `b`, so `b` resyncs as if told to, once it listens again (not on its first connection),
     and hears what is sent from then on."""
-    # Keepalives that notice a dropped connection soon; a look given less than this to answer
-    # may time out on a busy host: a reconnection (and a resync) more.
-    monkeypatch.setattr(notify, "RECONNECT_S", 0.5)
     heard_b: list[tuple[str, str]] = []
-    listening = await _pair(database.url, [], heard_b)
+    listening, allowed = await _pair_reconnecting(database.url, heard_b, monkeypatch)
     (a, _), (b, _) = listening
-    allowed = reconnections_held(monkeypatch)
     try:
         assert heard_b == []  # the first connection owes nothing
         await end_listening_connection(database.url, b)
@@ -419,13 +425,9 @@ async def test_a_message_sent_while_the_senders_connection_is_down_goes_once_it_
     """`a`'s own connection is ended: what it sends meanwhile is held, not lost, and reaches `b`
     (whose connection lived: it has nothing to resync) once `a` is back, in order, without a
     RESYNC."""
-    # Keepalives that notice a dropped connection soon; a look given less than this to answer
-    # may time out on a busy host: a reconnection (and a resync) more.
-    monkeypatch.setattr(notify, "RECONNECT_S", 0.5)
     heard_b: list[tuple[str, str]] = []
-    listening = await _pair(database.url, [], heard_b)
+    listening, allowed = await _pair_reconnecting(database.url, heard_b, monkeypatch)
     (a, _), (b, _) = listening
-    allowed = reconnections_held(monkeypatch)
     try:
         await end_listening_connection(database.url, a)
         a.send("deployments", ["modified:t/x"])
