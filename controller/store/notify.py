@@ -28,10 +28,12 @@ current state, its agents are sent their sets: `ControllerApp._resync`). A RESYN
 failed stays owed until one gets through: it goes before the next message sent, or with the next
 look that sees another controller (the keepalive's every `RECONNECT_S`, the reconnection's).
 
-A listener misses what is sent while its own listening connection is down. On listening again
-(any connection after the first, or the first once `wait_ready` gave up on it) it resyncs itself
-as if it had heard a RESYNC, after its LISTEN is in place: what it missed is read again from the
-database, and what is sent from then on reaches it.
+A listener misses what is sent while its own listening connection is down: from its end (noticed
+as it comes when the server ended it, else by the keepalive's look) to the reconnection (at once
+when it had listened `RECONNECT_S` or longer, else `RECONNECT_S` later: `PgChannel.run`). On
+listening again (any connection after the first, or the first once `wait_ready` gave up on it)
+it resyncs itself as if it had heard a RESYNC, after its LISTEN is in place: what it missed is
+read again from the database, and what is sent from then on reaches it.
 
 A sender keeps what it could not send: a NOTIFY that did not go because the connection was down,
 broke under it, or gave no answer within `RECONNECT_S` (a cut no error tells of: the connection is
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
@@ -309,12 +312,20 @@ class PgChannel:
             log.exception("handling the notification %r failed", kind)
 
     async def run(self) -> None:
-        """Listen until cancelled, reconnecting every `RECONNECT_S` while the database is away."""
+        """Listen until cancelled, reconnecting every `RECONNECT_S` while the database is away. A
+        connection that listened and ended (the server ended it: a restart, `pg_terminate_backend`)
+        is noticed as it ends, not at the next keepalive, and one that listened `RECONNECT_S` or
+        longer is replaced at once (a database that ends each new connection is retried every
+        `RECONNECT_S`, not in a loop): this controller misses less meanwhile."""
         import asyncpg
 
+        listening_since = 0.0
         while True:
+            wait_s = RECONNECT_S
             try:
                 conn = await asyncpg.connect(self._dsn, server_settings={"application_name": APPLICATION_NAME})
+                ended = asyncio.Event()
+                conn.add_termination_listener(lambda _conn: ended.set())
                 await conn.add_listener(CHANNEL, self._received)
                 if self._listened or self._waited_out:
                     self._resync_self()
@@ -322,19 +333,23 @@ class PgChannel:
                 await self._look(conn.fetchval(_ANNOUNCE, CHANNEL, f"{HELLO}|{self._sender}|"))
                 self._conn = conn
                 self._ready.set()
+                listening_since = monotonic()
                 log.info("listening for other controllers on channel %s (others listening: %s)", CHANNEL,
                          self._others)
                 while True:  # a query notices a dead connection that is_closed() would not
-                    await asyncio.sleep(RECONNECT_S)
+                    if await wait_event(ended, RECONNECT_S):
+                        raise ConnectionError("the server ended the connection")
                     async with self._lock:
                         await within(self._look(conn.fetchval(_OTHERS)), RECONNECT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("the notification connection failed (%s); reconnecting in %.0fs", exc, RECONNECT_S)
+                if self._ready.is_set() and monotonic() - listening_since >= RECONNECT_S:
+                    wait_s = 0.0
+                log.warning("the notification connection failed (%s); reconnecting in %.0fs", exc, wait_s)
             finally:
                 await self._drop()
-            await asyncio.sleep(RECONNECT_S)
+            await asyncio.sleep(wait_s)
 
     def _resync_self(self) -> None:
         """Listening again: what was sent while this controller did not listen is lost to it, so it

@@ -30,13 +30,13 @@ def reconnections_held(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
 
 async def end_listening_connection(url: str, channel: PgChannel) -> None:
     """The server ends `channel`'s listening connection (`pg_terminate_backend`, as a restart or a
-    failover would); returns once its channel knows (the connection is closed)."""
-    pid = channel._conn.get_server_pid()
+    failover would); returns once its channel knows (that connection is closed)."""
+    ended = channel._conn
     conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
     try:
-        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", ended.get_server_pid())
     finally:
         await conn.close()
     async with asyncio.timeout(10.0):
-        while channel._conn is not None and not channel._conn.is_closed():
+        while not ended.is_closed():  # (the channel may have connected again already)
             await asyncio.sleep(0.01)

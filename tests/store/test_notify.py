@@ -6,6 +6,7 @@ controller alone sends nothing, and learns of another as it starts listening."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import asyncpg
@@ -526,3 +527,29 @@ async def test_a_notify_without_an_answer_gives_its_connection_up_and_is_held_ag
     await _looked(channel, True)
     assert conn.sent == [["deployments|a|modified:t/x"]]
     await channel.close()
+
+
+@POSTGRES_ONLY
+async def test_a_connection_the_server_ended_is_replaced_at_once_not_at_the_next_keepalive(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No keepalive look and no wait before reconnecting within the test (an hour each): `b` listens
+    again, and resyncs, because its connection's end was noticed as it came, and a connection that
+    listened `RECONNECT_S` or longer (its clock moved on by two) is replaced at once. One that
+    listened less is replaced `RECONNECT_S` later (a database that ends every new connection is
+    not retried in a loop)."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 3600.0)
+    later = 0.0
+    monkeypatch.setattr(notify, "monotonic", lambda: time.monotonic() + later)
+    heard_b: list[tuple[str, str]] = []
+    listening = await _pair(database.url, [], heard_b)
+    b = listening[1][0]
+    try:
+        later = 7200.0
+        await end_listening_connection(database.url, b)
+        await _until(lambda: heard_b == [(notify.RESYNC, "")] and b._ready.is_set())
+        await end_listening_connection(database.url, b)
+        await _until(lambda: not b._ready.is_set())
+        await asyncio.sleep(0.2)  # a reconnection at once would have come by now (none within the hour)
+        assert not b._ready.is_set() and heard_b == [(notify.RESYNC, "")]
+    finally:
+        await _stop(*listening)
