@@ -161,6 +161,7 @@ class PgChannel:
         self._reheld = 0  # times messages came back to `_held` from a NOTIFY that did not go
         self._listened = False  # a connection listened (the next one resyncs this controller)
         self._waited_out = False  # `wait_ready` gave up: even the first connection resyncs
+        self._closed = False
 
     @property
     def others_listening(self) -> bool:
@@ -344,6 +345,8 @@ class PgChannel:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._closed:
+                    return
                 if self._ready.is_set() and monotonic() - listening_since >= RECONNECT_S:
                     wait_s = 0.0
                 log.warning("the notification connection failed (%s); reconnecting in %.0fs", exc, wait_s)
@@ -394,6 +397,7 @@ class PgChannel:
                 conn.terminate()
 
     async def close(self) -> None:
+        self._closed = True  # its connection's end is not a reason to listen again
         for task in list(self._pending):
             try:
                 await within(task, 1.0)

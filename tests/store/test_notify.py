@@ -553,3 +553,16 @@ async def test_a_connection_the_server_ended_is_replaced_at_once_not_at_the_next
         assert not b._ready.is_set() and heard_b == [(notify.RESYNC, "")]
     finally:
         await _stop(*listening)
+
+
+@POSTGRES_ONLY
+async def test_a_closed_channel_does_not_take_its_connections_end_for_a_reason_to_listen_again(
+        database: Database, caplog: pytest.LogCaptureFixture) -> None:
+    """`close` ends the connection (the controller stops): its run ends, without a warning that
+    the connection failed and without connecting again."""
+    channel, task = await _listening(database.url, "a", [])
+    with caplog.at_level("WARNING", logger="maia.notify"):
+        await channel.close()
+        async with asyncio.timeout(10.0):
+            await task
+    assert "failed" not in caplog.text and channel._conn is None
