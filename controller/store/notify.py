@@ -322,7 +322,7 @@ class PgChannel:
 
         listening_since = 0.0
         while True:
-            wait_s = RECONNECT_S
+            wait_s, conn = RECONNECT_S, None
             try:
                 conn = await asyncpg.connect(self._dsn, server_settings={"application_name": APPLICATION_NAME})
                 ended = asyncio.Event()
@@ -351,6 +351,8 @@ class PgChannel:
                     wait_s = 0.0
                 log.warning("the notification connection failed (%s); reconnecting in %.0fs", exc, wait_s)
             finally:
+                if conn is not None and conn is not self._conn:  # it failed before it listened: not left open
+                    conn.terminate()
                 await self._drop()
             await asyncio.sleep(wait_s)
 

@@ -566,3 +566,34 @@ async def test_a_closed_channel_does_not_take_its_connections_end_for_a_reason_t
         async with asyncio.timeout(10.0):
             await task
     assert "failed" not in caplog.text and channel._conn is None
+
+
+@POSTGRES_ONLY
+async def test_a_connection_that_fails_before_it_listens_is_not_left_open(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The announcement fails (the database went away just then): that connection is closed, not
+    left to the garbage collector, and the next one listens."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 0.05)
+    connections: list[asyncpg.Connection] = []
+    connect = asyncpg.connect
+
+    async def kept(*args: Any, **kw: Any) -> asyncpg.Connection:
+        connections.append(await connect(*args, **kw))
+        return connections[-1]
+
+    monkeypatch.setattr(asyncpg, "connect", kept)
+    look = PgChannel._look
+    failures = [ConnectionResetError("connection reset by peer")]
+
+    async def failing_once(self: PgChannel, others: Any) -> None:
+        if failures:
+            others.close()  # (the query's coroutine, never awaited)
+            raise failures.pop()
+        await look(self, others)
+
+    monkeypatch.setattr(PgChannel, "_look", failing_once)
+    channel, task = await _listening(database.url, "a", [])
+    try:
+        assert len(connections) == 2 and connections[0].is_closed() and channel._conn is connections[1]
+    finally:
+        await _stop((channel, task))
