@@ -8,6 +8,7 @@ the ORM stays behind this module (rows are returned only to the use cases that c
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -656,10 +657,24 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[
     return at
 
 
+_NOT_NULL_VIOLATION = "23502"  # PostgreSQL's SQLSTATE
+
+
 def marked_since_read(exc: BaseException) -> bool:
-    """`exc` is `set_deleting`'s refusal of a deployment marked DELETING after its caller read it
-    (the NULL phase its UPDATE wrote: SQLite's and PostgreSQL's NOT NULL failures name the column)."""
-    return isinstance(exc, IntegrityError) and "phase" in str(exc.orig)
+    """`exc` is `set_deleting`'s refusal of a deployment marked DELETING after its caller read it:
+    the NULL its UPDATE wrote into `deployments.phase`, and nothing else (another column's NOT NULL,
+    another table's `phase`, a unique violation). PostgreSQL's error names the table and the column
+    (asyncpg's, under SQLAlchemy's adaptation); SQLite's names them only in its message."""
+    if not isinstance(exc, IntegrityError):
+        return False
+    table = m.Deployment.__table__
+    column = table.c.phase.name
+    if isinstance(exc.orig, sqlite3.IntegrityError):
+        return (exc.orig.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_NOTNULL
+                and exc.orig.args[:1] == (f"NOT NULL constraint failed: {table.name}.{column}",))
+    driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
+    return (getattr(driver, "sqlstate", None) == _NOT_NULL_VIOLATION
+            and (getattr(driver, "table_name", None), getattr(driver, "column_name", None)) == (table.name, column))
 
 
 def deleting_view(deployment: NamedDeployment, at: datetime) -> d.DeploymentView:

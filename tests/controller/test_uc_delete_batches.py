@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from controller.errors import MaiaError, NotFound
 from controller.identity import Principal, Role
@@ -382,3 +382,27 @@ async def test_a_mark_of_a_deployment_marked_since_it_was_read_fails_its_transac
     async with cluster.unit_of_work() as uow:
         assert {r.name: r.phase for r in await repo.list_deployment_rows(uow.session)} == {
             "a": m.DeploymentPhase.DELETING, "b": m.DeploymentPhase.PENDING}
+
+
+async def test_only_the_refused_double_mark_is_told_apart_from_other_integrity_errors(cluster):
+    """`marked_since_read` is the NULL written into `deployments.phase` and nothing else: another
+    column's NOT NULL, another table's `phase` (placements have one) and a unique violation are
+    other failures (a lone delete would otherwise take them for a mark raced and read again)."""
+    await _submit(cluster, ("t1", "a"), ("t1", "b"))
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
+
+    async def refusal(statement: str) -> BaseException:
+        with pytest.raises(Exception) as refused:
+            async with cluster.unit_of_work() as uow:
+                await uow.session.execute(text(statement))
+                await uow.commit()
+        return refused.value
+
+    told = {statement: repo.marked_since_read(await refusal(statement)) for statement in (
+        "UPDATE deployments SET phase = NULL WHERE name = 'a'",
+        "UPDATE placements SET phase = NULL",
+        "UPDATE deployments SET name = NULL WHERE name = 'a'",
+        "UPDATE deployments SET name = 'b' WHERE name = 'a'",
+    )}
+    assert list(told.values()) == [True, False, False, False], told
+    assert not repo.marked_since_read(RuntimeError("phase"))
