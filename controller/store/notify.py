@@ -327,12 +327,16 @@ class PgChannel:
                 conn = await asyncpg.connect(self._dsn, server_settings={"application_name": APPLICATION_NAME})
                 ended = asyncio.Event()
                 conn.add_termination_listener(lambda _conn: ended.set())
-                await conn.add_listener(CHANNEL, self._received)
-                if self._listened or self._waited_out:
-                    self._resync_self()
-                self._listened = True
-                await self._look(conn.fetchval(_ANNOUNCE, CHANNEL, f"{HELLO}|{self._sender}|"))
-                self._conn = conn
+                # The connection is the channel's before it listens: what a HELLO heard during the
+                # announce releases is sent on it once the announce is answered (it waits for the
+                # lock), not dropped for want of a connection.
+                async with self._lock:
+                    self._conn = conn
+                    await conn.add_listener(CHANNEL, self._received)
+                    if self._listened or self._waited_out:
+                        self._resync_self()
+                    self._listened = True
+                    await self._look(conn.fetchval(_ANNOUNCE, CHANNEL, f"{HELLO}|{self._sender}|"))
                 self._ready.set()
                 listening_since = monotonic()
                 log.info("listening for other controllers on channel %s (others listening: %s)", CHANNEL,
@@ -351,7 +355,7 @@ class PgChannel:
                     wait_s = 0.0
                 log.warning("the notification connection failed (%s); reconnecting in %.0fs", exc, wait_s)
             finally:
-                if conn is not None and conn is not self._conn:  # it failed before it listened: not left open
+                if conn is not None and conn is not self._conn:  # it failed before it was the channel's
                     conn.terminate()
                 await self._drop()
             await asyncio.sleep(wait_s)

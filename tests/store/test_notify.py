@@ -597,3 +597,49 @@ async def test_a_connection_that_fails_before_it_listens_is_not_left_open(
         assert len(connections) == 2 and connections[0].is_closed() and channel._conn is connections[1]
     finally:
         await _stop((channel, task))
+
+class _Announcing(_Connection):
+    """A fresh connection whose announce is answered (nobody seen) only once `answer` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.listener: Any = None
+
+    async def add_listener(self, channel: str, callback: Any) -> None:
+        self.listener = callback
+
+    async def fetchval(self, query: str, *args: Any) -> bool:
+        if args:  # the announce (the keepalive's look has no arguments)
+            await self.answer.wait()
+        return False
+
+
+async def test_what_a_hello_heard_during_the_announce_releases_is_sent_once_connected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A controller alone holds what it sends; another's HELLO arrives while its own announce is on
+    its way (both connecting at once): the held messages go, on the new connection, not into the
+    void before it is the channel's (they were lost, and no RESYNC said so)."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 3600.0)
+    conn = _Announcing()
+
+    async def connect(*args: Any, **kw: Any) -> _Announcing:
+        return conn
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
+    channel.send("deployments", ["modified:t/x"])  # alone: held
+    task = asyncio.create_task(channel.run())
+    try:
+        await _until(lambda: conn.listener is not None)
+        conn.listener(None, 0, notify.CHANNEL, f"{notify.HELLO}|b|")
+        for _ in range(5):  # the flush the HELLO started runs as far as it can
+            await asyncio.sleep(0)
+        conn.answer.set()
+        assert await channel.wait_ready(10.0)
+        await _until(lambda: channel._flushing is None and not channel._queued)
+        assert conn.sent == [["deployments|a|modified:t/x"]]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await channel.close()
