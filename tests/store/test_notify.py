@@ -643,3 +643,31 @@ async def test_what_a_hello_heard_during_the_announce_releases_is_sent_once_conn
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await channel.close()
+
+
+async def test_a_connection_whose_announce_failed_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The announce fails (the database went away mid-way): the connection is closed before the
+    next attempt, not left open."""
+    monkeypatch.setattr(notify, "RECONNECT_S", 3600.0)
+    closed = asyncio.Event()
+
+    class Failing(_Announcing):
+        async def fetchval(self, query: str, *args: Any) -> bool:
+            raise ConnectionResetError("connection reset by peer")
+
+        async def close(self) -> None:
+            closed.set()
+
+    async def connect(*args: Any, **kw: Any) -> Failing:
+        return Failing()
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    channel = PgChannel("postgresql+asyncpg://nowhere/maia", "a", lambda kind, data: None)
+    task = asyncio.create_task(channel.run())
+    try:
+        await asyncio.wait_for(closed.wait(), 10)
+        assert channel._conn is None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await channel.close()
