@@ -609,6 +609,9 @@ class _Announcing(_Connection):
     async def add_listener(self, channel: str, callback: Any) -> None:
         self.listener = callback
 
+    def add_termination_listener(self, callback: Any) -> None:
+        pass
+
     async def fetchval(self, query: str, *args: Any) -> bool:
         if args:  # the announce (the keepalive's look has no arguments)
             await self.answer.wait()
