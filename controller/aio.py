@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
@@ -108,3 +109,13 @@ class PushedStream(Protocol):
 def pushed(stream: object) -> PushedStream | None:
     """`stream` when it can push its messages (`PushedStream`), else None."""
     return stream if callable(getattr(stream, "push_to", None)) else None
+
+
+def stopped_ignoring_sigterm(loop: asyncio.AbstractEventLoop) -> None:
+    """A process's stop is over, or under way on its own: a SIGTERM from now on (a supervisor's
+    second, a parent's racing a stop the process began itself) has nothing left to hurry, and once
+    the loop closes and gives its handlers back, the default action would kill the process on its
+    way out (exit -15). The loop's SIGINT and SIGTERM handlers go; SIGTERM is ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

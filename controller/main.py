@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from controller.config import Config, parse_args
 from controller.logs import configure_logging
+from controller.aio import stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.threads import name_threads
 from controller.preflight import StartupError, check_db_url, check_listen
@@ -119,18 +120,10 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, fire)
     await app.stop()
+    # A SIGTERM from now on has nothing left to hurry; one before the loop closed would report the
+    # clean stop as stuck (EXIT_STUCK, the stacks).
     stopped_ignoring_sigterm(loop)
     return 0
-
-
-def stopped_ignoring_sigterm(loop: asyncio.AbstractEventLoop) -> None:
-    """The stop is over: a SIGTERM from now on (a supervisor's second, a harness that signals
-    twice) has nothing left to hurry. Without this, one that came before the loop closed would
-    report the clean stop as stuck (EXIT_STUCK, the stacks), and one after it (the loop gives its
-    handlers back) would kill the process with the default action (exit -15) on its way out."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

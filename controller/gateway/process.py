@@ -28,6 +28,7 @@ import grpc
 from grpc import aio
 
 from controller import limits
+from controller.aio import stopped_ignoring_sigterm
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY, LINK_OPTIONS, Arrivals, Outbox, from_relayed, status_code, to_relayed)
 from controller.logs import configure_logging
@@ -221,11 +222,7 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"maia-gateway listening on {host}:{port}", flush=True)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([link, stopping], return_when=asyncio.FIRST_COMPLETED)
-    # From here on the gateway stops on its own: a SIGTERM now (its parent's, racing a lost link's
-    # stop) must not kill it with the default action once the loop closes and gives its handlers back.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stopped_ignoring_sigterm(loop)  # it stops on its own from here (its parent's SIGTERM may race a lost link)
     lost = link.done() and not stop.is_set()
     if lost:
         log.warning("gateway %s: the link to the controller ended; stopping", args.name)

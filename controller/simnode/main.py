@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from controller.devca import node_stem
+from controller.aio import stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.bearer import TOKEN_ENV
 from controller.simnode import faultcli
@@ -136,12 +137,7 @@ async def _run(fleet: Fleet, control_socket: Path | None) -> None:
     finally:
         if control is not None:
             await control.close()
-    # Every node stopped: a SIGTERM from now on (a second one: `bench e2e` tells every fleet, then
-    # each in turn again) must not kill the process with the default action (exit -15) once the
-    # loop closes and gives its handlers back.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stopped_ignoring_sigterm(loop)  # every node stopped (a fleet told twice must not die of the second)
 
 
 def _on_signal(fleet: Fleet, sig: signal.Signals) -> None:
