@@ -78,24 +78,27 @@ def locked_in_order(listed: ColumnElement[bool], column: ColumnElement[Any], *, 
     return select(column).where(listed).order_by(order).with_for_update(key_share=not deletes)
 
 
+def in_order(dialect: str, where: ColumnElement[bool], column: ColumnElement[Any], *,
+             deletes: bool) -> ColumnElement[bool]:
+    """`where`, for a DELETE (`deletes`) or UPDATE of the rows of `column`'s table it matches: on
+    PostgreSQL those rows locked first, in ascending `column` (`locked_in_order`)."""
+    if dialect != POSTGRESQL:
+        return where
+    return and_(where, column.in_(locked_in_order(where, column, deletes=deletes)))
+
+
 def any_of_in_order(session: AsyncSession, column: ColumnElement[Any], values: Iterable[Any], *,
                     deletes: bool) -> ColumnElement[bool]:
     """`any_of`, for a DELETE (`deletes`) or UPDATE over a list of keys of `column`'s table: on
     PostgreSQL its rows locked first, in ascending key (`locked_in_order`)."""
     values = list(values)
-    if dialect_of(session) != POSTGRESQL:
-        return any_of(session, column, values)
-    return and_(any_of(session, column, values),
-                column.in_(locked_in_order(any_of(session, column, values), column, deletes=deletes)))
+    return in_order(dialect_of(session), any_of(session, column, values), column, deletes=deletes)
 
 
 def any_of_named_in_order(dialect: str, column: ColumnElement[Any], name: str, *, deletes: bool) -> ColumnElement[bool]:
     """`any_of_named`, for a DELETE (`deletes`) or UPDATE over a list of keys of `column`'s table:
     on PostgreSQL its rows locked first, in ascending key (`locked_in_order`)."""
-    if dialect != POSTGRESQL:
-        return any_of_named(dialect, column, name)
-    return and_(any_of_named(dialect, column, name),
-                column.in_(locked_in_order(any_of_named(dialect, column, name), column, deletes=deletes)))
+    return in_order(dialect, any_of_named(dialect, column, name), column, deletes=deletes)
 
 
 def any_of_named(dialect: str, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:

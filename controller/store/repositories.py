@@ -27,7 +27,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store.metering import shard_milli, stop_intervals, stop_intervals_on_node
 from controller.store.inlist import (POSTGRESQL, any_of, any_of_in_order, any_of_named, any_of_named_in_order, dialect_of,
-                                     listed, locked_in_order)
+                                     in_order, listed, locked_in_order)
 from controller.store.marks import rowcount_unread
 from controller.store.changes import bump_cluster_generation_unread, schedulable_count  # noqa: F401  (the first re-exported)
 from controller.store.partitions import partitions
@@ -1061,10 +1061,9 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
     ))
     if not deployment_ids:
         return set()
-    on_node: ColumnElement[bool] = m.Placement.node_id == node_id
-    if dialect_of(session) == POSTGRESQL:  # each table's rows in ascending id (the lock order: store/changes.py)
-        on_node = and_(on_node, m.Placement.id.in_(locked_in_order(on_node, m.Placement.id, deletes=True)))
-    await session.execute(delete(m.Placement).where(on_node))
+    # each table's rows in ascending id (the lock order: store/changes.py)
+    await session.execute(delete(m.Placement).where(
+        in_order(dialect_of(session), m.Placement.node_id == node_id, m.Placement.id, deletes=True)))
     await stop_intervals_on_node(session, node_id, now or m.utcnow())
     await session.execute(
         update(m.Deployment).where(any_of_in_order(session, m.Deployment.id, deployment_ids, deletes=False))
