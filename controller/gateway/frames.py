@@ -14,6 +14,11 @@ from maia.v1 import relay_pb2
 
 RELAY_METHOD = "/maia.v1.AgentRelay/Relay"
 GATEWAY_METADATA_KEY = "maia-gateway"  # the Relay call's metadata: the gateway's name
+# The link's own call id (the gateway numbers agent calls from 1). The controller's `end` event on
+# it closes the link: every relayed call's status was sent before it, and the gateway answers by
+# ending its side of the stream; the controller's stream ends only then, so the relay server's
+# stop cannot close the connection on frames the gateway has not read yet.
+LINK_CALL = 0
 # A frame is sent once it holds this many events or bytes of messages, whatever the linger.
 FRAME_EVENTS_MAX = 1024
 FRAME_BYTES_MAX = 4 * 1024 * 1024
@@ -144,6 +149,10 @@ def status_event(call: int, code: grpc.StatusCode, details: str = "",
                  trailing_metadata: Iterable[tuple[str, str | bytes]] | None = None) -> relay_pb2.RelayEvent:
     return relay_pb2.RelayEvent(call=call, status=relay_pb2.RelayStatus(
         code=code.value[0], details=details, trailing_metadata=to_relayed(trailing_metadata)))
+
+
+def link_end_event() -> relay_pb2.RelayEvent:
+    return relay_pb2.RelayEvent(call=LINK_CALL, end=relay_pb2.RelayEnd())
 
 
 def status_code(status: relay_pb2.RelayStatus) -> grpc.StatusCode:

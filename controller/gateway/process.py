@@ -6,10 +6,11 @@ none), opens one `AgentRelay.Relay` stream to the controller and relays each age
 its opening (method, the agent's metadata, peer, time left), its requests, its end, and each of
 its responses the agent's transport took (the controller sends a call only a few ahead); it
 answers each call with what the controller sends back, ending it with the controller's status and
-trailing metadata. It exits when the link ends (the controller stopped or died), ending every
-agent call UNAVAILABLE first, when the link does not come up (`LINK_READY_TIMEOUT_S`), and on
-SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT"
-once serving.
+trailing metadata. It exits when the link ends: with status 0 when its controller ended it (its
+stop: every call's status came before the link's end, `LINK_CALL`), with `EXIT_LINK_LOST` when the
+link was lost (the controller died), ending every agent call still open UNAVAILABLE first; it
+exits too when the link does not come up (`LINK_READY_TIMEOUT_S`), and on SIGTERM/SIGINT. Prints
+"maia-gateway listening on HOST:PORT" once serving.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from grpc import aio
 from controller import limits
 from controller.aio import stopped_ignoring_sigterm
 from controller.gateway.frames import (
-    GATEWAY_METADATA_KEY, LINK_OPTIONS, Arrivals, Outbox, from_relayed, status_code, to_relayed)
+    GATEWAY_METADATA_KEY, LINK_CALL, LINK_OPTIONS, Arrivals, Outbox, from_relayed, status_code, to_relayed)
 from controller.logs import configure_logging
 from maia.v1 import relay_pb2, relay_pb2_grpc
 
@@ -66,6 +67,7 @@ class Gateway:
         self._calls: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.linked = False
+        self.ended_by_controller = False  # it sent the link's end (`LINK_CALL`): it is stopping
 
     def open_calls(self) -> int:
         return len(self._calls)
@@ -79,6 +81,9 @@ class Gateway:
         try:
             async for frame in call:
                 for event in frame.events:
+                    if event.call == LINK_CALL:  # the controller ends the link: every status came before
+                        self._link_ended()
+                        continue
                     pending = self._calls.get(event.call)
                     if pending is None:
                         continue
@@ -87,12 +92,22 @@ class Gateway:
                     else:
                         pending.finish(event.status)
         except grpc.RpcError as exc:
-            log.warning("gateway %s: link to the controller failed: %s", self.name, exc.code())
+            if self.ended_by_controller:  # what it had to say was read: how the connection closed is moot
+                log.info("gateway %s: link closed after its end: %s", self.name, exc.code())
+            else:
+                log.warning("gateway %s: link to the controller failed: %s", self.name, exc.code())
         finally:
             self.linked = False
             for pending in list(self._calls.values()):
                 if not pending.ended:  # one whose status came has it (the controller ends the link right after)
                     pending.finish(None)
+
+    def _link_ended(self) -> None:
+        """No call opens from now on, and this side of the stream ends (after what is queued): the
+        controller's stream ends when it sees that."""
+        self.ended_by_controller = True
+        self.linked = False
+        self.outbox.close()
 
     # --- agent calls -------------------------------------------------------------------------
     def _open(self, method: str, context: aio.ServicerContext) -> tuple[int, _Pending]:
@@ -223,9 +238,11 @@ async def serve(args: argparse.Namespace) -> int:
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([link, stopping], return_when=asyncio.FIRST_COMPLETED)
     stopped_ignoring_sigterm(loop)  # it stops on its own from here (its parent's SIGTERM may race a lost link)
-    lost = link.done() and not stop.is_set()
+    lost = link.done() and not stop.is_set() and not gateway.ended_by_controller
     if lost:
         log.warning("gateway %s: the link to the controller ended; stopping", args.name)
+    elif not stop.is_set():
+        log.info("gateway %s: the controller ended the link (it is stopping); stopping", args.name)
     began, calls = time.monotonic(), gateway.open_calls()
     await server.stop(1.0)
     link.cancel()

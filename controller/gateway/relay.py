@@ -10,10 +10,14 @@ UNAVAILABLE with the leader's address, and a Connect stream feeds `AgentHub.conv
 port, its requests pushed to the hub as each frame arrives (`RelayedRequests.push_to`: no task
 woken a message). A call the gateway says is gone (`RelayEnd.cancelled`) is cancelled as gRPC cancels
 the handler of a call whose connection died; the link ending cancels every call of its gateway.
-The controller's stop ends the links itself (`RelayServicer.end_links`): each link's stream ends
-once its calls have sent their statuses (the hub ended their streams), so its gateway ends what is
-left of its agents' calls as for a controller gone and exits, and the relay server's stop does not
-wait out its grace for links that would otherwise end only when cancelled.
+The controller's stop ends the links itself (`RelayServicer.end_links`): once a link's calls have
+sent their statuses (the hub ended their streams) it sends the link's end (`LINK_CALL`), and its
+stream ends when the gateway, having read it, ended its side: every status reached the gateway
+before the relay server's stop closes the connection (ending the stream at once let that close
+drop the last frames: the gateway then ended its agents' streams UNAVAILABLE instead of with the
+controller's status). The gateway ends what is left of its agents' calls as for a controller gone
+and exits, and the relay server's stop does not wait out its grace for links that would otherwise
+end only when cancelled.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ import grpc
 from grpc import aio
 
 from controller.aio import Wakeup
-from controller.gateway.frames import GATEWAY_METADATA_KEY, Arrivals, Metadata, Outbox, from_relayed, status_event
+from controller.gateway.frames import (
+    GATEWAY_METADATA_KEY,
+    Arrivals,
+    Metadata,
+    Outbox,
+    from_relayed,
+    link_end_event,
+    status_event,
+)
 from maia.v1 import agent_pb2_grpc, relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger("maia.gateway")
@@ -38,6 +50,9 @@ log = logging.getLogger("maia.gateway")
 # an agent that does not read (the hub's stream then coalesces its sets). Without it every set was
 # pulled at once and queued in the gateway for as long as the agent did not read.
 RELAY_WINDOW = 8
+# How long the link's end waits for its gateway to end its side of the stream (it does as soon as
+# it reads the end; bounded for a gateway that is stuck: the relay server's stop grace bounds it too).
+LINK_END_READ_TIMEOUT_S = 5.0
 
 
 class _Details(NamedTuple):
@@ -225,19 +240,28 @@ class _Link:
         self.frames_taken = 0
         self.events_taken = 0
         self.ending = False
+        self.closed = False  # the link's end was sent: every call's status before it
 
     def end_when_idle(self) -> None:
-        """End the link's stream once its calls are over (their statuses sent first)."""
+        """End the link once its calls are over: their statuses, then the link's end, sent."""
         self.ending = True
         if not self._calls:
-            self._outbox.close()
+            self._close()
 
     def _forget(self, call_id: int) -> None:
         self._calls.pop(call_id, None)
         if self.ending and not self._calls:
+            self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._outbox.add(link_end_event())
             self._outbox.close()
 
     def take(self, frame: relay_pb2.RelayFrame) -> None:
+        if self.closed:  # what the gateway sent before it read the link's end: no call opens after it
+            return
         calls = self._calls
         self.frames_taken += 1
         self.events_taken += len(frame.events)
@@ -368,7 +392,9 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
         try:
             async for frame in outbox.frames():
                 yield frame
-            ended = link.ending
+            ended = link.closed
+            if ended:  # the stream ends once the gateway ended its side: it read every frame by then
+                await asyncio.wait([reader], timeout=LINK_END_READ_TIMEOUT_S)
         finally:
             reader.cancel()
             if ended:

@@ -16,10 +16,10 @@ import grpc
 from grpc import aio
 
 from controller.gateway.children import GatewayProcesses, GatewaySettings
-from controller.gateway.frames import LINK_OPTIONS
+from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_CALL, LINK_OPTIONS, status_code
 from controller.gateway.process import EXIT_LINK_LOST
 from controller.gateway.relay import RelayServicer
-from maia.v1 import relay_pb2_grpc
+from maia.v1 import relay_pb2, relay_pb2_grpc
 
 CONNECT = "/maia.v1.NodeAgentService/Connect"
 STREAMS = 300
@@ -81,7 +81,7 @@ async def test_every_stream_of_a_gateway_gets_the_controllers_goodbye_and_the_ga
         await relay_server.stop(None)
     assert ends == {"OK": STREAMS}
     [code] = [p.returncode for p in gateways.processes]
-    assert code in (0, EXIT_LINK_LOST)  # it exited itself (its link ended, or its SIGTERM): a kill is -9
+    assert code == 0  # it exited itself when its controller ended the link (or on its SIGTERM): a kill is -9
 
 
 # A gateway whose serve() returned, then signalled as its parent's stop does when it races the
@@ -142,3 +142,41 @@ async def test_a_sigterm_as_soon_as_the_gateway_says_it_serves_stops_it_cleanly(
     async with one_gateway(_SIGNALLED_AS_IT_SERVES) as (_, child):
         code = await asyncio.wait_for(child.wait(), 30)
     assert code == 0  # its own stop, not -15 (SIGTERM's default action)
+
+
+async def test_a_link_ends_only_once_its_gateway_read_the_statuses_and_the_links_end() -> None:
+    """The controller's end of the link sends each call's status, then the link's end, and keeps
+    its stream open until the gateway ends its side: the relay server's stop (right after, in the
+    controller's stop) cannot close the connection on frames the gateway has not read."""
+    holder = Holder()
+    relay = RelayServicer(0.005)
+    relay.handlers = {CONNECT: grpc.stream_stream_rpc_method_handler(holder.connect)}
+    relay_server = aio.server(options=LINK_OPTIONS)
+    relay_pb2_grpc.add_AgentRelayServicer_to_server(relay, relay_server)
+    port = relay_server.add_insecure_port("127.0.0.1:0")
+    await relay_server.start()
+    channel = aio.insecure_channel(f"127.0.0.1:{port}", options=LINK_OPTIONS)
+    try:
+        link = relay_pb2_grpc.AgentRelayStub(channel).Relay(metadata=((GATEWAY_METADATA_KEY, "g"),))
+        await link.write(relay_pb2.RelayFrame(events=[
+            relay_pb2.RelayEvent(call=1, open=relay_pb2.RelayOpen(method=CONNECT)),
+            relay_pb2.RelayEvent(call=1, message=b"hello")]))
+        first = await link.read()
+        assert [(e.call, e.message) for e in first.events] == [(1, b"first set")]
+        holder.released.set()  # the stream ends as the hub's close_all ends it
+        relay.end_links()
+        events: list[relay_pb2.RelayEvent] = []
+        while not any(e.call == LINK_CALL for e in events):
+            frame = await link.read()
+            assert frame is not aio.EOF, f"the link ended before its end was sent: {events}"
+            events.extend(frame.events)
+        assert [(e.call, e.WhichOneof("body")) for e in events] == [(1, "status"), (LINK_CALL, "end")]
+        assert status_code(events[0].status) is grpc.StatusCode.OK
+        await asyncio.sleep(0.3)
+        assert not link.done() and "g" in relay.links  # open until the gateway ends its side
+        await link.done_writing()
+        assert await link.read() is aio.EOF
+        assert await link.code() is grpc.StatusCode.OK and "g" not in relay.links
+    finally:
+        await channel.close()
+        await relay_server.stop(None)
