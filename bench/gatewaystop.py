@@ -162,6 +162,9 @@ async def _controller(args: argparse.Namespace) -> dict[str, object]:
     finally:
         if agents.poll() is None:
             agents.kill()
+        if any(p.poll() is None for p in gateways.processes):  # an error before the stop: none left behind
+            await gateways.stop()
+        await relay_server.stop(None)
     ends = json.loads(lines.strip().splitlines()[-1])["ends"]
     times = sorted(t - began for t, _ in ends)
     return {"streams": args.streams, "per_channel": args.per_channel, "opened_s": round(opened, 1),
