@@ -24,8 +24,11 @@ What 0019 and 0020 did for the isolation triggers, done here for the capacity on
   still moves it once per row it changes (no transaction-local state to mark in SQLite).
 
 The trigger names keep the isolation triggers first (`trg_isolation_*` before `trg_z_capacity_*`
-in name order; row-level AFTER triggers before statement-level ones): a transaction still locks
-isolation_state before capacity_state (0012).
+in name order; row-level AFTER triggers before statement-level ones), but that orders one row's
+triggers only: an UPDATE of several nodes fires them row by row, and a node whose accelerator
+model alone changed locked capacity_state before a later node's isolation change locked
+isolation_state (as did two statements in one transaction, since 0012): a deadlock with a
+transaction that took them in 0012's order. 0023 makes the capacity move lock isolation_state first.
 """
 from typing import Sequence, Union
 

@@ -1,9 +1,10 @@
 """The capacity generation (`capacity_state.generation`, moved by the database's triggers:
-migrations 0012, 0022) moves for every statement that changed what the cluster could ever hold,
+migrations 0012, 0022, 0023) moves for every statement that changed what the cluster could ever hold,
 and for no other: a statement that touched no row, or wrote a watched column's value over
 itself, moved it, and the submit path then rebuilt its aggregates of every node
 (`usecases.capacity.CapacityCache`). On PostgreSQL a transaction moves it once, however many rows
-it changes."""
+it changes; its first move in a transaction takes isolation_state's row lock before capacity_state's
+(0023), so two transactions cannot each hold one and wait for the other."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from typing import Any
 import pytest
 from alembic import command
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from controller.store.db import Database
 from controller.store.migrate import alembic_config
 
 from .seed import TWO_RACKS, seed_problem
+from .test_commit_plan import _waiting_for_locks
 
 CLUSTER: dict[str, Any] = {
     **TWO_RACKS,
@@ -65,9 +68,9 @@ async def _run(db: Database, *statements: str) -> None:
             await conn.execute(text(statement))
 
 
-async def _seeded(db: Database) -> None:
+async def _seeded(db: Database, cluster: dict[str, Any] = CLUSTER) -> None:
     async with db.unit_of_work() as uow:
-        await seed_problem(uow.session, CLUSTER)
+        await seed_problem(uow.session, cluster)
         await uow.commit()
 
 
@@ -148,5 +151,93 @@ async def test_the_capacity_triggers_go_back_to_0012s_and_up_again(db_url: str) 
         assert await _generation(db) == before
         await _run(db, "UPDATE nodes SET accelerators = 2", "DELETE FROM nodes WHERE id = 'n1'")
         assert await _generation(db) == before + (1 if postgres else 3)
+    finally:
+        await db.dispose()
+
+
+# Three nodes: n1 and n2 for a transaction that moves the capacity generation first, n3 for one that
+# moves the isolation version first (the order 0012 documents), neither waiting for the other's node rows.
+THREE_NODES: dict[str, Any] = {**CLUSTER, "nodes": [*CLUSTER["nodes"], {"id": "n3", "rack": "rack2", "accelerators": 4}]}
+# n1's accelerator model changed (capacity's trigger only), then n2's CPU (isolation's only): in one
+# UPDATE (row-level triggers fire row by row, in the order the statement wrote the rows: n1's first,
+# its heap's and its key's order) or in two (as a Register batch writes its nodes, a statement each).
+CAPACITY_THEN_ISOLATION = {
+    "one statement": ["UPDATE nodes SET accelerator_model = CASE id WHEN 'n1' THEN 'tpu-v5' ELSE accelerator_model END, "
+                      "cpu_milli = CASE id WHEN 'n2' THEN 9000 ELSE cpu_milli END WHERE id IN ('n1', 'n2')"],
+    "two statements": ["UPDATE nodes SET accelerator_model = 'tpu-v5' WHERE id = 'n1'",
+                       "UPDATE nodes SET cpu_milli = 9000 WHERE id = 'n2'"],
+}
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("writes", list(CAPACITY_THEN_ISOLATION))
+async def test_a_transaction_that_moves_the_capacity_generation_first_takes_the_isolation_versions_lock_first(
+        database: Database, writes: str) -> None:
+    """One transaction changed n3's CPU (isolation_state's row locked) and waits; the other changes
+    n1's accelerator model, then n2's CPU, and waits for isolation_state's row; the first then
+    changes n3's accelerator model. The second had locked capacity_state's row at n1 (0022's
+    triggers): each waited for the other, and PostgreSQL aborted one as a deadlock (an error the
+    controller does not retry: `db.database_failed` is false for it). Both commit."""
+    await _seeded(database, THREE_NODES)
+    async with database.engine.connect() as conn:
+        assert list((await conn.execute(text("SELECT id FROM nodes ORDER BY ctid"))).scalars()) == ["n1", "n2", "n3"]
+    isolation_held, go_on = asyncio.Event(), asyncio.Event()
+
+    async def isolation_then_capacity() -> None:
+        async with database.engine.begin() as conn:
+            await conn.execute(text("UPDATE nodes SET cpu_milli = 7000 WHERE id = 'n3'"))
+            isolation_held.set()
+            await go_on.wait()
+            await conn.execute(text("UPDATE nodes SET accelerator_model = 'tpu-v6' WHERE id = 'n3'"))
+
+    documented = asyncio.create_task(isolation_then_capacity())
+    await isolation_held.wait()
+    capacity_first = asyncio.create_task(_run(database, *CAPACITY_THEN_ISOLATION[writes]))
+    await _waiting_for_locks(database, 1)
+    go_on.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(documented, capacity_first, return_exceptions=True), 60)
+    assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
+    async with database.engine.connect() as conn:
+        nodes = (await conn.execute(text("SELECT id, accelerator_model, cpu_milli FROM nodes ORDER BY id"))).all()
+    assert [tuple(row) for row in nodes] == [("n1", "tpu-v5", None), ("n2", "", 9000), ("n3", "tpu-v6", 7000)]
+
+
+async def _isolation_held_by_a_capacity_move(db: Database) -> bool:
+    """Whether a transaction that moved the capacity generation alone (n1's accelerator model, which
+    the isolation rules do not read) holds isolation_state's row: another's NOWAIT lock is refused."""
+    async with db.engine.connect() as mover, db.engine.connect() as other:
+        transaction = await mover.begin()
+        await mover.execute(text("UPDATE nodes SET accelerator_model = accelerator_model || '+' WHERE id = 'n1'"))
+        try:
+            async with other.begin():
+                await other.execute(text("SELECT id FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE NOWAIT"))
+            return False
+        except DBAPIError as exc:
+            assert "could not obtain lock" in str(exc)  # 55P03, lock_not_available
+            return True
+        finally:
+            await transaction.rollback()
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_the_capacity_move_takes_the_isolation_versions_lock_from_0023_on(db_url: str) -> None:
+    """Downgraded to 0022 the capacity generation's move locks capacity_state's row alone; upgraded
+    again it locks isolation_state's first, and still moves the generation once."""
+    await asyncio.to_thread(command.upgrade, alembic_config(db_url), "head")
+    await asyncio.to_thread(command.downgrade, alembic_config(db_url), "0022_capacity_triggers_rows")
+    db = Database(db_url)
+    try:
+        await _seeded(db)
+        assert not await _isolation_held_by_a_capacity_move(db)
+    finally:
+        await db.dispose()
+    await asyncio.to_thread(command.upgrade, alembic_config(db_url), "head")
+    db = Database(db_url)
+    try:
+        assert await _isolation_held_by_a_capacity_move(db)
+        before = await _generation(db)
+        await _run(db, "UPDATE nodes SET cpu_milli = 100", "UPDATE nodes SET accelerator_model = 'x'",
+                   "UPDATE nodes SET accelerators = 2")
+        assert await _generation(db) == before + 1
     finally:
         await db.dispose()
