@@ -624,7 +624,7 @@ async def deployments_named(session: AsyncSession, names: Iterable[str], *, lock
 
 def _deleting_statement(dialect: str) -> Update:
     """`set_deleting`'s UPDATE for `dialect`: the deployments of the ids `ids` DELETING as of `at`.
-    A row DELETING already gets NULL, which the column refuses (`marked_since_read`)."""
+    A row DELETING already gets NULL, which the column refuses (`changed_since_read`)."""
     table = m.Deployment.__table__
     deleting = m.DeploymentPhase.DELETING
     return rowcount_unread(update(table).where(any_of_named_in_order(dialect, table.c.id, "ids", deletes=False)).values(
@@ -643,9 +643,10 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[
 
     The caller read them not DELETING; one that another transaction marked since (a lone delete
     racing a batch of the same name) fails the statement, and so the caller's transaction, before
-    its event, bump or audit entry is written (`marked_since_read`; on SQLite inside
+    its event, bump or audit entry is written (`changed_since_read`; on SQLite inside
     `deferred_writes`, at the COMMIT): nothing reads the statement's row count, so a deployment is
-    never marked twice without a trip to learn it."""
+    never marked twice without a trip to learn it. One removed since (the UPDATE matches no row)
+    is told by the events' INSERT that follows (`record_deleting`)."""
     at = m.utcnow()
     dialect = dialect_of(session)
     ids = [row.id for row in rows]
@@ -657,24 +658,54 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[
     return at
 
 
+# `record_deleting`'s INSERT: a `deployment.deleting` event whose object is its key only while the
+# row of its id is still the deployment its caller read (the same tenant and name), and NULL, which
+# the column refuses, when that row is gone (removed since the read) or is another deployment's (on
+# SQLite a new row may take the largest id again once its row is removed).
+_DEPLOYMENTS_TABLE = m.Deployment.__table__
+_DELETING_EVENT = insert(m.Event.__table__).values(
+    kind="deployment.deleting", object_kind="deployment", message="",
+    object_id=select(bindparam("key", type_=m.Event.__table__.c.object_id.type)).where(
+        _DEPLOYMENTS_TABLE.c.id == bindparam("deployment_id"), _DEPLOYMENTS_TABLE.c.tenant_id == bindparam("tenant"),
+        _DEPLOYMENTS_TABLE.c.name == bindparam("name")).scalar_subquery())
+
+
+async def record_deleting(session: AsyncSession, rows: Sequence[tuple[m.Deployment | Row[Any], str]]) -> None:
+    """The `deployment.deleting` events (each by its actor) of the deployments `set_deleting`
+    marked, in ONE INSERT statement, after it. `set_deleting`'s UPDATE matches by id and reads no
+    row count, so it cannot tell a row removed since its caller read it (marked by another delete
+    and removed by the reconciler; a quarantined one released by a submit) from one it marked, nor
+    a new row that took the removed one's id from the one read: this INSERT refuses (NOT NULL on
+    `events.object_id`) unless every row is there as read, so the transaction fails whole, the
+    UPDATE with it (`changed_since_read`). Nothing is read back (`sqlite_driver.deferred_writes`)."""
+    at = m.utcnow()
+    await session.execute(_DELETING_EVENT, [
+        {"at": at, "actor": actor, "data": {}, "key": d.deployment_key(row.tenant_id, row.name),
+         "deployment_id": row.id, "tenant": row.tenant_id, "name": row.name} for row, actor in rows])
+
+
 _NOT_NULL_VIOLATION = "23502"  # PostgreSQL's SQLSTATE
+# The NULLs a mark writes when what its caller read changed since: `deployments.phase` (marked
+# DELETING since: `set_deleting`), `events.object_id` (its row gone since: `record_deleting`).
+_CHANGED_SINCE_READ = ((_DEPLOYMENTS_TABLE.name, _DEPLOYMENTS_TABLE.c.phase.name),
+                       (m.Event.__table__.name, m.Event.__table__.c.object_id.name))
 
 
-def marked_since_read(exc: BaseException) -> bool:
-    """`exc` is `set_deleting`'s refusal of a deployment marked DELETING after its caller read it:
-    the NULL its UPDATE wrote into `deployments.phase`, and nothing else (another column's NOT NULL,
+def changed_since_read(exc: BaseException) -> bool:
+    """`exc` is a mark's refusal of a deployment that changed after its caller read it: marked
+    DELETING since (the NULL `set_deleting` wrote into `deployments.phase`) or gone since (the NULL
+    `record_deleting` wrote into `events.object_id`), and nothing else (another column's NOT NULL,
     another table's `phase`, a unique violation). PostgreSQL's error names the table and the column
     (asyncpg's, under SQLAlchemy's adaptation); SQLite's names them only in its message."""
     if not isinstance(exc, IntegrityError):
         return False
-    table = m.Deployment.__table__
-    column = table.c.phase.name
     if isinstance(exc.orig, sqlite3.IntegrityError):
         return (exc.orig.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_NOTNULL
-                and exc.orig.args[:1] == (f"NOT NULL constraint failed: {table.name}.{column}",))
+                and exc.orig.args[:1] in {(f"NOT NULL constraint failed: {table}.{column}",)
+                                          for table, column in _CHANGED_SINCE_READ})
     driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
     return (getattr(driver, "sqlstate", None) == _NOT_NULL_VIOLATION
-            and (getattr(driver, "table_name", None), getattr(driver, "column_name", None)) == (table.name, column))
+            and (getattr(driver, "table_name", None), getattr(driver, "column_name", None)) in _CHANGED_SINCE_READ)
 
 
 def deleting_view(deployment: NamedDeployment, at: datetime) -> d.DeploymentView:

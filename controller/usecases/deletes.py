@@ -33,7 +33,10 @@ Each caller gets what a lone delete (`deployments.delete_deployment`) would have
 - a deployment is marked once: a mark that finds it DELETING already (marked by another
   transaction since it was read: a member gone alone and a later batch with its name) fails its
   transaction whole (`repo.set_deleting`); a batch's members then go alone, and a lone delete
-  reads it again and answers as for one already DELETING (`delete_deployment_alone`).
+  reads it again and answers as for one already DELETING (`delete_deployment_alone`);
+- a deployment removed since it was read (marked and removed by the reconciler meanwhile) is
+  not marked either: its event's INSERT fails the transaction whole (`repo.record_deleting`),
+  and the lone delete reads again and answers NOT_FOUND, as for one that was never there.
 """
 
 from __future__ import annotations

@@ -397,16 +397,18 @@ async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals:
 
 async def delete_deployment_alone(db: Database, who: Principal, name: str, signals: Signals,
                                   tenant: str = "") -> DeploymentView:
-    """`delete_deployment` in a transaction of its own. When another delete of the deployment
-    marked it between this one's read and its mark (a member of a failed batch racing a later
-    batch with its name, or two lone deletes), the mark is refused (`repo.marked_since_read`,
-    nothing written): read once more, it is DELETING, and the answer is that of a second delete
-    (no second event, bump or audit entry with a change)."""
+    """`delete_deployment` in a transaction of its own. When the deployment changed between this
+    delete's read and its mark, the mark is refused (`repo.changed_since_read`, nothing written)
+    and the delete reads once more: marked by another delete (a member of a failed batch racing a
+    later batch with its name, or two lone deletes), it is DELETING and the answer is that of a
+    second delete; removed since (marked and removed by the reconciler, or a quarantined one
+    released by a submit), it is NOT_FOUND, as for any delete of a deployment that is not there.
+    Either way no second event, bump or audit entry with a change."""
     try:
         async with db.unit_of_work() as uow:
             return await delete_deployment(uow, who, name, signals, tenant=tenant)
     except Exception as exc:
-        if not repo.marked_since_read(exc):
+        if not repo.changed_since_read(exc):
             raise
     async with db.unit_of_work() as uow:
         return await delete_deployment(uow, who, name, signals, tenant=tenant)
@@ -421,13 +423,11 @@ async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | rep
     logs every key (plan commits wait for that row from the bump to the commit, so it comes
     last, after the generation writers' lock: store/changes.py). Nothing is read back: inside
     `sqlite_driver.deferred_writes` (a batch) every statement goes to SQLite with the caller's
-    next statement or commit. Returns the time written."""
+    next statement or commit. A deployment marked or removed since its caller read it fails the
+    transaction whole (`repo.changed_since_read`). Returns the time written."""
     await repo.will_move_generation(uow.session)
     at = await repo.set_deleting(uow.session, [row for row, _ in rows])
-    await repo.record_events(uow.session, (repo.NewEvent(actor=actor, kind="deployment.deleting",
-                                                         object_kind="deployment",
-                                                         object_id=deployment_key(row.tenant_id, row.name))
-                                           for row, actor in rows))
+    await repo.record_deleting(uow.session, rows)  # refused for a row removed since its read
     await repo.bump_cluster_generation_unread(uow.session, ClusterChange.deployment_deleted(
         *(deployment_key(row.tenant_id, row.name) for row, _ in rows)))
     return at

@@ -362,10 +362,90 @@ async def test_a_member_of_a_failed_batch_racing_a_later_delete_of_its_name_mark
     assert report.intact
 
 
+async def _lone(db, name: str) -> object:
+    """What a DeleteDeployment served without a batcher answers (`delete_deployment_alone`)."""
+    try:
+        return await deployments.delete_deployment_alone(db, WHO, name, RecordingSignals(), tenant="t1")
+    except MaiaError as exc:
+        return exc
+
+
+async def _removed(db) -> None:
+    """Deployment `t1/a` deleted by another call and removed by the reconciler's pass."""
+    assert await _alone(db, WHO, "a", "t1")
+    await Reconciler(db, push=lambda nodes: None, publish=no_publish).reconcile_once()
+    async with db.unit_of_work() as uow:
+        assert await repo.get_deployment(uow.session, "t1", "a") is None
+
+
+def _hold_after_read(module, monkeypatch: pytest.MonkeyPatch, meanwhile) -> None:
+    """`module`'s next `mark_deleting` (its delete has read the deployment) runs `meanwhile` first."""
+    mark, held = module.mark_deleting, {"left": 1}
+
+    async def mark_after(uow, rows):
+        if held["left"]:
+            held["left"] -= 1
+            await meanwhile()
+        return await mark(uow, rows)
+
+    monkeypatch.setattr(module, "mark_deleting", mark_after)
+
+
+@pytest.mark.parametrize("path", ["alone", "batched"])
+async def test_a_delete_whose_deployment_was_removed_after_its_read_writes_nothing_and_answers_not_found(
+        cluster, monkeypatch, path):
+    """Between a delete's read and its mark the deployment is removed (another delete marked it,
+    the reconciler removed it). Its UPDATE then matches no row: nothing is written (no second
+    `deployment.deleting` event, no generation bump, no audit entry with a change) and the caller
+    hears what a delete of a deployment that is not there hears (NOT_FOUND), alone or batched
+    (the batch fails whole and its member goes alone)."""
+    await _submit(cluster, ("t1", "a"))
+    before = {}
+
+    async def remove() -> None:
+        await _removed(cluster)
+        before.update(generation=await _generation(cluster), entries=await _count(cluster, m.AuditEntry))
+
+    batcher = DeleteBatcher(cluster, RecordingSignals())
+    _hold_after_read(deployments if path == "alone" else deletes, monkeypatch, remove)
+    if path == "alone":
+        outcome = await _lone(cluster, "a")
+    else:
+        audit.open_call(_queued(WHO, "a").call.record)
+        try:
+            outcome = await batcher.delete(WHO, "a", "t1")
+        except MaiaError as exc:
+            outcome = exc
+        assert batcher.stats.alone == 1
+    assert _answer(outcome) == _answer(await _alone(cluster, WHO, "a", "t1"))
+    assert isinstance(outcome, NotFound)
+    assert await _events(cluster, "deployment.deleting") == ["t1/a"]
+    assert await _generation(cluster) == before["generation"]
+    assert await _count(cluster, m.AuditEntry) == before["entries"]
+
+
+async def test_a_delete_never_marks_a_deployment_that_took_the_removed_ones_id(cluster, monkeypatch):
+    """The deployment a delete read is removed and another is submitted before the delete's mark;
+    on SQLite the new row takes the removed one's id (the largest id, freed). The delete's mark by
+    id must not mark it: the delete answers NOT_FOUND and the other stays as it was."""
+    await _submit(cluster, ("t1", "a"))
+
+    async def replace_it() -> None:
+        await _removed(cluster)
+        await _submit(cluster, ("t1", "b"))
+
+    _hold_after_read(deployments, monkeypatch, replace_it)
+    assert isinstance(await _lone(cluster, "a"), NotFound)
+    assert await _events(cluster, "deployment.deleting") == ["t1/a"]
+    async with cluster.unit_of_work() as uow:
+        assert {r.name: r.phase for r in await repo.list_deployment_rows(uow.session)} == {
+            "b": m.DeploymentPhase.PENDING}
+
+
 async def test_a_mark_of_a_deployment_marked_since_it_was_read_fails_its_transaction_whole(cluster):
     """A batch read a deployment not DELETING and another transaction marked it before the batch's
     mark (its statements deferred to the COMMIT on SQLite): the mark is refused, nothing of the
-    batch is written (no event, no bump), and the refusal is told apart (`marked_since_read`)."""
+    batch is written (no event, no bump), and the refusal is told apart (`changed_since_read`)."""
     await _submit(cluster, ("t1", "a"), ("t1", "b"))
     async with cluster.unit_of_work() as uow:
         read = await repo.deployments_named(uow.session, {"a", "b"})
@@ -376,7 +456,7 @@ async def test_a_mark_of_a_deployment_marked_since_it_was_read_fails_its_transac
             with sqlite_driver.deferred_writes():
                 await deployments.mark_deleting(uow, [(named.row, WHO.name) for named in read])
             await uow.commit()
-    assert repo.marked_since_read(refused.value)
+    assert repo.changed_since_read(refused.value)
     assert await _generation(cluster) == before
     assert await _events(cluster, "deployment.deleting") == ["t1/a"]
     async with cluster.unit_of_work() as uow:
@@ -384,10 +464,11 @@ async def test_a_mark_of_a_deployment_marked_since_it_was_read_fails_its_transac
             "a": m.DeploymentPhase.DELETING, "b": m.DeploymentPhase.PENDING}
 
 
-async def test_only_the_refused_double_mark_is_told_apart_from_other_integrity_errors(cluster):
-    """`marked_since_read` is the NULL written into `deployments.phase` and nothing else: another
-    column's NOT NULL, another table's `phase` (placements have one) and a unique violation are
-    other failures (a lone delete would otherwise take them for a mark raced and read again)."""
+async def test_only_a_mark_refused_as_raced_is_told_apart_from_other_integrity_errors(cluster):
+    """`changed_since_read` is the NULL written into `deployments.phase` (marked since the read) or
+    `events.object_id` (removed since: `record_deleting`) and nothing else: another column's NOT
+    NULL, another table's `phase` (placements have one) and a unique violation are other failures
+    (a lone delete would otherwise take them for a mark raced and read again)."""
     await _submit(cluster, ("t1", "a"), ("t1", "b"))
     await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
 
@@ -398,11 +479,13 @@ async def test_only_the_refused_double_mark_is_told_apart_from_other_integrity_e
                 await uow.commit()
         return refused.value
 
-    told = {statement: repo.marked_since_read(await refusal(statement)) for statement in (
+    told = {statement: repo.changed_since_read(await refusal(statement)) for statement in (
         "UPDATE deployments SET phase = NULL WHERE name = 'a'",
         "UPDATE placements SET phase = NULL",
         "UPDATE deployments SET name = NULL WHERE name = 'a'",
         "UPDATE deployments SET name = 'b' WHERE name = 'a'",
+        "UPDATE events SET object_id = NULL",  # a mark's event for a row removed since its read
+        "UPDATE events SET kind = NULL",
     )}
-    assert list(told.values()) == [True, False, False, False], told
-    assert not repo.marked_since_read(RuntimeError("phase"))
+    assert list(told.values()) == [True, False, False, False, True, False], told
+    assert not repo.changed_since_read(RuntimeError("phase"))
