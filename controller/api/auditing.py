@@ -8,7 +8,10 @@ and failed calls are audited too. A successful call's entry is written by the ca
 commit, in the same transaction as the change (`controller.store.audit.open_call`, used by
 `UnitOfWork.commit`): the change and its entry persist together or not at all. A failed call's
 entry (its transaction rolled back) is written after it, in its own transaction; if that write
-fails, the controller logs it at ERROR and the caller still gets its answer.
+fails, the controller logs it at ERROR and the caller still gets its answer. A call whose entry
+went with a commit whose answer was lost (PostgreSQL: `CommitOutcomeUnknown`; a group commit's
+batch, its members then going alone) gets no second entry when that one landed
+(`controller.store.audit.landed`, by the entry's seq and hash).
 
 Agent heartbeats and shard reports (the Connect stream) are not calls of this kind; whatever the
 controller refuses there is audited by the use case that refuses it (`usecases.audit.record`).
@@ -46,7 +49,7 @@ from controller.api.interceptors import code_of, status_for
 from controller.domain.values import deployment_key
 from controller.identity import current_principal, new_request_id
 from controller.ratelimit import TokenBucket
-from controller.store.audit import AuditRecord, close_call, open_call
+from controller.store.audit import AuditRecord, CallEntry, close_call, open_call
 from controller.store.db import Database
 from controller.usecases import audit
 
@@ -134,7 +137,7 @@ class AuditInterceptor(aio.ServerInterceptor):
             finally:
                 committed = close_call(call)
                 if failed is not None or committed is None or not committed.written:
-                    await self._record(self._ended(entry, context, failed))
+                    await self._record(self._ended(entry, context, failed), sent=committed)
 
         return grpc.unary_unary_rpc_method_handler(audited, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
@@ -161,9 +164,11 @@ class AuditInterceptor(aio.ServerInterceptor):
         return replace(entry, outcome=outcome, detail={**entry.detail, **({"message": message} if message else {}),
                                                        **({"retry_after_ms": retry} if retry is not None else {})})
 
-    async def _record(self, entry: AuditRecord) -> None:
+    async def _record(self, entry: AuditRecord, sent: CallEntry | None = None) -> None:
         """A failed call's entry (or a call that committed nothing), in its own transaction; of
-        the calls refused with a retry time, a sample (the entry counts those left out before it)."""
+        the calls refused with a retry time, a sample (the entry counts those left out before it).
+        None when the call's entry was `sent` with a commit whose answer was lost and it landed
+        (the call went on alone, or failed UNAVAILABLE 'may have landed'): it has its entry."""
         if entry.outcome != "OK" and (entry.detail.get("retry_after_ms") is not None or entry.outcome in ABANDONED):
             skipped = self._retry_later.sample()
             if skipped is None:
@@ -171,7 +176,7 @@ class AuditInterceptor(aio.ServerInterceptor):
             if skipped:
                 entry = replace(entry, detail={**entry.detail, "unaudited_before": skipped})
         try:
-            await audit.record(self._db, entry)
+            await audit.record(self._db, entry, unless_landed=sent)
         except Exception:  # the call itself is done: say loudly that its audit entry is missing
             log.exception("could not write the audit entry of %s (actor=%s object=%s/%s outcome=%s)",
                           entry.action, entry.actor, entry.object_kind, entry.object_id, entry.outcome)

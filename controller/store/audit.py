@@ -206,7 +206,37 @@ def _chained(records: Sequence[AuditRecord], first: int, prev_hash: str, at: dat
 
 async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None,
                  unread: bool = False) -> list[int]:
-    """Append `records`, in order, to the chain in the caller's transaction; returns their seqs.
+    """Append `records`, in order, to the chain in the caller's transaction; returns their seqs
+    (`_append`)."""
+    return [row["seq"] for row in await _append(session, records, at=at, unread=unread)]
+
+
+async def append_calls(session: AsyncSession, calls: Sequence[CallEntry], *, unread: bool = False) -> None:
+    """Append API calls' entries (`append`) in the caller's transaction, a writer that commits
+    them for their calls (a group commit) or the call itself (`commit`). Each call remembers the
+    entry as sent (`CallEntry.sent`); the writer sets `written` once its commit returns."""
+    rows = await _append(session, [call.record for call in calls], unread=unread)
+    for call, row in zip(calls, rows, strict=True):
+        call.sent = (row["seq"], row["hash"])
+
+
+_LANDED = select(AuditEntry.seq).where(AuditEntry.seq == bindparam("seq"), AuditEntry.hash == bindparam("hash"))
+
+
+async def landed(session: AsyncSession, call: CallEntry) -> bool:
+    """Whether the call's entry, sent with a commit that did not return (`CallEntry.sent`), is in
+    the chain: the entry at its seq has its hash (its content, time and link: nothing else has
+    it). No read for a call whose entry was never sent."""
+    if call.sent is None:
+        return False
+    seq, hash_ = call.sent
+    return (await session.execute(_LANDED, {"seq": seq, "hash": hash_})).first() is not None
+
+
+async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None,
+                  unread: bool = False) -> list[dict[str, Any]]:
+    """Append `records`, in order, to the chain in the caller's transaction; returns their rows
+    as written (seq, hash, ...).
 
     The first statement moves the head (taking its lock) so concurrent appenders serialise here.
     Usually two statements (one on PostgreSQL): the head this process wrote last is moved on to the
@@ -274,7 +304,7 @@ async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: d
     if database is not None:
         head = _last_heads[database] = (rows[-1]["seq"], rows[-1]["hash"])
         session.info[_APPENDED] = (database, head)
-    return [row["seq"] for row in rows]
+    return rows
 
 
 @dataclass
@@ -284,6 +314,11 @@ class CallEntry:
     record: AuditRecord
     task: asyncio.Task[Any] | None
     written: bool = False
+    # (seq, hash) of the entry as last appended (`append_calls`). Left set with `written` False
+    # when that transaction's commit did not return: rolled back, or (PostgreSQL, its answer lost:
+    # `CommitOutcomeUnknown`) committed. Whoever writes the entry next (the call's lone retry after
+    # a batch, the audit interceptor) first asks whether it landed (`landed`): one entry per call.
+    sent: tuple[int, str] | None = None
 
 
 _call: ContextVar[CallEntry | None] = ContextVar("maia_audit_call", default=None)
@@ -316,12 +351,15 @@ def close_call(token: Token[CallEntry | None]) -> CallEntry | None:
 async def commit(session: AsyncSession) -> None:
     """Commit `session`; inside an audited API call, its entry is appended first, in the same
     transaction, so the change and its audit entry persist together or not at all. Tasks the
-    call spawned (they inherit the context) do not write it: only the call's own task."""
+    call spawned (they inherit the context) do not write it: only the call's own task. An entry
+    sent before by a commit that did not return and that landed is not appended again (`landed`:
+    a lone retry after its batch's COMMIT answer was lost)."""
     entry = _call.get()
     if entry is None or entry.written or entry.task is not asyncio.current_task():
         await session.commit()
         return
-    await append(session, [entry.record])
+    if not await landed(session, entry):  # sent before by a commit that did not return, and there
+        await append_calls(session, [entry])
     await session.commit()
     entry.written = True
 

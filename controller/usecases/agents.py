@@ -256,7 +256,7 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     if changed:  # last before the commit: the row stays locked only until it
         await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(changed))
     calls = [plan.ask.call for plan in plans if plan.ask.call is not None]
-    await audit.append(uow.session, [call.record for call in calls])
+    await audit.append_calls(uow.session, calls)
     await uow.commit()
     for call in calls:
         call.written = True

@@ -21,7 +21,7 @@ from typing import Any
 from controller.errors import InvalidArgument
 from controller.identity import Principal, Role
 from controller.store import audit as store
-from controller.store.audit import AuditRecord, ChainReport
+from controller.store.audit import AuditRecord, CallEntry, ChainReport
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
@@ -57,9 +57,13 @@ def principal_tenant(principal: Principal) -> str:
     return principal.tenant if principal.role is Role.TENANT else ""
 
 
-async def record(db: Database, entry: AuditRecord) -> int:
-    """Append one entry in its own transaction; returns its seq."""
+async def record(db: Database, entry: AuditRecord, *, unless_landed: CallEntry | None = None) -> int | None:
+    """Append one entry in its own transaction; returns its seq. `unless_landed`: the call's entry
+    as sent by a commit that did not return; when that one landed (`store.landed`: the COMMIT's
+    answer was lost) nothing is appended (None): one entry per call."""
     async with db.unit_of_work() as uow:
+        if unless_landed is not None and await store.landed(uow.session, unless_landed):
+            return None
         (seq,) = await store.append(uow.session, [entry])
         await uow.commit()
     return seq

@@ -133,7 +133,7 @@ class DeleteBatcher:
             if marking:
                 with deferred_writes():  # the batch fails or commits whole
                     marked_at = await mark_deleting(uow, [(seen[id(q)].row, q.who.name) for q in marking])
-                    await audit.append(s, [c.record for c in calls], unread=True)  # missed: the members go alone
+                    await audit.append_calls(s, calls, unread=True)  # missed: the members go alone
                 await uow.commit()
             marked = {id(q) for q in marking}
             views = {i: repo.deleting_view(named, marked_at) if i in marked else named.view()  # type: ignore[arg-type]

@@ -235,7 +235,7 @@ class SubmitBatcher:
                                                   for q, (deployment_id, _) in zip(accepted, inserted)], "submit")
                 await repo.record_events(s, [submitted_event(q.actor, q.spec) for q in accepted])
                 calls = [q.call for q in accepted if q.call is not None]
-                await audit.append(s, [c.record for c in calls], unread=True)  # missed: the members go alone
+                await audit.append_calls(s, calls, unread=True)  # missed: the members go alone
             wrote = time.perf_counter()
             stages.writer_turn, stages.writes = turn.waited_s, wrote - checked - turn.waited_s
             await uow.commit()

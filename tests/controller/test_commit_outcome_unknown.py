@@ -18,12 +18,17 @@ import pytest
 
 from controller.domain.values import DeploymentEvent, DeploymentView
 from controller.reconcile import MIN_PUBLISH_RETRY_S, Reconciler, ViewReader
+from controller.store import audit
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown
 from controller.usecases import deployments
+from controller.usecases.deletes import DeleteBatcher
 from controller.usecases.deployments import views_of
 from controller.usecases.ports import RecordingSignals
+from controller.usecases.submits import SubmitBatcher
 from controller.usecases.watch import DeploymentEventBus
+from maia.v1 import deployments_pb2
+from tests.store.audited import through_the_audit_interceptor
 from uc_builders import WHO, deployment, submit
 
 
@@ -138,6 +143,46 @@ async def test_a_deletion_whose_commit_outcome_is_unknown_is_told_deleted_only_i
     later = _of(await watched.heard(), "t1/gone")
     assert [e.type for e in later] == ([] if landed else ["deleted"])
 
+
+
+_DELETE, _SUBMIT = "/maia.v1.DeploymentService/DeleteDeployment", "/maia.v1.DeploymentService/SubmitDeployment"
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+@pytest.mark.parametrize("call", ["batched delete", "batched submit", "lone delete"])
+async def test_a_call_whose_commit_answer_was_lost_has_one_audit_entry(cluster, monkeypatch, call, landed):
+    """The commit that carried a call's audit entry (a delete or submit batch, or the call's own
+    unit of work) lands or not, and its answer is lost (`CommitOutcomeUnknown`). A batch's member
+    then goes alone: it finds what landed (the deployment DELETING; the submit's request id, whose
+    answer is replayed) and writes nothing, or writes it now; a lone call is answered UNAVAILABLE
+    'may have landed'. Either way the call has ONE entry: the one that landed is not written again
+    by the lone call's commit nor by the audit interceptor (by the entry's seq and hash)."""
+    await submit(cluster, deployment("a"))
+    armed = _commit_outcome_unknown(monkeypatch)
+    method, request, key = _DELETE, deployments_pb2.DeleteDeploymentRequest(name="a", tenant="t1"), "t1/a"
+    if call == "batched delete":
+        batcher = DeleteBatcher(cluster, RecordingSignals())
+        behaviour = lambda: batcher.delete(WHO, "a", "t1")
+    elif call == "batched submit":
+        batcher = SubmitBatcher(cluster, RecordingSignals())
+        method, request, key = _SUBMIT, deployments_pb2.SubmitDeploymentRequest(
+            spec=deployments_pb2.DeploymentSpec(name="b", tenant="t1"), client_request_id="retry-safe"), "t1/b"
+        behaviour = lambda: batcher.submit(WHO, deployment("b"), request_id="retry-safe")
+    else:
+        behaviour = lambda: deployments.delete_deployment_alone(cluster, WHO, "a", RecordingSignals(), tenant="t1")
+    armed["landed"] = landed
+    try:
+        await through_the_audit_interceptor(cluster, method, request, WHO, behaviour)
+    except CommitOutcomeUnknown:
+        assert call == "lone delete"
+    else:
+        assert call != "lone delete" and batcher.stats.alone == 1
+    async with cluster.unit_of_work() as uow:
+        entries = [e for e in await audit.list_entries(uow.session) if e.action == method]
+        report = await audit.verify_chain(uow.session)
+    expected = "UNAVAILABLE" if call == "lone delete" and not landed else "OK"
+    assert [(e.object_id, e.outcome) for e in entries] == [(key, expected)]
+    assert report.intact, report.problem
 
 async def test_a_publish_waits_for_the_database_to_answer(cluster, monkeypatch):
     """The read of what a commit of unknown outcome changed fails while the database does not

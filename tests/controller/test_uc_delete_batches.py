@@ -182,7 +182,7 @@ async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(clu
     async def failing_append(*args, **kwargs):
         raise RuntimeError("the audit chain could not be appended to")
 
-    monkeypatch.setattr(deletes.audit, "append", failing_append)
+    monkeypatch.setattr(deletes.audit, "append_calls", failing_append)
     with pytest.raises(RuntimeError):
         await batcher.commit_batch([_queued(WHO, "a"), _queued(WHO, "b")])
     assert await _generation(cluster) == before

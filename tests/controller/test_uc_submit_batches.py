@@ -95,7 +95,7 @@ async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(clu
     async def failing_append(*args, **kwargs):
         raise RuntimeError("the audit chain could not be appended to")
 
-    monkeypatch.setattr(submits.audit, "append", failing_append)
+    monkeypatch.setattr(submits.audit, "append_calls", failing_append)
     with pytest.raises(RuntimeError):
         await batcher.commit_batch([_queued("good"), _queued("good2")])
     assert await _count(cluster, m.Deployment) == 0

@@ -37,13 +37,16 @@ from controller.store.plans import commit_plan
 from controller.store.snapshot import load_snapshot
 from controller.usecases.deployments import views_of
 from controller.usecases.watch import DeploymentEventBus
+from maia.v1 import agent_pb2
 from scheduler import Placement as PlanPlacement, Plan
 
+from .audited import through_the_audit_interceptor
 from .seed import TWO_RACKS, seed_problem
 from .test_lease import HOUR, POSTGRES_ONLY, _acquire, _add_zone, _until, _waiting_for_a_lock, _zones
 
 pytestmark = POSTGRES_ONLY
 
+REGISTER = "/maia.v1.NodeAgentService/Register"
 _READY = b"Z\x00\x00\x00\x05"  # ReadyForQuery: the server's answer to a query is whole
 
 
@@ -434,8 +437,9 @@ async def test_a_register_whose_commit_was_lost_is_answered_unavailable_and_not_
         database: Database, cut: Callable[..., AsyncIterator[Database]]) -> None:
     """An agent's Register (a group commit of the leader's) whose COMMIT's answer was lost: its
     caller hears UNAVAILABLE 'may have landed' (was INTERNAL), the batch is not written again alone
-    behind its back (one node row, one audit entry); the agent's retry with its credential
-    proposal is answered (what an agent does with UNAVAILABLE)."""
+    behind its back (one node row), and the call has one audit entry, the batch's (the audit
+    interceptor does not add one saying UNAVAILABLE); the agent's retry with its credential
+    proposal is answered (what an agent does with UNAVAILABLE), a call with an entry of its own."""
     async with database.unit_of_work() as uow:
         await seed_problem(uow.session, {**TWO_RACKS, "nodes": [], "tenants": [], "deployments": []})
         await uow.commit()
@@ -448,20 +452,23 @@ async def test_a_register_whose_commit_was_lost_is_answered_unavailable_and_not_
     info = NodeInfo("n1", "rack1", 4, accelerator_model="maia-100")
     proposal = tokens.mint().text
 
+    request = agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(node_id="n1"))
+
     async def register() -> Any:
-        token = audit.open_call(audit.AuditRecord(actor="boot", action="Register", object_kind="node",
-                                                  object_id="n1"))
-        try:
-            return await hub.register(boot, info, credential_proposal=proposal)
-        finally:
-            audit.close_call(token)
+        return await through_the_audit_interceptor(
+            database, REGISTER, request, boot, lambda: hub.register(boot, info, credential_proposal=proposal))
+
+    async def entries() -> list[tuple[str, str, str]]:
+        async with database.unit_of_work() as uow:
+            return [(e.action, e.object_id, e.outcome) for e in await audit.list_entries(uow.session)]
 
     with pytest.raises(Exception) as lost:
         await register()
     _told_may_have_landed(lost.value)
     async with database.unit_of_work() as uow:
         assert list(await uow.session.scalars(select(m.Node.id))) == ["n1"]
-        assert list(await uow.session.scalars(select(m.AuditEntry.action))) == ["Register"]
+    assert await entries() == [(REGISTER, "n1", "OK")]
     retried = await register()
     assert retried.registration.node_id == "n1"
+    assert await entries() == [(REGISTER, "n1", "OK")] * 2
     hub.close_all()
