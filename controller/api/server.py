@@ -259,28 +259,38 @@ class ControllerApp:
         self.reconciler.wake()
 
     async def _republish(self, items: list[str]) -> None:
-        """Deployments another controller changed (`TYPE:TENANT/NAME`), for this controller's watchers."""
+        """Deployments another controller changed (`TYPE:TENANT/NAME`), for this controller's watchers.
+
+        A `deleted` is sent once its row is gone, so a deployment of that key stored when it is
+        heard was submitted again since (through any controller): the message is late (held
+        across its sender's reconnection: `store/notify.py`, or racing the submit's own message)
+        and is not handed on; the watchers were or will be told that newer deployment ("added"),
+        and a `deleted` after it would tell them a live deployment is gone."""
         by_type: dict[str, set[str]] = {}
-        gone: list[DeploymentEvent] = []
+        gone: list[str] = []
+        stored_again: set[str] = set()
         for item in items:
             kind, _, key = item.partition(":")
             if kind == "deleted":
-                tenant, name = split_deployment_key(key)
-                gone.append(deleted_elsewhere(name, tenant))
+                gone.append(key)
             else:
                 by_type.setdefault(kind, set()).add(key)
         views: dict[str, list[DeploymentView]] = {}
         try:
-            if by_type:
+            if by_type or gone:
                 async with self.db.unit_of_work() as uow:
                     views = {kind: await views_of(uow, keys) for kind, keys in by_type.items()}
+                    if gone:
+                        stored_again = {view.spec.key for view in await views_of(uow, set(gone))}
         except Exception:
             log.exception("could not read deployments another controller changed")
         for kind, kind_views in views.items():
             for view in kind_views:
                 self.bus.publish(DeploymentEvent(kind, view))
-        for event in gone:  # after the reads: a DELETING seen in the same message comes first
-            self.bus.publish(event)
+        for key in gone:  # after the reads: a DELETING seen in the same message comes first
+            if key not in stored_again:
+                tenant, name = split_deployment_key(key)
+                self.bus.publish(deleted_elsewhere(name, tenant))
 
     async def _publish_changed(self, views: Mapping[str, DeploymentView]) -> None:
         """Agents' reports changed these deployments (their views as committed, by key). The

@@ -47,7 +47,8 @@ where the messages late cost nothing. A message may then arrive twice (a NOTIFY 
 connection broke, before the answer): each kind is read again from the database or repeated
 harmlessly. Late, it may come after another controller's newer message about the same thing (a
 deployment's `deleted` after its name was submitted again elsewhere), as two controllers' messages
-racing may. A NOTIFY PostgreSQL refused on a live connection (sent again it would be refused
+racing may: a listener hands a `deleted` to its watchers only while no deployment of that name is
+stored (`ControllerApp._republish`). A NOTIFY PostgreSQL refused on a live connection (sent again it would be refused
 again, and hold up everything behind it) is dropped, and a RESYNC is owed for it.
 
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
