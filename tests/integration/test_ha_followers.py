@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controller.api.server import ControllerApp
+from controller.api.server import DEPLOYMENTS, ControllerApp
 from grpc_harness import SimFleet, Stubs, admin_token_of, issue_token, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
@@ -123,6 +123,24 @@ async def test_a_follower_told_to_resync_ends_its_watches_which_watch_again_from
     again begins with the current state, so no change it missed is missed for good."""
     from controller.store.notify import RESYNC
 
+    async with _leader_and_follower(db_url, tmp_path) as (leader, _, stubs):
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
+        watch = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+        assert (await asyncio.wait_for(_first(watch, lambda d: True), timeout=20)).spec.name == "svc"
+        await _until(lambda: leader.channel.others_listening, "the leader knows the follower listens")
+        leader.channel.send(RESYNC)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(_first(watch, lambda d: False), timeout=20)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        again = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+        first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
+        assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == "svc"
+        again.cancel()
+
+
+@asynccontextmanager
+async def _leader_and_follower(db_url: str, tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, ControllerApp, Stubs]]:
+    """A leader and a follower, with an admin's stubs on the follower, a rack and the tenant `lab`."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
@@ -131,18 +149,7 @@ async def test_a_follower_told_to_resync_ends_its_watches_which_watch_again_from
             stubs = Stubs.on(channel)
             await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
             await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-            await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
-            watch = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
-            assert (await asyncio.wait_for(_first(watch, lambda d: True), timeout=20)).spec.name == "svc"
-            await _until(lambda: leader.channel.others_listening, "the leader knows the follower listens")
-            leader.channel.send(RESYNC)
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                await asyncio.wait_for(_first(watch, lambda d: False), timeout=20)
-            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-            again = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
-            first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
-            assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == "svc"
-            again.cancel()
+            yield leader, follower, stubs
 
 
 async def test_a_node_deleted_through_a_follower_whose_node_removed_was_lost_leaves_the_leader_on_resync(
@@ -265,18 +272,9 @@ async def test_a_deleted_heard_after_its_name_was_submitted_again_is_not_handed_
     ("added") and must not then be told it is gone. One of a name not stored again still goes.
     The leader sends what its held re-send would: one DEPLOYMENTS message, with an `added` after
     which (same message, same task) any `deleted` is already on the bus."""
-    from controller.api.server import DEPLOYMENTS
-
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
-            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
-        async with Stubs.connect(follower.address, admin_token_of(leader)).channel as channel:
-            stubs = Stubs.on(channel)
-            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
-            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-            for name in ("svc", "other"):  # svc: submitted again after its deletion
-                await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec(name)))
+    async with _leader_and_follower(db_url, tmp_path) as (leader, follower, stubs):
+        for name in ("svc", "other"):  # svc: submitted again after its deletion
+            await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec(name)))
         await _until(lambda: leader.channel.others_listening, "the leader knows the follower listens")
         heard = follower.bus.subscribe()
         leader.channel.send(DEPLOYMENTS, ["deleted:lab/svc", "deleted:lab/gone", "added:lab/other"])
