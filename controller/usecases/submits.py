@@ -33,6 +33,13 @@ the batch committed, so exactly as if the submits had come one after the other):
 - a batch that fails to commit writes nothing (one transaction) and every member goes alone:
   one bad member never fails the others; so does a batch whose audit compare and set missed on
   SQLite (another process appended since this one last did: `audit.append(unread=True)`);
+- a batch whose commit answer was lost (`CommitOutcomeUnknown`: it may have landed) sends every
+  member alone too, each knowing the row its batch inserted for it (`Queued.wrote`: its id and
+  `created_at`). The lone submit first reads its name: the row found is that one if it landed
+  (PostgreSQL never gives an id again, SQLite may once the row is gone: `created_at` tells them
+  apart), and the caller is answered its deployment as a committed submit is (and the batch's
+  `added` is published), not ALREADY_EXISTS for its own deployment. A submit with a request id
+  is told apart by the id as well; the read costs nothing until a commit's answer is lost;
 - a caller is answered only after the commit that holds its deployment and its audit entry.
 
 Where a batched submit's time went (`SubmitStages`: its checks, its wait for a batch, the
@@ -58,6 +65,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
+from controller.store.lease import CommitOutcomeUnknown
 from controller.store.snapshot import InsertedRow, inserted_row
 from controller.store.sqlite_driver import deferred_writes
 from controller.store.turns import answering, metered_turns
@@ -66,6 +74,7 @@ from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import as_caller, check_could_ever_fit, submit_deployment, submitted_event, \
     validate_spec
 from controller.usecases.ports import Signals
+from controller.usecases.redaction import as_seen_by
 
 BATCH_MAX = 256
 # The most deployments `SubmittedRows` remembers (the oldest forgotten first: judged again).
@@ -115,6 +124,7 @@ class Queued:
     capacity: CapacityCache | None = None  # "could it ever fit" (None: read the nodes afresh)
     charged: bool = False  # the batch charged the submit rate: the lone submit after it does not again
     batch: _BatchTimes | None = None  # the timing of the batch that wrote it
+    wrote: InsertedRow | None = None  # the row its batch inserted, when that commit's answer was lost
 
 
 @dataclass
@@ -197,8 +207,23 @@ class SubmitBatcher:
                 self._observer.submit_staged(self._stages(queued.batch, began, enqueued))
             return view
         async with self._db.unit_of_work() as uow:
+            if queued.wrote is not None and (landed := await self._landed(uow, who, spec, queued.wrote)) is not None:
+                return landed
             return await submit_deployment(uow, who, spec, self._signals, None if queued.charged else throttle,
                                            capacity, request_id=request_id)
+
+    async def _landed(self, uow: UnitOfWork, who: Principal, spec: DeploymentSpec,
+                      wrote: InsertedRow) -> DeploymentView | None:
+        """The caller's deployment as stored if the row its batch inserted (`wrote`) is the one
+        under its name, that batch's commit answer lost: published and answered as the batch
+        would have (None: the commit did not land, or the name is another row now)."""
+        row = await repo.get_deployment(uow.session, spec.tenant, spec.name)
+        if row is None or inserted_row(row.id, row.created_at) != wrote:
+            return None
+        view = repo.deployment_view(row)
+        self._signals.publish(DeploymentEvent("added", view))
+        self._signals.wake_reconciler()
+        return await as_seen_by(uow, who, view)
 
     @staticmethod
     def _stages(batch: _BatchTimes, began: float, enqueued: float) -> SubmitStages:
@@ -238,7 +263,12 @@ class SubmitBatcher:
                 await audit.append_calls(s, calls, unread=True)  # missed: the members go alone
             wrote = time.perf_counter()
             stages.writer_turn, stages.writes = turn.waited_s, wrote - checked - turn.waited_s
-            await uow.commit()
+            try:
+                await uow.commit()
+            except CommitOutcomeUnknown:  # it may have landed: each member alone tells by its row
+                for q, (deployment_id, view) in zip(accepted, inserted):
+                    q.wrote = inserted_row(deployment_id, view.created_at)
+                raise
         times.committed = time.perf_counter()
         stages.commit = times.committed - wrote
         for call in calls:

@@ -13,15 +13,17 @@ real connection loss raises it both ways.
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 
 import pytest
 
 from controller.domain.values import DeploymentEvent, DeploymentView
+from controller.errors import AlreadyExists
 from controller.reconcile import MIN_PUBLISH_RETRY_S, Reconciler, ViewReader
 from controller.store import audit
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown
-from controller.usecases import deployments
+from controller.usecases import deployments, submits
 from controller.usecases.deletes import DeleteBatcher
 from controller.usecases.deployments import views_of
 from controller.usecases.ports import RecordingSignals
@@ -79,6 +81,11 @@ async def _stored(db: Database, key: str) -> DeploymentView | None:
     async with db.unit_of_work() as uow:
         found = await views_of(uow, {key})
     return found[0] if found else None
+
+
+def _utc(at: datetime | None) -> datetime | None:
+    """`at` in naive UTC (SQLite reads it back naive, PostgreSQL aware)."""
+    return at if at is None or at.tzinfo is None else at.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def _of(events: list[DeploymentEvent], key: str) -> list[DeploymentEvent]:
@@ -183,6 +190,51 @@ async def test_a_call_whose_commit_answer_was_lost_has_one_audit_entry(cluster, 
     expected = "UNAVAILABLE" if call == "lone delete" and not landed else "OK"
     assert [(e.object_id, e.outcome) for e in entries] == [(key, expected)]
     assert report.intact, report.problem
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+async def test_a_batched_submit_without_a_request_id_whose_commit_answer_was_lost_is_answered_its_deployment(
+        cluster, monkeypatch, landed):
+    """A submit without a request id; its batch's commit lands or not and its answer is lost. The
+    member goes alone and is answered as a committed submit is: its deployment as stored (landed:
+    the row its batch inserted, not ALREADY_EXISTS for it; lost: written now), told to watchers,
+    with one audit entry, OK."""
+    armed = _commit_outcome_unknown(monkeypatch)
+    signals = RecordingSignals()
+    batcher = SubmitBatcher(cluster, signals)
+    request = deployments_pb2.SubmitDeploymentRequest(spec=deployments_pb2.DeploymentSpec(name="b", tenant="t1"))
+    armed["landed"] = landed
+    view = await through_the_audit_interceptor(cluster, _SUBMIT, request, WHO,
+                                               lambda: batcher.submit(WHO, deployment("b")))
+    assert batcher.stats.alone == 1
+    stored = await _stored(cluster, "t1/b")
+    assert stored is not None and (view.spec, view.phase, view.resource_version, _utc(view.created_at)) == (
+        stored.spec, stored.phase, stored.resource_version, _utc(stored.created_at))
+    assert [(e.type, e.deployment.spec.key) for e in signals.events] == [("added", "t1/b")]
+    async with cluster.unit_of_work() as uow:
+        entries = [e for e in await audit.list_entries(uow.session) if e.action == _SUBMIT]
+    assert [(e.object_id, e.outcome) for e in entries] == [("t1/b", "OK")]
+
+
+async def test_a_batched_submit_whose_lost_commit_did_not_land_is_refused_a_name_taken_since(cluster, monkeypatch):
+    """The batch's commit did not land and its answer was lost; before its member goes alone,
+    another call stores a deployment of the same name (on SQLite under the same id: the batch's
+    was never kept). That row is not the member's: ALREADY_EXISTS, as for any name taken."""
+    armed = _commit_outcome_unknown(monkeypatch)
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    batched = submits.outcome_or_alone
+
+    async def then_taken(*args):  # noqa: ANN002
+        outcome = await batched(*args)
+        assert outcome is None  # the batch's commit raised: alone
+        await submit(cluster, deployment("b", accelerators=2))
+        return outcome
+    monkeypatch.setattr(submits, "outcome_or_alone", then_taken)
+    armed["landed"] = False
+    with pytest.raises(AlreadyExists):
+        await batcher.submit(WHO, deployment("b"))
+    stored = await _stored(cluster, "t1/b")
+    assert stored is not None and stored.spec.shard.accelerators == 2
+
 
 async def test_a_publish_waits_for_the_database_to_answer(cluster, monkeypatch):
     """The read of what a commit of unknown outcome changed fails while the database does not
