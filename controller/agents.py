@@ -477,11 +477,15 @@ class AgentHub:
             session.error = Unauthenticated(reason)
             session.close(f"refused: {reason}", mark_down=False)
 
-    def disconnect(self, node_id: str, reason: str) -> None:
-        """End the node's stream (if any) without marking it down (it no longer exists)."""
-        self._told_ms.pop(node_id, None)
+    def disconnect(self, node_id: str, reason: str, *, registered: str | None = None) -> None:
+        """End the node's stream (if any) without marking it down (it no longer exists).
+        `registered`: the session of a registration of the node stored since it was removed (a
+        removal heard late: `ControllerApp._removed_elsewhere`); that registration is kept, its
+        stream and the interval it was told, and only a stream of another (older) session ends."""
         session = self._sessions.get(node_id)
-        if session is not None:
+        if registered is None:
+            self._told_ms.pop(node_id, None)
+        if session is not None and session.session_id != registered:
             session.close(reason, mark_down=False)
 
     # --- Registers and hellos, committed in batches ------------------------------------------

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -63,6 +64,7 @@ from controller.usecases.capacity import CapacityCache
 from controller.usecases.deletes import DeleteBatcher
 from controller.usecases.submits import SubmitBatcher, SubmittedRows
 from controller.usecases.deployments import views_of
+from controller.usecases.nodes import registered_sessions
 from controller.domain.liveness import FlapDamper
 from controller.domain.values import DeploymentEvent, DeploymentView, split_deployment_key
 from controller.usecases.watch import DeploymentEventBus, deleted_elsewhere
@@ -209,7 +211,7 @@ class ControllerApp:
         self.console_address = ""
         self._tasks: list[asyncio.Task] = []
         self._channel_task: asyncio.Task | None = None
-        self._republishing: set[asyncio.Task] = set()
+        self._handling: set[asyncio.Task] = set()
 
     async def _console_viewer(self, token: str) -> Principal | None:
         """The console's viewers: admin and tenant tokens (a tenant sees its own view)."""
@@ -234,16 +236,36 @@ class ControllerApp:
         elif kind == NODES:
             self.hub.notify(items)
         elif kind == NODE_REMOVED:
-            for node_id in items:
-                self.hub.disconnect(node_id, NODE_DELETED)
+            self._handle(self._removed_elsewhere(items))
         elif kind == LEASE_RELEASED:
             self.election.wake()
         elif kind == DEPLOYMENTS:
-            task = asyncio.get_running_loop().create_task(self._republish(items))
-            self._republishing.add(task)
-            task.add_done_callback(self._republishing.discard)
+            self._handle(self._republish(items))
         elif kind == RESYNC:
             self._resync()
+
+    def _handle(self, reading: Coroutine[Any, Any, None]) -> None:
+        """A message's handling that reads the database, run as a task of its own (kept until done)."""
+        task = asyncio.get_running_loop().create_task(reading)
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+
+    async def _removed_elsewhere(self, node_ids: list[str]) -> None:
+        """Nodes another controller deleted: their streams here end (`NODE_DELETED`).
+
+        A NODE_REMOVED is sent once its row is gone, so a node stored when it is heard registered
+        again since: the message is late (held across its sender's reconnection: `store/notify.py`)
+        and ends no stream of that registration (its session, read for the whole message at once),
+        only one of an older session. If the read fails every named stream ends, as before (an
+        agent whose node is stored registers and connects again)."""
+        registered: dict[str, str | None] = {}
+        try:
+            async with self.db.unit_of_work() as uow:
+                registered = await registered_sessions(uow, node_ids)
+        except Exception:
+            log.exception("could not read the nodes another controller removed")
+        for node_id in node_ids:
+            self.hub.disconnect(node_id, NODE_DELETED, registered=registered.get(node_id))
 
     def _resync(self) -> None:
         """Messages this controller was owed may be lost (another controller dropped some, or this

@@ -48,7 +48,8 @@ connection broke, before the answer): each kind is read again from the database 
 harmlessly. Late, it may come after another controller's newer message about the same thing (a
 deployment's `deleted` after its name was submitted again elsewhere), as two controllers' messages
 racing may: a listener hands a `deleted` to its watchers only while no deployment of that name is
-stored (`ControllerApp._republish`). A NOTIFY PostgreSQL refused on a live connection (sent again it would be refused
+stored (`ControllerApp._republish`), and a NODE_REMOVED heard after the node registered again ends
+no stream of that registration (`ControllerApp._removed_elsewhere`: its session read). A NOTIFY PostgreSQL refused on a live connection (sent again it would be refused
 again, and hold up everything behind it) is dropped, and a RESYNC is owed for it.
 
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops

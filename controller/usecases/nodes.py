@@ -14,7 +14,7 @@ stored last heartbeat is written only every few heartbeat timeouts while the str
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import replace
 from datetime import datetime
 
@@ -114,6 +114,12 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
     await uow.commit()
     signals.node_removed(node_id)
     signals.wake_reconciler()
+
+
+async def registered_sessions(uow: UnitOfWork, node_ids: Iterable[str]) -> dict[str, str | None]:
+    """The session of each stored node's current registration (None: it never registered), by
+    node id, in one read; a node not stored is left out."""
+    return {node_id: row.session_id for node_id, row in (await repo.node_rows_by_id(uow.session, node_ids)).items()}
 
 
 async def cluster_snapshot(uow: UnitOfWork, who: Principal) -> ClusterSnapshot:

@@ -438,3 +438,16 @@ async def test_a_flush_of_reports_that_change_nothing_loads_no_deployment(cluste
             assert await agent_cases.flush_reports(uow, {}, running) == set()
     assert len(seen) == 1 and "FROM placements JOIN deployments" in seen[0], seen
     assert await _phases(cluster) == {(0, 0): "running"}
+
+
+async def test_a_removal_heard_late_ends_only_a_stream_older_than_the_nodes_registration(cluster):
+    """`disconnect(registered=...)`: a removal heard after the node registered again (its current
+    session, `ControllerApp._removed_elsewhere`) keeps that registration's stream and ends a stream
+    of any other (older) session."""
+    async with _streaming(cluster, "rack-a-n0") as (hub, stream):
+        session = hub._sessions["rack-a-n0"]
+        hub.disconnect("rack-a-n0", "test", registered=session.session_id)
+        assert not session.closed and hub._sessions.get("rack-a-n0") is session
+        hub.disconnect("rack-a-n0", "test", registered="a-newer-registration")
+        await asyncio.gather(stream.task, return_exceptions=True)
+        assert session.closed and "rack-a-n0" not in hub.connected()
