@@ -67,6 +67,20 @@ async def will_move_generation(session: AsyncSession) -> None:
     await _take(session, _SHARED)
 
 
+# isolation_state's row, locked as the isolation triggers' UPDATE of it locks it (module docstring).
+_ISOLATION_FIRST = "SELECT 1 FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE"
+
+
+async def will_change_nodes_hardware(session: AsyncSession) -> None:
+    """Say, after `will_move_generation` and before the transaction's first node row lock, that it
+    will add or delete a node or write a column of one that the isolation or capacity triggers
+    watch (rack, accelerators, accelerator model, HBM, CPU, memory): isolation_state's row lock,
+    taken now rather than by those triggers after the node's row (PostgreSQL's lock order, step 2:
+    module docstring). Sent with the transaction's BEGIN when it has not begun; nothing on SQLite."""
+    if dialect_of(session) == POSTGRESQL:
+        await pg_driver.run_at_begin(session, _ISOLATION_FIRST)
+
+
 async def moves_generation_first(session: AsyncSession) -> None:
     """The generation writers' lock, exclusive, for a plan commit about to take the generation row
     before its writes (PostgreSQL: module docstring): it waits for those that will move the

@@ -29,7 +29,8 @@ from controller.store.metering import shard_milli, stop_intervals, stop_interval
 from controller.store.inlist import (POSTGRESQL, any_of, any_of_in_order, any_of_named, any_of_named_in_order, dialect_of,
                                      in_order, listed, locked_in_order)
 from controller.store.marks import rowcount_unread
-from controller.store.changes import bump_cluster_generation_unread, schedulable_count  # noqa: F401  (the first re-exported)
+from controller.store.changes import (  # noqa: F401  (bump_cluster_generation_unread, will_change_nodes_hardware: re-exported)
+    bump_cluster_generation_unread, schedulable_count, will_change_nodes_hardware)
 from controller.store.partitions import partitions
 from controller.store.plans import bump_cluster_generation, will_move_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain.changes import ClusterChange
@@ -1115,14 +1116,16 @@ async def _lock_placements(session: AsyncSession, where: ColumnElement[bool]) ->
 
 async def release_placements_beyond(session: AsyncSession, node_id: str, accelerators: int) -> list[list[object]]:
     """Delete the node's placements that use an accelerator index it no longer has (it registered
-    with fewer), stopping their usage meters; returns them as [TENANT/NAME, replica, shard]."""
+    with fewer), stopping their usage meters; returns them as [TENANT/NAME, replica, shard]. The
+    node's placements are locked before they are read: one a plan commit moved or removed while
+    this waited for it is seen as that commit left it, not released from where it was."""
+    await _lock_placements(session, m.Placement.node_id == node_id)
     gone = [(p, dep) for p, dep in await placements_on_node(session, node_id)
             if any(i >= accelerators for i in p.accelerator_indices or ())]
     if not gone:
         return []
     ids = [p.id for p, _ in gone]
     released = [[d.deployment_key(dep.tenant_id, dep.name), p.replica, p.shard] for p, dep in gone]
-    await _lock_placements(session, any_of(session, m.Placement.id, ids))
     for p, dep in gone:
         await session.delete(p)
         dep.generation = dep.generation + 1

@@ -83,6 +83,15 @@ def _capacity(row: m.Node) -> tuple:
             row.memory_mib, row.idle_power_w, dict(row.labels or {}))
 
 
+def _changes_hardware(plan: _Plan) -> bool:
+    """Whether the Register adds its node or changes a column of it that the database's isolation
+    or capacity triggers watch (`repo.will_change_nodes_hardware`)."""
+    row, info = plan.row, plan.ask.info
+    return row is None or (row.rack_id, row.accelerators, row.accelerator_model, row.hbm_gib, row.cpu_milli,
+                           row.memory_mib) != (info.rack, info.accelerators, info.accelerator_model, info.hbm_gib,
+                                               info.cpu_milli, info.memory_mib)
+
+
 @dataclass(frozen=True, slots=True)
 class Register:
     """One Register call: who asks, for which node, with which credential proposal (see
@@ -251,6 +260,10 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     if not plans:
         return [o for o in outcomes if isinstance(o, MaiaError)]
     await repo.will_move_generation(uow.session)  # before the nodes' rows (lock order: store/changes.py)
+    for plan in sorted(plans, key=lambda plan: plan.ask.info.node_id):  # placements before nodes (the same)
+        await _release_beyond(uow, plan)
+    if any(map(_changes_hardware, plans)):  # isolation_state's row before the nodes' rows (the same)
+        await repo.will_change_nodes_hardware(uow.session)
     written = {id(plan): await _write(uow, plan, heartbeat_interval_ms) for plan in plans}
     changed = [plan.ask.info.node_id for plan in plans if written[id(plan)][1]]
     if changed:  # last before the commit: the row stays locked only until it
@@ -261,6 +274,21 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     for call in calls:
         call.written = True
     return [written[id(o)][0] if isinstance(o, _Plan) else o for o in outcomes]
+
+
+async def _release_beyond(uow: UnitOfWork, plan: _Plan) -> None:
+    """A node registering with fewer accelerators than before: its placements on the ones it no longer
+    has are released (the solver places them again), before any node's row is written (PostgreSQL's
+    lock order: store/changes.py: placements, isolation_state, nodes)."""
+    row, info = plan.row, plan.ask.info
+    if row is None or info.accelerators >= row.accelerators:
+        return
+    released = await repo.release_placements_beyond(uow.session, info.node_id, info.accelerators)
+    if released:
+        repo.record_event(uow.session, actor=plan.ask.who.name, kind="node.placements_released", object_kind="node",
+                          object_id=info.node_id, data={"shards": released},
+                          message=f"registered with {info.accelerators} accelerators (was {row.accelerators}): "
+                                  f"{len(released)} shard(s) on accelerators it no longer has are placed again")
 
 
 async def _write(uow: UnitOfWork, plan: _Plan, heartbeat_interval_ms: int) -> tuple[Registered, bool]:
@@ -289,13 +317,6 @@ async def _write(uow: UnitOfWork, plan: _Plan, heartbeat_interval_ms: int) -> tu
     row.labels = dict(info.labels)
     row.agent_version = info.agent_version
     row.session_id = uuid.uuid4().hex
-    if before is not None and info.accelerators < before[1]:
-        released = await repo.release_placements_beyond(uow.session, info.node_id, info.accelerators)
-        if released:
-            repo.record_event(uow.session, actor=who.name, kind="node.placements_released", object_kind="node",
-                              object_id=info.node_id, data={"shards": released},
-                              message=f"registered with {info.accelerators} accelerators (was {before[1]}): "
-                                      f"{len(released)} shard(s) on accelerators it no longer has are placed again")
     repo.record_event(uow.session, actor=who.name, kind="node.registered", object_kind="node", object_id=info.node_id,
                       data={"rack": info.rack, "accelerators": info.accelerators, "created": created})
     registration = Registration(node_id=row.id, session_id=row.session_id, heartbeat_interval_ms=heartbeat_interval_ms,
