@@ -50,7 +50,7 @@ from controller.aio import PushedStream, pushed
 from controller.authn import Authenticator
 from controller.identity import Principal, peek_principal, reset_principal, set_principal
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
-from controller.store.db import database_failed
+from controller.store.db import database_failed, transaction_aborted
 from maia.v1 import common_pb2
 
 log = logging.getLogger("maia.api")
@@ -75,6 +75,7 @@ STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
 
 MAX_REASONS = 16
 DATABASE_FAILED_RETRY_MS = 1000  # the pool replaces a lost connection at the next unit of work
+TRANSACTION_ABORTED_RETRY_MS = 100  # the transaction it waited for has ended (a deadlock's other side)
 
 
 def capped(message: str, limit: int = limits.ERROR_MESSAGE_MAX) -> str:
@@ -521,7 +522,9 @@ class ErrorInterceptor(_BehaviourInterceptor):
 
     It is also where malformed protobuf becomes INVALID_ARGUMENT, where a database that could not
     be reached or failed mid-call (`db.database_failed`: a connection lost, none in time) becomes
-    UNAVAILABLE with a retry time rather than INTERNAL, and where every message is capped at
+    UNAVAILABLE with a retry time rather than INTERNAL, a transaction the database rolled back for
+    what a concurrent one did (`db.transaction_aborted`: a deadlock's victim, a serialization
+    failure) ABORTED with a retry time, and where every message is capped at
     `limits.ERROR_MESSAGE_MAX` characters."""
 
     guard_requests = True
@@ -548,6 +551,8 @@ class ErrorInterceptor(_BehaviourInterceptor):
             await abort_with(context, exc)
         elif database_failed(exc):
             await abort_with(context, _database_unavailable(method, exc))
+        elif (why := transaction_aborted(exc)) is not None:
+            await abort_with(context, _transaction_aborted(method, why, exc))
         else:
             log.exception("unexpected error in %s", method, exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL,
@@ -562,6 +567,15 @@ def _database_unavailable(method: str, exc: Exception) -> errors.Unavailable:
     return errors.Unavailable(f"the controller's database failed during the call ({type(exc).__name__}); "
                               f"what it wrote may have landed: read before retrying it",
                               retry_after_ms=DATABASE_FAILED_RETRY_MS)
+
+
+def _transaction_aborted(method: str, why: str, exc: Exception) -> errors.Conflict:
+    """What a caller is told when the database rolled back the call's transaction for what another
+    did (`db.transaction_aborted`): ABORTED, retry soon; nothing of that transaction landed."""
+    log.warning("the database aborted a transaction of %s (%s); the caller is told ABORTED", method, why,
+                exc_info=exc)
+    return errors.Conflict(f"the controller's database aborted the call's transaction ({why}): nothing of it "
+                           f"was written; retry the call", retry_after_ms=TRANSACTION_ABORTED_RETRY_MS)
 
 
 class BuiltOncePerMethod(aio.ServerInterceptor):

@@ -216,6 +216,20 @@ def database_failed(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+# PostgreSQL aborted the transaction for what another one did: deadlock_detected (it broke a
+# deadlock by aborting this side, `deadlock_timeout` after the wait began), serialization_failure.
+TRANSACTION_ABORTED = {"40P01": "a deadlock with a concurrent transaction", "40001": "a serialization failure"}
+
+
+def transaction_aborted(exc: BaseException) -> str | None:
+    """Why PostgreSQL rolled back `exc`'s transaction whole for what a concurrent one did (a
+    `TRANSACTION_ABORTED` reason), or None. Nothing of that transaction was written and the same
+    work run again usually succeeds; unlike `database_failed`, the database answered."""
+    if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
+        return None
+    return TRANSACTION_ABORTED.get(pg_driver.sqlstate(exc) or "")
+
+
 class Fence(Protocol):
     """Commits a transaction only while its writer may; refuses (raises) otherwise, and then
     nothing is committed."""

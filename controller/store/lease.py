@@ -160,12 +160,7 @@ def fence_guard(holder: str, token: int, *, live: bool = True) -> str:
 
 
 def _refused_by_guard(exc: DBAPIError) -> bool:
-    cause: BaseException | None = exc.orig
-    while cause is not None:
-        if getattr(cause, "sqlstate", None) == FENCE_REFUSED:
-            return True
-        cause = cause.__cause__
-    return False
+    return pg_driver.sqlstate(exc) == FENCE_REFUSED
 
 
 async def commit_fenced(session: AsyncSession, holder: str, token: int | None,

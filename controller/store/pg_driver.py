@@ -35,6 +35,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import (
     AsyncAdapt_asyncpg_connection, AsyncAdapt_asyncpg_cursor, AsyncAdapt_asyncpg_dbapi,
 )
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util import await_only
 
@@ -197,6 +198,18 @@ async def run_at_begin(session: AsyncSession, statement: str) -> LazyBeginConnec
         return connection
     with session.sync_session.no_autoflush:  # the caller's pending writes come after it
         await session.execute(text(statement))
+    return None
+
+
+def sqlstate(exc: DBAPIError) -> str | None:
+    """The SQLSTATE PostgreSQL answered `exc`'s statement with (on the driver's error or one it was
+    raised from); None when there is none (the connection failed, or it is not PostgreSQL's)."""
+    cause: BaseException | None = exc.orig
+    while cause is not None:
+        state = getattr(cause, "sqlstate", None)
+        if state:
+            return str(state)
+        cause = cause.__cause__
     return None
 
 

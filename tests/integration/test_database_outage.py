@@ -1,13 +1,15 @@
 """A database that fails under a call: the caller is told UNAVAILABLE with a retry time and that
 its write may have landed (never INTERNAL, which says "a bug, do not retry"), and the controller
-serves again once the pool has replaced the lost connections."""
+serves again once the pool has replaced the lost connections. A call whose transaction the database
+aborted for another's (a deadlock's victim) is told ABORTED with a retry time, nothing written."""
 
 from __future__ import annotations
 
+import asyncio
 import grpc
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from controller.api.server import ControllerApp
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
@@ -53,3 +55,45 @@ async def test_a_lost_database_connection_is_unavailable_with_a_retry_time(contr
     await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-after"))
     listed = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
     assert "lab-after" in {t.id for t in listed.tenants}
+
+
+async def _waiting_on(engine: AsyncEngine, table: str) -> bool:
+    """Whether a backend waits for a lock in a statement that names `table` (a transaction of its
+    own: one reads pg_stat_activity as of its first read)."""
+    async with engine.connect() as conn:
+        return bool((await conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE :like"), {"like": f"%{table}%"})).scalar_one())
+
+
+async def test_a_call_aborted_by_the_database_as_a_deadlocks_victim_is_aborted_with_a_retry_time(
+        controller_app: ControllerApp, stubs: Stubs, db_url: str) -> None:
+    """A transaction holds the cluster generation's row; CreateTenant inserts its tenant (the isolation
+    trigger locks isolation_state's row) and waits for the generation's row; the transaction then asks
+    for isolation_state's row. PostgreSQL aborts the call's transaction (it waited first; the other's
+    `deadlock_timeout` is longer) with SQLSTATE 40P01, which reached the caller as INTERNAL ("a bug, do
+    not retry"). It is ABORTED, with a retry time, saying nothing was written; the call retried lands."""
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as other:
+            transaction = await other.begin()
+            await other.execute(text("SET LOCAL deadlock_timeout = '60s'"))
+            await other.execute(text("UPDATE cluster_state SET generation = generation WHERE id = 1"))
+            call = asyncio.ensure_future(stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-deadlocked")))
+            for _ in range(600):
+                if await _waiting_on(engine, "UPDATE cluster_state") or call.done():
+                    break
+                await asyncio.sleep(0.05)
+            await other.execute(text("SELECT id FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE"))
+            await transaction.rollback()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(call, 60)
+    finally:
+        await engine.dispose()
+    assert refused.value.code() == grpc.StatusCode.ABORTED, (refused.value.code(), refused.value.details())
+    assert "a deadlock with a concurrent transaction" in refused.value.details()
+    assert "nothing of it was written" in refused.value.details()
+    assert dict(refused.value.trailing_metadata() or ())[RETRY_AFTER_METADATA_KEY] == "100"
+    listed = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert "lab-deadlocked" not in {t.id for t in listed.tenants}
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-deadlocked"))
