@@ -21,11 +21,23 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    placements the ORM deletes after their deployment's row locked first): two transactions that
    write rows of one table wait for each other at the first row both write, never each for a row
    the other holds;
+   isolation_state's row, among them, before any nodes row: the database's triggers lock it (0005,
+   0019, 0020) at a transaction's first write of a column the isolation rules read (placements'
+   rows, deployments' shape, nodes' hardware, tenants, racks, rows), after that write's own rows,
+   so a plan commit takes it after the placements it writes first and before its deployments and
+   nodes (`plans._write`), a release of shards after them and before their nodes. A writer of nodes' hardware (a Register batch that adds a node or changes
+   its rack, accelerators, model, HBM, CPU or memory; a node delete) takes it itself before its
+   first node row (`will_change_nodes_hardware`), after the placements it releases; else its node
+   row came first and it waited, holding it, for a plan commit that held isolation_state and waited
+   for that node's row (its assignment generation): tests/store/test_register_lock_order.py. Then
+   capacity_state's row (0012, 0022), only ever after isolation_state's (0023);
 3. the generation row (`cluster_state`), then the change log (inserts);
 4. the audit chain's head (`audit_head`), then the leader lease (`FOR KEY SHARE`, with the COMMIT).
 A plan commit that holds the generation row while it writes rows (step 3 before 2) does so under
 the exclusive lock, so no transaction that holds rows and waits for the generation row is running
 then: the cycle that PostgreSQL broke as a deadlock after `deadlock_timeout` (a second) cannot form.
+A deadlock PostgreSQL still breaks (SQLSTATE 40P01) rolls back its victim's transaction whole: its
+caller hears ABORTED with a retry time (`db.transaction_aborted`), a batch's members go alone.
 Writers that take the generation row last hold it from their bump to their COMMIT only. SQLite
 has one writer at a time: nothing to order.
 """

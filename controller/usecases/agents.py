@@ -262,7 +262,9 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     await repo.will_move_generation(uow.session)  # before the nodes' rows (lock order: store/changes.py)
     for plan in sorted(plans, key=lambda plan: plan.ask.info.node_id):  # placements before nodes (the same)
         await _release_beyond(uow, plan)
-    if any(map(_changes_hardware, plans)):  # isolation_state's row before the nodes' rows (the same)
+    # isolation_state's row before the nodes' rows (the same), unless the batch only adds nodes: their
+    # new rows, which nobody else can wait for, are all it holds when its INSERT's trigger waits.
+    if any(plan.row is not None for plan in plans) and any(map(_changes_hardware, plans)):
         await repo.will_change_nodes_hardware(uow.session)
     written = {id(plan): await _write(uow, plan, heartbeat_interval_ms) for plan in plans}
     changed = [plan.ask.info.node_id for plan in plans if written[id(plan)][1]]

@@ -44,15 +44,18 @@ def _one_line(transaction: Callable[[], Awaitable[None]]) -> Callable[[], Awaita
 
 
 @POSTGRES
-@pytest.mark.parametrize("hardware", ["cpu_milli", "accelerator_model"])
+@pytest.mark.parametrize("hardware", ["cpu_milli", "accelerator_model", "a node added"])
 async def test_a_register_batch_that_changes_a_nodes_hardware_and_a_plan_commit_landing_on_it_both_commit(
         database: Database, hardware: str) -> None:
     """TRAIN's row held: the commit inserts its shards on n2 (isolation_state's row locked) and waits
     for it; then n2 re-registers with more CPU (isolation's trigger) or another accelerator model
-    (capacity's, which takes isolation_state first: 0023). Before, the batch held n2's row and waited
-    for isolation_state, the commit for n2's row once TRAIN's was let go: deadlock detected."""
+    (capacity's, which takes isolation_state first: 0023), or as it was in a batch that adds n5 (the
+    INSERT's trigger). Before, the batch held n2's row and waited for isolation_state, the commit for
+    n2's row once TRAIN's was let go: deadlock detected."""
     snapshot = await _seeded(database)
-    changed = {"cpu_milli": {"cpu_milli": 9000}, "accelerator_model": {"accelerator_model": "maia-200"}}[hardware]
+    changed = {"cpu_milli": {"cpu_milli": 9000}, "accelerator_model": {"accelerator_model": "maia-200"},
+               "a node added": {}}[hardware]
+    added = [agents.Register(ADMIN, NodeInfo("n5", "rack1", 4))] if hardware == "a node added" else []
 
     async def commit() -> None:
         async with database.unit_of_work() as uow:
@@ -61,9 +64,9 @@ async def test_a_register_batch_that_changes_a_nodes_hardware_and_a_plan_commit_
 
     async def register() -> None:
         async with database.unit_of_work() as uow:
-            [outcome] = await agents.register_nodes(
-                uow, [agents.Register(ADMIN, NodeInfo("n2", "rack1", 4, **changed))], heartbeat_interval_ms=1000)
-        assert isinstance(outcome, agents.Registered), outcome
+            outcomes = await agents.register_nodes(
+                uow, [agents.Register(ADMIN, NodeInfo("n2", "rack1", 4, **changed)), *added], heartbeat_interval_ms=1000)
+        assert all(isinstance(outcome, agents.Registered) for outcome in outcomes), outcomes
 
     errors = await _behind_a_held_row(database, TRAIN_ROW, _one_line(commit), _one_line(register))
     assert errors == []
