@@ -25,12 +25,14 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    0019, 0020) at a transaction's first write of a column the isolation rules read (placements'
    rows, deployments' shape, nodes' hardware, tenants, racks, rows), after that write's own rows,
    so a plan commit takes it after the placements it writes first and before its deployments and
-   nodes (`plans._write`), a release of shards after them and before their nodes. A writer of nodes' hardware (a Register batch that adds a node or changes
-   its rack, accelerators, model, HBM, CPU or memory; a node delete) takes it itself before its
-   first node row (`will_change_nodes_hardware`), after the placements it releases; else its node
-   row came first and it waited, holding it, for a plan commit that held isolation_state and waited
-   for that node's row (its assignment generation): tests/store/test_register_lock_order.py. Then
-   capacity_state's row (0012, 0022), only ever after isolation_state's (0023);
+   nodes (`plans._write`), a release of shards after them and before their nodes. A Register batch
+   that changes a node's rack, accelerators, model, HBM, CPU or memory (or adds one next to
+   existing ones) takes it itself before its first node row (`will_change_nodes_hardware`), after
+   the placements it releases: else its node row came first and it waited, holding it, for a plan
+   commit that held isolation_state and waited for that node's row (its assignment generation),
+   tests/store/test_register_lock_order.py. A node delete without placements still deletes its
+   row before the trigger takes isolation_state (not ordered here). Then capacity_state's row
+   (0012, 0022), only ever after isolation_state's (0023);
 3. the generation row (`cluster_state`), then the change log (inserts);
 4. the audit chain's head (`audit_head`), then the leader lease (`FOR KEY SHARE`, with the COMMIT).
 A plan commit that holds the generation row while it writes rows (step 3 before 2) does so under
@@ -85,7 +87,7 @@ _ISOLATION_FIRST = "SELECT 1 FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE
 
 async def will_change_nodes_hardware(session: AsyncSession) -> None:
     """Say, after `will_move_generation` and before the transaction's first node row lock, that it
-    will add or delete a node or write a column of one that the isolation or capacity triggers
+    will add a node or write a column of one that the isolation or capacity triggers
     watch (rack, accelerators, accelerator model, HBM, CPU, memory): isolation_state's row lock,
     taken now rather than by those triggers after the node's row (PostgreSQL's lock order, step 2:
     module docstring). Sent with the transaction's BEGIN when it has not begun; nothing on SQLite."""

@@ -107,7 +107,6 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
         raise NotFound(f"node {node_id} not found")
     await repo.will_move_generation(uow.session)  # before its rows (lock order: store/changes.py)
     released = await repo.remove_placements_on_node(uow.session, node_id)
-    await repo.will_change_nodes_hardware(uow.session)  # isolation_state's row before the node's (the same)
     await uow.session.delete(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
     repo.record_event(uow.session, actor=who.name, kind="node.deleted", object_kind="node", object_id=node_id,
