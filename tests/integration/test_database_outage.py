@@ -74,12 +74,12 @@ async def _deadlocked_call(engine: AsyncEngine, stubs: Stubs, tenant: str) -> gr
     row. PostgreSQL checks a wait for a deadlock once, `deadlock_timeout` (a second) after it began:
     the call's check finds the cycle when the transaction waits by then (its own is a minute). What the
     call ended with (None: it landed; the transaction asked too late and was aborted itself)."""
-    call = asyncio.ensure_future(stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant)))
     async with engine.connect() as other, engine.connect() as watcher:
         await watcher.execution_options(isolation_level="AUTOCOMMIT")
         transaction = await other.begin()
         await other.execute(text("SET LOCAL deadlock_timeout = '60s'"))
         await other.execute(text("UPDATE cluster_state SET generation = generation WHERE id = 1"))
+        call = asyncio.ensure_future(stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant)))
         while not await _call_waits_holding_isolation(watcher):
             assert not call.done(), "the call ended before it waited"
             await asyncio.sleep(0.01)
