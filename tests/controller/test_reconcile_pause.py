@@ -138,6 +138,14 @@ class _Db:
         self.turns = turns
 
 
+def _period_just_over() -> float:
+    """When the last pass began for the next one to wait for answered batches alone: the period
+    over, the bound (`ANSWER_YIELD_MAX_S`, an hour in these tests) all ahead. (A pass begun an
+    hour ago left the bound 0.1 s ahead: a test stalled that long on a loaded machine saw the
+    pass go at once, no batch waited for.)"""
+    return reconcile.time.perf_counter() - reconcile.PASS_PERIOD_S
+
+
 async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound(monkeypatch) -> None:
     """A submit batch on its way to SQLite's writer (`WriterTurns.intend`) is written before the
     next pass starts, which then decides its arrivals; not after `ANSWER_YIELD_MAX_S` past the
@@ -145,11 +153,11 @@ async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound
     r = Reconciler(None, push=lambda nodes: None, publish=_publish)  # type: ignore[arg-type]
     turns = WriterTurns()
     r._db = _Db(turns)  # type: ignore[assignment]
-    long_ago = reconcile.time.perf_counter() - 3600.0  # the period is over
+    long_ago = reconcile.time.perf_counter() - 3600.0  # the period and the bound are over
 
     monkeypatch.setattr(reconcile, "ANSWER_YIELD_MAX_S", 3600.0)
     with turns.intend():
-        room = asyncio.create_task(r._make_room(long_ago))
+        room = asyncio.create_task(r._make_room(_period_just_over()))
         for _ in range(20):
             await asyncio.sleep(0)
         assert not room.done()  # the batch is still on its way
@@ -170,7 +178,7 @@ async def test_a_pass_waiting_for_an_answered_batch_goes_when_its_turn_ends(monk
     r._db = _Db(turns)  # type: ignore[assignment]
     monkeypatch.setattr(reconcile, "ANSWER_YIELD_MAX_S", 3600.0)
     await turns.acquire(WritePriority.ANSWER)  # the batch writes
-    room = asyncio.create_task(r._make_room(reconcile.time.perf_counter() - 3600.0))
+    room = asyncio.create_task(r._make_room(_period_just_over()))
     for _ in range(20):
         await asyncio.sleep(0)
     assert not room.done()
