@@ -6,7 +6,6 @@ controller's own event loop ends no stream whose heartbeats wait to be read."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -66,9 +65,11 @@ async def test_a_hello_written_while_close_all_began_opens_no_session(cluster, m
 async def test_a_stall_of_the_event_loop_past_the_timeout_ends_no_stream_whose_heartbeat_waits_to_be_read(cluster):
     """The controller's own stall (a long collection, a starved process) is not the agents'
     silence: the check that runs before the readers took what arrived meanwhile ends nothing; the
-    next one ends the stream that stayed silent."""
-    hub = AgentHub(cluster, heartbeat_timeout_s=0.2, on_liveness_change=lambda: None,
-                   on_deployments_changed=lambda views: asyncio.sleep(0))
+    next one ends the stream that stayed silent. The stall is the hub's clock seen from its
+    streams (each last heard from a timeout and more ago), not a real one: a real stall past a
+    short timeout (0.3 s) left the beating stream that long to its second check, which a loaded
+    machine can take too (then it ended as silent)."""
+    hub = _hub(cluster)
     beats: asyncio.Queue[AgentInbound] = asyncio.Queue()
 
     async def beating() -> AsyncIterator[AgentInbound]:
@@ -82,7 +83,8 @@ async def test_a_stall_of_the_event_loop_past_the_timeout_ends_no_stream_whose_h
     await anext(quiet)
     sessions = dict(hub._sessions)
     beats.put_nowait(HeartbeatReport(seq=1, power_draw_w=500.0))
-    time.sleep(0.3)  # the loop stalls past the timeout, the heartbeat unread
+    for session in sessions.values():  # the loop stalls past the timeout, the heartbeat unread
+        session.last_seen -= session.timeout_s + 1.0
     await hub._expire()  # the check that runs first after the stall
     assert [s.closed for s in sessions.values()] == [False, False]
     for _ in range(5):  # the readers' turn
