@@ -108,14 +108,19 @@ async def test_reports_for_shards_never_given_are_refused_and_recorded(strict: S
 
     async def refusals() -> list[tuple]:
         async with strict_app.db.unit_of_work() as uow:
-            events = await uow.session.scalars(select(m.Event).where(m.Event.kind == "agent.reports_refused"))
+            events = await uow.session.scalars(
+                select(m.Event).where(m.Event.kind == "agent.reports_refused").order_by(m.Event.id))
             return [(e.object_id, e.data["count"], e.data["samples"]) for e in events]
 
-    events = await eventually(refusals, lambda e: len(e) > 0, what="refusal recorded")
-    assert events == [("impostor", 2, [["svc", 0, 0], ["ghost", 3, 1]])]
+    # One event a flush that took refused reports: the two reports arrive one after the other and
+    # a flush (every 0.2 s) may come between them on a loaded machine (then two events of one).
+    events = await eventually(refusals, lambda e: sum(count for _, count, _ in e) >= 2, what="refusals recorded")
+    assert {node for node, _, _ in events} == {"impostor"} and sum(count for _, count, _ in events) == 2
+    assert [sample for _, _, samples in events for sample in samples] == [["svc", 0, 0], ["ghost", 3, 1]]
     async with strict_app.db.unit_of_work() as uow:  # and handed to the audit log
         entries = [e for e in await audit.list_entries(uow.session) if e.action == "agent.reports_refused"]
-    assert [(e.actor, e.outcome, e.detail["count"]) for e in entries] == [("impostor", "PERMISSION_DENIED", 2)]
+    assert {(e.actor, e.outcome) for e in entries} == {("impostor", "PERMISSION_DENIED")}
+    assert sum(e.detail["count"] for e in entries) == 2
     await eventually(lambda: strict.admin.GetNode(admin_pb2.GetNodeRequest(id="impostor")),
                      lambda n: n.power_draw_w == 700.0, what="impostor heartbeat written")
     dep = await strict.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
