@@ -308,8 +308,14 @@ class HandAgent:
 
 
 async def api_state(stubs: Stubs) -> tuple:
-    """Everything a refused request could have written, as read back through the API."""
+    """Everything a refused request could have written, as read back through the API. Not the
+    reconciler's judgement of a pending deployment (its reasons, and the time they were written):
+    a pass may rewrite it at any time (a solve past its time limit on a loaded machine added a
+    TIME_LIMIT reason between two reads while the refused call wrote nothing)."""
     deployments = await stubs.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest())
+    for deployment in deployments.deployments:
+        deployment.ClearField("reasons")
+        deployment.ClearField("updated_at")
     tenants = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
     topo = await stubs.admin.GetTopology(admin_pb2.GetTopologyRequest())
     nodes = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
