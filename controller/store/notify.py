@@ -49,8 +49,9 @@ harmlessly. Late, it may come after another controller's newer message about the
 deployment's `deleted` after its name was submitted again elsewhere), as two controllers' messages
 racing may: a listener hands a `deleted` to its watchers only while no deployment of that name is
 stored (`ControllerApp._republish`), and a NODE_REMOVED heard after the node registered again ends
-no stream of that registration (`ControllerApp._removed_elsewhere`: its session read). A NOTIFY PostgreSQL refused on a live connection (sent again it would be refused
-again, and hold up everything behind it) is dropped, and a RESYNC is owed for it.
+no stream of that registration (`ControllerApp._removed_elsewhere`: its session read). A NOTIFY
+PostgreSQL refused on a live connection (sent again it would be refused again, and hold up
+everything behind it) is dropped, and a RESYNC is owed for it.
 
 SQLite has one controller per file (`controller.store.exclusive`): `LocalChannel` drops
 everything, in-process signals already reached everyone.
