@@ -190,6 +190,12 @@ class Authenticator:
         self._loading.pop(token_id, None)
         self._drop(token_id)
 
+    def forget_node(self, node_id: str) -> None:
+        """The node was deleted (by another controller: its credentials were revoked there): forget
+        the cached verifications of its credentials, so their next use reads the database."""
+        for token_id in [token_id for token_id, entry in self._cache.items() if entry.principal.node == node_id]:
+            self.forget(token_id)
+
     def _drop(self, token_id: str) -> None:
         """Drop a cached verification (revoked, or found expired: a read in flight finds it
         expired as well, and the callers sharing it share it still) and its text."""

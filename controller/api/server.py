@@ -257,7 +257,12 @@ class ControllerApp:
         again since: the message is late (held across its sender's reconnection: `store/notify.py`)
         and ends no stream of that registration (its session, read for the whole message at once),
         only one of an older session. If the read fails every named stream ends, as before (an
-        agent whose node is stored registers and connects again)."""
+        agent whose node is stored registers and connects again). The deletion revoked the nodes'
+        credentials: their cached verifications here are forgotten (else a deleted node's agent
+        kept its credential for up to the cache's TTL here, refused PERMISSION_DENIED, not
+        UNAUTHENTICATED, which tells it to register with its bootstrap token)."""
+        for node_id in node_ids:
+            self.authn.forget_node(node_id)
         registered: dict[str, str | None] = {}
         try:
             async with self.db.unit_of_work() as uow:

@@ -28,7 +28,7 @@ from controller.store.snapshot import load_snapshot
 from controller.domain.changes import ClusterChange
 from controller.domain.liveness import later_contact
 from controller.domain.values import ClusterSnapshot, ClusterSummary, NodeView, TenantView
-from controller.usecases import paging
+from controller.usecases import paging, tokens
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_id, check_optional_id
@@ -99,7 +99,10 @@ async def drain_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Sig
 
 async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals) -> None:
     """Forget a node (a bad registration): its shards are released and placed again elsewhere,
-    its agent's stream is ended. An agent that registers again brings it back."""
+    its agent's stream is ended and its node credentials revoked. Its agent, refused its
+    credential (UNAUTHENTICATED), brings it back by registering with a node-bootstrap token (a
+    credential left active answered PERMISSION_DENIED: a node credential registers its own node
+    only while that node exists, so the agent could neither use it nor tell to drop it)."""
     check_id("node", node_id)
     policy.require_admin(who, "deleting nodes")
     row = await repo.get_node(uow.session, node_id)
@@ -111,7 +114,10 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
     await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
     repo.record_event(uow.session, actor=who.name, kind="node.deleted", object_kind="node", object_id=node_id,
                       data={"released_shards": bool(released)})
+    revoked = await tokens.revoke_node_credentials(uow, who, node_id)
     await uow.commit()
+    for token_id in revoked:
+        signals.token_revoked(token_id)
     signals.node_removed(node_id)
     signals.wake_reconciler()
 

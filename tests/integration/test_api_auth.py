@@ -358,3 +358,26 @@ async def test_a_token_revoked_here_while_its_row_was_being_read_is_refused_at_i
     monkeypatch.setattr(store, "get_token", get_token)
     with pytest.raises(authn.Unauthenticated, match=f"token {token_id} was revoked"):
         await checker.authenticate(bearer)
+
+
+async def test_forgetting_a_node_drops_its_credentials_cached_verifications_only(database) -> None:
+    """A node deleted by another controller (its credentials revoked there): `forget_node` makes
+    its credentials' next use read the database (refused: revoked), not the cache for up to its
+    TTL; another node's credential stays cached."""
+    from controller import authn
+    texts = {node: await issue_token(database, "admin", name=node) for node in ("n1", "n2")}
+    ids = {node: text.split(".")[0].removeprefix("maia_") for node, text in texts.items()}
+    async with database.unit_of_work() as uow:
+        for node, token_id in ids.items():  # as a node's credential: its principal names the node
+            await uow.session.execute(update(m.ApiToken).where(m.ApiToken.id == token_id).values(node_id=node))
+        await uow.commit()
+    checker = authn.Authenticator(database)
+    for text in texts.values():
+        await checker.authenticate([("authorization", f"Bearer {text}")])
+    await _revoke_in_store(database, ids["n1"])
+    await checker.authenticate([("authorization", f"Bearer {texts['n1']}")])  # cached: the revoke not seen yet
+
+    checker.forget_node("n1")
+    with pytest.raises(authn.Unauthenticated, match=f"token {ids['n1']} was revoked"):
+        await checker.authenticate([("authorization", f"Bearer {texts['n1']}")])
+    assert set(checker._cache) == {ids["n2"]}

@@ -15,7 +15,7 @@ from controller import limits
 from controller.bearer import bearer_metadata
 from controller.cli.client import list_all
 from controller.cli.main import main
-from grpc_harness import HandAgent, Stubs, admin_token_of, api_state, eventually, spec, topology
+from grpc_harness import HandAgent, Stubs, admin_token_of, api_state, eventually, issue_token, spec, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, common_pb2, deployments_pb2
 
 
@@ -175,3 +175,25 @@ async def test_maiactl_get_nodes_reads_every_page_and_delete_node_removes_one(st
     assert (code, out.strip()) == (0, "node/n000 deleted (its shards are placed again elsewhere)")
     with pytest.raises(grpc.aio.AioRpcError):
         await stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="n000"))
+
+
+async def test_a_deleted_nodes_credential_is_revoked_and_its_agent_brings_it_back_with_a_bootstrap_token(
+        stubs: Stubs, controller_app):
+    """Its agent is refused its credential UNAUTHENTICATED (so it drops it, as `maia-simnode` does),
+    not PERMISSION_DENIED for a node it can no longer speak for; a bootstrap token registers it again."""
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    credential = (await HandAgent(stubs, "n1", "rack-a").register()).node_credential
+    own = Stubs.connect(controller_app.address, credential)
+    bootstrap = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "node-bootstrap"))
+    try:
+        await HandAgent(own, "n1", "rack-a").register()  # its own credential speaks for it
+        await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id="n1"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await HandAgent(own, "n1", "rack-a").register()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        again = await HandAgent(bootstrap, "n1", "rack-a").register()
+        assert again.node_credential and again.node_credential != credential
+        assert (await stubs.admin.GetNode(admin_pb2.GetNodeRequest(id="n1"))).id == "n1"
+    finally:
+        await own.channel.close()
+        await bootstrap.channel.close()
