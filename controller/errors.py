@@ -24,12 +24,17 @@ class MaiaError(Exception):
     """Base of every expected failure; `message` is shown to the caller verbatim."""
 
     def __init__(self, message: str, *, reasons: tuple[ReasonDetail, ...] = (),
-                 metadata: tuple[tuple[str, str], ...] = (), retry_after_ms: int | None = None) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), retry_after_ms: int | None = None,
+                 may_have_landed: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.reasons = reasons
         self.metadata = metadata  # extra trailing metadata for the caller (e.g. retry-after-ms)
-        self.retry_after_ms = retry_after_ms  # when a retry may succeed (google.rpc.RetryInfo on the wire)
+        # When a retry may succeed: `retry-after-ms` on the wire, and google.rpc.RetryInfo ("call
+        # again as it is", what clients retry on, `controller.retryinfo`) unless `may_have_landed`:
+        # the call's writes may have been committed, so it is to be read before it is sent again.
+        self.retry_after_ms = retry_after_ms
+        self.may_have_landed = may_have_landed
 
 
 class InvalidArgument(MaiaError):

@@ -213,7 +213,7 @@ class GroupCommit(Generic[Item, Outcome]):
             if not await self._answered_by(member, answer_by):
                 self.stats.late += 1
                 raise self._busy("the batch writing this call had not committed when its deadline neared; it is "
-                                 "written with that batch or not at all (a retry finds out)")
+                                 "written with that batch or not at all (a retry finds out)", may_have_landed=True)
         except asyncio.CancelledError:
             if not member.taken:  # its caller went away before its batch was formed: left out
                 member.future.cancel()
@@ -256,9 +256,10 @@ class GroupCommit(Generic[Item, Outcome]):
         return self._busy(f"this call could not be written before its deadline ({len(self._pending)} queued, "
                           f"a batch takes {self._write.mean:.3g}s); nothing was written")
 
-    def _busy(self, why: str) -> Unavailable:
+    def _busy(self, why: str, *, may_have_landed: bool = False) -> Unavailable:
         wait_s = self._retry_after_s()
-        return Unavailable(f"{self.name}: busy; {why}; retry in {wait_s:.3g}s", retry_after_ms=math.ceil(wait_s * 1000))
+        return Unavailable(f"{self.name}: busy; {why}; retry in {wait_s:.3g}s", retry_after_ms=math.ceil(wait_s * 1000),
+                           may_have_landed=may_have_landed)
 
     def _start_writers(self) -> None:
         while len(self._writers) < self._writers_max and self._pending:

@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from controller import errors, limits
@@ -50,6 +48,7 @@ from controller.aio import PushedStream, pushed
 from controller.authn import Authenticator
 from controller.identity import Principal, peek_principal, reset_principal, set_principal
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
+from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, retry_status
 from controller.store.db import database_failed, transaction_aborted
 from maia.v1 import common_pb2
 
@@ -57,8 +56,6 @@ log = logging.getLogger("maia.api")
 
 # Trailing metadata key of the structured reasons of an error (binary: serialized maia.v1.Reason).
 REASON_METADATA_KEY = "maia-reason-bin"
-# The standard rich-error trailer: a serialized google.rpc.Status with its details.
-STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
 STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -502,19 +499,11 @@ async def abort_with(context: aio.ServicerContext, exc: errors.MaiaError) -> Non
         for r in exc.reasons[:MAX_REASONS]
     ) + tuple(exc.metadata)
     code, message = status_for(exc), capped(exc.message)
-    if exc.retry_after_ms is not None:  # for programs: plain and as the standard rich error
-        trailing += ((RETRY_AFTER_METADATA_KEY, str(exc.retry_after_ms)),
-                     (STATUS_DETAILS_METADATA_KEY, _retry_status(code, message, exc.retry_after_ms)))
+    if exc.retry_after_ms is not None:  # for programs: when, plainly ...
+        trailing += ((RETRY_AFTER_METADATA_KEY, str(exc.retry_after_ms)),)
+        if not exc.may_have_landed:  # ... and "call again as it is" as the standard rich error (RetryInfo)
+            trailing += ((STATUS_DETAILS_METADATA_KEY, retry_status(code, message, exc.retry_after_ms)),)
     await context.abort(code, message, trailing_metadata=trailing)
-
-
-def _retry_status(code: grpc.StatusCode, message: str, retry_after_ms: int) -> bytes:
-    """A google.rpc.Status carrying RetryInfo: what gRPC clients (grpc_status.rpc_status.from_call,
-    grpc-go's status.FromError, Envoy) read to know when to retry."""
-    delay = duration_pb2.Duration(seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000)
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
 
 
 class ErrorInterceptor(_BehaviourInterceptor):
@@ -566,7 +555,7 @@ def _database_unavailable(method: str, exc: Exception) -> errors.Unavailable:
     log.warning("the database failed during %s; the caller is told UNAVAILABLE", method, exc_info=exc)
     return errors.Unavailable(f"the controller's database failed during the call ({type(exc).__name__}); "
                               f"what it wrote may have landed: read before retrying it",
-                              retry_after_ms=DATABASE_FAILED_RETRY_MS)
+                              retry_after_ms=DATABASE_FAILED_RETRY_MS, may_have_landed=True)
 
 
 def _transaction_aborted(method: str, why: str, exc: Exception) -> errors.Conflict:

@@ -1,11 +1,12 @@
 """The connection to the controller and the translation of gRPC failures into CLI errors.
 
-Commands get a `Controller` with lazily created stubs; any `grpc.RpcError` that escapes a
-command is printed by `main` as `error: <CODE>: <details>` (exit 1), never as a traceback.
+Commands get a `Controller` with lazily created stubs; a unary call the controller answers
+"nothing written, call again after this pause" is made again on the channel (`cli.retry`), so a
+command meets only the answers it is to act on; any `grpc.RpcError` that escapes a command is
+printed by `main` as `error: <CODE>: <details>` (exit 1), never as a traceback.
 """
 from __future__ import annotations
 
-from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -18,6 +19,7 @@ from google.protobuf.message import Message
 
 from controller import limits
 from controller.cli.config import Connection
+from controller.cli.retry import CallDetails, RetryTold
 from maia.v1 import admin_pb2_grpc, audit_pb2_grpc, deployments_pb2_grpc
 
 M = TypeVar("M", bound=Any)
@@ -70,20 +72,14 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         self._pair = ("authorization", f"Bearer {token}")
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._pair],
-                            details.credentials, details.wait_for_ready, details.compression)
+        return CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._pair],
+                           details.credentials, details.wait_for_ready, details.compression)
 
     def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
         return continuation(self._with_token(details), request)
 
     def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
         return continuation(self._with_token(details), request)
-
-
-class _CallDetails(
-        namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
-        grpc.ClientCallDetails):
-    """The call's details with the token added (grpc wants a ClientCallDetails back)."""
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -121,7 +117,9 @@ def channel_target(address: str) -> str:
 
 def open_channel(connection: Connection) -> grpc.Channel:
     """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
-    along as call metadata. Several controllers: see `channel_target`."""
+    along as call metadata; a unary call the controller answers "nothing written, call again after
+    this pause" (google.rpc.RetryInfo) is made again (`retry.RetryTold`). Several controllers: see
+    `channel_target`."""
     target = channel_target(connection.address)
     options = limits.GRPC_CLIENT_OPTIONS
     if target != connection.address.strip():  # several controllers: come back quickly to one that returns
@@ -134,8 +132,8 @@ def open_channel(connection: Connection) -> grpc.Channel:
     else:
         channel = grpc.insecure_channel(target, options=options)
     if connection.token:
-        channel = grpc.intercept_channel(channel, _BearerToken(connection.token))
-    return channel
+        return grpc.intercept_channel(channel, RetryTold(), _BearerToken(connection.token))
+    return grpc.intercept_channel(channel, RetryTold())
 
 
 @dataclass

@@ -62,7 +62,7 @@ class CommitOutcomeUnknown(Unavailable):
         self.holder = holder
         super().__init__(f"controller {holder} lost its database connection while committing "
                          f"({cause}); the write may have landed: "
-                         f"read before retrying it", retry_after_ms=COMMIT_UNKNOWN_RETRY_MS)
+                         f"read before retrying it", retry_after_ms=COMMIT_UNKNOWN_RETRY_MS, may_have_landed=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,6 +146,7 @@ async def test_a_queued_item_whose_batch_could_not_be_written_in_time_is_refused
     with pytest.raises(Unavailable, match="nothing was written") as refused:
         await group.submit("b", time_left_s=1.0)
     assert MIN_RETRY_S * 1000 <= refused.value.retry_after_ms <= MAX_RETRY_S * 1000
+    assert not refused.value.may_have_landed  # unwritten: "call again as it is" (google.rpc.RetryInfo)
     group._write = MovingAverage(0.05)
     with pytest.raises(Unavailable, match="nothing was written"):
         await group.submit("c", time_left_s=0.3)  # the batch of "a" is still being written
@@ -191,6 +192,7 @@ async def test_a_member_of_a_batch_in_flight_is_answered_before_its_deadline_and
     with pytest.raises(Unavailable, match="written with that batch or not at all") as late:
         await group.submit("a", time_left_s=0.3)  # its batch never commits in that time
     assert late.value.retry_after_ms is not None
+    assert late.value.may_have_landed  # told when, not "call again as it is" (no google.rpc.RetryInfo)
     assert store.batches == [["a"]] and group.stats.late == 1
     follower = asyncio.create_task(group.submit("b"))
     store.release.set()

@@ -1,0 +1,52 @@
+"""When to call again, on the wire: the standard rich error both sides of the API share.
+
+An answer the controller gives when nothing of the call was written and the same call is
+expected to succeed later (a deadlock's victim or a serialization failure: ABORTED; a tenant over
+its rate or a busy controller: RESOURCE_EXHAUSTED or UNAVAILABLE) carries a `google.rpc.Status`
+with a `google.rpc.RetryInfo` detail in the `grpc-status-details-bin` trailer (what
+`grpc_status.rpc_status.from_call`, grpc-go's `status.FromError` and Envoy read). Clients retry
+a call on that detail alone, never on a status code: an ABORTED without it (a stale
+resource_version) is a conflict only a new read resolves, and an answer whose write may have
+landed (the database failed mid-call) carries no RetryInfo either (`MaiaError.may_have_landed`).
+
+The server builds the trailer with `retry_status` (`api.interceptors.abort_with`); clients read
+the pause with `told_retry_s` (`cli.retry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+# The standard rich-error trailer: a serialized google.rpc.Status with its details.
+STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
+
+
+def retry_status(code: grpc.StatusCode, message: str, retry_after_ms: int) -> bytes:
+    """A serialized google.rpc.Status of `code` and `message` carrying RetryInfo(retry_delay)."""
+    delay = duration_pb2.Duration(seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
+
+
+def told_retry_s(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> float | None:
+    """The pause the RetryInfo of a failed call's trailer asks for (seconds), or None when the
+    answer carries none (or one that cannot be read): the call is not to be retried as it is."""
+    for key, value in trailing_metadata or ():
+        if key != STATUS_DETAILS_METADATA_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return max(0.0, info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None

@@ -1,0 +1,169 @@
+"""maiactl's channel (`cli.client.open_channel`, the public client's too) makes a unary call again
+when, and only when, the controller's answer carries google.rpc.RetryInfo (`cli.retry`): a real
+gRPC server on a real socket answers as told, and counts the attempts that reach it."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from controller.cli.client import Controller
+from controller.cli.config import Connection
+from controller.cli.retry import RetryPolicy
+from maia.v1 import admin_pb2, admin_pb2_grpc
+
+TOKEN = "test-token"
+
+
+@dataclass
+class Answers(admin_pb2_grpc.AdminServiceServicer):
+    """GetVersion answered `code` `refusals` times (with RetryInfo of `retry_ms` unless None, and
+    any `trailing` metadata), then OK; the time each attempt arrived and its bearer token."""
+
+    refusals: int
+    retry_ms: int | None
+    code: grpc.StatusCode = grpc.StatusCode.ABORTED
+    trailing: tuple[tuple[str, str], ...] = ()
+    arrived: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def GetVersion(self, request: admin_pb2.GetVersionRequest, context: grpc.ServicerContext) -> admin_pb2.VersionInfo:
+        with self.lock:
+            self.arrived.append(time.monotonic())
+            self.tokens.append(dict(context.invocation_metadata()).get("authorization", ""))
+            attempt = len(self.arrived)
+        if attempt > self.refusals:
+            return admin_pb2.VersionInfo(version="9.9.9")
+        message = f"refused, attempt {attempt}"
+        context.set_trailing_metadata(self.trailing)
+        if self.retry_ms is None:
+            context.abort(self.code, message)
+        # The standard encoding, built with grpcio-status (not with the controller's own code).
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+            seconds=self.retry_ms // 1000, nanos=(self.retry_ms % 1000) * 1_000_000)))
+        context.abort_with_status(rpc_status.to_status(status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=message, details=[detail])))
+
+
+class Servers:
+    """Real gRPC servers on 127.0.0.1:0, each serving `Answers`, and maiactl's client to each."""
+
+    def __init__(self) -> None:
+        self.servers: list[grpc.Server] = []
+        self.clients: list[Controller] = []
+
+    def __call__(self, answers: Answers) -> Controller:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(answers, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.servers.append(server)
+        self.clients.append(Controller(Connection(address=f"127.0.0.1:{port}", token=TOKEN), timeout=10.0))
+        return self.clients[-1]
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for server in self.servers:
+            server.stop(grace=None)
+
+
+@pytest.fixture
+def serve() -> Iterator[Servers]:
+    servers = Servers()
+    yield servers
+    servers.close()
+
+
+def _version(controller: Controller, timeout: float | None = None) -> admin_pb2.VersionInfo:
+    return controller.admin.GetVersion(admin_pb2.GetVersionRequest(), timeout=timeout or controller.timeout)
+
+
+def test_an_answer_with_retry_info_is_retried_after_the_pause_it_asks_for_until_it_succeeds(serve: Servers) -> None:
+    answers = Answers(refusals=3, retry_ms=200)
+    assert _version(serve(answers)).version == "9.9.9"
+    assert len(answers.arrived) == 3 + 1
+    gaps = [later - earlier for earlier, later in zip(answers.arrived, answers.arrived[1:])]
+    assert all(gap >= 0.2 for gap in gaps), gaps
+    assert answers.tokens == [f"Bearer {TOKEN}"] * 4  # each attempt authenticated
+
+
+def test_a_resource_exhausted_answer_with_retry_info_is_retried_too(serve: Servers) -> None:
+    answers = Answers(refusals=1, retry_ms=50, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert _version(serve(answers)).version == "9.9.9"
+    assert len(answers.arrived) == 2
+
+
+def test_an_aborted_answer_without_retry_info_is_not_retried(serve: Servers) -> None:
+    answers = Answers(refusals=1, retry_ms=None)
+    with pytest.raises(grpc.RpcError) as refused:
+        _version(serve(answers))
+    assert refused.value.code() == grpc.StatusCode.ABORTED and refused.value.details() == "refused, attempt 1"
+    assert len(answers.arrived) == 1
+
+
+def test_a_retry_time_without_retry_info_is_not_retried(serve: Servers) -> None:
+    """`retry-after-ms` alone is what the controller sends when the call's write may have landed
+    (the database failed mid-call): to be read before it is sent again, not retried blindly."""
+    answers = Answers(refusals=1, retry_ms=None, code=grpc.StatusCode.UNAVAILABLE, trailing=(("retry-after-ms", "10"),))
+    with pytest.raises(grpc.RpcError) as refused:
+        _version(serve(answers))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(answers.arrived) == 1
+
+
+def test_a_pause_longer_than_the_policy_waits_is_the_callers_to_wait(serve: Servers) -> None:
+    answers = Answers(refusals=1, retry_ms=int(RetryPolicy().max_wait_s * 1000) + 1000)
+    with pytest.raises(grpc.RpcError) as refused:
+        _version(serve(answers))
+    assert refused.value.code() == grpc.StatusCode.ABORTED
+    assert len(answers.arrived) == 1
+
+
+def test_no_attempt_is_made_past_the_calls_own_timeout(serve: Servers) -> None:
+    answers = Answers(refusals=1, retry_ms=1500)
+    with pytest.raises(grpc.RpcError) as refused:
+        _version(serve(answers), timeout=1.0)
+    assert refused.value.code() == grpc.StatusCode.ABORTED  # the controller's answer, not DEADLINE_EXCEEDED
+    assert len(answers.arrived) == 1
+
+
+def test_attempts_are_bounded(serve: Servers) -> None:
+    answers = Answers(refusals=100, retry_ms=10)
+    with pytest.raises(grpc.RpcError) as refused:
+        _version(serve(answers))
+    assert refused.value.code() == grpc.StatusCode.ABORTED
+    assert len(answers.arrived) == RetryPolicy().max_attempts
+
+
+class _Rng:
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.value
+
+
+@pytest.mark.parametrize(("told", "attempts", "left", "stretch", "pause"), [
+    (0.1, 1, None, 0.0, 0.1),    # the pause told, at least
+    (0.1, 1, None, 1.0, 0.125),  # stretched by up to a quarter
+    (1.9, 1, None, 1.0, 2.0),    # never past max_wait_s
+    (2.5, 1, None, 0.0, None),   # a longer pause asked: not waited out
+    (0.1, 5, None, 0.0, None),   # the last attempt made
+    (0.5, 1, 0.4, 0.0, None),    # the call's timeout ends first
+    (0.5, 1, 0.6, 0.0, 0.5),
+])
+def test_the_pause_before_the_next_attempt(told: float, attempts: int, left: float | None, stretch: float,
+                                           pause: float | None) -> None:
+    got = RetryPolicy().pause_s(told, attempts, left, _Rng(stretch))  # type: ignore[arg-type]
+    assert got == pytest.approx(pause) if pause is not None else got is None
