@@ -1,21 +1,32 @@
 """A database that fails under a call: the caller is told UNAVAILABLE with a retry time and that
-its write may have landed (never INTERNAL, which says "a bug, do not retry"), and the controller
-serves again once the pool has replaced the lost connections. A call whose transaction the database
-aborted for another's (a deadlock's victim) is told ABORTED with a retry time, nothing written."""
+its write may have landed (never INTERNAL, which says "a bug, do not retry"; no google.rpc.RetryInfo,
+which says "call again as it is"), and the controller serves again once the pool has replaced the
+lost connections. A call whose transaction the database aborted for another's (a deadlock's victim)
+is told ABORTED with a retry time and RetryInfo, nothing written: maiactl makes it again and lands."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from controller.api.server import ControllerApp
+from controller.cli.main import main as maiactl
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
-from grpc_harness import Stubs
+from grpc_harness import Stubs, admin_token_of
 from maia.v1 import admin_pb2
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 
@@ -57,6 +68,7 @@ async def test_a_lost_database_connection_is_unavailable_with_a_retry_time(contr
     assert refused.code() == grpc.StatusCode.UNAVAILABLE, (refused.code(), refused.details())
     assert "database failed during the call" in refused.details() and "may have landed" in refused.details()
     assert dict(refused.trailing_metadata() or ())[RETRY_AFTER_METADATA_KEY] == "1000"
+    assert rpc_status.from_call(refused) is None  # no RetryInfo: read before calling again
     # Served again: the pool replaced what the server ended.
     await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-after"))
     listed = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
@@ -73,19 +85,20 @@ async def _call_waits_holding_isolation(watcher: AsyncConnection) -> bool:
         "AND l.relation = 'isolation_state'::regclass AND l.mode = 'RowExclusiveLock'"))).scalar_one())
 
 
-async def _deadlocked_call(engine: AsyncEngine, stubs: Stubs, tenant: str) -> grpc.aio.AioRpcError | None:
-    """A transaction holds the cluster generation's row; CreateTenant inserts `tenant` (the isolation
-    trigger locks isolation_state's row) and waits for it; the transaction then asks for isolation_state's
-    row. PostgreSQL checks a wait for a deadlock once, `deadlock_timeout` (a second) after it began:
-    the call's check finds the cycle when the transaction waits by then (its own is a minute). What the
-    call ended with (None: it landed; the transaction asked too late and was aborted itself, or the
-    call did not hold isolation_state within `WAIT_HOLDING_S` and the transaction gave up)."""
+async def _deadlocked(engine: AsyncEngine, create_tenant: Callable[[], Awaitable[T]]) -> T:
+    """A transaction holds the cluster generation's row; `create_tenant()` makes a CreateTenant call,
+    which inserts the tenant (the isolation trigger locks isolation_state's row) and waits for it; the
+    transaction then asks for isolation_state's row. PostgreSQL checks a wait for a deadlock once,
+    `deadlock_timeout` (a second) after it began: the call's check finds the cycle when the transaction
+    waits by then (its own is a minute), and the call is the victim. Otherwise the call lands (the
+    transaction asked too late and was aborted itself, or the call did not hold isolation_state within
+    `WAIT_HOLDING_S` and the transaction gave up). What `create_tenant()` returned (or raised)."""
     async with engine.connect() as other, engine.connect() as watcher:
         await watcher.execution_options(isolation_level="AUTOCOMMIT")
         transaction = await other.begin()
         await other.execute(text("SET LOCAL deadlock_timeout = '60s'"))
         await other.execute(text("UPDATE cluster_state SET generation = generation WHERE id = 1"))
-        call = asyncio.ensure_future(stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant)))
+        call = asyncio.ensure_future(create_tenant())
         deadline = asyncio.get_running_loop().time() + WAIT_HOLDING_S
         while not (holding := await _call_waits_holding_isolation(watcher)):
             assert not call.done(), "the call ended before it waited"
@@ -98,8 +111,13 @@ async def _deadlocked_call(engine: AsyncEngine, stubs: Stubs, tenant: str) -> gr
             except DBAPIError as exc:
                 assert "deadlock detected" in str(exc)
         await transaction.rollback()
+    return await asyncio.wait_for(call, 60)
+
+
+async def _deadlocked_call(engine: AsyncEngine, stubs: Stubs, tenant: str) -> grpc.aio.AioRpcError | None:
+    """What a CreateTenant of `tenant` made in `_deadlocked` ended with (None: it landed)."""
     try:
-        await asyncio.wait_for(call, 60)
+        await _deadlocked(engine, lambda: stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant)))
     except grpc.aio.AioRpcError as exc:
         return exc
     return None
@@ -124,6 +142,40 @@ async def test_a_call_aborted_by_the_database_as_a_deadlocks_victim_is_aborted_w
     assert "a deadlock with a concurrent transaction" in refused.details()
     assert "nothing of it was written" in refused.details()
     assert dict(refused.trailing_metadata() or ())[RETRY_AFTER_METADATA_KEY] == "100"
+    [detail] = rpc_status.from_call(refused).details  # the standard "call again as it is"
+    retry = error_details_pb2.RetryInfo()
+    assert detail.Unpack(retry) and retry.retry_delay.ToMilliseconds() == 100
     listed = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
     assert f"lab-deadlocked-{attempt}" not in {t.id for t in listed.tenants}
     await stubs.admin.CreateTenant(admin_pb2.Tenant(id=f"lab-deadlocked-{attempt}"))
+
+
+def _maiactl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = maiactl(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+async def test_maiactl_makes_a_call_that_was_a_deadlocks_victim_again_and_it_lands(
+        controller_app: ControllerApp, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`maiactl apply` of a tenant whose CreateTenant was a deadlock's victim failed ("error: ABORTED:
+    ... retry the call", exit 1); its channel now makes the call again after the pause the answer's
+    RetryInfo asks for, and the tenant is created (exit 0)."""
+    at = ("--controller", controller_app.address, "--token", admin_token_of(controller_app))
+    engine = create_async_engine(db_url)
+    caplog.set_level(logging.WARNING, logger="maia.api")
+    victim = "the database aborted a transaction of /maia.v1.AdminService/CreateTenant"
+    try:
+        for attempt in range(ATTEMPTS):  # a loaded machine may let the call's one check pass first
+            manifest = tmp_path / f"tenant-{attempt}.yaml"
+            manifest.write_text(f"kind: Tenant\nid: lab-cli-{attempt}\n")
+            caplog.clear()
+            code, out, err = await _deadlocked(engine, lambda: asyncio.to_thread(
+                _maiactl, capsys, "apply", "-f", str(manifest), *at))
+            assert (code, out) == (0, f"tenant/lab-cli-{attempt} created\n"), err
+            if any(victim in r.getMessage() for r in caplog.records):
+                break
+    finally:
+        await engine.dispose()
+    assert any(victim in r.getMessage() for r in caplog.records), f"no call was a deadlock's victim in {ATTEMPTS} attempts"
