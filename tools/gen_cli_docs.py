@@ -68,6 +68,20 @@ document on stdout (progress and errors go to stderr). For scripts:
 `wait` (until the condition or `--timeout`), `get --watch` (until Ctrl-C). Everything else
 returns after one round of calls (`--rpc-timeout` seconds at most per call).
 
+## Retries
+
+A call the controller answers "nothing of it was written, call again after this pause" (a
+`google.rpc.RetryInfo` detail: a transaction the database aborted as a deadlock's victim or for a
+serialization failure, `ABORTED`; a tenant over its rate, `RESOURCE_EXHAUSTED`; a controller busy
+with a join storm, `UNAVAILABLE`) is made again after that pause (stretched by up to a quarter, at
+random), at most {retry.max_attempts} attempts, never past the call's `--rpc-timeout`, and never
+when the pause asked is over {retry.max_wait_s:g} s (the error then says when to retry). Nothing
+else is retried: an `ABORTED` for a stale resource version is a conflict (`scale` reads the
+deployment again once; `apply` stops), and a controller whose database failed mid-call says the
+write may have landed (`UNAVAILABLE`, exit 5: read before running the command again; `apply` run
+again finds what landed `unchanged`). The submits and updates of `apply` also carry request ids
+(one per run), so one made again never writes twice.
+
 ## Commands
 """
 
@@ -90,10 +104,11 @@ def render() -> str:
     os.environ["COLUMNS"] = "100"  # argparse wraps help at the terminal width: fix it
     from controller.cli.client import EXIT_MEANING
     from controller.cli.main import build_parser
+    from controller.cli.retry import RetryPolicy
 
     rows = "\n".join(f"| {int(code)} | `{code.name}`: {text} |" for code, text in EXIT_MEANING.items())
     parser = build_parser()
-    parts = [HEAD.format(exit_rows=rows), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
+    parts = [HEAD.format(exit_rows=rows, retry=RetryPolicy()), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
     for name, sub in _subcommands(parser):
         parts += [f"### maiactl {name}\n", "```text", sub.format_help().rstrip(), "```\n"]
     return "\n".join(parts)

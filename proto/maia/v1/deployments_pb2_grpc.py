@@ -89,7 +89,9 @@ class DeploymentServiceServicer:
 
     def UpdateDeployment(self, request, context):
         """Changes a stored deployment's spec in place. `resource_version` must be the version the
-        change is based on (a stale one is ABORTED, nothing written). A replica count change
+        change is based on (a stale one is ABORTED, nothing written, without google.rpc.RetryInfo:
+        read again, do not resend as is; an ABORTED with RetryInfo, a transaction the database
+        aborted for a concurrent one, may be resent after its retry_delay). A replica count change
         scales at once; a change to what a replica is (shard, shards per replica, locality,
         spread) rolls replica by replica, make-before-break, never below the running replicas asked.
         """
