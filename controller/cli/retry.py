@@ -12,9 +12,10 @@ resource_version) is a conflict only a new read resolves (`maiactl scale` reads 
 answer whose write may have landed carries no RetryInfo. A pause longer than `max_wait_s` (a
 tenant's submit rate) is not waited out: the caller gets the answer, which says when.
 
-Retrying a write is safe because the answer says nothing of it was written; submits and updates
-from `maiactl apply` carry a `client_request_id` as well, so even a retry after an ambiguous
-failure returns the first result instead of writing twice. Streams (watches) are not retried here.
+Making a write again is safe because the answer says nothing of it was written; the submits and
+updates of `maiactl apply` carry a `client_request_id` besides (one per run), so even a write that
+had landed would be answered its first result rather than written twice. Streams (watches) are
+not retried here.
 """
 
 from __future__ import annotations
@@ -63,14 +64,12 @@ class CallDetails(
 
 @dataclass
 class RetryTold(grpc.UnaryUnaryClientInterceptor):
-    """Retries a unary call whose failure carries RetryInfo (module docstring); counts in
-    `retried` the attempts it made again."""
+    """Retries a unary call whose failure carries RetryInfo (module docstring)."""
 
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     rng: random.Random = field(default_factory=random.Random)
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
-    retried: int = 0
 
     def intercept_unary_unary(self, continuation: Callable[[grpc.ClientCallDetails, Any], Any],
                               details: grpc.ClientCallDetails, request: Any) -> Any:
@@ -90,7 +89,6 @@ class RetryTold(grpc.UnaryUnaryClientInterceptor):
             log.debug("%s: %s (%s); attempt %d in %.2fs", details.method, error.code().name, error.details(),
                       attempts + 1, pause)
             self.sleep(pause)
-            self.retried += 1
             if deadline is not None:
                 details = CallDetails(details.method, max(0.0, deadline - self.clock()), details.metadata,
                                       details.credentials, details.wait_for_ready, details.compression)
