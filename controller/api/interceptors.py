@@ -511,7 +511,8 @@ class ErrorInterceptor(_BehaviourInterceptor):
 
     It is also where malformed protobuf becomes INVALID_ARGUMENT, where a database that could not
     be reached or failed mid-call (`db.database_failed`: a connection lost, none in time) becomes
-    UNAVAILABLE with a retry time rather than INTERNAL, a transaction the database rolled back for
+    UNAVAILABLE with a retry time rather than INTERNAL (`retry-after-ms` alone: its write may have
+    landed, so no RetryInfo, `controller.retryinfo`), a transaction the database rolled back for
     what a concurrent one did (`db.transaction_aborted`: a deadlock's victim, a serialization
     failure) ABORTED with a retry time, and where every message is capped at
     `limits.ERROR_MESSAGE_MAX` characters."""
