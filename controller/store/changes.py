@@ -13,7 +13,8 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    one that moves the generation after its writes (`will_move_generation`: a delete batch, a
    cordon or drain, liveness, a Register or Hello batch, a report flush that fails shards, a
    release, a quarantine, a plan commit that takes the generation last), exclusive by a plan commit
-   that takes the generation first (`moves_generation_first`: an unscoped pass, a fallback);
+   that takes the generation first (`moves_generation_first`: an unscoped pass, a fallback) and
+   by a node's deletion (`moves_generation_alone`);
 2. rows: placements, deployments, nodes (a plan commit and a report flush write them in this order),
    each table's rows in ascending id (`plans._Writes`; the flush's `repo.write_reported_shards`,
    `deployments_named(lock=True)`, `write_heartbeats`; the other writers over a list through
@@ -30,9 +31,14 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    existing ones) takes it itself before its first node row (`will_change_nodes_hardware`), after
    the placements it releases: else its node row came first and it waited, holding it, for a plan
    commit that held isolation_state and waited for that node's row (its assignment generation),
-   tests/store/test_register_lock_order.py. A node delete without placements still deletes its
-   row before the trigger takes isolation_state (not ordered here). Then capacity_state's row
-   (0012, 0022), only ever after isolation_state's (0023);
+   tests/store/test_register_lock_order.py. A node's deletion takes it itself too, after the
+   node's placements and before its row; it runs alone (the generation writers' lock exclusive,
+   `moves_generation_alone`): a plan commit landing a shard on a node locks the node's row
+   `FOR KEY SHARE` (its foreign key check, which only the row's DELETE waits for) before its
+   statement's trigger takes isolation_state, so no place of isolation_state in the deletion's
+   order kept the two apart,
+   tests/store/test_node_delete_lock_order.py. Then capacity_state's row (0012, 0022), only
+   ever after isolation_state's (0023);
 3. the generation row (`cluster_state`), then the change log (inserts);
 4. the audit chain's head (`audit_head`), then the leader lease (`FOR KEY SHARE`, with the COMMIT).
 A plan commit that holds the generation row while it writes rows (step 3 before 2) does so under
@@ -87,7 +93,7 @@ _ISOLATION_FIRST = "SELECT 1 FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE
 
 async def will_change_nodes_hardware(session: AsyncSession) -> None:
     """Say, after `will_move_generation` and before the transaction's first node row lock, that it
-    will add a node or write a column of one that the isolation or capacity triggers
+    will add or delete a node or write a column of one that the isolation or capacity triggers
     watch (rack, accelerators, accelerator model, HBM, CPU, memory): isolation_state's row lock,
     taken now rather than by those triggers after the node's row (PostgreSQL's lock order, step 2:
     module docstring). Sent with the transaction's BEGIN when it has not begun; nothing on SQLite."""
@@ -103,6 +109,20 @@ async def moves_generation_first(session: AsyncSession) -> None:
     await _take(session, _EXCLUSIVE)
 
 
+async def moves_generation_alone(session: AsyncSession) -> None:
+    """The generation writers' lock, exclusive, for a node's deletion (`usecases.nodes.delete_node`),
+    before its first row lock (PostgreSQL: module docstring): no other transaction that moves the
+    generation runs beside it. A plan commit that lands a shard on the node locks the node's row
+    `FOR KEY SHARE` (its INSERT's or UPDATE's foreign key check, a row trigger) before its statement's
+    isolation trigger, or holds isolation_state from an earlier DELETE of its own: the deletion's
+    DELETE of the node's row then waited for it while it waited for isolation_state, or the other
+    way round, whichever of the two the deletion took first. Alone, it reads the node's shards with
+    nobody landing more: taken now, with the transaction's BEGIN, before the reads that follow
+    (which else ran outside it: `pg_driver`). Not in a transaction that holds the lock shared
+    (`LockUpgrade`)."""
+    await _take(session, _EXCLUSIVE, now=True)
+
+
 class LockUpgrade(RuntimeError):
     """A transaction holding the generation writers' lock shared asked for it exclusive: the
     upgrade waits for every other holder, and two transactions upgrading at once wait for each
@@ -110,7 +130,7 @@ class LockUpgrade(RuntimeError):
     first, or take the lock only when writing (a programming error, raised before any wait)."""
 
 
-async def _take(session: AsyncSession, statement: str) -> None:
+async def _take(session: AsyncSession, statement: str, *, now: bool = False) -> None:
     if dialect_of(session) != POSTGRESQL:
         return
     transaction = session.sync_session.get_transaction()
@@ -120,7 +140,11 @@ async def _take(session: AsyncSession, statement: str) -> None:
             return  # held already (the exclusive lock stands for the shared one)
         raise LockUpgrade("the generation writers' lock is held shared by this transaction: "
                           "it cannot be taken exclusive (store/changes.py)")
-    await pg_driver.run_at_begin(session, statement)
+    if now:
+        with session.sync_session.no_autoflush:  # the caller's pending writes come after it
+            await session.execute(text(statement))
+    else:
+        await pg_driver.run_at_begin(session, statement)
     session.info[pg_driver.SAVEPOINT_HELD] = (session.sync_session.get_transaction(), statement)
 
 

@@ -29,8 +29,8 @@ from controller.store.metering import shard_milli, stop_intervals, stop_interval
 from controller.store.inlist import (POSTGRESQL, any_of, any_of_in_order, any_of_named, any_of_named_in_order, dialect_of,
                                      in_order, listed, locked_in_order)
 from controller.store.marks import rowcount_unread
-from controller.store.changes import (  # noqa: F401  (bump_cluster_generation_unread, will_change_nodes_hardware: re-exported)
-    bump_cluster_generation_unread, schedulable_count, will_change_nodes_hardware)
+from controller.store.changes import (  # noqa: F401  (all but schedulable_count: re-exported)
+    bump_cluster_generation_unread, moves_generation_alone, schedulable_count, will_change_nodes_hardware)
 from controller.store.partitions import partitions
 from controller.store.plans import bump_cluster_generation, will_move_generation  # noqa: F401  (re-exported for use cases)
 from controller.domain.changes import ClusterChange

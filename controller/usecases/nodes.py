@@ -105,11 +105,15 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
     only while that node exists, so the agent could neither use it nor tell to drop it)."""
     check_id("node", node_id)
     policy.require_admin(who, "deleting nodes")
+    # Alone among the writers that move the generation, before any row (PostgreSQL's lock order:
+    # store/changes.py): no plan commit lands a shard on the node between the read of its shards
+    # and its row's deletion, and none holds its row or isolation_state while this waits.
+    await repo.moves_generation_alone(uow.session)
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
-    await repo.will_move_generation(uow.session)  # before its rows (lock order: store/changes.py)
     released = await repo.remove_placements_on_node(uow.session, node_id)
+    await repo.will_change_nodes_hardware(uow.session)  # isolation_state before the node's row (the same)
     await uow.session.delete(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
     repo.record_event(uow.session, actor=who.name, kind="node.deleted", object_kind="node", object_id=node_id,

@@ -1,0 +1,111 @@
+"""A node's deletion beside a plan commit that lands shards on that node (store/changes.py).
+
+A scoped plan commit (`plans._commit_locking_last`, the generation writers' lock shared) holds
+isolation_state's row from its first placement write (here a DELETE, the isolation trigger) and
+then inserts shards on a node, whose row its foreign key check locks `FOR KEY SHARE`. A node's
+deletion deleted its row and then waited for isolation_state's row (the nodes' DELETE trigger): the
+commit waited for the deleted row, the deletion for isolation_state, and PostgreSQL aborted one as a
+deadlock (SQLSTATE 40P01). Taking isolation_state first would not do: a commit's INSERT locks the
+node's row (its foreign key check, a row trigger) before the statement's isolation trigger waits
+for isolation_state, and a commit that deletes or moves a shard on the node holds that shard's row
+while it waits, both of which the deletion then waits for. So a node's deletion runs alone among
+the transactions that move the generation (the generation writers' lock exclusive): it waits for
+the commit to end, then releases the shards the commit landed. A commit whose node is deleted
+between its check and its writes meets the foreign key (no longer the row's lock) and commits as
+one that found the node gone: those replicas are re-queued, the rest of its plan lands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controller.identity import Principal
+from controller.store import plans
+from controller.store.db import Database
+from controller.usecases import nodes
+from controller.usecases.ports import RecordingSignals
+from scheduler import Plan
+
+from .test_commit_plan import KEPT, P, TRAIN, WEB, _behind_a_held_row, _seeded, _state
+from .test_register_lock_order import _one_line
+
+POSTGRES = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+ADMIN = Principal("admin")
+# WEB's replica 1 (on n3) removed, TRAIN's two shards placed on n2, which holds none: the commit's
+# DELETE takes isolation_state's row, then its INSERT checks n2's row (the foreign key).
+REMOVES_AND_LANDS_ON_N2 = Plan("optimal", (*(p for p in KEPT if (p.deployment, p.replica) != (WEB, 1)),
+                                           P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
+ISOLATION_STATE = "SELECT id FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE"
+
+
+async def _delete(database: Database, node_id: str) -> list[str]:
+    signals = RecordingSignals()
+    async with database.unit_of_work() as uow:
+        await nodes.delete_node(uow, ADMIN, node_id, signals)
+    return signals.removed_nodes
+
+
+@POSTGRES
+async def test_a_nodes_deletion_and_a_plan_commit_landing_on_it_both_commit(database: Database) -> None:
+    """isolation_state's row held: the commit deletes WEB's replica 1 and waits for it; then n2 (no
+    shards) is deleted. Before, the deletion deleted n2's row and waited for isolation_state's row
+    too; the commit, once it had it, waited for n2's row (its INSERT's foreign key): deadlock
+    detected. Now the deletion waits for the commit (the generation writers' lock) and releases the
+    shards it landed on n2."""
+    snapshot = await _seeded(database)
+
+    async def commit() -> None:
+        async with database.unit_of_work() as uow:
+            result = await plans.commit_plan(uow.session, snapshot, REMOVES_AND_LANDS_ON_N2, scope={WEB, TRAIN},
+                                             actor="test")
+            await uow.commit()
+        assert result.requeued == {} and result.changed_nodes == {"n2", "n3"}
+
+    async def delete() -> None:
+        assert await _delete(database, "n2") == ["n2"]
+
+    errors = await _behind_a_held_row(database, ISOLATION_STATE, _one_line(commit), _one_line(delete))
+    assert errors == []
+    after = await _state(database)
+    assert "n2" not in after["nodes"]
+    assert sorted(after["placements"]) == [(WEB, 0, 0), ("b/burst", 0, 0)]  # TRAIN's released with n2
+    assert [(kind, data) for kind, object_id, data, _ in after["events"] if object_id == "n2"] == [
+        ("node.deleted", {"released_shards": True})]
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_plan_commit_whose_node_was_deleted_after_its_check_requeues_what_landed_there(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """n2 deleted once the scoped commit has checked its plan early (n2 was there): on PostgreSQL its
+    INSERT on n2 meets the foreign key (its writes undone to its savepoint), and it commits as one
+    that takes the generation's lock first, which judges the plan against the nodes as they are;
+    on SQLite it reads again under the writer's lock. TRAIN is re-queued (n2 is gone), WEB's replica
+    1 removed: no error, nothing of TRAIN written."""
+    snapshot = await _seeded(database)
+    real_check = plans._check
+    deleted: list[str] = []
+
+    async def deleted_after_the_check(*args: Any, **kwargs: Any) -> Any:
+        checked = await real_check(*args, **kwargs)
+        if not deleted:
+            deleted.extend(await _delete(database, "n2"))
+        return checked
+
+    monkeypatch.setattr(plans, "_check", deleted_after_the_check)
+    laps: list[str] = []
+    async with database.unit_of_work() as uow:
+        result = await plans.commit_plan(uow.session, snapshot, REMOVES_AND_LANDS_ON_N2, scope={WEB, TRAIN},
+                                         actor="test", laps=laps.append)
+        await uow.commit()
+    assert deleted == ["n2"]
+    if database.engine.dialect.name == "postgresql":  # undone at its writes (the INSERT), not after them
+        assert laps[:2] == ["commit_early", "commit_undone"]
+    assert result.requeued == {(TRAIN, 0): ("node n2 is gone: it takes no new shards",)}
+    assert result.changed_nodes == {"n3"} and result.stale
+    after = await _state(database)
+    assert "n2" not in after["nodes"]
+    assert sorted(after["placements"]) == [(WEB, 0, 0), ("b/burst", 0, 0)]
+    assert [kind for kind, object_id, *_ in after["events"] if object_id == TRAIN] == ["deployment.requeued"]
+
