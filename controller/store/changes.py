@@ -27,18 +27,20 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    rows, deployments' shape, nodes' hardware, tenants, racks, rows), after that write's own rows,
    so a plan commit takes it after the placements it writes first and before its deployments and
    nodes (`plans._write`), a release of shards after them and before their nodes. A Register batch
-   that changes a node's rack, accelerators, model, HBM, CPU or memory (or adds one next to
-   existing ones) takes it itself before its first node row (`will_change_nodes_hardware`), after
-   the placements it releases: else its node row came first and it waited, holding it, for a plan
-   commit that held isolation_state and waited for that node's row (its assignment generation),
-   tests/store/test_register_lock_order.py. A node's deletion takes it itself too, after the
-   node's placements and before its row; it runs alone (the generation writers' lock exclusive,
-   `moves_generation_alone`): a plan commit landing a shard on a node locks the node's row
-   `FOR KEY SHARE` (its foreign key check, which only the row's DELETE waits for) before its
+   releases the shards beyond the nodes it shrinks first, every such node's at once (their
+   placements in ascending id, then their deployments and nodes: `release_placements_beyond`;
+   node by node, one node's row came before the next one's placements, which a report flush held
+   while it waited for that row). One that changes a node's rack, accelerators, model, HBM, CPU or
+   memory (or adds one next to existing ones) then takes isolation_state itself before its first
+   node row (`will_change_nodes_hardware`): else its node row came first and it waited, holding
+   it, for a plan commit that held isolation_state and waited for that node's row (its assignment
+   generation), tests/store/test_register_lock_order.py. A node's deletion takes it itself too,
+   after the node's placements and before its row, and runs alone (the generation writers' lock
+   exclusive, `moves_generation_alone`): a plan commit landing a shard on a node locks the node's
+   row `FOR KEY SHARE` (its foreign key check, which only the row's DELETE waits for) before its
    statement's trigger takes isolation_state, so no place of isolation_state in the deletion's
-   order kept the two apart,
-   tests/store/test_node_delete_lock_order.py. Then capacity_state's row (0012, 0022), only
-   ever after isolation_state's (0023);
+   order kept the two apart, tests/store/test_node_delete_lock_order.py. Then capacity_state's
+   row (0012, 0022), only ever after isolation_state's (0023);
 3. the generation row (`cluster_state`), then the change log (inserts);
 4. the audit chain's head (`audit_head`), then the leader lease (`FOR KEY SHARE`, with the COMMIT).
 A plan commit that holds the generation row while it writes rows (step 3 before 2) does so under

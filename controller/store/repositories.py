@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import lru_cache
@@ -1097,12 +1097,18 @@ async def remove_placements_on_node(session: AsyncSession, node_id: str, *, now:
     await session.execute(delete(m.Placement).where(
         in_order(dialect_of(session), m.Placement.node_id == node_id, m.Placement.id, deletes=True)))
     await stop_intervals_on_node(session, node_id, now or m.utcnow())
+    await _after_placements_removed(session, deployment_ids, [node_id])
+    return {node_id}
+
+
+async def _after_placements_removed(session: AsyncSession, deployment_ids: Iterable[int], node_ids: Iterable[str]) -> None:
+    """The generations of the deployments and the assignment generations of the nodes whose
+    placements were deleted, after those (each table's rows in ascending id: the lock order)."""
     await session.execute(
-        update(m.Deployment).where(any_of_in_order(session, m.Deployment.id, deployment_ids, deletes=False))
+        update(m.Deployment).where(any_of_in_order(session, m.Deployment.id, set(deployment_ids), deletes=False))
         .values(generation=m.Deployment.generation + 1)
     )
-    await bump_node_assignment_generations(session, [node_id])
-    return {node_id}
+    await bump_node_assignment_generations(session, node_ids)
 
 
 async def _lock_placements(session: AsyncSession, where: ColumnElement[bool]) -> None:
@@ -1114,25 +1120,38 @@ async def _lock_placements(session: AsyncSession, where: ColumnElement[bool]) ->
         await session.execute(locked_in_order(where, m.Placement.id, deletes=True))
 
 
-async def release_placements_beyond(session: AsyncSession, node_id: str, accelerators: int) -> list[list[object]]:
-    """Delete the node's placements that use an accelerator index it no longer has (it registered
-    with fewer), stopping their usage meters; returns them as [TENANT/NAME, replica, shard]. The
-    node's placements are locked before they are read: one a plan commit moved or removed while
-    this waited for it is seen as that commit left it, not released from where it was."""
-    await _lock_placements(session, m.Placement.node_id == node_id)
-    gone = [(p, dep) for p, dep in await placements_on_node(session, node_id)
-            if any(i >= accelerators for i in p.accelerator_indices or ())]
+async def release_placements_beyond(session: AsyncSession, accelerators: Mapping[str, int]) -> dict[str, list[list[object]]]:
+    """Delete the placements of nodes that registered with fewer accelerators (`accelerators`: how
+    many each has now) on the indices they no longer have, stopping their usage meters; returns
+    them by node as [TENANT/NAME, replica, shard] (a node that lost none left out).
+
+    In a report flush's table order (PostgreSQL's lock order: store/changes.py): every placement
+    of those nodes locked first, in ascending id, then read (one a plan commit moved or removed
+    while this waited for it is seen as that commit left it, not released from where it was); the
+    released ones deleted (the isolation trigger), then their deployments', then their nodes' rows.
+    Node by node, a node's row came before the next node's placements: a flush holding one of
+    those and waiting for that node's heartbeat row waited for this, and this for it."""
+    nodes = sorted(accelerators)
+    if not nodes:
+        return {}
+    on_nodes = any_of(session, m.Placement.node_id, nodes)
+    await _lock_placements(session, on_nodes)
+    rows = await session.execute(
+        select(m.Placement.id, m.Placement.node_id, m.Placement.deployment_id, m.Placement.replica, m.Placement.shard,
+               m.Placement.accelerator_indices, m.Deployment.tenant_id, m.Deployment.name)
+        .join(m.Deployment).where(on_nodes)
+        .order_by(m.Placement.node_id, m.Deployment.name, m.Placement.replica, m.Placement.shard))
+    gone = [row for row in rows if any(i >= accelerators[row.node_id] for i in row.accelerator_indices or ())]
     if not gone:
-        return []
-    ids = [p.id for p, _ in gone]
-    released = [[d.deployment_key(dep.tenant_id, dep.name), p.replica, p.shard] for p, dep in gone]
-    for p, dep in gone:
-        await session.delete(p)
-        dep.generation = dep.generation + 1
-    await session.flush()
+        return {}
+    ids = sorted(row.id for row in gone)  # locked above, in this order
+    await session.execute(delete(m.Placement).where(any_of(session, m.Placement.id, ids)))
     await stop_intervals(session, ids, m.utcnow())
-    await bump_node_assignment_generations(session, [node_id])
-    return released
+    await _after_placements_removed(session, {row.deployment_id for row in gone}, {row.node_id for row in gone})
+    released: dict[str, list[list[object]]] = defaultdict(list)
+    for row in gone:
+        released[row.node_id].append([d.deployment_key(row.tenant_id, row.name), row.replica, row.shard])
+    return dict(released)
 
 
 ASSIGNMENT_READ_CHUNK = 500  # nodes per query of `assignment_sets` (bound on the IN list)

@@ -260,8 +260,7 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     if not plans:
         return [o for o in outcomes if isinstance(o, MaiaError)]
     await repo.will_move_generation(uow.session)  # before the nodes' rows (lock order: store/changes.py)
-    for plan in sorted(plans, key=lambda plan: plan.ask.info.node_id):  # placements before nodes (the same)
-        await _release_beyond(uow, plan)
+    await _release_beyond(uow, plans)  # placements before nodes (the same)
     # isolation_state's row before the nodes' rows (the same), unless the batch only adds nodes: their
     # new rows, which nobody else can wait for, are all it holds when its INSERT's trigger waits.
     if any(plan.row is not None for plan in plans) and any(map(_changes_hardware, plans)):
@@ -278,19 +277,22 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     return [written[id(o)][0] if isinstance(o, _Plan) else o for o in outcomes]
 
 
-async def _release_beyond(uow: UnitOfWork, plan: _Plan) -> None:
-    """A node registering with fewer accelerators than before: its placements on the ones it no longer
-    has are released (the solver places them again), before any node's row is written (PostgreSQL's
-    lock order: store/changes.py: placements, isolation_state, nodes)."""
-    row, info = plan.row, plan.ask.info
-    if row is None or info.accelerators >= row.accelerators:
+async def _release_beyond(uow: UnitOfWork, plans: Sequence[_Plan]) -> None:
+    """Nodes registering with fewer accelerators than before: their placements on the ones they no
+    longer have are released (the solver places them again), every such node's at once and before
+    any node's row is written (PostgreSQL's lock order, store/changes.py: placements, isolation_state,
+    deployments, nodes; `repo.release_placements_beyond`)."""
+    shrunk = {plan.ask.info.node_id: (plan.ask.who.name, plan.row.accelerators, plan.ask.info.accelerators)
+              for plan in plans if plan.row is not None and plan.ask.info.accelerators < plan.row.accelerators}
+    if not shrunk:
         return
-    released = await repo.release_placements_beyond(uow.session, info.node_id, info.accelerators)
-    if released:
-        repo.record_event(uow.session, actor=plan.ask.who.name, kind="node.placements_released", object_kind="node",
-                          object_id=info.node_id, data={"shards": released},
-                          message=f"registered with {info.accelerators} accelerators (was {row.accelerators}): "
-                                  f"{len(released)} shard(s) on accelerators it no longer has are placed again")
+    released = await repo.release_placements_beyond(uow.session, {node_id: now for node_id, (_, _, now) in shrunk.items()})
+    for node_id, shards in sorted(released.items()):
+        actor, was, now = shrunk[node_id]
+        repo.record_event(uow.session, actor=actor, kind="node.placements_released", object_kind="node",
+                          object_id=node_id, data={"shards": shards},
+                          message=f"registered with {now} accelerators (was {was}): "
+                                  f"{len(shards)} shard(s) on accelerators it no longer has are placed again")
 
 
 async def _write(uow: UnitOfWork, plan: _Plan, heartbeat_interval_ms: int) -> tuple[Registered, bool]:

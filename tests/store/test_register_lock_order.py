@@ -23,7 +23,9 @@ from controller.store.db import Database
 from controller.usecases import agents
 from scheduler import Plan
 
-from .test_commit_plan import BURST, CLUSTER, KEPT, P, TRAIN, WEB, _behind_a_held_row, _seeded, _state
+from .test_commit_plan import (
+    BURST, CLUSTER, KEPT, P, TRAIN, WEB, _behind_a_held_row, _flush, _ids, _reports, _seeded, _state,
+)
 
 POSTGRES = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 ADMIN = Principal("admin")
@@ -111,3 +113,42 @@ async def test_a_register_batch_releasing_a_nodes_shards_and_a_plan_commit_remov
     after = await _state(database)
     assert sorted(after["placements"]) == [(WEB, 0, 0)]
     assert [kind for kind, *_ in after["events"] if kind == "node.placements_released"] == []  # none left to it
+
+
+# WEB's replica 0 on n1's last accelerator, BURST's shard on n3 (all four): n1 and n3 registering
+# with two release both; WEB's shard has the lower id.
+ON_N1_AND_N3: dict[str, Any] = {**CLUSTER, "placements": [
+    {"deployment": WEB, "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [3]},
+    {"deployment": WEB, "replica": 1, "shard": 0, "node": "n4", "accelerator_indices": [0]},
+    {"deployment": BURST, "replica": 0, "shard": 0, "node": "n3", "accelerator_indices": [0, 1, 2, 3]}]}
+
+
+@POSTGRES
+async def test_a_register_batch_shrinking_two_nodes_and_a_report_flush_both_commit(database: Database) -> None:
+    """BURST's row held: the flush writes BURST's shard (on n3) and waits for it; then n1 and n3
+    register with two accelerators. Before, the batch released node by node: WEB's shard on n1,
+    WEB's row, n1's row (its assignment generation), then n3's shards, where it waited for BURST's,
+    which the flush held while it waited, BURST's row let go, for n1's row (n1's heartbeat): deadlock
+    detected. Now every shrunk node's placements are locked first, in ascending id."""
+    await _seeded(database, ON_N1_AND_N3)
+    ids = await _ids(database, "SELECT d.name, p.id FROM placements p JOIN deployments d ON d.id = p.deployment_id "
+                               "WHERE p.node_id IN ('n1', 'n3')")
+    assert ids["web"] < ids["burst"]
+
+    async def register() -> None:
+        async with database.unit_of_work() as uow:
+            outcomes = await agents.register_nodes(uow, [agents.Register(ADMIN, NodeInfo("n1", "rack1", 2)),
+                                                         agents.Register(ADMIN, NodeInfo("n3", "rack2", 2))],
+                                                   heartbeat_interval_ms=1000)
+        assert all(isinstance(outcome, agents.Registered) for outcome in outcomes), outcomes
+
+    errors = await _behind_a_held_row(database, "SELECT id FROM deployments WHERE name = 'burst' FOR NO KEY UPDATE",
+                                      _one_line(lambda: _flush(database, _reports(("n3", "b", "burst", 0, 0)),
+                                                               beats=("n1",))),
+                                      _one_line(register))
+    assert errors == []
+    after = await _state(database)
+    assert sorted(after["placements"]) == [(WEB, 1, 0)]
+    assert sorted((object_id, data) for kind, object_id, data, _ in after["events"]
+                  if kind == "node.placements_released") == [
+        ("n1", {"shards": [[WEB, 0, 0]]}), ("n3", {"shards": [[BURST, 0, 0]]})]

@@ -4,7 +4,8 @@ transaction that writes more than one, as a plan commit and a report flush take 
 deployments and nodes over a list: the node lifecycle's health changes, a release of placements
 (rollouts, failed replicas), a drain, the nodes' assignment generations moved by a quarantine, a
 batch of deletions; and the ORM's deletions of a deployment's placements after its row's update
-(a quarantine, shards beyond a node's accelerators). Each test holds a row, starts a report flush that waits for it, then the writer,
+(a quarantine; shards beyond a node's accelerators were too, until those were released by
+statements in the table order). Each test holds a row, starts a report flush that waits for it, then the writer,
 which (the rows in the other order, as its statement's scan or its list found them) took a row
 the flush wants next and waited for the held one: PostgreSQL aborted one of the two as a deadlock.
 """
@@ -161,7 +162,8 @@ async def test_a_batch_of_deletions_marks_its_deployments_in_ascending_id(databa
 async def test_a_deployments_placements_released_by_the_orm_are_locked_before_its_row(database: Database,
                                                                                       release: str) -> None:
     """WEB quarantined, or its shard on n3 released (n3 registered again with no accelerators): the
-    ORM's flush wrote WEB's row, then deleted its placements. The flush reports on WEB's replica 1
+    ORM's flush wrote WEB's row, then deleted its placements (a release now deletes them first, by
+    statement: `repo.release_placements_beyond`). The flush reports on WEB's replica 1
     and BURST's shard (BURST's row held: it waits for it, holding WEB's shard), then locks WEB's
     and BURST's rows."""
     await _seeded(database)
@@ -172,7 +174,7 @@ async def test_a_deployments_placements_released_by_the_orm_are_locked_before_it
         if release == "quarantine":
             assert await repo.quarantine_deployment(session, WEB, "test") == {"n1", "n3"}
         else:
-            assert await repo.release_placements_beyond(session, "n3", 0) == [[WEB, 1, 0]]
+            assert await repo.release_placements_beyond(session, {"n3": 0}) == {"n3": [[WEB, 1, 0]]}
 
     errors = await _behind_a_held_row(
         database, f"SELECT id FROM placements WHERE id = {ids['burst/0/0']} FOR NO KEY UPDATE",
