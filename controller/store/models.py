@@ -243,8 +243,9 @@ class Deployment(Base):
     """What a tenant asked for (the interchange format's `deployment`) and where it stands."""
 
     __tablename__ = "deployments"
-    # Names are per tenant (like Kubernetes namespaces): two tenants may both have `chat`.
-    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    # Names are per tenant (like Kubernetes namespaces): two tenants may both have `chat`. Ids are
+    # never reused, on SQLite too (AUTOINCREMENT, migration 0024): a deleted deployment's id names no other.
+    __table_args__ = (UniqueConstraint("tenant_id", "name"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(63), nullable=False, index=True)  # a watch by name alone
