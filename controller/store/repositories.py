@@ -661,8 +661,8 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[
 
 # `record_deleting`'s INSERT: a `deployment.deleting` event whose object is its key only while the
 # row of its id is still the deployment its caller read (the same tenant and name), and NULL, which
-# the column refuses, when that row is gone (removed since the read) or is another deployment's (on
-# SQLite a new row may take the largest id again once its row is removed).
+# the column refuses, when that row is gone (removed since the read) or is another deployment's (a
+# new row under its id: SQLite gave a removed last row's id to the next one until migration 0024).
 _DEPLOYMENTS_TABLE = m.Deployment.__table__
 _DELETING_EVENT = insert(m.Event.__table__).values(
     kind="deployment.deleting", object_kind="deployment", message="",
@@ -1166,8 +1166,9 @@ def _assigned_spec(revision: int, older_specs: str | None, accelerators: int, ac
     columns (`models`: its accelerator models' JSON text), or of `older_specs` (the JSON text of
     its `revision_specs`, given only when `revision` is not the current one) where it holds that
     revision. Keyed by everything it is built of, not by deployment id and revision: a revision's
-    spec is written once, but an id is not (SQLite gives a deleted last row's id to the next
-    deployment, and one process may open many databases), so a cached value is never stale."""
+    spec is written once, but an id is not (one process may open many databases; SQLite gave a
+    deleted last row's id to the next deployment until migration 0024), so a cached value is
+    never stale."""
     doc = (json.loads(older_specs) or {}).get(str(revision)) if older_specs is not None else None
     if doc is not None:
         return shard_spec_from_dict(doc["shard"]), doc.get("shards_per_replica", shards_per_replica)
