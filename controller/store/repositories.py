@@ -1068,14 +1068,6 @@ def view_as_written(row: Row[Any], placements: Sequence[PlacementColumns], **wri
     return deployment_view(SimpleNamespace(**(row._asdict() | written)) if written else row, placements)
 
 
-async def placements_on_node(session: AsyncSession, node_id: str) -> list[tuple[m.Placement, m.Deployment]]:
-    rows = await session.execute(
-        select(m.Placement, m.Deployment).join(m.Deployment)
-        .where(m.Placement.node_id == node_id).order_by(m.Deployment.name, m.Placement.replica, m.Placement.shard)
-    )
-    return [(p, dep) for p, dep in rows]
-
-
 async def bump_node_assignment_generations(session: AsyncSession, node_ids: Iterable[str]) -> None:
     ids = set(node_ids)
     if ids:
