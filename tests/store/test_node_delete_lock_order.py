@@ -28,7 +28,7 @@ from controller.usecases import nodes
 from controller.usecases.ports import RecordingSignals
 from scheduler import Plan
 
-from .test_commit_plan import KEPT, P, TRAIN, WEB, _behind_a_held_row, _seeded, _state
+from .test_commit_plan import BURST, KEPT, P, TRAIN, WEB, _behind_a_held_row, _seeded, _state
 from .test_register_lock_order import _one_line
 
 POSTGRES = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -73,6 +73,36 @@ async def test_a_nodes_deletion_and_a_plan_commit_landing_on_it_both_commit(data
     assert sorted(after["placements"]) == [(WEB, 0, 0), ("b/burst", 0, 0)]  # TRAIN's released with n2
     assert [(kind, data) for kind, object_id, data, _ in after["events"] if object_id == "n2"] == [
         ("node.deleted", {"released_shards": True})]
+
+
+@POSTGRES
+async def test_a_nodes_deletion_and_a_plan_commit_removing_its_shard_both_commit(database: Database) -> None:
+    """BURST's shard held: the commit, which removes WEB's replica 1 (on n3) and moves BURST to n2,
+    locks the two shards in ascending id (WEB's first) and waits for BURST's; then n3 is deleted.
+    A deletion that took isolation_state's row before it read n3's shards waited for WEB's, which
+    the commit held while, BURST's let go, its DELETE's trigger waited for isolation_state's row:
+    deadlock detected (checked with that order instead of the generation writers' lock). Alone,
+    the deletion waits for the commit and then finds n3 without shards."""
+    snapshot = await _seeded(database)
+    ids = {key[:2]: where[4] for key, where in (await _state(database))["placements"].items()}
+    assert ids[(WEB, 1)] < ids[(BURST, 0)]
+    plan = Plan("optimal", (P(WEB, 0, 0, "n1", 0), P(BURST, 0, 0, "n2", 0, 1, 2, 3)))
+
+    async def commit() -> None:
+        async with database.unit_of_work() as uow:
+            result = await plans.commit_plan(uow.session, snapshot, plan, scope={WEB, BURST}, actor="test")
+            await uow.commit()
+        assert result.requeued == {} and result.changed_nodes == {"n2", "n3", "n4"}
+
+    async def delete() -> None:
+        assert await _delete(database, "n3") == ["n3"]
+
+    errors = await _behind_a_held_row(database, f"SELECT id FROM placements WHERE id = {ids[(BURST, 0)]} "
+                                                "FOR NO KEY UPDATE", _one_line(commit), _one_line(delete))
+    assert errors == []
+    after = await _state(database)
+    assert "n3" not in after["nodes"]
+    assert {key: where[0] for key, where in after["placements"].items()} == {(WEB, 0, 0): "n1", (BURST, 0, 0): "n2"}
 
 
 @pytest.mark.parametrize("db_backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
