@@ -3,9 +3,12 @@
 Every RPC except health checking and reflection carries `authorization: Bearer maia_<id>.<secret>`.
 The row is found by id and the secret's digest compared in constant time; missing, malformed,
 unknown, expired and revoked tokens are refused. Verified tokens are cached for `cache_ttl_s`
-(a digest comparison instead of a database read per call); a revoke on this controller drops
-the entry at once (`forget`; a read of its row in flight is not cached), expiry is checked on every call, and a revoke on another
-controller sharing the database takes effect within `cache_ttl_s`.
+(a digest comparison instead of a database read per call); a revoke drops the entry at once
+(`forget`; a read of its row in flight is not cached): on this controller as it commits, on the
+others sharing the database as they hear of it (`ControllerApp`'s TOKENS_REVOKED message, and a
+resync, after which this controller may have missed some, drops every entry: `forget_all`).
+Expiry is checked on every call. A controller that hears nothing (its notification connection
+down) still reads every row again after `cache_ttl_s`.
 
 A call that presents the very text a cached entry was verified with is let through on that
 entry without parsing the token and digesting its secret again (both were most of the
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -190,11 +193,22 @@ class Authenticator:
         self._loading.pop(token_id, None)
         self._drop(token_id)
 
-    def forget_node(self, node_id: str) -> None:
-        """The node was deleted (by another controller: its credentials were revoked there): forget
-        the cached verifications of its credentials, so their next use reads the database."""
-        for token_id in [token_id for token_id, entry in self._cache.items() if entry.principal.node == node_id]:
+    def forget_nodes(self, node_ids: Collection[str]) -> None:
+        """The nodes were deleted (by another controller: their credentials were revoked there):
+        forget the cached verifications of their credentials, in one pass over the cache, so their
+        next use reads the database."""
+        node_ids = set(node_ids)
+        for token_id in [token_id for token_id, entry in self._cache.items() if entry.principal.node in node_ids]:
             self.forget(token_id)
+
+    def forget_all(self) -> None:
+        """Revokes may have been missed (a resync: the other controllers' messages may be lost):
+        forget every cached verification and text, and leave every read in flight uncached, so
+        each token's next use reads the database."""
+        self._loading.clear()
+        self._cache.clear()
+        self._by_text.clear()
+        self._text_of.clear()
 
     def _drop(self, token_id: str) -> None:
         """Drop a cached verification (revoked, or found expired: a read in flight finds it

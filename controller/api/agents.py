@@ -55,8 +55,8 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
         registered = await self._deps.hub.register(current_principal(), convert.node_info(request.node),
                                                    credential_proposal=request.credential_proposal,
                                                    time_left_s=context.time_remaining())
-        for token_id in registered.revoked:
-            self._deps.signals.token_revoked(token_id)
+        if registered.revoked:
+            self._deps.signals.tokens_revoked(registered.revoked)
         self._deps.signals.wake_reconciler()
         return convert.registration_msg(registered.registration)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,7 @@ class ListenError(OSError):
 
 # What controllers tell each other (`controller.store.notify`).
 WAKE, NODES, NODE_REMOVED, DEPLOYMENTS, LEASE_RELEASED = "wake", "nodes", "node_removed", "deployments", "released"
+TOKENS_REVOKED = "tokens_revoked"  # token ids: each controller's authenticator forgets them at once
 
 
 def deployment_item(kind: str, view: DeploymentView) -> str:
@@ -122,8 +123,13 @@ class AppSignals:
             self._app.bus.publish(event)
         self._app.channel.send(DEPLOYMENTS, [deployment_item(e.type, e.deployment) for e in events])
 
-    def token_revoked(self, token_id: str) -> None:
-        self._app.authn.forget(token_id)
+    def tokens_revoked(self, token_ids: Sequence[str]) -> None:
+        """Forgotten here at once, and by the other controllers as they hear it (else each let the
+        tokens through until its cache's entries for them aged out: `Config.auth_cache_ttl_s`); one
+        that may have missed it resyncs, forgetting every token (`ControllerApp._resync`)."""
+        for token_id in token_ids:
+            self._app.authn.forget(token_id)
+        self._app.channel.send(TOKENS_REVOKED, token_ids)
 
     def node_credential_revoked(self, node_id: str) -> None:
         self._app.hub.revoke(node_id, f"the credential of node {node_id} was revoked; register again")
@@ -237,6 +243,9 @@ class ControllerApp:
             self.hub.notify(items)
         elif kind == NODE_REMOVED:
             self._handle(self._removed_elsewhere(items))
+        elif kind == TOKENS_REVOKED:
+            for token_id in items:
+                self.authn.forget(token_id)
         elif kind == LEASE_RELEASED:
             self.election.wake()
         elif kind == DEPLOYMENTS:
@@ -260,9 +269,10 @@ class ControllerApp:
         agent whose node is stored registers and connects again). The deletion revoked the nodes'
         credentials: their cached verifications here are forgotten (else a deleted node's agent
         kept its credential for up to the cache's TTL here, refused PERMISSION_DENIED, not
-        UNAUTHENTICATED, which tells it to register with its bootstrap token)."""
-        for node_id in node_ids:
-            self.authn.forget_node(node_id)
+        UNAUTHENTICATED, which tells it to register with its bootstrap token). The deleting
+        controller's TOKENS_REVOKED named them already; a controller of an earlier version (a
+        rolling upgrade) sends only this message."""
+        self.authn.forget_nodes(node_ids)
         registered: dict[str, str | None] = {}
         try:
             async with self.db.unit_of_work() as uow:
@@ -278,9 +288,12 @@ class ControllerApp:
         said is taken again from the database. Every watch ends (UNAVAILABLE, as one that fell
         behind: its client watches again, from the current state), every agent connected here is
         sent its set as stored (a node deleted meanwhile has none: its stream ends, as a
-        NODE_REMOVED lost would have ended it), and the reconciler looks (a lost WAKE)."""
-        log.warning("notifications from the other controllers may have been lost: ending %d watch(es) "
-                    "and sending %d agent(s) their sets again", self.bus.subscriber_count, len(self.hub.connected()))
+        NODE_REMOVED lost would have ended it), the reconciler looks (a lost WAKE), and every
+        verified token is forgotten (a lost TOKENS_REVOKED: each token's next use reads its row)."""
+        log.warning("notifications from the other controllers may have been lost: ending %d watch(es), "
+                    "sending %d agent(s) their sets again and verifying every token afresh",
+                    self.bus.subscriber_count, len(self.hub.connected()))
+        self.authn.forget_all()
         self.bus.close()
         self.hub.notify(list(self.hub.connected()))
         self.reconciler.wake()

@@ -107,7 +107,7 @@ class Register:
 @dataclass(frozen=True, slots=True)
 class Registered:
     """A committed registration, and the node credentials it revoked (an admin re-registering
-    the node): the authenticator's cache must forget them (`Signals.token_revoked`)."""
+    the node): every controller's authenticator must forget them (`Signals.tokens_revoked`)."""
 
     registration: Registration
     revoked: tuple[str, ...] = ()
@@ -217,9 +217,8 @@ async def register_node(uow: UnitOfWork, who: Principal, info: NodeInfo, *, hear
                                      heartbeat_interval_ms=heartbeat_interval_ms, held_by_live_agent=held_by_live_agent)
     if isinstance(outcome, MaiaError):
         raise outcome
-    for token_id in outcome.revoked:
-        if signals is not None:
-            signals.token_revoked(token_id)
+    if signals is not None and outcome.revoked:
+        signals.tokens_revoked(outcome.revoked)
     return outcome.registration
 
 
@@ -335,10 +334,7 @@ async def reset_node_credential(uow: UnitOfWork, who: Principal, node_id: str, s
     check_id("node", node_id)  # as every node RPC: a NUL in it is INVALID_ARGUMENT, not PostgreSQL's error
     if await repo.get_node(uow.session, node_id) is None:
         raise NotFound(f"node {node_id} not found")
-    revoked = await tokens.revoke_node_credentials(uow, who, node_id)
-    await uow.commit()
-    for token_id in revoked:
-        signals.token_revoked(token_id)
+    revoked = await tokens.revoke_node_credentials(uow, who, node_id, signals)  # commits
     signals.node_credential_revoked(node_id)  # its open stream (if any) ends now, not at its next call
     return revoked
 

@@ -1,15 +1,16 @@
 """What use cases may ask of the running controller after they commit.
 
 A use case that changes placement-relevant state wakes the reconciler, tells live agents that
-their assignment sets changed, and publishes deployment events for watchers; revoking a token
-makes the authenticator forget it at once. These are
+their assignment sets changed, and publishes deployment events for watchers; revoking tokens
+makes every controller's authenticator forget them at once (this one's as it is told, the
+others' as they hear of it). These are
 fire-and-forget signals behind one small protocol, so use cases stay testable with
 `RecordingSignals` and never import the reconciler or the agent hub.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,7 +24,7 @@ class Signals(Protocol):
 
     def publish(self, *events: DeploymentEvent) -> None: ...
 
-    def token_revoked(self, token_id: str) -> None: ...
+    def tokens_revoked(self, token_ids: Sequence[str]) -> None: ...
 
     def node_credential_revoked(self, node_id: str) -> None: ...
 
@@ -50,8 +51,8 @@ class RecordingSignals:
     def publish(self, *events: DeploymentEvent) -> None:
         self.events.extend(events)
 
-    def token_revoked(self, token_id: str) -> None:
-        self.revoked_tokens.append(token_id)
+    def tokens_revoked(self, token_ids: Sequence[str]) -> None:
+        self.revoked_tokens.extend(token_ids)
 
     def node_credential_revoked(self, node_id: str) -> None:
         self.revoked_nodes.append(node_id)

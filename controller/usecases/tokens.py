@@ -104,7 +104,7 @@ async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant
 
 
 async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: Signals) -> TokenView:
-    """Revoke at once (idempotent); the authenticator's cache forgets it through `signals`."""
+    """Revoke at once (idempotent); every controller's authenticator forgets it through `signals`."""
     policy.require_admin(who, "revoking tokens")
     check_id("token", token_id)
     row = await store.get_token(uow.session, token_id)
@@ -115,16 +115,22 @@ async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: 
         repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind="token",
                           object_id=row.id, data={"role": row.role, "request_id": who.request_id})
         await uow.commit()
-    signals.token_revoked(row.id)
+    signals.tokens_revoked([row.id])
     if row.node_id:  # a node credential: the stream it opened ends too
         signals.node_credential_revoked(row.node_id)
     return store.token_view(row)
 
 
-async def revoke_node_credentials(uow: UnitOfWork, who: Principal, node_id: str) -> list[str]:
-    """Revoke every active credential of a node (staged; the caller commits); their ids."""
-    return revoke_credentials(uow, who, node_id,
-                              await store.active_tokens(uow.session, _now(), role=Role.NODE.value, node=node_id))
+async def revoke_node_credentials(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals) -> list[str]:
+    """Revoke every active credential of a node, commit the caller's transaction with it (what
+    it staged before goes in the same commit), then tell every controller's authenticator to
+    forget them (`signals`); their ids."""
+    revoked = revoke_credentials(uow, who, node_id,
+                                 await store.active_tokens(uow.session, _now(), role=Role.NODE.value, node=node_id))
+    await uow.commit()
+    if revoked:
+        signals.tokens_revoked(revoked)
+    return revoked
 
 
 def revoke_credentials(uow: UnitOfWork, who: Principal, node_id: str, rows: Iterable[m.ApiToken]) -> list[str]:

@@ -360,12 +360,13 @@ async def test_a_token_revoked_here_while_its_row_was_being_read_is_refused_at_i
         await checker.authenticate(bearer)
 
 
-async def test_forgetting_a_node_drops_its_credentials_cached_verifications_only(database) -> None:
-    """A node deleted by another controller (its credentials revoked there): `forget_node` makes
-    its credentials' next use read the database (refused: revoked), not the cache for up to its
-    TTL; another node's credential stays cached."""
+async def test_forgetting_nodes_drops_their_credentials_cached_verifications_only(database) -> None:
+    """Nodes deleted by another controller (their credentials revoked there): `forget_nodes`, given
+    every node of the NODE_REMOVED message at once, makes their credentials' next use read the
+    database (refused: revoked), not the cache for up to its TTL; another node's credential stays
+    cached."""
     from controller import authn
-    texts = {node: await issue_token(database, "admin", name=node) for node in ("n1", "n2")}
+    texts = {node: await issue_token(database, "admin", name=node) for node in ("n1", "n2", "n3")}
     ids = {node: text.split(".")[0].removeprefix("maia_") for node, text in texts.items()}
     async with database.unit_of_work() as uow:
         for node, token_id in ids.items():  # as a node's credential: its principal names the node
@@ -374,10 +375,45 @@ async def test_forgetting_a_node_drops_its_credentials_cached_verifications_only
     checker = authn.Authenticator(database)
     for text in texts.values():
         await checker.authenticate([("authorization", f"Bearer {text}")])
-    await _revoke_in_store(database, ids["n1"])
-    await checker.authenticate([("authorization", f"Bearer {texts['n1']}")])  # cached: the revoke not seen yet
+    for gone in ("n1", "n2"):
+        await _revoke_in_store(database, ids[gone])
+        await checker.authenticate([("authorization", f"Bearer {texts[gone]}")])  # cached: the revoke not seen yet
 
-    checker.forget_node("n1")
-    with pytest.raises(authn.Unauthenticated, match=f"token {ids['n1']} was revoked"):
-        await checker.authenticate([("authorization", f"Bearer {texts['n1']}")])
-    assert set(checker._cache) == {ids["n2"]}
+    checker.forget_nodes(["n1", "n2"])
+    for gone in ("n1", "n2"):
+        with pytest.raises(authn.Unauthenticated, match=f"token {ids[gone]} was revoked"):
+            await checker.authenticate([("authorization", f"Bearer {texts[gone]}")])
+    assert set(checker._cache) == {ids["n3"]}
+
+
+async def test_forgetting_all_reads_every_token_again_and_keeps_no_read_in_flight(database, monkeypatch) -> None:
+    """A resync (revokes on other controllers may have been missed): `forget_all` drops every
+    cached verification and remembered text, so a token revoked elsewhere is refused at its next
+    use, another one read again and let through; and a read in flight as it ran, which may
+    carry the row from before a revoke, is not cached (the next use reads again)."""
+    from controller import authn
+    from controller.store import tokens as store
+    texts = {name: await issue_token(database, "admin", name=name) for name in ("kept", "gone")}
+    ids = {name: text.split(".")[0].removeprefix("maia_") for name, text in texts.items()}
+    checker = authn.Authenticator(database)
+    for text in texts.values():
+        await checker.authenticate([("authorization", f"Bearer {text}")])
+    await _revoke_in_store(database, ids["gone"])
+    assert (await checker.authenticate([("authorization", f"Bearer {texts['gone']}")])).name == "gone"  # cached
+
+    checker.forget_all()
+    assert not checker._cache and not checker._by_text and not checker._text_of
+    with pytest.raises(authn.Unauthenticated, match=f"token {ids['gone']} was revoked"):
+        await checker.authenticate([("authorization", f"Bearer {texts['gone']}")])
+    assert (await checker.authenticate([("authorization", f"Bearer {texts['kept']}")])).name == "kept"
+
+    get_token = store.get_token
+
+    async def resynced_as_it_answers(session, wanted: str):  # noqa: ANN001, ANN202
+        row = await get_token(session, wanted)
+        checker.forget_all()
+        return row
+    checker.forget_all()
+    monkeypatch.setattr(store, "get_token", resynced_as_it_answers)
+    assert (await checker.authenticate([("authorization", f"Bearer {texts['kept']}")])).name == "kept"
+    assert not checker._cache  # the row read across the resync is not kept

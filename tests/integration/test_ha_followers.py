@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.api.server import DEPLOYMENTS, ControllerApp
-from grpc_harness import SimFleet, Stubs, admin_token_of, issue_token, running_controller, spec, topology
+from grpc_harness import SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
 pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -139,12 +141,14 @@ async def test_a_follower_told_to_resync_ends_its_watches_which_watch_again_from
 
 
 @asynccontextmanager
-async def _leader_and_follower(db_url: str, tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, ControllerApp, Stubs]]:
-    """A leader and a follower, with an admin's stubs on the follower, a rack and the tenant `lab`."""
+async def _leader_and_follower(db_url: str, tmp_path: Path, **overrides: Any,
+                               ) -> AsyncIterator[tuple[ControllerApp, ControllerApp, Stubs]]:
+    """A leader and a follower (QUIET, with `overrides`), with an admin's stubs on the follower, a
+    rack and the tenant `lab`."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
-            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
+    async with running_controller(db_url, tmp_path / "a", **QUIET, **overrides) as leader, \
+            running_controller(db_url, tmp_path / "b", **QUIET, **overrides) as follower:
         async with Stubs.connect(follower.address, admin_token_of(leader)).channel as channel:
             stubs = Stubs.on(channel)
             await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
@@ -313,3 +317,89 @@ async def test_a_deleted_heard_after_its_name_was_submitted_again_is_not_handed_
         # (the leader's passes may say "modified" meanwhile: the new deployments are unplaceable)
         assert [(e.type, e.deployment.spec.name) for e in told if e.type != "modified"] == [
             ("added", "other"), ("deleted", "gone")]
+
+
+
+async def _status(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
+    """The call's status code and details."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize("revoked_through", ["RevokeToken on the leader", "ResetNodeCredential on the follower"])
+async def test_a_token_revoked_through_one_controller_is_refused_by_the_other_at_once(
+        db_url: str, tmp_path: Path, revoked_through: str) -> None:
+    """A token verified, and cached, by one controller is revoked through the other (an admin
+    token's RevokeToken through the leader, used on the follower; a node credential's
+    ResetNodeCredential through the follower, used on the leader): the first refuses it
+    UNAUTHENTICATED as soon as it hears the revocation (TOKENS_REVOKED), not once its cache's
+    entry ages out (an hour here: nothing else refuses it within the test's 10 s)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cached = {**QUIET, "auth_cache_ttl_s": 3600.0}
+    async with running_controller(db_url, tmp_path / "a", **cached) as leader, \
+            running_controller(db_url, tmp_path / "b", **cached) as follower:
+        admin = admin_token_of(leader)
+        async with Stubs.connect(leader.address, admin).channel as to_leader, \
+                Stubs.connect(follower.address, admin).channel as to_follower:
+            await Stubs.on(to_leader).admin.ApplyTopology(topology({"rack-00": "row-a"}))
+            await _until(lambda: leader.channel.others_listening and follower.channel.others_listening,
+                         "each controller knows the other listens")
+            if revoked_through.startswith("RevokeToken"):
+                secret, user = await issue_token(leader.db, "admin", name="ops"), follower
+                token_id = secret.split(".")[0].removeprefix("maia_")
+                revoke = partial(Stubs.on(to_leader).admin.RevokeToken, admin_pb2.RevokeTokenRequest(id=token_id))
+            else:
+                node = agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(node_id="n1", rack="rack-00", accelerators=4))
+                async with Stubs.connect(leader.address, await issue_token(leader.db, "node-bootstrap")).channel as ch:
+                    secret, user = (await Stubs.on(ch).agent.Register(node)).node_credential, leader
+                token_id = secret.split(".")[0].removeprefix("maia_")
+                revoke = partial(Stubs.on(to_follower).admin.ResetNodeCredential, admin_pb2.NodeRequest(id="n1"))
+            async with Stubs.connect(user.address, secret).channel as channel:
+                stubs = Stubs.on(channel)
+
+                def use() -> Awaitable[object]:  # the node credential registers its own node again
+                    if user is follower:
+                        return stubs.admin.ListTokens(admin_pb2.ListTokensRequest())
+                    return stubs.agent.Register(node)
+                assert await _status(use()) == (grpc.StatusCode.OK, "")
+                assert token_id in user.authn._cache  # verified and cached
+                await revoke()
+                refused = await eventually(lambda: _status(use()), lambda status: status[0] != grpc.StatusCode.OK,
+                                           timeout=10.0, what="the revoked token refused")
+            assert refused == (grpc.StatusCode.UNAUTHENTICATED, f"token {token_id} was revoked")
+
+
+async def test_a_revocation_lost_to_a_follower_is_refused_there_once_it_resyncs(db_url: str, tmp_path: Path) -> None:
+    """The leader's TOKENS_REVOKED never reaches the follower (as one dropped past
+    `notify.HELD_MAX`, or sent while the follower's listening connection was away): the follower
+    still lets the revoked token through on its cached verification. The RESYNC it is then owed
+    (or gives itself, listening again) makes it forget every verification: the token is refused
+    at its next use, another one read again and let through."""
+    from controller.api.server import TOKENS_REVOKED
+    from controller.store.notify import RESYNC
+
+    async with _leader_and_follower(db_url, tmp_path, auth_cache_ttl_s=3600.0) as (leader, follower, stubs):
+        revoked, kept = [await issue_token(leader.db, "admin", name=name) for name in ("revoked", "kept")]
+        await _until(lambda: leader.channel.others_listening, "the leader knows the follower listens")
+        async with Stubs.connect(follower.address, revoked).channel as with_revoked, \
+                Stubs.connect(follower.address, kept).channel as with_kept:
+            uses = [partial(Stubs.on(channel).admin.ListTokens, admin_pb2.ListTokensRequest())
+                    for channel in (with_revoked, with_kept)]
+            for use in uses:
+                assert await _status(use()) == (grpc.StatusCode.OK, "")
+            send = leader.channel.send
+            leader.channel.send = lambda kind, items=(): None if kind == TOKENS_REVOKED else send(kind, items)
+            token_id = revoked.split(".")[0].removeprefix("maia_")
+            async with Stubs.connect(leader.address, admin_token_of(leader)).channel as to_leader:
+                await Stubs.on(to_leader).admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=token_id))
+            assert await _status(uses[0]()) == (grpc.StatusCode.OK, "")  # the follower was not told
+            leader.channel.send = send
+            leader.channel.send(RESYNC)
+            refused = await eventually(lambda: _status(uses[0]()), lambda status: status[0] != grpc.StatusCode.OK,
+                                       timeout=10.0, what="the revoked token refused after the resync")
+            assert refused == (grpc.StatusCode.UNAUTHENTICATED, f"token {token_id} was revoked")
+            assert await _status(uses[1]()) == (grpc.StatusCode.OK, "")

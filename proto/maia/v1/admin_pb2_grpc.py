@@ -263,7 +263,7 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeToken(self, request, context):
-        """Takes effect at once on this controller (within 30 s on others sharing the database).
+        """Takes effect at once on every controller sharing the database (on another as it hears of it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
