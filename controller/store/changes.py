@@ -91,12 +91,20 @@ async def will_move_generation(session: AsyncSession) -> None:
 
 # isolation_state's row, locked as the isolation triggers' UPDATE of it locks it (module docstring).
 _ISOLATION_FIRST = "SELECT 1 FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE"
+# The nodes columns whose update fires the isolation or capacity triggers (`UPDATE OF` and `WHEN`,
+# migrations 0005, 0012, 0019, 0022: isolation rack_id, accelerators, hbm_gib, cpu_milli,
+# memory_mib; capacity rack_id, accelerators, accelerator_model, hbm_gib): a write of one locks
+# isolation_state's row (0023), so a writer that may change one takes it first
+# (`will_change_nodes_hardware`). tests/store/test_node_hardware_columns.py holds this to the
+# live schema's triggers: a migration that changes what they watch changes this too.
+NODE_HARDWARE_COLUMNS: tuple[str, ...] = ("rack_id", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli",
+                                          "memory_mib")
 
 
 async def will_change_nodes_hardware(session: AsyncSession) -> None:
     """Say, after `will_move_generation` and before the transaction's first node row lock, that it
     will add or delete a node or write a column of one that the isolation or capacity triggers
-    watch (rack, accelerators, accelerator model, HBM, CPU, memory): isolation_state's row lock,
+    watch (`NODE_HARDWARE_COLUMNS`): isolation_state's row lock,
     taken now rather than by those triggers after the node's row (PostgreSQL's lock order, step 2:
     module docstring). Sent with the transaction's BEGIN when it has not begun; nothing on SQLite."""
     if dialect_of(session) == POSTGRESQL:

@@ -25,6 +25,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store import tokens as node_tokens
+from controller.store.changes import NODE_HARDWARE_COLUMNS
 from controller.store.db import UnitOfWork
 from controller.store.sqlite_driver import deferred_writes
 from controller.usecases import policy, tokens
@@ -83,13 +84,21 @@ def _capacity(row: m.Node) -> tuple:
             row.memory_mib, row.idle_power_w, dict(row.labels or {}))
 
 
+def _registered_columns(info: NodeInfo) -> dict[str, Any]:
+    """The node row's columns a Register writes from what its agent says, by column name."""
+    return {"hostname": info.hostname, "rack_id": info.rack, "accelerators": info.accelerators,
+            "accelerator_model": info.accelerator_model, "hbm_gib": info.hbm_gib, "cpu_milli": info.cpu_milli,
+            "memory_mib": info.memory_mib, "idle_power_w": info.idle_power_w, "labels": dict(info.labels),
+            "agent_version": info.agent_version}
+
+
 def _changes_hardware(plan: _Plan) -> bool:
     """Whether the Register adds its node or changes a column of it that the database's isolation
-    or capacity triggers watch (`repo.will_change_nodes_hardware`)."""
-    row, info = plan.row, plan.ask.info
-    return row is None or (row.rack_id, row.accelerators, row.accelerator_model, row.hbm_gib, row.cpu_milli,
-                           row.memory_mib) != (info.rack, info.accelerators, info.accelerator_model, info.hbm_gib,
-                                               info.cpu_milli, info.memory_mib)
+    or capacity triggers watch (`NODE_HARDWARE_COLUMNS`, `repo.will_change_nodes_hardware`)."""
+    if plan.row is None:
+        return True
+    written = _registered_columns(plan.ask.info)
+    return any(getattr(plan.row, column) != written[column] for column in NODE_HARDWARE_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,16 +318,8 @@ async def _write(uow: UnitOfWork, plan: _Plan, heartbeat_interval_ms: int) -> tu
                      assignment_generation=0, power_draw_w=0.0)
         uow.session.add(row)
     before = None if created else _capacity(row)
-    row.hostname = info.hostname
-    row.rack_id = info.rack
-    row.accelerators = info.accelerators
-    row.accelerator_model = info.accelerator_model
-    row.hbm_gib = info.hbm_gib
-    row.cpu_milli = info.cpu_milli
-    row.memory_mib = info.memory_mib
-    row.idle_power_w = info.idle_power_w
-    row.labels = dict(info.labels)
-    row.agent_version = info.agent_version
+    for column, value in _registered_columns(info).items():
+        setattr(row, column, value)
     row.session_id = uuid.uuid4().hex
     repo.record_event(uow.session, actor=who.name, kind="node.registered", object_kind="node", object_id=info.node_id,
                       data={"rack": info.rack, "accelerators": info.accelerators, "created": created})
