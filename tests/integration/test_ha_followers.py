@@ -337,15 +337,8 @@ async def test_a_token_revoked_through_one_controller_is_refused_by_the_other_at
     ResetNodeCredential through the follower, used on the leader): the first refuses it
     UNAUTHENTICATED as soon as it hears the revocation (TOKENS_REVOKED), not once its cache's
     entry ages out (an hour here: nothing else refuses it within the test's 10 s)."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    cached = {**QUIET, "auth_cache_ttl_s": 3600.0}
-    async with running_controller(db_url, tmp_path / "a", **cached) as leader, \
-            running_controller(db_url, tmp_path / "b", **cached) as follower:
-        admin = admin_token_of(leader)
-        async with Stubs.connect(leader.address, admin).channel as to_leader, \
-                Stubs.connect(follower.address, admin).channel as to_follower:
-            await Stubs.on(to_leader).admin.ApplyTopology(topology({"rack-00": "row-a"}))
+    async with _leader_and_follower(db_url, tmp_path, auth_cache_ttl_s=3600.0) as (leader, follower, on_follower):
+        async with Stubs.connect(leader.address, admin_token_of(leader)).channel as to_leader:
             await _until(lambda: leader.channel.others_listening and follower.channel.others_listening,
                          "each controller knows the other listens")
             if revoked_through.startswith("RevokeToken"):
@@ -357,7 +350,7 @@ async def test_a_token_revoked_through_one_controller_is_refused_by_the_other_at
                 async with Stubs.connect(leader.address, await issue_token(leader.db, "node-bootstrap")).channel as ch:
                     secret, user = (await Stubs.on(ch).agent.Register(node)).node_credential, leader
                 token_id = secret.split(".")[0].removeprefix("maia_")
-                revoke = partial(Stubs.on(to_follower).admin.ResetNodeCredential, admin_pb2.NodeRequest(id="n1"))
+                revoke = partial(on_follower.admin.ResetNodeCredential, admin_pb2.NodeRequest(id="n1"))
             async with Stubs.connect(user.address, secret).channel as channel:
                 stubs = Stubs.on(channel)
 
