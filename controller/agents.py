@@ -51,7 +51,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Set
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -148,6 +148,7 @@ class AgentSession:
     interval_ms: int
     timeout_s: float
     last_seen: float = field(default_factory=time.monotonic)
+    credential: str = ""  # the id of the token its Connect was authenticated with (`AgentHub.revoke_credentials`)
     beat_at: datetime | None = None  # the last heartbeat's time (wall clock), written or not
     # The stream's pusher waits on `dirty` alone: its set changed, or the stream closed (`close`
     # sets it; one event to wait on costs no waiter tasks per push). `closed` is a flag, not an
@@ -440,7 +441,7 @@ class AgentHub:
             return self._pacing.stated(stated_ms, told_longest_ms=self._longest_ms)
         return self._told_ms.get(node_id, self._pacing.base_interval_ms)
 
-    def _judge(self, node_id: str, session_id: str, stated_ms: int) -> AgentSession:
+    def _judge(self, node_id: str, session_id: str, stated_ms: int, credential: str) -> AgentSession:
         """The session of a stream whose Hello was accepted, judged by `_told_to`; an agent that
         stated a longer interval than that is told it (`HeartbeatPolicy`). A stated interval longer
         than any told counts in the longest one (the stored contact's cadence, `_due_beats`, and
@@ -448,11 +449,12 @@ class AgentHub:
         connected: an agent's own stream may be judged by up to `HeartbeatPacing.stated`, but one
         agent (hostile, or run with a long fixed interval) must not make every node's stored
         contact that old for the rest of this controller's life (the longest never shrinks). A
-        fleet coming over from a leader that told it a long interval counts in full once back."""
+        fleet coming over from a leader that told it a long interval counts in full once back.
+        `credential`: the id of the token the stream was authenticated with."""
         told_ms = self._told_to(node_id, stated_ms)
         self._longest_ms = max(self._longest_ms, min(told_ms, self._pacing.interval_ms(len(self._sessions) + 1)))
         return AgentSession(node_id, session_id, told_ms, self._pacing.silence_timeout_s(told_ms),
-                            reports=TokenBucket(self._report_rate, self._report_burst),
+                            credential=credential, reports=TokenBucket(self._report_rate, self._report_burst),
                             tell_due=stated_ms > told_ms)
 
     def notify(self, node_ids: Iterable[str]) -> None:
@@ -476,6 +478,19 @@ class AgentHub:
         if session is not None:
             session.error = Unauthenticated(reason)
             session.close(f"refused: {reason}", mark_down=False)
+
+    def stream_credentials(self) -> set[str]:
+        """The ids of the tokens the streams here were authenticated with (`--insecure-no-auth`'s
+        streams have none)."""
+        return {session.credential for session in self._sessions.values() if session.credential}
+
+    def revoke_credentials(self, token_ids: Collection[str]) -> None:
+        """End the streams that connected with these tokens, as `revoke`: they were revoked, here
+        or on another controller (which told this one: a node's agent may have its stream here and
+        its credential reset through another controller)."""
+        token_ids = set(token_ids)
+        for session in [session for session in self._sessions.values() if session.credential in token_ids]:
+            self.revoke(session.node_id, f"the credential of node {session.node_id} was revoked; register again")
 
     def disconnect(self, node_id: str, reason: str, *, registered: str | None = None) -> None:
         """End the node's stream (if any) without marking it down (it no longer exists).
@@ -598,7 +613,7 @@ class AgentHub:
         with self._greeted(node_id):  # left on the event loop's same turn as the session is held below
             changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
         self._refuse_when_stopping(node_id)
-        session = self._judge(node_id, session_id, heartbeat_interval_ms)
+        session = self._judge(node_id, session_id, heartbeat_interval_ms, who.token_id)
         previous = self._sessions.get(node_id)
         if previous is not None:
             previous.close("superseded by a newer session", mark_down=False)

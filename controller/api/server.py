@@ -124,11 +124,9 @@ class AppSignals:
         self._app.channel.send(DEPLOYMENTS, [deployment_item(e.type, e.deployment) for e in events])
 
     def tokens_revoked(self, token_ids: Sequence[str]) -> None:
-        """Forgotten here at once, and by the other controllers as they hear it (else each let the
-        tokens through until its cache's entries for them aged out: `Config.auth_cache_ttl_s`); one
-        that may have missed it resyncs, forgetting every token (`ControllerApp._resync`)."""
-        for token_id in token_ids:
-            self._app.authn.forget(token_id)
+        """Refused here at once, and by the other controllers as they hear it (`ControllerApp.
+        _revoked`)."""
+        self._app.revoked(token_ids)
         self._app.channel.send(TOKENS_REVOKED, token_ids)
 
     def node_credential_revoked(self, node_id: str) -> None:
@@ -244,14 +242,24 @@ class ControllerApp:
         elif kind == NODE_REMOVED:
             self._handle(self._removed_elsewhere(items))
         elif kind == TOKENS_REVOKED:
-            for token_id in items:
-                self.authn.forget(token_id)
+            self.revoked(items)
         elif kind == LEASE_RELEASED:
             self.election.wake()
         elif kind == DEPLOYMENTS:
             self._handle(self._republish(items))
         elif kind == RESYNC:
             self._resync()
+
+    def revoked(self, token_ids: Sequence[str]) -> None:
+        """Tokens revoked, here or by another controller (TOKENS_REVOKED): their cached
+        verifications are forgotten (else each was let through until its entry aged out:
+        `Config.auth_cache_ttl_s`) and the agent streams they opened here end UNAUTHENTICATED (a
+        node's credential reset through another controller than the one its stream is on: else
+        the stream went on with a revoked credential). A controller that may have missed some
+        resyncs, forgetting every verification (`_resync`)."""
+        for token_id in token_ids:
+            self.authn.forget(token_id)
+        self.hub.revoke_credentials(token_ids)
 
     def _handle(self, reading: Coroutine[Any, Any, None]) -> None:
         """A message's handling that reads the database, run as a task of its own (kept until done)."""
@@ -289,14 +297,31 @@ class ControllerApp:
         behind: its client watches again, from the current state), every agent connected here is
         sent its set as stored (a node deleted meanwhile has none: its stream ends, as a
         NODE_REMOVED lost would have ended it), the reconciler looks (a lost WAKE), and every
-        verified token is forgotten (a lost TOKENS_REVOKED: each token's next use reads its row)."""
+        verified token is forgotten (a lost TOKENS_REVOKED: each token's next use reads its row)
+        and the agent streams opened with a token revoked since end (`_recheck_streams`)."""
         log.warning("notifications from the other controllers may have been lost: ending %d watch(es), "
                     "sending %d agent(s) their sets again and verifying every token afresh",
                     self.bus.subscriber_count, len(self.hub.connected()))
         self.authn.forget_all()
+        self._handle(self._recheck_streams())
         self.bus.close()
         self.hub.notify(list(self.hub.connected()))
         self.reconciler.wake()
+
+    async def _recheck_streams(self) -> None:
+        """After a resync: the agent streams here opened with a token revoked since (by another
+        controller, whose TOKENS_REVOKED was lost) end, as one heard would have ended them
+        (`revoked`)."""
+        held = self.hub.stream_credentials()
+        if not held:
+            return
+        try:
+            async with self.db.unit_of_work() as uow:
+                revoked = await tokens.revoked_among(uow, held)
+        except Exception:
+            log.exception("could not read the tokens of the agent streams connected here")
+            return
+        self.hub.revoke_credentials(revoked)
 
     async def _republish(self, items: list[str]) -> None:
         """Deployments another controller changed (`TYPE:TENANT/NAME`), for this controller's watchers.

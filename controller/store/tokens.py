@@ -30,6 +30,15 @@ async def get_token(session: AsyncSession, token_id: str) -> m.ApiToken | None:
     return await session.get(m.ApiToken, token_id)
 
 
+async def revoked_among(session: AsyncSession, token_ids: Iterable[str]) -> set[str]:
+    """Which of these tokens are revoked, in one query."""
+    ids = sorted(set(token_ids))
+    if not ids:
+        return set()
+    query = select(m.ApiToken.id).where(any_of(session, m.ApiToken.id, ids), m.ApiToken.revoked_at.is_not(None))
+    return set(await session.scalars(query))
+
+
 async def list_token_rows(session: AsyncSession, *, role: str = "", tenant: str = "",
                           node: str = "", page: PageBounds | None = None) -> list[m.ApiToken]:
     """Tokens oldest first; with `page`, those after its key (created_at as the database returns

@@ -145,6 +145,11 @@ def revoke_credentials(uow: UnitOfWork, who: Principal, node_id: str, rows: Iter
     return revoked
 
 
+async def revoked_among(uow: UnitOfWork, token_ids: Iterable[str]) -> set[str]:
+    """Which of these tokens are revoked, in one read."""
+    return await store.revoked_among(uow.session, token_ids)
+
+
 async def has_active_admin(db: Database) -> bool:
     async with db.unit_of_work() as uow:
         return bool(await store.active_tokens(uow.session, _now(), role=Role.ADMIN.value))

@@ -396,3 +396,34 @@ async def test_a_revocation_lost_to_a_follower_is_refused_there_once_it_resyncs(
                                        timeout=10.0, what="the revoked token refused after the resync")
             assert refused == (grpc.StatusCode.UNAUTHENTICATED, f"token {token_id} was revoked")
             assert await _status(uses[1]()) == (grpc.StatusCode.OK, "")
+
+
+@pytest.mark.parametrize("told", ["TOKENS_REVOKED", "a RESYNC after it was lost"])
+async def test_a_node_credential_reset_through_the_follower_ends_its_agents_stream_on_the_leader(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, told: str) -> None:
+    """A node's credential is reset through the follower while its agent's stream is on the
+    leader: the leader, told the revoked token (TOKENS_REVOKED; or, that message lost, a RESYNC,
+    on which it reads which of its streams' tokens are revoked), ends the stream it opened
+    UNAUTHENTICATED (else it went on with a revoked credential for as long as it lasted), the
+    other node's stream stays, and the agent registers again with its bootstrap token and is back."""
+    from controller.api.server import TOKENS_REVOKED
+    from controller.store.notify import RESYNC
+
+    caplog.set_level("INFO", logger="maia.agents")
+    async with _two_agents_on_the_leader(db_url, tmp_path) as (leader, follower, stubs, fleet):
+        reset, kept = fleet.node_ids
+        streams = dict(leader.hub._sessions)
+        send = follower.channel.send
+        if told.endswith("lost"):
+            follower.channel.send = lambda kind, items=(): None if kind == TOKENS_REVOKED else send(kind, items)
+        await stubs.admin.ResetNodeCredential(admin_pb2.NodeRequest(id=reset))
+        ended = f"agent disconnected node={reset} reason=refused: the credential of node {reset} was revoked"
+        if told.endswith("lost"):
+            await asyncio.sleep(0.5)  # what a TOKENS_REVOKED would have ended by now
+            assert not streams[reset].closed
+            follower.channel.send = send
+            follower.channel.send(RESYNC)
+        await _until(lambda: ended in caplog.text, "the reset node's stream ended on the leader", timeout=10.0)
+        assert not streams[kept].closed
+        await _until(lambda: leader.hub._sessions.get(reset) not in (None, streams[reset]),
+                     "the reset node registered and connected again")
