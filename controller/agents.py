@@ -480,17 +480,27 @@ class AgentHub:
             session.close(f"refused: {reason}", mark_down=False)
 
     def stream_credentials(self) -> set[str]:
-        """The ids of the tokens the streams here were authenticated with (`--insecure-no-auth`'s
-        streams have none)."""
-        return {session.credential for session in self._sessions.values() if session.credential}
+        """The ids of the tokens the open streams here were authenticated with
+        (`--insecure-no-auth`'s streams have none)."""
+        return {session.credential for session in self._sessions.values()
+                if session.credential and not session.closed}
 
-    def revoke_credentials(self, token_ids: Collection[str]) -> None:
-        """End the streams that connected with these tokens, as `revoke`: they were revoked, here
-        or on another controller (which told this one: a node's agent may have its stream here and
-        its credential reset through another controller)."""
+    def nodes_connected_with(self, token_ids: Collection[str]) -> set[str]:
+        """The nodes whose open stream here was authenticated with one of these tokens."""
         token_ids = set(token_ids)
-        for session in [session for session in self._sessions.values() if session.credential in token_ids]:
-            self.revoke(session.node_id, f"the credential of node {session.node_id} was revoked; register again")
+        return {node_id for node_id, session in self._sessions.items()
+                if session.credential in token_ids and not session.closed}
+
+    def revoke_credentials(self, token_ids: Collection[str], *, deleted: Collection[str] = ()) -> None:
+        """End the open streams that connected with these tokens (revoked: here, or on another
+        controller, which told this one: a node's agent may have its stream here and its
+        credential reset through another controller) UNAUTHENTICATED, as `revoke`; a node in
+        `deleted` (the revocation was its deletion's) as its deletion ends it (`NODE_DELETED`)."""
+        for node_id in self.nodes_connected_with(token_ids):
+            if node_id in deleted:
+                self.disconnect(node_id, NODE_DELETED)
+            else:
+                self.revoke(node_id, f"the credential of node {node_id} was revoked; register again")
 
     def disconnect(self, node_id: str, reason: str, *, registered: str | None = None) -> None:
         """End the node's stream (if any) without marking it down (it no longer exists).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Collection, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,16 +250,32 @@ class ControllerApp:
         elif kind == RESYNC:
             self._resync()
 
-    def revoked(self, token_ids: Sequence[str]) -> None:
+    def revoked(self, token_ids: Collection[str]) -> None:
         """Tokens revoked, here or by another controller (TOKENS_REVOKED): their cached
         verifications are forgotten (else each was let through until its entry aged out:
-        `Config.auth_cache_ttl_s`) and the agent streams they opened here end UNAUTHENTICATED (a
-        node's credential reset through another controller than the one its stream is on: else
-        the stream went on with a revoked credential). A controller that may have missed some
-        resyncs, forgetting every verification (`_resync`)."""
+        `Config.auth_cache_ttl_s`), and the agent streams they opened here end (`_end_streams`).
+        A controller that may have missed some resyncs, forgetting every verification (`_resync`)."""
         for token_id in token_ids:
             self.authn.forget(token_id)
-        self.hub.revoke_credentials(token_ids)
+        if self.hub.nodes_connected_with(token_ids):
+            self._handle(self._end_streams(token_ids))
+
+    async def _end_streams(self, token_ids: Collection[str]) -> None:
+        """The agent streams here opened with these revoked tokens end (else one went on with a
+        revoked credential for as long as it lasted: a node's credential reset through another
+        controller than the one its stream is on): UNAUTHENTICATED, the agent registers again with
+        its bootstrap token; or, their node no longer stored (the revocation was its deletion's,
+        whose NODE_REMOVED comes after it), as a deletion ends them. If the read fails, all end
+        UNAUTHENTICATED. A stream this controller ended meanwhile (the deletion's own, when it
+        served it) is left as it ended."""
+        nodes = self.hub.nodes_connected_with(token_ids)
+        stored = nodes
+        try:
+            async with self.db.unit_of_work() as uow:
+                stored = set(await registered_sessions(uow, nodes))
+        except Exception:
+            log.exception("could not read the nodes whose agent streams opened with revoked tokens")
+        self.hub.revoke_credentials(token_ids, deleted=nodes - stored)
 
     def _handle(self, reading: Coroutine[Any, Any, None]) -> None:
         """A message's handling that reads the database, run as a task of its own (kept until done)."""
@@ -321,7 +337,8 @@ class ControllerApp:
         except Exception:
             log.exception("could not read the tokens of the agent streams connected here")
             return
-        self.hub.revoke_credentials(revoked)
+        if revoked:
+            await self._end_streams(revoked)
 
     async def _republish(self, items: list[str]) -> None:
         """Deployments another controller changed (`TYPE:TENANT/NAME`), for this controller's watchers.

@@ -2,8 +2,8 @@
 
 A use case that changes placement-relevant state wakes the reconciler, tells live agents that
 their assignment sets changed, and publishes deployment events for watchers; revoking tokens
-makes every controller's authenticator forget them at once (this one's as it is told, the
-others' as they hear of it). These are
+makes every controller forget their cached verifications and end the agent streams they opened
+(this one as it is told, the others as they hear of it). These are
 fire-and-forget signals behind one small protocol, so use cases stay testable with
 `RecordingSignals` and never import the reconciler or the agent hub.
 """

@@ -104,7 +104,7 @@ async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant
 
 
 async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: Signals) -> TokenView:
-    """Revoke at once (idempotent); every controller's authenticator forgets it through `signals`."""
+    """Revoke at once (idempotent); every controller refuses it from now on (`signals.tokens_revoked`)."""
     policy.require_admin(who, "revoking tokens")
     check_id("token", token_id)
     row = await store.get_token(uow.session, token_id)
@@ -123,8 +123,8 @@ async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: 
 
 async def revoke_node_credentials(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals) -> list[str]:
     """Revoke every active credential of a node, commit the caller's transaction with it (what
-    it staged before goes in the same commit), then tell every controller's authenticator to
-    forget them (`signals`); their ids."""
+    it staged before goes in the same commit), then tell every controller (`signals.tokens_revoked`:
+    each forgets their cached verifications and ends the agent streams they opened); their ids."""
     revoked = revoke_credentials(uow, who, node_id,
                                  await store.active_tokens(uow.session, _now(), role=Role.NODE.value, node=node_id))
     await uow.commit()

@@ -158,17 +158,19 @@ async def _leader_and_follower(db_url: str, tmp_path: Path, **overrides: Any,
 
 async def test_a_node_deleted_through_a_follower_whose_node_removed_was_lost_leaves_the_leader_on_resync(
         db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A node is deleted through the follower and its NODE_REMOVED never reaches the leader (as one
-    dropped past `notify.HELD_MAX`): the leader keeps the node's stream. The RESYNC the follower then
-    owes makes the leader push every connected agent its set; the deleted node has none, so its
-    stream ends as a NODE_REMOVED heard would have ended it."""
-    from controller.api.server import NODE_REMOVED
+    """A node is deleted through the follower and its messages (NODE_REMOVED, and the TOKENS_REVOKED
+    of its credential) never reach the leader (as ones dropped past `notify.HELD_MAX`): the leader
+    keeps the node's stream. The RESYNC the follower then owes makes the leader push every
+    connected agent its set; the deleted node has none, so its stream ends as a NODE_REMOVED heard
+    would have ended it."""
+    from controller.api.server import NODE_REMOVED, TOKENS_REVOKED
     from controller.store.notify import RESYNC
 
     caplog.set_level("INFO", logger="maia.agents")
     async with _two_agents_on_the_leader(db_url, tmp_path) as (leader, follower, stubs, fleet):
         send = follower.channel.send
-        follower.channel.send = lambda kind, items=(): None if kind == NODE_REMOVED else send(kind, items)
+        follower.channel.send = lambda kind, items=(): (None if kind in (NODE_REMOVED, TOKENS_REVOKED)
+                                                        else send(kind, items))
         gone = fleet.node_ids[0]
         ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
         await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=gone))
@@ -181,15 +183,17 @@ async def test_a_node_deleted_through_a_follower_whose_node_removed_was_lost_lea
 async def test_a_node_removed_heard_after_the_node_registered_again_leaves_its_stream(
         db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A NODE_REMOVED that comes late (held across its sender's reconnection: `store/notify.py`)
-    after the node registered again: the leader keeps that registration's stream (its agent would
-    have to connect again). The node is deleted through the follower (its stream ends, its
+    after the node registered again, with the TOKENS_REVOKED of the credential the deletion
+    revoked: the leader keeps that registration's stream (its agent would have to connect again),
+    which holds a new credential. The node is deleted through the follower (its stream ends, its
     credential is revoked), its agent registers it again with its bootstrap token and connects;
     the follower then sends what its held re-send would."""
-    from controller.api.server import NODE_REMOVED
+    from controller.api.server import NODE_REMOVED, TOKENS_REVOKED
 
     caplog.set_level("INFO", logger="maia.agents")
     async with _two_agents_on_the_leader(db_url, tmp_path) as (leader, follower, stubs, fleet):
         again = fleet.node_ids[0]
+        revoked = leader.hub._sessions[again].credential
         ended = f"agent disconnected node={again} reason=the node was deleted by an administrator"
         await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=again))
         await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader")
@@ -199,6 +203,8 @@ async def test_a_node_removed_heard_after_the_node_registered_again_leaves_its_s
         disconnect = leader.hub.disconnect
         leader.hub.disconnect = lambda node_id, *args, **kw: (handled.append(node_id),
                                                               disconnect(node_id, *args, **kw))
+        assert revoked and leader.hub._sessions[again].credential != revoked
+        follower.channel.send(TOKENS_REVOKED, [revoked])
         follower.channel.send(NODE_REMOVED, [again])
         await _until(lambda: again in handled, "the leader heard the late NODE_REMOVED")
         assert leader.hub._sessions.get(again) is stream and not stream.closed, stream.close_reason
@@ -427,3 +433,23 @@ async def test_a_node_credential_reset_through_the_follower_ends_its_agents_stre
         assert not streams[kept].closed
         await _until(lambda: leader.hub._sessions.get(reset) not in (None, streams[reset]),
                      "the reset node registered and connected again")
+
+
+async def test_a_node_deleted_through_the_follower_ends_its_stream_as_deleted_when_only_the_revocation_arrives(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A node is deleted through the follower and only the TOKENS_REVOKED of its credential reaches
+    the leader (its NODE_REMOVED lost, or still on its way: it goes after): the leader ends the
+    node's stream as a deletion ends it, not as a credential reset (the node is no longer stored),
+    and the other node's stream stays."""
+    from controller.api.server import NODE_REMOVED
+
+    caplog.set_level("INFO", logger="maia.agents")
+    async with _two_agents_on_the_leader(db_url, tmp_path) as (leader, follower, stubs, fleet):
+        gone, kept = fleet.node_ids
+        streams = dict(leader.hub._sessions)
+        send = follower.channel.send
+        follower.channel.send = lambda kind, items=(): None if kind == NODE_REMOVED else send(kind, items)
+        await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id=gone))
+        ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
+        await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader", timeout=10.0)
+        assert "was revoked" not in caplog.text and not streams[kept].closed

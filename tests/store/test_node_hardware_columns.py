@@ -31,10 +31,12 @@ async def _update_triggers(db: Database) -> dict[str, str]:
     """The definitions of the watchers' triggers on nodes that an UPDATE fires, by name."""
     async with db.engine.connect() as conn:
         rows = (await conn.execute(text(_TRIGGERS_SQLITE if db.is_sqlite else _TRIGGERS_PG))).all()
-    return {name: sql for name, sql in rows if name.startswith(WATCHERS) and re.search(r"\bUPDATE\b", sql.split(" ON ")[0])}
+    return {name: sql for name, sql in rows
+            if name.startswith(WATCHERS) and re.search(r"\bUPDATE\b", sql.split(" ON ")[0])}
 
 
-async def test_the_columns_the_isolation_and_capacity_triggers_on_nodes_watch_are_the_constant(database: Database) -> None:
+async def test_the_columns_the_isolation_and_capacity_triggers_on_nodes_watch_are_the_constant(
+        database: Database) -> None:
     triggers = await _update_triggers(database)
     assert {name.split("_nodes")[0] for name in triggers} == {"trg_isolation", "trg_z_capacity"}, triggers
     watched: set[str] = set()
