@@ -15,7 +15,9 @@ tenant's submit rate) is not waited out: the caller gets the answer, which says 
 Making a write again is safe because the answer says nothing of it was written; the submits and
 updates of `maiactl apply` carry a `client_request_id` besides (one per run), so even a write that
 had landed would be answered its first result rather than written twice. Streams (watches) are
-not retried here.
+not retried here, nor is a call made with `.future()`: its caller holds a future that must
+not wait for the call (nor for any pause), so it gets the first attempt's as it is (one whose
+answer came before the interceptor looked, already ended, is treated as a blocking call).
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ class RetryTold(grpc.UnaryUnaryClientInterceptor):
         while True:
             outcome = continuation(details, request)
             attempts += 1
-            error = outcome.exception()  # blocks until the call ended
+            if not outcome.done():  # `.future()` (a blocking call's outcome has ended): not waited for here
+                return outcome
+            error = outcome.exception()
             if error is None:
                 return outcome
             told = told_retry_s(error.trailing_metadata()) if isinstance(error, grpc.Call) else None

@@ -167,3 +167,24 @@ def test_the_pause_before_the_next_attempt(told: float, attempts: int, left: flo
                                            pause: float | None) -> None:
     got = RetryPolicy().pause_s(told, attempts, left, _Rng(stretch))  # type: ignore[arg-type]
     assert got == pytest.approx(pause) if pause is not None else got is None
+
+
+@dataclass
+class Held(Answers):
+    """`Answers` whose first attempt is answered only once `release` is set."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def GetVersion(self, request: admin_pb2.GetVersionRequest, context: grpc.ServicerContext) -> admin_pb2.VersionInfo:
+        self.release.wait(10.0)
+        return super().GetVersion(request, context)
+
+
+def test_a_future_call_is_handed_back_before_it_is_answered_and_not_retried(serve: Servers) -> None:
+    answers = Held(refusals=1, retry_ms=10)
+    client = serve(answers)
+    future = client.admin.GetVersion.future(admin_pb2.GetVersionRequest(), timeout=5.0)
+    assert not future.done()  # the interceptor did not wait for the answer (it blocked until the timeout)
+    answers.release.set()
+    assert future.exception().code() == grpc.StatusCode.ABORTED  # the caller's to retry
+    assert len(answers.arrived) == 1
