@@ -4,7 +4,10 @@ Tests that take `db_url` (an empty database) or `database` (a migrated `Database
 on a SQLite file and on a real PostgreSQL.
 PostgreSQL is a throwaway server started once per session from the local PostgreSQL 15
 binaries (no Docker here), on a free port with trust auth, and stopped at the end; each test
-gets a fresh database in it (CREATE DATABASE is milliseconds). `MAIA_TEST_PG_URL` points the
+gets a fresh database in it, never used before. A PostgreSQL CREATE DATABASE costs 0.3-0.9 s on
+the 2-core CI host (more than many tests), so a worker thread makes each kind of database (empty,
+or a copy of the migrated template) a couple of tests ahead, and drops used ones behind, while
+the tests run (`_DatabaseMaker`). `MAIA_TEST_PG_URL` points the
 tests at an existing server instead. Without either, PostgreSQL cases are skipped, unless
 `MAIA_REQUIRE_POSTGRES=1` (CI), where that is an error.
 
@@ -25,8 +28,9 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,6 +105,57 @@ def _postgres_template(postgres_url: str) -> Iterator[str]:
         _run_in_thread(drop_database, postgres_url, url)
 
 
+class _DatabaseMaker:
+    """Fresh PostgreSQL databases (copies of `template`, or empty without one) made `ahead` tests
+    in advance on a worker thread of its own, and dropped there after use, so that a test waits
+    for neither. Each database serves one test; made and dropped in the order asked."""
+
+    def __init__(self, server_url: str, template: str | None, ahead: int = 2) -> None:
+        self._server_url = server_url
+        self._template = template
+        self._ahead = ahead
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-databases")
+        self._made: deque[Future[str]] = deque()
+        self._dropped: list[Future[None]] = []
+
+    def _make(self) -> None:
+        self._made.append(self._thread.submit(asyncio.run, create_database(self._server_url, self._template)))
+
+    async def take(self) -> str:
+        """The URL of a database no test has used; the next ones start being made."""
+        while len(self._made) <= self._ahead:
+            self._make()
+        return await asyncio.wrap_future(self._made.popleft())
+
+    def drop(self, url: str) -> None:
+        self._dropped.append(self._thread.submit(asyncio.run, drop_database(self._server_url, url)))
+
+    def close(self) -> None:
+        """Drop the databases made and not taken; wait for every drop (raising the first failure)."""
+        for made in self._made:
+            try:
+                self.drop(made.result())
+            except Exception:  # noqa: BLE001 - a make that failed left nothing to drop
+                pass
+        self._thread.shutdown(wait=True)
+        for dropped in self._dropped:
+            dropped.result()
+
+
+@pytest.fixture(scope="session")
+def _postgres_empty_databases(postgres_url: str) -> Iterator[_DatabaseMaker]:
+    maker = _DatabaseMaker(postgres_url, None)
+    yield maker
+    maker.close()
+
+
+@pytest.fixture(scope="session")
+def _postgres_migrated_databases(postgres_url: str, _postgres_template: str) -> Iterator[_DatabaseMaker]:
+    maker = _DatabaseMaker(postgres_url, _postgres_template)
+    yield maker
+    maker.close()
+
+
 @pytest.fixture(scope="session")
 def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "maia.db"
@@ -120,12 +175,12 @@ async def db_url(db_backend: str, request: pytest.FixtureRequest, tmp_path: Path
     if db_backend == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}"
         return
-    server_url = request.getfixturevalue("postgres_url")
-    url = await create_database(server_url)
+    maker: _DatabaseMaker = request.getfixturevalue("_postgres_empty_databases")
+    url = await maker.take()
     try:
         yield url
     finally:
-        await drop_database(server_url, url)
+        maker.drop(url)
 
 
 @pytest.fixture
@@ -133,22 +188,24 @@ async def database(db_backend: str, request: pytest.FixtureRequest, tmp_path: Pa
     """A `Database` migrated to head, its own fresh database on each backend; disposed after.
 
     Independent of `db_url` (which stays empty); the migrated database's URL is `database.url`.
-    Copied from a per-session migrated template, so it costs milliseconds, not a migration.
+    Copied from a per-session migrated template (on PostgreSQL ahead of the test, see
+    `_DatabaseMaker`), so it costs milliseconds, not a migration.
     """
+    maker: _DatabaseMaker | None = None
     if db_backend == "sqlite":
         path = tmp_path / "maia-migrated.db"
         shutil.copyfile(request.getfixturevalue("_sqlite_template"), path)
-        url, server_url = f"sqlite+aiosqlite:///{path}", None
+        url = f"sqlite+aiosqlite:///{path}"
     else:
-        server_url = request.getfixturevalue("postgres_url")
-        url = await create_database(server_url, template=request.getfixturevalue("_postgres_template"))
+        maker = request.getfixturevalue("_postgres_migrated_databases")
+        url = await maker.take()
     db = Database(url)
     try:
         yield db
     finally:
         await db.dispose()
-        if server_url is not None:
-            await drop_database(server_url, url)
+        if maker is not None:
+            maker.drop(url)
 
 
 @pytest.fixture

@@ -1,6 +1,12 @@
 """Fixtures for integration tests: a real controller (in-process gRPC server on 127.0.0.1:0)
 on each database backend with authentication on, and stubs on a channel to it that carry the
-bootstrap admin token."""
+bootstrap admin token.
+
+`controller_app` starts on an already migrated database (a copy of the session's template, see
+tests/conftest.py): what these tests are about is the API, and a migration at every start cost
+0.3-0.6 s a test. Starting on an empty database (migrating it) is tested by the tests that start
+their controllers on `db_url` themselves (test_api_auth.py, test_controller_startup.py, tests/cli).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from controller.api.server import ControllerApp
+from controller.store.db import Database
 from grpc_harness import Stubs, admin_token_of, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
 
 @pytest.fixture
-async def controller_app(db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
-    async with running_controller(db_url, tmp_path) as app:
+async def controller_app(database: Database, tmp_path: Path) -> AsyncIterator[ControllerApp]:
+    async with running_controller(database.url, tmp_path) as app:
         yield app
 
 

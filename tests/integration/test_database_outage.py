@@ -52,13 +52,13 @@ async def _end_the_controllers_connections(db_url: str) -> int:
 
 
 async def test_a_lost_database_connection_is_unavailable_with_a_retry_time(controller_app: ControllerApp,
-                                                                           stubs: Stubs, db_url: str) -> None:
+                                                                           stubs: Stubs) -> None:
     await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-first"))  # the pool holds live connections
     refused: grpc.aio.AioRpcError | None = None
     # The controller's own loops (reconciler, lifecycle) may meet a lost connection first and have
     # the pool replaced before the call gets one: end them again until a call meets one.
     for attempt in range(ATTEMPTS):
-        assert await _end_the_controllers_connections(db_url) > 0
+        assert await _end_the_controllers_connections(controller_app.config.db_url) > 0
         try:
             await stubs.admin.CreateTenant(admin_pb2.Tenant(id=f"lab-{attempt}"))
         except grpc.aio.AioRpcError as exc:
@@ -124,11 +124,11 @@ async def _deadlocked_call(engine: AsyncEngine, stubs: Stubs, tenant: str) -> gr
 
 
 async def test_a_call_aborted_by_the_database_as_a_deadlocks_victim_is_aborted_with_a_retry_time(
-        controller_app: ControllerApp, stubs: Stubs, db_url: str) -> None:
+        controller_app: ControllerApp, stubs: Stubs) -> None:
     """A call whose transaction PostgreSQL aborted as a deadlock's victim (SQLSTATE 40P01) reached the
     caller as INTERNAL ("a bug, do not retry"). It is ABORTED, with a retry time, saying nothing was
     written; the call retried lands."""
-    engine = create_async_engine(db_url)
+    engine = create_async_engine(controller_app.config.db_url)
     refused = None
     try:
         for attempt in range(ATTEMPTS):  # a loaded machine may let the call's one check pass first
