@@ -15,7 +15,9 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -112,11 +114,18 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def create_database(server_url: str, template: str | None = None, prefix: str = "maia_test") -> str:
+# How to connect to the server: `asyncpg.connect` unless a caller passes its own (the test
+# fixtures, working on a thread of their own, pass the one they took before any test could
+# monkeypatch `asyncpg.connect`).
+Connect = Callable[[str], Awaitable[Any]]
+
+
+async def create_database(server_url: str, template: str | None = None, prefix: str = "maia_test", *,
+                          connect: Connect | None = None) -> str:
     import asyncpg
 
     name = f"{prefix}_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    conn = await (connect or asyncpg.connect)(asyncpg_dsn(server_url))
     try:
         sql = f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
         if conn.get_server_version().major >= 15:
@@ -128,11 +137,11 @@ async def create_database(server_url: str, template: str | None = None, prefix: 
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
-async def drop_database(server_url: str, db_url: str) -> None:
+async def drop_database(server_url: str, db_url: str, *, connect: Connect | None = None) -> None:
     import asyncpg
 
     name = make_url(db_url).database
-    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    conn = await (connect or asyncpg.connect)(asyncpg_dsn(server_url))
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import pytest
 from hypothesis import settings
 from sqlalchemy.engine import make_url
@@ -105,6 +106,11 @@ def _postgres_template(postgres_url: str) -> Iterator[str]:
         _run_in_thread(drop_database, postgres_url, url)
 
 
+# Taken before any test runs: tests monkeypatch `asyncpg.connect` (tests/store/test_notify.py), and
+# `_DatabaseMaker`'s thread works while they run; it must neither see their stand-ins nor be seen.
+_PG_CONNECT = asyncpg.connect
+
+
 class _DatabaseMaker:
     """Fresh PostgreSQL databases (copies of `template`, or empty without one) made `ahead` tests
     in advance on a worker thread of its own, and dropped there after use, so that a test waits
@@ -119,7 +125,8 @@ class _DatabaseMaker:
         self._dropped: list[Future[None]] = []
 
     def _make(self) -> None:
-        self._made.append(self._thread.submit(asyncio.run, create_database(self._server_url, self._template)))
+        self._made.append(self._thread.submit(
+            asyncio.run, create_database(self._server_url, self._template, connect=_PG_CONNECT)))
 
     async def take(self) -> str:
         """The URL of a database no test has used; the next ones start being made."""
@@ -128,7 +135,8 @@ class _DatabaseMaker:
         return await asyncio.wrap_future(self._made.popleft())
 
     def drop(self, url: str) -> None:
-        self._dropped.append(self._thread.submit(asyncio.run, drop_database(self._server_url, url)))
+        self._dropped.append(self._thread.submit(
+            asyncio.run, drop_database(self._server_url, url, connect=_PG_CONNECT)))
 
     def close(self) -> None:
         """Drop the databases made and not taken; wait for every drop (raising the first failure)."""
