@@ -20,14 +20,10 @@ counterexample found locally is pinned with `@example` when it is fixed.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
