@@ -157,13 +157,13 @@ def _maiactl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
 
 
 async def test_maiactl_makes_a_call_that_was_a_deadlocks_victim_again_and_it_lands(
-        controller_app: ControllerApp, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        controller_app: ControllerApp, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         caplog: pytest.LogCaptureFixture) -> None:
     """`maiactl apply` of a tenant whose CreateTenant was a deadlock's victim failed ("error: ABORTED:
     ... retry the call", exit 1); its channel now makes the call again after the pause the answer's
     RetryInfo asks for, and the tenant is created (exit 0)."""
     at = ("--controller", controller_app.address, "--token", admin_token_of(controller_app))
-    engine = create_async_engine(db_url)
+    engine = create_async_engine(controller_app.config.db_url)
     caplog.set_level(logging.WARNING, logger="maia.api")
     victim = "the database aborted a transaction of /maia.v1.AdminService/CreateTenant"
     try:
