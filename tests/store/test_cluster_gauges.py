@@ -20,6 +20,7 @@ from controller.store import metering
 from controller.store import models as m
 from controller.store import partitions
 from controller.store import repositories as repo
+from controller.store.repositories import usage
 from controller.store.db import Database
 
 from .seed import TWO_RACKS, seed_problem
@@ -209,7 +210,7 @@ async def test_a_scrape_reads_a_row_only_per_unplaced_deployment_and_up_node(
         return reading
 
     monkeypatch.setattr(cluster, "partitions", counted(cluster.partitions))
-    monkeypatch.setattr(repo, "partitions", counted(repo.partitions))
+    monkeypatch.setattr(usage, "partitions", counted(usage.partitions))  # `cluster_usage`
     gauges = await _gauges(database)
     assert gauges.unplaced_by_reason == {"NO_CAPACITY": 2, "QUOTA_ACCELERATORS": 1}
     up_nodes = sum(1 for state in STATES if state != "down")

@@ -1,0 +1,49 @@
+"""Queries the controller's use cases need, and the mapping of rows to domain values.
+
+Use cases never build SQL: they call these functions with the session of their unit of work
+(`from controller.store import repositories as repo`, then `repo.get_node(...)`). Everything
+returned to callers outside the store is a `controller.domain.values` value, so the ORM stays
+behind this package (rows are returned only to the use cases that change them).
+
+One module a kind of row; this package re-exports their public names:
+- `common`: paging, counting, which ids exist, an upsert;
+- `generation`: the cluster and capacity generations;
+- `events`: the event log;
+- `topology`: zones, rows, racks;
+- `tenants`: tenants, what a submit batch reads of them, client request ids;
+- `usage`: what placements use, by node and tenant, and power by rack;
+- `nodes`: node reads, health, cordons, heartbeats, views;
+- `deployments`: deployments by name with their placements, submits, deletion marks, views;
+- `placements`: shard states, releases, quarantine, the agents' assignment sets.
+The generation movers of `store/changes.py` are re-exported for the use cases.
+"""
+
+from controller.store.changes import (bump_cluster_generation, bump_cluster_generation_unread, moves_generation_alone,
+                                      will_change_nodes_hardware, will_move_generation)
+from controller.store.repositories.common import (
+    count_rows, existing_ids, upsert)
+from controller.store.repositories.generation import (
+    read_capacity_generation, read_cluster_generation)
+from controller.store.repositories.events import (
+    NewEvent, list_events, record_event, record_events)
+from controller.store.repositories.topology import (
+    get_rack, list_racks, list_rows, list_zones)
+from controller.store.repositories.tenants import (
+    SubmitBatchReads, TenantSubmitFacts, count_tenant_deployments, existing_tenant_ids, forget_request_ids,
+    get_tenant, list_tenant_rows, submit_batch_reads, tenant_deployments, tenant_ids, tenant_spec)
+from controller.store.repositories.usage import (
+    ClusterUsage, PLACEMENT_MILLI, cluster_usage, placement_milli, rack_power)
+from controller.store.repositories.nodes import (
+    count_nodes_by_rack, count_placements_on_nodes, get_node, list_node_rows, node_capacities, node_health_by_zone,
+    node_info, node_liveness_rows, node_rows_by_id, node_state_counts, node_view, set_node_cordoned, set_node_health,
+    write_heartbeats)
+from controller.store.repositories.deployments import (
+    DeploymentColumns, NamedDeployment, PlacedNode, PlacementColumns, SubmitFacts, changed_since_read, clear_failures,
+    count_deployments_by_phase, count_schedulable_deployments, deleting_view, deployment_spec, deployment_view,
+    deployments_named, get_deployment, implied_phase, insert_deployments, list_deployment_rows,
+    new_deployment_columns, new_deployment_row, new_deployment_view, record_deleting, set_deleting, spec_columns,
+    submit_facts, tenants_with_deployment, write_deployment_spec)
+from controller.store.repositories.placements import (
+    ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,
+    placements_of_deployments, quarantine_deployment, release_placements_beyond, release_quarantined,
+    remove_placements_on_node, shard_states, view_as_written, write_deployment_phases, write_reported_shards)

@@ -1,0 +1,43 @@
+"""Row helpers every repository module shares: paging a listing, counting rows, which ids exist, an upsert."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store import models as m
+from controller.store.inlist import any_of
+from controller.domain.paging import PageBounds
+
+
+def _paged(stmt: Select, page: PageBounds | None, *columns: object) -> Select:
+    """Keyset paging on `columns` (the statement's sort order): rows after the page's key,
+    one more than the page holds (to tell whether another page follows)."""
+    if page is None:
+        return stmt
+    if page.after is not None:
+        stmt = stmt.where(tuple_(*columns) > tuple_(*page.after))
+    return stmt.limit(page.limit + 1)
+
+
+async def count_rows(session: AsyncSession, model: type[m.Base]) -> int:
+    return int(await session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+async def existing_ids(session: AsyncSession, model: type, ids: Iterable[str]) -> set[str]:
+    wanted = set(ids)
+    if not wanted:
+        return set()
+    return set(await session.scalars(select(model.id).where(any_of(session, model.id, wanted))))
+
+
+async def upsert(session: AsyncSession, model: type[m.Base], key: str, **values: object) -> None:
+    """Insert the row of `model` whose id is `key` with `values`, or set them on the stored one."""
+    row = await session.get(model, key)
+    if row is None:
+        session.add(model(id=key, **values))
+    else:
+        for name, value in values.items():
+            setattr(row, name, value)

@@ -1,0 +1,496 @@
+"""Deployments: reads by name (with their placements), the submit's facts and inserts, deletion marks,
+phases, and a deployment's view (`controller.domain.values.DeploymentView`) built from its rows."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import (ColumnElement, Row, Select, Update, bindparam, insert, case, func, literal, literal_column,
+                        null, select, update)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
+
+from controller.store import models as m
+from controller.store.inlist import POSTGRESQL, any_of, any_of_named, any_of_named_in_order, dialect_of, listed
+from controller.store.marks import rowcount_unread
+from controller.store.changes import schedulable_count
+from controller.domain import values as d
+from controller.domain.paging import PageBounds
+from controller.domain import restarts
+from controller.domain.phases import ReplicaCounts, deployment_phase, replica_counts
+from controller.store.repositories.common import _paged
+from controller.store.repositories.tenants import tenant_deployments
+from controller.store.repositories.usage import placement_milli
+from controller.store.repositories.nodes import _NODES
+
+
+async def count_schedulable_deployments(session: AsyncSession) -> int:
+    """Deployments a snapshot holds (neither being deleted nor quarantined). At one cluster
+    generation this only grows, by submissions, which leave the generation alone (a new
+    deployment invalidates no plan; it only asks for another pass): how the reconciler sees them."""
+    return int(await session.scalar(schedulable_count()) or 0)
+
+
+# Deployments with their placements and the placements' nodes: in three statements (selectin), for
+# lists and pages of any size; in one (joined) for one deployment or a few named ones, which the
+# hot paths read on the event loop's turns, each statement a round trip (the selectin loads' IN
+# lists of ids were also a statement text per size). Joined results need `.unique()`.
+_DEPLOYMENT_LOAD = (selectinload(m.Deployment.placements).selectinload(m.Placement.node),)
+
+
+_DEPLOYMENT_JOINED = (joinedload(m.Deployment.placements).joinedload(m.Placement.node),)
+
+
+async def get_deployment(session: AsyncSession, tenant: str, name: str) -> m.Deployment | None:
+    """The deployment `name` of `tenant` (names are per tenant)."""
+    return (await session.scalars(
+        select(m.Deployment).options(*_DEPLOYMENT_JOINED)
+        .where(m.Deployment.tenant_id == tenant, m.Deployment.name == name)
+    )).unique().one_or_none()
+
+
+# A deployment's columns by attribute name without the ORM: a Core row of its table
+# (`deployments_named`), or the columns written for a new one (`new_deployment_view`).
+DeploymentColumns = Row[Any] | SimpleNamespace
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedNode:
+    """What a view reads of a placement's node."""
+
+    rack_id: str
+    draining: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementColumns:
+    """A placement's columns `deployment_view` reads, loaded without the ORM (`deployments_named`)."""
+
+    replica: int
+    shard: int
+    node_id: str
+    accelerator_indices: list[int] | None
+    accelerator_milli: int | None
+    phase: m.ShardPhase
+    message: str
+    revision: int
+    node: PlacedNode | None
+
+
+@dataclass(frozen=True, slots=True)
+class NamedDeployment:
+    """A deployment read without the ORM (`deployments_named`): its columns and its placements."""
+
+    row: Row[Any]
+    placements: tuple[PlacementColumns, ...]
+
+    def view(self) -> d.DeploymentView:
+        return deployment_view(self.row, self.placements)
+
+
+_DEPLOYMENTS, _PLACEMENTS = m.Deployment.__table__, m.Placement.__table__
+
+
+_PLACEMENT_READ = ("replica", "shard", "node_id", "accelerator_indices", "accelerator_milli", "phase", "message",
+                   "revision")  # with the node's rack and draining flag: `PlacementColumns`, in order
+
+
+def _named_query(dialect: str, *, lock: bool = False) -> Select:
+    """`deployments_named`' query for `dialect`, its list named `names`: each deployment's columns
+    (by their names), then, outer joined, those of each placement and its node (labelled apart):
+    a row per placement, one for a deployment with none. `lock`: the deployments' rows locked to
+    the end of the transaction (PostgreSQL: FOR NO KEY UPDATE OF deployments, which rows that
+    refer to them do not wait for; SQLite: as without), in ascending id as a plan commit locks them
+    (the lock order: store/changes.py), and on PostgreSQL one more column, whether the row was
+    written by a commit the lock waited for (`_WRITTEN_UNDER_LOCK`)."""
+    placement = _PLACEMENTS.c
+    written = (_WRITTEN_UNDER_LOCK,) if lock and dialect == POSTGRESQL else ()
+    query = (select(_DEPLOYMENTS, *(placement[c].label(f"placement_{c}") for c in _PLACEMENT_READ),
+                    _NODES.c.rack_id.label("node_rack_id"), _NODES.c.draining.label("node_draining"), *written)
+             .select_from(_DEPLOYMENTS.outerjoin(_PLACEMENTS, placement.deployment_id == _DEPLOYMENTS.c.id)
+                          .outerjoin(_NODES, _NODES.c.id == placement.node_id))
+             .where(any_of_named(dialect, _DEPLOYMENTS.c.name, "names")))
+    return query.order_by(_DEPLOYMENTS.c.id).with_for_update(of=_DEPLOYMENTS, key_share=True) if lock else query
+
+
+# PostgreSQL (READ COMMITTED): a locking read that waited for a commit holding a row hands back
+# that row as the commit left it (re-read: EvalPlanQual) but the rows joined to it as the
+# statement's snapshot had them: a report flush judged a deployment's phase by shards a plan
+# commit had removed, or without those it added. The row's version (xmin) against the one the
+# snapshot sees (a subquery, not re-read) tells such a row; its placements are read again.
+_AS_READ = _DEPLOYMENTS.alias("as_read")
+
+
+_WRITTEN_UNDER_LOCK = (literal_column("deployments.xmin::text") != select(literal_column("as_read.xmin::text"))
+                       .where(_AS_READ.c.id == _DEPLOYMENTS.c.id).scalar_subquery()).label("written_under_lock")
+
+
+_NAMED = {dialect: _named_query(dialect) for dialect in ("sqlite", POSTGRESQL)}
+
+
+_NAMED_LOCKED = {dialect: _named_query(dialect, lock=True) for dialect in ("sqlite", POSTGRESQL)}
+
+
+_DEPLOYMENT_WIDTH = len(_DEPLOYMENTS.c)
+
+
+_PLACEMENT_WIDTH = len(_PLACEMENT_READ) + 2  # with the node's rack and draining flag
+
+
+async def deployments_named(session: AsyncSession, names: Iterable[str], *, lock: bool = False) -> list[NamedDeployment]:
+    """The deployments called any of `names`, in every tenant (a batch of by-name calls), with
+    their placements: one query of plain columns. As ORM entities (joined) the same read was the
+    largest item of a delete batch's CPU after its flush (docs/benchmarks.md, `unary`).
+    `lock`: their rows are locked to the end of the transaction (PostgreSQL; SQLite's writer is
+    one already), so that what is written from this read is not written over a commit that lands
+    in between (that commit is waited for, and read)."""
+    found: dict[int, tuple[Row[Any], list[PlacementColumns]]] = {}
+    queries = _NAMED_LOCKED if lock else _NAMED
+    written: set[str] = set()  # written by a commit the lock waited for (`_WRITTEN_UNDER_LOCK`)
+    for row in await session.execute(queries[dialect_of(session)], {"names": sorted(set(names))}):
+        entry = found.get(row.id)
+        if entry is None:
+            entry = found[row.id] = (row, [])
+        replica, shard, node_id, indices, milli, phase, message, revision, rack_id, draining = \
+            row[_DEPLOYMENT_WIDTH:_DEPLOYMENT_WIDTH + _PLACEMENT_WIDTH]
+        if replica is not None:  # a placement (the outer join's NULLs: none)
+            entry[1].append(PlacementColumns(replica, shard, node_id, indices, milli, phase, message, revision,
+                                             None if rack_id is None else PlacedNode(rack_id, draining)))
+        if len(row) > _DEPLOYMENT_WIDTH + _PLACEMENT_WIDTH and row[-1]:
+            written.add(row.name)
+    named = [NamedDeployment(row, tuple(placed)) for row, placed in found.values()]
+    if not written:
+        return named
+    # Locked now: read again (a statement of its own sees that commit), as committed.
+    again = {dep.row.id: dep for dep in await deployments_named(session, written)}
+    return [again.get(dep.row.id, dep) for dep in named]
+
+
+def _deleting_statement(dialect: str) -> Update:
+    """`set_deleting`'s UPDATE for `dialect`: the deployments of the ids `ids` DELETING as of `at`.
+    A row DELETING already gets NULL, which the column refuses (`changed_since_read`)."""
+    table = m.Deployment.__table__
+    deleting = m.DeploymentPhase.DELETING
+    return rowcount_unread(update(table).where(any_of_named_in_order(dialect, table.c.id, "ids", deletes=False)).values(
+        phase=case((table.c.phase == deleting, null()), else_=literal(deleting, table.c.phase.type)),
+        updated_at=bindparam("at")))
+
+
+_DELETING = {dialect: _deleting_statement(dialect) for dialect in ("sqlite", POSTGRESQL)}
+
+
+async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[Any]]) -> datetime:
+    """Mark deployments DELETING in ONE UPDATE statement; returns the time written. ORM rows
+    among them are updated as written (nothing left for the session to flush: the ORM's flush of
+    the same change, its unit of work over every loaded row and placement, was most of a batch of
+    deletions' CPU); the views of plain rows read what it wrote with `deleting_view`.
+
+    The caller read them not DELETING; one that another transaction marked since (a lone delete
+    racing a batch of the same name) fails the statement, and so the caller's transaction, before
+    its event, bump or audit entry is written (`changed_since_read`; on SQLite inside
+    `deferred_writes`, at the COMMIT): nothing reads the statement's row count, so a deployment is
+    never marked twice without a trip to learn it. One removed since (the UPDATE matches no row)
+    is told by the events' INSERT that follows (`record_deleting`)."""
+    at = m.utcnow()
+    dialect = dialect_of(session)
+    ids = [row.id for row in rows]
+    await session.execute(_DELETING[dialect], {"ids": listed(dialect, ids), "at": at})
+    for row in rows:
+        if isinstance(row, m.Deployment):
+            set_committed_value(row, "phase", m.DeploymentPhase.DELETING)
+            set_committed_value(row, "updated_at", at)
+    return at
+
+
+# `record_deleting`'s INSERT: a `deployment.deleting` event whose object is its key only while the
+# row of its id is still the deployment its caller read (the same tenant and name), and NULL, which
+# the column refuses, when that row is gone (removed since the read) or is another deployment's (a
+# new row under its id: SQLite gave a removed last row's id to the next one until migration 0024).
+_DEPLOYMENTS_TABLE = m.Deployment.__table__
+
+
+_DELETING_EVENT = insert(m.Event.__table__).values(
+    kind="deployment.deleting", object_kind="deployment", message="",
+    object_id=select(bindparam("key", type_=m.Event.__table__.c.object_id.type)).where(
+        _DEPLOYMENTS_TABLE.c.id == bindparam("deployment_id"), _DEPLOYMENTS_TABLE.c.tenant_id == bindparam("tenant"),
+        _DEPLOYMENTS_TABLE.c.name == bindparam("name")).scalar_subquery())
+
+
+async def record_deleting(session: AsyncSession, rows: Sequence[tuple[m.Deployment | Row[Any], str]]) -> None:
+    """The `deployment.deleting` events (each by its actor) of the deployments `set_deleting`
+    marked, in ONE INSERT statement, after it. `set_deleting`'s UPDATE matches by id and reads no
+    row count, so it cannot tell a row removed since its caller read it (marked by another delete
+    and removed by the reconciler; a quarantined one released by a submit) from one it marked, nor
+    a new row that took the removed one's id from the one read: this INSERT refuses (NOT NULL on
+    `events.object_id`) unless every row is there as read, so the transaction fails whole, the
+    UPDATE with it (`changed_since_read`). Nothing is read back (`sqlite_driver.deferred_writes`)."""
+    at = m.utcnow()
+    await session.execute(_DELETING_EVENT, [
+        {"at": at, "actor": actor, "data": {}, "key": d.deployment_key(row.tenant_id, row.name),
+         "deployment_id": row.id, "tenant": row.tenant_id, "name": row.name} for row, actor in rows])
+
+
+_NOT_NULL_VIOLATION = "23502"  # PostgreSQL's SQLSTATE
+
+
+# The NULLs a mark writes when what its caller read changed since: `deployments.phase` (marked
+# DELETING since: `set_deleting`), `events.object_id` (its row gone since: `record_deleting`).
+_CHANGED_SINCE_READ = ((_DEPLOYMENTS_TABLE.name, _DEPLOYMENTS_TABLE.c.phase.name),
+                       (m.Event.__table__.name, m.Event.__table__.c.object_id.name))
+
+
+def changed_since_read(exc: BaseException) -> bool:
+    """`exc` is a mark's refusal of a deployment that changed after its caller read it: marked
+    DELETING since (the NULL `set_deleting` wrote into `deployments.phase`) or gone since (the NULL
+    `record_deleting` wrote into `events.object_id`), and nothing else (another column's NOT NULL,
+    another table's `phase`, a unique violation). PostgreSQL's error names the table and the column
+    (asyncpg's, under SQLAlchemy's adaptation); SQLite's names them only in its message."""
+    if not isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc.orig, sqlite3.IntegrityError):
+        return (exc.orig.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_NOTNULL
+                and exc.orig.args[:1] in {(f"NOT NULL constraint failed: {table}.{column}",)
+                                          for table, column in _CHANGED_SINCE_READ})
+    driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
+    return (getattr(driver, "sqlstate", None) == _NOT_NULL_VIOLATION
+            and (getattr(driver, "table_name", None), getattr(driver, "column_name", None)) in _CHANGED_SINCE_READ)
+
+
+def deleting_view(deployment: NamedDeployment, at: datetime) -> d.DeploymentView:
+    """The view of a deployment read by `deployments_named` once `set_deleting` marked it `at`:
+    what its UPDATE wrote (the phase and the time) over what was read."""
+    return replace(deployment.view(), phase=m.DeploymentPhase.DELETING.value, updated_at=at)
+
+
+async def tenants_with_deployment(session: AsyncSession, name: str, limit: int = 2) -> list[str]:
+    """Tenants that have a deployment called `name` (the first `limit`, by tenant id)."""
+    return list(await session.scalars(
+        select(m.Deployment.tenant_id).where(m.Deployment.name == name).order_by(m.Deployment.tenant_id).limit(limit)
+    ))
+
+
+def _named_as_any(session: AsyncSession, keys: Iterable[str]) -> ColumnElement[bool]:
+    """Deployments named as any of `keys` (`TENANT/NAME`): by name alone, which the index serves; a
+    superset that the caller narrows to the keys' tenants."""
+    return any_of(session, m.Deployment.name, {d.split_deployment_key(k)[1] for k in keys})
+
+
+async def list_deployment_rows(
+    session: AsyncSession, *, tenant: str = "", keys: Iterable[str] | None = None,
+    phases: Iterable[m.DeploymentPhase] | None = None, page: PageBounds | None = None, name: str = "",
+) -> list[m.Deployment]:
+    """Deployments by name (then id), optionally of one tenant, of one name, with given keys
+    (`TENANT/NAME`), or in given phases."""
+    named = keys is not None or bool(name)  # a few: joined (see `_DEPLOYMENT_JOINED`)
+    stmt = (select(m.Deployment).options(*(_DEPLOYMENT_JOINED if named else _DEPLOYMENT_LOAD))
+            .order_by(m.Deployment.name, m.Deployment.id))
+    if tenant:
+        stmt = stmt.where(m.Deployment.tenant_id == tenant)
+    if name:
+        stmt = stmt.where(m.Deployment.name == name)
+    wanted: set[str] | None = None
+    if keys is not None:
+        wanted = set(keys)
+        stmt = stmt.where(_named_as_any(session, wanted))
+    if phases is not None:
+        stmt = stmt.where(m.Deployment.phase.in_(list(phases)))
+    found = await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id))
+    rows = list(found.unique() if named else found)
+    if wanted is not None:  # the names matched; the tenants must too
+        rows = [r for r in rows if d.deployment_key(r.tenant_id, r.name) in wanted]
+    return rows
+
+
+@dataclass(frozen=True)
+class SubmitFacts:
+    """What a submit's checks read of the store, in one query."""
+
+    tenant_zones: tuple[str, ...]
+    exists: bool               # the tenant has a deployment of that name
+    deployments: int           # the tenant's deployments
+    capacity_generation: int
+
+
+def _submit_facts_query() -> Select:
+    tenant, name = bindparam("tenant"), bindparam("name")
+    exists = select(m.Deployment.id).where(m.Deployment.tenant_id == tenant, m.Deployment.name == name).exists()
+    count = tenant_deployments(tenant)
+    generation = select(m.CapacityState.generation).where(m.CapacityState.id == 1).scalar_subquery()
+    return select(m.Tenant.zones, exists, count, generation).where(m.Tenant.id == tenant)
+
+
+# Built once: building it per submit was a third of the submit's reads' Python time (py-spy, bench e2e).
+_SUBMIT_FACTS = _submit_facts_query()
+
+
+async def submit_facts(session: AsyncSession, tenant: str, name: str) -> SubmitFacts | None:
+    """The facts a submit of `tenant`/`name` is checked against; None when there is no such tenant."""
+    row = (await session.execute(_SUBMIT_FACTS, {"tenant": tenant, "name": name})).one_or_none()
+    if row is None:
+        return None
+    zones, found, deployments, capacity_generation = row
+    return SubmitFacts(tuple(zones or ()), bool(found), int(deployments), int(capacity_generation or 0))
+
+
+async def count_deployments_by_phase(session: AsyncSession, tenant: str = "") -> dict[str, int]:
+    query = select(m.Deployment.phase, func.count()).group_by(m.Deployment.phase)
+    if tenant:
+        query = query.where(m.Deployment.tenant_id == tenant)
+    rows = await session.execute(query)
+    return {phase.value: int(n) for phase, n in rows}
+
+
+def deployment_spec(row: m.Deployment) -> d.DeploymentSpec:
+    spread = None
+    if row.spread_domain is not None and row.spread_max_per_domain:
+        spread = d.Spread(row.spread_domain.value, row.spread_max_per_domain)
+    return d.DeploymentSpec(
+        name=row.name, tenant=row.tenant_id, replicas=row.replicas, min_replicas=row.min_replicas,
+        shards_per_replica=row.shards_per_replica,
+        shard=d.ShardSpec(
+            accelerators=row.shard_accelerators, accelerator_milli=row.shard_accelerator_milli,
+            hbm_gib=row.shard_hbm_gib, cpu_milli=row.shard_cpu_milli, memory_mib=row.shard_memory_mib,
+            power_w=row.shard_power_w, accelerator_models=tuple(row.shard_accelerator_models or ()) or None,
+        ),
+        locality=row.locality.value, spread=spread, priority=row.priority, preemptible=row.preemptible,
+    )
+
+
+def spec_columns(spec: d.DeploymentSpec) -> dict[str, object]:
+    """The deployment columns (by attribute name) a spec sets."""
+    return {
+        "name": spec.name, "tenant_id": spec.tenant,
+        "replicas": spec.replicas, "min_replicas": spec.min_replicas, "shards_per_replica": spec.shards_per_replica,
+        "shard_accelerators": spec.shard.accelerators, "shard_accelerator_milli": spec.shard.accelerator_milli,
+        "shard_hbm_gib": spec.shard.hbm_gib, "shard_cpu_milli": spec.shard.cpu_milli,
+        "shard_memory_mib": spec.shard.memory_mib, "shard_power_w": spec.shard.power_w,
+        "shard_accelerator_models": list(spec.shard.accelerator_models or ()),
+        "locality": m.Domain(spec.locality),
+        "spread_domain": m.Domain(spec.spread.domain) if spec.spread else None,
+        "spread_max_per_domain": spec.spread.max_per_domain if spec.spread else None,
+        "priority": spec.priority, "preemptible": spec.preemptible,
+    }
+
+
+def new_deployment_columns(spec: d.DeploymentSpec, at: datetime) -> dict[str, object]:
+    """A new deployment's columns (by attribute name): the spec's, PENDING, nothing placed, its
+    first revision, created `at`."""
+    return {**spec_columns(spec), "phase": m.DeploymentPhase.PENDING, "reasons": [], "generation": 0,
+            "resource_version": 1, "template_revision": 1, "revision_specs": {}, "failures": 0,
+            "created_at": at, "updated_at": at}
+
+
+def new_deployment_row(spec: d.DeploymentSpec) -> m.Deployment:
+    return m.Deployment(**new_deployment_columns(spec, m.utcnow()), placements=[])
+
+
+def new_deployment_view(columns: dict[str, object]) -> d.DeploymentView:
+    """`deployment_view` of the row inserted with `columns` (`new_deployment_columns`), which has
+    no placements yet: the row as it reads back (`deployment_spec`: no accelerator models is
+    None, a spread needs its maximum), by the one reading of a row there is."""
+    return deployment_view(SimpleNamespace(**columns), ())
+
+
+async def insert_deployments(session: AsyncSession,
+                             specs: Iterable[d.DeploymentSpec]) -> list[tuple[int, d.DeploymentView]]:
+    """New deployments (as `new_deployment_row`) written in ONE INSERT statement; returns their
+    ids and views, in order. No ORM rows: the ORM's flush wrote one statement per row on SQLite (to
+    learn each id in order), and building the rows was most of a batch's own CPU; the ids are
+    matched by (tenant, name), which is unique."""
+    at = m.utcnow()
+    specs = list(specs)
+    if not specs:
+        return []
+    table = m.Deployment.__table__
+    columns = [new_deployment_columns(spec, at) for spec in specs]
+    ids = {(tenant, name): id_ for id_, tenant, name in await session.execute(
+        insert(table).returning(table.c.id, table.c.tenant_id, table.c.name), columns)}
+    return [(ids[(spec.tenant, spec.name)], new_deployment_view(written)) for spec, written in zip(specs, columns)]
+
+
+def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:
+    """The spec's fields onto the row (an update in place)."""
+    for attribute, value in spec_columns(spec).items():
+        setattr(row, attribute, value)
+
+
+def _revision_doc(row: m.Deployment, revision: int) -> dict | None:
+    """The interchange spec of an older revision still running (None: the current one)."""
+    return None if revision == row.template_revision else (row.revision_specs or {}).get(str(revision))
+
+
+def _outgoing(row: m.Deployment, p: m.Placement) -> bool:
+    return p.revision != row.template_revision or bool(p.node is not None and p.node.draining)
+
+
+def _replica_counts(row: m.Deployment | DeploymentColumns,
+                    placements: Iterable[m.Placement | PlacementColumns] | None = None) -> ReplicaCounts:
+    placements = row.placements if placements is None else list(placements)
+    sizes = {p.replica: int(doc["shards_per_replica"]) for p in placements
+             if (doc := _revision_doc(row, p.revision)) is not None}
+    return replica_counts(row.shards_per_replica, ((p.replica, p.phase) for p in placements), sizes)
+
+
+def implied_phase(row: m.Deployment | DeploymentColumns,
+                  placements: Sequence[m.Placement | PlacementColumns] | None = None) -> m.DeploymentPhase:
+    """The phase its stored placements (or `placements`, for a row read without the ORM) imply
+    (domain/phases' rule; DELETING and FAILED are sticky)."""
+    if row.phase is m.DeploymentPhase.QUARANTINED:
+        return row.phase  # sticky until it is submitted again or deleted
+    return m.DeploymentPhase(deployment_phase(
+        row.replicas, _replica_counts(row, placements), deleting=row.phase is m.DeploymentPhase.DELETING,
+        failed=row.phase is m.DeploymentPhase.FAILED, failing=bool(restarts.failure_reasons(row.reasons or ())),
+        min_replicas=row.min_replicas))
+
+
+def clear_failures(row: m.Deployment) -> None:
+    """A fresh start for a deployment whose shards failed (its spec changed): failures in a row
+    forgotten, and a FAILED deployment placed again (domain/restarts.py)."""
+    row.failures, row.last_failure_at, row.restart_after = 0, None, None
+    if row.phase is m.DeploymentPhase.FAILED:
+        row.phase = m.DeploymentPhase.PENDING
+        row.phase = implied_phase(row)
+
+
+_NOTHING_PLACED = replica_counts(1, ())
+
+
+def deployment_view(row: m.Deployment | DeploymentColumns,
+                    placements: Sequence[m.Placement | PlacementColumns] | None = None) -> d.DeploymentView:
+    """What callers read of a deployment: of a loaded ORM row with its placements (and their
+    nodes), or of a row's columns with the placements given (`deployments_named`,
+    `new_deployment_view`): one reading of a row for both."""
+    placed = row.placements if placements is None else placements
+    counts = updated = _NOTHING_PLACED  # nothing placed (a new or pending deployment): nothing to count
+    shard_views: tuple[d.ShardPlacementView, ...] = ()
+    outgoing_replicas = 0
+    if placed:
+        counts = _replica_counts(row, placed)
+        shard_views = tuple(
+            d.ShardPlacementView(
+                replica=p.replica, shard=p.shard, node=p.node_id, rack=p.node.rack_id if p.node else "",
+                accelerator_indices=tuple(p.accelerator_indices or ()),
+                accelerator_milli=placement_milli(row, p) if placement_milli(row, p) < 1000 else 0,
+                phase=p.phase.value, message=p.message or "", revision=p.revision, outgoing=_outgoing(row, p),
+            )
+            for p in sorted(placed, key=lambda p: (p.replica, p.shard))
+        )
+        current = [p for p in placed if not _outgoing(row, p)]
+        outgoing_replicas = len({p.replica for p in placed if _outgoing(row, p)})
+        updated = counts if len(current) == len(placed) else _replica_counts(row, current)  # none outgoing: the same
+    return d.DeploymentView(
+        spec=deployment_spec(row), phase=row.phase.value, generation=row.generation,
+        placed_replicas=counts.placed, running_replicas=counts.running, placements=shard_views,
+        reasons=tuple(d.ReasonView(r.get("code", ""), r.get("message", ""), r.get("scope") or "")
+                      for r in row.reasons or ()),
+        created_at=row.created_at, updated_at=row.updated_at,
+        resource_version=row.resource_version, revision=row.template_revision,
+        updated_replicas=updated.running, outgoing_replicas=outgoing_replicas,
+    )

@@ -1,0 +1,55 @@
+"""The event log: recording events in a unit of work, and listing them after an id (`maiactl events`, the watch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store import models as m
+from controller.domain import values as d
+
+
+def record_event(
+    session: AsyncSession, *, actor: str, kind: str, object_kind: str, object_id: str,
+    message: str = "", data: dict | None = None,
+) -> None:
+    session.add(m.Event(actor=actor, kind=kind, object_kind=object_kind, object_id=object_id,
+                        message=message, data=data or {}))
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to record (`record_events`)."""
+
+    actor: str
+    kind: str
+    object_kind: str
+    object_id: str
+    message: str = ""
+    data: dict = field(default_factory=dict)
+
+
+async def record_events(session: AsyncSession, events: Iterable[NewEvent]) -> None:
+    """Several events in one INSERT statement (`record_event` adds an ORM row, which the flush
+    writes with a statement of its own on SQLite, to learn its id)."""
+    at = m.utcnow()
+    rows = [{"at": at, "actor": e.actor, "kind": e.kind, "object_kind": e.object_kind, "object_id": e.object_id,
+             "message": e.message, "data": e.data} for e in events]
+    if rows:
+        await session.execute(insert(m.Event.__table__), rows)
+
+
+async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
+                      limit: int = 100) -> list[d.EventView]:
+    """The newest `limit` events matching, returned oldest first."""
+    query = select(m.Event).where(m.Event.id > after_id)
+    if object_kind:
+        query = query.where(m.Event.object_kind == object_kind)
+    if object_id:
+        query = query.where(m.Event.object_id == object_id)
+    rows = list(await session.scalars(query.order_by(m.Event.id.desc()).limit(limit)))
+    return [d.EventView(id=r.id, at=r.at, actor=r.actor, kind=r.kind, object_kind=r.object_kind,
+                        object_id=r.object_id, message=r.message) for r in reversed(rows)]

@@ -1,0 +1,178 @@
+"""Nodes: reads for listings and liveness, health and cordon writes, heartbeats, capacities, views."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import and_, bindparam, or_, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from controller.store import models as m
+from controller.store.inlist import any_of
+from controller.store.marks import rowcount_unread
+from controller.domain import values as d
+from controller.domain.paging import PageBounds
+from controller.store.repositories.common import _paged
+from controller.store.repositories.usage import ClusterUsage
+
+
+_NODE_LOAD = (selectinload(m.Node.rack).selectinload(m.Rack.row),)
+
+
+async def get_node(session: AsyncSession, node_id: str) -> m.Node | None:
+    return await session.scalar(select(m.Node).options(*_NODE_LOAD).where(m.Node.id == node_id))
+
+
+async def node_rows_by_id(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, m.Node]:
+    """The rows of these nodes (those that exist), in one query and without their racks: what the
+    agent paths (Register, hellos) change."""
+    ids = sorted(set(node_ids))
+    if not ids:
+        return {}
+    return {row.id: row for row in await session.scalars(select(m.Node).where(any_of(session, m.Node.id, ids)))}
+
+
+async def list_node_rows(session: AsyncSession, rack: str = "", page: PageBounds | None = None) -> list[m.Node]:
+    stmt = select(m.Node).options(*_NODE_LOAD).order_by(m.Node.id)
+    if rack:
+        stmt = stmt.where(m.Node.rack_id == rack)
+    return list(await session.scalars(_paged(stmt, page, m.Node.id)))
+
+
+async def node_state_counts(session: AsyncSession) -> tuple[dict[str, int], int]:
+    """How many nodes are in each operator state (`Node.state`: ready, cordoned, suspect, down)
+    and the accelerators of those not down, counted by the database: a cluster summary must
+    not load every node (at 16,384 nodes that read was a third of a joining controller's CPU)."""
+    counts: dict[str, int] = {}
+    accelerators = 0
+    rows = await session.execute(select(m.Node.health, m.Node.cordoned, func.count(), func.sum(m.Node.accelerators))
+                                 .group_by(m.Node.health, m.Node.cordoned))
+    for health, cordoned, nodes, accs in rows:
+        state = m.operator_state(health, cordoned)
+        counts[state] = counts.get(state, 0) + nodes
+        if health is not m.NodeHealth.DOWN:
+            accelerators += int(accs or 0)
+    return counts, accelerators
+
+
+async def node_liveness_rows(session: AsyncSession, *, silent_before: datetime | None = None, also: Iterable[str] = (),
+                             ) -> list[tuple[str, str, m.NodeHealth, datetime | None, bool]]:
+    """(id, zone, health, last heartbeat, evicted) of every node, in one query; with
+    `silent_before`, only of those a liveness rule could change: suspect; down and not evicted, or
+    evicted but heard from since then (an agent connected again); up but not heard from since; and
+    the nodes `also` names."""
+    query = (select(m.Node.id, m.Row.zone_id, m.Node.health, m.Node.last_heartbeat_at, m.Node.evicted_at.is_not(None))
+             .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id))
+    if silent_before is not None:
+        silent = or_(m.Node.last_heartbeat_at.is_(None), m.Node.last_heartbeat_at < silent_before)
+        named = set(also)
+        query = query.where(or_(
+            m.Node.health == m.NodeHealth.SUSPECT,
+            and_(m.Node.health == m.NodeHealth.DOWN, or_(m.Node.evicted_at.is_(None), ~silent)),
+            and_(m.Node.health == m.NodeHealth.UP, silent),
+            *([any_of(session, m.Node.id, named)] if named else [])))
+    rows = await session.execute(query.order_by(m.Node.id))
+    return [(node_id, zone, health, last, bool(evicted)) for node_id, zone, health, last, evicted in rows]
+
+
+async def node_health_by_zone(session: AsyncSession) -> tuple[dict[str, int], dict[str, int]]:
+    """Each zone's node count and count of nodes not up, counted by the database."""
+    total: dict[str, int] = {}
+    unhealthy: dict[str, int] = {}
+    for zone, health, count in await session.execute(
+            select(m.Row.zone_id, m.Node.health, func.count()).select_from(m.Node)
+            .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id)
+            .group_by(m.Row.zone_id, m.Node.health)):
+        total[zone] = total.get(zone, 0) + count
+        if health is not m.NodeHealth.UP:
+            unhealthy[zone] = unhealthy.get(zone, 0) + count
+    return total, unhealthy
+
+
+async def set_node_health(session: AsyncSession, node_id: str, health: m.NodeHealth, *,
+                          evicted_at: datetime | None = None, was: m.NodeHealth | None = None,
+                          session_id: str | None = None) -> bool:
+    """Set a node's health (and its eviction time); with `was`, only if its health is still that
+    (and, for an eviction, its work not evicted yet); with `session_id`, only if that is still the
+    node's session. One conditional UPDATE: True if the row changed."""
+    values: dict[str, object] = {"health": health}
+    if evicted_at is not None:
+        values["evicted_at"] = evicted_at
+    where = [m.Node.id == node_id]
+    if was is not None:
+        where.append(m.Node.health == was)
+    if session_id is not None:
+        where.append(m.Node.session_id == session_id)
+    if evicted_at is not None and was is not None:
+        where.append(m.Node.evicted_at.is_(None))
+    result = await session.execute(update(m.Node).where(*where).values(**values))
+    return bool(result.rowcount)
+
+
+async def count_placements_on_nodes(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, int]:
+    ids = set(node_ids)
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(m.Placement.node_id, func.count()).where(any_of(session, m.Placement.node_id, ids))
+        .group_by(m.Placement.node_id))
+    return {node_id: count for node_id, count in rows}
+
+
+_NODES = m.Node.__table__
+
+
+# The report flush's writes: their row counts are never read, so on SQLite inside the flush's
+# `deferred_writes` each goes to the database with the statement or commit that follows it.
+_WRITE_HEARTBEAT = rowcount_unread(update(_NODES).where(_NODES.c.id == bindparam("node_id"))
+                                   .values(last_heartbeat_at=bindparam("at"), power_draw_w=bindparam("power")))
+
+
+async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetime, float]]) -> None:
+    """Last heartbeat time and power draw of many nodes in one executemany (an unknown id updates
+    no row). A Core statement: the ORM's bulk update by primary key, after a read of which ids
+    exist, cost about three times the CPU per flush (micro-benchmark, SQLite, 30 nodes). In
+    ascending id, as a plan commit locks nodes (the lock order: store/changes.py)."""
+    if beats:
+        await session.execute(_WRITE_HEARTBEAT, [{"node_id": node_id, "at": at, "power": power}
+                                                 for node_id, (at, power) in sorted(beats.items())])
+
+
+async def node_capacities(session: AsyncSession) -> list[tuple[str, str, str, str, str, int, float | None]]:
+    """(node, rack, row, zone, accelerator model, accelerators, HBM GiB) of every node, in id order:
+    plain columns, for `usecases.capacity`."""
+    rows = await session.execute(
+        select(m.Node.id, m.Node.rack_id, m.Rack.row_id, m.Row.zone_id, m.Node.accelerator_model,
+               m.Node.accelerators, m.Node.hbm_gib)
+        .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id)
+        .order_by(m.Node.id))
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+async def count_nodes_by_rack(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(m.Node.rack_id, func.count()).group_by(m.Node.rack_id))
+    return {rack_id: int(n) for rack_id, n in rows}
+
+
+def node_info(row: m.Node) -> d.NodeInfo:
+    return d.NodeInfo(
+        node_id=row.id, rack=row.rack_id, accelerators=row.accelerators, hostname=row.hostname,
+        accelerator_model=row.accelerator_model, hbm_gib=row.hbm_gib, cpu_milli=row.cpu_milli,
+        memory_mib=row.memory_mib, idle_power_w=row.idle_power_w, labels=dict(row.labels or {}),
+        agent_version=row.agent_version,
+    )
+
+
+def node_view(row: m.Node, usage: ClusterUsage, connected: bool) -> d.NodeView:
+    return d.NodeView(
+        info=node_info(row), row=row.rack.row_id, zone=row.rack.row.zone_id, state=row.state,
+        connected=connected, last_heartbeat=row.last_heartbeat_at, power_draw_w=row.power_draw_w,
+        accelerators_used=usage.node_milli.get(row.id, 0) / 1000.0,
+        shards=usage.node_shards.get(row.id, 0), tenants=tuple(sorted(usage.node_tenants.get(row.id, ()))),
+    )
+
+
+async def set_node_cordoned(session: AsyncSession, node_id: str, cordoned: bool) -> None:
+    await session.execute(update(m.Node).where(m.Node.id == node_id).values(cordoned=cordoned))

@@ -1,0 +1,130 @@
+"""Tenants: their rows and contracts, what a submit batch reads of them, their client request ids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store import models as m
+from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of
+from controller.store.marks import rowcount_unread
+from controller.domain import values as d
+from controller.domain.paging import PageBounds
+from controller.store.repositories.common import _paged
+
+
+async def forget_request_ids(session: AsyncSession, tenant_id: str, *, before: datetime) -> None:
+    """Drop a tenant's client request ids whose deployment is gone and that were made before `before`."""
+    await session.execute(rowcount_unread(delete(m.ClientRequest).where(
+        m.ClientRequest.tenant_id == tenant_id, m.ClientRequest.deployment_id.is_(None),
+        m.ClientRequest.created_at < before)).execution_options(synchronize_session=False))
+
+
+async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
+    return await session.get(m.Tenant, tenant_id)
+
+
+@dataclass(frozen=True)
+class TenantSubmitFacts:
+    """What a batch of submits is checked against, per tenant."""
+
+    zones: tuple[str, ...]  # the zones the tenant may run in (none: anywhere)
+    deployments: int        # the tenant's deployments
+
+
+# Joins a tenant's names and request ids into one text column; neither can hold it
+# (validation refuses control characters in both).
+_JOINED = "\x1f"
+
+
+@dataclass(frozen=True)
+class SubmitBatchReads:
+    """What a batch of submits is checked against (`submit_batch_reads`)."""
+
+    tenants: dict[str, TenantSubmitFacts]  # the batch's tenants that exist
+    taken: set[tuple[str, str]]            # (tenant, name): of the names asked, the deployments that exist
+    used: set[tuple[str, str]]             # (tenant, request id): of the ids asked, those used before
+    capacity_generation: int               # 0 when none exists
+
+
+def tenant_deployments(tenant: Any) -> Any:
+    """The deployments of `tenant` (a column or a value) as the database's triggers count them
+    (`models.TenantDeploymentCount`, migration 0017): its row plus its deltas not folded yet (a
+    scalar subquery; one snapshot with the statement it is in). Counting them scanned the tenant's
+    deployments every submit batch."""
+    kept = select(m.TenantDeploymentCount.deployments).where(m.TenantDeploymentCount.tenant_id == tenant)
+    unfolded = select(func.sum(m.DeploymentCountDelta.deployments)).where(m.DeploymentCountDelta.tenant_id == tenant)
+    return func.coalesce(kept.scalar_subquery(), 0) + func.coalesce(unfolded.scalar_subquery(), 0)
+
+
+def _batch_reads_query(dialect: str) -> Select:
+    """`submit_batch_reads`' query for `dialect`, its lists named `tenants`, `names`, `request_ids`."""
+    def joined(column: object, where: list[object]) -> object:
+        return select(func.aggregate_strings(column, _JOINED)).where(*where).correlate(m.Tenant).scalar_subquery()
+
+    count = tenant_deployments(m.Tenant.id)
+    generation = select(m.CapacityState.generation).where(m.CapacityState.id == 1).scalar_subquery()
+    names = joined(m.Deployment.name, [m.Deployment.tenant_id == m.Tenant.id,
+                                       any_of_named(dialect, m.Deployment.name, "names")])
+    request_ids = joined(m.ClientRequest.request_id, [
+        m.ClientRequest.tenant_id == m.Tenant.id, any_of_named(dialect, m.ClientRequest.request_id, "request_ids")])
+    return (select(m.Tenant.id, m.Tenant.zones, count, generation, names, request_ids)
+            .where(any_of_named(dialect, m.Tenant.id, "tenants")))
+
+
+_BATCH_READS = {dialect: _batch_reads_query(dialect) for dialect in ("sqlite", POSTGRESQL)}
+
+
+async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, str, str]]) -> SubmitBatchReads:
+    """For a batch of submits (tenant, name, request id or ""), in ONE query: the facts of each
+    tenant that exists, which of the names exist in their tenant, which request ids were used
+    there, and the capacity generation (0 when none exists): each round trip is a turn of a busy
+    event loop."""
+    keys = list(keys)
+    tenants = sorted({tenant for tenant, _, _ in keys})
+    facts: dict[str, TenantSubmitFacts] = {}
+    taken: set[tuple[str, str]] = set()
+    used: set[tuple[str, str]] = set()
+    generation = 0
+    if tenants:
+        rows = await session.execute(_BATCH_READS[dialect_of(session)], {
+            "tenants": tenants, "names": sorted({name for _, name, _ in keys}),
+            "request_ids": sorted({rid for _, _, rid in keys if rid})})
+        for tenant, zones, deployments, capacity_generation, names, request_ids in rows:
+            facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
+            taken.update((tenant, name) for name in (names or "").split(_JOINED) if name)
+            used.update((tenant, rid) for rid in (request_ids or "").split(_JOINED) if rid)
+            generation = int(capacity_generation or 0)
+    return SubmitBatchReads(facts, taken, used, generation)
+
+
+async def tenant_ids(session: AsyncSession) -> list[str]:
+    return list(await session.scalars(select(m.Tenant.id).order_by(m.Tenant.id)))
+
+
+async def list_tenant_rows(session: AsyncSession, page: PageBounds | None = None) -> list[m.Tenant]:
+    return list(await session.scalars(_paged(select(m.Tenant).order_by(m.Tenant.id), page, m.Tenant.id)))
+
+
+async def existing_tenant_ids(session: AsyncSession, ids: Iterable[str]) -> set[str]:
+    wanted = set(ids)
+    if not wanted:
+        return set()
+    return set(await session.scalars(select(m.Tenant.id).where(any_of(session, m.Tenant.id, wanted))))
+
+
+async def count_tenant_deployments(session: AsyncSession, tenant_id: str) -> int:
+    return int(await session.scalar(select(tenant_deployments(tenant_id))) or 0)
+
+
+def tenant_spec(row: m.Tenant) -> d.TenantSpec:
+    return d.TenantSpec(
+        id=row.id, isolation=row.isolation.value, excludes=tuple(row.excludes or ()),
+        zones=tuple(row.zones or ()), reserved_accelerators=row.reserved_accelerators,
+        max_accelerators=row.max_accelerators, max_power_w=row.max_power_w,
+    )

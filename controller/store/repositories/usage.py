@@ -1,0 +1,89 @@
+"""What the cluster's placements use: accelerators and milli-units by node and tenant, power by rack."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from sqlalchemy import and_, case, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store import models as m
+from controller.store.metering import shard_milli
+from controller.store.partitions import partitions
+from controller.domain import values as d
+
+
+@dataclass
+class ClusterUsage:
+    """What placed shards use, summed per tenant, node, rack and row (milli-accelerators, watts)."""
+
+    tenant_milli: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tenant_power_w: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    node_milli: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    node_shards: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    node_tenants: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    node_tenant_milli: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    rack_power_w: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    row_power_w: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def tenant(self, tenant_id: str) -> d.Usage:
+        return d.Usage(self.tenant_milli.get(tenant_id, 0) / 1000.0, self.tenant_power_w.get(tenant_id, 0.0))
+
+
+def placement_milli(dep: m.Deployment, placement: m.Placement) -> int:
+    """Accelerator milli-units one placed shard holds."""
+    return shard_milli(dep.shard_accelerators, placement.accelerator_milli)
+
+
+# `placement_milli` in SQL, for sums over many placements (tests/store/test_usage.py holds them equal).
+PLACEMENT_MILLI = case(
+    (and_(m.Deployment.shard_accelerators == 1, m.Placement.accelerator_milli != 0,
+          m.Placement.accelerator_milli < 1000), m.Placement.accelerator_milli),
+    else_=1000 * m.Deployment.shard_accelerators,
+)
+
+
+async def rack_power(session: AsyncSession) -> tuple[dict[str, float], dict[str, float]]:
+    """Per rack, summed by the database: the power placed on it (the idle power of its nodes that
+    are not down, plus every placed shard's power on its nodes, down ones included: still placed)
+    and the power its up nodes' agents last reported. Two queries, a row per rack each."""
+    used: dict[str, float] = defaultdict(float)
+    draw: dict[str, float] = {}
+    idle = (select(m.Node.rack_id, func.sum(m.Node.idle_power_w), func.sum(m.Node.power_draw_w))
+            .where(m.Node.health != m.NodeHealth.DOWN).group_by(m.Node.rack_id))
+    for rack_id, idle_w, draw_w in await session.execute(idle):
+        used[rack_id] += float(idle_w or 0.0)
+        draw[rack_id] = float(draw_w or 0.0)
+    shards = (select(m.Node.rack_id, func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
+              .select_from(m.Placement).join(m.Deployment).join(m.Node).group_by(m.Node.rack_id))
+    for rack_id, watts in await session.execute(shards):
+        used[rack_id] += float(watts or 0.0)
+    return dict(used), draw
+
+
+async def cluster_usage(session: AsyncSession) -> ClusterUsage:
+    """Usage of every placed shard, plus the idle power of nodes that are not down.
+
+    Placements are summed by the database per (node, tenant), power per rack (`rack_power`): a
+    read returns at most one row per node and tenant on it, however many shards are placed.
+    """
+    usage = ClusterUsage()
+    used, _ = await rack_power(session)
+    row_of = {rack_id: row_id for rack_id, row_id in await session.execute(select(m.Rack.id, m.Rack.row_id))}
+    for rack_id, watts in used.items():
+        usage.rack_power_w[rack_id] += watts
+        usage.row_power_w[row_of.get(rack_id, "")] += watts
+    placed = (select(m.Placement.node_id, m.Deployment.tenant_id, func.count(), func.sum(PLACEMENT_MILLI),
+                     func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
+              .join(m.Deployment).group_by(m.Placement.node_id, m.Deployment.tenant_id))
+    async for part in partitions(session, placed):
+        for node_id, tenant_id, shards, milli, power in part:
+            milli, power = int(milli), float(power)
+            usage.tenant_milli[tenant_id] += milli
+            usage.tenant_power_w[tenant_id] += power
+            usage.node_milli[node_id] += milli
+            usage.node_shards[node_id] += shards
+            usage.node_tenants[node_id].add(tenant_id)
+            usage.node_tenant_milli[(node_id, tenant_id)] += milli
+    return usage
