@@ -2,7 +2,10 @@
 
 `maia-simnode` and the tests build their channels with these interceptors, so no call site
 passes metadata by hand (maiactl, on blocking channels, has its own in `controller.cli.client`).
-`MAIA_TOKEN` is the environment variable both CLIs read.
+`MAIA_TOKEN` is the environment variable both CLIs read. An `aio_channel` retries nothing: the
+agents follow `retry-after-ms` in their own loop, and the benchmarks and tests see each answer as
+the controller gave it; programs calling the API get `controller.cli.client.open_aio_channel`,
+which retries what the controller says to retry (`controller.cli.retry`).
 """
 
 from __future__ import annotations

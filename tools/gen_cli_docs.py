@@ -74,13 +74,20 @@ A call the controller answers "nothing of it was written, call again after this 
 `google.rpc.RetryInfo` detail: a transaction the database aborted as a deadlock's victim or for a
 serialization failure, `ABORTED`; a tenant over its rate, `RESOURCE_EXHAUSTED`; a controller busy
 with a join storm, `UNAVAILABLE`) is made again after that pause (stretched by up to a quarter, at
-random), at most {retry.max_attempts} attempts, never past the call's `--rpc-timeout`, and never
-when the pause asked is over {retry.max_wait_s:g} s (the error then says when to retry). Nothing
-else is retried: an `ABORTED` for a stale resource version is a conflict (`scale` reads the
-deployment again once; `apply` stops), and a controller whose database failed mid-call says the
-write may have landed (`UNAVAILABLE`, exit 5: read before running the command again; `apply` run
-again finds what landed `unchanged`). The submits and updates of `apply` also carry request ids
-(one per run), so one made again never writes twice.
+random), at most {retry.max_attempts} attempts, within the call's `--rpc-timeout`, and never
+when the pause asked is over {retry.max_wait_s:g} s (the error then says when to retry), nor when
+after the pause less of the timeout would be left than {retry.min_attempt_s:g} s or the time the
+last attempt took (a new attempt would end `DEADLINE_EXCEEDED`: the controller's answer is shown
+instead). Nothing else is retried: an `ABORTED` for a stale resource version is a conflict (`scale`
+reads the deployment again once; `apply` stops), and a controller whose database failed mid-call
+says the write may have landed (`UNAVAILABLE`, exit 5: read before running the command again;
+`apply` run again finds what landed `unchanged`). The submits and updates of `apply` also carry
+request ids (one per run), so one made again never writes twice. An `UNAVAILABLE` the controller
+answered itself (its database failed, it is busy or stopping, it follows and the leader serves the
+call) is printed as its message with "the controller ... answered but cannot serve the call now";
+"cannot reach the controller" is for a connection that failed (nothing listening, a network or TLS
+failure, a gateway that lost its controller). Programs calling the API from asyncio get the same
+retries on the channel of `controller.cli.client.open_aio_channel(connection)`.
 
 ## Commands
 """

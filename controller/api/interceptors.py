@@ -48,7 +48,7 @@ from controller.aio import PushedStream, pushed
 from controller.authn import Authenticator
 from controller.identity import Principal, peek_principal, reset_principal, set_principal
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
-from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, retry_status
+from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, error_status
 from controller.store.db import database_failed, transaction_aborted
 from maia.v1 import common_pb2
 
@@ -492,17 +492,20 @@ class LoggingInterceptor(_CompletionInterceptor):
 
 async def abort_with(context: aio.ServicerContext, exc: errors.MaiaError) -> None:
     """End the call with the error's status and message; structured reasons travel as trailing
-    metadata, one serialized maia.v1.Reason per entry."""
+    metadata, one serialized maia.v1.Reason per entry. Every answer carries the standard rich
+    error (a google.rpc.Status: clients tell by it that the controller answered,
+    `controller.retryinfo`), with RetryInfo ("call again as it is") when nothing was written and
+    a retry time is given."""
     trailing = tuple(
         (REASON_METADATA_KEY, common_pb2.Reason(
             code=r.code, message=capped(r.message), scope=capped(r.scope)).SerializeToString())
         for r in exc.reasons[:MAX_REASONS]
     ) + tuple(exc.metadata)
     code, message = status_for(exc), capped(exc.message)
-    if exc.retry_after_ms is not None:  # for programs: when, plainly ...
+    if exc.retry_after_ms is not None:  # for programs: when, plainly
         trailing += ((RETRY_AFTER_METADATA_KEY, str(exc.retry_after_ms)),)
-        if not exc.may_have_landed:  # ... and "call again as it is" as the standard rich error (RetryInfo)
-            trailing += ((STATUS_DETAILS_METADATA_KEY, retry_status(code, message, exc.retry_after_ms)),)
+    retry_info_ms = exc.retry_after_ms if not exc.may_have_landed else None
+    trailing += ((STATUS_DETAILS_METADATA_KEY, error_status(code, message, retry_info_ms)),)
     await context.abort(code, message, trailing_metadata=trailing)
 
 
@@ -545,8 +548,9 @@ class ErrorInterceptor(_BehaviourInterceptor):
             await abort_with(context, _transaction_aborted(method, why, exc))
         else:
             log.exception("unexpected error in %s", method, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error ({type(exc).__name__}); see the controller log")
+            message = f"internal error ({type(exc).__name__}); see the controller log"
+            await context.abort(grpc.StatusCode.INTERNAL, message, trailing_metadata=(
+                (STATUS_DETAILS_METADATA_KEY, error_status(grpc.StatusCode.INTERNAL, message)),))
 
 
 def _database_unavailable(method: str, exc: Exception) -> errors.Unavailable:

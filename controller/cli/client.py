@@ -3,7 +3,8 @@
 Commands get a `Controller` with lazily created stubs; a unary call the controller answers
 "nothing written, call again after this pause" is made again on the channel (`cli.retry`), so a
 command meets only the answers it is to act on; any `grpc.RpcError` that escapes a command is
-printed by `main` as `error: <CODE>: <details>` (exit 1), never as a traceback.
+printed by `main` as `error: <CODE>: <details>` (exit 1), never as a traceback. Programs using the
+API from asyncio get the same channel, retries included, from `open_aio_channel`.
 """
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from grpc import aio
 
 from controller import limits
+from controller.bearer import aio_interceptors
 from controller.cli.config import Connection
-from controller.cli.retry import CallDetails, RetryTold
+from controller.cli.retry import AioRetryTold, CallDetails, RetryTold
+from controller.retryinfo import controller_answered
 from maia.v1 import admin_pb2_grpc, audit_pb2_grpc, deployments_pb2_grpc
 
 M = TypeVar("M", bound=Any)
@@ -44,7 +48,7 @@ EXIT_MEANING: dict[Exit, str] = {
     Exit.NOT_FOUND: "an object named does not exist (NOT_FOUND)",
     Exit.PARTIAL: "a dry run would place only part of a deployment; `wait` gave up on a deployment "
                   "blocked for good",
-    Exit.UNAVAILABLE: "the controller could not be reached",
+    Exit.UNAVAILABLE: "the controller could not be reached, or answered that it cannot serve the call now",
     Exit.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -115,25 +119,52 @@ def channel_target(address: str) -> str:
     return f"{families[0]}:{','.join(resolved[families[0]])}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where and how a channel to the controller connects (both channel kinds read it)."""
+
+    target: str
+    options: tuple[tuple[str, Any], ...]
+    credentials: grpc.ChannelCredentials | None  # TLS; None: plaintext
+
+
+def _target_of(connection: Connection) -> _Target:
+    target = channel_target(connection.address)
+    options: tuple[tuple[str, Any], ...] = limits.GRPC_CLIENT_OPTIONS
+    if target != connection.address.strip():  # several controllers: come back quickly to one that returns
+        options = (*options, *limits.GRPC_FAILOVER_OPTIONS)
+    credentials = None
+    if connection.ca or connection.cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(connection.ca, "CA file"), private_key=_read(connection.key, "key file"),
+            certificate_chain=_read(connection.cert, "certificate file"))
+    return _Target(target, options, credentials)
+
+
 def open_channel(connection: Connection) -> grpc.Channel:
     """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
     along as call metadata; a unary call the controller answers "nothing written, call again after
     this pause" (google.rpc.RetryInfo) is made again (`retry.RetryTold`). Several controllers: see
     `channel_target`."""
-    target = channel_target(connection.address)
-    options = limits.GRPC_CLIENT_OPTIONS
-    if target != connection.address.strip():  # several controllers: come back quickly to one that returns
-        options = (*options, *limits.GRPC_FAILOVER_OPTIONS)
-    if connection.ca or connection.cert:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(connection.ca, "CA file"), private_key=_read(connection.key, "key file"),
-            certificate_chain=_read(connection.cert, "certificate file"))
-        channel = grpc.secure_channel(target, credentials, options=options)
+    to = _target_of(connection)
+    if to.credentials is not None:
+        channel = grpc.secure_channel(to.target, to.credentials, options=to.options)
     else:
-        channel = grpc.insecure_channel(target, options=options)
+        channel = grpc.insecure_channel(to.target, options=to.options)
     if connection.token:
         return grpc.intercept_channel(channel, RetryTold(), _BearerToken(connection.token))
     return grpc.intercept_channel(channel, RetryTold())
+
+
+def open_aio_channel(connection: Connection) -> aio.Channel:
+    """`open_channel` for programs calling the API from asyncio: the same target, TLS and token,
+    and the same retries of unary calls (`retry.AioRetryTold`, the same policy). Make the stubs of
+    `maia.v1` on it; `config.resolve_connection` reads a connection as maiactl does."""
+    to = _target_of(connection)
+    interceptors = (AioRetryTold(), *aio_interceptors(connection.token))
+    if to.credentials is not None:
+        return aio.secure_channel(to.target, to.credentials, options=to.options, interceptors=interceptors)
+    return aio.insecure_channel(to.target, options=to.options, interceptors=interceptors)
 
 
 @dataclass
@@ -193,10 +224,16 @@ def list_all(call: Callable[..., M], request: Message, field_name: str, *, timeo
 
 
 def rpc_error_text(error: grpc.RpcError, address: str) -> str:
-    """'error: NOT_FOUND: deployment foo not found', clearer when the controller is unreachable."""
+    """'error: NOT_FOUND: deployment foo not found', clearer when the controller is unreachable:
+    an UNAVAILABLE the controller answered itself (a database failure, a busy or stopping
+    controller, a follower) is its own message, not "cannot reach the controller"."""
     code = status_code(error)
     details = error.details() if hasattr(error, "details") else str(error)
     name = code.name if code is not None else "UNKNOWN"
+    if code == grpc.StatusCode.UNAVAILABLE and controller_answered(_trailer(error)):
+        return (f"error: UNAVAILABLE: {details}\n"
+                f"hint: the controller at {address} answered but cannot serve the call now; run the command "
+                f"again shortly")
     if code == grpc.StatusCode.UNAVAILABLE:
         return (f"error: UNAVAILABLE: cannot reach the controller at {address} ({details})\n"
                 f"hint: is maia-controller running there? Point maiactl elsewhere with --controller HOST:PORT, "
@@ -208,3 +245,7 @@ def rpc_error_text(error: grpc.RpcError, address: str) -> str:
 
 def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
     return error.code() if hasattr(error, "code") else None
+
+
+def _trailer(error: grpc.RpcError) -> Any:
+    return error.trailing_metadata() if hasattr(error, "trailing_metadata") else None

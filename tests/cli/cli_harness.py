@@ -3,6 +3,7 @@ token, and `maiactl` run as a subprocess with that token and no config file of t
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,13 @@ class RunningController:
 
     def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return maiactl(self.address, *args, stdin=stdin, token=self.token)
+
+
+def closed_port_address() -> str:
+    """An address nobody listens on (a port the OS just handed out and we closed again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def maiactl(address: str, *args: str, stdin: str | None = None,

@@ -4,7 +4,6 @@ the exit codes, including the error paths."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent import futures
@@ -13,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cli_harness import closed_port_address
 from controller.cli.main import main
 from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
 
@@ -118,13 +118,6 @@ def fake():
     server.start()
     yield f"127.0.0.1:{port}", admin, deployments, calls
     server.stop(grace=None)
-
-
-def closed_port_address() -> str:
-    """An address nobody listens on (a port the OS just handed out and we closed again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -4,13 +4,12 @@ every object, filters that work or are refused. No nodes run, so deployments sta
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from cli_harness import RunningController, controller_process, maiactl
+from cli_harness import RunningController, closed_port_address, controller_process, maiactl
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 
@@ -154,10 +153,7 @@ def test_partial_dry_run_exits_4(running: RunningController, tmp_path: Path):
 
 
 def test_unreachable_controller_exits_5_with_a_hint():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    proc = maiactl(address, "get", "deployments", "--rpc-timeout", "3")
+    proc = maiactl(closed_port_address(), "get", "deployments", "--rpc-timeout", "3")
     assert proc.returncode == 5
     assert "cannot reach the controller" in proc.stderr and "hint:" in proc.stderr
 

@@ -1,6 +1,8 @@
 """Which answers tell a client to call again as it is (google.rpc.RetryInfo, `controller.retryinfo`):
 those that wrote nothing and may succeed later; never a conflict only a new read resolves, nor an
-answer whose write may have landed (that one says when, `retry-after-ms`, to read before writing)."""
+answer whose write may have landed (that one says when, `retry-after-ms`, to read before writing).
+Every answer carries the standard google.rpc.Status all the same: a client tells by it that the
+controller answered (maiactl's UNAVAILABLE is "cannot reach the controller" only without it)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from controller import errors
-from controller.api.interceptors import _database_unavailable, _transaction_aborted, abort_with
+from controller.api.interceptors import ErrorInterceptor, _database_unavailable, _transaction_aborted, abort_with
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY, rate_limited
-from controller.retryinfo import told_retry_s
+from controller.retryinfo import rich_status, told_retry_s
 from controller.store.lease import CommitOutcomeUnknown, LeaseLost
 
 
@@ -25,10 +27,11 @@ class _Context:
     """What `abort_with` ends a call with (grpc.aio's context raises out of abort too)."""
 
     code: grpc.StatusCode
+    details: str
     trailing: tuple[tuple[str, Any], ...]
 
     async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple = ()) -> None:
-        self.code, self.trailing = code, tuple(trailing_metadata)
+        self.code, self.details, self.trailing = code, details, tuple(trailing_metadata)
         raise _Aborted(details)
 
 
@@ -56,3 +59,15 @@ async def test_retry_info_only_on_answers_that_wrote_nothing(make, code, retry_a
     assert context.code == code
     assert dict(context.trailing).get(RETRY_AFTER_METADATA_KEY) == retry_after
     assert told_retry_s(context.trailing) == (pytest.approx(retry_info_s) if retry_info_s is not None else None)
+    status = rich_status(context.trailing)  # the controller answered, whether to retry or not
+    assert status is not None and (status.code, status.message) == (code.value[0], context.details)
+
+
+async def test_an_unexpected_error_carries_the_status_too() -> None:
+    context = _Context()
+    with pytest.raises(_Aborted):
+        await ErrorInterceptor._translated("/m", context, RuntimeError("a bug"))  # type: ignore[arg-type]
+    status = rich_status(context.trailing)
+    assert context.code == grpc.StatusCode.INTERNAL
+    assert status is not None and (status.code, status.message, len(status.details)) == (
+        grpc.StatusCode.INTERNAL.value[0], context.details, 0)

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from controller.api.server import ControllerApp
+from controller.cli.client import rpc_error_text
 from controller.cli.main import main as maiactl
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
 from grpc_harness import Stubs, admin_token_of
@@ -68,7 +69,12 @@ async def test_a_lost_database_connection_is_unavailable_with_a_retry_time(contr
     assert refused.code() == grpc.StatusCode.UNAVAILABLE, (refused.code(), refused.details())
     assert "database failed during the call" in refused.details() and "may have landed" in refused.details()
     assert dict(refused.trailing_metadata() or ())[RETRY_AFTER_METADATA_KEY] == "1000"
-    assert rpc_status.from_call(refused) is None  # no RetryInfo: read before calling again
+    status = rpc_status.from_call(refused)  # the controller's answer (a google.rpc.Status) ...
+    assert status is not None and not status.details  # ... without RetryInfo: read before calling again
+    # maiactl words it as the controller's answer, not as a controller it could not reach.
+    text = rpc_error_text(refused, controller_app.address)
+    assert text.startswith(f"error: UNAVAILABLE: {refused.details()}\n"), text
+    assert "answered but cannot serve the call now" in text and "cannot reach" not in text
     # Served again: the pool replaced what the server ended.
     await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-after"))
     listed = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
