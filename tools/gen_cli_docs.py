@@ -66,7 +66,11 @@ document on stdout (progress and errors go to stderr). For scripts:
 ## Commands that block
 
 `wait` (until the condition or `--timeout`), `get --watch` (until Ctrl-C). Everything else
-returns after one round of calls (`--rpc-timeout` seconds at most per call).
+returns after one round of calls (`--rpc-timeout` seconds at most per call). A watch outlives a
+controller that goes away for a while (a restart, a failover): it says so on stderr once, polls on
+at its `--interval`, and once the controller answers again goes on where it was (`get events
+--watch` with the events after the last one shown; `wait` follows by polling when its stream
+breaks). Only the first call of a watch ends it when the controller cannot be reached.
 
 ## Retries
 

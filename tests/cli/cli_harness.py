@@ -31,19 +31,25 @@ def closed_port_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def maiactl(address: str, *args: str, stdin: str | None = None,
-            token: str | None = None) -> subprocess.CompletedProcess[str]:
+def maiactl_env(token: str | None) -> dict[str, str]:
+    """maiactl's environment: the token given, no config file of the user's, no MAIA_* of theirs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAIA_")}
     env["MAIA_CONFIG"] = os.devnull
     if token:
         env["MAIA_TOKEN"] = token
+    return env
+
+
+def maiactl(address: str, *args: str, stdin: str | None = None,
+            token: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "maiactl"), "--controller", address, *args], input=stdin,
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120, env=maiactl_env(token))
 
 
 @contextmanager
-def controller_process(folder: Path) -> Iterator[RunningController]:
-    proc = subprocess.Popen([str(BIN / "maia-controller"), "--listen", "127.0.0.1:0", "--db",
+def controller_process(folder: Path, listen: str = "127.0.0.1:0") -> Iterator[RunningController]:
+    """A controller on `folder`'s database (made on the first start, kept by the next: a restart)."""
+    proc = subprocess.Popen([str(BIN / "maia-controller"), "--listen", listen, "--db",
                              f"sqlite+aiosqlite:///{folder / 'maia.db'}", "--reconcile-interval", "0.2",
                              "--bootstrap-admin-token-file", str(folder / "admin.token")],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

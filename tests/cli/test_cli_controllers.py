@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
-from cli_harness import controller_process, maiactl
+from cli_harness import closed_port_address, controller_process, maiactl
 from controller.cli.client import CliError, Exit, channel_target
 
 
@@ -28,9 +27,7 @@ def test_an_address_that_does_not_resolve_is_a_usage_error() -> None:
 
 
 def test_maiactl_uses_whichever_listed_controller_answers(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        gone = f"127.0.0.1:{s.getsockname()[1]}"  # closed again: a controller that died
+    gone = closed_port_address()  # a controller that died
     with controller_process(tmp_path) as controller:
         for listed in (f"{gone},{controller.address}", f"{controller.address},{gone}"):
             proc = maiactl(listed, "version", "-o", "json", token=controller.token)
