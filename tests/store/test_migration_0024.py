@@ -7,6 +7,8 @@ point at them, its triggers and its indexes come through, and a downgrade restor
 
 from __future__ import annotations
 
+import pytest
+
 from controller.store.db import Database
 
 from .test_migration_0010 import NOW, _add_deployment, _add_tenant, _downgrade, _run, _upgrade
@@ -76,3 +78,32 @@ async def test_a_deleted_deployments_id_is_never_given_to_another(db_url: str) -
         assert (taken == freed) is sqlite
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_a_downgrade_gives_back_the_schema_as_0023_had_it(db_url: str) -> None:
+    """SQLite: every object of the schema (the table's CREATE statement included: its primary key's
+    name, its columns as written) is stored after 0024's upgrade and downgrade exactly as at 0023,
+    but `sqlite_sequence`, which SQLite keeps once created (left empty: the table's row went with it)."""
+    await _upgrade(db_url, BEFORE)
+    db = Database(db_url)
+    try:
+        await _add_tenant(db, "lab-a")
+        for name in ("chat", "train"):
+            await _add_deployment(db, "lab-a", name)
+        schema, ids = await _schema(db), await _ids(db)
+        assert "CONSTRAINT pk_deployments PRIMARY KEY (id)" in str(schema[("table", "deployments")][1])
+
+        await _upgrade(db_url, REVISION)
+        await _downgrade(db_url, BEFORE)
+        assert await _schema(db) == schema
+        assert await _ids(db) == ids
+        assert await _run(db, "SELECT name, seq FROM sqlite_sequence") == []
+    finally:
+        await db.dispose()
+
+
+async def _schema(db: Database) -> dict[tuple[str, str], tuple[str, str | None]]:
+    """SQLite: each object's (table, CREATE statement), by (type, name), but `sqlite_sequence`'s."""
+    return {(kind, name): (table, sql) for kind, name, table, sql in await _run(
+        db, "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name <> 'sqlite_sequence'")}
