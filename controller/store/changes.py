@@ -128,8 +128,9 @@ async def moves_generation_alone(session: AsyncSession) -> None:
     DELETE of the node's row then waited for it while it waited for isolation_state, or the other
     way round, whichever of the two the deletion took first. Alone, it reads the node's shards with
     nobody landing more: taken now, with the transaction's BEGIN, before the reads that follow
-    (which else ran outside it: `pg_driver`). Not in a transaction that holds the lock shared
-    (`LockUpgrade`)."""
+    (which else ran outside it: `pg_driver`). A deletion of a node not stored answers before it
+    (its plain read of the node, outside any transaction), so it waits for no plan commit. Not in a
+    transaction that holds the lock shared (`LockUpgrade`)."""
     await _take(session, _EXCLUSIVE, now=True)
 
 

@@ -105,9 +105,14 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
     only while that node exists, so the agent could neither use it nor tell to drop it)."""
     check_id("node", node_id)
     policy.require_admin(who, "deleting nodes")
+    # A node not stored is NOT_FOUND without waiting for the lock below (every plan commit holds
+    # it): one registered after this read was not there when the call read, as if it came after it.
+    if not await repo.existing_ids(uow.session, m.Node, (node_id,)):
+        raise NotFound(f"node {node_id} not found")
     # Alone among the writers that move the generation, before any row (PostgreSQL's lock order:
     # store/changes.py): no plan commit lands a shard on the node between the read of its shards
-    # and its row's deletion, and none holds its row or isolation_state while this waits.
+    # and its row's deletion, and none holds its row or isolation_state while this waits. The node
+    # is read again under it: it may have been deleted while this waited.
     await repo.moves_generation_alone(uow.session)
     row = await repo.get_node(uow.session, node_id)
     if row is None:

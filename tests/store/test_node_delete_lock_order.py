@@ -12,23 +12,29 @@ while it waits, both of which the deletion then waits for. So a node's deletion 
 the transactions that move the generation (the generation writers' lock exclusive): it waits for
 the commit to end, then releases the shards the commit landed. A commit whose node is deleted
 between its check and its writes meets the foreign key (no longer the row's lock) and commits as
-one that found the node gone: those replicas are re-queued, the rest of its plan lands.
+one that found the node gone: those replicas are re-queued, the rest of its plan lands. A node not
+stored is NOT_FOUND without that lock (a plan commit in flight holds it); one deleted while the
+deletion waited for it is NOT_FOUND from the read under it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
+from controller.errors import NotFound
 from controller.identity import Principal
 from controller.store import plans
+from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import nodes
 from controller.usecases.ports import RecordingSignals
 from scheduler import Plan
 
-from .test_commit_plan import BURST, KEPT, P, TRAIN, WEB, _behind_a_held_row, _seeded, _state
+from .test_commit_plan import BURST, KEPT, P, TRAIN, WEB, _behind_a_held_row, _seeded, _state, _waiting_for_locks
 from .test_register_lock_order import _one_line
 
 POSTGRES = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -139,3 +145,58 @@ async def test_a_plan_commit_whose_node_was_deleted_after_its_check_requeues_wha
     assert sorted(after["placements"]) == [(WEB, 0, 0), ("b/burst", 0, 0)]
     assert [kind for kind, object_id, *_ in after["events"] if object_id == TRAIN] == ["deployment.requeued"]
 
+
+
+@POSTGRES
+async def test_deleting_a_node_not_stored_answers_while_a_plan_commit_holds_the_generation_lock(
+        database: Database) -> None:
+    """isolation_state's row held: a scoped commit (the generation writers' lock shared, with its
+    BEGIN) waits for it. DeleteNode of a node not stored answers NOT_FOUND while the commit still
+    waits, holding that lock; before, it waited for the lock exclusive (until the commit ended)
+    and only then read that the node was not there."""
+    snapshot = await _seeded(database)
+
+    async def commit() -> None:
+        async with database.unit_of_work() as uow:
+            await plans.commit_plan(uow.session, snapshot, REMOVES_AND_LANDS_ON_N2, scope={WEB, TRAIN}, actor="test")
+            await uow.commit()
+
+    async with database.engine.connect() as holder:
+        transaction = await holder.begin()
+        assert (await holder.execute(text(ISOLATION_STATE))).all()
+        committing = asyncio.create_task(_one_line(commit)())
+        await _waiting_for_locks(database, 1)
+        try:
+            with pytest.raises(NotFound, match="node n9 not found"):
+                await asyncio.wait_for(_delete(database, "n9"), 30)  # bound only against a hang
+            answered_first = not committing.done()
+        finally:
+            await transaction.rollback()
+            await asyncio.wait_for(committing, 60)
+    assert answered_first  # answered while the commit held the lock
+    assert "n2" in (await _state(database))["nodes"]
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_node_deleted_while_its_deletion_waits_for_the_lock_is_not_found(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """n2 is stored when its deletion first reads it, and deleted by another deletion before this
+    one has the generation writers' lock: the read under the lock answers NOT_FOUND (not a delete
+    of a row that is gone), and n2's deletion is recorded once."""
+    await _seeded(database)
+    alone = repo.moves_generation_alone
+    deleted: list[str] = []
+    other = asyncio.Event()
+
+    async def deleted_first(session: Any) -> None:
+        if not other.is_set():  # this deletion's: the other one (its own transaction) runs first
+            other.set()
+            deleted.extend(await _delete(database, "n2"))
+        await alone(session)
+
+    monkeypatch.setattr(repo, "moves_generation_alone", deleted_first)
+    with pytest.raises(NotFound, match="node n2 not found"):
+        await _delete(database, "n2")
+    assert deleted == ["n2"]
+    events = (await _state(database))["events"]
+    assert [kind for kind, object_id, *_ in events if object_id == "n2"] == ["node.deleted"]
