@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -167,7 +168,11 @@ def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+# The backends every test of `db_url`/`database`/`module_database` runs on.
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
 def db_backend(request: pytest.FixtureRequest) -> str:
     """The backend under test: every test using db_url/database runs once per backend."""
     return request.param
@@ -187,17 +192,13 @@ async def db_url(db_backend: str, request: pytest.FixtureRequest, tmp_path: Path
         maker.drop(url)
 
 
-@pytest.fixture
-async def database(db_backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    """A `Database` migrated to head, its own fresh database on each backend; disposed after.
-
-    Independent of `db_url` (which stays empty); the migrated database's URL is `database.url`.
-    Copied from a per-session migrated template (on PostgreSQL ahead of the test, see
-    `_DatabaseMaker`), so it costs milliseconds, not a migration.
-    """
+@asynccontextmanager
+async def _migrated_database(backend: str, request: pytest.FixtureRequest, folder: Path) -> AsyncIterator[Database]:
+    """A `Database` migrated to head, a fresh database of its own on `backend` (a SQLite file in
+    `folder`); disposed (and on PostgreSQL dropped) after."""
     maker: _DatabaseMaker | None = None
-    if db_backend == "sqlite":
-        path = tmp_path / "maia-migrated.db"
+    if backend == "sqlite":
+        path = folder / "maia-migrated.db"
         shutil.copyfile(request.getfixturevalue("_sqlite_template"), path)
         url = f"sqlite+aiosqlite:///{path}"
     else:
@@ -210,6 +211,27 @@ async def database(db_backend: str, request: pytest.FixtureRequest, tmp_path: Pa
         await db.dispose()
         if maker is not None:
             maker.drop(url)
+
+
+@pytest.fixture
+async def database(db_backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """A `Database` migrated to head, its own fresh database on each backend; disposed after.
+
+    Independent of `db_url` (which stays empty); the migrated database's URL is `database.url`.
+    Copied from a per-session migrated template (on PostgreSQL ahead of the test, see
+    `_DatabaseMaker`), so it costs milliseconds, not a migration.
+    """
+    async with _migrated_database(db_backend, request, tmp_path) as db:
+        yield db
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+async def module_database(request: pytest.FixtureRequest,
+                          tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Database]:
+    """`database`, but one per module and backend, shared by the module's tests that use it: only
+    for tests that write nothing (tests/integration's `shared_seeded`, which checks that)."""
+    async with _migrated_database(request.param, request, tmp_path_factory.mktemp("module-db")) as db:
+        yield db
 
 
 @pytest.fixture

@@ -1,5 +1,9 @@
 """Hostile input over gRPC, on SQLite and PostgreSQL: every field bounded, refused with
-INVALID_ARGUMENT naming the field and the limit, a short message, and nothing written."""
+INVALID_ARGUMENT naming the field and the limit, a short message, and nothing written.
+
+Every call here is refused, so the tests share one seeded controller per backend
+(`shared_seeded`, tests/integration/conftest.py), each comparing the state after its call with
+a read taken just before it."""
 
 from __future__ import annotations
 
@@ -105,30 +109,30 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize(("call", "message"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
-async def test_hostile_input_is_refused_naming_the_limit_and_nothing_written(seeded: Stubs, call, message):
-    before = await api_state(seeded)
+async def test_hostile_input_is_refused_naming_the_limit_and_nothing_written(shared_seeded: Stubs, call, message):
+    before = await api_state(shared_seeded)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call(seeded)
+        await call(shared_seeded)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == message
     assert len(info.value.details()) <= limits.ERROR_MESSAGE_MAX
-    assert await api_state(seeded) == before
+    assert await api_state(shared_seeded) == before
 
 
-async def test_malformed_protobuf_is_invalid_argument(seeded: Stubs):
-    raw = seeded.channel.unary_unary("/maia.v1.DeploymentService/SubmitDeployment",
-                                     request_serializer=None, response_deserializer=None)
-    before = await api_state(seeded)
+async def test_malformed_protobuf_is_invalid_argument(shared_seeded: Stubs):
+    raw = shared_seeded.channel.unary_unary("/maia.v1.DeploymentService/SubmitDeployment",
+                                            request_serializer=None, response_deserializer=None)
+    before = await api_state(shared_seeded)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await raw(b"\x0a\xff\xff\xff\xff\x0f")  # field 1, a length that runs past the end
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == "the request is not a valid protobuf message of its type (DecodeError)"
-    assert await api_state(seeded) == before
+    assert await api_state(shared_seeded) == before
 
 
-async def test_malformed_message_on_the_agent_stream_is_invalid_argument(seeded: Stubs):
-    raw = seeded.channel.stream_stream("/maia.v1.NodeAgentService/Connect",
-                                       request_serializer=None, response_deserializer=None)
+async def test_malformed_message_on_the_agent_stream_is_invalid_argument(shared_seeded: Stubs):
+    raw = shared_seeded.channel.stream_stream("/maia.v1.NodeAgentService/Connect",
+                                              request_serializer=None, response_deserializer=None)
 
     async def messages():
         yield b"\x0a\xff\xff\xff\xff\x0f"
@@ -143,27 +147,27 @@ async def test_malformed_message_on_the_agent_stream_is_invalid_argument(seeded:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_a_request_over_the_receive_limit_is_refused_by_grpc(seeded: Stubs):
-    before = await api_state(seeded)
+async def test_a_request_over_the_receive_limit_is_refused_by_grpc(shared_seeded: Stubs):
+    before = await api_state(shared_seeded)
     big = "x" * (limits.MAX_RECEIVE_MESSAGE_BYTES + 1)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await seeded.admin.GetTenant(admin_pb2.GetTenantRequest(id=big))
+        await shared_seeded.admin.GetTenant(admin_pb2.GetTenantRequest(id=big))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert await api_state(seeded) == before
+    assert await api_state(shared_seeded) == before
 
 
-async def test_error_messages_listing_many_values_are_capped(seeded: Stubs):
+async def test_error_messages_listing_many_values_are_capped(shared_seeded: Stubs):
     many = [f"ghost-{i:04d}-" + "g" * 100 for i in range(limits.EXCLUDES_MAX)]
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await seeded.admin.CreateTenant(admin_pb2.Tenant(id="lab2", excludes=many))
+        await shared_seeded.admin.CreateTenant(admin_pb2.Tenant(id="lab2", excludes=many))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     details = info.value.details()
     assert details.startswith("tenant lab2 excludes unknown tenant(s): ghost-0000-")
     assert len(details) == limits.ERROR_MESSAGE_MAX and details.endswith("more characters)")
 
 
-async def test_watch_filters_are_bounded(seeded: Stubs):
-    call = seeded.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="x\x00" * 1000))
+async def test_watch_filters_are_bounded(shared_seeded: Stubs):
+    call = shared_seeded.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="x\x00" * 1000))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in call:
             pass

@@ -1,4 +1,8 @@
-"""Bad input over gRPC: the precise status code and message, and nothing written."""
+"""Bad input over gRPC: the precise status code and message, and nothing written.
+
+Every call here is refused, so the tests share one seeded controller per backend
+(`shared_seeded`, tests/integration/conftest.py), each comparing the state after its call with
+a read taken just before it."""
 
 from __future__ import annotations
 
@@ -56,20 +60,20 @@ CASES = [
 
 
 @pytest.mark.parametrize(("call", "code", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-async def test_refused_with_code_and_message_and_nothing_written(seeded: Stubs, call, code, message):
-    before = await api_state(seeded)
+async def test_refused_with_code_and_message_and_nothing_written(shared_seeded: Stubs, call, code, message):
+    before = await api_state(shared_seeded)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call(seeded)
+        await call(shared_seeded)
     assert info.value.code() == code
     assert info.value.details() == message
-    assert await api_state(seeded) == before
+    assert await api_state(shared_seeded) == before
 
 
-async def test_connect_must_start_with_hello(seeded: Stubs):
+async def test_connect_must_start_with_hello(shared_seeded: Stubs):
     async def messages():
         yield agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1))
 
-    call = seeded.agent.Connect(messages())
+    call = shared_seeded.agent.Connect(messages())
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in call:
             pass
@@ -77,9 +81,9 @@ async def test_connect_must_start_with_hello(seeded: Stubs):
     assert info.value.details() == "the first message on Connect must be Hello (node_id, session_id)"
 
 
-async def test_impossible_request_carries_a_structured_reason(seeded: Stubs):
+async def test_impossible_request_carries_a_structured_reason(shared_seeded: Stubs):
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await seeded.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+        await shared_seeded.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
             spec=spec("svc", shards=2, accelerators=4)))
     reasons = [common_pb2.Reason.FromString(value) for key, value in info.value.trailing_metadata()
                if key == "maia-reason-bin"]
