@@ -6,11 +6,16 @@ node credential (of another node). Each call must fail with the stated status (N
 another tenant's object, so its existence is never revealed; PERMISSION_DENIED for acting
 outside a role; UNAUTHENTICATED without a valid token) and leave the database as it was. Lists
 and summaries a rival tenant may call answer OK and must not mention the other tenant.
+
+These calls are all refused, so the cases share one world (one controller) per backend, each
+comparing the database after every call with a read taken just before the case's calls; a case
+whose answer depends on the calls before it (`own_world`: the audit log a rival lists grows with
+them) gets a world of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -21,7 +26,7 @@ from sqlalchemy import select, update
 
 from controller.api.server import ControllerApp
 from controller.store import models as m
-from grpc_harness import Stubs, eventually, issue_token, spec, topology
+from grpc_harness import Stubs, admin_token_of, eventually, issue_token, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, audit_pb2, deployments_pb2
 
 OWNER, RIVAL = "lab-alpha", "lab-beta"
@@ -35,6 +40,7 @@ class Case:
     call: Callable[[Stubs], Any]       # returns an awaitable (or a stream to read one message of)
     rival: grpc.StatusCode            # what the other tenant gets (OK: must not leak OWNER)
     node: grpc.StatusCode = DENIED    # what another node's credential gets
+    own_world: bool = False           # its answer depends on the calls before it: not on the shared world
 
 
 def _node(node_id: str) -> agent_pb2.NodeInfo:
@@ -100,7 +106,7 @@ CASES = [
     Case("RevokeToken", lambda s: s.admin.RevokeToken(A.RevokeTokenRequest(id="0123456789abcdef")), DENIED),
     # A tenant token lists its own tenant's audit entries, whatever tenant it names.
     Case("ListAuditEvents(owner)", lambda s: s.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant=OWNER)),
-         OK),
+         OK, own_world=True),
     Case("ListEvents(chat)", lambda s: s.admin.ListEvents(A.ListEventsRequest(object_kind="deployment",
                                                                              object_id="chat")), NOT_FOUND),
     Case("ListEvents(owner)", lambda s: s.admin.ListEvents(A.ListEventsRequest(object_kind="tenant",
@@ -129,8 +135,13 @@ async def _fingerprint(app: ControllerApp) -> tuple:
         )
 
 
-@pytest.fixture
-async def world(controller_app: ControllerApp, stubs: Stubs) -> dict[str, Stubs]:
+@dataclass(frozen=True)
+class World:
+    app: ControllerApp
+    callers: dict[str, Stubs]  # who -> stubs carrying their token
+
+
+async def _world(app: ControllerApp, stubs: Stubs) -> World:
     """OWNER with deployment chat, RIVAL, nodes n1 and n2, and the callers that must be refused."""
     await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
     for tenant in (OWNER, RIVAL):
@@ -138,7 +149,7 @@ async def world(controller_app: ControllerApp, stubs: Stubs) -> dict[str, Stubs]
     await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("chat", OWNER)))
     await stubs.agent.Register(agent_pb2.RegisterRequest(node=_node("n1")))
     n2 = await stubs.agent.Register(agent_pb2.RegisterRequest(node=_node("n2")))
-    db = controller_app.db
+    db = app.db
     expired = await issue_token(db, "tenant", tenant=OWNER, name="expired", ttl_s=3600)
     async with db.unit_of_work() as uow:
         await uow.session.execute(update(m.ApiToken).where(m.ApiToken.name == "expired")
@@ -149,10 +160,32 @@ async def world(controller_app: ControllerApp, stubs: Stubs) -> dict[str, Stubs]
     callers = {"anonymous": None, "expired": expired, "revoked": revoked,
                "rival": await issue_token(db, "tenant", tenant=RIVAL, name="rival"),
                "node": n2.node_credential}
-    opened = {who: Stubs.connect(controller_app.address, token) for who, token in callers.items()}
-    yield opened
-    for caller in opened.values():
+    return World(app, {who: Stubs.connect(app.address, token) for who, token in callers.items()})
+
+
+async def _close(world: World) -> None:
+    for caller in world.callers.values():
         await caller.channel.close()
+
+
+@pytest.fixture
+async def world(controller_app: ControllerApp, stubs: Stubs) -> AsyncIterator[World]:
+    """`_world` on the test's own controller."""
+    made = await _world(controller_app, stubs)
+    yield made
+    await _close(made)
+
+
+@pytest.fixture(scope="module")
+async def shared_world(shared_controller: ControllerApp) -> AsyncIterator[World]:
+    """`_world` on the module's controller (one per backend), for the cases that are not `own_world`."""
+    stubs = Stubs.connect(shared_controller.address, admin_token_of(shared_controller))
+    try:
+        made = await _world(shared_controller, stubs)
+        yield made
+        await _close(made)
+    finally:
+        await stubs.channel.close()
 
 
 async def _status(call: Callable[[Stubs], Any], stubs: Stubs) -> tuple[grpc.StatusCode, Any]:
@@ -162,23 +195,37 @@ async def _status(call: Callable[[Stubs], Any], stubs: Stubs) -> tuple[grpc.Stat
         return exc.code(), None
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.rpc for c in CASES])
-async def test_callers_without_the_right_get_the_stated_status_and_change_nothing(
-        controller_app: ControllerApp, world: dict[str, Stubs], case: Case) -> None:
+async def _refused_by_all_and_nothing_changed(world: World, case: Case) -> None:
     expected = {"anonymous": UNAUTH, "expired": UNAUTH, "revoked": UNAUTH, "rival": case.rival, "node": case.node}
-    before = await _fingerprint(controller_app)
+    before = await _fingerprint(world.app)
     got = {}
-    for who, stubs in world.items():
+    for who, stubs in world.callers.items():
         code, reply = await _status(case.call, stubs)
         got[who] = code
         if code == OK:  # a rival's own view: nothing of the other tenant in it
             assert OWNER.encode() not in reply.SerializeToString(), (case.rpc, who, reply)
-        assert await _fingerprint(controller_app) == before, f"{case.rpc} by {who} changed the database"
+        assert await _fingerprint(world.app) == before, f"{case.rpc} by {who} changed the database"
     assert got == expected
 
 
+SHARED_CASES = [c for c in CASES if not c.own_world]
+OWN_WORLD_CASES = [c for c in CASES if c.own_world]
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=[c.rpc for c in SHARED_CASES])
+async def test_callers_without_the_right_get_the_stated_status_and_change_nothing(
+        shared_world: World, case: Case) -> None:
+    await _refused_by_all_and_nothing_changed(shared_world, case)
+
+
+@pytest.mark.parametrize("case", OWN_WORLD_CASES, ids=[c.rpc for c in OWN_WORLD_CASES])
+async def test_callers_without_the_right_get_the_stated_status_and_change_nothing_on_a_world_of_their_own(
+        world: World, case: Case) -> None:
+    await _refused_by_all_and_nothing_changed(world, case)
+
+
 async def test_the_owner_and_an_admin_do_what_the_others_may_not(
-        controller_app: ControllerApp, stubs: Stubs, world: dict[str, Stubs]) -> None:
+        controller_app: ControllerApp, stubs: Stubs, world: World) -> None:
     owner = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant=OWNER))
     try:
         assert (await owner.deployments.GetDeployment(D.GetDeploymentRequest(name="chat"))).spec.tenant == OWNER
