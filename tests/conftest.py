@@ -1,7 +1,8 @@
 """Shared test fixtures: the databases every store/integration test runs against.
 
 Tests that take `db_url` (an empty database) or `database` (a migrated `Database`) run twice:
-on a SQLite file and on a real PostgreSQL.
+on a SQLite file and on a real PostgreSQL. `module_database` is a migrated `Database` shared by
+the tests of one module (per backend), for tests that write nothing.
 PostgreSQL is a throwaway server started once per session from the local PostgreSQL 15
 binaries (no Docker here), on a free port with trust auth, and stopped at the end; each test
 gets a fresh database in it, never used before. A PostgreSQL CREATE DATABASE costs 0.3-0.9 s on
