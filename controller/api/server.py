@@ -124,13 +124,12 @@ class AppSignals:
         self._app.channel.send(DEPLOYMENTS, [deployment_item(e.type, e.deployment) for e in events])
 
     def tokens_revoked(self, token_ids: Sequence[str]) -> None:
-        """Refused here at once, and by the other controllers as they hear it (`ControllerApp.
-        _revoked`)."""
-        self._app.revoked(token_ids)
+        """Refused here at once, and the agent streams here opened with them end now (UNAUTHENTICATED;
+        a deleted node's stream ended first, as deleted: `node_removed`), without a read; the other
+        controllers do both as they hear it (`ControllerApp.revoked_elsewhere`)."""
+        self._app.forget_tokens(token_ids)
+        self._app.hub.revoke_credentials(token_ids)
         self._app.channel.send(TOKENS_REVOKED, token_ids)
-
-    def node_credential_revoked(self, node_id: str) -> None:
-        self._app.hub.revoke(node_id, f"the credential of node {node_id} was revoked; register again")
 
     def node_removed(self, node_id: str) -> None:
         self._app.hub.disconnect(node_id, NODE_DELETED)
@@ -242,7 +241,7 @@ class ControllerApp:
         elif kind == NODE_REMOVED:
             self._handle(self._removed_elsewhere(items))
         elif kind == TOKENS_REVOKED:
-            self.revoked(items)
+            self.revoked_elsewhere(items)
         elif kind == LEASE_RELEASED:
             self.election.wake()
         elif kind == DEPLOYMENTS:
@@ -250,24 +249,29 @@ class ControllerApp:
         elif kind == RESYNC:
             self._resync()
 
-    def revoked(self, token_ids: Collection[str]) -> None:
-        """Tokens revoked, here or by another controller (TOKENS_REVOKED): their cached
-        verifications are forgotten (else each was let through until its entry aged out:
-        `Config.auth_cache_ttl_s`), and the agent streams they opened here end (`_end_streams`).
-        A controller that may have missed some resyncs, forgetting every verification (`_resync`)."""
+    def forget_tokens(self, token_ids: Collection[str]) -> None:
+        """Tokens revoked: their cached verifications are forgotten (else each was let through
+        until its entry aged out: `Config.auth_cache_ttl_s`)."""
         for token_id in token_ids:
             self.authn.forget(token_id)
+
+    def revoked_elsewhere(self, token_ids: Collection[str]) -> None:
+        """Tokens another controller revoked (TOKENS_REVOKED): forgotten here, and the agent streams
+        they opened here end (`_end_streams`). A controller that may have missed some resyncs,
+        forgetting every verification (`_resync`). The revoking controller did both as it
+        committed (`AppSignals.tokens_revoked`)."""
+        self.forget_tokens(token_ids)
         if self.hub.nodes_connected_with(token_ids):
             self._handle(self._end_streams(token_ids))
 
     async def _end_streams(self, token_ids: Collection[str]) -> None:
-        """The agent streams here opened with these revoked tokens end (else one went on with a
-        revoked credential for as long as it lasted: a node's credential reset through another
-        controller than the one its stream is on): UNAUTHENTICATED, the agent registers again with
-        its bootstrap token; or, their node no longer stored (the revocation was its deletion's,
-        whose NODE_REMOVED comes after it), as a deletion ends them. If the read fails, all end
-        UNAUTHENTICATED. A stream this controller ended meanwhile (the deletion's own, when it
-        served it) is left as it ended."""
+        """The agent streams here opened with these tokens, revoked by another controller, end
+        (else one went on with a revoked credential for as long as it lasted: a node's credential
+        reset through another controller than the one its stream is on): UNAUTHENTICATED, the
+        agent registers again with its bootstrap token; or, their node no longer stored (the
+        revocation was its deletion's, whose NODE_REMOVED may come before or after it), as a
+        deletion ends them. If the read fails, all end UNAUTHENTICATED. A stream ended meanwhile
+        (the deletion's NODE_REMOVED heard) is left as it ended."""
         nodes = self.hub.nodes_connected_with(token_ids)
         stored = nodes
         try:

@@ -335,9 +335,8 @@ async def reset_node_credential(uow: UnitOfWork, who: Principal, node_id: str, s
     check_id("node", node_id)  # as every node RPC: a NUL in it is INVALID_ARGUMENT, not PostgreSQL's error
     if await repo.get_node(uow.session, node_id) is None:
         raise NotFound(f"node {node_id} not found")
-    revoked = await tokens.revoke_node_credentials(uow, who, node_id, signals)  # commits
-    signals.node_credential_revoked(node_id)  # its open stream (if any) ends now, not at its next call
-    return revoked
+    # Commits; the stream its credential opened (if any) ends now, not at its next call.
+    return await tokens.revoke_node_credentials(uow, who, node_id, signals)
 
 
 @dataclass(frozen=True, slots=True)

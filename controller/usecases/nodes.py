@@ -123,8 +123,7 @@ async def delete_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Si
     await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
     repo.record_event(uow.session, actor=who.name, kind="node.deleted", object_kind="node", object_id=node_id,
                       data={"released_shards": bool(released)})
-    await tokens.revoke_node_credentials(uow, who, node_id, signals)  # commits
-    signals.node_removed(node_id)
+    await tokens.revoke_node_credentials(uow, who, node_id, signals, node_deleted=True)  # commits
     signals.wake_reconciler()
 
 

@@ -26,8 +26,6 @@ class Signals(Protocol):
 
     def tokens_revoked(self, token_ids: Sequence[str]) -> None: ...
 
-    def node_credential_revoked(self, node_id: str) -> None: ...
-
     def node_removed(self, node_id: str) -> None: ...
 
 
@@ -39,7 +37,6 @@ class RecordingSignals:
     nodes: set[str] = field(default_factory=set)
     events: list[DeploymentEvent] = field(default_factory=list)
     revoked_tokens: list[str] = field(default_factory=list)
-    revoked_nodes: list[str] = field(default_factory=list)
     removed_nodes: list[str] = field(default_factory=list)
 
     def wake_reconciler(self) -> None:
@@ -53,9 +50,6 @@ class RecordingSignals:
 
     def tokens_revoked(self, token_ids: Sequence[str]) -> None:
         self.revoked_tokens.extend(token_ids)
-
-    def node_credential_revoked(self, node_id: str) -> None:
-        self.revoked_nodes.append(node_id)
 
     def node_removed(self, node_id: str) -> None:
         self.removed_nodes.append(node_id)

@@ -115,19 +115,23 @@ async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: 
         repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind="token",
                           object_id=row.id, data={"role": row.role, "request_id": who.request_id})
         await uow.commit()
-    signals.tokens_revoked([row.id])
-    if row.node_id:  # a node credential: the stream it opened ends too
-        signals.node_credential_revoked(row.node_id)
+    signals.tokens_revoked([row.id])  # an agent stream opened with it ends too
     return store.token_view(row)
 
 
-async def revoke_node_credentials(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals) -> list[str]:
+async def revoke_node_credentials(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals, *,
+                                  node_deleted: bool = False) -> list[str]:
     """Revoke every active credential of a node, commit the caller's transaction with it (what
-    it staged before goes in the same commit), then tell every controller (`signals.tokens_revoked`:
-    each forgets their cached verifications and ends the agent streams they opened); their ids."""
+    it staged before goes in the same commit: `node_deleted`, the node's deletion), then tell
+    every controller (`signals.tokens_revoked`: each forgets their cached verifications and ends
+    the agent streams they opened, UNAUTHENTICATED); their ids. A deleted node is removed first
+    (`signals.node_removed`): its stream ends as a deletion ends it, once, and the revocation
+    finds it ended."""
     revoked = revoke_credentials(uow, who, node_id,
                                  await store.active_tokens(uow.session, _now(), role=Role.NODE.value, node=node_id))
     await uow.commit()
+    if node_deleted:
+        signals.node_removed(node_id)
     if revoked:
         signals.tokens_revoked(revoked)
     return revoked

@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 
 import grpc
+import pytest
 
 from grpc_harness import RUNNING, HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
@@ -93,32 +94,56 @@ async def test_silent_agent_is_marked_down_after_the_heartbeat_timeout(stubs: St
     await agent.close()
 
 
-async def test_resetting_a_nodes_credential_ends_its_open_stream(db_url: str, tmp_path):
-    # The hand agent never heartbeats: a long timeout, so only the reset can end its stream.
+REVOKED = (grpc.StatusCode.UNAUTHENTICATED, "the credential of node node-1 was revoked; register again")
+
+
+@pytest.mark.parametrize("revocation, ended_with", [
+    ("ResetNodeCredential", REVOKED), ("RevokeToken", REVOKED),
+    ("DeleteNode", None),  # the deleted node's stream ends as a deletion ends it (OK), not as a revocation
+])
+async def test_a_revocation_ends_its_agents_stream_here_once_and_without_a_read(
+        db_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, revocation: str, ended_with) -> None:
+    """The controller that serves a node credential's revocation ends the stream the credential
+    opened as it commits, at once (not at the agent's next call): not a second time by the path
+    that ends the streams of revocations heard from other controllers (`_end_streams`, a read of
+    the nodes, which found the stream ended already)."""
+    # The hand agent never heartbeats: a long timeout, so only the revocation can end its stream.
     async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
+        heard_paths: list[object] = []
+        end_streams = app._end_streams
+
+        def counted(token_ids):  # type: ignore[no-untyped-def]
+            heard_paths.append(token_ids)
+            return end_streams(token_ids)
+        monkeypatch.setattr(app, "_end_streams", counted)
         stubs = Stubs.connect(app.address, admin_token_of(app))
         try:
-            await _reset_ends_the_stream(app, stubs)
+            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+            credential = (await HandAgent(stubs, "node-1", "rack-a").register()).node_credential
+            node = Stubs.connect(app.address, credential)  # the agent speaks with its own credential
+            try:
+                agent = HandAgent(node, "node-1", "rack-a")
+                await agent.register()
+                await agent.connect()
+                await agent.next_set()
+                if revocation == "ResetNodeCredential":
+                    reset = await stubs.admin.ResetNodeCredential(admin_pb2.NodeRequest(id="node-1"))
+                    assert len(reset.revoked_token_ids) == 1
+                elif revocation == "RevokeToken":
+                    token_id = credential.split(".")[0].removeprefix("maia_")
+                    await stubs.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=token_id))
+                else:
+                    await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id="node-1"))
+                ended = await agent.reader_error()
+                if ended_with is None:
+                    assert ended is None
+                else:
+                    assert ended is not None and (ended.code(), ended.details()) == ended_with
+            finally:
+                await node.channel.close()
+            assert heard_paths == []  # scheduled as the revocation is signalled, if it is
         finally:
             await stubs.channel.close()
-
-
-async def _reset_ends_the_stream(app, stubs: Stubs) -> None:
-    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-    credential = (await HandAgent(stubs, "node-1", "rack-a").register()).node_credential
-    node = Stubs.connect(app.address, credential)  # the agent speaks with its own credential
-    try:
-        agent = HandAgent(node, "node-1", "rack-a")
-        await agent.register()
-        await agent.connect()
-        await agent.next_set()
-        reset = await stubs.admin.ResetNodeCredential(admin_pb2.NodeRequest(id="node-1"))
-        assert len(reset.revoked_token_ids) == 1
-        ended = await agent.reader_error()  # at once, not at the agent's next call
-        assert ended is not None and ended.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "revoked" in ended.details() and "register again" in ended.details()
-    finally:
-        await node.channel.close()
 
 
 async def test_a_node_shows_the_last_heartbeat_its_stream_brought_though_not_written_yet(db_url: str, tmp_path):
