@@ -7,8 +7,15 @@ unknown, expired and revoked tokens are refused. Verified tokens are cached for 
 (`forget`; a read of its row in flight is not cached): on this controller as it commits, on the
 others sharing the database as they hear of it (`ControllerApp`'s TOKENS_REVOKED message, and a
 resync, after which this controller may have missed some, drops every entry: `forget_all`).
-Expiry is checked on every call. A controller that hears nothing (its notification connection
-down) still reads every row again after `cache_ttl_s`.
+Expiry is checked on every call. While a controller cannot hear the others (its notification
+connection down: `hears_revocations`, `PgChannel.listening`) a revocation on another controller
+reaches it only through the database, so a cached verification is trusted for
+`UNHEARD_CACHE_TTL_S` at most (not `cache_ttl_s`): a token revoked elsewhere meanwhile is refused
+within about that bound after the connection is known to be down. Not bypassed: a read per call
+while the connection is down (most often with the database in trouble) would multiply the reads
+of a busy controller by its calls per token; this bounds them to one per token per second. Once it
+listens again it resyncs, forgetting every verification (`forget_all`), then trusts the cache for
+`cache_ttl_s` again.
 
 A call that presents the very text a cached entry was verified with is let through on that
 entry without parsing the token and digesting its secret again (both were most of the
@@ -39,6 +46,8 @@ AUTHORIZATION_KEY = "authorization"
 BOOTSTRAP_HINT = ("start the controller once with --bootstrap-admin-token-file PATH to create an admin token, "
                   "then `maiactl token create` the others")
 DEFAULT_CACHE_TTL_S = 30.0
+# How long a cached verification is trusted while this controller cannot hear the others' revocations.
+UNHEARD_CACHE_TTL_S = 1.0
 CACHE_MAX_ENTRIES = 10_000
 
 
@@ -69,13 +78,18 @@ def principal_of(row_role: str, *, name: str, token_id: str, tenant: str | None,
 
 class Authenticator:
     """Verifies bearer tokens against the database (with a short cache); or, when `enabled` is
-    False (--insecure-no-auth), lets everyone in as an admin."""
+    False (--insecure-no-auth), lets everyone in as an admin. `hears_revocations`: whether this
+    controller hears the other controllers' revocations now (while it does not, the cache is
+    trusted for `UNHEARD_CACHE_TTL_S` at most)."""
 
     def __init__(self, db: Database, *, enabled: bool = True, cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 hears_revocations: Callable[[], bool] = lambda: True) -> None:
         self.db = db
         self.enabled = enabled
         self.cache_ttl_s = cache_ttl_s
+        self._unheard_ttl_s = min(cache_ttl_s, UNHEARD_CACHE_TTL_S)
+        self._hears = hears_revocations
         self._clock = clock
         self._cache: dict[str, _Verified] = {}
         self._by_text: dict[str, _Verified] = {}  # a bearer text -> the cached entry it was verified against
@@ -112,7 +126,7 @@ class Authenticator:
         entry = self._by_text.get(text)
         if entry is None:
             return None
-        if self._cache.get(entry.principal.token_id) is not entry or self._clock() - entry.cached_at > self.cache_ttl_s:
+        if self._cache.get(entry.principal.token_id) is not entry or self._stale(entry):
             self._drop_text(entry.principal.token_id)
             return None
         return entry
@@ -135,7 +149,7 @@ class Authenticator:
 
     async def _verified(self, presented: tokens.PresentedToken) -> _Verified:
         entry = self._cache.get(presented.id)
-        if entry is None or self._clock() - entry.cached_at > self.cache_ttl_s:
+        if entry is None or self._stale(entry):
             entry = await self._load(presented.id)
         if entry is None or not tokens.secret_matches(presented.secret, entry.secret_sha256):
             raise Unauthenticated("invalid token")
@@ -144,6 +158,11 @@ class Authenticator:
             raise Unauthenticated(f"token {presented.id} was revoked")
         self._check_unexpired(entry)
         return entry
+
+    def _stale(self, entry: _Verified) -> bool:
+        """Cached too long to be trusted: `cache_ttl_s`, or `UNHEARD_CACHE_TTL_S` while this
+        controller cannot hear the others' revocations."""
+        return self._clock() - entry.cached_at > (self.cache_ttl_s if self._hears() else self._unheard_ttl_s)
 
     def _check_unexpired(self, entry: _Verified) -> None:
         if entry.expires_at is not None and entry.expires_at <= datetime.now(timezone.utc):

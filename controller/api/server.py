@@ -191,7 +191,8 @@ class ControllerApp:
             dry_runs=KeyedRateLimiter(config.dry_runs_per_minute, "dry runs"),
             dry_run_slots=config.dry_run_slots, dry_run_time_limit_ms=config.dry_run_time_limit_ms,
         )
-        self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s)
+        self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s,
+                                   hears_revocations=self.channel.listening)
         self.watchdog = IsolationWatchdog(leader_db, interval_s=config.watchdog_interval_s,
                                           should_run=self.election.should_run)
         self.metrics.watch_alarms(lambda: self.watchdog.alarms_total)

@@ -87,6 +87,8 @@ SENT, DOWN, REFUSED = "sent", "down", "refused"  # went; no live connection (hel
 class ClusterChannel(Protocol):
     def send(self, kind: str, items: Iterable[str] = ()) -> None: ...
 
+    def listening(self) -> bool: ...
+
     async def run(self) -> None: ...
 
     async def wait_ready(self, timeout_s: float) -> bool: ...
@@ -99,6 +101,10 @@ class LocalChannel:
 
     def send(self, kind: str, items: Iterable[str] = ()) -> None:
         pass
+
+    def listening(self) -> bool:
+        """Nothing to miss: there is nobody else."""
+        return True
 
     async def run(self) -> None:
         await asyncio.Event().wait()
@@ -165,6 +171,13 @@ class PgChannel:
         self._listened = False  # a connection listened (the next one resyncs this controller)
         self._waited_out = False  # `wait_ready` gave up: even the first connection resyncs
         self._closed = False
+
+    def listening(self) -> bool:
+        """Whether this controller listens now (and resynced what it missed before it did): while it
+        does not, what the others send is lost to it (its authenticator trusts its cache less:
+        `controller.authn`). A connection cut without an error is noticed by the keepalive's look,
+        within `2 * RECONNECT_S`; till then it counts as listening."""
+        return self._ready.is_set()
 
     @property
     def others_listening(self) -> bool:

@@ -271,6 +271,40 @@ async def test_a_text_verified_before_is_refused_once_its_token_expires_or_its_e
     assert not checker._by_text and not checker._cache
 
 
+async def test_a_controller_that_cannot_hear_the_others_trusts_its_cache_for_a_second_at_most(database) -> None:
+    """While its notification connection is down (`hears_revocations` False) a revocation on
+    another controller reaches this one only through the database: a cached verification is
+    trusted for `UNHEARD_CACHE_TTL_S`, not `cache_ttl_s`, and the row is read again after it.
+    Listening again (and resynced: `forget_all`), it trusts its cache for `cache_ttl_s` again."""
+    from controller import authn
+    secrets = {name: await issue_token(database, "admin", name=name) for name in ("before", "after")}
+    ids = {name: text.split(".")[0].removeprefix("maia_") for name, text in secrets.items()}
+    bearers = {name: [("authorization", f"Bearer {text}")] for name, text in secrets.items()}
+    now, hears = [1000.0], [True]
+    checker = authn.Authenticator(database, cache_ttl_s=30.0, clock=lambda: now[0],
+                                  hears_revocations=lambda: hears[0])
+    await checker.authenticate(bearers["before"])
+    await checker.authenticate(bearers["before"])  # remembered
+
+    hears[0] = False  # the notification connection went down
+    await _revoke_in_store(database, ids["before"])  # by another controller: this one is not told
+    now[0] += authn.UNHEARD_CACHE_TTL_S / 2
+    assert (await checker.authenticate(bearers["before"])).name == "before"  # within the short bound
+    now[0] += authn.UNHEARD_CACHE_TTL_S
+    with pytest.raises(authn.Unauthenticated, match=f"token {ids['before']} was revoked"):
+        await checker.authenticate(bearers["before"])
+
+    hears[0] = True  # listening again, after the resync
+    checker.forget_all()
+    await checker.authenticate(bearers["after"])
+    await _revoke_in_store(database, ids["after"])  # not told: the entry is trusted for `cache_ttl_s` again
+    now[0] += 10.0
+    assert (await checker.authenticate(bearers["after"])).name == "after"
+    now[0] += 25.0
+    with pytest.raises(authn.Unauthenticated, match="was revoked"):
+        await checker.authenticate(bearers["after"])
+
+
 class _NoScan(dict):
     """The authenticator's remembered texts, which must never be scanned whole."""
 

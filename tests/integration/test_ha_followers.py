@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import text
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.api.server import DEPLOYMENTS, ControllerApp
@@ -402,6 +403,49 @@ async def test_a_revocation_lost_to_a_follower_is_refused_there_once_it_resyncs(
                                        timeout=10.0, what="the revoked token refused after the resync")
             assert refused == (grpc.StatusCode.UNAUTHENTICATED, f"token {token_id} was revoked")
             assert await _status(uses[1]()) == (grpc.StatusCode.OK, "")
+
+
+async def test_a_follower_that_cannot_listen_refuses_a_token_revoked_elsewhere_within_a_second_or_so(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follower's listening connection is down (ended by the server, and every reconnection
+    refused): it cannot hear the leader's TOKENS_REVOKED, nor resync. A token it verified and
+    cached is revoked through the leader: the follower refuses it once its cached verification is
+    older than `authn.UNHEARD_CACHE_TTL_S` (a second), not after its cache's TTL (an hour here:
+    nothing else refuses it within the test's 10 s). Once it listens again (and resynced), its
+    calls go through as before."""
+    import asyncpg
+
+    from controller.store.notify import APPLICATION_NAME
+
+    connect = asyncpg.connect
+
+    async def refuse_listening(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if (kwargs.get("server_settings") or {}).get("application_name") == APPLICATION_NAME:
+            raise OSError("refused by the test")
+        return await connect(*args, **kwargs)
+
+    async with _leader_and_follower(db_url, tmp_path, auth_cache_ttl_s=3600.0) as (leader, follower, stubs):
+        secret = await issue_token(leader.db, "admin", name="ops")
+        token_id = secret.split(".")[0].removeprefix("maia_")
+        async with Stubs.connect(follower.address, secret).channel as channel:
+            def use() -> Awaitable[object]:
+                return Stubs.on(channel).admin.ListTokens(admin_pb2.ListTokensRequest())
+            assert await _status(use()) == (grpc.StatusCode.OK, "")
+            assert token_id in follower.authn._cache  # verified and cached
+            monkeypatch.setattr(asyncpg, "connect", refuse_listening)
+            pid = follower.channel._conn.get_server_pid()
+            async with leader.db.unit_of_work() as uow:
+                await uow.session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            await _until(lambda: not follower.channel.listening(), "the follower noticed it no longer listens")
+            async with Stubs.connect(leader.address, admin_token_of(leader)).channel as to_leader:
+                await Stubs.on(to_leader).admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=token_id))
+            refused = await eventually(lambda: _status(use()), lambda status: status[0] != grpc.StatusCode.OK,
+                                       timeout=10.0, what="the revoked token refused")
+            assert refused == (grpc.StatusCode.UNAUTHENTICATED, f"token {token_id} was revoked")
+            assert not follower.channel.listening()  # refused without a resync (it comes with listening again)
+        monkeypatch.setattr(asyncpg, "connect", connect)
+        await _until(lambda: follower.channel.listening(), "the follower listens again")
+        assert await _status(stubs.admin.ListTokens(admin_pb2.ListTokensRequest())) == (grpc.StatusCode.OK, "")
 
 
 @pytest.mark.parametrize("told", ["TOKENS_REVOKED", "a RESYNC after it was lost"])
