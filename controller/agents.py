@@ -40,7 +40,10 @@ The hub is the only place that knows which agents are connected right now. It
   node's flap penalty, and on Hello marks it up again (suspect while it flaps), waking the
   reconciler either way;
 - says whether a live stream holds a node (`holds_live_session`): a second agent registering
-  the same node id meanwhile is refused.
+  the same node id meanwhile is refused;
+- ends a stream UNAUTHENTICATED when the token it was opened with is revoked (`revoke_credentials`)
+  or expires (a timer per stream whose token expires), and takes nothing its agent sends after
+  the stream was closed.
 Only the leader talks to agents (`follow` ends every stream when it loses the lead): a
 follower's hub holds no streams and judges no node's liveness.
 """
@@ -149,6 +152,8 @@ class AgentSession:
     timeout_s: float
     last_seen: float = field(default_factory=time.monotonic)
     credential: str = ""  # the id of the token its Connect was authenticated with (`AgentHub.revoke_credentials`)
+    # The timer that ends the stream when that token expires (`AgentHub._end_at_expiry`; None: it never does).
+    expiry: asyncio.TimerHandle | None = None
     beat_at: datetime | None = None  # the last heartbeat's time (wall clock), written or not
     # The stream's pusher waits on `dirty` alone: its set changed, or the stream closed (`close`
     # sets it; one event to wait on costs no waiter tasks per push). `closed` is a flag, not an
@@ -193,6 +198,14 @@ class AgentSession:
     def fail(self, error: MaiaError) -> None:
         self.error = error
         self.close(f"refused: {error.message}")
+
+    def refuse_credential(self, reason: str) -> None:
+        """End the stream UNAUTHENTICATED (if it is still open): the credential it was opened with
+        was revoked, or expired. Liveness is left to the heartbeat timeout, so an agent that
+        registers again in time (with a node-bootstrap token) keeps its shards."""
+        if not self.closed:
+            self.error = Unauthenticated(reason)
+            self.close(f"refused: {reason}", mark_down=False)
 
     def push_set(self) -> None:
         self.set_due = True
@@ -472,12 +485,10 @@ class AgentHub:
 
     def revoke(self, node_id: str, reason: str) -> None:
         """End the node's stream (if any) with UNAUTHENTICATED: the credential it connected with
-        was revoked. Liveness is left to the heartbeat timeout, so an agent that registers again
-        in time (with a node-bootstrap token) keeps its shards."""
+        was revoked (`AgentSession.refuse_credential`)."""
         session = self._sessions.get(node_id)
         if session is not None:
-            session.error = Unauthenticated(reason)
-            session.close(f"refused: {reason}", mark_down=False)
+            session.refuse_credential(reason)
 
     def stream_credentials(self) -> set[str]:
         """The ids of the tokens the open streams here were authenticated with
@@ -632,6 +643,8 @@ class AgentHub:
         self._streams_changed += 1
         self._released.pop(node_id, None)
         session.push_set()  # the full set, right away
+        if who.expires_at is not None:
+            self._end_at_expiry(session, who.token_id, who.expires_at)
         log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
         if changed:
             self._on_liveness_change()
@@ -673,6 +686,8 @@ class AgentHub:
         finally:
             if stop_reading is not None:
                 stop_reading()
+            if session.expiry is not None:
+                session.expiry.cancel()
             if self._sessions.get(node_id) is session:
                 del self._sessions[node_id]
                 self._streams_changed += 1
@@ -695,11 +710,30 @@ class AgentHub:
                 marking.add_done_callback(self._marking.discard)
                 await asyncio.shield(marking)
 
+    def _end_at_expiry(self, session: AgentSession, token_id: str, expires_at: datetime) -> None:
+        """End the stream UNAUTHENTICATED when the token it was opened with expires (a call's token
+        is checked as the call starts, and a stream is one call): a timer per such stream,
+        cancelled when it ends, and nothing per message. Never before the expiry: the loop's clock
+        and the wall clock may drift apart, so the timer looks at the wall clock when it fires,
+        and waits again if it came early."""
+        left_s = (expires_at - datetime.now(timezone.utc)).total_seconds()
+        if left_s > 0:
+            session.expiry = asyncio.get_running_loop().call_later(
+                left_s, self._end_at_expiry, session, token_id, expires_at)
+            return
+        session.expiry = None
+        session.refuse_credential(f"token {token_id}, which this stream was opened with, expired at "
+                                  f"{expires_at.isoformat(timespec='seconds')}")
+
     def _start_reading(self, session: AgentSession, inbound: AsyncIterator[Message],
                        convert: Callable[[Message], AgentInbound | None]) -> Callable[[], None]:
         """Take the stream's messages from now on; returns what stops it. A stream that pushes
-        them has each taken in the call that delivers it; another is read by a task of its own."""
+        them has each taken in the call that delivers it; another is read by a task of its own.
+        Once the stream is closed (its credential revoked or expired, its node deleted...) nothing
+        more is taken, though its end is still on its way (its handler's turn on the loop)."""
         def take(message: Message) -> None:
+            if session.closed:
+                return
             report = convert(message)
             if report is not None:
                 session.last_seen = time.monotonic()

@@ -7,7 +7,8 @@ unknown, expired and revoked tokens are refused. Verified tokens are cached for 
 (`forget`; a read of its row in flight is not cached): on this controller as it commits, on the
 others sharing the database as they hear of it (`ControllerApp`'s TOKENS_REVOKED message, and a
 resync, after which this controller may have missed some, drops every entry: `forget_all`).
-Expiry is checked on every call. While a controller cannot hear the others (its notification
+Expiry is checked on every call (an agent stream, one call, ends at its token's expiry:
+`AgentHub`). While a controller cannot hear the others (its notification
 connection down: `hears_revocations`, `PgChannel.listening`) a revocation on another controller
 reaches it only through the database, so a cached verification is trusted for
 `UNHEARD_CACHE_TTL_S` at most (not `cache_ttl_s`): a token revoked elsewhere meanwhile is refused
@@ -72,8 +73,10 @@ def bearer_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
     return None
 
 
-def principal_of(row_role: str, *, name: str, token_id: str, tenant: str | None, node: str | None) -> Principal:
-    return Principal(name=name, role=Role(row_role), token_id=token_id, tenant=tenant or "", node=node or "")
+def principal_of(row_role: str, *, name: str, token_id: str, tenant: str | None, node: str | None,
+                 expires_at: datetime | None = None) -> Principal:
+    return Principal(name=name, role=Role(row_role), token_id=token_id, tenant=tenant or "", node=node or "",
+                     expires_at=expires_at)
 
 
 class Authenticator:
@@ -199,10 +202,12 @@ class Authenticator:
             row = await store.get_token(uow.session, token_id)
             if row is None:
                 return None
+            expires_at = store.aware(row.expires_at)
             return _Verified(
                 row.secret_sha256,
-                principal_of(row.role, name=row.name, token_id=row.id, tenant=row.tenant_id, node=row.node_id),
-                store.aware(row.expires_at), self._clock(), revoked=row.revoked_at is not None,
+                principal_of(row.role, name=row.name, token_id=row.id, tenant=row.tenant_id, node=row.node_id,
+                             expires_at=expires_at),
+                expires_at, self._clock(), revoked=row.revoked_at is not None,
             )
 
     def forget(self, token_id: str) -> None:

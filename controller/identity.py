@@ -17,6 +17,7 @@ import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
 REQUEST_ID_MAX = 64
@@ -46,6 +47,8 @@ class Principal:
     tenant: str = ""      # role TENANT: the one tenant it acts for
     node: str = ""        # role NODE: the one node it speaks for
     request_id: str = ""
+    # When its token expires (None: never): an agent stream opened with it ends then (`AgentHub`).
+    expires_at: datetime | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -61,7 +64,7 @@ class Principal:
     def with_request_id(self, request_id: str) -> Principal:
         # Built directly: `dataclasses.replace` looks the fields up again on every call (one per RPC).
         return Principal(name=self.name, role=self.role, token_id=self.token_id, tenant=self.tenant, node=self.node,
-                         request_id=request_id)
+                         request_id=request_id, expires_at=self.expires_at)
 
 
 # The controller itself (reconciler, start-up tasks) and tests that drive use cases directly.

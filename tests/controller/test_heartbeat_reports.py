@@ -7,12 +7,16 @@ way to RUNNING recorded by stage (`HubObserver`)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import select
 
 from controller.agents import AgentHub, HubObserver, ShardStateRequest
+from controller.errors import Unauthenticated
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -241,7 +245,6 @@ async def test_a_stream_that_ends_leaves_its_node_released_with_when_it_was_last
     """What the node lifecycle judges a node whose stream ended here by: the last heartbeat the hub
     saw, not the stored time (written every few timeouts). Forgotten when the node's stream opens
     again, and when this controller stops leading (the next leader judges the node)."""
-    from datetime import datetime, timezone
     async with _streaming(cluster, "rack-a-n0") as (hub, stream):
         await stream.say(HeartbeatReport(1, 500.0))
         heard = hub.last_heard()["rack-a-n0"]
@@ -451,3 +454,48 @@ async def test_a_removal_heard_late_ends_only_a_stream_older_than_the_nodes_regi
         hub.disconnect("rack-a-n0", "test", registered="a-newer-registration")
         await asyncio.gather(stream.task, return_exceptions=True)
         assert session.closed and "rack-a-n0" not in hub.connected()
+
+
+class _Pushed:
+    """An inbound that pushes its messages, as a relayed stream does (`controller.aio.PushedStream`):
+    `take` hands one to the hub at once, whether or not the stream's handler has run since."""
+
+    def __init__(self) -> None:
+        self.take: Callable[[object], None] | None = None
+
+    def __aiter__(self) -> AsyncIterator:
+        raise AssertionError("a pushed stream is not read")
+
+    def push_to(self, take: Callable[[object], None], ended: Callable[[BaseException | None], None]) -> Callable[[], None]:
+        self.take = take
+        return lambda: None
+
+
+async def test_a_stream_whose_credential_ends_takes_nothing_more_and_drops_its_expiry_timer(cluster):
+    """Its credential revoked (or expired), a stream takes nothing its agent sends from then on,
+    though its handler has not run its end yet (a relayed stream's messages are pushed to the hub
+    by the frame's reader meanwhile); it ends UNAUTHENTICATED, and the timer that would have ended
+    it at its token's expiry is cancelled with it."""
+    hub = AgentHub(cluster, heartbeat_timeout_s=60, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda keys: asyncio.sleep(0))
+    async with cluster.unit_of_work() as uow:
+        session_id = (await repo.node_rows_by_id(uow.session, ["rack-a-n0"]))["rack-a-n0"].session_id
+    inbound = _Pushed()
+    who = replace(WHO, token_id="0123456789abcdef", expires_at=datetime.now(timezone.utc) + timedelta(hours=1))
+    stream = hub.converse(who, "rack-a-n0", session_id, inbound)
+    try:
+        await stream.__anext__()  # the first set: the hub takes the agent's messages from now on
+        session = hub._sessions["rack-a-n0"]
+        assert inbound.take is not None and session.expiry is not None
+        inbound.take(HeartbeatReport(1, 500.0))
+        heard = hub.heard_from("rack-a-n0")
+        assert heard is not None
+        hub.revoke_credentials([who.token_id])
+        inbound.take(HeartbeatReport(2, 700.0))  # after the revocation, before the stream's end ran
+        assert hub.heard_from("rack-a-n0") == heard
+        with pytest.raises(Unauthenticated, match="was revoked"):
+            await stream.__anext__()
+        assert session.expiry.cancelled()
+    finally:
+        await stream.aclose()
+        hub.close_all()

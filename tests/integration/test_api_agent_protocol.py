@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import grpc
 import pytest
 
-from grpc_harness import RUNNING, HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
+from controller.store.tokens import aware, get_token
+from grpc_harness import (
+    RUNNING, HandAgent, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology,
+)
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 
@@ -143,6 +146,35 @@ async def test_a_revocation_ends_its_agents_stream_here_once_and_without_a_read(
                 await node.channel.close()
             assert heard_paths == []  # scheduled as the revocation is signalled, if it is
         finally:
+            await stubs.channel.close()
+
+
+async def test_a_stream_opened_with_an_expiring_token_ends_unauthenticated_at_its_expiry_not_before(
+        db_url: str, tmp_path) -> None:
+    """A token is checked as a call starts, and a stream is one call: the stream an expiring token
+    opened ends UNAUTHENTICATED when the token expires (a timer), not when its agent next calls."""
+    # The hand agent never heartbeats: a long timeout, so only the expiry can end its stream.
+    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        expiring = await issue_token(app.db, "admin", name="short", ttl_s=3.0)
+        token_id = expiring.split(".")[0].removeprefix("maia_")
+        async with app.db.unit_of_work() as uow:
+            expires_at = aware((await get_token(uow.session, token_id)).expires_at)
+        node = Stubs.connect(app.address, expiring)  # speaks for the node until it expires
+        try:
+            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+            agent = HandAgent(node, "node-1", "rack-a")
+            await agent.register()
+            await agent.connect()
+            await agent.next_set()
+            ended = await agent.reader_error()
+            ended_at = datetime.now(timezone.utc)
+            assert ended is not None and ended.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert ended.details() == (f"token {token_id}, which this stream was opened with, expired at "
+                                       f"{expires_at.isoformat(timespec='seconds')}")
+            assert ended_at >= expires_at
+        finally:
+            await node.channel.close()
             await stubs.channel.close()
 
 
