@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from datetime import datetime, timezone
 
 from controller import identity
 from controller.identity import Principal, Role, new_request_id, request_id_from_metadata
@@ -30,7 +31,8 @@ def test_the_callers_request_id_is_kept_and_a_fresh_one_made_otherwise():
 
 
 def test_with_request_id_keeps_every_other_field():
-    who = Principal("ops", Role.NODE, token_id="0123456789abcdef", tenant="t1", node="n1", request_id="old")
+    who = Principal("ops", Role.NODE, token_id="0123456789abcdef", tenant="t1", node="n1", request_id="old",
+                    expires_at=datetime(2030, 1, 1, tzinfo=timezone.utc))
     assert {f.name for f in dataclasses.fields(Principal)} == \
-        {"name", "role", "token_id", "tenant", "node", "request_id"}, "with_request_id must copy a new field"
+        {"name", "role", "token_id", "tenant", "node", "request_id", "expires_at"}, "with_request_id must copy a new field"
     assert who.with_request_id("new") == dataclasses.replace(who, request_id="new")
