@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
 
@@ -23,6 +25,7 @@ from controller.store.migrate import (
     SchemaAheadError,
     SchemaBehindError,
     alembic_config,
+    code_revisions,
     ensure_schema,
     head_revision,
 )
@@ -83,6 +86,25 @@ async def test_ensure_schema_refuses_a_database_behind_head(db_url: str) -> None
             assert await conn.run_sync(_diff) == []
     finally:
         await db.dispose()
+
+
+async def test_the_revision_files_are_read_once_per_process(database: Database,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reading them runs every revision file; each controller start checks the schema (the test
+    # suite starts hundreds of controllers in one process) and GetVersion names the head.
+    reads: list[str] = []
+    from_config = ScriptDirectory.from_config
+
+    def counted(config: Config) -> ScriptDirectory:
+        reads.append(config.get_main_option("script_location") or "")
+        return from_config(config)
+
+    monkeypatch.setattr(ScriptDirectory, "from_config", counted)
+    code_revisions.cache_clear()
+    for _ in range(3):
+        assert await ensure_schema(database, migrate=True) == head_revision()
+        assert await ensure_schema(database, migrate=False) == head_revision()
+    assert len(reads) == 1
 
 
 async def test_ensure_schema_refuses_an_unknown_revision(database: Database) -> None:
