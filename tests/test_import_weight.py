@@ -40,6 +40,13 @@ def test_the_solver_is_not_imported_by_what_only_needs_the_model(code: str) -> N
     assert imported_after(code).isdisjoint(SOLVER)
 
 
+@pytest.mark.parametrize("module", ["controller.cli.main", "controller.simnode.main"])
+def test_maiactl_and_maia_simnode_start_without_the_certificate_library(module: str) -> None:
+    # Only `maiactl dev-ca` and `maia-simnode --cert-dir` use controller.devca (cryptography,
+    # ~0.1 s); every maiactl command and every simulated fleet would pay it at start.
+    assert imported_after(f"import {module}").isdisjoint({"cryptography", *SOLVER})
+
+
 def test_the_package_still_gives_the_solver_and_its_function_stays_a_function() -> None:
     # `scheduler.solve` names a submodule and the function: importing the submodule first (as
     # the session does) must not make the package's `solve` the module.

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 
-from controller.devca import node_stem
 from controller.aio import stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.bearer import TOKEN_ENV
@@ -104,6 +103,10 @@ def credentials_for(args: argparse.Namespace, node_id: str) -> grpc.ChannelCrede
         return None
     cert, key = args.cert, args.key
     if args.cert_dir is not None:
+        # Here, not at the top: devca imports `cryptography` (~0.1 s of every maia-simnode's start),
+        # which only --cert-dir needs; after the first node, a lookup in Python's module cache.
+        from controller.devca import node_stem
+
         cert, key = args.cert_dir / f"{node_stem(node_id)}.pem", args.cert_dir / f"{node_stem(node_id)}-key.pem"
     return grpc.ssl_channel_credentials(
         root_certificates=_read(args.ca) if args.ca else None,
