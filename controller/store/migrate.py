@@ -86,7 +86,7 @@ class Revisions:
 @functools.cache
 def code_revisions() -> Revisions:
     """The revisions in migrations/, read once per process: they are this code's, and reading
-    them runs every revision file (0.13-0.3 s, in front of every `ensure_schema`: the test suite
+    them runs every revision file (0.1-0.3 s, in front of every `ensure_schema`: the test suite
     starts hundreds of controllers in one process). Reads files: call from a thread in async code
     the first time."""
     scripts = ScriptDirectory.from_config(alembic_config())
