@@ -29,6 +29,9 @@ demo: install
 ## The whole test suite, against SQLite and a real PostgreSQL the tests start themselves, and
 ## the web console in headless Chromium.
 test: install postgres chromium
+	@# Bytecode for the processes the tests start (real controllers, maiactl, simnodes): with
+	@# PYTHONDONTWRITEBYTECODE set, as here, each would compile the project again (~0.5 s a controller).
+	$(PY) -m compileall -q -j 0 controller scheduler proto bench tools > /dev/null
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## Scale tests (marked slow), excluded from `make test`.
