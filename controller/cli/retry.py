@@ -23,8 +23,8 @@ had landed would be answered its first result rather than written twice. Streams
 not retried here, nor is a call made with `.future()` on a blocking channel: its caller holds a
 future that must not wait for the call (nor for any pause), so it gets the first attempt's as it
 is (one whose answer came before the interceptor looked, already ended, is treated as a blocking
-call). An asyncio call is retried inside the call object its caller awaits (cancelling it cancels
-the pause too).
+call). An asyncio call is retried inside the call object its caller awaits: cancelling it cancels the
+attempt under way (on the wire: the controller stops serving it) or the pause.
 """
 
 from __future__ import annotations
@@ -170,7 +170,11 @@ class AioRetryTold(_Retries, aio.UnaryUnaryClientInterceptor):
                 details = aio.ClientCallDetails(details.method, timeout, details.metadata, details.credentials,
                                                 details.wait_for_ready)
             call = await continuation(details, request)
-            code = await call.code()
+            try:
+                code = await call.code()
+            except asyncio.CancelledError:  # the caller's call cancelled: this attempt too (grpc
+                call.cancel()  # cancels only the task running us, the attempt would go on unseen)
+                raise
             if code == grpc.StatusCode.OK:
                 return call
             pause = retries.pause_after(await call.trailing_metadata())

@@ -3,6 +3,7 @@ when, and only when, the controller's answer carries google.rpc.RetryInfo (`cli.
 gRPC server on a real socket answers as told, and counts the attempts that reach it."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -270,3 +271,35 @@ def test_maiactl_tells_an_unavailable_the_controller_answered_from_one_it_could_
     err = capsys.readouterr().err
     assert err.startswith(f"error: UNAVAILABLE: cannot reach the controller at {closed} ("), err
     assert "hint: is maia-controller running there?" in err
+
+
+@dataclass
+class Awaited(Answers):
+    """`Answers` whose GetVersion holds its answer until the call ends on the client's side (a
+    cancellation reaches the server) or 30 s pass; `started` once it holds, `ended` once the call
+    ended."""
+
+    started: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    def GetVersion(self, request: admin_pb2.GetVersionRequest, context: grpc.ServicerContext) -> admin_pb2.VersionInfo:
+        context.add_callback(self.ended.set)
+        self.started.set()
+        self.ended.wait(30.0)
+        return super().GetVersion(request, context)
+
+
+async def test_cancelling_an_asyncio_call_cancels_the_attempt_under_way(serve: Servers) -> None:
+    """The retries run inside the call object the caller holds: cancelling it while an attempt is
+    under way cancels that attempt on the wire (the controller stops serving it), as a call on a
+    channel without the retries is cancelled; it must not go on unseen, its write landing after the
+    caller gave it up."""
+    answers = Awaited(refusals=0, retry_ms=None)
+    address = serve(answers).address
+    async with open_aio_channel(Connection(address=address, token=TOKEN)) as channel:
+        call = admin_pb2_grpc.AdminServiceStub(channel).GetVersion(admin_pb2.GetVersionRequest(), timeout=60.0)
+        assert await asyncio.to_thread(answers.started.wait, 10.0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await asyncio.to_thread(answers.ended.wait, 10.0), "the attempt went on after its call was cancelled"
