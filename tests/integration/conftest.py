@@ -23,7 +23,7 @@ import pytest
 
 from controller.api.server import ControllerApp
 from controller.store.db import Database
-from grpc_harness import Stubs, admin_token_of, api_state, eventually, running_controller, spec, topology
+from grpc_harness import Stubs, admin_token_of, eventually, running_controller, spec, topology, written_state
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
 
@@ -87,14 +87,17 @@ async def _shared_seeded_stubs(shared_controller: ControllerApp) -> AsyncIterato
 
 
 @pytest.fixture
-async def shared_seeded(_shared_seeded_stubs: Stubs) -> AsyncIterator[Stubs]:
+async def shared_seeded(shared_controller: ControllerApp, _shared_seeded_stubs: Stubs) -> AsyncIterator[Stubs]:
     """`seeded`'s state, on the module's `shared_controller`: for tests whose calls are all refused.
 
     Each such test still compares what it reads after its call with what it read just before it.
-    Here, besides, the state read back through the API (`api_state`) at the end of every test must
-    be what it was at its start: a test that wrote something fails (in its teardown) even where it
-    checks no state itself, and so does not leave its write for a later test to start from unseen.
+    Here, besides, the state at the end of every test (`written_state`: deployments, tenants,
+    topology, nodes and their cordon and drain marks, tokens) must be what it was at its start: a
+    test that wrote any of it fails (in its teardown) even where it checks no state itself, and so
+    does not leave its write for a later test to start from unseen. Not compared: the audit log
+    and the event log (a refusal is recorded), a node's liveness, the reconciler's judgement.
     """
-    before = await api_state(_shared_seeded_stubs)
+    before = await written_state(shared_controller, _shared_seeded_stubs)
     yield _shared_seeded_stubs
-    assert await api_state(_shared_seeded_stubs) == before, "a test on the shared controller wrote something"
+    assert await written_state(shared_controller, _shared_seeded_stubs) == before, \
+        "a test on the shared controller wrote something"

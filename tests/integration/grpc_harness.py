@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from sqlalchemy import select
 
 from controller.api.server import ControllerApp
 from controller.bearer import TOKEN_ENV, aio_channel
 from controller.config import Config
 from controller.identity import CONTROLLER, Role
+from controller.store import models as m
 from controller.store.db import Database
 from controller.usecases import tokens
 from maia.v1 import (
@@ -319,9 +321,21 @@ async def api_state(stubs: Stubs) -> tuple:
     tenants = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
     topo = await stubs.admin.GetTopology(admin_pb2.GetTopologyRequest())
     nodes = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
+    api_tokens = await stubs.admin.ListTokens(admin_pb2.ListTokensRequest(page_size=500))
     return (deployments.SerializeToString(deterministic=True), tenants.SerializeToString(deterministic=True),
             topo.SerializeToString(deterministic=True),
-            [(n.id, n.hostname, dict(n.labels), n.accelerators) for n in nodes.nodes])
+            [(n.id, n.hostname, dict(n.labels), n.accelerators) for n in nodes.nodes],
+            api_tokens.SerializeToString(deterministic=True))
+
+
+async def written_state(app: ControllerApp, stubs: Stubs) -> tuple:
+    """`api_state`, and what the API shows of a node only mixed with its liveness (a down node
+    reads DOWN, cordoned or not): its cordon and drain marks as stored. What a test on a shared
+    controller must leave as it found it (tests/integration/conftest.py, `shared_seeded`)."""
+    async with app.db.unit_of_work() as uow:
+        marks = (await uow.session.execute(
+            select(m.Node.id, m.Node.cordoned, m.Node.draining).order_by(m.Node.id))).all()
+    return await api_state(stubs), marks
 
 
 @asynccontextmanager

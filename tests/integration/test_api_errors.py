@@ -9,7 +9,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from grpc_harness import Stubs, api_state, spec
+from controller.api.server import ControllerApp
+from grpc_harness import Stubs, api_state, spec, written_state
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 
 
@@ -89,3 +90,16 @@ async def test_impossible_request_carries_a_structured_reason(shared_seeded: Stu
                if key == "maia-reason-bin"]
     assert [(r.code, r.scope) for r in reasons] == [("LOCALITY", "rack-a")]
     assert reasons[0].message == info.value.details()
+
+
+async def test_what_a_shared_controller_must_keep_sees_a_token_and_a_cordon(controller_app: ControllerApp,
+                                                                            seeded: Stubs) -> None:
+    """`shared_seeded`'s teardown fails a test that wrote: a token issued and a node cordoned are
+    writes too (a refused CreateToken or CordonNode that wrote would otherwise pass unseen, and
+    leave its write to the tests after it). Its own controller: this one writes."""
+    before = await written_state(controller_app, seeded)
+    await seeded.admin.CreateToken(admin_pb2.CreateTokenRequest(role="tenant", tenant="lab", name="written"))
+    issued = await written_state(controller_app, seeded)
+    assert issued != before
+    await seeded.admin.CordonNode(admin_pb2.NodeRequest(id="n1"))
+    assert await written_state(controller_app, seeded) != issued
