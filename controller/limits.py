@@ -92,13 +92,27 @@ GRPC_CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_SEND_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
 )
-# Clients that fail over between controllers (agents, maiactl with several addresses): gRPC's
-# reconnect back-off would otherwise grow to minutes against a controller that was down and is back.
-GRPC_FAILOVER_OPTIONS: tuple[tuple[str, int], ...] = (
+# The reconnect back-off of every channel to the controller. gRPC's own starts at 1 s and grows
+# x1.6 to 2 minutes (doc/connection-backoff.md): its attempts against a controller down since 0 s
+# come at ~1, 2.6, 5.2, 9.3, 16, 26, 43, 70 s..., so one back after 45 s is reached 25 s later,
+# and after a longer outage up to 2 minutes later. From 250 ms to at most 2 s (gRPC's 20 % jitter
+# on top), a controller that is back is reached within ~2.4 s of listening again, and a dead
+# address costs one connection attempt (a SYN answered by an RST) every ~2 s.
+_RECONNECT_BACKOFF: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+# Agents (they fail over between controllers and retry forever). gRPC core reads
+# `min_reconnect_backoff_ms` as the least time a connection attempt is given (its "min connect
+# timeout", 20 s by default), not as a back-off: 250 ms here.
+GRPC_FAILOVER_OPTIONS: tuple[tuple[str, int], ...] = (*_RECONNECT_BACKOFF, ("grpc.min_reconnect_backoff_ms", 250))
+# maiactl and the asyncio client (`cli.client`), one controller or several. A connection attempt
+# keeps gRPC's 20 s: a command's first call waits for the first attempt, and one cut short fails
+# the call UNAVAILABLE at once (with 250 ms, every first call through a proxy holding each read
+# 300 ms failed: "timed out before receiving SETTINGS frame"). 20 s is above `--rpc-timeout`'s
+# 15 s default, so a command against a host that answers nothing still ends DEADLINE_EXCEEDED.
+GRPC_CLI_RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
+    *_RECONNECT_BACKOFF, ("grpc.min_reconnect_backoff_ms", 20_000))
 
 
 @dataclass(frozen=True, slots=True)

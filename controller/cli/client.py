@@ -129,10 +129,10 @@ class _Target:
 
 
 def _target_of(connection: Connection) -> _Target:
+    """The message limits; a reconnect back-off of at most 2 s, so a controller back from a
+    restart or an outage is reached within seconds, however long it was away (`limits`)."""
     target = channel_target(connection.address)
-    options: tuple[tuple[str, Any], ...] = limits.GRPC_CLIENT_OPTIONS
-    if target != connection.address.strip():  # several controllers: come back quickly to one that returns
-        options = (*options, *limits.GRPC_FAILOVER_OPTIONS)
+    options: tuple[tuple[str, Any], ...] = (*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_CLI_RECONNECT_OPTIONS)
     credentials = None
     if connection.ca or connection.cert:
         credentials = grpc.ssl_channel_credentials(
@@ -145,7 +145,7 @@ def open_channel(connection: Connection) -> grpc.Channel:
     """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
     along as call metadata; a unary call the controller answers "nothing written, call again after
     this pause" (google.rpc.RetryInfo) is made again (`retry.RetryTold`). Several controllers: see
-    `channel_target`."""
+    `channel_target`; reconnection: `_target_of`."""
     to = _target_of(connection)
     if to.credentials is not None:
         channel = grpc.secure_channel(to.target, to.credentials, options=to.options)
@@ -157,9 +157,9 @@ def open_channel(connection: Connection) -> grpc.Channel:
 
 
 def open_aio_channel(connection: Connection) -> aio.Channel:
-    """`open_channel` for programs calling the API from asyncio: the same target, TLS and token,
-    and the same retries of unary calls (`retry.AioRetryTold`, the same policy). Make the stubs of
-    `maia.v1` on it; `config.resolve_connection` reads a connection as maiactl does."""
+    """`open_channel` for programs calling the API from asyncio: the same target, options, TLS and
+    token, and the same retries of unary calls (`retry.AioRetryTold`, the same policy). Make the
+    stubs of `maia.v1` on it; `config.resolve_connection` reads a connection as maiactl does."""
     to = _target_of(connection)
     interceptors = (AioRetryTold(), *aio_interceptors(connection.token))
     if to.credentials is not None:
