@@ -240,6 +240,8 @@ def rpc_error_text(error: grpc.RpcError, address: str) -> str:
                 f"$MAIA_CONTROLLER or a config context (maiactl config get-contexts)")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"error: DEADLINE_EXCEEDED: the controller at {address} did not answer in time ({details})"
+    if code == grpc.StatusCode.CANCELLED:  # maiactl cancels no call: a stopping controller cancels those in flight
+        return f"error: CANCELLED: the controller at {address} ended the call unanswered; is it stopping? ({details})"
     return f"error: {name}: {details}"
 
 

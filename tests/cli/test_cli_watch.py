@@ -1,6 +1,6 @@
-"""`maiactl get --watch` outlives a controller that goes away and comes back (a restart): the real
-binaries, the controller stopped under a running watch and started again on the same address and
-database; the watch says so on stderr and goes on where it was."""
+"""`maiactl get --watch` and `maiactl wait` outlive a controller that goes away and comes back (a
+restart): the real binaries, the controller stopped under them and started again on the same
+address and database; each says so on stderr and goes on where it was."""
 from __future__ import annotations
 
 import queue
@@ -48,9 +48,24 @@ def _tenant(folder: Path, name: str) -> str:
     return str(path)
 
 
+def _pending(folder: Path) -> str:
+    """Deployment before/web: no nodes run, so it stays Pending until deleted."""
+    path = folder / "web.yaml"
+    path.write_text("kind: Deployment\nname: web\ntenant: before\nreplicas: 1\nshards_per_replica: 1\n"
+                    "shard: {accelerators: 1, hbm_gib: 48, power_w: 700}\n")
+    return str(path)
+
+
+def _said_gone(line: str, command: str, address: str) -> None:
+    """The note of an outage: the controller stopped (a poll it cancelled while stopping, or one
+    that found nothing listening)."""
+    assert line.startswith((f"({command}: UNAVAILABLE: cannot reach the controller at {address}",
+                            f"({command}: CANCELLED: the controller at {address} ended the call unanswered")), line
+
+
 @dataclass
 class Watch:
-    """A `maiactl ... --watch` process and what it wrote so far."""
+    """A `maiactl` process that blocks (`get --watch`, `wait`) and what it wrote so far."""
 
     proc: subprocess.Popen[str]
     out: Lines
@@ -58,37 +73,50 @@ class Watch:
 
     @classmethod
     def of(cls, address: str, token: str, *args: str) -> Watch:
-        proc = subprocess.Popen([str(BIN / "maiactl"), "--controller", address, *args, "--watch", "--interval", "0.2"],
+        proc = subprocess.Popen([str(BIN / "maiactl"), "--controller", address, *args],
                                 env=maiactl_env(token), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return cls(proc, Lines(proc.stdout), Lines(proc.stderr))  # type: ignore[arg-type]
 
 
-def test_get_watches_go_on_where_they_were_once_a_restarted_controller_answers(tmp_path: Path) -> None:
-    """`get events --watch` (the events after the last one shown) and `get tenants --watch` (the
-    list again when it changed)."""
+def test_watches_and_a_wait_go_on_where_they_were_once_a_restarted_controller_answers(tmp_path: Path) -> None:
+    """`get events --watch` (the events after the last one shown), `get tenants --watch` (the list
+    again when it changed), and `wait` (its stream broken, it polls): each says the outage once
+    and the return once on stderr; the wait meets its condition after the restart (exit 0)."""
     watches: list[Watch] = []
     try:
         with controller_process(tmp_path) as first:
             address, token = first.address, first.token
-            assert first.ctl("apply", "-f", _tenant(tmp_path, "before")).returncode == 0
-            watches += [Watch.of(address, token, "get", "events"), Watch.of(address, token, "get", "tenants")]
-            events, tenants = watches
+            assert first.ctl("apply", "-f", _tenant(tmp_path, "before"), "-f", _pending(tmp_path)).returncode == 0
+            watches += [Watch.of(address, token, "get", "events", "--watch", "--interval", "0.2"),
+                        Watch.of(address, token, "get", "tenants", "--watch", "--interval", "0.2"),
+                        Watch.of(address, token, "wait", "deployment", "web", "-n", "before", "--for", "deleted",
+                                 "--timeout", str(WAIT_S))]
+            events, tenants, wait = watches
             events.out.until("tenant/before")
             tenants.out.until("before")
-        for watch in watches:  # the controller is gone: each watch says so once and polls on
-            said = watch.err.until("(watch: ")
-            assert said.startswith(f"(watch: UNAVAILABLE: cannot reach the controller at {address}"), said
+            wait.err.until("before/web: Pending")
+        for watch in (events, tenants):  # the controller is gone: each watch says so once and polls on
+            _said_gone(watch.err.until("(watch: "), "watch", address)
+        said = wait.err.until("(wait: ")
+        _said_gone(said, "wait", address)
+        assert "; since " in said and "until --timeout (" in said, said
         with controller_process(tmp_path, listen=address) as second:
             assert second.ctl("apply", "-f", _tenant(tmp_path, "after")).returncode == 0
             events.out.until("tenant/after")
             tenants.out.until("after")
             assert "showing the events after" in events.err.until(f"the controller at {address} answers again")
             tenants.err.until(f"the controller at {address} answers again")
+            wait.err.until(f"(wait: the controller at {address} answers again")
+            assert second.ctl("delete", "web", "-n", "before").returncode == 0
+            wait.out.until("deployment/before/web condition met (deleted)")
+            assert wait.proc.wait(timeout=WAIT_S) == 0
         assert sum("tenant/before" in line for line in events.out.seen) == 1  # not shown again
-        for watch in watches:
+        for watch in (events, tenants):
             assert watch.proc.poll() is None  # still watching
-            assert sum("(watch: UNAVAILABLE" in line for line in watch.err.seen) == 1  # said once per outage
+        for watch in watches:  # the outage and the return, each said once
+            assert [line.startswith(("(watch: ", "(wait: ")) for line in watch.err.seen].count(True) == 2, watch.err.seen
     finally:
         for watch in watches:
-            watch.proc.terminate()
+            if watch.proc.poll() is None:
+                watch.proc.terminate()
             watch.proc.wait(timeout=30)

@@ -5,9 +5,10 @@ Every filter either works or is refused (exit 2) — none is silently ignored:
 shard there, nodes, placements), `-l key=value` (node labels; the other kinds carry none).
 `--watch` prints the list again whenever it changes (polling every --interval seconds); `get
 events --watch` prints the events after the last one shown. A watch outlives a controller that
-goes away for a while (a restart, a failover): an UNAVAILABLE poll is said once on stderr and
-polled again at the interval, and the watch goes on where it was (the events after the last one
-shown) once the controller answers. Any other failure ends it.
+goes away for a while (a restart, a failover, a network that drops packets): a poll it does not
+serve (UNAVAILABLE, DEADLINE_EXCEEDED) is said once on stderr and polled again at the interval,
+and the watch goes on where it was (the events after the last one shown) once the controller
+answers (`cli.outage`). Any other failure ends it.
 """
 from __future__ import annotations
 
@@ -16,12 +17,11 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
-
-from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
+from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
+from controller.cli.outage import Polls
 from controller.cli.refs import deployment_ref
 from controller.cli.documents import (
     deployment_document, event_document, list_document, node_document, placement_document, tenant_document, topology_document,
@@ -112,40 +112,13 @@ def _emit(listing: Listing, ctx: Context) -> None:
     ctx.emit(listing.document, listing.text, names=listing.names, is_table=listing.is_table)
 
 
-T = TypeVar("T")
-
-
-@dataclass
-class _Polls:
-    """A watch's polls after its first: one the controller cannot serve (UNAVAILABLE: not reached,
-    or stopping, or its database down) is skipped, said on stderr when the outage begins and when
-    the controller answers again; any other failure is raised."""
-
-    ctx: Context
-    interval: float
-    down: bool = False
-
-    def poll(self, fetch: Callable[[], T], back: str = "") -> T | None:
-        """What `fetch` returned, or None while the controller is unavailable."""
-        try:
-            got = fetch()
-        except grpc.RpcError as exc:
-            if status_code(exc) != grpc.StatusCode.UNAVAILABLE:
-                raise
-            if not self.down:
-                said = rpc_error_text(exc, self.ctx.address).splitlines()[0].removeprefix("error: ")
-                self.ctx.note(f"(watch: {said}; polling again every {self.interval:g}s)")
-                self.down = True
-            return None
-        if self.down:
-            self.ctx.note(f"(watch: the controller at {self.ctx.address} answers again{back})")
-            self.down = False
-        return got
+def _watch_polls(ctx: Context, interval: float) -> Polls:
+    return Polls(ctx, "watch", f"polling again every {interval:g}s")
 
 
 def _watch(fetch: Callable[[], Listing], interval: float, ctx: Context) -> int:
     shown: str | None = None
-    polls = _Polls(ctx, interval)
+    polls = _watch_polls(ctx, interval)
     listing: Listing | None = fetch()  # the first: a controller not there ends the command
     while True:
         if listing is not None and (snapshot := repr(listing.document())) != shown:
@@ -268,7 +241,7 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
     ctx.emit(lambda: list_document(event_document(e) for e in events), lambda: events_table(events),
              names=lambda: [f"event/{e.id}" for e in events], is_table=True)
     last = events[-1].id if events else 0
-    polls = _Polls(ctx, args.interval)
+    polls = _watch_polls(ctx, args.interval)
     while args.watch:
         time.sleep(args.interval)
         new = polls.poll(lambda: fetch_events(ctx, kind, name, after_id=last, limit=1000, tenant=args.tenant or ""),

@@ -1,9 +1,11 @@
 """`maiactl wait deployment NAME... --for running` and `maiactl wait nodes --connected N`.
 
 Deployments are followed with WatchDeployments (events as they happen); if the server does
-not offer the stream, or it breaks, the command falls back to polling GetDeployment. Progress
-goes to stderr (a progress bar of running replicas on a terminal); on timeout the exit code is 1
-and the message lists each deployment's phase and the reasons it is not there yet.
+not offer the stream, or it breaks, the command falls back to polling GetDeployment, which goes on
+through an outage of the controller until --timeout (said on stderr when it begins and when it
+ends: `cli.outage`). Progress goes to stderr (a progress bar of running replicas on a terminal);
+on timeout the exit code is 1 and the message lists each deployment's phase and the reasons it is
+not there yet.
 
 A deployment blocked for good — a reason that waiting alone cannot change (the tenant's quota,
 its allowed zones, an accelerator model or HBM size no node has) — ends the wait at once with
@@ -19,6 +21,7 @@ import grpc
 
 from controller.cli.client import CliError, Exit, list_all, status_code
 from controller.cli.context import Context
+from controller.cli.outage import Polls, clock
 from controller.cli.refs import DeploymentRef, add_tenant_flag, deployment_ref
 from controller.cli.views import phase_text, reasons_text
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
@@ -167,10 +170,12 @@ class _Tracker:
         return "\n".join(lines)
 
 
-def _get(ctx: Context, ref: DeploymentRef) -> P.Deployment | None:
+def _get(ctx: Context, ref: DeploymentRef, deadline: float | None = None) -> P.Deployment | None:
+    """The deployment, None when there is none; the call ends by `deadline` (monotonic) if given."""
+    timeout = ctx.rpc_timeout if deadline is None else min(ctx.rpc_timeout, max(0.0, deadline - time.monotonic()))
     try:
         return ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
-                                                        timeout=ctx.rpc_timeout)
+                                                        timeout=timeout)
     except grpc.RpcError as exc:
         if status_code(exc) == grpc.StatusCode.NOT_FOUND:
             return None
@@ -237,13 +242,14 @@ def _watch(tracker: _Tracker, deadline: float, ctx: Context) -> bool:
 
 
 def _poll(tracker: _Tracker, deadline: float, ctx: Context) -> None:
+    """Every deployment read every POLL_INTERVAL_S until done or `deadline`; a round the controller
+    does not serve is skipped, and the outage said once on stderr (`cli.outage`)."""
+    until = clock(time.time() + deadline - time.monotonic())
+    polls = Polls(ctx, "wait", f"polling every {POLL_INTERVAL_S:g}s until --timeout ({until})")
     while not tracker.finished() and time.monotonic() < deadline:
-        for name in tracker.names:
-            try:
-                tracker.update(name, _get(ctx, tracker.refs[name]))
-            except grpc.RpcError as exc:
-                if status_code(exc) != grpc.StatusCode.UNAVAILABLE:
-                    raise
+        latest = polls.poll(lambda: {name: _get(ctx, tracker.refs[name], deadline) for name in tracker.names})
+        for name, dep in (latest or {}).items():
+            tracker.update(name, dep)
         if not tracker.finished():
             time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
 

@@ -1,0 +1,78 @@
+"""`cli.outage.Polls`, what `get --watch` and `wait` poll through: which failures are an outage to
+poll through (said once when it begins, once when it ends) and which end the command. The real
+outages (a restart, a silent network) are in test_cli_watch.py and
+tests/integration/test_cli_silent_network.py."""
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from controller.cli.config import Connection
+from controller.cli.context import Context
+from controller.cli.outage import Polls
+
+ADDRESS = "ctl.example:50051"
+
+
+class Failed(grpc.RpcError):
+    """A failed call as grpc's channel raises it (code and details)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__()
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+def _fails(code: grpc.StatusCode, details: str = "...") -> Callable[[], int]:
+    def fetch() -> int:
+        raise Failed(code, details)
+    return fetch
+
+
+@pytest.fixture
+def polls() -> Polls:
+    return Polls(Context(Connection(address=ADDRESS), stderr=io.StringIO()), "wait", "polling every 1s")
+
+
+def _said(polls: Polls) -> list[str]:
+    return polls.ctx.stderr.getvalue().splitlines()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("code", "details", "begins"), [
+    (grpc.StatusCode.UNAVAILABLE, "Connection refused", f"(wait: UNAVAILABLE: cannot reach the controller at {ADDRESS} "),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded",
+     f"(wait: DEADLINE_EXCEEDED: the controller at {ADDRESS} did not answer in time"),
+    # A stopping controller cancels the calls still in flight once its grace is over.
+    (grpc.StatusCode.CANCELLED, "CANCELLED", f"(wait: CANCELLED: the controller at {ADDRESS} ended the call unanswered"),
+], ids=["unavailable", "deadline", "cancelled"])
+def test_an_outage_is_said_once_when_it_begins_and_once_when_it_ends(
+        polls: Polls, code: grpc.StatusCode, details: str, begins: str) -> None:
+    assert polls.poll(lambda: 1) == 1
+    assert _said(polls) == []
+    for _ in range(3):
+        assert polls.poll(_fails(code, details)) is None
+    assert polls.poll(_fails(grpc.StatusCode.UNAVAILABLE)) is None  # the same outage, whatever it looks like
+    assert polls.poll(lambda: 2, back="; more") == 2
+    assert polls.poll(lambda: 3) == 3
+    begun, ended = _said(polls)
+    assert begun.startswith(begins) and "; since " in begun and begun.endswith("; polling every 1s)"), begun
+    assert ended.startswith(f"(wait: the controller at {ADDRESS} answers again, ") and ended.endswith("; more)"), ended
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND,
+                                  grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED])
+def test_any_other_failure_is_the_commands(polls: Polls, code: grpc.StatusCode) -> None:
+    with pytest.raises(Failed):
+        polls.poll(_fails(code))
+    assert _said(polls) == []
