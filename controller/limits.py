@@ -117,11 +117,12 @@ GRPC_CLI_RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Keepalive:
-    """HTTP/2 keepalive pings on the controller's connections and the agents' channels (gRPC
-    core's channel arguments, grpc/doc/keepalive.md), so that a peer whose network died without a
-    FIN or RST is found in `*_time_ms + *_timeout_ms` rather than when TCP gives up (~15 min):
-    the controller frees the half-open transport and ends its streams (the node is then suspect, as
-    when its stream drops); the agent reconnects (to the next leader). A hung agent whose gRPC
+    """HTTP/2 keepalive pings on the controller's connections and its clients' channels (agents,
+    and maiactl's: `CLIENT_KEEPALIVE`) (gRPC core's channel arguments, grpc/doc/keepalive.md),
+    so that a peer whose network died without a FIN or RST is found in `*_time_ms +
+    *_timeout_ms` rather than when TCP gives up (~15 min): the controller frees the half-open
+    transport and ends its streams (the node is then suspect, as when its stream drops); the agent
+    reconnects (to the next leader); maiactl's next call connects again. A hung agent whose gRPC
     core still answers pings is found by the heartbeat timeout alone.
 
     The two sides must agree: the server counts a ping that comes sooner than
@@ -166,6 +167,12 @@ class Keepalive:
 
 
 AGENT_KEEPALIVE = Keepalive()
+# maiactl's and the asyncio client's channels (`cli.client`) ping as agents do, which the
+# controller and the gateways permit (their server side is `AGENT_KEEPALIVE`'s): a watch or a
+# wait whose connection died without a FIN or RST gives it up in ~30 s and connects again, where
+# it would otherwise wait on the dead connection until TCP gives up (~15 min). A command done
+# within 20 s sends no ping.
+CLIENT_KEEPALIVE = AGENT_KEEPALIVE
 ERROR_MESSAGE_MAX = 1024            # an error's message as sent to the caller
 QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error message
 

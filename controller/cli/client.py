@@ -130,9 +130,11 @@ class _Target:
 
 def _target_of(connection: Connection) -> _Target:
     """The message limits; a reconnect back-off of at most 2 s, so a controller back from a
-    restart or an outage is reached within seconds, however long it was away (`limits`)."""
+    restart or an outage is reached within seconds, however long it was away; keepalive pings, so
+    a connection that died silently (no FIN, no RST) is given up and made again (`limits`)."""
     target = channel_target(connection.address)
-    options: tuple[tuple[str, Any], ...] = (*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_CLI_RECONNECT_OPTIONS)
+    options: tuple[tuple[str, Any], ...] = (*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_CLI_RECONNECT_OPTIONS,
+                                            *limits.CLIENT_KEEPALIVE.client_options())
     credentials = None
     if connection.ca or connection.cert:
         credentials = grpc.ssl_channel_credentials(
@@ -145,7 +147,7 @@ def open_channel(connection: Connection) -> grpc.Channel:
     """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
     along as call metadata; a unary call the controller answers "nothing written, call again after
     this pause" (google.rpc.RetryInfo) is made again (`retry.RetryTold`). Several controllers: see
-    `channel_target`; reconnection: `_target_of`."""
+    `channel_target`; reconnection and keepalive: `_target_of`."""
     to = _target_of(connection)
     if to.credentials is not None:
         channel = grpc.secure_channel(to.target, to.credentials, options=to.options)

@@ -4,6 +4,7 @@ node fleets as `maia-simnode` subprocesses, an in-test agent, and polling with a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -126,6 +127,64 @@ async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], boo
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout}s; last value: {last}")
         await asyncio.sleep(every)
+
+
+class BlackholeProxy:
+    """A TCP proxy to `upstream` whose network can die silently and come back: `go_silent` and
+    the connections open then drop what either side sends, for good (no FIN, no RST: their state
+    is lost, as on a host that rebooted or behind a NAT that forgot them), and new connections are
+    accepted but held; `heal` forwards the held ones and every one made after."""
+
+    def __init__(self, upstream: str) -> None:
+        self._host, _, port = upstream.rpartition(":")
+        self._port = int(port)
+        self._era = 0  # go_silent starts a new one; a connection forwards only in its own
+        self._healed = asyncio.Event()
+        self._healed.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.address = ""
+
+    async def __aenter__(self) -> BlackholeProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.address = "127.0.0.1:%d" % self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def go_silent(self) -> None:
+        self._era += 1
+        self._healed.clear()
+
+    def heal(self) -> None:
+        self._healed.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        held = asyncio.current_task()
+        assert held is not None
+        self._tasks.add(held)  # type: ignore[arg-type]
+        await self._healed.wait()  # what the client sent meanwhile waits in the socket
+        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+        self._writers.append(up_writer)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            self._tasks.add(asyncio.create_task(self._pump(source, sink, self._era)))
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, era: int) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                if era == self._era:
+                    sink.write(data)
+                    await sink.drain()
+        # EOF: keep the other side open (a dead network tells nobody)
 
 
 def topology(racks: dict[str, str], *, rack_budget_w: float | None = None) -> admin_pb2.Topology:

@@ -15,7 +15,7 @@ import pytest
 from controller import limits
 from controller.api.server import ControllerApp
 from controller.bearer import aio_channel
-from grpc_harness import HandAgent, Stubs, admin_token_of, controller_with_rack, eventually
+from grpc_harness import BlackholeProxy, HandAgent, Stubs, admin_token_of, controller_with_rack, eventually
 from maia.v1 import admin_pb2, common_pb2
 
 # Long enough that the hub never ends a silent stream while these tests watch it: whatever ends
@@ -31,52 +31,6 @@ IDLE_S = 2.0  # ten agent keepalive intervals without a message either way
 def db_url(tmp_path: Path) -> str:
     """SQLite alone: what is tested is the transport, the same on either database."""
     return f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}"
-
-
-class BlackholeProxy:
-    """A TCP proxy to `upstream` that can stop forwarding without closing anything: both sides'
-    bytes are read and dropped from then on, as on a network that died silently."""
-
-    def __init__(self, upstream: str) -> None:
-        self._host, _, port = upstream.rpartition(":")
-        self._port = int(port)
-        self._silent = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-        self.address = ""
-
-    async def __aenter__(self) -> BlackholeProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.address = "127.0.0.1:%d" % self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        for writer in self._writers:
-            writer.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def go_silent(self) -> None:
-        self._silent = True
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
-        self._writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(source, sink))
-            self._tasks.add(task)
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await source.read(65536):
-                if not self._silent:
-                    sink.write(data)
-                    await sink.drain()
-        # EOF: keep the other side open (a dead network tells nobody)
 
 
 def _controller(db_url: str, tmp_path: Path,
