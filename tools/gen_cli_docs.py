@@ -66,11 +66,33 @@ document on stdout (progress and errors go to stderr). For scripts:
 ## Commands that block
 
 `wait` (until the condition or `--timeout`), `get --watch` (until Ctrl-C). Everything else
-returns after one round of calls (`--rpc-timeout` seconds at most per call). A watch outlives a
-controller that goes away for a while (a restart, a failover): it says so on stderr once, polls on
-at its `--interval`, and once the controller answers again goes on where it was (`get events
---watch` with the events after the last one shown; `wait` follows by polling when its stream
-breaks). Only the first call of a watch ends it when the controller cannot be reached.
+returns after one round of calls (`--rpc-timeout` seconds at most per call). A watch or a wait
+outlives a controller that goes away for a while (a restart, a failover, a database outage, a
+network that drops packets): a poll the controller does not serve (`UNAVAILABLE`;
+`DEADLINE_EXCEEDED`, no answer within `--rpc-timeout`; `CANCELLED`, a controller stopping under
+the call) is skipped, and the outage is said once on stderr, in the words of the error (`cannot
+reach the controller` or `the controller answered ...`), with the time it began and what the
+command does meanwhile:
+
+```text
+(watch: UNAVAILABLE: cannot reach the controller at ctl:50051 (...); since 14:02:11; polling again every 2s)
+(wait: UNAVAILABLE: cannot reach the controller at ctl:50051 (...); since 14:02:11; polling every 1s until --timeout (14:04:05))
+```
+
+and once more when the controller answers again (`(watch: the controller at ctl:50051 answers
+again, 12s after 14:02:11; ...)`). The command then goes on where it was (`get events --watch`
+with the events after the last one shown; `wait`, which follows a stream and polls once it
+breaks, until its condition or `--timeout`: exit codes as without the outage). Only the first
+call ends the command when the controller cannot be reached (exit 5).
+
+maiactl's connection to the controller comes back by itself: after a failed attempt gRPC tries
+again after 250 ms, growing to at most 2 s (gRPC's default grows to 2 minutes), so it connects
+to a restarted controller within ~2.4 s of it listening again, however long it was away (a watch
+shows it at its next poll); an attempt is given 20 s to connect. A connection that died without a word (a host gone, a network or NAT
+that dropped it) is found by HTTP/2 keepalive pings, sent after 20 s without a read and given
+10 s to be answered (the agents' values, `controller.limits`, which the controller permits), and
+made again; meanwhile the polls on it end `DEADLINE_EXCEEDED`. A command that ends within 20 s
+sends no ping.
 
 ## Retries
 
