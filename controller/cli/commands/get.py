@@ -6,9 +6,9 @@ shard there, nodes, placements), `-l key=value` (node labels; the other kinds ca
 `--watch` prints the list again whenever it changes (polling every --interval seconds); `get
 events --watch` prints the events after the last one shown. A watch outlives a controller that
 goes away for a while (a restart, a failover, a network that drops packets): a poll it does not
-serve (UNAVAILABLE, DEADLINE_EXCEEDED) is said once on stderr and polled again at the interval,
-and the watch goes on where it was (the events after the last one shown) once the controller
-answers (`cli.outage`). Any other failure ends it.
+serve (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) is said once on stderr and polled again at the
+interval, and the watch goes on where it was (the events after the last one shown) once the
+controller answers (`cli.outage`). Any other failure ends it.
 """
 from __future__ import annotations
 
