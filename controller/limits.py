@@ -169,9 +169,10 @@ class Keepalive:
 AGENT_KEEPALIVE = Keepalive()
 # maiactl's and the asyncio client's channels (`cli.client`) ping as agents do, which the
 # controller and the gateways permit (their server side is `AGENT_KEEPALIVE`'s): a watch or a
-# wait whose connection died without a FIN or RST gives it up in ~30 s and connects again, where
-# it would otherwise wait on the dead connection until TCP gives up (~15 min). A command done
-# within 20 s sends no ping.
+# wait whose connection died without a FIN or RST gives it up within ~30 s (~10 s when a call is
+# under way: gRPC's own pings with a call get the same 10 s) and connects again, where it would
+# otherwise wait on the dead connection until TCP gives up (~15 min). A command done within 20 s
+# sends no keepalive ping.
 CLIENT_KEEPALIVE = AGENT_KEEPALIVE
 ERROR_MESSAGE_MAX = 1024            # an error's message as sent to the caller
 QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error message

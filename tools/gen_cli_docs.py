@@ -88,11 +88,12 @@ call ends the command when the controller cannot be reached (exit 5).
 maiactl's connection to the controller comes back by itself: after a failed attempt gRPC tries
 again after 250 ms, growing to at most 2 s (gRPC's default grows to 2 minutes), so it connects
 to a restarted controller within ~2.4 s of it listening again, however long it was away (a watch
-shows it at its next poll); an attempt is given 20 s to connect. A connection that died without a word (a host gone, a network or NAT
-that dropped it) is found by HTTP/2 keepalive pings, sent after 20 s without a read and given
-10 s to be answered (the agents' values, `controller.limits`, which the controller permits), and
-made again; meanwhile the polls on it end `DEADLINE_EXCEEDED`. A command that ends within 20 s
-sends no ping.
+shows it at its next poll); an attempt is given 20 s to connect. A connection that died without
+a word (a host gone, a network or NAT that dropped it) is given up when an HTTP/2 ping goes
+unanswered for 10 s: a keepalive ping after 20 s without a read (the agents' values,
+`controller.limits`, which the controller permits), or one gRPC sent with a call; the next poll
+connects again. Polls on the dead connection meanwhile end `DEADLINE_EXCEEDED` or `UNAVAILABLE`.
+A command that ends within 20 s sends no keepalive ping.
 
 ## Retries
 
