@@ -231,7 +231,14 @@ class SimFleet:
             self.proc.kill()
             self.proc.wait(10)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """SIGTERM, and wait for the exit (SIGKILL after 15 s) in a thread, off the event loop.
+        Each agent half-closes its stream and waits up to `STOP_GRACE_S` (2 s) for the controller
+        to end it: an in-process controller shares the test's loop, and a wait that blocked the
+        loop kept it from answering, so every stop took those 2 s."""
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -263,7 +270,7 @@ async def running_fleet(stubs: Stubs, app: Any, log_dir: Path, racks: dict[str, 
                          timeout=30, what=f"{count * nodes_per_rack} agents connected")
         yield sim
     finally:
-        sim.stop()
+        await sim.stop()
 
 
 class HandAgent:
@@ -412,5 +419,5 @@ async def controlled_fleet(app: Any, tmp_path: Path, *, racks: int = 2,
     try:
         yield stubs, fleet, control
     finally:
-        fleet.stop()
+        await fleet.stop()
         await stubs.channel.close()

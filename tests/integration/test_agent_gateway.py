@@ -54,7 +54,7 @@ async def fleet_through_gateway(app: ControllerApp, stubs: Stubs, tmp_path: Path
         await ready_nodes(stubs, nodes, "agents connected through the gateway")
         yield fleet
     finally:
-        fleet.stop()
+        await fleet.stop()
 
 
 async def ready_nodes(stubs: Stubs, count: int, what: str) -> None:
@@ -257,7 +257,7 @@ async def test_agents_sent_on_by_a_follower_go_to_the_leaders_gateways(db_url: s
             assert link.open_calls() == 2  # both streams through the leader's gateway, none on its --listen
             assert not follower.hub.connected()
         finally:
-            fleet.stop()
+            await fleet.stop()
             await stubs.channel.close()
 
 

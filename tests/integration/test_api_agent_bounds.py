@@ -297,7 +297,7 @@ async def test_a_join_storm_of_real_agents_never_times_out_in_the_admission_queu
             assert "maia_agent_admission_abandoned_total 0.0" in scrape
             assert f"maia_agent_admission_admitted_total {float(gate.admitted)}" in scrape
         finally:
-            fleet.stop()
+            await fleet.stop()
             await stubs.channel.close()
 
 

@@ -3,6 +3,7 @@ drain, lose a node, watch, delete."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -153,4 +154,20 @@ async def test_lost_node_gets_its_shards_placed_again(stubs: Stubs, controller_a
         assert again.placements[0].node.startswith(("spa-", "spb-"))
     finally:
         for s in spares:
-            s.stop()
+            await s.stop()
+
+
+async def test_a_fleets_stop_lets_the_controller_on_the_tests_loop_end_its_streams(stubs: Stubs, controller_app,
+                                                                                   tmp_path: Path):
+    """`SimFleet.stop` waits for the process off the event loop: the in-process controller ends
+    each agent's stream as the agent half-closes it, before the fleet has exited. (A wait that
+    blocked the loop left the controller deaf until every agent gave up its stream on its own,
+    `STOP_GRACE_S` later.)"""
+    async with running_fleet(stubs, controller_app, tmp_path, {"rack-00": "row-a"}, nodes_per_rack=2) as sim:
+        open_streams: list[int] = []
+        stopping = asyncio.ensure_future(sim.stop())
+        while not stopping.done():  # every turn of the loop until the process has exited
+            open_streams.append(len(controller_app.hub.connected()))
+            await asyncio.sleep(0)
+        await stopping
+        assert open_streams[0] == 2 and open_streams[-1] == 0, open_streams

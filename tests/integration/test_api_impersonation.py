@@ -68,7 +68,7 @@ async def test_node_credentials_stop_impostors_and_survive_restarts(
         impostor = start(impostor_dir)
         await eventually(lambda: _log_count(impostor, "is already registered and holds a node credential"),
                          lambda n: n >= 2, what="both impostor registrations refused")
-        impostor.stop()
+        await impostor.stop()
         assert "PERMISSION_DENIED" in impostor.log_tail() and " running" not in impostor.log_tail()
         assert await _sessions(controller_app) == sessions
         after = await stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
@@ -95,7 +95,7 @@ async def test_node_credentials_stop_impostors_and_survive_restarts(
         assert await _sessions(controller_app) == sessions
 
         # A restarted fleet reconnects with the credentials it kept.
-        real.stop()
+        await real.stop()
         real = start(real_dir)
         await eventually(lambda: _connected(stubs), lambda c: c == NODES, what="restarted agents reconnected")
         assert _kept(real_dir) == credentials
@@ -103,7 +103,7 @@ async def test_node_credentials_stop_impostors_and_survive_restarts(
         # A lost credential: the admin resets it; the agent registers again and gets a new one.
         reset = await stubs.admin.ResetNodeCredential(admin_pb2.NodeRequest(id="rack-00-n00"))
         assert len(reset.revoked_token_ids) == 1
-        real.stop()
+        await real.stop()
         real = start(real_dir)
         renewed = await eventually(_async(lambda: _kept(real_dir)),
                                    lambda k: k.get("rack-00-n00") not in (None, credentials["rack-00-n00"]),
@@ -112,7 +112,7 @@ async def test_node_credentials_stop_impostors_and_survive_restarts(
         assert renewed["rack-00-n01"] == credentials["rack-00-n01"]
     finally:
         for fleet in fleets:
-            fleet.stop()
+            await fleet.stop()
 
 
 async def _log_count(fleet: SimFleet, text: str) -> int:

@@ -39,7 +39,7 @@ async def lab_c(controller_app: ControllerApp, stubs: Stubs, tmp_path: Path) -> 
         yield lab
     finally:
         await lab.channel.close()
-        fleet.stop()
+        await fleet.stop()
 
 
 def _leaks(message) -> bool:

@@ -63,7 +63,7 @@ async def test_restart_keeps_placements_and_agents_reconnect(db_url: str, tmp_pa
                [(p.node, list(p.accelerator_indices)) for p in before.placements]
         assert after.generation == before.generation  # nothing was placed again
     finally:
-        fleet.stop()
+        await fleet.stop()
         if second is not None:
             await second.stop(grace_s=0.5)
         else:

@@ -135,11 +135,11 @@ def test_sigterm_with_a_fleet_connected_ends_every_stream_and_exits_0(tmp_path: 
         assert code == 0, err[-3000:]
         assert f'"msg": "{racks * per_rack} agent streams ended in ' in err
         assert '"msg": "stopped"' in err
-        fleet.stop()
+        asyncio.run(fleet.stop())
         assert fleet.log_path.read_text(errors="replace").count("stream closed by the controller") >= racks * per_rack
     finally:
         if fleet is not None:
-            fleet.stop()
+            asyncio.run(fleet.stop())
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -60,7 +60,7 @@ async def labs(controller_app: ControllerApp, stubs: Stubs, tmp_path: Path) -> A
     finally:
         for lab in opened.values():
             await lab.channel.close()
-        fleet.stop()
+        await fleet.stop()
 
 
 async def test_two_tenants_run_the_same_name_and_each_sees_only_its_own(stubs: Stubs, labs: dict[str, Stubs]) -> None:

@@ -79,7 +79,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
         await stubs.admin.CordonNode(admin_pb2.NodeRequest(id="rack-01-n01"))
         yield app, stubs
     finally:
-        fleet.stop()
+        await fleet.stop()
         await channel.close()
         await app.stop(grace_s=1.0)
 

@@ -174,5 +174,5 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
             assert check_state(problem, problem.get("placements", [])) == []
         await _agents_on(leader, token, fleet)  # the agents followed the leader
     finally:
-        fleet.stop()
+        await fleet.stop()
         await db.dispose()

@@ -71,7 +71,7 @@ async def test_a_follower_serves_the_api_redirects_agents_and_wakes_the_leader(d
                 assert (gone.deployment.spec.name, gone.deployment.spec.tenant) == ("svc", "lab")
                 watch.cancel()
             finally:
-                fleet.stop()
+                await fleet.stop()
 
 
 async def _first(watch, check):  # type: ignore[no-untyped-def]
@@ -231,7 +231,7 @@ async def _two_agents_on_the_leader(db_url: str, tmp_path: Path,
                 await _until(lambda: follower.channel.others_listening, "the follower knows the leader listens")
                 yield leader, follower, stubs, fleet
             finally:
-                fleet.stop()
+                await fleet.stop()
 
 
 async def test_a_follower_whose_listening_connection_dropped_ends_its_watches_once_it_listens_again(

@@ -101,7 +101,7 @@ async def test_metrics_follow_the_scenario(app: ControllerApp, tmp_path: Path) -
 
         samples = await scrape(app.metrics_address)
     finally:
-        fleet.stop()
+        await fleet.stop()
         await channel.close()
 
     assert value(samples, "maia_deployments", phase="running") == 1

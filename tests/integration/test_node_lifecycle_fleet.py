@@ -69,7 +69,7 @@ async def test_a_dead_rack_has_its_work_placed_again_and_a_vanished_fleet_keeps_
         assert all(node[0] != prefix for node in moved.values())
     finally:
         for fleet in fleets.values():
-            fleet.stop()
+            await fleet.stop()
 
 
 async def test_a_second_agent_for_a_node_held_by_a_live_stream_is_refused(
@@ -93,9 +93,9 @@ async def test_a_second_agent_for_a_node_held_by_a_live_stream_is_refused(
         assert node.connected and node.state == common_pb2.NODE_STATE_READY
         assert node.last_heartbeat.seconds >= sessions_before.last_heartbeat.seconds
     finally:
-        first.stop()
+        await first.stop()
         if second is not None:
-            second.stop()
+            await second.stop()
 
 
 async def _node(stubs: Stubs) -> admin_pb2.Node:

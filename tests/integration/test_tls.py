@@ -158,5 +158,5 @@ async def test_simnode_agents_connect_over_mutual_tls_with_their_own_certificate
                                  what="both simulated nodes connected over mTLS")
         assert len(nodes.nodes) == 2
     finally:
-        fleet.stop()
+        await fleet.stop()
         await admin.channel.close()
