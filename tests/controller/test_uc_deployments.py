@@ -66,11 +66,11 @@ BAD = [
 
 @pytest.mark.parametrize("cached", [False, True], ids=["fresh read", "capacity cache"])
 @pytest.mark.parametrize(("spec", "error", "message"), BAD, ids=[b[2][:40] for b in BAD])
-async def test_bad_deployment_is_refused_and_nothing_written(cluster, spec, error, message, cached):
+async def test_bad_deployment_is_refused_and_nothing_written(shared_cluster, spec, error, message, cached):
     signals = RecordingSignals()
     capacity = CapacityCache() if cached else None
     await assert_refused_writing_nothing(
-        cluster, lambda uow: deployments.submit_deployment(uow, WHO, spec, signals, capacity=capacity),
+        shared_cluster, lambda uow: deployments.submit_deployment(uow, WHO, spec, signals, capacity=capacity),
         error, message)
     assert signals.wakes == 0 and signals.events == []
 

@@ -81,6 +81,17 @@ async def row_counts(db: Database) -> dict[str, int]:
     return out
 
 
+async def every_row(db: Database) -> dict[str, list[str]]:
+    """Every row of every table, each as the repr of its values, sorted: what a test that writes
+    nothing leaves exactly as it found it (`shared_cluster`)."""
+    out = {}
+    async with db.unit_of_work() as uow:
+        for table in m.Base.metadata.sorted_tables:
+            rows = (await uow.session.execute(select(table))).all()
+            out[table.name] = sorted(repr(tuple(row)) for row in rows)
+    return out
+
+
 async def assert_refused_writing_nothing(db: Database, use_case: Callable[[UnitOfWork], Awaitable[Any]],
                                          error: type[Exception], message: str) -> None:
     """`use_case` raises `error` saying `message`, and no table (nor the generation) changed."""
