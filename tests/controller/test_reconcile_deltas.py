@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +27,9 @@ from controller.domain.liveness import Transition
 from controller.usecases.ports import RecordingSignals
 from controller.domain.restarts import RestartPolicy
 from controller.domain.values import DeploymentSpec, NodeInfo, ShardReport, TenantSpec
-from test_reconcile_fast import _arrivals, _committed, _four_racks, assert_same, fresh, reconciler
+from test_reconcile_fast import (  # noqa: F401  (four_racks_files: the fixture)
+    FourRacksFiles, _arrivals, _committed, _four_racks, assert_same, fresh, four_racks_files, reconciler,
+)
 from uc_builders import WHO, add_nodes, apply_topology, deployment, no_publish, submit
 
 RACKS = ("rack-a", "rack-b", "rack-c", "rack-d")
@@ -246,20 +247,16 @@ def _change_while_committing(monkeypatch: pytest.MonkeyPatch, events: Events) ->
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-async def test_deltas_commit_what_full_passes_commit(seed, decider, _sqlite_template: Path, tmp_path: Path,
-                                                    monkeypatch):
+async def test_deltas_commit_what_full_passes_commit(seed, decider, four_racks_files: FourRacksFiles,
+                                                    tmp_path: Path, monkeypatch):
     # Room enough that everything is placed: a full solve that leaves work unplaced solves the
     # whole batch again (greedy, then CP-SAT), which may choose other nodes than online decisions.
     monkeypatch.setenv("MAIA_SCORER", "bestfit")  # the session and solve() then choose alike
     states = []
     for mode in ("deltas", "full"):
-        path = tmp_path / f"{mode}.db"
-        shutil.copyfile(_sqlite_template, path)
-        db = Database(f"sqlite+aiosqlite:///{path}")
+        # 3 more nodes a rack: room for everything after an eviction too.
+        db = await four_racks_files.copy(tmp_path / f"{mode}.db", more_per_rack=3)
         try:
-            await _four_racks(db)
-            for rack in RACKS:
-                await add_nodes(db, rack, 3, prefix=f"{rack}-more")  # room for everything after an eviction too
             loop = failing_reconciler(db, decider)
             events = Events(db, seed)
             followed: set[str] = set()
