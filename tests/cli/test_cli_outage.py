@@ -1,18 +1,21 @@
 """`cli.outage.Polls`, what `get --watch` and `wait` poll through: which failures are an outage to
 poll through (said once when it begins, once when it ends) and which end the command. The real
 outages (a restart, a silent network) are in test_cli_watch.py and
-tests/integration/test_cli_silent_network.py."""
+tests/integration/test_cli_silent_network.py. `wait nodes` against a scripted controller."""
 from __future__ import annotations
 
+import argparse
 import io
 from collections.abc import Callable
 
 import grpc
 import pytest
 
+from controller.cli.commands import wait
 from controller.cli.config import Connection
 from controller.cli.context import Context
 from controller.cli.outage import Polls
+from maia.v1 import admin_pb2, common_pb2
 
 ADDRESS = "ctl.example:50051"
 
@@ -76,3 +79,45 @@ def test_any_other_failure_is_the_commands(polls: Polls, code: grpc.StatusCode) 
     with pytest.raises(Failed):
         polls.poll(_fails(code))
     assert _said(polls) == []
+
+
+class ScriptedNodes:
+    """A controller whose ListNodes answers `script` in turn: a list of nodes, or a failure."""
+
+    def __init__(self, *script: list[admin_pb2.Node] | Failed) -> None:
+        self._script = list(script)
+        self.admin = self
+
+    def ListNodes(self, request: admin_pb2.ListNodesRequest, timeout: float) -> admin_pb2.ListNodesResponse:  # noqa: N802
+        got = self._script.pop(0)
+        if isinstance(got, Failed):
+            raise got
+        return admin_pb2.ListNodesResponse(nodes=got)
+
+
+def _ready(*ids: str) -> list[admin_pb2.Node]:
+    return [admin_pb2.Node(id=i, state=common_pb2.NODE_STATE_READY, connected=True) for i in ids]
+
+
+def test_wait_nodes_polls_through_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wait nodes --connected N` is a wait as `wait deployment` is: an outage after its first
+    call is said once and polled through (it ended the command, exit 5)."""
+    monkeypatch.setattr(wait, "NODES_POLL_INTERVAL_S", 0.0)
+    outage = Failed(grpc.StatusCode.UNAVAILABLE, "Connection refused")
+    controller = ScriptedNodes(_ready("n1"), outage, Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+                               outage, _ready("n1", "n2"))
+    ctx = Context(Connection(address=ADDRESS), stdout=io.StringIO(), stderr=io.StringIO(), _controller=controller)
+    assert wait.run(argparse.Namespace(resource="nodes", connected=2, timeout=60.0), ctx) == 0
+    said = ctx.stderr.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert said[0] == "nodes: 1/2 ready and connected (1 registered)"
+    assert said[1].startswith(f"(wait: UNAVAILABLE: cannot reach the controller at {ADDRESS} "), said
+    assert said[2].startswith(f"(wait: the controller at {ADDRESS} answers again"), said
+    assert said[3:] == ["nodes: 2/2 ready and connected (2 registered)"]
+    assert ctx.stdout.getvalue() == "2 nodes ready and connected\n"  # type: ignore[attr-defined]
+
+
+def test_wait_nodes_first_call_still_ends_the_command() -> None:
+    controller = ScriptedNodes(Failed(grpc.StatusCode.UNAVAILABLE, "Connection refused"))
+    ctx = Context(Connection(address=ADDRESS), stderr=io.StringIO(), _controller=controller)
+    with pytest.raises(Failed):
+        wait.run(argparse.Namespace(resource="nodes", connected=2, timeout=60.0), ctx)

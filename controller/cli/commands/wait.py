@@ -5,7 +5,7 @@ not offer the stream, or it breaks, the command falls back to polling GetDeploym
 through an outage of the controller until --timeout (said on stderr when it begins and when it
 ends: `cli.outage`). Progress goes to stderr (a progress bar of running replicas on a terminal);
 on timeout the exit code is 1 and the message lists each deployment's phase and the reasons it is
-not there yet.
+not there yet. `wait nodes` polls ListNodes, through an outage as well.
 
 A deployment blocked for good — a reason that waiting alone cannot change (the tenant's quota,
 its allowed zones, an accelerator model or HBM size no node has) — ends the wait at once with
@@ -40,6 +40,7 @@ CONDITIONS: dict[str, Callable[[P.Deployment | None], bool]] = {
     "replaced": lambda d: d is None or (d.outgoing_replicas == 0 and d.running_replicas >= d.placed_replicas),
 }
 POLL_INTERVAL_S = 1.0
+NODES_POLL_INTERVAL_S = 0.5
 # Reason codes that do not go away by themselves (see the module docstring).
 BLOCKING_CODES = frozenset({"QUOTA_ACCELERATORS", "QUOTA_POWER", "ZONE", "ACCELERATOR_MODEL", "HBM"})
 
@@ -255,21 +256,31 @@ def _poll(tracker: _Tracker, deadline: float, ctx: Context) -> None:
 
 
 def _wait_nodes(wanted: int, timeout: float, ctx: Context) -> int:
+    """ListNodes every NODES_POLL_INTERVAL_S until `wanted` nodes are ready and connected or
+    `timeout`; after the first, a poll the controller does not serve is skipped, and the outage
+    said once on stderr (`cli.outage`)."""
     deadline = time.monotonic() + timeout
+    polls = Polls(ctx, "wait", f"polling every {NODES_POLL_INTERVAL_S:g}s until --timeout "
+                               f"({clock(time.time() + timeout)})")
     shown = -1
+
+    def nodes() -> admin_pb2.ListNodesResponse:
+        return list_all(ctx.controller.admin.ListNodes, admin_pb2.ListNodesRequest(), "nodes", timeout=ctx.rpc_timeout)
+
+    response: admin_pb2.ListNodesResponse | None = nodes()  # the first: a controller not there ends the command
     while True:
-        response = list_all(ctx.controller.admin.ListNodes, admin_pb2.ListNodesRequest(), "nodes",
-                            timeout=ctx.rpc_timeout)
-        ready = [n for n in response.nodes if n.connected and n.state == common_pb2.NODE_STATE_READY]
-        if len(ready) != shown:
-            shown = len(ready)
-            ctx.note(f"nodes: {shown}/{wanted} ready and connected ({len(response.nodes)} registered)")
-        if shown >= wanted:
-            if ctx.json:
-                ctx.emit_json({"ready_connected": shown, "registered": len(response.nodes)})
-            else:
-                ctx.out(f"{shown} nodes ready and connected")
-            return 0
+        if response is not None:  # None: not served, the last count stands
+            ready = [n for n in response.nodes if n.connected and n.state == common_pb2.NODE_STATE_READY]
+            if len(ready) != shown:
+                shown = len(ready)
+                ctx.note(f"nodes: {shown}/{wanted} ready and connected ({len(response.nodes)} registered)")
+            if shown >= wanted:
+                if ctx.json:
+                    ctx.emit_json({"ready_connected": shown, "registered": len(response.nodes)})
+                else:
+                    ctx.out(f"{shown} nodes ready and connected")
+                return 0
         if time.monotonic() >= deadline:
             raise CliError(f"timed out after {timeout:g}s: {shown}/{wanted} nodes ready and connected")
-        time.sleep(0.5)
+        time.sleep(NODES_POLL_INTERVAL_S)
+        response = polls.poll(nodes)
