@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import time
 from collections.abc import Callable
 
 import grpc
@@ -15,7 +16,7 @@ from controller.cli.commands import wait
 from controller.cli.config import Connection
 from controller.cli.context import Context
 from controller.cli.outage import Polls
-from maia.v1 import admin_pb2, common_pb2
+from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 ADDRESS = "ctl.example:50051"
 
@@ -121,3 +122,26 @@ def test_wait_nodes_first_call_still_ends_the_command() -> None:
     ctx = Context(Connection(address=ADDRESS), stderr=io.StringIO(), _controller=controller)
     with pytest.raises(Failed):
         wait.run(argparse.Namespace(resource="nodes", connected=2, timeout=60.0), ctx)
+
+
+class UnansweredDeployments:
+    """A controller whose GetDeployment never answers: each call ends DEADLINE_EXCEEDED at its
+    timeout, as gRPC ends it."""
+
+    def __init__(self) -> None:
+        self.deployments = self
+
+    def GetDeployment(self, request: deployments_pb2.GetDeploymentRequest,  # noqa: N802
+                      timeout: float) -> deployments_pb2.Deployment:
+        time.sleep(timeout)
+        raise Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+def test_a_wait_poll_cut_by_its_own_timeout_is_no_outage() -> None:
+    """The last poll of a wait is given what is left of --timeout; cut by it, the wait times out
+    without saying the controller did not answer (it was given no time)."""
+    ctx = Context(Connection(address=ADDRESS), stderr=io.StringIO(), rpc_timeout=15.0,
+                  _controller=UnansweredDeployments())  # type: ignore[arg-type]
+    tracker = wait._Tracker(["t/web"], "running", ctx)
+    wait._poll(tracker, time.monotonic() + 0.05, ctx)
+    assert ctx.stderr.getvalue() == ""  # type: ignore[attr-defined]

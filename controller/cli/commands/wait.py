@@ -171,8 +171,13 @@ class _Tracker:
         return "\n".join(lines)
 
 
+class _WaitOver(Exception):
+    """A poll's call cut by the wait's own deadline (--timeout): the wait ends, no outage is said."""
+
+
 def _get(ctx: Context, ref: DeploymentRef, deadline: float | None = None) -> P.Deployment | None:
-    """The deployment, None when there is none; the call ends by `deadline` (monotonic) if given."""
+    """The deployment, None when there is none; the call ends by `deadline` (monotonic) if given,
+    and one cut by it raises `_WaitOver`."""
     timeout = ctx.rpc_timeout if deadline is None else min(ctx.rpc_timeout, max(0.0, deadline - time.monotonic()))
     try:
         return ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
@@ -180,6 +185,9 @@ def _get(ctx: Context, ref: DeploymentRef, deadline: float | None = None) -> P.D
     except grpc.RpcError as exc:
         if status_code(exc) == grpc.StatusCode.NOT_FOUND:
             return None
+        if (deadline is not None and status_code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED
+                and time.monotonic() >= deadline):
+            raise _WaitOver() from None
         raise
 
 
@@ -248,7 +256,10 @@ def _poll(tracker: _Tracker, deadline: float, ctx: Context) -> None:
     until = clock(time.time() + deadline - time.monotonic())
     polls = Polls(ctx, "wait", f"polling every {POLL_INTERVAL_S:g}s until --timeout ({until})")
     while not tracker.finished() and time.monotonic() < deadline:
-        latest = polls.poll(lambda: {name: _get(ctx, tracker.refs[name], deadline) for name in tracker.names})
+        try:
+            latest = polls.poll(lambda: {name: _get(ctx, tracker.refs[name], deadline) for name in tracker.names})
+        except _WaitOver:
+            return
         for name, dep in (latest or {}).items():
             tracker.update(name, dep)
         if not tracker.finished():
