@@ -20,15 +20,25 @@ class ReasonDetail:
     scope: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """Which field of the request an INVALID_ARGUMENT is about (its path in the request message,
+    `spec.replicas`), and what is wrong with it: a google.rpc.BadRequest field violation."""
+
+    field: str
+    description: str
+
+
 class MaiaError(Exception):
     """Base of every expected failure; `message` is shown to the caller verbatim."""
 
     def __init__(self, message: str, *, reasons: tuple[ReasonDetail, ...] = (),
                  metadata: tuple[tuple[str, str], ...] = (), retry_after_ms: int | None = None,
-                 may_have_landed: bool = False) -> None:
+                 may_have_landed: bool = False, violations: tuple[FieldViolation, ...] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.reasons = reasons
+        self.violations = violations  # the request's fields it is about (none: not said)
         self.metadata = metadata  # extra trailing metadata for the caller (e.g. retry-after-ms)
         # When a retry may succeed: `retry-after-ms` on the wire, and google.rpc.RetryInfo ("call
         # again as it is", what clients retry on, `controller.retryinfo`) unless `may_have_landed`:

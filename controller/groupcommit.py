@@ -370,14 +370,16 @@ def by_member(commit: Callable[[list[Item]], Awaitable[Mapping[int, Outcome | Ba
     return in_order
 
 
-async def outcome_or_alone(group: GroupCommit[Item, Outcome], item: Item) -> Outcome | None:
-    """`group.submit(item)` for a caller that decides alone what the batch did not; `ALONE` (None)
-    when the batch could not decide it or the writer was stopped (the controller stops). Raises
-    what refused it, and the caller's own cancellation (a member its caller left is still written
-    with its batch once taken into it: `submit`). In the caller's task: no task of its own to
-    start and to wake the caller from (two turns of the event loop each way)."""
+async def outcome_or_alone(group: GroupCommit[Item, Outcome], item: Item,
+                           time_left_s: float | None = None) -> Outcome | None:
+    """`group.submit(item, time_left_s)` for a caller that decides alone what the batch did not;
+    `ALONE` (None) when the batch could not decide it or the writer was stopped (the controller
+    stops). Raises what refused it (`Unavailable` when its deadline came first: `submit`), and the
+    caller's own cancellation (a member its caller left is still written with its batch once taken
+    into it). In the caller's task: no task of its own to start and to wake the caller from (two
+    turns of the event loop each way)."""
     try:
-        return await group.submit(item)
+        return await group.submit(item, time_left_s)
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():  # type: ignore[union-attr]
             raise  # the caller itself was cancelled

@@ -22,23 +22,34 @@ from collections.abc import Iterable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 # The standard rich-error trailer: a serialized google.rpc.Status with its details.
 STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
 
-def error_status(code: grpc.StatusCode, message: str, retry_after_ms: int | None = None) -> bytes:
-    """A serialized google.rpc.Status of `code` and `message`, carrying RetryInfo(retry_delay)
-    when `retry_after_ms` is given ("call again as it is after this pause")."""
-    details = []
+def error_status(code: grpc.StatusCode, message: str, retry_after_ms: int | None = None,
+                 details: Iterable[Message] = ()) -> bytes:
+    """`rich_error` serialized (the trailer's value)."""
+    return rich_error(code, message, retry_after_ms, details).SerializeToString()
+
+
+def rich_error(code: grpc.StatusCode, message: str, retry_after_ms: int | None = None,
+               details: Iterable[Message] = ()) -> status_pb2.Status:
+    """A google.rpc.Status of `code` and `message`, carrying RetryInfo(retry_delay) when
+    `retry_after_ms` is given ("call again as it is after this pause"), then `details`."""
+    packed = []
     if retry_after_ms is not None:
         delay = duration_pb2.Duration(seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000)
-        detail = any_pb2.Any()
-        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        details.append(detail)
-    return status_pb2.Status(code=code.value[0], message=message, details=details).SerializeToString()
+        packed.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed.extend(details)
+    anys = []
+    for detail in packed:
+        wrapped = any_pb2.Any()
+        wrapped.Pack(detail)
+        anys.append(wrapped)
+    return status_pb2.Status(code=code.value[0], message=message, details=anys)
 
 
 def rich_status(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> status_pb2.Status | None:
@@ -63,7 +74,12 @@ def controller_answered(trailing_metadata: Iterable[tuple[str, str | bytes]] | N
 def told_retry_s(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> float | None:
     """The pause the RetryInfo of a failed call's trailer asks for (seconds), or None when the
     answer carries none (or one that cannot be read): the call is not to be retried as it is."""
-    status = rich_status(trailing_metadata)
+    return status_retry_s(rich_status(trailing_metadata))
+
+
+def status_retry_s(status: status_pb2.Status | None) -> float | None:
+    """The pause a google.rpc.Status's RetryInfo asks for (seconds), or None when it carries none
+    (a SubmitDeployments result's error, a failed call's trailer: `told_retry_s`)."""
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from grpc_tools import protoc
 import grpc_tools
+from google.rpc import status_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
@@ -25,10 +26,14 @@ def generate(out_dir: Path) -> list[Path]:
     """Run protoc for every .proto under proto/maia/v1, writing into out_dir (mirrored paths)."""
     sources = sorted(API_DIR.glob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # google/rpc/*.proto (google.rpc.Status in SubmitDeploymentsResponse) ship with
+    # googleapis-common-protos (a dependency of grpcio-status), beside their generated modules.
+    googleapis = Path(status_pb2.__file__).resolve().parents[2]
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        f"-I{googleapis}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

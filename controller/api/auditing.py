@@ -13,6 +13,13 @@ went with a commit whose answer was lost (PostgreSQL: `CommitOutcomeUnknown`; a 
 batch, its members then going alone) gets no second entry when that one landed
 (`controller.store.audit.landed`, by the entry's seq and hash).
 
+A SubmitDeployments call is itemized (`ITEMIZED_METHODS`): its servicer audits each of its
+requests as that request's own SubmitDeployment call would be audited (`AuditInterceptor.run`, in
+the request's own task: action SubmitDeployment, the entry's detail naming the `call` and the
+request's index, `item`), written with its deployment by the submit batch or after its refusal;
+the call itself has an entry only when it fails as a whole (refused before any request was
+decided: empty, too many, a dry run; or cancelled).
+
 Agent heartbeats and shard reports (the Connect stream) are not calls of this kind; whatever the
 controller refuses there is audited by the use case that refuses it (`usecases.audit.record`).
 
@@ -36,9 +43,9 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -55,12 +62,19 @@ from controller.usecases import audit
 
 log = logging.getLogger("maia.audit")
 
+T = TypeVar("T")
+
 AUDITED_PACKAGE = "/maia.v1."
 READ_ONLY_VERBS = ("Get", "List", "Watch", "Verify", "Check")
 # Outcomes of calls their callers gave up on: audited at a bounded rate, like refusals with a retry time.
 ABANDONED = frozenset({grpc.StatusCode.CANCELLED.name, grpc.StatusCode.DEADLINE_EXCEEDED.name})
 # Methods whose object is not named by their last word.
 OBJECT_KIND_OF = {"Register": "node"}
+# Calls whose requests their servicer audits one by one (`AuditInterceptor.run` per request, each
+# entry as that request's own call would have it): the call itself gets an entry only when it
+# fails as a whole (refused before any of its requests was decided, or cancelled).
+SUBMIT_DEPLOYMENTS = "/maia.v1.DeploymentService/SubmitDeployments"
+ITEMIZED_METHODS = frozenset({SUBMIT_DEPLOYMENTS})
 _WORDS = re.compile(r"[A-Z][a-z0-9]*")
 
 
@@ -95,7 +109,7 @@ def describe_target(method: str, request: Message) -> tuple[str, str, str]:
     return kind, object_id, tenant if isinstance(tenant, str) else ""
 
 
-def outcome_of(context: aio.ServicerContext, failed: BaseException | None) -> tuple[str, str]:
+def outcome_of(context: aio.ServicerContext | None, failed: BaseException | None) -> tuple[str, str]:
     """(status code name, message) a call ends with. The interceptor sits inside the error
     translation, so a use case's error is seen before it becomes a status (and the entry is
     written before the caller hears the answer)."""
@@ -103,7 +117,7 @@ def outcome_of(context: aio.ServicerContext, failed: BaseException | None) -> tu
         return "OK", ""
     if isinstance(failed, errors.MaiaError):
         return status_for(failed).name, failed.message
-    if isinstance(failed, aio.AbortError):  # an interceptor further in aborted with its own status
+    if isinstance(failed, aio.AbortError) and context is not None:  # an interceptor further in aborted
         return code_of(context, failed), (context.details() if hasattr(context, "details") else "") or ""
     if isinstance(failed, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED.name, "the call was cancelled"
@@ -123,28 +137,39 @@ class AuditInterceptor(aio.ServerInterceptor):
             return handler
         behaviour = handler.unary_unary
 
+        itemized = details.method in ITEMIZED_METHODS
+
         async def audited(request: Any, context: aio.ServicerContext) -> Any:
             if not is_mutating(details.method, request):
                 return await behaviour(request, context)
-            entry = self._entry(details.method, request)
-            failed: BaseException | None = None
-            call = open_call(entry)
-            try:
-                return await behaviour(request, context)
-            except BaseException as exc:
-                failed = exc
-                raise
-            finally:
-                committed = close_call(call)
-                if failed is not None or committed is None or not committed.written:
-                    await self._record(self._ended(entry, context, failed), sent=committed)
+            return await self.run(self.entry(details.method, request), behaviour(request, context), context,
+                                  itemized=itemized)
 
         return grpc.unary_unary_rpc_method_handler(audited, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
 
+    async def run(self, entry: AuditRecord, work: Awaitable[T], context: aio.ServicerContext | None = None, *,
+                  itemized: bool = False) -> T:
+        """`work` awaited as one audited call, in the caller's task: `entry` is written by the
+        first commit `work` makes in this task, or, when it fails (or committed nothing), after
+        it in its own transaction with its outcome. `itemized`: a call whose parts are audited one
+        by one (`ITEMIZED_METHODS`): an entry of its own only when it fails as a whole."""
+        failed: BaseException | None = None
+        call = open_call(entry)
+        try:
+            return await work
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            committed = close_call(call)
+            if failed is not None or (not itemized and (committed is None or not committed.written)):
+                await self._record(self._ended(entry, context, failed), sent=committed)
+
     @staticmethod
-    def _entry(method: str, request: Message) -> AuditRecord:
-        """The call's entry as it reads when the call succeeds."""
+    def entry(method: str, request: Message, **detail: Any) -> AuditRecord:
+        """The call's entry as it reads when the call succeeds (`detail`: more of its detail; a
+        part of an itemized call says which)."""
         principal = current_principal()
         kind, object_id, tenant = describe_target(method, request)
         tenant = tenant or audit.principal_tenant(principal)
@@ -153,12 +178,13 @@ class AuditInterceptor(aio.ServerInterceptor):
         return AuditRecord(
             actor=principal.name, role=audit.principal_role(principal),
             tenant=tenant, action=method, object_kind=kind,
-            object_id=object_id, detail={"token_id": principal.token_id} if principal.token_id else {},
+            object_id=object_id,
+            detail={**({"token_id": principal.token_id} if principal.token_id else {}), **detail},
             request_id=principal.request_id or new_request_id(),
         )
 
     @staticmethod
-    def _ended(entry: AuditRecord, context: aio.ServicerContext, failed: BaseException | None) -> AuditRecord:
+    def _ended(entry: AuditRecord, context: aio.ServicerContext | None, failed: BaseException | None) -> AuditRecord:
         outcome, message = outcome_of(context, failed)
         retry = failed.retry_after_ms if isinstance(failed, errors.MaiaError) else None
         return replace(entry, outcome=outcome, detail={**entry.detail, **({"message": message} if message else {}),

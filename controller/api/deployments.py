@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
+import grpc
 from grpc import aio
 
 from controller.api import convert
+from controller.api.auditing import SUBMIT_DEPLOYMENTS
 from controller.api.deps import ServiceDeps
-from controller.identity import current_principal
+from controller.api.interceptors import as_maia_error, internal_error, status_of
+from controller.domain.values import DeploymentSpec, DeploymentView
+from controller.errors import MaiaError
+from controller.identity import Principal, current_principal
+from controller.retryinfo import rich_error
 from controller.usecases import deployments as cases
+from controller.usecases.submits import check_submits_call
 from controller.usecases.updates import update_deployment
 from controller.usecases.usage import usage_report
 from controller.usecases.watch import watch_deployment_batches, watch_deployments
 from maia.v1 import deployments_pb2, deployments_pb2_grpc
+
+SUBMIT_DEPLOYMENT = "/maia.v1.DeploymentService/SubmitDeployment"
 
 
 class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
@@ -30,16 +41,69 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                                                   time_limit_ms=self._deps.solve_time_limit_ms,
                                                   throttle=self._deps.throttle,
                                                   replace_existing=request.replace_existing)
-        elif self._deps.submits is not None:
-            view = await self._deps.submits.submit(who, spec, throttle=self._deps.throttle,
-                                                   capacity=self._deps.capacity,
-                                                   request_id=request.client_request_id)
         else:
-            async with self._deps.db.unit_of_work() as uow:
-                view = await cases.submit_deployment(uow, who, spec, self._deps.signals, self._deps.throttle,
-                                                     self._deps.capacity, request_id=request.client_request_id)
+            view = await self._submit(who, spec, request.client_request_id)
         return deployments_pb2.SubmitDeploymentResponse(deployment=convert.deployment_msg(view),
                                                         dry_run=request.dry_run)
+
+    async def _submit(self, who: Principal, spec: DeploymentSpec, request_id: str,
+                      time_left_s: float | None = None) -> DeploymentView:
+        """A submit (not a dry run): in the group commit of submits, or alone in a unit of work."""
+        if self._deps.submits is not None:
+            return await self._deps.submits.submit(who, spec, throttle=self._deps.throttle,
+                                                   capacity=self._deps.capacity, request_id=request_id,
+                                                   time_left_s=time_left_s)
+        async with self._deps.db.unit_of_work() as uow:
+            return await cases.submit_deployment(uow, who, spec, self._deps.signals, self._deps.throttle,
+                                                 self._deps.capacity, request_id=request_id)
+
+    async def SubmitDeployments(self, request: deployments_pb2.SubmitDeploymentsRequest,
+                                context: aio.ServicerContext) -> deployments_pb2.SubmitDeploymentsResponse:
+        """Each request as its own SubmitDeployment would be (`_submit_item`), all at once: they
+        queue for the submit group commit together, in order, and are written in its batches.
+        The call's deadline is each one's: one its batch could not write in time is answered
+        UNAVAILABLE with a retry time (not written), one whose batch had not committed by then
+        UNAVAILABLE without (written with that batch or not at all), so the answer still comes."""
+        items = request.requests
+        check_submits_call(len(items), [i for i, item in enumerate(items) if item.dry_run or item.replace_existing])
+        who = current_principal()
+        time_left_s = context.time_remaining()
+        deadline = None if time_left_s is None else time.monotonic() + time_left_s
+        results = await asyncio.gather(*(self._submit_item(who, index, item, deadline)
+                                         for index, item in enumerate(items)))
+        return deployments_pb2.SubmitDeploymentsResponse(results=results)
+
+    async def _submit_item(self, who: Principal, index: int, item: deployments_pb2.SubmitDeploymentRequest,
+                           deadline: float | None) -> deployments_pb2.SubmitDeploymentResult:
+        """One request of a SubmitDeployments call, in a task of its own (its audit entry is the
+        task's, `store.audit.open_call`): decided and audited as its own SubmitDeployment call would
+        be (the entry's detail names the call and the request's index), its refusal its result."""
+        work = self._submit_request(who, item, deadline)
+        try:
+            if self._deps.audit is not None:
+                entry = self._deps.audit.entry(SUBMIT_DEPLOYMENT, item, call=SUBMIT_DEPLOYMENTS, item=index)
+                view = await self._deps.audit.run(entry, work)
+            else:
+                view = await work
+        except MaiaError as exc:
+            return deployments_pb2.SubmitDeploymentResult(error=status_of(exc, f"requests[{index}]."))
+        except Exception as exc:  # unexpected: logged, INTERNAL for this request alone
+            return deployments_pb2.SubmitDeploymentResult(error=rich_error(
+                grpc.StatusCode.INTERNAL, internal_error(SUBMIT_DEPLOYMENTS, exc)))
+        return deployments_pb2.SubmitDeploymentResult(deployment=convert.deployment_msg(view))
+
+    async def _submit_request(self, who: Principal, item: deployments_pb2.SubmitDeploymentRequest,
+                              deadline: float | None) -> DeploymentView:
+        """`_submit` of one request of a SubmitDeployments call; a failure raised as the error its
+        caller is told (`interceptors.as_maia_error`: a database that failed is UNAVAILABLE)."""
+        try:
+            time_left_s = None if deadline is None else deadline - time.monotonic()
+            return await self._submit(who, convert.deployment_spec(item.spec), item.client_request_id, time_left_s)
+        except Exception as exc:
+            known = as_maia_error(SUBMIT_DEPLOYMENTS, exc)
+            if known is None or known is exc:
+                raise
+            raise known from exc
 
     async def UpdateDeployment(self, request: deployments_pb2.UpdateDeploymentRequest,
                                context: aio.ServicerContext) -> deployments_pb2.UpdateDeploymentResponse:

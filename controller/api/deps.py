@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from controller.agents import AgentHub
+from controller.api.auditing import AuditInterceptor
 from controller.ratelimit import SubmitLimits
 from controller.store.db import Database
 from controller.usecases.capacity import CapacityCache
@@ -29,6 +30,8 @@ class ServiceDeps:
     capacity: CapacityCache | None = None  # the submit path's aggregates (None: read per submit)
     submits: SubmitBatcher | None = None  # group commit of submits (None: one transaction each)
     deletes: DeleteBatcher | None = None  # group commit of deletions (None: one transaction each)
+    # Audits each request of an itemized call (SubmitDeployments) as its own call (None: not audited).
+    audit: AuditInterceptor | None = None
 
     def connected(self) -> Set[str]:
         """The nodes whose agent holds a stream to this controller (the hub's live view: no copy)."""

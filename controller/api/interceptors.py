@@ -37,10 +37,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from controller import errors, limits
@@ -48,7 +49,7 @@ from controller.aio import PushedStream, pushed
 from controller.authn import Authenticator
 from controller.identity import Principal, peek_principal, reset_principal, set_principal
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
-from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, error_status
+from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, error_status, rich_error
 from controller.store.db import database_failed, transaction_aborted
 from maia.v1 import common_pb2
 
@@ -497,16 +498,44 @@ async def abort_with(context: aio.ServicerContext, exc: errors.MaiaError) -> Non
     `controller.retryinfo`), with RetryInfo ("call again as it is") when nothing was written and
     a retry time is given."""
     trailing = tuple(
-        (REASON_METADATA_KEY, common_pb2.Reason(
-            code=r.code, message=capped(r.message), scope=capped(r.scope)).SerializeToString())
-        for r in exc.reasons[:MAX_REASONS]
+        (REASON_METADATA_KEY, reason.SerializeToString()) for reason in _reason_msgs(exc)
     ) + tuple(exc.metadata)
     code, message = status_for(exc), capped(exc.message)
     if exc.retry_after_ms is not None:  # for programs: when, plainly
         trailing += ((RETRY_AFTER_METADATA_KEY, str(exc.retry_after_ms)),)
-    retry_info_ms = exc.retry_after_ms if not exc.may_have_landed else None
-    trailing += ((STATUS_DETAILS_METADATA_KEY, error_status(code, message, retry_info_ms)),)
+    trailing += ((STATUS_DETAILS_METADATA_KEY, error_status(code, message, _retry_info_ms(exc),
+                                                            _bad_request(exc.violations))),)
     await context.abort(code, message, trailing_metadata=trailing)
+
+
+def status_of(exc: errors.MaiaError, field_prefix: str = "") -> status_pb2.Status:
+    """The google.rpc.Status a call refused with `exc` carries, as one message: the code, the
+    capped message, RetryInfo as `abort_with` gives it, google.rpc.BadRequest for the fields it
+    names (each field's path after `field_prefix`: `requests[3].`), and a maia.v1.Reason per
+    structured reason (a call's trailer sends those as `maia-reason-bin` entries instead). What a
+    SubmitDeployments result answers for a request it refused."""
+    violations = tuple(replace(v, field=field_prefix + v.field) for v in exc.violations)
+    return rich_error(status_for(exc), capped(exc.message), _retry_info_ms(exc),
+                      [*_bad_request(violations), *_reason_msgs(exc)])
+
+
+def _retry_info_ms(exc: errors.MaiaError) -> int | None:
+    """RetryInfo's pause: only when nothing was written (`retryinfo`)."""
+    return exc.retry_after_ms if not exc.may_have_landed else None
+
+
+def _reason_msgs(exc: errors.MaiaError) -> list[common_pb2.Reason]:
+    return [common_pb2.Reason(code=r.code, message=capped(r.message), scope=capped(r.scope))
+            for r in exc.reasons[:MAX_REASONS]]
+
+
+def _bad_request(violations: tuple[errors.FieldViolation, ...]) -> list[error_details_pb2.BadRequest]:
+    if not violations:
+        return []
+    return [error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=capped(v.field),
+                                                    description=capped(v.description))
+        for v in violations[:MAX_REASONS]])]
 
 
 class ErrorInterceptor(_BehaviourInterceptor):
@@ -540,17 +569,31 @@ class ErrorInterceptor(_BehaviourInterceptor):
         """End the call with the status `exc` stands for (an abort further in stands as it is)."""
         if isinstance(exc, aio.AbortError):
             raise exc
-        if isinstance(exc, errors.MaiaError):
-            await abort_with(context, exc)
-        elif database_failed(exc):
-            await abort_with(context, _database_unavailable(method, exc))
-        elif (why := transaction_aborted(exc)) is not None:
-            await abort_with(context, _transaction_aborted(method, why, exc))
+        known = as_maia_error(method, exc)
+        if known is not None:
+            await abort_with(context, known)
         else:
-            log.exception("unexpected error in %s", method, exc_info=exc)
-            message = f"internal error ({type(exc).__name__}); see the controller log"
+            message = internal_error(method, exc)
             await context.abort(grpc.StatusCode.INTERNAL, message, trailing_metadata=(
                 (STATUS_DETAILS_METADATA_KEY, error_status(grpc.StatusCode.INTERNAL, message)),))
+
+
+def as_maia_error(method: str, exc: Exception) -> errors.MaiaError | None:
+    """The error a caller is told for `exc` raised while serving `method` (the class docstring of
+    `ErrorInterceptor`), or None for an unexpected one (INTERNAL: `internal_error`)."""
+    if isinstance(exc, errors.MaiaError):
+        return exc
+    if database_failed(exc):
+        return _database_unavailable(method, exc)
+    if (why := transaction_aborted(exc)) is not None:
+        return _transaction_aborted(method, why, exc)
+    return None
+
+
+def internal_error(method: str, exc: Exception) -> str:
+    """Log an unexpected error with its traceback; the short message its caller is told (INTERNAL)."""
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    return f"internal error ({type(exc).__name__}); see the controller log"
 
 
 def _database_unavailable(method: str, exc: Exception) -> errors.Unavailable:

@@ -205,6 +205,7 @@ class ControllerApp:
             failures_unhealthy=limits.RECONCILE_FAILURES_UNHEALTHY, interval_s=config.health_interval_s,
         )
         self.server: aio.Server | None = None
+        self.deps: ServiceDeps | None = None  # what the servicers were given (its group commits), once started
         self.address = ""
         # --agent-gateways: the processes, and the private server of their links (controller/gateway/).
         self.gateways: GatewayProcesses | None = None
@@ -420,7 +421,8 @@ class ControllerApp:
         from controller.store.migrate import ensure_schema
 
         tls = self._tls()
-        checks: list[aio.ServerInterceptor] = [AuditInterceptor(self.db)]
+        auditor = AuditInterceptor(self.db)
+        checks: list[aio.ServerInterceptor] = [auditor]
         if tls is not None and tls.client_ca is not None:
             checks.append(NodeCertificateInterceptor())  # inside the audit: a refused agent is audited
         self.unauthenticated_audit = UnauthenticatedAuditor(self.db)
@@ -465,7 +467,9 @@ class ControllerApp:
             capacity=CapacityCache(),
             submits=SubmitBatcher(self.db, self.signals, observer=self.metrics, submitted=self.submitted),
             deletes=DeleteBatcher(self.db, self.signals),
+            audit=auditor,
         )
+        self.deps = deps
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deps), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(deps), server)
         agents = NodeAgentServicer(deps)

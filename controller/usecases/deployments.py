@@ -16,7 +16,7 @@ from typing import Any
 
 from controller import limits
 from controller.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
+    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
 )
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
@@ -41,58 +41,79 @@ from controller.usecases.validation import (
 
 
 def validate_spec(spec: DeploymentSpec) -> None:
-    """What a request can get wrong on its own, every field bounded (`controller.limits`)."""
-    check_name("deployment", spec.name)
-    where = f"deployment {spec.name}"
-    if not spec.tenant:
-        raise InvalidArgument(f"{where}: tenant is required")
-    check_tenant_id(spec.tenant)
-    check_range(f"{where}: replicas", spec.replicas, 1, limits.REPLICAS_MAX)
-    if not 1 <= spec.min_replicas <= spec.replicas:
-        raise InvalidArgument(
-            f"{where}: min_replicas must be between 1 and replicas ({spec.replicas}), got {spec.min_replicas}"
-        )
-    check_range(f"{where}: shards_per_replica", spec.shards_per_replica, 1, limits.SHARDS_PER_REPLICA_MAX)
-    total = spec.replicas * spec.shards_per_replica
-    if total > limits.SHARDS_PER_DEPLOYMENT_MAX:
-        raise InvalidArgument(
-            f"{where}: replicas x shards_per_replica is {total} shards; at most {limits.SHARDS_PER_DEPLOYMENT_MAX}"
-        )
-    shard = spec.shard
-    check_range(f"{where}: shard.accelerators", shard.accelerators, 0, limits.SHARD_ACCELERATORS_MAX)
-    if shard.accelerators == 0 and total > limits.HOST_ONLY_SHARDS_MAX:
-        raise InvalidArgument(
-            f"{where}: {total} host-only shards (shard.accelerators 0); at most {limits.HOST_ONLY_SHARDS_MAX}"
-        )
-    if not 1 <= shard.accelerator_milli <= 1000:
-        raise InvalidArgument(
-            f"{where}: shard.accelerator_milli must be between 1 and 1000, got {shard.accelerator_milli}"
-        )
-    if shard.accelerator_milli < 1000 and shard.accelerators != 1:
-        raise InvalidArgument(
-            f"{where}: shard.accelerator_milli {shard.accelerator_milli} (a fraction) needs "
-            f"shard.accelerators = 1, got {shard.accelerators}"
-        )
-    check_quantity(f"{where}: shard.hbm_gib", shard.hbm_gib, limits.HBM_GIB_MAX)
-    check_quantity(f"{where}: shard.cpu_milli", shard.cpu_milli, limits.CPU_MILLI_MAX)
-    check_quantity(f"{where}: shard.memory_mib", shard.memory_mib, limits.MEMORY_MIB_MAX)
-    check_quantity(f"{where}: shard.power_w", shard.power_w, limits.POWER_W_MAX)
-    models = shard.accelerator_models or ()
-    check_count(f"{where}: shard.accelerator_models", models, limits.MODELS_MAX)
-    for model in models:
-        if not model:
-            raise InvalidArgument(f"{where}: shard.accelerator_models has an empty model name")
-        check_text(f"{where}: shard.accelerator_models entry", model, limits.MODEL_MAX)
-    check_unique(f"{where}: accelerator model", tuple(models))
-    check_range(f"{where}: priority", spec.priority, -limits.PRIORITY_MAX, limits.PRIORITY_MAX)
-    if spec.locality not in DOMAINS:
-        raise InvalidArgument(f"{where}: locality {quoted(spec.locality)} is not one of {', '.join(DOMAINS)}")
-    if spec.spread is not None:
-        if spec.spread.domain not in DOMAINS or spec.spread.domain == "none":
+    """What a request can get wrong on its own, every field bounded (`controller.limits`). The
+    refusal names the field (`InvalidArgument.violations`: `spec.replicas`, ...)."""
+    at = "name"  # the field being checked (a local: nothing spent on a spec that passes)
+    try:
+        check_name("deployment", spec.name)
+        where = f"deployment {spec.name}"
+        at = "tenant"
+        if not spec.tenant:
+            raise InvalidArgument(f"{where}: tenant is required")
+        check_tenant_id(spec.tenant)
+        at = "replicas"
+        check_range(f"{where}: replicas", spec.replicas, 1, limits.REPLICAS_MAX)
+        at = "min_replicas"
+        if not 1 <= spec.min_replicas <= spec.replicas:
             raise InvalidArgument(
-                f"{where}: spread.domain must be one of node, rack, row, zone, got {quoted(spec.spread.domain)}"
+                f"{where}: min_replicas must be between 1 and replicas ({spec.replicas}), got {spec.min_replicas}"
             )
-        check_range(f"{where}: spread.max_per_domain", spec.spread.max_per_domain, 1, limits.REPLICAS_MAX)
+        at = "shards_per_replica"
+        check_range(f"{where}: shards_per_replica", spec.shards_per_replica, 1, limits.SHARDS_PER_REPLICA_MAX)
+        at = "replicas"
+        total = spec.replicas * spec.shards_per_replica
+        if total > limits.SHARDS_PER_DEPLOYMENT_MAX:
+            raise InvalidArgument(
+                f"{where}: replicas x shards_per_replica is {total} shards; at most {limits.SHARDS_PER_DEPLOYMENT_MAX}"
+            )
+        shard = spec.shard
+        at = "shard.accelerators"
+        check_range(f"{where}: shard.accelerators", shard.accelerators, 0, limits.SHARD_ACCELERATORS_MAX)
+        if shard.accelerators == 0 and total > limits.HOST_ONLY_SHARDS_MAX:
+            raise InvalidArgument(
+                f"{where}: {total} host-only shards (shard.accelerators 0); at most {limits.HOST_ONLY_SHARDS_MAX}"
+            )
+        at = "shard.accelerator_milli"
+        if not 1 <= shard.accelerator_milli <= 1000:
+            raise InvalidArgument(
+                f"{where}: shard.accelerator_milli must be between 1 and 1000, got {shard.accelerator_milli}"
+            )
+        if shard.accelerator_milli < 1000 and shard.accelerators != 1:
+            raise InvalidArgument(
+                f"{where}: shard.accelerator_milli {shard.accelerator_milli} (a fraction) needs "
+                f"shard.accelerators = 1, got {shard.accelerators}"
+            )
+        at = "shard.hbm_gib"
+        check_quantity(f"{where}: shard.hbm_gib", shard.hbm_gib, limits.HBM_GIB_MAX)
+        at = "shard.cpu_milli"
+        check_quantity(f"{where}: shard.cpu_milli", shard.cpu_milli, limits.CPU_MILLI_MAX)
+        at = "shard.memory_mib"
+        check_quantity(f"{where}: shard.memory_mib", shard.memory_mib, limits.MEMORY_MIB_MAX)
+        at = "shard.power_w"
+        check_quantity(f"{where}: shard.power_w", shard.power_w, limits.POWER_W_MAX)
+        at = "shard.accelerator_models"
+        models = shard.accelerator_models or ()
+        check_count(f"{where}: shard.accelerator_models", models, limits.MODELS_MAX)
+        for model in models:
+            if not model:
+                raise InvalidArgument(f"{where}: shard.accelerator_models has an empty model name")
+            check_text(f"{where}: shard.accelerator_models entry", model, limits.MODEL_MAX)
+        check_unique(f"{where}: accelerator model", tuple(models))
+        at = "priority"
+        check_range(f"{where}: priority", spec.priority, -limits.PRIORITY_MAX, limits.PRIORITY_MAX)
+        at = "locality"
+        if spec.locality not in DOMAINS:
+            raise InvalidArgument(f"{where}: locality {quoted(spec.locality)} is not one of {', '.join(DOMAINS)}")
+        if spec.spread is not None:
+            at = "spread.domain"
+            if spec.spread.domain not in DOMAINS or spec.spread.domain == "none":
+                raise InvalidArgument(
+                    f"{where}: spread.domain must be one of node, rack, row, zone, got {quoted(spec.spread.domain)}"
+                )
+            at = "spread.max_per_domain"
+            check_range(f"{where}: spread.max_per_domain", spec.spread.max_per_domain, 1, limits.REPLICAS_MAX)
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.message, violations=(FieldViolation(f"spec.{at}", exc.message),)) from None
 
 
 def replica_accelerators(spec: DeploymentSpec) -> int:

@@ -15,7 +15,7 @@ import json
 from datetime import timedelta
 
 from controller import limits
-from controller.errors import FailedPrecondition, InvalidArgument
+from controller.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -28,9 +28,13 @@ REQUEST_ID_MAX = limits.ID_MAX
 
 def check_request_id(request_id: str) -> None:
     if request_id:
-        if len(request_id) > REQUEST_ID_MAX:
-            raise InvalidArgument(f"client_request_id is {len(request_id)} characters long; at most {REQUEST_ID_MAX}")
-        check_text("client_request_id", request_id, REQUEST_ID_MAX)
+        try:
+            if len(request_id) > REQUEST_ID_MAX:
+                raise InvalidArgument(f"client_request_id is {len(request_id)} characters long; "
+                                      f"at most {REQUEST_ID_MAX}")
+            check_text("client_request_id", request_id, REQUEST_ID_MAX)
+        except InvalidArgument as exc:
+            raise InvalidArgument(exc.message, violations=(FieldViolation("client_request_id", exc.message),)) from None
 
 
 def spec_digest(spec: DeploymentSpec) -> str:

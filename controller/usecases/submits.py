@@ -42,6 +42,12 @@ the batch committed, so exactly as if the submits had come one after the other):
   is told apart by the id as well; the read costs nothing until a commit's answer is lost;
 - a caller is answered only after the commit that holds its deployment and its audit entry.
 
+A SubmitDeployments call hands each of its requests to `SubmitBatcher.submit` at once, in
+order, each in a task of its own (`api/deployments.py`): they join the same queue as lone
+submits, so the batches written are the same kind whoever sent the members, and each member is
+answered (or goes alone) exactly as above. `check_submits_call` is what refuses such a call
+as a whole.
+
 Where a batched submit's time went (`SubmitStages`: its checks, its wait for a batch, the
 batch's read, checks, wait for SQLite's writer turn, writes and commit, then the wait of its
 caller's task to run again) goes to a `SubmitObserver` (the controller's metrics).
@@ -52,13 +58,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
-from controller.errors import MaiaError
+from controller.errors import FieldViolation, InvalidArgument, MaiaError
 from controller.groupcommit import GroupCommit, GroupStats, by_member, outcome_or_alone
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
@@ -193,15 +199,20 @@ class SubmitBatcher:
         return self._group.stats
 
     async def submit(self, who: Principal, spec: DeploymentSpec, *, throttle: SubmitLimits | None = None,
-                     capacity: CapacityCache | None = None, request_id: str = "") -> DeploymentView:
-        """What `deployments.submit_deployment` does, checked and committed in a batch."""
+                     capacity: CapacityCache | None = None, request_id: str = "",
+                     time_left_s: float | None = None) -> DeploymentView:
+        """What `deployments.submit_deployment` does, checked and committed in a batch. With
+        `time_left_s` (until the caller's deadline) it is answered before then: `Unavailable` with
+        a retry time when its batch could not be written in time (nothing was), or without one
+        (`may_have_landed`) when the batch taking it had not committed by then
+        (`groupcommit.GroupCommit.submit`)."""
         began = time.perf_counter()
         spec = as_caller(who, spec, "submitting deployments")
         validate_spec(spec)
         requests.check_request_id(request_id)
         queued = Queued(spec, request_id, who.name, audit.current_call(), throttle, capacity)
         enqueued = time.perf_counter()
-        view = await outcome_or_alone(self._group, queued)
+        view = await outcome_or_alone(self._group, queued, time_left_s)
         if view is not None:
             if self._observer is not None and queued.batch is not None:
                 self._observer.submit_staged(self._stages(queued.batch, began, enqueued))
@@ -313,3 +324,27 @@ class SubmitBatcher:
         facts.used.add(request_key)
         facts.counts[tenant] += 1
         return True
+
+
+def check_submits_call(count: int, dry_runs: Sequence[int]) -> None:
+    """What refuses a SubmitDeployments call as a whole, before any of its `count` requests is
+    decided (so nothing is written): none, more than `limits.SUBMITS_PER_CALL_MAX`, or requests
+    asking for a dry run (`dry_runs`: their indexes). Dry runs are not batched: whether a batch's
+    dry runs would be solved together or each alone is a question the caller should not have to
+    guess, and each is a solve of its own anyway (send each as its own SubmitDeployment)."""
+    most = limits.SUBMITS_PER_CALL_MAX
+    if count == 0:
+        message = f"requests is empty: a SubmitDeployments call carries 1 to {most} requests"
+        raise InvalidArgument(message, violations=(FieldViolation("requests", message),))
+    if count > most:
+        message = (f"requests has {count} entries; at most {most} a call (send the rest in another call); "
+                   f"nothing was written")
+        raise InvalidArgument(message, violations=(FieldViolation("requests", message),))
+    if dry_runs:
+        first = f"requests[{dry_runs[0]}]"
+        more = f" (and {len(dry_runs) - 1} more)" if len(dry_runs) > 1 else ""
+        message = (f"{first} asks for a dry run{more}: SubmitDeployments does not batch dry runs (dry_run, "
+                   f"replace_existing); send each as its own SubmitDeployment; nothing was written")
+        raise InvalidArgument(message, violations=tuple(
+            FieldViolation(f"requests[{i}].dry_run", "dry runs are not batched: send it as its own SubmitDeployment")
+            for i in dry_runs))

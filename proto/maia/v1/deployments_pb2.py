@@ -23,54 +23,61 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from maia.v1 import common_pb2 as maia_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19maia/v1/deployments.proto\x12\x07maia.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14maia/v1/common.proto\"\x80\x02\n\x0e\x44\x65ploymentSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x1a\n\x12shards_per_replica\x18\x05 \x01(\x05\x12!\n\x05shard\x18\x06 \x01(\x0b\x32\x12.maia.v1.ShardSpec\x12!\n\x08locality\x18\x07 \x01(\x0e\x32\x0f.maia.v1.Domain\x12\x1f\n\x06spread\x18\x08 \x01(\x0b\x32\x0f.maia.v1.Spread\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x13\n\x0bpreemptible\x18\n \x01(\x08\"\xdd\x01\n\x0eShardPlacement\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0c\n\x04rack\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65lerator_indices\x18\x05 \x03(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_milli\x18\x06 \x01(\x05\x12\"\n\x05phase\x18\x07 \x01(\x0e\x32\x13.maia.v1.ShardPhase\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x10\n\x08revision\x18\t \x01(\x05\x12\x10\n\x08outgoing\x18\n \x01(\x08\"\xb3\x03\n\nDeployment\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\'\n\x05phase\x18\x02 \x01(\x0e\x32\x18.maia.v1.DeploymentPhase\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x17\n\x0fplaced_replicas\x18\x04 \x01(\x05\x12\x18\n\x10running_replicas\x18\x05 \x01(\x05\x12+\n\nplacements\x18\x06 \x03(\x0b\x32\x17.maia.v1.ShardPlacement\x12 \n\x07reasons\x18\x07 \x03(\x0b\x32\x0f.maia.v1.Reason\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10resource_version\x18\n \x01(\x03\x12\x10\n\x08revision\x18\x0b \x01(\x05\x12\x18\n\x10updated_replicas\x18\x0c \x01(\x05\x12\x19\n\x11outgoing_replicas\x18\r \x01(\x05\"\x86\x01\n\x17SubmitDeploymentRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x18\n\x10replace_existing\x18\x03 \x01(\x08\x12\x19\n\x11\x63lient_request_id\x18\x04 \x01(\t\"T\n\x18SubmitDeploymentResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maia.v1.Deployment\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"u\n\x17UpdateDeploymentRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\x12\x19\n\x11\x63lient_request_id\x18\x03 \x01(\t\"e\n\x18UpdateDeploymentResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maia.v1.Deployment\x12\x0f\n\x07\x63hanges\x18\x02 \x03(\t\x12\x0f\n\x07rolling\x18\x03 \x01(\x08\"4\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"O\n\x16ListDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x17ListDeploymentsResponse\x12(\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x13.maia.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"7\n\x17WatchDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xba\x01\n\x0f\x44\x65ploymentEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.maia.v1.DeploymentEvent.Type\x12\'\n\ndeployment\x18\x02 \x01(\x0b\x32\x13.maia.v1.Deployment\"Q\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nTYPE_ADDED\x10\x01\x12\x11\n\rTYPE_MODIFIED\x10\x02\x12\x10\n\x0cTYPE_DELETED\x10\x03\"@\n\x14\x44\x65ploymentEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.maia.v1.DeploymentEvent\"w\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x01\n\x0bUsageRecord\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65lerator_model\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65lerator_seconds\x18\x05 \x01(\x01\x12\x19\n\x11\x61\x63\x63\x65lerator_hours\x18\x06 \x01(\x01\x12\x12\n\nenergy_kwh\x18\x07 \x01(\x01\"\x8f\x01\n\x10GetUsageResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.maia.v1.UsageRecord\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x8c\x02\n\x0f\x44\x65ploymentPhase\x12 \n\x1c\x44\x45PLOYMENT_PHASE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_PENDING\x10\x01\x12\x1e\n\x1a\x44\x45PLOYMENT_PHASE_SCHEDULED\x10\x02\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_RUNNING\x10\x03\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_DEGRADED\x10\x04\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_DELETING\x10\x05\x12 \n\x1c\x44\x45PLOYMENT_PHASE_QUARANTINED\x10\x06\x12\x1b\n\x17\x44\x45PLOYMENT_PHASE_FAILED\x10\x07\x32\x9b\x05\n\x11\x44\x65ploymentService\x12W\n\x10SubmitDeployment\x12 .maia.v1.SubmitDeploymentRequest\x1a!.maia.v1.SubmitDeploymentResponse\x12W\n\x10UpdateDeployment\x12 .maia.v1.UpdateDeploymentRequest\x1a!.maia.v1.UpdateDeploymentResponse\x12\x43\n\rGetDeployment\x12\x1d.maia.v1.GetDeploymentRequest\x1a\x13.maia.v1.Deployment\x12T\n\x0fListDeployments\x12\x1f.maia.v1.ListDeploymentsRequest\x1a .maia.v1.ListDeploymentsResponse\x12I\n\x10\x44\x65leteDeployment\x12 .maia.v1.DeleteDeploymentRequest\x1a\x13.maia.v1.Deployment\x12P\n\x10WatchDeployments\x12 .maia.v1.WatchDeploymentsRequest\x1a\x18.maia.v1.DeploymentEvent0\x01\x12[\n\x16WatchDeploymentBatches\x12 .maia.v1.WatchDeploymentsRequest\x1a\x1d.maia.v1.DeploymentEventBatch0\x01\x12?\n\x08GetUsage\x12\x18.maia.v1.GetUsageRequest\x1a\x19.maia.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19maia/v1/deployments.proto\x12\x07maia.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14maia/v1/common.proto\"\x80\x02\n\x0e\x44\x65ploymentSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x1a\n\x12shards_per_replica\x18\x05 \x01(\x05\x12!\n\x05shard\x18\x06 \x01(\x0b\x32\x12.maia.v1.ShardSpec\x12!\n\x08locality\x18\x07 \x01(\x0e\x32\x0f.maia.v1.Domain\x12\x1f\n\x06spread\x18\x08 \x01(\x0b\x32\x0f.maia.v1.Spread\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x13\n\x0bpreemptible\x18\n \x01(\x08\"\xdd\x01\n\x0eShardPlacement\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0c\n\x04rack\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65lerator_indices\x18\x05 \x03(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_milli\x18\x06 \x01(\x05\x12\"\n\x05phase\x18\x07 \x01(\x0e\x32\x13.maia.v1.ShardPhase\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x10\n\x08revision\x18\t \x01(\x05\x12\x10\n\x08outgoing\x18\n \x01(\x08\"\xb3\x03\n\nDeployment\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\'\n\x05phase\x18\x02 \x01(\x0e\x32\x18.maia.v1.DeploymentPhase\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x17\n\x0fplaced_replicas\x18\x04 \x01(\x05\x12\x18\n\x10running_replicas\x18\x05 \x01(\x05\x12+\n\nplacements\x18\x06 \x03(\x0b\x32\x17.maia.v1.ShardPlacement\x12 \n\x07reasons\x18\x07 \x03(\x0b\x32\x0f.maia.v1.Reason\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10resource_version\x18\n \x01(\x03\x12\x10\n\x08revision\x18\x0b \x01(\x05\x12\x18\n\x10updated_replicas\x18\x0c \x01(\x05\x12\x19\n\x11outgoing_replicas\x18\r \x01(\x05\"\x86\x01\n\x17SubmitDeploymentRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x18\n\x10replace_existing\x18\x03 \x01(\x08\x12\x19\n\x11\x63lient_request_id\x18\x04 \x01(\t\"T\n\x18SubmitDeploymentResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maia.v1.Deployment\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"N\n\x18SubmitDeploymentsRequest\x12\x32\n\x08requests\x18\x01 \x03(\x0b\x32 .maia.v1.SubmitDeploymentRequest\"r\n\x16SubmitDeploymentResult\x12)\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maia.v1.DeploymentH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"M\n\x19SubmitDeploymentsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.maia.v1.SubmitDeploymentResult\"u\n\x17UpdateDeploymentRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.maia.v1.DeploymentSpec\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\x12\x19\n\x11\x63lient_request_id\x18\x03 \x01(\t\"e\n\x18UpdateDeploymentResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.maia.v1.Deployment\x12\x0f\n\x07\x63hanges\x18\x02 \x03(\t\x12\x0f\n\x07rolling\x18\x03 \x01(\x08\"4\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"O\n\x16ListDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x17ListDeploymentsResponse\x12(\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x13.maia.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"7\n\x17WatchDeploymentsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xba\x01\n\x0f\x44\x65ploymentEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.maia.v1.DeploymentEvent.Type\x12\'\n\ndeployment\x18\x02 \x01(\x0b\x32\x13.maia.v1.Deployment\"Q\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nTYPE_ADDED\x10\x01\x12\x11\n\rTYPE_MODIFIED\x10\x02\x12\x10\n\x0cTYPE_DELETED\x10\x03\"@\n\x14\x44\x65ploymentEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.maia.v1.DeploymentEvent\"w\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x01\n\x0bUsageRecord\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65lerator_model\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65lerator_seconds\x18\x05 \x01(\x01\x12\x19\n\x11\x61\x63\x63\x65lerator_hours\x18\x06 \x01(\x01\x12\x12\n\nenergy_kwh\x18\x07 \x01(\x01\"\x8f\x01\n\x10GetUsageResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.maia.v1.UsageRecord\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x8c\x02\n\x0f\x44\x65ploymentPhase\x12 \n\x1c\x44\x45PLOYMENT_PHASE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_PENDING\x10\x01\x12\x1e\n\x1a\x44\x45PLOYMENT_PHASE_SCHEDULED\x10\x02\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_RUNNING\x10\x03\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_DEGRADED\x10\x04\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_DELETING\x10\x05\x12 \n\x1c\x44\x45PLOYMENT_PHASE_QUARANTINED\x10\x06\x12\x1b\n\x17\x44\x45PLOYMENT_PHASE_FAILED\x10\x07\x32\xf7\x05\n\x11\x44\x65ploymentService\x12W\n\x10SubmitDeployment\x12 .maia.v1.SubmitDeploymentRequest\x1a!.maia.v1.SubmitDeploymentResponse\x12Z\n\x11SubmitDeployments\x12!.maia.v1.SubmitDeploymentsRequest\x1a\".maia.v1.SubmitDeploymentsResponse\x12W\n\x10UpdateDeployment\x12 .maia.v1.UpdateDeploymentRequest\x1a!.maia.v1.UpdateDeploymentResponse\x12\x43\n\rGetDeployment\x12\x1d.maia.v1.GetDeploymentRequest\x1a\x13.maia.v1.Deployment\x12T\n\x0fListDeployments\x12\x1f.maia.v1.ListDeploymentsRequest\x1a .maia.v1.ListDeploymentsResponse\x12I\n\x10\x44\x65leteDeployment\x12 .maia.v1.DeleteDeploymentRequest\x1a\x13.maia.v1.Deployment\x12P\n\x10WatchDeployments\x12 .maia.v1.WatchDeploymentsRequest\x1a\x18.maia.v1.DeploymentEvent0\x01\x12[\n\x16WatchDeploymentBatches\x12 .maia.v1.WatchDeploymentsRequest\x1a\x1d.maia.v1.DeploymentEventBatch0\x01\x12?\n\x08GetUsage\x12\x18.maia.v1.GetUsageRequest\x1a\x19.maia.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maia.v1.deployments_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEPLOYMENTPHASE']._serialized_start=2494
-  _globals['_DEPLOYMENTPHASE']._serialized_end=2762
-  _globals['_DEPLOYMENTSPEC']._serialized_start=94
-  _globals['_DEPLOYMENTSPEC']._serialized_end=350
-  _globals['_SHARDPLACEMENT']._serialized_start=353
-  _globals['_SHARDPLACEMENT']._serialized_end=574
-  _globals['_DEPLOYMENT']._serialized_start=577
-  _globals['_DEPLOYMENT']._serialized_end=1012
-  _globals['_SUBMITDEPLOYMENTREQUEST']._serialized_start=1015
-  _globals['_SUBMITDEPLOYMENTREQUEST']._serialized_end=1149
-  _globals['_SUBMITDEPLOYMENTRESPONSE']._serialized_start=1151
-  _globals['_SUBMITDEPLOYMENTRESPONSE']._serialized_end=1235
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=1237
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=1354
-  _globals['_UPDATEDEPLOYMENTRESPONSE']._serialized_start=1356
-  _globals['_UPDATEDEPLOYMENTRESPONSE']._serialized_end=1457
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1459
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1511
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1513
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1592
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1594
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1686
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1688
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1743
-  _globals['_WATCHDEPLOYMENTSREQUEST']._serialized_start=1745
-  _globals['_WATCHDEPLOYMENTSREQUEST']._serialized_end=1800
-  _globals['_DEPLOYMENTEVENT']._serialized_start=1803
-  _globals['_DEPLOYMENTEVENT']._serialized_end=1989
-  _globals['_DEPLOYMENTEVENT_TYPE']._serialized_start=1908
-  _globals['_DEPLOYMENTEVENT_TYPE']._serialized_end=1989
-  _globals['_DEPLOYMENTEVENTBATCH']._serialized_start=1991
-  _globals['_DEPLOYMENTEVENTBATCH']._serialized_end=2055
-  _globals['_GETUSAGEREQUEST']._serialized_start=2057
-  _globals['_GETUSAGEREQUEST']._serialized_end=2176
-  _globals['_USAGERECORD']._serialized_start=2179
-  _globals['_USAGERECORD']._serialized_end=2345
-  _globals['_GETUSAGERESPONSE']._serialized_start=2348
-  _globals['_GETUSAGERESPONSE']._serialized_end=2491
-  _globals['_DEPLOYMENTSERVICE']._serialized_start=2765
-  _globals['_DEPLOYMENTSERVICE']._serialized_end=3432
+  _globals['_DEPLOYMENTPHASE']._serialized_start=2794
+  _globals['_DEPLOYMENTPHASE']._serialized_end=3062
+  _globals['_DEPLOYMENTSPEC']._serialized_start=119
+  _globals['_DEPLOYMENTSPEC']._serialized_end=375
+  _globals['_SHARDPLACEMENT']._serialized_start=378
+  _globals['_SHARDPLACEMENT']._serialized_end=599
+  _globals['_DEPLOYMENT']._serialized_start=602
+  _globals['_DEPLOYMENT']._serialized_end=1037
+  _globals['_SUBMITDEPLOYMENTREQUEST']._serialized_start=1040
+  _globals['_SUBMITDEPLOYMENTREQUEST']._serialized_end=1174
+  _globals['_SUBMITDEPLOYMENTRESPONSE']._serialized_start=1176
+  _globals['_SUBMITDEPLOYMENTRESPONSE']._serialized_end=1260
+  _globals['_SUBMITDEPLOYMENTSREQUEST']._serialized_start=1262
+  _globals['_SUBMITDEPLOYMENTSREQUEST']._serialized_end=1340
+  _globals['_SUBMITDEPLOYMENTRESULT']._serialized_start=1342
+  _globals['_SUBMITDEPLOYMENTRESULT']._serialized_end=1456
+  _globals['_SUBMITDEPLOYMENTSRESPONSE']._serialized_start=1458
+  _globals['_SUBMITDEPLOYMENTSRESPONSE']._serialized_end=1535
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=1537
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=1654
+  _globals['_UPDATEDEPLOYMENTRESPONSE']._serialized_start=1656
+  _globals['_UPDATEDEPLOYMENTRESPONSE']._serialized_end=1757
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1759
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1811
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1813
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1892
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1894
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1986
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1988
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=2043
+  _globals['_WATCHDEPLOYMENTSREQUEST']._serialized_start=2045
+  _globals['_WATCHDEPLOYMENTSREQUEST']._serialized_end=2100
+  _globals['_DEPLOYMENTEVENT']._serialized_start=2103
+  _globals['_DEPLOYMENTEVENT']._serialized_end=2289
+  _globals['_DEPLOYMENTEVENT_TYPE']._serialized_start=2208
+  _globals['_DEPLOYMENTEVENT_TYPE']._serialized_end=2289
+  _globals['_DEPLOYMENTEVENTBATCH']._serialized_start=2291
+  _globals['_DEPLOYMENTEVENTBATCH']._serialized_end=2355
+  _globals['_GETUSAGEREQUEST']._serialized_start=2357
+  _globals['_GETUSAGEREQUEST']._serialized_end=2476
+  _globals['_USAGERECORD']._serialized_start=2479
+  _globals['_USAGERECORD']._serialized_end=2645
+  _globals['_GETUSAGERESPONSE']._serialized_start=2648
+  _globals['_GETUSAGERESPONSE']._serialized_end=2791
+  _globals['_DEPLOYMENTSERVICE']._serialized_start=3065
+  _globals['_DEPLOYMENTSERVICE']._serialized_end=3824
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from maia.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -127,6 +128,26 @@ class SubmitDeploymentResponse(_message.Message):
     deployment: Deployment
     dry_run: bool
     def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class SubmitDeploymentsRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SubmitDeploymentRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SubmitDeploymentRequest, _Mapping]]] = ...) -> None: ...
+
+class SubmitDeploymentResult(_message.Message):
+    __slots__ = ("deployment", "error")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    error: _status_pb2.Status
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class SubmitDeploymentsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SubmitDeploymentResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SubmitDeploymentResult, _Mapping]]] = ...) -> None: ...
 
 class UpdateDeploymentRequest(_message.Message):
     __slots__ = ("spec", "resource_version", "client_request_id")

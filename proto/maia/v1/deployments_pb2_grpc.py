@@ -39,6 +39,11 @@ class DeploymentServiceStub:
                 request_serializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentResponse.FromString,
                 _registered_method=True)
+        self.SubmitDeployments = channel.unary_unary(
+                '/maia.v1.DeploymentService/SubmitDeployments',
+                request_serializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentsRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentsResponse.FromString,
+                _registered_method=True)
         self.UpdateDeployment = channel.unary_unary(
                 '/maia.v1.DeploymentService/UpdateDeployment',
                 request_serializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.SerializeToString,
@@ -82,6 +87,20 @@ class DeploymentServiceServicer:
     def SubmitDeployment(self, request, context):
         """Validates and stores a deployment (Pending); with dry_run, solves it against the current
         cluster and returns the placement it would get, storing nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitDeployments(self, request, context):
+        """Submits several deployments in one call (1 to 1,000 requests). Each request is decided on
+        its own, exactly as its own SubmitDeployment would be (validation, the caller's right to its
+        tenant, client_request_id replays, the tenant's submit rate, its event and its audit entry),
+        and answered in its own result: the deployment, or the status that refused it. One request
+        refused never fails the others. A call with no requests, more than 1,000, or any request
+        with dry_run or replace_existing set (dry runs are not batched: send each as its own
+        SubmitDeployment) is refused as a whole (INVALID_ARGUMENT, with a google.rpc.BadRequest
+        naming the fields) and writes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +171,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     request_deserializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentRequest.FromString,
                     response_serializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentResponse.SerializeToString,
             ),
+            'SubmitDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitDeployments,
+                    request_deserializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentsRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_deployments__pb2.SubmitDeploymentsResponse.SerializeToString,
+            ),
             'UpdateDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateDeployment,
                     request_deserializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.FromString,
@@ -215,6 +239,33 @@ class DeploymentService:
             '/maia.v1.DeploymentService/SubmitDeployment',
             maia_dot_v1_dot_deployments__pb2.SubmitDeploymentRequest.SerializeToString,
             maia_dot_v1_dot_deployments__pb2.SubmitDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.DeploymentService/SubmitDeployments',
+            maia_dot_v1_dot_deployments__pb2.SubmitDeploymentsRequest.SerializeToString,
+            maia_dot_v1_dot_deployments__pb2.SubmitDeploymentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
