@@ -116,6 +116,18 @@ call) is printed as its message with "the controller ... answered but cannot ser
 failure, a gateway that lost its controller). Programs calling the API from asyncio get the same
 retries on the channel of `controller.cli.client.open_aio_channel(connection)`.
 
+## How `apply` writes
+
+`apply` writes in dependency order (topology, tenants, deployments), and sends the new
+deployments of its files together, in `SubmitDeployments` calls of up to {limits.SUBMITS_PER_CALL_MAX:,}
+(docs/rollout.md), not one call each; updates of existing ones go one `UpdateDeployment` each. Its
+output is the same either way. Each deployment of such a call is decided on its own: one the
+controller refuses fails the apply, and what this run wrote is undone (the deployments of that call
+that were written included), as when one call failed alone; one it answers "nothing written, send
+again after this pause" is sent again (in one call with the others told so), by the rule of the
+retries above. Against a controller
+without `SubmitDeployments` (`UNIMPLEMENTED`) it sends one `SubmitDeployment` each.
+
 ## Commands
 """
 
@@ -138,11 +150,12 @@ def render() -> str:
     os.environ["COLUMNS"] = "100"  # argparse wraps help at the terminal width: fix it
     from controller.cli.client import EXIT_MEANING
     from controller.cli.main import build_parser
+    from controller import limits
     from controller.cli.retry import RetryPolicy
 
     rows = "\n".join(f"| {int(code)} | `{code.name}`: {text} |" for code, text in EXIT_MEANING.items())
     parser = build_parser()
-    parts = [HEAD.format(exit_rows=rows, retry=RetryPolicy()), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
+    parts = [HEAD.format(exit_rows=rows, retry=RetryPolicy(), limits=limits), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
     for name, sub in _subcommands(parser):
         parts += [f"### maiactl {name}\n", "```text", sub.format_help().rstrip(), "```\n"]
     return "\n".join(parts)

@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from google.rpc import status_pb2
 from grpc import aio
 
 from controller import limits
 from controller.bearer import aio_interceptors
 from controller.cli.config import Connection
 from controller.cli.retry import AioRetryTold, CallDetails, RetryTold
-from controller.retryinfo import controller_answered
+from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, controller_answered
 from maia.v1 import admin_pb2_grpc, audit_pb2_grpc, deployments_pb2_grpc
 
 M = TypeVar("M", bound=Any)
@@ -245,6 +246,28 @@ def rpc_error_text(error: grpc.RpcError, address: str) -> str:
     if code == grpc.StatusCode.CANCELLED:  # maiactl cancels no call: a stopping controller cancels those in flight
         return f"error: CANCELLED: the controller at {address} ended the call unanswered; is it stopping? ({details})"
     return f"error: {name}: {details}"
+
+
+class StatusError(grpc.RpcError):
+    """A google.rpc.Status a response carries for one of its parts (a SubmitDeployments result),
+    as the RpcError that part's own call would have ended with: the same code, message and
+    trailer (`rpc_error_text`, `status_code`, `exit_code_of` and the retry rules read it alike)."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+    def code(self) -> grpc.StatusCode:
+        return _CODES.get(self.status.code, grpc.StatusCode.UNKNOWN)
+
+    def details(self) -> str:
+        return self.status.message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return ((STATUS_DETAILS_METADATA_KEY, self.status.SerializeToString()),)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:

@@ -208,3 +208,28 @@ def test_events_and_describe(running: RunningController, tmp_path: Path):
     assert running.ctl("describe", "node", "nosuch").returncode == 3
     assert running.ctl("describe", "rack", "x").returncode == 2
     running.ctl("delete", "evented")
+
+
+def test_apply_sends_new_deployments_together_and_undoes_them_when_one_is_refused(running: RunningController,
+                                                                                  tmp_path: Path):
+    """One SubmitDeployments call (each deployment's audit entry says so); a request the controller
+    refuses (a name twice in the files, two specs: the second reuses the run's request id for it
+    with another spec, FAILED_PRECONDITION) fails the apply and deletes what its call wrote."""
+    f = write(tmp_path / "many.yaml", "---\n".join(DEPLOYMENT.format(name=name, tenant="openlab", replicas=1)
+                                                   for name in ("many-a", "many-b")))
+    proc = running.ctl("apply", "-f", f, "-o", "name")
+    assert (proc.returncode, proc.stdout.splitlines()) == (0, ["deployment/many-a", "deployment/many-b"]), proc.stderr
+    entries = json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["events"]
+    submits = [e for e in entries if e["object_id"] in ("openlab/many-a", "openlab/many-b")]
+    assert [(e["action"], e["outcome"], e["detail"].get("call")) for e in submits] == \
+        [("/maia.v1.DeploymentService/SubmitDeployment", "OK", "/maia.v1.DeploymentService/SubmitDeployments")] * 2
+
+    twice = write(tmp_path / "twice.yaml", "---\n".join(DEPLOYMENT.format(name=name, tenant="openlab", replicas=n)
+                                                        for name, n in (("twice-a", 1), ("twice-b", 1), ("twice-b", 2))))
+    proc = running.ctl("apply", "-f", twice)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("error: deployment/twice-b failed: FAILED_PRECONDITION: client_request_id "), lines
+    assert lines[1:] == ["rolled back:", "  deployment/twice-b deleted again", "  deployment/twice-a deleted again"]
+    items = json.loads(running.ctl("get", "deployments", "-o", "json").stdout)["items"]
+    assert [d for d in items if d["name"].startswith("twice-") and d["status"]["phase"] != "Deleting"] == []

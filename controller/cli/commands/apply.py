@@ -11,8 +11,11 @@ apply works in three steps, so a bad batch writes nothing:
 3. the plan is written in dependency order (topology, tenants, deployments). A deployment update
    names the resource version read in step 2, so a change made by someone else meanwhile is
    refused rather than overwritten. Every write carries one client request id per apply run, so
-   a retried call is not applied twice. Should a write still fail (a race, a rule only the
-   server checks), what this run created is deleted again, updated tenants get their old
+   a retried call is not applied twice. New deployments are sent together, in SubmitDeployments
+   calls of up to `limits.SUBMITS_PER_CALL_MAX` (`_Writer`; one SubmitDeployment each against a
+   controller that answers UNIMPLEMENTED), each decided and answered on its own. Should a write
+   still fail (a race, a rule only the server checks), what this run created is deleted again
+   (the deployments of the failing call that were written too), updated tenants get their old
    contract and updated deployments their old spec back; a topology change cannot be undone
    (its RPC removes nothing) and is reported as such.
 
@@ -23,18 +26,24 @@ A dry run that would place only part of a deployment exits 4 (Exit.PARTIAL).
 from __future__ import annotations
 
 import argparse
+import random
+import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
-from controller.cli.client import CliError, Exit, rpc_error_text, status_code
+from controller import limits
+from controller.cli.client import CliError, Exit, StatusError, rpc_error_text, status_code
+from controller.cli.retry import RetryPolicy
 from controller.cli.context import Context
 from controller.cli.documents import spec_differences, spec_document
 from controller.cli.manifests import ManifestObject, load_manifest_sources
 from controller.cli.views import placements_table, reasons_text
+from controller.retryinfo import status_retry_s
 from maia.v1 import admin_pb2, deployments_pb2
 
 _ORDER = {"Topology": 0, "Tenant": 1, "Deployment": 2}
@@ -251,8 +260,49 @@ def _write(step: Step, ctx: Context, request_id: str) -> None:
         step.updated = answer.deployment
         step.rolling = answer.rolling
     else:
-        deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
-            spec=step.obj.message, client_request_id=f"{request_id}/{step.obj.name}"), timeout=ctx.rpc_timeout)
+        deployments.SubmitDeployment(_submit_request(step, request_id), timeout=ctx.rpc_timeout)
+
+
+def _submit_request(step: Step, request_id: str) -> deployments_pb2.SubmitDeploymentRequest:
+    return deployments_pb2.SubmitDeploymentRequest(spec=step.obj.message,
+                                                   client_request_id=f"{request_id}/{step.obj.name}")
+
+
+def _submit_many(steps: list[Step], ctx: Context, request_id: str,
+                 policy: RetryPolicy = RetryPolicy(), rng: random.Random | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> list[grpc.RpcError | None]:
+    """The new deployments of `steps` submitted in one SubmitDeployments call; per step, what
+    refused it (as the RpcError its own SubmitDeployment would have raised) or None: written.
+    Requests answered "nothing written, send again after this pause" (RetryInfo) are sent again,
+    alone, as the channel retries a call that is answered so (`cli.retry.RetryPolicy`). A failure
+    of the call itself (UNIMPLEMENTED from an older controller, say) is raised: none was written."""
+    rng = rng or random.Random()
+    failures: dict[int, grpc.RpcError | None] = {}
+    pending = list(range(len(steps)))
+    attempts = 0
+    while pending:
+        attempts += 1
+        started = time.monotonic()
+        answer = ctx.controller.deployments.SubmitDeployments(deployments_pb2.SubmitDeploymentsRequest(
+            requests=[_submit_request(steps[i], request_id) for i in pending]), timeout=ctx.rpc_timeout)
+        took = time.monotonic() - started
+        again: list[int] = []
+        told = 0.0
+        for i, result in zip(pending, answer.results, strict=True):
+            if result.HasField("deployment"):
+                failures[i] = None
+                continue
+            failures[i] = StatusError(result.error)
+            pause = status_retry_s(result.error)
+            if pause is not None:
+                again.append(i)
+                told = max(told, pause)
+        wait = policy.pause_s(told, attempts, None, took, rng) if again else None
+        if wait is None:
+            break
+        sleep(wait)
+        pending = again
+    return [failures[i] for i in range(len(steps))]
 
 
 def _undo(done: list[Step], ctx: Context) -> list[str]:
@@ -315,21 +365,69 @@ def run_apply(args: argparse.Namespace, ctx: Context) -> int:
     conflicts = _conflicts(steps)
     if conflicts:
         raise CliError("nothing applied:\n" + "\n".join(conflicts))
-    done: list[Step] = []
-    request_id = f"apply-{uuid.uuid4().hex}"  # one per run: a retried call is not applied twice
+    writer = _Writer(ctx, request_id=f"apply-{uuid.uuid4().hex}")  # one id per run: a retried call is not applied twice
     for step in steps:
-        try:
-            _write(step, ctx, request_id)
-        except grpc.RpcError as exc:
-            if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
-                raise
-            undone = _undo(done, ctx)
-            raise CliError(f"{step.ref} failed: {rpc_error_text(exc, ctx.address).removeprefix('error: ')}\n"
-                           + "\n".join(["rolled back:", *(f"  {u}" for u in undone)] if undone else
-                                       ["nothing else had been written"])) from None
-        done.append(step)
+        if step.obj.kind == "Deployment" and step.action == "created" and writer.batched:
+            writer.created.append(step)
+            if len(writer.created) == limits.SUBMITS_PER_CALL_MAX:
+                writer.flush()
+            continue
+        writer.flush()
+        writer.write(step)
+    writer.flush()
     _report(steps, ctx)
     return Exit.OK
+
+
+@dataclass
+class _Writer:
+    """Step 3: each step written in order; new deployments gathered (`created`) and sent together
+    in SubmitDeployments calls of at most `limits.SUBMITS_PER_CALL_MAX` (`flush`), or one
+    SubmitDeployment each when the controller does not know that call (UNIMPLEMENTED: `batched`
+    off). A step that fails undoes what was written (`done`), as one failing alone always did."""
+
+    ctx: Context
+    request_id: str
+    done: list[Step] = field(default_factory=list)
+    created: list[Step] = field(default_factory=list)
+    batched: bool = True
+
+    def write(self, step: Step) -> None:
+        try:
+            _write(step, self.ctx, self.request_id)
+        except grpc.RpcError as exc:
+            self.fail([(step, exc)])
+        self.done.append(step)
+
+    def flush(self) -> None:
+        steps, self.created = self.created, []
+        if not steps:
+            return
+        try:
+            failures = _submit_many(steps, self.ctx, self.request_id)
+        except grpc.RpcError as exc:
+            if status_code(exc) != grpc.StatusCode.UNIMPLEMENTED:
+                self.fail([(steps[0], exc)], more=len(steps) - 1)
+            self.batched = False  # an older controller: one call each, as before SubmitDeployments
+            for step in steps:
+                self.write(step)
+            return
+        self.done.extend(step for step, failure in zip(steps, failures) if failure is None)
+        failed = [(step, failure) for step, failure in zip(steps, failures) if failure is not None]
+        if failed:
+            self.fail(failed)
+
+    def fail(self, failed: list[tuple[Step, grpc.RpcError]], more: int = 0) -> NoReturn:
+        """Stop: undo what was written and say what failed. An UNAVAILABLE is raised as it is,
+        nothing undone (its write may have landed: the controller could not say; apply again)."""
+        for _, exc in failed:
+            if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
+                raise exc
+        undone = _undo(self.done, self.ctx)
+        lines = [f"{step.ref}{f' (and {more} more deployments sent with it)' if more else ''} failed: "
+                 f"{rpc_error_text(exc, self.ctx.address).removeprefix('error: ')}" for step, exc in failed]
+        raise CliError("\n".join([*lines, *(["rolled back:", *(f"  {u}" for u in undone)] if undone else
+                                             ["nothing else had been written"])])) from None
 
 
 def _report(steps: list[Step], ctx: Context) -> None:
