@@ -30,6 +30,11 @@ clients' own queue), not the submit's work. Open loop (`--rate R`): submits sent
 R a second apart on average (`--arrivals poisson|even`), whatever the earlier ones' answers, so
 the latency is that of a submit at that offered load; the bench reports how late it sent
 (a client too busy to keep to the arrivals measures less than it offers).
+
+`--submit-batch K` (closed loop): each client sends its next up to K single-shard deployments in
+one SubmitDeployments call (a gang still alone, in a SubmitDeployment), each deployment's submit
+latency that of its call; the controller's submit histogram then counts calls of either kind.
+K = 1, the default, is one SubmitDeployment a deployment, as before the flag.
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0: closed loop (--clients)")
     p.add_argument("--arrivals", choices=["poisson", "even"], default="poisson",
                    help="open loop: exponential gaps between arrivals (poisson) or evenly spaced ones")
+    p.add_argument("--submit-batch", type=int, default=1, metavar="K",
+                   help="closed loop: each client sends up to K single-shard deployments per SubmitDeployments "
+                        "call (gangs one per call); 1 (the default): one SubmitDeployment each")
     p.add_argument("--fill", type=float, default=0.5,
                    help="share of the cluster's accelerators the submitted deployments ask for")
     p.add_argument("--gang-share", type=float, default=0.25,
@@ -442,20 +450,58 @@ async def submit_one(stub: Any, work: Work, run: Run) -> None:
         # the send time: the controller observes the call's wait before its handler (maia_grpc_server_queued_seconds)
         await stub.SubmitDeployment(request, timeout=60, metadata=((SENT_AT_METADATA_KEY, f"{time.time():.6f}"),))
     except grpc.aio.AioRpcError as exc:
-        run.errors.append(f"submit {work.name}: {exc.code().name} {exc.details()}")
-        run.expected -= 1
-        if run.running >= run.expected:
-            run.all_running.set()
+        _refused(run, f"submit {work.name}: {exc.code().name} {exc.details()}")
         return
     t.acknowledged = time.perf_counter()
 
 
-async def client(channel: Any, queue: list[Work], run: Run) -> None:
-    """Closed loop: the next submit once the last was answered."""
+async def submit_many(stub: Any, works: list[Work], run: Run) -> None:
+    """One SubmitDeployments call of `works`, each timestamped as `submit_one` times its own call
+    (submitted and answered with the call); a request the answer refuses is recorded as an error."""
+    import grpc
+    from google.rpc import code_pb2
+    from maia.v1 import deployments_pb2
+    request = deployments_pb2.SubmitDeploymentsRequest(
+        requests=[deployments_pb2.SubmitDeploymentRequest(spec=work.spec()) for work in works])
+    started = time.perf_counter()
+    for work in works:
+        run.times.setdefault(work.name, Times()).submitted = started
+    try:
+        answer = await stub.SubmitDeployments(request, timeout=60,
+                                              metadata=((SENT_AT_METADATA_KEY, f"{time.time():.6f}"),))
+    except grpc.aio.AioRpcError as exc:
+        for work in works:
+            _refused(run, f"submit {work.name}: {exc.code().name} {exc.details()}")
+        return
+    answered = time.perf_counter()
+    for work, result in zip(works, answer.results, strict=True):
+        if result.HasField("error"):
+            _refused(run, f"submit {work.name}: {code_pb2.Code.Name(result.error.code)} {result.error.message}")
+        else:
+            run.times[work.name].acknowledged = answered
+
+
+def _refused(run: Run, error: str) -> None:
+    """A submit refused: recorded, and its deployment not waited for."""
+    run.errors.append(error)
+    run.expected -= 1
+    if run.running >= run.expected:
+        run.all_running.set()
+
+
+async def client(channel: Any, queue: list[Work], run: Run, batch: int = 1) -> None:
+    """Closed loop: the next submit once the last was answered. With `batch` K > 1 the next up to
+    K single-shard deployments go in one SubmitDeployments call (a gang alone, as before)."""
     from maia.v1 import deployments_pb2_grpc
     stub = deployments_pb2_grpc.DeploymentServiceStub(channel)
     while queue:
-        await submit_one(stub, queue.pop(), run)
+        if batch == 1 or queue[-1].shards > 1:
+            await submit_one(stub, queue.pop(), run)
+            continue
+        works: list[Work] = []
+        while queue and len(works) < batch and queue[-1].shards == 1:
+            works.append(queue.pop())
+        await submit_many(stub, works, run)
 
 
 def arrival_offsets(count: int, rate: float, poisson: bool, rng: random.Random) -> list[float]:
@@ -712,10 +758,14 @@ async def scrape_passes(bench: Bench) -> None:
 
 
 def _submit_buckets(text: str, histogram: str) -> dict[float, float]:
-    """The SubmitDeployment series of a histogram by method (le -> count)."""
-    return {float(m.group(1)): float(m.group(2)) for m in re.finditer(
-        rf'^{histogram}_bucket\{{(?=[^}}]*method="SubmitDeployment")[^}}]*le="([^"]+)"[^}}]*\}} (\S+)$',
-        text, re.MULTILINE)}
+    """The submit calls' series of a histogram by method (le -> count): SubmitDeployment's, and
+    SubmitDeployments' added (`--submit-batch`: a call of K, timed as one)."""
+    buckets: dict[float, float] = {}
+    for m in re.finditer(
+            rf'^{histogram}_bucket\{{(?=[^}}]*method="SubmitDeployments?")[^}}]*le="([^"]+)"[^}}]*\}} (\S+)$',
+            text, re.MULTILINE):
+        buckets[float(m.group(1))] = buckets.get(float(m.group(1)), 0.0) + float(m.group(2))
+    return buckets
 
 
 def _stage_buckets(text: str, histogram: str) -> dict[str, dict[float, float]]:
@@ -771,7 +821,8 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
     shape = Shape(nodes, args.fleets or max(1, (nodes + 255) // 256), args.preload)
     bench = Bench(kind, shape, len(tenants_for(shape, args)), gateways=args.agent_gateways,
                   load=f"open loop, {args.rate:g}/s offered ({args.arrivals})" if args.rate > 0
-                  else f"closed loop, {args.clients} clients")
+                  else f"closed loop, {args.clients} clients"
+                  + (f", up to {args.submit_batch} single-shard deployments a call" if args.submit_batch > 1 else ""))
     progress = asyncio.create_task(report_progress(bench, args.progress_every)) if args.progress_every else None
     try:
         await _measure(bench, args, root)
@@ -878,7 +929,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             if args.rate > 0:
                 await offered(channel, works, run, args.rate, args.arrivals == "poisson", args.seed)
             else:
-                await asyncio.gather(*(client(channel, queue, run) for _ in range(args.clients)))
+                await asyncio.gather(*(client(channel, queue, run, args.submit_batch) for _ in range(args.clients)))
             bench.submitted_s = time.perf_counter() - bench.started
             bench.phase = "waiting for Running"
             try:
@@ -1125,6 +1176,9 @@ async def _run(args: argparse.Namespace) -> int:
     # SIGTERM (a `timeout` around the bench, a CI job cancelled) stops it as ^C does: the run in
     # progress is cancelled, stops what it started (controller, fleets, PostgreSQL) and reports.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    if args.submit_batch < 1 or (args.submit_batch > 1 and args.rate > 0):
+        print("error: --submit-batch takes K >= 1, and K > 1 only in a closed loop (not with --rate)", file=sys.stderr)
+        return 2
     results = []
     for nodes in args.nodes:
         if nodes % NODES_PER_RACK:

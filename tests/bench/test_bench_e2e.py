@@ -8,6 +8,7 @@ times, which are for docs/benchmarks.md.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,29 @@ def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
     # the machine's CPU over the submits: its busy part holds at least the controller's and the bench's
     assert 0 < result["machine_busy_cpu_s"] and result["controller_cpu_s"] + result["bench_cpu_s"] <= \
         result["machine_busy_cpu_s"] + 0.2 <= result["machine_cpu_s"] + 0.2
+
+
+def test_e2e_submit_batch_sends_singles_in_calls_of_k(tmp_path: Path) -> None:
+    """`--submit-batch 8`: the singles go 8 a SubmitDeployments call (the controller's handling
+    histogram counts those calls), the gang alone; everything runs, the checker agrees."""
+    done, result = _e2e(tmp_path, "--submit-batch", "8", "--delete-every", "0", "--keep",
+                        "--controller-log-level", "INFO")
+    assert result["running"] == result["deployments"] == 25
+    assert "up to 8 single-shard deployments a call" in result["load"]
+    assert result["submit_server_p99_le_s"] is not None
+    calls = _calls_logged(done.stdout)
+    assert calls["SubmitDeployments"] >= 24 // 8 and calls["SubmitDeployment"] == 1, calls
+
+
+def _calls_logged(stdout: str) -> dict[str, int]:
+    """RPCs answered OK per method, from the kept run's controller log (`--keep`: "logs in DIR")."""
+    [logs] = [line.split("logs in ", 1)[1].strip() for line in stdout.splitlines() if "logs in " in line]
+    try:
+        text = (Path(logs) / "controller.log").read_text(errors="replace")
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    return {method: text.count(f"method=/maia.v1.DeploymentService/{method} ") for method in
+            ("SubmitDeployment", "SubmitDeployments")}
 
 
 def test_e2e_through_agent_gateways_counts_their_cpu_apart(tmp_path: Path) -> None:
