@@ -78,13 +78,12 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         """One request of a SubmitDeployments call, in a task of its own (its audit entry is the
         task's, `store.audit.open_call`): decided and audited as its own SubmitDeployment call would
         be (the entry's detail names the call and the request's index), its refusal its result."""
-        work = self._submit_request(who, item, deadline)
         try:
             if self._deps.audit is not None:
                 entry = self._deps.audit.entry(SUBMIT_DEPLOYMENT, item, call=SUBMIT_DEPLOYMENTS, item=index)
-                view = await self._deps.audit.run(entry, work)
+                view = await self._deps.audit.run(entry, self._submit_request(who, item, deadline))
             else:
-                view = await work
+                view = await self._submit_request(who, item, deadline)
         except MaiaError as exc:
             return deployments_pb2.SubmitDeploymentResult(error=status_of(exc, f"requests[{index}]."))
         except Exception as exc:  # unexpected: logged, INTERNAL for this request alone

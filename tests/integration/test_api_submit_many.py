@@ -16,7 +16,7 @@ from controller import limits
 from controller.api.server import ControllerApp
 from controller.retryinfo import status_retry_s
 from controller.store import audit
-from grpc_harness import Stubs, admin_token_of, issue_token, running_controller, spec, topology
+from grpc_harness import Stubs, controller_with_rack, issue_token, spec, topology
 from maia.v1 import admin_pb2, deployments_pb2
 
 SUBMIT = "/maia.v1.DeploymentService/SubmitDeployment"
@@ -117,14 +117,9 @@ async def test_the_same_request_ids_again_return_the_same_deployments_and_write_
 
 @pytest.fixture
 async def throttled(db_url: str, tmp_path: Path) -> AsyncIterator[Stubs]:
-    async with running_controller(db_url, tmp_path, submits_per_minute=3) as app:
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-            yield stubs
-        finally:
-            await stubs.channel.close()
+    async with controller_with_rack(db_url, tmp_path, submits_per_minute=3) as (_, stubs):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        yield stubs
 
 
 async def test_the_tenant_submit_rate_counts_each_request(throttled: Stubs) -> None:
