@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+import time
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,7 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
         self.stored: dict[str, D.Deployment] = {}
         self.refuse: set[str] = set()
         self.busy: set[str] = set()
+        self.late_s = 0.0  # SubmitDeployments answers this late, after writing (the caller's deadline passes)
 
     def _submit(self, request: D.SubmitDeploymentRequest) -> D.Deployment | None:
         name = request.spec.name
@@ -67,6 +69,7 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
             results.append(D.SubmitDeploymentResult(deployment=stored) if stored is not None else
                            D.SubmitDeploymentResult(error=rich_error(
                                grpc.StatusCode.INVALID_ARGUMENT, f"deployment {item.spec.name}: refused")))
+        time.sleep(self.late_s)
         return D.SubmitDeploymentsResponse(results=results)
 
     def GetDeployment(self, request, context):  # noqa: N802
@@ -76,6 +79,8 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
 
     def DeleteDeployment(self, request, context):  # noqa: N802
         self.calls.append(f"DeleteDeployment:{request.name}")
+        if request.name not in self.stored:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"deployment {request.name} not found")
         return self.stored.pop(request.name)
 
 
@@ -146,3 +151,23 @@ def test_a_request_told_to_come_again_is_sent_again(fake: tuple[str, FakeDeploym
     assert out.splitlines() == ["deployment/a created", "deployment/b created", "deployment/c created"]
     assert deployments.calls == ["SubmitDeployments:3", "SubmitDeployments:1"]  # only b again
     assert sorted(deployments.stored) == ["a", "b", "c"]
+
+
+def test_a_call_that_ended_without_an_answer_undoes_what_it_wrote(
+        fake: tuple[str, FakeDeployments], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """DEADLINE_EXCEEDED for the call itself says nothing of its requests: the controller may have
+    written them all (its answer came too late). The undo deletes those that were written."""
+    address, deployments = fake
+    if not deployments.batched:
+        pytest.skip("a lone SubmitDeployment is not answered late by this fake")
+    deployments.late_s = 1.5
+    deployments.refuse = {"b"}  # not written: nothing to undo (its delete is NOT_FOUND, not an error)
+    deployments.stored["z"] = D.Deployment()  # not this run's: left alone
+    code = main(["--controller", address, "--rpc-timeout", "0.5", "apply", "-f",
+                 manifests(tmp_path / "d.yaml", "a", "b", "c")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.splitlines()[0].startswith("error: deployment/a (and 2 more deployments sent with it) failed: ")
+    assert "DEADLINE_EXCEEDED" in err
+    assert err.splitlines()[1:] == ["rolled back:", "  deployment/c deleted again", "  deployment/a deleted again"]
+    assert sorted(deployments.stored) == ["z"]

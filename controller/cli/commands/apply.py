@@ -275,7 +275,9 @@ def _submit_many(steps: list[Step], ctx: Context, request_id: str,
     refused it (as the RpcError its own SubmitDeployment would have raised) or None: written.
     Requests answered "nothing written, send again after this pause" (RetryInfo) are sent again,
     alone, as the channel retries a call that is answered so (`cli.retry.RetryPolicy`). A failure
-    of the call itself (UNIMPLEMENTED from an older controller, say) is raised: none was written."""
+    of a call itself is raised: UNIMPLEMENTED from an older controller wrote none; after any other
+    any of `steps` may have been written (the controller may have served a call whose answer came
+    too late, and a call sending some again follows one that wrote others)."""
     rng = rng or random.Random()
     failures: dict[int, grpc.RpcError | None] = {}
     pending = list(range(len(steps)))
@@ -305,9 +307,11 @@ def _submit_many(steps: list[Step], ctx: Context, request_id: str,
     return [failures[i] for i in range(len(steps))]
 
 
-def _undo(done: list[Step], ctx: Context) -> list[str]:
-    """Reverse what `done` wrote; returns one line per undo (or per thing that could not be undone)."""
+def _undo(done: list[Step], ctx: Context, unknown: list[Step] | None = None) -> list[str]:
+    """Reverse what `done` wrote; returns one line per undo (or per thing that could not be undone).
+    `unknown`: those of `done` that may not have been written (NOT_FOUND: nothing to undo)."""
     lines = []
+    maybe = {id(step) for step in unknown or []}
     for step in reversed(done):
         try:
             if step.obj.kind == "Deployment" and step.action == "created":
@@ -329,6 +333,8 @@ def _undo(done: list[Step], ctx: Context) -> list[str]:
             elif step.obj.kind == "Topology" and step.action == "configured":
                 lines.append("topology: changes stay (a topology cannot be rolled back)")
         except grpc.RpcError as exc:
+            if id(step) in maybe and status_code(exc) == grpc.StatusCode.NOT_FOUND:
+                continue  # it was not written
             lines.append(f"{step.ref}: could not be undone: {rpc_error_text(exc, ctx.address).removeprefix('error: ')}")
     return lines
 
@@ -406,8 +412,8 @@ class _Writer:
         try:
             failures = _submit_many(steps, self.ctx, self.request_id)
         except grpc.RpcError as exc:
-            if status_code(exc) != grpc.StatusCode.UNIMPLEMENTED:
-                self.fail([(steps[0], exc)], more=len(steps) - 1)
+            if status_code(exc) != grpc.StatusCode.UNIMPLEMENTED:  # any of them may have been written
+                self.fail([(steps[0], exc)], more=len(steps) - 1, unknown=steps)
             self.batched = False  # an older controller: one call each, as before SubmitDeployments
             for step in steps:
                 self.write(step)
@@ -417,13 +423,17 @@ class _Writer:
         if failed:
             self.fail(failed)
 
-    def fail(self, failed: list[tuple[Step, grpc.RpcError]], more: int = 0) -> NoReturn:
+    def fail(self, failed: list[tuple[Step, grpc.RpcError]], more: int = 0,
+             unknown: list[Step] | None = None) -> NoReturn:
         """Stop: undo what was written and say what failed. An UNAVAILABLE is raised as it is,
-        nothing undone (its write may have landed: the controller could not say; apply again)."""
+        nothing undone (its write may have landed: the controller could not say; apply again).
+        `unknown`: new deployments of a SubmitDeployments call that ended without an answer (its
+        answer came after the deadline, say, or a call sending some again failed), undone too where
+        they were written (a delete that finds none is nothing to undo)."""
         for _, exc in failed:
             if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
                 raise exc
-        undone = _undo(self.done, self.ctx)
+        undone = _undo([*self.done, *(unknown or [])], self.ctx, unknown=unknown or [])
         lines = [f"{step.ref}{f' (and {more} more deployments sent with it)' if more else ''} failed: "
                  f"{rpc_error_text(exc, self.ctx.address).removeprefix('error: ')}" for step, exc in failed]
         raise CliError("\n".join([*lines, *(["rolled back:", *(f"  {u}" for u in undone)] if undone else
