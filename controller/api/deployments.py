@@ -65,7 +65,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         UNAVAILABLE with a retry time (not written), one whose batch had not committed by then
         UNAVAILABLE without (written with that batch or not at all), so the answer still comes."""
         items = request.requests
-        check_submits_call(len(items), [i for i, item in enumerate(items) if item.dry_run or item.replace_existing])
+        check_submits_call(len(items), [(i, "dry_run" if item.dry_run else "replace_existing")
+                                        for i, item in enumerate(items) if item.dry_run or item.replace_existing])
         who = current_principal()
         time_left_s = context.time_remaining()
         deadline = None if time_left_s is None else time.monotonic() + time_left_s

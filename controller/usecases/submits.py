@@ -326,10 +326,11 @@ class SubmitBatcher:
         return True
 
 
-def check_submits_call(count: int, dry_runs: Sequence[int]) -> None:
+def check_submits_call(count: int, dry_runs: Sequence[tuple[int, str]]) -> None:
     """What refuses a SubmitDeployments call as a whole, before any of its `count` requests is
     decided (so nothing is written): none, more than `limits.SUBMITS_PER_CALL_MAX`, or requests
-    asking for a dry run (`dry_runs`: their indexes). Dry runs are not batched: whether a batch's
+    asking for a dry run (`dry_runs`: their indexes, each with the field set, `dry_run` or
+    `replace_existing`, that the BadRequest names). Dry runs are not batched: whether a batch's
     dry runs would be solved together or each alone is a question the caller should not have to
     guess, and each is a solve of its own anyway (send each as its own SubmitDeployment)."""
     most = limits.SUBMITS_PER_CALL_MAX
@@ -341,10 +342,10 @@ def check_submits_call(count: int, dry_runs: Sequence[int]) -> None:
                    f"nothing was written")
         raise InvalidArgument(message, violations=(FieldViolation("requests", message),))
     if dry_runs:
-        first = f"requests[{dry_runs[0]}]"
+        first = f"requests[{dry_runs[0][0]}]"
         more = f" (and {len(dry_runs) - 1} more)" if len(dry_runs) > 1 else ""
         message = (f"{first} asks for a dry run{more}: SubmitDeployments does not batch dry runs (dry_run, "
                    f"replace_existing); send each as its own SubmitDeployment; nothing was written")
         raise InvalidArgument(message, violations=tuple(
-            FieldViolation(f"requests[{i}].dry_run", "dry runs are not batched: send it as its own SubmitDeployment")
-            for i in dry_runs))
+            FieldViolation(f"requests[{i}].{name}", "dry runs are not batched: send it as its own SubmitDeployment")
+            for i, name in dry_runs))

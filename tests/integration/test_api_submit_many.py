@@ -178,6 +178,14 @@ async def test_a_call_refused_as_a_whole_writes_nothing(shared_seeded: Stubs) ->
     assert mixed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert mixed.value.details().startswith("requests[1] asks for a dry run")
 
+    replacing = request((spec("x3"), ""), (spec("x4"), ""))
+    replacing.requests[0].replace_existing = True
+    with pytest.raises(grpc.aio.AioRpcError) as replaced:
+        await deployments.SubmitDeployments(replacing)
+    assert replaced.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = status_pb2.Status.FromString(dict(replaced.value.trailing_metadata())["grpc-status-details-bin"])
+    assert violations(status) == ["requests[0].replace_existing"]  # the field that is set, not dry_run
+
 
 async def test_an_unauthenticated_call_writes_nothing(shared_controller: ControllerApp, shared_seeded: Stubs) -> None:
     anonymous = Stubs.connect(shared_controller.address, None)
