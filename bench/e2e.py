@@ -60,6 +60,7 @@ from typing import Any
 from bench.fgd import percentile
 from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
 from bench.preload import Layout, preload
+from controller import limits
 from controller.api.interceptors import SENT_AT_METADATA_KEY
 from controller.main import SHUTDOWN_DEADLINE_S
 from controller.observability.loop import watch_event_loop
@@ -87,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrivals", choices=["poisson", "even"], default="poisson",
                    help="open loop: exponential gaps between arrivals (poisson) or evenly spaced ones")
     p.add_argument("--submit-batch", type=int, default=1, metavar="K",
-                   help="closed loop: each client sends up to K single-shard deployments per SubmitDeployments "
+                   help="closed loop: each client sends up to K (at most 1000) single-shard deployments per SubmitDeployments "
                         "call (gangs one per call); 1 (the default): one SubmitDeployment each")
     p.add_argument("--fill", type=float, default=0.5,
                    help="share of the cluster's accelerators the submitted deployments ask for")
@@ -1176,8 +1177,9 @@ async def _run(args: argparse.Namespace) -> int:
     # SIGTERM (a `timeout` around the bench, a CI job cancelled) stops it as ^C does: the run in
     # progress is cancelled, stops what it started (controller, fleets, PostgreSQL) and reports.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
-    if args.submit_batch < 1 or (args.submit_batch > 1 and args.rate > 0):
-        print("error: --submit-batch takes K >= 1, and K > 1 only in a closed loop (not with --rate)", file=sys.stderr)
+    if not 1 <= args.submit_batch <= limits.SUBMITS_PER_CALL_MAX or (args.submit_batch > 1 and args.rate > 0):
+        print(f"error: --submit-batch takes K from 1 to {limits.SUBMITS_PER_CALL_MAX} (the controller refuses a "
+              f"larger call), and K > 1 only in a closed loop (not with --rate)", file=sys.stderr)
         return 2
     results = []
     for nodes in args.nodes:

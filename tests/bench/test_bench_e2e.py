@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from controller import limits
+
 sys.path.insert(0, str(Path(__file__).parent))
 from benchrun import bench_session, session_processes  # noqa: E402
 
@@ -59,6 +61,17 @@ def test_e2e_submit_batch_sends_singles_in_calls_of_k(tmp_path: Path) -> None:
     assert result["submit_server_p99_le_s"] is not None
     calls = _calls_logged(done.stdout)
     assert calls["SubmitDeployments"] >= 24 // 8 and calls["SubmitDeployment"] == 1, calls
+
+
+def test_e2e_submit_batch_over_the_call_limit_is_refused_before_it_starts(tmp_path: Path) -> None:
+    """A K the controller would refuse every call of (more than `limits.SUBMITS_PER_CALL_MAX`)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "e2e", "--nodes", "16", "--db", "sqlite",
+         "--submit-batch", str(limits.SUBMITS_PER_CALL_MAX + 1), "--json", str(tmp_path / "e2e.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"K from 1 to {limits.SUBMITS_PER_CALL_MAX}" in done.stderr
+    assert not (tmp_path / "e2e.json").exists()
 
 
 def _calls_logged(stdout: str) -> dict[str, int]:
