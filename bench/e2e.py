@@ -88,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrivals", choices=["poisson", "even"], default="poisson",
                    help="open loop: exponential gaps between arrivals (poisson) or evenly spaced ones")
     p.add_argument("--submit-batch", type=int, default=1, metavar="K",
-                   help="closed loop: each client sends up to K (at most 1000) single-shard deployments per SubmitDeployments "
-                        "call (gangs one per call); 1 (the default): one SubmitDeployment each")
+                   help="closed loop: each client sends up to K (at most 1000) single-shard deployments per "
+                        "SubmitDeployments call (gangs one per call); 1 (the default): one SubmitDeployment each")
     p.add_argument("--fill", type=float, default=0.5,
                    help="share of the cluster's accelerators the submitted deployments ask for")
     p.add_argument("--gang-share", type=float, default=0.25,
