@@ -82,7 +82,10 @@ PAGE_SIZE_MAX = 500
 PAGE_TOKEN_MAX = 256
 # Requests in one SubmitDeployments call. Each is ~0.1-1.6 KB on the wire (a spec at every field's
 # limit), so a full call stays well within MAX_RECEIVE_MESSAGE_BYTES, and its answer (a deployment or
-# an error of at most ERROR_MESSAGE_MAX characters each) within MAX_SEND_MESSAGE_BYTES.
+# an error of at most ERROR_MESSAGE_MAX characters each) within MAX_SEND_MESSAGE_BYTES: a new deployment
+# has no placements yet. Not bounded: a replayed client_request_id answers its deployment as it is now,
+# placements included (up to SHARDS_PER_DEPLOYMENT_MAX each), so a call replaying many large placed
+# deployments can exceed it.
 SUBMITS_PER_CALL_MAX = 1000
 MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_SEND_MESSAGE_BYTES = 16 * 1024 * 1024
