@@ -123,7 +123,8 @@ deployments of its files together, in `SubmitDeployments` calls of up to {limits
 (docs/rollout.md), not one call each; updates of existing ones go one `UpdateDeployment` each. Its
 output is the same either way. Each deployment of such a call is decided on its own: one the
 controller refuses fails the apply, and what this run wrote is undone (the deployments of that call
-that were written included), as when one call failed alone; one it answers "nothing written, send
+that were written included; when the call itself ends without an answer, its deadline passed
+say, each of its deployments that was written), as when one call failed alone; one it answers "nothing written, send
 again after this pause" is sent again (in one call with the others told so), by the rule of the
 retries above. Against a controller
 without `SubmitDeployments` (`UNIMPLEMENTED`) it sends one `SubmitDeployment` each.
