@@ -57,7 +57,8 @@ from controller.leadership import LeaderElection, LeaseSettings
 from controller.reconcile import Reconciler, waits_on_report
 from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
-from controller.store.exclusive import DatabaseInUse, SqliteLock
+from controller.store.checkpoints import WalCheckpointer
+from controller.store.exclusive import DatabaseInUse, SqliteLock, sqlite_path
 from controller.store.notify import RESYNC, ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache
@@ -141,8 +142,11 @@ class ControllerApp:
         self.config = config
         self.db = Database(config.db_url)
         self.sqlite_lock = SqliteLock(config.db_url)
-        self.bus = DeploymentEventBus()
         self.metrics = ControllerMetrics()
+        # SQLite: the log checkpointed from a thread of its own, not by the commits (store/checkpoints.py).
+        file = sqlite_path(config.db_url)
+        self.checkpointer = None if file is None else WalCheckpointer(file, observer=self.metrics)
+        self.bus = DeploymentEventBus()
         self.signals = AppSignals(self)
         self.election = LeaderElection(
             self.db, address=config.advertise_address, force=self.db.is_sqlite,
@@ -504,6 +508,8 @@ class ControllerApp:
             log.warning("not yet listening to the other controllers; retrying in the background")
         if self.decider is not None:  # its interpreter starts while the agents join
             await asyncio.to_thread(self.decider.start)
+        if self.checkpointer is not None:
+            self.checkpointer.start()
         self._tasks = [
             asyncio.create_task(self.election.run(), name="leader-election"),
             asyncio.create_task(self.hub.run(), name="agent-hub"),
@@ -581,7 +587,8 @@ class ControllerApp:
            the calls in flight `grace_s` to finish, then cancels them; waited for at most `STREAMS_END_TIMEOUT_S` more;
         3. the agent gateways, told to stop, are given until a deadline set at the stop's start that
            grows with the streams they hold (`children.stop_grace_s`), then killed;
-        4. the leader lease released, the cluster channel closed, the engine disposed (each bounded).
+        4. the leader lease released, the cluster channel closed, the engine disposed, SQLite's log
+           checkpointed into the database file (each bounded).
         """
         started = time.monotonic()
         streams = len(self.hub.connected())
@@ -625,6 +632,8 @@ class ControllerApp:
         except TimeoutError:
             log.warning("database connections still busy after %.0fs; stopping without waiting for them",
                         DISPOSE_TIMEOUT_S)
+        if self.checkpointer is not None:  # the last checkpoint: the database file holds everything
+            await asyncio.to_thread(self.checkpointer.stop)
         self.sqlite_lock.release()
         log.info("stopped")
 

@@ -30,6 +30,7 @@ from controller.observability.cluster import ClusterGauges
 from controller.scheduling.queue import QueueDepths
 
 if TYPE_CHECKING:
+    from controller.store.checkpoints import CheckpointRound
     from controller.usecases.submits import SubmitStages
 
 log = logging.getLogger("maia.metrics")
@@ -203,6 +204,19 @@ class ControllerMetrics:
             "maia_agent_heartbeat_rows_written",
             "Node rows heartbeats were written to (committed flushes, controller/agents.py): while a node's "
             "stream lives, at most one per contact_write_every_s unless its power draw changed.", registry=r)
+        self.wal_checkpoint = Histogram(
+            "maia_sqlite_wal_checkpoint_seconds",
+            "SQLite: the checkpointer's checkpoints, off the commit path (store/checkpoints.py: the log's new pages "
+            "copied into the database file, both synced), by outcome: complete (the log wholly copied: the next "
+            "writer starts it again), partial (a reader still needed some frames: tried again soon), busy (another "
+            "checkpoint was running). Rounds that found nothing new are not counted.",
+            ["outcome"], registry=r, buckets=RPC_BUCKETS_S)
+        self.wal_frames = Gauge("maia_sqlite_wal_frames",
+                                "SQLite: frames (pages) in the write-ahead log at the last checkpoint.", registry=r)
+        self.wal_frames_uncopied = Gauge(
+            "maia_sqlite_wal_frames_uncopied",
+            "SQLite: of those, frames the last checkpoint could not copy yet (a reader's snapshot needed them); "
+            "a commit checkpoints itself past checkpoints.COMMIT_CHECKPOINT_PAGES.", registry=r)
         self._reader: ClusterReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
@@ -238,6 +252,12 @@ class ControllerMetrics:
 
     def heartbeats_written(self, rows: int) -> None:
         self.heartbeat_rows.inc(rows)
+
+    def wal_checkpointed(self, done: CheckpointRound) -> None:
+        outcome = "busy" if done.busy else "complete" if done.complete else "partial"
+        self.wal_checkpoint.labels(outcome).observe(done.seconds)
+        self.wal_frames.set(done.wal_frames)
+        self.wal_frames_uncopied.set(0 if done.busy else max(0, done.wal_frames - done.checkpointed_frames))
 
     def loop_lagged(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)

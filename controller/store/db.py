@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from controller.aio import within
 from controller.store import audit
 from controller.store import jsoncodec, pg_driver, sqlite_driver
+from controller.store.checkpoints import COMMIT_CHECKPOINT_PAGES
 from controller.store.lease import CommitOutcomeUnknown
 from controller.store.exclusive import sqlite_path
 from controller.store.turns import WriterTurns
@@ -66,8 +67,9 @@ _JSON_CODEC = {"json_serializer": jsoncodec.dumps, "json_deserializer": jsoncode
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An engine with the settings each backend needs (SQLite: WAL, FKs on, busy timeout, one trip
-    to aiosqlite's thread per statement: `sqlite_driver`)."""
+    """An engine with the settings each backend needs (SQLite: WAL checkpointed by the controller's
+    `checkpoints.WalCheckpointer` rather than by commits, FKs on, busy timeout, one trip to
+    aiosqlite's thread per statement: `sqlite_driver`)."""
     if _is_sqlite(url):
         pool = {} if sqlite_path(url) is None else {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
         module = {"module": sqlite_driver.dbapi()} if url.startswith("sqlite+aiosqlite") else {}
@@ -79,12 +81,16 @@ def create_engine(url: str) -> AsyncEngine:
             # WAL: readers never wait for the writer (nor it for them), a commit appends to the
             # log instead of rewriting pages. synchronous=NORMAL in WAL mode syncs at checkpoints,
             # not at every commit: the database can never be corrupted by a crash, and a power
-            # loss can lose at most the last commits before it (never half of one) -- what an
-            # embedded single-node controller can accept; PostgreSQL is for more.
+            # loss can lose at most the commits since the last checkpoint (never half of one; a
+            # controller checkpoints every `checkpoints.CHECKPOINT_EVERY_S`) -- what an embedded
+            # single-node controller can accept; PostgreSQL is for more. A commit checkpoints only
+            # past `COMMIT_CHECKPOINT_PAGES` (with SQLite's default, 1,000, one commit in 33 copied
+            # the log into the file and synced both while holding the writer: `checkpoints`).
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA wal_autocheckpoint={COMMIT_CHECKPOINT_PAGES}")
             cur.close()
 
         SqliteWriters(turns=process_turns(url)).attach(engine)

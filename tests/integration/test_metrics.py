@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -172,3 +173,31 @@ async def test_the_dashboard_queries_only_metrics_the_controller_exports(app: Co
                 if not f.name.endswith("_created")}
     on_dashboard = {f for f in families if any(q.startswith(f) for q in queried)}
     assert families - on_dashboard <= {"maia_metrics_cluster_read_errors"}
+
+
+async def test_a_sqlite_controller_checkpoints_its_log_off_the_commit_path(tmp_path: Path) -> None:
+    """store/checkpoints.py: the controller's checkpointer copies the log into the database file
+    (its commits do not, below a large bound) and says so in its metrics; the stop's last
+    checkpoint leaves the file whole."""
+    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}",
+                               metrics_listen="127.0.0.1:0", bootstrap_admin_token_file=str(tmp_path / "admin.token")))
+    await app.start()
+    try:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        try:
+            await stubs.admin.ApplyTopology(topology(RACKS))
+        finally:
+            await stubs.channel.close()
+        samples = await eventually(lambda: scrape(app.metrics_address),
+                                   lambda s: total(s, "maia_sqlite_wal_checkpoint_seconds_count", outcome="complete") > 0,
+                                   what="a complete checkpoint counted")
+        assert total(samples, "maia_sqlite_wal_frames_uncopied") == 0
+    finally:
+        await app.stop(grace_s=1.0)
+    wal = tmp_path / "maia.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    conn = sqlite3.connect(tmp_path / "maia.db")
+    try:
+        assert conn.execute("SELECT count(*) FROM racks").fetchone()[0] == len(RACKS)
+    finally:
+        conn.close()

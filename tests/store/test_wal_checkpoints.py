@@ -1,0 +1,149 @@
+"""SQLite's WAL checkpoints off the commit path (store/checkpoints.py): the controller's commits
+never copy the log into the database file (below a large bound), the checkpointer does, from its
+own thread, and keeps the log from growing; its stop leaves everything in the database file."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from controller.store import db as dbmod
+from controller.store.checkpoints import CheckpointRound, WalCheckpointer
+from controller.store.db import Database
+
+PAGE = 4096
+ROW_BYTES = 3000  # one row a page: the log grows by about a page a row
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}")
+    async with db.unit_of_work() as uow:
+        await uow.session.execute(text("CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB NOT NULL)"))
+        await uow.commit()
+    _checkpoint_now(_path(db))  # the table in the database file: a copy of the file alone has it
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+def _path(db: Database) -> Path:
+    return Path(db.engine.url.database or "")
+
+
+async def _write_pages(db: Database, pages: int, per_commit: int = 50) -> None:
+    for _ in range(pages // per_commit):
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(text("INSERT INTO blobs (body) VALUES (randomblob(:n))"),
+                                      [{"n": ROW_BYTES}] * per_commit)
+            await uow.commit()
+
+
+def _checkpoint_now(path: Path, mode: str = "TRUNCATE") -> int:
+    """A checkpoint from a connection of its own; the frames the log held."""
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[1])
+    finally:
+        conn.close()
+
+
+def _rows_in_file_alone(path: Path, into: Path) -> int:
+    """The rows a copy of the database file holds without its log."""
+    shutil.copyfile(path, into)
+    conn = sqlite3.connect(into)
+    try:
+        return int(conn.execute("SELECT count(*) FROM blobs").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_the_controllers_commits_never_checkpoint_the_log(database: Database, tmp_path: Path) -> None:
+    path = _path(database)
+    size_before = path.stat().st_size
+    await _write_pages(database, 3000)  # three times SQLite's default checkpoint threshold
+    # Nothing was copied into the database file: it is as it was, and its copy has none of the rows.
+    assert path.stat().st_size == size_before
+    assert _rows_in_file_alone(path, tmp_path / "copy.db") == 0
+    assert _checkpoint_now(path, "PASSIVE") >= 3000  # all of it in the log (never started again)
+
+
+async def test_past_the_bound_a_commit_checkpoints_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody checkpointing (a tool, or a checkpointer that cannot keep up): the log still stops growing."""
+    monkeypatch.setattr(dbmod, "COMMIT_CHECKPOINT_PAGES", 500)
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}")
+    try:
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(text("CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB NOT NULL)"))
+            await uow.commit()
+        await _write_pages(db, 3000)
+        # Started again once past 500 pages: never near 1,000 (SQLite's default) nor 3,000 pages long.
+        assert (tmp_path / "maia.db-wal").stat().st_size < 750 * PAGE
+        assert _rows_in_file_alone(tmp_path / "maia.db", tmp_path / "copy.db") > 0
+    finally:
+        await db.dispose()
+
+
+class _Rounds:
+    """What the checkpointer reports (from its thread)."""
+
+    def __init__(self) -> None:
+        self.seen: list[CheckpointRound] = []
+
+    def wal_checkpointed(self, done: CheckpointRound) -> None:
+        self.seen.append(done)
+
+
+async def _round_after(checkpointer: WalCheckpointer) -> None:
+    """Until a round that began after now has ended."""
+    since = checkpointer.rounds_run
+    async with asyncio.timeout(30.0):  # a bound for a broken checkpointer, not a speed check
+        while checkpointer.rounds_run < since + 2:
+            await asyncio.sleep(0.01)
+
+
+async def test_the_checkpointer_copies_the_log_into_the_file_and_keeps_the_log_short(
+        database: Database, tmp_path: Path) -> None:
+    path = _path(database)
+    rounds = _Rounds()
+    checkpointer = WalCheckpointer(path, every_s=0.01, observer=rounds)
+    checkpointer.start()
+    try:
+        for _ in range(8):
+            await _write_pages(database, 500)
+            await _round_after(checkpointer)
+            assert rounds.seen[-1].complete
+            assert _rows_in_file_alone(path, tmp_path / "copy.db") == await _count(database)
+        # 4,000 pages written; the log was started again after each checkpoint, so its file never
+        # held much more than a batch of 500.
+        assert (tmp_path / "maia.db-wal").stat().st_size < 1000 * PAGE
+        assert all(not r.busy for r in rounds.seen)
+    finally:
+        await asyncio.to_thread(checkpointer.stop)
+
+
+async def _count(db: Database) -> int:
+    async with db.unit_of_work() as uow:
+        return int(await uow.session.scalar(text("SELECT count(*) FROM blobs")))
+
+
+async def test_stop_leaves_everything_in_the_database_file(database: Database, tmp_path: Path) -> None:
+    path = _path(database)
+    checkpointer = WalCheckpointer(path, every_s=3600.0)  # no round before the stop
+    checkpointer.start()
+    await _write_pages(database, 300)
+    assert _rows_in_file_alone(path, tmp_path / "before.db") == 0
+    await asyncio.to_thread(checkpointer.stop)
+    # The controller's connections are still open (SQLite checkpoints on the last close only):
+    # the stop's own checkpoint copied the log and emptied it.
+    assert (tmp_path / "maia.db-wal").stat().st_size == 0
+    assert _rows_in_file_alone(path, tmp_path / "after.db") == 300
+    await _write_pages(database, 50)  # and the database goes on as before
+    assert await _count(database) == 350
