@@ -86,7 +86,7 @@ class WalCheckpointer:
         if self._thread is not None:
             return
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = FINAL_CHECKPOINT_TIMEOUT_S + 1.0) -> None:
