@@ -208,8 +208,8 @@ class ControllerMetrics:
             "maia_sqlite_wal_checkpoint_seconds",
             "SQLite: the checkpointer's checkpoints, off the commit path (store/checkpoints.py: the log's new pages "
             "copied into the database file, both synced), by outcome: complete (the log wholly copied: the next "
-            "writer starts it again), partial (a reader still needed some frames: tried again soon), busy (another "
-            "checkpoint was running). Rounds that found nothing new are not counted.",
+            "writer starts it again), partial (a reader still needed some frames, or commits came meanwhile), "
+            "busy (another checkpoint was running).",
             ["outcome"], registry=r, buckets=RPC_BUCKETS_S)
         self.wal_frames = Gauge("maia_sqlite_wal_frames",
                                 "SQLite: frames (pages) in the write-ahead log at the last checkpoint.", registry=r)

@@ -1,29 +1,39 @@
 """SQLite's WAL checkpoints off the commit path: a thread of their own.
 
 In WAL mode a commit appends its pages to the log (`<database>-wal`); a checkpoint copies them
-into the database file and syncs both, after which writers reuse the log from its start. By
-default SQLite checkpoints inside the COMMIT that grows the log past 1,000 pages
-(`wal_autocheckpoint`), while that connection holds the only writer. At 50 submits/s on 4,096
-nodes one commit in 33 did, and held the writer 16 ms at the median (34 ms at most) against
-0.15 ms for the others: two thirds of all the time commits took, with every submit batch, plan
-commit and report flush queued behind it (docs/benchmarks.md, 2026-12-03 evening, `walckpt`).
+into the database file and syncs both, after which the next writer starts the log again from its
+start (and syncs its new header: one sync on that commit). By default SQLite checkpoints inside
+the COMMIT that grows the log past 1,000 pages (`wal_autocheckpoint`), while that connection
+holds the only writer. At 50 submits/s on 4,096 nodes one commit in 33 did, and held the writer
+16 ms at the median (34 ms at most) against 0.15 ms for the others: two thirds of all the time
+commits took, with every submit batch, plan commit and report flush queued behind it
+(docs/benchmarks.md, 2026-12-03 evening, `walckpt`).
 
 Here every connection `db.create_engine` opens checkpoints only once the log holds
 `COMMIT_CHECKPOINT_PAGES` (a bound for when nobody else checkpoints: tools, tests, or a
 checkpointer that cannot keep up), and the controller runs a `WalCheckpointer`: a thread with a
-sqlite3 connection of its own that runs a PASSIVE checkpoint every `CHECKPOINT_EVERY_S`. A
-PASSIVE checkpoint takes no writer lock and waits for nobody: writers go on appending and
-readers reading meanwhile, and sqlite3 lets go of the GIL during the call, so the event loop runs
-too. It copies what no reader's snapshot still needs; a round that had to leave frames is tried
-again after `RETRY_PARTIAL_S`. Once the log is wholly copied, the next writer starts it again from
-its start, so it stays near one period of writes. Its stop ends with a TRUNCATE checkpoint: the
-database file holds everything and the log is empty.
+sqlite3 connection of its own that runs PASSIVE checkpoints. A PASSIVE checkpoint takes no
+writer lock and waits for nobody: writers go on appending and readers reading meanwhile, and
+sqlite3 lets go of the GIL during the call, so the event loop runs too. It copies what no
+reader's snapshot still needs.
+
+When: every `POLL_S` the thread reads the log's length and how much of it is copied from the
+WAL-index header (`<database>-shm`, https://www.sqlite.org/walformat.html; no lock, nothing
+written). A round runs once `CHECKPOINT_FRAMES` are not copied (SQLite's own threshold: the log
+starts again, and a commit syncs its header, no more often than with SQLite's default; a round
+every second started it again after every quiet second). Under a steady stream of commits a
+round rarely ends before the next commit, so the log is not started again and grows; past
+`CHASE_FRAMES` every poll copies what is new, until one round ends with nothing left and the
+next writer starts the log again. Unreadable header: a round every `BLIND_EVERY_S`. The stop ends
+with a TRUNCATE checkpoint: the database file holds everything and the log is empty.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -32,14 +42,46 @@ from typing import Protocol
 
 log = logging.getLogger("maia.store.checkpoints")
 
-# The log's size (pages) past which a commit checkpoints itself (SQLite's default: 1,000):
+# The log's length (pages) past which a commit checkpoints itself (SQLite's default: 1,000):
 # ~40 MiB at 4 KiB pages, ~8 s of writes at 50 submits/s on 4,096 nodes.
 COMMIT_CHECKPOINT_PAGES = 10_000
-CHECKPOINT_EVERY_S = 1.0
-# A round that left frames a reader still needed goes again this much sooner.
-RETRY_PARTIAL_S = 0.1
+CHECKPOINT_FRAMES = 1_000
+CHASE_FRAMES = 5_000
+POLL_S = 0.05
+BLIND_EVERY_S = 1.0
 # How long the last checkpoint waits for readers and a writer to finish (SQLite's busy timeout).
 FINAL_CHECKPOINT_TIMEOUT_S = 2.0
+
+# The WAL-index header (walformat.html, 2.1): two copies of 48 bytes (iVersion first, mxFrame at
+# 16), then the checkpoint information (nBackfill first); in the machine's byte order.
+_WAL_INDEX_VERSION = 3007000
+_HEADER = struct.Struct("=I12xI")  # iVersion, mxFrame
+_HEADER_BYTES = 48
+_BACKFILL = struct.Struct("=I")
+
+
+@dataclass(frozen=True)
+class WalIndex:
+    """The log's length and how much of it the database file has, as the WAL-index header says."""
+
+    frames: int
+    copied: int
+
+    @property
+    def uncopied(self) -> int:
+        return max(0, self.frames - self.copied)
+
+
+def read_wal_index(shm: int) -> WalIndex | None:
+    """The header of the WAL-index open as `shm` (a file descriptor); None while it is being
+    written (its two copies differ) or is not one this code reads."""
+    head = os.pread(shm, 2 * _HEADER_BYTES + _BACKFILL.size, 0)
+    if len(head) < 2 * _HEADER_BYTES + _BACKFILL.size or head[:_HEADER_BYTES] != head[_HEADER_BYTES:2 * _HEADER_BYTES]:
+        return None
+    version, frames = _HEADER.unpack_from(head, 0)
+    if version != _WAL_INDEX_VERSION:
+        return None
+    return WalIndex(frames, _BACKFILL.unpack_from(head, 2 * _HEADER_BYTES)[0])
 
 
 @dataclass(frozen=True)
@@ -64,7 +106,9 @@ class CheckpointObserver(Protocol):
 def checkpoint(conn: sqlite3.Connection, mode: str = "PASSIVE") -> CheckpointRound:
     """One `PRAGMA wal_checkpoint(mode)` on `conn`, timed."""
     started = time.perf_counter()
-    busy, wal_frames, checkpointed = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    cursor = conn.execute(f"PRAGMA wal_checkpoint({mode})")
+    busy, wal_frames, checkpointed = cursor.fetchone()
+    cursor.close()
     seconds = time.perf_counter() - started
     # -1, -1: not in WAL mode (nothing to checkpoint), or busy.
     return CheckpointRound(max(wal_frames, 0), max(checkpointed, 0), seconds, busy=bool(busy))
@@ -73,12 +117,14 @@ def checkpoint(conn: sqlite3.Connection, mode: str = "PASSIVE") -> CheckpointRou
 class WalCheckpointer:
     """Checkpoints one SQLite file's log from a thread of its own (module docstring)."""
 
-    def __init__(self, path: Path, *, every_s: float = CHECKPOINT_EVERY_S,
-                 observer: CheckpointObserver | None = None) -> None:
+    def __init__(self, path: Path, *, checkpoint_frames: int = CHECKPOINT_FRAMES, chase_frames: int = CHASE_FRAMES,
+                 poll_s: float = POLL_S, observer: CheckpointObserver | None = None) -> None:
         self.path = path
-        self.every_s = every_s
+        self.checkpoint_frames = checkpoint_frames
+        self.chase_frames = chase_frames
+        self.poll_s = poll_s
         self.observer = observer
-        self.rounds_run = 0  # checkpoints tried, those that found nothing new too
+        self.polls = 0  # polls ended (each with its round if one was due)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -119,21 +165,41 @@ class WalCheckpointer:
             conn.close()
 
     def _rounds(self, conn: sqlite3.Connection) -> None:
-        seen = (0, 0)
-        wait = self.every_s
-        while not self._stopping.wait(wait):
-            try:
-                done = checkpoint(conn)
-            except sqlite3.Error as exc:  # an I/O error, say: the next round tries again
-                log.warning("a WAL checkpoint of %s failed: %s", self.path, exc)
-                wait = self.every_s
-                continue
-            finally:
-                self.rounds_run += 1
-            wait = self.every_s if done.complete else min(RETRY_PARTIAL_S, self.every_s)
-            if (done.wal_frames, done.checkpointed_frames) != seen and self.observer is not None:
-                self.observer.wal_checkpointed(done)  # a round that found nothing new is not one
-            seen = (done.wal_frames, done.checkpointed_frames)
+        shm: int | None = None
+        last_round = time.monotonic()
+        try:
+            while not self._stopping.wait(self.poll_s):
+                if shm is None:
+                    shm = _open_shm(self.path)
+                index = None if shm is None else read_wal_index(shm)
+                if self._due(index, time.monotonic() - last_round):
+                    last_round = time.monotonic()
+                    self._round(conn)
+                self.polls += 1
+        finally:
+            if shm is not None:
+                os.close(shm)
+
+    def _due(self, index: WalIndex | None, since_round_s: float) -> bool:
+        if index is None:
+            return since_round_s >= BLIND_EVERY_S
+        return index.uncopied >= self.checkpoint_frames or (index.frames >= self.chase_frames and index.uncopied > 0)
+
+    def _round(self, conn: sqlite3.Connection) -> None:
+        try:
+            done = checkpoint(conn)
+        except sqlite3.Error as exc:  # an I/O error, say: the next poll tries again
+            log.warning("a WAL checkpoint of %s failed: %s", self.path, exc)
+            return
+        if self.observer is not None:
+            self.observer.wal_checkpointed(done)
+
+
+def _open_shm(path: Path) -> int | None:
+    try:
+        return os.open(f"{path}-shm", os.O_RDONLY)
+    except OSError:  # not in WAL mode yet
+        return None
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -142,6 +208,9 @@ def _connect(path: Path) -> sqlite3.Connection:
         # A checkpoint syncs the log and the database file as its connection's setting says: as the
         # controller's (`db.create_engine`).
         conn.execute("PRAGMA synchronous=NORMAL")
+        # A read opens the log and its index: held open from now on, the index is never started
+        # anew (as when the last of the other connections closes) under `_open_shm`'s descriptor.
+        conn.execute("PRAGMA schema_version").close()
     except sqlite3.Error:
         conn.close()
         raise

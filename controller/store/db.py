@@ -82,10 +82,11 @@ def create_engine(url: str) -> AsyncEngine:
             # log instead of rewriting pages. synchronous=NORMAL in WAL mode syncs at checkpoints,
             # not at every commit: the database can never be corrupted by a crash, and a power
             # loss can lose at most the commits since the last checkpoint (never half of one; a
-            # controller checkpoints every `checkpoints.CHECKPOINT_EVERY_S`) -- what an embedded
-            # single-node controller can accept; PostgreSQL is for more. A commit checkpoints only
-            # past `COMMIT_CHECKPOINT_PAGES` (with SQLite's default, 1,000, one commit in 33 copied
-            # the log into the file and synced both while holding the writer: `checkpoints`).
+            # controller's checkpointer runs one once `checkpoints.CHECKPOINT_FRAMES` are not
+            # copied, as often as SQLite's default would) -- what an embedded single-node
+            # controller can accept; PostgreSQL is for more. A commit checkpoints only past
+            # `COMMIT_CHECKPOINT_PAGES` (with SQLite's default, 1,000, one commit in 33 copied the
+            # log into the file and synced both while holding the writer: `checkpoints`).
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")

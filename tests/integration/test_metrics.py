@@ -181,6 +181,8 @@ async def test_a_sqlite_controller_checkpoints_its_log_off_the_commit_path(tmp_p
     checkpoint leaves the file whole."""
     app = ControllerApp(Config(listen="127.0.0.1:0", db_url=f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}",
                                metrics_listen="127.0.0.1:0", bootstrap_admin_token_file=str(tmp_path / "admin.token")))
+    assert app.checkpointer is not None
+    app.checkpointer.checkpoint_frames = 1  # a round for a few pages (by default: once 1,000 are not copied)
     await app.start()
     try:
         stubs = Stubs.connect(app.address, admin_token_of(app))

@@ -101,11 +101,11 @@ class _Rounds:
         self.seen.append(done)
 
 
-async def _round_after(checkpointer: WalCheckpointer) -> None:
-    """Until a round that began after now has ended."""
-    since = checkpointer.rounds_run
+async def _polls_after(checkpointer: WalCheckpointer) -> None:
+    """Until a poll that began after now has ended (with its round, if one was due)."""
+    since = checkpointer.polls
     async with asyncio.timeout(30.0):  # a bound for a broken checkpointer, not a speed check
-        while checkpointer.rounds_run < since + 2:
+        while checkpointer.polls < since + 2:
             await asyncio.sleep(0.01)
 
 
@@ -113,18 +113,59 @@ async def test_the_checkpointer_copies_the_log_into_the_file_and_keeps_the_log_s
         database: Database, tmp_path: Path) -> None:
     path = _path(database)
     rounds = _Rounds()
-    checkpointer = WalCheckpointer(path, every_s=0.01, observer=rounds)
+    checkpointer = WalCheckpointer(path, checkpoint_frames=1, poll_s=0.01, observer=rounds)
     checkpointer.start()
     try:
         for _ in range(8):
             await _write_pages(database, 500)
-            await _round_after(checkpointer)
+            await _polls_after(checkpointer)
             assert rounds.seen[-1].complete
             assert _rows_in_file_alone(path, tmp_path / "copy.db") == await _count(database)
         # 4,000 pages written; the log was started again after each checkpoint, so its file never
         # held much more than a batch of 500.
         assert (tmp_path / "maia.db-wal").stat().st_size < 1000 * PAGE
         assert all(not r.busy for r in rounds.seen)
+    finally:
+        await asyncio.to_thread(checkpointer.stop)
+
+
+async def test_a_round_waits_for_the_log_to_grow(database: Database, tmp_path: Path) -> None:
+    """Each complete round has the next commit start the log again, and sync it: not for a few pages."""
+    path = _path(database)
+    rounds = _Rounds()
+    checkpointer = WalCheckpointer(path, checkpoint_frames=1000, chase_frames=100_000, poll_s=0.01, observer=rounds)
+    checkpointer.start()
+    try:
+        await _write_pages(database, 300, per_commit=300)
+        await _polls_after(checkpointer)
+        assert rounds.seen == [] and _rows_in_file_alone(path, tmp_path / "copy.db") == 0
+        await _write_pages(database, 800, per_commit=800)  # 1,100 pages not copied
+        await _polls_after(checkpointer)
+        assert len(rounds.seen) == 1 and rounds.seen[0].complete
+        assert _rows_in_file_alone(path, tmp_path / "copy.db") == 1100
+    finally:
+        await asyncio.to_thread(checkpointer.stop)
+
+
+async def test_past_the_chase_length_a_round_copies_any_news_until_the_log_starts_again(
+        database: Database, tmp_path: Path) -> None:
+    """Commits that never pause for a round keep the log from starting again; a long log is
+    copied as it grows, so that one round ends with nothing left."""
+    path = _path(database)
+    rounds = _Rounds()
+    checkpointer = WalCheckpointer(path, checkpoint_frames=100_000, chase_frames=400, poll_s=0.01, observer=rounds)
+    checkpointer.start()
+    try:
+        await _write_pages(database, 300, per_commit=300)
+        await _polls_after(checkpointer)
+        assert rounds.seen == []
+        await _write_pages(database, 200, per_commit=200)  # the log past 400 frames
+        await _polls_after(checkpointer)
+        assert len(rounds.seen) == 1 and rounds.seen[0].complete
+        assert _rows_in_file_alone(path, tmp_path / "copy.db") == 500
+        await _write_pages(database, 100, per_commit=100)  # this commit starts the log again: short
+        await _polls_after(checkpointer)
+        assert len(rounds.seen) == 1 and _rows_in_file_alone(path, tmp_path / "copy.db") == 500
     finally:
         await asyncio.to_thread(checkpointer.stop)
 
@@ -136,7 +177,7 @@ async def _count(db: Database) -> int:
 
 async def test_stop_leaves_everything_in_the_database_file(database: Database, tmp_path: Path) -> None:
     path = _path(database)
-    checkpointer = WalCheckpointer(path, every_s=3600.0)  # no round before the stop
+    checkpointer = WalCheckpointer(path, checkpoint_frames=100_000, chase_frames=100_000)  # no round before the stop
     checkpointer.start()
     await _write_pages(database, 300)
     assert _rows_in_file_alone(path, tmp_path / "before.db") == 0
