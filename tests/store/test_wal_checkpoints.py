@@ -8,6 +8,8 @@ import asyncio
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,18 @@ class _Rounds:
         self.seen.append(done)
 
 
+@asynccontextmanager
+async def _checkpointing(path: Path, **settings: Any) -> AsyncIterator[tuple[WalCheckpointer, _Rounds]]:
+    """A running checkpointer (polling every 10 ms) and what it reports; stopped after."""
+    rounds = _Rounds()
+    checkpointer = WalCheckpointer(path, poll_s=0.01, observer=rounds, **settings)
+    checkpointer.start()
+    try:
+        yield checkpointer, rounds
+    finally:
+        await asyncio.to_thread(checkpointer.stop)
+
+
 async def _polls_after(checkpointer: WalCheckpointer) -> None:
     """Until a poll that began after now has ended (with its round, if one was due)."""
     since = checkpointer.polls
@@ -112,10 +126,7 @@ async def _polls_after(checkpointer: WalCheckpointer) -> None:
 async def test_the_checkpointer_copies_the_log_into_the_file_and_keeps_the_log_short(
         database: Database, tmp_path: Path) -> None:
     path = _path(database)
-    rounds = _Rounds()
-    checkpointer = WalCheckpointer(path, checkpoint_frames=1, poll_s=0.01, observer=rounds)
-    checkpointer.start()
-    try:
+    async with _checkpointing(path, checkpoint_frames=1) as (checkpointer, rounds):
         for _ in range(8):
             await _write_pages(database, 500)
             await _polls_after(checkpointer)
@@ -125,17 +136,12 @@ async def test_the_checkpointer_copies_the_log_into_the_file_and_keeps_the_log_s
         # held much more than a batch of 500.
         assert (tmp_path / "maia.db-wal").stat().st_size < 1000 * PAGE
         assert all(not r.busy for r in rounds.seen)
-    finally:
-        await asyncio.to_thread(checkpointer.stop)
 
 
 async def test_a_round_waits_for_the_log_to_grow(database: Database, tmp_path: Path) -> None:
     """Each complete round has the next commit start the log again, and sync it: not for a few pages."""
     path = _path(database)
-    rounds = _Rounds()
-    checkpointer = WalCheckpointer(path, checkpoint_frames=1000, chase_frames=100_000, poll_s=0.01, observer=rounds)
-    checkpointer.start()
-    try:
+    async with _checkpointing(path, checkpoint_frames=1000, chase_frames=100_000) as (checkpointer, rounds):
         await _write_pages(database, 300, per_commit=300)
         await _polls_after(checkpointer)
         assert rounds.seen == [] and _rows_in_file_alone(path, tmp_path / "copy.db") == 0
@@ -143,8 +149,6 @@ async def test_a_round_waits_for_the_log_to_grow(database: Database, tmp_path: P
         await _polls_after(checkpointer)
         assert len(rounds.seen) == 1 and rounds.seen[0].complete
         assert _rows_in_file_alone(path, tmp_path / "copy.db") == 1100
-    finally:
-        await asyncio.to_thread(checkpointer.stop)
 
 
 async def test_past_the_chase_length_a_round_copies_any_news_until_the_log_starts_again(
@@ -152,10 +156,7 @@ async def test_past_the_chase_length_a_round_copies_any_news_until_the_log_start
     """Commits that never pause for a round keep the log from starting again; a long log is
     copied as it grows, so that one round ends with nothing left."""
     path = _path(database)
-    rounds = _Rounds()
-    checkpointer = WalCheckpointer(path, checkpoint_frames=100_000, chase_frames=400, poll_s=0.01, observer=rounds)
-    checkpointer.start()
-    try:
+    async with _checkpointing(path, checkpoint_frames=100_000, chase_frames=400) as (checkpointer, rounds):
         await _write_pages(database, 300, per_commit=300)
         await _polls_after(checkpointer)
         assert rounds.seen == []
@@ -166,8 +167,6 @@ async def test_past_the_chase_length_a_round_copies_any_news_until_the_log_start
         await _write_pages(database, 100, per_commit=100)  # this commit starts the log again: short
         await _polls_after(checkpointer)
         assert len(rounds.seen) == 1 and _rows_in_file_alone(path, tmp_path / "copy.db") == 500
-    finally:
-        await asyncio.to_thread(checkpointer.stop)
 
 
 async def _count(db: Database) -> int:
