@@ -52,11 +52,14 @@ BLIND_EVERY_S = 1.0
 # How long the last checkpoint waits for readers and a writer to finish (SQLite's busy timeout).
 FINAL_CHECKPOINT_TIMEOUT_S = 2.0
 
-# The WAL-index header (walformat.html, 2.1): two copies of 48 bytes (iVersion first, mxFrame at
-# 16), then the checkpoint information (nBackfill first); in the machine's byte order.
+# The WAL-index header (walformat.html, 2.1): two copies of 48 bytes (iVersion first, isInit at
+# 12, mxFrame at 16, a checksum of the first 40 bytes at 40), then the checkpoint information
+# (nBackfill first); in the machine's byte order.
 _WAL_INDEX_VERSION = 3007000
-_HEADER = struct.Struct("=I12xI")  # iVersion, mxFrame
+_HEADER = struct.Struct("=I8xBxxxI")  # iVersion, isInit, mxFrame
 _HEADER_BYTES = 48
+_SUMMED = struct.Struct("=10I")  # the header's first 40 bytes, as its checksum reads them
+_CHECKSUM = struct.Struct("=2I")
 _BACKFILL = struct.Struct("=I")
 
 
@@ -74,14 +77,25 @@ class WalIndex:
 
 def read_wal_index(shm: int) -> WalIndex | None:
     """The header of the WAL-index open as `shm` (a file descriptor); None while it is being
-    written (its two copies differ) or is not one this code reads."""
+    written (its two copies differ), before it is initialised, when its checksum is wrong (as
+    SQLite's own readers check it: walIndexTryHdr), or when it is not one this code reads."""
     head = os.pread(shm, 2 * _HEADER_BYTES + _BACKFILL.size, 0)
     if len(head) < 2 * _HEADER_BYTES + _BACKFILL.size or head[:_HEADER_BYTES] != head[_HEADER_BYTES:2 * _HEADER_BYTES]:
         return None
-    version, frames = _HEADER.unpack_from(head, 0)
-    if version != _WAL_INDEX_VERSION:
+    version, is_init, frames = _HEADER.unpack_from(head, 0)
+    if version != _WAL_INDEX_VERSION or is_init != 1 or _checksum(head) != _CHECKSUM.unpack_from(head, 40):
         return None
     return WalIndex(frames, _BACKFILL.unpack_from(head, 2 * _HEADER_BYTES)[0])
+
+
+def _checksum(head: bytes) -> tuple[int, int]:
+    """SQLite's WAL checksum (walChecksumBytes, native byte order) of the header's first 40 bytes."""
+    words = _SUMMED.unpack_from(head, 0)
+    s1 = s2 = 0
+    for i in range(0, len(words), 2):
+        s1 = (s1 + words[i] + s2) & 0xFFFFFFFF
+        s2 = (s2 + words[i + 1] + s1) & 0xFFFFFFFF
+    return s1, s2
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ own thread, and keeps the log from growing; its stop leaves everything in the da
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from controller.store import db as dbmod
-from controller.store.checkpoints import CheckpointRound, WalCheckpointer
+from controller.store import checkpoints, db as dbmod
+from controller.store.checkpoints import CheckpointRound, WalCheckpointer, WalIndex, read_wal_index
 from controller.store.db import Database
 
 PAGE = 4096
@@ -187,3 +189,35 @@ async def test_stop_leaves_everything_in_the_database_file(database: Database, t
     assert _rows_in_file_alone(path, tmp_path / "after.db") == 300
     await _write_pages(database, 50)  # and the database goes on as before
     assert await _count(database) == 350
+
+
+def _shm_header(path: Path) -> bytes:
+    with open(f"{path}-shm", "rb") as shm:
+        return shm.read(136)
+
+
+def _read_header(head: bytes, into: Path) -> WalIndex | None:
+    into.write_bytes(head)
+    fd = os.open(into, os.O_RDONLY)
+    try:
+        return read_wal_index(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_the_wal_index_header_is_read_only_when_sqlite_would_trust_it(database: Database, tmp_path: Path) -> None:
+    """Two equal copies are not enough: SQLite's readers also want the header initialised and its
+    checksum right (a copy rewritten but not yet summed, or garbage, is no header)."""
+    await _write_pages(database, 100)
+    head = _shm_header(_path(database))
+    frames = _checkpoint_now(_path(database), "PASSIVE")
+    assert _read_header(head, tmp_path / "good") == WalIndex(frames, 0)  # what SQLite says the log holds
+
+    def both_copies(header: bytes) -> bytes:
+        return header + header + head[96:]
+
+    mxframe_changed = head[:16] + struct.pack("=I", frames + 5000) + head[20:48]  # its checksum not updated
+    assert _read_header(both_copies(mxframe_changed), tmp_path / "unsummed") is None
+    not_init = head[:12] + b"\0" + head[13:40]
+    not_init += struct.pack("=2I", *checkpoints._checksum(not_init))  # summed right (as SQLite sums: see "good")
+    assert _read_header(both_copies(not_init), tmp_path / "uninit") is None
