@@ -256,8 +256,10 @@ class ControllerMetrics:
     def wal_checkpointed(self, done: CheckpointRound) -> None:
         outcome = "busy" if done.busy else "complete" if done.complete else "partial"
         self.wal_checkpoint.labels(outcome).observe(done.seconds)
+        if done.busy:  # SQLite said nothing of the log (-1, -1): the gauges keep what the last round saw
+            return
         self.wal_frames.set(done.wal_frames)
-        self.wal_frames_uncopied.set(0 if done.busy else max(0, done.wal_frames - done.checkpointed_frames))
+        self.wal_frames_uncopied.set(max(0, done.wal_frames - done.checkpointed_frames))
 
     def loop_lagged(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from controller.observability.metrics import ControllerMetrics
 from controller.store import checkpoints, db as dbmod
 from controller.store.checkpoints import CheckpointRound, WalCheckpointer, WalIndex, read_wal_index
 from controller.store.db import Database
@@ -221,3 +222,14 @@ async def test_the_wal_index_header_is_read_only_when_sqlite_would_trust_it(data
     not_init = head[:12] + b"\0" + head[13:40]
     not_init += struct.pack("=2I", *checkpoints._checksum(not_init))  # summed right (as SQLite sums: see "good")
     assert _read_header(both_copies(not_init), tmp_path / "uninit") is None
+
+
+def test_a_busy_round_leaves_the_log_gauges_as_the_last_round_saw_them() -> None:
+    """A busy checkpoint (another one held the lock) reports no log length (-1): not a log emptied."""
+    metrics = ControllerMetrics()
+    metrics.wal_checkpointed(CheckpointRound(wal_frames=4000, checkpointed_frames=2500, seconds=0.01))
+    metrics.wal_checkpointed(CheckpointRound(wal_frames=0, checkpointed_frames=0, seconds=0.0, busy=True))
+    registry = metrics.registry
+    assert registry.get_sample_value("maia_sqlite_wal_frames") == 4000
+    assert registry.get_sample_value("maia_sqlite_wal_frames_uncopied") == 1500
+    assert registry.get_sample_value("maia_sqlite_wal_checkpoint_seconds_count", {"outcome": "busy"}) == 1
