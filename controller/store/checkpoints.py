@@ -25,7 +25,9 @@ every second started it again after every quiet second). Under a steady stream o
 round rarely ends before the next commit, so the log is not started again and grows; past
 `CHASE_FRAMES` every poll copies what is new, until one round ends with nothing left and the
 next writer starts the log again. Unreadable header: a round every `BLIND_EVERY_S`. The stop ends
-with a TRUNCATE checkpoint: the database file holds everything and the log is empty.
+with a TRUNCATE checkpoint: the database file holds everything and the log is empty. An unexpected
+error in a poll ends the rounds (logged; commits checkpoint past `COMMIT_CHECKPOINT_PAGES`), not
+the stop's checkpoint.
 """
 
 from __future__ import annotations
@@ -168,7 +170,12 @@ class WalCheckpointer:
                           self.path, COMMIT_CHECKPOINT_PAGES)
             return
         try:
-            self._rounds(conn)
+            try:
+                self._rounds(conn)
+            except Exception:  # a bug, or the index unreadable (EIO): no more rounds, but still the last one
+                log.exception("the WAL checkpointer of %s failed; commits checkpoint past %d pages until the stop",
+                              self.path, COMMIT_CHECKPOINT_PAGES)
+                self._stopping.wait()
             last = checkpoint(conn, "TRUNCATE")
             if last.busy or last.wal_frames:  # a reader or a writer did not finish in time
                 log.warning("the last WAL checkpoint left %d frames in %s-wal (busy); the next opening "

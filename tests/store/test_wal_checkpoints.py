@@ -233,3 +233,34 @@ def test_a_busy_round_leaves_the_log_gauges_as_the_last_round_saw_them() -> None
     assert registry.get_sample_value("maia_sqlite_wal_frames") == 4000
     assert registry.get_sample_value("maia_sqlite_wal_frames_uncopied") == 1500
     assert registry.get_sample_value("maia_sqlite_wal_checkpoint_seconds_count", {"outcome": "busy"}) == 1
+
+
+class _Failing:
+    """An observer that fails: what any unexpected error in a round does to the checkpointer's thread."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def wal_checkpointed(self, done: CheckpointRound) -> None:
+        self.calls += 1
+        raise RuntimeError("observer broken")
+
+
+async def test_a_checkpointer_that_fails_still_takes_the_last_checkpoint_at_the_stop(
+        database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _path(database)
+    failing = _Failing()
+    checkpointer = WalCheckpointer(path, checkpoint_frames=1, poll_s=0.01, observer=failing)
+    checkpointer.start()
+    try:
+        await _write_pages(database, 100)
+        async with asyncio.timeout(30.0):  # a bound for a checkpointer that never ran a round, not a speed check
+            while failing.calls == 0:
+                await asyncio.sleep(0.01)
+        await _write_pages(database, 100)  # after its failure: only the stop's checkpoint copies these
+    finally:
+        await asyncio.to_thread(checkpointer.stop)
+    assert failing.calls == 1  # no round after the failure
+    assert "the WAL checkpointer of" in caplog.text and "observer broken" in caplog.text
+    assert (tmp_path / "maia.db-wal").stat().st_size == 0
+    assert _rows_in_file_alone(path, tmp_path / "after.db") == 200
