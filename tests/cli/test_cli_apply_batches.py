@@ -140,11 +140,11 @@ def test_a_refused_deployment_undoes_the_others(fake: tuple[str, FakeDeployments
     assert deployments.stored == {}
 
 
+# A lone call's retries are the channel's (tests/cli/test_cli_retry.py): the batched fake only.
+@pytest.mark.parametrize("fake", [True], ids=["batched"], indirect=True)
 def test_a_request_told_to_come_again_is_sent_again(fake: tuple[str, FakeDeployments],
                                                    capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     address, deployments = fake
-    if not deployments.batched:
-        pytest.skip("a lone call's retries are the channel's (tests/cli/test_cli_retry.py)")
     deployments.busy = {"b"}
     code, out, err = apply(capsys, address, manifests(tmp_path / "d.yaml", "a", "b", "c"))
     assert code == 0, err
@@ -153,13 +153,13 @@ def test_a_request_told_to_come_again_is_sent_again(fake: tuple[str, FakeDeploym
     assert sorted(deployments.stored) == ["a", "b", "c"]
 
 
+# A lone SubmitDeployment is not answered late by this fake: the batched fake only.
+@pytest.mark.parametrize("fake", [True], ids=["batched"], indirect=True)
 def test_a_call_that_ended_without_an_answer_undoes_what_it_wrote(
         fake: tuple[str, FakeDeployments], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """DEADLINE_EXCEEDED for the call itself says nothing of its requests: the controller may have
     written them all (its answer came too late). The undo deletes those that were written."""
     address, deployments = fake
-    if not deployments.batched:
-        pytest.skip("a lone SubmitDeployment is not answered late by this fake")
     deployments.late_s = 1.5
     deployments.refuse = {"b"}  # not written: nothing to undo (its delete is NOT_FOUND, not an error)
     deployments.stored["z"] = D.Deployment()  # not this run's: left alone
