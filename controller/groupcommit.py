@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import math
 import random
@@ -221,19 +222,26 @@ class GroupCommit(Generic[Item, Outcome]):
         return member.future.result()
 
     async def _answered_by(self, member: _Member[Item, Outcome], until: float) -> bool:
-        """Wait for the member's outcome until `until` (clock); whether it came. With no deadline
-        the future itself is awaited (a shield is one more turn of the event loop before the
-        caller wakes; a caller cancelled meanwhile cancels the future, which the writer skips and
-        `submit` treats as a caller gone)."""
+        """Wait for the member's outcome until `until` (clock); whether it came. The caller waits
+        on a future of its own, woken by the outcome or by a timer, so a caller cancelled meanwhile
+        leaves the member's future alone (`submit` decides what its going means); with no
+        deadline the member's future itself is awaited (cancelling it is the caller going). A
+        timer and a callback cost about a third of `asyncio.timeout` over `asyncio.shield`, and
+        every submit with a deadline (every gRPC call that has one) passes here."""
         if not math.isfinite(until):
             await member.future
             return True
+        if member.future.done():
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        timer = waiter.get_loop().call_later(max(0.0, until - self._clock()), _settle, waiter)
+        member.future.add_done_callback(waiter_settled := functools.partial(_settle, waiter))
         try:
-            async with asyncio.timeout(max(0.0, until - self._clock())):
-                await asyncio.shield(member.future)
-        except TimeoutError:
-            return member.future.done()
-        return True
+            await waiter
+        finally:
+            timer.cancel()
+            member.future.remove_done_callback(waiter_settled)
+        return member.future.done()
 
     def _write_bound_s(self) -> float:
         return self._write.mean + SPREAD * self._write.deviation
@@ -348,6 +356,12 @@ class GroupCommit(Generic[Item, Outcome]):
         if self._key is not None:
             for member in batch:
                 self._keys_in_flight.discard(self._key(member.item))
+
+
+def _settle(waiter: asyncio.Future[None], *_: object) -> None:
+    """Wake a caller of `_answered_by` (its outcome came, or its time is up), once."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _retrieved(future: asyncio.Future) -> None:

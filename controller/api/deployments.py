@@ -34,6 +34,10 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
 
     async def SubmitDeployment(self, request: deployments_pb2.SubmitDeploymentRequest,
                                context: aio.ServicerContext) -> deployments_pb2.SubmitDeploymentResponse:
+        """A submit, or its dry run. The call's deadline is handed to the group commit, so the
+        answer comes before it (`groupcommit`: UNAVAILABLE with a retry time when it could not be
+        written in time, without one when its batch had not committed by then), not as
+        DEADLINE_EXCEEDED, which tells the caller nothing of the write."""
         spec = convert.deployment_spec(request.spec)
         who = current_principal()
         if request.dry_run:
@@ -42,7 +46,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                                                   throttle=self._deps.throttle,
                                                   replace_existing=request.replace_existing)
         else:
-            view = await self._submit(who, spec, request.client_request_id)
+            view = await self._submit(who, spec, request.client_request_id, context.time_remaining())
         return deployments_pb2.SubmitDeploymentResponse(deployment=convert.deployment_msg(view),
                                                         dry_run=request.dry_run)
 

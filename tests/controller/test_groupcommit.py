@@ -96,12 +96,14 @@ async def test_a_batch_that_fails_hands_every_member_back_to_go_alone():
     assert group.stats.alone == 2
 
 
-async def test_a_caller_that_went_away_is_left_out_of_the_next_batch():
+@pytest.mark.parametrize("time_left_s", [None, 30.0])  # awaiting its outcome, or a waiter with a timer
+async def test_a_caller_that_went_away_is_left_out_of_the_next_batch(time_left_s: float | None):
     store = Store()
     group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
-    first = asyncio.create_task(group.submit("a"))
+    first = asyncio.create_task(group.submit("a", time_left_s))
     await _settle()
-    gone, stays = asyncio.create_task(group.submit("b")), asyncio.create_task(group.submit("c"))
+    gone = asyncio.create_task(group.submit("b", time_left_s))
+    stays = asyncio.create_task(group.submit("c", time_left_s))
     await _settle()
     gone.cancel()
     store.release.set()
@@ -277,10 +279,11 @@ async def test_a_caller_the_group_commit_refuses_is_told_the_pacers_slot():
     assert pacer.stats.paced == 2 and len(pacer._batches) == 1  # the written batch was measured
 
 
-async def test_a_caller_that_goes_away_once_its_item_is_taken_still_has_it_written():
+@pytest.mark.parametrize("time_left_s", [None, 30.0])
+async def test_a_caller_that_goes_away_once_its_item_is_taken_still_has_it_written(time_left_s: float | None):
     store = Store()
     group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)
-    caller = asyncio.create_task(outcome_or_alone(group, "a"))
+    caller = asyncio.create_task(outcome_or_alone(group, "a", time_left_s))
     await _settle()
     assert store.batches == [["a"]]  # taken: in the batch being written
     caller.cancel()

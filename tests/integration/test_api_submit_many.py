@@ -1,6 +1,7 @@
 """SubmitDeployments through the real API, on SQLite and PostgreSQL: each request of the call is
 decided as its own SubmitDeployment would be (written, or refused in its own result), with its
-own event and audit entry; what refuses the whole call writes nothing."""
+own event and audit entry; what refuses the whole call writes nothing. A lone SubmitDeployment
+and a SubmitDeployments call are answered before their deadline alike."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from controller import limits
 from controller.api.server import ControllerApp
-from controller.retryinfo import status_retry_s
+from controller.retryinfo import status_retry_s, told_retry_s
 from controller.store import audit
 from grpc_harness import Stubs, controller_with_rack, issue_token, spec, topology
 from maia.v1 import admin_pb2, deployments_pb2
@@ -131,11 +132,26 @@ async def test_the_tenant_submit_rate_counts_each_request(throttled: Stubs) -> N
     assert len(await listed(throttled)) == 3
 
 
+async def late_submit(stubs: Stubs, method: str, name: str, request_id: str) -> tuple[int, str, float | None]:
+    """A submit with a 2 s deadline by `method`: its answer's code, message and RetryInfo pause."""
+    if method == SUBMIT_MANY:
+        answer = await stubs.deployments.SubmitDeployments(request((spec(name), request_id)), timeout=2.0)
+        [result] = answer.results
+        return result.error.code, result.error.message, status_retry_s(result.error)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec(name), client_request_id=request_id), timeout=2.0)
+    return (refused.value.code().value[0], refused.value.details() or "",
+            told_retry_s(refused.value.trailing_metadata()))
+
+
+@pytest.mark.parametrize("method", [SUBMIT, SUBMIT_MANY])
 async def test_a_request_whose_batch_had_not_committed_by_the_deadline_is_answered_unknown(
-        controller_app: ControllerApp, lab: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The answer comes before the call's deadline; a request taken into a batch that has not
-    committed by then is UNAVAILABLE without RetryInfo (it may land: ask again with its request
-    id), and it is written with that batch."""
+        controller_app: ControllerApp, lab: Stubs, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """The answer comes before the call's deadline, for a lone SubmitDeployment as for each
+    request of a SubmitDeployments: a request taken into a batch that has not committed by then
+    is UNAVAILABLE without RetryInfo (it may land: ask again with its request id), not
+    DEADLINE_EXCEEDED, and it is written with that batch."""
     assert controller_app.deps is not None and controller_app.deps.submits is not None
     batcher = controller_app.deps.submits
     release = asyncio.Event()
@@ -146,10 +162,9 @@ async def test_a_request_whose_batch_had_not_committed_by_the_deadline_is_answer
         return await commit(batch)
 
     monkeypatch.setattr(batcher, "commit_batch", held)
-    answer = await lab.deployments.SubmitDeployments(request((spec("late"), "r-late")), timeout=2.0)
-    [result] = answer.results
-    assert result.error.code == code_pb2.UNAVAILABLE and "had not committed" in result.error.message
-    assert status_retry_s(result.error) is None  # not "call again as it is": read (or replay) first
+    code, message, retry_s = await late_submit(lab, method, "late", "r-late")
+    assert code == code_pb2.UNAVAILABLE and "had not committed" in message
+    assert retry_s is None  # not "call again as it is": read (or replay) first
     release.set()
     again = await lab.deployments.SubmitDeployments(request((spec("late"), "r-late")))
     assert again.results[0].deployment.spec.name == "late"  # it landed with its batch: the replay says so
