@@ -109,10 +109,25 @@ _RECONNECT_BACKOFF: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
-# Agents (they fail over between controllers and retry forever). gRPC core reads
-# `min_reconnect_backoff_ms` as the least time a connection attempt is given (its "min connect
-# timeout", 20 s by default), not as a back-off: 250 ms here.
-GRPC_FAILOVER_OPTIONS: tuple[tuple[str, int], ...] = (*_RECONNECT_BACKOFF, ("grpc.min_reconnect_backoff_ms", 250))
+# Agents (they fail over between controllers and retry forever; one channel per controller,
+# `simnode.transport`). gRPC core reads `min_reconnect_backoff_ms` as the least time a connection
+# attempt is given (its "min connect timeout", 20 s by default), not as a back-off; an attempt
+# then lasts max(that, the back-off), so AGENT_CONNECT_TIMEOUT_MS here, whatever the back-off.
+# What it costs: an address that refuses (nothing listening, a killed controller: an RST) fails
+# at once whatever it is, so failing over from it is as fast with any value; only an address
+# where nothing answers (a host down or cut off: SYNs unanswered; a process that accepts TCP and
+# says nothing) keeps the agent this long before its Register fails UNAVAILABLE and it tries the
+# next controller. What it must cover: a live controller's TCP handshake, TLS and HTTP/2
+# SETTINGS over a slow link (2-3 round trips: ~2 s at 600 ms, a satellite hop) plus one SYN lost
+# or dropped by a busy host's full accept queue (Linux sends it again after 1 s). 250 ms failed
+# every first attempt over a link holding each read 300 ms, so an agent never connected through
+# it. 5 s is twice what that needs, well under the Register's own timeout
+# (`simnode.transport.REGISTER_TIMEOUT_S`, 10 s: an attempt outlasting it would end
+# DEADLINE_EXCEEDED, on which the agent stays on that controller instead of failing over), and
+# on the order of the leader's lease (5 s), which a failover waits out anyway.
+AGENT_CONNECT_TIMEOUT_MS = 5000
+GRPC_FAILOVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    *_RECONNECT_BACKOFF, ("grpc.min_reconnect_backoff_ms", AGENT_CONNECT_TIMEOUT_MS))
 # maiactl and the asyncio client (`cli.client`), one controller or several. A connection attempt
 # keeps gRPC's 20 s: a command's first call waits for the first attempt, and one cut short fails
 # the call UNAVAILABLE at once (with 250 ms, every first call through a proxy holding each read

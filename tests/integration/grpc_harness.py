@@ -133,11 +133,14 @@ class BlackholeProxy:
     """A TCP proxy to `upstream` whose network can die silently and come back: `go_silent` and
     the connections open then drop what either side sends, for good (no FIN, no RST: their state
     is lost, as on a host that rebooted or behind a NAT that forgot them), and new connections are
-    accepted but held; `heal` forwards the held ones and every one made after."""
+    accepted but held; `heal` forwards the held ones and every one made after. `delay_s`: every
+    read is held that long before it is passed on, as over a distant link (the HTTP/2 and TLS
+    handshakes take several of them)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, delay_s: float = 0.0) -> None:
         self._host, _, port = upstream.rpartition(":")
         self._port = int(port)
+        self._delay_s = delay_s
         self._era = 0  # go_silent starts a new one; a connection forwards only in its own
         self._healed = asyncio.Event()
         self._healed.set()
@@ -181,6 +184,8 @@ class BlackholeProxy:
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, era: int) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await source.read(65536):
+                if self._delay_s:
+                    await asyncio.sleep(self._delay_s)
                 if era == self._era:
                     sink.write(data)
                     await sink.drain()
