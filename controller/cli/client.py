@@ -3,7 +3,9 @@
 Commands get a `Controller` with lazily created stubs; a unary call the controller answers
 "nothing written, call again after this pause" is made again on the channel (`cli.retry`), so a
 command meets only the answers it is to act on; any `grpc.RpcError` that escapes a command is
-printed by `main` as `error: <CODE>: <details>` (exit 1), never as a traceback. Programs using the
+printed by `main` as `error: <CODE>: <details>` (exit code `exit_code_of`), never as a traceback.
+A call whose deadline passed before any connection was made (a host that accepts TCP but answers
+nothing) fails `Unreached`: "cannot reach the controller", exit 5, as a refused connection. Programs using the
 API from asyncio get the same channel, retries included, from `open_aio_channel`.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+import queue
 import socket
 from pathlib import Path
 from typing import Any, TypeVar
@@ -144,19 +147,110 @@ def _target_of(connection: Connection) -> _Target:
     return _Target(target, options, credentials)
 
 
+def connectivity_now(channel: grpc.Channel, wait_s: float = 1.0) -> grpc.ChannelConnectivity | None:
+    """The channel's connection state as gRPC reports it now (None: not told within `wait_s`). A
+    subscription only while asked: one kept for the channel's life races its close (gRPC's
+    watching thread may then fail "Cannot monitor channel state: Channel closed!" on stderr)."""
+    told: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+    channel.subscribe(told.put, try_to_connect=False)
+    try:
+        return told.get(timeout=wait_s)
+    except queue.Empty:
+        return None
+    finally:
+        channel.unsubscribe(told.put)
+
+
+class Unreached(grpc.RpcError):
+    """A call that ended at its deadline with no connection under it: nothing was sent, the
+    controller was not reached (a host that accepts TCP but never answers it, a SYN
+    dropped by a firewall, a port that is not gRPC). Failed `UNAVAILABLE`, as a refused connection
+    fails, so it reads and exits as one (`rpc_error_text`: "cannot reach the controller", exit 5);
+    gRPC itself says only DEADLINE_EXCEEDED, which reads as a controller that took too long."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        within = f" within {round(timeout_s, 1):g}s" if timeout_s is not None else ""
+        self._details = f"no connection: nothing answered there{within}"
+        super().__init__(self._details)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()  # nothing answered: no trailer (`controller_answered` is False)
+
+
+class _Failed(grpc.Future):
+    """The outcome an interceptor returns for a blocking call it fails itself."""
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        self._error = error
+
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self._error
+
+    def exception(self, timeout: float | None = None) -> grpc.RpcError:
+        return self._error
+
+    def traceback(self, timeout: float | None = None) -> None:
+        return None
+
+    def add_done_callback(self, fn: Callable[[grpc.Future], None]) -> None:
+        fn(self)
+
+
+@dataclass
+class NeverConnected(grpc.UnaryUnaryClientInterceptor):
+    """Turns a blocking unary call's DEADLINE_EXCEEDED into `Unreached` when its channel has no
+    connection at the end: the call was never sent (a call sent on a connection that then broke
+    ends UNAVAILABLE, not at its deadline). One that ended on a connection keeps its
+    DEADLINE_EXCEEDED: the controller has it and was slow, and may have served it."""
+
+    channel: grpc.Channel  # the channel under the interceptors
+
+    def intercept_unary_unary(self, continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+                              details: grpc.ClientCallDetails, request: Any) -> Any:
+        outcome = continuation(details, request)
+        if not outcome.done():  # `.future()`: not waited for here
+            return outcome
+        error = outcome.exception()
+        if error is None or status_code(error) != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return outcome
+        if connectivity_now(self.channel) in (None, grpc.ChannelConnectivity.READY):
+            return outcome
+        return _Failed(Unreached(details.timeout))
+
+
 def open_channel(connection: Connection) -> grpc.Channel:
     """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
     along as call metadata; a unary call the controller answers "nothing written, call again after
-    this pause" (google.rpc.RetryInfo) is made again (`retry.RetryTold`). Several controllers: see
+    this pause" (google.rpc.RetryInfo) is made again (`retry.RetryTold`); one whose deadline passed
+    before any connection was made fails `Unreached` (`NeverConnected`). Several controllers: see
     `channel_target`; reconnection and keepalive: `_target_of`."""
     to = _target_of(connection)
     if to.credentials is not None:
         channel = grpc.secure_channel(to.target, to.credentials, options=to.options)
     else:
         channel = grpc.insecure_channel(to.target, options=to.options)
+    interceptors: list[Any] = [NeverConnected(channel), RetryTold()]
     if connection.token:
-        return grpc.intercept_channel(channel, RetryTold(), _BearerToken(connection.token))
-    return grpc.intercept_channel(channel, RetryTold())
+        interceptors.append(_BearerToken(connection.token))
+    return grpc.intercept_channel(channel, *interceptors)
 
 
 def open_aio_channel(connection: Connection) -> aio.Channel:
@@ -206,12 +300,14 @@ class Controller:
             self._channel = None
 
 
-def list_all(call: Callable[..., M], request: Message, field_name: str, *, timeout: float) -> M:
-    """Every page of a list RPC, merged into the first response (its next_page_token cleared)."""
+def list_all(call: Callable[..., M], request: Message, field_name: str, *,
+             timeout: float | Callable[[], float]) -> M:
+    """Every page of a list RPC, merged into the first response (its next_page_token cleared);
+    `timeout` is each page's, or gives it as each page is asked for (what is left of a wait)."""
     merged: M | None = None
     seen: set[str] = set()
     while True:
-        response = call(request, timeout=timeout)
+        response = call(request, timeout=timeout() if callable(timeout) else timeout)
         if merged is None:
             merged = response
         else:

@@ -31,6 +31,16 @@ def closed_port_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
+@contextmanager
+def silent_address() -> Iterator[str]:
+    """An address that accepts TCP connections (the kernel completes the handshake) and never
+    answers on them: a hung process, a port that is not gRPC, a middlebox that swallows traffic."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
 def maiactl_env(token: str | None) -> dict[str, str]:
     """maiactl's environment: the token given, no config file of the user's, no MAIA_* of theirs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAIA_")}

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cli_harness import closed_port_address
+from cli_harness import closed_port_address, silent_address
 from controller.cli.main import main
 from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
 
@@ -204,6 +204,17 @@ def test_unreachable_controller_says_so(capsys, monkeypatch) -> None:
     assert "hint: is maia-controller running there?" in err
     assert err.startswith(f"error: UNAVAILABLE: cannot reach the controller at {address}")
     assert "Traceback" not in err
+
+
+def test_a_controller_that_never_answers_is_said_unreachable_within_the_rpc_timeout(capsys) -> None:
+    """A host that accepts TCP and answers nothing: the call's deadline passes with no connection
+    made, said as a controller not reached (exit 5, as a refused connection), not as a bare
+    DEADLINE_EXCEEDED (exit 1) that reads as a slow controller."""
+    with silent_address() as address:
+        code, out, err = run(capsys, "--controller", address, "--rpc-timeout", "1", "get", "deployments")
+    assert code == 5 and out == ""
+    assert err.startswith(f"error: UNAVAILABLE: cannot reach the controller at {address} "
+                          "(no connection: nothing answered there within 1s)\nhint: "), err
 
 
 def test_wait_polls_until_running(fake, capsys) -> None:
