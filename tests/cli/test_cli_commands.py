@@ -4,6 +4,7 @@ the exit codes, including the error paths."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from concurrent import futures
@@ -215,6 +216,17 @@ def test_a_controller_that_never_answers_is_said_unreachable_within_the_rpc_time
     assert code == 5 and out == ""
     assert err.startswith(f"error: UNAVAILABLE: cannot reach the controller at {address} "
                           "(no connection: nothing answered there within 1s)\nhint: "), err
+
+
+@pytest.mark.parametrize("what", [("deployment", "web"), ("nodes", "--connected", "1")], ids=["deployment", "nodes"])
+def test_a_waits_first_read_ends_by_its_timeout(capsys, what: tuple[str, ...]) -> None:
+    """`wait --timeout 1` against a controller that never answers ends by its --timeout: its
+    first read is given what is left of it, not --rpc-timeout (15 s by default)."""
+    with silent_address() as address:
+        code, _, err = run(capsys, "--controller", address, "wait", *what, "--timeout", "1")
+    assert code == 5
+    within = re.search(r"nothing answered there within ([\d.]+)s\)", err)
+    assert within is not None and float(within.group(1)) <= 1.0, err
 
 
 def test_wait_polls_until_running(fake, capsys) -> None:

@@ -1,11 +1,13 @@
 """`cli.outage.Polls`, what `get --watch` and `wait` poll through: which failures are an outage to
 poll through (said once when it begins, once when it ends) and which end the command. The real
 outages (a restart, a silent network) are in test_cli_watch.py and
-tests/integration/test_cli_silent_network.py. `wait nodes` against a scripted controller."""
+tests/integration/test_cli_silent_network.py. `wait nodes` and `wait deployment` against scripted
+controllers."""
 from __future__ import annotations
 
 import argparse
 import io
+import threading
 import time
 from collections.abc import Callable
 
@@ -143,5 +145,57 @@ def test_a_wait_poll_cut_by_its_own_timeout_is_no_outage() -> None:
     ctx = Context(Connection(address=ADDRESS), stderr=io.StringIO(), rpc_timeout=15.0,
                   _controller=UnansweredDeployments())  # type: ignore[arg-type]
     tracker = wait._Tracker(["t/web"], "running", ctx)
-    wait._poll(tracker, time.monotonic() + 0.05, ctx)
+    with pytest.raises(wait._WaitOver):  # the wait then says it timed out
+        wait._poll(tracker, time.monotonic() + 0.05, Polls(ctx, "wait", "polling every 1s"))
     assert ctx.stderr.getvalue() == ""  # type: ignore[attr-defined]
+
+
+class SilentStream:
+    """A WatchDeployments stream that sends nothing: it ends CANCELLED when cancelled, else
+    DEADLINE_EXCEEDED at its timeout (as gRPC's)."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> SilentStream:
+        return self
+
+    def __next__(self) -> deployments_pb2.DeploymentEvent:
+        if self._cancelled.wait(self._timeout):
+            raise Failed(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+        raise Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+class DeletedBeforeTheStreamRead:
+    """t/web is there at the wait's first read and gone when its stream reads the current state:
+    the stream names it in no event (its current state has no end mark to miss it by)."""
+
+    def __init__(self) -> None:
+        self.deployments = self
+        self.reads = 0
+
+    def GetDeployment(self, request: deployments_pb2.GetDeploymentRequest,  # noqa: N802
+                      timeout: float) -> deployments_pb2.Deployment:
+        self.reads += 1
+        if self.reads == 1:
+            return deployments_pb2.Deployment(spec=deployments_pb2.DeploymentSpec(name="web", tenant="t"),
+                                              phase=deployments_pb2.DEPLOYMENT_PHASE_PENDING)
+        raise Failed(grpc.StatusCode.NOT_FOUND, "deployment t/web not found")
+
+    def WatchDeployments(self, request: deployments_pb2.WatchDeploymentsRequest,  # noqa: N802
+                         timeout: float) -> SilentStream:
+        return SilentStream(timeout)
+
+
+def test_a_deployment_gone_before_the_stream_read_it_is_seen_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracked deployment the stream has not named is read meanwhile: the wait for its deletion
+    ends (it waited on the silent stream until --timeout)."""
+    monkeypatch.setattr(wait, "POLL_INTERVAL_S", 0.01)
+    ctx = Context(Connection(address=ADDRESS), stdout=io.StringIO(), stderr=io.StringIO(),
+                  _controller=DeletedBeforeTheStreamRead())  # type: ignore[arg-type]
+    assert wait.wait_deployments(["t/web"], "deleted", 10.0, ctx) == 0
+    assert ctx.stdout.getvalue() == "deployment/t/web condition met (deleted)\n"  # type: ignore[attr-defined]

@@ -1,11 +1,14 @@
 """`maiactl wait deployment NAME... --for running` and `maiactl wait nodes --connected N`.
 
-Deployments are followed with WatchDeployments (events as they happen); if the server does
-not offer the stream, or it breaks, the command falls back to polling GetDeployment, which goes on
-through an outage of the controller until --timeout (said on stderr when it begins and when it
-ends: `cli.outage`). Progress goes to stderr (a progress bar of running replicas on a terminal);
-on timeout the exit code is 1 and the message lists each deployment's phase and the reasons it is
-not there yet. `wait nodes` polls ListNodes, through an outage as well.
+Deployments are followed with WatchDeployments (events as they happen). When the stream breaks
+(an outage: UNAVAILABLE, CANCELLED; or the controller ended it) the command polls GetDeployment,
+through an outage of the controller (said on stderr when it begins and when it ends:
+`cli.outage`), and watches again once a poll is served: the new stream begins with the current
+state. A controller that does not offer the stream (UNIMPLEMENTED, denied) is polled until the
+end. No call outlasts --timeout: each is given --rpc-timeout or what is left of --timeout, if
+less, the first reads too. Progress goes to stderr (a progress bar of running replicas on a
+terminal); on timeout the exit code is 1 and the message lists each deployment's phase and the
+reasons it is not there yet. `wait nodes` polls ListNodes, through an outage as well.
 
 A deployment blocked for good — a reason that waiting alone cannot change (the tenant's quota,
 its allowed zones, an accelerator model or HBM size no node has) — ends the wait at once with
@@ -14,19 +17,24 @@ its reasons and exit code 4, unless --keep-waiting (someone may raise the quota 
 from __future__ import annotations
 
 import argparse
+import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from enum import Enum
+from typing import TypeVar
 
 import grpc
 
 from controller.cli.client import CliError, Exit, list_all, status_code
 from controller.cli.context import Context
-from controller.cli.outage import Polls, clock
+from controller.cli.outage import OUTAGE_CODES, Polls, clock
 from controller.cli.refs import DeploymentRef, add_tenant_flag, deployment_ref
 from controller.cli.views import phase_text, reasons_text
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 P = deployments_pb2
+T = TypeVar("T")
 
 CONDITIONS: dict[str, Callable[[P.Deployment | None], bool]] = {
     "running": lambda d: d is not None and d.phase == P.DEPLOYMENT_PHASE_RUNNING,
@@ -175,18 +183,30 @@ class _WaitOver(Exception):
     """A poll's call cut by the wait's own deadline (--timeout): the wait ends, no outage is said."""
 
 
-def _get(ctx: Context, ref: DeploymentRef, deadline: float | None = None) -> P.Deployment | None:
-    """The deployment, None when there is none; the call ends by `deadline` (monotonic) if given,
-    and one cut by it raises `_WaitOver`."""
-    timeout = ctx.rpc_timeout if deadline is None else min(ctx.rpc_timeout, max(0.0, deadline - time.monotonic()))
+def _call_timeout(ctx: Context, deadline: float) -> float:
+    """A call's timeout: --rpc-timeout, or what is left of the wait's --timeout when less (no call
+    outlasts the wait; `deadline` is monotonic)."""
+    return min(ctx.rpc_timeout, max(0.0, deadline - time.monotonic()))
+
+
+def _get(ctx: Context, ref: DeploymentRef, deadline: float) -> P.Deployment | None:
+    """The deployment, None when there is none; the call ends by `deadline`."""
     try:
         return ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
-                                                        timeout=timeout)
+                                                        timeout=_call_timeout(ctx, deadline))
     except grpc.RpcError as exc:
         if status_code(exc) == grpc.StatusCode.NOT_FOUND:
             return None
-        if (deadline is not None and status_code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED
-                and time.monotonic() >= deadline):
+        raise
+
+
+def _polled(fetch: Callable[[], T], deadline: float) -> T:
+    """`fetch()`, a poll of the wait: one not served because the wait's time ran out under it (a
+    call given what was left of --timeout) raises `_WaitOver` instead of being an outage."""
+    try:
+        return fetch()
+    except grpc.RpcError as exc:
+        if status_code(exc) in OUTAGE_CODES and time.monotonic() >= deadline:
             raise _WaitOver() from None
         raise
 
@@ -198,16 +218,16 @@ def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: 
     deadline = time.monotonic() + timeout
     tracker = _Tracker([str(deployment_ref(n, tenant)) for n in names], condition, ctx, fail_fast)
     try:
-        for name in tracker.names:
-            dep = _get(ctx, tracker.refs[name])
+        for name in tracker.names:  # the first reads: a controller not there ends the command
+            dep = _get(ctx, tracker.refs[name], deadline)
             if dep is None and condition != "deleted":
                 raise CliError(f"NOT_FOUND: deployment {name} does not exist", Exit.NOT_FOUND)
             if dep is not None:
                 tracker.refs[name] = DeploymentRef(dep.spec.tenant, dep.spec.name)
             tracker.update(name, dep)
-        if not tracker.finished():
-            if not _watch(tracker, deadline, ctx):
-                _poll(tracker, deadline, ctx)
+        _follow(tracker, deadline, ctx)
+    except _WaitOver:
+        pass
     finally:
         tracker.close()
     if not tracker.done() and tracker.fail_fast and tracker.blocked():
@@ -225,58 +245,129 @@ def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: 
     return 0
 
 
-def _watch(tracker: _Tracker, deadline: float, ctx: Context) -> bool:
-    """Follow events until done; False when the stream is unavailable and polling should take over."""
-    only = tracker.refs[tracker.names[0]] if len(tracker.names) == 1 else DeploymentRef("", "")
-    request = P.WatchDeploymentsRequest(name=only.name, tenant=only.tenant)
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        return True
-    stream = ctx.controller.deployments.WatchDeployments(request, timeout=remaining)
-    try:
-        for event in stream:
-            name = tracker.name_of(event.deployment.spec)
-            if name is not None:
-                tracker.update(name, None if event.type == P.DeploymentEvent.TYPE_DELETED else event.deployment)
-            if tracker.finished():
-                return True
-    except grpc.RpcError as exc:
-        if status_code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return True
-        ctx.note(f"(watch unavailable: {status_code(exc).name if status_code(exc) else exc}; polling)")
-        return False
-    finally:
-        stream.cancel()
-    return tracker.finished()
+class _Stream(Enum):
+    """How a watch stream ended."""
+
+    OVER = "over"        # the condition was met, or --timeout came
+    BROKE = "broke"      # an outage (UNAVAILABLE, CANCELLED), or the controller ended it: poll, then watch again
+    REFUSED = "refused"  # not offered (UNIMPLEMENTED, denied...): poll until the end
 
 
-def _poll(tracker: _Tracker, deadline: float, ctx: Context) -> None:
-    """Every deployment read every POLL_INTERVAL_S until done or `deadline`; a round the controller
-    does not serve is skipped, and the outage said once on stderr (`cli.outage`)."""
+def _follow(tracker: _Tracker, deadline: float, ctx: Context) -> None:
+    """The stream until the wait is over; when it breaks, polls until one is served (the outage,
+    if any, said by `cli.outage.Polls`), then a new stream (it begins with the current state); a
+    controller that does not offer the stream is polled until the end."""
     until = clock(time.time() + deadline - time.monotonic())
     polls = Polls(ctx, "wait", f"polling every {POLL_INTERVAL_S:g}s until --timeout ({until})")
+    ended = _Stream.BROKE
     while not tracker.finished() and time.monotonic() < deadline:
-        try:
-            latest = polls.poll(lambda: {name: _get(ctx, tracker.refs[name], deadline) for name in tracker.names})
-        except _WaitOver:
-            return
+        if ended is _Stream.BROKE:
+            opened = time.monotonic()
+            ended = _watch(tracker, deadline, ctx)
+            if ended is _Stream.OVER:
+                return
+        _poll(tracker, deadline, polls, until_served=ended is _Stream.BROKE)
+        if ended is _Stream.BROKE:  # a stream that broke at once is opened again a poll interval later
+            time.sleep(max(0.0, min(opened + POLL_INTERVAL_S, deadline) - time.monotonic()))
+
+
+_END = object()  # the stream ended without an error
+
+
+def _read_stream(stream: Iterator[P.DeploymentEvent], events: queue.Queue[object]) -> None:
+    """Every event of `stream` into `events`, then its error (grpc.RpcError) or `_END`."""
+    try:
+        for event in stream:
+            events.put(event)
+    except grpc.RpcError as exc:
+        events.put(exc)
+        return
+    events.put(_END)
+
+
+def _watch(tracker: _Tracker, deadline: float, ctx: Context) -> _Stream:
+    """Follow WatchDeployments until the wait is over or the stream ends. The stream begins with
+    the current state of what it watches (the controller subscribes to changes before it reads
+    it, so no change after that read is lost); a tracked deployment it has not named yet is read
+    every POLL_INTERVAL_S meanwhile, since one deleted between the last read here and the
+    stream's own read is in no event (the stream's current state has no end mark)."""
+    only = tracker.refs[tracker.names[0]] if len(tracker.names) == 1 else DeploymentRef("", "")
+    if deadline - time.monotonic() <= 0:
+        return _Stream.OVER
+    stream = ctx.controller.deployments.WatchDeployments(P.WatchDeploymentsRequest(name=only.name, tenant=only.tenant),
+                                                         timeout=deadline - time.monotonic())
+    events: queue.Queue[object] = queue.Queue()
+    threading.Thread(target=_read_stream, args=(stream, events), name="wait-stream", daemon=True).start()
+    unnamed = set(tracker.names)
+    read_at = time.monotonic() + POLL_INTERVAL_S
+    try:
+        while True:
+            try:
+                got = events.get(timeout=max(0.0, read_at - time.monotonic()) if unnamed else None)
+            except queue.Empty:
+                try:
+                    read = {name: _polled(lambda: _get(ctx, tracker.refs[name], deadline), deadline)
+                            for name in sorted(unnamed)}
+                except grpc.RpcError as exc:
+                    if status_code(exc) not in OUTAGE_CODES:
+                        raise
+                    read = {}  # the stream breaks too, or the next turn reads again
+                for name, dep in read.items():  # events that came meanwhile are newer: handled after
+                    tracker.update(name, dep)
+                if tracker.finished():
+                    return _Stream.OVER
+                read_at = time.monotonic() + POLL_INTERVAL_S
+                continue
+            if isinstance(got, P.DeploymentEvent):
+                name = tracker.name_of(got.deployment.spec)
+                if name is not None:
+                    unnamed.discard(name)
+                    tracker.update(name, None if got.type == P.DeploymentEvent.TYPE_DELETED else got.deployment)
+                if tracker.finished():
+                    return _Stream.OVER
+                continue
+            code = status_code(got) if isinstance(got, grpc.RpcError) else None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return _Stream.OVER
+            if got is _END or code in OUTAGE_CODES:
+                ctx.note(f"(watch broke: {code.name if code else 'ended by the controller'}; polling, then watching "
+                         "again once the controller answers)")
+                return _Stream.BROKE
+            ctx.note(f"(watch unavailable: {code.name if code else got}; polling)")
+            return _Stream.REFUSED
+    finally:
+        stream.cancel()  # type: ignore[attr-defined]
+
+
+def _poll(tracker: _Tracker, deadline: float, polls: Polls, until_served: bool = False) -> None:
+    """Every deployment read every POLL_INTERVAL_S until done or `deadline` (or, `until_served`,
+    until one round is served); a round the controller does not serve is skipped, and the outage
+    said once on stderr (`cli.outage`)."""
+    ctx = polls.ctx
+    while not tracker.finished() and time.monotonic() < deadline:
+        latest = polls.poll(lambda: _polled(lambda: {name: _get(ctx, tracker.refs[name], deadline)
+                                                     for name in tracker.names}, deadline),
+                            back="; watching again" if until_served else "")
         for name, dep in (latest or {}).items():
             tracker.update(name, dep)
+        if latest is not None and until_served:
+            return
         if not tracker.finished():
             time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
 
 
 def _wait_nodes(wanted: int, timeout: float, ctx: Context) -> int:
     """ListNodes every NODES_POLL_INTERVAL_S until `wanted` nodes are ready and connected or
-    `timeout`; after the first, a poll the controller does not serve is skipped, and the outage
-    said once on stderr (`cli.outage`)."""
+    `timeout`, no call outlasting it; after the first, a poll the controller does not serve is
+    skipped, and the outage said once on stderr (`cli.outage`)."""
     deadline = time.monotonic() + timeout
     polls = Polls(ctx, "wait", f"polling every {NODES_POLL_INTERVAL_S:g}s until --timeout "
                                f"({clock(time.time() + timeout)})")
     shown = -1
 
     def nodes() -> admin_pb2.ListNodesResponse:
-        return list_all(ctx.controller.admin.ListNodes, admin_pb2.ListNodesRequest(), "nodes", timeout=ctx.rpc_timeout)
+        return list_all(ctx.controller.admin.ListNodes, admin_pb2.ListNodesRequest(), "nodes",
+                        timeout=lambda: _call_timeout(ctx, deadline))
 
     response: admin_pb2.ListNodesResponse | None = nodes()  # the first: a controller not there ends the command
     while True:
@@ -293,5 +384,8 @@ def _wait_nodes(wanted: int, timeout: float, ctx: Context) -> int:
                 return 0
         if time.monotonic() >= deadline:
             raise CliError(f"timed out after {timeout:g}s: {shown}/{wanted} nodes ready and connected")
-        time.sleep(NODES_POLL_INTERVAL_S)
-        response = polls.poll(nodes)
+        time.sleep(min(NODES_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        try:
+            response = polls.poll(lambda: _polled(nodes, deadline))
+        except _WaitOver:
+            response = None
