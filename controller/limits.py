@@ -132,7 +132,8 @@ GRPC_FAILOVER_OPTIONS: tuple[tuple[str, int], ...] = (
 # keeps gRPC's 20 s: a command's first call waits for the first attempt, and one cut short fails
 # the call UNAVAILABLE at once (with 250 ms, every first call through a proxy holding each read
 # 300 ms failed: "timed out before receiving SETTINGS frame"). 20 s is above `--rpc-timeout`'s
-# 15 s default, so a command against a host that answers nothing still ends DEADLINE_EXCEEDED.
+# 15 s default, so a command against a host that answers nothing ends at its own deadline, which
+# maiactl then reports as a controller not reached (`cli.client.Unreached`, exit 5).
 GRPC_CLI_RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
     *_RECONNECT_BACKOFF, ("grpc.min_reconnect_backoff_ms", 20_000))
 

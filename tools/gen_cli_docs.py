@@ -66,7 +66,8 @@ document on stdout (progress and errors go to stderr). For scripts:
 ## Commands that block
 
 `wait` (until the condition or `--timeout`), `get --watch` (until Ctrl-C). Everything else
-returns after one round of calls (`--rpc-timeout` seconds at most per call). A watch or a wait
+returns after one round of calls (`--rpc-timeout` seconds at most per call; `wait` gives each of
+its calls, its first reads too, at most what is left of its `--timeout`). A watch or a wait
 outlives a controller that goes away for a while (a restart, a failover, a database outage, a
 network that drops packets): a poll the controller does not serve (`UNAVAILABLE`;
 `DEADLINE_EXCEEDED`, no answer within `--rpc-timeout`; `CANCELLED`, a controller stopping under
@@ -81,9 +82,25 @@ command does meanwhile:
 
 and once more when the controller answers again (`(watch: the controller at ctl:50051 answers
 again, 12s after 14:02:11; ...)`). The command then goes on where it was (`get events --watch`
-with the events after the last one shown; `wait`, which follows a stream and polls once it
-breaks, until its condition or `--timeout`: exit codes as without the outage). Only the first
+with the events after the last one shown; `wait` until its condition or `--timeout`, exit codes
+as without the outage). `wait deployment` follows a stream of the deployments' changes; when the
+stream breaks (`(watch broke: UNAVAILABLE; polling, then watching again once the controller
+answers)`) it polls, and once a poll is served (`...; watching again)`) it follows a new stream,
+which begins with the deployments' current state: no change is missed between the two (a
+deployment the new stream has not named yet is read meanwhile, so one deleted in between is
+seen gone). A controller that does not offer the stream is polled until the end. Only the first
 call ends the command when the controller cannot be reached (exit 5).
+
+A controller that cannot be reached is `UNAVAILABLE`, exit 5, whether nothing listens there (the
+connection is refused at once) or something accepts the connection and never answers (a hung
+host, a port that is not gRPC, a firewall that drops the packets): a call whose `--rpc-timeout`
+passed before any connection was made says so, rather than a bare `DEADLINE_EXCEEDED` (exit 1,
+which stays for a call the controller received and did not answer in time):
+
+```text
+error: UNAVAILABLE: cannot reach the controller at ctl:50051 (no connection: nothing answered there within 15s)
+hint: is maia-controller running there? Point maiactl elsewhere with --controller HOST:PORT, ...
+```
 
 maiactl's connection to the controller comes back by itself: after a failed attempt gRPC tries
 again after 250 ms, growing to at most 2 s (gRPC's default grows to 2 minutes), so it connects

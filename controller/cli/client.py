@@ -52,7 +52,8 @@ EXIT_MEANING: dict[Exit, str] = {
     Exit.NOT_FOUND: "an object named does not exist (NOT_FOUND)",
     Exit.PARTIAL: "a dry run would place only part of a deployment; `wait` gave up on a deployment "
                   "blocked for good",
-    Exit.UNAVAILABLE: "the controller could not be reached, or answered that it cannot serve the call now",
+    Exit.UNAVAILABLE: "the controller could not be reached (refused, or no connection within the call's "
+                      "timeout), or answered that it cannot serve the call now",
     Exit.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
