@@ -112,20 +112,23 @@ _RECONNECT_BACKOFF: tuple[tuple[str, int], ...] = (
 # Agents (they fail over between controllers and retry forever; one channel per controller,
 # `simnode.transport`). gRPC core reads `min_reconnect_backoff_ms` as the least time a connection
 # attempt is given (its "min connect timeout", 20 s by default), not as a back-off; an attempt
-# then lasts max(that, the back-off), so AGENT_CONNECT_TIMEOUT_MS here, whatever the back-off.
+# lasts max(that, the back-off), so AGENT_CONNECT_TIMEOUT_MS here, the back-off being at most 2 s.
 # What it costs: an address that refuses (nothing listening, a killed controller: an RST) fails
 # at once whatever it is, so failing over from it is as fast with any value; only an address
-# where nothing answers (a host down or cut off: SYNs unanswered; a process that accepts TCP and
-# says nothing) keeps the agent this long before its Register fails UNAVAILABLE and it tries the
-# next controller. What it must cover: a live controller's TCP handshake, TLS and HTTP/2
-# SETTINGS over a slow link (2-3 round trips: ~2 s at 600 ms, a satellite hop) plus one SYN lost
-# or dropped by a busy host's full accept queue (Linux sends it again after 1 s). 250 ms failed
-# every first attempt over a link holding each read 300 ms, so an agent never connected through
-# it. 5 s is twice what that needs, well under the Register's own timeout
-# (`simnode.transport.REGISTER_TIMEOUT_S`, 10 s: an attempt outlasting it would end
-# DEADLINE_EXCEEDED, on which the agent stays on that controller instead of failing over), and
-# on the order of the leader's lease (5 s), which a failover waits out anyway.
-AGENT_CONNECT_TIMEOUT_MS = 5000
+# where nothing answers keeps the agent this long before its Register fails UNAVAILABLE and it
+# tries the next controller: a host down or cut off (SYNs unanswered), and a controller starting,
+# which listens before it serves (`api.server`: the port is bound, then the schema is checked
+# and authentication prepared, seconds on a loaded PostgreSQL host), so a restarted controller is
+# such an address for a while after every failover. What it must cover: a live controller's TCP
+# handshake and HTTP/2 SETTINGS over a slow link (2 round trips, 3 with TLS: ~1.2-1.8 s at the
+# 600 ms of a satellite hop). 250 ms failed every first attempt over a link holding each read
+# 300 ms. 2 s covers that link, and holds an agent on a starting controller no longer than the
+# back-off's ceiling, well within a failover's lease (5 s by default: agents wait it out anyway);
+# 5 s would hold it past the lease. It must stay under the Register's own timeout
+# (`simnode.transport.REGISTER_TIMEOUT_S`, 10 s): an attempt outlasting it ends DEADLINE_EXCEEDED,
+# on which the agent stays on that controller instead of failing over. A link that also loses a
+# SYN (1 s more) fails its first attempt still; the next, after the back-off, gets 2 s again.
+AGENT_CONNECT_TIMEOUT_MS = 2000
 GRPC_FAILOVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *_RECONNECT_BACKOFF, ("grpc.min_reconnect_backoff_ms", AGENT_CONNECT_TIMEOUT_MS))
 # maiactl and the asyncio client (`cli.client`), one controller or several. A connection attempt
