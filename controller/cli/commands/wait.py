@@ -260,9 +260,9 @@ def _follow(tracker: _Tracker, deadline: float, ctx: Context) -> None:
     controller that does not offer the stream is polled until the end."""
     until = clock(time.time() + deadline - time.monotonic())
     polls = Polls(ctx, "wait", f"polling every {POLL_INTERVAL_S:g}s until --timeout ({until})")
-    ended = _Stream.BROKE
+    ended: _Stream | None = None  # None: no stream opened yet
     while not tracker.finished() and time.monotonic() < deadline:
-        if ended is _Stream.BROKE:
+        if ended in (None, _Stream.BROKE):
             opened = time.monotonic()
             ended = _watch(tracker, deadline, ctx)
             if ended is _Stream.OVER:
