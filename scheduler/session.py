@@ -47,14 +47,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
 from scheduler.emit import unplaced_with_reasons
+from scheduler.decisions import ClusterDelta, Decision
 from scheduler.errors import ProblemError
-from scheduler.model import (Deployment, Move, Node, Options, Placement, Preemption, Problem,
-                             Rack, Row, Tenant, Unplaced, Zone)
+from scheduler.model import Deployment, Move, Node, Options, Placement, Preemption, Problem
 from scheduler.repair import repair
 from scheduler.solve import DEFAULT_TIME_LIMIT_MS, Solver
 from scheduler.state import ShardAt
@@ -69,35 +68,6 @@ _SCALABLE = ("replicas", "min_replicas", "priority", "preemptible")
 def _scaled_only(old: Deployment, new: Deployment) -> bool:
     """Whether `new` differs from `old` in `_SCALABLE` fields alone (changed in place)."""
     return dataclasses.replace(old, **{f: getattr(new, f) for f in _SCALABLE}) == new
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What one decision changed for one deployment.
-
-    `placements`: the shards placed or re-placed by it (new replicas whole; shards repaired
-    beside their gang). `moved`: re-placed shards that ran elsewhere before. `released`:
-    replica numbers of this deployment that stopped and were not placed again.
-    `unplaced`: replicas still missing, with the same reasons `solve()` gives.
-    `preempted`: other deployments' replicas evicted to make room."""
-    deployment: str
-    placements: tuple[Placement, ...] = ()
-    unplaced: Unplaced | None = None
-    preempted: tuple[Preemption, ...] = ()
-    moved: tuple[Move, ...] = ()
-    released: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterDelta:
-    """Cluster changes applied together: nodes, tenants and domains added or replaced by id,
-    nodes removed (their shards are placed again, as for a down node)."""
-    nodes: tuple[Node, ...] = ()
-    removed_nodes: tuple[str, ...] = ()
-    tenants: tuple[Tenant, ...] = ()
-    zones: tuple[Zone, ...] = ()
-    rows: tuple[Row, ...] = ()
-    racks: tuple[Rack, ...] = ()
 
 
 class Session:

@@ -1,6 +1,8 @@
 """What a process imports before it needs the solver: the solver (OR-Tools, and pandas through it)
 costs ~0.8 s of a process's start, and `maia-controller`'s settings, the store and the domain
-values need only the model's dataclasses. Each check runs in a fresh interpreter, so what the
+values need only the model's dataclasses, and a serving controller decides arrivals in its decide
+process (which imports the solver) and solves in its own only when there is something to place
+(its dry runs, its full passes over deployments). Each check runs in a fresh interpreter, so what the
 test process imported already does not count."""
 from __future__ import annotations
 
@@ -35,7 +37,15 @@ def imported_after(code: str) -> set[str]:
     "        importlib.import_module(m.name)",
     # The library's model and interchange, through the package.
     "from scheduler import Problem, Plan, problem_from_dict, plan_to_dict, ProblemError",
-], ids=["maia-controller before its flags", "the store and the domain", "the model through the package"])
+    # A serving controller's modules: it decides arrivals in its decide process, which imports
+    # the solver itself (controller/scheduling/decider.py).
+    "import controller.api.server",
+    # ... and its first full pass, on a cluster without deployments yet (planning.nothing_to_place).
+    "import asyncio\nfrom controller.usecases import planning\nfrom scheduler import Problem, problem_to_dict\n"
+    "doc = planning.with_options(problem_to_dict(Problem(nodes=(), deployments=())), time_limit_ms=100)\n"
+    "assert not asyncio.run(planning.solve_online_first(doc, time_limit_ms=100)).placements",
+], ids=["maia-controller before its flags", "the store and the domain", "the model through the package",
+        "a serving controller's modules", "a full pass without deployments"])
 def test_the_solver_is_not_imported_by_what_only_needs_the_model(code: str) -> None:
     assert imported_after(code).isdisjoint(SOLVER)
 

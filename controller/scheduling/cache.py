@@ -69,7 +69,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.store.rollout import stored_key
 from controller.store.snapshot import Arrivals, DeploymentRead, NodeRead, ShardKey, Snapshot, Where
@@ -78,10 +78,13 @@ from scheduler import Plan, Unplaced
 from scheduler.model import Node, Rack, Row, Zone
 from scheduler.interchange import (
     deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict, tenant_from_dict)
-from scheduler.session import ClusterDelta, Decision, Session
+from scheduler.decisions import ClusterDelta, Decision
 
 from controller.scheduling.decider import (
     OpenSession, RemoteSession, held_placements, open_in_process, place_documents, readopt, release_held)
+
+if TYPE_CHECKING:
+    from scheduler.session import Session
 
 
 @dataclass(frozen=True)

@@ -43,12 +43,15 @@ import time
 import traceback
 from collections.abc import Iterable, Sequence
 from multiprocessing.connection import Connection, Pipe
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scheduler import problem_from_dict
+from scheduler.decisions import ClusterDelta, Decision
 from scheduler.interchange import deployment_from_dict
 from scheduler.model import Deployment, Placement, Problem
-from scheduler.session import ClusterDelta, Decision, Session
+
+if TYPE_CHECKING:
+    from scheduler.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,10 @@ class OpenSession(Protocol):
 
 
 def open_in_process(problem: dict[str, Any], *, time_limit_ms: int) -> Session:
-    """A warm session of a problem document, in this interpreter (blocking)."""
+    """A warm session of a problem document, in this interpreter (blocking). The solver is
+    imported here, not with this module: the controller's sessions live in its decide process."""
+    from scheduler.session import Session
+
     return Session(problem_from_dict(problem, validate=False), time_limit_ms=time_limit_ms)
 
 
@@ -391,6 +397,8 @@ def _main(argv: Sequence[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != parent_pid:  # the parent died before we started
         return
+    import scheduler.session  # noqa: F401  (the solver, before "ready": `start` overlaps it with the caller)
+
     serve(conn, parent_pid)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from controller.errors import InvalidArgument
 from controller.store.snapshot import load_snapshot  # noqa: F401  (the snapshot half of this seam)
 from controller.domain.values import DeploymentSpec, split_deployment_key
-from scheduler import Deployment, Plan, Problem, ProblemError, deployment_to_dict, problem_from_dict, solve
+from scheduler import Deployment, Plan, Problem, ProblemError, deployment_to_dict, problem_from_dict
 from scheduler.interchange import deployment_from_dict
 
 
@@ -85,12 +85,32 @@ def _parse(problem: dict[str, Any]) -> Problem:
         raise InvalidArgument(f"not a valid placement problem: {exc}") from exc
 
 
+# `solve` is imported by the worker threads below, on a process's first solve, not with this
+# module: the solver (OR-Tools, pandas) is most of a process's start, and a serving controller
+# decides arrivals in its decide process (`controller.scheduling.decider`). Its own solves are
+# dry runs and the reconciler's full passes; a full pass with no deployments (the first one of a
+# new cluster's controller) needs no solver at all (`nothing_to_place`).
+
+def nothing_to_place(problem: Problem) -> Plan:
+    """The plan `solve` gives in online mode for a problem without deployments (so without
+    placements): nothing placed, moved or preempted (tests/controller/test_planning_empty.py
+    compares the two)."""
+    return Plan(status="optimal", placements=(), stats={
+        "pending_replicas": 0, "objective": 0, "nodes": len(problem.nodes), "time_limit_hit": False})
+
+
 def _solve_sync(problem: dict[str, Any], time_limit_ms: int) -> Plan:
+    from scheduler import solve
+
     return solve(_parse(problem), time_limit_ms=time_limit_ms)
 
 
 def _solve_online_first_sync(problem: dict[str, Any], time_limit_ms: int) -> Plan:
     parsed = _parse(problem)
+    if not parsed.deployments:
+        return nothing_to_place(parsed)
+    from scheduler import solve
+
     if parsed.options.mode != "batch":
         return solve(parsed, time_limit_ms=time_limit_ms)
     online = solve(replace(parsed, options=replace(parsed.options, mode="online")), time_limit_ms=time_limit_ms)
@@ -109,5 +129,6 @@ async def solve_online_first(problem: dict[str, Any], *, time_limit_ms: int) -> 
     online (arrivals in order, each on the state the earlier ones left: milliseconds, the mode
     of the FGD numbers in docs/benchmarks.md); only when that leaves work unplaced is it solved
     again as asked (greedy, then CP-SAT within the time limit). A pass with everything placed
-    never spends its time limit improving a plan that already places it all."""
+    never spends its time limit improving a plan that already places it all. A problem without
+    deployments is not solved (`nothing_to_place`)."""
     return await asyncio.to_thread(_solve_online_first_sync, problem, time_limit_ms)
