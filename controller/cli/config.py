@@ -26,8 +26,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ENV_CONFIG = "MAIA_CONFIG"
 ENV_CONTEXT = "MAIA_CONTEXT"
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
@@ -92,6 +90,10 @@ class ConfigFile:
             return cls(path)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        if not text.strip():  # empty (MAIA_CONFIG=/dev/null): yaml, ~15 % of maiactl's start, is not imported
+            return cls(path)
+        import yaml
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -113,6 +115,8 @@ class ConfigFile:
         return cls(path, contexts, current)
 
     def save(self) -> None:
+        import yaml
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         doc: dict[str, Any] = {}
         if self.current_context:

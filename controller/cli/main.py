@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import grpc
 
 from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text
-from controller.cli.commands import MODULES
+from controller.cli import commands
 from controller.cli.config import ConfigError, Connection, resolve_connection
 from controller.cli.context import OUTPUTS, Context
 from controller.cli.manifests import ManifestError
@@ -46,19 +46,40 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
     return parent
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """maiactl's parser, with every subcommand; with `command` (`command_of`), only the
+    subcommands of the module that registers it: what parsing that command line needs."""
     parser = argparse.ArgumentParser(
         prog="maiactl", parents=[_common_options(suppress=False)],
         description="Operate a Maia scheduler controller: tenants, topology, deployments, nodes.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common_options(suppress=True)
-    for module in MODULES:
+    for module in commands.modules(command):
         module.register(sub, common)
     return parser
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand word of `argv` as argparse will find it: the first word after the global
+    options and their values. None when that is not certain (`-h`, an abbreviated or unknown
+    option, `--`): the parser is then built with every subcommand, as argparse needs."""
+    takes_value = {flag: action.nargs != 0 for action in _common_options(suppress=False)._actions
+                   for flag in action.option_strings}
+    words = iter(argv)
+    for word in words:
+        if not word.startswith("-"):
+            return word
+        flag, given, _ = word.partition("=")
+        if flag not in takes_value:
+            return None
+        if takes_value[flag] and not given:
+            next(words, None)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     if args.output == "csv" and not getattr(args, "csv_output", False):
         print(f"error: -o csv is not supported by {args.command}; it is for usage", file=sys.stderr)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from google.protobuf.message import Message
 
 from controller.cli.vocab import DOMAIN_BY_WORD, ISOLATION_BY_WORD
@@ -102,6 +101,8 @@ def load_manifests(paths: Iterable[str | Path]) -> list[ManifestObject]:
 
 def parse_manifest_text(text: str, source: str) -> list[ManifestObject]:
     """Parse a multi-document YAML string; `source` names it in messages."""
+    import yaml  # here, not with maiactl: only manifests need it
+
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
