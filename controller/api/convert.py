@@ -75,10 +75,16 @@ _NAIVE_EPOCH = datetime(1970, 1, 1)  # a naive datetime is taken as UTC, as Time
 def timestamp(value: datetime | None) -> Timestamp | None:
     """`Timestamp.FromDatetime`'s value, worked out in integers (FromDatetime's Python took ~6 us
     of the ~20 us of a deployment's conversion, twice: every watch event has two)."""
+    fields = _timestamp_fields(value)
+    return None if fields is None else Timestamp(**fields)
+
+
+def _timestamp_fields(value: datetime | None) -> dict[str, int] | None:
+    """`timestamp`'s fields (None: the field is left unset)."""
     if value is None:
         return None
     since = value - (_NAIVE_EPOCH if value.tzinfo is None else _EPOCH)
-    return Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
+    return {"seconds": since.days * 86400 + since.seconds, "nanos": since.microseconds * 1000}
 
 
 def _opt(msg: object, name: str) -> float | None:
@@ -178,64 +184,52 @@ def shard_spec(msg: common_pb2.ShardSpec) -> d.ShardSpec:
     )
 
 
-def shard_spec_msg(spec: d.ShardSpec) -> common_pb2.ShardSpec:
-    return common_pb2.ShardSpec(
-        accelerators=spec.accelerators, accelerator_milli=spec.accelerator_milli, hbm_gib=spec.hbm_gib,
-        cpu_milli=spec.cpu_milli, memory_mib=spec.memory_mib, power_w=spec.power_w,
-        accelerator_models=list(spec.accelerator_models or ()),
-    )
+def _shard_spec_fields(spec: d.ShardSpec) -> dict[str, object]:
+    """A `common_pb2.ShardSpec`'s fields. The messages below are built from dicts of their fields:
+    a field given as a dict is built in place, one given as a message is built and then copied in
+    (a deployment's spec, its shard, each placement, each timestamp: most of a message's cost)."""
+    return {"accelerators": spec.accelerators, "accelerator_milli": spec.accelerator_milli, "hbm_gib": spec.hbm_gib,
+            "cpu_milli": spec.cpu_milli, "memory_mib": spec.memory_mib, "power_w": spec.power_w,
+            "accelerator_models": spec.accelerator_models or ()}
 
 
-def deployment_spec(msg: deployments_pb2.DeploymentSpec) -> d.DeploymentSpec:
-    spread = None
-    if msg.HasField("spread"):
-        spread = d.Spread(_enum_word(_DOMAIN_TO_WORD, msg.spread.domain, "spread.domain", default="none"),
-                          msg.spread.max_per_domain)
-    return d.DeploymentSpec(
-        name=msg.name, tenant=msg.tenant, replicas=msg.replicas, min_replicas=msg.min_replicas or 1,
-        shards_per_replica=msg.shards_per_replica, shard=shard_spec(msg.shard),
-        locality=_enum_word(_DOMAIN_TO_WORD, msg.locality, "locality", default="rack"),
-        spread=spread, priority=msg.priority, preemptible=msg.preemptible,
-    )
-
-
-def deployment_spec_msg(spec: d.DeploymentSpec) -> deployments_pb2.DeploymentSpec:
-    msg = deployments_pb2.DeploymentSpec(
-        name=spec.name, tenant=spec.tenant, replicas=spec.replicas, min_replicas=spec.min_replicas,
-        shards_per_replica=spec.shards_per_replica, shard=shard_spec_msg(spec.shard),
-        locality=_DOMAIN_FROM_WORD[spec.locality], priority=spec.priority, preemptible=spec.preemptible,
-    )
+def _deployment_spec_fields(spec: d.DeploymentSpec) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "name": spec.name, "tenant": spec.tenant, "replicas": spec.replicas, "min_replicas": spec.min_replicas,
+        "shards_per_replica": spec.shards_per_replica, "shard": _shard_spec_fields(spec.shard),
+        "locality": _DOMAIN_FROM_WORD[spec.locality], "priority": spec.priority, "preemptible": spec.preemptible,
+    }
     if spec.spread is not None:
-        msg.spread.CopyFrom(common_pb2.Spread(domain=_DOMAIN_FROM_WORD[spec.spread.domain],
-                                              max_per_domain=spec.spread.max_per_domain))
-    return msg
+        fields["spread"] = {"domain": _DOMAIN_FROM_WORD[spec.spread.domain],
+                            "max_per_domain": spec.spread.max_per_domain}
+    return fields
 
 
-def reason_msg(reason: d.ReasonView) -> common_pb2.Reason:
-    return common_pb2.Reason(code=reason.code, message=reason.message, scope=reason.scope)
+def _deployment_fields(view: d.DeploymentView) -> dict[str, object]:
+    return {
+        "spec": _deployment_spec_fields(view.spec), "phase": _DEPLOYMENT_PHASE[view.phase],
+        "generation": view.generation, "placed_replicas": view.placed_replicas,
+        "running_replicas": view.running_replicas,
+        "placements": [
+            {"replica": p.replica, "shard": p.shard, "node": p.node, "rack": p.rack,
+             "accelerator_indices": p.accelerator_indices, "accelerator_milli": p.accelerator_milli,
+             "phase": _SHARD_PHASE_FROM_WORD[p.phase], "message": p.message, "revision": p.revision,
+             "outgoing": p.outgoing}
+            for p in view.placements
+        ],
+        "reasons": [{"code": r.code, "message": r.message, "scope": r.scope} for r in view.reasons],
+        "created_at": _timestamp_fields(view.created_at), "updated_at": _timestamp_fields(view.updated_at),
+        "resource_version": view.resource_version, "revision": view.revision,
+        "updated_replicas": view.updated_replicas, "outgoing_replicas": view.outgoing_replicas,
+    }
 
 
 def deployment_msg(view: d.DeploymentView) -> deployments_pb2.Deployment:
-    return deployments_pb2.Deployment(
-        spec=deployment_spec_msg(view.spec), phase=_DEPLOYMENT_PHASE[view.phase], generation=view.generation,
-        placed_replicas=view.placed_replicas, running_replicas=view.running_replicas,
-        placements=[
-            deployments_pb2.ShardPlacement(
-                replica=p.replica, shard=p.shard, node=p.node, rack=p.rack,
-                accelerator_indices=list(p.accelerator_indices), accelerator_milli=p.accelerator_milli,
-                phase=_SHARD_PHASE_FROM_WORD[p.phase], message=p.message, revision=p.revision, outgoing=p.outgoing,
-            )
-            for p in view.placements
-        ],
-        reasons=[reason_msg(r) for r in view.reasons],
-        created_at=timestamp(view.created_at), updated_at=timestamp(view.updated_at),
-        resource_version=view.resource_version, revision=view.revision,
-        updated_replicas=view.updated_replicas, outgoing_replicas=view.outgoing_replicas,
-    )
+    return deployments_pb2.Deployment(**_deployment_fields(view))
 
 
 def deployment_event_msg(event: d.DeploymentEvent) -> deployments_pb2.DeploymentEvent:
-    return deployments_pb2.DeploymentEvent(type=_EVENT_TYPE[event.type], deployment=deployment_msg(event.deployment))
+    return deployments_pb2.DeploymentEvent(type=_EVENT_TYPE[event.type], deployment=_deployment_fields(event.deployment))
 
 
 # --- agents ----------------------------------------------------------------------------------
@@ -269,17 +263,15 @@ def heartbeat_report(msg: agent_pb2.Heartbeat) -> d.HeartbeatReport:
 
 
 def assignment_set_msg(view: d.AssignmentSet) -> agent_pb2.ControllerMessage:
-    return agent_pb2.ControllerMessage(assignments=agent_pb2.AssignmentSet(
-        generation=view.generation,
-        assignments=[
-            agent_pb2.Assignment(
-                deployment=a.deployment, tenant=a.tenant, replica=a.replica, shard=a.shard,
-                shards_per_replica=a.shards_per_replica, accelerator_indices=list(a.accelerator_indices),
-                accelerator_milli=a.accelerator_milli, spec=shard_spec_msg(a.spec), generation=a.generation,
-            )
+    return agent_pb2.ControllerMessage(assignments={
+        "generation": view.generation,
+        "assignments": [
+            {"deployment": a.deployment, "tenant": a.tenant, "replica": a.replica, "shard": a.shard,
+             "shards_per_replica": a.shards_per_replica, "accelerator_indices": a.accelerator_indices,
+             "accelerator_milli": a.accelerator_milli, "spec": _shard_spec_fields(a.spec), "generation": a.generation}
             for a in view.assignments
         ],
-    ))
+    })
 
 
 def usage_response_msg(report: d.UsageReport) -> deployments_pb2.GetUsageResponse:

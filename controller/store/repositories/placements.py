@@ -9,10 +9,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, Text, bindparam, case, cast, delete, select, update
+from sqlalchemy import ColumnElement, Select, Text, bindparam, case, cast, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
@@ -27,8 +26,8 @@ from controller.domain import values as d
 from scheduler.interchange import shard_spec_from_dict
 from controller.store.repositories.events import record_event
 from controller.store.repositories.nodes import _NODES
-from controller.store.repositories.deployments import (PlacementColumns, _DEPLOYMENTS, _PLACEMENTS, _named_as_any,
-                                                       deployment_view, get_deployment)
+from controller.store.repositories.deployments import (DeploymentRow, PlacementColumns, _DEPLOYMENTS, _PLACEMENTS,
+                                                       _named_as_any, deployment_view, get_deployment)
 
 
 async def placements_of_deployments(session: AsyncSession, keys: Iterable[str]) -> list[tuple[m.Placement, str]]:
@@ -116,10 +115,10 @@ async def write_deployment_phases(
             for dep_id, was, phase, reasons in deployments])
 
 
-def view_as_written(row: Row[Any], placements: Sequence[PlacementColumns], **written: object) -> d.DeploymentView:
+def view_as_written(row: DeploymentRow, placements: Sequence[PlacementColumns], **written: object) -> d.DeploymentView:
     """The view of a deployment read without the ORM (`deployments_named`) with its `placements`
     and the columns `written` (by attribute name) as they are now."""
-    return deployment_view(SimpleNamespace(**(row._asdict() | written)) if written else row, placements)
+    return deployment_view(row._replace(**written) if written else row, placements)
 
 
 async def bump_node_assignment_generations(session: AsyncSession, node_ids: Iterable[str]) -> None:
