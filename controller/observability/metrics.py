@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -51,6 +53,22 @@ def split_method(full_method: str) -> tuple[str, str]:
     """'/maia.v1.DeploymentService/Submit' -> ('maia.v1.DeploymentService', 'Submit')."""
     service, _, method = full_method.lstrip("/").rpartition("/")
     return service, method
+
+
+class _Histogram(Histogram):
+    """prometheus_client's Histogram, an observation's bucket found by bisection: the library walks
+    its bounds one by one in Python (~18 of them for the RPC durations), and the controller
+    observes some two dozen values a deployment (RPCs, submit stages, shard start stages). The
+    same bucket (the first bound at or above the value); an exemplar or a NaN goes the library's
+    way. Labelled children are of this class too (`labels` makes them of the parent's)."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar or math.isnan(amount):
+            super().observe(amount, exemplar)
+            return
+        self._raise_if_not_observable()
+        self._sum.inc(amount)
+        self._buckets[bisect_left(self._upper_bounds, amount)].inc(1)
 
 
 class _ClusterCollector(Collector):
@@ -118,7 +136,7 @@ class ControllerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}  # `_labelled`'s
-        self.solve_duration = Histogram("maia_solve_duration_seconds", "Time one solve took, by plan status.",
+        self.solve_duration = _Histogram("maia_solve_duration_seconds", "Time one solve took, by plan status.",
                                         ["status"], registry=r, buckets=SOLVE_BUCKETS_S)
         self.solves = Counter("maia_solves", "Solves, by plan status.", ["status"], registry=r)
         self.plan_conflicts = Counter("maia_plan_conflicts",
@@ -131,20 +149,20 @@ class ControllerMetrics:
         self.failed_released = Counter("maia_failed_replicas_released",
                                        "Replicas with a shard reported FAILED released after their back-off, to be "
                                        "placed again (other nodes first).", registry=r)
-        self.submit_to_placed = Histogram("maia_deployment_submit_to_placed_seconds",
+        self.submit_to_placed = _Histogram("maia_deployment_submit_to_placed_seconds",
                                           "From a deployment's creation to its first placement.",
                                           registry=r, buckets=PLACED_BUCKETS_S)
         self.rpcs = Counter("maia_grpc_server_handled", "gRPC calls completed, by method and status code.",
                             ["service", "method", "code"], registry=r)
-        self.rpc_duration = Histogram("maia_grpc_server_handling_seconds", "gRPC call duration, by method.",
+        self.rpc_duration = _Histogram("maia_grpc_server_handling_seconds", "gRPC call duration, by method.",
                                       ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
-        self.rpc_queue_wait = Histogram(
+        self.rpc_queue_wait = _Histogram(
             "maia_grpc_server_queued_seconds",
             "From the time a client says it sent a call (metadata maia-sent-at, Unix seconds) to its handler "
             "starting: the wait in the transport and gRPC's queue, which maia_grpc_server_handling_seconds "
             "misses. Only calls that carry it (the benchmarks' clients); meaningful on one clock.",
             ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
-        self.submit_stage = Histogram(
+        self.submit_stage = _Histogram(
             "maia_submit_stage_seconds",
             "Where a batched SubmitDeployment's time in the controller went, by stage: validate, queued (for its "
             "batch), reads, checks, writer_turn (SQLite's writer), writes, commit, answer (from the commit to the "
@@ -160,7 +178,7 @@ class ControllerMetrics:
                                           "Times this controller acquired the leader lease.", registry=r)
         self.lease_losses = Counter("maia_lease_losses", "Times this controller lost or gave up the leader lease.",
                                     registry=r)
-        self.loop_lag = Histogram("maia_event_loop_lag_seconds",
+        self.loop_lag = _Histogram("maia_event_loop_lag_seconds",
                                   "How much later than asked a 0.1 s timer fired on the event loop: the time any "
                                   "request, agent stream or loop waited behind other work (observability/loop.py).",
                                   registry=r, buckets=RPC_BUCKETS_S)
@@ -188,12 +206,12 @@ class ControllerMetrics:
                                    "Agent calls whose refusal from the admission queue was due before their "
                                    "deadline but ran after it ended: the event loop was stalled longer than the "
                                    "gate's reserve (a starved machine, a long synchronous step).", registry=r)
-        self.agents_admission_wait = Histogram("maia_agent_admission_wait_seconds",
+        self.agents_admission_wait = _Histogram("maia_agent_admission_wait_seconds",
                                                "Time an admitted agent call waited in the admission queue.",
                                                registry=r, buckets=ADMISSION_WAIT_BUCKETS_S)
         self.agents_waiting = Gauge("maia_agent_admission_waiting", "Agent calls waiting in the admission queue now.",
                                     registry=r)
-        self.shard_start = Histogram(
+        self.shard_start = _Histogram(
             "maia_shard_start_stage_seconds",
             "A shard's way from its commit to RUNNING recorded, by stage (controller/agents.py, "
             "HubObserver): push (a node's set changed -> handed to its stream), agent (that set -> the "
@@ -204,7 +222,7 @@ class ControllerMetrics:
             "maia_agent_heartbeat_rows_written",
             "Node rows heartbeats were written to (committed flushes, controller/agents.py): while a node's "
             "stream lives, at most one per contact_write_every_s unless its power draw changed.", registry=r)
-        self.wal_checkpoint = Histogram(
+        self.wal_checkpoint = _Histogram(
             "maia_sqlite_wal_checkpoint_seconds",
             "SQLite: the checkpointer's checkpoints, off the commit path (store/checkpoints.py: the log's new pages "
             "copied into the database file, both synced), by outcome: complete (the log wholly copied: the next "
@@ -246,7 +264,7 @@ class ControllerMetrics:
             self.scheduling_queue.labels(queue).set(getattr(depths, queue))
 
     def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None:
-        histogram = self.shard_start.labels(stage)
+        histogram = self._labelled(self.shard_start, stage)
         for value in seconds:
             histogram.observe(value)
 
