@@ -184,6 +184,19 @@ def shard_spec(msg: common_pb2.ShardSpec) -> d.ShardSpec:
     )
 
 
+def deployment_spec(msg: deployments_pb2.DeploymentSpec) -> d.DeploymentSpec:
+    spread = None
+    if msg.HasField("spread"):
+        spread = d.Spread(_enum_word(_DOMAIN_TO_WORD, msg.spread.domain, "spread.domain", default="none"),
+                          msg.spread.max_per_domain)
+    return d.DeploymentSpec(
+        name=msg.name, tenant=msg.tenant, replicas=msg.replicas, min_replicas=msg.min_replicas or 1,
+        shards_per_replica=msg.shards_per_replica, shard=shard_spec(msg.shard),
+        locality=_enum_word(_DOMAIN_TO_WORD, msg.locality, "locality", default="rack"),
+        spread=spread, priority=msg.priority, preemptible=msg.preemptible,
+    )
+
+
 def _shard_spec_fields(spec: d.ShardSpec) -> dict[str, object]:
     """A `common_pb2.ShardSpec`'s fields. The messages below are built from dicts of their fields:
     a field given as a dict is built in place, one given as a message is built and then copied in
