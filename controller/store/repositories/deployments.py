@@ -57,11 +57,6 @@ async def get_deployment(session: AsyncSession, tenant: str, name: str) -> m.Dep
     )).unique().one_or_none()
 
 
-# A deployment's columns by attribute name without the ORM: a `DeploymentRow` of its table
-# (`deployments_named`), or the columns written for a new one (`new_deployment_view`).
-DeploymentColumns = Row[Any] | SimpleNamespace
-
-
 @dataclass(frozen=True, slots=True)
 class PlacedNode:
     """What a view reads of a placement's node."""
@@ -103,6 +98,11 @@ _DEPLOYMENTS, _PLACEMENTS = m.Deployment.__table__, m.Placement.__table__
 # it is cut from (a Core row's attribute read runs Python, ~0.4 us against ~0.04 for a tuple's,
 # and a view reads some thirty: most of a view's cost). `view_as_written` `_replace`s fields.
 DeploymentRow = namedtuple("DeploymentRow", [c.key for c in _DEPLOYMENTS.c])  # type: ignore[misc]
+
+
+# A deployment's columns by attribute name without the ORM: a `DeploymentRow` of its table
+# (`deployments_named`), a Core row of it, or the columns written for a new one (`new_deployment_view`).
+DeploymentColumns = DeploymentRow | Row[Any] | SimpleNamespace
 
 
 _PLACEMENT_READ = ("replica", "shard", "node_id", "accelerator_indices", "accelerator_milli", "phase", "message",
@@ -193,7 +193,7 @@ def _deleting_statement(dialect: str) -> Update:
 _DELETING = {dialect: _deleting_statement(dialect) for dialect in ("sqlite", POSTGRESQL)}
 
 
-async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Row[Any]]) -> datetime:
+async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | DeploymentColumns]) -> datetime:
     """Mark deployments DELETING in ONE UPDATE statement; returns the time written. ORM rows
     among them are updated as written (nothing left for the session to flush: the ORM's flush of
     the same change, its unit of work over every loaded row and placement, was most of a batch of
@@ -230,7 +230,7 @@ _DELETING_EVENT = insert(m.Event.__table__).values(
         _DEPLOYMENTS_TABLE.c.name == bindparam("name")).scalar_subquery())
 
 
-async def record_deleting(session: AsyncSession, rows: Sequence[tuple[m.Deployment | Row[Any], str]]) -> None:
+async def record_deleting(session: AsyncSession, rows: Sequence[tuple[m.Deployment | DeploymentColumns, str]]) -> None:
     """The `deployment.deleting` events (each by its actor) of the deployments `set_deleting`
     marked, in ONE INSERT statement, after it. `set_deleting`'s UPDATE matches by id and reads no
     row count, so it cannot tell a row removed since its caller read it (marked by another delete
