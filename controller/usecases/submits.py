@@ -15,9 +15,15 @@ pass (every deployment, every request id, one event and one audit entry each: ea
 appended to the chain in order) and then answers each caller. A submit so costs the event loop
 no unit of work of its own: under load each round trip to the database is a turn of a busy
 loop, and the reads of a lone check were most of a submit's time (docs/benchmarks.md,
-2026-12-01 day). For the same reason the batch's writes read nothing back but the deployments'
-ids: on SQLite it holds the writer for two trips, the INSERT and the COMMIT (the audit append
-`unread`).
+2026-12-01 day). For the same reason the batch's writes read nothing back (the audit append
+`unread`). On PostgreSQL the deployments' INSERT reads their ids back. On SQLite the batch's read
+also gives the next deployment id (above every id AUTOINCREMENT ever gave: `sqlite_sequence`),
+the batch's rows take the ids from it on, and every write goes to SQLite's thread with the
+COMMIT: the batch holds the writer for that one trip (two before: the INSERT, then the COMMIT;
+docs/benchmarks.md, `p99tail`). Another transaction may take one of those ids between the read
+and the COMMIT (a submit gone alone inserting its deployment): the primary key refuses the
+INSERT, nothing of the batch is written, and the batch is read, judged and written once more,
+its ids given by the database (`commit_batch`), rather than sending its members alone.
 
 Every guarantee of a lone submit holds, because anything a batch cannot decide on its own is
 decided by the lone submit itself (`deployments.submit_deployment`, in the caller's task, after
@@ -61,6 +67,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
+
+from sqlalchemy.exc import IntegrityError
 
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
@@ -142,6 +150,12 @@ class _BatchFacts:
     used: set[tuple[str, str]]         # (tenant, request id) used, by earlier calls or members accepted
     counts: Counter[str]               # deployments by tenant, members accepted included
     capacity_generation: int
+    next_deployment_id: int | None = None  # SQLite: the first id the batch's rows may take (as read)
+
+
+class _ChosenIdTaken(Exception):
+    """A batch that chose its deployments' ids failed to commit (nothing of it was written): one
+    of them was taken by another transaction since its read (`repo.deployment_id_taken`)."""
 
 
 class SubmittedRows:
@@ -189,6 +203,7 @@ class SubmitBatcher:
         self._signals = signals
         self._observer = observer
         self._submitted = submitted
+        self.chosen_ids_taken = 0  # batches written again with the database's ids (`commit_batch`)
         self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
             "submit-batches",
             # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
@@ -245,7 +260,19 @@ class SubmitBatcher:
 
     async def commit_batch(self, batch: list[Queued]) -> dict[int, DeploymentView | MaiaError]:
         """Check the members and write those that pass, in one transaction; returns by id(member)
-        their views, or the error that refused them. The others are left out (they go alone)."""
+        their views, or the error that refused them. The others are left out (they go alone).
+        On SQLite the batch chooses its deployments' ids (module docstring); when one was taken
+        before it committed (nothing of it was written), it is read, checked and written once
+        more, its ids given by the database."""
+        try:
+            return await self._write_batch(batch, choose_ids=True)
+        except _ChosenIdTaken:
+            self.chosen_ids_taken += 1
+            return await self._write_batch(batch, choose_ids=False)
+
+    async def _write_batch(self, batch: list[Queued], *, choose_ids: bool) -> dict[int, DeploymentView | MaiaError]:
+        """`commit_batch`'s one transaction; with `choose_ids` (and on SQLite) the deployments' ids
+        as read (`_BatchFacts.next_deployment_id`), a failed write `_ChosenIdTaken`."""
         times = _BatchTimes(started=time.perf_counter())
         stages = times.stages
         async with self._db.unit_of_work() as uow, self._db.writing_soon():
@@ -265,21 +292,27 @@ class SubmitBatcher:
             checked = time.perf_counter()
             stages.checks = checked - read
             s = uow.session
-            with metered_turns() as turn, deferred_writes():  # the batch fails or commits whole
-                inserted = await repo.insert_deployments(s, [q.spec for q in accepted])
-                await requests.remember_all(uow, [(q.spec.tenant, q.request_id, deployment_id, q.spec)
-                                                  for q, (deployment_id, _) in zip(accepted, inserted)], "submit")
-                await repo.record_events(s, [submitted_event(q.actor, q.spec) for q in accepted])
-                calls = [q.call for q in accepted if q.call is not None]
-                await audit.append_calls(s, calls, unread=True)  # missed: the members go alone
-            wrote = time.perf_counter()
-            stages.writer_turn, stages.writes = turn.waited_s, wrote - checked - turn.waited_s
+            first_id = facts.next_deployment_id if choose_ids else None
             try:
-                await uow.commit()
-            except CommitOutcomeUnknown:  # it may have landed: each member alone tells by its row
-                for q, (deployment_id, view) in zip(accepted, inserted):
-                    q.wrote = inserted_row(deployment_id, view.created_at)
-                raise
+                with metered_turns() as turn, deferred_writes():  # the batch fails or commits whole
+                    inserted = await repo.insert_deployments(s, [q.spec for q in accepted], first_id=first_id)
+                    await requests.remember_all(uow, [(q.spec.tenant, q.request_id, deployment_id, q.spec)
+                                                      for q, (deployment_id, _) in zip(accepted, inserted)], "submit")
+                    await repo.record_events(s, [submitted_event(q.actor, q.spec) for q in accepted])
+                    calls = [q.call for q in accepted if q.call is not None]
+                    await audit.append_calls(s, calls, unread=True)  # missed: the members go alone
+                wrote = time.perf_counter()
+                stages.writer_turn, stages.writes = turn.waited_s, wrote - checked - turn.waited_s
+                try:
+                    await uow.commit()
+                except CommitOutcomeUnknown:  # it may have landed: each member alone tells by its row
+                    for q, (deployment_id, view) in zip(accepted, inserted):
+                        q.wrote = inserted_row(deployment_id, view.created_at)
+                    raise
+            except IntegrityError as exc:  # by the statement or the COMMIT the deferred INSERT went with
+                if first_id is None or not repo.deployment_id_taken(exc):
+                    raise
+                raise _ChosenIdTaken() from exc  # nothing written
         times.committed = time.perf_counter()
         stages.commit = times.committed - wrote
         for call in calls:
@@ -303,7 +336,7 @@ class SubmitBatcher:
             zones={tenant: facts.zones for tenant, facts in reads.tenants.items()},
             taken=reads.taken, used=reads.used,
             counts=Counter({tenant: facts.deployments for tenant, facts in reads.tenants.items()}),
-            capacity_generation=reads.capacity_generation)
+            capacity_generation=reads.capacity_generation, next_deployment_id=reads.next_deployment_id)
 
     @staticmethod
     async def _admitted(uow: UnitOfWork, queued: Queued, facts: _BatchFacts) -> bool:

@@ -405,21 +405,39 @@ def new_deployment_view(columns: dict[str, object]) -> d.DeploymentView:
     return deployment_view(SimpleNamespace(**columns), ())
 
 
-async def insert_deployments(session: AsyncSession,
-                             specs: Iterable[d.DeploymentSpec]) -> list[tuple[int, d.DeploymentView]]:
+async def insert_deployments(session: AsyncSession, specs: Iterable[d.DeploymentSpec], *,
+                             first_id: int | None = None) -> list[tuple[int, d.DeploymentView]]:
     """New deployments (as `new_deployment_row`) written in ONE INSERT statement; returns their
     ids and views, in order. No ORM rows: the ORM's flush wrote one statement per row on SQLite (to
     learn each id in order), and building the rows was most of a batch's own CPU; the ids are
-    matched by (tenant, name), which is unique."""
+    matched by (tenant, name), which is unique.
+
+    With `first_id` (SQLite: `tenants.SubmitBatchReads.next_deployment_id`) the rows take the ids
+    `first_id`, `first_id + 1`, ... and the INSERT reads nothing back: inside
+    `sqlite_driver.deferred_writes` it goes to SQLite's thread with the transaction's COMMIT. An id
+    another transaction took since it was read fails the statement (the primary key; nothing is
+    written in a failed transaction), as a name taken since does."""
     at = m.utcnow()
     specs = list(specs)
     if not specs:
         return []
     table = m.Deployment.__table__
     columns = [new_deployment_columns(spec, at) for spec in specs]
+    if first_id is not None:
+        await session.execute(insert(table), [{**c, "id": first_id + i} for i, c in enumerate(columns)])
+        return [(first_id + i, new_deployment_view(written)) for i, written in enumerate(columns)]
     ids = {(tenant, name): id_ for id_, tenant, name in await session.execute(
         insert(table).returning(table.c.id, table.c.tenant_id, table.c.name), columns)}
     return [(ids[(spec.tenant, spec.name)], new_deployment_view(written)) for spec, written in zip(specs, columns)]
+
+
+def deployment_id_taken(exc: BaseException) -> bool:
+    """`exc` is SQLite's refusal of a deployment id that another row holds (its primary key), and
+    nothing else: what an INSERT with ids chosen ahead (`insert_deployments(first_id=)`) meets when
+    another transaction took one of them after they were read."""
+    return (isinstance(exc, IntegrityError) and isinstance(exc.orig, sqlite3.IntegrityError)
+            and exc.orig.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
+            and exc.orig.args[:1] == (f"UNIQUE constraint failed: {_DEPLOYMENTS_TABLE.name}.{_DEPLOYMENTS_TABLE.c.id.name}",))
 
 
 def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:

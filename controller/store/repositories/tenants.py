@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, delete, func, literal_column, null, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
@@ -50,6 +50,10 @@ class SubmitBatchReads:
     taken: set[tuple[str, str]]            # (tenant, name): of the names asked, the deployments that exist
     used: set[tuple[str, str]]             # (tenant, request id): of the ids asked, those used before
     capacity_generation: int               # 0 when none exists
+    # SQLite: above every deployment id the database ever gave (AUTOINCREMENT's `sqlite_sequence`)
+    # or holds, as read; the ids a batch may choose for its rows (`insert_deployments(first_id=)`).
+    # None on PostgreSQL (its sequence gives them) and when none of the tenants exists.
+    next_deployment_id: int | None = None
 
 
 def tenant_deployments(tenant: Any) -> Any:
@@ -73,8 +77,20 @@ def _batch_reads_query(dialect: str) -> Select:
                                        any_of_named(dialect, m.Deployment.name, "names")])
     request_ids = joined(m.ClientRequest.request_id, [
         m.ClientRequest.tenant_id == m.Tenant.id, any_of_named(dialect, m.ClientRequest.request_id, "request_ids")])
-    return (select(m.Tenant.id, m.Tenant.zones, count, generation, names, request_ids)
+    return (select(m.Tenant.id, m.Tenant.zones, count, generation, names, request_ids, _next_deployment_id(dialect))
             .where(any_of_named(dialect, m.Tenant.id, "tenants")))
+
+
+def _next_deployment_id(dialect: str) -> Any:
+    """SQLite: the id AUTOINCREMENT would give the next deployment now (one above the largest it
+    ever gave, kept in `sqlite_sequence`, or above the largest id held when that has no row yet);
+    the table's primary key and `sqlite_sequence` (one row a table): no scan. PostgreSQL: NULL."""
+    if dialect == POSTGRESQL:
+        return null()
+    table = m.Deployment.__table__
+    ever = literal_column(f"(SELECT seq FROM sqlite_sequence WHERE name = '{table.name}')")
+    held = select(func.max(table.c.id)).scalar_subquery()
+    return func.max(func.coalesce(ever, 0), func.coalesce(held, 0)) + 1
 
 
 _BATCH_READS = {dialect: _batch_reads_query(dialect) for dialect in ("sqlite", POSTGRESQL)}
@@ -91,16 +107,18 @@ async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, st
     taken: set[tuple[str, str]] = set()
     used: set[tuple[str, str]] = set()
     generation = 0
+    next_id: int | None = None
     if tenants:
         rows = await session.execute(_BATCH_READS[dialect_of(session)], {
             "tenants": tenants, "names": sorted({name for _, name, _ in keys}),
             "request_ids": sorted({rid for _, _, rid in keys if rid})})
-        for tenant, zones, deployments, capacity_generation, names, request_ids in rows:
+        for tenant, zones, deployments, capacity_generation, names, request_ids, next_deployment_id in rows:
             facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
             taken.update((tenant, name) for name in (names or "").split(_JOINED) if name)
             used.update((tenant, rid) for rid in (request_ids or "").split(_JOINED) if rid)
             generation = int(capacity_generation or 0)
-    return SubmitBatchReads(facts, taken, used, generation)
+            next_id = None if next_deployment_id is None else int(next_deployment_id)
+    return SubmitBatchReads(facts, taken, used, generation, next_id)
 
 
 async def tenant_ids(session: AsyncSession) -> list[str]:
