@@ -68,8 +68,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
-from sqlalchemy.exc import IntegrityError
-
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
 from controller.errors import FieldViolation, InvalidArgument, MaiaError
@@ -309,7 +307,7 @@ class SubmitBatcher:
                     for q, (deployment_id, view) in zip(accepted, inserted):
                         q.wrote = inserted_row(deployment_id, view.created_at)
                     raise
-            except IntegrityError as exc:  # by the statement or the COMMIT the deferred INSERT went with
+            except Exception as exc:  # by the statement or the COMMIT the deferred INSERT went with
                 if first_id is None or not repo.deployment_id_taken(exc):
                     raise
                 raise _ChosenIdTaken() from exc  # nothing written
