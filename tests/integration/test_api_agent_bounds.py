@@ -85,9 +85,7 @@ async def test_an_out_of_bounds_report_ends_the_stream_with_invalid_argument(str
 
 async def test_a_flooding_stream_is_refused_with_retry_info(strict: Stubs):
     agent = await _connected(strict)
-    # A burst of 20 is allowed, then 5 a second: 100 reports overflow it unless they take over 16 s
-    # to arrive (25 were all let through once at load ~20, spread over more than a second).
-    for seq in range(100):
+    for seq in range(25):  # a burst of 20 is allowed
         agent.heartbeat(seq, 100.0)
     agent.send(None)  # half-close: every write is done before the controller answers
     error = await agent.reader_error()
