@@ -7,8 +7,10 @@ tenant from the request) and the outcome: OK or the status code of the failure, 
 and failed calls are audited too. A successful call's entry is written by the call's first
 commit, in the same transaction as the change (`controller.store.audit.open_call`, used by
 `UnitOfWork.commit`): the change and its entry persist together or not at all. A failed call's
-entry (its transaction rolled back) is written after it, in its own transaction; if that write
-fails, the controller logs it at ERROR and the caller still gets its answer. A call whose entry
+entry (its transaction rolled back) is written after it, in a transaction of its own with the
+entries of the other calls that ended meanwhile (`usecases.audit.EntryWriter`: the refused
+requests of one SubmitDeployments call are one transaction, not one each); if that write fails,
+the controller logs it at ERROR and the caller still gets its answer. A call whose entry
 went with a commit whose answer was lost (PostgreSQL: `CommitOutcomeUnknown`; a group commit's
 batch, its members then going alone) gets no second entry when that one landed
 (`controller.store.audit.landed`, by the entry's seq and hash).
@@ -128,7 +130,7 @@ class AuditInterceptor(aio.ServerInterceptor):
     """Appends one audit entry per mutating call (see the module docstring)."""
 
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._db = db
+        self._entries = audit.EntryWriter(db)  # the entries of calls that failed or wrote nothing
         self._retry_later = AuditSampler(limits.RETRY_LATER_AUDITS_PER_MINUTE, limits.RETRY_LATER_AUDITS_BURST, clock)
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
@@ -191,7 +193,8 @@ class AuditInterceptor(aio.ServerInterceptor):
                                                        **({"retry_after_ms": retry} if retry is not None else {})})
 
     async def _record(self, entry: AuditRecord, sent: CallEntry | None = None) -> None:
-        """A failed call's entry (or a call that committed nothing), in its own transaction; of
+        """A failed call's entry (or a call that committed nothing), in its own transaction with
+        those of the calls that ended meanwhile (`audit.EntryWriter`); of
         the calls refused with a retry time, a sample (the entry counts those left out before it).
         None when the call's entry was `sent` with a commit whose answer was lost and it landed
         (the call went on alone, or failed UNAVAILABLE 'may have landed'): it has its entry."""
@@ -202,7 +205,7 @@ class AuditInterceptor(aio.ServerInterceptor):
             if skipped:
                 entry = replace(entry, detail={**entry.detail, "unaudited_before": skipped})
         try:
-            await audit.record(self._db, entry, unless_landed=sent)
+            await self._entries.record(entry, unless_landed=sent)
         except Exception:  # the call itself is done: say loudly that its audit entry is missing
             log.exception("could not write the audit entry of %s (actor=%s object=%s/%s outcome=%s)",
                           entry.action, entry.actor, entry.object_kind, entry.object_id, entry.outcome)

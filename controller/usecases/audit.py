@@ -4,8 +4,11 @@
 writes every mutating call through it, and anything else the controller refuses or decides on
 a caller's behalf (a refused agent report, an isolation alarm) can call it too. It writes in its
 own short transaction, so a failed call (whose own transaction rolled back) is audited as well.
-Inside a transaction that must carry its own entries (the plan commit), use
-`controller.store.audit.append(session, records)` instead.
+`EntryWriter.record` does the same for a caller among many: the entries of concurrent callers
+(the refused requests of one SubmitDeployments call, a burst of refused calls) are appended in
+one transaction, a group commit (`controller.groupcommit`), instead of one each on the
+database's single writer. Inside a transaction that must carry its own entries (the plan
+commit), use `controller.store.audit.append(session, records)` instead.
 
 Admins list everything and verify the chain; a tenant principal lists its own tenant's entries
 only (its listing is forced to its tenant); node credentials may do neither.
@@ -19,10 +22,12 @@ from datetime import datetime
 from typing import Any
 
 from controller.errors import InvalidArgument
+from controller.groupcommit import ALONE, GroupCommit, GroupStats, outcome_or_alone
 from controller.identity import Principal, Role
 from controller.store import audit as store
 from controller.store.audit import AuditRecord, CallEntry, ChainReport
 from controller.store.db import Database, UnitOfWork
+from controller.store.turns import answering
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.policy import require_admin, require_role
@@ -67,6 +72,54 @@ async def record(db: Database, entry: AuditRecord, *, unless_landed: CallEntry |
         (seq,) = await store.append(uow.session, [entry])
         await uow.commit()
     return seq
+
+
+BATCH_MAX = 256  # entries a transaction of `EntryWriter` appends at most
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    entry: AuditRecord
+    unless_landed: CallEntry | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Appended:
+    seq: int | None  # None: not appended, the call's entry had landed (`record`'s `unless_landed`)
+
+
+class EntryWriter:
+    """`record` for callers that come together: what is queued while a batch commits is
+    appended, in the order it came, in the next batch's one transaction (a `GroupCommit`; no
+    timer, so an entry alone is written at once). Each caller is answered once its entry's
+    transaction committed, as `record` answers; a batch that fails to commit wrote nothing and
+    each caller writes its entry alone."""
+
+    def __init__(self, db: Database, *, batch_max: int = BATCH_MAX) -> None:
+        self._db = db
+        self._group: GroupCommit[_Pending, _Appended] = GroupCommit(
+            "audit-entries", lambda batch: self._commit_batch(batch), batch_max=batch_max)
+
+    @property
+    def stats(self) -> GroupStats:
+        return self._group.stats
+
+    async def record(self, entry: AuditRecord, *, unless_landed: CallEntry | None = None) -> int | None:
+        """What `record(db, entry, unless_landed=)` does, committed in a batch."""
+        appended = await outcome_or_alone(self._group, _Pending(entry, unless_landed))
+        if appended is ALONE:
+            return await record(self._db, entry, unless_landed=unless_landed)
+        return appended.seq
+
+    async def _commit_batch(self, batch: list[_Pending]) -> list[_Appended]:
+        with answering():  # their callers wait for the commit: before reports and passes
+            async with self._db.unit_of_work() as uow:
+                kept = [p for p in batch
+                        if p.unless_landed is None or not await store.landed(uow.session, p.unless_landed)]
+                seqs = await store.append(uow.session, [p.entry for p in kept]) if kept else []
+                await uow.commit()
+        appended = {id(p): seq for p, seq in zip(kept, seqs, strict=True)}
+        return [_Appended(appended.get(id(p))) for p in batch]
 
 
 async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = "", since: datetime | None = None,

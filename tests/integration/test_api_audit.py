@@ -3,6 +3,7 @@ Tenants list their own entries only; only admins verify the chain."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import grpc
@@ -15,6 +16,7 @@ from controller.api.server import ControllerApp
 from controller.store import audit
 from controller.store.audit import AuditRecord
 from controller.store.db import Database
+from controller.usecases import audit as usecase_audit
 from controller.usecases import paging
 from grpc_harness import Stubs, issue_token, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, audit_pb2, deployments_pb2
@@ -164,3 +166,63 @@ async def test_calls_their_callers_gave_up_on_are_audited_at_a_bounded_rate(data
     async with database.unit_of_work() as uow:
         entries = await audit.list_entries(uow.session, limit=1000)
     assert len(entries) == limits.RETRY_LATER_AUDITS_BURST + 1 and entries[-1].outcome == "FAILED_PRECONDITION"
+
+
+async def test_entries_of_calls_that_end_together_are_appended_in_one_transaction(database: Database) -> None:
+    """A burst of failed calls' entries (the refused requests of one SubmitDeployments call) costs
+    the single writer a transaction a batch, not one an entry: each entry still comes back with its
+    own seq, in the order the calls ended, on an intact chain. An `append` writes one time for all
+    the entries of its transaction, so the times say how many transactions there were."""
+    writer = usecase_audit.EntryWriter(database)
+    refused = [AuditRecord(actor="alice", action=f"{DEPLOYMENTS}SubmitDeployment", object_kind="deployment",
+                           object_id=f"lab/d{i}", outcome="INVALID_ARGUMENT") for i in range(30)]
+    seqs = await asyncio.gather(*(writer.record(entry) for entry in refused))
+    async with database.unit_of_work() as uow:
+        entries = await audit.list_entries(uow.session, limit=1000)
+        assert (await audit.verify_chain(uow.session)).intact
+    assert seqs == [e.seq for e in entries] and [e.object_id for e in entries] == [e.object_id for e in refused]
+    assert len({e.at for e in entries}) <= 3  # the first alone (no timer), the rest queued behind it: one or two
+    assert writer.stats.batches == len({e.at for e in entries})
+
+
+async def test_an_entry_that_landed_with_a_lost_commit_is_not_appended_again_by_its_batch(database: Database) -> None:
+    """`unless_landed` holds in a batch as it does alone: the call whose entry went with a commit
+    whose answer was lost, and landed, gets no second entry; the others in its batch are written."""
+    landed = audit.CallEntry(AuditRecord(actor="alice", action=f"{DEPLOYMENTS}DeleteDeployment", object_id="lab/x"),
+                             None)
+    async with database.unit_of_work() as uow:
+        await audit.append_calls(uow.session, [landed])
+        await uow.commit()
+    writer = usecase_audit.EntryWriter(database)
+    others = [AuditRecord(actor="bob", action=f"{DEPLOYMENTS}DeleteDeployment", object_id=f"lab/y{i}",
+                          outcome="NOT_FOUND") for i in range(5)]
+    seqs = await asyncio.gather(writer.record(replace(landed.record, outcome="UNAVAILABLE"), unless_landed=landed),
+                                *(writer.record(entry) for entry in others))
+    async with database.unit_of_work() as uow:
+        entries = await audit.list_entries(uow.session, limit=1000)
+    assert seqs[0] is None and [e.object_id for e in entries] == ["lab/x", *(f"lab/y{i}" for i in range(5))]
+    assert seqs[1:] == [e.seq for e in entries[1:]]
+
+
+async def test_a_batch_that_fails_to_commit_leaves_each_entry_to_be_written_alone(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing of a failed batch is written; each of its callers then appends its entry alone."""
+    writer = usecase_audit.EntryWriter(database)
+    failing = [True]
+    real_append = audit.append
+
+    async def append_once_failing(session, records, **kwargs):  # type: ignore[no-untyped-def]
+        if failing[0] and len(records) > 1:
+            failing[0] = False
+            raise RuntimeError("the batch's append failed")
+        return await real_append(session, records, **kwargs)
+
+    monkeypatch.setattr(audit, "append", append_once_failing)
+    refused = [AuditRecord(actor="alice", action=f"{DEPLOYMENTS}SubmitDeployment", object_id=f"lab/d{i}",
+                           outcome="INVALID_ARGUMENT") for i in range(6)]
+    seqs = await asyncio.gather(*(writer.record(entry) for entry in refused))  # all queued before one batch
+    async with database.unit_of_work() as uow:
+        entries = await audit.list_entries(uow.session, limit=1000)
+        assert (await audit.verify_chain(uow.session)).intact
+    assert not failing[0] and writer.stats.batches == 1 and writer.stats.alone == 6  # each written alone after
+    assert sorted(seqs) == [e.seq for e in entries] and len(entries) == 6

@@ -84,6 +84,19 @@ async def test_each_request_is_written_or_refused_on_its_own_with_its_event_and_
     assert not [e for e in entries if e.action == SUBMIT_MANY]  # the call itself: its requests' entries only
 
 
+async def test_the_refused_requests_of_a_call_are_audited_in_one_transaction_not_one_each(
+        controller_app: ControllerApp, lab: Stubs) -> None:
+    """Refused requests write no deployment, only their entries: those of one call go to the
+    database's single writer together (an `append` gives its transaction's entries one time)."""
+    answer = await lab.deployments.SubmitDeployments(request(*((spec(f"bad{i}", replicas=0), "") for i in range(12))))
+    assert {r.error.code for r in answer.results} == {code_pb2.INVALID_ARGUMENT}
+    async with controller_app.db.unit_of_work() as uow:
+        entries = [e for e in await audit.list_entries(uow.session, limit=1000) if e.detail.get("call") == SUBMIT_MANY]
+        assert (await audit.verify_chain(uow.session)).intact
+    assert sorted(e.detail["item"] for e in entries) == list(range(12))
+    assert len({e.at for e in entries}) <= 2
+
+
 async def test_a_tenant_token_submits_into_its_own_tenant_only(controller_app: ControllerApp, lab: Stubs) -> None:
     token = await issue_token(controller_app.db, "tenant", tenant="lab", name="lab-ci")
     tenant = Stubs.connect(controller_app.address, token)
