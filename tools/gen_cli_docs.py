@@ -131,7 +131,9 @@ answered itself (its database failed, it is busy or stopping, it follows and the
 call) is printed as its message with "the controller ... answered but cannot serve the call now";
 "cannot reach the controller" is for a connection that failed (nothing listening, a network or TLS
 failure, a gateway that lost its controller). Programs calling the API from asyncio get the same
-retries on the channel of `controller.cli.client.open_aio_channel(connection)`.
+retries on the channel of `controller.cli.client.open_aio_channel(connection)`, and a call whose
+deadline passed with no connection made fails there `UNAVAILABLE` "no connection: nothing answered
+there within Ns", not `DEADLINE_EXCEEDED`.
 
 ## How `apply` writes
 

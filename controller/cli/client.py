@@ -10,6 +10,7 @@ API from asyncio get the same channel, retries included, from `open_aio_channel`
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -237,6 +238,30 @@ class NeverConnected(grpc.UnaryUnaryClientInterceptor):
         return _Failed(Unreached(details.timeout))
 
 
+@dataclass
+class AioNeverConnected(aio.UnaryUnaryClientInterceptor):
+    """`NeverConnected` for asyncio channels: an awaited unary call that ended DEADLINE_EXCEEDED
+    while its channel had no connection fails UNAVAILABLE with `Unreached`'s details (an
+    `aio.AioRpcError`, which the call's awaiter gets as gRPC's own). Outermost on the channel,
+    so it judges the call's last attempt after the retries."""
+
+    channel: aio.Channel | None = None  # the channel it intercepts (set once made: it takes its interceptors)
+
+    async def intercept_unary_unary(self, continuation: Callable[[aio.ClientCallDetails, Any], Any],
+                                    details: aio.ClientCallDetails, request: Any) -> Any:
+        call = await continuation(details, request)
+        try:
+            code = await call.code()
+        except asyncio.CancelledError:  # the caller's call cancelled: the attempt too (`AioRetryTold`)
+            call.cancel()
+            raise
+        if code != grpc.StatusCode.DEADLINE_EXCEEDED or self.channel is None \
+                or self.channel.get_state() == grpc.ChannelConnectivity.READY:
+            return call
+        unreached = Unreached(details.timeout)
+        raise aio.AioRpcError(unreached.code(), aio.Metadata(), aio.Metadata(), details=unreached.details())
+
+
 def open_channel(connection: Connection) -> grpc.Channel:
     """TLS when a CA (or client certificate) is configured, plaintext otherwise; the token rides
     along as call metadata; a unary call the controller answers "nothing written, call again after
@@ -257,12 +282,18 @@ def open_channel(connection: Connection) -> grpc.Channel:
 def open_aio_channel(connection: Connection) -> aio.Channel:
     """`open_channel` for programs calling the API from asyncio: the same target, options, TLS and
     token, and the same retries of unary calls (`retry.AioRetryTold`, the same policy). Make the
-    stubs of `maia.v1` on it; `config.resolve_connection` reads a connection as maiactl does."""
+    stubs of `maia.v1` on it; `config.resolve_connection` reads a connection as maiactl does. A
+    call whose deadline passed before any connection was made fails UNAVAILABLE, "no connection"
+    (`AioNeverConnected`), as `open_channel`'s does."""
     to = _target_of(connection)
-    interceptors = (AioRetryTold(), *aio_interceptors(connection.token))
+    never = AioNeverConnected()
+    interceptors = (never, AioRetryTold(), *aio_interceptors(connection.token))
     if to.credentials is not None:
-        return aio.secure_channel(to.target, to.credentials, options=to.options, interceptors=interceptors)
-    return aio.insecure_channel(to.target, options=to.options, interceptors=interceptors)
+        channel = aio.secure_channel(to.target, to.credentials, options=to.options, interceptors=interceptors)
+    else:
+        channel = aio.insecure_channel(to.target, options=to.options, interceptors=interceptors)
+    never.channel = channel
+    return channel
 
 
 @dataclass

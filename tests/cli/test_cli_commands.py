@@ -3,6 +3,7 @@ holding tenants, topology and deployments in memory. Checks what is sent, what i
 the exit codes, including the error paths."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -14,6 +15,8 @@ import grpc
 import pytest
 
 from cli_harness import closed_port_address, silent_address
+from controller.cli.client import open_aio_channel
+from controller.cli.config import Connection
 from controller.cli.main import main
 from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
 
@@ -216,6 +219,41 @@ def test_a_controller_that_never_answers_is_said_unreachable_within_the_rpc_time
     assert code == 5 and out == ""
     assert err.startswith(f"error: UNAVAILABLE: cannot reach the controller at {address} "
                           "(no connection: nothing answered there within 1s)\nhint: "), err
+
+
+async def test_an_asyncio_channel_says_a_controller_that_never_answers_unreached() -> None:
+    """`open_aio_channel` for programs: the same silent host is UNAVAILABLE "no connection" (a
+    controller not reached), not DEADLINE_EXCEEDED."""
+    with silent_address() as address:
+        async with open_aio_channel(Connection(address=address)) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await deployments_pb2_grpc.DeploymentServiceStub(channel).GetDeployment(
+                    D.GetDeploymentRequest(name="web"), timeout=1)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert failed.value.details() == "no connection: nothing answered there within 1s"
+
+
+async def test_an_asyncio_call_a_connected_controller_was_slow_to_answer_keeps_its_deadline_exceeded() -> None:
+    """The call went out on a connection: the controller has it and may serve it, so its
+    DEADLINE_EXCEEDED is not turned into "not reached"."""
+
+    class Slow(deployments_pb2_grpc.DeploymentServiceServicer):
+        async def GetDeployment(self, request, context):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(5)
+            return D.Deployment()
+
+    server = grpc.aio.server()
+    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(Slow(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with open_aio_channel(Connection(address=f"127.0.0.1:{port}")) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await deployments_pb2_grpc.DeploymentServiceStub(channel).GetDeployment(
+                    D.GetDeploymentRequest(name="web"), timeout=1)
+    finally:
+        await server.stop(None)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 @pytest.mark.parametrize("what", [("deployment", "web"), ("nodes", "--connected", "1")], ids=["deployment", "nodes"])
