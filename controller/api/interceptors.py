@@ -7,7 +7,9 @@ logging -> error translation.
   parsed and before any other interceptor runs: no token check, no audit entry, no log line of
   its own (a summary line every `SHED_LOG_EVERY_S`), counted in `maia_grpc_server_shed`. In a
   4,096-node join storm the refusals, each through the whole chain, took the event loop from the
-  writes that would have let the agents in;
+  writes that would have let the agents in. While the controller starts (`refuse_all`: its
+  schema checked, its tokens read) every call is refused there the same way, so a client
+  meets "starting, call again" with a retry time, not a port that accepts and never answers;
 
 - authentication: the bearer token in the metadata verified (`controller.authn`) and the
   caller's `Principal` (with the call's request id) put into a context variable; a call that
@@ -290,8 +292,16 @@ class LoadShedInterceptor(aio.ServerInterceptor):
         self._shed_since_log = 0
         self._logged_at = -math.inf
         self.shed = 0
+        self._all: errors.MaiaError | None = None  # while set, every call is refused with it (`refuse_all`)
+
+    def refuse_all(self, refusal: errors.MaiaError | None) -> None:
+        """Refuse every call of any method with `refusal` (a controller serving while it starts:
+        its schema checked, its tokens read), or, with None, serve by the rules again."""
+        self._all = refusal
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if self._all is not None:
+            return _refusing(await continuation(details), self._all)
         rule = self._rules.get(details.method)
         if rule is None:
             return await continuation(details)
@@ -328,6 +338,27 @@ class LoadShedInterceptor(aio.ServerInterceptor):
             log.warning("load shedding: %d call(s) refused busy before authentication since the last such line "
                         "(one at most every %.0fs), the last to %s", self._shed_since_log, SHED_LOG_EVERY_S, method)
             self._logged_at, self._shed_since_log = now, 0
+
+
+def _refusing(handler: grpc.RpcMethodHandler | None, refusal: errors.MaiaError) -> grpc.RpcMethodHandler | None:
+    """A handler of `handler`'s kind that ends each call with `refusal`, its request unread."""
+    if handler is None:
+        return None
+
+    async def refuse(request: Any, context: aio.ServicerContext) -> None:
+        await abort_with(context, refusal)
+
+    async def refuse_streamed(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        await abort_with(context, refusal)  # raises: nothing is yielded
+        yield
+
+    for kind, factory, behaviour in (("unary_unary", grpc.unary_unary_rpc_method_handler, refuse),
+                                     ("stream_unary", grpc.stream_unary_rpc_method_handler, refuse),
+                                     ("unary_stream", grpc.unary_stream_rpc_method_handler, refuse_streamed),
+                                     ("stream_stream", grpc.stream_stream_rpc_method_handler, refuse_streamed)):
+        if getattr(handler, kind) is not None:
+            return factory(behaviour, request_deserializer=None, response_serializer=handler.response_serializer)
+    return handler
 
 
 # Services anyone may call without a token: health checking (load balancers, probes) and reflection.

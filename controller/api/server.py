@@ -44,7 +44,7 @@ from controller.console.server import ConsoleServer
 from controller.observability.cluster import ClusterGauges, read_cluster_gauges
 from controller.observability.loop import watch_event_loop
 from controller.observability.metrics import ControllerMetrics
-from controller.errors import Unauthenticated
+from controller.errors import Unauthenticated, Unavailable
 from controller.gateway.children import GatewayProcesses, GatewaySettings, GatewayStartError
 from controller.gateway.frames import LINK_OPTIONS
 from controller.gateway.relay import RelayServicer, method_handlers
@@ -135,6 +135,11 @@ class AppSignals:
     def node_removed(self, node_id: str) -> None:
         self._app.hub.disconnect(node_id, NODE_DELETED)
         self._app.channel.send(NODE_REMOVED, [node_id])
+
+
+# Every call's answer while the controller starts (`ControllerApp.start`): clients retry it (RetryInfo).
+STARTING = Unavailable("the controller is starting (checking its database schema, reading its tokens); nothing "
+                       "was written; call again shortly", retry_after_ms=500)
 
 
 class ControllerApp:
@@ -416,11 +421,12 @@ class ControllerApp:
         return TlsSettings(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
 
     async def start(self) -> str:
-        """Bind, check (or migrate) the schema, serve, start the loops; returns the bound HOST:PORT.
+        """Bind, serve, check (or migrate) the schema, start the loops; returns the bound HOST:PORT.
 
         The port is bound before the database is touched, so a busy port leaves the database as
         it was. SO_REUSEPORT is off (grpc turns it on by default): a second controller on the
-        same port fails instead of sharing it.
+        same port fails instead of sharing it. Until the schema is checked and the tokens read,
+        every call is answered `STARTING` (UNAVAILABLE with a retry time), the health check too.
         """
         from controller.store.migrate import ensure_schema
 
@@ -453,15 +459,6 @@ class ControllerApp:
         except DatabaseInUse as exc:
             await server.stop(None)
             raise ListenError(str(exc)) from exc  # the same one-line refusal, before the database is touched
-        try:
-            revision = await ensure_schema(self.db, migrate=self.config.migrate)
-            log.info("schema ready revision=%s db=%s", revision,
-                     self.db.engine.url.render_as_string(hide_password=True))
-            await self._prepare_authentication()
-        except BaseException:
-            await server.stop(None)
-            self.sqlite_lock.release()
-            raise
 
         deps = ServiceDeps(
             db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
@@ -481,12 +478,25 @@ class ControllerApp:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        # Served at once, every call refused "starting, call again" until the schema is checked and
+        # the tokens read: a client meets a controller that answers, not a port that never does.
+        shed.refuse_all(STARTING)
+        try:
+            await server.start()
+            revision = await ensure_schema(self.db, migrate=self.config.migrate)
+            log.info("schema ready revision=%s db=%s", revision,
+                     self.db.engine.url.render_as_string(hide_password=True))
+            await self._prepare_authentication()
+        except BaseException:
+            await server.stop(None)
+            self.sqlite_lock.release()
+            raise
+        shed.refuse_all(None)
         if self.config.metrics_listen:
             self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster)
             self.metrics_address = self.metrics.serve(self.config.metrics_listen)
         if self.config.http_listen:
             self.console_address = await self.console.start(self.config.http_listen)
-        await server.start()
         self.server = server
         self.address = f"{host}:{port}"
         if self.config.agent_gateways:
