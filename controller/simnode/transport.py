@@ -9,7 +9,8 @@ registration fails it waits a jittered, exponentially growing delay and starts o
 shards it runs survive a reconnect, as processes on a real host would). `controller` may list
 several controllers ("A,B,C"): the node talks to the leader; a follower answers UNAVAILABLE
 with the leader's address (`maia-leader` metadata), which the node follows at once, and a
-controller that is gone or knows no leader yet sends it on to the next one in the list.
+controller that is gone, hung (a Register that ended at its deadline) or knows no leader yet
+sends it on to the next one in the list.
 
 Failure injection (driven by `controller/simnode/faults.py`): `crash()` drops the stream
 abruptly and forgets all shards, back after a while; `kill()` does the same until `revive()`;
@@ -234,12 +235,13 @@ class SimulatedNode:
                 stub = agent_pb2_grpc.NodeAgentServiceStub(channels[self.controller])
                 delay: float | None = None
                 problem = ""
-                was_connected = False
+                was_connected = unanswered = False
                 try:
                     await self._session(stub)
                     problem = "stream closed by the controller"
                 except grpc.aio.AioRpcError as exc:
                     was_connected = self.connected
+                    unanswered = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                     what = "stream broke" if self.connected else "register failed"
                     problem = f"{what}: {exc.code().name}: {exc.details()}"
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.node_credential:
@@ -260,8 +262,10 @@ class SimulatedNode:
                     else:
                         self.log.warning("%s", self._crash_reason)
                 elif delay is None:
-                    if was_connected or problem == "stream closed by the controller":
-                        self._next_controller()  # it may have died or stepped down: try another first
+                    if was_connected or unanswered or problem == "stream closed by the controller":
+                        # It may have died, hung (a Register it never answered) or stepped down:
+                        # another first.
+                        self._next_controller()
                     delay = self.backoff.next_delay()
                     self.log.warning("%s; reconnecting in %.1fs", problem, delay)
                 else:

@@ -342,3 +342,35 @@ async def test_a_refused_agent_waits_what_it_is_told_jittered_else_backs_off_exp
         node.stop()
         await asyncio.wait_for(task, timeout=5)
         await server.stop(grace=None)
+
+
+class HungController(FakeController):
+    """Accepts the connection and the call, and never answers a Register (a hung process)."""
+
+    async def Register(self, request, context):  # noqa: N802 (gRPC naming)
+        self.registrations.append(request.node)
+        await asyncio.Event().wait()
+
+
+async def test_an_agent_whose_register_a_hung_controller_never_answers_tries_the_next_one(
+        fake: tuple[FakeController, str]) -> None:
+    """A hung controller keeps its connection up and lets the Register run to its deadline; with
+    several controllers the agent goes on to the next, as from one that refused or died, instead
+    of calling the hung one again and again."""
+    controller, address = fake
+    server = grpc.aio.server()
+    hung = HungController()
+    agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(hung, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), f"127.0.0.1:{port},{address}", load_delay_s=0.0,
+                         register_timeout_s=0.5, backoff=Backoff(initial_s=0.05, maximum_s=0.05))
+    task = asyncio.create_task(node.run())
+    try:
+        await wait_until(lambda: controller.hellos(), timeout=10)
+        assert len(hung.registrations) == 1 and node.register_failures == {"DEADLINE_EXCEEDED": 1}
+        assert node.controller == address
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, timeout=5)
+        await server.stop(grace=None)
