@@ -137,7 +137,7 @@ class ControllerMetrics:
         r = self.registry
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}  # `_labelled`'s
         self.solve_duration = _Histogram("maia_solve_duration_seconds", "Time one solve took, by plan status.",
-                                        ["status"], registry=r, buckets=SOLVE_BUCKETS_S)
+                                         ["status"], registry=r, buckets=SOLVE_BUCKETS_S)
         self.solves = Counter("maia_solves", "Solves, by plan status.", ["status"], registry=r)
         self.plan_conflicts = Counter("maia_plan_conflicts",
                                       "Plans solved from a stale snapshot (the cluster changed while solving): "
@@ -150,12 +150,12 @@ class ControllerMetrics:
                                        "Replicas with a shard reported FAILED released after their back-off, to be "
                                        "placed again (other nodes first).", registry=r)
         self.submit_to_placed = _Histogram("maia_deployment_submit_to_placed_seconds",
-                                          "From a deployment's creation to its first placement.",
-                                          registry=r, buckets=PLACED_BUCKETS_S)
+                                           "From a deployment's creation to its first placement.",
+                                           registry=r, buckets=PLACED_BUCKETS_S)
         self.rpcs = Counter("maia_grpc_server_handled", "gRPC calls completed, by method and status code.",
                             ["service", "method", "code"], registry=r)
         self.rpc_duration = _Histogram("maia_grpc_server_handling_seconds", "gRPC call duration, by method.",
-                                      ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
+                                       ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
         self.rpc_queue_wait = _Histogram(
             "maia_grpc_server_queued_seconds",
             "From the time a client says it sent a call (metadata maia-sent-at, Unix seconds) to its handler "
@@ -179,9 +179,9 @@ class ControllerMetrics:
         self.lease_losses = Counter("maia_lease_losses", "Times this controller lost or gave up the leader lease.",
                                     registry=r)
         self.loop_lag = _Histogram("maia_event_loop_lag_seconds",
-                                  "How much later than asked a 0.1 s timer fired on the event loop: the time any "
-                                  "request, agent stream or loop waited behind other work (observability/loop.py).",
-                                  registry=r, buckets=RPC_BUCKETS_S)
+                                   "How much later than asked a 0.1 s timer fired on the event loop: the time any "
+                                   "request, agent stream or loop waited behind other work (observability/loop.py).",
+                                   registry=r, buckets=RPC_BUCKETS_S)
         self.reconcile_passes = Counter(
             "maia_reconcile_passes", "Reconcile passes by path: full (read and solved the whole "
             "cluster), fast (decided on the warm session), delta (only applied others' changes to the warm cache); "
@@ -207,8 +207,8 @@ class ControllerMetrics:
                                    "deadline but ran after it ended: the event loop was stalled longer than the "
                                    "gate's reserve (a starved machine, a long synchronous step).", registry=r)
         self.agents_admission_wait = _Histogram("maia_agent_admission_wait_seconds",
-                                               "Time an admitted agent call waited in the admission queue.",
-                                               registry=r, buckets=ADMISSION_WAIT_BUCKETS_S)
+                                                "Time an admitted agent call waited in the admission queue.",
+                                                registry=r, buckets=ADMISSION_WAIT_BUCKETS_S)
         self.agents_waiting = Gauge("maia_agent_admission_waiting", "Agent calls waiting in the admission queue now.",
                                     registry=r)
         self.shard_start = _Histogram(
@@ -273,7 +273,7 @@ class ControllerMetrics:
 
     def wal_checkpointed(self, done: CheckpointRound) -> None:
         outcome = "busy" if done.busy else "complete" if done.complete else "partial"
-        self.wal_checkpoint.labels(outcome).observe(done.seconds)
+        self._labelled(self.wal_checkpoint, outcome).observe(done.seconds)
         if done.busy:  # SQLite said nothing of the log (-1, -1): the gauges keep what the last round saw
             return
         self.wal_frames.set(done.wal_frames)

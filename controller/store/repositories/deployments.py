@@ -262,9 +262,8 @@ def changed_since_read(exc: BaseException) -> bool:
     if not isinstance(exc, IntegrityError):
         return False
     if isinstance(exc.orig, sqlite3.IntegrityError):
-        return (exc.orig.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_NOTNULL
-                and exc.orig.args[:1] in {(f"NOT NULL constraint failed: {table}.{column}",)
-                                          for table, column in _CHANGED_SINCE_READ})
+        return _sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_NOTNULL,
+                               {f"NOT NULL constraint failed: {table}.{column}" for table, column in _CHANGED_SINCE_READ})
     driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
     return (getattr(driver, "sqlstate", None) == _NOT_NULL_VIOLATION
             and (getattr(driver, "table_name", None), getattr(driver, "column_name", None)) in _CHANGED_SINCE_READ)
@@ -436,8 +435,14 @@ def deployment_id_taken(exc: BaseException) -> bool:
     nothing else: what an INSERT with ids chosen ahead (`insert_deployments(first_id=)`) meets when
     another transaction took one of them after they were read."""
     return (isinstance(exc, IntegrityError) and isinstance(exc.orig, sqlite3.IntegrityError)
-            and exc.orig.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
-            and exc.orig.args[:1] == (f"UNIQUE constraint failed: {_DEPLOYMENTS_TABLE.name}.{_DEPLOYMENTS_TABLE.c.id.name}",))
+            and _sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY,
+                                {f"UNIQUE constraint failed: {_DEPLOYMENTS_TABLE.name}.{_DEPLOYMENTS_TABLE.c.id.name}"}))
+
+
+def _sqlite_refusal(error: sqlite3.IntegrityError, code: int, messages: set[str]) -> bool:
+    """SQLite refused with this extended error `code` and one of these `messages` (the table and
+    column it names are only in its message)."""
+    return error.sqlite_errorcode == code and error.args[:1] in {(message,) for message in messages}
 
 
 def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:
