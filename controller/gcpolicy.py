@@ -22,17 +22,34 @@ still freed when their last reference goes; only a cycle among them that becomes
 frozen again each time the reconciler builds it whole (`WarmHeapFreezer.built`: at the start and
 at a re-sync).
 
-The controller's young collections are paced by time (`CollectionPacer`), not by the collector's
-count alone. The count is net (allocations minus deallocations, of any generation's objects), and
-each of the 4,096 agent streams' pending read (a coroutine, an async generator's step, a Future,
-gRPC's callback and batch tags, the message: ~25 objects a stream) is made anew at each heartbeat
-while the one before is freed: the count hardly moves, and the young generation fills with every
+The controller's collections are paced by time (`CollectionPacer`), not by the collector's count
+alone. The count is net (allocations minus deallocations, of any generation's objects), and each of
+the 4,096 agent streams' pending read (a coroutine, an async generator's step, a Future, gRPC's
+callback and batch tags, the message: ~20 objects a stream) is made anew at each heartbeat while
+the one before is freed: the count hardly moves, and the young generation fills with every
 stream's pending read. At 50 submits/s it reached 20,000 every ~12 s, and each young collection
-then walked ~100,000 objects (58-72 ms holding the GIL, measured at 4,096 nodes: the largest
-collector pauses under the submit path). Collected every `YOUNG_EVERY_S`, a young collection walks
-what was made since: the streams that beat in that time. The pacer's collections also drive the
-middle and full ones (`PACED_MIDDLE_EVERY`, `OLD_EVERY`): the count rarely reaches the threshold
-that would start CPython's own.
+then walked ~100,000 objects (58-72 ms holding the GIL, measured at 4,096 nodes). Collected every
+`YOUNG_EVERY_S`, a collection walks what was made since: the streams that beat in that time
+(~250 reads, 5,000-12,000 objects, 90 % of them alive: every pending read survives the collection
+that first sees it, for it lives until the next heartbeat ~8 s later).
+
+Each paced collection is a middle one (generation 1: the young generation and what CPython's own
+young collections promoted since the last tick, usually nothing), not a young one, so what
+survives it goes straight to the old generation and is never walked again before a full
+collection. Two things made the middle generation the controller's longest pauses (169-222 ms
+every ~25 s at 4,096 nodes, 50 submits/s) when the paced collections were young ones:
+- every `gc.collect(0)` adds one to the middle generation's count (CPython 3.11 gcmodule.c,
+  `gc_collect_main`), so after `MIDDLE_EVERY` paced ones (25 s) the next collection CPython
+  started itself (20,000 net allocations between two ticks: at joins, at saturation) was made a
+  middle one, whatever the pacer's own count said;
+- by then the middle generation held what 50 young collections had promoted and was still
+  alive: every stream's pending read made in those 25 s (~80,000 objects), walked at once.
+So, while the pacer runs, CPython's own collections are young ones only (`PacedThresholds`: the
+older generations' thresholds out of reach), and the pacer starts the middle and full ones: a
+middle one every tick, walking what one tick's young collection would have walked; a full one
+every `PACED_OLD_EVERY` ticks, walking what survived since the heap was last frozen (every live
+stream's pending read, the state made since: ~100,000 objects or more at 4,096 nodes, the one long
+pause left, every few minutes), so that cycles among old objects are still collected.
 """
 
 from __future__ import annotations
@@ -45,8 +62,8 @@ from collections.abc import Callable
 log = logging.getLogger("maia.gc")
 
 YOUNG_THRESHOLD = 20_000  # net allocations between young-generation collections (CPython: 700)
-MIDDLE_EVERY = 50         # young collections per middle-generation collection (CPython: 10)
-OLD_EVERY = 20            # middle collections before a full one is considered (CPython: 10)
+MIDDLE_EVERY = 50         # young collections per middle-generation collection (CPython: 10; unpaced processes)
+OLD_EVERY = 20            # middle collections before a full one is considered (CPython: 10; unpaced processes)
 
 
 def configure_gc() -> None:
@@ -54,41 +71,60 @@ def configure_gc() -> None:
     gc.set_threshold(YOUNG_THRESHOLD, MIDDLE_EVERY, OLD_EVERY)
 
 
-# The controller's young collections: one every YOUNG_EVERY_S (a few milliseconds each at 4,096
-# streams beating every ~8 s: 500 heartbeats a second, `limits.MAX_HEARTBEATS_PER_SECOND`); a middle
-# one every PACED_MIDDLE_EVERY of them (~2 minutes: it walks what the young ones promoted and is
-# still alive, every stream's pending read at most).
+# The controller's collections: one every YOUNG_EVERY_S (a few milliseconds each at 4,096 streams
+# beating every ~8 s: 500 heartbeats a second, `limits.MAX_HEARTBEATS_PER_SECOND`), a middle one
+# that walks what was made since the last; every PACED_OLD_EVERY-th a full one (5 minutes).
 YOUNG_EVERY_S = 0.5
-PACED_MIDDLE_EVERY = 240
+PACED_OLD_EVERY = 600
+
+# What the older generations' thresholds are set to while the pacer runs: counts that never get
+# there (`gc.set_threshold` takes C ints), so CPython's own collections stay young ones.
+OUT_OF_REACH = 2**31 - 1
+
+
+class PacedThresholds:
+    """While held (by each running pacer; the first sets, the last restores), CPython starts
+    young collections only: the older generations' thresholds are out of reach, since the pacer
+    starts those collections itself (module docstring)."""
+
+    _holders = 0
+    _before: tuple[int, int, int] = (0, 0, 0)
+
+    def __enter__(self) -> None:
+        cls = PacedThresholds
+        if cls._holders == 0:
+            cls._before = gc.get_threshold()
+            gc.set_threshold(cls._before[0], OUT_OF_REACH, OUT_OF_REACH)
+        cls._holders += 1
+
+    def __exit__(self, *exc: object) -> None:
+        cls = PacedThresholds
+        cls._holders -= 1
+        if cls._holders == 0:
+            gc.set_threshold(*cls._before)
 
 
 class CollectionPacer:
-    """Young collections by time (module docstring); every `middle_every`-th a middle one, and every
-    `old_every`-th middle one a full one."""
+    """A middle collection every tick, and every `old_every`-th a full one (module docstring)."""
 
-    def __init__(self, *, middle_every: int = PACED_MIDDLE_EVERY, old_every: int = OLD_EVERY,
-                 collect: Callable[[int], int] = gc.collect) -> None:
-        self._middle_every = middle_every
+    def __init__(self, *, old_every: int = PACED_OLD_EVERY, collect: Callable[[int], int] = gc.collect) -> None:
         self._old_every = old_every
         self._collect = collect
-        self._young = 0
-        self._middle = 0
+        self._ticks = 0
 
     def tick(self) -> int:
         """One paced collection; the generation it collected."""
-        self._young += 1
-        generation = 0
-        if self._young % self._middle_every == 0:
-            self._middle += 1
-            generation = 2 if self._middle % self._old_every == 0 else 1
+        self._ticks += 1
+        generation = 2 if self._ticks % self._old_every == 0 else 1
         self._collect(generation)
         return generation
 
     async def run(self, every_s: float = YOUNG_EVERY_S) -> None:
-        """A collection every `every_s` until cancelled."""
-        while True:
-            await asyncio.sleep(every_s)
-            self.tick()
+        """A collection every `every_s` until cancelled, CPython's own ones young only meanwhile."""
+        with PacedThresholds():
+            while True:
+                await asyncio.sleep(every_s)
+                self.tick()
 
 
 # The warm measure (connected agents) is read this often; unchanged this many reads in a row, it

@@ -4,6 +4,8 @@ after it grew by the re-freeze factor."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 
 from controller.gcpolicy import CollectionPacer, WarmHeapFreezer, freeze_heap
@@ -53,22 +55,66 @@ def test_a_built_warm_state_is_frozen_at_once_whatever_the_measure() -> None:
     assert frozen == [0, 1] and freezer.builds_frozen == 2 and freezer.frozen_at is None
 
 
-def test_paced_collections_are_young_with_a_middle_one_every_nth_and_a_full_one_every_nth_middle() -> None:
+def test_paced_collections_are_middle_ones_with_a_full_one_every_nth() -> None:
     collected: list[int] = []
-    pacer = CollectionPacer(middle_every=3, old_every=2, collect=lambda generation: collected.append(generation) or 0)
-    generations = [pacer.tick() for _ in range(12)]
-    assert generations == collected == [0, 0, 1, 0, 0, 2, 0, 0, 1, 0, 0, 2]
+    pacer = CollectionPacer(old_every=3, collect=lambda generation: collected.append(generation) or 0)
+    generations = [pacer.tick() for _ in range(7)]
+    assert generations == collected == [1, 1, 2, 1, 1, 2, 1]
 
 
-def test_a_paced_young_collection_walks_only_what_was_made_since_the_last() -> None:
-    """What the pacer exists for: a collection takes the young objects out of the young generation,
-    so the next one walks only what was made after it (the count alone would let them pile up)."""
+def test_a_paced_collection_walks_only_what_was_made_since_the_last() -> None:
+    """What the pacer exists for: a collection takes what it found alive out of the young and the
+    middle generations, so the next one walks only what was made after it (the count alone would
+    let them pile up)."""
     gc.collect()
     gc.disable()  # no collection but the pacer's
     try:
         kept = [[i] for i in range(1000)]
         assert any(o is kept for o in gc.get_objects(0))
-        CollectionPacer(middle_every=1_000).tick()
-        assert not any(o is kept for o in gc.get_objects(0))
+        CollectionPacer().tick()
+        assert not any(o is kept for o in gc.get_objects(0) + gc.get_objects(1))
     finally:
         gc.enable()
+
+
+async def test_while_the_pacer_runs_the_collections_cpython_starts_itself_stay_young() -> None:
+    """In CPython 3.11 every collection of a generation adds one to the next one's count, and the
+    collection CPython next starts itself is made one of the oldest generation whose count is
+    past its threshold: without the pacer's thresholds, 50 paced collections (or 50 of CPython's
+    own young ones) made the next one a middle one, walking all the young ones promoted."""
+    before = gc.get_threshold()
+    automatic: list[int] = []
+    paced: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and not collecting_paced:
+            automatic.append(info["generation"])
+
+    def collect(generation: int) -> int:
+        nonlocal collecting_paced
+        collecting_paced = True
+        try:
+            paced.append(generation)
+            return gc.collect(generation)
+        finally:
+            collecting_paced = False
+
+    collecting_paced = False
+    gc.set_threshold(100, 10, 10)  # the controller's semantics, in small numbers
+    gc.callbacks.append(seen)
+    pacer = asyncio.create_task(CollectionPacer(old_every=1_000, collect=collect).run(every_s=0))
+    try:
+        while len(paced) < 30:  # three times the middle generation's threshold
+            await asyncio.sleep(0)
+        assert gc.get_threshold()[0] == 100
+        garbage_free = [[i] for i in range(100 * 30)]  # thirty of CPython's own collections, no tick between
+        assert len(automatic) >= 25 and set(automatic) == {0}
+        del garbage_free
+    finally:
+        pacer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pacer
+        gc.callbacks.remove(seen)
+        now = gc.get_threshold()
+        gc.set_threshold(*before)
+    assert now == (100, 10, 10)  # restored once the pacer stopped
