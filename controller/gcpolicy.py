@@ -29,7 +29,7 @@ callback and batch tags, the message: ~20 objects a stream) is made anew at each
 the one before is freed: the count hardly moves, and the young generation fills with every
 stream's pending read. At 50 submits/s it reached 20,000 every ~12 s, and each young collection
 then walked ~100,000 objects (58-72 ms holding the GIL, measured at 4,096 nodes). Collected every
-`YOUNG_EVERY_S`, a collection walks what was made since: the streams that beat in that time
+`PACED_EVERY_S`, a collection walks what was made since: the streams that beat in that time
 (~250 reads, 5,000-12,000 objects, 90 % of them alive: every pending read survives the collection
 that first sees it, for it lives until the next heartbeat ~8 s later).
 
@@ -71,11 +71,13 @@ def configure_gc() -> None:
     gc.set_threshold(YOUNG_THRESHOLD, MIDDLE_EVERY, OLD_EVERY)
 
 
-# The controller's collections: one every YOUNG_EVERY_S (a few milliseconds each at 4,096 streams
-# beating every ~8 s: 500 heartbeats a second, `limits.MAX_HEARTBEATS_PER_SECOND`), a middle one
-# that walks what was made since the last; every PACED_OLD_EVERY-th a full one (5 minutes).
-YOUNG_EVERY_S = 0.5
-PACED_OLD_EVERY = 600
+# The controller's collections: one every PACED_EVERY_S, a middle one that walks what was made since
+# the last (at 4,096 streams beating every ~8 s, 500 heartbeats a second, ~100 pending reads and
+# what the calls of that time left alive); every PACED_OLD_EVERY-th a full one (5 minutes). Each
+# object is walked once before it reaches the old generation however often they run: more often
+# means shorter pauses, not more of them in all.
+PACED_EVERY_S = 0.2
+PACED_OLD_EVERY = round(300 / PACED_EVERY_S)
 
 # What the older generations' thresholds are set to while the pacer runs: counts that never get
 # there (`gc.set_threshold` takes C ints), so CPython's own collections stay young ones.
@@ -119,7 +121,7 @@ class CollectionPacer:
         self._collect(generation)
         return generation
 
-    async def run(self, every_s: float = YOUNG_EVERY_S) -> None:
+    async def run(self, every_s: float = PACED_EVERY_S) -> None:
         """A collection every `every_s` until cancelled, CPython's own ones young only meanwhile."""
         with PacedThresholds():
             while True:
