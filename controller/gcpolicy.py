@@ -29,27 +29,31 @@ callback and batch tags, the message: ~20 objects a stream) is made anew at each
 the one before is freed: the count hardly moves, and the young generation fills with every
 stream's pending read. At 50 submits/s it reached 20,000 every ~12 s, and each young collection
 then walked ~100,000 objects (58-72 ms holding the GIL, measured at 4,096 nodes). Collected every
-`PACED_EVERY_S`, a collection walks what was made since: the streams that beat in that time
-(~250 reads, 5,000-12,000 objects, 90 % of them alive: every pending read survives the collection
-that first sees it, for it lives until the next heartbeat ~8 s later).
+`PACED_EVERY_S`, a collection walks what was made since and is alive: mostly the pending reads of
+the streams that beat in that time (measured at 0.5 s, 50 submits/s: 4,000-13,000 objects, 75-90 %
+of them alive, ~20 a read; every pending read survives the collection that first sees it, for it
+lives until the stream's next message).
 
 Each paced collection is a middle one (generation 1: the young generation and what CPython's own
 young collections promoted since the last tick, usually nothing), not a young one, so what
-survives it goes straight to the old generation and is never walked again before a full
-collection. Two things made the middle generation the controller's longest pauses (169-222 ms
-every ~25 s at 4,096 nodes, 50 submits/s) when the paced collections were young ones:
+survives it goes straight to the old generation and is not walked again before a full
+collection: however often the pacer runs, each object is walked about once, so a shorter period
+means shorter pauses, not more walking (only objects of calls in flight are caught a little more
+often). Two things made the middle generation the controller's longest pauses (138-211 ms, every
+~20 s of the join and of saturation, at 4,096 nodes) when the paced collections were young ones:
 - every `gc.collect(0)` adds one to the middle generation's count (CPython 3.11 gcmodule.c,
-  `gc_collect_main`), so after `MIDDLE_EVERY` paced ones (25 s) the next collection CPython
-  started itself (20,000 net allocations between two ticks: at joins, at saturation) was made a
-  middle one, whatever the pacer's own count said;
-- by then the middle generation held what 50 young collections had promoted and was still
-  alive: every stream's pending read made in those 25 s (~80,000 objects), walked at once.
+  `gc_collect_main`: `generations[generation+1].count += 1`), so after `MIDDLE_EVERY` paced ones
+  the next collection CPython started itself (20,000 net allocations between two ticks: at joins,
+  at saturation) was made a middle one, whatever the pacer's own count said;
+- by then the middle generation held what all those young collections had promoted and was still
+  alive (118,000-330,000 objects in a probe: every stream's pending read, the reports and beats
+  the streams keep, and during the join each stream's task and generators and the warm build's
+  rows), walked at once.
 So, while the pacer runs, CPython's own collections are young ones only (`PacedThresholds`: the
 older generations' thresholds out of reach), and the pacer starts the middle and full ones: a
-middle one every tick, walking what one tick's young collection would have walked; a full one
-every `PACED_OLD_EVERY` ticks, walking what survived since the heap was last frozen (every live
-stream's pending read, the state made since: ~100,000 objects or more at 4,096 nodes, the one long
-pause left, every few minutes), so that cycles among old objects are still collected.
+middle one every tick, and a full one every `PACED_OLD_EVERY` ticks, which walks what survived
+since the heap was last frozen (every live stream's pending read and the state made since: the
+one long pause left, every 5 minutes) so that cycles among old objects are still collected.
 """
 
 from __future__ import annotations
