@@ -17,10 +17,12 @@ warm state built), the controller moves its heap out of the collector's reach (`
 middle and full collections then walk only what was made since, not the ~800,000 objects of a
 controller of 4,096 nodes and 10,000 placements (a full collection of that heap held the event
 loop 0.68 s; the first middle collection after the agents joined, 0.34 s). Frozen objects are
-still freed when their last reference goes; only a cycle among them that becomes garbage is kept
-(the cycles alive at the freeze: a few hundred objects of calls in flight). The warm cluster is
-frozen again each time the reconciler builds it whole (`WarmHeapFreezer.built`: at the start and
-at a re-sync).
+still freed when their last reference goes; only cycles are kept: those alive at the freeze that
+become garbage later (a few hundred objects of calls in flight), and those already garbage in the
+old generation, which only the pacer's full collection empties (21,141 garbage objects in the frozen
+heap 40 s into the submits after a 4,096-node join, against 4,669 when paced collections were
+young ones: one run each). The warm cluster is frozen again each time the reconciler builds it
+whole (`WarmHeapFreezer.built`: at the start and at a re-sync).
 
 The controller's collections are paced by time (`CollectionPacer`), not by the collector's count
 alone. The count is net (allocations minus deallocations, of any generation's objects), and each of
