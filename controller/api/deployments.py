@@ -152,7 +152,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     ) -> AsyncIterator[deployments_pb2.DeploymentEventBatch]:
         async for batch in watch_deployment_batches(self._deps.db.unit_of_work, current_principal(), self._deps.bus,
                                                     tenant=request.tenant, name=request.name):
-            yield deployments_pb2.DeploymentEventBatch(events=[convert.deployment_event_msg(e) for e in batch])
+            yield convert.deployment_event_batch_msg(batch)
 
     async def GetUsage(self, request: deployments_pb2.GetUsageRequest,
                        context: aio.ServicerContext) -> deployments_pb2.GetUsageResponse:

@@ -95,6 +95,19 @@ def test_a_watch_event_carries_the_replys_deployment() -> None:
     assert event.deployment == convert.deployment_msg(view)
 
 
+def test_a_batch_built_in_place_is_the_batch_of_the_events_messages_byte_for_byte() -> None:
+    """WatchDeploymentBatches builds each event in the batch from its fields (no message built and
+    copied in): the bytes on the wire are those of the batch of `deployment_event_msg`s."""
+    events = [d.DeploymentEvent("modified", _view(spread=d.Spread("rack", 1), times=True)),
+              d.DeploymentEvent("added", _view(spread=None, times=False)),
+              d.DeploymentEvent("deleted", _view(spread=None, times=True))]
+    got = convert.deployment_event_batch_msg(events)
+    expected = deployments_pb2.DeploymentEventBatch(events=[convert.deployment_event_msg(e) for e in events])
+    assert got.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+    assert got.SerializeToString() == expected.SerializeToString()
+    assert convert.deployment_event_batch_msg([]) == deployments_pb2.DeploymentEventBatch()
+
+
 def test_every_field_of_an_assignment_is_in_its_set() -> None:
     assignment = d.Assignment(deployment="web", tenant="t1", replica=1, shard=0, shards_per_replica=2,
                               accelerator_indices=(2, 3), accelerator_milli=500, spec=SHARD, generation=6)
