@@ -13,7 +13,7 @@ RPC and agent stream waited), and no event left before the last row was read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, aclosing
 
 from controller.errors import Unavailable
@@ -37,6 +37,15 @@ WATCH_QUEUE_EVENTS = 20_000
 CURRENT_PAGE = 100
 # Events in one message of WatchDeploymentBatches at most (a page of the current state is one).
 WATCH_BATCH = CURRENT_PAGE
+# A message is also bounded by what converting it costs, which grows with the placements its
+# views carry: an event weighs `EVENT_WEIGHT` (its fixed part, ~8 placements' worth) plus one a
+# placement. The handler converts and sends a message in one step of the event loop, every
+# submit waiting: lists of 20-40 events, gangs' among them, held it 2-4 ms (bench e2e at 50/s,
+# 4,096 nodes), and 100 events of a 64-shard gang (each of its shards' reports publishes one)
+# would hold it ~10 ms. The bound is ~0.5 ms of conversion on a quiet host: 50 single-shard
+# events, 6 of a 64-shard gang; an event heavier than the bound goes alone.
+EVENT_WEIGHT = 8
+WATCH_BATCH_WEIGHT = 450
 
 
 class DeploymentEventBus:
@@ -108,8 +117,9 @@ async def watch_deployment_batches(
     unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
     bus: DeploymentEventBus, *, tenant: str = "", name: str = "",
 ) -> AsyncIterator[list[DeploymentEvent]]:
-    """`watch_deployments`' events, in order, in lists of one to `WATCH_BATCH` events: a page
-    of the current state, then the changes waiting when the last list was taken."""
+    """`watch_deployments`' events, in order, in lists of one to `WATCH_BATCH` events weighing
+    `WATCH_BATCH_WEIGHT` at most (a heavier event alone): a page of the current state, then the
+    changes waiting when the last list was taken, each cut where the weight runs out."""
     tenant = policy.visible_tenant(who, tenant, "watching deployments")
     if name:
         check_name("deployment", name)
@@ -117,20 +127,42 @@ async def watch_deployment_batches(
     try:
         async with aclosing(_current(unit_of_work, who, tenant, name)) as pages:
             async for views in pages:
-                if views:
-                    yield [_added(view) for view in views]
+                for batch in _by_weight([_added(view) for view in views]):
+                    yield batch
         while True:
             items = [await queue.get()]
             while len(items) < WATCH_BATCH and not queue.empty():
                 items.append(queue.get_nowait())
             closed = any(e is _CLOSED for e in items)
-            if batch := await _visible(unit_of_work, who, [e for e in items if e is not _CLOSED
-                                                            and _matches(e, tenant, name)]):
+            visible = await _visible(unit_of_work, who, [e for e in items if e is not _CLOSED
+                                                         and _matches(e, tenant, name)])
+            for batch in _by_weight(visible):
                 yield batch
             if closed:
                 raise Unavailable("the watch fell behind or the controller is stopping; watch again")
     finally:
         bus.unsubscribe(queue)
+
+
+def event_weight(event: DeploymentEvent) -> int:
+    """What converting `event` for a watcher costs, in placements (see `EVENT_WEIGHT`)."""
+    return EVENT_WEIGHT + len(event.deployment.placements)
+
+
+def _by_weight(events: list[DeploymentEvent]) -> Iterator[list[DeploymentEvent]]:
+    """`events` in order, in consecutive lists weighing `WATCH_BATCH_WEIGHT` at most (an event
+    heavier than that alone); none for no events."""
+    batch: list[DeploymentEvent] = []
+    weight = 0
+    for event in events:
+        heft = event_weight(event)
+        if batch and weight + heft > WATCH_BATCH_WEIGHT:
+            yield batch
+            batch, weight = [], 0
+        batch.append(event)
+        weight += heft
+    if batch:
+        yield batch
 
 
 def _added(view: DeploymentView) -> DeploymentEvent:

@@ -7,12 +7,13 @@ that list).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import pytest
 
-from controller.domain.values import DeploymentEvent
+from controller.domain.values import DeploymentEvent, ShardPlacementView
 from controller.errors import Unavailable
 from controller.identity import Principal, Role
 from controller.store import repositories as repo
@@ -155,6 +156,63 @@ async def test_batches_take_every_waiting_change_in_order_up_to_the_bound(cluste
         lists = [await anext(batches) for _ in range(3)]
         assert [len(b) for b in lists] == [3, 3, 2]
         assert [e for b in lists for e in b] == changes
+    finally:
+        await batches.aclose()
+
+
+def _with_placements(event: DeploymentEvent, shards: int) -> DeploymentEvent:
+    """`event` as a gang of `shards` placed shards would carry it (its whole view in each event)."""
+    placements = tuple(ShardPlacementView(replica=0, shard=i, node=f"n{i}", rack="r1", accelerator_indices=(0,))
+                       for i in range(shards))
+    return DeploymentEvent("modified", replace(event.deployment, placements=placements))
+
+
+async def _lists_through(batches: AsyncIterator[list[DeploymentEvent]],
+                         last: Callable[[DeploymentEvent], bool]) -> list[list[DeploymentEvent]]:
+    """The lists up to the one holding the event `last` picks (never waiting past it)."""
+    lists = [await anext(batches)]
+    while not any(map(last, lists[-1])):
+        lists.append(await anext(batches))
+    return lists
+
+
+async def test_a_list_of_heavy_events_is_cut_where_its_weight_runs_out(cluster):
+    """The handler converts a list in one step of the event loop, and an event costs by its
+    placements: a hundred events of a 64-shard gang would hold the loop ~10 ms. Lists are cut by
+    weight (each within `WATCH_BATCH_WEIGHT`), in order; an event over the bound goes alone."""
+    listed = await _submit(cluster, "d0")
+    bus = DeploymentEventBus()
+    batches = watch_deployment_batches(cluster.unit_of_work, WHO, bus)
+    try:
+        await anext(batches)
+        gang = _with_placements(listed, 64)
+        end = DeploymentEvent("modified", listed.deployment)
+        published = [gang] * 30 + [end]
+        for event in published:
+            bus.publish(event)
+        lists = await _lists_through(batches, lambda e: e is end)
+        weights = [sum(map(watch.event_weight, b)) for b in lists]
+        assert len(lists) > 1 and max(weights) <= watch.WATCH_BATCH_WEIGHT
+        # each list is cut only where the next event would not fit
+        assert all(w + watch.event_weight(b[0]) > watch.WATCH_BATCH_WEIGHT for w, b in zip(weights, lists[1:]))
+        assert [e for b in lists for e in b] == published
+        huge = [_with_placements(listed, watch.WATCH_BATCH_WEIGHT) for _ in range(2)]  # each over the bound: alone
+        for event in (huge[0], end, huge[1]):
+            bus.publish(event)
+        assert await _lists_through(batches, lambda e: e is huge[1]) == [[huge[0]], [end], [huge[1]]]
+    finally:
+        await batches.aclose()
+
+
+async def test_a_page_of_the_current_state_is_cut_by_weight_too(cluster, monkeypatch):
+    monkeypatch.setattr(watch, "CURRENT_PAGE", 5)
+    monkeypatch.setattr(watch, "WATCH_BATCH_WEIGHT", 2 * watch.EVENT_WEIGHT)  # two unplaced deployments a list
+    for name in NAMES:
+        await _submit(cluster, name)
+    batches = watch_deployment_batches(cluster.unit_of_work, WHO, DeploymentEventBus())
+    try:
+        lists = await _lists_through(batches, lambda e: e.deployment.spec.name == "d4")
+        assert [[e.deployment.spec.name for e in b] for b in lists] == [["d0", "d1"], ["d2", "d3"], ["d4"]]
     finally:
         await batches.aclose()
 
