@@ -57,14 +57,9 @@ class _Watcher:
         from controller.api import convert
         from controller.identity import Principal, Role
         from controller.usecases.watch import watch_deployment_batches
-        from maia.v1 import deployments_pb2
         admin = Principal("bench", Role.ADMIN)
         async for batch in watch_deployment_batches(db.unit_of_work, admin, bus):
-            if hasattr(convert, "deployment_event_batch_msg"):  # as the handler builds it (trees before: below)
-                message = convert.deployment_event_batch_msg(batch)
-            else:
-                message = deployments_pb2.DeploymentEventBatch(events=[convert.deployment_event_msg(e) for e in batch])
-            message.SerializeToString()
+            convert.deployment_event_batch_msg(batch).SerializeToString()  # as the handler builds it
             if any(e.type != "added" for e in batch):
                 self.live.set()
             self.events += len(batch)
