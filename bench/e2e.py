@@ -140,7 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "running, the rate); 0: none")
     p.add_argument("--py-spy", metavar="PATH",
                    help="profile the controller during the run with this py-spy binary: collapsed stacks "
-                        "in <run dir>/controller.pyspy.txt (implies --keep)")
+                        "in <run dir>/controller.pyspy.txt (implies --keep; py-spy --nonblocking: sampling never "
+                        "pauses the controller, whose stalls would otherwise be the profile)")
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -968,7 +969,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
 
 def _profile(py_spy: str, controller: Process, root: Path) -> Process:
     return Process("py-spy", [py_spy, "record", "--pid", str(controller.proc.pid), "--format", "raw",
-                              "--rate", "50", "--output", str(root / "controller.pyspy.txt")],
+                              "--rate", "50", "--nonblocking", "--output", str(root / "controller.pyspy.txt")],
                    root / "py-spy.log")
 
 
