@@ -51,6 +51,9 @@ from controller.store.lease import LeaseLost
 log = logging.getLogger("maia.leadership")
 
 LEADER_METADATA_KEY = "maia-leader"  # trailing metadata of a follower's UNAVAILABLE: the leader's address
+# Trailing metadata of a starting controller's UNAVAILABLE (`api.server.STARTING`): it leads no one
+# yet, so an agent given several controllers tries the next instead of waiting on this one.
+STATE_METADATA_KEY, STARTING_STATE = "maia-controller-state", "starting"
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ from controller.health import HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
 from controller.nodelifecycle import NodeLifecycle
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
-from controller.leadership import LeaderElection, LeaseSettings
+from controller.leadership import STARTING_STATE, STATE_METADATA_KEY, LeaderElection, LeaseSettings
 from controller.reconcile import Reconciler, waits_on_report
 from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
@@ -139,7 +139,8 @@ class AppSignals:
 
 # Every call's answer while the controller starts (`ControllerApp.start`): clients retry it (RetryInfo).
 STARTING = Unavailable("the controller is starting (checking its database schema, reading its tokens); nothing "
-                       "was written; call again shortly", retry_after_ms=500)
+                       "was written; call again shortly", retry_after_ms=500,
+                       metadata=((STATE_METADATA_KEY, STARTING_STATE),))
 
 
 class ControllerApp:

@@ -44,6 +44,7 @@ from maia.v1 import agent_pb2, agent_pb2_grpc
 
 DEFAULT_HEARTBEAT_S = 1.0
 LEADER_METADATA_KEY = "maia-leader"  # controller.leadership: where a follower says the leader is
+STATE_METADATA_KEY = "maia-controller-state"  # controller.leadership: "starting" while it starts
 REDIRECT_DELAY_S = (0.05, 0.25)  # jittered pause before following a redirect
 NO_LEADER_DELAY_S = (0.3, 0.8)   # a controller is gone or knows no leader yet: the next one, soon
 REGISTER_TIMEOUT_S = 10.0
@@ -87,6 +88,11 @@ def _trailer(exc: grpc.aio.AioRpcError, key: str) -> str | None:
 def leader_hint(exc: grpc.aio.AioRpcError) -> str:
     """The leader's address a follower put in its UNAVAILABLE answer ('' if none)."""
     return _trailer(exc, LEADER_METADATA_KEY) or ""
+
+
+def starting(exc: grpc.aio.AioRpcError) -> bool:
+    """The controller said it is starting: it leads no one yet, whatever its retry time."""
+    return _trailer(exc, STATE_METADATA_KEY) == "starting"
 
 
 def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
@@ -246,8 +252,13 @@ class SimulatedNode:
                     problem = f"{what}: {exc.code().name}: {exc.details()}"
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.node_credential:
                         self._forget_credential()  # revoked (an admin reset it): register afresh
-                    told = retry_after_s(exc)  # a controller busy with a join storm says when to come back
-                    delay = self._follow(exc) if told is None else self.backoff.told(told)
+                    # A controller busy with a join storm says when to come back; one starting, too,
+                    # but with others to try the agent goes on to them (it leads no one yet).
+                    told = retry_after_s(exc)
+                    if told is None or (starting(exc) and len(self.controllers) > 1):
+                        delay = self._follow(exc)
+                    else:
+                        delay = self.backoff.told(told)
                 except _Crashed:
                     pass
                 finally:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.api.server import ControllerApp
 from controller.retryinfo import told_retry_s
+from controller.simnode.transport import starting as says_starting
 from controller.store import migrate
 from controller.store.db import Database
 from grpc_harness import TEST_CONFIG, Stubs
@@ -67,6 +68,7 @@ async def test_a_starting_controller_answers_every_call_starting_with_a_retry_ti
                 assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused
                 assert refused.details().startswith("the controller is starting"), refused.details()
                 assert told_retry_s(refused.trailing_metadata()) == 0.5
+                assert says_starting(refused)  # what an agent with other controllers moves on at
             checked.set()
             await asyncio.wait_for(starting, timeout=60)
             served = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -374,3 +374,57 @@ async def test_an_agent_whose_register_a_hung_controller_never_answers_tries_the
         node.stop()
         await asyncio.wait_for(task, timeout=5)
         await server.stop(grace=None)
+
+
+class StartingController(FakeController):
+    """Answers every Register as a starting controller does (`api.server.STARTING`): UNAVAILABLE
+    with a retry time and the `maia-controller-state: starting` trailer."""
+
+    async def Register(self, request, context):  # noqa: N802 (gRPC naming)
+        self.registrations.append(request.node)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is starting",
+                            trailing_metadata=(("retry-after-ms", "500"), ("maia-controller-state", "starting")))
+
+
+@pytest.mark.parametrize("others", [True, False], ids=["with-others", "alone"])
+async def test_an_agent_told_starting_tries_the_next_controller_if_it_has_one(
+        fake: tuple[FakeController, str], others: bool, monkeypatch) -> None:
+    """A starting controller leads no one yet: an agent given several controllers goes on to the
+    next at once rather than waiting out the retry time on it; given only that one, it waits what
+    it is told (0.5 s, jittered) and calls it again."""
+    from controller.simnode import transport
+
+    controller, address = fake
+    server = grpc.aio.server()
+    starting = StartingController()
+    agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(starting, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    addresses = f"127.0.0.1:{port},{address}" if others else f"127.0.0.1:{port}"
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), addresses, load_delay_s=0.0,
+                         backoff=Backoff(rng=random.Random(3)))
+    pauses: list[float] = []
+    real_wait = transport.wait_event
+
+    async def recorded(event: asyncio.Event, timeout_s: float) -> bool:
+        if event is node._stopping:  # a pause before the next attempt: noted, not waited
+            pauses.append(timeout_s)
+            return False
+        return await real_wait(event, timeout_s)
+
+    monkeypatch.setattr(transport, "wait_event", recorded)
+    task = asyncio.create_task(node.run())
+    try:
+        if others:
+            await wait_until(lambda: controller.hellos(), timeout=10)
+            assert len(starting.registrations) == 1 and node.controller == address
+            low, high = transport.NO_LEADER_DELAY_S  # the pause before the next controller
+            assert low <= pauses[0] <= high
+        else:
+            await wait_until(lambda: len(starting.registrations) >= 3, timeout=10)
+            assert node.controller == f"127.0.0.1:{port}" and not controller.registrations
+            assert all(0.5 <= p <= 0.5 * (1 + node.backoff.retry_jitter) for p in pauses[:2])
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, timeout=5)
+        await server.stop(grace=None)
