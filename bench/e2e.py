@@ -967,6 +967,23 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
         bench.violations = await grade(url)
 
 
+# The steady rate: deployments that reached Running in the middle of the run, over the time
+# between the first and the last of them. The sustained rate (first submit to last Running) also
+# holds the pipeline's filling (the first submit's ~1-2 s to Running) and draining, a quarter of a
+# run of a few thousand deployments; this one is the rate the pipeline keeps once full.
+MIDDLE_SHARE = 0.8
+
+
+def middle_rate(running_at: list[float], share: float = MIDDLE_SHARE) -> float | None:
+    """Deployments a second over the middle `share` of these Running times (None: too few)."""
+    times = sorted(running_at)
+    skip = round(len(times) * (1 - share) / 2)
+    first, last = skip, len(times) - 1 - skip
+    if last - first < 1 or times[last] <= times[first]:
+        return None
+    return (last - first) / (times[last] - times[first])
+
+
 def _profile(py_spy: str, controller: Process, root: Path) -> Process:
     return Process("py-spy", [py_spy, "record", "--pid", str(controller.proc.pid), "--format", "raw",
                               "--rate", "50", "--nonblocking", "--output", str(root / "controller.pyspy.txt")],
@@ -1039,6 +1056,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
 
     ran = [n for n in (singles + gangs) if n in t and t[n].running]
     span = max(t[n].running for n in ran) - min(t[n].submitted for n in ran) if ran else 0.0
+    steady = middle_rate([t[n].running for n in ran])
     violations = bench.violations or []
     return {
         "db": bench.kind, "nodes": shape.nodes, "fleets": shape.fleets, "preloaded": shape.preloaded,
@@ -1080,6 +1098,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
                                      if x.delete_sent and x.delete_sent > bench.started + bench.submitted_s),
         "running": len(ran),
         "deployments_per_s": round(len(ran) / span, 1) if span else 0.0,
+        "steady_per_s": None if steady is None else round(steady, 1),
         "submit_phase_s": round(bench.submitted_s, 2), "elapsed_s": round(bench.elapsed_s, 2),
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
         "controller_children_cpu_s": round(bench.child_cpu_s, 1),
@@ -1155,7 +1174,8 @@ def report(r: dict[str, Any]) -> str:
             f"  delete rpc {pp('delete_rpc')} ms (due->answered {pp('delete_due_answered')} ms; "
             f"{r['deletes_after_submits']} sent after the submits), "
             f"delete->gone {pp('delete_gone')} ms (due->gone {pp('delete_due_gone')} ms) | "
-            f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s) | "
+            f"{r['deployments_per_s']} deployments/s sustained ({r['running']} running in {r['elapsed_s']} s; "
+            f"{r['steady_per_s']}/s steady: the middle {round(MIDDLE_SHARE * 100)} % of them) | "
             f"controller CPU {r['controller_cpu_s']} s (decide process "
             f"{round(r['controller_children_cpu_s'] - r['controller_gateways_cpu_s'], 1)} s"
             + (f", {r['agent_gateways']} agent gateways {r['controller_gateways_cpu_s']} s" if r["agent_gateways"] else "")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from bench.e2e import arrival_offsets, bucket_quantile, interpolated_quantile, open_loop
+import pytest
+
+from bench.e2e import arrival_offsets, bucket_quantile, interpolated_quantile, middle_rate, open_loop
 
 
 def test_even_arrivals_are_one_over_the_rate_apart() -> None:
@@ -48,3 +50,16 @@ def test_the_quantile_is_interpolated_within_its_bucket() -> None:
     assert interpolated_quantile(buckets, buckets, 0.5) is None  # nothing observed since
     assert abs(interpolated_quantile(buckets, {0.01: 50.0, 0.02: 50.0, 0.05: 50.0, float("inf"): 50.0}, 0.5)
                - 0.01625) < 1e-12  # of the 50 since: none <= 0.01, 40 in (0.01, 0.02]: 25/40 of the way
+
+
+def test_the_steady_rate_leaves_out_the_pipeline_filling_and_draining() -> None:
+    """A run whose middle ran at 100/s after a slow first second and before a slow last one: the
+    steady rate is the middle's, the first-to-last rate lower; too few times give none."""
+    filling = [i * 0.1 for i in range(10)]                    # 10 in the first second
+    middle = [1.0 + i * 0.01 for i in range(80)]              # 80 at 100/s
+    draining = [1.8 + 0.1 * (i + 1) for i in range(10)]       # 10 in the last second
+    times = filling + middle + draining
+    assert middle_rate(times) == pytest.approx(100.0, rel=0.02)
+    assert len(times) / (max(times) - min(times)) < 40
+    assert middle_rate([3.0, 1.0, 2.0], share=1.0) == pytest.approx(1.0)  # unsorted times are sorted
+    assert middle_rate([]) is None and middle_rate([1.0]) is None and middle_rate([2.0, 2.0]) is None
