@@ -24,13 +24,6 @@ class RunningController:
         return maiactl(self.address, *args, stdin=stdin, token=self.token)
 
 
-def closed_port_address() -> str:
-    """An address nobody listens on (a port the OS just handed out and we closed again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
 @contextmanager
 def silent_address() -> Iterator[str]:
     """An address that accepts TCP connections (the kernel completes the handshake) and never

@@ -14,11 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cli_harness import closed_port_address, silent_address
+from cli_harness import silent_address
 from controller.cli.client import open_aio_channel
 from controller.cli.config import Connection
 from controller.cli.main import main
 from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
+from tests.addresses import closed_port_address
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_harness import closed_port_address, controller_process, maiactl
+from cli_harness import controller_process, maiactl
 from controller.cli.client import CliError, Exit, channel_target
+from tests.addresses import closed_port_address
 
 
 def test_one_address_is_used_as_given() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_harness import RunningController, closed_port_address, controller_process, maiactl
+from cli_harness import RunningController, controller_process, maiactl
+from tests.addresses import closed_port_address
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 

@@ -16,10 +16,10 @@ from concurrent import futures
 import grpc
 import pytest
 
-from cli_harness import closed_port_address
 from controller.cli.client import Controller, open_aio_channel
 from controller.cli.config import Connection
 from maia.v1 import admin_pb2, admin_pb2_grpc
+from tests.addresses import closed_port_address
 
 # Failed attempts before the controller comes back: gRPC's own back-off then waits ~10.5 s
 # (x0.8-1.2) before the next attempt (1, 1.6, 2.6, 4.1, 6.6, 10.5 s...), ours 2 s at most.

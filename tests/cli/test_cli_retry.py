@@ -16,12 +16,12 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from cli_harness import closed_port_address
 from controller.cli.client import Controller, Exit, open_aio_channel
 from controller.cli.config import Connection
 from controller.cli.main import main as maiactl
 from controller.cli.retry import RetryPolicy
 from maia.v1 import admin_pb2, admin_pb2_grpc
+from tests.addresses import closed_port_address
 
 TOKEN = "test-token"
 

@@ -5,7 +5,6 @@ accepting connections and answering nothing until it is ready."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,12 +19,7 @@ from controller.store import migrate
 from controller.store.db import Database
 from grpc_harness import TEST_CONFIG, Stubs
 from maia.v1 import agent_pb2, deployments_pb2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.addresses import closed_port_address
 
 
 async def _refusal(call: grpc.aio.Call) -> grpc.aio.AioRpcError:
@@ -45,7 +39,7 @@ async def test_a_starting_controller_answers_every_call_starting_with_a_retry_ti
         return await real_ensure_schema(db, migrate=migrate)
 
     monkeypatch.setattr(migrate, "ensure_schema", slow_schema_check)
-    address = f"127.0.0.1:{_free_port()}"
+    address = closed_port_address()
     app = ControllerApp(replace(TEST_CONFIG, db_url=database.url, listen=address,
                                 bootstrap_admin_token_file=str(tmp_path / "admin.token")))
     starting = asyncio.create_task(app.start())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -14,6 +13,7 @@ import pytest
 from controller.simnode.protocol import NodeSpec
 from controller.simnode.transport import Backoff, SimulatedNode
 from maia.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from tests.addresses import closed_port_address
 
 
 class FakeController(agent_pb2_grpc.NodeAgentServiceServicer):
@@ -91,13 +91,6 @@ def assignment_set(generation: int, *shards: int) -> agent_pb2.ControllerMessage
             deployment="claude", tenant="anthropic", replica=0, shard=s, shards_per_replica=4,
             accelerator_indices=[s], spec=common_pb2.ShardSpec(accelerators=1, power_w=700.0),
             generation=generation) for s in shards]))
-
-
-def closed_port_address() -> str:
-    """An address nobody listens on (a port the OS just handed out and we closed again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
