@@ -101,14 +101,20 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeController, str]]:
+async def started(controller: FakeController) -> tuple[grpc.aio.Server, str]:
+    """A gRPC server serving `controller` on a port of its own, and its address."""
     server = grpc.aio.server()
-    controller = FakeController()
     agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(controller, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    yield controller, f"127.0.0.1:{port}"
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeController, str]]:
+    controller = FakeController()
+    server, address = await started(controller)
+    yield controller, address
     await server.stop(grace=None)
 
 
@@ -280,6 +286,23 @@ async def test_a_fleet_with_shared_channels_multiplexes_its_nodes_on_one_connect
     await shared[address].close()
 
 
+def recorded_pauses(monkeypatch: pytest.MonkeyPatch, node: SimulatedNode) -> list[float]:
+    """The node's pauses before each next attempt, recorded and not waited (its other waits are)."""
+    from controller.simnode import transport
+
+    pauses: list[float] = []
+    real_wait = transport.wait_event
+
+    async def recorded(event: asyncio.Event, timeout_s: float) -> bool:
+        if event is node._stopping:  # a pause before the next attempt: noted, not waited
+            pauses.append(timeout_s)
+            return False
+        return await real_wait(event, timeout_s)
+
+    monkeypatch.setattr(transport, "wait_event", recorded)
+    return pauses
+
+
 class RefusingController(FakeController):
     """Refuses the first Registers: `told` of them busy with a retry time (retry-after-ms), then
     `silent` of them UNAVAILABLE with none, then registers."""
@@ -304,25 +327,11 @@ async def test_a_refused_agent_waits_what_it_is_told_jittered_else_backs_off_exp
     by up to its jitter, never less, and not all alike; refused with no time, it backs off
     exponentially with jitter (0.5 s, 1 s, 2 s ceilings, each at least half its ceiling); then it
     registers and connects."""
-    from controller.simnode import transport
-
-    server = grpc.aio.server()
     controller = RefusingController(told=3, silent=3, retry_after_ms=7000)
-    agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(controller, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), f"127.0.0.1:{port}", load_delay_s=0.0,
+    server, controller_address = await started(controller)
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), controller_address, load_delay_s=0.0,
                          backoff=Backoff(rng=random.Random(7)))
-    pauses: list[float] = []
-    real_wait = transport.wait_event
-
-    async def recorded(event: asyncio.Event, timeout_s: float) -> bool:
-        if event is node._stopping:  # a pause before the next attempt: noted, not waited
-            pauses.append(timeout_s)
-            return False
-        return await real_wait(event, timeout_s)
-
-    monkeypatch.setattr(transport, "wait_event", recorded)
+    pauses = recorded_pauses(monkeypatch, node)
     task = asyncio.create_task(node.run())
     try:
         await wait_until(lambda: controller.hellos())
@@ -351,12 +360,9 @@ async def test_an_agent_whose_register_a_hung_controller_never_answers_tries_the
     several controllers the agent goes on to the next, as from one that refused or died, instead
     of calling the hung one again and again."""
     controller, address = fake
-    server = grpc.aio.server()
     hung = HungController()
-    agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(hung, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), f"127.0.0.1:{port},{address}", load_delay_s=0.0,
+    server, hung_address = await started(hung)
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), f"{hung_address},{address}", load_delay_s=0.0,
                          register_timeout_s=0.5, backoff=Backoff(initial_s=0.05, maximum_s=0.05))
     task = asyncio.create_task(node.run())
     try:
@@ -388,24 +394,12 @@ async def test_an_agent_told_starting_tries_the_next_controller_if_it_has_one(
     from controller.simnode import transport
 
     controller, address = fake
-    server = grpc.aio.server()
     starting = StartingController()
-    agent_pb2_grpc.add_NodeAgentServiceServicer_to_server(starting, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    addresses = f"127.0.0.1:{port},{address}" if others else f"127.0.0.1:{port}"
+    server, starting_address = await started(starting)
+    addresses = f"{starting_address},{address}" if others else starting_address
     node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), addresses, load_delay_s=0.0,
                          backoff=Backoff(rng=random.Random(3)))
-    pauses: list[float] = []
-    real_wait = transport.wait_event
-
-    async def recorded(event: asyncio.Event, timeout_s: float) -> bool:
-        if event is node._stopping:  # a pause before the next attempt: noted, not waited
-            pauses.append(timeout_s)
-            return False
-        return await real_wait(event, timeout_s)
-
-    monkeypatch.setattr(transport, "wait_event", recorded)
+    pauses = recorded_pauses(monkeypatch, node)
     task = asyncio.create_task(node.run())
     try:
         if others:
@@ -415,7 +409,7 @@ async def test_an_agent_told_starting_tries_the_next_controller_if_it_has_one(
             assert low <= pauses[0] <= high
         else:
             await wait_until(lambda: len(starting.registrations) >= 3, timeout=10)
-            assert node.controller == f"127.0.0.1:{port}" and not controller.registrations
+            assert node.controller == starting_address and not controller.registrations
             assert all(0.5 <= p <= 0.5 * (1 + node.backoff.retry_jitter) for p in pauses[:2])
     finally:
         node.stop()
