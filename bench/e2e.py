@@ -133,6 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and reported apart")
     p.add_argument("--agent-gateway-linger-ms", type=float, default=None, metavar="MS",
                    help="maia-controller --agent-gateway-linger-ms (with --agent-gateways; default: its default)")
+    p.add_argument("--pg-statements", type=int, default=0, metavar="N",
+                   help="PostgreSQL: load pg_stat_statements, reset it as the submits start and report the N "
+                        "statements that took the server's time (and the totals) up to the last Running")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, SQLite file)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
@@ -264,18 +267,62 @@ def _stat(pid: int) -> list[str]:
 @asynccontextmanager
 async def database(kind: str, root: Path) -> AsyncIterator[str]:
     """A fresh database URL: a SQLite file, or a database on a PostgreSQL started as the tests do."""
+    async with database_server(kind, root) as (url, _server):
+        yield url
+
+
+# pg_stat_statements, loaded with --pg-statements: top-level statements only, so that their times
+# add up to the server's work (a trigger's statements are in the time of the one that fired it).
+PG_STATEMENTS_SETTINGS = {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "top",
+                          "pg_stat_statements.max": "10000"}
+
+
+@asynccontextmanager
+async def database_server(kind: str, root: Path, *, statements: bool = False
+                          ) -> AsyncIterator[tuple[str, LocalPostgres | None]]:
+    """`database`'s URL and the PostgreSQL server it is on (None: SQLite), for its CPU time;
+    `statements`: the server loads pg_stat_statements and the database has the extension."""
     if kind == "sqlite":
-        yield f"sqlite+aiosqlite:///{root / 'maia.db'}"
+        yield f"sqlite+aiosqlite:///{root / 'maia.db'}", None
         return
     bin_dir = find_pg_bin_dir()
     if bin_dir is None:
         raise RuntimeError("no PostgreSQL server binaries (make postgres)")
-    server = LocalPostgres(bin_dir)
+    server = LocalPostgres(bin_dir, PG_STATEMENTS_SETTINGS if statements else None)
     try:
         url = await create_database(server.start(), prefix="maia_bench")
-        yield url
+        if statements:
+            await _pg_execute(url, "CREATE EXTENSION pg_stat_statements")
+        yield url, server
     finally:
         server.stop()
+
+
+async def _pg_execute(url: str, sql: str) -> list[Any]:
+    """The rows of one statement on a connection of its own (the bench's, not the controller's)."""
+    import asyncpg
+    from bench.pgserver import asyncpg_dsn
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
+PG_STATEMENTS_SQL = """
+SELECT calls, rows, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query
+FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY total_exec_time DESC"""
+PG_XACTS_SQL = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+
+
+async def pg_statements_since_reset(url: str, top: int) -> dict[str, Any]:
+    """pg_stat_statements since its reset: totals and the `top` statements by execution time."""
+    rows = await _pg_execute(url, PG_STATEMENTS_SQL)
+    return {"calls": sum(r["calls"] for r in rows), "exec_ms": round(sum(r["total_exec_time"] for r in rows)),
+            "statements": len(rows),
+            "top": [{"calls": r["calls"], "rows": r["rows"], "exec_ms": round(r["total_exec_time"], 1),
+                     "query": r["query"]} for r in rows[:top]]}
 
 
 # --- the cluster --------------------------------------------------------------------------------
@@ -656,6 +703,12 @@ class Bench:
     machine_all_s: float = 0.0   # ... and all of it (cores x seconds)
     own0: float = 0.0
     own_cpu_s: float = 0.0  # this bench process's since
+    db_server: LocalPostgres | None = None  # PostgreSQL's server (None: SQLite, in the controller's process)
+    db_cpu0: float = 0.0
+    db_cpu_s: float = 0.0  # the database server's CPU since the submits started (postmaster and backends)
+    db_xacts0: int = 0
+    db_xacts: int = 0  # transactions committed or rolled back in the database since (pg_stat_database)
+    pg_statements: dict[str, Any] | None = None  # --pg-statements: pg_stat_statements' since the submits
     rss_mib: float = 0.0
     gateway_rss_mib: float = 0.0  # the agent gateways' peak RSS, summed
     controller_exit: int | None = None
@@ -702,6 +755,8 @@ class Bench:
             busy, total = machine_cpu_s()
             self.machine_busy_s, self.machine_all_s = busy - self.machine0[0], total - self.machine0[1]
             self.own_cpu_s = own_cpu_s() - self.own0
+            if self.db_server is not None and self.started:
+                self.db_cpu_s = self.db_server.cpu_s() - self.db_cpu0
         except OSError:
             pass
         if self.started:
@@ -846,7 +901,7 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
     tenants = tenants_for(shape, args)
     bin_dir = Path(sys.executable).parent
     bench.phase = "starting the database"
-    async with database(bench.kind, root) as url:
+    async with database_server(bench.kind, root, statements=args.pg_statements > 0) as (url, bench.db_server):
         extra: list[str] = []
         if shape.preloaded:
             bench.phase = f"preloading {shape.preloaded} placements"
@@ -918,6 +973,11 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             await scrape_passes(bench)
             bench.lag_at_start, bench.shard_start_at_start = dict(bench.lag), dict(bench.shard_start)
             bench.beat_rows_at_start = bench.beat_rows
+            if bench.db_server is not None:
+                if args.pg_statements:
+                    await _pg_execute(url, "SELECT pg_stat_statements_reset()")
+                bench.db_xacts0 = (await _pg_execute(url, PG_XACTS_SQL))[0][0]
+                bench.db_cpu0 = bench.db_server.cpu_s()
             bench.phase = "submitting"
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
             tasks.append(asyncio.create_task(watch_event_loop(lambda late_s: run.loop_lag_ms.append(late_s * 1000))))
@@ -944,6 +1004,10 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
                 await tasks[-1]
                 await _settle_deletions(run, timeout_s=60)
             bench.measure()
+            if bench.db_server is not None:  # before the controller stops: the run's, not its shutdown's
+                bench.db_xacts = (await _pg_execute(url, PG_XACTS_SQL))[0][0] - bench.db_xacts0
+                if args.pg_statements:
+                    bench.pg_statements = await pg_statements_since_reset(url, args.pg_statements)
             finished = True
             await channel.close()
         finally:
@@ -1107,6 +1171,9 @@ def summarize(bench: Bench) -> dict[str, Any]:
         # the whole machine over the same span: the fleets are most of busy - controller - bench
         "machine_busy_cpu_s": round(bench.machine_busy_s, 1), "machine_cpu_s": round(bench.machine_all_s, 1),
         "bench_cpu_s": round(bench.own_cpu_s, 1),
+        "db_server_cpu_s": round(bench.db_cpu_s, 2) if bench.db_server is not None else None,
+        "db_transactions": bench.db_xacts if bench.db_server is not None else None,
+        "pg_statements": bench.pg_statements,
         "heartbeat_rows_per_s": None if (rows := bench.beat_rows_per_s()) is None else round(rows, 1),
         "nodes_joined_s": round(bench.joined_s, 1), "controller_exit": bench.controller_exit,
         "watches": run.watches, "graded": bench.violations is not None, "reconcile_passes": dict(bench.passes),
@@ -1140,6 +1207,22 @@ def _stages_line(r: dict[str, Any]) -> str:
     if queued["p50_ms"] is not None:
         parts.insert(0, f"before the handler {queued['p50_ms']:.1f}/{queued['p99_ms']:.1f}")
     return f"\n  submit stages p50/p99 ms (interpolated): {', '.join(parts)}" if parts else ""
+
+
+def _per_deployment_ms(r: dict[str, Any], key: str) -> float:
+    """CPU ms a deployment that ran (0.0: none ran)."""
+    return round(r[key] * 1000 / r["running"], 2) if r["running"] else 0.0
+
+
+def _pg_statements_lines(r: dict[str, Any]) -> str:
+    """--pg-statements: the totals and the top statements by the server's execution time."""
+    pg = r.get("pg_statements")
+    if not pg:
+        return ""
+    return (f"\n  pg_stat_statements since the first submit: {pg['calls']} calls of {pg['statements']} statements, "
+            f"{pg['exec_ms']} ms executing; by time:"
+            + "".join(f"\n    {s['exec_ms']:>9.1f} ms {s['calls']:>7} calls {s['rows']:>8} rows  {s['query']}"
+                      for s in pg["top"]))
 
 
 def report(r: dict[str, Any]) -> str:
@@ -1184,12 +1267,15 @@ def report(r: dict[str, Any]) -> str:
             + (f"; the gateways {r['gateways_peak_rss_mib']} MiB" if r["agent_gateways"] else "") + ") | "
             f"machine busy {r['machine_busy_cpu_s']} of {r['machine_cpu_s']} CPU s (this bench "
             f"{r['bench_cpu_s']} s; the fleets and anything else most of the rest) | "
+            + (f"database server CPU {r['db_server_cpu_s']} s, {_per_deployment_ms(r, 'db_server_cpu_s')} ms a "
+               f"deployment ({r['db_transactions']} transactions) | " if r.get("db_server_cpu_s") is not None else "")
+            + f"controller CPU {_per_deployment_ms(r, 'controller_cpu_s')} ms a deployment | "
             f"heartbeat node-row writes {r['heartbeat_rows_per_s']}/s since the submits began | "
             f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'} | "
             f"event-loop lag p50/p99 <= {r['loop_lag_p50_le_s']}/{r['loop_lag_p99_le_s']} s "
             f"(the bench's own {pp('bench_loop_lag')} ms)"
-            f"{_stages_line(r)}\n"
+            f"{_stages_line(r)}{_pg_statements_lines(r)}\n"
             f"  checker: {checker}; errors: {r['error_count']}"
             + "".join(f"\n    {e}" for e in r["errors"] + r["checker_violations"]))
 

@@ -47,8 +47,9 @@ def free_port() -> int:
 class LocalPostgres:
     """A throwaway PostgreSQL cluster in a temp dir (run as `postgres` when we are root)."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, settings: dict[str, str] | None = None) -> None:
         self.bin_dir = bin_dir
+        self.settings = dict(settings or {})  # more `-c name=value` server settings (the bench's probes)
         self.root = Path(tempfile.mkdtemp(prefix="maia-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
@@ -85,6 +86,7 @@ class LocalPostgres:
         opts = (
             f"-h 127.0.0.1 -k {self.root} -c fsync=off -c synchronous_commit=off "
             f"-c full_page_writes=off -c max_connections=200"
+            + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         )
         last_error = ""
         for _attempt in range(3):  # the free port may be taken between probe and bind
@@ -99,6 +101,25 @@ class LocalPostgres:
             time.sleep(0.2)
         raise RuntimeError(f"pg_ctl start failed: {last_error}")
 
+    def cpu_s(self) -> float:
+        """CPU seconds of the server so far: the postmaster's, its live children's (the backends,
+        the writers) and those of the children it has reaped (/proc; 0.0 when not running)."""
+        try:
+            postmaster = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+            own = _proc_stat(postmaster)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        ticks = sum(int(own[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = _proc_stat(int(entry.name))
+                except (OSError, IndexError):
+                    continue
+                if int(fields[1]) == postmaster:
+                    ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self._stopped:
             return
@@ -108,6 +129,11 @@ class LocalPostgres:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state at 0, ppid at 1, utime at 11)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def asyncpg_dsn(url: str) -> str:

@@ -14,6 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.pgserver import find_pg_bin_dir
 from controller import limits
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -95,6 +98,20 @@ def test_e2e_through_agent_gateways_counts_their_cpu_apart(tmp_path: Path) -> No
     assert 0 <= result["controller_gateways_cpu_s"] <= result["controller_children_cpu_s"] <= result["controller_cpu_s"]
     assert result["gateways_peak_rss_mib"] > 2 * 20  # two interpreters with grpc
     assert "2 agent gateways" in done.stdout
+
+
+def test_e2e_on_postgres_reports_the_database_servers_cpu_and_statements(tmp_path: Path) -> None:
+    """`--db postgres --pg-statements 3`: the bench's own server's CPU over the submits (postmaster
+    and backends, from /proc), its transactions, and pg_stat_statements' top statements since the
+    first submit, in the result and the report."""
+    if find_pg_bin_dir() is None:
+        pytest.skip("no PostgreSQL server binaries (make postgres)")
+    done, result = _e2e(tmp_path, "--db", "postgres", "--pg-statements", "3", "--delete-every", "0")
+    assert result["running"] == result["deployments"] == 25
+    assert result["db_server_cpu_s"] > 0 and result["db_transactions"] > 0
+    statements = result["pg_statements"]
+    assert len(statements["top"]) == 3 and statements["calls"] >= sum(s["calls"] for s in statements["top"]) > 0
+    assert "database server CPU" in done.stdout and "pg_stat_statements since the first submit" in done.stdout
 
 
 def test_e2e_from_a_preloaded_cluster(tmp_path: Path) -> None:
