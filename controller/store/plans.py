@@ -95,6 +95,7 @@ from controller.store.recheck import (
 from controller.store.rollout import SolverRef, outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
 from controller.store.marks import rowcount_unread
+from controller.store.unnest import insert_rows
 from controller.store import pg_driver
 from controller.store.sqlite_driver import deferred_writes
 from controller.domain.changes import ChangeKind, ClusterChange
@@ -159,10 +160,6 @@ def _will_change(snapshot: Snapshot, plan: Plan, scope: frozenset[str] | None) -
     keys = snapshot.plan_keys()
     return (any(keys.name(pl.deployment) in scope for pl in plan.placements)
             or any(key[0] in scope for key in snapshot.released) or any(key in scope for key in snapshot.deleting))
-
-
-# Core, not the ORM's bulk INSERT (its per-row bookkeeping costs more than the statement here).
-_INSERT_EVENT = insert(Event.__table__)
 
 
 def _reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:
@@ -1170,7 +1167,7 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
     events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                      changes.requeued)
     if events:
-        await session.execute(_INSERT_EVENT, [{**e, "actor": actor, "at": now} for e in events])
+        await insert_rows(session, Event.__table__, [{**e, "actor": actor, "at": now} for e in events])
     tenants = {name: d.tenant_id for name, d in deployments.items()}
     result = CommitResult(
         changed_nodes=changed_nodes,
@@ -1317,8 +1314,8 @@ async def _write(
         StartedShard(row.deployment_id, row.key[1], row.key[2], pl.node, pl.accelerator_milli) for row, pl in updates
     ]
     if inserts:  # no RETURNING: the usage meter finds the rows by their keys (`start_intervals`)
-        await session.execute(
-            insert(_PLACEMENTS),
+        await insert_rows(
+            session, _PLACEMENTS,
             [
                 {
                     "deployment_id": deployments[key[0]].id,

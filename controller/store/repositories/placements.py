@@ -20,6 +20,7 @@ from controller.store.metering import shard_milli, stop_intervals, stop_interval
 from controller.store.inlist import (POSTGRESQL, any_of, any_of_in_order, any_of_named, dialect_of, in_order,
                                      locked_in_order)
 from controller.store.marks import rowcount_unread
+from controller.store.unnest import update_rows
 from controller.store.changes import bump_cluster_generation, will_move_generation
 from controller.domain.changes import ClusterChange
 from controller.domain import values as d
@@ -107,12 +108,15 @@ async def write_deployment_phases(
         deployments: Sequence[tuple[int, m.DeploymentPhase, m.DeploymentPhase, list[dict[str, Any]]]],
         at: datetime) -> None:
     """The phase and reasons of these deployments (id, the phase they were read in, the new phase,
-    the new reasons), updated `at`, in one executemany; each only while still in the phase it was
-    read in: a deletion or a quarantine committed since the read is not undone."""
-    if deployments:
-        await session.execute(_REPORTED_DEPLOYMENT, [
-            {"deployment": dep_id, "was_phase": was, "new_phase": phase, "new_reasons": reasons, "at": at}
-            for dep_id, was, phase, reasons in deployments])
+    the new reasons), updated `at`, in one executemany (PostgreSQL: one statement over arrays,
+    `unnest.update_rows`; the flush locked these rows as it read them, in the lock order); each
+    only while still in the phase it was read in: a deletion or a quarantine committed since the
+    read is not undone."""
+    await update_rows(session, _DEPLOYMENTS, _REPORTED_DEPLOYMENT, [
+        {"deployment": dep_id, "was_phase": was, "new_phase": phase, "new_reasons": reasons, "at": at}
+        for dep_id, was, phase, reasons in deployments],
+        key=("id", "deployment"), values={"phase": "new_phase", "reasons": "new_reasons", "updated_at": "at"},
+        match={"phase": "was_phase"})
 
 
 def view_as_written(row: DeploymentRow, placements: Sequence[PlacementColumns], **written: object) -> d.DeploymentView:

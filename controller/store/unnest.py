@@ -1,0 +1,118 @@
+"""Many rows written by one statement on PostgreSQL: each column's values as an array, `unnest`ed.
+
+asyncpg's executemany sends a statement's rows in one round trip, but the server still runs the
+statement once per row: a bind, a plan from the cache, an executor started and ended, the
+triggers' WHEN conditions prepared, the indexes opened, per row. At 4,096 nodes that was most of
+the server's CPU: 150-250 us a row for the report flush's UPDATE of deployments by id, against
+13-57 us a row for the same rows in one `UPDATE ... FROM unnest(...)` (`pgcpu` in
+docs/benchmarks.md). Here the rows go as one text array per column (asyncpg encodes text[] with
+its own codec; an array of another type would cost a type lookup on each new connection first,
+`inlist._any`), cast on the server to the column's type, in one statement whose text depends on
+the columns alone (prepared once per connection, whatever the number of rows).
+
+SQLite keeps the executemany: it runs in the controller's process, with no such cost per
+statement to save.
+
+Each value goes through its column type's bind processing first (an enum to its string, JSON to
+its text), then as text (None as NULL): the server parses what `str` gives of an int, a float, a
+timestamp with its offset, a bool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Table, TextClause, insert, text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store.inlist import POSTGRESQL
+
+
+async def insert_rows(session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT `rows` (each with the same columns) into `table`: one statement over arrays on
+    PostgreSQL, an executemany elsewhere. The rows go in in their order."""
+    if not rows:
+        return
+    dialect = _dialect(session)
+    if dialect.name != POSTGRESQL:
+        await session.execute(insert(table), list(rows))
+        return
+    columns = tuple(rows[0])
+    await session.execute(_insert_text(table, columns, dialect),
+                          _arrays(table, dialect, [(column, column) for column in columns], rows))
+
+
+async def update_rows(session: AsyncSession, table: Table, fallback: Any, rows: Sequence[Mapping[str, Any]], *,
+                      key: tuple[str, str], values: Mapping[str, str], match: Mapping[str, str] | None = None) -> None:
+    """UPDATE the rows of `table` whose `key` column (column, parameter) equals each row's, setting
+    `values` (column -> parameter) where the `match` columns (column -> parameter) still equal the
+    row's: one statement over arrays on PostgreSQL, `fallback` (the same UPDATE with those
+    parameters, bound per row) as an executemany elsewhere. Each key once in `rows`.
+
+    PostgreSQL takes the rows' locks in the order its plan meets them, not the rows': for rows
+    this transaction locked already (in the lock order, store/changes.py), or rows nothing else
+    locks in another order."""
+    if not rows:
+        return
+    dialect = _dialect(session)
+    if dialect.name != POSTGRESQL:
+        await session.execute(fallback, list(rows))
+        return
+    matched = tuple((match or {}).items())
+    named = (key, *values.items(), *matched)
+    await session.execute(_update_text(table, key[0], tuple(values), tuple(column for column, _ in matched), dialect),
+                          _arrays(table, dialect, named, rows))
+
+
+def _dialect(session: AsyncSession) -> Dialect:
+    bind = session.bind
+    if bind is None:
+        raise ValueError("the session is bound to no engine: its dialect is unknown")
+    return bind.dialect
+
+
+def _arrays(table: Table, dialect: Dialect, named: Sequence[tuple[str, str]],
+            rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str | None]]:
+    """The parameters of `_insert_text` / `_update_text`: `a0`, `a1`, ... one text array per
+    (column, parameter) of `named`, each value bind-processed as its column's type would be."""
+    arrays: dict[str, list[str | None]] = {}
+    for i, (column, parameter) in enumerate(named):
+        process = table.c[column].type.dialect_impl(dialect).bind_processor(dialect)
+        values = [row[parameter] for row in rows]
+        if process is not None:
+            values = [process(v) for v in values]
+        arrays[f"a{i}"] = [None if v is None else _text(v) for v in values]
+    return arrays
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _unnest(table: Table, columns: Sequence[str], dialect: Dialect) -> str:
+    """`unnest(...)` of one text array parameter per column, each cast to its column's type."""
+    return "unnest(" + ", ".join(f"CAST(CAST(:a{i} AS TEXT[]) AS {table.c[column].type.compile(dialect=dialect)}[])"
+                                 for i, column in enumerate(columns)) + ")"
+
+
+@lru_cache(maxsize=64)
+def _insert_text(table: Table, columns: tuple[str, ...], dialect: Dialect) -> TextClause:
+    quote = dialect.identifier_preparer.quote
+    return text(f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+                f"SELECT * FROM {_unnest(table, columns, dialect)}")
+
+
+@lru_cache(maxsize=64)
+def _update_text(table: Table, key: str, values: tuple[str, ...], match: tuple[str, ...], dialect: Dialect) -> TextClause:
+    quote = dialect.identifier_preparer.quote
+    name = quote(table.name)
+    columns = (key, *values, *match)
+    aliases = [f"v{i}" for i in range(len(columns))]
+    sets = ", ".join(f"{quote(c)} = v.v{1 + i}" for i, c in enumerate(values))
+    where = " AND ".join([f"{name}.{quote(key)} = v.v0",
+                          *(f"{name}.{quote(c)} = v.v{1 + len(values) + i}" for i, c in enumerate(match))])
+    return text(f"UPDATE {name} SET {sets} FROM {_unnest(table, columns, dialect)} AS v({', '.join(aliases)}) "
+                f"WHERE {where}")
