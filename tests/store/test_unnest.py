@@ -1,0 +1,123 @@
+"""`unnest.insert_rows` / `update_rows`: what an executemany wrote, on both databases; on
+PostgreSQL one statement execution over arrays whatever the number of rows (an executemany ran
+the statement once per row on the server: `pgcpu` in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, event, select, update
+
+from controller.store import models as m
+from controller.store import repositories as repo
+from controller.store.db import Database
+from controller.store.pg_driver import counted_trips
+from controller.store.repositories.events import NewEvent, record_events
+from controller.store.unnest import insert_rows, update_rows
+
+from .seed import TWO_RACKS, seed_problem
+
+POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+
+CLUSTER: dict[str, Any] = {
+    **TWO_RACKS,
+    "nodes": [{"id": "n1", "rack": "rack1", "accelerators": 4}],
+    "tenants": [{"id": "a"}],
+    "deployments": [{"id": f"a/web{i}", "tenant": "a", "replicas": 1, "shards_per_replica": 1,
+                     "shard": {"accelerators": 1}} for i in range(4)],
+}
+_DEPLOYMENTS = m.Deployment.__table__
+_EVENTS = m.Event.__table__
+# The executemany `update_rows` stands for elsewhere (the report flush's, `repo.write_deployment_phases`).
+_SET_PHASE = update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("dep"), _DEPLOYMENTS.c.phase == bindparam("was")
+                                       ).values(phase=bindparam("new"), reasons=bindparam("why"),
+                                                updated_at=bindparam("at"))
+
+
+async def _seeded(database: Database) -> dict[str, int]:
+    """The deployments' ids by name."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        return {name: id_ for id_, name in await uow.session.execute(select(m.Deployment.id, m.Deployment.name))}
+
+
+async def test_insert_rows_writes_every_value_as_given(database: Database) -> None:
+    """Text with an array's and JSON's own punctuation, NULL, JSON documents, timestamps with
+    their zone: as an executemany wrote them."""
+    at = datetime(2026, 12, 4, 1, 2, 3, 456789, tzinfo=timezone.utc)
+    rows = [{"at": at + timedelta(seconds=i), "actor": actor, "kind": "k", "object_kind": "node",
+             "object_id": f"n{i}", "message": message, "data": data}
+            for i, (actor, message, data) in enumerate([
+                ('a "quoted", {braced} \\ actor', "", {}),
+                ("NULL", "line\nbreak, comma", {"nested": {"list": [1, 2.5, None, "x,y"]}, "ü": "ß"}),
+                ("b", "{}", {"code": "X", "scope": ""})])]
+    async with database.unit_of_work() as uow:
+        await insert_rows(uow.session, _EVENTS, rows)
+        await insert_rows(uow.session, _EVENTS, [])
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        found = (await uow.session.execute(
+            select(_EVENTS.c.at, _EVENTS.c.actor, _EVENTS.c.kind, _EVENTS.c.object_kind, _EVENTS.c.object_id,
+                   _EVENTS.c.message, _EVENTS.c.data).order_by(_EVENTS.c.id))).all()
+    assert [{**r._asdict(), "at": r.at if r.at.tzinfo else r.at.replace(tzinfo=timezone.utc)}  # SQLite: naive UTC
+            for r in found] == rows
+
+
+async def test_update_rows_writes_the_rows_still_as_matched(database: Database) -> None:
+    """Each listed row set while its matched column still holds the row's value; a row that
+    moved on and the rows not listed keep theirs."""
+    ids = await _seeded(database)
+    at = datetime(2026, 12, 4, tzinfo=timezone.utc)
+    async with database.unit_of_work() as uow:
+        before = dict((await uow.session.execute(select(m.Deployment.name, m.Deployment.phase))).all())
+        await update_rows(uow.session, _DEPLOYMENTS, _SET_PHASE, [
+            {"dep": ids["web0"], "was": before["web0"], "new": m.DeploymentPhase.DEGRADED, "why": [{"code": "A"}],
+             "at": at},
+            {"dep": ids["web1"], "was": m.DeploymentPhase.DELETING, "new": m.DeploymentPhase.DEGRADED,
+             "why": [{"code": "B"}], "at": at},  # no longer (never) in that phase: left alone
+            {"dep": ids["web2"], "was": before["web2"], "new": m.DeploymentPhase.FAILED, "why": [], "at": at}],
+            key=("id", "dep"), values={"phase": "new", "reasons": "why", "updated_at": "at"}, match={"phase": "was"})
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        after = {name: (phase, reasons) for name, phase, reasons in await uow.session.execute(
+            select(m.Deployment.name, m.Deployment.phase, m.Deployment.reasons))}
+    assert after["web0"] == (m.DeploymentPhase.DEGRADED, [{"code": "A"}])
+    assert after["web2"] == (m.DeploymentPhase.FAILED, [])
+    assert after["web1"][0] == after["web3"][0] == before["web1"] == before["web3"]
+
+
+@POSTGRES_ONLY
+async def test_postgres_writes_the_rows_in_one_execution_of_one_text(database: Database) -> None:
+    """No executemany (the server ran it once per row), and one statement text for any number of
+    rows (prepared once per connection): the report flush's phases and recorded events."""
+    ids = await _seeded(database)
+    at = datetime(2026, 12, 4, tzinfo=timezone.utc)
+    texts: list[list[str]] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        texts[-1].append(statement)
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", note)
+    try:
+        for count in (1, 3):
+            texts.append([])
+            with counted_trips() as trips:
+                async with database.unit_of_work() as uow:
+                    await repo.write_deployment_phases(uow.session, [
+                        (ids[f"web{i}"], m.DeploymentPhase.PENDING, m.DeploymentPhase.DEGRADED, [])
+                        for i in range(count)], at)
+                    await record_events(uow.session, [NewEvent("me", "k", "node", f"n{i}") for i in range(count)])
+                    await uow.commit()
+            assert not [t for t in trips if t.kind == "executemany"], trips
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", note)
+    assert texts[0] == texts[1] and len(texts[0]) == 2, texts
+    async with database.unit_of_work() as uow:
+        phases = set(await uow.session.scalars(select(m.Deployment.phase).where(m.Deployment.id.in_(
+            [ids[f"web{i}"] for i in range(3)]))))
+        assert phases == {m.DeploymentPhase.DEGRADED}
+        assert len((await uow.session.scalars(select(m.Event.id).where(m.Event.actor == "me"))).all()) == 4
