@@ -95,7 +95,7 @@ from controller.store.recheck import (
 from controller.store.rollout import SolverRef, outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
 from controller.store.marks import rowcount_unread
-from controller.store.unnest import insert_rows
+from controller.store.unnest import update_rows
 from controller.store import pg_driver
 from controller.store.sqlite_driver import deferred_writes
 from controller.domain.changes import ChangeKind, ClusterChange
@@ -160,6 +160,10 @@ def _will_change(snapshot: Snapshot, plan: Plan, scope: frozenset[str] | None) -
     keys = snapshot.plan_keys()
     return (any(keys.name(pl.deployment) in scope for pl in plan.placements)
             or any(key[0] in scope for key in snapshot.released) or any(key in scope for key in snapshot.deleting))
+
+
+# Core, not the ORM's bulk INSERT (its per-row bookkeeping costs more than the statement here).
+_INSERT_EVENT = insert(Event.__table__)
 
 
 def _reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:
@@ -1167,7 +1171,7 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
     events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                      changes.requeued)
     if events:
-        await insert_rows(session, Event.__table__, [{**e, "actor": actor, "at": now} for e in events])
+        await session.execute(_INSERT_EVENT, [{**e, "actor": actor, "at": now} for e in events])
     tenants = {name: d.tenant_id for name, d in deployments.items()}
     result = CommitResult(
         changed_nodes=changed_nodes,
@@ -1217,9 +1221,10 @@ def _as_written(read: _Committed, deletes: list[_Row], updates: list[tuple[_Row,
 
 
 # A deployment's phase, reasons and generation as a plan commit writes them: a Core executemany
-# (its row count is not read: the ORM's bulk UPDATE checks it, and so could not be deferred). The
-# rows were read under the generation lock in this transaction, and only a plan commit deletes
-# a schedulable deployment's row.
+# (its row count is not read: the ORM's bulk UPDATE checks it, and so could not be deferred; on
+# PostgreSQL one statement over arrays, `unnest.update_rows`, its rows locked first in ascending
+# id as the executemany took them). The rows were read under the generation lock in this
+# transaction, and only a plan commit deletes a schedulable deployment's row.
 _UPDATE_DEPLOYMENT = rowcount_unread(
     update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("b_id")).values(
         phase=bindparam("phase"), reasons=bindparam("reasons"), generation=bindparam("generation"),
@@ -1314,8 +1319,8 @@ async def _write(
         StartedShard(row.deployment_id, row.key[1], row.key[2], pl.node, pl.accelerator_milli) for row, pl in updates
     ]
     if inserts:  # no RETURNING: the usage meter finds the rows by their keys (`start_intervals`)
-        await insert_rows(
-            session, _PLACEMENTS,
+        await session.execute(
+            insert(_PLACEMENTS),
             [
                 {
                     "deployment_id": deployments[key[0]].id,
@@ -1342,8 +1347,10 @@ async def _write(
         for d in map(deployments.__getitem__, changed_deployments)})
     await _lock_deleted_and_updated(session, writes.lock_deployments, deleted_ids,
                                     [update_["b_id"] for update_ in deployment_updates])
-    if deployment_updates:
-        await session.execute(_UPDATE_DEPLOYMENT, sorted(deployment_updates, key=lambda update_: update_["b_id"]))
+    await update_rows(session, _DEPLOYMENTS, _UPDATE_DEPLOYMENT,
+                      sorted(deployment_updates, key=lambda update_: update_["b_id"]), key=("id", "b_id"),
+                      values={name: name for name in ("phase", "reasons", "generation", "updated_at")},
+                      lock_in_order=True)
     for chunk in _chunks(deleted_ids):
         await session.execute(writes.delete_deployments, {"ids": listed(dialect, chunk)})
     for chunk in _chunks(sorted(changed_nodes)):

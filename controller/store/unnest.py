@@ -1,11 +1,16 @@
-"""Many rows written by one statement on PostgreSQL: each column's values as an array, `unnest`ed.
+"""Many rows updated by one statement on PostgreSQL: each column's values as an array, `unnest`ed.
 
 asyncpg's executemany sends a statement's rows in one round trip, but the server still runs the
 statement once per row: a bind, a plan from the cache, an executor started and ended, the
-triggers' WHEN conditions prepared, the indexes opened, per row. At 4,096 nodes that was most of
-the server's CPU: 150-250 us a row for the report flush's UPDATE of deployments by id, against
-13-57 us a row for the same rows in one `UPDATE ... FROM unnest(...)` (`pgcpu` in
-docs/benchmarks.md). Here the rows go as one text array per column (asyncpg encodes text[] with
+triggers' WHEN conditions prepared, the indexes opened, per row. For an UPDATE by key that is
+most of its cost: 150-250 us of the server's CPU a row for the report flush's UPDATE of
+deployments, against 13-57 us a row for the same rows in one `UPDATE ... FROM unnest(...)`
+(`pgcpu` in docs/benchmarks.md; the controller's own CPU a row fell too, ~95 to ~70 us). An
+INSERT's executemany costs the server no more a row than one statement over arrays did (events,
+~30 us a row either way), and the arrays cost the controller a little more: INSERTs stay
+executemany.
+
+Here the rows go as one text array per column (asyncpg encodes text[] with
 its own codec; an array of another type would cost a type lookup on each new connection first,
 `inlist._any`), cast on the server to the column's type, in one statement whose text depends on
 the columns alone (prepared once per connection, whatever the number of rows).
@@ -24,47 +29,37 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Table, TextClause, insert, text
+from sqlalchemy import String, Table, TextClause, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store.inlist import POSTGRESQL
 
 
-async def insert_rows(session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT `rows` (each with the same columns) into `table`: one statement over arrays on
-    PostgreSQL, an executemany elsewhere. The rows go in in their order."""
-    if not rows:
-        return
-    dialect = _dialect(session)
-    if dialect.name != POSTGRESQL:
-        await session.execute(insert(table), list(rows))
-        return
-    columns = tuple(rows[0])
-    await session.execute(_insert_text(table, columns, dialect),
-                          _arrays(table, dialect, [(column, column) for column in columns], rows))
-
-
 async def update_rows(session: AsyncSession, table: Table, fallback: Any, rows: Sequence[Mapping[str, Any]], *,
-                      key: tuple[str, str], values: Mapping[str, str], match: Mapping[str, str] | None = None) -> None:
+                      key: tuple[str, str], values: Mapping[str, str], match: Mapping[str, str] | None = None,
+                      at_most: Mapping[str, str] | None = None, lock_in_order: bool = False) -> None:
     """UPDATE the rows of `table` whose `key` column (column, parameter) equals each row's, setting
     `values` (column -> parameter) where the `match` columns (column -> parameter) still equal the
-    row's: one statement over arrays on PostgreSQL, `fallback` (the same UPDATE with those
-    parameters, bound per row) as an executemany elsewhere. Each key once in `rows`.
+    row's and the `at_most` ones are at most the row's: one statement over arrays on PostgreSQL,
+    `fallback` (the same UPDATE with those parameters, bound per row) as an executemany elsewhere.
+    Each key once in `rows`.
 
-    PostgreSQL takes the rows' locks in the order its plan meets them, not the rows': for rows
-    this transaction locked already (in the lock order, store/changes.py), or rows nothing else
-    locks in another order."""
+    PostgreSQL takes the rows' locks in the order its plan meets them, not the rows': with
+    `lock_in_order` the statement locks them first, in ascending key (`inlist.locked_in_order`: the
+    lock order, store/changes.py), as an executemany in ascending key took them; without it, only
+    for rows this transaction locked already."""
     if not rows:
         return
     dialect = _dialect(session)
     if dialect.name != POSTGRESQL:
         await session.execute(fallback, list(rows))
         return
-    matched = tuple((match or {}).items())
-    named = (key, *values.items(), *matched)
-    await session.execute(_update_text(table, key[0], tuple(values), tuple(column for column, _ in matched), dialect),
-                          _arrays(table, dialect, named, rows))
+    matched, capped = tuple((match or {}).items()), tuple((at_most or {}).items())
+    named = (key, *values.items(), *matched, *capped)
+    statement = _update_text(table, key[0], tuple(values), tuple(column for column, _ in matched),
+                             tuple(column for column, _ in capped), lock_in_order, dialect)
+    await session.execute(statement, _arrays(table, dialect, named, rows))
 
 
 def _dialect(session: AsyncSession) -> Dialect:
@@ -99,20 +94,22 @@ def _unnest(table: Table, columns: Sequence[str], dialect: Dialect) -> str:
 
 
 @lru_cache(maxsize=64)
-def _insert_text(table: Table, columns: tuple[str, ...], dialect: Dialect) -> TextClause:
+def _update_text(table: Table, key: str, values: tuple[str, ...], match: tuple[str, ...], at_most: tuple[str, ...],
+                 lock_in_order: bool, dialect: Dialect) -> TextClause:
     quote = dialect.identifier_preparer.quote
-    return text(f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
-                f"SELECT * FROM {_unnest(table, columns, dialect)}")
-
-
-@lru_cache(maxsize=64)
-def _update_text(table: Table, key: str, values: tuple[str, ...], match: tuple[str, ...], dialect: Dialect) -> TextClause:
-    quote = dialect.identifier_preparer.quote
-    name = quote(table.name)
-    columns = (key, *values, *match)
-    aliases = [f"v{i}" for i in range(len(columns))]
+    name, key_column = quote(table.name), quote(key)
+    columns = (key, *values, *match, *at_most)
+    first_match, first_cap = 1 + len(values), 1 + len(values) + len(match)
     sets = ", ".join(f"{quote(c)} = v.v{1 + i}" for i, c in enumerate(values))
-    where = " AND ".join([f"{name}.{quote(key)} = v.v0",
-                          *(f"{name}.{quote(c)} = v.v{1 + len(values) + i}" for i, c in enumerate(match))])
-    return text(f"UPDATE {name} SET {sets} FROM {_unnest(table, columns, dialect)} AS v({', '.join(aliases)}) "
-                f"WHERE {where}")
+    where = [f"{name}.{key_column} = v.v0",
+             *(f"{name}.{quote(c)} = v.v{first_match + i}" for i, c in enumerate(match)),
+             *(f"{name}.{quote(c)} <= v.v{first_cap + i}" for i, c in enumerate(at_most))]
+    if lock_in_order:
+        key_type = table.c[key].type
+        order = f'{key_column} COLLATE "C"' if isinstance(key_type, String) else key_column
+        where.append(f"{name}.{key_column} IN (SELECT {key_column} FROM {name} WHERE {key_column} = ANY("
+                     f"CAST(CAST(:a0 AS TEXT[]) AS {key_type.compile(dialect=dialect)}[])) ORDER BY {order} "
+                     f"FOR NO KEY UPDATE)")
+    aliases = ", ".join(f"v{i}" for i in range(len(columns)))
+    return text(f"UPDATE {name} SET {sets} FROM {_unnest(table, columns, dialect)} AS v({aliases}) "
+                f"WHERE {' AND '.join(where)}")

@@ -1,10 +1,10 @@
-"""`unnest.insert_rows` / `update_rows`: what an executemany wrote, on both databases; on
-PostgreSQL one statement execution over arrays whatever the number of rows (an executemany ran
-the statement once per row on the server: `pgcpu` in docs/benchmarks.md)."""
+"""`unnest.update_rows`: what an executemany wrote, on both databases; on PostgreSQL one statement
+execution over arrays whatever the number of rows (an executemany ran the statement once per row
+on the server: `pgcpu` in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -14,8 +14,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.pg_driver import counted_trips
-from controller.store.repositories.events import NewEvent, record_events
-from controller.store.unnest import insert_rows, update_rows
+from controller.store.unnest import update_rows
 
 from .seed import TWO_RACKS, seed_problem
 
@@ -23,13 +22,13 @@ POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", 
 
 CLUSTER: dict[str, Any] = {
     **TWO_RACKS,
-    "nodes": [{"id": "n1", "rack": "rack1", "accelerators": 4}],
+    "nodes": [{"id": n, "rack": "rack1", "accelerators": 4} for n in ("n1", "n2", "N3")],
     "tenants": [{"id": "a"}],
     "deployments": [{"id": f"a/web{i}", "tenant": "a", "replicas": 1, "shards_per_replica": 1,
                      "shard": {"accelerators": 1}} for i in range(4)],
 }
 _DEPLOYMENTS = m.Deployment.__table__
-_EVENTS = m.Event.__table__
+_NODES = m.Node.__table__
 # The executemany `update_rows` stands for elsewhere (the report flush's, `repo.write_deployment_phases`).
 _SET_PHASE = update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("dep"), _DEPLOYMENTS.c.phase == bindparam("was")
                                        ).values(phase=bindparam("new"), reasons=bindparam("why"),
@@ -43,28 +42,6 @@ async def _seeded(database: Database) -> dict[str, int]:
         await uow.commit()
     async with database.unit_of_work() as uow:
         return {name: id_ for id_, name in await uow.session.execute(select(m.Deployment.id, m.Deployment.name))}
-
-
-async def test_insert_rows_writes_every_value_as_given(database: Database) -> None:
-    """Text with an array's and JSON's own punctuation, NULL, JSON documents, timestamps with
-    their zone: as an executemany wrote them."""
-    at = datetime(2026, 12, 4, 1, 2, 3, 456789, tzinfo=timezone.utc)
-    rows = [{"at": at + timedelta(seconds=i), "actor": actor, "kind": "k", "object_kind": "node",
-             "object_id": f"n{i}", "message": message, "data": data}
-            for i, (actor, message, data) in enumerate([
-                ('a "quoted", {braced} \\ actor', "", {}),
-                ("NULL", "line\nbreak, comma", {"nested": {"list": [1, 2.5, None, "x,y"]}, "ü": "ß"}),
-                ("b", "{}", {"code": "X", "scope": ""})])]
-    async with database.unit_of_work() as uow:
-        await insert_rows(uow.session, _EVENTS, rows)
-        await insert_rows(uow.session, _EVENTS, [])
-        await uow.commit()
-    async with database.unit_of_work() as uow:
-        found = (await uow.session.execute(
-            select(_EVENTS.c.at, _EVENTS.c.actor, _EVENTS.c.kind, _EVENTS.c.object_kind, _EVENTS.c.object_id,
-                   _EVENTS.c.message, _EVENTS.c.data).order_by(_EVENTS.c.id))).all()
-    assert [{**r._asdict(), "at": r.at if r.at.tzinfo else r.at.replace(tzinfo=timezone.utc)}  # SQLite: naive UTC
-            for r in found] == rows
 
 
 async def test_update_rows_writes_the_rows_still_as_matched(database: Database) -> None:
@@ -90,10 +67,39 @@ async def test_update_rows_writes_the_rows_still_as_matched(database: Database) 
     assert after["web1"][0] == after["web3"][0] == before["web1"] == before["web3"]
 
 
+_SET_GENERATION = update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("dep"),
+                                             _DEPLOYMENTS.c.generation <= bindparam("cap")
+                                             ).values(generation=bindparam("new"))
+_SET_POWER = update(_NODES).where(_NODES.c.id == bindparam("node")).values(power_draw_w=bindparam("power"))
+
+
+async def test_update_rows_caps_and_locks_in_order_as_the_executemany(database: Database) -> None:
+    """`at_most`: a row whose column went past the row's value is left alone; `lock_in_order`
+    (text keys in code point order on PostgreSQL): the rows written as without it, a key that
+    names no row writes nothing."""
+    ids = await _seeded(database)
+    async with database.unit_of_work() as uow:
+        generation = dict((await uow.session.execute(select(m.Deployment.name, m.Deployment.generation))).all())
+        before = dict((await uow.session.execute(select(m.Node.id, m.Node.power_draw_w))).all())
+        await update_rows(uow.session, _DEPLOYMENTS, _SET_GENERATION, [
+            {"dep": ids["web0"], "cap": generation["web0"], "new": 40},
+            {"dep": ids["web1"], "cap": generation["web1"] - 1, "new": 41}],
+            key=("id", "dep"), values={"generation": "new"}, at_most={"generation": "cap"}, lock_in_order=True)
+        await update_rows(uow.session, _NODES, _SET_POWER, [
+            {"node": "N3", "power": 3.5}, {"node": "gone", "power": 9.0}, {"node": "n1", "power": 1.25}],
+            key=("id", "node"), values={"power_draw_w": "power"}, lock_in_order=True)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        after = dict((await uow.session.execute(select(m.Deployment.name, m.Deployment.generation))).all())
+        power = dict((await uow.session.execute(select(m.Node.id, m.Node.power_draw_w))).all())
+    assert (after["web0"], after["web1"]) == (40, generation["web1"])
+    assert (power["n1"], power["N3"], power["n2"]) == (1.25, 3.5, before["n2"]) and "gone" not in power
+
+
 @POSTGRES_ONLY
 async def test_postgres_writes_the_rows_in_one_execution_of_one_text(database: Database) -> None:
     """No executemany (the server ran it once per row), and one statement text for any number of
-    rows (prepared once per connection): the report flush's phases and recorded events."""
+    rows (prepared once per connection): the report flush's phases and heartbeats."""
     ids = await _seeded(database)
     at = datetime(2026, 12, 4, tzinfo=timezone.utc)
     texts: list[list[str]] = []
@@ -110,7 +116,8 @@ async def test_postgres_writes_the_rows_in_one_execution_of_one_text(database: D
                     await repo.write_deployment_phases(uow.session, [
                         (ids[f"web{i}"], m.DeploymentPhase.PENDING, m.DeploymentPhase.DEGRADED, [])
                         for i in range(count)], at)
-                    await record_events(uow.session, [NewEvent("me", "k", "node", f"n{i}") for i in range(count)])
+                    await repo.write_heartbeats(uow.session, {n: (at, 100.0 + i) for i, n in
+                                                              enumerate(("n1", "n2", "N3")[:count])})
                     await uow.commit()
             assert not [t for t in trips if t.kind == "executemany"], trips
     finally:
@@ -119,5 +126,6 @@ async def test_postgres_writes_the_rows_in_one_execution_of_one_text(database: D
     async with database.unit_of_work() as uow:
         phases = set(await uow.session.scalars(select(m.Deployment.phase).where(m.Deployment.id.in_(
             [ids[f"web{i}"] for i in range(3)]))))
-        assert phases == {m.DeploymentPhase.DEGRADED}
-        assert len((await uow.session.scalars(select(m.Event.id).where(m.Event.actor == "me"))).all()) == 4
+        beats = dict((await uow.session.execute(select(m.Node.id, m.Node.power_draw_w))).all())
+    assert phases == {m.DeploymentPhase.DEGRADED}
+    assert beats == {"n1": 100.0, "n2": 101.0, "N3": 102.0}

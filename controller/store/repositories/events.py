@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
-from controller.store.unnest import insert_rows
 from controller.domain import values as d
 
 
@@ -35,12 +34,12 @@ class NewEvent:
 
 async def record_events(session: AsyncSession, events: Iterable[NewEvent]) -> None:
     """Several events in one INSERT statement (`record_event` adds an ORM row, which the flush
-    writes with a statement of its own on SQLite, to learn its id; on PostgreSQL one statement
-    over arrays, `unnest.insert_rows`)."""
+    writes with a statement of its own on SQLite, to learn its id)."""
     at = m.utcnow()
     rows = [{"at": at, "actor": e.actor, "kind": e.kind, "object_kind": e.object_kind, "object_id": e.object_id,
              "message": e.message, "data": e.data} for e in events]
-    await insert_rows(session, m.Event.__table__, rows)
+    if rows:
+        await session.execute(insert(m.Event.__table__), rows)
 
 
 async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
