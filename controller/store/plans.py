@@ -95,7 +95,6 @@ from controller.store.recheck import (
 from controller.store.rollout import SolverRef, outgoing_id, shards_of, stored_key
 from controller.store.snapshot import ShardKey, Snapshot, Where, load_spec_doc
 from controller.store.marks import rowcount_unread
-from controller.store.unnest import update_rows
 from controller.store import pg_driver
 from controller.store.sqlite_driver import deferred_writes
 from controller.domain.changes import ChangeKind, ClusterChange
@@ -1221,10 +1220,9 @@ def _as_written(read: _Committed, deletes: list[_Row], updates: list[tuple[_Row,
 
 
 # A deployment's phase, reasons and generation as a plan commit writes them: a Core executemany
-# (its row count is not read: the ORM's bulk UPDATE checks it, and so could not be deferred; on
-# PostgreSQL one statement over arrays, `unnest.update_rows`, its rows locked first in ascending
-# id as the executemany took them). The rows were read under the generation lock in this
-# transaction, and only a plan commit deletes a schedulable deployment's row.
+# (its row count is not read: the ORM's bulk UPDATE checks it, and so could not be deferred). The
+# rows were read under the generation lock in this transaction, and only a plan commit deletes
+# a schedulable deployment's row.
 _UPDATE_DEPLOYMENT = rowcount_unread(
     update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("b_id")).values(
         phase=bindparam("phase"), reasons=bindparam("reasons"), generation=bindparam("generation"),
@@ -1347,10 +1345,8 @@ async def _write(
         for d in map(deployments.__getitem__, changed_deployments)})
     await _lock_deleted_and_updated(session, writes.lock_deployments, deleted_ids,
                                     [update_["b_id"] for update_ in deployment_updates])
-    await update_rows(session, _DEPLOYMENTS, _UPDATE_DEPLOYMENT,
-                      sorted(deployment_updates, key=lambda update_: update_["b_id"]), key=("id", "b_id"),
-                      values={name: name for name in ("phase", "reasons", "generation", "updated_at")},
-                      lock_in_order=True)
+    if deployment_updates:
+        await session.execute(_UPDATE_DEPLOYMENT, sorted(deployment_updates, key=lambda update_: update_["b_id"]))
     for chunk in _chunks(deleted_ids):
         await session.execute(writes.delete_deployments, {"ids": listed(dialect, chunk)})
     for chunk in _chunks(sorted(changed_nodes)):

@@ -5,7 +5,8 @@ statement once per row: a bind, a plan from the cache, an executor started and e
 triggers' WHEN conditions prepared, the indexes opened, per row. For an UPDATE by key that is
 most of its cost: 150-250 us of the server's CPU a row for the report flush's UPDATE of
 deployments, against 13-57 us a row for the same rows in one `UPDATE ... FROM unnest(...)`
-(`pgcpu` in docs/benchmarks.md; the controller's own CPU a row fell too, ~95 to ~70 us). An
+(`pgcpu` in docs/benchmarks.md; the controller's own CPU a row fell too, ~95 to ~70 us). Used
+where the rows are locked already: the report flush's deployments. An
 INSERT's executemany costs the server no more a row than one statement over arrays did (events,
 ~30 us a row either way), and the arrays cost the controller a little more: INSERTs stay
 executemany.
@@ -29,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import String, Table, TextClause, text
+from sqlalchemy import Table, TextClause, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,28 +38,26 @@ from controller.store.inlist import POSTGRESQL
 
 
 async def update_rows(session: AsyncSession, table: Table, fallback: Any, rows: Sequence[Mapping[str, Any]], *,
-                      key: tuple[str, str], values: Mapping[str, str], match: Mapping[str, str] | None = None,
-                      at_most: Mapping[str, str] | None = None, lock_in_order: bool = False) -> None:
+                      key: tuple[str, str], values: Mapping[str, str], match: Mapping[str, str] | None = None) -> None:
     """UPDATE the rows of `table` whose `key` column (column, parameter) equals each row's, setting
     `values` (column -> parameter) where the `match` columns (column -> parameter) still equal the
-    row's and the `at_most` ones are at most the row's: one statement over arrays on PostgreSQL,
-    `fallback` (the same UPDATE with those parameters, bound per row) as an executemany elsewhere.
-    Each key once in `rows`.
+    row's: one statement over arrays on PostgreSQL, `fallback` (the same UPDATE with those
+    parameters, bound per row) as an executemany elsewhere. Each key once in `rows`.
 
-    PostgreSQL takes the rows' locks in the order its plan meets them, not the rows': with
-    `lock_in_order` the statement locks them first, in ascending key (`inlist.locked_in_order`: the
-    lock order, store/changes.py), as an executemany in ascending key took them; without it, only
-    for rows this transaction locked already."""
+    PostgreSQL takes the rows' locks in the order its plan meets them, not the rows': only for rows
+    this transaction locked already (in the lock order, store/changes.py). Locking them first in
+    a subquery (`inlist.locked_in_order`) was tried: its plan rescanned the locking subquery once
+    per row (a nested semi join) or scanned the whole table (a hash semi join on nodes), so rows
+    not locked yet keep their executemany (docs/benchmarks.md, `pgcpu`)."""
     if not rows:
         return
     dialect = _dialect(session)
     if dialect.name != POSTGRESQL:
         await session.execute(fallback, list(rows))
         return
-    matched, capped = tuple((match or {}).items()), tuple((at_most or {}).items())
-    named = (key, *values.items(), *matched, *capped)
-    statement = _update_text(table, key[0], tuple(values), tuple(column for column, _ in matched),
-                             tuple(column for column, _ in capped), lock_in_order, dialect)
+    matched = tuple((match or {}).items())
+    named = (key, *values.items(), *matched)
+    statement = _update_text(table, key[0], tuple(values), tuple(column for column, _ in matched), dialect)
     await session.execute(statement, _arrays(table, dialect, named, rows))
 
 
@@ -94,22 +93,12 @@ def _unnest(table: Table, columns: Sequence[str], dialect: Dialect) -> str:
 
 
 @lru_cache(maxsize=64)
-def _update_text(table: Table, key: str, values: tuple[str, ...], match: tuple[str, ...], at_most: tuple[str, ...],
-                 lock_in_order: bool, dialect: Dialect) -> TextClause:
+def _update_text(table: Table, key: str, values: tuple[str, ...], match: tuple[str, ...], dialect: Dialect) -> TextClause:
     quote = dialect.identifier_preparer.quote
-    name, key_column = quote(table.name), quote(key)
-    columns = (key, *values, *match, *at_most)
-    first_match, first_cap = 1 + len(values), 1 + len(values) + len(match)
+    name = quote(table.name)
+    columns = (key, *values, *match)
     sets = ", ".join(f"{quote(c)} = v.v{1 + i}" for i, c in enumerate(values))
-    where = [f"{name}.{key_column} = v.v0",
-             *(f"{name}.{quote(c)} = v.v{first_match + i}" for i, c in enumerate(match)),
-             *(f"{name}.{quote(c)} <= v.v{first_cap + i}" for i, c in enumerate(at_most))]
-    if lock_in_order:
-        key_type = table.c[key].type
-        order = f'{key_column} COLLATE "C"' if isinstance(key_type, String) else key_column
-        where.append(f"{name}.{key_column} IN (SELECT {key_column} FROM {name} WHERE {key_column} = ANY("
-                     f"CAST(CAST(:a0 AS TEXT[]) AS {key_type.compile(dialect=dialect)}[])) ORDER BY {order} "
-                     f"FOR NO KEY UPDATE)")
+    where = " AND ".join([f"{name}.{quote(key)} = v.v0",
+                          *(f"{name}.{quote(c)} = v.v{1 + len(values) + i}" for i, c in enumerate(match))])
     aliases = ", ".join(f"v{i}" for i in range(len(columns)))
-    return text(f"UPDATE {name} SET {sets} FROM {_unnest(table, columns, dialect)} AS v({aliases}) "
-                f"WHERE {' AND '.join(where)}")
+    return text(f"UPDATE {name} SET {sets} FROM {_unnest(table, columns, dialect)} AS v({aliases}) WHERE {where}")

@@ -28,7 +28,6 @@ CLUSTER: dict[str, Any] = {
                      "shard": {"accelerators": 1}} for i in range(4)],
 }
 _DEPLOYMENTS = m.Deployment.__table__
-_NODES = m.Node.__table__
 # The executemany `update_rows` stands for elsewhere (the report flush's, `repo.write_deployment_phases`).
 _SET_PHASE = update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("dep"), _DEPLOYMENTS.c.phase == bindparam("was")
                                        ).values(phase=bindparam("new"), reasons=bindparam("why"),
@@ -67,39 +66,10 @@ async def test_update_rows_writes_the_rows_still_as_matched(database: Database) 
     assert after["web1"][0] == after["web3"][0] == before["web1"] == before["web3"]
 
 
-_SET_GENERATION = update(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("dep"),
-                                             _DEPLOYMENTS.c.generation <= bindparam("cap")
-                                             ).values(generation=bindparam("new"))
-_SET_POWER = update(_NODES).where(_NODES.c.id == bindparam("node")).values(power_draw_w=bindparam("power"))
-
-
-async def test_update_rows_caps_and_locks_in_order_as_the_executemany(database: Database) -> None:
-    """`at_most`: a row whose column went past the row's value is left alone; `lock_in_order`
-    (text keys in code point order on PostgreSQL): the rows written as without it, a key that
-    names no row writes nothing."""
-    ids = await _seeded(database)
-    async with database.unit_of_work() as uow:
-        generation = dict((await uow.session.execute(select(m.Deployment.name, m.Deployment.generation))).all())
-        before = dict((await uow.session.execute(select(m.Node.id, m.Node.power_draw_w))).all())
-        await update_rows(uow.session, _DEPLOYMENTS, _SET_GENERATION, [
-            {"dep": ids["web0"], "cap": generation["web0"], "new": 40},
-            {"dep": ids["web1"], "cap": generation["web1"] - 1, "new": 41}],
-            key=("id", "dep"), values={"generation": "new"}, at_most={"generation": "cap"}, lock_in_order=True)
-        await update_rows(uow.session, _NODES, _SET_POWER, [
-            {"node": "N3", "power": 3.5}, {"node": "gone", "power": 9.0}, {"node": "n1", "power": 1.25}],
-            key=("id", "node"), values={"power_draw_w": "power"}, lock_in_order=True)
-        await uow.commit()
-    async with database.unit_of_work() as uow:
-        after = dict((await uow.session.execute(select(m.Deployment.name, m.Deployment.generation))).all())
-        power = dict((await uow.session.execute(select(m.Node.id, m.Node.power_draw_w))).all())
-    assert (after["web0"], after["web1"]) == (40, generation["web1"])
-    assert (power["n1"], power["N3"], power["n2"]) == (1.25, 3.5, before["n2"]) and "gone" not in power
-
-
 @POSTGRES_ONLY
 async def test_postgres_writes_the_rows_in_one_execution_of_one_text(database: Database) -> None:
     """No executemany (the server ran it once per row), and one statement text for any number of
-    rows (prepared once per connection): the report flush's phases and heartbeats."""
+    rows (prepared once per connection): the report flush's phases."""
     ids = await _seeded(database)
     at = datetime(2026, 12, 4, tzinfo=timezone.utc)
     texts: list[list[str]] = []
@@ -116,16 +86,12 @@ async def test_postgres_writes_the_rows_in_one_execution_of_one_text(database: D
                     await repo.write_deployment_phases(uow.session, [
                         (ids[f"web{i}"], m.DeploymentPhase.PENDING, m.DeploymentPhase.DEGRADED, [])
                         for i in range(count)], at)
-                    await repo.write_heartbeats(uow.session, {n: (at, 100.0 + i) for i, n in
-                                                              enumerate(("n1", "n2", "N3")[:count])})
                     await uow.commit()
             assert not [t for t in trips if t.kind == "executemany"], trips
     finally:
         event.remove(database.engine.sync_engine, "before_cursor_execute", note)
-    assert texts[0] == texts[1] and len(texts[0]) == 2, texts
+    assert texts[0] == texts[1] and len(texts[0]) == 1, texts
     async with database.unit_of_work() as uow:
         phases = set(await uow.session.scalars(select(m.Deployment.phase).where(m.Deployment.id.in_(
             [ids[f"web{i}"] for i in range(3)]))))
-        beats = dict((await uow.session.execute(select(m.Node.id, m.Node.power_draw_w))).all())
     assert phases == {m.DeploymentPhase.DEGRADED}
-    assert beats == {"n1": 100.0, "n2": 101.0, "N3": 102.0}

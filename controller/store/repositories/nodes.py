@@ -12,7 +12,6 @@ from sqlalchemy.orm import selectinload
 from controller.store import models as m
 from controller.store.inlist import any_of
 from controller.store.marks import rowcount_unread
-from controller.store.unnest import update_rows
 from controller.domain import values as d
 from controller.domain.paging import PageBounds
 from controller.store.repositories.common import _paged
@@ -135,12 +134,10 @@ async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetim
     """Last heartbeat time and power draw of many nodes in one executemany (an unknown id updates
     no row). A Core statement: the ORM's bulk update by primary key, after a read of which ids
     exist, cost about three times the CPU per flush (micro-benchmark, SQLite, 30 nodes). In
-    ascending id, as a plan commit locks nodes (the lock order: store/changes.py). On PostgreSQL
-    one statement over arrays (`unnest.update_rows`), the rows locked first in that order."""
-    await update_rows(session, _NODES, _WRITE_HEARTBEAT, [{"node_id": node_id, "at": at, "power": power}
-                                                          for node_id, (at, power) in sorted(beats.items())],
-                      key=("id", "node_id"), values={"last_heartbeat_at": "at", "power_draw_w": "power"},
-                      lock_in_order=True)
+    ascending id, as a plan commit locks nodes (the lock order: store/changes.py)."""
+    if beats:
+        await session.execute(_WRITE_HEARTBEAT, [{"node_id": node_id, "at": at, "power": power}
+                                                 for node_id, (at, power) in sorted(beats.items())])
 
 
 async def node_capacities(session: AsyncSession) -> list[tuple[str, str, str, str, str, int, float | None]]:

@@ -95,14 +95,12 @@ async def write_reported_shards(session: AsyncSession, shards: Sequence[ShardSta
     the generation the report answers (`generation`) or an older one (the report's test,
     `agents._changes`, as of the write): a placement a plan commit moved since the report was
     judged keeps what that commit wrote, and one it removed (or placed again: a row of its own)
-    is not written. On PostgreSQL one statement over arrays (`unnest.update_rows`), the rows
-    locked first in ascending id."""
-    await update_rows(session, _PLACEMENTS, _REPORTED_SHARD, [
-        {"placement": r.placement_id, "at_node": r.node_id, "report_generation": r.generation,
-         "new_phase": r.phase, "new_message": r.message, "at": at}
-        for r in sorted(shards, key=lambda r: r.placement_id)],
-        key=("id", "placement"), values={"phase": "new_phase", "message": "new_message", "updated_at": "at"},
-        match={"node_id": "at_node"}, at_most={"generation": "report_generation"}, lock_in_order=True)
+    is not written."""
+    if shards:
+        await session.execute(_REPORTED_SHARD, [
+            {"placement": r.placement_id, "at_node": r.node_id, "report_generation": r.generation,
+             "new_phase": r.phase, "new_message": r.message, "at": at}
+            for r in sorted(shards, key=lambda r: r.placement_id)])
 
 
 async def write_deployment_phases(
