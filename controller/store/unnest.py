@@ -6,15 +6,14 @@ triggers' WHEN conditions prepared, the indexes opened, per row. For an UPDATE b
 most of its cost: 150-250 us of the server's CPU a row for the report flush's UPDATE of
 deployments, against 13-57 us a row for the same rows in one `UPDATE ... FROM unnest(...)`
 (`pgcpu` in docs/benchmarks.md; the controller's own CPU a row fell too, ~95 to ~70 us). Used
-where the rows are locked already: the report flush's deployments. An
-INSERT's executemany costs the server no more a row than one statement over arrays did (events,
-~30 us a row either way), and the arrays cost the controller a little more: INSERTs stay
-executemany.
+where the rows are locked already: the report flush's deployments. An INSERT's executemany costs
+the server no more a row than one statement over arrays did (events, ~30 us a row either way),
+and the arrays cost the controller a little more: INSERTs stay executemany.
 
-Here the rows go as one text array per column (asyncpg encodes text[] with
-its own codec; an array of another type would cost a type lookup on each new connection first,
-`inlist._any`), cast on the server to the column's type, in one statement whose text depends on
-the columns alone (prepared once per connection, whatever the number of rows).
+Here the rows go as one text array per column (asyncpg encodes text[] with its own codec; an
+array of another type would cost a type lookup on each new connection first, `inlist._any`),
+cast on the server to the column's type, in one statement whose text depends on the columns
+alone (prepared once per connection, whatever the number of rows).
 
 SQLite keeps the executemany: it runs in the controller's process, with no such cost per
 statement to save.
@@ -70,7 +69,7 @@ def _dialect(session: AsyncSession) -> Dialect:
 
 def _arrays(table: Table, dialect: Dialect, named: Sequence[tuple[str, str]],
             rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str | None]]:
-    """The parameters of `_insert_text` / `_update_text`: `a0`, `a1`, ... one text array per
+    """The parameters of `_update_text`: `a0`, `a1`, ... one text array per
     (column, parameter) of `named`, each value bind-processed as its column's type would be."""
     arrays: dict[str, list[str | None]] = {}
     for i, (column, parameter) in enumerate(named):
