@@ -61,7 +61,7 @@ from controller.store.checkpoints import WalCheckpointer
 from controller.store.exclusive import DatabaseInUse, SqliteLock, sqlite_path
 from controller.store.notify import RESYNC, ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
-from controller.usecases.capacity import CapacityCache
+from controller.usecases.capacity import CapacityCache, CapacityRefresher
 from controller.usecases.deletes import DeleteBatcher
 from controller.usecases.submits import SubmitBatcher, SubmittedRows
 from controller.usecases.deployments import views_of
@@ -461,12 +461,13 @@ class ControllerApp:
             await server.stop(None)
             raise ListenError(str(exc)) from exc  # the same one-line refusal, before the database is touched
 
+        capacity = CapacityCache()
         deps = ServiceDeps(
             db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             throttle=self.throttle,
             require_leader=self.election.require_leader,
-            capacity=CapacityCache(),
+            capacity=capacity,
             submits=SubmitBatcher(self.db, self.signals, observer=self.metrics, submitted=self.submitted),
             deletes=DeleteBatcher(self.db, self.signals),
             audit=auditor,
@@ -531,6 +532,8 @@ class ControllerApp:
             asyncio.create_task(watch_event_loop(self._loop_lagged), name="event-loop-lag"),
             asyncio.create_task(self.freezer.run(), name="gc-freeze"),
             asyncio.create_task(CollectionPacer().run(), name="gc-pace"),  # young collections by time (gcpolicy)
+            # the capacity index rebuilt after node changes, not by the submit that first needs it
+            asyncio.create_task(CapacityRefresher(self.db, capacity).run(), name="capacity-refresh"),
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))

@@ -10,6 +10,13 @@ bump on every change of a node's capacity, rack or existence, a rack's row or a 
 (migrations 0012, 0022: never for a statement that changed none of those): the index is rebuilt (one plain-column query) only after such a change,
 never per submit nor after a placement commit, and a second controller's (or a hand edit's)
 node changes are seen too.
+
+Rebuilding costs ~25 ms of the event loop at 4,096 nodes (the read and the index, measured in
+process), and the submit batch that first met a new generation paid it inside its transaction:
+after a join, the first submits queued behind it (docs/benchmarks.md, `p99at50`: 11 of a
+50/s run's 25 slowest submits). `CapacityRefresher` rebuilds it in the background once a moved
+generation has held still for a poll, so submits usually find it built; a submit that finds it
+stale still rebuilds it first, as before, so no judgement is ever made on an old index.
 """
 
 from __future__ import annotations
@@ -20,8 +27,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import logging
+
 from controller.store import repositories as repo
-from controller.store.db import UnitOfWork
+from controller.store.db import Database, UnitOfWork
+
+log = logging.getLogger("maia.capacity")
 
 LOCALITIES = ("rack", "row", "zone")
 
@@ -124,6 +135,11 @@ class CapacityCache:
         self._rebuilding = asyncio.Lock()  # one rebuild at a time: concurrent submits wait for it
         self.rebuilds = 0
 
+    @property
+    def generation(self) -> int | None:
+        """The capacity generation the index was built at (None: never built)."""
+        return self._generation
+
     async def index(self, uow: UnitOfWork, generation: int | None = None) -> CapacityIndex:
         """The index at the capacity generation stored now (`generation`: already read by the caller)."""
         if generation is None:
@@ -141,3 +157,40 @@ class CapacityCache:
 
 async def load_index(uow: UnitOfWork) -> CapacityIndex:
     return CapacityIndex(NodeCapacity(*row) for row in await repo.node_capacities(uow.session))
+
+
+# How often the stored capacity generation is read for `CapacityRefresher` (a one-row read).
+CAPACITY_POLL_S = 1.0
+
+
+class CapacityRefresher:
+    """Rebuilds `cache`'s index off the submit path (module docstring): every `every_s` it reads
+    the stored capacity generation and rebuilds once a generation other than the index's has been
+    read twice in a row (held still for a poll: a join moves it at every node, and one rebuild
+    after it is enough)."""
+
+    def __init__(self, db: Database, cache: CapacityCache, *, every_s: float = CAPACITY_POLL_S) -> None:
+        self._db = db
+        self._cache = cache
+        self._every_s = every_s
+        self._seen: int | None = None  # the generation the last poll read
+
+    async def poll_once(self) -> bool:
+        """One poll; whether it rebuilt the index."""
+        async with self._db.unit_of_work() as uow:
+            generation = await repo.read_capacity_generation(uow.session)
+            settled, self._seen = generation == self._seen, generation
+            if not settled or generation == self._cache.generation:
+                return False
+            rebuilds = self._cache.rebuilds
+            await self._cache.index(uow, generation)
+            return self._cache.rebuilds > rebuilds
+
+    async def run(self) -> None:
+        """Poll every `every_s` until cancelled; a failed poll (the database away) is tried again at the next."""
+        while True:
+            await asyncio.sleep(self._every_s)
+            try:
+                await self.poll_once()
+            except Exception as exc:  # noqa: BLE001 (the submits rebuild it themselves meanwhile)
+                log.debug("capacity index not refreshed: %s: %s", type(exc).__name__, exc)

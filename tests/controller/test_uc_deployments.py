@@ -12,7 +12,7 @@ from controller.store import repositories as repo
 from controller.usecases import deployments
 from controller.domain.values import Spread
 from controller.usecases.ports import RecordingSignals
-from controller.usecases.capacity import CapacityCache
+from controller.usecases.capacity import CapacityCache, CapacityRefresher
 from uc_builders import (
     WHO, add_nodes, apply_topology, assert_refused_writing_nothing, deployment, row_counts, with_shard,
 )
@@ -97,6 +97,25 @@ async def test_the_capacity_cache_follows_node_changes(cluster):
         with pytest.raises(InvalidArgument, match=r"the largest rack holds 12 \(rack-a\)"):
             await deployments.submit_deployment(uow, WHO, replace(both, name="more", shards_per_replica=13),
                                                 RecordingSignals(), capacity=capacity)
+
+
+async def test_the_capacity_refresher_builds_the_index_before_a_submit_needs_it(cluster):
+    """Once the stored capacity generation has held still for a poll (read twice), the refresher
+    rebuilds the index, so the next submit judges from it without a rebuild of its own; while
+    nodes keep changing (a join) it waits for them to settle."""
+    capacity = CapacityCache()
+    refresher = CapacityRefresher(cluster, capacity)
+    assert not await refresher.poll_once()  # the first read: not known to be settled
+    assert await refresher.poll_once() and capacity.rebuilds == 1
+    assert not await refresher.poll_once() and capacity.rebuilds == 1  # nothing moved
+    for i in range(2):  # moved at each poll: still moving
+        await add_nodes(cluster, "rack-b", 1, prefix=f"rack-b-new{i}")
+        assert not await refresher.poll_once()
+    assert await refresher.poll_once() and capacity.rebuilds == 2
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals(), capacity=capacity)
+        await uow.commit()
+    assert capacity.rebuilds == 2  # the submit found the index at the stored generation
 
 
 async def test_the_capacity_cache_outlives_placement_commits(cluster):
