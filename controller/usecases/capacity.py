@@ -22,12 +22,11 @@ stale still rebuilds it first, as before, so no judgement is ever made on an old
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-import logging
 
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
