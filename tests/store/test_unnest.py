@@ -14,6 +14,7 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.pg_driver import counted_trips
+from controller.store.tokens import aware
 from controller.store.unnest import update_rows
 
 from .seed import TWO_RACKS, seed_problem
@@ -59,11 +60,12 @@ async def test_update_rows_writes_the_rows_still_as_matched(database: Database) 
             key=("id", "dep"), values={"phase": "new", "reasons": "why", "updated_at": "at"}, match={"phase": "was"})
         await uow.commit()
     async with database.unit_of_work() as uow:
-        after = {name: (phase, reasons) for name, phase, reasons in await uow.session.execute(
-            select(m.Deployment.name, m.Deployment.phase, m.Deployment.reasons))}
-    assert after["web0"] == (m.DeploymentPhase.DEGRADED, [{"code": "A"}])
-    assert after["web2"] == (m.DeploymentPhase.FAILED, [])
+        after = {name: (phase, reasons, aware(updated)) for name, phase, reasons, updated in await uow.session.execute(
+            select(m.Deployment.name, m.Deployment.phase, m.Deployment.reasons, m.Deployment.updated_at))}
+    assert after["web0"] == (m.DeploymentPhase.DEGRADED, [{"code": "A"}], at)  # the time with its offset, as written
+    assert after["web2"] == (m.DeploymentPhase.FAILED, [], at)
     assert after["web1"][0] == after["web3"][0] == before["web1"] == before["web3"]
+    assert after["web1"][2] != at
 
 
 @POSTGRES_ONLY
