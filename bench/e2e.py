@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import procfs
 from bench.fgd import percentile
 from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
 from bench.preload import Layout, preload
@@ -165,33 +166,15 @@ class Process:
     def cpu_s(self) -> float:
         """CPU seconds of the process and of the children it started (the controller's decide
         process: running, or exited and reaped), so that CPU moved to a child still counts."""
-        fields = _stat(self.proc.pid)
-        return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK") \
-            + self.children_cpu_s()
+        return procfs.tree_cpu_s(self.proc.pid)
 
     def children_cpu_s(self, named: str = "") -> float:
         """CPU seconds of the children it runs now (`named`: those whose command line holds it)."""
-        return sum(int(fields[11]) + int(fields[12]) for _, fields in self._children(named)) / os.sysconf("SC_CLK_TCK")
+        return sum(procfs.ticks(fields) for _, fields in procfs.children(self.proc.pid, named)) / os.sysconf("SC_CLK_TCK")
 
     def children_peak_rss_mib(self, named: str) -> float:
         """The peak RSS of the children running now whose command line holds `named`, summed."""
-        return sum(_peak_rss_mib(pid) for pid, _ in self._children(named))
-
-    def _children(self, named: str) -> list[tuple[int, list[str]]]:
-        """(pid, stat fields) of the children it runs now (`named`: those whose command line holds it)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = _stat(int(entry.name))
-                    if int(fields[1]) != self.proc.pid:
-                        continue
-                    if named and named not in (entry / "cmdline").read_text(errors="replace"):
-                        continue
-                except (OSError, IndexError):
-                    continue
-                found.append((int(entry.name), fields))
-        return found
+        return sum(_peak_rss_mib(pid) for pid, _ in procfs.children(self.proc.pid, named))
 
     def peak_rss_mib(self) -> float:
         return _peak_rss_mib(self.proc.pid)
@@ -257,11 +240,6 @@ def _peak_rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/PID/stat's fields after the command name (state, ppid, ..., utime at 11)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 @asynccontextmanager

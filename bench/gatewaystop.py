@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from bench import procfs
+
 CONNECT = "/maia.v1.NodeAgentService/Connect"
 
 
@@ -93,10 +95,9 @@ class _Holder:
 
 def _cpu_ticks(pid: int) -> int | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return procfs.ticks(procfs.stat_fields(pid))
     except OSError:
         return None
-    return int(fields[11]) + int(fields[12])
 
 
 async def _controller(args: argparse.Namespace) -> dict[str, object]:

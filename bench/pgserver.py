@@ -21,6 +21,8 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from bench import procfs
+
 PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin")
 PG_USER = "app"
 
@@ -105,20 +107,9 @@ class LocalPostgres:
         """CPU seconds of the server so far: the postmaster's, its live children's (the backends,
         the writers) and those of the children it has reaped (/proc; 0.0 when not running)."""
         try:
-            postmaster = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
-            own = _proc_stat(postmaster)
+            return procfs.tree_cpu_s(int((self.data / "postmaster.pid").read_text().split("\n", 1)[0]))
         except (OSError, ValueError, IndexError):
             return 0.0
-        ticks = sum(int(own[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = _proc_stat(int(entry.name))
-                except (OSError, IndexError):
-                    continue
-                if int(fields[1]) == postmaster:
-                    ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self._stopped:
@@ -129,11 +120,6 @@ class LocalPostgres:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _proc_stat(pid: int) -> list[str]:
-    """/proc/PID/stat's fields after the command name (state at 0, ppid at 1, utime at 11)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def asyncpg_dsn(url: str) -> str:
