@@ -134,11 +134,6 @@ class CapacityCache:
         self._rebuilding = asyncio.Lock()  # one rebuild at a time: concurrent submits wait for it
         self.rebuilds = 0
 
-    @property
-    def generation(self) -> int | None:
-        """The capacity generation the index was built at (None: never built)."""
-        return self._generation
-
     async def index(self, uow: UnitOfWork, generation: int | None = None) -> CapacityIndex:
         """The index at the capacity generation stored now (`generation`: already read by the caller)."""
         if generation is None:
@@ -179,10 +174,10 @@ class CapacityRefresher:
         async with self._db.unit_of_work() as uow:
             generation = await repo.read_capacity_generation(uow.session)
             settled, self._seen = generation == self._seen, generation
-            if not settled or generation == self._cache.generation:
+            if not settled:
                 return False
             rebuilds = self._cache.rebuilds
-            await self._cache.index(uow, generation)
+            await self._cache.index(uow, generation)  # at the index's generation already: no rebuild
             return self._cache.rebuilds > rebuilds
 
     async def run(self) -> None:
