@@ -38,12 +38,17 @@ from controller.store import jsoncodec
 POSTGRESQL = "postgresql"
 
 
-def dialect_of(session: AsyncSession) -> str:
-    """The name of the dialect `session` runs on ('sqlite', 'postgresql')."""
+def session_dialect(session: AsyncSession) -> Dialect:
+    """The dialect `session` runs on."""
     bind = session.bind
     if bind is None:
         raise ValueError("the session is bound to no engine: its dialect is unknown")
-    return bind.dialect.name
+    return bind.dialect
+
+
+def dialect_of(session: AsyncSession) -> str:
+    """The name of the dialect `session` runs on ('sqlite', 'postgresql')."""
+    return session_dialect(session).name
 
 
 def _texts(column: ColumnElement[Any]) -> bool:

@@ -33,7 +33,7 @@ from sqlalchemy import Table, TextClause, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.store.inlist import POSTGRESQL
+from controller.store.inlist import POSTGRESQL, session_dialect
 
 
 async def update_rows(session: AsyncSession, table: Table, fallback: Any, rows: Sequence[Mapping[str, Any]], *,
@@ -50,7 +50,7 @@ async def update_rows(session: AsyncSession, table: Table, fallback: Any, rows: 
     not locked yet keep their executemany (docs/benchmarks.md, `pgcpu`)."""
     if not rows:
         return
-    dialect = _dialect(session)
+    dialect = session_dialect(session)
     if dialect.name != POSTGRESQL:
         await session.execute(fallback, list(rows))
         return
@@ -58,13 +58,6 @@ async def update_rows(session: AsyncSession, table: Table, fallback: Any, rows: 
     named = (key, *values.items(), *matched)
     statement = _update_text(table, key[0], tuple(values), tuple(column for column, _ in matched), dialect)
     await session.execute(statement, _arrays(table, dialect, named, rows))
-
-
-def _dialect(session: AsyncSession) -> Dialect:
-    bind = session.bind
-    if bind is None:
-        raise ValueError("the session is bound to no engine: its dialect is unknown")
-    return bind.dialect
 
 
 def _arrays(table: Table, dialect: Dialect, named: Sequence[tuple[str, str]],
