@@ -249,7 +249,8 @@ class Deployment(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(63), nullable=False, index=True)  # a watch by name alone
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True, nullable=False)
+    # No index of its own: the (tenant_id, name) unique index leads with it (migration 0025).
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), nullable=False)
     replicas: Mapped[int] = mapped_column(Integer, nullable=False)
     min_replicas: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
     shards_per_replica: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -303,9 +304,8 @@ class Placement(Base):
     __table_args__ = (UniqueConstraint("deployment_id", "replica", "shard"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    deployment_id: Mapped[int] = mapped_column(
-        ForeignKey("deployments.id", ondelete="CASCADE"), index=True, nullable=False
-    )
+    # No index of its own: the (deployment_id, replica, shard) unique index leads with it (0025).
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), nullable=False)
     replica: Mapped[int] = mapped_column(Integer, nullable=False)
     shard: Mapped[int] = mapped_column(Integer, nullable=False)
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True, nullable=False)

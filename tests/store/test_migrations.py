@@ -17,6 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controller.leadership import LeaderElection, NotLeader
 from controller.store import lease
@@ -125,6 +126,17 @@ async def test_sqlite_foreign_keys_stay_on_after_migrating(tmp_path: Path) -> No
         await db.dispose()
 
 
+async def _query_plan(conn: AsyncConnection, sql: str) -> str:
+    """The database's plan for `sql`, one string; on PostgreSQL with sequential scans off (on an
+    empty table a scan is what it picks unless told not to)."""
+    if conn.dialect.name == "sqlite":
+        rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
+        return " ".join(str(r[-1]) for r in rows)
+    await conn.exec_driver_sql("SET enable_seqscan = off")
+    rows = await conn.exec_driver_sql(f"EXPLAIN {sql}")
+    return " ".join(str(r[0]) for r in rows)
+
+
 async def test_a_deployment_named_without_its_tenant_is_found_through_an_index(db_url: str) -> None:
     """An admin's watch or `maiactl wait NAME` without a tenant looks a deployment up by name alone,
     which the (tenant_id, name) unique index cannot serve (migration 0015)."""
@@ -132,14 +144,30 @@ async def test_a_deployment_named_without_its_tenant_is_found_through_an_index(d
     db = Database(db_url)
     try:
         async with db.engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN SELECT id FROM deployments WHERE name = 'chat'")
-                plan = " ".join(str(r[-1]) for r in rows)
-            else:  # an empty table: a sequential scan is what PostgreSQL picks unless told not to
-                await conn.exec_driver_sql("SET enable_seqscan = off")
-                rows = await conn.exec_driver_sql("EXPLAIN SELECT id FROM deployments WHERE name = 'chat'")
-                plan = " ".join(str(r[0]) for r in rows)
+            plan = await _query_plan(conn, "SELECT id FROM deployments WHERE name = 'chat'")
         assert "ix_deployments_name" in plan, plan
+    finally:
+        await db.dispose()
+
+
+async def test_lookups_by_tenant_and_by_deployment_go_through_the_unique_indexes(db_url: str) -> None:
+    """Migration 0025 dropped `ix_deployments_tenant_id` and `ix_placements_deployment_id`: a
+    tenant's deployments and a deployment's placements are still found through an index, the
+    unique one that leads with the column, and neither dropped index is there to be written."""
+    await asyncio.to_thread(command.upgrade, alembic_config(db_url), "head")
+    db = Database(db_url)
+    try:
+        async with db.engine.connect() as conn:
+            by_tenant = await _query_plan(conn, "SELECT id FROM deployments WHERE tenant_id = 'acme'")
+            by_deployment = await _query_plan(conn, "SELECT id FROM placements WHERE deployment_id = 7")
+            indexes = await conn.run_sync(lambda sync: {
+                index["name"] for table in ("deployments", "placements")
+                for index in inspect(sync).get_indexes(table)})
+        # A unique constraint's index: SQLite's sqlite_autoindex_<table>_N, PostgreSQL's uq_<table>_<columns>.
+        assert any(name in by_tenant for name in ("sqlite_autoindex_deployments", "uq_deployments_tenant_id_name")), by_tenant
+        assert any(name in by_deployment for name in ("sqlite_autoindex_placements",
+                                                      "uq_placements_deployment_id_replica_shard")), by_deployment
+        assert not indexes & {"ix_deployments_tenant_id", "ix_placements_deployment_id"}, indexes
     finally:
         await db.dispose()
 
