@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from controller.domain.changes import ChangeKind, ClusterChange
 from controller.store.db import Database
 from controller.store import audit, pg_driver, plans, sqlite_driver
+from controller.store.plans import check as plan_check, commit as plan_commit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.plans import (
@@ -378,9 +379,9 @@ async def test_a_stale_plan_onto_a_node_cordoned_since_is_requeued(database: Dat
         threads.append(threading.current_thread())
         return recheck_module.recheck(*args)
 
-    monkeypatch.setattr(plans, "recheck", recheck)
+    monkeypatch.setattr(plan_check, "recheck", recheck)
     if large:  # this one's (4 nodes, 3 shards, 1 replica) counts as large
-        monkeypatch.setattr(plans, "RECHECK_ON_LOOP_MAX", 0, raising=False)
+        monkeypatch.setattr(plan_check, "RECHECK_ON_LOOP_MAX", 0, raising=False)
     snap = await _seeded(database)
     async with database.unit_of_work() as uow:
         await repo.set_node_cordoned(uow.session, "n2", True)
@@ -477,14 +478,14 @@ async def _judged_by(database: Database, monkeypatch: pytest.MonkeyPatch, change
         await bump_cluster_generation(uow.session, change)
         await uow.commit()
     reads = 0
-    real = plans.load_spec_doc
+    real = plan_check.load_spec_doc
 
     async def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
         nonlocal reads
         reads += 1
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(plans, "load_spec_doc", counted)
+    monkeypatch.setattr(plan_check, "load_spec_doc", counted)
     result = await _commit(database, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
                                                                     P(TRAIN, 0, 1, "n2", 2, 3))))
     return result, reads
@@ -563,7 +564,7 @@ def _between_check_and_lock(monkeypatch: pytest.MonkeyPatch, work: Any) -> list[
     the generation's lock (on PostgreSQL, where the lock comes after the writes: before those);
     returns a list that gets one item per check of a plan's changes."""
     checks: list[bool] = []
-    real_changes, real_move, real_land = plans._plan_changes, plans.move_generation_unread, plans._land
+    real_changes, real_move, real_land = plan_check._plan_changes, plan_commit.move_generation_unread, plan_commit._land
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         checks.append(True)
@@ -583,9 +584,9 @@ def _between_check_and_lock(monkeypatch: pytest.MonkeyPatch, work: Any) -> list[
             await interfere()
         return await real_land(*args, **kwargs)
 
-    monkeypatch.setattr(plans, "_plan_changes", counted)
-    monkeypatch.setattr(plans, "move_generation_unread", interfered)
-    monkeypatch.setattr(plans, "_land", landing)
+    monkeypatch.setattr(plan_check, "_plan_changes", counted)
+    monkeypatch.setattr(plan_commit, "move_generation_unread", interfered)
+    monkeypatch.setattr(plan_commit, "_land", landing)
     return checks
 
 
@@ -1066,14 +1067,14 @@ async def test_a_plan_commit_that_locks_first_and_a_writer_that_moves_the_genera
     writer waits for was a deadlock PostgreSQL broke after deadlock_timeout, aborting one)."""
     snap = await _seeded(database)
     read, go_on = asyncio.Event(), asyncio.Event()
-    real_check = plans._check
+    real_check = plan_commit._check
 
     async def paused(*args: Any) -> Any:  # the commit stops after its read (under the lock) until told to go on
         read.set()
         await go_on.wait()
         return await real_check(*args)
 
-    monkeypatch.setattr(plans, "_check", paused)
+    monkeypatch.setattr(plan_commit, "_check", paused)
     committing = asyncio.create_task(_commit(database, snap, Plan(
         "optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))))
     await asyncio.wait_for(read.wait(), 30)
@@ -1111,7 +1112,7 @@ async def test_a_report_landing_between_a_plan_commits_read_and_its_write_is_not
         snap = await load_snapshot(uow.session)
     generation = (await _state(database))["placements"][(TRAIN, 0, 0)][3]
     read, reported = asyncio.Event(), asyncio.Event()
-    real_check = plans._check
+    real_check = plan_commit._check
     checks: list[int] = []
 
     async def report_after_the_read(*args: Any) -> Any:  # the lock-first read is done (scoped: after the early one)
@@ -1128,7 +1129,7 @@ async def test_a_report_landing_between_a_plan_commits_read_and_its_write_is_not
                 await bump_cluster_generation(uow.session, ClusterChange.node("n4"))
                 await uow.commit()
         _between_check_and_lock(monkeypatch, cordon_n4)
-    monkeypatch.setattr(plans, "_check", report_after_the_read)
+    monkeypatch.setattr(plan_commit, "_check", report_after_the_read)
 
     async def commit() -> CommitResult:
         async with database.unit_of_work() as uow:
@@ -1177,7 +1178,7 @@ async def test_a_plan_commit_read_again_after_a_report_locks_the_shards_it_write
     stored = (await _state(database))["placements"]
     reads = [asyncio.Event(), asyncio.Event()]
     go_on = [asyncio.Event(), asyncio.Event()]
-    real_check = plans._check
+    real_check = plan_commit._check
 
     async def paused(*args: Any) -> Any:  # each try's read done, its writes not begun
         tried = sum(read.is_set() for read in reads)
@@ -1185,7 +1186,7 @@ async def test_a_plan_commit_read_again_after_a_report_locks_the_shards_it_write
         await go_on[tried].wait()
         return await real_check(*args)
 
-    monkeypatch.setattr(plans, "_check", paused)
+    monkeypatch.setattr(plan_commit, "_check", paused)
 
     async def commit() -> None:
         async with database.unit_of_work() as uow:
@@ -1238,7 +1239,7 @@ async def test_two_passes_whose_failures_step_wrote_nothing_fall_back_from_lock_
         await uow.commit()
     early, both_early = [], asyncio.Event()
     go_on, at_fallback = asyncio.Event(), asyncio.Barrier(2)
-    real_last, real_first = plans._commit_locking_last, plans.moves_generation_first
+    real_last, real_first = plan_commit._commit_locking_last, plan_commit.moves_generation_first
 
     async def after_the_early_read(*args: Any, **kwargs: Any) -> Any:  # both wait, the generation moves
         early.append(1)
@@ -1251,8 +1252,8 @@ async def test_two_passes_whose_failures_step_wrote_nothing_fall_back_from_lock_
         await asyncio.wait_for(at_fallback.wait(), 30)
         await real_first(session)
 
-    monkeypatch.setattr(plans, "_commit_locking_last", after_the_early_read)
-    monkeypatch.setattr(plans, "moves_generation_first", together)
+    monkeypatch.setattr(plan_commit, "_commit_locking_last", after_the_early_read)
+    monkeypatch.setattr(plan_commit, "moves_generation_first", together)
 
     async def a_pass(plan: Plan, scope: set[str]) -> CommitResult:
         async with database.unit_of_work() as uow:

@@ -18,7 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ClusterChange
 from controller.store import models as m
-from controller.store import plans
+from controller.store.plans import check as plan_check
+from controller.store.plans.check import _solver_ids, _spec_doc
+from controller.store.plans.committed import _read_committed
+from controller.store.plans.neighbours import _neighbours, _snapshot_neighbours, _specs_since
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.plans import CommitResult, bump_cluster_generation, commit_plan
@@ -197,14 +200,14 @@ async def test_a_scoped_commit_judged_on_the_nodes_alone_lands_what_an_unscoped_
     async with database.unit_of_work() as uow:
         snap = await load_snapshot(uow.session)  # current: the scoped commit takes the shards beside it from it
     names = [d["id"] for d in snap.problem["deployments"]]
-    beside = plans._snapshot_neighbours
+    beside = _snapshot_neighbours
     read_on: list[Any] = []
 
     def neighbours(*args: Any) -> Any:
         read_on.append(args[4])
         return beside(*args)
 
-    monkeypatch.setattr(plans, "_snapshot_neighbours", neighbours)
+    monkeypatch.setattr(plan_check, "_snapshot_neighbours", neighbours)
     requeued = 0
     for _ in range(6):  # (each tried, then rolled back)
         plan = _random_plan(rng, snap)
@@ -423,11 +426,11 @@ async def _beside(database: Database, snap: Snapshot, scope: set[str], racks: se
     """The shards outside `scope` on `racks` as a commit now would take them from `snap` (None:
     it cannot say) and as stored."""
     async with database.unit_of_work() as uow:
-        committed = await plans._read_committed(uow.session, scope)
+        committed = await _read_committed(uow.session, scope)
         generation = committed.generation
-        since = None if generation == snap.generation else await plans._specs_since(uow.session, snap, generation)
-        return (plans._snapshot_neighbours(snap, committed, racks, since),
-                await plans._neighbours(uow.session, committed, racks))
+        since = None if generation == snap.generation else await _specs_since(uow.session, snap, generation)
+        return (_snapshot_neighbours(snap, committed, racks, since),
+                await _neighbours(uow.session, committed, racks))
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -511,6 +514,6 @@ async def test_the_specs_a_scope_is_judged_by_include_its_outgoing_revisions(dat
     outgoing = {sid for sid, ref in snap.solver_refs.items() if ref.key == "c/old" and ref.outgoing}
     assert outgoing  # the running replica of revision 1
     named = {*snap.solver_refs, "c/old", "a/x"}
-    assert {sid for sid in named if sid in plans._solver_ids(snap, {"c/old", "a/x"})} == {"c/old", "a/x"} | outgoing
-    assert {sid for sid in named if sid in plans._solver_ids(snap, {"a/x"})} == {"a/x"}
-    assert {d["id"] for d in plans._spec_doc(snap, {"c/old"})["deployments"]} == {"c/old~1", "c/old~2"}
+    assert {sid for sid in named if sid in _solver_ids(snap, {"c/old", "a/x"})} == {"c/old", "a/x"} | outgoing
+    assert {sid for sid in named if sid in _solver_ids(snap, {"a/x"})} == {"a/x"}
+    assert {d["id"] for d in _spec_doc(snap, {"c/old"})["deployments"]} == {"c/old~1", "c/old~2"}

@@ -28,6 +28,7 @@ from sqlalchemy import text
 from controller.errors import NotFound
 from controller.identity import Principal
 from controller.store import plans
+from controller.store.plans import commit as plan_commit
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import nodes
@@ -120,7 +121,7 @@ async def test_a_plan_commit_whose_node_was_deleted_after_its_check_requeues_wha
     on SQLite it reads again under the writer's lock. TRAIN is re-queued (n2 is gone), WEB's replica
     1 removed: no error, nothing of TRAIN written."""
     snapshot = await _seeded(database)
-    real_check = plans._check
+    real_check = plan_commit._check
     deleted: list[str] = []
 
     async def deleted_after_the_check(*args: Any, **kwargs: Any) -> Any:
@@ -129,7 +130,7 @@ async def test_a_plan_commit_whose_node_was_deleted_after_its_check_requeues_wha
             deleted.extend(await _delete(database, "n2"))
         return checked
 
-    monkeypatch.setattr(plans, "_check", deleted_after_the_check)
+    monkeypatch.setattr(plan_commit, "_check", deleted_after_the_check)
     laps: list[str] = []
     async with database.unit_of_work() as uow:
         result = await plans.commit_plan(uow.session, snapshot, REMOVES_AND_LANDS_ON_N2, scope={WEB, TRAIN},

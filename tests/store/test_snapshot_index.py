@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from controller.store import plans
+from controller.store.plans.check import _solver_ids, _spec_doc
+from controller.store.plans.committed import _Committed
+from controller.store.plans.neighbours import _Since, _snapshot_neighbours, _snapshot_racks
 from controller.store.rollout import SolverRef, outgoing_id, stored_key
 from controller.store.snapshot import Snapshot
 
@@ -160,24 +162,24 @@ def test_the_recheck_reads_through_the_index_what_walks_of_the_snapshot_read(see
         for _ in range(4):
             keys = set(rng.sample(names, rng.randint(0, len(names))))
             every = {*snap.solver_refs, *(d["id"] for d in problem["deployments"]), *keys}
-            ids = plans._solver_ids(snap, keys)
+            ids = _solver_ids(snap, keys)
             assert {sid for sid in every if sid in ids} == _walked_solver_ids(snap, keys) & every
             rows = rng.choice([None, set(), {r["id"] for r in problem["rows"][:1]}, {r["id"] for r in problem["rows"]}])
             for wanted in (keys, None):
-                assert plans._spec_doc(snap, wanted, rows) == _walked_spec_doc(snap, wanted, rows)
+                assert _spec_doc(snap, wanted, rows) == _walked_spec_doc(snap, wanted, rows)
                 if rows is not None:  # of those rows, only some nodes (and some of none of them)
                     some = set(rng.sample([n["id"] for n in problem["nodes"]], rng.randint(0, len(problem["nodes"]))))
                     some.add("n-unknown")
-                    assert plans._spec_doc(snap, wanted, rows, some) == _walked_spec_doc(snap, wanted, rows, some)
+                    assert _spec_doc(snap, wanted, rows, some) == _walked_spec_doc(snap, wanted, rows, some)
             touched = set(rng.sample([n["id"] for n in problem["nodes"]], rng.randint(0, len(problem["nodes"]))))
-            racks, in_rows = plans._snapshot_racks(snap, touched | {"n-unknown"})
-            assert (racks, in_rows) == plans._snapshot_racks(walked, touched)
+            racks, in_rows = _snapshot_racks(snap, touched | {"n-unknown"})
+            assert (racks, in_rows) == _snapshot_racks(walked, touched)
             assert racks == {n["rack"] for n in problem["nodes"] if n["id"] in touched}
             scope = frozenset(rng.sample(names, rng.randint(0, min(3, len(names)))))
             read = set(rng.sample(names, rng.randint(0, min(3, len(names)))))
-            committed = plans._Committed(scope, snap.generation, {key: None for key in read}, set(), {}, [])
+            committed = _Committed(scope, snap.generation, {key: None for key in read}, set(), {}, [])
             gone = frozenset(rng.sample(names, rng.randint(0, min(2, len(names)))))
-            since = rng.choice([None, plans._Since(gone, False)])
+            since = rng.choice([None, _Since(gone, False)])
             on = rng.choice([None, touched])  # every node of the racks, or the touched ones alone
-            assert plans._snapshot_neighbours(snap, committed, racks, since, on) == plans._snapshot_neighbours(
+            assert _snapshot_neighbours(snap, committed, racks, since, on) == _snapshot_neighbours(
                 walked, committed, racks, since, on)
