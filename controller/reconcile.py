@@ -9,7 +9,7 @@ Woken by submissions, deletions and node changes (and on an interval as a safety
    until something else changed,
 2. loads a snapshot, solves it in a worker thread (deployments no change has given a chance
    since they were found unplaceable are left out: `scheduling/queue.py`), and commits the plan
-   in one transaction through the plan applier (`store/plans.py`): each replica it places is
+   in one transaction through the plan applier (`store/plans/`): each replica it places is
    re-checked against the committed state, and one that no longer fits is left out and solved
    again after a back-off; if the cluster changed while it solved, what still held is written
    and the cache of what that commit left catches up with the changes in between from the

@@ -56,7 +56,7 @@ and named by the next commit's scope and `Snapshot.deleting`, which releases the
 removes their rows. When changes could help (a node added or ready, a departure), the
 deployments still short of replicas are decided again on the session (`pending_docs`). Anything
 else (a re-queued fast commit; another kind of change: a commit by another controller touching
-more than `plans.LOGGED_DEPLOYMENTS_MAX` deployments, which names none; a pass the lease was lost
+more than `plans.land.LOGGED_DEPLOYMENTS_MAX` deployments, which names none; a pass the lease was lost
 in) drops the cache; the reconciler takes its full path. The cache never undoes a
 decision: it is rebuilt instead. A cache is driven by one owner (the reconcile loop, which holds its lock); `build`,
 `decide`, `scope_of` and `follow` run in a worker thread, never two at once. The session may live

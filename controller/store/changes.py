@@ -16,7 +16,7 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    that takes the generation first (`moves_generation_first`: an unscoped pass, a fallback) and
    by a node's deletion (`moves_generation_alone`);
 2. rows: placements, deployments, nodes (a plan commit and a report flush write them in this order),
-   each table's rows in ascending id (`plans._Writes`; the flush's `repo.write_reported_shards`,
+   each table's rows in ascending id (`plans.writes._Writes`; the flush's `repo.write_reported_shards`,
    `deployments_named(lock=True)`, `write_heartbeats`; the other writers over a list through
    `inlist.any_of_in_order`/`any_of_named_in_order`, the node lifecycle's health changes sorted,
    placements the ORM deletes after their deployment's row locked first): two transactions that
@@ -26,7 +26,7 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    0019, 0020) at a transaction's first write of a column the isolation rules read (placements'
    rows, deployments' shape, nodes' hardware, tenants, racks, rows), after that write's own rows,
    so a plan commit takes it after the placements it writes first and before its deployments and
-   nodes (`plans._write`), a release of shards after them and before their nodes. A Register batch
+   nodes (`plans.writes._write`), a release of shards after them and before their nodes. A Register batch
    releases the shards beyond the nodes it shrinks first, every such node's at once (their
    placements in ascending id, then their deployments and nodes: `release_placements_beyond`;
    node by node, one node's row came before the next one's placements, which a report flush held

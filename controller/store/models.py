@@ -7,7 +7,7 @@ State that the placement depends on lives in four groups:
 - outcome: placements (one row per placed shard, with concrete accelerator indices).
 `ClusterState` holds one generation counter that every placement-relevant change bumps, so a
 plan knows whether the snapshot it was solved from is stale (the plan applier then re-checks
-what it lands; see store/plans.py). `Event` is the append-only history of state changes.
+what it lands; see store/plans/). `Event` is the append-only history of state changes.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class ClusterState(Base):
 class ClusterChangeRow(Base):
     """What each cluster generation bump changed (`domain.changes`): one row per object, or one
     with no object id; the reconciler's warm cache reads the rows above its generation. Old
-    generations are pruned (`store.plans.CHANGES_KEPT`)."""
+    generations are pruned (`store.changes.CHANGES_KEPT`)."""
 
     __tablename__ = "cluster_changes"
 

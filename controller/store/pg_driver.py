@@ -20,7 +20,7 @@ at its first statement as before, since its snapshot must be taken there.
 BEGIN, COMMIT and ROLLBACK are sent as plain statements (`PlainTransaction`), so that a COMMIT can
 carry a statement of the caller's in its own message (`LazyBeginConnection.commit_guard`: the
 leader fence, `lease.commit_fenced`) instead of a round trip before it, and a BEGIN a SAVEPOINT
-(`savepoint`: a plan commit's, `store/plans.py`).
+(`savepoint`: a plan commit's, `store/plans/commit.py`).
 """
 
 from __future__ import annotations

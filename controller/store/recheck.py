@@ -24,10 +24,10 @@ large cluster; row power budgets are judged over the whole row (`RowPower`), ten
 of a landing replica's tenant (`Quotas`). A scoped commit passes what it did not read as totals
 (`Unread`).
 
-Pure (no database; `plans._recheck` runs a small one on the event loop, a large one in a worker
-thread: `plans.RECHECK_ON_LOOP_MAX`). `plans.commit_plan` calls it with shard keys
+Pure (no database; `plans.check._recheck` runs a small one on the event loop, a large one in a worker
+thread: `plans.check.RECHECK_ON_LOOP_MAX`). `plans.commit_plan` calls it with shard keys
 whose deployment part names the spec the shard runs (a deployment's revision, see
-`plans._spec_doc`), so outgoing replicas of a rolling update are judged by their own spec.
+`plans.check._spec_doc`), so outgoing replicas of a rolling update are judged by their own spec.
 """
 
 from __future__ import annotations

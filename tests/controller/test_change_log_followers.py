@@ -1,4 +1,4 @@
-"""The change log names every placement a commit writes (store/changes.py, store/plans.py): the two
+"""The change log names every placement a commit writes (store/changes.py, store/plans/): the two
 readers that keep a warm copy of the cluster from it, the isolation watchdog's view
 (store/isolation_view.py) and the reconciler's warm cache (scheduling/warm.py, as a controller that
 did not make the change follows it), stay what a fresh read of the database gives after each change.

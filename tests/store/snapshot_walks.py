@@ -52,7 +52,7 @@ def assert_index_walks(snapshot: Snapshot, rng: random.Random | None = None) -> 
     what a walk of the document's lists gives (`WalkingIndex`), in the lists' order."""
     rng = rng or random.Random(0)
     problem, index, walk = snapshot.problem, snapshot.index, WalkingIndex()
-    # What the lookups by stored deployment rest on (`plans._solver_ids`): a solver deployment's
+    # What the lookups by stored deployment rest on (`plans.check._solver_ids`): a solver deployment's
     # ref names the stored deployment its id names.
     assert all(ref.key == stored_key(solver_id) for solver_id, ref in snapshot.solver_refs.items())
     assert list(index.nodes_by_id(problem).items()) == list(walk.nodes_by_id(problem).items())

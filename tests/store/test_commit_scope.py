@@ -183,7 +183,7 @@ async def test_a_scoped_commit_lands_what_an_unscoped_commit_of_the_same_decisio
 def _plain_cluster(rng: random.Random) -> dict[str, Any]:
     """`_cluster` without power budgets, quotas or a rule of a rack's scope (a tenant dedicated to
     racks, an exclusion): a scoped commit's re-check judges the nodes its replicas land on alone
-    and reads the shards beside its scope there alone (`plans._judged_alone`)."""
+    and reads the shards beside its scope there alone (`plans.neighbours._judged_alone`)."""
     doc = _cluster(rng, deployments=10)
     doc["rows"] = [{"id": r["id"], "zone": r["zone"]} for r in doc["rows"]]
     doc["racks"] = [{"id": r["id"], "row": r["row"]} for r in doc["racks"]]

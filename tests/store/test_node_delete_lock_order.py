@@ -1,6 +1,6 @@
 """A node's deletion beside a plan commit that lands shards on that node (store/changes.py).
 
-A scoped plan commit (`plans._commit_locking_last`, the generation writers' lock shared) holds
+A scoped plan commit (`plans.commit._commit_locking_last`, the generation writers' lock shared) holds
 isolation_state's row from its first placement write (here a DELETE, the isolation trigger) and
 then inserts shards on a node, whose row its foreign key check locks `FOR KEY SHARE`. A node's
 deletion deleted its row and then waited for isolation_state's row (the nodes' DELETE trigger): the

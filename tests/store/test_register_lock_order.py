@@ -1,6 +1,6 @@
 """PostgreSQL's lock order between a Register batch and a plan commit (store/changes.py).
 
-A scoped plan commit (`plans._commit_locking_last`, the generation writers' lock shared) locks
+A scoped plan commit (`plans.commit._commit_locking_last`, the generation writers' lock shared) locks
 isolation_state's row at its first placement write (the isolation trigger), then its deployments'
 rows, then the rows of the nodes it lands shards on (their assignment generations). A Register
 batch (the same lock shared) that changes a node's hardware wrote the node's row (its ORM UPDATE)

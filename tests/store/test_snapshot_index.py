@@ -1,7 +1,7 @@
 """A snapshot's index answers as walks of its document, kept as the document is appended to,
 departed from and replaced; the plan applier's re-check reads through it exactly what walks of
-the whole snapshot read (`plans._snapshot_racks`, `_snapshot_neighbours`, `_spec_doc`,
-`_solver_ids`)."""
+the whole snapshot read (`plans.neighbours._snapshot_racks`, `_snapshot_neighbours`,
+`plans.check._spec_doc`, `_solver_ids`)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ re-checks a plan against the state it lands on:
 - a replica someone else changed since the snapshot: not written, the next pass decides again;
 - a replica the plan removes (preempted, scaled down, retired, lost with its node): removed;
 - a replica the plan places or moves: re-checked against the committed state with the
-  scheduler's own rules (`recheck.py`); one that no longer fits (or a new replica of a template
+  scheduler's own rules (`store/recheck.py`); one that no longer fits (or a new replica of a template
   replaced since the snapshot) is not written and is re-queued, the rest of the plan commits.
 So concurrent plans are safe, and a plan solved from a stale snapshot still lands what holds.
 The commit writes new, removed and moved shard rows, deployment phases/reasons/generations,

@@ -288,8 +288,8 @@ async def _check(session: AsyncSession, snapshot: Snapshot, plan: Plan, read: _C
     """The plan's changes (each replica re-checked) against `read`. What it depends on beyond
     `read` (the snapshot's or the database's topology, nodes, tenants, specs, the shards of other
     deployments and the change log) changes only with the cluster generation, which `read` holds
-    (every writer of those bumps it: module docstring): checked again against a read with the same
-    rows at the same generation, it gives the same changes."""
+    (every writer of those bumps it: the package's docstring, plans/__init__.py): checked again
+    against a read with the same rows at the same generation, it gives the same changes."""
     current = read.current
     released = [current[k] for k, where in snapshot.released.items() if k in current and current[k].where == where]
     committed = read

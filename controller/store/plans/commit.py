@@ -61,7 +61,8 @@ async def commit_plan(
 
     What the plan changes relative to its snapshot is written where it still holds: a replica
     that no longer fits the committed state is left out and reported in `requeued` (see the
-    module docstring). Raises ValueError for a plan that places one shard twice.
+    package's docstring, plans/__init__.py). Raises ValueError for a plan that places one shard
+    twice.
 
     `scope` (stored deployment keys `TENANT/NAME`; None: every deployment): the plan speaks only
     for these deployments, and the commit costs the scope, not the cluster. Name every
