@@ -1237,7 +1237,7 @@ async def test_two_passes_whose_failures_step_wrote_nothing_fall_back_from_lock_
         await uow.session.execute(text("UPDATE deployments SET failures = 1, restart_after = :at WHERE name = 'web'"),
                                   {"at": now + timedelta(seconds=60)})
         await uow.commit()
-    early, both_early = [], asyncio.Event()
+    early, both_early, fell_back = [], asyncio.Event(), []
     go_on, at_fallback = asyncio.Event(), asyncio.Barrier(2)
     real_last, real_first = plan_commit._commit_locking_last, plan_commit.moves_generation_first
 
@@ -1249,6 +1249,7 @@ async def test_two_passes_whose_failures_step_wrote_nothing_fall_back_from_lock_
         return await real_last(*args, **kwargs)
 
     async def together(session: Any) -> None:  # both fallbacks ask for the exclusive lock at once
+        fell_back.append(1)
         await asyncio.wait_for(at_fallback.wait(), 30)
         await real_first(session)
 
@@ -1274,6 +1275,7 @@ async def test_two_passes_whose_failures_step_wrote_nothing_fall_back_from_lock_
     go_on.set()
     outcomes = await asyncio.wait_for(asyncio.gather(*passes, return_exceptions=True), 60)
     assert [str(o).splitlines()[0] for o in outcomes if isinstance(o, BaseException)] == []
+    assert len(fell_back) == 2  # both fell back to the lock first, at once (else no race was run)
     placed = (await _state(database))["placements"]
     assert [placed[(TRAIN, 0, s)][0] for s in (0, 1)] == ["n2", "n2"]
 

@@ -208,7 +208,7 @@ async def test_a_scoped_commit_judged_on_the_nodes_alone_lands_what_an_unscoped_
         return beside(*args)
 
     monkeypatch.setattr(plan_check, "_snapshot_neighbours", neighbours)
-    requeued = 0
+    requeued = judged = 0
     for _ in range(6):  # (each tried, then rolled back)
         plan = _random_plan(rng, snap)
         scope = set(rng.sample(names, rng.randint(1, len(names) - 1)))
@@ -220,7 +220,9 @@ async def test_a_scoped_commit_judged_on_the_nodes_alone_lands_what_an_unscoped_
         assert scoped == unscoped and not scoped[0].stale
         landing = {p.node for p in plan.placements if p.deployment in scope}
         assert all(nodes is not None and nodes <= landing for nodes in read_on)  # the nodes alone, not their racks
+        judged += len(read_on)
         requeued += len(scoped[0].requeued)
+    assert judged  # the scoped commits did take the shards beside them from the snapshot (else the above says nothing)
     assert requeued  # (plans on random accelerators: some land where others run, and are turned away)
 
 
