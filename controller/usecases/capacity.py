@@ -11,12 +11,14 @@ bump on every change of a node's capacity, rack or existence, a rack's row or a 
 never per submit nor after a placement commit, and a second controller's (or a hand edit's)
 node changes are seen too.
 
-Rebuilding costs ~25 ms of the event loop at 4,096 nodes (the read and the index, measured in
-process), and the submit batch that first met a new generation paid it inside its transaction:
-after a join, the first submits queued behind it (docs/benchmarks.md, `p99at50`: 11 of a
-50/s run's 25 slowest submits). `CapacityRefresher` rebuilds it in the background once a moved
-generation has held still for a poll, so submits usually find it built; a submit that finds it
-stale still rebuilds it first, as before, so no judgement is ever made on an old index.
+A rebuild is a turn of the event loop: the read, then the index built from every node (at 4,096
+nodes ~10-13 ms of the loop's CPU, at 16,384 ~30-50 ms, since the index's loop makes its
+comparisons inline; 20-35 and 70-125 ms before: docs/benchmarks.md, `capidx`). The submit batch that
+first met a new generation paid it inside its transaction: after a join, the first submits
+queued behind it (docs/benchmarks.md, `p99at50`: 11 of a 50/s run's 25 slowest submits).
+`CapacityRefresher` rebuilds it in the background once a moved generation has held still for a
+poll, so submits usually find it built; a submit that finds it stale still rebuilds it first, as
+before, so no judgement is ever made on an old index.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
@@ -36,8 +38,9 @@ log = logging.getLogger("maia.capacity")
 LOCALITIES = ("rack", "row", "zone")
 
 
-@dataclass(frozen=True, slots=True)
-class NodeCapacity:
+class NodeCapacity(NamedTuple):
+    """One node's row as `repo.node_capacities` reads it (a named tuple: a rebuild makes one a node)."""
+
     node_id: str
     rack: str
     row: str
@@ -62,17 +65,29 @@ class CapacityIndex:
     """Per (accelerator model, zone): the largest node, the most HBM, accelerators per domain."""
 
     def __init__(self, nodes: Iterable[NodeCapacity]) -> None:
+        # A node's few comparisons and sums inline (a rebuild is one loop of every node: 16,384 at
+        # ~6 us a node, with a `_Group` made and dropped for each and `_best` called twice, was
+        # ~100 ms; docs/benchmarks.md, `capidx`). Same answers as `_best_of`: the larger amount, on
+        # a tie the smaller id.
         self._groups: dict[tuple[str, str], _Group] = {}
-        for n in nodes:
-            g = self._groups.setdefault((n.accelerator_model, n.zone), _Group())
-            g.largest = _best(g.largest, (n.accelerators, n.node_id))
-            if n.hbm_gib is None:
+        groups = self._groups
+        for node_id, rack, row, zone, model, accelerators, hbm_gib in nodes:
+            g = groups.get((model, zone))
+            if g is None:
+                g = groups[(model, zone)] = _Group()
+            largest, largest_id = g.largest
+            if accelerators > largest or (accelerators == largest and node_id < largest_id):
+                g.largest = (accelerators, node_id)
+            if hbm_gib is None:
                 g.without_hbm += 1
             else:
-                g.most_hbm = _best(g.most_hbm, (n.hbm_gib, n.node_id))
-            g.domains["rack"][n.rack] += n.accelerators
-            g.domains["row"][n.row] += n.accelerators
-            g.domains["zone"][n.zone] += n.accelerators
+                most, most_id = g.most_hbm
+                if hbm_gib > most or (hbm_gib == most and node_id < most_id):
+                    g.most_hbm = (hbm_gib, node_id)
+            domains = g.domains
+            domains["rack"][rack] += accelerators
+            domains["row"][row] += accelerators
+            domains["zone"][zone] += accelerators
 
     def empty(self) -> bool:
         return not self._groups
@@ -116,12 +131,8 @@ class CapacityView:
         return _best_of((n, domain) for domain, n in held.items())
 
 
-def _best(a: tuple[Any, str], b: tuple[Any, str]) -> tuple[Any, str]:
-    """The larger amount; on a tie the smaller id."""
-    return _best_of((a, b))
-
-
 def _best_of(items: Iterable[tuple[Any, str]]) -> Any:
+    """The larger amount; on a tie the smaller id."""
     return min(items, key=lambda x: (-x[0], x[1]))
 
 
@@ -150,7 +161,7 @@ class CapacityCache:
 
 
 async def load_index(uow: UnitOfWork) -> CapacityIndex:
-    return CapacityIndex(NodeCapacity(*row) for row in await repo.node_capacities(uow.session))
+    return CapacityIndex(map(NodeCapacity._make, await repo.node_capacities(uow.session)))
 
 
 # How often the stored capacity generation is read for `CapacityRefresher` (a one-row read).
