@@ -204,8 +204,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def reconciler_publishing(reconciler: Any) -> bool:
-    task = reconciler._publishing
-    return task is not None and not task.done()
+    return reconciler._publisher.busy
 
 
 def bus_empty(bus: Any) -> bool:

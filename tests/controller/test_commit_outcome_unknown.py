@@ -274,13 +274,13 @@ class _LeadsOnce:
 
 
 def _publishes_running() -> list[asyncio.Task]:
-    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "Reconciler._publish_after"]
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "Publisher._publish_after"]
 
 
 @pytest.mark.parametrize("own_thread", [False, True], ids=["controller_loop", "own_thread"])
 async def test_a_publish_waiting_out_a_database_outage_ends_with_the_reconciler(cluster, own_thread, monkeypatch):
     """A publish whose read fails while the database does not answer is tried again until it
-    answers (`Reconciler._read_stored`); the reconciler stopped meanwhile (its `run` cancelled, as
+    answers (`Publisher._read_stored`); the reconciler stopped meanwhile (its `run` cancelled, as
     `ControllerApp.stop` does before it disposes the engine), the publish is cancelled and waited
     for with it: no read of the database after the stop. (On its own thread the publishes run on
     that thread's loop, cancelled before its engine is disposed; not among this loop's tasks. Its

@@ -1,9 +1,10 @@
-"""The last views a plan commit's DELETED events carry (`reconcile._deleting_views`): read as plain
+"""The last views a plan commit's DELETED events carry (`reconcile.helpers._deleting_views`): read as plain
 columns, they must be what a read of the ORM rows gives, for the deployments being deleted only."""
 
 from __future__ import annotations
 
-from controller.reconcile import Reconciler, _deleting_views
+from controller.reconcile import Reconciler
+from controller.reconcile.helpers import _deleting_views
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database

@@ -195,7 +195,7 @@ async def test_a_failed_replica_with_no_other_node_is_placed_anywhere_after_the_
 
 async def test_a_pass_after_deletions_and_own_commits_alone_scans_no_placements_for_failures_or_replacements(
         cluster: Database, monkeypatch) -> None:
-    import controller.reconcile as reconcile_module
+    import controller.reconcile.first_checks as reconcile_module
     scans: list[str] = []
 
     def counted(name: str, scan: Any) -> Any:

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from sqlalchemy import text
 
-from controller import reconcile
+from controller.reconcile import first_checks
 from controller.domain.restarts import RestartPolicy
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -86,13 +86,13 @@ async def test_a_pass_commits_the_failures_it_released_before_it_retires_replica
     await loop.reconcile_once()  # the back-off starts
     failed_node = (await placed(cluster, "svc"))[0][0]
     generation_free: list[bool] = []
-    retire = reconcile.retire_replaced
+    retire = first_checks.retire_replaced
 
     async def retire_replaced(session, **kw):
         generation_free.append(await _row_free(cluster, "cluster_state", 1))
         return await retire(session, **kw)
 
-    monkeypatch.setattr(reconcile, "retire_replaced", retire_replaced)
+    monkeypatch.setattr(first_checks, "retire_replaced", retire_replaced)
     clocks.s = 5.0
     await loop.reconcile_once()  # released (the generation moved), then the retirements checked
     assert (await placed(cluster, "svc"))[0][0] != failed_node

@@ -233,7 +233,7 @@ def failing_reconciler(db: Database, decider: DecideProcess | None = None) -> Re
 
 def _change_while_committing(monkeypatch: pytest.MonkeyPatch, events: Events) -> list[str]:
     """The next plan commit first lets one more random change land (a stale commit); the change's kind."""
-    import controller.reconcile as reconcile_module
+    import controller.reconcile.reconciler as reconcile_module
 
     landed: list[str] = []
 
@@ -407,7 +407,7 @@ async def test_an_eviction_of_a_node_holding_shards_is_a_delta(cluster) -> None:
 async def test_a_fast_commit_that_lands_on_a_change_keeps_the_cache(cluster, monkeypatch) -> None:
     # A deletion lands between the pass's read of the log and its commit: the commit is stale,
     # writes what it decided (re-checked), and the next pass reads the deletion from the log.
-    import controller.reconcile as reconcile_module
+    import controller.reconcile.reconciler as reconcile_module
 
     loop = reconciler(cluster)
     await submit(cluster, deployment("gone", accelerators=2, locality="node"))
@@ -559,7 +559,7 @@ async def test_a_stale_full_pass_catches_up_by_deltas(cluster, monkeypatch) -> N
     # stale, the replica placed on the cordoned node is turned away. The cache is what the commit
     # left at the snapshot's generation and reads the join and the cordon from the log; the next
     # pass places the turned-away replica on the session, without reading the cluster again.
-    import controller.reconcile as reconcile_module
+    import controller.reconcile.reconciler as reconcile_module
 
     loop = reconciler(cluster)
     await submit(cluster, deployment("a", accelerators=4, locality="node"))
@@ -589,7 +589,7 @@ async def test_a_stale_full_pass_catches_up_by_deltas(cluster, monkeypatch) -> N
 
 async def test_a_stale_full_pass_that_wrote_it_all_is_followed(cluster, monkeypatch) -> None:
     # Nodes join while the first pass solves: what it placed holds, the joins are deltas.
-    import controller.reconcile as reconcile_module
+    import controller.reconcile.reconciler as reconcile_module
 
     loop = reconciler(cluster)
     await submit(cluster, deployment("a", accelerators=4, locality="node"))

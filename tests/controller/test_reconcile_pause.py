@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from controller import reconcile
+from controller.reconcile import pacing, reconciler
 from controller.reconcile import Reconciler, ReconcileOutcome
 from controller.store.turns import WritePriority, WriterTurns
 
@@ -19,18 +19,18 @@ async def _publish(nodes: set[str], deleted: list[Any]) -> None:
 
 @pytest.mark.parametrize("full", [True, False])
 async def test_a_whole_cluster_pass_is_followed_by_a_pause_as_long_as_it(monkeypatch, full: bool) -> None:
-    monkeypatch.setattr(reconcile, "PASS_PERIOD_S", 0.0)  # the period has a test of its own
+    monkeypatch.setattr(pacing, "PASS_PERIOD_S", 0.0)  # the period has a test of its own
     r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=0.001, settle_s=0.0)  # type: ignore[arg-type]
     passes: list[float] = []
     pauses: list[float] = []
     real_sleep = asyncio.sleep
 
     async def one_pass(*, force: bool = False, wait_published: bool = True) -> ReconcileOutcome:  # what the real pass records
-        began = reconcile.time.perf_counter()
+        began = pacing.time.perf_counter()
         await real_sleep(0.05)  # the pass's own work
         if full:
             r.full_passes += 1
-            r._full_pass_s = reconcile.time.perf_counter() - began
+            r._full_pass_s = pacing.time.perf_counter() - began
         else:
             r._full_pass_s = 0.0
         passes.append(r._full_pass_s)
@@ -43,7 +43,7 @@ async def test_a_whole_cluster_pass_is_followed_by_a_pause_as_long_as_it(monkeyp
         await real_sleep(0)
 
     monkeypatch.setattr(r, "reconcile_once", one_pass)
-    monkeypatch.setattr(reconcile.asyncio, "sleep", sleep)
+    monkeypatch.setattr(reconciler.asyncio, "sleep", sleep)
     r.wake()
     with pytest.raises(asyncio.CancelledError):
         await r.run()
@@ -70,7 +70,7 @@ async def test_publishes_overlap_the_next_pass_but_keep_the_commits_order() -> N
 
     r = Reconciler(None, push=lambda nodes: None, publish=publish)  # type: ignore[arg-type]
     for name in ("first", "broken", "second", "third"):
-        r._publish_in_order({name}, [])
+        r._publisher.publish_in_order({name}, [])
     assert told == []  # nothing waited for
     await r.published()
     assert told == ["first", "second", "third"]
@@ -83,7 +83,7 @@ async def test_a_wake_during_a_pass_starts_the_next_at_once_and_one_while_idle_s
     a pass ran finds its burst landed already: the next pass starts without it (an arrival waits
     one pass less). With a warm cache a pass costs the changes, not the cluster: an arrival (a
     64-shard gang) woken into an idle loop is not held back by the settle either."""
-    monkeypatch.setattr(reconcile, "PASS_PERIOD_S", 0.0)  # the period has a test of its own
+    monkeypatch.setattr(pacing, "PASS_PERIOD_S", 0.0)  # the period has a test of its own
     r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=60.0, settle_s=0.05)  # type: ignore[arg-type]
     if warm:
         r._warm.cache = object()  # type: ignore[assignment]  # what the pass decides on is warm
@@ -113,7 +113,7 @@ async def _two_passes(r: Reconciler, monkeypatch: pytest.MonkeyPatch) -> tuple[i
         await real_sleep(0)
 
     monkeypatch.setattr(r, "reconcile_once", one_pass)
-    monkeypatch.setattr(reconcile.asyncio, "sleep", sleep)
+    monkeypatch.setattr(reconciler.asyncio, "sleep", sleep)
     loop = asyncio.get_running_loop()
     loop.call_soon(r.wake)  # woken while idle (the loop waits for it)
     with pytest.raises(asyncio.CancelledError):
@@ -125,7 +125,7 @@ async def _two_passes(r: Reconciler, monkeypatch: pytest.MonkeyPatch) -> tuple[i
 async def test_a_pass_starts_a_period_after_the_last_one_began_and_the_first_at_once(monkeypatch) -> None:
     """Passes back to back took a core at 50 submits a second: the next one waits for what is
     left of `PASS_PERIOD_S` since the last one began, and deploys what arrived meanwhile."""
-    monkeypatch.setattr(reconcile, "PASS_PERIOD_S", 60.0)
+    monkeypatch.setattr(pacing, "PASS_PERIOD_S", 60.0)
     r = Reconciler(None, push=lambda nodes: None, publish=_publish, interval_s=60.0, settle_s=0.0)  # type: ignore[arg-type]
     r._warm.cache = object()  # type: ignore[assignment]  # warm: no settle
     passes, sleeps = await _two_passes(r, monkeypatch)
@@ -143,7 +143,7 @@ def _period_just_over() -> float:
     over, the bound (`ANSWER_YIELD_MAX_S`, an hour in these tests) all ahead. (A pass begun an
     hour ago left the bound 0.1 s ahead: a test stalled that long on a loaded machine saw the
     pass go at once, no batch waited for.)"""
-    return reconcile.time.perf_counter() - reconcile.PASS_PERIOD_S
+    return pacing.time.perf_counter() - pacing.PASS_PERIOD_S
 
 
 async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound(monkeypatch) -> None:
@@ -153,9 +153,9 @@ async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound
     r = Reconciler(None, push=lambda nodes: None, publish=_publish)  # type: ignore[arg-type]
     turns = WriterTurns()
     r._db = _Db(turns)  # type: ignore[assignment]
-    long_ago = reconcile.time.perf_counter() - 3600.0  # the period and the bound are over
+    long_ago = pacing.time.perf_counter() - 3600.0  # the period and the bound are over
 
-    monkeypatch.setattr(reconcile, "ANSWER_YIELD_MAX_S", 3600.0)
+    monkeypatch.setattr(pacing, "ANSWER_YIELD_MAX_S", 3600.0)
     with turns.intend():
         room = asyncio.create_task(r._make_room(_period_just_over()))
         for _ in range(20):
@@ -163,7 +163,7 @@ async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound
         assert not room.done()  # the batch is still on its way
     await asyncio.wait_for(room, 10)
 
-    monkeypatch.setattr(reconcile, "ANSWER_YIELD_MAX_S", 1800.0)
+    monkeypatch.setattr(pacing, "ANSWER_YIELD_MAX_S", 1800.0)
     with turns.intend():
         await asyncio.wait_for(r._make_room(long_ago), 10)  # the last pass began past the bound: no wait
         await asyncio.wait_for(r._make_room(None), 10)  # no pass before: at once
@@ -176,7 +176,7 @@ async def test_a_pass_waiting_for_an_answered_batch_goes_when_its_turn_ends(monk
     r = Reconciler(None, push=lambda nodes: None, publish=_publish)  # type: ignore[arg-type]
     turns = WriterTurns()
     r._db = _Db(turns)  # type: ignore[assignment]
-    monkeypatch.setattr(reconcile, "ANSWER_YIELD_MAX_S", 3600.0)
+    monkeypatch.setattr(pacing, "ANSWER_YIELD_MAX_S", 3600.0)
     await turns.acquire(WritePriority.ANSWER)  # the batch writes
     room = asyncio.create_task(r._make_room(_period_just_over()))
     for _ in range(20):

@@ -1,65 +1,13 @@
-"""The reconcile loop: snapshot -> solve -> commit -> assign.
+"""The `Reconciler`: one reconcile pass (`reconcile_once`) and the loop that runs passes (`run`).
 
-Woken by submissions, deletions and node changes (and on an interval as a safety net), one pass
-1. skips everything unless the cluster generation moved or deployments arrived since the last
-   solve (an idle cluster costs one cheap query per interval, never a solve; submissions leave
-   the generation alone so that they never make a plan conflict), or the last solve stopped at its time
-   limit with work left unplaced: that pass is retried after a back-off (doubling up to a cap)
-   even on an unchanged cluster, or an unlucky time-limited solve would leave work pending
-   until something else changed,
-2. loads a snapshot, solves it in a worker thread (deployments no change has given a chance
-   since they were found unplaceable are left out: `scheduling/queue.py`), and commits the plan
-   in one transaction through the plan applier (`store/plans/`): each replica it places is
-   re-checked against the committed state, and one that no longer fits is left out and solved
-   again after a back-off; if the cluster changed while it solved, what still held is written
-   and the cache of what that commit left catches up with the changes in between from the
-   change log as deltas (what was turned away, or could be helped, is decided on the warm
-   session by the next pass); only when the cache cannot follow them does the pass solve
-   again from a fresh snapshot; the commit also releases the shards of DELETING deployments
-   and removes their rows,
-3. pushes new AssignmentSets to the nodes whose sets changed and publishes deployment events
-   (in the background, in commit order: the run loop's next pass does not wait for watchers).
-Before step 2, in the unit of work that reads the generation, replicas whose shards an agent
-reported FAILED are handled and outgoing replicas whose replacements run are retired (below):
-on PostgreSQL under load a pass waits mostly on round trips, so it takes as few transactions
-as it can (the log line's `ms=` says where each pass spent its time).
-The fast path skips the re-read: while the cached snapshot (`scheduling/cache.py`, `warm.py`)
-can follow what changed since this controller's own last commit, a pass reads just the new
-deployment rows, decides them on a warm `Session` kept with the cached snapshot, and commits
-them in one scoped transaction; an arrival the session cannot place gets one more try from the
-full solve after `backoff_s` (the back-off; from the cache, which follows its commit), which
-parks it if it fails again. Changes by others are read from the change log
-(`store/changes.py`): node changes (joins, hellos, cordons, suspects, nodes removed or
-resized, evictions: their shards re-placed on the session, committed by the pass; drains),
-tenant contracts, the topology, and deployments changed (updates and rollouts, scale downs,
-failed shards reported, failed replicas released, replaced replicas retired; an outgoing
-replica's node going down; another controller's plan commits: each read again whole, the
-shards the view leaves out released by the pass's scoped commit) are
-applied to the cache as deltas, and when they could help, the work still short of replicas
-(the unschedulable queue's included; a rollout's or a drain's replacements, within the surge)
-is decided again on the session; deployments being deleted leave the cache and the session as
-departures, their shards and rows removed by the pass's scoped commit. Anything else (a commit
-by another controller touching very many deployments, a fast commit that was re-queued, a pass
-the lease was lost in) drops the cache and takes the full path above, which leaves a cache of
-what it committed for the next changes. A controller leading again (`resync`) solves the whole
-cluster once, from the cache it kept when it can catch up with what the leader meanwhile
-committed.
-Before step 2, replicas whose shards an agent reported FAILED are counted and, once their back-off
-is over, released (`store/failures.py`, rules in `domain/restarts.py`): that pass places them
-again with the nodes they failed on cordoned for it alone (other nodes first; what finds none
-is retried without that after the back-off). The report and the release are deltas (the
-release logs the deployments it touched: their shards are read again), so the pass places them
-on the warm session (`ClusterCache.decide(avoid=)`), or with the full solve when it takes the
-full path.
-A `Lease` decides whether this controller may reconcile at all: with several controllers on one
-database only the leader does (`controller.leadership`; `AlwaysLeader` alone). The leader's
-database is fenced (`Database.fenced`): a pass whose lease was lost meanwhile commits nothing
-(`LeaseLost`), and the loop waits until it leads again.
+A pass (the package docstring tells the whole story) first does what is due before it
+(`first_checks.py`), then either skips (nothing moved), goes fast on the warm session
+(`_fast_pass`: new deployments and others' changes as deltas, one scoped commit) or solves the
+whole cluster (`_solve_and_commit`: snapshot, solve in a worker thread, commit, retried on
+conflicts), and hands what it committed to the nodes and, through the `Publisher`, to watchers.
+The bookkeeping both paths share (the generation and arrivals last committed, the warm cluster,
+the scheduling queue, the quarantine) lives here, on the reconciler."""
 
-One bad deployment never stalls the others: one beyond today's limits, or one the solver
-raises on, is quarantined (`scheduling/quarantine.py`) and the rest solved again.
-`consecutive_failures` and `running_for_s()` tell the health monitor whether it is doing its job.
-"""
 
 from __future__ import annotations
 
@@ -67,210 +15,46 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller import limits
-from controller.aio import cancel_and_wait, wait_event
+from controller.aio import wait_event
 from controller.scheduling.decider import DecideProcess, DeciderFailed, open_in_process
 from controller.scheduling.own_loop import OwnLoop
 from controller.scheduling.warm import ArrivalDocs, WarmCluster
 from controller.scheduling.quarantine import Quarantine
-from controller.scheduling.queue import QueueDepths, SchedulingQueue
+from controller.scheduling.queue import SchedulingQueue
 from controller.store import models as m
 from controller.store import repositories as repo
-from controller.store.changes import read_changes_since, read_generation_and_schedulable
-from controller.store.db import Database, UnitOfWork, database_failed
+from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown, LeaseLost
-from controller.store.failures import FailureStep, handle_failures
 from controller.store.plans import CommitResult, commit_plan
-from controller.store.rollout import DEFAULT_SURGE, Retired, retire_replaced, stored_key
+from controller.store.rollout import DEFAULT_SURGE, stored_key
 from controller.store.snapshot import Snapshot
 from controller.store.turns import WritePriority, write_priority
 from controller.usecases import planning
-from controller.usecases.deployments import views_of
 from controller.usecases.submits import SubmittedRows
-from controller.domain.changes import ChangeKind
 from controller.domain.restarts import RestartPolicy
-from controller.domain.values import DeploymentView, deployment_key, split_deployment_key
+from controller.domain.values import DeploymentView
 from scheduler import Plan
+
+from controller.reconcile.first_checks import FirstChecks
+from controller.reconcile.helpers import (
+    PassLaps, _deleting_views, _on_thread_cpu, _same_database, _to_publish, time_limited,
+)
+from controller.reconcile.pacing import MAX_FULL_PASS_PAUSE_S, RetryBackoff, make_room
+from controller.reconcile.protocols import (
+    AlwaysLeader, Lease, NoObserver, ReconcileObserver, ReconcileOutcome, ViewReader,
+)
+from controller.reconcile.publishing import Publisher
+
 
 log = logging.getLogger("maia.reconcile")
 
 
-class Lease(Protocol):
-    def should_run(self) -> bool: ...
-
-
-class ReconcileObserver(Protocol):
-    """What the loop reports as it goes (the metrics implement it)."""
-
-    def solved(self, status: str, seconds: float) -> None: ...
-
-    def plan_conflict(self) -> None: ...
-
-    def requeued(self, replicas: int) -> None: ...
-
-    def failed_replicas_released(self, replicas: int) -> None: ...
-
-    def placed(self, latencies_s: Iterable[float]) -> None: ...
-
-    def queue_depths(self, depths: QueueDepths) -> None: ...
-
-    def pass_taken(self, path: str) -> None: ...
-
-
-class NoObserver:
-    def solved(self, status: str, seconds: float) -> None:
-        pass
-
-    def plan_conflict(self) -> None:
-        pass
-
-    def requeued(self, replicas: int) -> None:
-        pass
-
-    def failed_replicas_released(self, replicas: int) -> None:
-        pass
-
-    def placed(self, latencies_s: Iterable[float]) -> None:
-        pass
-
-    def queue_depths(self, depths: QueueDepths) -> None:
-        pass
-
-    def pass_taken(self, path: str) -> None:
-        pass
-
-
-class AlwaysLeader:
-    """The single-controller lease: always the leader."""
-
-    def should_run(self) -> bool:
-        return True
-
-
-@dataclass(frozen=True, slots=True)
-class ReconcileOutcome:
-    solved: bool = False
-    generation: int = 0
-    conflicts: int = 0
-    changed_nodes: frozenset[str] = frozenset()
-    changed_deployments: frozenset[str] = frozenset()
-    deleted: tuple[str, ...] = ()
-    # Seconds until a pass is solved again although nothing changed (None: no retry): it was
-    # time-limited with work left, or the plan applier turned replicas away.
-    retry_in_s: float | None = None
-
-
-def waits_on_report(view: DeploymentView) -> bool:
-    """Whether a pass may have work once agents' reports changed this deployment's shards
-    (`view`: as the report flush committed it), so the reports' flush wakes the reconciler.
-
-    A pass reads shard phases for two things alone: a rollout's or a drain's outgoing replicas
-    are stopped once their replacements run (`store/rollout.py`: only a deployment that still has
-    outgoing replicas; one not running goes at once), and replicas with a FAILED shard are
-    counted and released (`store/failures.py`; the flush bumps the cluster generation for a
-    newly failed shard). Nothing else a pass does follows a report: a deletion releases shards
-    without waiting for them to stop, and a shard that loads or runs frees and takes no
-    capacity. So a new deployment's shards going LOADING -> RUNNING, most reports at
-    saturation, wake nothing."""
-    return view.outgoing_replicas > 0 or any(p.phase == _FAILED for p in view.placements)
-
-
-_FAILED = m.ShardPhase.FAILED.value
-
-
-def time_limited(plan: Plan) -> bool:
-    """The solver stopped at its time limit with work left unplaced: another try may place it.
-
-    The solver says so itself (`stats.time_limit_hit`, a TIME_LIMIT reason); a `feasible`
-    status alone only means optimality was not proved, not that more could be placed."""
-    if not plan.unplaced:
-        return False
-    return bool(plan.stats.get("time_limit_hit")) or any(
-        r.code == "TIME_LIMIT" for u in plan.unplaced for r in u.reasons)
-
-
-class PassLaps:
-    """Where one pass spends its wall-clock time, step by step (milliseconds, for the log line):
-    the event loop's other work shows up inside the steps that await."""
-
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-        self.ms: dict[str, float] = {}
-
-    def lap(self, step: str) -> None:
-        now = time.perf_counter()
-        self.ms[step] = self.ms.get(step, 0.0) + (now - self._last) * 1000
-        self._last = now
-
-    def __str__(self) -> str:
-        return ",".join(f"{step}:{ms:.0f}" for step, ms in self.ms.items())
-
-
-def _on_thread_cpu(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """`work(*args)` and the CPU seconds this thread spent on it (in a worker thread: the wall
-    time beyond it is time the work waited for the GIL, held by the event loop)."""
-    began = time.thread_time()
-    return work(*args), time.thread_time() - began
-
-
-async def _deleting_views(session: AsyncSession, keys: frozenset[str]) -> dict[str, DeploymentView]:
-    """The last state of deployments a commit will remove (for their DELETED events): read as
-    plain columns (`repo.deployments_named`), not ORM rows."""
-    if not keys:
-        return {}
-    views = {}
-    for named in await repo.deployments_named(session, {split_deployment_key(key)[1] for key in keys}):
-        key = deployment_key(named.row.tenant_id, named.row.name)
-        if key in keys and named.row.phase == m.DeploymentPhase.DELETING:
-            views[key] = named.view()
-    return views
-
-
-def _to_publish(result: CommitResult, deleting: dict[str, DeploymentView]) -> tuple[set[str], list[DeploymentView]]:
-    """What watchers are told of a plan commit: the deployments it changed (keys: their views are
-    read as committed) and the last views of those it removed (`deleting`: read before it)."""
-    changed = (result.changed_deployments | result.updated_deployments) - result.deleted_deployments
-    return changed, [deleting[name] for name in sorted(result.deleted_deployments) if name in deleting]
-
-
-def _same_database(db: Database) -> Database:
-    """A handle of its own (engine, pool) on `db`'s database, fenced as `db` is: for another
-    event loop (a connection belongs to the loop that opened it)."""
-    own = Database(db.url)
-    return own if db.fence is None else own.fenced(db.fence)
-
-
-@dataclass(slots=True)
-class _Scan:
-    """A scan of every placement a pass makes first when due (`Reconciler._before_pass`): the
-    generation it last saw (None: never), so that a pass whose generation only deletions and
-    this controller's own plan commits moved since skips it."""
-
-    checked: int | None = None
-
-
-# The longest pause after a whole-cluster pass (`Reconciler.run`).
-MAX_FULL_PASS_PAUSE_S = 5.0
-# Passes start at most this often; then each waits while answered batches are written, until the
-# second more since the last one began (`Reconciler._make_room`).
-PASS_PERIOD_S = 0.1
-ANSWER_YIELD_MAX_S = 0.05
-# A publish whose read of the deployments failed for the database tries again after the reconcile
-# interval (at least the first), doubling up to the second (`Reconciler._read_stored`).
-MIN_PUBLISH_RETRY_S = 0.05
-MAX_PUBLISH_RETRY_S = 30.0
-
-# Reads the views of deployments by key (TENANT/NAME) in a unit of work (`usecases.deployments.views_of`).
-ViewReader = Callable[[UnitOfWork, set[str]], Awaitable[list[DeploymentView]]]
-
-
 class Reconciler:
+    """Reconciles the cluster: `run` until cancelled, or one pass at a time (`reconcile_once`)."""
+
     def __init__(
         self, db: Database, *,
         push: Callable[[set[str]], None],
@@ -304,26 +88,17 @@ class Reconciler:
         self._own_thread = db is not None and not db.is_sqlite if own_thread is None else own_thread
         self._own: OwnLoop | None = None  # while `run` runs there
         self._push = push
-        self._publish = publish
-        # Given: the views of the deployments a commit changed are read here, on the reconciler's
-        # own connection (and loop), and handed to `publish(changed, deleted, views)`; else `publish`
-        # reads them (on the controller's loop).
-        self._read_views = read_views
-        self._publishing: asyncio.Task[None] | None = None  # the last of the publishes in flight (in order)
-        self._publishes: set[asyncio.Task[None]] = set()    # every one in flight (cancelled when `run` ends)
+        self._publisher = Publisher(db, publish, read_views=read_views, interval_s=interval_s)
         self._interval = interval_s
         self._time_limit_ms = solve_time_limit_ms
         self._lease = lease or AlwaysLeader()
         self._retries = max_conflict_retries
         self._settle = settle_s
-        self._retry_backoff = retry_backoff_s
-        self._max_retry_backoff = max_retry_backoff_s
         self._solve = solve
         self._clock = clock
         self._observer = observer or NoObserver()
         self._wall_clock = wall_clock  # when placements start and stop, for the usage meter
-        self._time_limited_passes = 0  # in a row: the back-off doubles with each
-        self._retry_at: float | None = None
+        self._retry = RetryBackoff(backoff_s=retry_backoff_s, max_backoff_s=max_retry_backoff_s, clock=clock)
         self._wake = asyncio.Event()
         self._last_generation: int | None = None
         # Deployments in the last committed pass's snapshot: more at the same generation are arrivals.
@@ -339,17 +114,15 @@ class Reconciler:
         self._submitted = submitted
         self._allow_preemption = allow_preemption
         self._max_surge = max_surge
-        self._replacing = True               # replicas being replaced (store/rollout.py): check every pass
-        self._retire = _Scan()               # for replaced replicas to retire (store/rollout.py)
-        self._restarts = restart_policy or RestartPolicy()
-        self._failures = _Scan()             # for shards reported FAILED (store/failures.py)
-        self._own_commits: set[int] = set()  # generations this controller's plan commits moved to, since those checks
-        self._failures_due: float | None = None     # when a failed replica's back-off ends
-        self._avoid: frozenset[str] = frozenset()   # nodes the next solve keeps new shards off
+        # Failed replicas released and replaced ones retired first in a pass (`self._push` read
+        # when called: `run` on its own thread hands pushes to the controller's loop).
+        self._checks = FirstChecks(restarts=restart_policy or RestartPolicy(), clock=clock, wall_clock=wall_clock,
+                                   observer=self._observer, commit=self._commit,
+                                   push=lambda nodes: self._push(nodes),
+                                   publish=lambda changed: self._publisher.publish_in_order(changed, []))
         self._pass_started: float | None = None
         self._laps = PassLaps()              # where the pass under way spends its time (the log line)
         self.consecutive_failures = 0        # passes in a row that raised
-        self.published_after_ms = 0.0        # the last publish done: from its commit to the watchers told (the log line)
         # The fast path: the warm cluster (controller/scheduling/warm.py, cache.py).
         # `decider`: the warm session lives in that process (decider.py), else in this one.
         self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
@@ -364,6 +137,11 @@ class Reconciler:
         self._redecide = False
         # `resync` calls, and those a whole-cluster pass has been done after: until then one is due.
         self._resyncs = self._resynced = 0
+
+    @property
+    def published_after_ms(self) -> float:
+        """The last publish done: from its commit to the watchers told (the log line)."""
+        return self._publisher.published_after_ms
 
     def running_for_s(self) -> float:
         """How long the pass under way has been running (0.0: none is)."""
@@ -395,8 +173,8 @@ class Reconciler:
 
     def _resync(self) -> None:
         self._resyncs += 1
-        self._retry_at = None
-        self._failures.checked = self._failures_due = None
+        self._retry.cancel()
+        self._checks.forget_failures()
         self._quarantined.within.clear()
         self._queue = SchedulingQueue(backoff_s=self._queue.backoff_s)
         self.wake()
@@ -411,28 +189,28 @@ class Reconciler:
             await self._run_then_stop_publishing()
             return
         own = OwnLoop("reconciler")
-        push, publish, db = self._push, self._publish, self._db
+        push, publish, db = self._push, self._publisher.publish, self._db
         woken = self._wake.is_set()
         self._wake = asyncio.Event()  # bound to the thread's loop once it waits there
         if woken:
             self._wake.set()
         self._push = lambda nodes: own.to_main(push, nodes)
-        self._publish = lambda *args: own.on_main(publish(*args))
+        self._publisher.publish = lambda *args: own.on_main(publish(*args))
         self._own = own  # wakes and resyncs go to the thread's loop from now on
         try:
             await own.run(lambda: self._run_on(_same_database(db)))
         finally:
             self._own = None
-            self._push, self._publish = push, publish
+            self._push, self._publisher.publish = push, publish
 
     async def _run_on(self, db: Database) -> None:
         """`_run` with `db` (the thread's engine: connections belong to one event loop)."""
         main = self._db
-        self._db = self._warm.db = db
+        self._db = self._warm.db = self._publisher.db = db
         try:
             await self._run_then_stop_publishing()
         finally:
-            self._db = self._warm.db = main
+            self._db = self._warm.db = self._publisher.db = main
             await db.dispose()
 
     async def _run_then_stop_publishing(self) -> None:
@@ -443,7 +221,7 @@ class Reconciler:
         try:
             await self._run()
         finally:
-            await cancel_and_wait(tuple(self._publishes))
+            await self._publisher.cancel()
 
     async def _run(self) -> None:
         last_started: float | None = None
@@ -478,101 +256,22 @@ class Reconciler:
                 await asyncio.sleep(min(self._full_pass_s, MAX_FULL_PASS_PAUSE_S))
 
     async def _make_room(self, last_started: float | None) -> None:
-        """Before a pass that follows the last one closely: wait until `PASS_PERIOD_S` after the
-        last one started, then while submit or delete batches (their callers waiting) are being
-        written or are about to be (`WriterTurns.answering`), until `ANSWER_YIELD_MAX_S` more.
-        At 50 submits a second on 4,096 nodes passes ran back to back, a core's worth, each
-        taking the event loop and SQLite's writer from the batches a caller waits for; the
-        arrivals a pass waits for here are decided by it rather than by one more pass. A pass
-        that took longer than both (saturation) is followed at once, as before. The pass goes as
-        soon as the last such batch leaves the writer (`WriterTurns.wait_until_not_answering`, woken
-        by the turns, not a poll)."""
-        if last_started is None:
-            return
-        wait_s = last_started + PASS_PERIOD_S - time.perf_counter()
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
-        turns = None if self._db is None else self._db.turns
-        if turns is None:
-            return
-        left_s = last_started + PASS_PERIOD_S + ANSWER_YIELD_MAX_S - time.perf_counter()
-        if left_s > 0:
-            await turns.wait_until_not_answering(left_s)
+        """`pacing.make_room` on the reconciler's database (read once the period is over)."""
+        await make_room(self._db, last_started)
 
     async def reconcile_once(self, *, force: bool = False, wait_published: bool = True) -> ReconcileOutcome:
         """One pass; solves only if the cluster generation moved since the last solve, a
         time-limited pass is due for a retry, or `force`. With `wait_published` (the default)
         it returns once the deployments it changed are published to watchers; the run loop
-        lets that overlap with its next pass (`_publish_in_order`)."""
+        lets that overlap with its next pass (`Publisher.publish_in_order`)."""
         outcome = await self._one_pass(force=force)
         if wait_published:
             await self.published()
         return outcome
 
-    def _publish_in_order(self, changed: set[str], deleted: list[DeploymentView], *, unsure: bool = False) -> None:
-        """Publish what a commit changed without holding up the pass: reading the deployments'
-        views for the watchers costs round trips that, on PostgreSQL under load, took a sixth of
-        every pass. Publishes run one after the other, in the order of the commits. `unsure`: the
-        commit's outcome is unknown (`_commit`): watchers are told what is stored (`_as_stored`)."""
-        self._publishing = asyncio.get_running_loop().create_task(
-            self._publish_after(self._publishing, changed, deleted, time.perf_counter(), unsure=unsure))
-        self._publishes.add(self._publishing)
-        self._publishing.add_done_callback(self._publishes.discard)
-
-    async def _publish_after(self, previous: asyncio.Task[None] | None, changed: set[str],
-                             deleted: list[DeploymentView], queued: float, *, unsure: bool = False) -> None:
-        if previous is not None:  # cancelled while it waits: `run` ended, and cancels every publish in flight
-            await asyncio.wait([previous])
-        try:
-            views: list[DeploymentView] = []
-            if unsure:
-                changed, deleted, views = await self._as_stored(changed, deleted)
-            elif self._read_views is not None and changed:
-                views = await self._read_stored(changed, self._read_views)
-            if (changed or deleted) and self._read_views is None:  # `publish` reads the views itself
-                await self._publish(changed, deleted)
-            elif changed or deleted:
-                await self._publish(changed, deleted, views)
-        except Exception:
-            log.exception("publishing %d changed and %d deleted deployments failed", len(changed), len(deleted))
-        self.published_after_ms = (time.perf_counter() - queued) * 1000
-
-    async def _read_stored(self, keys: set[str], read: ViewReader) -> list[DeploymentView]:
-        """`read(uow, keys)` once the database answers: a read that fails for the database
-        (`database_failed`: a connection lost, none in time) is tried again, after the reconcile
-        interval doubling up to `MAX_PUBLISH_RETRY_S`, until it answers; the publishes behind it
-        wait (they stay in commit order). A commit that landed is so told to watchers after an
-        outage rather than never."""
-        wait = max(self._interval, MIN_PUBLISH_RETRY_S)
-        while True:
-            try:
-                async with self._db.unit_of_work() as uow:
-                    return await read(uow, keys)
-            except Exception as exc:
-                if not database_failed(exc):
-                    raise
-                log.warning("reading %d deployments to publish failed (%s: %s); trying again in %.1fs", len(keys),
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", wait)
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, MAX_PUBLISH_RETRY_S)
-
-    async def _as_stored(self, changed: set[str], deleted: list[DeploymentView],
-                         ) -> tuple[set[str], list[DeploymentView], list[DeploymentView]]:
-        """What a commit whose outcome is unknown would have changed, as stored once the database
-        answers (`_read_stored`): whether it landed or not, watchers are told only what is stored.
-        The deployments it changed that exist, with their views as read (placed if it landed, as
-        before if not: an event that repeats a state, never one that was not stored); of those it
-        would have removed, the ones gone, with their last views (deleted). One it would have
-        removed that is still there was DELETING and still is: nothing to say of it."""
-        stored = await self._read_stored(changed | {view.spec.key for view in deleted}, self._read_views or views_of)
-        keys = {view.spec.key for view in stored}
-        return (changed & keys, [view for view in deleted if view.spec.key not in keys],
-                [view for view in stored if view.spec.key in changed])
-
     async def published(self) -> None:
         """Wait until every publish started so far is done."""
-        while self._publishing is not None and not self._publishing.done():
-            await asyncio.wait([self._publishing])
+        await self._publisher.published()
 
     async def _one_pass(self, *, force: bool) -> ReconcileOutcome:
         # On SQLite a pass's transactions take the writer after answered batches (submits,
@@ -594,10 +293,10 @@ class Reconciler:
                 # what a pass waits for); the full path takes its own.
                 outcome: ReconcileOutcome | None = None
                 async with self._db.unit_of_work() as uow:
-                    generation, arrivals = await self._before_pass(uow)
+                    generation, arrivals = await self._checks.before_pass(uow)
                     self._laps.lap("generation")
                     now = self._clock()
-                    retry_due = self._retry_at is not None and now >= self._retry_at or self._queue.backoff_due(now)
+                    retry_due = self._retry.due(now) or self._queue.backoff_due(now)
                     self._queue.arrived(arrivals - (self._last_arrivals or 0))
                     if (not force and not retry_due and generation == self._last_generation
                             and arrivals == self._last_arrivals and not self._redecide):
@@ -624,82 +323,6 @@ class Reconciler:
             self.consecutive_failures = 0
             self._resynced = resyncs
             return outcome
-
-    async def _before_pass(self, uow: UnitOfWork) -> tuple[int, int]:
-        """The cluster generation and the count of schedulable deployments (one statement), after
-        the work a pass does first when due, in the pass's unit of work (committed when it wrote
-        something): replicas whose shards an agent reported FAILED (`store/failures.py`) and
-        outgoing replicas whose replacements run (rolling updates, drains: `store/rollout.py`)."""
-        retired: Retired | None = None
-        generation, arrivals = await read_generation_and_schedulable(uow.session)
-        # Shards reported FAILED bump the generation; a back-off running ends at a known time.
-        failures_due = self._failures_due is not None and self._clock() >= self._failures_due
-        # Checks due only because the generation moved are skipped when it moved by deletions
-        # and this controller's own plan commits alone since (the usual case under load): those
-        # fail no shard and start no replacement. One read of the change log instead of two
-        # scans of every placement.
-        moved = [(scan, scan.checked) for scan, due in ((self._failures, failures_due), (self._retire, self._replacing))
-                 if not due and scan.checked is not None and scan.checked != generation]
-        if moved:
-            others = (await read_changes_since(uow.session, min(seen for _, seen in moved),
-                                               generation=generation)).last_other_than(
-                (ChangeKind.DEPLOYMENT_DELETED,), ignoring=self._own_commits)
-            for scan, seen in moved:
-                if others is not None and seen >= others:
-                    scan.checked = generation
-        if generation != self._failures.checked or failures_due:
-            step = await handle_failures(uow.session, now=self._wall_clock(), policy=self._restarts)
-            if step.deployments:
-                generation = await repo.read_cluster_generation(uow.session)
-                # Committed before the retirements' writes (the session goes on in a new
-                # transaction): one that moved the generation takes no row lock after it, else a
-                # writer holding those rows and waiting for the generation's row deadlocks with it
-                # (PostgreSQL's lock order: store/changes.py).
-                await self._commit(uow, step.nodes, step.deployments)
-            # Marked checked once committed (a pass whose commit failed checks again).
-            self._failures.checked = generation
-            self._failures_handled(step)
-        # Only while replicas are being replaced, or when the cluster changed (an update or
-        # a drain may have started replacing some): an idle cluster costs no scan.
-        if self._replacing or generation != self._retire.checked:
-            retired = await retire_replaced(uow.session, now=self._wall_clock())
-            if retired.deployments:
-                generation = await repo.read_cluster_generation(uow.session)
-                await self._commit(uow, retired.nodes, retired.deployments)  # the session goes on in a new transaction
-        if retired is not None:
-            self._replacing, self._retire.checked = retired.replacing, generation
-        checked = [scan.checked for scan in (self._failures, self._retire) if scan.checked is not None]
-        self._own_commits = {g for g in self._own_commits if checked and g > min(checked)}
-        if retired is not None and retired.deployments:
-            for line in retired.lines:
-                log.info("replica retired: %s", line)
-            self._push(set(retired.nodes))
-            self._publish_in_order(set(retired.deployments), [])
-        return generation, arrivals
-
-    def _failures_handled(self, step: FailureStep) -> None:
-        """After `handle_failures`: the replicas released are placed again by this pass, off the
-        nodes they failed on (avoided by its solve)."""
-        self._failures_due = None if step.next_in_s is None else self._clock() + step.next_in_s
-        for line in step.lines:
-            log.info("failed shards: %s", line)
-        if step.released:
-            self._observer.failed_replicas_released(step.replicas)
-            self._avoid = step.avoid
-            self._push(set(step.nodes))
-        if step.deployments:
-            self._publish_in_order(set(step.deployments), [])
-
-    def _schedule_retry(self, plan: Plan, *, requeued: bool = False) -> float | None:
-        """After a commit: when to solve again although nothing changed (None: not needed):
-        the solve stopped at its time limit with work left, or the applier turned replicas away."""
-        if not (requeued or time_limited(plan)):
-            self._time_limited_passes, self._retry_at = 0, None
-            return None
-        delay = min(self._retry_backoff * 2 ** self._time_limited_passes, self._max_retry_backoff)
-        self._time_limited_passes += 1
-        self._retry_at = self._clock() + delay
-        return delay
 
     def _may_go_fast(self, generation: int, arrivals: int) -> bool:
         """Either nobody changed the cluster since this
@@ -746,9 +369,9 @@ class Reconciler:
             self._warm.drop()
             return None
         departed = cache.snapshot.deleting
-        avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
+        avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
         if not docs and not retried and not departed and not cache.repairs and not cache.releasing:
-            self._avoid = frozenset()
+            self._checks.avoid = frozenset()
             # Deployments another controller placed are held now (`ClusterCache.apply_deployments`).
             self._last_arrivals = len(cache.snapshot.deployment_ids)
             self.delta_passes += 1
@@ -785,9 +408,7 @@ class Reconciler:
                 self._warm.drop()
                 return None
         else:  # only this commit moved the generation: no FAILED shard or replacement to look for
-            for scan in (self._failures, self._retire):
-                if scan.checked == base:
-                    scan.checked = result.generation
+            self._checks.only_own_commit(base, result.generation)
         self._committed(cache.snapshot, fast.plan, result, fast.scope)
         self._quarantined.good.update(d["id"] for d in docs + late)
         await self._warm.after_fast(cache, fast, result)
@@ -799,11 +420,11 @@ class Reconciler:
         arrived = {d["id"] for d in docs + late}
         self._queue.back_off([name for name in fast.unplaced if name in arrived]
                              + [p.deployment for p in fast.plan.preempted], self._clock())
-        self._avoid = frozenset()
+        self._checks.avoid = frozenset()
         # What found no other node than the ones it failed on is placed anywhere by the full
         # solve after the back-off, as on the full path.
         short = avoided and any(name in fast.extended for name in fast.unplaced)
-        retry_in_s = self._schedule_retry(fast.plan, requeued=True) if result.requeued or short else None
+        retry_in_s = self._retry.schedule(fast.plan, requeued=True) if result.requeued or short else None
         return ReconcileOutcome(
             solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
             changed_deployments=frozenset(changed), deleted=tuple(sorted(result.deleted_deployments)),
@@ -832,13 +453,13 @@ class Reconciler:
         deployments changed."""
         self._observer.placed(result.first_placed_after_s.values())
         if result.changed_deployments:  # it moved the generation (else the one it returns is another's)
-            self._own_commits.add(result.generation)
+            self._checks.own_commit(result.generation)
         if result.requeued:
             self._observer.requeued(len(result.requeued))
         changed, deleted = published
         self._push(set(result.changed_nodes))
         if changed or deleted:
-            self._publish_in_order(changed, deleted)
+            self._publisher.publish_in_order(changed, deleted)
         self._laps.lap("publish")
         log.info(
             "reconciled path=%s generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
@@ -884,7 +505,7 @@ class Reconciler:
             admitted, waiting = self._queue.admit(snapshot.problem)
             problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
                                             allow_preemption=self._allow_preemption)
-            avoided = self._avoid  # nodes replicas just failed on: other nodes first, for this pass
+            avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
             problem = planning.with_cordoned(problem, avoided)
             started = time.perf_counter()
             try:
@@ -922,13 +543,13 @@ class Reconciler:
                 self._committed(snapshot, plan, result)
                 self._redecide = False
             self._quarantined.good = {d["id"] for d in snapshot.problem.get("deployments", ())}
-            self._avoid = frozenset()
+            self._checks.avoid = frozenset()
             if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
                 self._queue.after_retry()
-                retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued or plan.unplaced))
+                retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued or plan.unplaced))
             else:
                 self._queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
-                retry_in_s = self._schedule_retry(plan, requeued=bool(result.requeued) and not result.stale)
+                retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued) and not result.stale)
             if not result.stale:
                 await self._warm.after_full(snapshot, result)
             return ReconcileOutcome(
@@ -974,7 +595,7 @@ class Reconciler:
         is unknown (`CommitOutcomeUnknown`: the connection lost with it in flight) may have landed:
         before the error goes on, those nodes' agents are sent their sets as stored (a set that did
         not change is sent again, which an agent takes as it is), and those deployments are
-        published as stored once the database answers (`_as_stored`: placed if it landed, as before
+        published as stored once the database answers (`Publisher._as_stored`: placed if it landed, as before
         if not). Sets are pushed and deployments published on change, not polled: without this an
         agent would hear of a landed commit only at its node's next change, and a watcher never
         (the next pass finds nothing to change)."""
@@ -984,7 +605,7 @@ class Reconciler:
             self._push(set(nodes))
             changed, deleted = set(changed), list(deleted)
             if changed or deleted:
-                self._publish_in_order(changed, deleted, unsure=True)
+                self._publisher.publish_in_order(changed, deleted, unsure=True)
             raise
 
     async def _quarantine(self, reasons: dict[str, str]) -> None:
@@ -997,5 +618,4 @@ class Reconciler:
         for name, reason in reasons.items():
             log.error("deployment quarantined deployment=%s reason=%s", name, reason)
         self._push(changed)
-        self._publish_in_order({stored_key(name) for name in reasons}, [])
-
+        self._publisher.publish_in_order({stored_key(name) for name in reasons}, [])
