@@ -23,7 +23,7 @@ from controller.reconcile.protocols import ViewReader
 log = logging.getLogger("maia.reconcile")
 
 # A publish whose read of the deployments failed for the database tries again after the reconcile
-# interval (at least the first), doubling up to the second (`Reconciler._read_stored`).
+# interval (at least the first), doubling up to the second (`Publisher._read_stored`).
 MIN_PUBLISH_RETRY_S = 0.05
 MAX_PUBLISH_RETRY_S = 30.0
 

@@ -216,7 +216,7 @@ class Reconciler:
     async def _run_then_stop_publishing(self) -> None:
         """`_run` until cancelled (the controller stops), then the publishes
         still in flight are cancelled and waited for, whatever the run loop was doing when it was
-        cancelled: one waiting out a database outage (`_read_stored` tries again until the
+        cancelled: one waiting out a database outage (`Publisher._read_stored` tries again until the
         database answers) would otherwise keep going after the stop, on an engine disposed."""
         try:
             await self._run()
