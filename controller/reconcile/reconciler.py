@@ -8,7 +8,6 @@ conflicts), and hands what it committed to the nodes and, through the `Publisher
 The bookkeeping both paths share (the generation and arrivals last committed, the warm cluster,
 the scheduling queue, the quarantine) lives here, on the reconciler."""
 
-
 from __future__ import annotations
 
 import asyncio
