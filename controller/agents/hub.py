@@ -62,6 +62,7 @@ from typing import Any
 
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate, judge
+from controller.agents.pacing import HeartbeatIntervals
 from controller.agents.session import (
     AgentInbound, AgentOutbound, AgentSession, HeartbeatPolicy, HubObserver, Message, ShardKey, ShardStateRequest,
     _NoObserver,
@@ -77,7 +78,7 @@ from controller.store.db import Database, UnitOfWork, database_failed
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
-from controller.domain.liveness import FlapDamper, HeartbeatPacing, LivenessPolicy
+from controller.domain.liveness import FlapDamper, LivenessPolicy
 from controller.domain.values import (
     AssignmentSet, DeploymentView, HeartbeatReport, NodeInfo, ShardReport, deployment_key,
 )
@@ -145,12 +146,9 @@ class AgentHub:
         self._received: list[float] = []  # when each of `_reports` arrived (the `flush_wait` stage)
         self._refused: dict[str, RefusedReports] = {}
         self._damper = damper or FlapDamper()
-        # The heartbeat interval a Register tells its agent, by the connected nodes (0: no cap);
-        # what each node was told last (its stream is judged by it), and the longest one told; the
-        # shortest one a connected agent may have been told (a bound: `_pace_grown` raises it).
-        self._pacing = HeartbeatPacing(timeout_s=heartbeat_timeout_s, max_per_second=max_heartbeats_per_second)
-        self._told_ms: dict[str, int] = {}
-        self._longest_ms = self._shortest_ms = self._pacing.base_interval_ms
+        # The intervals told to agents, and the silence each stream is judged by.
+        self._intervals = HeartbeatIntervals(self._sessions, heartbeat_timeout_s=heartbeat_timeout_s,
+                                             max_heartbeats_per_second=max_heartbeats_per_second)
         # Hellos and Registers that arrive together are committed together (controller/groupcommit.py).
         # A batch that fails for want of the database or the lease fails its members alike.
         # A refused Register is told to come back at the next slot of the rate Registers are written
@@ -231,75 +229,15 @@ class AgentHub:
     def longest_silence_timeout_s(self) -> float:
         """The longest silence timeout of an interval this controller told an agent (the heartbeat
         timeout at least): how stale a live stream's stored last contact may be is counted in it."""
-        return self._pacing.silence_timeout_s(self._longest_ms)
+        return self._intervals.longest_silence_timeout_s()
 
-    # --- heartbeat intervals -----------------------------------------------------------------
-    def _interval_for(self, node_ids: Iterable[str]) -> int:
-        """The interval to tell the agents of `node_ids` registering now: the connected nodes,
-        with them."""
-        joining = sum(1 for node_id in set(node_ids) if node_id not in self._sessions)
-        return self._pacing.interval_ms(len(self._sessions) + joining)
-
-    def _remember_told(self, node_id: str, interval_ms: int) -> None:
-        """The node's agent was told `interval_ms` (at its Register, or on its stream): a Hello
-        of its that states none is judged by it (`_told_to`), and the longest one told bounds how
-        stale a live stream's stored contact may grow."""
-        self._told_ms[node_id] = interval_ms
-        self._longest_ms = max(self._longest_ms, interval_ms)
-
-    def _tell(self, session: AgentSession, interval_ms: int) -> None:
-        """Tell a connected agent a longer interval on its stream. Never a shorter one than it
-        follows, so the shortest one a connected agent may follow stays as it is."""
-        session.tell(interval_ms, self._pacing.silence_timeout_s(interval_ms))
-        self._remember_told(session.node_id, interval_ms)
-
-    def _pace(self, session: AgentSession) -> None:
-        """A stream opened: tell its agent the cluster's interval if it missed a `_pace_grown`
-        since its Register (or stated a shorter one in its Hello); then every connected agent, if
-        the cluster's interval grew enough. Never a shorter one than its agent follows: a new
-        leader's connected nodes are few while the fleet comes over, and telling them its interval
-        would make the agents that state a longer one beat faster than the cap until it grew."""
-        current_ms = self._pacing.interval_ms(len(self._sessions))
-        if session.interval_ms < self._shortest_ms and current_ms > session.interval_ms:
-            self._tell(session, current_ms)
-        if self._pacing.grown(self._shortest_ms, current_ms):
-            self._pace_grown(current_ms)
-
-    def _pace_grown(self, interval_ms: int) -> None:
-        """The cluster's interval grew `PACING_STEP` times past the shortest one told: tell it to
-        every connected agent told less (each grown step: O(nodes) now and then, not per connect)."""
-        told = 0
-        for session in self._sessions.values():
-            if session.interval_ms < interval_ms:
-                self._tell(session, interval_ms)
-                told += 1
-        self._shortest_ms = interval_ms
-        log.info("heartbeat interval now %d ms for %d connected nodes (%d agents told)", interval_ms,
-                 len(self._sessions), told)
-
-    def _told_to(self, node_id: str, stated_ms: int = 0) -> int:
-        """The interval the node's stream is judged by: the one its agent states in its Hello it
-        follows (`stated_ms`; told at a Register or on a stream, here or by another controller),
-        bounded (`HeartbeatPacing.stated`); from an agent that states none (0), the one told at
-        Register here (one told by another controller, or before this one started: the shortest, a
-        third of the timeout)."""
-        if stated_ms > 0:
-            return self._pacing.stated(stated_ms, told_longest_ms=self._longest_ms)
-        return self._told_ms.get(node_id, self._pacing.base_interval_ms)
-
+    # --- a stream's session, and what changes or ends streams ------------------------------
     def _judge(self, node_id: str, session_id: str, stated_ms: int, credential: str) -> AgentSession:
-        """The session of a stream whose Hello was accepted, judged by `_told_to`; an agent that
-        stated a longer interval than that is told it (`HeartbeatPolicy`). A stated interval longer
-        than any told counts in the longest one (the stored contact's cadence, `_due_beats`, and
-        how stale the node lifecycle lets it grow) as far as the cluster's interval with this node
-        connected: an agent's own stream may be judged by up to `HeartbeatPacing.stated`, but one
-        agent (hostile, or run with a long fixed interval) must not make every node's stored
-        contact that old for the rest of this controller's life (the longest never shrinks). A
-        fleet coming over from a leader that told it a long interval counts in full once back.
+        """The session of a stream whose Hello was accepted, judged by `HeartbeatIntervals.judged`;
+        an agent that stated a longer interval than that is told it (`HeartbeatPolicy`).
         `credential`: the id of the token the stream was authenticated with."""
-        told_ms = self._told_to(node_id, stated_ms)
-        self._longest_ms = max(self._longest_ms, min(told_ms, self._pacing.interval_ms(len(self._sessions) + 1)))
-        return AgentSession(node_id, session_id, told_ms, self._pacing.silence_timeout_s(told_ms),
+        told_ms = self._intervals.judged(node_id, stated_ms)
+        return AgentSession(node_id, session_id, told_ms, self._intervals.silence_timeout_s(told_ms),
                             credential=credential, reports=TokenBucket(self._report_rate, self._report_burst),
                             tell_due=stated_ms > told_ms)
 
@@ -353,7 +291,7 @@ class AgentHub:
         stream and the interval it was told, and only a stream of another (older) session ends."""
         session = self._sessions.get(node_id)
         if registered is None:
-            self._told_ms.pop(node_id, None)
+            self._intervals.forget(node_id)
         if session is not None and session.session_id != registered:
             session.close(reason, mark_down=False)
 
@@ -398,14 +336,12 @@ class AgentHub:
                               ) -> list[agent_cases.Registered | MaiaError]:
         """`usecases.agents.register_nodes`, telling the batch the interval of the connected nodes
         with its own, and remembering what each registered agent was told."""
-        interval_ms = self._interval_for(ask.info.node_id for ask in batch)
+        interval_ms = self._intervals.interval_for(ask.info.node_id for ask in batch)
         outcomes = await agent_cases.register_nodes(uow, batch, heartbeat_interval_ms=interval_ms,
                                                     held_by_live_agent=self.holds_live_session)
         for outcome in outcomes:
             if not isinstance(outcome, MaiaError):
-                self._remember_told(outcome.registration.node_id, interval_ms)
-                # unlike a stream's (`_tell`), a Register's may be shorter than every connected agent follows
-                self._shortest_ms = min(self._shortest_ms, interval_ms)
+                self._intervals.registered(outcome.registration.node_id, interval_ms)
         return outcomes
 
     async def _hello(self, hello: agent_cases.Hello) -> bool:
@@ -449,16 +385,16 @@ class AgentHub:
     ) -> AsyncIterator[AgentOutbound]:
         """Serve one Connect stream after its Hello (committed with the hellos around it): yields
         the AssignmentSets to send, the requests for the agent's full shard state, and the longer
-        heartbeat intervals it is told (`_pace`). `heartbeat_interval_ms`: the interval the Hello
-        states its agent follows (0: not stated; `_told_to`). `inbound` is what the agent says after
-        its Hello, each message made a report by `convert` (None: nothing to act on) as the stream's
-        reader takes it: a message crosses no generator of its own; an `inbound` that pushes its
-        messages (`controller.aio.PushedStream`: a relayed stream's) is not read by a task at all,
-        each message is taken as it arrives (`_start_reading`). Refused
-        UNAVAILABLE once `close_all` began, with no session opened: a session opened then would be
-        closed by no one, and cut only when the server's grace ends (its agent should go to the next
-        leader now). A hello that arrives after it is refused before it is written; one whose write
-        was under way is refused when it returns."""
+        heartbeat intervals it is told (`HeartbeatIntervals.pace`). `heartbeat_interval_ms`: the
+        interval the Hello states its agent follows (0: not stated; `HeartbeatIntervals.judged`).
+        `inbound` is what the agent says after its Hello, each message made a report by `convert`
+        (None: nothing to act on) as the stream's reader takes it: a message crosses no generator of
+        its own; an `inbound` that pushes its messages (`controller.aio.PushedStream`: a relayed
+        stream's) is not read by a task at all, each message is taken as it arrives
+        (`_start_reading`). Refused UNAVAILABLE once `close_all` began, with no session
+        opened: a session opened then would be closed by no one, and cut only when the server's grace
+        ends (its agent should go to the next leader now). A hello that arrives after it is refused
+        before it is written; one whose write was under way is refused when it returns."""
         self._refuse_when_stopping(node_id)
         if heartbeat_interval_ms < 0:
             raise InvalidArgument(f"hello.heartbeat_interval_ms must be 0 (not stated) or positive, got "
@@ -472,7 +408,7 @@ class AgentHub:
         if previous is not None:
             previous.close("superseded by a newer session", mark_down=False)
         self._sessions[node_id] = session
-        self._pace(session)
+        self._intervals.pace(session)
         self._streams_changed += 1
         self._released.pop(node_id, None)
         session.push_set()  # the full set, right away
@@ -504,7 +440,7 @@ class AgentHub:
                 current = await self._assignment_set(node_id)
                 if current is None:  # the node was deleted: by another controller, whose NODE_REMOVED
                     # this one may have missed (dropped: the resync that follows pushes every set)
-                    self._told_ms.pop(node_id, None)
+                    self._intervals.forget(node_id)
                     session.close(NODE_DELETED, mark_down=False)
                     break
                 now = time.monotonic()
