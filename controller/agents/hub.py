@@ -1,51 +1,12 @@
-"""Live agent sessions: one Connect stream per node, assignment pushes, liveness, batched reports.
+"""`AgentHub`: the live agent streams of this controller, and what opens, judges and ends them.
 
-The hub is the only place that knows which agents are connected right now. It
-- accepts a stream after its Hello matched the node's current session (a newer stream for the
-  same node supersedes the older one),
-- sends the node's complete AssignmentSet when the stream opens and whenever `notify` says it
-  changed (coalesced: an agent gets the latest set, never a backlog); the sets of every stream
-  woken together (a commit's changed nodes) are read in one batch (`repo.assignment_sets`), not
-  one transaction per node,
-- checks every report as it arrives (bounded fields and batch sizes, a per-stream rate limit;
-  a violation ends the stream with INVALID_ARGUMENT or RESOURCE_EXHAUSTED) and refuses reports
-  for shards the node was never given on this stream (an event per node and flush),
-- buffers heartbeats and shard reports and writes them per flush interval in chunks of at most
-  `limits.FLUSH_CHUNK` shard reports and `BEATS_PER_CHUNK` heartbeats (not one commit per
-  heartbeat per node), the nodes with shard reports first, each chunk published once written;
-  a chunk that fails is retried node by node, so one node's bad data never drops every other node's heartbeats; of
-  the full shard state a heartbeat repeats, only the shards whose state changed since the
-  stream's last heartbeat are written (all of them every `FULL_REPORTS_EVERY_S`); a heartbeat
-  that omits its shards under the version of the state this stream's last full heartbeat carried
-  costs no shard at all, and one that names a version the stream does not hold (never received,
-  or its write failed), or comes when every shard is due again, asks the agent for its full state
-  (`ShardStateRequest`) and counts for liveness meanwhile; and a node's last-heartbeat time at
-  most every `LivenessPolicy.contact_write_every_for` (three of the longest silence timeouts
-  told) while its stream lives (at once when its power draw changed or its stream ended): a live
-  stream is the node's liveness, and the node lifecycle judges a node whose stream ended here by
-  the last heartbeat the hub saw (`released`), a new leader by the restart grace,
-- tells each agent its heartbeat interval (`HeartbeatPacing`: a third of the heartbeat timeout,
-  longer as the connected nodes grow past `max_heartbeats_per_second`), at Register, and judges
-  its stream by three of the intervals it told that agent (`AgentSession.timeout_s`, never less
-  than `heartbeat_timeout_s`), or of the one its agent states in its Hello it follows (told by
-  another leader, or before a restart), bounded (`HeartbeatPacing.stated`; an agent stating more
-  is told the bound); once the cluster's interval grew `PACING_STEP` times past the
-  shortest one told, every connected agent told less is told the cluster's on its stream
-  (`HeartbeatPolicy`, `_pace_grown`), so the cluster sends at most that many times the cap. An
-  agent that ignores it beats more often than it is judged by, which is safe. Intervals shrink
-  when nodes leave only as agents register again;
-- marks a node suspect when its stream ends or its heartbeats stop for its stream's silence
-  timeout (silent at two checks in a row: `_expire`; it keeps its shards;
-  `controller/nodelifecycle.py` takes it further: down, evicted), counts the drop against the
-  node's flap penalty, and on Hello marks it up again (suspect while it flaps), waking the
-  reconciler either way;
-- says whether a live stream holds a node (`holds_live_session`): a second agent registering
-  the same node id meanwhile is refused;
-- ends a stream UNAUTHENTICATED when the token it was opened with is revoked (`revoke_credentials`)
-  or expires (a timer per stream whose token expires), and takes nothing its agent sends after
-  the stream was closed.
-Only the leader talks to agents (`follow` ends every stream when it loses the lead): a
-follower's hub holds no streams and judges no node's liveness.
+Why a module of its own: the hub is the one object the API and the application wire (`api/deps.py`,
+`api/server.py`); it holds the open streams and runs each one's conversation (`converse`: Hello,
+the pusher of assignment sets, the stream's end and the node's suspect mark), the batched Registers
+and Hellos, the batched reads of assignment sets, liveness expiry and the credential checks. What a
+stream's agent says is read, checked, buffered and written by its `ReportBuffer` (`reports.py`); the
+intervals it tells agents are kept by its `HeartbeatIntervals` (`pacing.py`); the per-stream state is
+`AgentSession` (`session.py`). The whole design is described in `controller/agents/__init__.py`.
 """
 
 from __future__ import annotations
@@ -63,25 +24,21 @@ from typing import Any
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate, judge
 from controller.agents.pacing import HeartbeatIntervals
+from controller.agents.reports import ReportBuffer
 from controller.agents.session import (
-    AgentInbound, AgentOutbound, AgentSession, HeartbeatPolicy, HubObserver, Message, ShardKey, ShardStateRequest,
-    _NoObserver,
+    AgentInbound, AgentOutbound, AgentSession, HeartbeatPolicy, HubObserver, Message, ShardStateRequest, _NoObserver,
 )
-from controller.aio import pushed
 from controller.errors import InvalidArgument, MaiaError, Unavailable
 from controller.groupcommit import GroupCommit, RetryPacer
-from controller.ratelimit import TokenBucket, rate_limited
+from controller.ratelimit import TokenBucket
 from controller.identity import Principal
 from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork, database_failed
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
-from controller.usecases.agents import NodeBeat, RefusedReports
-from controller.domain.liveness import FlapDamper, LivenessPolicy
-from controller.domain.values import (
-    AssignmentSet, DeploymentView, HeartbeatReport, NodeInfo, ShardReport, deployment_key,
-)
+from controller.domain.liveness import FlapDamper
+from controller.domain.values import AssignmentSet, DeploymentView, NodeInfo
 
 log = logging.getLogger("maia.agents")
 
@@ -92,13 +49,6 @@ def _as_is(message: Any) -> Any:
 
 
 ASSIGNMENT_READ_BATCH_MAX = 2048  # nodes whose sets one batched read fetches
-
-# Heartbeats a flush transaction writes at most besides its shard reports (`limits.FLUSH_CHUNK`):
-# one row each in one executemany, where a report costs its deployment's read and write; each
-# transaction more waits for its own turn at SQLite's writer (behind submits and passes).
-BEATS_PER_CHUNK = 4 * limits.FLUSH_CHUNK
-FULL_REPORTS_EVERY_S = 60.0  # a stream's heartbeats write every shard's state at least this often
-REFUSED_SAMPLES = 5
 
 
 NODE_DELETED = "the node was deleted by an administrator"  # why its stream ended
@@ -122,33 +72,26 @@ class AgentHub:
         self._leading = leading
         self._timeout = heartbeat_timeout_s
         self._on_liveness_change = on_liveness_change
-        self._on_deployments_changed = on_deployments_changed
         self._flush_interval = flush_interval_s
         self._report_rate = reports_per_second
         self._report_burst = reports_burst
         self._sessions: dict[str, AgentSession] = {}
         # The nodes whose Hello is being written (a stream opening), with how many: `greeting`.
         self._greeting: dict[str, int] = {}
-        self._beats: dict[str, NodeBeat] = {}
-        # The last heartbeat written per node. While a node's stream lives its liveness is the stream
-        # (in memory: `last_seen`), so a beat that changes nothing but the time is written at most
-        # every `contact_write_every_s`; a changed power draw, or a stream gone, at the next flush.
-        self._written_beats: dict[str, NodeBeat] = {}
-        self._held_beats: dict[str, NodeBeat] = {}
-        # None: `LivenessPolicy.contact_write_every_for` the longest silence timeout told (`_due_beats`).
-        self._beat_write_every = None if contact_write_every_s is None else timedelta(seconds=contact_write_every_s)
-        self._policy = LivenessPolicy(heartbeat_timeout_s=heartbeat_timeout_s)
         # The nodes whose stream ended on this leader's watch (none open now), with the last time
         # their agent was heard from: what the node lifecycle judges them by (`released`).
         self._released: dict[str, datetime] = {}
         self._streams_changed = 0  # streams opened and ended here (`streams_changed`)
-        self._reports: list[tuple[str, ShardReport]] = []
-        self._received: list[float] = []  # when each of `_reports` arrived (the `flush_wait` stage)
-        self._refused: dict[str, RefusedReports] = {}
         self._damper = damper or FlapDamper()
         # The intervals told to agents, and the silence each stream is judged by.
         self._intervals = HeartbeatIntervals(self._sessions, heartbeat_timeout_s=heartbeat_timeout_s,
                                              max_heartbeats_per_second=max_heartbeats_per_second)
+        # What the streams' agents say, buffered until a flush writes it.
+        self._buffer = ReportBuffer(
+            db, self._sessions, observer=self._observer, on_deployments_changed=on_deployments_changed,
+            heartbeat_timeout_s=heartbeat_timeout_s, longest_silence_timeout_s=self.longest_silence_timeout_s,
+            contact_write_every_s=contact_write_every_s, reports_per_second=reports_per_second,
+            reports_burst=reports_burst)
         # Hellos and Registers that arrive together are committed together (controller/groupcommit.py).
         # A batch that fails for want of the database or the lease fails its members alike.
         # A refused Register is told to come back at the next slot of the rate Registers are written
@@ -391,7 +334,7 @@ class AgentHub:
         (None: nothing to act on) as the stream's reader takes it: a message crosses no generator of
         its own; an `inbound` that pushes its messages (`controller.aio.PushedStream`: a relayed
         stream's) is not read by a task at all, each message is taken as it arrives
-        (`_start_reading`). Refused UNAVAILABLE once `close_all` began, with no session
+        (`ReportBuffer.start_reading`). Refused UNAVAILABLE once `close_all` began, with no session
         opened: a session opened then would be closed by no one, and cut only when the server's grace
         ends (its agent should go to the next leader now). A hello that arrives after it is refused
         before it is written; one whose write was under way is refused when it returns."""
@@ -448,7 +391,7 @@ class AgentHub:
                 if due_since is not None:
                     self._observer.shard_start_stage("push", (now - due_since,))
                 if stop_reading is None:  # reports are judged against what the node was given: read after the first set
-                    stop_reading = self._start_reading(session, inbound, convert)
+                    stop_reading = self._buffer.start_reading(session, inbound, convert)
                 yield current
             if session.error is not None:
                 raise session.error
@@ -460,9 +403,7 @@ class AgentHub:
             if self._sessions.get(node_id) is session:
                 del self._sessions[node_id]
                 self._streams_changed += 1
-                held = self._held_beats.pop(node_id, None)
-                if held is not None:  # the node's last heartbeat, not written yet: at the next flush
-                    self._beats.setdefault(node_id, held)
+                self._buffer.stream_ended(node_id)  # its last heartbeat held back is written at the next flush
                 if not self._stopping and self._leading():
                     self._released[node_id] = _wall(session.last_seen)
             if not session.close_reason:
@@ -494,101 +435,6 @@ class AgentHub:
         session.refuse_credential(f"token {token_id}, which this stream was opened with, expired at "
                                   f"{expires_at.isoformat(timespec='seconds')}")
 
-    def _start_reading(self, session: AgentSession, inbound: AsyncIterator[Message],
-                       convert: Callable[[Message], AgentInbound | None]) -> Callable[[], None]:
-        """Take the stream's messages from now on; returns what stops it. A stream that pushes
-        them has each taken in the call that delivers it; another is read by a task of its own.
-        Once the stream is closed (its credential revoked or expired, its node deleted...) nothing
-        more is taken, though its end is still on its way (its handler's turn on the loop)."""
-        def take(message: Message) -> None:
-            if session.closed:
-                return
-            report = convert(message)
-            if report is not None:
-                session.last_seen = time.monotonic()
-                self._accept(session, report)
-
-        source = pushed(inbound)
-        if source is not None:
-            return source.push_to(take, lambda error: self._read_ended(session, error))
-        return asyncio.create_task(self._read(session, inbound, take), name=f"agent-read-{session.node_id}").cancel
-
-    async def _read(self, session: AgentSession, inbound: AsyncIterator[Message],
-                    take: Callable[[Message], None]) -> None:
-        try:
-            async for message in inbound:
-                take(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._read_ended(session, exc)
-        else:
-            self._read_ended(session, None)
-
-    @staticmethod
-    def _read_ended(session: AgentSession, error: BaseException | None) -> None:
-        """A stream's reading ended: the agent ended it (`error` None), or with `error`."""
-        if error is None:
-            session.close("stream ended by the agent")
-        elif isinstance(error, MaiaError):  # bad input, a malformed message, too many reports: end the stream with it
-            log.warning("agent stream refused node=%s: %s", session.node_id, error.message)
-            session.fail(error)
-        else:  # a broken stream is the agent going away
-            session.close(f"stream failed: {type(error).__name__}")
-
-    def _accept(self, session: AgentSession, message: AgentInbound) -> None:
-        """Check one inbound message and buffer what it says (raises to end the stream)."""
-        node_id = session.node_id
-        now = time.monotonic()
-        wait = session.reports.take(now)
-        if wait:
-            raise rate_limited(f"node {node_id} sent more than {self._report_rate:g} reports a second "
-                               f"(burst {self._report_burst})", wait)
-        beat = isinstance(message, HeartbeatReport)
-        if beat:
-            agent_cases.validate_heartbeat_header(node_id, message)
-            full = now - session.said_all_at >= FULL_REPORTS_EVERY_S
-            if message.shards_omitted:  # unchanged since the full state of that version, if this stream holds it
-                shards: tuple[ShardReport, ...] = ()
-                if full or session.state_version is None or message.shard_state_version != session.state_version:
-                    session.want_state()
-            elif full:
-                shards = message.shards
-            else:  # the shards whose state did not change since the last heartbeat are written already
-                shards = tuple(r for r in message.shards if not session.unchanged(r))
-        else:
-            shards = (message,)
-        for report in shards:  # all checked before any is used: a bad message leaves nothing behind
-            agent_cases.validate_report(node_id, report)
-        refused = False
-        for report in shards:
-            tenant = session.given_tenant(report)
-            if tenant is not None:
-                session.say(report)
-                self._reports.append((node_id, report if report.tenant == tenant else replace(report, tenant=tenant)))
-                self._received.append(now)
-                started = session.started(report, now)
-                if started is not None:
-                    self._observer.shard_start_stage("agent", (started,))
-            else:
-                refused = True
-                named = deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment
-                self._refuse(node_id, (named, report.replica, report.shard))
-        if beat:
-            session.beat_at = datetime.now(timezone.utc)
-            self._beats[node_id] = NodeBeat(session.beat_at, message.power_draw_w)
-            if not message.shards_omitted:
-                # A state naming shards this node was not given is judged again (they may be given by then).
-                session.state_version = None if refused else message.shard_state_version or None
-                session.state_asked = False
-                if full:
-                    session.said_all_at = now
-
-    def _refuse(self, node_id: str, key: ShardKey) -> None:
-        before = self._refused.get(node_id, RefusedReports(0, ()))
-        samples = before.samples if len(before.samples) >= REFUSED_SAMPLES else (*before.samples, key)
-        self._refused[node_id] = RefusedReports(before.count + 1, samples)
-
     async def _mark_suspect(self, node_id: str, session_id: str | None, why: str) -> None:
         try:
             async with self._db.unit_of_work() as uow:
@@ -618,71 +464,8 @@ class AgentHub:
                 await self._expire()
 
     async def flush(self) -> None:
-        beats = self._due_beats()
-        if not beats and not self._reports and not self._refused:
-            return
-        batch = _Batch(beats, self._reports, self._refused)
-        received: dict[str, list[float]] = {}  # when each node's reports arrived
-        for (node_id, _), at in zip(self._reports, self._received):
-            received.setdefault(node_id, []).append(at)
-        self._reports, self._received, self._refused = [], [], {}
-        began = time.monotonic()
-        self._observer.shard_start_stage("flush_wait", (began - at for times in received.values() for at in times))
-        # The chunks with shard reports first, each published once committed (a later chunk's view
-        # of a deployment is newer): a RUNNING report is not held back by the heartbeats of nodes
-        # that said nothing else, each chunk a transaction waiting for its turn at the writer.
-        for chunk in batch.chunks(limits.FLUSH_CHUNK):
-            changed = await self._flush_chunk(chunk)
-            written = time.monotonic() - began
-            self._observer.shard_start_stage(
-                "flush_write", (written for node_id in {n for n, _ in chunk.reports} for _ in received[node_id]))
-            if changed:
-                await self._on_deployments_changed(changed)
-
-    def _due_beats(self) -> dict[str, NodeBeat]:
-        """The buffered heartbeats to write now; those that changed only the time while the last
-        written one is recent and their stream lives are kept aside (`_held_beats`), written only
-        if the stream ends before a due one comes."""
-        due: dict[str, NodeBeat] = {}
-        every = self._beat_write_every
-        if every is None:
-            every = timedelta(seconds=self._policy.contact_write_every_for(self.longest_silence_timeout_s()))
-        for node_id, beat in self._beats.items():
-            last = self._written_beats.get(node_id)
-            session = self._sessions.get(node_id)
-            if (last is None or beat.power_draw_w != last.power_draw_w or beat.at - last.at >= every
-                    or session is None or session.closed):
-                due[node_id] = self._written_beats[node_id] = beat
-                self._held_beats.pop(node_id, None)
-            else:
-                self._held_beats[node_id] = beat
-        self._beats = {}
-        return due
-
-    async def _flush_chunk(self, chunk: _Batch) -> dict[str, DeploymentView]:
-        """Write one chunk; if it fails, each of its nodes alone (only the bad node's data is lost).
-        Returns the views of the deployments whose shard phases it changed, as committed."""
-        views: dict[str, DeploymentView] = {}
-        try:
-            async with self._db.unit_of_work() as uow:
-                await agent_cases.flush_reports(uow, chunk.beats, chunk.reports, chunk.refused, views=views)
-            self._observer.heartbeats_written(len(chunk.beats))
-            return views
-        except LeaseLost:  # deposed: these agents report to the new leader from now on
-            return {}
-        except Exception:
-            nodes = chunk.nodes()
-            if len(nodes) == 1:
-                log.exception("could not write the heartbeat and %d shard reports of node %s",
-                              len(chunk.reports), nodes[0])
-                session = self._sessions.get(nodes[0])
-                if session is not None:  # its next heartbeat writes every shard's state again
-                    session.forget_state()
-                return {}
-            log.warning("could not write a chunk of %d nodes; writing them one by one", len(nodes))
-            for node_id in nodes:
-                views.update(await self._flush_chunk(chunk.only(node_id)))
-            return views
+        """Write what the agents said since the last flush (`ReportBuffer.flush`)."""
+        await self._buffer.flush()
 
     async def _expire(self) -> None:
         """End the streams silent for the heartbeat timeout at this check and at the one before.
@@ -716,50 +499,6 @@ class _Read:
     current: AssignmentSet | None
 
 
-@dataclass
-class _Batch:
-    """Buffered heartbeats, shard reports and refusals, split by node into chunks."""
-
-    beats: dict[str, NodeBeat]
-    reports: list[tuple[str, ShardReport]]
-    refused: dict[str, RefusedReports]
-
-    def nodes(self) -> list[str]:
-        """The nodes with shard reports or refusals, then those with only a heartbeat (each in id order)."""
-        speaking = {*(n for n, _ in self.reports), *self.refused}
-        return [*sorted(speaking), *sorted(set(self.beats) - speaking)]
-
-    def only(self, node_id: str) -> _Batch:
-        return _Batch({k: v for k, v in self.beats.items() if k == node_id},
-                      [(n, r) for n, r in self.reports if n == node_id],
-                      {k: v for k, v in self.refused.items() if k == node_id})
-
-    def chunks(self, size: int, beats_size: int = BEATS_PER_CHUNK) -> list[_Batch]:
-        """Whole nodes per chunk (one node's reports are never split), in the order of `nodes` (the
-        heartbeat-only nodes last), each with at most about `size` shard reports and refusals and
-        `beats_size` heartbeats."""
-        by_node: dict[str, list[tuple[str, ShardReport]]] = {}
-        for node_id, report in self.reports:
-            by_node.setdefault(node_id, []).append((node_id, report))
-        chunks: list[_Batch] = []
-        current = _Batch({}, [], {})
-        items = beats = 0
-        for node_id in self.nodes():
-            said = len(by_node.get(node_id, ())) + (node_id in self.refused)
-            beat = int(node_id in self.beats)
-            if (items or beats) and (items + said > size or beats + beat > beats_size):
-                chunks.append(current)
-                current, items, beats = _Batch({}, [], {}), 0, 0
-            if beat:
-                current.beats[node_id] = self.beats[node_id]
-            if node_id in self.refused:
-                current.refused[node_id] = self.refused[node_id]
-            current.reports.extend(by_node.get(node_id, ()))
-            items, beats = items + said, beats + beat
-        if items or beats:
-            chunks.append(current)
-        return chunks
-
 
 def _wall(monotonic: float) -> datetime:
     """A `time.monotonic()` reading of the past as a wall-clock time."""
@@ -769,4 +508,3 @@ def _wall(monotonic: float) -> datetime:
 def _shared_failure(exc: Exception) -> bool:
     """A batch failed for a reason each of its members would meet alone: the lease, the database."""
     return isinstance(exc, LeaseLost) or database_failed(exc)
-

@@ -106,7 +106,7 @@ class HeartbeatIntervals:
     def judged(self, node_id: str, stated_ms: int) -> int:
         """The interval the stream of a Hello accepted now is judged by (`_told_to`). A stated
         interval longer than any told counts in the longest one (the stored contact's cadence,
-        `AgentHub._due_beats`, and how stale the node lifecycle lets it grow) as far as the
+        `ReportBuffer._due_beats`, and how stale the node lifecycle lets it grow) as far as the
         cluster's interval with this node connected: an agent's own stream may be judged by up to
         `HeartbeatPacing.stated`, but one agent (hostile, or run with a long fixed interval) must
         not make every node's stored contact that old for the rest of this controller's life (the

@@ -1,9 +1,10 @@
 """One agent's stream as the hub keeps it, and the messages the stream carries.
 
 Why a module of its own: `AgentSession` is the per-stream state every part of the hub reads and
-writes (the pusher, the inbound checks and the batched writes, the interval telling); it and the
-message types are the package's shared vocabulary, so they sit at the bottom of its import order
-and import nothing of it. What the hub does with them is described in `hub.py`.
+writes (the pusher in `hub.py`, the inbound checks and the batched writes in `reports.py`, the
+interval telling in `pacing.py`); it and the message types are the package's shared vocabulary, so
+they sit at the bottom of its import order and import nothing of it. What the hub does with them
+is described in `controller/agents/__init__.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ Message = TypeVar("Message")  # what a stream's agent sends, before `converse`'s
 
 @dataclass(frozen=True, slots=True)
 class ShardStateRequest:
-    """Sent to an agent: its next heartbeat must carry its full shard state (see `AgentHub._accept`)."""
+    """Sent to an agent: its next heartbeat must carry its full shard state (`reports.ReportBuffer.accept`)."""
 
 
 @dataclass(frozen=True, slots=True)

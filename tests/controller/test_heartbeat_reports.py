@@ -369,13 +369,13 @@ async def test_after_a_failed_write_a_heartbeat_omitting_its_shards_gets_the_ful
 
 
 async def test_when_every_shard_is_due_again_a_heartbeat_omitting_its_shards_asks_for_them(cluster, monkeypatch):
-    from controller.agents import hub as agents  # where `AgentHub._accept` reads it
+    from controller.agents import reports  # where `ReportBuffer.accept` reads it
     node_id, generation = await _placed_on_one_node(cluster)
     async with _streaming(cluster, node_id) as (hub, stream):
         running = _versioned(1, 5, ShardReport("svc", 0, 0, generation, "running", tenant="t1"))
         await stream.say(running)
         await hub.flush()
-        monkeypatch.setattr(agents, "FULL_REPORTS_EVERY_S", 0.0)  # every heartbeat rewrites every shard
+        monkeypatch.setattr(reports, "FULL_REPORTS_EVERY_S", 0.0)  # every heartbeat rewrites every shard
         await stream.say(_omitted(2, 5))
         assert stream.state_requests == 1
         await stream.say(running)  # unchanged, but due: written again

@@ -174,11 +174,11 @@ async def test_a_flush_publishes_each_chunk_once_it_is_written_the_reports_first
         seen.append(("published", sorted(views)))
 
     hub = AgentHub(database, heartbeat_timeout_s=10, on_liveness_change=lambda: None, on_deployments_changed=published)
-    monkeypatch.setattr(hub, "_flush_chunk", written)
+    monkeypatch.setattr(hub._buffer, "_flush_chunk", written)
     now = datetime.now(timezone.utc)
-    hub._beats = {f"n{i}": NodeBeat(now, 100.0) for i in range(3)}
-    hub._reports = [(n, ShardReport("svc", 0, 0, 1, "running", tenant="t1")) for n in ("n2", "n0")]
-    hub._received = [0.0, 0.0]
+    hub._buffer._beats = {f"n{i}": NodeBeat(now, 100.0) for i in range(3)}
+    hub._buffer._reports = [(n, ShardReport("svc", 0, 0, 1, "running", tenant="t1")) for n in ("n2", "n0")]
+    hub._buffer._received = [0.0, 0.0]
     await hub.flush()  # one report a chunk; the heartbeats ride along, the heartbeat-only node's last
     assert seen == [("written", ["n0"]), ("published", ["t1/of-n0"]),
                     ("written", ["n2", "n1"]), ("published", ["t1/of-n2"])]
@@ -206,7 +206,7 @@ async def test_one_node_failing_its_write_never_drops_the_others_heartbeats(data
 
     hub = AgentHub(database, heartbeat_timeout_s=10, on_liveness_change=lambda: None, on_deployments_changed=nothing)
     now = datetime.now(timezone.utc)
-    hub._beats = {f"n{i}": NodeBeat(now, 100.0 + i) for i in range(3)}
+    hub._buffer._beats = {f"n{i}": NodeBeat(now, 100.0 + i) for i in range(3)}
     await hub.flush()
     async with database.unit_of_work() as uow:
         draws = {n.id: n.power_draw_w for n in await uow.session.scalars(select(m.Node))}
