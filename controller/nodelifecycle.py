@@ -3,7 +3,7 @@
 Once a second (on the leader only) it reads every node's liveness, applies the rules of
 `controller/domain/liveness.py` (graces, restart grace, flap damping) and evicts the work of
 nodes silent past the eviction grace at most at each zone's rate, longest silent first. The
-agent hub (`controller/agents.py`) handles what happens on a stream: a node goes suspect at
+agent hub (`controller/agents/`) handles what happens on a stream: a node goes suspect at
 once when its stream ends, and up on Hello (or stays suspect while it flaps).
 
 A connected node is judged by its stream (the hub ends a stream silent for the heartbeat

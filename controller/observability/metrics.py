@@ -213,14 +213,14 @@ class ControllerMetrics:
                                     registry=r)
         self.shard_start = _Histogram(
             "maia_shard_start_stage_seconds",
-            "A shard's way from its commit to RUNNING recorded, by stage (controller/agents.py, "
+            "A shard's way from its commit to RUNNING recorded, by stage (controller/agents/, "
             "HubObserver): push (a node's set changed -> handed to its stream), agent (that set -> the "
             "agent's RUNNING report received, its load time included), flush_wait (a shard report received -> "
             "the flush that writes it began), flush_write (that flush began -> the report's chunk committed).",
             ["stage"], registry=r, buckets=SHARD_START_BUCKETS_S)
         self.heartbeat_rows = Counter(
             "maia_agent_heartbeat_rows_written",
-            "Node rows heartbeats were written to (committed flushes, controller/agents.py): while a node's "
+            "Node rows heartbeats were written to (committed flushes, controller/agents/reports.py): while a node's "
             "stream lives, at most one per contact_write_every_s unless its power draw changed.", registry=r)
         self.wal_checkpoint = _Histogram(
             "maia_sqlite_wal_checkpoint_seconds",
