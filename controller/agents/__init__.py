@@ -49,8 +49,9 @@ follower's hub holds no streams and judges no node's liveness.
 
 The package, one concern a module, each importing only those below it (a contract in
 pyproject.toml):
-- `hub.py`: `AgentHub`, which holds the streams: registration and Hello (batched), `converse`,
-  the pushes of assignment sets, expiry, credentials, the node's suspect mark;
+- `hub.py`: `AgentHub`, which holds the streams: `converse` (Hello, the pushes of assignment
+  sets, the stream's end and the node's suspect mark), expiry, credentials, what others ask;
+- `joins.py`: `Joins`, the Registers and Hellos committed in batches behind the admission gate;
 - `reports.py`: `ReportBuffer`, what the streams' agents say: read, checked, buffered, and written
   per flush in chunks (`_Batch`); `pacing.py`: `HeartbeatIntervals`, the intervals told;
 - `session.py`: `AgentSession`, one stream's state, and the messages a stream carries.

@@ -2,39 +2,39 @@
 
 Why a module of its own: the hub is the one object the API and the application wire (`api/deps.py`,
 `api/server.py`); it holds the open streams and runs each one's conversation (`converse`: Hello,
-the pusher of assignment sets, the stream's end and the node's suspect mark), the batched Registers
-and Hellos, the batched reads of assignment sets, liveness expiry and the credential checks. What a
-stream's agent says is read, checked, buffered and written by its `ReportBuffer` (`reports.py`); the
-intervals it tells agents are kept by its `HeartbeatIntervals` (`pacing.py`); the per-stream state is
-`AgentSession` (`session.py`). The whole design is described in `controller/agents/__init__.py`.
+the pusher of assignment sets, the stream's end and the node's suspect mark), the batched reads of
+assignment sets, liveness expiry and the credential checks. The Registers and Hellos are written by
+its `Joins` (`joins.py`); what a stream's agent says is read, checked, buffered and written by its
+`ReportBuffer` (`reports.py`); the intervals it tells agents are kept by its `HeartbeatIntervals`
+(`pacing.py`); the per-stream state is `AgentSession` (`session.py`). The whole design is described
+in `controller/agents/__init__.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Set
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from controller import limits
-from controller.admission import AdmissionGate, agent_admission_gate, judge
+from controller.admission import AdmissionGate, agent_admission_gate
+from controller.agents.joins import Joins, shared_failure
 from controller.agents.pacing import HeartbeatIntervals
 from controller.agents.reports import ReportBuffer
 from controller.agents.session import (
     AgentInbound, AgentOutbound, AgentSession, HeartbeatPolicy, HubObserver, Message, ShardStateRequest, _NoObserver,
 )
 from controller.errors import InvalidArgument, MaiaError, Unavailable
-from controller.groupcommit import GroupCommit, RetryPacer
+from controller.groupcommit import GroupCommit
 from controller.ratelimit import TokenBucket
 from controller.identity import Principal
-from controller.store import audit
 from controller.store import repositories as repo
-from controller.store.db import Database, UnitOfWork, database_failed
+from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.domain.liveness import FlapDamper
@@ -92,24 +92,14 @@ class AgentHub:
             heartbeat_timeout_s=heartbeat_timeout_s, longest_silence_timeout_s=self.longest_silence_timeout_s,
             contact_write_every_s=contact_write_every_s, reports_per_second=reports_per_second,
             reports_burst=reports_burst)
-        # Hellos and Registers that arrive together are committed together (controller/groupcommit.py).
-        # A batch that fails for want of the database or the lease fails its members alike.
-        # A refused Register is told to come back at the next slot of the rate Registers are written
-        # (groupcommit.RetryPacer), whoever refuses it: the shedding check, the gate, the group commit.
-        self.pacer = RetryPacer()
-        self.shed = 0  # Registers refused before the interceptor chain (`shed_register`)
-        self.admission.pace = self.pacer.retry_after_s
-        self._hellos: GroupCommit[agent_cases.Hello, bool] = GroupCommit(
-            "agent-hellos", self._write_hellos, batch_max=limits.HELLO_BATCH_MAX, shared_failure=_shared_failure)
-        self._registers: GroupCommit[agent_cases.Register, agent_cases.Registered] = GroupCommit(
-            "agent-registers", self._write_registers, batch_max=limits.REGISTER_BATCH_MAX,
-            key=lambda r: r.info.node_id, shared_failure=_shared_failure,
-            writers=1 if db.is_sqlite else limits.REGISTER_WRITERS_POSTGRES,
-            answer_reserve=self.admission.answer_reserve_s, pacer=self.pacer)
+        # The Registers and Hellos, committed in batches behind the admission gate; a refused
+        # Register is told when to come back (`pacer`).
+        self._joins = Joins(db, self.admission, self._intervals, held_by_live_agent=self.holds_live_session)
+        self.pacer = self._joins.pacer
         # The sets of the nodes a commit changed are read together: one read for all of them.
         self._assignment_reads: GroupCommit[str, _Read] = GroupCommit(
             "agent-assignment-reads", self._read_assignment_sets, batch_max=ASSIGNMENT_READ_BATCH_MAX,
-            shared_failure=_shared_failure)
+            shared_failure=shared_failure)
         self._stopping = False
         self._silent: set[AgentSession] = set()  # the streams found silent at the last check (`_expire`)
         # Suspect marks under way (`_mark_suspect`): held here so that one outlives the stream's
@@ -238,73 +228,24 @@ class AgentHub:
         if session is not None and session.session_id != registered:
             session.close(reason, mark_down=False)
 
-    # --- Registers and hellos, committed in batches ------------------------------------------
+    # --- Registers and hellos, committed in batches (`Joins`) --------------------------------
     def shed_register(self, time_left_s: float | None) -> MaiaError | None:
-        """The refusal of a Register arriving now with `time_left_s` until its deadline, if the
-        admission gate would refuse it (its queue is full, or it would wait past its deadline),
-        else None. Asked before the interceptor chain (`api.interceptors.LoadShedInterceptor`):
-        a refusal then costs no token check, audit entry or log line. The retry time is the
-        pacer's next slot."""
-        if judge(self.admission.state(), time_left_s) is None:
-            return None
-        self.shed += 1
-        wait_s = self.pacer.retry_after_s()
-        return Unavailable(f"the controller is busy with agent registrations ({self.admission.waiting} waiting, "
-                           f"about {self.pacer.rate():.0f} written a second); nothing was written; retry in "
-                           f"{wait_s:.3g}s", retry_after_ms=math.ceil(wait_s * 1000))
+        """`Joins.shed_register`: the refusal of a Register arriving now, if the gate would refuse it."""
+        return self._joins.shed_register(time_left_s)
+
+    @property
+    def shed(self) -> int:
+        """Registers refused before the interceptor chain (`shed_register`)."""
+        return self._joins.shed
 
     async def register(self, who: Principal, info: NodeInfo, *, credential_proposal: str = "",
                        time_left_s: float | None = None) -> agent_cases.Registered:
-        """Register a node (`usecases.agents.register_nodes`), committed with the Registers around
-        it; raises what refuses it. Each Register is one caller of the admission gate (`time_left_s`
-        until its deadline): the gate bounds how many wait for the batches, and refuses with a retry
-        time those that would wait past their deadline; its batch answers before the deadline too."""
-        deadline = None if time_left_s is None else time.monotonic() + time_left_s
-        async with self.admission.admit(time_left_s):
-            ask = agent_cases.Register(who, info, credential_proposal, call=audit.current_call())
-            outcome = await self._registers.submit(ask, None if deadline is None else deadline - time.monotonic())
-            if outcome is not None:
-                return outcome
-            async with self._db.unit_of_work() as uow:  # the batch could not decide it: alone
-                [alone] = await self._register_nodes(uow, [replace(ask, call=None)])
-        if isinstance(alone, MaiaError):
-            raise alone
-        return alone
-
-    async def _write_registers(self, batch: list[agent_cases.Register]) -> list[agent_cases.Registered | MaiaError]:
-        async with self._db.unit_of_work() as uow:
-            return await self._register_nodes(uow, batch)
-
-    async def _register_nodes(self, uow: UnitOfWork, batch: list[agent_cases.Register]
-                              ) -> list[agent_cases.Registered | MaiaError]:
-        """`usecases.agents.register_nodes`, telling the batch the interval of the connected nodes
-        with its own, and remembering what each registered agent was told."""
-        interval_ms = self._intervals.interval_for(ask.info.node_id for ask in batch)
-        outcomes = await agent_cases.register_nodes(uow, batch, heartbeat_interval_ms=interval_ms,
-                                                    held_by_live_agent=self.holds_live_session)
-        for outcome in outcomes:
-            if not isinstance(outcome, MaiaError):
-                self._intervals.registered(outcome.registration.node_id, interval_ms)
-        return outcomes
+        """`Joins.register`: register a node, committed with the Registers around it."""
+        return await self._joins.register(who, info, credential_proposal=credential_proposal, time_left_s=time_left_s)
 
     async def _hello(self, hello: agent_cases.Hello) -> bool:
-        """Whether the node's liveness changed; raises what refuses the hello."""
-        outcome = await self._hellos.submit(hello)
-        if outcome is not None:
-            return outcome
-        async with self.admission.admit(), self._db.unit_of_work() as uow:  # its batch failed: alone
-            [alone] = await agent_cases.hellos(uow, [hello], datetime.now(timezone.utc))
-        if isinstance(alone, MaiaError):
-            raise alone
-        return alone
-
-    async def _write_hellos(self, batch: list[agent_cases.Hello]) -> list[bool | MaiaError]:
-        """One batch of hellos: one caller of the admission gate (without a deadline: the streams
-        have none), taking its turn with the Registers; but never refused for a full queue: a hello
-        completes a join whose Register was written (refused, its agent had to register again),
-        and one writer at a time bounds the batches anyway."""
-        async with self.admission.admit(pass_when_full=True), self._db.unit_of_work() as uow:
-            return await agent_cases.hellos(uow, batch, datetime.now(timezone.utc))
+        """`Joins.hello`: whether the node's liveness changed; raises what refuses the hello."""
+        return await self._joins.hello(hello)
 
     # --- assignment sets, read in batches ----------------------------------------------------
     async def _assignment_set(self, node_id: str) -> AssignmentSet | None:
@@ -499,12 +440,6 @@ class _Read:
     current: AssignmentSet | None
 
 
-
 def _wall(monotonic: float) -> datetime:
     """A `time.monotonic()` reading of the past as a wall-clock time."""
     return datetime.now(timezone.utc) - timedelta(seconds=time.monotonic() - monotonic)
-
-
-def _shared_failure(exc: Exception) -> bool:
-    """A batch failed for a reason each of its members would meet alone: the lease, the database."""
-    return isinstance(exc, LeaseLost) or database_failed(exc)

@@ -344,7 +344,7 @@ async def test_registers_arriving_together_commit_together_and_a_refused_one_fai
             assert refused[7].code() == grpc.StatusCode.FAILED_PRECONDITION
             assert refused[7].details() == "rack rack-zz is not in the topology; apply it first"
             assert all(a.node_credential and a.session_id for i, a in enumerate(answers) if i != 7)
-            stats = app.hub._registers.stats
+            stats = app.hub._joins._registers.stats
             assert stats.items == 32 and stats.batches < 32 and stats.alone == 0
             nodes = (await stubs.admin.ListNodes(admin_pb2.ListNodesRequest(page_size=100))).nodes
             assert sorted(n.id for n in nodes) == [f"n{i:02d}" for i in range(32) if i != 7]
