@@ -524,6 +524,8 @@ async def test_a_node_whose_hello_is_being_written_is_left_to_it_when_the_restar
     states = await health(cluster)
     assert states.pop(comer) == ("up", False)
     assert {state for state, _ in states.values()} == {"down"}
+    # Held back all along (else a stream, not the Hello under way, kept it up).
+    assert comer in hub.greeting() and comer not in hub.connected()
     written.set()
     await opening
     assert comer in hub.connected()

@@ -116,6 +116,8 @@ async def test_a_restarted_controller_leaves_a_node_whose_hello_it_is_writing_to
             for _ in range(3):  # suspect, down, evicted, a pass each, were it judged silent
                 await app.lifecycle.pass_once()
             assert await _health(app, node_id) == (m.NodeHealth.UP, False)
+            # Held back all along (else a stream, not the Hello under way, kept it up).
+            assert node_id in app.hub.greeting() and node_id not in app.hub.connected()
             written.set()
             await agent.next_set()
             assert node_id in app.hub.connected()
