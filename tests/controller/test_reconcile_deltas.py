@@ -269,6 +269,8 @@ async def test_deltas_commit_what_full_passes_commit(seed, decider, four_racks_f
                     loop.resync()
                     landed = _change_while_committing(monkeypatch, events)
                 await loop.reconcile_once(force=mode == "full")
+                if step == stale_at:  # the patched commit ran (patched where the pass calls it)
+                    assert landed, "no change landed as the pass committed"
                 if mode == "deltas" and warm and kind in FOLLOWED and step != stale_at:  # e.g. an eviction's shards re-placed
                     assert loop.full_passes == full, kind             # on the session
                     followed.add(kind)
