@@ -11,6 +11,7 @@ from bench.checking import check_state
 from controller.reconcile import Reconciler
 from controller.store.db import Database
 from controller.store.snapshot import load_snapshot
+from controller.usecases import planning
 from uc_builders import add_nodes, add_tenant, apply_topology, deployment, no_publish, submit
 
 
@@ -24,7 +25,22 @@ async def test_concurrent_reconcilers_commit_a_checker_clean_state(database: Dat
     for i in range(6):
         await submit(database, deployment(f"a{i}", "t1", replicas=2, accelerators=1, shard_power_w=300.0))
         await submit(database, deployment(f"b{i}", "t2", replicas=1, accelerators=2, shard_power_w=300.0))
-    loops = [Reconciler(database, push=lambda nodes: None, publish=no_publish, retry_backoff_s=0.0)
+    # The first two solves (one a reconciler, on the same stored state) wait for each other before
+    # either commits: the second commit then lands on the first, however the host schedules them.
+    first_solves: list[int] = []
+    both_solved = asyncio.Event()
+
+    async def solve_side_by_side(problem, *, time_limit_ms):  # noqa: ANN001, ANN202
+        plan = await planning.solve_online_first(problem, time_limit_ms=time_limit_ms)
+        if len(first_solves) < 2:
+            first_solves.append(1)
+            if len(first_solves) == 2:
+                both_solved.set()
+            await asyncio.wait_for(both_solved.wait(), timeout=60)
+        return plan
+
+    loops = [Reconciler(database, push=lambda nodes: None, publish=no_publish, retry_backoff_s=0.0,
+                        solve=solve_side_by_side)
              for _ in range(2)]
 
     stale = 0
