@@ -1,0 +1,75 @@
+"""Authentication: the level that verifies a call's bearer token and sets its caller's principal.
+
+Why a module of its own: it is the chain's first level (the principal is set before metrics and
+logging read it) and the only one that knows `controller.authn` and sets `controller.identity`'s
+principal; the methods that need no token (health checking, reflection) are named here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from grpc import aio
+
+from controller import errors
+from controller.api.interceptors.behaviour import Behaviour, _BehaviourInterceptor
+from controller.api.interceptors.status import abort_with
+from controller.authn import Authenticator
+from controller.identity import Principal, reset_principal, set_principal
+
+log = logging.getLogger("maia.api")
+
+
+# Services anyone may call without a token: health checking (load balancers, probes) and reflection.
+UNAUTHENTICATED_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class AuthenticationInterceptor(_BehaviourInterceptor):
+    """Sets the caller's principal, or refuses the call UNAUTHENTICATED (telling `on_refused`:
+    method, reason, peer; the audit's `UnauthenticatedAuditor`)."""
+
+    def __init__(self, authenticator: Authenticator,
+                 on_refused: Callable[[str, str, str], Awaitable[None]] | None = None) -> None:
+        self._authenticator = authenticator
+        self._on_refused = on_refused
+
+    async def _principal(self, method: str, context: aio.ServicerContext) -> Principal | None:
+        """The caller's principal (None: a method that needs no token); a refusal ends the call."""
+        if method.startswith(UNAUTHENTICATED_SERVICE_PREFIXES):
+            return None
+        try:
+            return await self._authenticator.authenticate(context.invocation_metadata())
+        except errors.Unauthenticated as exc:
+            log.warning("rpc method=%s code=UNAUTHENTICATED reason=%s peer=%s", method, exc.message, context.peer())
+            if self._on_refused is not None:
+                await self._on_refused(method, exc.message, context.peer())
+            await abort_with(context, exc)
+            raise  # not reached: the abort raises
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
+        principal = await self._principal(method, context)
+        if principal is None:
+            yield
+            return
+        token = set_principal(principal)
+        try:
+            yield
+        finally:
+            try:
+                reset_principal(token)
+            except ValueError:  # a stream's generator finalised in another context
+                pass
+
+    async def around(self, method: str, behaviour: Behaviour, request: Any, context: aio.ServicerContext) -> Any:
+        principal = await self._principal(method, context)
+        if principal is None:
+            return await behaviour(request, context)
+        token = set_principal(principal)
+        try:
+            return await behaviour(request, context)
+        finally:
+            reset_principal(token)
