@@ -1,9 +1,9 @@
 """The controller's one error hierarchy.
 
 Use cases raise these with a message that says exactly what is wrong ("rack rack-07 is not in
-the topology; apply it first"); `controller.api.interceptors` is the only place that turns them
-into gRPC status codes. Nothing else in the controller knows about status codes, so a use case
-can be called from a test, a CLI or another transport and still say "no" the same way.
+the topology; apply it first"); `controller.api.interceptors.status` is the only place that
+turns them into gRPC status codes. Nothing else in the controller knows about status codes, so a
+use case can be called from a test, a CLI or another transport and still say "no" the same way.
 """
 
 from __future__ import annotations

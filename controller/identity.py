@@ -1,11 +1,11 @@
 """Who is calling: the authenticated principal of one RPC.
 
-The authentication interceptor (`controller.api.interceptors`) verifies the caller's bearer
-token (`controller.authn`) and puts the resulting `Principal` into a context variable for the
-duration of the RPC; servicers hand it to the use cases explicitly, and the use cases ask the
-policy (`controller.usecases.policy`) what it may do. A principal carries what the audit log
-and the policy need: the token it came from, its role, the tenant or node it is bound to, and
-the request id of the call.
+The authentication interceptor (`controller.api.interceptors.authentication`) verifies the
+caller's bearer token (`controller.authn`) and puts the resulting `Principal` into a context
+variable for the duration of the RPC; servicers hand it to the use cases explicitly, and the use
+cases ask the policy (`controller.usecases.policy`) what it may do. A principal carries what the
+audit log and the policy need: the token it came from, its role, the tenant or node it is bound
+to, and the request id of the call.
 """
 
 from __future__ import annotations
