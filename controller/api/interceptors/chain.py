@@ -3,7 +3,7 @@
 Why a module of its own: the order of the levels is a decision of its own (the principal set
 before metrics and logging read it, errors translated around the audit), and building a
 method's handler once (`BuiltOncePerMethod`) holds for every level alike; the server
-(`controller.api.server`) asks only for `interceptor_chain`.
+(`controller.api.server`) asks `interceptor_chain` for its chain, giving it the load shedding.
 """
 
 from __future__ import annotations
