@@ -1,7 +1,7 @@
 """Authentication: the level that verifies a call's bearer token and sets its caller's principal.
 
 Why a module of its own: it is the chain's first level (the principal is set before metrics and
-logging read it) and the only one that knows `controller.authn` and sets `controller.identity`'s
+logging read it) and the only level that knows `controller.authn` and sets `controller.identity`'s
 principal; the methods that need no token (health checking, reflection) are named here.
 """
 
