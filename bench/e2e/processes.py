@@ -1,0 +1,114 @@
+"""The processes a run starts and measures: the controller, the simnode fleets and py-spy as
+`Process`es (their CPU seconds and peak RSS read from /proc), stopped together by `stop_all`, and
+the machine's and this bench's own CPU. The other benches that start a controller and fleets
+(`bench join`, `bench nodedeath`) use them too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from bench import procfs
+
+GATEWAY_MODULE = "controller.gateway"  # the agent gateways' command line (their CPU is reported apart)
+
+
+class Process:
+    """A child process whose CPU time and peak memory are read from /proc."""
+
+    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self._log = log.open("w")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env={**os.environ, **(env or {})})
+
+    def nicer(self, by: int) -> None:
+        """Run this process `by` nicer than this one (a stand-in for other machines: simnode fleets)."""
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + by))
+
+    def cpu_s(self) -> float:
+        """CPU seconds of the process and of the children it started (the controller's decide
+        process: running, or exited and reaped), so that CPU moved to a child still counts."""
+        return procfs.tree_cpu_s(self.proc.pid)
+
+    def children_cpu_s(self, named: str = "") -> float:
+        """CPU seconds of the children it runs now (`named`: those whose command line holds it)."""
+        return sum(procfs.ticks(fields) for _, fields in procfs.children(self.proc.pid, named)) / os.sysconf("SC_CLK_TCK")
+
+    def children_peak_rss_mib(self, named: str) -> float:
+        """The peak RSS of the children running now whose command line holds `named`, summed."""
+        return sum(_peak_rss_mib(pid) for pid, _ in procfs.children(self.proc.pid, named))
+
+    def peak_rss_mib(self) -> float:
+        return _peak_rss_mib(self.proc.pid)
+
+    def read_line(self, prefix: str, timeout_s: float) -> str:
+        """The rest of the first stdout line starting with `prefix`."""
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.name} exited ({self.proc.wait()}) before printing {prefix!r}")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"{self.name} did not print {prefix!r} in {timeout_s:.0f} s")
+
+    def stop(self, grace_s: float = 20.0, *, told: bool = False) -> int:
+        """SIGTERM (unless `told`: sent already), `grace_s` to exit, then SIGKILL; its exit code."""
+        if self.proc.poll() is None:
+            if not told:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
+    """Stop them all within one grace period: every one is told first, then each is waited for
+    (one after the other, 32 fleets could take 32 grace periods), and not told again (a second
+    SIGTERM: one that lands after a fleet's loop closed would kill it, exit -15)."""
+    for process in processes:
+        if process.proc.poll() is None:
+            process.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.stop(max(0.0, deadline - time.monotonic()), told=True)
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine since boot, every core summed (/proc/stat's
+    first line; idle and iowait are not busy): what is left of the machine for the controller."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (total - fields[3] - fields[4]) / tick, total / tick
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process (the bench's clients, watch and scrapes)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _peak_rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _profile(py_spy: str, controller: Process, root: Path) -> Process:
+    return Process("py-spy", [py_spy, "record", "--pid", str(controller.proc.pid), "--format", "raw",
+                              "--rate", "50", "--nonblocking", "--output", str(root / "controller.pyspy.txt")],
+                   root / "py-spy.log")
