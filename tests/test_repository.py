@@ -22,7 +22,9 @@ def test_generated_protobuf_code_matches_proto_sources() -> None:
 def test_import_contracts_hold() -> None:
     """Every import-linter contract in pyproject.toml: scheduler/ is pure (no controller, grpc,
     sqlalchemy or the generated API); the controller's layers (api -> usecases -> store -> domain)
-    are never crossed upwards; maiactl and maia-simnode speak only gRPC; use cases build no SQL."""
+    are never crossed upwards; maiactl and maia-simnode speak only gRPC; use cases build no SQL;
+    the modules of each split package (the plan applier, the reconciler, the agent hub, the
+    interceptor chain, the end-to-end bench) import one way."""
     lint_imports = Path(sys.executable).parent / "lint-imports"
     result = subprocess.run(
         [str(lint_imports), "--no-cache"], capture_output=True, text=True, cwd=ROOT
