@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,6 +37,9 @@ from controller.api.auditing import AuditInterceptor, UnauthenticatedAuditor
 from controller.api.deployments import DeploymentServicer
 from controller.api.deps import ServiceDeps
 from controller.api.interceptors import LoadShedInterceptor, interceptor_chain
+from controller.api.peers import (
+    DEPLOYMENTS, LEASE_RELEASED, NODE_REMOVED, NODES, TOKENS_REVOKED, WAKE, PeerMessages, deployment_item,
+)
 from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
 from controller.console.server import ConsoleServer
@@ -59,16 +61,15 @@ from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
 from controller.store.checkpoints import WalCheckpointer
 from controller.store.exclusive import DatabaseInUse, SqliteLock, sqlite_path
-from controller.store.notify import RESYNC, ClusterChannel, LocalChannel, PgChannel
+from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
 from controller.usecases.deletes import DeleteBatcher
 from controller.usecases.submits import SubmitBatcher, SubmittedRows
 from controller.usecases.deployments import views_of
-from controller.usecases.nodes import registered_sessions
 from controller.domain.liveness import FlapDamper
-from controller.domain.values import DeploymentEvent, DeploymentView, split_deployment_key
-from controller.usecases.watch import DeploymentEventBus, deleted_elsewhere
+from controller.domain.values import DeploymentEvent, DeploymentView
+from controller.usecases.watch import DeploymentEventBus
 from controller.watchdog import IsolationWatchdog
 from maia.v1 import (
     admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2, audit_pb2_grpc, deployments_pb2, deployments_pb2_grpc,
@@ -87,17 +88,6 @@ SERVICE_NAMES: tuple[str, ...] = (
 
 class ListenError(OSError):
     """The gRPC server could not bind its address (checked before the database is touched)."""
-
-
-# What controllers tell each other (`controller.store.notify`).
-WAKE, NODES, NODE_REMOVED, DEPLOYMENTS, LEASE_RELEASED = "wake", "nodes", "node_removed", "deployments", "released"
-TOKENS_REVOKED = "tokens_revoked"  # token ids: each controller's authenticator forgets them at once
-
-
-def deployment_item(kind: str, view: DeploymentView) -> str:
-    """One DEPLOYMENTS item: `kind:TENANT/NAME` (the deployment's key; neither part holds ':' or
-    ','); the others read the deployment back, except a deleted one (its row is gone)."""
-    return f"{kind}:{view.spec.key}"
 
 
 class AppSignals:
@@ -127,8 +117,8 @@ class AppSignals:
     def tokens_revoked(self, token_ids: Sequence[str]) -> None:
         """Refused here at once, and the agent streams here opened with them end now (UNAUTHENTICATED;
         a deleted node's stream ended first, as deleted: `node_removed`), without a read; the other
-        controllers do both as they hear it (`ControllerApp.revoked_elsewhere`)."""
-        self._app.forget_tokens(token_ids)
+        controllers do both as they hear it (`PeerMessages.revoked_elsewhere`)."""
+        self._app.peers.forget_tokens(token_ids)
         self._app.hub.revoke_credentials(token_ids)
         self._app.channel.send(TOKENS_REVOKED, token_ids)
 
@@ -203,6 +193,9 @@ class ControllerApp:
         )
         self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s,
                                    hears_revocations=self.channel.listening)
+        # What the other controllers on this database say, handled here (controller/api/peers.py).
+        self.peers = PeerMessages(db=self.db, hub=self.hub, reconciler=self.reconciler, authn=self.authn,
+                                  bus=self.bus, election=self.election)
         self.watchdog = IsolationWatchdog(leader_db, interval_s=config.watchdog_interval_s,
                                           should_run=self.election.should_run)
         self.metrics.watch_alarms(lambda: self.watchdog.alarms_total)
@@ -226,7 +219,6 @@ class ControllerApp:
         self.console_address = ""
         self._tasks: list[asyncio.Task] = []
         self._channel_task: asyncio.Task | None = None
-        self._handling: set[asyncio.Task] = set()
 
     async def _console_viewer(self, token: str) -> Principal | None:
         """The console's viewers: admin and tenant tokens (a tenant sees its own view)."""
@@ -244,151 +236,10 @@ class ControllerApp:
         self.hub.follow(why)
 
     def _notified(self, kind: str, data: str) -> None:
-        """A message from another controller on the same database."""
-        items = [item for item in data.split(",") if item]
-        if kind == WAKE:
-            self.reconciler.wake()
-        elif kind == NODES:
-            self.hub.notify(items)
-        elif kind == NODE_REMOVED:
-            self._handle(self._removed_elsewhere(items))
-        elif kind == TOKENS_REVOKED:
-            self.revoked_elsewhere(items)
-        elif kind == LEASE_RELEASED:
-            self.election.wake()
-        elif kind == DEPLOYMENTS:
-            self._handle(self._republish(items))
-        elif kind == RESYNC:
-            self._resync()
-
-    def forget_tokens(self, token_ids: Collection[str]) -> None:
-        """Tokens revoked: their cached verifications are forgotten (else each was let through
-        until its entry aged out: `Config.auth_cache_ttl_s`)."""
-        for token_id in token_ids:
-            self.authn.forget(token_id)
-
-    def revoked_elsewhere(self, token_ids: Collection[str]) -> None:
-        """Tokens another controller revoked (TOKENS_REVOKED): forgotten here, and the agent streams
-        they opened here end (`_end_streams`). A controller that may have missed some resyncs,
-        forgetting every verification (`_resync`). The revoking controller did both as it
-        committed (`AppSignals.tokens_revoked`)."""
-        self.forget_tokens(token_ids)
-        if self.hub.nodes_connected_with(token_ids):
-            self._handle(self._end_streams(token_ids))
-
-    async def _end_streams(self, token_ids: Collection[str]) -> None:
-        """The agent streams here opened with these tokens, revoked by another controller, end
-        (else one went on with a revoked credential for as long as it lasted: a node's credential
-        reset through another controller than the one its stream is on): UNAUTHENTICATED, the
-        agent registers again with its bootstrap token; or, their node no longer stored (the
-        revocation was its deletion's, whose NODE_REMOVED may come before or after it), as a
-        deletion ends them. If the read fails, all end UNAUTHENTICATED. A stream ended meanwhile
-        (the deletion's NODE_REMOVED heard) is left as it ended."""
-        nodes = self.hub.nodes_connected_with(token_ids)
-        stored = nodes
-        try:
-            async with self.db.unit_of_work() as uow:
-                stored = set(await registered_sessions(uow, nodes))
-        except Exception:
-            log.exception("could not read the nodes whose agent streams opened with revoked tokens")
-        self.hub.revoke_credentials(token_ids, deleted=nodes - stored)
-
-    def _handle(self, reading: Coroutine[Any, Any, None]) -> None:
-        """A message's handling that reads the database, run as a task of its own (kept until done)."""
-        task = asyncio.get_running_loop().create_task(reading)
-        self._handling.add(task)
-        task.add_done_callback(self._handling.discard)
-
-    async def _removed_elsewhere(self, node_ids: list[str]) -> None:
-        """Nodes another controller deleted: their streams here end (`NODE_DELETED`).
-
-        A NODE_REMOVED is sent once its row is gone, so a node stored when it is heard registered
-        again since: the message is late (held across its sender's reconnection: `store/notify.py`)
-        and ends no stream of that registration (its session, read for the whole message at once),
-        only one of an older session. If the read fails every named stream ends, as before (an
-        agent whose node is stored registers and connects again). The deletion revoked the nodes'
-        credentials: their cached verifications here are forgotten (else a deleted node's agent
-        kept its credential for up to the cache's TTL here, refused PERMISSION_DENIED, not
-        UNAUTHENTICATED, which tells it to register with its bootstrap token). The deleting
-        controller's TOKENS_REVOKED named them already; a controller of an earlier version (a
-        rolling upgrade) sends only this message."""
-        self.authn.forget_nodes(node_ids)
-        registered: dict[str, str | None] = {}
-        try:
-            async with self.db.unit_of_work() as uow:
-                registered = await registered_sessions(uow, node_ids)
-        except Exception:
-            log.exception("could not read the nodes another controller removed")
-        for node_id in node_ids:
-            self.hub.disconnect(node_id, NODE_DELETED, registered=registered.get(node_id))
-
-    def _resync(self) -> None:
-        """Messages this controller was owed may be lost (another controller dropped some, or this
-        one listens again after its connection dropped: `store/notify.py`): what they would have
-        said is taken again from the database. Every watch ends (UNAVAILABLE, as one that fell
-        behind: its client watches again, from the current state), every agent connected here is
-        sent its set as stored (a node deleted meanwhile has none: its stream ends, as a
-        NODE_REMOVED lost would have ended it), the reconciler looks (a lost WAKE), and every
-        verified token is forgotten (a lost TOKENS_REVOKED: each token's next use reads its row)
-        and the agent streams opened with a token revoked since end (`_recheck_streams`)."""
-        log.warning("notifications from the other controllers may have been lost: ending %d watch(es), "
-                    "sending %d agent(s) their sets again and verifying every token afresh",
-                    self.bus.subscriber_count, len(self.hub.connected()))
-        self.authn.forget_all()
-        self._handle(self._recheck_streams())
-        self.bus.close()
-        self.hub.notify(list(self.hub.connected()))
-        self.reconciler.wake()
-
-    async def _recheck_streams(self) -> None:
-        """After a resync: the agent streams here opened with a token revoked since (by another
-        controller, whose TOKENS_REVOKED was lost) end, as one heard would have ended them
-        (`revoked`)."""
-        held = self.hub.stream_credentials()
-        if not held:
-            return
-        try:
-            async with self.db.unit_of_work() as uow:
-                revoked = await tokens.revoked_among(uow, held)
-        except Exception:
-            log.exception("could not read the tokens of the agent streams connected here")
-            return
-        if revoked:
-            await self._end_streams(revoked)
-
-    async def _republish(self, items: list[str]) -> None:
-        """Deployments another controller changed (`TYPE:TENANT/NAME`), for this controller's watchers.
-
-        A `deleted` is sent once its row is gone, so a deployment of that key stored when it is
-        heard was submitted again since (through any controller): the message is late (held
-        across its sender's reconnection: `store/notify.py`, or racing the submit's own message)
-        and is not handed on; the watchers were or will be told that newer deployment ("added"),
-        and a `deleted` after it would tell them a live deployment is gone."""
-        by_type: dict[str, set[str]] = {}
-        gone: list[str] = []
-        stored_again: set[str] = set()
-        for item in items:
-            kind, _, key = item.partition(":")
-            if kind == "deleted":
-                gone.append(key)
-            else:
-                by_type.setdefault(kind, set()).add(key)
-        views: dict[str, list[DeploymentView]] = {}
-        try:
-            if by_type or gone:
-                async with self.db.unit_of_work() as uow:
-                    views = {kind: await views_of(uow, keys) for kind, keys in by_type.items()}
-                    if gone:
-                        stored_again = {view.spec.key for view in await views_of(uow, set(gone))}
-        except Exception:
-            log.exception("could not read deployments another controller changed")
-        for kind, kind_views in views.items():
-            for view in kind_views:
-                self.bus.publish(DeploymentEvent(kind, view))
-        for key in gone:  # after the reads: a DELETING seen in the same message comes first
-            if key not in stored_again:
-                tenant, name = split_deployment_key(key)
-                self.bus.publish(deleted_elsewhere(name, tenant))
+        """A message from another controller on the same database: `PeerMessages.notified`. The
+        channel is given this at its construction, before the authenticator (which asks the
+        channel whether it listens) and so before `peers`, which needs the authenticator."""
+        self.peers.notified(kind, data)
 
     async def _publish_changed(self, views: Mapping[str, DeploymentView]) -> None:
         """Agents' reports changed these deployments (their views as committed, by key). The

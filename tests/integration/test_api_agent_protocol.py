@@ -108,17 +108,17 @@ async def test_a_revocation_ends_its_agents_stream_here_once_and_without_a_read(
         db_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, revocation: str, ended_with) -> None:
     """The controller that serves a node credential's revocation ends the stream the credential
     opened as it commits, at once (not at the agent's next call): not a second time by the path
-    that ends the streams of revocations heard from other controllers (`_end_streams`, a read of
-    the nodes, which found the stream ended already)."""
+    that ends the streams of revocations heard from other controllers (`PeerMessages._end_streams`,
+    a read of the nodes, which found the stream ended already)."""
     # The hand agent never heartbeats: a long timeout, so only the revocation can end its stream.
     async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
         heard_paths: list[object] = []
-        end_streams = app._end_streams
+        end_streams = app.peers._end_streams
 
         def counted(token_ids):  # type: ignore[no-untyped-def]
             heard_paths.append(token_ids)
             return end_streams(token_ids)
-        monkeypatch.setattr(app, "_end_streams", counted)
+        monkeypatch.setattr(app.peers, "_end_streams", counted)
         stubs = Stubs.connect(app.address, admin_token_of(app))
         try:
             await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
