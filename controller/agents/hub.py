@@ -220,7 +220,7 @@ class AgentHub:
     def disconnect(self, node_id: str, reason: str, *, registered: str | None = None) -> None:
         """End the node's stream (if any) without marking it down (it no longer exists).
         `registered`: the session of a registration of the node stored since it was removed (a
-        removal heard late: `ControllerApp._removed_elsewhere`); that registration is kept, its
+        removal heard late: `PeerMessages._removed_elsewhere`); that registration is kept, its
         stream and the interval it was told, and only a stream of another (older) session ends."""
         session = self._sessions.get(node_id)
         if registered is None:

@@ -9,8 +9,9 @@ run it in-process on port 0.
 
 Several controllers may share one PostgreSQL: each runs a `LeaderElection`; the leader's
 reconciler, agent hub and watchdog write through the fenced database, followers serve the API
-and reach the leader through `maia_cluster` notifications (`controller.store.notify`). On
-SQLite one controller holds the file (`controller.store.exclusive`); a second one refuses.
+and reach the leader through `maia_cluster` notifications (`controller.store.notify`; what a
+controller does on hearing them: `controller.api.peers`). On SQLite one controller holds the
+file (`controller.store.exclusive`); a second one refuses.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ until then, or until the next look). Held messages are bounded (`HELD_MAX` items
 dropped beyond, logged). A message so dropped may have been owed to a controller that listened
 unseen: unless a look that began after it saw nobody, the held messages go out after a RESYNC,
 on which each listener resyncs what it kept from the messages (its watchers watch again from the
-current state, its agents are sent their sets: `ControllerApp._resync`). A RESYNC whose NOTIFY
+current state, its agents are sent their sets: `PeerMessages._resync`). A RESYNC whose NOTIFY
 failed stays owed until one gets through: it goes before the next message sent, or with the next
 look that sees another controller (the keepalive's every `RECONNECT_S`, the reconnection's).
 
@@ -48,8 +48,8 @@ connection broke, before the answer): each kind is read again from the database 
 harmlessly. Late, it may come after another controller's newer message about the same thing (a
 deployment's `deleted` after its name was submitted again elsewhere), as two controllers' messages
 racing may: a listener hands a `deleted` to its watchers only while no deployment of that name is
-stored (`ControllerApp._republish`), and a NODE_REMOVED heard after the node registered again ends
-no stream of that registration (`ControllerApp._removed_elsewhere`: its session read). A NOTIFY
+stored (`PeerMessages._republish`), and a NODE_REMOVED heard after the node registered again ends
+no stream of that registration (`PeerMessages._removed_elsewhere`: its session read). A NOTIFY
 PostgreSQL refused on a live connection (sent again it would be refused again, and hold up
 everything behind it) is dropped, and a RESYNC is owed for it.
 

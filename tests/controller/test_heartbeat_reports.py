@@ -445,7 +445,7 @@ async def test_a_flush_of_reports_that_change_nothing_loads_no_deployment(cluste
 
 async def test_a_removal_heard_late_ends_only_a_stream_older_than_the_nodes_registration(cluster):
     """`disconnect(registered=...)`: a removal heard after the node registered again (its current
-    session, `ControllerApp._removed_elsewhere`) keeps that registration's stream and ends a stream
+    session, `PeerMessages._removed_elsewhere`) keeps that registration's stream and ends a stream
     of any other (older) session."""
     async with _streaming(cluster, "rack-a-n0") as (hub, stream):
         session = hub._sessions["rack-a-n0"]
