@@ -19,6 +19,7 @@ from collections.abc import Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from controller.agents import NODE_DELETED
+from controller.aio import cancel_and_wait
 from controller.domain.values import DeploymentEvent, DeploymentView, split_deployment_key
 from controller.store.notify import RESYNC
 from controller.usecases import tokens
@@ -109,6 +110,12 @@ class PeerMessages:
         except Exception:
             log.exception("could not read the nodes whose agent streams opened with revoked tokens")
         self._hub.revoke_credentials(token_ids, deleted=nodes - stored)
+
+    async def close(self) -> None:
+        """The handlings under way end (cancelled and waited for): at the stop, once no message
+        can arrive and before the engine they read with is disposed (one waiting on a slow read
+        would otherwise outlive the controller's stop)."""
+        await cancel_and_wait(list(self._handling))
 
     def _handle(self, reading: Coroutine[Any, Any, None]) -> None:
         """A message's handling that reads the database, run as a task of its own (kept until done)."""

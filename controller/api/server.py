@@ -453,8 +453,9 @@ class ControllerApp:
            the calls in flight `grace_s` to finish, then cancels them; waited for at most `STREAMS_END_TIMEOUT_S` more;
         3. the agent gateways, told to stop, are given until a deadline set at the stop's start that
            grows with the streams they hold (`children.stop_grace_s`), then killed;
-        4. the leader lease released, the cluster channel closed, the engine disposed, SQLite's log
-           checkpointed into the database file (each bounded).
+        4. the leader lease released, the cluster channel closed, the other controllers' messages
+           still being handled cancelled, the engine disposed, SQLite's log checkpointed into the
+           database file (each bounded).
         """
         started = time.monotonic()
         streams = len(self.hub.connected())
@@ -493,6 +494,7 @@ class ControllerApp:
         if self._channel_task is not None:
             await cancel_and_wait([self._channel_task])
             self._channel_task = None
+        await self.peers.close()  # no message arrives now: the handlings under way end before the dispose
         try:  # bounded: a connection whose statement waits on a lock (SQLite's busy timeout is 30 s)
             await within(self.db.dispose(), DISPOSE_TIMEOUT_S)  # must not hold up the stop
         except TimeoutError:
