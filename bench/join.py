@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import NODES_PER_RACK, Process, Shape, _profile, admin_setup, database, stop_all
+from bench.e2e import NODES_PER_RACK, Process, Shape, _profile, admin_setup, database, run_until_interrupted, stop_all
 from bench.fgd import percentile
 from bench.nodedeath import FleetProcess, start_fleet
 from controller.main import SHUTDOWN_DEADLINE_S
@@ -316,8 +316,4 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("stopped: everything this run started has been stopped", file=sys.stderr)
-        return 130
+    return run_until_interrupted(_run(args))

@@ -55,7 +55,7 @@ from bench.e2e.cluster import NODES_PER_RACK, TENANTS, Shape, admin_setup, wait_
 from bench.e2e.databases import database, grade
 from bench.e2e.load import Run, Times, arrival_offsets, deleter, open_loop
 from bench.e2e.options import add_arguments
-from bench.e2e.processes import Process, _profile, stop_all
+from bench.e2e.processes import Process, _profile, run_until_interrupted, stop_all
 from bench.e2e.runner import main
 from bench.e2e.stats import bucket_quantile, interpolated_quantile, middle_rate
 from bench.e2e.watching import _seen, watch_listed
@@ -64,5 +64,5 @@ from bench.e2e.watching import _seen, watch_listed
 __all__ = [
     "NODES_PER_RACK", "TENANTS", "Process", "Run", "Shape", "Times", "_profile", "_seen", "add_arguments",
     "admin_setup", "arrival_offsets", "bucket_quantile", "database", "deleter", "grade", "interpolated_quantile",
-    "main", "middle_rate", "open_loop", "stop_all", "wait_connected", "watch_listed",
+    "main", "middle_rate", "open_loop", "run_until_interrupted", "stop_all", "wait_connected", "watch_listed",
 ]

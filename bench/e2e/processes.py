@@ -5,11 +5,15 @@ the machine's and this bench's own CPU. The other benches that start a controlle
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from bench import procfs
 
@@ -112,3 +116,13 @@ def _profile(py_spy: str, controller: Process, root: Path) -> Process:
     return Process("py-spy", [py_spy, "record", "--pid", str(controller.proc.pid), "--format", "raw",
                               "--rate", "50", "--nonblocking", "--output", str(root / "controller.pyspy.txt")],
                    root / "py-spy.log")
+
+
+def run_until_interrupted(run: Coroutine[Any, Any, int]) -> int:
+    """A bench's run to its exit code; interrupted (Ctrl-C), 130 once everything it started was
+    stopped (its own `finally`s stop its processes as the run is cancelled)."""
+    try:
+        return asyncio.run(run)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("stopped: everything this run started has been stopped", file=sys.stderr)
+        return 130

@@ -20,7 +20,9 @@ from bench.e2e.cluster import NODES_PER_RACK, Shape, admin_setup, tenants_for, w
 from bench.e2e.databases import PG_XACTS_SQL, _pg_execute, database_server, grade, pg_statements_since_reset
 from bench.e2e.load import client, deleter, offered
 from bench.e2e.measuring import Bench, report_progress, scrape_passes
-from bench.e2e.processes import GATEWAY_MODULE, Process, _profile, machine_cpu_s, own_cpu_s, stop_all
+from bench.e2e.processes import (
+    GATEWAY_MODULE, Process, _profile, machine_cpu_s, own_cpu_s, run_until_interrupted, stop_all,
+)
 from bench.e2e.reporting import report
 from bench.e2e.summary import summarize
 from bench.e2e.watching import _settle_deletions, watch, watch_listed
@@ -221,8 +223,4 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("stopped: everything this run started has been stopped", file=sys.stderr)
-        return 130
+    return run_until_interrupted(_run(args))
