@@ -27,16 +27,15 @@ async def test_concurrent_reconcilers_commit_a_checker_clean_state(database: Dat
         await submit(database, deployment(f"b{i}", "t2", replicas=1, accelerators=2, shard_power_w=300.0))
     # The first two solves (one a reconciler, on the same stored state) wait for each other before
     # either commits: the second commit then lands on the first, however the host schedules them.
-    first_solves: list[int] = []
-    both_solved = asyncio.Event()
+    first_two = asyncio.Barrier(2)
+    solves = 0
 
     async def solve_side_by_side(problem, *, time_limit_ms):  # noqa: ANN001, ANN202
+        nonlocal solves
         plan = await planning.solve_online_first(problem, time_limit_ms=time_limit_ms)
-        if len(first_solves) < 2:
-            first_solves.append(1)
-            if len(first_solves) == 2:
-                both_solved.set()
-            await asyncio.wait_for(both_solved.wait(), timeout=60)
+        solves += 1
+        if solves <= 2:
+            await asyncio.wait_for(first_two.wait(), timeout=60)
         return plan
 
     loops = [Reconciler(database, push=lambda nodes: None, publish=no_publish, retry_backoff_s=0.0,
