@@ -90,8 +90,7 @@ class AgentHub:
         self._buffer = ReportBuffer(
             db, self._sessions, observer=self._observer, on_deployments_changed=on_deployments_changed,
             heartbeat_timeout_s=heartbeat_timeout_s, longest_silence_timeout_s=self.longest_silence_timeout_s,
-            contact_write_every_s=contact_write_every_s, reports_per_second=reports_per_second,
-            reports_burst=reports_burst)
+            contact_write_every_s=contact_write_every_s)
         # The Registers and Hellos, committed in batches behind the admission gate; a refused
         # Register is told when to come back (`pacer`).
         self._joins = Joins(db, self.admission, self._intervals, held_by_live_agent=self.holds_live_session)

@@ -49,15 +49,13 @@ class ReportBuffer:
         self, db: Database, sessions: Mapping[str, AgentSession], *, observer: HubObserver,
         on_deployments_changed: Callable[[Mapping[str, DeploymentView]], Awaitable[None]],
         heartbeat_timeout_s: float, longest_silence_timeout_s: Callable[[], float],
-        contact_write_every_s: float | None, reports_per_second: float, reports_burst: int,
+        contact_write_every_s: float | None,
     ) -> None:
         self._db = db
         self._sessions = sessions  # the hub's open streams, read only
         self._observer = observer
         self._on_deployments_changed = on_deployments_changed
         self._longest_silence_timeout_s = longest_silence_timeout_s
-        self._report_rate = reports_per_second
-        self._report_burst = reports_burst
         self._beats: dict[str, NodeBeat] = {}
         # The last heartbeat written per node. While a node's stream lives its liveness is the stream
         # (in memory: `last_seen`), so a beat that changes nothing but the time is written at most
@@ -120,8 +118,8 @@ class ReportBuffer:
         now = time.monotonic()
         wait = session.reports.take(now)
         if wait:
-            raise rate_limited(f"node {node_id} sent more than {self._report_rate:g} reports a second "
-                               f"(burst {self._report_burst})", wait)
+            raise rate_limited(f"node {node_id} sent more than {session.reports.rate:g} reports a second "
+                               f"(burst {session.reports.burst})", wait)
         beat = isinstance(message, HeartbeatReport)
         if beat:
             agent_cases.validate_heartbeat_header(node_id, message)
