@@ -11,11 +11,14 @@ bump on every change of a node's capacity, rack or existence, a rack's row or a 
 never per submit nor after a placement commit, and a second controller's (or a hand edit's)
 node changes are seen too.
 
-A rebuild is a turn of the event loop: the read, then the index built from every node (at 4,096
-nodes ~10-13 ms of the loop's CPU, at 16,384 ~30-50 ms, since the index's loop makes its
-comparisons inline; 20-35 and 70-125 ms before: docs/benchmarks.md, `capidx`). The submit batch that
-first met a new generation paid it inside its transaction: after a join, the first submits
-queued behind it (docs/benchmarks.md, `p99at50`: 11 of a 50/s run's 25 slowest submits).
+A rebuild reads every node's plain columns (one Core statement: ~5 ms of the event loop's CPU at
+16,384 nodes, ~14 ms with the ORM's result processing) and builds the index from them in a worker
+thread (at 4,096 nodes ~3-5 ms, at 16,384 ~12-17 ms of CPU, since the index's loop makes its
+comparisons inline; 20-35 and 70-125 ms before: docs/benchmarks.md, `capidx`): the event loop keeps
+turning meanwhile, the thread handing the interpreter back every switch interval, where a rebuild
+was one step of the loop of ~40 ms at 16,384 nodes (`capthread`). The submit batch that first met a
+new generation paid it inside its transaction: after a join, the first submits queued behind it
+(docs/benchmarks.md, `p99at50`: 11 of a 50/s run's 25 slowest submits).
 `CapacityRefresher` rebuilds it in the background once a moved generation has held still for a
 poll, so submits usually find it built; a submit that finds it stale still rebuilds it first, as
 before, so no judgement is ever made on an old index.
@@ -161,7 +164,13 @@ class CapacityCache:
 
 
 async def load_index(uow: UnitOfWork) -> CapacityIndex:
-    return CapacityIndex(map(NodeCapacity._make, await repo.node_capacities(uow.session)))
+    """The index of every node stored now, built in a worker thread (module docstring)."""
+    rows = await repo.node_capacities(uow.session)
+    return await asyncio.to_thread(_index_of, rows)
+
+
+def _index_of(rows: Iterable[Iterable[Any]]) -> CapacityIndex:
+    return CapacityIndex(map(NodeCapacity._make, rows))
 
 
 # How often the stored capacity generation is read for `CapacityRefresher` (a one-row read).

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, or_, func, select, update
+from sqlalchemy import Row, and_, bindparam, or_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -140,15 +140,20 @@ async def write_heartbeats(session: AsyncSession, beats: dict[str, tuple[datetim
                                                  for node_id, (at, power) in sorted(beats.items())])
 
 
-async def node_capacities(session: AsyncSession) -> list[tuple[str, str, str, str, str, int, float | None]]:
+_RACKS, _ROWS = m.Rack.__table__, m.Row.__table__
+# The tables' own columns (a Core statement: no ORM result processing, which was ~14 ms of the
+# event loop's CPU at 16,384 nodes against ~5 ms: docs/benchmarks.md, `capthread`).
+_NODE_CAPACITIES = (
+    select(_NODES.c.id, _NODES.c.rack_id, _RACKS.c.row_id, _ROWS.c.zone_id, _NODES.c.accelerator_model,
+           _NODES.c.accelerators, _NODES.c.hbm_gib)
+    .select_from(_NODES.join(_RACKS, _NODES.c.rack_id == _RACKS.c.id).join(_ROWS, _RACKS.c.row_id == _ROWS.c.id))
+    .order_by(_NODES.c.id))
+
+
+async def node_capacities(session: AsyncSession) -> Sequence[Row[tuple[str, str, str, str, str, int, float | None]]]:
     """(node, rack, row, zone, accelerator model, accelerators, HBM GiB) of every node, in id order:
     plain columns, for `usecases.capacity`."""
-    rows = await session.execute(
-        select(m.Node.id, m.Node.rack_id, m.Rack.row_id, m.Row.zone_id, m.Node.accelerator_model,
-               m.Node.accelerators, m.Node.hbm_gib)
-        .join(m.Rack, m.Node.rack_id == m.Rack.id).join(m.Row, m.Rack.row_id == m.Row.id)
-        .order_by(m.Node.id))
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return (await session.execute(_NODE_CAPACITIES)).all()
 
 
 async def count_nodes_by_rack(session: AsyncSession) -> dict[str, int]:
