@@ -1,11 +1,11 @@
-"""bench.assignments and bench.reportflush on a tiny cluster: they run and count what they measure
+"""bench.assignments, bench.reportflush and bench.capacity on a tiny cluster: they run and count what they measure
 (no timing judged)."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import assignments, reportflush
+from bench import assignments, capacity, reportflush
 
 
 async def test_assignments_reads_the_sets_of_the_nodes_asked_in_two_statements() -> None:
@@ -21,3 +21,10 @@ async def test_reportflush_changes_a_deployment_per_report() -> None:
     assert (result["reports"], result["rounds"]) == (8, 3)
     assert result["views_per_flush"] == 8 and result["statements_per_flush"] >= 4
     assert result["loop_cpu_ms_per_report"] > 0
+
+
+async def test_capacity_rebuilds_the_index_from_one_statement() -> None:
+    result = await capacity.run(argparse.Namespace(placements=40, rounds=3, warmup=1), 32)
+    assert (result["nodes"], result["rounds"]) == (32, 3)
+    assert result["statements_per_rebuild"] == 1
+    assert result["loop_cpu_ms_per_rebuild"] > 0 and result["wall_ms_per_rebuild_p50"] > 0
