@@ -190,155 +190,207 @@ def _advertise_agent_address(parser: argparse.ArgumentParser, flag: str | None, 
     return from_env
 
 
-def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    env = os.environ if env is None else env
+def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """maia-controller's flags, one --help section per concern; `env` gives the defaults of the
+    flags an environment variable sets."""
     parser = argparse.ArgumentParser(
         prog="maia-controller", description="Maia placement controller (gRPC server + reconciler). "
         "Checks --listen and --db before touching the database; a bad value exits 2 with one line.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version_text()}")
-    parser.add_argument("--listen", default=Config.listen, metavar="HOST:PORT",
-                        help="address to serve gRPC on; port 0 picks a free port (printed on start)")
-    parser.add_argument(
-        "--db", default=env.get(DB_URL_ENV, DEFAULT_DB_URL), metavar="URL",
-        help=f"SQLAlchemy async database URL: sqlite+aiosqlite:///FILE or "
-             f"postgresql+asyncpg://USER@HOST:PORT/DB (env {DB_URL_ENV})",
-    )
-    parser.add_argument(
-        "--migrate", action=argparse.BooleanOptionalAction, default=True,
-        help="apply pending migrations on start; --no-migrate refuses to start on an old schema",
-    )
-    parser.add_argument("--reconcile-interval", type=_positive_float, default=Config.reconcile_interval_s,
-                        metavar="SECONDS", help="seconds between reconcile passes when nothing wakes the loop")
-    parser.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s,
-                        metavar="SECONDS", help="seconds without a heartbeat before a node is suspect: it keeps its "
-                                                "shards, takes no new ones (agents are told to beat 3 times per timeout, "
-                                                "less often past --max-heartbeats-per-second; a live stream's last "
-                                                "heartbeat is written every 3 timeouts)")
-    parser.add_argument("--max-heartbeats-per-second", type=_heartbeat_rate,
-                        default=Config.max_heartbeats_per_second, metavar="RATE",
-                        help="heartbeats all agents together send a second at most: past RATE x timeout/3 "
-                             "connected nodes each agent is told an interval of nodes/RATE seconds, and its stream "
-                             "is judged silent after 3 such intervals instead of --heartbeat-timeout (agents "
-                             "connected earlier are told the longer interval on their stream once it grew 1.5x, "
-                             "so the cluster sends at most 1.5 x RATE; it shrinks again only when they register "
-                             "again). 0: no cap (every agent beats 3 times per timeout)")
-    parser.add_argument("--node-down-grace", type=_positive_float, default=Config.node_down_grace_s,
-                        metavar="SECONDS", help="seconds of silence before a suspect node is down (it still keeps "
-                                                "its shards)")
-    parser.add_argument("--node-eviction-grace", type=_positive_float, default=Config.node_eviction_grace_s,
-                        metavar="SECONDS", help="seconds of silence before a down node's work is evicted (placed "
-                                                "again elsewhere); longer than --node-down-grace")
-    parser.add_argument("--restart-grace", type=_non_negative_float, default=Config.restart_grace_s,
-                        metavar="SECONDS", help="after a start, seconds the nodes get to reconnect before any is "
-                                                "suspected (silence counts from the start at the earliest)")
-    parser.add_argument("--eviction-rate", type=_non_negative_float, default=Config.eviction_rate,
-                        metavar="NODES_PER_S", help="nodes whose work may be evicted a second, per zone")
-    parser.add_argument("--unhealthy-zone-threshold", type=_fraction, default=Config.unhealthy_zone_threshold,
-                        metavar="FRACTION", help="share of a zone's nodes not up at which the zone counts as "
-                                                 "unhealthy (evictions slow to --unhealthy-zone-eviction-rate; none "
-                                                 "at all while no zone has a node up)")
-    parser.add_argument("--unhealthy-zone-eviction-rate", type=_non_negative_float,
-                        default=Config.unhealthy_zone_eviction_rate, metavar="NODES_PER_S",
-                        help="evictions a second in an unhealthy zone")
-    parser.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms,
-                        metavar="MS", help="milliseconds the solver may spend on one reconcile pass")
-    parser.add_argument("--no-preemption", dest="preemption", action="store_false",
-                        help="never stop preemptible replicas to place higher-priority work or a tenant's "
-                             "reservation (the reasons then say what preempting would place)")
-    parser.add_argument("--decide-process", action=argparse.BooleanOptionalAction, default=Config.decide_process,
-                        help="decide arrivals on the warm scheduling session in a child process of its own, off "
-                             "the controller's interpreter (its event loop holds the GIL under load); same decisions. "
-                             "On by default; --no-decide-process decides in a thread of the controller")
-    parser.add_argument("--max-surge", type=_positive_int, default=Config.max_surge, metavar="REPLICAS",
-                        help="replicas a rolling update or a drain may place beyond the replicas asked "
-                             "(make-before-break): more rolls faster but holds more capacity meanwhile")
-    parser.add_argument("--restart-backoff", type=_non_negative_float, default=Config.restart_backoff_s,
-                        metavar="SECONDS", help="a replica whose shard FAILED is placed again (other nodes first) "
-                                                "after this long, doubling with each failure in a row of its "
-                                                "deployment (reset after 10 min without one)")
-    parser.add_argument("--restart-backoff-max", type=_non_negative_float, default=Config.restart_backoff_max_s,
-                        metavar="SECONDS", help="the longest back-off before a failed replica is placed again")
-    parser.add_argument("--restart-limit", type=_positive_int, default=Config.restart_limit, metavar="FAILURES",
-                        help="failures in a row after which a deployment is Failed: not placed again until updated")
-    parser.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"), type=str.upper,
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="log level of the JSON lines on stderr (env MAIA_LOG_LEVEL)")
-    parser.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
-                        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
-    parser.add_argument("--watchdog-interval", type=_positive_float, default=Config.watchdog_interval_s,
-                        metavar="SECONDS", help="how often committed placements are re-checked for isolation")
-    parser.add_argument("--http-listen", default="", metavar="HOST:PORT",
-                        help="serve the read-only web console at http://HOST:PORT/ (port 0: any free port)")
-    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (chain)")
-    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
-    parser.add_argument(
+    _api_flags(parser)
+    _database_flags(parser, env)
+    _reconcile_flags(parser)
+    _node_lifecycle_flags(parser)
+    _restart_flags(parser)
+    _leadership_flags(parser, env)
+    _agent_flags(parser)
+    _tenant_flags(parser)
+    _observability_flags(parser, env)
+    return parser
+
+
+def _api_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("API, TLS and authentication")
+    group.add_argument("--listen", default=Config.listen, metavar="HOST:PORT",
+                       help="address to serve gRPC on; port 0 picks a free port (printed on start)")
+    group.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (chain)")
+    group.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    group.add_argument(
         "--tls-client-ca", type=Path, metavar="PEM",
         help="mutual TLS: require client certificates signed by this CA from every client; a node agent's "
              "certificate must name its node id (maiactl dev-ca makes a development CA)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--bootstrap-admin-token-file", metavar="PATH",
         help="if the database has no active admin token, create one and write it to PATH (mode 0600); "
              "otherwise leave PATH alone",
     )
-    parser.add_argument(
+    group.add_argument(
         "--insecure-no-auth", action="store_true",
         help="turn authentication off: every caller is an admin (trusted test setups only; warns every minute)",
     )
-    parser.add_argument("--agent-reports-per-second", type=_positive_float, default=Config.agent_reports_per_second,
-                        help="shard reports and heartbeats one agent stream may send a second (token bucket)")
-    parser.add_argument("--agent-reports-burst", type=_positive_int, default=Config.agent_reports_burst,
-                        help="the bucket's size: reports one stream may send at once")
-    parser.add_argument("--agent-admission-concurrency", type=_positive_int,
-                        default=Config.agent_admission_concurrency,
-                        help="agent Registers (committed in batches) and batches of Connect hellos let in at "
-                             "once; a join storm beyond it queues")
-    parser.add_argument("--agent-admission-queue", type=_non_negative_int, default=Config.agent_admission_queue,
-                        help="agent Registers and hellos queued beyond that; the rest are refused UNAVAILABLE "
-                             "with a retry time that grows with the queue")
-    parser.add_argument("--submits-per-minute", type=_non_negative_float, default=Config.submits_per_minute,
-                        help="deployments one tenant may submit a minute, bursting to the same (0: unlimited)")
-    parser.add_argument("--dry-runs-per-minute", type=_non_negative_float, default=Config.dry_runs_per_minute,
-                        help="dry runs one tenant may ask for a minute (0: unlimited)")
-    parser.add_argument("--dry-run-time-limit-ms", type=_positive_int, default=Config.dry_run_time_limit_ms,
-                        help="the longest a dry run's solve may take")
-    parser.add_argument("--dry-run-slots", type=_positive_int, default=Config.dry_run_slots,
-                        help="dry runs solved at once (more are refused with RESOURCE_EXHAUSTED)")
-    parser.add_argument("--quarantine-after-failures", type=_positive_int, default=Config.quarantine_after_failures,
-                        help="solver failures of one deployment before it is quarantined")
-    parser.add_argument("--max-rss-mib", type=int, default=Config.max_rss_mib,
-                        help="health says NOT_SERVING above this resident memory (0: no ceiling)")
-    parser.add_argument("--reconcile-stuck-s", type=_positive_float, default=Config.reconcile_stuck_s,
-                        help="health says NOT_SERVING when one reconcile pass runs longer than this")
-    parser.add_argument("--advertise-address", default=env.get("MAIA_ADVERTISE_ADDRESS", ""), metavar="HOST:PORT",
-                        help="where agents and clients reach this controller (followers send agents to the "
-                             "leader's); default: the bound --listen address (env MAIA_ADVERTISE_ADDRESS)")
-    parser.add_argument("--lease-ttl", type=_positive_float, default=Config.lease_ttl_s, metavar="SECONDS",
-                        help="leader lease time: a leader not renewing for this long is replaced")
-    parser.add_argument("--lease-renew-interval", type=_positive_float, default=Config.lease_renew_s,
-                        metavar="SECONDS", help="how often the leader renews its lease (and followers try to "
-                                                "take it); must be below --lease-ttl minus 1.5 s")
-    parser.add_argument("--agent-gateways", type=_non_negative_int, default=Config.agent_gateways, metavar="N",
-                        help="serve the node agents (Register, Connect) from N gateway processes on "
-                             "--agent-listen (they share the port with SO_REUSEPORT); each relays its agents' "
-                             "calls to this controller over one local link, many messages a frame, so gRPC's "
-                             "per-message work leaves the controller's interpreter. Authentication, liveness and "
-                             "every decision stay here. 0: agents connect to --listen only. Not with "
-                             "--tls-client-ca (client certificates end at the gateway)")
-    parser.add_argument("--agent-listen", default=Config.agent_listen, metavar="HOST:PORT",
-                        help="where the agent gateways listen (with --agent-gateways; port 0 picks a free port, "
-                             "printed on start as 'maia-controller agents on HOST:PORT'); --listen keeps serving "
-                             "agents too")
-    parser.add_argument("--advertise-agent-address", default=None,
-                        metavar="HOST:PORT", help="where agents reach this controller's gateways (with --agent-gateways): "
-                                                  "followers send agents there while it leads; default: the gateways' "
-                                                  "bound --agent-listen address (env MAIA_ADVERTISE_AGENT_ADDRESS, "
-                                                  "ignored without --agent-gateways)")
-    parser.add_argument("--agent-gateway-linger-ms", type=_non_negative_float, default=Config.agent_gateway_linger_ms,
-                        metavar="MS", help="how long a message waits on a gateway's link for others to share its "
-                                           "frame (either way); 0: those of the same event-loop turn")
+
+
+def _database_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    group = parser.add_argument_group("database")
+    group.add_argument(
+        "--db", default=env.get(DB_URL_ENV, DEFAULT_DB_URL), metavar="URL",
+        help=f"SQLAlchemy async database URL: sqlite+aiosqlite:///FILE or "
+             f"postgresql+asyncpg://USER@HOST:PORT/DB (env {DB_URL_ENV})",
+    )
+    group.add_argument(
+        "--migrate", action=argparse.BooleanOptionalAction, default=True,
+        help="apply pending migrations on start; --no-migrate refuses to start on an old schema",
+    )
+
+
+def _reconcile_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reconcile and solver")
+    group.add_argument("--reconcile-interval", type=_positive_float, default=Config.reconcile_interval_s,
+                       metavar="SECONDS", help="seconds between reconcile passes when nothing wakes the loop")
+    group.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms,
+                       metavar="MS", help="milliseconds the solver may spend on one reconcile pass")
+    group.add_argument("--no-preemption", dest="preemption", action="store_false",
+                       help="never stop preemptible replicas to place higher-priority work or a tenant's "
+                            "reservation (the reasons then say what preempting would place)")
+    group.add_argument("--decide-process", action=argparse.BooleanOptionalAction, default=Config.decide_process,
+                       help="decide arrivals on the warm scheduling session in a child process of its own, off "
+                            "the controller's interpreter (its event loop holds the GIL under load); same decisions. "
+                            "On by default; --no-decide-process decides in a thread of the controller")
+    group.add_argument("--max-surge", type=_positive_int, default=Config.max_surge, metavar="REPLICAS",
+                       help="replicas a rolling update or a drain may place beyond the replicas asked "
+                            "(make-before-break): more rolls faster but holds more capacity meanwhile")
+    group.add_argument("--quarantine-after-failures", type=_positive_int, default=Config.quarantine_after_failures,
+                       help="solver failures of one deployment before it is quarantined")
+    group.add_argument("--watchdog-interval", type=_positive_float, default=Config.watchdog_interval_s,
+                       metavar="SECONDS", help="how often committed placements are re-checked for isolation")
+
+
+def _node_lifecycle_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("node lifecycle and heartbeats")
+    group.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s,
+                       metavar="SECONDS", help="seconds without a heartbeat before a node is suspect: it keeps its "
+                                               "shards, takes no new ones (agents are told to beat 3 times per timeout, "
+                                               "less often past --max-heartbeats-per-second; a live stream's last "
+                                               "heartbeat is written every 3 timeouts)")
+    group.add_argument("--max-heartbeats-per-second", type=_heartbeat_rate,
+                       default=Config.max_heartbeats_per_second, metavar="RATE",
+                       help="heartbeats all agents together send a second at most: past RATE x timeout/3 "
+                            "connected nodes each agent is told an interval of nodes/RATE seconds, and its stream "
+                            "is judged silent after 3 such intervals instead of --heartbeat-timeout (agents "
+                            "connected earlier are told the longer interval on their stream once it grew 1.5x, "
+                            "so the cluster sends at most 1.5 x RATE; it shrinks again only when they register "
+                            "again). 0: no cap (every agent beats 3 times per timeout)")
+    group.add_argument("--node-down-grace", type=_positive_float, default=Config.node_down_grace_s,
+                       metavar="SECONDS", help="seconds of silence before a suspect node is down (it still keeps "
+                                               "its shards)")
+    group.add_argument("--node-eviction-grace", type=_positive_float, default=Config.node_eviction_grace_s,
+                       metavar="SECONDS", help="seconds of silence before a down node's work is evicted (placed "
+                                               "again elsewhere); longer than --node-down-grace")
+    group.add_argument("--restart-grace", type=_non_negative_float, default=Config.restart_grace_s,
+                       metavar="SECONDS", help="after a start, seconds the nodes get to reconnect before any is "
+                                               "suspected (silence counts from the start at the earliest)")
+    group.add_argument("--eviction-rate", type=_non_negative_float, default=Config.eviction_rate,
+                       metavar="NODES_PER_S", help="nodes whose work may be evicted a second, per zone")
+    group.add_argument("--unhealthy-zone-threshold", type=_fraction, default=Config.unhealthy_zone_threshold,
+                       metavar="FRACTION", help="share of a zone's nodes not up at which the zone counts as "
+                                                "unhealthy (evictions slow to --unhealthy-zone-eviction-rate; none "
+                                                "at all while no zone has a node up)")
+    group.add_argument("--unhealthy-zone-eviction-rate", type=_non_negative_float,
+                       default=Config.unhealthy_zone_eviction_rate, metavar="NODES_PER_S",
+                       help="evictions a second in an unhealthy zone")
+
+
+def _restart_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("restarts of failed replicas")
+    group.add_argument("--restart-backoff", type=_non_negative_float, default=Config.restart_backoff_s,
+                       metavar="SECONDS", help="a replica whose shard FAILED is placed again (other nodes first) "
+                                               "after this long, doubling with each failure in a row of its "
+                                               "deployment (reset after 10 min without one)")
+    group.add_argument("--restart-backoff-max", type=_non_negative_float, default=Config.restart_backoff_max_s,
+                       metavar="SECONDS", help="the longest back-off before a failed replica is placed again")
+    group.add_argument("--restart-limit", type=_positive_int, default=Config.restart_limit, metavar="FAILURES",
+                       help="failures in a row after which a deployment is Failed: not placed again until updated")
+
+
+def _leadership_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    group = parser.add_argument_group("leadership (several controllers on one PostgreSQL)")
+    group.add_argument("--advertise-address", default=env.get("MAIA_ADVERTISE_ADDRESS", ""), metavar="HOST:PORT",
+                       help="where agents and clients reach this controller (followers send agents to the "
+                            "leader's); default: the bound --listen address (env MAIA_ADVERTISE_ADDRESS)")
+    group.add_argument("--lease-ttl", type=_positive_float, default=Config.lease_ttl_s, metavar="SECONDS",
+                       help="leader lease time: a leader not renewing for this long is replaced")
+    group.add_argument("--lease-renew-interval", type=_positive_float, default=Config.lease_renew_s,
+                       metavar="SECONDS", help="how often the leader renews its lease (and followers try to "
+                                               "take it); must be below --lease-ttl minus 1.5 s")
+
+
+def _agent_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("agents and agent gateways")
+    group.add_argument("--agent-reports-per-second", type=_positive_float, default=Config.agent_reports_per_second,
+                       help="shard reports and heartbeats one agent stream may send a second (token bucket)")
+    group.add_argument("--agent-reports-burst", type=_positive_int, default=Config.agent_reports_burst,
+                       help="the bucket's size: reports one stream may send at once")
+    group.add_argument("--agent-admission-concurrency", type=_positive_int,
+                       default=Config.agent_admission_concurrency,
+                       help="agent Registers (committed in batches) and batches of Connect hellos let in at "
+                            "once; a join storm beyond it queues")
+    group.add_argument("--agent-admission-queue", type=_non_negative_int, default=Config.agent_admission_queue,
+                       help="agent Registers and hellos queued beyond that; the rest are refused UNAVAILABLE "
+                            "with a retry time that grows with the queue")
+    group.add_argument("--agent-gateways", type=_non_negative_int, default=Config.agent_gateways, metavar="N",
+                       help="serve the node agents (Register, Connect) from N gateway processes on "
+                            "--agent-listen (they share the port with SO_REUSEPORT); each relays its agents' "
+                            "calls to this controller over one local link, many messages a frame, so gRPC's "
+                            "per-message work leaves the controller's interpreter. Authentication, liveness and "
+                            "every decision stay here. 0: agents connect to --listen only. Not with "
+                            "--tls-client-ca (client certificates end at the gateway)")
+    group.add_argument("--agent-listen", default=Config.agent_listen, metavar="HOST:PORT",
+                       help="where the agent gateways listen (with --agent-gateways; port 0 picks a free port, "
+                            "printed on start as 'maia-controller agents on HOST:PORT'); --listen keeps serving "
+                            "agents too")
+    group.add_argument("--advertise-agent-address", default=None,
+                       metavar="HOST:PORT", help="where agents reach this controller's gateways (with --agent-gateways): "
+                                                 "followers send agents there while it leads; default: the gateways' "
+                                                 "bound --agent-listen address (env MAIA_ADVERTISE_AGENT_ADDRESS, "
+                                                 "ignored without --agent-gateways)")
+    group.add_argument("--agent-gateway-linger-ms", type=_non_negative_float, default=Config.agent_gateway_linger_ms,
+                       metavar="MS", help="how long a message waits on a gateway's link for others to share its "
+                                          "frame (either way); 0: those of the same event-loop turn")
+
+
+def _tenant_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tenants' rates and dry runs")
+    group.add_argument("--submits-per-minute", type=_non_negative_float, default=Config.submits_per_minute,
+                       help="deployments one tenant may submit a minute, bursting to the same (0: unlimited)")
+    group.add_argument("--dry-runs-per-minute", type=_non_negative_float, default=Config.dry_runs_per_minute,
+                       help="dry runs one tenant may ask for a minute (0: unlimited)")
+    group.add_argument("--dry-run-time-limit-ms", type=_positive_int, default=Config.dry_run_time_limit_ms,
+                       help="the longest a dry run's solve may take")
+    group.add_argument("--dry-run-slots", type=_positive_int, default=Config.dry_run_slots,
+                       help="dry runs solved at once (more are refused with RESOURCE_EXHAUSTED)")
+
+
+def _observability_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    group = parser.add_argument_group("observability and health")
+    group.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"), type=str.upper,
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       help="log level of the JSON lines on stderr (env MAIA_LOG_LEVEL)")
+    group.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
+    group.add_argument("--http-listen", default="", metavar="HOST:PORT",
+                       help="serve the read-only web console at http://HOST:PORT/ (port 0: any free port)")
+    group.add_argument("--max-rss-mib", type=int, default=Config.max_rss_mib,
+                       help="health says NOT_SERVING above this resident memory (0: no ceiling)")
+    group.add_argument("--reconcile-stuck-s", type=_positive_float, default=Config.reconcile_stuck_s,
+                       help="health says NOT_SERVING when one reconcile pass runs longer than this")
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    parser = _parser(env)
     ns = parser.parse_args(argv)
     if not ns.lease_renew_interval < ns.lease_ttl - Config.lease_margin_s:
         parser.error(f"--lease-renew-interval ({ns.lease_renew_interval:g}) must be below --lease-ttl "
