@@ -190,6 +190,40 @@ def _advertise_agent_address(parser: argparse.ArgumentParser, flag: str | None, 
     return from_env
 
 
+def _check_lease(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    if not ns.lease_renew_interval < ns.lease_ttl - Config.lease_margin_s:
+        parser.error(f"--lease-renew-interval ({ns.lease_renew_interval:g}) must be below --lease-ttl "
+                     f"({ns.lease_ttl:g}) minus the {Config.lease_margin_s:g} s safety margin")
+
+
+def _check_node_graces(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    if ns.node_eviction_grace < ns.node_down_grace:
+        parser.error("--node-eviction-grace must not be shorter than --node-down-grace")
+
+
+def _check_tls(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    if (ns.tls_cert is None) != (ns.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if ns.tls_client_ca is not None and ns.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+
+
+def _check_agent_gateways(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    if ns.agent_gateways and not ns.agent_listen:
+        parser.error("--agent-gateways needs --agent-listen HOST:PORT (where the gateways serve the agents)")
+    if ns.agent_listen and not ns.agent_gateways:
+        parser.error("--agent-listen is where --agent-gateways listen: give --agent-gateways N (N >= 1) too")
+    if ns.agent_gateways and ns.tls_client_ca is not None:
+        parser.error("--agent-gateways cannot carry mutual-TLS agent identities (a client certificate ends at the "
+                     "gateway, and the controller checks it names the node): use bearer tokens with TLS, or "
+                     "--agent-gateways 0")
+
+
+def _check_authentication(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    if ns.insecure_no_auth and ns.bootstrap_admin_token_file:
+        parser.error("--insecure-no-auth and --bootstrap-admin-token-file contradict each other")
+
+
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """maia-controller's flags, one --help section per concern; `env` gives the defaults of the
     flags an environment variable sets."""
@@ -392,26 +426,13 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     env = os.environ if env is None else env
     parser = _parser(env)
     ns = parser.parse_args(argv)
-    if not ns.lease_renew_interval < ns.lease_ttl - Config.lease_margin_s:
-        parser.error(f"--lease-renew-interval ({ns.lease_renew_interval:g}) must be below --lease-ttl "
-                     f"({ns.lease_ttl:g}) minus the {Config.lease_margin_s:g} s safety margin")
-    if ns.node_eviction_grace < ns.node_down_grace:
-        parser.error("--node-eviction-grace must not be shorter than --node-down-grace")
-    if (ns.tls_cert is None) != (ns.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
-    if ns.tls_client_ca is not None and ns.tls_cert is None:
-        parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
-    if ns.agent_gateways and not ns.agent_listen:
-        parser.error("--agent-gateways needs --agent-listen HOST:PORT (where the gateways serve the agents)")
-    if ns.agent_listen and not ns.agent_gateways:
-        parser.error("--agent-listen is where --agent-gateways listen: give --agent-gateways N (N >= 1) too")
+    # Flags that must agree, in this order: the first rule broken is the one reported.
+    _check_lease(parser, ns)
+    _check_node_graces(parser, ns)
+    _check_tls(parser, ns)
+    _check_agent_gateways(parser, ns)
     ns.advertise_agent_address = _advertise_agent_address(parser, ns.advertise_agent_address, ns.agent_gateways, env)
-    if ns.agent_gateways and ns.tls_client_ca is not None:
-        parser.error("--agent-gateways cannot carry mutual-TLS agent identities (a client certificate ends at the "
-                     "gateway, and the controller checks it names the node): use bearer tokens with TLS, or "
-                     "--agent-gateways 0")
-    if ns.insecure_no_auth and ns.bootstrap_admin_token_file:
-        parser.error("--insecure-no-auth and --bootstrap-admin-token-file contradict each other")
+    _check_authentication(parser, ns)
     return Config(
         listen=ns.listen,
         db_url=ns.db,
