@@ -422,7 +422,48 @@ def _observability_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]
                        help="health says NOT_SERVING when one reconcile pass runs longer than this")
 
 
+def _config(ns: argparse.Namespace) -> Config:
+    """The parsed flags, section by section as --help lists them (a field names its unit where the
+    flag does not)."""
+    return Config(
+        # API, TLS and authentication
+        listen=ns.listen, tls_cert=ns.tls_cert, tls_key=ns.tls_key, tls_client_ca=ns.tls_client_ca,
+        bootstrap_admin_token_file=ns.bootstrap_admin_token_file, insecure_no_auth=ns.insecure_no_auth,
+        # database
+        db_url=ns.db, migrate=ns.migrate,
+        # reconcile and solver
+        reconcile_interval_s=ns.reconcile_interval, solve_time_limit_ms=ns.solve_time_limit_ms,
+        preemption=ns.preemption, decide_process=ns.decide_process, max_surge=ns.max_surge,
+        quarantine_after_failures=ns.quarantine_after_failures, watchdog_interval_s=ns.watchdog_interval,
+        # node lifecycle and heartbeats
+        heartbeat_timeout_s=ns.heartbeat_timeout, max_heartbeats_per_second=ns.max_heartbeats_per_second,
+        node_down_grace_s=ns.node_down_grace, node_eviction_grace_s=ns.node_eviction_grace,
+        restart_grace_s=ns.restart_grace, eviction_rate=ns.eviction_rate,
+        unhealthy_zone_threshold=ns.unhealthy_zone_threshold,
+        unhealthy_zone_eviction_rate=ns.unhealthy_zone_eviction_rate,
+        # restarts of failed replicas
+        restart_backoff_s=ns.restart_backoff, restart_backoff_max_s=ns.restart_backoff_max,
+        restart_limit=ns.restart_limit,
+        # leadership
+        advertise_address=ns.advertise_address, lease_ttl_s=ns.lease_ttl, lease_renew_s=ns.lease_renew_interval,
+        # agents and agent gateways
+        agent_reports_per_second=ns.agent_reports_per_second, agent_reports_burst=ns.agent_reports_burst,
+        agent_admission_concurrency=ns.agent_admission_concurrency, agent_admission_queue=ns.agent_admission_queue,
+        agent_gateways=ns.agent_gateways, agent_listen=ns.agent_listen,
+        advertise_agent_address=ns.advertise_agent_address, agent_gateway_linger_ms=ns.agent_gateway_linger_ms,
+        # tenants' rates and dry runs
+        submits_per_minute=ns.submits_per_minute, dry_runs_per_minute=ns.dry_runs_per_minute,
+        dry_run_time_limit_ms=ns.dry_run_time_limit_ms, dry_run_slots=ns.dry_run_slots,
+        # observability and health
+        log_level=ns.log_level.upper(), metrics_listen=ns.metrics_listen, http_listen=ns.http_listen,
+        max_rss_mib=ns.max_rss_mib, reconcile_stuck_s=ns.reconcile_stuck_s,
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """maia-controller's flags as one Config. `env` (os.environ unless given) supplies the defaults
+    of MAIA_DB_URL, MAIA_LOG_LEVEL, MAIA_ADVERTISE_ADDRESS and MAIA_ADVERTISE_AGENT_ADDRESS; a bad
+    value, or flags that disagree, exit 2 with argparse's usage and one line."""
     env = os.environ if env is None else env
     parser = _parser(env)
     ns = parser.parse_args(argv)
@@ -433,51 +474,4 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     _check_agent_gateways(parser, ns)
     ns.advertise_agent_address = _advertise_agent_address(parser, ns.advertise_agent_address, ns.agent_gateways, env)
     _check_authentication(parser, ns)
-    return Config(
-        listen=ns.listen,
-        db_url=ns.db,
-        migrate=ns.migrate,
-        reconcile_interval_s=ns.reconcile_interval,
-        heartbeat_timeout_s=ns.heartbeat_timeout,
-        max_heartbeats_per_second=ns.max_heartbeats_per_second,
-        node_down_grace_s=ns.node_down_grace,
-        node_eviction_grace_s=ns.node_eviction_grace,
-        restart_grace_s=ns.restart_grace,
-        eviction_rate=ns.eviction_rate,
-        unhealthy_zone_threshold=ns.unhealthy_zone_threshold,
-        unhealthy_zone_eviction_rate=ns.unhealthy_zone_eviction_rate,
-        solve_time_limit_ms=ns.solve_time_limit_ms,
-        preemption=ns.preemption,
-        decide_process=ns.decide_process,
-        max_surge=ns.max_surge,
-        restart_backoff_s=ns.restart_backoff,
-        restart_backoff_max_s=ns.restart_backoff_max,
-        restart_limit=ns.restart_limit,
-        watchdog_interval_s=ns.watchdog_interval,
-        log_level=ns.log_level.upper(),
-        tls_cert=ns.tls_cert,
-        tls_key=ns.tls_key,
-        tls_client_ca=ns.tls_client_ca,
-        metrics_listen=ns.metrics_listen,
-        bootstrap_admin_token_file=ns.bootstrap_admin_token_file,
-        insecure_no_auth=ns.insecure_no_auth,
-        http_listen=ns.http_listen,
-        agent_reports_per_second=ns.agent_reports_per_second,
-        agent_reports_burst=ns.agent_reports_burst,
-        agent_admission_concurrency=ns.agent_admission_concurrency,
-        agent_admission_queue=ns.agent_admission_queue,
-        submits_per_minute=ns.submits_per_minute,
-        dry_runs_per_minute=ns.dry_runs_per_minute,
-        dry_run_time_limit_ms=ns.dry_run_time_limit_ms,
-        dry_run_slots=ns.dry_run_slots,
-        quarantine_after_failures=ns.quarantine_after_failures,
-        max_rss_mib=ns.max_rss_mib,
-        reconcile_stuck_s=ns.reconcile_stuck_s,
-        advertise_address=ns.advertise_address,
-        lease_ttl_s=ns.lease_ttl,
-        lease_renew_s=ns.lease_renew_interval,
-        agent_gateways=ns.agent_gateways,
-        agent_listen=ns.agent_listen,
-        agent_gateway_linger_ms=ns.agent_gateway_linger_ms,
-        advertise_agent_address=ns.advertise_agent_address,
-    )
+    return _config(ns)
