@@ -3,7 +3,9 @@
 An aiohttp application run in the controller's own event loop (`AppRunner` + `TCPSite`, no
 thread, no signal handlers of its own):
 - `/` and `/static/*`: the page and its assets, shipped in the package (no build step);
-- `/api/state`: the console document (`console.state`), one database read per request;
+- `/api/state`: the console document (`console.state`): read on the loop, made and encoded in a
+  worker thread, one build at a time per viewer shared by the requests waiting for it
+  (`console.builds`);
 - `/api/events`: server-sent events from the deployment watch bus, one `change` event per
   deployment event the viewer may see (the page then re-reads `/api/state`).
 A bearer token (`Authorization` header, sent by the page's scripts: from the sign-in form or a
@@ -24,7 +26,8 @@ from typing import Any
 from aiohttp import web
 
 from controller.aio import within
-from controller.console.state import console_state
+from controller.console.builds import SharedBuilds
+from controller.console.state import ConsoleRows, console_document, read_console_rows
 from controller.identity import Principal, Role
 from controller.store.db import Database
 from controller.domain.values import DeploymentEvent
@@ -49,6 +52,7 @@ class ConsoleServer:
         self._bus = bus
         self._resolve = resolve_token
         self._runner: web.AppRunner | None = None
+        self.documents = SharedBuilds(self._document)
         self.address = ""
 
     def application(self) -> web.Application:
@@ -79,6 +83,7 @@ class ConsoleServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.documents.close()
 
     # --- requests ------------------------------------------------------------------------------
     async def _viewer(self, request: web.Request) -> Principal | None:
@@ -111,10 +116,19 @@ class ConsoleServer:
 
     async def _state(self, request: web.Request) -> web.Response:
         principal = await self._viewer(request)
+        body = await self.documents.get(_viewer_tenant(principal))
+        return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
+
+    async def _document(self, viewer_tenant: str) -> bytes:
+        """One viewer's document, encoded (`SharedBuilds` calls it)."""
         async with self._db.unit_of_work() as uow:
-            doc = await console_state(uow.session, viewer_tenant=_viewer_tenant(principal))
+            read = await read_console_rows(uow.session, viewer_tenant=viewer_tenant)
+        return await asyncio.to_thread(self._encoded, read)
+
+    def _encoded(self, read: ConsoleRows) -> bytes:
+        doc = console_document(read)
         doc["auth"] = self._resolve is not None
-        return web.json_response(doc, headers={"Cache-Control": "no-store"})
+        return json.dumps(doc).encode()
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         principal = await self._viewer(request)

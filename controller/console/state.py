@@ -5,17 +5,30 @@ holding it and how many milli-units), power used vs budget per rack and row, dep
 their phase and the solver's reasons, and the usage meter's totals per tenant. A principal
 bound to a tenant sees its own deployments, usage and accelerators; other tenants' holdings
 show as "other" (the map's shape stays, whose work it is does not).
+
+The document covers every node, placement and deployment, so it is read as the tables' plain
+columns (Core statements: no ORM entity, no ORM result processing) in `read_console_rows`, and
+made from those rows by `console_document`, a pure function the caller runs in a worker thread.
+Through the ORM (every deployment loaded with its placements and made a `DeploymentView`) one
+document cost ~1.9 s of the event loop's CPU at 4,096 nodes and 10,000 deployments, in the
+controller's own loop, at every refresh of every open console (docs/benchmarks.md,
+`consolecost`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, Text, cast, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.domain.values import ReasonView
 from controller.store import metering
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -26,6 +39,19 @@ OTHER_TENANT = "other"
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f",
            "#bab0ac")
 
+_NODES, _RACKS = m.Node.__table__.c, m.Rack.__table__.c
+_PLACEMENTS, _DEPLOYMENTS = m.Placement.__table__.c, m.Deployment.__table__.c
+
+# Accelerator holdings: each placed shard's node, accelerator indices (JSON as text: decoded once
+# per distinct list, in the worker thread), milli-units and tenant.
+_HOLDINGS = (select(_PLACEMENTS.node_id, cast(_PLACEMENTS.accelerator_indices, Text), _PLACEMENTS.accelerator_milli,
+                    _DEPLOYMENTS.tenant_id, _DEPLOYMENTS.shard_accelerators)
+             .select_from(m.Placement.__table__.join(m.Deployment.__table__,
+                                                     _PLACEMENTS.deployment_id == _DEPLOYMENTS.id)))
+_NODE_MAP = select(_NODES.id, _NODES.rack_id, _NODES.health, _NODES.cordoned, _NODES.accelerator_model,
+                   _NODES.accelerators).order_by(_NODES.id)
+_RACK_LIST = select(_RACKS.id, _RACKS.row_id, _RACKS.power_budget_w).order_by(_RACKS.id)
+
 
 def tenant_colours(tenants: list[str]) -> dict[str, str]:
     return {tenant: PALETTE[i % len(PALETTE)] for i, tenant in enumerate(sorted(tenants))}
@@ -35,63 +61,113 @@ def _visible(tenant: str, viewer_tenant: str) -> str:
     return tenant if not viewer_tenant or tenant == viewer_tenant else OTHER_TENANT
 
 
-async def console_state(session: AsyncSession, *, viewer_tenant: str = "", now: datetime | None = None) -> dict[str, Any]:
-    """The whole console document; `viewer_tenant` non-empty: that tenant's view."""
-    now = now or datetime.now(timezone.utc)
-    placed = await repo.cluster_usage(session)
+@dataclass(frozen=True)
+class ConsoleRows:
+    """What one console document is made of, as read (`read_console_rows`)."""
 
+    viewer_tenant: str
+    now: datetime
+    rack_power_w: dict[str, float]
+    holdings: Sequence[Row[Any]]
+    nodes: Sequence[Row[Any]]
+    racks: Sequence[Row[Any]]
+    rows: list[tuple[str, str, float | None]]   # (row, zone, power budget)
+    zones: list[str]
+    tenants: list[str]
+    deployments: repo.SummaryRows
+    usage: list[metering.UsageTotal]
+
+
+async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
+                            now: datetime | None = None) -> ConsoleRows:
+    """Every row one document needs, in one unit of work (`viewer_tenant` non-empty: that
+    tenant's deployments and usage only)."""
+    now = now or datetime.now(timezone.utc)
+    rack_power_w, _ = await repo.rack_power(session)
+    return ConsoleRows(
+        viewer_tenant=viewer_tenant, now=now, rack_power_w=rack_power_w,
+        holdings=(await session.execute(_HOLDINGS)).all(),
+        nodes=(await session.execute(_NODE_MAP)).all(),
+        racks=(await session.execute(_RACK_LIST)).all(),
+        rows=[(row.id, row.zone_id, row.power_budget_w) for row in await repo.list_rows(session)],
+        zones=[zone.id for zone in await repo.list_zones(session)],
+        tenants=[t.id for t in await repo.list_tenant_rows(session)],
+        deployments=await repo.deployment_summary_rows(session, tenant=viewer_tenant),
+        usage=await metering.usage_by(session, ("tenant",), now=now, tenant=viewer_tenant),
+    )
+
+
+def console_document(read: ConsoleRows) -> dict[str, Any]:
+    """The console document of `read`'s rows: pure, CPU only (the caller's worker thread)."""
+    viewer_tenant = read.viewer_tenant
     # Accelerator -> tenant -> milli, from every placed shard.
     held: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    rows = await session.execute(
-        select(m.Placement.node_id, m.Placement.accelerator_indices, m.Placement.accelerator_milli,
-               m.Deployment.tenant_id, m.Deployment.shard_accelerators).join(m.Deployment))
-    for node_id, indices, milli, tenant, shard_accelerators in rows:
-        per_accelerator = metering.shard_milli(shard_accelerators, milli) // max(1, len(indices or ()))
-        for index in indices or ():
+    decoded: dict[str | None, list[int]] = {None: []}
+    for node_id, indices_text, milli, tenant, shard_accelerators in read.holdings:
+        indices = decoded.get(indices_text)
+        if indices is None:
+            indices = decoded[indices_text] = json.loads(indices_text) or []
+        per_accelerator = metering.shard_milli(shard_accelerators, milli) // max(1, len(indices))
+        for index in indices:
             held[(node_id, index)][_visible(tenant, viewer_tenant)] += per_accelerator
 
     nodes_by_rack: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for node in await repo.list_node_rows(session):
-        accelerators = [
-            {"index": i, "holders": [{"tenant": t, "milli": milli} for t, milli in sorted(held[(node.id, i)].items())]}
-            for i in range(node.accelerators)
-        ]
-        nodes_by_rack[node.rack_id].append({"id": node.id, "state": node.state, "model": node.accelerator_model,
-                                            "accelerators": accelerators})
+    for node_id, rack_id, health, cordoned, model, accelerators in read.nodes:
+        nodes_by_rack[rack_id].append({
+            "id": node_id, "state": m.operator_state(health, cordoned), "model": model,
+            "accelerators": [{"index": i, "holders": _holders(held.get((node_id, i)))} for i in range(accelerators)],
+        })
+    row_of = {rack_id: row_id for rack_id, row_id, _ in read.racks}
+    row_power_w: dict[str, float] = defaultdict(float)
+    for rack_id, watts in read.rack_power_w.items():
+        row_power_w[row_of.get(rack_id, "")] += watts
     racks_by_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for rack in await repo.list_racks(session):
-        racks_by_row[rack.row_id].append({
-            "id": rack.id, "power_used_w": placed.rack_power_w.get(rack.id, 0.0), "power_budget_w": rack.power_budget_w,
-            "nodes": sorted(nodes_by_rack.get(rack.id, []), key=lambda n: n["id"]),
+    for rack_id, row_id, budget in read.racks:
+        racks_by_row[row_id].append({
+            "id": rack_id, "power_used_w": read.rack_power_w.get(rack_id, 0.0), "power_budget_w": budget,
+            "nodes": sorted(nodes_by_rack.get(rack_id, []), key=lambda n: n["id"]),
         })
     rows_by_zone: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in await repo.list_rows(session):
-        rows_by_zone[row.zone_id].append({
-            "id": row.id, "power_used_w": placed.row_power_w.get(row.id, 0.0), "power_budget_w": row.power_budget_w,
-            "racks": sorted(racks_by_row.get(row.id, []), key=lambda r: r["id"]),
+    for row_id, zone_id, budget in read.rows:
+        rows_by_zone[zone_id].append({
+            "id": row_id, "power_used_w": row_power_w.get(row_id, 0.0), "power_budget_w": budget,
+            "racks": sorted(racks_by_row.get(row_id, []), key=lambda r: r["id"]),
         })
-    zones = [{"id": zone.id, "rows": sorted(rows_by_zone.get(zone.id, []), key=lambda r: r["id"])}
-             for zone in sorted(await repo.list_zones(session), key=lambda z: z.id)]
+    zones = [{"id": zone, "rows": sorted(rows_by_zone.get(zone, []), key=lambda r: r["id"])}
+             for zone in sorted(read.zones)]
 
-    tenant_ids = [t.id for t in await repo.list_tenant_rows(session)]
-    colours = tenant_colours(tenant_ids)
-    shown = [t for t in sorted(tenant_ids) if not viewer_tenant or t == viewer_tenant]
-    redactor = Redactor([t for t in tenant_ids if t != viewer_tenant]) if viewer_tenant else NOTHING
+    colours = tenant_colours(read.tenants)
+    shown = [t for t in sorted(read.tenants) if not viewer_tenant or t == viewer_tenant]
+    redactor = Redactor([t for t in read.tenants if t != viewer_tenant]) if viewer_tenant else NOTHING
     deployments = [
-        {"name": v.spec.name, "tenant": v.spec.tenant, "phase": v.phase, "replicas": v.spec.replicas,
-         "placed_replicas": v.placed_replicas, "running_replicas": v.running_replicas,
-         "reasons": [{"code": r.code, "message": r.message} for r in redactor.reasons(v.reasons)]}
-        for v in (repo.deployment_view(row) for row in await repo.list_deployment_rows(session, tenant=viewer_tenant))
+        {"name": s.name, "tenant": s.tenant, "phase": s.phase, "replicas": s.replicas,
+         "placed_replicas": s.placed_replicas, "running_replicas": s.running_replicas,
+         "reasons": [{"code": r.code, "message": r.message} for r in redactor.reasons(_reasons(s.reasons))]
+         if s.reasons else []}
+        for s in read.deployments.summaries()
     ]
-    usage = [
-        {"tenant": t.tenant, "accelerator_hours": t.accelerator_hours, "energy_kwh": t.energy_kwh}
-        for t in await metering.usage_by(session, ("tenant",), now=now, tenant=viewer_tenant)
-    ]
+    usage = [{"tenant": t.tenant, "accelerator_hours": t.accelerator_hours, "energy_kwh": t.energy_kwh}
+             for t in read.usage]
     return {
-        "generated_at": now.isoformat(),
+        "generated_at": read.now.isoformat(),
         "viewer_tenant": viewer_tenant,
         "tenants": [{"id": t, "colour": colours[t]} for t in shown],
         "zones": zones,
         "deployments": deployments,
         "usage": usage,
     }
+
+
+def _holders(held: dict[str, int] | None) -> list[dict[str, Any]]:
+    return [{"tenant": t, "milli": milli} for t, milli in sorted(held.items())] if held else []
+
+
+def _reasons(stored: Sequence[dict[str, Any]] | None) -> list[ReasonView]:
+    return [ReasonView(r.get("code", ""), r.get("message", ""), r.get("scope") or "") for r in stored or ()]
+
+
+async def console_state(session: AsyncSession, *, viewer_tenant: str = "", now: datetime | None = None) -> dict[str, Any]:
+    """The whole console document; `viewer_tenant` non-empty: that tenant's view. Read on the
+    event loop, made in a worker thread."""
+    read = await read_console_rows(session, viewer_tenant=viewer_tenant, now=now)
+    return await asyncio.to_thread(console_document, read)

@@ -3,6 +3,7 @@ view for a tenant's token (other tenants' holdings only as "other"), 401 without
 
 from __future__ import annotations
 
+import asyncio
 
 import aiohttp
 from sqlalchemy import update
@@ -95,3 +96,24 @@ async def test_a_tenant_reads_reasons_without_other_tenants(cluster: Database) -
     (reason,) = [r for d in own["deployments"] for r in d["reasons"]]
     assert reason["message"] == ("rack rack-a holds another tenant; 1 more replica fits after preempting "
                                  "1 replica of another tenant's deployment")
+
+
+async def test_requests_at_once_share_a_build(cluster: Database) -> None:
+    """Eight browsers asking at once cost one or two builds (those that came after the first build
+    began share a second), and all see the same document."""
+    await _two_tenants_placed(cluster)
+    console = ConsoleServer(cluster, DeploymentEventBus())
+    address = await console.start("127.0.0.1:0")
+    try:
+        async with aiohttp.ClientSession(f"http://{address}") as http:
+            async def state() -> dict:
+                async with http.get("/api/state") as reply:
+                    assert reply.status == 200 and reply.content_type == "application/json"
+                    return await reply.json()
+
+            docs = await asyncio.gather(*(state() for _ in range(8)))
+    finally:
+        await console.stop()
+    assert 1 <= console.documents.builds <= 2
+    assert [d["name"] for d in docs[0]["deployments"]] == ["a-svc", "b-svc"] and docs[0]["auth"] is False
+    assert all(doc["deployments"] == docs[0]["deployments"] and doc["zones"] == docs[0]["zones"] for doc in docs)

@@ -38,9 +38,9 @@ from controller.store.repositories.nodes import (
     node_info, node_liveness_rows, node_rows_by_id, node_state_counts, node_view, set_node_cordoned, set_node_health,
     write_heartbeats)
 from controller.store.repositories.deployments import (
-    DeploymentColumns, NamedDeployment, PlacedNode, PlacementColumns, SubmitFacts, changed_since_read, clear_failures,
-    count_deployments_by_phase, count_schedulable_deployments, deleting_view, deployment_id_taken, deployment_spec,
-    deployment_view, deployments_named, get_deployment, implied_phase, insert_deployments, list_deployment_rows,
+    DeploymentColumns, DeploymentSummary, NamedDeployment, PlacedNode, PlacementColumns, SubmitFacts, SummaryRows,
+    changed_since_read, clear_failures, count_deployments_by_phase, count_schedulable_deployments, deleting_view,
+    deployment_id_taken, deployment_spec, deployment_summary_rows, deployment_view, deployments_named, get_deployment, implied_phase, insert_deployments, list_deployment_rows,
     new_deployment_columns, new_deployment_row, new_deployment_view, record_deleting, set_deleting, spec_columns,
     submit_facts, tenants_with_deployment, write_deployment_spec)
 from controller.store.repositories.placements import (

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (ColumnElement, Row, Select, Update, bindparam, insert, case, func, literal, literal_column,
                         null, select, update)
@@ -531,3 +531,55 @@ def deployment_view(row: m.Deployment | DeploymentColumns,
         resource_version=row.resource_version, revision=row.template_revision,
         updated_replicas=updated.running, outgoing_replicas=outgoing_replicas,
     )
+
+
+class DeploymentSummary(NamedTuple):
+    """What a list of every deployment shows of one (the console): a `DeploymentView`'s name,
+    tenant, phase and replica counts, with its stored reasons."""
+
+    name: str
+    tenant: str
+    phase: str
+    replicas: int
+    placed_replicas: int
+    running_replicas: int
+    reasons: list[dict[str, Any]]
+
+
+_SUMMARY_DEPLOYMENTS = select(
+    _DEPLOYMENTS.c.id, _DEPLOYMENTS.c.name, _DEPLOYMENTS.c.tenant_id, _DEPLOYMENTS.c.phase, _DEPLOYMENTS.c.replicas,
+    _DEPLOYMENTS.c.shards_per_replica, _DEPLOYMENTS.c.template_revision, _DEPLOYMENTS.c.revision_specs,
+    _DEPLOYMENTS.c.reasons).order_by(_DEPLOYMENTS.c.name, _DEPLOYMENTS.c.id)
+_SUMMARY_PLACEMENTS = select(_PLACEMENTS.c.deployment_id, _PLACEMENTS.c.replica, _PLACEMENTS.c.revision,
+                             _PLACEMENTS.c.phase)
+
+
+@dataclass(frozen=True)
+class SummaryRows:
+    """Every deployment's columns and its placements' (plain columns: `deployment_summary_rows`),
+    made `DeploymentSummary`s by `summaries` (CPU only: a caller's worker thread)."""
+
+    deployments: Sequence[Row[Any]]
+    placements: Sequence[Row[Any]]
+
+    def summaries(self) -> list[DeploymentSummary]:
+        """By name then id; the replica counts as `deployment_view` counts them."""
+        placed: dict[int, list[Row[Any]]] = {}
+        for p in self.placements:
+            placed.setdefault(p.deployment_id, []).append(p)
+        out = []
+        for row in self.deployments:
+            counts = _replica_counts(row, placed[row.id]) if row.id in placed else _NOTHING_PLACED
+            out.append(DeploymentSummary(row.name, row.tenant_id, row.phase.value, row.replicas, counts.placed,
+                                         counts.running, list(row.reasons or ())))
+        return out
+
+
+async def deployment_summary_rows(session: AsyncSession, *, tenant: str = "") -> SummaryRows:
+    """The rows of every deployment's summary (of `tenant`'s, if given), in two statements."""
+    deployments, placements = _SUMMARY_DEPLOYMENTS, _SUMMARY_PLACEMENTS
+    if tenant:
+        deployments = deployments.where(_DEPLOYMENTS.c.tenant_id == tenant)
+        placements = placements.join_from(_PLACEMENTS, _DEPLOYMENTS, _PLACEMENTS.c.deployment_id == _DEPLOYMENTS.c.id) \
+            .where(_DEPLOYMENTS.c.tenant_id == tenant)
+    return SummaryRows((await session.execute(deployments)).all(), (await session.execute(placements)).all())
