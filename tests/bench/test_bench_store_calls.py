@@ -1,11 +1,11 @@
-"""bench.assignments, bench.reportflush and bench.capacity on a tiny cluster: they run and count what they measure
+"""bench.assignments, bench.reportflush, bench.capacity and bench.console on a tiny cluster: they run and count what they measure
 (no timing judged)."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import assignments, capacity, reportflush
+from bench import assignments, capacity, console, reportflush
 
 
 async def test_assignments_reads_the_sets_of_the_nodes_asked_in_two_statements() -> None:
@@ -28,3 +28,10 @@ async def test_capacity_rebuilds_the_index_from_one_statement() -> None:
     assert (result["nodes"], result["rounds"]) == (32, 3)
     assert result["statements_per_rebuild"] == 1
     assert result["loop_cpu_ms_per_rebuild"] > 0 and result["wall_ms_per_rebuild_p50"] > 0
+
+
+async def test_console_makes_the_operators_document_of_every_deployment() -> None:
+    result = await console.run(argparse.Namespace(placements=40, rounds=2, warmup=1), 32)
+    assert (result["nodes"], result["placements"], result["rounds"]) == (32, 40, 2)
+    assert result["statements_per_document"] >= 8 and result["bytes"] > 0
+    assert result["loop_cpu_ms_per_document"] > 0
