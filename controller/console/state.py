@@ -71,7 +71,7 @@ class ConsoleRows:
     holdings: Sequence[Row[Any]]
     nodes: Sequence[Row[Any]]
     racks: Sequence[Row[Any]]
-    rows: list[tuple[str, str, float | None]]   # (row, zone, power budget)
+    datacenter_rows: list[tuple[str, str, float | None]]  # (row, zone, power budget)
     zones: list[str]
     tenants: list[str]
     deployments: repo.SummaryRows
@@ -89,7 +89,7 @@ async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
         holdings=(await session.execute(_HOLDINGS)).all(),
         nodes=(await session.execute(_NODE_MAP)).all(),
         racks=(await session.execute(_RACK_LIST)).all(),
-        rows=[(row.id, row.zone_id, row.power_budget_w) for row in await repo.list_rows(session)],
+        datacenter_rows=[(row.id, row.zone_id, row.power_budget_w) for row in await repo.list_rows(session)],
         zones=[zone.id for zone in await repo.list_zones(session)],
         tenants=[t.id for t in await repo.list_tenant_rows(session)],
         deployments=await repo.deployment_summary_rows(session, tenant=viewer_tenant),
@@ -128,7 +128,7 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
             "nodes": sorted(nodes_by_rack.get(rack_id, []), key=lambda n: n["id"]),
         })
     rows_by_zone: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row_id, zone_id, budget in read.rows:
+    for row_id, zone_id, budget in read.datacenter_rows:
         rows_by_zone[zone_id].append({
             "id": row_id, "power_used_w": row_power_w.get(row_id, 0.0), "power_budget_w": budget,
             "racks": sorted(racks_by_row.get(row_id, []), key=lambda r: r["id"]),
