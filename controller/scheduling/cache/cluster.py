@@ -77,11 +77,12 @@ from controller.store.snapshot_index import SnapshotIndex
 from scheduler import Plan, Unplaced
 from scheduler.model import Node, Rack, Row, Zone
 from scheduler.interchange import (
-    deployment_from_dict, node_from_dict, placement_from_dict, placement_to_dict, tenant_from_dict)
+    deployment_from_dict, node_from_dict, placement_from_dict, tenant_from_dict)
 from scheduler.decisions import ClusterDelta, Decision
 
+from controller.scheduling.cache import commits
 from controller.scheduling.decider import (
-    OpenSession, RemoteSession, held_placements, open_in_process, place_documents, readopt, release_held)
+    OpenSession, RemoteSession, held_placements, open_in_process, place_documents, release_held)
 
 if TYPE_CHECKING:
     from scheduler.session import Session
@@ -167,7 +168,7 @@ class ClusterCache:
         full solve can go on from there (an outgoing replica's shards written, shards left on
         down nodes)."""
         after = _own_copy(snapshot)
-        if _write_shards(after, shards, gone=snapshot.deleting) is None:
+        if commits.write_shards(after, shards, gone=snapshot.deleting) is None:
             return None
         return cls.build(dataclasses.replace(after, released={}, deleting=frozenset(), generation=generation),
                          allow_preemption=allow_preemption, time_limit_ms=time_limit_ms, open_session=open_session)
@@ -437,40 +438,16 @@ class ClusterCache:
         renumbered: else `follow`) to the cached snapshot, at the cost of the decisions; False
         when the cache cannot follow it (drop it)."""
         snap = self.snapshot
-        placements = snap.problem["placements"]
-        for decision in fast.decisions:
-            key = decision.deployment
-            replicas = sorted({p.replica for p in decision.placements})
-            if replicas != list(range(len(replicas))) or snap.replica_indices.get(key):
-                return False  # stored indices would not follow the solver's numbering
-            ref = snap.solver_refs.get(key)
-            if replicas and ref is not None:
-                snap.solver_refs[key] = dataclasses.replace(  # type: ignore[index]
-                    ref, replicas={r: r for r in replicas})
-            snap.replica_indices[key] = frozenset(replicas)  # type: ignore[index]
-            # Listed by deployment (arrival order: decided ones are the newest), replica, shard, as read.
-            placements.extend(placement_to_dict(p) for p in sorted(
-                decision.placements, key=lambda p: (p.replica, p.shard)))
+        if not commits.write_decisions(snap, fast.decisions):
+            return False
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
-                                            released=self._released_written())
+                                            released=commits.released_written(snap))
         return True
 
     def scope_of(self, plan: Plan) -> frozenset[str]:
-        """The stored deployments a full solve of this snapshot changes or leaves short (its
-        placements differ from the snapshot's, it is unplaced, or preempted): all a commit of
-        `plan` has to speak for (blocking: O(placements), a worker thread)."""
-        before: dict[str, set[tuple[int, int, Where]]] = {}
-        for p in self.snapshot.problem["placements"]:
-            before.setdefault(p["deployment"], set()).add(
-                (p["replica"], p["shard"], (p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli"))))
-        after: dict[str, set[tuple[int, int, Where]]] = {}
-        for q in plan.placements:
-            after.setdefault(q.deployment, set()).add(
-                (q.replica, q.shard, (q.node, tuple(q.accelerator_indices), q.accelerator_milli)))
-        changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
-        changed.update(u.deployment for u in plan.unplaced)
-        changed.update(v.deployment for v in plan.preempted)
-        return frozenset(stored_key(name) for name in changed) | self.snapshot.deleting | self.releasing
+        """All a commit of a full solve of this snapshot has to speak for (`commits.scope_of`;
+        blocking: a worker thread)."""
+        return commits.scope_of(self.snapshot, plan)
 
     def follow(self, shards: Mapping[ShardKey, Where | None], generation: int) -> bool:
         """Apply what a commit of a full solve of this very snapshot wrote (`CommitResult.shards`:
@@ -478,40 +455,23 @@ class ClusterCache:
         back-off's full solve does not cost a rebuild; False when the cache cannot follow it."""
         snap = self.snapshot
         # Shards the snapshot left out already (released: `apply_deployments`) are not renumbered.
-        touched = _write_shards(snap, {key: where for key, where in shards.items() if key not in snap.released},
-                                gone=snap.deleting)
+        touched = commits.write_shards(snap, {key: where for key, where in shards.items() if key not in snap.released},
+                                       gone=snap.deleting)
         if touched is None:
             return False
         self.repairs = {}  # written (what was not is re-placed again, from what the session adopts)
-        self._readopt(touched)
+        self._may_leave_short()  # what a commit wrote may leave some short (a full solve's unplaced)
+        commits.readopt_as_listed(snap, self.session, touched)
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
-                                            released=self._released_written())
+                                            released=commits.released_written(snap))
         snap.index.read(snap.problem)  # the lists it replaced, here rather than on the event loop
         return True
 
     @property
     def releasing(self) -> frozenset[str]:
-        """The stored deployments with shards the snapshot leaves out (`Snapshot.released`: a
-        scale down's replicas beyond the count, an outgoing replica on a down node), followed
-        from their changes but not released yet: the next commit speaks for them and releases
-        them (`commit_plan` releases a scope's `released` shards)."""
-        return frozenset(key for key, _, _ in self.snapshot.released)
-
-    def _released_written(self) -> dict[ShardKey, Where]:
-        """After a commit that spoke for `releasing`: their shards are released, so each of those
-        deployments uses the replica indices of what the snapshot holds of it, as a fresh read
-        lists them; none is left to release (blocking: a worker thread)."""
-        snap = self.snapshot
-        keys = self.releasing
-        if not keys:
-            return {}
-        used: dict[str, set[int]] = {key: set() for key in keys}
-        for ref in snap.solver_refs.values():
-            if ref.key in used:
-                used[ref.key].update(ref.replicas.values())
-        for key, indices in used.items():
-            snap.replica_indices[key] = frozenset(indices)  # type: ignore[index]
-        return {}
+        """The stored deployments with shards the snapshot leaves out, not released yet: the next
+        commit speaks for them and releases them (`commits.releasing`)."""
+        return commits.releasing(self.snapshot)
 
     def apply_deployments(self, reads: Sequence[DeploymentRead], generation: int) -> bool | None:
         """Deployments changed outside this controller's plan commits (updated or rolled, on a
@@ -671,18 +631,6 @@ class ClusterCache:
         asks the session again."""
         self._none_pending = False
 
-    def _readopt(self, touched: Collection[str]) -> None:
-        """The session holds the deployments `touched` as the snapshot lists them now."""
-        self._may_leave_short()  # what a commit wrote may leave some short (a full solve's unplaced)
-        snap = self.snapshot
-        docs = {d["id"]: d for d in snap.problem["deployments"]}
-        placed: dict[str, list[dict[str, Any]]] = {}
-        for p in snap.problem["placements"]:
-            if p["deployment"] in touched:
-                placed.setdefault(p["deployment"], []).append(p)
-        readopt(self.session, [(deployment_from_dict(docs[key]), [placement_from_dict(p) for p in placed.get(key, ())])
-                               for key in touched])
-
 
 def _own_copy(snapshot: Snapshot) -> Snapshot:
     """A snapshot whose mappings and lists may be updated in place (shares the documents), with
@@ -693,54 +641,3 @@ def _own_copy(snapshot: Snapshot) -> Snapshot:
                                placements=list(snapshot.problem["placements"])),
         deployment_ids=dict(snapshot.deployment_ids), solver_refs=dict(snapshot.solver_refs),
         replica_indices=dict(snapshot.replica_indices), index=SnapshotIndex())
-
-
-def _write_shards(snap: Snapshot, shards: Mapping[ShardKey, Where | None],
-                  gone: frozenset[str] = frozenset()) -> set[str] | None:
-    """Apply a commit's shards (placed, moved, removed; by stored key) to a snapshot of our own,
-    in place, replicas renumbered as `load_snapshot` numbers them: the deployments touched; None
-    when it cannot (a deployment it does not hold, unless `gone`: being deleted)."""
-    touched: dict[str, dict[tuple[int, int], Where | None]] = {}
-    for (key, replica, shard), where in shards.items():
-        if key not in gone:
-            touched.setdefault(key, {})[(replica, shard)] = where
-    if not touched:
-        return set()
-    docs = {d["id"] for d in snap.problem["deployments"]}
-    by_deployment: dict[str, list[dict[str, Any]]] = {}
-    for p in snap.problem["placements"]:
-        by_deployment.setdefault(p["deployment"], []).append(p)
-    outgoing: dict[str, set[int]] = {}  # stored replicas of a rollout's or a drain's outgoing ones
-    for ref in snap.solver_refs.values():
-        if ref.outgoing and ref.key in touched:
-            outgoing.setdefault(ref.key, set()).update(ref.replicas.values())
-    for key, changes in touched.items():
-        ref = snap.solver_refs.get(key)
-        if key not in docs or ref is None or ref.outgoing or any(r in outgoing.get(key, ()) for r, _ in changes):
-            return None  # not its current revision's replicas: read afresh
-        stored = {(ref.replicas[p["replica"]], p["shard"]): (p["node"], tuple(p["accelerator_indices"]),
-                                                              p.get("accelerator_milli"))
-                  for p in by_deployment.get(key, ())}
-        for at, where in changes.items():
-            if where is None:
-                stored.pop(at, None)
-            else:
-                stored[at] = where
-        numbering = {index: solver for solver, index in enumerate(sorted({r for r, _ in stored}))}
-        by_deployment[key] = [_placement_doc(key, numbering[r], shard, where) for (r, shard), where in sorted(stored.items())]
-        snap.solver_refs[key] = dataclasses.replace(  # type: ignore[index]
-            ref, replicas={solver: index for index, solver in numbering.items()})
-        snap.replica_indices[key] = frozenset(numbering) | outgoing.get(key, set())  # type: ignore[index]
-    snap.problem["placements"] = [p for d in snap.problem["deployments"] for p in by_deployment.get(d["id"], ())]
-    return set(touched)
-
-
-def _placement_doc(key: str, replica: int, shard: int, where: Where) -> dict[str, Any]:
-    """A placement as `load_snapshot` lists it."""
-    node, indices, milli = where
-    doc: dict[str, Any] = {"deployment": key, "replica": replica, "shard": shard, "node": node,
-                           "accelerator_indices": list(indices)}
-    if milli is not None:
-        doc["accelerator_milli"] = milli
-    return doc
-
