@@ -75,14 +75,12 @@ from controller.store.rollout import stored_key
 from controller.store.snapshot import Arrivals, DeploymentRead, NodeRead, ShardKey, Snapshot, Where
 from controller.store.snapshot_index import SnapshotIndex
 from scheduler import Plan, Unplaced
-from scheduler.model import Node, Rack, Row, Zone
-from scheduler.interchange import (
-    deployment_from_dict, node_from_dict, placement_from_dict, tenant_from_dict)
+from scheduler.model import Node
+from scheduler.interchange import node_from_dict, placement_from_dict
 from scheduler.decisions import ClusterDelta, Decision
 
-from controller.scheduling.cache import commits
-from controller.scheduling.decider import (
-    OpenSession, RemoteSession, held_placements, open_in_process, place_documents, release_held)
+from controller.scheduling.cache import changes, commits
+from controller.scheduling.decider import OpenSession, RemoteSession, held_placements, open_in_process, place_documents
 
 if TYPE_CHECKING:
     from scheduler.session import Session
@@ -201,103 +199,27 @@ class ClusterCache:
         repairs them beside their gangs, or places the gangs again whole), and the next fast
         plan commits that (`repairs`); the snapshot, like `load_snapshot`, keeps them on the
         down node until then."""
-        snap = self.snapshot
-        known = snap.index.nodes_by_id(snap.problem)
-        differ = [read for read in reads if read.doc != known.get(read.id)]
-        if not differ:
-            self.snapshot = dataclasses.replace(snap, generation=generation)
-            return False
-        racks = {r["id"] for r in snap.problem["racks"]}
-        changed: list[dict[str, Any]] = []
-        removed: list[str] = []
-        helped = False
-        for read in differ:
-            old, new = known.get(read.id), read.doc
-            held_by = snap.index.placed_on(snap.problem, read.id)
-            if held_by and read.id not in reread and (
-                    new is None or old is None or read.draining or dict(old, state="") != dict(new, state="")
-                    or new["state"] == "down" and self._replacing_on(held_by)):
-                return None  # its shards must be placed again, or replaced: the full path does
-            if new is None:
-                removed.append(read.id)
-                continue
-            if new["rack"] not in racks:
-                return None
-            changed.append(new)
-            helped |= new["state"] == "ready"
-        if not changed and not removed:
-            self.snapshot = dataclasses.replace(snap, generation=generation)
-            return False
-        nodes = dict(known)  # the index's own mapping is not changed in place
-        ordered = all(a < b for a, b in zip(nodes, list(nodes)[1:]))
-        added = any(doc["id"] not in nodes for doc in changed)
-        nodes.update((doc["id"], doc) for doc in changed)
-        for node_id in removed:
-            nodes.pop(node_id, None)
-        # Listed as `load_snapshot` reads them: by id.
-        if ordered and added:
-            snap.problem["nodes"] = sorted(nodes.values(), key=lambda n: n["id"])
-            nodes = {n["id"]: n for n in snap.problem["nodes"]}  # in the list's order
-        else:
-            snap.problem["nodes"] = list(nodes.values())
-        snap.index.took_nodes(snap.problem["nodes"], nodes)
-        snap.index.read(snap.problem)  # here rather than on the event loop
-        repaired = self.session.apply(ClusterDelta(nodes=tuple(map(node_from_dict, changed)),
-                                                   removed_nodes=tuple(removed)))
+        applied = changes.apply_nodes(self.snapshot, self.session, reads, reread)
+        if applied is None:
+            return None
+        helped, repaired = applied
         if repaired:
             self._may_leave_short()
         for decision in repaired:  # a later repair of one deployment holds all of it so far
             self.repairs[decision.deployment] = decision
-        self.snapshot = dataclasses.replace(snap, generation=generation)
+        self.snapshot = dataclasses.replace(self.snapshot, generation=generation)
         return helped
 
-    def _replacing_on(self, held_by: Collection[str]) -> bool:
-        """Whether one of the solver deployments holding shards on a node is a replica being
-        replaced (`solver_view` drops those on a down node: the full path reads them)."""
-        refs = self.snapshot.solver_refs
-        return any(refs[name].outgoing for name in held_by if name in refs)
-
     def apply_tenants(self, docs: list[dict[str, Any]]) -> bool | None:
-        """Tenants as read now (`snapshot.load_tenants`: all of them, after a contract change) to
-        the snapshot and the session (blocking: a worker thread). Placed work stays where it is,
-        as a full solve leaves it; what is decided next follows the new contracts. Whether one
-        changed (a contract change may help work short of replicas); None when the cache cannot
-        follow (a tenant with deployments gone): drop it."""
-        snap = self.snapshot
-        if docs == snap.problem["tenants"]:
-            return False
-        if {d["tenant"] for d in snap.problem["deployments"]} - {t["id"] for t in docs}:
-            return None
-        before = {t["id"]: t for t in snap.problem["tenants"]}
-        changed = tuple(tenant_from_dict(t) for t in docs if before.get(t["id"]) != t)
-        snap.problem["tenants"] = list(docs)  # a tenant gone has no work: the session's copy is never used
-        if self.session.apply(ClusterDelta(tenants=changed)):
-            return None  # never: no node changed
-        return True
+        """Tenants as read now, after a contract change, to the snapshot and the session
+        (`changes.apply_tenants`; blocking: a worker thread); None: drop the cache."""
+        return changes.apply_tenants(self.snapshot, self.session, docs)
 
     def apply_topology(self, zones: list[dict[str, Any]], rows: list[dict[str, Any]],
                        racks: list[dict[str, Any]]) -> bool | None:
-        """Zones, rows and racks as read now (`snapshot.load_topology`, after a topology change)
-        to the snapshot and the session (blocking: a worker thread): racks and rows added, moved
-        or given other power budgets; placed work stays where it is, as a full solve leaves it.
-        Whether something changed (a budget raised may help); None when the cache cannot follow
-        (something it holds gone, which applying a topology never does; a snapshot without one)."""
-        problem = self.snapshot.problem
-        before = {key: {item["id"]: item for item in problem[key]} for key in ("zones", "rows", "racks")}
-        after = {"zones": zones, "rows": rows, "racks": racks}
-        if all(list(before[key].values()) == after[key] for key in after):
-            return False
-        if any(not before[key] or before[key].keys() - {item["id"] for item in after[key]} for key in after):
-            return None
-        changed = {key: [item for item in after[key] if before[key].get(item["id"]) != item] for key in after}
-        problem.update(after)
-        delta = ClusterDelta(
-            zones=tuple(Zone(z["id"]) for z in changed["zones"]),
-            rows=tuple(Row(r["id"], r["zone"], r.get("power_budget_w")) for r in changed["rows"]),
-            racks=tuple(Rack(r["id"], r["row"], r.get("power_budget_w")) for r in changed["racks"]))
-        if self.session.apply(delta):
-            return None  # never: no node changed
-        return True
+        """Zones, rows and racks as read now, after a topology change, to the snapshot and the
+        session (`changes.apply_topology`; blocking: a worker thread); None: drop the cache."""
+        return changes.apply_topology(self.snapshot, self.session, zones, rows, racks)
 
     def depart(self, keys: Collection[str], generation: int) -> bool:
         """Deployments being deleted (by others: `maiactl delete`) leave the snapshot and the
@@ -306,14 +228,9 @@ class ClusterCache:
         could help work short of replicas). Blocking: a worker thread."""
         snap = self.snapshot
         gone = set(keys)
-        held = any(snap.replica_indices.get(key) for key in gone)
         if any(snap.deployment_ids.get(key) == self._highest for key in gone):
             self._highest = None  # the newest left: found again when asked
-        snap.index.depart(snap.problem, gone)  # their documents and placements, cut from the lists
-        for key in gone:
-            for mapping in (snap.deployment_ids, snap.solver_refs, snap.replica_indices):
-                mapping.pop(key, None)  # type: ignore[attr-defined]
-        release_held(self.session, sorted(gone))  # to the decide process one message, not waited for
+        held = changes.depart(snap, self.session, gone)
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=snap.deleting | gone)
         return held
 
@@ -487,143 +404,30 @@ class ClusterCache:
         work to decide again); None when the cache cannot follow (shards of a deployment it
         does not hold; one quarantined; a repair not committed yet): drop it."""
         snap = self.snapshot
-        wanted: dict[str, DeploymentRead] = {}
-        adopted: dict[str, DeploymentRead] = {}
-        for read in reads:
-            if read.id is not None and read.deployments and read.key not in snap.deployment_ids:
-                if read.placements or read.released:  # placed by another controller before this cache read it
-                    adopted[read.key] = read
-                continue  # not read yet (an arrival): the pass reads it
-            if read.key not in snap.deployment_ids:
-                if read.placements:
-                    return None
-                continue  # gone (its deletion is read as a departure)
-            if read.id is None or not read.deployments:
-                return None
-            wanted[read.key] = read
-        held: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {key: ([], []) for key in wanted}
-        for d in snap.problem["deployments"]:
-            if stored_key(d["id"]) in held:
-                held[stored_key(d["id"])][0].append(d)
-        for p in snap.problem["placements"]:
-            if stored_key(p["deployment"]) in held:
-                held[stored_key(p["deployment"])][1].append(p)
-        releasing: dict[str, dict[ShardKey, Where]] = {}
-        for at, where in snap.released.items():
-            releasing.setdefault(at[0], {})[at] = where
-        changed = {key: read for key, read in wanted.items()
-                   if held[key] != (read.deployments, read.placements) or snap.replica_indices.get(key) != read.replica_indices
-                   or {d["id"]: snap.solver_refs.get(d["id"]) for d in held[key][0]} != read.refs
-                   or releasing.get(key, {}) != read.released}
-        if any(not held[key][0] or any(d["id"] in self.repairs for d in held[key][0]) for key in changed):
+        applied = changes.apply_deployments(snap, self.session, reads, self.repairs)
+        if applied is None:
             return None
-        released = dict(snap.released)
+        changed, adopted, released = applied
         if changed or adopted:  # replicas released, retired or added: some may wait to be placed
             self._may_leave_short()
-        if changed:
-            self._replace(changed, {key: [d["id"] for d in held[key][0]] for key in changed})
-            released = {at: where for at, where in released.items() if at[0] not in changed}
-        if adopted:
-            self._adopt(adopted)
-        for read in (*changed.values(), *adopted.values()):
-            released.update(read.released)
+        for read in adopted.values():  # placed by another controller before this cache read them
+            if self._highest is not None and read.id is not None:
+                self._highest = max(self._highest, read.id)
+            self._adopted_id = max(self._adopted_id, read.id or 0)
         self.snapshot = dataclasses.replace(snap, generation=generation, released=released)
         snap.index.read(snap.problem)  # the lists it replaced, here rather than on the event loop
         return bool(changed or adopted)
 
-    def _replace(self, reads: Mapping[str, DeploymentRead], old: Mapping[str, list[str]]) -> None:
-        """Put the deployments `reads` (stored keys) in place of their solver deployments `old`:
-        in the snapshot, listed where they were (placements follow the deployments' order, as
-        read), and in the session."""
-        snap = self.snapshot
-        docs: list[dict[str, Any]] = []
-        for d in snap.problem["deployments"]:
-            key = stored_key(d["id"])
-            if key not in reads:
-                docs.append(d)
-            elif d["id"] == old[key][0]:
-                docs += reads[key].deployments
-        by_solver: dict[str, list[dict[str, Any]]] = {}
-        for p in snap.problem["placements"]:
-            if stored_key(p["deployment"]) not in reads:
-                by_solver.setdefault(p["deployment"], []).append(p)
-        for read in reads.values():
-            for p in read.placements:
-                by_solver.setdefault(p["deployment"], []).append(p)
-        snap.problem["deployments"] = docs
-        snap.problem["placements"] = [p for d in docs for p in by_solver.get(d["id"], ())]
-        for key, read in reads.items():
-            for solver_id in old[key]:
-                snap.solver_refs.pop(solver_id, None)  # type: ignore[attr-defined]
-                if solver_id not in read.refs and solver_id in self.session:
-                    self.session.release(solver_id)
-            snap.solver_refs.update(read.refs)  # type: ignore[attr-defined]
-            snap.replica_indices[key] = read.replica_indices  # type: ignore[index]
-            for doc in read.deployments:
-                self.session.replace(deployment_from_dict(doc),
-                                     [placement_from_dict(p) for p in by_solver.get(doc["id"], ())])
-
-    def _adopt(self, reads: Mapping[str, DeploymentRead]) -> None:
-        """Deployments another controller placed before this cache read them (`reads`, by key):
-        added to the snapshot where `load_snapshot` lists them (by key), and to the session
-        where they are placed."""
-        snap = self.snapshot
-        for key, read in reads.items():
-            snap.deployment_ids[key] = read.id  # type: ignore[index]
-            if self._highest is not None and read.id is not None:
-                self._highest = max(self._highest, read.id)
-            snap.solver_refs.update(read.refs)  # type: ignore[attr-defined]
-            snap.replica_indices[key] = read.replica_indices  # type: ignore[index]
-            self._adopted_id = max(self._adopted_id, read.id or 0)
-        ids = snap.deployment_ids
-        docs = snap.problem["deployments"] + [d for read in reads.values() for d in read.deployments]
-        docs.sort(key=lambda d: ids[stored_key(d["id"])])  # stable: a rollout's solver deployments keep their order
-        by_solver: dict[str, list[dict[str, Any]]] = {}
-        for p in (*snap.problem["placements"], *(p for read in reads.values() for p in read.placements)):
-            by_solver.setdefault(p["deployment"], []).append(p)
-        snap.problem["deployments"] = docs
-        snap.problem["placements"] = [p for d in docs for p in by_solver.get(d["id"], ())]
-        for read in reads.values():
-            for doc in read.deployments:
-                self.session.replace(deployment_from_dict(doc),
-                                     [placement_from_dict(p) for p in by_solver.get(doc["id"], ())])
-
     def reread(self, reads: Sequence[NodeRead]) -> dict[str, frozenset[str]]:
         """The nodes among `reads` holding shards whose deployments must be read again whole
-        before the nodes are applied (`apply_nodes(reread=)`), with those deployments (no call
-        on the session: short Python, on the event loop unless `reads` are many:
-        `warm.REREAD_ON_LOOP_MAX_NODES`): drained or no longer drained, holding
-        a replica being replaced (the view drops one on a down node), removed, or changed other
-        than in state (resized: the shards on accelerators it no longer has, or on a node
-        removed, were released as it changed; the session repairs what is left of their
-        replicas, as `solve()` does)."""
-        holding = self.holding({read.id for read in reads})
-        nodes = self.snapshot.index.nodes_by_id(self.snapshot.problem) if holding else {}
-        again = {}
-        for read in reads:
-            if read.id not in holding:
-                continue
-            old = nodes.get(read.id)
-            keys, outgoing = holding[read.id]
-            if (read.draining or outgoing or read.doc is None or old is None
-                    or dict(old, state="") != dict(read.doc, state="")):
-                again[read.id] = keys
-        return again
+        before the nodes are applied (`apply_nodes(reread=)`), with those deployments
+        (`changes.reread`: no call on the session, short Python)."""
+        return changes.reread(self.snapshot, reads)
 
     def holding(self, nodes: Collection[str]) -> dict[str, tuple[frozenset[str], bool]]:
         """For each of `nodes` holding shards: the stored deployments holding them, and whether
-        one of those shards is an outgoing replica's (a drain or a rollout replaces it)."""
-        if not nodes:  # (a catch-up with no node change)
-            return {}
-        snap = self.snapshot
-        refs = snap.solver_refs
-        held: dict[str, tuple[frozenset[str], bool]] = {}
-        for node in nodes:
-            names = snap.index.placed_on(snap.problem, node)
-            if names:
-                held[node] = (frozenset(map(stored_key, names)),
-                              any(name in refs and refs[name].outgoing for name in names))
-        return held
+        one of those shards is an outgoing replica's (`changes.nodes_holding`)."""
+        return changes.nodes_holding(self.snapshot, nodes)
 
     def _may_leave_short(self) -> None:
         """A call on the session may have left a deployment short of replicas (a decision left
