@@ -68,51 +68,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controller.store.rollout import stored_key
 from controller.store.snapshot import Arrivals, DeploymentRead, NodeRead, ShardKey, Snapshot, Where
 from controller.store.snapshot_index import SnapshotIndex
 from scheduler import Plan, Unplaced
-from scheduler.model import Node
-from scheduler.interchange import node_from_dict, placement_from_dict
 from scheduler.decisions import ClusterDelta, Decision
 
-from controller.scheduling.cache import changes, commits
+from controller.scheduling.cache import arriving, changes, commits, deciding
+from controller.scheduling.cache.deciding import FastPlan
 from controller.scheduling.decider import OpenSession, RemoteSession, held_placements, open_in_process, place_documents
 
 if TYPE_CHECKING:
     from scheduler.session import Session
-
-
-@dataclass(frozen=True)
-class FastPlan:
-    """What one pass decided on the session: the plan to commit and the decisions in it."""
-
-    plan: Plan
-    decisions: tuple[Decision, ...]
-    scope: frozenset[str]  # the stored deployments the plan speaks for (`commit_plan(scope=)`)
-    # Known deployments decided again (`pending_docs`): their new replicas take stored indices
-    # the commit chooses, listed before the arrivals', so the cache follows what it wrote.
-    extended: frozenset[str] = frozenset()
-
-    @property
-    def preempted(self) -> bool:
-        return bool(self.plan.preempted)
-
-    # Known deployments whose shards on evicted nodes the session re-placed (`ClusterCache.repairs`).
-    repaired: frozenset[str] = frozenset()
-
-    @property
-    def renumbered(self) -> bool:
-        """The cache must follow what the commit wrote (`ClusterCache.follow`), not the decisions."""
-        return self.preempted or bool(self.extended) or bool(self.repaired)
-
-    @property
-    def unplaced(self) -> tuple[str, ...]:
-        """The decided deployments the session left short of replicas."""
-        return tuple(d.deployment for d in self.decisions if d.unplaced is not None)
 
 
 class ClusterCache:
@@ -182,8 +151,7 @@ class ClusterCache:
         (keys are not committed in order under concurrency). Below 0: the cache holds one
         deleted (or quarantined) since the change log was read, which the next read of the log
         takes out (a deletion moves the generation)."""
-        known = self.snapshot.deployment_ids
-        return schedulable - len(known) - sum(1 for key in new.deployment_ids if key not in known)
+        return arriving.unaccounted(self.snapshot, new, schedulable)
 
     def apply_nodes(self, reads: Sequence[NodeRead], generation: int, reread: Collection[str] = ()) -> bool | None:
         """Apply node changes (the nodes as read now) to the snapshot and to the session (one
@@ -262,35 +230,18 @@ class ClusterCache:
         return self._highest
 
     def pending_since(self, known_id: int) -> list[dict[str, Any]] | None:
-        """The snapshot's deployments stored after `known_id`, to decide (None: one of them
-        has placements already, so it is not an arrival; the full path decides)."""
-        docs = [d for d in self.snapshot.problem["deployments"]
-                if self.snapshot.deployment_ids.get(d["id"], 0) > known_id]
-        if any(self.snapshot.replica_indices.get(d["id"]) for d in docs):
-            return None
-        return docs
+        """The snapshot's deployments stored after `known_id`, to decide; None: one has placements
+        already, the full path decides (`arriving.pending_since`)."""
+        return arriving.pending_since(self.snapshot, known_id)
 
     def add(self, arrivals: Arrivals) -> list[dict[str, Any]]:
         """Add deployments stored since the last read (as `load_snapshot` would); their documents.
         Ones committed out of order (keys below the last one read, or below one another
         controller placed: `apply_deployments`) take their place by key; ones the cache holds
         already (that one) are not added again."""
-        snap = self.snapshot
-        fresh = {key: i for key, i in arrivals.deployment_ids.items() if key not in snap.deployment_ids}
-        docs = [d for d in arrivals.deployments if stored_key(d["id"]) in fresh]
-        late = any(key <= max(self.last_id, self._adopted_id) for key in fresh.values())
-        snap.deployment_ids.update(fresh)  # type: ignore[attr-defined]
+        docs, fresh = arriving.add(self.snapshot, arrivals, max(self.last_id, self._adopted_id))
         if self._highest is not None:
             self._highest = max(self._highest, max(fresh.values(), default=0))
-        snap.solver_refs.update((name, ref) for name, ref in arrivals.solver_refs.items()  # type: ignore[attr-defined]
-                                if ref.key in fresh)
-        snap.replica_indices.update((key, frozenset()) for key in fresh)  # type: ignore[attr-defined]
-        if late:  # a new list, never one sorted in place (`SnapshotIndex`)
-            ids = snap.deployment_ids
-            snap.problem["deployments"] = sorted((*snap.problem["deployments"], *docs),
-                                                 key=lambda d: ids[stored_key(d["id"])])
-        else:
-            snap.problem["deployments"].extend(docs)
         self.last_id = max(self.last_id, arrivals.last_id)
         return docs
 
@@ -308,7 +259,7 @@ class ClusterCache:
         # What the session holds of them before this pass's decisions (the snapshot holds their
         # shards on the evicted nodes).
         held = held_placements(self.session, repaired)
-        avoided = self._cordon(avoid)
+        avoided = deciding.cordon(self.snapshot, self.session, avoid)
         try:
             decisions = place_documents(self.session, (*again, *docs))
         finally:
@@ -316,39 +267,7 @@ class ClusterCache:
                 self.session.apply(ClusterDelta(nodes=avoided))
         if avoided or any(d.unplaced is not None or d.preempted or d.released for d in decisions):
             self._may_leave_short()
-        victims = {(p.deployment, p.replica) for d in decisions for p in d.preempted}
-        hit = {name for name, _ in victims}
-        decided = {d.deployment for d in decisions}
-        extended = frozenset(d["id"] for d in again)
-        carried = hit | extended | held.keys()  # the plan speaks for them whole: with the replicas they hold
-        # A rollout's outgoing replicas too; and deployments with shards to release (`apply_deployments`).
-        carried_keys = {stored_key(name) for name in carried} | self.releasing
-        kept = [placement_from_dict(p) for p in self.snapshot.index.placements_of(self.snapshot.problem, carried_keys)
-                if p["deployment"] not in held and (p["deployment"], p["replica"]) not in victims]
-        kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in victims]
-        reasons = {name: waiting[name] for name in sorted(hit - decided) if name in waiting}
-        reasons.update((name, d.unplaced) for name, d in repaired.items() if name not in decided and d.unplaced)
-        unplaced = list(reasons.values()) + [d.unplaced for d in decisions if d.unplaced is not None]
-        plan = Plan(
-            status="optimal" if not unplaced else "feasible",
-            placements=tuple(kept) + tuple(p for d in decisions for p in d.placements),
-            unplaced=tuple(unplaced),
-            preempted=tuple(p for d in decisions for p in d.preempted),
-            stats={"session_decisions": len(decisions)})
-        # Departures (`depart`) are in the scope too: the commit releases their shards, removes their rows.
-        scope = (frozenset(stored_key(name) for name in decided | hit | held.keys()) | self.snapshot.deleting
-                 | self.releasing)
-        return FastPlan(plan, decisions, scope, extended, frozenset(held))
-
-    def _cordon(self, nodes: Collection[str]) -> tuple[Node, ...]:
-        """Cordon the ready nodes among `nodes` in the session (not in the snapshot); the nodes as
-        they were, to put back."""
-        if not nodes:
-            return ()
-        ready = [n for n in self.snapshot.problem["nodes"] if n["id"] in nodes and n["state"] == "ready"]
-        if ready:
-            self.session.apply(ClusterDelta(nodes=tuple(node_from_dict(dict(n, state="cordoned")) for n in ready)))
-        return tuple(map(node_from_dict, ready))
+        return deciding.fast_plan(self.snapshot, decisions, held, repaired, waiting, again)
 
     def committed(self, fast: FastPlan, generation: int) -> bool:
         """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing
