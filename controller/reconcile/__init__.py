@@ -23,7 +23,7 @@ Before step 2, in the unit of work that reads the generation, replicas whose sha
 reported FAILED are handled and outgoing replicas whose replacements run are retired (below):
 on PostgreSQL under load a pass waits mostly on round trips, so it takes as few transactions
 as it can (the log line's `ms=` says where each pass spent its time).
-The fast path skips the re-read: while the cached snapshot (`scheduling/cache.py`, `warm.py`)
+The fast path skips the re-read: while the cached snapshot (`scheduling/cache/`, `warm.py`)
 can follow what changed since this controller's own last commit, a pass reads just the new
 deployment rows, decides them on a warm `Session` kept with the cached snapshot, and commits
 them in one scoped transaction; an arrival the session cannot place gets one more try from the

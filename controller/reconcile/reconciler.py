@@ -122,7 +122,7 @@ class Reconciler:
         self._pass_started: float | None = None
         self._laps = PassLaps()              # where the pass under way spends its time (the log line)
         self.consecutive_failures = 0        # passes in a row that raised
-        # The fast path: the warm cluster (controller/scheduling/warm.py, cache.py).
+        # The fast path: the warm cluster (controller/scheduling/warm.py, cache/).
         # `decider`: the warm session lives in that process (decider.py), else in this one.
         self._warm = WarmCluster(db, surge=max_surge, allow_preemption=allow_preemption,
                                  time_limit_ms=solve_time_limit_ms,
@@ -339,7 +339,7 @@ class Reconciler:
         """Follow others' changes (up to `generation`, read first in `uow`), then decide the
         arrivals (and, after a change that could help them, what is still short of replicas) on
         the warm cluster and commit them, all in the pass's unit of work `uow` (module doc of
-        controller/scheduling/cache.py); None: the full path must run instead."""
+        controller/scheduling/cache/); None: the full path must run instead."""
         started = time.perf_counter()
         helped, self._redecide = self._redecide, False
         if generation != self._warm.own_generation:

@@ -1,9 +1,9 @@
 """What the reconciler keeps between passes to schedule without re-reading the cluster.
 
-- `cache.ClusterCache`: the last snapshot, kept current from this controller's own commits and
-  from others' node changes and deletions (deltas, departures), and a warm
-  `scheduler.session.Session` built from it; a pass reads the new deployment rows, decides them
-  on the session and commits them in one transaction;
+- `cache.ClusterCache` (`cache/`, a module a concern): the last snapshot, kept current from this
+  controller's own commits and from others' node changes and deletions (deltas, departures), and
+  a warm `scheduler.session.Session` built from it; a pass reads the new deployment rows, decides
+  them on the session and commits them in one transaction;
 - `warm.WarmCluster`: when that cache may be used (the generation its own last commit left, or
   the one it caught up to from the change log, `store/changes.py`), how it is built and fed from
   the database, and what each commit leaves it;

@@ -3,7 +3,7 @@ reconciler, so that work which cannot be placed is not solved again on every pas
 
 - **active**: deployments stored but not attempted yet (arrivals since the last commit), and
   unschedulable ones a helping change let go; the next pass decides them (on the warm session
-  when it only meets arrivals, `cache.py`; else with the full solve).
+  when it only meets arrivals, `cache/`; else with the full solve).
 - **back-off**: arrivals the warm session could not place whole (or whose pass preempted
   others): after `backoff_s` the full solve tries them once more, which may move other work
   (CP-SAT); what it places nothing of goes to unschedulable.

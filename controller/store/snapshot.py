@@ -390,7 +390,7 @@ def inserted_row(id_: int, created_at: datetime) -> InsertedRow:
 class Arrivals:
     """Deployments stored after a known one, exactly as `load_snapshot` would add them to its
     problem (they have no placements yet): for a pass that keeps its snapshot and reads only
-    what was submitted since (controller/scheduling/cache.py)."""
+    what was submitted since (controller/scheduling/cache/arriving.py)."""
 
     deployments: list[dict[str, Any]]  # interchange documents, in arrival order
     deployment_ids: dict[str, int]

@@ -2,7 +2,7 @@
 
 A plan commit re-checks the few replicas it lands against what lies around them (the racks of
 the nodes they touch, the shards there, the specs of the deployments it names:
-`plans.check._recheck`); a cached snapshot (`scheduling/cache.py`) is followed by its owner from
+`plans.check._recheck`); a cached snapshot (`scheduling/cache/`) is followed by its owner from
 pass to pass, its lists appended to (arrivals, their placements) or rebuilt without what
 departed. Walking the whole document for each of these costs milliseconds per commit at
 thousands of nodes, on the event loop; a `SnapshotIndex` (kept with its `Snapshot`, across the
@@ -16,7 +16,7 @@ thousands of nodes, on the event loop; a `SnapshotIndex` (kept with its `Snapsho
   the list's order.
 
 Every list of the document is either replaced or appended to, never changed in place (the
-owners of snapshots keep to it: `scheduling/cache.py`); the index holds the lists it read, so
+owners of snapshots keep to it: `scheduling/cache/`); the index holds the lists it read, so
 another list is never taken for one it read. One thread at a time uses it, as its snapshot.
 """
 

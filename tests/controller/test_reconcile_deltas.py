@@ -1,4 +1,4 @@
-"""Others' changes reach the warm cache as deltas (controller/scheduling/cache.py, warm.py):
+"""Others' changes reach the warm cache as deltas (controller/scheduling/cache/, warm.py):
 after random sequences of node joins, hellos, cordons, uncordons, suspects, node deletions,
 evictions of nodes (holding shards or not), nodes holding shards deleted or resized, contract changes, deployment deletions and arrivals,
 arrivals placed by another controller, shards reported FAILED (their replicas released and placed again off the node), and a whole-cluster pass whose commit one of them makes stale, the warm cache is exactly what a

@@ -1,4 +1,4 @@
-"""The reconciler's fast path (controller/scheduling/cache.py): arrivals decided on the warm
+"""The reconciler's fast path (controller/scheduling/cache/): arrivals decided on the warm
 cluster and committed without re-reading it. The cached snapshot must stay exactly what a fresh
 `load_snapshot` reads, and fast passes must commit what full passes commit (best-fit scoring, so
 that the session and `solve()` choose the same nodes)."""
