@@ -84,19 +84,7 @@ class ClusterCache:
         return cls.build(dataclasses.replace(after, released={}, deleting=frozenset(), generation=generation),
                          allow_preemption=allow_preemption, time_limit_ms=time_limit_ms, open_session=open_session)
 
-    def missed(self, new: Arrivals, schedulable: int) -> bool:
-        """Whether the cache and the rows stored since (`new`) do not add up to the
-        `count_schedulable_deployments` read with them (`unaccounted`)."""
-        return self.unaccounted(new, schedulable) != 0
-
-    def unaccounted(self, new: Arrivals, schedulable: int) -> int:
-        """The `count_schedulable_deployments` read with the rows stored since (`new`) less what
-        the cache and those rows hold. Above 0: a deployment was stored below the last key read
-        (keys are not committed in order under concurrency). Below 0: the cache holds one
-        deleted (or quarantined) since the change log was read, which the next read of the log
-        takes out (a deletion moves the generation)."""
-        return arriving.unaccounted(self.snapshot, new, schedulable)
-
+    # Others' changes, read from the change log (`changes.py`).
     def apply_nodes(self, reads: Sequence[NodeRead], generation: int, reread: Collection[str] = ()) -> bool | None:
         """Apply node changes (the nodes as read now) to the snapshot and to the session (one
         `ClusterDelta`), at `generation` (blocking: a worker thread). Whether they could help
@@ -133,126 +121,6 @@ class ClusterCache:
         session (`changes.apply_topology`; blocking: a worker thread); None: drop the cache."""
         return changes.apply_topology(self.snapshot, self.session, zones, rows, racks)
 
-    def depart(self, keys: Collection[str], generation: int) -> bool:
-        """Deployments being deleted (by others: `maiactl delete`) leave the snapshot and the
-        session (`Session.release`), at `generation`; the next commit speaks for them
-        (`snapshot.deleting`: their shards and rows go). Whether one held shards (its departure
-        could help work short of replicas). Blocking: a worker thread."""
-        snap = self.snapshot
-        gone = set(keys)
-        if any(snap.deployment_ids.get(key) == self._highest for key in gone):
-            self._highest = None  # the newest left: found again when asked
-        held = changes.depart(snap, self.session, gone)
-        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=snap.deleting | gone)
-        return held
-
-    @property
-    def may_hold_pending(self) -> bool:
-        """Whether `pending_docs` may ask the session (and block on it): False when the session
-        last answered none and nothing since could leave a deployment short."""
-        return not self._none_pending
-
-    def pending_docs(self) -> list[dict[str, Any]]:
-        """The deployments the session holds short of replicas (unplaceable so far, preempted, or
-        placed in part), in arrival order: to decide again after a change that could help them.
-        The session is asked (a walk of every deployment it holds; in the decide process a round
-        trip) only when it may hold some: not after it answered none and nothing since could
-        leave one short (`_may_leave_short`)."""
-        if self._none_pending:
-            return []
-        short = set(self.session.pending())
-        self._none_pending = not short
-        snap = self.snapshot
-        return [d for d in snap.index.deployments_of(snap.problem, map(stored_key, short)) if d["id"] in short]
-
-    def highest_id(self) -> int:
-        """The highest primary key among the snapshot's deployments (0: none): `max` of
-        `snapshot.deployment_ids`, followed as deployments arrive, are adopted and depart (found
-        again only when the newest departs)."""
-        if self._highest is None:
-            self._highest = max(self.snapshot.deployment_ids.values(), default=0)
-        return self._highest
-
-    def pending_since(self, known_id: int) -> list[dict[str, Any]] | None:
-        """The snapshot's deployments stored after `known_id`, to decide; None: one has placements
-        already, the full path decides (`arriving.pending_since`)."""
-        return arriving.pending_since(self.snapshot, known_id)
-
-    def add(self, arrivals: Arrivals) -> list[dict[str, Any]]:
-        """Add deployments stored since the last read (as `load_snapshot` would); their documents.
-        Ones committed out of order (keys below the last one read, or below one another
-        controller placed: `apply_deployments`) take their place by key; ones the cache holds
-        already (that one) are not added again."""
-        docs, fresh = arriving.add(self.snapshot, arrivals, max(self.last_id, self._adopted_id))
-        if self._highest is not None:
-            self._highest = max(self._highest, max(fresh.values(), default=0))
-        self.last_id = max(self.last_id, arrivals.last_id)
-        return docs
-
-    def decide(self, docs: Sequence[dict[str, Any]], waiting: Mapping[str, Unplaced],
-               again: Sequence[dict[str, Any]] = (), avoid: Collection[str] = ()) -> FastPlan:
-        """Place each deployment whole on the session, in order (blocking: a worker thread):
-        `again` (known ones short of replicas, `pending_docs`), then the arrivals `docs`; with
-        the nodes `avoid` cordoned for these decisions alone (replicas released after failing
-        there are placed on other nodes first, as the full path's solve does).
-
-        The plan speaks for the decided deployments and those they preempted replicas of (its
-        scope): their placements (the victims' and those tried again's held ones from the
-        cache), the decided ones' reasons, and `waiting`'s (the last commit's) for the victims."""
-        repaired = self.repairs
-        # What the session holds of them before this pass's decisions (the snapshot holds their
-        # shards on the evicted nodes).
-        held = held_placements(self.session, repaired)
-        avoided = deciding.cordon(self.snapshot, self.session, avoid)
-        try:
-            decisions = place_documents(self.session, (*again, *docs))
-        finally:
-            if avoided:  # as they were (a flip between ready and cordoned is updated in place)
-                self.session.apply(ClusterDelta(nodes=avoided))
-        if avoided or any(d.unplaced is not None or d.preempted or d.released for d in decisions):
-            self._may_leave_short()
-        return deciding.fast_plan(self.snapshot, decisions, held, repaired, waiting, again)
-
-    def committed(self, fast: FastPlan, generation: int) -> bool:
-        """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing
-        renumbered: else `follow`) to the cached snapshot, at the cost of the decisions; False
-        when the cache cannot follow it (drop it)."""
-        snap = self.snapshot
-        if not commits.write_decisions(snap, fast.decisions):
-            return False
-        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
-                                            released=commits.released_written(snap))
-        return True
-
-    def scope_of(self, plan: Plan) -> frozenset[str]:
-        """All a commit of a full solve of this snapshot has to speak for (`commits.scope_of`;
-        blocking: a worker thread)."""
-        return commits.scope_of(self.snapshot, plan)
-
-    def follow(self, shards: Mapping[ShardKey, Where | None], generation: int) -> bool:
-        """Apply what a commit of a full solve of this very snapshot wrote (`CommitResult.shards`:
-        placed, moved, removed) to the snapshot and to the session (`Session.adopt`), so that the
-        back-off's full solve does not cost a rebuild; False when the cache cannot follow it."""
-        snap = self.snapshot
-        # Shards the snapshot left out already (released: `apply_deployments`) are not renumbered.
-        touched = commits.write_shards(snap, {key: where for key, where in shards.items() if key not in snap.released},
-                                       gone=snap.deleting)
-        if touched is None:
-            return False
-        self.repairs = {}  # written (what was not is re-placed again, from what the session adopts)
-        self._may_leave_short()  # what a commit wrote may leave some short (a full solve's unplaced)
-        commits.readopt_as_listed(snap, self.session, touched)
-        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
-                                            released=commits.released_written(snap))
-        snap.index.read(snap.problem)  # the lists it replaced, here rather than on the event loop
-        return True
-
-    @property
-    def releasing(self) -> frozenset[str]:
-        """The stored deployments with shards the snapshot leaves out, not released yet: the next
-        commit speaks for them and releases them (`commits.releasing`)."""
-        return commits.releasing(self.snapshot)
-
     def apply_deployments(self, reads: Sequence[DeploymentRead], generation: int) -> bool | None:
         """Deployments changed outside this controller's plan commits (updated or rolled, on a
         node drained or no longer drained, failed replicas released, replaced replicas retired; a
@@ -281,6 +149,19 @@ class ClusterCache:
         snap.index.read(snap.problem)  # the lists it replaced, here rather than on the event loop
         return bool(changed or adopted)
 
+    def depart(self, keys: Collection[str], generation: int) -> bool:
+        """Deployments being deleted (by others: `maiactl delete`) leave the snapshot and the
+        session (`Session.release`), at `generation`; the next commit speaks for them
+        (`snapshot.deleting`: their shards and rows go). Whether one held shards (its departure
+        could help work short of replicas). Blocking: a worker thread."""
+        snap = self.snapshot
+        gone = set(keys)
+        if any(snap.deployment_ids.get(key) == self._highest for key in gone):
+            self._highest = None  # the newest left: found again when asked
+        held = changes.depart(snap, self.session, gone)
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=snap.deleting | gone)
+        return held
+
     def reread(self, reads: Sequence[NodeRead]) -> dict[str, frozenset[str]]:
         """The nodes among `reads` holding shards whose deployments must be read again whole
         before the nodes are applied (`apply_nodes(reread=)`), with those deployments
@@ -292,11 +173,134 @@ class ClusterCache:
         one of those shards is an outgoing replica's (`changes.nodes_holding`)."""
         return changes.nodes_holding(self.snapshot, nodes)
 
+    # Arrivals (`arriving.py`), and what the session holds short of replicas.
+    def missed(self, new: Arrivals, schedulable: int) -> bool:
+        """Whether the cache and the rows stored since (`new`) do not add up to the
+        `count_schedulable_deployments` read with them (`unaccounted`)."""
+        return self.unaccounted(new, schedulable) != 0
+
+    def unaccounted(self, new: Arrivals, schedulable: int) -> int:
+        """The `count_schedulable_deployments` read with the rows stored since (`new`) less what
+        the cache and those rows hold. Above 0: a deployment was stored below the last key read
+        (keys are not committed in order under concurrency). Below 0: the cache holds one
+        deleted (or quarantined) since the change log was read, which the next read of the log
+        takes out (a deletion moves the generation)."""
+        return arriving.unaccounted(self.snapshot, new, schedulable)
+
+    def add(self, arrivals: Arrivals) -> list[dict[str, Any]]:
+        """Add deployments stored since the last read (as `load_snapshot` would); their documents.
+        Ones committed out of order (keys below the last one read, or below one another
+        controller placed: `apply_deployments`) take their place by key; ones the cache holds
+        already (that one) are not added again."""
+        docs, fresh = arriving.add(self.snapshot, arrivals, max(self.last_id, self._adopted_id))
+        if self._highest is not None:
+            self._highest = max(self._highest, max(fresh.values(), default=0))
+        self.last_id = max(self.last_id, arrivals.last_id)
+        return docs
+
+    def pending_since(self, known_id: int) -> list[dict[str, Any]] | None:
+        """The snapshot's deployments stored after `known_id`, to decide; None: one has placements
+        already, the full path decides (`arriving.pending_since`)."""
+        return arriving.pending_since(self.snapshot, known_id)
+
+    def highest_id(self) -> int:
+        """The highest primary key among the snapshot's deployments (0: none): `max` of
+        `snapshot.deployment_ids`, followed as deployments arrive, are adopted and depart (found
+        again only when the newest departs)."""
+        if self._highest is None:
+            self._highest = max(self.snapshot.deployment_ids.values(), default=0)
+        return self._highest
+
+    @property
+    def may_hold_pending(self) -> bool:
+        """Whether `pending_docs` may ask the session (and block on it): False when the session
+        last answered none and nothing since could leave a deployment short."""
+        return not self._none_pending
+
+    def pending_docs(self) -> list[dict[str, Any]]:
+        """The deployments the session holds short of replicas (unplaceable so far, preempted, or
+        placed in part), in arrival order: to decide again after a change that could help them.
+        The session is asked (a walk of every deployment it holds; in the decide process a round
+        trip) only when it may hold some: not after it answered none and nothing since could
+        leave one short (`_may_leave_short`)."""
+        if self._none_pending:
+            return []
+        short = set(self.session.pending())
+        self._none_pending = not short
+        snap = self.snapshot
+        return [d for d in snap.index.deployments_of(snap.problem, map(stored_key, short)) if d["id"] in short]
+
     def _may_leave_short(self) -> None:
         """A call on the session may have left a deployment short of replicas (a decision left
         one unplaced or preempted, a repair, replicas released or adopted short): `pending_docs`
         asks the session again."""
         self._none_pending = False
+
+    # A pass's decisions on the session (`deciding.py`).
+    def decide(self, docs: Sequence[dict[str, Any]], waiting: Mapping[str, Unplaced],
+               again: Sequence[dict[str, Any]] = (), avoid: Collection[str] = ()) -> FastPlan:
+        """Place each deployment whole on the session, in order (blocking: a worker thread):
+        `again` (known ones short of replicas, `pending_docs`), then the arrivals `docs`; with
+        the nodes `avoid` cordoned for these decisions alone (replicas released after failing
+        there are placed on other nodes first, as the full path's solve does).
+
+        The plan speaks for the decided deployments and those they preempted replicas of (its
+        scope): their placements (the victims' and those tried again's held ones from the
+        cache), the decided ones' reasons, and `waiting`'s (the last commit's) for the victims."""
+        repaired = self.repairs
+        # What the session holds of them before this pass's decisions (the snapshot holds their
+        # shards on the evicted nodes).
+        held = held_placements(self.session, repaired)
+        avoided = deciding.cordon(self.snapshot, self.session, avoid)
+        try:
+            decisions = place_documents(self.session, (*again, *docs))
+        finally:
+            if avoided:  # as they were (a flip between ready and cordoned is updated in place)
+                self.session.apply(ClusterDelta(nodes=avoided))
+        if avoided or any(d.unplaced is not None or d.preempted or d.released for d in decisions):
+            self._may_leave_short()
+        return deciding.fast_plan(self.snapshot, decisions, held, repaired, waiting, again)
+
+    # What a commit leaves (`commits.py`).
+    def committed(self, fast: FastPlan, generation: int) -> bool:
+        """Apply a plan the applier wrote whole (not stale, nothing re-queued, nothing
+        renumbered: else `follow`) to the cached snapshot, at the cost of the decisions; False
+        when the cache cannot follow it (drop it)."""
+        snap = self.snapshot
+        if not commits.write_decisions(snap, fast.decisions):
+            return False
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
+                                            released=commits.released_written(snap))
+        return True
+
+    def follow(self, shards: Mapping[ShardKey, Where | None], generation: int) -> bool:
+        """Apply what a commit of a full solve of this very snapshot wrote (`CommitResult.shards`:
+        placed, moved, removed) to the snapshot and to the session (`Session.adopt`), so that the
+        back-off's full solve does not cost a rebuild; False when the cache cannot follow it."""
+        snap = self.snapshot
+        # Shards the snapshot left out already (released: `apply_deployments`) are not renumbered.
+        touched = commits.write_shards(snap, {key: where for key, where in shards.items() if key not in snap.released},
+                                       gone=snap.deleting)
+        if touched is None:
+            return False
+        self.repairs = {}  # written (what was not is re-placed again, from what the session adopts)
+        self._may_leave_short()  # what a commit wrote may leave some short (a full solve's unplaced)
+        commits.readopt_as_listed(snap, self.session, touched)
+        self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
+                                            released=commits.released_written(snap))
+        snap.index.read(snap.problem)  # the lists it replaced, here rather than on the event loop
+        return True
+
+    def scope_of(self, plan: Plan) -> frozenset[str]:
+        """All a commit of a full solve of this snapshot has to speak for (`commits.scope_of`;
+        blocking: a worker thread)."""
+        return commits.scope_of(self.snapshot, plan)
+
+    @property
+    def releasing(self) -> frozenset[str]:
+        """The stored deployments with shards the snapshot leaves out, not released yet: the next
+        commit speaks for them and releases them (`commits.releasing`)."""
+        return commits.releasing(self.snapshot)
 
 
 def _own_copy(snapshot: Snapshot) -> Snapshot:
