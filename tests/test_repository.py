@@ -24,7 +24,7 @@ def test_import_contracts_hold() -> None:
     sqlalchemy or the generated API); the controller's layers (api -> usecases -> store -> domain)
     are never crossed upwards; maiactl and maia-simnode speak only gRPC; use cases build no SQL;
     the modules of each split package (the plan applier, the reconciler, the agent hub, the
-    interceptor chain, the end-to-end bench) import one way."""
+    warm cluster cache, the interceptor chain, the end-to-end bench) import one way."""
     lint_imports = Path(sys.executable).parent / "lint-imports"
     result = subprocess.run(
         [str(lint_imports), "--no-cache"], capture_output=True, text=True, cwd=ROOT
