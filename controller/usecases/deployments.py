@@ -395,10 +395,13 @@ async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
         check_name("deployment", name)
     tenant = policy.visible_tenant(who, tenant, "listing deployments")
     bounds = paging.bounds(page, arity=2)
-    rows = await repo.list_deployment_rows(uow.session, tenant=tenant, name=name, page=bounds)
+    keys = paging.page_of(await repo.deployment_page_keys(uow.session, tenant=tenant, name=name, page=bounds),
+                          bounds, key=lambda k: k)
+    read = await repo.deployments_with_ids(uow.session, [row_id for _, row_id in keys.items])
     redactor = await redactor_of(uow, who)
-    return paging.page_of(rows, bounds, key=lambda r: (r.name, r.id)).map(
-        lambda row: redactor.deployment(repo.deployment_view(row)))
+    # (A deployment removed between the two reads, on PostgreSQL, is left out; the page's token stands.)
+    return paging.Page(tuple(redactor.deployment(read[row_id].view()) for _, row_id in keys.items if row_id in read),
+                       keys.next_token)
 
 
 async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals: Signals,

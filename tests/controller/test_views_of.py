@@ -14,7 +14,8 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import updates
-from controller.usecases.deployments import views_of
+from controller.usecases.deployments import list_deployments, views_of
+from controller.usecases.paging import PageRequest
 from controller.usecases.ports import RecordingSignals
 from uc_builders import add_tenant, deployment, no_publish, submit
 
@@ -24,7 +25,9 @@ async def _orm_views(db: Database, keys: set[str]) -> list:
         return [repo.deployment_view(row) for row in await repo.list_deployment_rows(uow.session, keys=keys)]
 
 
-async def test_views_of_are_the_orm_rows_views_in_name_order(cluster: Database) -> None:
+async def _placed_rolled_and_unplaced(cluster: Database) -> None:
+    """Deployments of two tenants (two named alike), placed and running, one rolling (outgoing
+    replicas beside the new), two gangs of which one finds no rack free (unplaced, with reasons)."""
     await add_tenant(cluster, "t2")
     for name, tenant, replicas, shards in (("web", "t1", 2, 1), ("db", "t1", 1, 2), ("web", "t2", 1, 1),
                                            ("db", "t2", 1, 1), ("idle", "t1", 1, 1)):
@@ -42,6 +45,10 @@ async def test_views_of_are_the_orm_rows_views_in_name_order(cluster: Database) 
     for name in ("huge", "huger"):  # a rack each: one of them finds none free
         await submit(cluster, deployment(name, "t1", shards=8))
     await loop.reconcile_once()
+
+
+async def test_views_of_are_the_orm_rows_views_in_name_order(cluster: Database) -> None:
+    await _placed_rolled_and_unplaced(cluster)
     # t9/web does not exist; t1/idle and t2/db (named as t1/db) are not asked for
     keys = {"t1/web", "t1/db", "t2/web", "t1/huge", "t1/huger", "t9/web"}
     async with cluster.unit_of_work() as uow:
@@ -55,3 +62,26 @@ async def test_views_of_are_the_orm_rows_views_in_name_order(cluster: Database) 
     unplaced = [v for v in read if v.spec.name.startswith("huge") and not v.placements]
     assert unplaced and all(v.reasons for v in unplaced)  # unplaceable: why, nothing placed
     assert len(by_key["t1/db"].placements) == 2
+
+
+async def test_listed_pages_are_the_orm_rows_views_in_name_then_id_order(cluster: Database) -> None:
+    """`list_deployments` reads a page as plain columns (its keys, then `deployments_named`): the
+    pages, however cut and filtered, hold what the ORM rows' views are, in the same order."""
+    await _placed_rolled_and_unplaced(cluster)
+    admin = Principal("admin")
+    for tenant, name in (("", ""), ("t1", ""), ("t2", ""), ("", "web"), ("t1", "web")):
+        async with cluster.unit_of_work() as uow:
+            orm = [repo.deployment_view(row)
+                   for row in await repo.list_deployment_rows(uow.session, tenant=tenant, name=name)]
+        for size in (1, 2, 100):
+            listed, page = [], PageRequest(size)
+            while True:
+                async with cluster.unit_of_work() as uow:
+                    got = await list_deployments(uow, admin, tenant, page, name=name)
+                assert len(got.items) <= size
+                listed.extend(got.items)
+                if not got.next_token:
+                    break
+                page = PageRequest(size, got.next_token)
+            assert listed == orm, (tenant, name, size)
+    assert [v.spec.key for v in orm] == ["t1/web"]  # the last filter: t1's web only
