@@ -1,11 +1,11 @@
-"""bench.assignments, bench.reportflush, bench.capacity and bench.console on a tiny cluster: they run and count what they measure
+"""bench.assignments, bench.reportflush, bench.capacity, bench.console and bench.listing on a tiny cluster: they run and count what they measure
 (no timing judged)."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import assignments, capacity, console, reportflush
+from bench import assignments, capacity, console, listing, reportflush
 
 
 async def test_assignments_reads_the_sets_of_the_nodes_asked_in_two_statements() -> None:
@@ -35,3 +35,10 @@ async def test_console_makes_the_operators_document_of_every_deployment() -> Non
     assert (result["nodes"], result["placements"], result["rounds"]) == (32, 40, 2)
     assert result["statements_per_document"] >= 8 and result["bytes"] > 0
     assert result["loop_cpu_ms_per_document"] > 0
+
+
+async def test_listing_pages_through_every_deployment_in_two_statements_a_page() -> None:
+    result = await listing.run(argparse.Namespace(nodes=32, placements=40, rounds=2, warmup=1), 16)
+    assert (result["page_size"], result["rounds"]) == (16, 2)
+    assert result["statements_per_page"] == 2  # the keys, then the page by ids (an admin: no tenants read)
+    assert result["loop_cpu_ms_per_listing_p50"] > 0

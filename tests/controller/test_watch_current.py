@@ -114,14 +114,14 @@ async def test_a_watch_of_one_name_reads_only_the_deployments_of_that_name(clust
     published = {name: await _submit(cluster, name) for name in NAMES}
     await _submit(cluster, "d3", tenant="t2")
     read: list[tuple[str, str]] = []
-    list_rows = repo.list_deployment_rows
+    with_ids = repo.deployments_with_ids
 
     async def reading(*args, **kwargs):
-        rows = await list_rows(*args, **kwargs)
-        read.extend((row.tenant_id, row.name) for row in rows)
-        return rows
+        found = await with_ids(*args, **kwargs)
+        read.extend((named.row.tenant_id, named.row.name) for named in found.values())
+        return found
 
-    monkeypatch.setattr(repo, "list_deployment_rows", reading)
+    monkeypatch.setattr(repo, "deployments_with_ids", reading)
     units, bus = CountingUnitsOfWork(cluster), DeploymentEventBus()
     batches = watch_deployment_batches(units, who, bus, name="d3")
     try:
