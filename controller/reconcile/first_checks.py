@@ -55,7 +55,7 @@ class FirstChecks:
         self._clock = clock
         self._wall_clock = wall_clock  # when placements start and stop, for the usage meter
         self._observer = observer
-        self._commit = commit    # the reconciler's (`Reconciler._commit`)
+        self._commit = commit    # the reconciler's (`PassState.commit`)
         self._push = push        # assignment sets to the nodes named
         self._publish = publish  # the deployments named, to watchers (in commit order)
         self._replacing = True               # replicas being replaced (store/rollout.py): check every pass

@@ -57,7 +57,7 @@ class Publisher:
         """Publish what a commit changed without holding up the pass: reading the deployments'
         views for the watchers costs round trips that, on PostgreSQL under load, took a sixth of
         every pass. Publishes run one after the other, in the order of the commits. `unsure`: the
-        commit's outcome is unknown (`Reconciler._commit`): watchers are told what is stored (`_as_stored`)."""
+        commit's outcome is unknown (`PassState.commit`): watchers are told what is stored (`_as_stored`)."""
         self._publishing = asyncio.get_running_loop().create_task(
             self._publish_after(self._publishing, changed, deleted, time.perf_counter(), unsure=unsure))
         self._publishes.add(self._publishing)

@@ -6,14 +6,15 @@ A pass (the package docstring tells the whole story) first does what is due befo
 whole cluster (`_solve_and_commit`: snapshot, solve in a worker thread, commit, retried on
 conflicts), and hands what it committed to the nodes and, through the `Publisher`, to watchers.
 The bookkeeping both paths share (the generation and arrivals last committed, the warm cluster,
-the scheduling queue, the quarantine) lives here, on the reconciler."""
+the scheduling queue, the quarantine) lives in the `PassState` (`pass_state.py`) the reconciler
+makes and both paths are handed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from controller import limits
@@ -26,7 +27,7 @@ from controller.scheduling.queue import SchedulingQueue
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
-from controller.store.lease import CommitOutcomeUnknown, LeaseLost
+from controller.store.lease import LeaseLost
 from controller.store.plans import CommitResult, commit_plan
 from controller.store.rollout import DEFAULT_SURGE, stored_key
 from controller.store.snapshot import Snapshot
@@ -45,6 +46,7 @@ from controller.reconcile.pacing import MAX_FULL_PASS_PAUSE_S, RetryBackoff, mak
 from controller.reconcile.protocols import (
     AlwaysLeader, Lease, NoObserver, ReconcileObserver, ReconcileOutcome, ViewReader,
 )
+from controller.reconcile.pass_state import PassState
 from controller.reconcile.publishing import Publisher
 
 
@@ -76,7 +78,6 @@ class Reconciler:
         submitted: SubmittedRows | None = None,
         on_warm_built: Callable[[], None] = lambda: None,
     ) -> None:
-        self._db = db
         # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. On a
         # SQLite file it can (its writers take turns across threads, `db.SqliteWriters`) but does
         # not by default: no gain was shown at 4,096 nodes (docs/benchmarks.md, issue 8, night 2,
@@ -86,7 +87,6 @@ class Reconciler:
         # one (a second engine opens another database).
         self._own_thread = db is not None and not db.is_sqlite if own_thread is None else own_thread
         self._own: OwnLoop | None = None  # while `run` runs there
-        self._push = push
         self._publisher = Publisher(db, publish, read_views=read_views, interval_s=interval_s)
         self._interval = interval_s
         self._time_limit_ms = solve_time_limit_ms
@@ -99,10 +99,6 @@ class Reconciler:
         self._wall_clock = wall_clock  # when placements start and stop, for the usage meter
         self._retry = RetryBackoff(backoff_s=retry_backoff_s, max_backoff_s=max_retry_backoff_s, clock=clock)
         self._wake = asyncio.Event()
-        self._last_generation: int | None = None
-        # Deployments in the last committed pass's snapshot: more at the same generation are arrivals.
-        self._last_arrivals: int | None = None
-        self._queue = SchedulingQueue(backoff_s=backoff_s)
         self._lock = asyncio.Lock()
         self.full_passes = 0          # passes that read and solved the whole cluster
         self._full_pass_s = 0.0       # how long the last pass took when it was one (else 0)
@@ -113,14 +109,7 @@ class Reconciler:
         self._submitted = submitted
         self._allow_preemption = allow_preemption
         self._max_surge = max_surge
-        # Failed replicas released and replaced ones retired first in a pass (`self._push` read
-        # when called: `run` on its own thread hands pushes to the controller's loop).
-        self._checks = FirstChecks(restarts=restart_policy or RestartPolicy(), clock=clock, wall_clock=wall_clock,
-                                   observer=self._observer, commit=self._commit,
-                                   push=lambda nodes: self._push(nodes),
-                                   publish=lambda changed: self._publisher.publish_in_order(changed, []))
         self._pass_started: float | None = None
-        self._laps = PassLaps()              # where the pass under way spends its time (the log line)
         self.consecutive_failures = 0        # passes in a row that raised
         # The fast path: the warm cluster (controller/scheduling/warm.py, cache/).
         # `decider`: the warm session lives in that process (decider.py), else in this one.
@@ -131,9 +120,18 @@ class Reconciler:
         self._decider = decider
         self.fast_passes = 0   # passes that decided on the warm session
         self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
-        # A stale full commit turned replicas away, or the changes it caught up with could help
-        # work short of replicas: the next fast pass decides what is short again (`_caught_up`).
-        self._redecide = False
+        # What both paths share: the collaborators above and the bookkeeping of the last commits.
+        self._state = state = PassState(
+            db=db, push=push, publisher=self._publisher, warm=self._warm, observer=self._observer,
+            queue=SchedulingQueue(backoff_s=backoff_s), quarantined=self._quarantined, retry=self._retry,
+            clock=clock, wall_clock=wall_clock)
+        # Failed replicas released and replaced ones retired first in a pass (`state.push` read
+        # when called: `run` on its own thread hands pushes to the controller's loop).
+        self._checks = state.checks = FirstChecks(
+            restarts=restart_policy or RestartPolicy(), clock=clock, wall_clock=wall_clock,
+            observer=self._observer, commit=state.commit,
+            push=lambda nodes: state.push(nodes),
+            publish=lambda changed: self._publisher.publish_in_order(changed, []))
         # `resync` calls, and those a whole-cluster pass has been done after: until then one is due.
         self._resyncs = self._resynced = 0
 
@@ -175,7 +173,7 @@ class Reconciler:
         self._retry.cancel()
         self._checks.forget_failures()
         self._quarantined.within.clear()
-        self._queue = SchedulingQueue(backoff_s=self._queue.backoff_s)
+        self._state.queue = SchedulingQueue(backoff_s=self._state.queue.backoff_s)
         self.wake()
 
     async def run(self) -> None:
@@ -188,28 +186,28 @@ class Reconciler:
             await self._run_then_stop_publishing()
             return
         own = OwnLoop("reconciler")
-        push, publish, db = self._push, self._publisher.publish, self._db
+        push, publish, db = self._state.push, self._publisher.publish, self._state.db
         woken = self._wake.is_set()
         self._wake = asyncio.Event()  # bound to the thread's loop once it waits there
         if woken:
             self._wake.set()
-        self._push = lambda nodes: own.to_main(push, nodes)
+        self._state.push = lambda nodes: own.to_main(push, nodes)
         self._publisher.publish = lambda *args: own.on_main(publish(*args))
         self._own = own  # wakes and resyncs go to the thread's loop from now on
         try:
             await own.run(lambda: self._run_on(_same_database(db)))
         finally:
             self._own = None
-            self._push, self._publisher.publish = push, publish
+            self._state.push, self._publisher.publish = push, publish
 
     async def _run_on(self, db: Database) -> None:
         """`_run` with `db` (the thread's engine: connections belong to one event loop)."""
-        main = self._db
-        self._db = self._warm.db = self._publisher.db = db
+        main = self._state.db
+        self._state.db = self._warm.db = self._publisher.db = db
         try:
             await self._run_then_stop_publishing()
         finally:
-            self._db = self._warm.db = self._publisher.db = main
+            self._state.db = self._warm.db = self._publisher.db = main
             await db.dispose()
 
     async def _run_then_stop_publishing(self) -> None:
@@ -256,7 +254,7 @@ class Reconciler:
 
     async def _make_room(self, last_started: float | None) -> None:
         """`pacing.make_room` on the reconciler's database (read once the period is over)."""
-        await make_room(self._db, last_started)
+        await make_room(self._state.db, last_started)
 
     async def reconcile_once(self, *, force: bool = False, wait_published: bool = True) -> ReconcileOutcome:
         """One pass; solves only if the cluster generation moved since the last solve, a
@@ -282,7 +280,7 @@ class Reconciler:
         async with self._lock:
             self.passes += 1
             self._pass_started = self._clock()
-            self._laps = PassLaps()
+            self._state.laps = PassLaps()
             full_before, self._full_pass_s, began = self.full_passes, 0.0, time.perf_counter()
             resyncs = self._resyncs
             force = force or resyncs != self._resynced
@@ -291,14 +289,14 @@ class Reconciler:
                 # a connection's check, BEGIN and the end, which on PostgreSQL under load are
                 # what a pass waits for); the full path takes its own.
                 outcome: ReconcileOutcome | None = None
-                async with self._db.unit_of_work() as uow:
+                async with self._state.db.unit_of_work() as uow:
                     generation, arrivals = await self._checks.before_pass(uow)
-                    self._laps.lap("generation")
+                    self._state.laps.lap("generation")
                     now = self._clock()
-                    retry_due = self._retry.due(now) or self._queue.backoff_due(now)
-                    self._queue.arrived(arrivals - (self._last_arrivals or 0))
-                    if (not force and not retry_due and generation == self._last_generation
-                            and arrivals == self._last_arrivals and not self._redecide):
+                    retry_due = self._retry.due(now) or self._state.queue.backoff_due(now)
+                    self._state.queue.arrived(arrivals - (self._state.last_arrivals or 0))
+                    if (not force and not retry_due and generation == self._state.last_generation
+                            and arrivals == self._state.last_arrivals and not self._state.redecide):
                         outcome = ReconcileOutcome(generation=generation)
                         self._observer.pass_taken("idle")  # woken for nothing (or only retired/released first)
                     elif not (force or retry_due) and self._may_go_fast(generation, arrivals):
@@ -306,8 +304,8 @@ class Reconciler:
                 if outcome is None:
                     outcome = await self._solve_and_commit()
                 if outcome.solved:
-                    self._queue.arrived(0)
-                self._observer.queue_depths(self._queue.depths())
+                    self._state.queue.arrived(0)
+                self._observer.queue_depths(self._state.queue.depths())
             except LeaseLost:  # not a failure of this pass: another controller schedules now
                 self._warm.drop()
                 raise
@@ -329,10 +327,10 @@ class Reconciler:
         decided again: `_caught_up`), or others changed it and the cache may follow
         (`WarmCluster.catch_up` says): the pass may go on the warm cluster."""
         own = self._warm.own_generation
-        if self._last_arrivals is None or own != self._last_generation:
+        if self._state.last_arrivals is None or own != self._state.last_generation:
             return False
-        if generation == own and not self._redecide:
-            return arrivals > self._last_arrivals
+        if generation == own and not self._state.redecide:
+            return arrivals > self._state.last_arrivals
         return self._warm.cache is not None
 
     async def _fast_pass(self, uow: UnitOfWork, generation: int, arrivals: int) -> ReconcileOutcome | None:
@@ -341,23 +339,23 @@ class Reconciler:
         the warm cluster and commit them, all in the pass's unit of work `uow` (module doc of
         controller/scheduling/cache/); None: the full path must run instead."""
         started = time.perf_counter()
-        helped, self._redecide = self._redecide, False
+        helped, self._state.redecide = self._state.redecide, False
         if generation != self._warm.own_generation:
             caught_up = await self._warm.catch_up(uow.session, generation=generation)
-            self._laps.lap("catch_up")
+            self._state.laps.lap("catch_up")
             if caught_up is None:
                 return None
             helped |= caught_up
-            self._last_generation = self._warm.own_generation
-        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._last_arrivals else ArrivalDocs([])
-        self._laps.lap("arrivals")
+            self._state.last_generation = self._warm.own_generation
+        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._state.last_arrivals else ArrivalDocs([])
+        self._state.laps.lap("arrivals")
         cache = self._warm.cache
         if read is None or cache is None or self._quarantined.judge(read.docs + read.late, self._submitted_here(read)):
             self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
             return None
         docs, late = read.docs, read.late
         if helped:  # everything unschedulable is active again: decided now, on the session
-            self._queue.helped()
+            self._state.queue.helped()
         # Arrivals committed out of order go first, followed as the commit lists them.
         try:
             # A worker thread only when the session is asked (it blocks on it): not after it answered none.
@@ -372,7 +370,7 @@ class Reconciler:
         if not docs and not retried and not departed and not cache.repairs and not cache.releasing:
             self._checks.avoid = frozenset()
             # Deployments another controller placed are held now (`ClusterCache.apply_deployments`).
-            self._last_arrivals = len(cache.snapshot.deployment_ids)
+            self._state.last_arrivals = len(cache.snapshot.deployment_ids)
             self.delta_passes += 1
             self._observer.pass_taken("delta")
             return ReconcileOutcome(generation=cache.snapshot.generation)
@@ -385,22 +383,22 @@ class Reconciler:
             self._warm.drop()
             return None
         decided_s = time.perf_counter() - started
-        self._laps.lap("decide")
-        self._laps.ms["decide_cpu"] = cpu_s * 1000  # against `decide`: what waiting for the GIL cost
+        self._state.laps.lap("decide")
+        self._state.laps.ms["decide_cpu"] = cpu_s * 1000  # against `decide`: what waiting for the GIL cost
         if self._decider is not None:  # the session's own CPU, in the decide process
-            self._laps.ms["decide_child_cpu"] = (self._decider.cpu_s - child_cpu_s) * 1000
+            self._state.laps.ms["decide_child_cpu"] = (self._decider.cpu_s - child_cpu_s) * 1000
         self._observer.solved(fast.plan.status, decided_s)
         base = cache.snapshot.generation
         deleting = await _deleting_views(uow.session, departed)
         result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
-                                   now=self._wall_clock(), laps=self._laps.lap)
-        self._laps.lap("commit_plan")
+                                   now=self._wall_clock(), laps=self._state.laps.lap)
+        self._state.laps.lap("commit_plan")
         published = _to_publish(result, deleting)
-        await self._commit(uow, result.changed_nodes, *published)
-        self._laps.lap("commit")
+        await self._state.commit(uow, result.changed_nodes, *published)
+        self._state.laps.lap("commit")
         self.fast_passes += 1
         self._observer.pass_taken("fast")
-        changed = await self._report(result, fast.plan, published, decided_s * 1000, waiting=0, path="fast")
+        changed = await self._state.report(result, fast.plan, published, decided_s * 1000, waiting=0, path="fast")
         if result.stale:  # someone changed the cluster meanwhile: what held is written (re-checked)
             self._observer.plan_conflict()
             if result.requeued:  # what did not hold: solve it all
@@ -408,16 +406,16 @@ class Reconciler:
                 return None
         else:  # only this commit moved the generation: no FAILED shard or replacement to look for
             self._checks.only_own_commit(base, result.generation)
-        self._committed(cache.snapshot, fast.plan, result, fast.scope)
+        self._state.committed(cache.snapshot, fast.plan, result, fast.scope)
         self._quarantined.good.update(d["id"] for d in docs + late)
         await self._warm.after_fast(cache, fast, result)
-        self._laps.lap("after")
+        self._state.laps.lap("after")
         if result.stale:  # the next pass reads the change that made it stale from the log
-            self._last_generation = self._warm.own_generation
+            self._state.last_generation = self._warm.own_generation
         # The full solve tries the arrivals left short (and what was preempted) once more; it may
         # move others. What was tried again waits for the next change that could help it.
         arrived = {d["id"] for d in docs + late}
-        self._queue.back_off([name for name in fast.unplaced if name in arrived]
+        self._state.queue.back_off([name for name in fast.unplaced if name in arrived]
                              + [p.deployment for p in fast.plan.preempted], self._clock())
         self._checks.avoid = frozenset()
         # What found no other node than the ones it failed on is placed anywhere by the full
@@ -438,53 +436,21 @@ class Reconciler:
         inserted = self._submitted.take(doc["id"] for doc in read.docs + read.late)
         return {key for key, row in inserted.items() if row == read.as_inserted.get(key)}
 
-    def _committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult,
-                   scope: frozenset[str] | None = None) -> None:
-        """Bookkeeping after a commit that was not stale, by either path (`scope`: what a fast
-        plan spoke for)."""
-        self._last_generation = result.generation
-        self._last_arrivals = len(snapshot.deployment_ids)
-        self._warm.committed(snapshot, plan, result, scope)
-
-    async def _report(self, result: CommitResult, plan: Plan, published: tuple[set[str], list[DeploymentView]],
-                      solve_ms: float, *, waiting: int, path: str) -> set[str]:
-        """Log, count, push and publish what a commit changed (`published`: `_to_publish`'s); the
-        deployments changed."""
-        self._observer.placed(result.first_placed_after_s.values())
-        if result.changed_deployments:  # it moved the generation (else the one it returns is another's)
-            self._checks.own_commit(result.generation)
-        if result.requeued:
-            self._observer.requeued(len(result.requeued))
-        changed, deleted = published
-        self._push(set(result.changed_nodes))
-        if changed or deleted:
-            self._publisher.publish_in_order(changed, deleted)
-        self._laps.lap("publish")
-        log.info(
-            "reconciled path=%s generation=%s status=%s solve_ms=%.0f placements=%d unplaced=%s waiting=%d "
-            "changed_nodes=%d deleted=%s stale=%s requeued=%s published_after_ms=%.0f ms=%s",
-            path, result.generation, plan.status, solve_ms, len(plan.placements),
-            {u.deployment: u.replicas for u in plan.unplaced}, waiting, len(result.changed_nodes),
-            sorted(result.deleted_deployments), result.stale, sorted(result.requeued), self.published_after_ms,
-            self._laps,
-        )
-        return changed
-
     async def _full_snapshot(self) -> tuple[Snapshot, dict[str, DeploymentView]]:
         """The snapshot a full solve starts from, and the deployments being deleted (their last
         state, for the DELETED events once the commit removes them): the warm one while it can
         follow what others changed (the back-off's retry, a time-limited retry: it catches up
         first, `WarmCluster.catch_up`), else a fresh read."""
-        if self._warm.cache is not None and self._warm.own_generation == self._last_generation:
-            async with self._db.unit_of_work() as uow:
-                if await repo.read_cluster_generation(uow.session) != self._last_generation \
+        if self._warm.cache is not None and self._warm.own_generation == self._state.last_generation:
+            async with self._state.db.unit_of_work() as uow:
+                if await repo.read_cluster_generation(uow.session) != self._state.last_generation \
                         and await self._warm.catch_up(uow.session) is not None:
-                    self._last_generation = self._warm.own_generation
+                    self._state.last_generation = self._warm.own_generation
         warm = await self._warm.snapshot()
         if warm is not None:
-            async with self._db.unit_of_work() as uow:
+            async with self._state.db.unit_of_work() as uow:
                 return warm, await _deleting_views(uow.session, warm.deleting)
-        async with self._db.unit_of_work() as uow:
+        async with self._state.db.unit_of_work() as uow:
             snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
             return snapshot, await _deleting_views(uow.session, snapshot.deleting)
 
@@ -496,12 +462,12 @@ class Reconciler:
         deleted_names: set[str] = set()
         for attempt in range(self._retries + 1):
             snapshot, deleting = await self._full_snapshot()
-            self._laps.lap("snapshot")
+            self._state.laps.lap("snapshot")
             beyond = self._quarantined.beyond_limits(snapshot.problem)
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
                 continue
-            admitted, waiting = self._queue.admit(snapshot.problem)
+            admitted, waiting = self._state.queue.admit(snapshot.problem)
             problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
                                             allow_preemption=self._allow_preemption)
             avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
@@ -518,17 +484,17 @@ class Reconciler:
                 await self._quarantine(culprits)
                 continue
             self.solves += 1
-            self._laps.lap("solve")
+            self._state.laps.lap("solve")
             solve_ms = (time.perf_counter() - started) * 1000
             self._observer.solved(plan.status, solve_ms / 1000)
             scope = await self._warm.scope(snapshot, plan)
-            async with self._db.unit_of_work() as uow:
+            async with self._state.db.unit_of_work() as uow:
                 result = await commit_plan(uow.session, snapshot, plan, scope=scope, actor="controller",
-                                           now=self._wall_clock(), laps=self._laps.lap)
+                                           now=self._wall_clock(), laps=self._state.laps.lap)
                 published = _to_publish(result, deleting)
-                await self._commit(uow, result.changed_nodes, *published)
-            self._laps.lap("commit")
-            changed = await self._report(result, plan, published, solve_ms, waiting=len(waiting), path="full")
+                await self._state.commit(uow, result.changed_nodes, *published)
+            self._state.laps.lap("commit")
+            changed = await self._state.report(result, plan, published, solve_ms, waiting=len(waiting), path="full")
             changed_nodes |= result.changed_nodes
             changed_deployments |= changed
             deleted_names |= result.deleted_deployments
@@ -539,15 +505,15 @@ class Reconciler:
                 if avoided or not await self._caught_up(snapshot, plan, result):
                     continue  # solve again from a fresh read
             else:
-                self._committed(snapshot, plan, result)
-                self._redecide = False
+                self._state.committed(snapshot, plan, result)
+                self._state.redecide = False
             self._quarantined.good = {d["id"] for d in snapshot.problem.get("deployments", ())}
             self._checks.avoid = frozenset()
             if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
-                self._queue.after_retry()
+                self._state.queue.after_retry()
                 retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued or plan.unplaced))
             else:
-                self._queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
+                self._state.queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
                 retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued) and not result.stale)
             if not result.stale:
                 await self._warm.after_full(snapshot, result)
@@ -557,7 +523,7 @@ class Reconciler:
                 deleted=tuple(sorted(deleted_names)), retry_in_s=retry_in_s,
             )
         log.warning("%d stale plans in a row; solving again on the next wake", self._retries + 1)
-        self._last_generation = None
+        self._state.last_generation = None
         self._warm.drop()
         return ReconcileOutcome(solved=True, conflicts=self._retries + 1, changed_nodes=frozenset(changed_nodes),
                                 changed_deployments=frozenset(changed_deployments),
@@ -572,49 +538,29 @@ class Reconciler:
         cache cannot follow (another kind of change in between): solve again from a fresh read."""
         if not await self._warm.after_stale_full(snapshot, plan, result):
             return False
-        async with self._db.unit_of_work() as uow:
+        async with self._state.db.unit_of_work() as uow:
             helped = await self._warm.catch_up(uow.session)
-        self._laps.lap("catch_up")
+        self._state.laps.lap("catch_up")
         if helped is None:
             return False
         cache = self._warm.cache
         assert cache is not None  # caught up
-        self._last_generation = self._warm.own_generation
-        self._last_arrivals = len(cache.snapshot.deployment_ids)  # departures caught up with are gone
+        self._state.last_generation = self._warm.own_generation
+        self._state.last_arrivals = len(cache.snapshot.deployment_ids)  # departures caught up with are gone
         # Departures and repairs caught up with are committed by the next pass too.
-        self._redecide = helped or bool(result.requeued or cache.snapshot.deleting or cache.repairs or cache.releasing)
-        if self._redecide:
+        self._state.redecide = helped or bool(result.requeued or cache.snapshot.deleting or cache.repairs or cache.releasing)
+        if self._state.redecide:
             self.wake()
         return True
 
-    async def _commit(self, uow: UnitOfWork, nodes: Iterable[str], changed: Iterable[str] = (),
-                      deleted: Iterable[DeploymentView] = ()) -> None:
-        """Commit a unit of work that changed `nodes`' assignment sets and the deployments
-        `changed` (keys) and removed those of `deleted` (their last views). A COMMIT whose outcome
-        is unknown (`CommitOutcomeUnknown`: the connection lost with it in flight) may have landed:
-        before the error goes on, those nodes' agents are sent their sets as stored (a set that did
-        not change is sent again, which an agent takes as it is), and those deployments are
-        published as stored once the database answers (`Publisher._as_stored`: placed if it landed, as before
-        if not). Sets are pushed and deployments published on change, not polled: without this an
-        agent would hear of a landed commit only at its node's next change, and a watcher never
-        (the next pass finds nothing to change)."""
-        try:
-            await uow.commit()
-        except CommitOutcomeUnknown:
-            self._push(set(nodes))
-            changed, deleted = set(changed), list(deleted)
-            if changed or deleted:
-                self._publisher.publish_in_order(changed, deleted, unsure=True)
-            raise
-
     async def _quarantine(self, reasons: dict[str, str]) -> None:
         changed: set[str] = set()
-        async with self._db.unit_of_work() as uow:
+        async with self._state.db.unit_of_work() as uow:
             for name, reason in reasons.items():
                 changed |= await repo.quarantine_deployment(uow.session, stored_key(name), reason)
-            await self._commit(uow, changed, {stored_key(name) for name in reasons})
+            await self._state.commit(uow, changed, {stored_key(name) for name in reasons})
         self._quarantined.quarantined(reasons)
         for name, reason in reasons.items():
             log.error("deployment quarantined deployment=%s reason=%s", name, reason)
-        self._push(changed)
+        self._state.push(changed)
         self._publisher.publish_in_order({stored_key(name) for name in reasons}, [])

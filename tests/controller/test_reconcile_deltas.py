@@ -337,7 +337,7 @@ async def test_a_join_of_many_nodes_stays_off_the_full_path(database: Database) 
     await submit(database, deployment("late", accelerators=4, locality="node"))
     await loop.reconcile_once()
     await loop.reconcile_once()
-    assert loop.full_passes == full + 1 and loop._queue.depths().unschedulable == 1
+    assert loop.full_passes == full + 1 and loop._state.queue.depths().unschedulable == 1
     # A node registers: not ready yet, it cannot help.
     async with database.unit_of_work() as uow:
         reg = await agents.register_node(uow, WHO, NodeInfo(node_id="new", rack="rack-c", accelerators=4,
@@ -348,7 +348,7 @@ async def test_a_join_of_many_nodes_stays_off_the_full_path(database: Database) 
     async with database.unit_of_work() as uow:
         await agents.hello(uow, WHO, "new", reg.session_id, datetime.now(timezone.utc))
     assert (await loop.reconcile_once()).solved
-    assert loop.full_passes == full + 1 and loop._queue.depths().unschedulable == 0
+    assert loop.full_passes == full + 1 and loop._state.queue.depths().unschedulable == 0
     snapshot = await fresh(database)
     assert {p["node"] for p in snapshot.problem["placements"] if p["deployment"] == "t1/late"} == {"new"}
     assert_same(loop.warm_snapshot, snapshot)

@@ -152,7 +152,7 @@ async def test_a_pass_waits_while_answered_batches_are_written_at_most_the_bound
     period since the last pass began (a long pass, at saturation, is followed at once)."""
     r = Reconciler(None, push=lambda nodes: None, publish=_publish)  # type: ignore[arg-type]
     turns = WriterTurns()
-    r._db = _Db(turns)  # type: ignore[assignment]
+    r._state.db = _Db(turns)  # type: ignore[assignment]
     long_ago = pacing.time.perf_counter() - 3600.0  # the period and the bound are over
 
     monkeypatch.setattr(pacing, "ANSWER_YIELD_MAX_S", 3600.0)
@@ -175,7 +175,7 @@ async def test_a_pass_waiting_for_an_answered_batch_goes_when_its_turn_ends(monk
     no timer (a poll every 2 ms left it waiting up to a poll's period after the batch)."""
     r = Reconciler(None, push=lambda nodes: None, publish=_publish)  # type: ignore[arg-type]
     turns = WriterTurns()
-    r._db = _Db(turns)  # type: ignore[assignment]
+    r._state.db = _Db(turns)  # type: ignore[assignment]
     monkeypatch.setattr(pacing, "ANSWER_YIELD_MAX_S", 3600.0)
     await turns.acquire(WritePriority.ANSWER)  # the batch writes
     room = asyncio.create_task(r._make_room(_period_just_over()))

@@ -78,7 +78,7 @@ async def test_passes_run_on_their_own_thread_and_hand_pushes_and_publishes_to_t
         await task
     assert "reconciler" not in {t.name for t in threading.enumerate()}
     async with cluster.unit_of_work() as uow:  # the controller's own handle is the reconciler's again
-        assert r._db is cluster and uow is not None
+        assert r._state.db is cluster and uow is not None
 
 
 async def test_own_loop_reports_the_works_error_and_stops_when_cancelled() -> None:

@@ -380,7 +380,7 @@ async def test_a_watcher_hears_a_plan_whose_commit_was_lost_as_it_is_stored(
     """A reconciler's plan commit whose COMMIT was dropped on its way (nothing written) or whose
     answer was dropped (written): the pass fails 'may have landed'; once the pool connects again
     the watcher is told the deployment as stored: placed if the COMMIT landed, still pending if
-    not (`Reconciler._commit`). Before, a landed plan reached no watcher: the next pass finds
+    not (`PassState.commit`). Before, a landed plan reached no watcher: the next pass finds
     nothing to change."""
     db, election = await _leading_through(database, cut, moment)
     bus = DeploymentEventBus()
