@@ -57,7 +57,7 @@ class PassState:
     # Deployments in the last committed pass's snapshot: more at the same generation are arrivals.
     last_arrivals: int | None = None
     # A stale full commit turned replicas away, or the changes it caught up with could help
-    # work short of replicas: the next fast pass decides what is short again (`_caught_up`).
+    # work short of replicas: the next fast pass decides what is short again (`FullPath._caught_up`).
     redecide: bool = False
 
     def committed(self, snapshot: Snapshot, plan: Plan, result: CommitResult,

@@ -25,22 +25,21 @@ from controller.scheduling.warm import ArrivalDocs, WarmCluster
 from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import SchedulingQueue
 from controller.store import models as m
-from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import LeaseLost
-from controller.store.plans import CommitResult, commit_plan
-from controller.store.rollout import DEFAULT_SURGE, stored_key
+from controller.store.plans import commit_plan
+from controller.store.rollout import DEFAULT_SURGE
 from controller.store.snapshot import Snapshot
 from controller.store.turns import WritePriority, write_priority
 from controller.usecases import planning
 from controller.usecases.submits import SubmittedRows
 from controller.domain.restarts import RestartPolicy
-from controller.domain.values import DeploymentView
 from scheduler import Plan
 
 from controller.reconcile.first_checks import FirstChecks
+from controller.reconcile.full_path import FullPath
 from controller.reconcile.helpers import (
-    PassLaps, _deleting_views, _on_thread_cpu, _same_database, _to_publish, time_limited,
+    PassLaps, _deleting_views, _on_thread_cpu, _same_database, _to_publish,
 )
 from controller.reconcile.pacing import MAX_FULL_PASS_PAUSE_S, RetryBackoff, make_room
 from controller.reconcile.protocols import (
@@ -89,26 +88,19 @@ class Reconciler:
         self._own: OwnLoop | None = None  # while `run` runs there
         self._publisher = Publisher(db, publish, read_views=read_views, interval_s=interval_s)
         self._interval = interval_s
-        self._time_limit_ms = solve_time_limit_ms
         self._lease = lease or AlwaysLeader()
-        self._retries = max_conflict_retries
         self._settle = settle_s
-        self._solve = solve
         self._clock = clock
         self._observer = observer or NoObserver()
         self._wall_clock = wall_clock  # when placements start and stop, for the usage meter
         self._retry = RetryBackoff(backoff_s=retry_backoff_s, max_backoff_s=max_retry_backoff_s, clock=clock)
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self.full_passes = 0          # passes that read and solved the whole cluster
         self._full_pass_s = 0.0       # how long the last pass took when it was one (else 0)
         self.passes = 0
-        self.solves = 0
         self._quarantined = Quarantine(quarantine_after)
         # The deployments this process's submit batches validated and inserted (not judged again).
         self._submitted = submitted
-        self._allow_preemption = allow_preemption
-        self._max_surge = max_surge
         self._pass_started: float | None = None
         self.consecutive_failures = 0        # passes in a row that raised
         # The fast path: the warm cluster (controller/scheduling/warm.py, cache/).
@@ -132,8 +124,21 @@ class Reconciler:
             observer=self._observer, commit=state.commit,
             push=lambda nodes: state.push(nodes),
             publish=lambda changed: self._publisher.publish_in_order(changed, []))
+        self._full = FullPath(state, solve=solve, time_limit_ms=solve_time_limit_ms,
+                              max_conflict_retries=max_conflict_retries, allow_preemption=allow_preemption,
+                              max_surge=max_surge, wake=lambda: self.wake())
         # `resync` calls, and those a whole-cluster pass has been done after: until then one is due.
         self._resyncs = self._resynced = 0
+
+    @property
+    def full_passes(self) -> int:
+        """Passes that read and solved the whole cluster."""
+        return self._full.passes
+
+    @property
+    def solves(self) -> int:
+        """Whole-cluster solves (a pass whose commit went stale solves again)."""
+        return self._full.solves
 
     @property
     def published_after_ms(self) -> float:
@@ -302,7 +307,7 @@ class Reconciler:
                     elif not (force or retry_due) and self._may_go_fast(generation, arrivals):
                         outcome = await self._fast_pass(uow, generation, arrivals)
                 if outcome is None:
-                    outcome = await self._solve_and_commit()
+                    outcome = await self._full.solve_and_commit()
                 if outcome.solved:
                     self._state.queue.arrived(0)
                 self._observer.queue_depths(self._state.queue.depths())
@@ -324,7 +329,7 @@ class Reconciler:
     def _may_go_fast(self, generation: int, arrivals: int) -> bool:
         """Either nobody changed the cluster since this
         controller's last commit and deployments arrived (or work short of replicas is to be
-        decided again: `_caught_up`), or others changed it and the cache may follow
+        decided again: `FullPath._caught_up`), or others changed it and the cache may follow
         (`WarmCluster.catch_up` says): the pass may go on the warm cluster."""
         own = self._warm.own_generation
         if self._state.last_arrivals is None or own != self._state.last_generation:
@@ -435,132 +440,3 @@ class Reconciler:
             return set()
         inserted = self._submitted.take(doc["id"] for doc in read.docs + read.late)
         return {key for key, row in inserted.items() if row == read.as_inserted.get(key)}
-
-    async def _full_snapshot(self) -> tuple[Snapshot, dict[str, DeploymentView]]:
-        """The snapshot a full solve starts from, and the deployments being deleted (their last
-        state, for the DELETED events once the commit removes them): the warm one while it can
-        follow what others changed (the back-off's retry, a time-limited retry: it catches up
-        first, `WarmCluster.catch_up`), else a fresh read."""
-        if self._warm.cache is not None and self._warm.own_generation == self._state.last_generation:
-            async with self._state.db.unit_of_work() as uow:
-                if await repo.read_cluster_generation(uow.session) != self._state.last_generation \
-                        and await self._warm.catch_up(uow.session) is not None:
-                    self._state.last_generation = self._warm.own_generation
-        warm = await self._warm.snapshot()
-        if warm is not None:
-            async with self._state.db.unit_of_work() as uow:
-                return warm, await _deleting_views(uow.session, warm.deleting)
-        async with self._state.db.unit_of_work() as uow:
-            snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
-            return snapshot, await _deleting_views(uow.session, snapshot.deleting)
-
-    async def _solve_and_commit(self) -> ReconcileOutcome:
-        self.full_passes += 1
-        self._observer.pass_taken("full")
-        changed_nodes: set[str] = set()
-        changed_deployments: set[str] = set()
-        deleted_names: set[str] = set()
-        for attempt in range(self._retries + 1):
-            snapshot, deleting = await self._full_snapshot()
-            self._state.laps.lap("snapshot")
-            beyond = self._quarantined.beyond_limits(snapshot.problem)
-            if beyond:  # stored before today's limits: never handed to the solver
-                await self._quarantine(beyond)
-                continue
-            admitted, waiting = self._state.queue.admit(snapshot.problem)
-            problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
-                                            allow_preemption=self._allow_preemption)
-            avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
-            problem = planning.with_cordoned(problem, avoided)
-            started = time.perf_counter()
-            try:
-                plan = SchedulingQueue.with_waiting(await self._solve(problem, time_limit_ms=self._time_limit_ms), waiting)
-            except Exception as exc:
-                log.error("the solver failed on the whole cluster (%s: %s); isolating the deployment it trips on",
-                          type(exc).__name__, exc)
-                culprits = await self._quarantined.isolate(snapshot.problem, self._solve, time_limit_ms=self._time_limit_ms)
-                if not culprits:
-                    raise
-                await self._quarantine(culprits)
-                continue
-            self.solves += 1
-            self._state.laps.lap("solve")
-            solve_ms = (time.perf_counter() - started) * 1000
-            self._observer.solved(plan.status, solve_ms / 1000)
-            scope = await self._warm.scope(snapshot, plan)
-            async with self._state.db.unit_of_work() as uow:
-                result = await commit_plan(uow.session, snapshot, plan, scope=scope, actor="controller",
-                                           now=self._wall_clock(), laps=self._state.laps.lap)
-                published = _to_publish(result, deleting)
-                await self._state.commit(uow, result.changed_nodes, *published)
-            self._state.laps.lap("commit")
-            changed = await self._state.report(result, plan, published, solve_ms, waiting=len(waiting), path="full")
-            changed_nodes |= result.changed_nodes
-            changed_deployments |= changed
-            deleted_names |= result.deleted_deployments
-            if result.stale:  # the cluster changed while solving: what still held is written
-                self._observer.plan_conflict()
-                log.info("attempt %d: the plan was solved from generation %d, committed on a newer one",
-                         attempt + 1, snapshot.generation)
-                if avoided or not await self._caught_up(snapshot, plan, result):
-                    continue  # solve again from a fresh read
-            else:
-                self._state.committed(snapshot, plan, result)
-                self._state.redecide = False
-            self._quarantined.good = {d["id"] for d in snapshot.problem.get("deployments", ())}
-            self._checks.avoid = frozenset()
-            if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
-                self._state.queue.after_retry()
-                retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued or plan.unplaced))
-            else:
-                self._state.queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
-                retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued) and not result.stale)
-            if not result.stale:
-                await self._warm.after_full(snapshot, result)
-            return ReconcileOutcome(
-                solved=True, generation=result.generation, conflicts=attempt + int(result.stale),
-                changed_nodes=frozenset(changed_nodes), changed_deployments=frozenset(changed_deployments),
-                deleted=tuple(sorted(deleted_names)), retry_in_s=retry_in_s,
-            )
-        log.warning("%d stale plans in a row; solving again on the next wake", self._retries + 1)
-        self._state.last_generation = None
-        self._warm.drop()
-        return ReconcileOutcome(solved=True, conflicts=self._retries + 1, changed_nodes=frozenset(changed_nodes),
-                                changed_deployments=frozenset(changed_deployments),
-                                deleted=tuple(sorted(deleted_names)))
-
-    async def _caught_up(self, snapshot: Snapshot, plan: Plan, result: CommitResult) -> bool:
-        """After a stale commit of a full solve (a join storm moved the generation while it
-        solved): the cache is the state its snapshot and its commit left (`after_stale_full`) and
-        catches up with the changes in between from the log, as deltas, instead of the pass
-        reading and solving the whole cluster again; what the commit turned away, or what those
-        changes could help, is decided on the session by the next pass (woken now). False: the
-        cache cannot follow (another kind of change in between): solve again from a fresh read."""
-        if not await self._warm.after_stale_full(snapshot, plan, result):
-            return False
-        async with self._state.db.unit_of_work() as uow:
-            helped = await self._warm.catch_up(uow.session)
-        self._state.laps.lap("catch_up")
-        if helped is None:
-            return False
-        cache = self._warm.cache
-        assert cache is not None  # caught up
-        self._state.last_generation = self._warm.own_generation
-        self._state.last_arrivals = len(cache.snapshot.deployment_ids)  # departures caught up with are gone
-        # Departures and repairs caught up with are committed by the next pass too.
-        self._state.redecide = helped or bool(result.requeued or cache.snapshot.deleting or cache.repairs or cache.releasing)
-        if self._state.redecide:
-            self.wake()
-        return True
-
-    async def _quarantine(self, reasons: dict[str, str]) -> None:
-        changed: set[str] = set()
-        async with self._state.db.unit_of_work() as uow:
-            for name, reason in reasons.items():
-                changed |= await repo.quarantine_deployment(uow.session, stored_key(name), reason)
-            await self._state.commit(uow, changed, {stored_key(name) for name in reasons})
-        self._quarantined.quarantined(reasons)
-        for name, reason in reasons.items():
-            log.error("deployment quarantined deployment=%s reason=%s", name, reason)
-        self._state.push(changed)
-        self._publisher.publish_in_order({stored_key(name) for name in reasons}, [])

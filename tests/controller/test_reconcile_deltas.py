@@ -233,7 +233,7 @@ def failing_reconciler(db: Database, decider: DecideProcess | None = None) -> Re
 
 def _change_while_committing(monkeypatch: pytest.MonkeyPatch, events: Events) -> list[str]:
     """The next plan commit first lets one more random change land (a stale commit); the change's kind."""
-    import controller.reconcile.reconciler as reconcile_module
+    import controller.reconcile.full_path as reconcile_module
 
     landed: list[str] = []
 
@@ -561,7 +561,7 @@ async def test_a_stale_full_pass_catches_up_by_deltas(cluster, monkeypatch) -> N
     # stale, the replica placed on the cordoned node is turned away. The cache is what the commit
     # left at the snapshot's generation and reads the join and the cordon from the log; the next
     # pass places the turned-away replica on the session, without reading the cluster again.
-    import controller.reconcile.reconciler as reconcile_module
+    import controller.reconcile.full_path as reconcile_module
 
     loop = reconciler(cluster)
     await submit(cluster, deployment("a", accelerators=4, locality="node"))
@@ -591,7 +591,7 @@ async def test_a_stale_full_pass_catches_up_by_deltas(cluster, monkeypatch) -> N
 
 async def test_a_stale_full_pass_that_wrote_it_all_is_followed(cluster, monkeypatch) -> None:
     # Nodes join while the first pass solves: what it placed holds, the joins are deltas.
-    import controller.reconcile.reconciler as reconcile_module
+    import controller.reconcile.full_path as reconcile_module
 
     loop = reconciler(cluster)
     await submit(cluster, deployment("a", accelerators=4, locality="node"))

@@ -29,7 +29,7 @@ async def test_a_whole_cluster_pass_is_followed_by_a_pause_as_long_as_it(monkeyp
         began = pacing.time.perf_counter()
         await real_sleep(0.05)  # the pass's own work
         if full:
-            r.full_passes += 1
+            r._full.passes += 1
             r._full_pass_s = pacing.time.perf_counter() - began
         else:
             r._full_pass_s = 0.0

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from controller.reconcile import reconciler
+from controller.reconcile import full_path, reconciler
 from controller.api.server import ControllerApp
 from controller.store import models as m
 from controller.usecases import planning
@@ -89,7 +89,7 @@ async def test_dry_runs_are_rate_limited_per_tenant(make_app):
 async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_are_placed(make_app, monkeypatch):
     # A hand agent that never heartbeats: a timeout no loaded machine reaches while the pass isolates.
     app, stubs = await make_app(quarantine_after_failures=2, heartbeat_timeout_s=60)
-    real = app.reconciler._solve
+    real = app.reconciler._full._solve
 
     async def poisoned(problem, **kw):
         if any(d["id"] == "lab/poison" for d in problem.get("deployments", ())):  # ids are TENANT/NAME
@@ -106,7 +106,7 @@ async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_ar
         return place(session, deployment)
 
     monkeypatch.setattr(Session, "place", poisoned_place)
-    app.reconciler._solve = poisoned
+    app.reconciler._full._solve = poisoned
     agent = HandAgent(stubs, "n1", "rack-a")
     await agent.register()
     await agent.connect()
@@ -121,7 +121,7 @@ async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_ar
     good = await eventually(lambda: _get(stubs, "good"), lambda d: d.placed_replicas == 1, what="good placed")
     assert [p.node for p in good.placements] == ["n1"]
 
-    app.reconciler._solve = real  # fixed: submitting it again releases it
+    app.reconciler._full._solve = real  # fixed: submitting it again releases it
     monkeypatch.setattr(Session, "place", place)
     await _submit(stubs, "poison", accelerators=1, locality=common_pb2.DOMAIN_NODE)
     released = await eventually(lambda: _get(stubs, "poison"), lambda d: d.placed_replicas == 1, what="released")
@@ -174,11 +174,13 @@ async def test_health_is_not_serving_while_the_reconciler_keeps_failing_and_reco
         raise RuntimeError("cannot write the plan")
 
     # Both the full path and the fast path (arrivals on the warm cluster) commit through it.
-    monkeypatch.setattr(reconciler, "commit_plan", broken)
+    for path in (reconciler, full_path):
+        monkeypatch.setattr(path, "commit_plan", broken)
     await _submit(stubs, "svc")  # an arrival: every pass now fails
     await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
     assert any("the reconciler failed" in p for p in app.monitor.problems)
-    monkeypatch.setattr(reconciler, "commit_plan", real)
+    for path in (reconciler, full_path):
+        monkeypatch.setattr(path, "commit_plan", real)
     await eventually(lambda: _health(stubs), lambda s: s == SERVING, what="SERVING again")
 
 
