@@ -2,12 +2,13 @@
 
 A pass (the package docstring tells the whole story) first does what is due before it
 (`first_checks.py`), then either skips (nothing moved), goes fast on the warm session
-(`_fast_pass`: new deployments and others' changes as deltas, one scoped commit) or solves the
-whole cluster (`_solve_and_commit`: snapshot, solve in a worker thread, commit, retried on
-conflicts), and hands what it committed to the nodes and, through the `Publisher`, to watchers.
-The bookkeeping both paths share (the generation and arrivals last committed, the warm cluster,
-the scheduling queue, the quarantine) lives in the `PassState` (`pass_state.py`) the reconciler
-makes and both paths are handed."""
+(`FastPath`, `fast_path.py`: new deployments and others' changes as deltas, one scoped commit)
+or solves the whole cluster (`FullPath`, `full_path.py`: snapshot, solve in a worker thread,
+commit, retried on conflicts), and hands what it committed to the nodes and, through the
+`Publisher`, to watchers. The reconciler keeps the loop, the lock a pass holds and the choice of
+path; the bookkeeping both paths share (the generation and arrivals last committed, the warm
+cluster, the scheduling queue, the quarantine) lives in the `PassState` (`pass_state.py`) it
+makes and hands to both."""
 
 from __future__ import annotations
 
@@ -19,15 +20,14 @@ from datetime import datetime
 
 from controller import limits
 from controller.aio import wait_event
-from controller.scheduling.decider import DecideProcess, DeciderFailed, open_in_process
+from controller.scheduling.decider import DecideProcess, open_in_process
 from controller.scheduling.own_loop import OwnLoop
-from controller.scheduling.warm import ArrivalDocs, WarmCluster
+from controller.scheduling.warm import WarmCluster
 from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import SchedulingQueue
 from controller.store import models as m
-from controller.store.db import Database, UnitOfWork
+from controller.store.db import Database
 from controller.store.lease import LeaseLost
-from controller.store.plans import commit_plan
 from controller.store.rollout import DEFAULT_SURGE
 from controller.store.snapshot import Snapshot
 from controller.store.turns import WritePriority, write_priority
@@ -36,16 +36,15 @@ from controller.usecases.submits import SubmittedRows
 from controller.domain.restarts import RestartPolicy
 from scheduler import Plan
 
+from controller.reconcile.fast_path import FastPath
 from controller.reconcile.first_checks import FirstChecks
 from controller.reconcile.full_path import FullPath
-from controller.reconcile.helpers import (
-    PassLaps, _deleting_views, _on_thread_cpu, _same_database, _to_publish,
-)
+from controller.reconcile.helpers import PassLaps, _same_database
 from controller.reconcile.pacing import MAX_FULL_PASS_PAUSE_S, RetryBackoff, make_room
+from controller.reconcile.pass_state import PassState
 from controller.reconcile.protocols import (
     AlwaysLeader, Lease, NoObserver, ReconcileObserver, ReconcileOutcome, ViewReader,
 )
-from controller.reconcile.pass_state import PassState
 from controller.reconcile.publishing import Publisher
 
 
@@ -92,15 +91,12 @@ class Reconciler:
         self._settle = settle_s
         self._clock = clock
         self._observer = observer or NoObserver()
-        self._wall_clock = wall_clock  # when placements start and stop, for the usage meter
         self._retry = RetryBackoff(backoff_s=retry_backoff_s, max_backoff_s=max_retry_backoff_s, clock=clock)
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._full_pass_s = 0.0       # how long the last pass took when it was one (else 0)
         self.passes = 0
         self._quarantined = Quarantine(quarantine_after)
-        # The deployments this process's submit batches validated and inserted (not judged again).
-        self._submitted = submitted
         self._pass_started: float | None = None
         self.consecutive_failures = 0        # passes in a row that raised
         # The fast path: the warm cluster (controller/scheduling/warm.py, cache/).
@@ -109,9 +105,6 @@ class Reconciler:
                                  time_limit_ms=solve_time_limit_ms,
                                  open_session=open_in_process if decider is None else decider.open,
                                  on_built=on_warm_built)
-        self._decider = decider
-        self.fast_passes = 0   # passes that decided on the warm session
-        self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
         # What both paths share: the collaborators above and the bookkeeping of the last commits.
         self._state = state = PassState(
             db=db, push=push, publisher=self._publisher, warm=self._warm, observer=self._observer,
@@ -127,8 +120,19 @@ class Reconciler:
         self._full = FullPath(state, solve=solve, time_limit_ms=solve_time_limit_ms,
                               max_conflict_retries=max_conflict_retries, allow_preemption=allow_preemption,
                               max_surge=max_surge, wake=lambda: self.wake())
+        self._fast = FastPath(state, decider=decider, submitted=submitted)
         # `resync` calls, and those a whole-cluster pass has been done after: until then one is due.
         self._resyncs = self._resynced = 0
+
+    @property
+    def fast_passes(self) -> int:
+        """Passes that decided on the warm session."""
+        return self._fast.passes
+
+    @property
+    def delta_passes(self) -> int:
+        """Passes that only applied others' changes to the cache (nothing to decide)."""
+        return self._fast.delta_passes
 
     @property
     def full_passes(self) -> int:
@@ -305,7 +309,7 @@ class Reconciler:
                         outcome = ReconcileOutcome(generation=generation)
                         self._observer.pass_taken("idle")  # woken for nothing (or only retired/released first)
                     elif not (force or retry_due) and self._may_go_fast(generation, arrivals):
-                        outcome = await self._fast_pass(uow, generation, arrivals)
+                        outcome = await self._fast.decide_and_commit(uow, generation, arrivals)
                 if outcome is None:
                     outcome = await self._full.solve_and_commit()
                 if outcome.solved:
@@ -337,106 +341,3 @@ class Reconciler:
         if generation == own and not self._state.redecide:
             return arrivals > self._state.last_arrivals
         return self._warm.cache is not None
-
-    async def _fast_pass(self, uow: UnitOfWork, generation: int, arrivals: int) -> ReconcileOutcome | None:
-        """Follow others' changes (up to `generation`, read first in `uow`), then decide the
-        arrivals (and, after a change that could help them, what is still short of replicas) on
-        the warm cluster and commit them, all in the pass's unit of work `uow` (module doc of
-        controller/scheduling/cache/); None: the full path must run instead."""
-        started = time.perf_counter()
-        helped, self._state.redecide = self._state.redecide, False
-        if generation != self._warm.own_generation:
-            caught_up = await self._warm.catch_up(uow.session, generation=generation)
-            self._state.laps.lap("catch_up")
-            if caught_up is None:
-                return None
-            helped |= caught_up
-            self._state.last_generation = self._warm.own_generation
-        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._state.last_arrivals else ArrivalDocs([])
-        self._state.laps.lap("arrivals")
-        cache = self._warm.cache
-        if read is None or cache is None or self._quarantined.judge(read.docs + read.late, self._submitted_here(read)):
-            self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
-            return None
-        docs, late = read.docs, read.late
-        if helped:  # everything unschedulable is active again: decided now, on the session
-            self._state.queue.helped()
-        # Arrivals committed out of order go first, followed as the commit lists them.
-        try:
-            # A worker thread only when the session is asked (it blocks on it): not after it answered none.
-            retried = (await asyncio.to_thread(cache.pending_docs) if cache.may_hold_pending else []) + late \
-                if helped else late
-        except DeciderFailed:  # the session in the decide process is lost
-            log.exception("the warm session is lost; solving the whole cluster")
-            self._warm.drop()
-            return None
-        departed = cache.snapshot.deleting
-        avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
-        if not docs and not retried and not departed and not cache.repairs and not cache.releasing:
-            self._checks.avoid = frozenset()
-            # Deployments another controller placed are held now (`ClusterCache.apply_deployments`).
-            self._state.last_arrivals = len(cache.snapshot.deployment_ids)
-            self.delta_passes += 1
-            self._observer.pass_taken("delta")
-            return ReconcileOutcome(generation=cache.snapshot.generation)
-        child_cpu_s = 0.0 if self._decider is None else self._decider.cpu_s
-        try:
-            fast, cpu_s = await asyncio.to_thread(_on_thread_cpu, cache.decide, docs, self._warm.unplaced, retried,
-                                                  avoided)
-        except Exception:
-            log.exception("the session failed to decide %d arrivals; solving the whole cluster", len(docs))
-            self._warm.drop()
-            return None
-        decided_s = time.perf_counter() - started
-        self._state.laps.lap("decide")
-        self._state.laps.ms["decide_cpu"] = cpu_s * 1000  # against `decide`: what waiting for the GIL cost
-        if self._decider is not None:  # the session's own CPU, in the decide process
-            self._state.laps.ms["decide_child_cpu"] = (self._decider.cpu_s - child_cpu_s) * 1000
-        self._observer.solved(fast.plan.status, decided_s)
-        base = cache.snapshot.generation
-        deleting = await _deleting_views(uow.session, departed)
-        result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
-                                   now=self._wall_clock(), laps=self._state.laps.lap)
-        self._state.laps.lap("commit_plan")
-        published = _to_publish(result, deleting)
-        await self._state.commit(uow, result.changed_nodes, *published)
-        self._state.laps.lap("commit")
-        self.fast_passes += 1
-        self._observer.pass_taken("fast")
-        changed = await self._state.report(result, fast.plan, published, decided_s * 1000, waiting=0, path="fast")
-        if result.stale:  # someone changed the cluster meanwhile: what held is written (re-checked)
-            self._observer.plan_conflict()
-            if result.requeued:  # what did not hold: solve it all
-                self._warm.drop()
-                return None
-        else:  # only this commit moved the generation: no FAILED shard or replacement to look for
-            self._checks.only_own_commit(base, result.generation)
-        self._state.committed(cache.snapshot, fast.plan, result, fast.scope)
-        self._quarantined.good.update(d["id"] for d in docs + late)
-        await self._warm.after_fast(cache, fast, result)
-        self._state.laps.lap("after")
-        if result.stale:  # the next pass reads the change that made it stale from the log
-            self._state.last_generation = self._warm.own_generation
-        # The full solve tries the arrivals left short (and what was preempted) once more; it may
-        # move others. What was tried again waits for the next change that could help it.
-        arrived = {d["id"] for d in docs + late}
-        self._state.queue.back_off([name for name in fast.unplaced if name in arrived]
-                             + [p.deployment for p in fast.plan.preempted], self._clock())
-        self._checks.avoid = frozenset()
-        # What found no other node than the ones it failed on is placed anywhere by the full
-        # solve after the back-off, as on the full path.
-        short = avoided and any(name in fast.extended for name in fast.unplaced)
-        retry_in_s = self._retry.schedule(fast.plan, requeued=True) if result.requeued or short else None
-        return ReconcileOutcome(
-            solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
-            changed_deployments=frozenset(changed), deleted=tuple(sorted(result.deleted_deployments)),
-            retry_in_s=retry_in_s)
-
-    def _submitted_here(self, read: ArrivalDocs) -> set[str]:
-        """The arrivals this process's submit batches validated and inserted, read as inserted
-        (`SubmittedRows`): the quarantine's judge would check the same fields against the same
-        limits again. Each is taken from `SubmittedRows` once, whatever it is found to be."""
-        if self._submitted is None:
-            return set()
-        inserted = self._submitted.take(doc["id"] for doc in read.docs + read.late)
-        return {key for key, row in inserted.items() if row == read.as_inserted.get(key)}

@@ -409,7 +409,7 @@ async def test_an_eviction_of_a_node_holding_shards_is_a_delta(cluster) -> None:
 async def test_a_fast_commit_that_lands_on_a_change_keeps_the_cache(cluster, monkeypatch) -> None:
     # A deletion lands between the pass's read of the log and its commit: the commit is stale,
     # writes what it decided (re-checked), and the next pass reads the deletion from the log.
-    import controller.reconcile.reconciler as reconcile_module
+    import controller.reconcile.fast_path as reconcile_module
 
     loop = reconciler(cluster)
     await submit(cluster, deployment("gone", accelerators=2, locality="node"))

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from controller.reconcile import full_path, reconciler
+from controller.reconcile import fast_path, full_path
 from controller.api.server import ControllerApp
 from controller.store import models as m
 from controller.usecases import planning
@@ -168,18 +168,18 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 async def test_health_is_not_serving_while_the_reconciler_keeps_failing_and_recovers(make_app, monkeypatch):
     app, stubs = await make_app(health_interval_s=0.1)
     assert await _health(stubs) == SERVING
-    real = reconciler.commit_plan
+    real = full_path.commit_plan
 
     async def broken(*args, **kwargs):
         raise RuntimeError("cannot write the plan")
 
     # Both the full path and the fast path (arrivals on the warm cluster) commit through it.
-    for path in (reconciler, full_path):
+    for path in (fast_path, full_path):
         monkeypatch.setattr(path, "commit_plan", broken)
     await _submit(stubs, "svc")  # an arrival: every pass now fails
     await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
     assert any("the reconciler failed" in p for p in app.monitor.problems)
-    for path in (reconciler, full_path):
+    for path in (fast_path, full_path):
         monkeypatch.setattr(path, "commit_plan", real)
     await eventually(lambda: _health(stubs), lambda s: s == SERVING, what="SERVING again")
 
