@@ -61,7 +61,10 @@ raises on, is quarantined (`scheduling/quarantine.py`) and the rest solved again
 `consecutive_failures` and `running_for_s()` tell the health monitor whether it is doing its job.
 
 The package, by concern (each module says why it exists):
-- `reconciler.py`: the `Reconciler`, its run loop and one pass, fast path and full path;
+- `reconciler.py`: the `Reconciler`, its run loop and one pass: the lock, the choice of path;
+- `fast_path.py`: the fast path, arrivals and others' changes decided on the warm session;
+- `full_path.py`: the full path, the whole cluster solved and committed (and quarantines);
+- `pass_state.py`: what both paths share (`PassState`), and what either does after a commit;
 - `first_checks.py`: failed replicas released and replaced ones retired before a pass;
 - `publishing.py`: what a commit changed, told to watchers in commit order;
 - `pacing.py`: when passes start, and the retry back-off of a pass that left work;
