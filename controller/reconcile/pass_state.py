@@ -43,7 +43,7 @@ class PassState:
     # Assignment sets to the nodes named (handed to the controller's loop while `run` runs on its own).
     push: Callable[[set[str]], None]
     publisher: Publisher
-    warm: WarmCluster  # the fast path's cluster (controller/scheduling/warm.py, cache.py)
+    warm: WarmCluster  # the fast path's cluster (controller/scheduling/warm.py, cache/)
     observer: ReconcileObserver
     queue: SchedulingQueue  # a new one on `resync`
     quarantined: Quarantine
