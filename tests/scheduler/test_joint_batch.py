@@ -118,32 +118,40 @@ def test_batch_mode_pairs_two_fractions_neither_greedy_nor_classes_pair() -> Non
 
 
 SIZES = (160, 230, 300, 320, 350, 470, 530, 650, 700, 810)  # openb-like fractions
+RUNNING_CPU = 500  # CPU milli of each task running before the batch
 
 
 @st.composite
 def fraction_batches(draw: st.DrawFn) -> Doc:
     """A batch of fractions onto a partly used cluster (fractions and whole tasks running, CPU
-    may bind), `batch_size` = all."""
+    may bind), `batch_size` = all. What runs fits its node: an accelerator's fractions within
+    1000 milli, a node's tasks within its CPU (a state the checker would refuse before the batch
+    is no input: it was drawn once, 3,500 of 3,000 CPU milli on a node)."""
     n_nodes = draw(st.integers(2, 3))
     acc = draw(st.sampled_from([2, 4]))
-    nodes = [node(f"n{i}", acc=acc, cpu_milli=draw(st.sampled_from([3_000, 64_000])))
-             for i in range(n_nodes)]
-    running, placements, used = [], [], {}
+    cpu = [draw(st.sampled_from([3_000, 64_000])) for _ in range(n_nodes)]
+    nodes = [node(f"n{i}", acc=acc, cpu_milli=cpu[i]) for i in range(n_nodes)]
+    running, placements, used, cpu_used = [], [], {}, [0] * n_nodes
     for j in range(draw(st.integers(0, n_nodes * acc))):
         milli = draw(st.sampled_from(SIZES))
-        at = (f"n{draw(st.integers(0, n_nodes - 1))}", draw(st.integers(0, acc - 1)))
-        if used.get(at, 0) + milli > 1000:
+        i, a = draw(st.integers(0, n_nodes - 1)), draw(st.integers(0, acc - 1))
+        at = (f"n{i}", a)
+        if used.get(at, 0) + milli > 1000 or cpu_used[i] + RUNNING_CPU > cpu[i]:
             continue
         used[at] = used.get(at, 0) + milli
+        cpu_used[i] += RUNNING_CPU
         running.append(dep(f"e{j}", acc=1, accelerator_milli=milli, locality="node",
-                           cpu_milli=500))
+                           cpu_milli=RUNNING_CPU))
         placements.append(placed(f"e{j}", at[0], [at[1]], milli=milli))
     # Whole tasks on some of the accelerators still empty: a batch may then start short of
     # empty accelerators (scheduler/defer.py).
-    empty = [(f"n{i}", a) for i in range(n_nodes) for a in range(acc) if (f"n{i}", a) not in used]
-    for j, at in enumerate(empty[:draw(st.integers(0, len(empty)))]):
-        running.append(dep(f"w{j}", acc=1, locality="node", cpu_milli=500))
-        placements.append(placed(f"w{j}", at[0], [at[1]]))
+    empty = [(i, a) for i in range(n_nodes) for a in range(acc) if (f"n{i}", a) not in used]
+    for j, (i, a) in enumerate(empty[:draw(st.integers(0, len(empty)))]):
+        if cpu_used[i] + RUNNING_CPU > cpu[i]:
+            continue
+        cpu_used[i] += RUNNING_CPU
+        running.append(dep(f"w{j}", acc=1, locality="node", cpu_milli=RUNNING_CPU))
+        placements.append(placed(f"w{j}", f"n{i}", [a]))
     sizes = draw(st.lists(st.sampled_from(SIZES), min_size=2, max_size=10))
     batch = [dep(f"f{i}", acc=1, accelerator_milli=m, locality="node",
                  cpu_milli=draw(st.sampled_from([500, 1_000])))
