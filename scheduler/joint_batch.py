@@ -36,8 +36,9 @@ from ortools.sat.python import cp_model
 
 from scheduler.cpsat import stopped_by_clock
 from scheduler.filters import node_fit, quota_room
-from scheduler.greedy import PAIRING_WEIGHT, Placer
+from scheduler.greedy import Placer
 from scheduler.pairing import FULL
+from scheduler.scoring import PAIRING_WEIGHT
 from scheduler.state import ShardAt
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def pair_again(solver: Solver, wanted: list[int]) -> None:
 def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
     """The CP-SAT assignment (module doc); commits what it decides and the checks allow."""
     state = solver.state
-    values = placer.pairing_values()
+    values = placer.scores.pairing_values()
     items: list[_Item] = []
     rankings = {}
     for d in ds:
@@ -249,7 +250,7 @@ def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
     chosen = sorted((i, g) for (i, g), v in x.items() if solver_cp.boolean_value(v))
     for i, g in chosen:
         _commit(solver, items[i], *acc_list[g])
-    placer.forget_scores()  # the state changed under the placer's cached scores
+    placer.scores.forget()  # the state changed under the placer's cached scores
 
 
 def _cut_by_clock(solver: Solver) -> None:

@@ -23,8 +23,9 @@ import numpy as np
 from scheduler.defer import Squeeze, defer_openers, tight
 from scheduler.explain import explain
 from scheduler.fragmentation import node_fragmentation
-from scheduler.greedy import PAIRING_WEIGHT, Placer
+from scheduler.greedy import Placer
 from scheduler.joint_batch import jointly_placeable, place_jointly, place_rest
+from scheduler.scoring import PAIRING_WEIGHT
 from scheduler.state import ClusterState, ShardAt
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def place_batch(solver: Solver, ds: list[int], seed: int, defer: bool = True) ->
         # The first order (as they arrived) learns the workload one arrival at a time, as
         # online decisions do: the batch then never places less than them.
         first = order is orders[0]
-        placer = Placer(state, scorer=solver.placer.scorer,
+        placer = Placer(state, scorer=solver.placer.scores.scorer,
                         workload=alone if first else solver.workload)
         if order is JOINT:
             place_jointly(solver, placer, ds)
@@ -126,7 +127,7 @@ def lookahead(solver: Solver) -> float:
     workload's expected demand its free room can still take (`Placer.expected_packing`, the
     pairing LP over every accelerator with room), to whole milli so that LP noise cannot
     order two equal states; 0 when `LOOKAHEAD` is off or nothing is priced."""
-    packed = solver.placer.expected_packing() if LOOKAHEAD else None
+    packed = solver.placer.scores.expected_packing() if LOOKAHEAD else None
     return 0.0 if packed is None else float(round(packed))
 
 
@@ -155,7 +156,7 @@ def node_quality(solver: Solver, placer: Placer, state: ClusterState,
     if nodes is not None:
         free, cpu, mem = free[nodes], cpu[nodes], mem[nodes]
     quality = -node_fragmentation(free, cpu, mem, solver.workload, nodes)
-    values = placer.pairing_values()
+    values = placer.scores.pairing_values()
     if values is not None:
         quality += PAIRING_WEIGHT * values.room_value[np.clip(free, 0, 1000)].sum(axis=1)
     return quality
@@ -170,7 +171,7 @@ def batch_quality(solver: Solver, placer: Placer, state: ClusterState, result: R
     if len(nodes) == 0:
         return 0.0
     gain = float((node_quality(solver, placer, state, nodes) - base[nodes]).sum())
-    values = placer.pairing_values()
+    values = placer.scores.pairing_values()
     if values is not None:
         gain += PAIRING_WEIGHT * sum(len(rs) * values.net(state.deps[d].shard.accelerator_milli)
                                      for d, rs in result.items()

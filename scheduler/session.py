@@ -230,7 +230,7 @@ class Session:
             if workload.counts:
                 workload.refresh()
             solver.workload = workload
-            solver.placer.workload = workload
+            solver.placer.scores.workload = workload
         return solver
 
     def _index(self, deployment: str) -> int:

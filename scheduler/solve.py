@@ -195,7 +195,7 @@ class Solver:
     def adopt(self, state: ClusterState) -> None:
         """Make this state the solve's (a trial that won); the placer follows it."""
         self.state = state
-        self.placer = Placer(state, scorer=self.placer.scorer, workload=self.workload)
+        self.placer = Placer(state, scorer=self.placer.scores.scorer, workload=self.workload)
 
     # ---- the pipeline ---------------------------------------------------------------------
 

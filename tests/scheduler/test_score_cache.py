@@ -31,7 +31,7 @@ from builders import dep, node, placed, problem  # noqa: E402
 from strategies import problems  # noqa: E402
 
 from scheduler import Node, problem_from_dict  # noqa: E402
-from scheduler import filters, greedy  # noqa: E402
+from scheduler import filters, greedy, scoring  # noqa: E402
 from scheduler.fragmentation import node_fragmentation  # noqa: E402
 from scheduler.model import ShardSpec  # noqa: E402
 from scheduler.session import ClusterDelta, Session  # noqa: E402
@@ -42,18 +42,18 @@ COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                      HealthCheck.data_too_large])
 
 
-def scores_afresh(placer: greedy.Placer, t: int, spec: ShardSpec,
-                  nodes: np.ndarray) -> greedy.ShardScores:
-    placer._current_snapshot()
-    values = placer.pairing_values() if spec.fractional and spec.accelerators > 0 else None
-    return placer._score_rows(t, spec, nodes, values, fgd=True)
+def scores_afresh(scores: scoring.NodeScores, t: int, spec: ShardSpec,
+                  nodes: np.ndarray) -> scoring.ShardScores:
+    scores._current_snapshot()
+    values = scores.pairing_values() if spec.fractional and spec.accelerators > 0 else None
+    return scores.score_rows(t, spec, nodes, values, fgd=True)
 
 
-def fragmentation_afresh(placer: greedy.Placer, t: int, nodes: np.ndarray) -> np.ndarray:
-    placer._current_snapshot()
-    s = placer.state
-    return node_fragmentation(placer._free_milli(t)[nodes], s.cpu_free[nodes],
-                              s.mem_free[nodes], placer.workload, nodes)
+def fragmentation_afresh(scores: scoring.NodeScores, t: int, nodes: np.ndarray) -> np.ndarray:
+    scores._current_snapshot()
+    s = scores.state
+    return node_fragmentation(scores.free_milli(t)[nodes], s.cpu_free[nodes],
+                              s.mem_free[nodes], scores.workload, nodes)
 
 
 def local_slots_afresh(state: ClusterState, d: int) -> np.ndarray:
@@ -67,8 +67,8 @@ def uncached() -> ExitStack:
     stack = ExitStack()
     stack.enter_context(mock.patch.object(greedy, "KEEP_CANDIDATES", False))
     stack.enter_context(mock.patch.object(filters, "local_slots", local_slots_afresh))
-    stack.enter_context(mock.patch.object(greedy.Placer, "_fgd_scores", scores_afresh))
-    stack.enter_context(mock.patch.object(greedy.Placer, "_fragmentation",
+    stack.enter_context(mock.patch.object(scoring.NodeScores, "fgd_scores", scores_afresh))
+    stack.enter_context(mock.patch.object(scoring.NodeScores, "fragmentation",
                                           fragmentation_afresh))
     stack.enter_context(mock.patch.object(greedy, "lexmin",
                                           lambda keys: int(np.lexsort(keys)[0])))
