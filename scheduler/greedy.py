@@ -41,7 +41,8 @@ class NodeRanking:
 
 
 class Placer:
-    """Places gangs into a ClusterState it owns the mutation of."""
+    """Places gangs into a ClusterState it owns the mutation of; ranks a single shard's nodes
+    by the scores `self.scores` (`scoring.NodeScores`) keeps for that state."""
 
     def __init__(self, state: ClusterState, scorer: Scorer = "fgd",
                  workload: Workload | None = None) -> None:
@@ -211,7 +212,6 @@ class Placer:
                            None if frag_after is None else frag_after[order],
                            None if pairing_loss is None else pairing_loss[order])
 
-
     # ---- single shards from the kept candidates (`candidates.RackBest`) --------------------
 
     def _keeps_candidates(self, d: int) -> bool:
@@ -263,7 +263,6 @@ class Placer:
             self.scores.scarcity_cost(t, spec, nodes)
         return (rounded_delta(cost, scored.pairing_loss), scored.left_after,
                 self.state.cpu_free[nodes] - spec.cpu_milli)
-
 
     # ---- mutation -------------------------------------------------------------------------
 

@@ -64,6 +64,7 @@ class NodeScores:
         self._prices_generation = 0  # bumped when the prices change
 
     def uses_fgd(self) -> bool:
+        """Whether single shards are ranked by FGD: the FGD scorer, and some workload seen."""
         return self.scorer == "fgd" and len(self.workload.counts) > 0
 
     def fgd_scores(self, t: int, spec: ShardSpec, nodes: np.ndarray) -> ShardScores:
