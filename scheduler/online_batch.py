@@ -124,7 +124,7 @@ def defer_big_fractions(solver: Solver, ds: list[int], squeeze: Squeeze) -> list
 
 def lookahead(solver: Solver) -> float:
     """What the cluster as it stands predicts for the final allocation: milli of the
-    workload's expected demand its free room can still take (`Placer.expected_packing`, the
+    workload's expected demand its free room can still take (`NodeScores.expected_packing`, the
     pairing LP over every accelerator with room), to whole milli so that LP noise cannot
     order two equal states; 0 when `LOOKAHEAD` is off or nothing is priced."""
     packed = solver.placer.scores.expected_packing() if LOOKAHEAD else None

@@ -4,7 +4,7 @@
 arrays so filters can be vectorised, and records every placed replica so it can be undone
 (trial placements, preemption, moves). All mutation goes through `add_replica`/`remove_replica`
 (one shard at a time, `_apply`) or `load`, which keep the aggregates consistent and give every
-node they change a new stamp (`node_version`): a cache of per-node scores (greedy.py) is valid
+node they change a new stamp (`node_version`): a cache of per-node scores (scoring.py) is valid
 for a node exactly while its stamp is the one it was computed at.
 """
 
