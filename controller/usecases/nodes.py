@@ -48,8 +48,9 @@ async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], heard
     bounds = paging.bounds(page)
     rows = await repo.list_node_rows(uow.session, rack, bounds)
     policy.require_admin(who, "listing nodes")
-    usage = await repo.cluster_usage(uow.session)
-    return paging.page_of(rows, bounds, key=lambda n: (n.id,)).map(lambda n: _view(n, usage, connected, heard))
+    page = paging.page_of(rows, bounds, key=lambda n: (n.id,))
+    usage = await repo.node_usage(uow.session, [n.id for n in page.items])
+    return page.map(lambda n: _view(n, usage, connected, heard))
 
 
 async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str],
@@ -59,7 +60,7 @@ async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
-    usage = await repo.cluster_usage(uow.session)
+    usage = await repo.node_usage(uow.session, [row.id])
     return _view(row, usage, connected, heard)
 
 
@@ -78,7 +79,7 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
         repo.record_event(uow.session, actor=who.name, kind=kind, object_kind="node", object_id=node_id)
         await uow.commit()
         signals.wake_reconciler()
-    usage = await repo.cluster_usage(uow.session)
+    usage = await repo.node_usage(uow.session, [row.id])
     return _view(row, usage, connected, heard)
 
 

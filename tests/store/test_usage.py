@@ -65,6 +65,24 @@ async def test_usage_sums_match_placement_milli(database: Database) -> None:
     assert usage.tenant("b").accelerators == 0.75
 
 
+
+async def test_node_usage_is_the_cluster_usage_of_those_nodes_alone(database: Database) -> None:
+    """`node_usage` (a node's view: `get node`, a cordon, a page of `get nodes`) reads the nodes
+    asked for, and gives for them what `cluster_usage` gives; nothing of the other nodes."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        whole = await repo.cluster_usage(uow.session)
+        for asked in (["n1"], ["n2", "n3"], ["n1", "n2", "n3", "ghost"], []):
+            usage = await repo.node_usage(uow.session, asked)
+            assert dict(usage.node_milli) == {n: whole.node_milli[n] for n in asked if n in whole.node_milli}
+            assert dict(usage.node_shards) == {n: whole.node_shards[n] for n in asked if n in whole.node_shards}
+            assert dict(usage.node_tenants) == {n: whole.node_tenants[n] for n in asked if n in whole.node_tenants}
+            assert dict(usage.node_tenant_milli) == {k: v for k, v in whole.node_tenant_milli.items() if k[0] in asked}
+        n1 = await repo.node_usage(uow.session, ["n1"])
+    assert dict(n1.node_tenant_milli) == {("n1", "a"): 2000, ("n1", "b"): 500} and dict(n1.node_shards) == {"n1": 3}
+
 async def test_node_state_counts_agree_with_each_nodes_state(database: Database) -> None:
     """The database's counts per operator state equal `Node.state` node by node, and the
     accelerators counted are those of nodes not down (a cordoned or suspect node's included)."""
