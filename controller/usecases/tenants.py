@@ -14,7 +14,7 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.usecases import policy
 from controller.domain.changes import ClusterChange
-from controller.domain.values import ISOLATIONS, TenantSpec, TenantView
+from controller.domain.values import ISOLATIONS, TenantSpec, TenantView, Usage
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
@@ -92,8 +92,7 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id)
     await uow.commit()
     signals.wake_reconciler()
-    usage = await repo.cluster_usage(uow.session)
-    return TenantView(spec=repo.tenant_spec(row), usage=usage.tenant(row.id))
+    return await _view(uow, row)
 
 
 async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantView:
@@ -102,8 +101,7 @@ async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantV
     row = await repo.get_tenant(uow.session, tenant_id)
     if row is None:
         raise NotFound(f"tenant {tenant_id} not found")
-    usage = await repo.cluster_usage(uow.session)
-    return TenantView(spec=repo.tenant_spec(row), usage=usage.tenant(row.id))
+    return await _view(uow, row)
 
 
 async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = PageRequest()) -> Page[TenantView]:
@@ -113,9 +111,15 @@ async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = Page
     rows = await repo.list_tenant_rows(uow.session, bounds)
     if own:
         rows = [r for r in rows if r.id == own]
-    usage = await repo.cluster_usage(uow.session)
-    return paging.page_of(rows, bounds, key=lambda r: (r.id,)).map(
-        lambda r: TenantView(spec=repo.tenant_spec(r), usage=usage.tenant(r.id)))
+    page = paging.page_of(rows, bounds, key=lambda r: (r.id,))
+    usage = await repo.tenant_usage(uow.session, [r.id for r in page.items])
+    return page.map(lambda r: TenantView(spec=repo.tenant_spec(r), usage=usage.get(r.id, Usage())))
+
+
+async def _view(uow: UnitOfWork, row: m.Tenant) -> TenantView:
+    """A tenant's contract with what its placed shards use now."""
+    usage = await repo.tenant_usage(uow.session, [row.id])
+    return TenantView(spec=repo.tenant_spec(row), usage=usage.get(row.id, Usage()))
 
 
 async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals: Signals) -> None:

@@ -83,6 +83,24 @@ async def test_node_usage_is_the_cluster_usage_of_those_nodes_alone(database: Da
         n1 = await repo.node_usage(uow.session, ["n1"])
     assert dict(n1.node_tenant_milli) == {("n1", "a"): 2000, ("n1", "b"): 500} and dict(n1.node_shards) == {"n1": 3}
 
+
+async def test_tenant_usage_is_the_cluster_usage_of_those_tenants_alone(database: Database) -> None:
+    """`tenant_usage` (a tenant's view) sums the tenants asked for by the database, a row a
+    tenant: what `cluster_usage` gives for them, and nothing for the others."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        whole = await repo.cluster_usage(uow.session)
+        for asked in (["a"], ["b"], ["a", "b", "ghost"], []):
+            usage = await repo.tenant_usage(uow.session, asked)
+            assert sorted(usage) == [t for t in sorted(asked) if t in whole.tenant_milli]
+            for tenant, used in usage.items():
+                assert used.accelerators == whole.tenant(tenant).accelerators
+                assert used.power_w == pytest.approx(whole.tenant(tenant).power_w)
+        b = (await repo.tenant_usage(uow.session, ["b"]))["b"]
+    assert b.accelerators == 0.75 and b.power_w == pytest.approx(600.0)
+
 async def test_node_state_counts_agree_with_each_nodes_state(database: Database) -> None:
     """The database's counts per operator state equal `Node.state` node by node, and the
     accelerators counted are those of nodes not down (a cordoned or suspect node's included)."""
