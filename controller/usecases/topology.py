@@ -84,7 +84,7 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
 async def get_topology(uow: UnitOfWork, who: Principal) -> TopologyView:
     policy.require_admin(who, "reading the topology")
     s = uow.session
-    usage = await repo.cluster_usage(s)
+    usage = await repo.power_usage(s)
     node_counts = await repo.count_nodes_by_rack(s)
     return TopologyView(
         zones=tuple(ZoneSpec(z.id) for z in await repo.list_zones(s)),

@@ -101,6 +101,21 @@ async def test_tenant_usage_is_the_cluster_usage_of_those_tenants_alone(database
         b = (await repo.tenant_usage(uow.session, ["b"]))["b"]
     assert b.accelerators == 0.75 and b.power_w == pytest.approx(600.0)
 
+
+async def test_power_usage_and_placed_milli_are_cluster_usages_totals(database: Database) -> None:
+    """The topology view and the cluster summary read the database's sums (`power_usage`,
+    `placed_milli`): what `cluster_usage` gives for the racks, the rows and in all."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        whole = await repo.cluster_usage(uow.session)
+        power = await repo.power_usage(uow.session)
+        milli = await repo.placed_milli(uow.session)
+    assert dict(power.rack_power_w) == dict(whole.rack_power_w) and dict(power.row_power_w) == dict(whole.row_power_w)
+    assert not power.node_milli and not power.tenant_milli
+    assert milli == sum(whole.node_milli.values()) == 4750
+
 async def test_node_state_counts_agree_with_each_nodes_state(database: Database) -> None:
     """The database's counts per operator state equal `Node.state` node by node, and the
     accelerators counted are those of nodes not down (a cordoned or suspect node's included)."""

@@ -106,15 +106,29 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
     Placements are summed by the database per (node, tenant), power per rack (`rack_power`): a
     read returns at most one row per node and tenant on it, however many shards are placed.
     """
+    usage = await power_usage(session)
+    async for part in partitions(session, _PLACED_BY_NODE_AND_TENANT):
+        _add_placed(usage, part)
+    return usage
+
+
+async def power_usage(session: AsyncSession) -> ClusterUsage:
+    """The power placed per rack and per row (`rack_power_w`, `row_power_w`; the rest empty): what
+    the topology view and the cluster summary show, without `cluster_usage`'s row per (node,
+    tenant) of the whole cluster."""
     usage = ClusterUsage()
     used, _ = await rack_power(session)
     row_of = {rack_id: row_id for rack_id, row_id in await session.execute(select(m.Rack.id, m.Rack.row_id))}
     for rack_id, watts in used.items():
         usage.rack_power_w[rack_id] += watts
         usage.row_power_w[row_of.get(rack_id, "")] += watts
-    async for part in partitions(session, _PLACED_BY_NODE_AND_TENANT):
-        _add_placed(usage, part)
     return usage
+
+
+async def placed_milli(session: AsyncSession) -> int:
+    """Accelerator milli-units every placed shard holds, summed by the database."""
+    return int(await session.scalar(select(func.sum(PLACEMENT_MILLI)).select_from(m.Placement).join(m.Deployment))
+               or 0)
 
 
 async def node_usage(session: AsyncSession, node_ids: Iterable[str]) -> ClusterUsage:
