@@ -45,6 +45,8 @@ PLACEMENT_MILLI = case(
           m.Placement.accelerator_milli < 1000), m.Placement.accelerator_milli),
     else_=1000 * m.Deployment.shard_accelerators,
 )
+# The watts one placed shard draws (its deployment's shard power, by the share it holds), in SQL.
+_PLACED_POWER_W = m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0
 
 
 async def rack_power(session: AsyncSession) -> tuple[dict[str, float], dict[str, float]]:
@@ -58,12 +60,11 @@ async def rack_power(session: AsyncSession) -> tuple[dict[str, float], dict[str,
     for rack_id, idle_w, draw_w in await session.execute(idle):
         used[rack_id] += float(idle_w or 0.0)
         draw[rack_id] = float(draw_w or 0.0)
-    shards = (select(m.Node.rack_id, func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
+    shards = (select(m.Node.rack_id, func.sum(_PLACED_POWER_W))
               .select_from(m.Placement).join(m.Deployment).join(m.Node).group_by(m.Node.rack_id))
     for rack_id, watts in await session.execute(shards):
         used[rack_id] += float(watts or 0.0)
     return dict(used), draw
-
 
 
 async def tenant_usage(session: AsyncSession, tenant_ids: Iterable[str]) -> dict[str, d.Usage]:
@@ -74,17 +75,17 @@ async def tenant_usage(session: AsyncSession, tenant_ids: Iterable[str]) -> dict
     ids = sorted(set(tenant_ids))
     if not ids:
         return {}
-    summed = (select(m.Deployment.tenant_id, func.sum(PLACEMENT_MILLI),
-                     func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
+    summed = (select(m.Deployment.tenant_id, func.sum(PLACEMENT_MILLI), func.sum(_PLACED_POWER_W))
               .select_from(m.Placement).join(m.Deployment)
               .where(any_of(session, m.Deployment.tenant_id, ids)).group_by(m.Deployment.tenant_id))
     return {tenant: d.Usage(int(milli) / 1000.0, float(power))
             for tenant, milli, power in await session.execute(summed)}
 
+
 # Every placed shard summed by the database per (node, tenant): a row per node and tenant on it.
 _PLACED_BY_NODE_AND_TENANT = (
     select(m.Placement.node_id, m.Deployment.tenant_id, func.count(), func.sum(PLACEMENT_MILLI),
-           func.sum(m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0))
+           func.sum(_PLACED_POWER_W))
     .join(m.Deployment).group_by(m.Placement.node_id, m.Deployment.tenant_id))
 
 
