@@ -67,7 +67,7 @@ class ConsoleRows:
 
     viewer_tenant: str
     now: datetime
-    rack_power_w: dict[str, float]
+    power: repo.ClusterUsage  # placed power per rack and row (`repo.power_usage`)
     holdings: Sequence[Row[Any]]
     nodes: Sequence[Row[Any]]
     racks: Sequence[Row[Any]]
@@ -83,9 +83,8 @@ async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
     """Every row one document needs, in one unit of work (`viewer_tenant` non-empty: that
     tenant's deployments and usage only)."""
     now = now or datetime.now(timezone.utc)
-    rack_power_w, _ = await repo.rack_power(session)
     return ConsoleRows(
-        viewer_tenant=viewer_tenant, now=now, rack_power_w=rack_power_w,
+        viewer_tenant=viewer_tenant, now=now, power=await repo.power_usage(session),
         holdings=(await session.execute(_HOLDINGS)).all(),
         nodes=(await session.execute(_NODE_MAP)).all(),
         racks=(await session.execute(_RACK_LIST)).all(),
@@ -117,20 +116,16 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
             "id": node_id, "state": m.operator_state(health, cordoned), "model": model,
             "accelerators": [{"index": i, "holders": _holders(held.get((node_id, i)))} for i in range(accelerators)],
         })
-    row_of = {rack_id: row_id for rack_id, row_id, _ in read.racks}
-    row_power_w: dict[str, float] = defaultdict(float)
-    for rack_id, watts in read.rack_power_w.items():
-        row_power_w[row_of.get(rack_id, "")] += watts
     racks_by_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rack_id, row_id, budget in read.racks:
         racks_by_row[row_id].append({
-            "id": rack_id, "power_used_w": read.rack_power_w.get(rack_id, 0.0), "power_budget_w": budget,
+            "id": rack_id, "power_used_w": read.power.rack_power_w.get(rack_id, 0.0), "power_budget_w": budget,
             "nodes": sorted(nodes_by_rack.get(rack_id, []), key=lambda n: n["id"]),
         })
     rows_by_zone: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row_id, zone_id, budget in read.datacenter_rows:
         rows_by_zone[zone_id].append({
-            "id": row_id, "power_used_w": row_power_w.get(row_id, 0.0), "power_budget_w": budget,
+            "id": row_id, "power_used_w": read.power.row_power_w.get(row_id, 0.0), "power_budget_w": budget,
             "racks": sorted(racks_by_row.get(row_id, []), key=lambda r: r["id"]),
         })
     zones = [{"id": zone, "rows": sorted(rows_by_zone.get(zone, []), key=lambda r: r["id"])}
