@@ -330,10 +330,12 @@ async def deployments_with_ids(session: AsyncSession, ids: Iterable[int]) -> dic
 
 async def list_deployment_rows(
     session: AsyncSession, *, tenant: str = "", keys: Iterable[str] | None = None,
-    phases: Iterable[m.DeploymentPhase] | None = None, page: PageBounds | None = None, name: str = "",
+    phases: Iterable[m.DeploymentPhase] | None = None, name: str = "",
 ) -> list[m.Deployment]:
-    """Deployments by name (then id), optionally of one tenant, of one name, with given keys
-    (`TENANT/NAME`), or in given phases."""
+    """Deployments by name (then id) as ORM rows with their placements, optionally of one tenant,
+    of one name, with given keys (`TENANT/NAME`), or in given phases. The controller's lists read
+    plain columns (`deployment_page_keys` and `deployments_with_ids`; the console's
+    `deployment_summary_rows`); this reading is the one their tests hold them to."""
     named = keys is not None or bool(name)  # a few: joined (see `_DEPLOYMENT_JOINED`)
     stmt = (select(m.Deployment).options(*(_DEPLOYMENT_JOINED if named else _DEPLOYMENT_LOAD))
             .order_by(m.Deployment.name, m.Deployment.id))
@@ -347,7 +349,7 @@ async def list_deployment_rows(
         stmt = stmt.where(_named_as_any(session, wanted))
     if phases is not None:
         stmt = stmt.where(m.Deployment.phase.in_(list(phases)))
-    found = await session.scalars(_paged(stmt, page, m.Deployment.name, m.Deployment.id))
+    found = await session.scalars(stmt)
     rows = list(found.unique() if named else found)
     if wanted is not None:  # the names matched; the tenants must too
         rows = [r for r in rows if d.deployment_key(r.tenant_id, r.name) in wanted]
