@@ -21,24 +21,18 @@ from controller.store.plans import commit_plan
 from controller.usecases.submits import SubmittedRows
 
 from controller.reconcile.helpers import _deleting_views, _on_thread_cpu, _to_publish
-from controller.reconcile.pass_state import PassState
+from controller.reconcile.pass_state import PassState, PathCollaborators
 from controller.reconcile.protocols import ReconcileOutcome
 
 log = logging.getLogger("maia.reconcile")
 
 
-class FastPath:
+class FastPath(PathCollaborators):
     """One pass on the warm cluster (`decide_and_commit`), and how many were taken."""
 
     def __init__(self, state: PassState, *, decider: DecideProcess | None, submitted: SubmittedRows | None) -> None:
-        self._state = state
-        self._warm = state.warm
-        self._observer = state.observer
-        self._checks = state.checks
-        self._quarantined = state.quarantined
-        self._retry = state.retry
+        super().__init__(state)
         self._clock = state.clock
-        self._wall_clock = state.wall_clock
         self._decider = decider  # the warm session lives in that process (decider.py), else in this one
         # The deployments this process's submit batches validated and inserted (not judged again).
         self._submitted = submitted

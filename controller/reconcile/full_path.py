@@ -23,13 +23,13 @@ from controller.domain.values import DeploymentView
 from scheduler import Plan
 
 from controller.reconcile.helpers import _deleting_views, _to_publish, time_limited
-from controller.reconcile.pass_state import PassState
+from controller.reconcile.pass_state import PassState, PathCollaborators
 from controller.reconcile.protocols import ReconcileOutcome
 
 log = logging.getLogger("maia.reconcile")
 
 
-class FullPath:
+class FullPath(PathCollaborators):
     """One pass that solves the whole cluster (`solve_and_commit`), and how many were taken."""
 
     def __init__(
@@ -37,14 +37,8 @@ class FullPath:
         solve: Callable[..., Awaitable[Plan]], time_limit_ms: int, max_conflict_retries: int,
         allow_preemption: bool, max_surge: int, wake: Callable[[], None],
     ) -> None:
-        self._state = state
-        self._warm = state.warm
-        self._observer = state.observer
-        self._checks = state.checks
-        self._quarantined = state.quarantined
-        self._retry = state.retry
+        super().__init__(state)
         self._publisher = state.publisher
-        self._wall_clock = state.wall_clock
         self._solve = solve
         self._time_limit_ms = time_limit_ms
         self._retries = max_conflict_retries

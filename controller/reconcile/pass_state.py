@@ -111,3 +111,18 @@ class PassState:
             if changed or deleted:
                 self.publisher.publish_in_order(changed, deleted, unsure=True)
             raise
+
+
+class PathCollaborators:
+    """What the fast and the full path each keep of the `PassState`: the collaborators that are
+    the reconciler's for its life (the bookkeeping and the swapped `db` and `push` are read
+    through `_state`, never copied)."""
+
+    def __init__(self, state: PassState) -> None:
+        self._state = state
+        self._warm = state.warm
+        self._observer = state.observer
+        self._checks = state.checks
+        self._quarantined = state.quarantined
+        self._retry = state.retry
+        self._wall_clock = state.wall_clock
