@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -116,6 +116,99 @@ async def test_power_usage_and_placed_milli_are_cluster_usages_totals(database: 
     assert not power.node_milli and not power.tenant_milli
     assert milli == sum(whole.node_milli.values()) == 4750
 
+
+# Tenants with and without reservations (a owes nothing: it holds its 6; d and f hold nothing, f
+# has a deployment with no placement), on nodes of every state (n5 is made suspect), with whole,
+# quarter and 0.333 shards, one of a deployment being deleted (its placements still hold).
+RESERVED: dict[str, Any] = {
+    **TWO_RACKS,
+    "nodes": [
+        {"id": "n1", "rack": "rack1", "accelerators": 4},
+        {"id": "n2", "rack": "rack1", "accelerators": 8},
+        {"id": "n3", "rack": "rack1", "accelerators": 4, "state": "cordoned"},
+        {"id": "n4", "rack": "rack2", "accelerators": 4, "state": "down"},
+        {"id": "n5", "rack": "rack2", "accelerators": 4},
+        {"id": "n6", "rack": "rack2", "accelerators": 2},
+    ],
+    "tenants": [{"id": "a", "reserved_accelerators": 6.0}, {"id": "b", "reserved_accelerators": 2.5},
+                {"id": "c"}, {"id": "d", "reserved_accelerators": 3.0}, {"id": "e", "reserved_accelerators": 0.0},
+                {"id": "f", "reserved_accelerators": 2.0}],
+    "deployments": [
+        {"id": "big", "tenant": "a", "replicas": 3, "shards_per_replica": 1, "shard": {"accelerators": 2}},
+        {"id": "quarter", "tenant": "b", "replicas": 3, "shards_per_replica": 1,
+         "shard": {"accelerators": 1, "accelerator_milli": 250, "power_w": 100.0}},
+        {"id": "third", "tenant": "c", "replicas": 3, "shards_per_replica": 1,
+         "shard": {"accelerators": 1, "accelerator_milli": 333, "power_w": 300.0}},
+        {"id": "one", "tenant": "c", "replicas": 2, "shards_per_replica": 1, "shard": {"accelerators": 1}},
+        {"id": "gone", "tenant": "b", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 1}},
+        {"id": "waits", "tenant": "f", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 4}},
+    ],
+    "placements": [
+        {"deployment": "big", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0, 1]},
+        {"deployment": "big", "replica": 1, "shard": 0, "node": "n3", "accelerator_indices": [0, 1]},
+        {"deployment": "big", "replica": 2, "shard": 0, "node": "n4", "accelerator_indices": [0, 1]},
+        {"deployment": "quarter", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [2],
+         "accelerator_milli": 250},
+        {"deployment": "quarter", "replica": 1, "shard": 0, "node": "n2", "accelerator_indices": [0],
+         "accelerator_milli": 250},
+        {"deployment": "quarter", "replica": 2, "shard": 0, "node": "n5", "accelerator_indices": [0],
+         "accelerator_milli": 250},
+        {"deployment": "third", "replica": 0, "shard": 0, "node": "n2", "accelerator_indices": [1],
+         "accelerator_milli": 333},
+        {"deployment": "third", "replica": 1, "shard": 0, "node": "n2", "accelerator_indices": [1],
+         "accelerator_milli": 333},
+        {"deployment": "third", "replica": 2, "shard": 0, "node": "n1", "accelerator_indices": [3],
+         "accelerator_milli": 333},
+        {"deployment": "one", "replica": 0, "shard": 0, "node": "n2", "accelerator_indices": [2]},
+        {"deployment": "one", "replica": 1, "shard": 0, "node": "n5", "accelerator_indices": [1]},
+        {"deployment": "gone", "replica": 0, "shard": 0, "node": "n2", "accelerator_indices": [3]},
+    ],
+}
+
+
+async def _seed_reserved(database: Database) -> None:
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, RESERVED)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(update(m.Node).where(m.Node.id == "n5").values(health=m.NodeHealth.SUSPECT))
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "gone")
+                                  .values(phase=m.DeploymentPhase.DELETING))
+        await uow.commit()
+
+
+async def test_reserved_usage_is_the_cluster_usage_of_the_reserving_tenants(database: Database) -> None:
+    """`reserved_usage` (an update's reservation check) gives each tenant with a reservation above 0
+    its reservation and what `cluster_usage` says it holds (0 when nothing is placed); no others."""
+    await _seed_reserved(database)
+    async with database.unit_of_work() as uow:
+        whole = await repo.cluster_usage(uow.session)
+        expected = {t.id: (t.reserved_accelerators, whole.tenant(t.id).accelerators)
+                    for t in await repo.list_tenant_rows(uow.session) if (t.reserved_accelerators or 0) > 0}
+        reserved = await repo.reserved_usage(uow.session)
+    assert reserved == expected
+    assert list(reserved) == ["a", "b", "d", "f"]  # by id
+    # b: three quarters and a whole shard of a deployment being deleted, still placed.
+    assert reserved == {"a": (6.0, 6.0), "b": (2.5, 1.75), "d": (3.0, 0.0), "f": (2.0, 0.0)}
+
+
+async def test_free_on_ready_nodes_is_the_ready_nodes_less_their_cluster_usage(database: Database) -> None:
+    """`free_on_ready_nodes` is the ready nodes' accelerators (not cordoned, suspect or down) less
+    what `cluster_usage` places on them, to the float nearest the exact figure."""
+    await _seed_reserved(database)
+    async with database.unit_of_work() as uow:
+        whole = await repo.cluster_usage(uow.session)
+        ready = [n for n in await repo.list_node_rows(uow.session) if n.state == "ready"]
+        free = await repo.free_on_ready_nodes(uow.session)
+        accelerators = {n.id: n.accelerators for n in ready}
+    assert sorted(accelerators) == ["n1", "n2", "n6"]
+    per_node = sum(a - whole.node_milli.get(n, 0) / 1000.0 for n, a in accelerators.items())
+    exact = (1000 * sum(accelerators.values()) - sum(whole.node_milli.get(n, 0) for n in accelerators)) / 1000.0
+    # n1: 2 + 0.25 + 0.333 held of 4; n2: 0.25 + 2 * 0.333 + 1 + 1 (deleting) of 8; n6: none of 2.
+    assert free == exact == pytest.approx(per_node, abs=1e-9)
+    assert free == 8.501
+
+
 async def test_node_state_counts_agree_with_each_nodes_state(database: Database) -> None:
     """The database's counts per operator state equal `Node.state` node by node, and the
     accelerators counted are those of nodes not down (a cordoned or suspect node's included)."""
@@ -144,3 +237,4 @@ async def test_node_state_counts_agree_with_each_nodes_state(database: Database)
             by_state[node.state] += 1
     assert counts == by_state == {"ready": 2, "cordoned": 1, "down": 1, "suspect": 1}
     assert accelerators == 4 + 8 + 2 + 16
+

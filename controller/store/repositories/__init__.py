@@ -32,8 +32,8 @@ from controller.store.repositories.tenants import (
     SubmitBatchReads, TenantSubmitFacts, count_tenant_deployments, existing_tenant_ids, forget_request_ids,
     get_tenant, list_tenant_rows, submit_batch_reads, tenant_deployments, tenant_ids, tenant_spec)
 from controller.store.repositories.usage import (
-    ClusterUsage, PLACEMENT_MILLI, cluster_usage, node_usage, placed_milli, placement_milli, power_usage, rack_power,
-    tenant_usage)
+    ClusterUsage, PLACEMENT_MILLI, cluster_usage, free_on_ready_nodes, node_usage, placed_milli, placement_milli,
+    power_usage, rack_power, reserved_usage, tenant_usage)
 from controller.store.repositories.nodes import (
     count_nodes_by_rack, count_placements_on_nodes, get_node, list_node_rows, node_capacities, node_health_by_zone,
     node_info, node_liveness_rows, node_rows_by_id, node_state_counts, node_view, set_node_cordoned, set_node_health,
