@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
+from controller.errors import FailedPrecondition, ResourceExhausted
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.usecases import updates
 
 from .seed import TWO_RACKS, seed_problem
 
@@ -238,3 +241,40 @@ async def test_node_state_counts_agree_with_each_nodes_state(database: Database)
     assert counts == by_state == {"ready": 2, "cordoned": 1, "down": 1, "suspect": 1}
     assert accelerators == 4 + 8 + 2 + 16
 
+
+async def _contract(database: Database, tenant: str, name: str, **changes: Any) -> str:
+    """What `updates.check_contract` says of changing deployment `name` so: "" when it allows it."""
+    async with database.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, tenant, name)
+        assert row is not None
+        try:
+            await updates.check_contract(uow, row, dataclasses.replace(repo.deployment_spec(row), **changes))
+        except (FailedPrecondition, ResourceExhausted) as refused:
+            return f"{type(refused).__name__}: {refused}"
+    return ""
+
+
+async def test_an_updates_contract_check_reads_these_sums(database: Database) -> None:
+    """An update's caps and reservation check on the mixed cluster: the free accelerators of the
+    ready nodes only (a deleting deployment's shard still held), what the other reserving tenants
+    are still owed (not the updating tenant, not one holding its reservation), the tenant's own."""
+    await _seed_reserved(database)
+    owed = ("FailedPrecondition: deployment {} would take capacity reserved for other tenants: "
+            "8.501 free on ready nodes, {} still owed ({})")
+    assert await _contract(database, "c", "one", replicas=4) == ""  # 2 more: 8.501 - 5.75 free for it
+    assert await _contract(database, "c", "one", replicas=5) == owed.format(
+        "one: growing by 3 accelerators", "5.75", "b 0.75, d 3, f 2")
+    assert await _contract(database, "c", "one", replicas=5, preemptible=True) == ""
+    assert await _contract(database, "b", "quarter", replicas=20) == owed.format(
+        "quarter: growing by 4.25 accelerators", "5", "d 3, f 2")
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(update(m.Tenant).where(m.Tenant.id == "c").values(max_accelerators=4.5))
+        await uow.session.execute(update(m.Tenant).where(m.Tenant.id == "b").values(max_power_w=100.0))
+        await uow.commit()
+    assert await _contract(database, "c", "one", replicas=4) == (
+        "ResourceExhausted: deployment one: 4 replicas need 4 accelerators; tenant c holds 0.999 accelerators "
+        "elsewhere, 4.999 accelerators > max_accelerators 4.5 accelerators")
+    assert await _contract(database, "b", "quarter", replicas=5) == (
+        "ResourceExhausted: deployment quarter: 5 replicas need 125 W; tenant b holds 0 W elsewhere, "
+        "125 W > max_power_w 100 W")
+    assert await _contract(database, "b", "quarter", replicas=4) == ""
