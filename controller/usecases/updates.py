@@ -26,7 +26,7 @@ from controller.usecases import planning, requests
 from controller.usecases.redaction import as_seen_by
 from controller.usecases.deployments import as_caller, visible_row, check_could_ever_fit, validate_spec
 from controller.domain.changes import ClusterChange
-from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentUpdate
+from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentUpdate, Usage
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_name
 
@@ -91,9 +91,10 @@ async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpe
     tenant = await repo.get_tenant(uow.session, spec.tenant)
     if tenant is None:
         raise NotFound(f"tenant {spec.tenant} not found")
-    usage = await repo.cluster_usage(uow.session)
+    # Sums by the database of what the check compares, not `cluster_usage`'s row per (node, tenant)
+    # of the whole cluster and every node's row (docs/benchmarks.md, `nodeusage`).
     held = _held(row)
-    own = usage.tenant(tenant.id)
+    own = (await repo.tenant_usage(uow.session, [tenant.id])).get(tenant.id, Usage())
     accelerators, power = _demand(spec)
     where = f"deployment {spec.name}"
     _check_cap("QUOTA_ACCELERATORS", "max_accelerators", tenant.max_accelerators, spec=spec,
@@ -103,14 +104,13 @@ async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpe
     growth = accelerators - held
     if spec.preemptible or growth <= 0:
         return
-    nodes = [n for n in await repo.list_node_rows(uow.session) if n.state == "ready"]
-    free = sum(n.accelerators - usage.node_milli.get(n.id, 0) / 1000.0 for n in nodes)
-    owed = {t.id: t.reserved_accelerators - usage.tenant(t.id).accelerators
-            for t in await repo.list_tenant_rows(uow.session)
-            if t.id != tenant.id and t.reserved_accelerators
-            and t.reserved_accelerators > usage.tenant(t.id).accelerators}
+    owed = {t: reserved - used for t, (reserved, used) in (await repo.reserved_usage(uow.session)).items()
+            if t != tenant.id and reserved > used}
+    if not owed:
+        return
+    free = await repo.free_on_ready_nodes(uow.session)
     # Only free capacity can be taken (with none, the growth waits as Pending like any other).
-    if owed and free > 1e-9 and growth > free - sum(owed.values()) + 1e-9:
+    if free > 1e-9 and growth > free - sum(owed.values()) + 1e-9:
         names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
         raise FailedPrecondition(
             f"{where}: growing by {growth:g} accelerators would take capacity reserved for other tenants: "
