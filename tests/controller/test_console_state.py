@@ -4,12 +4,16 @@ view for a tenant's token (other tenants' holdings only as "other"), 401 without
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import threading
 
 import aiohttp
 from sqlalchemy import update
 
+from controller.console import server as console_server
 from controller.console.server import ConsoleServer
-from controller.console.state import OTHER_TENANT, console_state
+from controller.console.state import OTHER_TENANT, console_document, console_state
 from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
@@ -117,3 +121,66 @@ async def test_requests_at_once_share_a_build(cluster: Database) -> None:
     assert 1 <= console.documents.builds <= 2
     assert [d["name"] for d in docs[0]["deployments"]] == ["a-svc", "b-svc"] and docs[0]["auth"] is False
     assert all(doc["deployments"] == docs[0]["deployments"] and doc["zones"] == docs[0]["zones"] for doc in docs)
+
+
+async def test_an_operator_and_a_tenant_asking_at_once_each_get_their_own_view(cluster: Database) -> None:
+    """Builds are shared per viewer: a tenant's requests, made while the operator's build runs,
+    are answered with the tenant's view, never the operator's (nor the other way round)."""
+    await _two_tenants_placed(cluster)
+    tokens = {"tenant-token": Principal("t2-user", Role.TENANT, tenant="t2"), "admin-token": Principal("admin")}
+
+    async def resolve(token: str):
+        return tokens.get(token)
+
+    console = ConsoleServer(cluster, DeploymentEventBus(), resolve_token=resolve)
+    address = await console.start("127.0.0.1:0")
+    try:
+        async with aiohttp.ClientSession(f"http://{address}") as http:
+            async def state(token: str) -> dict:
+                async with http.get("/api/state", headers={"Authorization": f"Bearer {token}"}) as reply:
+                    assert reply.status == 200
+                    return await reply.json()
+
+            asked = ["admin-token", "tenant-token"] * 4
+            docs = await asyncio.gather(*(state(token) for token in asked))
+    finally:
+        await console.stop()
+    for token, doc in zip(asked, docs):
+        if token == "admin-token":
+            assert doc["viewer_tenant"] == "" and [d["name"] for d in doc["deployments"]] == ["a-svc", "b-svc"]
+        else:
+            assert doc["viewer_tenant"] == "t2" and [d["name"] for d in doc["deployments"]] == ["b-svc"]
+            assert _holders(doc) == {OTHER_TENANT: 2000, "t2": 2000} and [t["id"] for t in doc["tenants"]] == ["t2"]
+
+
+async def test_the_document_is_made_off_the_loop_after_its_unit_of_work_closed(cluster: Database,
+                                                                                monkeypatch) -> None:
+    """The rows are read in a unit of work that is closed (its connection back in the pool)
+    before the document is made from them, in a worker thread."""
+    await _two_tenants_placed(cluster)
+    open_units: list[int] = []
+    made: list[tuple[int, int]] = []  # (thread, units open then)
+    opened = cluster.unit_of_work
+
+    @contextlib.asynccontextmanager
+    async def counted():
+        open_units.append(1)
+        try:
+            async with opened() as uow:
+                yield uow
+        finally:
+            open_units.pop()
+
+    def making(read):  # type: ignore[no-untyped-def]
+        made.append((threading.get_ident(), len(open_units)))
+        return console_document(read)
+
+    monkeypatch.setattr(cluster, "unit_of_work", counted)
+    monkeypatch.setattr(console_server, "console_document", making)
+    console = ConsoleServer(cluster, DeploymentEventBus())
+    try:
+        doc = json.loads(await console.documents.get(""))
+    finally:
+        await console.stop()
+    assert [d["name"] for d in doc["deployments"]] == ["a-svc", "b-svc"]
+    assert made and made[0][0] != threading.get_ident() and made[0][1] == 0
