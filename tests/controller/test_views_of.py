@@ -8,7 +8,7 @@ import dataclasses
 
 from sqlalchemy import update
 
-from controller.identity import Principal
+from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -17,6 +17,7 @@ from controller.usecases import updates
 from controller.usecases.deployments import list_deployments, views_of
 from controller.usecases.paging import PageRequest
 from controller.usecases.ports import RecordingSignals
+from controller.usecases.redaction import redactor_of
 from uc_builders import add_tenant, deployment, no_publish, submit
 
 
@@ -85,3 +86,33 @@ async def test_listed_pages_are_the_orm_rows_views_in_name_then_id_order(cluster
                 page = PageRequest(size, got.next_token)
             assert listed == orm, (tenant, name, size)
     assert [v.spec.key for v in orm] == ["t1/web"]  # the last filter: t1's web only
+
+
+async def test_a_tenants_listed_pages_are_its_own_orm_views_as_it_may_read_them(cluster: Database) -> None:
+    """A tenant token listing (no tenant asked, or its own) pages through its own deployments
+    only, each the ORM row's view redacted for it, whatever the page size; t2's `web` and `db`
+    named as t1's are never t1's."""
+    await _placed_rolled_and_unplaced(cluster)
+    async with cluster.unit_of_work() as uow:
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.tenant_id == "t2")
+                                  .values(reasons=[{"code": "ISOLATION", "message": "rack rack-a holds t1/web",
+                                                    "scope": "t1"}]))
+        await uow.commit()
+    who = Principal("t2-user", Role.TENANT, tenant="t2")
+    async with cluster.unit_of_work() as uow:
+        redactor = await redactor_of(uow, who)
+        orm = [redactor.deployment(repo.deployment_view(row))
+               for row in await repo.list_deployment_rows(uow.session, tenant="t2")]
+    assert [v.spec.key for v in orm] == ["t2/db", "t2/web"]
+    assert all("t1" not in r.message and r.scope == "" for v in orm for r in v.reasons)
+    for tenant in ("", "t2"):
+        for size in (1, 2, 100):
+            listed, page = [], PageRequest(size)
+            while True:
+                async with cluster.unit_of_work() as uow:
+                    got = await list_deployments(uow, who, tenant, page)
+                listed.extend(got.items)
+                if not got.next_token:
+                    break
+                page = PageRequest(size, got.next_token)
+            assert listed == orm, (tenant, size)
