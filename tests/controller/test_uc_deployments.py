@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import replace
 
@@ -248,3 +249,32 @@ async def test_the_capacity_index_is_built_off_the_event_loop(cluster, monkeypat
         index = await capacity.index(uow)
     assert capacity.rebuilds == 1 and not index.empty()
     assert built_on and threading.get_ident() not in built_on
+
+
+async def test_a_rebuild_given_up_while_its_thread_builds_leaves_the_index_to_the_next(cluster, monkeypatch):
+    """A submit that goes away (its deadline) while the index is built in the worker thread leaves
+    the cache as it was (no index taken for a generation it was not built at, the lock free); the
+    next call rebuilds it."""
+    entered, release = threading.Event(), threading.Event()
+    build = capacity_module._index_of
+
+    def held(rows):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(10)
+        return build(rows)
+
+    capacity = CapacityCache()
+    monkeypatch.setattr(capacity_module, "_index_of", held)
+    async with cluster.unit_of_work() as uow:
+        gone = asyncio.ensure_future(capacity.index(uow))
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        release.set()
+    assert capacity.rebuilds == 0 and capacity._index.empty()
+    monkeypatch.setattr(capacity_module, "_index_of", build)
+    async with cluster.unit_of_work() as uow:
+        index = await asyncio.wait_for(capacity.index(uow), 5)
+    assert capacity.rebuilds == 1 and index.models() == ["maia-100"]
