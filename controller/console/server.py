@@ -3,9 +3,12 @@
 An aiohttp application run in the controller's own event loop (`AppRunner` + `TCPSite`, no
 thread, no signal handlers of its own):
 - `/` and `/static/*`: the page and its assets, shipped in the package (no build step);
-- `/api/state`: the console document (`console.state`): read on the loop, made and encoded in a
-  worker thread, one build at a time per viewer shared by the requests waiting for it
-  (`console.builds`);
+- `/api/state`: the console document (`console.state`): read on the loop, made and encoded on
+  the console's own build thread, one build at a time per viewer shared by the requests waiting
+  for it (`console.builds`). One thread for every viewer's builds, not the loop's default pool:
+  builds hold the interpreter anyway (two at once are no faster), and the pool is where the
+  reconciler's decisions and the submit path's capacity rebuilds wait for a thread, so many
+  viewers' builds (most of a build's CPU is on that thread) never queue those behind them;
 - `/api/events`: server-sent events from the deployment watch bus, one `change` event per
   deployment event the viewer may see (the page then re-reads `/api/state`).
 A bearer token (`Authorization` header, sent by the page's scripts: from the sign-in form or a
@@ -20,6 +23,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
@@ -53,6 +57,8 @@ class ConsoleServer:
         self._resolve = resolve_token
         self._runner: web.AppRunner | None = None
         self.documents = SharedBuilds(self._document)
+        # Every viewer's builds, one at a time (module docstring); its thread starts at the first build.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-build")
         self.address = ""
 
     def application(self) -> web.Application:
@@ -84,6 +90,7 @@ class ConsoleServer:
             await self._runner.cleanup()
             self._runner = None
         await self.documents.close()
+        self._builder.shutdown(wait=False, cancel_futures=True)
 
     # --- requests ------------------------------------------------------------------------------
     async def _viewer(self, request: web.Request) -> Principal | None:
@@ -123,7 +130,7 @@ class ConsoleServer:
         """One viewer's document, encoded (`SharedBuilds` calls it)."""
         async with self._db.unit_of_work() as uow:
             read = await read_console_rows(uow.session, viewer_tenant=viewer_tenant)
-        return await asyncio.to_thread(self._encoded, read)
+        return await asyncio.get_running_loop().run_in_executor(self._builder, self._encoded, read)
 
     def _encoded(self, read: ConsoleRows) -> bytes:
         doc = console_document(read)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 
 import aiohttp
 from sqlalchemy import update
@@ -184,3 +185,30 @@ async def test_the_document_is_made_off_the_loop_after_its_unit_of_work_closed(c
         await console.stop()
     assert [d["name"] for d in doc["deployments"]] == ["a-svc", "b-svc"]
     assert made and made[0][0] != threading.get_ident() and made[0][1] == 0
+
+
+async def test_every_viewers_builds_run_one_at_a_time_on_the_consoles_own_thread(cluster: Database,
+                                                                                  monkeypatch) -> None:
+    """Three viewers asking at once: their documents are made one after another on the console's
+    build thread, never two at once and never on the loop's default pool (where the reconciler's
+    decisions wait for a thread)."""
+    await _two_tenants_placed(cluster)
+    running: list[int] = []
+    seen: list[tuple[str, int]] = []  # (thread name, builds running then)
+
+    def making(read):  # type: ignore[no-untyped-def]
+        running.append(1)
+        seen.append((threading.current_thread().name, len(running)))
+        time.sleep(0.05)  # long enough that builds on a pool of several threads would overlap
+        running.pop()
+        return console_document(read)
+
+    monkeypatch.setattr(console_server, "console_document", making)
+    console = ConsoleServer(cluster, DeploymentEventBus())
+    try:
+        docs = await asyncio.gather(*(console.documents.get(viewer) for viewer in ("", "t1", "t2")))
+    finally:
+        await console.stop()
+    assert [json.loads(doc)["viewer_tenant"] for doc in docs] == ["", "t1", "t2"]
+    assert len(seen) == 3
+    assert all(name.startswith("console-build") and running_then == 1 for name, running_then in seen), seen
