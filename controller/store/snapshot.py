@@ -11,14 +11,16 @@ columns rather than ORM objects, and builds the document in one sweep.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Select, bindparam, select
+from sqlalchemy.engine import Row as SqlRow
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler import Deployment as SolverDeployment
@@ -189,21 +191,35 @@ async def load_topology(session: AsyncSession, within_rows: Collection[str] | No
                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Zones, rows and racks as `load_snapshot` lists them (only the rows `within_rows` and
     their racks when given)."""
-    zones = [{"id": zid} for zid in (await session.execute(select(Zone.id).order_by(Zone.id))).scalars()]
+    return _topology_docs(*await _topology_rows(session, within_rows))
+
+
+async def _topology_rows(session: AsyncSession, within_rows: Collection[str] | None = None,
+                         ) -> tuple[list[str], Sequence[SqlRow[Any]], Sequence[SqlRow[Any]]]:
+    """Zone ids, (row, zone, power budget) and (rack, row, power budget) rows, in id order (only
+    the rows `within_rows` and their racks when given): `_topology_docs` makes the documents."""
+    zones = list((await session.execute(select(Zone.id).order_by(Zone.id))).scalars())
     row_query = select(Row.id, Row.zone_id, Row.power_budget_w).order_by(Row.id)
     rack_query = select(Rack.id, Rack.row_id, Rack.power_budget_w).order_by(Rack.id)
     if within_rows is not None:
         row_query = row_query.where(any_of(session, Row.id, sorted(within_rows)))
         rack_query = rack_query.where(any_of(session, Rack.row_id, sorted(within_rows)))
+    return zones, (await session.execute(row_query)).all(), (await session.execute(rack_query)).all()
+
+
+def _topology_docs(zone_ids: Iterable[str], row_rows: Iterable[Any], rack_rows: Iterable[Any],
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Zones, rows and racks (`_topology_rows`) as interchange documents."""
+    zones = [{"id": zid} for zid in zone_ids]
 
     rows = []
-    for rid, zone_id, budget in await session.execute(row_query):
+    for rid, zone_id, budget in row_rows:
         row: dict[str, Any] = {"id": rid, "zone": zone_id}
         _put(row, "power_budget_w", budget)
         rows.append(row)
 
     racks = []
-    for kid, row_id, budget in await session.execute(rack_query):
+    for kid, row_id, budget in rack_rows:
         rack: dict[str, Any] = {"id": kid, "row": row_id}
         _put(rack, "power_budget_w", budget)
         racks.append(rack)
@@ -280,7 +296,12 @@ async def stored_keys(session: AsyncSession, keys: Collection[str]) -> set[str]:
 
 async def load_tenants(session: AsyncSession) -> list[dict[str, Any]]:
     """Every tenant as `load_snapshot` lists them (for a cache that follows contract changes)."""
-    return [_tenant_doc(t) for t in await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))]
+    return [_tenant_doc(t) for t in await _tenant_rows(session)]
+
+
+async def _tenant_rows(session: AsyncSession) -> Sequence[SqlRow[Any]]:
+    """Every tenant's row (`_TENANT_COLUMNS`), in id order."""
+    return (await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))).all()
 
 
 @dataclass(frozen=True)
@@ -463,6 +484,29 @@ async def schedulable_keys(session: AsyncSession, *, up_to_id: int) -> dict[str,
     return {deployment_key(tenant, name): dep_id for dep_id, tenant, name in rows}
 
 
+# A placement row as the snapshot reads it.
+_PLACEMENT_COLUMNS = (
+    Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
+    Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision,
+)
+
+
+@dataclass(frozen=True)
+class SnapshotRows:
+    """What one snapshot is made of, as read (`read_snapshot_rows`): plain rows, fetched whole,
+    so that `build_snapshot` makes the snapshot from them in a worker thread, session aside."""
+
+    generation: int
+    zones: list[str]  # zone ids, in id order
+    datacenter_rows: Sequence[SqlRow[Any]]  # (row, zone, power budget), in id order
+    racks: Sequence[SqlRow[Any]]  # (rack, row, power budget), in id order
+    nodes: Sequence[SqlRow[Any]]  # `_NODE_COLUMNS`, in id order
+    tenants: Sequence[SqlRow[Any]]  # `_TENANT_COLUMNS`, in id order
+    # `_DEPLOYMENT_COLUMNS` of the deployments not quarantined, in arrival order (primary key).
+    deployments: Sequence[SqlRow[Any]]
+    placements: Sequence[SqlRow[Any]]  # `_PLACEMENT_COLUMNS` of every placement, by deployment, replica, shard
+
+
 async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) -> Snapshot:
     """Read the whole placement-relevant state in one pass (8 queries, whatever the size);
     `surge`: replicas beyond the asked count a rollout or drain may place (store/rollout.py).
@@ -470,17 +514,39 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
     Deployments being deleted are left out, with their placements (`deleting` names them): the
     plan no longer holds them, so `commit_plan` removes their shards and rows. Placements on down nodes are kept: the solver
     places those shards again itself.
+
+    The rows are read here and the snapshot made from them in a worker thread (`build_snapshot`):
+    the event loop keeps turning meanwhile (module docstring).
     """
+    return await asyncio.to_thread(build_snapshot, await read_snapshot_rows(session), surge=surge)
+
+
+async def read_snapshot_rows(session: AsyncSession) -> SnapshotRows:
+    """Every row one snapshot is made of, in one pass (8 queries, whatever the size)."""
     # The generation first: anything changed after this read makes the commit stale (re-checked).
     generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
+    zones, datacenter_rows, racks = await _topology_rows(session)
+    nodes = (await session.execute(select(*_NODE_COLUMNS).order_by(Node.id))).all()
+    tenants = await _tenant_rows(session)
+    # Arrival order (primary key): what the online mode places first.
+    deployments = (await session.execute(
+        select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED).order_by(Deployment.id)
+    )).all()
+    placements = (await session.execute(
+        select(*_PLACEMENT_COLUMNS).order_by(Placement.deployment_id, Placement.replica, Placement.shard)
+    )).all()
+    return SnapshotRows(generation, zones, datacenter_rows, racks, nodes, tenants, deployments, placements)
 
-    zones, rows, racks, node_rows = await _topology(session)
+
+def build_snapshot(read: SnapshotRows, *, surge: int = DEFAULT_SURGE) -> Snapshot:
+    """The snapshot made of the rows `read` (`load_snapshot`): pure, it touches no session."""
+    zones, rows, racks = _topology_docs(read.zones, read.datacenter_rows, read.racks)
 
     nodes = []
     oversized_nodes: set[str] = set()
     down_nodes: set[str] = set()
     draining_nodes: set[str] = set()
-    for n in node_rows:
+    for n in read.nodes:
         if n.health is NodeHealth.DOWN:
             down_nodes.add(n.id)
         if n.draining:
@@ -491,16 +557,13 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
             continue
         nodes.append(node)
 
-    tenants = await load_tenants(session)
+    tenants = [_tenant_doc(t) for t in read.tenants]
 
     current_docs: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
     deleting: set[str] = set()
     deployment_ids: dict[str, int] = {}
     keys_by_id: dict[int, str] = {}
-    # Arrival order (primary key): what the online mode places first.
-    for d in await session.execute(
-        select(*_DEPLOYMENT_COLUMNS).where(Deployment.phase != DeploymentPhase.QUARANTINED).order_by(Deployment.id)
-    ):
+    for d in read.deployments:
         key = deployment_key(d.tenant_id, d.name)
         if d.phase is DeploymentPhase.DELETING:
             deleting.add(key)
@@ -512,12 +575,7 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
 
     placed_rows: dict[int, list[Any]] = {}
     released: dict[ShardKey, Where] = {}
-    for p in await session.execute(
-        select(
-            Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
-            Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision,
-        ).order_by(Placement.deployment_id, Placement.replica, Placement.shard)
-    ):
+    for p in read.placements:
         key = keys_by_id.get(p.deployment_id)
         if key is None:  # its deployment is being deleted, or quarantined
             continue
@@ -552,6 +610,6 @@ async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) ->
         "deployments": deployments,
         "placements": placements,
     }
-    return Snapshot(generation=generation, problem=problem, deployment_ids=deployment_ids,
+    return Snapshot(generation=read.generation, problem=problem, deployment_ids=deployment_ids,
                     solver_refs=solver_refs, replica_indices=replica_indices, released=released,
                     deleting=frozenset(deleting))
