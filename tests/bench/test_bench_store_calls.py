@@ -1,11 +1,11 @@
-"""bench.assignments, bench.reportflush, bench.capacity, bench.console and bench.listing on a tiny cluster: they run and count what they measure
+"""bench.assignments, bench.reportflush, bench.capacity, bench.console, bench.listing and bench.snapshot on a tiny cluster: they run and count what they measure
 (no timing judged)."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import assignments, capacity, console, listing, reportflush
+from bench import assignments, capacity, console, listing, reportflush, snapshot
 
 
 async def test_assignments_reads_the_sets_of_the_nodes_asked_in_two_statements() -> None:
@@ -42,3 +42,10 @@ async def test_listing_pages_through_every_deployment_in_two_statements_a_page()
     assert (result["page_size"], result["rounds"]) == (16, 2)
     assert result["statements_per_page"] == 2  # the keys, then the page by ids (an admin: no tenants read)
     assert result["loop_cpu_ms_per_listing_p50"] > 0
+
+
+async def test_snapshot_reads_the_cluster_in_eight_statements() -> None:
+    result = await snapshot.run(argparse.Namespace(placements=40, rounds=2, warmup=1), 32)
+    assert (result["nodes"], result["placements"], result["rounds"]) == (32, 40, 2)
+    assert result["statements_per_snapshot"] == 8
+    assert result["loop_cpu_ms_per_snapshot"] > 0 and result["longest_loop_step_ms_p50"] > 0
