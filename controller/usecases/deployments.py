@@ -353,8 +353,9 @@ async def _dry_run(db: Database, who: Principal, spec: DeploymentSpec, time_limi
     async with db.unit_of_work() as uow:
         await _validate_against_store(uow, spec, replacing=replace_existing)
         snapshot = await planning.load_snapshot(uow.session)
-        racks = {n.id: n.rack_id for n in await repo.list_node_rows(uow.session)}
         redactor = await redactor_of(uow, who)
+    # Each node's rack from the snapshot's own nodes (the plan places on no other), not every node's row.
+    racks = {n["id"]: n["rack"] for n in snapshot.problem["nodes"]}
     problem = planning.with_options(planning.with_deployment(snapshot.problem, spec, replace=replace_existing),
                                     time_limit_ms=time_limit_ms)
     plan = await planning.solve_in_thread(problem, time_limit_ms=time_limit_ms)

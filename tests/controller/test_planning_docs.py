@@ -26,3 +26,26 @@ def test_a_spec_reads_back_from_its_document(spec: DeploymentSpec) -> None:
     back = planning.spec_of_doc(doc)
     assert back == spec
     assert repr(back) == repr(spec)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_deployment_added_to_a_problem_leaves_the_problem_as_it_was(replace: bool) -> None:
+    """`with_deployment` (the dry run's what-if) gives a new document with the spec added (with
+    `replace`, instead of the deployment of its key and that one's placements); the problem it
+    was given keeps its lists and their contents unchanged."""
+    spec = DeploymentSpec(name="web", tenant="a", replicas=1, shards_per_replica=1, shard=ShardSpec(accelerators=1))
+    problem = {
+        "nodes": [{"id": "n1", "rack": "r1", "state": "ready", "accelerators": 4}],
+        "deployments": [{"id": spec.key, "replicas": 1}, {"id": "b/other", "replicas": 1}],
+        "placements": [{"deployment": spec.key, "replica": 0, "shard": 0, "node": "n1"},
+                       {"deployment": "b/other", "replica": 0, "shard": 0, "node": "n1"}],
+    }
+    before = json.loads(json.dumps(problem))
+    lists = {key: problem[key] for key in ("nodes", "deployments", "placements")}
+    doc = planning.with_deployment(problem, spec, replace=replace)
+    assert problem == before and all(problem[key] is value for key, value in lists.items())
+    ids = [d["id"] for d in doc["deployments"]]
+    assert ids == (["b/other", spec.key] if replace else [spec.key, "b/other", spec.key])
+    assert doc["deployments"][-1] == planning.deployment_doc(spec)
+    assert [p["deployment"] for p in doc["placements"]] == (["b/other"] if replace else [spec.key, "b/other"])
+    assert doc["nodes"] is problem["nodes"]

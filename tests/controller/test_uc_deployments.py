@@ -176,8 +176,11 @@ async def test_dry_run_places_on_concrete_accelerators_and_writes_nothing(cluste
     assert len(view.placements) == 4
     slots = {(p.node, i) for p in view.placements for i in p.accelerator_indices}
     assert len(slots) == 4  # four distinct accelerators
+    async with cluster.unit_of_work() as uow:
+        racks = {n.id: n.rack_id for n in await repo.list_node_rows(uow.session)}
+    assert set(racks.values()) == {"rack-a", "rack-b"}
     for p in view.placements:
-        assert p.rack in ("rack-a", "rack-b") and p.accelerator_indices
+        assert p.rack == racks[p.node] and p.accelerator_indices
     assert await row_counts(cluster) == before
 
 
