@@ -26,6 +26,7 @@ leader fence, `lease.commit_fenced`) instead of a round trip before it, and a BE
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -275,15 +276,19 @@ class Trip:
 
 @contextmanager
 def counted_trips() -> Iterator[list[Trip]]:
-    """Every round trip of every asyncpg connection meanwhile, in order (for tests and benchmarks:
-    it patches asyncpg's connection and prepared statement classes, as `sqlite_driver.counted_trips`
-    patches aiosqlite's)."""
+    """Every round trip of every asyncpg connection used from this thread meanwhile, in order (for
+    tests and benchmarks: it patches asyncpg's connection and prepared statement classes, as
+    `sqlite_driver.counted_trips` patches aiosqlite's). Another thread's trips are not the caller's
+    and are not counted: the tests' maker of spare databases runs its CREATE DATABASE on a thread
+    of its own while a test counts (which once made a test see a trip it did not make)."""
     from asyncpg import connection, prepared_stmt
 
     seen: list[Trip] = []
+    counting = threading.get_ident()
 
     def note(kind: str, statement: str) -> None:
-        seen.append(Trip(kind, " ".join(statement.split()[:3])))
+        if threading.get_ident() == counting:
+            seen.append(Trip(kind, " ".join(statement.split()[:3])))
 
     real_statement = connection.Connection._get_statement
     real_execute = connection.Connection.execute

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store.db import Database
-from controller.store.pg_driver import LazyBeginConnection, reads_only
+from controller.store.pg_driver import LazyBeginConnection, counted_trips, reads_only
 
 POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 
@@ -174,3 +174,29 @@ async def test_the_generation_writers_lock_held_shared_is_never_upgraded_to_excl
             await changes.moves_generation_first(uow.session)
         assert not await _generation_writers_free(database, exclusive=True)
     assert await _generation_writers_free(database, exclusive=True)
+
+
+@POSTGRES_ONLY
+async def test_counted_trips_are_the_counting_threads_own(database: Database) -> None:
+    """A trip made meanwhile from another thread (as the tests' maker of spare databases makes its
+    CREATE DATABASE) is not counted: only the trips of the thread that counts."""
+    import asyncpg
+
+    dsn = database.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def elsewhere() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("SELECT 2")
+        finally:
+            await conn.close()
+
+    async def select_one() -> None:
+        async with database.unit_of_work() as uow:
+            await uow.session.execute(text("SELECT 1"))
+
+    await select_one()  # the engine's first connection, and its setup's trips, before counting
+    with counted_trips() as seen:
+        await asyncio.to_thread(asyncio.run, elsewhere())
+        await select_one()
+    assert [t.statement for t in seen] == ["SELECT 1"]
