@@ -30,6 +30,18 @@ async def _two_tenants_placed(db: Database) -> None:
     await Reconciler(db, push=lambda nodes: None, publish=no_publish).reconcile_once()
 
 
+async def _serving_with_tokens(db: Database) -> tuple[ConsoleServer, str]:
+    """A console serving on a free port whose tokens are `tenant-token` (tenant t2's user) and
+    `admin-token` (an operator); the console and its address."""
+    tokens = {"tenant-token": Principal("t2-user", Role.TENANT, tenant="t2"), "admin-token": Principal("admin")}
+
+    async def resolve(token: str):
+        return tokens.get(token)
+
+    console = ConsoleServer(db, DeploymentEventBus(), resolve_token=resolve)
+    return console, await console.start("127.0.0.1:0")
+
+
 def _holders(doc: dict) -> dict[str, int]:
     held: dict[str, int] = {}
     for zone in doc["zones"]:
@@ -60,13 +72,7 @@ async def test_a_tenant_sees_its_own_work_and_others_only_as_other(cluster: Data
 
 async def test_the_http_api_asks_for_a_token_and_scopes_it(cluster: Database) -> None:
     await _two_tenants_placed(cluster)
-    tokens = {"tenant-token": Principal("t2-user", Role.TENANT, tenant="t2"), "admin-token": Principal("admin")}
-
-    async def resolve(token: str):
-        return tokens.get(token)
-
-    console = ConsoleServer(cluster, DeploymentEventBus(), resolve_token=resolve)
-    address = await console.start("127.0.0.1:0")
+    console, address = await _serving_with_tokens(cluster)
     try:
         async with aiohttp.ClientSession(f"http://{address}") as http:
             async with http.get("/api/state") as reply:
@@ -128,13 +134,7 @@ async def test_an_operator_and_a_tenant_asking_at_once_each_get_their_own_view(c
     """Builds are shared per viewer: a tenant's requests, made while the operator's build runs,
     are answered with the tenant's view, never the operator's (nor the other way round)."""
     await _two_tenants_placed(cluster)
-    tokens = {"tenant-token": Principal("t2-user", Role.TENANT, tenant="t2"), "admin-token": Principal("admin")}
-
-    async def resolve(token: str):
-        return tokens.get(token)
-
-    console = ConsoleServer(cluster, DeploymentEventBus(), resolve_token=resolve)
-    address = await console.start("127.0.0.1:0")
+    console, address = await _serving_with_tokens(cluster)
     try:
         async with aiohttp.ClientSession(f"http://{address}") as http:
             async def state(token: str) -> dict:
