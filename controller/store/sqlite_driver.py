@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,13 +130,17 @@ def _trip(fn: Any, args: tuple[Any, ...]) -> Trip:
 
 @contextmanager
 def counted_trips() -> Iterator[list[Trip]]:
-    """Every trip to aiosqlite's threads meanwhile, in order (for tests and `bench commit`: it
-    patches aiosqlite's connection class, so every connection's trips are counted)."""
+    """Every trip to aiosqlite's threads asked from this thread meanwhile, in order (for tests and
+    `bench commit`: it patches aiosqlite's connection class, so every connection's trips are
+    counted). Another thread's (an event loop of its own) are not the caller's and are not
+    counted, as `pg_driver.counted_trips` counts."""
     seen: list[Trip] = []
     real = aiosqlite.core.Connection._execute
+    counting = threading.get_ident()
 
     async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(_trip(fn, args))
+        if threading.get_ident() == counting:
+            seen.append(_trip(fn, args))
         return await real(self, fn, *args, **kwargs)
 
     aiosqlite.core.Connection._execute = counted  # type: ignore[method-assign]

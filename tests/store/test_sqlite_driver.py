@@ -176,3 +176,24 @@ async def test_a_deferred_update_that_fails_fails_the_commit_and_nothing_is_writ
                 await uow.session.execute(rowcount_unread(update(T).where(T.c.v == 8).values(v=7)))  # UNIQUE
             await uow.session.commit()
     await _nothing_written_and_the_writer_free(db)  # rolled back whole
+
+
+async def test_counted_trips_are_the_counting_threads_own(db: Database, tmp_path: Path) -> None:
+    """A trip asked meanwhile from another thread (an event loop of its own, its own engine) is
+    not counted: only the trips the counting thread asks for."""
+    import asyncio
+
+    async def elsewhere() -> None:
+        other = Database(f"sqlite+aiosqlite:///{tmp_path / 'd.db'}")
+        try:
+            async with other.unit_of_work() as uow:
+                await uow.session.execute(text("SELECT count(*) FROM t"))
+        finally:
+            await other.dispose()
+
+    with counted_trips() as seen:
+        await asyncio.to_thread(asyncio.run, elsewhere())
+        assert seen == []
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(text("SELECT v FROM t"))
+    assert _names(seen) == ["_run"]
