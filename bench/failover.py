@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,36 +29,55 @@ from pathlib import Path
 from typing import Any
 
 from bench.fgd import percentile
-from bench.pgserver import LocalPostgres, find_pg_bin_dir
+from bench.pgserver import LocalPostgres, find_pg_bin_dir, free_port
 
 BIN = Path(sys.executable).parent / "maia-controller"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A first start on a port found free may find it taken by then (another process's connection
+# took it as its ephemeral port): it is started on another free port, this many times at most.
+FIRST_START_TRIES = 5
 
 
 class ControllerProcess:
     """One `maia-controller` process on a fixed address (started again there after a kill)."""
 
     def __init__(self, db_url: str, log_dir: Path, token_file: Path, *extra: str, port: int | None = None) -> None:
-        self.address = f"127.0.0.1:{port or free_port()}"
-        self._args = [str(BIN), "--listen", self.address, "--db", db_url, "--no-migrate",
-                      "--bootstrap-admin-token-file", str(token_file), *extra]
-        self._log_path = log_dir / f"controller-{self.address.rsplit(':', 1)[1]}.log"
+        self._args = ["--db", db_url, "--no-migrate", "--bootstrap-admin-token-file", str(token_file), *extra]
+        self._log_dir = log_dir
+        self._port_given = port is not None
+        self._listen_on(port or free_port())
+        self._started = False
         self.proc: subprocess.Popen[str] | None = None
 
+    def _listen_on(self, port: int) -> None:
+        self.address = f"127.0.0.1:{port}"
+        self._log_path = self._log_dir / f"controller-{port}.log"
+
     def start(self) -> None:
-        """Start and wait until it serves (it prints where it listens)."""
+        """Start and wait until it serves (it prints where it listens). Its first start, on a port
+        it found free itself, moves to another free port when that one was taken meanwhile; once
+        it has served, it is started again on its address only (agents know it)."""
+        tries = 1 if self._started or self._port_given else FIRST_START_TRIES
+        for attempt in range(1, tries + 1):
+            line = self._spawn()
+            if line.startswith("maia-controller listening on "):
+                self._started = True
+                return
+            taken = "already in use" in self.log_tail()  # its own check at start, or the bind after it
+            if attempt == tries or not taken:
+                raise RuntimeError(f"controller {self.address} did not start: {line!r}\n{self.log_tail()}")
+            assert self.proc is not None
+            self.proc.wait(10)
+            self._listen_on(free_port())
+
+    def _spawn(self) -> str:
+        """Start the process on `address`; the first line it prints (empty: it exited first)."""
         with open(self._log_path, "a") as log:
-            self.proc = subprocess.Popen(self._args, stdout=subprocess.PIPE, stderr=log, text=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen([str(BIN), "--listen", self.address, *self._args], stdout=subprocess.PIPE,
+                                         stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("maia-controller listening on "):
-            raise RuntimeError(f"controller {self.address} did not start: {line!r}\n{self.log_tail()}")
+        return self.proc.stdout.readline()
 
     def kill(self) -> None:
         """SIGKILL: no lease release, no goodbye to agents."""

@@ -176,3 +176,37 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
     finally:
         await fleet.stop()
         await db.dispose()
+
+
+def test_a_first_start_on_a_port_taken_meanwhile_moves_to_a_free_one(db_url: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port a controller found free can be taken before it binds (another process's
+    connection took it as its ephemeral port: a CI run failed so). Its first start then moves to
+    another free port; once it has served, a start again stays on its address, which agents know,
+    and fails if that is taken."""
+    import socket
+
+    from bench import failover
+
+    asyncio.run(_migrate(db_url))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        found = iter([port])
+        real_free_port = failover.free_port
+        monkeypatch.setattr(failover, "free_port", lambda: next(found, None) or real_free_port())
+        controller = ControllerProcess(db_url, tmp_path, tmp_path / "admin.token", *CONTROLLER_FLAGS)
+        assert controller.address == f"127.0.0.1:{port}"
+        try:
+            controller.start()
+            assert controller.address != f"127.0.0.1:{port}" and controller.proc.poll() is None
+            moved = controller.address
+        finally:
+            controller.stop()
+    with socket.socket() as taken_again:
+        taken_again.bind(("127.0.0.1", int(moved.rsplit(":", 1)[1])))
+        taken_again.listen()
+        with pytest.raises(RuntimeError, match="already in use"):
+            controller.start()
+        assert controller.address == moved
