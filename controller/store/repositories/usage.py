@@ -47,6 +47,8 @@ PLACEMENT_MILLI = case(
 )
 # The watts one placed shard draws (its deployment's shard power, by the share it holds), in SQL.
 _PLACED_POWER_W = m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0
+# The accelerator milli-units of every placed shard, summed by the database (one row).
+_PLACED_MILLI = select(func.sum(PLACEMENT_MILLI)).select_from(m.Placement).join(m.Deployment)
 # Every placed shard summed by the database per tenant: (tenant, milli, watts), a row a tenant.
 _PLACED_BY_TENANT = (
     select(m.Deployment.tenant_id, func.sum(PLACEMENT_MILLI).label("milli"),
@@ -111,8 +113,7 @@ async def free_on_ready_nodes(session: AsyncSession) -> float:
     sums are integers, divided once: the float nearest the exact figure (a sum of per-node floats
     was off by ~1e-10 at 4,096 nodes, enough to print 6694.405 as 6694.41 rather than 6694.4)."""
     nodes = select(func.sum(m.Node.accelerators)).where(_READY).scalar_subquery()
-    placed = (select(func.sum(PLACEMENT_MILLI)).select_from(m.Placement).join(m.Deployment).join(m.Node)
-              .where(_READY).scalar_subquery())
+    placed = _PLACED_MILLI.join(m.Node).where(_READY).scalar_subquery()
     accelerators, milli = (await session.execute(select(nodes, placed))).one()
     return (1000 * int(accelerators or 0) - int(milli or 0)) / 1000.0
 
@@ -163,8 +164,7 @@ async def power_usage(session: AsyncSession) -> ClusterUsage:
 
 async def placed_milli(session: AsyncSession) -> int:
     """Accelerator milli-units every placed shard holds, summed by the database."""
-    return int(await session.scalar(select(func.sum(PLACEMENT_MILLI)).select_from(m.Placement).join(m.Deployment))
-               or 0)
+    return int(await session.scalar(_PLACED_MILLI) or 0)
 
 
 async def node_usage(session: AsyncSession, node_ids: Iterable[str]) -> ClusterUsage:
