@@ -27,8 +27,9 @@ from controller.store.db import UnitOfWork
 from controller.store.snapshot import load_snapshot
 from controller.domain.changes import ClusterChange
 from controller.domain.liveness import later_contact
-from controller.domain.values import ClusterSnapshot, ClusterSummary, NodeView, TenantView, Usage
+from controller.domain.values import ClusterSnapshot, ClusterSummary, NodeView
 from controller.usecases import paging, tokens
+from controller.usecases.tenants import tenant_views
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_id, check_optional_id
@@ -149,17 +150,16 @@ async def cluster_summary(uow: UnitOfWork, who: Principal) -> ClusterSummary:
     s = uow.session
     # Sums by the database (power per rack, milli-units, a tenant's use), not `cluster_usage`'s row
     # per (node, tenant) of the whole cluster (docs/benchmarks.md, `nodeusage`).
-    power = await repo.power_usage(s)
+    rack_power_w, _ = await repo.rack_power(s)
     states, total = await repo.node_state_counts(s)
     racks = await repo.list_racks(s)
     tenants = [t for t in await repo.list_tenant_rows(s) if not own or t.id == own]
-    used = await repo.tenant_usage(s, [t.id for t in tenants])
     return ClusterSummary(
         nodes_ready=states.get("ready", 0), nodes_cordoned=states.get("cordoned", 0),
         nodes_down=states.get("down", 0), nodes_suspect=states.get("suspect", 0),
         accelerators_total=float(total), accelerators_used=await repo.placed_milli(s) / 1000.0,
         power_budget_w=sum(k.power_budget_w or 0.0 for k in racks),
-        power_used_w=sum(power.rack_power_w.get(k.id, 0.0) for k in racks),
+        power_used_w=sum(rack_power_w.get(k.id, 0.0) for k in racks),
         deployments_by_phase=await repo.count_deployments_by_phase(s, tenant=own),
-        tenants=tuple(TenantView(spec=repo.tenant_spec(t), usage=used.get(t.id, Usage())) for t in tenants),
+        tenants=tuple(await tenant_views(uow, tenants)),
     )

@@ -6,6 +6,8 @@ wakes the reconciler. Every reference (excluded tenants, zones) must exist when 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from controller import limits
 from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from controller.identity import Principal
@@ -92,7 +94,8 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id)
     await uow.commit()
     signals.wake_reconciler()
-    return await _view(uow, row)
+    (view,) = await tenant_views(uow, [row])
+    return view
 
 
 async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantView:
@@ -101,7 +104,8 @@ async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantV
     row = await repo.get_tenant(uow.session, tenant_id)
     if row is None:
         raise NotFound(f"tenant {tenant_id} not found")
-    return await _view(uow, row)
+    (view,) = await tenant_views(uow, [row])
+    return view
 
 
 async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = PageRequest()) -> Page[TenantView]:
@@ -112,14 +116,14 @@ async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = Page
     if own:
         rows = [r for r in rows if r.id == own]
     page = paging.page_of(rows, bounds, key=lambda r: (r.id,))
-    usage = await repo.tenant_usage(uow.session, [r.id for r in page.items])
-    return page.map(lambda r: TenantView(spec=repo.tenant_spec(r), usage=usage.get(r.id, Usage())))
+    return Page(tuple(await tenant_views(uow, page.items)), page.next_token)
 
 
-async def _view(uow: UnitOfWork, row: m.Tenant) -> TenantView:
-    """A tenant's contract with what its placed shards use now."""
-    usage = await repo.tenant_usage(uow.session, [row.id])
-    return TenantView(spec=repo.tenant_spec(row), usage=usage.get(row.id, Usage()))
+async def tenant_views(uow: UnitOfWork, rows: Sequence[m.Tenant]) -> list[TenantView]:
+    """These tenants' contracts with what their placed shards use now (summed by the database, a
+    row a tenant: `repo.tenant_usage`), in their order."""
+    usage = await repo.tenant_usage(uow.session, [r.id for r in rows])
+    return [TenantView(spec=repo.tenant_spec(r), usage=usage.get(r.id, Usage())) for r in rows]
 
 
 async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals: Signals) -> None:
