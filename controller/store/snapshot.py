@@ -242,7 +242,7 @@ async def load_spec_doc(session: AsyncSession, *, within_rows: Collection[str] |
     of the rows `within_rows` and the deployments `deployment_ids` when given: a re-check of a
     few replicas reads what lies around them, not the cluster."""
     zones, rows, racks, node_rows = await _topology(session, within_rows)
-    tenants = [_tenant_doc(t) for t in await session.execute(select(*_TENANT_COLUMNS).order_by(Tenant.id))]
+    tenants = await load_tenants(session)
     query = select(*_DEPLOYMENT_COLUMNS).where(
         Deployment.phase.not_in((DeploymentPhase.DELETING, DeploymentPhase.QUARANTINED))).order_by(Deployment.id)
     if deployment_ids is None:
