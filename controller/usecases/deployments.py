@@ -400,7 +400,7 @@ async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
                           bounds, key=lambda k: k)
     read = await repo.deployments_with_ids(uow.session, [row_id for _, row_id in keys.items])
     redactor = await redactor_of(uow, who)
-    # (A deployment removed between the two reads, on PostgreSQL, is left out; the page's token stands.)
+    # (A deployment removed between the two reads is left out; the page's token stands. Ids are never reused.)
     return paging.Page(tuple(redactor.deployment(read[row_id].view()) for _, row_id in keys.items if row_id in read),
                        keys.next_token)
 
