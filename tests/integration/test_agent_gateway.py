@@ -22,7 +22,8 @@ from controller.api.server import ControllerApp
 from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_OPTIONS
 from controller.gateway.relay import RELAY_WINDOW
 from grpc_harness import (
-    RUNNING, HandAgent, SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology,
+    RUNNING, HandAgent, SimFleet, Stubs, admin_token_of, connect_answer, eventually, issue_token, running_controller,
+    spec, topology,
 )
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2, relay_pb2, relay_pb2_grpc
 
@@ -149,12 +150,9 @@ async def test_an_unauthenticated_agent_is_refused_as_without_a_gateway(tmp_path
                     await caller.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
                         node_id="n9", hostname="n9", rack="rack-a", accelerators=4, accelerator_model="maia-100",
                         hbm_gib=64)))
-                call = caller.agent.Connect(iter([agent_pb2.AgentMessage(
-                    hello=agent_pb2.Hello(node_id="n9", session_id="s"))]))
-                with pytest.raises(grpc.aio.AioRpcError) as refused_connect:
-                    async for _ in call:
-                        pass
-                answers.append([(e.value.code(), e.value.details()) for e in (refused_register, refused_connect)])
+                code, refused_connect = await connect_answer(caller.agent, agent_pb2.Hello(node_id="n9", session_id="s"))
+                assert code != grpc.StatusCode.OK, refused_connect
+                answers.append([(e.code(), e.details()) for e in (refused_register.value, refused_connect)])
             finally:
                 await caller.channel.close()
         direct, through_gateway = answers
@@ -213,14 +211,11 @@ async def test_a_followers_gateway_sends_agents_to_the_leader(db_url: str, tmp_p
             with pytest.raises(grpc.aio.AioRpcError) as refused_register:
                 await caller.agent.Register(agent_pb2.RegisterRequest(
                     node=agent_pb2.NodeInfo(node_id="n1", rack="rack-00", accelerators=4)))
-            call = caller.agent.Connect(iter([agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id="n1",
-                                                                                           session_id="s"))]))
-            with pytest.raises(grpc.aio.AioRpcError) as refused_connect:
-                async for _ in call:
-                    pass
+            code, refused_connect = await connect_answer(caller.agent, agent_pb2.Hello(node_id="n1", session_id="s"))
+            assert code == grpc.StatusCode.UNAVAILABLE, refused_connect
         finally:
             await caller.channel.close()
-        for refused in (refused_register.value, refused_connect.value):
+        for refused in (refused_register.value, refused_connect):
             assert refused.code() == grpc.StatusCode.UNAVAILABLE
             assert ("maia-leader", leader.address) in tuple(refused.trailing_metadata())
             assert leader.address in refused.details()

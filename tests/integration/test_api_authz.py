@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 
 from controller.api.server import ControllerApp
 from controller.store import models as m
-from grpc_harness import Stubs, admin_token_of, eventually, issue_token, spec, topology
+from grpc_harness import Stubs, admin_token_of, connect_answer, eventually, issue_token, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, audit_pb2, deployments_pb2
 
 OWNER, RIVAL = "lab-alpha", "lab-beta"
@@ -49,10 +49,10 @@ def _node(node_id: str) -> agent_pb2.NodeInfo:
 
 
 async def _hello_n1(stubs: Stubs) -> Any:
-    call = stubs.agent.Connect(iter([agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_id="n1", session_id="s"))]))
-    async for message in call:
-        return message
-    return None
+    code, answer = await connect_answer(stubs.agent, agent_pb2.Hello(node_id="n1", session_id="s"))
+    if code != OK:
+        raise answer
+    return answer
 
 
 async def _first(stream: Any) -> Any:
