@@ -22,8 +22,9 @@ another list is never taken for one it read. One thread at a time uses it, as it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from array import array
 from bisect import bisect_left
+from collections.abc import Callable, Collection, Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
@@ -42,7 +43,11 @@ class _Grouped:
         self._source: list[Doc] | None = None  # held: its id is never another list's
         self._read = 0
         self._seq = 0
-        self._seqs: list[int] = []  # each read document's sequence number, in the list's order
+        # Each read document's sequence number, in the list's order: an array of machine integers,
+        # which the cyclic collector does not walk number by number (a departure makes it anew: a
+        # list of the list's length would be one more young container for the next collection to
+        # walk, as long as the document list itself).
+        self._seqs = array("q")
         self._groups: tuple[dict[str, dict[int, Doc]], ...] = tuple({} for _ in keys)
         self.whole_reads = 0  # lists read whole (a replaced one, or one changed otherwise than said)
 
@@ -50,7 +55,7 @@ class _Grouped:
         """The groupings of `items` (the document's list now), by key: sequence number -> document."""
         if items is not self._source or len(items) < self._read:
             self._source, self._read = items, 0
-            self._groups, self._seqs = tuple({} for _ in self._keys), []
+            self._groups, self._seqs = tuple({} for _ in self._keys), array("q")
             self.whole_reads += 1
         if self._read < len(items):
             groups = tuple(zip(self._keys, self._groups))
@@ -79,7 +84,7 @@ class _Grouped:
         if not leaving:
             return items
         kept: list[Doc] = []
-        seqs: list[int] = []
+        seqs = array("q")
         start = 0
         for seq, item in leaving:
             at = bisect_left(self._seqs, seq, start)
