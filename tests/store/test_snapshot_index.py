@@ -128,7 +128,9 @@ def test_the_order_numbers_a_departure_keeps_are_not_the_collectors_to_walk() ->
         _deployment(rng, snap, f"t/more{len(snap.deployment_ids)}")
     assert_index_walks(snap, rng)
     gone = {stored_key(sorted(snap.deployment_ids)[0])}
+    before = len(snap.problem["deployments"])
     snap.index.depart(snap.problem, gone)
+    assert len(snap.problem["deployments"]) < before  # a cut was made
     assert_index_walks(snap, rng)
     for grouped in (snap.index._deployments, snap.index._placements):
         assert len(gc.get_referents(grouped._seqs)) <= 1  # its type at most, none of its numbers
