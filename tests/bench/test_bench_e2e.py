@@ -123,9 +123,11 @@ def test_e2e_from_a_preloaded_cluster(tmp_path: Path) -> None:
 
 
 def test_e2e_stopped_part_way_stops_what_it_started_and_reports(tmp_path: Path) -> None:
-    """SIGTERM while the clients submit (a `timeout` around the bench): the controller and the
-    fleet it started are gone when it exits, and it printed what it measured up to then."""
-    with bench_session("e2e", "--nodes", "16", "--db", "sqlite", "--clients", "1",
+    """SIGTERM while the deployments are submitted (a `timeout` around the bench): the controller
+    and the fleet it started are gone when it exits, and it printed what it measured up to then.
+    Offered at 10/s (~5 s of submits): one closed-loop client once submitted all 49 in under a
+    second, before a progress line (its scrape of the controller included) said 'submitting'."""
+    with bench_session("e2e", "--nodes", "16", "--db", "sqlite", "--rate", "10", "--arrivals", "even",
                        "--load-delay", "0.05", "--fill", "1", "--progress-every", "0.2") as bench:
         assert bench.stderr is not None
         for line in bench.stderr:  # progress lines: wait until the submits are under way
