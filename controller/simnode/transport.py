@@ -95,6 +95,15 @@ def starting(exc: grpc.aio.AioRpcError) -> bool:
     return _trailer(exc, STATE_METADATA_KEY) == "starting"
 
 
+def status_lost(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether grpcio's asyncio client replaced the controller's answer with its own INTERNAL: a
+    message written as the controller ended the call fails, and the client overwrites the status
+    the controller had sent (grpc/grpc#36066), its code, details and trailing metadata (a leader
+    hint, a retry time) with it. The node then does what it does for a stream that broke."""
+    return (exc.code() == grpc.StatusCode.INTERNAL and exc.details() == "Internal error from Core"
+            and "SendMessageOperation" in (exc.debug_error_string() or ""))
+
+
 def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
     """The pause the controller asked for (`retry-after-ms`: a busy or rate-limited answer), or None."""
     value = _trailer(exc, RETRY_AFTER_METADATA_KEY)
@@ -250,6 +259,8 @@ class SimulatedNode:
                     unanswered = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                     what = "stream broke" if self.connected else "register failed"
                     problem = f"{what}: {exc.code().name}: {exc.details()}"
+                    if status_lost(exc):
+                        problem = f"{what}: ended by the controller, its answer lost to grpcio's client (grpc#36066)"
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.node_credential:
                         self._forget_credential()  # revoked (an admin reset it): register afresh
                     # A controller busy with a join storm says when to come back; one starting, too,

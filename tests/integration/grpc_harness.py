@@ -24,6 +24,7 @@ from controller.api.server import ControllerApp
 from controller.bearer import TOKEN_ENV, aio_channel
 from controller.config import Config
 from controller.identity import CONTROLLER, Role
+from controller.simnode.transport import status_lost
 from controller.store import models as m
 from controller.store.db import Database
 from controller.usecases import tokens
@@ -192,27 +193,20 @@ class BlackholeProxy:
         # EOF: keep the other side open (a dead network tells nobody)
 
 
-def status_lost_to_a_write(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether grpcio's asyncio client replaced the server's status with its own INTERNAL: a
-    request written as the server ended the call fails, and the client overwrites the status the
-    server had sent (grpc/grpc#36066; reproduced here: a refused Connect that goes on writing sees
-    it about one time in three; one that writes only its hello, rarely)."""
-    return (exc.code() == grpc.StatusCode.INTERNAL and exc.details() == "Internal error from Core"
-            and "SendMessageOperation" in (exc.debug_error_string() or ""))
-
-
 async def connect_answer(agent: agent_pb2_grpc.NodeAgentServiceStub, hello: agent_pb2.Hello,
                          *, tries: int = 5) -> tuple[grpc.StatusCode, Any]:
     """What a Connect that says `hello` is answered: OK and its first message, or the status it
     ends with (the error itself). A status grpcio's client lost to its own write race
-    (`status_lost_to_a_write`) is asked again, at most `tries` times; any other answer is final."""
+    (`controller.simnode.transport.status_lost`; a refused Connect that goes on writing, about one
+    time in three; one that writes only its hello, rarely) is asked again, at most `tries` times;
+    any other answer is final."""
     for _ in range(tries):
         try:
             async for message in agent.Connect(iter([agent_pb2.AgentMessage(hello=hello)])):
                 return grpc.StatusCode.OK, message
             return grpc.StatusCode.OK, None
         except grpc.aio.AioRpcError as exc:
-            if not status_lost_to_a_write(exc):
+            if not status_lost(exc):
                 return exc.code(), exc
             lost = exc
     raise AssertionError(f"Connect's status was lost to the client's write race {tries} times: {lost!r}")

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from controller.simnode.protocol import NodeSpec
-from controller.simnode.transport import Backoff, SimulatedNode
+from controller.simnode.transport import Backoff, SimulatedNode, status_lost
 from maia.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from tests.addresses import closed_port_address
 
@@ -415,3 +415,16 @@ async def test_an_agent_told_starting_tries_the_next_controller_if_it_has_one(
         node.stop()
         await asyncio.wait_for(task, timeout=5)
         await server.stop(grace=None)
+
+
+def test_an_answer_grpcios_client_replaced_is_told_from_the_controllers_own() -> None:
+    """grpc/grpc#36066: a message written as the controller ends the stream fails, and the
+    client's INTERNAL replaces the controller's answer; only that exact answer is taken for it."""
+    def error(code: grpc.StatusCode, details: str, debug: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, debug)
+
+    lost = 'Failed "execute_batch": (<grpc._cython.cygrpc.SendMessageOperation object at 0x7f58>,)'
+    assert status_lost(error(grpc.StatusCode.INTERNAL, "Internal error from Core", lost))
+    assert not status_lost(error(grpc.StatusCode.INTERNAL, "the controller failed", lost))
+    assert not status_lost(error(grpc.StatusCode.INTERNAL, "Internal error from Core", "RST_STREAM"))
+    assert not status_lost(error(grpc.StatusCode.UNAVAILABLE, "Internal error from Core", lost))
