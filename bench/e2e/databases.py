@@ -58,19 +58,21 @@ async def _pg_execute(url: str, sql: str) -> list[Any]:
 
 
 PG_STATEMENTS_SQL = """
-SELECT calls, rows, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query
+SELECT calls, rows, total_exec_time, max_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query
 FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
 ORDER BY total_exec_time DESC"""
 PG_XACTS_SQL = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
 
 
 async def pg_statements_since_reset(url: str, top: int) -> dict[str, Any]:
-    """pg_stat_statements since its reset: totals and the `top` statements by execution time."""
+    """pg_stat_statements since its reset: totals and the `top` statements by execution time (each
+    with its mean and its longest execution: a statement that waited for a lock shows in its max)."""
     rows = await _pg_execute(url, PG_STATEMENTS_SQL)
     return {"calls": sum(r["calls"] for r in rows), "exec_ms": round(sum(r["total_exec_time"] for r in rows)),
             "statements": len(rows),
             "top": [{"calls": r["calls"], "rows": r["rows"], "exec_ms": round(r["total_exec_time"], 1),
-                     "query": r["query"]} for r in rows[:top]]}
+                     "mean_ms": round(r["total_exec_time"] / r["calls"], 3) if r["calls"] else 0.0,
+                     "max_ms": round(r["max_exec_time"], 1), "query": r["query"]} for r in rows[:top]]}
 
 
 async def grade(url: str) -> list[str]:

@@ -25,13 +25,15 @@ def _per_deployment_ms(r: dict[str, Any], key: str) -> float:
 
 
 def _pg_statements_lines(r: dict[str, Any]) -> str:
-    """--pg-statements: the totals and the top statements by the server's execution time."""
+    """--pg-statements: the totals and the top statements by the server's execution time, each
+    with its mean and longest execution."""
     pg = r.get("pg_statements")
     if not pg:
         return ""
     return (f"\n  pg_stat_statements since the first submit: {pg['calls']} calls of {pg['statements']} statements, "
             f"{pg['exec_ms']} ms executing; by time:"
-            + "".join(f"\n    {s['exec_ms']:>9.1f} ms {s['calls']:>7} calls {s['rows']:>8} rows  {s['query']}"
+            + "".join(f"\n    {s['exec_ms']:>9.1f} ms {s['calls']:>7} calls {s['rows']:>8} rows"
+                      f" (mean {s['mean_ms']:.2f}, max {s['max_ms']:.1f} ms)  {s['query']}"
                       for s in pg["top"]))
 
 

@@ -111,6 +111,8 @@ def test_e2e_on_postgres_reports_the_database_servers_cpu_and_statements(tmp_pat
     assert result["db_server_cpu_s"] > 0 and result["db_transactions"] > 0
     statements = result["pg_statements"]
     assert len(statements["top"]) == 3 and statements["calls"] >= sum(s["calls"] for s in statements["top"]) > 0
+    assert all(0 <= s["mean_ms"] <= s["max_ms"] + 0.05 and s["max_ms"] > 0 for s in statements["top"])
+    assert "(mean " in done.stdout and ", max " in done.stdout
     assert "database server CPU" in done.stdout and "pg_stat_statements since the first submit" in done.stdout
 
 
