@@ -22,7 +22,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,23 @@ class Measured:
                 f"loop_cpu_ms_per_{unit}": round(statistics.median(self.loop_cpu) * per_unit, 4),
                 f"process_cpu_ms_per_{unit}": round(statistics.median(self.process_cpu) * per_unit, 4),
                 f"loop_cpu_ms_per_{call}_p50": round(statistics.median(self.loop_cpu) * 1000, 3)}
+
+
+def main_by_cluster_size(doc: str, run: Callable[[argparse.Namespace, int], Awaitable[dict[str, Any]]], *,
+                         nodes: list[int], placements: int, rounds: int, warmup: int, counted: str) -> None:
+    """The `main` of an in-process benchmark measured once per cluster size (`bench.capacity`,
+    `console`, `snapshot`): `--nodes` (several), `--placements`, `--rounds` and `--warmup` (`counted`:
+    what it measures, for the help) with these defaults; `run(args, nodes)`'s figures, one JSON line
+    a size."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--nodes", type=int, nargs="+", default=nodes,
+                   help=f"simulated nodes (multiples of {NODES_PER_RACK})")
+    p.add_argument("--placements", type=int, default=placements, help="running single-shard deployments on them")
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--warmup", type=int, default=warmup, help=f"{counted} first, not counted")
+    args = p.parse_args()
+    for size in args.nodes:
+        print(json.dumps(asyncio.run(run(args, size))))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,14 +15,11 @@ only `load_index` and `bench.assignments`).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import statistics
 import time
 from typing import Any
 
-from bench.assignments import Measured, preloaded
-from bench.e2e import NODES_PER_RACK
+from bench.assignments import Measured, main_by_cluster_size, preloaded
 from controller.usecases.capacity import load_index
 
 
@@ -45,15 +42,7 @@ async def run(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nodes", type=int, nargs="+", default=[4096, 16384],
-                   help=f"simulated nodes (multiples of {NODES_PER_RACK})")
-    p.add_argument("--placements", type=int, default=1000, help="running single-shard deployments on them")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=2, help="rebuilds first, not counted")
-    args = p.parse_args()
-    for nodes in args.nodes:
-        print(json.dumps(asyncio.run(run(args, nodes))))
+    main_by_cluster_size(__doc__, run, nodes=[4096, 16384], placements=1000, rounds=20, warmup=2, counted="rebuilds")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ import asyncio
 import json
 from typing import Any
 
-from bench.assignments import Measured, preloaded
-from bench.e2e import NODES_PER_RACK
+from bench.assignments import Measured, main_by_cluster_size, preloaded
 from controller.console.state import console_state
 
 
@@ -41,15 +40,7 @@ async def run(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nodes", type=int, nargs="+", default=[4096],
-                   help=f"simulated nodes (multiples of {NODES_PER_RACK})")
-    p.add_argument("--placements", type=int, default=10000, help="running single-shard deployments on them")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1, help="documents first, not counted")
-    args = p.parse_args()
-    for nodes in args.nodes:
-        print(json.dumps(asyncio.run(run(args, nodes))))
+    main_by_cluster_size(__doc__, run, nodes=[4096], placements=10000, rounds=5, warmup=1, counted="documents")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from typing import Any
 
-from bench.assignments import Measured, preloaded
-from bench.e2e import NODES_PER_RACK
+from bench.assignments import Measured, main_by_cluster_size, preloaded
 from controller.store.db import Database
 from controller.store.snapshot import Snapshot, load_snapshot
 
@@ -83,15 +81,7 @@ async def run(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nodes", type=int, nargs="+", default=[4096, 16384],
-                   help=f"simulated nodes (multiples of {NODES_PER_RACK})")
-    p.add_argument("--placements", type=int, default=10000, help="running single-shard deployments on them")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1, help="snapshots first, not counted")
-    args = p.parse_args()
-    for nodes in args.nodes:
-        print(json.dumps(asyncio.run(run(args, nodes))))
+    main_by_cluster_size(__doc__, run, nodes=[4096, 16384], placements=10000, rounds=5, warmup=1, counted="snapshots")
 
 
 if __name__ == "__main__":
