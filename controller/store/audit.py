@@ -26,15 +26,17 @@ from contextvars import ContextVar, Token
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Row, bindparam, case, event, insert, select, text, update
+from sqlalchemy import Row, TextClause, bindparam, case, event, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from controller.store.inlist import POSTGRESQL, dialect_of
+from controller.store.inlist import POSTGRESQL, dialect_of, session_dialect
 from controller.store.models import AuditEntry, AuditHead, utcnow
 from controller.store.marks import rowcount_unread
+from controller.store.unnest import InsertRows
 
 GENESIS_HASH = "0" * 64
 OUTCOME_OK = "OK"
@@ -187,11 +189,17 @@ _INSERT_ENTRIES_IF_MOVED = insert(AuditEntry.__table__).values(hash=case(
 # PostgreSQL: `_MOVE_KNOWN_HEAD` and, when it moved the head, the entries (`rows`: JSON), in one
 # statement (each is a round trip on the event loop's turns); nothing is inserted when it did not.
 _ENTRY_COLUMNS = ", ".join(("seq", "at", "prev_hash", "hash", "detail", *_LIMITS))
-_MOVE_KNOWN_HEAD_AND_INSERT = text(
-    "WITH moved AS (UPDATE audit_head SET seq = :new_seq, hash = :new_hash "
-    "WHERE id = 1 AND seq = :known_seq AND hash = :known_hash RETURNING seq) "
-    f"INSERT INTO audit_log ({_ENTRY_COLUMNS}) SELECT {', '.join('e.' + c for c in _ENTRY_COLUMNS.split(', '))} "
-    "FROM moved, json_populate_recordset(NULL::audit_log, CAST(:rows AS JSON)) AS e RETURNING seq")
+
+
+@lru_cache(maxsize=16)
+def _move_known_head_and_insert(along: tuple[str, ...] = ()) -> TextClause:
+    """That statement, with the data-modifying WITHs of the rows that ride in it (`along`:
+    `InsertRows.cte`), which are written whether or not it moved the head."""
+    return text(
+        f"WITH {''.join(cte + ', ' for cte in along)}moved AS (UPDATE audit_head SET seq = :new_seq, "
+        "hash = :new_hash WHERE id = 1 AND seq = :known_seq AND hash = :known_hash RETURNING seq) "
+        f"INSERT INTO audit_log ({_ENTRY_COLUMNS}) SELECT {', '.join('e.' + c for c in _ENTRY_COLUMNS.split(', '))} "
+        "FROM moved, json_populate_recordset(NULL::audit_log, CAST(:rows AS JSON)) AS e RETURNING seq")
 
 
 def _chained(records: Sequence[AuditRecord], first: int, prev_hash: str, at: datetime) -> list[dict[str, Any]]:
@@ -205,17 +213,18 @@ def _chained(records: Sequence[AuditRecord], first: int, prev_hash: str, at: dat
 
 
 async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None,
-                 unread: bool = False) -> list[int]:
+                 unread: bool = False, along: Sequence[InsertRows] = ()) -> list[int]:
     """Append `records`, in order, to the chain in the caller's transaction; returns their seqs
     (`_append`)."""
-    return [row["seq"] for row in await _append(session, records, at=at, unread=unread)]
+    return [row["seq"] for row in await _append(session, records, at=at, unread=unread, along=along)]
 
 
-async def append_calls(session: AsyncSession, calls: Sequence[CallEntry], *, unread: bool = False) -> None:
+async def append_calls(session: AsyncSession, calls: Sequence[CallEntry], *, unread: bool = False,
+                       along: Sequence[InsertRows] = ()) -> None:
     """Append API calls' entries (`append`) in the caller's transaction, a writer that commits
     them for their calls (a group commit) or the call itself (`commit`). Each call remembers the
     entry as sent (`CallEntry.sent`); the writer sets `written` once its commit returns."""
-    rows = await _append(session, [call.record for call in calls], unread=unread)
+    rows = await _append(session, [call.record for call in calls], unread=unread, along=along)
     for call, row in zip(calls, rows, strict=True):
         call.sent = (row["seq"], row["hash"])
 
@@ -234,7 +243,7 @@ async def landed(session: AsyncSession, call: CallEntry) -> bool:
 
 
 async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None,
-                  unread: bool = False) -> list[dict[str, Any]]:
+                  unread: bool = False, along: Sequence[InsertRows] = ()) -> list[dict[str, Any]]:
     """Append `records`, in order, to the chain in the caller's transaction; returns their rows
     as written (seq, hash, ...).
 
@@ -255,8 +264,16 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     hash only where the head was moved to it, and NULL (refused: NOT NULL) elsewhere, so nothing
     is written, and the rollback forgets the head it would have linked to: the caller's retry
     (with or without `unread`) reads the database's head.
+
+    `along`: rows of other tables the caller writes in the same transaction, nothing reading them
+    before its commit (a submit batch's events). On PostgreSQL, when this process knows the head,
+    they ride in the head's statement (`InsertRows.cte`: one round trip for both), else each goes
+    first by an executemany of its own.
     """
+    along = [rows for rows in along if rows.rows]
     if not records:
+        for rows in along:
+            await rows.insert(session)
         return []
     at = at or utcnow()
     engine = getattr(session.bind, "sync_engine", None)
@@ -264,14 +281,22 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     known = _last_heads.get(database) if database is not None else None
     rows: list[dict[str, Any]] = []
     inserted = False
+    postgres = dialect_of(session) == POSTGRESQL
+    if known is None or not postgres:
+        for rows_along in along:
+            await rows_along.insert(session)
     if known is not None:
         rows = _chained(records, known[0] + 1, known[1], at)
         moving = {"known_seq": known[0], "known_hash": known[1],
                   "new_seq": rows[-1]["seq"], "new_hash": rows[-1]["hash"]}
-        if dialect_of(session) == POSTGRESQL:
+        if postgres:  # `along` written by this statement, whether it moves the head or not
             entries = json.dumps([{**row, "at": _at_text(row["at"])} for row in rows])
+            dialect = session_dialect(session)
+            names = [f"along{i}_" for i in range(len(along))]
+            statement = _move_known_head_and_insert(tuple(a.cte(name, dialect) for a, name in zip(along, names)))
+            arrays = {key: value for a, name in zip(along, names) for key, value in a.arrays(name, dialect).items()}
             moved = inserted = (await session.execute(
-                _MOVE_KNOWN_HEAD_AND_INSERT, {**moving, "rows": entries})).first() is not None
+                statement, {**moving, "rows": entries, **arrays})).first() is not None
         elif unread:
             await session.execute(_MOVE_KNOWN_HEAD_UNREAD, moving)
             await session.execute(_INSERT_ENTRIES_IF_MOVED, [

@@ -1,4 +1,4 @@
-"""Many rows updated by one statement on PostgreSQL: each column's values as an array, `unnest`ed.
+"""Many rows updated or inserted by one statement on PostgreSQL: each column's values as an array, `unnest`ed.
 
 asyncpg's executemany sends a statement's rows in one round trip, but the server still runs the
 statement once per row: a bind, a plan from the cache, an executor started and ended, the
@@ -8,7 +8,10 @@ deployments, against 13-57 us a row for the same rows in one `UPDATE ... FROM un
 (`pgcpu` in docs/benchmarks.md; the controller's own CPU a row fell too, ~95 to ~70 us). Used
 where the rows are locked already: the report flush's deployments. An INSERT's executemany costs
 the server no more a row than one statement over arrays did (events, ~30 us a row either way),
-and the arrays cost the controller a little more: INSERTs stay executemany.
+and the arrays cost the controller a little more: INSERTs stay executemany, except where one text
+for any number of rows saves a statement to prepare (an INSERT that reads back, whose many VALUES
+were a text per number of rows) or where they ride in another statement (`InsertRows`: a
+data-modifying WITH of it, one round trip for both: a submit batch's events in its audit append).
 
 Here the rows go as one text array per column (asyncpg encodes text[] with its own codec; an
 array of another type would cost a type lookup on each new connection first, `inlist._any`),
@@ -26,10 +29,11 @@ timestamp with its offset, a bool.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Table, TextClause, text
+from sqlalchemy import Table, TextClause, insert, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -60,17 +64,77 @@ async def update_rows(session: AsyncSession, table: Table, fallback: Any, rows: 
     await session.execute(statement, _arrays(table, dialect, named, rows))
 
 
+@dataclass(frozen=True)
+class InsertRows:
+    """Rows to INSERT into `table` (each a mapping of the same columns) by a statement that
+    carries them: on PostgreSQL a data-modifying WITH over arrays (`cte`, `arrays`) in another
+    statement's text, so that both take one round trip (`audit.append(along=)`); where no
+    statement carries them, an executemany of their own (`insert`)."""
+
+    table: Table
+    rows: Sequence[Mapping[str, Any]]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.rows[0]) if self.rows else ()
+
+    def cte(self, name: str, dialect: Dialect) -> str:
+        """`name AS (INSERT ...)`: the rows from one text array parameter per column, each named
+        `name` and the column's place (`arrays(name, ...)`)."""
+        return _insert_cte(self.table, self.columns, name, dialect)
+
+    def arrays(self, name: str, dialect: Dialect) -> dict[str, list[str | None]]:
+        return _arrays(self.table, dialect, [(c, c) for c in self.columns], self.rows, prefix=name)
+
+    async def insert(self, session: AsyncSession) -> None:
+        if self.rows:
+            await session.execute(insert(self.table), list(self.rows))
+
+    async def insert_returning(self, session: AsyncSession, *returned: str) -> list[tuple[Any, ...]]:
+        """INSERT the rows by one statement and read back the `returned` columns of each (in no
+        particular order). On PostgreSQL over arrays: one text whatever the number of rows (an
+        INSERT of many VALUES was a text, and a statement to prepare, per number of rows)."""
+        if not self.rows:
+            return []
+        dialect = session_dialect(session)
+        if dialect.name != POSTGRESQL:
+            table = self.table
+            return [tuple(row) for row in await session.execute(
+                insert(table).returning(*(table.c[c] for c in returned)), list(self.rows))]
+        return [tuple(row) for row in await session.execute(
+            _insert_returning(self.table, self.columns, returned, dialect), self.arrays("a", dialect))]
+
+
+@lru_cache(maxsize=64)
+def _insert_cte(table: Table, columns: tuple[str, ...], name: str, dialect: Dialect) -> str:
+    return f"{name} AS ({_insert_text(table, columns, name, dialect)})"
+
+
+@lru_cache(maxsize=16)
+def _insert_returning(table: Table, columns: tuple[str, ...], returned: tuple[str, ...],
+                      dialect: Dialect) -> TextClause:
+    quote = dialect.identifier_preparer.quote
+    return text(f"{_insert_text(table, columns, 'a', dialect)} RETURNING {', '.join(quote(c) for c in returned)}")
+
+
+def _insert_text(table: Table, columns: tuple[str, ...], prefix: str, dialect: Dialect) -> str:
+    quote = dialect.identifier_preparer.quote
+    return (f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+            f"SELECT * FROM {_unnest(table, columns, dialect, prefix=prefix)}")
+
+
 def _arrays(table: Table, dialect: Dialect, named: Sequence[tuple[str, str]],
-            rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str | None]]:
-    """The parameters of `_update_text`: `a0`, `a1`, ... one text array per
-    (column, parameter) of `named`, each value bind-processed as its column's type would be."""
+            rows: Sequence[Mapping[str, Any]], *, prefix: str = "a") -> dict[str, list[str | None]]:
+    """The parameters of `_update_text` (`_unnest`): `a0`, `a1`, ... (`prefix` and the place) one
+    text array per (column, parameter) of `named`, each value bind-processed as its column's
+    type would be."""
     arrays: dict[str, list[str | None]] = {}
     for i, (column, parameter) in enumerate(named):
         process = table.c[column].type.dialect_impl(dialect).bind_processor(dialect)
         values = [row[parameter] for row in rows]
         if process is not None:
             values = [process(v) for v in values]
-        arrays[f"a{i}"] = [None if v is None else _text(v) for v in values]
+        arrays[f"{prefix}{i}"] = [None if v is None else _text(v) for v in values]
     return arrays
 
 
@@ -78,10 +142,11 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _unnest(table: Table, columns: Sequence[str], dialect: Dialect) -> str:
+def _unnest(table: Table, columns: Sequence[str], dialect: Dialect, *, prefix: str = "a") -> str:
     """`unnest(...)` of one text array parameter per column, each cast to its column's type."""
-    return "unnest(" + ", ".join(f"CAST(CAST(:a{i} AS TEXT[]) AS {table.c[column].type.compile(dialect=dialect)}[])"
-                                 for i, column in enumerate(columns)) + ")"
+    return "unnest(" + ", ".join(
+        f"CAST(CAST(:{prefix}{i} AS TEXT[]) AS {table.c[column].type.compile(dialect=dialect)}[])"
+        for i, column in enumerate(columns)) + ")"
 
 
 @lru_cache(maxsize=64)

@@ -18,7 +18,7 @@ from controller.errors import AlreadyExists, InvalidArgument, NotFound, Resource
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.store import audit
 from controller.store import models as m
-from controller.store import sqlite_driver
+from controller.store import pg_driver, sqlite_driver
 from controller.store.audit import AuditRecord, CallEntry
 from controller.store.turns import WritePriority
 from controller.usecases import submits
@@ -262,6 +262,40 @@ async def test_a_batch_holds_sqlites_writer_for_one_trip_its_commit(cluster):
     assert report.intact and report.entries == 3
     assert [ids["a"], ids["b"]] == [ids["w"] + 1, ids["w"] + 2]
     assert batcher.chosen_ids_taken == 0
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_batch_takes_one_read_and_two_statements_on_postgresql(cluster):
+    """A submit batch's round trips on PostgreSQL: its one read, BEGIN, the deployments' INSERT
+    (over arrays: one text for any number of rows, nothing to prepare for a new size), the old
+    request ids' DELETE (only with request ids), then the audit head moved with its entries and,
+    in the same statement, the request ids and the events (`audit.append(along=)`); COMMIT. Eight
+    before (`docs/benchmarks.md`, `pgtrips`)."""
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    capacity = CapacityCache()
+    for warm in (["w0"], ["w1", "w2"]):  # its statements prepared on this connection (the pool's LIFO)
+        await batcher.commit_batch([replace(_queued(name, request_id=f"r-{name}"), capacity=capacity)
+                                    for name in warm])
+    for named in ([("a", "r-a"), ("b", "r-b"), ("c", "r-c")], [("d", ""), ("e", "")]):
+        with pg_driver.counted_trips() as trips:
+            outcomes = await batcher.commit_batch([replace(_queued(name, request_id=rid), capacity=capacity)
+                                                   for name, rid in named])
+        assert len(outcomes) == len(named)
+        assert [(t.kind, t.statement) for t in trips if t.kind != "prepare" or "deployments" in t.statement] == [
+            ("execute", "SELECT tenants.id, tenants.zones,"), ("query", "BEGIN"),
+            ("execute", "INSERT INTO deployments"),
+            *([("execute", "DELETE /* maia:rowcount-unread")] if named[0][1] else []),
+            ("execute", "WITH along0_ AS"), ("query", "COMMIT")]
+    async with cluster.unit_of_work() as uow:
+        report = await audit.verify_chain(uow.session)
+        ids = {name: id_ for id_, name in await uow.session.execute(select(m.Deployment.id, m.Deployment.name))}
+        requests = {r.request_id: (r.deployment_id, r.deployment_name, r.action) for r in (await uow.session.scalars(
+            select(m.ClientRequest))).all()}
+        events = [(e.kind, e.object_id) for e in (await uow.session.scalars(
+            select(m.Event).where(m.Event.object_kind == "deployment").order_by(m.Event.id))).all()]
+    assert report.intact and report.entries == 8
+    assert requests == {f"r-{name}": (ids[name], name, "submit") for name in ("w0", "w1", "w2", "a", "b", "c")}
+    assert events == [("deployment.submitted", f"t1/{name}") for name in ("w0", "w1", "w2", "a", "b", "c", "d", "e")]
 
 
 @pytest.mark.parametrize("db_backend", ["sqlite"])

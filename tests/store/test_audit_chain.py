@@ -8,10 +8,12 @@ import enum
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text
 from sqlalchemy.exc import IntegrityError
 
-from controller.store import audit
+from controller.store import audit, pg_driver
+from controller.store import models as m
+from controller.store import repositories as repo
 from controller.store.audit import AuditRecord, ChainReport, entry_hash
 from controller.store.db import Database
 from controller.store.sqlite_driver import counted_trips, deferred_writes
@@ -251,6 +253,49 @@ async def test_an_unread_append_goes_with_the_commit_and_a_missed_head_fails_its
     report = await _verify(database)
     assert report.intact and report.entries == 4 and report.head_seq == 4
     assert await _append(database, _record(6)) == [5]
+    report = await _verify(database)
+    assert report.intact and report.entries == 5 and report.head_seq == 5
+
+
+async def test_rows_along_an_append_are_written_once_and_on_postgresql_by_its_statement(database: Database) -> None:
+    """`append(along=)`: the rows of another table the caller writes with the entries. With the
+    head this process wrote known, on PostgreSQL they ride in the compare and set's statement (one
+    trip for both) and stay written when it misses (another process appended since), the head then
+    read and the entries linked to it, the rows not written twice; with no head known they go
+    first by an executemany of their own. Each time, exactly the rows given, as given."""
+    postgres = database.engine.dialect.name == "postgresql"
+    assert await _append(database, _record(1)) == [1]
+
+    def along(i: int) -> list[repo.NewEvent]:
+        return [repo.NewEvent(actor=f"a{i}", kind="deployment.submitted", object_kind="deployment",
+                              object_id=f"t/web{i}-{k}", message="it's \\ \"quoted\"", data={"k": k, "i": [i]})
+                for k in range(2)]
+
+    async def append_along(i: int) -> list[str]:
+        async with database.unit_of_work() as uow:
+            with pg_driver.counted_trips() as trips:
+                assert len(await audit.append(uow.session, [_record(i)], along=[repo.event_rows(along(i))])) == 1
+            await uow.commit()
+        return [t.statement for t in trips if t.kind != "prepare"]
+
+    statements = await append_along(2)
+    if postgres:
+        assert statements == ["BEGIN", "WITH along0_ AS"]
+    ours = dict(audit._last_heads)
+    assert await _append(database, _record(3)) == [3]  # another process's append: our head is stale
+    audit._last_heads.clear()
+    audit._last_heads.update(ours)
+    statements = await append_along(4)
+    if postgres:
+        assert statements[:2] == ["BEGIN", "WITH along0_ AS"] and "INSERT INTO events" not in statements
+    audit._last_heads.clear()  # none known (a new process)
+    statements = await append_along(5)
+    if postgres:
+        assert statements[:2] == ["BEGIN", "INSERT INTO events"]
+    async with database.unit_of_work() as uow:
+        written = [(e.actor, e.object_id, e.message, e.data) for e in (await uow.session.scalars(
+            select(m.Event).order_by(m.Event.id))).all()]
+    assert written == [(e.actor, e.object_id, e.message, e.data) for i in (2, 4, 5) for e in along(i)]
     report = await _verify(database)
     assert report.intact and report.entries == 5 and report.head_seq == 5
 

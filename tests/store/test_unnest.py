@@ -15,7 +15,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.pg_driver import counted_trips
 from controller.store.tokens import aware
-from controller.store.unnest import update_rows
+from controller.store.unnest import InsertRows, update_rows
 
 from .seed import TWO_RACKS, seed_problem
 
@@ -97,3 +97,44 @@ async def test_postgres_writes_the_rows_in_one_execution_of_one_text(database: D
         phases = set(await uow.session.scalars(select(m.Deployment.phase).where(m.Deployment.id.in_(
             [ids[f"web{i}"] for i in range(3)]))))
     assert phases == {m.DeploymentPhase.DEGRADED}
+
+
+async def test_insert_returning_writes_the_rows_as_given_and_reads_back_the_columns_asked(database: Database) -> None:
+    """`InsertRows.insert_returning`: each row as given (a JSON column, a time with its offset,
+    a NULL, quotes), and the asked columns of each row written, the database's ids among them;
+    on PostgreSQL by one execution of one text whatever the number of rows (no executemany, no
+    statement to prepare for a new number of rows)."""
+    await _seeded(database)
+    at = datetime(2026, 12, 4, 23, 30, tzinfo=timezone.utc)
+    texts: list[list[str]] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        texts[-1].append(statement)
+
+    def rows(count: int, first: int) -> list[dict[str, Any]]:
+        return [{"at": at, "actor": f"it's \"{i}\"", "kind": "k", "object_kind": "deployment", "object_id": f"a/{i}",
+                 "message": "", "data": {"i": i, "none": None}} for i in range(first, first + count)]
+
+    returned: list[tuple[Any, ...]] = []
+    event.listen(database.engine.sync_engine, "before_cursor_execute", note)
+    try:
+        for count, first in ((1, 0), (3, 1)):
+            texts.append([])
+            async with database.unit_of_work() as uow:
+                with counted_trips() as trips:
+                    returned += await InsertRows(m.Event.__table__, rows(count, first)).insert_returning(
+                        uow.session, "id", "object_id")
+                await uow.commit()
+            if database.engine.dialect.name == "postgresql":
+                kinds = [t.kind for t in trips if "events" in t.statement]
+                assert kinds == ["execute"] or not first and kinds == ["prepare", "execute"], trips  # prepared once
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", note)
+    if database.engine.dialect.name == "postgresql":
+        assert texts[0] == texts[1] and len(texts[0]) == 1, texts
+    async with database.unit_of_work() as uow:
+        written = [(e.id, e.at, e.actor, e.object_id, e.data) for e in (await uow.session.scalars(
+            select(m.Event).order_by(m.Event.id))).all()]
+    assert sorted(returned) == [(id_, object_id) for id_, _, _, object_id, _ in written]
+    assert [(aware(at_), actor, object_id, data) for _, at_, actor, object_id, data in written] == [
+        (row["at"], row["actor"], row["object_id"], row["data"]) for row in rows(4, 0)]

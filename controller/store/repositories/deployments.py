@@ -21,6 +21,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from controller.store import models as m
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, any_of_named_in_order, dialect_of, listed
 from controller.store.marks import rowcount_unread
+from controller.store.unnest import InsertRows
 from controller.store.changes import schedulable_count
 from controller.domain import values as d
 from controller.domain.paging import PageBounds
@@ -448,10 +449,11 @@ def new_deployment_view(columns: dict[str, object]) -> d.DeploymentView:
 
 async def insert_deployments(session: AsyncSession, specs: Iterable[d.DeploymentSpec], *,
                              first_id: int | None = None) -> list[tuple[int, d.DeploymentView]]:
-    """New deployments (as `new_deployment_row`) written in ONE INSERT statement; returns their
-    ids and views, in order. No ORM rows: the ORM's flush wrote one statement per row on SQLite (to
-    learn each id in order), and building the rows was most of a batch's own CPU; the ids are
-    matched by (tenant, name), which is unique.
+    """New deployments (as `new_deployment_row`) written in ONE INSERT statement (on PostgreSQL
+    over arrays: one text to prepare for any number of rows, `InsertRows.insert_returning`);
+    returns their ids and views, in order. No ORM rows: the ORM's flush wrote one statement per row
+    on SQLite (to learn each id in order), and building the rows was most of a batch's own CPU; the
+    ids are matched by (tenant, name), which is unique.
 
     With `first_id` (SQLite: `tenants.SubmitBatchReads.next_deployment_id`) the rows take the ids
     `first_id`, `first_id + 1`, ... and the INSERT reads nothing back: inside
@@ -467,8 +469,8 @@ async def insert_deployments(session: AsyncSession, specs: Iterable[d.Deployment
     if first_id is not None:
         await session.execute(insert(table), [{**c, "id": first_id + i} for i, c in enumerate(columns)])
         return [(first_id + i, new_deployment_view(written)) for i, written in enumerate(columns)]
-    ids = {(tenant, name): id_ for id_, tenant, name in await session.execute(
-        insert(table).returning(table.c.id, table.c.tenant_id, table.c.name), columns)}
+    ids = {(tenant, name): id_ for id_, tenant, name in await InsertRows(table, columns).insert_returning(
+        session, "id", "tenant_id", "name")}
     return [(ids[(spec.tenant, spec.name)], new_deployment_view(written)) for spec, written in zip(specs, columns)]
 
 

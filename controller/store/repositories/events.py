@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
+from controller.store.unnest import InsertRows
 from controller.domain import values as d
 
 
@@ -35,11 +36,16 @@ class NewEvent:
 async def record_events(session: AsyncSession, events: Iterable[NewEvent]) -> None:
     """Several events in one INSERT statement (`record_event` adds an ORM row, which the flush
     writes with a statement of its own on SQLite, to learn its id)."""
+    await event_rows(events).insert(session)
+
+
+def event_rows(events: Iterable[NewEvent]) -> InsertRows:
+    """The events' rows, to INSERT by one statement (`record_events`), or by another that carries
+    them (`audit.append(along=)`)."""
     at = m.utcnow()
-    rows = [{"at": at, "actor": e.actor, "kind": e.kind, "object_kind": e.object_kind, "object_id": e.object_id,
-             "message": e.message, "data": e.data} for e in events]
-    if rows:
-        await session.execute(insert(m.Event.__table__), rows)
+    return InsertRows(m.Event.__table__, [
+        {"at": at, "actor": e.actor, "kind": e.kind, "object_kind": e.object_kind, "object_id": e.object_id,
+         "message": e.message, "data": e.data} for e in events])
 
 
 async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
