@@ -689,10 +689,12 @@ async def test_a_scoped_commit_on_postgres_writes_first_and_takes_the_generation
     # The early read outside the transaction; the savepoint (undone to if the check fails) and the
     # generation writers' lock (shared, store/changes.py) in the BEGIN's message.
     assert run[:2] == ["SELECT cluster_state.generation -", "BEGIN; SAVEPOINT maia_plan_commit;"]
-    assert {"INSERT INTO placements", "INSERT INTO events"} <= set(run[2:locked])
-    # Under the lock: the audit entries (the chain's head has a lock of its own, taken after this one) and the COMMIT.
-    assert run[-1] == "COMMIT"
-    assert all(statement.startswith(("UPDATE audit_head", "INSERT INTO audit_log", "UPDATE /* maia:rowcount-unread"))
+    assert "INSERT INTO placements" in run[2:locked]
+    # Under the lock: the audit entries (the chain's head has a lock of its own, taken after this one)
+    # with the events (by their own statement here: no head known yet), and the COMMIT.
+    assert run[-1] == "COMMIT" and "INSERT INTO events" in run[locked + 1:-1]
+    assert all(statement.startswith(("UPDATE audit_head", "INSERT INTO audit_log", "UPDATE /* maia:rowcount-unread",
+                                     "INSERT INTO events"))
                for statement in run[locked + 1:-1])
     after = await _state(database)
     assert after["generation"] == 1 and after["deployments"][TRAIN].phase is m.DeploymentPhase.SCHEDULED

@@ -120,7 +120,8 @@ async def commit_plan(
         lap("commit_read")
         checked = early if early is not None and early.read is read else await _check(session, snapshot, plan, read)
         lap("commit_check")
-        # Write: placements, deployments, nodes, the cluster generation, events. On SQLite the writes
+        # Write: placements, deployments, nodes, the cluster generation; the events go with the audit
+        # entries (on PostgreSQL in the same statement: `audit.append(along=)`). On SQLite the writes
         # whose results nothing reads ride with the next statement that returns rows, or the caller's
         # commit (`sqlite_driver.deferred_writes`: four trips to SQLite's thread under the writer
         # instead of thirteen): the commit fails or commits whole.
@@ -128,7 +129,7 @@ async def commit_plan(
             landed = await _land(session, snapshot, plan, checked, stale=read.generation != snapshot.generation,
                                  generation=read.generation + int(bumped), bumped=bumped, actor=actor, now=now)
             if await settled.stands(landed):
-                await audit.append(session, landed.audited, at=now)
+                await audit.append(session, landed.audited, at=now, along=(landed.events,))
                 return landed.result
         lap("commit_undone")
 
@@ -246,7 +247,7 @@ async def _commit_locking_last(session: AsyncSession, snapshot: Snapshot, plan: 
                                                              early.read.scope or frozenset()):
         generation = read.generation + moved
         await prune_changes(session, generation)
-        await audit.append(session, landed.audited, at=now)
+        await audit.append(session, landed.audited, at=now, along=(landed.events,))
         return replace(landed.result, generation=generation, stale=read.generation != snapshot.generation)
     await savepoint.rollback()
     lap("commit_undone")

@@ -12,19 +12,21 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
-
-from sqlalchemy import insert
 
 from controller.store import audit
 from controller.store.models import Event
+from controller.store.unnest import InsertRows
 from controller.store.recheck import ReplicaKey
 from controller.store.snapshot import ShardKey
 from controller.store.plans.committed import _Row
 
 
-# Core, not the ORM's bulk INSERT (its per-row bookkeeping costs more than the statement here).
-_INSERT_EVENT = insert(Event.__table__)
+def _event_rows(events: list[dict[str, Any]], actor: str, now: datetime) -> InsertRows:
+    """The events' rows, written by Core (the ORM's bulk INSERT's per-row bookkeeping costs more
+    than the statement) with the commit's audit entries (`audit.append(along=)`)."""
+    return InsertRows(Event.__table__, [{**e, "actor": actor, "at": now} for e in events])
 
 
 def _reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:

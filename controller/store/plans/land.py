@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
+from controller.store.unnest import InsertRows
 from controller.store.changes import move_generation, log_change
 from controller.store.models import DeploymentPhase, ShardPhase
 from controller.store.recheck import ReplicaKey
@@ -28,7 +29,7 @@ from controller.domain.phases import deployment_phase, replica_counts
 from controller.domain.restarts import failure_reasons
 from controller.store.plans.check import _Checked
 from controller.store.plans.committed import _PlacedRows, _where
-from controller.store.plans.events import (PREEMPTED, _INSERT_EVENT, _decision_records, _events, _reason_dicts,
+from controller.store.plans.events import (PREEMPTED, _decision_records, _event_rows, _events, _reason_dicts,
     preempted_reason)
 from controller.store.plans.writes import _as_written, _write
 
@@ -73,12 +74,14 @@ class CommitResult:
 
 @dataclass(frozen=True)
 class _Landed:
-    """A plan's changes as written (`_land`): the result, the audit entries still to append, what
-    it changed for the change log (logged already by a commit that holds the lock), and for one
-    that takes the lock last the rows its read should find after its writes (`_rows`)."""
+    """A plan's changes as written (`_land`): the result, the audit entries still to append with
+    its events (`audit.append(along=)`: on PostgreSQL in one statement), what it changed for the
+    change log (logged already by a commit that holds the lock), and for one that takes the lock
+    last the rows its read should find after its writes (`_rows`)."""
 
     result: CommitResult
     audited: list[audit.AuditRecord]
+    events: InsertRows
     change: ClusterChange | None  # what moves the generation (placements), logged; None: nothing
     rows: tuple[dict[str, Any], _PlacedRows]
     # The deployments whose rows it wrote (by id), each with the shards (replica, shard, phase) its
@@ -89,8 +92,8 @@ class _Landed:
 
 async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: _Checked, *, stale: bool,
                 generation: int | None, bumped: bool, actor: str, now: datetime) -> _Landed:
-    """Write `plan`'s changes as `checked` found them (placements, meters, deployments, nodes,
-    events); `generation`: the cluster generation after the commit, its row locked and moved by
+    """Write `plan`'s changes as `checked` found them (placements, meters, deployments, nodes;
+    the events are the caller's to write, with the audit entries); `generation`: the cluster generation after the commit, its row locked and moved by
     `bumped` already (a wrong guess put right here), and the change logged at it; None: the
     caller moves it last, by one when the commit changes placements, and logs the change
     (`_commit_locking_last`)."""
@@ -190,8 +193,6 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
             await log_change(session, generation, change)
     events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
                      changes.requeued)
-    if events:
-        await session.execute(_INSERT_EVENT, [{**e, "actor": actor, "at": now} for e in events])
     tenants = {name: d.tenant_id for name, d in deployments.items()}
     result = CommitResult(
         changed_nodes=changed_nodes,
@@ -206,7 +207,8 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
                 **{key: _where(pl) for key, pl in inserts.items()}},
     )
     written = {update_["b_id"] for update_ in deployment_updates}
-    return _Landed(result, _decision_records(events, tenants, actor), change,
+    return _Landed(result, _decision_records(events, tenants, actor),
+                   _event_rows(events, actor, now), change,
                    _as_written(checked.read, deletes, updates, inserts, changes.revision_of, deployment_updates,
                                deleted_deployments) if generation is None else ({}, {}),
                    {d.id: frozenset(judged_by[name]) for name, d in deployments.items() if d.id in written},
