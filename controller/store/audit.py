@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from controller.store.inlist import POSTGRESQL, dialect_of, session_dialect
 from controller.store.models import AuditEntry, AuditHead, utcnow
 from controller.store.marks import rowcount_unread
-from controller.store.unnest import InsertRows
+from controller.store.riders import Rider
 
 GENESIS_HASH = "0" * 64
 OUTCOME_OK = "OK"
@@ -193,8 +193,8 @@ _ENTRY_COLUMNS = ", ".join(("seq", "at", "prev_hash", "hash", "detail", *_LIMITS
 
 @lru_cache(maxsize=16)
 def _move_known_head_and_insert(along: tuple[str, ...] = ()) -> TextClause:
-    """That statement, with the data-modifying WITHs of the rows that ride in it (`along`:
-    `InsertRows.cte`), which are written whether or not it moved the head."""
+    """That statement, with the data-modifying WITHs that ride in it (`along`: `Rider.cte`), which
+    write whether or not it moved the head."""
     return text(
         f"WITH {''.join(cte + ', ' for cte in along)}moved AS (UPDATE audit_head SET seq = :new_seq, "
         "hash = :new_hash WHERE id = 1 AND seq = :known_seq AND hash = :known_hash RETURNING seq) "
@@ -213,14 +213,14 @@ def _chained(records: Sequence[AuditRecord], first: int, prev_hash: str, at: dat
 
 
 async def append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None,
-                 unread: bool = False, along: Sequence[InsertRows] = ()) -> list[int]:
+                 unread: bool = False, along: Sequence[Rider] = ()) -> list[int]:
     """Append `records`, in order, to the chain in the caller's transaction; returns their seqs
     (`_append`)."""
     return [row["seq"] for row in await _append(session, records, at=at, unread=unread, along=along)]
 
 
 async def append_calls(session: AsyncSession, calls: Sequence[CallEntry], *, unread: bool = False,
-                       along: Sequence[InsertRows] = ()) -> None:
+                       along: Sequence[Rider] = ()) -> None:
     """Append API calls' entries (`append`) in the caller's transaction, a writer that commits
     them for their calls (a group commit) or the call itself (`commit`). Each call remembers the
     entry as sent (`CallEntry.sent`); the writer sets `written` once its commit returns."""
@@ -243,7 +243,7 @@ async def landed(session: AsyncSession, call: CallEntry) -> bool:
 
 
 async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: datetime | None = None,
-                  unread: bool = False, along: Sequence[InsertRows] = ()) -> list[dict[str, Any]]:
+                  unread: bool = False, along: Sequence[Rider] = ()) -> list[dict[str, Any]]:
     """Append `records`, in order, to the chain in the caller's transaction; returns their rows
     as written (seq, hash, ...).
 
@@ -265,15 +265,15 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     is written, and the rollback forgets the head it would have linked to: the caller's retry
     (with or without `unread`) reads the database's head.
 
-    `along`: rows of other tables the caller writes in the same transaction, nothing reading them
-    before its commit (a submit batch's events). On PostgreSQL, when this process knows the head,
-    they ride in the head's statement (`InsertRows.cte`: one round trip for both), else each goes
-    first by an executemany of its own.
+    `along`: writes of other tables in the caller's transaction that nothing reads before its
+    commit (`riders`: a submit batch's request ids and events), in order. On PostgreSQL, when this
+    process knows the head, they ride in the head's statement (one round trip for all), else each
+    goes first by a statement of its own.
     """
-    along = [rows for rows in along if rows.rows]
+    along = [rider for rider in along if not rider.empty]
     if not records:
-        for rows in along:
-            await rows.insert(session)
+        for rider in along:
+            await rider.write(session)
         return []
     at = at or utcnow()
     engine = getattr(session.bind, "sync_engine", None)
@@ -283,8 +283,8 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     inserted = False
     postgres = dialect_of(session) == POSTGRESQL
     if known is None or not postgres:
-        for rows_along in along:
-            await rows_along.insert(session)
+        for rider in along:
+            await rider.write(session)
     if known is not None:
         rows = _chained(records, known[0] + 1, known[1], at)
         moving = {"known_seq": known[0], "known_hash": known[1],
@@ -293,10 +293,10 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
             entries = json.dumps([{**row, "at": _at_text(row["at"])} for row in rows])
             dialect = session_dialect(session)
             names = [f"along{i}_" for i in range(len(along))]
-            statement = _move_known_head_and_insert(tuple(a.cte(name, dialect) for a, name in zip(along, names)))
-            arrays = {key: value for a, name in zip(along, names) for key, value in a.arrays(name, dialect).items()}
+            statement = _move_known_head_and_insert(tuple(r.cte(name, dialect) for r, name in zip(along, names)))
+            params = {key: value for r, name in zip(along, names) for key, value in r.params(name, dialect).items()}
             moved = inserted = (await session.execute(
-                statement, {**moving, "rows": entries, **arrays})).first() is not None
+                statement, {**moving, "rows": entries, **params})).first() is not None
         elif unread:
             await session.execute(_MOVE_KNOWN_HEAD_UNREAD, moving)
             await session.execute(_INSERT_ENTRIES_IF_MOVED, [

@@ -10,8 +10,8 @@ where the rows are locked already: the report flush's deployments. An INSERT's e
 the server no more a row than one statement over arrays did (events, ~30 us a row either way),
 and the arrays cost the controller a little more: INSERTs stay executemany, except where one text
 for any number of rows saves a statement to prepare (an INSERT that reads back, whose many VALUES
-were a text per number of rows) or where they ride in another statement (`InsertRows`: a
-data-modifying WITH of it, one round trip for both: a submit batch's events in its audit append).
+were a text per number of rows) or where they ride in another statement (`InsertRows`, a
+`riders.Rider`: a submit batch's events in its audit append, one round trip for both).
 
 Here the rows go as one text array per column (asyncpg encodes text[] with its own codec; an
 array of another type would cost a type lookup on each new connection first, `inlist._any`),
@@ -66,13 +66,16 @@ async def update_rows(session: AsyncSession, table: Table, fallback: Any, rows: 
 
 @dataclass(frozen=True)
 class InsertRows:
-    """Rows to INSERT into `table` (each a mapping of the same columns) by a statement that
-    carries them: on PostgreSQL a data-modifying WITH over arrays (`cte`, `arrays`) in another
-    statement's text, so that both take one round trip (`audit.append(along=)`); where no
-    statement carries them, an executemany of their own (`insert`)."""
+    """Rows to INSERT into `table` (each a mapping of the same columns): a `riders.Rider`, on
+    PostgreSQL a data-modifying WITH over arrays (`cte`, `params`) in another statement's text,
+    so that both take one round trip (`audit.append(along=)`); else an executemany (`write`)."""
 
     table: Table
     rows: Sequence[Mapping[str, Any]]
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -80,13 +83,13 @@ class InsertRows:
 
     def cte(self, name: str, dialect: Dialect) -> str:
         """`name AS (INSERT ...)`: the rows from one text array parameter per column, each named
-        `name` and the column's place (`arrays(name, ...)`)."""
+        `name` and the column's place (`params(name, ...)`)."""
         return _insert_cte(self.table, self.columns, name, dialect)
 
-    def arrays(self, name: str, dialect: Dialect) -> dict[str, list[str | None]]:
+    def params(self, name: str, dialect: Dialect) -> dict[str, Any]:
         return _arrays(self.table, dialect, [(c, c) for c in self.columns], self.rows, prefix=name)
 
-    async def insert(self, session: AsyncSession) -> None:
+    async def write(self, session: AsyncSession) -> None:
         if self.rows:
             await session.execute(insert(self.table), list(self.rows))
 
@@ -102,7 +105,7 @@ class InsertRows:
             return [tuple(row) for row in await session.execute(
                 insert(table).returning(*(table.c[c] for c in returned)), list(self.rows))]
         return [tuple(row) for row in await session.execute(
-            _insert_returning(self.table, self.columns, returned, dialect), self.arrays("a", dialect))]
+            _insert_returning(self.table, self.columns, returned, dialect), self.params("a", dialect))]
 
 
 @lru_cache(maxsize=64)

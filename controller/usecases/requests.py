@@ -19,6 +19,7 @@ from controller.errors import FailedPrecondition, FieldViolation, InvalidArgumen
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
+from controller.store.riders import Rider
 from controller.store.unnest import InsertRows
 from controller.usecases import planning
 from controller.domain.values import DeploymentSpec
@@ -73,19 +74,18 @@ async def remember(uow: UnitOfWork, tenant: str, request_id: str, deployment_id:
 async def remember_all(uow: UnitOfWork, writes: list[tuple[str, str, int, DeploymentSpec]], action: str) -> None:
     """`remember` for several writes (tenant, request id, deployment id, spec) of one transaction;
     those without a request id are skipped."""
-    await (await remembering(uow, writes, action)).insert(uow.session)
+    for rider in remembering(writes, action):
+        await rider.write(uow.session)
 
 
-async def remembering(uow: UnitOfWork, writes: list[tuple[str, str, int, DeploymentSpec]],
-                      action: str) -> InsertRows:
-    """`remember_all` but for the ids' rows, returned to be INSERTed by the caller (by a statement
-    that carries them: `audit.append(along=)`); the tenants' expired ids are forgotten now."""
+def remembering(writes: list[tuple[str, str, int, DeploymentSpec]], action: str) -> tuple[Rider, Rider]:
+    """`remember_all`'s writes, in their order, for the caller to send (`riders`: in a statement
+    that carries them, `audit.append(along=)`): the tenants' expired ids forgotten, the new ids."""
     writes = [w for w in writes if w[1]]
     at = m.utcnow()
-    before = at - timedelta(seconds=limits.REQUEST_ID_RETENTION_S)
-    for tenant in dict.fromkeys(w[0] for w in writes):
-        await repo.forget_request_ids(uow.session, tenant, before=before)
-    return InsertRows(m.ClientRequest.__table__, [
-        {"tenant_id": tenant, "request_id": request_id, "deployment_id": deployment_id, "deployment_name": spec.name,
-         "action": action, "spec_sha256": spec_digest(spec), "created_at": at}
-        for tenant, request_id, deployment_id, spec in writes])
+    return (repo.ForgetRequestIds(tuple(dict.fromkeys(w[0] for w in writes)),
+                                  at - timedelta(seconds=limits.REQUEST_ID_RETENTION_S)),
+            InsertRows(m.ClientRequest.__table__, [
+                {"tenant_id": tenant, "request_id": request_id, "deployment_id": deployment_id,
+                 "deployment_name": spec.name, "action": action, "spec_sha256": spec_digest(spec), "created_at": at}
+                for tenant, request_id, deployment_id, spec in writes]))

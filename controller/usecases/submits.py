@@ -16,17 +16,18 @@ appended to the chain in order) and then answers each caller. A submit so costs 
 no unit of work of its own: under load each round trip to the database is a turn of a busy
 loop, and the reads of a lone check were most of a submit's time (docs/benchmarks.md,
 2026-12-01 day). For the same reason the batch's writes read nothing back (the audit append
-`unread`). On PostgreSQL the deployments' INSERT reads their ids back, and the request ids and the
-events ride in the audit append's statement (`audit.append(along=)`): BEGIN, two statements and
-the COMMIT (three more statements before, each a turn of the loop; docs/benchmarks.md,
-`pgtrips`). On SQLite the batch's read
-also gives the next deployment id (above every id AUTOINCREMENT ever gave: `sqlite_sequence`),
-the batch's rows take the ids from it on, and every write goes to SQLite's thread with the
-COMMIT: the batch holds the writer for that one trip (two before: the INSERT, then the COMMIT;
-docs/benchmarks.md, `p99tail`). Another transaction may take one of those ids between the read
-and the COMMIT (a submit gone alone inserting its deployment): the primary key refuses the
-INSERT, nothing of the batch is written, and the batch is read, judged and written once more,
-its ids given by the database (`commit_batch`), rather than sending its members alone.
+`unread`). On PostgreSQL the deployments' INSERT reads their ids back, and the events, the request
+ids and the DELETE of the tenants' expired ones ride in the audit append's statement
+(`audit.append(along=)`): BEGIN, two statements and the COMMIT (before: a statement more for each
+of those three, each a turn of the loop, and a statement to prepare for each new batch size;
+docs/benchmarks.md, `pgtrips`). On SQLite the batch's read also gives the next deployment id
+(above every id AUTOINCREMENT ever gave: `sqlite_sequence`), the batch's rows take the ids from
+it on, and every write goes to SQLite's thread with the COMMIT: the batch holds the writer for
+that one trip (two before: the INSERT, then the COMMIT; docs/benchmarks.md, `p99tail`). Another
+transaction may take one of those ids between the read and the COMMIT (a submit gone alone
+inserting its deployment): the primary key refuses the INSERT, nothing of the batch is written,
+and the batch is read, judged and written once more, its ids given by the database
+(`commit_batch`), rather than sending its members alone.
 
 Every guarantee of a lone submit holds, because anything a batch cannot decide on its own is
 decided by the lone submit itself (`deployments.submit_deployment`, in the caller's task, after
@@ -297,13 +298,12 @@ class SubmitBatcher:
             try:
                 with metered_turns() as turn, deferred_writes():  # the batch fails or commits whole
                     inserted = await repo.insert_deployments(s, [q.spec for q in accepted], first_id=first_id)
-                    remembered = await requests.remembering(uow, [
-                        (q.spec.tenant, q.request_id, deployment_id, q.spec)
-                        for q, (deployment_id, _) in zip(accepted, inserted)], "submit")
+                    remembered = requests.remembering([(q.spec.tenant, q.request_id, deployment_id, q.spec)
+                                                       for q, (deployment_id, _) in zip(accepted, inserted)], "submit")
                     events = repo.event_rows(submitted_event(q.actor, q.spec) for q in accepted)
                     calls = [q.call for q in accepted if q.call is not None]
                     # missed: the members go alone; the ids and events ride with it (PostgreSQL: one trip)
-                    await audit.append_calls(s, calls, unread=True, along=(remembered, events))
+                    await audit.append_calls(s, calls, unread=True, along=(*remembered, events))
                 wrote = time.perf_counter()
                 stages.writer_turn, stages.writes = turn.waited_s, wrote - checked - turn.waited_s
                 try:

@@ -36,7 +36,7 @@ class NewEvent:
 async def record_events(session: AsyncSession, events: Iterable[NewEvent]) -> None:
     """Several events in one INSERT statement (`record_event` adds an ORM row, which the flush
     writes with a statement of its own on SQLite, to learn its id)."""
-    await event_rows(events).insert(session)
+    await event_rows(events).write(session)
 
 
 def event_rows(events: Iterable[NewEvent]) -> InsertRows:

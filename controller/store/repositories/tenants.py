@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, delete, func, literal_column, null, select
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
@@ -18,11 +19,35 @@ from controller.domain.paging import PageBounds
 from controller.store.repositories.common import _paged
 
 
-async def forget_request_ids(session: AsyncSession, tenant_id: str, *, before: datetime) -> None:
-    """Drop a tenant's client request ids whose deployment is gone and that were made before `before`."""
-    await session.execute(rowcount_unread(delete(m.ClientRequest).where(
-        m.ClientRequest.tenant_id == tenant_id, m.ClientRequest.deployment_id.is_(None),
-        m.ClientRequest.created_at < before)).execution_options(synchronize_session=False))
+@dataclass(frozen=True)
+class ForgetRequestIds:
+    """Drop the tenants' client request ids whose deployment is gone and that were made before
+    `before`: a `riders.Rider`, on PostgreSQL one DELETE that may ride in another statement. No
+    write in that statement inserts what it deletes (a batch's new ids were not in the table at
+    its read, else it would have handed them back)."""
+
+    tenants: tuple[str, ...]
+    before: datetime
+
+    @property
+    def empty(self) -> bool:
+        return not self.tenants
+
+    def cte(self, name: str, dialect: Dialect) -> str:
+        return (f"{name} AS (DELETE FROM {_REQUESTS.name} WHERE {_REQUESTS.c.tenant_id.name} = ANY(CAST(:{name}t AS "
+                f"TEXT[])) AND {_REQUESTS.c.deployment_id.name} IS NULL AND {_REQUESTS.c.created_at.name} < :{name}b)")
+
+    def params(self, name: str, dialect: Dialect) -> dict[str, Any]:
+        return {f"{name}t": list(self.tenants), f"{name}b": self.before}
+
+    async def write(self, session: AsyncSession) -> None:
+        for tenant_id in self.tenants:
+            await session.execute(rowcount_unread(delete(m.ClientRequest).where(
+                m.ClientRequest.tenant_id == tenant_id, m.ClientRequest.deployment_id.is_(None),
+                m.ClientRequest.created_at < self.before)).execution_options(synchronize_session=False))
+
+
+_REQUESTS = m.ClientRequest.__table__
 
 
 async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
