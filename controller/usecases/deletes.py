@@ -35,7 +35,7 @@ Each caller gets what a lone delete (`deployments.delete_deployment`) would have
   transaction whole (`repo.set_deleting`); a batch's members then go alone, and a lone delete
   reads it again and answers as for one already DELETING (`delete_deployment_alone`);
 - a deployment removed since it was read (marked and removed by the reconciler meanwhile) is
-  not marked either: its event's INSERT fails the transaction whole (`repo.record_deleting`),
+  not marked either: its event's INSERT fails the transaction whole (`repo.deleting_events`),
   and the lone delete reads again and answers NOT_FOUND, as for one that was never there.
 """
 
@@ -132,8 +132,8 @@ class DeleteBatcher:
             marked_at = None
             if marking:
                 with deferred_writes():  # the batch fails or commits whole
-                    marked_at = await mark_deleting(uow, [(seen[id(q)].row, q.who.name) for q in marking])
-                    await audit.append_calls(s, calls, unread=True)  # missed: the members go alone
+                    # an audit head missed: the members go alone
+                    marked_at = await mark_deleting(uow, [(seen[id(q)].row, q.who.name) for q in marking], calls)
                 await uow.commit()
             marked = {id(q) for q in marking}
             views = {i: repo.deleting_view(named, marked_at) if i in marked else named.view()  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from controller.errors import (
 )
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
+from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
@@ -442,19 +443,23 @@ async def delete_deployment_alone(db: Database, who: Principal, name: str, signa
 DELETING = "deleting deployments"  # the action, in refusals
 
 
-async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | repo.DeploymentColumns, str]]) -> datetime:
+async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | repo.DeploymentColumns, str]],
+                        calls: Sequence[audit.CallEntry] = ()) -> datetime:
     """Mark deployments (loaded rows, or plain ones: `repo.set_deleting`) DELETING, each with its
     event (by its actor), in the caller's transaction: ONE cluster generation bump for all, which
     logs every key (plan commits wait for that row from the bump to the commit, so it comes
-    last, after the generation writers' lock: store/changes.py). Nothing is read back: inside
+    last, after the generation writers' lock: store/changes.py), then the `calls`' audit entries
+    (a batch's, `unread`: missed, the transaction fails) with the events (on PostgreSQL in their
+    statement: `audit.append(along=)`). Nothing is read back: inside
     `sqlite_driver.deferred_writes` (a batch) every statement goes to SQLite with the caller's
     next statement or commit. A deployment marked or removed since its caller read it fails the
     transaction whole (`repo.changed_since_read`). Returns the time written."""
     await repo.will_move_generation(uow.session)
     at = await repo.set_deleting(uow.session, [row for row, _ in rows])
-    await repo.record_deleting(uow.session, rows)  # refused for a row removed since its read
+    events = repo.deleting_events(rows)  # refused for a row removed since its read
     await repo.bump_cluster_generation_unread(uow.session, ClusterChange.deployment_deleted(
         *(deployment_key(row.tenant_id, row.name) for row, _ in rows)))
+    await audit.append_calls(uow.session, calls, unread=True, along=(events,))
     return at
 
 

@@ -227,8 +227,9 @@ async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cl
 async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(cluster):
     """A delete batch's round trips on PostgreSQL: its deployments with their placements in one
     read (joined, whatever the batch's size: no statement to prepare for a new size), then BEGIN
-    with the generation writers' lock (store/changes.py) in its message, the phases in one statement, the events, the generation bump with its change rows in one statement, the audit
-    head moved with its entries in one statement, COMMIT."""
+    with the generation writers' lock (store/changes.py) in its message, the phases in one
+    statement, the generation bump with its change rows in one statement, the audit head moved
+    with its entries and the events in one statement (`audit.append(along=)`), COMMIT."""
     await _submit(cluster, *(("t1", f"d{i}") for i in range(8)))
     batcher = DeleteBatcher(cluster, RecordingSignals())
     for warm in (["d0"], ["d6", "d7"]):  # its statements prepared on this connection (the pool's LIFO)
@@ -240,8 +241,8 @@ async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(
     assert [(t.kind, t.statement) for t in trips] == [
         ("execute", "SELECT deployments.id, deployments.name,"),
         ("query", f"BEGIN; SELECT pg_advisory_xact_lock_shared({GENERATION_WRITERS})"),
-        ("execute", "UPDATE /* maia:rowcount-unread"), ("executemany", "INSERT INTO events"),
-        ("execute", "WITH moved AS"), ("execute", "WITH moved AS"), ("query", "COMMIT")]
+        ("execute", "UPDATE /* maia:rowcount-unread"), ("execute", "WITH moved AS"),
+        ("execute", "WITH along0_ AS"), ("query", "COMMIT")]
     assert await _logged(cluster, before + 1) == [("deployment_deleted", f"t1/d{i}") for i in (1, 2, 3)]
 
 
@@ -382,11 +383,11 @@ def _hold_after_read(module, monkeypatch: pytest.MonkeyPatch, meanwhile) -> None
     """`module`'s next `mark_deleting` (its delete has read the deployment) runs `meanwhile` first."""
     mark, held = module.mark_deleting, {"left": 1}
 
-    async def mark_after(uow, rows):
+    async def mark_after(uow, rows, *calls):
         if held["left"]:
             held["left"] -= 1
             await meanwhile()
-        return await mark(uow, rows)
+        return await mark(uow, rows, *calls)
 
     monkeypatch.setattr(module, "mark_deleting", mark_after)
 
@@ -467,7 +468,7 @@ async def test_a_mark_of_a_deployment_marked_since_it_was_read_fails_its_transac
 
 async def test_only_a_mark_refused_as_raced_is_told_apart_from_other_integrity_errors(cluster):
     """`changed_since_read` is the NULL written into `deployments.phase` (marked since the read) or
-    `events.object_id` (removed since: `record_deleting`) and nothing else: another column's NOT
+    `events.object_id` (removed since: `deleting_events`) and nothing else: another column's NOT
     NULL, another table's `phase` (placements have one) and a unique violation are other failures
     (a lone delete would otherwise take them for a mark raced and read again)."""
     await _submit(cluster, ("t1", "a"), ("t1", "b"))

@@ -93,10 +93,10 @@ class _Landed:
 async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: _Checked, *, stale: bool,
                 generation: int | None, bumped: bool, actor: str, now: datetime) -> _Landed:
     """Write `plan`'s changes as `checked` found them (placements, meters, deployments, nodes;
-    the events are the caller's to write, with the audit entries); `generation`: the cluster generation after the commit, its row locked and moved by
-    `bumped` already (a wrong guess put right here), and the change logged at it; None: the
-    caller moves it last, by one when the commit changes placements, and logs the change
-    (`_commit_locking_last`)."""
+    the events are the caller's to write, with the audit entries); `generation`: the cluster
+    generation after the commit, its row locked and moved by `bumped` already (a wrong guess put
+    right here), and the change logged at it; None: the caller moves it last, by one when the
+    commit changes placements, and logs the change (`_commit_locking_last`)."""
     committed, released, changes = checked.committed, checked.released, checked.changes
     deployments, live, current = committed.deployments, committed.live, committed.current
     inserts, updates = changes.inserts, changes.updates

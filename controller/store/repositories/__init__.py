@@ -43,7 +43,7 @@ from controller.store.repositories.deployments import (
     changed_since_read, clear_failures, count_deployments_by_phase, count_schedulable_deployments, deleting_view,
     deployment_id_taken, deployment_page_keys, deployment_spec, deployment_summary_rows, deployment_view,
     deployments_named, deployments_with_ids, get_deployment, implied_phase, insert_deployments, list_deployment_rows,
-    new_deployment_columns, new_deployment_row, new_deployment_view, record_deleting, set_deleting, spec_columns,
+    new_deployment_columns, new_deployment_row, new_deployment_view, deleting_events, set_deleting, spec_columns,
     submit_facts, tenants_with_deployment, write_deployment_spec)
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (ColumnElement, Row, Select, Update, bindparam, insert, case, func, literal, literal_column,
                         null, select, update)
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
@@ -216,7 +217,7 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Depl
     its event, bump or audit entry is written (`changed_since_read`; on SQLite inside
     `deferred_writes`, at the COMMIT): nothing reads the statement's row count, so a deployment is
     never marked twice without a trip to learn it. One removed since (the UPDATE matches no row)
-    is told by the events' INSERT that follows (`record_deleting`)."""
+    is told by the events' INSERT that follows (`deleting_events`)."""
     at = m.utcnow()
     dialect = dialect_of(session)
     ids = [row.id for row in rows]
@@ -228,7 +229,7 @@ async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | Depl
     return at
 
 
-# `record_deleting`'s INSERT: a `deployment.deleting` event whose object is its key only while the
+# `deleting_events`' INSERT: a `deployment.deleting` event whose object is its key only while the
 # row of its id is still the deployment its caller read (the same tenant and name), and NULL, which
 # the column refuses, when that row is gone (removed since the read) or is another deployment's (a
 # new row under its id: SQLite gave a removed last row's id to the next one until migration 0024).
@@ -242,25 +243,55 @@ _DELETING_EVENT = insert(m.Event.__table__).values(
         _DEPLOYMENTS_TABLE.c.name == bindparam("name")).scalar_subquery())
 
 
-async def record_deleting(session: AsyncSession, rows: Sequence[tuple[m.Deployment | DeploymentColumns, str]]) -> None:
+def deleting_events(rows: Sequence[tuple[m.Deployment | DeploymentColumns, str]]) -> DeletingEvents:
     """The `deployment.deleting` events (each by its actor) of the deployments `set_deleting`
-    marked, in ONE INSERT statement, after it. `set_deleting`'s UPDATE matches by id and reads no
-    row count, so it cannot tell a row removed since its caller read it (marked by another delete
-    and removed by the reconciler; a quarantined one released by a submit) from one it marked, nor
-    a new row that took the removed one's id from the one read: this INSERT refuses (NOT NULL on
+    marked, to write after it in ONE INSERT statement: a `riders.Rider` (on PostgreSQL it may
+    ride in the caller's audit append). `set_deleting`'s UPDATE matches by id and reads no row
+    count, so it cannot tell a row removed since its caller read it (marked by another delete and
+    removed by the reconciler; a quarantined one released by a submit) from one it marked, nor a
+    new row that took the removed one's id from the one read: this INSERT refuses (NOT NULL on
     `events.object_id`) unless every row is there as read, so the transaction fails whole, the
     UPDATE with it (`changed_since_read`). Nothing is read back (`sqlite_driver.deferred_writes`)."""
     at = m.utcnow()
-    await session.execute(_DELETING_EVENT, [
-        {"at": at, "actor": actor, "data": {}, "key": d.deployment_key(row.tenant_id, row.name),
-         "deployment_id": row.id, "tenant": row.tenant_id, "name": row.name} for row, actor in rows])
+    return DeletingEvents([{"at": at, "actor": actor, "data": {}, "key": d.deployment_key(row.tenant_id, row.name),
+                            "deployment_id": row.id, "tenant": row.tenant_id, "name": row.name} for row, actor in rows])
+
+
+@dataclass(frozen=True)
+class DeletingEvents:
+    """`deleting_events`: `_DELETING_EVENT`'s rows, by an executemany (`write`), or over arrays
+    in a WITH of another statement (`cte`): a deployment's row read by that statement's snapshot,
+    after this transaction's `set_deleting` (its row locked by it since)."""
+
+    rows: list[dict[str, Any]]
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+    def cte(self, name: str, dialect: Dialect) -> str:
+        return (f"{name} AS (INSERT INTO events (at, actor, data, kind, object_kind, message, object_id) "
+                f"SELECT v.at, v.actor, CAST('{{}}' AS JSON), 'deployment.deleting', 'deployment', '', "
+                "(SELECT v.key FROM deployments WHERE deployments.id = v.id AND deployments.tenant_id = v.tenant "
+                f"AND deployments.name = v.name) FROM unnest(CAST(:{name}at AS TIMESTAMPTZ[]), "
+                f"CAST(:{name}actor AS TEXT[]), CAST(:{name}key AS TEXT[]), CAST(:{name}id AS INTEGER[]), "
+                f"CAST(:{name}tenant AS TEXT[]), CAST(:{name}name AS TEXT[])) AS v(at, actor, key, id, tenant, name))")
+
+    def params(self, name: str, dialect: Dialect) -> dict[str, Any]:
+        return {f"{name}{param}": [row[column] for row in self.rows] for param, column in (
+            ("at", "at"), ("actor", "actor"), ("key", "key"), ("id", "deployment_id"), ("tenant", "tenant"),
+            ("name", "name"))}
+
+    async def write(self, session: AsyncSession) -> None:
+        if self.rows:
+            await session.execute(_DELETING_EVENT, self.rows)
 
 
 _NOT_NULL_VIOLATION = "23502"  # PostgreSQL's SQLSTATE
 
 
 # The NULLs a mark writes when what its caller read changed since: `deployments.phase` (marked
-# DELETING since: `set_deleting`), `events.object_id` (its row gone since: `record_deleting`).
+# DELETING since: `set_deleting`), `events.object_id` (its row gone since: `deleting_events`).
 _CHANGED_SINCE_READ = ((_DEPLOYMENTS_TABLE.name, _DEPLOYMENTS_TABLE.c.phase.name),
                        (m.Event.__table__.name, m.Event.__table__.c.object_id.name))
 
@@ -268,7 +299,7 @@ _CHANGED_SINCE_READ = ((_DEPLOYMENTS_TABLE.name, _DEPLOYMENTS_TABLE.c.phase.name
 def changed_since_read(exc: BaseException) -> bool:
     """`exc` is a mark's refusal of a deployment that changed after its caller read it: marked
     DELETING since (the NULL `set_deleting` wrote into `deployments.phase`) or gone since (the NULL
-    `record_deleting` wrote into `events.object_id`), and nothing else (another column's NOT NULL,
+    `deleting_events` wrote into `events.object_id`), and nothing else (another column's NOT NULL,
     another table's `phase`, a unique violation). PostgreSQL's error names the table and the column
     (asyncpg's, under SQLAlchemy's adaptation); SQLite's names them only in its message."""
     if not isinstance(exc, IntegrityError):
