@@ -60,7 +60,8 @@ above it):
 - `check`: the plan's changes to its snapshot, each placed or moved replica re-checked
   (`_check`, `_plan_changes`, `_recheck`; the rules are store/recheck.py's);
 - `writes`: the rows a commit writes, in the lock order (`_write`, `_Writes`);
-- `events`: its events and audit entries (`_events`, `_decision_records`, `preempted_reason`);
+- `events`: its events and audit entries (`_events`, `_event_rows`: written with the entries, `_decision_records`,
+  `preempted_reason`);
 - `land`: the changes landed, deployments' phases judged, generation and change log
   (`_land`, `CommitResult`);
 - `commit`: `commit_plan`, the order of the reads, the check, the lock and the writes
