@@ -253,7 +253,8 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     condition on the row another appender committed), then the entries are inserted (on
     PostgreSQL by the same statement, only if it moved the head). When someone else appended since
     (another process, an edit), three: move the head and read where it was, insert, record the
-    new hash. The head written is remembered for the next append; forgotten if the transaction
+    new hash (on PostgreSQL, when it was another engine of this process, one: `_append_at_known_head`).
+    The head written is remembered for the next append; forgotten if the transaction
     rolls back.
 
     `unread` (SQLite, inside `sqlite_driver.deferred_writes`; for a writer whose transaction
@@ -285,28 +286,20 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     if known is None or not postgres:
         for rider in along:
             await rider.write(session)
-    if known is not None:
+    if known is not None and postgres:
+        rows = await _append_at_known_head(session, records, known, at, along, database)
+        inserted = bool(rows)
+    elif known is not None:
         rows = _chained(records, known[0] + 1, known[1], at)
-        moving = {"known_seq": known[0], "known_hash": known[1],
-                  "new_seq": rows[-1]["seq"], "new_hash": rows[-1]["hash"]}
-        if postgres:  # `along` written by this statement, whether it moves the head or not
-            entries = json.dumps([{**row, "at": _at_text(row["at"])} for row in rows])
-            dialect = session_dialect(session)
-            names = [f"along{i}_" for i in range(len(along))]
-            statement = _move_known_head_and_insert(tuple(r.cte(name, dialect) for r, name in zip(along, names)))
-            params = {key: value for r, name in zip(along, names) for key, value in r.params(name, dialect).items()}
-            moved = inserted = (await session.execute(
-                statement, {**moving, "rows": entries, **params})).first() is not None
-        elif unread:
+        moving = _moving(known, rows)
+        if unread:
             await session.execute(_MOVE_KNOWN_HEAD_UNREAD, moving)
             await session.execute(_INSERT_ENTRIES_IF_MOVED, [
                 {**{key: value for key, value in row.items() if key != "hash"}, "row_hash": row["hash"],
                  "new_hash": moving["new_hash"]} for row in rows])
-            moved = inserted = True
-        else:
-            moved = (await session.execute(_MOVE_KNOWN_HEAD, moving)).one_or_none() is not None
-        if not moved:
-            rows = []
+            inserted = True
+        elif (await session.execute(_MOVE_KNOWN_HEAD, moving)).one_or_none() is None:
+            rows = []  # not there: read below
     if not rows:
         moved = await session.execute(
             update(AuditHead)
@@ -330,6 +323,36 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
         head = _last_heads[database] = (rows[-1]["seq"], rows[-1]["hash"])
         session.info[_APPENDED] = (database, head)
     return rows
+
+
+def _moving(known: tuple[int, str], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The compare and set's parameters: the head from `known` to the last of `rows`."""
+    return {"known_seq": known[0], "known_hash": known[1], "new_seq": rows[-1]["seq"], "new_hash": rows[-1]["hash"]}
+
+
+async def _append_at_known_head(session: AsyncSession, records: Sequence[AuditRecord], known: tuple[int, str],
+                                at: datetime, along: Sequence[Rider], database: str | None) -> list[dict[str, Any]]:
+    """PostgreSQL, `_append` with a head known: the entries chained to it, moved and inserted by
+    one statement that carries `along` (written whether it moves the head or not); [] when the
+    head was not there. When another engine of this process appended since `known` was read (the
+    reconcile thread's plan commit, whose lock this statement waited for: 3-4 % of a submit
+    batch's appends at 50/s), its head is `_last_heads`' now, and one more such statement links
+    to it, instead of the three statements that read the head (docs/benchmarks.md, `pgtrips`)."""
+    dialect = session_dialect(session)
+    for _ in range(2):
+        rows = _chained(records, known[0] + 1, known[1], at)
+        entries = json.dumps([{**row, "at": _at_text(row["at"])} for row in rows])
+        names = [f"along{i}_" for i in range(len(along))]
+        statement = _move_known_head_and_insert(tuple(r.cte(name, dialect) for r, name in zip(along, names)))
+        params = {key: value for r, name in zip(along, names) for key, value in r.params(name, dialect).items()}
+        if (await session.execute(statement, {**_moving(known, rows), "rows": entries, **params})).first() is not None:
+            return rows
+        along = ()
+        newer = _last_heads.get(database) if database is not None else None
+        if newer is None or newer == known:
+            break
+        known = newer
+    return []
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
@@ -122,6 +123,45 @@ async def test_two_engines_of_one_process_link_to_each_others_head(database: Dat
     finally:
         await other.dispose()
     assert (await _verify(database)).intact
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_miss_behind_another_engine_of_this_process_links_to_its_head_by_one_more_statement(
+        database: Database) -> None:
+    """The other engine of this process (the reconcile thread's) appended between this append's
+    reading of the head it knows and its statement (which waited for that engine's lock): the
+    compare and set misses, and one more statement links to the head that engine recorded,
+    instead of the three that read the head. The rows along are written once."""
+    other = Database(database.url)
+    url = str(database.engine.url)
+    statements: list[str] = []
+    events = [repo.NewEvent(actor="a", kind="deployment.submitted", object_kind="deployment", object_id="t/x")]
+
+    def note(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        statements.append(statement.split()[0])
+        if len(statements) == 1:
+            audit._last_heads[url] = newer  # recorded by the other engine meanwhile
+
+    try:
+        assert await _append(database, _record(1)) == [1]
+        stale = audit._last_heads[url]
+        assert await _append(other, _record(2)) == [2]
+        newer = audit._last_heads[url]
+        audit._last_heads[url] = stale  # as this append read it, before the other engine's
+        event.listen(database.engine.sync_engine, "before_cursor_execute", note)
+        try:
+            async with database.unit_of_work() as uow:
+                assert await audit.append(uow.session, [_record(3)], along=[repo.event_rows(events)]) == [3]
+                await uow.commit()
+        finally:
+            event.remove(database.engine.sync_engine, "before_cursor_execute", note)
+    finally:
+        await other.dispose()
+    assert statements == ["WITH", "WITH"]
+    async with database.unit_of_work() as uow:
+        assert [e.object_id for e in (await uow.session.scalars(select(m.Event))).all()] == ["t/x"]
+    report = await _verify(database)
+    assert report.intact and report.entries == 3 and report.head_seq == 3
 
 
 async def test_unprintable_and_overlong_values_are_stored_cleaned(database: Database) -> None:
