@@ -132,7 +132,7 @@ class DeleteBatcher:
             marked_at = None
             if marking:
                 with deferred_writes():  # the batch fails or commits whole
-                    # an audit head missed: the members go alone
+                    # an audit head missed (SQLite): the members go alone
                     marked_at = await mark_deleting(uow, [(seen[id(q)].row, q.who.name) for q in marking], calls)
                 await uow.commit()
             marked = {id(q) for q in marking}

@@ -449,8 +449,8 @@ async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | rep
     event (by its actor), in the caller's transaction: ONE cluster generation bump for all, which
     logs every key (plan commits wait for that row from the bump to the commit, so it comes
     last, after the generation writers' lock: store/changes.py), then the `calls`' audit entries
-    (a batch's, `unread`: missed, the transaction fails) with the events (on PostgreSQL in their
-    statement: `audit.append(along=)`). Nothing is read back: inside
+    (a batch's, `unread`: a head missed on SQLite fails the transaction) with the events (on
+    PostgreSQL in their statement: `audit.append(along=)`). Nothing is read back: inside
     `sqlite_driver.deferred_writes` (a batch) every statement goes to SQLite with the caller's
     next statement or commit. A deployment marked or removed since its caller read it fails the
     transaction whole (`repo.changed_since_read`). Returns the time written."""

@@ -379,10 +379,10 @@ async def test_a_batch_behind_a_stale_audit_head_commits_nothing_and_each_submit
 
 async def test_a_batch_forgets_the_tenants_old_request_ids_of_deleted_deployments_and_keeps_the_rest(cluster):
     """The old request ids' DELETE goes with the batch's COMMIT on SQLite (deferred, its count
-    unread), and in the audit append's statement on PostgreSQL: it is run, not lost. After a batch records a request id, the tenant's ids of
-    deployments deleted before the retention are gone; an id as old whose deployment stands is
-    kept (its retry is answered with that deployment, never submitted twice), and so is another
-    tenant's."""
+    unread), and in the audit append's statement on PostgreSQL: it is run, not lost. After a
+    batch records a request id, the tenant's ids of deployments deleted before the retention are
+    gone; an id as old whose deployment stands is kept (its retry is answered with that
+    deployment, never submitted twice), and so is another tenant's."""
     from datetime import timedelta
 
     from sqlalchemy import delete
