@@ -271,21 +271,20 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     process knows the head, they ride in the head's statement (one round trip for all), else each
     goes first by a statement of its own.
     """
-    along = [rider for rider in along if not rider.empty]
-    if not records:
-        for rider in along:
-            await rider.write(session)
-        return []
-    at = at or utcnow()
     engine = getattr(session.bind, "sync_engine", None)
     database = str(engine.url) if engine is not None else None
     known = _last_heads.get(database) if database is not None else None
-    rows: list[dict[str, Any]] = []
-    inserted = False
     postgres = dialect_of(session) == POSTGRESQL
-    if known is None or not postgres:
+    along = [rider for rider in along if not rider.empty]
+    if not (records and known is not None and postgres):  # no statement carries them: each its own
         for rider in along:
             await rider.write(session)
+        along = []
+    if not records:
+        return []
+    at = at or utcnow()
+    rows: list[dict[str, Any]] = []
+    inserted = False
     if known is not None and postgres:
         rows = await _append_at_known_head(session, records, known, at, along, database)
         inserted = bool(rows)

@@ -68,19 +68,15 @@ async def remember(uow: UnitOfWork, tenant: str, request_id: str, deployment_id:
                    action: str) -> None:
     """Record the id in the caller's transaction (with the write it belongs to), and forget the
     tenant's ids of deleted deployments older than the retention."""
-    await remember_all(uow, [(tenant, request_id, deployment_id, spec)], action)
-
-
-async def remember_all(uow: UnitOfWork, writes: list[tuple[str, str, int, DeploymentSpec]], action: str) -> None:
-    """`remember` for several writes (tenant, request id, deployment id, spec) of one transaction;
-    those without a request id are skipped."""
-    for rider in remembering(writes, action):
+    for rider in remembering([(tenant, request_id, deployment_id, spec)], action):
         await rider.write(uow.session)
 
 
 def remembering(writes: list[tuple[str, str, int, DeploymentSpec]], action: str) -> tuple[Rider, Rider]:
-    """`remember_all`'s writes, in their order, for the caller to send (`riders`: in a statement
-    that carries them, `audit.append(along=)`): the tenants' expired ids forgotten, the new ids."""
+    """`remember` for several writes (tenant, request id, deployment id, spec) of one transaction,
+    those without a request id skipped: its writes, in their order, for the caller to send
+    (`riders`: in a statement that carries them, `audit.append(along=)`): the tenants' expired ids
+    forgotten, the new ids."""
     writes = [w for w in writes if w[1]]
     at = m.utcnow()
     return (repo.ForgetRequestIds(tuple(dict.fromkeys(w[0] for w in writes)),

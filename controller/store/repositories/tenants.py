@@ -19,6 +19,9 @@ from controller.domain.paging import PageBounds
 from controller.store.repositories.common import _paged
 
 
+_REQUESTS = m.ClientRequest.__table__
+
+
 @dataclass(frozen=True)
 class ForgetRequestIds:
     """Drop the tenants' client request ids whose deployment is gone and that were made before
@@ -45,9 +48,6 @@ class ForgetRequestIds:
             await session.execute(rowcount_unread(delete(m.ClientRequest).where(
                 m.ClientRequest.tenant_id == tenant_id, m.ClientRequest.deployment_id.is_(None),
                 m.ClientRequest.created_at < self.before)).execution_options(synchronize_session=False))
-
-
-_REQUESTS = m.ClientRequest.__table__
 
 
 async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
