@@ -21,6 +21,12 @@ Interpretations the spec leaves open, decided here (and documented so they can b
   higher priority, or that is not preemptible and whose tenant is below its reservation: the
   tenant's accelerators in the plan, less that one replica's, are under `reserved_accelerators`
   (the tenant was below its reservation when the replica was placed, whatever the order).
+- "Existing placements are kept" wins over a rack or row power budget the problem already
+  breaks (a `down` node came back up under a full budget: the spec gives no rule that may drop
+  or preempt kept work for it): a rack or row may stay over its budget if what it draws in the
+  plan is the idle power of its nodes and placements kept on their node alone. Anything the
+  plan newly puts there that draws power breaks the rule (as the solver's power filters refuse
+  it, and the controller's re-check blames it).
 - `status: optimal` claims the plan is proved best, so the plan must reach the bound it reports:
   its placed weight equals `stats.best_bound` when given. The weight is the solver's documented
   term 1 (scheduler/solve.py): per placed replica, shards x accelerator milli (1 for host-only
@@ -429,29 +435,18 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
             bad(QUOTA_POWER, f"tenant {t} draws {used:g} W > max_power_w {cap}")
 
     # --- power: racks and rows, idle of every node that is not down ------------------------
-    rack_power: dict[str, float] = defaultdict(float)
-    row_power: dict[str, float] = defaultdict(float)
-    for node_id, node in prob.nodes.items():
-        if node.get("state", "ready") != "down":
-            rack_power[node["rack"]] += node.get("idle_power_w", 0)
-            row = prob.racks.get(node["rack"], {}).get("row")
-            if row is not None:
-                row_power[row] += node.get("idle_power_w", 0)
-    for s in shards:
-        w = prob.power_of(s.deployment)
-        rack = prob.nodes[s.node]["rack"]
-        rack_power[rack] += w
-        row = prob.racks.get(rack, {}).get("row")
-        if row is not None:
-            row_power[row] += w
-    for rack_id, rack in sorted(prob.racks.items()):
-        budget = rack.get("power_budget_w")
-        if budget is not None and rack_power[rack_id] > budget + EPSILON:
-            bad(POWER_RACK, f"rack {rack_id}: {rack_power[rack_id]:g} W > budget {budget:g} W")
-    for row_id, row in sorted(prob.rows.items()):
-        budget = row.get("power_budget_w")
-        if budget is not None and row_power[row_id] > budget + EPSILON:
-            bad(POWER_ROW, f"row {row_id}: {row_power[row_id]:g} W > budget {budget:g} W")
+    # An overdraw made of idle power and placements kept on their node alone was the problem's
+    # before the plan (see the module docstring): only power the plan adds there breaks the rule.
+    existing = prob.existing_by_key
+    kept_in_place = [s for s in shards
+                     if existing.get((s.deployment, s.replica, s.shard), {}).get("node") == s.node]
+    drawn, inherited = _power_drawn(prob, shards), _power_drawn(prob, kept_in_place)
+    for rule, level, domains in ((POWER_RACK, "rack", prob.racks), (POWER_ROW, "row", prob.rows)):
+        for domain_id, domain in sorted(domains.items()):
+            budget, used = domain.get("power_budget_w"), drawn[(level, domain_id)]
+            if budget is not None and used > budget + EPSILON \
+                    and used > inherited[(level, domain_id)] + EPSILON:
+                bad(rule, f"{level} {domain_id}: {used:g} W > budget {budget:g} W")
 
     if rules is not None:
         wanted = set(rules)
@@ -464,6 +459,24 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
     if rules is not None:
         out = [v for v in out if v.rule in set(rules)]
     return out
+
+
+def _power_drawn(prob: _Problem, shards: Iterable[_Shard]) -> dict[tuple[str, str], float]:
+    """Per ("rack" | "row", id): the idle power of its nodes that are not down plus what
+    `shards` draw there."""
+    drawn: dict[tuple[str, str], float] = defaultdict(float)
+
+    def add(rack: str, watts: float) -> None:
+        drawn[("rack", rack)] += watts
+        row = prob.racks.get(rack, {}).get("row")
+        if row is not None:
+            drawn[("row", row)] += watts
+    for node in prob.nodes.values():
+        if node.get("state", "ready") != "down":
+            add(node["rack"], node.get("idle_power_w", 0))
+    for s in shards:
+        add(prob.nodes[s.node]["rack"], prob.power_of(s.deployment))
+    return drawn
 
 
 def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[dict[str, Any]],

@@ -337,6 +337,17 @@ def build_cases() -> list[Case]:
              [pl("p", 0, 0, "n1", [0, 1, 2, 3]), pl("p", 1, 0, "n3", [0, 1, 2, 3])],
              [pl("p", 0, 0, "n1", [0, 1, 2, 3]), pl("p", 1, 0, "n2", [0, 1, 2, 3])]))
 
+    # ... and a rack its kept work already holds over budget (n6 came back up: 300 W idle in
+    # r2 plus p's 1000 W) may stay so, but takes no new power.
+    def r2_overdrawn(d: Doc) -> None:
+        d["racks"][1]["power_budget_w"] = 1200
+        d["nodes"][5]["state"] = "ready"
+    kept = pl("p", 0, 0, "n3", [0])
+    p = problem([dep("p", power_w=1000), dep("q", power_w=100), dep("idle")],
+                placements=[kept], edit=r2_overdrawn)
+    add(case(C.POWER_RACK, "new power in a rack already over budget", p,
+             [kept, pl("idle", 0, 0, "n3", [1])], [kept, pl("q", 0, 0, "n3", [1])]))
+
     # POWER_ROW: w1 = r1 + r2 (idle n1, n2, n3, n5 = 400 W).
     def row_budget(d: Doc) -> None:
         d["rows"][0]["power_budget_w"] = 8000

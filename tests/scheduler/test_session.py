@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, currently_in_test_context, given, note, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -118,7 +118,8 @@ def play(doc: Doc, events: list[tuple[str, int]], exact: bool) -> None:
     assert_valid(before, session.snapshot(), session.repaired_at_load)
     for action, k in events:
         state = session.snapshot()
-        note(f"{action} {k}")
+        if currently_in_test_context():  # a property test's example, not a replayed one
+            note(f"{action} {k}")
         live = [d for d in state.deployments]
         nodes = list(state.nodes)
         if action == "arrive" and arrivals:
@@ -369,3 +370,30 @@ def test_a_repair_that_its_deployment_then_stops_is_neither_placed_nor_moved() -
     (decision,) = session.repaired_at_load
     assert not decision.placements and not decision.moved
     assert_valid(before, session.snapshot(), session.repaired_at_load)
+
+
+def test_a_node_coming_up_into_a_full_row_keeps_what_runs_there(monkeypatch_bestfit: None) -> None:
+    """Found by test_session_matches_solve_with_best_fit: n0 is down, so its 100 W of idle power
+    is not drawn (the spec) and d0's three 200 W replicas fill row w1's 600 W; then n0 comes up
+    and the row draws 700 W. No rule lets a plan drop or preempt kept work for a budget, so the
+    session keeps what runs, as `solve()` does, and puts no more power in the row: d1 (200 W)
+    is refused there with POWER_ROW, d2 (no power) still fits. The checker reads the 700 W, made
+    of kept placements and idle power alone, as the problem's overdraw, not the change's."""
+    doc = problem([node("n0", acc=1, state="down", idle_power_w=100), node("n1", acc=4)],
+                  [dep("d0", replicas=3, locality="node", power_w=200), dep("d1", power_w=200),
+                   dep("d2")],
+                  rows=[{"id": "w1", "zone": "z1", "power_budget_w": 600}], mode="online")
+    play(doc, [("arrive", 0), ("up", 0), ("arrive", 0), ("arrive", 0)], exact=True)
+
+    start, (d0, d1, d2) = split_arrivals(doc)
+    session = Session(start)
+    session.place(d0)
+    n0 = next(n for n in start.nodes if n.id == "n0")
+    assert session.apply(ClusterDelta(nodes=(dataclasses.replace(n0, state="ready"),))) == []
+    assert len(session.placements_of("d0")) == 3
+    refused = session.place(d1)
+    assert refused.placements == ()
+    assert [r.code for r in refused.unplaced.reasons] == ["POWER_ROW"]
+    assert "row w1 power: 700 W used + 200 W needed > 600 W budget" in \
+        refused.unplaced.reasons[0].message
+    assert session.place(d2).placements
