@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from controller.store.inlist import POSTGRESQL, dialect_of, session_dialect
 from controller.store.models import AuditEntry, AuditHead, utcnow
-from controller.store.marks import rowcount_unread
+from controller.store.marks import refused_by_null, rowcount_unread
 from controller.store.riders import Rider
 
 GENESIS_HASH = "0" * 64
@@ -257,14 +257,18 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     The head written is remembered for the next append; forgotten if the transaction
     rolls back.
 
-    `unread` (SQLite, inside `sqlite_driver.deferred_writes`; for a writer whose transaction
+    `unread` (SQLite, inside `marks.deferred_writes`; for a writer whose transaction
     fails or commits whole, and that is retried when it fails): the compare and set reads
     nothing back, so both statements go with the transaction's next statement or its commit (no
     trip of their own to SQLite's thread while it holds the writer). A missed compare and set
     then fails the transaction instead of reading the head: the entries' INSERT writes their
     hash only where the head was moved to it, and NULL (refused: NOT NULL) elsewhere, so nothing
-    is written, and the rollback forgets the head it would have linked to: the caller's retry
-    (with or without `unread`) reads the database's head.
+    is written (`head_missed`), and the rollback forgets the head it would have linked to: the
+    caller's retry reads the database's head, or links to one this process wrote since. On
+    PostgreSQL the compare and set always reads back: a miss there costs one statement in place
+    (below), where a transaction failed whole costs its caller a message and a retry (a submit
+    batch's writes all in its COMMIT's message missed 5 % of the time at 50/s, behind the
+    reconcile thread's plan commits: docs/benchmarks.md, `pgscript`).
 
     `along`: writes of other tables in the caller's transaction that nothing reads before its
     commit (`riders`: a submit batch's request ids and events), in order. On PostgreSQL, when this
@@ -322,6 +326,17 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
         head = _last_heads[database] = (rows[-1]["seq"], rows[-1]["hash"])
         session.info[_APPENDED] = (database, head)
     return rows
+
+
+def head_missed(exc: BaseException) -> bool:
+    """`exc` is the refusal of an `unread` append whose compare and set missed (the NULL hash its
+    entries' INSERT wrote: another appender moved the head since this process last did), and
+    nothing else: its caller's transaction wrote nothing, and may be written again without
+    `unread`, which reads the head."""
+    return refused_by_null(exc, _MISSED_HEAD)
+
+
+_MISSED_HEAD = ((AuditEntry.__table__.name, AuditEntry.__table__.c.hash.name),)
 
 
 def _moving(known: tuple[int, str], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -194,7 +194,7 @@ async def bump_cluster_generation_unread(session: AsyncSession, change: ClusterC
     """`bump_cluster_generation` for a caller that does not read the new generation. On SQLite
     its three statements (the bump, the change rows at the generation it moved to, the pruning
     when that generation is due) are written so that nothing is read back: inside
-    `sqlite_driver.deferred_writes` they take no trip of their own to SQLite's thread but go with
+    `marks.deferred_writes` they take no trip of their own to SQLite's thread but go with
     the transaction's next statement or its commit (a delete batch held SQLite's writer for four
     trips, each a turn of a busy event loop). A missing generation row fails the change rows'
     INSERT (their generation NULL), so the transaction fails, as `MissingGeneration` makes it.

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.errors import Unavailable
 from controller.store import pg_driver
+from controller.store.pg_literals import quoted
 
 _PG_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -144,16 +145,11 @@ async def fence(session: AsyncSession, holder: str, token: int | None, *, live: 
 FENCE_REFUSED = "MA001"
 
 
-def _quoted(value: str) -> str:
-    """`value` as an escape-string literal that holds no `$` (it goes inside a dollar-quoted body)."""
-    return "E'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("$", "\\x24") + "'"
-
-
 def fence_guard(holder: str, token: int, *, live: bool = True) -> str:
     """PostgreSQL: `fence` as one statement without parameters, for a COMMIT's own message: it
     locks the row (`FOR KEY SHARE`) or raises `FENCE_REFUSED`, which aborts the transaction."""
     unexpired = f" AND expires_at > {_PG_NOW}" if live else ""
-    return (f"DO $fence$ BEGIN PERFORM 1 FROM leader_lease WHERE id = 1 AND holder = {_quoted(holder)} "
+    return (f"DO $fence$ BEGIN PERFORM 1 FROM leader_lease WHERE id = 1 AND holder = {quoted(holder)} "
             f"AND token = {int(token)}{unexpired} FOR KEY SHARE; "
             f"IF NOT FOUND THEN RAISE EXCEPTION 'leader lease lost' USING ERRCODE = '{FENCE_REFUSED}'; END IF; "
             f"END $fence$")

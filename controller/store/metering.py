@@ -90,7 +90,7 @@ def node_meters(problem: Mapping[str, Any], node_ids: Collection[str]) -> dict[s
 
 # An interval names its placement's id, read by the placement's key in the statement itself: the
 # placement rows a plan commit inserts need not return their ids (on SQLite the INSERTs of both
-# then ride with the commit's next trip: `sqlite_driver.deferred_writes`).
+# then ride with the commit's next trip: `marks.deferred_writes`).
 _PLACEMENTS = m.Placement.__table__
 _START_INTERVAL = insert(m.UsageInterval.__table__).values(placement_id=select(_PLACEMENTS.c.id).where(
     _PLACEMENTS.c.deployment_id == bindparam("s_deployment_id"), _PLACEMENTS.c.replica == bindparam("s_replica"),

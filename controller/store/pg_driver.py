@@ -9,8 +9,10 @@ Here the SELECTs a unit of work runs before its first write run outside a transa
 autocommit), and BEGIN is sent before the first statement that needs one: anything but a plain
 SELECT (an INSERT, UPDATE, DELETE, SET TRANSACTION, SAVEPOINT, a WITH that may write), a SELECT
 that locks rows (FOR UPDATE / SHARE) or one that calls a function with transactional effects
-(advisory locks, sequences, pg_notify, set_config). From then on every statement runs in the
-transaction as before. A unit of work that never needs one sends neither BEGIN nor ROLLBACK.
+(advisory locks, pg_notify, set_config, a transaction id). From then on every statement runs in
+the transaction as before. A unit of work that never needs one sends neither BEGIN nor ROLLBACK.
+A sequence's `nextval` needs none: what it takes is never given back, in a transaction or not (a
+submit batch's read takes its deployments' ids so).
 
 This changes nothing a caller can see under READ COMMITTED (`Database.unit_of_work`'s isolation):
 there every statement reads the latest commit anyway, in a transaction or not. A connection set to
@@ -21,13 +23,27 @@ BEGIN, COMMIT and ROLLBACK are sent as plain statements (`PlainTransaction`), so
 carry a statement of the caller's in its own message (`LazyBeginConnection.commit_guard`: the
 leader fence, `lease.commit_fenced`) instead of a round trip before it, and a BEGIN a SAVEPOINT
 (`savepoint`: a plan commit's, `store/plans/commit.py`).
+
+Deferred writes (`marks.deferred_writes(postgresql=True)`: a submit batch). Inside, a statement
+that `marks.may_defer` (an INSERT without RETURNING, one marked `rowcount_unread`) and whose
+parameters have exact literals (`pg_literals.render`) is not sent: its text with the literals
+waits on the connection (its cursor answers no rows, row count -1) and goes, in order, in the
+message of the connection's next statement that is sent as plain text (the COMMIT) or in one
+message of their own just before the next statement that is not (a prepared one). A transaction
+not begun yet begins in that message: a unit of work that reads, then writes only such statements
+costs two round trips, its read and one message with the writes, which the server runs as one
+implicit transaction (five for a submit batch before: BEGIN, two statements, COMMIT). The server
+parses and plans each of them anew (no prepared plan), which is why a writer asks for it. Their
+errors are raised by the message they went in: the transaction fails as a whole (rolled back by
+the server, or by `PlainTransaction.commit`), as with SQLite's deferred writes.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +56,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util import await_only
 
+from controller.store import pg_literals
+from controller.store.inlist import POSTGRESQL
+from controller.store.marks import deferring, may_defer
+
 # Isolation levels (asyncpg's names) under which reads before the first write need no transaction.
 _LAZY_LEVELS = (None, "read_committed")
 _LOCKS_OR_EFFECTS = re.compile(
     r"\bFOR\s+(?:UPDATE|NO\s+KEY\s+UPDATE|SHARE|KEY\s+SHARE)\b"
-    r"|\b(?:pg_advisory\w*|pg_try_advisory\w*|nextval|setval|pg_notify|set_config|txid_current\w*"
+    r"|\b(?:pg_advisory\w*|pg_try_advisory\w*|pg_notify|set_config|txid_current\w*"
     r"|pg_current_xact_id\w*)\s*\(",
     re.IGNORECASE)
 _KNOWN_MAX = 4096  # statements remembered (the controller's are compiled once: a few hundred)
@@ -79,12 +99,47 @@ class LazyBeginCursor(AsyncAdapt_asyncpg_cursor):
     __slots__ = ()
 
     async def _prepare_and_execute(self, operation: str, parameters: Any) -> None:
+        if self._deferred((operation,), (parameters,)):
+            return
         connection = self._adapt_connection
+        await self._send_deferred()
         connection.begin_later = reads_only(operation)
         try:
             await super()._prepare_and_execute(operation, parameters)
         finally:
             connection.begin_later = False
+
+    async def _executemany(self, operation: str, seq_of_parameters: Any) -> Any:
+        seq_of_parameters = list(seq_of_parameters)
+        if self._deferred((operation,) * len(seq_of_parameters), seq_of_parameters):
+            return None
+        await self._send_deferred()
+        return await super()._executemany(operation, seq_of_parameters)
+
+    def _deferred(self, operations: Sequence[str], parameters: Sequence[Any]) -> bool:
+        """Whether the statements wait on the connection (the module docstring), each rendered."""
+        if (not operations or not deferring(POSTGRESQL) or not may_defer(operations[0])
+                or self._adapt_connection.isolation_level == "autocommit"):
+            return False
+        rendered = [pg_literals.render(o, p) for o, p in zip(operations, parameters)]
+        if any(r is None for r in rendered):
+            return False
+        self._adapt_connection.deferred.extend(rendered)  # type: ignore[arg-type]
+        self._description, self._rowcount = None, -1
+        self._rows = deque()
+        return True
+
+    async def _send_deferred(self) -> None:
+        """The statements waiting on the connection, sent now in one message (before a statement
+        that cannot carry them), beginning the transaction there if it has not begun."""
+        connection: LazyBeginConnection = self._adapt_connection  # type: ignore[assignment]
+        if not connection.deferred:
+            return
+        async with connection._execute_mutex:
+            try:
+                await connection.send_deferred()
+            except Exception as error:
+                self._handle_exception(error)
 
 
 _ISOLATION = {"read_committed": " ISOLATION LEVEL READ COMMITTED", "read_uncommitted": " ISOLATION LEVEL READ UNCOMMITTED",
@@ -102,27 +157,53 @@ class PlainTransaction:
     A connection lost while the COMMIT was on its way or its answer on the way back leaves the
     outcome unknown (the server may have committed): the connection's `commit_unknown` says so
     until its next COMMIT (`lease.commit_fenced` reads it). One found closed before the COMMIT was
-    sent did not commit and does not set it."""
+    sent did not commit and does not set it.
 
-    __slots__ = ("_adapted",)
+    The COMMIT's message carries the connection's deferred writes too, before the guard. When no
+    BEGIN was sent (`begun=False`: nothing but deferred writes in the transaction), the message is
+    the writes and the guard alone, which the server runs as one implicit transaction (`_implicit`),
+    or BEGIN, them and COMMIT when the connection's settings are not the session's defaults."""
 
-    def __init__(self, adapted: LazyBeginConnection) -> None:
+    __slots__ = ("_adapted", "_begun")
+
+    def __init__(self, adapted: LazyBeginConnection, *, begun: bool = True) -> None:
         self._adapted = adapted
+        self._begun = begun
 
-    async def start(self) -> None:
+    def _begin(self) -> str:
+        """BEGIN (and what was queued to go with it, `begin_with`)."""
         a = self._adapted
         then, a.begin_with = a.begin_with, None
-        await a._connection.execute(f"BEGIN{_ISOLATION.get(a.isolation_level or '', '')}"
-                                    f"{' READ ONLY' if a.readonly else ''}{' DEFERRABLE' if a.deferrable else ''}"
-                                    + ("" if then is None else f";\n{then}"))
+        self._begun = True
+        return (f"BEGIN{_ISOLATION.get(a.isolation_level or '', '')}"
+                f"{' READ ONLY' if a.readonly else ''}{' DEFERRABLE' if a.deferrable else ''}"
+                + ("" if then is None else f";\n{then}"))
+
+    def _implicit(self) -> bool:
+        """Whether a transaction not begun commits as the server's implicit one: a simple-query
+        message of several statements runs them as one transaction, committed at its end, rolled
+        back whole by the first that fails (no ROLLBACK to send after it), under the session's
+        defaults (READ COMMITTED, read-write), which a connection set otherwise would not be."""
+        a = self._adapted
+        return (a.begin_with is None and a.isolation_level in _LAZY_LEVELS and not a.readonly
+                and not a.deferrable)
+
+    async def start(self, *then: str) -> None:
+        """BEGIN, with `then` (statements without parameters) in its message."""
+        await self._adapted._connection.execute(";\n".join((self._begin(), *then)))
 
     async def commit(self) -> None:
         adapted = self._adapted
         connection, guard = adapted._connection, adapted.commit_guard
         adapted.commit_unknown = False
         sent = not connection.is_closed()
+        parts = [*adapted.take_deferred(), *([] if guard is None else [guard])]
+        if self._begun:
+            parts.append("COMMIT")
+        elif not self._implicit():
+            parts = [self._begin(), *parts, "COMMIT"]
         try:
-            await connection.execute("COMMIT" if guard is None else f"{guard};\nCOMMIT")
+            await connection.execute(";\n".join(parts))
         except Exception:
             if connection.is_closed():
                 adapted.commit_unknown = sent
@@ -134,7 +215,9 @@ class PlainTransaction:
             raise
 
     async def rollback(self) -> None:
-        await self._adapted._connection.execute("ROLLBACK")
+        self._adapted.take_deferred()
+        if self._begun:
+            await self._adapted._connection.execute("ROLLBACK")
 
 
 class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
@@ -143,9 +226,10 @@ class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
     `commit_guard`, when set, is a statement (no parameters) run in the COMMIT's own message, just
     before it (`PlainTransaction`): `lease.commit_fenced`'s check costs no round trip of its own.
     `begin_with`, when set, one run in the next BEGIN's message, just after it (`savepoint`).
-    `commit_unknown`: the last COMMIT's connection was lost with its outcome unknown."""
+    `commit_unknown`: the last COMMIT's connection was lost with its outcome unknown.
+    `deferred`: writes waiting for the next message (the module docstring)."""
 
-    __slots__ = ("begin_later", "begin_with", "commit_guard", "commit_unknown")
+    __slots__ = ("begin_later", "begin_with", "commit_guard", "commit_unknown", "deferred")
     _cursor_cls = LazyBeginCursor
 
     def __init__(self, *args: Any, **kw: Any) -> None:
@@ -154,6 +238,24 @@ class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
         self.begin_with: str | None = None
         self.commit_guard: str | None = None
         self.commit_unknown = False
+        self.deferred: list[str] = []
+
+    def take_deferred(self) -> list[str]:
+        deferred, self.deferred = self.deferred, []
+        return deferred
+
+    async def send_deferred(self) -> None:
+        """The deferred writes in one message, with BEGIN when the transaction has not begun
+        (the caller holds the execute mutex)."""
+        if self._transaction is None:
+            transaction = PlainTransaction(self)
+            try:
+                await transaction.start(*self.take_deferred())
+            finally:
+                if self._connection.is_in_transaction():  # begun, even if a write failed: rolled back as one
+                    self._transaction = transaction  # type: ignore[assignment]
+        else:
+            await self._connection.execute(";\n".join(self.take_deferred()))
 
     async def _start_transaction(self) -> None:
         if self.isolation_level == "autocommit":
@@ -174,11 +276,20 @@ class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
         return self._transaction is not None
 
     def commit(self) -> None:
-        self.begin_with = None  # queued for a BEGIN that never came: it ends with the transaction
-        super().commit()
+        if self._transaction is None and self.deferred:
+            # writes waited and nothing began the transaction: BEGIN goes in the COMMIT's message
+            self._transaction = PlainTransaction(self, begun=False)  # type: ignore[assignment]
+        else:
+            self.begin_with = None  # queued for a BEGIN that never came: it ends with the transaction
+        try:
+            super().commit()
+        finally:
+            self.begin_with = None
+            self.deferred = []
 
     def rollback(self) -> None:
         self.begin_with = None
+        self.deferred = []  # never sent: nothing to undo on the server
         super().rollback()
 
 

@@ -5,7 +5,7 @@ batch's request ids and events, a plan commit's events). On PostgreSQL it goes a
 data-modifying WITH of a statement its caller sends anyway (`audit.append(along=)`: the audit
 head's compare and set and the entries), where each statement is a turn of a busy event loop;
 elsewhere, or when no statement carries it, by a statement of its own (`write`). On SQLite that
-one is deferred to the COMMIT anyway (`sqlite_driver.deferred_writes`).
+one is deferred to the COMMIT anyway (`marks.deferred_writes`).
 
 What PostgreSQL does with WITHs bounds what may ride: the carrying statement and its WITHs run
 on one snapshot, in no order it promises, and the triggers they fire run at the carrier's end.

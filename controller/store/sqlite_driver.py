@@ -12,7 +12,7 @@ transactions and errors are the same as with the stock adapter;
 server-side cursors (`stream_results`) keep the stock one.
 
 A writer that never handles one statement's failure on its own (a batch or a plan commit that
-fails, or commits, as a whole) may defer its writes (`deferred_writes`): inside it, an INSERT
+fails, or commits, as a whole) may defer its writes (`marks.deferred_writes`): inside it, an INSERT
 without RETURNING, and an UPDATE or DELETE marked `rowcount_unread` (`store/marks.py`: its row
 count is never read; a deferred statement's cursor says -1, unknown), waits on the connection and goes to the thread
 with the connection's next statement or its commit, in order, in that one trip. Under load each
@@ -30,7 +30,6 @@ are never marked.
 from __future__ import annotations
 
 import collections
-import contextvars
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -44,31 +43,10 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
 )
 from sqlalchemy.util import EMPTY_DICT, await_only
 
-from controller.store.marks import ROWCOUNT_UNREAD
+from controller.store.marks import SQLITE, deferring, may_defer
 
 _Outcome = tuple[Any, int, Any, list[Any] | None]  # description, rowcount, lastrowid, rows
 _Statement = tuple[str, Any, bool]  # operation, parameters, executemany
-
-_DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("maia_sqlite_deferred_writes", default=False)
-
-@contextmanager
-def deferred_writes() -> Iterator[None]:
-    """INSERTs without RETURNING and statements marked `rowcount_unread` executed inside (in this task) go to
-    the thread with the connection's next statement or commit (module docstring). For writers
-    whose transaction fails as a whole when any of its statements fails; no effect on other
-    databases."""
-    token = _DEFERRING.set(True)
-    try:
-        yield
-    finally:
-        _DEFERRING.reset(token)
-
-
-def _may_defer(operation: str) -> bool:
-    if "RETURNING" in operation.upper():
-        return False
-    return operation.lstrip()[:6].upper() == "INSERT" or ROWCOUNT_UNREAD in operation
-
 
 def _run_deferred(conn: sqlite3.Connection, deferred: list[_Statement]) -> None:
     for operation, parameters, many in deferred:
@@ -195,7 +173,7 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     async def _trip(self, operation: Any, parameters: Any, *, many: bool) -> None:
         adapt: _Connection = self._adapt_connection  # type: ignore[assignment]
-        if _DEFERRING.get() and _may_defer(operation):
+        if deferring(SQLITE) and may_defer(operation):
             adapt.deferred.append((operation, parameters, many))
             self._description, self._rowcount, self._lastrowid = None, -1, None
             self._rows = collections.deque()

@@ -93,6 +93,18 @@ class InsertRows:
         if self.rows:
             await session.execute(insert(self.table), list(self.rows))
 
+    async def insert(self, session: AsyncSession) -> None:
+        """INSERT the rows by one statement on PostgreSQL (over arrays: one text, and inside
+        `marks.deferred_writes(postgresql=True)` one statement in the message it waits for, not one
+        a row), an executemany elsewhere."""
+        if not self.rows:
+            return
+        dialect = session_dialect(session)
+        if dialect.name != POSTGRESQL:
+            await self.write(session)
+            return
+        await session.execute(_insert(self.table, self.columns, dialect), self.params("a", dialect))
+
     async def insert_returning(self, session: AsyncSession, *returned: str) -> list[tuple[Any, ...]]:
         """INSERT the rows by one statement and read back the `returned` columns of each (in no
         particular order). On PostgreSQL over arrays: one text whatever the number of rows (an
@@ -111,6 +123,11 @@ class InsertRows:
 @lru_cache(maxsize=64)
 def _insert_cte(table: Table, columns: tuple[str, ...], name: str, dialect: Dialect) -> str:
     return f"{name} AS ({_insert_text(table, columns, name, dialect)})"
+
+
+@lru_cache(maxsize=16)
+def _insert(table: Table, columns: tuple[str, ...], dialect: Dialect) -> TextClause:
+    return text(_insert_text(table, columns, "a", dialect))
 
 
 @lru_cache(maxsize=16)

@@ -27,7 +27,7 @@ from controller.store import repositories as repo
 from controller.store import tokens as node_tokens
 from controller.store.changes import NODE_HARDWARE_COLUMNS
 from controller.store.db import UnitOfWork
-from controller.store.sqlite_driver import deferred_writes
+from controller.store.marks import deferred_writes
 from controller.usecases import policy, tokens
 from controller.domain.changes import ClusterChange
 from controller.domain import restarts

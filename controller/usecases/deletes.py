@@ -51,7 +51,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
-from controller.store.sqlite_driver import deferred_writes
+from controller.store.marks import deferred_writes
 from controller.store.turns import answering
 from controller.usecases import policy
 from controller.usecases.deployments import (DELETING, delete_deployment_alone, mark_deleting, only_owner,

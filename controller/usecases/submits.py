@@ -15,19 +15,23 @@ pass (every deployment, every request id, one event and one audit entry each: ea
 appended to the chain in order) and then answers each caller. A submit so costs the event loop
 no unit of work of its own: under load each round trip to the database is a turn of a busy
 loop, and the reads of a lone check were most of a submit's time (docs/benchmarks.md,
-2026-12-01 day). For the same reason the batch's writes read nothing back (the audit append
-`unread`). On PostgreSQL the deployments' INSERT reads their ids back, and the events, the request
-ids and the DELETE of the tenants' expired ones ride in the audit append's statement
-(`audit.append(along=)`): BEGIN, two statements and the COMMIT (before: a statement more for each
-of those three, each a turn of the loop, and a statement to prepare for each new batch size;
-docs/benchmarks.md, `pgtrips`). On SQLite the batch's read also gives the next deployment id
-(above every id AUTOINCREMENT ever gave: `sqlite_sequence`), the batch's rows take the ids from
-it on, and every write goes to SQLite's thread with the COMMIT: the batch holds the writer for
-that one trip (two before: the INSERT, then the COMMIT; docs/benchmarks.md, `p99tail`). Another
-transaction may take one of those ids between the read and the COMMIT (a submit gone alone
-inserting its deployment): the primary key refuses the INSERT, nothing of the batch is written,
-and the batch is read, judged and written once more, its ids given by the database
-(`commit_batch`), rather than sending its members alone.
+2026-12-01 day). For the same reason the batch's writes read nothing back: its read also gives the
+ids its deployments take (`tenants.SubmitBatchReads.deployment_ids`: on SQLite from above every id
+AUTOINCREMENT ever gave, `sqlite_sequence`; on PostgreSQL taken from the table's sequence), and
+its INSERT waits for the next message (`marks.deferred_writes`). On SQLite every write goes to
+SQLite's thread with the COMMIT, the audit append `unread` too: the batch holds the writer for that
+one trip (two before: the INSERT, then the COMMIT; docs/benchmarks.md, `p99tail`). On PostgreSQL the
+INSERT goes in BEGIN's message, then the audit append reads back (a head moved by the reconcile
+thread's plan commit costs it one statement in place, where a batch failed whole cost a message
+and a retry 5 % of the time: `pgscript`), carrying the events, the request ids and the DELETE of
+the tenants' expired ones (`audit.append(along=)`), then the COMMIT: its read and three round trips
+(four before, the INSERT reading its ids back; seven before `pgtrips`; docs/benchmarks.md). Two
+things the read cannot promise fail a SQLite batch whole, nothing of it written: another
+transaction may take one of its ids between the read and the COMMIT (a submit gone alone inserting
+its deployment: the primary key refuses the INSERT), and another appender may move the audit
+chain's head first (`audit.head_missed`). Either way the batch is read, judged and written once
+more reading back as it goes, its ids given by the database and the head read (`commit_batch`),
+rather than sending its members alone.
 
 Every guarantee of a lone submit holds, because anything a batch cannot decide on its own is
 decided by the lone submit itself (`deployments.submit_deployment`, in the caller's task, after
@@ -41,8 +45,7 @@ the batch committed, so exactly as if the submits had come one after the other):
 - the tenant's submit rate is charged once: by the batch, or by the lone submit when the batch
   handed the member back before charging it;
 - a batch that fails to commit writes nothing (one transaction) and every member goes alone:
-  one bad member never fails the others; so does a batch whose audit compare and set missed on
-  SQLite (another process appended since this one last did: `audit.append(unread=True)`);
+  one bad member never fails the others;
 - a batch whose commit answer was lost (`CommitOutcomeUnknown`: it may have landed) sends every
   member alone too, each knowing the row its batch inserted for it (`Queued.wrote`: its id and
   `created_at`). The lone submit first reads its name: the row found is that one if it landed
@@ -83,7 +86,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown
 from controller.store.snapshot import InsertedRow, inserted_row
-from controller.store.sqlite_driver import deferred_writes
+from controller.store.marks import deferred_writes
 from controller.store.turns import answering, metered_turns
 from controller.usecases import requests
 from controller.usecases.capacity import CapacityCache
@@ -152,12 +155,13 @@ class _BatchFacts:
     used: set[tuple[str, str]]         # (tenant, request id) used, by earlier calls or members accepted
     counts: Counter[str]               # deployments by tenant, members accepted included
     capacity_generation: int
-    next_deployment_id: int | None = None  # SQLite: the first id the batch's rows may take (as read)
+    deployment_ids: Sequence[int] = ()  # the ids the batch's rows take, in order (as read)
 
 
-class _ChosenIdTaken(Exception):
-    """A batch that chose its deployments' ids failed to commit (nothing of it was written): one
-    of them was taken by another transaction since its read (`repo.deployment_id_taken`)."""
+class _ReadBackNeeded(Exception):
+    """A batch whose writes read nothing back failed to commit (nothing of it was written): one of
+    the ids it chose was taken by another transaction since its read (`repo.deployment_id_taken`),
+    or (SQLite) another appender moved the audit head (`audit.head_missed`)."""
 
 
 class SubmittedRows:
@@ -205,7 +209,7 @@ class SubmitBatcher:
         self._signals = signals
         self._observer = observer
         self._submitted = submitted
-        self.chosen_ids_taken = 0  # batches written again with the database's ids (`commit_batch`)
+        self.written_again = 0  # batches written again reading back (`commit_batch`)
         self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
             "submit-batches",
             # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
@@ -263,18 +267,19 @@ class SubmitBatcher:
     async def commit_batch(self, batch: list[Queued]) -> dict[int, DeploymentView | MaiaError]:
         """Check the members and write those that pass, in one transaction; returns by id(member)
         their views, or the error that refused them. The others are left out (they go alone).
-        On SQLite the batch chooses its deployments' ids (module docstring); when one was taken
-        before it committed (nothing of it was written), it is read, checked and written once
-        more, its ids given by the database."""
+        The batch's writes read nothing back (module docstring); when one of its ids was taken or
+        (SQLite) the audit head moved before it committed (nothing of it was written), it is read,
+        checked and written once more reading back, its ids given by the database, the head read."""
         try:
-            return await self._write_batch(batch, choose_ids=True)
-        except _ChosenIdTaken:
-            self.chosen_ids_taken += 1
-            return await self._write_batch(batch, choose_ids=False)
+            return await self._write_batch(batch, unread=True)
+        except _ReadBackNeeded:
+            self.written_again += 1
+            return await self._write_batch(batch, unread=False)
 
-    async def _write_batch(self, batch: list[Queued], *, choose_ids: bool) -> dict[int, DeploymentView | MaiaError]:
-        """`commit_batch`'s one transaction; with `choose_ids` (and on SQLite) the deployments' ids
-        as read (`_BatchFacts.next_deployment_id`), a failed write `_ChosenIdTaken`."""
+    async def _write_batch(self, batch: list[Queued], *, unread: bool) -> dict[int, DeploymentView | MaiaError]:
+        """`commit_batch`'s one transaction; with `unread`, the deployments' ids as read
+        (`_BatchFacts.deployment_ids`) and (SQLite) the audit append `unread`, a write that failed
+        for it `_ReadBackNeeded`."""
         times = _BatchTimes(started=time.perf_counter())
         stages = times.stages
         async with self._db.unit_of_work() as uow, self._db.writing_soon():
@@ -294,16 +299,16 @@ class SubmitBatcher:
             checked = time.perf_counter()
             stages.checks = checked - read
             s = uow.session
-            first_id = facts.next_deployment_id if choose_ids else None
             try:
-                with metered_turns() as turn, deferred_writes():  # the batch fails or commits whole
-                    inserted = await repo.insert_deployments(s, [q.spec for q in accepted], first_id=first_id)
+                with metered_turns() as turn, deferred_writes(postgresql=True):  # the batch fails or commits whole
+                    inserted = await repo.insert_deployments(s, [q.spec for q in accepted],
+                                                             ids=facts.deployment_ids if unread else None)
                     remembered = requests.remembering([(q.spec.tenant, q.request_id, deployment_id, q.spec)
                                                        for q, (deployment_id, _) in zip(accepted, inserted)], "submit")
                     events = repo.event_rows(submitted_event(q.actor, q.spec) for q in accepted)
                     calls = [q.call for q in accepted if q.call is not None]
-                    # missed: the members go alone; the ids and events ride with it (PostgreSQL: one trip)
-                    await audit.append_calls(s, calls, unread=True, along=(*remembered, events))
+                    # SQLite: a missed head fails the batch (written again); PostgreSQL: the ids and events ride in it
+                    await audit.append_calls(s, calls, unread=unread, along=(*remembered, events))
                 wrote = time.perf_counter()
                 stages.writer_turn, stages.writes = turn.waited_s, wrote - checked - turn.waited_s
                 try:
@@ -312,10 +317,10 @@ class SubmitBatcher:
                     for q, (deployment_id, view) in zip(accepted, inserted):
                         q.wrote = inserted_row(deployment_id, view.created_at)
                     raise
-            except Exception as exc:  # by the statement or the COMMIT the deferred INSERT went with
-                if first_id is None or not repo.deployment_id_taken(exc):
-                    raise
-                raise _ChosenIdTaken() from exc  # nothing written
+            except Exception as exc:  # by a statement or the COMMIT the deferred writes went with
+                if unread and (repo.deployment_id_taken(exc) or audit.head_missed(exc)):
+                    raise _ReadBackNeeded() from exc  # nothing written
+                raise
         times.committed = time.perf_counter()
         stages.commit = times.committed - wrote
         for call in calls:
@@ -333,13 +338,13 @@ class SubmitBatcher:
     @staticmethod
     async def _read_facts(uow: UnitOfWork, batch: list[Queued]) -> _BatchFacts:
         """Round trips are what a batch waits for under load: the tenants' facts, the names taken,
-        the request ids used and the capacity generation in one query."""
+        the request ids used, the capacity generation and the ids its rows take in one query."""
         reads = await repo.submit_batch_reads(uow.session, [(q.spec.tenant, q.spec.name, q.request_id) for q in batch])
         return _BatchFacts(
             zones={tenant: facts.zones for tenant, facts in reads.tenants.items()},
             taken=reads.taken, used=reads.used,
             counts=Counter({tenant: facts.deployments for tenant, facts in reads.tenants.items()}),
-            capacity_generation=reads.capacity_generation, next_deployment_id=reads.next_deployment_id)
+            capacity_generation=reads.capacity_generation, deployment_ids=reads.deployment_ids)
 
     @staticmethod
     async def _admitted(uow: UnitOfWork, queued: Queued, facts: _BatchFacts) -> bool:

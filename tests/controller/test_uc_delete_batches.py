@@ -21,6 +21,7 @@ from controller.store import repositories as repo
 from controller.store.audit import AuditRecord, CallEntry
 from controller.store.changes import GENERATION_WRITERS
 from controller.store import sqlite_driver
+from controller.store.marks import deferred_writes
 from controller.store.pg_driver import counted_trips
 from controller.store.turns import WritePriority
 from controller.usecases import deletes, deployments
@@ -455,7 +456,7 @@ async def test_a_mark_of_a_deployment_marked_since_it_was_read_fails_its_transac
     before = await _generation(cluster)
     with pytest.raises(Exception) as refused:
         async with cluster.unit_of_work() as uow:
-            with sqlite_driver.deferred_writes():
+            with deferred_writes():
                 await deployments.mark_deleting(uow, [(named.row, WHO.name) for named in read])
             await uow.commit()
     assert repo.changed_since_read(refused.value)

@@ -17,7 +17,8 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.audit import AuditRecord, ChainReport, entry_hash
 from controller.store.db import Database
-from controller.store.sqlite_driver import counted_trips, deferred_writes
+from controller.store.marks import deferred_writes
+from controller.store.sqlite_driver import counted_trips
 
 
 def _record(i: int, tenant: str = "a") -> AuditRecord:
@@ -285,11 +286,12 @@ async def test_an_unread_append_goes_with_the_commit_and_a_missed_head_fails_its
     assert await _append(database, _record(4)) == [4]  # another process's append
     audit._last_heads.clear()
     audit._last_heads.update(ours)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError) as refused:
         async with database.unit_of_work() as uow:
             with deferred_writes():
                 await audit.append(uow.session, [_record(5)], unread=True)
             await uow.commit()
+    assert audit.head_missed(refused.value)
     report = await _verify(database)
     assert report.intact and report.entries == 4 and report.head_seq == 4
     assert await _append(database, _record(6)) == [5]

@@ -14,7 +14,8 @@ from controller.store.db import Database
 from controller.store import repositories as repo
 from controller.store.models import Base, ClusterChangeRow, ClusterState, Deployment, DeploymentPhase
 from controller.store.plans import bump_cluster_generation, read_changes_since
-from controller.store.sqlite_driver import counted_trips, deferred_writes
+from controller.store.marks import deferred_writes
+from controller.store.sqlite_driver import counted_trips
 
 from .seed import TWO_RACKS, seed_problem
 

@@ -2,17 +2,21 @@
 a unit of work that only reads sends neither BEGIN nor ROLLBACK; a write, a row lock or a
 function with transactional effects begins the transaction before it runs, and everything after it
 runs in that transaction (rolled back whole, locks held to the end); `read_snapshot` still reads
-one snapshot."""
+one snapshot. Deferred writes wait for the COMMIT's message, or one of their own before the next
+statement that cannot carry them."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, DateTime, Integer, MetaData, Table, Text, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store.db import Database
+from controller.store.marks import deferred_writes, rowcount_unread
 from controller.store.pg_driver import LazyBeginConnection, counted_trips, reads_only
 
 POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -28,7 +32,7 @@ POSTGRES_ONLY = pytest.mark.parametrize("db_backend", [pytest.param("postgres", 
     ("SELECT id FROM nodes for share", False),
     ("SELECT pg_advisory_xact_lock(1)", False),
     ("SELECT pg_try_advisory_lock(1)", False),
-    ("SELECT nextval('s')", False),
+    ("SELECT nextval('s')", True),  # what it takes is never given back: no transaction needed
     ("SELECT pg_notify($1, $2)", False),
     ("SELECT set_config('x.y', '1', true)", False),
     ("INSERT INTO events (kind) VALUES ($1)", False),
@@ -51,7 +55,7 @@ async def _driver(session: AsyncSession) -> LazyBeginConnection:
 
 async def _scratch(database: Database) -> None:
     async with database.unit_of_work() as uow:
-        await uow.session.execute(text("CREATE TABLE scratch (id INTEGER PRIMARY KEY, v TEXT)"))
+        await uow.session.execute(text("CREATE TABLE scratch (id INTEGER PRIMARY KEY, v TEXT, at TIMESTAMPTZ)"))
         await uow.commit()
 
 
@@ -200,3 +204,115 @@ async def test_counted_trips_are_the_counting_threads_own(database: Database) ->
         await asyncio.to_thread(asyncio.run, elsewhere())
         await select_one()
     assert [t.statement for t in seen] == ["SELECT 1"]
+
+
+# Deferred writes (`marks.deferred_writes(postgresql=True)`): rendered as literals, sent in the
+# COMMIT's message, or in one message before the next statement that cannot carry them.
+
+_SCRATCH = Table("scratch", MetaData(), Column("id", Integer, primary_key=True), Column("v", Text),
+                 Column("at", DateTime(timezone=True)))
+_AT = datetime(2026, 12, 5, 1, 2, 3, 456789, tzinfo=timezone.utc)
+
+
+async def _scratch_rows(database: Database) -> list[tuple[int, str, datetime]]:
+    async with database.unit_of_work() as uow:
+        return [tuple(row) for row in await uow.session.execute(
+            select(_SCRATCH.c.id, _SCRATCH.c.v, _SCRATCH.c.at).order_by(_SCRATCH.c.id))]
+
+
+@POSTGRES_ONLY
+async def test_deferred_writes_go_in_one_message_as_one_implicit_transaction(database: Database) -> None:
+    """A unit that reads and then only writes what may wait costs two round trips: its read, then
+    the writes (an executemany's rows each) in one message, which the server runs as one
+    transaction (no BEGIN, no COMMIT to send). The values arrive as they were bound (quotes,
+    backslashes, dollars, times with their offset, NULL)."""
+    await _scratch(database)
+    await database.engine.dispose()  # a connection whose scratch table is known (no prepared plan of before)
+    tricky = "it's $1 \\ $$ done"
+    with counted_trips() as seen:
+        async with database.unit_of_work() as uow:
+            assert await uow.session.scalar(text("SELECT count(*) FROM scratch")) == 0
+            with deferred_writes(postgresql=True):
+                await uow.session.execute(insert(_SCRATCH), [{"id": 1, "v": tricky, "at": _AT},
+                                                            {"id": 2, "v": None, "at": _AT}])
+                await uow.session.execute(rowcount_unread(update(_SCRATCH).where(_SCRATCH.c.id == 2)).values(v="two"))
+            assert not (await _driver(uow.session)).in_transaction  # nothing sent yet
+            await uow.commit()
+    assert [(t.kind, t.statement) for t in seen if t.kind != "prepare"] == [
+        ("execute", "SELECT count(*) FROM"), ("query", "INSERT INTO scratch")]
+    assert await _scratch_rows(database) == [(1, tricky, _AT), (2, "two", _AT)]
+
+
+@POSTGRES_ONLY
+async def test_deferred_writes_go_before_a_statement_that_cannot_carry_them_in_order(database: Database) -> None:
+    """A statement that reads back (RETURNING) cannot wait: the writes waiting before it go first,
+    in one message that begins the transaction, so it sees them; so do those waiting before a
+    write sent as it is (outside `deferred_writes`, or without `postgresql`, nothing waits)."""
+    await _scratch(database)
+    with counted_trips() as seen:
+        async with database.unit_of_work() as uow:
+            with deferred_writes(postgresql=True):
+                await uow.session.execute(insert(_SCRATCH).values(id=1, v="a", at=_AT))
+                assert (await uow.session.execute(
+                    update(_SCRATCH).where(_SCRATCH.c.id == 1).values(v="b").returning(_SCRATCH.c.v))).scalar() == "b"
+                await uow.session.execute(insert(_SCRATCH).values(id=2, v="c", at=_AT))
+            with deferred_writes():  # SQLite's alone
+                await uow.session.execute(insert(_SCRATCH).values(id=3, v="d", at=_AT))
+            await uow.commit()
+    assert [(t.kind, t.statement) for t in seen if t.kind != "prepare"] == [
+        ("query", "BEGIN; INSERT INTO"), ("execute", "UPDATE scratch SET"),
+        ("query", "INSERT INTO scratch"), ("execute", "INSERT INTO scratch"), ("query", "COMMIT")]
+    assert [row[:2] for row in await _scratch_rows(database)] == [(1, "b"), (2, "c"), (3, "d")]
+
+
+@POSTGRES_ONLY
+async def test_a_deferred_write_that_fails_fails_its_transaction_whole_and_leaves_the_connection_clean(
+        database: Database) -> None:
+    """A deferred write's error is raised by the message it went in (the COMMIT's, or the one
+    before a statement): nothing of the transaction is written (the server rolled back its implicit
+    transaction; an explicit one is rolled back by a ROLLBACK), and the connection goes back to
+    the pool out of the aborted transaction (the next unit of work on it works)."""
+    await _scratch(database)
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(insert(_SCRATCH).values(id=1, v="kept", at=_AT))
+        await uow.commit()
+    for then_read, trips in ((False, ["INSERT INTO scratch"]), (True, ["BEGIN; INSERT INTO", "ROLLBACK"])):
+        with pytest.raises(IntegrityError), counted_trips() as seen:
+            async with database.unit_of_work() as uow:
+                with deferred_writes(postgresql=True):
+                    await uow.session.execute(insert(_SCRATCH).values(id=2, v="new", at=_AT))
+                    await uow.session.execute(insert(_SCRATCH).values(id=1, v="taken", at=_AT))
+                if then_read:
+                    await uow.session.execute(text("SELECT count(*) FROM scratch"))
+                await uow.commit()
+        assert [t.statement for t in seen if t.kind == "query"] == trips
+        assert [row[:2] for row in await _scratch_rows(database)] == [(1, "kept")]
+    async with database.unit_of_work() as uow:  # the pool's connection, in no transaction
+        assert not (await _driver(uow.session)).in_transaction
+        await uow.session.execute(insert(_SCRATCH).values(id=3, v="after", at=_AT))
+        await uow.commit()
+    assert [row[:2] for row in await _scratch_rows(database)] == [(1, "kept"), (3, "after")]
+
+
+@POSTGRES_ONLY
+async def test_deferred_writes_rolled_back_are_never_sent_and_unrenderable_ones_go_at_once(
+        database: Database) -> None:
+    """A rollback drops what waits (nothing was sent: no BEGIN, no ROLLBACK); a write whose values
+    have no exact literal (a naive time) is not deferred but sent as it is, at once."""
+    await _scratch(database)
+    with counted_trips() as seen:
+        async with database.unit_of_work() as uow:
+            with deferred_writes(postgresql=True):
+                await uow.session.execute(insert(_SCRATCH).values(id=1, v="dropped", at=_AT))
+            await uow.rollback()
+    assert seen == []
+    naive = datetime(2026, 12, 5, 1, 2, 3)
+    with counted_trips() as seen:
+        async with database.unit_of_work() as uow:
+            with deferred_writes(postgresql=True):
+                await uow.session.execute(insert(_SCRATCH).values(id=2, v="naive", at=naive))
+            assert (await _driver(uow.session)).in_transaction
+            await uow.commit()
+    assert [(t.kind, t.statement) for t in seen if t.kind != "prepare"] == [
+        ("query", "BEGIN"), ("execute", "INSERT INTO scratch"), ("query", "COMMIT")]
+    assert [row[:2] for row in await _scratch_rows(database)] == [(2, "naive")]

@@ -11,8 +11,8 @@ from sqlalchemy import Column, Integer, MetaData, Table, delete, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from controller.store.db import Database
-from controller.store.marks import ROWCOUNT_UNREAD, rowcount_unread
-from controller.store.sqlite_driver import Trip, counted_trips, deferred_writes
+from controller.store.marks import ROWCOUNT_UNREAD, deferred_writes, rowcount_unread
+from controller.store.sqlite_driver import Trip, counted_trips
 
 
 T = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("v", Integer, nullable=False))

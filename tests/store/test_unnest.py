@@ -12,7 +12,9 @@ from sqlalchemy import bindparam, event, select, update
 
 from controller.store import models as m
 from controller.store import repositories as repo
+from controller.store import pg_driver
 from controller.store.db import Database
+from controller.store.marks import deferred_writes
 from controller.store.pg_driver import counted_trips
 from controller.store.tokens import aware
 from controller.store.unnest import InsertRows, update_rows
@@ -138,3 +140,25 @@ async def test_insert_returning_writes_the_rows_as_given_and_reads_back_the_colu
     assert sorted(returned) == [(id_, object_id) for id_, _, _, object_id, _ in written]
     assert [(aware(at_), actor, object_id, data) for _, at_, actor, object_id, data in written] == [
         (row["at"], row["actor"], row["object_id"], row["data"]) for row in rows(4, 0)]
+
+
+async def test_insert_writes_the_rows_as_given_and_on_postgresql_waits_as_one_statement(database: Database) -> None:
+    """`InsertRows.insert`: each row as given (a JSON column, a time with its offset, a NULL,
+    quotes, a dollar); on PostgreSQL one statement over arrays whatever the number of rows, which
+    inside `deferred_writes(postgresql=True)` waits as one statement for the message it goes in
+    (a submit batch's deployments: not one statement a row for the server to parse and plan)."""
+    await _seeded(database)
+    at = datetime(2026, 12, 5, 2, 40, tzinfo=timezone.utc)
+    rows = [{"at": at, "actor": f"it's ${i}", "kind": "k", "object_kind": "deployment", "object_id": f"a/{i}",
+             "message": "", "data": {"i": i, "none": None}} for i in range(3)]
+    async with database.unit_of_work() as uow:
+        with deferred_writes(postgresql=True), counted_trips() as trips:
+            await InsertRows(m.Event.__table__, rows).insert(uow.session)
+            if database.engine.dialect.name == "postgresql":
+                assert trips == []
+                assert len((await pg_driver.adapted_connection(uow.session)).deferred) == 1
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        written = [(aware(e.at), e.actor, e.object_id, e.data) for e in (await uow.session.scalars(
+            select(m.Event).order_by(m.Event.id))).all()]
+    assert written == [(row["at"], row["actor"], row["object_id"], row["data"]) for row in rows]

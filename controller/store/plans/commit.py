@@ -28,7 +28,7 @@ from controller.store.inlist import POSTGRESQL, dialect_of
 from controller.store.models import ShardPhase, utcnow
 from controller.store.snapshot import Snapshot
 from controller.store import pg_driver
-from controller.store.sqlite_driver import deferred_writes
+from controller.store.marks import deferred_writes
 from controller.domain.changes import ChangeKind
 from controller.store.plans.check import _Checked, _check
 from controller.store.plans.committed import _P, _read_committed, _rows
@@ -123,7 +123,7 @@ async def commit_plan(
         # Write: placements, deployments, nodes, the cluster generation; the events go with the audit
         # entries (on PostgreSQL in the same statement: `audit.append(along=)`). On SQLite the writes
         # whose results nothing reads ride with the next statement that returns rows, or the caller's
-        # commit (`sqlite_driver.deferred_writes`: four trips to SQLite's thread under the writer
+        # commit (`marks.deferred_writes`: four trips to SQLite's thread under the writer
         # instead of thirteen): the commit fails or commits whole.
         with deferred_writes():
             landed = await _land(session, snapshot, plan, checked, stale=read.generation != snapshot.generation,

@@ -21,7 +21,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from controller.store import models as m
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, any_of_named_in_order, dialect_of, listed
-from controller.store.marks import rowcount_unread
+from controller.store.marks import refused_by_null, rowcount_unread, sqlite_refusal
 from controller.store.unnest import InsertRows
 from controller.store.changes import schedulable_count
 from controller.domain import values as d
@@ -251,7 +251,7 @@ def deleting_events(rows: Sequence[tuple[m.Deployment | DeploymentColumns, str]]
     removed by the reconciler; a quarantined one released by a submit) from one it marked, nor a
     new row that took the removed one's id from the one read: this INSERT refuses (NOT NULL on
     `events.object_id`) unless every row is there as read, so the transaction fails whole, the
-    UPDATE with it (`changed_since_read`). Nothing is read back (`sqlite_driver.deferred_writes`)."""
+    UPDATE with it (`changed_since_read`). Nothing is read back (`marks.deferred_writes`)."""
     at = m.utcnow()
     return DeletingEvents([{"at": at, "actor": actor, "data": {}, "key": d.deployment_key(row.tenant_id, row.name),
                             "deployment_id": row.id, "tenant": row.tenant_id, "name": row.name} for row, actor in rows])
@@ -287,9 +287,6 @@ class DeletingEvents:
             await session.execute(_DELETING_EVENT, self.rows)
 
 
-_NOT_NULL_VIOLATION = "23502"  # PostgreSQL's SQLSTATE
-
-
 # The NULLs a mark writes when what its caller read changed since: `deployments.phase` (marked
 # DELETING since: `set_deleting`), `events.object_id` (its row gone since: `deleting_events`).
 _CHANGED_SINCE_READ = ((_DEPLOYMENTS_TABLE.name, _DEPLOYMENTS_TABLE.c.phase.name),
@@ -299,17 +296,8 @@ _CHANGED_SINCE_READ = ((_DEPLOYMENTS_TABLE.name, _DEPLOYMENTS_TABLE.c.phase.name
 def changed_since_read(exc: BaseException) -> bool:
     """`exc` is a mark's refusal of a deployment that changed after its caller read it: marked
     DELETING since (the NULL `set_deleting` wrote into `deployments.phase`) or gone since (the NULL
-    `deleting_events` wrote into `events.object_id`), and nothing else (another column's NOT NULL,
-    another table's `phase`, a unique violation). PostgreSQL's error names the table and the column
-    (asyncpg's, under SQLAlchemy's adaptation); SQLite's names them only in its message."""
-    if not isinstance(exc, IntegrityError):
-        return False
-    if isinstance(exc.orig, sqlite3.IntegrityError):
-        return _sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_NOTNULL,
-                               {f"NOT NULL constraint failed: {table}.{column}" for table, column in _CHANGED_SINCE_READ})
-    driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
-    return (getattr(driver, "sqlstate", None) == _NOT_NULL_VIOLATION
-            and (getattr(driver, "table_name", None), getattr(driver, "column_name", None)) in _CHANGED_SINCE_READ)
+    `deleting_events` wrote into `events.object_id`), and nothing else (`marks.refused_by_null`)."""
+    return refused_by_null(exc, _CHANGED_SINCE_READ)
 
 
 def deleting_view(deployment: NamedDeployment, at: datetime) -> d.DeploymentView:
@@ -479,45 +467,42 @@ def new_deployment_view(columns: dict[str, object]) -> d.DeploymentView:
 
 
 async def insert_deployments(session: AsyncSession, specs: Iterable[d.DeploymentSpec], *,
-                             first_id: int | None = None) -> list[tuple[int, d.DeploymentView]]:
-    """New deployments (as `new_deployment_row`) written in ONE INSERT statement (on PostgreSQL
-    over arrays: one text to prepare for any number of rows, `InsertRows.insert_returning`);
-    returns their ids and views, in order. No ORM rows: the ORM's flush wrote one statement per row
-    on SQLite (to learn each id in order), and building the rows was most of a batch's own CPU; the
-    ids are matched by (tenant, name), which is unique.
+                             ids: Sequence[int] | None = None) -> list[tuple[int, d.DeploymentView]]:
+    """New deployments (as `new_deployment_row`) written in ONE INSERT statement; returns their
+    ids and views, in order. No ORM rows: the ORM's flush wrote one statement per row on SQLite (to
+    learn each id in order), and building the rows was most of a batch's own CPU.
 
-    With `first_id` (SQLite: `tenants.SubmitBatchReads.next_deployment_id`) the rows take the ids
-    `first_id`, `first_id + 1`, ... and the INSERT reads nothing back: inside
-    `sqlite_driver.deferred_writes` it goes to SQLite's thread with the transaction's COMMIT. An id
-    another transaction took since it was read fails the statement (the primary key; nothing is
-    written in a failed transaction), as a name taken since does."""
+    With `ids` (`tenants.SubmitBatchReads.deployment_ids`: at least one a spec) the rows take them
+    in order and the INSERT reads nothing back: inside `marks.deferred_writes` it goes with the
+    transaction's COMMIT (SQLite: to its thread; PostgreSQL: in its message). An id another
+    transaction took since it was read fails the statement (the primary key; nothing is written in
+    a failed transaction), as a name taken since does. Without, the database gives them (on
+    PostgreSQL over arrays: one text to prepare for any number of rows,
+    `InsertRows.insert_returning`; the ids are matched by (tenant, name), which is unique)."""
     at = m.utcnow()
     specs = list(specs)
     if not specs:
         return []
     table = m.Deployment.__table__
     columns = [new_deployment_columns(spec, at) for spec in specs]
-    if first_id is not None:
-        await session.execute(insert(table), [{**c, "id": first_id + i} for i, c in enumerate(columns)])
-        return [(first_id + i, new_deployment_view(written)) for i, written in enumerate(columns)]
-    ids = {(tenant, name): id_ for id_, tenant, name in await InsertRows(table, columns).insert_returning(
+    if ids is not None:
+        if len(ids) < len(specs):
+            raise ValueError(f"{len(specs)} deployments to insert with {len(ids)} ids")
+        taken = ids[:len(specs)]
+        await InsertRows(table, [{**c, "id": id_} for id_, c in zip(taken, columns)]).insert(session)
+        return [(id_, new_deployment_view(written)) for id_, written in zip(taken, columns)]
+    ids_of = {(tenant, name): id_ for id_, tenant, name in await InsertRows(table, columns).insert_returning(
         session, "id", "tenant_id", "name")}
-    return [(ids[(spec.tenant, spec.name)], new_deployment_view(written)) for spec, written in zip(specs, columns)]
+    return [(ids_of[(spec.tenant, spec.name)], new_deployment_view(written)) for spec, written in zip(specs, columns)]
 
 
 def deployment_id_taken(exc: BaseException) -> bool:
     """`exc` is SQLite's refusal of a deployment id that another row holds (its primary key), and
-    nothing else: what an INSERT with ids chosen ahead (`insert_deployments(first_id=)`) meets when
+    nothing else: what an INSERT with ids chosen ahead (`insert_deployments(ids=)`) meets when
     another transaction took one of them after they were read."""
     return (isinstance(exc, IntegrityError) and isinstance(exc.orig, sqlite3.IntegrityError)
-            and _sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY,
-                                {f"UNIQUE constraint failed: {_DEPLOYMENTS_TABLE.name}.{_DEPLOYMENTS_TABLE.c.id.name}"}))
-
-
-def _sqlite_refusal(error: sqlite3.IntegrityError, code: int, messages: set[str]) -> bool:
-    """SQLite refused with this extended error `code` and one of these `messages` (the table and
-    column it names are only in its message)."""
-    return error.sqlite_errorcode == code and error.args[:1] in {(message,) for message in messages}
+            and sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY,
+                               {f"UNIQUE constraint failed: {_DEPLOYMENTS_TABLE.name}.{_DEPLOYMENTS_TABLE.c.id.name}"}))
 
 
 def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, literal_column, null, select
+from sqlalchemy import Select, Text, bindparam, cast, delete, func, literal_column, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -75,10 +75,12 @@ class SubmitBatchReads:
     taken: set[tuple[str, str]]            # (tenant, name): of the names asked, the deployments that exist
     used: set[tuple[str, str]]             # (tenant, request id): of the ids asked, those used before
     capacity_generation: int               # 0 when none exists
-    # SQLite: above every deployment id the database ever gave (AUTOINCREMENT's `sqlite_sequence`)
-    # or holds, as read; the ids a batch may choose for its rows (`insert_deployments(first_id=)`).
-    # None on PostgreSQL (its sequence gives them) and when none of the tenants exists.
-    next_deployment_id: int | None = None
+    # The ids the batch's new rows take, in order (`insert_deployments(ids=)`), one for each key
+    # asked (none when none of the tenants exists). SQLite: from above every id the database ever
+    # gave (AUTOINCREMENT's `sqlite_sequence`) or holds, as read: a batch that commits after another
+    # took them fails on the primary key. PostgreSQL: taken from the table's sequence by the read
+    # (`nextval`, never given back: ids of rows not written are never used).
+    deployment_ids: Sequence[int] = ()
 
 
 def tenant_deployments(tenant: Any) -> Any:
@@ -102,17 +104,21 @@ def _batch_reads_query(dialect: str) -> Select:
                                        any_of_named(dialect, m.Deployment.name, "names")])
     request_ids = joined(m.ClientRequest.request_id, [
         m.ClientRequest.tenant_id == m.Tenant.id, any_of_named(dialect, m.ClientRequest.request_id, "request_ids")])
-    return (select(m.Tenant.id, m.Tenant.zones, count, generation, names, request_ids, _next_deployment_id(dialect))
+    return (select(m.Tenant.id, m.Tenant.zones, count, generation, names, request_ids, _new_deployment_ids(dialect))
             .where(any_of_named(dialect, m.Tenant.id, "tenants")))
 
 
-def _next_deployment_id(dialect: str) -> Any:
+def _new_deployment_ids(dialect: str) -> Any:
     """SQLite: the id AUTOINCREMENT would give the next deployment now (one above the largest it
     ever gave, kept in `sqlite_sequence`, or above the largest id held when that has no row yet);
-    the table's primary key and `sqlite_sequence` (one row a table): no scan. PostgreSQL: NULL."""
-    if dialect == POSTGRESQL:
-        return null()
+    the table's primary key and `sqlite_sequence` (one row a table): no scan. PostgreSQL: `count`
+    ids taken from the table's sequence (an uncorrelated subquery: run once, not once a tenant),
+    joined in a text (an array of bigint would cost a type lookup on each new connection)."""
     table = m.Deployment.__table__
+    if dialect == POSTGRESQL:
+        taken = cast(func.nextval(func.pg_get_serial_sequence(table.name, "id")), Text)
+        return (select(func.aggregate_strings(taken, ",")).select_from(func.generate_series(1, bindparam("count")))
+                .scalar_subquery())
     ever = literal_column(f"(SELECT seq FROM sqlite_sequence WHERE name = '{table.name}')")
     held = select(func.max(table.c.id)).scalar_subquery()
     return func.max(func.coalesce(ever, 0), func.coalesce(held, 0)) + 1
@@ -124,26 +130,30 @@ _BATCH_READS = {dialect: _batch_reads_query(dialect) for dialect in ("sqlite", P
 async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, str, str]]) -> SubmitBatchReads:
     """For a batch of submits (tenant, name, request id or ""), in ONE query: the facts of each
     tenant that exists, which of the names exist in their tenant, which request ids were used
-    there, and the capacity generation (0 when none exists): each round trip is a turn of a busy
-    event loop."""
+    there, the capacity generation (0 when none exists) and the ids the batch's rows take: each
+    round trip is a turn of a busy event loop."""
     keys = list(keys)
     tenants = sorted({tenant for tenant, _, _ in keys})
     facts: dict[str, TenantSubmitFacts] = {}
     taken: set[tuple[str, str]] = set()
     used: set[tuple[str, str]] = set()
     generation = 0
-    next_id: int | None = None
+    ids: Sequence[int] = ()
     if tenants:
-        rows = await session.execute(_BATCH_READS[dialect_of(session)], {
-            "tenants": tenants, "names": sorted({name for _, name, _ in keys}),
-            "request_ids": sorted({rid for _, _, rid in keys if rid})})
-        for tenant, zones, deployments, capacity_generation, names, request_ids, next_deployment_id in rows:
+        dialect = dialect_of(session)
+        params = {"tenants": tenants, "names": sorted({name for _, name, _ in keys}),
+                  "request_ids": sorted({rid for _, _, rid in keys if rid})}
+        if dialect == POSTGRESQL:
+            params["count"] = len(keys)
+        for tenant, zones, deployments, capacity_generation, names, request_ids, new_ids in await session.execute(
+                _BATCH_READS[dialect], params):
             facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
             taken.update((tenant, name) for name in (names or "").split(_JOINED) if name)
             used.update((tenant, rid) for rid in (request_ids or "").split(_JOINED) if rid)
             generation = int(capacity_generation or 0)
-            next_id = None if next_deployment_id is None else int(next_deployment_id)
-    return SubmitBatchReads(facts, taken, used, generation, next_id)
+            ids = ([int(i) for i in new_ids.split(",")] if dialect == POSTGRESQL
+                   else range(int(new_ids), int(new_ids) + len(keys)))
+    return SubmitBatchReads(facts, taken, used, generation, ids)
 
 
 async def tenant_ids(session: AsyncSession) -> list[str]:
