@@ -30,12 +30,13 @@ parameters have exact literals (`pg_literals.render`) is not sent: its text with
 waits on the connection (its cursor answers no rows, row count -1) and goes, in order, in the
 message of the connection's next statement that is sent as plain text (the COMMIT) or in one
 message of their own just before the next statement that is not (a prepared one). A transaction
-not begun yet begins in that message: a unit of work that reads, then writes only such statements
-costs two round trips, its read and one message with the writes, which the server runs as one
-implicit transaction (five for a submit batch before: BEGIN, two statements, COMMIT). The server
-parses and plans each of them anew (no prepared plan), which is why a writer asks for it. Their
-errors are raised by the message they went in: the transaction fails as a whole (rolled back by
-the server, or by `PlainTransaction.commit`), as with SQLite's deferred writes.
+not begun yet begins in that message: a submit batch's INSERT goes with BEGIN, before its audit
+append (which reads back); a unit of work that reads, then writes only such statements costs two
+round trips, its read and one message with the writes, which the server runs as one implicit
+transaction. The server parses and plans each of them anew (no prepared plan), which is why a
+writer asks for it. Their errors are raised by the message they went in: the transaction fails as
+a whole (rolled back by the server, or by `PlainTransaction.commit`), as with SQLite's deferred
+writes.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
 
     def commit(self) -> None:
         if self._transaction is None and self.deferred:
-            # writes waited and nothing began the transaction: BEGIN goes in the COMMIT's message
+            # writes waited and nothing began the transaction: they are the COMMIT's message
             self._transaction = PlainTransaction(self, begun=False)  # type: ignore[assignment]
         else:
             self.begin_with = None  # queued for a BEGIN that never came: it ends with the transaction

@@ -85,8 +85,8 @@ from controller.store import audit
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown
-from controller.store.snapshot import InsertedRow, inserted_row
 from controller.store.marks import deferred_writes
+from controller.store.snapshot import InsertedRow, inserted_row
 from controller.store.turns import answering, metered_turns
 from controller.usecases import requests
 from controller.usecases.capacity import CapacityCache

@@ -473,8 +473,9 @@ async def insert_deployments(session: AsyncSession, specs: Iterable[d.Deployment
     learn each id in order), and building the rows was most of a batch's own CPU.
 
     With `ids` (`tenants.SubmitBatchReads.deployment_ids`: at least one a spec) the rows take them
-    in order and the INSERT reads nothing back: inside `marks.deferred_writes` it goes with the
-    transaction's COMMIT (SQLite: to its thread; PostgreSQL: in its message). An id another
+    in order and the INSERT reads nothing back: inside `marks.deferred_writes` it waits for the
+    transaction's next trip (SQLite: its COMMIT, to SQLite's thread; PostgreSQL: the message of
+    its BEGIN, or of its COMMIT when nothing is sent between). An id another
     transaction took since it was read fails the statement (the primary key; nothing is written in
     a failed transaction), as a name taken since does. Without, the database gives them (on
     PostgreSQL over arrays: one text to prepare for any number of rows,
