@@ -131,7 +131,7 @@ class DeleteBatcher:
             calls = [q.call for q in marking if q.call is not None]
             marked_at = None
             if marking:
-                with deferred_writes():  # the batch fails or commits whole
+                with deferred_writes(postgresql=True):  # the batch fails or commits whole
                     # an audit head missed (SQLite): the members go alone
                     marked_at = await mark_deleting(uow, [(seen[id(q)].row, q.who.name) for q in marking], calls)
                 await uow.commit()

@@ -225,12 +225,13 @@ async def test_a_batch_takes_its_turn_at_the_writer_before_reports_and_passes(cl
 
 
 @pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
-async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(cluster):
+async def test_a_batch_takes_one_read_and_four_trips_on_postgresql(cluster):
     """A delete batch's round trips on PostgreSQL: its deployments with their placements in one
     read (joined, whatever the batch's size: no statement to prepare for a new size), then BEGIN
-    with the generation writers' lock (store/changes.py) in its message, the phases in one
-    statement, the generation bump with its change rows in one statement, the audit head moved
-    with its entries and the events in one statement (`audit.append(along=)`), COMMIT."""
+    with the generation writers' lock (store/changes.py) and the phases' UPDATE in its message
+    (`marks.deferred_writes`: it reads nothing back), the generation bump with its change rows in
+    one statement, the audit head moved with its entries and the events in one statement
+    (`audit.append(along=)`), COMMIT. Six before (the UPDATE a round trip of its own)."""
     await _submit(cluster, *(("t1", f"d{i}") for i in range(8)))
     batcher = DeleteBatcher(cluster, RecordingSignals())
     for warm in (["d0"], ["d6", "d7"]):  # its statements prepared on this connection (the pool's LIFO)
@@ -241,9 +242,8 @@ async def test_a_batch_takes_one_read_and_one_statement_per_write_on_postgresql(
     assert {outcome.phase for outcome in outcomes.values()} == {"deleting"}
     assert [(t.kind, t.statement) for t in trips] == [
         ("execute", "SELECT deployments.id, deployments.name,"),
-        ("query", f"BEGIN; SELECT pg_advisory_xact_lock_shared({GENERATION_WRITERS})"),
-        ("execute", "UPDATE /* maia:rowcount-unread"), ("execute", "WITH moved AS"),
-        ("execute", "WITH along0_ AS"), ("query", "COMMIT")]
+        ("query", f"BEGIN; SELECT pg_advisory_xact_lock_shared({GENERATION_WRITERS});"),
+        ("execute", "WITH moved AS"), ("execute", "WITH along0_ AS"), ("query", "COMMIT")]
     assert await _logged(cluster, before + 1) == [("deployment_deleted", f"t1/d{i}") for i in (1, 2, 3)]
 
 
