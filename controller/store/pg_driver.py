@@ -24,19 +24,19 @@ carry a statement of the caller's in its own message (`LazyBeginConnection.commi
 leader fence, `lease.commit_fenced`) instead of a round trip before it, and a BEGIN a SAVEPOINT
 (`savepoint`: a plan commit's, `store/plans/commit.py`).
 
-Deferred writes (`marks.deferred_writes(postgresql=True)`: a submit batch). Inside, a statement
-that `marks.may_defer` (an INSERT without RETURNING, one marked `rowcount_unread`) and whose
-parameters have exact literals (`pg_literals.render`) is not sent: its text with the literals
-waits on the connection (its cursor answers no rows, row count -1) and goes, in order, in the
-message of the connection's next statement that is sent as plain text (the COMMIT) or in one
+Deferred writes (`marks.deferred_writes(postgresql=True)`: a submit or delete batch). Inside, a
+statement that `marks.may_defer` (an INSERT without RETURNING, one marked `rowcount_unread`) and
+whose parameters have exact literals (`pg_literals.render`) is not sent: its text with the
+literals waits on the connection (its cursor answers no rows, row count -1) and goes, in order, in
+the message of the connection's next statement that is sent as plain text (the COMMIT) or in one
 message of their own just before the next statement that is not (a prepared one). A transaction
-not begun yet begins in that message: a submit batch's INSERT goes with BEGIN, before its audit
-append (which reads back); a unit of work that reads, then writes only such statements costs two
-round trips, its read and one message with the writes, which the server runs as one implicit
-transaction. The server parses and plans each of them anew (no prepared plan), which is why a
-writer asks for it. Their errors are raised by the message they went in: the transaction fails as
-a whole (rolled back by the server, or by `PlainTransaction.commit`), as with SQLite's deferred
-writes.
+not begun yet begins in that message: a submit batch's INSERT (a delete batch's UPDATE) goes with
+BEGIN, before its audit append (which reads back); a unit of work that reads, then writes only
+such statements costs two round trips, its read and one message with the writes, which the server
+runs as one implicit transaction. The server parses and plans each of them anew (no prepared
+plan), which is why a writer asks for it. Their errors are raised by the message they went in: the
+transaction fails as a whole (rolled back by the server, or by `PlainTransaction.commit`), as with
+SQLite's deferred writes.
 """
 
 from __future__ import annotations
