@@ -45,7 +45,8 @@ def deferred_writes(*, postgresql: bool = False) -> Iterator[None]:
     next statement or commit (the module docstring). On SQLite (`sqlite_driver`) always; on
     PostgreSQL (`pg_driver`) only with `postgresql`: there they go as literals in one simple-query
     message (the COMMIT's, or one sent before the next statement), which the server parses and
-    plans anew, so a writer asks for it where round trips are what it waits for (a submit batch)."""
+    plans anew, so a writer asks for it where round trips are what it waits for (a submit or
+    delete batch)."""
     token = _DEFERRING.set(frozenset((SQLITE, POSTGRESQL) if postgresql else (SQLITE,)))
     try:
         yield
@@ -69,8 +70,8 @@ def may_defer(operation: str) -> bool:
 def rowcount_unread(statement: _Dml) -> _Dml:
     """`statement` marked as one whose row count nobody reads. Inside `deferred_writes` such a
     statement may go to the database with the connection's next statement or commit (its cursor
-    then says -1, unknown). Never for a
-    statement with RETURNING, nor for one whose result or row count is checked."""
+    then says -1, unknown). Never for a statement with RETURNING, nor for one whose result or row
+    count is checked."""
     return statement.prefix_with(ROWCOUNT_UNREAD)
 
 
