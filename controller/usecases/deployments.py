@@ -451,9 +451,10 @@ async def mark_deleting(uow: UnitOfWork, rows: Sequence[tuple[m.Deployment | rep
     last, after the generation writers' lock: store/changes.py), then the `calls`' audit entries
     (a batch's, `unread`: a head missed on SQLite fails the transaction) with the events (on
     PostgreSQL in their statement: `audit.append(along=)`). Nothing is read back: inside
-    `marks.deferred_writes` (a batch) every statement goes to SQLite with the caller's
-    next statement or commit; on PostgreSQL the phases' UPDATE goes in BEGIN's message. A deployment marked or removed since its caller read it fails the
-    transaction whole (`repo.changed_since_read`). Returns the time written."""
+    `marks.deferred_writes` (a batch) every statement goes to SQLite with the caller's next
+    statement or commit; on PostgreSQL the phases' UPDATE goes in BEGIN's message. A deployment
+    marked or removed since its caller read it fails the transaction whole
+    (`repo.changed_since_read`). Returns the time written."""
     await repo.will_move_generation(uow.session)
     at = await repo.set_deleting(uow.session, [row for row, _ in rows])
     events = repo.deleting_events(rows)  # refused for a row removed since its read
