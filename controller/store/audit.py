@@ -328,15 +328,15 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     return rows
 
 
+_MISSED_HEAD = ((AuditEntry.__table__.name, AuditEntry.__table__.c.hash.name),)
+
+
 def head_missed(exc: BaseException) -> bool:
     """`exc` is the refusal of an `unread` append whose compare and set missed (the NULL hash its
     entries' INSERT wrote: another appender moved the head since this process last did), and
     nothing else: its caller's transaction wrote nothing, and may be written again without
     `unread`, which reads the head."""
     return refused_by_null(exc, _MISSED_HEAD)
-
-
-_MISSED_HEAD = ((AuditEntry.__table__.name, AuditEntry.__table__.c.hash.name),)
 
 
 def _moving(known: tuple[int, str], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class LazyBeginCursor(AsyncAdapt_asyncpg_cursor):
         if self._deferred((operation,), (parameters,)):
             return
         connection = self._adapt_connection
-        await self._send_deferred()
+        if connection.deferred:
+            await self._send_deferred()
         connection.begin_later = reads_only(operation)
         try:
             await super()._prepare_and_execute(operation, parameters)
@@ -114,7 +115,8 @@ class LazyBeginCursor(AsyncAdapt_asyncpg_cursor):
         seq_of_parameters = list(seq_of_parameters)
         if self._deferred((operation,) * len(seq_of_parameters), seq_of_parameters):
             return None
-        await self._send_deferred()
+        if self._adapt_connection.deferred:
+            await self._send_deferred()
         return await super()._executemany(operation, seq_of_parameters)
 
     def _deferred(self, operations: Sequence[str], parameters: Sequence[Any]) -> bool:
@@ -132,10 +134,9 @@ class LazyBeginCursor(AsyncAdapt_asyncpg_cursor):
 
     async def _send_deferred(self) -> None:
         """The statements waiting on the connection, sent now in one message (before a statement
-        that cannot carry them), beginning the transaction there if it has not begun."""
+        that cannot carry them), beginning the transaction there if it has not begun. Its callers
+        ask only when some wait: no coroutine on every statement's way."""
         connection: LazyBeginConnection = self._adapt_connection  # type: ignore[assignment]
-        if not connection.deferred:
-            return
         async with connection._execute_mutex:
             try:
                 await connection.send_deferred()
@@ -216,8 +217,7 @@ class PlainTransaction:
             raise
 
     async def rollback(self) -> None:
-        self._adapted.take_deferred()
-        if self._begun:
+        if self._begun:  # one not begun lives only in its COMMIT (`LazyBeginConnection.commit`)
             await self._adapted._connection.execute("ROLLBACK")
 
 
@@ -280,12 +280,10 @@ class LazyBeginConnection(AsyncAdapt_asyncpg_connection):
         if self._transaction is None and self.deferred:
             # writes waited and nothing began the transaction: they are the COMMIT's message
             self._transaction = PlainTransaction(self, begun=False)  # type: ignore[assignment]
-        else:
-            self.begin_with = None  # queued for a BEGIN that never came: it ends with the transaction
         try:
             super().commit()
         finally:
-            self.begin_with = None
+            self.begin_with = None  # queued for a BEGIN that never came: it ends with the transaction
             self.deferred = []
 
     def rollback(self) -> None:

@@ -103,7 +103,7 @@ class InsertRows:
         if dialect.name != POSTGRESQL:
             await self.write(session)
             return
-        await session.execute(_insert(self.table, self.columns, dialect), self.params("a", dialect))
+        await session.execute(_insert_returning(self.table, self.columns, (), dialect), self.params("a", dialect))
 
     async def insert_returning(self, session: AsyncSession, *returned: str) -> list[tuple[Any, ...]]:
         """INSERT the rows by one statement and read back the `returned` columns of each (in no
@@ -126,15 +126,12 @@ def _insert_cte(table: Table, columns: tuple[str, ...], name: str, dialect: Dial
 
 
 @lru_cache(maxsize=16)
-def _insert(table: Table, columns: tuple[str, ...], dialect: Dialect) -> TextClause:
-    return text(_insert_text(table, columns, "a", dialect))
-
-
-@lru_cache(maxsize=16)
 def _insert_returning(table: Table, columns: tuple[str, ...], returned: tuple[str, ...],
                       dialect: Dialect) -> TextClause:
+    """The INSERT over arrays, reading back the `returned` columns (none: nothing)."""
     quote = dialect.identifier_preparer.quote
-    return text(f"{_insert_text(table, columns, 'a', dialect)} RETURNING {', '.join(quote(c) for c in returned)}")
+    returning = f" RETURNING {', '.join(quote(c) for c in returned)}" if returned else ""
+    return text(f"{_insert_text(table, columns, 'a', dialect)}{returning}")
 
 
 def _insert_text(table: Table, columns: tuple[str, ...], prefix: str, dialect: Dialect) -> str:
