@@ -71,19 +71,19 @@ class Reconciler:
         max_surge: int = DEFAULT_SURGE,
         backoff_s: float = 1.0,
         decider: DecideProcess | None = None,
-        own_thread: bool | None = None,
+        own_thread: bool = False,
         read_views: ViewReader | None = None,
         submitted: SubmittedRows | None = None,
         on_warm_built: Callable[[], None] = lambda: None,
     ) -> None:
-        # `run` on a thread of its own (`scheduling/own_loop.py`): by default on PostgreSQL. On a
-        # SQLite file it can (its writers take turns across threads, `db.SqliteWriters`) but does
-        # not by default: no gain was shown at 4,096 nodes (docs/benchmarks.md, issue 8, night 2,
-        # lead: three of four pairs slower, and runs of one code varied more than the versions did),
-        # and each of a plan commit's trips back to the reconciler's thread may wait for the GIL
-        # behind the busy controller's loop while it holds SQLite's writer. Never on an in-memory
-        # one (a second engine opens another database).
-        self._own_thread = db is not None and not db.is_sqlite if own_thread is None else own_thread
+        # `run` on a thread of its own (`scheduling/own_loop.py`) only when asked: on neither
+        # database by default. On PostgreSQL it was the default until its submit p99 at 50/s was
+        # measured both ways (docs/benchmarks.md, `ownloop`): in the controller 14.6-14.8 ms with
+        # the passes on the controller's loop against 16.5-18.2 on their own thread (the batches'
+        # writes' p99 6.4-6.7 against 7.1-8.4 ms), and no loss at saturation. On a SQLite file no
+        # gain was shown either (issue 8, night 2, lead: three of four pairs slower). Not to be
+        # asked on an in-memory database (a second engine opens another database).
+        self._own_thread = own_thread and db is not None
         self._own: OwnLoop | None = None  # while `run` runs there
         self._publisher = Publisher(db, publish, read_views=read_views, interval_s=interval_s)
         self._interval = interval_s
@@ -187,10 +187,10 @@ class Reconciler:
 
     async def run(self) -> None:
         """Reconcile until cancelled: on a thread of its own with its own event loop and its own
-        database connections when so made (`own_thread`, by default on PostgreSQL: a pass's
-        round trips then never queue behind the agent streams on the controller's loop, nor the
-        RPCs behind a pass's CPU); pushes to nodes and publishes to watchers are handed to the
-        controller's loop."""
+        database connections when so made (`own_thread`, not the default: a pass's round trips
+        then never queue behind the agent streams on the controller's loop, nor the RPCs behind
+        a pass's CPU, but its Python takes the GIL from the loop); pushes to nodes and publishes
+        to watchers are handed to the controller's loop."""
         if not self._own_thread:
             await self._run_then_stop_publishing()
             return

@@ -1,13 +1,14 @@
 """A coroutine on a thread of its own, with an event loop of its own.
 
-The reconcile loop runs there on PostgreSQL (`Reconciler.run`; on a SQLite file when asked): each of
-a pass's statements is a trip (a round trip to PostgreSQL, a trip to aiosqlite's thread), and on
-the controller's event loop every one of them waits for its turn behind the callbacks of
-1,024-4,096 agent streams and the RPCs (a pass of ~15 round trips took ~900 ms at load, ~50 ms
-of it its own CPU), while the pass's own CPU delays every RPC (gRPC hands calls to their
-handlers at a rate set by the length of the loop's turns). On a loop of its own a statement's
-answer waits only for the GIL (handed over within `sys.getswitchinterval()`, 5 ms). The lease
-renewal runs the same way (`controller.leadership`).
+The reconcile loop runs there when asked (`Reconciler(own_thread=True)`; the default on
+PostgreSQL until its submit p99 at 50/s was measured lower with the passes on the controller's
+loop, docs/benchmarks.md `ownloop`). On the controller's event loop each of a pass's statements
+(a round trip to PostgreSQL, a trip to aiosqlite's thread) waits for its turn behind the
+callbacks of the agent streams and the RPCs, and the pass's own CPU delays every RPC; on a loop
+of its own a statement's answer waits only for the GIL (handed over within
+`sys.getswitchinterval()`, 5 ms), but the pass's Python still takes the interpreter from the
+controller's loop, and its pushes and publishes cross between the loops. The lease renewal runs
+this way always (`controller.leadership`): it must not wait behind a busy loop.
 
 `OwnLoop.run` is awaited on the controller's loop: it starts the thread, runs the work there
 until it ends or `run` is cancelled, then cancels the work, waits (bounded) for the thread to

@@ -175,7 +175,7 @@ class SqliteWriters:
     ever sees another process. Reads (WAL) never wait. A writer waiting longer than the busy
     timeout fails as SQLite would (a nested writer waiting for its own outer transaction).
     `turns` are shared by every engine of the process on one database file (`process_turns`):
-    a reconciler's engine on its own thread and loop (`own_thread=True`; not SQLite's default)
+    a reconciler's engine on its own thread and loop (`own_thread=True`; not the default)
     takes turns with the controller's.
     """
 

@@ -29,8 +29,8 @@ gives way to ANSWER writers (the reconciler, before a pass) waits until there ar
 (`wait_until_not_answering`), woken when the turns change rather than polling them.
 
 The turns are the process's, not one event loop's: the reconciler can write from a thread with
-an event loop of its own (`scheduling/own_loop.py`; on SQLite only with `Reconciler(own_thread=
-True)`, not the default: measured slower, docs/benchmarks.md, 2026-12-01 night 2), so a waiter
+an event loop of its own (`scheduling/own_loop.py`; only with `Reconciler(own_thread=True)`, not
+the default: measured slower, docs/benchmarks.md, 2026-12-01 night 2 and `ownloop`), so a waiter
 is woken on its own loop
 (`call_soon_threadsafe` when the turn is given from another thread) and the queue is guarded by
 a thread lock held only while it is read or changed, never while a turn is awaited.

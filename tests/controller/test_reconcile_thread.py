@@ -1,5 +1,5 @@
-"""The reconcile loop on a thread of its own (`Reconciler(own_thread=True)`, the default on
-PostgreSQL; `scheduling/own_loop.py`): its passes run on that thread's event loop with their own
+"""The reconcile loop on a thread of its own (`Reconciler(own_thread=True)`, when asked;
+`scheduling/own_loop.py`): its passes run on that thread's event loop with their own
 database connections, what they push to nodes and publish to watchers is handed to the
 controller's loop (the views of what changed read on the reconciler's connection), wakes and resyncs reach it from the controller's loop, and cancelling `run`
 stops the thread."""
