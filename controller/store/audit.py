@@ -137,10 +137,10 @@ def _row_values(record: AuditRecord) -> dict[str, Any]:
     return values
 
 
-# The head this process last wrote, per database (its URL, not its engine: the reconcile thread's
-# engine and the controller's append to one chain, and each missed the other's head every time,
-# a failed compare-and-set and two more statements per append): the next append links to it
-# without reading the head first (`append`). Stale (another process appended: another controller,
+# The head this process last wrote, per database (its URL, not its engine: a reconciler on a thread
+# of its own has an engine of its own, and it and the controller's appended to one chain, each
+# missing the other's head every time, a failed compare-and-set and two more statements per
+# append): the next append links to it without reading the head first (`append`). Stale (another process appended: another controller,
 # a leader before this one, `maiactl` on the file), the compare-and-set misses and the head is
 # read (or, unread, the transaction fails). A transaction of this process that appended and then
 # rolled back forgets the head it wrote (`_rolled_back`): it was never committed. SQLAlchemy's
@@ -268,7 +268,7 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
     PostgreSQL the compare and set always reads back: a miss there costs one statement in place
     (below), where a transaction failed whole costs its caller a message and a retry (a submit
     batch's writes all in its COMMIT's message missed 5 % of the time at 50/s, behind the
-    reconcile thread's plan commits: docs/benchmarks.md, `pgscript`).
+    reconciler's plan commits, then on a thread of its own: docs/benchmarks.md, `pgscript`).
 
     `along`: writes of other tables in the caller's transaction that nothing reads before its
     commit (`riders`: a submit batch's request ids and events), in order. On PostgreSQL, when this
@@ -348,8 +348,8 @@ async def _append_at_known_head(session: AsyncSession, records: Sequence[AuditRe
                                 at: datetime, along: Sequence[Rider], database: str | None) -> list[dict[str, Any]]:
     """PostgreSQL, `_append` with a head known: the entries chained to it, moved and inserted by
     one statement that carries `along` (written whether it moves the head or not); [] when the
-    head was not there. When another engine of this process appended since `known` was read (the
-    reconcile thread's plan commit, whose lock this statement waited for: 3-4 % of a submit
+    head was not there. When another writer of this process appended since `known` was read (a
+    plan commit of the reconciler, whose lock this statement waited for: 3-4 % of a submit
     batch's appends at 50/s), its head is `_last_heads`' now, and one more such statement links
     to it, instead of the three statements that read the head (docs/benchmarks.md, `pgtrips`)."""
     dialect = session_dialect(session)

@@ -175,8 +175,8 @@ class SubmittedRows:
     process's validation passed, as the row holds it: judging it again re-checks the same fields
     against the same limits. `take` hands each key out once (a pass judges an arrival once); the
     oldest are forgotten beyond `SUBMITTED_ROWS_MAX` (a deployment deleted before any pass read
-    it, a follower's submits): judged as before. Shared by the controller's loop and the
-    reconciler's thread (`own_thread`)."""
+    it, a follower's submits): judged as before. Shared by the controller's loop and, when the
+    reconciler runs on a thread of its own (`own_thread`), that thread."""
 
     def __init__(self, most: int = SUBMITTED_ROWS_MAX) -> None:
         self._most = most

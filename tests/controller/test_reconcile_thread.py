@@ -81,6 +81,29 @@ async def test_passes_run_on_their_own_thread_and_hand_pushes_and_publishes_to_t
         assert r._state.db is cluster and uow is not None
 
 
+async def test_by_default_passes_run_on_the_loop_that_runs_the_reconciler(cluster: Database) -> None:
+    """On either database (`cluster` is both): the passes' thread is the controller's, no
+    "reconciler" thread is started (docs/benchmarks.md, `ownloop`: the PostgreSQL default moved)."""
+    main = threading.current_thread().name
+    published: list[set[str]] = []
+
+    async def publish(changed: set[str], deleted: list[Any], views: list[DeploymentView]) -> None:
+        published.append(set(changed))
+
+    seen = ThreadsSeen()
+    r = Reconciler(cluster, push=lambda nodes: None, publish=publish, read_views=views_of, observer=seen,
+                   interval_s=0.2, solve_time_limit_ms=60_000, backoff_s=0.0)
+    task = asyncio.create_task(r.run())
+    await submit(cluster, deployment("first", accelerators=2, locality="node"))
+    r.wake()
+    await _until(lambda: any("t1/first" in names for names in published), "first published")
+    assert seen.passes and {thread for _, thread in seen.passes} == {main}
+    assert "reconciler" not in {t.name for t in threading.enumerate()}
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_own_loop_reports_the_works_error_and_stops_when_cancelled() -> None:
     async def fails() -> None:
         await asyncio.sleep(0)
