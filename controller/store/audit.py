@@ -139,16 +139,16 @@ def _row_values(record: AuditRecord) -> dict[str, Any]:
 
 # The head this process last wrote, per database (its URL, not its engine: a reconciler on a thread
 # of its own has an engine of its own, and it and the controller's appended to one chain, each
-# missing the other's head every time, a failed compare-and-set and two more statements per
-# append): the next append links to it without reading the head first (`append`). Stale (another process appended: another controller,
-# a leader before this one, `maiactl` on the file), the compare-and-set misses and the head is
-# read (or, unread, the transaction fails). A transaction of this process that appended and then
-# rolled back forgets the head it wrote (`_rolled_back`): it was never committed. SQLAlchemy's
-# savepoints (`begin_nested`) fire the same events: one rolled back forgets the head (whether
-# its append was before the savepoint or in it: at worst the next append reads the head), one
-# released is not the transaction's commit (`_committed`). A savepoint rolled back in plain SQL
-# (`pg_driver.Savepoint`) fires nothing: the plan commits that take one append only once it can
-# no longer be rolled back to.
+# missing the other's head every time, a failed compare-and-set and two more statements per append):
+# the next append links to it without reading the head first (`append`). Stale (another process
+# appended: another controller, a leader before this one, `maiactl` on the file), the
+# compare-and-set misses and the head is read (or, unread, the transaction fails). A transaction of
+# this process that appended and then rolled back forgets the head it wrote (`_rolled_back`): it was
+# never committed. SQLAlchemy's savepoints (`begin_nested`) fire the same events: one rolled back
+# forgets the head (whether its append was before the savepoint or in it: at worst the next append
+# reads the head), one released is not the transaction's commit (`_committed`). A savepoint rolled
+# back in plain SQL (`pg_driver.Savepoint`) fires nothing: the plan commits that take one append
+# only once it can no longer be rolled back to.
 _last_heads: dict[str, tuple[int, str]] = {}
 # In a session's `info`: (database, head) of the append it made in its open transaction.
 _APPENDED = "maia_audit_appended"
