@@ -78,9 +78,9 @@ class Reconciler:
     ) -> None:
         # `run` on a thread of its own (`scheduling/own_loop.py`) only when asked: on neither
         # database by default. On PostgreSQL it was the default until its submit p99 at 50/s was
-        # measured both ways (docs/benchmarks.md, `ownloop`): in the controller 14.6-14.8 ms with
+        # measured both ways (docs/benchmarks.md, `ownloop`): in the controller 14.6-15.0 ms with
         # the passes on the controller's loop against 16.5-18.2 on their own thread (the batches'
-        # writes' p99 6.4-6.7 against 7.1-8.4 ms), and no loss at saturation. On a SQLite file no
+        # writes' p99 6.4-7.1 against 7.1-8.4 ms), and no loss at saturation. On a SQLite file no
         # gain was shown either (issue 8, night 2, lead: three of four pairs slower). Not to be
         # asked on an in-memory database (a second engine opens another database).
         self._own_thread = own_thread and db is not None
@@ -189,8 +189,8 @@ class Reconciler:
         """Reconcile until cancelled: on a thread of its own with its own event loop and its own
         database connections when so made (`own_thread`, not the default: a pass's round trips
         then never queue behind the agent streams on the controller's loop, nor the RPCs behind
-        a pass's CPU, but its Python takes the GIL from the loop); pushes to nodes and publishes
-        to watchers are handed to the controller's loop."""
+        a pass's CPU, but its Python still shares the interpreter with the loop's); pushes to nodes
+        and publishes to watchers are handed to the controller's loop."""
         if not self._own_thread:
             await self._run_then_stop_publishing()
             return
