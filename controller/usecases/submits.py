@@ -21,9 +21,9 @@ AUTOINCREMENT ever gave, `sqlite_sequence`; on PostgreSQL taken from the table's
 its INSERT waits for the next message (`marks.deferred_writes`). On SQLite every write goes to
 SQLite's thread with the COMMIT, the audit append `unread` too: the batch holds the writer for that
 one trip (two before: the INSERT, then the COMMIT; docs/benchmarks.md, `p99tail`). On PostgreSQL the
-INSERT goes in BEGIN's message, then the audit append reads back (a head moved by the reconcile
-thread's plan commit costs it one statement in place, where a batch failed whole cost a message
-and a retry 5 % of the time: `pgscript`), carrying the events, the request ids and the DELETE of
+INSERT goes in BEGIN's message, then the audit append reads back (a head moved by a plan commit
+costs it one statement in place, where a batch failed whole cost a message and a retry 5 % of
+the time: `pgscript`), carrying the events, the request ids and the DELETE of
 the tenants' expired ones (`audit.append(along=)`), then the COMMIT: its read and three round trips
 (four before, the INSERT reading its ids back; seven before `pgtrips`; docs/benchmarks.md). Two
 things the read cannot promise fail a SQLite batch whole, nothing of it written: another

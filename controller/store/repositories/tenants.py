@@ -145,12 +145,14 @@ async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, st
                   "request_ids": sorted({rid for _, _, rid in keys if rid})}
         if dialect == POSTGRESQL:
             params["count"] = len(keys)
+        new_ids = None  # the batch's, the same on every tenant's row: parsed once below
         for tenant, zones, deployments, capacity_generation, names, request_ids, new_ids in await session.execute(
                 _BATCH_READS[dialect], params):
             facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
             taken.update((tenant, name) for name in (names or "").split(_JOINED) if name)
             used.update((tenant, rid) for rid in (request_ids or "").split(_JOINED) if rid)
             generation = int(capacity_generation or 0)
+        if new_ids is not None:
             ids = ([int(i) for i in new_ids.split(",")] if dialect == POSTGRESQL
                    else range(int(new_ids), int(new_ids) + len(keys)))
     return SubmitBatchReads(facts, taken, used, generation, ids)
