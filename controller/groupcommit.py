@@ -37,6 +37,17 @@ into the next batch anyway (a probe), answered late if it is slow, and its time 
 batches' reads overlap and only their last statements take turns (PostgreSQL). Items with the
 same key are never in two batches in flight.
 
+Spacing (`BatchSpacing`, optional): every batch has costs its items share (a transaction, its
+reads, what it appends and publishes), so the fewer items a batch carries the more each one costs.
+Back to back, a batch carries what arrived while the one before was written: the faster the
+database answers, the smaller the batches and the dearer each item, which is how a PostgreSQL with
+up-to-date statistics cost the controller more CPU a submit and gave fewer submits a second
+(docs/benchmarks.md, `spacing`). With a spacing, after a batch of at least `from_items` items (a
+load that fills batches) with callers queued at its end, the next one begins no sooner than
+`period_s` after that one began; a lone item or a few at once are written at once, as without,
+and so is whoever comes to a writer that found nothing queued. The wait ends early for a queued
+caller that could not be answered in time after it.
+
 Retry times: a refused caller is told when to come back. A time derived from the queue alone
 (what is queued now, times a batch's time) is short whatever the number of callers kept out, so
 in a join storm thousands of refused agents came back within a second, were refused again, and
@@ -59,7 +70,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from controller.admission import SPREAD, MovingAverage, answer_reserve_s, spread_retry_s
@@ -82,6 +93,20 @@ class GroupStats:
     refused: int = 0  # left the queue unwritten: their batch could not have been written before their deadline
     late: int = 0     # answered before their batch had committed (their deadline was near); written with it
     probes: int = 0   # taken although the estimate said too late: it was older than itself (module docstring)
+    spaced: int = 0   # batches that began later than the writer was free (`BatchSpacing`)
+
+
+@dataclass(frozen=True)
+class BatchSpacing:
+    """After a batch of at least `from_items` items, the next begins no sooner than `period_s`
+    after it began (module docstring)."""
+
+    period_s: float
+    from_items: int
+
+    def __post_init__(self) -> None:
+        if self.period_s < 0 or self.from_items < 1:
+            raise ValueError(f"a batch spacing needs period_s >= 0 and from_items >= 1, not {self}")
 
 
 @dataclass(eq=False)
@@ -165,7 +190,7 @@ class GroupCommit(Generic[Item, Outcome]):
                  shared_failure: Callable[[Exception], bool] = lambda exc: False, writers: int = 1,
                  answer_reserve: Callable[[float], float] = answer_reserve_s,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-                 pacer: RetryPacer | None = None) -> None:
+                 pacer: RetryPacer | None = None, spacing: BatchSpacing | None = None) -> None:
         if batch_max < 1 or writers < 1:
             raise ValueError(f"{name}: batch_max and writers must be >= 1")
         self.name = name
@@ -178,6 +203,9 @@ class GroupCommit(Generic[Item, Outcome]):
         self._clock = clock
         self._rng = rng or random.Random()
         self.pacer = pacer  # measures the batches and paces the callers refused (module docstring)
+        self._spacing = spacing
+        # The spacing's wait under way: (woken early by a caller that must be taken sooner, until).
+        self._spacing_wait: tuple[asyncio.Future[None], float] | None = None
         self._pending: list[_Member[Item, Outcome]] = []
         self._writers: set[asyncio.Task[None]] = set()
         self._keys_in_flight: set[Hashable] = set()
@@ -206,6 +234,8 @@ class GroupCommit(Generic[Item, Outcome]):
                 self.stats.probes += 1
                 member.latest_start = answer_by  # taken by the next batch, which measures again
         self._pending.append(member)
+        if self._spacing_wait is not None and not self._spares(member, self._spacing_wait[1]):
+            _settle(self._spacing_wait[0])  # it cannot wait for the spacing to end
         self._start_writers()
         try:
             if not await self._answered_by(member, member.latest_start) and not member.taken:
@@ -301,6 +331,34 @@ class GroupCommit(Generic[Item, Outcome]):
         self._pending = rest
         return batch
 
+    async def _spaced(self, began: float, size: int) -> None:
+        """After a batch of `size` that began at `began`, wait for the spacing, if any, to allow the
+        next (until `period_s` after `began`). Not when nothing is queued (the writer ends, and the
+        next caller starts one at once), and not past what a queued caller can spare: one whose
+        batch must start within a period of the wait's end is taken at once, and one queued
+        meanwhile that must ends the wait (`_spares`)."""
+        if self._spacing is None or size < self._spacing.from_items or not self._pending:
+            return
+        until = began + self._spacing.period_s
+        wait_s = until - self._clock()
+        if wait_s <= 0 or not all(self._spares(member, until) for member in self._pending):
+            return
+        self.stats.spaced += 1
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        timer = waiter.get_loop().call_later(wait_s, _settle, waiter)
+        self._spacing_wait = (waiter, until)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._spacing_wait = None
+
+    def _spares(self, member: _Member[Item, Outcome], until: float) -> bool:
+        """The member can wait for a spacing that ends at `until` and still be taken in time, with
+        a period to spare for the writer to get to it."""
+        period_s = self._spacing.period_s if self._spacing is not None else 0.0
+        return member.latest_start >= until + period_s
+
     async def _write_batches(self) -> None:
         batch: list[_Member[Item, Outcome]] = []
         try:
@@ -338,7 +396,8 @@ class GroupCommit(Generic[Item, Outcome]):
                         member.future.set_exception(outcome)
                     else:
                         member.future.set_result(outcome)
-                batch = []
+                size, batch = len(batch), []
+                await self._spaced(started, size)
         except BaseException:  # cancelled (the controller stops): so are the callers waiting
             for member in [*batch, *self._pending]:
                 member.future.cancel()

@@ -6,7 +6,8 @@ database's single writer (SQLite's lock, PostgreSQL's audit chain head row) from
 write to its commit. One transaction per submit so caps the submit rate at the writer's turn
 time, whatever the cluster. Here a submit checks what it can on its own (the spec, the request
 id's form: no reads), then joins a queue; one writer at a time takes everything queued (what
-arrived while the previous batch was committing: no fixed wait) and, in ONE transaction, reads
+arrived while the previous batch was committing: no fixed wait; under a load that fills batches,
+one no sooner than `SPACING`'s period after the one before began) and, in ONE transaction, reads
 what the checks need for the whole batch at once (the tenants, which names exist, which
 request ids were used, the tenants' deployment counts, the capacity generation), judges each
 member in order as a lone submit would (the tenant's submit rate, "could it ever fit" from the
@@ -78,7 +79,7 @@ from typing import Protocol
 from controller import limits
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentView
 from controller.errors import FieldViolation, InvalidArgument, MaiaError
-from controller.groupcommit import GroupCommit, GroupStats, by_member, outcome_or_alone
+from controller.groupcommit import BatchSpacing, GroupCommit, GroupStats, by_member, outcome_or_alone
 from controller.identity import Principal
 from controller.ratelimit import SubmitLimits
 from controller.store import audit
@@ -96,6 +97,12 @@ from controller.usecases.ports import Signals
 from controller.usecases.redaction import as_seen_by
 
 BATCH_MAX = 256
+# After a batch of 4 or more with submits queued, the next begins 25 ms after it began at the
+# soonest (`groupcommit.BatchSpacing`). Back to back at saturation on PostgreSQL with up-to-date
+# statistics, batches of ~6 cost the controller 2.5-2.7 ms of CPU a submit and gave 343-417/s;
+# spaced, batches of ~17-20 cost 2.1-2.3 ms and gave 457-525/s (docs/benchmarks.md, `spacing`).
+# At 50/s a batch of 4 is rare and a lone submit never waits.
+SPACING = BatchSpacing(period_s=0.025, from_items=4)
 # The most deployments `SubmittedRows` remembers (the oldest forgotten first: judged again).
 SUBMITTED_ROWS_MAX = 4096  # ~1 MiB; a pass takes what arrived since the last (tens to hundreds)
 
@@ -204,7 +211,8 @@ class SubmitBatcher:
     writer are `groupcommit.GroupCommit`'s. `submitted`: told of each deployment it inserted."""
 
     def __init__(self, db: Database, signals: Signals, *, batch_max: int = BATCH_MAX,
-                 observer: SubmitObserver | None = None, submitted: SubmittedRows | None = None) -> None:
+                 spacing: BatchSpacing | None = SPACING, observer: SubmitObserver | None = None,
+                 submitted: SubmittedRows | None = None) -> None:
         self._db = db
         self._signals = signals
         self._observer = observer
@@ -213,7 +221,8 @@ class SubmitBatcher:
         self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
             "submit-batches",
             # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
-            by_member(lambda batch: self.commit_batch(batch), within=answering), batch_max=batch_max)
+            by_member(lambda batch: self.commit_batch(batch), within=answering), batch_max=batch_max,
+            spacing=spacing)
 
     @property
     def stats(self) -> GroupStats:

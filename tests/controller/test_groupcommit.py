@@ -11,8 +11,8 @@ import pytest
 from controller.admission import MAX_RETRY_S, MIN_RETRY_S, MovingAverage
 from controller.errors import FailedPrecondition, Unavailable
 from controller.groupcommit import (
-    ALONE, PACE_INITIAL_RATE, PACE_MAX_S, PACE_MIN_RATE, PACE_MIN_S, PACE_OVERBOOK, PACE_WINDOW_S, GroupCommit,
-    RetryPacer, by_member, outcome_or_alone,
+    ALONE, PACE_INITIAL_RATE, PACE_MAX_S, PACE_MIN_RATE, PACE_MIN_S, PACE_OVERBOOK, PACE_WINDOW_S, BatchSpacing,
+    GroupCommit, RetryPacer, by_member, outcome_or_alone,
 )
 
 
@@ -200,6 +200,124 @@ async def test_a_member_of_a_batch_in_flight_is_answered_before_its_deadline_and
     store.release.set()
     assert await follower == "B"
     assert store.batches == [["a"], ["b"]] and group.stats.items == 2  # "a" was written, whole, with its batch
+
+
+class GatedStore:
+    """A commit that records when each batch began and holds it until its gate is opened."""
+
+    def __init__(self) -> None:
+        self.began: list[tuple[float, list[str]]] = []  # (loop time, batch)
+        self.gates: list[asyncio.Event] = []
+
+    async def commit(self, batch: list[str]) -> list[str]:
+        self.began.append((asyncio.get_running_loop().time(), list(batch)))
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        return [item.upper() for item in batch]
+
+    @property
+    def batches(self) -> list[list[str]]:
+        return [batch for _, batch in self.began]
+
+    def gap_s(self, later: int, earlier: int) -> float:
+        return self.began[later][0] - self.began[earlier][0]
+
+
+async def _a_full_batch_in_flight(group: GroupCommit[str, str], store: GatedStore) -> list[asyncio.Task[str | None]]:
+    """["a"] alone, then ["b", "c"] (two: a full batch for `from_items=2`) written and still in flight."""
+    calls = [asyncio.create_task(group.submit("a"))]
+    await _settle()
+    calls += [asyncio.create_task(group.submit(x)) for x in ("b", "c")]
+    await _settle()
+    store.gates[0].set()
+    await _settle()
+    assert store.batches == [["a"], ["b", "c"]]  # after a batch of one, the next began at once
+    return calls
+
+
+async def test_after_a_full_batch_the_next_begins_a_period_after_it_with_what_came_meanwhile():
+    store = GatedStore()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10,
+                                               spacing=BatchSpacing(period_s=0.3, from_items=2))
+    calls = await _a_full_batch_in_flight(group, store)
+    calls.append(asyncio.create_task(group.submit("d")))  # queued while ["b", "c"] is written
+    await _settle()
+    store.gates[1].set()
+    await _settle()
+    assert [await call for call in calls[:3]] == ["A", "B", "C"]  # answered before the wait
+    calls.append(asyncio.create_task(group.submit("e")))  # arrives during the wait: goes with "d"
+    while len(store.gates) < 3:
+        await asyncio.sleep(0.01)
+    store.gates[2].set()
+    assert await asyncio.wait_for(asyncio.gather(*calls[3:]), 2.0) == ["D", "E"]
+    assert store.batches == [["a"], ["b", "c"], ["d", "e"]]
+    assert store.gap_s(2, 1) >= 0.3 and group.stats.spaced == 1
+
+
+async def test_a_writer_that_finds_nothing_queued_after_a_full_batch_leaves_the_next_caller_unspaced():
+    store = GatedStore()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10,
+                                               spacing=BatchSpacing(period_s=5.0, from_items=2))
+    calls = await _a_full_batch_in_flight(group, store)
+    store.gates[1].set()
+    assert [await call for call in calls] == ["A", "B", "C"]
+    late = asyncio.create_task(group.submit("d"))
+    await _settle()
+    store.gates[2].set()
+    assert await asyncio.wait_for(late, 1.0) == "D"
+    assert store.gap_s(2, 1) < 1.0 and group.stats.spaced == 0
+
+
+async def test_without_a_spacing_or_after_a_small_batch_the_next_begins_at_once():
+    for spacing in (None, BatchSpacing(period_s=5.0, from_items=3)):
+        store = GatedStore()
+        group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10, spacing=spacing)
+        calls = await _a_full_batch_in_flight(group, store)
+        calls.append(asyncio.create_task(group.submit("d")))
+        await _settle()
+        store.gates[1].set()
+        await _settle()
+        store.gates[2].set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), 1.0) == ["A", "B", "C", "D"]
+        assert store.batches[2] == ["d"] and store.gap_s(2, 1) < 1.0 and group.stats.spaced == 0
+
+
+async def test_a_caller_that_cannot_spare_the_spacing_is_taken_without_it():
+    """Queued before the wait with 1 s left: no wait at all. Queued during a wait with 1 s left:
+    the wait ends for it. Either way it is written and answered, not refused for lack of time."""
+    store = GatedStore()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10, answer_reserve=lambda _: 0.0,
+                                               spacing=BatchSpacing(period_s=5.0, from_items=2))
+    calls = await _a_full_batch_in_flight(group, store)
+    calls.append(asyncio.create_task(group.submit("d", time_left_s=1.0)))
+    await _settle()
+    store.gates[1].set()
+    await _settle()
+    assert store.batches[2] == ["d"] and group.stats.spaced == 0  # taken at once
+    calls += [asyncio.create_task(group.submit(x)) for x in ("e", "f")]
+    await _settle()
+    store.gates[2].set()  # after a batch of one: ["e", "f"] at once
+    await _settle()
+    assert store.batches == [["a"], ["b", "c"], ["d"], ["e", "f"]]
+    calls.append(asyncio.create_task(group.submit("g")))  # no deadline: it can wait
+    await _settle()
+    store.gates[3].set()
+    await _settle()
+    assert len(store.began) == 4 and group.stats.spaced == 1  # the wait for "g" under way
+    calls.append(asyncio.create_task(group.submit("h", time_left_s=1.0)))
+    while len(store.gates) < 5:
+        await asyncio.sleep(0.01)
+    store.gates[4].set()
+    assert await asyncio.wait_for(asyncio.gather(*calls), 1.0) == ["A", "B", "C", "D", "E", "F", "G", "H"]
+    assert store.batches[4] == ["g", "h"] and store.gap_s(4, 3) < 1.0 and group.stats.refused == 0
+
+
+def test_a_spacing_needs_a_period_and_a_batch_size():
+    with pytest.raises(ValueError, match="period_s >= 0 and from_items >= 1"):
+        BatchSpacing(period_s=0.1, from_items=0)
+    with pytest.raises(ValueError, match="period_s >= 0 and from_items >= 1"):
+        BatchSpacing(period_s=-1.0, from_items=2)
 
 
 async def test_writers_write_batches_at_once_but_never_one_key_in_two_of_them():
