@@ -252,7 +252,7 @@ async def test_after_a_full_batch_the_next_begins_a_period_after_it_with_what_ca
     store.gates[2].set()
     assert await asyncio.wait_for(asyncio.gather(*calls[3:]), 2.0) == ["D", "E"]
     assert store.batches == [["a"], ["b", "c"], ["d", "e"]]
-    assert store.gap_s(2, 1) >= 0.3 and group.stats.spaced == 1
+    assert store.gap_s(2, 1) >= 0.29 and group.stats.spaced == 1  # (asyncio may fire a timer a clock tick early)
 
 
 async def test_a_writer_that_finds_nothing_queued_after_a_full_batch_leaves_the_next_caller_unspaced():
