@@ -33,6 +33,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from controller.store.enumtype import InlineEnum
+
 # Predictable constraint names so Alembic migrations are stable across SQLite and PostgreSQL.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -96,12 +98,11 @@ class ShardPhase(str, enum.Enum):
 
 
 def _enum_column(enum_cls: type[enum.Enum], **kw: Any) -> Any:
-    # Stored as plain strings (no native ENUM types): portable and trivial to migrate.
-    from sqlalchemy import Enum
-
+    # Stored as plain strings (no native ENUM types): portable and trivial to migrate; compared
+    # with a member of `enum_cls` inline (`enumtype`: the planner sees the constant).
     return mapped_column(
-        Enum(enum_cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e],
-             validate_strings=True, create_constraint=False),
+        InlineEnum(enum_cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e],
+                   validate_strings=True, create_constraint=False),
         **kw,
     )
 

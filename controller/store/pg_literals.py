@@ -9,8 +9,10 @@ Only values whose literal is exact are rendered: None, bools, ints, finite float
 which reads back as the same double), text (an escape string, no `$` in it, so it is safe inside
 a dollar-quoted body too), timestamps with an offset (ISO 8601) and arrays of those. Anything else
 (bytes, a naive timestamp, whose meaning would be the session's time zone, a mapping) returns
-None: the caller sends the statement as it is. A statement whose text holds a quote or a dollar
-quote of its own is not rendered either (a `$n` inside one is not a placeholder).
+None: the caller sends the statement as it is. A statement whose text holds a dollar quote, or a
+quoted string of its own that could hold a `$` (a backslash, a `$` in it), is not rendered either (a
+`$n` inside one is not a placeholder); plain ones, such as an enum's member compared inline
+(`store/enumtype.py`), hold none.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from uuid import UUID
 
 _PLACEHOLDER = re.compile(r"\$(\d+)(?!\d)")
 _QUOTES = re.compile(r"'|\$\$|\$[A-Za-z_]\w*\$")
+# A quoted string that holds no `$`, no backslash (an escape string's) and no quote: no placeholder
+# can be inside it, and none of its text is taken for one (`_PLACEHOLDER` needs a `$`).
+_PLAIN_STRING = re.compile(r"'[^'\\$]*'")
 
 
 class _Unrendered(Exception):
@@ -66,7 +71,7 @@ def literal(value: Any) -> str:
 def render(operation: str, parameters: Sequence[Any] | None) -> str | None:
     """`operation` (asyncpg's `$1`, `$2`, ...) with `parameters` written in as literals; None when
     it cannot be (the module docstring)."""
-    if _QUOTES.search(operation):
+    if _QUOTES.search(_PLAIN_STRING.sub("", operation)):
         return None
     values = tuple(parameters or ())
     try:
