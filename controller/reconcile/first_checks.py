@@ -7,7 +7,9 @@ The released replicas are placed again by the same pass, off the nodes they fail
 (`FirstChecks.avoid`: other nodes first; what finds none is retried without that after the
 back-off). Both checks are skipped when the generation moved only by deletions and this
 controller's own plan commits since they last ran (`FirstChecks.own_commit`): those fail no shard
-and start no replacement."""
+and start no replacement; the replaced ones' also when it moved by nodes' changes besides, none of
+those nodes draining now (a join, a node up or down: a replica is outgoing for its revision or its
+node's drain only)."""
 
 from __future__ import annotations
 
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from controller.store import repositories as repo
-from controller.store.changes import read_changes_since, read_generation_and_schedulable
+from controller.store.changes import ChangesSince, read_changes_since, read_generation_and_schedulable
 from controller.store.db import UnitOfWork
 from controller.store.failures import FailureStep, handle_failures
-from controller.store.rollout import Retired, retire_replaced
+from controller.store.rollout import Retired, any_draining, retire_replaced
 from controller.domain.changes import ChangeKind
 from controller.domain.restarts import RestartPolicy
 
@@ -97,12 +99,12 @@ class FirstChecks:
         moved = [(scan, scan.checked) for scan, due in ((self._failures, failures_due), (self._retire, self._replacing))
                  if not due and scan.checked is not None and scan.checked != generation]
         if moved:
-            others = (await read_changes_since(uow.session, min(seen for _, seen in moved),
-                                               generation=generation)).last_other_than(
-                (ChangeKind.DEPLOYMENT_DELETED,), ignoring=self._own_commits)
+            changes = await read_changes_since(uow.session, min(seen for _, seen in moved), generation=generation)
+            others = changes.last_other_than((ChangeKind.DEPLOYMENT_DELETED,), ignoring=self._own_commits)
             for scan, seen in moved:
                 if others is not None and seen >= others:
                     scan.checked = generation
+            await self._skip_retire_after_nodes(uow, changes, moved, generation)
         if generation != self._failures.checked or failures_due:
             step = await handle_failures(uow.session, now=self._wall_clock(), policy=self._restarts)
             if step.deployments:
@@ -132,6 +134,20 @@ class FirstChecks:
             self._push(set(retired.nodes))
             self._publish(set(retired.deployments))
         return generation, arrivals
+
+    async def _skip_retire_after_nodes(self, uow: UnitOfWork, changes: ChangesSince,
+                                       moved: list[tuple[_Scan, int]], generation: int) -> None:
+        """The rollout's scan is skipped too when nodes' changes moved the generation besides
+        those (a join: every registration is one), unless one of those nodes is draining now:
+        no other change of a node makes a replica outgoing. The failures' scan is not: a node
+        gone down fails its shards."""
+        seen = next((seen for scan, seen in moved if scan is self._retire), None)
+        if seen is None or self._retire.checked == generation:
+            return
+        others = changes.last_other_than((ChangeKind.DEPLOYMENT_DELETED, ChangeKind.NODE), ignoring=self._own_commits)
+        nodes = changes.objects_after(ChangeKind.NODE, seen)
+        if others is not None and seen >= others and nodes is not None and not await any_draining(uow.session, nodes):
+            self._retire.checked = generation
 
     def _failures_handled(self, step: FailureStep) -> None:
         """After `handle_failures`: the replicas released are placed again by this pass, off the

@@ -246,6 +246,21 @@ class ChangesSince:
         """Every generation in between logged what it changed (none pruned, none unlogged)."""
         return self.generation >= self.after and len(self.changes) == self.generation - self.after
 
+    def objects_after(self, kind: ChangeKind, after: int) -> set[str] | None:
+        """The objects changes of `kind` named in the generations above `after`; None when one
+        named none (any may have changed) or the log is not complete."""
+        if not self.complete:
+            return None
+        named: set[str] = set()
+        for gen, logged in self.changes.items():
+            if gen > after:
+                for logged_kind, object_id in logged:
+                    if logged_kind == kind:
+                        if object_id is None:
+                            return None
+                        named.add(object_id)
+        return named
+
     def last_other_than(self, kinds: Collection[ChangeKind], *, ignoring: Collection[int] = ()) -> int | None:
         """The latest generation whose change was of another kind than `kinds`, generations
         `ignoring` aside (`after` when none was); None when the log is not complete (anything

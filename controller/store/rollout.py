@@ -213,6 +213,17 @@ def shards_of(dep: Any, revision: int) -> int:
     return int((dep.revision_specs or {}).get(str(revision), {}).get("shards_per_replica", dep.shards_per_replica))
 
 
+async def any_draining(session: AsyncSession, node_ids: Iterable[str]) -> bool:
+    """Whether one of these nodes is draining now: a change of nodes none of which is (one
+    registered, up, down, cordoned, undrained) makes no replica outgoing, and the scan of every
+    placement (`retire_replaced`) need not follow it (`reconcile.first_checks`)."""
+    ids = sorted(set(node_ids))
+    if not ids:
+        return False
+    draining = select(Node.id).where(any_of(session, Node.id, ids), Node.draining.is_(True)).limit(1)
+    return (await session.execute(draining)).first() is not None
+
+
 async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = "controller") -> Retired:
     """Stop the outgoing replicas whose replacements run (the caller commits).
 

@@ -15,7 +15,7 @@ from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
-from controller.usecases import agents, deployments, updates
+from controller.usecases import agents, deployments, nodes, updates
 from controller.usecases.ports import RecordingSignals
 from bench.checking import check_state
 from test_reconcile_fast import assert_same, fresh
@@ -228,3 +228,46 @@ async def test_a_pass_after_deletions_and_own_commits_alone_scans_no_placements_
     await loop.reconcile_once()  # both scans: a change besides deletions
     assert scans == ["failures", "retire"]
     assert (await state(cluster, "svc")).failures == 1
+
+
+async def test_nodes_changed_but_none_draining_skip_the_scan_for_replacements(cluster: Database, monkeypatch) -> None:
+    """A node's change moves the generation (a join moves it once a registration): the failures'
+    scan follows it (a node gone down fails its shards), the rollout's only when one of those
+    nodes is draining now (a drain makes its replicas outgoing; nothing else of a node does)."""
+    import controller.reconcile.first_checks as reconcile_module
+    scans: list[str] = []
+
+    def counted(name: str, scan: Any) -> Any:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            scans.append(name)
+            return await scan(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(reconcile_module, "handle_failures", counted("failures", reconcile_module.handle_failures))
+    monkeypatch.setattr(reconcile_module, "retire_replaced", counted("retire", reconcile_module.retire_replaced))
+    loop = reconciler(cluster, Clocks(), RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    await submit(cluster, deployment("svc", replicas=1, accelerators=1))
+    await loop.reconcile_once()
+    await loop.reconcile_once()
+    node = (await placed(cluster, "svc"))[0][0]
+    other = next(n for n in await _node_ids(cluster) if n != node)
+
+    async def cordoned(node_id: str, *, drain: bool = False, undo: bool = False) -> None:
+        action = nodes.uncordon_node if undo else nodes.drain_node if drain else nodes.cordon_node
+        async with cluster.unit_of_work() as uow:
+            await action(uow, WHO, node_id, RecordingSignals(), set(), {})
+
+    scans.clear()
+    await cordoned(other)  # a node's change, not a drain
+    await loop.reconcile_once()
+    assert scans == ["failures"]
+    await cordoned(other, undo=True)
+    await cordoned(node, drain=True)  # and now a drain besides
+    scans.clear()
+    await loop.reconcile_once()
+    assert scans == ["failures", "retire"]
+
+
+async def _node_ids(db: Database) -> list[str]:
+    async with db.unit_of_work() as uow:
+        return [row.id for row in await repo.list_node_rows(uow.session)]
