@@ -193,8 +193,9 @@ async def test_a_failed_replica_with_no_other_node_is_placed_anywhere_after_the_
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
 
 
-async def test_a_pass_after_deletions_and_own_commits_alone_scans_no_placements_for_failures_or_replacements(
-        cluster: Database, monkeypatch) -> None:
+def _counted_scans(monkeypatch: Any) -> list[str]:
+    """The scans of every placement a pass makes first (`reconcile.first_checks`), named in the
+    list returned as each runs: "failures", "retire"."""
     import controller.reconcile.first_checks as reconcile_module
     scans: list[str] = []
 
@@ -206,6 +207,12 @@ async def test_a_pass_after_deletions_and_own_commits_alone_scans_no_placements_
 
     monkeypatch.setattr(reconcile_module, "handle_failures", counted("failures", reconcile_module.handle_failures))
     monkeypatch.setattr(reconcile_module, "retire_replaced", counted("retire", reconcile_module.retire_replaced))
+    return scans
+
+
+async def test_a_pass_after_deletions_and_own_commits_alone_scans_no_placements_for_failures_or_replacements(
+        cluster: Database, monkeypatch) -> None:
+    scans = _counted_scans(monkeypatch)
     clocks = Clocks()
     loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
     for name in ("svc", "gone", "gone2"):
@@ -234,17 +241,7 @@ async def test_nodes_changed_but_none_draining_skip_the_scan_for_replacements(cl
     """A node's change moves the generation (a join moves it once a registration): the failures'
     scan follows it (a node gone down fails its shards), the rollout's only when one of those
     nodes is draining now (a drain makes its replicas outgoing; nothing else of a node does)."""
-    import controller.reconcile.first_checks as reconcile_module
-    scans: list[str] = []
-
-    def counted(name: str, scan: Any) -> Any:
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            scans.append(name)
-            return await scan(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(reconcile_module, "handle_failures", counted("failures", reconcile_module.handle_failures))
-    monkeypatch.setattr(reconcile_module, "retire_replaced", counted("retire", reconcile_module.retire_replaced))
+    scans = _counted_scans(monkeypatch)
     loop = reconciler(cluster, Clocks(), RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
     await submit(cluster, deployment("svc", replicas=1, accelerators=1))
     await loop.reconcile_once()
