@@ -204,7 +204,8 @@ class GroupCommit(Generic[Item, Outcome]):
         self._rng = rng or random.Random()
         self.pacer = pacer  # measures the batches and paces the callers refused (module docstring)
         self._spacing = spacing
-        # The spacing's wait under way: (woken early by a caller that must be taken sooner, until).
+        # The spacing's wait under way: (woken early by a caller that must start its batch before
+        # `by`, by: a period after the wait ends).
         self._spacing_wait: tuple[asyncio.Future[None], float] | None = None
         self._pending: list[_Member[Item, Outcome]] = []
         self._writers: set[asyncio.Task[None]] = set()
@@ -234,7 +235,7 @@ class GroupCommit(Generic[Item, Outcome]):
                 self.stats.probes += 1
                 member.latest_start = answer_by  # taken by the next batch, which measures again
         self._pending.append(member)
-        if self._spacing_wait is not None and not self._spares(member, self._spacing_wait[1]):
+        if self._spacing_wait is not None and member.latest_start < self._spacing_wait[1]:
             _settle(self._spacing_wait[0])  # it cannot wait for the spacing to end
         self._start_writers()
         try:
@@ -335,29 +336,24 @@ class GroupCommit(Generic[Item, Outcome]):
         """After a batch of `size` that began at `began`, wait for the spacing, if any, to allow the
         next (until `period_s` after `began`). Not when nothing is queued (the writer ends, and the
         next caller starts one at once), and not past what a queued caller can spare: one whose
-        batch must start within a period of the wait's end is taken at once, and one queued
-        meanwhile that must ends the wait (`_spares`)."""
+        batch must start within a period of the wait's end (a period for the writer to get to it)
+        is taken at once, and one queued meanwhile that must ends the wait (`submit`)."""
         if self._spacing is None or size < self._spacing.from_items or not self._pending:
             return
         until = began + self._spacing.period_s
         wait_s = until - self._clock()
-        if wait_s <= 0 or not all(self._spares(member, until) for member in self._pending):
+        by = until + self._spacing.period_s
+        if wait_s <= 0 or any(member.latest_start < by for member in self._pending):
             return
         self.stats.spaced += 1
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         timer = waiter.get_loop().call_later(wait_s, _settle, waiter)
-        self._spacing_wait = (waiter, until)
+        self._spacing_wait = (waiter, by)
         try:
             await waiter
         finally:
             timer.cancel()
             self._spacing_wait = None
-
-    def _spares(self, member: _Member[Item, Outcome], until: float) -> bool:
-        """The member can wait for a spacing that ends at `until` and still be taken in time, with
-        a period to spare for the writer to get to it."""
-        period_s = self._spacing.period_s if self._spacing is not None else 0.0
-        return member.latest_start >= until + period_s
 
     async def _write_batches(self) -> None:
         batch: list[_Member[Item, Outcome]] = []
