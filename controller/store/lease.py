@@ -141,18 +141,17 @@ async def fence(session: AsyncSession, holder: str, token: int | None, *, live: 
         raise LeaseLost(holder, token)
 
 
-# The SQLSTATE `commit_fenced`'s guard raises when it refuses (class "MA": none of PostgreSQL's).
+# The SQLSTATE `commit_fenced`'s guard raises when it refuses (class "MA": none of PostgreSQL's;
+# written in migration 0026's `maia_lease_fence`).
 FENCE_REFUSED = "MA001"
 
 
 def fence_guard(holder: str, token: int, *, live: bool = True) -> str:
-    """PostgreSQL: `fence` as one statement without parameters, for a COMMIT's own message: it
-    locks the row (`FOR KEY SHARE`) or raises `FENCE_REFUSED`, which aborts the transaction."""
-    unexpired = f" AND expires_at > {_PG_NOW}" if live else ""
-    return (f"DO $fence$ BEGIN PERFORM 1 FROM leader_lease WHERE id = 1 AND holder = {quoted(holder)} "
-            f"AND token = {int(token)}{unexpired} FOR KEY SHARE; "
-            f"IF NOT FOUND THEN RAISE EXCEPTION 'leader lease lost' USING ERRCODE = '{FENCE_REFUSED}'; END IF; "
-            f"END $fence$")
+    """PostgreSQL: `fence` as one statement without parameters, for a COMMIT's own message: the
+    function of migration 0026 locks the row (`FOR KEY SHARE`) or raises `FENCE_REFUSED`, which
+    aborts the transaction. A function, not an anonymous `DO` block: PostgreSQL compiles a block
+    at every execution and a function once a connection (docs/benchmarks.md, `fencefn`)."""
+    return f"SELECT maia_lease_fence({quoted(holder)}, {int(token)}, {'true' if live else 'false'})"
 
 
 def _refused_by_guard(exc: DBAPIError) -> bool:

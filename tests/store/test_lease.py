@@ -399,7 +399,8 @@ async def test_a_fenced_commit_costs_no_round_trip_of_its_own(database: Database
                 await uow.commit()
         trips[name] = [t.statement for t in seen]
     assert trips["unfenced"] == ["BEGIN", "INSERT INTO zones", "COMMIT"]
-    assert trips["fenced"] == ["BEGIN", "INSERT INTO zones", "DO $fence$ BEGIN"]
+    assert trips["fenced"][:2] == ["BEGIN", "INSERT INTO zones"]
+    assert trips["fenced"][2].startswith("SELECT maia_lease_fence(")
     assert await _zones(database) == ["fenced", "unfenced", "warm-fenced", "warm-unfenced"]
 
 
@@ -423,6 +424,25 @@ async def test_a_fenced_commit_waits_for_a_takeover_in_flight_and_is_refused(dat
     with pytest.raises(LeaseLost):
         await late
     assert await _zones(database) == []
+
+
+@POSTGRES_ONLY
+async def test_the_commit_fence_judges_the_expiry_only_when_told_live(database: Database) -> None:
+    """The check in the COMMIT's message (migration 0026's function) refuses a lease that ran out
+    though nobody took it when `live`, and lets it commit when not (a lone controller's fence)."""
+    assert await _acquire(database, "a", EXPIRED) == 1
+    async with database.unit_of_work() as uow:
+        await _add_zone(uow.session, "refused")
+        with pytest.raises(LeaseLost):
+            await lease.commit_fenced(uow.session, "a", 1, uow.session.commit)
+    async with database.unit_of_work() as uow:
+        await _add_zone(uow.session, "kept")
+        await lease.commit_fenced(uow.session, "a", 1, uow.session.commit, live=False)
+    async with database.unit_of_work() as uow:
+        await _add_zone(uow.session, "foreign")
+        with pytest.raises(LeaseLost):
+            await lease.commit_fenced(uow.session, "b", 1, uow.session.commit, live=False)
+    assert await _zones(database) == ["kept"]
 
 
 @POSTGRES_ONLY
