@@ -144,6 +144,8 @@ async def fence(session: AsyncSession, holder: str, token: int | None, *, live: 
 # The SQLSTATE `commit_fenced`'s guard raises when it refuses (class "MA": none of PostgreSQL's;
 # written in migration 0026's `maia_lease_fence`).
 FENCE_REFUSED = "MA001"
+# The function `fence_guard` calls (migration 0026).
+FENCE_FUNCTION = "maia_lease_fence"
 
 
 def fence_guard(holder: str, token: int, *, live: bool = True) -> str:
@@ -151,7 +153,7 @@ def fence_guard(holder: str, token: int, *, live: bool = True) -> str:
     function of migration 0026 locks the row (`FOR KEY SHARE`) or raises `FENCE_REFUSED`, which
     aborts the transaction. A function, not an anonymous `DO` block: PostgreSQL compiles a block
     at every execution and a function once a connection (docs/benchmarks.md, `fencefn`)."""
-    return f"SELECT maia_lease_fence({quoted(holder)}, {int(token)}, {'true' if live else 'false'})"
+    return f"SELECT {FENCE_FUNCTION}({quoted(holder)}, {int(token)}, {'true' if live else 'false'})"
 
 
 def _refused_by_guard(exc: DBAPIError) -> bool:

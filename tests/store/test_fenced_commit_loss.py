@@ -99,7 +99,7 @@ class _Cut:
             if self.cut.is_set():
                 writer.write(data)
                 continue
-            if upstream and b"$fence$" in data and self._armed is None and not self._passes():
+            if upstream and lease.FENCE_FUNCTION.encode() in data and self._armed is None and not self._passes():
                 self._armed = pair
                 if self.moment == "commit":
                     self._cut_now(pair)
@@ -218,7 +218,7 @@ async def _backend_of(database: Database) -> int:
     async with database.unit_of_work() as uow:
         pid = await uow.session.scalar(text(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
-            "AND wait_event_type = 'Lock' AND query LIKE '%$fence$%'"))
+            f"AND wait_event_type = 'Lock' AND query LIKE '%{lease.FENCE_FUNCTION}%'"))
     assert pid is not None, "no fenced COMMIT waiting"
     return int(pid)
 

@@ -400,7 +400,7 @@ async def test_a_fenced_commit_costs_no_round_trip_of_its_own(database: Database
         trips[name] = [t.statement for t in seen]
     assert trips["unfenced"] == ["BEGIN", "INSERT INTO zones", "COMMIT"]
     assert trips["fenced"][:2] == ["BEGIN", "INSERT INTO zones"]
-    assert trips["fenced"][2].startswith("SELECT maia_lease_fence(")
+    assert trips["fenced"][2].startswith(f"SELECT {lease.FENCE_FUNCTION}(")
     assert await _zones(database) == ["fenced", "unfenced", "warm-fenced", "warm-unfenced"]
 
 
