@@ -63,10 +63,12 @@ from controller.store.marks import deferring, may_defer
 
 # Isolation levels (asyncpg's names) under which reads before the first write need no transaction.
 _LAZY_LEVELS = (None, "read_committed")
+# What makes a SELECT more than a read: a row lock, or a function with effects (ours:
+# migration 0026's `maia_lease_fence`, which locks the lease row).
 _LOCKS_OR_EFFECTS = re.compile(
     r"\bFOR\s+(?:UPDATE|NO\s+KEY\s+UPDATE|SHARE|KEY\s+SHARE)\b"
     r"|\b(?:pg_advisory\w*|pg_try_advisory\w*|pg_notify|set_config|txid_current\w*"
-    r"|pg_current_xact_id\w*)\s*\(",
+    r"|pg_current_xact_id\w*|maia_lease_fence)\s*\(",
     re.IGNORECASE)
 _KNOWN_MAX = 4096  # statements remembered (the controller's are compiled once: a few hundred)
 

@@ -22,15 +22,18 @@ down_revision: Union[str, Sequence[str], None] = "0025_drop_leading_column_index
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
-_CREATE = """
-CREATE FUNCTION maia_lease_fence(p_holder TEXT, p_token BIGINT, p_live BOOLEAN) RETURNS void
+FUNCTION = "maia_lease_fence"  # called by name: controller/store/lease.py, FENCE_FUNCTION
+REFUSED = "MA001"  # the SQLSTATE of a refusal: lease.FENCE_REFUSED
+
+_CREATE = f"""
+CREATE FUNCTION {FUNCTION}(p_holder TEXT, p_token BIGINT, p_live BOOLEAN) RETURNS void
 LANGUAGE plpgsql AS $fence$
 BEGIN
     PERFORM 1 FROM leader_lease WHERE id = 1 AND holder = p_holder AND token = p_token
         AND (NOT p_live OR expires_at > CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION))
         FOR KEY SHARE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'leader lease lost' USING ERRCODE = 'MA001';
+        RAISE EXCEPTION 'leader lease lost' USING ERRCODE = '{REFUSED}';
     END IF;
 END
 $fence$
@@ -44,4 +47,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP FUNCTION maia_lease_fence(TEXT, BIGINT, BOOLEAN)")
+        op.execute(f"DROP FUNCTION {FUNCTION}(TEXT, BIGINT, BOOLEAN)")
