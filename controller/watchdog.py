@@ -43,9 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.changes import ChangeKind
@@ -55,7 +53,8 @@ from controller.store.db import Database
 from controller.store.isolation import (
     DEPLOYMENT_COLUMNS, NODE_COLUMNS, PLACEMENT_COLUMNS, pages, read_around, read_contracts, read_versions)
 from controller.store.isolation_view import HeldRows, IsolationView
-from controller.store.models import Event, utcnow
+from controller.store.models import utcnow
+from controller.store.repositories.events import NewEvent, events_of_kinds, record_events
 from scheduler.violations import Violation
 
 log = logging.getLogger("maia.watchdog")
@@ -107,16 +106,11 @@ def changed_since(changes: ChangesSince) -> Changed | None:
 _Key = tuple[str, str, tuple[str, ...]]  # `Violation.key`
 
 
-def _event(kind: str, v: Violation, message: str, at: datetime) -> dict[str, Any]:
-    """The event row of a violation's alarm or clearing, on its node or rack."""
+def _event(kind: str, v: Violation, message: str, at: datetime) -> NewEvent:
+    """The event of a violation's alarm or clearing, on its node or rack."""
     scope_kind, _, where = v.scope.partition(" ")
-    return {"kind": kind, "object_kind": scope_kind[:32], "object_id": where[:128], "actor": ACTOR,
-            "message": message, "data": {"rule": v.rule, "scope": v.scope, "tenants": list(v.tenants)}, "at": at}
-
-
-# The two kinds as literals (not bound parameters): what either database needs to use the
-# partial index of them (`models.Event`, migration 0021).
-_RECORDS = Event.kind.in_(bindparam("kinds", [EVENT_KIND, CLEARED_KIND], expanding=True, literal_execute=True))
+    return NewEvent(actor=ACTOR, kind=kind, object_kind=scope_kind[:32], object_id=where[:128], message=message,
+                    data={"rule": v.rule, "scope": v.scope, "tenants": list(v.tenants)}, at=at)
 
 
 async def _stored_alarms(session: AsyncSession) -> dict[_Key, Violation]:
@@ -124,8 +118,7 @@ async def _stored_alarms(session: AsyncSession) -> dict[_Key, Violation]:
     controller or an earlier leader, and not seen clear since. Read once per leadership through
     the partial index of the two kinds (`events` is never pruned)."""
     last: dict[_Key, tuple[str, Violation]] = {}
-    for kind, message, data in await session.execute(
-            select(Event.kind, Event.message, Event.data).where(_RECORDS).order_by(Event.id)):
+    for kind, message, data in await events_of_kinds(session, (EVENT_KIND, CLEARED_KIND)):
         v = Violation(data.get("rule", ""), data.get("scope", ""), tuple(data.get("tenants", ())), message)
         last[v.key] = (kind, v)
     return {key: v for key, (kind, v) in last.items() if kind == EVENT_KIND}
@@ -314,7 +307,7 @@ class IsolationWatchdog:
         round, which has no new alarm to raise."""
         if not self._unstored:
             return
-        rows = []
+        rows: list[NewEvent] = []
         records = []
         for kind, alarm in self._unstored:
             v = alarm.violation
@@ -324,11 +317,11 @@ class IsolationWatchdog:
             event = _event(kind, v, v.message, alarm.at)
             rows.append(event)
             records.extend(audit.AuditRecord(actor=ACTOR, role="controller", tenant=tenant, action=EVENT_KIND,
-                                             object_kind=event["object_kind"], object_id=event["object_id"],
-                                             outcome="VIOLATION", detail={"message": v.message, **event["data"]})
+                                             object_kind=event.object_kind, object_id=event.object_id,
+                                             outcome="VIOLATION", detail={"message": v.message, **event.data})
                            for tenant in (v.tenants or ("",)))
         async with self._db.unit_of_work() as uow:
-            await uow.session.execute(insert(Event), rows)
+            await record_events(uow.session, rows)
             if records:
                 await audit.append(uow.session, records)
             await uow.commit()

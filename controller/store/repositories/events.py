@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
@@ -31,6 +33,7 @@ class NewEvent:
     object_id: str
     message: str = ""
     data: dict = field(default_factory=dict)
+    at: datetime | None = None  # when it happened; None: when it is written
 
 
 async def record_events(session: AsyncSession, events: Iterable[NewEvent]) -> None:
@@ -44,8 +47,17 @@ def event_rows(events: Iterable[NewEvent]) -> InsertRows:
     them (`audit.append(along=)`)."""
     at = m.utcnow()
     return InsertRows(m.Event.__table__, [
-        {"at": at, "actor": e.actor, "kind": e.kind, "object_kind": e.object_kind, "object_id": e.object_id,
+        {"at": e.at or at, "actor": e.actor, "kind": e.kind, "object_kind": e.object_kind, "object_id": e.object_id,
          "message": e.message, "data": e.data} for e in events])
+
+
+async def events_of_kinds(session: AsyncSession, kinds: Collection[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every event of these kinds, oldest first: (kind, message, data). The kinds go into the
+    statement as literals, not bound parameters: what either database needs to read them through a
+    partial index of those kinds (`models.Event`: the isolation watchdog's, migration 0021)."""
+    of_kinds = m.Event.kind.in_(bindparam("kinds", list(kinds), expanding=True, literal_execute=True))
+    rows = await session.execute(select(m.Event.kind, m.Event.message, m.Event.data).where(of_kinds).order_by(m.Event.id))
+    return [(kind, message, data) for kind, message, data in rows]
 
 
 async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
