@@ -103,11 +103,19 @@ class LocalPostgres:
             time.sleep(0.2)
         raise RuntimeError(f"pg_ctl start failed: {last_error}")
 
+    def postmaster_pid(self) -> int | None:
+        """The running server's postmaster (None: not running)."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def cpu_s(self) -> float:
         """CPU seconds of the server so far: the postmaster's, its live children's (the backends,
         the writers) and those of the children it has reaped (/proc; 0.0 when not running)."""
+        pid = self.postmaster_pid()
         try:
-            return procfs.tree_cpu_s(int((self.data / "postmaster.pid").read_text().split("\n", 1)[0]))
+            return 0.0 if pid is None else procfs.tree_cpu_s(pid)
         except (OSError, ValueError, IndexError):
             return 0.0
 

@@ -38,6 +38,23 @@ def ticks(fields: list[str]) -> int:
     return int(fields[UTIME]) + int(fields[STIME])
 
 
+def confine(pid: int, cpus: frozenset[int], *, with_children: bool) -> None:
+    """Keep every thread of `pid` (and, `with_children`, of the processes it runs now: the
+    PostgreSQL postmaster's backends and writers) on `cpus`; what they start from now on inherits
+    it. A process or thread that exits meanwhile is passed over."""
+    pids = [pid, *(child for child, _ in children(pid))] if with_children else [pid]
+    for p in pids:
+        try:
+            tasks = [int(task.name) for task in Path(f"/proc/{p}/task").iterdir()]
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                os.sched_setaffinity(task, cpus)
+            except ProcessLookupError:
+                pass
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds of `pid`, of the children it has reaped and of those running now (one level):
     CPU moved to a child still counts, whether the child is alive or gone."""

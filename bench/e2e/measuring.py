@@ -47,6 +47,7 @@ class Bench:
     gateway_cpu0: float = 0.0
     gateway_cpu_s: float = 0.0  # of those, the agent gateways' (--agent-gateways)
     gateways: int = 0
+    others_cpus: frozenset[int] | None = None  # --others-cpus: where the database, the fleets and the clients ran
     machine0: tuple[float, float] = (0.0, 0.0)  # machine_cpu_s() when the submits started
     machine_busy_s: float = 0.0  # the machine's busy CPU since, every core summed
     machine_all_s: float = 0.0   # ... and all of it (cores x seconds)

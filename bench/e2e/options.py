@@ -4,6 +4,7 @@ reads them (`runner.py`), so that the options can be read in one place."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: its own)")
     p.add_argument("--fleet-nice", type=int, default=0,
                    help="run the fleets this much nicer than the controller (as `bench join --fleet-nice`)")
+    p.add_argument("--others-cpus", type=cpu_list, default=None, metavar="CPUS",
+                   help="keep the database server, the simnode fleets and this bench's clients on these CPUs "
+                        "(a list such as 1 or 2-3,6), the controller and its decide process free to run on any: "
+                        "what the controller would share with them if they ran on other machines, which "
+                        "--fleet-nice only approximates (on 2 cores: 1)")
     p.add_argument("--heartbeat-timeout", type=float, default=None,
                    help="the controller's --heartbeat-timeout (agents heartbeat every third of it; default: its own)")
     p.add_argument("--timeout", type=float, default=600.0, help="give up waiting for Running after this")
@@ -77,3 +83,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile the controller during the run with this py-spy binary: collapsed stacks "
                         "in <run dir>/controller.pyspy.txt (implies --keep; py-spy --nonblocking: sampling never "
                         "pauses the controller, whose stalls would otherwise be the profile)")
+
+
+def cpu_list(text: str) -> frozenset[int]:
+    """`--others-cpus`: CPUs as `1` or `0,2-3`; some of this machine's, never all of them (the
+    controller needs one the others do not run on)."""
+    try:
+        cpus = frozenset(c for part in text.split(",") for c in _cpu_range(part.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of CPUs: {text!r} (e.g. 1 or 2-3,6)") from None
+    usable = os.sched_getaffinity(0)
+    if not cpus or not cpus < usable:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must name some of this process's CPUs ({','.join(map(str, sorted(usable)))}), not all of them")
+    return cpus
+
+
+def _cpu_range(part: str) -> range:
+    first, _, last = part.partition("-")
+    low, high = int(first), int(last or first)
+    if low < 0 or high < low:
+        raise ValueError(part)
+    return range(low, high + 1)

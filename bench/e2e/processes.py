@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procfs
+from bench.pgserver import LocalPostgres
 
 GATEWAY_MODULE = "controller.gateway"  # the agent gateways' command line (their CPU is reported apart)
 
@@ -85,6 +86,29 @@ def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
     deadline = time.monotonic() + grace_s
     for process in processes:
         process.stop(max(0.0, deadline - time.monotonic()), told=True)
+
+
+def confine_others(cpus: frozenset[int], db_server: LocalPostgres | None) -> None:
+    """`--others-cpus`: the database server (its postmaster and the processes it runs) and this
+    bench (its clients, and the fleets it starts from now on, which inherit it) kept on `cpus`;
+    the controller, started before, and what it starts stay free. Called between the two."""
+    if db_server is not None and (pid := db_server.postmaster_pid()) is not None:
+        procfs.confine(pid, cpus, with_children=True)  # its later backends fork from the postmaster
+    procfs.confine(os.getpid(), cpus, with_children=False)
+
+
+def misplaced(cpus: frozenset[int], fleets: list[Process], db_server: LocalPostgres | None,
+              controller: Process) -> list[str]:
+    """What `confine_others` should have done and did not, as errors of the run: every fleet, the
+    database server and this bench on `cpus`, the controller free to run elsewhere."""
+    placed = [(f.name, f.proc.pid) for f in fleets] + [("this bench", os.getpid())]
+    if db_server is not None and (pid := db_server.postmaster_pid()) is not None:
+        placed.append(("the database server", pid))
+    errors = [f"{name} runs on CPUs {sorted(on)}, not {sorted(cpus)} (--others-cpus)"
+              for name, pid in placed if (on := os.sched_getaffinity(pid)) != cpus]
+    if os.sched_getaffinity(controller.proc.pid) <= cpus:
+        errors.append(f"the controller is held to {sorted(cpus)} with the others (--others-cpus)")
+    return errors
 
 
 def machine_cpu_s() -> tuple[float, float]:

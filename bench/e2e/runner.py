@@ -21,7 +21,8 @@ from bench.e2e.databases import PG_XACTS_SQL, _pg_execute, database_server, grad
 from bench.e2e.load import client, deleter, offered
 from bench.e2e.measuring import Bench, report_progress, scrape_passes
 from bench.e2e.processes import (
-    GATEWAY_MODULE, Process, _profile, machine_cpu_s, own_cpu_s, run_until_interrupted, stop_all,
+    GATEWAY_MODULE, Process, _profile, confine_others, machine_cpu_s, misplaced, own_cpu_s, run_until_interrupted,
+    stop_all,
 )
 from bench.e2e.reporting import report
 from bench.e2e.summary import summarize
@@ -37,7 +38,7 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
     SIGTERM) it stops every process it started and prints what it measured so far before the
     error goes on."""
     shape = Shape(nodes, args.fleets or max(1, (nodes + 255) // 256), args.preload)
-    bench = Bench(kind, shape, len(tenants_for(shape, args)), gateways=args.agent_gateways,
+    bench = Bench(kind, shape, len(tenants_for(shape, args)), gateways=args.agent_gateways, others_cpus=args.others_cpus,
                   load=f"open loop, {args.rate:g}/s offered ({args.arrivals})" if args.rate > 0
                   else f"closed loop, {args.clients} clients"
                   + (f", up to {args.submit_batch} single-shard deployments a call" if args.submit_batch > 1 else ""))
@@ -86,6 +87,8 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             *([] if args.agent_gateway_linger_ms is None else
               ["--agent-gateway-linger-ms", str(args.agent_gateway_linger_ms)])],
             root / "controller.log")
+        if args.others_cpus:  # from now on: the controller started, the fleets not yet
+            confine_others(args.others_cpus, bench.db_server)
         fleets: list[Process] = []
         tasks: list[asyncio.Task[Any]] = []
         profiler: Process | None = None
@@ -139,6 +142,8 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
                     await _pg_execute(url, "SELECT pg_stat_statements_reset()")
                 bench.db_xacts0 = (await _pg_execute(url, PG_XACTS_SQL))[0][0]
                 bench.db_cpu0 = bench.db_server.cpu_s()
+            if args.others_cpus:  # as asked, or the run says so
+                run.errors += misplaced(args.others_cpus, fleets, bench.db_server, controller)
             bench.phase = "submitting"
             bench.cpu0, bench.started = controller.cpu_s(), time.perf_counter()
             tasks.append(asyncio.create_task(watch_event_loop(lambda late_s: run.loop_lag_ms.append(late_s * 1000))))

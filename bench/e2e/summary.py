@@ -95,6 +95,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "controller_cpu_s": round(bench.cpu_s, 1), "controller_peak_rss_mib": round(bench.rss_mib),
         "controller_children_cpu_s": round(bench.child_cpu_s, 1),
         "controller_gateways_cpu_s": round(bench.gateway_cpu_s, 1), "agent_gateways": bench.gateways,
+        "others_cpus": None if bench.others_cpus is None else sorted(bench.others_cpus),
         "gateways_peak_rss_mib": round(bench.gateway_rss_mib),
         # the whole machine over the same span: the fleets are most of busy - controller - bench
         "machine_busy_cpu_s": round(bench.machine_busy_s, 1), "machine_cpu_s": round(bench.machine_all_s, 1),

@@ -8,6 +8,7 @@ times, which are for docs/benchmarks.md.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -114,6 +115,20 @@ def test_e2e_on_postgres_reports_the_database_servers_cpu_and_statements(tmp_pat
     assert all(0 <= s["mean_ms"] <= s["max_ms"] + 0.05 and s["max_ms"] > 0 for s in statements["top"])
     assert "(mean " in done.stdout and ", max " in done.stdout
     assert "database server CPU" in done.stdout and "pg_stat_statements since the first submit" in done.stdout
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to keep some apart")
+def test_e2e_keeps_the_database_the_fleets_and_its_clients_on_the_others_cpus(tmp_path: Path) -> None:
+    """`--others-cpus`: the bench checks, as the submits start, that the fleets, the database
+    server and itself run on those CPUs and the controller does not (an error of the run if not,
+    which `_e2e` refuses), and reports where they ran."""
+    if find_pg_bin_dir() is None:
+        pytest.skip("no PostgreSQL server binaries (make postgres)")
+    cpu = max(os.sched_getaffinity(0))
+    done, result = _e2e(tmp_path, "--db", "postgres", "--others-cpus", str(cpu), "--delete-every", "0")
+    assert result["running"] == result["deployments"] == 25
+    assert result["others_cpus"] == [cpu]
+    assert f"the database, the fleets and this bench on CPUs {cpu}, the controller on any" in done.stdout
 
 
 def test_e2e_from_a_preloaded_cluster(tmp_path: Path) -> None:
