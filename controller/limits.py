@@ -71,7 +71,7 @@ REGISTER_BATCH_MAX = 64             # Registers committed in one transaction
 # Register batches written at once on PostgreSQL (their reads overlap; only the generation bump and
 # the audit append, their last statements, take turns). SQLite has one writer: one batch at a time.
 REGISTER_WRITERS_POSTGRES = 2
-FLUSH_CHUNK = 500                   # heartbeats or shard reports written per transaction
+FLUSH_CHUNK = 500                   # shard reports written per transaction (heartbeats: 4x, agents.reports)
 # A client request id whose deployment was deleted is still remembered this long after the
 # request (a retry then is refused rather than applied twice); while it exists, as long as it.
 REQUEST_ID_RETENTION_S = 24 * 3600

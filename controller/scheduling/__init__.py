@@ -11,5 +11,9 @@
   session cannot place gets one more try from the full solve, then waits, out of later solves,
   until a change could help it;
 - `quarantine.Quarantine`: deployments beyond today's limits or that the solver fails on are
-  taken out, so that one bad deployment never stalls the others.
+  taken out, so that one bad deployment never stalls the others;
+- `decider.DecideProcess`: the warm session in a process of its own (the default,
+  `--decide-process`), so its decisions do not share the event loop's GIL;
+- `own_loop.OwnLoop`: the reconcile loop on a thread with an event loop of its own, only when
+  asked (`Reconciler(own_thread=True)`: tests and measurements; no controller default uses it).
 """

@@ -2,6 +2,7 @@
 
 `agent` is the pure state machine of one node (assignments in, shard reports out, a fake
 clock in tests); `protocol` converts it to and from maia.v1 messages; `transport` runs one
-agent over its own gRPC channel (register, connect, heartbeat, reconnect); `fleet` and `main`
+agent over its own gRPC channel (register, connect, heartbeat, reconnect), or with
+`--shared-channel` over one channel the fleet's agents share, a stream each; `fleet` and `main`
 start many of them and shut them down cleanly.
 """

@@ -9,7 +9,8 @@ agree on when a lease ran out. `expires_at` is seconds since the epoch on that c
   fencing token.
 - `fence` runs inside a writer's own transaction, just before it commits: it locks the row
   (`FOR KEY SHARE` on PostgreSQL; SQLite has one writer at a time anyway) and refuses with
-  `LeaseLost` unless the row still names this holder, this token and an expiry in the future.
+  `LeaseLost` unless the row still names this holder, this token and (when asked: `live`, on
+  PostgreSQL; a SQLite controller holds its file alone) an expiry in the future.
   `commit_fenced` commits a writer's transaction so fenced; on PostgreSQL the same check rides in
   the COMMIT's own message (`fence_guard`), so it costs no round trip of its own.
   A new leader's acquisition must wait for that lock (it takes the row `FOR UPDATE` first), so a

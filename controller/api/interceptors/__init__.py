@@ -1,5 +1,6 @@
 """The one interceptor chain every RPC goes through: (load shedding ->) authentication -> metrics ->
-logging -> error translation.
+logging -> error translation -> audit (`controller/api/auditing.py`: inside the translation, so it
+sees a failure before its status is sent; with mTLS the node certificates' check inside it).
 
 - load shedding (`LoadShedInterceptor`, outermost, for the methods it is given: agent Registers):
   a call the controller would refuse anyway for want of room (a join storm) is refused first,
