@@ -39,20 +39,27 @@ def ticks(fields: list[str]) -> int:
 
 
 def confine(pid: int, cpus: frozenset[int], *, with_children: bool) -> None:
-    """Keep every thread of `pid` (and, `with_children`, of the processes it runs now: the
-    PostgreSQL postmaster's backends and writers) on `cpus`; what they start from now on inherits
-    it. A process or thread that exits meanwhile is passed over."""
-    pids = [pid, *(child for child, _ in children(pid))] if with_children else [pid]
-    for p in pids:
+    """Keep every thread of `pid` (and, `with_children`, of the processes it runs: the PostgreSQL
+    postmaster's backends and writers) on `cpus`; what they start from now on inherits it. `pid`
+    first, then its children as they are then: one forked in between inherits it. A process or
+    thread that exits meanwhile, or that this one may not move (another user's, without
+    CAP_SYS_NICE), is passed over: the caller checks where they run."""
+    _confine_threads(pid, cpus)
+    if with_children:
+        for child, _ in children(pid):
+            _confine_threads(child, cpus)
+
+
+def _confine_threads(pid: int, cpus: frozenset[int]) -> None:
+    try:
+        tasks = [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    except FileNotFoundError:
+        return
+    for task in tasks:
         try:
-            tasks = [int(task.name) for task in Path(f"/proc/{p}/task").iterdir()]
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            try:
-                os.sched_setaffinity(task, cpus)
-            except ProcessLookupError:
-                pass
+            os.sched_setaffinity(task, cpus)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def tree_cpu_s(pid: int) -> float:

@@ -54,7 +54,7 @@ from controller.store.isolation import (
     DEPLOYMENT_COLUMNS, NODE_COLUMNS, PLACEMENT_COLUMNS, pages, read_around, read_contracts, read_versions)
 from controller.store.isolation_view import HeldRows, IsolationView
 from controller.store.models import utcnow
-from controller.store.repositories.events import NewEvent, events_of_kinds, record_events
+from controller.store.repositories import NewEvent, events_of_kinds, record_events
 from scheduler.violations import Violation
 
 log = logging.getLogger("maia.watchdog")

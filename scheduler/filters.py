@@ -23,9 +23,9 @@ reason should rank, add its code to the plan schema's enum, and test it. The gre
 CP-SAT (which only sees (deployment, node class) pairs with slots), preemption and `explain`
 all read slots and codes from `node_fit`, so nothing else changes for a rule judged on each node
 alone. A rule whose budget is shared by several nodes (rack and row power, a tenant alone in its
-racks) also needs its section in `cpsat.CONSTRAINTS`, its domain total in `gang_capacity`, and
-its check in `violations.py` (and `controller/store/recheck.py`): the table "Where each rule
-lives" in scheduler/README.md.
+racks) also needs its section in `cpsat.CONSTRAINTS`, its check in `violations.py` (and
+`controller/store/recheck.py`), and, for a budget a gang's domain must hold whole (power), its
+total in `gang_capacity`: the table "Where each rule lives" in scheduler/README.md.
 """
 
 from __future__ import annotations

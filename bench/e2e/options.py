@@ -88,20 +88,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cpu_list(text: str) -> frozenset[int]:
     """`--others-cpus`: CPUs as `1` or `0,2-3`; some of this machine's, never all of them (the
     controller needs one the others do not run on)."""
+    usable = os.sched_getaffinity(0)
     try:
-        cpus = frozenset(c for part in text.split(",") for c in _cpu_range(part.strip()))
+        cpus = frozenset(c for part in text.split(",") for c in _cpu_range(part.strip(), max(usable)))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of CPUs: {text!r} (e.g. 1 or 2-3,6)") from None
-    usable = os.sched_getaffinity(0)
     if not cpus or not cpus < usable:
         raise argparse.ArgumentTypeError(
             f"{text!r} must name some of this process's CPUs ({','.join(map(str, sorted(usable)))}), not all of them")
     return cpus
 
 
-def _cpu_range(part: str) -> range:
-    first, _, last = part.partition("-")
-    low, high = int(first), int(last or first)
-    if low < 0 or high < low:
+def _cpu_range(part: str, highest: int) -> range:
+    """`3` or `2-5`, within 0..`highest` (past it: not this machine's; a ValueError either way)."""
+    first, dash, last = part.partition("-")
+    low, high = int(first), int(last if dash else first)
+    if not 0 <= low <= high <= highest:
         raise ValueError(part)
     return range(low, high + 1)

@@ -91,24 +91,40 @@ def stop_all(processes: list[Process], grace_s: float = 20.0) -> None:
 def confine_others(cpus: frozenset[int], db_server: LocalPostgres | None) -> None:
     """`--others-cpus`: the database server (its postmaster and the processes it runs) and this
     bench (its clients, and the fleets it starts from now on, which inherit it) kept on `cpus`;
-    the controller, started before, and what it starts stay free. Called between the two."""
+    the controller, started before, and what it starts stay free. Called between the two; what
+    could not be moved (another user's server without CAP_SYS_NICE) is `misplaced`'s to report."""
     if db_server is not None and (pid := db_server.postmaster_pid()) is not None:
         procfs.confine(pid, cpus, with_children=True)  # its later backends fork from the postmaster
+    confine_self(cpus)
+
+
+def confine_self(cpus: frozenset[int]) -> None:
+    """This bench's threads (its clients) on `cpus`; what it starts from now on inherits them."""
     procfs.confine(os.getpid(), cpus, with_children=False)
 
 
 def misplaced(cpus: frozenset[int], fleets: list[Process], db_server: LocalPostgres | None,
               controller: Process) -> list[str]:
     """What `confine_others` should have done and did not, as errors of the run: every fleet, the
-    database server and this bench on `cpus`, the controller free to run elsewhere."""
+    database server (its postmaster and the processes it runs) and this bench on `cpus`, the
+    controller free to run elsewhere."""
     placed = [(f.name, f.proc.pid) for f in fleets] + [("this bench", os.getpid())]
     if db_server is not None and (pid := db_server.postmaster_pid()) is not None:
-        placed.append(("the database server", pid))
-    errors = [f"{name} runs on CPUs {sorted(on)}, not {sorted(cpus)} (--others-cpus)"
-              for name, pid in placed if (on := os.sched_getaffinity(pid)) != cpus]
+        placed += [("the database server", pid)] + [("a database server process", child)
+                                                    for child, _ in procfs.children(pid)]
+    errors = [f"{name} {pid} runs on CPUs {sorted(on)}, not {sorted(cpus)} (--others-cpus)"
+              for name, pid in placed if (on := _cpus_of(pid)) is not None and on != cpus]
     if os.sched_getaffinity(controller.proc.pid) <= cpus:
         errors.append(f"the controller is held to {sorted(cpus)} with the others (--others-cpus)")
     return errors
+
+
+def _cpus_of(pid: int) -> set[int] | None:
+    """The CPUs `pid` may run on (None: it exited)."""
+    try:
+        return os.sched_getaffinity(pid)
+    except ProcessLookupError:
+        return None
 
 
 def machine_cpu_s() -> tuple[float, float]:

@@ -79,8 +79,9 @@ def report(r: dict[str, Any]) -> str:
             + (f"; the gateways {r['gateways_peak_rss_mib']} MiB" if r["agent_gateways"] else "") + ") | "
             f"machine busy {r['machine_busy_cpu_s']} of {r['machine_cpu_s']} CPU s (this bench "
             f"{r['bench_cpu_s']} s; the fleets and anything else most of the rest"
-            + (f"; the database, the fleets and this bench on CPUs {','.join(map(str, r['others_cpus']))}, "
-               "the controller on any" if r.get("others_cpus") else "") + ") | "
+            + (f"; {'the database server, ' if r['db'] != 'sqlite' else ''}the fleets and this bench on CPUs "
+               f"{','.join(map(str, r['others_cpus']))}, the controller on any" if r.get("others_cpus") else "")
+            + ") | "
             + (f"database server CPU {r['db_server_cpu_s']} s, {_per_deployment_ms(r, 'db_server_cpu_s')} ms a "
                f"deployment ({r['db_transactions']} transactions) | " if r.get("db_server_cpu_s") is not None else "")
             + f"controller CPU {_per_deployment_ms(r, 'controller_cpu_s')} ms a deployment | "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,8 +22,8 @@ from bench.e2e.databases import PG_XACTS_SQL, _pg_execute, database_server, grad
 from bench.e2e.load import client, deleter, offered
 from bench.e2e.measuring import Bench, report_progress, scrape_passes
 from bench.e2e.processes import (
-    GATEWAY_MODULE, Process, _profile, confine_others, machine_cpu_s, misplaced, own_cpu_s, run_until_interrupted,
-    stop_all,
+    GATEWAY_MODULE, Process, _profile, confine_others, confine_self, machine_cpu_s, misplaced, own_cpu_s,
+    run_until_interrupted, stop_all,
 )
 from bench.e2e.reporting import report
 from bench.e2e.summary import summarize
@@ -38,7 +39,8 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
     SIGTERM) it stops every process it started and prints what it measured so far before the
     error goes on."""
     shape = Shape(nodes, args.fleets or max(1, (nodes + 255) // 256), args.preload)
-    bench = Bench(kind, shape, len(tenants_for(shape, args)), gateways=args.agent_gateways, others_cpus=args.others_cpus,
+    bench = Bench(kind, shape, len(tenants_for(shape, args)), gateways=args.agent_gateways,
+                  others_cpus=args.others_cpus,
                   load=f"open loop, {args.rate:g}/s offered ({args.arrivals})" if args.rate > 0
                   else f"closed loop, {args.clients} clients"
                   + (f", up to {args.submit_batch} single-shard deployments a call" if args.submit_batch > 1 else ""))
@@ -87,13 +89,14 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             *([] if args.agent_gateway_linger_ms is None else
               ["--agent-gateway-linger-ms", str(args.agent_gateway_linger_ms)])],
             root / "controller.log")
-        if args.others_cpus:  # from now on: the controller started, the fleets not yet
-            confine_others(args.others_cpus, bench.db_server)
         fleets: list[Process] = []
         tasks: list[asyncio.Task[Any]] = []
         profiler: Process | None = None
         finished = False
+        own_cpus = frozenset(os.sched_getaffinity(0))
         try:
+            if args.others_cpus:  # from now on: the controller started, the fleets not yet
+                confine_others(args.others_cpus, bench.db_server)
             address = await asyncio.to_thread(controller.read_line, "maia-controller listening on ", 120)
             agent_address = address
             if args.agent_gateways:  # the fleets connect to the gateways ("HOST:PORT (N gateways)")
@@ -193,6 +196,8 @@ async def _measure(bench: Bench, args: argparse.Namespace, root: Path) -> None:
             # Waited for past its own shutdown deadline: a stuck stop exits 3 with its stacks logged.
             bench.controller_exit = controller.stop(grace_s=SHUTDOWN_DEADLINE_S + 5.0)
             stop_all(fleets)
+            if args.others_cpus:  # the next run's controller starts from this process again
+                confine_self(own_cpus)
         bench.phase = "grading"
         bench.violations = await grade(url)
 

@@ -1,7 +1,8 @@
 """Persistence: SQLAlchemy 2.0 async models, the database handle and the unit of work.
 
-Everything the controller persists goes through here: nothing outside this package writes a
-row. Three read-only views build their own SELECTs beside the code that shows them: the
+Everything the controller persists goes through here: nothing outside this package builds a
+statement that writes (the use cases add and delete the ORM rows of `models.py` through their
+unit of work). Three read-only views build their own SELECTs beside the code that shows them: the
 metrics' cluster gauges (`observability/cluster.py`), the web console's document
 (`console/state.py`) and the health check's probe (`health.py`). The same code runs on the
 embedded SQLite default and on PostgreSQL (asyncpg).

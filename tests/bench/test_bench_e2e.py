@@ -119,16 +119,28 @@ def test_e2e_on_postgres_reports_the_database_servers_cpu_and_statements(tmp_pat
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to keep some apart")
 def test_e2e_keeps_the_database_the_fleets_and_its_clients_on_the_others_cpus(tmp_path: Path) -> None:
-    """`--others-cpus`: the bench checks, as the submits start, that the fleets, the database
-    server and itself run on those CPUs and the controller does not (an error of the run if not,
-    which `_e2e` refuses), and reports where they ran."""
+    """`--others-cpus`: the bench checks, as each run's submits start, that the fleets, the
+    database server (its postmaster and the processes it runs) and itself run on those CPUs and the
+    controller does not (an error of the run if not), and reports where they ran. Two runs: the
+    second's controller starts from the bench after the first confined it."""
     if find_pg_bin_dir() is None:
         pytest.skip("no PostgreSQL server binaries (make postgres)")
     cpu = max(os.sched_getaffinity(0))
-    done, result = _e2e(tmp_path, "--db", "postgres", "--others-cpus", str(cpu), "--delete-every", "0")
-    assert result["running"] == result["deployments"] == 25
-    assert result["others_cpus"] == [cpu]
-    assert f"the database, the fleets and this bench on CPUs {cpu}, the controller on any" in done.stdout
+    out = tmp_path / "e2e.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "e2e", "--nodes", "16", "--db", "sqlite", "postgres", "--clients", "4",
+         "--others-cpus", str(cpu), "--delete-every", "0", "--load-delay", "0.05", "--timeout", "120",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    assert [r["db"] for r in results] == ["sqlite", "postgres"]
+    for result in results:
+        assert result["errors"] == [] and result["checker_violation_count"] == 0
+        assert result["running"] == result["deployments"] == 25
+        assert result["others_cpus"] == [cpu]
+    assert f"; the fleets and this bench on CPUs {cpu}, the controller on any" in done.stdout
+    assert f"; the database server, the fleets and this bench on CPUs {cpu}, the controller on any" in done.stdout
 
 
 def test_e2e_from_a_preloaded_cluster(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from controller.store.repositories.common import (
 from controller.store.repositories.generation import (
     read_capacity_generation, read_cluster_generation)
 from controller.store.repositories.events import (
-    NewEvent, event_rows, list_events, record_event, record_events)
+    NewEvent, event_rows, events_of_kinds, list_events, record_event, record_events)
 from controller.store.repositories.topology import (
     get_rack, list_racks, list_rows, list_zones)
 from controller.store.repositories.tenants import (
