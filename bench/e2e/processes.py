@@ -114,7 +114,7 @@ def misplaced(cpus: frozenset[int], fleets: list[Process], db_server: LocalPostg
                                                     for child, _ in procfs.children(pid)]
     errors = [f"{name} {pid} runs on CPUs {sorted(on)}, not {sorted(cpus)} (--others-cpus)"
               for name, pid in placed if (on := _cpus_of(pid)) is not None and on != cpus]
-    if os.sched_getaffinity(controller.proc.pid) <= cpus:
+    if (on := _cpus_of(controller.proc.pid)) is not None and on <= cpus:
         errors.append(f"the controller is held to {sorted(cpus)} with the others (--others-cpus)")
     return errors
 

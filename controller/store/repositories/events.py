@@ -56,8 +56,8 @@ async def events_of_kinds(session: AsyncSession, kinds: Collection[str]) -> list
     statement as literals, not bound parameters: what either database needs to read them through a
     partial index of those kinds (`models.Event`: the isolation watchdog's, migration 0021)."""
     of_kinds = m.Event.kind.in_(bindparam("kinds", list(kinds), expanding=True, literal_execute=True))
-    rows = await session.execute(select(m.Event.kind, m.Event.message, m.Event.data).where(of_kinds).order_by(m.Event.id))
-    return [(kind, message, data) for kind, message, data in rows]
+    query = select(m.Event.kind, m.Event.message, m.Event.data).where(of_kinds).order_by(m.Event.id)
+    return [(kind, message, data) for kind, message, data in await session.execute(query)]
 
 
 async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
