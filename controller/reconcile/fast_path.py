@@ -73,7 +73,8 @@ class FastPath(PathCollaborators):
             return None
         departed = cache.snapshot.deleting
         avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
-        if not docs and not retried and not departed and not cache.repairs and not cache.releasing:
+        if not docs and not retried and not departed and not cache.repairs and not cache.releasing \
+                and not cache.settling:
             self._checks.avoid = frozenset()
             # Deployments another controller placed are held now (`ClusterCache.apply_deployments`).
             self._state.last_arrivals = len(cache.snapshot.deployment_ids)

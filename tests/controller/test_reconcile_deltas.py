@@ -773,6 +773,64 @@ async def test_a_scale_down_releases_on_the_warm_cluster(cluster) -> None:
     assert not (await loop.reconcile_once()).solved and loop.full_passes == full
 
 
+async def _phase_and_reasons(db: Database, name: str) -> tuple[str, list[dict[str, str]]]:
+    async with db.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", name)
+        assert row is not None
+        return row.phase.value, row.reasons or []
+
+
+async def test_a_scale_down_to_the_replicas_placed_judges_phase_and_reasons_again(cluster) -> None:
+    # Six replicas of a whole node asked, four nodes: Degraded, with why two wait. Scaled down to
+    # the four placed, nothing is left to decide or release, yet the stored phase and reasons are
+    # wrong: the next pass's commit speaks for the deployment (as a full solve's would) and
+    # writes Running, no reasons. No whole-cluster pass.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("svc", replicas=6, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await _run_all(cluster)
+    phase, reasons = await _phase_and_reasons(cluster, "svc")
+    assert phase == "degraded" and [r["code"] for r in reasons] == ["CAPACITY"]
+    full = loop.full_passes
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=4, accelerators=4, locality="node"),
+                                        row.resource_version, RecordingSignals())
+    await loop.reconcile_once()
+    assert await _phase_and_reasons(cluster, "svc") == ("running", [])
+    assert loop.full_passes == full and len(await _stored(cluster, "svc")) == 4
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    assert not (await loop.reconcile_once()).solved  # judged once: nothing more to commit
+
+
+async def test_a_drain_ended_before_its_replacement_was_placed_leaves_no_reasons(cluster) -> None:
+    # Two running replicas of a whole node each, the other two nodes cordoned: a drain of one's
+    # node finds no node for its replacement (the deployment keeps running, told why). The drain
+    # ended (the node uncordoned) leaves nothing to place, and the next pass's commit clears the
+    # reasons; before, they stayed until a whole-cluster pass (a controller restart).
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await _run_all(cluster)
+    held = sorted(node for _, node in await _stored(cluster, "svc"))
+    others = sorted({"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - set(held))
+    for node in others:
+        async with cluster.unit_of_work() as uow:
+            await nodes.cordon_node(uow, WHO, node, RecordingSignals(), set(), {})
+    async with cluster.unit_of_work() as uow:
+        await nodes.drain_node(uow, WHO, held[0], RecordingSignals(), set(), {})
+    await loop.reconcile_once()
+    phase, reasons = await _phase_and_reasons(cluster, "svc")
+    assert phase == "running" and "NODE_STATE" in {r["code"] for r in reasons}
+    full = loop.full_passes
+    for node in (held[0], *others):
+        async with cluster.unit_of_work() as uow:
+            await nodes.uncordon_node(uow, WHO, node, RecordingSignals(), set(), {})
+    await loop.reconcile_once()
+    assert await _phase_and_reasons(cluster, "svc") == ("running", [])
+    assert loop.full_passes == full and sorted(node for _, node in await _stored(cluster, "svc")) == held
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+
 
 async def test_another_controllers_plan_commits_are_followed(cluster) -> None:
     # Two controllers on one database (a deposed leader's late pass, or a cache kept across a

@@ -141,13 +141,14 @@ def depart(snap: Snapshot, session: Session | RemoteSession, gone: Collection[st
     return held
 
 
-def apply_deployments(snap: Snapshot, session: Session | RemoteSession, reads: Sequence[DeploymentRead],
-                      repairs: Collection[str]) -> tuple[bool, dict[str, DeploymentRead], dict[ShardKey, Where]] | None:
+def apply_deployments(
+    snap: Snapshot, session: Session | RemoteSession, reads: Sequence[DeploymentRead], repairs: Collection[str],
+) -> tuple[frozenset[str], dict[str, DeploymentRead], dict[ShardKey, Where]] | None:
     """Deployments read again whole (`reads`) put in `snap` and `session` in place of what they
     held of them, and those another controller placed before this cache read them added
-    (`ClusterCache.apply_deployments`): whether one the cache held changed, the ones added (by
-    key), and the snapshot's `released` after; None when the cache cannot follow (one of
-    `repairs`, the solver deployments the session re-placed, not committed yet)."""
+    (`ClusterCache.apply_deployments`): the keys of those the cache held that changed, the ones
+    added (by key), and the snapshot's `released` after; None when the cache cannot follow (one
+    of `repairs`, the solver deployments the session re-placed, not committed yet)."""
     wanted: dict[str, DeploymentRead] = {}
     adopted: dict[str, DeploymentRead] = {}
     for read in reads:
@@ -186,7 +187,7 @@ def apply_deployments(snap: Snapshot, session: Session | RemoteSession, reads: S
         _adopt(snap, session, adopted)
     for read in (*changed.values(), *adopted.values()):
         released.update(read.released)
-    return bool(changed), adopted, released
+    return frozenset(changed), adopted, released
 
 
 def _replace(snap: Snapshot, session: Session | RemoteSession, reads: Mapping[str, DeploymentRead],

@@ -52,6 +52,11 @@ class ClusterCache:
         # when it last answered none, cleared by every call that may leave a deployment short
         # (`_may_leave_short`).
         self._none_pending = False
+        # Stored deployments others changed (`apply_deployments`), by key, whose phase and reasons
+        # no commit has judged since: the next fast plan speaks for them (`deciding.fast_plan`).
+        # A change may leave nothing to decide and still make the stored ones wrong: a scale-down
+        # to the replicas placed, a drain ended before its replacement could be placed.
+        self.settling: set[str] = set()
 
     @classmethod
     def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int,
@@ -141,6 +146,7 @@ class ClusterCache:
         changed, adopted, released = applied
         if changed or adopted:  # replicas released, retired or added: some may wait to be placed
             self._may_leave_short()
+        self.settling.update(changed)
         for read in adopted.values():  # placed by another controller before this cache read them
             if self._highest is not None and read.id is not None:
                 self._highest = max(self._highest, read.id)
@@ -159,6 +165,7 @@ class ClusterCache:
         if any(snap.deployment_ids.get(key) == self._highest for key in gone):
             self._highest = None  # the newest left: found again when asked
         held = changes.depart(snap, self.session, gone)
+        self.settling -= gone
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=snap.deleting | gone)
         return held
 
@@ -259,7 +266,7 @@ class ClusterCache:
                 self.session.apply(ClusterDelta(nodes=avoided))
         if avoided or any(d.unplaced is not None or d.preempted or d.released for d in decisions):
             self._may_leave_short()
-        return deciding.fast_plan(self.snapshot, decisions, held, repaired, waiting, again)
+        return deciding.fast_plan(self.snapshot, decisions, held, repaired, waiting, again, self.settling)
 
     # What a commit leaves (`commits.py`).
     def committed(self, fast: FastPlan, generation: int) -> bool:
@@ -271,6 +278,7 @@ class ClusterCache:
             return False
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
                                             released=commits.released_written(snap))
+        self.settling.clear()
         return True
 
     def follow(self, shards: Mapping[ShardKey, Where | None], generation: int) -> bool:
@@ -289,6 +297,7 @@ class ClusterCache:
         self.snapshot = dataclasses.replace(snap, generation=generation, deleting=frozenset(),
                                             released=commits.released_written(snap))
         snap.index.read(snap.problem)  # the lists it replaced, here rather than on the event loop
+        self.settling.clear()  # the commit followed spoke for them
         return True
 
     def scope_of(self, plan: Plan) -> frozenset[str]:

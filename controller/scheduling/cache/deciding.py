@@ -58,17 +58,20 @@ class FastPlan:
 
 def fast_plan(snap: Snapshot, decisions: tuple[Decision, ...], held: Mapping[str, tuple[Placement, ...]],
               repaired: Mapping[str, Decision], waiting: Mapping[str, Unplaced],
-              again: Sequence[dict[str, Any]]) -> FastPlan:
+              again: Sequence[dict[str, Any]], settling: Collection[str] = ()) -> FastPlan:
     """The plan of a pass's `decisions` on the session (`ClusterCache.decide`): it speaks for
     the decided deployments and those they preempted replicas of (its scope), with the
-    placements the session `held` of the `repaired` ones before the decisions."""
+    placements the session `held` of the `repaired` ones before the decisions; and for the
+    stored deployments `settling` (`ClusterCache.settling`: changed by others, none of them short
+    of replicas unless decided here) whole, as they are, so that the commit judges their phase and
+    reasons again (a full solve's plan speaks for every deployment: the same as it would)."""
     victims = {(p.deployment, p.replica) for d in decisions for p in d.preempted}
     hit = {name for name, _ in victims}
     decided = {d.deployment for d in decisions}
     extended = frozenset(d["id"] for d in again)
     carried = hit | extended | held.keys()  # the plan speaks for them whole: with the replicas they hold
     # A rollout's outgoing replicas too; and deployments with shards to release (`apply_deployments`).
-    carried_keys = {stored_key(name) for name in carried} | releasing(snap)
+    carried_keys = {stored_key(name) for name in carried} | releasing(snap) | set(settling)
     kept = [placement_from_dict(p) for p in snap.index.placements_of(snap.problem, carried_keys)
             if p["deployment"] not in held and (p["deployment"], p["replica"]) not in victims]
     kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in victims]
@@ -83,7 +86,7 @@ def fast_plan(snap: Snapshot, decisions: tuple[Decision, ...], held: Mapping[str
         stats={"session_decisions": len(decisions)})
     # Departures (`depart`) are in the scope too: the commit releases their shards, removes their rows.
     scope = (frozenset(stored_key(name) for name in decided | hit | held.keys()) | snap.deleting
-             | releasing(snap))
+             | releasing(snap) | frozenset(settling))
     return FastPlan(plan, decisions, scope, extended, frozenset(held))
 
 
