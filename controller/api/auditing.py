@@ -54,7 +54,7 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from controller import errors, limits
-from controller.api.interceptors import code_of, status_for
+from controller.api.interceptors import code_of, reads_only, status_for
 from controller.domain.values import deployment_key
 from controller.identity import current_principal, new_request_id
 from controller.ratelimit import TokenBucket
@@ -67,7 +67,6 @@ log = logging.getLogger("maia.audit")
 T = TypeVar("T")
 
 AUDITED_PACKAGE = "/maia.v1."
-READ_ONLY_VERBS = ("Get", "List", "Watch", "Verify", "Check")
 # Outcomes of calls their callers gave up on: audited at a bounded rate, like refusals with a retry time.
 ABANDONED = frozenset({grpc.StatusCode.CANCELLED.name, grpc.StatusCode.DEADLINE_EXCEEDED.name})
 # Methods whose object is not named by their last word.
@@ -81,8 +80,7 @@ _WORDS = re.compile(r"[A-Z][a-z0-9]*")
 
 
 def is_mutating(method: str, request: Any) -> bool:
-    service, _, name = method.rpartition("/")
-    if not service.startswith(AUDITED_PACKAGE) or name.startswith(READ_ONLY_VERBS):
+    if not method.startswith(AUDITED_PACKAGE) or reads_only(method):
         return False
     return not getattr(request, "dry_run", False)
 

@@ -11,12 +11,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import select, update
 
 from controller.api.server import ControllerApp
 from controller.config import Config
+from controller.ratelimit import RETRY_AFTER_METADATA_KEY
 from controller.store import models as m
+from controller.store import tokens as token_rows
 from grpc_harness import Stubs, issue_token
 from maia.v1 import admin_pb2, deployments_pb2
 
@@ -106,6 +110,31 @@ async def test_expired_token_is_unauthenticated(stubs: Stubs, connect, controlle
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await short.admin.ListTenants(admin_pb2.ListTenantsRequest())
     assert err.value.code() == UNAUTHENTICATED and "expired" in err.value.details()
+
+
+async def test_a_token_the_database_cannot_be_read_for_is_unavailable_with_a_retry_time(
+        stubs: Stubs, connect, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token not verified lately is read from the database; with the database unreachable (a
+    PostgreSQL stopped) that read failed in front of the error translation and the caller got
+    UNKNOWN ("Unexpected ConnectionRefusedError"), which maiactl's watches and the agents took as
+    final. It is UNAVAILABLE with a retry time and RetryInfo (nothing was done), and the same call
+    is served once the database answers again."""
+    created = await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="admin", name="later"))
+
+    async def unreachable(*args: object, **kwargs: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(token_rows, "get_token", unreachable)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await connect(created.secret).admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "could not be read to verify the caller's token (ConnectionRefusedError)" in err.value.details()
+    assert dict(err.value.trailing_metadata() or ())[RETRY_AFTER_METADATA_KEY] == "1000"
+    [detail] = rpc_status.from_call(err.value).details  # call again as it is: nothing was done
+    retry = error_details_pb2.RetryInfo()
+    assert detail.Unpack(retry) and retry.retry_delay.ToMilliseconds() == 1000
+    monkeypatch.undo()
+    assert await _status_of(connect(created.secret)) == grpc.StatusCode.OK
 
 
 @pytest.mark.parametrize(("request_", "code", "words"), [

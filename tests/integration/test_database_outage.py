@@ -81,6 +81,29 @@ async def test_a_lost_database_connection_is_unavailable_with_a_retry_time(contr
     assert "lab-after" in {t.id for t in listed.tenants}
 
 
+async def test_a_read_the_database_failed_under_is_unavailable_and_may_be_made_again_as_it_is(
+        controller_app: ControllerApp, stubs: Stubs) -> None:
+    """A call that only reads (a List) wrote nothing, whatever became of its connection: it is told
+    so, with RetryInfo ("call again as it is"), not to read before retrying what it never wrote."""
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-first"))
+    refused: grpc.aio.AioRpcError | None = None
+    for _ in range(ATTEMPTS):
+        assert await _end_the_controllers_connections(controller_app.config.db_url) > 0
+        try:
+            await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
+        except grpc.aio.AioRpcError as exc:
+            refused = exc
+            break
+    assert refused is not None, f"no call met a lost connection in {ATTEMPTS} attempts"
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE, (refused.code(), refused.details())
+    assert "it only reads: retry it" in refused.details() and "may have landed" not in refused.details()
+    [detail] = rpc_status.from_call(refused).details
+    retry = error_details_pb2.RetryInfo()
+    assert detail.Unpack(retry) and retry.retry_delay.ToMilliseconds() == 1000
+    listed = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    assert "lab-first" in {t.id for t in listed.tenants}
+
+
 async def _call_waits_holding_isolation(watcher: AsyncConnection) -> bool:
     """Whether a backend waits for a lock while it holds isolation_state's table for writing (it
     moved the isolation version: the call's INSERT, not a background loop's generation bump)."""

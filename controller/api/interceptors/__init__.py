@@ -44,11 +44,12 @@ from controller.api.interceptors.completion import SENT_AT_METADATA_KEY, code_of
 from controller.api.interceptors.shedding import LoadShedInterceptor
 from controller.api.interceptors.status import (
     ErrorInterceptor, _database_unavailable, _transaction_aborted, abort_with, as_maia_error, internal_error,
-    status_for, status_of,
+    reads_only, status_for, status_of,
 )
 
 __all__ = [
     "SENT_AT_METADATA_KEY", "BuiltOncePerMethod", "ErrorInterceptor", "LoadShedInterceptor", "MalformedRequest",
     "_BehaviourInterceptor", "_LeveledStream", "_database_unavailable", "_parsed_stream", "_transaction_aborted",
-    "abort_with", "as_maia_error", "code_of", "interceptor_chain", "internal_error", "status_for", "status_of",
+    "abort_with", "as_maia_error", "code_of", "interceptor_chain", "internal_error", "reads_only", "status_for",
+    "status_of",
 ]

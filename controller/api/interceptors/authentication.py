@@ -16,9 +16,10 @@ from grpc import aio
 
 from controller import errors
 from controller.api.interceptors.behaviour import Behaviour, _BehaviourInterceptor
-from controller.api.interceptors.status import abort_with
+from controller.api.interceptors.status import abort_with, database_unavailable_before_the_call
 from controller.authn import Authenticator
 from controller.identity import Principal, reset_principal, set_principal
+from controller.store.db import database_failed
 
 log = logging.getLogger("maia.api")
 
@@ -37,7 +38,12 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
         self._on_refused = on_refused
 
     async def _principal(self, method: str, context: aio.ServicerContext) -> Principal | None:
-        """The caller's principal (None: a method that needs no token); a refusal ends the call."""
+        """The caller's principal (None: a method that needs no token); a refusal ends the call.
+
+        A token not verified lately is read from the database. When the database cannot be read
+        (an outage, a connection lost) the call is UNAVAILABLE with a retry time, as it would be
+        further in (`ErrorInterceptor`, which this level is in front of): not gRPC's UNKNOWN and a
+        traceback, which told maiactl's watches and the agents to give up rather than retry."""
         if method.startswith(UNAUTHENTICATED_SERVICE_PREFIXES):
             return None
         try:
@@ -47,6 +53,11 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
             if self._on_refused is not None:
                 await self._on_refused(method, exc.message, context.peer())
             await abort_with(context, exc)
+            raise  # not reached: the abort raises
+        except Exception as exc:
+            if not database_failed(exc):
+                raise
+            await abort_with(context, database_unavailable_before_the_call(method, exc))
             raise  # not reached: the abort raises
 
     @asynccontextmanager

@@ -45,6 +45,8 @@ STATUS_BY_ERROR: dict[type[errors.MaiaError], grpc.StatusCode] = {
 
 
 MAX_REASONS = 16
+# Methods that only read: named by these verbs (`reads_only`; the audit leaves them out too).
+READ_ONLY_VERBS = ("Get", "List", "Watch", "Verify", "Check")
 DATABASE_FAILED_RETRY_MS = 1000  # the pool replaces a lost connection at the next unit of work
 TRANSACTION_ABORTED_RETRY_MS = 100  # the transaction it waited for has ended (a deadlock's other side)
 
@@ -169,14 +171,32 @@ def internal_error(method: str, exc: Exception) -> str:
     return f"internal error ({type(exc).__name__}); see the controller log"
 
 
+def reads_only(method: str) -> bool:
+    """Whether `method` (a full gRPC method name) only reads: a Get, List, Watch, Verify or Check."""
+    return method.rpartition("/")[2].startswith(READ_ONLY_VERBS)
+
+
 def _database_unavailable(method: str, exc: Exception) -> errors.Unavailable:
     """What a caller is told when the database failed under its call: retry soon, and read first
     (the call's writes may have landed: a COMMIT whose answer was lost cannot be told apart from
-    one that never arrived)."""
+    one that never arrived); a call that only reads is told to call again as it is."""
     log.warning("the database failed during %s; the caller is told UNAVAILABLE", method, exc_info=exc)
+    if reads_only(method):
+        return errors.Unavailable(f"the controller's database failed during the call ({type(exc).__name__}); "
+                                  f"it only reads: retry it", retry_after_ms=DATABASE_FAILED_RETRY_MS)
     return errors.Unavailable(f"the controller's database failed during the call ({type(exc).__name__}); "
                               f"what it wrote may have landed: read before retrying it",
                               retry_after_ms=DATABASE_FAILED_RETRY_MS, may_have_landed=True)
+
+
+def database_unavailable_before_the_call(method: str, exc: Exception) -> errors.Unavailable:
+    """What a caller is told when the database failed before its call began (the read that verifies
+    its token, in front of every other level): nothing was done, so call again as it is (RetryInfo)."""
+    log.warning("the database failed verifying the caller of %s (%s: %s); the caller is told UNAVAILABLE",
+                method, type(exc).__name__, exc)
+    return errors.Unavailable(f"the controller's database could not be read to verify the caller's token "
+                              f"({type(exc).__name__}); nothing was done: retry the call",
+                              retry_after_ms=DATABASE_FAILED_RETRY_MS)
 
 
 def _transaction_aborted(method: str, why: str, exc: Exception) -> errors.Conflict:
