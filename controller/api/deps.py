@@ -27,15 +27,18 @@ class ServiceDeps:
     throttle: SubmitLimits | None = None
     # Raises `NotLeader` (UNAVAILABLE with the leader's address) on a follower: agents go to the leader.
     require_leader: Callable[[], None] = lambda: None
+    leads: Callable[[], bool] = lambda: True  # whether this controller leads now (holds the agents' streams)
     capacity: CapacityCache | None = None  # the submit path's aggregates (None: read per submit)
     submits: SubmitBatcher | None = None  # group commit of submits (None: one transaction each)
     deletes: DeleteBatcher | None = None  # group commit of deletions (None: one transaction each)
     # Audits each request of an itemized call (SubmitDeployments) as its own call (None: not audited).
     audit: AuditInterceptor | None = None
 
-    def connected(self) -> Set[str]:
-        """The nodes whose agent holds a stream to this controller (the hub's live view: no copy)."""
-        return self.hub.connected()
+    def connected(self) -> Set[str] | None:
+        """The nodes whose agent holds a stream to this controller (the hub's live view: no copy);
+        None on a follower, whose hub holds none: the node views say what the leader stored
+        (`usecases.nodes`)."""
+        return self.hub.connected() if self.leads() else None
 
     def last_heard(self) -> Mapping[str, datetime]:
         """When each node was last heard from on a stream to this controller, asked node by node

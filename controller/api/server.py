@@ -318,7 +318,7 @@ class ControllerApp:
             db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             throttle=self.throttle,
-            require_leader=self.election.require_leader,
+            require_leader=self.election.require_leader, leads=self.election.should_run,
             capacity=capacity,
             submits=SubmitBatcher(self.db, self.signals, observer=self.metrics, submitted=self.submitted),
             deletes=DeleteBatcher(self.db, self.signals),

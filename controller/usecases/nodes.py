@@ -10,6 +10,10 @@ The views are the node as stored, with what only the leader's agent hub knows: `
 nodes whose agent holds a stream to it) and `heard` (when each was last heard from on one: its
 stored last heartbeat is written only every few heartbeat timeouts while the stream lives,
 `domain.liveness.CONTACT_WRITE_TIMEOUTS`); a node's last heartbeat is the later of the two.
+A follower holds no agent streams (agents go to the leader): it is given `connected` None and a
+node is connected as the leader stored it, its health UP (the leader marks a node suspect as
+soon as its stream ends, and up on its Hello), so that `maiactl get nodes` and `wait nodes
+--connected` through any controller say the same.
 """
 
 from __future__ import annotations
@@ -35,15 +39,17 @@ from controller.usecases.ports import Signals
 from controller.usecases.validation import check_id, check_optional_id
 
 
-def _view(row: m.Node, usage: repo.ClusterUsage, connected: Set[str], heard: Mapping[str, datetime]) -> NodeView:
-    """The node as stored, connected or not, its last heartbeat the later of the stored one and
-    the hub's (module docstring)."""
-    view = repo.node_view(row, usage, row.id in connected)
+def _view(row: m.Node, usage: repo.ClusterUsage, connected: Set[str] | None,
+          heard: Mapping[str, datetime]) -> NodeView:
+    """The node as stored, connected or not (`connected` None: as stored, on a follower), its last
+    heartbeat the later of the stored one and the hub's (module docstring)."""
+    up = row.health is m.NodeHealth.UP if connected is None else row.id in connected
+    view = repo.node_view(row, usage, up)
     last = later_contact(view.last_heartbeat, heard.get(row.id))
     return view if last == view.last_heartbeat else replace(view, last_heartbeat=last)
 
 
-async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], heard: Mapping[str, datetime],
+async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str] | None, heard: Mapping[str, datetime],
                      rack: str = "", page: PageRequest = PageRequest()) -> Page[NodeView]:
     check_optional_id("rack", rack)
     bounds = paging.bounds(page)
@@ -54,7 +60,7 @@ async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str], heard
     return page.map(lambda n: _view(n, usage, connected, heard))
 
 
-async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str],
+async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str] | None,
                    heard: Mapping[str, datetime]) -> NodeView:
     check_id("node", node_id)
     policy.require_admin(who, "reading nodes")
@@ -66,7 +72,7 @@ async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set
 
 
 async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: bool, signals: Signals,
-                      connected: Set[str], heard: Mapping[str, datetime], *, drain: bool = False) -> NodeView:
+                      connected: Set[str] | None, heard: Mapping[str, datetime], *, drain: bool = False) -> NodeView:
     check_id("node", node_id)
     policy.require_admin(who, "cordoning, uncordoning and draining nodes")
     row = await repo.get_node(uow.session, node_id)
@@ -85,17 +91,17 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
 
 
 async def cordon_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
-                      connected: Set[str], heard: Mapping[str, datetime]) -> NodeView:
+                      connected: Set[str] | None, heard: Mapping[str, datetime]) -> NodeView:
     return await _set_cordon(uow, who, node_id, True, signals, connected, heard)
 
 
 async def uncordon_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
-                        connected: Set[str], heard: Mapping[str, datetime]) -> NodeView:
+                        connected: Set[str] | None, heard: Mapping[str, datetime]) -> NodeView:
     return await _set_cordon(uow, who, node_id, False, signals, connected, heard)
 
 
 async def drain_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,
-                     connected: Set[str], heard: Mapping[str, datetime]) -> NodeView:
+                     connected: Set[str] | None, heard: Mapping[str, datetime]) -> NodeView:
     return await _set_cordon(uow, who, node_id, True, signals, connected, heard, drain=True)
 
 

@@ -7,18 +7,20 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import update
 
 from controller.domain.values import NodeView
+from controller.store import models as m
 from controller.store.db import Database, UnitOfWork
 from controller.usecases import nodes
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO
 
 HEARD, BEHIND, SILENT = "rack-a-n0", "rack-a-n1", "rack-b-n0"
-Read = Callable[[UnitOfWork, frozenset[str], Mapping[str, datetime]], Awaitable[NodeView]]
+Read = Callable[[UnitOfWork, frozenset[str] | None, Mapping[str, datetime]], Awaitable[NodeView]]
 
 
-async def _listed(uow: UnitOfWork, connected: frozenset[str], heard: Mapping[str, datetime],
+async def _listed(uow: UnitOfWork, connected: frozenset[str] | None, heard: Mapping[str, datetime],
                   node_id: str) -> NodeView:
     page = await nodes.list_nodes(uow, WHO, connected, heard)
     return next(v for v in page.items if v.info.node_id == node_id)
@@ -54,3 +56,18 @@ async def test_a_node_view_shows_the_later_of_its_stored_last_heartbeat_and_the_
     assert {n: v.last_heartbeat.replace(tzinfo=v.last_heartbeat.tzinfo or timezone.utc) for n, v in seen.items()} == {
         HEARD: heard[HEARD], BEHIND: stored[BEHIND], SILENT: stored[SILENT]}
     assert {n: v.connected for n, v in seen.items()} == {HEARD: True, BEHIND: True, SILENT: False}
+
+
+@pytest.mark.parametrize("use_case", sorted(READS))
+async def test_on_a_follower_a_node_is_connected_as_the_leader_stored_it(cluster: Database, use_case: str) -> None:
+    """A follower's hub holds no agent streams (`connected` None): every node read as not
+    connected there, so `maiactl wait nodes --connected` through a follower never ended. A node
+    is connected as stored: its health UP (the leader marks it suspect when its stream ends)."""
+    async with cluster.unit_of_work() as uow:  # SILENT's stream ended: the leader marked it suspect
+        await uow.session.execute(update(m.Node).where(m.Node.id == SILENT).values(health=m.NodeHealth.SUSPECT))
+        await uow.commit()
+    seen = {}
+    for node_id in (HEARD, SILENT):
+        async with cluster.unit_of_work() as uow:
+            seen[node_id] = (await READS[use_case](node_id)(uow, None, {})).connected
+    assert seen == {HEARD: True, SILENT: False}

@@ -59,6 +59,12 @@ async def test_a_follower_serves_the_api_redirects_agents_and_wakes_the_leader(d
                              log_dir=tmp_path)
             try:
                 await _until(lambda: len(leader.hub.connected()) == 1, "the agent reached the leader via the follower")
+                # The follower holds no agent stream, yet says the node is connected (as the leader
+                # stored it): `maiactl wait nodes --connected` through it ends.
+                await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                                 lambda page: [n.connected for n in page.nodes] == [True],
+                                 what="the follower's ListNodes saying the node is connected")
+                assert not follower.hub.connected()
                 watch = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
                 await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
                 placed = await asyncio.wait_for(_first(watch, lambda d: d.placed_replicas == 1), timeout=20)
