@@ -75,7 +75,11 @@ class ReportBuffer:
         """Take the stream's messages from now on; returns what stops it. A stream that pushes
         them has each taken in the call that delivers it; another is read by a task of its own.
         Once the stream is closed (its credential revoked or expired, its node deleted...) nothing
-        more is taken, though its end is still on its way (its handler's turn on the loop)."""
+        more is taken, though its end is still on its way (its handler's turn on the loop).
+        The stream's first heartbeat is written whatever the last one written: the node's row may
+        have been written since by others (registered again after a deletion: a power draw of 0 W;
+        another leader's writes), so the last one written here says nothing of what is stored."""
+        self._written_beats.pop(session.node_id, None)
         def take(message: Message) -> None:
             if session.closed:
                 return

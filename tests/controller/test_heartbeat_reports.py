@@ -185,6 +185,32 @@ async def test_a_heartbeat_that_changes_only_the_time_is_written_when_due_or_whe
         assert (await _last_heartbeat(cluster, node_id))[0] > changed
 
 
+async def test_a_new_streams_first_heartbeat_is_written_whatever_the_last_one_written(cluster):
+    """A node deleted and registered again starts from a row of its own (power draw 0 W): the
+    first heartbeat of its new stream was held back as unchanged from the deleted node's last one
+    written, and the node showed 0 W until the next write was due (~30 s). A new stream's first
+    heartbeat is written."""
+    node_id = "rack-a-n0"
+    async with _streaming(cluster, node_id) as (hub, stream):
+        await stream.say(HeartbeatReport(1, 600.0))
+        await hub.flush()
+        assert (await _last_heartbeat(cluster, node_id))[1] == 600.0
+        hub.disconnect(node_id, "test")
+        await asyncio.gather(stream.task, return_exceptions=True)
+        await hub.flush()
+        async with cluster.unit_of_work() as uow:  # registered again: a new row's power draw
+            await uow.session.execute(m.Node.__table__.update().where(m.Node.id == node_id).values(power_draw_w=0.0))
+            await uow.commit()
+        again = await _open(hub, cluster, node_id)
+        try:
+            await again.say(HeartbeatReport(1, 600.0))
+            await hub.flush()
+            assert (await _last_heartbeat(cluster, node_id))[1] == 600.0
+        finally:
+            again.task.cancel()
+            await asyncio.gather(again.task, return_exceptions=True)
+
+
 async def _heartbeat_rows_written(hub: AgentHub, stream: _Stream, db, beats: int) -> int:  # noqa: ANN001
     """The node rows the flushes write while the stream sends `beats` heartbeats of unchanged power."""
     written = 0
