@@ -394,6 +394,10 @@ class SimulatedNode:
             await asyncio.gather(pump, reader, stopping, return_exceptions=True)
             if not call.done():
                 call.cancel()
+            # gRPC reads the requests from `_outbound(outbox)` in a task of its own, which a call
+            # the controller ended (it died, it failed over) does not stop: closed, it ends, rather
+            # than waiting on the outbox until destroyed pending at a collection.
+            outbox.put_nowait(_CLOSE)
             self._outbox = None
             if self.clock() - started > 10 * interval:
                 self.backoff.reset()

@@ -169,6 +169,33 @@ async def test_reconnects_and_registers_again_after_the_stream_breaks(fake: tupl
     await asyncio.wait_for(task, timeout=5)
 
 
+async def test_a_stream_its_controller_dropped_leaves_nothing_reading_its_requests() -> None:
+    """A controller gone (killed, failed over) ends the stream: gRPC's task reading the stream's
+    requests from the agent's outbox waited on it for good, and was destroyed pending at a later
+    collection ("Task was destroyed but it is pending!", an error logged per node and failover)."""
+    controller = FakeController()
+    controller.register_interval_ms = 60_000  # no heartbeat comes to wake it
+    server, address = await started(controller)
+    node = SimulatedNode(NodeSpec("rack-00-n09", "rack-00"), address, load_delay_s=0.0,
+                         backoff=Backoff(initial_s=5.0, maximum_s=5.0))
+    task = asyncio.create_task(node.run())
+    try:
+        await wait_until(lambda: controller.heartbeats())
+        assert _reading_requests() == 1
+        await server.stop(grace=None)  # the controller is gone
+        await wait_until(lambda: not node.connected)
+        await wait_until(lambda: _reading_requests() == 0)
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, timeout=10)
+
+
+def _reading_requests() -> int:
+    """gRPC's tasks reading a stream's requests from its iterator, pending now."""
+    return sum(1 for t in asyncio.all_tasks() if not t.done()
+               and "_consume_request_iterator" in t.get_coro().__qualname__)
+
+
 async def test_a_heartbeat_omits_an_unchanged_shard_state_and_carries_it_when_it_changed_or_is_asked_for(
         fake: tuple[FakeController, str]) -> None:
     controller, address = fake
