@@ -286,9 +286,9 @@ def _reconcile_flags(parser: argparse.ArgumentParser) -> None:
                        metavar="SECONDS", help="seconds between reconcile passes when nothing wakes the loop")
     group.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms,
                        metavar="MS", help="milliseconds the solver may spend on one reconcile pass")
-    group.add_argument("--no-preemption", dest="preemption", action="store_false",
-                       help="never stop preemptible replicas to place higher-priority work or a tenant's "
-                            "reservation (the reasons then say what preempting would place)")
+    group.add_argument("--preemption", action=argparse.BooleanOptionalAction, default=Config.preemption,
+                       help="stop preemptible replicas to place higher-priority work or a tenant's reservation; "
+                            "--no-preemption never does (the reasons then say what preempting would place)")
     group.add_argument("--decide-process", action=argparse.BooleanOptionalAction, default=Config.decide_process,
                        help="decide arrivals on the warm scheduling session in a child process of its own, off "
                             "the controller's interpreter (its event loop holds the GIL under load); same decisions. "

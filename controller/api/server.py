@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -359,8 +360,9 @@ class ControllerApp:
             except GatewayStartError as exc:
                 await self.stop(grace_s=0.0)
                 raise ListenError(str(exc)) from exc
-        self.election.address = self.config.advertise_address or self.address
-        self.election.agent_address = self.config.advertise_agent_address or self.agent_address
+        self.election.address = self.config.advertise_address or reachable(self.address, "--advertise-address")
+        self.election.agent_address = self.config.advertise_agent_address or (
+            reachable(self.agent_address, "--advertise-agent-address") if self.agent_address else "")
         try:  # lead at once when the lease is free (a lone controller schedules from the start)
             await self.election.step()
         except Exception as exc:
@@ -524,3 +526,20 @@ async def _warn_insecure_forever() -> None:
         log.warning("authentication is OFF (--insecure-no-auth): every caller is an admin; "
                     "never run it like this where anyone else can reach the port")
         await asyncio.sleep(INSECURE_WARNING_INTERVAL_S)
+
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def reachable(address: str, flag: str) -> str:
+    """`address` (HOST:PORT, as bound) as others may reach it: a wildcard host (listening on every
+    interface) is no address another machine can call, and the leader's is what followers send
+    agents and clients to, so this machine's name stands for it (with a warning naming `flag`,
+    which says it for certain)."""
+    host, _, port = address.rpartition(":")
+    if host not in WILDCARD_HOSTS:
+        return address
+    name = socket.getfqdn()
+    log.warning("listening on %s: advertising %s:%s to the other controllers and the agents; give %s "
+                "if they reach this controller by another name", address, name, port, flag)
+    return f"{name}:{port}"

@@ -1,9 +1,13 @@
-"""maia-controller's agent gateway flags: what goes together, and how they land in Config."""
+"""maia-controller's agent gateway flags: what goes together, and how they land in Config; and the
+addresses a controller advertises."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
+from controller.api.server import reachable
 from controller.config import parse_args
 
 
@@ -43,3 +47,11 @@ def test_the_environments_agent_address_without_gateways_is_ignored_with_a_warni
     flag_wins = parse_args(["--agent-gateways", "1", "--agent-listen", "0.0.0.0:7000", "--advertise-agent-address",
                             "lb.example:7000"], env={"MAIA_ADVERTISE_AGENT_ADDRESS": "agents.example:7000"})
     assert flag_wins.advertise_agent_address == "lb.example:7000"
+
+
+def test_a_wildcard_listen_address_is_advertised_by_this_machines_name() -> None:
+    """A leader listening on every interface advertised 0.0.0.0:PORT in its lease: followers sent
+    agents and clients there, which is no address another machine can call."""
+    for bound in ("0.0.0.0:50051", "[::]:50051"):
+        assert reachable(bound, "--advertise-address") == f"{socket.getfqdn()}:50051"
+    assert reachable("10.0.0.7:50051", "--advertise-address") == "10.0.0.7:50051"

@@ -13,7 +13,8 @@ SECTIONS = {
     "API, TLS and authentication": ["--listen", "--tls-cert", "--tls-key", "--tls-client-ca",
                                     "--bootstrap-admin-token-file", "--insecure-no-auth"],
     "database": ["--db", "--migrate", "--no-migrate"],
-    "reconcile and solver": ["--reconcile-interval", "--solve-time-limit-ms", "--no-preemption", "--decide-process",
+    "reconcile and solver": ["--reconcile-interval", "--solve-time-limit-ms", "--preemption", "--no-preemption",
+                             "--decide-process",
                              "--no-decide-process", "--max-surge", "--quarantine-after-failures",
                              "--watchdog-interval"],
     "node lifecycle and heartbeats": ["--heartbeat-timeout", "--max-heartbeats-per-second", "--node-down-grace",
@@ -55,3 +56,9 @@ def test_help_lists_every_flag_in_the_section_of_its_concern(monkeypatch: pytest
     # A flag declared on the parser rather than in a group lands in "options", beside argparse's
     # own -h/--help and --version: the comparison fails then, as it does for a flag in no table row.
     assert help_sections(help_text) == SECTIONS
+
+
+def test_the_preemption_flag_says_it_is_on_by_default() -> None:
+    """`--no-preemption` alone was listed "(default: True)", which read as preemption off by default."""
+    assert parse_args([]).preemption and not parse_args(["--no-preemption"]).preemption
+    assert parse_args(["--preemption"]).preemption
