@@ -23,6 +23,7 @@ CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 SERVER_CERT, SERVER_KEY = "server.pem", "server-key.pem"
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_NAME = "Maia development CA"
+CN_MAX = 64  # RFC 5280's ub-common-name
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +90,23 @@ def load_or_create_ca(directory: Path, *, days: int = 365) -> tuple[x509.Certifi
     return cert, key
 
 
+def check_name(name: str, stem: str) -> None:
+    """A certificate's common name (a node id, a client or server name) and the stem of its files
+    in the CA's directory, which it is part of (ValueError): not empty, at most `CN_MAX`
+    characters, and no '/' or NUL, which would write the key elsewhere (`x/../../y`)."""
+    if not name:
+        raise ValueError("must not be empty")
+    if len(name) > CN_MAX:
+        raise ValueError(f"is {len(name)} characters long; a certificate's common name holds at most {CN_MAX}")
+    if Path(stem).name != stem or "\0" in stem:
+        raise ValueError(f"cannot name a file in the CA's directory ({stem!r} has a '/' or a NUL)")
+
+
 def issue(directory: Path, stem: str, common_name: str, names: tuple[str, ...], *, server: bool,
           days: int = 90) -> Issued:
     """A certificate for `common_name` (SANs `names`) signed by the CA in `directory`, written as
     `<stem>.pem` and `<stem>-key.pem` (mode 0600)."""
+    check_name(common_name, stem)
     ca_cert, ca_key = load_or_create_ca(directory)
     key = _key()
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -122,6 +136,10 @@ def issue_node(directory: Path, node_id: str) -> Issued:
     return issue(directory, node_stem(node_id), node_id, (node_id,), server=False)
 
 
+def client_stem(name: str) -> str:
+    return f"client-{name}"
+
+
 def issue_client(directory: Path, name: str) -> Issued:
     """A client certificate for maiactl or another tool (common name `name`)."""
-    return issue(directory, f"client-{name}", name, (), server=False)
+    return issue(directory, client_stem(name), name, (), server=False)

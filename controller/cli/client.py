@@ -44,6 +44,7 @@ class Exit(IntEnum):
     PARTIAL = 4
     UNAVAILABLE = 5
     INTERRUPTED = 130
+    BROKEN_PIPE = 141
 
 
 EXIT_MEANING: dict[Exit, str] = {
@@ -56,6 +57,8 @@ EXIT_MEANING: dict[Exit, str] = {
     Exit.UNAVAILABLE: "the controller could not be reached (refused, or no connection within the call's "
                       "timeout), or answered that it cannot serve the call now",
     Exit.INTERRUPTED: "interrupted (Ctrl-C)",
+    Exit.BROKEN_PIPE: "whoever read stdout stopped early (`head -1` reading a pipe); ends without a word, as a "
+                      "command killed by SIGPIPE does (128 + 13)",
 }
 
 

@@ -90,6 +90,8 @@ class ConfigFile:
             return cls(path)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: cannot read: {not_utf8(exc)}") from None
         if not text.strip():  # empty (MAIA_CONFIG=/dev/null): yaml, ~15 % of maiactl's start, is not imported
             return cls(path)
         import yaml
@@ -134,6 +136,11 @@ class ConfigFile:
             known = ", ".join(sorted(self.contexts)) or "none defined"
             raise ConfigError(f"context '{name}' not found in {self.path} (contexts: {known})")
         return self.contexts[name]
+
+
+def not_utf8(error: UnicodeDecodeError) -> str:
+    """What is wrong with a file that is not UTF-8 text, for a "cannot read" message."""
+    return f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})"
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -185,5 +192,7 @@ def resolve_connection(flags: Mapping[str, str | None], env: Mapping[str, str] |
             token = Path(token_file).expanduser().read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"token file {token_file}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"token file {token_file}: cannot read: {not_utf8(exc)}") from None
     return Connection(address=pick("controller") or DEFAULT_CONTROLLER, context=name, token=token or None,
                       ca=_path(pick("ca")), cert=_path(pick("cert")), key=_path(pick("key")))

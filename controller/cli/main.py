@@ -6,11 +6,13 @@ Exit codes are `client.Exit` (0 ok, 1 failed call, 2 bad usage/input, 3 not foun
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import grpc
 
+from controller.cli.bounds import non_empty, seconds
 from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text
 from controller.cli import commands
 from controller.cli.config import ConfigError, Connection, resolve_connection
@@ -35,13 +37,13 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
     default = argparse.SUPPRESS if suppress else None
     parent = argparse.ArgumentParser(add_help=False)
     for flag, (dest, metavar, text) in _CONNECTION_FLAGS.items():
-        parent.add_argument(flag, dest=dest, metavar=metavar, default=default, help=text)
+        parent.add_argument(flag, dest=dest, metavar=metavar, default=default, type=non_empty, help=text)
     parent.add_argument("-o", "--output", choices=OUTPUTS, default=default,
                         help="output format: table (default), wide (more columns), json, yaml "
                              "(manifest vocabulary, re-appliable), name (kind/name per line), csv (usage only)")
     parent.add_argument("--no-headers", action="store_true", default=default,
                         help="tables: leave out the header line")
-    parent.add_argument("--rpc-timeout", type=float, metavar="SECONDS", default=default,
+    parent.add_argument("--rpc-timeout", type=seconds(), metavar="SECONDS", default=default,
                         help="deadline of each call to the controller in seconds (default: 15)")
     return parent
 
@@ -77,6 +79,24 @@ def command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _offline(args: argparse.Namespace) -> bool:
+    """Whether the command calls no controller, and so works with a broken config (`config`,
+    `solve`, `version --client`): its parser's `offline`, True or a test of its arguments."""
+    offline = getattr(args, "offline", False)
+    return bool(offline(args) if callable(offline) else offline)
+
+
+def _quiet_stdout() -> None:
+    """stdout pointed at /dev/null: its reader is gone, and Python's flush of what is still
+    buffered at exit would fail again ("Exception ignored ... BrokenPipeError" on stderr)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a file (a test's capture): nothing to flush there
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(command_of(argv))
@@ -87,12 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         connection = resolve_connection({dest: getattr(args, dest) for dest, _, _ in _CONNECTION_FLAGS.values()})
     except ConfigError as exc:
-        if not getattr(args, "offline", False):  # `config` and `solve` work with a broken config
+        if not _offline(args):
             print(f"error: {exc}", file=sys.stderr)
             return Exit.USAGE
-        connection = Connection()
+        connection = Connection()  # never used: the command calls no controller
     ctx = Context(connection=connection, output=args.output or "table", no_headers=bool(args.no_headers),
-                  rpc_timeout=args.rpc_timeout or 15.0)
+                  rpc_timeout=15.0 if args.rpc_timeout is None else args.rpc_timeout)
     try:
         return int(args.handler(args, ctx) or 0)
     except ManifestError as exc:
@@ -112,7 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx.note("interrupted")
         return Exit.INTERRUPTED
     except BrokenPipeError:
-        return Exit.FAILED
+        # Whoever read stdout stopped (`maiactl get nodes | head -1`): stop as quietly as a
+        # command killed by SIGPIPE (Python ignores that signal), with its status, 128 + 13;
+        # no message: stderr is for errors of the command, and this is none.
+        _quiet_stdout()
+        return Exit.BROKEN_PIPE
     finally:
         ctx.close()
 

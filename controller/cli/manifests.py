@@ -5,21 +5,27 @@ reported with its file, document number, object and field path, e.g.
 
     deploy/x.yaml document 2 (Deployment 'foo'): shard.accelerators: expected an integer, got 'four'
 
-Unknown fields are errors (a misspelt `min_replica` silently ignored is worse than a refusal).
-The vocabulary is the interchange format's (snake_case fields, lowercase enum words).
+Unknown fields are errors (a misspelt `min_replica` silently ignored is worse than a refusal),
+as are numbers the API's field cannot hold and an object given twice in one set of manifests
+(`load_manifest_sources`). The vocabulary is the interchange format's (snake_case fields,
+lowercase enum words).
 """
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
+from controller.cli.bounds import int_range
+from controller.cli.config import not_utf8
 from controller.cli.vocab import DOMAIN_BY_WORD, ISOLATION_BY_WORD
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -77,7 +83,38 @@ def load_manifest_sources(sources: Iterable[str | Path]) -> list[ManifestObject]
     objects = load_manifests(paths)
     if not objects:
         raise ManifestError([f"{', '.join(paths)}: no objects found (empty file or only comments)"])
+    duplicates = given_twice(objects)
+    if duplicates:
+        raise ManifestError(duplicates)
     return objects
+
+
+def _identities(obj: ManifestObject) -> Iterator[tuple[str, str]]:
+    """What `obj` defines, each as (what, where in obj): a deployment by its tenant and name
+    (names are per tenant), a tenant by its id, a topology by its zones, rows and racks (several
+    Topology documents may each add some)."""
+    if obj.kind == "Deployment":
+        yield f"deployment {obj.message.tenant}/{obj.name}", obj.source  # type: ignore[attr-defined]
+    elif obj.kind == "Tenant":
+        yield f"tenant {obj.name}", obj.source
+    elif obj.kind == "Topology":
+        for part, singular in (("zones", "zone"), ("rows", "row"), ("racks", "rack")):
+            for i, item in enumerate(getattr(obj.message, part)):
+                yield f"{singular} {item.id}", f"{obj.source}: {part}[{i}]"
+
+
+def given_twice(objects: Iterable[ManifestObject]) -> list[str]:
+    """One line per object defined more than once: apply would write it twice (the last
+    silently winning, or the second submit of a deployment failing halfway through the apply)."""
+    first: dict[str, str] = {}
+    problems: list[str] = []
+    for obj in objects:
+        for identity, where in _identities(obj):
+            if identity in first:
+                problems.append(f"{where}: {identity} is given twice (first in {first[identity]})")
+            else:
+                first[identity] = where
+    return problems
 
 
 def load_manifests(paths: Iterable[str | Path]) -> list[ManifestObject]:
@@ -89,6 +126,9 @@ def load_manifests(paths: Iterable[str | Path]) -> list[ManifestObject]:
             text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             problems.append(f"{path}: cannot read: {exc.strerror or exc}")
+            continue
+        except UnicodeDecodeError as exc:
+            problems.append(f"{path}: cannot read: {not_utf8(exc)}")
             continue
         try:
             objects.extend(parse_manifest_text(text, "<stdin>" if str(path) == "-" else str(path)))
@@ -144,7 +184,7 @@ def _parse_document(document: Any, where: str) -> tuple[ManifestObject | None, l
     name_key = {"Tenant": "id", "Deployment": "name"}.get(kind)
     name = document.get(name_key) if name_key else None
     label = f"{where} ({kind} '{name}')" if isinstance(name, str) and name else f"{where} ({kind})"
-    fields = Fields(document, "", [])
+    fields = Fields(document, "", [], _MESSAGES[kind])
     fields.string("kind")
     fields.ignore("status")  # what `get -o yaml` reports; the server owns it
     message = _PARSERS[kind](fields)
@@ -171,14 +211,27 @@ def describe(value: Any) -> str:
 class Fields:
     """Typed reads from one mapping, collecting precise errors instead of raising.
 
-    Every read marks its key as known; `finish()` reports the keys nobody read.
+    Every read marks its key as known; `finish()` reports the keys nobody read. `message` is the
+    API message the mapping becomes (its fields are named as the keys): an integer is checked
+    against its field's range, which protobuf would refuse with a bare ValueError.
     """
 
-    def __init__(self, data: Mapping[str, Any], prefix: str, errors: list[str]) -> None:
+    def __init__(self, data: Mapping[str, Any], prefix: str, errors: list[str],
+                 message: Descriptor | None = None) -> None:
         self.data = data
         self.prefix = prefix
         self.errors = errors
+        self.message = message
         self._known: set[str] = set()
+
+    def _field_range(self, key: str) -> tuple[int, int] | None:
+        field = self.message.fields_by_name.get(key) if self.message is not None else None
+        return int_range(field) if field is not None else None
+
+    def _nested(self, key: str) -> Descriptor | None:
+        """The message type of field `key` of `message`, for the mappings read under it."""
+        field = self.message.fields_by_name.get(key) if self.message is not None else None
+        return field.message_type if field is not None else None
 
     def error(self, key: str, problem: str) -> None:
         self.errors.append(f"{self.prefix}{key}: {problem}" if key else f"{self.prefix.rstrip('.')}: {problem}")
@@ -220,6 +273,10 @@ class Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(key, f"expected an integer, got {describe(value)}")
             return None
+        limits = self._field_range(key)
+        if limits is not None:
+            minimum = limits[0] if minimum is None else max(minimum, limits[0])
+            maximum = limits[1] if maximum is None else min(maximum, limits[1])
         return self._bounded(key, value, minimum, maximum)
 
     def number(self, key: str, required: bool = False, minimum: float | None = None) -> float | None:
@@ -229,8 +286,14 @@ class Fields:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.error(key, f"expected a number, got {describe(value)}")
             return None
-        bounded = self._bounded(key, value, minimum, None)
-        return None if bounded is None else float(bounded)
+        try:
+            as_float = float(value)
+        except OverflowError:  # an integer beyond any double
+            as_float = math.inf
+        if not math.isfinite(as_float):  # .inf, .nan: no quantity (the controller refuses them too)
+            self.error(key, f"expected a finite number, got {value}")
+            return None
+        return None if self._bounded(key, value, minimum, None) is None else as_float
 
     def _bounded(self, key: str, value: Any, minimum: Any, maximum: Any) -> Any:
         if minimum is not None and value < minimum:
@@ -281,7 +344,7 @@ class Fields:
         if not isinstance(value, Mapping):
             self.error(key, f"expected a mapping, got {describe(value)}")
             return None
-        return Fields(value, f"{self.prefix}{key}.", self.errors)
+        return Fields(value, f"{self.prefix}{key}.", self.errors, self._nested(key))
 
     def mappings(self, key: str) -> list[Fields]:
         value = self._get(key, False)
@@ -295,7 +358,7 @@ class Fields:
             if not isinstance(item, Mapping):
                 self.error(f"{key}[{i}]", f"expected a mapping, got {describe(item)}")
             else:
-                out.append(Fields(item, f"{self.prefix}{key}[{i}].", self.errors))
+                out.append(Fields(item, f"{self.prefix}{key}[{i}].", self.errors, self._nested(key)))
         return out
 
 
@@ -408,3 +471,6 @@ def fmt(value: float) -> str:
 
 
 _PARSERS = {"Tenant": _parse_tenant, "Topology": _parse_topology, "Deployment": _parse_deployment}
+# The API message each kind becomes (its fields are the manifest's keys).
+_MESSAGES = {"Tenant": admin_pb2.Tenant.DESCRIPTOR, "Topology": admin_pb2.Topology.DESCRIPTOR,
+             "Deployment": deployments_pb2.DeploymentSpec.DESCRIPTOR}

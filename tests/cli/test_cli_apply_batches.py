@@ -129,7 +129,7 @@ def test_a_refused_deployment_undoes_the_others(fake: tuple[str, FakeDeployments
     address, deployments = fake
     deployments.refuse = {"bad"}
     code, out, err = apply(capsys, address, manifests(tmp_path / "d.yaml", "a", "b", "bad", "c"))
-    assert (code, out) == (1, "")
+    assert (code, out) == (2, "")  # INVALID_ARGUMENT exits 2 (docs/cli.md), at the write step as anywhere
     if deployments.batched:  # c was in the same call: written, then undone with the others
         assert err.splitlines() == ["error: deployment/bad failed: INVALID_ARGUMENT: deployment bad: refused",
                                     "rolled back:", "  deployment/c deleted again", "  deployment/b deleted again",

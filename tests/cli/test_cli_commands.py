@@ -16,6 +16,7 @@ import pytest
 
 from cli_harness import silent_address
 from controller.cli.client import open_aio_channel
+from controller.cli.commands import explain
 from controller.cli.config import Connection
 from controller.cli.main import main
 from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
@@ -66,20 +67,38 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     def CordonNode(self, request, context):  # noqa: N802
         context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.id} not found")
 
+    def GetVersion(self, request, context):  # noqa: N802
+        self.calls.append("GetVersion")
+        return admin_pb2.VersionInfo(version="9.9.9", schema_revision="0001_fake")
+
 
 class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
     def __init__(self, calls: list[str]) -> None:
         self.calls = calls
         self.deployments: dict[str, D.Deployment] = {}
         self.run_after_s: float | None = 0.3  # a submitted deployment turns Running after this
+        self.fit_replicas = 0  # a dry run places this many replicas at most
+        self.invalid: set[str] = set()  # deployments refused INVALID_ARGUMENT (dry runs too)
         self.lock = threading.Lock()
+
+    def _dry_run(self, request, context) -> D.SubmitDeploymentResponse:
+        # As the controller: a dry run of a stored name must replace it, and only a stored one can be.
+        if request.spec.name in self.deployments and not request.replace_existing:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"deployment {request.spec.name} already exists")
+        if request.replace_existing and request.spec.name not in self.deployments:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"deployment {request.spec.name} not found (nothing to replace)")
+        dep = D.Deployment(spec=request.spec, phase=D.DEPLOYMENT_PHASE_PENDING,
+                           placed_replicas=min(self.fit_replicas, request.spec.replicas))
+        if dep.placed_replicas < request.spec.replicas:
+            dep.reasons.add(code="CAPACITY", message="0/64 nodes fit", scope="")
+        return D.SubmitDeploymentResponse(deployment=dep, dry_run=True)
 
     def SubmitDeployment(self, request, context):  # noqa: N802
         self.calls.append("SubmitDeployment")
+        if request.spec.name in self.invalid:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"deployment {request.spec.name}: priority out of range")
         if request.dry_run:
-            dep = D.Deployment(spec=request.spec, phase=D.DEPLOYMENT_PHASE_PENDING)
-            dep.reasons.add(code="CAPACITY", message="0/64 nodes fit", scope="")
-            return D.SubmitDeploymentResponse(deployment=dep, dry_run=True)
+            return self._dry_run(request, context)
         with self.lock:
             if request.spec.name in self.deployments:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"deployment {request.spec.name} exists")
@@ -312,3 +331,148 @@ def test_excluded_tenants_are_created_first_even_in_a_cycle(fake, capsys, tmp_pa
     assert admin.created[:3] == ["c", "b", "a"]
     assert list(admin.tenants["x"].excludes) == ["y"] and list(admin.tenants["y"].excludes) == ["x"]
     assert out.splitlines()[-1] in ("tenant/x configured", "tenant/y configured")
+
+
+def no_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No config file and no MAIA_* settings of the environment: only the flags given count."""
+    monkeypatch.setenv("MAIA_CONFIG", str(tmp_path / "none.yaml"))
+    for name in ("MAIA_CONTEXT", "MAIA_CONTROLLER", "MAIA_TOKEN", "MAIA_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--context", "nosuch"), "error: context 'nosuch' not found"),
+    (("--token-file", "/nonexistent/token"), "error: token file /nonexistent/token: cannot read"),
+], ids=["unknown-context", "missing-token-file"])
+def test_version_reports_a_config_error_as_every_command_does(fake, capsys, monkeypatch, tmp_path,
+                                                              flags: tuple[str, ...], says: str) -> None:
+    """It used to ignore the error and call the default address, dropping --controller too."""
+    address, _, _, calls = fake
+    no_config(monkeypatch, tmp_path)
+    code, out, err = run(capsys, *flags, "--controller", address, "version")
+    assert (code, out) == (2, "")
+    assert err.startswith(says), err
+    assert calls == []
+    code, out, err = run(capsys, *flags, "version", "--client")  # calls nothing: needs no config
+    assert (code, err) == (0, "") and out.startswith("Client: maiactl ")
+
+
+def test_version_asks_the_controller_given(fake, capsys, monkeypatch, tmp_path) -> None:
+    address, _, _, calls = fake
+    no_config(monkeypatch, tmp_path)
+    code, out, err = run(capsys, "--controller", address, "version")
+    assert code == 0, err
+    assert f"Server: maia-controller 9.9.9 (schema 0001_fake) at {address}" in out
+    assert calls == ["GetVersion"]
+
+
+def test_a_rollback_leaves_the_unchanged_tenants_alone(fake, capsys, tmp_path) -> None:
+    """Only what this apply wrote is undone: the tenants it found unchanged get no UpdateTenant
+    (an audit entry and an event each, and PERMISSION_DENIED for a tenant's token)."""
+    address, admin, _, calls = fake
+    assert run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"))[0] == 0
+    f = tmp_path / "t.yaml"
+    f.write_text(EXAMPLES.joinpath("tenants.yaml").read_text()
+                 + "---\nkind: Tenant\nid: newcomer\nexcludes: [ghost]\n")  # the fake refuses: ghost does not exist
+    calls.clear()
+    code, out, err = run(capsys, "--controller", address, "apply", "-f", str(f))
+    assert (code, out) == (3, "")  # NOT_FOUND, as the CreateTenant's own refusal exits
+    assert err.splitlines() == ["error: tenant/newcomer failed: NOT_FOUND: tenant newcomer excludes unknown "
+                                "tenant(s): ['ghost']", "nothing else had been written"]
+    assert calls == ["CreateTenant"]
+
+
+DEPLOY_WEB = ("kind: Deployment\nname: web\ntenant: {tenant}\nreplicas: 1\nshards_per_replica: 1\n"
+              "shard: {{accelerators: 1}}\n")
+
+
+@pytest.mark.parametrize("command", ["apply", "diff", "submit", "apply --dry-run", "submit --dry-run"])
+def test_an_object_given_twice_is_refused_before_anything_is_sent(fake, capsys, tmp_path, command: str) -> None:
+    """Two documents of one deployment (here across two files) would both be created in a dry run
+    and fail the real apply halfway (the second submit reuses the run's request id)."""
+    address, admin, _, calls = fake
+    admin.tenants["lab"] = admin_pb2.Tenant(id="lab")
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(DEPLOY_WEB.format(tenant="lab"))
+    second.write_text(DEPLOY_WEB.format(tenant="other") + "---\n" + DEPLOY_WEB.format(tenant="lab"))
+    code, out, err = run(capsys, "--controller", address, *command.split(), "-f", str(first), "-f", str(second))
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [f"error: {second} document 2 (Deployment 'web'): deployment lab/web is given twice "
+                                f"(first in {first} document 1 (Deployment 'web'))"]  # web of another tenant is not
+    assert calls == []
+
+
+def test_a_tenant_or_a_rack_given_twice_is_refused(fake, capsys, tmp_path) -> None:
+    """A second Tenant document of an id silently won; a rack twice in the topology, too."""
+    address, _, _, calls = fake
+    f = tmp_path / "t.yaml"
+    f.write_text("kind: Tenant\nid: a\n---\nkind: Tenant\nid: a\nisolation: dedicated_node\n---\n"
+                 "kind: Topology\nzones: [{id: z}]\nrows: [{id: r, zone: z}]\nracks: [{id: k, row: r}]\n---\n"
+                 "kind: Topology\nracks: [{id: j, row: r}, {id: k, row: r, power_budget_w: 5}]\n")
+    code, _, err = run(capsys, "--controller", address, "apply", "-f", str(f))
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {f} document 2 (Tenant 'a'): tenant a is given twice (first in {f} document 1 (Tenant 'a'))",
+        f"error: {f} document 4 (Topology): racks[1]: rack k is given twice (first in {f} document 3 (Topology): "
+        "racks[0])"]
+    assert calls == []
+
+
+def test_submit_dry_run_of_a_stored_deployment_agrees_with_submit(fake, capsys, tmp_path) -> None:
+    """`submit` of a stored deployment says unchanged; its dry run used to fail ALREADY_EXISTS (it
+    did not solve in place of the stored one), and printed raw protobuf JSON that apply cannot read."""
+    address, _, deployments, _ = fake
+    files = ["-f", str(EXAMPLES / "phi-row.yaml")]
+    assert run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"), *files)[0] == 0
+    code, out, err = run(capsys, "--controller", address, "submit", *files)
+    assert (code, out) == (0, "deployment/phi-row unchanged\n"), err
+    deployments.fit_replicas = 1
+    code, out, err = run(capsys, "--controller", address, "submit", "--dry-run", *files)
+    assert code == 0, err
+    assert out.startswith("deployment/phi-row (dry run): would place 1/1 replicas")
+    code, out, err = run(capsys, "--controller", address, "submit", "--dry-run", "-o", "json", *files)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["kind"] == "List" and [item["kind"] for item in doc["items"]] == ["Deployment"]
+    assert doc["items"][0]["locality"] == "row" and doc["items"][0]["status"]["placed_replicas"] == 1
+    (tmp_path / "dry.json").write_text(out)  # the manifest vocabulary: apply reads it back
+    assert run(capsys, "--controller", address, "apply", "-f", str(tmp_path / "dry.json"))[1] == \
+        "deployment/phi-row unchanged\n"
+
+
+def test_explain_names_the_in_place_way_to_make_the_change(fake, capsys) -> None:
+    """A smaller replica count is applied in place (`maiactl scale`), never by deleting the deployment."""
+    address, _, deployments, _ = fake
+    deployments.run_after_s = None
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
+        "-f", str(EXAMPLES / "copilot-chat.yaml"))
+    dep = deployments.deployments["copilot-chat"]
+    dep.placed_replicas = 1
+    deployments.fit_replicas = 1
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat")
+    assert code == 0, err
+    assert (f"Smallest change that fits: replicas: 1; it applies in place, at once: "
+            f"maiactl scale {dep.spec.tenant}/copilot-chat --replicas 1.") in out
+    assert "delete" not in out
+
+
+def test_every_change_explain_can_suggest_says_how_to_make_it_in_place() -> None:
+    spec = D.DeploymentSpec(name="web", tenant="lab", replicas=4, shards_per_replica=8,
+                            locality=common_pb2.DOMAIN_ZONE)
+    changes = explain.candidates(spec, placed_now=2)[1:]  # the first is the spec as it is
+    assert {c.change.split(":")[0] for c in changes} == {"replicas", "locality", "shards_per_replica"}
+    for change in changes:
+        assert "in place" in change.how and "delete" not in change.how, change
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["apply", "apply --dry-run"])
+def test_a_refusal_at_the_plan_exits_as_its_code(fake, capsys, dry_run: bool) -> None:
+    """INVALID_ARGUMENT from the plan's dry run exits 2, as it does at the write step and anywhere."""
+    address, _, deployments, calls = fake
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"))
+    deployments.invalid = {"phi-row"}
+    code, out, err = run(capsys, "--controller", address, "apply", *(["--dry-run"] if dry_run else []),
+                         "-f", str(EXAMPLES / "phi-row.yaml"))
+    assert code == 2, err
+    assert "INVALID_ARGUMENT: deployment phi-row: priority out of range" in (out if dry_run else err)
+    assert "phi-row" not in deployments.deployments

@@ -102,3 +102,15 @@ def test_the_contexts_token_is_sent_as_bearer_metadata(tmp_path: Path, capsys, m
         assert ("authorization", "Bearer tok-2") in recorder.metadata
     finally:
         server.stop(grace=None)
+
+
+def test_a_config_or_token_file_that_is_not_utf8_is_a_config_error(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="bin.yaml: cannot read: not UTF-8 text \\(byte 0xff at offset 0\\)"):
+        ConfigFile.load(tmp_path / "bin.yaml")
+    with pytest.raises(ConfigError, match="token file .*bin.yaml: cannot read: not UTF-8 text"):
+        resolve_connection({"token_file": str(tmp_path / "bin.yaml")}, {}, ConfigFile(tmp_path / "none.yaml"))
+    monkeypatch.setenv("MAIA_CONFIG", str(tmp_path / "bin.yaml"))
+    assert main(["get", "tenants"]) == 2
+    assert capsys.readouterr().err == \
+        f"error: {tmp_path / 'bin.yaml'}: cannot read: not UTF-8 text (byte 0xff at offset 0)\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli.manifests import ManifestError, load_manifests, parse_manifest_text
+from controller.cli.manifests import ManifestError, load_manifest_sources, load_manifests, parse_manifest_text
 from maia.v1 import common_pb2
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
@@ -117,6 +117,25 @@ def errors_of(text: str, source: str = "deploy/x.yaml") -> list[str]:
     ("name: x\n", "deploy/x.yaml document 1: kind: required field is missing"),
     ("- a\n- b\n", "deploy/x.yaml document 1: expected a mapping with a 'kind', got a list"),
     ("kind: Tenant\nid: [unclosed\n", "deploy/x.yaml: invalid YAML at line"),
+    # Numbers the API's field cannot hold (protobuf would raise "Value out of range"): int32, int64.
+    (DEPLOYMENT.replace("replicas: 2", "replicas: 99999999999999999999"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): replicas: must be at most 2147483647, got 99999999999999999999"),
+    (DEPLOYMENT + "priority: 99999999999\n",
+     "deploy/x.yaml document 1 (Deployment 'foo'): priority: must be at most 2147483647, got 99999999999"),
+    (DEPLOYMENT + "priority: -99999999999\n",
+     "deploy/x.yaml document 1 (Deployment 'foo'): priority: must be at least -2147483648, got -99999999999"),
+    (DEPLOYMENT.replace("accelerators: 1,", "accelerators: 1, cpu_milli: 99999999999999999999,"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): shard.cpu_milli: must be at most 9223372036854775807"),
+    (DEPLOYMENT.replace("accelerators: 1,", "accelerators: 1, memory_mib: 1.0e+30,"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): shard.memory_mib: must be at most 9223372036854775807"),
+    (DEPLOYMENT.replace("accelerators: 1,", "accelerators: 3000000000,"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): shard.accelerators: must be at most 2147483647"),
+    (DEPLOYMENT + "spread: {domain: rack, max_per_domain: 3000000000}\n",
+     "deploy/x.yaml document 1 (Deployment 'foo'): spread.max_per_domain: must be at most 2147483647"),
+    (DEPLOYMENT.replace("hbm_gib: 48", "hbm_gib: .nan"),
+     "deploy/x.yaml document 1 (Deployment 'foo'): shard.hbm_gib: expected a finite number, got nan"),
+    ("kind: Tenant\nid: a\nmax_power_w: " + "9" * 400 + "\n",
+     "deploy/x.yaml document 1 (Tenant 'a'): max_power_w: expected a finite number"),
 ])
 def test_malformed_manifest_messages(text: str, expected: str) -> None:
     problems = errors_of(text)
@@ -135,3 +154,25 @@ def test_unreadable_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         load_manifests([tmp_path / "missing.yaml"])
     assert "missing.yaml: cannot read" in info.value.problems[0]
+
+
+def test_a_file_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ManifestError) as info:
+        load_manifests([tmp_path / "bin.json"])
+    assert info.value.problems == [f"{tmp_path / 'bin.json'}: cannot read: not UTF-8 text (byte 0xff at offset 0)"]
+
+
+def test_what_an_object_is_identified_by(tmp_path: Path) -> None:
+    """A deployment by its tenant and name (names are per tenant), a tenant by its id, a zone, row
+    or rack by its id (in one Topology document or across several)."""
+    topologies = "kind: Topology\nzones: [{id: z}]\n---\nkind: Topology\nrows: [{id: z, zone: z}]\n"
+    other_tenant = DEPLOYMENT.replace("tenant: t1", "tenant: t2")
+    (tmp_path / "a.yaml").write_text("---\n".join([DEPLOYMENT, other_tenant, topologies]))
+    assert [o.ref for o in load_manifest_sources([tmp_path / "a.yaml"])] == [
+        "deployment/foo", "deployment/foo", "topology", "topology"]
+    (tmp_path / "b.yaml").write_text("kind: Topology\nzones: [{id: z}, {id: y}, {id: z}]\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest_sources([tmp_path / "b.yaml"])
+    assert info.value.problems == [f"{tmp_path / 'b.yaml'} document 1 (Topology): zones[2]: zone z is given twice "
+                                   f"(first in {tmp_path / 'b.yaml'} document 1 (Topology): zones[0])"]

@@ -214,8 +214,10 @@ def test_events_and_describe(running: RunningController, tmp_path: Path):
 def test_apply_sends_new_deployments_together_and_undoes_them_when_one_is_refused(running: RunningController,
                                                                                   tmp_path: Path):
     """One SubmitDeployments call (each deployment's audit entry says so); a request the controller
-    refuses (a name twice in the files, two specs: the second reuses the run's request id for it
-    with another spec, FAILED_PRECONDITION) fails the apply and deletes what its call wrote."""
+    refuses (a priority beyond its bounds, which only the write checks here: the plan does not dry-run
+    the deployments of a tenant in the files) fails the apply, exits as its INVALID_ARGUMENT does
+    (2), and deletes what its call wrote; the tenant in the files, unchanged, is left alone (nothing
+    was written to it, so nothing is "restored")."""
     f = write(tmp_path / "many.yaml", "---\n".join(DEPLOYMENT.format(name=name, tenant="openlab", replicas=1)
                                                    for name in ("many-a", "many-b")))
     proc = running.ctl("apply", "-f", f, "-o", "name")
@@ -225,12 +227,17 @@ def test_apply_sends_new_deployments_together_and_undoes_them_when_one_is_refuse
     assert [(e["action"], e["outcome"], e["detail"].get("call")) for e in submits] == \
         [("/maia.v1.DeploymentService/SubmitDeployment", "OK", "/maia.v1.DeploymentService/SubmitDeployments")] * 2
 
-    twice = write(tmp_path / "twice.yaml", "---\n".join(DEPLOYMENT.format(name=name, tenant="openlab", replicas=n)
-                                                        for name, n in (("twice-a", 1), ("twice-b", 1), ("twice-b", 2))))
-    proc = running.ctl("apply", "-f", twice)
-    assert proc.returncode == 1
+    tenant = running.ctl("get", "tenant", "openlab", "-o", "yaml").stdout
+    bad = DEPLOYMENT.format(name="refused-b", tenant="openlab", replicas=1).replace("priority: 10", "priority: 2000000")
+    refused = write(tmp_path / "refused.yaml", "---\n".join(
+        [tenant, DEPLOYMENT.format(name="refused-a", tenant="openlab", replicas=1), bad]))
+    audited = len(json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["events"])
+    proc = running.ctl("apply", "-f", refused)
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
-    assert lines[0].startswith("error: deployment/twice-b failed: FAILED_PRECONDITION: client_request_id "), lines
-    assert lines[1:] == ["rolled back:", "  deployment/twice-b deleted again", "  deployment/twice-a deleted again"]
+    assert lines[0].startswith("error: deployment/refused-b failed: INVALID_ARGUMENT: "), lines
+    assert lines[1:] == ["rolled back:", "  deployment/refused-a deleted again"]
     items = json.loads(running.ctl("get", "deployments", "-o", "json").stdout)["items"]
-    assert [d for d in items if d["name"].startswith("twice-") and d["status"]["phase"] != "Deleting"] == []
+    assert [d for d in items if d["name"].startswith("refused-") and d["status"]["phase"] != "Deleting"] == []
+    entries = json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["events"]
+    assert not any("UpdateTenant" in e["action"] for e in entries[audited:]), entries[audited:]

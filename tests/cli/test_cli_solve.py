@@ -107,3 +107,11 @@ def test_status_is_never_optimal_with_work_left_nor_bare_feasible_at_the_bound(p
     from controller.cli.plan_view import status_text
 
     assert status_text(plan) == expected
+
+
+def test_a_file_that_is_not_utf8_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bin.json"
+    bad.write_bytes(b"\xff\xfe")
+    result = maiactl("solve", str(bad))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: {bad}: cannot read: not UTF-8 text (byte 0xff at offset 0)\n"

@@ -7,7 +7,8 @@ apply works in three steps, so a bad batch writes nothing:
    `configured`, `unchanged`, or a conflict — a deployment whose spec differs from the stored
    one is `configured` (updated in place, the differing fields listed; replica counts scale at
    once, other changes roll replica by replica); a deployment of a tenant that neither exists
-   nor is in the batch is refused; any conflict stops here (exit 1);
+   nor is in the batch is refused; any conflict stops here (exit 1; a controller's refusal
+   exits as its code does, INVALID_ARGUMENT 2);
 3. the plan is written in dependency order (topology, tenants, deployments). A deployment update
    names the resource version read in step 2, so a change made by someone else meanwhile is
    refused rather than overwritten. Every write carries one client request id per apply run, so
@@ -17,7 +18,8 @@ apply works in three steps, so a bad batch writes nothing:
    still fail (a race, a rule only the server checks), what this run created is deleted again
    (the deployments of the failing call that were written too), updated tenants get their old
    contract and updated deployments their old spec back; a topology change cannot be undone
-   (its RPC removes nothing) and is reported as such.
+   (its RPC removes nothing) and is reported as such. The exit code is the failed call's
+   (`client.exit_code_of`: INVALID_ARGUMENT 2, NOT_FOUND 3, others 1), as anywhere in maiactl.
 
 `apply --dry-run` (and `diff`) stop after step 2 and show what would change and, for new
 deployments, where their shards would land now (a dry-run solve), like `nomad job plan`.
@@ -37,10 +39,10 @@ from typing import Any, NoReturn
 import grpc
 
 from controller import limits
-from controller.cli.client import CliError, Exit, StatusError, rpc_error_text, status_code
+from controller.cli.client import CliError, Exit, StatusError, exit_code_of, rpc_error_text, status_code
 from controller.cli.retry import RetryPolicy
 from controller.cli.context import Context
-from controller.cli.documents import spec_differences, spec_document
+from controller.cli.documents import deployment_document, list_document, spec_differences, spec_document
 from controller.cli.manifests import ManifestObject, load_manifest_sources
 from controller.cli.views import placements_table, reasons_text
 from controller.retryinfo import status_retry_s
@@ -63,6 +65,7 @@ class Step:
     dry_run: deployments_pb2.Deployment | None = None
     updated: deployments_pb2.Deployment | None = None  # a deployment updated in place
     rolling: bool = False            # its update replaces replicas one by one
+    refused: grpc.RpcError | None = None  # a conflict that is the controller's refusal of a dry run
 
     @property
     def ref(self) -> str:
@@ -91,8 +94,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s = sub.add_parser("submit", parents=[common], help="submit deployments from YAML manifests")
     _sources_option(s)
     s.add_argument("--dry-run", action="store_true",
-                   help="solve against the current cluster and show where shards would land "
-                        "(exit 4 when only part would be placed)")
+                   help="solve against the current cluster and show where shards would land, an existing "
+                        "deployment's as updated in place (exit 4 when only part would be placed)")
     s.set_defaults(handler=run_submit)
 
 
@@ -233,7 +236,7 @@ def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str],
         except grpc.RpcError as exc:
             if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
                 raise
-            return Step(obj, "conflict", [rpc_error_text(exc, ctx.address).removeprefix("error: ")])
+            return Step(obj, "conflict", [rpc_error_text(exc, ctx.address).removeprefix("error: ")], refused=exc)
     return step
 
 
@@ -241,8 +244,6 @@ def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str],
 
 def _write(step: Step, ctx: Context, request_id: str) -> None:
     admin, deployments = ctx.controller.admin, ctx.controller.deployments
-    if step.action == "unchanged":
-        return
     if step.obj.kind == "Topology":
         admin.ApplyTopology(step.obj.message, timeout=ctx.rpc_timeout)
     elif step.obj.kind == "Tenant":
@@ -363,6 +364,13 @@ def _conflicts(steps: list[Step]) -> list[str]:
     return lines
 
 
+def _conflict_exit(steps: list[Step]) -> int:
+    """The exit code of a plan with conflicts: the first one's, a refusal by the controller's code
+    (INVALID_ARGUMENT 2, as the same call would exit alone), a conflict of the plan's own 1."""
+    first = next(step for step in steps if step.action == "conflict")
+    return exit_code_of(first.refused) if first.refused is not None else Exit.FAILED
+
+
 def run_apply(args: argparse.Namespace, ctx: Context) -> int:
     objects = ordered_objects(load_manifest_sources(args.filename))
     steps = plan(objects, ctx, solve_new=True)
@@ -370,7 +378,7 @@ def run_apply(args: argparse.Namespace, ctx: Context) -> int:
         return _show_plan(steps, ctx)
     conflicts = _conflicts(steps)
     if conflicts:
-        raise CliError("nothing applied:\n" + "\n".join(conflicts))
+        raise CliError("nothing applied:\n" + "\n".join(conflicts), _conflict_exit(steps))
     writer = _Writer(ctx, request_id=f"apply-{uuid.uuid4().hex}")  # one id per run: a retried call is not applied twice
     for step in steps:
         if step.obj.kind == "Deployment" and step.action == "created" and writer.batched:
@@ -399,6 +407,8 @@ class _Writer:
     batched: bool = True
 
     def write(self, step: Step) -> None:
+        if step.action == "unchanged":  # nothing to write, so nothing a rollback may touch
+            return
         try:
             _write(step, self.ctx, self.request_id)
         except grpc.RpcError as exc:
@@ -425,7 +435,8 @@ class _Writer:
 
     def fail(self, failed: list[tuple[Step, grpc.RpcError]], more: int = 0,
              unknown: list[Step] | None = None) -> NoReturn:
-        """Stop: undo what was written and say what failed. An UNAVAILABLE is raised as it is,
+        """Stop: undo what was written and say what failed, exiting as the first failed call
+        (`exit_code_of`). An UNAVAILABLE is raised as it is,
         nothing undone (its write may have landed: the controller could not say; apply again).
         `unknown`: new deployments of a SubmitDeployments call that ended without an answer (its
         answer came after the deadline, say, or a call sending some again failed), undone too where
@@ -437,7 +448,8 @@ class _Writer:
         lines = [f"{step.ref}{f' (and {more} more deployments sent with it)' if more else ''} failed: "
                  f"{rpc_error_text(exc, self.ctx.address).removeprefix('error: ')}" for step, exc in failed]
         raise CliError("\n".join([*lines, *(["rolled back:", *(f"  {u}" for u in undone)] if undone else
-                                             ["nothing else had been written"])])) from None
+                                             ["nothing else had been written"])]),
+                       exit_code_of(failed[0][1])) from None
 
 
 def _report(steps: list[Step], ctx: Context) -> None:
@@ -474,7 +486,7 @@ def _show_plan(steps: list[Step], ctx: Context) -> int:
             if step.dry_run is not None:
                 ctx.out("    " + where_it_lands(step.dry_run).replace("\n", "\n    "))
     if any(s.action == "conflict" for s in steps):
-        return Exit.FAILED
+        return _conflict_exit(steps)
     return Exit.PARTIAL if any(_partial(s) for s in steps) else Exit.OK
 
 
@@ -513,11 +525,9 @@ def run_submit(args: argparse.Namespace, ctx: Context) -> int:
         raise CliError(f"submit takes Deployment manifests only; use apply for {others[0].source}", Exit.USAGE)
     if not args.dry_run:
         return run_apply(argparse.Namespace(filename=args.filename, dry_run=False), ctx)
-    answers = [ctx.controller.deployments.SubmitDeployment(
-        deployments_pb2.SubmitDeploymentRequest(spec=obj.message, dry_run=True), timeout=ctx.rpc_timeout).deployment
-        for obj in objects]
-    if ctx.json:
-        ctx.emit_json({"results": answers})
+    answers = [_dry_run(obj, ctx) for obj in objects]
+    if ctx.json:  # the would-be deployments in the manifest vocabulary, as `get -o json` prints them
+        ctx.emit_json(list_document(deployment_document(d) for d in answers))
     else:
         for i, dep in enumerate(answers):
             if i:
@@ -528,6 +538,17 @@ def run_submit(args: argparse.Namespace, ctx: Context) -> int:
         ctx.note(f"partial: only part of {', '.join(partial)} would be placed (exit {int(Exit.PARTIAL)})")
         return Exit.PARTIAL
     return Exit.OK
+
+
+def _dry_run(obj: ManifestObject, ctx: Context) -> deployments_pb2.Deployment:
+    """Where `obj` would land if submitted now. A deployment that exists is solved in place of
+    the stored one (`replace_existing`), as the real submit updates it in place: a plain dry run
+    would refuse it ALREADY_EXISTS, where the submit itself says unchanged or configured."""
+    spec: deployments_pb2.DeploymentSpec = obj.message  # type: ignore[assignment]
+    stored = _get_or_none(ctx.controller.deployments.GetDeployment,
+                          deployments_pb2.GetDeploymentRequest(name=spec.name, tenant=spec.tenant), ctx)
+    request = deployments_pb2.SubmitDeploymentRequest(spec=spec, dry_run=True, replace_existing=stored is not None)
+    return ctx.controller.deployments.SubmitDeployment(request, timeout=ctx.rpc_timeout).deployment
 
 
 def dry_run_text(dep: deployments_pb2.Deployment) -> str:

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.cli.bounds import count
 from controller.cli.client import CliError, Exit
 from controller.cli.context import Context
 from controller.cli.tables import render_table
@@ -27,7 +28,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     """'15m', '24h', '7d' ago, or an ISO 8601 time (UTC unless it says otherwise)."""
     match = _RELATIVE.match(text.strip())
     if match:
-        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        try:
+            return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        except OverflowError:  # before year 1, or beyond what timedelta holds
+            raise argparse.ArgumentTypeError(f"{text!r} reaches back before any date") from None
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -49,7 +53,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = verbs.add_parser("list", parents=[common], help="audit entries in order (a tenant token: its own only)")
     p.add_argument("--tenant", default="", help="only this tenant's entries")
     p.add_argument("--since", type=parse_since, metavar="WHEN", help="only entries since WHEN (24h, 7d, ISO time)")
-    p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N entries (default: all)")
+    p.add_argument("--limit", type=count(), metavar="N", help="at most N entries (default: all)")
     p.set_defaults(handler=run_list)
     v = verbs.add_parser("verify", parents=[common], help="check the chain; exit 0 when intact, 1 naming "
                                                           "the first bad entry otherwise")

@@ -4,18 +4,21 @@ It shows the solver's reasons from the last reconcile pass, then asks the contro
 runs of variants of the spec, each solved as if it replaced the stored deployment (nothing is
 written): the spec as it is now, fewer replicas (when some fit), a wider locality (rack -> row
 -> zone -> none) and fewer shards per replica, and reports how many replicas each would place.
-The first variant that places everything asked is the suggestion; reasons such as a tenant's
-quota are named as they are (the fix is the tenant's contract, not the deployment).
+The first variant that places everything asked is the suggestion, with how to make it: every
+field tried changes in place (a replica count at once with `maiactl scale`, the others replica
+by replica through `apply` of the changed manifest), never by deleting the deployment. Reasons
+such as a tenant's quota are named as they are (the fix is the tenant's contract, not the
+deployment).
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 
-from controller.cli.client import CliError, Exit, rpc_error_text, status_code
+from controller.cli.client import Exit, rpc_error_text, status_code
 from controller.cli.context import Context
 from controller.cli.refs import add_tenant_flag, deployment_ref
 from controller.cli.views import phase_text, reasons_text
@@ -24,6 +27,8 @@ from maia.v1 import deployments_pb2
 
 WIDER = ("node", "rack", "row", "zone", "none")
 MAX_TRIES = 6
+# How a change of what a replica is (locality, shards per replica) is made: in place, rolling.
+_ROLLS = "it applies in place, replica by replica: change it in the manifest and `maiactl apply -f` it"
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class Variant:
     spec: deployments_pb2.DeploymentSpec
     placed: int | None = None        # replicas it would place; None when refused
     error: str = ""
+    how: str = ""                    # how to make the change on the stored deployment
 
     @property
     def fits(self) -> bool:
@@ -47,29 +53,31 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(handler=run)
 
 
-def _variant(base: deployments_pb2.DeploymentSpec, change: str, **fields: Any) -> Variant:
+def _variant(base: deployments_pb2.DeploymentSpec, change: str, how: str = "", **fields: Any) -> Variant:
     spec = deployments_pb2.DeploymentSpec()
     spec.CopyFrom(base)
     for key, value in fields.items():
         setattr(spec, key, value)
     if spec.min_replicas > spec.replicas:
         spec.min_replicas = spec.replicas
-    return Variant(change, spec)
+    return Variant(change, spec, how=how)
 
 
 def candidates(spec: deployments_pb2.DeploymentSpec, placed_now: int) -> list[Variant]:
-    """The spec as it is, then single changes, smallest first."""
+    """The spec as it is, then single changes, smallest first, each with how to make it."""
     out = [_variant(spec, "as it is")]
     if 0 < placed_now < spec.replicas:
-        out.append(_variant(spec, f"replicas: {placed_now}", replicas=placed_now))
+        out.append(_variant(spec, f"replicas: {placed_now}", replicas=placed_now,
+                            how=f"it applies in place, at once: maiactl scale {spec.tenant}/{spec.name} "
+                                f"--replicas {placed_now}"))
     current = domain_word(spec.locality)
     if current in WIDER:
         for word in WIDER[WIDER.index(current) + 1:]:
-            out.append(_variant(spec, f"locality: {word}", locality=DOMAIN_BY_WORD[word]))
+            out.append(_variant(spec, f"locality: {word}", how=_ROLLS, locality=DOMAIN_BY_WORD[word]))
     shards = spec.shards_per_replica // 2
     while shards >= 1 and len(out) < MAX_TRIES:
         out.append(_variant(spec, f"shards_per_replica: {shards} (each shard then holds more of the model)",
-                            shards_per_replica=shards))
+                            how=_ROLLS, shards_per_replica=shards))
         shards //= 2
     return out[:MAX_TRIES]
 
@@ -81,8 +89,8 @@ def _try(variant: Variant, ctx: Context) -> Variant:
     except grpc.RpcError as exc:
         if status_code(exc) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
             raise
-        return Variant(variant.change, variant.spec, None, rpc_error_text(exc, ctx.address).removeprefix("error: "))
-    return Variant(variant.change, variant.spec, dep.placed_replicas)
+        return replace(variant, placed=None, error=rpc_error_text(exc, ctx.address).removeprefix("error: "))
+    return replace(variant, placed=dep.placed_replicas)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -124,5 +132,5 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     elif suggestion.change == "as it is":
         ctx.out("\nIt fits as it is now: the next reconcile pass should place it.")
     else:
-        ctx.out(f"\nSmallest change that fits: {suggestion.change} (delete and apply again with it).")
+        ctx.out(f"\nSmallest change that fits: {suggestion.change}; {suggestion.how}.")
     return Exit.OK

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from controller.cli.bounds import count, int_max, seconds
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
 from controller.cli.outage import Polls
@@ -47,6 +48,8 @@ FILTERS = {"deployment": {"tenant", "rack"}, "node": {"tenant", "rack", "selecto
            "event": {"for_object", "limit", "tenant"}}
 _FLAG = {"tenant": "-n/--tenant", "rack": "--rack", "selector": "-l/--selector", "for_object": "--for", "limit": "--limit"}
 EVENT_KINDS = ("deployment", "node", "tenant", "topology")
+WATCH_INTERVAL_MIN_S = 0.1
+_EVENTS_LIMIT = admin_pb2.ListEventsRequest.DESCRIPTOR.fields_by_name["limit"]
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -71,9 +74,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("-l", "--selector", metavar="KEY=VALUE[,...]", help="nodes whose labels match all pairs")
     p.add_argument("--for", dest="for_object", metavar="KIND/NAME",
                    help="events of one object: deployment/NAME, node/ID, tenant/ID (a bare NAME: a deployment)")
-    p.add_argument("--limit", type=int, metavar="N", help="events: the newest N (default: 50)")
+    p.add_argument("--limit", type=count(int_max(_EVENTS_LIMIT)), metavar="N",
+                   help="events: the newest N (default: 50)")
     p.add_argument("-w", "--watch", action="store_true", help="print again on every change (Ctrl-C stops; blocks)")
-    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="--watch polling period (default: 2)")
+    # At least WATCH_INTERVAL_MIN_S: a watch polls the controller once an interval, for as long as it runs.
+    p.add_argument("--interval", type=seconds(WATCH_INTERVAL_MIN_S), default=2.0, metavar="SECONDS",
+                   help=f"--watch polling period (default: 2; at least {WATCH_INTERVAL_MIN_S:g})")
     p.set_defaults(handler=run)
 
 
@@ -233,9 +239,7 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
     """`get events [--for KIND/NAME] [--watch]`: the newest --limit, then (watch) new ones as they come."""
     if args.names:
         raise CliError("get events takes no NAME (use --for KIND/NAME)", Exit.USAGE)
-    limit = 50 if args.limit is None else args.limit
-    if limit < 1:
-        raise CliError("--limit must be at least 1", Exit.USAGE)
+    limit = 50 if args.limit is None else args.limit  # at least 1: `count`
     kind, name = parse_object(args.for_object) if args.for_object else ("", "")
     events = fetch_events(ctx, kind, name, limit=limit, tenant=args.tenant or "")
     ctx.emit(lambda: list_document(event_document(e) for e in events), lambda: events_table(events),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from controller.cli.bounds import seconds
 from controller.cli.client import list_all
 from controller.cli.context import Context
 from controller.cli.refs import deployment_ref
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         if verb == "drain":
             p.add_argument("--wait", action="store_true",
                            help="block until the replicas there run elsewhere, then show what moved where")
-            p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+            p.add_argument("--timeout", type=seconds(), default=300.0, metavar="SECONDS",
                            help="--wait gives up after this many seconds (default: 300)")
         p.set_defaults(handler=run, verb=verb)
     node = sub.add_parser("node", parents=[common], help="node credentials (admin)")

@@ -11,6 +11,7 @@ import argparse
 
 import grpc
 
+from controller.cli.bounds import int_max, seconds
 from controller.cli.client import CliError, Exit, status_code
 from controller.cli.commands.wait import wait_deployments
 from controller.cli.context import Context
@@ -18,6 +19,7 @@ from controller.cli.refs import add_tenant_flag, deployment_ref
 from maia.v1 import deployments_pb2
 
 P = deployments_pb2
+REPLICAS_MAX = int_max(P.DeploymentSpec.DESCRIPTOR.fields_by_name["replicas"])  # the API's int32
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -31,7 +33,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     st = verbs.add_parser("status", parents=[common],
                           help="wait until a deployment's rolling update (or drain) is done, showing progress")
     st.add_argument("deployment", metavar="DEPLOYMENT")
-    st.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    st.add_argument("--timeout", type=seconds(), default=300.0, metavar="SECONDS")
     add_tenant_flag(st)
     st.set_defaults(handler=run_status)
 
@@ -40,6 +42,8 @@ def run_scale(args: argparse.Namespace, ctx: Context) -> int:
     if args.replicas < 1:
         raise CliError(f"--replicas must be at least 1, got {args.replicas} (delete the deployment to remove it)",
                        Exit.USAGE)
+    if args.replicas > REPLICAS_MAX:
+        raise CliError(f"--replicas must be at most {REPLICAS_MAX}, got {args.replicas}", Exit.USAGE)
     ref = deployment_ref(args.deployment, args.tenant)
     for attempt in range(2):
         current = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),

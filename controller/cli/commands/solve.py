@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.cli.client import CliError
+from controller.cli.config import not_utf8
 from controller.cli.context import Context
 from controller.cli.plan_view import plan_text
 
@@ -29,6 +30,8 @@ def load_problem(path: str) -> dict[str, Any]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"{path}: cannot read: {exc.strerror or exc}", 2) from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: cannot read: {not_utf8(exc)}", 2) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:

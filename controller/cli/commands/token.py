@@ -10,6 +10,7 @@ import argparse
 import re
 from datetime import datetime
 
+from controller.cli.bounds import int_max
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
 from controller.cli.tables import render_table
@@ -18,14 +19,21 @@ from maia.v1 import admin_pb2
 _TTL_RE = re.compile(r"^(\d+)([smhd]?)$")
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 ROLES = ("admin", "tenant", "node-bootstrap")
+_TTL_MAX_S = int_max(admin_pb2.CreateTokenRequest.DESCRIPTOR.fields_by_name["ttl_seconds"])
 
 
 def parse_ttl(text: str) -> int:
     """'90s', '30m', '24h', '7d' or plain seconds -> seconds."""
     match = _TTL_RE.match(text.strip())
-    if not match or int(match.group(1)) == 0:
+    if not match:
         raise argparse.ArgumentTypeError(f"expected a duration such as 30m, 24h or 7d, got {text!r}")
-    return int(match.group(1)) * _TTL_UNITS[match.group(2)]
+    ttl = int(match.group(1)) * _TTL_UNITS[match.group(2)]
+    if ttl == 0:  # 0 is what the API reads as "never expires": not what `--ttl 0s` asks
+        raise argparse.ArgumentTypeError(f"must be more than 0 (leave --ttl out for a token that never expires), "
+                                         f"got {text!r}")
+    if ttl > _TTL_MAX_S:
+        raise argparse.ArgumentTypeError(f"must be at most {_TTL_MAX_S} seconds, got {text!r}")
+    return ttl
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -26,7 +26,10 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     now = now or datetime.now(timezone.utc)
     ago = _AGO.match(text.strip())
     if ago:
-        return now - timedelta(seconds=float(ago.group(1)) * _UNIT_S[ago.group(2)])
+        try:
+            return now - timedelta(seconds=float(ago.group(1)) * _UNIT_S[ago.group(2)])
+        except OverflowError:  # before year 1, or beyond what timedelta holds
+            raise argparse.ArgumentTypeError(f"{text!r} reaches back before any date") from None
     try:
         at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

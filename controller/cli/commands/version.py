@@ -1,4 +1,10 @@
-"""`maiactl version [--client]`: this client's release and the controller's (AdminService.GetVersion)."""
+"""`maiactl version [--client]`: this client's release and the controller's (AdminService.GetVersion).
+
+Asking the controller needs the connection settings, so a config error (an unknown context, a
+token file that cannot be read) is reported as by every other command (exit 2) rather than
+ignored for the defaults, which would call another controller than the one asked for.
+`--client` calls nothing and works without a usable config.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +19,12 @@ from maia.v1 import admin_pb2
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("version", parents=[common], help="client and controller versions")
-    p.add_argument("--client", action="store_true", help="this client only (no call)")
-    p.set_defaults(handler=run, offline=True)
+    p.add_argument("--client", action="store_true", help="this client only (no call; needs no usable config)")
+    p.set_defaults(handler=run, offline=_client_only)
+
+
+def _client_only(args: argparse.Namespace) -> bool:
+    return bool(args.client)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:

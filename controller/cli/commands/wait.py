@@ -26,6 +26,7 @@ from typing import TypeVar
 
 import grpc
 
+from controller.cli.bounds import count, seconds
 from controller.cli.client import CliError, Exit, list_all, status_code
 from controller.cli.context import Context
 from controller.cli.outage import OUTAGE_CODES, Polls, clock
@@ -58,9 +59,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("resource", choices=("deployment", "deployments", "deploy", "nodes"))
     p.add_argument("names", nargs="*", metavar="NAME", help="deployments to wait for")
     p.add_argument("--for", dest="condition", choices=sorted(CONDITIONS), default="running")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds(), default=120.0, metavar="SECONDS",
                    help="give up after this many seconds, exit 1 (default: 120); no call outlasts it")
-    p.add_argument("--connected", type=int, metavar="N", help="nodes: wait until N nodes are ready and connected")
+    p.add_argument("--connected", type=count(), metavar="N",
+                   help="nodes: wait until N (at least 1) nodes are ready and connected")
     p.add_argument("--keep-waiting", action="store_true",
                    help="do not stop early when a deployment is blocked by quota, zones or hardware")
     add_tenant_flag(p)

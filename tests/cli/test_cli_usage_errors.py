@@ -1,0 +1,92 @@
+"""Flags maiactl cannot use are refused when the command line is parsed (exit 2, argparse's
+message naming the flag), not met later as a traceback, a tight loop, a silent default or a
+misleading answer: durations must be more than 0 (a watch's interval at least 0.1 s), counts at
+least 1, connection settings not empty, numbers within the API field they go into. And a
+reader that closes stdout early ends maiactl quietly, as SIGPIPE ends other commands."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+import pytest
+
+from cli_harness import BIN, maiactl_env
+from controller.cli.bounds import count, int_range, seconds
+from controller.cli.main import main
+from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+
+
+def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The last line argparse printed, once it exited 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    assert exited.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, says", [
+    # --interval -1 ended in ValueError from sleep; 0 polled in a tight loop
+    (["get", "deployments", "-w", "--interval", "-1"], "argument --interval: must be at least 0.1 seconds, got '-1'"),
+    (["get", "deployments", "-w", "--interval", "0"], "argument --interval: must be at least 0.1 seconds, got '0'"),
+    (["get", "events", "--watch", "--interval", "nan"], "argument --interval: must be at least 0.1 seconds, got 'nan'"),
+    (["get", "events", "-w", "--interval", "1e308"], "argument --interval: must be at most 9223372036 seconds, "
+                                                     "got '1e308'"),  # time.sleep's OverflowError
+    # a timeout of 0 or less said DEADLINE_EXCEEDED (or UNAVAILABLE "within -1s") of a controller that is fine
+    (["wait", "deployment", "x", "--timeout", "0"], "argument --timeout: must be more than 0 seconds, got '0'"),
+    (["wait", "deployment", "x", "--timeout", "-1"], "argument --timeout: must be more than 0 seconds, got '-1'"),
+    (["rollout", "status", "x", "--timeout", "-3"], "argument --timeout: must be more than 0 seconds, got '-3'"),
+    (["drain", "n1", "--wait", "--timeout", "0"], "argument --timeout: must be more than 0 seconds, got '0'"),
+    (["--rpc-timeout", "-1", "get", "nodes"], "argument --rpc-timeout: must be more than 0 seconds, got '-1'"),
+    (["get", "nodes", "--rpc-timeout", "0"], "argument --rpc-timeout: must be more than 0 seconds, got '0'"),
+    (["get", "nodes", "--rpc-timeout", "inf"], "argument --rpc-timeout: must be more than 0 seconds, got 'inf'"),
+    # --limit 0 printed the whole audit log; get events refuses it the same way
+    (["audit", "list", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["audit", "list", "--limit", "-1"], "argument --limit: must be at least 1, got -1"),
+    (["get", "events", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["get", "events", "--limit", "99999999999"], "argument --limit: must be at most 2147483647, got 99999999999"),
+    (["wait", "nodes", "--connected", "-5"], "argument --connected: must be at least 1, got -5"),
+    # an empty --controller fell back to the context's
+    (["--controller", "", "get", "nodes"], "argument --controller: must not be empty"),
+    (["get", "nodes", "--context", " "], "argument --context: must not be empty"),
+    (["token", "create", "--role", "admin", "--ttl", "0s"],
+     "argument --ttl: must be more than 0 (leave --ttl out for a token that never expires), got '0s'"),
+    (["token", "create", "--role", "admin", "--ttl", "99999999999999999999"],
+     "argument --ttl: must be at most 9223372036854775807 seconds, got '99999999999999999999'"),
+    # timedelta's OverflowError
+    (["audit", "list", "--since", "99999999999d"], "argument --since: '99999999999d' reaches back before any date"),
+    (["usage", "--since", "999999d"], "argument --since: '999999d' reaches back before any date"),
+])
+def test_a_flag_maiactl_cannot_use_is_refused_when_parsed(capsys, argv: list[str], says: str) -> None:
+    assert refused(capsys, "--controller", "127.0.0.1:9", *argv).endswith(f"error: {says}")
+
+
+def test_a_replica_count_the_api_cannot_hold_is_refused_before_any_call(capsys) -> None:
+    """It ended in protobuf's ValueError ("Value out of range")."""
+    assert main(["--controller", "127.0.0.1:9", "scale", "web", "--replicas", "99999999999"]) == 2
+    assert capsys.readouterr().err == "error: --replicas must be at most 2147483647, got 99999999999\n"
+
+
+def test_the_range_of_each_integer_field_is_its_proto_type() -> None:
+    field = deployments_pb2.DeploymentSpec.DESCRIPTOR.fields_by_name
+    assert int_range(field["replicas"]) == (-2**31, 2**31 - 1)  # int32
+    assert int_range(common_pb2.ShardSpec.DESCRIPTOR.fields_by_name["cpu_milli"]) == (-2**63, 2**63 - 1)  # int64
+    assert int_range(admin_pb2.Tenant.DESCRIPTOR.fields_by_name["max_power_w"]) is None  # a double
+    assert int_range(field["name"]) is None
+
+
+def test_durations_and_counts() -> None:
+    assert seconds()("0.5") == 0.5 and seconds(0.1)("0.1") == 0.1 and count()("1") == 1
+    for parse, text in ((seconds(), "1e999"), (seconds(), "-0"), (seconds(), "soon"), (count(), "1.5"),
+                        (count(3), "4")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_a_reader_that_stops_early_ends_maiactl_quietly() -> None:
+    """`maiactl ... | head -1`: exit 141 as a command killed by SIGPIPE, nothing on stderr (it was
+    Python's "Exception ignored ... BrokenPipeError" when it flushed stdout at its exit, and 120)."""
+    proc = subprocess.Popen([str(BIN / "maiactl"), "version", "--client"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=maiactl_env(None))
+    proc.stdout.close()  # type: ignore[union-attr]  # before maiactl has written anything
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    assert (proc.wait(timeout=60), err) == (141, b"")
