@@ -17,6 +17,7 @@ import pytest
 from cli_harness import silent_address
 from controller.cli.client import open_aio_channel
 from controller.cli.commands import explain
+from controller.cli.commands.nodes import drain_moves
 from controller.cli.config import Connection
 from controller.cli.main import main
 from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
@@ -476,3 +477,18 @@ def test_a_refusal_at_the_plan_exits_as_its_code(fake, capsys, dry_run: bool) ->
     assert code == 2, err
     assert "INVALID_ARGUMENT: deployment phi-row: priority out of range" in (out if dry_run else err)
     assert "phi-row" not in deployments.deployments
+
+
+def test_a_drains_moves_include_a_replacement_that_took_a_freed_replica_number() -> None:
+    """Two replicas drained off rack-02-n13: one replacement took a new number (2), the other the
+    number the first retired replica freed (1). Only new numbers counted as new replicas, and
+    `drain --wait` said one shard had moved of two."""
+    def placed(*where: tuple[int, str]) -> list[D.ShardPlacement]:
+        return [D.ShardPlacement(replica=replica, shard=0, node=node) for replica, node in where]
+
+    before = placed((0, "rack-00-n01"), (1, "rack-02-n13"), (5, "rack-02-n13"))
+    after = placed((0, "rack-00-n01"), (1, "rack-02-n03"), (2, "rack-02-n04"))
+    moves = drain_moves("openlab/embeddings-small", before, after, {"rack-02-n13"})
+    assert [(m["from_replica"], m["from"], m["to"]) for m in moves] == [
+        (1, "rack-02-n13", "rack-02-n03"), (5, "rack-02-n13", "rack-02-n04")]
+    assert drain_moves("openlab/embeddings-small", before, before, {"rack-02-n13"}) == []  # not replaced yet

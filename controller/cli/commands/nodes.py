@@ -95,12 +95,18 @@ def _placements(ctx: Context, key: str) -> list[deployments_pb2.ShardPlacement]:
 def drain_moves(name: str, before: list[deployments_pb2.ShardPlacement], after: list[deployments_pb2.ShardPlacement],
                 drained: set[str]) -> list[dict[str, object]]:
     """Which replica replaced which: the replicas that were on the drained nodes, paired in order
-    with the replicas that are new since, shard by shard (from -> to)."""
+    with the replicas that are new since, shard by shard (from -> to). A replica is new when its
+    number was not placed before or its shards are elsewhere now: the controller gives a new
+    replica the lowest number free, which may be one the drain has just freed."""
     old_replicas = sorted({p.replica for p in before if p.node in drained})
-    had = {p.replica for p in before}
-    new_replicas = sorted({p.replica for p in after} - had)
     shards_before = {(p.replica, p.shard): p.node for p in before}
     shards_after = {(p.replica, p.shard): p.node for p in after}
+
+    def where(shards: dict[tuple[int, int], str], replica: int) -> dict[int, str]:
+        return {shard: node for (r, shard), node in shards.items() if r == replica}
+
+    new_replicas = sorted(r for r in {p.replica for p in after}
+                          if where(shards_after, r) != where(shards_before, r))
     moves = []
     for old, new in zip(old_replicas, new_replicas):
         for (replica, shard), node in sorted(shards_before.items()):
