@@ -147,4 +147,6 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         from controller.version import version_text
         from controller.store.migrate import head_revision
 
-        return admin_pb2.VersionInfo(version=version_text(), schema_revision=await asyncio.to_thread(head_revision))
+        return admin_pb2.VersionInfo(version=version_text(), schema_revision=await asyncio.to_thread(head_revision),
+                                     address=self._deps.advertised(), leader=self._deps.leads(),
+                                     leader_address=self._deps.leader_address())

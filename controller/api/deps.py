@@ -28,6 +28,8 @@ class ServiceDeps:
     # Raises `NotLeader` (UNAVAILABLE with the leader's address) on a follower: agents go to the leader.
     require_leader: Callable[[], None] = lambda: None
     leads: Callable[[], bool] = lambda: True  # whether this controller leads now (holds the agents' streams)
+    advertised: Callable[[], str] = lambda: ""  # where this controller serves the API (--advertise-address)
+    leader_address: Callable[[], str] = lambda: ""  # where the leader serves it, as last read ("": none now)
     capacity: CapacityCache | None = None  # the submit path's aggregates (None: read per submit)
     submits: SubmitBatcher | None = None  # group commit of submits (None: one transaction each)
     deletes: DeleteBatcher | None = None  # group commit of deletions (None: one transaction each)

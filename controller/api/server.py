@@ -320,6 +320,7 @@ class ControllerApp:
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             throttle=self.throttle,
             require_leader=self.election.require_leader, leads=self.election.should_run,
+            advertised=lambda: self.election.address, leader_address=lambda: self.election.leader.api,
             capacity=capacity,
             submits=SubmitBatcher(self.db, self.signals, observer=self.metrics, submitted=self.submitted),
             deletes=DeleteBatcher(self.db, self.signals),

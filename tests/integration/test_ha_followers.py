@@ -9,6 +9,8 @@ its final `deleted` event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -22,6 +24,7 @@ from sqlalchemy import text
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.api.server import DEPLOYMENTS, ControllerApp
+from controller.cli.main import main as maiactl
 from grpc_harness import SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
@@ -44,6 +47,16 @@ async def test_a_follower_serves_the_api_redirects_agents_and_wakes_the_leader(d
             stubs = Stubs.on(channel)
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
             assert health.status == health_pb2.HealthCheckResponse.SERVING
+            # Who answered, and who leads (`maiactl version`): an operator's view of the failover.
+            version = await stubs.admin.GetVersion(admin_pb2.GetVersionRequest())
+            assert (version.address, version.leader, version.leader_address) == (
+                follower.address, False, leader.address)
+            async with Stubs.connect(leader.address, token).channel as leader_channel:
+                version = await Stubs.on(leader_channel).admin.GetVersion(admin_pb2.GetVersionRequest())
+            assert (version.address, version.leader, version.leader_address) == (leader.address, True, leader.address)
+            for app, role in ((follower, f"follower (leader at {leader.address})"), (leader, "leader")):
+                code, out = await asyncio.to_thread(_maiactl, "--controller", app.address, "--token", token, "version")
+                assert code == 0 and f"at {app.address}, {role}\n" in out, out
 
             async with Stubs.connect(follower.address, node_token).channel as agent_channel:
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -78,6 +91,14 @@ async def test_a_follower_serves_the_api_redirects_agents_and_wakes_the_leader(d
                 watch.cancel()
             finally:
                 await fleet.stop()
+
+
+def _maiactl(*argv: str) -> tuple[int, str]:
+    """maiactl run in this process (in a thread: it makes blocking calls): its exit code and stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = maiactl(list(argv))
+    return code, out.getvalue()
 
 
 async def _first(watch, check):  # type: ignore[no-untyped-def]

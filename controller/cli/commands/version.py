@@ -3,7 +3,9 @@
 Asking the controller needs the connection settings, so a config error (an unknown context, a
 token file that cannot be read) is reported as by every other command (exit 2) rather than
 ignored for the defaults, which would call another controller than the one asked for.
-`--client` calls nothing and works without a usable config.
+`--client` calls nothing and works without a usable config. The controller says where it
+serves and whether it leads, or where the leader is (with several controllers, `--controller
+A,B,C`, whichever answered).
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ def _client_only(args: argparse.Namespace) -> bool:
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
     client = {"version": version_text()}
-    server: dict[str, str] | None = None
+    server: dict[str, str | bool] | None = None
     error: grpc.RpcError | None = None
     if not args.client:
         try:
             info = ctx.controller.admin.GetVersion(admin_pb2.GetVersionRequest(), timeout=ctx.rpc_timeout)
-            server = {"version": info.version, "schema_revision": info.schema_revision, "address": ctx.address}
+            server = {"version": info.version, "schema_revision": info.schema_revision,
+                      "address": info.address or ctx.address, "leader": info.leader,
+                      "leader_address": info.leader_address}
         except grpc.RpcError as exc:
             error = exc
     if ctx.json:
@@ -43,8 +47,15 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         ctx.out(f"Client: maiactl {client['version']}")
         if server is not None:
             ctx.out(f"Server: maia-controller {server['version']} (schema {server['schema_revision']}) "
-                    f"at {server['address']}")
+                    f"at {server['address']}, {_role(server)}")
     if error is not None:
         ctx.note(rpc_error_text(error, ctx.address))
         return exit_code_of(error)
     return Exit.OK
+
+
+def _role(server: dict[str, str | bool]) -> str:
+    """'leader', or 'follower (leader at ADDRESS)' ('no leader now' while none holds the lease)."""
+    if server["leader"]:
+        return "leader"
+    return f"follower (leader at {server['leader_address']})" if server["leader_address"] else "follower (no leader now)"
