@@ -61,6 +61,9 @@ document on stdout (progress and errors go to stderr). For scripts:
   `maiactl get deployment X -o yaml > x.yaml && maiactl apply -f x.yaml` prints `unchanged`;
 - a list is `{{"kind": "List", "items": [...]}}` (also appliable);
 - `apply`, `delete` print `{{"results": [{{"object": "deployment/x", "action": "created"}}, ...]}}`;
+- answers that are no object (`summary`, `usage`, `audit verify`) are in the same vocabulary:
+  every field (zeros too), lowercase enum words, numbers as numbers (64-bit ones too), times as
+  RFC 3339 strings; `audit list` and `get events` print a List (of `AuditEvent`, of `Event`);
 - `solve -o json` prints the plan document of the placement interchange format.
 
 ## Commands that block

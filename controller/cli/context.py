@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controller.cli.client import CliError, Controller, Exit
@@ -27,9 +26,12 @@ OUTPUTS = ("table", "wide", "json", "yaml", "name", "csv")
 
 
 def to_jsonable(value: Any) -> Any:
-    """Protobuf messages (also inside lists/dicts) as dicts with the proto's snake_case names."""
+    """Protobuf messages (also inside lists/dicts) as documents in the manifest vocabulary
+    (`documents.message_document`: snake_case, lowercase enum words, numbers as numbers)."""
     if isinstance(value, Message):
-        return json_format.MessageToDict(value, preserving_proto_field_name=True)
+        from controller.cli.documents import message_document  # with the first message: not at start
+
+        return message_document(value)
     if isinstance(value, dict):
         return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -4,15 +4,21 @@
 fields at the top level in snake_case, lowercase enum words (`rack`, `dedicated_node`), numbers
 as numbers (a whole float as an integer), defaults left out; what the server reports goes under
 `status`, which `apply` ignores. Lists are `{kind: List, items: [...]}` (also appliable).
-The shape is stable for scripts (docs/cli.md).
+Answers with no manifest kind (summary, usage, audit) are in the same vocabulary
+(`message_document`). The shape is stable for scripts (docs/cli.md).
 """
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 from controller.cli.vocab import (
-    deployment_phase_word, domain_word, isolation_word, node_state_word, shard_phase_word,
+    deployment_phase_word, domain_word, enum_word, isolation_word, node_state_word, shard_phase_word,
 )
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -22,6 +28,48 @@ Document = dict[str, Any]
 def number(value: float) -> int | float:
     """48.0 -> 48, 2.5 -> 2.5."""
     return int(value) if float(value).is_integer() else float(value)
+
+
+def message_document(message: Message) -> Any:
+    """Any API message in the vocabulary above: the proto's snake_case names, every field (a zero
+    one too: `nodes_cordoned: 0`; an unset optional or message field left out), lowercase enum
+    words, numbers as numbers (an int64 too, which protobuf's own JSON prints as a string; a
+    whole float as an integer), times as RFC 3339 strings. Every message `-o json|yaml` prints
+    goes through here (`context.to_jsonable`)."""
+    if message.DESCRIPTOR.full_name.startswith("google.protobuf."):  # Timestamp, Struct, Duration...
+        return _numbers(json_format.MessageToDict(message))
+    doc: Document = {}
+    for f in message.DESCRIPTOR.fields:
+        value = getattr(message, f.name)
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            value_field = f.message_type.fields_by_name["value"]
+            doc[f.name] = {key: _field_value(value_field, v) for key, v in sorted(value.items())}
+        elif f.is_repeated:
+            doc[f.name] = [_field_value(f, v) for v in value]
+        elif not f.has_presence or message.HasField(f.name):
+            doc[f.name] = _field_value(f, value)
+    return doc
+
+
+def _field_value(f: FieldDescriptor, value: Any) -> Any:
+    if f.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_document(value)
+    if f.type == FieldDescriptor.TYPE_ENUM:
+        return enum_word(f.enum_type, value)
+    if f.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return _numbers(value)
+
+
+def _numbers(value: Any) -> Any:
+    """Whole floats as integers, in lists and dicts too (a Struct's numbers are all floats)."""
+    if isinstance(value, float):
+        return number(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
 
 
 def list_document(items: Iterable[Document]) -> Document:

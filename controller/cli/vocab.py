@@ -6,6 +6,11 @@ here means a new enum value is added once.
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+from google.protobuf.descriptor import EnumDescriptor
+
 from maia.v1 import common_pb2, deployments_pb2
 
 ISOLATION_BY_WORD: dict[str, int] = {
@@ -59,6 +64,28 @@ def deployment_phase_word(value: int) -> str:
     if value == deployments_pb2.DEPLOYMENT_PHASE_UNSPECIFIED:
         return "unknown"
     return _word(deployments_pb2.DeploymentPhase.Name(value), "DEPLOYMENT_PHASE_")
+
+
+_WORD_OF_ENUM: dict[str, Callable[[int], str]] = {
+    "maia.v1.Isolation": isolation_word,
+    "maia.v1.Domain": domain_word,
+    "maia.v1.NodeState": node_state_word,
+    "maia.v1.ShardPhase": shard_phase_word,
+    "maia.v1.DeploymentPhase": deployment_phase_word,
+}
+
+
+def enum_word(enum: EnumDescriptor, value: int) -> str | int:
+    """Any API enum's value as its word: the words above for the enums they name, else the value's
+    name without its type's prefix, lowercase (`Type.TYPE_DELETED` -> `deleted`). A value this
+    maiactl does not know (a newer controller's) stays its number, as protobuf's JSON prints it."""
+    named = enum.values_by_number.get(value)
+    if named is None:
+        return value
+    word_of = _WORD_OF_ENUM.get(enum.full_name)
+    if word_of is not None:
+        return word_of(value)
+    return _word(named.name, re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_")
 
 
 def title(word: str) -> str:

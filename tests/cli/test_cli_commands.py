@@ -72,6 +72,10 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.calls.append("GetVersion")
         return admin_pb2.VersionInfo(version="9.9.9", schema_revision="0001_fake")
 
+    def GetClusterSummary(self, request, context):  # noqa: N802
+        return admin_pb2.ClusterSummary(nodes_ready=4, accelerators_total=64.0, accelerators_used=2.5,
+                                        deployments_by_phase={"running": 1}, tenants=list(self.tenants.values()))
+
 
 class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
     def __init__(self, calls: list[str]) -> None:
@@ -492,3 +496,36 @@ def test_a_drains_moves_include_a_replacement_that_took_a_freed_replica_number()
     assert [(m["from_replica"], m["from"], m["to"]) for m in moves] == [
         (1, "rack-02-n13", "rack-02-n03"), (5, "rack-02-n13", "rack-02-n04")]
     assert drain_moves("openlab/embeddings-small", before, before, {"rack-02-n13"}) == []  # not replaced yet
+
+
+def test_summary_json_is_in_the_documented_vocabulary(fake, capsys) -> None:
+    """`-o json` prints lowercase enum words and numbers as numbers, zero ones too; it printed
+    "ISOLATION_DEDICATED_RACK", 64.0 and left nodes_cordoned out (protobuf's own JSON)."""
+    address, admin, _, _ = fake
+    admin.tenants["lab"] = admin_pb2.Tenant(id="lab", isolation=common_pb2.ISOLATION_DEDICATED_RACK,
+                                            max_accelerators=8.0)
+    code, out, err = run(capsys, "--controller", address, "summary", "-o", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert {k: doc[k] for k in ("nodes_ready", "nodes_cordoned", "accelerators_total", "accelerators_used")} == \
+        {"nodes_ready": 4, "nodes_cordoned": 0, "accelerators_total": 64, "accelerators_used": 2.5}
+    assert type(doc["accelerators_total"]) is int and doc["deployments_by_phase"] == {"running": 1}
+    [tenant] = doc["tenants"]
+    assert (tenant["isolation"], tenant["max_accelerators"], tenant["used_accelerators"]) == ("dedicated_rack", 8, 0)
+    assert "max_power_w" not in tenant  # an optional field not set stays out
+
+
+def test_get_of_several_names_prints_those_found_and_says_each_missing(fake, capsys) -> None:
+    """kubectl-like: `get deployment sub1 nosuch` printed only the NOT_FOUND and dropped sub1."""
+    address, admin, deployments, _ = fake
+    deployments.run_after_s = None
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
+        "-f", str(EXAMPLES / "phi-row.yaml"))
+    code, out, err = run(capsys, "--controller", address, "get", "deployment", "phi-row", "nosuch", "gone",
+                         "-o", "name")
+    assert (code, out) == (3, "deployment/phi-row\n")
+    assert err.splitlines() == ["error: NOT_FOUND: deployment nosuch not found",
+                                "error: NOT_FOUND: deployment gone not found"]
+    code, out, err = run(capsys, "--controller", address, "get", "tenants", "nosuch", "openlab", "-o", "json")
+    assert code == 3 and err == "error: NOT_FOUND: tenant nosuch not found\n"
+    assert [t["id"] for t in json.loads(out)["items"]] == ["openlab"]

@@ -191,6 +191,10 @@ def test_events_and_describe(running: RunningController, tmp_path: Path):
     assert "tenant.created" in table
     bad = running.ctl("get", "events", "--for", "rack/x")
     assert bad.returncode == 2 and "expected KIND/NAME" in bad.stderr
+    for ghost in ("node/ghost", "deployment/ghost", "tenant/ghost"):  # it said "No events.", exit 0
+        missing = running.ctl("get", "events", "--for", ghost)
+        assert (missing.returncode, missing.stdout) == (3, ""), missing.stderr
+        assert missing.stderr.startswith(f"error: NOT_FOUND: {ghost.replace('/', ' ')}"), missing.stderr
 
     described = running.ctl("describe", "deployment", "evented")
     assert described.returncode == 0, described.stderr
@@ -222,7 +226,7 @@ def test_apply_sends_new_deployments_together_and_undoes_them_when_one_is_refuse
                                                    for name in ("many-a", "many-b")))
     proc = running.ctl("apply", "-f", f, "-o", "name")
     assert (proc.returncode, proc.stdout.splitlines()) == (0, ["deployment/many-a", "deployment/many-b"]), proc.stderr
-    entries = json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["events"]
+    entries = json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["items"]
     submits = [e for e in entries if e["object_id"] in ("openlab/many-a", "openlab/many-b")]
     assert [(e["action"], e["outcome"], e["detail"].get("call")) for e in submits] == \
         [("/maia.v1.DeploymentService/SubmitDeployment", "OK", "/maia.v1.DeploymentService/SubmitDeployments")] * 2
@@ -231,13 +235,40 @@ def test_apply_sends_new_deployments_together_and_undoes_them_when_one_is_refuse
     bad = DEPLOYMENT.format(name="refused-b", tenant="openlab", replicas=1).replace("priority: 10", "priority: 2000000")
     refused = write(tmp_path / "refused.yaml", "---\n".join(
         [tenant, DEPLOYMENT.format(name="refused-a", tenant="openlab", replicas=1), bad]))
-    audited = len(json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["events"])
+    audited = len(json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["items"])
     proc = running.ctl("apply", "-f", refused)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("error: deployment/refused-b failed: INVALID_ARGUMENT: "), lines
     assert lines[1:] == ["rolled back:", "  deployment/refused-a deleted again"]
     items = json.loads(running.ctl("get", "deployments", "-o", "json").stdout)["items"]
-    assert [d for d in items if d["name"].startswith("refused-") and d["status"]["phase"] != "Deleting"] == []
-    entries = json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["events"]
+    assert [d for d in items if d["name"].startswith("refused-") and d["status"]["phase"] != "deleting"] == []
+    entries = json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["items"]
     assert not any("UpdateTenant" in e["action"] for e in entries[audited:]), entries[audited:]
+
+
+def test_audit_json_is_a_list_with_numbers_as_numbers(running: RunningController):
+    """int64 fields were strings ("seq": "1", "entries": "298"), and entries came as {"events": [...]}
+    where every other list is a List document."""
+    verified = json.loads(running.ctl("audit", "verify", "-o", "json").stdout)
+    assert verified["intact"] is True and verified["first_bad_seq"] == 0
+    assert type(verified["entries"]) is int and verified["head_seq"] == verified["entries"] >= 1
+    listed = json.loads(running.ctl("audit", "list", "--limit", "2", "-o", "json").stdout)
+    assert listed["kind"] == "List" and [(e["kind"], e["seq"]) for e in listed["items"]] == \
+        [("AuditEvent", 1), ("AuditEvent", 2)]
+
+
+def test_a_rollback_deletes_the_tenant_it_created_once_its_deployments_are_gone(running: RunningController,
+                                                                               tmp_path: Path):
+    """The new tenant's deployments deleted again stay Deleting until the controller released their
+    shards; DeleteTenant meanwhile failed FAILED_PRECONDITION ("has 1 deployment(s)"), said "could not
+    be undone", and left the tenant. The rollback now waits for them to be gone first."""
+    bad = DEPLOYMENT.format(name="rb-b", tenant="rb-lab", replicas=1).replace("priority: 10", "priority: 2000000")
+    f = write(tmp_path / "rb.yaml", "---\n".join(
+        ["kind: Tenant\nid: rb-lab\n", DEPLOYMENT.format(name="rb-a", tenant="rb-lab", replicas=1), bad]))
+    proc = running.ctl("apply", "-f", f)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("error: deployment/rb-b failed: INVALID_ARGUMENT: "), lines
+    assert lines[1:] == ["rolled back:", "  deployment/rb-a deleted again", "  tenant/rb-lab deleted again"]
+    assert running.ctl("get", "tenant", "rb-lab").returncode == 3

@@ -90,3 +90,19 @@ def test_a_reader_that_stops_early_ends_maiactl_quietly() -> None:
     proc.stdout.close()  # type: ignore[union-attr]  # before maiactl has written anything
     err = proc.stderr.read()  # type: ignore[union-attr]
     assert (proc.wait(timeout=60), err) == (141, b"")
+
+
+@pytest.mark.parametrize("argv, says", [
+    # -o name printed the table: a usage record has no name
+    (["usage", "-o", "name"], "error: -o name is not supported by usage: its records are no objects with names "
+                              "(use -o table, json, yaml or csv)"),
+    # a since in the future printed an empty report "from 2030-... to <now>", exit 0
+    (["usage", "--since", "2030-01-01T00:00:00Z"], "error: since (2030-01-01T00:00:00+00:00) must be before until ("),
+    (["usage", "--since", "2030-01-01", "--until", "2029-01-01"],
+     "error: since (2030-01-01T00:00:00+00:00) must be before until (2029-01-01T00:00:00+00:00)"),
+])
+def test_usage_refuses_what_it_cannot_answer_before_any_call(capsys, argv: list[str], says: str) -> None:
+    """Exit 2 with nothing sent (nothing listens at 127.0.0.1:9: a call would exit 5)."""
+    assert main(["--controller", "127.0.0.1:9", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(says), captured.err

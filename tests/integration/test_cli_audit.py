@@ -34,7 +34,7 @@ async def test_list_filters_by_tenant_and_pages(controller_app: ControllerApp, s
     await _seed(stubs)
     code, out, _ = await _maiactl(controller_app, capsys, "audit", "list", "--tenant", "lab-b", "-o", "json")
     assert code == 0
-    events = json.loads(out)["events"]
+    events = json.loads(out)["items"]
     assert [(e["object_id"], e["outcome"]) for e in events] == [("lab-b", "OK")]
 
     code, out, _ = await _maiactl(controller_app, capsys, "audit", "list")

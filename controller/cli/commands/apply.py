@@ -16,7 +16,8 @@ apply works in three steps, so a bad batch writes nothing:
    calls of up to `limits.SUBMITS_PER_CALL_MAX` (`_Writer`; one SubmitDeployment each against a
    controller that answers UNIMPLEMENTED), each decided and answered on its own. Should a write
    still fail (a race, a rule only the server checks), what this run created is deleted again
-   (the deployments of the failing call that were written too), updated tenants get their old
+   (the deployments of the failing call that were written too; a tenant once the deployments
+   deleted in it are gone, waited for at most --rpc-timeout), updated tenants get their old
    contract and updated deployments their old spec back; a topology change cannot be undone
    (its RPC removes nothing) and is reported as such. The exit code is the failed call's
    (`client.exit_code_of`: INVALID_ARGUMENT 2, NOT_FOUND 3, others 1), as anywhere in maiactl.
@@ -40,6 +41,7 @@ import grpc
 
 from controller import limits
 from controller.cli.client import CliError, Exit, StatusError, exit_code_of, rpc_error_text, status_code
+from controller.cli.commands.wait import wait_deployments
 from controller.cli.retry import RetryPolicy
 from controller.cli.context import Context
 from controller.cli.documents import deployment_document, list_document, spec_differences, spec_document
@@ -313,12 +315,15 @@ def _undo(done: list[Step], ctx: Context, unknown: list[Step] | None = None) -> 
     `unknown`: those of `done` that may not have been written (NOT_FOUND: nothing to undo)."""
     lines = []
     maybe = {id(step) for step in unknown or []}
+    deleted: dict[str, list[str]] = {}  # tenant -> TENANT/NAME of its deployments deleted here
     for step in reversed(done):
         try:
             if step.obj.kind == "Deployment" and step.action == "created":
+                tenant = step.obj.message.tenant
                 ctx.controller.deployments.DeleteDeployment(
-                    deployments_pb2.DeleteDeploymentRequest(name=step.obj.name, tenant=step.obj.message.tenant),
+                    deployments_pb2.DeleteDeploymentRequest(name=step.obj.name, tenant=tenant),
                     timeout=ctx.rpc_timeout)
+                deleted.setdefault(tenant, []).append(f"{tenant}/{step.obj.name}")
                 lines.append(f"{step.ref} deleted again")
             elif step.obj.kind == "Deployment" and step.action == "configured" and step.updated is not None:
                 ctx.controller.deployments.UpdateDeployment(deployments_pb2.UpdateDeploymentRequest(
@@ -328,6 +333,7 @@ def _undo(done: list[Step], ctx: Context, unknown: list[Step] | None = None) -> 
                 ctx.controller.admin.UpdateTenant(_contract(step.previous), timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} restored")
             elif step.obj.kind == "Tenant" and step.action == "created":
+                _wait_gone(deleted.pop(step.obj.name, []), ctx)
                 ctx.controller.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id=step.obj.name),
                                                   timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} deleted again")
@@ -338,6 +344,19 @@ def _undo(done: list[Step], ctx: Context, unknown: list[Step] | None = None) -> 
                 continue  # it was not written
             lines.append(f"{step.ref}: could not be undone: {rpc_error_text(exc, ctx.address).removeprefix('error: ')}")
     return lines
+
+
+def _wait_gone(deployments: list[str], ctx: Context) -> None:
+    """Until the deployments this rollback deleted (TENANT/NAME) are gone, at most --rpc-timeout:
+    a deleted deployment stays, DELETING, until the controller has released its shards, and its
+    tenant cannot be deleted before (FAILED_PRECONDITION). Past the bound, DeleteTenant is tried
+    all the same and its refusal reported as what could not be undone."""
+    if not deployments:
+        return
+    try:
+        wait_deployments(deployments, "deleted", ctx.rpc_timeout, ctx, fail_fast=False, quiet=True, progress=False)
+    except CliError:  # timed out
+        pass
 
 
 def _step_line(step: Step) -> str:

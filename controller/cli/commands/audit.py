@@ -1,5 +1,6 @@
 """`maiactl audit list [--tenant T] [--since WHEN]` and `maiactl audit verify [--expect-head SEQ:HASH]`.
 
+`list -o json|yaml` prints a List of AuditEvent documents, as `get events` prints its events.
 `verify` exits 0 when the chain is intact and prints its head (seq and hash): keep that line
 somewhere outside the controller's database and pass it back with --expect-head to detect a
 tail rewritten together with the head record. When the chain is broken it names the first bad
@@ -16,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controller.cli.bounds import count
 from controller.cli.client import CliError, Exit
 from controller.cli.context import Context
+from controller.cli.documents import list_document, message_document
 from controller.cli.tables import render_table
 from maia.v1 import audit_pb2
 
@@ -88,7 +90,8 @@ def _table(events: list[audit_pb2.AuditEvent]) -> str:
 
 def run_list(args: argparse.Namespace, ctx: Context) -> int:
     events = _events(args, ctx)
-    ctx.emit(lambda: {"events": events}, lambda: _table(events), is_table=True,
+    ctx.emit(lambda: list_document({"kind": "AuditEvent", **message_document(e)} for e in events),
+             lambda: _table(events), is_table=True,
              names=lambda: (f"audit/{e.seq}" for e in events))
     return Exit.OK
 

@@ -3,12 +3,14 @@
 Every filter either works or is refused (exit 2) — none is silently ignored:
 `--tenant` (deployments, nodes holding its shards, placements), `--rack` (deployments with a
 shard there, nodes, placements), `-l key=value` (node labels; the other kinds carry none).
-`--watch` prints the list again whenever it changes (polling every --interval seconds); `get
-events --watch` prints the events after the last one shown. A watch outlives a controller that
-goes away for a while (a restart, a failover, a network that drops packets): a poll it does not
-serve (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) is said once on stderr and polled again at the
-interval, and the watch goes on where it was (the events after the last one shown) once the
-controller answers (`cli.outage`). Any other failure ends it.
+NAMEs that do not exist are said on stderr, one `error: NOT_FOUND: ...` each, after what the
+others print (exit 3), as kubectl does; so is the object of `get events --for KIND/NAME` when it
+has no events and does not exist. `--watch` prints the list again whenever it changes (polling
+every --interval seconds); `get events --watch` prints the events after the last one shown. A
+watch outlives a controller that goes away for a while (a restart, a failover, a network that
+drops packets): a poll it does not serve (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) is said once
+on stderr and polled again at the interval, and the watch goes on where it was (the events after
+the last one shown) once the controller answers (`cli.outage`). Any other failure ends it.
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
 
 from controller.cli.bounds import count, int_max, seconds
-from controller.cli.client import CliError, Exit, list_all
+from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
 from controller.cli.context import Context
 from controller.cli.outage import Polls
 from controller.cli.refs import deployment_ref
@@ -50,6 +54,7 @@ _FLAG = {"tenant": "-n/--tenant", "rack": "--rack", "selector": "-l/--selector",
 EVENT_KINDS = ("deployment", "node", "tenant", "topology")
 WATCH_INTERVAL_MIN_S = 0.1
 _EVENTS_LIMIT = admin_pb2.ListEventsRequest.DESCRIPTOR.fields_by_name["limit"]
+T = TypeVar("T")
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -91,6 +96,22 @@ class Listing:
     text: Callable[[], str]
     names: Callable[[], list[str]]
     is_table: bool = True
+    missing: list[grpc.RpcError] = field(default_factory=list)  # NOT_FOUND of NAMEs asked for
+
+
+def _each(names: Sequence[str], get: Callable[[str], T]) -> tuple[list[T], list[grpc.RpcError]]:
+    """`get` of every name: what was found, and the NOT_FOUND of each that was not (any other
+    failure ends the command)."""
+    found: list[T] = []
+    missing: list[grpc.RpcError] = []
+    for name in names:
+        try:
+            found.append(get(name))
+        except grpc.RpcError as exc:
+            if status_code(exc) != grpc.StatusCode.NOT_FOUND:
+                raise
+            missing.append(exc)
+    return found, missing
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -109,9 +130,20 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     fetch = {"deployment": _deployments, "node": _nodes, "tenant": _tenants, "topology": _topology,
              "placement": _placements}[kind]
     if not args.watch:
-        _emit(fetch(args, ctx), ctx)
-        return Exit.OK
-    return _watch(lambda: fetch(args, ctx), args.interval, ctx)
+        listing = fetch(args, ctx)
+        if len(listing.missing) < len(args.names) or not args.names:  # something to show
+            _emit(listing, ctx)
+        for exc in listing.missing:
+            ctx.note(rpc_error_text(exc, ctx.address))
+        return Exit.NOT_FOUND if listing.missing else Exit.OK
+    return _watch(lambda: _all_found(fetch(args, ctx)), args.interval, ctx)
+
+
+def _all_found(listing: Listing) -> Listing:
+    """A watch of NAMEs follows them all: one missing ends it, NOT_FOUND."""
+    if listing.missing:
+        raise listing.missing[0]
+    return listing
 
 
 def _emit(listing: Listing, ctx: Context) -> None:
@@ -138,13 +170,14 @@ def _watch(fetch: Callable[[], Listing], interval: float, ctx: Context) -> int:
 
 def _deployments(args: argparse.Namespace, ctx: Context) -> Listing:
     stub = ctx.controller.deployments
+    missing: list[grpc.RpcError] = []
     if args.names:
         refs = [deployment_ref(n, args.tenant) for n in args.names]
-        deps = [stub.GetDeployment(deployments_pb2.GetDeploymentRequest(name=r.name, tenant=r.tenant),
-                                   timeout=ctx.rpc_timeout) for r in refs]
-        if len(deps) == 1 and not ctx.wide:
+        deps, missing = _each(refs, lambda r: stub.GetDeployment(
+            deployments_pb2.GetDeploymentRequest(name=r.name, tenant=r.tenant), timeout=ctx.rpc_timeout))
+        if len(refs) == 1 and not ctx.wide:
             return Listing(lambda: deployment_document(deps[0]), lambda: deployment_detail(deps[0]),
-                           lambda: [f"deployment/{deps[0].spec.name}"], is_table=False)
+                           lambda: [f"deployment/{deps[0].spec.name}"], is_table=False, missing=missing)
     else:
         response = list_all(stub.ListDeployments, deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""),
                             "deployments", timeout=ctx.rpc_timeout)
@@ -153,16 +186,18 @@ def _deployments(args: argparse.Namespace, ctx: Context) -> Listing:
             deps = [d for d in deps if any(p.rack == args.rack for p in d.placements)]
     return Listing(lambda: list_document(deployment_document(d) for d in deps),
                    lambda: deployments_table(deps, wide=ctx.wide),
-                   lambda: [f"deployment/{d.spec.name}" for d in deps])
+                   lambda: [f"deployment/{d.spec.name}" for d in deps], missing=missing)
 
 
 def _nodes(args: argparse.Namespace, ctx: Context) -> Listing:
     admin = ctx.controller.admin
+    missing: list[grpc.RpcError] = []
     if args.names:
-        nodes = [admin.GetNode(admin_pb2.GetNodeRequest(id=n), timeout=ctx.rpc_timeout) for n in args.names]
-        if len(nodes) == 1 and not ctx.wide:
+        nodes, missing = _each(args.names, lambda n: admin.GetNode(admin_pb2.GetNodeRequest(id=n),
+                                                                   timeout=ctx.rpc_timeout))
+        if len(args.names) == 1 and not ctx.wide:
             return Listing(lambda: node_document(nodes[0]), lambda: node_detail(nodes[0]),
-                           lambda: [f"node/{nodes[0].id}"], is_table=False)
+                           lambda: [f"node/{nodes[0].id}"], is_table=False, missing=missing)
     else:
         response = list_all(admin.ListNodes, admin_pb2.ListNodesRequest(rack=args.rack or ""), "nodes",
                             timeout=ctx.rpc_timeout)
@@ -173,22 +208,25 @@ def _nodes(args: argparse.Namespace, ctx: Context) -> Listing:
             wanted = parse_selector(args.selector).items()
             nodes = [n for n in nodes if all(n.labels.get(k) == v for k, v in wanted)]
     return Listing(lambda: list_document(node_document(n) for n in nodes),
-                   lambda: nodes_table(nodes, wide=ctx.wide), lambda: [f"node/{n.id}" for n in nodes])
+                   lambda: nodes_table(nodes, wide=ctx.wide), lambda: [f"node/{n.id}" for n in nodes], missing=missing)
 
 
 def _tenants(args: argparse.Namespace, ctx: Context) -> Listing:
     admin = ctx.controller.admin
+    missing: list[grpc.RpcError] = []
+    tenants: Sequence[admin_pb2.Tenant]
     if args.names:
-        tenants: Sequence[admin_pb2.Tenant] = [
-            admin.GetTenant(admin_pb2.GetTenantRequest(id=n), timeout=ctx.rpc_timeout) for n in args.names]
-        if len(tenants) == 1:
+        tenants, missing = _each(args.names, lambda n: admin.GetTenant(admin_pb2.GetTenantRequest(id=n),
+                                                                       timeout=ctx.rpc_timeout))
+        if len(args.names) == 1:
             return Listing(lambda: tenant_document(tenants[0]), lambda: tenants_table(tenants),
-                           lambda: [f"tenant/{tenants[0].id}"])
+                           lambda: [f"tenant/{tenants[0].id}"], missing=missing)
     else:
         tenants = list_all(admin.ListTenants, admin_pb2.ListTenantsRequest(), "tenants",
                            timeout=ctx.rpc_timeout).tenants
-    return Listing(lambda: list_document(tenant_document(t) for t in sorted(tenants, key=lambda t: t.id)),
-                   lambda: tenants_table(tenants), lambda: [f"tenant/{t.id}" for t in sorted(tenants, key=lambda t: t.id)])
+    ordered = sorted(tenants, key=lambda t: t.id)
+    return Listing(lambda: list_document(tenant_document(t) for t in ordered),
+                   lambda: tenants_table(tenants), lambda: [f"tenant/{t.id}" for t in ordered], missing=missing)
 
 
 def _topology(args: argparse.Namespace, ctx: Context) -> Listing:
@@ -235,6 +273,25 @@ def fetch_events(ctx: Context, kind: str = "", name: str = "", after_id: int = 0
     return list(response.events)
 
 
+def _must_exist(ctx: Context, kind: str, name: str, tenant: str) -> None:
+    """NOT_FOUND raised when the object of `--for` does not exist: its having no events says
+    nothing (a deleted one keeps its history, so this is asked only when there is none). One read;
+    an answer other than NOT_FOUND (a tenant's token may not read nodes) leaves the empty list be."""
+    try:
+        if kind == "node":
+            ctx.controller.admin.GetNode(admin_pb2.GetNodeRequest(id=name), timeout=ctx.rpc_timeout)
+        elif kind == "tenant":
+            ctx.controller.admin.GetTenant(admin_pb2.GetTenantRequest(id=name), timeout=ctx.rpc_timeout)
+        elif kind == "deployment":
+            ref = deployment_ref(name, tenant)
+            ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(
+                name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout)
+        # the topology always exists
+    except grpc.RpcError as exc:
+        if status_code(exc) == grpc.StatusCode.NOT_FOUND:
+            raise
+
+
 def _events(args: argparse.Namespace, ctx: Context) -> int:
     """`get events [--for KIND/NAME] [--watch]`: the newest --limit, then (watch) new ones as they come."""
     if args.names:
@@ -242,6 +299,8 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
     limit = 50 if args.limit is None else args.limit  # at least 1: `count`
     kind, name = parse_object(args.for_object) if args.for_object else ("", "")
     events = fetch_events(ctx, kind, name, limit=limit, tenant=args.tenant or "")
+    if not events and name and not args.watch:  # a watch may wait for the object to come
+        _must_exist(ctx, kind, name, args.tenant or "")
     ctx.emit(lambda: list_document(event_document(e) for e in events), lambda: events_table(events),
              names=lambda: [f"event/{e.id}" for e in events], is_table=True)
     last = events[-1].id if events else 0

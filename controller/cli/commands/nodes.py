@@ -12,6 +12,7 @@ import argparse
 from controller.cli.bounds import seconds
 from controller.cli.client import list_all
 from controller.cli.context import Context
+from controller.cli.documents import node_document
 from controller.cli.refs import deployment_ref
 from controller.cli.vocab import node_state_word
 from controller.cli.commands.wait import wait_deployments
@@ -72,12 +73,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             ctx.out(f"node/{node_id} {past} (state {node_state_word(node.state)}, {node.shards} shards)")
     if not before:
         if ctx.json:
-            ctx.emit_json({"nodes": nodes})
+            ctx.emit_json({"nodes": [node_document(n) for n in nodes]})
         return 0
     wait_deployments(sorted(before), "replaced", args.timeout, ctx, fail_fast=False, quiet=True)
     moves = [move for key in sorted(before) for move in drain_moves(key, before[key], _placements(ctx, key), set(args.nodes))]
     if ctx.json:
-        ctx.emit_json({"nodes": nodes, "moved": moves})
+        ctx.emit_json({"nodes": [node_document(n) for n in nodes], "moved": moves})
         return 0
     ctx.out(f"drained {', '.join(args.nodes)}: {len(moves)} shard(s) moved")
     for m in moves:

@@ -15,6 +15,7 @@ from controller.cli.bounds import int_max, seconds
 from controller.cli.client import CliError, Exit, status_code
 from controller.cli.commands.wait import wait_deployments
 from controller.cli.context import Context
+from controller.cli.documents import deployment_document
 from controller.cli.refs import add_tenant_flag, deployment_ref
 from maia.v1 import deployments_pb2
 
@@ -61,7 +62,7 @@ def run_scale(args: argparse.Namespace, ctx: Context) -> int:
             raise
         break
     if ctx.json:
-        ctx.emit_json({"deployment": answer.deployment, "changes": list(answer.changes)})
+        ctx.emit_json({"deployment": deployment_document(answer.deployment), "changes": list(answer.changes)})
     elif answer.changes:
         ctx.out(f"deployment/{args.deployment} scaled: replicas {current.spec.replicas} -> {args.replicas} "
                 f"(resource version {answer.deployment.resource_version})")

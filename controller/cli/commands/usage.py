@@ -1,8 +1,10 @@
 """`maiactl usage`: metered accelerator-hours and energy per tenant, deployment, model and zone.
 
 `--since` / `--until` take an ISO-8601 time (`2026-11-30`, `2026-11-30T08:00`, `...Z`; UTC
-when no offset is given) or a duration back from now (`90m`, `24h`, `7d`). `-o csv` prints
-one header line and one line per record (for spreadsheets and billing scripts).
+when no offset is given) or a duration back from now (`90m`, `24h`, `7d`); since must be before
+until (now when not given), or the command is refused (exit 2). `-o csv` prints one header line
+and one line per record (for spreadsheets and billing scripts); `-o name` is refused (exit 2):
+a record is no object with a name.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import csv
 import re
 from datetime import datetime, timedelta, timezone
 
+from controller.cli.client import CliError, Exit
 from controller.cli.context import Context
 from controller.cli.tables import render_table
 from maia.v1 import deployments_pb2
@@ -47,6 +50,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    if ctx.output == "name":
+        raise CliError("-o name is not supported by usage: its records are no objects with names "
+                       "(use -o table, json, yaml or csv)", Exit.USAGE)
+    until = args.until or datetime.now(timezone.utc)
+    if args.since is not None and args.since >= until:  # as the controller says it of a --until given
+        raise CliError(f"since ({args.since.isoformat()}) must be before until ({until.isoformat()}"
+                       f"{'' if args.until else ', now'})", Exit.USAGE)
     request = deployments_pb2.GetUsageRequest(tenant=args.tenant)
     for field, at in (("since", args.since), ("until", args.until)):
         if at is not None:

@@ -29,6 +29,7 @@ import grpc
 from controller.cli.bounds import count, seconds
 from controller.cli.client import CliError, Exit, list_all, status_code
 from controller.cli.context import Context
+from controller.cli.documents import deployment_document
 from controller.cli.outage import OUTAGE_CODES, Polls, clock
 from controller.cli.refs import DeploymentRef, add_tenant_flag, deployment_ref
 from controller.cli.views import phase_text, reasons_text
@@ -122,8 +123,10 @@ class _Tracker:
     """Latest state per deployment, shown as progress bars on a terminal, else as a line whenever
     one changes (stderr either way)."""
 
-    def __init__(self, names: Sequence[str], condition: str, ctx: Context, fail_fast: bool = True) -> None:
+    def __init__(self, names: Sequence[str], condition: str, ctx: Context, fail_fast: bool = True,
+                 progress: bool = True) -> None:
         self.names = list(dict.fromkeys(names))
+        self.progress = progress
         self.fail_fast = fail_fast and condition != "deleted"
         self.check = CONDITIONS[condition]
         self.ctx = ctx
@@ -132,7 +135,7 @@ class _Tracker:
         # by the first read (a bare NAME: the caller's own or the only tenant's of that name).
         self.refs: dict[str, DeploymentRef] = {n: deployment_ref(n, None) for n in self.names}
         self._shown: dict[str, str] = {}
-        self.bars = ProgressBars(self.names, ctx) if ctx.stderr.isatty() and not ctx.json else None
+        self.bars = ProgressBars(self.names, ctx) if progress and ctx.stderr.isatty() and not ctx.json else None
 
     def update(self, name: str, dep: P.Deployment | None) -> None:
         if name not in self.names:
@@ -142,7 +145,7 @@ class _Tracker:
             self.bars.update(name, dep)
             return
         line = progress_line(name, dep)
-        if self._shown.get(name) != line:
+        if self.progress and self._shown.get(name) != line:
             self._shown[name] = line
             self.ctx.note(line)
 
@@ -215,11 +218,12 @@ def _polled(fetch: Callable[[], T], deadline: float) -> T:
 
 
 def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: Context,
-                     fail_fast: bool = True, quiet: bool = False, tenant: str = "") -> int:
+                     fail_fast: bool = True, quiet: bool = False, tenant: str = "", progress: bool = True) -> int:
     """Block until every deployment meets `condition` (0), else CliError; each is NAME (in
-    `tenant`, if given) or TENANT/NAME. `quiet`: the caller prints the result itself."""
+    `tenant`, if given) or TENANT/NAME. `quiet`: the caller prints the result itself; `progress`
+    off: no progress on stderr either (an outage of the controller is still said)."""
     deadline = time.monotonic() + timeout
-    tracker = _Tracker([str(deployment_ref(n, tenant)) for n in names], condition, ctx, fail_fast)
+    tracker = _Tracker([str(deployment_ref(n, tenant)) for n in names], condition, ctx, fail_fast, progress)
     try:
         for name in tracker.names:  # the first reads: a controller not there ends the command
             dep = _get(ctx, tracker.refs[name], deadline)
@@ -241,7 +245,8 @@ def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: 
     if quiet:
         return 0
     if ctx.json:
-        ctx.emit_json({"deployments": [tracker.latest[n] for n in tracker.names if tracker.latest[n] is not None]})
+        ctx.emit_json({"deployments": [deployment_document(dep) for n in tracker.names
+                                       if (dep := tracker.latest[n]) is not None]})
     else:
         for n in tracker.names:
             ctx.out(f"deployment/{n} condition met ({condition})")
