@@ -181,19 +181,26 @@ async def test_a_stream_its_controller_dropped_leaves_nothing_reading_its_reques
     task = asyncio.create_task(node.run())
     try:
         await wait_until(lambda: controller.heartbeats())
-        assert _reading_requests() == 1
+        assert _reading_requests(node) == 1
         await server.stop(grace=None)  # the controller is gone
         await wait_until(lambda: not node.connected)
-        await wait_until(lambda: _reading_requests() == 0)
+        await wait_until(lambda: _reading_requests(node) == 0)
     finally:
         node.stop()
         await asyncio.wait_for(task, timeout=10)
 
 
-def _reading_requests() -> int:
-    """gRPC's tasks reading a stream's requests from its iterator, pending now."""
-    return sum(1 for t in asyncio.all_tasks() if not t.done()
-               and "_consume_request_iterator" in t.get_coro().__qualname__)
+def _reading_requests(node: SimulatedNode) -> int:
+    """gRPC's tasks reading requests from `node`'s streams (its `_outbound` generators), pending
+    now (those of other tests' nodes on this loop are not counted)."""
+    count = 0
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        if task.done() or "_consume_request_iterator" not in coro.__qualname__ or coro.cr_frame is None:
+            continue
+        requests = getattr(coro.cr_frame.f_locals.get("request_iterator"), "ag_frame", None)
+        count += requests is not None and requests.f_locals.get("self") is node
+    return count
 
 
 async def test_a_heartbeat_omits_an_unchanged_shard_state_and_carries_it_when_it_changed_or_is_asked_for(
