@@ -212,10 +212,10 @@ class SnapshotIndex:
         return self._deployments.select(problem.get("deployments", []), 0, keys)
 
     def depart(self, problem: dict[str, Any], gone: Collection[str]) -> None:
-        """Take the solver deployments whose id is in `gone` (stored keys: departures; their
-        outgoing revisions stay) and their placements out of `problem`: its lists are replaced by
-        lists without them (one left as it was when none of them is in it), which the index has
-        read (a cost of what leaves)."""
+        """Take the solver deployments whose id is in `gone` (departures: every solver deployment
+        of theirs, outgoing revisions too) and their placements out of `problem`: its lists are
+        replaced by lists without them (one left as it was when none of them is in it), which the
+        index has read (a cost of what leaves)."""
         problem["deployments"] = self._deployments.cut(problem.get("deployments", []), 0, gone,
                                                        lambda d: d["id"] in gone)
         problem["placements"] = self._placements.cut(problem.get("placements", []), 1, gone,

@@ -832,6 +832,34 @@ async def test_a_drain_ended_before_its_replacement_was_placed_leaves_no_reasons
     assert_same(loop.warm_snapshot, await fresh(cluster))
 
 
+async def test_a_deployment_deleted_while_it_rolls_leaves_the_warm_cluster_whole(cluster) -> None:
+    # Two replicas of a whole node each, given a new shape: the outgoing replicas are a solver
+    # deployment of their own (`t1/svc~1`), placed beside the new ones. Deleted before the rollout
+    # ends, only the current revision left the cache: the outgoing one held its nodes in the
+    # session until a restart, and work that fitted waited, its reasons naming them.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await _run_all(cluster)
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=2, accelerators=4, locality="node",
+                                                             shard_hbm_gib=16.0),
+                                        row.resource_version, RecordingSignals())
+    await loop.reconcile_once()  # a new replica beside the old ones (make-before-break)
+    assert any("~" in name for name in loop.warm_snapshot.solver_refs)  # an outgoing revision is held
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "svc", RecordingSignals(), tenant="t1")
+    await loop.reconcile_once()  # the departure's commit releases every shard of it
+    full = loop.full_passes
+    snapshot = await fresh(cluster)
+    assert not snapshot.problem["placements"]
+    assert_same(loop.warm_snapshot, snapshot)
+    await submit(cluster, deployment("all", replicas=4, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    assert len(await _stored(cluster, "all")) == 4 and loop.full_passes == full  # every node free, on the session
+
+
 async def test_another_controllers_plan_commits_are_followed(cluster) -> None:
     # Two controllers on one database (a deposed leader's late pass, or a cache kept across a
     # handover): each plan commit logs the deployments it touched, and the other's warm cache

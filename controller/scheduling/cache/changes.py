@@ -130,14 +130,19 @@ def apply_topology(snap: Snapshot, session: Session | RemoteSession, zones: list
 
 
 def depart(snap: Snapshot, session: Session | RemoteSession, gone: Collection[str]) -> bool:
-    """The deployments `gone` (being deleted) taken out of `snap` and released in `session`
-    (`ClusterCache.depart`): whether one held shards."""
+    """The deployments `gone` (being deleted, by key) taken out of `snap` and released in
+    `session`, every solver deployment of theirs (a rollout's or a drain's outgoing replicas are
+    one of their own, `TENANT/NAME~REVISION`: left behind, they held their nodes in the session
+    after the commit removed them) (`ClusterCache.depart`): whether one held shards."""
     held = any(snap.replica_indices.get(key) for key in gone)
-    snap.index.depart(snap.problem, gone)  # their documents and placements, cut from the lists
+    solver_ids = {solver_id for solver_id, ref in snap.solver_refs.items() if ref.key in gone} | set(gone)
+    snap.index.depart(snap.problem, solver_ids)  # their documents and placements, cut from the lists
     for key in gone:
-        for mapping in (snap.deployment_ids, snap.solver_refs, snap.replica_indices):
-            mapping.pop(key, None)  # type: ignore[attr-defined]
-    release_held(session, sorted(gone))  # to the decide process one message, not waited for
+        snap.deployment_ids.pop(key, None)  # type: ignore[attr-defined]
+        snap.replica_indices.pop(key, None)  # type: ignore[attr-defined]
+    for solver_id in solver_ids:
+        snap.solver_refs.pop(solver_id, None)  # type: ignore[attr-defined]
+    release_held(session, sorted(solver_ids))  # to the decide process one message, not waited for
     return held
 
 
