@@ -7,9 +7,12 @@ each other. What changes decides how it takes effect:
 - what a replica is (shards per replica, the shard, locality, spread): a new template revision;
   the replicas of the old one keep running until replacements run, one at a time
   (`store/rollout.py`: make-before-break, never below the replicas asked).
-An update that would break the tenant's contract is refused with the numbers: more than its
-`max_accelerators` or `max_power_w` in total, or (non-preemptible) free capacity that is owed to
-another tenant below its reservation (it could not take it back: only preemptible work yields).
+An update that would break the tenant's contract is refused with the numbers: one that asks
+more than before and so more than its `max_accelerators` or `max_power_w` in total, or
+(non-preemptible) free capacity that is owed to another tenant below its reservation (it could
+not take it back: only preemptible work yields). One that asks no more (a scale-down, a new
+priority) is taken even while the tenant is above a cap (a submit beyond it waits with a QUOTA
+reason, as the update's deployment then does): refused, the only way down was a delete.
 """
 
 from __future__ import annotations
@@ -96,11 +99,14 @@ async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpe
     held = _held(row)
     own = (await repo.tenant_usage(uow.session, [tenant.id])).get(tenant.id, Usage())
     accelerators, power = _demand(spec)
+    before_accelerators, before_power = _demand(repo.deployment_spec(row))
     where = f"deployment {spec.name}"
-    _check_cap("QUOTA_ACCELERATORS", "max_accelerators", tenant.max_accelerators, spec=spec,
-               asked=accelerators, elsewhere=own.accelerators - held, unit=" accelerators")
-    _check_cap("QUOTA_POWER", "max_power_w", tenant.max_power_w, spec=spec,
-               asked=power, elsewhere=own.power_w - held * row.shard_power_w, unit=" W")
+    if accelerators > before_accelerators + 1e-9:  # asking no more never breaks what it asked before
+        _check_cap("QUOTA_ACCELERATORS", "max_accelerators", tenant.max_accelerators, spec=spec,
+                   asked=accelerators, elsewhere=own.accelerators - held, unit=" accelerators")
+    if power > before_power + 1e-9:
+        _check_cap("QUOTA_POWER", "max_power_w", tenant.max_power_w, spec=spec,
+                   asked=power, elsewhere=own.power_w - held * row.shard_power_w, unit=" W")
     growth = accelerators - held
     if spec.preemptible or growth <= 0:
         return

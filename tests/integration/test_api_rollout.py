@@ -171,6 +171,24 @@ async def test_stale_and_contract_breaking_updates_are_refused_with_nothing_writ
     assert await committed_violations(controller_app) == []
 
 
+async def test_an_update_asking_no_more_is_taken_while_the_tenant_is_above_its_cap(stubs: Stubs, fleet: SimFleet,
+                                                                                  controller_app):
+    """A tenant above its cap (lowered under what it holds, or a submit beyond it, which waits with
+    QUOTA): every update of its deployments was refused RESOURCE_EXHAUSTED, a scale-down too, so
+    the only way down was a delete. An update asking no more is taken; one asking more is not."""
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))  # 4 accelerators
+    running = await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING, what="svc running")
+    await stubs.admin.UpdateTenant(admin_pb2.Tenant(id="lab", max_accelerators=2))
+    prioritised = await _update(stubs, _svc(priority=5), running.resource_version)
+    assert list(prioritised.changes) == ["priority: 0 -> 5"]
+    smaller = await _update(stubs, _svc(replicas=1, min_replicas=1, priority=5),
+                            prioritised.deployment.resource_version)
+    assert list(smaller.changes) == ["replicas: 2 -> 1", "min_replicas: 2 -> 1"]
+    with pytest.raises(grpc.aio.AioRpcError) as quota:
+        await _update(stubs, _svc(priority=5), smaller.deployment.resource_version)  # 4 accelerators again
+    assert quota.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_accelerators 2" in quota.value.details()
+
+
 async def test_a_retried_submit_returns_the_first_result_and_writes_nothing(stubs: Stubs, fleet: SimFleet,
                                                                             controller_app):
     request = P.SubmitDeploymentRequest(spec=spec("once", replicas=1), client_request_id="req-1")
