@@ -85,6 +85,7 @@ def render_map(topology: admin_pb2.Topology, nodes: Sequence[admin_pb2.Node], co
     if letters:
         legend = ", ".join(f"[{palette[l]}]{l}[/] {esc(t)}" if palette else f"{l} {t}" for t, l in letters.items())
         lines.append(f"tenants: {legend}")
-    lines.append(f"cells: one mark per accelerator: a tenant's letter in use, {FREE} free, {CORDONED} cordoned, "
+    lines.append(f"cells: one mark per accelerator: a tenant's letter in use (a node shared by several tenants "
+                 f"shows their letters in turn, not which accelerator is whose), {FREE} free, {CORDONED} cordoned, "
                  f"{DOWN} node down")
     return "\n".join(lines)
