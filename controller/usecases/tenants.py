@@ -2,6 +2,10 @@
 
 A tenant's contract is input to every placement, so a change bumps the cluster generation and
 wakes the reconciler. Every reference (excluded tenants, zones) must exist when it is written.
+A change that makes the contract stricter (a stricter isolation, a tenant excluded, fewer zones)
+is refused while what runs now breaks it (`broken_by`, FAILED_PRECONDITION naming where): the
+reconciler never moves placed work for a contract, so it would stand as an isolation violation
+(the watchdog's alarm) until that work went. Move or delete it first (a drain moves a node's).
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controller import limits
-from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from controller.errors import (
+    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
+)
 from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -55,6 +61,37 @@ async def _validate(uow: UnitOfWork, spec: TenantSpec) -> None:
         raise NotFound(f"tenant {spec.id} names unknown zone(s): {', '.join(missing)}; apply the topology first")
 
 
+BROKEN_SHOWN = 5  # places a refusal's message names (its reasons name more)
+
+
+def broken_by(before: TenantSpec, after: TenantSpec, beside: Sequence[repo.PlacedBeside]) -> list[ReasonDetail]:
+    """What the placements `beside` (on the racks where the tenant holds shards) break of the
+    rules `after` makes stricter than `before`: the tenant sharing a node (dedicated_node) or a rack
+    (dedicated_rack) with another, a rack with a tenant newly excluded, a shard in a zone no longer
+    allowed. Rules not made stricter are not judged (a violation they had is the watchdog's)."""
+    tenant, broken = after.id, []
+    own = [p for p in beside if p.tenant == tenant]
+    others = [p for p in beside if p.tenant != tenant]
+    stricter = ISOLATIONS.index(after.isolation) > ISOLATIONS.index(before.isolation)
+    if stricter and after.isolation == "dedicated_node":
+        mine = {p.node for p in own}
+        for node in sorted({p.node for p in others if p.node in mine}):
+            held = sorted({p.tenant for p in others if p.node == node})
+            broken.append(ReasonDetail("ISOLATION", f"node {node} holds {', '.join(held)} too", node))
+    if stricter and after.isolation == "dedicated_rack":
+        for rack in sorted({p.rack for p in others}):  # every rack read holds the tenant's shards
+            held = sorted({p.tenant for p in others if p.rack == rack})
+            broken.append(ReasonDetail("ISOLATION", f"rack {rack} holds {', '.join(held)} too", rack))
+    excluded = set(after.excludes) - set(before.excludes)
+    for rack in sorted({p.rack for p in others if p.tenant in excluded}):
+        held = sorted({p.tenant for p in others if p.rack == rack and p.tenant in excluded})
+        broken.append(ReasonDetail("EXCLUSION", f"rack {rack} holds excluded {', '.join(held)}", rack))
+    if after.zones and set(after.zones) != set(before.zones):
+        for zone in sorted({p.zone for p in own} - set(after.zones)):
+            broken.append(ReasonDetail("ZONE", f"its shards run in zone {zone}", zone))
+    return broken
+
+
 def _write(row: m.Tenant, spec: TenantSpec) -> None:
     row.isolation = m.Isolation(spec.isolation)
     row.excludes = list(spec.excludes)
@@ -89,6 +126,13 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     if row is None:
         raise NotFound(f"tenant {spec.id} not found")
     await _validate(uow, spec)
+    broken = broken_by(repo.tenant_spec(row), spec, await repo.placed_beside(uow.session, spec.id))
+    if broken:
+        shown = "; ".join(r.message for r in broken[:BROKEN_SHOWN])
+        more = f" (and {len(broken) - BROKEN_SHOWN} more)" if len(broken) > BROKEN_SHOWN else ""
+        raise FailedPrecondition(f"tenant {spec.id}: the new contract is broken by what runs now: {shown}{more}; "
+                                 f"move or delete that work first (maiactl drain NODE moves a node's)",
+                                 reasons=tuple(broken))
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id)

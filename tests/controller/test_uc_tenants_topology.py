@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controller.reconcile import Reconciler
 from controller.usecases import deployments, tenants, topology
 from controller.domain.values import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, add_tenant, apply_topology, assert_refused_writing_nothing, deployment
+from uc_builders import WHO, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, submit
 
 
 async def test_create_get_list_tenant_with_usage(database):
@@ -108,3 +109,33 @@ async def test_bad_topology_is_refused_and_nothing_written(database, spec, error
     await apply_topology(database, {"rack-a": "row-a"})
     await assert_refused_writing_nothing(
         database, lambda uow: topology.apply_topology(uow, WHO, spec, RecordingSignals()), error, message)
+
+
+async def test_a_stricter_contract_that_what_runs_breaks_is_refused(cluster):
+    """A tenant sharing nodes made dedicated_node (or given an exclusion of a tenant beside it) was
+    accepted, and the shared nodes stood as an isolation violation (the watchdog's alarm) with
+    nothing moving: the reconciler never moves placed work for a contract. Refused, naming where,
+    writing nothing; a change that makes nothing stricter is taken as before."""
+    await add_tenant(cluster, "t2")
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+    await submit(cluster, deployment("wide", replicas=4, accelerators=3, locality="node"))  # 3 of 4 on each node
+    await submit(cluster, deployment("small", tenant="t2"))  # so beside t1 on one node
+    await loop.reconcile_once()
+    await loop.reconcile_once()
+
+    def update(spec: TenantSpec):  # noqa: ANN202
+        return lambda uow: tenants.update_tenant(uow, WHO, spec, RecordingSignals())
+
+    await assert_refused_writing_nothing(cluster, update(TenantSpec("t1", "dedicated_node")), FailedPrecondition,
+                                         "tenant t1: the new contract is broken by what runs now: node ")
+    await assert_refused_writing_nothing(cluster, update(TenantSpec("t2", "dedicated_rack")), FailedPrecondition,
+                                         "holds t1 too")
+    await assert_refused_writing_nothing(cluster, update(TenantSpec("t1", excludes=("t2",))), FailedPrecondition,
+                                         "holds excluded t2")
+    with pytest.raises(FailedPrecondition) as refused:
+        async with cluster.unit_of_work() as uow:
+            await tenants.update_tenant(uow, WHO, TenantSpec("t1", "dedicated_node"), RecordingSignals())
+    assert [r.code for r in refused.value.reasons] == ["ISOLATION"]
+    async with cluster.unit_of_work() as uow:  # nothing stricter: taken
+        view = await tenants.update_tenant(uow, WHO, TenantSpec("t1", max_accelerators=64.0), RecordingSignals())
+    assert view.spec.max_accelerators == 64.0

@@ -177,6 +177,34 @@ async def count_tenant_deployments(session: AsyncSession, tenant_id: str) -> int
     return int(await session.scalar(select(tenant_deployments(tenant_id))) or 0)
 
 
+@dataclass(frozen=True, slots=True)
+class PlacedBeside:
+    """A placement on a rack where a tenant holds shards: its node, rack, zone and tenant."""
+
+    node: str
+    rack: str
+    zone: str
+    tenant: str
+
+
+async def placed_beside(session: AsyncSession, tenant_id: str) -> list[PlacedBeside]:
+    """Every tenant's placements (once per node and tenant) on the racks where `tenant_id` holds
+    shards, its own included: what a stricter contract of its would have to keep apart."""
+    racks = (select(m.Node.rack_id).join(m.Placement, m.Placement.node_id == m.Node.id)
+             .join(m.Deployment, m.Deployment.id == m.Placement.deployment_id)
+             .where(m.Deployment.tenant_id == tenant_id))
+    rows = await session.execute(
+        select(m.Node.id, m.Node.rack_id, m.Row.zone_id, m.Deployment.tenant_id).distinct()
+        .select_from(m.Placement)
+        .join(m.Deployment, m.Deployment.id == m.Placement.deployment_id)
+        .join(m.Node, m.Node.id == m.Placement.node_id)
+        .join(m.Rack, m.Rack.id == m.Node.rack_id)
+        .join(m.Row, m.Row.id == m.Rack.row_id)
+        .where(m.Node.rack_id.in_(racks))
+        .order_by(m.Node.id, m.Deployment.tenant_id))
+    return [PlacedBeside(*row) for row in rows]
+
+
 def tenant_spec(row: m.Tenant) -> d.TenantSpec:
     return d.TenantSpec(
         id=row.id, isolation=row.isolation.value, excludes=tuple(row.excludes or ()),
