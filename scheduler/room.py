@@ -33,8 +33,9 @@ MAX_PREEMPTION_DOMAINS = 64  # domains tried when looking for the fewest victims
 SINGLE_VICTIM_TRIALS = 8  # per domain, victims also tried alone (see make_room)
 
 Replica = tuple[int, int]  # (deployment, replica)
-# A trial that made room: (replicas removed, shards moved), its state, removed, moved.
-Outcome = tuple[tuple[int, int], ClusterState, list[Replica], int]
+# A trial that made room: its cost (replicas removed, shards moved, the removed replicas'
+# priorities summed: of equally many, the lower-priority work goes), its state, removed, moved.
+Outcome = tuple[tuple[int, int, int], ClusterState, list[Replica], int]
 
 
 class TrialBudget:
@@ -56,7 +57,8 @@ class TrialBudget:
 def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, budget: int,
               trials: TrialBudget, deadline: float | None = None
               ) -> tuple[ClusterState, list[Replica], int] | None:
-    """Trial per locality domain: fewest replicas removed (or moved) to fit one replica.
+    """Trial per locality domain: fewest replicas removed (or moved) to fit one replica, of
+    equally many the lowest priorities (the objective weighs what is placed by priority).
 
     Returns (trial state with the replica placed, replicas removed, shards moved).
     Stops trying when `trials` runs out or at the deadline, and returns the best found so
@@ -214,7 +216,7 @@ def _finish(solver: Solver, d: int, trial: ClusterState, placer: Placer,
                          sorted(old[s].indices) != sorted(at.indices))
         if moved > budget:
             return None
-    return (len(removed), moved), trial, removed, moved
+    return (len(removed), moved, sum(state.deps[vd].priority for vd, _ in removed)), trial, removed, moved
 
 
 def cascade(state: ClusterState, victims: list[Replica]) -> list[Replica]:

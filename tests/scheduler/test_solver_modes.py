@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from builders import codes, dep, node, placed, placed_count, problem, solve_doc
 
 
@@ -74,6 +76,28 @@ def test_reservation_allows_preemption_at_equal_priority() -> None:
     plan = solve_doc(doc)
     assert placed_count(plan, "owed") == 1
     assert [(p.deployment, p.replica) for p in plan.preempted] == [("burst", 0)]
+
+
+@pytest.mark.parametrize("mode", ["batch", "online"])
+@pytest.mark.parametrize("first", ["n1", "n2"])
+def test_of_victims_equally_many_the_lower_priority_ones_go(mode: str, first: str) -> None:
+    """A reservation claim that either of two preemptible replicas' nodes would fit took the node
+    whose replica had more shards: a priority-10 replica (two shards of two accelerators) where a
+    priority-5 one (one of four) would do, then placed again by preempting more of the priority-5
+    work. Of the ways that evict equally many replicas, the one evicting the lower priority is
+    taken, wherever it sits."""
+    other = "n2" if first == "n1" else "n1"
+    doc = problem([node("n1"), node("n2")],
+                  [dep("important", tenant="tb", acc=2, shards=2, locality="node", priority=10, preemptible=True),
+                   dep("filler", tenant="tb", acc=4, locality="node", priority=5, preemptible=True),
+                   dep("owed", tenant="ta", acc=4, locality="node")],
+                  tenants=[{"id": "ta", "reserved_accelerators": 4}, {"id": "tb"}],
+                  placements=[placed("important", first, [0, 1]), placed("important", first, [2, 3], shard=1),
+                              placed("filler", other, [0, 1, 2, 3])],
+                  allow_preemption=True, mode=mode)
+    plan = solve_doc(doc)
+    assert placed_count(plan, "owed") == 1
+    assert [(p.deployment, p.replica) for p in plan.preempted] == [("filler", 0)]
 
 
 def test_no_preemption_of_non_preemptible_work() -> None:
