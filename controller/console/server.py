@@ -39,6 +39,25 @@ from controller.usecases.watch import DeploymentEventBus
 
 log = logging.getLogger("maia.console")
 
+
+class _NotHttp(logging.Filter):
+    """aiohttp logs a request it cannot parse with its traceback at error level: what a gRPC
+    client (`maiactl --controller` given the console's port) or a TLS one sends. Such a record
+    is told once a line, at warning level, without the traceback; any other passes as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import BadHttpMessage
+
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, BadHttpMessage):
+            return True
+        log.warning("the console port was sent something that is not HTTP/1.x (%s; a gRPC or TLS client given "
+                    "--http-listen's address?): %s", record.getMessage(), str(error).splitlines()[0])
+        return False
+
+
+_NOT_HTTP = _NotHttp()
+
 # Token -> principal (None: not a valid token). Supplied once authentication exists.
 TokenResolver = Callable[[str], Awaitable[Principal | None]]
 KEEPALIVE_S = 15.0
@@ -71,6 +90,7 @@ class ConsoleServer:
 
     async def start(self, listen: str) -> str:
         """Serve on HOST:PORT (port 0: any free port); returns the bound HOST:PORT."""
+        logging.getLogger("aiohttp.server").addFilter(_NOT_HTTP)  # once: a filter is added at most once
         host, _, port = listen.rpartition(":")
         runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
         await runner.setup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 
@@ -212,3 +213,22 @@ async def test_every_viewers_builds_run_one_at_a_time_on_the_consoles_own_thread
     assert [json.loads(doc)["viewer_tenant"] for doc in docs] == ["", "t1", "t2"]
     assert len(seen) == 3
     assert all(name.startswith("console-build") and running_then == 1 for name, running_then in seen), seen
+
+
+async def test_a_grpc_client_on_the_console_port_is_a_warning_line_not_a_traceback(
+        cluster: Database, caplog) -> None:  # noqa: ANN001
+    """A gRPC client pointed at --http-listen made aiohttp log 'Error handling request' with a
+    traceback at error level, for every call."""
+    console = ConsoleServer(cluster, DeploymentEventBus())
+    address = await console.start("127.0.0.1:0")
+    try:
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00")  # gRPC's first bytes
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 5)  # answered 400 and closed
+        writer.close()
+    finally:
+        await console.stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert any("not HTTP/1.x" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
