@@ -459,6 +459,11 @@ def test_explain_names_the_in_place_way_to_make_the_change(fake, capsys) -> None
     assert (f"Smallest change that fits: replicas: 1; it applies in place, at once: "
             f"maiactl scale {dep.spec.tenant}/copilot-chat --replicas 1.") in out
     assert "delete" not in out
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat", "-o", "json")
+    assert code == 0, err
+    doc = json.loads(out)  # a script gets how to make it too
+    assert (doc["suggestion"], doc["how"]) == (
+        "replicas: 1", f"it applies in place, at once: maiactl scale {dep.spec.tenant}/copilot-chat --replicas 1")
 
 
 def test_every_change_explain_can_suggest_says_how_to_make_it_in_place() -> None:

@@ -113,7 +113,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                        "reasons": [{"code": r.code, "message": r.message, "scope": r.scope} for r in dep.reasons],
                        "tried": [{"change": v.change, "would_place": v.placed, **({"error": v.error} if v.error else {})}
                                  for v in tried],
-                       "suggestion": suggestion.change if suggestion else None})
+                       "suggestion": suggestion.change if suggestion else None,
+                       "how": suggestion.how if suggestion else None})
         return Exit.OK
     ctx.out(f"deployment/{s.name}: {phase_text(dep)}, {dep.placed_replicas}/{s.replicas} replicas placed, "
             f"{dep.running_replicas} running")
