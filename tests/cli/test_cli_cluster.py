@@ -112,7 +112,7 @@ def test_drain_wait_blocks_until_the_work_runs_elsewhere(cluster: RunningControl
     after = json.loads(cluster.ctl("get", "placements", "-o", "json").stdout)["items"][0]["node"]
     assert after != before
     # Make-before-break: the replacement ran beside the old replica before that one stopped.
-    assert "2/1 running" in proc.stderr and "1 old still running" in proc.stderr, proc.stderr
+    assert "2/1 running" in proc.stderr and "1 on draining nodes still running until replaced" in proc.stderr, proc.stderr
     assert proc.stdout.splitlines()[1:] == [f"drained {before}: 1 shard(s) moved",
                                             f"  other/small replica 0 shard 0: {before} -> {after} (now replica 1)"]
     assert cluster.ctl("uncordon", before).returncode == 0

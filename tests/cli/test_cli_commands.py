@@ -18,6 +18,7 @@ from cli_harness import silent_address
 from controller.cli.client import open_aio_channel
 from controller.cli.commands import explain
 from controller.cli.commands.nodes import drain_moves
+from controller.cli.commands.wait import progress_line
 from controller.cli.config import Connection
 from controller.cli.main import main
 from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
@@ -534,3 +535,18 @@ def test_get_of_several_names_prints_those_found_and_says_each_missing(fake, cap
     code, out, err = run(capsys, "--controller", address, "get", "tenants", "nosuch", "openlab", "-o", "json")
     assert code == 3 and err == "error: NOT_FOUND: tenant nosuch not found\n"
     assert [t["id"] for t in json.loads(out)["items"]] == ["openlab"]
+
+
+def test_a_drains_progress_is_not_worded_as_a_rollout() -> None:
+    """`drain --wait` printed "revision 1: 2/3 updated running, 1 old still running" though no
+    revision changed: the outgoing replicas of a drain run the current revision."""
+    def shard(replica: int, revision: int, outgoing: bool) -> D.ShardPlacement:
+        return D.ShardPlacement(replica=replica, node=f"n{replica}", revision=revision, outgoing=outgoing)
+
+    spec = D.DeploymentSpec(name="svc", replicas=3)
+    drain = D.Deployment(spec=spec, revision=1, placed_replicas=3, running_replicas=3, updated_replicas=2,
+                         outgoing_replicas=1, placements=[shard(0, 1, False), shard(1, 1, False), shard(2, 1, True)])
+    assert progress_line("svc", drain).endswith(", 1 on draining nodes still running until replaced")
+    rollout = D.Deployment(spec=spec, revision=2, placed_replicas=3, running_replicas=3, updated_replicas=2,
+                           outgoing_replicas=1, placements=[shard(0, 2, False), shard(1, 2, False), shard(2, 1, True)])
+    assert "revision 2: 2/3 updated running, 1 old still running" in progress_line("svc", rollout)

@@ -87,7 +87,10 @@ def progress_line(name: str, dep: P.Deployment | None) -> str:
     s = dep.spec
     line = (f"{name}: {phase_text(dep)}, {dep.placed_replicas}/{s.replicas} placed, "
             f"{dep.running_replicas}/{s.replicas} running")
-    if dep.outgoing_replicas or dep.updated_replicas < dep.running_replicas:
+    outgoing = [p for p in dep.placements if p.outgoing]
+    if outgoing and all(p.revision == dep.revision for p in outgoing):  # a drain, not a rollout
+        line += f", {dep.outgoing_replicas} on draining nodes still running until replaced"
+    elif dep.outgoing_replicas or dep.updated_replicas < dep.running_replicas:
         line += (f", revision {dep.revision}: {dep.updated_replicas}/{s.replicas} updated running, "
                  f"{dep.outgoing_replicas} old still running")
     if dep.reasons:
