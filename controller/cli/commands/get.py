@@ -99,6 +99,18 @@ class Listing:
     missing: list[grpc.RpcError] = field(default_factory=list)  # NOT_FOUND of NAMEs asked for
 
 
+def _get_one(ctx: Context, kind: str, name: str, tenant: str = "") -> Any:
+    """One deployment (NAME, with `tenant` or the caller's own, or TENANT/NAME), node or tenant,
+    read by name (NOT_FOUND raised as it comes)."""
+    if kind == "deployment":
+        ref = deployment_ref(name, tenant)
+        return ctx.controller.deployments.GetDeployment(
+            deployments_pb2.GetDeploymentRequest(name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout)
+    if kind == "node":
+        return ctx.controller.admin.GetNode(admin_pb2.GetNodeRequest(id=name), timeout=ctx.rpc_timeout)
+    return ctx.controller.admin.GetTenant(admin_pb2.GetTenantRequest(id=name), timeout=ctx.rpc_timeout)
+
+
 def _each(names: Sequence[str], get: Callable[[str], T]) -> tuple[list[T], list[grpc.RpcError]]:
     """`get` of every name: what was found, and the NOT_FOUND of each that was not (any other
     failure ends the command)."""
@@ -172,9 +184,8 @@ def _deployments(args: argparse.Namespace, ctx: Context) -> Listing:
     stub = ctx.controller.deployments
     missing: list[grpc.RpcError] = []
     if args.names:
-        refs = [deployment_ref(n, args.tenant) for n in args.names]
-        deps, missing = _each(refs, lambda r: stub.GetDeployment(
-            deployments_pb2.GetDeploymentRequest(name=r.name, tenant=r.tenant), timeout=ctx.rpc_timeout))
+        refs = [deployment_ref(n, args.tenant) for n in args.names]  # every NAME checked before a call
+        deps, missing = _each(refs, lambda r: _get_one(ctx, "deployment", r.name, r.tenant))
         if len(refs) == 1 and not ctx.wide:
             return Listing(lambda: deployment_document(deps[0]), lambda: deployment_detail(deps[0]),
                            lambda: [f"deployment/{deps[0].spec.name}"], is_table=False, missing=missing)
@@ -193,8 +204,7 @@ def _nodes(args: argparse.Namespace, ctx: Context) -> Listing:
     admin = ctx.controller.admin
     missing: list[grpc.RpcError] = []
     if args.names:
-        nodes, missing = _each(args.names, lambda n: admin.GetNode(admin_pb2.GetNodeRequest(id=n),
-                                                                   timeout=ctx.rpc_timeout))
+        nodes, missing = _each(args.names, lambda n: _get_one(ctx, "node", n))
         if len(args.names) == 1 and not ctx.wide:
             return Listing(lambda: node_document(nodes[0]), lambda: node_detail(nodes[0]),
                            lambda: [f"node/{nodes[0].id}"], is_table=False, missing=missing)
@@ -216,8 +226,7 @@ def _tenants(args: argparse.Namespace, ctx: Context) -> Listing:
     missing: list[grpc.RpcError] = []
     tenants: Sequence[admin_pb2.Tenant]
     if args.names:
-        tenants, missing = _each(args.names, lambda n: admin.GetTenant(admin_pb2.GetTenantRequest(id=n),
-                                                                       timeout=ctx.rpc_timeout))
+        tenants, missing = _each(args.names, lambda n: _get_one(ctx, "tenant", n))
         if len(args.names) == 1:
             return Listing(lambda: tenant_document(tenants[0]), lambda: tenants_table(tenants),
                            lambda: [f"tenant/{tenants[0].id}"], missing=missing)
@@ -277,16 +286,10 @@ def _must_exist(ctx: Context, kind: str, name: str, tenant: str) -> None:
     """NOT_FOUND raised when the object of `--for` does not exist: its having no events says
     nothing (a deleted one keeps its history, so this is asked only when there is none). One read;
     an answer other than NOT_FOUND (a tenant's token may not read nodes) leaves the empty list be."""
+    if kind == "topology":  # always exists
+        return
     try:
-        if kind == "node":
-            ctx.controller.admin.GetNode(admin_pb2.GetNodeRequest(id=name), timeout=ctx.rpc_timeout)
-        elif kind == "tenant":
-            ctx.controller.admin.GetTenant(admin_pb2.GetTenantRequest(id=name), timeout=ctx.rpc_timeout)
-        elif kind == "deployment":
-            ref = deployment_ref(name, tenant)
-            ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(
-                name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout)
-        # the topology always exists
+        _get_one(ctx, kind, name, tenant)
     except grpc.RpcError as exc:
         if status_code(exc) == grpc.StatusCode.NOT_FOUND:
             raise
