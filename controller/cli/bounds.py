@@ -13,6 +13,7 @@ import argparse
 import math
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -84,3 +85,12 @@ def non_empty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def back_from(now: datetime, seconds: float, text: str) -> datetime:
+    """`now` less `seconds` (a `--since` given as a duration, `text`), refused as an argparse
+    error when it reaches back before year 1 or beyond what a timedelta holds."""
+    try:
+        return now - timedelta(seconds=seconds)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} reaches back before any date") from None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from controller.cli.bounds import int_range
@@ -224,13 +224,17 @@ class Fields:
         self.message = message
         self._known: set[str] = set()
 
+    def _field(self, key: str) -> FieldDescriptor | None:
+        """The field of `message` that `key` is read into (None: no message, or no such field)."""
+        return self.message.fields_by_name.get(key) if self.message is not None else None
+
     def _field_range(self, key: str) -> tuple[int, int] | None:
-        field = self.message.fields_by_name.get(key) if self.message is not None else None
+        field = self._field(key)
         return int_range(field) if field is not None else None
 
     def _nested(self, key: str) -> Descriptor | None:
         """The message type of field `key` of `message`, for the mappings read under it."""
-        field = self.message.fields_by_name.get(key) if self.message is not None else None
+        field = self._field(key)
         return field.message_type if field is not None else None
 
     def error(self, key: str, problem: str) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controller.cli.bounds import count
+from controller.cli.bounds import back_from, count
 from controller.cli.client import CliError, Exit
 from controller.cli.context import Context
 from controller.cli.documents import list_document, message_document
@@ -22,7 +22,7 @@ from controller.cli.tables import render_table
 from maia.v1 import audit_pb2
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PAGE_SIZE = 1000
 
 
@@ -30,10 +30,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     """'15m', '24h', '7d' ago, or an ISO 8601 time (UTC unless it says otherwise)."""
     match = _RELATIVE.match(text.strip())
     if match:
-        try:
-            return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[match[2]]: int(match[1])})
-        except OverflowError:  # before year 1, or beyond what timedelta holds
-            raise argparse.ArgumentTypeError(f"{text!r} reaches back before any date") from None
+        return back_from(now or datetime.now(timezone.utc), int(match[1]) * _UNIT_S[match[2]], text)
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

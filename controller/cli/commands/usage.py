@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import csv
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
+from controller.cli.bounds import back_from
 from controller.cli.client import CliError, Exit
 from controller.cli.context import Context
 from controller.cli.tables import render_table
@@ -29,10 +30,7 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     now = now or datetime.now(timezone.utc)
     ago = _AGO.match(text.strip())
     if ago:
-        try:
-            return now - timedelta(seconds=float(ago.group(1)) * _UNIT_S[ago.group(2)])
-        except OverflowError:  # before year 1, or beyond what timedelta holds
-            raise argparse.ArgumentTypeError(f"{text!r} reaches back before any date") from None
+        return back_from(now, float(ago.group(1)) * _UNIT_S[ago.group(2)], text)
     try:
         at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
