@@ -11,6 +11,7 @@ reconciler never moves placed work for a contract, so it would stand as an isola
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from controller import limits
 from controller.errors import (
@@ -64,30 +65,49 @@ async def _validate(uow: UnitOfWork, spec: TenantSpec) -> None:
 BROKEN_SHOWN = 5  # places a refusal's message names (its reasons name more)
 
 
-def broken_by(before: TenantSpec, after: TenantSpec, beside: Sequence[repo.PlacedBeside]) -> list[ReasonDetail]:
-    """What the placements `beside` (on the racks where the tenant holds shards) break of the
-    rules `after` makes stricter than `before`: the tenant sharing a node (dedicated_node) or a rack
-    (dedicated_rack) with another, a rack with a tenant newly excluded, a shard in a zone no longer
-    allowed. Rules not made stricter are not judged (a violation they had is the watchdog's)."""
-    tenant, broken = after.id, []
+@dataclass(frozen=True)
+class Tightening:
+    """The rules a contract change makes stricter (`tightening`), which running work must not break."""
+
+    isolation: str | None = None                # a stricter isolation
+    excluded: frozenset[str] = frozenset()      # tenants newly excluded
+    zones: frozenset[str] | None = None         # the zones left, when they are no longer all before
+
+    def __bool__(self) -> bool:
+        return self.isolation is not None or bool(self.excluded) or self.zones is not None
+
+
+def tightening(before: TenantSpec, after: TenantSpec) -> Tightening:
+    """What `after` makes stricter than `before`: nothing when it makes nothing stricter (the
+    placements around the tenant are then not read)."""
+    stricter = ISOLATIONS.index(after.isolation) > ISOLATIONS.index(before.isolation)
+    return Tightening(isolation=after.isolation if stricter else None,
+                      excluded=frozenset(after.excludes) - frozenset(before.excludes),
+                      zones=frozenset(after.zones) if after.zones and set(after.zones) != set(before.zones) else None)
+
+
+def broken_by(tenant: str, tight: Tightening, beside: Sequence[repo.PlacedBeside]) -> list[ReasonDetail]:
+    """What the placements `beside` (on the racks where `tenant` holds shards) break of the rules
+    `tight` made stricter: the tenant sharing a node (dedicated_node) or a rack (dedicated_rack)
+    with another, a rack with a tenant newly excluded, a shard in a zone no longer allowed. Rules
+    not made stricter are not judged (a violation they had is the watchdog's)."""
+    broken = []
     own = [p for p in beside if p.tenant == tenant]
     others = [p for p in beside if p.tenant != tenant]
-    stricter = ISOLATIONS.index(after.isolation) > ISOLATIONS.index(before.isolation)
-    if stricter and after.isolation == "dedicated_node":
+    if tight.isolation == "dedicated_node":
         mine = {p.node for p in own}
         for node in sorted({p.node for p in others if p.node in mine}):
             held = sorted({p.tenant for p in others if p.node == node})
             broken.append(ReasonDetail("ISOLATION", f"node {node} holds {', '.join(held)} too", node))
-    if stricter and after.isolation == "dedicated_rack":
+    if tight.isolation == "dedicated_rack":
         for rack in sorted({p.rack for p in others}):  # every rack read holds the tenant's shards
             held = sorted({p.tenant for p in others if p.rack == rack})
             broken.append(ReasonDetail("ISOLATION", f"rack {rack} holds {', '.join(held)} too", rack))
-    excluded = set(after.excludes) - set(before.excludes)
-    for rack in sorted({p.rack for p in others if p.tenant in excluded}):
-        held = sorted({p.tenant for p in others if p.rack == rack and p.tenant in excluded})
+    for rack in sorted({p.rack for p in others if p.tenant in tight.excluded}):
+        held = sorted({p.tenant for p in others if p.rack == rack and p.tenant in tight.excluded})
         broken.append(ReasonDetail("EXCLUSION", f"rack {rack} holds excluded {', '.join(held)}", rack))
-    if after.zones and set(after.zones) != set(before.zones):
-        for zone in sorted({p.zone for p in own} - set(after.zones)):
+    if tight.zones is not None:
+        for zone in sorted({p.zone for p in own} - tight.zones):
             broken.append(ReasonDetail("ZONE", f"its shards run in zone {zone}", zone))
     return broken
 
@@ -126,7 +146,8 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     if row is None:
         raise NotFound(f"tenant {spec.id} not found")
     await _validate(uow, spec)
-    broken = broken_by(repo.tenant_spec(row), spec, await repo.placed_beside(uow.session, spec.id))
+    tight = tightening(repo.tenant_spec(row), spec)
+    broken = broken_by(spec.id, tight, await repo.placed_beside(uow.session, spec.id)) if tight else []
     if broken:
         shown = "; ".join(r.message for r in broken[:BROKEN_SHOWN])
         more = f" (and {len(broken) - BROKEN_SHOWN} more)" if len(broken) > BROKEN_SHOWN else ""

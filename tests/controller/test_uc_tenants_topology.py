@@ -9,7 +9,9 @@ from controller.reconcile import Reconciler
 from controller.usecases import deployments, tenants, topology
 from controller.domain.values import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, submit
+from uc_builders import (
+    WHO, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, statements, submit,
+)
 
 
 async def test_create_get_list_tenant_with_usage(database):
@@ -136,6 +138,8 @@ async def test_a_stricter_contract_that_what_runs_breaks_is_refused(cluster):
         async with cluster.unit_of_work() as uow:
             await tenants.update_tenant(uow, WHO, TenantSpec("t1", "dedicated_node"), RecordingSignals())
     assert [r.code for r in refused.value.reasons] == ["ISOLATION"]
-    async with cluster.unit_of_work() as uow:  # nothing stricter: taken
-        view = await tenants.update_tenant(uow, WHO, TenantSpec("t1", max_accelerators=64.0), RecordingSignals())
+    with statements(cluster) as seen:  # nothing stricter: taken
+        async with cluster.unit_of_work() as uow:
+            view = await tenants.update_tenant(uow, WHO, TenantSpec("t1", max_accelerators=64.0), RecordingSignals())
     assert view.spec.max_accelerators == 64.0
+    assert not [s for s in seen if "rows.zone_id" in s]  # and what runs around it is not read (placed_beside)
