@@ -1,4 +1,4 @@
-"""AdminService: protobuf in, use case, protobuf out. No rules here."""
+"""AdminService: protobuf in, use case, protobuf out. No rules here (a dry run: `api.dryrun`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 from grpc import aio
 
-from controller.api import convert
+from controller.api import convert, dryrun
 from controller.api.deps import ServiceDeps
 from controller.identity import current_principal
 from controller.usecases import agents, events, nodes, tenants, tokens, topology
@@ -20,12 +20,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     # --- tenants -----------------------------------------------------------------------------
     async def CreateTenant(self, request: admin_pb2.Tenant, context: aio.ServicerContext) -> admin_pb2.Tenant:
         async with self._deps.db.unit_of_work() as uow:
-            view = await tenants.create_tenant(uow, current_principal(), convert.tenant_spec(request), self._deps.signals)
+            view = await tenants.create_tenant(uow, current_principal(), convert.tenant_spec(request), self._deps.signals,
+                                               dry_run=dryrun.asked(context, dryrun.CREATE_TENANT))
         return convert.tenant_msg(view)
 
     async def UpdateTenant(self, request: admin_pb2.Tenant, context: aio.ServicerContext) -> admin_pb2.Tenant:
         async with self._deps.db.unit_of_work() as uow:
-            view = await tenants.update_tenant(uow, current_principal(), convert.tenant_spec(request), self._deps.signals)
+            view = await tenants.update_tenant(uow, current_principal(), convert.tenant_spec(request), self._deps.signals,
+                                               dry_run=dryrun.asked(context, dryrun.UPDATE_TENANT))
         return convert.tenant_msg(view)
 
     async def GetTenant(self, request: admin_pb2.GetTenantRequest, context: aio.ServicerContext) -> admin_pb2.Tenant:
@@ -49,7 +51,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ApplyTopology(self, request: admin_pb2.Topology, context: aio.ServicerContext) -> admin_pb2.Topology:
         async with self._deps.db.unit_of_work() as uow:
             view = await topology.apply_topology(uow, current_principal(), convert.topology_spec(request),
-                                                 self._deps.signals)
+                                                 self._deps.signals, dry_run=dryrun.asked(context, dryrun.APPLY_TOPOLOGY))
         return convert.topology_msg(view)
 
     async def GetTopology(self, request: admin_pb2.GetTopologyRequest,

@@ -1,7 +1,8 @@
 """The audit interceptor: one entry per mutating call, written in one place for every service.
 
 A call is mutating when it is a unary `maia.v1` method whose name does not start with a
-read-only verb (Get, List, Watch, Verify, Check) and it is not a dry run. The entry names the
+read-only verb (Get, List, Watch, Verify, Check) and it is not a dry run (its request's
+`dry_run`, or the metadata of `controller.api.dryrun`, which is judged here). The entry names the
 caller (principal, role, tenant), the method, the object (kind from the method name, id and
 tenant from the request) and the outcome: OK or the status code of the failure, so refused
 and failed calls are audited too. A successful call's entry is written by the call's first
@@ -54,6 +55,7 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from controller import errors, limits
+from controller.api import dryrun
 from controller.api.interceptors import code_of, reads_only, status_for
 from controller.domain.values import deployment_key
 from controller.identity import current_principal, new_request_id
@@ -140,7 +142,8 @@ class AuditInterceptor(aio.ServerInterceptor):
         itemized = details.method in ITEMIZED_METHODS
 
         async def audited(request: Any, context: aio.ServicerContext) -> Any:
-            if not is_mutating(details.method, request):
+            # A dry run writes nothing (a write without one refuses the metadata: `api.dryrun`).
+            if dryrun.asked(context, details.method) or not is_mutating(details.method, request):
                 return await behaviour(request, context)
             return await self.run(self.entry(details.method, request), behaviour(request, context), context,
                                   itemized=itemized)

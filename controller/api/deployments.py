@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import grpc
 from grpc import aio
 
-from controller.api import convert
+from controller.api import convert, dryrun
 from controller.api.auditing import SUBMIT_DEPLOYMENTS
 from controller.api.deps import ServiceDeps
 from controller.api.interceptors import as_maia_error, internal_error, status_of
@@ -114,7 +114,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         spec = convert.deployment_spec(request.spec)
         async with self._deps.db.unit_of_work() as uow:
             result = await update_deployment(uow, current_principal(), spec, request.resource_version,
-                                             self._deps.signals, request_id=request.client_request_id)
+                                             self._deps.signals, request_id=request.client_request_id,
+                                             dry_run=dryrun.asked(context, dryrun.UPDATE_DEPLOYMENT))
         return deployments_pb2.UpdateDeploymentResponse(deployment=convert.deployment_msg(result.deployment),
                                                         changes=list(result.changes), rolling=result.rolling)
 

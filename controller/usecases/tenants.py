@@ -121,7 +121,16 @@ def _write(row: m.Tenant, spec: TenantSpec) -> None:
     row.max_power_w = spec.max_power_w
 
 
-async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals) -> TenantView:
+def _as_written(spec: TenantSpec) -> TenantSpec:
+    """`spec` as it reads once stored (what a dry run answers), written to a row never added."""
+    row = m.Tenant(id=spec.id)
+    _write(row, spec)
+    return repo.tenant_spec(row)
+
+
+async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals, *,
+                        dry_run: bool = False) -> TenantView:
+    """`dry_run`: every check, then the tenant as it would be created; nothing written."""
     policy.require_admin(who, "creating tenants")
     await _validate(uow, spec)
     if await repo.get_tenant(uow.session, spec.id) is not None:
@@ -129,6 +138,8 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     count = await repo.count_rows(uow.session, m.Tenant)
     if count >= limits.TENANTS_MAX:
         raise ResourceExhausted(f"the cluster has {count} tenants; at most {limits.TENANTS_MAX}")
+    if dry_run:
+        return TenantView(spec=_as_written(spec))
     row = m.Tenant(id=spec.id)
     _write(row, spec)
     uow.session.add(row)
@@ -139,7 +150,9 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     return TenantView(spec=repo.tenant_spec(row))
 
 
-async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals) -> TenantView:
+async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals, *,
+                        dry_run: bool = False) -> TenantView:
+    """`dry_run`: every check, then the tenant as it would be (with its usage now); nothing written."""
     check_id("tenant", spec.id)
     policy.require_admin(who, "changing tenant contracts")
     row = await repo.get_tenant(uow.session, spec.id)
@@ -154,6 +167,9 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
         raise FailedPrecondition(f"tenant {spec.id}: the new contract is broken by what runs now: {shown}{more}; "
                                  f"move or delete that work first (maiactl drain NODE moves a node's)",
                                  reasons=tuple(broken))
+    if dry_run:
+        usage = await repo.tenant_usage(uow.session, [spec.id])
+        return TenantView(spec=_as_written(spec), usage=usage.get(spec.id, Usage()))
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id)

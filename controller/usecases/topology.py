@@ -1,7 +1,8 @@
 """Zones, rows and racks with their power budgets: apply (upsert) and read with power used.
 
 The topology is operator intent: applying it never removes anything (a rack with nodes cannot
-silently disappear). References must resolve against the request itself or what is stored.
+silently disappear). References must resolve against the request itself or what is stored. A dry
+run checks all that and answers the topology as it would be (`applied`), writing nothing.
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ async def _check_parents(uow: UnitOfWork, kind: str, children: list[tuple[str, s
         raise NotFound(f"unknown {parent_kind}(s) {', '.join(missing)} ({names}); add them to the topology")
 
 
-async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals) -> TopologyView:
+async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals, *,
+                         dry_run: bool = False) -> TopologyView:
+    """`dry_run`: every check, then the topology as it would be (`applied`); nothing written."""
     policy.require_admin(who, "changing the topology")
     await _validate(uow, spec)
+    if dry_run:
+        return applied(await get_topology(uow, who), spec)
     s = uow.session
     for z in spec.zones:
         await repo.upsert(s, m.Zone, z.id)
@@ -79,6 +84,21 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     await uow.commit()
     signals.wake_reconciler()
     return await get_topology(uow, who)
+
+
+def applied(stored: TopologyView, spec: TopologySpec) -> TopologyView:
+    """The topology `stored` with `spec` applied (an upsert: what `spec` names replaces what is
+    stored of that id, the rest stays), each kind in id order as `get_topology` reads it. A rack
+    keeps its nodes and the power they draw (a new one has none); a row's power is its racks'."""
+    zones = {z.id: z for z in stored.zones} | {z.id: z for z in spec.zones}
+    racks = {k.spec.id: k for k in stored.racks}
+    racks |= {k.id: RackView(k, power_used_w=racks[k.id].power_used_w if k.id in racks else 0.0,
+                             nodes=racks[k.id].nodes if k.id in racks else 0) for k in spec.racks}
+    row_specs = {r.spec.id: r.spec for r in stored.rows} | {r.id: r for r in spec.rows}
+    row_power = {i: sum(k.power_used_w for k in racks.values() if k.spec.row == i) for i in row_specs}
+    return TopologyView(zones=tuple(zones[i] for i in sorted(zones)),
+                        rows=tuple(RowView(row_specs[i], power_used_w=row_power[i]) for i in sorted(row_specs)),
+                        racks=tuple(racks[i] for i in sorted(racks)))
 
 
 async def get_topology(uow: UnitOfWork, who: Principal) -> TopologyView:

@@ -124,8 +124,26 @@ async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpe
             reasons=(ReasonDetail("RESERVATION", f"{sum(owed.values()):g} accelerators owed to {names}", ""),))
 
 
+def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rolling: bool) -> None:
+    """The row changed from `old` to `spec` (in memory): a new template revision when `rolling`,
+    keeping the specs of the revisions still running; the new resource version."""
+    if rolling:
+        running_old = {p.revision for p in row.placements}
+        specs = {k: v for k, v in (row.revision_specs or {}).items() if int(k) in running_old}
+        if row.template_revision in running_old:
+            specs[str(row.template_revision)] = planning.deployment_doc(old)
+        row.revision_specs = specs
+        row.template_revision = row.template_revision + 1
+    repo.write_deployment_spec(row, spec)
+    repo.clear_failures(row)  # a changed spec is a fresh start: a FAILED deployment is placed again
+    row.resource_version = row.resource_version + 1
+
+
 async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, resource_version: int,
-                            signals: Signals, request_id: str = "") -> DeploymentUpdate:
+                            signals: Signals, request_id: str = "", *, dry_run: bool = False) -> DeploymentUpdate:
+    """`dry_run`: every check, then the deployment as the update would leave it (its changes,
+    whether it rolls); nothing written (a request id used before answers as the write would; a
+    new one is not remembered)."""
     check_name("deployment", spec.name)
     spec = as_caller(who, spec, "updating deployments")
     validate_spec(spec)
@@ -152,19 +170,16 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         raise NotFound(f"tenant {spec.tenant} not found")
     await check_could_ever_fit(uow, spec, tenant.zones)
     await check_contract(uow, row, spec)
+    rolling = needs_rollout(old, spec)
+    if dry_run:
+        with uow.session.no_autoflush:  # the changes stay in memory, never sent
+            _change(row, old, spec, rolling)
+            view = repo.deployment_view(row)
+        await uow.rollback()
+        return DeploymentUpdate(await as_seen_by(uow, who, view), tuple(changes), rolling)
     # Before the row's writes: the request id's DELETE below flushes them (PostgreSQL's lock order: store/changes.py).
     await repo.will_move_generation(uow.session)
-    rolling = needs_rollout(old, spec)
-    if rolling:
-        running_old = {p.revision for p in row.placements}
-        specs = {k: v for k, v in (row.revision_specs or {}).items() if int(k) in running_old}
-        if row.template_revision in running_old:
-            specs[str(row.template_revision)] = planning.deployment_doc(old)
-        row.revision_specs = specs
-        row.template_revision = row.template_revision + 1
-    repo.write_deployment_spec(row, spec)
-    repo.clear_failures(row)  # a changed spec is a fresh start: a FAILED deployment is placed again
-    row.resource_version = row.resource_version + 1
+    _change(row, old, spec, rolling)
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment(spec.key))
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",

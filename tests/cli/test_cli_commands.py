@@ -27,20 +27,36 @@ from tests.addresses import closed_port_address
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 
 
+def dry_run(admin: FakeAdmin, context) -> bool:
+    """Whether a write is asked as a dry run (`maia-dry-run: all`), said back as the controller
+    does; never, as a controller older than dry runs by metadata, when `admin.knows_dry_runs` is off."""
+    if not admin.knows_dry_runs or ("maia-dry-run", "all") not in tuple(context.invocation_metadata()):
+        return False
+    context.set_trailing_metadata((("maia-dry-run", "all"),))
+    return True
+
+
 class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, calls: list[str]) -> None:
         self.calls = calls
         self.tenants: dict[str, admin_pb2.Tenant] = {}
         self.created: list[str] = []
         self.topology = admin_pb2.Topology()
+        self.knows_dry_runs = True  # off: as a controller older than dry runs by metadata (writes)
+        self.refuse_writes: set[str] = set()  # tenants whose CreateTenant is refused, its dry run not
 
     def CreateTenant(self, request, context):  # noqa: N802
-        self.calls.append("CreateTenant")
+        dry = dry_run(self, context)
+        self.calls.append("CreateTenant" + " (dry run)" * dry)
         if request.id in self.tenants:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"tenant {request.id} exists")
         missing = [t for t in request.excludes if t not in self.tenants]
         if missing:  # as the real controller: excluded tenants must exist
             context.abort(grpc.StatusCode.NOT_FOUND, f"tenant {request.id} excludes unknown tenant(s): {missing}")
+        if dry:
+            return request
+        if request.id in self.refuse_writes:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tenant {request.id}: refused at its write")
         self.created.append(request.id)
         self.tenants[request.id] = request
         return request
@@ -51,6 +67,9 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         return self.tenants[request.id]
 
     def UpdateTenant(self, request, context):  # noqa: N802
+        if dry_run(self, context):
+            self.calls.append("UpdateTenant (dry run)")
+            return request
         self.calls.append("UpdateTenant")
         self.tenants[request.id] = request
         return request
@@ -59,6 +78,9 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListTenantsResponse(tenants=list(self.tenants.values()))
 
     def ApplyTopology(self, request, context):  # noqa: N802
+        if dry_run(self, context):
+            self.calls.append("ApplyTopology (dry run)")
+            return request
         self.calls.append("ApplyTopology")
         self.topology.MergeFrom(request)
         return self.topology
@@ -165,7 +187,11 @@ def test_apply_examples_then_again_is_unchanged(fake, capsys) -> None:
     # openlab first: anthropic excludes it, and the controller wants excluded tenants to exist
     assert out.splitlines() == ["topology configured", "tenant/openlab created", "tenant/anthropic created",
                                 "tenant/msft-internal created", "deployment/claude-serving created"]
-    assert calls[0] == "ApplyTopology"  # dependency order
+    # The plan asks the controller to judge each write as a dry run, except where the batch writes
+    # what it refers to (anthropic's zones are the batch topology's; claude-serving's tenant is
+    # new); then the writes, in dependency order.
+    assert calls == ["ApplyTopology (dry run)", "CreateTenant (dry run)", "CreateTenant (dry run)",
+                     "ApplyTopology", "CreateTenant", "CreateTenant", "CreateTenant", "SubmitDeployment"]
     assert admin.tenants["anthropic"].isolation == common_pb2.ISOLATION_DEDICATED_RACK
     assert deployments.deployments["claude-serving"].spec.shards_per_replica == 16
 
@@ -378,14 +404,47 @@ def test_a_rollback_leaves_the_unchanged_tenants_alone(fake, capsys, tmp_path) -
     address, admin, _, calls = fake
     assert run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"))[0] == 0
     f = tmp_path / "t.yaml"
-    f.write_text(EXAMPLES.joinpath("tenants.yaml").read_text()
-                 + "---\nkind: Tenant\nid: newcomer\nexcludes: [ghost]\n")  # the fake refuses: ghost does not exist
+    f.write_text(EXAMPLES.joinpath("tenants.yaml").read_text() + "---\nkind: Tenant\nid: newcomer\n")
+    admin.refuse_writes.add("newcomer")  # its dry run passes, its write fails (a race with another writer)
     calls.clear()
     code, out, err = run(capsys, "--controller", address, "apply", "-f", str(f))
-    assert (code, out) == (3, "")  # NOT_FOUND, as the CreateTenant's own refusal exits
-    assert err.splitlines() == ["error: tenant/newcomer failed: NOT_FOUND: tenant newcomer excludes unknown "
-                                "tenant(s): ['ghost']", "nothing else had been written"]
-    assert calls == ["CreateTenant"]
+    assert (code, out) == (1, "")  # FAILED_PRECONDITION, as the CreateTenant's own refusal exits
+    assert err.splitlines() == ["error: tenant/newcomer failed: FAILED_PRECONDITION: tenant newcomer: "
+                                "refused at its write", "nothing else had been written"]
+    assert calls == ["CreateTenant (dry run)", "CreateTenant"]
+
+
+def test_what_the_controller_would_refuse_is_a_conflict_before_any_write(fake, capsys, tmp_path) -> None:
+    """The controller judges each write as a dry run at the plan: a tenant excluding one that does
+    not exist stops the apply before anything is written (the topology and the other tenant
+    included), exiting as the refusal's code; `apply --dry-run` shows it as a conflict."""
+    address, admin, _, calls = fake
+    f = tmp_path / "t.yaml"
+    f.write_text(EXAMPLES.joinpath("topology.yaml").read_text()
+                 + "---\nkind: Tenant\nid: first\n---\nkind: Tenant\nid: newcomer\nexcludes: [ghost]\n")
+    code, out, err = run(capsys, "--controller", address, "apply", "-f", str(f))
+    assert (code, out) == (3, "")  # NOT_FOUND
+    assert err.splitlines() == ["error: nothing applied:", "tenant/newcomer: NOT_FOUND: tenant newcomer excludes "
+                                "unknown tenant(s): ['ghost']"]
+    assert [c for c in calls if "dry run" not in c] == [] and admin.tenants == {}
+    code, out, err = run(capsys, "--controller", address, "apply", "--dry-run", "-f", str(f))
+    assert code == 3
+    assert out.splitlines()[-2:] == ["! tenant/newcomer: conflict",
+                                     "    NOT_FOUND: tenant newcomer excludes unknown tenant(s): ['ghost']"]
+
+
+def test_a_controller_that_knows_no_dry_runs_is_said_to_have_maybe_written(fake, capsys, tmp_path) -> None:
+    """A controller older than dry runs by metadata ignores the key and writes: maiactl stops at
+    the first write whose answer does not say the dry run back, naming it."""
+    address, admin, _, calls = fake
+    admin.knows_dry_runs = False
+    f = tmp_path / "t.yaml"
+    f.write_text("kind: Tenant\nid: first\n---\nkind: Tenant\nid: second\n")
+    code, out, err = run(capsys, "--controller", address, "apply", "--dry-run", "-f", str(f))
+    assert (code, out) == (1, "")
+    assert err.strip() == (f"error: tenant/first: the controller at {address} does not know dry runs of this "
+                           f"write (it is older than maiactl) and may have applied it; see `maiactl get`")
+    assert list(admin.tenants) == ["first"]  # what such a controller did
 
 
 DEPLOY_WEB = ("kind: Deployment\nname: web\ntenant: {tenant}\nreplicas: 1\nshards_per_replica: 1\n"

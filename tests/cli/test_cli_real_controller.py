@@ -219,9 +219,9 @@ def test_apply_sends_new_deployments_together_and_undoes_them_when_one_is_refuse
                                                                                   tmp_path: Path):
     """One SubmitDeployments call (each deployment's audit entry says so); a request the controller
     refuses (a priority beyond its bounds, which only the write checks here: the plan does not dry-run
-    the deployments of a tenant in the files) fails the apply, exits as its INVALID_ARGUMENT does
-    (2), and deletes what its call wrote; the tenant in the files, unchanged, is left alone (nothing
-    was written to it, so nothing is "restored")."""
+    the deployments of a tenant the files create) fails the apply, exits as its INVALID_ARGUMENT does
+    (2), and deletes what its call wrote and the tenant it created; the tenant in the files,
+    unchanged, is left alone (nothing was written to it, so nothing is "restored")."""
     f = write(tmp_path / "many.yaml", "---\n".join(DEPLOYMENT.format(name=name, tenant="openlab", replicas=1)
                                                    for name in ("many-a", "many-b")))
     proc = running.ctl("apply", "-f", f, "-o", "name")
@@ -232,15 +232,15 @@ def test_apply_sends_new_deployments_together_and_undoes_them_when_one_is_refuse
         [("/maia.v1.DeploymentService/SubmitDeployment", "OK", "/maia.v1.DeploymentService/SubmitDeployments")] * 2
 
     tenant = running.ctl("get", "tenant", "openlab", "-o", "yaml").stdout
-    bad = DEPLOYMENT.format(name="refused-b", tenant="openlab", replicas=1).replace("priority: 10", "priority: 2000000")
+    bad = DEPLOYMENT.format(name="refused-b", tenant="rf-lab", replicas=1).replace("priority: 10", "priority: 2000000")
     refused = write(tmp_path / "refused.yaml", "---\n".join(
-        [tenant, DEPLOYMENT.format(name="refused-a", tenant="openlab", replicas=1), bad]))
+        [tenant, DEPLOYMENT.format(name="refused-a", tenant="openlab", replicas=1), "kind: Tenant\nid: rf-lab\n", bad]))
     audited = len(json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["items"])
     proc = running.ctl("apply", "-f", refused)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("error: deployment/refused-b failed: INVALID_ARGUMENT: "), lines
-    assert lines[1:] == ["rolled back:", "  deployment/refused-a deleted again"]
+    assert lines[1:] == ["rolled back:", "  deployment/refused-a deleted again", "  tenant/rf-lab deleted again"]
     items = json.loads(running.ctl("get", "deployments", "-o", "json").stdout)["items"]
     assert [d for d in items if d["name"].startswith("refused-") and d["status"]["phase"] != "deleting"] == []
     entries = json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["items"]
@@ -272,3 +272,35 @@ def test_a_rollback_deletes_the_tenant_it_created_once_its_deployments_are_gone(
     assert lines[0].startswith("error: deployment/rb-b failed: INVALID_ARGUMENT: "), lines
     assert lines[1:] == ["rolled back:", "  deployment/rb-a deleted again", "  tenant/rb-lab deleted again"]
     assert running.ctl("get", "tenant", "rb-lab").returncode == 3
+
+
+def test_the_plan_asks_the_controller_to_judge_each_write(running: RunningController, tmp_path: Path):
+    """What only the controller checks is a conflict at the plan, before anything is written: a
+    tenant naming a zone that does not exist, a rack in a row that does not exist, a deployment's
+    update beyond its tenant's cap. They used to pass `apply --dry-run` and fail (or roll back)
+    the apply."""
+    base = write(tmp_path / "capped.yaml", "kind: Tenant\nid: capped\nmax_accelerators: 4\n---\n"
+                 + DEPLOYMENT.format(name="capped-a", tenant="capped", replicas=1))
+    assert running.ctl("apply", "-f", base).returncode == 0
+    before = running.ctl("get", "tenants", "-o", "json").stdout
+    topology = yaml.safe_load((EXAMPLES / "topology.yaml").read_text())
+    topology["racks"].append({"id": "rack-new", "row": "row-nowhere"})
+    cases = [
+        ("kind: Tenant\nid: zoned\nzones: [mars]\n", 3, "tenant/zoned",
+         "NOT_FOUND: tenant zoned names unknown zone(s): mars"),
+        (yaml.safe_dump(topology), 3, "topology", "NOT_FOUND: unknown row(s) row-nowhere"),
+        (DEPLOYMENT.format(name="capped-a", tenant="capped", replicas=3), 1, "deployment/capped-a",
+         "RESOURCE_EXHAUSTED: deployment capped-a: 3 replicas need 6 accelerators"),
+    ]
+    for text, code, ref, refusal in cases:
+        f = write(tmp_path / "case.yaml", "kind: Tenant\nid: fine\n---\n" + text)
+        plan = running.ctl("apply", "--dry-run", "-f", f)
+        assert plan.returncode == code, (plan.stdout, plan.stderr)
+        assert f"! {ref}: conflict\n    {refusal}" in plan.stdout and "+ tenant/fine: would be created" in plan.stdout
+        proc = running.ctl("apply", "-f", f)
+        assert proc.returncode == code and proc.stderr.startswith("error: nothing applied:\n"), proc.stderr
+        assert f"\n{ref}: {refusal}" in proc.stderr
+    assert running.ctl("get", "tenants", "-o", "json").stdout == before  # "fine" neither: nothing written
+    stored = running.ctl("get", "topology", "-o", "json")
+    assert stored.returncode == 0 and "rack-new" not in stored.stdout
+    assert running.ctl("delete", "capped-a", "-n", "capped").returncode == 0

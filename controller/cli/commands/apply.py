@@ -7,8 +7,14 @@ apply works in three steps, so a bad batch writes nothing:
    `configured`, `unchanged`, or a conflict — a deployment whose spec differs from the stored
    one is `configured` (updated in place, the differing fields listed; replica counts scale at
    once, other changes roll replica by replica); a deployment of a tenant that neither exists
-   nor is in the batch is refused; any conflict stops here (exit 1; a controller's refusal
-   exits as its code does, INVALID_ARGUMENT 2);
+   nor is in the batch is refused; each write is asked of the controller as a dry run (the
+   `maia-dry-run` metadata; new deployments: SubmitDeployment's dry_run, which also says where
+   they would land), so what the controller would refuse (an unknown zone, a contract that
+   running work breaks, a tenant's cap, ...) is a conflict before anything is written; not
+   asked of an object whose references the batch itself writes (a tenant naming a zone of the
+   batch's topology; a deployment of a tenant the batch creates or changes): its write checks
+   it. Any conflict stops here (exit 1; a controller's refusal exits as its code does,
+   INVALID_ARGUMENT 2, NOT_FOUND 3);
 3. the plan is written in dependency order (topology, tenants, deployments). A deployment update
    names the resource version read in step 2, so a change made by someone else meanwhile is
    refused rather than overwritten. Every write carries one client request id per apply run, so
@@ -22,8 +28,9 @@ apply works in three steps, so a bad batch writes nothing:
    (its RPC removes nothing) and is reported as such. The exit code is the failed call's
    (`client.exit_code_of`: INVALID_ARGUMENT 2, NOT_FOUND 3, others 1), as anywhere in maiactl.
 
-`apply --dry-run` (and `diff`) stop after step 2 and show what would change and, for new
-deployments, where their shards would land now (a dry-run solve), like `nomad job plan`.
+`apply --dry-run` stops after step 2 and shows what would change, what the controller would
+refuse and, for new deployments, where their shards would land now (a dry-run solve), like
+`nomad job plan`. `diff` shows the differences only, asking the controller nothing but reads.
 A dry run that would place only part of a deployment exits 4 (Exit.PARTIAL).
 """
 from __future__ import annotations
@@ -84,8 +91,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser("apply", parents=[common], help="create or update objects from YAML manifests (all or nothing)")
     _sources_option(p)
     p.add_argument("--dry-run", action="store_true",
-                   help="write nothing: show what would change and where new deployments would land "
-                        "(exit 4 when only part would be placed)")
+                   help="write nothing: show what would change, what the controller would refuse, and where "
+                        "new deployments would land (exit 4 when only part would be placed)")
     p.set_defaults(handler=run_apply)
 
     d = sub.add_parser("diff", parents=[common],
@@ -191,54 +198,113 @@ def _topology_changes(wanted: admin_pb2.Topology, current: admin_pb2.Topology) -
             for (kind, name), value in want.items() if have.get((kind, name)) != value]
 
 
-def plan(objects: list[ManifestObject], ctx: Context, *, solve_new: bool) -> list[Step]:
-    """Step 2: what each object needs, reading only. `solve_new` dry-runs new deployments."""
+def plan(objects: list[ManifestObject], ctx: Context, *, judge: bool) -> list[Step]:
+    """Step 2: what each object needs, writing nothing. `judge`: the controller judges each
+    write as a dry run (`_judged`), and new deployments are solved where they would land, wherever
+    what is stored is what the write would meet (`_Batch`); a refusal is the step's conflict."""
     admin, deployments = ctx.controller.admin, ctx.controller.deployments
-    batch_tenants = {o.name for o in objects if o.kind == "Tenant"}
+    batch = _Batch()
     steps: list[Step] = []
     planned: set[str] = set()
     for obj in objects:
         if obj.kind == "Topology":
             current = admin.GetTopology(admin_pb2.GetTopologyRequest(), timeout=ctx.rpc_timeout)
             changes = _topology_changes(obj.message, current)  # type: ignore[arg-type]
-            steps.append(Step(obj, "configured" if changes else "unchanged", changes))
+            step = Step(obj, "configured" if changes else "unchanged", changes)
+            if judge and changes and not batch.topology:
+                step = _judged(step, admin.ApplyTopology, obj.message, ctx)
+            if changes:
+                batch.topology = True
+                batch.zones |= {z.id for z in obj.message.zones}  # type: ignore[attr-defined]
         elif obj.kind == "Tenant":
             current = _get_or_none(admin.GetTenant, admin_pb2.GetTenantRequest(id=obj.name), ctx)
             if obj.name in planned:  # second pass of an exclusion cycle
-                steps.append(Step(obj, "configured", [], previous=current))
+                step = Step(obj, "configured", [], previous=current)
             elif current is None:
-                steps.append(Step(obj, "created"))
+                step = Step(obj, "created")
             else:
                 same = _contract(current) == _contract(obj.message)  # type: ignore[arg-type]
-                steps.append(Step(obj, "unchanged" if same else "configured", [], previous=current))
+                step = Step(obj, "unchanged" if same else "configured", [], previous=current)
+            if judge and step.action != "unchanged" and obj.name not in planned and not batch.meets(obj.message):
+                call = admin.CreateTenant if step.action == "created" else admin.UpdateTenant
+                step = _judged(step, call, obj.message, ctx)
+            if step.action in ("created", "configured"):
+                batch.tenants.add(obj.name)
             planned.add(obj.name)
         else:
-            steps.append(_plan_deployment(obj, ctx, batch_tenants, solve_new, deployments, admin))
+            step = _plan_deployment(obj, ctx, {o.name for o in objects if o.kind == "Tenant"},
+                                    judge and obj.message.tenant not in batch.tenants,  # type: ignore[attr-defined]
+                                    deployments, admin)
+        steps.append(step)
     return steps
 
 
-def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str], solve_new: bool,
+@dataclass
+class _Batch:
+    """What the writes of a batch before an object change, so that the controller's judgement of
+    that object against what is stored would not be the one its write meets: a dry run is asked
+    only of objects that meet none of it (the write checks the rest when it comes)."""
+
+    topology: bool = False                          # the batch changes the topology
+    zones: set[str] = field(default_factory=set)    # named by a topology the batch changes
+    tenants: set[str] = field(default_factory=set)  # tenants the batch creates or changes
+
+    def meets(self, tenant: admin_pb2.Tenant) -> bool:
+        """Whether `tenant`'s references (zones, excluded tenants) may be ones the batch writes."""
+        return bool(set(tenant.zones) & self.zones or set(tenant.excludes) & self.tenants)
+
+
+# The metadata of a dry run of a write (controller/api/dryrun.py), said back by the controller.
+DRY_RUN_METADATA = (("maia-dry-run", "all"),)
+
+
+def _judged(step: Step, call: Any, request: Any, ctx: Context) -> Step:
+    """`step`, or a conflict carrying the controller's refusal of its write asked as a dry run.
+    A controller that does not say the dry run back knew none and may have written (older than
+    this maiactl): stop, saying so."""
+    try:
+        _, answer = call.with_call(request, timeout=ctx.rpc_timeout, metadata=DRY_RUN_METADATA)
+    except grpc.RpcError as exc:
+        if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
+            raise
+        return _refused(step.obj, exc, ctx)
+    if not set(DRY_RUN_METADATA) <= {tuple(m) for m in answer.trailing_metadata() or ()}:
+        raise CliError(f"{step.ref}: the controller at {ctx.address} does not know dry runs of this write (it is "
+                       f"older than maiactl) and may have applied it; see `maiactl get`", Exit.FAILED)
+    return step
+
+
+def _refused(obj: ManifestObject, exc: grpc.RpcError, ctx: Context) -> Step:
+    return Step(obj, "conflict", [rpc_error_text(exc, ctx.address).removeprefix("error: ")], refused=exc)
+
+
+def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str], judge: bool,
                      deployments: Any, admin: Any) -> Step:
+    """`judge`: its tenant is not one the batch writes (see `plan`)."""
     spec: deployments_pb2.DeploymentSpec = obj.message  # type: ignore[assignment]
     current = _get_or_none(deployments.GetDeployment, deployments_pb2.GetDeploymentRequest(name=spec.name, tenant=spec.tenant), ctx)
     if current is not None:
         if _normalised(current.spec) == _normalised(spec):
             return Step(obj, "unchanged")
         differences = spec_differences(spec_document(_normalised(current.spec)), spec_document(_normalised(spec)))
-        return Step(obj, "configured", differences, previous=current)
+        step = Step(obj, "configured", differences, previous=current)
+        if judge:
+            step = _judged(step, deployments.UpdateDeployment, deployments_pb2.UpdateDeploymentRequest(
+                spec=spec, resource_version=current.resource_version), ctx)
+        return step
     tenant_known = spec.tenant in batch_tenants or _get_or_none(
         admin.GetTenant, admin_pb2.GetTenantRequest(id=spec.tenant), ctx) is not None
     if not tenant_known:
         return Step(obj, "conflict", [f"tenant {spec.tenant} does not exist and is not in these manifests"])
     step = Step(obj, "created")
-    if solve_new and spec.tenant not in batch_tenants:
+    if judge:
         try:
             step.dry_run = deployments.SubmitDeployment(
                 deployments_pb2.SubmitDeploymentRequest(spec=spec, dry_run=True), timeout=ctx.rpc_timeout).deployment
         except grpc.RpcError as exc:
             if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
                 raise
-            return Step(obj, "conflict", [rpc_error_text(exc, ctx.address).removeprefix("error: ")], refused=exc)
+            return _refused(obj, exc, ctx)
     return step
 
 
@@ -392,7 +458,7 @@ def _conflict_exit(steps: list[Step]) -> int:
 
 def run_apply(args: argparse.Namespace, ctx: Context) -> int:
     objects = ordered_objects(load_manifest_sources(args.filename))
-    steps = plan(objects, ctx, solve_new=True)
+    steps = plan(objects, ctx, judge=True)
     if args.dry_run:
         return _show_plan(steps, ctx)
     conflicts = _conflicts(steps)
@@ -523,7 +589,7 @@ def where_it_lands(dep: deployments_pb2.Deployment) -> str:
 
 
 def run_diff(args: argparse.Namespace, ctx: Context) -> int:
-    steps = plan(ordered_objects(load_manifest_sources(args.filename)), ctx, solve_new=False)
+    steps = plan(ordered_objects(load_manifest_sources(args.filename)), ctx, judge=False)
     changed = [s for s in steps if s.action != "unchanged"]
     if ctx.json:
         ctx.emit_json({"results": [_result(s) for s in steps]})

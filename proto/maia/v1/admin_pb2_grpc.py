@@ -26,7 +26,13 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Dry runs: CreateTenant, UpdateTenant and ApplyTopology (and DeploymentService.UpdateDeployment)
+    called with the metadata `maia-dry-run: all` are judged exactly as the write (rights, every
+    check against what is stored) and answered with the object as it would be, or the status the
+    write would end with; nothing is written, audited or published. The answer's trailing metadata
+    says `maia-dry-run: all` back (a controller without dry runs by metadata would have written).
+    Any other write refuses the key (INVALID_ARGUMENT); reads ignore it.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -142,7 +148,13 @@ class AdminServiceStub:
 
 
 class AdminServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Dry runs: CreateTenant, UpdateTenant and ApplyTopology (and DeploymentService.UpdateDeployment)
+    called with the metadata `maia-dry-run: all` are judged exactly as the write (rights, every
+    check against what is stored) and answered with the object as it would be, or the status the
+    write would end with; nothing is written, audited or published. The answer's trailing metadata
+    says `maia-dry-run: all` back (a controller without dry runs by metadata would have written).
+    Any other write refuses the key (INVALID_ARGUMENT); reads ignore it.
+    """
 
     def CreateTenant(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -401,7 +413,13 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """Missing associated documentation comment in .proto file."""
+    """Dry runs: CreateTenant, UpdateTenant and ApplyTopology (and DeploymentService.UpdateDeployment)
+    called with the metadata `maia-dry-run: all` are judged exactly as the write (rights, every
+    check against what is stored) and answered with the object as it would be, or the status the
+    write would end with; nothing is written, audited or published. The answer's trailing metadata
+    says `maia-dry-run: all` back (a controller without dry runs by metadata would have written).
+    Any other write refuses the key (INVALID_ARGUMENT); reads ignore it.
+    """
 
     @staticmethod
     def CreateTenant(request,

@@ -113,6 +113,8 @@ class DeploymentServiceServicer:
         aborted for a concurrent one, may be resent after its retry_delay). A replica count change
         scales at once; a change to what a replica is (shard, shards per replica, locality,
         spread) rolls replica by replica, make-before-break, never below the running replicas asked.
+        With the metadata `maia-dry-run: all`: judged and answered as it would be, nothing written
+        (see AdminService's dry runs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
