@@ -31,6 +31,9 @@ class Config:
     listen: str = "127.0.0.1:50051"
     db_url: str = DEFAULT_DB_URL
     migrate: bool = True
+    # How long a start waits for a PostgreSQL server that cannot be reached yet (refused, starting
+    # up, a name not resolved yet), answering every call "starting" meanwhile; 0: not at all.
+    db_wait_s: float = 60.0
     reconcile_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
     # Heartbeats the whole cluster sends a second at most: agents are told longer intervals (and
@@ -278,6 +281,12 @@ def _database_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> 
         "--migrate", action=argparse.BooleanOptionalAction, default=True,
         help="apply pending migrations on start; --no-migrate refuses to start on an old schema",
     )
+    group.add_argument(
+        "--db-wait", type=_non_negative_float, default=Config.db_wait_s, metavar="SECONDS",
+        help="on start, keep trying a PostgreSQL server that cannot be reached yet (refused, starting up, "
+             "its name not resolved yet) for this long, every call answered 'starting' meanwhile, before "
+             "exiting 2; 0: exit at once. A wrong password or database name exits at once",
+    )
 
 
 def _reconcile_flags(parser: argparse.ArgumentParser) -> None:
@@ -430,7 +439,7 @@ def _config(ns: argparse.Namespace) -> Config:
         listen=ns.listen, tls_cert=ns.tls_cert, tls_key=ns.tls_key, tls_client_ca=ns.tls_client_ca,
         bootstrap_admin_token_file=ns.bootstrap_admin_token_file, insecure_no_auth=ns.insecure_no_auth,
         # database
-        db_url=ns.db, migrate=ns.migrate,
+        db_url=ns.db, migrate=ns.migrate, db_wait_s=ns.db_wait,
         # reconcile and solver
         reconcile_interval_s=ns.reconcile_interval, solve_time_limit_ms=ns.solve_time_limit_ms,
         preemption=ns.preemption, decide_process=ns.decide_process, max_surge=ns.max_surge,

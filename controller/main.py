@@ -6,7 +6,8 @@ asked for port 0), so scripts and tests can read where it is, and with --metrics
 console on http://HOST:PORT/". Exit codes: 0 after a clean stop, 3 when a stop did not finish
 within SHUTDOWN_DEADLINE_S (or a second SIGINT/SIGTERM asked for it at once: every thread's stack
 is written to stderr first, so a stuck shutdown can be diagnosed; a SIGTERM once the stop is over is ignored), 2 for a bad --listen or --db (checked by `preflight` before the database is touched), when the
-database cannot be reached, when the schema is behind and --no-migrate forbids upgrading it, or
+database cannot be reached (a PostgreSQL server is tried for --db-wait first; a stop meanwhile
+exits 0), when the schema is behind and --no-migrate forbids upgrading it, or
 when it is ahead of this code. Every such error is one line on stderr, with a hint.
 """
 
@@ -81,7 +82,8 @@ def choose_event_loop(db: URL) -> None:
 async def serve(config: Config) -> int:
     from sqlalchemy.exc import DBAPIError
 
-    from controller.api.server import ControllerApp, ListenError
+    from controller.api.server import ControllerApp, ListenError, StartAbandoned
+    from controller.store.db import unreachable
     from controller.store.migrate import SchemaAheadError, SchemaBehindError
 
     app = ControllerApp(config)
@@ -92,7 +94,11 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        address = await app.start()
+        address = await app.start(stop)
+    except StartAbandoned:  # stopped while waiting for the database: nothing else was started
+        log.info("stopped before the database could be reached")
+        await app.db.dispose()
+        return 0
     except (SchemaBehindError, SchemaAheadError, ListenError) as exc:
         # One clear line; nothing was started but the engine.
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
@@ -101,7 +107,9 @@ async def serve(config: Config) -> int:
     except (DBAPIError, OSError) as exc:  # the database refused the connection or is not what it seemed
         url = app.db.engine.url.render_as_string(hide_password=True)
         cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        print(f"maia-controller: cannot use the database at {url}: {cause}; hint: check that it is "
+        waited = f" (tried for {config.db_wait_s:g} s: --db-wait)" if unreachable(exc) and config.db_wait_s and \
+            not app.db.is_sqlite else ""
+        print(f"maia-controller: cannot use the database at {url}: {cause}{waited}; hint: check that it is "
               f"running and reachable and that the URL's user, host, port and name are right",
               file=sys.stderr, flush=True)
         await app.db.dispose()

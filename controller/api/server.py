@@ -60,7 +60,7 @@ from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.leadership import STARTING_STATE, STATE_METADATA_KEY, LeaderElection, LeaseSettings
 from controller.reconcile import Reconciler, waits_on_report
 from controller.scheduling.decider import DecideProcess
-from controller.store.db import Database
+from controller.store.db import Database, unreachable
 from controller.store.checkpoints import WalCheckpointer
 from controller.store.exclusive import DatabaseInUse, SqliteLock, sqlite_path
 from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
@@ -79,6 +79,8 @@ from maia.v1 import (
 )
 
 log = logging.getLogger("maia.server")
+DB_WAIT_FIRST_PAUSE_S = 0.5  # between tries at a database that cannot be reached yet, doubling
+DB_WAIT_MAX_PAUSE_S = 5.0
 
 SERVICE_NAMES: tuple[str, ...] = (
     deployments_pb2.DESCRIPTOR.services_by_name["DeploymentService"].full_name,
@@ -90,6 +92,10 @@ SERVICE_NAMES: tuple[str, ...] = (
 
 class ListenError(OSError):
     """The gRPC server could not bind its address (checked before the database is touched)."""
+
+
+class StartAbandoned(Exception):
+    """The controller was told to stop while it waited for its database to be reachable (--db-wait)."""
 
 
 class AppSignals:
@@ -274,16 +280,16 @@ class ControllerApp:
             return None
         return TlsSettings(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
 
-    async def start(self) -> str:
+    async def start(self, stop: asyncio.Event | None = None) -> str:
         """Bind, serve, check (or migrate) the schema, start the loops; returns the bound HOST:PORT.
 
         The port is bound before the database is touched, so a busy port leaves the database as
         it was. SO_REUSEPORT is off (grpc turns it on by default): a second controller on the
         same port fails instead of sharing it. Until the schema is checked and the tokens read,
-        every call is answered `STARTING` (UNAVAILABLE with a retry time), the health check too.
+        every call is answered `STARTING` (UNAVAILABLE with a retry time), the health check too;
+        a PostgreSQL server that cannot be reached yet is waited for meanwhile (`_schema_ready`),
+        unless `stop` is set (`StartAbandoned`).
         """
-        from controller.store.migrate import ensure_schema
-
         tls = self._tls()
         auditor = AuditInterceptor(self.db)
         checks: list[aio.ServerInterceptor] = [auditor]
@@ -339,7 +345,7 @@ class ControllerApp:
         shed.refuse_all(STARTING)
         try:
             await server.start()
-            revision = await ensure_schema(self.db, migrate=self.config.migrate)
+            revision = await self._schema_ready(stop or asyncio.Event())
             log.info("schema ready revision=%s db=%s", revision,
                      self.db.engine.url.render_as_string(hide_password=True))
             await self._prepare_authentication()
@@ -396,6 +402,32 @@ class ControllerApp:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.reconciler.wake()
         return self.address
+
+    async def _schema_ready(self, stop: asyncio.Event) -> str:
+        """`ensure_schema`, tried again while the database server cannot be reached yet
+        (`db.unreachable`: refused, starting up, its name not resolved) for at most --db-wait,
+        pausing 0.5 s doubling to 5 s, each try logged; on PostgreSQL only (a SQLite file is there
+        or not). Past the wait, the last failure is raised; `StartAbandoned` once `stop` is set."""
+        from controller.store.migrate import ensure_schema
+
+        give_up = time.monotonic() + (0.0 if self.db.is_sqlite else self.config.db_wait_s)
+        pause = DB_WAIT_FIRST_PAUSE_S
+        while True:
+            try:
+                return await ensure_schema(self.db, migrate=self.config.migrate)
+            except Exception as exc:
+                left = give_up - time.monotonic()
+                if not unreachable(exc) or left <= 0:
+                    raise
+                log.warning("the database at %s cannot be reached yet (%s); trying again in %.1f s, for %.1f s "
+                            "more (--db-wait)", self.db.engine.url.render_as_string(hide_password=True),
+                            str(getattr(exc, "orig", None) or exc).splitlines()[0], min(pause, left), left)
+                try:
+                    await asyncio.wait_for(stop.wait(), min(pause, left))
+                    raise StartAbandoned() from exc
+                except TimeoutError:
+                    pass
+                pause = min(pause * 2, DB_WAIT_MAX_PAUSE_S)
 
     async def _start_gateways(self, agents: NodeAgentServicer, chain: list[aio.ServerInterceptor]) -> None:
         """The agent gateways (--agent-gateways) and the private server of their links: each relayed

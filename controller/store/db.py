@@ -223,6 +223,25 @@ def database_failed(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+# SQLSTATEs of a PostgreSQL server that is there but takes no connection yet: cannot_connect_now
+# (starting up, shutting down, in recovery), too_many_connections; and class 08, connection exceptions.
+NOT_YET_ACCEPTING = frozenset({"57P03", "53300"})
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says a database server could not be reached or takes no connection yet
+    (refused, timed out, its name not resolved, starting up, full): what may pass on its own,
+    unlike a wrong password, database name or statement."""
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    state = pg_driver.sqlstate(exc)
+    if state is not None:
+        return state in NOT_YET_ACCEPTING or state.startswith("08")
+    return isinstance(exc.orig, (OSError, TimeoutError)) or isinstance(exc.__cause__, (OSError, TimeoutError))
+
+
 # PostgreSQL aborted the transaction for what another one did: deadlock_detected (it broke a
 # deadlock by aborting this side, `deadlock_timeout` after the wait began), serialization_failure.
 TRANSACTION_ABORTED = {"40P01": "a deadlock with a concurrent transaction", "40001": "a serialization failure"}

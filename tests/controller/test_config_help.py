@@ -12,7 +12,7 @@ SECTIONS = {
     "options": ["-h", "--help", "--version"],
     "API, TLS and authentication": ["--listen", "--tls-cert", "--tls-key", "--tls-client-ca",
                                     "--bootstrap-admin-token-file", "--insecure-no-auth"],
-    "database": ["--db", "--migrate", "--no-migrate"],
+    "database": ["--db", "--migrate", "--no-migrate", "--db-wait"],
     "reconcile and solver": ["--reconcile-interval", "--solve-time-limit-ms", "--preemption", "--no-preemption",
                              "--decide-process",
                              "--no-decide-process", "--max-surge", "--quarantine-after-failures",

@@ -3,7 +3,10 @@ before touching the database: each case runs the real binary in an empty folder 
 nothing was created there (and that an existing file was left byte for byte)."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 BIN = Path(sys.executable).parent / "maia-controller"
 
@@ -51,13 +55,91 @@ def test_bad_db_urls_exit_2_with_one_line_and_write_nothing(tmp_path: Path, db: 
     assert files_in(tmp_path) == before
 
 
-def test_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
+def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    proc = run_controller(tmp_path, "--listen", "127.0.0.1:0", "--db", f"postgresql+asyncpg://app@127.0.0.1:{port}/x")
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
+    port = closed_port()
+    proc = run_controller(tmp_path, "--listen", "127.0.0.1:0", "--db", f"postgresql+asyncpg://app@127.0.0.1:{port}/x",
+                          "--db-wait", "0")
     assert_refused(proc, f"cannot use the database at postgresql+asyncpg://app@127.0.0.1:{port}/x",
                    "check that it is running")
+
+
+async def _controller(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(str(BIN), "--listen", "127.0.0.1:0", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def _waiting(proc: asyncio.subprocess.Process) -> str:
+    """The controller's first log line saying it waits for its database (within 30 s)."""
+    async with asyncio.timeout(30):
+        while b"cannot be reached yet" not in (line := await proc.stderr.readline()):  # type: ignore[union-attr]
+            assert line, "the controller ended without waiting for its database"
+    return line.decode()
+
+
+async def _forward(upstream: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One connection piped to `upstream` and back (the database server, come up at last)."""
+    up_reader, up_writer = await asyncio.open_connection(*upstream)
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+        sink.close()
+
+    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+
+async def test_a_postgres_server_that_comes_up_within_db_wait_is_waited_for(request: pytest.FixtureRequest) -> None:
+    """Started before its database server (compose, a reboot, a failover of the database), the
+    controller waited for nothing: it exited 2 at the first refused connection, and only a
+    supervisor's restart brought it up. It now tries again for --db-wait, answering "starting"."""
+    maker = request.getfixturevalue("_postgres_migrated_databases")
+    url = make_url(await maker.take())
+    port = closed_port()
+    proc = await _controller("--db", url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False),
+                             "--db-wait", "60")
+    try:
+        assert "(--db-wait)" in await _waiting(proc)
+        server = await asyncio.start_server(functools.partial(_forward, (url.host, url.port)), "127.0.0.1", port)
+        async with server, asyncio.timeout(60):
+            line = await proc.stdout.readline()  # type: ignore[union-attr]
+            assert line.startswith(b"maia-controller listening on "), line
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        maker.drop(url.render_as_string(hide_password=False))
+
+
+async def test_a_stop_while_waiting_for_the_database_exits_0_at_once() -> None:
+    proc = await _controller("--db", f"postgresql+asyncpg://app@127.0.0.1:{closed_port()}/x", "--db-wait", "600")
+    try:
+        await _waiting(proc)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):  # not the 600 s of its wait
+            assert await proc.wait() == 0
+        assert await proc.stdout.read() == b""  # type: ignore[union-attr]  # never said it listens
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_a_database_that_does_not_exist_is_not_waited_for(tmp_path: Path, postgres_url: str) -> None:
+    """What waiting cannot cure (a database name that does not exist here) exits at once."""
+    url = make_url(postgres_url).set(database="no_such_database_here")
+    proc = run_controller(tmp_path, "--listen", "127.0.0.1:0", "--db", url.render_as_string(hide_password=False),
+                          "--db-wait", "600")
+    assert_refused(proc, "cannot use the database at", "no_such_database_here")
 
 
 @pytest.mark.parametrize("listen, fragment", [
