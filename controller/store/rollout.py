@@ -11,7 +11,10 @@ default, `maia-controller --max-surge`) and maxUnavailable 0:
   run), so the solver accounts for what they hold and places replacements beside them;
 - after the replacements report running, `retire_replaced` stops outgoing replicas one at a
   time, never letting the running replicas drop below the replicas asked; an outgoing replica
-  that does not run (still loading, failed, or on a down node) serves nothing and goes at once.
+  that does not run (still loading, failed, or on a node whose work was evicted) serves nothing
+  and goes at once. One on a down node not evicted yet is left as it is, like any work there: a
+  node back before its eviction grace keeps its shards (controller/domain/liveness.py), and the
+  replica then goes as a running one would; at the eviction it goes at once.
 
 Replica indices in the database are stable identities the agents know; the solver wants each
 deployment's replicas numbered 0..n-1. `SolverRef` maps one to the other, and `PlanKeys` maps a
@@ -86,18 +89,20 @@ class SolverView:
 
 
 def solver_view(current_doc: dict[str, Any], template_revision: int, revision_specs: Mapping[str, Any],
-                replicas: Iterable[StoredReplica], *, down: set[str], draining: set[str],
+                replicas: Iterable[StoredReplica], *, evicted: set[str], draining: set[str],
                 surge: int = DEFAULT_SURGE) -> SolverView:
     """The solver deployments and placements of one stored deployment (see the module doc);
-    `surge` replicas at most beyond the asked count while replicas are being replaced."""
+    `surge` replicas at most beyond the asked count while replicas are being replaced. An
+    outgoing replica on an `evicted` node (down, its work evicted) is left out: the commit
+    releases it (it is not placed again); one on a down node not evicted yet stays pinned."""
     key = current_doc["id"]
     current: list[StoredReplica] = []
     outgoing: dict[int, list[StoredReplica]] = defaultdict(list)
     for rep in sorted(replicas, key=lambda r: r.index):
         if rep.revision == template_revision and not rep.nodes & draining:
             current.append(rep)
-        elif rep.nodes & down:
-            continue  # an outgoing replica on a down node is not placed again: it is dropped
+        elif rep.nodes & evicted:
+            continue  # an outgoing replica on an evicted node is not placed again: it is dropped
         elif rep.revision == template_revision or str(rep.revision) in revision_specs:
             outgoing[rep.revision].append(rep)
     asked = current_doc["replicas"]
@@ -201,6 +206,7 @@ class _Replica:
     phases: list[ShardPhase] = field(default_factory=list)
     draining: bool = False
     down: bool = False
+    away: bool = False  # on a down node whose work is not evicted yet: left as it is
 
     def running(self, shards: int) -> bool:
         return not self.down and len(self.phases) >= shards and all(p is ShardPhase.RUNNING for p in self.phases)
@@ -227,8 +233,9 @@ async def any_draining(session: AsyncSession, node_ids: Iterable[str]) -> bool:
 async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = "controller") -> Retired:
     """Stop the outgoing replicas whose replacements run (the caller commits).
 
-    Per deployment with outgoing replicas: those not running go at once; a running one goes
-    only while the running replicas, without it, still number at least the replicas asked.
+    Per deployment with outgoing replicas: those not running go at once, but for those on a down
+    node not evicted yet (left until it is back or evicted); a running one goes only while the
+    running replicas, without it, still number at least the replicas asked.
     Revisions left without replicas are forgotten. Bumps the cluster generation when anything
     is stopped, so the next pass places the next replacement."""
     outgoing_deps = set(await session.scalars(
@@ -244,16 +251,17 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         select(Deployment).where(any_of(session, Deployment.id, outgoing_deps)))}
     rows = await session.execute(
         select(Placement.id, Placement.deployment_id, Placement.replica, Placement.revision, Placement.phase,
-               Placement.node_id, Node.draining, Node.health)
+               Placement.node_id, Node.draining, Node.health, Node.evicted_at)
         .join(Node, Placement.node_id == Node.id).where(any_of(session, Placement.deployment_id, deps)))
     replicas: dict[int, dict[int, _Replica]] = defaultdict(dict)
-    for pid, dep_id, index, revision, phase, node_id, draining, health in rows:
+    for pid, dep_id, index, revision, phase, node_id, draining, health, evicted_at in rows:
         rep = replicas[dep_id].setdefault(index, _Replica(index, revision))
         rep.ids.append(pid)
         rep.nodes.add(node_id)
         rep.phases.append(phase)
         rep.draining |= bool(draining)
         rep.down |= health is NodeHealth.DOWN
+        rep.away |= health is NodeHealth.DOWN and evicted_at is None
     retired_ids: list[int] = []
     nodes: set[str] = set()
     changed: set[str] = set()
@@ -262,7 +270,7 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
     for dep_id, dep in deps.items():
         reps = replicas.get(dep_id, {})
         current = [r for r in reps.values() if r.revision == dep.template_revision and not r.draining]
-        outgoing = sorted((r for r in reps.values() if r not in current), key=lambda r: r.index)
+        outgoing = sorted((r for r in reps.values() if r not in current and not r.away), key=lambda r: r.index)
         running = sum(r.running(shards_of(dep, r.revision)) for r in reps.values())
         replacements = sorted(r.index for r in current if r.running(dep.shards_per_replica))
         gone: list[_Replica] = []

@@ -99,6 +99,11 @@ class Snapshot:
         return {(p["deployment"], p["replica"], p["shard"]): p for p in self.problem.get("placements", ())}
 
 
+def _evicted(health: NodeHealth, evicted_at: datetime | None) -> bool:
+    """Whether a node is down with its work evicted (`node_state` "down")."""
+    return health is NodeHealth.DOWN and evicted_at is not None
+
+
 def node_state(health: NodeHealth, cordoned: bool, evicted: bool) -> str:
     """The interchange node state the solver sees: `down` (its shards are placed again) only once
     a down node's work is evicted; a suspect or down node not evicted yet keeps its shards and
@@ -269,7 +274,7 @@ class NodeRead:
     id: str
     doc: dict[str, Any] | None  # the interchange node; None: no such row, or beyond today's limits
     exists: bool
-    down: bool      # health DOWN (evicted or not): `solver_view` drops outgoing replicas on it
+    evicted: bool   # down and its work evicted: `solver_view` drops outgoing replicas on it
     draining: bool  # its replicas are being replaced (`solver_view`)
 
 
@@ -285,7 +290,7 @@ async def load_nodes(session: AsyncSession, ids: Collection[str]) -> list[NodeRe
     for node_id in wanted:
         n = found.get(node_id)
         reads.append(NodeRead(node_id, None, False, False, False) if n is None else
-                     NodeRead(node_id, _node_doc(n), True, n.health is NodeHealth.DOWN, bool(n.draining)))
+                     NodeRead(node_id, _node_doc(n), True, _evicted(n.health, n.evicted_at), bool(n.draining)))
     return reads
 
 
@@ -342,12 +347,12 @@ def _stored_replicas(key: str, rows: Iterable[Any]) -> dict[int, StoredReplica]:
 
 
 def _view(doc: dict[str, Any], template_revision: int, revision_specs: Mapping[str, Any],
-          replicas: Mapping[int, StoredReplica], *, down: set[str], draining: set[str], surge: int,
+          replicas: Mapping[int, StoredReplica], *, evicted: set[str], draining: set[str], surge: int,
           ) -> tuple[Any, dict[ShardKey, Where]]:
     """A stored deployment as the solver sees it (`solver_view`), and the shards the view leaves
-    out (an outgoing replica on a down node, replicas beyond the asked count): the commit releases them."""
-    view = solver_view(doc, template_revision, revision_specs, replicas.values(), down=down, draining=draining,
-                       surge=surge)
+    out (an outgoing replica on an evicted node, replicas beyond the asked count): the commit releases them."""
+    view = solver_view(doc, template_revision, revision_specs, replicas.values(), evicted=evicted,
+                       draining=draining, surge=surge)
     viewed = {index for ref in view.refs.values() for index in ref.replicas.values()}
     released = {(doc["id"], index, p["shard"]): (p["node"], tuple(p["accelerator_indices"]), p.get("accelerator_milli"))
                 for index, rep in replicas.items() if index not in viewed for p in rep.placements}
@@ -378,15 +383,15 @@ async def load_deployments(session: AsyncSession, keys: Collection[str], *,
                 .order_by(Placement.deployment_id, Placement.replica, Placement.shard)):
             rows[p.deployment_id].append(p)
             nodes.add(p.node_id)
-    down: set[str] = set()
+    evicted: set[str] = set()
     draining: set[str] = set()
     oversized: set[str] = set()
     wanted_nodes = sorted(nodes)
     for start in range(0, len(wanted_nodes), _CHUNK):
-        for n in await session.execute(select(Node.id, Node.health, Node.draining, Node.accelerators)
+        for n in await session.execute(select(Node.id, Node.health, Node.evicted_at, Node.draining, Node.accelerators)
                                        .where(any_of(session, Node.id, wanted_nodes[start:start + _CHUNK]))):
-            if n.health is NodeHealth.DOWN:
-                down.add(n.id)
+            if _evicted(n.health, n.evicted_at):
+                evicted.add(n.id)
             if n.draining:
                 draining.add(n.id)
             if not 0 <= n.accelerators <= limits.NODE_ACCELERATORS_MAX:
@@ -399,7 +404,7 @@ async def load_deployments(session: AsyncSession, keys: Collection[str], *,
                         for p in rows[dep_id] if p.node_id in oversized}
         replicas = _stored_replicas(key, (p for p in rows[dep_id] if p.node_id not in oversized))
         view, released = _view(doc, d.template_revision, d.revision_specs or {}, replicas,
-                               down=down, draining=draining, surge=surge)
+                               evicted=evicted, draining=draining, surge=surge)
         reads[key] = DeploymentRead(key, dep_id, view.deployments, view.placements, view.refs,
                                     frozenset(replicas), {**on_oversized, **released})
     return [reads[key] for key in sorted(wanted)]
@@ -474,7 +479,7 @@ async def load_arrivals(session: AsyncSession, *, after_id: int, surge: int = DE
         if d.phase is DeploymentPhase.DELETING:
             continue
         view = solver_view(_deployment_doc(d), d.template_revision, d.revision_specs or {}, (),
-                           down=set(), draining=set(), surge=surge)
+                           evicted=set(), draining=set(), surge=surge)
         docs += view.deployments
         refs.update(view.refs)
         key = deployment_key(d.tenant_id, d.name)
@@ -562,11 +567,11 @@ def build_snapshot(read: SnapshotRows, *, surge: int = DEFAULT_SURGE) -> Snapsho
 
     nodes = []
     oversized_nodes: set[str] = set()
-    down_nodes: set[str] = set()
+    evicted_nodes: set[str] = set()
     draining_nodes: set[str] = set()
     for n in read.nodes:
-        if n.health is NodeHealth.DOWN:
-            down_nodes.add(n.id)
+        if _evicted(n.health, n.evicted_at):
+            evicted_nodes.add(n.id)
         if n.draining:
             draining_nodes.add(n.id)
         node = _node_doc(n)
@@ -611,7 +616,7 @@ def build_snapshot(read: SnapshotRows, *, surge: int = DEFAULT_SURGE) -> Snapsho
     for dep_id, doc, template_revision, revision_specs in current_docs:
         replicas = _stored_replicas(doc["id"], placed_rows.get(dep_id, ()))
         view, dropped = _view(doc, template_revision, revision_specs, replicas,
-                              down=down_nodes, draining=draining_nodes, surge=surge)
+                              evicted=evicted_nodes, draining=draining_nodes, surge=surge)
         deployments += view.deployments
         placements += view.placements
         solver_refs.update(view.refs)

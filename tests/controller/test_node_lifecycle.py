@@ -20,8 +20,9 @@ from controller.nodelifecycle import NodeLifecycle
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store.db import Database
-from controller.usecases import agents
-from uc_builders import WHO, deployment, no_publish, quiet_agent, statements, submit
+from controller.usecases import agents, nodes
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO, deployment, no_publish, quiet_agent, run_all, statements, submit
 
 POLICY = LivenessPolicy(heartbeat_timeout_s=10, down_grace_s=30, eviction_grace_s=90, restart_grace_s=0,
                         eviction_rate=1.0)
@@ -214,6 +215,49 @@ async def test_a_node_back_before_its_eviction_keeps_its_shards(cluster):
     await loop.reconcile_once(force=True)
     assert await placements(cluster) == before  # nothing reshuffled
     assert (await health(cluster))[victim] == ("up", False)
+
+
+async def _back(cluster: Database, node: str, clocks: Clocks) -> None:
+    """The node's agent comes back: register, hello."""
+    async with cluster.unit_of_work() as uow:
+        reg = await agents.register_node(uow, WHO, NodeInfo(node, node.rsplit("-", 1)[0], 4, hbm_gib=64.0,
+                                                            idle_power_w=500.0), heartbeat_interval_ms=1000)
+    async with cluster.unit_of_work() as uow:
+        assert await agents.hello(uow, WHO, node, reg.session_id, clocks.wall) is True
+
+
+@pytest.mark.parametrize("back", [True, False], ids=["back", "evicted"])
+async def test_a_draining_node_that_goes_down_keeps_its_replica_until_back_or_evicted(cluster, back: bool):
+    """A drain's outgoing replica on a node that went down was stopped at once (its shards on
+    other nodes too): down, it did not run, and a replica that does not run "serves nothing".
+    A node back within the eviction grace keeps its shards, so the replica now stays as all work
+    there does: retired once its node is back and its replacement runs, or gone at the eviction."""
+    clocks = Clocks()
+    loop, before = await placed(cluster, replicas=1)
+    victim = before[("svc", 0, 0)][0]
+    await run_all(cluster)
+    async with cluster.unit_of_work() as uow:
+        await nodes.drain_node(uow, WHO, victim, RecordingSignals(), None, {})
+    await loop.reconcile_once(force=True)  # the replacement, beside it
+    replacement = {k: v for k, v in (await placements(cluster)).items() if k not in before}
+    assert len(replacement) == 1 and victim not in {node for node, _ in replacement.values()}
+    await lose(cluster, victim, clocks.wall)
+    cycle = lifecycle(cluster, clocks, {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - {victim})
+    clocks.advance(60)
+    await cycle.pass_once()
+    assert (await health(cluster))[victim] == ("down", False)
+    await run_all(cluster)  # the replacement runs
+    for _ in range(2):
+        await loop.reconcile_once(force=True)
+        assert await placements(cluster) == {**before, **replacement}  # the down node's replica stays
+    if back:
+        await _back(cluster, victim, clocks)
+    else:
+        clocks.advance(60)
+        assert [(c.node_id, c.evict) for c in await cycle.pass_once()] == [(victim, True)]
+    await loop.reconcile_once(force=True)
+    await loop.reconcile_once(force=True)
+    assert await placements(cluster) == replacement  # retired: its replacement runs
 
 
 async def test_evictions_are_rate_limited_per_zone_and_stop_when_nothing_is_up(cluster):

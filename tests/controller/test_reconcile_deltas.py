@@ -30,7 +30,7 @@ from controller.domain.values import DeploymentSpec, NodeInfo, ShardReport, Tena
 from test_reconcile_fast import (  # noqa: F401  (four_racks_files: the fixture)
     FourRacksFiles, _arrivals, _committed, _four_racks, assert_same, fresh, four_racks_files, reconciler,
 )
-from uc_builders import WHO, add_nodes, apply_topology, deployment, no_publish, submit
+from uc_builders import WHO, add_nodes, apply_topology, deployment, no_publish, run_all, submit
 
 RACKS = ("rack-a", "rack-b", "rack-c", "rack-d")
 # The events the cache follows as deltas.
@@ -613,18 +613,6 @@ async def test_a_stale_full_pass_that_wrote_it_all_is_followed(cluster, monkeypa
     assert_same(loop.warm_snapshot, await fresh(cluster))
 
 
-async def _run_all(db: Database) -> None:
-    """Every placed shard reports running (as agents would)."""
-    keys = (await fresh(db)).deployment_ids.keys()
-    async with db.unit_of_work() as uow:
-        placements = [(p.node_id, p.replica, p.shard, key)
-                      for p, key in await repo.placements_of_deployments(uow.session, keys)]
-    async with db.unit_of_work() as uow:
-        await agents.flush_reports(uow, {}, [(node, ShardReport(
-            key.split("/")[1], replica, shard, 10**9, "running", tenant=key.split("/")[0]))
-            for node, replica, shard, key in placements])
-
-
 async def _stored(db: Database, name: str) -> set[tuple[int, str]]:
     """(stored replica, node) of a deployment's shards."""
     async with db.unit_of_work() as uow:
@@ -636,7 +624,7 @@ async def _drain_one_of_two(cluster: Database, loop: Reconciler) -> tuple[int, s
     beside it on the warm cluster (make-before-break). The full passes before the drain, the node."""
     await submit(cluster, deployment("svc", replicas=2, accelerators=4, locality="node"))
     await loop.reconcile_once()
-    await _run_all(cluster)
+    await run_all(cluster)
     full = loop.full_passes
     drained = sorted(await _stored(cluster, "svc"))[0][1]
     async with cluster.unit_of_work() as uow:
@@ -658,7 +646,7 @@ async def test_a_drain_replaces_make_before_break_on_the_warm_cluster(cluster, t
     loop = reconciler(cluster)
     full, drained = await _drain_one_of_two(cluster, loop)
     if then == "replacement_runs":
-        await _run_all(cluster)
+        await run_all(cluster)
     else:
         async with cluster.unit_of_work() as uow:
             await liveness.apply_transitions(uow, [Transition(drained, "down", "silent", evict=True)],
@@ -688,7 +676,7 @@ async def test_a_rolling_update_and_a_scale_up_roll_on_the_warm_cluster(cluster,
 async def _roll_and_scale(cluster: Database, loop: Reconciler) -> None:
     await submit(cluster, deployment("svc", replicas=2, accelerators=2, locality="node"))
     await loop.reconcile_once()
-    await _run_all(cluster)
+    await run_all(cluster)
     full = loop.full_passes
     async with cluster.unit_of_work() as uow:  # a new shape: rolls replica by replica (surge 1)
         row = await repo.get_deployment(uow.session, "t1", "svc")
@@ -698,7 +686,7 @@ async def _roll_and_scale(cluster: Database, loop: Reconciler) -> None:
         await loop.reconcile_once()
         assert loop.full_passes == full
         assert_same(loop.warm_snapshot, await fresh(cluster))
-        await _run_all(cluster)
+        await run_all(cluster)
     snapshot = await fresh(cluster)
     shapes = {len(p["accelerator_indices"]) for p in snapshot.problem["placements"] if p["deployment"] == "t1/svc"}
     assert shapes == {3} and len(await _stored(cluster, "svc")) == 2  # rolled: two replicas of the new shape
@@ -788,7 +776,7 @@ async def test_a_scale_down_to_the_replicas_placed_judges_phase_and_reasons_agai
     loop = reconciler(cluster)
     await submit(cluster, deployment("svc", replicas=6, accelerators=4, locality="node"))
     await loop.reconcile_once()
-    await _run_all(cluster)
+    await run_all(cluster)
     phase, reasons = await _phase_and_reasons(cluster, "svc")
     assert phase == "degraded" and [r["code"] for r in reasons] == ["CAPACITY"]
     full = loop.full_passes
@@ -811,7 +799,7 @@ async def test_a_drain_ended_before_its_replacement_was_placed_leaves_no_reasons
     loop = reconciler(cluster)
     await submit(cluster, deployment("svc", replicas=2, accelerators=4, locality="node"))
     await loop.reconcile_once()
-    await _run_all(cluster)
+    await run_all(cluster)
     held = sorted(node for _, node in await _stored(cluster, "svc"))
     others = sorted({"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - set(held))
     for node in others:
@@ -840,7 +828,7 @@ async def test_a_deployment_deleted_while_it_rolls_leaves_the_warm_cluster_whole
     loop = reconciler(cluster)
     await submit(cluster, deployment("svc", replicas=2, accelerators=4, locality="node"))
     await loop.reconcile_once()
-    await _run_all(cluster)
+    await run_all(cluster)
     async with cluster.unit_of_work() as uow:
         row = await repo.get_deployment(uow.session, "t1", "svc")
         await updates.update_deployment(uow, WHO, deployment("svc", replicas=2, accelerators=4, locality="node",

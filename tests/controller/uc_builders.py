@@ -19,7 +19,7 @@ from controller.store.db import Database, UnitOfWork
 from controller.store.turns import WritePriority, current_priority
 from controller.usecases import agents, deployments, tenants, topology
 from controller.domain.values import (
-    DeploymentSpec, NodeInfo, RackSpec, RowSpec, ShardSpec, TenantSpec, TopologySpec, ZoneSpec,
+    DeploymentSpec, NodeInfo, RackSpec, RowSpec, ShardReport, ShardSpec, TenantSpec, TopologySpec, ZoneSpec,
 )
 from controller.usecases.ports import RecordingSignals
 
@@ -126,6 +126,17 @@ async def quiet_agent() -> AsyncIterator[Any]:
 
 async def no_publish(names: set[str], deleted: list) -> None:
     """A reconciler's `publish` for tests that watch nothing."""
+
+
+async def run_all(db: Database) -> None:
+    """Every placed shard reports running (as agents would)."""
+    async with db.unit_of_work() as uow:
+        placements = (await uow.session.execute(
+            select(m.Placement.node_id, m.Placement.replica, m.Placement.shard, m.Deployment.tenant_id,
+                   m.Deployment.name).join(m.Deployment))).all()
+    async with db.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(node, ShardReport(name, replica, shard, 10**9, "running", tenant=tenant))
+                                             for node, replica, shard, tenant, name in placements])
 
 
 async def submit(db: Database, spec: DeploymentSpec) -> None:

@@ -18,7 +18,7 @@ def _old_replicas(count: int) -> list[StoredReplica]:
 
 @pytest.mark.parametrize(("surge", "replacements"), [(1, 1), (2, 2), (3, 3), (4, 4), (9, 4)])
 def test_a_rollout_places_up_to_the_surge_beside_the_replicas_it_replaces(surge: int, replacements: int) -> None:
-    view = solver_view(DOC, 2, {"1": DOC}, _old_replicas(4), down=set(), draining=set(), surge=surge)
+    view = solver_view(DOC, 2, {"1": DOC}, _old_replicas(4), evicted=set(), draining=set(), surge=surge)
     current, outgoing = view.deployments
     assert (current["id"], current["replicas"]) == ("svc", replacements)
     assert (outgoing["id"], outgoing["replicas"]) == ("svc~1", 4)  # every old replica runs on meanwhile
@@ -27,7 +27,7 @@ def test_a_rollout_places_up_to_the_surge_beside_the_replicas_it_replaces(surge:
 def test_without_a_rollout_the_surge_changes_nothing() -> None:
     replicas = [StoredReplica(r.index, 2, r.placements, r.nodes) for r in _old_replicas(4)]
     for surge in (1, 3):
-        [current] = solver_view(DOC, 2, {}, replicas, down=set(), draining=set(), surge=surge).deployments
+        [current] = solver_view(DOC, 2, {}, replicas, evicted=set(), draining=set(), surge=surge).deployments
         assert current["replicas"] == 4
 
 

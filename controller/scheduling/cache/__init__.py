@@ -44,7 +44,7 @@ the cache held of them; what that leaves short of replicas (a replacement within
 replica released) is decided by the next fast plan, which speaks for the deployment whole, its
 outgoing replicas included. Released replicas are decided with the nodes they failed on
 cordoned for that plan alone (`decide(avoid=)`). A deployment whose read leaves shards out (a
-scale down's replicas beyond the count, an outgoing replica on a down node) is one too: the
+scale down's replicas beyond the count, an outgoing replica on an evicted node) is one too: the
 shards go to the snapshot's `released`, and the next fast plan speaks for it whole, so that its
 scoped commit releases them (`releasing`). One another controller placed before this cache read
 it is added where `load_snapshot` lists it (`_adopt`; the arrivals read later skip it). One

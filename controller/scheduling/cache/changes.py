@@ -81,7 +81,7 @@ def apply_nodes(snap: Snapshot, session: Session | RemoteSession, reads: Sequenc
 
 def _replacing_on(snap: Snapshot, held_by: Collection[str]) -> bool:
     """Whether one of the solver deployments holding shards on a node is a replica being
-    replaced (`solver_view` drops those on a down node: the full path reads them)."""
+    replaced (`solver_view` drops those on an evicted node: the full path reads them)."""
     refs = snap.solver_refs
     return any(refs[name].outgoing for name in held_by if name in refs)
 
@@ -255,7 +255,7 @@ def reread(snap: Snapshot, reads: Sequence[NodeRead]) -> dict[str, frozenset[str
     before the nodes are applied (`apply_nodes(reread=)`), with those deployments (no call
     on the session: short Python, on the event loop unless `reads` are many:
     `warm.REREAD_ON_LOOP_MAX_NODES`): drained or no longer drained, holding
-    a replica being replaced (the view drops one on a down node), removed, or changed other
+    a replica being replaced (the view drops one on an evicted node), removed, or changed other
     than in state (resized: the shards on accelerators it no longer has, or on a node
     removed, were released as it changed; the session repairs what is left of their
     replicas, as `solve()` does)."""

@@ -70,7 +70,7 @@ def scope_of(snap: Snapshot, plan: Plan) -> frozenset[str]:
 
 def releasing(snap: Snapshot) -> frozenset[str]:
     """The stored deployments with shards the snapshot leaves out (`Snapshot.released`: a
-    scale down's replicas beyond the count, an outgoing replica on a down node), followed
+    scale down's replicas beyond the count, an outgoing replica on an evicted node), followed
     from their changes but not released yet: the next commit speaks for them and releases
     them (`commit_plan` releases a scope's `released` shards)."""
     return frozenset(key for key, _, _ in snap.released)
