@@ -172,7 +172,8 @@ class FullPath(PathCollaborators):
         changed: set[str] = set()
         async with self._state.db.unit_of_work() as uow:
             for name, reason in reasons.items():
-                changed |= await repo.quarantine_deployment(uow.session, stored_key(name), reason)
+                changed |= await repo.quarantine_deployment(uow.session, stored_key(name), reason,
+                                                            self._wall_clock())
             await self._state.commit(uow, changed, {stored_key(name) for name in reasons})
         self._quarantined.quarantined(reasons)
         for name, reason in reasons.items():

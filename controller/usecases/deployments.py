@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from controller import limits
@@ -313,7 +313,7 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         return admitted.replay
     spec, replaced = admitted.spec, admitted.replaced
     if replaced is not None:  # submitting a quarantined deployment again releases it (a fresh start)
-        await repo.release_quarantined(uow.session, replaced)
+        await repo.release_quarantined(uow.session, replaced, datetime.now(timezone.utc))
     row = repo.new_deployment_row(spec)
     uow.session.add(row)
     # No cluster generation bump: a plan solved without this deployment is still valid (it only

@@ -106,7 +106,7 @@ async def delete(db: Database, name: str) -> None:
 
 async def quarantine(db: Database, name: str) -> None:
     async with db.unit_of_work() as uow:
-        await repo.quarantine_deployment(uow.session, f"t1/{name}", "the solver fails on it")
+        await repo.quarantine_deployment(uow.session, f"t1/{name}", "the solver fails on it", datetime.now(timezone.utc))
         await uow.commit()
 
 

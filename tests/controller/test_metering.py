@@ -16,6 +16,7 @@ from controller.errors import InvalidArgument, NotFound, PermissionDenied
 from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
+from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.rollout import retire_replaced
 from controller.usecases import deployments, nodes
@@ -128,3 +129,20 @@ async def test_the_meter_survives_a_restart_and_stops_with_a_drain(cluster: Data
         assert sorted(frac_nodes)[0] not in open_on
     finally:
         await restarted.dispose()
+
+
+async def test_a_quarantined_deployments_meter_stops_with_its_shards(cluster: Database) -> None:
+    """Quarantine released the shards but left their intervals open: the tenant was billed for
+    accelerators it no longer held (and another tenant, placed there next, for the same ones)."""
+    clock = WallClock()
+    await _run(cluster, clock)  # frac (t2) running since T0
+    async with cluster.unit_of_work() as uow:
+        assert await repo.quarantine_deployment(uow.session, "t2/frac", "a stored row beyond today's limits",
+                                                T0 + 2 * H)
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        report = await usage_report(uow, WHO, now=T0 + 5 * H)
+        still_open = (await uow.session.execute(select(m.UsageInterval.deployment).where(
+            m.UsageInterval.ended_s.is_(None)))).scalars().all()
+    assert still_open == []
+    assert _by_deployment(report)["frac"] == pytest.approx((2 * 0.5, 2 * 0.4625))  # 2 h, not 5

@@ -12,6 +12,7 @@ the flush wants next and waited for the held one: PostgreSQL aborted one of the 
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -172,7 +173,7 @@ async def test_a_deployments_placements_released_by_the_orm_are_locked_before_it
 
     async def released(session: Any) -> None:
         if release == "quarantine":
-            assert await repo.quarantine_deployment(session, WEB, "test") == {"n1", "n3"}
+            assert await repo.quarantine_deployment(session, WEB, "test", datetime.now(timezone.utc)) == {"n1", "n3"}
         else:
             assert await repo.release_placements_beyond(session, {"n3": 0}) == {"n3": [[WEB, 1, 0]]}
 

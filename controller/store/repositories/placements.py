@@ -287,15 +287,17 @@ async def assignment_sets(session: AsyncSession, node_ids: Iterable[str]) -> dic
     return sets
 
 
-async def quarantine_deployment(session: AsyncSession, key: str, reason: str) -> set[str]:
+async def quarantine_deployment(session: AsyncSession, key: str, reason: str, now: datetime) -> set[str]:
     """Set a deployment (by key, `TENANT/NAME`) aside: phase QUARANTINED with the reason, its
-    shards released. Returns the nodes whose assignment sets changed."""
+    shards released and their usage meters stopped at `now`. Returns the nodes whose assignment
+    sets changed."""
     row = await get_deployment(session, *d.split_deployment_key(key))
     if row is None or row.phase in (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED):
         return set()
     await will_move_generation(session)  # before its rows (PostgreSQL's lock order: store/changes.py)
     await _lock_placements(session, m.Placement.deployment_id == row.id)
     nodes = {p.node_id for p in row.placements}
+    await stop_intervals(session, [p.id for p in row.placements], now)
     row.placements.clear()
     row.phase = m.DeploymentPhase.QUARANTINED
     row.reasons = [{"code": "QUARANTINED", "message": reason, "scope": ""}]
@@ -310,13 +312,15 @@ async def quarantine_deployment(session: AsyncSession, key: str, reason: str) ->
     return nodes
 
 
-async def release_quarantined(session: AsyncSession, row: m.Deployment) -> None:
-    """Delete a quarantined deployment's row, and the shards it may still hold, for a submit of its
-    name (a fresh start: the caller inserts the new row after this). Logged as a change of the
-    deployment (`ClusterChange.deployment`): the isolation watchdog's view reads its key again and
-    forgets the old row and its shards; a reconciler's cache finds an arrival not read yet."""
+async def release_quarantined(session: AsyncSession, row: m.Deployment, now: datetime) -> None:
+    """Delete a quarantined deployment's row, and the shards it may still hold (their usage meters
+    stopped at `now`), for a submit of its name (a fresh start: the caller inserts the new row
+    after this). Logged as a change of the deployment (`ClusterChange.deployment`): the isolation
+    watchdog's view reads its key again and forgets the old row and its shards; a reconciler's
+    cache finds an arrival not read yet."""
     await will_move_generation(session)  # before its rows (PostgreSQL's lock order: store/changes.py)
     nodes = {p.node_id for p in row.placements}
+    await stop_intervals(session, [p.id for p in row.placements], now)
     await session.delete(row)
     await session.flush()
     await bump_node_assignment_generations(session, nodes)
