@@ -268,7 +268,7 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     if not plans:
         return [o for o in outcomes if isinstance(o, MaiaError)]
     await repo.will_move_generation(uow.session)  # before the nodes' rows (lock order: store/changes.py)
-    await _release_beyond(uow, plans)  # placements before nodes (the same)
+    await _release_invalidated(uow, plans)  # placements before nodes (the same)
     # isolation_state's row before the nodes' rows (the same), unless the batch only adds nodes: their
     # new rows, which nobody else can wait for, are all it holds when its INSERT's trigger waits.
     if any(plan.row is not None for plan in plans) and any(map(_changes_hardware, plans)):
@@ -285,22 +285,42 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     return [written[id(o)][0] if isinstance(o, _Plan) else o for o in outcomes]
 
 
-async def _release_beyond(uow: UnitOfWork, plans: Sequence[_Plan]) -> None:
-    """Nodes registering with fewer accelerators than before: their placements on the ones they no
-    longer have are released (the solver places them again), every such node's at once and before
+def _no_longer_holds(row: m.Node, info: NodeInfo) -> tuple[int, str] | None:
+    """How many of its accelerators a node registering as `info` still holds shards on (its
+    placements on the others are released), and why; None: all it holds stays. A node in
+    another rack, with another accelerator model or less HBM an accelerator is another machine
+    as far as its shards go (placed for that rack's isolation and power, that model, that
+    memory): all of them go. One with fewer accelerators loses those on the ones it lost."""
+    if info.rack != row.rack_id:
+        return 0, f"registered in rack {info.rack} (was {row.rack_id})"
+    if info.accelerator_model != row.accelerator_model:
+        return 0, f"registered with accelerator model {info.accelerator_model} (was {row.accelerator_model})"
+    if info.hbm_gib is not None and (row.hbm_gib is None or info.hbm_gib < row.hbm_gib):  # None: not limited
+        was = "not limited" if row.hbm_gib is None else f"{row.hbm_gib:g}"
+        return 0, f"registered with {info.hbm_gib:g} GiB of HBM an accelerator (was {was})"
+    if info.accelerators < row.accelerators:
+        return info.accelerators, f"registered with {info.accelerators} accelerators (was {row.accelerators})"
+    return None
+
+
+async def _release_invalidated(uow: UnitOfWork, plans: Sequence[_Plan]) -> None:
+    """Nodes registering as a machine their shards no longer fit (`_no_longer_holds`): those
+    shards are released (the solver places them again), every such node's at once and before
     any node's row is written (PostgreSQL's lock order, store/changes.py: placements, isolation_state,
-    deployments, nodes; `repo.release_placements_beyond`)."""
-    shrunk = {plan.ask.info.node_id: (plan.ask.who.name, plan.row.accelerators, plan.ask.info.accelerators)
-              for plan in plans if plan.row is not None and plan.ask.info.accelerators < plan.row.accelerators}
-    if not shrunk:
+    deployments, nodes; `repo.release_placements_beyond`). Kept, a shard moved into another
+    tenant's dedicated rack or onto a node too small for it would stand until the node went
+    (the isolation watchdog's alarm meanwhile)."""
+    changed = {plan.ask.info.node_id: (plan.ask.who.name, why) for plan in plans if plan.row is not None
+               and (why := _no_longer_holds(plan.row, plan.ask.info)) is not None}
+    if not changed:
         return
-    released = await repo.release_placements_beyond(uow.session, {node_id: now for node_id, (_, _, now) in shrunk.items()})
+    released = await repo.release_placements_beyond(
+        uow.session, {node_id: kept for node_id, (_, (kept, _)) in changed.items()})
     for node_id, shards in sorted(released.items()):
-        actor, was, now = shrunk[node_id]
+        actor, (_, why) = changed[node_id]
         repo.record_event(uow.session, actor=actor, kind="node.placements_released", object_kind="node",
                           object_id=node_id, data={"shards": shards},
-                          message=f"registered with {now} accelerators (was {was}): "
-                                  f"{len(shards)} shard(s) on accelerators it no longer has are placed again")
+                          message=f"{why}: {len(shards)} shard(s) it no longer fits are placed again")
 
 
 async def _write(uow: UnitOfWork, plan: _Plan, heartbeat_interval_ms: int) -> tuple[Registered, bool]:

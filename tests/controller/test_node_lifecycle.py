@@ -209,7 +209,8 @@ async def test_a_node_back_before_its_eviction_keeps_its_shards(cluster):
     assert (await health(cluster))[victim] == ("down", False)
     async with cluster.unit_of_work() as uow:  # the agent comes back: register, hello
         reg = await agents.register_node(uow, WHO, NodeInfo(victim, victim.rsplit("-", 1)[0], 4, hbm_gib=64.0,
-                                                            idle_power_w=500.0), heartbeat_interval_ms=1000)
+                                                            accelerator_model="maia-100", idle_power_w=500.0),
+                                         heartbeat_interval_ms=1000)
     async with cluster.unit_of_work() as uow:
         assert await agents.hello(uow, WHO, victim, reg.session_id, clocks.wall) is True
     await loop.reconcile_once(force=True)
@@ -221,7 +222,8 @@ async def _back(cluster: Database, node: str, clocks: Clocks) -> None:
     """The node's agent comes back: register, hello."""
     async with cluster.unit_of_work() as uow:
         reg = await agents.register_node(uow, WHO, NodeInfo(node, node.rsplit("-", 1)[0], 4, hbm_gib=64.0,
-                                                            idle_power_w=500.0), heartbeat_interval_ms=1000)
+                                                            accelerator_model="maia-100", idle_power_w=500.0),
+                                         heartbeat_interval_ms=1000)
     async with cluster.unit_of_work() as uow:
         assert await agents.hello(uow, WHO, node, reg.session_id, clocks.wall) is True
 
@@ -291,13 +293,40 @@ async def test_a_node_registering_with_fewer_accelerators_releases_only_its_own_
     before = await placements(cluster)
     node, high = next((n, key) for key, (n, idx) in before.items() if max(idx) >= 2)
     async with cluster.unit_of_work() as uow:  # an admin re-registers it with 2 accelerators
-        await agents.register_node(uow, WHO, NodeInfo(node, node.rsplit("-", 1)[0], 2, hbm_gib=64.0,
-                                                      idle_power_w=500.0), heartbeat_interval_ms=1000)
+        await agents.register_node(uow, WHO, NodeInfo(node, node.rsplit("-", 1)[0], 2, accelerator_model="maia-100",
+                                                      hbm_gib=64.0, idle_power_w=500.0), heartbeat_interval_ms=1000)
     after = await placements(cluster)
     assert high not in after
     assert {k: v for k, v in after.items()} == {k: v for k, v in before.items() if k != high}
     outcome = await loop.reconcile_once()  # the cluster still reconciles, and the shard is placed again
     assert outcome.solved and high in await placements(cluster)
+
+
+@pytest.mark.parametrize("change", [dict(rack="rack-b"), dict(accelerator_model="maia-200"), dict(hbm_gib=32.0)],
+                         ids=["rack", "model", "hbm"])
+async def test_a_node_registering_as_another_machine_releases_every_shard_on_it(cluster, change):
+    """A node re-registered in another rack (or with another model, or less HBM) kept its shards:
+    a tenant's shards stood in another tenant's dedicated rack, or shards needing 56 GiB on a
+    32 GiB node, until the node went (found by exploratory tests). Its shards are released and
+    placed again; the others' stay."""
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    await submit(cluster, deployment("wide", replicas=4, accelerators=2, spread=None, shard_hbm_gib=48.0))
+    await loop.reconcile_once()
+    before = await placements(cluster)
+    node = "rack-a-n0"
+    assert node in {n for n, _ in before.values()}
+    info = NodeInfo(node, "rack-a", 4, accelerator_model="maia-100", hbm_gib=64.0, idle_power_w=500.0)
+    async with cluster.unit_of_work() as uow:  # its agent registers it again, as another machine
+        await agents.register_node(uow, WHO, replace(info, **change), heartbeat_interval_ms=1000)
+    after = await placements(cluster)
+    assert after == {k: v for k, v in before.items() if v[0] != node}
+    async with cluster.unit_of_work() as uow:
+        [(about, message)] = (await uow.session.execute(select(m.Event.object_id, m.Event.message).where(
+            m.Event.kind == "node.placements_released"))).all()
+    assert about == node and "shard(s) it no longer fits are placed again" in message
+    async with cluster.unit_of_work() as uow:  # the same machine again: nothing released
+        await agents.register_node(uow, WHO, replace(info, **change), heartbeat_interval_ms=1000)
+    assert await placements(cluster) == after
 
 
 async def test_a_second_agent_for_a_node_held_by_a_live_stream_is_refused(cluster):
