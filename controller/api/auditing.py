@@ -175,7 +175,14 @@ class AuditInterceptor(aio.ServerInterceptor):
         part of an itemized call says which)."""
         principal = current_principal()
         kind, object_id, tenant = describe_target(method, request)
-        tenant = tenant or audit.principal_tenant(principal)
+        own = audit.principal_tenant(principal)
+        if own and tenant and tenant != own:
+            # A tenant's call naming another tenant (refused, NOT_FOUND) is the caller's own entry:
+            # filed under the other tenant, it planted entries in that tenant's log, naming the
+            # caller's token, and went missing from the caller's. What it named stays in the detail.
+            detail = {**detail, "requested_tenant": tenant}
+            tenant = own
+        tenant = tenant or own
         if kind == "deployment" and tenant and object_id:  # names are per tenant: the object is TENANT/NAME
             object_id = deployment_key(tenant, object_id)
         return AuditRecord(

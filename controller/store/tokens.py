@@ -64,8 +64,9 @@ def token_page_key(row: m.ApiToken) -> tuple[str, str]:
     return (row.created_at.isoformat(), row.id)
 
 
-async def active_tokens(session: AsyncSession, now: datetime, *, role: str = "", node: str = "") -> list[m.ApiToken]:
-    return [r for r in await list_token_rows(session, role=role, node=node) if is_active(r, now)]
+async def active_tokens(session: AsyncSession, now: datetime, *, role: str = "", tenant: str = "",
+                        node: str = "") -> list[m.ApiToken]:
+    return [r for r in await list_token_rows(session, role=role, tenant=tenant, node=node) if is_active(r, now)]
 
 
 def token_view(row: m.ApiToken) -> d.TokenView:

@@ -21,7 +21,7 @@ from controller.identity import Principal
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.usecases import policy
+from controller.usecases import policy, tokens
 from controller.domain.changes import ClusterChange
 from controller.domain.values import ISOLATIONS, TenantSpec, TenantView, Usage
 from controller.usecases import paging
@@ -190,12 +190,16 @@ async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantV
 
 
 async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = PageRequest()) -> Page[TenantView]:
-    """Every tenant for an admin; a tenant token sees its own contract only."""
+    """Every tenant for an admin, a page at a time; a tenant token sees its own contract only, in
+    one page whatever it asks. (Its own row filtered out of a page of all tenants went missing
+    from short pages, and the page token, an id to start after, let it tell how many tenants
+    sorted between any id and its own: their names, one call at a time.)"""
     own = policy.visible_tenant(who, "", "listing tenants")
     bounds = paging.bounds(page)
-    rows = await repo.list_tenant_rows(uow.session, bounds)
     if own:
-        rows = [r for r in rows if r.id == own]
+        row = await repo.get_tenant(uow.session, own)
+        return Page(tuple(await tenant_views(uow, [row] if row is not None else [])), "")
+    rows = await repo.list_tenant_rows(uow.session, bounds)
     page = paging.page_of(rows, bounds, key=lambda r: (r.id,))
     return Page(tuple(await tenant_views(uow, page.items)), page.next_token)
 
@@ -220,8 +224,12 @@ async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals
     for other in await repo.list_tenant_rows(uow.session):
         if tenant_id in (other.excludes or ()):
             other.excludes = [t for t in other.excludes if t != tenant_id]
+    revoked = await tokens.revoke_tenant_tokens(uow, who, tenant_id)
     await uow.session.delete(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(tenant_id))
-    repo.record_event(uow.session, actor=who.name, kind="tenant.deleted", object_kind="tenant", object_id=tenant_id)
+    repo.record_event(uow.session, actor=who.name, kind="tenant.deleted", object_kind="tenant", object_id=tenant_id,
+                      data={"revoked_tokens": revoked} if revoked else None)
     await uow.commit()
+    if revoked:
+        signals.tokens_revoked(revoked)  # every controller forgets them; streams opened with them end
     signals.wake_reconciler()

@@ -137,6 +137,20 @@ async def revoke_node_credentials(uow: UnitOfWork, who: Principal, node_id: str,
     return revoked
 
 
+async def revoke_tenant_tokens(uow: UnitOfWork, who: Principal, tenant_id: str) -> list[str]:
+    """Revoke (staged: the caller commits, then says `signals.tokens_revoked`) every active token
+    bound to a tenant being deleted; their ids. Left active, they would serve a tenant created
+    later with the same id: its deployments, usage and audit."""
+    revoked = []
+    for row in await store.active_tokens(uow.session, _now(), tenant=tenant_id):
+        row.revoked_at = _now()
+        revoked.append(row.id)
+    if revoked:
+        repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind="tenant",
+                          object_id=tenant_id, data={"tokens": revoked, "request_id": who.request_id})
+    return revoked
+
+
 def revoke_credentials(uow: UnitOfWork, who: Principal, node_id: str, rows: Iterable[m.ApiToken]) -> list[str]:
     """Revoke these active credentials of a node (read by the caller; staged); their ids."""
     revoked = []

@@ -1,0 +1,89 @@
+"""Tenant-boundary leaks an exploratory security test found, over real gRPC (SQLite and
+PostgreSQL): a tenant's ListTenants, the tokens of a deleted tenant, and whose audit log a
+tenant's refused call is filed in."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import grpc
+import pytest
+
+from controller.api.server import ControllerApp
+from controller.store import audit
+from grpc_harness import Stubs, issue_token, spec, topology
+from maia.v1 import admin_pb2, deployments_pb2
+
+TENANTS = ("acme", "alpha", "bravo", "charlie", "delta", "zeta")
+
+
+async def _world(app: ControllerApp, stubs: Stubs) -> None:
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    for tenant in TENANTS:
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=tenant))
+
+
+def _after(tenant_id: str) -> str:
+    """A page token as a client could forge one: start after this id."""
+    return base64.urlsafe_b64encode(json.dumps([tenant_id]).encode()).decode()
+
+
+async def test_a_tenant_lists_its_own_contract_whatever_page_it_asks(controller_app: ControllerApp,
+                                                                     stubs: Stubs) -> None:
+    """Its row was filtered out of a page of every tenant: a page of 1 or 2 came back empty, and
+    a forged page token ("after X") told it whether few tenants sorted between X and itself,
+    enough to list every other tenant's name."""
+    await _world(controller_app, stubs)
+    delta = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="delta"))
+    try:
+        for size, token in [(1, ""), (2, ""), (100, ""), (1, _after("bravo")), (1, _after("delta")),
+                            (1, _after("zzz"))]:
+            listed = await delta.admin.ListTenants(admin_pb2.ListTenantsRequest(page_size=size, page_token=token))
+            assert ([t.id for t in listed.tenants], listed.next_page_token) == (["delta"], "")
+    finally:
+        await delta.channel.close()
+    every = await stubs.admin.ListTenants(admin_pb2.ListTenantsRequest(page_size=2))  # an admin still pages
+    assert [t.id for t in every.tenants] == ["acme", "alpha"] and every.next_page_token
+
+
+async def test_deleting_a_tenant_revokes_its_tokens(controller_app: ControllerApp, stubs: Stubs) -> None:
+    """They stayed active: a tenant created later with the same id was served to them, its
+    deployments listed and deleted by the former tenant's token."""
+    await _world(controller_app, stubs)
+    old = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="charlie"))
+    try:
+        assert [t.id for t in (await old.admin.ListTenants(admin_pb2.ListTenantsRequest())).tenants] == ["charlie"]
+        await stubs.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id="charlie"))
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="charlie"))  # a new customer, the same id
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("newcustomer-secret", tenant="charlie")))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await old.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest())
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await old.channel.close()
+    listed = await stubs.admin.ListTokens(admin_pb2.ListTokensRequest(tenant="charlie"))
+    assert [bool(t.HasField("revoked_at")) for t in listed.tokens] == [True]
+
+
+async def test_a_tenants_call_naming_another_tenant_is_filed_in_its_own_log(controller_app: ControllerApp,
+                                                                             stubs: Stubs) -> None:
+    """Refused calls naming another tenant were filed under that tenant: bravo could plant
+    entries naming its token in alpha's log, and an admin reading bravo's found none of them."""
+    await _world(controller_app, stubs)
+    bravo = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="bravo",
+                                                                     name="tok-bravo"))
+    try:
+        for call in (bravo.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="x",
+                                                                                                tenant="alpha")),
+                     bravo.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id="alpha"))):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call
+    finally:
+        await bravo.channel.close()
+    async with controller_app.db.unit_of_work() as uow:
+        entries = [e for e in await audit.list_entries(uow.session, limit=1000) if e.actor == "tok-bravo"]
+    assert [(e.action.rpartition("/")[2], e.tenant, e.outcome, e.detail.get("requested_tenant"))
+            for e in entries] == [("DeleteDeployment", "bravo", "NOT_FOUND", "alpha"),
+                                  ("DeleteTenant", "bravo", "PERMISSION_DENIED", "alpha")]
