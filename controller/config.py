@@ -7,6 +7,7 @@ One frozen `Config` is built at start-up and passed down; nothing else reads `sy
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -122,20 +123,42 @@ class Config:
         return HeartbeatPacing(timeout_s=self.heartbeat_timeout_s, max_per_second=self.max_heartbeats_per_second)
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
+    """A finite number: `float` reads "nan" and "inf" too, which no setting means (a NaN interval
+    compares false with everything: `max(0.0, nan)` made --reconcile-interval nan a busy loop)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
+    value = _number(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+HEARTBEAT_TIMEOUT_MAX_S = 86_400.0  # a day: the interval agents are told (a third) fits int32 milliseconds
+
+
+def _heartbeat_timeout(text: str) -> float:
+    """Positive, at most `HEARTBEAT_TIMEOUT_MAX_S`: agents are told a third of it in the int32
+    milliseconds of `heartbeat_interval_ms`, and a larger one failed every Register INTERNAL
+    (after the node's row was written)."""
+    value = _positive_float(text)
+    if value > HEARTBEAT_TIMEOUT_MAX_S:
+        raise argparse.ArgumentTypeError(f"must be at most {HEARTBEAT_TIMEOUT_MAX_S:g} s, got {text}")
     return value
 
 
@@ -191,6 +214,22 @@ def _advertise_agent_address(parser: argparse.ArgumentParser, flag: str | None, 
               "agents reach --listen (followers send them to the leader's --advertise-address)", file=sys.stderr)
         return ""
     return from_env
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _check_from_env(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """What argparse does not check of a default taken from the environment (its `type` and
+    `choices` judge only what is on the command line): the log level, the advertised addresses."""
+    if ns.log_level not in LOG_LEVELS:
+        parser.error(f"--log-level (or MAIA_LOG_LEVEL) {ns.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    for flag, value in (("--advertise-address", ns.advertise_address),
+                        ("--advertise-agent-address", ns.advertise_agent_address)):
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                parser.error(f"{flag} {value!r} is not HOST:PORT (where agents and clients reach this controller)")
 
 
 def _check_lease(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
@@ -313,7 +352,7 @@ def _reconcile_flags(parser: argparse.ArgumentParser) -> None:
 
 def _node_lifecycle_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("node lifecycle and heartbeats")
-    group.add_argument("--heartbeat-timeout", type=_positive_float, default=Config.heartbeat_timeout_s,
+    group.add_argument("--heartbeat-timeout", type=_heartbeat_timeout, default=Config.heartbeat_timeout_s,
                        metavar="SECONDS", help="seconds without a heartbeat before a node is suspect: it keeps its "
                                                "shards, takes no new ones (agents are told to beat 3 times per timeout, "
                                                "less often past --max-heartbeats-per-second; a live stream's last "
@@ -419,13 +458,13 @@ def _tenant_flags(parser: argparse.ArgumentParser) -> None:
 def _observability_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     group = parser.add_argument_group("observability and health")
     group.add_argument("--log-level", default=env.get("MAIA_LOG_LEVEL", "INFO"), type=str.upper,
-                       choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       choices=LOG_LEVELS,
                        help="log level of the JSON lines on stderr (env MAIA_LOG_LEVEL)")
     group.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
     group.add_argument("--http-listen", default="", metavar="HOST:PORT",
                        help="serve the read-only web console at http://HOST:PORT/ (port 0: any free port)")
-    group.add_argument("--max-rss-mib", type=int, default=Config.max_rss_mib,
+    group.add_argument("--max-rss-mib", type=_non_negative_int, default=Config.max_rss_mib,
                        help="health says NOT_SERVING above this resident memory (0: no ceiling)")
     group.add_argument("--reconcile-stuck-s", type=_positive_float, default=Config.reconcile_stuck_s,
                        help="health says NOT_SERVING when one reconcile pass runs longer than this")
@@ -482,5 +521,6 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     _check_tls(parser, ns)
     _check_agent_gateways(parser, ns)
     ns.advertise_agent_address = _advertise_agent_address(parser, ns.advertise_agent_address, ns.agent_gateways, env)
+    _check_from_env(parser, ns)
     _check_authentication(parser, ns)
     return _config(ns)

@@ -1,0 +1,37 @@
+"""maia-controller refuses values no setting means with a usage error (exit 2, one line), never
+a traceback or a setting that breaks later: non-finite numbers, a heartbeat timeout whose
+interval does not fit the wire, a log level or an advertised address from the environment that
+argparse does not judge. (Found by an exploratory test of the controller's flags.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.config import HEARTBEAT_TIMEOUT_MAX_S, parse_args
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--heartbeat-timeout", "nan"], {}, "--heartbeat-timeout: expected a finite number, got 'nan'"),
+    (["--heartbeat-timeout", "inf"], {}, "--heartbeat-timeout: expected a finite number, got 'inf'"),
+    (["--reconcile-interval", "nan"], {}, "--reconcile-interval: expected a finite number"),  # was a busy loop
+    (["--db-wait=-inf"], {}, "--db-wait: expected a finite number"),
+    (["--db-wait", "soon"], {}, "--db-wait: expected a number, got 'soon'"),
+    (["--heartbeat-timeout", "10000000"], {}, "must be at most 86400 s"),  # every Register failed INTERNAL
+    (["--max-rss-mib", "-5"], {}, "--max-rss-mib: must be >= 0"),  # silently meant no ceiling
+    ([], {"MAIA_LOG_LEVEL": "verbose"}, "MAIA_LOG_LEVEL) 'VERBOSE' is not one of DEBUG, INFO, WARNING, ERROR"),
+    (["--advertise-address", "foo"], {}, "--advertise-address 'foo' is not HOST:PORT"),
+    ([], {"MAIA_ADVERTISE_ADDRESS": "ctl.example:99999"}, "--advertise-address 'ctl.example:99999' is not HOST:PORT"),
+])
+def test_values_no_setting_means_are_usage_errors(argv: list[str], env: dict[str, str], message: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_args(argv, env=env)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_the_largest_heartbeat_timeout_tells_agents_an_interval_the_wire_carries() -> None:
+    config = parse_args(["--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_MAX_S), "--node-down-grace", "200000",
+                         "--node-eviction-grace", "300000"], env={})
+    assert config.heartbeat_pacing.base_interval_ms < 2**31  # RegisterResponse.heartbeat_interval_ms is int32
+    assert parse_args(["--advertise-address", "[::1]:50051", "--log-level", "debug"], env={}).log_level == "DEBUG"
