@@ -107,10 +107,13 @@ class ClassModel:
     slots: dict[int, np.ndarray]             # deployment -> (C,) slots on the representative
     pairs: list[tuple[int, int]]             # (deployment, class) with slots
     weight: dict[int, int]                   # deployment -> term 1 weight of one replica
+    running: dict[int, int]                  # deployment short of min_replicas -> replicas it runs
+    kept: set[int]                           # ... of those, the ones the greedy kept running
     model: cp_model.CpModel = field(default_factory=cp_model.CpModel)
     x: dict[tuple[int, int], Var] = field(default_factory=dict)   # shards of d on class c
     y: dict[tuple[int, int], Var] = field(default_factory=dict)   # replicas of d in domain D
     z: dict[int, Var] = field(default_factory=dict)               # new replicas of d
+    on: dict[int, Var] = field(default_factory=dict)              # d reaches min_replicas
     members: dict[tuple[int, int], list[int]] = field(
         default_factory=lambda: defaultdict(list))                # (d, domain) -> classes
     by_class: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
@@ -126,9 +129,20 @@ class ClassModel:
     def tenant(self, d: int) -> int:
         return int(self.base.dep_tenant[d])
 
+    def at_stake(self) -> int:
+        """Term 1 weight of the running replicas the model may drop (those of deployments
+        short of min_replicas it may leave there): in the base state, and in the model's
+        objective only while their deployment is on."""
+        return sum(self.weight[d] * self.running.get(d, 0) for d in self.on)
+
+    def running_kept(self, state: ClusterState) -> int:
+        """Running replicas of the deployments short of min_replicas that `state` keeps (a
+        deployment short of it runs nothing, so any placed means all kept)."""
+        return sum(n for d, n in self.running.items() if state.by_dep.get(d))
+
     @classmethod
     def data(cls, base: ClusterState, pending: dict[int, list[int]],
-             min_priority: int) -> ClassModel:
+             min_priority: int, greedy: ClusterState) -> ClassModel:
         classes = node_classes(base)
         reps = np.array([c.representative for c in classes], dtype=np.int64)
         counts = np.array([c.count for c in classes], dtype=np.int64)
@@ -138,7 +152,11 @@ class ClassModel:
         deps = base.deps
         weight = {d: deps[d].shards_per_replica * max(deps[d].shard.milli, 1) *
                   (deps[d].priority - min_priority + 1) for d in pending}
-        return cls(base, pending, classes, reps, counts, slots, pairs, weight)
+        # Running deployments short of min_replicas: the greedy placed what they need before
+        # anything else (`Solver.place_group`), and what it kept running stays running.
+        running = {d: len(base.by_dep[d]) for d in pending if base.short_of_min(d)}
+        kept = {d for d in running if greedy.by_dep.get(d)}
+        return cls(base, pending, classes, reps, counts, slots, pairs, weight, running, kept)
 
 
 # ---- variables ------------------------------------------------------------------------------
@@ -163,7 +181,12 @@ def _variables(m: ClassModel) -> None:
 # ---- constraints, one rule family each ------------------------------------------------------
 
 def _gangs(m: ClassModel) -> None:
-    """A replica's shards all sit in its locality domain; min_replicas all or nothing."""
+    """A replica's shards all sit in its locality domain; min_replicas all or nothing, the
+    running replicas counted: a deployment short of it that the greedy kept running gets
+    what it needs (running work is not dropped for new work); one the greedy could not keep
+    is on (reaches min_replicas, its running replicas count in term 1) or off (runs nothing).
+    The model must weigh exactly what the plan will hold, or it proves an optimum the plan
+    does not reach."""
     deps, model = m.deps, m.model
     for (d, dom), cis in m.members.items():
         model.add(sum(m.x[d, ci] for ci in cis) == deps[d].shards_per_replica * m.y[d, dom])
@@ -172,9 +195,11 @@ def _gangs(m: ClassModel) -> None:
             model.add(m.y[d, dom] <= int(m.counts[dom]) * per_node)
     for d in m.pending:
         model.add(m.z[d] == sum(m.y[key] for key in m.y if key[0] == d))
-        need = deps[d].min_replicas - len(m.base.placed_replicas(d))
-        if need > 1:
-            on = model.new_bool_var(f"on_d{d}")
+        need = deps[d].min_replicas - len(m.base.by_dep.get(d, ()))
+        if d in m.kept:
+            model.add(m.z[d] >= need)
+        elif need > 1 or d in m.running:
+            on = m.on[d] = model.new_bool_var(f"on_d{d}")
             model.add(m.z[d] >= need).only_enforce_if(on)
             model.add(m.z[d] == 0).only_enforce_if(~on)
 
@@ -334,8 +359,10 @@ CONSTRAINTS = (_gangs, _class_capacity, _power, _tenant_caps, _spread, _isolatio
 
 
 def _placed(m: ClassModel) -> cp_model.LinearExprT:
-    """Term 1: the priority-weighted replicas placed."""
-    return sum(m.weight[d] * m.z[d] for d in m.pending)
+    """Term 1: the priority-weighted new replicas, and the running ones at stake
+    (`ClassModel.at_stake`) while their deployment is on."""
+    return sum(m.weight[d] * m.z[d] for d in m.pending) + \
+        sum(m.weight[d] * m.running[d] * on for d, on in m.on.items() if d in m.running)
 
 
 def _fragmentation(m: ClassModel) -> cp_model.LinearExprT:
@@ -353,7 +380,7 @@ def _objective(m: ClassModel) -> None:
 def build(base: ClusterState, pending: dict[int, list[int]], min_priority: int,
           greedy: ClusterState) -> ClassModel | str:
     """The whole model, hinted by the greedy answer; or why it was not built."""
-    m = ClassModel.data(base, pending, min_priority)
+    m = ClassModel.data(base, pending, min_priority, greedy)
     if len(m.pairs) > MAX_PAIRS:
         return f"skipped: {len(m.pairs)} pairs"
     _variables(m)
@@ -440,9 +467,11 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
                 solver.stats["clock_cut"] = True
         solver.stats["cpsat_ms"] = round((time.perf_counter() - t_build) * 1000, 1)
         return
-    # Term 1: the model's bound and its own answer (before decoding), plus kept work.
-    solver.stats["best_bound"] = solver.objective(base) + int(round(cp.best_objective_bound))
-    solver.stats["model_objective"] = solver.objective(base) + int(round(cp.objective_value))
+    # Term 1: the model's bound and its own answer (before decoding), plus kept work (less
+    # the running replicas the model weighs itself).
+    settled = solver.objective(base) - m.at_stake()
+    solver.stats["best_bound"] = settled + int(round(cp.best_objective_bound))
+    solver.stats["model_objective"] = settled + int(round(cp.objective_value))
     # Phase 2 ends by the ceiling phase 1 had: the rest of the time stays for decoding.
     left -= (time.perf_counter() - t_solve) / WALL_SHARE
     # Phase 2's budget (deterministic time, a count): half what phase 1 used (at least a small
@@ -497,11 +526,13 @@ def stopped_by_clock(cp: cp_model.CpSolver) -> bool:
 
 def _keep_better(solver: Solver, m: ClassModel, greedy: ClusterState, trial: ClusterState,
                  exact: bool, status: int, proved: bool) -> None:
-    """Adopt the decoded plan if it beats the greedy one; then say what was proved."""
-    greedy_value = (solver.objective(greedy), _frag_metric(greedy))
-    trial_value = (solver.objective(trial), _frag_metric(trial))
-    solver.stats["greedy_objective"] = greedy_value[0]
-    solver.stats["cpsat_objective"] = trial_value[0]
+    """Adopt the decoded plan if it beats the greedy one; then say what was proved. Running
+    replicas kept come first: a decoded plan that missed what a running deployment needs
+    (the model's relaxation) must not win by placing new work in their stead."""
+    greedy_value = (m.running_kept(greedy), solver.objective(greedy), _frag_metric(greedy))
+    trial_value = (m.running_kept(trial), solver.objective(trial), _frag_metric(trial))
+    solver.stats["greedy_objective"] = greedy_value[1]
+    solver.stats["cpsat_objective"] = trial_value[1]
     if trial_value > greedy_value:
         solver.adopt(trial)
         solver.stats["answer"] = "cpsat"
@@ -519,9 +550,10 @@ def _keep_better(solver: Solver, m: ClassModel, greedy: ClusterState, trial: Clu
     if placed > bound:
         del solver.stats["best_bound"]
         return
-    # Proved only for what the model covers: no preemption or moves could do better.
+    # Proved only for what the model covers (no preemption or moves could do better), and
+    # only for a plan that reaches the bound.
     opts = solver.problem.options
-    if proved and exact and trial_value >= greedy_value and \
+    if proved and exact and placed == bound and trial_value >= greedy_value and \
             not opts.allow_preemption and opts.mode == "batch":
         solver.proved_optimal = True
 

@@ -102,15 +102,22 @@ def emit_plan(solver: Solver) -> Plan:
     unplaced, time_limited = unplaced_with_reasons(solver, preempted)
     new_placed = sum(1 for key in state.replicas if key not in solver.existing_replicas)
     pending = int(solver.stats.get("pending_replicas", 0))
+    stats = solver.stats
+    stats.setdefault("objective", solver.objective(state))
+    # CP-SAT's bound covers what its model covers: a plan a later stage (moves, the exact
+    # pairing) took above it leaves it no bound, and a plan below it no proof (the model
+    # weighed something the plan does not hold).
+    bound = stats.get("best_bound")
+    if bound is not None and stats["objective"] > bound:
+        del stats["best_bound"]
+    proved = solver.proved_optimal and stats["objective"] == bound
     if pending == 0 and not solver.lost:
         status = "optimal"
     elif new_placed == 0 and unplaced and not moved and not time_limited:
         status = "infeasible"  # not when the deadline cut the search: nothing is proved
     else:
-        status = "optimal" if solver.proved_optimal else "feasible"
-    stats = solver.stats
+        status = "optimal" if proved else "feasible"
     stats["solve_ms"] = (time.perf_counter() - solver.t0) * 1000.0
-    stats.setdefault("objective", solver.objective(state))
     stats["nodes"] = solver.topo.n_nodes
     stats["time_limit_hit"] = time_limited
     return Plan(status=status, placements=tuple(placements), unplaced=tuple(unplaced),

@@ -247,14 +247,28 @@ class Solver:
         self.stats["after_cpsat"] = "the greedy pipeline's moves and preemptions (same state)"
 
     def place_group(self, ds: list[int], preempt: bool = True) -> None:
-        """Greedy over these deployments, priority first, biggest first."""
+        """Greedy over these deployments, priority first, biggest first; but first the
+        replicas that running deployments short of min_replicas need to reach it (a down node
+        broke one, or min_replicas was raised). Short of them, min_replicas would take the
+        running replicas away too: running work is not dropped to make room for new work
+        (only preemption evicts it, and reports it). A deployment that cannot reach its
+        minimum even so runs nothing, and is not placed afresh in the second pass (that
+        would move its running replicas)."""
         for d in ds:
             self.workload.observe(self.state.deps[d].shard, self.state.deps[d].replicas)
-        for d in self.batch_order(ds):
+        short = {d: self.state.short_of_min(d) for d in ds}
+        dropped: set[int] = set()
+        for d in self.batch_order([d for d in ds if short[d]]):
+            self.place_one(d, preempt, limit=short[d])
+            if not self.state.by_dep.get(d):
+                dropped.add(d)
+        for d in self.batch_order([d for d in ds if d not in dropped]):
             self.place_one(d, preempt)
 
-    def place_one(self, d: int, preempt: bool = True) -> None:
-        todo = self.placeable(d)
+    def place_one(self, d: int, preempt: bool = True, limit: int | None = None) -> None:
+        """Place deployment d's pending replicas (the first `limit` of them), preempting for
+        them where allowed."""
+        todo = self.placeable(d)[:limit]
         if not todo:
             return
         placed = self.placer.place_deployment(d, todo)

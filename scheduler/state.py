@@ -288,6 +288,13 @@ class ClusterState:
     def placed_replicas(self, d: int) -> list[int]:
         return sorted(self.by_dep.get(d, ()))
 
+    def short_of_min(self, d: int) -> int:
+        """Replicas deployment d still needs to reach min_replicas while some of it is placed
+        (0 when none is, or enough are): short of them, min_replicas takes the placed ones
+        away too."""
+        have = len(self.by_dep.get(d, ()))
+        return max(self.deps[d].min_replicas - have, 0) if have else 0
+
     def rack_headroom(self) -> np.ndarray:
         return self.topo.rack_budget - self.rack_power
 
