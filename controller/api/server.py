@@ -452,9 +452,9 @@ class ControllerApp:
         self.hub.admission.loop_lagged(seconds)  # its answers are that late: it keeps time for it
 
     async def read_cluster(self) -> ClusterGauges:
-        """The cluster's state for the metrics, read in this loop."""
+        """The cluster's state for the metrics, read in this loop (the heartbeat lag on the leader only)."""
         async with self.db.unit_of_work() as uow:
-            return await read_cluster_gauges(uow.session, heard=self.hub.last_heard())
+            return await read_cluster_gauges(uow.session, heard=self.hub.last_heard(), lag=self.election.leading)
 
 
     async def _prepare_authentication(self) -> None:

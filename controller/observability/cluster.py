@@ -60,9 +60,12 @@ class ClusterGauges:
 
 
 async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None,
-                              heard: Mapping[str, datetime] | None = None) -> ClusterGauges:
+                              heard: Mapping[str, datetime] | None = None, lag: bool = True) -> ClusterGauges:
     """`heard`: when the nodes whose streams this controller holds (or held) were last heard from,
-    later than their stored last heartbeat (written only every few heartbeat timeouts meanwhile)."""
+    later than their stored last heartbeat (written only every few heartbeat timeouts meanwhile).
+    `lag`: read the heartbeat lag; only the leader, which holds the agents' streams, knows it (a
+    follower has only the stored heartbeats, up to three timeouts old: its lag would saw-tooth
+    up to 3x --heartbeat-timeout, and a dashboard's `max by (rack)` would show that)."""
     now = now or datetime.now(timezone.utc)
     phases = {phase.value: 0 for phase in m.DeploymentPhase}
     phases.update(await repo.count_deployments_by_phase(session))
@@ -96,7 +99,7 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
     }
     return ClusterGauges(
         deployments_by_phase=phases, unplaced_by_reason=unplaced, nodes_by_state=states,
-        heartbeat_lag_max_s=await _heartbeat_lag(session, now, heard or {}), racks=racks, rows=rows,
+        heartbeat_lag_max_s=await _heartbeat_lag(session, now, heard or {}) if lag else {}, racks=racks, rows=rows,
         allocated=await _allocated(session), free=await _free(session), usage=metered,
     )
 

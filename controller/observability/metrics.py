@@ -101,7 +101,8 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
                  ["reason"], {(code,): n for code, n in g.unplaced_by_reason.items()})
     yield _gauge("maia_nodes", "Nodes by state (ready, cordoned, suspect, down).", ["state"],
                  {(state,): n for state, n in g.nodes_by_state.items()})
-    yield _gauge("maia_node_heartbeat_lag_max_seconds", "Longest time since the last heartbeat among a rack's up nodes.",
+    yield _gauge("maia_node_heartbeat_lag_max_seconds",
+                 "Longest time since the last heartbeat among a rack's up nodes (the leader only).",
                  ["rack"], {(rack,): lag for rack, lag in g.heartbeat_lag_max_s.items()})
     yield _gauge("maia_rack_power_used_watts", "Idle power of up nodes plus placed shards' power, per rack.",
                  ["rack", "row"], {(r.id, r.parent): r.used_w for r in g.racks})

@@ -13,6 +13,7 @@ import contextlib
 import io
 import time
 from collections.abc import AsyncIterator, Awaitable
+from datetime import datetime, timezone
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controller.api.server import DEPLOYMENTS, ControllerApp
 from controller.cli.main import main as maiactl
 from grpc_harness import SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology
+from controller.domain.values import NodeInfo
+from controller.identity import CONTROLLER
+from controller.usecases import agents as agent_cases
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
 pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -524,3 +528,21 @@ async def test_a_node_deleted_through_the_follower_ends_its_stream_as_deleted_wh
         ended = f"agent disconnected node={gone} reason=the node was deleted by an administrator"
         await _until(lambda: ended in caplog.text, "the deleted node's stream ended on the leader", timeout=10.0)
         assert "was revoked" not in caplog.text and not streams[kept].closed
+
+
+async def test_only_the_leader_reports_the_heartbeat_lag(db_url: str, tmp_path: Path) -> None:
+    """A follower has only the stored heartbeats (written every few timeouts): its lag saw-toothed
+    up to 3x --heartbeat-timeout, and the dashboard's `max by (rack)` showed the follower's."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
+            running_controller(db_url, tmp_path / "b", **QUIET) as follower:
+        async with Stubs.connect(leader.address, admin_token_of(leader)).channel as channel:
+            await Stubs.on(channel).admin.ApplyTopology(topology({"rack-00": "row-a"}))
+        async with leader.db.unit_of_work() as uow:
+            reg = await agent_cases.register_node(uow, CONTROLLER, NodeInfo("n1", "rack-00", 4),
+                                                  heartbeat_interval_ms=1000)
+        async with leader.db.unit_of_work() as uow:
+            assert await agent_cases.hello(uow, CONTROLLER, "n1", reg.session_id, datetime.now(timezone.utc))
+        assert set((await leader.read_cluster()).heartbeat_lag_max_s) == {"rack-00"}
+        assert (await follower.read_cluster()).heartbeat_lag_max_s == {}
