@@ -7,16 +7,16 @@ unknown, expired and revoked tokens are refused. Verified tokens are cached for 
 (`forget`; a read of its row in flight is not cached): on this controller as it commits, on the
 others sharing the database as they hear of it (`ControllerApp`'s TOKENS_REVOKED message, and a
 resync, after which this controller may have missed some, drops every entry: `forget_all`).
-Expiry is checked on every call (an agent stream, one call, ends at its token's expiry:
-`AgentHub`). While a controller cannot hear the others (its notification
-connection down: `hears_revocations`, `PgChannel.listening`) a revocation on another controller
-reaches it only through the database, so a cached verification is trusted for
-`UNHEARD_CACHE_TTL_S` at most (not `cache_ttl_s`): a token revoked elsewhere meanwhile is refused
-within about that bound after the connection is known to be down. Not bypassed: a read per call
-while the connection is down (most often with the database in trouble) would multiply the reads
-of a busy controller by its calls per token; this bounds them to one per token per second. Once it
-listens again it resyncs, forgetting every verification (`forget_all`), then trusts the cache for
-`cache_ttl_s` again.
+Expiry is checked on every call (a stream, one call, ends at its token's expiry or revocation:
+`AgentHub` for agents, `controller.tokenstreams` for watches and the console's events). While a
+controller cannot hear the others (its notification connection down: `hears_revocations`,
+`PgChannel.listening`) a revocation on another controller reaches it only through the database, so a
+cached verification is trusted for `UNHEARD_CACHE_TTL_S` at most (not `cache_ttl_s`): a token
+revoked elsewhere meanwhile is refused within about that bound after the connection is known to be
+down. Not bypassed: a read per call while the connection is down (most often with the database in
+trouble) would multiply the reads of a busy controller by its calls per token; this bounds them to
+one per token per second. Once it listens again it resyncs, forgetting every verification
+(`forget_all`), then trusts the cache for `cache_ttl_s` again.
 
 A call that presents the very text a cached entry was verified with is let through on that
 entry without parsing the token and digesting its secret again (both were most of the
@@ -37,7 +37,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from controller import tokens
+from controller import tokens, tokenstreams
 from controller.errors import Unauthenticated
 from controller.identity import INSECURE, Principal, Role, request_id_from_metadata
 from controller.store import tokens as store
@@ -158,7 +158,7 @@ class Authenticator:
             raise Unauthenticated("invalid token")
         # Only a caller holding the secret learns why its token no longer works.
         if entry.revoked:
-            raise Unauthenticated(f"token {presented.id} was revoked")
+            raise tokenstreams.revoked(presented.id)
         self._check_unexpired(entry)
         return entry
 
@@ -170,8 +170,7 @@ class Authenticator:
     def _check_unexpired(self, entry: _Verified) -> None:
         if entry.expires_at is not None and entry.expires_at <= datetime.now(timezone.utc):
             self._drop(entry.principal.token_id)
-            raise Unauthenticated(f"token {entry.principal.token_id} expired at "
-                                  f"{entry.expires_at.isoformat(timespec='seconds')}")
+            raise tokenstreams.expired(entry.principal.token_id, entry.expires_at)
 
     async def _load(self, token_id: str) -> _Verified | None:
         """The token's row, read once for every caller that asks while the read is in flight, and

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 from controller import limits
@@ -36,6 +37,7 @@ from controller.identity import Principal
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
+from controller.tokenstreams import ExpiryTimer
 from controller.usecases import agents as agent_cases
 from controller.domain.liveness import FlapDamper
 from controller.domain.values import AssignmentSet, DeploymentView, NodeInfo
@@ -296,7 +298,7 @@ class AgentHub:
         self._released.pop(node_id, None)
         session.push_set()  # the full set, right away
         if who.expires_at is not None:
-            self._end_at_expiry(session, who.token_id, who.expires_at)
+            session.expiry = ExpiryTimer(who.expires_at, partial(_expired, session, who.token_id, who.expires_at))
         log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
         if changed:
             self._on_liveness_change()
@@ -360,21 +362,6 @@ class AgentHub:
                 marking.add_done_callback(self._marking.discard)
                 await asyncio.shield(marking)
 
-    def _end_at_expiry(self, session: AgentSession, token_id: str, expires_at: datetime) -> None:
-        """End the stream UNAUTHENTICATED when the token it was opened with expires (a call's token
-        is checked as the call starts, and a stream is one call): a timer per such stream,
-        cancelled when it ends, and nothing per message. Never before the expiry: the loop's clock
-        and the wall clock may drift apart, so the timer looks at the wall clock when it fires,
-        and waits again if it came early."""
-        left_s = (expires_at - datetime.now(timezone.utc)).total_seconds()
-        if left_s > 0:
-            session.expiry = asyncio.get_running_loop().call_later(
-                left_s, self._end_at_expiry, session, token_id, expires_at)
-            return
-        session.expiry = None
-        session.refuse_credential(f"token {token_id}, which this stream was opened with, expired at "
-                                  f"{expires_at.isoformat(timespec='seconds')}")
-
     async def _mark_suspect(self, node_id: str, session_id: str | None, why: str) -> None:
         try:
             async with self._db.unit_of_work() as uow:
@@ -437,6 +424,14 @@ class _Read:
     """One node's read in a batch: its set, or None when the node no longer exists."""
 
     current: AssignmentSet | None
+
+
+def _expired(session: AgentSession, token_id: str, expires_at: datetime) -> None:
+    """End the stream UNAUTHENTICATED: the token it was opened with expired (a call's token is
+    checked as the call starts, and a stream is one call). Called by the stream's `ExpiryTimer`,
+    cancelled when the stream ends; nothing is checked per message."""
+    session.refuse_credential(f"token {token_id}, which this stream was opened with, expired at "
+                              f"{expires_at.isoformat(timespec='seconds')}")
 
 
 def _wall(monotonic: float) -> datetime:

@@ -9,7 +9,6 @@ is described in `controller/agents/__init__.py`.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from controller import limits
 from controller.aio import Wakeup
 from controller.errors import MaiaError, Unauthenticated
 from controller.ratelimit import TokenBucket
+from controller.tokenstreams import ExpiryTimer
 from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport
 
 AgentInbound = HeartbeatReport | ShardReport
@@ -80,8 +80,8 @@ class AgentSession:
     timeout_s: float
     last_seen: float = field(default_factory=time.monotonic)
     credential: str = ""  # the id of the token its Connect was authenticated with (`AgentHub.revoke_credentials`)
-    # The timer that ends the stream when that token expires (`AgentHub._end_at_expiry`; None: it never does).
-    expiry: asyncio.TimerHandle | None = None
+    # The timer that ends the stream when that token expires (`hub._expired`; None: it never does).
+    expiry: ExpiryTimer | None = None
     beat_at: datetime | None = None  # the last heartbeat's time (wall clock), written or not
     # The stream's pusher waits on `dirty` alone: its set changed, or the stream closed (`close`
     # sets it; one event to wait on costs no waiter tasks per push). `closed` is a flag, not an

@@ -145,14 +145,15 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     async def WatchDeployments(self, request: deployments_pb2.WatchDeploymentsRequest,
                                context: aio.ServicerContext) -> AsyncIterator[deployments_pb2.DeploymentEvent]:
         async for event in watch_deployments(self._deps.db.unit_of_work, current_principal(), self._deps.bus,
-                                             tenant=request.tenant, name=request.name):
+                                             tenant=request.tenant, name=request.name, streams=self._deps.streams):
             yield convert.deployment_event_msg(event)
 
     async def WatchDeploymentBatches(
         self, request: deployments_pb2.WatchDeploymentsRequest, context: aio.ServicerContext,
     ) -> AsyncIterator[deployments_pb2.DeploymentEventBatch]:
         async for batch in watch_deployment_batches(self._deps.db.unit_of_work, current_principal(), self._deps.bus,
-                                                    tenant=request.tenant, name=request.name):
+                                                    tenant=request.tenant, name=request.name,
+                                                    streams=self._deps.streams):
             yield convert.deployment_event_batch_msg(batch)
 
     async def GetUsage(self, request: deployments_pb2.GetUsageRequest,

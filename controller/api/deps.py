@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from controller.agents import AgentHub
 from controller.api.auditing import AuditInterceptor
 from controller.ratelimit import SubmitLimits
 from controller.store.db import Database
+from controller.tokenstreams import TokenStreams
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.ports import Signals
 from controller.usecases.deletes import DeleteBatcher
@@ -35,6 +36,8 @@ class ServiceDeps:
     deletes: DeleteBatcher | None = None  # group commit of deletions (None: one transaction each)
     # Audits each request of an itemized call (SubmitDeployments) as its own call (None: not audited).
     audit: AuditInterceptor | None = None
+    # The watches open here by their token: a revocation ends them (`AppSignals.tokens_revoked`).
+    streams: TokenStreams = field(default_factory=TokenStreams)
 
     def connected(self) -> Set[str] | None:
         """The nodes whose agent holds a stream to this controller (the hub's live view: no copy);

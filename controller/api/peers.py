@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from controller.leadership import LeaderElection
     from controller.reconcile import Reconciler
     from controller.store.db import Database
+    from controller.tokenstreams import TokenStreams
     from controller.usecases.watch import DeploymentEventBus
 
 log = logging.getLogger("maia.server")
@@ -52,12 +53,13 @@ class PeerMessages:
     """The messages of the other controllers on the same database, handled here."""
 
     def __init__(self, *, db: Database, hub: AgentHub, reconciler: Reconciler, authn: Authenticator,
-                 bus: DeploymentEventBus, election: LeaderElection) -> None:
+                 bus: DeploymentEventBus, streams: TokenStreams, election: LeaderElection) -> None:
         self._db = db
         self._hub = hub
         self._reconciler = reconciler
         self._authn = authn
         self._bus = bus
+        self._streams = streams
         self._election = election
         self._handling: set[asyncio.Task] = set()
 
@@ -86,11 +88,13 @@ class PeerMessages:
             self._authn.forget(token_id)
 
     def revoked_elsewhere(self, token_ids: Collection[str]) -> None:
-        """Tokens another controller revoked (TOKENS_REVOKED): forgotten here, and the agent streams
-        they opened here end (`_end_streams`). A controller that may have missed some resyncs,
-        forgetting every verification (`_resync`). The revoking controller did both as it
-        committed (`AppSignals.tokens_revoked`)."""
+        """Tokens another controller revoked (TOKENS_REVOKED): forgotten here, and the streams they
+        opened here end: deployment watches and console event streams at once (`TokenStreams`),
+        agent streams after a read (`_end_streams`). A controller that may have missed some
+        resyncs, forgetting every verification and ending every watch (`_resync`). The revoking
+        controller did all this as it committed (`AppSignals.tokens_revoked`)."""
         self.forget_tokens(token_ids)
+        self._streams.revoke(token_ids)
         if self._hub.nodes_connected_with(token_ids):
             self._handle(self._end_streams(token_ids))
 

@@ -64,6 +64,7 @@ from controller.store.db import Database, unreachable
 from controller.store.checkpoints import WalCheckpointer
 from controller.store.exclusive import DatabaseInUse, SqliteLock, sqlite_path
 from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
+from controller.tokenstreams import TokenStreams
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
 from controller.usecases.deletes import DeleteBatcher
@@ -123,11 +124,13 @@ class AppSignals:
         self._app.channel.send(DEPLOYMENTS, [deployment_item(e.type, e.deployment) for e in events])
 
     def tokens_revoked(self, token_ids: Sequence[str]) -> None:
-        """Refused here at once, and the agent streams here opened with them end now (UNAUTHENTICATED;
-        a deleted node's stream ended first, as deleted: `node_removed`), without a read; the other
-        controllers do both as they hear it (`PeerMessages.revoked_elsewhere`)."""
+        """Refused here at once, and the streams here opened with them end now (UNAUTHENTICATED):
+        agent streams (a deleted node's ended first, as deleted: `node_removed`), deployment watches
+        and the console's event streams (`TokenStreams`), without a read; the other controllers do
+        both as they hear it (`PeerMessages.revoked_elsewhere`)."""
         self._app.peers.forget_tokens(token_ids)
         self._app.hub.revoke_credentials(token_ids)
+        self._app.streams.revoke(token_ids)
         self._app.channel.send(TOKENS_REVOKED, token_ids)
 
     def node_removed(self, node_id: str) -> None:
@@ -151,6 +154,8 @@ class ControllerApp:
         file = sqlite_path(config.db_url)
         self.checkpointer = None if file is None else WalCheckpointer(file, observer=self.metrics)
         self.bus = DeploymentEventBus()
+        # The watches and console event streams open here, by token: ended when it is revoked or expires.
+        self.streams = TokenStreams()
         self.signals = AppSignals(self)
         self.election = LeaderElection(
             self.db, address=config.advertise_address, force=self.db.is_sqlite,
@@ -203,11 +208,11 @@ class ControllerApp:
                                    hears_revocations=self.channel.listening)
         # What the other controllers on this database say, handled here (controller/api/peers.py).
         self.peers = PeerMessages(db=self.db, hub=self.hub, reconciler=self.reconciler, authn=self.authn,
-                                  bus=self.bus, election=self.election)
+                                  bus=self.bus, streams=self.streams, election=self.election)
         self.watchdog = IsolationWatchdog(leader_db, interval_s=config.watchdog_interval_s,
                                           should_run=self.election.should_run)
         self.metrics.watch_alarms(lambda: self.watchdog.alarms_total)
-        self.console = ConsoleServer(self.db, self.bus,
+        self.console = ConsoleServer(self.db, self.bus, streams=self.streams,
                                      resolve_token=self._console_viewer if self.authn.enabled else None)
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(
@@ -322,7 +327,7 @@ class ControllerApp:
 
         capacity = CapacityCache()
         deps = ServiceDeps(
-            db=self.db, signals=self.signals, bus=self.bus, hub=self.hub,
+            db=self.db, signals=self.signals, bus=self.bus, hub=self.hub, streams=self.streams,
             solve_time_limit_ms=self.config.solve_time_limit_ms,
             throttle=self.throttle,
             require_leader=self.election.require_leader, leads=self.election.should_run,

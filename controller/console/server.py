@@ -10,7 +10,9 @@ thread, no signal handlers of its own):
   reconciler's decisions and the submit path's capacity rebuilds wait for a thread, so many
   viewers' builds (most of a build's CPU is on that thread) never queue those behind them;
 - `/api/events`: server-sent events from the deployment watch bus, one `change` event per
-  deployment event the viewer may see (the page then re-reads `/api/state`).
+  deployment event the viewer may see (the page then re-reads `/api/state`). The token is checked
+  as the stream opens, and the stream is held by it (`controller.tokenstreams`): revoked or
+  expired, the stream sends an `ended` event saying why and closes (the page's next read is 401).
 A bearer token (`Authorization` header, sent by the page's scripts: from the sign-in form or a
 `#token=` URL fragment, which browsers never send to a server) is resolved to a principal by
 the `TokenResolver` given; a principal bound to a tenant sees that tenant's view only. Without
@@ -24,6 +26,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -34,6 +37,7 @@ from controller.console.builds import SharedBuilds
 from controller.console.state import ConsoleRows, console_document, read_console_rows
 from controller.identity import Principal, Role
 from controller.store.db import Database
+from controller.tokenstreams import TokenStreams
 from controller.domain.values import DeploymentEvent
 from controller.usecases.watch import DeploymentEventBus
 
@@ -70,10 +74,14 @@ def _viewer_tenant(principal: Principal | None) -> str:
 
 
 class ConsoleServer:
-    def __init__(self, db: Database, bus: DeploymentEventBus, *, resolve_token: TokenResolver | None = None) -> None:
+    def __init__(self, db: Database, bus: DeploymentEventBus, *, resolve_token: TokenResolver | None = None,
+                 streams: TokenStreams | None = None) -> None:
         self._db = db
         self._bus = bus
         self._resolve = resolve_token
+        # The event streams open, by token (the controller's, shared with the watches, which its
+        # revocations end; its own otherwise: an expiry still ends a stream).
+        self._streams = TokenStreams() if streams is None else streams
         self._runner: web.AppRunner | None = None
         self.documents = SharedBuilds(self._document)
         # Every viewer's builds, one at a time (module docstring); its thread starts at the first build.
@@ -164,20 +172,25 @@ class ConsoleServer:
         await response.prepare(request)
         queue = self._bus.subscribe()
         try:
-            await response.write(b": connected\n\n")
-            while True:
-                try:
-                    item: Any = await within(queue.get(), KEEPALIVE_S)
-                except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
-                    continue
-                if not isinstance(item, DeploymentEvent):
-                    break  # the bus closed: the controller is stopping
-                spec = item.deployment.spec
-                if tenant and spec.tenant != tenant:
-                    continue
-                data = json.dumps({"type": item.type, "deployment": spec.name, "phase": item.deployment.phase})
-                await response.write(f"event: change\ndata: {data}\n\n".encode())
+            with self._streams.hold(principal, partial(self._bus.end, queue)) as held:
+                await response.write(b": connected\n\n")
+                while True:
+                    try:
+                        item: Any = await within(queue.get(), KEEPALIVE_S)
+                    except TimeoutError:
+                        await response.write(b": keep-alive\n\n")
+                        continue
+                    if held.error is not None:  # its token was revoked or expired (`bus.end` woke it)
+                        data = json.dumps({"reason": held.error.message})
+                        await response.write(f"event: ended\ndata: {data}\n\n".encode())
+                        break
+                    if not isinstance(item, DeploymentEvent):
+                        break  # the bus closed: the controller is stopping
+                    spec = item.deployment.spec
+                    if tenant and spec.tenant != tenant:
+                        continue
+                    data = json.dumps({"type": item.type, "deployment": spec.name, "phase": item.deployment.phase})
+                    await response.write(f"event: change\ndata: {data}\n\n".encode())
         except ConnectionResetError:
             pass  # the browser went away
         finally:

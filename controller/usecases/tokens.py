@@ -115,7 +115,7 @@ async def revoke_token(uow: UnitOfWork, who: Principal, token_id: str, signals: 
         repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind="token",
                           object_id=row.id, data={"role": row.role, "request_id": who.request_id})
         await uow.commit()
-    signals.tokens_revoked([row.id])  # an agent stream opened with it ends too
+    signals.tokens_revoked([row.id])  # the streams opened with it end too (agents, watches, console)
     return store.token_view(row)
 
 

@@ -5,6 +5,10 @@ change publishes a `DeploymentEvent`; each watcher has a bounded queue. A watche
 too far behind is cut off with UNAVAILABLE rather than slowing down the publishers (it can
 simply watch again: the stream starts with the current state).
 
+A watch is one call, its token checked as it opens: it is held by that token
+(`controller.tokenstreams`) and ends UNAUTHENTICATED, sending nothing more, when the token is
+revoked or expires, as a new call with it would be refused.
+
 The current state is read and streamed a page at a time (`CURRENT_PAGE` deployments): read
 whole, 10,000 deployments held the controller's event loop for over a second of CPU (every
 RPC and agent stream waited), and no event left before the last row was read.
@@ -14,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, aclosing
+from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
+from functools import partial
 
 from controller.errors import Unavailable
 from controller.identity import Principal
 from controller.store.db import UnitOfWork
+from controller.tokenstreams import StreamHold, TokenStreams
 from controller.usecases import policy
 from controller.usecases.deployments import list_deployments
 from controller.usecases.paging import PageRequest
@@ -69,6 +75,14 @@ class DeploymentEventBus:
                 self._subscribers.discard(queue)
                 self._close(queue)
 
+    def end(self, queue: asyncio.Queue) -> None:
+        """End one watcher now (its token was revoked or expired: `controller.tokenstreams`): the
+        events waiting for it are dropped, none is put for it again, and it wakes to the end marker."""
+        self._subscribers.discard(queue)
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(_CLOSED)
+
     def close(self) -> None:
         """End every watch (shutdown, or a resync: each client watches again, from the current state)."""
         for queue in list(self._subscribers):
@@ -103,45 +117,81 @@ def _matches(event: DeploymentEvent, tenant: str, name: str) -> bool:
 
 async def watch_deployments(
     unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
-    bus: DeploymentEventBus, *, tenant: str = "", name: str = "",
+    bus: DeploymentEventBus, *, tenant: str = "", name: str = "", streams: TokenStreams | None = None,
 ) -> AsyncIterator[DeploymentEvent]:
     """The current state of matching deployments (ADDED), then every change to them; a tenant
-    token watches its own tenant's deployments only."""
-    async with aclosing(watch_deployment_batches(unit_of_work, who, bus, tenant=tenant, name=name)) as batches:
-        async for batch in batches:
-            for event in batch:
-                yield event
+    token watches its own tenant's deployments only. Ends UNAUTHENTICATED, sending nothing more,
+    when the token it was opened with is revoked (told to `streams`: `TokenStreams.revoke`; None:
+    no revocation ends it) or expires (a timer, whatever `streams`)."""
+    tenant = _watched(who, tenant, name)
+    with _subscribed(bus, streams, who) as (queue, held):
+        async with aclosing(_batches(unit_of_work, who, queue, held, tenant, name)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    held.check()  # the token may end while the event before is sent
+                    yield event
 
 
 async def watch_deployment_batches(
     unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
-    bus: DeploymentEventBus, *, tenant: str = "", name: str = "",
+    bus: DeploymentEventBus, *, tenant: str = "", name: str = "", streams: TokenStreams | None = None,
 ) -> AsyncIterator[list[DeploymentEvent]]:
     """`watch_deployments`' events, in order, in lists of one to `WATCH_BATCH` events weighing
     `WATCH_BATCH_WEIGHT` at most (a heavier event alone): a page of the current state, then the
-    changes waiting when the last list was taken, each cut where the weight runs out."""
+    changes waiting when the last list was taken, each cut where the weight runs out. Ends as
+    `watch_deployments` does when its token is revoked or expires."""
+    tenant = _watched(who, tenant, name)
+    with _subscribed(bus, streams, who) as (queue, held):
+        async with aclosing(_batches(unit_of_work, who, queue, held, tenant, name)) as batches:
+            async for batch in batches:
+                yield batch
+
+
+def _watched(who: Principal, tenant: str, name: str) -> str:
+    """The tenant whose deployments `who` watches (checked by the policy); a name is checked too."""
     tenant = policy.visible_tenant(who, tenant, "watching deployments")
     if name:
         check_name("deployment", name)
-    queue = bus.subscribe()  # before reading, so no change between the read and the stream is lost
+    return tenant
+
+
+@contextmanager
+def _subscribed(bus: DeploymentEventBus, streams: TokenStreams | None,
+                who: Principal) -> Iterator[tuple[asyncio.Queue, StreamHold]]:
+    """A queue on the bus, subscribed before the current state is read (so no change between the
+    read and the stream is lost), and the watch held by its token: when the token is revoked or
+    expires, the events waiting in the queue are dropped and the watch wakes to end (`bus.end`)."""
+    queue = bus.subscribe()
     try:
-        async with aclosing(_current(unit_of_work, who, tenant, name)) as pages:
-            async for views in pages:
-                for batch in _by_weight([_added(view) for view in views]):
-                    yield batch
-        while True:
-            items = [await queue.get()]
-            while len(items) < WATCH_BATCH and not queue.empty():
-                items.append(queue.get_nowait())
-            closed = any(e is _CLOSED for e in items)
-            visible = await _visible(unit_of_work, who, [e for e in items if e is not _CLOSED
-                                                         and _matches(e, tenant, name)])
-            for batch in _by_weight(visible):
-                yield batch
-            if closed:
-                raise Unavailable("the watch fell behind or the controller is stopping; watch again")
+        with (TokenStreams() if streams is None else streams).hold(who, partial(bus.end, queue)) as held:
+            yield queue, held
     finally:
         bus.unsubscribe(queue)
+
+
+async def _batches(unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]], who: Principal,
+                   queue: asyncio.Queue, held: StreamHold, tenant: str, name: str,
+                   ) -> AsyncIterator[list[DeploymentEvent]]:
+    """The watch's lists of events (`watch_deployment_batches`), `held.check`ed before each: one
+    read or wait may have outlived the token (nothing is sent after it ended)."""
+    async with aclosing(_current(unit_of_work, who, tenant, name)) as pages:
+        async for views in pages:
+            for batch in _by_weight([_added(view) for view in views]):
+                held.check()
+                yield batch
+    while True:
+        items = [await queue.get()]
+        while len(items) < WATCH_BATCH and not queue.empty():
+            items.append(queue.get_nowait())
+        closed = any(e is _CLOSED for e in items)
+        visible = await _visible(unit_of_work, who, [e for e in items if e is not _CLOSED
+                                                     and _matches(e, tenant, name)])
+        for batch in _by_weight(visible):
+            held.check()
+            yield batch
+        if closed:
+            held.check()  # ended for its token (`bus.end`), not for falling behind
+            raise Unavailable("the watch fell behind or the controller is stopping; watch again")
 
 
 def event_weight(event: DeploymentEvent) -> int:
