@@ -25,6 +25,6 @@ async def through_the_audit_interceptor(db: Database, method: str, request: Mess
     handler = await AuditInterceptor(db).intercept_service(continuation, SimpleNamespace(method=method))
     token = set_principal(who)
     try:
-        return await handler.unary_unary(request, SimpleNamespace())
+        return await handler.unary_unary(request, SimpleNamespace(invocation_metadata=lambda: ()))  # no metadata
     finally:
         reset_principal(token)
