@@ -74,6 +74,7 @@ class ConsoleRows:
     datacenter_rows: list[tuple[str, str, float | None]]  # (row, zone, power budget)
     zones: list[str]
     tenants: list[str]
+    known_tenants: list[str]  # every tenant id ever (deleted ones too): what a tenant's view redacts
     deployments: repo.SummaryRows
     usage: list[metering.UsageTotal]
 
@@ -91,6 +92,7 @@ async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
         datacenter_rows=[(row.id, row.zone_id, row.power_budget_w) for row in await repo.list_rows(session)],
         zones=[zone.id for zone in await repo.list_zones(session)],
         tenants=[t.id for t in await repo.list_tenant_rows(session)],
+        known_tenants=await repo.known_tenant_ids(session) if viewer_tenant else [],
         deployments=await repo.deployment_summary_rows(session, tenant=viewer_tenant),
         usage=await metering.usage_by(session, ("tenant",), now=now, tenant=viewer_tenant),
     )
@@ -133,7 +135,9 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
 
     colours = tenant_colours(read.tenants)
     shown = [t for t in sorted(read.tenants) if not viewer_tenant or t == viewer_tenant]
-    redactor = Redactor([t for t in read.tenants if t != viewer_tenant]) if viewer_tenant else NOTHING
+    # Stored reasons outlive the tenants they name: a deleted tenant's id is redacted too.
+    redactor = Redactor([t for t in read.known_tenants if t != viewer_tenant],
+                        viewer=viewer_tenant) if viewer_tenant else NOTHING
     deployments = [
         {"name": s.name, "tenant": s.tenant, "phase": s.phase, "replicas": s.replicas,
          "placed_replicas": s.placed_replicas, "running_replicas": s.running_replicas,

@@ -240,6 +240,17 @@ class Tenant(Base):
     deployments: Mapped[list[Deployment]] = relationship(back_populates="tenant")
 
 
+class KnownTenant(Base):
+    """Every tenant id the cluster ever had: a database trigger adds each id written to `tenants`
+    (migration 0027) and nothing deletes one. Text stored while a tenant existed (reasons, events,
+    audit entries) still names it after the tenant is deleted, so the redaction of what other
+    tenants read (`controller.usecases.redaction.redactor_of`) reads its ids here."""
+
+    __tablename__ = "known_tenants"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+
+
 class Deployment(Base):
     """What a tenant asked for (the interchange format's `deployment`) and where it stands."""
 

@@ -10,14 +10,17 @@ one transaction, a group commit (`controller.groupcommit`), instead of one each 
 database's single writer. Inside a transaction that must carry its own entries (the plan
 commit), use `controller.store.audit.append(session, records)` instead.
 
-Admins list everything and verify the chain; a tenant principal lists its own tenant's entries
-only (its listing is forced to its tenant); node credentials may do neither.
+Admins list everything, as stored, and verify the chain; a tenant principal lists its own
+tenant's entries only (its listing is forced to its tenant), redacted as everything a tenant reads
+of other tenants (`controller.usecases.redaction`: an isolation alarm's entry names every tenant
+involved) and without the chain's hashes; node credentials may do neither. The redaction is of
+what is read: the stored entries, hashed, stay as they were written.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +34,7 @@ from controller.store.turns import answering
 from controller.usecases import paging
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.policy import require_admin, require_role
+from controller.usecases.redaction import Redactor, redactor_of
 
 log = logging.getLogger("maia.audit")
 
@@ -135,7 +139,23 @@ async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = ""
     rows = await store.list_entries(uow.session, tenant=tenant or None, since=since,
                                     after_seq=after_seq, limit=window.limit + 1)
     events = [AuditEventView(**row._asdict()) for row in rows]
-    return paging.page_of(events, window, key=lambda e: (e.seq,))
+    page = paging.page_of(events, window, key=lambda e: (e.seq,))
+    if principal.role is not Role.TENANT:
+        return page
+    redactor = await redactor_of(uow, principal)
+    return page.map(lambda entry: as_seen_by_tenant(entry, redactor))
+
+
+def as_seen_by_tenant(entry: AuditEventView, redactor: Redactor) -> AuditEventView:
+    """One of a tenant's entries as its tenant token reads it: what names other tenants redacted
+    (another tenant's id and `TENANT/NAME`, the tenants of an alarm but its own), and no `hash`
+    or `prev_hash`. Those are the chain's, which admins verify over every tenant's entries: a
+    tenant's filtered, redacted list cannot be verified, and the hash of an entry as stored (or,
+    as the next entry's `prev_hash`, of another tenant's entry) would let it test its guesses of
+    what was redacted."""
+    return replace(entry, request_id=redactor.text(entry.request_id), actor=redactor.text(entry.actor),
+                   object_id=redactor.text(entry.object_id), detail=redactor.detail(entry.detail),
+                   prev_hash="", hash="")
 
 
 async def verify(uow: UnitOfWork, principal: Principal, *,

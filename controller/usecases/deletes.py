@@ -148,9 +148,9 @@ class DeleteBatcher:
     @staticmethod
     async def _redactors(uow: UnitOfWork, readers: list[QueuedDelete]) -> dict[int, Redactor]:
         """What each member whose view has reasons may read of them (one read of the tenant ids,
-        only when a tenant token is among them: `redaction.as_seen_by`)."""
+        the deleted ones included, only when a tenant token is among them: `redaction.redactor_of`)."""
         tenants = [q for q in readers if not q.who.is_admin and q.who.tenant]
         if not tenants:
             return {}
-        tenant_ids = await repo.tenant_ids(uow.session)
+        tenant_ids = await repo.known_tenant_ids(uow.session)
         return {id(q): redactor_for(q.who, tenant_ids) for q in tenants}

@@ -158,8 +158,9 @@ async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, st
     return SubmitBatchReads(facts, taken, used, generation, ids)
 
 
-async def tenant_ids(session: AsyncSession) -> list[str]:
-    return list(await session.scalars(select(m.Tenant.id).order_by(m.Tenant.id)))
+async def known_tenant_ids(session: AsyncSession) -> list[str]:
+    """Every tenant id the cluster ever had, those deleted since included (`m.KnownTenant`)."""
+    return list(await session.scalars(select(m.KnownTenant.id)))
 
 
 async def list_tenant_rows(session: AsyncSession, page: PageBounds | None = None) -> list[m.Tenant]:
