@@ -2,17 +2,29 @@
 
 `problem_from_dict` is the only door into the solver: it validates the document against the
 shipped JSON schema, then checks what a schema cannot (ids that must exist, ids that must be
-unique, replica/shard/accelerator indices in range) and raises `ProblemError` naming the JSON
-path and the value. Lists the document leaves out (racks, rows, zones, tenants) are implied from
-the ids that refer to them, so small hand-written problems stay small; a list that is present is
-checked strictly.
+unique, replica/shard/accelerator indices in range, existing placements that agree with their
+shards and with each other, numbers the solver can compute with) and raises `ProblemError`
+naming the JSON path and the value. Lists the document leaves out (racks, rows, zones, tenants)
+are implied from the ids that refer to them, so small hand-written problems stay small; a list
+that is present is checked strictly.
+
+What an existing placement may look like (the spec's "what runs now"): its shard's shape (as
+many distinct indices as the shard has accelerators; a fraction's `accelerator_milli` is its
+shard's, which an omitted one defaults to), and, taken together, an occupancy that could have
+run: an accelerator held whole by one shard only, or shared by fractions of one tenant adding up
+to at most 1000 milli. A placement today's rules would no longer allow (a cordoned node, a
+stricter contract, an overdrawn budget) is still a valid input: the solver keeps or moves it. A
+`down` node holds nothing, so what its placements claim is not counted.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from importlib import resources
+from itertools import accumulate
+from operator import attrgetter
 from typing import Any
 
 import jsonschema
@@ -24,6 +36,20 @@ from scheduler.model import (Deployment, Node, Options, Placement, Plan, Problem
 
 IMPLIED_ROW = "_row"
 IMPLIED_ZONE = "_zone"
+SPREAD_DOMAINS = ("node", "rack", "row", "zone")  # the spec's "any one node/rack/row/zone"
+# Every quantity (watts, GiB, milli-CPU, MiB, tenant accelerators) stays below this. The solver
+# stands for "not limited" with 1e15 (`scheduler.topology.UNLIMITED`) and leaves out of CP-SAT a
+# budget or cap with 1e14 or more of headroom, so from 1e14 on a budget or cap would silently
+# read as none and a demand as one that nothing, not even an undeclared resource, can meet (and
+# a budget's slots overflow int64). 1e14 W is 100 TW; the controller's own limits stop at 1e12.
+QUANTITY_LIMIT = 1e14
+QUANTITIES = (  # (list, the quantities of each item), as named in the document
+    ("rows", ("power_budget_w",)),
+    ("racks", ("power_budget_w",)),
+    ("nodes", ("hbm_gib", "cpu_milli", "memory_mib", "idle_power_w")),
+    ("tenants", ("reserved_accelerators", "max_accelerators", "max_power_w")),
+    ("deployments", ("shard.hbm_gib", "shard.cpu_milli", "shard.memory_mib", "shard.power_w")),
+)
 
 
 @lru_cache(maxsize=None)
@@ -86,7 +112,9 @@ def problem_from_dict(doc: dict[str, Any], *, validate: bool = True) -> Problem:
     nodes = tuple(_node(n) for n in doc["nodes"])
     tenants = tuple(_tenant(t) for t in doc.get("tenants", ()))
     deployments = tuple(_deployment(d) for d in doc["deployments"])
-    placements = tuple(_placement(p) for p in doc.get("placements", ()))
+    # A fraction's placement may leave its milli out: it is its shard's (the module docstring).
+    fractions = {d.id: d.shard.accelerator_milli for d in deployments if d.shard.fractional}
+    placements = tuple(_placement(p, fractions) for p in doc.get("placements", ()))
     opts = doc.get("options", {})
     options = Options(mode=opts.get("mode", "batch"), time_limit_ms=opts.get("time_limit_ms"),
                       max_moves=opts.get("max_moves"),
@@ -121,7 +149,9 @@ def _unique(items: Any, field: str) -> dict[str, int]:
 
 
 def check_references(problem: Problem) -> None:
-    """Referential checks a schema cannot express; raise ProblemError on the first failure."""
+    """What a schema cannot express (references, existing placements that agree with their
+    shards and each other, numbers the solver can compute with); raise ProblemError on the
+    first failure."""
     zones = _unique(problem.zones, "zones")
     rows = _unique(problem.rows, "rows")
     racks = _unique(problem.racks, "racks")
@@ -142,6 +172,9 @@ def check_references(problem: Problem) -> None:
             if other not in tenants:
                 raise ProblemError(f"tenants[{i}].excludes[{j}]", other,
                                    f"unknown tenant {other!r}")
+            if other == tenant.id:
+                raise ProblemError(f"tenants[{i}].excludes[{j}]", other,
+                                   f"tenant {tenant.id} cannot exclude itself")
         for j, zone in enumerate(tenant.zones or ()):
             if zone not in zones:
                 raise ProblemError(f"tenants[{i}].zones[{j}]", zone, f"unknown zone {zone!r}")
@@ -156,32 +189,150 @@ def check_references(problem: Problem) -> None:
             raise ProblemError(f"deployments[{i}].shard.accelerator_milli",
                                dep.shard.accelerator_milli,
                                "a fraction below 1000 needs accelerators: 1")
+        if dep.spread is not None and dep.spread.domain not in SPREAD_DOMAINS:
+            # The schema shares its domain list with `locality`, where "none" means anywhere;
+            # a spread over no failure domain has no meaning in the spec (the controller's
+            # deployment validation refuses it too).
+            raise ProblemError(f"deployments[{i}].spread.domain", dep.spread.domain,
+                               f"spread.domain must be one of {', '.join(SPREAD_DOMAINS)}, got "
+                               f"{dep.spread.domain!r} (leave spread out for no limit)")
+    for field, names in QUANTITIES:
+        _check_quantities(field, getattr(problem, field), names)
+    _check_placements(problem, deployments, nodes)
+
+
+def _check_quantities(field: str, items: tuple[Any, ...], names: tuple[str, ...]) -> None:
+    """`names` (dotted attributes) of every item are numbers the solver can compute with. The
+    distinct values are few (a fleet repeats its node shapes), so they are tested first; only a
+    bad one costs a walk that finds its path."""
+    values: set[Any] = set()
+    for name in names:
+        values.update(map(attrgetter(name), items))
+    values.discard(None)
+    if all(-QUANTITY_LIMIT < v < QUANTITY_LIMIT for v in values):
+        return
+    for i, item in enumerate(items):
+        for name in names:
+            _check_quantity(f"{field}[{i}].{name}", attrgetter(name)(item))
+
+
+def _check_quantity(field: str, value: float | None) -> None:
+    """A number the solver can compute with: finite and below QUANTITY_LIMIT. json.loads takes
+    NaN and Infinity, which are no JSON numbers (RFC 8259) and no schema rejects."""
+    if value is None or -QUANTITY_LIMIT < value < QUANTITY_LIMIT:
+        return
+    if not math.isfinite(value):
+        raise ProblemError(field, value, f"{value} is not a finite number")
+    if value > 0:
+        raise ProblemError(field, value, f"{value:g} is too large: a quantity must stay below "
+                                         f"{QUANTITY_LIMIT:g} (leave the field out for no limit)")
+    # Negative: the schema's minimum says so, for a caller that skipped the schema.
+    raise ProblemError(field, value, f"{value:g} is less than the minimum of 0")
+
+
+def _check_placements(problem: Problem, deployments: dict[str, int],
+                      nodes: dict[str, int]) -> None:
+    """Each placement in range and in its shard's shape; together, an occupancy that could run
+    (see the module docstring). One pass, one dict lookup per accelerator index."""
     seen: set[tuple[str, int, int]] = set()
     deps, node_list = problem.deployments, problem.nodes
     node_acc = [n.accelerators for n in node_list]
+    down = {j for j, n in enumerate(node_list) if n.state == "down"}
+    # Per deployment: replicas, shards per replica, accelerators per shard, a fraction's milli
+    # (0: whole accelerators), tenant.
+    shapes = [(d.replicas, d.shards_per_replica, d.shard.accelerators,
+               d.shard.accelerator_milli if d.shard.fractional else 0, d.tenant) for d in deps]
+    # Who holds each accelerator of a node that is not down, keyed by its number in the cluster
+    # (`first[node index] + accelerator index`): the index in `placements` of the
+    # whole-accelerator shard holding it, or the fractions sharing it as [tenant, milli in
+    # total, first holder's index, holders].
+    first = list(accumulate(node_acc, initial=0))
+    held: dict[int, int | list[Any]] = {}
     for i, p in enumerate(problem.placements):
         d = deployments.get(p.deployment)
         n = nodes.get(p.node)
-        dep = deps[d] if d is not None else None
         indices = p.accelerator_indices
         # The common case in one test; anything odd is re-checked below in the spec's order.
-        if dep is not None and n is not None and p.replica < dep.replicas and \
-                p.shard < dep.shards_per_replica and \
-                len(indices) == dep.shard.accelerators and \
-                (p.accelerator_milli is None or p.accelerator_milli >= 1000 or
-                 dep.shard.fractional) and \
-                (not indices or (max(indices) < node_acc[n] and
-                                 (len(indices) == 1 or len(set(indices)) == len(indices)))):
+        if d is not None and n is not None:
+            replicas, shards, accelerators, fraction, tenant = shapes[d]
+            milli = p.accelerator_milli
             key = (p.deployment, p.replica, p.shard)
-            if key not in seen:
+            if p.replica < replicas and p.shard < shards and len(indices) == accelerators and \
+                    (milli == fraction if fraction else milli is None or milli >= 1000) and \
+                    (not indices or (max(indices) < node_acc[n] and
+                                     (len(indices) == 1 or len(set(indices)) == len(indices)))) \
+                    and key not in seen:
                 seen.add(key)
+                if not indices or n in down:
+                    continue
+                at = first[n] + indices[0]
+                if fraction:
+                    holders = held.get(at)
+                    if holders is None:
+                        held[at] = [tenant, fraction, i, 1]
+                        continue
+                    if holders.__class__ is list and holders[0] == tenant and \
+                            holders[1] + fraction <= 1000:
+                        holders[1] += fraction
+                        holders[3] += 1
+                        continue
+                elif len(indices) == 1 and held.setdefault(at, i) == i:
+                    continue
+                _hold(problem, held, first[n], i, p, deps[d])  # several indices, or a refusal
                 continue
-        _check_placement(problem, i, p, deployments, nodes, seen)
+        dep = _check_placement(problem, i, p, deployments, nodes, seen)
+        n = nodes[p.node]
+        if indices and n not in down:
+            _hold(problem, held, first[n], i, p, dep)
+
+
+def _hold(problem: Problem, held: dict[int, int | list[Any]], first: int, i: int,
+          p: Placement, dep: Deployment) -> None:
+    """Record placement i on its accelerators (numbered from `first` on its node); raise if
+    they cannot take it."""
+    if not dep.shard.fractional:
+        for idx in p.accelerator_indices:
+            other = held.setdefault(first + idx, i)
+            if other == i:
+                continue
+            raise ProblemError(f"placements[{i}]", idx, (
+                f"node {p.node} accelerator {idx} is already held whole by "
+                f"{_named(problem, other)}" if isinstance(other, int) else
+                f"node {p.node} accelerator {idx} already holds fractions of "
+                f"{_named(problem, other[2], other[3])}, so no shard can hold it whole"))
+        return
+    idx = p.accelerator_indices[0]
+    milli = dep.shard.accelerator_milli
+    other = held.setdefault(first + idx, [dep.tenant, milli, i, 1])
+    if isinstance(other, list) and other[2] == i:
+        return
+    if isinstance(other, int):
+        raise ProblemError(f"placements[{i}]", idx, f"node {p.node} accelerator {idx} is already "
+                                                    f"held whole by {_named(problem, other)}")
+    tenant, total, holder, count = other
+    if tenant != dep.tenant:
+        raise ProblemError(f"placements[{i}]", idx, (
+            f"node {p.node} accelerator {idx} already holds a fraction of tenant {tenant} "
+            f"({_named(problem, holder, count)}); accelerators are never shared between tenants"))
+    if total + milli > 1000:
+        raise ProblemError(f"placements[{i}]", idx, (
+            f"node {p.node} accelerator {idx} would hold {total + milli} milli > 1000: {milli} "
+            f"here on top of {total} held by {_named(problem, holder, count)}"))
+    other[1] = total + milli
+    other[3] = count + 1
+
+
+def _named(problem: Problem, j: int, count: int = 1) -> str:
+    """Placement j as a person finds it in the document ("placements[0] (t/x replica 0 shard
+    0)"), and how many more hold the same accelerator."""
+    p = problem.placements[j]
+    more = f" and {count - 1} more" if count > 1 else ""
+    return f"placements[{j}] ({p.deployment} replica {p.replica} shard {p.shard}){more}"
 
 
 def _check_placement(problem: Problem, i: int, p: Placement, deployments: dict[str, int],
-                     nodes: dict[str, int], seen: set[tuple[str, int, int]]) -> None:
-    """Every check on one placement, raising the first failure (the slow path)."""
+                     nodes: dict[str, int], seen: set[tuple[str, int, int]]) -> Deployment:
+    """Every check on one placement, raising the first failure (the slow path); its deployment."""
     where = f"placements[{i}]"
     if p.deployment not in deployments:
         raise ProblemError(f"{where}.deployment", p.deployment,
@@ -213,9 +364,16 @@ def _check_placement(problem: Problem, i: int, p: Placement, deployments: dict[s
                                f"index {idx} out of range for node {node.id!r} with "
                                f"{node.accelerators} accelerators")
     milli = p.accelerator_milli if p.accelerator_milli is not None else 1000
-    if milli < 1000 and not dep.shard.fractional:
+    if dep.shard.fractional:
+        # None only from a Problem built without problem_from_dict: the model reads it as 1000.
+        if milli != dep.shard.accelerator_milli:
+            raise ProblemError(f"{where}.accelerator_milli", p.accelerator_milli,
+                               f"{milli} milli where deployment {dep.id!r} asks for "
+                               f"{dep.shard.accelerator_milli} of an accelerator")
+    elif milli < 1000:
         raise ProblemError(f"{where}.accelerator_milli", milli,
                            f"deployment {dep.id!r} asks for whole accelerators")
+    return dep
 
 
 def _node(n: dict[str, Any]) -> Node:
@@ -278,10 +436,15 @@ def placement_from_dict(p: dict[str, Any]) -> Placement:
     return _placement(p)
 
 
-def _placement(p: dict[str, Any]) -> Placement:
+def _placement(p: dict[str, Any], fractions: dict[str, int] | None = None) -> Placement:
+    """`fractions`: the milli of each fractional deployment's shard, which a placement of it
+    that leaves `accelerator_milli` out holds."""
+    milli = p.get("accelerator_milli")
+    if milli is None and fractions:
+        milli = fractions.get(p["deployment"])
     return Placement(deployment=p["deployment"], replica=p["replica"], shard=p["shard"],
                      node=p["node"], accelerator_indices=tuple(p["accelerator_indices"]),
-                     accelerator_milli=p.get("accelerator_milli"))
+                     accelerator_milli=milli)
 
 
 def placement_to_dict(p: Placement) -> dict[str, Any]:
