@@ -44,7 +44,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             view = await cases.dry_run_deployment(self._deps.db, who, spec,
                                                   time_limit_ms=self._deps.solve_time_limit_ms,
                                                   throttle=self._deps.throttle,
-                                                  replace_existing=request.replace_existing)
+                                                  replace_existing=request.replace_existing,
+                                                  allow_preemption=self._deps.allow_preemption)
         else:
             view = await self._submit(who, spec, request.client_request_id, context.time_remaining())
         return deployments_pb2.SubmitDeploymentResponse(deployment=convert.deployment_msg(view),

@@ -26,6 +26,7 @@ class ServiceDeps:
     hub: AgentHub
     solve_time_limit_ms: int
     throttle: SubmitLimits | None = None
+    allow_preemption: bool = True  # --preemption: dry runs solve as the passes do
     # Raises `NotLeader` (UNAVAILABLE with the leader's address) on a follower: agents go to the leader.
     require_leader: Callable[[], None] = lambda: None
     leads: Callable[[], bool] = lambda: True  # whether this controller leads now (holds the agents' streams)

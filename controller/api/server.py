@@ -329,7 +329,7 @@ class ControllerApp:
         deps = ServiceDeps(
             db=self.db, signals=self.signals, bus=self.bus, hub=self.hub, streams=self.streams,
             solve_time_limit_ms=self.config.solve_time_limit_ms,
-            throttle=self.throttle,
+            throttle=self.throttle, allow_preemption=self.config.preemption,
             require_leader=self.election.require_leader, leads=self.election.should_run,
             advertised=lambda: self.election.address, leader_address=lambda: self.election.leader.api,
             capacity=capacity,

@@ -24,6 +24,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
+from controller.store.rollout import stored_key
 from controller.usecases import planning, policy, requests
 from controller.usecases.capacity import CapacityCache, load_index
 from controller.usecases.redaction import as_seen_by, redactor_of
@@ -331,25 +332,28 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
 
 async def dry_run_deployment(db: Database, who: Principal, spec: DeploymentSpec, *,
                              time_limit_ms: int, throttle: SubmitLimits | None = None,
-                             replace_existing: bool = False) -> DeploymentView:
+                             replace_existing: bool = False, allow_preemption: bool = False) -> DeploymentView:
     """Solve the cluster with this deployment added (or, `replace_existing`, in place of the
-    stored one of that name) and say what it would get; writes nothing.
+    stored one of that name) and say what it would get; writes nothing. `allow_preemption`: as
+    the controller's passes solve (`--preemption`), so the answer is what the apply gets; what it
+    would preempt is said in `PREEMPTS` reasons.
 
     With `throttle`, the tenant's dry-run rate applies, the solve takes one of the few dry-run
     slots and runs for at most the dry-run time limit."""
     spec = as_caller(who, spec, "submitting deployments")
     validate_spec(spec)
     if throttle is None:
-        return await _dry_run(db, who, spec, time_limit_ms, replace_existing)
+        return await _dry_run(db, who, spec, time_limit_ms, replace_existing, allow_preemption)
     throttle.start_dry_run(spec.tenant)
     try:
-        return await _dry_run(db, who, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms), replace_existing)
+        return await _dry_run(db, who, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms), replace_existing,
+                              allow_preemption)
     finally:
         throttle.end_dry_run()
 
 
 async def _dry_run(db: Database, who: Principal, spec: DeploymentSpec, time_limit_ms: int,
-                   replace_existing: bool) -> DeploymentView:
+                   replace_existing: bool, allow_preemption: bool) -> DeploymentView:
     """The would-be view; a tenant reads the solver's reasons without other tenants in them."""
     async with db.unit_of_work() as uow:
         await _validate_against_store(uow, spec, replacing=replace_existing)
@@ -358,9 +362,13 @@ async def _dry_run(db: Database, who: Principal, spec: DeploymentSpec, time_limi
     # Each node's rack from the snapshot's own nodes (the plan places on no other), not every node's row.
     racks = {n["id"]: n["rack"] for n in snapshot.problem["nodes"]}
     problem = planning.with_options(planning.with_deployment(snapshot.problem, spec, replace=replace_existing),
-                                    time_limit_ms=time_limit_ms)
+                                    time_limit_ms=time_limit_ms, allow_preemption=allow_preemption)
     plan = await planning.solve_in_thread(problem, time_limit_ms=time_limit_ms)
     return redactor.deployment(_would_be_view(spec, plan, racks))
+
+
+# A dry run's reason for what the pass placing it would preempt (not a reason it waits).
+PREEMPTS = "PREEMPTS"
 
 
 def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> DeploymentView:
@@ -379,6 +387,12 @@ def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> De
         for u in plan.unplaced if u.deployment == spec.key for r in u.reasons
     )
     replicas = {p.replica for p in mine}
+    if replicas and plan.preempted:  # the pass that places it stops these (preemption on)
+        victims: dict[str, int] = {}
+        for v in plan.preempted:
+            victims[stored_key(v.deployment)] = victims.get(stored_key(v.deployment), 0) + 1
+        reasons += tuple(ReasonView(PREEMPTS, f"placing it preempts {n} replica{'s' * (n != 1)} of {key}", key)
+                         for key, n in sorted(victims.items()))
     phase = "scheduled" if replicas else "pending"
     return DeploymentView(spec=spec, phase=phase, placed_replicas=len(replicas), placements=placements,
                           reasons=reasons)

@@ -69,7 +69,8 @@ class Redactor:
         return _RUN.sub("other tenants", message)
 
     def reason(self, reason: ReasonView) -> ReasonView:
-        scope = "" if reason.scope in self._others else reason.scope
+        """Its message redacted; its scope dropped when it names another tenant or its deployment."""
+        scope = "" if reason.scope in self._others or self.text(reason.scope) != reason.scope else reason.scope
         return ReasonView(reason.code, self.text(reason.message), scope)
 
     def reasons(self, reasons: Iterable[ReasonView]) -> tuple[ReasonView, ...]:

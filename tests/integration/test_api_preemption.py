@@ -6,13 +6,17 @@ The committed state passes the independent checker at every step."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench.checking import check_state
+from controller.api import convert
+from controller.identity import CONTROLLER
+from controller.usecases import deployments as cases
 from controller.store.snapshot import load_snapshot
-from grpc_harness import RUNNING, SimFleet, Stubs, eventually, running_fleet, spec
+from grpc_harness import RUNNING, SimFleet, Stubs, eventually, issue_token, running_fleet, spec
 from maia.v1 import admin_pb2, audit_pb2, common_pb2, deployments_pb2
 
 P = deployments_pb2
@@ -80,3 +84,32 @@ async def test_higher_priority_work_preempts_and_the_victim_is_told_and_requeued
 
 async def _text(fleet: SimFleet) -> str:
     return fleet.log_path.read_text(errors="replace")
+
+
+async def test_a_dry_run_solves_with_the_controllers_preemption_and_says_what_it_would_preempt(
+        stubs: Stubs, fleet: SimFleet, controller_app) -> None:
+    """Dry runs never preempted, and said "fits after preempting ... (allow_preemption is off)"
+    while the controller's passes preempt (--preemption, the default): the apply then placed
+    what the dry run said it would not. They now solve as the passes do, and say whom the pass
+    placing it would preempt (redacted for a tenant); with preemption off, nothing."""
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(
+        spec=spec("scavenger", "burst", replicas=8, accelerators=4, locality=NODE, preemptible=True)))
+    await eventually(lambda: _get(stubs, "scavenger"), lambda d: d.phase == RUNNING and d.running_replicas == 8,
+                     timeout=60, what="scavenger running on every node")
+    prod = spec("prod", "lab", replicas=2, accelerators=4, locality=NODE, priority=10)
+    dry = (await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=prod, dry_run=True))).deployment
+    assert dry.placed_replicas == 2
+    assert [(r.code, r.message, r.scope) for r in dry.reasons] == [
+        ("PREEMPTS", "placing it preempts 2 replicas of burst/scavenger", "burst/scavenger")]
+    async with Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="lab")
+                             ).channel as channel:
+        seen = (await Stubs.on(channel).deployments.SubmitDeployment(
+            P.SubmitDeploymentRequest(spec=prod, dry_run=True))).deployment
+    assert [(r.code, r.message, r.scope) for r in seen.reasons] == [
+        ("PREEMPTS", "placing it preempts 2 replicas of another tenant's deployment", "")]
+    off = replace(controller_app.deps, allow_preemption=False)  # maia-controller --no-preemption
+    no = await cases.dry_run_deployment(off.db, CONTROLLER, convert.deployment_spec(prod),
+                                        time_limit_ms=2000, allow_preemption=off.allow_preemption)
+    assert no.placed_replicas == 0 and "PREEMPTS" not in {r.code for r in no.reasons}
+    assert any("allow_preemption is off" in r.message for r in no.reasons)
+    assert (await _get(stubs, "scavenger")).running_replicas == 8  # nothing was preempted

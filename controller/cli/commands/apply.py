@@ -433,7 +433,8 @@ def _step_line(step: Step) -> str:
                  if step.rolling else "")
     dep = step.dry_run
     if dep is not None and dep.placed_replicas < dep.spec.replicas:
-        why = f": {dep.reasons[0].code}: {dep.reasons[0].message}" if dep.reasons else ""
+        first = _split(dep)[0][:1]
+        why = f": {first[0].code}: {first[0].message}" if first else ""
         line += (f" (only {dep.placed_replicas}/{dep.spec.replicas} replicas would be placed now{why}; "
                  f"the rest waits as Pending)")
     return line
@@ -575,6 +576,15 @@ def _show_plan(steps: list[Step], ctx: Context) -> int:
     return Exit.PARTIAL if any(_partial(s) for s in steps) else Exit.OK
 
 
+# A dry run's reason saying what the pass placing it would preempt (usecases.deployments.PREEMPTS).
+PREEMPTS = "PREEMPTS"
+
+
+def _split(dep: deployments_pb2.Deployment) -> tuple[list[Any], list[Any]]:
+    """A dry run's reasons: (why not placed, what placing it would preempt)."""
+    return [r for r in dep.reasons if r.code != PREEMPTS], [r for r in dep.reasons if r.code == PREEMPTS]
+
+
 def where_it_lands(dep: deployments_pb2.Deployment) -> str:
     """'would place 3/4 replicas: rack-00 8 shards, rack-01 4 shards' plus the reasons."""
     s = dep.spec
@@ -583,8 +593,11 @@ def where_it_lands(dep: deployments_pb2.Deployment) -> str:
     text = f"would place {dep.placed_replicas}/{s.replicas} replicas" + (f": {racks}" if racks else "")
     if dep.placed_replicas < s.replicas:
         text += f" (PARTIAL: {s.replicas - dep.placed_replicas} would wait as Pending)"
-    if dep.reasons:
-        text += "\nnot placed because:\n" + reasons_text(dep.reasons, indent="  ")
+    why, preempts = _split(dep)
+    if why:
+        text += "\nnot placed because:\n" + reasons_text(why, indent="  ")
+    if preempts:
+        text += "\nwould preempt:\n" + "\n".join(f"  {r.message}" for r in preempts)
     return text
 
 
@@ -645,6 +658,9 @@ def dry_run_text(dep: deployments_pb2.Deployment) -> str:
     parts = [head]
     if dep.placements:
         parts.append(placements_table(dep.placements))
-    if dep.reasons:
-        parts.append("Not placed because:\n" + reasons_text(dep.reasons, indent="  "))
+    why, preempts = _split(dep)
+    if why:
+        parts.append("Not placed because:\n" + reasons_text(why, indent="  "))
+    if preempts:
+        parts.append("Would preempt:\n" + "\n".join(f"  {r.message}" for r in preempts))
     return "\n".join(parts)
