@@ -21,6 +21,19 @@ def default_state_dir() -> Path:
     return Path(base) / "maia-simnode"
 
 
+def unwritable(state_dir: Path) -> str | None:
+    """Why the credentials could not be kept in `state_dir` (made if missing), or None. Checked as
+    the fleet starts: a node found it out only at its first credential, and ended with
+    FileNotFoundError (a container whose user has no home: every node, and the fleet exited 0)."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryFile(dir=state_dir):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "default"
 

@@ -49,16 +49,20 @@ class Fleet:
     def node(self, node_id: str) -> SimulatedNode:
         return next(n for n in self.nodes if n.spec.node_id == node_id)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Run every node until each has stopped; how many ended with an error (not stopped)."""
         log.info("starting %d simulated nodes", len(self.nodes))
         for node in self.nodes:
             self._tasks.append(asyncio.create_task(node.run(), name=f"node-{node.spec.node_id}"))
             await asyncio.sleep(self.stagger_s)
         results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        failed = 0
         for node, result in zip(self.nodes, results):
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 log.error("%s ended with %r", node.spec.node_id, result)
-        log.info("all %d nodes stopped", len(self.nodes))
+                failed += 1
+        log.info("all %d nodes stopped%s", len(self.nodes), f", {failed} of them with an error" if failed else "")
+        return failed
 
     def stop(self) -> None:
         for node in self.nodes:

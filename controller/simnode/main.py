@@ -18,7 +18,7 @@ from controller.aio import stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.bearer import TOKEN_ENV
 from controller.simnode import faultcli
-from controller.simnode.credentials import CredentialFile, default_state_dir
+from controller.simnode.credentials import CredentialFile, default_state_dir, unwritable
 from controller.simnode.faults import ControlServer, FaultError, FaultInjector
 from controller.simnode.fleet import Fleet, FleetShape
 from controller.simnode.transport import REGISTER_TIMEOUT_S, SimulatedNode
@@ -128,7 +128,7 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
     return Fleet(nodes, stagger_s=args.stagger)
 
 
-async def _run(fleet: Fleet, control_socket: Path | None) -> None:
+async def _run(fleet: Fleet, control_socket: Path | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, fleet, sig)
@@ -136,11 +136,12 @@ async def _run(fleet: Fleet, control_socket: Path | None) -> None:
     if control is not None:
         await control.start()
     try:
-        await fleet.run()
+        failed = await fleet.run()
     finally:
         if control is not None:
             await control.close()
     stopped_ignoring_sigterm(loop)  # every node stopped (a fleet told twice must not die of the second)
+    return failed
 
 
 def _on_signal(fleet: Fleet, sig: signal.Signals) -> None:
@@ -168,16 +169,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shared_channel and args.cert_dir is not None:
         log.error("--shared-channel excludes --cert-dir (each node's certificate needs its own connection)")
         return 2
+    state_dir = args.state_dir or default_state_dir()
+    if (problem := unwritable(state_dir)) is not None:
+        log.error("--state-dir %s: %s (the nodes' credentials are kept there; give a writable --state-dir)",
+                  state_dir, problem)
+        return 2
     configure_gc()
     fleet = build_fleet(args)
     log.info("controller %s, %d racks x %d nodes (%s, %d accelerators, %.0f W idle)", args.controller,
              args.racks, args.nodes_per_rack, args.model, args.accelerators, args.idle_power_w)
     try:
-        asyncio.run(_run(fleet, args.control_socket))
+        failed = asyncio.run(_run(fleet, args.control_socket))
     except FaultError as exc:  # the control socket is taken
         log.error("%s", exc)
         return 2
-    return 0
+    return 1 if failed else 0  # a node that ended with an error: a supervisor should know
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@ turn again, while it waits for them)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+from controller.simnode.fleet import Fleet
 
 # The fleet's main() returned after its stop, then signalled again: the loop has closed and given
 # its handlers back by then.
@@ -43,3 +47,30 @@ def test_a_sigterm_after_the_fleet_stopped_does_not_kill_it(tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_state_dir_that_cannot_be_written_is_refused_at_once(tmp_path: Path) -> None:
+    """The nodes found it out at their first credential, each ending with FileNotFoundError, and
+    the fleet exited 0 (a container whose user has no home: compose restarted it forever)."""
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([sys.executable, "-m", "controller.simnode.main", "--controller", "127.0.0.1:1",
+                           "--racks", "1", "--nodes-per-rack", "1", "--state-dir", str(tmp_path / "a-file" / "state")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--state-dir" in done.stderr and "give a writable --state-dir" in done.stderr
+    assert "starting" not in done.stderr
+
+
+async def test_a_fleet_whose_nodes_ended_with_errors_says_how_many() -> None:
+    class Failing:
+        def __init__(self, node_id: str, error: BaseException | None) -> None:
+            self.spec = SimpleNamespace(node_id=node_id)
+            self._error = error
+
+        async def run(self) -> None:
+            if self._error is not None:
+                raise self._error
+
+    fleet = Fleet([Failing("n0", FileNotFoundError("credentials")), Failing("n1", None),  # type: ignore[list-item]
+                   Failing("n2", asyncio.CancelledError())], stagger_s=0)
+    assert await fleet.run() == 1  # a node stopped (or cancelled) is no error
