@@ -125,8 +125,8 @@ class ConsoleServer:
         """The caller's principal; raises 401 when a token is required and missing or wrong."""
         if self._resolve is None:
             return None
-        header = request.headers.get("Authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        scheme, _, credential = request.headers.get("Authorization", "").strip().partition(" ")
+        token = credential.strip() if scheme.lower() == "bearer" else ""  # a scheme is any case (RFC 9110)
         principal = await self._resolve(token) if token else None
         if principal is None:
             raise web.HTTPUnauthorized(text=json.dumps({"error": "sign in with a token"}),

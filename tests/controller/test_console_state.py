@@ -86,6 +86,8 @@ async def test_the_http_api_asks_for_a_token_and_scopes_it(cluster: Database) ->
                 assert [d["name"] for d in doc["deployments"]] == ["b-svc"]
             async with http.get("/api/state", headers={"Authorization": "Bearer admin-token"}) as reply:
                 assert [d["name"] for d in (await reply.json())["deployments"]] == ["a-svc", "b-svc"]
+            async with http.get("/api/state", headers={"Authorization": "bearer  admin-token"}) as reply:
+                assert reply.status == 200  # the scheme is any case (RFC 9110), as the gRPC side takes it
             async with http.get("/") as reply:  # the page itself is public: it shows the sign-in form
                 assert reply.status == 200 and "sign-in" in await reply.text()
             async with http.get("/static/../server.py") as reply:
