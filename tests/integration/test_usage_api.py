@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import re
 
 import grpc
 import pytest
@@ -69,6 +70,8 @@ async def _check_usage(controller_app: ControllerApp, stubs: Stubs, capsys) -> N
     assert code == 0 and json.loads(out)["records"][0]["deployment"] == "svc"
     code, out, _ = await asyncio.to_thread(_run_cli, capsys, "usage", *at)
     assert code == 0 and "ACCEL-HOURS" in out and "svc" in out and "kWh" in out
+    # Three places in every row, as in the total: 12.8 accelerator-seconds showed as "0".
+    assert re.search(r"\bsvc\s+maia-100\s+z1\s+\d+\.\d{3}\s+\d+\.\d{3}\n", out), out
     code, _, err = await asyncio.to_thread(_run_cli, capsys, "usage", *at, "--since", "1h", "--until", "2h")
     assert code == 2 and "must be before" in err  # INVALID_ARGUMENT: bad input
     code, _, err = await asyncio.to_thread(_run_cli, capsys, "usage", *at, "--since", "yesterday-ish")

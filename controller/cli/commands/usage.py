@@ -72,8 +72,10 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     else:
         ctx.out(render_table(
             ("tenant", "deployment", "model", "zone", "accel-hours", "energy-kwh"),
-            [(r.tenant, r.deployment, r.accelerator_model, r.zone, round(r.accelerator_hours, 3),
-              round(r.energy_kwh, 3)) for r in reply.records],
+            # Fixed three places, as the total below: a float cell shows one or two, and 0.0036
+            # hours read "0" under a total of 0.022 that the rows did not add up to.
+            [(r.tenant, r.deployment, r.accelerator_model, r.zone, f"{r.accelerator_hours:.3f}",
+              f"{r.energy_kwh:.3f}") for r in reply.records],
         ))
         since = reply.since.ToDatetime(tzinfo=timezone.utc).isoformat() if reply.HasField("since") else "the start"
         until = reply.until.ToDatetime(tzinfo=timezone.utc).isoformat()
