@@ -182,9 +182,12 @@ def _judge(ask: Register, proposal: MintedToken | None, facts: _Facts, taken_ids
         plan.issue = True
     elif who.role is Role.NODE:
         policy.require_node_speaker(who, node_id, action)
-    elif who.role is Role.NODE_BOOTSTRAP and proposal is not None and any(
+    elif who.role in (Role.NODE_BOOTSTRAP, Role.ADMIN) and proposal is not None and any(
             t.id == proposal.id and secrets_.secret_matches(proposal.secret, t.secret_sha256) for t in held):
-        pass  # the agent that proposed the node's credential, registering again
+        # The agent that proposed the node's credential, registering again (its reply was lost):
+        # it keeps that credential. An admin too (every caller is one under --insecure-no-auth):
+        # a fresh credential would be its own proposal again, an id taken, refused forever.
+        pass
     elif who.role is Role.NODE_BOOTSTRAP and held:
         raise PermissionDenied(
             f"node {node_id} is already registered and holds a node credential: a node-bootstrap token "

@@ -159,3 +159,24 @@ async def test_an_agent_whose_register_reply_was_lost_registers_again_with_its_p
             await own.channel.close()
     finally:
         await bootstrap.channel.close()
+
+
+async def test_an_admin_registering_a_node_again_with_its_proposal_keeps_its_credential(
+        stubs: Stubs, controller_app: ControllerApp) -> None:
+    """Under --insecure-no-auth every caller is an admin: an agent whose first Register's reply was
+    lost proposed the same credential again, an admin's Register issued a fresh one, which was that
+    proposal again, and it was refused ("token id ... is taken") forever. The agent's own
+    proposal again keeps its credential, as for a bootstrap token; another is a fresh one."""
+    await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+    info = agent_pb2.NodeInfo(node_id="rack-00-n00", rack="rack-00", accelerators=4, accelerator_model="maia-100")
+    proposal, other = mint_token().text, mint_token().text
+    await stubs.agent.Register(agent_pb2.RegisterRequest(node=info, credential_proposal=proposal))
+    again = await stubs.agent.Register(agent_pb2.RegisterRequest(node=info, credential_proposal=proposal))
+    assert again.node_credential == ""
+    active = [t.id for t in (await stubs.admin.ListTokens(admin_pb2.ListTokensRequest(role="node"))).tokens
+              if not t.revoked_at.seconds]
+    assert active == [proposal[5:21]]
+    await stubs.agent.Register(agent_pb2.RegisterRequest(node=info, credential_proposal=other))  # an admin's reset
+    active = [t.id for t in (await stubs.admin.ListTokens(admin_pb2.ListTokensRequest(role="node"))).tokens
+              if not t.revoked_at.seconds]
+    assert active == [other[5:21]]
