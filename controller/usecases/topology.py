@@ -1,14 +1,16 @@
 """Zones, rows and racks with their power budgets: apply (upsert) and read with power used.
 
 The topology is operator intent: applying it never removes anything (a rack with nodes cannot
-silently disappear). References must resolve against the request itself or what is stored. A dry
-run checks all that and answers the topology as it would be (`applied`), writing nothing.
+silently disappear). References must resolve against the request itself or what is stored. A
+change that would leave a rack or row placing more power than its budget is refused
+(`_check_not_overdrawn`). A dry run checks all that and answers the topology as it would be
+(`applied`), writing nothing.
 """
 
 from __future__ import annotations
 
 from controller import limits
-from controller.errors import NotFound, ResourceExhausted
+from controller.errors import FailedPrecondition, NotFound, ReasonDetail, ResourceExhausted
 from controller.identity import Principal
 from controller.usecases import policy
 from controller.store import models as m
@@ -67,8 +69,13 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     """`dry_run`: every check, then the topology as it would be (`applied`); nothing written."""
     policy.require_admin(who, "changing the topology")
     await _validate(uow, spec)
+    after = None
+    if spec.rows or spec.racks:  # a budget lowered or a rack moved may overdraw what runs
+        stored = await get_topology(uow, who)
+        after = applied(stored, spec)
+        _check_not_overdrawn(stored, after)
     if dry_run:
-        return applied(await get_topology(uow, who), spec)
+        return after or applied(await get_topology(uow, who), spec)
     s = uow.session
     for z in spec.zones:
         await repo.upsert(s, m.Zone, z.id)
@@ -84,6 +91,31 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     await uow.commit()
     signals.wake_reconciler()
     return await get_topology(uow, who)
+
+
+def _overdrawn(view: TopologyView) -> dict[str, tuple[float, float]]:
+    """'rack R' / 'row W' -> (power placed, budget) of those placing more than their budget."""
+    return {f"{kind} {item.spec.id}": (item.power_used_w, item.spec.power_budget_w)
+            for kind, items in (("rack", view.racks), ("row", view.rows)) for item in items
+            if item.spec.power_budget_w is not None and item.power_used_w > item.spec.power_budget_w + 1e-6}
+
+
+def _check_not_overdrawn(stored: TopologyView, after: TopologyView) -> None:
+    """Refuse (FAILED_PRECONDITION, naming them) a change that leaves a rack or row placing more
+    power than its budget that did not before: a budget lowered below what its placed shards
+    draw, or a rack moved into a row without room for it. The reconciler never moves placed work
+    for a budget, so it would stand over it (as a stricter tenant contract is refused,
+    usecases/tenants.py). One over before stays judged by the watchdog, not here."""
+    before = _overdrawn(stored)
+    broken = {where: numbers for where, numbers in _overdrawn(after).items() if where not in before}
+    if broken:
+        shown = "; ".join(f"{where} uses {used / 1000:g} kW (up nodes' idle power and placed shards), over "
+                          f"its budget of {budget / 1000:g} kW" for where, (used, budget) in sorted(broken.items()))
+        raise FailedPrecondition(f"the topology change is broken by what runs now: {shown}; move or delete that "
+                                 f"work first (maiactl drain NODE moves a node's), then apply it",
+                                 reasons=tuple(ReasonDetail("POWER_" + where.split()[0].upper(),
+                                                            f"{where} over its budget", where.split()[1])
+                                               for where in sorted(broken)))
 
 
 def applied(stored: TopologyView, spec: TopologySpec) -> TopologyView:

@@ -124,3 +124,26 @@ async def test_update_dry_run_refuses_over_the_tenants_cap(cluster):
     more = deployment("wide", replicas=3, accelerators=3, locality="node", shard_power_w=300.0)
     with pytest.raises(ResourceExhausted, match="9 accelerators > max_accelerators 7"):
         await _dry(cluster, lambda uow, s, **kw: updates.update_deployment(uow, WHO, more, version, s, **kw))
+
+
+async def test_a_topology_change_that_overdraws_a_rack_or_row_is_refused(cluster):
+    """A rack budget lowered below what its nodes and shards use was taken silently (the
+    reconciler never moves placed work for a budget: 113 % of it stood). Refused, as the write
+    and as its dry run, naming where; raising a budget, or one already over, is not judged."""
+    await _placed(cluster)
+    async with cluster.unit_of_work() as uow:
+        stored = {k.spec.id: k.power_used_w for k in (await topology.get_topology(uow, WHO)).racks}
+    used = stored["rack-a"]
+    assert used > 0
+    lower = TopologySpec(racks=(RackSpec("rack-a", "row-a", used - 100.0),))
+    moved = TopologySpec(zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z2", 1.0),),
+                         racks=(RackSpec("rack-b", "row-b"),))
+    for spec, where in ((lower, "rack rack-a uses"), (moved, "row row-b uses")):
+        before = await every_row(cluster)
+        for dry_run in (True, False):
+            with pytest.raises(FailedPrecondition, match=where):
+                async with cluster.unit_of_work() as uow:
+                    await topology.apply_topology(uow, WHO, spec, RecordingSignals(), dry_run=dry_run)
+        assert await every_row(cluster) == before
+    fits = TopologySpec(racks=(RackSpec("rack-a", "row-a", used),))  # exactly what it uses: taken
+    assert (await _real(cluster, lambda uow, s: topology.apply_topology(uow, WHO, fits, s))).racks
