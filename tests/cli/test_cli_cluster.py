@@ -113,6 +113,8 @@ def test_drain_wait_blocks_until_the_work_runs_elsewhere(cluster: RunningControl
     assert after != before
     # Make-before-break: the replacement ran beside the old replica before that one stopped.
     assert "2/1 running" in proc.stderr and "1 on draining nodes still running until replaced" in proc.stderr, proc.stderr
+    # Draining as it starts (it said "drained" before anything had moved); drained once moved.
+    assert proc.stdout.splitlines()[0] == f"node/{before} draining (state cordoned, 1 shards)"
     assert proc.stdout.splitlines()[1:] == [f"drained {before}: 1 shard(s) moved",
                                             f"  other/small replica 0 shard 0: {before} -> {after} (now replica 1)"]
     assert cluster.ctl("uncordon", before).returncode == 0

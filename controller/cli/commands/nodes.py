@@ -19,7 +19,7 @@ from controller.cli.commands.wait import wait_deployments
 from maia.v1 import admin_pb2, deployments_pb2
 
 _VERBS = {"cordon": ("CordonNode", "cordoned"), "uncordon": ("UncordonNode", "uncordoned"),
-          "drain": ("DrainNode", "drained")}
+          "drain": ("DrainNode", "draining")}  # drained once its replicas run elsewhere (--wait says so)
 _HELP = {"cordon": "take no new shards on a node", "uncordon": "let a node take new shards again",
          "drain": "cordon a node and replace its shards elsewhere (make-before-break)"}
 
