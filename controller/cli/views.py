@@ -117,13 +117,19 @@ def cluster_placements_table(deployments: Sequence[deployments_pb2.Deployment], 
                          "phase"], rows, empty="No shards placed.")
 
 
+def _down(n: admin_pb2.Node) -> bool:
+    """A down node's power reading is its last before it went silent: not a draw now (the metrics
+    and rack power leave it out too)."""
+    return n.state == common_pb2.NODE_STATE_DOWN
+
+
 def nodes_table(nodes: Sequence[admin_pb2.Node], wide: bool = False) -> str:
     """One row per node; `wide` adds row, zone, accelerator model and labels."""
     rows = []
     for n in sorted(nodes, key=lambda n: n.id):
         row: list[object] = [n.id, n.rack, node_state_word(n.state), "yes" if n.connected else "no",
                              f"{fmt_number(n.accelerators_used)}/{n.accelerators}", n.shards,
-                             round(n.power_draw_w), fmt_list(n.tenants)]
+                             "-" if _down(n) else round(n.power_draw_w), fmt_list(n.tenants)]
         if wide:
             row += [n.row, n.zone, n.accelerator_model, fmt_list(f"{k}={v}" for k, v in sorted(n.labels.items()))]
         rows.append(row)
@@ -139,7 +145,8 @@ def node_detail(n: admin_pb2.Node) -> str:
         ("Accelerators", f"{fmt_number(n.accelerators_used)}/{n.accelerators} used ({n.accelerator_model})"),
         ("HBM/accelerator", f"{fmt_number(n.hbm_gib)} GiB"),
         ("CPU", f"{n.cpu_milli}m"), ("Memory", f"{n.memory_mib} MiB"),
-        ("Power", f"{fmt_number(round(n.power_draw_w))} W drawn (idle {fmt_number(n.idle_power_w)} W)"),
+        ("Power", (f"unknown: down (its last reading {fmt_number(round(n.power_draw_w))} W)" if _down(n) else
+                   f"{fmt_number(round(n.power_draw_w))} W drawn") + f" (idle {fmt_number(n.idle_power_w)} W)"),
         ("Shards", n.shards), ("Tenants", fmt_list(n.tenants)),
     ]
     if n.HasField("last_heartbeat"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 from controller.cli.commands.apply import dry_run_text
 from controller.cli.tables import fmt_indices, fmt_number, fmt_used_of, render_kv, render_table
 from controller.cli.views import (
-    cluster_placements_table, deployment_detail, deployments_table, nodes_table, summary_view, topology_view,
+    cluster_placements_table, deployment_detail, deployments_table, node_detail, nodes_table, summary_view,
+    topology_view,
 )
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2 as D
 
@@ -84,6 +85,11 @@ def test_nodes_and_topology_and_summary_views() -> None:
                           tenants=["a", "b"])
     row = nodes_table([node]).splitlines()[1].split()
     assert row == ["rack-00-n00", "rack-00", "ready", "yes", "2.5/4", "3", "2350", "a,b"]
+    # A down node's reading is its last before it went silent: not shown as a draw.
+    down = admin_pb2.Node(id="rack-00-n01", rack="rack-00", state=common_pb2.NODE_STATE_DOWN, accelerators=4,
+                          power_draw_w=2000.0, idle_power_w=500.0)
+    assert nodes_table([down]).splitlines()[1].split()[6] == "-"
+    assert "unknown: down (its last reading 2000 W) (idle 500 W)" in node_detail(down)
 
     topo = admin_pb2.Topology(zones=[admin_pb2.Zone(id="z1")],
                               rows=[admin_pb2.Row(id="row-a", zone="z1", power_budget_w=100000, power_used_w=20000)],
