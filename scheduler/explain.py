@@ -110,8 +110,14 @@ def _domain_reasons(state: ClusterState, d: int, slots: np.ndarray) -> list[Reas
                                   unique[0][0] if len(unique) == 1 else None))
     if not reasons:
         best = int(cap.max()) if len(cap) else 0
+        if level == "none":  # one domain, the cluster: no locality binds, the room does
+            reasons.append(Reason("CAPACITY", f"a replica needs {count} shards; the cluster has room for "
+                                              f"{best} now"))
+            return reasons
         where = topo.domain_name(level, int(np.argmax(cap))) if len(cap) else "-"
+        # A row or zone the document left out is implied under an internal id ("_zone"): not a name.
+        shown = f"the only {level} (none declared)" if where.startswith("_") else where
         reasons.append(Reason("LOCALITY", f"locality {level}: a replica needs {count} shards "
-                              f"in one {level}; the best, {where}, has room for {best}",
-                              where if level != "none" else None))
+                              f"in one {level}; the best, {shown}, has room for {best}",
+                              None if where.startswith("_") else where))
     return reasons
