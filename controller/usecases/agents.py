@@ -447,7 +447,8 @@ async def mark_suspect(uow: UnitOfWork, node_id: str, *, session_id: str | None,
 
 @dataclass(frozen=True, slots=True)
 class RefusedReports:
-    """Reports one node sent for shards it was never given, since the last flush."""
+    """Reports one node sent for shards it does not hold (never given it, or taken from it since:
+    a node back from a partition reports what was evicted meanwhile), since the last flush."""
 
     count: int
     # (deployment, replica, shard), the first few; the deployment as TENANT/NAME when the report said the tenant
@@ -460,7 +461,8 @@ async def record_refused_reports(uow: UnitOfWork, node_id: str, refused: Refused
     data = {"count": refused.count, "samples": [list(k) for k in refused.samples]}
     repo.record_event(
         uow.session, actor=node_id, kind="agent.reports_refused", object_kind="node", object_id=node_id,
-        message=f"{refused.count} shard report(s) for shards this node was never given", data=data,
+        message=f"{refused.count} shard report(s) for shards this node does not hold (never given, or taken "
+                f"from it: released, moved, evicted)", data=data,
     )
     await audit.append(uow.session, [audit.AuditRecord(
         actor=node_id, action="agent.reports_refused", outcome="PERMISSION_DENIED", role="node",
