@@ -293,8 +293,9 @@ class IsolationWatchdog:
         """Log and count `alarms`, once each; their records are stored by `_store`."""
         for alarm in alarms:
             v = alarm.violation
-            log.error("isolation violation %s at %s (tenants %s): %s", v.rule, v.scope, ", ".join(v.tenants) or "-",
-                      v.message)
+            # Not only isolation: the watchdog re-checks every placement rule (HBM, power, ...).
+            log.error("placement rule %s violated at %s (tenants %s): %s", v.rule, v.scope,
+                      ", ".join(v.tenants) or "-", v.message)
             self.alarms_total += 1
             self.last_alarm = alarm
             if self._on_alarm is not None:

@@ -72,7 +72,7 @@ async def test_a_hand_written_violation_alarms_once_and_again_after_it_clears(
         alarms = await watchdog.check_once()
     assert [(a.violation.rule, a.violation.scope, a.violation.tenants) for a in alarms] == [
         ("ISOLATION", "node n1", ("lab", "solo"))]
-    assert "isolation violation ISOLATION at node n1" in caplog.text
+    assert "placement rule ISOLATION violated at node n1" in caplog.text
     assert watchdog.alarms_total == 1 and watchdog.last_alarm == alarms[0]
     async with database.unit_of_work() as uow:
         events = (await uow.session.execute(select(m.Event).where(m.Event.kind == EVENT_KIND))).scalars().all()
