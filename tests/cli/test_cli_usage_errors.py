@@ -100,6 +100,8 @@ def test_a_reader_that_stops_early_ends_maiactl_quietly() -> None:
     (["usage", "--since", "2030-01-01T00:00:00Z"], "error: since (2030-01-01T00:00:00+00:00) must be before until ("),
     (["usage", "--since", "2030-01-01", "--until", "2029-01-01"],
      "error: since (2030-01-01T00:00:00+00:00) must be before until (2029-01-01T00:00:00+00:00)"),
+    # solve -o name printed the plan's table (snapshot -o name refused it)
+    (["solve", "-o", "name", "no-such-file.json"], "error: -o name is not supported by solve: a plan names no objects"),
 ])
 def test_usage_refuses_what_it_cannot_answer_before_any_call(capsys, argv: list[str], says: str) -> None:
     """Exit 2 with nothing sent (nothing listens at 127.0.0.1:9: a call would exit 5)."""

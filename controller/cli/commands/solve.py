@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from controller.cli.client import CliError
+from controller.cli.client import CliError, Exit
 from controller.cli.config import not_utf8
 from controller.cli.context import Context
 from controller.cli.plan_view import plan_text
@@ -46,6 +46,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         from scheduler import ProblemError, plan_to_dict, problem_from_dict, solve
     except ImportError as exc:
         raise CliError(f"the scheduler library is not available: {exc}", 1) from None
+    if ctx.output == "name":  # before the solve, not after it
+        raise CliError("-o name is not supported by solve: a plan names no objects (-o json|yaml|table)", Exit.USAGE)
     doc = load_problem(args.problem)
     if args.time_limit_ms is not None:
         if args.time_limit_ms < 1:
@@ -56,10 +58,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         problem = problem_from_dict(doc)
     except ProblemError as exc:
         raise CliError(str(exc), 2) from None
-    plan = solve(problem)
-    plan_doc = plan_to_dict(plan)
-    if ctx.json:
-        ctx.emit_json(plan_doc)
-    else:
-        ctx.out(plan_text(plan_doc, doc))
+    plan_doc = plan_to_dict(solve(problem))
+    ctx.emit(lambda: plan_doc, lambda: plan_text(plan_doc, doc))
     return 0
