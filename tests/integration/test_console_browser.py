@@ -136,7 +136,8 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
             tenant_page = await browser.new_page(viewport={"width": 1280, "height": 1100})
             await tenant_page.goto(f"http://{app.console_address}/")
             await tenant_page.wait_for_selector("#sign-in:not([hidden])")
-            await tenant_page.fill("#token", await issue_token(app.db, "tenant", tenant="acme", name="acme-console"))
+            tenant_token = await issue_token(app.db, "tenant", tenant="acme", name="acme-console")
+            await tenant_page.fill("#token", tenant_token)
             await tenant_page.click("#sign-in button[type=submit]")
             await tenant_page.wait_for_selector('[data-deployment="big"]')
             names = await tenant_page.locator("[data-deployment]").evaluate_all(
@@ -149,5 +150,11 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
             assert await tenant_page.locator(".acc[title*='other']").count() >= 4
             assert (await tenant_page.locator("#viewer").inner_text()) == "tenant acme"
             await tenant_page.screenshot(path=str(ARTEFACTS / "console-tenant.png"), full_page=True)
+
+            # Its token revoked: the live stream ends saying why, and the page signs out at once.
+            await tenant_page.wait_for_selector("#live.on")
+            await stubs.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=tenant_token[5:21]))
+            await tenant_page.wait_for_selector("#sign-in:not([hidden])", timeout=5_000)
+            assert "was revoked" in await tenant_page.locator("#sign-in-error").inner_text()
         finally:
             await browser.close()

@@ -148,7 +148,14 @@ async function listen() {
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const message = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
-          if (message.split("\n").includes("event: change")) refreshSoon();
+          const lines = message.split("\n");
+          if (lines.includes("event: change")) refreshSoon();
+          if (lines.includes("event: ended")) {  // its token was revoked or expired: say why at once
+            const data = lines.find((line) => line.startsWith("data: "));
+            let reason = "your session ended";
+            try { reason = JSON.parse(data.slice(6)).reason || reason; } catch (err) { /* keep the default */ }
+            signIn(reason);
+          }
         }
       }
     } catch (err) {
