@@ -287,7 +287,7 @@ class Hbm(SlotFilter):
                 // spec.accelerators
         if spec.hbm_gib <= 0:
             return fit.per_accelerator.sum(axis=1)
-        by_hbm = np.floor(np.maximum(fit.at(s.acc_hbm), 0) / spec.hbm_gib).astype(np.int64)
+        by_hbm = within(fit.at(s.acc_hbm), spec.hbm_gib)
         return np.minimum(fit.per_accelerator, by_hbm).sum(axis=1)
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
@@ -453,8 +453,22 @@ def local_slots(state: ClusterState, d: int, nodes: np.ndarray | None = None) ->
 
 
 def power_slots(headroom: np.ndarray, power: float) -> np.ndarray:
-    """Shards of `power` W each domain's headroom still feeds."""
-    return np.floor(np.maximum(headroom, 0) / power + 1e-9).astype(np.int64)
+    """Shards of `power` W each domain's headroom still feeds (`within`)."""
+    return within(headroom, power, 1e-9)
+
+
+def within(room: np.ndarray, need: float, slack: float = 0.0) -> np.ndarray:
+    """How many shards needing `need` (> 0) each entry of `room` holds, at most BIG: more than
+    any node could use, so it reads as unlimited, as `FitInput.unlimited` does. The room is
+    clipped before the division and the int64 cast: a budget within QUANTITY_LIMIT over a tiny
+    shard (9e13 W over 1e-6 W; the 1e15 of "no budget" over 1e-4 W) holds more shards than an
+    int64 does, and the cast made that count negative."""
+    return np.floor(np.clip(room, 0, BIG * need) / need + slack).astype(np.int64)
+
+
+def fits_within(room: float, need: float) -> int:
+    """`power_slots` for one domain or cap (a Python int)."""
+    return int(np.floor(min(max(room, 0), BIG * need) / need + 1e-9))
 
 
 def tenant_masks(state: ClusterState, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -568,7 +582,7 @@ class QuotaAccelerators(TenantCap):
             return None
         t = int(state.dep_tenant[d])
         left = state.topo.tenant_max_milli[t] - state.tenant_milli[t]
-        return max(0, int(np.floor(left / milli + 1e-9)))
+        return fits_within(left, milli)
 
     def detail(self, state: ClusterState, d: int, count: int) -> str:
         t = int(state.dep_tenant[d])
@@ -588,7 +602,7 @@ class QuotaPower(TenantCap):
             return None
         t = int(state.dep_tenant[d])
         left = state.topo.tenant_max_power[t] - state.tenant_power[t]
-        return max(0, int(np.floor(left / power + 1e-9)))
+        return fits_within(left, power)
 
     def detail(self, state: ClusterState, d: int, count: int) -> str:
         t = int(state.dep_tenant[d])

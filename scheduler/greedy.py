@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler.candidates import RackBest, RackOrder
-from scheduler.filters import gang_capacity, node_fit, quota_room
+from scheduler.filters import fits_within, gang_capacity, node_fit, quota_room
 from scheduler.fragmentation import Workload
 from scheduler.model import ShardSpec
 from scheduler.pairing import PairingValues
@@ -152,9 +152,9 @@ class Placer:
             rack, row = int(topo.node_rack[n]), int(topo.node_row[n])
             if power > 0:
                 if rack not in rack_left:
-                    rack_left[rack] = int(np.floor(max(rack_head[rack], 0) / power + 1e-9))
+                    rack_left[rack] = fits_within(rack_head[rack], power)
                 if row not in row_left:
-                    row_left[row] = int(np.floor(max(row_head[row], 0) / power + 1e-9))
+                    row_left[row] = fits_within(row_head[row], power)
                 take = min(int(slots[n]), count - len(chosen), rack_left[rack], row_left[row])
                 rack_left[rack] -= take
                 row_left[row] -= take

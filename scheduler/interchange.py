@@ -50,6 +50,30 @@ QUANTITIES = (  # (list, the quantities of each item), as named in the document
     ("tenants", ("reserved_accelerators", "max_accelerators", "max_power_w")),
     ("deployments", ("shard.hbm_gib", "shard.cpu_milli", "shard.memory_mib", "shard.power_w")),
 )
+# Integer fields. JSON Schema calls any number without a fractional part an integer (3.0, 1e20)
+# and json.loads reads integers of any size, so the parsers turn each into an int (`_int`) and
+# `check_references` bounds it by what the solver can hold: a node's accelerators are a row of
+# its (node, accelerator) arrays, and a shard's sit on one node; replicas and shards are listed
+# one by one (a deployment's pending replicas, a gang's shards); the rest are numpy int64s and
+# CP-SAT coefficients. The controller's own limits stay below these (`controller/limits.py`:
+# 64 accelerators a node, 4,096 replicas, 256 shards a replica, |priority| <= 1e6).
+ACCELERATORS_LIMIT = 1024
+COUNT_LIMIT = 1 << 20
+INT64_MAX = (1 << 63) - 1
+_ACCELERATORS = (ACCELERATORS_LIMIT, "the most accelerators a node may have")
+_COUNT = (COUNT_LIMIT, "the most replicas or shards the solver lists")
+_INT64 = (INT64_MAX, "the largest 64-bit integer")
+INTEGERS = (  # (list, ((dotted name, minimum, (maximum, why) or None: QUANTITIES bounds it)))
+    ("nodes", (("accelerators", 0, _ACCELERATORS), ("cpu_milli", 0, None),
+               ("memory_mib", 0, None))),
+    ("deployments", (("replicas", 1, _COUNT), ("min_replicas", 1, _COUNT),
+                     ("shards_per_replica", 1, _COUNT), ("shard.accelerators", 0, _ACCELERATORS),
+                     ("shard.accelerator_milli", 1, (1000, "a whole accelerator")),
+                     ("shard.cpu_milli", 0, None), ("shard.memory_mib", 0, None),
+                     ("spread.max_per_domain", 1, _COUNT), ("priority", -INT64_MAX, _INT64))),
+    ("options", (("time_limit_ms", 1, _INT64), ("max_moves", 0, _INT64),
+                 ("batch_size", 1, _INT64))),
+)
 
 
 @lru_cache(maxsize=None)
@@ -116,10 +140,11 @@ def problem_from_dict(doc: dict[str, Any], *, validate: bool = True) -> Problem:
     fractions = {d.id: d.shard.accelerator_milli for d in deployments if d.shard.fractional}
     placements = tuple(_placement(p, fractions) for p in doc.get("placements", ()))
     opts = doc.get("options", {})
-    options = Options(mode=opts.get("mode", "batch"), time_limit_ms=opts.get("time_limit_ms"),
-                      max_moves=opts.get("max_moves"),
+    options = Options(mode=opts.get("mode", "batch"),
+                      time_limit_ms=_int(opts.get("time_limit_ms")),
+                      max_moves=_int(opts.get("max_moves")),
                       allow_preemption=bool(opts.get("allow_preemption", False)),
-                      batch_size=opts.get("batch_size"))
+                      batch_size=_int(opts.get("batch_size")))
 
     # Implied lists: absent means "whatever the references say".
     if not racks:
@@ -198,6 +223,8 @@ def check_references(problem: Problem) -> None:
                                f"{dep.spread.domain!r} (leave spread out for no limit)")
     for field, names in QUANTITIES:
         _check_quantities(field, getattr(problem, field), names)
+    for field, integers in INTEGERS:
+        _check_integers(field, getattr(problem, field), integers)
     _check_placements(problem, deployments, nodes)
 
 
@@ -221,13 +248,56 @@ def _check_quantity(field: str, value: float | None) -> None:
     NaN and Infinity, which are no JSON numbers (RFC 8259) and no schema rejects."""
     if value is None or -QUANTITY_LIMIT < value < QUANTITY_LIMIT:
         return
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ProblemError(field, value, f"{value} is not a finite number")
     if value > 0:
-        raise ProblemError(field, value, f"{value:g} is too large: a quantity must stay below "
-                                         f"{QUANTITY_LIMIT:g} (leave the field out for no limit)")
+        raise ProblemError(field, value, f"{_shown(value)} is too large: a quantity must stay "
+                                         f"below {QUANTITY_LIMIT:g} (leave the field out for no "
+                                         "limit)")
     # Negative: the schema's minimum says so, for a caller that skipped the schema.
-    raise ProblemError(field, value, f"{value:g} is less than the minimum of 0")
+    raise ProblemError(field, value, f"{_shown(value)} is less than the minimum of 0")
+
+
+def _check_integers(field: str, items: Any,
+                    integers: tuple[tuple[str, int, tuple[int, str] | None], ...]) -> None:
+    """The integer fields (`INTEGERS`) of every item (of the options object) are ints within
+    the solver's bounds. Like the quantities, the distinct values are tested first."""
+    many = isinstance(items, tuple)
+    for name, low, bound in integers:
+        high = bound[0] if bound is not None else math.inf
+        values = _values(items if many else (items,), name)
+        if all(v.__class__ is int and low <= v <= high for v in values):
+            continue
+        for i, item in enumerate(items if many else (items,)):
+            for value in _values((item,), name):
+                where = f"{field}[{i}].{name}" if many else f"{field}.{name}"
+                if value.__class__ is not int:  # a caller that skipped the schema
+                    raise ProblemError(where, value, f"{value!r} is not an integer")
+                shown = str(value) if -10 ** 19 < value < 10 ** 19 else _shown(value)
+                if value < low:
+                    raise ProblemError(where, value, f"{shown} is less than the minimum of {low}")
+                if bound is not None and value > high:
+                    raise ProblemError(where, value, f"{shown} is greater than the maximum of "
+                                                     f"{high} ({bound[1]})")
+
+
+def _values(items: Any, name: str) -> set[Any]:
+    """The distinct values of a dotted field over items, leaving out absent ones (None, or an
+    absent object on the way: a deployment without spread)."""
+    head, _, last = name.rpartition(".")
+    owners = filter(None, map(attrgetter(head), items)) if head else items
+    values = set(map(attrgetter(last), owners))
+    values.discard(None)
+    return values
+
+
+def _shown(value: Any) -> str:
+    """A number as a message shows it (%g: 1e+20); an int too large for a float (json.loads
+    reads 1 and 400 zeros as one) by its order of magnitude."""
+    try:
+        return f"{value:g}"
+    except OverflowError:
+        return f"about {'-' if value < 0 else ''}1e+{int(math.log10(abs(value)))}"
 
 
 def _check_placements(problem: Problem, deployments: dict[str, int],
@@ -376,11 +446,30 @@ def _check_placement(problem: Problem, i: int, p: Placement, deployments: dict[s
     return dep
 
 
+def _int(value: Any) -> Any:
+    """An integer field's value as an int (`INTEGERS`): 3.0 and 1e20 are integers to JSON
+    Schema, but the solver counts, indexes and builds CP-SAT models with them. Anything else is
+    returned as it is: None (absent), or 2.5 or NaN from a caller that skipped the schema, which
+    `check_references` refuses."""
+    return int(value) if value.__class__ is float and value.is_integer() else value
+
+
+def _real(value: Any) -> Any:
+    """A number the model holds as a float (16 and 16.0 are one spec); an int too large for a
+    float (json.loads reads 1 and 400 zeros as one) stays as it is, for `check_references` to
+    refuse (`QUANTITY_LIMIT`)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return value
+
+
 def _node(n: dict[str, Any]) -> Node:
-    return Node(id=n["id"], rack=n["rack"], accelerators=n["accelerators"],
+    return Node(id=n["id"], rack=n["rack"], accelerators=_int(n["accelerators"]),
                 state=n.get("state", "ready"), accelerator_model=n.get("accelerator_model"),
-                hbm_gib=n.get("hbm_gib"), cpu_milli=n.get("cpu_milli"),
-                memory_mib=n.get("memory_mib"), idle_power_w=float(n.get("idle_power_w", 0)),
+                hbm_gib=n.get("hbm_gib"), cpu_milli=_int(n.get("cpu_milli")),
+                memory_mib=_int(n.get("memory_mib")),
+                idle_power_w=_real(n.get("idle_power_w", 0)),
                 labels=tuple(sorted(n.get("labels", {}).items())))
 
 
@@ -389,7 +478,7 @@ def _tenant(t: dict[str, Any]) -> Tenant:
     return Tenant(id=t["id"], isolation=t.get("isolation", "shared"),
                   excludes=tuple(t.get("excludes", ())),
                   zones=tuple(zones) if zones is not None else None,
-                  reserved_accelerators=float(t.get("reserved_accelerators", 0)),
+                  reserved_accelerators=_real(t.get("reserved_accelerators", 0)),
                   max_accelerators=t.get("max_accelerators"), max_power_w=t.get("max_power_w"))
 
 
@@ -399,21 +488,23 @@ def shard_spec_from_dict(s: dict[str, Any]) -> ShardSpec:
     are floats whatever number the JSON holds (16 and 16.0 are one spec); `accelerator_models`
     absent means any model."""
     models = s.get("accelerator_models")
-    return ShardSpec(accelerators=s["accelerators"],
-                     accelerator_milli=s.get("accelerator_milli", 1000),
-                     hbm_gib=float(s.get("hbm_gib", 0)), cpu_milli=s.get("cpu_milli", 0),
-                     memory_mib=s.get("memory_mib", 0), power_w=float(s.get("power_w", 0)),
+    return ShardSpec(accelerators=_int(s["accelerators"]),
+                     accelerator_milli=_int(s.get("accelerator_milli", 1000)),
+                     hbm_gib=_real(s.get("hbm_gib", 0)), cpu_milli=_int(s.get("cpu_milli", 0)),
+                     memory_mib=_int(s.get("memory_mib", 0)), power_w=_real(s.get("power_w", 0)),
                      accelerator_models=tuple(models) if models is not None else None)
 
 
 def _deployment(d: dict[str, Any]) -> Deployment:
     spread = d.get("spread")
-    return Deployment(id=d["id"], tenant=d["tenant"], replicas=d["replicas"],
-                      shards_per_replica=d["shards_per_replica"],
+    return Deployment(id=d["id"], tenant=d["tenant"], replicas=_int(d["replicas"]),
+                      shards_per_replica=_int(d["shards_per_replica"]),
                       shard=shard_spec_from_dict(d["shard"]),
-                      min_replicas=d.get("min_replicas", 1), locality=d.get("locality", "rack"),
-                      spread=Spread(spread["domain"], spread["max_per_domain"]) if spread else None,
-                      priority=d.get("priority", 0), preemptible=d.get("preemptible", False))
+                      min_replicas=_int(d.get("min_replicas", 1)),
+                      locality=d.get("locality", "rack"),
+                      spread=Spread(spread["domain"], _int(spread["max_per_domain"]))
+                      if spread else None,
+                      priority=_int(d.get("priority", 0)), preemptible=d.get("preemptible", False))
 
 
 def deployment_from_dict(d: dict[str, Any]) -> Deployment:
@@ -439,12 +530,18 @@ def placement_from_dict(p: dict[str, Any]) -> Placement:
 def _placement(p: dict[str, Any], fractions: dict[str, int] | None = None) -> Placement:
     """`fractions`: the milli of each fractional deployment's shard, which a placement of it
     that leaves `accelerator_milli` out holds."""
-    milli = p.get("accelerator_milli")
+    replica, shard, milli = p["replica"], p["shard"], p.get("accelerator_milli")
+    indices = tuple(p["accelerator_indices"])
+    # Integer-valued floats (`_int`) are rare and a cluster has many placements, so they are
+    # looked for first, at the cost of one sum: it is an int only if all its terms are.
+    if sum(indices, replica + shard).__class__ is not int or \
+            not (milli is None or milli.__class__ is int):
+        replica, shard, milli = _int(replica), _int(shard), _int(milli)
+        indices = tuple(map(_int, indices))
     if milli is None and fractions:
         milli = fractions.get(p["deployment"])
-    return Placement(deployment=p["deployment"], replica=p["replica"], shard=p["shard"],
-                     node=p["node"], accelerator_indices=tuple(p["accelerator_indices"]),
-                     accelerator_milli=milli)
+    return Placement(deployment=p["deployment"], replica=replica, shard=shard, node=p["node"],
+                     accelerator_indices=indices, accelerator_milli=milli)
 
 
 def placement_to_dict(p: Placement) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.filters import gang_capacity, node_fit, quota_room, spread_mask, tenant_masks
+from scheduler.filters import (fits_within, gang_capacity, node_fit, quota_room, spread_mask,
+                               tenant_masks)
 from scheduler.greedy import Placer
 from scheduler.state import ClusterState, ShardAt
 
@@ -157,7 +158,7 @@ def _may_fit(state: ClusterState, d: int, allowed: np.ndarray) -> bool:
     power = spec.shard_power_w
     if power > 0:
         racks = np.unique(state.topo.node_rack[allowed])
-        if np.maximum(state.rack_headroom()[racks], 0).sum() / power + 1e-9 < count:
+        if fits_within(np.maximum(state.rack_headroom()[racks], 0).sum(), power) < count:
             return False
     return True
 
