@@ -91,6 +91,10 @@ def test_invalid_json_exits_2(tmp_path: Path) -> None:
     result = maiactl("solve", str(bad))
     assert result.returncode == 2
     assert "invalid JSON at line 1" in result.stderr
+    bad.write_text('{"version": 1, "x": ' + "9" * 5000 + "}")  # past Python's int digits: was a traceback
+    result = maiactl("solve", str(bad))
+    assert result.returncode == 2 and "cannot read its JSON: Exceeds the limit" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("plan, expected", [

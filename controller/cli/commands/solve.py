@@ -36,6 +36,8 @@ def load_problem(path: str) -> dict[str, Any]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CliError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", 2) from None
+    except ValueError as exc:  # an integer literal past Python's digit limit (4,300)
+        raise CliError(f"{path}: cannot read its JSON: {exc}", 2) from None
     if not isinstance(doc, dict):
         raise CliError(f"{path}: expected a JSON object, got {type(doc).__name__}", 2)
     return doc
