@@ -158,6 +158,11 @@ class TokenStreams:
                 ended += 1
         return ended
 
+    def revoked_lately(self, token_id: str) -> bool:
+        """Whether `token_id` is among the tokens revoked lately (the last `REVOKED_REMEMBERED`):
+        what a stream held by another registry (the agent hub's) asks as it opens."""
+        return token_id in self._revoked
+
     def held(self) -> int:
         """How many streams are held (not `__len__`: an empty registry must not be falsy)."""
         return sum(map(len, self._by_token.values()))

@@ -65,9 +65,12 @@ class AgentHub:
         reports_burst: int = limits.REPORTS_BURST, damper: FlapDamper | None = None,
         leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
         max_heartbeats_per_second: float = 0.0, observer: HubObserver | None = None,
-        contact_write_every_s: float | None = None,
+        contact_write_every_s: float | None = None, revoked: Callable[[str], bool] = lambda token_id: False,
     ) -> None:
         self._db = db
+        # Whether a token was revoked lately (`TokenStreams.revoked_lately`): a stream authenticated
+        # just before its credential's revocation, and opened just after, ends as it opens.
+        self._revoked = revoked
         self._observer = observer or _NoObserver()
         # Registers and hellos (write transactions) of a join storm: bounded, the rest told when to retry.
         self.admission = admission or agent_admission_gate()
@@ -299,6 +302,8 @@ class AgentHub:
         session.push_set()  # the full set, right away
         if who.expires_at is not None:
             session.expiry = ExpiryTimer(who.expires_at, partial(_expired, session, who.token_id, who.expires_at))
+        if who.token_id and self._revoked(who.token_id):  # revoked between its authentication and now
+            session.refuse_credential(f"the credential of node {node_id} was revoked; register again")
         log.info("agent connected node=%s session=%s changed=%s damped=%s", node_id, session_id, changed, damped)
         if changed:
             self._on_liveness_change()

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
 from controller.agents import AgentHub, AgentInbound
 from controller.domain.values import HeartbeatReport
-from controller.errors import Unavailable
+from controller.errors import Unauthenticated, Unavailable
 from controller.store import repositories as repo
 from controller.store.db import Database
 from uc_builders import WHO, quiet_agent, statements
@@ -95,3 +96,17 @@ async def test_a_stall_of_the_event_loop_past_the_timeout_ends_no_stream_whose_h
     assert sessions[quiet_node].closed and sessions[quiet_node].close_reason.startswith("no heartbeat for")
     for stream in (live, quiet):
         await stream.aclose()
+
+
+async def test_a_stream_whose_credential_was_revoked_after_its_authentication_ends_as_it_opens(cluster):
+    """A revocation heard between a Connect's authentication (a cached verification) and its
+    session's opening found no stream of that credential to end, and the stream then served on
+    with a revoked credential. The hub asks whether its token was revoked lately as it opens."""
+    hub = AgentHub(cluster, heartbeat_timeout_s=60, on_liveness_change=lambda: None,
+                   on_deployments_changed=lambda views: asyncio.sleep(0), revoked=lambda token_id: token_id == "t-1")
+    stream = hub.converse(replace(WHO, token_id="t-1"), NODE, await _session_of(cluster, NODE), quiet_agent())
+    with pytest.raises(Unauthenticated, match=f"the credential of node {NODE} was revoked"):
+        async with asyncio.timeout(10):
+            async for _ in stream:
+                pass
+    assert hub.connected() == frozenset()
