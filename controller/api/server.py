@@ -45,7 +45,7 @@ from controller.api.peers import (
 from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
 from controller.console.server import ConsoleServer
-from controller.observability.cluster import ClusterGauges, read_cluster_gauges
+from controller.observability.cluster import ClusterGauges, UsageCounters, read_cluster_gauges, read_usage_counters
 from controller.observability.loop import watch_event_loop
 from controller.observability.metrics import ControllerMetrics
 from controller.errors import Unauthenticated, Unavailable
@@ -361,7 +361,7 @@ class ControllerApp:
             raise
         shed.refuse_all(None)
         if self.config.metrics_listen:
-            self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster)
+            self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster, self.read_usage)
             self.metrics_address = self.metrics.serve(self.config.metrics_listen)
         if self.config.http_listen:
             self.console_address = await self.console.start(self.config.http_listen)
@@ -461,6 +461,11 @@ class ControllerApp:
         """The cluster's state for the metrics, read in this loop (the heartbeat lag on the leader only)."""
         async with self.db.unit_of_work() as uow:
             return await read_cluster_gauges(uow.session, heard=self.hub.last_heard(), lag=self.election.leading)
+
+    async def read_usage(self) -> UsageCounters:
+        """The usage meter's counters for the metrics, read in this loop beside `read_cluster`."""
+        async with self.db.unit_of_work() as uow:
+            return await read_usage_counters(uow.session)
 
 
     async def _prepare_authentication(self) -> None:

@@ -76,7 +76,7 @@ class ConsoleRows:
     tenants: list[str]
     known_tenants: list[str]  # every tenant id ever (deleted ones too): what a tenant's view redacts
     deployments: repo.SummaryRows
-    usage: list[metering.UsageTotal]
+    usage: list[metering.UsageTotal]  # to date: the closed sums and the open accrual, not the history
 
 
 async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
@@ -94,7 +94,7 @@ async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
         tenants=[t.id for t in await repo.list_tenant_rows(session)],
         known_tenants=await repo.known_tenant_ids(session) if viewer_tenant else [],
         deployments=await repo.deployment_summary_rows(session, tenant=viewer_tenant),
-        usage=await metering.usage_by(session, ("tenant",), now=now, tenant=viewer_tenant),
+        usage=await metering.usage_to_date(session, ("tenant",), now=now, tenant=viewer_tenant),
     )
 
 

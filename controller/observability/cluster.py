@@ -1,16 +1,18 @@
 """The cluster's state as numbers for gauges: one read of the database, at scrape time.
 
 `read_cluster_gauges` runs in the controller's event loop (the metrics endpoint asks the loop
-for it). Every sum is the database's (GROUP BY): a scrape decodes a row per group (phase, node
-state, rack, (tenant, model), (model, zone)), not a row per deployment, node or placement,
-and SQLite scans in its own thread, without the GIL. Two reads stay per row, and narrow: the
-deployments that carry reasons (the unplaced: those with none are left out by the database)
-and the up nodes' last heartbeats (their lag is the later of the stored time and what this
-controller heard itself, `AgentHub.last_heard`), in partitions (`store.partitions`), each its
-own turn of the loop. At 4,096 nodes and 10,000 placements a scrape read every deployment's
-reasons, every node and a sum per (node, tenant) on the loop: 36-62 ms windows at 50 submits/s
-(issue 8). Every label it produces is bounded by configuration (tenants, racks, rows, zones,
-accelerator models, phases, reason codes); never a deployment name.
+for it); the usage counters are a read of their own (`read_usage_counters`), so that a slow one
+leaves the other gauges in the scrape. Every sum is the database's (GROUP BY): a scrape decodes
+a row per group (phase, node state, rack, (tenant, model), (model, zone)), not a row per
+deployment, node or placement, and SQLite scans in its own thread, without the GIL. Two reads
+stay per row, and narrow: the deployments that carry reasons (the unplaced: those with none are
+left out by the database) and the up nodes' last heartbeats (their lag is the later of the
+stored time and what this controller heard itself, `AgentHub.last_heard`), in partitions
+(`store.partitions`), each its own turn of the loop. At 4,096 nodes and 10,000 placements a
+scrape read every deployment's reasons, every node and a sum per (node, tenant) on the loop:
+36-62 ms windows at 50 submits/s (issue 8). Every label it produces is bounded by configuration
+(tenants, racks, rows, zones, accelerator models, phases, reason codes); never a deployment
+name.
 """
 
 from __future__ import annotations
@@ -55,8 +57,6 @@ class ClusterGauges:
     # Accelerators held (fractions as such) per (tenant, model); free on ready nodes per (model, zone).
     allocated: dict[tuple[str, str], float] = field(default_factory=dict)
     free: dict[tuple[str, str], float] = field(default_factory=dict)
-    # Metered usage per (tenant, model, zone): (accelerator-seconds, joules), up to the read.
-    usage: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
 
 
 async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None,
@@ -93,15 +93,26 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
         PowerDomain(row_id, zone_of_row[row_id], row_used.get(row_id, 0.0), budget)
         for row_id, budget in sorted(rows_budget.items())
     )
-    metered = {
-        (t.tenant, t.accelerator_model, t.zone): (t.accelerator_seconds, t.energy_j)
-        for t in await metering.usage_by(session, ("tenant", "accelerator_model", "zone"), now=now)
-    }
     return ClusterGauges(
         deployments_by_phase=phases, unplaced_by_reason=unplaced, nodes_by_state=states,
         heartbeat_lag_max_s=await _heartbeat_lag(session, now, heard or {}) if lag else {}, racks=racks, rows=rows,
-        allocated=await _allocated(session), free=await _free(session), usage=metered,
+        allocated=await _allocated(session), free=await _free(session),
     )
+
+
+# Metered usage per (tenant, model, zone): (accelerator-seconds, joules), up to the read.
+UsageCounters = dict[tuple[str, str, str], tuple[float, float]]
+
+
+async def read_usage_counters(session: AsyncSession, *, now: datetime | None = None) -> UsageCounters:
+    """The usage meter's counters, a read of their own (the metrics endpoint runs it beside
+    `read_cluster_gauges`, with its own timeout): the closed intervals' sums and the open ones'
+    accrual (`metering.usage_to_date`), never the history."""
+    return {
+        (t.tenant, t.accelerator_model, t.zone): (t.accelerator_seconds, t.energy_j)
+        for t in await metering.usage_to_date(session, ("tenant", "accelerator_model", "zone"),
+                                              now=now or datetime.now(timezone.utc))
+    }
 
 
 # What an empty list of reasons (the default) reads as, as text; those rows count under no code.

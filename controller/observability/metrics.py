@@ -5,8 +5,10 @@ Two kinds:
   `placed`, `rpc_handled`): the reconciler and the gRPC interceptor call them and never import
   prometheus_client;
 - state, read from the database at scrape time: the HTTP thread of `prometheus_client` asks the
-  controller's event loop for one `ClusterGauges` read (`run_coroutine_threadsafe`), so the loop
-  is never blocked and two controllers on one database report the same cluster.
+  controller's event loop for one `ClusterGauges` read and one read of the usage counters
+  (`run_coroutine_threadsafe`), so the loop is never blocked and two controllers on one database
+  report the same cluster. The two run side by side, each with its own timeout and error
+  counter: a usage read that fails leaves the nodes, deployments and power gauges in the scrape.
 
 Names follow Prometheus conventions: base units in the name (`_seconds`, `_watts`, `_joules`),
 counters end in `_total`, labels only from bounded sets (tenants, racks, rows, zones, models,
@@ -16,19 +18,21 @@ phases, reason codes, gRPC methods and codes), never deployment names or request
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from controller.observability.cluster import ClusterGauges
+from controller.observability.cluster import ClusterGauges, UsageCounters
 from controller.scheduling.queue import QueueDepths
 
 if TYPE_CHECKING:
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from controller.usecases.submits import SubmitStages
 
 log = logging.getLogger("maia.metrics")
+T = TypeVar("T")
 
 SOLVE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PLACED_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -45,8 +50,12 @@ RPC_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 
 SHARD_START_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 60.0)
 ADMISSION_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCRAPE_READ_TIMEOUT_S = 10.0
+# The usage counters' read, from the scrape's start (it runs beside the cluster read): well within
+# Prometheus' default scrape timeout (10 s), so a slow one costs the scrape its usage counters only.
+USAGE_READ_TIMEOUT_S = 3.0
 
 ClusterReader = Callable[[], Awaitable[ClusterGauges]]
+UsageReader = Callable[[], Awaitable[UsageCounters]]
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -72,7 +81,8 @@ class _Histogram(Histogram):
 
 
 class _ClusterCollector(Collector):
-    """Gauges (and usage counters) over one database read, made in the controller's loop."""
+    """Gauges over one database read and the usage counters over another, made in the
+    controller's loop; either missing (failed, timed out) leaves the other's families."""
 
     def __init__(self, metrics: ControllerMetrics) -> None:
         self._metrics = metrics
@@ -81,9 +91,11 @@ class _ClusterCollector(Collector):
         return ()  # computed at scrape time; nothing to describe up front
 
     def collect(self) -> Iterator[Metric]:
-        gauges = self._metrics.read_cluster()
+        gauges, usage = self._metrics.read_cluster()
         if gauges is not None:
             yield from cluster_families(gauges)
+        if usage is not None:
+            yield from usage_families(usage)
 
 
 def _gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], float]) -> GaugeMetricFamily:
@@ -117,13 +129,17 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
     yield _gauge("maia_accelerators_allocated", "Accelerators held by placed shards (fractions as such).",
                  ["tenant", "model"], dict(g.allocated))
     yield _gauge("maia_accelerators_free", "Accelerators not held on ready nodes.", ["model", "zone"], dict(g.free))
+
+
+def usage_families(usage: UsageCounters) -> Iterator[Metric]:
+    """The usage meter's counters, per (tenant, model, zone)."""
     seconds = CounterMetricFamily("maia_usage_accelerator_seconds",
                                   "Accelerator-seconds used (fractions as such), from the usage records.",
                                   labels=["tenant", "model", "zone"])
     joules = CounterMetricFamily("maia_usage_energy_joules",
                                  "Energy used (shard power plus its share of idle power), from the usage records.",
                                  labels=["tenant", "model", "zone"])
-    for (tenant, model, zone), (acc_s, energy_j) in sorted(g.usage.items()):
+    for (tenant, model, zone), (acc_s, energy_j) in sorted(usage.items()):
         seconds.add_metric([tenant, model, zone], acc_s)
         joules.add_metric([tenant, model, zone], energy_j)
     yield seconds
@@ -136,6 +152,9 @@ class ControllerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
+        # First: a scrape makes its reads before the read error counters are collected, so a read
+        # that fails is counted in the very scrape it is missing from.
+        r.register(_ClusterCollector(self))
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}  # `_labelled`'s
         self.solve_duration = _Histogram("maia_solve_duration_seconds", "Time one solve took, by plan status.",
                                          ["status"], registry=r, buckets=SOLVE_BUCKETS_S)
@@ -173,6 +192,9 @@ class ControllerMetrics:
                                  ["service", "method"], registry=r)
         self.cluster_read_errors = Counter("maia_metrics_cluster_read_errors",
                                            "Scrapes whose database read failed or timed out.", registry=r)
+        self.usage_read_errors = Counter("maia_metrics_usage_read_errors",
+                                         "Scrapes whose read of the usage counters failed or timed out (the other "
+                                         "gauges are in the scrape; maia_usage_* are not).", registry=r)
         self.leader = Gauge("maia_leader", "1 while this controller holds the leader lease (schedules), else 0.",
                             registry=r)
         self.lease_acquisitions = Counter("maia_lease_acquisitions",
@@ -237,10 +259,10 @@ class ControllerMetrics:
             "SQLite: of those, frames the last checkpoint could not copy yet (a reader's snapshot needed them); "
             "a commit checkpoints itself past checkpoints.COMMIT_CHECKPOINT_PAGES.", registry=r)
         self._reader: ClusterReader | None = None
+        self._usage_reader: UsageReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
-        r.register(_ClusterCollector(self))
 
     # --- events ---------------------------------------------------------------------------------
     def solved(self, status: str, seconds: float) -> None:
@@ -328,9 +350,11 @@ class ControllerMetrics:
         self.rpcs_shed.labels(*split_method(full_method)).inc()
 
     # --- state read at scrape time --------------------------------------------------------------
-    def watch_cluster(self, loop: asyncio.AbstractEventLoop, reader: ClusterReader) -> None:
-        """Scrapes read the cluster through `reader`, run in `loop` (the controller's)."""
-        self._loop, self._reader = loop, reader
+    def watch_cluster(self, loop: asyncio.AbstractEventLoop, reader: ClusterReader,
+                      usage: UsageReader | None = None) -> None:
+        """Scrapes read the cluster through `reader` and the usage counters through `usage`, run
+        in `loop` (the controller's)."""
+        self._loop, self._reader, self._usage_reader = loop, reader, usage
 
     def watch_alarms(self, count: Callable[[], int]) -> None:
         """The isolation watchdog's alarm count, exported as `maia_isolation_watchdog_alarms_total`."""
@@ -340,18 +364,20 @@ class ControllerMetrics:
         """The agent admission queue's depth, read at scrape time."""
         self.agents_waiting.set_function(lambda: float(waiting()))
 
-    def read_cluster(self) -> ClusterGauges | None:
-        """One cluster read in the controller's loop, waited for from the HTTP thread."""
-        if self._reader is None or self._loop is None or self._loop.is_closed():
-            return None
-        future = asyncio.run_coroutine_threadsafe(self._reader(), self._loop)
-        try:
-            return future.result(SCRAPE_READ_TIMEOUT_S)
-        except Exception:
-            future.cancel()
-            self.cluster_read_errors.inc()
-            log.exception("metrics: reading the cluster state failed")
-            return None
+    def read_cluster(self) -> tuple[ClusterGauges | None, UsageCounters | None]:
+        """One scrape's reads in the controller's loop, waited for from the HTTP thread: the
+        cluster's gauges and the usage counters, started together, each waited for up to its own
+        timeout from the start (None: failed or timed out, counted in its own error counter)."""
+        loop = self._loop
+        if self._reader is None or loop is None or loop.is_closed():
+            return None, None
+        started = time.monotonic()
+        gauges = asyncio.run_coroutine_threadsafe(self._reader(), loop)
+        usage = asyncio.run_coroutine_threadsafe(self._usage_reader(), loop) if self._usage_reader else None
+        read_gauges = _waited(gauges, SCRAPE_READ_TIMEOUT_S, self.cluster_read_errors, "the cluster state")
+        read_usage = None if usage is None else _waited(
+            usage, USAGE_READ_TIMEOUT_S - (time.monotonic() - started), self.usage_read_errors, "the usage counters")
+        return read_gauges, read_usage
 
     # --- the endpoint ---------------------------------------------------------------------------
     def serve(self, listen: str) -> str:
@@ -372,6 +398,17 @@ class ControllerMetrics:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+
+def _waited(future: concurrent.futures.Future[T], timeout_s: float, errors: Counter, what: str) -> T | None:
+    """`future`'s result within `timeout_s` (what is left of it), else None, counted in `errors`."""
+    try:
+        return future.result(max(0.0, timeout_s))
+    except Exception:
+        future.cancel()
+        errors.inc()
+        log.exception("metrics: reading %s failed", what)
+        return None
 
 
 class _AlarmCollector(Collector):

@@ -40,7 +40,9 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    row `FOR KEY SHARE` (its foreign key check, which only the row's DELETE waits for) before its
    statement's trigger takes isolation_state, so no place of isolation_state in the deletion's
    order kept the two apart, tests/store/test_node_delete_lock_order.py. Then capacity_state's
-   row (0012, 0022), only ever after isolation_state's (0023);
+   row (0012, 0022), only ever after isolation_state's (0023). Closing usage intervals adds no
+   lock to order: its trigger (0028) inserts rows of closed_usage_deltas and folds them into
+   closed_usage only when it gets the fold's advisory lock at once, as the deployment counts (0016);
 3. the generation row (`cluster_state`), then the change log (inserts);
 4. the audit chain's head (`audit_head`), then the leader lease (`FOR KEY SHARE`, with the COMMIT).
 A plan commit that holds the generation row while it writes rows (step 3 before 2) does so under

@@ -446,6 +446,36 @@ class UsageInterval(Base):
     __table_args__ = (Index("ix_usage_intervals_tenant_started", "tenant_id", "started_s"),)
 
 
+class ClosedUsage(Base):
+    """The closed usage intervals summed per (tenant, accelerator model, zone), kept by database
+    triggers on `usage_intervals` (migration 0028): what a scrape and a console build read instead
+    of summing the whole history, adding only the open intervals' accrual (`metering.usage_to_date`).
+    An interval deleted stays counted. On PostgreSQL the triggers add each statement's closes as
+    rows of `closed_usage_deltas`, folded into these rows when no other transaction is folding."""
+
+    __tablename__ = "closed_usage"
+
+    tenant_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    accelerator_model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    zone_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    accelerator_seconds: Mapped[float] = mapped_column(Float, nullable=False)
+    energy_j: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class ClosedUsageDelta(Base):
+    """Closed usage not folded into `ClosedUsage` yet (PostgreSQL; empty on SQLite, whose one
+    writer adds to those rows directly)."""
+
+    __tablename__ = "closed_usage_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False)
+    accelerator_model: Mapped[str] = mapped_column(String(64), nullable=False)
+    zone_id: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False)
+    accelerator_seconds: Mapped[float] = mapped_column(Float, nullable=False)
+    energy_j: Mapped[float] = mapped_column(Float, nullable=False)
+
+
 class ApiToken(Base):
     """A bearer token: its secret is stored only as a SHA-256 digest (shown once, at creation).
 

@@ -172,7 +172,7 @@ async def test_the_dashboard_queries_only_metrics_the_controller_exports(app: Co
     families = {f.name for f in text_string_to_metric_families(await asyncio.to_thread(scrape_text, app.metrics_address))
                 if not f.name.endswith("_created")}
     on_dashboard = {f for f in families if any(q.startswith(f) for q in queried)}
-    assert families - on_dashboard <= {"maia_metrics_cluster_read_errors"}
+    assert families - on_dashboard <= {"maia_metrics_cluster_read_errors", "maia_metrics_usage_read_errors"}
 
 
 async def test_a_sqlite_controller_checkpoints_its_log_off_the_commit_path(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from sqlalchemy import select, update
 
 from controller.domain.liveness import later_contact
 from controller.observability import cluster
-from controller.store import metering
 from controller.store import models as m
 from controller.store import partitions
 from controller.store import repositories as repo
@@ -93,7 +92,6 @@ async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.
         placements = list((await s.execute(select(m.Placement))).scalars())
         racks = {r.id: r for r in (await s.execute(select(m.Rack))).scalars()}
         rows = {r.id: r for r in (await s.execute(select(m.Row))).scalars()}
-        usage = await metering.usage_by(s, ("tenant", "accelerator_model", "zone"), now=NOW)
         node_of = {n.id: n for n in nodes}
         held: dict[str, int] = defaultdict(int)
         allocated: dict[tuple[str, str], float] = defaultdict(float)
@@ -138,8 +136,7 @@ async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.
                         for r in sorted(racks.values(), key=lambda r: r.id)),
             rows=tuple(cluster.PowerDomain(r.id, r.zone_id, row_used.get(r.id, 0.0), r.power_budget_w)
                        for r in sorted(rows.values(), key=lambda r: r.id)),
-            allocated=dict(allocated), free=dict(free),
-            usage={(t.tenant, t.accelerator_model, t.zone): (t.accelerator_seconds, t.energy_j) for t in usage})
+            allocated=dict(allocated), free=dict(free))
 
 
 def _compared(g: cluster.ClusterGauges, close: Any = lambda value: value) -> dict[str, Any]:
