@@ -141,25 +141,24 @@ async def revoke_tenant_tokens(uow: UnitOfWork, who: Principal, tenant_id: str) 
     """Revoke (staged: the caller commits, then says `signals.tokens_revoked`) every active token
     bound to a tenant being deleted; their ids. Left active, they would serve a tenant created
     later with the same id: its deployments, usage and audit."""
-    revoked = []
-    for row in await store.active_tokens(uow.session, _now(), tenant=tenant_id):
-        row.revoked_at = _now()
-        revoked.append(row.id)
-    if revoked:
-        repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind="tenant",
-                          object_id=tenant_id, data={"tokens": revoked, "request_id": who.request_id})
-    return revoked
+    return _revoke(uow, who, await store.active_tokens(uow.session, _now(), tenant=tenant_id), "tenant", tenant_id)
 
 
 def revoke_credentials(uow: UnitOfWork, who: Principal, node_id: str, rows: Iterable[m.ApiToken]) -> list[str]:
     """Revoke these active credentials of a node (read by the caller; staged); their ids."""
+    return _revoke(uow, who, rows, "node", node_id)
+
+
+def _revoke(uow: UnitOfWork, who: Principal, rows: Iterable[m.ApiToken], object_kind: str, object_id: str) -> list[str]:
+    """Revoke these tokens (staged), with one `token.revoked` event about the object they were
+    bound to; their ids."""
     revoked = []
     for row in rows:
         row.revoked_at = _now()
         revoked.append(row.id)
     if revoked:
-        repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind="node",
-                          object_id=node_id, data={"tokens": revoked, "request_id": who.request_id})
+        repo.record_event(uow.session, actor=who.name, kind="token.revoked", object_kind=object_kind,
+                          object_id=object_id, data={"tokens": revoked, "request_id": who.request_id})
     return revoked
 
 
