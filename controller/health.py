@@ -8,6 +8,12 @@ running longer than `stuck_s`? Is resident memory below `max_rss_mib`? Any "no" 
 service NOT_SERVING (with the reasons logged once); when all answers are "yes" again it goes
 back to SERVING. A load balancer or orchestrator watching health then stops sending work to,
 or restarts, a controller that is up but useless.
+
+One service is not the monitor's: `LIVENESS_SERVICE` ("liveness") is SERVING from the start to
+the stop, whatever the database says, answered by the event loop like every call: a liveness
+probe on it restarts a controller whose loop is wedged, never one whose database is away (a
+restart cures no outage, and every replica restarting at once is the outage's echo). Readiness
+watches "" (or a service): the monitor's answer.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from controller.store.db import Database
 log = logging.getLogger("maia.health")
 
 DB_PROBE_TIMEOUT_S = 5.0
+LIVENESS_SERVICE = "liveness"  # SERVING while the process serves (see the module docstring)
 DB_PROBES_UNHEALTHY = 3  # failed database probes in a row that make the controller NOT_SERVING
 
 

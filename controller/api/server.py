@@ -53,7 +53,7 @@ from controller.gateway.children import GatewayProcesses, GatewaySettings, Gatew
 from controller.gateway.frames import LINK_OPTIONS
 from controller.gateway.relay import RelayServicer, method_handlers
 from controller.gcpolicy import CollectionPacer, WarmHeapFreezer
-from controller.health import HealthMonitor
+from controller.health import LIVENESS_SERVICE, HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
 from controller.nodelifecycle import NodeLifecycle
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
@@ -404,7 +404,7 @@ class ControllerApp:
         ]
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *SERVICE_NAMES, LIVENESS_SERVICE):  # the monitor toggles all but the last
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.reconciler.wake()
         return self.address

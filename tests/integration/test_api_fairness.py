@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 from controller.reconcile import fast_path, full_path
 from controller.api.server import ControllerApp
+from controller.health import LIVENESS_SERVICE
 from controller.store import models as m
 from controller.usecases import planning
 from scheduler.session import Session
@@ -157,8 +158,8 @@ async def test_stored_data_beyond_the_limits_is_set_aside_and_never_solved(make_
     await agent.close()
 
 
-async def _health(stubs: Stubs) -> int:
-    reply = await health_pb2_grpc.HealthStub(stubs.channel).Check(health_pb2.HealthCheckRequest(service=""))
+async def _health(stubs: Stubs, service: str = "") -> int:
+    reply = await health_pb2_grpc.HealthStub(stubs.channel).Check(health_pb2.HealthCheckRequest(service=service))
     return reply.status
 
 
@@ -227,5 +228,7 @@ async def _lose_the_database(app: ControllerApp, path) -> None:
         await _replace_with_a_directory(app, path)
         await eventually(lambda: _health(stubs), lambda s: s == NOT_SERVING, what="NOT_SERVING")
         assert "the database does not answer" in app.monitor.problems
+        # A liveness probe (deploy/k8s) restarts a wedged controller, not one whose database is away.
+        assert await _health(stubs, LIVENESS_SERVICE) == SERVING
     finally:
         await stubs.channel.close()
