@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.api.interceptors import SENT_AT_METADATA_KEY
@@ -173,6 +174,20 @@ async def test_the_dashboard_queries_only_metrics_the_controller_exports(app: Co
                 if not f.name.endswith("_created")}
     on_dashboard = {f for f in families if any(q.startswith(f) for q in queried)}
     assert families - on_dashboard <= {"maia_metrics_cluster_read_errors", "maia_metrics_usage_read_errors"}
+
+
+ALERTS = DASHBOARD.parents[1] / "prometheus" / "alerts.yml"
+
+
+async def test_the_alert_rules_use_only_metrics_the_controller_exports(app: ControllerApp) -> None:
+    """deploy/prometheus/alerts.yml (compose loads it): every rule is named, labelled with a
+    severity, and queries series the controller exports; the scrapes' read errors are among them."""
+    exported = exported_series(await asyncio.to_thread(scrape_text, app.metrics_address))
+    rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+    assert rules and all(rule["alert"] and rule["labels"]["severity"] in ("critical", "warning") for rule in rules)
+    used = {name for rule in rules for name in re.findall(r"\bmaia_[a-z0-9_]+", rule["expr"])}
+    assert used <= exported, f"alert rules query series nobody exports: {sorted(used - exported)}"
+    assert {"maia_metrics_cluster_read_errors_total", "maia_metrics_usage_read_errors_total"} <= used
 
 
 async def test_a_sqlite_controller_checkpoints_its_log_off_the_commit_path(tmp_path: Path) -> None:
