@@ -232,11 +232,7 @@ def _check_quantities(field: str, items: tuple[Any, ...], names: tuple[str, ...]
     """`names` (dotted attributes) of every item are numbers the solver can compute with. The
     distinct values are few (a fleet repeats its node shapes), so they are tested first; only a
     bad one costs a walk that finds its path."""
-    values: set[Any] = set()
-    for name in names:
-        values.update(map(attrgetter(name), items))
-    values.discard(None)
-    if all(-QUANTITY_LIMIT < v < QUANTITY_LIMIT for v in values):
+    if all(-QUANTITY_LIMIT < v < QUANTITY_LIMIT for name in names for v in _values(items, name)):
         return
     for i, item in enumerate(items):
         for name in names:
