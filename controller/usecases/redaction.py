@@ -70,8 +70,11 @@ class Redactor:
 
     def reason(self, reason: ReasonView) -> ReasonView:
         """Its message redacted; its scope dropped when it names another tenant or its deployment."""
-        scope = "" if reason.scope in self._others or self.text(reason.scope) != reason.scope else reason.scope
-        return ReasonView(reason.code, self.text(reason.message), scope)
+        return ReasonView(reason.code, self.text(reason.message), self._scope(reason.scope))
+
+    def _scope(self, scope: str) -> str:
+        """A reason's scope, dropped ("") when it names another tenant or one of its deployments."""
+        return "" if scope in self._others or self.text(scope) != scope else scope
 
     def reasons(self, reasons: Iterable[ReasonView]) -> tuple[ReasonView, ...]:
         return tuple(self.reason(r) for r in reasons)
@@ -89,10 +92,10 @@ class Redactor:
 
     def detail(self, value: Any, key: str = "") -> Any:
         """A JSON value (an audit entry's `detail`) as the viewer may read it: strings (keys too)
-        through `text`, a `scope` that is another tenant's id emptied (as `reason` does), and a
+        through `text`, a `scope` naming another tenant or its deployment emptied (as `reason`'s), and a
         list of `tenants` (the tenants an alarm involves) keeping the viewer's own only."""
         if isinstance(value, str):
-            return "" if key == "scope" and value in self._others else self.text(value)
+            return self._scope(value) if key == "scope" else self.text(value)
         if isinstance(value, list):
             if key == "tenants":
                 value = [t for t in value if t == self._viewer or (not self._viewer and t not in self._others)]
