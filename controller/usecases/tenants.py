@@ -121,11 +121,12 @@ def _write(row: m.Tenant, spec: TenantSpec) -> None:
     row.max_power_w = spec.max_power_w
 
 
-def _as_written(spec: TenantSpec) -> TenantSpec:
-    """`spec` as it reads once stored (what a dry run answers), written to a row never added."""
+def _unsaved(spec: TenantSpec) -> m.Tenant:
+    """`spec` written to a row never added to the session: the tenant as it would be stored (what
+    a dry run answers)."""
     row = m.Tenant(id=spec.id)
     _write(row, spec)
-    return repo.tenant_spec(row)
+    return row
 
 
 async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signals: Signals, *,
@@ -139,7 +140,7 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     if count >= limits.TENANTS_MAX:
         raise ResourceExhausted(f"the cluster has {count} tenants; at most {limits.TENANTS_MAX}")
     if dry_run:
-        return TenantView(spec=_as_written(spec))
+        return TenantView(spec=repo.tenant_spec(_unsaved(spec)))
     row = m.Tenant(id=spec.id)
     _write(row, spec)
     uow.session.add(row)
@@ -168,8 +169,8 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
                                  f"move or delete that work first (maiactl drain NODE moves a node's)",
                                  reasons=tuple(broken))
     if dry_run:
-        usage = await repo.tenant_usage(uow.session, [spec.id])
-        return TenantView(spec=_as_written(spec), usage=usage.get(spec.id, Usage()))
+        (view,) = await tenant_views(uow, [_unsaved(spec)])  # with what it uses now, as the update answers
+        return view
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id)
