@@ -65,11 +65,10 @@ def bearer_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
     """The text after 'Bearer ' of the authorization metadata; None if absent."""
     for key, value in metadata or ():
         if key.lower() == AUTHORIZATION_KEY:
-            text = value.decode(errors="replace") if isinstance(value, bytes) else value
-            scheme, _, credential = text.strip().partition(" ")
-            if scheme.lower() != "bearer" or not credential.strip():
+            credential = tokens.bearer_credential(value.decode(errors="replace") if isinstance(value, bytes) else value)
+            if credential is None:
                 raise Unauthenticated("malformed authorization metadata: expected 'Bearer <token>'")
-            return credential.strip()
+            return credential
     return None
 
 

@@ -71,3 +71,12 @@ MIN_PROPOSED_SECRET_CHARS = 43
 
 def secret_matches(secret: str, stored_sha256: str) -> bool:
     return hmac.compare_digest(digest(secret), stored_sha256)
+
+
+def bearer_credential(value: str) -> str | None:
+    """The credential of an `Authorization` value, `Bearer <credential>` (the scheme in any case,
+    RFC 9110), or None when it is not one: what the gRPC metadata and the console's HTTP header
+    both carry."""
+    scheme, _, credential = value.strip().partition(" ")
+    credential = credential.strip()
+    return credential if scheme.lower() == "bearer" and credential else None

@@ -37,6 +37,7 @@ from controller.console.builds import SharedBuilds
 from controller.console.state import ConsoleRows, console_document, read_console_rows
 from controller.identity import Principal, Role
 from controller.store.db import Database
+from controller.tokens import bearer_credential
 from controller.tokenstreams import TokenStreams
 from controller.domain.values import DeploymentEvent
 from controller.usecases.watch import DeploymentEventBus
@@ -125,8 +126,7 @@ class ConsoleServer:
         """The caller's principal; raises 401 when a token is required and missing or wrong."""
         if self._resolve is None:
             return None
-        scheme, _, credential = request.headers.get("Authorization", "").strip().partition(" ")
-        token = credential.strip() if scheme.lower() == "bearer" else ""  # a scheme is any case (RFC 9110)
+        token = bearer_credential(request.headers.get("Authorization", "")) or ""
         principal = await self._resolve(token) if token else None
         if principal is None:
             raise web.HTTPUnauthorized(text=json.dumps({"error": "sign in with a token"}),
