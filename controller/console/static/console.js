@@ -110,10 +110,20 @@ function draw(state) {
   document.body.dataset.generatedAt = state.generated_at;
 }
 
+// Why the live stream ended a token's session (revoked, expired): every later 401 for that
+// token says so, rather than the generic refusal (the page's reads keep meeting it).
+const ended = { token: null, reason: "" };
+
+function refused() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return "";
+  return token === ended.token ? ended.reason : "that token was not accepted";
+}
+
 async function refresh() {
   const reply = await fetch("/api/state", { headers: headers(), cache: "no-store" });
   if (reply.status === 401) {
-    signIn(sessionStorage.getItem(TOKEN_KEY) ? "that token was not accepted" : "");
+    signIn(refused());
     return false;
   }
   if (!reply.ok) throw new Error(`state: HTTP ${reply.status}`);
@@ -154,6 +164,7 @@ async function listen() {
             const data = lines.find((line) => line.startsWith("data: "));
             let reason = "your session ended";
             try { reason = JSON.parse(data.slice(6)).reason || reason; } catch (err) { /* keep the default */ }
+            Object.assign(ended, { token: sessionStorage.getItem(TOKEN_KEY), reason });
             signIn(reason);
           }
         }
