@@ -154,12 +154,12 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
             # Its token revoked: the live stream ends saying why, and the page signs out at once.
             await tenant_page.wait_for_selector("#live.on")
             await stubs.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=tenant_token[5:21]))
-            await tenant_page.wait_for_selector("#sign-in:not([hidden])", timeout=5_000)
+            await tenant_page.wait_for_selector("#sign-in:not([hidden])", timeout=20_000)
             await tenant_page.wait_for_function(
-                "document.getElementById('sign-in-error').textContent.includes('was revoked')", timeout=5_000)
+                "document.getElementById('sign-in-error').textContent.includes('was revoked')", timeout=20_000)
             # The page's next read of the state is refused (401): it still says why, not a generic refusal.
             async with tenant_page.expect_response(
-                    lambda r: r.url.endswith("/api/state") and r.status == 401, timeout=10_000):
+                    lambda r: r.url.endswith("/api/state") and r.status == 401, timeout=20_000):
                 pass
             assert "was revoked" in await tenant_page.locator("#sign-in-error").inner_text()
         finally:

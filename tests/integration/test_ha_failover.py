@@ -35,7 +35,10 @@ sys.path.insert(0, str(REPO))
 from bench.checking import check_state  # noqa: E402  (the independent checker, tests/scheduler/checker.py)
 from bench.failover import ControllerProcess, wait_for_leader  # noqa: E402
 
-FAILOVER_LIMIT_S = 10.0
+# A bound that says "it fails over", not how fast: `python -m bench failover` measures that (~5-6 s
+# with these flags on a quiet host); a loaded CI host with three controllers, a fleet and
+# PostgreSQL on two cores needs the slack.
+FAILOVER_LIMIT_S = 20.0
 # Fast settings so several kills fit in a short test: the lease runs out 3 s after a kill.
 CONTROLLER_FLAGS = ("--reconcile-interval", "0.5", "--solve-time-limit-ms", "1000", "--heartbeat-timeout", "15",
                     "--lease-ttl", "3", "--lease-renew-interval", "0.5")

@@ -134,14 +134,17 @@ async def test_a_leader_whose_event_loop_is_stuck_past_its_lease_keeps_leading(d
     it never took over, and no agent stream or cache was dropped for it (no lease lost)."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    # Renewals must get through every ttl - margin (1.5 s) = 2.5 s: once in CI (clean clone, other
-    # worker busy) a 3 s lease (1.5 s to spare) ran out just after the loop came back; not
-    # reproduced alone or beside two busy CPUs, so not explained (closing note, 2026-12-01).
-    fast = {**QUIET, "lease_ttl_s": 4.0, "lease_renew_s": 0.25}
+    # Renewals must get through every ttl - margin (1.5 s): once in CI (clean clone, other worker
+    # busy) a 3 s lease (1.5 s to spare) ran out just after the loop came back; not reproduced
+    # alone or beside two busy CPUs, so not explained (closing note, 2026-12-01). A 6 s lease
+    # leaves a loaded CI host 4.5 s for a renewal; the loop is still stuck past it.
+    fast = {**QUIET, "lease_ttl_s": 6.0, "lease_renew_s": 0.25}
     async with running_controller(db_url, tmp_path / "a", **fast) as leader, \
             running_controller(db_url, tmp_path / "b", **fast) as follower:
         assert leader.election.should_run() and not follower.election.should_run()
-        time.sleep(5.0)  # blocks both controllers' loop past the lease time: only their lease threads run
+        renewals = leader.election.renewals
+        time.sleep(7.0)  # blocks both controllers' loop past the lease time: only their lease threads run
+        assert leader.election.renewals > renewals  # renewed by its thread while the loop was stuck
         assert leader.election.should_run() and not follower.election.should_run()
         await asyncio.sleep(0.5)  # whatever the loop had pending (an announcement) runs now
         assert leader.election.should_run() and not follower.election.should_run()

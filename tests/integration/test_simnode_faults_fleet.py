@@ -82,7 +82,8 @@ async def test_nodes_killed_from_the_cli_are_suspected_downed_evicted_and_come_b
 
         # A partition: the stream stays open, only the missing heartbeats (2 s) make it suspect.
         quiet = sorted(dead)[0]
-        partitioned = await fault(control, "partition", "--node", quiet, "--for", "4s")
+        # 8 s: the poller must see it suspect (~2.5 s) before it heals, on a loaded host too
+        partitioned = await fault(control, "partition", "--node", quiet, "--for", "8s")
         assert partitioned.returncode == 0, partitioned.stderr
         await eventually(lambda: _states(stubs), lambda s: s[quiet] in (SUSPECT, DOWN), timeout=15,
                          what="the partitioned node suspect")

@@ -397,10 +397,11 @@ async def test_an_agent_whose_register_a_hung_controller_never_answers_tries_the
     hung = HungController()
     server, hung_address = await started(hung)
     node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), f"{hung_address},{address}", load_delay_s=0.0,
-                         register_timeout_s=0.5, backoff=Backoff(initial_s=0.05, maximum_s=0.05))
+                         # 2 s: the good controller's first Register (a new connection) must beat it on a loaded host
+                         register_timeout_s=2.0, backoff=Backoff(initial_s=0.05, maximum_s=0.05))
     task = asyncio.create_task(node.run())
     try:
-        await wait_until(lambda: controller.hellos(), timeout=10)
+        await wait_until(lambda: controller.hellos(), timeout=20)
         assert len(hung.registrations) == 1 and node.register_failures == {"DEADLINE_EXCEEDED": 1}
         assert node.controller == address
     finally:

