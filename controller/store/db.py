@@ -55,6 +55,16 @@ POOL_OVERFLOW = 20
 PG_STATEMENT_CACHE = 1000
 # A pooled PostgreSQL connection idle this long is pinged before use (`_ping_when_idle`).
 PING_IDLE_S = 5.0
+# PostgreSQL ends a session left idle inside a transaction this long (`idle_in_transaction_session_timeout`).
+# A controller's transactions send their statements back to back (`pg_driver` begins one only at
+# its first write); one left open this long belongs to a process that stopped: SIGSTOPped, a VM
+# paused, a thread stuck. Its row locks (`audit_head`, `cluster_state`, deployments) would stall
+# every controller's writes, the new leader's commits included, until it ran again or TCP gave up
+# on it (hours); fencing keeps its late commits out, but not its locks. The lease's default (5 s):
+# a frozen leader's locks go when its lease does, a frozen follower's no later.
+PG_IDLE_IN_TRANSACTION_TIMEOUT_S = 5.0
+# What the controller's sessions are called in `pg_stat_activity` (an operator's first look at locks).
+PG_APPLICATION_NAME = "maia-controller"
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
 
 
@@ -97,9 +107,12 @@ def create_engine(url: str) -> AsyncEngine:
         SqliteWriters(turns=process_turns(url)).attach(engine)
         return engine
     module = {"module": pg_driver.dbapi()} if url.startswith("postgresql+asyncpg") else {}
+    server_settings = {"idle_in_transaction_session_timeout": f"{round(PG_IDLE_IN_TRANSACTION_TIMEOUT_S * 1000)}",
+                       "application_name": PG_APPLICATION_NAME}
     engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_use_lifo=True, **module,
                                  **_JSON_CODEC,
-                                 connect_args={"prepared_statement_cache_size": PG_STATEMENT_CACHE}
+                                 connect_args={"prepared_statement_cache_size": PG_STATEMENT_CACHE,
+                                               "server_settings": server_settings}
                                  if module else {})
     _ping_when_idle(engine)
     return engine

@@ -94,3 +94,30 @@ async def test_a_unit_of_work_rolls_back_what_it_did_not_commit_and_nothing_afte
     assert rollbacks == [True]
     async with database.unit_of_work() as uow:
         assert list(await uow.session.scalars(text("SELECT id FROM zones ORDER BY id"))) == ["kept"]
+
+
+@POSTGRES_ONLY
+async def test_a_transaction_a_stopped_process_left_open_is_ended_by_the_server_and_frees_its_locks(
+        database: Database, monkeypatch) -> None:
+    """A controller stopped mid-transaction (SIGSTOP, a paused VM) holds its row locks: every
+    other controller's writes to those rows (the new leader's commits) waited until it ran again.
+    PostgreSQL now ends a session idle in a transaction past `PG_IDLE_IN_TRANSACTION_TIMEOUT_S`:
+    the other writer goes on, and the stopped one's commit fails as a database failure."""
+    monkeypatch.setattr(dbmod, "PG_IDLE_IN_TRANSACTION_TIMEOUT_S", 0.5)
+    stopped, other = Database(database.url), Database(database.url)
+    bump = text("UPDATE cluster_state SET generation = generation + 1 WHERE id = 1")
+    try:
+        async with stopped.unit_of_work() as stuck:
+            await stuck.session.execute(bump)  # holds the row's lock; then sends nothing more
+            async with other.unit_of_work() as uow:
+                await asyncio.wait_for(uow.session.execute(bump), timeout=15)  # waited forever before
+                await uow.commit()
+            with pytest.raises(Exception) as ended:
+                await stuck.commit()
+            assert database_failed(ended.value)
+        async with other.unit_of_work() as uow:  # named for an operator's pg_stat_activity
+            assert await uow.session.scalar(text(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")) == "maia-controller"
+    finally:
+        await stopped.dispose()
+        await other.dispose()
