@@ -77,7 +77,13 @@ def configure(params: "sat_parameters_pb2.SatParameters", budget_s: float,
     `budget_s`, the share of the time limit planned for it (`Solver.budget_s`): not the time
     actually left, which depends on how fast the stages before it ran. The wall-clock limit
     (`left_s`, what is left before the deadline) stays as a ceiling, usually above that
-    budget's duration: only a much slower machine reaches it (then the answer can vary)."""
+    budget's duration: only a much slower machine reaches it (then the answer can vary).
+
+    `catch_sigint_signal` off: CP-SAT's own SIGINT handler (on by default) is installed in C for
+    the search and then set back to the default action, not to the handler the process had
+    (Python still reports its own): after one solve, Ctrl-C killed a controller outright instead
+    of stopping it cleanly. The library's callers stop a search by its limits, never by SIGINT."""
+    params.catch_sigint_signal = False
     params.num_workers = NUM_WORKERS
     params.interleave_search = True
     params.random_seed = CPSAT_SEED

@@ -237,6 +237,7 @@ def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
         model.add_hint(v, acc_list[g] == (int(ranking.nodes[0]), int(ranking.pick[0])))
     solver_cp = cp_model.CpSolver()
     params = solver_cp.parameters
+    params.catch_sigint_signal = False  # keep the process's SIGINT handler (`cpsat.configure`)
     params.num_workers = 1
     params.random_seed = SEED
     params.max_deterministic_time = DETERMINISTIC_BUDGET_S
