@@ -39,8 +39,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def VerifyAuditLog(self, request: audit_pb2.VerifyAuditLogRequest,
                              context: aio.ServicerContext) -> audit_pb2.VerifyAuditLogResponse:
         expected = (request.expected_head_seq, request.expected_head_hash) if request.expected_head_seq else None
-        async with self._deps.db.unit_of_work() as uow:
-            report = await cases.verify(uow, current_principal(), expected_head=expected)
+        report = await cases.verify(self._deps.db, current_principal(), expected_head=expected)
         return audit_pb2.VerifyAuditLogResponse(
             intact=report.intact, entries=report.entries, head_seq=report.head_seq, head_hash=report.head_hash,
             first_bad_seq=report.first_bad_seq or 0, problem=report.problem,

@@ -158,14 +158,17 @@ def as_seen_by_tenant(entry: AuditEventView, redactor: Redactor) -> AuditEventVi
                    prev_hash="", hash="")
 
 
-async def verify(uow: UnitOfWork, principal: Principal, *,
+async def verify(db: Database, principal: Principal, *,
                  expected_head: tuple[int, str] | None = None) -> ChainReport:
     """Check the whole chain (see `controller.store.audit.verify_chain`); admins only (the chain
-    covers every tenant's entries)."""
+    covers every tenant's entries). Read in one snapshot (`Database.read_snapshot`): the head
+    and the entries as of one moment, so that entries appended while it reads (every audited
+    call appends one) are not taken for entries "appended outside the controller"."""
     require_admin(principal, "verifying the audit log")
     if expected_head is not None and expected_head[0] < 0:
         raise InvalidArgument(f"expected_head_seq must be >= 0, got {expected_head[0]}")
-    report = await store.verify_chain(uow.session, expected_head=expected_head)
+    async with db.read_snapshot() as session:
+        report = await store.verify_chain(session, expected_head=expected_head)
     if not report.intact:
         log.error("audit log verification failed at entry %s: %s", report.first_bad_seq, report.problem)
     return report

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.exc import IntegrityError
 
+from controller.identity import CONTROLLER
 from controller.store import audit, pg_driver
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -19,6 +20,7 @@ from controller.store.audit import AuditRecord, ChainReport, entry_hash
 from controller.store.db import Database
 from controller.store.marks import deferred_writes
 from controller.store.sqlite_driver import counted_trips
+from controller.usecases import audit as cases
 
 
 def _record(i: int, tenant: str = "a") -> AuditRecord:
@@ -386,3 +388,31 @@ async def test_an_append_in_a_released_savepoint_is_forgotten_when_its_transacti
     assert audit._last_heads.get(url) == committed
     report = await _verify(database)
     assert report.intact and report.entries == 4 and report.head_seq == 4
+
+
+async def test_verify_while_entries_are_appended_reads_one_moment_and_finds_the_chain_intact(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`maiactl audit verify` while audited calls append (every call does): it reads the head and
+    the entries as of one moment. Read in separate statements, an entry appended between the
+    head's read and the last batch was reported as "appended outside the controller"."""
+    await _append(database, *(_record(i) for i in range(1, 31)))
+    monkeypatch.setattr(audit, "_VERIFY_BATCH", 1)  # a round trip per entry: appends land between them
+    stop = asyncio.Event()
+
+    async def appending() -> int:
+        appended = 0
+        while not stop.is_set():
+            await _append(database, _record(100 + appended))
+            appended += 1
+            await asyncio.sleep(0)
+        return appended
+
+    writer = asyncio.create_task(appending())
+    try:
+        reports = [await cases.verify(database, CONTROLLER) for _ in range(3)]
+    finally:
+        stop.set()
+        appended = await writer
+    assert appended > 0
+    assert all(r.intact for r in reports), [r.problem for r in reports]
+    assert (await _verify(database)).entries == 30 + appended
