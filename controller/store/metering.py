@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, func, insert, literal, or_, select, union_all, update
+from sqlalchemy import ColumnElement, Float, and_, bindparam, case, func, insert, literal, or_, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.operators import custom_op
@@ -145,13 +145,30 @@ async def start_intervals(
     await session.execute(_START_INTERVAL, rows)
 
 
+def _least(a: ColumnElement[float], b: ColumnElement[float]) -> ColumnElement[float]:
+    return case((a < b, a), else_=b)
+
+
+def _greatest(a: ColumnElement[float], b: ColumnElement[float]) -> ColumnElement[float]:
+    return case((a > b, a), else_=b)
+
+
+def _ended_at(ended_s: Any) -> ColumnElement[float]:
+    """An interval's end: `ended_s`, never before its start. Intervals are stamped by the clock of
+    the controller that opens or closes them; one opened by a leader whose clock ran ahead and
+    closed by the next would otherwise end before it began: negative accelerator-seconds and
+    energy, summed into the totals (`closed_usage`) whose counters must never go back. It ends
+    where it began instead, counting nothing (docs/operations.md: the controllers' clocks)."""
+    return _greatest(m.UsageInterval.__table__.c.started_s, ended_s)
+
+
 def _stop_statement(dialect: str) -> Any:
     """`stop_intervals`' UPDATE for `dialect` (Core, built once: per call, building it and its
     cache key cost more than running it), its list of placement ids named `ids`."""
     intervals = m.UsageInterval.__table__.c
     return rowcount_unread(update(m.UsageInterval.__table__)
                            .where(any_of_named(dialect, intervals.placement_id, "ids"), intervals.ended_s.is_(None))
-                           .values(ended_s=bindparam("ended_s")))
+                           .values(ended_s=_ended_at(bindparam("ended_s", type_=Float))))
 
 
 _STOP = {dialect: _stop_statement(dialect) for dialect in ("sqlite", POSTGRESQL)}
@@ -170,7 +187,7 @@ async def stop_intervals_on_node(session: AsyncSession, node_id: str, at: dateti
     await session.execute(
         update(m.UsageInterval)
         .where(m.UsageInterval.node_id == node_id, m.UsageInterval.ended_s.is_(None))
-        .values(ended_s=epoch_s(at)).execution_options(synchronize_session=False)
+        .values(ended_s=_ended_at(literal(epoch_s(at), Float))).execution_options(synchronize_session=False)
     )
 
 
@@ -193,14 +210,6 @@ class UsageTotal:
     @property
     def energy_kwh(self) -> float:
         return self.energy_j / J_PER_KWH
-
-
-def _least(a: ColumnElement[float], b: ColumnElement[float]) -> ColumnElement[float]:
-    return case((a < b, a), else_=b)
-
-
-def _greatest(a: ColumnElement[float], b: ColumnElement[float]) -> ColumnElement[float]:
-    return case((a > b, a), else_=b)
 
 
 _GROUPS = {

@@ -423,3 +423,27 @@ async def test_a_window_sums_what_it_summed_and_reads_its_intervals_by_their_end
             await conn.exec_driver_sql("ANALYZE")
             plan = "\n".join(row[-1] for row in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
     assert "ix_usage_intervals_ended_s" in plan and "ix_usage_intervals_tenant_started" not in plan, plan
+
+
+async def test_an_interval_closed_by_a_clock_behind_its_opener_ends_where_it_began(database: Database) -> None:
+    """Controllers' clocks differ: an interval opened by a leader 2 minutes ahead and closed by
+    the next (or its node's shards stopped by it) would end before it began, and its negative
+    seconds and joules be summed into the totals, whose counters must never go back. It ends
+    where it began: it counts nothing, and the totals stay the whole history."""
+    rng = random.Random(7)
+    ahead = metering.epoch_s(T0) + 120.0
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(insert(m.UsageInterval.__table__),
+                                  [_interval(rng, 1, ahead), _interval(rng, 2, ahead)])
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        await metering.stop_intervals(uow.session, [1], T0)
+        node = await uow.session.scalar(select(m.UsageInterval.node_id).where(m.UsageInterval.placement_id == 2))
+        await metering.stop_intervals_on_node(uow.session, node, T0)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        ends = (await uow.session.execute(select(m.UsageInterval.started_s, m.UsageInterval.ended_s))).all()
+        assert sorted(ends) == [(ahead, ahead), (ahead, ahead)]
+        sums = await _closed_sums(uow.session)
+        assert sums and all(value == (0.0, 0.0) for value in sums.values()), sums
+    await _assert_to_date_is_the_whole_history(database, T0 + timedelta(hours=1), "closed by a clock behind")
