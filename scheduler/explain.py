@@ -22,7 +22,8 @@ from scheduler.topology import UNLIMITED
 
 
 def explain(state: ClusterState, d: int) -> tuple[Reason, ...]:
-    """Reasons one more replica of deployment d does not fit in this state."""
+    """Reasons one more replica of deployment d does not fit in this state; first, when none of
+    it is placed though one would fit, that min_replicas is why."""
     topo = state.topo
     dep = state.deps[d]
     t = int(state.dep_tenant[d])
@@ -51,11 +52,39 @@ def explain(state: ClusterState, d: int) -> tuple[Reason, ...]:
                                   f.scope(state, nodes)))
 
     if fitting and room >= count:
-        reasons.extend(_domain_reasons(state, d, fit.slots))
+        domain = _domain_reasons(state, d, fit.slots)
+        reasons.extend(domain)
+        if not domain and not state.by_dep.get(d) and dep.min_replicas > 1:
+            # A replica fits, yet none is placed: min_replicas binds, first; the node filters'
+            # reasons say why no more fit (one reason per code: a CAPACITY one is joined to it).
+            short = _min_replicas_reason(state, d, fit.slots, room)
+            same = next((r for r in reasons if r.code == short.code), None)
+            if same is not None:
+                reasons.remove(same)
+                short = Reason(short.code, f"{short.message}; {same.message}", same.scope)
+            reasons.insert(0, short)
+            if cap is not None and room < dep.min_replicas * count:  # the quota binds too: say by how much
+                reasons.append(Reason(cap.code, cap.detail(state, d, dep.min_replicas * count), tenant))
     if not reasons:
         reasons.append(Reason("CAPACITY", f"{dep.id} fits no more replicas: {fitting}/{n_nodes}"
                               f" nodes have room, min_replicas {dep.min_replicas} not reachable"))
     return tuple(reasons)
+
+
+def _min_replicas_reason(state: ClusterState, d: int, slots: np.ndarray, room: int) -> Reason:
+    """Deployment d runs nothing though a replica of it fits: fewer than min_replicas placed
+    means none are. The replicas that fit at once are bounded by the quota and by each locality
+    domain's room taken alone (domains sharing a power budget or a spread rule may fit fewer):
+    an upper bound, named only when it is below min_replicas (else the search did not reach it)."""
+    dep = state.deps[d]
+    count = dep.shards_per_replica
+    need = dep.min_replicas
+    fit_at_once = min(room // count, int((gang_capacity(state, d, slots, dep.locality) // count).sum()))
+    if fit_at_once < need:
+        return Reason("CAPACITY", f"min_replicas {need} not reachable: room for at most {fit_at_once} "
+                                  f"replica(s) of {dep.id} now; fewer than min_replicas placed means none are")
+    return Reason("CAPACITY", f"min_replicas {need} not reached: a replica of {dep.id} fits now, {need} at once "
+                              "were not placed; fewer than min_replicas placed means none are")
 
 
 def _domain_reasons(state: ClusterState, d: int, slots: np.ndarray) -> list[Reason]:

@@ -987,3 +987,44 @@ async def test_a_leader_again_catches_its_cache_up_instead_of_reading_again(clus
     assert {p["deployment"] for p in snapshot.problem["placements"]} == {"t1/svc", "t1/other", "t1/late"}
     assert_same(first.warm_snapshot, snapshot)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
+
+
+async def test_a_scale_up_short_of_min_replicas_places_none_on_the_warm_cluster(cluster, decider) -> None:
+    # Two deployments of two whole-node replicas each fill the four nodes. `m` (the lower
+    # priority) scaled to three replicas, min_replicas three: it cannot reach min_replicas (a
+    # third node would be `blk`'s, which outranks it), so it runs none, as `solve()` on the same state
+    # decides, told that min_replicas is why. The session dropped the two it ran; the fast plan
+    # kept them from the snapshot (Degraded, 2 placed: short of min_replicas), and the session
+    # took their nodes for free: a later arrival was put there and re-queued by the commit.
+    from scheduler import problem_from_dict, solve
+
+    loop = reconciler(cluster, decider)
+    shape = {"accelerators": 4, "locality": "node"}
+    await submit(cluster, deployment("m", replicas=2, min_replicas=2, priority=10, **shape))
+    await submit(cluster, deployment("blk", replicas=2, priority=50, **shape))
+    await loop.reconcile_once()
+    await run_all(cluster)
+    assert len(await _stored(cluster, "m")) == 2 and len(await _stored(cluster, "blk")) == 2
+    full = loop.full_passes
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "m")
+        await updates.update_deployment(uow, WHO, deployment("m", replicas=3, min_replicas=3, priority=10, **shape),
+                                        row.resource_version, RecordingSignals())
+    before = await fresh(cluster)  # what solve() decides on the same state
+    expected = solve(problem_from_dict(dict(before.problem, options={"mode": "online"})))
+    assert not [p for p in expected.placements if p.deployment == "t1/m"]
+    assert (await loop.reconcile_once()).solved and loop.full_passes == full
+    assert await _stored(cluster, "m") == set() and len(await _stored(cluster, "blk")) == 2
+    phase, reasons = await _phase_and_reasons(cluster, "m")
+    assert phase != "degraded" and any("min_replicas 3" in r["message"] for r in reasons), reasons
+    snapshot = await fresh(cluster)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+    assert_same(loop.warm_snapshot, snapshot)
+    # The session agrees with the database: an arrival takes a node `m` freed, with no re-queue.
+    await submit(cluster, deployment("probe", **shape))
+    outcome = await loop.reconcile_once()
+    assert outcome.solved and loop.full_passes == full and len(await _stored(cluster, "probe")) == 1
+    assert await _stored(cluster, "m") == set() and len(await _stored(cluster, "blk")) == 2
+    snapshot = await fresh(cluster)
+    assert not check_state(snapshot.problem, snapshot.problem["placements"])
+    assert_same(loop.warm_snapshot, snapshot)

@@ -74,3 +74,50 @@ def test_no_preemption_hint_when_preemption_is_allowed() -> None:
     assert placed_count(plan, "svc") == 1
     assert "allow_preemption is off" not in " ".join(
         r.message for u in plan.unplaced for r in u.reasons)
+
+
+def raised_min_replicas(**options) -> dict:
+    """Four whole-node slots: `m` runs 2 replicas (min_replicas raised to 3, of 3), `blk`
+    (higher priority) the other two nodes, and one more node is cordoned."""
+    nodes = [node(f"n{i}", acc=4) for i in range(4)] + [node("c0", acc=4, state="cordoned")]
+    return problem(nodes, [dep("m", acc=4, replicas=3, min_replicas=3, locality="node", priority=10),
+                           dep("blk", acc=4, replicas=2, locality="node", priority=50)],
+                   placements=[placed("m", "n0", [0, 1, 2, 3]), placed("m", "n1", [0, 1, 2, 3], replica=1),
+                               placed("blk", "n2", [0, 1, 2, 3]), placed("blk", "n3", [0, 1, 2, 3], replica=1)],
+                   **options)
+
+
+@pytest.mark.parametrize("mode", ["batch", "online"])
+def test_a_deployment_short_of_min_replicas_is_told_so(mode: str) -> None:
+    # Two of three replicas fit (the nodes `m` ran on): fewer than min_replicas placed means none
+    # are, so none run. The reasons name min_replicas first (the node filters' ones alone said
+    # "2/5 nodes fit a shard", nothing about why those two stay empty), one reason per code.
+    plan = solve_doc(raised_min_replicas(mode=mode))
+    assert placed_count(plan, "m") == 0 and placed_count(plan, "blk") == 2
+    [m] = [u for u in plan.unplaced if u.deployment == "m"]
+    assert m.replicas == 3 and [r.code for r in m.reasons] == ["CAPACITY", "NODE_STATE"]
+    assert m.reasons[0].message.startswith(
+        "min_replicas 3 not reachable: room for at most 2 replica(s) of m now; "
+        "fewer than min_replicas placed means none are; 2/5 nodes fit a shard")
+
+
+def test_a_session_gives_the_same_reason_as_solve() -> None:
+    from scheduler import problem_from_dict
+    from scheduler.session import Session
+
+    doc = raised_min_replicas(mode="online")
+    session = Session(problem_from_dict(doc))
+    decision = session.place("m")
+    assert decision.released == (0, 1) and not decision.placements
+    assert decision.unplaced == next(u for u in solve_doc(doc).unplaced if u.deployment == "m")
+
+
+def test_a_quota_short_of_min_replicas_is_named_with_the_need() -> None:
+    doc = problem([node(f"n{i}", acc=4) for i in range(4)],
+                  [dep("m", acc=4, replicas=3, min_replicas=3, locality="node")],
+                  tenants=[{"id": "t1", "max_accelerators": 8}])
+    plan = solve_doc(doc)
+    assert placed_count(plan, "m") == 0
+    assert codes(plan, "m") == {"CAPACITY", "QUOTA_ACCELERATORS"}
+    assert "room for at most 2 replica(s)" in messages(plan, "m")
+    assert "0 accelerators + 12 needed > 8 max_accelerators" in messages(plan, "m")

@@ -69,12 +69,15 @@ def fast_plan(snap: Snapshot, decisions: tuple[Decision, ...], held: Mapping[str
     hit = {name for name, _ in victims}
     decided = {d.deployment for d in decisions}
     extended = frozenset(d["id"] for d in again)
+    # Replicas that stop: the victims, and those a decision dropped (a deployment tried again that
+    # cannot reach its raised min_replicas runs none): the snapshot and `held` still list them.
+    stopped = victims | {(d.deployment, r) for d in decisions for r in d.released}
     carried = hit | extended | held.keys()  # the plan speaks for them whole: with the replicas they hold
     # A rollout's outgoing replicas too; and deployments with shards to release (`apply_deployments`).
     carried_keys = {stored_key(name) for name in carried} | releasing(snap) | set(settling)
     kept = [placement_from_dict(p) for p in snap.index.placements_of(snap.problem, carried_keys)
-            if p["deployment"] not in held and (p["deployment"], p["replica"]) not in victims]
-    kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in victims]
+            if p["deployment"] not in held and (p["deployment"], p["replica"]) not in stopped]
+    kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in stopped]
     reasons = {name: waiting[name] for name in sorted(hit - decided) if name in waiting}
     reasons.update((name, d.unplaced) for name, d in repaired.items() if name not in decided and d.unplaced)
     unplaced = list(reasons.values()) + [d.unplaced for d in decisions if d.unplaced is not None]
