@@ -295,7 +295,10 @@ def _spread(m: ClassModel) -> None:
         sp = deps[d].spread
         if sp is None or sp.domain == "none":
             continue
-        counts_now = base.spread_count[d]
+        # With its spread group's replicas (a rollout's outgoing ones): the greedy places
+        # apart from them where it can, else beside them; where it could not, it keeps its answer.
+        group = base.group_spread_count(d)
+        counts_now = base.spread_count[d] if group is None else group
         sdom = base.topo.domain_of(sp.domain)
         groups: dict[int, list] = defaultdict(list)
         if SPREAD_ORDER[sp.domain] >= SPREAD_ORDER[deps[d].locality] and \

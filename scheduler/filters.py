@@ -529,6 +529,18 @@ def spread_mask(state: ClusterState, d: int) -> np.ndarray | None:
     return (counts < dep.spread.max_per_domain)[state.topo.domain_of(dep.spread.domain)]
 
 
+def group_spread_mask(state: ClusterState, d: int) -> np.ndarray | None:
+    """Nodes whose spread domain has room for one more replica of d with the replicas of its
+    spread group counted too (`ClusterState.group_spread_count`; None: nothing more to count
+    than `spread_mask` does). Not a filter: the placer prefers these nodes (`Placer`)."""
+    counts = state.group_spread_count(d)
+    if counts is None:
+        return None
+    sp = state.deps[d].spread
+    assert sp is not None
+    return (counts < sp.max_per_domain)[state.topo.domain_of(sp.domain)]
+
+
 def gang_capacity(state: ClusterState, d: int, slots: np.ndarray, level: str) -> np.ndarray:
     """Shards of deployment d each `level` domain can take at once, within rack/row power."""
     topo = state.topo

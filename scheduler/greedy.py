@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler.candidates import RackBest, RackOrder
-from scheduler.filters import fits_within, gang_capacity, node_fit, quota_room
+from scheduler.filters import fits_within, gang_capacity, group_spread_mask, node_fit, quota_room
 from scheduler.fragmentation import Workload
 from scheduler.model import ShardSpec
 from scheduler.pairing import PairingValues
@@ -61,7 +61,7 @@ class Placer:
         dep = self.state.deps[d]
         placed = []
         for r in replicas:
-            if self.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
+            if self._place_replica(d, r, list(range(dep.shards_per_replica)), allowed):
                 placed.append(r)
             else:
                 break  # identical replicas: if one does not fit, the next will not either
@@ -72,6 +72,17 @@ class Placer:
                 self.state.remove_replica(d, r)
             return []
         return placed
+
+    def _place_replica(self, d: int, r: int, shard_ids: list[int],
+                       allowed: np.ndarray | None) -> bool:
+        """A whole replica: where its spread holds with its spread group's replicas counted
+        too (a rollout's or drain's replicas being replaced, which run until it does) if it
+        fits there, else where it holds with its own (beside them: a replacement never waits)."""
+        apart = group_spread_mask(self.state, d)
+        if apart is not None and self.place_gang(d, r, shard_ids,
+                                                 apart if allowed is None else allowed & apart):
+            return True
+        return self.place_gang(d, r, shard_ids, allowed)
 
     def place_gang(self, d: int, r: int, shard_ids: list[int],
                    allowed: np.ndarray | None = None) -> bool:

@@ -15,6 +15,14 @@ run: an accelerator held whole by one shard only, or shared by fractions of one 
 to at most 1000 milli. A placement today's rules would no longer allow (a cordoned node, a
 stricter contract, an overdrawn budget) is still a valid input: the solver keeps or moves it. A
 `down` node holds nothing, so what its placements claim is not counted.
+
+One field beyond the spec (which lets a document carry fields a reader does not know):
+a deployment's `spread_group`, a string. Deployments naming one group are one service to
+`spread`: each one's new replicas go where its `spread` holds with the replicas of every
+deployment of the group counted, where the solver finds such a place, and else where it holds
+with the deployment's own replicas counted (the spec's rule, which always holds). The
+controller names a deployment's replicas being replaced (a rollout, a drain) this way
+(controller/store/rollout.py). A reader that ignores it still gets a plan the spec allows.
 """
 
 from __future__ import annotations
@@ -221,6 +229,10 @@ def check_references(problem: Problem) -> None:
             raise ProblemError(f"deployments[{i}].spread.domain", dep.spread.domain,
                                f"spread.domain must be one of {', '.join(SPREAD_DOMAINS)}, got "
                                f"{dep.spread.domain!r} (leave spread out for no limit)")
+        if dep.spread_group is not None and (not isinstance(dep.spread_group, str)
+                                             or not dep.spread_group):
+            raise ProblemError(f"deployments[{i}].spread_group", dep.spread_group,
+                               "spread_group must be a non-empty string (leave it out for none)")
     for field, names in QUANTITIES:
         _check_quantities(field, getattr(problem, field), names)
     for field, integers in INTEGERS:
@@ -500,7 +512,8 @@ def _deployment(d: dict[str, Any]) -> Deployment:
                       locality=d.get("locality", "rack"),
                       spread=Spread(spread["domain"], _int(spread["max_per_domain"]))
                       if spread else None,
-                      priority=_int(d.get("priority", 0)), preemptible=d.get("preemptible", False))
+                      priority=_int(d.get("priority", 0)), preemptible=d.get("preemptible", False),
+                      spread_group=d.get("spread_group"))
 
 
 def deployment_from_dict(d: dict[str, Any]) -> Deployment:
@@ -584,7 +597,7 @@ def deployment_to_dict(d: Deployment) -> dict[str, Any]:
         "locality": d.locality,
         "spread": ({"domain": d.spread.domain, "max_per_domain": d.spread.max_per_domain}
                    if d.spread else None),
-        "priority": d.priority, "preemptible": d.preemptible})
+        "priority": d.priority, "preemptible": d.preemptible, "spread_group": d.spread_group})
 
 
 def problem_to_dict(problem: Problem) -> dict[str, Any]:

@@ -104,6 +104,9 @@ class Deployment:
     spread: Spread | None = None
     priority: int = 0
     preemptible: bool = False
+    # Deployments naming one group count together toward each one's `spread` where they can
+    # (an extension of the interchange format: interchange.py, `spread_group`).
+    spread_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,6 +135,12 @@ class ClusterState:
         self.spread_count: dict[int, np.ndarray] = {
             d: np.zeros(topo.n_domains(dep.spread.domain), dtype=np.int64)
             for d, dep in enumerate(deps) if dep.spread is not None}
+        # Spread groups (`Deployment.spread_group`): group -> its deployments. Shared by
+        # copies, like `deps`.
+        self.spread_groups: dict[str, list[int]] = {}
+        for d, dep in enumerate(deps):
+            if dep.spread_group is not None:
+                self.spread_groups.setdefault(dep.spread_group, []).append(d)
 
     def copy(self) -> "ClusterState":
         twin = copy.copy(self)
@@ -160,6 +166,8 @@ class ClusterState:
         if dep.spread is not None:
             self.spread_count[d] = np.zeros(self.topo.n_domains(dep.spread.domain),
                                             dtype=np.int64)
+        if dep.spread_group is not None:
+            self.spread_groups.setdefault(dep.spread_group, []).append(d)
         return d
 
     def _apply(self, d: int, at: ShardAt, sign: int) -> None:
@@ -287,6 +295,25 @@ class ClusterState:
 
     def placed_replicas(self, d: int) -> list[int]:
         return sorted(self.by_dep.get(d, ()))
+
+    def group_spread_count(self, d: int) -> np.ndarray | None:
+        """Replicas per domain of d's spread rule, d's own and those of the other deployments
+        of its spread group (each counted in every domain one of its shards touches); None: d
+        has no spread rule, or no other deployment of its group holds a replica. Counted when
+        asked: the others are a deployment's replicas being replaced, few and short-lived."""
+        dep = self.deps[d]
+        if dep.spread is None or dep.spread_group is None:
+            return None
+        others = [e for e in self.spread_groups[dep.spread_group] if e != d and self.by_dep.get(e)]
+        if not others:
+            return None
+        dom = self.topo.domain_of(dep.spread.domain)
+        counts = self.spread_count[d].copy()
+        for e in others:
+            for r in self.by_dep[e]:
+                for x in {int(dom[at.node]) for at in self.replicas[(e, r)].values()}:
+                    counts[x] += 1
+        return counts
 
     def short_of_min(self, d: int) -> int:
         """Replicas deployment d still needs to reach min_replicas while some of it is placed

@@ -8,7 +8,10 @@ default, `maia-controller --max-surge`) and maxUnavailable 0:
 - the snapshot (`solver_view`) hands the solver the deployment's current revision with room
   for its replicas minus the outgoing ones plus the surge replicas, and each outgoing revision
   as a deployment of its own (id `TENANT/NAME~REVISION`, its old spec, its replicas pinned where they
-  run), so the solver accounts for what they hold and places replacements beside them;
+  run), so the solver accounts for what they hold and places replacements beside them; with a
+  spread rule all of them name the deployment as their `spread_group` (scheduler/interchange.py),
+  so a replacement goes where the spread holds with the outgoing replicas still running counted,
+  where the solver finds such a place, and else where it holds once they are gone;
 - after the replacements report running, `retire_replaced` stops outgoing replicas one at a
   time, never letting the running replicas drop below the replicas asked; an outgoing replica
   that does not run (still loading, failed, or on a node whose work was evicted) serves nothing
@@ -108,9 +111,11 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
     asked = current_doc["replicas"]
     n_out = sum(len(reps) for reps in outgoing.values())
     target = asked if n_out == 0 else max(0, min(asked, asked + surge - n_out))
+    # Replicas being replaced run on meanwhile: the spread counts them (one service to it).
+    group = {"spread_group": key} if n_out and current_doc.get("spread") else {}
     view = SolverView()
     if target > 0:
-        doc = dict(current_doc, replicas=target)
+        doc = dict(current_doc, replicas=target, **group)
         if n_out:  # during a rollout each replacement counts alone
             doc["min_replicas"] = 1
         view.deployments.append(doc)
@@ -118,7 +123,7 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
     for revision, reps in sorted(outgoing.items()):
         spec = current_doc if revision == template_revision else revision_specs[str(revision)]
         solver_id = outgoing_id(key, revision)
-        doc = dict(copy.deepcopy(spec), id=solver_id, replicas=len(reps), min_replicas=1)
+        doc = dict(copy.deepcopy(spec), id=solver_id, replicas=len(reps), min_replicas=1, **group)
         view.deployments.append(doc)
         view.refs[solver_id] = _add(view, key, revision, True, doc, reps)
     return view
