@@ -12,7 +12,9 @@ more than before and so more than its `max_accelerators` or `max_power_w` in tot
 (non-preemptible) free capacity that is owed to another tenant below its reservation (it could
 not take it back: only preemptible work yields). One that asks no more (a scale-down, a new
 priority) is taken even while the tenant is above a cap (a submit beyond it waits with a QUOTA
-reason, as the update's deployment then does): refused, the only way down was a delete.
+reason, as the update's deployment then does), or while what it asked already waits for capacity
+others are owed: refused, the only way down was a delete. A tenant token reads such a refusal
+without the other tenants' ids (`redaction`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 from controller.store.metering import shard_milli
 from controller.usecases import planning, requests
-from controller.usecases.redaction import as_seen_by
+from controller.usecases.redaction import as_seen_by, redactor_of
 from controller.usecases.deployments import as_caller, visible_row, check_could_ever_fit, validate_spec
 from controller.domain.changes import ClusterChange
 from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentUpdate, Usage
@@ -89,8 +91,9 @@ def _check_cap(code: str, cap_name: str, cap: float | None, *, spec: DeploymentS
     raise ResourceExhausted(message, reasons=(ReasonDetail(code, message, spec.tenant),))
 
 
-async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpec) -> None:
-    """Refuse an update that would break the tenant's caps or another tenant's reservation."""
+async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spec: DeploymentSpec) -> None:
+    """Refuse an update that would break the tenant's caps or another tenant's reservation, in
+    words `who` may read (a tenant token never learns who else is owed capacity)."""
     tenant = await repo.get_tenant(uow.session, spec.tenant)
     if tenant is None:
         raise NotFound(f"tenant {spec.tenant} not found")
@@ -107,21 +110,29 @@ async def check_contract(uow: UnitOfWork, row: m.Deployment, spec: DeploymentSpe
     if power > before_power + 1e-9:
         _check_cap("QUOTA_POWER", "max_power_w", tenant.max_power_w, spec=spec,
                    asked=power, elsewhere=own.power_w - held * row.shard_power_w, unit=" W")
-    growth = accelerators - held
-    if spec.preemptible or growth <= 0:
+    # Growth is of the ask: what waited unplaced before the update was asked before it, and
+    # the update takes nothing more by leaving it so (a new priority) or asking less.
+    growth = accelerators - before_accelerators
+    if spec.preemptible or growth <= 1e-9:
         return
     owed = {t: reserved - used for t, (reserved, used) in (await repo.reserved_usage(uow.session)).items()
             if t != tenant.id and reserved > used}
     if not owed:
         return
     free = await repo.free_on_ready_nodes(uow.session)
-    # Only free capacity can be taken (with none, the growth waits as Pending like any other).
-    if free > 1e-9 and growth > free - sum(owed.values()) + 1e-9:
+    # What free capacity must give the grown ask is all of it not placed yet (what waited before
+    # competes for the same free accelerators). Only free capacity can be taken (with none, the
+    # growth waits as Pending like any other).
+    unplaced = accelerators - held
+    if free > 1e-9 and unplaced > free - sum(owed.values()) + 1e-9:
+        redactor = await redactor_of(uow, who)
         names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
+        waiting = f" ({unplaced:g} not placed yet)" if unplaced > growth + 1e-9 else ""
         raise FailedPrecondition(
-            f"{where}: growing by {growth:g} accelerators would take capacity reserved for other tenants: "
-            f"{free:g} free on ready nodes, {sum(owed.values()):g} still owed ({names})",
-            reasons=(ReasonDetail("RESERVATION", f"{sum(owed.values()):g} accelerators owed to {names}", ""),))
+            redactor.text(f"{where}: growing by {growth:g} accelerators{waiting} would take capacity reserved for "
+                          f"other tenants: {free:g} free on ready nodes, {sum(owed.values()):g} still owed ({names})"),
+            reasons=(ReasonDetail("RESERVATION",
+                                  redactor.text(f"{sum(owed.values()):g} accelerators owed to {names}"), ""),))
 
 
 def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rolling: bool) -> None:
@@ -169,7 +180,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     if tenant is None:
         raise NotFound(f"tenant {spec.tenant} not found")
     await check_could_ever_fit(uow, spec, tenant.zones)
-    await check_contract(uow, row, spec)
+    await check_contract(uow, who, row, spec)
     rolling = needs_rollout(old, spec)
     if dry_run:
         with uow.session.no_autoflush:  # the changes stay in memory, never sent

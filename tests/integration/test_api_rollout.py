@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 from bench.checking import check_state
-from grpc_harness import RUNNING, SimFleet, Stubs, eventually, running_fleet, spec
+from controller.api.dryrun import DRY_RUN_METADATA_KEY, DRY_RUN_ALL
+from grpc_harness import RUNNING, SimFleet, Stubs, eventually, issue_token, running_fleet, spec
 from controller.store.snapshot import load_snapshot
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -187,6 +188,85 @@ async def test_an_update_asking_no_more_is_taken_while_the_tenant_is_above_its_c
     with pytest.raises(grpc.aio.AioRpcError) as quota:
         await _update(stubs, _svc(priority=5), smaller.deployment.resource_version)  # 4 accelerators again
     assert quota.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_accelerators 2" in quota.value.details()
+
+
+def _reasons(refused: grpc.aio.AioRpcError) -> list[tuple[str, str, str]]:
+    """The structured reasons a refusal carries (trailing metadata `maia-reason-bin`)."""
+    return [(r.code, r.message, r.scope) for r in (common_pb2.Reason.FromString(value)
+                                                   for key, value in refused.trailing_metadata() or ()
+                                                   if key == "maia-reason-bin")]
+
+
+DRY_RUN = ((DRY_RUN_METADATA_KEY, DRY_RUN_ALL),)
+
+
+async def test_a_waiting_deployment_is_refused_only_the_growth_of_its_ask_into_reserved_capacity(
+        stubs: Stubs, fleet: SimFleet, controller_app):
+    """`m` (3 whole-node replicas, min_replicas 3) waits: `blk` holds 6 of the 8 nodes. alpha and
+    beta are owed the 8 free accelerators. A new priority and a scale-down ask no more than `m`
+    asked while it waited: taken, by lab's token too (they were refused, its whole unplaced ask
+    counted as growth). A scale-up is refused, dry run or not, with what the ask grows by."""
+    node = {"shards": 1, "accelerators": 4, "locality": common_pb2.DOMAIN_NODE}
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=spec("blk", replicas=6, priority=50,
+                                                                                  **node)))
+    await eventually(lambda: _get(stubs, "blk"), lambda d: d.phase == RUNNING, what="blk running")
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(
+        spec=spec("m", replicas=3, min_replicas=3, priority=10, **node)))
+    waiting = await eventually(lambda: _get(stubs, "m"), lambda d: len(d.reasons) > 0 and not d.placements,
+                               what="m waiting with reasons")
+    for owed in ("alpha", "beta"):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=owed, reserved_accelerators=4))
+
+    lab = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="lab"))
+    try:
+        dry = await lab.deployments.UpdateDeployment(P.UpdateDeploymentRequest(
+            spec=spec("m", replicas=2, min_replicas=2, priority=10, **node),
+            resource_version=waiting.resource_version), metadata=DRY_RUN)
+        assert list(dry.changes) == ["replicas: 3 -> 2", "min_replicas: 3 -> 2"]
+        prioritised = await _update(lab, spec("m", replicas=3, min_replicas=3, priority=11, **node),
+                                    waiting.resource_version)
+        assert list(prioritised.changes) == ["priority: 10 -> 11"]
+        for metadata in ((), DRY_RUN):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stubs.deployments.UpdateDeployment(P.UpdateDeploymentRequest(
+                    spec=spec("m", replicas=4, min_replicas=3, priority=11, **node),
+                    resource_version=prioritised.deployment.resource_version), metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert refused.value.details() == (
+                "deployment m: growing by 4 accelerators (16 not placed yet) would take capacity reserved for "
+                "other tenants: 8 free on ready nodes, 8 still owed (alpha 4, beta 4)")
+        smaller = await _update(lab, spec("m", replicas=2, min_replicas=2, priority=11, **node),
+                                prioritised.deployment.resource_version)
+        assert list(smaller.changes) == ["replicas: 3 -> 2", "min_replicas: 3 -> 2"]
+    finally:
+        await lab.channel.close()
+    assert await committed_violations(controller_app) == []
+
+
+async def test_a_reservation_refusal_names_the_owed_tenants_to_an_admin_only(stubs: Stubs, fleet: SimFleet,
+                                                                            controller_app):
+    """alpha and beta are owed the 28 free accelerators; growing `svc` would take 2 of them. lab's
+    token reads the refusal, dry run or not, its message and RESERVATION reason alike, with
+    "another tenant" where an admin reads alpha and beta (docs/security.md)."""
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))
+    running = await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING, what="svc running")
+    for owed in ("alpha", "beta"):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=owed, reserved_accelerators=14))
+    lab = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="lab"))
+    try:
+        for who, owed_text in ((stubs, "alpha 14, beta 14"), (lab, "another tenant 14, another tenant 14")):
+            for metadata in ((), DRY_RUN):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await who.deployments.UpdateDeployment(P.UpdateDeploymentRequest(
+                        spec=_svc(replicas=3), resource_version=running.resource_version), metadata=metadata)
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert refused.value.details() == (
+                    "deployment svc: growing by 2 accelerators would take capacity reserved for other tenants: "
+                    f"28 free on ready nodes, 28 still owed ({owed_text})")
+                assert _reasons(refused.value) == [("RESERVATION", f"28 accelerators owed to {owed_text}", "")]
+    finally:
+        await lab.channel.close()
+    assert (await _get(stubs, "svc")).resource_version == running.resource_version
 
 
 async def test_a_retried_submit_returns_the_first_result_and_writes_nothing(stubs: Stubs, fleet: SimFleet,

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from controller.errors import FailedPrecondition, ResourceExhausted
+from controller.identity import CONTROLLER, Principal, Role
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -242,16 +243,23 @@ async def test_node_state_counts_agree_with_each_nodes_state(database: Database)
     assert accelerators == 4 + 8 + 2 + 16
 
 
-async def _contract(database: Database, tenant: str, name: str, **changes: Any) -> str:
-    """What `updates.check_contract` says of changing deployment `name` so: "" when it allows it."""
+async def _refusal(database: Database, tenant: str, name: str, who: Principal = CONTROLLER,
+                   **changes: Any) -> FailedPrecondition | ResourceExhausted | None:
+    """How `updates.check_contract` refuses `who` changing deployment `name` so (None: it allows it)."""
     async with database.unit_of_work() as uow:
         row = await repo.get_deployment(uow.session, tenant, name)
         assert row is not None
         try:
-            await updates.check_contract(uow, row, dataclasses.replace(repo.deployment_spec(row), **changes))
+            await updates.check_contract(uow, who, row, dataclasses.replace(repo.deployment_spec(row), **changes))
         except (FailedPrecondition, ResourceExhausted) as refused:
-            return f"{type(refused).__name__}: {refused}"
-    return ""
+            return refused
+    return None
+
+
+async def _contract(database: Database, tenant: str, name: str, who: Principal = CONTROLLER, **changes: Any) -> str:
+    """What `updates.check_contract` says of changing deployment `name` so: "" when it allows it."""
+    refused = await _refusal(database, tenant, name, who, **changes)
+    return "" if refused is None else f"{type(refused).__name__}: {refused}"
 
 
 async def test_an_updates_contract_check_reads_these_sums(database: Database) -> None:
@@ -278,3 +286,44 @@ async def test_an_updates_contract_check_reads_these_sums(database: Database) ->
         "ResourceExhausted: deployment quarter: 5 replicas need 125 W; tenant b holds 0 W elsewhere, "
         "125 W > max_power_w 100 W")
     assert await _contract(database, "b", "quarter", replicas=4) == ""
+
+
+async def test_an_updates_reservation_check_counts_what_its_ask_grows_not_what_already_waits(
+        database: Database) -> None:
+    """f's `waits` (grown to 8 accelerators, none placed) asks more than the 4.751 free accelerators
+    the other reserving tenants are not owed, and waited so before any update. A new priority or a
+    scale-down asks no more than before: taken (they were refused, the whole unplaced ask counted
+    as growth). A growth is refused with what the ask grows by and what would then wait to be placed."""
+    await _seed_reserved(database)
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "waits").values(replicas=2))
+        await uow.commit()
+    assert await _contract(database, "f", "waits", priority=7) == ""
+    assert await _contract(database, "f", "waits", replicas=1) == ""
+    assert await _contract(database, "f", "waits", replicas=3) == (
+        "FailedPrecondition: deployment waits: growing by 4 accelerators (12 not placed yet) would take capacity "
+        "reserved for other tenants: 8.501 free on ready nodes, 3.75 still owed (b 0.75, d 3)")
+    # What waits counts with the growth: 1 more for c's `one` (placed) fits the 2.751 not owed; with
+    # 2 of the 3 already waiting it does not.
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "one").values(replicas=4))
+        await uow.commit()
+    assert await _contract(database, "c", "one", replicas=5) == (
+        "FailedPrecondition: deployment one: growing by 1 accelerators (3 not placed yet) would take capacity "
+        "reserved for other tenants: 8.501 free on ready nodes, 5.75 still owed (b 0.75, d 3, f 2)")
+
+
+async def test_an_updates_reservation_refusal_names_no_other_tenant_to_a_tenant_token(database: Database) -> None:
+    """The refusal's message and RESERVATION reason name the owed tenants to an admin only; a tenant
+    token reads "another tenant" (docs/security.md: a tenant never sees other tenants' names)."""
+    await _seed_reserved(database)
+    admin = await _refusal(database, "c", "one", replicas=5)
+    mine = await _refusal(database, "c", "one", Principal("lab-c", Role.TENANT, tenant="c"), replicas=5)
+    assert admin is not None and mine is not None
+    assert [(r.code, r.message, r.scope) for r in admin.reasons] == [
+        ("RESERVATION", "5.75 accelerators owed to b 0.75, d 3, f 2", "")]
+    assert str(mine) == ("deployment one: growing by 3 accelerators would take capacity reserved for other "
+                         "tenants: 8.501 free on ready nodes, 5.75 still owed "
+                         "(another tenant 0.75, another tenant 3, another tenant 2)")
+    assert [(r.code, r.message, r.scope) for r in mine.reasons] == [
+        ("RESERVATION", "5.75 accelerators owed to another tenant 0.75, another tenant 3, another tenant 2", "")]
