@@ -52,7 +52,8 @@ contexts:
 ## Output formats
 
 `-o table` (default) prints aligned tables (`--no-headers` drops the header line); `-o wide`
-adds columns; `-o name` prints `kind/name` per line; `-o json` and `-o yaml` print exactly one
+adds columns; `-o name` prints `kind/name` per line (deployments `deployment/TENANT/NAME`, which
+every command naming a deployment reads back); `-o json` and `-o yaml` print exactly one
 document on stdout (progress and errors go to stderr). For scripts:
 
 - objects are in the **manifest vocabulary**: `kind`, the spec's fields at the top level in

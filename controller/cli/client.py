@@ -101,7 +101,7 @@ def _read(path: str | None, what: str) -> bytes | None:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise CliError(f"{what} {path}: cannot read: {exc.strerror or exc}", 2) from None
+        raise CliError(f"{what} {path}: cannot read: {exc.strerror or exc}", Exit.USAGE) from None
 
 
 def channel_target(address: str) -> str:
@@ -145,11 +145,40 @@ def _target_of(connection: Connection) -> _Target:
     options: tuple[tuple[str, Any], ...] = (*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_CLI_RECONNECT_OPTIONS,
                                             *limits.CLIENT_KEEPALIVE.client_options())
     credentials = None
-    if connection.ca or connection.cert:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(connection.ca, "CA file"), private_key=_read(connection.key, "key file"),
-            certificate_chain=_read(connection.cert, "certificate file"))
+    if connection.ca or connection.cert or connection.key:
+        ca, key, cert = _tls_files(connection)
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     return _Target(target, options, credentials)
+
+
+def _tls_files(connection: Connection) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """The CA bundle, client key and certificate, read and checked before gRPC gets them: it takes
+    any bytes and fails only at the handshake, with its C core's log lines on stderr and an
+    UNAVAILABLE that reads as a controller not there (exit 5). Here: one line naming the file,
+    exit 2. Each certificate file must hold a PEM certificate, the key a PEM private key that
+    is the certificate's (OpenSSL, through `ssl`, reads them as gRPC will)."""
+    import ssl  # here: only TLS needs it
+
+    ca, key, cert = (_read(connection.ca, "CA file"), _read(connection.key, "key file"),
+                     _read(connection.cert, "certificate file"))
+    if bool(cert) != bool(key):
+        raise CliError("mutual TLS needs both a client certificate (--cert) and its key (--key)", Exit.USAGE)
+    for path, pem, what in ((connection.ca, ca, "CA file"), (connection.cert, cert, "certificate file")):
+        if pem is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("utf-8", "replace"))
+            except (ssl.SSLError, ValueError):
+                raise CliError(f"{what} {path}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                               Exit.USAGE) from None
+    if key is not None and b"PRIVATE KEY-----" not in key:
+        raise CliError(f"key file {connection.key}: holds no PEM private key (-----BEGIN PRIVATE KEY-----)", Exit.USAGE)
+    if key is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(connection.cert, connection.key, password=b"")
+        except ssl.SSLError:
+            raise CliError(f"key file {connection.key}: not the private key of certificate file {connection.cert} "
+                           f"(or encrypted, which gRPC cannot use)", Exit.USAGE) from None
+    return ca, key, cert
 
 
 def connectivity_now(channel: grpc.Channel, wait_s: float = 1.0) -> grpc.ChannelConnectivity | None:

@@ -96,8 +96,10 @@ class ConfigFile:
             return cls(path)
         import yaml
 
+        from controller.cli.loading import strict_yaml_loader
+
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=strict_yaml_loader())  # a context or setting given twice is refused
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
         if data is None:
@@ -183,16 +185,61 @@ def resolve_connection(flags: Mapping[str, str | None], env: Mapping[str, str] |
     def pick(key: str) -> str | None:
         return flags.get(key) or env.get(ENV_OF[key]) or getattr(entry, key)
 
+    def source(key: str) -> str:
+        """Where the setting `key` was given, for a message: its flag, its variable or the context."""
+        if flags.get(key):
+            return f"--{key.replace('_', '-')}"
+        return f"${ENV_OF[key]}" if env.get(ENV_OF[key]) else f"context {name}: {key}"
+
     token = flags.get("token") or env.get(ENV_OF["token"])
     token_file = flags.get("token_file") or env.get(ENV_OF["token_file"])
     if not token and not token_file:
         token, token_file = entry.token, entry.token_file
-    if not token and token_file:
-        try:
-            token = Path(token_file).expanduser().read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"token file {token_file}: cannot read: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"token file {token_file}: cannot read: {not_utf8(exc)}") from None
-    return Connection(address=pick("controller") or DEFAULT_CONTROLLER, context=name, token=token or None,
+    if token:
+        check_token(token, source("token"))
+    elif token_file:
+        token = read_token_file(token_file)
+    address = pick("controller")
+    if address:
+        check_address(address, source("controller"))
+    return Connection(address=address or DEFAULT_CONTROLLER, context=name, token=token or None,
                       ca=_path(pick("ca")), cert=_path(pick("cert")), key=_path(pick("key")))
+
+
+def read_token_file(path: str) -> str:
+    """The token a file holds: its text without surrounding white space or the byte order mark
+    a Windows editor writes first; an empty file is an error, not a call without a token."""
+    try:
+        token = Path(path).expanduser().read_text(encoding="utf-8-sig").strip()
+    except OSError as exc:
+        raise ConfigError(f"token file {path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"token file {path}: cannot read: {not_utf8(exc)}") from None
+    if not token:
+        raise ConfigError(f"token file {path}: is empty (expected a bearer token)")
+    check_token(token, f"token file {path}")
+    return token
+
+
+def check_token(token: str, source: str) -> None:
+    """A bearer token rides in an HTTP/2 header, `authorization: Bearer <token>`: visible ASCII
+    only (gRPC refuses anything else with an INTERNAL error and its C core's log lines). The
+    message names the character, never the token."""
+    for position, char in enumerate(token, start=1):
+        if not "!" <= char <= "~":
+            raise ConfigError(f"{source}: the token holds {char!r} at character {position}; a bearer "
+                              f"token is visible ASCII, without spaces or control characters")
+
+
+def check_address(address: str, source: str) -> None:
+    """HOST:PORT, or several comma-separated (IPv6 as [::1]:PORT), with a port in 1..65535: gRPC
+    would connect a port beyond it modulo 65536, and to port 443 when none is given. A gRPC
+    `unix:` target is left as it is."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return
+    for one in address.split(","):
+        host, sep, port = one.strip().rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit():
+            raise ConfigError(f"{source} {one.strip() or address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+        if not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{source} {one.strip()!r}: port {int(port)} is out of range 1..65535")

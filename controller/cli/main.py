@@ -40,7 +40,8 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
         parent.add_argument(flag, dest=dest, metavar=metavar, default=default, type=non_empty, help=text)
     parent.add_argument("-o", "--output", choices=OUTPUTS, default=default,
                         help="output format: table (default), wide (more columns), json, yaml "
-                             "(manifest vocabulary, re-appliable), name (kind/name per line), csv (usage only)")
+                             "(manifest vocabulary, re-appliable), name (kind/name per line, deployments as "
+                             "deployment/TENANT/NAME: what by-name commands read back), csv (usage only)")
     parent.add_argument("--no-headers", action="store_true", default=default,
                         help="tables: leave out the header line")
     parent.add_argument("--rpc-timeout", type=seconds(), metavar="SECONDS", default=default,

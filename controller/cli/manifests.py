@@ -6,7 +6,8 @@ reported with its file, document number, object and field path, e.g.
     deploy/x.yaml document 2 (Deployment 'foo'): shard.accelerators: expected an integer, got 'four'
 
 Unknown fields are errors (a misspelt `min_replica` silently ignored is worse than a refusal),
-as are numbers the API's field cannot hold and an object given twice in one set of manifests
+as are a key given twice in one mapping and nesting deeper than any manifest (`loading`), numbers
+the API's field cannot hold and an object given twice in one set of manifests
 (`load_manifest_sources`). The vocabulary is the interchange format's (snake_case fields,
 lowercase enum words).
 """
@@ -26,6 +27,8 @@ from google.protobuf.message import Message
 
 from controller.cli.bounds import int_range
 from controller.cli.config import not_utf8
+from controller.cli.loading import strict_yaml_loader
+from controller.cli.refs import deployment_name
 from controller.cli.vocab import DOMAIN_BY_WORD, ISOLATION_BY_WORD
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -56,6 +59,14 @@ class ManifestObject:
     def ref(self) -> str:
         """'tenant/anthropic', 'deployment/claude-serving', 'topology'."""
         return f"{self.kind.lower()}/{self.name}" if self.name else self.kind.lower()
+
+    @property
+    def name_line(self) -> str:
+        """As `-o name` prints it, which by-name commands read back: a deployment with its tenant
+        ('deployment/anthropic/claude-serving'), as names are per tenant; else `ref`."""
+        if self.kind == "Deployment":
+            return deployment_name(self.message.tenant, self.name)  # type: ignore[attr-defined]
+        return self.ref
 
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -144,7 +155,7 @@ def parse_manifest_text(text: str, source: str) -> list[ManifestObject]:
     import yaml  # here, not with maiactl: only manifests need it
 
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=strict_yaml_loader()))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""

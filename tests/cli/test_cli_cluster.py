@@ -100,7 +100,7 @@ def test_filters_on_placed_work(cluster: RunningController) -> None:
     nodes = cluster.ctl("get", "nodes", "--tenant", "other", "-o", "name").stdout.split()
     assert len(nodes) == 1
     rack = json.loads(cluster.ctl("get", "placements", "-o", "json").stdout)["items"][0]["rack"]
-    assert cluster.ctl("get", "deployments", "--rack", rack, "-o", "name").stdout.split() == ["deployment/small"]
+    assert cluster.ctl("get", "deployments", "--rack", rack, "-o", "name").stdout.split() == ["deployment/other/small"]
     other = "rack-01" if rack == "rack-00" else "rack-00"
     assert cluster.ctl("get", "deployments", "--rack", other, "-o", "name").stdout == ""
 

@@ -588,7 +588,7 @@ def test_get_of_several_names_prints_those_found_and_says_each_missing(fake, cap
         "-f", str(EXAMPLES / "phi-row.yaml"))
     code, out, err = run(capsys, "--controller", address, "get", "deployment", "phi-row", "nosuch", "gone",
                          "-o", "name")
-    assert (code, out) == (3, "deployment/phi-row\n")
+    assert (code, out) == (3, "deployment/msft-internal/phi-row\n")
     assert err.splitlines() == ["error: NOT_FOUND: deployment nosuch not found",
                                 "error: NOT_FOUND: deployment gone not found"]
     code, out, err = run(capsys, "--controller", address, "get", "tenants", "nosuch", "openlab", "-o", "json")

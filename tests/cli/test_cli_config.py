@@ -114,3 +114,49 @@ def test_a_config_or_token_file_that_is_not_utf8_is_a_config_error(tmp_path: Pat
     assert main(["get", "tenants"]) == 2
     assert capsys.readouterr().err == \
         f"error: {tmp_path / 'bin.yaml'}: cannot read: not UTF-8 text (byte 0xff at offset 0)\n"
+
+
+def test_a_token_files_byte_order_mark_is_dropped(tmp_path: Path) -> None:
+    """A Windows editor writes one first: it went out in the header, an INTERNAL error."""
+    (tmp_path / "tok").write_bytes(b"\xef\xbb\xbfmaia_abc.def\r\n")
+    assert resolve_connection({"token_file": str(tmp_path / "tok")}, {}, ConfigFile(tmp_path / "none.yaml")).token \
+        == "maia_abc.def"
+
+
+@pytest.mark.parametrize("flags, env, says", [
+    # gRPC refused these in its C core (log lines on stderr) and ended INTERNAL, exit 1.
+    ({"token": "tök"}, {}, "--token: the token holds 'ö' at character 2; a bearer token is visible ASCII"),
+    ({"token": "bad\x01tok"}, {}, "--token: the token holds '\\x01' at character 4"),
+    ({}, {"MAIA_TOKEN": "two words"}, "$MAIA_TOKEN: the token holds ' ' at character 4"),
+    ({"token_file": "{dir}/bom-inside"}, {}, "token file {dir}/bom-inside: the token holds '\\ufeff' at character 5"),
+    # An empty file sent no token at all: UNAUTHENTICATED, exit 1.
+    ({"token_file": "{dir}/empty"}, {}, "token file {dir}/empty: is empty (expected a bearer token)"),
+    ({}, {"MAIA_TOKEN_FILE": "{dir}/blank"}, "token file {dir}/blank: is empty"),
+    # 99999 connected to 99999 mod 65536 (34463); no port, to 443.
+    ({"controller": "127.0.0.1:99999"}, {}, "--controller '127.0.0.1:99999': port 99999 is out of range 1..65535"),
+    ({"controller": "127.0.0.1:0"}, {}, "--controller '127.0.0.1:0': port 0 is out of range 1..65535"),
+    ({}, {"MAIA_CONTROLLER": "a:1,b:70000"}, "$MAIA_CONTROLLER 'b:70000': port 70000 is out of range"),
+    ({"controller": ":50051"}, {}, "--controller ':50051': expected HOST:PORT, e.g. 127.0.0.1:50051"),
+    ({"controller": "ctl.example.net"}, {}, "--controller 'ctl.example.net': expected HOST:PORT"),
+    ({"controller": "[::1]:x"}, {}, "--controller '[::1]:x': expected HOST:PORT"),
+])
+def test_a_token_or_address_grpc_cannot_use_is_a_config_error(tmp_path: Path, flags: dict, env: dict,
+                                                              says: str) -> None:
+    (tmp_path / "bom-inside").write_text("maia\ufeffabc\n")
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "blank").write_text(" \n\n")
+    flags = {k: v.format(dir=tmp_path) for k, v in flags.items()}
+    env = {k: v.format(dir=tmp_path) for k, v in env.items()}
+    with pytest.raises(ConfigError) as caught:
+        resolve_connection(flags, env, ConfigFile(tmp_path / "none.yaml"))
+    assert str(caught.value).startswith(says.format(dir=tmp_path)), str(caught.value)
+
+
+def test_addresses_grpc_takes_pass(tmp_path: Path) -> None:
+    for address in ("127.0.0.1:1", "[::1]:65535", "ctl-a:50051, ctl-b:50051", "dns:///ctl:443", "unix:/run/maia.sock"):
+        assert resolve_connection({"controller": address}, {}, ConfigFile(tmp_path / "none.yaml")).address == address
+
+
+def test_a_context_or_setting_given_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid YAML: duplicate key 'a' \\(first on line 2\\)"):
+        write_config(tmp_path / "c.yaml", "contexts:\n  a: {controller: 'x:1'}\n  a: {controller: 'y:1'}\n")

@@ -176,3 +176,46 @@ def test_what_an_object_is_identified_by(tmp_path: Path) -> None:
         load_manifest_sources([tmp_path / "b.yaml"])
     assert info.value.problems == [f"{tmp_path / 'b.yaml'} document 1 (Topology): zones[2]: zone z is given twice "
                                    f"(first in {tmp_path / 'b.yaml'} document 1 (Topology): zones[0])"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # The last of two equal keys won silently: `apply` created t2.
+    ("kind: Tenant\nid: t1\nid: t2\nisolation: shared\n",
+     "deploy/x.yaml: invalid YAML at line 3 column 1: duplicate key 'id' (first on line 2)"),
+    (DEPLOYMENT.replace("power_w: 700}", "power_w: 700, hbm_gib: 80}"),
+     "deploy/x.yaml: invalid YAML at line 6 column 53: duplicate key 'hbm_gib' (first on line 6)"),
+    ('{"kind": "Tenant", "id": "t1",\n "id": "t2"}\n',  # a .json manifest: JSON is read as YAML
+     "deploy/x.yaml: invalid YAML at line 2 column 2: duplicate key 'id' (first on line 1)"),
+    # A RecursionError traceback, exit 1 (YAML or JSON, flow or block).
+    ("[" * 100_000 + "\n", "deploy/x.yaml: invalid YAML at line 1 column 101: nested deeper than 100 levels"),
+    ('{"a": ' * 5000 + "1" + "}" * 5000 + "\n",
+     "deploy/x.yaml: invalid YAML at line 1 column 596: nested deeper than 100 levels"),
+    ("".join(f"{'  ' * i}k{i}:\n" for i in range(200)),
+     "deploy/x.yaml: invalid YAML at line 100 column 199: nested deeper than 100 levels"),
+])
+def test_a_key_given_twice_or_absurd_nesting_is_refused_with_its_line(text: str, expected: str) -> None:
+    assert errors_of(text) == [expected]
+
+
+def test_a_merge_key_may_still_be_overridden_and_lists_nest_as_deep_as_manifests_need() -> None:
+    base = "kind: Tenant\nid: t1\nisolation: shared\n"
+    [tenant] = parse_manifest_text(
+        "kind: List\nitems:\n- &t {kind: Tenant, id: t0, isolation: shared, excludes: [a]}\n"
+        "- {<<: *t, id: t1}\n", "x.yaml")[1:]
+    assert tenant.name == "t1" and list(tenant.message.excludes) == ["a"]
+    assert [o.name for o in parse_manifest_text(base, "x.yaml")] == ["t1"]
+
+
+@pytest.mark.parametrize("command", [["apply", "--dry-run"], ["diff"], ["apply"]])
+def test_apply_and_diff_refuse_them_in_one_line_exit_2_with_nothing_sent(tmp_path: Path, capsys,
+                                                                         command: list[str]) -> None:
+    from controller.cli.main import main
+
+    deep, dup = tmp_path / "deep.json", tmp_path / "dup.yaml"
+    deep.write_text('{"a": ' * 5000 + "1" + "}" * 5000)
+    dup.write_text("kind: Tenant\nid: t1\nid: t2\nisolation: shared\n")
+    # Nothing listens at 127.0.0.1:9: a call would exit 5.
+    assert main(["--controller", "127.0.0.1:9", *command, "-f", str(deep), "-f", str(dup)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {deep}: invalid YAML at line 1 column 596: nested deeper than 100 levels",
+        f"error: {dup}: invalid YAML at line 3 column 1: duplicate key 'id' (first on line 2)"]

@@ -94,7 +94,7 @@ def test_apply_is_all_or_nothing_and_refuses_empty_input(running: RunningControl
     write(folder / "two.yml", DEPLOYMENT.format(name="dir-two", tenant="openlab", replicas=1))
     write(folder / "notes.txt", "not a manifest")
     from_dir = running.ctl("apply", "-f", str(folder), "-o", "name")
-    assert from_dir.stdout.split() == ["deployment/dir-one", "deployment/dir-two"], from_dir.stderr
+    assert from_dir.stdout.split() == ["deployment/openlab/dir-one", "deployment/openlab/dir-two"], from_dir.stderr
     gone = running.ctl("delete", "-f", str(folder))
     assert gone.returncode == 0 and "deployment/openlab/dir-one deleted" in gone.stdout
 
@@ -114,7 +114,7 @@ def test_delete_tries_every_name_and_reports_each(running: RunningController, tm
     proc = running.ctl("delete", "deployment", "nosuch", "real-one")
     assert proc.returncode == 3  # the only failure was NOT_FOUND
     assert "deployment/nosuch failed: NOT_FOUND" in proc.stderr
-    assert "deployment/real-one deleted" in proc.stdout
+    assert "deployment/openlab/real-one deleted" in proc.stdout  # its tenant resolved
 
 
 def test_output_formats_and_headers(running: RunningController):
@@ -203,7 +203,8 @@ def test_events_and_describe(running: RunningController, tmp_path: Path):
     tenant = yaml.safe_load(running.ctl("describe", "tenant", "openlab", "-o", "yaml").stdout)
     assert "evented" in [d["name"] for d in tenant["deployments"]] and tenant["events"]
     # Names are per tenant: TENANT/NAME or -n TENANT NAME say whose.
-    assert running.ctl("get", "deployment", "openlab/evented", "-o", "name").stdout.split() == ["deployment/evented"]
+    assert running.ctl("get", "deployment", "openlab/evented", "-o", "name").stdout.split() == [
+        "deployment/openlab/evented"]
     assert running.ctl("describe", "deployment", "evented", "-n", "openlab").returncode == 0
     assert running.ctl("get", "deployment", "evented", "-n", "nosuch").returncode == 3
     assert running.ctl("get", "deployment", "other/evented", "-n", "openlab").returncode == 2
@@ -225,7 +226,8 @@ def test_apply_sends_new_deployments_together_and_undoes_them_when_one_is_refuse
     f = write(tmp_path / "many.yaml", "---\n".join(DEPLOYMENT.format(name=name, tenant="openlab", replicas=1)
                                                    for name in ("many-a", "many-b")))
     proc = running.ctl("apply", "-f", f, "-o", "name")
-    assert (proc.returncode, proc.stdout.splitlines()) == (0, ["deployment/many-a", "deployment/many-b"]), proc.stderr
+    assert (proc.returncode, proc.stdout.splitlines()) == (0, ["deployment/openlab/many-a",
+                                                                "deployment/openlab/many-b"]), proc.stderr
     entries = json.loads(running.ctl("audit", "list", "--tenant", "openlab", "-o", "json").stdout)["items"]
     submits = [e for e in entries if e["object_id"] in ("openlab/many-a", "openlab/many-b")]
     assert [(e["action"], e["outcome"], e["detail"].get("call")) for e in submits] == \
@@ -304,3 +306,35 @@ def test_the_plan_asks_the_controller_to_judge_each_write(running: RunningContro
     stored = running.ctl("get", "topology", "-o", "json")
     assert stored.returncode == 0 and "rack-new" not in stored.stdout
     assert running.ctl("delete", "capped-a", "-n", "capped").returncode == 0
+
+
+def test_what_o_name_prints_every_by_name_command_reads_back(running: RunningController, tmp_path: Path):
+    """Names are per tenant: `-o name` printed `deployment/twin` twice for two tenants' `twin`,
+    `delete deployment/twin` read `deployment` as the tenant (NOT_FOUND), `delete
+    deployment/TENANT/NAME` (delete's own words) failed INVALID_ARGUMENT with exit 1, and `get` and
+    `describe` refused KIND/NAME as usage errors."""
+    both = "---\n".join(DEPLOYMENT.format(name="twin", tenant=t, replicas=1) for t in ("openlab", "msft-internal"))
+    assert running.ctl("apply", "-f", write(tmp_path / "twins.yaml", both)).returncode == 0
+    names = [n for n in deployment_names(running) if n.endswith("/twin")]
+    assert names == ["deployment/msft-internal/twin", "deployment/openlab/twin"]
+
+    got = running.ctl("get", *names, "-o", "name")
+    assert (got.returncode, got.stdout.split()) == (0, names), got.stderr
+    one = running.ctl("get", "deployment", "deployment/openlab/twin", "-o", "json")
+    assert json.loads(one.stdout)["tenant"] == "openlab", one.stderr
+    described = running.ctl("describe", names[0], "-o", "name")
+    assert (described.returncode, described.stdout) == (0, "deployment/msft-internal/twin\n"), described.stderr
+    assert running.ctl("get", "tenant/openlab", "-o", "name").stdout == "tenant/openlab\n"
+    assert running.ctl("describe", "tenant/openlab").returncode == 0
+    assert running.ctl("get", "deployment/openlab/twin", "tenant/openlab").returncode == 2  # one kind per get
+    ambiguous = running.ctl("delete", "deployment/twin")  # the name, not a tenant 'deployment'
+    assert ambiguous.returncode == 1 and "tenant deployment" not in ambiguous.stderr, ambiguous.stderr
+    assert "twin" in ambiguous.stderr and "FAILED_PRECONDITION" in ambiguous.stderr, ambiguous.stderr
+
+    invalid = running.ctl("delete", "deployment/bad tenant!/twin")
+    assert invalid.returncode == 2 and "INVALID_ARGUMENT" in invalid.stderr, invalid.stderr  # docs/cli.md: 2
+    mixed = running.ctl("delete", "deployment/bad tenant!/twin", "openlab/nosuch")  # unlike failures: 1
+    assert mixed.returncode == 1, mixed.stderr
+    deleted = running.ctl("delete", *names)
+    assert (deleted.returncode, deleted.stdout.splitlines()) == (
+        0, [f"{n} deleted (phase Deleting)" for n in names]), deleted.stderr

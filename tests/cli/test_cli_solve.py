@@ -119,3 +119,17 @@ def test_a_file_that_is_not_utf8_exits_2(tmp_path: Path) -> None:
     result = maiactl("solve", str(bad))
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == f"error: {bad}: cannot read: not UTF-8 text (byte 0xff at offset 0)\n"
+
+
+def test_a_key_given_twice_or_absurd_nesting_exits_2(tmp_path: Path) -> None:
+    """json.loads kept the last of two equal keys silently, and nesting 5,000 deep ended in a
+    RecursionError traceback, exit 1."""
+    problem = json.loads((SHARED / "examples" / "tiny.problem.json").read_text())
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"options": {"mode": "online"}, ' + json.dumps(problem)[1:])
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    for path, says in ((twice, "invalid JSON: duplicate key 'options' in an object (each key at most once)"),
+                       (deep, "invalid JSON: nested too deeply for a problem document")):
+        result = maiactl("solve", str(path), "-o", "json")
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {path}: {says}\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,48 @@ def test_usage_refuses_what_it_cannot_answer_before_any_call(capsys, argv: list[
     assert main(["--controller", "127.0.0.1:9", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(says), captured.err
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dev CA with a client certificate (client-me.pem, client-me-key.pem) and the server's."""
+    folder = tmp_path_factory.mktemp("pki")
+    assert main(["dev-ca", "--dir", str(folder), "--client", "me"]) == 0
+    return folder
+
+
+@pytest.mark.parametrize("flags, says", [
+    # A CA that is no PEM: C-core log lines, then "UNAVAILABLE: cannot reach the controller
+    # ... (Failed to create security handshaker.)", exit 5.
+    (["--ca", "{hostname}"], "CA file {hostname}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+    (["--ca", "{pki}/ca.pem", "--cert", "{pki}/client-me-key.pem", "--key", "{pki}/client-me-key.pem"],
+     "certificate file {pki}/client-me-key.pem: holds no PEM certificate"),
+    (["--ca", "{pki}/ca.pem", "--cert", "{pki}/client-me.pem", "--key", "{pki}/client-me.pem"],
+     "key file {pki}/client-me.pem: holds no PEM private key"),
+    (["--ca", "{pki}/ca.pem", "--cert", "{pki}/client-me.pem", "--key", "{pki}/server-key.pem"],
+     "key file {pki}/server-key.pem: not the private key of certificate file {pki}/client-me.pem"),
+    (["--ca", "{pki}/ca.pem", "--cert", "{pki}/client-me.pem"],
+     "mutual TLS needs both a client certificate (--cert) and its key (--key)"),
+    # A token gRPC cannot send: its C core's log lines, then "INTERNAL: Invalid metadata", exit 1.
+    (["--token", "tök"], "--token: the token holds 'ö' at character 2"),
+    (["--token-file", "{hostname}", "--token", "bad\x01tok"], "--token: the token holds '\\x01' at character 4"),
+    (["--controller", "127.0.0.1:99999"], "--controller '127.0.0.1:99999': port 99999 is out of range 1..65535"),
+])
+def test_tls_files_tokens_and_addresses_grpc_cannot_use_are_one_line_and_exit_2(pki: Path, tmp_path: Path,
+                                                                               flags: list[str], says: str) -> None:
+    hostname = tmp_path / "hostname"
+    hostname.write_text("not-a-certificate\n")
+    argv = [f.format(pki=pki, hostname=hostname) for f in flags]
+    result = subprocess.run([str(BIN / "maiactl"), "--controller", "127.0.0.1:9", "--rpc-timeout", "3", *argv,
+                             "get", "nodes"], capture_output=True, text=True, timeout=60, env=maiactl_env(None))
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    lines = result.stderr.splitlines()  # one: no log lines of gRPC's C core
+    assert len(lines) == 1 and lines[0].startswith(f"error: {says.format(pki=pki, hostname=hostname)}"), result.stderr
+
+
+def test_good_tls_files_pass_the_checks(pki: Path) -> None:
+    from controller.cli.client import _target_of
+    from controller.cli.config import Connection
+
+    connection = Connection(ca=str(pki / "ca.pem"), cert=str(pki / "client-me.pem"), key=str(pki / "client-me-key.pem"))
+    assert _target_of(connection).credentials is not None

@@ -543,7 +543,7 @@ def _report(steps: list[Step], ctx: Context) -> None:
         ctx.emit_json({"results": [_result(s) for s in steps]})
         return
     for step in steps:
-        ctx.out(step.ref if ctx.output == "name" else _step_line(step))
+        ctx.out(step.obj.name_line if ctx.output == "name" else _step_line(step))
 
 
 def _result(step: Step) -> dict[str, Any]:

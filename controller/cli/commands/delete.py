@@ -1,9 +1,12 @@
 """`maiactl delete [deployment|tenant] NAME...` and `maiactl delete -f FILE...`.
 
 Every object named is tried; one line per object says what happened, and the exit code is
-non-zero when any failed (3 when all failures were NOT_FOUND, else 1). Without a kind, NAMEs are
-deployments (`maiactl delete big-dep`). With -f, the file's deployments go first, then its
-tenants; a Topology cannot be deleted and is reported as skipped.
+non-zero when any failed: the code of their failure when all failed alike (3 NOT_FOUND, 2
+INVALID_ARGUMENT), else 1. Without a kind, NAMEs are deployments (`maiactl delete big-dep`),
+unless a NAME says its kind as `-o name` prints it (`deployment/TENANT/NAME`, `tenant/ID`,
+`node/ID`), so `maiactl get ... -o name | xargs maiactl delete` deletes what get listed. With -f,
+the file's deployments go first, then its tenants; a Topology cannot be deleted and is reported
+as skipped. A deleted deployment is reported as `deployment/TENANT/NAME`, its tenant resolved.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import grpc
 from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text, status_code
 from controller.cli.context import Context
 from controller.cli.manifests import ManifestObject, load_manifest_sources
-from controller.cli.refs import add_tenant_flag, deployment_ref
+from controller.cli.refs import add_tenant_flag, deployment_name, deployment_ref, split_kind
 from controller.cli.views import phase_text
 from maia.v1 import admin_pb2, deployments_pb2
 
@@ -35,9 +38,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser("delete", parents=[common],
                        help="delete deployments (their shards are stopped), tenants, or nodes (their shards move)",
                        description="maiactl delete [deployment|tenant|node] NAME... | maiactl delete -f FILE...: "
-                                   "tries every object and reports each; exit 1 (3 if only NOT_FOUND) when any "
-                                   "failed. Without a kind, NAMEs are deployments.")
-    p.add_argument("words", nargs="*", metavar="[KIND] NAME", help="deployment|tenant|node (optional), then names")
+                                   "tries every object and reports each; when any failed, exit with the code of "
+                                   "their failure if all failed alike (3 NOT_FOUND, 2 INVALID_ARGUMENT), else 1. "
+                                   "Without a kind, NAMEs are deployments, or say their kind as -o name prints "
+                                   "them: deployment/TENANT/NAME, tenant/ID, node/ID.")
+    p.add_argument("words", nargs="*", metavar="[KIND] NAME",
+                   help="deployment|tenant|node (optional), then names: NAME, TENANT/NAME (deployments) or KIND/NAME")
     p.add_argument("-f", "--filename", action="append", metavar="FILE|DIR|-",
                    help="delete the objects of these manifests (repeatable)")
     add_tenant_flag(p)
@@ -62,12 +68,24 @@ def targets(args: argparse.Namespace) -> list[tuple[str, str]]:
     names = words[1:] if kind else words
     if not names:
         raise CliError("delete needs NAMEs (maiactl delete [deployment|tenant] NAME...) or -f FILE", Exit.USAGE)
-    kind = kind or "deployment"
-    if kind == "deployment":
-        names = [str(deployment_ref(name, args.tenant)) for name in names]
-    elif args.tenant:
-        raise CliError(f"delete {kind}: -n/--tenant applies to deployments only", Exit.USAGE)
-    return [(kind, name) for name in dict.fromkeys(names)]
+    pairs = [_target(name, kind) for name in names]
+    others = sorted({k for k, _ in pairs if k != "deployment"})
+    if args.tenant and others:
+        raise CliError(f"delete {others[0]}: -n/--tenant applies to deployments only", Exit.USAGE)
+    pairs = [(k, str(deployment_ref(n, args.tenant)) if k == "deployment" else n) for k, n in pairs]
+    return list(dict.fromkeys(pairs))
+
+
+def _target(word: str, kind: str) -> tuple[str, str]:
+    """(kind, name) of one NAME: of `kind` (the word before the NAMEs, if any), else the kind
+    the NAME starts with (`tenant/ID`, `node/ID`, `deployment/...`), else a deployment."""
+    split = split_kind(word, KINDS)
+    if split is None:
+        return kind or "deployment", word
+    if kind and split[0] != kind:
+        raise CliError(f"delete {kind}: {word!r} names a {split[0]}", Exit.USAGE)
+    # A deployment keeps its word whole: `deployment_ref` reads deployment/[TENANT/]NAME.
+    return split[0], word if split[0] == "deployment" else split[1]
 
 
 def _manifest_deployment(obj: ManifestObject) -> str:
@@ -88,7 +106,8 @@ def _delete(kind: str, name: str, ctx: Context) -> Outcome:
         ref = deployment_ref(name, None)
         dep = ctx.controller.deployments.DeleteDeployment(
             deployments_pb2.DeleteDeploymentRequest(name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout)
-        return Outcome(f"deployment/{name}", "deleted", f"phase {phase_text(dep)}")
+        return Outcome(deployment_name(dep.spec.tenant or ref.tenant, dep.spec.name or ref.name), "deleted",
+                       f"phase {phase_text(dep)}")
     except grpc.RpcError as exc:
         if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
             raise  # nothing else will work either: one clear message from main
@@ -112,4 +131,5 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     failures = {o.exit_code for o in outcomes if o.action == "failed"}
     if not failures:
         return Exit.OK
-    return Exit.NOT_FOUND if failures == {Exit.NOT_FOUND} else Exit.FAILED
+    # All failed alike: their code, as one failing call exits (INVALID_ARGUMENT 2, NOT_FOUND 3).
+    return failures.pop() if len(failures) == 1 else Exit.FAILED

@@ -10,7 +10,7 @@ import argparse
 
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.commands.get import RESOURCES, fetch_events
-from controller.cli.refs import add_tenant_flag, deployment_ref
+from controller.cli.refs import add_tenant_flag, deployment_name, deployment_ref, split_kind
 from controller.cli.context import Context
 from controller.cli.documents import (
     deployment_document, event_document, node_document, placement_document, tenant_document,
@@ -29,16 +29,30 @@ KINDS = ("deployment", "node", "tenant")
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("describe", parents=[common],
                        help="one deployment, node or tenant in full, with its recent events")
-    p.add_argument("resource", metavar="KIND", help="deployment | node | tenant")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("resource", metavar="KIND",
+                   help="deployment | node | tenant; or KIND/NAME as -o name prints it (deployment/TENANT/NAME, "
+                        "node/ID, tenant/ID) with no NAME after it")
+    p.add_argument("name", metavar="NAME", nargs="?", help="deployments as NAME or TENANT/NAME")
     add_tenant_flag(p)
     p.set_defaults(handler=run)
 
 
+def _kind_and_name(resource: str, name: str | None) -> tuple[str, str]:
+    """KIND NAME, or one KIND/NAME word (a deployment's whole: `deployment_ref` reads it)."""
+    if name is not None:
+        kind = RESOURCES.get(resource)
+        if kind not in KINDS:
+            raise CliError(f"describe {resource}: expected one of {', '.join(KINDS)}", Exit.USAGE)
+        return kind, name
+    split = split_kind(resource, {word: kind for word, kind in RESOURCES.items() if kind in KINDS})
+    if split is None:
+        raise CliError(f"describe {resource}: expected KIND NAME or KIND/NAME (KIND one of {', '.join(KINDS)})",
+                       Exit.USAGE)
+    return split[0], resource if split[0] == "deployment" else split[1]
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    kind = RESOURCES.get(args.resource)
-    if kind not in KINDS:
-        raise CliError(f"describe {args.resource}: expected one of {', '.join(KINDS)}", Exit.USAGE)
+    kind, args.name = _kind_and_name(args.resource, args.name)
     if args.tenant and kind != "deployment":
         raise CliError(f"describe {kind}: -n/--tenant applies to deployments only", Exit.USAGE)
     if kind == "deployment":
@@ -56,7 +70,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         document, text = _tenant(args.name, ctx)
     document["events"] = [event_document(e) for e in events]
     ctx.emit(lambda: document, lambda: f"{text}\n\nEvents:\n{events_table(events, with_object=False)}",
-             names=lambda: [f"{kind}/{args.name}"])
+             names=lambda: [deployment_name(dep.spec.tenant, dep.spec.name) if kind == "deployment"
+                            else f"{kind}/{args.name}"])
     return Exit.OK
 
 

@@ -27,7 +27,7 @@ from controller.cli.bounds import count, int_max, seconds
 from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
 from controller.cli.context import Context
 from controller.cli.outage import Polls
-from controller.cli.refs import deployment_ref
+from controller.cli.refs import deployment_name, deployment_ref, split_kind
 from controller.cli.documents import (
     deployment_document, event_document, list_document, node_document, placement_document, tenant_document, topology_document,
 )
@@ -52,6 +52,8 @@ FILTERS = {"deployment": {"tenant", "rack"}, "node": {"tenant", "rack", "selecto
            "event": {"for_object", "limit", "tenant"}}
 _FLAG = {"tenant": "-n/--tenant", "rack": "--rack", "selector": "-l/--selector", "for_object": "--for", "limit": "--limit"}
 EVENT_KINDS = ("deployment", "node", "tenant", "topology")
+# The kinds whose objects are named, each spelling -> kind: `KIND/NAME` words (`-o name`'s lines).
+_NAMED = {word: kind for word, kind in RESOURCES.items() if kind in ("deployment", "node", "tenant")}
 WATCH_INTERVAL_MIN_S = 0.1
 _EVENTS_LIMIT = admin_pb2.ListEventsRequest.DESCRIPTOR.fields_by_name["limit"]
 T = TypeVar("T")
@@ -70,9 +72,11 @@ def parse_selector(text: str) -> dict[str, str]:
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("get", parents=[common], help="list or show deployments, nodes, tenants, topology, placements")
-    p.add_argument("resource", choices=sorted(RESOURCES), metavar="RESOURCE",
-                   help="deployments | nodes | tenants | topology | placements (singular forms too)")
-    p.add_argument("names", nargs="*", metavar="NAME", help="objects by name (lists all when absent)")
+    p.add_argument("resource", metavar="RESOURCE",
+                   help="deployments | nodes | tenants | topology | placements | events (singular forms too); "
+                        "or a KIND/NAME as -o name prints it (deployment/TENANT/NAME, node/ID, tenant/ID)")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="objects by name (lists all when absent); deployments as NAME or TENANT/NAME")
     p.add_argument("-n", "--tenant", help="deployments/placements of a tenant; nodes holding its shards; with "
                    "deployment NAMEs or --for deployment/NAME: their tenant (names are per tenant)")
     p.add_argument("--rack", help="nodes of a rack; deployments/placements with a shard there")
@@ -126,8 +130,28 @@ def _each(names: Sequence[str], get: Callable[[str], T]) -> tuple[list[T], list[
     return found, missing
 
 
+def _named(resource: str, words: Sequence[str]) -> tuple[str, list[str]]:
+    """The kind and the NAMEs of `get RESOURCE [NAME...]`, where RESOURCE may itself be a NAME
+    as `-o name` prints it (`get deployment/lab/chat node/n1` is refused: one kind per get),
+    and a NAME may say the kind again (`get deployment deployment/lab/chat`)."""
+    kind = RESOURCES.get(resource.partition("/")[0])
+    if kind is None:
+        raise CliError(f"get: unknown resource {resource!r} (one of {', '.join(sorted(RESOURCES))}, or KIND/NAME)",
+                       Exit.USAGE)
+    names: list[str] = []
+    for word in [resource, *words] if "/" in resource else words:
+        split = split_kind(word, _NAMED)
+        if split is not None and split[0] != kind:
+            raise CliError(f"get {kind}: {word!r} names a {split[0]} (one kind per get)", Exit.USAGE)
+        # A deployment keeps its word whole: `deployment_ref` reads deployment/[TENANT/]NAME.
+        names.append(split[1] if split is not None and kind != "deployment" else word)
+    return kind, names
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    kind = RESOURCES[args.resource]
+    kind, args.names = _named(args.resource, args.names)
+    if "/" in args.resource:
+        args.resource = kind
     given = {k for k in ("tenant", "rack", "selector", "for_object", "limit") if getattr(args, k, None) is not None}
     refused = sorted(given - FILTERS[kind])
     if refused:
@@ -188,16 +212,17 @@ def _deployments(args: argparse.Namespace, ctx: Context) -> Listing:
         deps, missing = _each(refs, lambda r: _get_one(ctx, "deployment", r.name, r.tenant))
         if len(refs) == 1 and not ctx.wide:
             return Listing(lambda: deployment_document(deps[0]), lambda: deployment_detail(deps[0]),
-                           lambda: [f"deployment/{deps[0].spec.name}"], is_table=False, missing=missing)
+                           lambda: [deployment_name(deps[0].spec.tenant, deps[0].spec.name)], is_table=False,
+                           missing=missing)
     else:
         response = list_all(stub.ListDeployments, deployments_pb2.ListDeploymentsRequest(tenant=args.tenant or ""),
                             "deployments", timeout=ctx.rpc_timeout)
-        deps = sorted(response.deployments, key=lambda d: d.spec.name)
+        deps = sorted(response.deployments, key=lambda d: (d.spec.name, d.spec.tenant))
         if args.rack:
             deps = [d for d in deps if any(p.rack == args.rack for p in d.placements)]
     return Listing(lambda: list_document(deployment_document(d) for d in deps),
                    lambda: deployments_table(deps, wide=ctx.wide),
-                   lambda: [f"deployment/{d.spec.name}" for d in deps], missing=missing)
+                   lambda: [deployment_name(d.spec.tenant, d.spec.name) for d in deps], missing=missing)
 
 
 def _nodes(args: argparse.Namespace, ctx: Context) -> Listing:

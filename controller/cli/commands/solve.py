@@ -13,6 +13,7 @@ from typing import Any
 from controller.cli.client import CliError, Exit
 from controller.cli.config import not_utf8
 from controller.cli.context import Context
+from controller.cli.loading import DuplicateKey, strict_json
 from controller.cli.plan_view import plan_text
 
 
@@ -33,11 +34,15 @@ def load_problem(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise CliError(f"{path}: cannot read: {not_utf8(exc)}", 2) from None
     try:
-        doc = json.loads(text)
+        doc = strict_json(text)
     except json.JSONDecodeError as exc:
         raise CliError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", 2) from None
+    except DuplicateKey as exc:  # the interchange format's objects name each field once
+        raise CliError(f"{path}: invalid JSON: {exc}", 2) from None
     except ValueError as exc:  # an integer literal past Python's digit limit (4,300)
         raise CliError(f"{path}: cannot read its JSON: {exc}", 2) from None
+    except RecursionError:
+        raise CliError(f"{path}: invalid JSON: nested too deeply for a problem document", 2) from None
     if not isinstance(doc, dict):
         raise CliError(f"{path}: expected a JSON object, got {type(doc).__name__}", 2)
     return doc
