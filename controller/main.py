@@ -84,7 +84,7 @@ async def serve(config: Config) -> int:
 
     from controller.api.server import ControllerApp, ListenError, StartAbandoned
     from controller.store.db import unreachable
-    from controller.store.migrate import SchemaAheadError, SchemaBehindError
+    from controller.store.migrate import SchemaError
 
     app = ControllerApp(config)
     # Handlers first: a SIGTERM that arrives as soon as "listening" is printed (or during start)
@@ -99,7 +99,7 @@ async def serve(config: Config) -> int:
         log.info("stopped before the database could be reached")
         await app.db.dispose()
         return 0
-    except (SchemaBehindError, SchemaAheadError, ListenError) as exc:
+    except (SchemaError, ListenError) as exc:
         # One clear line; nothing was started but the engine.
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
         await app.db.dispose()

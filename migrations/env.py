@@ -5,6 +5,10 @@ Two ways in:
   `Connection` in `config.attributes["connection"]` and owns its transaction;
 - command line (`alembic upgrade head`): an async engine is created for the URL found in
   `config.attributes["db_url"]`, `-x db=URL`, `$MAIA_DB_URL`, then the controller default.
+
+Either way every migration of one command runs in one transaction, committed at the end: an
+upgrade that fails or is killed part way leaves the database at the revision it had, whole, on
+SQLite too (`migrate.begin_sqlite_migration`), as PostgreSQL's transactional DDL always did.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from controller.store.db import DEFAULT_DB_URL, create_engine
+from controller.store.migrate import begin_sqlite_migration
 from controller.store.models import Base
 
 config = context.config
@@ -54,10 +59,8 @@ def run_migrations_offline() -> None:
 def do_run_migrations(connection: Connection) -> None:
     is_sqlite = connection.dialect.name == "sqlite"
     if is_sqlite and not connection.in_transaction():
-        # Batch mode rebuilds SQLite tables (copy, drop, rename); with foreign keys on, dropping
-        # a parent table would cascade-delete its children. The PRAGMA only works outside a
-        # transaction; ensure_schema does the same on its shared connection.
-        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        # The command line's own connection; ensure_schema's comes in its transaction already.
+        begin_sqlite_migration(connection)
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
