@@ -66,6 +66,16 @@ PG_IDLE_IN_TRANSACTION_TIMEOUT_S = 5.0
 # What the controller's sessions are called in `pg_stat_activity` (an operator's first look at locks).
 PG_APPLICATION_NAME = "maia-controller"
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
+# Transactions that take SQLite's write lock as they begin (a migration's: `migrate.begin_sqlite_migration`).
+_WRITING_BEGINS = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE")
+
+
+def _writes(statement: str) -> bool:
+    """Whether a statement takes SQLite's write lock: a write, or a BEGIN that takes it at once.
+    Counted as a write, a BEGIN IMMEDIATE takes the writer's turn before the lock: else it held
+    the lock while its first CREATE waited for a turn held by a writer waiting for that lock."""
+    head = statement.lstrip()[:15].upper()
+    return head.startswith(_WRITE_VERBS) or head.startswith(_WRITING_BEGINS)
 
 
 def _is_sqlite(url: str) -> bool:
@@ -206,7 +216,7 @@ class SqliteWriters:
 
     def _before_execute(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         entry = id(conn.connection._connection_record)
-        if entry in self._held or not statement.lstrip()[:7].upper().startswith(_WRITE_VERBS):
+        if entry in self._held or not _writes(statement):
             return
         lock = self.turns
         try:

@@ -74,6 +74,31 @@ async def test_a_sqlite_writer_waits_its_turn_and_fails_as_sqlite_would_past_the
         await engine.dispose()
 
 
+async def test_a_begin_immediate_takes_the_writers_turn_before_sqlites_lock(tmp_path: Path) -> None:
+    """A migration begins with BEGIN IMMEDIATE (SQLite's write lock at once). Not counted as a
+    write, it held the lock while its first CREATE waited for the turn of a writer that itself
+    waited for the lock: each stuck until a timeout. Counted, the other writer waits its turn."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", connect_args={"timeout": 5})
+    SqliteWriters(timeout_s=5).attach(engine)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        async with engine.connect() as writer:
+            async with engine.connect() as migration:
+                await migration.exec_driver_sql("BEGIN IMMEDIATE")
+                inserting = asyncio.create_task(writer.execute(text("INSERT INTO t VALUES (1)")))
+                await asyncio.sleep(0.2)  # the writer is under way: waiting for its turn, not holding it
+                await asyncio.wait_for(migration.exec_driver_sql("CREATE TABLE u (y INTEGER)"), 3)
+                await migration.commit()
+            await asyncio.wait_for(inserting, 10)  # its turn came when the migration's connection went back
+            await writer.commit()
+        async with engine.connect() as conn:
+            assert list(await conn.scalars(text("SELECT x FROM t"))) == [1]
+            assert list(await conn.scalars(text("SELECT count(*) FROM u"))) == [0]
+    finally:
+        await engine.dispose()
+
+
 async def test_a_unit_of_work_rolls_back_what_it_did_not_commit_and_nothing_after_a_commit(database: Database,
                                                                                           monkeypatch) -> None:
     rollbacks: list[bool] = []
