@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from scheduler.explain import explain
+from scheduler.explain import explain, leading
 from scheduler.model import Move, Placement, Plan, Preemption, Reason, Unplaced
 from scheduler.preemption import preemption_hints, with_hint
 
@@ -82,8 +82,8 @@ def unplaced_with_reasons(solver: Solver, preempted: list[tuple[int, int]],
             reasons = with_hint(reasons, hints[d])
         gone = [r for (dd, r) in preempted if dd == d]
         if gone:
-            reasons = (Reason("CAPACITY", f"{len(gone)} replica(s) preempted for "
-                              "higher-priority or reserved work"),) + reasons
+            reasons = leading(reasons, Reason("CAPACITY", f"{len(gone)} replica(s) preempted for "
+                                              "higher-priority or reserved work"))
         if d in solver.time_cut:
             reasons = reasons + (Reason(
                 "TIME_LIMIT", f"solve stopped at its {solver.limit_ms} ms time limit before "

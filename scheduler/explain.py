@@ -11,6 +11,7 @@ details and the CLI can all show the same thing.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -57,18 +58,24 @@ def explain(state: ClusterState, d: int) -> tuple[Reason, ...]:
         if not domain and not state.by_dep.get(d) and dep.min_replicas > 1:
             # A replica fits, yet none is placed: min_replicas binds, first; the node filters'
             # reasons say why no more fit (one reason per code: a CAPACITY one is joined to it).
-            short = _min_replicas_reason(state, d, fit.slots, room)
-            same = next((r for r in reasons if r.code == short.code), None)
-            if same is not None:
-                reasons.remove(same)
-                short = Reason(short.code, f"{short.message}; {same.message}", same.scope)
-            reasons.insert(0, short)
+            reasons = list(leading(reasons, _min_replicas_reason(state, d, fit.slots, room)))
             if cap is not None and room < dep.min_replicas * count:  # the quota binds too: say by how much
                 reasons.append(Reason(cap.code, cap.detail(state, d, dep.min_replicas * count), tenant))
     if not reasons:
         reasons.append(Reason("CAPACITY", f"{dep.id} fits no more replicas: {fitting}/{n_nodes}"
                               f" nodes have room, min_replicas {dep.min_replicas} not reachable"))
     return tuple(reasons)
+
+
+def leading(reasons: Sequence[Reason], first: Reason) -> tuple[Reason, ...]:
+    """`first` ahead of `reasons`, keeping one reason per code: a reason of its code among them
+    is joined to it (its message after `first`'s, its scope kept)."""
+    same = next((r for r in reasons if r.code == first.code), None)
+    if same is None:
+        return (first, *reasons)
+    joined = Reason(first.code, f"{first.message}; {same.message}",
+                    same.scope if same.scope is not None else first.scope)
+    return (joined, *(r for r in reasons if r is not same))
 
 
 def _min_replicas_reason(state: ClusterState, d: int, slots: np.ndarray, room: int) -> Reason:

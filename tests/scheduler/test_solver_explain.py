@@ -121,3 +121,23 @@ def test_a_quota_short_of_min_replicas_is_named_with_the_need() -> None:
     assert codes(plan, "m") == {"CAPACITY", "QUOTA_ACCELERATORS"}
     assert "room for at most 2 replica(s)" in messages(plan, "m")
     assert "0 accelerators + 12 needed > 8 max_accelerators" in messages(plan, "m")
+
+
+def test_a_preempted_deployment_gets_one_capacity_reason_led_by_its_preemption() -> None:
+    """low (preemptible) fills the one node; vip (priority 10) preempts it. low's reasons: one
+    per code, the CAPACITY one saying first that its replica was preempted, then why none fits
+    (two CAPACITY reasons used to be listed, the preemption's ahead of the node filters')."""
+    doc = problem(nodes=[node("n1", acc=4)],
+                  deployments=[dep("low", tenant="t0", acc=4, preemptible=True),
+                               dep("vip", tenant="t1", acc=4, priority=10)],
+                  placements=[{"deployment": "low", "replica": 0, "shard": 0, "node": "n1",
+                               "accelerator_indices": [0, 1, 2, 3]}],
+                  mode="rebalance", allow_preemption=True)
+    plan = solve_doc(doc)
+    assert [p.deployment for p in plan.preempted] == ["low"]
+    [low] = [u for u in plan.unplaced if u.deployment == "low"]
+    reason_codes = [r.code for r in low.reasons]
+    assert sorted(reason_codes) == sorted(set(reason_codes)), low.reasons
+    capacity = [r.message for r in low.reasons if r.code == "CAPACITY"]
+    assert len(capacity) == 1 and capacity[0].startswith("1 replica(s) preempted for higher-priority"), low.reasons
+    assert "nodes fit a shard" in capacity[0], low.reasons  # the node filters' count, joined to it
