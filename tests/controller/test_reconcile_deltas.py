@@ -14,12 +14,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from bench.checking import check_state
 from controller.reconcile import Reconciler
 from controller.scheduling.cache import ClusterCache
 from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database
+from controller.store.models import Event
 from controller.store import repositories as repo
 from controller.store.plans import commit_plan
 from controller.usecases import agents, deployments, liveness, nodes, tenants, updates
@@ -1017,6 +1019,10 @@ async def test_a_scale_up_short_of_min_replicas_places_none_on_the_warm_cluster(
     assert await _stored(cluster, "m") == set() and len(await _stored(cluster, "blk")) == 2
     phase, reasons = await _phase_and_reasons(cluster, "m")
     assert phase != "degraded" and any("min_replicas 3" in r["message"] for r in reasons), reasons
+    async with cluster.unit_of_work() as uow:  # its history says why its two replicas stopped
+        removed = list(await uow.session.scalars(select(Event.message).where(
+            Event.kind == "deployment.replicas_removed")))
+    assert len(removed) == 1 and "no longer placed: min_replicas 3 not reachable" in removed[0], removed
     snapshot = await fresh(cluster)
     assert not check_state(snapshot.problem, snapshot.problem["placements"])
     assert_same(loop.warm_snapshot, snapshot)

@@ -103,7 +103,10 @@ def _events(
                 f"preempted replicas {by_preemption}: stopped for work of higher priority or a tenant's "
                 f"reservation; re-queued", {"replicas": by_preemption})
         if otherwise:
+            # Left unplaced by this plan: say its first reason (min_replicas not reachable, ...).
+            why = _reason_dicts(unplaced[name].reasons)[:1] if name in unplaced else []
             add("deployment.replicas_removed", name,
+                f"replicas {otherwise} are no longer placed: {why[0]['message']}" if why else
                 f"replicas {otherwise} are no longer placed (node down, scaled down or not placeable again)",
                 {"replicas": otherwise})
     for row, pl in updates:
