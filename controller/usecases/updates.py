@@ -126,13 +126,15 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
     unplaced = accelerators - held
     if free > 1e-9 and unplaced > free - sum(owed.values()) + 1e-9:
         redactor = await redactor_of(uow, who)
+        total = sum(owed.values())
+        # Who is owed how much is each owed tenant's own business: a tenant caller reads the total.
         names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
+        owed_text, owed_to = (f"({names})", names) if who.is_admin else ("to them", "other tenants")
         waiting = f" ({unplaced:g} not placed yet)" if unplaced > growth + 1e-9 else ""
         raise FailedPrecondition(
             redactor.text(f"{where}: growing by {growth:g} accelerators{waiting} would take capacity reserved for "
-                          f"other tenants: {free:g} free on ready nodes, {sum(owed.values()):g} still owed ({names})"),
-            reasons=(ReasonDetail("RESERVATION",
-                                  redactor.text(f"{sum(owed.values()):g} accelerators owed to {names}"), ""),))
+                          f"other tenants: {free:g} free on ready nodes, {total:g} still owed {owed_text}"),
+            reasons=(ReasonDetail("RESERVATION", redactor.text(f"{total:g} accelerators owed to {owed_to}"), ""),))
 
 
 def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rolling: bool) -> None:

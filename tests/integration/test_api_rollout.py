@@ -246,15 +246,16 @@ async def test_a_waiting_deployment_is_refused_only_the_growth_of_its_ask_into_r
 async def test_a_reservation_refusal_names_the_owed_tenants_to_an_admin_only(stubs: Stubs, fleet: SimFleet,
                                                                             controller_app):
     """alpha and beta are owed the 28 free accelerators; growing `svc` would take 2 of them. lab's
-    token reads the refusal, dry run or not, its message and RESERVATION reason alike, with
-    "another tenant" where an admin reads alpha and beta (docs/security.md)."""
+    token reads the refusal, dry run or not, its message and RESERVATION reason alike, with the
+    total owed to "other tenants" where an admin reads alpha's and beta's (docs/security.md)."""
     await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))
     running = await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING, what="svc running")
     for owed in ("alpha", "beta"):
         await stubs.admin.CreateTenant(admin_pb2.Tenant(id=owed, reserved_accelerators=14))
     lab = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="lab"))
     try:
-        for who, owed_text in ((stubs, "alpha 14, beta 14"), (lab, "another tenant 14, another tenant 14")):
+        for who, owed_text, owed_to in ((stubs, "(alpha 14, beta 14)", "alpha 14, beta 14"),
+                                        (lab, "to them", "other tenants")):
             for metadata in ((), DRY_RUN):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await who.deployments.UpdateDeployment(P.UpdateDeploymentRequest(
@@ -262,8 +263,8 @@ async def test_a_reservation_refusal_names_the_owed_tenants_to_an_admin_only(stu
                 assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 assert refused.value.details() == (
                     "deployment svc: growing by 2 accelerators would take capacity reserved for other tenants: "
-                    f"28 free on ready nodes, 28 still owed ({owed_text})")
-                assert _reasons(refused.value) == [("RESERVATION", f"28 accelerators owed to {owed_text}", "")]
+                    f"28 free on ready nodes, 28 still owed {owed_text}")
+                assert _reasons(refused.value) == [("RESERVATION", f"28 accelerators owed to {owed_to}", "")]
     finally:
         await lab.channel.close()
     assert (await _get(stubs, "svc")).resource_version == running.resource_version

@@ -315,7 +315,8 @@ async def test_an_updates_reservation_check_counts_what_its_ask_grows_not_what_a
 
 async def test_an_updates_reservation_refusal_names_no_other_tenant_to_a_tenant_token(database: Database) -> None:
     """The refusal's message and RESERVATION reason name the owed tenants to an admin only; a tenant
-    token reads "another tenant" (docs/security.md: a tenant never sees other tenants' names)."""
+    token reads only the total owed to other tenants (docs/security.md: a tenant never sees other
+    tenants' names, nor how much each is owed)."""
     await _seed_reserved(database)
     admin = await _refusal(database, "c", "one", replicas=5)
     mine = await _refusal(database, "c", "one", Principal("lab-c", Role.TENANT, tenant="c"), replicas=5)
@@ -323,7 +324,6 @@ async def test_an_updates_reservation_refusal_names_no_other_tenant_to_a_tenant_
     assert [(r.code, r.message, r.scope) for r in admin.reasons] == [
         ("RESERVATION", "5.75 accelerators owed to b 0.75, d 3, f 2", "")]
     assert str(mine) == ("deployment one: growing by 3 accelerators would take capacity reserved for other "
-                         "tenants: 8.501 free on ready nodes, 5.75 still owed "
-                         "(another tenant 0.75, another tenant 3, another tenant 2)")
+                         "tenants: 8.501 free on ready nodes, 5.75 still owed to them")
     assert [(r.code, r.message, r.scope) for r in mine.reasons] == [
-        ("RESERVATION", "5.75 accelerators owed to another tenant 0.75, another tenant 3, another tenant 2", "")]
+        ("RESERVATION", "5.75 accelerators owed to other tenants", "")]
