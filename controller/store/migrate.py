@@ -147,11 +147,27 @@ def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+# PostgreSQL: the tables and views of the current schema that no extension owns (an extension's,
+# such as pg_stat_statements' views or PostGIS's spatial_ref_sys, belong to the server's setup).
+_PG_OWN_RELATIONS = text("""
+    SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                      AND d.objid = c.oid AND d.deptype = 'e')
+""")
+
+
 def _foreign_tables(connection: Connection) -> list[str]:
     """The tables (and views) of a database with no Maia schema version, sorted; none when it is
-    empty or has a version. Tables first: one migrated meanwhile shows its version too."""
-    inspector = inspect(connection)
-    names = (set(inspector.get_table_names()) | set(inspector.get_view_names())) - {VERSION_TABLE}
+    empty or has a version. Tables first: one migrated meanwhile shows its version too. An
+    extension's tables and views (PostgreSQL) are not an application's: a database prepared with
+    `CREATE EXTENSION pg_stat_statements` is still empty."""
+    if connection.dialect.name == "sqlite":
+        inspector = inspect(connection)
+        found = set(inspector.get_table_names()) | set(inspector.get_view_names())
+    else:
+        found = set(connection.execute(_PG_OWN_RELATIONS).scalars())
+    names = found - {VERSION_TABLE}
     if not names or _current_revision(connection) is not None:
         return []
     return sorted(names)

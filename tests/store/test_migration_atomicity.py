@@ -156,3 +156,16 @@ async def test_a_database_left_with_only_an_empty_version_table_counts_as_empty(
     finally:
         await db.dispose()
 
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_an_extensions_views_do_not_make_a_database_anothers(db_url: str) -> None:
+    """A PostgreSQL database prepared with `CREATE EXTENSION pg_stat_statements` (its views sit in
+    the public schema) is still empty to Maia: migrated, not refused (`bench e2e --db postgres`
+    prepares its database so)."""
+    db = Database(db_url)
+    try:
+        await _run(db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        assert await ensure_schema(db, migrate=True) == head_revision()
+    finally:
+        await db.dispose()
