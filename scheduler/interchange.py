@@ -84,11 +84,30 @@ INTEGERS = (  # (list, ((dotted name, minimum, (maximum, why) or None: QUANTITIE
 )
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ProblemError("", key, f"duplicate key {key!r} in an object (each key at most once)")
+        document[key] = value
+    return document
+
+
+def document_from_json(text: str | bytes) -> Any:
+    """A JSON document (a problem, a plan) as json.loads reads it, except that an object giving a
+    key twice is refused with a ProblemError naming the key: json.loads keeps the last without a
+    word, so `{"options": ..., "options": ...}` or a node's `hbm_gib` given twice would be solved
+    as whichever came last. Otherwise as json.loads: json.JSONDecodeError (with the line and
+    column), ValueError (an integer past Python's digit limit), RecursionError (nested deeper
+    than Python's recursion limit)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 @lru_cache(maxsize=None)
 def load_schema(name: str) -> dict[str, Any]:
     """One of the shipped schemas: 'problem' or 'plan'."""
     text = resources.files("scheduler.schemas").joinpath(f"{name}.schema.json").read_text()
-    return json.loads(text)
+    return document_from_json(text)
 
 
 @lru_cache(maxsize=None)

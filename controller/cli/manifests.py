@@ -10,6 +10,12 @@ as are a key given twice in one mapping and nesting deeper than any manifest (`l
 the API's field cannot hold and an object given twice in one set of manifests
 (`load_manifest_sources`). The vocabulary is the interchange format's (snake_case fields,
 lowercase enum words).
+
+JSON is read as JSON, not as YAML (which refuses the tabs JSON may indent with, reads `1e3` as a
+string and lets a trailing comma pass), and its errors say "invalid JSON" with the line and
+column: a file named `*.json`, and stdin or a file of another name (not `*.yaml`, `*.yml`) whose
+text starts with `{`, as kubectl tells JSON from YAML; such text that is no JSON is read as YAML
+(flow style), and said to be invalid JSON only when it is no YAML either.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from google.protobuf.message import Message
 
 from controller.cli.bounds import int_range
 from controller.cli.config import not_utf8
-from controller.cli.loading import strict_yaml_loader
+from controller.cli.loading import MAX_DEPTH, JsonError, json_document, strict_yaml_loader
 from controller.cli.refs import deployment_name
 from controller.cli.vocab import DOMAIN_BY_WORD, ISOLATION_BY_WORD
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
@@ -150,17 +156,33 @@ def load_manifests(paths: Iterable[str | Path]) -> list[ManifestObject]:
     return objects
 
 
-def parse_manifest_text(text: str, source: str) -> list[ManifestObject]:
-    """Parse a multi-document YAML string; `source` names it in messages."""
+def _documents(text: str, source: str) -> list[Any]:
+    """The documents of one manifest source, JSON or YAML (the module docstring says which)."""
+    suffix = Path(source).suffix
+    json_error: JsonError | None = None
+    if suffix == ".json" or (suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")):
+        try:
+            return [json_document(text, "manifest", max_depth=MAX_DEPTH)]
+        except JsonError as exc:
+            if suffix == ".json":
+                raise ManifestError([f"{source}: {exc}"]) from None
+            json_error = exc  # stdin may be YAML in flow style, `{kind: Tenant, ...}`
     import yaml  # here, not with maiactl: only manifests need it
 
     try:
-        documents = list(yaml.load_all(text, Loader=strict_yaml_loader()))
+        return list(yaml.load_all(text, Loader=strict_yaml_loader()))
     except yaml.YAMLError as exc:
+        if json_error is not None:
+            raise ManifestError([f"{source}: {json_error}"]) from None
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ManifestError([f"{source}: invalid YAML{where}: {problem}"]) from None
+
+
+def parse_manifest_text(text: str, source: str) -> list[ManifestObject]:
+    """Parse a multi-document YAML string or a JSON document; `source` names it in messages."""
+    documents = _documents(text, source)
     objects: list[ManifestObject] = []
     problems: list[str] = []
     for number, document in enumerate(documents, start=1):

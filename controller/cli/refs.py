@@ -6,10 +6,15 @@ too). So a word whose first part is a deployment kind word is that kind, not a t
 named `deployment` is written `deployment/deployment/NAME` or `-n deployment NAME`. A tenant's
 token implies its own tenant, so tenants never need the flag; an admin needs it only when
 several tenants use the name (the controller then answers FAILED_PRECONDITION naming them).
+
+Commands naming objects of one kind read `KIND NAME...` or, as `-o name` prints them,
+`KIND/NAME...` (`kind_and_names`): `wait deployment/lab/chat`, `explain deployment/lab/chat`,
+`drain node/n1` as `get` and `describe` do.
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controller.cli.client import CliError, Exit
@@ -18,6 +23,8 @@ TENANT_HELP = ("the deployments' tenant (names are per tenant; a tenant token im
                "TENANT/NAME says it too)")
 # The kind words a deployment's name may start with (`deployment/chat`), as `get` spells them.
 DEPLOYMENT_KINDS = ("deployment", "deployments", "deploy")
+DEPLOYMENT_WORDS = dict.fromkeys(DEPLOYMENT_KINDS, "deployment")  # each spelling -> its kind
+NODE_WORDS = {"node": "node", "nodes": "node", "no": "node"}
 
 
 def add_tenant_flag(parser: argparse.ArgumentParser) -> None:
@@ -45,10 +52,46 @@ def split_kind(word: str, kinds: dict[str, str]) -> tuple[str, str] | None:
     return kinds[kind], rest
 
 
+def kind_and_names(command: str, words: Sequence[str], kinds: dict[str, str],
+                   default: str = "") -> tuple[str, list[str]]:
+    """The kind and the NAMEs of `COMMAND KIND [NAME...]` (`kinds` maps each KIND spelling to its
+    kind), where KIND may itself be the first NAME as `-o name` prints it (`deployment/lab/chat`,
+    `node/n1`) and a NAME may say the kind again (`deployment deployment/lab/chat`); with a
+    `default` kind the KIND word may be left out (`scale chat`). One kind per command. A
+    deployment keeps its word whole (`deployment_ref` reads deployment/[TENANT/]NAME); the other
+    kinds' NAMEs lose their `KIND/`."""
+    first = words[0] if words else ""
+    kind = kinds.get(first.partition("/")[0])
+    if kind is None and not default:
+        raise CliError(f"{command}: unknown kind {first!r} (one of {_kinds_text(kinds)}, or KIND/NAME)", Exit.USAGE)
+    names = list(words) if kind is None or "/" in first else list(words[1:])
+    kind = kind or default
+    out: list[str] = []
+    for word in names:
+        split = split_kind(word, kinds)
+        if split is not None and split[0] != kind:
+            raise CliError(f"{command} {kind}: {word!r} names a {split[0]} (one kind per {command})", Exit.USAGE)
+        out.append(split[1] if split is not None and kind != "deployment" else word)
+    return kind, out
+
+
+def kind_and_name(command: str, words: Sequence[str], kinds: dict[str, str], default: str = "") -> tuple[str, str]:
+    """`kind_and_names` of a command naming exactly one object: `KIND NAME` or `KIND/NAME`."""
+    kind, names = kind_and_names(command, words, kinds, default)
+    if len(names) != 1:
+        raise CliError(f"{command}: expected {'[KIND] ' if default else 'KIND '}NAME or KIND/NAME, one object "
+                       f"(KIND one of {_kinds_text(kinds)}), got {' '.join(words) or 'none'}", Exit.USAGE)
+    return kind, names[0]
+
+
+def _kinds_text(kinds: dict[str, str]) -> str:
+    return ", ".join(sorted(set(kinds.values())))
+
+
 def deployment_ref(word: str, tenant: str | None) -> DeploymentRef:
     """`NAME` (in `tenant`, if given) or `TENANT/NAME`, either after `deployment/`; a TENANT/NAME
     contradicting `tenant` is refused."""
-    split = split_kind(word, dict.fromkeys(DEPLOYMENT_KINDS, "deployment"))
+    split = split_kind(word, DEPLOYMENT_WORDS)
     rest = split[1] if split else word
     parts = rest.split("/")
     if len(parts) == 1:
@@ -65,3 +108,9 @@ def deployment_name(tenant: str, name: str) -> str:
     """A deployment as `-o name` prints it, which every by-name command reads back:
     `deployment/TENANT/NAME` (`deployment/NAME` when the tenant is not known)."""
     return f"deployment/{DeploymentRef(tenant, name)}"
+
+
+def placement_name(tenant: str, name: str, replica: int, shard: int) -> str:
+    """A shard's placement as `-o name` prints it: `placement/TENANT/NAME/REPLICA/SHARD`, its
+    deployment's name with the tenant as `deployment_name` writes it."""
+    return f"placement/{DeploymentRef(tenant, name)}/{replica}/{shard}"

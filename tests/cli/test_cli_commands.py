@@ -609,3 +609,61 @@ def test_a_drains_progress_is_not_worded_as_a_rollout() -> None:
     rollout = D.Deployment(spec=spec, revision=2, placed_replicas=3, running_replicas=3, updated_replicas=2,
                            outgoing_replicas=1, placements=[shard(0, 2, False), shard(1, 2, False), shard(2, 1, True)])
     assert "revision 2: 2/3 updated running, 1 old still running" in progress_line("svc", rollout)
+
+
+def test_every_command_naming_one_kind_reads_kind_slash_name_as_o_name_prints_it(fake, capsys) -> None:
+    """`wait deployment/x`, `explain deployment/x`, `rollout status deployment x` were argparse
+    errors (exit 2), and `cordon node/n1` asked for a node named 'node/n1'; each reads the word
+    `get -o name` prints, as get, describe and delete do, or the kind and the name apart."""
+    address, _, deployments, _ = fake
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
+        "-f", str(EXAMPLES / "phi-row.yaml"))
+    word = "deployment/msft-internal/phi-row"
+    code, out, err = run(capsys, "--controller", address, "wait", word, "--for", "running", "--timeout", "10")
+    assert (code, out) == (0, "deployment/msft-internal/phi-row condition met (running)\n"), err
+    code, out, err = run(capsys, "--controller", address, "wait", "deployment", word, "deploy/phi-row",
+                         "--timeout", "10")
+    assert code == 0 and "condition met" in out, err
+    code, out, err = run(capsys, "--controller", address, "explain", word)
+    assert code == 0 and out.startswith("deployment/phi-row: Running"), err
+    code, out, err = run(capsys, "--controller", address, "explain", "deploy", word, "-o", "json")
+    assert code == 0 and json.loads(out)["deployment"] == "phi-row", err
+    for words in ([word], ["deployment", "msft-internal/phi-row"], ["deployment", "phi-row", "-n", "msft-internal"]):
+        code, _, err = run(capsys, "--controller", address, "rollout", "status", *words, "--timeout", "0.5")
+        # The fake never rolls out: the wait ran for the deployment named, until its timeout.
+        assert code == 1 and "timed out after 0.5s waiting for rolled-out:\n  msft-internal/phi-row: Running" in err, err
+    for words in (["node/rack-09-n00"], ["node", "rack-09-n00"], ["rack-09-n00"]):
+        code, _, err = run(capsys, "--controller", address, "cordon", *words)
+        assert (code, err) == (3, "error: NOT_FOUND: node rack-09-n00 not found\n")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["wait", "deployment/a", "node/b"], "wait deployment: 'node/b' names a node (one kind per wait)"),
+    (["wait", "nodes", "n1", "--connected", "1"], "wait nodes takes no NAME: it waits for --connected N nodes"),
+    (["wait", "pods", "x"], "wait: unknown kind 'pods' (one of deployment, node, or KIND/NAME)"),
+    (["explain", "deployment/a", "b"], "explain: expected KIND NAME or KIND/NAME, one object"),
+    (["explain", "node/a"], "explain: unknown kind 'node/a'"),
+    (["scale", "deployment", "a", "b", "--replicas", "1"], "scale: expected [KIND] NAME or KIND/NAME, one object"),
+    (["rollout", "status", "deployment"], "rollout status: expected [KIND] NAME or KIND/NAME, one object"),
+    (["describe", "deployment"], "describe: expected KIND NAME or KIND/NAME, one object"),
+    (["drain", "node"], "drain needs a NODE"),
+])
+def test_kind_and_name_words_that_do_not_fit_are_usage_errors_before_any_call(capsys, argv: list[str],
+                                                                              says: str) -> None:
+    """Exit 2 with nothing sent (nothing listens at 127.0.0.1:9: a call would exit 5)."""
+    code, out, err = run(capsys, "--controller", "127.0.0.1:9", *argv)
+    assert (code, out) == (2, "") and err.startswith(f"error: {says}"), err
+
+
+def test_placements_by_name_carry_their_tenant(fake, capsys) -> None:
+    """`get placements -o name` printed placement/NAME/REPLICA/SHARD: two tenants' `chat` gave
+    the same lines. Names are per tenant, as `deployment/TENANT/NAME` is."""
+    address, _, deployments, _ = fake
+    for tenant in ("openlab", "msft-internal"):
+        deployments.deployments[f"{tenant}-chat"] = D.Deployment(
+            spec=D.DeploymentSpec(name="chat", tenant=tenant, replicas=1, shards_per_replica=2),
+            placements=[D.ShardPlacement(replica=0, shard=s, node=f"n{s}", rack="r0") for s in (0, 1)])
+    code, out, err = run(capsys, "--controller", address, "get", "placements", "-o", "name")
+    assert code == 0, err
+    assert sorted(out.splitlines()) == ["placement/msft-internal/chat/0/0", "placement/msft-internal/chat/0/1",
+                                        "placement/openlab/chat/0/0", "placement/openlab/chat/0/1"]

@@ -217,5 +217,44 @@ def test_apply_and_diff_refuse_them_in_one_line_exit_2_with_nothing_sent(tmp_pat
     # Nothing listens at 127.0.0.1:9: a call would exit 5.
     assert main(["--controller", "127.0.0.1:9", *command, "-f", str(deep), "-f", str(dup)]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: {deep}: invalid YAML at line 1 column 596: nested deeper than 100 levels",
+        f"error: {deep}: invalid JSON at line 1 column 601: nested deeper than 100 levels",
         f"error: {dup}: invalid YAML at line 3 column 1: duplicate key 'id' (first on line 2)"]
+
+
+TENANT_JSON = '{\n\t"kind": "Tenant",\n\t"id": "t1",\n\t"isolation": "shared",\n\t"max_power_w": 1e3\n}\n'
+
+
+@pytest.mark.parametrize("source", ["deploy/x.json", "<stdin>"])
+def test_json_is_read_as_json(source: str) -> None:
+    """YAML refused JSON indented with tabs ("invalid YAML at line 2 column 1: found character
+    '\\t' that cannot start any token") and read 1e3 as the string '1e3'."""
+    [tenant] = parse_manifest_text(TENANT_JSON, source)
+    assert (tenant.name, tenant.message.max_power_w) == ("t1", 1000.0)
+
+
+@pytest.mark.parametrize(("text", "source", "expected"), [
+    # Each said "invalid YAML": a .json file's, and JSON piped in (`get -o json | apply -f -`).
+    ('{"kind": "Tenant",\n "id": "t1" "isolation": "shared"}\n', "deploy/x.json",
+     "deploy/x.json: invalid JSON at line 2 column 13: Expecting ',' delimiter"),
+    ('{"kind": "Tenant", "id": "t1",}\n', "deploy/x.json",  # YAML let the trailing comma pass
+     "deploy/x.json: invalid JSON at line 1 column 31: Expecting property name enclosed in double quotes"),
+    ('{"kind": "Tenant",\n "id": "t1" "isolation": "shared"}\n', "<stdin>",
+     "<stdin>: invalid JSON at line 2 column 13: Expecting ',' delimiter"),
+    ('{"kind": "Tenant", "id": "t1",\n "id": "t2"}\n', "deploy/x.json",
+     "deploy/x.json: invalid JSON at line 2 column 2: duplicate key 'id' in an object (each key at most once)"),
+    ('{"kind": "List", "items": [{"kind": "Tenant", "id": "t1"},\n  {"kind": "Tenant", "id": "t2",\n'
+     '   "isolation": "shared", "isolation": "shared"}]}', "<stdin>",
+     "<stdin>: invalid JSON at line 3 column 27: duplicate key 'isolation' in an object (each key at most once)"),
+    ('{"a": ' * 150 + "1" + "}" * 150, "deploy/x.json",
+     "deploy/x.json: invalid JSON at line 1 column 601: nested deeper than 100 levels"),
+    ("", "deploy/x.json", "deploy/x.json: invalid JSON at line 1 column 1: Expecting value"),
+])
+def test_json_errors_say_invalid_json_with_the_line_and_column(text: str, source: str, expected: str) -> None:
+    assert errors_of(text, source) == [expected]
+
+
+def test_yaml_in_flow_style_on_stdin_is_still_yaml() -> None:
+    """Text starting with `{` that is no JSON is read as YAML; a .yaml file is YAML whatever it starts with."""
+    assert [o.name for o in parse_manifest_text("{kind: Tenant, id: t1, isolation: shared}", "<stdin>")] == ["t1"]
+    assert errors_of('{"kind": "Tenant", "id": "t1",\n "id": "t2"}\n', "deploy/x.yml") == [
+        "deploy/x.yml: invalid YAML at line 2 column 2: duplicate key 'id' (first on line 1)"]

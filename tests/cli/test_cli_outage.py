@@ -110,7 +110,7 @@ def test_wait_nodes_polls_through_an_outage(monkeypatch: pytest.MonkeyPatch) -> 
     controller = ScriptedNodes(_ready("n1"), outage, Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
                                outage, _ready("n1", "n2"))
     ctx = Context(Connection(address=ADDRESS), stdout=io.StringIO(), stderr=io.StringIO(), _controller=controller)
-    assert wait.run(argparse.Namespace(resource="nodes", connected=2, timeout=60.0), ctx) == 0
+    assert wait.run(argparse.Namespace(resource="nodes", names=[], connected=2, timeout=60.0), ctx) == 0
     said = ctx.stderr.getvalue().splitlines()  # type: ignore[attr-defined]
     assert said[0] == "nodes: 1/2 ready and connected (1 registered)"
     assert said[1].startswith(f"(wait: UNAVAILABLE: cannot reach the controller at {ADDRESS} "), said
@@ -123,7 +123,7 @@ def test_wait_nodes_first_call_still_ends_the_command() -> None:
     controller = ScriptedNodes(Failed(grpc.StatusCode.UNAVAILABLE, "Connection refused"))
     ctx = Context(Connection(address=ADDRESS), stderr=io.StringIO(), _controller=controller)
     with pytest.raises(Failed):
-        wait.run(argparse.Namespace(resource="nodes", connected=2, timeout=60.0), ctx)
+        wait.run(argparse.Namespace(resource="nodes", names=[], connected=2, timeout=60.0), ctx)
 
 
 class UnansweredDeployments:

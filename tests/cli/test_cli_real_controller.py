@@ -72,7 +72,9 @@ def test_get_yaml_applies_back_unchanged_and_a_changed_spec_says_what_differs(ru
     assert stored["replicas"] == 3 and stored["shard"]["power_w"] == 650
     assert running.ctl("diff", "-f", changed).returncode == 0 and running.ctl("diff", "-f", f).returncode == 1
     scaled = running.ctl("scale", "round", "--replicas", "2")
-    assert (scaled.returncode, scaled.stdout) == (0, "deployment/round scaled: replicas 3 -> 2 (resource version 3)\n")
+    # Its tenant resolved, as -o name writes a deployment (the NAME read back: deployment/openlab/round).
+    assert (scaled.returncode, scaled.stdout) == (0, "deployment/openlab/round scaled: replicas 3 -> 2 "
+                                                     "(resource version 3)\n")
     waiting = running.ctl("rollout", "status", "round", "--timeout", "1")  # no nodes: never rolled out
     assert waiting.returncode == 1 and "timed out after 1s waiting for rolled-out" in waiting.stderr
     assert running.ctl("delete", "round").returncode == 0
@@ -338,3 +340,25 @@ def test_what_o_name_prints_every_by_name_command_reads_back(running: RunningCon
     deleted = running.ctl("delete", *names)
     assert (deleted.returncode, deleted.stdout.splitlines()) == (
         0, [f"{n} deleted (phase Deleting)" for n in names]), deleted.stderr
+
+
+def test_scale_wait_and_explain_read_what_o_name_prints(running: RunningController, tmp_path: Path):
+    """`wait deployment/TENANT/NAME` and `explain deployment/TENANT/NAME` were usage errors
+    (argparse: invalid choice), `scale deployment NAME` too (unrecognized arguments), and `scale
+    deployment/TENANT/NAME` said `deployment/deployment/TENANT/NAME scaled`."""
+    assert running.ctl("apply", "-f", write(tmp_path / "s.yaml", DEPLOYMENT.format(
+        name="scaled", tenant="openlab", replicas=1))).returncode == 0
+    [word] = [n for n in deployment_names(running) if n.endswith("/scaled")]
+    assert word == "deployment/openlab/scaled"
+    scaled = running.ctl("scale", word, "--replicas", "2")
+    assert (scaled.returncode, scaled.stdout) == (0, f"{word} scaled: replicas 1 -> 2 (resource version 2)\n"), \
+        scaled.stderr
+    again = running.ctl("scale", "deployment", "scaled", "--replicas", "2")
+    assert (again.returncode, again.stdout) == (0, f"{word} unchanged: already 2 replicas\n"), again.stderr
+    explained = running.ctl("explain", word, "-o", "json")
+    assert explained.returncode == 0 and json.loads(explained.stdout)["deployment"] == "scaled", explained.stderr
+    pending = running.ctl("wait", word, "--timeout", "1")  # no nodes: never running
+    assert pending.returncode == 1 and "openlab/scaled: Pending" in pending.stderr, pending.stderr
+    assert running.ctl("delete", word).returncode == 0
+    gone = running.ctl("wait", "deployment", word, "--for", "deleted", "--timeout", "30")
+    assert (gone.returncode, gone.stdout) == (0, f"{word} condition met (deleted)\n"), gone.stderr

@@ -129,7 +129,23 @@ def test_a_key_given_twice_or_absurd_nesting_exits_2(tmp_path: Path) -> None:
     twice.write_text('{"options": {"mode": "online"}, ' + json.dumps(problem)[1:])
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 5000 + "]" * 5000)
-    for path, says in ((twice, "invalid JSON: duplicate key 'options' in an object (each key at most once)"),
+    at = twice.read_text().rindex('"options"') + 1  # the second: where it is given again
+    for path, says in ((twice, f"invalid JSON at line 1 column {at}: duplicate key 'options' in an object "
+                               "(each key at most once)"),
                        (deep, "invalid JSON: nested too deeply for a problem document")):
         result = maiactl("solve", str(path), "-o", "json")
         assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {path}: {says}\n")
+
+
+def test_problem_files_are_read_by_the_librarys_own_reader(tmp_path: Path, monkeypatch) -> None:
+    """maiactl kept its own copy of the strict JSON reader (a duplicate-key hook of its own) while
+    the library read with plain json.loads; it reads with the library's now, so a problem file is
+    refused alike by maiactl and every other caller of the interchange."""
+    from controller.cli.commands.solve import load_problem
+    from scheduler import interchange
+
+    read: list[str] = []
+    monkeypatch.setattr(interchange, "document_from_json", lambda text: read.append(text) or {"read": "here"})
+    path = tmp_path / "p.json"
+    path.write_text("{}")
+    assert (load_problem(str(path)), read) == ({"read": "here"}, ["{}"])

@@ -10,7 +10,7 @@ import argparse
 
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.commands.get import RESOURCES, fetch_events
-from controller.cli.refs import add_tenant_flag, deployment_name, deployment_ref, split_kind
+from controller.cli.refs import add_tenant_flag, deployment_name, deployment_ref, kind_and_name
 from controller.cli.context import Context
 from controller.cli.documents import (
     deployment_document, event_document, node_document, placement_document, tenant_document,
@@ -37,22 +37,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(handler=run)
 
 
-def _kind_and_name(resource: str, name: str | None) -> tuple[str, str]:
-    """KIND NAME, or one KIND/NAME word (a deployment's whole: `deployment_ref` reads it)."""
-    if name is not None:
-        kind = RESOURCES.get(resource)
-        if kind not in KINDS:
-            raise CliError(f"describe {resource}: expected one of {', '.join(KINDS)}", Exit.USAGE)
-        return kind, name
-    split = split_kind(resource, {word: kind for word, kind in RESOURCES.items() if kind in KINDS})
-    if split is None:
-        raise CliError(f"describe {resource}: expected KIND NAME or KIND/NAME (KIND one of {', '.join(KINDS)})",
-                       Exit.USAGE)
-    return split[0], resource if split[0] == "deployment" else split[1]
-
-
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    kind, args.name = _kind_and_name(args.resource, args.name)
+    kind, args.name = kind_and_name("describe", [args.resource, *([] if args.name is None else [args.name])],
+                                    {word: kind for word, kind in RESOURCES.items() if kind in KINDS})
     if args.tenant and kind != "deployment":
         raise CliError(f"describe {kind}: -n/--tenant applies to deployments only", Exit.USAGE)
     if kind == "deployment":

@@ -20,7 +20,7 @@ import grpc
 
 from controller.cli.client import Exit, rpc_error_text, status_code
 from controller.cli.context import Context
-from controller.cli.refs import add_tenant_flag, deployment_ref
+from controller.cli.refs import DEPLOYMENT_WORDS, add_tenant_flag, deployment_ref, kind_and_name
 from controller.cli.views import phase_text, reasons_text
 from controller.cli.vocab import DOMAIN_BY_WORD, domain_word
 from maia.v1 import deployments_pb2
@@ -47,8 +47,9 @@ class Variant:
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("explain", parents=[common],
                        help="why a deployment is pending or degraded, and the smallest change that would fit")
-    p.add_argument("resource", choices=("deployment", "deploy"), metavar="deployment")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("resource", metavar="deployment",
+                   help="deployment; or deployment/[TENANT/]NAME as -o name prints it, with no NAME after it")
+    p.add_argument("name", metavar="NAME", nargs="?", help="NAME or TENANT/NAME")
     add_tenant_flag(p)
     p.set_defaults(handler=run)
 
@@ -94,7 +95,9 @@ def _try(variant: Variant, ctx: Context) -> Variant:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    ref = deployment_ref(args.name, args.tenant)
+    _, name = kind_and_name("explain", [args.resource, *([] if args.name is None else [args.name])],
+                            DEPLOYMENT_WORDS)
+    ref = deployment_ref(name, args.tenant)
     dep = ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name=ref.name,
                                                                                         tenant=ref.tenant),
                                                    timeout=ctx.rpc_timeout)

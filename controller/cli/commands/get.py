@@ -27,7 +27,7 @@ from controller.cli.bounds import count, int_max, seconds
 from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
 from controller.cli.context import Context
 from controller.cli.outage import Polls
-from controller.cli.refs import deployment_name, deployment_ref, split_kind
+from controller.cli.refs import deployment_name, deployment_ref, kind_and_names, placement_name
 from controller.cli.documents import (
     deployment_document, event_document, list_document, node_document, placement_document, tenant_document, topology_document,
 )
@@ -138,14 +138,9 @@ def _named(resource: str, words: Sequence[str]) -> tuple[str, list[str]]:
     if kind is None:
         raise CliError(f"get: unknown resource {resource!r} (one of {', '.join(sorted(RESOURCES))}, or KIND/NAME)",
                        Exit.USAGE)
-    names: list[str] = []
-    for word in [resource, *words] if "/" in resource else words:
-        split = split_kind(word, _NAMED)
-        if split is not None and split[0] != kind:
-            raise CliError(f"get {kind}: {word!r} names a {split[0]} (one kind per get)", Exit.USAGE)
-        # A deployment keeps its word whole: `deployment_ref` reads deployment/[TENANT/]NAME.
-        names.append(split[1] if split is not None and kind != "deployment" else word)
-    return kind, names
+    if kind not in _NAMED.values():  # topology, placements, events: any NAME is refused below
+        return kind, [resource, *words] if "/" in resource else list(words)
+    return kind_and_names("get", [resource, *words], _NAMED)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -279,7 +274,7 @@ def _placements(args: argparse.Namespace, ctx: Context) -> Listing:
         lambda: list_document({"kind": "Placement", "deployment": d.spec.name, "tenant": d.spec.tenant,
                                **placement_document(p)} for d, p in rows),
         lambda: cluster_placements_table(deps, args.rack),
-        lambda: [f"placement/{d.spec.name}/{p.replica}/{p.shard}" for d, p in rows])
+        lambda: [placement_name(d.spec.tenant, d.spec.name, p.replica, p.shard) for d, p in rows])
 
 
 def parse_object(text: str) -> tuple[str, str]:

@@ -3,17 +3,18 @@
 A drain is make-before-break: each replica on the node keeps running until its replacement
 runs elsewhere. `drain --wait` follows it (progress on stderr) until no deployment that had a
 shard there has a replica left to replace, then prints what moved where, shard by shard
-(`from -> to`); on --timeout it exits 1 with what is still waiting and why.
+(`from -> to`); on --timeout it exits 1 with what is still waiting and why. A NODE may be given
+as `-o name` prints it (`node/ID`), or after the word `node` (`drain node n1 n2`).
 """
 from __future__ import annotations
 
 import argparse
 
 from controller.cli.bounds import seconds
-from controller.cli.client import list_all
+from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
 from controller.cli.documents import node_document
-from controller.cli.refs import deployment_ref
+from controller.cli.refs import NODE_WORDS, deployment_ref, kind_and_names
 from controller.cli.vocab import node_state_word
 from controller.cli.commands.wait import wait_deployments
 from maia.v1 import admin_pb2, deployments_pb2
@@ -27,7 +28,7 @@ _HELP = {"cordon": "take no new shards on a node", "uncordon": "let a node take 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     for verb in _VERBS:
         p = sub.add_parser(verb, parents=[common], help=_HELP[verb])
-        p.add_argument("nodes", nargs="+", metavar="NODE")
+        _add_nodes(p)
         if verb == "drain":
             p.add_argument("--wait", action="store_true",
                            help="block until the replicas there run elsewhere, then show what moved where")
@@ -38,13 +39,25 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     verbs = node.add_subparsers(dest="node_command", metavar="VERB", required=True)
     reset = verbs.add_parser("reset-credential", parents=[common],
                              help="revoke a node's credential; its agent registers again with a node-bootstrap token")
-    reset.add_argument("nodes", nargs="+", metavar="NODE")
-    reset.set_defaults(handler=run_reset_credential)
+    _add_nodes(reset)
+    reset.set_defaults(handler=run_reset_credential, verb="node reset-credential")
+
+
+def _add_nodes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("nodes", nargs="+", metavar="NODE", help="node IDs, or node/ID as -o name prints them")
+
+
+def _node_ids(args: argparse.Namespace) -> list[str]:
+    """The IDs of the NODE words: `ID`, `node/ID` or `node ID...`."""
+    ids = kind_and_names(args.verb, args.nodes, NODE_WORDS, default="node")[1]
+    if not ids:
+        raise CliError(f"{args.verb} needs a NODE", Exit.USAGE)
+    return ids
 
 
 def run_reset_credential(args: argparse.Namespace, ctx: Context) -> int:
     replies = []
-    for node_id in args.nodes:
+    for node_id in _node_ids(args):
         reply = ctx.controller.admin.ResetNodeCredential(admin_pb2.NodeRequest(id=node_id), timeout=ctx.rpc_timeout)
         replies.append(reply)
         if not ctx.json:
@@ -57,6 +70,7 @@ def run_reset_credential(args: argparse.Namespace, ctx: Context) -> int:
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
     method, past = _VERBS[args.verb]
+    args.nodes = _node_ids(args)
     call = getattr(ctx.controller.admin, method)
     before: dict[str, list[deployments_pb2.ShardPlacement]] = {}
     if getattr(args, "wait", False):

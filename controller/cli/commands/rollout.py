@@ -1,5 +1,8 @@
 """`maiactl scale DEPLOYMENT --replicas N` and `maiactl rollout status DEPLOYMENT [--timeout]`.
 
+DEPLOYMENT is NAME or TENANT/NAME, after the word `deployment` or as `-o name` prints it
+(`deployment/TENANT/NAME`), as kubectl reads `scale deployment web` and `scale deployment/web`.
+
 scale reads the deployment and updates it with the new replica count, naming the resource
 version it read (a change made by someone else in between is refused, and read again once).
 rollout status follows a rolling update (or a drain) of one deployment until every asked
@@ -16,7 +19,7 @@ from controller.cli.client import CliError, Exit, status_code
 from controller.cli.commands.wait import wait_deployments
 from controller.cli.context import Context
 from controller.cli.documents import deployment_document
-from controller.cli.refs import add_tenant_flag, deployment_ref
+from controller.cli.refs import DEPLOYMENT_WORDS, add_tenant_flag, deployment_name, deployment_ref, kind_and_name
 from maia.v1 import deployments_pb2
 
 P = deployments_pb2
@@ -25,7 +28,7 @@ REPLICAS_MAX = int_max(P.DeploymentSpec.DESCRIPTOR.fields_by_name["replicas"])  
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("scale", parents=[common], help="change a deployment's replica count (at once)")
-    s.add_argument("deployment", metavar="DEPLOYMENT")
+    _add_deployment(s)
     s.add_argument("--replicas", type=int, required=True, metavar="N")
     add_tenant_flag(s)
     s.set_defaults(handler=run_scale)
@@ -33,10 +36,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     verbs = r.add_subparsers(dest="rollout_command", metavar="VERB", required=True)
     st = verbs.add_parser("status", parents=[common],
                           help="wait until a deployment's rolling update (or drain) is done, showing progress")
-    st.add_argument("deployment", metavar="DEPLOYMENT")
+    _add_deployment(st)
     st.add_argument("--timeout", type=seconds(), default=300.0, metavar="SECONDS")
     add_tenant_flag(st)
     st.set_defaults(handler=run_status)
+
+
+def _add_deployment(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("deployment", nargs="+", metavar="DEPLOYMENT",
+                        help="[deployment] NAME or TENANT/NAME, or deployment/TENANT/NAME as -o name prints it")
+
+
+def _deployment(command: str, words: list[str]) -> str:
+    """The one deployment of `words` (`[deployment] NAME`, `deployment/...`), for `deployment_ref`."""
+    return kind_and_name(command, words, DEPLOYMENT_WORDS, default="deployment")[1]
 
 
 def run_scale(args: argparse.Namespace, ctx: Context) -> int:
@@ -45,7 +58,7 @@ def run_scale(args: argparse.Namespace, ctx: Context) -> int:
                        Exit.USAGE)
     if args.replicas > REPLICAS_MAX:
         raise CliError(f"--replicas must be at most {REPLICAS_MAX}, got {args.replicas}", Exit.USAGE)
-    ref = deployment_ref(args.deployment, args.tenant)
+    ref = deployment_ref(_deployment("scale", args.deployment), args.tenant)
     for attempt in range(2):
         current = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
                                                            timeout=ctx.rpc_timeout)
@@ -61,19 +74,20 @@ def run_scale(args: argparse.Namespace, ctx: Context) -> int:
                 continue  # changed between our read and write: read it again, once
             raise
         break
+    name = deployment_name(answer.deployment.spec.tenant or ref.tenant, answer.deployment.spec.name or ref.name)
     if ctx.json:
         ctx.emit_json({"deployment": deployment_document(answer.deployment), "changes": list(answer.changes)})
     elif answer.changes:
-        ctx.out(f"deployment/{args.deployment} scaled: replicas {current.spec.replicas} -> {args.replicas} "
+        ctx.out(f"{name} scaled: replicas {current.spec.replicas} -> {args.replicas} "
                 f"(resource version {answer.deployment.resource_version})")
     else:
-        ctx.out(f"deployment/{args.deployment} unchanged: already {args.replicas} replicas")
+        ctx.out(f"{name} unchanged: already {args.replicas} replicas")
     return Exit.OK
 
 
 def run_status(args: argparse.Namespace, ctx: Context) -> int:
-    code = wait_deployments([args.deployment], "rolled-out", args.timeout, ctx, fail_fast=False,
-                            quiet=True, tenant=args.tenant)
+    word = _deployment("rollout status", args.deployment)
+    code = wait_deployments([word], "rolled-out", args.timeout, ctx, fail_fast=False, quiet=True, tenant=args.tenant)
     if not ctx.json:
-        ctx.out(f'deployment "{args.deployment}" successfully rolled out')
+        ctx.out(f'deployment "{deployment_ref(word, args.tenant)}" successfully rolled out')
     return code

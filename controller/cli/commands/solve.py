@@ -6,14 +6,13 @@ With `-o json` stdout carries exactly one JSON document, plan_to_dict(plan); eve
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from controller.cli.client import CliError, Exit
 from controller.cli.config import not_utf8
 from controller.cli.context import Context
-from controller.cli.loading import DuplicateKey, strict_json
+from controller.cli.loading import JsonError, json_document
 from controller.cli.plan_view import plan_text
 
 
@@ -34,15 +33,9 @@ def load_problem(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise CliError(f"{path}: cannot read: {not_utf8(exc)}", 2) from None
     try:
-        doc = strict_json(text)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", 2) from None
-    except DuplicateKey as exc:  # the interchange format's objects name each field once
-        raise CliError(f"{path}: invalid JSON: {exc}", 2) from None
-    except ValueError as exc:  # an integer literal past Python's digit limit (4,300)
-        raise CliError(f"{path}: cannot read its JSON: {exc}", 2) from None
-    except RecursionError:
-        raise CliError(f"{path}: invalid JSON: nested too deeply for a problem document", 2) from None
+        doc = json_document(text, "problem document")
+    except JsonError as exc:
+        raise CliError(f"{path}: {exc}", 2) from None
     if not isinstance(doc, dict):
         raise CliError(f"{path}: expected a JSON object, got {type(doc).__name__}", 2)
     return doc

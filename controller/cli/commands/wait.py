@@ -31,7 +31,9 @@ from controller.cli.client import CliError, Exit, list_all, status_code
 from controller.cli.context import Context
 from controller.cli.documents import deployment_document
 from controller.cli.outage import OUTAGE_CODES, Polls, clock
-from controller.cli.refs import DeploymentRef, add_tenant_flag, deployment_ref
+from controller.cli.refs import (
+    DEPLOYMENT_WORDS, NODE_WORDS, DeploymentRef, add_tenant_flag, deployment_ref, kind_and_names,
+)
 from controller.cli.views import phase_text, reasons_text
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
@@ -53,12 +55,15 @@ POLL_INTERVAL_S = 1.0
 NODES_POLL_INTERVAL_S = 0.5
 # Reason codes that do not go away by themselves (see the module docstring).
 BLOCKING_CODES = frozenset({"QUOTA_ACCELERATORS", "QUOTA_POWER", "ZONE", "ACCELERATOR_MODEL", "HBM"})
+# What `wait` waits for: deployments by name, or nodes (how many connect).
+KINDS = {**DEPLOYMENT_WORDS, **NODE_WORDS}
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("wait", parents=[common], help="wait until deployments reach a phase (or nodes connect)")
-    p.add_argument("resource", choices=("deployment", "deployments", "deploy", "nodes"))
-    p.add_argument("names", nargs="*", metavar="NAME", help="deployments to wait for")
+    p.add_argument("resource", metavar="KIND",
+                   help="deployment | nodes; or deployment/[TENANT/]NAME as -o name prints it, more NAMEs after it")
+    p.add_argument("names", nargs="*", metavar="NAME", help="deployments to wait for: NAME or TENANT/NAME")
     p.add_argument("--for", dest="condition", choices=sorted(CONDITIONS), default="running")
     p.add_argument("--timeout", type=seconds(), default=120.0, metavar="SECONDS",
                    help="give up after this many seconds, exit 1 (default: 120); no call outlasts it")
@@ -71,13 +76,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    if args.resource == "nodes":
+    kind, names = kind_and_names("wait", [args.resource, *args.names], KINDS)
+    if kind == "node":
+        if names:
+            raise CliError("wait nodes takes no NAME: it waits for --connected N nodes", Exit.USAGE)
         if args.connected is None:
             raise CliError("wait nodes needs --connected N", 2)
         return _wait_nodes(args.connected, args.timeout, ctx)
-    if not args.names:
+    if not names:
         raise CliError("wait deployment needs at least one NAME", 2)
-    return wait_deployments(args.names, args.condition, args.timeout, ctx, fail_fast=not args.keep_waiting,
+    return wait_deployments(names, args.condition, args.timeout, ctx, fail_fast=not args.keep_waiting,
                             tenant=args.tenant)
 
 
