@@ -59,6 +59,15 @@ TENANT_POWER_W_MAX = 1e12
 REPORT_MESSAGE_MAX = 1024           # a shard's status message
 REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
 REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
+# A Connect stream's first message (its Hello) must arrive this long after the stream opened, else the
+# stream ends INVALID_ARGUMENT: without a bound any caller that may Connect held a stream (a handler,
+# its buffers) open as long as it liked by saying nothing. An agent writes its Hello as the stream's
+# first message, so one round trip brings it (~0.6 s over a satellite hop, a few seconds on a link
+# that holds each read); the bound must outlast the controller's own stalls too, its event-loop lag
+# in a join storm (p99 10 s seen on a starved controller, docs/benchmarks.md), else live agents are
+# cut and reconnect into the storm. 20 s is twice that, and of the order of the silence a stream that
+# said its Hello is allowed (three heartbeat intervals, at least --heartbeat-timeout: 10 s by default).
+HELLO_TIMEOUT_S = 20.0
 # Agent Registers and batches of Connect hellos let in at once (the Registers inside are committed
 # in batches, controller/groupcommit.py), and queued beyond that; the rest are refused with a
 # retry time (controller.admission). A Register inside waits for its batch, which the gate's

@@ -3,21 +3,25 @@
 The conversation itself lives in `controller.agents.AgentHub`; this servicer only converts
 messages (the hub's sets, state requests and heartbeat intervals to `ControllerMessage`s) and
 checks that a stream starts with a Hello (whose stated heartbeat interval the hub judges the
-stream by). Agents talk to the leader only: a
+stream by), within `limits.HELLO_TIMEOUT_S` of its opening, from a caller some Hello could admit
+(refused before any read otherwise). Agents talk to the leader only: a
 follower answers UNAVAILABLE with the leader's address in the `maia-leader` trailing metadata.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from grpc import aio
 
+from controller import limits
 from controller.api import convert
 from controller.api.deps import ServiceDeps
-from controller.errors import FailedPrecondition
+from controller.errors import FailedPrecondition, InvalidArgument
 from controller.identity import current_principal
 from controller.agents import AgentInbound, AgentOutbound, HeartbeatPolicy, ShardStateRequest
+from controller.usecases import agents as agent_cases
 from maia.v1 import agent_pb2, agent_pb2_grpc
 
 # The full method name of Register (its calls may be shed before the interceptor chain: server.py).
@@ -63,11 +67,16 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServiceServicer):
     async def Connect(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage],
                       context: aio.ServicerContext) -> AsyncIterator[agent_pb2.ControllerMessage]:
         self._deps.require_leader()
+        agent_cases.check_connect(current_principal())  # a caller no Hello could admit: before any read
         messages = request_iterator.__aiter__()
         try:
-            first = await messages.__anext__()
+            async with asyncio.timeout(limits.HELLO_TIMEOUT_S):
+                first = await messages.__anext__()
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            raise InvalidArgument(f"the first message on Connect must be Hello (node_id, session_id); none came "
+                                  f"within {limits.HELLO_TIMEOUT_S:g} s") from None
         if first.WhichOneof("body") != "hello":
             raise FailedPrecondition("the first message on Connect must be Hello (node_id, session_id)")
         outbound = self._deps.hub.converse(current_principal(), first.hello.node_id, first.hello.session_id,

@@ -274,10 +274,13 @@ def registration_msg(reg: d.Registration) -> agent_pb2.RegisterResponse:
 
 
 def shard_report(msg: agent_pb2.ShardStatus) -> d.ShardReport:
+    """An agent's ShardStatus, its phase as a word ("" for UNSPECIFIED, the number of a value this
+    controller does not know): which phases an agent may report is `usecases.agents.validate_report`'s."""
     return d.ShardReport(
         deployment=msg.deployment, replica=msg.replica, shard=msg.shard, generation=msg.generation,
-        phase=_SHARD_PHASE_TO_WORD.get(msg.phase, ""), message=msg.message, power_draw_w=msg.power_draw_w,
-        tenant=msg.tenant,
+        phase=_SHARD_PHASE_TO_WORD.get(msg.phase) or ("" if msg.phase == common_pb2.SHARD_PHASE_UNSPECIFIED
+                                                      else str(msg.phase)),
+        message=msg.message, power_draw_w=msg.power_draw_w, tenant=msg.tenant,
     )
 
 

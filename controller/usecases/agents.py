@@ -40,6 +40,9 @@ from controller.usecases.validation import (
 from controller.usecases.ports import Signals
 
 _SHARD_PHASES = {p.value for p in m.ShardPhase}
+# The phases an agent reports; ASSIGNED is the controller's (committed, not acknowledged yet).
+_AGENT_PHASES = {p.value for p in (m.ShardPhase.LOADING, m.ShardPhase.RUNNING, m.ShardPhase.FAILED,
+                                   m.ShardPhase.STOPPED)}
 
 
 def _validate(info: NodeInfo) -> None:
@@ -60,13 +63,23 @@ def _validate(info: NodeInfo) -> None:
     check_labels(f"{where}: labels", info.labels)
 
 
+def check_connect(who: Principal) -> None:
+    """A Connect stream is refused as it opens, before any message is read, when no Hello could
+    admit its caller (a tenant or node-bootstrap token): which node it speaks for is judged at its
+    Hello (`_accept_hello`), but a caller refused then would otherwise hold the stream until then."""
+    policy.require_node_credential(who, "Connect")
+
+
 def validate_report(node_id: str, report: ShardReport) -> None:
-    """A shard status from an agent: every field bounded like a request's."""
+    """A shard status from an agent: every field bounded like a request's, its phase one an agent reports."""
     where = f"node {node_id}: shard status"
     check_name(f"{where} deployment", report.deployment)
     check_optional_id(f"{where} tenant", report.tenant)
     check_range(f"{where} replica", report.replica, 0, limits.REPLICAS_MAX - 1)
     check_range(f"{where} shard", report.shard, 0, limits.SHARDS_PER_REPLICA_MAX - 1)
+    if report.phase not in _AGENT_PHASES:  # the phase as converted: a word, "" (UNSPECIFIED) or an unknown number
+        raise InvalidArgument(f"{where} phase must be one an agent reports (LOADING, RUNNING, FAILED or STOPPED), "
+                              f"got {report.phase.upper() or 'UNSPECIFIED'}")
     check_text(f"{where} message", report.message, limits.REPORT_MESSAGE_MAX)
     check_quantity(f"{where} power_draw_w", report.power_draw_w, limits.POWER_W_MAX)
 
@@ -476,14 +489,48 @@ class NodeBeat:
     power_draw_w: float
 
 
-def _changes(hit: tuple[str, ShardReport] | None, node_id: str, generation: int, phase: m.ShardPhase,
-             message: str) -> tuple[str, ShardReport] | None:
-    """The report `hit` (node, report) if it changes a placement on `node_id` of `generation` in
-    `phase` with `message` (else None): it comes from that node, answers that generation or a newer
-    one (older reports are stale), and says something else."""
-    if hit is None or hit[0] != node_id or hit[1].generation < generation:
+STOPPED_WHILE_ASSIGNED = "stopped by its agent while still assigned"
+
+
+def _judged(placed: m.ShardPhase, report: ShardReport) -> ShardReport | None:
+    """What a report says of the placement it applies to, in phase `placed` (None: nothing).
+
+    An agent stops a shard when its set no longer names it, and then the placement is gone (or on
+    another node) and the report applies to nothing. A STOPPED that applies is about a shard still
+    assigned to that node: the agent stopped it unasked (its process exited, someone stopped it
+    by hand) and runs it no more. That is a failure, as a real operator expects of a process that
+    exits when it should run (Kubernetes restarts a container that exits 0 with the same back-off
+    as one that crashes): FAILED with the agent's message, so the replica is placed again after
+    its restart back-off (`domain/restarts.py`), elsewhere first, and counts towards the restart
+    limit. Not a STOPPED placement nothing moves again, and not the same set pushed again, which
+    would restart at once, without a back-off, a shard that keeps exiting, nothing telling why.
+    Except: a placement not taken up yet (ASSIGNED) is left alone, since its STOPPED may answer
+    the set that took an earlier placement of the shard away (a gang released and placed again on
+    the same node: the report written after the new placement was committed, before the agent got
+    the set naming it again); and a FAILED one stays as it failed (its failure counted once, its
+    message kept)."""
+    if report.phase != m.ShardPhase.STOPPED.value:
+        return report
+    if placed in (m.ShardPhase.ASSIGNED, m.ShardPhase.FAILED):
         return None
-    return hit if phase is not m.ShardPhase(hit[1].phase) or message != hit[1].message else None
+    said = report.message.strip()
+    return replace(report, phase=m.ShardPhase.FAILED.value,
+                   message=f"{STOPPED_WHILE_ASSIGNED}: {said}" if said else STOPPED_WHILE_ASSIGNED)
+
+
+def _changes(hit: tuple[str, ShardReport] | None, state: repo.ShardState, *,
+             taken_up: bool = False) -> ShardReport | None:
+    """What the report `hit` (node, report) changes of the placement `state` (None: nothing): it
+    comes from that placement's node, answers its generation or a newer one (older reports are
+    stale), and says something else of it (`_judged`). `taken_up`: the node said LOADING or RUNNING
+    of this placement in the same batch, before `hit` (so it is not ASSIGNED any more to it)."""
+    if hit is None or hit[0] != state.node_id or hit[1].generation < state.generation:
+        return None
+    placed = m.ShardPhase.LOADING if taken_up and state.phase is m.ShardPhase.ASSIGNED else state.phase
+    report = _judged(placed, hit[1])
+    if report is None or (state.phase is m.ShardPhase(report.phase) and state.message == report.message):
+        return None
+    return report
 
 
 async def flush_reports(
@@ -493,7 +540,8 @@ async def flush_reports(
     """Write batched heartbeats, shard reports and refused-report events in one transaction.
 
     A report is applied only if the shard is still placed on the reporting node and answers the
-    placement's generation or a newer one (older reports are stale). Every report names its
+    placement's generation or a newer one (older reports are stale); a STOPPED one so applied is a
+    failure (`_judged`). Every report names its
     tenant (the hub fills it in from what it gave the node). A shard newly FAILED gives its
     deployment a SHARD_FAILED reason with the agent's message (dropped once it runs again) and
     bumps the cluster generation: the reconciler places the replica again after a back-off.
@@ -509,15 +557,22 @@ async def flush_reports(
     """
     s = uow.session
     latest: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}
+    # The newest generation each node said LOADING or RUNNING of each shard in this batch: a
+    # placement still ASSIGNED as stored was taken up by that node if it answers it.
+    taken_up: dict[tuple[str, tuple[str, int, int]], int] = {}
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
-            latest[(deployment_key(report.tenant, report.deployment), report.replica, report.shard)] = (node_id, report)
+            key = (deployment_key(report.tenant, report.deployment), report.replica, report.shard)
+            latest[key] = (node_id, report)
+            if report.phase in (m.ShardPhase.LOADING.value, m.ShardPhase.RUNNING.value):
+                taken_up[(node_id, key)] = max(report.generation, taken_up.get((node_id, key), report.generation))
     hits: dict[tuple[str, int, int], tuple[repo.ShardState, ShardReport]] = {}  # the reports that change their shard
     for state in await repo.shard_states(s, {k[0] for k in latest}) if latest else ():
         place = (state.key, state.replica, state.shard)
-        hit = _changes(latest.get(place), state.node_id, state.generation, state.phase, state.message)
-        if hit is not None:
-            hits[place] = (state, hit[1])
+        report = _changes(latest.get(place), state,
+                          taken_up=taken_up.get((state.node_id, place), -1) >= state.generation)
+        if report is not None:
+            hits[place] = (state, report)
     at = m.utcnow()
     if any(report.phase == m.ShardPhase.FAILED.value for _, report in hits.values()):
         # A shard newly failed moves the generation below: the generation writers' lock before

@@ -52,6 +52,14 @@ def may_see_tenant(who: Principal, tenant: str) -> bool:
     return who.is_admin or (who.role is Role.TENANT and who.tenant == tenant)
 
 
+def require_node_credential(who: Principal, action: str) -> None:
+    """Admins pass, and node credentials (any node's: which node one speaks for is
+    `require_node_speaker`'s, once the call names it)."""
+    if who.is_admin or who.role is Role.NODE:
+        return
+    raise _denied(who, action, "a node's own credential (returned by Register)")
+
+
 def require_node_speaker(who: Principal, node_id: str, action: str) -> None:
     """Only the node's own credential (or an admin) speaks for a node."""
     if who.is_admin or (who.role is Role.NODE and who.node == node_id):

@@ -268,3 +268,66 @@ async def test_nodes_changed_but_none_draining_skip_the_scan_for_replacements(cl
 async def _node_ids(db: Database) -> list[str]:
     async with db.unit_of_work() as uow:
         return [row.id for row in await repo.list_node_rows(uow.session)]
+
+
+async def test_a_shard_its_agent_stopped_while_still_assigned_fails_and_is_placed_again_after_its_back_off(
+        cluster: Database) -> None:
+    # An agent stops only what its set no longer names: a STOPPED shard still placed on its node
+    # does not run though nothing was asked, so it is a failure (its back-off, placed elsewhere),
+    # not a placement left STOPPED that nothing ever moves again.
+    clocks = Clocks()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4))  # one whole node per replica
+    await loop.reconcile_once()
+    for replica in (0, 1):
+        await report(cluster, "svc", replica, "running")
+    stopped_node = (await placed(cluster, "svc"))[0][0]
+
+    await report(cluster, "svc", 0, "stopped", "model server exited 0")
+    assert (await placed(cluster, "svc"))[0] == (stopped_node, "failed")
+    row = await state(cluster, "svc")
+    assert row.phase is m.DeploymentPhase.DEGRADED
+    assert row.reasons[0]["code"] == SHARD_FAILED
+    assert row.reasons[0]["message"] == (f"replica 0 shard 0 failed on {stopped_node}: stopped by its agent while "
+                                         "still assigned: model server exited 0")
+
+    await loop.reconcile_once()  # counted as a failure: its back-off starts
+    assert (await state(cluster, "svc")).failures == 1
+    await report(cluster, "svc", 0, "stopped", "again")  # said again (a full state): nothing more
+    assert (await placed(cluster, "svc"))[0] == (stopped_node, "failed")
+    await loop.reconcile_once()
+    assert (await state(cluster, "svc")).failures == 1
+    clocks.s = 5.0
+    await loop.reconcile_once()  # released and placed again, elsewhere
+    node, phase = (await placed(cluster, "svc"))[0]
+    assert node != stopped_node and phase == "assigned"
+
+
+async def test_a_stopped_report_for_a_placement_not_taken_up_yet_changes_nothing(cluster: Database) -> None:
+    # A replica released and placed again on the same node: the STOPPED its agent sent for the
+    # old placement may be written after the new one is committed, before the agent got the set
+    # naming it again. Not a failure of the new placement (that would release it again).
+    clocks = Clocks()
+    loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    await submit(cluster, deployment("svc", replicas=1, accelerators=4))
+    await loop.reconcile_once()
+    node = (await placed(cluster, "svc"))[0][0]
+    await report(cluster, "svc", 0, "stopped", "stopped")
+    assert (await placed(cluster, "svc"))[0] == (node, "assigned")
+    row = await state(cluster, "svc")
+    assert row.reasons == [] and row.failures == 0
+    await report(cluster, "svc", 0, "running")
+    assert (await state(cluster, "svc")).phase is m.DeploymentPhase.RUNNING
+
+
+async def test_a_shard_taken_up_and_stopped_within_one_flush_fails(cluster: Database) -> None:
+    # Its LOADING and its STOPPED written together: the placement, ASSIGNED as stored, was taken up.
+    loop = reconciler(cluster, Clocks(), RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
+    await submit(cluster, deployment("svc", replicas=1, accelerators=4))
+    await loop.reconcile_once()
+    node = (await placed(cluster, "svc"))[0][0]
+    async with cluster.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(node, ShardReport("svc", 0, 0, 10**9, phase, tenant="t1"))
+                                             for phase in ("loading", "stopped")])
+    assert (await placed(cluster, "svc"))[0] == (node, "failed")
+    assert (await state(cluster, "svc")).reasons[0]["code"] == SHARD_FAILED

@@ -5,6 +5,7 @@ and flushes that one node's bad data cannot fail for everyone."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ from grpc_status import rpc_status
 from prometheus_client import generate_latest
 from sqlalchemy import select
 
+from controller import limits
 from controller.agents import AgentHub, _Batch
 from controller.api.server import ControllerApp
 from controller.groupcommit import PACE_JITTER, PACE_MAX_S, PACE_MIN_S
@@ -89,6 +91,19 @@ def _status(deployment: str, phase: int = common_pb2.SHARD_PHASE_RUNNING, **kw) 
     (_status("svc", replica=-1), "node n1: shard status replica must be between 0 and 4095, got -1"),
     (agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1, power_draw_w=float("nan"))),
      "node n1: heartbeat power_draw_w must be a finite number, got nan"),
+    # Phases an agent never reports: ASSIGNED is the controller's (committed, not acknowledged yet),
+    # UNSPECIFIED says nothing, and a value this controller does not know is not guessed at.
+    (_status("svc", common_pb2.SHARD_PHASE_ASSIGNED),
+     "node n1: shard status phase must be one an agent reports (LOADING, RUNNING, FAILED or STOPPED), got ASSIGNED"),
+    (_status("svc", common_pb2.SHARD_PHASE_UNSPECIFIED),
+     "node n1: shard status phase must be one an agent reports (LOADING, RUNNING, FAILED or STOPPED), "
+     "got UNSPECIFIED"),
+    (_status("svc", 42),
+     "node n1: shard status phase must be one an agent reports (LOADING, RUNNING, FAILED or STOPPED), got 42"),
+    (agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1, shards=[
+        agent_pb2.ShardStatus(deployment="svc", phase=common_pb2.SHARD_PHASE_RUNNING),
+        agent_pb2.ShardStatus(deployment="svc", replica=1, phase=common_pb2.SHARD_PHASE_ASSIGNED)])),
+     "node n1: shard status phase must be one an agent reports (LOADING, RUNNING, FAILED or STOPPED), got ASSIGNED"),
 ])
 async def test_an_out_of_bounds_report_ends_the_stream_with_invalid_argument(strict: Stubs, message, details):
     agent = await _connected(strict)
@@ -99,6 +114,61 @@ async def test_an_out_of_bounds_report_ends_the_stream_with_invalid_argument(str
     node = await eventually(lambda: strict.admin.GetNode(admin_pb2.GetNodeRequest(id="n1")),
                             lambda n: not n.connected, what="n1 disconnected")
     assert node.power_draw_w == 0.0  # nothing of the refused stream was written
+
+
+async def _silent(until: asyncio.Event) -> AsyncIterator[agent_pb2.AgentMessage]:
+    """A Connect stream's requests: none, until `until` is set (its caller holds it open, saying nothing)."""
+    await until.wait()
+    for message in ():  # then it ends, having said nothing
+        yield message
+
+
+async def _ended(call: grpc.aio.StreamStreamCall, timeout: float = 10.0) -> grpc.aio.AioRpcError:
+    """The status a Connect `call` ends with, within `timeout` seconds (it sends its caller nothing)."""
+    async def read() -> None:
+        async for message in call:
+            raise AssertionError(f"the controller sent {message!r}")
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(read(), timeout)
+    return info.value
+
+
+@pytest.mark.parametrize(("role", "tenant"), [("tenant", "lab"), ("node-bootstrap", "")])
+async def test_a_caller_whose_role_never_connects_is_refused_as_its_stream_opens(
+        strict: Stubs, strict_app: ControllerApp, role: str, tenant: str):
+    """Refused before any message is read: a Hello would be refused anyway, and without one a
+    tenant's token held streams open for as long as it liked."""
+    caller = Stubs.connect(strict_app.address, await issue_token(strict_app.db, role, tenant=tenant))
+    said_nothing = asyncio.Event()
+    try:
+        calls = [caller.agent.Connect(_silent(said_nothing)) for _ in range(5)]
+        errors = await asyncio.gather(*(_ended(call, timeout=5.0) for call in calls))
+    finally:
+        said_nothing.set()
+        await caller.channel.close()
+    assert {(e.code(), e.details()) for e in errors} == {(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"Connect needs a node's own credential (returned by Register); the caller's token has role {role}")}
+
+
+async def test_a_stream_without_a_hello_in_time_ends_with_invalid_argument(
+        strict: Stubs, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(limits, "HELLO_TIMEOUT_S", 0.5)
+    began = time.monotonic()
+    said_nothing = asyncio.Event()
+    try:  # an admin may Connect: only the Hello is missing
+        error = await _ended(strict.agent.Connect(_silent(said_nothing)))
+    finally:
+        said_nothing.set()
+    assert time.monotonic() - began >= 0.5
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "the first message on Connect must be Hello (node_id, session_id); none came within 0.5 s"
+    agent = await _connected(strict)  # one that says it in time is served as ever
+    agent.heartbeat(1, 700.0)
+    await eventually(lambda: strict.admin.GetNode(admin_pb2.GetNodeRequest(id="n1")),
+                     lambda n: n.power_draw_w == 700.0, what="heartbeat written")
+    await agent.close()
 
 
 async def test_a_flooding_stream_is_refused_with_retry_info(slow_refill: Stubs):

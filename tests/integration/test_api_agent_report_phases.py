@@ -1,0 +1,52 @@
+"""The phases an agent reports, over real gRPC with hand-driven agents (SQLite and PostgreSQL): a
+STOPPED shard still assigned is a failure. (Phases an agent never reports end its stream:
+test_api_agent_bounds.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from grpc_harness import RUNNING, HandAgent, controller_with_rack, eventually, spec
+from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
+
+
+async def test_a_shard_its_agent_stopped_while_still_assigned_is_placed_again(db_url: str, tmp_path):
+    """An agent stops only the shards its set no longer names; one that says STOPPED of a shard
+    still assigned to it runs it no more: a failure, placed again (elsewhere) after its back-off,
+    not a placement left STOPPED that nothing moves again."""
+    async with controller_with_rack(db_url, tmp_path, restart_backoff_s=0.2) as (_, stubs):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        agents = {node_id: HandAgent(stubs, node_id, "rack-a") for node_id in ("n1", "n2")}
+        for agent in agents.values():
+            await agent.register()
+            await agent.connect()
+            agent.keep_beating()
+            await agent.next_set()
+        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 2,
+                         what="both nodes ready")
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
+
+        def svc() -> Awaitable[deployments_pb2.Deployment]:
+            return stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
+
+        placed = await eventually(svc, lambda d: len(d.placements) == 1, what="svc placed")
+        holder = agents[placed.placements[0].node]
+        other = next(agent for agent in agents.values() if agent is not holder)
+        assigned = (await holder.next_set(lambda s: len(s.assignments) == 1)).assignments[0]
+        holder.report(assigned, common_pb2.SHARD_PHASE_RUNNING)
+        await eventually(svc, lambda d: d.phase == RUNNING, what="svc running")
+
+        holder.send(agent_pb2.AgentMessage(shard_status=agent_pb2.ShardStatus(
+            deployment=assigned.deployment, replica=assigned.replica, shard=assigned.shard,
+            generation=assigned.generation, phase=common_pb2.SHARD_PHASE_STOPPED, message="model server exited 0")))
+        await other.next_set(lambda s: len(s.assignments) == 1, timeout=15)  # placed again, elsewhere
+        await holder.next_set(lambda s: len(s.assignments) == 0, timeout=15)  # and taken from the holder
+        dep = await svc()
+        assert [p.node for p in dep.placements] == [other.info.node_id]
+        assert [r.message for r in dep.reasons if r.code == "SHARD_FAILED"] == [
+            f"replica 0 shard 0 failed on {holder.info.node_id}: stopped by its agent while still assigned: "
+            "model server exited 0"]
+        for agent in agents.values():
+            await agent.close()
