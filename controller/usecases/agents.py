@@ -556,20 +556,23 @@ async def flush_reports(
     flush's CPU).
     """
     s = uow.session
-    latest: dict[tuple[str, int, int], tuple[str, ShardReport]] = {}
+    # The latest report of each shard from each node: per node, since a shard that moved is
+    # reported by both (STOPPED by the node it left, LOADING by the one it went to) and only the
+    # placement's node's word counts; kept per shard alone, the other node's report read last hid it.
+    latest: dict[tuple[str, tuple[str, int, int]], tuple[str, ShardReport]] = {}
     # The newest generation each node said LOADING or RUNNING of each shard in this batch: a
     # placement still ASSIGNED as stored was taken up by that node if it answers it.
     taken_up: dict[tuple[str, tuple[str, int, int]], int] = {}
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
             key = (deployment_key(report.tenant, report.deployment), report.replica, report.shard)
-            latest[key] = (node_id, report)
+            latest[(node_id, key)] = (node_id, report)
             if report.phase in (m.ShardPhase.LOADING.value, m.ShardPhase.RUNNING.value):
                 taken_up[(node_id, key)] = max(report.generation, taken_up.get((node_id, key), report.generation))
     hits: dict[tuple[str, int, int], tuple[repo.ShardState, ShardReport]] = {}  # the reports that change their shard
-    for state in await repo.shard_states(s, {k[0] for k in latest}) if latest else ():
+    for state in await repo.shard_states(s, {key[0] for _, key in latest}) if latest else ():
         place = (state.key, state.replica, state.shard)
-        report = _changes(latest.get(place), state,
+        report = _changes(latest.get((state.node_id, place)), state,
                           taken_up=taken_up.get((state.node_id, place), -1) >= state.generation)
         if report is not None:
             hits[place] = (state, report)

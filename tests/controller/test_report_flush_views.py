@@ -118,6 +118,26 @@ async def test_a_report_read_before_a_move_leaves_the_moved_shard_alone(cluster:
     assert (await _placed(cluster))[("t1/a", 0, 0)][0::2] == (other, m.ShardPhase.ASSIGNED.value)
 
 
+async def test_the_node_a_shard_left_does_not_hide_the_report_of_the_node_it_went_to(cluster: Database) -> None:
+    """A shard moved from one node to another is reported by both in one flush: LOADING by the node
+    it went to, STOPPED by the one it left (read last). Only the placement's node's word counts:
+    the LOADING is written (the flush kept one report per shard, the last, and dropped both)."""
+    await submit(cluster, deployment("a", replicas=1, shards=1))
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
+    [((_, replica, shard), (old_node, generation, _, _))] = (await _placed(cluster)).items()
+    async with cluster.unit_of_work() as uow:  # moved: assigned to the new node
+        other = next(n.id for n in await repo.list_node_rows(uow.session) if n.id != old_node)
+        row = (await repo.placements_of_deployments(uow.session, ["t1/a"]))[0][0]
+        row.node_id, row.phase = other, m.ShardPhase.ASSIGNED
+        await uow.commit()
+    went, left = (ShardReport("a", replica, shard, generation, phase.value, "", tenant="t1")
+                  for phase in (m.ShardPhase.LOADING, m.ShardPhase.STOPPED))
+    async with cluster.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(other, went), (old_node, left)])
+        await uow.commit()
+    assert (await _placed(cluster))[("t1/a", 0, 0)][0::2] == (other, m.ShardPhase.LOADING.value)
+
+
 _READ = repo.deployments_named
 
 
