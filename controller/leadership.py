@@ -69,11 +69,13 @@ class LeaderAddress:
 
 
 class NotLeader(Unavailable):
-    """This controller follows; the call belongs to the leader (its address in the metadata)."""
+    """This controller follows; the call belongs to the leader (its address in the metadata).
+    `stepped_down`: why it stopped leading, for an agent whose stream that ended."""
 
-    def __init__(self, leader_address: str) -> None:
+    def __init__(self, leader_address: str, *, stepped_down: str = "") -> None:
         where = f"the leader is at {leader_address}" if leader_address else "no leader is elected yet; retry"
-        super().__init__(f"this controller is a follower: {where}",
+        what = f"this controller no longer leads ({stepped_down})" if stepped_down else "this controller is a follower"
+        super().__init__(f"{what}: {where}",
                          metadata=((LEADER_METADATA_KEY, leader_address),) if leader_address else ())
         self.leader_address = leader_address
 
@@ -164,11 +166,16 @@ class LeaderElection:
         return term.leading and self._clock() < term.valid_until
 
     def require_leader(self) -> None:
-        """Raise `NotLeader` (with where the leader serves agents: the calls that ask this are the
-        agents') unless this controller leads now."""
+        """Raise `not_leader()` unless this controller leads now."""
         if not self.should_run():
-            leader = self.leader
-            raise NotLeader(leader.for_agents if leader.api != self.address else "")
+            raise self.not_leader()
+
+    def not_leader(self, stepped_down: str = "") -> NotLeader:
+        """What an agent is told here while this controller follows: `NotLeader` with where the
+        leader serves agents, as last read (none while that is this controller: no other known).
+        `stepped_down`: why it stopped leading, told to the agents whose streams that ended."""
+        leader = self.leader
+        return NotLeader(leader.for_agents if leader.api != self.address else "", stepped_down=stepped_down)
 
     async def commit(self, session: AsyncSession, commit: Callable[[], Awaitable[None]]) -> None:
         """The fence: commit a leader transaction (`commit`) only if the lease is still ours."""

@@ -30,7 +30,7 @@ from controller.agents.reports import ReportBuffer
 from controller.agents.session import (
     AgentInbound, AgentOutbound, AgentSession, HeartbeatPolicy, HubObserver, Message, ShardStateRequest, _NoObserver,
 )
-from controller.errors import InvalidArgument, MaiaError, Unavailable
+from controller.errors import Conflict, InvalidArgument, MaiaError, NotFound, Unavailable
 from controller.groupcommit import GroupCommit
 from controller.ratelimit import TokenBucket
 from controller.identity import Principal
@@ -53,7 +53,7 @@ def _as_is(message: Any) -> Any:
 ASSIGNMENT_READ_BATCH_MAX = 2048  # nodes whose sets one batched read fetches
 
 
-NODE_DELETED = "the node was deleted by an administrator"  # why its stream ended
+NODE_DELETED = "the node was deleted by an administrator"  # why its stream ended (the log's)
 
 
 class AgentHub:
@@ -185,10 +185,13 @@ class AgentHub:
             if session is not None:
                 session.push_set()
 
-    def follow(self, reason: str) -> None:
-        """This controller lost the lead: end every stream (the agents go to the new leader)."""
+    def follow(self, reason: str, told: MaiaError | None = None) -> None:
+        """This controller lost the lead: end every stream (the agents go to the new leader).
+        `told`: what their agents are told, as a follower answers an agent (`NotLeader`: the new
+        leader's address in `maia-leader`, when known); by default UNAVAILABLE with no address."""
+        told = told or Unavailable(f"this controller no longer leads ({reason}); connect to the leader")
         for session in list(self._sessions.values()):
-            session.close(f"this controller no longer leads ({reason})", mark_down=False)
+            session.close(f"this controller no longer leads ({reason})", mark_down=False, told=told)
         self._released.clear()  # the next leader judges these nodes
 
     def revoke(self, node_id: str, reason: str) -> None:
@@ -230,7 +233,7 @@ class AgentHub:
         if registered is None:
             self._intervals.forget(node_id)
         if session is not None and session.session_id != registered:
-            session.close(reason, mark_down=False)
+            session.close(reason, mark_down=False, told=_deleted(node_id))
 
     # --- Registers and hellos, committed in batches (`Joins`) --------------------------------
     def shed_register(self, time_left_s: float | None) -> MaiaError | None:
@@ -294,7 +297,7 @@ class AgentHub:
         session = self._judge(node_id, session_id, heartbeat_interval_ms, who.token_id)
         previous = self._sessions.get(node_id)
         if previous is not None:
-            previous.close("superseded by a newer session", mark_down=False)
+            previous.close("superseded by a newer session", mark_down=False, told=_superseded(node_id, session_id))
         self._sessions[node_id] = session
         self._intervals.pace(session)
         self._streams_changed += 1
@@ -331,7 +334,7 @@ class AgentHub:
                 if current is None:  # the node was deleted: by another controller, whose NODE_REMOVED
                     # this one may have missed (dropped: the resync that follows pushes every set)
                     self._intervals.forget(node_id)
-                    session.close(NODE_DELETED, mark_down=False)
+                    session.close(NODE_DELETED, mark_down=False, told=_deleted(node_id))
                     break
                 now = time.monotonic()
                 session.sent(current, now)
@@ -409,7 +412,7 @@ class AgentHub:
         now = time.monotonic()
         silent = {session for session in self._sessions.values() if now - session.last_seen > session.timeout_s}
         for session in silent & self._silent:
-            session.close(f"no heartbeat for {now - session.last_seen:.1f}s (timeout {session.timeout_s:g}s)")
+            _silenced(session, f"no heartbeat for {now - session.last_seen:.1f}s (timeout {session.timeout_s:g}s)")
         self._silent = silent - self._silent
 
     def _refuse_when_stopping(self, node_id: str) -> None:
@@ -418,10 +421,13 @@ class AgentHub:
                               f"next leader")
 
     def close_all(self) -> None:
-        """Shutdown: end every stream without marking nodes down (agents reconnect to the next controller)."""
+        """Shutdown: end every stream without marking nodes down (agents reconnect to the next
+        controller). They are told UNAVAILABLE with no leader's address: this controller led until
+        now, and the next leader is not elected yet."""
         self._stopping = True
         for session in list(self._sessions.values()):
-            session.close("controller shutting down", mark_down=False)
+            session.close("controller shutting down", mark_down=False, told=Unavailable(
+                f"controller is stopping: the stream of node {session.node_id} ended; connect to the next leader"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +435,30 @@ class _Read:
     """One node's read in a batch: its set, or None when the node no longer exists."""
 
     current: AssignmentSet | None
+
+
+# --- what an agent is told when its stream ends here (its status: `AgentSession.close`) -------------
+def _superseded(node_id: str, session_id: str) -> Conflict:
+    """ABORTED, no retry time: the stream's agent lost the node to the newer stream, usually its own
+    reconnect (its old call gone, nobody reads this); else a second agent of the node, which must
+    stop rather than take it back (each Register and Hello would end the other's stream)."""
+    return Conflict(f"superseded by a newer stream of node {node_id} (session {session_id}): the process that "
+                    f"held this stream must not reconnect (one agent per node)")
+
+
+def _deleted(node_id: str) -> NotFound:
+    """NOT_FOUND, no retry time: the node is gone, and the deletion revoked its node credentials."""
+    return NotFound(f"node {node_id} was deleted by an administrator and its node credential revoked: register it "
+                    f"again with a node-bootstrap token")
+
+
+def _silenced(session: AgentSession, reason: str) -> None:
+    """End a stream silent past its timeout, the node marked suspect: UNAVAILABLE, to connect again
+    (to this controller, which still leads) after one heartbeat interval (RetryInfo: a Hello of the
+    same session is still accepted)."""
+    session.close(reason, told=Unavailable(
+        f"{reason}: node {session.node_id} is suspect until its agent connects again; reconnect and heartbeat "
+        f"every {session.interval_ms} ms", retry_after_ms=session.interval_ms))
 
 
 def _expired(session: AgentSession, token_id: str, expires_at: datetime) -> None:

@@ -90,7 +90,7 @@ class AgentSession:
     closed: bool = False
     close_reason: str = ""
     mark_down_on_close: bool = True
-    error: MaiaError | None = None  # why the controller ended the stream (sent as its status)
+    error: MaiaError | None = None  # why the controller ended the stream (sent as its status: `close`)
     # Shards sent to this stream in any set, with the tenants whose deployment of that name they
     # belong to (bounded: reset to the current set when it grows too big).
     given: dict[ShardKey, set[str]] = field(default_factory=dict)
@@ -116,24 +116,26 @@ class AgentSession:
     # STOPPED of them yet, with when that set was sent (the `agent` stage; bounded like `given`).
     starting: dict[ShardKey, float] = field(default_factory=dict)
 
-    def close(self, reason: str, *, mark_down: bool = True) -> None:
+    def close(self, reason: str, *, mark_down: bool = True, told: MaiaError | None = None) -> None:
+        """End the stream (once: a later close changes nothing). `reason`: the log's, and the
+        suspect mark's when `mark_down`; `told`: the status its agent is sent, what it acts on
+        (None: the agent ended the stream itself, or its call is gone: nobody to tell)."""
         if not self.closed:
             self.close_reason = reason
             self.mark_down_on_close = mark_down
+            self.error = told
             self.closed = True
             self.dirty.set()
 
     def fail(self, error: MaiaError) -> None:
         self.error = error
-        self.close(f"refused: {error.message}")
+        self.close(f"refused: {error.message}", told=error)
 
     def refuse_credential(self, reason: str) -> None:
         """End the stream UNAUTHENTICATED (if it is still open): the credential it was opened with
         was revoked, or expired. Liveness is left to the heartbeat timeout, so an agent that
         registers again in time (with a node-bootstrap token) keeps its shards."""
-        if not self.closed:
-            self.error = Unauthenticated(reason)
-            self.close(f"refused: {reason}", mark_down=False)
+        self.close(f"refused: {reason}", mark_down=False, told=Unauthenticated(reason))
 
     def push_set(self) -> None:
         self.set_due = True

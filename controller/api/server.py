@@ -247,7 +247,7 @@ class ControllerApp:
         self.reconciler.resync()
 
     def _deposed(self, why: str) -> None:
-        self.hub.follow(why)
+        self.hub.follow(why, self.election.not_leader(stepped_down=why))
 
     def _notified(self, kind: str, data: str) -> None:
         """A message from another controller on the same database: `PeerMessages.notified`. The

@@ -13,8 +13,10 @@ all of them:
 - `delay-heartbeats`: `by` seconds more between heartbeats;
 - `fail-shard`: the agent holding a shard reports it FAILED with a message; `keep_failing`
   fails every later load of a matching shard too, until `stop-failing`;
-- `revive`: undoes kill, partition, flap and heartbeat delay; `status`: what is injected, and
-  how the nodes' Registers went (latencies of those that succeeded, failures by status code).
+- `revive`: undoes kill, partition, flap and heartbeat delay, and brings back a node whose stream
+  a newer one of its node superseded; `status`: what is injected (and which nodes gave way to a
+  newer stream), and how the nodes' Registers went (latencies of those that succeeded, failures
+  by status code).
 
 Timed faults (`for_s`) undo themselves. A request naming an unknown node or rack changes nothing.
 """
@@ -180,6 +182,7 @@ class FaultInjector:
         faulty = {}
         for node_id, node in sorted(self._nodes.items()):
             kinds = [kind for kind, on in (("killed", node.killed), ("partitioned", node.partitioned),
+                                           ("superseded", node.superseded),
                                            ("flapping", "flap" in self._faults[node_id].tasks),
                                            ("heartbeat-delay", node.heartbeat_delay_s > 0)) if on]
             if kinds:

@@ -12,6 +12,15 @@ with the leader's address (`maia-leader` metadata), which the node follows at on
 controller that is gone, hung (a Register that ended at its deadline) or knows no leader yet
 sends it on to the next one in the list.
 
+How a stream the controller ended is acted on (its status; docs/agent-protocol.md): ABORTED with
+no retry time, superseded by a newer stream of the node (a second agent of it, usually a
+misconfiguration): the node stops reconnecting, leaving the node to the newer stream, until
+`revive()`; NOT_FOUND, the node deleted: its node credential is forgotten and it registers again
+with its bootstrap token; UNAUTHENTICATED, its credential revoked or expired: the same; UNAVAILABLE
+with a retry time (silent past its timeout), back to the same controller after it; UNAVAILABLE
+with the leader's address (the controller stepped down), to that leader; UNAVAILABLE without
+(the controller stops, or knows no leader), the next controller.
+
 Failure injection (driven by `controller/simnode/faults.py`): `crash()` drops the stream
 abruptly and forgets all shards, back after a while; `kill()` does the same until `revive()`;
 `drop()` ends the stream but keeps the shards (a flap); `partition()` keeps the stream open but
@@ -34,6 +43,7 @@ import grpc
 from controller import limits
 from controller.aio import wait_event
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
+from controller.retryinfo import controller_answered
 from controller.bearer import aio_channel, bearer_metadata
 from controller.simnode import protocol
 from controller.simnode.agent import NodeAgent, Phase, ShardKey, ShardReport
@@ -104,6 +114,13 @@ def status_lost(exc: grpc.aio.AioRpcError) -> bool:
             and "SendMessageOperation" in (exc.debug_error_string() or ""))
 
 
+def superseded(exc: grpc.aio.AioRpcError) -> bool:
+    """The controller ended the stream for a newer one of this node: ABORTED, with no time to
+    retry after (an ABORTED with one is a transaction the database rolled back: retried)."""
+    return (exc.code() == grpc.StatusCode.ABORTED and retry_after_s(exc) is None
+            and controller_answered(exc.trailing_metadata()))
+
+
 def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
     """The pause the controller asked for (`retry-after-ms`: a busy or rate-limited answer), or None."""
     value = _trailer(exc, RETRY_AFTER_METADATA_KEY)
@@ -163,6 +180,8 @@ class SimulatedNode:
         self._online.set()
         self.killed = False
         self.partitioned = False
+        # A newer stream of this node superseded ours (another agent holds the node): no reconnect until `revive()`.
+        self.superseded = False
         self.heartbeat_delay_s = 0.0
         self._call: grpc.aio.StreamStreamCall | None = None
         self._outbox: asyncio.Queue | None = None
@@ -190,8 +209,8 @@ class SimulatedNode:
         self._cut(0.0, "killed: all shards lost, offline until revived")
 
     def revive(self) -> None:
-        """Undo `kill()` and `partition()`: the node registers and connects again."""
-        self.killed = False
+        """Undo `kill()`, `partition()` and a superseded stream: the node registers and connects again."""
+        self.killed = self.superseded = False
         self.heal()
 
     def drop(self, offline_s: float) -> None:
@@ -208,7 +227,7 @@ class SimulatedNode:
         """End a partition: a stream that stayed open through it is replaced by a new session
         (what was sent meanwhile is lost), so the controller and the node agree again."""
         was_partitioned, self.partitioned = self.partitioned, False
-        if self.killed:
+        if self.killed or self.superseded:
             return
         self._online.set()
         if was_partitioned and self._call is not None:
@@ -257,12 +276,19 @@ class SimulatedNode:
                 except grpc.aio.AioRpcError as exc:
                     was_connected = self.connected
                     unanswered = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                    what = "stream broke" if self.connected else "register failed"
+                    what = "register failed"
+                    if self.connected:  # the controller's answer carries its Status (`retryinfo`); a break none
+                        answered = controller_answered(exc.trailing_metadata())
+                        what = "stream ended by the controller" if answered else "stream broke"
                     problem = f"{what}: {exc.code().name}: {exc.details()}"
                     if status_lost(exc):
                         problem = f"{what}: ended by the controller, its answer lost to grpcio's client (grpc#36066)"
-                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.node_credential:
-                        self._forget_credential()  # revoked (an admin reset it): register afresh
+                    if was_connected and superseded(exc):
+                        self._give_way(problem)
+                        continue
+                    deleted = was_connected and exc.code() == grpc.StatusCode.NOT_FOUND
+                    if (exc.code() == grpc.StatusCode.UNAUTHENTICATED or deleted) and self.node_credential:
+                        self._forget_credential()  # revoked (an admin reset it, or deleted the node): register afresh
                     # A controller busy with a join storm says when to come back; one starting, too,
                     # but with others to try the agent goes on to them (it leads no one yet).
                     told = retry_after_s(exc)
@@ -298,6 +324,15 @@ class SimulatedNode:
                 for channel in channels.values():
                     await channel.close(grace=None)
             self.log.info("stopped")
+
+    def _give_way(self, problem: str) -> None:
+        """A newer stream of this node took over (another agent of it): stop, not to take the node
+        back (each Register and Hello of ours would end the other's stream, and its ours), until
+        `revive()` or `stop()`."""
+        self.superseded = True
+        self._online.clear()
+        self.log.error("%s; not reconnecting: another agent holds node %s (revive to take it back)",
+                       problem, self.spec.node_id)
 
     def _follow(self, exc: grpc.aio.AioRpcError) -> float | None:
         """After an UNAVAILABLE with several controllers: switch to the leader a follower named, or

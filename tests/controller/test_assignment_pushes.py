@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
+
 from controller.agents import AgentHub, Wakeup
+from controller.errors import NotFound
 from controller.reconcile import Reconciler
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -176,7 +179,8 @@ async def test_a_push_to_a_node_deleted_elsewhere_ends_its_stream(database):
         async with database.unit_of_work() as uow:  # elsewhere: this hub is not told
             await delete_node(uow, WHO, gone, RecordingSignals())
         hub.notify(list(hub.connected()))
-        await asyncio.wait_for(agents[gone].task, 10)  # the stream ended
+        with pytest.raises(NotFound, match=f"^node {gone} was deleted by an administrator"):
+            await asyncio.wait_for(agents[gone].task, 10)  # the stream ended, its agent told why
         assert set(hub.connected()) == {kept}
         assert not agents[kept].task.done()
     finally:

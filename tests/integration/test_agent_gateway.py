@@ -21,6 +21,7 @@ import pytest
 from controller.api.server import ControllerApp
 from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_OPTIONS
 from controller.gateway.relay import RELAY_WINDOW
+from controller.retryinfo import controller_answered
 from grpc_harness import (
     RUNNING, HandAgent, SimFleet, Stubs, admin_token_of, connect_answer, eventually, issue_token, running_controller,
     spec, topology,
@@ -373,7 +374,8 @@ async def test_a_gateway_that_exits_while_the_controller_stops_is_not_started_ag
 async def test_the_controllers_stop_ends_its_gateways_links_and_their_agents_streams_as_without_a_gateway(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The stop ends each link once its calls sent their statuses: the agent's stream ends as on the
-    controller's port (OK, not the gateway's UNAVAILABLE for a lost link), and the link is not left
+    controller's port (the controller's UNAVAILABLE "controller is stopping", trailer and all, not the
+    gateway's UNAVAILABLE for a lost link), and the link is not left
     for the relay server's grace to cancel (then logged unlinked, its calls ending as lost connections)."""
     caplog.set_level(logging.INFO, logger="maia.gateway")
     async with gatewayed(tmp_path, heartbeat_timeout_s=60.0) as (app, stubs):
@@ -384,8 +386,10 @@ async def test_the_controllers_stop_ends_its_gateways_links_and_their_agents_str
         await agent.connect()
         await agent.next_set()
     try:
-        assert await agent.reader_error() is None  # as on the port: the hub ends the stream, status OK
-        assert await agent.call.code() == grpc.StatusCode.OK
+        ended = await agent.reader_error()  # as on the port: the hub ends the stream
+        assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.details() == "controller is stopping: the stream of node n1 ended; connect to the next leader"
+        assert controller_answered(ended.trailing_metadata())
     finally:
         await through_gateway.channel.close()
     unlinked = [r.getMessage() for r in caplog.records if "unlinked" in r.getMessage()]

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import grpc
 import pytest
 
+from controller.retryinfo import told_retry_s
 from controller.store.tokens import aware, get_token
 from grpc_harness import (
     RUNNING, HandAgent, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology,
@@ -98,11 +99,13 @@ async def test_silent_agent_is_marked_down_after_the_heartbeat_timeout(stubs: St
 
 
 REVOKED = (grpc.StatusCode.UNAUTHENTICATED, "the credential of node node-1 was revoked; register again")
+DELETED = (grpc.StatusCode.NOT_FOUND, "node node-1 was deleted by an administrator and its node credential "
+                                      "revoked: register it again with a node-bootstrap token")
 
 
 @pytest.mark.parametrize("revocation, ended_with", [
     ("ResetNodeCredential", REVOKED), ("RevokeToken", REVOKED),
-    ("DeleteNode", None),  # the deleted node's stream ends as a deletion ends it (OK), not as a revocation
+    ("DeleteNode", DELETED),  # the deleted node's stream ends as a deletion ends it, not as a revocation
 ])
 async def test_a_revocation_ends_its_agents_stream_here_once_and_without_a_read(
         db_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, revocation: str, ended_with) -> None:
@@ -138,10 +141,8 @@ async def test_a_revocation_ends_its_agents_stream_here_once_and_without_a_read(
                 else:
                     await stubs.admin.DeleteNode(admin_pb2.NodeRequest(id="node-1"))
                 ended = await agent.reader_error()
-                if ended_with is None:
-                    assert ended is None
-                else:
-                    assert ended is not None and (ended.code(), ended.details()) == ended_with
+                assert ended is not None and (ended.code(), ended.details()) == ended_with
+                assert told_retry_s(ended.trailing_metadata()) is None  # not to be retried as it is
             finally:
                 await node.channel.close()
             assert heard_paths == []  # scheduled as the revocation is signalled, if it is
