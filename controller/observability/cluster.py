@@ -4,9 +4,10 @@
 for it); the usage counters are a read of their own (`read_usage_counters`), so that a slow one
 leaves the other gauges in the scrape. Every sum is the database's (GROUP BY): a scrape decodes
 a row per group (phase, node state, rack, (tenant, model), (model, zone)), not a row per
-deployment, node or placement, and SQLite scans in its own thread, without the GIL. Two reads
-stay per row, and narrow: the deployments that carry reasons (the unplaced: those with none are
-left out by the database) and the up nodes' last heartbeats (their lag is the later of the
+deployment, node or placement, and SQLite scans in its own thread, without the GIL. Three reads
+stay per row, and narrow: the deployments that carry reasons (those with none are left out by
+the database) with a shard count per placed replica of theirs (a reason counts only while
+replicas are unplaced), and the up nodes' last heartbeats (their lag is the later of the
 stored time and what this controller heard itself, `AgentHub.last_heard`), in partitions
 (`store.partitions`), each its own turn of the loop. At 4,096 nodes and 10,000 placements a
 scrape read every deployment's reasons, every node and a sum per (node, tenant) on the loop:
@@ -18,7 +19,7 @@ name.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -47,7 +48,7 @@ class PowerDomain:
 @dataclass(frozen=True)
 class ClusterGauges:
     deployments_by_phase: dict[str, int] = field(default_factory=dict)
-    # Deployments with unplaced replicas, counted once under each reason code they carry.
+    # Deployments with unplaced replicas (placed < replicas), counted once under each reason code they carry.
     unplaced_by_reason: dict[str, int] = field(default_factory=dict)
     nodes_by_state: dict[str, int] = field(default_factory=dict)
     # Largest time since the last heartbeat among a rack's up nodes.
@@ -120,14 +121,47 @@ _NO_REASONS = ("[]", "null")
 
 
 async def _unplaced_by_reason(session: AsyncSession) -> dict[str, int]:
-    """Deployments with reasons, counted once under each code they carry (only those rows read)."""
+    """Deployments with fewer replicas placed than asked, counted once under each reason code they
+    carry (only the rows of deployments with reasons read, and a count per placed replica of
+    theirs). A deployment placed in full may still carry a reason (SHARD_FAILED after its failed
+    replica was placed again, PREEMPTED ...): it has no unplaced replica, so it is not counted. A
+    replica is placed when every shard of it is, of the revision it was placed for (as a
+    deployment's `placed_replicas` counts it, `domain.phases.replica_counts`); a deleting
+    deployment waits for no placement."""
+    waiting = (cast(m.Deployment.reasons, String).not_in(_NO_REASONS),
+               m.Deployment.phase != m.DeploymentPhase.DELETING)
+    shards: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # (replica, revision, shards placed)
+    placed_shards = (select(m.Placement.deployment_id, m.Placement.replica, m.Placement.revision, func.count())
+                     .join(m.Deployment).where(*waiting)
+                     .group_by(m.Placement.deployment_id, m.Placement.replica, m.Placement.revision))
+    async for part in partitions(session, placed_shards):
+        for deployment_id, replica, revision, count in part:
+            shards[deployment_id].append((replica, revision, int(count)))
     unplaced: dict[str, int] = defaultdict(int)
-    with_reasons = select(m.Deployment.reasons).where(cast(m.Deployment.reasons, String).not_in(_NO_REASONS))
+    with_reasons = select(m.Deployment.id, m.Deployment.replicas, m.Deployment.shards_per_replica,
+                          m.Deployment.template_revision, m.Deployment.revision_specs,
+                          m.Deployment.reasons).where(*waiting)
     async for part in partitions(session, with_reasons):
-        for (reasons,) in part:
+        for deployment_id, replicas, shards_per_replica, revision, revision_specs, reasons in part:
+            if _placed_replicas(shards.get(deployment_id, ()), shards_per_replica, revision,
+                                revision_specs) >= replicas:
+                continue
             for code in {r.get("code", "") for r in reasons or () if r.get("code")}:
                 unplaced[code] += 1
     return dict(unplaced)
+
+
+def _placed_replicas(shards: Iterable[tuple[int, int, int]], shards_per_replica: int, revision: int,
+                     revision_specs: Mapping[str, Any] | None) -> int:
+    """Replicas with every shard placed, from (replica, revision, shards placed) counts; an older
+    revision's replica (a rolling update's outgoing one) has that revision's shard count."""
+    placed: dict[int, int] = defaultdict(int)
+    size: dict[int, int] = {}
+    for replica, shard_revision, count in shards:
+        placed[replica] += count
+        doc = None if shard_revision == revision else (revision_specs or {}).get(str(shard_revision))
+        size[replica] = shards_per_replica if doc is None else int(doc["shards_per_replica"])
+    return sum(1 for replica, count in placed.items() if count >= size[replica])
 
 
 def _is_up() -> Any:

@@ -109,12 +109,13 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
     """The metric families of one cluster read."""
     yield _gauge("maia_deployments", "Deployments by phase.", ["phase"],
                  {(phase,): n for phase, n in g.deployments_by_phase.items()})
-    yield _gauge("maia_deployments_unplaced", "Deployments with unplaced replicas, by the solver's reason code.",
+    yield _gauge("maia_deployments_unplaced",
+                 "Deployments with unplaced replicas (fewer placed than asked), under each reason code they carry.",
                  ["reason"], {(code,): n for code, n in g.unplaced_by_reason.items()})
     yield _gauge("maia_nodes", "Nodes by state (ready, cordoned, suspect, down).", ["state"],
                  {(state,): n for state, n in g.nodes_by_state.items()})
     yield _gauge("maia_node_heartbeat_lag_max_seconds",
-                 "Longest time since the last heartbeat among a rack's up nodes (the leader only).",
+                 "Longest time since the last heartbeat among a rack's up and suspect nodes (the leader only).",
                  ["rack"], {(rack,): lag for rack, lag in g.heartbeat_lag_max_s.items()})
     yield _gauge("maia_rack_power_used_watts", "Idle power of up nodes plus placed shards' power, per rack.",
                  ["rack", "row"], {(r.id, r.parent): r.used_w for r in g.racks})

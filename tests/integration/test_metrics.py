@@ -9,7 +9,7 @@ import re
 import sqlite3
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -185,17 +185,133 @@ async def test_the_dashboard_queries_only_metrics_the_controller_exports(app: Co
 
 
 ALERTS = DASHBOARD.parents[1] / "prometheus" / "alerts.yml"
+PROMETHEUS = ALERTS.parent / "prometheus.yml"
+# Series Prometheus makes itself for every target it scrapes, that a rule may use besides the
+# controller's: `up` (1 when the scrape succeeded), to tell that no controller answers at all.
+PROMETHEUS_SERIES = {"up"}
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
+                "group_right", "inf", "nan"}
+
+
+def _rules() -> list[dict]:
+    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+
+
+def series_in(expr: str) -> set[str]:
+    """The series names a PromQL expression selects: its identifiers less functions and
+    aggregations (followed by a parenthesis), keywords, label matchers, grouping labels, ranges."""
+    bare = re.sub(r'"[^"]*"', "", expr)
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", bare)
+    bare = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", bare)
+    return {name for name in re.findall(r"\b[a-zA-Z_:][a-zA-Z0-9_:]*\b(?!\s*\()", bare)
+            if name.lower() not in PROMQL_WORDS}
+
+
+def matchers_in(expr: str) -> list[tuple[str, str, str, str]]:
+    """(series, label, operator, value) of every label matcher on a named series."""
+    return [(name, label, op, value) for name, body in re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", expr)
+            for label, op, value in re.findall(r'(\w+)\s*(=~|!=|!~|=)\s*"([^"]*)"', body)]
 
 
 async def test_the_alert_rules_use_only_metrics_the_controller_exports(app: ControllerApp) -> None:
     """deploy/prometheus/alerts.yml (compose loads it): every rule is named, labelled with a
-    severity, and queries series the controller exports; the scrapes' read errors are among them."""
-    exported = exported_series(await asyncio.to_thread(scrape_text, app.metrics_address))
-    rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+    severity, and queries series the controller exports (or Prometheus's own `up`, of the job
+    prometheus.yml scrapes the controllers in), with label values the controller exports; the
+    scrapes' read errors are among them, and a whole outage, which leaves no controller series to
+    compare, fires a critical rule."""
+    text = await asyncio.to_thread(scrape_text, app.metrics_address)
+    exported = exported_series(text)
+    rules = _rules()
     assert rules and all(rule["alert"] and rule["labels"]["severity"] in ("critical", "warning") for rule in rules)
-    used = {name for rule in rules for name in re.findall(r"\bmaia_[a-z0-9_]+", rule["expr"])}
-    assert used <= exported, f"alert rules query series nobody exports: {sorted(used - exported)}"
+    used = {name for rule in rules for name in series_in(rule["expr"])}
+    assert used <= exported | PROMETHEUS_SERIES, f"alert rules query series nobody exports: {sorted(used - exported)}"
     assert {"maia_metrics_cluster_read_errors_total", "maia_metrics_usage_read_errors_total"} <= used
+
+    samples = {(s.name, tuple(sorted(s.labels.items())))
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    jobs = {job["job_name"] for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
+    for rule in rules:
+        for name, label, op, value in matchers_in(rule["expr"]):
+            if name in PROMETHEUS_SERIES:
+                assert (label, op, value in jobs) == ("job", "=", True), f"{rule['alert']}: {name} of no scraped job"
+                continue
+            assert op in ("=", "=~"), f"{rule['alert']}: {label}{op}{value!r}"
+            for one in value.split("|") if op == "=~" else (value,):
+                assert any(n == name and (label, one) in ls for n, ls in samples), \
+                    f"{rule['alert']}: no {name}{{{label}={one!r}}} exported"
+
+    # No controller scraped: every maia_ series goes stale, so only a rule on `up` or an absent()
+    # can fire then (MaiaNoLeader's max(maia_leader) < 1 is no series, not true).
+    outage = [rule for rule in rules if rule["labels"]["severity"] == "critical"
+              and ("up" in series_in(rule["expr"]) or "absent(maia_leader)" in rule["expr"].replace(" ", ""))]
+    assert outage, "no critical rule fires when no controller answers a scrape"
+
+
+def _seconds(duration: str) -> float:
+    return sum(float(n) * {"s": 1, "m": 60, "h": 3600}[unit] for n, unit in re.findall(r"(\d+)([smh])", duration))
+
+
+EVERY_S = _seconds(yaml.safe_load(PROMETHEUS.read_text())["global"]["evaluation_interval"])
+
+
+def fires(rule: dict, gauge: Callable[[float], float | None], *, for_s: float = 3600) -> bool:
+    """Whether `rule` fires within `for_s` on one gauge whose value at t is `gauge(t)` (None: no
+    sample), scraped and evaluated every `EVERY_S`. The rules this reads are an aggregation over
+    that gauge, or over its `max_over_time(...[W])`, compared `> N`, held for their `for`."""
+    expr = rule["expr"]
+    threshold = float(re.search(r">\s*([0-9.]+)\s*$", expr).group(1))
+    window = re.search(r"max_over_time\([^\[]*\[(\w+)\]\)", expr)
+    window_s = _seconds(window.group(1)) if window else 0.0
+    hold_s = _seconds(rule.get("for", "0s"))
+    times = [i * EVERY_S for i in range(int(for_s / EVERY_S) + 1)]
+    values = {t: gauge(t) for t in times}
+    pending_since = None
+    for t in times:
+        seen = [v for u, v in values.items() if t - window_s <= u <= t and v is not None]
+        if not seen or max(seen) <= threshold:
+            pending_since = None
+            continue
+        pending_since = t if pending_since is None else pending_since
+        if t - pending_since >= hold_s:
+            return True
+    return False
+
+
+def _rules_over(series: str, **labels: str) -> list[dict]:
+    found = [rule for rule in _rules() if series in series_in(rule["expr"])
+             and all((series, label, "=", value) in matchers_in(rule["expr"]) for label, value in labels.items())]
+    assert found, f"no alert rule reads {series} {labels or ''}"
+    return found
+
+
+def test_the_heartbeat_lag_rule_fires_on_nodes_that_keep_going_silent_not_on_one_death() -> None:
+    """The lag gauge covers up (and suspect) nodes: a node silent past --node-down-grace is down
+    and leaves it, so a threshold or a `for` the gauge cannot hold with the defaults never fires
+    (the rule was `> 30` for 2m: a silent node is down at 30 s)."""
+    timeout, down, grace = Config.heartbeat_timeout_s, Config.node_down_grace_s, Config.restart_grace_s
+
+    def healthy(t: float) -> float:
+        return t % (timeout / 3)  # 3 heartbeats per timeout
+
+    def silent_from(start: float, until: float) -> Callable[[float], float]:
+        return lambda t: t - start if start <= t <= start + until else healthy(t)
+
+    for rule in _rules_over("maia_node_heartbeat_lag_max_seconds"):
+        assert not fires(rule, healthy), rule["alert"]
+        assert not fires(rule, silent_from(100, down)), f"{rule['alert']}: one node's death (MaiaNodesDown's)"
+        assert not fires(rule, silent_from(100, grace + timeout)), f"{rule['alert']}: a failover's restart grace"
+        # The rack's nodes go silent past their timeout in turn, each down in its grace.
+        assert fires(rule, lambda t: t % 120 if t % 120 <= down else healthy(t)), \
+            f"{rule['alert']}: never fires on nodes that keep going silent"
+
+
+def test_a_node_suspect_for_minutes_fires_a_rule_one_going_down_does_not() -> None:
+    """A silent node is suspect from --heartbeat-timeout until --node-down-grace; a flapping one
+    stays suspect while damped (a node suspect and damped for over 5 minutes fired nothing)."""
+    timeout, down = Config.heartbeat_timeout_s, Config.node_down_grace_s
+    for rule in _rules_over("maia_nodes", state="suspect"):
+        assert not fires(rule, lambda t: 1.0 if 100 + timeout <= t <= 100 + down else 0.0), rule["alert"]
+        assert fires(rule, lambda t: 1.0 if 100 <= t <= 100 + 600 else 0.0), rule["alert"]
 
 
 async def test_a_sqlite_controller_checkpoints_its_log_off_the_commit_path(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select, update
 
 from controller.domain.liveness import later_contact
+from controller.domain.phases import replica_counts
 from controller.observability import cluster
 from controller.store import models as m
 from controller.store import partitions
@@ -83,6 +84,29 @@ async def test_the_gauges_do_not_depend_on_the_partition_size(database: Database
     assert sum(whole.free.values()) == sum(n["accelerators"] - held.get(n["id"], 0) for n in ready)
 
 
+async def test_a_deployment_placed_in_full_counts_as_unplaced_under_no_reason(database: Database) -> None:
+    """`maia_deployments_unplaced` counts what its HELP says: deployments with fewer replicas placed
+    than asked. A shard's failure or a preemption leaves its reason on a deployment placed again in
+    full ("3 placed, 2 running"): not counted; a replica with a shard missing is not placed."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        changes = {
+            "d0": {"reasons": [{"code": "SHARD_FAILED"}]},  # its failed replica placed again
+            "d1": {"reasons": [{"code": "PREEMPTED"}], "replicas": 2},  # 1 of 2 placed
+            "d2": {"reasons": [{"code": "NO_CAPACITY"}], "shards_per_replica": 2},  # 1 of its 2 shards placed
+            "d3": {"reasons": [{"code": "NO_CAPACITY"}], "replicas": 2, "phase": m.DeploymentPhase.DELETING},
+            # Mid rolling update: its one replica of revision 1 (one shard) placed in full.
+            "d4": {"reasons": [{"code": "PREEMPTED"}], "template_revision": 2, "shards_per_replica": 2,
+                   "revision_specs": {"1": {"shards_per_replica": 1}}},
+            "d6": {"reasons": [{"code": "QUOTA_ACCELERATORS"}]},  # nothing placed
+        }
+        for name, values in changes.items():
+            await uow.session.execute(update(m.Deployment).where(m.Deployment.name == name).values(**values))
+        await uow.commit()
+    gauges = await _gauges(database)
+    assert gauges.unplaced_by_reason == {"PREEMPTED": 1, "NO_CAPACITY": 1, "QUOTA_ACCELERATORS": 1}
+
+
 async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.ClusterGauges:
     """The gauges from every row, in Python (what a scrape read before the database summed them)."""
     async with database.unit_of_work() as uow:
@@ -121,7 +145,12 @@ async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.
                 zone = rows[racks[n.rack_id].row_id].zone_id
                 free[(n.accelerator_model, zone)] += max(0, n.accelerators * 1000 - held[n.id]) / 1000.0
         unplaced: dict[str, int] = defaultdict(int)
+        shards: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        for p in placements:
+            shards[p.deployment_id].append((p.replica, p.phase.value))
         for dep in deployments.values():
+            if replica_counts(dep.shards_per_replica, shards[dep.id]).placed >= dep.replicas:
+                continue  # placed in full: whatever reasons it carries, no replica waits
             for code in {r.get("code", "") for r in dep.reasons or () if r.get("code")}:
                 unplaced[code] += 1
         phases = {phase.value: 0 for phase in m.DeploymentPhase}

@@ -18,7 +18,8 @@ sees a failure before its status is sent; with mTLS the node certificates' check
   reflection need no token;
 - metrics: each finished RPC counted by method and status code, with its duration (the
   `RpcObserver` given, the controller's metrics);
-- logging: one structured line per RPC (method, principal, role, request id, status, milliseconds);
+- logging: one structured line per RPC (method, principal, role, request id, status, milliseconds),
+  at the level its status code calls for (`completion.LOG_LEVEL_BY_CODE`);
 - errors: the only place where `controller.errors` become gRPC status codes, with the error's
   message verbatim and its structured reasons in trailing metadata (`maia-reason-bin`); anything unexpected becomes INTERNAL with a short message and is logged
   with its traceback.

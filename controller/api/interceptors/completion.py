@@ -8,6 +8,7 @@ once when a call starts, `completed` once when it ends, with the status code it 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,11 +24,20 @@ log = logging.getLogger("maia.api")
 
 
 def code_of(context: aio.ServicerContext, failed: BaseException | None) -> str:
-    """The status code name an RPC ended with (OK, or the code its failure set)."""
+    """The status code name an RPC ended with: the code its context holds (an abort's, the error
+    translation's, a handler's own), else what its end says. gRPC cancels a handler's task when
+    the call ends under it (its peer went away: a killed node, a dropped connection, a client's
+    cancel; or its deadline passed): CANCELLED, or DEADLINE_EXCEEDED when no time was left. An
+    exception no level translated is answered UNKNOWN by gRPC itself: so it is counted."""
     code = context.code() if hasattr(context, "code") else None
-    if code is None:
-        return "OK" if failed is None else "ERROR"
-    return code.name if hasattr(code, "name") else str(code)
+    if code is not None:
+        return code.name if hasattr(code, "name") else str(code)
+    if failed is None:
+        return "OK"
+    if isinstance(failed, (asyncio.CancelledError, GeneratorExit)):
+        left = context.time_remaining() if hasattr(context, "time_remaining") else None
+        return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+    return "UNKNOWN"
 
 
 def _who() -> str:
@@ -115,17 +125,44 @@ class MetricsInterceptor(_CompletionInterceptor):
         self._observer.rpc_handled(method, code_of(context, failed), time.perf_counter() - started)
 
 
+# The level a finished call's line is logged at, by its status code (`LoggingInterceptor`).
+# - INFO: what the caller asked for and was told, as designed: its own mistake (INVALID_ARGUMENT,
+#   OUT_OF_RANGE, UNIMPLEMENTED), an outcome it probes for or retries (NOT_FOUND: `maiactl apply`
+#   asks GetDeployment whether each deployment exists; ALREADY_EXISTS, FAILED_PRECONDITION, ABORTED,
+#   RESOURCE_EXHAUSTED: a quota, a rate limit, told when to retry), or it went away (CANCELLED: a
+#   node killed or flapping drops its stream). Each is counted in `maia_grpc_server_handled_total`
+#   by its code; one big apply made thousands of WARNING lines of them, burying the few that matter.
+# - WARNING: who may not call (UNAUTHENTICATED, PERMISSION_DENIED: a security team reads them), and
+#   the controller not serving in time (UNAVAILABLE: its database failed, it is starting, it does
+#   not lead; DEADLINE_EXCEEDED: the caller stopped waiting for it).
+# - ERROR: the controller's own fault (INTERNAL, UNKNOWN, DATA_LOSS; INTERNAL's traceback is logged
+#   where it is translated, `status.internal_error`; UNKNOWN's, untranslated, with its line).
+# A code not named here (none is today) is logged at WARNING.
+LOG_LEVEL_BY_CODE: dict[str, int] = {
+    "OK": logging.INFO,
+    **dict.fromkeys(("CANCELLED", "INVALID_ARGUMENT", "OUT_OF_RANGE", "UNIMPLEMENTED", "NOT_FOUND",
+                     "ALREADY_EXISTS", "FAILED_PRECONDITION", "ABORTED", "RESOURCE_EXHAUSTED"), logging.INFO),
+    **dict.fromkeys(("UNAUTHENTICATED", "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED"), logging.WARNING),
+    **dict.fromkeys(("INTERNAL", "UNKNOWN", "DATA_LOSS"), logging.ERROR),
+}
+
+
 class LoggingInterceptor(_CompletionInterceptor):
+    """One line per finished call, at the level of its status code (`LOG_LEVEL_BY_CODE`); health
+    checks and watches that end well at DEBUG (a watch per console tab, a check per probe)."""
+
     def stream_opened(self, method: str) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rpc stream opened method=%s %s", method, _who())
 
     def completed(self, method: str, context: aio.ServicerContext, started: float,
                   failed: BaseException | None) -> None:
-        level = logging.INFO if failed is None else logging.WARNING
-        if method.endswith(("/Check", "/Watch")) and failed is None:
+        code = code_of(context, failed)
+        level = LOG_LEVEL_BY_CODE.get(code, logging.WARNING)
+        if code == "OK" and method.endswith(("/Check", "/Watch")):
             level = logging.DEBUG
         if not log.isEnabledFor(level):  # the line's fields are not worked out for nothing
             return
-        log.log(level, "rpc method=%s %s code=%s ms=%.1f", method, _who(), code_of(context, failed),
-                (time.perf_counter() - started) * 1000)
+        untranslated = failed if code == "UNKNOWN" and isinstance(failed, Exception) else None
+        log.log(level, "rpc method=%s %s code=%s ms=%.1f", method, _who(), code,
+                (time.perf_counter() - started) * 1000, exc_info=untranslated)
