@@ -16,7 +16,12 @@ thread, no signal handlers of its own):
 A bearer token (`Authorization` header, sent by the page's scripts: from the sign-in form or a
 `#token=` URL fragment, which browsers never send to a server) is resolved to a principal by
 the `TokenResolver` given; a principal bound to a tenant sees that tenant's view only. Without
-a resolver (authentication off) every request sees the whole cluster.
+a resolver (authentication off) every request sees the whole cluster. A refused credential is
+logged, at a bounded rate (`console.signins`).
+
+Every response, refusals and the event stream included, carries the browser's security headers
+(`SECURITY_HEADERS`: a Content-Security-Policy that lets the page load its own script, style and
+reads and nothing else, no framing, no type sniffing, no referrer) and no server banner.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from aiohttp import web
 
 from controller.aio import within
 from controller.console.builds import SharedBuilds
+from controller.console.signins import RefusedSignIns
 from controller.console.state import ConsoleRows, console_document, read_console_rows
 from controller.identity import Principal, Role
 from controller.store.db import Database
@@ -68,6 +74,31 @@ TokenResolver = Callable[[str], Awaitable[Principal | None]]
 KEEPALIVE_S = 15.0
 STATIC = resources.files("controller.console").joinpath("static")
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+# The page has no inline script or style (console.js sets styles through the CSSOM, `node.style`,
+# which style-src does not govern) and sends no form: its own files and reads, nothing else.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                           "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",  # frame-ancestors, for browsers that predate it
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Server": "maia",  # not aiohttp's "Python/3.11 aiohttp/x.y.z" (set only where none is)
+}
+
+
+async def _secured(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: every response, errors and streams included, before its headers go."""
+    response.headers.update(SECURITY_HEADERS)
+
+
+def _peer(request: web.Request) -> str:
+    """HOST:PORT of the connection ([HOST]:PORT for IPv6), as the log lines name it."""
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return request.remote or "-"
+    host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+    return f"{host}:{peer[1]}"
 
 
 def _viewer_tenant(principal: Principal | None) -> str:
@@ -76,13 +107,14 @@ def _viewer_tenant(principal: Principal | None) -> str:
 
 class ConsoleServer:
     def __init__(self, db: Database, bus: DeploymentEventBus, *, resolve_token: TokenResolver | None = None,
-                 streams: TokenStreams | None = None) -> None:
+                 streams: TokenStreams | None = None, sign_ins: RefusedSignIns | None = None) -> None:
         self._db = db
         self._bus = bus
         self._resolve = resolve_token
         # The event streams open, by token (the controller's, shared with the watches, which its
         # revocations end; its own otherwise: an expiry still ends a stream).
         self._streams = TokenStreams() if streams is None else streams
+        self._sign_ins = RefusedSignIns(db) if sign_ins is None else sign_ins
         self._runner: web.AppRunner | None = None
         self.documents = SharedBuilds(self._document)
         # Every viewer's builds, one at a time (module docstring); its thread starts at the first build.
@@ -91,6 +123,7 @@ class ConsoleServer:
 
     def application(self) -> web.Application:
         app = web.Application()
+        app.on_response_prepare.append(_secured)
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/api/state", self._state)
@@ -126,9 +159,12 @@ class ConsoleServer:
         """The caller's principal; raises 401 when a token is required and missing or wrong."""
         if self._resolve is None:
             return None
-        token = bearer_credential(request.headers.get("Authorization", "")) or ""
+        authorization = request.headers.get("Authorization")
+        token = bearer_credential(authorization or "")
         principal = await self._resolve(token) if token else None
         if principal is None:
+            if authorization is not None:  # a credential refused (none at all: the page's first read)
+                await self._sign_ins.refused(token, path=request.path, peer=_peer(request))
             raise web.HTTPUnauthorized(text=json.dumps({"error": "sign in with a token"}),
                                        content_type="application/json",
                                        headers={"WWW-Authenticate": 'Bearer realm="maia"'})

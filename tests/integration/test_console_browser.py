@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +39,35 @@ def chromium() -> str:
     if os.environ.get("CI") or os.environ.get("MAIA_REQUIRE_BROWSER") == "1":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+# Every violation of the page's Content-Security-Policy, told on the console (with Chromium's own
+# "Refused to ..." message): the page must run under the policy without one.
+CSP_WATCH = """document.addEventListener("securitypolicyviolation", (e) =>
+  console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || "inline"}`));"""
+
+
+async def csp_watched(browser: Any, violations: list[str]) -> Any:
+    """A new page whose Content-Security-Policy violations are appended to `violations`."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+    await page.add_init_script(CSP_WATCH)
+    page.on("console", lambda message: violations.append(message.text)
+            if "CSP violation" in message.text or "Content Security Policy" in message.text else None)
+    return page
+
+
+def one_shard_failed(name: str) -> Any:
+    """A route handler: the state document as it is, but for deployment `name`, which has one
+    replica fewer running than placed (degraded, with the agent's reason)."""
+    async def handle(route: Any) -> None:
+        reply = await route.fetch()
+        doc = await reply.json()
+        for d in doc["deployments"]:
+            if d["name"] == name:
+                d.update(phase="degraded", running_replicas=d["placed_replicas"] - 1,
+                         reasons=[{"code": "SHARD_FAILED", "message": "replica 0 shard 0: HBM ECC error"}])
+        await route.fulfill(response=reply, body=json.dumps(doc))
+    return handle
 
 
 def rgb(hex_colour: str) -> str:
@@ -93,9 +124,13 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium(), args=FLAGS)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+            violations: list[str] = []
+            page = await csp_watched(browser, violations)
             # An operator's link: the admin token in the fragment (never sent to the server).
-            await page.goto(f"http://{app.console_address}/#token={admin_token_of(app)}")
+            response = await page.goto(f"http://{app.console_address}/#token={admin_token_of(app)}")
+            # The page runs under a strict policy (and, checked at the end, violates none of it).
+            policy = await response.header_value("content-security-policy") or ""
+            assert "default-src 'none'" in policy and "script-src 'self'" in policy, policy
             await page.wait_for_selector('[data-deployment="big"]')
             assert "#token" not in page.url  # taken out of the address bar at once
 
@@ -133,7 +168,7 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
             await page.screenshot(path=str(ARTEFACTS / "console-live.png"), full_page=True)
 
             # A tenant signs in with its token: its own deployments, its own colour, the rest "other".
-            tenant_page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+            tenant_page = await csp_watched(browser, violations)
             await tenant_page.goto(f"http://{app.console_address}/")
             await tenant_page.wait_for_selector("#sign-in:not([hidden])")
             tenant_token = await issue_token(app.db, "tenant", tenant="acme", name="acme-console")
@@ -162,5 +197,32 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
                     lambda r: r.url.endswith("/api/state") and r.status == 401, timeout=20_000):
                 pass
             assert "was revoked" in await tenant_page.locator("#sign-in-error").inner_text()
+
+            # Replicas: running told apart from placed. A shard of frac failed (its document as the
+            # controller makes it then: placed 2, running 1, degraded, a reason), and "2/2" hid it.
+            ops = await csp_watched(browser, violations)
+            await ops.route("**/api/state", one_shard_failed("frac"))
+            await ops.goto(f"http://{app.console_address}/#token={admin_token_of(app)}")
+            await ops.wait_for_selector('[data-deployment="frac"] .tag.degraded')
+            replicas = "[data-deployment='{}'] td:nth-child(4)"  # the replicas column
+            assert await ops.locator(replicas.format("frac")).inner_text() == "1 running / 2 placed of 2"
+            assert await ops.locator(replicas.format("svc")).inner_text() == "1 running / 1 placed of 1"
+            # Reasons are shown for running and degraded deployments too: not titled "why pending".
+            headings = await ops.locator("#deployments thead th").all_inner_texts()
+            assert "why pending" not in headings and "why not all running" in headings, headings
+            assert "SHARD_FAILED" in await ops.locator('[data-deployment="frac"] .reason').inner_text()
+            assert await ops.locator("#age").is_hidden()  # live data: no age shown
+            await ops.unroute("**/api/state")
+
+            # The controller stopped: the page keeps its last map, and says how old it is.
+            await ops.wait_for_selector("#live.on")
+            await app.stop(grace_s=1.0)
+            await ops.wait_for_selector("#live.off", timeout=20_000)
+            await ops.wait_for_selector("#age:not([hidden])", timeout=20_000)
+            age = await ops.locator("#age").inner_text()
+            assert re.fullmatch(r"data from \d\d:\d\d:\d\d, \d+ s ago", age), age
+            await ops.screenshot(path=str(ARTEFACTS / "console-stale.png"), full_page=True)
+
+            assert violations == [], violations
         finally:
             await browser.close()

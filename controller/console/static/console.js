@@ -87,7 +87,7 @@ function drawPower(state) {
 function drawDeployments(state) {
   $("deployments").tBodies[0].replaceChildren(...state.deployments.map((d) => el("tr", { "data-deployment": d.name },
     el("td", {}, d.name), el("td", {}, d.tenant), el("td", {}, el("span", { class: "tag " + d.phase }, d.phase)),
-    el("td", { class: "num" }, `${d.placed_replicas}/${d.replicas}`),
+    el("td", { class: "num replicas" }, `${d.running_replicas} running / ${d.placed_replicas} placed of ${d.replicas}`),
     el("td", { class: "reason" }, d.reasons.map((r) => `${r.code}: ${r.message}`).join("; ")))));
 }
 
@@ -95,6 +95,27 @@ function drawUsage(state) {
   $("usage").tBodies[0].replaceChildren(...state.usage.map((u) => el("tr", { "data-usage": u.tenant },
     el("td", {}, u.tenant), el("td", { class: "num" }, u.accelerator_hours.toFixed(3)),
     el("td", { class: "num" }, u.energy_kwh.toFixed(3)))));
+}
+
+// How old the data shown is: said once it is older than the page's reads would leave it (they
+// stopped answering: the controller is down or unreachable), so old numbers are not read as live.
+// The age counts from when it arrived (the browser's clock, not compared with the controller's).
+const shown = { generatedAt: null, receivedAt: 0 };
+const STALE_LIVE_S = 25;    // reads every 10 s, and on every change
+const STALE_OFFLINE_S = 5;  // reads every 2 s while the live stream reconnects
+
+function clock(at) {
+  return [at.getHours(), at.getMinutes(), at.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
+}
+
+function showAge() {
+  const age = $("age");
+  const ageS = Math.floor((Date.now() - shown.receivedAt) / 1000);
+  const stale = shown.generatedAt !== null &&
+    ageS > ($("live").classList.contains("on") ? STALE_LIVE_S : STALE_OFFLINE_S);
+  age.hidden = !stale;
+  document.body.classList.toggle("stale", stale);
+  if (stale) age.textContent = `data from ${clock(shown.generatedAt)}, ${ageS} s ago`;
 }
 
 function draw(state) {
@@ -108,6 +129,8 @@ function draw(state) {
   drawDeployments(state);
   drawUsage(state);
   document.body.dataset.generatedAt = state.generated_at;
+  Object.assign(shown, { generatedAt: new Date(state.generated_at), receivedAt: Date.now() });
+  showAge();
 }
 
 // Why the live stream ended a token's session (revoked, expired): every later 401 for that
@@ -182,6 +205,8 @@ function signIn(message) {
   $("console").hidden = true;
   $("sign-in").hidden = false;
   $("sign-in-error").textContent = message;
+  shown.generatedAt = null;  // no data shown: no age to tell
+  showAge();
 }
 
 $("sign-in").addEventListener("submit", (event) => {
@@ -196,3 +221,4 @@ tokenFromFragment();
 refresh().catch(console.error);
 listen();
 setInterval(refreshSoon, 10000);  // node and power changes are not on the deployment bus
+setInterval(showAge, 1000);
