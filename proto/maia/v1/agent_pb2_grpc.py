@@ -56,7 +56,9 @@ class NodeAgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Connect(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Send Hello first, within 20 s; with a node's own credential. The controller ends a stream
+        with a status that says why (docs/agent-protocol.md, "How a stream ends"), never OK.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
