@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,26 +19,13 @@ from controller.api.server import ControllerApp
 from controller.console.server import ConsoleServer
 from controller.console.signins import RefusedSignIns
 from controller.identity import Principal
-from controller.store.db import Database
-from grpc_harness import Stubs, admin_token_of, issue_token, running_controller, topology
+from grpc_harness import Stubs, admin_token_of, issue_token
 from maia.v1 import admin_pb2
+from test_console_revocation import _id, console  # noqa: F401  (console: the fixture, a controller and tenant lab)
 
 LOGGER = "maia.console"
 
 
-@pytest.fixture
-async def console(database: Database, tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
-    """A controller serving the console, with an admin's stubs and tenant lab."""
-    async with running_controller(database.url, tmp_path, http_listen="127.0.0.1:0") as app:
-        async with Stubs.connect(app.address, admin_token_of(app)).channel as channel:
-            stubs = Stubs.on(channel)
-            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-            yield app, stubs
-
-
-def _id(token: str) -> str:
-    return token.split(".")[0].removeprefix("maia_")
 
 
 def _random_token() -> str:
