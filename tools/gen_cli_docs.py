@@ -143,6 +143,44 @@ retries on the channel of `controller.cli.client.open_aio_channel(connection)`, 
 deadline passed with no connection made fails there `UNAVAILABLE` "no connection: nothing answered
 there within Ns", not `DEADLINE_EXCEEDED`.
 
+## How `apply` plans
+
+Before writing anything `apply` (and `apply --dry-run`) makes a plan: each object is read, and
+each write the controller would judge is asked of it as a dry run (`maiactl apply` below). Two
+rules of the controller are about a batch, not one object, and the plan counts the batch for them:
+
+- **a tenant's deployment cap** ({limits.DEPLOYMENTS_PER_TENANT_MAX:,} deployments a tenant): the new deployments of the files
+  are counted on top of the tenant's stored ones (one listing a tenant), so a batch that would
+  take it beyond the cap is refused at the plan, nothing written (exit 1), in one line for the
+  tenant rather than one per deployment:
+
+  ```text
+  error: nothing applied:
+  deployment/d-0513: tenant bulk would have 3000 deployments (0 stored, 3000 new in these manifests); at most 512 a tenant (and 2487 more beyond it: deployment/d-0514, deployment/d-0515, ...)
+  ```
+
+  A tenant's accelerator and power caps (`max_accelerators`, `max_power_w`) refuse no new
+  deployment: what is beyond them waits, Pending with a `QUOTA_*` reason. An update of a
+  deployment asking more than before is refused beyond them (docs/rollout.md), judged against
+  what is placed, which the batch's other writes do not change until the controller places them:
+  each update's own dry run is what its write meets.
+- **the controller's rate of dry-run solves** (`maia-controller --dry-runs-per-minute`,
+  {limits.DRY_RUNS_PER_MINUTE:g} a tenant by default, and one solved at once): a new deployment's dry run is a solve,
+  so a large batch's plan is as long as its solves. New deployments of a tenant whose specs differ
+  only in their names are solved once (a dry run's checks and its solve do not depend on the
+  name; `--dry-run` says `solved as deployment/...`), so a file of 3,000 copies of one template
+  costs one solve. A dry run refused "retry in ..." (the rate, the solver busy) is no conflict: the
+  plan waits as told and asks again, and every {apply.PROGRESS_EVERY_S:g} s says on stderr how far it is:
+
+  ```text
+  planning: 120/3000 objects checked in 4 min; the controller asked to wait (RESOURCE_EXHAUSTED: tenant bulk exceeded 30 dry runs a minute; retry in 2s); dry-run solves left: at most 2880, coming at about 30 a minute (the controller limits a tenant's): about 96 min left (--no-solve plans without them)
+  ```
+
+  `apply --no-solve` plans without these solves (the cap is counted all the same): what only a
+  solve refuses (a deployment that could never fit: an accelerator model or a zone without such
+  nodes, a replica larger than any rack) then fails its write, and the apply rolls back;
+  `--dry-run --no-solve` shows no placements.
+
 ## How `apply` writes
 
 `apply` writes in dependency order (topology, tenants, deployments), and sends the new
@@ -153,7 +191,13 @@ controller refuses fails the apply, and what this run wrote is undone (the deplo
 that were written included; when the call itself ends without an answer, its deadline passed
 say, each of its deployments that was written), as when one call failed alone; one it answers "nothing written, send
 again after this pause" is sent again (in one call with the others told so), by the rule of the
-retries above. Against a controller
+retries above, but for the tenant's submit rate (`--submits-per-minute`, {limits.SUBMITS_PER_MINUTE:g} a tenant by
+default, bursting to as many): a batch beyond it is refused in part by every call, so what was
+refused is sent again as long as each call writes some, after a pause long enough for several (up
+to {apply.PROGRESS_EVERY_S:g} s; a pause asked beyond {apply.RATE_PAUSE_MAX_S:g} s gives up and rolls back), and stderr says
+`writing: 240/512 new deployments written; the controller asked to wait (...)` every {apply.PROGRESS_EVERY_S:g} s:
+512 new deployments of one tenant take ~3 minutes at the default rate (120 at once, then 2 a second). Interrupting the writes
+(Ctrl-C) leaves what was written; `apply` run again finds it `unchanged`. Against a controller
 without `SubmitDeployments` (`UNIMPLEMENTED`) it sends one `SubmitDeployment` each.
 
 ## Commands
@@ -183,7 +227,9 @@ def render() -> str:
 
     rows = "\n".join(f"| {int(code)} | `{code.name}`: {text} |" for code, text in EXIT_MEANING.items())
     parser = build_parser()
-    parts = [HEAD.format(exit_rows=rows, retry=RetryPolicy(), limits=limits), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
+    from controller.cli.commands import apply
+
+    parts = [HEAD.format(exit_rows=rows, retry=RetryPolicy(), limits=limits, apply=apply), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
     for name, sub in _subcommands(parser):
         parts += [f"### maiactl {name}\n", "```text", sub.format_help().rstrip(), "```\n"]
     return "\n".join(parts)

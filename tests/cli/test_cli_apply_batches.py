@@ -77,6 +77,9 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"deployment {request.name} not found")
         return self.stored[request.name]
 
+    def ListDeployments(self, request, context):  # noqa: N802
+        return D.ListDeploymentsResponse(deployments=list(self.stored.values()))  # the plan counts them (its cap)
+
     def DeleteDeployment(self, request, context):  # noqa: N802
         self.calls.append(f"DeleteDeployment:{request.name}")
         if request.name not in self.stored:

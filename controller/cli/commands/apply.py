@@ -13,14 +13,20 @@ apply works in three steps, so a bad batch writes nothing:
    running work breaks, a tenant's cap, ...) is a conflict before anything is written; not
    asked of an object whose references the batch itself writes (a tenant naming a zone of the
    batch's topology; a deployment of a tenant the batch creates or changes): its write checks
-   it. Any conflict stops here (exit 1; a controller's refusal exits as its code does,
+   it. A dry run judges its object alone, so what the controller counts over a batch is counted
+   here: a tenant's new deployments, on top of its stored ones, against its deployment cap
+   (`_TenantCaps`). The dry-run solves are the one call of the plan the controller rate-limits
+   (a tenant's dry runs a minute): one per spec a tenant's new deployments share, a refusal that
+   says when to ask again waited out, progress on stderr (`_Solves`); `--no-solve` plans without
+   them. Any conflict stops here (exit 1; a controller's refusal exits as its code does,
    INVALID_ARGUMENT 2, NOT_FOUND 3);
 3. the plan is written in dependency order (topology, tenants, deployments). A deployment update
    names the resource version read in step 2, so a change made by someone else meanwhile is
    refused rather than overwritten. Every write carries one client request id per apply run, so
    a retried call is not applied twice. New deployments are sent together, in SubmitDeployments
    calls of up to `limits.SUBMITS_PER_CALL_MAX` (`_Writer`; one SubmitDeployment each against a
-   controller that answers UNIMPLEMENTED), each decided and answered on its own. Should a write
+   controller that answers UNIMPLEMENTED), each decided and answered on its own; those the
+   tenant's submit rate refuses are sent again while each call writes some. Should a write
    still fail (a race, a rule only the server checks), what this run created is deleted again
    (the deployments of the failing call that were written too; a tenant once the deployments
    deleted in it are gone, waited for at most --rpc-timeout), updated tenants get their old
@@ -39,7 +45,7 @@ import argparse
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
@@ -47,14 +53,14 @@ from typing import Any, NoReturn
 import grpc
 
 from controller import limits
-from controller.cli.client import CliError, Exit, StatusError, exit_code_of, rpc_error_text, status_code
+from controller.cli.client import CliError, Exit, StatusError, exit_code_of, list_all, rpc_error_text, status_code
 from controller.cli.commands.wait import wait_deployments
 from controller.cli.retry import RetryPolicy
 from controller.cli.context import Context
 from controller.cli.documents import deployment_document, list_document, spec_differences, spec_document
 from controller.cli.manifests import ManifestObject, load_manifest_sources
 from controller.cli.views import placements_table, reasons_text
-from controller.retryinfo import status_retry_s
+from controller.retryinfo import status_retry_s, told_retry_s
 from maia.v1 import admin_pb2, deployments_pb2
 
 _ORDER = {"Topology": 0, "Tenant": 1, "Deployment": 2}
@@ -75,6 +81,8 @@ class Step:
     updated: deployments_pb2.Deployment | None = None  # a deployment updated in place
     rolling: bool = False            # its update replaces replicas one by one
     refused: grpc.RpcError | None = None  # a conflict that is the controller's refusal of a dry run
+    same_as: Step | None = None      # a conflict told in full at that step's (`_conflicts` counts it there)
+    solved_as: str = ""              # its dry-run solve was that deployment's, whose spec it shares but the name
 
     @property
     def ref(self) -> str:
@@ -93,6 +101,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--dry-run", action="store_true",
                    help="write nothing: show what would change, what the controller would refuse, and where "
                         "new deployments would land (exit 4 when only part would be placed)")
+    p.add_argument("--no-solve", action="store_true",
+                   help="plan without the dry-run solves of new deployments (the controller allows a tenant "
+                        f"{limits.DRY_RUNS_PER_MINUTE:g} a minute by default, so a batch of many different specs takes "
+                        "long to plan; its progress is on stderr): the tenant's deployment cap is still counted, "
+                        "but what only a solve refuses (a deployment that could never fit) fails its write, which "
+                        "rolls back, and --dry-run shows no placements")
     p.set_defaults(handler=run_apply)
 
     d = sub.add_parser("diff", parents=[common],
@@ -198,15 +212,20 @@ def _topology_changes(wanted: admin_pb2.Topology, current: admin_pb2.Topology) -
             for (kind, name), value in want.items() if have.get((kind, name)) != value]
 
 
-def plan(objects: list[ManifestObject], ctx: Context, *, judge: bool) -> list[Step]:
+def plan(objects: list[ManifestObject], ctx: Context, *, judge: bool, solve: bool = True) -> list[Step]:
     """Step 2: what each object needs, writing nothing. `judge`: the controller judges each
     write as a dry run (`_judged`), and new deployments are solved where they would land, wherever
-    what is stored is what the write would meet (`_Batch`); a refusal is the step's conflict."""
+    what is stored is what the write would meet (`_Batch`; `solve` off: not solved, `_Solves`); a
+    refusal is the step's conflict. New deployments beyond their tenant's cap, counted with the
+    batch's others (`_TenantCaps`), are conflicts whatever `judge` says."""
     admin, deployments = ctx.controller.admin, ctx.controller.deployments
     batch = _Batch()
+    caps = _TenantCaps(ctx)
+    solves = _Solves(ctx, objects, solving=judge and solve)
     steps: list[Step] = []
     planned: set[str] = set()
     for obj in objects:
+        solves.progress()
         if obj.kind == "Topology":
             current = admin.GetTopology(admin_pb2.GetTopologyRequest(), timeout=ctx.rpc_timeout)
             changes = _topology_changes(obj.message, current)  # type: ignore[arg-type]
@@ -234,8 +253,10 @@ def plan(objects: list[ManifestObject], ctx: Context, *, judge: bool) -> list[St
         else:
             step = _plan_deployment(obj, ctx, {o.name for o in objects if o.kind == "Tenant"},
                                     judge and obj.message.tenant not in batch.tenants,  # type: ignore[attr-defined]
-                                    deployments, admin)
+                                    deployments, admin, caps, solves if solves.solving else None)
         steps.append(step)
+        solves.checked += 1
+    caps.explain()
     return steps
 
 
@@ -279,8 +300,9 @@ def _refused(obj: ManifestObject, exc: grpc.RpcError, ctx: Context) -> Step:
 
 
 def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str], judge: bool,
-                     deployments: Any, admin: Any) -> Step:
-    """`judge`: its tenant is not one the batch writes (see `plan`)."""
+                     deployments: Any, admin: Any, caps: _TenantCaps, solves: _Solves | None) -> Step:
+    """`judge`: its tenant is not one the batch writes (see `plan`); `solves`: None when new
+    deployments are not solved as dry runs."""
     spec: deployments_pb2.DeploymentSpec = obj.message  # type: ignore[assignment]
     current = _get_or_none(deployments.GetDeployment, deployments_pb2.GetDeploymentRequest(name=spec.name, tenant=spec.tenant), ctx)
     if current is not None:
@@ -296,16 +318,168 @@ def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str],
         admin.GetTenant, admin_pb2.GetTenantRequest(id=spec.tenant), ctx) is not None
     if not tenant_known:
         return Step(obj, "conflict", [f"tenant {spec.tenant} does not exist and is not in these manifests"])
-    step = Step(obj, "created")
-    if judge:
+    step = caps.admit(Step(obj, "created"))
+    if judge and solves is not None and step.action == "created":
+        step = solves.judge(step)
+    return step
+
+
+@dataclass
+class _TenantCaps:
+    """The deployments a tenant may have (`limits.DEPLOYMENTS_PER_TENANT_MAX`), which the controller
+    checks on each submit against what is stored by then. A dry run of each new deployment alone
+    meets only what is stored, not the batch's others written before it: so the plan counts them,
+    each on top of the tenant's stored deployments (one listing a tenant) and those before it. The
+    deployments beyond the cap are conflicts, told in full at the first (`explain`)."""
+
+    ctx: Context
+    stored: dict[str, int] = field(default_factory=dict)
+    new: Counter[str] = field(default_factory=Counter)
+    beyond: dict[str, list[Step]] = field(default_factory=dict)
+
+    def admit(self, step: Step) -> Step:
+        """`step` (a new deployment), or its conflict when it would be beyond its tenant's cap."""
+        tenant = step.obj.message.tenant  # type: ignore[attr-defined]
+        if tenant not in self.stored:
+            self.stored[tenant] = self._count(tenant)
+        self.new[tenant] += 1
+        if self.stored[tenant] + self.new[tenant] <= limits.DEPLOYMENTS_PER_TENANT_MAX:
+            return step
+        first = self.beyond.setdefault(tenant, [])
+        conflict = Step(step.obj, "conflict", same_as=first[0] if first else None)
+        first.append(conflict)
+        return conflict
+
+    def _count(self, tenant: str) -> int:
+        """The tenant's stored deployments (0: a tenant the batch creates)."""
         try:
-            step.dry_run = deployments.SubmitDeployment(
-                deployments_pb2.SubmitDeploymentRequest(spec=spec, dry_run=True), timeout=ctx.rpc_timeout).deployment
+            return len(list_all(self.ctx.controller.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(
+                tenant=tenant, page_size=limits.PAGE_SIZE_MAX), "deployments", timeout=self.ctx.rpc_timeout).deployments)
+        except grpc.RpcError as exc:
+            if status_code(exc) == grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise
+
+    def explain(self) -> None:
+        """The conflicts' words, once the batch's count of each tenant is known."""
+        most = limits.DEPLOYMENTS_PER_TENANT_MAX
+        for tenant, steps in self.beyond.items():
+            stored, new = self.stored[tenant], self.new[tenant]
+            steps[0].detail = [f"tenant {tenant} would have {stored + new} deployments ({stored} stored, {new} new "
+                               f"in these manifests); at most {most} a tenant"]
+            for step in steps[1:]:
+                step.detail = [f"beyond tenant {tenant}'s cap of {most} deployments (see {steps[0].ref})"]
+
+
+# How often a plan says on stderr how far it is (it can take long: `_Solves`).
+PROGRESS_EVERY_S = 15.0
+
+
+@dataclass
+class _Solves:
+    """The dry-run solves of new deployments (SubmitDeployment's dry_run): the one call of a plan
+    the controller rate-limits (a tenant's `--dry-runs-per-minute`, 30 by default, and its few
+    dry-run solver slots), so a large batch's plan is as long as its solves. Hence:
+    - one solve per spec: new deployments of a tenant whose specs differ only in the name share
+      the first one's answer (`solved_as`), as a dry run's checks and its solve (each deployment
+      solved alone) do not depend on the name; a refusal so shared is a conflict of each;
+    - a refusal that tells when to ask again (the rate, the slots busy; beyond what the channel
+      waits out itself, `cli.retry`) is no conflict: it is waited out and the solve asked again;
+    - every `PROGRESS_EVERY_S` of planning, stderr says how far the plan is and, while solves are
+      left, the pace they come at and the time the rest may take."""
+
+    ctx: Context
+    objects: list[ManifestObject]
+    solving: bool                                   # off: new deployments are not solved (progress only)
+    checked: int = 0                                # objects of `objects` planned so far
+    answers: dict[bytes, Step] = field(default_factory=dict)  # per spec (its name cleared), the step solved
+    started: float = field(default_factory=time.monotonic)
+    said: float = field(default_factory=time.monotonic)
+    answered: deque[float] = field(default_factory=lambda: deque(maxlen=10))  # when the last solves came
+    told: str = ""                                  # the controller's last "ask again after..."
+    told_s: float = 0.0                             # ... and its pause: the least a solve takes since
+    until: float = 0.0                              # when the pause under way ends
+
+    @staticmethod
+    def _shape(spec: deployments_pb2.DeploymentSpec) -> bytes:
+        shape = deployments_pb2.DeploymentSpec()
+        shape.CopyFrom(spec)
+        shape.name = ""
+        return shape.SerializeToString(deterministic=True)
+
+    def judge(self, step: Step) -> Step:
+        """`step` with where it would land, or its conflict: the controller's refusal."""
+        spec: deployments_pb2.DeploymentSpec = step.obj.message  # type: ignore[assignment]
+        first = self.answers.get(self._shape(spec))
+        if first is not None:
+            if first.action == "conflict":
+                return Step(step.obj, "conflict", [f"as {first.ref} (the same spec but its name): {first.detail[0]}"],
+                            refused=first.refused, same_as=first, solved_as=first.ref)
+            step.dry_run = deployments_pb2.Deployment()
+            step.dry_run.CopyFrom(first.dry_run)
+            step.dry_run.spec.CopyFrom(spec)
+            step.solved_as = first.ref
+            return step
+        try:
+            step.dry_run = self._solve(spec)
         except grpc.RpcError as exc:
             if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
                 raise
-            return _refused(obj, exc, ctx)
-    return step
+            step = _refused(step.obj, exc, self.ctx)
+        self.answers[self._shape(spec)] = step
+        return step
+
+    def _solve(self, spec: deployments_pb2.DeploymentSpec) -> deployments_pb2.Deployment:
+        request = deployments_pb2.SubmitDeploymentRequest(spec=spec, dry_run=True)
+        while True:
+            try:
+                answer = self.ctx.controller.deployments.SubmitDeployment(request, timeout=self.ctx.rpc_timeout)
+            except grpc.RpcError as exc:
+                pause = told_retry_s(exc.trailing_metadata()) if isinstance(exc, grpc.Call) else None
+                if pause is None or status_code(exc) != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                self.told = rpc_error_text(exc, self.ctx.address).removeprefix("error: ")
+                self.told_s = pause
+                self._wait(pause)
+                continue
+            self.answered.append(time.monotonic())
+            return answer.deployment
+
+    def _wait(self, pause: float) -> None:
+        until = self.until = time.monotonic() + pause
+        while (left := until - time.monotonic()) > 0:
+            self.progress()
+            time.sleep(min(left, max(PROGRESS_EVERY_S, 0.01)))
+        self.progress()
+
+    def progress(self) -> None:
+        """Say how far the plan is, once every PROGRESS_EVERY_S."""
+        now = time.monotonic()
+        if now - self.said < PROGRESS_EVERY_S or now - self.started < PROGRESS_EVERY_S:
+            return
+        self.said = now
+        line = f"planning: {self.checked}/{len(self.objects)} objects checked in {_duration(now - self.started)}"
+        left = len({self._shape(o.message) for o in self.objects[self.checked:]  # type: ignore[arg-type]
+                    if o.kind == "Deployment"} - self.answers.keys()) if self.solving else 0
+        if left and self.told:
+            line += f"; the controller asked to wait ({self.told})"
+        if left:
+            line += f"; dry-run solves left: at most {left}"
+        if left and (len(self.answered) >= 2 or self.told_s):
+            # The recent pace (the wait under way in it), at least the controller's last pause.
+            pace = (now - self.answered[0]) / (len(self.answered) - 1) if len(self.answered) >= 2 else 0.0
+            each = max(pace, self.told_s)
+            per_minute = 60 / each
+            line += (f", coming at about {per_minute:.0f}" if per_minute >= 1 else f", coming at about {per_minute:.2f}")
+            waiting = max(0.0, self.until - now)  # the rest of the pause under way, then one solve each
+            line += (f" a minute (the controller limits a tenant's): about "
+                     f"{_duration(waiting + (left - (waiting > 0)) * each)} left "
+                     f"(--no-solve plans without them)")
+        self.ctx.note(line)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 # --- step 3: writing, with rollback ----------------------------------------------------------
@@ -337,16 +511,26 @@ def _submit_request(step: Step, request_id: str) -> deployments_pb2.SubmitDeploy
                                                    client_request_id=f"{request_id}/{step.obj.name}")
 
 
+# The longest pause a submit rate may ask of apply's writes before they give up (and roll back).
+RATE_PAUSE_MAX_S = 60.0
+
+
 def _submit_many(steps: list[Step], ctx: Context, request_id: str,
                  policy: RetryPolicy = RetryPolicy(), rng: random.Random | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> list[grpc.RpcError | None]:
+                 sleep: Callable[[float], None] = time.sleep,
+                 progress: Callable[[int, str], None] | None = None) -> list[grpc.RpcError | None]:
     """The new deployments of `steps` submitted in one SubmitDeployments call; per step, what
     refused it (as the RpcError its own SubmitDeployment would have raised) or None: written.
     Requests answered "nothing written, send again after this pause" (RetryInfo) are sent again,
-    alone, as the channel retries a call that is answered so (`cli.retry.RetryPolicy`). A failure
-    of a call itself is raised: UNIMPLEMENTED from an older controller wrote none; after any other
-    any of `steps` may have been written (the controller may have served a call whose answer came
-    too late, and a call sending some again follows one that wrote others)."""
+    alone, as the channel retries a call that is answered so (`cli.retry.RetryPolicy`), but for
+    the tenant's submit rate (RESOURCE_EXHAUSTED): a batch beyond its burst is refused in part by
+    every call, so they are sent again as long as a call writes some (`policy`'s attempts count
+    the calls that wrote none), after a pause up to RATE_PAUSE_MAX_S, long enough for several of
+    them (the pause told is one submit's), saying on stderr how far the writes are (`progress`:
+    the number of `steps` written, the controller's words). A failure of a call itself is
+    raised: UNIMPLEMENTED from an older controller wrote none; after any other any of `steps`
+    may have been written (the controller may have served a call whose answer came too late, and
+    a call sending some again follows one that wrote others)."""
     rng = rng or random.Random()
     failures: dict[int, grpc.RpcError | None] = {}
     pending = list(range(len(steps)))
@@ -359,6 +543,7 @@ def _submit_many(steps: list[Step], ctx: Context, request_id: str,
         took = time.monotonic() - started
         again: list[int] = []
         told = 0.0
+        rate = True  # every request told to come again was refused by the submit rate
         for i, result in zip(pending, answer.results, strict=True):
             if result.HasField("deployment"):
                 failures[i] = None
@@ -368,7 +553,17 @@ def _submit_many(steps: list[Step], ctx: Context, request_id: str,
             if pause is not None:
                 again.append(i)
                 told = max(told, pause)
-        wait = policy.pause_s(told, attempts, None, took, rng) if again else None
+                rate = rate and result.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        if again and rate:
+            if len(again) < len(pending):  # some were written: the rate lets more through as it refills
+                attempts = 0
+            told = min(RATE_PAUSE_MAX_S, max(told, min(told * len(again), PROGRESS_EVERY_S)))
+            wait = replace(policy, max_wait_s=RATE_PAUSE_MAX_S).pause_s(told, attempts, None, took, rng)
+            if progress is not None and wait is not None:
+                progress(len(steps) - len(again), rpc_error_text(failures[again[0]], ctx.address)  # type: ignore[arg-type]
+                         .removeprefix("error: "))
+        else:
+            wait = policy.pause_s(told, attempts, None, took, rng) if again else None
         if wait is None:
             break
         sleep(wait)
@@ -441,12 +636,22 @@ def _step_line(step: Step) -> str:
 
 
 def _conflicts(steps: list[Step]) -> list[str]:
+    """One line per conflict (its details indented), but those told at another's (`same_as`: the
+    deployments beyond a tenant's cap, those sharing a refused spec) are counted in its line."""
+    alike: dict[int, list[Step]] = {}
+    for step in steps:
+        if step.action == "conflict" and step.same_as is not None:
+            alike.setdefault(id(step.same_as), []).append(step)
     lines = []
     for step in steps:
-        if step.action == "conflict":
-            lines.append(f"{step.ref}: " + step.detail[0] if len(step.detail) == 1 else f"{step.ref}:")
-            if len(step.detail) > 1:
-                lines.extend(f"  {d}" for d in step.detail)
+        if step.action != "conflict" or step.same_as is not None:
+            continue
+        more = alike.get(id(step), [])
+        also = (f" (and {len(more)} more {'of the same spec' if more[0].solved_as else 'beyond it'}: "
+                f"{', '.join(s.ref for s in more[:2])}{', ...' if len(more) > 2 else ''})" if more else "")
+        lines.append(f"{step.ref}: {step.detail[0]}{also}" if len(step.detail) == 1 else f"{step.ref}:{also}")
+        if len(step.detail) > 1:
+            lines.extend(f"  {d}" for d in step.detail)
     return lines
 
 
@@ -459,13 +664,14 @@ def _conflict_exit(steps: list[Step]) -> int:
 
 def run_apply(args: argparse.Namespace, ctx: Context) -> int:
     objects = ordered_objects(load_manifest_sources(args.filename))
-    steps = plan(objects, ctx, judge=True)
+    steps = plan(objects, ctx, judge=True, solve=not args.no_solve)
     if args.dry_run:
         return _show_plan(steps, ctx)
     conflicts = _conflicts(steps)
     if conflicts:
         raise CliError("nothing applied:\n" + "\n".join(conflicts), _conflict_exit(steps))
-    writer = _Writer(ctx, request_id=f"apply-{uuid.uuid4().hex}")  # one id per run: a retried call is not applied twice
+    writer = _Writer(ctx, request_id=f"apply-{uuid.uuid4().hex}",  # one id per run: a retried call is not applied twice
+                     new=sum(s.obj.kind == "Deployment" and s.action == "created" for s in steps))
     for step in steps:
         if step.obj.kind == "Deployment" and step.action == "created" and writer.batched:
             writer.created.append(step)
@@ -491,6 +697,8 @@ class _Writer:
     done: list[Step] = field(default_factory=list)
     created: list[Step] = field(default_factory=list)
     batched: bool = True
+    new: int = 0                     # new deployments to write, all told (for progress)
+    said: float = field(default_factory=time.monotonic)  # progress last said
 
     def write(self, step: Step) -> None:
         if step.action == "unchanged":  # nothing to write, so nothing a rollback may touch
@@ -506,7 +714,7 @@ class _Writer:
         if not steps:
             return
         try:
-            failures = _submit_many(steps, self.ctx, self.request_id)
+            failures = _submit_many(steps, self.ctx, self.request_id, progress=self._progress)
         except grpc.RpcError as exc:
             if status_code(exc) != grpc.StatusCode.UNIMPLEMENTED:  # any of them may have been written
                 self.fail([(steps[0], exc)], more=len(steps) - 1, unknown=steps)
@@ -518,6 +726,16 @@ class _Writer:
         failed = [(step, failure) for step, failure in zip(steps, failures) if failure is not None]
         if failed:
             self.fail(failed)
+
+    def _progress(self, written: int, told: str) -> None:
+        """While a call's deployments wait for the tenant's submit rate, every PROGRESS_EVERY_S."""
+        now = time.monotonic()
+        if now - self.said < PROGRESS_EVERY_S:
+            return
+        self.said = now
+        created = sum(step.obj.kind == "Deployment" and step.action == "created" for step in self.done)
+        self.ctx.note(f"writing: {created + written}/{self.new} new deployments written; the controller asked to "
+                      f"wait ({told})")
 
     def fail(self, failed: list[tuple[Step, grpc.RpcError]], more: int = 0,
              unknown: list[Step] | None = None) -> NoReturn:
@@ -571,6 +789,8 @@ def _show_plan(steps: list[Step], ctx: Context) -> int:
                 ctx.out(f"    {line}")
             if step.dry_run is not None:
                 ctx.out("    " + where_it_lands(step.dry_run).replace("\n", "\n    "))
+            if step.solved_as and step.action != "conflict":
+                ctx.out(f"    (solved as {step.solved_as} (the same spec but its name))")
     if any(s.action == "conflict" for s in steps):
         return _conflict_exit(steps)
     return Exit.PARTIAL if any(_partial(s) for s in steps) else Exit.OK
@@ -622,7 +842,7 @@ def run_submit(args: argparse.Namespace, ctx: Context) -> int:
     if others:
         raise CliError(f"submit takes Deployment manifests only; use apply for {others[0].source}", Exit.USAGE)
     if not args.dry_run:
-        return run_apply(argparse.Namespace(filename=args.filename, dry_run=False), ctx)
+        return run_apply(argparse.Namespace(filename=args.filename, dry_run=False, no_solve=False), ctx)
     answers = [_dry_run(obj, ctx) for obj in objects]
     if ctx.json:  # the would-be deployments in the manifest vocabulary, as `get -o json` prints them
         ctx.emit_json(list_document(deployment_document(d) for d in answers))
