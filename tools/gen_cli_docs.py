@@ -170,7 +170,7 @@ rules of the controller are about a batch, not one object, and the plan counts t
   only in their names are solved once (a dry run's checks and its solve do not depend on the
   name; `--dry-run` says `solved as deployment/...`), so a file of 3,000 copies of one template
   costs one solve. A dry run refused "retry in ..." (the rate, the solver busy) is no conflict: the
-  plan waits as told and asks again, and every {apply.PROGRESS_EVERY_S:g} s says on stderr how far it is:
+  plan waits as told and asks again, and every {apply_plan.PROGRESS_EVERY_S:g} s says on stderr how far it is:
 
   ```text
   planning: 120/3000 objects checked in 4 min; the controller asked to wait (RESOURCE_EXHAUSTED: tenant bulk exceeded 30 dry runs a minute; retry in 2s); dry-run solves left: at most 2880, coming at about 30 a minute (the controller limits a tenant's): about 96 min left (--no-solve plans without them)
@@ -194,8 +194,8 @@ again after this pause" is sent again (in one call with the others told so), by 
 retries above, but for the tenant's submit rate (`--submits-per-minute`, {limits.SUBMITS_PER_MINUTE:g} a tenant by
 default, bursting to as many): a batch beyond it is refused in part by every call, so what was
 refused is sent again as long as each call writes some, after a pause long enough for several (up
-to {apply.PROGRESS_EVERY_S:g} s; a pause asked beyond {apply.RATE_PAUSE_MAX_S:g} s gives up and rolls back), and stderr says
-`writing: 240/512 new deployments written; the controller asked to wait (...)` every {apply.PROGRESS_EVERY_S:g} s:
+to {apply_plan.PROGRESS_EVERY_S:g} s; a pause asked beyond {apply.RATE_PAUSE_MAX_S:g} s gives up and rolls back), and stderr says
+`writing: 240/512 new deployments written; the controller asked to wait (...)` every {apply_plan.PROGRESS_EVERY_S:g} s:
 512 new deployments of one tenant take ~3 minutes at the default rate (120 at once, then 2 a second). Interrupting the writes
 (Ctrl-C) leaves what was written; `apply` run again finds it `unchanged`. Against a controller
 without `SubmitDeployments` (`UNIMPLEMENTED`) it sends one `SubmitDeployment` each.
@@ -227,9 +227,9 @@ def render() -> str:
 
     rows = "\n".join(f"| {int(code)} | `{code.name}`: {text} |" for code, text in EXIT_MEANING.items())
     parser = build_parser()
-    from controller.cli.commands import apply
+    from controller.cli.commands import apply, apply_plan
 
-    parts = [HEAD.format(exit_rows=rows, retry=RetryPolicy(), limits=limits, apply=apply), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
+    parts = [HEAD.format(exit_rows=rows, retry=RetryPolicy(), limits=limits, apply=apply, apply_plan=apply_plan), "### maiactl\n", "```text", parser.format_help().rstrip(), "```\n"]
     for name, sub in _subcommands(parser):
         parts += [f"### maiactl {name}\n", "```text", sub.format_help().rstrip(), "```\n"]
     return "\n".join(parts)

@@ -13,7 +13,7 @@ import pytest
 
 from controller import limits
 from controller.api.server import ControllerApp
-from controller.cli.commands import apply as apply_command
+from controller.cli.commands import apply_plan
 from controller.cli.main import main
 from maia.v1 import admin_pb2, deployments_pb2
 from tests.integration.grpc_harness import Stubs, admin_token_of, running_controller, spec, topology
@@ -90,7 +90,7 @@ async def test_the_controller_s_dry_run_rate_is_waited_out(
     """12 dry runs a minute (a bucket of 12, then one every 5 s, a pause longer than the channel
     waits out by itself): the 13th distinct spec's dry run was refused and stopped the apply as
     that deployment's conflict. Now the plan waits, saying so, and the apply goes through."""
-    monkeypatch.setattr(apply_command, "PROGRESS_EVERY_S", 1.0, raising=False)
+    monkeypatch.setattr(apply_plan, "PROGRESS_EVERY_S", 1.0, raising=False)
     async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path,
                                   dry_runs_per_minute=12) as app:
         stubs = await _seeded(app, stored=0)
@@ -111,7 +111,7 @@ async def test_the_writes_wait_out_the_tenant_s_submit_rate(
     call of 127 wrote 120 and was told to send 7 again after ~0.5 s; the writes gave up after 5
     calls (one more written each) and rolled the 124 back. Now they are sent again as long as each
     call writes some, after pauses long enough for several, saying so on stderr."""
-    monkeypatch.setattr(apply_command, "PROGRESS_EVERY_S", 1.0, raising=False)
+    monkeypatch.setattr(apply_plan, "PROGRESS_EVERY_S", 1.0, raising=False)
     async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path) as app:
         stubs = await _seeded(app, stored=0)
         try:

@@ -15,7 +15,7 @@ import pytest
 from grpc_status import rpc_status
 
 from controller import limits
-from controller.cli.commands import apply as apply_command
+from controller.cli.commands import apply_plan
 from controller.cli.main import main
 from controller.retryinfo import rich_error
 from maia.v1 import admin_pb2, admin_pb2_grpc, deployments_pb2 as D, deployments_pb2_grpc
@@ -156,7 +156,7 @@ def test_the_controller_s_dry_run_rate_is_waited_out_with_progress(
     pace (or, when the channel's retries sufficed, waited silently). It waits now, saying on stderr
     how far the plan is and how long the rest may take."""
     address, deployments = fake
-    monkeypatch.setattr(apply_command, "PROGRESS_EVERY_S", 0.0, raising=False)
+    monkeypatch.setattr(apply_plan, "PROGRESS_EVERY_S", 0.0, raising=False)
     deployments.refuse_dry_runs = 6  # more than the channel's 5 attempts of one call
     code, out, err = run(capsys, address, "apply", "-f", manifests(tmp_path / "d.yaml", "a", "b", "c"))
     assert code == 0, err
