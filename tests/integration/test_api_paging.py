@@ -141,7 +141,9 @@ async def test_delete_node_releases_its_shards_and_they_are_placed_again(stubs: 
     dep = await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
                            lambda d: [p.node for p in d.placements] == ["good-node"], what="svc on good-node")
     assert dep.placed_replicas == 1
-    assert await bad.reader_error() is None  # the deleted node's stream was ended by the controller
+    ended = await bad.reader_error()  # the deleted node's stream was ended by the controller, saying why
+    assert ended is not None and ended.code() == grpc.StatusCode.NOT_FOUND, ended
+    assert "node bad-node was deleted by an administrator" in (ended.details() or ""), ended
     await bad.close()
     await good.close()
 
