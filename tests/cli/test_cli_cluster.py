@@ -137,3 +137,14 @@ def test_snapshot_is_the_committed_state_that_solve_and_the_checker_read(cluster
     lab = cluster.ctl("token", "create", "--tenant", "lab").stdout.strip()
     denied = maiactl(cluster.address, "snapshot", "-o", "json", token=lab)
     assert denied.returncode != 0 and "error: PERMISSION_DENIED" in denied.stderr and denied.stdout == ""
+
+
+def test_a_token_named_as_token_list_prints_it_is_revoked(cluster: RunningController) -> None:
+    """`token list -o name` prints token/ID; `token revoke` reads that word back."""
+    made = cluster.ctl("token", "create", "--role", "admin", "--name", "short-lived", "-o", "json")
+    assert made.returncode == 0, made.stderr
+    token_id = json.loads(made.stdout)["id"]
+    assert f"token/{token_id}" in cluster.ctl("token", "list", "-o", "name").stdout.split()
+    revoked = cluster.ctl("token", "revoke", f"token/{token_id}")
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.strip() == f"token/{token_id} revoked"

@@ -13,6 +13,7 @@ from datetime import datetime
 from controller.cli.bounds import int_max
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
+from controller.cli.refs import split_kind
 from controller.cli.tables import render_table
 from maia.v1 import admin_pb2
 
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     listing.add_argument("--tenant")
     listing.set_defaults(handler=run_list)
     revoke = verbs.add_parser("revoke", parents=[common], help="revoke tokens at once")
-    revoke.add_argument("ids", nargs="+", metavar="ID")
+    revoke.add_argument("ids", nargs="+", metavar="ID", help="a token's id, or token/ID as `token list -o name` prints it")
     revoke.set_defaults(handler=run_revoke)
 
 
@@ -89,7 +90,9 @@ def run_list(args: argparse.Namespace, ctx: Context) -> int:
 
 def run_revoke(args: argparse.Namespace, ctx: Context) -> int:
     revoked = []
-    for token_id in args.ids:
+    # An ID, or the token/ID word `token list -o name` prints.
+    ids = [named[1] if (named := split_kind(word, {"token": "token"})) else word for word in args.ids]
+    for token_id in ids:
         token = ctx.controller.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=token_id), timeout=ctx.rpc_timeout)
         revoked.append(token)
         if not ctx.json:
