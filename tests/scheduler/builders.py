@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scheduler import Plan, plan_to_dict, problem_from_dict, solve
+import pytest
+
+from scheduler import Plan, ProblemError, plan_to_dict, problem_from_dict, solve
 
 Doc = dict[str, Any]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -82,6 +84,22 @@ def solve_doc(doc: Doc, **kw: Any) -> Plan:
     violations = check(doc, plan_to_dict(plan))
     assert violations == [], violations
     return plan
+
+
+def set_at(problem: Doc, path: tuple[Any, ...], value: Any) -> Doc:
+    """`problem` with the value at `path` (keys and list indices) set to `value`, in place."""
+    target = problem
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    return problem
+
+
+def refusal(problem: Doc, *, validate: bool = True) -> ProblemError:
+    """How `problem_from_dict` refuses `problem` (the test fails when it takes it)."""
+    with pytest.raises(ProblemError) as caught:
+        problem_from_dict(problem, validate=validate)
+    return caught.value
 
 
 def check(doc: Doc, plan_doc: Doc) -> list[Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from builders import SHARED, solve_doc
+from builders import SHARED, refusal, set_at, solve_doc
 from scheduler import ProblemError, problem_from_dict, solve
 
 Doc = dict[str, Any]
@@ -44,12 +44,6 @@ def doc(*, deployments: list[Doc], placements: list[Doc], tenants: list[Doc] | N
         "placements": placements,
         "options": {"mode": "batch", "time_limit_ms": 2000},
     })
-
-
-def refusal(problem: Doc) -> ProblemError:
-    with pytest.raises(ProblemError) as caught:
-        problem_from_dict(problem)
-    return caught.value
 
 
 WHOLE = {"id": "t/x", "tenant": "t", "replicas": 2, "shards_per_replica": 1,
@@ -175,14 +169,6 @@ def test_a_tenant_excluding_itself_is_refused() -> None:
 
 # --- D. numbers the solver cannot compute with ------------------------------------------------
 
-def _set(problem: Doc, path: tuple[Any, ...], value: Any) -> Doc:
-    target = problem
-    for part in path[:-1]:
-        target = target[part]
-    target[path[-1]] = value
-    return problem
-
-
 @pytest.mark.parametrize(("path", "field"), [
     (("racks", 0, "power_budget_w"), "racks[0].power_budget_w"),
     (("rows", 0, "power_budget_w"), "rows[0].power_budget_w"),
@@ -197,14 +183,14 @@ def _set(problem: Doc, path: tuple[Any, ...], value: Any) -> Doc:
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_a_number_that_is_not_finite_is_refused(path: tuple[Any, ...], field: str,
                                                  value: float) -> None:
-    error = refusal(_set(doc(deployments=[WHOLE], placements=[]), path, value))
+    error = refusal(set_at(doc(deployments=[WHOLE], placements=[]), path, value))
     assert error.field == field
     assert error.message == f"{value} is not a finite number"
 
 
 def test_minus_infinity_is_refused_without_the_schema() -> None:
     with pytest.raises(ProblemError) as caught:
-        problem_from_dict(_set(doc(deployments=[WHOLE], placements=[]),
+        problem_from_dict(set_at(doc(deployments=[WHOLE], placements=[]),
                                ("nodes", 0, "idle_power_w"), -math.inf), validate=False)
     assert str(caught.value) == "nodes[0].idle_power_w: -inf is not a finite number"
 
@@ -219,7 +205,7 @@ def test_a_number_too_large_to_compute_with_is_refused(path: tuple[Any, ...], fi
                                                        value: float) -> None:
     # 1e308 W gave a false POWER_RACK (int64 overflow), 1e16 W a QUOTA_POWER for a tenant
     # without a cap: the solver's "not limited" is 1e15.
-    error = refusal(_set(doc(deployments=[WHOLE], placements=[]), path, value))
+    error = refusal(set_at(doc(deployments=[WHOLE], placements=[]), path, value))
     assert error.field == field
     assert error.message == (f"{value:g} is too large: a quantity must stay below 1e+14 "
                              "(leave the field out for no limit)")

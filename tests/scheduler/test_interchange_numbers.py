@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from builders import SHARED, solve_doc
+from builders import SHARED, refusal, set_at, solve_doc
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from strategies import problems
 
-from scheduler import ProblemError, plan_to_dict, problem_from_dict, problem_to_dict, solve
+from scheduler import plan_to_dict, problem_from_dict, problem_to_dict, solve
 
 Doc = dict[str, Any]
 WALL_LIMIT_MS = 120_000  # far above the time limit: the plan does not depend on the clock
@@ -62,14 +62,6 @@ def doc(mode: str = "batch", **options: Any) -> Doc:
     })
 
 
-def _set(problem: Doc, path: tuple[Any, ...], value: Any) -> Doc:
-    target = problem
-    for part in path[:-1]:
-        target = target[part]
-    target[path[-1]] = value
-    return problem
-
-
 def _get(problem: Doc, path: tuple[Any, ...]) -> Any:
     for part in path:
         problem = problem[part]
@@ -96,12 +88,6 @@ def case_id(value: Any) -> str:
     if isinstance(value, int) and abs(value) >= 10 ** 19:
         return f"{'-' if value < 0 else ''}10^{len(str(abs(value))) - 1}"
     return repr(value) if isinstance(value, float) else str(value)[:24]
-
-
-def refusal(problem: Doc, *, validate: bool = True) -> ProblemError:
-    with pytest.raises(ProblemError) as caught:
-        problem_from_dict(problem, validate=validate)
-    return caught.value
 
 
 def maiactl_solve(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
@@ -144,7 +130,7 @@ def test_an_integer_valued_float_is_read_as_its_int(path: tuple[Any, ...], mode:
     # range(), CP-SAT's "Linear constraints only accept integer values") or, for the rest, sat
     # in the model waiting for a code path that indexes with it.
     ints = doc(mode, **options)
-    floats = _set(doc(mode, **options), path, float(_get(ints, path)))
+    floats = set_at(doc(mode, **options), path, float(_get(ints, path)))
     assert parsed(floats) == parsed(ints)
     assert plan_of(floats) == plan_of(ints)
 
@@ -155,14 +141,14 @@ def test_without_the_schema_integer_valued_floats_are_ints_too() -> None:
     floats = copy.deepcopy(ints)
     for path, _, _ in INTEGER_FIELDS:
         if path[0] != "options":
-            _set(floats, path, float(_get(ints, path)))
+            set_at(floats, path, float(_get(ints, path)))
     floats["options"] = {"mode": "online", "time_limit_ms": 2000.0, "batch_size": 2.0}
     assert parsed(floats, validate=False) == parsed(ints, validate=False)
 
 
 def test_maiactl_solve_takes_integer_valued_floats(tmp_path: Path) -> None:
     # Before: `replicas: 3.0` exited 1 with a TypeError traceback.
-    floats = _set(doc(), ("deployments", 1, "replicas"), 3.0)
+    floats = set_at(doc(), ("deployments", 1, "replicas"), 3.0)
     result = maiactl_solve(tmp_path, json.dumps(floats))
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
@@ -216,7 +202,7 @@ def test_an_integer_past_the_solvers_bound_is_refused_with_its_path(
     # Before: valid to the schema, then an OverflowError (accelerators: building the node
     # arrays; shards: a list of them), a solve that never ended (replicas: every pending one
     # listed), or a TypeError from CP-SAT (max_per_domain).
-    error = refusal(_set(doc(), path, value))
+    error = refusal(set_at(doc(), path, value))
     where = ".".join(f"[{p}]" if isinstance(p, int) else p for p in path).replace(".[", "[")
     assert (error.field, error.message) == (where, message)
 
@@ -224,11 +210,11 @@ def test_an_integer_past_the_solvers_bound_is_refused_with_its_path(
 def test_the_integer_bounds_themselves_are_accepted() -> None:
     from scheduler.interchange import ACCELERATORS_LIMIT, COUNT_LIMIT, INT64_MAX
 
-    problem = _set(doc(), ("nodes", 0, "accelerators"), ACCELERATORS_LIMIT)
-    _set(problem, ("deployments", 1, "replicas"), COUNT_LIMIT)
-    _set(problem, ("deployments", 0, "spread", "max_per_domain"), COUNT_LIMIT)
-    _set(problem, ("deployments", 0, "priority"), -INT64_MAX)
-    _set(problem, ("options", "max_moves"), INT64_MAX)
+    problem = set_at(doc(), ("nodes", 0, "accelerators"), ACCELERATORS_LIMIT)
+    set_at(problem, ("deployments", 1, "replicas"), COUNT_LIMIT)
+    set_at(problem, ("deployments", 0, "spread", "max_per_domain"), COUNT_LIMIT)
+    set_at(problem, ("deployments", 0, "priority"), -INT64_MAX)
+    set_at(problem, ("options", "max_moves"), INT64_MAX)
     parsed_problem = problem_from_dict(problem)
     assert parsed_problem.nodes[0].accelerators == ACCELERATORS_LIMIT
 
@@ -261,7 +247,7 @@ def test_a_number_past_a_floats_range_is_refused_not_a_crash(path: tuple[Any, ..
                                                               field: str) -> None:
     # Before: OverflowError ("int too large to convert to float") from float() or
     # math.isfinite, before the quantity bound could word it.
-    error = refusal(_set(doc(), path, 10 ** 400))
+    error = refusal(set_at(doc(), path, 10 ** 400))
     assert (error.field, error.message) == (field, (
         "about 1e+400 is too large: a quantity must stay below 1e+14 (leave the field out for "
         "no limit)"))
@@ -283,13 +269,13 @@ def test_without_the_schema_integers_are_still_checked(path: tuple[Any, ...], va
                                                       field: str, message: str) -> None:
     # The schema refuses 2.5 and NaN in an integer field; a caller that skips it got a TypeError
     # from the solver instead of a ProblemError.
-    error = refusal(_set(doc(), path, value), validate=False)
+    error = refusal(set_at(doc(), path, value), validate=False)
     assert (error.field, error.message) == (field, message)
 
 
 def test_maiactl_solve_refuses_a_huge_integer_with_one_line_and_exit_2(tmp_path: Path) -> None:
     # Before: exit 1 and an OverflowError traceback from building the node arrays.
-    result = maiactl_solve(tmp_path, json.dumps(_set(doc(), ("nodes", 0, "accelerators"),
+    result = maiactl_solve(tmp_path, json.dumps(set_at(doc(), ("nodes", 0, "accelerators"),
                                                      1e20)))
     assert (result.returncode, result.stdout) == (2, ""), result.stderr
     assert result.stderr == ("error: nodes[0].accelerators: 1e+20 is greater than the maximum of "
@@ -298,7 +284,7 @@ def test_maiactl_solve_refuses_a_huge_integer_with_one_line_and_exit_2(tmp_path:
 
 def test_maiactl_solve_refuses_a_400_digit_number_with_one_line_and_exit_2(
         tmp_path: Path) -> None:
-    text = json.dumps(_set(doc(), ("nodes", 0, "hbm_gib"), 7)).replace(
+    text = json.dumps(set_at(doc(), ("nodes", 0, "hbm_gib"), 7)).replace(
         '"hbm_gib": 7', '"hbm_gib": 1' + "0" * 400)
     result = maiactl_solve(tmp_path, text)
     assert (result.returncode, result.stdout) == (2, ""), result.stderr
