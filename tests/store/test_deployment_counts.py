@@ -22,6 +22,8 @@ from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.migrate import alembic_config
 
+from .migrating import upgrade_past
+
 _LEAVING = (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED)
 
 
@@ -143,11 +145,6 @@ async def test_the_migration_counts_the_deployments_already_there(db_url: str) -
         await db.dispose()
 
 
-async def _lock_waited_for(database: Database) -> bool:
-    async with database.unit_of_work() as uow:
-        return bool(await uow.session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
-
-
 @pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_a_write_in_flight_while_the_migration_runs_is_counted(db_url: str) -> None:
     """PostgreSQL, migrated by hand while an older controller still writes: a submit in flight when
@@ -159,15 +156,7 @@ async def test_a_write_in_flight_while_the_migration_runs_is_counted(db_url: str
         await _tenant(db)
         async with db.unit_of_work() as writer:
             await _insert(writer.session, ["in-flight"])
-            migrating = asyncio.create_task(asyncio.to_thread(command.upgrade, alembic_config(db_url), "head"))
-            for _ in range(600):  # until the migration waits for the writer (at most ~30 s)
-                if await _lock_waited_for(db):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the migration never waited for the writer's lock on deployments")
-            await writer.commit()
-        await asyncio.wait_for(migrating, 60)
+            await upgrade_past(writer, db_url, db, "deployments")
         assert await _counts(db) == (1, 1)
     finally:
         await db.dispose()

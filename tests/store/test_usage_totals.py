@@ -33,6 +33,7 @@ from controller.store.release import stop_placements
 from controller.store.snapshot import Snapshot, load_snapshot
 from scheduler import Move, Placement as PlanPlacement, Plan, Preemption
 
+from .migrating import upgrade_past
 from .seed import seed_problem
 
 T0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
@@ -326,11 +327,6 @@ async def test_opening_calls_no_trigger_and_a_close_one_per_statement(database: 
     await _assert_to_date_is_the_whole_history(database, T0 + timedelta(hours=1))
 
 
-async def _lock_waited_for(database: Database) -> bool:
-    async with database.unit_of_work() as uow:
-        return bool(await uow.session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
-
-
 @pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_an_interval_closed_while_the_migration_runs_is_counted_once(db_url: str) -> None:
     """PostgreSQL, migrated by hand while an older controller still writes: a close in flight when
@@ -343,15 +339,7 @@ async def test_an_interval_closed_while_the_migration_runs_is_counted_once(db_ur
         async with db.unit_of_work() as writer:
             await writer.session.execute(text("UPDATE usage_intervals SET ended_s = :at WHERE placement_id = 1"),
                                          {"at": metering.epoch_s(T0 + timedelta(hours=1))})
-            migrating = asyncio.create_task(asyncio.to_thread(command.upgrade, alembic_config(db_url), "head"))
-            for _ in range(600):  # until the migration waits for the writer (at most ~30 s)
-                if await _lock_waited_for(db):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the migration never waited for the writer's lock on usage_intervals")
-            await writer.commit()
-        await asyncio.wait_for(migrating, 60)
+            await upgrade_past(writer, db_url, db, "usage_intervals")
         await _assert_to_date_is_the_whole_history(db, T0 + timedelta(hours=2))
     finally:
         await db.dispose()
