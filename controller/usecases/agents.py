@@ -518,16 +518,16 @@ def _judged(placed: m.ShardPhase, report: ShardReport) -> ShardReport | None:
                    message=f"{STOPPED_WHILE_ASSIGNED}: {said}" if said else STOPPED_WHILE_ASSIGNED)
 
 
-def _changes(hit: tuple[str, ShardReport] | None, state: repo.ShardState, *,
+def _changes(said: ShardReport | None, state: repo.ShardState, *,
              taken_up: bool = False) -> ShardReport | None:
-    """What the report `hit` (node, report) changes of the placement `state` (None: nothing): it
-    comes from that placement's node, answers its generation or a newer one (older reports are
-    stale), and says something else of it (`_judged`). `taken_up`: the node said LOADING or RUNNING
-    of this placement in the same batch, before `hit` (so it is not ASSIGNED any more to it)."""
-    if hit is None or hit[0] != state.node_id or hit[1].generation < state.generation:
+    """What the report `said` by the placement's node changes of the placement `state` (None:
+    nothing): it answers the placement's generation or a newer one (older reports are stale), and
+    says something else of it (`_judged`). `taken_up`: the node said LOADING or RUNNING of this
+    placement in the same batch, before `said` (so it is not ASSIGNED any more to it)."""
+    if said is None or said.generation < state.generation:
         return None
     placed = m.ShardPhase.LOADING if taken_up and state.phase is m.ShardPhase.ASSIGNED else state.phase
-    report = _judged(placed, hit[1])
+    report = _judged(placed, said)
     if report is None or (state.phase is m.ShardPhase(report.phase) and state.message == report.message):
         return None
     return report
@@ -559,14 +559,14 @@ async def flush_reports(
     # The latest report of each shard from each node: per node, since a shard that moved is
     # reported by both (STOPPED by the node it left, LOADING by the one it went to) and only the
     # placement's node's word counts; kept per shard alone, the other node's report read last hid it.
-    latest: dict[tuple[str, tuple[str, int, int]], tuple[str, ShardReport]] = {}
+    latest: dict[tuple[str, tuple[str, int, int]], ShardReport] = {}
     # The newest generation each node said LOADING or RUNNING of each shard in this batch: a
     # placement still ASSIGNED as stored was taken up by that node if it answers it.
     taken_up: dict[tuple[str, tuple[str, int, int]], int] = {}
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
             key = (deployment_key(report.tenant, report.deployment), report.replica, report.shard)
-            latest[(node_id, key)] = (node_id, report)
+            latest[(node_id, key)] = report
             if report.phase in (m.ShardPhase.LOADING.value, m.ShardPhase.RUNNING.value):
                 taken_up[(node_id, key)] = max(report.generation, taken_up.get((node_id, key), report.generation))
     hits: dict[tuple[str, int, int], tuple[repo.ShardState, ShardReport]] = {}  # the reports that change their shard
