@@ -64,7 +64,8 @@ STOP_GRACE_S = 2.0
 
 @dataclass
 class Backoff:
-    """Full-jitter exponential backoff: the n-th delay is uniform in [d/2, d], d = initial*factor^n."""
+    """Equal-jitter exponential backoff: the n-th delay is uniform in [d/2, d], d = initial*factor^n
+    capped at `maximum_s` (never shorter than half its step, unlike full jitter's [0, d])."""
 
     initial_s: float = 0.5
     maximum_s: float = 15.0
