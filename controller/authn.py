@@ -50,6 +50,7 @@ DEFAULT_CACHE_TTL_S = 30.0
 # How long a cached verification is trusted while this controller cannot hear the others' revocations.
 UNHEARD_CACHE_TTL_S = 1.0
 CACHE_MAX_ENTRIES = 10_000
+INVALID = "invalid token"  # what an unknown token and a wrong secret are told alike
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +154,11 @@ class Authenticator:
         entry = self._cache.get(presented.id)
         if entry is None or self._stale(entry):
             entry = await self._load(presented.id)
-        if entry is None or not tokens.secret_matches(presented.secret, entry.secret_sha256):
-            raise Unauthenticated("invalid token")
+        # The caller learns "invalid token" either way; the operator's log and audit which one.
+        if entry is None:
+            raise Unauthenticated(INVALID, why=f"unknown token {presented.id}")
+        if not tokens.secret_matches(presented.secret, entry.secret_sha256):
+            raise Unauthenticated(INVALID, why=f"wrong secret for token {presented.id}")
         # Only a caller holding the secret learns why its token no longer works.
         if entry.revoked:
             raise tokenstreams.revoked(presented.id)

@@ -76,7 +76,15 @@ class Unavailable(MaiaError):
 
 
 class Unauthenticated(MaiaError):
-    """The caller did not prove who it is (no, malformed, unknown, expired or revoked token)."""
+    """The caller did not prove who it is (no, malformed, unknown, expired or revoked token).
+
+    `why` is for the operator's log and audit only, finer than `message` where the caller must not
+    learn more ("invalid token" for an unknown token and a wrong secret alike; `why` tells them
+    apart); the message when not given."""
+
+    def __init__(self, message: str, *, why: str = "") -> None:
+        super().__init__(message)
+        self.why = why or message
 
 
 class PermissionDenied(MaiaError):

@@ -231,6 +231,10 @@ DRY_RUN_SLOTS = 1                   # dry runs solved at once (the machine's cor
 # floods so add at most 14,400 rows a day, whatever their rate.
 UNAUTHENTICATED_AUDITS_PER_MINUTE = 10.0
 UNAUTHENTICATED_AUDITS_BURST = 10.0
+# Log lines for refused credentials (gRPC's UNAUTHENTICATED calls; the console's 401s, a bucket of
+# their own): a bucket of 10, refilled at 10 a minute; the next line says how many were left out.
+UNAUTHENTICATED_LINES_PER_MINUTE = 10.0
+UNAUTHENTICATED_LINES_BURST = 10.0
 # Calls refused with a retry time (busy, rate limited): audited at most this often, the rest counted.
 RETRY_LATER_AUDITS_PER_MINUTE = 60.0
 RETRY_LATER_AUDITS_BURST = 20.0

@@ -1,4 +1,5 @@
-"""Token buckets: per agent stream (shard reports) and per tenant (submits, dry runs).
+"""Token buckets: per agent stream (shard reports) and per tenant (submits, dry runs), and a
+sampler of floods (one record of many like refusals, with how many went without one).
 
 A bucket holds at most `burst` tokens and refills at `rate` tokens a second; a call that finds
 no token is refused with the seconds until one is due, so the caller can be told when to retry
@@ -35,6 +36,25 @@ class TokenBucket:
             self.tokens -= cost
             return 0.0
         return (cost - self.tokens) / self.rate if self.rate > 0 else math.inf
+
+
+class Sampler:
+    """Records (an audit entry, a log line) for a flood of like events, at most at a bucket's rate:
+    `sample()` says whether this one gets a record and how many went without one since the last
+    that did (a record says so: `unaudited_before=N`, `suppressed=N`)."""
+
+    def __init__(self, per_minute: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._bucket = TokenBucket(per_minute / 60.0, burst)
+        self._clock = clock
+        self.left_out = 0  # events since the last record that got none of their own
+
+    def sample(self) -> int | None:
+        """None: no record for this one (counted); else the events left out before it."""
+        if self._bucket.take(self._clock()):
+            self.left_out += 1
+            return None
+        skipped, self.left_out = self.left_out, 0
+        return skipped
 
 
 def rate_limited(what: str, wait_s: float) -> ResourceExhausted:

@@ -31,7 +31,9 @@ Calls refused UNAUTHENTICATED (any method, reads included) are audited by
 anonymous flood grow the audit table at the flood's rate. A controller-wide token bucket
 (`limits.UNAUTHENTICATED_AUDITS_*`) lets through a few entries a minute; the calls refused
 beyond it are counted, and the next entry written says how many were not written on their own
-(`detail.unaudited_before`). The log still has a line per refused call. Calls refused with a
+(`detail.unaudited_before`); an entry's message is the operator's reason (an unknown token and
+a wrong secret, both "invalid token" to the caller, told apart: `Unauthenticated.why`). The log's
+lines are sampled likewise, by a bucket of their own (the authentication interceptor). Calls refused with a
 retry time (a busy controller shedding a join storm, a tenant over its rate) come in floods by
 nature too, and each entry would be one more write transaction for the database they protect:
 they are audited the same way (`limits.RETRY_LATER_AUDITS_*`, a bucket of their own). So are
@@ -59,7 +61,7 @@ from controller.api import dryrun
 from controller.api.interceptors import code_of, reads_only, status_for
 from controller.domain.values import deployment_key
 from controller.identity import current_principal, new_request_id
-from controller.ratelimit import TokenBucket
+from controller.ratelimit import Sampler
 from controller.store.audit import AuditRecord, CallEntry, close_call, open_call
 from controller.store.db import Database
 from controller.usecases import audit
@@ -131,7 +133,7 @@ class AuditInterceptor(aio.ServerInterceptor):
 
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._entries = audit.EntryWriter(db)  # the entries of calls that failed or wrote nothing
-        self._retry_later = AuditSampler(limits.RETRY_LATER_AUDITS_PER_MINUTE, limits.RETRY_LATER_AUDITS_BURST, clock)
+        self._retry_later = Sampler(limits.RETRY_LATER_AUDITS_PER_MINUTE, limits.RETRY_LATER_AUDITS_BURST, clock)
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -219,24 +221,6 @@ class AuditInterceptor(aio.ServerInterceptor):
                           entry.action, entry.actor, entry.object_kind, entry.object_id, entry.outcome)
 
 
-class AuditSampler:
-    """Entries for a flood of like refusals, at most at a bucket's rate: `sample()` says whether
-    this one gets an entry and how many went without one since the last that did."""
-
-    def __init__(self, per_minute: float, burst: float, clock: Callable[[], float]) -> None:
-        self._bucket = TokenBucket(per_minute / 60.0, burst)
-        self._clock = clock
-        self.unaudited = 0  # refused calls since the last entry that got none of their own
-
-    def sample(self) -> int | None:
-        """None: no entry for this one (counted); else the calls left out before it."""
-        if self._bucket.take(self._clock()):
-            self.unaudited += 1
-            return None
-        skipped, self.unaudited = self.unaudited, 0
-        return skipped
-
-
 class UnauthenticatedAuditor:
     """Audits calls refused UNAUTHENTICATED, at most at the bucket's rate (module docstring)."""
 
@@ -244,11 +228,11 @@ class UnauthenticatedAuditor:
                  burst: float = limits.UNAUTHENTICATED_AUDITS_BURST,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
-        self._sampler = AuditSampler(per_minute, burst, clock)
+        self._sampler = Sampler(per_minute, burst, clock)
 
     @property
     def unaudited(self) -> int:
-        return self._sampler.unaudited
+        return self._sampler.left_out
 
     async def refused(self, method: str, reason: str, peer: str) -> None:
         skipped = self._sampler.sample()

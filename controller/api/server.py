@@ -80,6 +80,7 @@ from maia.v1 import (
 )
 
 log = logging.getLogger("maia.server")
+CONSOLE_VIEWERS = (Role.ADMIN, Role.TENANT)
 DB_WAIT_FIRST_PAUSE_S = 0.5  # between tries at a database that cannot be reached yet, doubling
 DB_WAIT_MAX_PAUSE_S = 5.0
 
@@ -234,13 +235,13 @@ class ControllerApp:
         self._tasks: list[asyncio.Task] = []
         self._channel_task: asyncio.Task | None = None
 
-    async def _console_viewer(self, token: str) -> Principal | None:
-        """The console's viewers: admin and tenant tokens (a tenant sees its own view)."""
-        try:
-            who = await self.authn.authenticate([(AUTHORIZATION_KEY, f"Bearer {token}")])
-        except Unauthenticated:
-            return None
-        return who if who.role in (Role.ADMIN, Role.TENANT) else None
+    async def _console_viewer(self, token: str) -> Principal:
+        """The console's viewers: admin and tenant tokens (a tenant sees its own view); any other
+        credential is refused `Unauthenticated`, saying why for the console's log."""
+        who = await self.authn.authenticate([(AUTHORIZATION_KEY, f"Bearer {token}")])
+        if who.role not in CONSOLE_VIEWERS:
+            raise Unauthenticated(f"a {who.role.value} token cannot view the console (admin and tenant tokens can)")
+        return who
 
     def _elected(self, token: int) -> None:
         self.lifecycle.lead()

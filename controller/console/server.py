@@ -15,9 +15,10 @@ thread, no signal handlers of its own):
   expired, the stream sends an `ended` event saying why and closes (the page's next read is 401).
 A bearer token (`Authorization` header, sent by the page's scripts: from the sign-in form or a
 `#token=` URL fragment, which browsers never send to a server) is resolved to a principal by
-the `TokenResolver` given; a principal bound to a tenant sees that tenant's view only. Without
-a resolver (authentication off) every request sees the whole cluster. A refused credential is
-logged, at a bounded rate (`console.signins`).
+the `TokenResolver` given (it raises `Unauthenticated` for a credential it refuses, saying why
+for the operator); a principal bound to a tenant sees that tenant's view only. Without a resolver
+(authentication off) every request sees the whole cluster. A refused credential is logged with
+that reason, at a bounded rate (`console.signins`).
 
 Every response, refusals and the event stream included, carries the browser's security headers
 (`SECURITY_HEADERS`: a Content-Security-Policy that lets the page load its own script, style and
@@ -39,13 +40,14 @@ from aiohttp import web
 
 from controller.aio import within
 from controller.console.builds import SharedBuilds
-from controller.console.signins import RefusedSignIns
+from controller.console.signins import MALFORMED, RefusedSignIns
 from controller.console.state import ConsoleRows, console_document, read_console_rows
 from controller.identity import Principal, Role
 from controller.store.db import Database
 from controller.tokens import bearer_credential
 from controller.tokenstreams import TokenStreams
 from controller.domain.values import DeploymentEvent
+from controller.errors import Unauthenticated
 from controller.usecases.watch import DeploymentEventBus
 
 log = logging.getLogger("maia.console")
@@ -70,7 +72,8 @@ class _NotHttp(logging.Filter):
 _NOT_HTTP = _NotHttp()
 
 # Token -> principal (None: not a valid token). Supplied once authentication exists.
-TokenResolver = Callable[[str], Awaitable[Principal | None]]
+# A credential's viewer; raises `Unauthenticated` (`why`: for the log) for one that may not view.
+TokenResolver = Callable[[str], Awaitable[Principal]]
 KEEPALIVE_S = 15.0
 STATIC = resources.files("controller.console").joinpath("static")
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
@@ -101,6 +104,11 @@ def _peer(request: web.Request) -> str:
     return f"{host}:{peer[1]}"
 
 
+def _sign_in() -> web.HTTPUnauthorized:
+    return web.HTTPUnauthorized(text=json.dumps({"error": "sign in with a token"}), content_type="application/json",
+                                headers={"WWW-Authenticate": 'Bearer realm="maia"'})
+
+
 def _viewer_tenant(principal: Principal | None) -> str:
     return principal.tenant if principal is not None and principal.role is Role.TENANT else ""
 
@@ -114,7 +122,7 @@ class ConsoleServer:
         # The event streams open, by token (the controller's, shared with the watches, which its
         # revocations end; its own otherwise: an expiry still ends a stream).
         self._streams = TokenStreams() if streams is None else streams
-        self._sign_ins = RefusedSignIns(db) if sign_ins is None else sign_ins
+        self._sign_ins = RefusedSignIns() if sign_ins is None else sign_ins
         self._runner: web.AppRunner | None = None
         self.documents = SharedBuilds(self._document)
         # Every viewer's builds, one at a time (module docstring); its thread starts at the first build.
@@ -160,15 +168,16 @@ class ConsoleServer:
         if self._resolve is None:
             return None
         authorization = request.headers.get("Authorization")
-        token = bearer_credential(authorization or "")
-        principal = await self._resolve(token) if token else None
-        if principal is None:
-            if authorization is not None:  # a credential refused (none at all: the page's first read)
-                await self._sign_ins.refused(token, path=request.path, peer=_peer(request))
-            raise web.HTTPUnauthorized(text=json.dumps({"error": "sign in with a token"}),
-                                       content_type="application/json",
-                                       headers={"WWW-Authenticate": 'Bearer realm="maia"'})
-        return principal
+        if authorization is None:  # no credential at all (the page's first read): refused, not logged
+            raise _sign_in()
+        token = bearer_credential(authorization)
+        try:
+            if not token:
+                raise Unauthenticated(MALFORMED)
+            return await self._resolve(token)
+        except Unauthenticated as refused:
+            self._sign_ins.refused(token, refused.why, path=request.path, peer=_peer(request))
+            raise _sign_in() from None
 
     async def _index(self, request: web.Request) -> web.Response:
         return self._asset("index.html")

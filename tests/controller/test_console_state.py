@@ -16,6 +16,7 @@ from sqlalchemy import update
 from controller.console import server as console_server
 from controller.console.server import ConsoleServer
 from controller.console.state import OTHER_TENANT, console_document, console_state
+from controller.errors import Unauthenticated
 from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
@@ -36,8 +37,10 @@ async def _serving_with_tokens(db: Database) -> tuple[ConsoleServer, str]:
     `admin-token` (an operator); the console and its address."""
     tokens = {"tenant-token": Principal("t2-user", Role.TENANT, tenant="t2"), "admin-token": Principal("admin")}
 
-    async def resolve(token: str):
-        return tokens.get(token)
+    async def resolve(token: str) -> Principal:
+        if token not in tokens:
+            raise Unauthenticated("invalid token")
+        return tokens[token]
 
     console = ConsoleServer(db, DeploymentEventBus(), resolve_token=resolve)
     return console, await console.start("127.0.0.1:0")

@@ -4,6 +4,7 @@ Tenants list their own entries only; only admins verify the chain."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 import grpc
@@ -118,22 +119,50 @@ async def test_a_page_token_this_list_did_not_return_is_invalid_argument(stubs: 
     assert "page_token is not a token this list returned" in (refused.value.details() or "")
 
 
-async def test_unauthenticated_calls_are_audited_at_a_bounded_rate(controller_app: ControllerApp) -> None:
+async def test_unauthenticated_calls_are_audited_with_the_operators_reason_the_caller_is_told_less(
+        controller_app: ControllerApp, admin_token: str) -> None:
+    """An unknown token and a known token's id with a wrong secret are both "invalid token" to the
+    caller (it must not learn which ids exist); the audit entry, the operator's, tells them apart."""
+    admin_id = admin_token.removeprefix("maia_").partition(".")[0]
     anonymous = Stubs.connect(controller_app.address, None)
     forged = Stubs.connect(controller_app.address, "maia_0123456789abcdef." + "A" * 43)
+    guessed = Stubs.connect(controller_app.address, f"maia_{admin_id}." + "A" * 43)
+    told = []
     try:
-        for caller in (anonymous, forged):
+        for caller in (anonymous, forged, guessed):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await caller.admin.ListTenants(admin_pb2.ListTenantsRequest())
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            told.append(refused.value.details())
     finally:
-        await anonymous.channel.close()
-        await forged.channel.close()
+        for caller in (anonymous, forged, guessed):
+            await caller.channel.close()
+    assert told[1] == told[2] == "invalid token"
     refused = [e for e in await _entries(controller_app) if e.outcome == "UNAUTHENTICATED"]
     assert [(e.actor, e.action, e.role, e.tenant) for e in refused] == [
-        ("anonymous", ADMIN + "ListTenants", "", "")] * 2
+        ("anonymous", ADMIN + "ListTenants", "", "")] * 3
     assert "authentication required" in refused[0].detail["message"]
-    assert refused[1].detail["message"] == "invalid token" and refused[1].detail["peer"]
+    assert refused[1].detail["message"] == "unknown token 0123456789abcdef" and refused[1].detail["peer"]
+    assert refused[2].detail["message"] == f"wrong secret for token {admin_id}"
+
+
+async def test_a_flood_of_unauthenticated_calls_is_logged_at_a_bounded_rate(
+        controller_app: ControllerApp, caplog: pytest.LogCaptureFixture) -> None:
+    """A token-guessing run wrote a WARNING line per call, at the run's rate: the lines are sampled
+    (a bucket of `UNAUTHENTICATED_LINES_BURST`), each saying the operator's reason."""
+    caplog.set_level(logging.WARNING, logger="maia.api")
+    forged = Stubs.connect(controller_app.address, "maia_0123456789abcdef." + "A" * 43)
+    calls = 3 * int(limits.UNAUTHENTICATED_LINES_BURST)
+    try:
+        for _ in range(calls):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await forged.admin.ListTenants(admin_pb2.ListTenantsRequest())
+    finally:
+        await forged.channel.close()
+    lines = [r.getMessage() for r in caplog.records if "code=UNAUTHENTICATED" in r.getMessage()]
+    # The burst, and at most one more the bucket refilled while the calls ran (10 a minute).
+    assert limits.UNAUTHENTICATED_LINES_BURST <= len(lines) <= limits.UNAUTHENTICATED_LINES_BURST + 1, lines
+    assert all("reason=unknown token 0123456789abcdef" in line for line in lines), lines[0]
 
 
 async def test_a_flood_of_unauthenticated_calls_is_counted_not_written_one_by_one(database: Database) -> None:

@@ -1,5 +1,5 @@
 """The console's refused sign-ins are logged (why, the token's id, the peer; never the secret), at
-most at a bounded rate, the rest counted into the next line.
+most at a bounded rate, the rest counted into the next line; so are gRPC's refused calls.
 
 200 requests to `/api/state` with random `maia_...` tokens were answered 401 and the controller
 wrote no line at all, while gRPC logs `code=UNAUTHENTICATED reason=... peer=...` for each: a
@@ -18,6 +18,7 @@ import pytest
 from controller.api.server import ControllerApp
 from controller.console.server import ConsoleServer
 from controller.console.signins import RefusedSignIns
+from controller.errors import Unauthenticated
 from controller.identity import Principal
 from grpc_harness import Stubs, admin_token_of, issue_token
 from maia.v1 import admin_pb2
@@ -85,10 +86,10 @@ async def test_a_flood_of_refusals_is_logged_at_the_bound_and_the_rest_are_count
         console: tuple[ControllerApp, Stubs], caplog: pytest.LogCaptureFixture) -> None:
     app, _ = console
     now = [1000.0]
-    sign_ins = RefusedSignIns(app.db, per_minute=6.0, burst=5.0, clock=lambda: now[0])
+    sign_ins = RefusedSignIns(per_minute=6.0, burst=5.0, clock=lambda: now[0])
 
-    async def nobody(token: str) -> Principal | None:
-        return None
+    async def nobody(token: str) -> Principal:
+        raise Unauthenticated("invalid token", why="unknown token")
 
     server = ConsoleServer(app.db, app.bus, resolve_token=nobody, sign_ins=sign_ins)
     address = await server.start("127.0.0.1:0")

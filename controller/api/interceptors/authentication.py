@@ -14,11 +14,12 @@ from typing import Any
 
 from grpc import aio
 
-from controller import errors
+from controller import errors, limits
 from controller.api.interceptors.behaviour import Behaviour, _BehaviourInterceptor
 from controller.api.interceptors.status import abort_with, database_unavailable_before_the_call
 from controller.authn import Authenticator
 from controller.identity import Principal, reset_principal, set_principal
+from controller.ratelimit import Sampler
 from controller.store.db import database_failed
 
 log = logging.getLogger("maia.api")
@@ -30,12 +31,16 @@ UNAUTHENTICATED_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 class AuthenticationInterceptor(_BehaviourInterceptor):
     """Sets the caller's principal, or refuses the call UNAUTHENTICATED (telling `on_refused`:
-    method, reason, peer; the audit's `UnauthenticatedAuditor`)."""
+    method, the operator's reason, peer; the audit's `UnauthenticatedAuditor`). A refusal is
+    logged with its reason for the operator (`Unauthenticated.why`), at most at `lines`' rate: a
+    token-guessing flood must not flood the log (the line after a gap says how many were left out)."""
 
     def __init__(self, authenticator: Authenticator,
-                 on_refused: Callable[[str, str, str], Awaitable[None]] | None = None) -> None:
+                 on_refused: Callable[[str, str, str], Awaitable[None]] | None = None,
+                 lines: Sampler | None = None) -> None:
         self._authenticator = authenticator
         self._on_refused = on_refused
+        self._lines = lines or Sampler(limits.UNAUTHENTICATED_LINES_PER_MINUTE, limits.UNAUTHENTICATED_LINES_BURST)
 
     async def _principal(self, method: str, context: aio.ServicerContext) -> Principal | None:
         """The caller's principal (None: a method that needs no token); a refusal ends the call.
@@ -49,9 +54,12 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
         try:
             return await self._authenticator.authenticate(context.invocation_metadata())
         except errors.Unauthenticated as exc:
-            log.warning("rpc method=%s code=UNAUTHENTICATED reason=%s peer=%s", method, exc.message, context.peer())
+            left_out = self._lines.sample()
+            if left_out is not None:
+                log.warning("rpc method=%s code=UNAUTHENTICATED reason=%s peer=%s%s", method, exc.why,
+                            context.peer(), f" suppressed={left_out}" if left_out else "")
             if self._on_refused is not None:
-                await self._on_refused(method, exc.message, context.peer())
+                await self._on_refused(method, exc.why, context.peer())
             await abort_with(context, exc)
             raise  # not reached: the abort raises
         except Exception as exc:
