@@ -58,6 +58,9 @@ class Config:
     restart_backoff_s: float = _RESTARTS.initial_delay_s
     restart_backoff_max_s: float = _RESTARTS.max_delay_s
     restart_limit: int = _RESTARTS.limit
+    # A shard a node's agent says nothing of (no LOADING, RUNNING or FAILED) this long after the
+    # set that named it was sent fails (controller/agents/hub.py, `_fail_unacknowledged`); 0: never.
+    assignment_ack_timeout_s: float = 60.0
     watchdog_interval_s: float = 2.0
     log_level: str = "INFO"
     # TLS: certificate and key of the server; a client CA turns on mutual TLS (see controller.api.tls).
@@ -395,6 +398,12 @@ def _restart_flags(parser: argparse.ArgumentParser) -> None:
                        metavar="SECONDS", help="the longest back-off before a failed replica is placed again")
     group.add_argument("--restart-limit", type=_positive_int, default=Config.restart_limit, metavar="FAILURES",
                        help="failures in a row after which a deployment is Failed: not placed again until updated")
+    group.add_argument("--assignment-ack-timeout", type=_non_negative_float,
+                       default=Config.assignment_ack_timeout_s, metavar="SECONDS",
+                       help="a shard a connected node's agent says nothing of (no LOADING, RUNNING or FAILED "
+                            "report) this long after the assignment set that named it reached its stream fails "
+                            "like a shard the agent reported FAILED (placed again after the back-off, other "
+                            "nodes first); 0: wait for ever")
 
 
 def _leadership_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -491,7 +500,7 @@ def _config(ns: argparse.Namespace) -> Config:
         unhealthy_zone_eviction_rate=ns.unhealthy_zone_eviction_rate,
         # restarts of failed replicas
         restart_backoff_s=ns.restart_backoff, restart_backoff_max_s=ns.restart_backoff_max,
-        restart_limit=ns.restart_limit,
+        restart_limit=ns.restart_limit, assignment_ack_timeout_s=ns.assignment_ack_timeout,
         # leadership
         advertise_address=ns.advertise_address, lease_ttl_s=ns.lease_ttl, lease_renew_s=ns.lease_renew_interval,
         # agents and agent gateways

@@ -66,8 +66,11 @@ class AgentHub:
         leading: Callable[[], bool] = lambda: True, admission: AdmissionGate | None = None,
         max_heartbeats_per_second: float = 0.0, observer: HubObserver | None = None,
         contact_write_every_s: float | None = None, revoked: Callable[[str], bool] = lambda token_id: False,
+        ack_timeout_s: float = 0.0,
     ) -> None:
         self._db = db
+        # A shard a set named that its agent says nothing of for this long fails (0: never; `_expire`).
+        self._ack_timeout_s = ack_timeout_s
         # Whether a token was revoked lately (`TokenStreams.revoked_lately`): a stream authenticated
         # just before its credential's revocation, and opened just after, ends as it opens.
         self._revoked = revoked
@@ -414,6 +417,21 @@ class AgentHub:
         for session in silent & self._silent:
             _silenced(session, f"no heartbeat for {now - session.last_seen:.1f}s (timeout {session.timeout_s:g}s)")
         self._silent = silent - self._silent
+        if self._ack_timeout_s:
+            self._fail_unacknowledged(now)
+
+    def _fail_unacknowledged(self, now: float) -> None:
+        """Shards a live stream's agent was given and has said nothing of for the ack timeout: a
+        buggy or hung agent (its heartbeats still flowing) that would leave them ASSIGNED forever.
+        Each is written FAILED (the restart back-off then places it again, elsewhere first)."""
+        for session in self._sessions.values():
+            if session.unacknowledged and not session.closed:
+                late = session.overdue(now, self._ack_timeout_s)
+                if late:
+                    log.warning("agent did not take up shards node=%s shards=%d timeout=%gs first=%s/%s/%d/%d",
+                                session.node_id, len(late), self._ack_timeout_s, late[0].tenant,
+                                late[0].deployment, late[0].replica, late[0].shard)
+                    self._buffer.not_acknowledged(session.node_id, late)
 
     def _refuse_when_stopping(self, node_id: str) -> None:
         if self._stopping:

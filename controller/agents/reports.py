@@ -140,10 +140,17 @@ class ReportBuffer:
             shards = (message,)
         for report in shards:  # all checked before any is used: a bad message leaves nothing behind
             agent_cases.validate_report(node_id, report)
+        if session.unacknowledged and beat and shards is not message.shards:
+            # The shards a heartbeat repeats unchanged are acknowledged too (not written again).
+            for report in message.shards:
+                tenant = session.given_tenant(report)
+                if tenant is not None:
+                    session.acknowledged(tenant, report)
         refused = False
         for report in shards:
             tenant = session.given_tenant(report)
             if tenant is not None:
+                session.acknowledged(tenant, report)
                 session.say(report)
                 self._reports.append((node_id, report if report.tenant == tenant else replace(report, tenant=tenant)))
                 self._received.append(now)
@@ -163,6 +170,14 @@ class ReportBuffer:
                 session.state_asked = False
                 if full:
                     session.said_all_at = now
+
+    def not_acknowledged(self, node_id: str, reports: list[ShardReport]) -> None:
+        """The shards `node_id`'s agent never took up (`AgentSession.overdue`): written FAILED at
+        the next flush, as if it said so (a placement moved or placed anew meanwhile is left
+        alone: the report answers an older generation, or another node)."""
+        now = time.monotonic()
+        self._reports.extend((node_id, report) for report in reports)
+        self._received.extend(now for _ in reports)
 
     def _refuse(self, node_id: str, key: ShardKey) -> None:
         before = self._refused.get(node_id, RefusedReports(0, ()))

@@ -23,6 +23,9 @@ from controller.tokenstreams import ExpiryTimer
 from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport
 
 AgentInbound = HeartbeatReport | ShardReport
+# Why a shard its agent never took up failed (`AgentSession.overdue`).
+NOT_ACKNOWLEDGED = ("not taken up by its agent within {timeout_s:g}s of the assignment set that named it "
+                    "(no LOADING, RUNNING or FAILED report of it)")
 Message = TypeVar("Message")  # what a stream's agent sends, before `converse`'s `convert`
 
 
@@ -115,6 +118,11 @@ class AgentSession:
     # The shards named by a set sent on this stream whose agent has not said RUNNING, FAILED or
     # STOPPED of them yet, with when that set was sent (the `agent` stage; bounded like `given`).
     starting: dict[ShardKey, float] = field(default_factory=dict)
+    # The shards a set on this stream named first whose agent has said nothing of them yet (no
+    # LOADING, RUNNING, FAILED or STOPPED), with when that set was sent and the assignment's
+    # generation: an agent that never takes one up fails it (`overdue`; the hub's `--assignment-
+    # ack-timeout`). Only shards still named by the set last sent (so at most one set's worth).
+    unacknowledged: dict[SaidKey, tuple[float, int]] = field(default_factory=dict)
 
     def close(self, reason: str, *, mark_down: bool = True, told: MaiaError | None = None) -> None:
         """End the stream (once: a later close changes nothing). `reason`: the log's, and the
@@ -161,15 +169,34 @@ class AgentSession:
         self.state_version = None
 
     def sent(self, assignment_set: AssignmentSet, now: float) -> None:
-        fresh = [key for a in assignment_set.assignments if (key := (a.deployment, a.replica, a.shard)) not in self.given]
+        fresh = [a for a in assignment_set.assignments if (a.deployment, a.replica, a.shard) not in self.given]
         if len(self.given) + len(assignment_set.assignments) > 2 * limits.SHARDS_PER_NODE_MAX:
             self.given = {}
         if len(self.starting) + len(fresh) > 2 * limits.SHARDS_PER_NODE_MAX:
             self.starting = {}
-        for key in fresh:
-            self.starting[key] = now
+        if self.unacknowledged:  # a shard taken away before its agent said anything is not owed any more
+            named = {(a.tenant, a.deployment, a.replica, a.shard) for a in assignment_set.assignments}
+            self.unacknowledged = {key: due for key, due in self.unacknowledged.items() if key in named}
+        for a in fresh:
+            self.starting[(a.deployment, a.replica, a.shard)] = now
+            self.unacknowledged[(a.tenant, a.deployment, a.replica, a.shard)] = (now, a.generation)
         for a in assignment_set.assignments:
             self.given.setdefault((a.deployment, a.replica, a.shard), set()).add(a.tenant)
+
+    def acknowledged(self, tenant: str, report: ShardReport) -> None:
+        """The agent said something of the shard (of `tenant`'s deployment): it took it up."""
+        self.unacknowledged.pop((tenant, report.deployment, report.replica, report.shard), None)
+
+    def overdue(self, now: float, timeout_s: float) -> list[ShardReport]:
+        """The shards named by a set sent more than `timeout_s` ago that the agent has said
+        nothing of, forgotten here, each as the FAILED report the controller writes for it."""
+        late = [(key, generation) for key, (sent_at, generation) in self.unacknowledged.items()
+                if now - sent_at > timeout_s]
+        for key, _ in late:
+            del self.unacknowledged[key]
+        message = NOT_ACKNOWLEDGED.format(timeout_s=timeout_s)
+        return [ShardReport(deployment, replica, shard, generation, "failed", message, tenant=tenant)
+                for (tenant, deployment, replica, shard), generation in late]
 
     def started(self, report: ShardReport, now: float) -> float | None:
         """Seconds from the set that first named the shard to this report saying RUNNING (None: not

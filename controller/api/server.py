@@ -177,7 +177,7 @@ class ControllerApp:
             max_heartbeats_per_second=config.max_heartbeats_per_second,
             admission=agent_admission_gate(config.agent_admission_concurrency, config.agent_admission_queue,
                                            observer=self.metrics),
-            revoked=self.streams.revoked_lately,
+            revoked=self.streams.revoked_lately, ack_timeout_s=config.assignment_ack_timeout_s,
         )
         self.metrics.watch_admission(lambda: self.hub.admission.waiting)
         # The warm session in a process of its own (--decide-process), stopped with the controller.

@@ -4,6 +4,7 @@ test_api_agent_bounds.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 
 from grpc_harness import RUNNING, HandAgent, controller_with_rack, eventually, spec
@@ -48,5 +49,45 @@ async def test_a_shard_its_agent_stopped_while_still_assigned_is_placed_again(db
         assert [r.message for r in dep.reasons if r.code == "SHARD_FAILED"] == [
             f"replica 0 shard 0 failed on {holder.info.node_id}: stopped by its agent while still assigned: "
             "model server exited 0"]
+        for agent in agents.values():
+            await agent.close()
+
+
+async def test_a_shard_its_agent_never_takes_up_fails_and_is_placed_again(db_url: str, tmp_path):
+    """An agent that heartbeats but says nothing of a shard its set named (a bug, a hung loader)
+    left the placement ASSIGNED for ever and the replica never ran: after --assignment-ack-timeout
+    it is FAILED, and placed again after its back-off on the node whose agent takes it up; that
+    agent's LOADING keeps its own clock from running out."""
+    async with controller_with_rack(db_url, tmp_path, restart_backoff_s=0.2, assignment_ack_timeout_s=1.5) as (
+            _, stubs):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        agents = {node_id: HandAgent(stubs, node_id, "rack-a") for node_id in ("n1", "n2")}
+        for agent in agents.values():
+            await agent.register()
+            await agent.connect()
+            agent.keep_beating()
+            await agent.next_set()
+        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 2,
+                         what="both nodes ready")
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+            spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
+
+        def svc() -> Awaitable[deployments_pb2.Deployment]:
+            return stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
+
+        placed = await eventually(svc, lambda d: len(d.placements) == 1, what="svc placed")
+        mute = agents[placed.placements[0].node]  # says nothing of it
+        other = next(agent for agent in agents.values() if agent is not mute)
+        moved = await other.next_set(lambda s: len(s.assignments) == 1, timeout=15)  # placed again, elsewhere
+        other.report(moved.assignments[0], common_pb2.SHARD_PHASE_LOADING)
+        await mute.next_set(lambda s: len(s.assignments) == 0, timeout=15)  # and taken from the mute node
+        dep = await svc()
+        assert [r.message for r in dep.reasons if r.code == "SHARD_FAILED"] == [
+            f"replica 0 shard 0 failed on {mute.info.node_id}: not taken up by its agent within 1.5s of the "
+            "assignment set that named it (no LOADING, RUNNING or FAILED report of it)"]
+        await asyncio.sleep(2.5)  # past the timeout again: the LOADING shard stays where it is
+        dep = await svc()
+        assert [(p.node, p.phase) for p in dep.placements] == [(other.info.node_id, common_pb2.SHARD_PHASE_LOADING)]
         for agent in agents.values():
             await agent.close()
