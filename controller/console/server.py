@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -219,11 +220,15 @@ class ConsoleServer:
         try:
             with self._streams.hold(principal, partial(self._bus.end, queue)) as held:
                 await response.write(b": connected\n\n")
+                # A keep-alive KEEPALIVE_S after the last write, not after the last event: events a
+                # tenant may not see must not delay it (their rhythm would tell it others are busy).
+                quiet_until = time.monotonic() + KEEPALIVE_S
                 while True:
                     try:
-                        item: Any = await within(queue.get(), KEEPALIVE_S)
+                        item: Any = await within(queue.get(), max(0.0, quiet_until - time.monotonic()))
                     except TimeoutError:
                         await response.write(b": keep-alive\n\n")
+                        quiet_until = time.monotonic() + KEEPALIVE_S
                         continue
                     if held.error is not None:  # its token was revoked or expired (`bus.end` woke it)
                         data = json.dumps({"reason": held.error.message})
@@ -236,6 +241,7 @@ class ConsoleServer:
                         continue
                     data = json.dumps({"type": item.type, "deployment": spec.name, "phase": item.deployment.phase})
                     await response.write(f"event: change\ndata: {data}\n\n".encode())
+                    quiet_until = time.monotonic() + KEEPALIVE_S
         except ConnectionResetError:
             pass  # the browser went away
         finally:

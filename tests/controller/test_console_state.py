@@ -21,7 +21,7 @@ from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store.db import Database
-from controller.usecases.watch import DeploymentEventBus
+from controller.usecases.watch import DeploymentEventBus, deleted_elsewhere
 from uc_builders import add_tenant, deployment, no_publish, submit
 
 
@@ -237,3 +237,31 @@ async def test_a_grpc_client_on_the_console_port_is_a_warning_line_not_a_traceba
         await console.stop()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert any("not HTTP/1.x" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+async def test_other_tenants_events_do_not_hold_back_a_tenants_keep_alives(cluster: Database, monkeypatch) -> None:
+    """A tenant's event stream sent its keep-alive a quiet interval after the last bus event, its
+    own or not: while other tenants were busy its keep-alives stopped, telling it so."""
+    monkeypatch.setattr(console_server, "KEEPALIVE_S", 0.4)
+    console, address = await _serving_with_tokens(cluster)
+
+    async def others_busy() -> None:
+        while True:
+            console._bus.publish(deleted_elsewhere("a-svc", "t1"))
+            await asyncio.sleep(0.1)
+
+    busy = asyncio.create_task(others_busy())
+    lines: list[bytes] = []
+    try:
+        async with aiohttp.ClientSession(f"http://{address}") as http:
+            async with http.get("/api/events", headers={"Authorization": "Bearer tenant-token"}) as reply:
+                assert reply.status == 200
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.2):
+                        async for line in reply.content:
+                            lines.append(line)
+    finally:
+        busy.cancel()
+        await console.stop()
+    assert b"event: change\n" not in lines  # t1's events are not t2's to see
+    assert lines.count(b": keep-alive\n") >= 3, lines  # one each 0.4 s (5 in 2.2 s), however busy t1 is
