@@ -152,7 +152,15 @@ def as_seen_by_tenant(entry: AuditEventView, redactor: Redactor) -> AuditEventVi
     or `prev_hash`. Those are the chain's, which admins verify over every tenant's entries: a
     tenant's filtered, redacted list cannot be verified, and the hash of an entry as stored (or,
     as the next entry's `prev_hash`, of another tenant's entry) would let it test its guesses of
-    what was redacted."""
+    what was redacted.
+
+    The tenant a refused call of its own named (`requested_tenant`, which the caller chose) is
+    redacted wherever it stands, whether or not such a tenant exists: redacting the ids of the
+    tenants there are only would let a tenant test its guesses of other tenants' ids ("tenant
+    bravo not found" read "another tenant not found", "tenant zzz not found" as it was)."""
+    named = entry.detail.get("requested_tenant")
+    if isinstance(named, str):
+        redactor = redactor.also((named,))
     return replace(entry, request_id=redactor.text(entry.request_id), actor=redactor.text(entry.actor),
                    object_id=redactor.text(entry.object_id), detail=redactor.detail(entry.detail),
                    prev_hash="", hash="")

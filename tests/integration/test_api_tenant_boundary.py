@@ -13,7 +13,9 @@ import pytest
 from controller.api.server import ControllerApp
 from controller.store import audit
 from grpc_harness import Stubs, issue_token, spec, topology
-from maia.v1 import admin_pb2, deployments_pb2
+from google.protobuf.json_format import MessageToDict
+
+from maia.v1 import admin_pb2, audit_pb2, deployments_pb2
 
 TENANTS = ("acme", "alpha", "bravo", "charlie", "delta", "zeta")
 
@@ -87,3 +89,28 @@ async def test_a_tenants_call_naming_another_tenant_is_filed_in_its_own_log(cont
     assert [(e.action.rpartition("/")[2], e.tenant, e.outcome, e.detail.get("requested_tenant"))
             for e in entries] == [("DeleteDeployment", "bravo", "NOT_FOUND", "alpha"),
                                   ("DeleteTenant", "bravo", "PERMISSION_DENIED", "alpha")]
+
+
+async def test_a_tenants_own_log_does_not_tell_which_tenant_ids_exist(controller_app: ControllerApp,
+                                                                      stubs: Stubs) -> None:
+    """The tenant a refused call named was redacted in the caller's log only when such a tenant
+    existed: "tenant another tenant not found" for alpha, "tenant zzz not found" for a guess, so
+    each guess tested whether a competitor is a customer. Both read the same now."""
+    await _world(controller_app, stubs)
+    bravo = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="bravo",
+                                                                     name="tok-bravo"))
+    try:
+        for named in ("alpha", "zzz"):
+            for call in (bravo.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="x",
+                                                                                                    tenant=named)),
+                         bravo.admin.UpdateTenant(admin_pb2.Tenant(id=named))):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call
+        listed = await bravo.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest())
+    finally:
+        await bravo.channel.close()
+    seen = [(e.action.rpartition("/")[2], e.outcome, e.object_id, json.dumps(MessageToDict(e.detail), sort_keys=True))
+            for e in listed.events if e.actor == "tok-bravo"]
+    assert len(seen) == 4, seen
+    assert seen[:2] == seen[2:], seen  # alpha (a tenant) and zzz (none) alike
+    assert not any("alpha" in str(entry) or "zzz" in str(entry) for entry in seen), seen
