@@ -82,6 +82,7 @@ class Config:
     agent_admission_concurrency: int = limits.AGENT_ADMISSION_CONCURRENCY
     agent_admission_queue: int = limits.AGENT_ADMISSION_QUEUE
     submits_per_minute: float = limits.SUBMITS_PER_MINUTE
+    changes_per_minute: float = limits.CHANGES_PER_MINUTE
     dry_runs_per_minute: float = limits.DRY_RUNS_PER_MINUTE
     dry_run_time_limit_ms: int = limits.DRY_RUN_TIME_LIMIT_MS
     dry_run_slots: int = limits.DRY_RUN_SLOTS
@@ -456,6 +457,9 @@ def _tenant_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("tenants' rates and dry runs")
     group.add_argument("--submits-per-minute", type=_non_negative_float, default=Config.submits_per_minute,
                        help="deployments one tenant may submit a minute, bursting to the same (0: unlimited)")
+    group.add_argument("--changes-per-minute", type=_non_negative_float, default=Config.changes_per_minute,
+                       help="updates and deletions of deployments one tenant's tokens may make a minute, bursting "
+                            "to the same (an admin token's are not counted; 0: unlimited)")
     group.add_argument("--dry-runs-per-minute", type=_non_negative_float, default=Config.dry_runs_per_minute,
                        help="dry runs one tenant may ask for a minute (0: unlimited)")
     group.add_argument("--dry-run-time-limit-ms", type=_positive_int, default=Config.dry_run_time_limit_ms,
@@ -510,6 +514,7 @@ def _config(ns: argparse.Namespace) -> Config:
         advertise_agent_address=ns.advertise_agent_address, agent_gateway_linger_ms=ns.agent_gateway_linger_ms,
         # tenants' rates and dry runs
         submits_per_minute=ns.submits_per_minute, dry_runs_per_minute=ns.dry_runs_per_minute,
+        changes_per_minute=ns.changes_per_minute,
         dry_run_time_limit_ms=ns.dry_run_time_limit_ms, dry_run_slots=ns.dry_run_slots,
         # observability and health
         log_level=ns.log_level.upper(), metrics_listen=ns.metrics_listen, http_listen=ns.http_listen,

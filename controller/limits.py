@@ -224,6 +224,7 @@ QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error messag
 MAX_HEARTBEATS_PER_SECOND = 500.0
 SUBMITS_PER_MINUTE = 120.0          # per tenant, burst the same
 DRY_RUNS_PER_MINUTE = 30.0          # per tenant
+CHANGES_PER_MINUTE = 120.0          # a tenant token's updates and deletions, per tenant, burst the same
 DRY_RUN_TIME_LIMIT_MS = 2000        # a dry run's solve never runs longer
 DRY_RUN_SLOTS = 1                   # dry runs solved at once (the machine's cores belong to the reconciler)
 # Calls refused UNAUTHENTICATED that get an audit entry of their own: a bucket of 10, refilled at

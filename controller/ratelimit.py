@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controller.errors import ResourceExhausted
+from controller.identity import Principal, Role
 
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 
@@ -89,17 +90,25 @@ class KeyedRateLimiter:
 
 @dataclass
 class SubmitLimits:
-    """What bounds submissions and dry runs: per-tenant rates, and dry runs' share of the solver
-    (at most `dry_run_slots` solving at once, each for at most `dry_run_time_limit_ms`)."""
+    """What bounds submissions, changes and dry runs: per-tenant rates, and dry runs' share of the
+    solver (at most `dry_run_slots` solving at once, each for at most `dry_run_time_limit_ms`).
+    `changes`: a tenant token's updates and deletions of deployments (each update may start a
+    rollout, each call is an audit entry, refused ones too); an operator's are not counted."""
 
     submits: KeyedRateLimiter
     dry_runs: KeyedRateLimiter
+    changes: KeyedRateLimiter = field(default_factory=lambda: KeyedRateLimiter(0.0, "updates and deletions"))
     dry_run_slots: int = 1
     dry_run_time_limit_ms: int = 2000
     _running: int = 0
 
     def check_submit(self, tenant: str) -> None:
         self.submits.check(tenant)
+
+    def check_change(self, who: Principal) -> None:
+        """An update or deletion by `who`: a tenant token takes one of its tenant's tokens."""
+        if who.role is Role.TENANT:
+            self.changes.check(who.tenant)
 
     def start_dry_run(self, tenant: str) -> None:
         """Take a dry run's rate token and a solver slot (release with `end_dry_run`)."""

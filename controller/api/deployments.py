@@ -116,7 +116,8 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         async with self._deps.db.unit_of_work() as uow:
             result = await update_deployment(uow, current_principal(), spec, request.resource_version,
                                              self._deps.signals, request_id=request.client_request_id,
-                                             dry_run=dryrun.asked(context, dryrun.UPDATE_DEPLOYMENT))
+                                             dry_run=dryrun.asked(context, dryrun.UPDATE_DEPLOYMENT),
+                                             throttle=self._deps.throttle)
         return deployments_pb2.UpdateDeploymentResponse(deployment=convert.deployment_msg(result.deployment),
                                                         changes=list(result.changes), rolling=result.rolling)
 
@@ -137,10 +138,12 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
     async def DeleteDeployment(self, request: deployments_pb2.DeleteDeploymentRequest,
                                context: aio.ServicerContext) -> deployments_pb2.Deployment:
         if self._deps.deletes is not None:
-            view = await self._deps.deletes.delete(current_principal(), request.name, tenant=request.tenant)
+            view = await self._deps.deletes.delete(current_principal(), request.name, tenant=request.tenant,
+                                                   throttle=self._deps.throttle)
         else:
             view = await cases.delete_deployment_alone(self._deps.db, current_principal(), request.name,
-                                                       self._deps.signals, tenant=request.tenant)
+                                                       self._deps.signals, tenant=request.tenant,
+                                                       throttle=self._deps.throttle)
         return convert.deployment_msg(view)
 
     async def WatchDeployments(self, request: deployments_pb2.WatchDeploymentsRequest,

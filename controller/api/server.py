@@ -204,6 +204,7 @@ class ControllerApp:
         self.throttle = SubmitLimits(
             submits=KeyedRateLimiter(config.submits_per_minute, "submits"),
             dry_runs=KeyedRateLimiter(config.dry_runs_per_minute, "dry runs"),
+            changes=KeyedRateLimiter(config.changes_per_minute, "updates and deletions"),
             dry_run_slots=config.dry_run_slots, dry_run_time_limit_ms=config.dry_run_time_limit_ms,
         )
         self.authn = Authenticator(self.db, enabled=not config.insecure_no_auth, cache_ttl_s=config.auth_cache_ttl_s,

@@ -47,6 +47,7 @@ from controller.domain.values import DeploymentEvent, DeploymentView, deployment
 from controller.errors import MaiaError
 from controller.groupcommit import GroupCommit, GroupStats, by_member, outcome_or_alone
 from controller.identity import Principal
+from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -96,10 +97,14 @@ class DeleteBatcher:
     def stats(self) -> GroupStats:
         return self._group.stats
 
-    async def delete(self, who: Principal, name: str, tenant: str = "") -> DeploymentView:
-        """What `deployments.delete_deployment` does, committed in a batch."""
+    async def delete(self, who: Principal, name: str, tenant: str = "",
+                     throttle: SubmitLimits | None = None) -> DeploymentView:
+        """What `deployments.delete_deployment` does, committed in a batch (`throttle`: a tenant
+        token's deletion takes a token of its tenant's change rate first)."""
         check_name("deployment", name)
         check_optional_id("tenant", tenant)
+        if throttle is not None:
+            throttle.check_change(who)
         meant = policy.visible_tenant(who, tenant, DELETING)
         view = await outcome_or_alone(self._group, QueuedDelete(who, meant, name, audit.current_call()))
         if view is not None:

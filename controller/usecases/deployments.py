@@ -436,14 +436,17 @@ async def delete_deployment(uow: UnitOfWork, who: Principal, name: str, signals:
 
 
 async def delete_deployment_alone(db: Database, who: Principal, name: str, signals: Signals,
-                                  tenant: str = "") -> DeploymentView:
+                                  tenant: str = "", throttle: SubmitLimits | None = None) -> DeploymentView:
     """`delete_deployment` in a transaction of its own. When the deployment changed between this
     delete's read and its mark, the mark is refused (`repo.changed_since_read`, nothing written)
     and the delete reads once more: marked by another delete (a member of a failed batch racing a
     later batch with its name, or two lone deletes), it is DELETING and the answer is that of a
     second delete; removed since (marked and removed by the reconciler, or a quarantined one
     released by a submit), it is NOT_FOUND, as for any delete of a deployment that is not there.
-    Either way no second event, bump or audit entry with a change."""
+    Either way no second event, bump or audit entry with a change. `throttle`: a tenant token's
+    deletion takes a token of its tenant's change rate first."""
+    if throttle is not None:
+        throttle.check_change(who)
     try:
         async with db.unit_of_work() as uow:
             return await delete_deployment(uow, who, name, signals, tenant=tenant)

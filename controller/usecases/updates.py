@@ -23,6 +23,7 @@ from controller.errors import (
     Conflict, FailedPrecondition, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
 )
 from controller.identity import Principal
+from controller.ratelimit import SubmitLimits
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -153,12 +154,16 @@ def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rollin
 
 
 async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, resource_version: int,
-                            signals: Signals, request_id: str = "", *, dry_run: bool = False) -> DeploymentUpdate:
+                            signals: Signals, request_id: str = "", *, dry_run: bool = False,
+                            throttle: SubmitLimits | None = None) -> DeploymentUpdate:
     """`dry_run`: every check, then the deployment as the update would leave it (its changes,
     whether it rolls); nothing written (a request id used before answers as the write would; a
-    new one is not remembered)."""
+    new one is not remembered). `throttle`: a tenant token's update takes a token of its tenant's
+    change rate first (a dry run does not), whatever becomes of it."""
     check_name("deployment", spec.name)
     spec = as_caller(who, spec, "updating deployments")
+    if throttle is not None and not dry_run:
+        throttle.check_change(who)
     validate_spec(spec)
     requests.check_request_id(request_id)
     row = await visible_row(uow, who, spec.tenant, spec.name, "updating deployments")  # names are per tenant

@@ -27,7 +27,7 @@ SECTIONS = {
     "agents and agent gateways": ["--agent-reports-per-second", "--agent-reports-burst",
                                   "--agent-admission-concurrency", "--agent-admission-queue", "--agent-gateways",
                                   "--agent-listen", "--advertise-agent-address", "--agent-gateway-linger-ms"],
-    "tenants' rates and dry runs": ["--submits-per-minute", "--dry-runs-per-minute", "--dry-run-time-limit-ms",
+    "tenants' rates and dry runs": ["--submits-per-minute", "--changes-per-minute", "--dry-runs-per-minute", "--dry-run-time-limit-ms",
                                     "--dry-run-slots"],
     "observability and health": ["--log-level", "--metrics-listen", "--http-listen", "--max-rss-mib",
                                  "--reconcile-stuck-s"],

@@ -20,7 +20,9 @@ from controller.health import LIVENESS_SERVICE
 from controller.store import models as m
 from controller.usecases import planning
 from scheduler.session import Session
-from grpc_harness import HandAgent, Stubs, admin_token_of, eventually, running_controller, spec, topology
+from controller.api.dryrun import DRY_RUN_METADATA_KEY
+from grpc_harness import (HandAgent, Stubs, admin_token_of, eventually, issue_token, running_controller, spec,
+                          topology)
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 QUARANTINED = deployments_pb2.DEPLOYMENT_PHASE_QUARANTINED
@@ -85,6 +87,35 @@ async def test_dry_runs_are_rate_limited_per_tenant(make_app):
     assert info.value.details().startswith("tenant lab exceeded 1 dry runs a minute; retry in ")
     assert "retry-after-ms" in dict(info.value.trailing_metadata())
     assert (await _submit(stubs, "d1", "other", dry_run=True)).dry_run
+
+
+async def test_a_tenant_tokens_updates_and_deletions_are_rate_limited_per_tenant(make_app):
+    """A tenant token updated 89 deployments a second (each a rollout) and sent refused deletes by
+    the thousand (each an audit row) with nothing to bound them: they take a token of the tenant's
+    change rate now, refused ones included. Dry runs and an operator's changes are not counted."""
+    app, admin = await make_app(changes_per_minute=2)
+    for name in ("c1", "c2", "c3"):
+        await _submit(admin, name)
+    lab = Stubs.connect(app.address, await issue_token(app.db, "tenant", tenant="lab"))
+    try:
+        current = await _get(lab, "c2")
+        changed = deployments_pb2.DeploymentSpec()
+        changed.CopyFrom(current.spec)
+        changed.replicas = 2
+        update = deployments_pb2.UpdateDeploymentRequest(spec=changed, resource_version=current.resource_version)
+        await lab.deployments.UpdateDeployment(update, metadata=((DRY_RUN_METADATA_KEY, "all"),))  # not counted
+        await lab.deployments.UpdateDeployment(update)
+        await lab.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="c1"))
+        for refused in (lab.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="c3")),
+                        lab.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="nothing"))):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await refused
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.details().startswith("tenant lab exceeded 2 updates and deletions a minute; retry in ")
+        assert (await _get(lab, "c3")).phase != deployments_pb2.DEPLOYMENT_PHASE_DELETING  # nothing written
+        await admin.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="c3", tenant="lab"))
+    finally:
+        await lab.channel.close()
 
 
 async def test_a_deployment_the_solver_fails_on_is_quarantined_and_the_others_are_placed(make_app, monkeypatch):
