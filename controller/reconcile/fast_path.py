@@ -120,10 +120,14 @@ class FastPath(PathCollaborators):
         if result.stale:  # the next pass reads the change that made it stale from the log
             self._state.last_generation = self._warm.own_generation
         # The full solve tries the arrivals left short (and what was preempted) once more; it may
-        # move others. What was tried again waits for the next change that could help it.
+        # move others. So it does the replicas an eviction left short: the session repairs them
+        # without preempting (`Session._repair`), and higher-priority or reserved work must not
+        # wait for an unrelated change to claim what lower-priority work holds. What was tried
+        # again waits for the next change that could help it.
         arrived = {d["id"] for d in docs + late}
-        self._state.queue.back_off([name for name in fast.unplaced if name in arrived]
-                             + [p.deployment for p in fast.plan.preempted], self._clock())
+        repaired_short = [u.deployment for u in fast.plan.unplaced if u.deployment in fast.repaired]
+        self._state.queue.back_off([name for name in fast.unplaced if name in arrived] + repaired_short
+                                   + [p.deployment for p in fast.plan.preempted], self._clock())
         self._checks.avoid = frozenset()
         # What found no other node than the ones it failed on is placed anywhere by the full
         # solve after the back-off, as on the full path.

@@ -408,6 +408,31 @@ async def test_an_eviction_of_a_node_holding_shards_is_a_delta(cluster) -> None:
     assert_same(loop.warm_snapshot, await fresh(cluster))
 
 
+async def test_a_replica_an_eviction_left_short_may_preempt_lower_priority_work(cluster) -> None:
+    """The session re-places an evicted node's shards without preempting (`Session._repair`); a
+    replica that found no room stayed short until some unrelated change, though lower-priority
+    preemptible work held what it needed: it goes to the back-off's full solve, which preempts."""
+    # 16 accelerators (`cluster`: two racks of two 4-accelerator nodes), filled by 4 node-local replicas.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("serve", replicas=2, accelerators=4, locality="node", priority=10))
+    await submit(cluster, deployment("burst", replicas=2, accelerators=4, locality="node", preemptible=True))
+    await loop.reconcile_once()
+    before = await fresh(cluster)
+    assert len(before.problem["placements"]) == 4
+    node = next(p["node"] for p in before.problem["placements"] if p["deployment"] == "t1/serve")
+    async with cluster.unit_of_work() as uow:
+        await liveness.apply_transitions(uow, [Transition(node, "down", "silent", evict=True)], datetime.now(timezone.utc))
+    for _ in range(3):  # the eviction's pass, then the back-off's (backoff_s=0) full solve
+        await loop.reconcile_once()
+    after = await fresh(cluster)
+    held = {}
+    for p in after.problem["placements"]:
+        held.setdefault(p["deployment"], set()).add(p["node"])
+    assert len(held["t1/serve"]) == 2 and node not in held["t1/serve"]  # whole again, one burst replica preempted
+    assert len(held.get("t1/burst", ())) == 1
+    assert not check_state(after.problem, after.problem["placements"])
+
+
 async def test_a_fast_commit_that_lands_on_a_change_keeps_the_cache(cluster, monkeypatch) -> None:
     # A deletion lands between the pass's read of the log and its commit: the commit is stale,
     # writes what it decided (re-checked), and the next pass reads the deletion from the log.
