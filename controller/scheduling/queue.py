@@ -5,8 +5,9 @@ reconciler, so that work which cannot be placed is not solved again on every pas
   unschedulable ones a helping change let go; the next pass decides them (on the warm session
   when it only meets arrivals, `cache/`; else with the full solve).
 - **back-off**: arrivals the warm session could not place whole (or whose pass preempted
-  others): after `backoff_s` the full solve tries them once more, which may move other work
-  (CP-SAT); what it places nothing of goes to unschedulable.
+  others), and deployments whose replicas an eviction left short (the session repairs without
+  preempting): after `backoff_s` the full solve tries them once more, which may move or preempt
+  other work (CP-SAT); what it places nothing of goes to unschedulable.
 - **unschedulable**: deployments a full solve placed nothing of (not at a time limit: that is
   retried by the reconciler's back-off): the following solves leave them out of the problem
   and add their last reasons to the plan, so the commit keeps showing users why they wait.
@@ -91,7 +92,8 @@ class SchedulingQueue:
 
     # --- back-off -------------------------------------------------------------------------------
     def back_off(self, names: Iterable[str], now: float) -> None:
-        """The warm session could not place these whole: the full solve tries them at `now + backoff_s`."""
+        """The warm session could not place these whole (or, repairing, without preempting): the
+        full solve tries them at `now + backoff_s`."""
         for name in names:
             self._backoff.setdefault(name, now + self.backoff_s)
 
