@@ -168,6 +168,15 @@ class DeploymentSpec:
     def key(self) -> str:
         return deployment_key(self.tenant, self.name)
 
+    def rolls_from(self, old: DeploymentSpec) -> bool:
+        """Whether changing `old` into this spec changes what a replica is (`TEMPLATE_FIELDS`):
+        a new revision, rolled out replica by replica; else it applies at once (docs/rollout.md)."""
+        return any(getattr(old, f) != getattr(self, f) for f in TEMPLATE_FIELDS)
+
+
+# The fields that make a replica what it is: a change to one rolls the deployment.
+TEMPLATE_FIELDS = ("shards_per_replica", "shard", "locality", "spread")
+
 
 def deployment_key(tenant: str, name: str) -> str:
     """A deployment's identity as one string, `TENANT/NAME`: names are per tenant (two tenants may

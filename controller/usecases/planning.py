@@ -67,16 +67,22 @@ def with_cordoned(problem: dict[str, Any], nodes: Iterable[str]) -> dict[str, An
 
 
 def with_deployment(problem: dict[str, Any], spec: DeploymentSpec, *, replace: bool = False) -> dict[str, Any]:
-    """The problem with `spec` added; with `replace`, instead of the deployment of that key
-    (which leaves the problem together with its placements). A new document with new lists where
-    they change; `problem`'s lists are not changed, and the documents in them are shared, not
-    copied (the dry run's snapshot is its own: a deep copy of one of 4,096 nodes and 10,000
-    deployments held the API server's event loop 156-237 ms a dry run, measured)."""
+    """The problem with `spec` added; with `replace`, instead of the deployment of that key. As
+    an update would leave it: a change that does not roll (the replica count, min_replicas,
+    priority, preemptible, or none) keeps the placements of the replicas it keeps, which go on
+    running; one that rolls leaves the problem with all of them (its shards released first). A
+    new document with new lists where they change; `problem`'s lists are not changed, and the
+    documents in them are shared, not copied (the dry run's snapshot is its own: a deep copy of
+    one of 4,096 nodes and 10,000 deployments held the API server's event loop 156-237 ms a dry
+    run, measured)."""
     doc = dict(problem)
     deployments = list(problem.get("deployments", []))
     if replace:
+        stored = next((d for d in deployments if d.get("id") == spec.key), None)
+        kept = 0 if stored is None or spec.rolls_from(spec_of_doc(stored)) else spec.replicas
         deployments = [d for d in deployments if d.get("id") != spec.key]
-        doc["placements"] = [p for p in problem.get("placements", []) if p.get("deployment") != spec.key]
+        doc["placements"] = [p for p in problem.get("placements", [])
+                             if p.get("deployment") != spec.key or p.get("replica", kept) < kept]
     doc["deployments"] = [*deployments, deployment_doc(spec)]
     return doc
 

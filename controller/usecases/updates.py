@@ -32,12 +32,11 @@ from controller.usecases import planning, requests
 from controller.usecases.redaction import as_seen_by, redactor_of
 from controller.usecases.deployments import as_caller, visible_row, check_could_ever_fit, validate_spec
 from controller.domain.changes import ClusterChange
-from controller.domain.values import DeploymentEvent, DeploymentSpec, DeploymentUpdate, Usage
+from controller.domain.values import TEMPLATE_FIELDS, DeploymentEvent, DeploymentSpec, DeploymentUpdate, Usage
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_name
 
 # Fields whose change needs new replicas (a rolling update); every other field applies at once.
-TEMPLATE_FIELDS = ("shards_per_replica", "shard", "locality", "spread")
 _FIELDS = ("replicas", "min_replicas", "priority", "preemptible", *TEMPLATE_FIELDS)
 
 
@@ -64,10 +63,6 @@ def _text(value: object) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "any"
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def needs_rollout(old: DeploymentSpec, new: DeploymentSpec) -> bool:
-    return any(getattr(old, f) != getattr(new, f) for f in TEMPLATE_FIELDS)
 
 
 def _demand(spec: DeploymentSpec) -> tuple[float, float]:
@@ -188,7 +183,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         raise NotFound(f"tenant {spec.tenant} not found")
     await check_could_ever_fit(uow, spec, tenant.zones)
     await check_contract(uow, who, row, spec)
-    rolling = needs_rollout(old, spec)
+    rolling = spec.rolls_from(old)
     if dry_run:
         with uow.session.no_autoflush:  # the changes stay in memory, never sent
             _change(row, old, spec, rolling)

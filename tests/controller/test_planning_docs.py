@@ -4,6 +4,7 @@ the spec it was, field for field and type for type."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -31,12 +32,13 @@ def test_a_spec_reads_back_from_its_document(spec: DeploymentSpec) -> None:
 @pytest.mark.parametrize("replace", [False, True])
 def test_a_deployment_added_to_a_problem_leaves_the_problem_as_it_was(replace: bool) -> None:
     """`with_deployment` (the dry run's what-if) gives a new document with the spec added (with
-    `replace`, instead of the deployment of its key and that one's placements); the problem it
-    was given keeps its lists and their contents unchanged."""
-    spec = DeploymentSpec(name="web", tenant="a", replicas=1, shards_per_replica=1, shard=ShardSpec(accelerators=1))
+    `replace`, instead of the deployment of its key; a shape change drops that one's placements);
+    the problem it was given keeps its lists and their contents unchanged."""
+    stored = DeploymentSpec(name="web", tenant="a", replicas=1, shards_per_replica=1, shard=ShardSpec(accelerators=1))
+    spec = dataclasses.replace(stored, shard=ShardSpec(accelerators=2))
     problem = {
         "nodes": [{"id": "n1", "rack": "r1", "state": "ready", "accelerators": 4}],
-        "deployments": [{"id": spec.key, "replicas": 1}, {"id": "b/other", "replicas": 1}],
+        "deployments": [planning.deployment_doc(stored), {"id": "b/other", "replicas": 1}],
         "placements": [{"deployment": spec.key, "replica": 0, "shard": 0, "node": "n1"},
                        {"deployment": "b/other", "replica": 0, "shard": 0, "node": "n1"}],
     }
@@ -49,3 +51,23 @@ def test_a_deployment_added_to_a_problem_leaves_the_problem_as_it_was(replace: b
     assert doc["deployments"][-1] == planning.deployment_doc(spec)
     assert [p["deployment"] for p in doc["placements"]] == (["b/other"] if replace else [spec.key, "b/other"])
     assert doc["nodes"] is problem["nodes"]
+
+
+@pytest.mark.parametrize(("change", "kept"), [
+    ({}, [0, 1]), ({"replicas": 1}, [0]), ({"replicas": 3, "priority": 5, "preemptible": True}, [0, 1]),
+    ({"min_replicas": 2}, [0, 1]), ({"shard": ShardSpec(accelerators=2)}, []), ({"locality": "node"}, []),
+    ({"shards_per_replica": 2}, []),
+])
+def test_a_replacing_what_if_keeps_the_replicas_an_update_would_keep(change: dict, kept: list[int]) -> None:
+    """A dry run of an update (`replace_existing`, `maiactl explain`'s variants) released every
+    replica first: a running deployment re-applied as it is was answered "would place 0/2" when
+    pending work took what it held. A change that does not roll keeps the replicas it keeps
+    running, as the update does; one that rolls re-places them all (its shards released first)."""
+    stored = DeploymentSpec(name="web", tenant="a", replicas=2, shards_per_replica=1, shard=ShardSpec(accelerators=1))
+    problem = {
+        "nodes": [{"id": "n1", "rack": "r1", "state": "ready", "accelerators": 4}],
+        "deployments": [planning.deployment_doc(stored)],
+        "placements": [{"deployment": stored.key, "replica": r, "shard": 0, "node": "n1"} for r in (0, 1)],
+    }
+    doc = planning.with_deployment(problem, dataclasses.replace(stored, **change), replace=True)
+    assert [p["replica"] for p in doc["placements"]] == kept

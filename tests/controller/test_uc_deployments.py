@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from controller.errors import AlreadyExists, InvalidArgument, NotFound
+from controller.reconcile import Reconciler
 from controller.store import repositories as repo
 from controller.usecases import deployments
 from controller.domain.values import Spread
@@ -17,7 +18,8 @@ from controller.usecases.ports import RecordingSignals
 from controller.usecases import capacity as capacity_module
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
 from uc_builders import (
-    WHO, add_nodes, apply_topology, assert_refused_writing_nothing, deployment, row_counts, with_shard,
+    WHO, add_nodes, apply_topology, assert_refused_writing_nothing, deployment, no_publish, row_counts, submit,
+    with_shard,
 )
 
 GOOD = deployment("svc", "t1", replicas=2, shards=2, accelerators=1)
@@ -182,6 +184,21 @@ async def test_dry_run_places_on_concrete_accelerators_and_writes_nothing(cluste
     for p in view.placements:
         assert p.rack == racks[p.node] and p.accelerator_indices
     assert await row_counts(cluster) == before
+
+
+async def test_a_dry_run_of_a_running_deployment_as_it_is_keeps_what_it_holds(cluster):
+    """Re-applying a running deployment as it is (`maiactl apply`'s dry run, `explain`) was solved
+    with its replicas released first: pending work took what they held, and the answer was
+    "would place 0/2" for two replicas that go on running."""
+    serve = deployment("serve", "t1", replicas=2, accelerators=4, locality="node")
+    await submit(cluster, serve)
+    await submit(cluster, deployment("filler", "t1", replicas=1, accelerators=4, locality="node"))
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
+    await submit(cluster, deployment("wants", "t1", replicas=2, min_replicas=2, accelerators=4, locality="node",
+                                     priority=5))  # 4 of 16 accelerators free: it waits
+    for spec, placed in ((serve, 2), (replace(serve, replicas=1), 1), (replace(serve, priority=1), 2)):
+        view = await deployments.dry_run_deployment(cluster, WHO, spec, time_limit_ms=2000, replace_existing=True)
+        assert view.placed_replicas == placed, (spec, view.reasons)
 
 
 async def test_dry_run_of_unplaceable_says_why(cluster):
