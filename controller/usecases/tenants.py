@@ -221,15 +221,23 @@ async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals
     count = await repo.count_tenant_deployments(uow.session, tenant_id)
     if count:
         raise FailedPrecondition(f"tenant {tenant_id} has {count} deployment(s); delete them first")
-    # Other tenants' exclusions of this one no longer mean anything: drop them with it.
+    # Other tenants' exclusions of this one no longer mean anything: drop them with it, each said
+    # in an event of that tenant and in the deletion's (a tenant created later with this id is a
+    # new customer, not excluded: whoever wants it excluded says so again).
+    excluded_by = []
     for other in await repo.list_tenant_rows(uow.session):
         if tenant_id in (other.excludes or ()):
             other.excludes = [t for t in other.excludes if t != tenant_id]
+            excluded_by.append(other.id)
+            repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant",
+                              object_id=other.id, message=f"excludes no longer lists {tenant_id}: it was deleted",
+                              data={"excludes_dropped": [tenant_id]})
     revoked = await tokens.revoke_tenant_tokens(uow, who, tenant_id)
     await uow.session.delete(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(tenant_id))
+    data = {**({"revoked_tokens": revoked} if revoked else {}), **({"excluded_by": excluded_by} if excluded_by else {})}
     repo.record_event(uow.session, actor=who.name, kind="tenant.deleted", object_kind="tenant", object_id=tenant_id,
-                      data={"revoked_tokens": revoked} if revoked else None)
+                      data=data or None)
     await uow.commit()
     if revoked:
         signals.tokens_revoked(revoked)  # every controller forgets them; streams opened with them end

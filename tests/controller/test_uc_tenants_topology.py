@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
 from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from controller.reconcile import Reconciler
+from controller.store import models as m
 from controller.usecases import deployments, tenants, topology
 from controller.domain.values import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
 from controller.usecases.ports import RecordingSignals
@@ -72,6 +74,15 @@ async def test_update_and_delete_tenant(database):
         remaining = (await tenants.list_tenants(uow, WHO)).items
     assert [t.spec.id for t in remaining] == ["lab-b"]
     assert remaining[0].spec.excludes == ()  # the exclusion of a deleted tenant goes with it
+    # ... said on the tenant that lost it (it vanished silently) and in the deletion's event.
+    async with database.unit_of_work() as uow:
+        events = (await uow.session.execute(select(m.Event.kind, m.Event.object_id, m.Event.message, m.Event.data)
+                                            .order_by(m.Event.id))).all()
+    updated = [e for e in events if e.kind == "tenant.updated" and e.object_id == "lab-b"]
+    assert [e.data for e in updated] == [{"excludes_dropped": ["lab-a"]}]
+    assert "excludes no longer lists lab-a: it was deleted" == updated[0].message
+    deleted = [e for e in events if e.kind == "tenant.deleted"]
+    assert [e.data.get("excluded_by") for e in deleted] == [["lab-b"]]
 
 
 async def test_delete_tenant_with_deployments_is_refused(database):
