@@ -242,12 +242,12 @@ def check_references(problem: Problem) -> None:
                                dep.shard.accelerator_milli,
                                "a fraction below 1000 needs accelerators: 1")
         if dep.spread is not None and dep.spread.domain not in SPREAD_DOMAINS:
-            # The schema shares its domain list with `locality`, where "none" means anywhere;
-            # a spread over no failure domain has no meaning in the spec (the controller's
-            # deployment validation refuses it too).
+            # The schema shares its domain list with `locality`, where "none" means anywhere; a
+            # spread over domain "none" is read as no spread at all (`_deployment`: a spread over
+            # no failure domain limits nothing), so what reaches here is a word outside the list.
             raise ProblemError(f"deployments[{i}].spread.domain", dep.spread.domain,
                                f"spread.domain must be one of {', '.join(SPREAD_DOMAINS)}, got "
-                               f"{dep.spread.domain!r} (leave spread out for no limit)")
+                               f"{dep.spread.domain!r} (leave spread out, or say none, for no limit)")
         if dep.spread_group is not None and (not isinstance(dep.spread_group, str)
                                              or not dep.spread_group):
             raise ProblemError(f"deployments[{i}].spread_group", dep.spread_group,
@@ -524,6 +524,8 @@ def shard_spec_from_dict(s: dict[str, Any]) -> ShardSpec:
 
 def _deployment(d: dict[str, Any]) -> Deployment:
     spread = d.get("spread")
+    if spread and spread.get("domain") == "none":  # the schema's domain list allows it: no failure domain, no limit
+        spread = None
     return Deployment(id=d["id"], tenant=d["tenant"], replicas=_int(d["replicas"]),
                       shards_per_replica=_int(d["shards_per_replica"]),
                       shard=shard_spec_from_dict(d["shard"]),

@@ -2,7 +2,7 @@
 
 `problem_from_dict` used to accept existing placements that could never have run together (two
 whole shards on one accelerator, two tenants' fractions on one, fractions past 1000 milli, a
-placement shaped unlike its shard), a spread over domain "none", a tenant excluding itself, and
+placement shaped unlike its shard), a spread over a domain the spec does not know, a tenant excluding itself, and
 NaN or infinite numbers (`json.loads` takes them); the solver then answered with plans the
 independent checker rejects, or with reasons about limits nobody set. Each case here is a small
 inline document and the exact refusal it gets. What today's rules merely forbid (a cordoned
@@ -150,12 +150,17 @@ def test_an_omitted_milli_counts_as_the_shards_in_the_occupancy() -> None:
 
 # --- B. spread over no domain ----------------------------------------------------------------
 
-def test_a_spread_over_domain_none_is_refused() -> None:
-    spread = dict(WHOLE, spread={"domain": "none", "max_per_domain": 1})
-    error = refusal(doc(deployments=[spread], placements=[]))
-    assert (error.field, error.value) == ("deployments[0].spread.domain", "none")
-    assert error.message == ("spread.domain must be one of node, rack, row, zone, got 'none' "
-                             "(leave spread out for no limit)")
+def test_a_spread_over_domain_none_is_no_limit_and_another_word_is_refused() -> None:
+    """The spec's schema gives `spread.domain` the domain list `locality` has, "none" included: a
+    document saying it is valid (it was refused), and a spread over no failure domain limits
+    nothing: the same plan as without one. A word outside the list is refused."""
+    nowhere = dict(WHOLE, spread={"domain": "none", "max_per_domain": 1})
+    assert problem_from_dict(doc(deployments=[nowhere], placements=[])).deployments[0].spread is None
+    spread, plain = (solve_doc(doc(deployments=[d], placements=[])) for d in (nowhere, WHOLE))
+    assert (spread.placements, spread.unplaced) == (plain.placements, plain.unplaced)
+    error = refusal(doc(deployments=[dict(WHOLE, spread={"domain": "galaxy", "max_per_domain": 1})], placements=[]))
+    assert (error.field, error.value) == ("deployments[0].spread.domain", "galaxy")
+    assert error.message == "'galaxy' is not one of ['node', 'rack', 'row', 'zone', 'none']"
 
 
 # --- C. a tenant excluding itself ------------------------------------------------------------
