@@ -287,7 +287,7 @@ class Hbm(SlotFilter):
                 // spec.accelerators
         if spec.hbm_gib <= 0:
             return fit.per_accelerator.sum(axis=1)
-        by_hbm = within(fit.at(s.acc_hbm), spec.hbm_gib)
+        by_hbm = within(fit.at(s.acc_hbm), spec.hbm_gib, 1e-9)  # 0.3 / 0.1 is 2.999...
         return np.minimum(fit.per_accelerator, by_hbm).sum(axis=1)
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:

@@ -25,6 +25,9 @@ from scheduler.topology import UNLIMITED, Topology
 # original's stamps (same occupancy) and each later change draws a fresh one, so equal stamps
 # always mean an equal node, whichever state a cache was filled from.
 _stamps = count(1)
+# What is left of an accelerator's HBM is kept to this many decimals of a GiB (a billionth: far
+# below any real need), so that shards' fractional needs add up as written (`ClusterState.apply`).
+HBM_DIGITS = 9
 
 
 Kept = TypeVar("Kept")
@@ -178,7 +181,9 @@ class ClusterState:
         self.node_version[n] = next(_stamps)
         for idx in at.indices:
             self.acc_free[n, idx] -= sign * at.milli
-            self.acc_hbm[n, idx] -= sign * spec.hbm_gib
+            # Rounded to HBM_DIGITS: 0.3 - 0.1 - 0.1 is 0.0999..., which refused a third 0.1
+            # (every comparison with a shard's need is against what is left, so it is kept exact).
+            self.acc_hbm[n, idx] = round(self.acc_hbm[n, idx] - sign * spec.hbm_gib, HBM_DIGITS)
             if sign > 0:
                 self.acc_owner[n, idx] = t
             elif self.acc_free[n, idx] >= 1000:
@@ -252,6 +257,7 @@ class ClusterState:
         self.node_version[sn] = next(_stamps)
         np.subtract.at(self.acc_free, (n_arr, i_arr), m_arr)
         np.subtract.at(self.acc_hbm, (n_arr, i_arr), hbm)
+        self.acc_hbm[n_arr, i_arr] = np.round(self.acc_hbm[n_arr, i_arr], HBM_DIGITS)  # as `apply` rounds
         self.acc_owner[n_arr, i_arr] = t_arr
         # Per shard (not per accelerator): host resources and tenant presence.
         np.subtract.at(self.cpu_free, sn, np.array([d.shard.cpu_milli for d in deps])[sd])

@@ -411,3 +411,24 @@ def test_integer_valued_floats_solve_to_the_plan_of_their_ints(problem: Doc, rnd
     note(f"floats: {json.dumps(floats)}")
     assert parsed(floats) == parsed(problem)  # schema-valid (validated), and read as ints
     assert plan_of(floats) == plan_of(problem)
+
+
+@pytest.mark.parametrize("mode", ["batch", "online"])
+@pytest.mark.parametrize(("hbm", "share", "replicas", "shards"), [(0.3, 0.1, 3, 1), (0.3, 0.1, 1, 3), (0.7, 0.1, 7, 1)])
+def test_fractions_whose_hbm_adds_up_exactly_fit(mode: str, hbm: float, share: float, replicas: int,
+                                                 shards: int) -> None:
+    """Fractions of one accelerator whose `hbm_gib` add up to its HBM exactly fit (three 0.1 GiB
+    shards in 0.3 GiB): the floating-point sum 0.3 - 0.1 - 0.1 (0.0999...) and the quotient
+    0.3 / 0.1 (2.999...) refused the last one with a false HBM reason, where power and quotas
+    allow for rounding and the checker accepts the plan."""
+    problem = {
+        "version": 1, "zones": [{"id": "z1"}], "rows": [{"id": "w1", "zone": "z1"}], "racks": [{"id": "r1", "row": "w1"}],
+        "nodes": [{"id": "n1", "rack": "r1", "accelerators": 1, "hbm_gib": hbm}],
+        "tenants": [{"id": "t"}],
+        "deployments": [{"id": "t/h", "tenant": "t", "replicas": replicas, "shards_per_replica": shards,
+                         "locality": "node", "min_replicas": 1,
+                         "shard": {"accelerators": 1, "accelerator_milli": 100, "hbm_gib": share}}],
+        "options": {"mode": mode, "time_limit_ms": 2000},
+    }
+    plan = solve_doc(problem)
+    assert len(plan.placements) == replicas * shards and not plan.unplaced, plan.unplaced
