@@ -17,7 +17,8 @@ Interpretations the spec leaves open, decided here (and documented so they can b
   the sum of its `unplaced[].replicas` equals `replicas - placed replicas`.
 - `min_replicas` wins over "existing placements are kept": a deployment whose surviving
   replicas are fewer than `min_replicas` may drop them all, if the plan lists it as unplaced.
-- A preemption must be justified by some newly placed replica of another deployment that has a
+- A preemption must be justified by some newly placed replica (or one a down node broke that the
+  plan places again: a repair is new work too) of another deployment that has a
   higher priority, or that is not preemptible and whose tenant is below its reservation: the
   tenant's accelerators in the plan, less that one replica's, are under `reserved_accelerators`
   (the tenant was below its reservation when the replica was placed, whatever the order).
@@ -553,6 +554,9 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
     newly_placed = [rep for rep in by_replica
                     if not any((rep[0], rep[1], s) in prob.existing_by_key
                                for s in range(prob.deployments[rep[0]]["shards_per_replica"]))]
+    # Work the plan places that did not run whole before it: the new replicas and those a down
+    # node broke and the plan repairs (placing them again is as much new work for preemption).
+    placed_anew = newly_placed + [rep for rep in by_replica if rep in broken and rep not in newly_placed]
     tenant_held: dict[str, float] = defaultdict(float)  # accelerators per tenant in the plan
     for (d_id, _r) in by_replica:
         if d_id in prob.deployments:
@@ -562,7 +566,7 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
     # less one replica, the first of two new replicas looked as if it came last: a victim the
     # first needed (a tenant excluded from the rack, say) was refused.
     tenant_before: dict[str, float] = dict(tenant_held)
-    for (d_id, _r) in newly_placed:
+    for (d_id, _r) in placed_anew:
         tenant_before[prob.tenant_of(d_id)] -= _replica_accelerators(prob, d_id)
     for e in preempted:
         dep = prob.deployments.get(e["deployment"])
@@ -581,7 +585,7 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
             bad(PREEMPTION, f"{label} but the plan still runs it")
         prio = dep.get("priority", 0)
         justified = False
-        for d2, _r2 in newly_placed:
+        for d2, _r2 in placed_anew:
             other = prob.deployments[d2]
             if d2 == e["deployment"]:
                 continue

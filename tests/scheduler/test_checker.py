@@ -528,6 +528,25 @@ def test_valid_preemption_passes() -> None:
     assert check_plan(p, good) == []
 
 
+def test_a_replica_a_down_node_broke_may_preempt_to_be_placed_again() -> None:
+    """A higher-priority replica whose node is down is placed again where preemptible work ran:
+    the repair is new work (the spec: shards on down nodes must be placed again), so it justifies
+    the preemption as a new replica would. The checker took only replicas with no earlier
+    placement as new, and refused the solver's plan."""
+    lost = pl("vip", 0, 0, "n6", [0, 1, 2, 3])
+    p = problem([dep("vip", "a", acc=4, priority=10), dep("burst", "b", acc=4, preemptible=True)],
+                placements=[lost, pl("burst", 0, 0, "n1", [0, 1, 2, 3])],
+                options={"mode": "batch", "allow_preemption": True})
+    repaired = pl("vip", 0, 0, "n1", [0, 1, 2, 3])
+    moved = [{"deployment": "vip", "replica": 0, "shard": 0, "from": "n6", "to": "n1"}]
+    assert check_plan(p, plan(p, [repaired], moved=moved, preempted=[{"deployment": "burst", "replica": 0}])) == []
+    same_priority = problem([dep("vip", "a", acc=4), dep("burst", "b", acc=4, preemptible=True)],
+                            placements=[lost, pl("burst", 0, 0, "n1", [0, 1, 2, 3])],
+                            options={"mode": "batch", "allow_preemption": True})
+    assert {v.rule for v in check_plan(same_priority, plan(same_priority, [repaired], moved=moved, preempted=[
+        {"deployment": "burst", "replica": 0}]))} == {C.PREEMPTION}  # still only for better work
+
+
 def test_reserved_tenant_below_its_reservation_may_preempt() -> None:
     p = reservation_problem(reserved=8)
     good = plan(p, [VIP_HELD, VIP_AGAIN], preempted=[{"deployment": "burst", "replica": 0}])
