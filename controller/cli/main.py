@@ -6,6 +6,7 @@ Exit codes are `client.Exit` (0 ok, 1 failed call, 2 bad usage/input, 3 not foun
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -100,6 +101,9 @@ def _quiet_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for stream in (sys.stdout, sys.stderr):  # a lone surrogate JSON let into an id prints escaped
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     if args.output == "csv" and not getattr(args, "csv_output", False):

@@ -149,3 +149,17 @@ def test_problem_files_are_read_by_the_librarys_own_reader(tmp_path: Path, monke
     path = tmp_path / "p.json"
     path.write_text("{}")
     assert (load_problem(str(path)), read) == ({"read": "here"}, ["{}"])
+
+
+def test_an_id_that_is_not_unicode_text_prints_escaped_not_a_traceback(tmp_path: Path) -> None:
+    """JSON may escape a lone surrogate (`"d\\udfff"`), which no UTF-8 stream can write: the table
+    ended in a UnicodeEncodeError traceback (exit 1) where `-o json` worked. It prints escaped."""
+    text = ('{"version": 1, "zones": [{"id": "z"}], "rows": [{"id": "w", "zone": "z"}], '
+            '"racks": [{"id": "r", "row": "w"}], "nodes": [{"id": "n", "rack": "r", "accelerators": 1}], '
+            '"tenants": [{"id": "t"}], "deployments": [{"id": "d\\udfff", "tenant": "t", "replicas": 1, '
+            '"shards_per_replica": 1, "shard": {"accelerators": 1}}]}')
+    problem = tmp_path / "surrogate.json"
+    problem.write_text(text, encoding="ascii")
+    done = maiactl("solve", str(problem))
+    assert done.returncode == 0, done.stderr
+    assert "d\\udfff" in done.stdout and "Traceback" not in done.stderr
