@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from scheduler.filters import (MAX_NAMED, NODE_FILTERS, gang_capacity, names, node_fit,
-                               power_line, quota_room)
+from scheduler.filters import (MAX_NAMED, NODE_FILTERS, DomainPower, FitInput, SlotFilter, gang_capacity, names,
+                               node_fit, power_line, quota_room)
 from scheduler.model import Reason
 from scheduler.state import ClusterState
 from scheduler.topology import UNLIMITED
@@ -54,7 +54,9 @@ def explain(state: ClusterState, d: int) -> tuple[Reason, ...]:
 
     if fitting and room >= count:
         domain = _domain_reasons(state, d, fit.slots)
-        reasons.extend(domain)
+        for reason in domain:  # one reason per code: a node filter's of the same code is joined to it
+            reasons = list(leading(reasons, reason)) if any(r.code == reason.code for r in reasons) \
+                else [*reasons, reason]
         if not domain and not state.by_dep.get(d) and dep.min_replicas > 1:
             # A replica fits, yet none is placed: min_replicas binds, first; the node filters'
             # reasons say why no more fit (one reason per code: a CAPACITY one is joined to it).
@@ -92,6 +94,60 @@ def _min_replicas_reason(state: ClusterState, d: int, slots: np.ndarray, room: i
                                   f"replica(s) of {dep.id} now; fewer than min_replicas placed means none are")
     return Reason("CAPACITY", f"min_replicas {need} not reached: a replica of {dep.id} fits now, {need} at once "
                               "were not placed; fewer than min_replicas placed means none are")
+
+
+def _cut_by(state: ClusterState, d: int, level: str, count: int, best: int) -> list[Reason]:
+    """No `level` domain fits the gang of `count` shards (the best has room for `best`), though
+    nodes fit single shards: the per-node rules other than free accelerators without which a
+    domain would fit it (CPU, memory or HBM a node has too little of for all its accelerators, a
+    rack's or row's power budget feeding fewer shards), one reason each, with the numbers of the
+    domain that would fit best without it. Said of no rule, the room is the accelerators'."""
+    topo = state.topo
+    fit = FitInput(state, d)
+    passes: np.ndarray | None = None
+    rooms: list[tuple[SlotFilter, np.ndarray]] = []
+    for f in NODE_FILTERS:
+        if isinstance(f, SlotFilter):
+            rooms.append((f, f.slots(fit)))
+        elif (ok := f.mask(fit)) is not None:
+            passes = ok if passes is None else passes & ok
+    of = topo.domain_of(level)
+    power = state.deps[d].shard.shard_power_w
+    reasons: list[Reason] = []
+    for i, (f, room) in enumerate(rooms):
+        if f.code == "CAPACITY":
+            continue
+        others = np.minimum.reduce([r for j, (_, r) in enumerate(rooms) if j != i]) if len(rooms) > 1 \
+            else fit.unlimited()
+        if passes is not None:
+            others = np.where(passes, others, 0)
+        lifted = (f.level,) if isinstance(f, DomainPower) else ()
+        without = gang_capacity(state, d, others, level, unpowered=lifted)
+        if not (without >= count).any():
+            continue
+        target = int(np.argmax(without))
+        nodes = np.flatnonzero((of == target) & (room < others))
+        if isinstance(f, DomainPower):  # the gang's need against the budget of the domain it would use
+            at = f.domains(state)
+            cut = np.unique(at.of_node[np.flatnonzero(of == target)])
+            lines = [power_line(f.level, at.ids[k], at.used[k], count * power, at.budget[k])
+                     for k in cut if at.used[k] + count * power > at.budget[k]]
+            if not lines:
+                continue
+            detail, scope = names(lines[:MAX_NAMED]), at.ids[cut[0]] if len(cut) == 1 else None
+        elif len(nodes):
+            detail, scope = f.detail(state, d, nodes), f.scope(state, nodes)
+        else:
+            continue
+        where = topo.domain_name(level, target)
+        if level == "none":
+            needs, shown = f"a replica needs {count} shards", "the cluster"
+        else:
+            needs = f"a replica needs {count} shards in one {level}"
+            shown = f"the only {level}" if where.startswith("_") else f"{level} {where}"
+        room_left = int(min(best, without[target]))
+        reasons.append(Reason(f.code, f"{needs}; {f.code} leaves {shown} room for {room_left}: {detail}", scope))
+    return reasons
 
 
 def _domain_reasons(state: ClusterState, d: int, slots: np.ndarray) -> list[Reason]:
@@ -145,15 +201,18 @@ def _domain_reasons(state: ClusterState, d: int, slots: np.ndarray) -> list[Reas
             reasons.append(Reason("POWER_ROW", "; ".join(m for _, m in unique[:MAX_NAMED]),
                                   unique[0][0] if len(unique) == 1 else None))
     if not reasons:
+        reasons = _cut_by(state, d, level, count, int(cap.max()) if len(cap) else 0)
+    if not reasons:
         best = int(cap.max()) if len(cap) else 0
-        if level == "none":  # one domain, the cluster: no locality binds, the room does
+        total = int(gang_capacity(state, d, slots, "none")[0])
+        if level == "none" or total < count:  # the cluster's room binds (no locality change would help)
             reasons.append(Reason("CAPACITY", f"a replica needs {count} shards; the cluster has room for "
-                                              f"{best} now"))
-            return reasons
-        where = topo.domain_name(level, int(np.argmax(cap))) if len(cap) else "-"
-        # A row or zone the document left out is implied under an internal id ("_zone"): not a name.
-        shown = f"the only {level} (none declared)" if where.startswith("_") else where
-        reasons.append(Reason("LOCALITY", f"locality {level}: a replica needs {count} shards "
-                              f"in one {level}; the best, {shown}, has room for {best}",
-                              None if where.startswith("_") else where))
+                                              f"{total} now"))
+        if level != "none" and (total >= count or best < total):  # and one domain's, smaller than the cluster
+            where = topo.domain_name(level, int(np.argmax(cap))) if len(cap) else "-"
+            # A row or zone the document left out is implied under an internal id ("_zone"): not a name.
+            shown = f"the only {level} (none declared)" if where.startswith("_") else where
+            reasons.append(Reason("LOCALITY", f"locality {level}: a replica needs {count} shards "
+                                  f"in one {level}; the best, {shown}, has room for {best}",
+                                  None if where.startswith("_") else where))
     return reasons

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from collections.abc import Collection
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -541,20 +542,22 @@ def group_spread_mask(state: ClusterState, d: int) -> np.ndarray | None:
     return (counts < sp.max_per_domain)[state.topo.domain_of(sp.domain)]
 
 
-def gang_capacity(state: ClusterState, d: int, slots: np.ndarray, level: str) -> np.ndarray:
-    """Shards of deployment d each `level` domain can take at once, within rack/row power."""
+def gang_capacity(state: ClusterState, d: int, slots: np.ndarray, level: str,
+                  unpowered: Collection[str] = ()) -> np.ndarray:
+    """Shards of deployment d each `level` domain can take at once, within rack/row power (but
+    the budgets of the levels in `unpowered`: what a domain would take without them)."""
     topo = state.topo
     power = state.deps[d].shard.shard_power_w
     n_racks, n_rows = len(topo.rack_ids), len(topo.row_ids)
     if level == "node":
         return slots
     rack_sum = np.bincount(topo.node_rack, weights=slots, minlength=n_racks).astype(np.int64)
-    if power > 0:
+    rack_pow = np.full(n_racks, BIG, dtype=np.int64)
+    row_pow = np.full(n_rows, BIG, dtype=np.int64)
+    if power > 0 and "rack" not in unpowered:
         rack_pow = power_slots(state.rack_headroom(), power)
+    if power > 0 and "row" not in unpowered:
         row_pow = power_slots(state.row_headroom(), power)
-    else:
-        rack_pow = np.full(n_racks, BIG, dtype=np.int64)
-        row_pow = np.full(n_rows, BIG, dtype=np.int64)
     if level == "rack":
         return np.minimum.reduce([rack_sum, rack_pow, row_pow[topo.rack_row]])
     rack_c = np.minimum(rack_sum, rack_pow)
