@@ -174,6 +174,8 @@ class Zone(MaskFilter):
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         t = int(state.dep_tenant[d])
         zones = state.topo.problem.tenants[t].zones or ()
+        if not zones:  # an empty list, not an absent one (anywhere)
+            return f"tenant {state.topo.tenant_ids[t]} may run in no zone (its zones list is empty)"
         return f"tenant {state.topo.tenant_ids[t]} may only run in zones {', '.join(zones)}"
 
 
@@ -185,8 +187,11 @@ class AcceleratorModel(MaskFilter):
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         spec = state.deps[d].shard
-        have = sorted({str(state.topo.node_model[n]) for n in nodes[:64]})
-        return f"needs {'|'.join(spec.accelerator_models or ())}, nodes have {names(have)}"
+        have = sorted({"no model declared" if state.topo.node_model[n] is None else str(state.topo.node_model[n])
+                       for n in nodes[:64]})
+        models = spec.accelerator_models or ()
+        wanted = "|".join(models) if models else "no model (its accelerator_models list is empty)"
+        return f"needs {wanted}, nodes have {names(have)}"
 
 
 class Exclusion(MaskFilter):

@@ -26,3 +26,24 @@ def test_each_filter_is_a_mask_or_a_slot_count_with_its_own_code() -> None:
     assert all(isinstance(f, (MaskFilter, SlotFilter)) and f.code for f in NODE_FILTERS)
     assert REASON_CODES[:len(NODE_FILTERS)] == tuple(f.code for f in NODE_FILTERS)
     assert [c.code for c in TENANT_CAPS] == ["QUOTA_ACCELERATORS", "QUOTA_POWER"]
+
+
+def _reasons(node: dict, tenant: dict, shard: dict) -> list[str]:
+    from scheduler import problem_from_dict, solve
+
+    doc = {"version": 1, "zones": [{"id": "z1"}], "rows": [{"id": "w1", "zone": "z1"}],
+           "racks": [{"id": "r1", "row": "w1"}], "nodes": [{"id": "n1", "rack": "r1", "accelerators": 4, **node}],
+           "tenants": [{"id": "t", **tenant}],
+           "deployments": [{"id": "t/d", "tenant": "t", "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": 1, **shard}}]}
+    return [r.message for u in solve(problem_from_dict(doc)).unplaced for r in u.reasons]
+
+
+def test_empty_lists_and_undeclared_models_are_worded_not_left_blank() -> None:
+    """An empty `accelerator_models` (no model allowed), a node that declares no model and an
+    empty tenant `zones` list read "needs , nodes have m", "nodes have None", "may only run in
+    zones " (blank where the value was)."""
+    assert _reasons({"accelerator_model": "m"}, {}, {"accelerator_models": []})[0].endswith(
+        "needs no model (its accelerator_models list is empty), nodes have m")
+    assert _reasons({}, {}, {"accelerator_models": ["m"]})[0].endswith("needs m, nodes have no model declared")
+    assert _reasons({}, {"zones": []}, {})[0].endswith("tenant t may run in no zone (its zones list is empty)")
