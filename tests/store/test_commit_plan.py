@@ -1334,3 +1334,19 @@ async def test_a_locking_read_of_deployments_that_waited_for_nothing_reads_once(
         await uow.commit()
     assert len(web.placements) == 2
     assert [t.statement for t in trips if t.kind == "execute"] == ["SELECT deployments.id, deployments.name,"]
+
+
+async def test_shards_placed_again_into_a_running_replica_are_an_audited_decision(database: Database) -> None:
+    """A node deleted (or registered again smaller) takes its shards' rows with it; the plan that
+    places them again beside the replica's other shards was neither a new replica nor a move, so
+    it had no event and no audit entry, though it starts a tenant's work."""
+    half = {**CLUSTER, "placements": [*CLUSTER["placements"],
+                                      {"deployment": TRAIN, "replica": 0, "shard": 0, "node": "n2",
+                                       "accelerator_indices": [0, 1]}]}
+    snap = await _seeded(database, half)
+    plan = Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1), P(TRAIN, 0, 1, "n2", 2, 3)))
+    await _commit(database, snap, plan)
+    after = await _state(database)
+    assert after["events"] == [("shard.placed", TRAIN, {"replica": 0, "shards": [1], "nodes": ["n2"]}, "test")]
+    assert [(r.action, r.object_id, r.detail["shards"]) for r in await _audit_rows(database)] == [
+        ("shard.placed", TRAIN, [1])]

@@ -51,7 +51,7 @@ def preempted_reason(replicas: list[int]) -> dict[str, Any]:
 
 # Placement decisions that start, stop or move a tenant's work: audited with the plan commit.
 AUDITED_DECISIONS = frozenset({"deployment.placed", "deployment.preempted", "deployment.replicas_removed",
-                               "shard.moved"})
+                               "shard.moved", "shard.placed"})
 
 
 def _decision_records(events: list[dict[str, Any]], tenants: dict[str, str], actor: str) -> list[audit.AuditRecord]:
@@ -76,8 +76,8 @@ def _events(
     deleted_deployments: set[str],
     requeued: dict[ReplicaKey, tuple[str, ...]],
 ) -> list[dict[str, Any]]:
-    """The history of this commit: placed/removed replicas, moved shards, new 'why not's,
-    replicas the applier turned away."""
+    """The history of this commit: placed/removed replicas, moved shards, shards placed again
+    into a running replica, new 'why not's, replicas the applier turned away."""
     before: dict[str, set[int]] = defaultdict(set)
     for name, replica, _ in current:
         before[name].add(replica)
@@ -114,6 +114,19 @@ def _events(
         if pl.node != row.node:
             add("shard.moved", name, f"moved replica {replica} shard {shard} from {row.node} to {pl.node}",
                 {"replica": replica, "shard": shard, "from": row.node, "to": pl.node})
+    # Shards placed into a replica that ran before the commit: those its node lost before the plan
+    # was committed (the node deleted, or registered again without room for them: their rows went
+    # then), placed again beside the replica's other shards. Neither a new replica nor a move.
+    refilled: dict[tuple[str, int], dict[int, str]] = defaultdict(dict)
+    for key, node in final.items():
+        name, replica, shard = key
+        if key not in current and replica in before.get(name, ()):
+            refilled[(name, replica)][shard] = node
+    for (name, replica), shards in sorted(refilled.items()):
+        nodes = sorted(set(shards.values()))
+        add("shard.placed", name, f"placed replica {replica} shard(s) {sorted(shards)} again on {', '.join(nodes)} "
+                                  "(their node lost them; the replica's other shards kept)",
+            {"replica": replica, "shards": sorted(shards), "nodes": nodes})
     for name in sorted(reasons_changed & set(unplaced)):
         u = unplaced[name]
         reasons = _reason_dicts(u.reasons)
