@@ -2,7 +2,7 @@
 
 `maia-simnode` and the tests build their channels with these interceptors, so no call site
 passes metadata by hand (maiactl, on blocking channels, has its own in `controller.cli.client`).
-`MAIA_TOKEN` is the environment variable both CLIs read. An `aio_channel` retries nothing: the
+`MAIA_TOKEN` and `MAIA_CONTROLLER` are the environment variables both CLIs read. An `aio_channel` retries nothing: the
 agents follow `retry-after-ms` in their own loop, and the benchmarks and tests see each answer as
 the controller gave it; programs calling the API get `controller.cli.client.open_aio_channel`,
 which retries what the controller says to retry (`controller.cli.retry`).
@@ -17,6 +17,7 @@ import grpc
 from grpc import aio
 
 TOKEN_ENV = "MAIA_TOKEN"
+CONTROLLER_ENV = "MAIA_CONTROLLER"  # where the controller is: both CLIs read it too
 AUTHORIZATION_KEY = "authorization"
 
 

@@ -26,11 +26,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from controller.bearer import CONTROLLER_ENV, TOKEN_ENV
+
 ENV_CONFIG = "MAIA_CONFIG"
 ENV_CONTEXT = "MAIA_CONTEXT"
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
 # Environment variable of each context setting (flags override them, they override the file).
-ENV_OF = {"controller": "MAIA_CONTROLLER", "token": "MAIA_TOKEN", "token_file": "MAIA_TOKEN_FILE",
+ENV_OF = {"controller": CONTROLLER_ENV, "token": TOKEN_ENV, "token_file": "MAIA_TOKEN_FILE",
           "ca": "MAIA_CA", "cert": "MAIA_CERT", "key": "MAIA_KEY"}
 
 

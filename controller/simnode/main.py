@@ -16,7 +16,7 @@ import grpc
 
 from controller.aio import stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
-from controller.bearer import TOKEN_ENV
+from controller.bearer import CONTROLLER_ENV, TOKEN_ENV
 from controller.simnode import faultcli
 from controller.simnode.credentials import CredentialFile, default_state_dir, unwritable
 from controller.simnode.faults import ControlServer, FaultError, FaultInjector
@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maia-simnode",
                                 description="Run a fleet of simulated Maia node agents against a controller. "
                                             "`maia-simnode fault --help`: inject faults into a running fleet.")
-    p.add_argument("--controller", default="127.0.0.1:50051", metavar="HOST:PORT[,HOST:PORT...]",
-                   help="the controller, or several (comma-separated): nodes follow the leader among them")
+    p.add_argument("--controller", default=os.environ.get(CONTROLLER_ENV) or "127.0.0.1:50051",
+                   metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the controller, or several (comma-separated): nodes follow the leader among them "
+                        f"(default: ${CONTROLLER_ENV}, as maiactl reads it, else 127.0.0.1:50051)")
     p.add_argument("--token", default=None, metavar="TOKEN",
                    help=f"node-bootstrap (or admin) token to register with (default: ${TOKEN_ENV})")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",

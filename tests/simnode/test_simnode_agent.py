@@ -149,3 +149,16 @@ def test_a_load_failure_rule_fails_matching_loads_instead_of_running_them() -> N
     done = a.tick(1.0)
     assert [(r.key, r.phase, r.message) for r in done] == [(A0, Phase.FAILED, "out of HBM"), (B0, Phase.RUNNING, "")]
     assert a.next_deadline() is None
+
+
+def test_the_fleet_finds_the_controller_where_maiactl_does(monkeypatch) -> None:
+    """maia-simnode ignored $MAIA_CONTROLLER, which maiactl reads: a fleet started beside a
+    configured maiactl retried 'connection refused' against 127.0.0.1:50051 without a word."""
+    from controller.simnode.main import build_parser
+
+    required = ["--racks", "1", "--nodes-per-rack", "1"]
+    monkeypatch.delenv("MAIA_CONTROLLER", raising=False)
+    assert build_parser().parse_args(required).controller == "127.0.0.1:50051"
+    monkeypatch.setenv("MAIA_CONTROLLER", "10.0.0.7:51072")
+    assert build_parser().parse_args(required).controller == "10.0.0.7:51072"
+    assert build_parser().parse_args([*required, "--controller", "h:1"]).controller == "h:1"  # the flag wins
