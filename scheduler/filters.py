@@ -161,7 +161,7 @@ class NodeState(MaskFilter):
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         topo = state.topo
-        states = first(nodes, lambda n: f"{topo.node_ids[n]} ({topo.node_state(n)})")
+        states = first(nodes, lambda n: f"{topo.node_ids[n]} ({topo.node_said(n)})")
         return f"not ready: {names(states)}"
 
 

@@ -23,6 +23,12 @@ deployment of the group counted, where the solver finds such a place, and else w
 with the deployment's own replicas counted (the spec's rule, which always holds). The
 controller names a deployment's replicas being replaced (a rollout, a drain) this way
 (controller/store/rollout.py). A reader that ignores it still gets a plan the spec allows.
+
+And a node's `condition`, a short string: why a node that is not `ready` is so, in words the
+reasons use instead of its state ("not ready: n2 (suspect)"). The controller says `suspect` and
+`down, its work not evicted yet` of nodes it gives the solver as `cordoned` (they keep their
+shards and take no new ones), which the reasons called cordoned. Nothing is decided by it; a
+value that is not a string of at most 64 characters is ignored.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from typing import Any
 import jsonschema
 
 from scheduler.errors import ProblemError
+
+CONDITION_MAX = 64  # characters of a node's `condition` (an extension, above)
 from scheduler.schema_check import Check, compile_schema
 from scheduler.model import (Deployment, Node, Options, Placement, Plan, Problem, Rack, Row,
                              ShardSpec, Spread, Tenant, Zone)
@@ -497,7 +505,14 @@ def _node(n: dict[str, Any]) -> Node:
                 hbm_gib=n.get("hbm_gib"), cpu_milli=_int(n.get("cpu_milli")),
                 memory_mib=_int(n.get("memory_mib")),
                 idle_power_w=_real(n.get("idle_power_w", 0)),
-                labels=tuple(sorted(n.get("labels", {}).items())))
+                labels=tuple(sorted(n.get("labels", {}).items())),
+                condition=_condition(n.get("condition")))
+
+
+def _condition(value: Any) -> str | None:
+    """A node's `condition` (an extension): words for the reasons, or None (absent, or not a
+    short string: another producer's field of that name is ignored, as the spec says)."""
+    return value if isinstance(value, str) and 0 < len(value) <= CONDITION_MAX else None
 
 
 def _tenant(t: dict[str, Any]) -> Tenant:
@@ -635,7 +650,8 @@ def problem_to_dict(problem: Problem) -> dict[str, Any]:
                              "accelerator_model": n.accelerator_model, "hbm_gib": n.hbm_gib,
                              "cpu_milli": n.cpu_milli, "memory_mib": n.memory_mib,
                              "idle_power_w": n.idle_power_w,
-                             "labels": dict(n.labels) or None}) for n in problem.nodes],
+                             "labels": dict(n.labels) or None, "condition": n.condition})
+                  for n in problem.nodes],
         "tenants": [_drop_none({"id": t.id, "isolation": t.isolation,
                                "excludes": list(t.excludes) or None,
                                "zones": list(t.zones) if t.zones is not None else None,

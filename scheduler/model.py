@@ -47,6 +47,9 @@ class Node:
     memory_mib: int | None = None
     idle_power_w: float = 0.0
     labels: tuple[tuple[str, str], ...] = ()
+    # Why a node that is not ready is so, in words (an interchange extension, `interchange.py`):
+    # the reasons say it instead of `state` ("suspect", where the format can only say cordoned).
+    condition: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

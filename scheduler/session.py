@@ -164,6 +164,7 @@ class Session:
             flipped = np.array([topo.node_index[n.id] for n in cordons], dtype=np.int64)
             for i, n in zip(flipped.tolist(), cordons):
                 topo.node_ready[i] = n.state == "ready"
+                topo.node_condition[i] = n.condition
             self._solver.state.touch(flipped)  # the placer's kept candidates judge them again
             return []
         for z in delta.zones:
@@ -304,13 +305,13 @@ class Session:
             self._rebuild()
 
     def _cordons_only(self, delta: ClusterDelta) -> list[Node] | None:
-        """The delta's nodes when all it does is flip known nodes between ready and cordoned
-        (updated in place); None when the indexes must be rebuilt."""
+        """The delta's nodes when all it does is flip known nodes between ready and cordoned, or
+        change their `condition` (updated in place); None when the indexes must be rebuilt."""
         if delta.removed_nodes or delta.tenants or delta.zones or delta.rows or delta.racks:
             return None
         for n in delta.nodes:
             old = self._nodes.get(n.id)
-            if old is None or dataclasses.replace(old, state=n.state) != n or \
+            if old is None or dataclasses.replace(old, state=n.state, condition=n.condition) != n or \
                     "down" in (old.state, n.state):
                 return None
         return list(delta.nodes)

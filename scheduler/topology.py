@@ -45,6 +45,7 @@ class Topology:
     node_mem: np.ndarray           # (N,)
     node_idle_w: np.ndarray        # (N,)
     node_model: tuple[str | None, ...]
+    node_condition: list[str | None]  # `Node.condition`: flipped in place with `node_ready` (a session's cordons)
     rack_budget: np.ndarray        # (R,) UNLIMITED if none
     row_budget: np.ndarray         # (W,)
     tenant_isolation: tuple[str, ...]
@@ -64,6 +65,10 @@ class Topology:
         if not self.node_alive[n]:
             return "down"
         return "ready" if self.node_ready[n] else "cordoned"
+
+    def node_said(self, n: int) -> str:
+        """The node's state in the reasons' words: its `condition` when it has one, else its state."""
+        return self.node_condition[n] or self.node_state(n)
 
     def domain_of(self, level: str) -> np.ndarray:
         """Per node, the index of its domain at `level` ('none' maps every node to 0)."""
@@ -135,6 +140,7 @@ def build_topology(problem: Problem) -> Topology:
         deployment_index={d.id: i for i, d in enumerate(problem.deployments)},
         node_rack=node_rack, node_row=node_row, node_zone=node_zone, rack_row=rack_row,
         row_zone=row_zone,
+        node_condition=[n.condition for n in problem.nodes],
         node_ready=np.array([n.state == "ready" for n in problem.nodes], dtype=bool),
         node_alive=np.array([n.state != "down" for n in problem.nodes], dtype=bool),
         node_accelerators=np.array([n.accelerators for n in problem.nodes], dtype=np.int64),

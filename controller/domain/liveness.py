@@ -170,9 +170,11 @@ class Transition:
 
     @property
     def moves_solver(self) -> bool:
-        """Written, it changes what the solver sees: a node that takes new shards again, or one
-        whose work is evicted (DOWN alone: the node is still cordoned to it)."""
-        return self.evict or self.health != DOWN
+        """Written, it changes what the solver sees: every change does. A node that takes new
+        shards again, one that takes none (suspect), one whose work is evicted; and DOWN alone,
+        though the node is still cordoned to the solver: its condition, which its reasons name
+        ("down, its work not evicted yet", not "suspect" as it was)."""
+        return True
 
 
 def later_contact(stored: datetime | None, heard: datetime | None) -> datetime | None:

@@ -113,6 +113,17 @@ def node_state(health: NodeHealth, cordoned: bool, evicted: bool) -> str:
     return "cordoned" if cordoned or health is not NodeHealth.UP else "ready"
 
 
+def node_condition(health: NodeHealth, evicted: bool) -> str | None:
+    """Why a node the solver sees `cordoned` (or `down`) is so, when its state does not say it:
+    the reasons name it ("not ready: n2 (suspect)"), an interchange extension
+    (scheduler/interchange.py). None for an up node (ready, or cordoned by an operator)."""
+    if health is NodeHealth.SUSPECT:
+        return "suspect"
+    if health is NodeHealth.DOWN and not evicted:  # an evicted one is `down`, as it says
+        return "down, its work not evicted yet"
+    return None
+
+
 def _put(doc: dict[str, Any], key: str, value: Any) -> None:
     # Optional fields are left out rather than null: absent means "not limited" / "anywhere".
     if value is not None:
@@ -158,6 +169,7 @@ def _node_doc(n: Any) -> dict[str, Any] | None:
     node["idle_power_w"] = n.idle_power_w
     if n.labels:
         node["labels"] = dict(n.labels)
+    _put(node, "condition", node_condition(n.health, n.evicted_at is not None))
     return node
 
 

@@ -433,6 +433,29 @@ async def test_a_replica_an_eviction_left_short_may_preempt_lower_priority_work(
     assert not check_state(after.problem, after.problem["placements"])
 
 
+@pytest.mark.parametrize(("health", "said"), [("suspect", "suspect"), ("down", "down, its work not evicted yet")])
+async def test_a_reason_names_a_suspect_or_down_node_as_such_not_cordoned(cluster, health: str, said: str) -> None:
+    """The solver sees a suspect node, and a down one whose work is not evicted yet, as cordoned
+    (it keeps its shards, takes no new ones), and the reasons called it so: "not ready: n
+    (cordoned)" of a node nobody cordoned. The node's condition (an interchange extension) is
+    what they say now, on the warm session (a flip in place) and on a full solve alike."""
+    loop = reconciler(cluster)
+    await loop.reconcile_once()
+    node = "rack-a-n0"
+    for step in ("suspect", "down")[:1 + (health == "down")]:  # as the lifecycle goes: suspect first
+        async with cluster.unit_of_work() as uow:
+            await liveness.apply_transitions(uow, [Transition(node, step, "silent")], datetime.now(timezone.utc))
+        await loop.reconcile_once()
+    await submit(cluster, deployment("big", replicas=5, accelerators=4, locality="node"))  # 3 of 5 fit: reasons
+    for _ in range(2):  # the arrival's pass (the warm session), then its back-off's full solve
+        await loop.reconcile_once()
+        async with cluster.unit_of_work() as uow:
+            reasons = list((await repo.get_deployment(uow.session, "t1", "big")).reasons)
+        messages = [r["message"] for r in reasons if r["code"] == "NODE_STATE"]
+        assert messages and f"{node} ({said})" in messages[0], reasons
+        assert "cordoned" not in messages[0]
+
+
 async def test_a_fast_commit_that_lands_on_a_change_keeps_the_cache(cluster, monkeypatch) -> None:
     # A deletion lands between the pass's read of the log and its commit: the commit is stale,
     # writes what it decided (re-checked), and the next pass reads the deletion from the log.
