@@ -154,6 +154,7 @@ def node_msg(view: d.NodeView) -> admin_pb2.Node:
         idle_power_w=i.idle_power_w, labels=i.labels, connected=view.connected,
         last_heartbeat=timestamp(view.last_heartbeat), power_draw_w=view.power_draw_w,
         accelerators_used=view.accelerators_used, shards=view.shards, tenants=list(view.tenants),
+        cordoned=view.cordoned, draining=view.draining, evicted=view.evicted,
     )
 
 

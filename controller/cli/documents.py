@@ -182,7 +182,8 @@ def node_document(n: admin_pb2.Node) -> Document:
         "accelerators": n.accelerators, "accelerator_model": n.accelerator_model, "hbm_gib": number(n.hbm_gib),
         "cpu_milli": n.cpu_milli, "memory_mib": n.memory_mib, "idle_power_w": number(n.idle_power_w),
         "labels": dict(sorted(n.labels.items())),
-        "status": {"state": node_state_word(n.state), "connected": n.connected,
+        "status": {"state": node_state_word(n.state), "cordoned": n.cordoned, "draining": n.draining,
+                   "evicted": n.evicted, "connected": n.connected,
                    "accelerators_used": number(n.accelerators_used), "shards": n.shards,
                    "power_draw_w": number(round(n.power_draw_w, 1)), "tenants": list(n.tenants)},
     }

@@ -123,25 +123,34 @@ def _down(n: admin_pb2.Node) -> bool:
     return n.state == common_pb2.NODE_STATE_DOWN
 
 
+def node_flags(n: admin_pb2.Node) -> list[str]:
+    """What its state word leaves out: a cordon on a node that is suspect or down (the word says
+    cordoned of an up node only), a drain, an eviction (down, its work placed elsewhere)."""
+    flags = ["cordoned"] if n.cordoned and n.state != common_pb2.NODE_STATE_CORDONED else []
+    return flags + ["draining"] * n.draining + ["evicted"] * n.evicted
+
+
 def nodes_table(nodes: Sequence[admin_pb2.Node], wide: bool = False) -> str:
-    """One row per node; `wide` adds row, zone, accelerator model and labels."""
+    """One row per node; `wide` adds row, zone, accelerator model, labels and the state's flags."""
     rows = []
     for n in sorted(nodes, key=lambda n: n.id):
         row: list[object] = [n.id, n.rack, node_state_word(n.state), "yes" if n.connected else "no",
                              f"{fmt_number(n.accelerators_used)}/{n.accelerators}", n.shards,
                              "-" if _down(n) else round(n.power_draw_w), fmt_list(n.tenants)]
         if wide:
-            row += [n.row, n.zone, n.accelerator_model, fmt_list(f"{k}={v}" for k, v in sorted(n.labels.items()))]
+            row += [n.row, n.zone, n.accelerator_model, fmt_list(f"{k}={v}" for k, v in sorted(n.labels.items())),
+                    fmt_list(node_flags(n))]
         rows.append(row)
     headers = ["node", "rack", "state", "connected", "accelerators", "shards", "power_w", "tenants"]
-    return render_table(headers + (["row", "zone", "model", "labels"] if wide else []), rows,  # type: ignore[arg-type]
+    return render_table(headers + (["row", "zone", "model", "labels", "flags"] if wide else []), rows,  # type: ignore[arg-type]
                         empty="No nodes found.")
 
 
 def node_detail(n: admin_pb2.Node) -> str:
     pairs: list[tuple[str, object]] = [
         ("Node", n.id), ("Hostname", n.hostname or "-"), ("Zone/row/rack", f"{n.zone}/{n.row}/{n.rack}"),
-        ("State", node_state_word(n.state)), ("Connected", "yes" if n.connected else "no"),
+        ("State", node_state_word(n.state) + (f" ({', '.join(node_flags(n))})" if node_flags(n) else "")),
+        ("Connected", "yes" if n.connected else "no"),
         ("Accelerators", f"{fmt_number(n.accelerators_used)}/{n.accelerators} used ({n.accelerator_model})"),
         ("HBM/accelerator", f"{fmt_number(n.hbm_gib)} GiB"),
         ("CPU", f"{n.cpu_milli}m"), ("Memory", f"{n.memory_mib} MiB"),

@@ -126,6 +126,9 @@ class NodeView:
     accelerators_used: float = 0.0
     shards: int = 0
     tenants: tuple[str, ...] = ()
+    cordoned: bool = False  # by an operator (`state` says so of an up node only)
+    draining: bool = False
+    evicted: bool = False   # down, its work placed again elsewhere
 
 
 @dataclass(frozen=True, slots=True)

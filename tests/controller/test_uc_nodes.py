@@ -71,3 +71,32 @@ async def test_on_a_follower_a_node_is_connected_as_the_leader_stored_it(cluster
         async with cluster.unit_of_work() as uow:
             seen[node_id] = (await READS[use_case](node_id)(uow, None, {})).connected
     assert seen == {HEARD: True, SILENT: False}
+
+
+async def test_a_cordon_a_drain_and_an_eviction_show_whatever_the_nodes_health(cluster: Database) -> None:
+    """A node's one state word says cordoned of an up node only: a cordon on a suspect or down
+    node (it takes no new shards once back) showed nowhere, nor did an eviction (it comes back
+    empty); the view carries them apart, and maiactl shows them (`views.node_flags`)."""
+    from controller.cli.views import node_detail, node_flags, nodes_table
+    from controller.api.convert import node_msg
+
+    async with cluster.unit_of_work() as uow:
+        await uow.session.execute(update(m.Node).where(m.Node.id == SILENT).values(health=m.NodeHealth.SUSPECT))
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        view = await nodes.cordon_node(uow, WHO, SILENT, RecordingSignals(), frozenset(), {})
+    assert (view.state, view.cordoned, view.draining, view.evicted) == ("suspect", True, False, False)
+    msg = node_msg(view)
+    assert node_flags(msg) == ["cordoned"] and "suspect (cordoned)" in node_detail(msg)
+    assert "cordoned" in nodes_table([msg], wide=True).splitlines()[1]
+    async with cluster.unit_of_work() as uow:
+        await uow.session.execute(update(m.Node).where(m.Node.id == SILENT).values(
+            health=m.NodeHealth.DOWN, evicted_at=datetime.now(timezone.utc)))
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        view = await nodes.drain_node(uow, WHO, SILENT, RecordingSignals(), frozenset(), {})
+    assert (view.state, view.cordoned, view.draining, view.evicted) == ("down", True, True, True)
+    assert node_flags(node_msg(view)) == ["cordoned", "draining", "evicted"]
+    async with cluster.unit_of_work() as uow:
+        up = await nodes.drain_node(uow, WHO, HEARD, RecordingSignals(), frozenset(), {})
+    assert up.state == "cordoned" and node_flags(node_msg(up)) == ["draining"]  # the word says cordoned already

@@ -176,6 +176,8 @@ def node_view(row: m.Node, usage: ClusterUsage, connected: bool) -> d.NodeView:
         connected=connected, last_heartbeat=row.last_heartbeat_at, power_draw_w=row.power_draw_w,
         accelerators_used=usage.node_milli.get(row.id, 0) / 1000.0,
         shards=usage.node_shards.get(row.id, 0), tenants=tuple(sorted(usage.node_tenants.get(row.id, ()))),
+        cordoned=bool(row.cordoned), draining=bool(row.draining),
+        evicted=row.health is m.NodeHealth.DOWN and row.evicted_at is not None,
     )
 
 

@@ -111,7 +111,7 @@ class GetTopologyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("id", "hostname", "rack", "row", "zone", "state", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli", "memory_mib", "idle_power_w", "labels", "connected", "last_heartbeat", "power_draw_w", "accelerators_used", "shards", "tenants")
+    __slots__ = ("id", "hostname", "rack", "row", "zone", "state", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli", "memory_mib", "idle_power_w", "labels", "connected", "last_heartbeat", "power_draw_w", "accelerators_used", "shards", "tenants", "cordoned", "draining", "evicted")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,9 @@ class Node(_message.Message):
     ACCELERATORS_USED_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
     id: str
     hostname: str
     rack: str
@@ -157,7 +160,10 @@ class Node(_message.Message):
     accelerators_used: float
     shards: int
     tenants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., rack: _Optional[str] = ..., row: _Optional[str] = ..., zone: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., accelerators: _Optional[int] = ..., accelerator_model: _Optional[str] = ..., hbm_gib: _Optional[float] = ..., cpu_milli: _Optional[int] = ..., memory_mib: _Optional[int] = ..., idle_power_w: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., connected: _Optional[bool] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., power_draw_w: _Optional[float] = ..., accelerators_used: _Optional[float] = ..., shards: _Optional[int] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
+    cordoned: bool
+    draining: bool
+    evicted: bool
+    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., rack: _Optional[str] = ..., row: _Optional[str] = ..., zone: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., accelerators: _Optional[int] = ..., accelerator_model: _Optional[str] = ..., hbm_gib: _Optional[float] = ..., cpu_milli: _Optional[int] = ..., memory_mib: _Optional[int] = ..., idle_power_w: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., connected: _Optional[bool] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., power_draw_w: _Optional[float] = ..., accelerators_used: _Optional[float] = ..., shards: _Optional[int] = ..., tenants: _Optional[_Iterable[str]] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., evicted: _Optional[bool] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ("rack", "page_size", "page_token")
