@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +55,15 @@ _RACK_LIST = select(_RACKS.id, _RACKS.row_id, _RACKS.power_budget_w).order_by(_R
 
 
 def tenant_colours(tenants: list[str]) -> dict[str, str]:
+    """An operator's view: the tenants in id order through the palette (distinct up to its size)."""
     return {tenant: PALETTE[i % len(PALETTE)] for i, tenant in enumerate(sorted(tenants))}
+
+
+def own_colour(tenant: str) -> str:
+    """A tenant's view of its own colour: from its id alone. From its place among every tenant's
+    ids (`tenant_colours`), it told the tenant how many ids sort before its own, and changed as
+    tenants came and went."""
+    return PALETTE[zlib.crc32(tenant.encode()) % len(PALETTE)]
 
 
 def _visible(tenant: str, viewer_tenant: str) -> str:
@@ -133,8 +142,8 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
     zones = [{"id": zone, "rows": sorted(rows_by_zone.get(zone, []), key=lambda r: r["id"])}
              for zone in sorted(read.zones)]
 
-    colours = tenant_colours(read.tenants)
     shown = [t for t in sorted(read.tenants) if not viewer_tenant or t == viewer_tenant]
+    colours = tenant_colours(read.tenants) if not viewer_tenant else {t: own_colour(t) for t in shown}
     # Stored reasons outlive the tenants they name: a deleted tenant's id is redacted too.
     redactor = Redactor([t for t in read.known_tenants if t != viewer_tenant],
                         viewer=viewer_tenant) if viewer_tenant else NOTHING

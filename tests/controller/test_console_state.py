@@ -14,6 +14,7 @@ import aiohttp
 from sqlalchemy import update
 
 from controller.console import server as console_server
+from controller.console import state as console_doc
 from controller.console.server import ConsoleServer
 from controller.console.state import OTHER_TENANT, console_document, console_state
 from controller.errors import Unauthenticated
@@ -72,6 +73,21 @@ async def test_a_tenant_sees_its_own_work_and_others_only_as_other(cluster: Data
     # The map keeps its shape: the same racks and nodes either way.
     racks = lambda doc: [r["id"] for z in doc["zones"] for row in z["rows"] for r in row["racks"]]  # noqa: E731
     assert racks(own) == racks(whole) == ["rack-a", "rack-b"]
+
+
+async def test_a_tenants_colour_does_not_tell_where_its_id_sorts_among_the_others(cluster: Database) -> None:
+    """An operator's view colours the tenants in id order; a tenant's own view used that colour,
+    so it told the tenant how many ids sort before its own (and changed as others came and went)."""
+    await _two_tenants_placed(cluster)
+    async with cluster.unit_of_work() as uow:
+        before = (await console_state(uow.session, viewer_tenant="t2"))["tenants"]
+    for tenant in ("a0", "a1", "a2"):  # three ids that sort before t2
+        await add_tenant(cluster, tenant)
+    async with cluster.unit_of_work() as uow:
+        after = (await console_state(uow.session, viewer_tenant="t2"))["tenants"]
+        whole = (await console_state(uow.session))["tenants"]
+    assert before == after == [{"id": "t2", "colour": console_doc.own_colour("t2")}]
+    assert len({t["colour"] for t in whole}) == len(whole)  # the operator's: distinct, in id order
 
 
 async def test_the_http_api_asks_for_a_token_and_scopes_it(cluster: Database) -> None:
