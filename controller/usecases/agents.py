@@ -184,6 +184,9 @@ def _judge(ask: Register, proposal: MintedToken | None, facts: _Facts, taken_ids
     holds is refused to anyone but an admin (a second agent with the same node id).
     """
     who, node_id = ask.who, ask.info.node_id
+    # Who may register at all, first: a tenant's token learned from the answers below which racks
+    # and nodes exist (its refusal differed by whether the node was registered).
+    policy.require_role(who, "registering nodes", Role.NODE_BOOTSTRAP, Role.NODE)
     if ask.info.rack not in facts.racks:
         raise FailedPrecondition(f"rack {ask.info.rack} is not in the topology; apply it first")
     row = facts.rows.get(node_id)

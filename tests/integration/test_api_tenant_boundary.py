@@ -12,10 +12,10 @@ import pytest
 
 from controller.api.server import ControllerApp
 from controller.store import audit
-from grpc_harness import Stubs, issue_token, spec, topology
+from grpc_harness import HandAgent, Stubs, issue_token, spec, topology
 from google.protobuf.json_format import MessageToDict
 
-from maia.v1 import admin_pb2, audit_pb2, deployments_pb2
+from maia.v1 import admin_pb2, agent_pb2, audit_pb2, deployments_pb2
 
 TENANTS = ("acme", "alpha", "bravo", "charlie", "delta", "zeta")
 
@@ -114,3 +114,23 @@ async def test_a_tenants_own_log_does_not_tell_which_tenant_ids_exist(controller
     assert len(seen) == 4, seen
     assert seen[:2] == seen[2:], seen  # alpha (a tenant) and zzz (none) alike
     assert not any("alpha" in str(entry) or "zzz" in str(entry) for entry in seen), seen
+
+
+async def test_a_tenant_token_is_refused_registering_nodes_before_anything_is_looked_up(
+        controller_app: ControllerApp, stubs: Stubs) -> None:
+    """Register judged the rack first: a tenant token learned which racks exist ('rack nope is not
+    in the topology') and, from the refusal's words, which node ids are registered. It is refused
+    for its role now, the same words whatever rack and node it names."""
+    await _world(controller_app, stubs)
+    await HandAgent(stubs, "known", "rack-a").register()
+    alpha = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="alpha"))
+    told = []
+    try:
+        for node_id, rack in (("known", "rack-a"), ("new", "rack-a"), ("new", "nope")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await alpha.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+                    node_id=node_id, hostname=node_id, rack=rack, accelerators=4)))
+            told.append((refused.value.code(), refused.value.details()))
+    finally:
+        await alpha.channel.close()
+    assert len(set(told)) == 1 and told[0][0] == grpc.StatusCode.PERMISSION_DENIED, told
