@@ -207,9 +207,11 @@ def test_apply_changed_tenant_is_configured(fake, capsys, tmp_path) -> None:
     f = tmp_path / "t.yaml"
     f.write_text("kind: Tenant\nid: a\nisolation: shared\n")
     assert run(capsys, "--controller", address, "apply", "-f", str(f))[0] == 0
-    f.write_text("kind: Tenant\nid: a\nisolation: dedicated_node\n")
+    f.write_text("kind: Tenant\nid: a\nisolation: dedicated_node\nmax_accelerators: 8\n")
+    code, out, _ = run(capsys, "--controller", address, "diff", "-f", str(f))  # field by field, as for deployments
+    assert code == 1 and "isolation: shared -> dedicated_node" in out and "max_accelerators: (unset) -> 8" in out, out
     code, out, _ = run(capsys, "--controller", address, "apply", "-f", str(f))
-    assert (code, out.strip()) == (0, "tenant/a configured")
+    assert (code, out.splitlines()[0]) == (0, "tenant/a configured")
     assert admin.tenants["a"].isolation == common_pb2.ISOLATION_DEDICATED_NODE
 
 

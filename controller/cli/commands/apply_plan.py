@@ -32,7 +32,7 @@ import grpc
 from controller import limits
 from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
 from controller.cli.context import Context
-from controller.cli.documents import spec_differences, spec_document
+from controller.cli.documents import spec_differences, spec_document, tenant_document
 from controller.cli.manifests import ManifestObject
 from controller.retryinfo import told_retry_s
 from maia.v1 import admin_pb2, deployments_pb2
@@ -185,8 +185,9 @@ def plan(objects: list[ManifestObject], ctx: Context, *, judge: bool, solve: boo
             elif current is None:
                 step = Step(obj, "created")
             else:
-                same = _contract(current) == _contract(obj.message)  # type: ignore[arg-type]
-                step = Step(obj, "unchanged" if same else "configured", [], previous=current)
+                differences = spec_differences(tenant_document(_contract(current)),
+                                               tenant_document(_contract(obj.message)))  # type: ignore[arg-type]
+                step = Step(obj, "configured" if differences else "unchanged", differences, previous=current)
             if judge and step.action != "unchanged" and obj.name not in planned and not batch.meets(obj.message):
                 call = admin.CreateTenant if step.action == "created" else admin.UpdateTenant
                 step = _judged(step, call, obj.message, ctx)
