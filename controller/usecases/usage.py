@@ -31,6 +31,9 @@ async def usage_report(
     if since is not None and until is not None and since >= until:
         raise InvalidArgument(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
     end = min(until, now) if until is not None else now
+    if since is not None and since >= end:  # a window in the future: it was answered "from 2030 to now", empty
+        raise InvalidArgument(f"since ({since.isoformat()}) is not before now ({now.isoformat()}): "
+                              "no usage is recorded ahead of time")
     totals = await metering.usage_by(uow.session, GROUPS, now=now, tenant=tenant, since=since, until=end)
     if tenant and not totals and await repo.get_tenant(uow.session, tenant) is None:
         raise NotFound(f"tenant {tenant} not found")  # a deleted tenant's history is still reported

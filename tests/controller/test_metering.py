@@ -84,6 +84,10 @@ async def test_a_window_clips_the_intervals(cluster: Database) -> None:
     assert _by_deployment(report) == {"big": pytest.approx((4.0, 2.1)), "frac": pytest.approx((0.75, 0.69375))}
     assert _by_deployment(future) == {"frac": pytest.approx((0.25, 0.23125))}
     assert future.until == T0 + 3 * H
+    # A window wholly ahead of now was answered as an empty one "from 2030 to now": refused.
+    async with cluster.unit_of_work() as uow:
+        with pytest.raises(InvalidArgument, match=r"since \(2026-11-30T12:00:00\+00:00\) is not before now"):
+            await usage_report(uow, WHO, since=T0 + 4 * H, until=T0 + 10 * H, now=T0 + 3 * H)
 
 
 async def test_a_tenant_sees_only_its_own_usage(cluster: Database) -> None:
