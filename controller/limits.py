@@ -235,6 +235,9 @@ UNAUTHENTICATED_AUDITS_BURST = 10.0
 # Log lines for refused credentials (gRPC's UNAUTHENTICATED calls; the console's 401s, a bucket of
 # their own): a bucket of 10, refilled at 10 a minute; the next line says how many were left out.
 UNAUTHENTICATED_LINES_PER_MINUTE = 10.0
+# Streams one token may hold open on a controller at once (WatchDeployments, WatchDeploymentBatches,
+# the console's event streams): each is a queue every deployment event is put on.
+STREAMS_PER_TOKEN = 64
 UNAUTHENTICATED_LINES_BURST = 10.0
 # Calls refused with a retry time (busy, rate limited): audited at most this often, the rest counted.
 RETRY_LATER_AUDITS_PER_MINUTE = 60.0

@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from controller.errors import Unauthenticated
+from controller import limits
+from controller.errors import ResourceExhausted, Unauthenticated
 from controller.identity import Principal
 
 # Revoked token ids remembered (`TokenStreams.hold`): far more than are revoked within the moment
@@ -109,14 +110,24 @@ class StreamHold:
 
 
 class TokenStreams:
-    """The streams open here, by the id of the token each was opened with."""
+    """The streams open here, by the id of the token each was opened with; at most `per_token`
+    each (a tenant's token opened 3,000 watches: every deployment event is put on each one's
+    queue, and the other tenants' updates took six times as long)."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_token: int = limits.STREAMS_PER_TOKEN) -> None:
+        self._per_token = per_token
         self._by_token: dict[str, set[StreamHold]] = {}
         # The tokens revoked lately (oldest first, at most `REVOKED_REMEMBERED`): a stream whose call
         # was authenticated just before its token was revoked, and held only after (the awaits
         # between the interceptor and the handler's first step), ends as it is held.
         self._revoked: dict[str, None] = {}
+
+    def admit(self, who: Principal | None) -> None:
+        """Raise RESOURCE_EXHAUSTED when `who`'s token holds the most streams it may (`hold` asks)."""
+        token_id = who.token_id if who is not None else ""
+        if token_id and len(self._by_token.get(token_id, ())) >= self._per_token:
+            raise ResourceExhausted(f"token {token_id} holds {self._per_token} open streams (watches and console "
+                                    f"event streams) on this controller, the most a token may: close one first")
 
     @contextmanager
     def hold(self, who: Principal | None, wake: Callable[[], None]) -> Iterator[StreamHold]:
@@ -124,6 +135,7 @@ class TokenStreams:
         expires, the hold's `error` says so (UNAUTHENTICATED, with the words a new call would be
         told) and `wake` is called, once, on the event loop. A caller of no token (None: the console
         without authentication; `--insecure-no-auth`; the controller itself) is never ended so."""
+        self.admit(who)
         held = StreamHold(wake)
         token_id = who.token_id if who is not None else ""
         if token_id in self._revoked:

@@ -48,7 +48,7 @@ from controller.store.db import Database
 from controller.tokens import bearer_credential
 from controller.tokenstreams import TokenStreams
 from controller.domain.values import DeploymentEvent
-from controller.errors import Unauthenticated
+from controller.errors import ResourceExhausted, Unauthenticated
 from controller.usecases.watch import DeploymentEventBus
 
 log = logging.getLogger("maia.console")
@@ -215,10 +215,15 @@ class ConsoleServer:
         principal = await self._viewer(request)
         tenant = _viewer_tenant(principal)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
-        await response.prepare(request)
         queue = self._bus.subscribe()
         try:
-            with self._streams.hold(principal, partial(self._bus.end, queue)) as held:
+            try:  # a token holding the most streams it may: 429 before the stream begins
+                self._streams.admit(principal)
+            except ResourceExhausted as exc:
+                raise web.HTTPTooManyRequests(text=json.dumps({"error": exc.message}),
+                                              content_type="application/json") from None
+            with self._streams.hold(principal, partial(self._bus.end, queue)) as held:  # no await since admit
+                await response.prepare(request)
                 await response.write(b": connected\n\n")
                 # A keep-alive KEEPALIVE_S after the last write, not after the last event: events a
                 # tenant may not see must not delay it (their rhythm would tell it others are busy).

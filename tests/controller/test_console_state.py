@@ -19,6 +19,7 @@ from controller.console.server import ConsoleServer
 from controller.console.state import OTHER_TENANT, console_document, console_state
 from controller.errors import Unauthenticated
 from controller.identity import Principal, Role
+from controller.tokenstreams import TokenStreams
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store.db import Database
@@ -281,3 +282,26 @@ async def test_other_tenants_events_do_not_hold_back_a_tenants_keep_alives(clust
         await console.stop()
     assert b"event: change\n" not in lines  # t1's events are not t2's to see
     assert lines.count(b": keep-alive\n") >= 3, lines  # one each 0.4 s (5 in 2.2 s), however busy t1 is
+
+
+async def test_an_event_stream_past_its_tokens_share_is_refused_429(cluster: Database, monkeypatch) -> None:
+    """The console's event streams count against the token's share as watches do (`TokenStreams`):
+    one past it is refused 429 before the stream begins; the ones open go on."""
+    monkeypatch.setattr(console_server, "KEEPALIVE_S", 0.3)  # the open stream notices its reader left soon
+    viewer = Principal("t2-user", Role.TENANT, token_id="0123456789abcdef", tenant="t2")
+
+    async def resolve(token: str) -> Principal:
+        return viewer
+
+    console = ConsoleServer(cluster, DeploymentEventBus(), resolve_token=resolve, streams=TokenStreams(per_token=1))
+    address = await console.start("127.0.0.1:0")
+    try:
+        async with aiohttp.ClientSession(f"http://{address}") as http:
+            headers = {"Authorization": "Bearer t2"}
+            async with http.get("/api/events", headers=headers) as first:
+                assert first.status == 200 and await first.content.readline() == b": connected\n"
+                async with http.get("/api/events", headers=headers) as second:
+                    assert second.status == 429
+                    assert "holds 1 open streams" in (await second.json())["error"]
+    finally:
+        await console.stop()

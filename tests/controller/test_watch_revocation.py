@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from controller.domain.values import DeploymentEvent
-from controller.errors import Unauthenticated
+from controller.errors import ResourceExhausted, Unauthenticated
 from controller.identity import Principal, Role
 from controller.tokenstreams import TokenStreams
 from controller.usecases import deployments
@@ -101,3 +101,30 @@ async def test_a_watch_whose_token_was_revoked_after_its_call_was_authenticated_
     finally:
         await batches.aclose()
     assert streams.held() == 0
+
+
+async def test_a_token_holds_at_most_its_share_of_streams_and_one_more_once_one_ends(cluster) -> None:
+    """A tenant's token opened 3,000 watches: every deployment event is put on each queue, and other
+    tenants' updates took six times as long. A token holds `per_token` streams at most; the next is
+    refused RESOURCE_EXHAUSTED (leaving nothing subscribed), and one more opens once one ended.
+    Another token, and the controller itself (no token), are not counted against it."""
+    await _submitted(cluster)
+    bus, streams = DeploymentEventBus(), TokenStreams(per_token=2)
+    watches = [watch_deployments(cluster.unit_of_work, TENANT, bus, streams=streams) for _ in range(2)]
+    other = watch_deployments(cluster.unit_of_work, OTHER, bus, streams=streams)
+    try:
+        for watch in (*watches, other):
+            assert (await anext(watch)).deployment.spec.name == "d0"
+        refused = watch_deployment_batches(cluster.unit_of_work, TENANT, bus, streams=streams)
+        with pytest.raises(ResourceExhausted, match=f"^token {TENANT.token_id} holds 2 open streams"):
+            await anext(refused)
+        assert streams.held() == 3 and bus.subscriber_count == 3
+        await watches.pop().aclose()
+        watches.append(watch_deployments(cluster.unit_of_work, TENANT, bus, streams=streams))
+        assert (await anext(watches[-1])).deployment.spec.name == "d0"
+        for _ in range(3):
+            streams.admit(None)  # no token: never limited
+    finally:
+        for watch in (*watches, other):
+            await watch.aclose()
+    assert streams.held() == 0 and bus.subscriber_count == 0
