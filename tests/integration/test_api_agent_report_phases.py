@@ -1,14 +1,37 @@
 """The phases an agent reports, over real gRPC with hand-driven agents (SQLite and PostgreSQL): a
-STOPPED shard still assigned is a failure. (Phases an agent never reports end its stream:
-test_api_agent_bounds.py.)"""
+STOPPED shard still assigned is a failure, and so is a shard its agent never says anything of.
+(Phases an agent never reports end its stream: test_api_agent_bounds.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
-from grpc_harness import RUNNING, HandAgent, controller_with_rack, eventually, spec
+from grpc_harness import RUNNING, HandAgent, Stubs, controller_with_rack, eventually, spec
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
+
+
+async def _two_agents_and_svc(stubs: Stubs) -> tuple[dict[str, HandAgent], Callable[[], Awaitable[deployments_pb2.Deployment]],
+                                                     deployments_pb2.Deployment]:
+    """Tenant lab, hand agents n1 and n2 beating and ready, and a node-local deployment svc of
+    one 4-accelerator replica: the agents, a read of svc, and svc as first placed (not taken up)."""
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    agents = {node_id: HandAgent(stubs, node_id, "rack-a") for node_id in ("n1", "n2")}
+    for agent in agents.values():
+        await agent.register()
+        await agent.connect()
+        agent.keep_beating()
+        await agent.next_set()
+    await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
+                     lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 2,
+                     what="both nodes ready")
+    await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
+        spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
+
+    def svc() -> Awaitable[deployments_pb2.Deployment]:
+        return stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
+
+    return agents, svc, await eventually(svc, lambda d: len(d.placements) == 1, what="svc placed")
 
 
 async def test_a_shard_its_agent_stopped_while_still_assigned_is_placed_again(db_url: str, tmp_path):
@@ -16,23 +39,7 @@ async def test_a_shard_its_agent_stopped_while_still_assigned_is_placed_again(db
     still assigned to it runs it no more: a failure, placed again (elsewhere) after its back-off,
     not a placement left STOPPED that nothing moves again."""
     async with controller_with_rack(db_url, tmp_path, restart_backoff_s=0.2) as (_, stubs):
-        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-        agents = {node_id: HandAgent(stubs, node_id, "rack-a") for node_id in ("n1", "n2")}
-        for agent in agents.values():
-            await agent.register()
-            await agent.connect()
-            agent.keep_beating()
-            await agent.next_set()
-        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
-                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 2,
-                         what="both nodes ready")
-        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
-            spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
-
-        def svc() -> Awaitable[deployments_pb2.Deployment]:
-            return stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
-
-        placed = await eventually(svc, lambda d: len(d.placements) == 1, what="svc placed")
+        agents, svc, placed = await _two_agents_and_svc(stubs)
         holder = agents[placed.placements[0].node]
         other = next(agent for agent in agents.values() if agent is not holder)
         assigned = (await holder.next_set(lambda s: len(s.assignments) == 1)).assignments[0]
@@ -60,23 +67,7 @@ async def test_a_shard_its_agent_never_takes_up_fails_and_is_placed_again(db_url
     agent's LOADING keeps its own clock from running out."""
     async with controller_with_rack(db_url, tmp_path, restart_backoff_s=0.2, assignment_ack_timeout_s=1.5) as (
             _, stubs):
-        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-        agents = {node_id: HandAgent(stubs, node_id, "rack-a") for node_id in ("n1", "n2")}
-        for agent in agents.values():
-            await agent.register()
-            await agent.connect()
-            agent.keep_beating()
-            await agent.next_set()
-        await eventually(lambda: stubs.admin.ListNodes(admin_pb2.ListNodesRequest()),
-                         lambda r: sum(n.connected and n.state == common_pb2.NODE_STATE_READY for n in r.nodes) == 2,
-                         what="both nodes ready")
-        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
-            spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
-
-        def svc() -> Awaitable[deployments_pb2.Deployment]:
-            return stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc"))
-
-        placed = await eventually(svc, lambda d: len(d.placements) == 1, what="svc placed")
+        agents, svc, placed = await _two_agents_and_svc(stubs)
         mute = agents[placed.placements[0].node]  # says nothing of it
         other = next(agent for agent in agents.values() if agent is not mute)
         moved = await other.next_set(lambda s: len(s.assignments) == 1, timeout=15)  # placed again, elsewhere
