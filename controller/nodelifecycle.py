@@ -177,6 +177,6 @@ class NodeLifecycle:
         for change in applied:
             log.warning("node %s node=%s why=%s", "evicted" if change.evict else change.health, change.node_id,
                         change.why)
-        if any(change.moves_solver for change in applied):
+        if applied:  # each changes what the solver sees (`liveness.apply_transitions`)
             self._on_change()
         return applied

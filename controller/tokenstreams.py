@@ -134,7 +134,8 @@ class TokenStreams:
         """Hold a stream `who` opened while the block runs. When its token is revoked (`revoke`) or
         expires, the hold's `error` says so (UNAUTHENTICATED, with the words a new call would be
         told) and `wake` is called, once, on the event loop. A caller of no token (None: the console
-        without authentication; `--insecure-no-auth`; the controller itself) is never ended so."""
+        without authentication; `--insecure-no-auth`; the controller itself) is never ended so.
+        Refused RESOURCE_EXHAUSTED when the token holds the most streams it may (`admit`)."""
         self.admit(who)
         held = StreamHold(wake)
         token_id = who.token_id if who is not None else ""

@@ -72,7 +72,6 @@ class _NotHttp(logging.Filter):
 
 _NOT_HTTP = _NotHttp()
 
-# Token -> principal (None: not a valid token). Supplied once authentication exists.
 # A credential's viewer; raises `Unauthenticated` (`why`: for the log) for one that may not view.
 TokenResolver = Callable[[str], Awaitable[Principal]]
 KEEPALIVE_S = 15.0

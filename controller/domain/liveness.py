@@ -168,14 +168,6 @@ class Transition:
     evict: bool = False
     was: str | None = None
 
-    @property
-    def moves_solver(self) -> bool:
-        """Written, it changes what the solver sees: every change does. A node that takes new
-        shards again, one that takes none (suspect), one whose work is evicted; and DOWN alone,
-        though the node is still cordoned to the solver: its condition, which its reasons name
-        ("down, its work not evicted yet", not "suspect" as it was)."""
-        return True
-
 
 def later_contact(stored: datetime | None, heard: datetime | None) -> datetime | None:
     """A node's last contact: the later of its stored one (naive: UTC, as SQLite hands it back) and

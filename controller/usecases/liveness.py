@@ -45,7 +45,11 @@ async def zone_health(uow: UnitOfWork) -> tuple[dict[str, int], dict[str, int]]:
 
 
 async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: datetime) -> list[Transition]:
-    """Write the changes; the ones written (`Transition.moves_solver`: the reconciler should run).
+    """Write the changes; the ones written. Each changes what the solver sees, so any written
+    moves the cluster generation (the reconciler should run): a node that takes new shards again,
+    one that takes none (suspect), one whose work is evicted, and one down but not evicted yet,
+    still cordoned to the solver, whose condition its reasons name ("down, its work not evicted
+    yet", not "suspect" as it was).
 
     The changes were judged from a read in an earlier unit of work: a change whose node no longer
     has the health it was judged with (`Transition.was`; an eviction: its work evicted already)
@@ -76,7 +80,7 @@ async def apply_transitions(uow: UnitOfWork, changes: list[Transition], now: dat
         repo.record_event(uow.session, actor="controller", kind=kind, object_kind="node", object_id=change.node_id,
                           message=message)
     applied = [changes[i] for i in sorted(written)]
-    if any(change.moves_solver for change in applied):
+    if applied:
         await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(c.node_id for c in applied))
     await uow.commit()
     return applied
