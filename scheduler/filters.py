@@ -30,9 +30,9 @@ total in `gang_capacity`: the table "Where each rule lives" in scheduler/README.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
-from collections.abc import Collection
 from typing import Callable, NamedTuple
 
 import numpy as np

@@ -44,14 +44,13 @@ from typing import Any
 import jsonschema
 
 from scheduler.errors import ProblemError
-
-CONDITION_MAX = 64  # characters of a node's `condition` (an extension, above)
 from scheduler.schema_check import Check, compile_schema
 from scheduler.model import (Deployment, Node, Options, Placement, Plan, Problem, Rack, Row,
                              ShardSpec, Spread, Tenant, Zone)
 
 IMPLIED_ROW = "_row"
 IMPLIED_ZONE = "_zone"
+CONDITION_MAX = 64  # characters of a node's `condition` (an extension, in the module docstring)
 SPREAD_DOMAINS = ("node", "rack", "row", "zone")  # the spec's "any one node/rack/row/zone"
 # Every quantity (watts, GiB, milli-CPU, MiB, tenant accelerators) stays below this. The solver
 # stands for "not limited" with 1e15 (`scheduler.topology.UNLIMITED`) and leaves out of CP-SAT a
