@@ -630,6 +630,8 @@ def test_every_command_naming_one_kind_reads_kind_slash_name_as_o_name_prints_it
     assert code == 0 and out.startswith("deployment/phi-row: Running"), err
     code, out, err = run(capsys, "--controller", address, "explain", "deploy", word, "-o", "json")
     assert code == 0 and json.loads(out)["deployment"] == "phi-row", err
+    code, out, err = run(capsys, "--controller", address, "explain", "msft-internal/phi-row")  # the kind left out
+    assert code == 0 and out.startswith("deployment/phi-row: Running"), err
     for words in ([word], ["deployment", "msft-internal/phi-row"], ["deployment", "phi-row", "-n", "msft-internal"]):
         code, _, err = run(capsys, "--controller", address, "rollout", "status", *words, "--timeout", "0.5")
         # The fake never rolls out: the wait ran for the deployment named, until its timeout.
@@ -643,8 +645,8 @@ def test_every_command_naming_one_kind_reads_kind_slash_name_as_o_name_prints_it
     (["wait", "deployment/a", "node/b"], "wait deployment: 'node/b' names a node (one kind per wait)"),
     (["wait", "nodes", "n1", "--connected", "1"], "wait nodes takes no NAME: it waits for --connected N nodes"),
     (["wait", "pods", "x"], "wait: unknown kind 'pods' (one of deployment, node, or KIND/NAME)"),
-    (["explain", "deployment/a", "b"], "explain: expected KIND NAME or KIND/NAME, one object"),
-    (["explain", "node/a"], "explain: unknown kind 'node/a'"),
+    (["explain", "deployment/a", "b"], "explain: expected [KIND] NAME or KIND/NAME, one object"),
+    (["explain", "deployment/a/b", "c"], "explain: expected [KIND] NAME or KIND/NAME, one object"),
     (["scale", "deployment", "a", "b", "--replicas", "1"], "scale: expected [KIND] NAME or KIND/NAME, one object"),
     (["rollout", "status", "deployment"], "rollout status: expected [KIND] NAME or KIND/NAME, one object"),
     (["describe", "deployment"], "describe: expected KIND NAME or KIND/NAME, one object"),

@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser("explain", parents=[common],
                        help="why a deployment is pending or degraded, and the smallest change that would fit")
     p.add_argument("resource", metavar="deployment",
-                   help="deployment; or deployment/[TENANT/]NAME as -o name prints it, with no NAME after it")
+                   help="deployment (it may be left out: explain TENANT/NAME); or deployment/[TENANT/]NAME as "
+                        "-o name prints it, with no NAME after it")
     p.add_argument("name", metavar="NAME", nargs="?", help="NAME or TENANT/NAME")
     add_tenant_flag(p)
     p.set_defaults(handler=run)
@@ -96,7 +97,7 @@ def _try(variant: Variant, ctx: Context) -> Variant:
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
     _, name = kind_and_name("explain", [args.resource, *([] if args.name is None else [args.name])],
-                            DEPLOYMENT_WORDS)
+                            DEPLOYMENT_WORDS, default="deployment")  # it explains deployments only
     ref = deployment_ref(name, args.tenant)
     dep = ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name=ref.name,
                                                                                         tenant=ref.tenant),
