@@ -55,11 +55,19 @@ def _node_list(text: str) -> list[str]:
     return [part for part in (p.strip() for p in text.split(",")) if part]
 
 
+def _common_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--control-socket and -o, before the VERB (`defaults`: their defaults) or after it (no
+    defaults of their own, so a flag given before the verb is not overwritten)."""
+    keep = argparse.SUPPRESS
+    parser.add_argument("--control-socket", type=Path, metavar="PATH",
+                        default=(os.environ.get(CONTROL_ENV) or None) if defaults else keep,
+                        help=f"the fleet's control socket (its --control-socket; default: ${CONTROL_ENV})")
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text" if defaults else keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--control-socket", type=Path, default=os.environ.get(CONTROL_ENV) or None, metavar="PATH",
-                        help=f"the fleet's control socket (its --control-socket; default: ${CONTROL_ENV})")
-    common.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    _common_flags(common, defaults=False)
     targets = argparse.ArgumentParser(add_help=False)
     group = targets.add_argument_group("which nodes (any mix of --node and --rack, or --all)")
     group.add_argument("--node", dest="nodes", action="extend", type=_node_list, default=[], metavar="ID[,ID...]")
@@ -71,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="maia-simnode fault",
                                 description="Inject faults into a running maia-simnode fleet (see docs/simnode.md).")
+    _common_flags(p, defaults=True)  # before the VERB too: `fault --control-socket S kill ...`
     verbs = p.add_subparsers(dest="op", metavar="VERB", required=True)
     verbs.add_parser("kill", parents=[common, targets, timed],
                      help="the hosts die: streams cut, every shard lost, silent until revived")

@@ -143,3 +143,9 @@ def test_the_cli_parses_durations_and_exits_5_when_no_fleet_answers(tmp_path: Pa
     assert faultcli.request_of(args) == {"op": "delay-heartbeats", "racks": ["r1", "r2"], "nodes": ["n1"], "delay_s": 0.0}
     assert faultcli.main(["status", "--control-socket", str(tmp_path / "none.sock")]) == faultcli.EXIT_UNREACHABLE
     assert "no fleet answers" in capsys.readouterr().err
+    # The socket and -o before the verb too ('fault --control-socket S kill' was a usage error).
+    assert faultcli.main(["--control-socket", str(tmp_path / "none.sock"), "status"]) == faultcli.EXIT_UNREACHABLE
+    assert "no fleet answers" in capsys.readouterr().err
+    before = faultcli.build_parser().parse_args(["-o", "json", "--control-socket", "/s", "kill", "--node", "n1"])
+    after = faultcli.build_parser().parse_args(["kill", "--node", "n1", "-o", "json", "--control-socket", "/s"])
+    assert (before.output, str(before.control_socket)) == (after.output, str(after.control_socket)) == ("json", "/s")
