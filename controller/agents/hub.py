@@ -423,13 +423,16 @@ class AgentHub:
     def _fail_unacknowledged(self, now: float) -> None:
         """Shards a live stream's agent was given and has said nothing of for the ack timeout: a
         buggy or hung agent (its heartbeats still flowing) that would leave them ASSIGNED forever.
-        Each is written FAILED (the restart back-off then places it again, elsewhere first)."""
+        Each is written FAILED (the restart back-off then places it again, elsewhere first). An
+        agent may answer in its next heartbeat: where the stream's silence timeout (three of its
+        intervals, 131 s at 65,536 nodes) is longer than the ack timeout, that is its timeout."""
         for session in self._sessions.values():
             if session.unacknowledged and not session.closed:
-                late = session.overdue(now, self._ack_timeout_s)
+                timeout_s = max(self._ack_timeout_s, session.timeout_s)
+                late = session.overdue(now, timeout_s)
                 if late:
                     log.warning("agent did not take up shards node=%s shards=%d timeout=%gs first=%s/%s/%d/%d",
-                                session.node_id, len(late), self._ack_timeout_s, late[0].tenant,
+                                session.node_id, len(late), timeout_s, late[0].tenant,
                                 late[0].deployment, late[0].replica, late[0].shard)
                     self._buffer.not_acknowledged(session.node_id, late)
 

@@ -63,9 +63,12 @@ async def test_a_shard_its_agent_stopped_while_still_assigned_is_placed_again(db
 async def test_a_shard_its_agent_never_takes_up_fails_and_is_placed_again(db_url: str, tmp_path):
     """An agent that heartbeats but says nothing of a shard its set named (a bug, a hung loader)
     left the placement ASSIGNED for ever and the replica never ran: after --assignment-ack-timeout
-    it is FAILED, and placed again after its back-off on the node whose agent takes it up; that
+    it is FAILED (after the stream's silence timeout, when that is longer: a heartbeat may answer),
+    and placed again after its back-off on the node whose agent takes it up; that
     agent's LOADING keeps its own clock from running out."""
-    async with controller_with_rack(db_url, tmp_path, restart_backoff_s=0.2, assignment_ack_timeout_s=1.5) as (
+    # An ack timeout below the stream's silence timeout (the test controller's 2 s): the latter
+    # counts, as the agent may answer in its next heartbeat.
+    async with controller_with_rack(db_url, tmp_path, restart_backoff_s=0.2, assignment_ack_timeout_s=0.5) as (
             _, stubs):
         agents, svc, placed = await _two_agents_and_svc(stubs)
         mute = agents[placed.placements[0].node]  # says nothing of it
@@ -75,7 +78,7 @@ async def test_a_shard_its_agent_never_takes_up_fails_and_is_placed_again(db_url
         await mute.next_set(lambda s: len(s.assignments) == 0, timeout=15)  # and taken from the mute node
         dep = await svc()
         assert [r.message for r in dep.reasons if r.code == "SHARD_FAILED"] == [
-            f"replica 0 shard 0 failed on {mute.info.node_id}: not taken up by its agent within 1.5s of the "
+            f"replica 0 shard 0 failed on {mute.info.node_id}: not taken up by its agent within 2s of the "
             "assignment set that named it (no LOADING, RUNNING or FAILED report of it)"]
         await asyncio.sleep(2.5)  # past the timeout again: the LOADING shard stays where it is
         dep = await svc()
