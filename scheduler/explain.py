@@ -96,8 +96,8 @@ def _min_replicas_reason(state: ClusterState, d: int, slots: np.ndarray, room: i
                               "were not placed; fewer than min_replicas placed means none are")
 
 
-def _cut_by(state: ClusterState, d: int, level: str, count: int, best: int) -> list[Reason]:
-    """No `level` domain fits the gang of `count` shards (the best has room for `best`), though
+def _cut_by(state: ClusterState, d: int, level: str, count: int, cap: np.ndarray) -> list[Reason]:
+    """No `level` domain fits the gang of `count` shards (`cap`: the room each has), though
     nodes fit single shards: the per-node rules other than free accelerators without which a
     domain would fit it (CPU, memory or HBM a node has too little of for all its accelerators, a
     rack's or row's power budget feeding fewer shards), one reason each, with the numbers of the
@@ -145,7 +145,7 @@ def _cut_by(state: ClusterState, d: int, level: str, count: int, best: int) -> l
         else:
             needs = f"a replica needs {count} shards in one {level}"
             shown = f"the only {level}" if where.startswith("_") else f"{level} {where}"
-        room_left = int(min(best, without[target]))
+        room_left = int(cap[target])  # the room the rule leaves the domain named (below `count`)
         reasons.append(Reason(f.code, f"{needs}; {f.code} leaves {shown} room for {room_left}: {detail}", scope))
     return reasons
 
@@ -201,7 +201,7 @@ def _domain_reasons(state: ClusterState, d: int, slots: np.ndarray) -> list[Reas
             reasons.append(Reason("POWER_ROW", "; ".join(m for _, m in unique[:MAX_NAMED]),
                                   unique[0][0] if len(unique) == 1 else None))
     if not reasons:
-        reasons = _cut_by(state, d, level, count, int(cap.max()) if len(cap) else 0)
+        reasons = _cut_by(state, d, level, count, cap)
     if not reasons:
         best = int(cap.max()) if len(cap) else 0
         total = int(gang_capacity(state, d, slots, "none")[0])

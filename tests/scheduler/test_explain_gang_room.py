@@ -61,3 +61,18 @@ def test_a_gang_a_budget_or_a_host_resource_cuts_short_is_told_by_that_rule_with
         ("CPU", "need 10000 cpu_milli, n1 has 30000 free")]
     memory = _one_node({"memory_mib": 1_000}, locality, memory_mib=3_000)
     assert [code for code, _, _ in memory] == ["MEMORY"] and "n1 has 3000 free" in memory[0][1]
+
+
+def test_the_room_said_is_that_of_the_domain_the_rule_is_said_of() -> None:
+    """Rack rkA has its 4 accelerators and CPU for one shard; rack rkB 3 accelerators and CPU for
+    all: the CPU reason is about rkA (where the gang would fit without it) and said rkA had room
+    for 3, rkB's room. It has room for 1."""
+    doc = {"version": 1, "zones": [{"id": "z1"}], "rows": [{"id": "w1", "zone": "z1"}],
+           "racks": [{"id": "rkA", "row": "w1"}, {"id": "rkB", "row": "w1"}],
+           "nodes": [{"id": "a1", "rack": "rkA", "accelerators": 4, "cpu_milli": 10_000},
+                     {"id": "b1", "rack": "rkB", "accelerators": 3, "cpu_milli": 100_000}],
+           "deployments": [{"id": "t/g", "tenant": "t", "replicas": 1, "shards_per_replica": 4,
+                            "shard": {"accelerators": 1, "cpu_milli": 10_000}, "locality": "rack"}]}
+    reasons = [(r.code, r.message) for u in solve(problem_from_dict(doc)).unplaced for r in u.reasons]
+    assert reasons == [("CPU", "a replica needs 4 shards in one rack; CPU leaves rack rkA room for 1: "
+                               "need 10000 cpu_milli, a1 has 10000 free")], reasons
