@@ -157,13 +157,19 @@ def as_seen_by_tenant(entry: AuditEventView, redactor: Redactor) -> AuditEventVi
     The tenant a refused call of its own named (`requested_tenant`, which the caller chose) is
     redacted wherever it stands, whether or not such a tenant exists: redacting the ids of the
     tenants there are only would let a tenant test its guesses of other tenants' ids ("tenant
-    bravo not found" read "another tenant not found", "tenant zzz not found" as it was)."""
+    bravo not found" read "another tenant not found", "tenant zzz not found" as it was). It is
+    a second pass of its own (a pattern of one id): a redactor of every tenant's ids and this
+    one, made again for each such entry, took 12 ms an entry at 500 tenants."""
+    seen = _redacted(entry, redactor)
     named = entry.detail.get("requested_tenant")
-    if isinstance(named, str):
-        redactor = redactor.also((named,))
+    if isinstance(named, str) and named and named != redactor.viewer:
+        seen = _redacted(seen, Redactor((named,), viewer=redactor.viewer))
+    return replace(seen, prev_hash="", hash="")
+
+
+def _redacted(entry: AuditEventView, redactor: Redactor) -> AuditEventView:
     return replace(entry, request_id=redactor.text(entry.request_id), actor=redactor.text(entry.actor),
-                   object_id=redactor.text(entry.object_id), detail=redactor.detail(entry.detail),
-                   prev_hash="", hash="")
+                   object_id=redactor.text(entry.object_id), detail=redactor.detail(entry.detail))
 
 
 async def verify(db: Database, principal: Principal, *,

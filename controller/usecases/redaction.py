@@ -61,11 +61,10 @@ class Redactor:
         self._tenants = re.compile(rf"{_BEFORE}(?:{alternation}){_AFTER}{_ISOLATION}")
         self._others = frozenset(ids)
 
-    def also(self, ids: Iterable[str]) -> Redactor:
-        """This redactor, redacting `ids` too (but the viewer's own): ids a caller chose itself,
-        which must read the same whether or not a tenant of that id exists."""
-        extra = {t for t in ids if t and t != self._viewer} - self._others
-        return Redactor(self._others | extra, viewer=self._viewer) if extra else self
+    @property
+    def viewer(self) -> str:
+        """The tenant it redacts for ("" for none)."""
+        return self._viewer
 
     def text(self, message: str) -> str:
         if not self._active or not message:
