@@ -157,12 +157,15 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     change rate first (a dry run does not), whatever becomes of it."""
     check_name("deployment", spec.name)
     spec = as_caller(who, spec, "updating deployments")
-    if throttle is not None and not dry_run:
-        throttle.check_change(who)
     validate_spec(spec)
     requests.check_request_id(request_id)
+    # A retry of an update that landed (its request id seen) is answered, not counted again; any
+    # other takes its token before the deployment is looked up, so refused ones are counted too.
+    replayed = await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None
+    if throttle is not None and not dry_run and not replayed:
+        throttle.check_change(who)
     row = await visible_row(uow, who, spec.tenant, spec.name, "updating deployments")  # names are per tenant
-    if await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None:
+    if replayed:
         return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
     if row.phase is m.DeploymentPhase.DELETING:
         raise FailedPrecondition(f"deployment {spec.name} is being deleted")

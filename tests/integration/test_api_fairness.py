@@ -92,7 +92,8 @@ async def test_dry_runs_are_rate_limited_per_tenant(make_app):
 async def test_a_tenant_tokens_updates_and_deletions_are_rate_limited_per_tenant(make_app):
     """A tenant token updated 89 deployments a second (each a rollout) and sent refused deletes by
     the thousand (each an audit row) with nothing to bound them: they take a token of the tenant's
-    change rate now, refused ones included. Dry runs and an operator's changes are not counted."""
+    change rate now, refused ones included. Dry runs, retries of an update that landed and an
+    operator's changes are not counted."""
     app, admin = await make_app(changes_per_minute=2)
     for name in ("c1", "c2", "c3"):
         await _submit(admin, name)
@@ -102,9 +103,11 @@ async def test_a_tenant_tokens_updates_and_deletions_are_rate_limited_per_tenant
         changed = deployments_pb2.DeploymentSpec()
         changed.CopyFrom(current.spec)
         changed.replicas = 2
-        update = deployments_pb2.UpdateDeploymentRequest(spec=changed, resource_version=current.resource_version)
+        update = deployments_pb2.UpdateDeploymentRequest(spec=changed, resource_version=current.resource_version,
+                                                         client_request_id="scale-c2")
         await lab.deployments.UpdateDeployment(update, metadata=((DRY_RUN_METADATA_KEY, "all"),))  # not counted
         await lab.deployments.UpdateDeployment(update)
+        await lab.deployments.UpdateDeployment(update)  # a retry of it (its answer lost): answered, not counted
         await lab.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="c1"))
         for refused in (lab.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="c3")),
                         lab.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="nothing"))):
