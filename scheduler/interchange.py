@@ -508,6 +508,13 @@ def _node(n: dict[str, Any]) -> Node:
                 condition=_condition(n.get("condition")))
 
 
+def node_shape(doc: dict[str, Any]) -> dict[str, Any]:
+    """A node document without how the node is doing (its `state` and `condition`): what it is.
+    Two documents of one node that differ only there are one node flipped in place (a cordon, a
+    suspect node), not a node resized, moved or relabelled."""
+    return {k: v for k, v in doc.items() if k not in ("state", "condition")}
+
+
 def _condition(value: Any) -> str | None:
     """A node's `condition` (an extension): words for the reasons, or None (absent, or not a
     short string: another producer's field of that name is ignored, as the spec says)."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from scheduler import Plan, Unplaced
+from scheduler.interchange import node_shape
 
 _HELPING = ("zones", "rows", "racks", "nodes", "tenants")
 
@@ -56,7 +57,9 @@ class _Seen:
     def of(cls, problem: dict[str, Any]) -> _Seen:
         placements = problem.get("placements", ())
         placed = {p["deployment"] for p in placements}
-        return cls(tuple(problem.get(k) for k in _HELPING),
+        # A node's condition (why it is not ready, in words) helps no one: its state says what it takes.
+        nodes = [dict(node_shape(n), state=n.get("state", "ready")) for n in problem.get("nodes", ())]
+        return cls(tuple(nodes if k == "nodes" else problem.get(k) for k in _HELPING),
                    frozenset((p["deployment"], p["replica"], p["shard"]) for p in placements),
                    {d["id"]: (d.get("priority", 0), d.get("preemptible", False))
                     for d in problem.get("deployments", ()) if d["id"] in placed})

@@ -456,6 +456,33 @@ async def test_a_reason_names_a_suspect_or_down_node_as_such_not_cordoned(cluste
         assert "cordoned" not in messages[0]
 
 
+async def test_a_node_holding_shards_going_suspect_then_down_is_a_flip_in_place(cluster, monkeypatch) -> None:
+    """Its document changes in state and condition only: applied in place on the warm cluster,
+    its deployments not read again (a condition that differed read them again, as if the node
+    had been resized), and nothing unschedulable let go for a full solve."""
+    reread: list[dict] = []
+    real = ClusterCache.reread
+
+    def recorded(self: ClusterCache, reads):  # type: ignore[no-untyped-def]
+        out = real(self, reads)
+        reread.append(out)
+        return out
+
+    monkeypatch.setattr(ClusterCache, "reread", recorded)
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("gang", shards=2, accelerators=2, locality="rack"))
+    await loop.reconcile_once()
+    node = next(p["node"] for p in (await fresh(cluster)).problem["placements"] if p["deployment"] == "t1/gang")
+    full = loop.full_passes
+    for health in ("suspect", "down"):
+        async with cluster.unit_of_work() as uow:
+            await liveness.apply_transitions(uow, [Transition(node, health, "silent")], datetime.now(timezone.utc))
+        await loop.reconcile_once()
+    assert reread and all(not out for out in reread), reread
+    assert loop.full_passes == full
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+
+
 async def test_a_fast_commit_that_lands_on_a_change_keeps_the_cache(cluster, monkeypatch) -> None:
     # A deletion lands between the pass's read of the log and its commit: the commit is stale,
     # writes what it decided (re-checked), and the next pass reads the deletion from the log.

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from controller.store.rollout import stored_key
 from controller.store.snapshot import DeploymentRead, NodeRead, ShardKey, Snapshot, Where
 from scheduler.model import Rack, Row, Zone
-from scheduler.interchange import deployment_from_dict, node_from_dict, placement_from_dict, tenant_from_dict
+from scheduler.interchange import (deployment_from_dict, node_from_dict, node_shape, placement_from_dict,
+                                   tenant_from_dict)
 from scheduler.decisions import ClusterDelta, Decision
 
 from controller.scheduling.decider import RemoteSession, release_held
@@ -48,7 +49,7 @@ def apply_nodes(snap: Snapshot, session: Session | RemoteSession, reads: Sequenc
         old, new = known.get(read.id), read.doc
         held_by = snap.index.placed_on(snap.problem, read.id)
         if held_by and read.id not in reread and (
-                new is None or old is None or read.draining or dict(old, state="") != dict(new, state="")
+                new is None or old is None or read.draining or node_shape(old) != node_shape(new)
                 or new["state"] == "down" and _replacing_on(snap, held_by)):
             return None  # its shards must be placed again, or replaced: the full path does
         if new is None:
@@ -268,7 +269,7 @@ def reread(snap: Snapshot, reads: Sequence[NodeRead]) -> dict[str, frozenset[str
         old = nodes.get(read.id)
         keys, outgoing = holding[read.id]
         if (read.draining or outgoing or read.doc is None or old is None
-                or dict(old, state="") != dict(read.doc, state="")):
+                or node_shape(old) != node_shape(read.doc)):
             again[read.id] = keys
     return again
 
