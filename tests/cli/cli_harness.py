@@ -1,5 +1,6 @@
 """Real processes for CLI tests: `maia-controller` on SQLite and port 0 with a bootstrap admin
-token, and `maiactl` run as a subprocess with that token and no config file of the user's."""
+token, and `maiactl` run as a subprocess with that token and no config file of the user's; and
+an in-process server of fake servicers (`fake_controller`) for the tests that script the answers."""
 from __future__ import annotations
 
 import os
@@ -7,9 +8,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
+
+from maia.v1 import admin_pb2_grpc, deployments_pb2_grpc
 
 BIN = Path(sys.executable).parent
 
@@ -22,6 +28,21 @@ class RunningController:
 
     def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return maiactl(self.address, *args, stdin=stdin, token=self.token)
+
+
+@contextmanager
+def fake_controller(admin: object, deployments: object, *, workers: int = 4) -> Iterator[str]:
+    """The address of an in-process gRPC server answering AdminService with `admin` and
+    DeploymentService with `deployments` (the tests' fakes), on port 0, stopped after."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(deployments, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
 
 
 @contextmanager

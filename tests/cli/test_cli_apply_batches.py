@@ -6,13 +6,13 @@ without the call. Against a fake controller: a real (threaded) gRPC server on 12
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent import futures
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 
+from cli_harness import fake_controller
 from controller import limits
 from controller.cli.main import main
 from controller.retryinfo import rich_error
@@ -90,13 +90,8 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
 @pytest.fixture(params=[True, False], ids=["batched", "older-controller"])
 def fake(request: pytest.FixtureRequest) -> Iterator[tuple[str, FakeDeployments]]:
     deployments = FakeDeployments(batched=request.param)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(FakeAdmin(), server)
-    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(deployments, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", deployments
-    server.stop(grace=None)
+    with fake_controller(FakeAdmin(), deployments) as address:
+        yield address, deployments
 
 
 def manifests(path: Path, *names: str) -> str:

@@ -7,13 +7,13 @@ taken for a refusal, and `--no-solve`."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_status import rpc_status
 
+from cli_harness import fake_controller
 from controller import limits
 from controller.cli.commands import apply_plan
 from controller.cli.main import main
@@ -76,13 +76,8 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
 @pytest.fixture
 def fake() -> Iterator[tuple[str, FakeDeployments]]:
     deployments = FakeDeployments()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(FakeAdmin(), server)
-    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(deployments, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", deployments
-    server.stop(grace=None)
+    with fake_controller(FakeAdmin(), deployments) as address:
+        yield address, deployments
 
 
 def manifests(path: Path, *names: str, replicas: int | None = None) -> str:

@@ -8,13 +8,12 @@ import json
 import re
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
 
-from cli_harness import silent_address
+from cli_harness import fake_controller, silent_address
 from controller.cli.client import open_aio_channel
 from controller.cli.commands import explain
 from controller.cli.commands.nodes import drain_moves
@@ -163,13 +162,8 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
 def fake():
     calls: list[str] = []
     admin, deployments = FakeAdmin(calls), FakeDeployments(calls)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
-    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(deployments, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", admin, deployments, calls
-    server.stop(grace=None)
+    with fake_controller(admin, deployments, workers=8) as address:
+        yield address, admin, deployments, calls
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
