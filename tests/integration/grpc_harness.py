@@ -234,6 +234,15 @@ def spec(name: str, tenant: str = "lab", *, replicas: int = 1, shards: int = 1, 
     )
 
 
+async def connected_agent(stubs: Stubs, node_id: str, rack: str = "rack-a") -> HandAgent:
+    """A hand agent registered and connected, its first set read (its stream served)."""
+    agent = HandAgent(stubs, node_id, rack)
+    await agent.register()
+    await agent.connect()
+    await agent.next_set()
+    return agent
+
+
 class SimFleet:
     """`maia-simnode` in a subprocess: racks x nodes real agents against the controller."""
 

@@ -27,7 +27,7 @@ from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.domain.values import ShardReport
 from grpc_harness import (
-    HandAgent, SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology,
+    SimFleet, Stubs, admin_token_of, connected_agent, eventually, issue_token, running_controller, spec, topology,
 )
 from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 
@@ -68,14 +68,6 @@ async def slow_refill(db_url: str, tmp_path) -> AsyncIterator[Stubs]:
         yield stubs
 
 
-async def _connected(stubs: Stubs, node_id: str = "n1") -> HandAgent:
-    agent = HandAgent(stubs, node_id, "rack-a")
-    await agent.register()
-    await agent.connect()
-    await agent.next_set()
-    return agent
-
-
 def _status(deployment: str, phase: int = common_pb2.SHARD_PHASE_RUNNING, **kw) -> agent_pb2.AgentMessage:
     return agent_pb2.AgentMessage(shard_status=agent_pb2.ShardStatus(deployment=deployment, phase=phase, **kw))
 
@@ -106,7 +98,7 @@ def _status(deployment: str, phase: int = common_pb2.SHARD_PHASE_RUNNING, **kw) 
      "node n1: shard status phase must be one an agent reports (LOADING, RUNNING, FAILED or STOPPED), got ASSIGNED"),
 ])
 async def test_an_out_of_bounds_report_ends_the_stream_with_invalid_argument(strict: Stubs, message, details):
-    agent = await _connected(strict)
+    agent = await connected_agent(strict, "n1")
     agent.send(message)
     error = await agent.reader_error()
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -164,7 +156,7 @@ async def test_a_stream_without_a_hello_in_time_ends_with_invalid_argument(
     assert time.monotonic() - began >= 0.5
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == "the first message on Connect must be Hello (node_id, session_id); none came within 0.5 s"
-    agent = await _connected(strict)  # one that says it in time is served as ever
+    agent = await connected_agent(strict, "n1")  # one that says it in time is served as ever
     agent.heartbeat(1, 700.0)
     await eventually(lambda: strict.admin.GetNode(admin_pb2.GetNodeRequest(id="n1")),
                      lambda n: n.power_draw_w == 700.0, what="heartbeat written")
@@ -172,7 +164,7 @@ async def test_a_stream_without_a_hello_in_time_ends_with_invalid_argument(
 
 
 async def test_a_flooding_stream_is_refused_with_retry_info(slow_refill: Stubs):
-    agent = await _connected(slow_refill)
+    agent = await connected_agent(slow_refill, "n1")
     for seq in range(25):  # a burst of 20 is allowed
         agent.heartbeat(seq, 100.0)
     agent.send(None)  # half-close: every write is done before the controller answers
@@ -184,11 +176,11 @@ async def test_a_flooding_stream_is_refused_with_retry_info(slow_refill: Stubs):
 
 
 async def test_reports_for_shards_never_given_are_refused_and_recorded(strict: Stubs, strict_app: ControllerApp):
-    owner = await _connected(strict, "owner")
+    owner = await connected_agent(strict, "owner")
     await strict.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
         spec=spec("svc", accelerators=4, locality=common_pb2.DOMAIN_NODE)))
     given = await owner.next_set(lambda s: len(s.assignments) == 1)
-    impostor = await _connected(strict, "impostor")
+    impostor = await connected_agent(strict, "impostor")
     assignment = given.assignments[0]
     impostor.report(assignment, common_pb2.SHARD_PHASE_FAILED)  # someone else's shard
     impostor.send(_status("ghost", replica=3, shard=1))           # a shard nobody has

@@ -13,42 +13,29 @@ import pytest
 
 from controller.leadership import LEADER_METADATA_KEY
 from controller.retryinfo import controller_answered, told_retry_s
-from grpc_harness import HandAgent, Stubs, admin_token_of, running_controller, topology
+from grpc_harness import (HandAgent, Stubs, admin_token_of, connected_agent, controller_with_rack,
+                          running_controller, topology)
 
 
 def _trailer(ended: grpc.aio.AioRpcError, key: str) -> str | None:
     return dict(ended.trailing_metadata() or ()).get(key)
 
 
-async def _connected(stubs: Stubs, node_id: str = "node-1") -> HandAgent:
-    """A hand agent registered and connected, its first set read (its stream served)."""
-    agent = HandAgent(stubs, node_id, "rack-a")
-    await agent.register()
-    await agent.connect()
-    await agent.next_set()
-    return agent
-
-
 async def test_a_stream_superseded_by_a_newer_one_of_its_node_ends_aborted_and_is_told_not_to_reconnect(
         db_url: str, tmp_path: Path) -> None:
     # The hand agents never heartbeat: a long timeout, so only the newer stream ends the first.
-    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            old = await _connected(stubs)
-            new = await _connected(stubs)  # a second agent of node-1 (or its own reconnect)
-            ended = await old.reader_error()
-            assert ended is not None and ended.code() == grpc.StatusCode.ABORTED, ended
-            assert ended.details() == (
-                f"superseded by a newer stream of node node-1 (session {new.session_id}): the process that "
-                f"held this stream must not reconnect (one agent per node)")
-            assert controller_answered(ended.trailing_metadata())
-            assert told_retry_s(ended.trailing_metadata()) is None  # not to be retried
-            assert not new._reader.done()  # the newer stream goes on
-            await new.close()
-        finally:
-            await stubs.channel.close()
+    async with controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=60) as (_, stubs):
+        old = await connected_agent(stubs, "node-1")
+        new = await connected_agent(stubs, "node-1")  # a second agent of node-1 (or its own reconnect)
+        ended = await old.reader_error()
+        assert ended is not None and ended.code() == grpc.StatusCode.ABORTED, ended
+        assert ended.details() == (
+            f"superseded by a newer stream of node node-1 (session {new.session_id}): the process that "
+            f"held this stream must not reconnect (one agent per node)")
+        assert controller_answered(ended.trailing_metadata())
+        assert told_retry_s(ended.trailing_metadata()) is None  # not to be retried
+        assert not new._reader.done()  # the newer stream goes on
+        await new.close()
 
 
 async def test_a_silent_stream_ends_unavailable_with_a_retry_time(stubs: Stubs) -> None:
@@ -70,42 +57,32 @@ async def test_a_silent_stream_ends_unavailable_with_a_retry_time(stubs: Stubs) 
 
 async def test_a_stopping_controller_ends_its_streams_unavailable_sending_agents_to_the_next_leader(
         db_url: str, tmp_path: Path) -> None:
-    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            agent = await _connected(stubs)
-            await app.stop(grace_s=5.0)
-            ended = await agent.reader_error()
-            assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE, ended
-            assert ended.details() == ("controller is stopping: the stream of node node-1 ended; connect to the "
-                                       "next leader")
-            assert controller_answered(ended.trailing_metadata())
-            # It led until now: no other leader is known, and no time to come back after either.
-            assert _trailer(ended, LEADER_METADATA_KEY) is None
-            assert told_retry_s(ended.trailing_metadata()) is None
-        finally:
-            await stubs.channel.close()
+    async with controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=60) as (app, stubs):
+        agent = await connected_agent(stubs, "node-1")
+        await app.stop(grace_s=5.0)
+        ended = await agent.reader_error()
+        assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE, ended
+        assert ended.details() == ("controller is stopping: the stream of node node-1 ended; connect to the "
+                                   "next leader")
+        assert controller_answered(ended.trailing_metadata())
+        # It led until now: no other leader is known, and no time to come back after either.
+        assert _trailer(ended, LEADER_METADATA_KEY) is None
+        assert told_retry_s(ended.trailing_metadata()) is None
 
 
 async def test_a_leader_that_steps_down_with_no_successor_known_ends_its_streams_unavailable_without_a_hint(
         db_url: str, tmp_path: Path) -> None:
     """Its lease could not be renewed in time: it knows of no other leader (as a follower that
     knows none answers an agent)."""
-    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            agent = await _connected(stubs)
-            app.election._step_down("the lease could not be renewed in time", app.election._term.token)
-            ended = await agent.reader_error()
-            assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE, ended
-            assert ended.details() == ("this controller no longer leads (the lease could not be renewed in time): "
-                                       "no leader is elected yet; retry")
-            assert _trailer(ended, LEADER_METADATA_KEY) is None
-            assert controller_answered(ended.trailing_metadata())
-        finally:
-            await stubs.channel.close()
+    async with controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=60) as (app, stubs):
+        agent = await connected_agent(stubs, "node-1")
+        app.election._step_down("the lease could not be renewed in time", app.election._term.token)
+        ended = await agent.reader_error()
+        assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE, ended
+        assert ended.details() == ("this controller no longer leads (the lease could not be renewed in time): "
+                                   "no leader is elected yet; retry")
+        assert _trailer(ended, LEADER_METADATA_KEY) is None
+        assert controller_answered(ended.trailing_metadata())
 
 
 @pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -124,7 +101,7 @@ async def test_a_leader_that_steps_down_ends_its_streams_unavailable_naming_the_
         stubs = Stubs.connect(leader.address, admin_token_of(leader))
         try:
             await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            agent = await _connected(stubs)
+            agent = await connected_agent(stubs, "node-1")
             # No pass of the leader's commits meanwhile (one woken by the agent's Hello could): its
             # renewal, tried at once, finds the lease taken and by whom.
             async with leader.reconciler._lock:
