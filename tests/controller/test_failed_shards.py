@@ -72,15 +72,20 @@ async def state(db: Database, name: str) -> Seen:
         return Seen(row.phase, list(row.reasons or ()), row.failures, row.restart_after, row.resource_version)
 
 
+async def _svc_running(cluster: Database, loop: Reconciler) -> str:
+    """Deployment svc placed by `loop`, one whole node per replica (2), both running: replica 0's node."""
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4))
+    await loop.reconcile_once()
+    for replica in (0, 1):
+        await report(cluster, "svc", replica, "running")
+    return (await placed(cluster, "svc"))[0][0]
+
+
 async def test_a_failed_replica_is_placed_again_on_another_node_after_its_back_off(cluster: Database) -> None:
     clocks = Clocks()
     metrics = ControllerMetrics()
     loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3), metrics)
-    await submit(cluster, deployment("svc", replicas=2, accelerators=4))  # one whole node per replica
-    await loop.reconcile_once()
-    for replica in (0, 1):
-        await report(cluster, "svc", replica, "running")
-    failed_node = (await placed(cluster, "svc"))[0][0]
+    failed_node = await _svc_running(cluster, loop)
 
     await report(cluster, "svc", 0, "failed", "CUDA error: out of memory")
     row = await state(cluster, "svc")
@@ -277,11 +282,7 @@ async def test_a_shard_its_agent_stopped_while_still_assigned_fails_and_is_place
     # not a placement left STOPPED that nothing ever moves again.
     clocks = Clocks()
     loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=3))
-    await submit(cluster, deployment("svc", replicas=2, accelerators=4))  # one whole node per replica
-    await loop.reconcile_once()
-    for replica in (0, 1):
-        await report(cluster, "svc", replica, "running")
-    stopped_node = (await placed(cluster, "svc"))[0][0]
+    stopped_node = await _svc_running(cluster, loop)
 
     await report(cluster, "svc", 0, "stopped", "model server exited 0")
     assert (await placed(cluster, "svc"))[0] == (stopped_node, "failed")
