@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from scheduler.filters import (MAX_NAMED, NODE_FILTERS, DomainPower, FitInput, SlotFilter, gang_capacity, names,
-                               node_fit, power_line, quota_room)
+from scheduler.filters import (BIG, MAX_NAMED, NODE_FILTERS, DomainPower, NodeFit, gang_capacity, names, node_fit,
+                               power_line, quota_room)
 from scheduler.model import Reason
 from scheduler.state import ClusterState
 from scheduler.topology import UNLIMITED
@@ -53,7 +53,7 @@ def explain(state: ClusterState, d: int) -> tuple[Reason, ...]:
                                   f.scope(state, nodes)))
 
     if fitting and room >= count:
-        domain = _domain_reasons(state, d, fit.slots)
+        domain = _domain_reasons(state, d, fit)
         for reason in domain:  # one reason per code: a node filter's of the same code is joined to it
             reasons = list(leading(reasons, reason)) if any(r.code == reason.code for r in reasons) \
                 else [*reasons, reason]
@@ -96,21 +96,15 @@ def _min_replicas_reason(state: ClusterState, d: int, slots: np.ndarray, room: i
                               "were not placed; fewer than min_replicas placed means none are")
 
 
-def _cut_by(state: ClusterState, d: int, level: str, count: int, cap: np.ndarray) -> list[Reason]:
+def _cut_by(state: ClusterState, d: int, fit: NodeFit, level: str, count: int, cap: np.ndarray) -> list[Reason]:
     """No `level` domain fits the gang of `count` shards (`cap`: the room each has), though
     nodes fit single shards: the per-node rules other than free accelerators without which a
     domain would fit it (CPU, memory or HBM a node has too little of for all its accelerators, a
     rack's or row's power budget feeding fewer shards), one reason each, with the numbers of the
-    domain that would fit best without it. Said of no rule, the room is the accelerators'."""
+    domain that would fit best without it. Said of no rule, the room is the accelerators'. Each
+    rule's room alone is `fit`'s, as the node filters judged them (`node_fit(explain=True)`)."""
     topo = state.topo
-    fit = FitInput(state, d)
-    passes: np.ndarray | None = None
-    rooms: list[tuple[SlotFilter, np.ndarray]] = []
-    for f in NODE_FILTERS:
-        if isinstance(f, SlotFilter):
-            rooms.append((f, f.slots(fit)))
-        elif (ok := f.mask(fit)) is not None:
-            passes = ok if passes is None else passes & ok
+    rooms, passes = fit.rooms, fit.passes
     of = topo.domain_of(level)
     power = state.deps[d].shard.shard_power_w
     reasons: list[Reason] = []
@@ -118,7 +112,7 @@ def _cut_by(state: ClusterState, d: int, level: str, count: int, cap: np.ndarray
         if f.code == "CAPACITY":
             continue
         others = np.minimum.reduce([r for j, (_, r) in enumerate(rooms) if j != i]) if len(rooms) > 1 \
-            else fit.unlimited()
+            else np.full_like(room, BIG)
         if passes is not None:
             others = np.where(passes, others, 0)
         lifted = (f.level,) if isinstance(f, DomainPower) else ()
@@ -150,8 +144,10 @@ def _cut_by(state: ClusterState, d: int, level: str, count: int, cap: np.ndarray
     return reasons
 
 
-def _domain_reasons(state: ClusterState, d: int, slots: np.ndarray) -> list[Reason]:
-    """Nodes fit single shards, but no locality domain fits the whole gang: say why."""
+def _domain_reasons(state: ClusterState, d: int, fit: NodeFit) -> list[Reason]:
+    """Nodes fit single shards (`fit`, judged with explain), but no locality domain fits the whole
+    gang: say why."""
+    slots = fit.slots
     topo = state.topo
     dep = state.deps[d]
     count = dep.shards_per_replica
@@ -201,7 +197,7 @@ def _domain_reasons(state: ClusterState, d: int, slots: np.ndarray) -> list[Reas
             reasons.append(Reason("POWER_ROW", "; ".join(m for _, m in unique[:MAX_NAMED]),
                                   unique[0][0] if len(unique) == 1 else None))
     if not reasons:
-        reasons = _cut_by(state, d, level, count, cap)
+        reasons = _cut_by(state, d, fit, level, count, cap)
     if not reasons:
         best = int(cap.max()) if len(cap) else 0
         total = int(gang_capacity(state, d, slots, "none")[0])

@@ -405,6 +405,10 @@ FIT_TABLES_KEPT = 64  # (tenant, shard shape) tables of node-local slots a state
 class NodeFit:
     slots: np.ndarray                 # (N,) shards each node can take now; 0 where filtered
     codes: np.ndarray | None = None   # (N,) index into NODE_FILTERS of the first failed one
+    # The nodes every mask filter admits (None: none applies) and, with explain, each slot
+    # filter's room alone, in NODE_FILTERS' order: what a reason finds a rule cut (`explain._cut_by`).
+    passes: np.ndarray | None = None
+    rooms: tuple[tuple[SlotFilter, np.ndarray], ...] = ()
 
 
 def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
@@ -415,6 +419,7 @@ def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
     slots: np.ndarray | None = None if explain or not LOCAL_FILTERS else \
         local_slots(state, d).copy()
     admitted: list[np.ndarray | None] = []  # per filter, nodes it admits (explain only)
+    rooms: list[tuple[SlotFilter, np.ndarray]] = []  # per slot filter, its room alone (explain only)
     for f in NODE_FILTERS:
         if isinstance(f, MaskFilter):
             ok = f.mask(fit)
@@ -424,6 +429,8 @@ def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
             room = f.slots(fit)
             slots = room if slots is None else np.minimum(slots, room)
             ok = room > 0 if explain else None
+            if explain:
+                rooms.append((f, room))
         if explain:
             admitted.append(ok)
     if slots is None:
@@ -437,7 +444,7 @@ def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
             ok = admitted[i]
             if ok is not None:
                 codes[~ok] = i
-    return NodeFit(slots=slots, codes=codes)
+    return NodeFit(slots=slots, codes=codes, rooms=tuple(rooms), passes=passes)
 
 
 def local_slots(state: ClusterState, d: int, nodes: np.ndarray | None = None) -> np.ndarray:
