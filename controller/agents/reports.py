@@ -140,9 +140,9 @@ class ReportBuffer:
             shards = (message,)
         for report in shards:  # all checked before any is used: a bad message leaves nothing behind
             agent_cases.validate_report(node_id, report)
-        if session.unacknowledged and beat and shards is not message.shards:
-            # The shards a heartbeat repeats unchanged are acknowledged too (not written again).
-            for report in message.shards:
+        if session.unacknowledged:
+            # Any word of a shard answers it: a heartbeat's unchanged repeats too (not written again).
+            for report in message.shards if beat else shards:
                 tenant = session.given_tenant(report)
                 if tenant is not None:
                     session.acknowledged(tenant, report)
@@ -150,7 +150,6 @@ class ReportBuffer:
         for report in shards:
             tenant = session.given_tenant(report)
             if tenant is not None:
-                session.acknowledged(tenant, report)
                 session.say(report)
                 self._reports.append((node_id, report if report.tenant == tenant else replace(report, tenant=tenant)))
                 self._received.append(now)
