@@ -147,9 +147,10 @@ def nodes_table(nodes: Sequence[admin_pb2.Node], wide: bool = False) -> str:
 
 
 def node_detail(n: admin_pb2.Node) -> str:
+    flags = node_flags(n)
     pairs: list[tuple[str, object]] = [
         ("Node", n.id), ("Hostname", n.hostname or "-"), ("Zone/row/rack", f"{n.zone}/{n.row}/{n.rack}"),
-        ("State", node_state_word(n.state) + (f" ({', '.join(node_flags(n))})" if node_flags(n) else "")),
+        ("State", node_state_word(n.state) + (f" ({', '.join(flags)})" if flags else "")),
         ("Connected", "yes" if n.connected else "no"),
         ("Accelerators", f"{fmt_number(n.accelerators_used)}/{n.accelerators} used ({n.accelerator_model})"),
         ("HBM/accelerator", f"{fmt_number(n.hbm_gib)} GiB"),
