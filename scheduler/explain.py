@@ -46,7 +46,8 @@ def explain(state: ClusterState, d: int) -> tuple[Reason, ...]:
     if failed:
         summary = ", ".join(f"{n} {NODE_FILTERS[c].code}" for c, n in failed.most_common())
         head = f"{fitting}/{n_nodes} nodes fit a shard: {summary}"
-        for c, n in failed.most_common():
+        # Most nodes first, a rule the deployment itself makes after the rest (`standing`).
+        for c, n in sorted(failed.most_common(), key=lambda cn: NODE_FILTERS[cn[0]].standing):
             f = NODE_FILTERS[c]
             nodes = np.flatnonzero(codes == c)
             reasons.append(Reason(f.code, f"{head}; {f.detail(state, d, nodes)}",

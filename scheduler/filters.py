@@ -125,6 +125,11 @@ class NodeFilter:
     """One per-node rule: its reason code and how a failure is worded."""
 
     code: str = ""
+    # A requirement the deployment itself makes (its tenant's zones, its accelerator model): no
+    # change of load moves it, so its reason follows the others' in `explain` (the reasons' head
+    # still counts its nodes). "3/120 nodes fit: 100 ZONE, 17 CAPACITY" leads with CAPACITY:
+    # the tenant's own zone is full.
+    standing: bool = False
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         """Why these nodes (all failing this filter first) cannot take a shard of d."""
@@ -167,6 +172,7 @@ class NodeState(MaskFilter):
 
 class Zone(MaskFilter):
     code = "ZONE"
+    standing = True
 
     def mask(self, fit: FitInput) -> np.ndarray:
         return fit.static[1]
@@ -181,6 +187,7 @@ class Zone(MaskFilter):
 
 class AcceleratorModel(MaskFilter):
     code = "ACCELERATOR_MODEL"
+    standing = True
 
     def mask(self, fit: FitInput) -> np.ndarray:
         return fit.static[2]

@@ -47,3 +47,22 @@ def test_empty_lists_and_undeclared_models_are_worded_not_left_blank() -> None:
         "needs no model (its accelerator_models list is empty), nodes have m")
     assert _reasons({}, {}, {"accelerator_models": ["m"]})[0].endswith("needs m, nodes have no model declared")
     assert _reasons({}, {"zones": []}, {})[0].endswith("tenant t may run in no zone (its zones list is empty)")
+
+
+def test_a_full_own_zone_leads_with_capacity_though_more_nodes_are_out_of_zone() -> None:
+    """The tenant may run in z1 only, where its one node is full; z2 has three empty nodes. The
+    first reason (the CLI's REASON column) was ZONE, the rule failing on most nodes, though the
+    tenant chose its zone and what it can act on is the full one. Both are still listed."""
+    from scheduler import problem_from_dict, solve
+
+    doc = {"version": 1, "zones": [{"id": "z1"}, {"id": "z2"}],
+           "rows": [{"id": "w1", "zone": "z1"}, {"id": "w2", "zone": "z2"}],
+           "racks": [{"id": "r1", "row": "w1"}, {"id": "r2", "row": "w2"}],
+           "nodes": [{"id": "n1", "rack": "r1", "accelerators": 4},
+                     *({"id": f"m{i}", "rack": "r2", "accelerators": 4} for i in range(3))],
+           "tenants": [{"id": "t", "zones": ["z1"]}],
+           "deployments": [{"id": "t/d", "tenant": "t", "replicas": 2, "shards_per_replica": 1,
+                            "shard": {"accelerators": 4}}]}
+    [unplaced] = solve(problem_from_dict(doc)).unplaced
+    assert [r.code for r in unplaced.reasons] == ["CAPACITY", "ZONE"]
+    assert unplaced.reasons[0].message.startswith("0/4 nodes fit a shard: 3 ZONE, 1 CAPACITY")
