@@ -118,11 +118,14 @@ class AgentSession:
     # The shards named by a set sent on this stream whose agent has not said RUNNING, FAILED or
     # STOPPED of them yet, with when that set was sent (the `agent` stage; bounded like `given`).
     starting: dict[ShardKey, float] = field(default_factory=dict)
-    # The shards a set on this stream named first whose agent has said nothing of them yet (no
-    # LOADING, RUNNING, FAILED or STOPPED), with when that set was sent and the assignment's
-    # generation: an agent that never takes one up fails it (`overdue`; the hub's `--assignment-
+    # The shards a set on this stream named first (or under a new generation) whose agent has
+    # said nothing of them under it yet (no LOADING, RUNNING, FAILED or STOPPED), with when that
+    # set was sent and the assignment's generation: an agent that never takes one up fails it (`overdue`; the hub's `--assignment-
     # ack-timeout`). Only shards still named by the set last sent (so at most one set's worth).
     unacknowledged: dict[SaidKey, tuple[float, int]] = field(default_factory=dict)
+    # Each shard the set last sent named, with its assignment's generation: a shard a set names
+    # anew, or under another generation (placed again in the same slot), is owed a word again.
+    named: dict[SaidKey, int] = field(default_factory=dict)
 
     def close(self, reason: str, *, mark_down: bool = True, told: MaiaError | None = None) -> None:
         """End the stream (once: a later close changes nothing). `reason`: the log's, and the
@@ -174,18 +177,25 @@ class AgentSession:
             self.given = {}
         if len(self.starting) + len(fresh) > 2 * limits.SHARDS_PER_NODE_MAX:
             self.starting = {}
+        named = {(a.tenant, a.deployment, a.replica, a.shard): a.generation for a in assignment_set.assignments}
         if self.unacknowledged:  # a shard taken away before its agent said anything is not owed any more
-            named = {(a.tenant, a.deployment, a.replica, a.shard) for a in assignment_set.assignments}
             self.unacknowledged = {key: due for key, due in self.unacknowledged.items() if key in named}
+        for key, generation in named.items():
+            if self.named.get(key) != generation:
+                self.unacknowledged[key] = (now, generation)
+        self.named = named
         for a in fresh:
             self.starting[(a.deployment, a.replica, a.shard)] = now
-            self.unacknowledged[(a.tenant, a.deployment, a.replica, a.shard)] = (now, a.generation)
         for a in assignment_set.assignments:
             self.given.setdefault((a.deployment, a.replica, a.shard), set()).add(a.tenant)
 
     def acknowledged(self, tenant: str, report: ShardReport) -> None:
-        """The agent said something of the shard (of `tenant`'s deployment): it took it up."""
-        self.unacknowledged.pop((tenant, report.deployment, report.replica, report.shard), None)
+        """The agent said something of the shard (of `tenant`'s deployment) under the generation
+        it is owed or a later one: it took it up (an older one's word is of the last placement)."""
+        key = (tenant, report.deployment, report.replica, report.shard)
+        owed = self.unacknowledged.get(key)
+        if owed is not None and report.generation >= owed[1]:
+            del self.unacknowledged[key]
 
     def overdue(self, now: float, timeout_s: float) -> list[ShardReport]:
         """The shards named by a set sent more than `timeout_s` ago that the agent has said

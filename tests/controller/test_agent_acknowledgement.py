@@ -96,3 +96,21 @@ def test_a_heartbeat_that_repeats_a_shard_unchanged_acknowledges_it() -> None:
     s.unacknowledged[("lab", "web", 0, 0)] = (1.0, 1)  # owed again (as after a reset of `given`)
     buffer.accept(s, d.HeartbeatReport(seq=1, power_draw_w=100.0, shards=(running,)))
     assert [r.deployment for r in s.overdue(now=100.0, timeout_s=60.0)] == ["api"]
+
+
+def test_a_shard_named_again_under_a_new_generation_is_owed_a_word_under_it() -> None:
+    """Placed again in the same slot after it failed there, a shard keeps its key: its clock did
+    not start again, and a heartbeat still repeating the old generation's FAILED would have
+    counted for the new one; an agent that never took the new one up left it ASSIGNED for ever."""
+    s = session()
+    s.sent(given(assignment("web", generation=3)), now=0.0)
+    s.acknowledged("lab", report("web", "failed", generation=3))
+    s.sent(given(assignment("web", generation=4), generation=2), now=100.0)
+    s.acknowledged("lab", report("web", "failed", generation=3))  # the last placement's word
+    late = s.overdue(now=161.0, timeout_s=60.0)
+    assert [(r.deployment, r.generation) for r in late] == [("web", 4)]
+
+    s.sent(given(assignment("web", generation=5), generation=3), now=200.0)
+    s.acknowledged("lab", report("web", "loading", generation=5))
+    s.sent(given(assignment("web", generation=5), generation=4), now=210.0)  # a repeat owes nothing
+    assert s.overdue(now=400.0, timeout_s=60.0) == []
