@@ -293,7 +293,7 @@ class IsolationWatchdog:
         """Log and count `alarms`, once each; their records are stored by `_store`."""
         for alarm in alarms:
             v = alarm.violation
-            # Not only isolation: the watchdog re-checks every placement rule (HBM, power, ...).
+            # Not only isolation: scheduler/violations.py's rules (HBM, CPU, zones, ...; not power).
             log.error("placement rule %s violated at %s (tenants %s): %s", v.rule, v.scope,
                       ", ".join(v.tenants) or "-", v.message)
             self.alarms_total += 1
@@ -341,6 +341,8 @@ class IsolationWatchdog:
                 log.warning("dropping %d isolation records left unstored when this controller last led",
                             len(self._unstored))
             self._at, self._active, self._unstored = None, None, []
+        if not leading:  # the leader's word now (a follower checks nothing)
+            self.active_violations = 0
         self._leading = leading
         return leading
 

@@ -214,7 +214,7 @@ class ControllerApp:
                                   bus=self.bus, streams=self.streams, election=self.election)
         self.watchdog = IsolationWatchdog(leader_db, interval_s=config.watchdog_interval_s,
                                           should_run=self.election.should_run)
-        self.metrics.watch_alarms(lambda: self.watchdog.alarms_total)
+        self.metrics.watch_alarms(lambda: self.watchdog.alarms_total, lambda: self.watchdog.active_violations)
         self.console = ConsoleServer(self.db, self.bus, streams=self.streams,
                                      resolve_token=self._console_viewer if self.authn.enabled else None)
         self.health = health.aio.HealthServicer()

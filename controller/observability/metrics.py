@@ -357,9 +357,10 @@ class ControllerMetrics:
         in `loop` (the controller's)."""
         self._loop, self._reader, self._usage_reader = loop, reader, usage
 
-    def watch_alarms(self, count: Callable[[], int]) -> None:
-        """The isolation watchdog's alarm count, exported as `maia_isolation_watchdog_alarms_total`."""
-        self.registry.register(_AlarmCollector(count))
+    def watch_alarms(self, count: Callable[[], int], violated: Callable[[], int]) -> None:
+        """The isolation watchdog's alarm count and the violations it finds now, exported as
+        `maia_isolation_watchdog_alarms_total` and `maia_isolation_watchdog_violations`."""
+        self.registry.register(_AlarmCollector(count, violated))
 
     def watch_admission(self, waiting: Callable[[], int]) -> None:
         """The agent admission queue's depth, read at scrape time."""
@@ -413,8 +414,8 @@ def _waited(future: concurrent.futures.Future[T], timeout_s: float, errors: Coun
 
 
 class _AlarmCollector(Collector):
-    def __init__(self, count: Callable[[], int]) -> None:
-        self._count = count
+    def __init__(self, count: Callable[[], int], violated: Callable[[], int]) -> None:
+        self._count, self._violated = count, violated
 
     def describe(self) -> Iterable[Metric]:
         return ()
@@ -423,3 +424,7 @@ class _AlarmCollector(Collector):
         family = CounterMetricFamily("maia_isolation_watchdog_alarms", "Isolation violations the watchdog found.")
         family.add_metric([], float(self._count()))
         yield family
+        # An alarm is counted once, when found: a violation that stands is this gauge's.
+        yield GaugeMetricFamily("maia_isolation_watchdog_violations",
+                                "Placement rule violations the leader's watchdog finds now (0 on a follower).",
+                                value=float(self._violated()))

@@ -16,4 +16,7 @@ async def test_the_controller_checks_its_placements_continuously(controller_app:
     await eventually(rounds, lambda r: r[0] >= 1 and r[1] >= 1, timeout=20, what="watchdog rounds")
     assert controller_app.watchdog.alarms_total == 0 and controller_app.watchdog.active_violations == 0
     controller_app.watchdog.alarms_total = 3  # as if three alarms were raised: the counter exports it
-    assert "maia_isolation_watchdog_alarms_total 3.0" in generate_latest(controller_app.metrics.registry).decode()
+    controller_app.watchdog.active_violations = 2  # and two still stood: the gauge (alerts.yml reads both)
+    scraped = generate_latest(controller_app.metrics.registry).decode()
+    assert "maia_isolation_watchdog_alarms_total 3.0" in scraped
+    assert "maia_isolation_watchdog_violations 2.0" in scraped

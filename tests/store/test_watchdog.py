@@ -544,3 +544,17 @@ async def test_a_new_leader_reads_the_stored_records_through_their_index(databas
             await conn.exec_driver_sql("SET enable_seqscan = off")  # an empty table is scanned otherwise
         plan = " ".join(str(row[-1]) for row in await conn.exec_driver_sql(f"{explain} {statement}", parameters))
     assert "ix_events_isolation" in plan, plan
+
+
+async def test_a_watchdog_that_stops_leading_says_nothing_stands(database: Database) -> None:
+    """`active_violations` is exported as maia_isolation_watchdog_violations, read by the alert
+    rule with max() over the controllers: a follower's count of what it saw as leader would keep
+    the alert firing after the leader found the violation cleared."""
+    await _seeded(database)
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    leading = [True]
+    watchdog = IsolationWatchdog(database, should_run=lambda: leading[0])
+    assert watchdog.leads() and len(await watchdog.check_if_changed() or []) == 1
+    assert watchdog.active_violations == 1
+    leading[0] = False
+    assert not watchdog.leads() and watchdog.active_violations == 0
