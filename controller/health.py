@@ -2,7 +2,9 @@
 
 Every `interval_s` the monitor asks: can the database answer `SELECT 1` within a few seconds
 (a probe that failed `DB_PROBES_UNHEALTHY` times in a row: one slow answer from a busy machine is
-not an outage, and a controller pulled from service whenever it is busiest would flap)? Has the
+not an outage, and a controller pulled from service whenever it is busiest would flap)? Have the
+controller's own database calls not kept failing for `FAILING_UNHEALTHY_S` (a database that
+answers reads but takes no write: `store.db.FailureRun`)? Has the
 reconciler failed fewer than `failures_unhealthy` passes in a row, and is no pass
 running longer than `stuck_s`? Is resident memory below `max_rss_mib`? Any "no" sets every
 service NOT_SERVING (with the reasons logged once); when all answers are "yes" again it goes
@@ -21,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from grpc_health.v1 import health_pb2
 from sqlalchemy import text
 
-from controller.store.db import Database
+from controller.store.db import FAILING_UNHEALTHY_S, Database
 
 log = logging.getLogger("maia.health")
 
@@ -53,6 +56,11 @@ def resident_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
+def _kinds(problems: list[str]) -> list[str]:
+    """The problems without their numbers: "resident memory 169 MiB ..." and "... 171 MiB ..." are one."""
+    return [re.sub(r"\d+(\.\d+)?", "#", p) for p in problems]
+
+
 class HealthMonitor:
     def __init__(self, health: HealthSetter, services: Iterable[str], *, db: Database, reconciler: ReconcilerState,
                  max_rss_mib: int, stuck_s: float, failures_unhealthy: int, interval_s: float = 1.0,
@@ -75,6 +83,9 @@ class HealthMonitor:
         self.db_probes_failed = 0 if await self._database_answers() else self.db_probes_failed + 1
         if self.db_probes_failed >= DB_PROBES_UNHEALTHY:
             problems.append("the database does not answer")
+        elif (failing := self._db.failures.failing_for_s()) >= FAILING_UNHEALTHY_S:
+            problems.append(f"database calls have kept failing for {failing:.0f}s though it answers a read "
+                            f"(last: {self._db.failures.error})")
         failures = self._reconciler.consecutive_failures
         if failures >= self._failures_unhealthy:
             problems.append(f"the reconciler failed {failures} passes in a row")
@@ -101,7 +112,7 @@ class HealthMonitor:
         """Look once and set the services' status; True if serving."""
         problems = await self.problems_now()
         serving = not problems
-        if serving != self.serving or problems != self.problems:
+        if serving != self.serving or _kinds(problems) != _kinds(self.problems):  # not each new number
             if serving:
                 log.warning("health: SERVING again")
             else:

@@ -237,6 +237,38 @@ class SqliteWriters:
             lock.release()
 
 
+# Database failures kept coming this long make the health monitor say NOT_SERVING; a run of them
+# ends after FAILURES_GAP_S without one (a writer waits SQLite's busy timeout before it fails).
+FAILING_UNHEALTHY_S = 30.0
+FAILURES_GAP_S = SQLITE_BUSY_TIMEOUT_S + 5.0
+
+
+class FailureRun:
+    """The run of database failures (`database_failed`) that this process's units of work met:
+    when it began, when the last came, and its kind. A database that answers the health probe's
+    `SELECT 1` may take no write (SQLite's write lock held by another process, a PostgreSQL table
+    locked): then every writer fails while the probe passes, and only this run tells."""
+
+    def __init__(self) -> None:
+        self.began: float | None = None
+        self.last: float | None = None
+        self.error = ""
+
+    def failed(self, exc: BaseException, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.last is None or now - self.last > FAILURES_GAP_S:
+            self.began = now
+        self.last = now
+        self.error = type(exc).__name__  # what failed is in the failing caller's log line
+
+    def failing_for_s(self, now: float | None = None) -> float:
+        """How long failures have kept coming (0 when the last is more than FAILURES_GAP_S ago)."""
+        now = time.monotonic() if now is None else now
+        if self.began is None or self.last is None or now - self.last > FAILURES_GAP_S:
+            return 0.0
+        return self.last - self.began
+
+
 def database_failed(exc: BaseException) -> bool:
     """Whether `exc` says the database could not be reached or used (no connection in time, a
     connection lost, a lock not granted) rather than that the statements were wrong: the same work
@@ -318,6 +350,7 @@ class Database:
         self.engine = create_engine(url)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.fence: Fence | None = None
+        self.failures = FailureRun()  # shared by its fenced views
 
     def fenced(self, fence: Fence) -> Database:
         """This database (same engine) with every commit checked by `fence` first."""
@@ -339,6 +372,10 @@ class Database:
         session = self._sessions()
         try:
             yield UnitOfWork(session, self.fence)
+        except BaseException as exc:
+            if database_failed(exc):
+                self.failures.failed(exc)
+            raise
         finally:
             # Anything not committed is discarded (no-op after a commit) and the connection goes
             # back to the pool, shielded: a task cancelled again while it cleans up (an RPC past

@@ -1,15 +1,19 @@
 """The health monitor's database probe: one slow or failed probe on a busy machine is not an
-outage; `DB_PROBES_UNHEALTHY` in a row are, and one answer ends it."""
+outage; `DB_PROBES_UNHEALTHY` in a row are, and one answer ends it. A database that answers the
+probe while the controller's own calls keep failing is not serving either."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
 from grpc_health.v1 import health_pb2
+from sqlalchemy.exc import OperationalError
 
 from controller.health import DB_PROBES_UNHEALTHY, HealthMonitor
-from controller.store.db import Database
+from controller.store import db as db_module
+from controller.store.db import FAILURES_GAP_S, Database, FailureRun
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -61,3 +65,49 @@ async def test_a_database_that_never_answers_reports_why(monkeypatch: pytest.Mon
         await monitor.check_once()
     assert health.status[""] == NOT_SERVING
     assert monitor.problems == ["the database does not answer"]
+
+
+async def test_database_calls_that_keep_failing_though_it_answers_a_read_are_not_serving(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite's write lock held by another process: `SELECT 1` passes (WAL), every writer fails
+    ("database is locked"), and readiness said SERVING throughout."""
+    health = _Health()
+    monitor = _monitor(iter([True] * 10), health, monkeypatch)
+    failures = monitor._db.failures
+    clock = [1000.0]
+    monkeypatch.setattr(db_module.time, "monotonic", lambda: clock[0])
+    locked = OperationalError("INSERT INTO events ...", None, Exception("database is locked"))
+
+    async def a_write_that_fails() -> None:
+        async with monitor._db.unit_of_work():
+            raise locked
+
+    for _ in range(4):  # a failure every 10 s: 30 s of them
+        with pytest.raises(OperationalError):
+            await a_write_that_fails()
+        clock[0] += 10.0
+    clock[0] -= 10.0
+    assert failures.failing_for_s() == 30.0
+    with caplog.at_level(logging.ERROR, logger="maia.health"):
+        await monitor.check_once()
+        assert health.status[""] == NOT_SERVING
+        assert monitor.problems == ["database calls have kept failing for 30s though it answers a read "
+                                    "(last: OperationalError)"]
+        clock[0] += 5.0
+        with pytest.raises(OperationalError):
+            await a_write_that_fails()
+        await monitor.check_once()  # 35s now: the same problem, not logged again
+    assert health.status[""] == NOT_SERVING and caplog.text.count("NOT_SERVING") == 1
+
+    clock[0] += FAILURES_GAP_S + 1  # none since: the run is over
+    await monitor.check_once()
+    assert health.status[""] == SERVING and monitor.problems == []
+
+
+async def test_a_failure_now_and_then_is_no_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database failure once a minute on a busy machine: each starts a run of its own."""
+    failures = FailureRun()
+    for minute in range(5):
+        failures.failed(TimeoutError(), now=60.0 * minute)
+        assert failures.failing_for_s(now=60.0 * minute) == 0.0
+    assert failures.failing_for_s(now=60.0 * 4 + FAILURES_GAP_S + 1) == 0.0
