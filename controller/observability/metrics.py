@@ -25,7 +25,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -49,7 +49,13 @@ RPC_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 
                  0.5, 1.0, 2.5, 10.0)
 SHARD_START_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 60.0)
 ADMISSION_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-SCRAPE_READ_TIMEOUT_S = 10.0
+# The cluster read's timeout: well within Prometheus' default scrape timeout (10 s), so a scrape
+# during a slow database still answers (and `up` stays 1: no "controller down" for a slow read).
+SCRAPE_READ_TIMEOUT_S = 5.0
+# A read that failed or timed out is answered with the last one that did not, if it is this
+# recent: the series a rule reads would otherwise go stale and restart its `for:` clock, or
+# resolve it, for one slow scrape. Older ones are dropped (the errors counter says why).
+LAST_READ_KEPT_S = 60.0
 # The usage counters' read, from the scrape's start (it runs beside the cluster read): well within
 # Prometheus' default scrape timeout (10 s), so a slow one costs the scrape its usage counters only.
 USAGE_READ_TIMEOUT_S = 3.0
@@ -261,6 +267,8 @@ class ControllerMetrics:
             "a commit checkpoints itself past checkpoints.COMMIT_CHECKPOINT_PAGES.", registry=r)
         self._reader: ClusterReader | None = None
         self._usage_reader: UsageReader | None = None
+        self._last_gauges = _LastRead[ClusterGauges]()
+        self._last_usage = _LastRead[UsageCounters]()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -376,9 +384,10 @@ class ControllerMetrics:
         started = time.monotonic()
         gauges = asyncio.run_coroutine_threadsafe(self._reader(), loop)
         usage = asyncio.run_coroutine_threadsafe(self._usage_reader(), loop) if self._usage_reader else None
-        read_gauges = _waited(gauges, SCRAPE_READ_TIMEOUT_S, self.cluster_read_errors, "the cluster state")
-        read_usage = None if usage is None else _waited(
-            usage, USAGE_READ_TIMEOUT_S - (time.monotonic() - started), self.usage_read_errors, "the usage counters")
+        read_gauges = self._last_gauges.kept(
+            _waited(gauges, SCRAPE_READ_TIMEOUT_S, self.cluster_read_errors, "the cluster state"))
+        read_usage = None if usage is None else self._last_usage.kept(_waited(
+            usage, USAGE_READ_TIMEOUT_S - (time.monotonic() - started), self.usage_read_errors, "the usage counters"))
         return read_gauges, read_usage
 
     # --- the endpoint ---------------------------------------------------------------------------
@@ -406,11 +415,32 @@ def _waited(future: concurrent.futures.Future[T], timeout_s: float, errors: Coun
     """`future`'s result within `timeout_s` (what is left of it), else None, counted in `errors`."""
     try:
         return future.result(max(0.0, timeout_s))
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        errors.inc()
+        log.warning("metrics: reading %s took longer than %.1fs; the scrape answers without it, or with the "
+                    "last read of the past %.0fs", what, max(0.0, timeout_s), LAST_READ_KEPT_S)
+        return None
     except Exception:
         future.cancel()
         errors.inc()
         log.exception("metrics: reading %s failed", what)
         return None
+
+
+class _LastRead(Generic[T]):
+    """The last read that did not fail, for the scrapes whose read fails within `LAST_READ_KEPT_S`."""
+
+    def __init__(self) -> None:
+        self._value: T | None = None
+        self._at = 0.0
+
+    def kept(self, value: T | None) -> T | None:
+        now = time.monotonic()
+        if value is not None:
+            self._value, self._at = value, now
+            return value
+        return self._value if now - self._at <= LAST_READ_KEPT_S else None
 
 
 class _AlarmCollector(Collector):
