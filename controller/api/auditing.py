@@ -56,9 +56,9 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
-from controller import errors, limits
+from controller import limits
 from controller.api import dryrun
-from controller.api.interceptors import code_of, reads_only, status_for
+from controller.api.interceptors import as_maia_error, code_of, reads_only, status_for
 from controller.domain.values import deployment_key
 from controller.identity import current_principal, new_request_id
 from controller.ratelimit import Sampler
@@ -113,19 +113,21 @@ def describe_target(method: str, request: Message) -> tuple[str, str, str]:
     return kind, object_id, tenant if isinstance(tenant, str) else ""
 
 
-def outcome_of(context: aio.ServicerContext | None, failed: BaseException | None) -> tuple[str, str]:
-    """(status code name, message) a call ends with. The interceptor sits inside the error
+def outcome_of(method: str, context: aio.ServicerContext | None,
+               failed: BaseException | None) -> tuple[str, str, int | None]:
+    """(status code name, message, retry_after_ms) a call ends with. The interceptor sits inside the error
     translation, so a use case's error is seen before it becomes a status (and the entry is
-    written before the caller hears the answer)."""
+    written before the caller hears the answer): translated here as the caller will be told
+    (a database that failed under the call is UNAVAILABLE, not INTERNAL)."""
     if failed is None:
-        return "OK", ""
-    if isinstance(failed, errors.MaiaError):
-        return status_for(failed).name, failed.message
+        return "OK", "", None
+    if (known := as_maia_error(method, failed, logged=False)) is not None:
+        return status_for(known).name, known.message, known.retry_after_ms
     if isinstance(failed, aio.AbortError) and context is not None:  # an interceptor further in aborted
-        return code_of(context, failed), (context.details() if hasattr(context, "details") else "") or ""
+        return code_of(context, failed), (context.details() if hasattr(context, "details") else "") or "", None
     if isinstance(failed, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED.name, "the call was cancelled"
-    return grpc.StatusCode.INTERNAL.name, type(failed).__name__
+        return grpc.StatusCode.CANCELLED.name, "the call was cancelled", None
+    return grpc.StatusCode.INTERNAL.name, type(failed).__name__, None
 
 
 class AuditInterceptor(aio.ServerInterceptor):
@@ -197,8 +199,7 @@ class AuditInterceptor(aio.ServerInterceptor):
 
     @staticmethod
     def _ended(entry: AuditRecord, context: aio.ServicerContext | None, failed: BaseException | None) -> AuditRecord:
-        outcome, message = outcome_of(context, failed)
-        retry = failed.retry_after_ms if isinstance(failed, errors.MaiaError) else None
+        outcome, message, retry = outcome_of(entry.action, context, failed)
         return replace(entry, outcome=outcome, detail={**entry.detail, **({"message": message} if message else {}),
                                                        **({"retry_after_ms": retry} if retry is not None else {})})
 

@@ -101,6 +101,27 @@ async def test_a_change_is_committed_with_its_audit_entry_or_not_at_all(controll
     assert [(e.object_id, e.outcome) for e in await _entries(controller_app)] == [("lab-a", "OK")]
 
 
+async def test_a_call_the_database_failed_under_is_audited_as_its_caller_was_told(
+        controller_app: ControllerApp, stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller hears UNAVAILABLE ("what it wrote may have landed"), the log and the metrics say
+    UNAVAILABLE; the audit entry said INTERNAL ("OperationalError"), as for a bug."""
+    from sqlalchemy.exc import OperationalError
+
+    from controller.usecases import tenants
+
+    async def locked(*args: object, **kwargs: object) -> None:
+        raise OperationalError("UPDATE tenants ...", None, Exception("database is locked"))
+
+    monkeypatch.setattr(tenants, "create_tenant", locked)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-a"))
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    [entry] = await _entries(controller_app)
+    assert (entry.object_id, entry.outcome) == ("lab-a", "UNAVAILABLE")
+    assert entry.detail["message"] == failed.value.details()
+    assert entry.detail["retry_after_ms"] == 1000
+
+
 async def test_a_since_outside_what_a_time_can_hold_is_invalid_argument(stubs: Stubs) -> None:
     # Found by the fuzz suite: Timestamp seconds 2**63-1 was an INTERNAL error.
     request = audit_pb2.ListAuditEventsRequest()

@@ -153,15 +153,17 @@ class ErrorInterceptor(_BehaviourInterceptor):
                 (STATUS_DETAILS_METADATA_KEY, error_status(grpc.StatusCode.INTERNAL, message)),))
 
 
-def as_maia_error(method: str, exc: Exception) -> errors.MaiaError | None:
+def as_maia_error(method: str, exc: BaseException, *, logged: bool = True) -> errors.MaiaError | None:
     """The error a caller is told for `exc` raised while serving `method` (the class docstring of
-    `ErrorInterceptor`), or None for an unexpected one (INTERNAL: `internal_error`)."""
+    `ErrorInterceptor`), or None for an unexpected one (INTERNAL: `internal_error`). `logged`:
+    the translation of a database's failure is logged (False: the audit's outcome, the same
+    answer read again)."""
     if isinstance(exc, errors.MaiaError):
         return exc
     if database_failed(exc):
-        return _database_unavailable(method, exc)
+        return _database_unavailable(method, exc, logged=logged)
     if (why := transaction_aborted(exc)) is not None:
-        return _transaction_aborted(method, why, exc)
+        return _transaction_aborted(method, why, exc, logged=logged)
     return None
 
 
@@ -176,11 +178,12 @@ def reads_only(method: str) -> bool:
     return method.rpartition("/")[2].startswith(READ_ONLY_VERBS)
 
 
-def _database_unavailable(method: str, exc: Exception) -> errors.Unavailable:
+def _database_unavailable(method: str, exc: BaseException, *, logged: bool = True) -> errors.Unavailable:
     """What a caller is told when the database failed under its call: retry soon, and read first
     (the call's writes may have landed: a COMMIT whose answer was lost cannot be told apart from
     one that never arrived); a call that only reads is told to call again as it is."""
-    log.warning("the database failed during %s; the caller is told UNAVAILABLE", method, exc_info=exc)
+    if logged:
+        log.warning("the database failed during %s; the caller is told UNAVAILABLE", method, exc_info=exc)
     if reads_only(method):
         return errors.Unavailable(f"the controller's database failed during the call ({type(exc).__name__}); "
                                   f"it only reads: retry it", retry_after_ms=DATABASE_FAILED_RETRY_MS)
@@ -199,10 +202,11 @@ def database_unavailable_before_the_call(method: str, exc: Exception) -> errors.
                               retry_after_ms=DATABASE_FAILED_RETRY_MS)
 
 
-def _transaction_aborted(method: str, why: str, exc: Exception) -> errors.Conflict:
+def _transaction_aborted(method: str, why: str, exc: BaseException, *, logged: bool = True) -> errors.Conflict:
     """What a caller is told when the database rolled back the call's transaction for what another
     did (`db.transaction_aborted`): ABORTED, retry soon; nothing of that transaction landed."""
-    log.warning("the database aborted a transaction of %s (%s); the caller is told ABORTED", method, why,
-                exc_info=exc)
+    if logged:
+        log.warning("the database aborted a transaction of %s (%s); the caller is told ABORTED", method, why,
+                    exc_info=exc)
     return errors.Conflict(f"the controller's database aborted the call's transaction ({why}): nothing of it "
                            f"was written; retry the call", retry_after_ms=TRANSACTION_ABORTED_RETRY_MS)
