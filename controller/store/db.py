@@ -269,18 +269,31 @@ class FailureRun:
         return self.last - self.began
 
 
-def database_failed(exc: BaseException) -> bool:
-    """Whether `exc` says the database could not be reached or used (no connection in time, a
-    connection lost, a lock not granted) rather than that the statements were wrong: the same work
-    retried at once, whole or in parts, fails the same way."""
-    if isinstance(exc, (PoolTimeout, OperationalError, OSError, TimeoutError, CommitOutcomeUnknown)):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
 # SQLSTATEs of a PostgreSQL server that is there but takes no connection yet: cannot_connect_now
 # (starting up, shutting down, in recovery), too_many_connections; and class 08, connection exceptions.
 NOT_YET_ACCEPTING = frozenset({"57P03", "53300"})
+# SQLSTATEs of a PostgreSQL server that cannot do any work now, whatever the statements (the
+# driver's plain DBAPIError, not an OperationalError): those, admin_shutdown and crash_shutdown
+# (57P01, 57P02), read_only_sql_transaction (25006: a demoted primary, a standby), and the classes
+# 08 (connection exceptions), 53 (insufficient resources: disk full, out of memory, connections)
+# and 58 (system errors: I/O).
+CANNOT_WORK_NOW = NOT_YET_ACCEPTING | {"57P01", "57P02", "25006"}
+CANNOT_WORK_NOW_CLASSES = ("08", "53", "58")
+
+
+def database_failed(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached or used (no connection in time, a
+    connection lost, a lock not granted, a server shutting down, read-only or full) rather than
+    that the statements were wrong: the same work retried at once, whole or in parts, fails the
+    same way; later it may not (callers are told UNAVAILABLE, with a retry time)."""
+    if isinstance(exc, (PoolTimeout, OperationalError, OSError, TimeoutError, CommitOutcomeUnknown)):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = pg_driver.sqlstate(exc)
+    return state is not None and (state in CANNOT_WORK_NOW or state.startswith(CANNOT_WORK_NOW_CLASSES))
 
 
 def unreachable(exc: BaseException) -> bool:

@@ -4,6 +4,7 @@ explicitly insecure mode."""
 
 from __future__ import annotations
 
+import logging
 import stat
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -135,6 +136,42 @@ async def test_a_token_the_database_cannot_be_read_for_is_unavailable_with_a_ret
     assert detail.Unpack(retry) and retry.retry_delay.ToMilliseconds() == 1000
     monkeypatch.undo()
     assert await _status_of(connect(created.secret)) == grpc.StatusCode.OK
+
+
+class _PgError(Exception):
+    """The driver's error as asyncpg raises it: its SQLSTATE on the exception."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+async def test_a_server_that_takes_no_connection_is_unavailable_and_logged_at_a_bounded_rate(
+        stubs: Stubs, connect, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL out of connection slots (53300) raised the driver's plain DBAPIError, which was not
+    taken as a database failure: callers got UNKNOWN with SQLAlchemy's text ("sorry, too many
+    clients already"), maiactl's watches ended and every agent's Register logged a traceback. And
+    each call's failure was a WARNING line: thousands a minute from a fleet."""
+    from sqlalchemy.exc import DBAPIError
+
+    from controller import limits
+
+    created = await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="admin", name="later"))
+
+    async def full(*args: object, **kwargs: object) -> None:
+        raise DBAPIError("SELECT ...", None, _PgError("53300", "sorry, too many clients already"))
+
+    monkeypatch.setattr(token_rows, "get_token", full)
+    caller = connect(created.secret)
+    calls = 3 * int(limits.UNAUTHENTICATED_LINES_BURST)
+    with caplog.at_level(logging.WARNING, logger="maia.api"):
+        for _ in range(calls):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await caller.admin.ListTenants(admin_pb2.ListTenantsRequest())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "could not be read to verify the caller's token (DBAPIError)" in err.value.details()
+    lines = [r.getMessage() for r in caplog.records if "failed verifying the caller" in r.getMessage()]
+    assert limits.UNAUTHENTICATED_LINES_BURST <= len(lines) <= limits.UNAUTHENTICATED_LINES_BURST + 1, lines
 
 
 @pytest.mark.parametrize(("request_", "code", "words"), [

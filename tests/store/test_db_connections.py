@@ -146,3 +146,28 @@ async def test_a_transaction_a_stopped_process_left_open_is_ended_by_the_server_
     finally:
         await stopped.dispose()
         await other.dispose()
+
+
+class _PgError(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(("state", "failed"), [
+    ("53300", True),   # too_many_connections: a plain DBAPIError from the driver
+    ("57P03", True),   # cannot_connect_now: starting up, in recovery
+    ("57P01", True),   # admin_shutdown: a fast stop
+    ("25006", True),   # read_only_sql_transaction: a demoted primary, a standby
+    ("53100", True),   # disk_full
+    ("58030", True),   # io_error
+    ("08006", True),   # connection_failure
+    ("23505", False),  # unique_violation: the statement's, not the database's
+    ("28P01", False),  # invalid_password: retrying changes nothing
+    ("42P01", False),  # undefined_table
+])
+def test_a_server_that_cannot_work_now_is_a_database_failure(state: str, failed: bool) -> None:
+    """These answered callers UNKNOWN or INTERNAL ("see the controller log"), with no retry time."""
+    from sqlalchemy.exc import DBAPIError
+
+    assert database_failed(DBAPIError("SELECT 1", None, _PgError(state))) is failed

@@ -33,7 +33,8 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
     """Sets the caller's principal, or refuses the call UNAUTHENTICATED (telling `on_refused`:
     method, the operator's reason, peer; the audit's `UnauthenticatedAuditor`). A refusal is
     logged with its reason for the operator (`Unauthenticated.why`), at most at `lines`' rate: a
-    token-guessing flood must not flood the log (the line after a gap says how many were left out)."""
+    token-guessing flood must not flood the log (the line after a gap says how many were left out).
+    A database that failed the token's read is UNAVAILABLE, logged at the same bounded rate."""
 
     def __init__(self, authenticator: Authenticator,
                  on_refused: Callable[[str, str, str], Awaitable[None]] | None = None,
@@ -41,6 +42,9 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
         self._authenticator = authenticator
         self._on_refused = on_refused
         self._lines = lines or Sampler(limits.UNAUTHENTICATED_LINES_PER_MINUTE, limits.UNAUTHENTICATED_LINES_BURST)
+        # Every agent and client meets a database outage at its token's read: a line a caller would
+        # be thousands a minute (the line after a gap says how many were left out).
+        self._outage_lines = Sampler(limits.UNAUTHENTICATED_LINES_PER_MINUTE, limits.UNAUTHENTICATED_LINES_BURST)
 
     async def _principal(self, method: str, context: aio.ServicerContext) -> Principal | None:
         """The caller's principal (None: a method that needs no token); a refusal ends the call.
@@ -65,6 +69,11 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
         except Exception as exc:
             if not database_failed(exc):
                 raise
+            left_out = self._outage_lines.sample()
+            if left_out is not None:
+                log.warning("the database failed verifying the caller of %s (%s: %s); the caller is told "
+                            "UNAVAILABLE%s", method, type(exc).__name__, exc,
+                            f" (suppressed={left_out})" if left_out else "")
             await abort_with(context, database_unavailable_before_the_call(method, exc))
             raise  # not reached: the abort raises
 

@@ -194,9 +194,8 @@ def _database_unavailable(method: str, exc: BaseException, *, logged: bool = Tru
 
 def database_unavailable_before_the_call(method: str, exc: Exception) -> errors.Unavailable:
     """What a caller is told when the database failed before its call began (the read that verifies
-    its token, in front of every other level): nothing was done, so call again as it is (RetryInfo)."""
-    log.warning("the database failed verifying the caller of %s (%s: %s); the caller is told UNAVAILABLE",
-                method, type(exc).__name__, exc)
+    its token, in front of every other level): nothing was done, so call again as it is (RetryInfo).
+    Logged by the caller (`AuthenticationInterceptor`, at a bounded rate: every agent meets it)."""
     return errors.Unavailable(f"the controller's database could not be read to verify the caller's token "
                               f"({type(exc).__name__}); nothing was done: retry the call",
                               retry_after_ms=DATABASE_FAILED_RETRY_MS)
