@@ -145,6 +145,7 @@ class LeaderElection:
         self._term = _Term()
         self._lock = threading.Lock()     # term changes (the keeper thread and the loop both make them)
         self.leader = LeaderAddress()     # where the leader is, as last read (followers)
+        self._leader_read_at = -math.inf  # when `leader` was read (its lease runs out a ttl after at most)
         self.acquisitions = 0
         self.renewals = 0                 # renewals that got through (of a term already held)
         self._loop: asyncio.AbstractEventLoop | None = None     # the controller's: announcements run there
@@ -255,6 +256,7 @@ class LeaderElection:
             except Exception as exc:
                 log.warning("leader lease: acquiring or renewing failed (%s: %s)", type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "")
+                self._forget_a_lapsed_leader()
             term = self._term
             if term.valid_until and self._clock() >= term.valid_until:
                 self._step_down("the lease could not be renewed in time", term.token)
@@ -287,6 +289,7 @@ class LeaderElection:
             log.warning("leader lease: one try took %.2fs (renewing every %.2fs, stepping down %.2fs after the "
                         "last renewal sent)", took, self.settings.renew_every_s,
                         self.settings.ttl_s - self.settings.margin_s)
+        self._leader_read_at = sent
         if held is None:
             assert row is not None
             self.leader = LeaderAddress(row.address, row.agent_address) if row.live else LeaderAddress()
@@ -351,14 +354,25 @@ class LeaderElection:
         if released:
             log.info("leader lease released token=%d", term.token)
 
+    def _forget_a_lapsed_leader(self) -> None:
+        """The lease could not be read: the leader last read is forgotten once its lease must have
+        run out (a ttl after that read), so that no controller names a leader that is gone (agents
+        and clients sent to it, or to this controller itself, after it stepped down)."""
+        if self.leader != LeaderAddress() and self._clock() - self._leader_read_at > self.settings.ttl_s:
+            log.warning("leader lease: not read for %.1fs: no leader known (was %s)",
+                        self._clock() - self._leader_read_at, self.leader.api)
+            self.leader = LeaderAddress()
+
     def _step_down(self, why: str, token: int | None) -> None:
         """Stop leading under `token` (from any thread): at once for `should_run`; the deposition
-        is announced on the controller's loop."""
+        is announced on the controller's loop. The leader it names is no longer itself."""
         with self._lock:
             term = self._term
             if term.token != token or not term.valid_until:
                 return
             self._term = _Term(term.token, False, 0.0)
+            if self.leader.api == self.address:
+                self.leader = LeaderAddress()
         if term.leading:
             self._on_loop(self._announce_deposed, why, term.token)
 

@@ -215,6 +215,47 @@ async def test_the_leader_stops_scheduling_a_margin_before_its_lease_could_expir
     assert election.should_run() and election.token == 1 and election.acquisitions == 1
 
 
+async def test_a_lease_that_cannot_be_read_names_no_leader_once_the_last_one_read_ran_out(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database gone read-only: every try fails. Every controller kept naming the leader it last
+    read, the one that stepped down included (itself): agents bounced between "the leader is at
+    A" and "no leader yet" for as long as it lasted, and `maiactl version` named a gone leader."""
+    from sqlalchemy.exc import DBAPIError
+
+    now = [100.0]
+    settings = LeaseSettings(ttl_s=5.0, renew_every_s=0.01, retry_every_s=0.01, margin_s=1.5)
+    leader = LeaderElection(database, address="a:1", holder="a", settings=settings, clock=lambda: now[0])
+    follower = LeaderElection(database, address="b:1", holder="b", settings=settings, clock=lambda: now[0])
+    await leader.step()
+    await follower.step()
+    assert leader.leader.api == follower.leader.api == "a:1"
+
+    class ReadOnly(Exception):
+        sqlstate = "25006"
+
+    async def read_only(*args: Any, **kwargs: Any) -> None:
+        raise DBAPIError("UPDATE leader_lease ...", None, ReadOnly("cannot execute UPDATE in a read-only transaction"))
+
+    monkeypatch.setattr(lease, "acquire", read_only)
+    keepers = [asyncio.create_task(e._keep(database)) for e in (leader, follower)]
+    try:
+        await asyncio.sleep(0.1)  # failing tries within the lease's time: the leader is still named
+        assert follower.leader.api == "a:1" and leader.should_run()
+        now[0] = 103.6  # past ttl - margin: the leader steps down and names itself no more
+        await asyncio.sleep(0.1)
+        assert not leader.should_run() and leader.leader.api == "" and follower.leader.api == "a:1"
+        now[0] = 105.1  # past the ttl since the follower's read: that lease has run out
+        await asyncio.sleep(0.1)
+        assert follower.leader.api == ""
+        with pytest.raises(NotLeader) as refused:
+            follower.require_leader()
+        assert refused.value.metadata == ()
+    finally:
+        for keeper in keepers:
+            keeper.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
+
+
 async def test_the_lone_sqlite_controller_keeps_leading_through_slow_renewals(database: Database) -> None:
     """`force` (SQLite's lock file: nobody else can hold the database): a renewal late past the
     lease does not make the only controller step down, and its commits stay fenced by token."""
