@@ -67,7 +67,7 @@ def placements_and_moves(solver: Solver) -> tuple[list[Placement], list[Move]]:
 def unplaced_with_reasons(solver: Solver, preempted: list[tuple[int, int]],
                           only: list[int] | None = None) -> tuple[list[Unplaced], bool]:
     """Every deployment short of replicas (or of `only` these), with its reasons; and
-    whether any of them got TIME_LIMIT."""
+    whether any of them got TIME_LIMIT (its search cut by the clock or the trial budget)."""
     deps = solver.state.deps
     hints = preemption_hints(solver, only)
     unplaced = []
@@ -89,6 +89,11 @@ def unplaced_with_reasons(solver: Solver, preempted: list[tuple[int, int]],
                 "TIME_LIMIT", f"solve stopped at its {solver.limit_ms} ms time limit before "
                 f"proving {dep.id} could not be placed; best plan found so far returned"),)
             time_limited = True
+        elif d in solver.trials_cut:
+            reasons = reasons + (Reason(
+                "TIME_LIMIT", f"the preemption search stopped at its {solver.room_trials.total} trials a solve before "
+                f"{dep.id} was placed whole; another solve goes on from this plan"),)
+            time_limited = True
         unplaced.append(Unplaced(dep.id, missing, reasons))
     return unplaced, time_limited
 
@@ -99,7 +104,7 @@ def emit_plan(solver: Solver) -> Plan:
     deps = state.deps
     placements, moved = placements_and_moves(solver)
     preempted = sorted(set(v for v in solver.preempted if v not in state.replicas))
-    unplaced, time_limited = unplaced_with_reasons(solver, preempted)
+    unplaced, cut = unplaced_with_reasons(solver, preempted)
     new_placed = sum(1 for key in state.replicas if key not in solver.existing_replicas)
     pending = int(solver.stats.get("pending_replicas", 0))
     stats = solver.stats
@@ -113,13 +118,15 @@ def emit_plan(solver: Solver) -> Plan:
     proved = solver.proved_optimal and stats["objective"] == bound
     if pending == 0 and not solver.lost:
         status = "optimal"
-    elif new_placed == 0 and unplaced and not moved and not time_limited:
-        status = "infeasible"  # not when the deadline cut the search: nothing is proved
+    elif new_placed == 0 and unplaced and not moved and not cut:
+        status = "infeasible"  # not when the deadline or the trial budget cut the search: nothing is proved
     else:
         status = "optimal" if proved else "feasible"
     stats["solve_ms"] = (time.perf_counter() - solver.t0) * 1000.0
     stats["nodes"] = solver.topo.n_nodes
-    stats["time_limit_hit"] = time_limited
+    stats["time_limit_hit"] = any(solver.pending(d) for d in solver.time_cut)  # the clock's
+    if any(solver.pending(d) for d in solver.trials_cut):
+        stats["trials_cut"] = True  # the preemption search's budget: another solve places more
     return Plan(status=status, placements=tuple(placements), unplaced=tuple(unplaced),
                 preempted=tuple(Preemption(deps[d].id, r) for d, r in preempted),
                 moved=tuple(moved), stats=dict(stats))

@@ -54,6 +54,8 @@ def preempt_for(solver: Solver, d: int) -> None:
         found = make_room(solver, d, eligible, relocate=False, budget=0,
                           trials=solver.room_trials, deadline=solver.deadline)
         if found is None:
+            if solver.room_trials.left <= 0:  # the search's budget ran out, maybe not the room
+                solver.trials_cut.add(d)
             solver.late(d)
             return
         trial, removed, _ = found

@@ -45,7 +45,7 @@ class TrialBudget:
     as a ceiling)."""
 
     def __init__(self, trials: int) -> None:
-        self.left = trials
+        self.total = self.left = trials
 
     def spend(self) -> bool:
         """Take one trial; False once none is left."""
@@ -78,6 +78,10 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1) for v in eligible}
     orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
               lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
+    # No trial costs less than one replica of the lowest priority there is, moved nowhere: once
+    # one does, the domains left cannot beat it (a later one replaces the best only if cheaper),
+    # and their trials are left for the next replica.
+    floor = (1, 0, min(state.deps[v[0]].priority for v in eligible)) if eligible else None
     for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
         if deadline is not None and time.perf_counter() >= deadline:
             break
@@ -109,7 +113,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
                     here = found
         if here is not None and (best is None or here[0] < best[0]):
             best = here
-        if trials.left <= 0:
+        if trials.left <= 0 or (best is not None and floor is not None and best[0] <= floor):
             break
     if best is None:
         return None

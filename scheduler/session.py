@@ -55,6 +55,7 @@ from scheduler.decisions import ClusterDelta, Decision
 from scheduler.errors import ProblemError
 from scheduler.model import Deployment, Move, Node, Options, Placement, Preemption, Problem
 from scheduler.repair import repair
+from scheduler.room import TrialBudget
 from scheduler.solve import DEFAULT_TIME_LIMIT_MS, Solver
 from scheduler.state import ShardAt
 
@@ -271,6 +272,8 @@ class Session:
         s.deadline = time.perf_counter() + self.time_limit_ms / 1000.0
         s.why.pop(d, None)
         s.time_cut.clear()
+        s.trials_cut.clear()
+        s.room_trials = TrialBudget(s.room_trials.total)  # a decision's, as a solve's (not the session's life)
         s.preempted = []
         s.place_one(d, preempt)
         state = s.state  # preemption may have adopted a trial state

@@ -97,6 +97,10 @@ class Solver:
         # Deployments whose search the deadline cut short (CP-SAT unproved or skipped, a
         # preemption or rebalance loop stopped): TIME_LIMIT if they end up unplaced.
         self.time_cut: set[int] = set()
+        # Deployments whose preemption search ran out of `room_trials` before they were placed
+        # whole (not the clock): the same solve again gives the same plan; another solve of the
+        # cluster that plan leaves goes on (TIME_LIMIT reason: the controller solves again).
+        self.trials_cut: set[int] = set()
         # Trials the move and preemption searches may still run (`room.TrialBudget`): where
         # this ends a search, not the deadline, repeated solves give the same plan.
         self.room_trials = TrialBudget(ROOM_TRIALS)
@@ -244,6 +248,7 @@ class Solver:
         self.preempted = list(other.preempted)
         self.moves_used = other.moves_used
         self.time_cut |= other.time_cut
+        self.trials_cut |= other.trials_cut
         self.stats["after_cpsat"] = "the greedy pipeline's moves and preemptions (same state)"
 
     def place_group(self, ds: list[int], preempt: bool = True) -> None:

@@ -4,7 +4,9 @@ A pass follows the last one at most every `PASS_PERIOD_S` and yields to answered
 batches being written (`make_room`); a whole-cluster pass is followed by a pause as long as it
 took (`MAX_FULL_PASS_PAUSE_S` at most, `Reconciler._run`); a pass that left work it may place on
 another try (a time-limited solve, replicas the plan applier turned away) is solved again after a
-back-off doubling up to a cap, even on an unchanged cluster (`RetryBackoff`)."""
+back-off doubling up to a cap, even on an unchanged cluster (`RetryBackoff`); one that preempted
+made progress, and the next is solved after the first step of the back-off again (a preemption
+search places a few replicas a solve: `scheduler.solve.ROOM_TRIALS`)."""
 
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ class RetryBackoff:
         if not (requeued or time_limited(plan)):
             self._time_limited_passes, self._retry_at = 0, None
             return None
+        if plan.preempted:  # the search made room this time (its trial budget ends it): it goes on soon
+            self._time_limited_passes = 0
         delay = min(self._retry_backoff * 2 ** self._time_limited_passes, self._max_retry_backoff)
         self._time_limited_passes += 1
         self._retry_at = self._clock() + delay

@@ -343,3 +343,17 @@ async def test_time_limited_retries_back_off_and_answers_without_a_time_limit_ar
     assert delays == [5.0, 10.0, 15.0, None]  # doubling up to the cap; an answer in time is final
     clock.now += 1000.0
     assert not (await loop.reconcile_once()).solved and plans == []
+
+
+def test_a_cut_short_solve_that_preempted_is_solved_again_at_the_first_step_of_the_back_off() -> None:
+    """A reserved tenant's claim on a full cluster: each solve's preemption search (its trial
+    budget) places a few replicas. The back-off doubled per pass though each made progress; a
+    pass that preempted starts it over (one that did not still doubles)."""
+    from controller.reconcile.pacing import RetryBackoff
+    from scheduler import Preemption
+
+    cut = Plan("feasible", (), unplaced=(Unplaced("gold/x", 5, (Reason("TIME_LIMIT", "trials"),)),))
+    progressed = Plan("feasible", (), unplaced=cut.unplaced, preempted=(Preemption("burst/bg", 3),))
+    retry = RetryBackoff(backoff_s=2.0, max_backoff_s=60.0, clock=lambda: 0.0)
+    assert [retry.schedule(p) for p in (progressed, progressed, progressed)] == [2.0, 2.0, 2.0]
+    assert [retry.schedule(p) for p in (cut, cut, progressed, cut)] == [4.0, 8.0, 2.0, 4.0]

@@ -397,3 +397,21 @@ def test_a_node_coming_up_into_a_full_row_keeps_what_runs_there(monkeypatch_best
     assert "row w1 power: 700 W used + 200 W needed > 600 W budget" in \
         refused.unplaced.reasons[0].message
     assert session.place(d2).placements
+
+
+def test_each_decision_has_a_solves_trial_budget_not_a_share_of_the_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preemption search's trial budget was the session's, spent over its whole life: once
+    gone, no arrival preempted again, each told CAPACITY though a victim was there."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("scheduler.solve"), "ROOM_TRIALS", 4)
+    nodes = [node(f"n{i}", rack="r1") for i in range(8)]
+    bg = dep("bg", tenant="burst", acc=4, replicas=8, locality="node", preemptible=True)
+    s = session_of(problem(nodes, [bg], tenants=[{"id": "burst"}, {"id": "gold"}],
+                           placements=[placed("bg", f"n{i}", [0, 1, 2, 3], replica=i) for i in range(8)],
+                           mode="online", allow_preemption=True))
+    claims = problem_from_dict(problem(nodes, [dep(f"x{i}", tenant="gold", acc=4, locality="node", priority=50)
+                                               for i in range(6)], tenants=[{"id": "gold"}])).deployments
+    decisions = [s.place(x) for x in claims]
+    assert [len(d.placements) for d in decisions] == [1] * 6
+    assert [len(d.preempted) for d in decisions] == [1] * 6

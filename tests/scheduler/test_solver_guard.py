@@ -70,7 +70,30 @@ def test_a_trial_count_not_the_clock_ends_the_move_and_preemption_searches(
     solve_module = importlib.import_module("scheduler.solve")  # the package exports solve()
     monkeypatch.setattr(solve_module, "ROOM_TRIALS", 0)
     plan = solve_doc(move_beats_preemption())
-    # Nothing tried, so nothing moved or preempted; that is the budget, not a deadline.
+    # Nothing tried, so nothing moved or preempted; that is the budget, not a deadline. It is
+    # said (TIME_LIMIT: the controller solves again from the plan), and nothing is proved.
     assert plan.moved == () and plan.preempted == ()
-    assert plan.stats["time_limit_hit"] is False
-    assert [u.deployment for u in plan.unplaced] == ["vip"]
+    assert plan.stats["time_limit_hit"] is False and plan.stats["trials_cut"] is True
+    assert [u.deployment for u in plan.unplaced] == ["vip"] and plan.status == "feasible"
+    assert "the preemption search stopped at its 0 trials a solve" in plan.unplaced[0].reasons[-1].message
+
+
+@pytest.mark.parametrize("mode", ["batch", "online"])
+def test_a_claim_that_preempts_one_replica_a_replica_is_placed_whole_in_one_solve(mode: str) -> None:
+    """A reserved tenant's 8 replicas on 64 full nodes of one preemptible replica each: the
+    search tried every node for each replica (a domain could only tie with the first one-victim
+    trial), spent the solve's 256 trials on three replicas and left five unplaced as CAPACITY;
+    nothing solved them again. One victim of the lowest priority is the least a replica can
+    cost: the search stops there."""
+    from builders import dep, node, placed, problem
+
+    nodes = [node(f"n{i:02d}", rack=f"r{i // 16}") for i in range(64)]
+    bg = dep("bg", tenant="burst", acc=4, replicas=64, locality="node", priority=10, preemptible=True)
+    gold = dep("x", tenant="gold", acc=4, replicas=8, locality="node", priority=10)
+    doc = problem(nodes, [bg, gold], tenants=[{"id": "burst"}, {"id": "gold", "reserved_accelerators": 64}],
+                  placements=[placed("bg", f"n{i:02d}", [0, 1, 2, 3], replica=i) for i in range(64)],
+                  mode=mode, allow_preemption=True)
+    plan = solve_doc(doc)
+    assert [u.deployment for u in plan.unplaced] == ["bg"] and plan.unplaced[0].replicas == 8
+    assert len(plan.preempted) == 8 and {p.deployment for p in plan.preempted} == {"bg"}
+    assert plan.stats["time_limit_hit"] is False and "trials_cut" not in plan.stats
