@@ -65,8 +65,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     Stops trying when `trials` runs out or at the deadline, and returns the best found so
     far."""
     state, topo = solver.state, solver.topo
-    level = state.deps[d].locality
-    dom = topo.domain_of(level)
+    dom = topo.domain_of(search_level(state, d))
     by_domain: dict[int, list[Replica]] = defaultdict(list)
     for v in eligible:
         for dm in {int(dom[at.node]) for at in state.replicas[v].values()}:
@@ -118,6 +117,21 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     if best is None:
         return None
     return best[1], best[2], best[3]
+
+
+def search_level(state: ClusterState, d: int) -> str:
+    """Where a trial looks for victims together: the deployment's locality domain, widened to the
+    rack where a rack-wide rule may bind it (its tenant dedicated_rack or excluding or excluded
+    by another, or a dedicated_rack tenant in the cluster): the work that shuts a node to it may
+    run on any node of that rack, so no one node's victims clear the rule. The replica still
+    lands as its locality says (a trial places it whole, anywhere in the domain)."""
+    level = state.deps[d].locality
+    if level != "node":
+        return level
+    t = int(state.dep_tenant[d])
+    if state.dedicated_rack.any() or state.topo.tenant_excludes[t].any():
+        return "rack"
+    return level
 
 
 def _domain_can_fit(state: ClusterState, d: int, victims: list[Replica],

@@ -97,3 +97,25 @@ def test_a_claim_that_preempts_one_replica_a_replica_is_placed_whole_in_one_solv
     assert [u.deployment for u in plan.unplaced] == ["bg"] and plan.unplaced[0].replicas == 8
     assert len(plan.preempted) == 8 and {p.deployment for p in plan.preempted} == {"bg"}
     assert plan.stats["time_limit_hit"] is False and "trials_cut" not in plan.stats
+
+
+@pytest.mark.parametrize("tenant", [{"id": "iso", "isolation": "dedicated_rack"},
+                                    {"id": "iso", "excludes": ["burst"]}])
+def test_a_node_local_claim_preempts_what_a_rack_wide_rule_shuts_it_out_by(tenant: dict) -> None:
+    """Two racks full of preemptible work of tenant burst; iso (dedicated_rack, or excluding
+    burst) wants 2 node-local replicas at a higher priority. The victims were looked for one node
+    at a time: no node's own work clears a rule over the rack, so nothing was preempted and iso
+    waited for ever (with locality rack it preempted at once). The fewest victims are one rack's."""
+    from builders import dep, node, placed, problem
+
+    nodes = [node(f"n{i}", rack=f"r{i // 4}") for i in range(8)]
+    bg = dep("bg", tenant="burst", acc=4, replicas=8, locality="node", priority=10, preemptible=True)
+    claim = dep("x", tenant="iso", acc=4, replicas=2, locality="node", priority=50)
+    doc = problem(nodes, [bg, claim], tenants=[{"id": "burst"}, tenant],
+                  placements=[placed("bg", f"n{i}", [0, 1, 2, 3], replica=i) for i in range(8)],
+                  mode="online", allow_preemption=True)
+    plan = solve_doc(doc)
+    assert [u.deployment for u in plan.unplaced] == ["bg"]
+    assert len(plan.preempted) == 4  # one rack's replicas of bg: the fewest that clear it
+    racks = {p.node for p in plan.placements if p.deployment == "x"}
+    assert len(racks) == 2 and len({int(n[1:]) // 4 for n in racks}) == 1
