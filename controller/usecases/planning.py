@@ -54,16 +54,26 @@ def with_options(problem: dict[str, Any], *, time_limit_ms: int, mode: str = "ba
     return doc
 
 
+# The reasons' word for a node a solve keeps new shards off (`with_cordoned`): it is ready, and
+# "(cordoned)" sent operators looking for a cordon nobody made.
+AVOIDED_CONDITION = "avoided: a replica failed there lately"
+
+
 def with_cordoned(problem: dict[str, Any], nodes: Iterable[str]) -> dict[str, Any]:
     """The problem with the ready ones of `nodes` cordoned (they keep their shards, take no new
-    ones): replicas that failed there are placed elsewhere first."""
+    ones), their `condition` saying why: replicas that failed there are placed elsewhere first."""
     avoid = set(nodes)
     if not avoid:
         return problem
     doc = dict(problem)
-    doc["nodes"] = [dict(n, state="cordoned") if n["id"] in avoid and n.get("state", "ready") == "ready" else n
+    doc["nodes"] = [avoided(n) if n["id"] in avoid and n.get("state", "ready") == "ready" else n
                     for n in problem.get("nodes", ())]
     return doc
+
+
+def avoided(node: dict[str, Any]) -> dict[str, Any]:
+    """A ready node's document as a solve that keeps new shards off it reads it."""
+    return dict(node, state="cordoned", condition=AVOIDED_CONDITION)
 
 
 def with_deployment(problem: dict[str, Any], spec: DeploymentSpec, *, replace: bool = False) -> dict[str, Any]:

@@ -190,6 +190,12 @@ async def test_a_failed_replica_with_no_other_node_is_placed_anywhere_after_the_
     outcome = await loop.reconcile_once()
     assert loop.full_passes == full and outcome.retry_in_s is not None
     assert 0 not in await placed(cluster, "svc")  # released, not placed again yet
+    # Why, in words that fit: the node it failed on is ready, and "(cordoned)" sent operators
+    # looking for a cordon nobody made.
+    async with cluster.unit_of_work() as uow:
+        reasons = (await repo.get_deployment(uow.session, "t1", "svc")).reasons
+    said = [r["message"] for r in reasons if r["code"] == "NODE_STATE"]
+    assert said and f"{failed_node} (avoided: a replica failed there lately)" in said[0], reasons
     clocks.s = 5.0 + outcome.retry_in_s
     await loop.reconcile_once()
     assert (await placed(cluster, "svc"))[0] == (failed_node, "assigned")

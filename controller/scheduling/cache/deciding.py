@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller.store.rollout import stored_key
 from controller.store.snapshot import Snapshot
+from controller.usecases.planning import avoided
 from scheduler import Plan, Unplaced
 from scheduler.model import Node, Placement
 from scheduler.interchange import node_from_dict, placement_from_dict
@@ -100,5 +101,5 @@ def cordon(snap: Snapshot, session: Session | RemoteSession, nodes: Collection[s
         return ()
     ready = [n for n in snap.problem["nodes"] if n["id"] in nodes and n["state"] == "ready"]
     if ready:
-        session.apply(ClusterDelta(nodes=tuple(node_from_dict(dict(n, state="cordoned")) for n in ready)))
+        session.apply(ClusterDelta(nodes=tuple(node_from_dict(avoided(n)) for n in ready)))
     return tuple(map(node_from_dict, ready))
