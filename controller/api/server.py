@@ -223,6 +223,7 @@ class ControllerApp:
             max_rss_mib=config.max_rss_mib, stuck_s=config.reconcile_stuck_s,
             failures_unhealthy=limits.RECONCILE_FAILURES_UNHEALTHY, interval_s=config.health_interval_s,
         )
+        self.metrics.watch_health(lambda: self.monitor.serving)
         self.server: aio.Server | None = None
         self.deps: ServiceDeps | None = None  # what the servicers were given (its group commits), once started
         self.address = ""

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -204,6 +204,11 @@ class ControllerMetrics:
                                          "gauges are in the scrape; maia_usage_* are not).", registry=r)
         self.leader = Gauge("maia_leader", "1 while this controller holds the leader lease (schedules), else 0.",
                             registry=r)
+        self.serving = Gauge("maia_serving", "1 while this controller's readiness (grpc.health.v1) says SERVING, "
+                             "0 while NOT_SERVING (the reasons are logged).", registry=r)
+        self.serving.set(1)
+        # The process's own: resident memory (what --max-rss-mib compares), CPU, open files.
+        ProcessCollector(registry=r)
         self.lease_acquisitions = Counter("maia_lease_acquisitions",
                                           "Times this controller acquired the leader lease.", registry=r)
         self.lease_losses = Counter("maia_lease_losses", "Times this controller lost or gave up the leader lease.",
@@ -369,6 +374,10 @@ class ControllerMetrics:
         """The isolation watchdog's alarm count and the violations it finds now, exported as
         `maia_isolation_watchdog_alarms_total` and `maia_isolation_watchdog_violations`."""
         self.registry.register(_AlarmCollector(count, violated))
+
+    def watch_health(self, serving: Callable[[], bool]) -> None:
+        """The health monitor's answer, read at scrape time (`maia_serving`)."""
+        self.serving.set_function(lambda: float(serving()))
 
     def watch_admission(self, waiting: Callable[[], int]) -> None:
         """The agent admission queue's depth, read at scrape time."""

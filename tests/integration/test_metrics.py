@@ -173,7 +173,7 @@ async def test_the_dashboard_queries_only_metrics_the_controller_exports(app: Co
     exported = exported_series(await asyncio.to_thread(scrape_text, app.metrics_address))
     dashboard = json.loads(DASHBOARD.read_text())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]
-               for name in re.findall(r"\bmaia_[a-z0-9_]+", target["expr"])}
+               for name in re.findall(r"\b(?:maia|process)_[a-z0-9_]+", target["expr"])}  # process_: the process's own
     assert len(queried) >= 15
     assert queried <= exported, f"the dashboard queries series nobody exports: {sorted(queried - exported)}"
     # Every metric family the controller exports is on the dashboard somewhere (`_created`:
@@ -211,6 +211,21 @@ def matchers_in(expr: str) -> list[tuple[str, str, str, str]]:
     """(series, label, operator, value) of every label matcher on a named series."""
     return [(name, label, op, value) for name, body in re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", expr)
             for label, op, value in re.findall(r'(\w+)\s*(=~|!=|!~|=)\s*"([^"]*)"', body)]
+
+
+async def test_readiness_and_the_processs_memory_are_exported(app: ControllerApp) -> None:
+    """A controller NOT_SERVING, or nearing --max-rss-mib, showed nowhere but its log and probes."""
+    def scraped() -> dict[str, float]:
+        return {s.name: s.value for f in text_string_to_metric_families(scrape_text(app.metrics_address))
+                for s in f.samples if not s.labels}
+
+    samples = await asyncio.to_thread(scraped)
+    assert samples["maia_serving"] == 1.0 and samples["process_resident_memory_bytes"] > 10 * 2**20
+    app.monitor.serving = False
+    try:
+        assert (await asyncio.to_thread(scraped))["maia_serving"] == 0.0
+    finally:
+        app.monitor.serving = True
 
 
 async def test_the_alert_rules_use_only_metrics_the_controller_exports(app: ControllerApp) -> None:
