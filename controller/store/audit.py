@@ -24,7 +24,7 @@ import hashlib
 import json
 from contextvars import ContextVar, Token
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
@@ -399,6 +399,15 @@ def current_call() -> CallEntry | None:
     if entry is None or entry.written or entry.task is not asyncio.current_task():
         return None
     return entry
+
+
+def note(**detail: Any) -> None:
+    """More of the detail of the API call's entry this task serves, from the use case that knows
+    it (what an update changed, what a create made): written with the entry by the call's commit.
+    Nothing outside an audited call; a call that fails is audited as its caller asked."""
+    entry = current_call()
+    if entry is not None:
+        entry.record = replace(entry.record, detail={**entry.record.detail, **detail})
 
 
 def close_call(token: Token[CallEntry | None]) -> CallEntry | None:

@@ -11,13 +11,15 @@ reconciler never moves placed work for a contract, so it would stand as an isola
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from controller import limits
 from controller.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
 )
 from controller.identity import Principal
+from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -171,13 +173,27 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     if dry_run:
         (view,) = await tenant_views(uow, [_unsaved(spec)])  # with what it uses now, as the update answers
         return view
+    changed = changed_fields(repo.tenant_spec(row), spec)
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
-    repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id)
+    repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id,
+                      message=", ".join(f"{name} {was} -> {now}" for name, (was, now) in changed.items()) or "no change",
+                      data={"changed": changed})
+    audit.note(changed=changed)
     await uow.commit()
     signals.wake_reconciler()
     (view,) = await tenant_views(uow, [row])
     return view
+
+
+def changed_fields(was: TenantSpec, now: TenantSpec) -> dict[str, list[Any]]:
+    """Each contract field an update changes: [was, now] (lists for the JSON of events and audit)."""
+    return {f.name: [_plain(getattr(was, f.name)), _plain(getattr(now, f.name))] for f in fields(TenantSpec)
+            if getattr(was, f.name) != getattr(now, f.name)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 async def get_tenant(uow: UnitOfWork, who: Principal, tenant_id: str) -> TenantView:

@@ -101,6 +101,20 @@ async def test_a_change_is_committed_with_its_audit_entry_or_not_at_all(controll
     assert [(e.object_id, e.outcome) for e in await _entries(controller_app)] == [("lab-a", "OK")]
 
 
+async def test_a_tenant_update_is_audited_and_evented_with_what_it_changed(controller_app: ControllerApp,
+                                                                          stubs: Stubs) -> None:
+    """An update's entry carried the caller's token id alone, its event no message: a lowered cap
+    could not be told from a no-op."""
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-a", max_accelerators=96))
+    await stubs.admin.UpdateTenant(admin_pb2.Tenant(id="lab-a", max_accelerators=64, isolation="ISOLATION_DEDICATED_NODE"))
+    updated = [e for e in await _entries(controller_app) if e.action == ADMIN + "UpdateTenant"]
+    assert [e.detail["changed"] for e in updated] == [
+        {"isolation": ["shared", "dedicated_node"], "max_accelerators": [96.0, 64.0]}]
+    events = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest())
+    [event] = [e for e in events.events if e.kind == "tenant.updated"]
+    assert event.message == "isolation shared -> dedicated_node, max_accelerators 96.0 -> 64.0"
+
+
 async def test_a_call_the_database_failed_under_is_audited_as_its_caller_was_told(
         controller_app: ControllerApp, stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
     """The caller hears UNAVAILABLE ("what it wrote may have landed"), the log and the metrics say
