@@ -111,16 +111,19 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
     growth = accelerators - before_accelerators
     if spec.preemptible or growth <= 1e-9:
         return
-    owed = {t: reserved - used for t, (reserved, used) in (await repo.reserved_usage(uow.session)).items()
-            if t != tenant.id and reserved > used}
+    reservations = await repo.reserved_usage(uow.session)
+    owed = {t: reserved - used for t, (reserved, used) in reservations.items() if t != tenant.id and reserved > used}
     if not owed:
         return
     free = await repo.free_on_ready_nodes(uow.session)
     # What free capacity must give the grown ask is all of it not placed yet (what waited before
     # competes for the same free accelerators). Only free capacity can be taken (with none, the
-    # growth waits as Pending like any other).
+    # growth waits as Pending like any other). A tenant below its own reservation is owed too: up
+    # to what it is owed, it takes nothing owed to others (reservations the cluster cannot hold
+    # all at once refused every owed tenant's growth, each for the others').
+    reserved, used = reservations.get(tenant.id, (0.0, 0.0))
     unplaced = accelerators - held
-    if free > 1e-9 and unplaced > free - sum(owed.values()) + 1e-9:
+    if free > 1e-9 and unplaced > max(free - sum(owed.values()), reserved - used) + 1e-9:
         redactor = await redactor_of(uow, who)
         total = sum(owed.values())
         # Who is owed how much is each owed tenant's own business: a tenant caller reads the total.

@@ -327,3 +327,18 @@ async def test_an_updates_reservation_refusal_names_no_other_tenant_to_a_tenant_
                          "tenants: 8.501 free on ready nodes, 5.75 still owed to them")
     assert [(r.code, r.message, r.scope) for r in mine.reasons] == [
         ("RESERVATION", "5.75 accelerators owed to other tenants", "")]
+
+
+async def test_a_tenant_owed_more_than_it_asks_grows_though_others_are_owed_the_free_capacity(
+        database: Database) -> None:
+    """Reservations the cluster cannot hold all at once (f owed 20 on 8.501 free): each owed
+    tenant's growth was refused for what the others are owed, the one owed the most included.
+    Up to what it is owed itself, a tenant takes nothing owed to others; past it, it is refused."""
+    await _seed_reserved(database)
+    async with database.unit_of_work() as uow:
+        await uow.session.execute(update(m.Tenant).where(m.Tenant.id == "f").values(reserved_accelerators=20.0))
+        await uow.commit()
+    assert await _contract(database, "f", "waits", replicas=3) == ""  # 12 not placed, f owed 20
+    assert await _contract(database, "f", "waits", replicas=6) == (
+        "FailedPrecondition: deployment waits: growing by 20 accelerators (24 not placed yet) would take capacity "
+        "reserved for other tenants: 8.501 free on ready nodes, 3.75 still owed (b 0.75, d 3)")
