@@ -35,8 +35,10 @@ SINGLE_VICTIM_TRIALS = 8  # per domain, victims also tried alone (see make_room)
 
 Replica = tuple[int, int]  # (deployment, replica)
 # A trial that made room: its cost (replicas removed, shards moved, the removed replicas'
-# priorities summed: of equally many, the lower-priority work goes), its state, removed, moved.
-Outcome = tuple[tuple[int, int, int], ClusterState, list[Replica], int]
+# priorities summed: of equally many, the lower-priority work goes; then the accelerators taken
+# from tenants it leaves below their reservation: of equal cost, burst work goes before work a
+# tenant is owed), its state, removed, moved.
+Outcome = tuple[tuple[int, int, int, int], ClusterState, list[Replica], int]
 
 
 class TrialBudget:
@@ -80,7 +82,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     # No trial costs less than one replica of the lowest priority there is, moved nowhere: once
     # one does, the domains left cannot beat it (a later one replaces the best only if cheaper),
     # and their trials are left for the next replica.
-    floor = (1, 0, min(state.deps[v[0]].priority for v in eligible)) if eligible else None
+    floor = (1, 0, min(state.deps[v[0]].priority for v in eligible), 0) if eligible else None
     for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
         if deadline is not None and time.perf_counter() >= deadline:
             break
@@ -235,7 +237,18 @@ def _finish(solver: Solver, d: int, trial: ClusterState, placer: Placer,
                          sorted(old[s].indices) != sorted(at.indices))
         if moved > budget:
             return None
-    return (len(removed), moved, sum(state.deps[vd].priority for vd, _ in removed)), trial, removed, moved
+    cost = (len(removed), moved, sum(state.deps[vd].priority for vd, _ in removed), _owed_taken(state, trial, removed))
+    return cost, trial, removed, moved
+
+
+def _owed_taken(state: ClusterState, trial: ClusterState, removed: list[Replica]) -> int:
+    """Milli-accelerators the removals take from tenants they leave below their reservation."""
+    reserved = state.topo.tenant_reserved_milli
+    taken = 0
+    for t in {int(state.dep_tenant[vd]) for vd, _ in removed}:
+        if reserved[t] > 0 and trial.tenant_milli[t] < reserved[t]:
+            taken += int(min(state.tenant_milli[t], reserved[t]) - trial.tenant_milli[t])
+    return taken
 
 
 def cascade(state: ClusterState, victims: list[Replica]) -> list[Replica]:

@@ -119,3 +119,27 @@ def test_a_node_local_claim_preempts_what_a_rack_wide_rule_shuts_it_out_by(tenan
     assert len(plan.preempted) == 4  # one rack's replicas of bg: the fewest that clear it
     racks = {p.node for p in plan.placements if p.deployment == "x"}
     assert len(racks) == 2 and len({int(n[1:]) // 4 for n in racks}) == 1
+
+
+@pytest.mark.parametrize("silver_first", [True, False])
+def test_of_equally_cheap_victims_the_work_no_tenant_is_owed_goes(silver_first: bool) -> None:
+    """gold's claim needs one node; silver (preemptible, holding exactly its reservation) and
+    burst (preemptible, no reservation) each hold nodes alike. Which one lost a replica followed
+    the node order: silver, pushed below what it is owed, when its nodes came first."""
+    from builders import dep, node, placed, problem
+
+    nodes = [node(f"n{i}", rack="r1") for i in range(4)]
+    owners = ["sp", "sp", "bp", "bp"] if silver_first else ["bp", "bp", "sp", "sp"]
+    count = {"sp": 0, "bp": 0}
+    placements = []
+    for i, owner in enumerate(owners):
+        placements.append(placed(owner, f"n{i}", [0, 1, 2, 3], replica=count[owner]))
+        count[owner] += 1
+    doc = problem(nodes, [dep("sp", tenant="silver", acc=4, replicas=2, locality="node", preemptible=True),
+                          dep("bp", tenant="burst", acc=4, replicas=2, locality="node", preemptible=True),
+                          dep("x", tenant="gold", acc=4, replicas=1, locality="node")],
+                  tenants=[{"id": "silver", "reserved_accelerators": 8}, {"id": "burst"},
+                           {"id": "gold", "reserved_accelerators": 4}],
+                  placements=placements, mode="online", allow_preemption=True)
+    plan = solve_doc(doc)
+    assert [p.deployment for p in plan.preempted] == ["bp"]
