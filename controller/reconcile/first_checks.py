@@ -155,6 +155,8 @@ class FirstChecks:
         self._failures_due = None if step.next_in_s is None else self._clock() + step.next_in_s
         for line in step.lines:
             log.info("failed shards: %s", line)
+        for line in step.gave_up:  # work that stays down until someone acts: seen at --log-level WARNING
+            log.warning("failed shards: %s", line)
         if step.released:
             self._observer.failed_replicas_released(step.replicas)
             self.avoid = step.avoid

@@ -25,6 +25,9 @@ from controller.store.models import Deployment, DeploymentPhase, Placement, Shar
 from controller.store.release import record_decisions, stop_placements
 
 
+FAILED_KIND = "deployment.failed"  # the event of a deployment failed for good (past the restart limit)
+
+
 @dataclass(frozen=True, slots=True)
 class FailureStep:
     """What `handle_failures` did; `next_in_s`: when a back-off still running ends (None: none)."""
@@ -33,7 +36,8 @@ class FailureStep:
     deployments: frozenset[str] = frozenset()  # keys (TENANT/NAME) of deployments changed (to publish)
     avoid: frozenset[str] = frozenset()        # nodes the released replicas failed on
     next_in_s: float | None = None
-    lines: tuple[str, ...] = ()
+    lines: tuple[str, ...] = ()                # what it did, a line a deployment (the log's INFO)
+    gave_up: tuple[str, ...] = ()              # ... of the deployments it failed for good (WARNING)
     replicas: int = 0                          # replicas released
 
     @property
@@ -93,7 +97,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
                            f"update the deployment or delete it")
                 dep.reasons = [{"code": SHARD_FAILED, "scope": last.get("scope", "") if last else "",
                                 "message": message}] + [r for r in dep.reasons or () if r.get("code") != SHARD_FAILED]
-                events.append(_event("deployment.failed", dep, message, {"failures": dep.failures, "nodes": failed_on}))
+                events.append(_event(FAILED_KIND, dep, message, {"failures": dep.failures, "nodes": failed_on}))
                 continue
             delay = policy.delay_s(dep.failures)
             dep.restart_after = now + timedelta(seconds=delay)
@@ -128,7 +132,9 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
     if events:
         await record_decisions(session, events, now, actor)
     return FailureStep(nodes=frozenset(nodes), deployments=frozenset(changed), avoid=frozenset(avoid),
-                       next_in_s=next_in_s, replicas=released_replicas, lines=tuple(f"{e['object_id']}: {e['message']}" for e in events))
+                       next_in_s=next_in_s, replicas=released_replicas,
+                       lines=tuple(f"{e['object_id']}: {e['message']}" for e in events if e["kind"] != FAILED_KIND),
+                       gave_up=tuple(f"{e['object_id']}: {e['message']}" for e in events if e["kind"] == FAILED_KIND))
 
 
 def _writes(dep: Deployment, now: datetime) -> bool:

@@ -4,6 +4,7 @@ the reconciler with hand-driven clocks, reports through the agent use case)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -115,7 +116,8 @@ async def test_a_failed_replica_is_placed_again_on_another_node_after_its_back_o
     assert "deployment.replicas_failed" in kinds and "deployment.replicas_released" in kinds
 
 
-async def test_a_deployment_that_keeps_failing_is_failed_until_it_is_updated(cluster: Database) -> None:
+async def test_a_deployment_that_keeps_failing_is_failed_until_it_is_updated(cluster: Database, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="maia.reconcile")
     clocks = Clocks()
     loop = reconciler(cluster, clocks, RestartPolicy(initial_delay_s=5, max_delay_s=20, limit=2))
     await submit(cluster, deployment("svc", replicas=1, accelerators=4))
@@ -134,6 +136,11 @@ async def test_a_deployment_that_keeps_failing_is_failed_until_it_is_updated(clu
     row = await state(cluster, "svc")
     assert row.phase is m.DeploymentPhase.FAILED and row.failures == 3
     assert "failed 3 times in a row" in row.reasons[0]["message"] and "crash 2" in row.reasons[0]["message"]
+    # Failed for good is a WARNING (seen at --log-level WARNING, as deployed); each back-off an INFO.
+    levels = {r.getMessage().split(": ", 2)[-1][:20]: r.levelname for r in caplog.records
+              if r.getMessage().startswith("failed shards:")}
+    assert levels == {"failed 3 times in a ": "WARNING", "replicas [0] failed ": "INFO",
+                      "replicas [0] release": "INFO"}, levels
 
     clocks.s += 60  # nothing is placed again while it is FAILED, and the failed shard stays for reading
     await loop.reconcile_once(force=True)
