@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scheduler.model import Problem
+from scheduler.model import Deployment, Node, Problem
 
 # Float sums (HBM) are compared with this slack.
 EPSILON = 1e-6
@@ -131,6 +131,13 @@ def find_violations(problem: Problem) -> list[Violation]:
                 found.append(Violation(rule, f"node {node_id}", tuple(sorted(on_node[node_id])),
                                        f"node {node_id}: {amount} {capacity} placed > {limit}"))
 
+    held: dict[tuple[str, str], dict[str, set[str]]] = {}  # built once a violation needs its words
+
+    def holding(level: str, where: str, who: set[str]) -> str:
+        if not held:
+            held.update(_held(problem, deployments, nodes))
+        return _holding(held.get((level, where), {}), who)
+
     for level, holders in (("node", on_node), ("rack", on_rack)):
         for where, present in holders.items():
             if len(present) < 2:
@@ -141,7 +148,7 @@ def find_violations(problem: Problem) -> list[Violation]:
                     others = sorted(present - {tenant})
                     found.append(Violation("ISOLATION", f"{level} {where}", tuple(sorted(present)),
                                            f"{level} {where} holds tenant {tenant} ({isolation}) together with "
-                                           f"{', '.join(others)}"))
+                                           f"{', '.join(others)} ({holding(level, where, present)})"))
     for rack, present in on_rack.items():
         for a in sorted(present):
             excluded = set(tenants[a].excludes) if a in tenants else set()
@@ -149,8 +156,35 @@ def find_violations(problem: Problem) -> list[Violation]:
                 b_excludes = tenants[b].excludes if b in tenants else ()
                 if a < b and (b in excluded or a in b_excludes):
                     found.append(Violation("EXCLUSION", f"rack {rack}", (a, b),
-                                           f"rack {rack} holds tenants {a} and {b}, which exclude each other"))
+                                           f"rack {rack} holds tenants {a} and {b}, which exclude each other "
+                                           f"({holding('rack', rack, {a, b})})"))
     return sorted(found, key=lambda v: (v.rule, v.scope, v.tenants))
+
+
+HELD_NAMED = 3  # of each tenant's shards in a violation's words, the first few
+
+
+def _held(problem: Problem, deployments: dict[str, Deployment], nodes: dict[str, Node]
+          ) -> dict[tuple[str, str], dict[str, set[str]]]:
+    """What each tenant has on each node and in each rack, in the words of a violation: which of
+    its deployments (in a rack: on which nodes) an operator must look at."""
+    held: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for p in problem.placements:
+        node, dep = nodes.get(p.node), deployments.get(p.deployment)
+        if node is not None and dep is not None:
+            held[("node", p.node)][dep.tenant].add(p.deployment)
+            held[("rack", node.rack)][dep.tenant].add(f"{p.deployment} on {p.node}")
+    return held
+
+
+def _holding(held: dict[str, set[str]], tenants: set[str]) -> str:
+    """"a: web on n1; b: api on n2, api on n3 and 4 more": what each tenant has there."""
+    parts = []
+    for tenant in sorted(tenants):
+        names = sorted(held.get(tenant, ()))
+        more = f" and {len(names) - HELD_NAMED} more" if len(names) > HELD_NAMED else ""
+        parts.append(f"{tenant}: {', '.join(names[:HELD_NAMED])}{more}")
+    return "; ".join(parts)
 
 
 def find_power_violations(problem: Problem) -> list[Violation]:

@@ -92,3 +92,16 @@ def test_placement_scopes_name_every_scope_a_violation_of_that_shard_can_have() 
     scopes = PlacementScopes(problem_from_dict(doc))
     assert scopes.of("n1", (0, 2)) == {"node n1", "node n1[0]", "node n1[2]", "rack r1", "row w1"}
     assert scopes.of("n9", (1,)) == {"node n9", "node n9[1]"}  # unknown: a REFERENCE violation's scope
+
+
+def test_an_isolation_or_exclusion_names_what_each_tenant_has_there() -> None:
+    """The watchdog's alarm said "rack r1 holds tenants a and b, which exclude each other": the
+    operator had to search every placement of the rack for the deployments and nodes."""
+    doc = problem([node("n1", rack="r1"), node("n2", rack="r1")],
+                      [dep("web", tenant="a"), dep("api", tenant="b"), dep("db", tenant="c")],
+                      tenants=[{"id": "a", "excludes": ["b"]}, {"id": "b"}, {"id": "c", "isolation": "dedicated_node"}],
+                      placements=[placed("web", "n1", [0]), placed("api", "n2", [0]), placed("db", "n2", [1])])
+    messages = {v.rule: v.message for v in find_violations(problem_from_dict(doc, validate=False))}
+    assert messages["EXCLUSION"] == ("rack r1 holds tenants a and b, which exclude each other "
+                                     "(a: web on n1; b: api on n2)")
+    assert messages["ISOLATION"] == ("node n2 holds tenant c (dedicated_node) together with b (b: api; c: db)")
