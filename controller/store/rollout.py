@@ -17,7 +17,21 @@ default, `maia-controller --max-surge`) and maxUnavailable 0:
   that does not run (still loading, failed, or on a node whose work was evicted) serves nothing
   and goes at once. One on a down node not evicted yet is left as it is, like any work there: a
   node back before its eviction grace keeps its shards (controller/domain/liveness.py), and the
-  replica then goes as a running one would; at the eviction it goes at once.
+  replica then goes as a running one would; at the eviction it goes at once;
+- a drain is measured against the replicas the deployment had placed when it began too: one
+  short of its replicas (the cluster full) may never run them all, so a drained replica of it
+  goes once the running replicas without it still number the smaller of the two (and at least
+  `min_replicas`), that is once a replacement of its own runs; measured against the replicas
+  asked alone, such a drain never ended, the room that freed going to new replicas.
+
+Why a count recorded when the drain began: the state alone cannot tell a replacement from
+growth toward the count. 48 of 52 replicas running, one of them drained, is where a drain starts
+with nothing free (stopping the drained one would leave 47 of the 48 it ran), and where one that
+started at 47 stands once room for one replica freed (stopping it leaves the 47 it ran). The
+count is the drain's `node.draining` event's data (`{"placed_replicas": {"TENANT/NAME": N}}`,
+`drain_baseline`; there is no column for it), a node's latest such event being its current
+drain's (an uncordon ends a drain, a new drain writes a new one). A drain without it (begun by
+an older controller) keeps the replicas-asked rule.
 
 Replica indices in the database are stable identities the agents know; the solver wants each
 deployment's replicas numbered 0..n-1. `SolverRef` maps one to the other, and `PlanKeys` maps a
@@ -33,20 +47,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import distinct, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.domain.values import deployment_key
 from controller.store.inlist import any_of
 from controller.store.release import record_decisions, stop_placements
 from controller.store.models import (
-    Deployment, DeploymentPhase, Node, NodeHealth, Placement, ShardPhase,
+    Deployment, DeploymentPhase, Event, Node, NodeHealth, Placement, ShardPhase,
 )
 
 # Replicas placed beyond the asked count while a rollout or drain replaces replicas (the
 # default of `maia-controller --max-surge`).
 DEFAULT_SURGE = 1
 _SEPARATOR = "~"  # never in a deployment name or a tenant id
+# The event a drain starts with (usecases/nodes.py); its data carries the drain's baseline.
+DRAIN_EVENT = "node.draining"
 
 ShardKey = tuple[str, int, int]
 
@@ -209,9 +225,13 @@ class _Replica:
     ids: list[int] = field(default_factory=list)
     nodes: set[str] = field(default_factory=set)
     phases: list[ShardPhase] = field(default_factory=list)
-    draining: bool = False
+    drained_on: set[str] = field(default_factory=set)  # its nodes that are draining
     down: bool = False
     away: bool = False  # on a down node whose work is not evicted yet: left as it is
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.drained_on)
 
     def running(self, shards: int) -> bool:
         return not self.down and len(self.phases) >= shards and all(p is ShardPhase.RUNNING for p in self.phases)
@@ -235,12 +255,55 @@ async def any_draining(session: AsyncSession, node_ids: Iterable[str]) -> bool:
     return (await session.execute(draining)).first() is not None
 
 
+async def drain_baseline(session: AsyncSession, node_id: str) -> dict[str, int]:
+    """The replicas placed now (on any node, in any phase) of each deployment (TENANT/NAME) with
+    a shard on `node_id`: what a drain of the node starting now measures the retirement of those
+    shards' replicas against (`retire_replaced`). The drain records it as its event's data
+    (`{"placed_replicas": ...}`, usecases/nodes.py)."""
+    held = select(Placement.deployment_id).where(Placement.node_id == node_id).distinct().scalar_subquery()
+    rows = await session.execute(
+        select(Deployment.tenant_id, Deployment.name, func.count(distinct(Placement.replica)))
+        .join(Placement, Placement.deployment_id == Deployment.id)
+        .where(Deployment.id.in_(held)).group_by(Deployment.id, Deployment.tenant_id, Deployment.name))
+    return {deployment_key(tenant, name): int(count) for tenant, name, count in rows}
+
+
+async def _drain_baselines(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, dict[str, int]]:
+    """The baseline (`drain_baseline`) each of these draining nodes' current drain recorded: its
+    latest drain event's. A node whose event has none (an older controller's drain) is left out."""
+    rows = await session.execute(
+        select(Event.object_id, Event.data)
+        .where(Event.object_kind == "node", Event.kind == DRAIN_EVENT,
+               any_of(session, Event.object_id, sorted(node_ids)))
+        .order_by(Event.id))
+    latest: dict[str, Any] = {}
+    for node_id, data in rows:
+        latest[node_id] = (data or {}).get("placed_replicas")
+    return {node_id: placed for node_id, placed in latest.items() if isinstance(placed, dict)}
+
+
+def _kept_running(dep: Any, rep: _Replica, baselines: Mapping[str, Mapping[str, int]]) -> int:
+    """How many replicas must still run once the running outgoing replica `rep` of `dep` has
+    gone: the replicas asked; for a drained replica, no more than its deployment had placed when
+    the drain of its node began (the most of those of its nodes), nor fewer than `min_replicas`.
+    A drain with no baseline recorded keeps the replicas asked."""
+    if not rep.draining:
+        return dep.replicas
+    key = deployment_key(dep.tenant_id, dep.name)
+    placed = [baselines.get(node, {}).get(key) for node in rep.drained_on]
+    if not all(isinstance(count, int) for count in placed):
+        return dep.replicas
+    return min(dep.replicas, max(dep.min_replicas, *placed))
+
+
 async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = "controller") -> Retired:
     """Stop the outgoing replicas whose replacements run (the caller commits).
 
     Per deployment with outgoing replicas: those not running go at once, but for those on a down
     node not evicted yet (left until it is back or evicted); a running one goes only while the
-    running replicas, without it, still number at least the replicas asked.
+    running replicas, without it, still number at least the replicas asked, or for one on a
+    draining node at least as many as the deployment had placed when the drain began if that is
+    fewer (`_kept_running`: a deployment short of its replicas never holds a drain for ever).
     Revisions left without replicas are forgotten. Bumps the cluster generation when anything
     is stopped, so the next pass places the next replacement."""
     outgoing_deps = set(await session.scalars(
@@ -264,7 +327,8 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         rep.ids.append(pid)
         rep.nodes.add(node_id)
         rep.phases.append(phase)
-        rep.draining |= bool(draining)
+        if draining:
+            rep.drained_on.add(node_id)
         rep.down |= health is NodeHealth.DOWN
         rep.away |= health is NodeHealth.DOWN and evicted_at is None
     retired_ids: list[int] = []
@@ -272,17 +336,28 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
     changed: set[str] = set()
     lines: list[str] = []
     events: list[dict[str, Any]] = []
+    outgoing_of: dict[int, list[_Replica]] = {}
+    short_drains: set[str] = set()  # draining nodes whose drain may be measured by its baseline
+    for dep_id, dep in deps.items():
+        reps = replicas.get(dep_id, {})
+        outgoing_of[dep_id] = sorted((r for r in reps.values() if (r.revision != dep.template_revision or r.draining)
+                                      and not r.away), key=lambda r: r.index)
+        if sum(r.running(shards_of(dep, r.revision)) for r in reps.values()) - 1 < dep.replicas:
+            short_drains.update(node for r in outgoing_of[dep_id] for node in r.drained_on)
+    baselines = await _drain_baselines(session, short_drains) if short_drains else {}
     for dep_id, dep in deps.items():
         reps = replicas.get(dep_id, {})
         current = [r for r in reps.values() if r.revision == dep.template_revision and not r.draining]
-        outgoing = sorted((r for r in reps.values() if r not in current and not r.away), key=lambda r: r.index)
+        outgoing = outgoing_of[dep_id]
         running = sum(r.running(shards_of(dep, r.revision)) for r in reps.values())
         replacements = sorted(r.index for r in current if r.running(dep.shards_per_replica))
+        kept = {r.index: _kept_running(dep, r, baselines) for r in outgoing if r.running(shards_of(dep, r.revision))}
         gone: list[_Replica] = []
-        for rep in sorted(outgoing, key=lambda r: r.running(shards_of(dep, r.revision))):
-            if rep.running(shards_of(dep, rep.revision)):
-                if running - 1 < dep.replicas:
-                    break
+        # Those that do not run first; of the running ones, those that must keep more running first.
+        for rep in sorted(outgoing, key=lambda r: (r.index in kept, -kept.get(r.index, 0))):
+            if rep.index in kept:
+                if running - 1 < kept[rep.index]:
+                    continue
                 running -= 1
             gone.append(rep)
         for rep in gone:

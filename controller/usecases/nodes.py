@@ -3,7 +3,9 @@
 Cordon and uncordon change what the solver may use, so they bump the cluster generation.
 Drain is cordon plus `draining`: the node's replicas become outgoing and are replaced
 make-before-break (`store/rollout.py`): the reconciler places a replacement elsewhere, and
-stops a replica on the node only once its replacement runs, never below the replicas asked.
+stops a replica on the node only once its replacement runs, never below the replicas asked, or
+below the replicas its deployment had placed when the drain began if it was short of them (the
+drain's event records those counts: `rollout.drain_baseline`).
 Uncordon ends a drain (what still runs there stays).
 
 The views are the node as stored, with what only the leader's agent hub knows: `connected` (the
@@ -28,6 +30,7 @@ from controller.usecases import policy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
+from controller.store.rollout import DRAIN_EVENT, drain_baseline
 from controller.store.snapshot import load_snapshot
 from controller.domain.changes import ClusterChange
 from controller.domain.liveness import later_contact
@@ -82,8 +85,9 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
     if row.cordoned != cordoned or row.draining != draining:
         row.cordoned, row.draining = cordoned, draining
         await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
-        kind = "node.draining" if drain else ("node.cordoned" if cordoned else "node.uncordoned")
-        repo.record_event(uow.session, actor=who.name, kind=kind, object_kind="node", object_id=node_id)
+        kind = DRAIN_EVENT if drain else ("node.cordoned" if cordoned else "node.uncordoned")
+        data = {"placed_replicas": await drain_baseline(uow.session, node_id)} if drain else None
+        repo.record_event(uow.session, actor=who.name, kind=kind, object_kind="node", object_id=node_id, data=data)
         await uow.commit()
         signals.wake_reconciler()
     usage = await repo.node_usage(uow.session, [row.id])
