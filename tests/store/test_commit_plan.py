@@ -223,6 +223,32 @@ async def test_preemption_deletes_rows_and_records_why(database: Database) -> No
     assert after["events"][2][2] == {"replicas": 1, "reasons": burst.reasons[1:]}  # the solver's why
 
 
+async def test_reasons_that_change_only_in_their_numbers_are_stored_without_a_new_event(database: Database) -> None:
+    """A waiting deployment's reasons count nodes ("0/4 nodes fit a shard: 3 CAPACITY, 1
+    NODE_STATE"): each node going suspect and back wrote an unplaceable event of every waiting
+    deployment (29 a minute for two). The reasons are kept up to date; an event says when the
+    rules change."""
+    snap = await _seeded(database)
+
+    def waiting(*reasons: Reason) -> Plan:
+        return Plan("feasible", KEPT, unplaced=(Unplaced(BURST, 1, reasons),))
+
+    async def unplaceable() -> list[str]:
+        return [e[2]["reasons"][0]["message"] for e in (await _state(database))["events"]
+                if e[0] == "deployment.unplaceable"]
+
+    await _commit(database, snap, waiting(Reason("CAPACITY", "0/4 nodes fit a shard: 4 CAPACITY")))
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    await _commit(database, snap, waiting(Reason("CAPACITY", "0/4 nodes fit a shard: 3 CAPACITY, 1 NODE_STATE")))
+    assert (await _state(database))["deployments"][BURST].reasons[0]["message"].endswith("1 NODE_STATE")
+    assert await unplaceable() == ["0/4 nodes fit a shard: 4 CAPACITY"]
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    await _commit(database, snap, waiting(Reason("QUOTA_ACCELERATORS", "tenant over its cap")))
+    assert await unplaceable() == ["0/4 nodes fit a shard: 4 CAPACITY", "tenant over its cap"]
+
+
 async def test_shards_on_a_down_node_are_replaced(database: Database) -> None:
     snap = await _seeded(database)
     # web replica 1 lost its node and could not be placed again; replica 0 stays.

@@ -72,7 +72,7 @@ def _events(
     updates: list[tuple[_Row, Any]],
     preempted: dict[str, set[int]],
     unplaced: dict[str, Any],
-    reasons_changed: set[str],
+    reasons_told: set[str],
     deleted_deployments: set[str],
     requeued: dict[ReplicaKey, tuple[str, ...]],
 ) -> list[dict[str, Any]]:
@@ -127,7 +127,7 @@ def _events(
         add("shard.placed", name, f"placed replica {replica} shard(s) {sorted(shards)} again on {', '.join(nodes)} "
                                   "(their node lost them; the replica's other shards kept)",
             {"replica": replica, "shards": sorted(shards), "nodes": nodes})
-    for name in sorted(reasons_changed & set(unplaced)):
+    for name in sorted(reasons_told & set(unplaced)):
         u = unplaced[name]
         reasons = _reason_dicts(u.reasons)
         add("deployment.unplaceable", name,

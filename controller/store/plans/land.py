@@ -144,6 +144,9 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
     deployment_updates: list[dict[str, Any]] = []
     updated_deployments: set[str] = set()
     reasons_changed: set[str] = set()
+    # ... of those, the ones whose rules changed: an event says so (not each new count of nodes in
+    # the words: a node going suspect and back rewrote every waiting deployment's event).
+    reasons_told: set[str] = set()
     first_placed: dict[str, float] = {}
     for name in sorted(planned | changed_deployments):
         d = deployments[name]
@@ -162,6 +165,8 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
             reasons = failure + reasons
         if reasons != (d.reasons or []):
             reasons_changed.add(name)
+            if _codes(reasons) != _codes(d.reasons or []):
+                reasons_told.add(name)
         if d.generation == 0 and d.phase is DeploymentPhase.PENDING and phase is not DeploymentPhase.PENDING:
             first_placed[name] = _seconds_between(d.created_at, now)
         if name in changed_deployments or phase is not d.phase or name in reasons_changed:
@@ -191,7 +196,7 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
         generation = await _move_to(session, generation, bumped, moved)
         if change is not None:
             await log_change(session, generation, change)
-    events = _events(current, final, deletes, updates, preempted, unplaced, reasons_changed, deleted_deployments,
+    events = _events(current, final, deletes, updates, preempted, unplaced, reasons_told, deleted_deployments,
                      changes.requeued)
     tenants = {name: d.tenant_id for name, d in deployments.items()}
     result = CommitResult(
@@ -219,6 +224,11 @@ async def _move_to(session: AsyncSession, generation: int, bumped: bool, moved: 
     """The generation after a commit that moved it by `bumped` when it took the lock and changes
     placements or not (`moved`): a wrong guess put right (nobody sees the row before the commit)."""
     return generation if moved == bumped else await move_generation(session, -1 if bumped else 1)
+
+
+def _codes(reasons: list[dict[str, Any]]) -> list[Any]:
+    """What a deployment's reasons say, less their words and numbers: the rules, in order."""
+    return [r.get("code") for r in reasons]
 
 
 def _seconds_between(earlier: datetime, later: datetime) -> float:
