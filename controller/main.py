@@ -5,10 +5,13 @@ asked for port 0), so scripts and tests can read where it is, and with --metrics
 "maia-controller metrics on http://HOST:PORT/metrics", with --http-listen "maia-controller
 console on http://HOST:PORT/". Exit codes: 0 after a clean stop, 3 when a stop did not finish
 within SHUTDOWN_DEADLINE_S (or a second SIGINT/SIGTERM asked for it at once: every thread's stack
-is written to stderr first, so a stuck shutdown can be diagnosed; a SIGTERM once the stop is over is ignored), 2 for a bad --listen or --db (checked by `preflight` before the database is touched), when the
-database cannot be reached (a PostgreSQL server is tried for --db-wait first; a stop meanwhile
-exits 0), when the schema is behind and --no-migrate forbids upgrading it, or
-when it is ahead of this code. Every such error is one line on stderr, with a hint.
+is written to stderr first, so a stuck shutdown can be diagnosed; a SIGTERM once the stop is over is ignored), 2 for a bad --listen or --db or two
+listen flags on one port (checked by `preflight` before the database is touched), a TLS file
+that cannot be read, when the database cannot be reached (a PostgreSQL server is tried for
+--db-wait first; a stop meanwhile exits 0), when the schema is behind and --no-migrate forbids
+upgrading it, when it is ahead of this code, when a SQLite database is read-only, or when
+--bootstrap-admin-token-file cannot be written (no token is then created). Every such error is
+one line on stderr, with a hint.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from controller.logs import configure_logging
 from controller.aio import stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.threads import name_threads
-from controller.preflight import StartupError, check_db_url, check_listen
+from controller.preflight import StartupError, check_db_url, check_listen, check_listens_apart
 from controller.gateway.linkdir import LinkPathTooLong, check_link_parent
 
 if TYPE_CHECKING:
@@ -83,7 +86,7 @@ async def serve(config: Config) -> int:
     from sqlalchemy.exc import DBAPIError
 
     from controller.api.server import ControllerApp, ListenError, StartAbandoned
-    from controller.store.db import unreachable
+    from controller.store.db import DatabaseReadOnly, unreachable
     from controller.store.migrate import SchemaError
 
     app = ControllerApp(config)
@@ -99,7 +102,7 @@ async def serve(config: Config) -> int:
         log.info("stopped before the database could be reached")
         await app.db.dispose()
         return 0
-    except (SchemaError, ListenError) as exc:
+    except (SchemaError, ListenError, StartupError, DatabaseReadOnly) as exc:
         # One clear line; nothing was started but the engine.
         print(f"maia-controller: {exc}", file=sys.stderr, flush=True)
         await app.db.dispose()
@@ -136,14 +139,13 @@ async def serve(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
+    optional = {"--metrics-listen": config.metrics_listen, "--http-listen": config.http_listen,
+                "--agent-listen": config.agent_listen}
+    listens = {"--listen": config.listen, **{flag: text for flag, text in optional.items() if text}}
     try:
-        check_listen(config.listen)
-        if config.metrics_listen:
-            check_listen(config.metrics_listen, flag="--metrics-listen")
-        if config.http_listen:
-            check_listen(config.http_listen, flag="--http-listen")
-        if config.agent_listen:
-            check_listen(config.agent_listen, flag="--agent-listen")
+        for flag, text in listens.items():
+            check_listen(text, flag=flag)
+        check_listens_apart(listens)
         if config.agent_gateways:
             check_link_parent()
         db = check_db_url(config.db_url)

@@ -1,4 +1,4 @@
-"""Checks of `--db` and `--listen` before the controller touches anything.
+"""Checks of `--db` and the listen addresses before the controller touches anything.
 
 A bad database URL or a busy port should cost the operator one line with a hint, not a
 traceback, and should leave nothing behind: these checks run before the engine is created,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,25 @@ def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     if port > 65535:
         raise StartupError(f"{flag} {text!r}: port {port} is out of range 0..65535", hint)
     return host.removeprefix("[").removesuffix("]"), port
+
+
+# Hosts that mean every address of the machine: a port bound on one is taken on all of them.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+def check_listens_apart(listens: Mapping[str, str]) -> None:
+    """Refuse two of the controller's own addresses (flag -> HOST:PORT) on one port: the same
+    host, or either host a wildcard. Each alone passes `check_listen`; together the second bind
+    would fail only after the database was opened. Port 0 (any free port) takes no fixed one."""
+    bound: dict[str, tuple[str, int]] = {}
+    for flag, text in listens.items():
+        host, port = parse_listen(text, flag)
+        for other_flag, (other_host, other_port) in bound.items():
+            if port and port == other_port and (host == other_host or WILDCARD_HOSTS & {host, other_host}):
+                any_port = f"{text.rpartition(':')[0]}:0"
+                raise StartupError(f"{flag} {text} and {other_flag} {listens[other_flag]} ask for the same port {port}",
+                                   f"give each its own port ({flag} {any_port} picks a free one)")
+        bound[flag] = (host, port)
 
 
 def check_listen(text: str, flag: str = "--listen") -> None:

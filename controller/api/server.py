@@ -56,6 +56,7 @@ from controller.gcpolicy import CollectionPacer, WarmHeapFreezer
 from controller.health import LIVENESS_SERVICE, HealthMonitor
 from controller.identity import CONTROLLER, Principal, Role
 from controller.nodelifecycle import NodeLifecycle
+from controller.preflight import StartupError
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.leadership import STARTING_STATE, STATE_METADATA_KEY, LeaderElection, LeaseSettings
 from controller.reconcile import Reconciler, waits_on_report
@@ -93,7 +94,8 @@ SERVICE_NAMES: tuple[str, ...] = (
 
 
 class ListenError(OSError):
-    """The gRPC server could not bind its address (checked before the database is touched)."""
+    """An address of the controller could not be bound: the gRPC server's (before the database is
+    touched), or the metrics' or the console's (checked free by `preflight`, taken since)."""
 
 
 class StartAbandoned(Exception):
@@ -355,6 +357,7 @@ class ControllerApp:
         try:
             await server.start()
             revision = await self._schema_ready(stop or asyncio.Event())
+            await self.db.check_writable()
             log.info("schema ready revision=%s db=%s", revision,
                      self.db.engine.url.render_as_string(hide_password=True))
             await self._prepare_authentication()
@@ -363,13 +366,17 @@ class ControllerApp:
             self.sqlite_lock.release()
             raise
         shed.refuse_all(None)
-        if self.config.metrics_listen:
-            self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster, self.read_usage)
-            self.metrics_address = self.metrics.serve(self.config.metrics_listen)
-        if self.config.http_listen:
-            self.console_address = await self.console.start(self.config.http_listen)
         self.server = server
         self.address = f"{host}:{port}"
+        try:  # free when `preflight` checked them; taken since by another program
+            if self.config.metrics_listen:
+                self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster, self.read_usage)
+                self.metrics_address = self.metrics.serve(self.config.metrics_listen)
+            if self.config.http_listen:
+                self.console_address = await self.console.start(self.config.http_listen)
+        except OSError as exc:
+            await self.stop(grace_s=0.0)
+            raise ListenError(str(exc)) from exc
         if self.config.agent_gateways:
             try:
                 await self._start_gateways(agents, chain)
@@ -477,7 +484,12 @@ class ControllerApp:
             return
         path = self.config.bootstrap_admin_token_file
         if path:
-            created = await tokens.bootstrap_admin_token(self.db, Path(path), CONTROLLER)
+            try:
+                created = await tokens.bootstrap_admin_token(self.db, Path(path), CONTROLLER)
+            except tokens.TokenFileError as exc:
+                raise StartupError(f"--bootstrap-admin-token-file: {exc}",
+                                   "name a file (not a folder) where this user may write; no token was created") \
+                    from exc
             if created is not None:
                 log.warning("bootstrap: created admin token %s and wrote it to %s (mode 0600)", created.id, path)
             else:

@@ -20,6 +20,7 @@ import grpc
 from grpc import aio
 
 from controller.errors import MaiaError, PermissionDenied, Unauthenticated
+from controller.preflight import StartupError
 
 AGENT_SERVICE = "/maia.v1.NodeAgentService/"
 _COMMON_NAME = "x509_common_name"
@@ -32,14 +33,21 @@ class TlsSettings:
     client_ca: Path | None = None  # set: mutual TLS, client certificates required and checked
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials for `server.add_secure_port` (files read now: a missing one fails start-up)."""
-        try:
-            pair = (self.key.read_bytes(), self.cert.read_bytes())
-            client_ca = self.client_ca.read_bytes() if self.client_ca else None
-        except OSError as exc:
-            raise OSError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
-        return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+        """Credentials for `server.add_secure_port` (files read now: one that cannot be read fails
+        start-up with a `StartupError` naming its flag)."""
+        cert = _read("--tls-cert", self.cert)
+        key = _read("--tls-key", self.key)
+        client_ca = _read("--tls-client-ca", self.client_ca) if self.client_ca else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                            require_client_auth=client_ca is not None)
+
+
+def _read(flag: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{flag} {path}: cannot read it: {exc.strerror or exc}",
+                           "check the path and that this user may read the file") from exc
 
 
 def certificate_name(context: aio.ServicerContext) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import sqlite3
 import threading
 import time
 import weakref
@@ -357,6 +358,10 @@ async def _discard(session: AsyncSession) -> None:
         await session.close()
 
 
+class DatabaseReadOnly(Exception):
+    """The database takes no write (`Database.check_writable`, at start-up)."""
+
+
 class Database:
     def __init__(self, url: str = DEFAULT_DB_URL) -> None:
         self.url = url
@@ -429,6 +434,27 @@ class Database:
             yield session
         finally:
             await asyncio.shield(_discard(session))
+
+    async def check_writable(self) -> None:
+        """Raise `DatabaseReadOnly` when this SQLite database takes no write (a read-only or
+        immutable file, a read-only mount): the controller would start, say SERVING and fail
+        every write, its leader lease's every second. Probed with a write that deletes nothing,
+        rolled back; on a migrated database (`alembic_version` is there). PostgreSQL is not
+        probed: a read-only server is a standby or a demoted primary, what a failover ends."""
+        if not self.is_sqlite:
+            return
+        async with self.engine.connect() as conn:
+            try:
+                await conn.exec_driver_sql("DELETE FROM alembic_version WHERE 0")
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_READONLY:
+                    raise
+                url = self.engine.url.render_as_string(hide_password=True)
+                raise DatabaseReadOnly(f"the database at {url} is read-only: {exc.orig}; hint: let this user "
+                                       f"write the file, its folder and its -wal and -shm files (and check "
+                                       f"that the mount is writable and the file not immutable: lsattr)") from exc
+            finally:
+                await conn.rollback()
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -177,27 +177,59 @@ async def has_any_token(db: Database) -> bool:
         return bool(await store.list_token_rows(uow.session))
 
 
+class TokenFileError(Exception):
+    """The bootstrap admin token could not be written to its file (and so was not committed)."""
+
+
 async def bootstrap_admin_token(db: Database, path: Path, who: Principal) -> TokenView | None:
     """On a database without an active admin token, create one and write it to `path` (0600).
 
     Returns the new token's view, or None (an admin token exists; `path` is left alone). The
-    secret goes to a temporary file beside `path` first and is renamed into place only after
-    the row is committed, so neither a failed commit nor a failed write leaves a token nobody
-    holds or a file with a token that does not exist.
+    file is put in place before the row is committed, so that no failure leaves a token nobody
+    holds: a failed write commits nothing (`TokenFileError`); a failed commit removes the file
+    unless the row is found committed all the same (a connection lost as it committed) or cannot
+    be read. A file whose token does not exist (left by a crash between the two, or by that read)
+    is replaced at the next start: the database still has no admin token.
     """
     async with db.unit_of_work() as uow:
         if await store.active_tokens(uow.session, _now(), role=Role.ADMIN.value):
             return None
         issued = add_token(uow, who, role=Role.ADMIN, name=BOOTSTRAP_ADMIN_NAME)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        _write_secret(path, issued.secret)
         try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(issued.secret + "\n")
             await uow.commit()
-            os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if not await _committed_anyway(db, issued.view.id):
+                path.unlink(missing_ok=True)
             raise
     return issued.view
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    """`secret` into the file `path` (0600), whole or not at all: written beside it, then renamed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise TokenFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise TokenFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
+async def _committed_anyway(db: Database, token_id: str) -> bool:
+    """Whether the token whose commit failed is in the database all the same; True when that
+    cannot be read either (a file whose token does not exist is replaced at the next start; a
+    token nobody holds locks everyone out)."""
+    try:
+        async with db.unit_of_work() as uow:
+            return await store.get_token(uow.session, token_id) is not None
+    except Exception:  # noqa: BLE001 (the database is failing: keep the file)
+        return True

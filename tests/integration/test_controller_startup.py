@@ -256,3 +256,81 @@ def test_a_migration_that_fails_on_start_is_undone_and_named_as_one(tmp_path: Pa
                        "table known_tenants already exists", "nothing of the upgrade was kept")
         assert "reachable" not in proc.stderr
         assert _sqlite_tables(path) == tables
+
+
+@pytest.mark.parametrize("others", [
+    ["--metrics-listen", "127.0.0.1:{port}"],
+    ["--http-listen", "127.0.0.1:{port}"],
+    ["--metrics-listen", "0.0.0.0:{port}"],
+    ["--metrics-listen", "127.0.0.1:0", "--http-listen", "[::]:{port}"],
+])
+def test_two_listen_flags_on_one_port_are_refused_before_the_database_is_created(tmp_path: Path,
+                                                                                 others: list[str]) -> None:
+    """Found only once the database was created and migrated, and reported as the database's."""
+    port = closed_port()
+    proc = run_controller(tmp_path, "--listen", f"127.0.0.1:{port}", "--db", "sqlite+aiosqlite:///maia.db",
+                          *(arg.format(port=port) for arg in others))
+    assert_refused(proc, f"and --listen 127.0.0.1:{port} ask for the same port {port}", "give each its own port")
+    assert files_in(tmp_path) == {}
+
+
+@pytest.mark.parametrize("missing, fragment", [
+    ("cert.pem", "--tls-cert {folder}/cert.pem: cannot read it: No such file or directory"),
+    ("key.pem", "--tls-key {folder}/key.pem: cannot read it: No such file or directory"),
+])
+def test_a_tls_file_that_cannot_be_read_is_named_with_its_flag(tmp_path: Path, missing: str, fragment: str) -> None:
+    """It was "cannot use the database at ...: cannot read TLS file ...; hint: check that it is running"."""
+    for name in ("cert.pem", "key.pem"):
+        if name != missing:
+            (tmp_path / name).write_text("-----BEGIN NOTHING-----\n")
+    before = files_in(tmp_path)
+    proc = run_controller(tmp_path, "--listen", "127.0.0.1:0", "--db", "sqlite+aiosqlite:///maia.db",
+                          "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"))
+    assert_refused(proc, fragment.format(folder=tmp_path))
+    assert "database" not in proc.stderr
+    assert files_in(tmp_path) == before
+
+
+def test_a_token_file_that_cannot_be_written_creates_no_token_and_the_next_start_writes_one(tmp_path: Path) -> None:
+    """A token committed before its file was written was one nobody held: every later start left the
+    file alone ("the database already has an active admin token"), and only --insecure-no-auth got in."""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    args = ("--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", "--log-level", "WARNING")
+    proc = run_controller(tmp_path, *args, "--bootstrap-admin-token-file", str(folder))
+    assert_refused(proc, f"--bootstrap-admin-token-file: cannot write {folder}: Is a directory",
+                   "no token was created")
+    assert "database" not in proc.stderr
+
+    path = tmp_path / "admin.token"
+    again = subprocess.Popen([str(BIN), *args, "--bootstrap-admin-token-file", str(path)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert again.stdout is not None
+        assert again.stdout.readline().startswith("maia-controller listening on ")
+        assert path.read_text().startswith("maia_")
+    finally:
+        again.terminate()
+        assert again.wait(30) == 0
+
+
+def test_a_read_only_sqlite_database_is_one_line_at_start(tmp_path: Path) -> None:
+    """It said it listened, then failed its leader lease every second and every write UNAVAILABLE.
+    Made read-only with `chattr +i` (file modes do not stop root); skipped where that is not allowed."""
+    path = tmp_path / "maia.db"
+    args = ("--listen", "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{path}", "--insecure-no-auth",
+            "--log-level", "WARNING")
+    first = subprocess.Popen([str(BIN), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert first.stdout is not None and first.stdout.readline().startswith("maia-controller listening on ")
+    first.terminate()
+    assert first.wait(30) == 0
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not allowed here")
+    try:
+        proc = run_controller(tmp_path, *args)
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    assert_refused(proc, f"the database at sqlite+aiosqlite:///{path} is read-only: attempt to write a readonly "
+                         "database", "let this user write the file")

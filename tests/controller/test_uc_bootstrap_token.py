@@ -1,0 +1,74 @@
+"""The bootstrap admin token: whatever fails, its file and its row exist together or not at all.
+
+A token committed while its file could not be written (the path a folder, a rename refused) is
+one nobody holds: every later start found "an active admin token" and left the file alone, and
+only --insecure-no-auth got back in."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from controller import tokens as token_format
+from controller.identity import CONTROLLER
+from controller.store import tokens as token_rows
+from controller.store.db import Database, UnitOfWork
+from controller.usecases import tokens
+
+
+async def _holds_the_admin_token(db: Database, path: Path) -> bool:
+    """Whether `path` holds the secret of an active admin token of `db`."""
+    presented = token_format.parse(path.read_text().strip())
+    assert presented is not None
+    async with db.unit_of_work() as uow:
+        row = await token_rows.get_token(uow.session, presented.id)
+        return (row is not None and row.role == "admin" and row.revoked_at is None
+                and token_format.secret_matches(presented.secret, row.secret_sha256))
+
+
+async def test_a_token_file_that_cannot_be_written_creates_no_token(database: Database, tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    folder = secrets / "a-folder"
+    folder.mkdir(parents=True)
+    with pytest.raises(tokens.TokenFileError, match=f"cannot write {folder}: Is a directory"):
+        await tokens.bootstrap_admin_token(database, folder, CONTROLLER)
+    assert not await tokens.has_active_admin(database)
+    assert list(secrets.rglob("*")) == [folder]  # no temporary file left either
+
+    path = secrets / "admin.token"  # the next start, with a file it can write: in again
+    view = await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    assert view is not None and await _holds_the_admin_token(database, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_a_failed_commit_leaves_no_file(database: Database, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refused(_uow: UnitOfWork) -> None:
+        raise OperationalError("COMMIT", None, Exception("disk I/O error"))
+
+    monkeypatch.setattr(UnitOfWork, "commit", refused)
+    path = tmp_path / "secrets" / "admin.token"
+    with pytest.raises(OperationalError):
+        await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    monkeypatch.undo()
+    assert list(path.parent.iterdir()) == [] and not await tokens.has_active_admin(database)
+
+
+async def test_a_commit_that_landed_but_raised_keeps_the_file(database: Database, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection lost as the commit went through: the token exists, so its file must stay."""
+    committed = UnitOfWork.commit
+
+    async def landed_then_lost(uow: UnitOfWork) -> None:
+        await committed(uow)
+        raise OperationalError("COMMIT", None, Exception("connection lost"))
+
+    monkeypatch.setattr(UnitOfWork, "commit", landed_then_lost)
+    path = tmp_path / "admin.token"
+    with pytest.raises(OperationalError):
+        await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    monkeypatch.undo()
+    assert await _holds_the_admin_token(database, path)
