@@ -16,6 +16,7 @@ from pathlib import Path
 from controller import tokens as secrets_
 from controller.errors import InvalidArgument, NotFound
 from controller.identity import Principal, Role
+from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store import tokens as store
@@ -83,6 +84,9 @@ async def create_token(uow: UnitOfWork, who: Principal, request: TokenRequest) -
     policy.require_admin(who, "creating tokens")
     role = await _validate(uow, request)
     issued = add_token(uow, who, role=role, name=request.name, tenant=request.tenant, ttl_s=request.ttl_s)
+    view = issued.view  # the entry names the token made (its id: what a later RevokeToken names)
+    audit.note(created_token=view.id, created_role=view.role, created_tenant=view.tenant,
+               expires_at=view.expires_at.isoformat() if view.expires_at else None)
     await uow.commit()
     return issued
 

@@ -115,6 +115,15 @@ async def test_a_tenant_update_is_audited_and_evented_with_what_it_changed(contr
     assert event.message == "isolation shared -> dedicated_node, max_accelerators 96.0 -> 64.0"
 
 
+async def test_a_token_creation_is_audited_with_the_token_it_made(controller_app: ControllerApp, stubs: Stubs) -> None:
+    """The entry named the caller's token alone (and no object without --name): a creation could
+    not be matched with the token's later revocation, nor its role read."""
+    created = await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="admin", ttl_seconds=3600))
+    [entry] = [e for e in await _entries(controller_app) if e.action == ADMIN + "CreateToken"]
+    assert entry.detail["created_token"] == created.token.id and entry.detail["created_role"] == "admin"
+    assert entry.detail["expires_at"].startswith(str(created.token.expires_at.ToDatetime().year))
+
+
 async def test_a_call_the_database_failed_under_is_audited_as_its_caller_was_told(
         controller_app: ControllerApp, stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
     """The caller hears UNAVAILABLE ("what it wrote may have landed"), the log and the metrics say
