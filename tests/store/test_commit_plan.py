@@ -249,6 +249,25 @@ async def test_reasons_that_change_only_in_their_numbers_are_stored_without_a_ne
     assert await unplaceable() == ["0/4 nodes fit a shard: 4 CAPACITY", "tenant over its cap"]
 
 
+async def test_a_second_preemption_names_the_first_ones_replicas_still_waiting(database: Database) -> None:
+    """Two gangs each preempted replicas of one deployment: its PREEMPTED reason named the last
+    pass's alone, while the first's waited too."""
+    doc = {**CLUSTER, "deployments": [d if d["id"] != BURST else {**d, "replicas": 2} for d in CLUSTER["deployments"]],
+           "placements": [*CLUSTER["placements"], {"deployment": BURST, "replica": 1, "shard": 0, "node": "n2",
+                                                    "accelerator_indices": [0, 1, 2, 3]}]}
+    snap = await _seeded(database, doc)
+    why = (Reason("CAPACITY", "no room"),)
+    await _commit(database, snap, Plan("feasible", KEPT[:2] + (P(BURST, 1, 0, "n2", 0, 1, 2, 3),),
+                                       unplaced=(Unplaced(BURST, 1, why),), preempted=(Preemption(BURST, 0),)))
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    [waiting] = [r["replica"] for r in snap.problem["placements"] if r["deployment"] == BURST]
+    await _commit(database, snap, Plan("feasible", KEPT[:2], unplaced=(Unplaced(BURST, 2, why),),
+                                       preempted=(Preemption(BURST, waiting),)))
+    burst = (await _state(database))["deployments"][BURST]
+    assert burst.reasons[0]["code"] == "PREEMPTED" and burst.reasons[0]["message"].startswith("replica(s) [0, 1] ")
+
+
 async def test_shards_on_a_down_node_are_replaced(database: Database) -> None:
     snap = await _seeded(database)
     # web replica 1 lost its node and could not be placed again; replica 0 stays.

@@ -43,10 +43,16 @@ PREEMPTED = "PREEMPTED"
 
 
 def preempted_reason(replicas: list[int]) -> dict[str, Any]:
-    """Why a deployment lost replicas to preemption (no other tenant's names: tenants read it)."""
-    return {"code": PREEMPTED, "scope": "",
+    """Why a deployment lost replicas to preemption (no other tenant's names: tenants read it);
+    `replicas` kept as data too, for a later preemption to add to (`preempted_before`)."""
+    return {"code": PREEMPTED, "scope": "", "replicas": replicas,
             "message": f"replica(s) {replicas} preempted (stopped) for work of higher priority or a tenant's "
                        f"reservation; re-queued: placed again when capacity frees up"}
+
+
+def preempted_before(reasons: Iterable[dict[str, Any]]) -> set[int]:
+    """The replicas an earlier preemption's reason names (none for a reason stored without them)."""
+    return {int(r) for reason in reasons if reason.get("code") == PREEMPTED for r in reason.get("replicas") or ()}
 
 
 # Placement decisions that start, stop or move a tenant's work: audited with the plan commit.

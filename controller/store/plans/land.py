@@ -30,7 +30,7 @@ from controller.domain.restarts import failure_reasons
 from controller.store.plans.check import _Checked
 from controller.store.plans.committed import _PlacedRows, _where
 from controller.store.plans.events import (PREEMPTED, _decision_records, _event_rows, _events, _reason_dicts,
-    preempted_reason)
+                                           preempted_before, preempted_reason)
 from controller.store.plans.writes import _as_written, _write
 
 if TYPE_CHECKING:  # the controller may import the solver's types; it never needs them at run time
@@ -154,7 +154,9 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
         if name not in planned:
             reasons = d.reasons or []
         elif name in preempted:  # told why, and kept while what was preempted waits to be placed again
-            reasons = [preempted_reason(sorted(preempted[name]))] + reasons
+            placed_now = {replica for replica, _ in shard_phases[name]}
+            waiting = preempted_before(d.reasons or ()) - placed_now  # an earlier preemption's, still waiting
+            reasons = [preempted_reason(sorted(preempted[name] | waiting))] + reasons
         elif name in unplaced:
             reasons = [r for r in d.reasons or () if r.get("code") == PREEMPTED][:1] + reasons
         failure = failure_reasons(d.reasons or ())  # kept until it runs again (domain/restarts.py)
