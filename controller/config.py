@@ -478,7 +478,8 @@ def _observability_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]
     group.add_argument("--http-listen", default="", metavar="HOST:PORT",
                        help="serve the read-only web console at http://HOST:PORT/ (port 0: any free port)")
     group.add_argument("--max-rss-mib", type=_non_negative_int, default=Config.max_rss_mib,
-                       help="health says NOT_SERVING above this resident memory (0: no ceiling)")
+                       help="health says NOT_SERVING above this resident memory, the decide process's "
+                            "included (0: no ceiling)")
     group.add_argument("--reconcile-stuck-s", type=_positive_float, default=Config.reconcile_stuck_s,
                        help="health says NOT_SERVING when one reconcile pass runs longer than this")
 

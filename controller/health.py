@@ -49,11 +49,17 @@ class HealthSetter(Protocol):
     async def set(self, service: str, status: int) -> None: ...
 
 
-def resident_mib() -> float:
-    """This process's resident set size (Linux /proc), in MiB."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+def resident_mib(*children: int | None) -> float:
+    """This process's resident set size (Linux /proc), in MiB, with those of the `children` named
+    by pid (None, or one gone: nothing): the decide process is as much the controller's memory."""
+    total = 0.0
+    for pid in ("self", *(str(c) for c in children if c is not None)):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+        except (OSError, ValueError, IndexError):  # a child gone meanwhile
+            continue
+    return total
 
 
 def _kinds(problems: list[str]) -> list[str]:

@@ -53,7 +53,7 @@ from controller.gateway.children import GatewayProcesses, GatewaySettings, Gatew
 from controller.gateway.frames import LINK_OPTIONS
 from controller.gateway.relay import RelayServicer, method_handlers
 from controller.gcpolicy import CollectionPacer, WarmHeapFreezer
-from controller.health import LIVENESS_SERVICE, HealthMonitor
+from controller.health import LIVENESS_SERVICE, HealthMonitor, resident_mib
 from controller.identity import CONTROLLER, Principal, Role
 from controller.nodelifecycle import NodeLifecycle
 from controller.preflight import StartupError
@@ -224,6 +224,7 @@ class ControllerApp:
             self.health, ("", *SERVICE_NAMES), db=self.db, reconciler=self.reconciler,
             max_rss_mib=config.max_rss_mib, stuck_s=config.reconcile_stuck_s,
             failures_unhealthy=limits.RECONCILE_FAILURES_UNHEALTHY, interval_s=config.health_interval_s,
+            rss_mib=lambda: resident_mib(self.decider.pid if self.decider is not None else None),
         )
         self.metrics.watch_health(lambda: self.monitor.serving)
         self.server: aio.Server | None = None

@@ -111,3 +111,25 @@ async def test_a_failure_now_and_then_is_no_run(monkeypatch: pytest.MonkeyPatch)
         failures.failed(TimeoutError(), now=60.0 * minute)
         assert failures.failing_for_s(now=60.0 * minute) == 0.0
     assert failures.failing_for_s(now=60.0 * 4 + FAILURES_GAP_S + 1) == 0.0
+
+
+def test_resident_memory_counts_the_decide_process_too() -> None:
+    """--max-rss-mib read /proc/self alone: the decide process (~100 MB at 128 nodes, more as
+    the cluster grows) was not counted, and the pod's memory limit could kill it first."""
+    import subprocess
+    import sys
+    import time
+
+    from controller.health import resident_mib
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        own = resident_mib()
+        deadline = time.monotonic() + 10
+        while resident_mib(child.pid) - own < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert resident_mib(child.pid) - own >= 60
+    finally:
+        child.kill()
+        child.wait()
+    assert abs(resident_mib(child.pid, None) - resident_mib()) < 8  # gone: nothing of it
