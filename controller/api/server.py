@@ -311,7 +311,8 @@ class ControllerApp:
         # A join storm's Registers the gate would refuse are refused before the chain (cheaply).
         shed = LoadShedInterceptor({REGISTER_METHOD: self.hub.shed_register}, on_shed=self.metrics.rpc_shed)
         chain = interceptor_chain(self.authn, *checks, observer=self.metrics, shed=shed,
-                                  on_refused=self.unauthenticated_audit.refused)
+                                  on_refused=self.unauthenticated_audit.refused,
+                                  database_retry_ms=self.db.failures.retry_after_ms)
         server = aio.server(interceptors=chain,
                             options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0),
                                      *self.config.agent_keepalive.server_options()])

@@ -241,6 +241,7 @@ class SqliteWriters:
 # Database failures kept coming this long make the health monitor say NOT_SERVING; a run of them
 # ends after FAILURES_GAP_S without one (a writer waits SQLite's busy timeout before it fails).
 FAILING_UNHEALTHY_S = 30.0
+RETRY_AFTER_MIN_MS, RETRY_AFTER_MAX_MS = 1000, 10_000  # what callers the database failed are told
 FAILURES_GAP_S = SQLITE_BUSY_TIMEOUT_S + 5.0
 
 
@@ -261,6 +262,13 @@ class FailureRun:
             self.began = now
         self.last = now
         self.error = type(exc).__name__  # what failed is in the failing caller's log line
+
+    def retry_after_ms(self) -> int:
+        """The pause a caller the database failed is told: a second at first, then a quarter of
+        how long failures have kept coming, up to RETRY_AFTER_MAX_MS (every agent of a fleet
+        came back each second for a whole outage: thousands of calls a second, each trying the
+        database, at a server that was starting up)."""
+        return int(min(RETRY_AFTER_MAX_MS, max(RETRY_AFTER_MIN_MS, self.failing_for_s() * 250)))
 
     def failing_for_s(self, now: float | None = None) -> float:
         """How long failures have kept coming (0 when the last is more than FAILURES_GAP_S ago)."""

@@ -174,6 +174,35 @@ async def test_a_server_that_takes_no_connection_is_unavailable_and_logged_at_a_
     assert limits.UNAUTHENTICATED_LINES_BURST <= len(lines) <= limits.UNAUTHENTICATED_LINES_BURST + 1, lines
 
 
+async def test_the_pause_a_caller_is_told_grows_with_the_outage(
+        stubs: Stubs, connect, controller_app: ControllerApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every agent of a fleet was told to come back in a second for the whole of a database
+    outage: thousands of calls a second at a server starting up. The pause grows to a quarter of
+    how long the database has kept failing, 10 s at most."""
+    import time as time_module
+
+    created = await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="admin", name="later"))
+
+    async def unreachable(*args: object, **kwargs: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(token_rows, "get_token", unreachable)
+    caller = connect(created.secret)
+
+    async def told_ms() -> int:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await caller.admin.ListTenants(admin_pb2.ListTenantsRequest())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        return int(dict(err.value.trailing_metadata() or ())[RETRY_AFTER_METADATA_KEY])
+
+    assert await told_ms() == 1000
+    failures = controller_app.db.failures
+    failures.began = time_module.monotonic() - 20.0  # failing for 20 s
+    assert 5000 <= await told_ms() <= 5100
+    failures.began = time_module.monotonic() - 600.0
+    assert await told_ms() == 10_000
+
+
 @pytest.mark.parametrize(("request_", "code", "words"), [
     (admin_pb2.CreateTokenRequest(role="root"), grpc.StatusCode.INVALID_ARGUMENT, "role 'root'"),
     (admin_pb2.CreateTokenRequest(role="node"), grpc.StatusCode.INVALID_ARGUMENT, "issued by Register"),

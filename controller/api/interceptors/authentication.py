@@ -16,7 +16,8 @@ from grpc import aio
 
 from controller import errors, limits
 from controller.api.interceptors.behaviour import Behaviour, _BehaviourInterceptor
-from controller.api.interceptors.status import abort_with, database_unavailable_before_the_call
+from controller.api.interceptors.status import (DATABASE_FAILED_RETRY_MS, abort_with,
+                                                 database_unavailable_before_the_call)
 from controller.authn import Authenticator
 from controller.identity import Principal, reset_principal, set_principal
 from controller.ratelimit import Sampler
@@ -38,8 +39,9 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
 
     def __init__(self, authenticator: Authenticator,
                  on_refused: Callable[[str, str, str], Awaitable[None]] | None = None,
-                 lines: Sampler | None = None) -> None:
+                 lines: Sampler | None = None, database_retry_ms: Callable[[], int] | None = None) -> None:
         self._authenticator = authenticator
+        self._database_retry_ms = database_retry_ms or (lambda: DATABASE_FAILED_RETRY_MS)  # as `ErrorInterceptor`'s
         self._on_refused = on_refused
         self._lines = lines or Sampler(limits.UNAUTHENTICATED_LINES_PER_MINUTE, limits.UNAUTHENTICATED_LINES_BURST)
         # Every agent and client meets a database outage at its token's read: a line a caller would
@@ -74,7 +76,7 @@ class AuthenticationInterceptor(_BehaviourInterceptor):
                 log.warning("the database failed verifying the caller of %s (%s: %s); the caller is told "
                             "UNAVAILABLE%s", method, type(exc).__name__, exc,
                             f" (suppressed={left_out})" if left_out else "")
-            await abort_with(context, database_unavailable_before_the_call(method, exc))
+            await abort_with(context, database_unavailable_before_the_call(method, exc, self._database_retry_ms()))
             raise  # not reached: the abort raises
 
     @asynccontextmanager

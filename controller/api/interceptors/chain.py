@@ -56,13 +56,16 @@ def interceptor_chain(authenticator: Authenticator, *extra: aio.ServerIntercepto
                       observer: RpcObserver | None = None,
                       on_refused: Callable[[str, str, str], Awaitable[None]] | None = None,
                       shed: LoadShedInterceptor | None = None,
+                      database_retry_ms: Callable[[], int] | None = None,
                       ) -> list[aio.ServerInterceptor]:
     """Outermost first: load shedding (when given) before anything; the principal is set before
     metrics and logging read it; they see the translated status code; errors are translated around
     `extra` (the audit interceptor), which so sees a failure before its status is sent. All but the
     load shedding build a method's handler once (`BuiltOncePerMethod`): `extra` must build theirs
-    from the method and the inner handler alone, like the others."""
+    from the method and the inner handler alone, like the others. `database_retry_ms`: the pause
+    a caller the database failed is told (`FailureRun.retry_after_ms`)."""
     metrics = [MetricsInterceptor(observer)] if observer is not None else []
-    chain = BuiltOncePerMethod([AuthenticationInterceptor(authenticator, on_refused), *metrics,
-                                LoggingInterceptor(), ErrorInterceptor(), *extra])
+    chain = BuiltOncePerMethod([AuthenticationInterceptor(authenticator, on_refused,
+                                                          database_retry_ms=database_retry_ms), *metrics,
+                                LoggingInterceptor(), ErrorInterceptor(database_retry_ms), *extra])
     return [*([shed] if shed is not None else []), chain]

@@ -10,7 +10,7 @@ structured reasons (`maia-reason-bin`), the rich error with RetryInfo.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -126,6 +126,11 @@ class ErrorInterceptor(_BehaviourInterceptor):
 
     guard_requests = True
 
+    def __init__(self, database_retry_ms: Callable[[], int] | None = None) -> None:
+        # The pause a caller the database failed is told (`FailureRun.retry_after_ms`: it grows
+        # with the outage); DATABASE_FAILED_RETRY_MS without one.
+        self._database_retry_ms = database_retry_ms or (lambda: DATABASE_FAILED_RETRY_MS)
+
     @asynccontextmanager
     async def scope(self, method: str, context: aio.ServicerContext, *, stream: bool) -> AsyncIterator[None]:
         try:
@@ -139,12 +144,11 @@ class ErrorInterceptor(_BehaviourInterceptor):
         except Exception as exc:
             await self._translated(method, context, exc)
 
-    @staticmethod
-    async def _translated(method: str, context: aio.ServicerContext, exc: Exception) -> None:
+    async def _translated(self, method: str, context: aio.ServicerContext, exc: Exception) -> None:
         """End the call with the status `exc` stands for (an abort further in stands as it is)."""
         if isinstance(exc, aio.AbortError):
             raise exc
-        known = as_maia_error(method, exc)
+        known = as_maia_error(method, exc, retry_after_ms=self._database_retry_ms())
         if known is not None:
             await abort_with(context, known)
         else:
@@ -153,15 +157,16 @@ class ErrorInterceptor(_BehaviourInterceptor):
                 (STATUS_DETAILS_METADATA_KEY, error_status(grpc.StatusCode.INTERNAL, message)),))
 
 
-def as_maia_error(method: str, exc: BaseException, *, logged: bool = True) -> errors.MaiaError | None:
+def as_maia_error(method: str, exc: BaseException, *, logged: bool = True,
+                  retry_after_ms: int = DATABASE_FAILED_RETRY_MS) -> errors.MaiaError | None:
     """The error a caller is told for `exc` raised while serving `method` (the class docstring of
     `ErrorInterceptor`), or None for an unexpected one (INTERNAL: `internal_error`). `logged`:
     the translation of a database's failure is logged (False: the audit's outcome, the same
-    answer read again)."""
+    answer read again); `retry_after_ms`: the pause it is told."""
     if isinstance(exc, errors.MaiaError):
         return exc
     if database_failed(exc):
-        return _database_unavailable(method, exc, logged=logged)
+        return _database_unavailable(method, exc, logged=logged, retry_after_ms=retry_after_ms)
     if (why := transaction_aborted(exc)) is not None:
         return _transaction_aborted(method, why, exc, logged=logged)
     return None
@@ -178,7 +183,8 @@ def reads_only(method: str) -> bool:
     return method.rpartition("/")[2].startswith(READ_ONLY_VERBS)
 
 
-def _database_unavailable(method: str, exc: BaseException, *, logged: bool = True) -> errors.Unavailable:
+def _database_unavailable(method: str, exc: BaseException, *, logged: bool = True,
+                          retry_after_ms: int = DATABASE_FAILED_RETRY_MS) -> errors.Unavailable:
     """What a caller is told when the database failed under its call: retry soon, and read first
     (the call's writes may have landed: a COMMIT whose answer was lost cannot be told apart from
     one that never arrived); a call that only reads is told to call again as it is."""
@@ -186,19 +192,20 @@ def _database_unavailable(method: str, exc: BaseException, *, logged: bool = Tru
         log.warning("the database failed during %s; the caller is told UNAVAILABLE", method, exc_info=exc)
     if reads_only(method):
         return errors.Unavailable(f"the controller's database failed during the call ({type(exc).__name__}); "
-                                  f"it only reads: retry it", retry_after_ms=DATABASE_FAILED_RETRY_MS)
+                                  f"it only reads: retry it", retry_after_ms=retry_after_ms)
     return errors.Unavailable(f"the controller's database failed during the call ({type(exc).__name__}); "
                               f"what it wrote may have landed: read before retrying it",
-                              retry_after_ms=DATABASE_FAILED_RETRY_MS, may_have_landed=True)
+                              retry_after_ms=retry_after_ms, may_have_landed=True)
 
 
-def database_unavailable_before_the_call(method: str, exc: Exception) -> errors.Unavailable:
+def database_unavailable_before_the_call(method: str, exc: Exception,
+                                         retry_after_ms: int = DATABASE_FAILED_RETRY_MS) -> errors.Unavailable:
     """What a caller is told when the database failed before its call began (the read that verifies
     its token, in front of every other level): nothing was done, so call again as it is (RetryInfo).
     Logged by the caller (`AuthenticationInterceptor`, at a bounded rate: every agent meets it)."""
     return errors.Unavailable(f"the controller's database could not be read to verify the caller's token "
                               f"({type(exc).__name__}); nothing was done: retry the call",
-                              retry_after_ms=DATABASE_FAILED_RETRY_MS)
+                              retry_after_ms=retry_after_ms)
 
 
 def _transaction_aborted(method: str, why: str, exc: BaseException, *, logged: bool = True) -> errors.Conflict:
