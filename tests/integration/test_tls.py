@@ -160,3 +160,28 @@ async def test_simnode_agents_connect_over_mutual_tls_with_their_own_certificate
     finally:
         await fleet.stop()
         await admin.channel.close()
+
+
+async def test_the_healthcheck_checks_a_tls_controller_over_tls(tls_app: ControllerApp, pki: Path, capsys) -> None:
+    """`python -m controller.healthcheck` (the image's HEALTHCHECK) spoke plaintext only: a
+    controller serving TLS was "unreachable" for ever, and compose's setup waiting for it never ran."""
+    from controller.healthcheck import main as healthcheck
+
+    ca = str(pki / devca.CA_CERT)
+    assert await asyncio.to_thread(healthcheck, [tls_app.address]) == 1  # plaintext at a TLS server
+    assert await asyncio.to_thread(healthcheck, [tls_app.address, "--ca", ca]) == 0
+    assert await asyncio.to_thread(healthcheck, [tls_app.address, "--ca", ca, "--server-name", "localhost"]) == 0
+    assert await asyncio.to_thread(healthcheck, [tls_app.address, "--ca", ca, "--server-name", "elsewhere"]) == 1
+    with pytest.raises(SystemExit) as refused:
+        healthcheck([tls_app.address, "--ca", str(pki / "missing.pem")])
+    assert refused.value.code == 2 and "--ca" in capsys.readouterr().err
+
+
+async def test_the_healthcheck_sends_a_client_certificate_where_one_is_asked_for(mtls_app: ControllerApp,
+                                                                                 pki: Path) -> None:
+    from controller.healthcheck import main as healthcheck
+
+    mutual = [mtls_app.address, "--ca", str(pki / devca.CA_CERT)]
+    assert await asyncio.to_thread(healthcheck, mutual) == 1  # it asks for a client certificate
+    client = [*mutual, "--cert", str(pki / "client-admin.pem"), "--key", str(pki / "client-admin-key.pem")]
+    assert await asyncio.to_thread(healthcheck, client) == 0
