@@ -212,3 +212,26 @@ async def test_an_agent_stream_dropped_by_its_node_is_counted_cancelled_and_logg
             await admin.channel.close()
     connect = [r for r in caplog.records if r.getMessage().startswith("rpc method=/maia.v1.NodeAgentService/Connect ")]
     assert [r.levelno for r in connect] == [logging.INFO], [r.getMessage() for r in connect]
+
+
+async def test_agent_streams_the_controller_ends_at_its_stop_are_logged_at_info(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """At a clean stop the controller ends every agent's stream UNAVAILABLE (go to another
+    controller): a WARNING line an agent, 63 of them at each SIGTERM of a 64-node fleet."""
+    caplog.set_level(logging.DEBUG, logger="maia.api")
+    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
+        admin = Stubs.connect(app.address, admin_token_of(app))
+        node = Stubs.connect(app.address, admin_token_of(app))
+        try:
+            await admin.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+            agent = HandAgent(node, "node-1", "rack-a")
+            await agent.register()
+            await agent.connect()
+            await agent.next_set()
+            await app.stop(grace_s=1.0)
+        finally:
+            await admin.channel.close()
+            await node.channel.close()
+    connect = [r for r in caplog.records if r.getMessage().startswith("rpc method=/maia.v1.NodeAgentService/Connect ")]
+    assert [(r.levelno, "code=UNAVAILABLE" in r.getMessage()) for r in connect] == [(logging.INFO, True)], \
+        [r.getMessage() for r in connect]

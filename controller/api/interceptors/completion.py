@@ -138,6 +138,7 @@ class MetricsInterceptor(_CompletionInterceptor):
 # - ERROR: the controller's own fault (INTERNAL, UNKNOWN, DATA_LOSS; INTERNAL's traceback is logged
 #   where it is translated, `status.internal_error`; UNKNOWN's, untranslated, with its line).
 # A code not named here (none is today) is logged at WARNING.
+AGENT_STREAM = "/maia.v1.NodeAgentService/Connect"  # a node agent's stream (api/agents.py)
 LOG_LEVEL_BY_CODE: dict[str, int] = {
     "OK": logging.INFO,
     **dict.fromkeys(("CANCELLED", "INVALID_ARGUMENT", "OUT_OF_RANGE", "UNIMPLEMENTED", "NOT_FOUND",
@@ -161,6 +162,11 @@ class LoggingInterceptor(_CompletionInterceptor):
         level = LOG_LEVEL_BY_CODE.get(code, logging.WARNING)
         if code == "OK" and method.endswith(("/Check", "/Watch")):
             level = logging.DEBUG
+        elif code == "UNAVAILABLE" and method == AGENT_STREAM:
+            # The controller ends agents' streams so itself (stopping, stepping down, an agent gone
+            # silent), logged once where it decides (the hub, the node's suspect line): a line an
+            # agent at WARNING was one per node at every shutdown.
+            level = logging.INFO
         if not log.isEnabledFor(level):  # the line's fields are not worked out for nothing
             return
         untranslated = failed if code == "UNKNOWN" and isinstance(failed, Exception) else None
