@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from grpc import aio
 from controller import errors
 from controller.api.interceptors import BuiltOncePerMethod, ErrorInterceptor
 from controller.api.interceptors.completion import LoggingInterceptor, MetricsInterceptor
+from controller.api.server import ControllerApp
 from grpc_harness import HandAgent, Stubs, admin_token_of, running_controller, topology
 
 SERVICE = "maia.v1.Probe"
@@ -190,6 +192,29 @@ async def test_an_exception_no_level_translated_is_counted_unknown_as_grpc_answe
     assert line.levelno == logging.ERROR and line.exc_info is not None  # its traceback, logged nowhere else
 
 
+@asynccontextmanager
+async def _an_agent_streaming(app: ControllerApp) -> AsyncIterator[Stubs]:
+    """One node's agent registered and streaming (its first set received), on a channel of its
+    own as a node has: that channel's stubs."""
+    admin = Stubs.connect(app.address, admin_token_of(app))
+    node = Stubs.connect(app.address, admin_token_of(app))
+    agent = HandAgent(node, "node-1", "rack-a")
+    try:
+        await admin.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+        await agent.register()
+        await agent.connect()
+        await agent.next_set()
+        yield node
+    finally:
+        await agent.close()
+        await admin.channel.close()
+        await node.channel.close()
+
+
+def _connect_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("rpc method=/maia.v1.NodeAgentService/Connect ")]
+
+
 async def test_an_agent_stream_dropped_by_its_node_is_counted_cancelled_and_logged_at_info(
         db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A node killed (its connection reset) ends its Connect under the handler: CANCELLED, at INFO
@@ -198,19 +223,10 @@ async def test_an_agent_stream_dropped_by_its_node_is_counted_cancelled_and_logg
     async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
         handled = _Handled()
         app.metrics.rpc_handled = handled.rpc_handled  # type: ignore[method-assign]
-        admin = Stubs.connect(app.address, admin_token_of(app))
-        node = Stubs.connect(app.address, admin_token_of(app))  # a channel of its own, as a node has
-        try:
-            await admin.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            agent = HandAgent(node, "node-1", "rack-a")
-            await agent.register()
-            await agent.connect()
-            await agent.next_set()
+        async with _an_agent_streaming(app) as node:
             await node.channel.close(grace=None)  # the node's process gone: its connection reset
             assert await _ended(handled, "Connect") == "CANCELLED"
-        finally:
-            await admin.channel.close()
-    connect = [r for r in caplog.records if r.getMessage().startswith("rpc method=/maia.v1.NodeAgentService/Connect ")]
+    connect = _connect_lines(caplog)
     assert [r.levelno for r in connect] == [logging.INFO], [r.getMessage() for r in connect]
 
 
@@ -220,18 +236,8 @@ async def test_agent_streams_the_controller_ends_at_its_stop_are_logged_at_info(
     controller): a WARNING line an agent, 63 of them at each SIGTERM of a 64-node fleet."""
     caplog.set_level(logging.DEBUG, logger="maia.api")
     async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
-        admin = Stubs.connect(app.address, admin_token_of(app))
-        node = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            await admin.admin.ApplyTopology(topology({"rack-a": "row-a"}))
-            agent = HandAgent(node, "node-1", "rack-a")
-            await agent.register()
-            await agent.connect()
-            await agent.next_set()
+        async with _an_agent_streaming(app):
             await app.stop(grace_s=1.0)
-        finally:
-            await admin.channel.close()
-            await node.channel.close()
-    connect = [r for r in caplog.records if r.getMessage().startswith("rpc method=/maia.v1.NodeAgentService/Connect ")]
+    connect = _connect_lines(caplog)
     assert [(r.levelno, "code=UNAVAILABLE" in r.getMessage()) for r in connect] == [(logging.INFO, True)], \
         [r.getMessage() for r in connect]
