@@ -169,6 +169,13 @@ def test_the_image_is_multi_stage_pinned_non_root_and_health_checked() -> None:
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert any(i["instruction"] == "HEALTHCHECK" and "controller.healthcheck" in i["value"] for i in final)
     assert any(i["instruction"] == "ENTRYPOINT" and "maia-controller" in i["value"] for i in final)
+    # Run alone (no --db, no MAIA_DB_URL given), the default SQLite file is where its user may write:
+    # /app is root's, and the default "maia.db" there refused to start.
+    env = " ".join(i["value"] for i in final if i["instruction"] == "ENV")
+    db = re.search(r"MAIA_DB_URL=sqlite\+aiosqlite:///(/\S+)/maia\.db", env)
+    assert db, env
+    made = " ".join(i["value"] for i in final if i["instruction"] == "RUN")
+    assert re.search(rf"install -d -o maia -g maia .*{re.escape(db.group(1))}", made), made
     # What the build copies exists, and .dockerignore does not hide it.
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
