@@ -225,8 +225,9 @@ class ControllerMetrics:
             ["path"], registry=r)
         self.scheduling_queue = Gauge("maia_scheduling_queue_deployments",
                                       "Deployments in the reconciler's scheduling queue: active (not attempted yet), "
-                                      "backoff (one more try by the full solve due), unschedulable (waiting for a "
-                                      "change that could help).", ["queue"], registry=r)
+                                      "backoff (one more try by the full solve due), unschedulable (none of it placed, "
+                                      "waiting for a change that could help; a deployment placed in part and short "
+                                      "of replicas is in maia_deployments{phase=\"degraded\"}).", ["queue"], registry=r)
         self.agents_admitted = Counter("maia_agent_admission_admitted",
                                        "Agent Registers and Connect hellos let in by the admission gate.", registry=r)
         self.agents_refused = Counter("maia_agent_admission_refused",
