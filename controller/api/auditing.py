@@ -59,6 +59,7 @@ from grpc import aio
 from controller import limits
 from controller.api import dryrun
 from controller.api.interceptors import as_maia_error, code_of, reads_only, status_for
+from controller.api.interceptors.status import DATABASE_FAILED_RETRY_MS
 from controller.domain.values import deployment_key
 from controller.identity import current_principal, new_request_id
 from controller.ratelimit import Sampler
@@ -113,15 +114,15 @@ def describe_target(method: str, request: Message) -> tuple[str, str, str]:
     return kind, object_id, tenant if isinstance(tenant, str) else ""
 
 
-def outcome_of(method: str, context: aio.ServicerContext | None,
-               failed: BaseException | None) -> tuple[str, str, int | None]:
+def outcome_of(method: str, context: aio.ServicerContext | None, failed: BaseException | None, *,
+               database_retry_ms: int = DATABASE_FAILED_RETRY_MS) -> tuple[str, str, int | None]:
     """(status code name, message, retry_after_ms) a call ends with. The interceptor sits inside the error
     translation, so a use case's error is seen before it becomes a status (and the entry is
     written before the caller hears the answer): translated here as the caller will be told
     (a database that failed under the call is UNAVAILABLE, not INTERNAL)."""
     if failed is None:
         return "OK", "", None
-    if (known := as_maia_error(method, failed, logged=False)) is not None:
+    if (known := as_maia_error(method, failed, logged=False, retry_after_ms=database_retry_ms)) is not None:
         return status_for(known).name, known.message, known.retry_after_ms
     if isinstance(failed, aio.AbortError) and context is not None:  # an interceptor further in aborted
         return code_of(context, failed), (context.details() if hasattr(context, "details") else "") or "", None
@@ -134,6 +135,7 @@ class AuditInterceptor(aio.ServerInterceptor):
     """Appends one audit entry per mutating call (see the module docstring)."""
 
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._failures = db.failures  # the pause a caller the database failed is told grows with it
         self._entries = audit.EntryWriter(db)  # the entries of calls that failed or wrote nothing
         self._retry_later = Sampler(limits.RETRY_LATER_AUDITS_PER_MINUTE, limits.RETRY_LATER_AUDITS_BURST, clock)
 
@@ -197,9 +199,10 @@ class AuditInterceptor(aio.ServerInterceptor):
             request_id=principal.request_id or new_request_id(),
         )
 
-    @staticmethod
-    def _ended(entry: AuditRecord, context: aio.ServicerContext | None, failed: BaseException | None) -> AuditRecord:
-        outcome, message, retry = outcome_of(entry.action, context, failed)
+    def _ended(self, entry: AuditRecord, context: aio.ServicerContext | None,
+               failed: BaseException | None) -> AuditRecord:
+        outcome, message, retry = outcome_of(entry.action, context, failed,
+                                             database_retry_ms=self._failures.retry_after_ms())
         return replace(entry, outcome=outcome, detail={**entry.detail, **({"message": message} if message else {}),
                                                        **({"retry_after_ms": retry} if retry is not None else {})})
 

@@ -246,8 +246,8 @@ FAILURES_GAP_S = SQLITE_BUSY_TIMEOUT_S + 5.0
 
 
 class FailureRun:
-    """The run of database failures (`database_failed`) that this process's units of work met:
-    when it began, when the last came, and its kind. A database that answers the health probe's
+    """The run of database failures (`database_failed`) that this process's units of work met
+    since one last committed: when it began, when the last came, and its kind. A database that answers the health probe's
     `SELECT 1` may take no write (SQLite's write lock held by another process, a PostgreSQL table
     locked): then every writer fails while the probe passes, and only this run tells."""
 
@@ -269,6 +269,12 @@ class FailureRun:
         came back each second for a whole outage: thousands of calls a second, each trying the
         database, at a server that was starting up)."""
         return int(min(RETRY_AFTER_MAX_MS, max(RETRY_AFTER_MIN_MS, self.failing_for_s() * 250)))
+
+    def committed(self) -> None:
+        """A unit of work committed: whatever failed before, the database takes work (a failure now
+        and then under load is no outage)."""
+        if self.began is not None:
+            self.began = self.last = None
 
     def failing_for_s(self, now: float | None = None) -> float:
         """How long failures have kept coming (0 when the last is more than FAILURES_GAP_S ago)."""
@@ -346,6 +352,7 @@ class UnitOfWork:
 
     session: AsyncSession
     fence: Fence | None = None
+    failures: FailureRun | None = None  # its database's (a commit ends a run of failures)
 
     async def commit(self) -> None:
         # Inside an audited API call, the call's audit entry is written in this transaction.
@@ -353,6 +360,8 @@ class UnitOfWork:
             await audit.commit(self.session)
         else:
             await self.fence.commit(self.session, lambda: audit.commit(self.session))
+        if self.failures is not None:
+            self.failures.committed()
 
     async def rollback(self) -> None:
         await self.session.rollback()
@@ -397,7 +406,7 @@ class Database:
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
         session = self._sessions()
         try:
-            yield UnitOfWork(session, self.fence)
+            yield UnitOfWork(session, self.fence, self.failures)
         except BaseException as exc:
             if database_failed(exc):
                 self.failures.failed(exc)

@@ -133,3 +133,22 @@ def test_resident_memory_counts_the_decide_process_too() -> None:
         child.kill()
         child.wait()
     assert abs(resident_mib(child.pid, None) - resident_mib()) < 8  # gone: nothing of it
+
+
+async def test_a_commit_between_failures_ends_their_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load, a "database is locked" or a pool timeout every ~30 s with thousands of commits
+    between them read as failing for minutes: NOT_SERVING, and every failed caller told 10 s."""
+    db = Database("sqlite+aiosqlite://")
+    clock = [0.0]
+    monkeypatch.setattr(db_module.time, "monotonic", lambda: clock[0])
+    for t in (0.0, 30.0, 60.0, 90.0):
+        clock[0] = t
+        db.failures.failed(TimeoutError())
+        async with db.unit_of_work() as uow:  # work that went through meanwhile
+            await uow.commit()
+    db.failures.failed(TimeoutError())
+    assert db.failures.failing_for_s() == 0.0 and db.failures.retry_after_ms() == 1000
+    for t in (100.0, 110.0):  # nothing committed since the one at 90: a run of 20 s
+        clock[0] = t
+        db.failures.failed(TimeoutError())
+    assert db.failures.failing_for_s() == 20.0 and db.failures.retry_after_ms() == 5000

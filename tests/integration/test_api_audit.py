@@ -143,6 +143,15 @@ async def test_a_call_the_database_failed_under_is_audited_as_its_caller_was_tol
     assert (entry.object_id, entry.outcome) == ("lab-a", "UNAVAILABLE")
     assert entry.detail["message"] == failed.value.details()
     assert entry.detail["retry_after_ms"] == 1000
+    # Failing for a while, the caller is told a longer pause: the entry says the same one.
+    import time as time_module
+    monkeypatch.setattr(controller_app.db.failures, "committed", lambda: None)  # nothing lands in an outage
+    controller_app.db.failures.began = controller_app.db.failures.last = time_module.monotonic() - 20.0
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab-b"))
+    told = int(dict(again.value.trailing_metadata() or ())["retry-after-ms"])
+    [later] = [e for e in await _entries(controller_app) if e.object_id == "lab-b"]
+    assert told >= 5000 and later.detail["retry_after_ms"] == told
 
 
 async def test_a_since_outside_what_a_time_can_hold_is_invalid_argument(stubs: Stubs) -> None:
