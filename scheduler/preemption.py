@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from scheduler.model import Reason
-from scheduler.room import Replica, TrialBudget, make_room
+from scheduler.room import Replica, TrialBudget, could_fit_anywhere, make_room
 
 if TYPE_CHECKING:
     from scheduler.solve import Solver
@@ -54,8 +54,8 @@ def preempt_for(solver: Solver, d: int) -> None:
         found = make_room(solver, d, eligible, relocate=False, budget=0,
                           trials=solver.room_trials, deadline=solver.deadline)
         if found is None:
-            if solver.room_trials.left <= 0:  # the search's budget ran out, maybe not the room
-                solver.trials_cut.add(d)
+            if solver.room_trials.left <= 0 and could_fit_anywhere(solver.state, d, eligible):
+                solver.trials_cut.add(d)  # the search's budget ran out, not the room
             solver.late(d)
             return
         trial, removed, _ = found

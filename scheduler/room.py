@@ -79,10 +79,12 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1) for v in eligible}
     orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
               lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
-    # No trial costs less than one replica of the lowest priority there is, moved nowhere: once
-    # one does, the domains left cannot beat it (a later one replaces the best only if cheaper),
-    # and their trials are left for the next replica.
-    floor = (1, 0, min(state.deps[v[0]].priority for v in eligible), 0) if eligible else None
+    # No trial costs less than one replica of the lowest priority there is, moved nowhere, taking
+    # the least owed work one victim can: once one does, the domains left cannot beat it, and
+    # their trials are left for the next replica.
+    floor = (1, 0, min(state.deps[v[0]].priority for v in eligible),
+             0 if relocate else min(_owed_alone(state, v, int(state.dep_tenant[d])) for v in eligible)
+             ) if eligible else None
     for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
         if deadline is not None and time.perf_counter() >= deadline:
             break
@@ -134,6 +136,12 @@ def search_level(state: ClusterState, d: int) -> str:
     if state.dedicated_rack.any() or state.topo.tenant_excludes[t].any():
         return "rack"
     return level
+
+
+def could_fit_anywhere(state: ClusterState, d: int, victims: list[Replica]) -> bool:
+    """Could one replica of d fit somewhere with every one of `victims` taken out? When not, no
+    search over them, however long, makes room (`_domain_can_fit` over the whole cluster)."""
+    return _domain_can_fit(state, d, victims, np.ones(state.topo.n_nodes, dtype=bool))
 
 
 def _domain_can_fit(state: ClusterState, d: int, victims: list[Replica],
@@ -237,17 +245,30 @@ def _finish(solver: Solver, d: int, trial: ClusterState, placer: Placer,
                          sorted(old[s].indices) != sorted(at.indices))
         if moved > budget:
             return None
-    cost = (len(removed), moved, sum(state.deps[vd].priority for vd, _ in removed), _owed_taken(state, trial, removed))
+    owed = 0 if relocate else _owed_taken(state, trial, removed, int(state.dep_tenant[d]))
+    cost = (len(removed), moved, sum(state.deps[vd].priority for vd, _ in removed), owed)
     return cost, trial, removed, moved
 
 
-def _owed_taken(state: ClusterState, trial: ClusterState, removed: list[Replica]) -> int:
-    """Milli-accelerators the removals take from tenants they leave below their reservation."""
+def _owed_alone(state: ClusterState, v: Replica, claimant: int) -> int:
+    """What `_owed_taken` says of taking `v` out alone."""
+    t = int(state.dep_tenant[v[0]])
+    reserved = state.topo.tenant_reserved_milli[t]
+    if t == claimant or reserved <= 0:
+        return 0
+    held = state.tenant_milli[t]
+    after = held - sum(at.milli * len(at.indices) for at in state.replicas[v].values())
+    return max(0, int(min(held, reserved) - after)) if after < reserved else 0
+
+
+def _owed_taken(state: ClusterState, trial: ClusterState, removed: list[Replica], claimant: int) -> int:
+    """Milli-accelerators the removals take from other tenants they leave below their reservation
+    (a move takes nothing; the claimant's own are its business)."""
     reserved = state.topo.tenant_reserved_milli
     taken = 0
-    for t in {int(state.dep_tenant[vd]) for vd, _ in removed}:
+    for t in {int(state.dep_tenant[vd]) for vd, _ in removed} - {claimant}:
         if reserved[t] > 0 and trial.tenant_milli[t] < reserved[t]:
-            taken += int(min(state.tenant_milli[t], reserved[t]) - trial.tenant_milli[t])
+            taken += max(0, int(min(state.tenant_milli[t], reserved[t]) - trial.tenant_milli[t]))
     return taken
 
 

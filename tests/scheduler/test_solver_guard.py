@@ -79,7 +79,8 @@ def test_a_trial_count_not_the_clock_ends_the_move_and_preemption_searches(
 
 
 @pytest.mark.parametrize("mode", ["batch", "online"])
-def test_a_claim_that_preempts_one_replica_a_replica_is_placed_whole_in_one_solve(mode: str) -> None:
+@pytest.mark.parametrize("burst_reserved", [0, 256])
+def test_a_claim_that_preempts_one_replica_a_replica_is_placed_whole_in_one_solve(mode: str, burst_reserved: int) -> None:
     """A reserved tenant's 8 replicas on 64 full nodes of one preemptible replica each: the
     search tried every node for each replica (a domain could only tie with the first one-victim
     trial), spent the solve's 256 trials on three replicas and left five unplaced as CAPACITY;
@@ -90,7 +91,10 @@ def test_a_claim_that_preempts_one_replica_a_replica_is_placed_whole_in_one_solv
     nodes = [node(f"n{i:02d}", rack=f"r{i // 16}") for i in range(64)]
     bg = dep("bg", tenant="burst", acc=4, replicas=64, locality="node", priority=10, preemptible=True)
     gold = dep("x", tenant="gold", acc=4, replicas=8, locality="node", priority=10)
-    doc = problem(nodes, [bg, gold], tenants=[{"id": "burst"}, {"id": "gold", "reserved_accelerators": 64}],
+    # With burst owed all it holds too, every victim takes owed work (the tie-break's term): the
+    # search must stop at one victim all the same (it ran on, three replicas a solve, in review).
+    doc = problem(nodes, [bg, gold], tenants=[{"id": "burst", "reserved_accelerators": burst_reserved},
+                                              {"id": "gold", "reserved_accelerators": 64}],
                   placements=[placed("bg", f"n{i:02d}", [0, 1, 2, 3], replica=i) for i in range(64)],
                   mode=mode, allow_preemption=True)
     plan = solve_doc(doc)
@@ -143,3 +147,20 @@ def test_of_equally_cheap_victims_the_work_no_tenant_is_owed_goes(silver_first: 
                   placements=placements, mode="online", allow_preemption=True)
     plan = solve_doc(doc)
     assert [p.deployment for p in plan.preempted] == ["bp"]
+
+
+def test_a_claim_no_preemption_could_place_is_not_cut_short() -> None:
+    """Twelve claims of 8 accelerators on one node, on nodes of 4: no victims make room. Their
+    hopeless domains spent the trial budget, and every claim after the first few said TIME_LIMIT
+    ("another solve goes on"): the plan feasible, not infeasible, and solved again for ever."""
+    from builders import dep, node, placed, problem
+
+    nodes = [node(f"n{i:02d}", rack=f"r{i // 8}") for i in range(32)]
+    bg = dep("bg", tenant="burst", acc=4, replicas=32, locality="node", priority=10, preemptible=True)
+    claims = [dep(f"big{i}", tenant="gold", acc=8, locality="node", priority=50) for i in range(12)]
+    doc = problem(nodes, [bg, *claims], tenants=[{"id": "burst"}, {"id": "gold"}],
+                  placements=[placed("bg", f"n{i:02d}", [0, 1, 2, 3], replica=i) for i in range(32)],
+                  allow_preemption=True)
+    plan = solve_doc(doc)
+    assert plan.status == "infeasible" and "trials_cut" not in plan.stats
+    assert all("TIME_LIMIT" not in {r.code for r in u.reasons} for u in plan.unplaced)
