@@ -295,9 +295,9 @@ class LeaderElection:
             self.leader = LeaderAddress(row.address, row.agent_address) if row.live else LeaderAddress()
             self._step_down(f"controller {row.holder} holds the lease now", term.token)
             return
-        self.leader = LeaderAddress(self.address, self.agent_address)
         valid_until = math.inf if self._exclusive else sent + self.settings.ttl_s - self.settings.margin_s
-        with self._lock:
+        with self._lock:  # with the term: a step-down between them cleared it under a term renewed
+            self.leader = LeaderAddress(self.address, self.agent_address)
             now = self._term
             if now.token == held and now.valid_until:  # a renewal of the term held (announced or not yet)
                 self._term = _Term(held, now.leading, max(now.valid_until, valid_until))

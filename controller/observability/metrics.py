@@ -207,7 +207,7 @@ class ControllerMetrics:
         self.serving = Gauge("maia_serving", "1 while this controller's readiness (grpc.health.v1) says SERVING, "
                              "0 while NOT_SERVING (the reasons are logged).", registry=r)
         self.serving.set(1)
-        # The process's own: resident memory (what --max-rss-mib compares), CPU, open files.
+        # The process's own: resident memory (--max-rss-mib adds the decide process's to it), CPU, open files.
         ProcessCollector(registry=r)
         self.lease_acquisitions = Counter("maia_lease_acquisitions",
                                           "Times this controller acquired the leader lease.", registry=r)

@@ -266,6 +266,14 @@ async def test_a_second_preemption_names_the_first_ones_replicas_still_waiting(d
                                        preempted=(Preemption(BURST, waiting),)))
     burst = (await _state(database))["deployments"][BURST]
     assert burst.reasons[0]["code"] == "PREEMPTED" and burst.reasons[0]["message"].startswith("replica(s) [0, 1] ")
+    # One placed again: the reason kept names the other alone (it named both till the next preemption).
+    async with database.unit_of_work() as uow:
+        snap = await load_snapshot(uow.session)
+    await _commit(database, snap, Plan("feasible", KEPT[:2] + (P(BURST, 0, 0, "n4", 0, 1, 2, 3),),
+                                       unplaced=(Unplaced(BURST, 1, why),)))
+    burst = (await _state(database))["deployments"][BURST]
+    assert [r["code"] for r in burst.reasons] == ["PREEMPTED", "CAPACITY"]
+    assert len(burst.reasons[0]["replicas"]) == 1
 
 
 async def test_shards_on_a_down_node_are_replaced(database: Database) -> None:

@@ -153,12 +153,14 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
         reasons = _reason_dicts(unplaced[name].reasons) if name in unplaced else []
         if name not in planned:
             reasons = d.reasons or []
-        elif name in preempted:  # told why, and kept while what was preempted waits to be placed again
+        elif name in preempted or name in unplaced:  # told why, kept while what was preempted waits
             placed_now = {replica for replica, _ in shard_phases[name]}
-            waiting = preempted_before(d.reasons or ()) - placed_now  # an earlier preemption's, still waiting
-            reasons = [preempted_reason(sorted(preempted[name] | waiting))] + reasons
-        elif name in unplaced:
-            reasons = [r for r in d.reasons or () if r.get("code") == PREEMPTED][:1] + reasons
+            before = [r for r in d.reasons or () if r.get("code") == PREEMPTED][:1]
+            waiting = preempted_before(before) - placed_now  # an earlier preemption's, still waiting
+            if name in preempted or waiting:
+                reasons = [preempted_reason(sorted(preempted.get(name, set()) | waiting))] + reasons
+            elif before and "replicas" not in before[0]:  # stored before the replicas were kept with it
+                reasons = before + reasons
         failure = failure_reasons(d.reasons or ())  # kept until it runs again (domain/restarts.py)
         counts = replica_counts(d.shards_per_replica, shard_phases[name], sizes=sizes.get(name))
         phase = DeploymentPhase(deployment_phase(d.replicas, counts, failed=d.phase is DeploymentPhase.FAILED,
