@@ -66,7 +66,7 @@ async def test_retry_info_only_on_answers_that_wrote_nothing(make, code, retry_a
 async def test_an_unexpected_error_carries_the_status_too() -> None:
     context = _Context()
     with pytest.raises(_Aborted):
-        await ErrorInterceptor._translated("/m", context, RuntimeError("a bug"))  # type: ignore[arg-type]
+        await ErrorInterceptor()._translated("/m", context, RuntimeError("a bug"))  # type: ignore[arg-type]
     status = rich_status(context.trailing)
     assert context.code == grpc.StatusCode.INTERNAL
     assert status is not None and (status.code, status.message, len(status.details)) == (
