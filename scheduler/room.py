@@ -109,6 +109,8 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
             # One victim alone can be enough where the orders took several (its removal
             # clears an exclusion, say): try the first few singly.
             for v in tries[0][:SINGLE_VICTIM_TRIALS]:
+                if not _alone_may_fit(state, d, v, allowed):
+                    continue  # taken out alone, it frees too little: no trial spent on it
                 if not trials.spend():
                     break
                 found, _ = _trial(solver, d, r, [v], allowed, relocate, budget)
@@ -162,6 +164,19 @@ def _domain_can_fit(state: ClusterState, d: int, victims: list[Replica],
     if count == 1 and dep.locality in ("node", "none"):
         return True  # one shard: any node with a slot (place_gang asks nothing more)
     return bool(gang_capacity(trial, d, slots, dep.locality).max(initial=0) >= count)
+
+
+def _alone_may_fit(state: ClusterState, d: int, v: Replica, allowed: np.ndarray) -> bool:
+    """A necessary condition for one replica of d in `allowed` with `v` alone taken out: the
+    whole accelerators free there and those `v` holds there are enough (a fractional shard, or
+    none, is left to the trial). A replica of 4 accelerators on nodes of two 2-accelerator
+    victims spent a domain's eight single-victim trials on what could never fit."""
+    spec = state.deps[d].shard
+    if spec.accelerators == 0 or spec.fractional:
+        return True
+    free = int((state.acc_free[allowed] >= 1000).sum())
+    held = sum(len(at.indices) for at in state.replicas[v].values() if allowed[at.node])
+    return free + held >= state.deps[d].shards_per_replica * spec.accelerators
 
 
 def _may_fit(state: ClusterState, d: int, allowed: np.ndarray) -> bool:
