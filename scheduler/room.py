@@ -82,13 +82,17 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     # No trial costs less than one replica of the lowest priority there is, moved nowhere, taking
     # the least owed work one victim can: once one does, the domains left cannot beat it, and
     # their trials are left for the next replica.
-    floor = (1, 0, min(state.deps[v[0]].priority for v in eligible),
-             0 if relocate else min(_owed_alone(state, v, int(state.dep_tenant[d])) for v in eligible)
-             ) if eligible else None
+    lowest = min((state.deps[v[0]].priority for v in eligible), default=0)
+    least_owed = 0 if relocate or not eligible else min(_owed_alone(state, v, int(state.dep_tenant[d])) for v in eligible)
+    floor = (1, 0, lowest, least_owed) if eligible else None
     for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
         if deadline is not None and time.perf_counter() >= deadline:
             break
         allowed = dom == dm
+        if best is not None:  # what a domain's trials could cost at least, from its capacity alone
+            k = _fewest_victims(state, d, by_domain[dm], allowed)
+            if best[0] <= (k, 0, k * lowest, least_owed if k == 1 else 0):
+                continue  # it cannot beat the best found: no trial spent on it
         tries = [sorted(by_domain[dm], key=order) for order in orders]
         doomed = not _domain_can_fit(state, d, by_domain[dm], allowed)
         here = None
@@ -164,6 +168,25 @@ def _domain_can_fit(state: ClusterState, d: int, victims: list[Replica],
     if count == 1 and dep.locality in ("node", "none"):
         return True  # one shard: any node with a slot (place_gang asks nothing more)
     return bool(gang_capacity(trial, d, slots, dep.locality).max(initial=0) >= count)
+
+
+def _fewest_victims(state: ClusterState, d: int, victims: list[Replica], allowed: np.ndarray) -> int:
+    """A lower bound of the victims a replica of d needs taken out of `allowed`: the fewest whose
+    whole accelerators there, with those free, add up to the replica's (taking work out frees
+    no more than it holds). 1 for a fractional shard, or none (left to the trials); more than
+    there are when even all of them are too few."""
+    dep = state.deps[d]
+    spec = dep.shard
+    if spec.accelerators == 0 or spec.fractional:
+        return 1
+    short = dep.shards_per_replica * spec.accelerators - int((state.acc_free[allowed] >= 1000).sum())
+    sizes = sorted((sum(len(at.indices) for at in state.replicas[v].values() if allowed[at.node]) for v in victims),
+                   reverse=True)
+    for k, size in enumerate(sizes, 1):
+        short -= size
+        if short <= 0:
+            return k
+    return max(1, len(sizes) + 1) if short > 0 else 1
 
 
 def _alone_may_fit(state: ClusterState, d: int, v: Replica, allowed: np.ndarray) -> bool:
