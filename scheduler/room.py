@@ -79,20 +79,22 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1) for v in eligible}
     orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
               lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
-    # No trial costs less than one replica of the lowest priority there is, moved nowhere, taking
-    # the least owed work one victim can: once one does, the domains left cannot beat it, and
-    # their trials are left for the next replica.
+    claimant = int(state.dep_tenant[d])
     lowest = min((state.deps[v[0]].priority for v in eligible), default=0)
-    least_owed = 0 if relocate or not eligible else min(_owed_alone(state, v, int(state.dep_tenant[d])) for v in eligible)
-    floor = (1, 0, lowest, least_owed) if eligible else None
+    least_owed = 0 if relocate else min((_owed_alone(state, v, claimant) for v in eligible), default=0)
+
+    def least_cost(victims: int) -> tuple[int, int, int, int]:
+        """No trial taking out this many victims costs less: each of the lowest priority there
+        is, moved nowhere, one alone taking the least owed work one can. A domain that cannot beat
+        the best found so is skipped, and once the best costs what one victim can, the search
+        ends: their trials are left for the next replica."""
+        return victims, 0, victims * lowest, least_owed if victims == 1 else 0
     for dm in ranked[:MAX_PREEMPTION_DOMAINS]:
         if deadline is not None and time.perf_counter() >= deadline:
             break
         allowed = dom == dm
-        if best is not None:  # what a domain's trials could cost at least, from its capacity alone
-            k = _fewest_victims(state, d, by_domain[dm], allowed)
-            if best[0] <= (k, 0, k * lowest, least_owed if k == 1 else 0):
-                continue  # it cannot beat the best found: no trial spent on it
+        if best is not None and best[0] <= least_cost(_fewest_victims(state, d, by_domain[dm], allowed)):
+            continue  # from its capacity alone, it cannot beat the best found: no trial spent on it
         tries = [sorted(by_domain[dm], key=order) for order in orders]
         doomed = not _domain_can_fit(state, d, by_domain[dm], allowed)
         here = None
@@ -122,7 +124,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
                     here = found
         if here is not None and (best is None or here[0] < best[0]):
             best = here
-        if trials.left <= 0 or (best is not None and floor is not None and best[0] <= floor):
+        if trials.left <= 0 or (best is not None and best[0] <= least_cost(1)):
             break
     if best is None:
         return None
