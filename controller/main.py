@@ -5,13 +5,13 @@ asked for port 0), so scripts and tests can read where it is, and with --metrics
 "maia-controller metrics on http://HOST:PORT/metrics", with --http-listen "maia-controller
 console on http://HOST:PORT/". Exit codes: 0 after a clean stop, 3 when a stop did not finish
 within SHUTDOWN_DEADLINE_S (or a second SIGINT/SIGTERM asked for it at once: every thread's stack
-is written to stderr first, so a stuck shutdown can be diagnosed; a SIGTERM once the stop is over is ignored), 2 for a bad --listen or --db or two
-listen flags on one port (checked by `preflight` before the database is touched), a TLS file
-that cannot be read, when the database cannot be reached (a PostgreSQL server is tried for
---db-wait first; a stop meanwhile exits 0), when the schema is behind and --no-migrate forbids
-upgrading it, when it is ahead of this code, when a SQLite database is read-only, or when
---bootstrap-admin-token-file cannot be written (no token is then created). Every such error is
-one line on stderr, with a hint.
+is written to stderr first, so a stuck shutdown can be diagnosed; a SIGTERM once the stop is over
+is ignored), 2 for a bad --listen or --db or two listen flags on one port (checked by
+`preflight` before the database is touched), a TLS file that cannot be read, when the database
+cannot be reached (a PostgreSQL server is tried for --db-wait first; a stop meanwhile exits 0),
+when the schema is behind and --no-migrate forbids upgrading it, when it is ahead of this code,
+when a SQLite database is read-only, or when --bootstrap-admin-token-file cannot be written (no
+token is then created). Every such error is one line on stderr, with a hint.
 """
 
 from __future__ import annotations

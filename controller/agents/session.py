@@ -120,8 +120,9 @@ class AgentSession:
     starting: dict[ShardKey, float] = field(default_factory=dict)
     # The shards a set on this stream named first (or under a new generation) whose agent has
     # said nothing of them under it yet (no LOADING, RUNNING, FAILED or STOPPED), with when that
-    # set was sent and the assignment's generation: an agent that never takes one up fails it (`overdue`; the hub's `--assignment-
-    # ack-timeout`). Only shards still named by the set last sent (so at most one set's worth).
+    # set was sent and the assignment's generation: an agent that never takes one up fails it
+    # (`overdue`; the hub's `--assignment-ack-timeout`). Only shards still named by the set last
+    # sent (so at most one set's worth).
     unacknowledged: dict[SaidKey, tuple[float, int]] = field(default_factory=dict)
     # Each shard the set last sent named, with its assignment's generation: a shard a set names
     # anew, or under another generation (placed again in the same slot), is owed a word again.

@@ -116,8 +116,8 @@ def describe_target(method: str, request: Message) -> tuple[str, str, str]:
 
 def outcome_of(method: str, context: aio.ServicerContext | None, failed: BaseException | None, *,
                database_retry_ms: int = DATABASE_FAILED_RETRY_MS) -> tuple[str, str, int | None]:
-    """(status code name, message, retry_after_ms) a call ends with. The interceptor sits inside the error
-    translation, so a use case's error is seen before it becomes a status (and the entry is
+    """(status code name, message, retry_after_ms) a call ends with. The interceptor sits inside
+    the error translation, so a use case's error is seen before it becomes a status (and the entry is
     written before the caller hears the answer): translated here as the caller will be told
     (a database that failed under the call is UNAVAILABLE, not INTERNAL)."""
     if failed is None:

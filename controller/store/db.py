@@ -247,9 +247,10 @@ FAILURES_GAP_S = SQLITE_BUSY_TIMEOUT_S + 5.0
 
 class FailureRun:
     """The run of database failures (`database_failed`) that this process's units of work met
-    since one last committed: when it began, when the last came, and its kind. A database that answers the health probe's
-    `SELECT 1` may take no write (SQLite's write lock held by another process, a PostgreSQL table
-    locked): then every writer fails while the probe passes, and only this run tells."""
+    since one last committed: when it began, when the last came, and its kind. A database that
+    answers the health probe's `SELECT 1` may take no write (SQLite's write lock held by another
+    process, a PostgreSQL table locked): then every writer fails while the probe passes, and
+    only this run tells."""
 
     def __init__(self) -> None:
         self.began: float | None = None

@@ -176,9 +176,9 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     changed = changed_fields(repo.tenant_spec(row), spec)
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
+    said = ", ".join(f"{name} {was} -> {now}" for name, (was, now) in changed.items())
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id,
-                      message=", ".join(f"{name} {was} -> {now}" for name, (was, now) in changed.items()) or "no change",
-                      data={"changed": changed})
+                      message=said or "no change", data={"changed": changed})
     audit.note(changed=changed)
     await uow.commit()
     signals.wake_reconciler()
