@@ -337,19 +337,20 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
     lines: list[str] = []
     events: list[dict[str, Any]] = []
     outgoing_of: dict[int, list[_Replica]] = {}
+    running_of: dict[int, int] = {}
     short_drains: set[str] = set()  # draining nodes whose drain may be measured by its baseline
     for dep_id, dep in deps.items():
         reps = replicas.get(dep_id, {})
         outgoing_of[dep_id] = sorted((r for r in reps.values() if (r.revision != dep.template_revision or r.draining)
                                       and not r.away), key=lambda r: r.index)
-        if sum(r.running(shards_of(dep, r.revision)) for r in reps.values()) - 1 < dep.replicas:
+        running_of[dep_id] = sum(r.running(shards_of(dep, r.revision)) for r in reps.values())
+        if running_of[dep_id] - 1 < dep.replicas:
             short_drains.update(node for r in outgoing_of[dep_id] for node in r.drained_on)
     baselines = await _drain_baselines(session, short_drains) if short_drains else {}
     for dep_id, dep in deps.items():
         reps = replicas.get(dep_id, {})
         current = [r for r in reps.values() if r.revision == dep.template_revision and not r.draining]
-        outgoing = outgoing_of[dep_id]
-        running = sum(r.running(shards_of(dep, r.revision)) for r in reps.values())
+        outgoing, running = outgoing_of[dep_id], running_of[dep_id]
         replacements = sorted(r.index for r in current if r.running(dep.shards_per_replica))
         kept = {r.index: _kept_running(dep, r, baselines) for r in outgoing if r.running(shards_of(dep, r.revision))}
         gone: list[_Replica] = []
