@@ -16,7 +16,8 @@ keeps a controller of its own.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,12 @@ async def shared_seeded(shared_controller: ControllerApp, _shared_seeded_stubs: 
     yield _shared_seeded_stubs
     assert await written_state(shared_controller, _shared_seeded_stubs) == before, \
         "a test on the shared controller wrote something"
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 another program listens on, for the test's length."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]

@@ -4,8 +4,6 @@ a SQLite database that takes no write, a metrics port taken after `preflight` fo
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,21 +39,14 @@ async def test_a_read_only_sqlite_database_is_refused_at_start(database: Databas
     await _start_refused(app, DatabaseReadOnly, "is read-only: attempt to write a readonly database")
 
 
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
-
 
 @pytest.mark.parametrize("db_backend", ["sqlite"])
 async def test_a_metrics_port_taken_after_preflight_is_a_listen_error(database: Database, tmp_path: Path,
-                                                                      taken_port: int) -> None:
+                                                                      busy_port: int) -> None:
     """Not an OSError that `maia-controller` reported as the database's ("check that it is running")."""
-    app = ControllerApp(replace(TEST_CONFIG, db_url=database.url, metrics_listen=f"127.0.0.1:{taken_port}",
+    app = ControllerApp(replace(TEST_CONFIG, db_url=database.url, metrics_listen=f"127.0.0.1:{busy_port}",
                                 bootstrap_admin_token_file=str(tmp_path / "admin.token")))
-    await _start_refused(app, ListenError, f"cannot serve metrics on 127.0.0.1:{taken_port}")
+    await _start_refused(app, ListenError, f"cannot serve metrics on 127.0.0.1:{busy_port}")
     again = ControllerApp(replace(app.config, metrics_listen=""))  # the SQLite file was let go (its lock)
     await again.start()
     await again.stop(grace_s=0.0)

@@ -12,7 +12,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -154,13 +153,6 @@ def test_malformed_listen_addresses_exit_2_and_write_nothing(tmp_path: Path, lis
     assert_refused(run_controller(tmp_path, "--listen", listen, "--db", "sqlite+aiosqlite:///maia.db"), fragment)
     assert files_in(tmp_path) == {}
 
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
 
 
 def test_a_port_in_use_is_named_before_the_database_is_created(tmp_path: Path, busy_port: int) -> None:
