@@ -162,7 +162,8 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     if row is None:
         raise NotFound(f"tenant {spec.id} not found")
     await _validate(uow, spec)
-    tight = tightening(repo.tenant_spec(row), spec)
+    was = repo.tenant_spec(row)
+    tight = tightening(was, spec)
     broken = broken_by(spec.id, tight, await repo.placed_beside(uow.session, spec.id)) if tight else []
     if broken:
         shown = "; ".join(r.message for r in broken[:BROKEN_SHOWN])
@@ -173,10 +174,10 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     if dry_run:
         (view,) = await tenant_views(uow, [_unsaved(spec)])  # with what it uses now, as the update answers
         return view
-    changed = changed_fields(repo.tenant_spec(row), spec)
+    changed = changed_fields(was, spec)
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
-    said = ", ".join(f"{name} {was} -> {now}" for name, (was, now) in changed.items())
+    said = ", ".join(f"{name} {before} -> {after}" for name, (before, after) in changed.items())
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id,
                       message=said or "no change", data={"changed": changed})
     audit.note(changed=changed)
