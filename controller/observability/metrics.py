@@ -21,14 +21,16 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import socket
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -405,8 +407,7 @@ class ControllerMetrics:
         """Serve `/metrics` on HOST:PORT (port 0: any free port) from a thread; returns HOST:PORT."""
         host, _, port = listen.rpartition(":")
         try:
-            self._server, self._thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0",
-                                                           registry=self.registry)
+            self._server, self._thread = _serve_metrics(host.strip("[]") or "0.0.0.0", int(port), self.registry)
         except (OSError, ValueError) as exc:
             raise OSError(f"cannot serve metrics on {listen}: {exc}") from exc
         return f"{host}:{self._server.server_port}"
@@ -419,6 +420,36 @@ class ControllerMetrics:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+
+METRICS_PATH = "/metrics"
+
+
+def _serve_metrics(host: str, port: int, registry: CollectorRegistry) -> tuple[WSGIServer, threading.Thread]:
+    """prometheus_client's exposition on `METRICS_PATH` alone, from a daemon thread. Its own
+    server answers every path with the metrics: an HTTP probe pointed at /healthz on this port
+    would have read 200 whatever the controller's health."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == METRICS_PATH:
+            return metrics(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"not found: this port serves {METRICS_PATH} only; the controller's health is "
+                f"grpc.health.v1 on its API port (python -m controller.healthcheck)\n".encode()]
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="maia-metrics-http", daemon=True)
+    thread.start()
+    return server, thread
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a line a scrape is not a log
+        pass
 
 
 def _waited(future: concurrent.futures.Future[T], timeout_s: float, errors: Counter, what: str) -> T | None:

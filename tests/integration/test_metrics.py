@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -226,6 +227,23 @@ async def test_readiness_and_the_processs_memory_are_exported(app: ControllerApp
         assert (await asyncio.to_thread(scraped))["maia_serving"] == 0.0
     finally:
         app.monitor.serving = True
+
+
+async def test_the_metrics_port_serves_metrics_at_their_path_only(app: ControllerApp) -> None:
+    """prometheus_client's server answered every path with the metrics: an HTTP liveness probe
+    pointed at /healthz on this port read 200 whatever the controller's health."""
+    def status(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://{app.metrics_address}{path}", timeout=15) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    for path in ("/healthz", "/", "/metrics/extra"):
+        code, body = await asyncio.to_thread(status, path)
+        assert code == 404 and "serves /metrics only" in body and "maia_serving" not in body, (path, code)
+    code, body = await asyncio.to_thread(status, "/metrics")
+    assert code == 200 and "maia_serving" in body
 
 
 async def test_the_alert_rules_use_only_metrics_the_controller_exports(app: ControllerApp) -> None:
