@@ -234,6 +234,10 @@ def _check_from_env(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> 
             host, _, port = value.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 parser.error(f"{flag} {value!r} is not HOST:PORT (where agents and clients reach this controller)")
+            if ":" in host and not (host.startswith("[") and host.endswith("]")):
+                # gRPC reads "fd00::1:50051" as a host "fd00::1" and port... or a host alone: it
+                # is ambiguous, and agents sent there dial the wrong place.
+                parser.error(f"{flag} {value!r}: an IPv6 address is written in brackets, e.g. [{host}]:{port}")
 
 
 def _check_lease(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:

@@ -105,15 +105,26 @@ def check_listens_apart(listens: Mapping[str, str]) -> None:
     """Refuse two of the controller's own addresses (flag -> HOST:PORT) on one port: the same
     host, or either host a wildcard. Each alone passes `check_listen`; together the second bind
     would fail only after the database was opened. Port 0 (any free port) takes no fixed one."""
-    bound: dict[str, tuple[str, int]] = {}
+    bound: dict[str, tuple[frozenset[str], int]] = {}
     for flag, text in listens.items():
         host, port = parse_listen(text, flag)
-        for other_flag, (other_host, other_port) in bound.items():
-            if port and port == other_port and (host == other_host or WILDCARD_HOSTS & {host, other_host}):
+        addresses = _addresses(host)
+        for other_flag, (other_addresses, other_port) in bound.items():
+            if port and port == other_port and (addresses & other_addresses
+                                                or WILDCARD_HOSTS & (addresses | other_addresses)):
                 any_port = f"{text.rpartition(':')[0]}:0"
                 raise StartupError(f"{flag} {text} and {other_flag} {listens[other_flag]} ask for the same port {port}",
                                    f"give each its own port ({flag} {any_port} picks a free one)")
-        bound[flag] = (host, port)
+        bound[flag] = (addresses, port)
+
+
+def _addresses(host: str) -> frozenset[str]:
+    """The addresses `host` names ("localhost" and "127.0.0.1" share one), or the host as written
+    when it does not resolve (`check_listen` refuses it on its own)."""
+    try:
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)) | {host}
+    except (socket.gaierror, UnicodeError):
+        return frozenset({host})
 
 
 def check_listen(text: str, flag: str = "--listen") -> None:

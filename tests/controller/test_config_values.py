@@ -21,6 +21,8 @@ from controller.config import HEARTBEAT_TIMEOUT_MAX_S, parse_args
     ([], {"MAIA_LOG_LEVEL": "verbose"}, "MAIA_LOG_LEVEL) 'VERBOSE' is not one of DEBUG, INFO, WARNING, ERROR"),
     (["--advertise-address", "foo"], {}, "--advertise-address 'foo' is not HOST:PORT"),
     ([], {"MAIA_ADVERTISE_ADDRESS": "ctl.example:99999"}, "--advertise-address 'ctl.example:99999' is not HOST:PORT"),
+    (["--advertise-address", "fd00::7:50051"], {},  # agents sent there dialled host "fd00::7", port 50051, or not
+     "--advertise-address 'fd00::7:50051': an IPv6 address is written in brackets, e.g. [fd00::7]:50051"),
 ])
 def test_values_no_setting_means_are_usage_errors(argv: list[str], env: dict[str, str], message: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ from controller.preflight import StartupError, check_listens_apart
     ("127.0.0.1:9100", "127.0.0.1:9100"),  # the same address
     ("0.0.0.0:9100", "127.0.0.1:9100"),  # a wildcard takes the port on every address
     ("127.0.0.1:9100", "[::]:9100"),
+    ("localhost:9100", "127.0.0.1:9100"),  # one address, named two ways
 ])
 def test_two_addresses_on_one_port_are_refused_naming_both_flags(metrics: str, http: str) -> None:
     with pytest.raises(StartupError) as refused:
