@@ -75,7 +75,8 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     ranked = sorted(by_domain, key=lambda dm: -sum(
         len(state.replicas[v]) * state.deps[v[0]].shard.milli for v in by_domain[dm]))
     best = None
-    r = solver.placeable(d)[0]
+    own = _own_running(solver, d)
+    r = next((x for x in solver.placeable(d) if x not in own), solver.placeable(d)[0])
     size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1) for v in eligible}
     orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
               lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
@@ -107,7 +108,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
             if last is not None and victims[:len(last[0])] == last[0]:
                 found = last[1]  # the same removals in the same order: the same trial
             else:
-                found, used = _trial(solver, d, r, victims, allowed, relocate, budget)
+                found, used = _trial(solver, d, r, victims, allowed, relocate, budget, own)
                 last = (victims[:used], found)
             if found is not None and (here is None or found[0] < here[0]):
                 here = found
@@ -119,7 +120,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
                     continue  # taken out alone, it frees too little: no trial spent on it
                 if not trials.spend():
                     break
-                found, _ = _trial(solver, d, r, [v], allowed, relocate, budget)
+                found, _ = _trial(solver, d, r, [v], allowed, relocate, budget, own)
                 if found is not None and found[0] < here[0]:
                     here = found
         if here is not None and (best is None or here[0] < best[0]):
@@ -231,14 +232,27 @@ def _may_fit(state: ClusterState, d: int, allowed: np.ndarray) -> bool:
     return True
 
 
+def _own_running(solver: Solver, d: int) -> dict[int, dict[int, ShardAt]]:
+    """Replicas of d that ran before this solve, whole, and are out of the state now: min_replicas
+    took them away when d could not reach it (`Placer.place_deployment`). A trial puts them back
+    where they ran before placing more: placed anywhere else they would be moves, which only
+    rebalance makes (online, a short deployment's running replica was moved to make room)."""
+    return {x: solver.loaded[(d, x)] for x in solver.placeable(d)
+            if len(solver.loaded.get((d, x), ())) == solver.state.deps[d].shards_per_replica}
+
+
 def _trial(solver: Solver, d: int, r: int, victims: list[Replica], allowed: np.ndarray,
-           relocate: bool, budget: int) -> tuple[Outcome | None, int]:
-    """Remove victims in order until replica r of d fits in `allowed`: the outcome (cost,
-    trial state, removed, moved) or None, and how many of the victims it took out (a trial
-    taking out the same first ones in the same order would end the same way)."""
+           relocate: bool, budget: int, own: dict[int, dict[int, ShardAt]]) -> tuple[Outcome | None, int]:
+    """Remove victims in order until replica r of d fits in `allowed`, d's own running replicas
+    (`_own_running`) back where they ran first: the outcome (cost, trial state, removed, moved) or
+    None, and how many of the victims it took out (a trial taking out the same first ones in the
+    same order would end the same way)."""
     state = solver.state
     dep = state.deps[d]
     trial = state.copy()
+    for x, shards in own.items():
+        if not restore(trial, (d, x), shards) and not relocate:
+            return None, 0  # it would have to move: no victims make that right
     placer = Placer(trial, scorer="bestfit")
     removed: list[Replica] = []
     used = 0

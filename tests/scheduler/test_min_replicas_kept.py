@@ -20,6 +20,7 @@ import copy
 from typing import Any
 
 from builders import codes, dep, messages, node, placed, placed_count, problem, solve_doc
+import pytest
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
@@ -111,6 +112,25 @@ def test_running_deployment_out_of_reach_of_its_minimum_runs_nothing() -> None:
     assert "CAPACITY" in codes(plan, "A")
     assert_proof_agrees(plan)
     assert plan.status == "optimal" and plan.stats["objective"] == 1000
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_preempting_for_a_deployment_short_of_its_minimum_keeps_its_running_replica(mode: str) -> None:
+    # A runs replica 0 of 2 (min 2) on n0; its replica 1 fits only once B's preemptible replica
+    # on n1 goes. The search took A's running replica out with the rest of A (min_replicas) and
+    # placed A anew: replica 0 on n1 (the tighter fit), replica 1 where 0 ran, a move in online
+    # mode (found by exploratory testing). Replica 0 stays; replica 1 takes B's room.
+    doc = problem([node("n0", rack="r0", acc=3), node("n1", rack="r0", acc=2)],
+                  [dep("A", tenant="a", shards=2, replicas=2, min_replicas=2, priority=1),
+                   dep("B", tenant="b", acc=2, preemptible=True)],
+                  placements=[placed("A", "n0", [0], shard=0), placed("A", "n0", [1], shard=1),
+                              placed("B", "n1", [0, 1])],
+                  mode=mode, allow_preemption=True)
+    plan = solve_doc(doc)
+    assert not plan.moved
+    assert [(p.deployment, p.replica) for p in plan.preempted] == [("B", 0)]
+    at = {(p.replica, p.shard): (p.node, tuple(p.accelerator_indices)) for p in plan.placements if p.deployment == "A"}
+    assert at[(0, 0)] == ("n0", (0,)) and at[(0, 1)] == ("n0", (1,)) and {(1, 0), (1, 1)} <= set(at)
 
 
 # ---- property: a running deployment that can reach its minimum keeps its replicas -----------
