@@ -130,11 +130,11 @@ async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = ""
                       page: PageRequest = PageRequest()) -> Page[AuditEventView]:
     """One page of entries in seq order; a tenant principal sees its own tenant's only."""
     require_role(principal, "listing audit entries", Role.TENANT)
-    window = paging.bounds(page)
+    window = paging.bounds(page, (int,))
     if principal.role is Role.TENANT:  # its own entries only, whatever it asked for
         tenant = principal.tenant
     after_seq = window.after[0] if window.after else 0
-    if not isinstance(after_seq, int) or not 0 <= after_seq < 2**63:
+    if not isinstance(after_seq, int) or after_seq < 0:
         raise InvalidArgument("page_token is not a token this list returned; start again without one")
     rows = await store.list_entries(uow.session, tenant=tenant or None, since=since,
                                     after_seq=after_seq, limit=window.limit + 1)

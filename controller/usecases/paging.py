@@ -42,24 +42,33 @@ def encode_token(key: Key) -> str:
     return base64.urlsafe_b64encode(json.dumps(list(key), separators=(",", ":")).encode()).decode()
 
 
-def decode_token(token: str, arity: int) -> Key:
+# What a key's parts may be: a text, or an integer a BIGINT column holds (a forged token's
+# 2**63 reached the database driver: OverflowError, INTERNAL).
+KeyKind = type[str] | type[int]
+_BIGINT = range(-(2**63), 2**63)
+
+
+def decode_token(token: str, kinds: tuple[KeyKind, ...]) -> Key:
+    """The key a token of a list whose keys are of `kinds` (e.g. `(str, int)`: a name, a row id)
+    carries, or InvalidArgument for anything else."""
     if len(token) > limits.PAGE_TOKEN_MAX:
         raise InvalidArgument(f"page_token is {len(token)} characters long; at most {limits.PAGE_TOKEN_MAX}")
     try:
         key = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
     except (ValueError, UnicodeError, binascii.Error):
         key = None
-    if (not isinstance(key, list) or len(key) != arity
-            or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in key)):
+    if (not isinstance(key, list) or len(key) != len(kinds)
+            or not all(type(k) is kind and (kind is str or k in _BIGINT) for k, kind in zip(key, kinds))):
         raise InvalidArgument("page_token is not a token this list returned; start again without one")
     return tuple(key)
 
 
-def bounds(page: PageRequest, arity: int = 1) -> PageBounds:
+def bounds(page: PageRequest, kinds: tuple[KeyKind, ...] = (str,)) -> PageBounds:
+    """The page a request asks for, its token read as a key of `kinds` (the list's sort key)."""
     if page.size < 0:
         raise InvalidArgument(f"page_size must be >= 0, got {page.size}")
     size = min(page.size or limits.PAGE_SIZE_DEFAULT, limits.PAGE_SIZE_MAX)
-    return PageBounds(size, decode_token(page.token, arity) if page.token else None)
+    return PageBounds(size, decode_token(page.token, kinds) if page.token else None)
 
 
 def page_of(rows: Sequence[T], page: PageBounds, key: Callable[[T], Key]) -> Page[T]:

@@ -97,7 +97,7 @@ async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant
     policy.require_admin(who, "listing tokens")
     check_optional_id("role", role)
     check_optional_id("tenant", tenant)
-    bounds = paging.bounds(page, arity=2)
+    bounds = paging.bounds(page, (str, str))
     if bounds.after is not None:
         try:
             datetime.fromisoformat(str(bounds.after[0]))

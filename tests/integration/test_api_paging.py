@@ -102,6 +102,24 @@ async def test_bad_page_requests_are_invalid_argument(populated: Stubs, request_
     assert info.value.details() == message
 
 
+def _token(*key: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode()
+
+
+@pytest.mark.parametrize("key", [("svc-0", 2**63), ("svc-0", -(2**63) - 1), ("svc-0", "1"), (1, 2)])
+async def test_a_forged_page_token_of_the_right_length_is_invalid_argument(populated: Stubs, key: tuple[object, ...]):
+    """Any caller could send one: a key out of BIGINT's range reached the database driver
+    (OverflowError: INTERNAL), one of the wrong types was read as a bound."""
+    calls = [(populated.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(page_token=_token(*key))),
+             (populated.admin.ListNodes, admin_pb2.ListNodesRequest(page_token=_token(2**70))),  # keyed by id
+             (populated.admin.ListTenants, admin_pb2.ListTenantsRequest(page_token=_token(2**70)))]
+    for call, request in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(request)
+        assert (info.value.code(), info.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "page_token is not a token this list returned; start again without one")
+
+
 async def test_maiactl_follows_every_page(populated: Stubs, controller_app):
     def fetch() -> list[str]:
         channel = grpc.insecure_channel(controller_app.address)
