@@ -402,7 +402,8 @@ def _restart_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--restart-backoff-max", type=_non_negative_float, default=Config.restart_backoff_max_s,
                        metavar="SECONDS", help="the longest back-off before a failed replica is placed again")
     group.add_argument("--restart-limit", type=_positive_int, default=Config.restart_limit, metavar="FAILURES",
-                       help="failures in a row after which a deployment is Failed: not placed again until updated")
+                       help="times in a row failed replicas are placed again; the next failure makes the deployment "
+                            "Failed: not placed again until updated")
     group.add_argument("--assignment-ack-timeout", type=_non_negative_float,
                        default=Config.assignment_ack_timeout_s, metavar="SECONDS",
                        help="a shard a connected node's agent says nothing of (no LOADING, RUNNING or FAILED "

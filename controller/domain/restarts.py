@@ -4,8 +4,9 @@ An agent reports a shard FAILED (it crashed, or would not load) with a message. 
 (a gang: all its shards) is released and placed again, preferably on other nodes, after a
 back-off per deployment that doubles with each failure in a row (5 s, 10 s, ... capped at
 5 min) and starts over once the deployment has gone `reset_after_s` without failing: Kubernetes'
-CrashLoopBackOff and Nomad's reschedule policy (exponential delay, max delay, attempts). After
-`limit` failures in a row the deployment is FAILED: its failed replicas are not placed again
+CrashLoopBackOff and Nomad's reschedule policy (exponential delay, max delay, attempts). `limit`
+is the restarts in a row (as a Kubernetes Job's backoffLimit counts retries): the failure after
+`limit` of them, the `limit + 1`-th in a row, makes the deployment FAILED: its failed replicas are not placed again
 (what runs keeps running, the failed shards stay where they failed for the operator to read)
 until its spec is updated or it is deleted.
 
@@ -27,7 +28,7 @@ class RestartPolicy:
     initial_delay_s: float = 5.0
     max_delay_s: float = 300.0
     reset_after_s: float = 600.0  # this long without a failure: the next one counts as the first
-    limit: int = 10               # failures in a row before the deployment is FAILED
+    limit: int = 10               # restarts in a row; the failure after the last makes the deployment FAILED
 
     def __post_init__(self) -> None:
         if not (0 <= self.initial_delay_s <= self.max_delay_s and self.reset_after_s >= 0 and self.limit >= 1):
