@@ -107,9 +107,12 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
         _check_cap("QUOTA_POWER", "max_power_w", tenant.max_power_w, spec=spec,
                    asked=power, elsewhere=own.power_w - held * row.shard_power_w, unit=" W")
     # Growth is of the ask: what waited unplaced before the update was asked before it, and
-    # the update takes nothing more by leaving it so (a new priority) or asking less.
+    # the update takes nothing more by leaving it so (a new priority) or asking less. A
+    # preemptible deployment made non-preemptible ("firming") asks all it holds afresh: a tenant
+    # owed capacity could preempt its replicas to get it, and no longer can.
     growth = accelerators - before_accelerators
-    if spec.preemptible or growth <= 1e-9:
+    firming = bool(row.preemptible) and not spec.preemptible
+    if spec.preemptible or (growth <= 1e-9 and not firming):
         return
     reservations = await repo.reserved_usage(uow.session)
     owed = {t: reserved - used for t, (reserved, used) in reservations.items() if t != tenant.id and reserved > used}
@@ -122,17 +125,24 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
     # to what it is owed, it takes nothing owed to others (reservations the cluster cannot hold
     # all at once refused every owed tenant's growth, each for the others').
     reserved, used = reservations.get(tenant.id, (0.0, 0.0))
-    unplaced = accelerators - held
-    if free > 1e-9 and unplaced > max(free - sum(owed.values()), reserved - used) + 1e-9:
+    # Firming, what it holds is asked again, out of the capacity no one holds for good.
+    unplaced = accelerators - (0.0 if firming else held)
+    room = free + (held if firming else 0.0)
+    # What it is owed itself (its own reservation's headroom, this deployment's hold counted back in
+    # when firming); nothing for a tenant without a reservation.
+    own = reserved - used + (held if firming else 0.0) if tenant.id in reservations else 0.0
+    if room > 1e-9 and unplaced > max(room - sum(owed.values()), own) + 1e-9:
         redactor = await redactor_of(uow, who)
         total = sum(owed.values())
         # Who is owed how much is each owed tenant's own business: a tenant caller reads the total.
         names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
         owed_text, owed_to = (f"({names})", names) if who.is_admin else ("to them", "other tenants")
         waiting = f" ({unplaced:g} not placed yet)" if unplaced > growth + 1e-9 else ""
+        asks = (f"becoming non-preemptible would keep {held:g} placed accelerators (of {accelerators:g}) from "
+                f"capacity reserved for other tenants, who may preempt them now" if firming else
+                f"growing by {growth:g} accelerators{waiting} would take capacity reserved for other tenants")
         raise FailedPrecondition(
-            redactor.text(f"{where}: growing by {growth:g} accelerators{waiting} would take capacity reserved for "
-                          f"other tenants: {free:g} free on ready nodes, {total:g} still owed {owed_text}"),
+            redactor.text(f"{where}: {asks}: {free:g} free on ready nodes, {total:g} still owed {owed_text}"),
             reasons=(ReasonDetail("RESERVATION", redactor.text(f"{total:g} accelerators owed to {owed_to}"), ""),))
 
 

@@ -270,6 +270,31 @@ async def test_a_reservation_refusal_names_the_owed_tenants_to_an_admin_only(stu
     assert (await _get(stubs, "svc")).resource_version == running.resource_version
 
 
+async def test_making_a_preemptible_deployment_non_preemptible_is_a_claim_on_reserved_capacity(
+        stubs: Stubs, fleet: SimFleet, controller_app):
+    """`svc` (preemptible) holds 4 of the 32 accelerators; alpha and beta are owed 32. Made
+    non-preemptible (no growth), it would keep 4 they may preempt now for good: it was taken
+    (found by exploratory testing: a tenant placed burst work over others' reservations and
+    flipped it, and the owed tenant waited for ever). Refused, dry run or not; taken once
+    what is free covers what is owed."""
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc(preemptible=True)))
+    running = await eventually(lambda: _get(stubs, "svc"), lambda d: d.phase == RUNNING, what="svc running")
+    for owed in ("alpha", "beta"):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=owed, reserved_accelerators=16))
+    for metadata in ((), DRY_RUN):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stubs.deployments.UpdateDeployment(P.UpdateDeploymentRequest(
+                spec=_svc(preemptible=False), resource_version=running.resource_version), metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.details() == (
+            "deployment svc: becoming non-preemptible would keep 4 placed accelerators (of 4) from capacity "
+            "reserved for other tenants, who may preempt them now: 28 free on ready nodes, 32 still owed "
+            "(alpha 16, beta 16)")
+    await stubs.admin.UpdateTenant(admin_pb2.Tenant(id="beta", reserved_accelerators=12))
+    firmed = await _update(stubs, _svc(preemptible=False), running.resource_version)
+    assert list(firmed.changes) == ["preemptible: True -> False"]
+
+
 async def test_a_retried_submit_returns_the_first_result_and_writes_nothing(stubs: Stubs, fleet: SimFleet,
                                                                             controller_app):
     request = P.SubmitDeploymentRequest(spec=spec("once", replicas=1), client_request_id="req-1")
