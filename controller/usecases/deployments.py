@@ -27,6 +27,7 @@ from controller.store.db import Database, UnitOfWork
 from controller.store.rollout import stored_key
 from controller.usecases import planning, policy, requests
 from controller.usecases.capacity import CapacityCache, load_index
+from controller.usecases.reservations import check_owed_capacity, demand
 from controller.usecases.redaction import as_seen_by, redactor_of
 from controller.domain.changes import ClusterChange
 from controller.domain.values import (
@@ -197,9 +198,10 @@ class StoreChecked:
     tenant_deployments: int
 
 
-async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *, replacing: bool = False,
+async def _validate_against_store(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, *, replacing: bool = False,
                                   capacity: CapacityCache | None = None) -> StoreChecked:
-    """Checks against the stored cluster (one query, and the capacity aggregates).
+    """Checks against the stored cluster (one query, and the capacity aggregates; where another
+    tenant has a reservation, a non-preemptible ask against what it is owed, `reservations`).
 
     `replacing` (dry runs only): the spec stands in for the stored deployment of its name, which
     must exist. Names are per tenant: only the tenant's own deployments can collide (ALREADY_EXISTS
@@ -216,6 +218,11 @@ async def _validate_against_store(uow: UnitOfWork, spec: DeploymentSpec, *, repl
         if replaced is None or replaced.phase is not m.DeploymentPhase.QUARANTINED:
             raise AlreadyExists(f"deployment {spec.name} already exists in tenant {spec.tenant}")
     await check_could_ever_fit(uow, spec, facts.tenant_zones, capacity, capacity_generation=facts.capacity_generation)
+    if facts.others_reserve and not spec.preemptible and not replacing:
+        accelerators, _ = demand(spec)
+        await check_owed_capacity(uow, who, spec.tenant, asked=accelerators, asks=(
+            f"deployment {spec.name}: {accelerators:g} accelerators, not preemptible, would take capacity reserved "
+            f"for other tenants"))
     return StoreChecked(replaced, facts.deployments)
 
 
@@ -289,7 +296,7 @@ async def admit(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, throttle:
             await repo.get_deployment(uow.session, first.tenant_id, first.name) or first)))
     if throttle is not None:
         throttle.check_submit(spec.tenant)
-    checked = await _validate_against_store(uow, spec, capacity=capacity)
+    checked = await _validate_against_store(uow, who, spec, capacity=capacity)
     count = checked.tenant_deployments
     if checked.replaced is None and count >= limits.DEPLOYMENTS_PER_TENANT_MAX:
         raise ResourceExhausted(
@@ -356,7 +363,7 @@ async def _dry_run(db: Database, who: Principal, spec: DeploymentSpec, time_limi
                    replace_existing: bool, allow_preemption: bool) -> DeploymentView:
     """The would-be view; a tenant reads the solver's reasons without other tenants in them."""
     async with db.unit_of_work() as uow:
-        await _validate_against_store(uow, spec, replacing=replace_existing)
+        await _validate_against_store(uow, who, spec, replacing=replace_existing)
         snapshot = await planning.load_snapshot(uow.session)
         redactor = await redactor_of(uow, who)
     # Each node's rack from the snapshot's own nodes (the plan places on no other), not every node's row.

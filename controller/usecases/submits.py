@@ -163,6 +163,7 @@ class _BatchFacts:
     counts: Counter[str]               # deployments by tenant, members accepted included
     capacity_generation: int
     deployment_ids: Sequence[int] = ()  # the ids the batch's rows take, in order (as read)
+    others_reserve: frozenset[str] = frozenset()  # tenants another tenant's reservation concerns
 
 
 class _ReadBackNeeded(Exception):
@@ -353,7 +354,8 @@ class SubmitBatcher:
             zones={tenant: facts.zones for tenant, facts in reads.tenants.items()},
             taken=reads.taken, used=reads.used,
             counts=Counter({tenant: facts.deployments for tenant, facts in reads.tenants.items()}),
-            capacity_generation=reads.capacity_generation, deployment_ids=reads.deployment_ids)
+            capacity_generation=reads.capacity_generation, deployment_ids=reads.deployment_ids,
+            others_reserve=frozenset(tenant for tenant, facts in reads.tenants.items() if facts.others_reserve))
 
     @staticmethod
     async def _admitted(uow: UnitOfWork, queued: Queued, facts: _BatchFacts) -> bool:
@@ -368,6 +370,8 @@ class SubmitBatcher:
             queued.charged = True
         if key in facts.taken or facts.counts[tenant] >= limits.DEPLOYMENTS_PER_TENANT_MAX:
             return False  # ALREADY_EXISTS (or a quarantined one released), or the tenant's limit: as alone
+        if not spec.preemptible and tenant in facts.others_reserve:
+            return False  # checked against others' reservations (usecases/reservations.py): as alone
         await check_could_ever_fit(uow, spec, facts.zones[tenant], queued.capacity,
                                    capacity_generation=facts.capacity_generation)
         facts.taken.add(key)

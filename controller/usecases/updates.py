@@ -27,9 +27,9 @@ from controller.ratelimit import SubmitLimits
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.store.metering import shard_milli
 from controller.usecases import planning, requests
-from controller.usecases.redaction import as_seen_by, redactor_of
+from controller.usecases.redaction import as_seen_by
+from controller.usecases.reservations import check_owed_capacity, demand
 from controller.usecases.deployments import as_caller, visible_row, check_could_ever_fit, validate_spec
 from controller.domain.changes import ClusterChange
 from controller.domain.values import TEMPLATE_FIELDS, DeploymentEvent, DeploymentSpec, DeploymentUpdate, Usage
@@ -65,13 +65,6 @@ def _text(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _demand(spec: DeploymentSpec) -> tuple[float, float]:
-    """(accelerators, watts) all its replicas hold when placed (fractions as milli/1000)."""
-    per_shard = shard_milli(spec.shard.accelerators, spec.shard.accelerator_milli) / 1000.0
-    shards = spec.replicas * spec.shards_per_replica
-    return shards * per_shard, shards * per_shard * spec.shard.power_w
-
-
 def _held(row: m.Deployment) -> float:
     return sum(repo.placement_milli(row, p) for p in row.placements) / 1000.0
 
@@ -97,8 +90,8 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
     # of the whole cluster and every node's row (docs/benchmarks.md, `nodeusage`).
     held = _held(row)
     own = (await repo.tenant_usage(uow.session, [tenant.id])).get(tenant.id, Usage())
-    accelerators, power = _demand(spec)
-    before_accelerators, before_power = _demand(repo.deployment_spec(row))
+    accelerators, power = demand(spec)
+    before_accelerators, before_power = demand(repo.deployment_spec(row))
     where = f"deployment {spec.name}"
     if accelerators > before_accelerators + 1e-9:  # asking no more never breaks what it asked before
         _check_cap("QUOTA_ACCELERATORS", "max_accelerators", tenant.max_accelerators, spec=spec,
@@ -114,36 +107,14 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
     firming = bool(row.preemptible) and not spec.preemptible
     if spec.preemptible or (growth <= 1e-9 and not firming):
         return
-    reservations = await repo.reserved_usage(uow.session)
-    owed = {t: reserved - used for t, (reserved, used) in reservations.items() if t != tenant.id and reserved > used}
-    if not owed:
-        return
-    free = await repo.free_on_ready_nodes(uow.session)
-    # What free capacity must give the grown ask is all of it not placed yet (what waited before
-    # competes for the same free accelerators). Only free capacity can be taken (with none, the
-    # growth waits as Pending like any other). A tenant below its own reservation is owed too: up
-    # to what it is owed, it takes nothing owed to others (reservations the cluster cannot hold
-    # all at once refused every owed tenant's growth, each for the others').
-    reserved, used = reservations.get(tenant.id, (0.0, 0.0))
-    # Firming, what it holds is asked again, out of the capacity no one holds for good.
-    unplaced = accelerators - (0.0 if firming else held)
-    room = free + (held if firming else 0.0)
-    # What it is owed itself (its own reservation's headroom, this deployment's hold counted back in
-    # when firming); nothing for a tenant without a reservation.
-    own = reserved - used + (held if firming else 0.0) if tenant.id in reservations else 0.0
-    if room > 1e-9 and unplaced > max(room - sum(owed.values()), own) + 1e-9:
-        redactor = await redactor_of(uow, who)
-        total = sum(owed.values())
-        # Who is owed how much is each owed tenant's own business: a tenant caller reads the total.
-        names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
-        owed_text, owed_to = (f"({names})", names) if who.is_admin else ("to them", "other tenants")
-        waiting = f" ({unplaced:g} not placed yet)" if unplaced > growth + 1e-9 else ""
-        asks = (f"becoming non-preemptible would keep {held:g} placed accelerators (of {accelerators:g}) from "
-                f"capacity reserved for other tenants, who may preempt them now" if firming else
-                f"growing by {growth:g} accelerators{waiting} would take capacity reserved for other tenants")
-        raise FailedPrecondition(
-            redactor.text(f"{where}: {asks}: {free:g} free on ready nodes, {total:g} still owed {owed_text}"),
-            reasons=(ReasonDetail("RESERVATION", redactor.text(f"{total:g} accelerators owed to {owed_to}"), ""),))
+    held_text = f"{held:g} placed accelerators (of {accelerators:g})"
+    unplaced = accelerators - held
+    waiting = f" ({unplaced:g} not placed yet)" if unplaced > growth + 1e-9 else ""
+    await check_owed_capacity(
+        uow, who, tenant.id, asked=accelerators if firming else unplaced, returned=held if firming else 0.0,
+        asks=(f"{where}: becoming non-preemptible would keep {held_text} from capacity reserved for other "
+              f"tenants, who may preempt them now" if firming else
+              f"{where}: growing by {growth:g} accelerators{waiting} would take capacity reserved for other tenants"))
 
 
 def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rolling: bool) -> None:

@@ -295,6 +295,33 @@ async def test_making_a_preemptible_deployment_non_preemptible_is_a_claim_on_res
     assert list(firmed.changes) == ["preemptible: True -> False"]
 
 
+async def test_a_new_non_preemptible_deployment_may_not_take_capacity_owed_to_others(stubs: Stubs, fleet: SimFleet,
+                                                                                     controller_app):
+    """alpha and beta are owed all 32 free accelerators. A new non-preemptible `svc` would take 4
+    they could never take back: it was taken and placed (only an update's growth was checked;
+    found by exploratory testing). Refused alone and in a SubmitDeployments batch, dry run or
+    not; a preemptible one is taken (it yields to them), and beyond what is owed a new one is too."""
+    for owed in ("alpha", "beta"):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id=owed, reserved_accelerators=16))
+    message = ("deployment svc: 4 accelerators, not preemptible, would take capacity reserved for other tenants: "
+               "32 free on ready nodes, 32 still owed (alpha 16, beta 16)")
+    for dry_run in (False, True):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc(), dry_run=dry_run))
+        assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.FAILED_PRECONDITION, message)
+        assert _reasons(refused.value) == [("RESERVATION", "32 accelerators owed to alpha 16, beta 16", "")]
+    batch = await stubs.deployments.SubmitDeployments(P.SubmitDeploymentsRequest(requests=[
+        P.SubmitDeploymentRequest(spec=_svc()), P.SubmitDeploymentRequest(spec=spec("burst", preemptible=True))]))
+    assert (batch.results[0].error.code, batch.results[0].error.message) == (
+        grpc.StatusCode.FAILED_PRECONDITION.value[0], message)
+    assert batch.results[1].deployment.spec.name == "burst"
+    assert [d.spec.name for d in (await stubs.deployments.ListDeployments(P.ListDeploymentsRequest())).deployments] \
+        == ["burst"]
+    await stubs.admin.UpdateTenant(admin_pb2.Tenant(id="beta", reserved_accelerators=12))
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))
+    assert await committed_violations(controller_app) == []
+
+
 async def test_a_retried_submit_returns_the_first_result_and_writes_nothing(stubs: Stubs, fleet: SimFleet,
                                                                             controller_app):
     request = P.SubmitDeploymentRequest(spec=spec("once", replicas=1), client_request_id="req-1")

@@ -29,7 +29,7 @@ from controller.domain.paging import PageBounds
 from controller.domain import restarts
 from controller.domain.phases import ReplicaCounts, deployment_phase, replica_counts
 from controller.store.repositories.common import _paged
-from controller.store.repositories.tenants import tenant_deployments
+from controller.store.repositories.tenants import others_reserve, tenant_deployments
 from controller.store.repositories.usage import placement_milli
 from controller.store.repositories.nodes import _NODES
 
@@ -384,6 +384,7 @@ class SubmitFacts:
     exists: bool               # the tenant has a deployment of that name
     deployments: int           # the tenant's deployments
     capacity_generation: int
+    others_reserve: bool = False  # another tenant has a reservation (a non-preemptible ask is checked against it)
 
 
 def _submit_facts_query() -> Select:
@@ -391,7 +392,7 @@ def _submit_facts_query() -> Select:
     exists = select(m.Deployment.id).where(m.Deployment.tenant_id == tenant, m.Deployment.name == name).exists()
     count = tenant_deployments(tenant)
     generation = select(m.CapacityState.generation).where(m.CapacityState.id == 1).scalar_subquery()
-    return select(m.Tenant.zones, exists, count, generation).where(m.Tenant.id == tenant)
+    return select(m.Tenant.zones, exists, count, generation, others_reserve(tenant)).where(m.Tenant.id == tenant)
 
 
 # Built once: building it per submit was a third of the submit's reads' Python time (py-spy, bench e2e).
@@ -403,8 +404,9 @@ async def submit_facts(session: AsyncSession, tenant: str, name: str) -> SubmitF
     row = (await session.execute(_SUBMIT_FACTS, {"tenant": tenant, "name": name})).one_or_none()
     if row is None:
         return None
-    zones, found, deployments, capacity_generation = row
-    return SubmitFacts(tuple(zones or ()), bool(found), int(deployments), int(capacity_generation or 0))
+    zones, found, deployments, capacity_generation, others_reserve = row
+    return SubmitFacts(tuple(zones or ()), bool(found), int(deployments), int(capacity_generation or 0),
+                       bool(others_reserve))
 
 
 async def count_deployments_by_phase(session: AsyncSession, tenant: str = "") -> dict[str, int]:

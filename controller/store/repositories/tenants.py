@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Select, Text, bindparam, cast, delete, func, literal_column, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from controller.store import models as m
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, dialect_of
@@ -60,6 +61,7 @@ class TenantSubmitFacts:
 
     zones: tuple[str, ...]  # the zones the tenant may run in (none: anywhere)
     deployments: int        # the tenant's deployments
+    others_reserve: bool = False  # another tenant has a reservation: non-preemptible asks are checked alone
 
 
 # Joins a tenant's names and request ids into one text column; neither can hold it
@@ -104,8 +106,17 @@ def _batch_reads_query(dialect: str) -> Select:
                                        any_of_named(dialect, m.Deployment.name, "names")])
     request_ids = joined(m.ClientRequest.request_id, [
         m.ClientRequest.tenant_id == m.Tenant.id, any_of_named(dialect, m.ClientRequest.request_id, "request_ids")])
-    return (select(m.Tenant.id, m.Tenant.zones, count, generation, names, request_ids, _new_deployment_ids(dialect))
+    return (select(m.Tenant.id, m.Tenant.zones, count, generation, names, request_ids, _new_deployment_ids(dialect),
+                   others_reserve(m.Tenant.id))
             .where(any_of_named(dialect, m.Tenant.id, "tenants")))
+
+
+def others_reserve(tenant: Any) -> Any:
+    """Whether a tenant other than `tenant` (a column or a parameter) reserves accelerators: an
+    index-free look at the small tenants table, so a submit pays the reservation check
+    (`usecases/reservations.py`) only in a cluster that has reservations."""
+    others = aliased(m.Tenant)
+    return select(others.id).where(others.reserved_accelerators > 0, others.id != tenant).exists()
 
 
 def _new_deployment_ids(dialect: str) -> Any:
@@ -146,9 +157,9 @@ async def submit_batch_reads(session: AsyncSession, keys: Iterable[tuple[str, st
         if dialect == POSTGRESQL:
             params["count"] = len(keys)
         new_ids = None  # the batch's, the same on every tenant's row: parsed once below
-        for tenant, zones, deployments, capacity_generation, names, request_ids, new_ids in await session.execute(
-                _BATCH_READS[dialect], params):
-            facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments))
+        for tenant, zones, deployments, capacity_generation, names, request_ids, new_ids, reserve in \
+                await session.execute(_BATCH_READS[dialect], params):
+            facts[tenant] = TenantSubmitFacts(tuple(zones or ()), int(deployments), bool(reserve))
             taken.update((tenant, name) for name in (names or "").split(_JOINED) if name)
             used.update((tenant, rid) for rid in (request_ids or "").split(_JOINED) if rid)
             generation = int(capacity_generation or 0)

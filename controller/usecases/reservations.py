@@ -1,0 +1,59 @@
+"""Other tenants' reservations at admission: a non-preemptible ask must not take free capacity
+another tenant is owed (below its `reserved_accelerators`), since only preemptible work yields
+to a reservation (scheduler/preemption.py): once placed, it could never be taken back.
+
+Checked on a submit (the whole ask), an update that grows the ask (its growth: what waited
+before was asked before) and one that makes a preemptible deployment non-preemptible (what it
+holds is asked afresh: owed tenants could preempt it before, not after). Only free capacity can
+be taken: with none, the ask is taken and waits, as any other. A tenant below its own
+reservation is owed too: up to what it is owed, it takes nothing owed to others (reservations
+the cluster cannot hold all at once refused every owed tenant's growth, each for the others').
+A tenant token reads the total owed to "other tenants", never who is owed how much
+(`redaction`).
+"""
+
+from __future__ import annotations
+
+from controller.errors import FailedPrecondition, ReasonDetail
+from controller.identity import Principal
+from controller.store import repositories as repo
+from controller.store.db import UnitOfWork
+from controller.domain.values import DeploymentSpec
+from controller.store.metering import shard_milli
+from controller.usecases.redaction import redactor_of
+
+_EPS = 1e-9
+
+
+def demand(spec: DeploymentSpec) -> tuple[float, float]:
+    """(accelerators, watts) all its replicas hold when placed (fractions as milli/1000)."""
+    per_shard = shard_milli(spec.shard.accelerators, spec.shard.accelerator_milli) / 1000.0
+    shards = spec.replicas * spec.shards_per_replica
+    return shards * per_shard, shards * per_shard * spec.shard.power_w
+
+
+async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, asked: float,
+                              returned: float = 0.0, asks: str) -> None:
+    """Refuse (FAILED_PRECONDITION, a RESERVATION reason) `tenant`'s non-preemptible ask of `asked`
+    accelerators not placed yet, `returned` of them held now and asked afresh, when it is more
+    than the free capacity (and `returned`) less what other tenants are owed, and more than
+    `tenant` is owed itself. `asks` says what is asked, for the message ("deployment x: ...")."""
+    reservations = await repo.reserved_usage(uow.session)
+    owed = {t: reserved - used for t, (reserved, used) in reservations.items() if t != tenant and reserved > used}
+    if not owed:
+        return
+    free = await repo.free_on_ready_nodes(uow.session)
+    room = free + returned
+    own = 0.0
+    if tenant in reservations:
+        reserved, used = reservations[tenant]
+        own = reserved - used + returned
+    total = sum(owed.values())
+    if room <= _EPS or asked <= max(room - total, own) + _EPS:
+        return
+    redactor = await redactor_of(uow, who)
+    names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
+    owed_text, owed_to = (f"({names})", names) if who.is_admin else ("to them", "other tenants")
+    raise FailedPrecondition(
+        redactor.text(f"{asks}: {free:g} free on ready nodes, {total:g} still owed {owed_text}"),
+        reasons=(ReasonDetail("RESERVATION", redactor.text(f"{total:g} accelerators owed to {owed_to}"), ""),))
