@@ -1,7 +1,8 @@
 """Usage reports: what a tenant used, from the usage meter (`controller.store.metering`).
 
-Admins read everyone's; a tenant's token reads only its own tenant's (asking for another tenant
-is NOT_FOUND, asking for none means its own); node tokens read none.
+Admins read everyone's, the history of deleted tenants included; a tenant's token reads only its
+own tenant's (asking for another tenant is NOT_FOUND, asking for none means its own), from the
+tenant's creation on; node tokens read none.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from controller.identity import Principal, Role
 from controller.store import metering
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
+from controller.store.tokens import aware
 from controller.domain.values import UsageRecord, UsageReport
 from controller.usecases import policy
 from controller.usecases.policy import require_role
@@ -34,6 +36,16 @@ async def usage_report(
     if since is not None and since >= end:  # a window in the future: it was answered "from 2030 to now", empty
         raise InvalidArgument(f"since ({since.isoformat()}) is not before now ({now.isoformat()}): "
                               "no usage is recorded ahead of time")
+    if not who.is_admin:
+        # A tenant token reads its own customer's usage: a tenant id deleted and created again is
+        # a new customer (`tenants.delete_tenant`), and the intervals of the one before are not its
+        # own (they showed in its report, billed with its own under one deployment name).
+        row = await repo.get_tenant(uow.session, tenant)
+        born = aware(row.created_at) if row is not None else None
+        if born is not None and (since is None or since < born):
+            since = born
+        if since is not None and since >= end:
+            return UsageReport(since=since, until=end, records=())
     totals = await metering.usage_by(uow.session, GROUPS, now=now, tenant=tenant, since=since, until=end)
     if tenant and not totals and await repo.get_tenant(uow.session, tenant) is None:
         raise NotFound(f"tenant {tenant} not found")  # a deleted tenant's history is still reported
