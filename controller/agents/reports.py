@@ -39,6 +39,10 @@ log = logging.getLogger("maia.agents")
 BEATS_PER_CHUNK = 4 * limits.FLUSH_CHUNK
 FULL_REPORTS_EVERY_S = 60.0  # a stream's heartbeats write every shard's state at least this often
 REFUSED_SAMPLES = 5
+# A node's refused reports naming only shards already recorded in this long are held (counted) to
+# the window's end: an agent that keeps repeating a report of a shard it was taken (a STOPPED one
+# it never forgets) wrote an event and an audit entry at every flush, for ever.
+REFUSED_REPEAT_S = 60.0
 
 
 class ReportBuffer:
@@ -68,6 +72,8 @@ class ReportBuffer:
         self._reports: list[tuple[str, ShardReport]] = []
         self._received: list[float] = []  # when each of `_reports` arrived (the `flush_wait` stage)
         self._refused: dict[str, RefusedReports] = {}
+        # Per node: when its refusals' window began and the shards recorded in it (`_due_refusals`).
+        self._refused_told: dict[str, tuple[float, frozenset[ShardKey]]] = {}
 
     # --- reading a stream --------------------------------------------------------------------
     def start_reading(self, session: AgentSession, inbound: AsyncIterator[Message],
@@ -180,8 +186,27 @@ class ReportBuffer:
 
     def _refuse(self, node_id: str, key: ShardKey) -> None:
         before = self._refused.get(node_id, RefusedReports(0, ()))
-        samples = before.samples if len(before.samples) >= REFUSED_SAMPLES else (*before.samples, key)
+        samples = before.samples if len(before.samples) >= REFUSED_SAMPLES or key in before.samples \
+            else (*before.samples, key)
         self._refused[node_id] = RefusedReports(before.count + 1, samples)
+
+    def _due_refusals(self) -> dict[str, RefusedReports]:
+        """The nodes' refusals to record now: at once where one names a shard not recorded in its
+        node's window (`REFUSED_REPEAT_S`), else when the window ends, the reports held till then
+        counted in (`flush` leaves the others to come)."""
+        now = time.monotonic()
+        due: dict[str, RefusedReports] = {}
+        for node_id, refusal in self._refused.items():
+            began, told = self._refused_told.get(node_id, (-REFUSED_REPEAT_S, frozenset()))
+            if now - began >= REFUSED_REPEAT_S:
+                began, told = now, frozenset()
+            elif told.issuperset(refusal.samples):
+                continue
+            due[node_id] = refusal
+            self._refused_told[node_id] = (began, told | set(refusal.samples))
+        for node_id in due:
+            del self._refused[node_id]
+        return due
 
     def stream_ended(self, node_id: str) -> None:
         """The node's stream ended: its last heartbeat, if held back (`_due_beats`), is written at
@@ -193,13 +218,14 @@ class ReportBuffer:
     # --- the flush ---------------------------------------------------------------------------
     async def flush(self) -> None:
         beats = self._due_beats()
-        if not beats and not self._reports and not self._refused:
+        refused = self._due_refusals()
+        if not beats and not self._reports and not refused:
             return
-        batch = _Batch(beats, self._reports, self._refused)
+        batch = _Batch(beats, self._reports, refused)
         received: dict[str, list[float]] = {}  # when each node's reports arrived
         for (node_id, _), at in zip(self._reports, self._received):
             received.setdefault(node_id, []).append(at)
-        self._reports, self._received, self._refused = [], [], {}
+        self._reports, self._received = [], []
         began = time.monotonic()
         self._observer.shard_start_stage("flush_wait", (began - at for times in received.values() for at in times))
         # The chunks with shard reports first, each published once committed (a later chunk's view

@@ -473,7 +473,8 @@ class RefusedReports:
 
 async def record_refused_reports(uow: UnitOfWork, node_id: str, refused: RefusedReports) -> None:
     """An agent spoke about shards that are not its own: one event and one audit entry per node
-    per flush (never one per report, which a hostile agent could flood)."""
+    per flush (never one per report, which a hostile agent could flood), and of shards already
+    recorded at most one a node every `REFUSED_REPEAT_S` (`agents/reports.py`)."""
     data = {"count": refused.count, "samples": [list(k) for k in refused.samples]}
     repo.record_event(
         uow.session, actor=node_id, kind="agent.reports_refused", object_kind="node", object_id=node_id,

@@ -163,6 +163,34 @@ async def test_a_stream_without_a_hello_in_time_ends_with_invalid_argument(
     await agent.close()
 
 
+async def test_a_refused_report_repeated_is_recorded_once_a_window(strict: Stubs, strict_app: ControllerApp):
+    """An agent that keeps repeating a report of a shard that is not its own (one it was taken,
+    STOPPED, in every heartbeat) wrote an event and a hash-chained audit entry at every flush, for
+    ever (found by exploratory testing). Repeats wait for the window's end, counted; a shard not
+    recorded yet is recorded at once."""
+    impostor = await connected_agent(strict, "impostor")
+
+    async def refusals() -> list[tuple]:
+        async with strict_app.db.unit_of_work() as uow:
+            events = await uow.session.scalars(
+                select(m.Event).where(m.Event.kind == "agent.reports_refused").order_by(m.Event.id))
+            return [(e.data["count"], e.data["samples"]) for e in events]
+
+    impostor.send(_status("ghost", replica=0, shard=0))
+    await eventually(refusals, lambda e: len(e) == 1, what="the first refusal recorded")
+    for _ in range(4):  # across several flushes (every 0.2 s)
+        impostor.send(_status("ghost", replica=0, shard=0))
+        await asyncio.sleep(0.3)
+    assert await refusals() == [(1, [["ghost", 0, 0]])]
+    impostor.send(_status("ghost", replica=0, shard=1))
+    events = await eventually(refusals, lambda e: len(e) == 2, what="a new shard's refusal recorded")
+    assert events == [(1, [["ghost", 0, 0]]), (5, [["ghost", 0, 0], ["ghost", 0, 1]])]
+    async with strict_app.db.unit_of_work() as uow:
+        entries = [e for e in await audit.list_entries(uow.session) if e.action == "agent.reports_refused"]
+    assert [e.detail["count"] for e in entries] == [1, 5]
+    await impostor.close()
+
+
 async def test_a_flooding_stream_is_refused_with_retry_info(slow_refill: Stubs):
     agent = await connected_agent(slow_refill, "n1")
     for seq in range(25):  # a burst of 20 is allowed
