@@ -39,6 +39,9 @@ log = logging.getLogger("maia.agents")
 BEATS_PER_CHUNK = 4 * limits.FLUSH_CHUNK
 FULL_REPORTS_EVERY_S = 60.0  # a stream's heartbeats write every shard's state at least this often
 REFUSED_SAMPLES = 5
+# The least pause a stream ended for flooding is told: the time one report takes to refill was
+# 1 ms at the default rate, and an agent that came straight back resent its flood.
+FLOOD_RETRY_MIN_S = 1.0
 # A node's refused reports naming only shards already recorded in this long are held (counted) to
 # the window's end: an agent that keeps repeating a report of a shard it was taken (a STOPPED one
 # it never forgets) wrote an event and an audit entry at every flush, for ever.
@@ -129,7 +132,7 @@ class ReportBuffer:
         wait = session.reports.take(now)
         if wait:
             raise rate_limited(f"node {node_id} sent more than {session.reports.rate:g} reports a second "
-                               f"(burst {session.reports.burst})", wait)
+                               f"(burst {session.reports.burst})", max(wait, FLOOD_RETRY_MIN_S))
         beat = isinstance(message, HeartbeatReport)
         if beat:
             agent_cases.validate_heartbeat_header(node_id, message)

@@ -11,12 +11,13 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from controller.agents import AgentHub, HubObserver, ShardStateRequest
-from controller.errors import Unauthenticated
+from controller.errors import ResourceExhausted, Unauthenticated
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -65,11 +66,12 @@ async def _open(hub: AgentHub, db, node_id: str) -> _Stream:  # noqa: ANN001
 
 @asynccontextmanager
 async def _streaming(db, node_id: str, observer: HubObserver | None = None,  # noqa: ANN001
-                     contact_write_every_s: float | None = None) -> AsyncIterator[tuple[AgentHub, _Stream]]:
+                     contact_write_every_s: float | None = None,
+                     **hub_kw: Any) -> AsyncIterator[tuple[AgentHub, _Stream]]:
     """A hub (heartbeat timeout 60 s) with the node's stream open and its first set sent."""
     hub = AgentHub(db, heartbeat_timeout_s=60, on_liveness_change=lambda: None,
                    on_deployments_changed=lambda keys: asyncio.sleep(0), observer=observer,
-                   contact_write_every_s=contact_write_every_s)
+                   contact_write_every_s=contact_write_every_s, **hub_kw)
     stream = await _open(hub, db, node_id)
     try:
         yield hub, stream
@@ -525,3 +527,14 @@ async def test_a_stream_whose_credential_ends_takes_nothing_more_and_drops_its_e
     finally:
         await stream.aclose()
         hub.close_all()
+
+
+async def test_a_flooding_stream_is_told_to_pause_a_second_at_least(cluster):
+    """At 100 reports a second one report refills in 10 ms: a flooding agent was told to come back
+    in that (1 ms at the default rate, found by exploratory testing) and resent its flood at once."""
+    async with _streaming(cluster, "rack-a-n0", reports_per_second=100, reports_burst=20) as (hub, stream):
+        for seq in range(40):  # all at once: the 21st finds the bucket empty
+            stream.inbound.put_nowait(HeartbeatReport(seq, 500.0))
+        [outcome] = await asyncio.gather(stream.task, return_exceptions=True)
+    assert isinstance(outcome, ResourceExhausted) and outcome.retry_after_ms == 1000
+    assert outcome.message == "node rack-a-n0 sent more than 100 reports a second (burst 20); retry in 1s"
