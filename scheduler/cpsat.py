@@ -555,8 +555,10 @@ def _keep_better(solver: Solver, m: ClassModel, greedy: ClusterState, trial: Clu
     if status == cp_model.FEASIBLE and bound > placed:
         solver.time_cut.update(m.pending)
     # A bound below what a plan reaches is no bound: the model does not cover everything the
-    # placer can do (the greedy answer beat it), so claim neither the bound nor optimality.
-    if placed > bound:
+    # placer can do (the greedy answer beat it), so claim neither the bound nor optimality. Nor
+    # where shards were repaired before it: the model took their place as given (a better plan
+    # re-places them elsewhere: an `optimal` plan was beaten, found by exploratory testing).
+    if placed > bound or solver.repaired:
         del solver.stats["best_bound"]
         return
     # Proved only for what the model covers (no preemption or moves could do better), and

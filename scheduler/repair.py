@@ -24,6 +24,7 @@ def repair(solver: Solver) -> None:
             dom = topo.domain_of(dep.locality)
             allowed = dom == dom[next(iter(survivors.values())).node]
         if survivors and solver.placer.place_gang(d, r, sorted(shards), allowed):
+            solver.repaired = True
             continue
         state.remove_replica(d, r)  # the gang is broken: place it again as a whole
         solver.existing_replicas.discard((d, r))

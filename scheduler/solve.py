@@ -94,6 +94,9 @@ class Solver:
         self.moves_used = 0
         self.stats: dict[str, object] = {}
         self.proved_optimal = False
+        # Lost shards `repair` placed beside their siblings, greedily, before any search: what
+        # the model then proves is proved over what that choice left, not the problem.
+        self.repaired = False
         # Deployments whose search the deadline cut short (CP-SAT unproved or skipped, a
         # preemption or rebalance loop stopped): TIME_LIMIT if they end up unplaced.
         self.time_cut: set[int] = set()
