@@ -282,9 +282,16 @@ class Capacity(SlotFilter):
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         spec = state.deps[d].shard
-        need = (f"{spec.accelerator_milli} milli of an accelerator" if spec.fractional
-                else f"{spec.accelerators} free accelerator(s)")
-        return f"need {need}: {names(first(nodes, lambda n: state.topo.node_ids[n]))} full"
+        ids = state.topo.node_ids
+        if spec.fractional:
+            return f"need {spec.accelerator_milli} milli of an accelerator: {names(first(nodes, lambda n: ids[n]))} full"
+        need = f"{spec.accelerators} free accelerator(s)"
+        free = (state.acc_free[nodes[:MAX_NAMED]] >= 1000).sum(axis=1)
+        if not free.any():
+            return f"need {need}: {names(first(nodes, lambda n: ids[n]))} full"
+        # "n4 full" read as wrong where n4 had 3 of the 4 needed free.
+        have = dict(zip(nodes[:MAX_NAMED].tolist(), free.tolist()))
+        return f"need {need} on one node: {names(first(nodes, lambda n: f'{ids[n]} has {have[n]}'))}"
 
 
 class Hbm(SlotFilter):
