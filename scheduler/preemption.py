@@ -38,9 +38,12 @@ def victim_ok(solver: Solver, d: int, victim: int) -> bool:
 
 
 def eligible_victims(solver: Solver, d: int) -> list[Replica]:
+    """Replicas d may take out: running ones, and (batch, rebalance) ones this solve placed, but not
+    of a deployment that preempted to be placed: the work it evicted would have gone for nothing
+    (a reserved claim took a fraction placed by preempting a whole running gang)."""
     online = solver.problem.options.mode == "online"
     return [v for v in solver.state.replicas if victim_ok(solver, d, v[0])
-            and (not online or v in solver.existing_replicas)]
+            and (v in solver.existing_replicas or not (online or v[0] in solver.claimants))]
 
 
 def preempt_for(solver: Solver, d: int) -> None:
@@ -61,6 +64,8 @@ def preempt_for(solver: Solver, d: int) -> None:
         trial, removed, _ = found
         solver.adopt(trial)
         solver.preempted += [v for v in removed if v in solver.existing_replicas]
+        if removed:
+            solver.claimants.add(d)
         # The rest of the deployment may fit now; min_replicas still applies.
         rest = solver.placeable(d)
         if rest:

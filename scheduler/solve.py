@@ -90,6 +90,7 @@ class Solver:
         self.odd_milli: set[tuple[int, int]] = set()
         self.existing_replicas: set[tuple[int, int]] = set()
         self.preempted: list[tuple[int, int]] = []
+        self.claimants: set[int] = set()  # deployments placed by preempting others (`preemption.eligible_victims`)
         self.why: dict[int, tuple[Reason, ...]] = {}
         self.moves_used = 0
         self.stats: dict[str, object] = {}
@@ -183,9 +184,11 @@ class Solver:
                    for d, rs in state.by_dep.items())
 
     def batch_order(self, ds: list[int]) -> list[int]:
-        """Priority first, then the biggest replicas first."""
+        """Priority first; of one priority, work that is not preemptible first (preemptible work
+        placed before it would yield to it at once: a reserved claim preempts it), then the
+        biggest replicas first."""
         deps = self.state.deps
-        return sorted(ds, key=lambda d: (-deps[d].priority,
+        return sorted(ds, key=lambda d: (-deps[d].priority, deps[d].preemptible,
                                          -deps[d].shards_per_replica * max(deps[d].shard.milli, 1),
                                          d))
 
@@ -235,10 +238,21 @@ class Solver:
                 return emit_plan(self)
             if opts.mode == "rebalance":
                 self.rebalance()  # moves before preemption: tier 2 preempts least first
+            evicted = len(self.preempted)
             for d in self.batch_order([d for d in wanted if self.pending(d)]):
+                if len(self.preempted) > evicted:
+                    # A claim before it preempted: what that freed and its claim left is taken before
+                    # preempting more (it went unused: a reserved claim then evicted new work for it).
+                    self.placer.place_deployment(d, self.placeable(d))
+                    self.why[d] = explain(self.state, d)
+                    if not self.pending(d):
+                        self.why.pop(d)
+                        continue
                 self.why.setdefault(d, explain(self.state, d))
                 if opts.allow_preemption:
                     preempt_for(self, d)
+            if len(self.preempted) > evicted:  # the reasons of those left say the cluster as it ends
+                self.why.update((d, explain(self.state, d)) for d in wanted if self.pending(d))
         return emit_plan(self)
 
     def take_over(self, other: Solver) -> None:
@@ -249,6 +263,7 @@ class Solver:
         self.adopt(other.state)
         self.why = dict(other.why)
         self.preempted = list(other.preempted)
+        self.claimants = set(other.claimants)
         self.moves_used = other.moves_used
         self.time_cut |= other.time_cut
         self.trials_cut |= other.trials_cut

@@ -276,6 +276,23 @@ def test_a_plan_with_shards_repaired_before_the_search_claims_no_proof() -> None
     assert placed_count(plan, "gang") == 1
 
 
+def test_a_reserved_claim_does_not_evict_work_placed_by_preempting() -> None:
+    # d2 (priority 1) preempts d0's running gang for a quarter accelerator; then vip, of t0 now
+    # below its reservation, evicted d2 (placed in this solve) rather than take the room d0 left:
+    # d0 went for nothing (a checker PREEMPTION violation, found by the property test). vip takes
+    # the freed room beside d2.
+    doc = problem([node(f"n{i}", rack="r0", acc=2) for i in (1, 2, 3)],
+                  [dep("d0", tenant="t0", acc=2, shards=3, preemptible=True),
+                   dep("d2", tenant="t1", accelerator_milli=250, locality="node", priority=1, preemptible=True),
+                   dep("vip", tenant="t0", locality="node")],
+                  tenants=[{"id": "t0", "reserved_accelerators": 2}, {"id": "t1"}],
+                  placements=[placed("d0", f"n{i}", [0, 1], shard=i - 1) for i in (1, 2, 3)], allow_preemption=True)
+    plan = solve_doc(doc)
+    assert [(p.deployment, p.replica) for p in plan.preempted] == [("d0", 0)]
+    assert placed_count(plan, "d2") == 1 and placed_count(plan, "vip") == 1
+    assert {u.deployment for u in plan.unplaced} == {"d0"}
+
+
 def test_existing_placements_count_against_capacity_and_stay() -> None:
     doc = problem([node("n1"), node("n2")], [dep("a", acc=1, locality="node"),
                                              dep("b", acc=4, replicas=2, locality="node")],
