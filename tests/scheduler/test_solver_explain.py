@@ -141,3 +141,15 @@ def test_a_preempted_deployment_gets_one_capacity_reason_led_by_its_preemption()
     capacity = [r.message for r in low.reasons if r.code == "CAPACITY"]
     assert len(capacity) == 1 and capacity[0].startswith("1 replica(s) preempted for higher-priority"), low.reasons
     assert "nodes fit a shard" in capacity[0], low.reasons  # the node filters' count, joined to it
+
+
+def test_a_capacity_reason_says_what_the_nodes_it_names_have_free() -> None:
+    """'need 4 free accelerator(s): n1 full' read as wrong where n1 had 3 of them free."""
+    doc = problem([node("n1", rack="r0", acc=4), node("n2", rack="r0", acc=2)],
+                  [dep("small", acc=1, locality="node"), dep("big", acc=4, locality="node")],
+                  placements=[placed("small", "n1", [0])])
+    assert "need 4 free accelerator(s) on one node: n1 has 3, n2 has 2" in messages(solve_doc(doc), "big")
+    full = problem([node("n1", rack="r0", acc=1)],
+                   [dep("small", acc=1, locality="node"), dep("more", acc=1, locality="node")],
+                   placements=[placed("small", "n1", [0])])
+    assert "need 1 free accelerator(s): n1 full" in messages(solve_doc(full), "more")
