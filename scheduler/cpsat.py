@@ -493,7 +493,15 @@ def improve(solver: Solver, base: ClusterState, wanted: list[int]) -> None:
         frag_status = cp_model.UNKNOWN
     solver.stats.update({"cpsat_fragmentation": STATUS_NAMES.get(frag_status, str(frag_status)),
                          "cpsat_ms": round((time.perf_counter() - t_build) * 1000, 1)})
-    trial, exact = _decode(solver, m, answer)
+    trial, exact = _decode(solver, m, answer, solver.batch_order(list(m.pending)))
+    if not exact:
+        # The placer realises a domain's shards on its fullest nodes first: a deployment the model
+        # gave the whole domain could take the one class another could use (a row-local gang took
+        # the only node a 16 GiB shard fitted, placing 21000 of the model's 22000). Realised the
+        # other way round, the deployments the model kept to the fewest classes first:
+        again, again_exact = _decode(solver, m, answer, _fewest_classes_first(solver, m, answer))
+        if _value(solver, m, again) > _value(solver, m, trial):
+            trial, exact = again, again_exact
     proved = status == cp_model.OPTIMAL and frag_status == cp_model.OPTIMAL
     _keep_better(solver, m, greedy, trial, exact, status, proved)
 
@@ -538,8 +546,7 @@ def _keep_better(solver: Solver, m: ClassModel, greedy: ClusterState, trial: Clu
     """Adopt the decoded plan if it beats the greedy one; then say what was proved. Running
     replicas kept come first: a decoded plan that missed what a running deployment needs
     (the model's relaxation) must not win by placing new work in their stead."""
-    greedy_value = (m.running_kept(greedy), solver.objective(greedy), _frag_metric(greedy))
-    trial_value = (m.running_kept(trial), solver.objective(trial), _frag_metric(trial))
+    greedy_value, trial_value = _value(solver, m, greedy), _value(solver, m, trial)
     solver.stats["greedy_objective"] = greedy_value[1]
     solver.stats["cpsat_objective"] = trial_value[1]
     if trial_value > greedy_value:
@@ -569,7 +576,23 @@ def _keep_better(solver: Solver, m: ClassModel, greedy: ClusterState, trial: Clu
         solver.proved_optimal = True
 
 
-def _decode(solver: Solver, m: ClassModel, cp: cp_model.CpSolver) -> tuple[ClusterState, bool]:
+def _value(solver: Solver, m: ClassModel, state: ClusterState) -> tuple[int, int, tuple[int, int]]:
+    """What `_keep_better` compares: running replicas kept, the objective, the fragmentation."""
+    return m.running_kept(state), solver.objective(state), _frag_metric(state)
+
+
+def _fewest_classes_first(solver: Solver, m: ClassModel, cp: cp_model.CpSolver) -> list[int]:
+    """The pending deployments, those the model put on the fewest node classes first (then in
+    batch order)."""
+    used: dict[int, int] = defaultdict(int)
+    for (d, _), var in m.x.items():
+        if cp.value(var) > 0:
+            used[d] += 1
+    batch = {d: i for i, d in enumerate(solver.batch_order(list(m.pending)))}
+    return sorted(m.pending, key=lambda d: (used[d], batch[d]))
+
+
+def _decode(solver: Solver, m: ClassModel, cp: cp_model.CpSolver, order: list[int]) -> tuple[ClusterState, bool]:
     """The placer realises the domains the model chose, with the exact per-node rules, then
     fills what is left greedily. Returns the trial state and whether it is exactly the
     model's choice."""
@@ -579,7 +602,7 @@ def _decode(solver: Solver, m: ClassModel, cp: cp_model.CpSolver) -> tuple[Clust
     placer = Placer(trial, scorer="bestfit", workload=solver.workload)
     exact = True
     leftovers: dict[int, list[int]] = {}
-    for d in solver.batch_order(list(m.pending)):  # first what the model chose, for everyone
+    for d in order:  # first what the model chose, for everyone
         todo = list(m.pending[d])
         level = deps[d].locality
         for dom in sorted(dom for (dd, dom) in m.y if dd == d and cp.value(m.y[d, dom]) > 0):

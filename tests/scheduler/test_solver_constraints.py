@@ -293,6 +293,17 @@ def test_a_reserved_claim_does_not_evict_work_placed_by_preempting() -> None:
     assert {u.deployment for u in plan.unplaced} == {"d0"}
 
 
+def test_the_models_answer_is_realised_where_a_row_gang_could_take_a_small_shards_only_node() -> None:
+    # CP-SAT places all 22000 (d2's nine shards across both nodes of the row, d1 beside d3 on n2,
+    # the only node with its memory); realised in batch order, d2's gangs filled n2 first (the
+    # fuller node) and d1 was left out: 21000, the greedy answer kept (found by exploratory testing).
+    doc = problem([node("n1", rack="k1", acc=8, model="m100", memory_mib=8192), node("n2", rack="k2", acc=8, model="m200")],
+                  [dep("d1", memory_mib=16384), dep("d2", replicas=3, shards=3, locality="row"),
+                   dep("d3", acc=2, accelerator_models=["m200"], priority=5)])
+    plan = solve_doc(doc)
+    assert plan.unplaced == () and plan.status == "optimal"
+
+
 def test_existing_placements_count_against_capacity_and_stay() -> None:
     doc = problem([node("n1"), node("n2")], [dep("a", acc=1, locality="node"),
                                              dep("b", acc=4, replicas=2, locality="node")],
