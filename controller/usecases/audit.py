@@ -31,7 +31,7 @@ from controller.store import audit as store
 from controller.store.audit import AuditRecord, CallEntry, ChainReport
 from controller.store.db import Database, UnitOfWork
 from controller.store.turns import answering
-from controller.usecases import paging
+from controller.usecases import paging, policy
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.policy import require_admin, require_role
 from controller.usecases.redaction import Redactor, redactor_of
@@ -131,8 +131,9 @@ async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = ""
     """One page of entries in seq order; a tenant principal sees its own tenant's only."""
     require_role(principal, "listing audit entries", Role.TENANT)
     window = paging.bounds(page, (int,))
-    if principal.role is Role.TENANT:  # its own entries only, whatever it asked for
-        tenant = principal.tenant
+    # A tenant token reads its own entries only: another tenant asked for is NOT_FOUND, as everywhere
+    # (it was answered with the caller's own entries, as if they were that tenant's).
+    tenant = policy.visible_tenant(principal, tenant, "listing audit entries")
     after_seq = window.after[0] if window.after else 0
     if not isinstance(after_seq, int) or after_seq < 0:
         raise InvalidArgument("page_token is not a token this list returned; start again without one")

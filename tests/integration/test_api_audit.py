@@ -72,9 +72,14 @@ async def test_tenants_list_their_own_entries_only_and_only_admins_verify(contro
     lab_a = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="lab-a"))
     bootstrap = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "node-bootstrap"))
     try:
-        for asked in ("", "lab-b"):  # asking for another tenant's entries still yields its own
+        for asked in ("", "lab-a"):
             page = await lab_a.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant=asked))
             assert [(e.object_id, e.tenant) for e in page.events] == [("lab-a", "lab-a")]
+        for asked in ("lab-b", "nobody"):  # was answered with its own entries, as if they were lab-b's
+            with pytest.raises(grpc.aio.AioRpcError) as unseen:
+                await lab_a.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant=asked))
+            assert (unseen.value.code(), unseen.value.details()) == (grpc.StatusCode.NOT_FOUND,
+                                                                   f"tenant {asked} not found")
         everything = await stubs.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest())
         assert [e.object_id for e in everything.events] == ["lab-a", "lab-b"]
         for call in (lab_a.audit.VerifyAuditLog(audit_pb2.VerifyAuditLogRequest()),
