@@ -158,6 +158,9 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     if resource_version <= 0:
         raise InvalidArgument(f"deployment {spec.name}: resource_version is required (the version the change is "
                               f"based on; it is at {row.resource_version})")
+    if resource_version > row.resource_version:  # not a version it had: no change happened since
+        raise Conflict(f"deployment {spec.name} has no resource version {resource_version} (it is at "
+                       f"{row.resource_version}): read it again and re-apply the change")
     if resource_version != row.resource_version:
         raise Conflict(f"deployment {spec.name} changed since resource version {resource_version} "
                        f"(it is at {row.resource_version}): read it again and re-apply the change")

@@ -144,7 +144,7 @@ async def test_stale_and_contract_breaking_updates_are_refused_with_nothing_writ
     with pytest.raises(grpc.aio.AioRpcError) as stale:
         await _update(stubs, _svc(replicas=3), running.resource_version + 1)
     assert stale.value.code() == grpc.StatusCode.ABORTED
-    assert stale.value.details() == ("deployment svc changed since resource version 2 (it is at 1): "
+    assert stale.value.details() == ("deployment svc has no resource version 2 (it is at 1): "  # "changed since 2"
                                      "read it again and re-apply the change")
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await _update(stubs, _svc(replicas=3), 0)
