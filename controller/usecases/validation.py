@@ -101,9 +101,19 @@ def check_quantity(field_name: str, value: float | int | None, max_value: float)
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgument(f"{field_name} must be a finite number, got {value}")
     if value < 0:
-        raise InvalidArgument(f"{field_name} must be >= 0, got {value:g}")
+        raise InvalidArgument(f"{field_name} must be >= 0, got {_amount(value)}")
     if value > max_value:
-        raise InvalidArgument(f"{field_name} must be at most {max_value:g}, got {value:g}")
+        raise InvalidArgument(f"{field_name} must be at most {_amount(max_value)}, got {_amount(value)}")
+
+
+def _amount(value: float | int) -> str:
+    """A quantity as a message shows it: %g where that is the number itself ("1e+08"), a whole
+    number %g would round in full ("at most 1073741824, got 4611686018427387904", not
+    "1.07374e+09, got 4.61169e+18")."""
+    shown = f"{value:g}"
+    if float(shown) == value or not float(value).is_integer() or abs(value) >= 2**64:
+        return shown
+    return str(int(value))
 
 
 def check_labels(field_name: str, labels: Mapping[str, str]) -> None:
