@@ -253,6 +253,8 @@ class Isolation(MaskFilter):
         text = names(first(np.array(keys, dtype=np.int64), held_by))
         if len(nodes) > len(looked):
             text += f" (+{len(nodes) - len(looked)} more nodes)"
+        if topo.tenant_isolation[t] == "shared":  # others' isolation shuts it out, not its own
+            return f"others' isolation: {text}"
         return f"tenant {topo.tenant_ids[t]} is {topo.tenant_isolation[t]}: {text}"
 
 
