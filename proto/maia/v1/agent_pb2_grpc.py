@@ -57,7 +57,8 @@ class NodeAgentServiceServicer:
 
     def Connect(self, request_iterator, context):
         """Send Hello first, within 20 s; with a node's own credential. The controller ends a stream
-        with a status that says why (docs/agent-protocol.md, "How a stream ends"), never OK.
+        with a status that says why (docs/agent-protocol.md, "How a stream ends"), never OK (an
+        agent's own half-close is answered OK).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
