@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+from datetime import datetime, timedelta
 
 import grpc
 import pytest
@@ -66,6 +67,13 @@ async def _check_usage(controller_app: ControllerApp, stubs: Stubs, capsys) -> N
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and [(r["tenant"], r["deployment"], r["zone"]) for r in rows] == [("lab", "svc", "z1")]
     assert float(rows[0]["accelerator_seconds"]) > 0
+    # The window it covers on every row, in RFC 3339 UTC: a file said nothing of it, nor that a
+    # --until in the future had been cut to the controller's now.
+    since, until = (datetime.fromisoformat(rows[0][k].replace("Z", "+00:00")) for k in ("since", "until"))
+    assert rows[0]["until"].endswith("Z") and timedelta(minutes=59) < until - since <= timedelta(hours=1, seconds=1)
+    code, out, _ = await asyncio.to_thread(_run_cli, capsys, "usage", *at, "-o", "csv", "--until", "2099-01-01")
+    [row] = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and row["since"] == "" and row["until"] < "2099"
     code, out, _ = await asyncio.to_thread(_run_cli, capsys, "usage", *at, "-o", "json", "--tenant", "lab")
     assert code == 0 and json.loads(out)["records"][0]["deployment"] == "svc"
     code, out, _ = await asyncio.to_thread(_run_cli, capsys, "usage", *at)

@@ -3,7 +3,8 @@
 `--since` / `--until` take an ISO-8601 time (`2026-11-30`, `2026-11-30T08:00`, `...Z`; UTC
 when no offset is given) or a duration back from now (`90m`, `24h`, `7d`); since must be before
 until (now when not given), or the command is refused (exit 2). `-o csv` prints one header line
-and one line per record (for spreadsheets and billing scripts); `-o name` is refused (exit 2):
+and one line per record (for spreadsheets and billing scripts), each with the window it covers
+(`since`, empty from the start, and `until`, as the controller clamped it to its now); `-o name` is refused (exit 2):
 a record is no object with a name.
 """
 from __future__ import annotations
@@ -21,8 +22,15 @@ from maia.v1 import deployments_pb2
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The window on every row (`since` empty: from the start): a billing script reads what a file
+# covers, `until` as the controller clamped it to its now.
 CSV_FIELDS = ("tenant", "deployment", "accelerator_model", "zone", "accelerator_seconds", "accelerator_hours",
-              "energy_kwh")
+              "energy_kwh", "since", "until")
+
+
+def _stamp(at: datetime) -> str:
+    """RFC 3339 in UTC to the millisecond: 2026-12-06T01:12:37.377Z."""
+    return at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
@@ -60,6 +68,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         if at is not None:
             getattr(request, field).FromDatetime(at)
     reply = ctx.controller.deployments.GetUsage(request, timeout=ctx.rpc_timeout)
+    since = _stamp(reply.since.ToDatetime(tzinfo=timezone.utc)) if reply.HasField("since") else ""
+    until = _stamp(reply.until.ToDatetime(tzinfo=timezone.utc))
     if ctx.json:
         ctx.emit_json(reply)
     elif ctx.output == "csv":
@@ -67,7 +77,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         writer.writerow(CSV_FIELDS)
         for r in reply.records:
             writer.writerow([r.tenant, r.deployment, r.accelerator_model, r.zone, f"{r.accelerator_seconds:.3f}",
-                             f"{r.accelerator_hours:.6f}", f"{r.energy_kwh:.6f}"])
+                             f"{r.accelerator_hours:.6f}", f"{r.energy_kwh:.6f}", since, until])
         ctx.stdout.flush()
     else:
         ctx.out(render_table(
@@ -77,9 +87,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             [(r.tenant, r.deployment, r.accelerator_model, r.zone, f"{r.accelerator_hours:.3f}",
               f"{r.energy_kwh:.3f}") for r in reply.records],
         ))
-        since = reply.since.ToDatetime(tzinfo=timezone.utc).isoformat() if reply.HasField("since") else "the start"
-        until = reply.until.ToDatetime(tzinfo=timezone.utc).isoformat()
         hours = sum(r.accelerator_hours for r in reply.records)
         kwh = sum(r.energy_kwh for r in reply.records)
-        ctx.out(f"\n{hours:.3f} accelerator-hours, {kwh:.3f} kWh from {since} to {until}")
+        ctx.out(f"\n{hours:.3f} accelerator-hours, {kwh:.3f} kWh from {since or 'the start'} to {until}")
     return 0
