@@ -20,6 +20,8 @@ from controller.cli.config import ConfigError, Connection, resolve_connection
 from controller.cli.context import OUTPUTS, Context
 from controller.cli.manifests import ManifestError
 
+MANIFEST_PROBLEMS_SHOWN = 20  # problems of bad manifests printed, then how many more there are
+
 # Connection settings: flag name -> attribute, all resolved by config.resolve_connection.
 _CONNECTION_FLAGS = {
     "--controller": ("controller", "HOST:PORT", "controller address, or several comma-separated (any one that "
@@ -121,8 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args, ctx) or 0)
     except ManifestError as exc:
-        for problem in exc.problems:
+        for problem in exc.problems[:MANIFEST_PROBLEMS_SHOWN]:
             ctx.note(f"error: {problem}")
+        if len(exc.problems) > MANIFEST_PROBLEMS_SHOWN:  # a directory of other JSON printed hundreds
+            ctx.note(f"error: ... and {len(exc.problems) - MANIFEST_PROBLEMS_SHOWN} more problems "
+                     f"({len(exc.problems)} in all); fix these first")
         return Exit.USAGE
     except CliError as exc:
         ctx.note(f"error: {exc}")

@@ -221,6 +221,18 @@ def test_apply_and_diff_refuse_them_in_one_line_exit_2_with_nothing_sent(tmp_pat
         f"error: {dup}: invalid YAML at line 3 column 1: duplicate key 'id' (first on line 2)"]
 
 
+def test_a_directory_of_bad_manifests_prints_twenty_problems_and_how_many_more(tmp_path: Path, capsys) -> None:
+    """A directory of other JSON (dumps, a config) printed a line per problem, hundreds."""
+    from controller.cli.main import main
+
+    for i in range(30):
+        (tmp_path / f"dump-{i:02d}.json").write_text('{"items": []}')
+    assert main(["--controller", "127.0.0.1:9", "apply", "-f", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 21 and err[0].startswith(f"error: {tmp_path / 'dump-00.json'}")
+    assert err[-1] == "error: ... and 10 more problems (30 in all); fix these first"
+
+
 TENANT_JSON = '{\n\t"kind": "Tenant",\n\t"id": "t1",\n\t"isolation": "shared",\n\t"max_power_w": 1e3\n}\n'
 
 
