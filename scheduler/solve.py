@@ -239,20 +239,23 @@ class Solver:
             if opts.mode == "rebalance":
                 self.rebalance()  # moves before preemption: tier 2 preempts least first
             evicted = len(self.preempted)
+            told: dict[int, int] = {}  # the preemptions made when each one's reasons were worked out
             for d in self.batch_order([d for d in wanted if self.pending(d)]):
                 if len(self.preempted) > evicted:
                     # A claim before it preempted: what that freed and its claim left is taken before
                     # preempting more (it went unused: a reserved claim then evicted new work for it).
                     self.placer.place_deployment(d, self.placeable(d))
-                    self.why[d] = explain(self.state, d)
                     if not self.pending(d):
-                        self.why.pop(d)
+                        self.why.pop(d, None)
                         continue
-                self.why.setdefault(d, explain(self.state, d))
+                if d not in self.why or len(self.preempted) > evicted:
+                    self.why[d] = explain(self.state, d)
+                told[d] = len(self.preempted)
                 if opts.allow_preemption:
                     preempt_for(self, d)
-            if len(self.preempted) > evicted:  # the reasons of those left say the cluster as it ends
-                self.why.update((d, explain(self.state, d)) for d in wanted if self.pending(d))
+            # Reasons worked out before a later preemption say a cluster that is no more.
+            self.why.update((d, explain(self.state, d)) for d, at in told.items()
+                            if at < len(self.preempted) and self.pending(d))
         return emit_plan(self)
 
     def take_over(self, other: Solver) -> None:
