@@ -61,6 +61,7 @@ class _Group:
     largest: tuple[int, str] = (-1, "")           # (accelerators, node)
     most_hbm: tuple[float, str] = (-1.0, "")      # (HBM GiB, node), over nodes that say
     without_hbm: int = 0                          # nodes that do not say their HBM
+    nodes: int = 0
     domains: dict[str, dict[str, int]] = field(default_factory=lambda: {k: defaultdict(int) for k in LOCALITIES})
 
 
@@ -81,6 +82,7 @@ class CapacityIndex:
             largest, largest_id = g.largest
             if accelerators > largest or (accelerators == largest and node_id < largest_id):
                 g.largest = (accelerators, node_id)
+            g.nodes += 1
             if hbm_gib is None:
                 g.without_hbm += 1
             else:
@@ -132,6 +134,13 @@ class CapacityView:
                 for domain, n in g.domains[locality].items():
                     held[domain] += n
         return _best_of((n, domain) for domain, n in held.items())
+
+
+    def domain_count(self, level: str) -> int:
+        """How many nodes, racks, rows or zones hold these nodes."""
+        if level == "node":
+            return sum(g.nodes for g in self.groups)
+        return len(set().union(*(g.domains[level] for g in self.groups)))
 
 
 def _best_of(items: Iterable[tuple[Any, str]]) -> Any:

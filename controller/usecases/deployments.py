@@ -175,6 +175,15 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant_zon
             f"{where}: one shard needs {spec.shard.hbm_gib:g} GiB of HBM per accelerator; "
             f"the most any node has is {most[0]:g} GiB ({most[1]})", most[1],
         )
+    if spec.spread is not None:
+        domain, most = spec.spread.domain, spec.spread.max_per_domain
+        domains = view.domain_count(domain)
+        if domains * most < spec.min_replicas:  # it waited for ever, `wait` timing out
+            raise _never_fits(
+                "SPREAD",
+                f"{where}: min_replicas {spec.min_replicas} at most {most} a {domain} takes "
+                f"{-(-spec.min_replicas // most)} {domain}s; the cluster has {domains} with the accelerators asked"
+                + (f" in tenant {spec.tenant}'s zones" if tenant_zones else ""))
     if spec.locality == "none":
         return
     held, domain_id = view.largest_domain(spec.locality)

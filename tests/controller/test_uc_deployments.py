@@ -66,6 +66,10 @@ BAD = [
      "one shard needs 128 GiB of HBM per accelerator; the most any node has is 64 GiB"),
     (deployment("nodey", "t1", shards=5, accelerators=1, locality="node"), InvalidArgument,
      "one node-local replica needs 5 accelerators (5 shards x 1); the largest node holds 4"),
+    (deployment("apart", "t1", replicas=3, min_replicas=2, spread=Spread("zone", 1)), InvalidArgument,
+     "deployment apart: min_replicas 2 at most 1 a zone takes 2 zones; the cluster has 1 with the accelerators asked"),
+    (deployment("pernode", "t1", replicas=12, min_replicas=9, spread=Spread("node", 2)), InvalidArgument,
+     "deployment pernode: min_replicas 9 at most 2 a node takes 5 nodes; the cluster has 4"),
 ]
 
 
