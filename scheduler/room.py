@@ -75,7 +75,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     ranked = sorted(by_domain, key=lambda dm: -sum(
         len(state.replicas[v]) * state.deps[v[0]].shard.milli for v in by_domain[dm]))
     best = None
-    own = _own_running(solver, d)
+    own = own_running(solver, d)
     r = next((x for x in solver.placeable(d) if x not in own), solver.placeable(d)[0])
     size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1) for v in eligible}
     orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
@@ -232,19 +232,22 @@ def _may_fit(state: ClusterState, d: int, allowed: np.ndarray) -> bool:
     return True
 
 
-def _own_running(solver: Solver, d: int) -> dict[int, dict[int, ShardAt]]:
+def own_running(solver: Solver, d: int) -> dict[int, dict[int, ShardAt]]:
     """Replicas of d that ran before this solve, whole, and are out of the state now: min_replicas
     took them away when d could not reach it (`Placer.place_deployment`). A trial puts them back
     where they ran before placing more: placed anywhere else they would be moves, which only
-    rebalance makes (online, a short deployment's running replica was moved to make room)."""
+    rebalance makes (online, a short deployment's running replica was moved to make room). Only
+    those still existing: a warm session's `loaded` keeps what it loaded, and a replica released
+    since (failed, its node taken by others) blocked every trial."""
     return {x: solver.loaded[(d, x)] for x in solver.placeable(d)
-            if len(solver.loaded.get((d, x), ())) == solver.state.deps[d].shards_per_replica}
+            if (d, x) in solver.existing_replicas
+            and len(solver.loaded.get((d, x), ())) == solver.state.deps[d].shards_per_replica}
 
 
 def _trial(solver: Solver, d: int, r: int, victims: list[Replica], allowed: np.ndarray,
            relocate: bool, budget: int, own: dict[int, dict[int, ShardAt]]) -> tuple[Outcome | None, int]:
     """Remove victims in order until replica r of d fits in `allowed`, d's own running replicas
-    (`_own_running`) back where they ran first: the outcome (cost, trial state, removed, moved) or
+    (`own_running`) back where they ran first: the outcome (cost, trial state, removed, moved) or
     None, and how many of the victims it took out (a trial taking out the same first ones in the
     same order would end the same way)."""
     state = solver.state

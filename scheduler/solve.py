@@ -46,7 +46,7 @@ from scheduler.online_batch import place_batch
 from scheduler.preemption import preempt_for
 from scheduler.rebalance import rebalance
 from scheduler.repair import repair
-from scheduler.room import TrialBudget
+from scheduler.room import TrialBudget, own_running, restore
 from scheduler.state import ClusterState, ShardAt
 from scheduler.topology import build_topology
 
@@ -244,7 +244,7 @@ class Solver:
                 if len(self.preempted) > evicted:
                     # A claim before it preempted: what that freed and its claim left is taken before
                     # preempting more (it went unused: a reserved claim then evicted new work for it).
-                    self.placer.place_deployment(d, self.placeable(d))
+                    self._take_freed(d)
                     if not self.pending(d):
                         self.why.pop(d, None)
                         continue
@@ -257,6 +257,19 @@ class Solver:
             self.why.update((d, explain(self.state, d)) for d, at in told.items()
                             if at < len(self.preempted) and self.pending(d))
         return emit_plan(self)
+
+    def _take_freed(self, d: int) -> None:
+        """Place what of d fits now, its running replicas that min_replicas took away back where
+        they ran first (`own_running`): placed anew they would move. When one's place is taken,
+        none is placed (as before: it waits for a preemption, which puts them back)."""
+        own = own_running(self, d)
+        for x, shards in own.items():
+            if not restore(self.state, (d, x), shards):
+                for y in own:
+                    if (d, y) in self.state.replicas:
+                        self.state.remove_replica(d, y)
+                return
+        self.placer.place_deployment(d, self.placeable(d))
 
     def take_over(self, other: Solver) -> None:
         """The stages after CP-SAT would repeat `other`'s (the same problem, the greedy

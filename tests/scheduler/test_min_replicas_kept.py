@@ -133,6 +133,24 @@ def test_preempting_for_a_deployment_short_of_its_minimum_keeps_its_running_repl
     assert at[(0, 0)] == ("n0", (0,)) and at[(0, 1)] == ("n0", (1,)) and {(1, 0), (1, 1)} <= set(at)
 
 
+@pytest.mark.parametrize("options", [{"mode": "batch"}, {"mode": "rebalance", "max_moves": 1}])
+def test_room_a_preemption_freed_is_not_taken_by_moving_a_short_deployment(options: dict) -> None:
+    # X preempts B (all of n1); A, short of its minimum (replica 0 runs on n0), was dropped by
+    # min_replicas; the retry that lets later deployments take the freed room placed A anew, its
+    # running replica onto n1: a move in batch mode, two past max_moves 1 (found in review). Replica
+    # 0 stays, and replica 1 takes what X left of n1.
+    doc = problem([node("n0", rack="r0", acc=4), node("n1", rack="r0", acc=6)],
+                  [dep("A", tenant="a", shards=2, replicas=2, min_replicas=2, priority=1, locality="node"),
+                   dep("D", tenant="d", locality="node"), dep("B", tenant="b", acc=6, preemptible=True, locality="node"),
+                   dep("X", tenant="x", acc=4, priority=5, locality="node")],
+                  placements=[placed("A", "n0", [0], shard=0), placed("A", "n0", [1], shard=1),
+                              placed("D", "n0", [2]), placed("B", "n1", [0, 1, 2, 3, 4, 5])],
+                  allow_preemption=True, **options)
+    plan = solve_doc(doc)
+    assert not plan.moved and [(p.deployment, p.replica) for p in plan.preempted] == [("B", 0)]
+    assert {(p.replica, p.node) for p in plan.placements if p.deployment == "A"} == {(0, "n0"), (1, "n1")}
+
+
 # ---- property: a running deployment that can reach its minimum keeps its replicas -----------
 
 @st.composite

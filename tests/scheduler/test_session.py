@@ -415,3 +415,19 @@ def test_each_decision_has_a_solves_trial_budget_not_a_share_of_the_sessions(mon
     decisions = [s.place(x) for x in claims]
     assert [len(d.placements) for d in decisions] == [1] * 6
     assert [len(d.preempted) for d in decisions] == [1] * 6
+
+
+def test_a_replica_released_then_placed_again_may_preempt_what_took_its_node() -> None:
+    # A's replica 1 stops (failed, say), B takes its node; placed again, A preempts B. The search
+    # meant to keep a short deployment's running replicas in place read the session's first load:
+    # it tried to put replica 1 back on n1, under B, and no victim could make room (found in review).
+    s = session_of(problem([node("n0", rack="r0", acc=2), node("n1", rack="r0", acc=2)],
+                           [dep("A", tenant="a", acc=2, replicas=2, priority=5, locality="node"),
+                            dep("B", tenant="b", acc=2, preemptible=True, locality="node")],
+                           placements=[placed("A", "n0", [0, 1], replica=0), placed("A", "n1", [0, 1], replica=1)],
+                           mode="online", allow_preemption=True))
+    s.release("A", [1])
+    assert [p.node for p in s.place("B").placements] == ["n1"]
+    again = s.place("A")
+    assert [(p.deployment, p.replica) for p in again.preempted] == [("B", 0)]
+    assert [(p.replica, p.node) for p in again.placements] == [(1, "n1")]
