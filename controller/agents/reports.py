@@ -189,9 +189,22 @@ class ReportBuffer:
 
     def _refuse(self, node_id: str, key: ShardKey) -> None:
         before = self._refused.get(node_id, RefusedReports(0, ()))
-        samples = before.samples if len(before.samples) >= REFUSED_SAMPLES or key in before.samples \
-            else (*before.samples, key)
-        self._refused[node_id] = RefusedReports(before.count + 1, samples)
+        told = self._told(node_id, time.monotonic())
+        fresh = key not in told
+        samples = before.samples
+        if key not in samples:
+            if len(samples) < REFUSED_SAMPLES:
+                samples = (*samples, key)
+            elif fresh:  # a shard not recorded yet is named, in the place of one that was
+                at = next((i for i in reversed(range(len(samples))) if samples[i] in told), None)
+                if at is not None:
+                    samples = (*samples[:at], *samples[at + 1:], key)
+        self._refused[node_id] = RefusedReports(before.count + 1, samples, before.fresh or fresh)
+
+    def _told(self, node_id: str, now: float) -> frozenset[ShardKey]:
+        """The shards recorded of `node_id` in its window, if the window still runs."""
+        began, told = self._refused_told.get(node_id, (-REFUSED_REPEAT_S, frozenset()))
+        return told if now - began < REFUSED_REPEAT_S else frozenset()
 
     def _due_refusals(self) -> dict[str, RefusedReports]:
         """The nodes' refusals to record now: at once where one names a shard not recorded in its
@@ -203,7 +216,7 @@ class ReportBuffer:
             began, told = self._refused_told.get(node_id, (-REFUSED_REPEAT_S, frozenset()))
             if now - began >= REFUSED_REPEAT_S:
                 began, told = now, frozenset()
-            elif told.issuperset(refusal.samples):
+            elif not refusal.fresh:
                 continue
             due[node_id] = refusal
             self._refused_told[node_id] = (began, told | set(refusal.samples))

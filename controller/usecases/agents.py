@@ -469,6 +469,7 @@ class RefusedReports:
     count: int
     # (deployment, replica, shard), the first few; the deployment as TENANT/NAME when the report said the tenant
     samples: tuple[tuple[str, int, int], ...]
+    fresh: bool = False  # one names a shard not recorded in its node's window (`agents/reports.py`)
 
 
 async def record_refused_reports(uow: UnitOfWork, node_id: str, refused: RefusedReports) -> None:

@@ -167,7 +167,7 @@ async def test_a_refused_report_repeated_is_recorded_once_a_window(strict: Stubs
     """An agent that keeps repeating a report of a shard that is not its own (one it was taken,
     STOPPED, in every heartbeat) wrote an event and a hash-chained audit entry at every flush, for
     ever (found by exploratory testing). Repeats wait for the window's end, counted; a shard not
-    recorded yet is recorded at once."""
+    recorded yet is recorded at once and named, even with the samples full (found in review)."""
     impostor = await connected_agent(strict, "impostor")
 
     async def refusals() -> list[tuple]:
@@ -176,18 +176,21 @@ async def test_a_refused_report_repeated_is_recorded_once_a_window(strict: Stubs
                 select(m.Event).where(m.Event.kind == "agent.reports_refused").order_by(m.Event.id))
             return [(e.data["count"], e.data["samples"]) for e in events]
 
-    impostor.send(_status("ghost", replica=0, shard=0))
-    await eventually(refusals, lambda e: len(e) == 1, what="the first refusal recorded")
-    for _ in range(4):  # across several flushes (every 0.2 s)
-        impostor.send(_status("ghost", replica=0, shard=0))
+    for shard in range(5):  # five shards at once: the samples are full
+        impostor.send(_status("ghost", replica=0, shard=shard))
+    await eventually(refusals, lambda e: sum(count for count, _ in e) == 5, what="the first refusals recorded")
+    first = len(await refusals())
+    for _ in range(4):  # repeats of all five, across several flushes (every 0.2 s): held, samples full
+        for shard in range(5):
+            impostor.send(_status("ghost", replica=0, shard=shard))
         await asyncio.sleep(0.3)
-    assert await refusals() == [(1, [["ghost", 0, 0]])]
-    impostor.send(_status("ghost", replica=0, shard=1))
-    events = await eventually(refusals, lambda e: len(e) == 2, what="a new shard's refusal recorded")
-    assert events == [(1, [["ghost", 0, 0]]), (5, [["ghost", 0, 0], ["ghost", 0, 1]])]
+    assert len(await refusals()) == first
+    impostor.send(_status("ghost", replica=0, shard=9))  # a shard not recorded: at once, and named
+    events = await eventually(refusals, lambda e: len(e) == first + 1, what="a new shard's refusal recorded")
+    assert events[-1] == (21, [["ghost", 0, 0], ["ghost", 0, 1], ["ghost", 0, 2], ["ghost", 0, 3], ["ghost", 0, 9]])
     async with strict_app.db.unit_of_work() as uow:
         entries = [e for e in await audit.list_entries(uow.session) if e.action == "agent.reports_refused"]
-    assert [e.detail["count"] for e in entries] == [1, 5]
+    assert [e.detail["count"] for e in entries] == [count for count, _ in events]
     await impostor.close()
 
 
