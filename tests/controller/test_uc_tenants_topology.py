@@ -154,3 +154,39 @@ async def test_a_stricter_contract_that_what_runs_breaks_is_refused(cluster):
             view = await tenants.update_tenant(uow, WHO, TenantSpec("t1", max_accelerators=64.0), RecordingSignals())
     assert view.spec.max_accelerators == 64.0
     assert not [s for s in seen if "rows.zone_id" in s]  # and what runs around it is not read (placed_beside)
+
+
+async def test_moving_a_rack_or_a_row_under_work_it_would_break_is_refused(cluster):
+    """A rack moved to another row or a row to another zone was accepted under placed work that
+    then broke its locality or its tenant's zones, nothing moving it (found by exploratory testing:
+    only the zones raised the watchdog's alarm). Refused, naming the work, writing nothing; a move
+    under nothing is taken."""
+    await add_tenant(cluster, "t2", zones=("z1",))
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+    await submit(cluster, deployment("gang", shards=3, accelerators=4, locality="row"))  # 12 of rack-a's and -b's 16
+    await submit(cluster, deployment("small", tenant="t2"))
+    await loop.reconcile_once()
+    await loop.reconcile_once()
+    z2 = TopologySpec(zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z2"),))
+    async with cluster.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, z2, RecordingSignals())
+
+    def apply(spec: TopologySpec):  # noqa: ANN202
+        return lambda uow: topology.apply_topology(uow, WHO, spec, RecordingSignals())
+
+    await assert_refused_writing_nothing(
+        cluster, apply(TopologySpec(racks=(RackSpec("rack-b", "row-b"),))), FailedPrecondition,
+        "the topology change moves racks or rows under work that runs now: t1/gang replica 0 (row-local) across "
+        "rows row-a, row-b")
+    with pytest.raises(FailedPrecondition) as refused:
+        async with cluster.unit_of_work() as uow:
+            await topology.apply_topology(uow, WHO, TopologySpec(rows=(RowSpec("row-a", "z2"),)), RecordingSignals(),
+                                          dry_run=True)
+    assert [(r.code, r.message) for r in refused.value.reasons] == [
+        ("ZONE", "t2/small in zone z2, outside tenant t2's zones (z1)")]
+    async with cluster.unit_of_work() as uow:  # a rack nothing runs on moves
+        await topology.apply_topology(uow, WHO, TopologySpec(racks=(RackSpec("rack-c", "row-a"),)), RecordingSignals())
+    async with cluster.unit_of_work() as uow:
+        view = await topology.apply_topology(uow, WHO, TopologySpec(racks=(RackSpec("rack-c", "row-b"),)),
+                                             RecordingSignals())
+    assert {k.spec.id: k.spec.row for k in view.racks}["rack-c"] == "row-b"
