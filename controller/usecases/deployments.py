@@ -27,7 +27,7 @@ from controller.store.db import Database, UnitOfWork
 from controller.store.rollout import stored_key
 from controller.usecases import planning, policy, requests
 from controller.usecases.capacity import CapacityCache, load_index
-from controller.usecases.reservations import check_owed_capacity, demand
+from controller.usecases.reservations import check_owed_capacity, new_ask
 from controller.usecases.redaction import as_seen_by, redactor_of
 from controller.domain.changes import ClusterChange
 from controller.domain.values import (
@@ -228,10 +228,8 @@ async def _validate_against_store(uow: UnitOfWork, who: Principal, spec: Deploym
             raise AlreadyExists(f"deployment {spec.name} already exists in tenant {spec.tenant}")
     await check_could_ever_fit(uow, spec, facts.tenant_zones, capacity, capacity_generation=facts.capacity_generation)
     if facts.others_reserve and not spec.preemptible and not replacing:
-        accelerators, _ = demand(spec)
-        await check_owed_capacity(uow, who, spec.tenant, asked=accelerators, asks=(
-            f"deployment {spec.name}: {accelerators:g} accelerators, not preemptible, would take capacity reserved "
-            f"for other tenants"))
+        asked, asks = new_ask(spec)
+        await check_owed_capacity(uow, who, spec.tenant, asked=asked, asks=asks)
     return StoreChecked(replaced, facts.deployments)
 
 

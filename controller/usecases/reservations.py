@@ -2,7 +2,9 @@
 another tenant is owed (below its `reserved_accelerators`), since only preemptible work yields
 to a reservation (scheduler/preemption.py): once placed, it could never be taken back.
 
-Checked on a submit (the whole ask), an update that grows the ask (its growth: what waited
+Checked on a submit (the whole ask: a batch of submits reads the figures once for all its
+members, `usecases/submits.py`; only where another tenant reserves, and not for host-only
+shards), an update that grows the ask (its growth: what waited
 before was asked before) and one that makes a preemptible deployment non-preemptible (what it
 holds is asked afresh: owed tenants could preempt it before, not after). Only free capacity can
 be taken: with none, the ask is taken and waits, as any other. A tenant below its own
@@ -13,6 +15,8 @@ A tenant token reads the total owed to "other tenants", never who is owed how mu
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from controller.errors import FailedPrecondition, ReasonDetail
 from controller.identity import Principal
@@ -32,28 +36,59 @@ def demand(spec: DeploymentSpec) -> tuple[float, float]:
     return shards * per_shard, shards * per_shard * spec.shard.power_w
 
 
+@dataclass(frozen=True)
+class OwedCapacity:
+    """What the check compares: per reserving tenant (accelerators reserved, held), and the
+    accelerators free on ready nodes (0 when no one is owed: not read)."""
+
+    reservations: dict[str, tuple[float, float]]
+    free: float
+
+    def owed_to_others(self, tenant: str) -> dict[str, float]:
+        return {t: reserved - used for t, (reserved, used) in self.reservations.items()
+                if t != tenant and reserved > used}
+
+
+async def owed_capacity(uow: UnitOfWork) -> OwedCapacity:
+    """The reservations and, when any tenant is owed, the free accelerators: two aggregates of
+    the placements (a batch of submits reads them once for all its members)."""
+    reservations = await repo.reserved_usage(uow.session)
+    owed = any(reserved > used for reserved, used in reservations.values())
+    return OwedCapacity(reservations, await repo.free_on_ready_nodes(uow.session) if owed else 0.0)
+
+
 async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, asked: float,
-                              returned: float = 0.0, asks: str) -> None:
+                              returned: float = 0.0, asks: str, owed: OwedCapacity | None = None) -> None:
     """Refuse (FAILED_PRECONDITION, a RESERVATION reason) `tenant`'s non-preemptible ask of `asked`
     accelerators not placed yet, `returned` of them held now and asked afresh, when it is more
     than the free capacity (and `returned`) less what other tenants are owed, and more than
-    `tenant` is owed itself. `asks` says what is asked, for the message ("deployment x: ...")."""
-    reservations = await repo.reserved_usage(uow.session)
-    owed = {t: reserved - used for t, (reserved, used) in reservations.items() if t != tenant and reserved > used}
-    if not owed:
+    `tenant` is owed itself. `asks` says what is asked, for the message ("deployment x: ...");
+    `owed`: the figures as read already (else read now)."""
+    if asked <= _EPS:
         return
-    free = await repo.free_on_ready_nodes(uow.session)
-    room = free + returned
+    if owed is None:
+        owed = await owed_capacity(uow)
+    others = owed.owed_to_others(tenant)
+    if not others:
+        return
+    room = owed.free + returned
     own = 0.0
-    if tenant in reservations:
-        reserved, used = reservations[tenant]
+    if tenant in owed.reservations:
+        reserved, used = owed.reservations[tenant]
         own = reserved - used + returned
-    total = sum(owed.values())
+    total = sum(others.values())
     if room <= _EPS or asked <= max(room - total, own) + _EPS:
         return
     redactor = await redactor_of(uow, who)
-    names = ", ".join(f"{t} {v:g}" for t, v in sorted(owed.items()))
+    names = ", ".join(f"{t} {v:g}" for t, v in sorted(others.items()))
     owed_text, owed_to = (f"({names})", names) if who.is_admin else ("to them", "other tenants")
     raise FailedPrecondition(
-        redactor.text(f"{asks}: {free:g} free on ready nodes, {total:g} still owed {owed_text}"),
+        redactor.text(f"{asks}: {owed.free:g} free on ready nodes, {total:g} still owed {owed_text}"),
         reasons=(ReasonDetail("RESERVATION", redactor.text(f"{total:g} accelerators owed to {owed_to}"), ""),))
+
+
+def new_ask(spec: DeploymentSpec) -> tuple[float, str]:
+    """What a new deployment asks of the check (its whole ask), and how its refusal says it."""
+    accelerators, _ = demand(spec)
+    return accelerators, (f"deployment {spec.name}: {accelerators:g} accelerators, not preemptible, would take "
+                          f"capacity reserved for other tenants")

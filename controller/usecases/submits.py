@@ -95,6 +95,7 @@ from controller.usecases.deployments import as_caller, check_could_ever_fit, sub
     validate_spec
 from controller.usecases.ports import Signals
 from controller.usecases.redaction import as_seen_by
+from controller.usecases.reservations import OwedCapacity, check_owed_capacity, new_ask, owed_capacity
 
 BATCH_MAX = 256
 # After a batch of 4 or more with submits queued, the next begins 25 ms after it began at the
@@ -148,6 +149,7 @@ class Queued:
     call: audit.CallEntry | None  # the RPC's audit entry, written with the deployment
     throttle: SubmitLimits | None = None  # the tenant's submit rate, charged by the batch
     capacity: CapacityCache | None = None  # "could it ever fit" (None: read the nodes afresh)
+    who: Principal | None = None  # the caller, for a refusal's words (`reservations`)
     charged: bool = False  # the batch charged the submit rate: the lone submit after it does not again
     batch: _BatchTimes | None = None  # the timing of the batch that wrote it
     wrote: InsertedRow | None = None  # the row its batch inserted, when that commit's answer was lost
@@ -164,6 +166,7 @@ class _BatchFacts:
     capacity_generation: int
     deployment_ids: Sequence[int] = ()  # the ids the batch's rows take, in order (as read)
     others_reserve: frozenset[str] = frozenset()  # tenants another tenant's reservation concerns
+    owed: OwedCapacity | None = None  # read at the first member that needs it (`reservations`)
 
 
 class _ReadBackNeeded(Exception):
@@ -241,7 +244,7 @@ class SubmitBatcher:
         spec = as_caller(who, spec, "submitting deployments")
         validate_spec(spec)
         requests.check_request_id(request_id)
-        queued = Queued(spec, request_id, who.name, audit.current_call(), throttle, capacity)
+        queued = Queued(spec, request_id, who.name, audit.current_call(), throttle, capacity, who=who)
         enqueued = time.perf_counter()
         view = await outcome_or_alone(self._group, queued, time_left_s)
         if view is not None:
@@ -370,10 +373,15 @@ class SubmitBatcher:
             queued.charged = True
         if key in facts.taken or facts.counts[tenant] >= limits.DEPLOYMENTS_PER_TENANT_MAX:
             return False  # ALREADY_EXISTS (or a quarantined one released), or the tenant's limit: as alone
-        if not spec.preemptible and tenant in facts.others_reserve:
-            return False  # checked against others' reservations (usecases/reservations.py): as alone
+        if not spec.preemptible and tenant in facts.others_reserve and queued.who is None:
+            return False  # checked as alone, by its caller's principal
         await check_could_ever_fit(uow, spec, facts.zones[tenant], queued.capacity,
                                    capacity_generation=facts.capacity_generation)
+        if not spec.preemptible and tenant in facts.others_reserve and queued.who is not None:
+            asked, asks = new_ask(spec)
+            if asked > 0 and facts.owed is None:  # read once a batch, for every member
+                facts.owed = await owed_capacity(uow)
+            await check_owed_capacity(uow, queued.who, tenant, asked=asked, asks=asks, owed=facts.owed)
         facts.taken.add(key)
         facts.used.add(request_key)
         facts.counts[tenant] += 1

@@ -407,3 +407,31 @@ async def test_a_batch_forgets_the_tenants_old_request_ids_of_deleted_deployment
     assert kept == {("t1", "r-kept"), ("t1", "r-new"), ("t2", "r-gone")}
     again = await batcher.submit(WHO, deployment("kept"), request_id="r-kept")
     assert again.spec.name == "kept" and await _count(cluster, m.Deployment) == 2
+
+
+async def test_a_batch_checks_its_members_against_others_reservations_itself(cluster, monkeypatch):
+    """Where another tenant reserves, non-preemptible members went alone, each with its own
+    transaction and two reads of the placements (found in review: reservations are a
+    multi-tenant cluster's normal state). The batch reads the figures once and refuses what
+    would take owed capacity, as the lone submit does."""
+    from controller.errors import FailedPrecondition
+
+    await add_tenant(cluster, "t2", reserved_accelerators=4.0)  # owed 4 of the 16 free
+    reads = []
+    real = submits.owed_capacity
+
+    async def counted(uow):  # noqa: ANN001, ANN202
+        reads.append(1)
+        return await real(uow)
+
+    monkeypatch.setattr(submits, "owed_capacity", counted)
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    batch = [replace(_queued("a"), who=WHO), replace(_queued("b"), who=WHO),
+             replace(_queued("big", replicas=13), who=WHO), replace(_queued("burst", replicas=13, preemptible=True), who=WHO)]
+    outcomes = await batcher.commit_batch(batch)
+    assert [q.spec.name for q in batch if not isinstance(outcomes.get(id(q)), Exception)] == ["a", "b", "burst"]
+    refused = outcomes[id(batch[2])]
+    assert isinstance(refused, FailedPrecondition) and refused.message == (
+        "deployment big: 13 accelerators, not preemptible, would take capacity reserved for other tenants: "
+        "16 free on ready nodes, 4 still owed (t2 4)")
+    assert reads == [1]
