@@ -7,6 +7,7 @@ One frozen `Config` is built at start-up and passed down; nothing else reads `sy
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import sys
@@ -223,21 +224,32 @@ def _advertise_agent_address(parser: argparse.ArgumentParser, flag: str | None, 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def _is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
 def _check_from_env(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     """What argparse does not check of a default taken from the environment (its `type` and
     `choices` judge only what is on the command line): the log level, the advertised addresses."""
     if ns.log_level not in LOG_LEVELS:
         parser.error(f"--log-level (or MAIA_LOG_LEVEL) {ns.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    for flag, value in (("--advertise-address", ns.advertise_address),
-                        ("--advertise-agent-address", ns.advertise_agent_address)):
+    for flag, attr in (("--advertise-address", "advertise_address"),
+                       ("--advertise-agent-address", "advertise_agent_address")):
+        value = getattr(ns, attr)
         if value:
             host, _, port = value.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 parser.error(f"{flag} {value!r} is not HOST:PORT (where agents and clients reach this controller)")
             if ":" in host and not (host.startswith("[") and host.endswith("]")):
-                # gRPC reads "fd00::1:50051" as a host "fd00::1" and port... or a host alone: it
-                # is ambiguous, and agents sent there dial the wrong place.
-                parser.error(f"{flag} {value!r}: an IPv6 address is written in brackets, e.g. [{host}]:{port}")
+                # An IPv6 address unbracketed ("$(POD_IP):50051" in an IPv6 cluster): told to agents
+                # as it was, they dialled a host "fd00::7:50051" with no port. Bracketed; any
+                # other host with a colon is refused.
+                if not _is_ipv6(host):
+                    parser.error(f"{flag} {value!r} is not HOST:PORT (an IPv6 address goes in brackets: [ADDRESS]:PORT)")
+                setattr(ns, attr, f"[{host}]:{port}")
 
 
 def _check_lease(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:

@@ -21,8 +21,8 @@ from controller.config import HEARTBEAT_TIMEOUT_MAX_S, parse_args
     ([], {"MAIA_LOG_LEVEL": "verbose"}, "MAIA_LOG_LEVEL) 'VERBOSE' is not one of DEBUG, INFO, WARNING, ERROR"),
     (["--advertise-address", "foo"], {}, "--advertise-address 'foo' is not HOST:PORT"),
     ([], {"MAIA_ADVERTISE_ADDRESS": "ctl.example:99999"}, "--advertise-address 'ctl.example:99999' is not HOST:PORT"),
-    (["--advertise-address", "fd00::7:50051"], {},  # agents sent there dialled host "fd00::7", port 50051, or not
-     "--advertise-address 'fd00::7:50051': an IPv6 address is written in brackets, e.g. [fd00::7]:50051"),
+    (["--advertise-address", "ctl:east:50051"], {},
+     "--advertise-address 'ctl:east:50051' is not HOST:PORT (an IPv6 address goes in brackets: [ADDRESS]:PORT)"),
 ])
 def test_values_no_setting_means_are_usage_errors(argv: list[str], env: dict[str, str], message: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,3 +37,10 @@ def test_the_largest_heartbeat_timeout_tells_agents_an_interval_the_wire_carries
                          "--node-eviction-grace", "300000"], env={})
     assert config.heartbeat_pacing.base_interval_ms < 2**31  # RegisterResponse.heartbeat_interval_ms is int32
     assert parse_args(["--advertise-address", "[::1]:50051", "--log-level", "debug"], env={}).log_level == "DEBUG"
+
+
+def test_an_unbracketed_ipv6_advertise_address_is_bracketed() -> None:
+    """"$(POD_IP):50051" in an IPv6 cluster: told to agents as it was, they dialled a host
+    "fd00::7:50051" with no port."""
+    config = parse_args([], env={"MAIA_ADVERTISE_ADDRESS": "fd00::7:50051"})
+    assert config.advertise_address == "[fd00::7]:50051"
