@@ -248,7 +248,8 @@ def _check_from_env(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> 
                 # as it was, they dialled a host "fd00::7:50051" with no port. Bracketed; any
                 # other host with a colon is refused.
                 if not _is_ipv6(host):
-                    parser.error(f"{flag} {value!r} is not HOST:PORT (an IPv6 address goes in brackets: [ADDRESS]:PORT)")
+                    parser.error(f"{flag} {value!r} is not HOST:PORT "
+                                 f"(an IPv6 address goes in brackets: [ADDRESS]:PORT)")
                 setattr(ns, attr, f"[{host}]:{port}")
 
 

@@ -286,7 +286,8 @@ class Capacity(SlotFilter):
         spec = state.deps[d].shard
         ids = state.topo.node_ids
         if spec.fractional:
-            return f"need {spec.accelerator_milli} milli of an accelerator: {names(first(nodes, lambda n: ids[n]))} full"
+            return (f"need {spec.accelerator_milli} milli of an accelerator: "
+                    f"{names(first(nodes, lambda n: ids[n]))} full")
         need = f"{spec.accelerators} free accelerator(s)"
         free = (state.acc_free[nodes[:MAX_NAMED]] >= 1000).sum(axis=1)
         if not free.any():

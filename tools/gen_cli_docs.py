@@ -178,7 +178,8 @@ rules of the controller are about a batch, not one object, and the plan counts t
 
   `apply --no-solve` plans without these solves (the cap is counted all the same): what only a
   solve refuses (a deployment that could never fit: an accelerator model or a zone without such
-  nodes, a replica larger than any rack, a spread whose domains cannot hold `min_replicas`) then fails its write, and the apply rolls back;
+  nodes, a replica larger than any rack, a spread whose domains cannot hold `min_replicas`) then
+  fails its write, and the apply rolls back;
   `--dry-run --no-solve` shows no placements.
 
 ## How `apply` writes

@@ -104,7 +104,8 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
             events.append(_event(
                 "deployment.replicas_failed", dep,
                 f"replicas {sorted(replicas)} failed ({said}; failure {dep.failures} in a row, restart "
-                f"{dep.failures} of at most {policy.limit}): placed again in {delay:g} s, preferably on other nodes than {', '.join(failed_on)}",
+                f"{dep.failures} of at most {policy.limit}): placed again in {delay:g} s, preferably on other nodes "
+                f"than {', '.join(failed_on)}",
                 {"replicas": sorted(replicas), "failures": dep.failures, "delay_s": delay, "nodes": failed_on}))
         due = _aware(dep.restart_after)
         assert due is not None

@@ -4,8 +4,10 @@ The topology is operator intent: applying it never removes anything (a rack with
 silently disappear). References must resolve against the request itself or what is stored. A
 change that would leave a rack or row placing more power than its budget is refused
 (`_check_not_overdrawn`), as is moving a rack to another row or a row to another zone under work
-that would then break its tenant's zones, its locality or its spread (`_check_moves_keep_work`). A dry run checks all that and answers the topology as it would be
-(`applied`), writing nothing.
+that would then break its tenant's zones, its locality or its spread (`_check_moves_keep_work`).
+A dry run checks all that and answers the topology as it would be (`applied`), writing nothing.
+What an apply changed (each item added, each field before and after) is in its event and audit
+entry (`changes`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from controller import limits
 from controller.errors import FailedPrecondition, NotFound, ReasonDetail, ResourceExhausted
 from controller.identity import Principal
 from controller.usecases import policy
+from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -27,6 +30,7 @@ from controller.usecases.ports import Signals
 from controller.usecases.validation import check_count, check_id, check_quantity, check_unique
 
 MOVE_BREAKS_SHOWN = 5  # the work a refused move names, then how much more
+CHANGES_SAID, CHANGES_KEPT = 10, 200  # changed items an applied event's message names, and its data keeps
 
 
 async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
@@ -76,15 +80,14 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     """`dry_run`: every check, then the topology as it would be (`applied`); nothing written."""
     policy.require_admin(who, "changing the topology")
     await _validate(uow, spec)
-    after = None
+    stored = await get_topology(uow, who)
+    after = applied(stored, spec)
     if spec.rows or spec.racks:  # a budget lowered or a rack moved may overdraw what runs
-        stored = await get_topology(uow, who)
-        after = applied(stored, spec)
         _check_not_overdrawn(stored, after)
         if _moves(stored, after):
             _check_moves_keep_work((await load_snapshot(uow.session)).problem, stored, after)
     if dry_run:
-        return after or applied(await get_topology(uow, who), spec)
+        return after
     s = uow.session
     for z in spec.zones:
         await repo.upsert(s, m.Zone, z.id)
@@ -95,11 +98,39 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     for k in spec.racks:
         await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w)
     await repo.bump_cluster_generation(s, ClusterChange.topology())
+    changed = changes(stored, after)
+    kept = dict(list(changed.items())[:CHANGES_KEPT])  # a first topology adds hundreds
+    said = "; ".join(f"{item}: " + (", ".join(f"{name} {_said(was)} -> {_said(now)}"
+                                              for name, (was, now) in fields.items()) if fields else "added")
+                     for item, fields in list(kept.items())[:CHANGES_SAID])
+    more = len(changed) - min(len(changed), CHANGES_SAID)
+    detail = {"changed": kept, **({"more": len(changed) - len(kept)} if len(changed) > len(kept) else {})}
     repo.record_event(s, actor=who.name, kind="topology.applied", object_kind="topology", object_id="cluster",
-                      message=f"{len(spec.zones)} zones, {len(spec.rows)} rows, {len(spec.racks)} racks")
+                      message=(said + (f"; +{more} more" if more else "")) or "no change", data=detail)
+    audit.note(**detail)  # what a budget cut or a move was, before and after
     await uow.commit()
     signals.wake_reconciler()
     return await get_topology(uow, who)
+
+
+def changes(stored: TopologyView, after: TopologyView) -> dict[str, dict[str, list[Any]]]:
+    """'rack R' / 'row W' / 'zone Z' -> {field: [was, now]} of each it adds ({}) or changes."""
+    def specs(view: TopologyView) -> dict[str, dict[str, Any]]:
+        return {f"zone {z.id}": {} for z in view.zones} | \
+            {f"row {r.spec.id}": {"zone": r.spec.zone, "power_budget_w": r.spec.power_budget_w} for r in view.rows} | \
+            {f"rack {k.spec.id}": {"row": k.spec.row, "power_budget_w": k.spec.power_budget_w} for k in view.racks}
+    was, now = specs(stored), specs(after)
+    out: dict[str, dict[str, list[Any]]] = {}
+    for item, fields in now.items():
+        if item not in was:
+            out[item] = {}
+        elif fields != was[item]:
+            out[item] = {name: [was[item][name], value] for name, value in fields.items() if was[item][name] != value}
+    return out
+
+
+def _said(value: Any) -> str:
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _overdrawn(view: TopologyView) -> dict[str, tuple[float, float]]:

@@ -104,6 +104,15 @@ async def test_apply_topology_upserts_and_reports_power(database):
     assert [(r.spec.id, r.spec.power_budget_w) for r in view.racks] == [("rack-a", 12_000.0), ("rack-b", None)]
     assert view.rows[0].spec.power_budget_w == 50_000.0
     assert [z.id for z in view.zones] == ["z1"]
+    # What changed, in the event (its message said "0 zones, 1 rows, 2 racks": a budget cut or a
+    # move left no before and after).
+    async with database.unit_of_work() as uow:
+        message, data = (await uow.session.execute(select(m.Event.message, m.Event.data).where(
+            m.Event.kind == "topology.applied").order_by(m.Event.id.desc()))).first()
+    assert message == ("row row-a: power_budget_w none -> 50000; rack rack-a: power_budget_w 10000 -> 12000; "
+                       "rack rack-b: added")
+    assert data == {"changed": {"row row-a": {"power_budget_w": [None, 50_000.0]},
+                                      "rack rack-a": {"power_budget_w": [10_000, 12_000.0]}, "rack rack-b": {}}}
 
 
 @pytest.mark.parametrize(
