@@ -4,9 +4,9 @@ to a reservation (scheduler/preemption.py): once placed, it could never be taken
 
 Checked on a submit (the whole ask: a batch of submits reads the figures once for all its
 members, `usecases/submits.py`; only where another tenant reserves, and not for host-only
-shards), an update that grows the ask (its growth: what waited
-before was asked before) and one that makes a preemptible deployment non-preemptible (what it
-holds is asked afresh: owed tenants could preempt it before, not after). Only free capacity can
+shards), an update that grows the ask (its growth: what waited before was asked before) and one
+that makes a preemptible deployment non-preemptible (what it holds is asked afresh: owed tenants
+could preempt it before, not after). Only free capacity can
 be taken: with none, the ask is taken and waits, as any other. A tenant below its own
 reservation is owed too: up to what it is owed, it takes nothing owed to others (reservations
 the cluster cannot hold all at once refused every owed tenant's growth, each for the others').
