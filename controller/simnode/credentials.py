@@ -3,7 +3,8 @@
 `Register` hands each new node its own credential once; an agent that loses it cannot take
 its node back with the fleet's node-bootstrap token (that would let anyone holding the
 bootstrap token impersonate a registered node). So the fleet keeps every node's credential in
-one JSON file per controller and rack prefix, mode 0600, under a state directory
+one JSON file per controller list and rack prefix (a list that shares an address with one kept
+starts from its file: a controller added for HA), mode 0600, under a state directory
 (default `$XDG_STATE_HOME/maia-simnode`, else `~/.local/state/maia-simnode`), rewritten
 atomically on every change; a restarted `maia-simnode` reconnects with what it finds there.
 """
@@ -50,7 +51,23 @@ class CredentialFile:
 
     @classmethod
     def for_fleet(cls, state_dir: Path, controller: str, rack_prefix: str) -> CredentialFile:
-        return cls(state_dir / f"credentials-{_safe(controller)}-{_safe(rack_prefix)}.json")
+        """The fleet's file, named by its controller list and rack prefix. A fleet given another
+        list (a second controller added for HA, one taken away) starts from the file of a list
+        sharing an address with it: under a new name its nodes found none, and the bootstrap
+        token may not register them again (every node refused, the fleet down)."""
+        suffix = f"-{_safe(rack_prefix)}.json"
+        kept = cls(state_dir / f"credentials-{_safe(controller)}{suffix}")
+        if kept._credentials or not state_dir.is_dir():
+            return kept
+        ours = {f"_{_safe(address)}_" for address in controller.split(",") if address.strip()}
+        for other in sorted(state_dir.glob(f"credentials-*{suffix}")):
+            listed = f"_{other.name[len('credentials-'):-len(suffix)]}_"
+            if other != kept.path and any(address in listed for address in ours):
+                kept._credentials = dict(cls(other)._credentials)
+                if kept._credentials:
+                    kept._write()
+                    break
+        return kept
 
     def get(self, node_id: str) -> str | None:
         return self._credentials.get(node_id)

@@ -74,3 +74,19 @@ async def test_a_fleet_whose_nodes_ended_with_errors_says_how_many() -> None:
     fleet = Fleet([Failing("n0", FileNotFoundError("credentials")), Failing("n1", None),  # type: ignore[list-item]
                    Failing("n2", asyncio.CancelledError())], stagger_s=0)
     assert await fleet.run() == 1  # a node stopped (or cancelled) is no error
+
+
+def test_a_fleet_given_another_controller_list_keeps_its_nodes_credentials(tmp_path: Path) -> None:
+    """Restarted with a second controller for HA (`--controller A,B`, the same --state-dir), the
+    fleet looked for a file of that name, found none, and every node was refused: the bootstrap
+    token registers new nodes only (found by exploratory testing)."""
+    from controller.simnode.credentials import CredentialFile
+
+    CredentialFile.for_fleet(tmp_path, "10.0.0.1:50051", "rack").put("rack-00-n00", "cred-a")
+    CredentialFile.for_fleet(tmp_path, "10.0.0.9:50051", "other").put("other-00-n00", "cred-o")
+    grown = CredentialFile.for_fleet(tmp_path, "10.0.0.1:50051,10.0.0.2:50051", "rack")
+    assert grown.get("rack-00-n00") == "cred-a" and grown.path.exists()
+    shrunk = CredentialFile.for_fleet(tmp_path, "10.0.0.2:50051", "rack")  # shares an address with `grown`
+    assert shrunk.get("rack-00-n00") == "cred-a"
+    for unrelated in (("10.0.0.1:5005", "rack"), ("10.0.0.9:50051", "rack"), ("10.0.0.1:50051", "rack-0")):
+        assert CredentialFile.for_fleet(tmp_path, *unrelated).get("rack-00-n00") is None, unrelated
