@@ -19,6 +19,7 @@ through the async driver) and script files are read in a worker thread (once per
 from __future__ import annotations
 
 import asyncio
+import logging
 import functools
 import sqlite3
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from sqlalchemy.exc import DBAPIError
 
 from controller.store import pg_driver
 from controller.store.db import Database, unreachable
+
+log = logging.getLogger("maia.migrate")
 
 # migrations/ sits at the repository top, beside the `controller` package (installed editable).
 # Found from this file, not `controller.__file__`: under the `pytest` script (repo not on
@@ -254,8 +257,11 @@ async def ensure_schema(db: Database, *, migrate: bool) -> str:
         else:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
         try:
+            before = await conn.run_sync(_current_revision)  # under the lock: another start may have migrated
             await conn.run_sync(_upgrade, alembic_config(db.url), url)
             await conn.commit()
+            if before != head:  # said once: an automatic migration left no trace but "schema ready"
+                log.info("migrated the database from schema %s to %s", before or "none (empty)", head)
         except Exception as exc:
             if isinstance(exc, SchemaError) or not _misfit(exc):
                 raise

@@ -11,6 +11,8 @@ revision it had, whole, and upgrade once the obstacle is gone.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -167,5 +169,20 @@ async def test_an_extensions_views_do_not_make_a_database_anothers(db_url: str) 
     try:
         await _run(db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         assert await ensure_schema(db, migrate=True) == head_revision()
+    finally:
+        await db.dispose()
+
+
+async def test_a_migration_on_start_says_from_which_schema(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A controller's own migration logged only "schema ready": nothing said a migration had run,
+    nor from where (found by exploratory testing)."""
+    db = Database(db_url)
+    try:
+        await _upgrade(db_url, START)
+        with caplog.at_level(logging.INFO, logger="maia.migrate"):
+            assert await ensure_schema(db, migrate=True) == head_revision()
+            assert await ensure_schema(db, migrate=True) == head_revision()  # at head: nothing to say
+        assert [r.getMessage() for r in caplog.records if r.name == "maia.migrate"] == [
+            f"migrated the database from schema {START} to {head_revision()}"]
     finally:
         await db.dispose()
