@@ -147,8 +147,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetVersion(self, request: admin_pb2.GetVersionRequest,
                          context: aio.ServicerContext) -> admin_pb2.VersionInfo:
         from controller.version import version_text
-        from controller.store.migrate import head_revision
+        from controller.store.migrate import database_revision, head_revision
 
         return admin_pb2.VersionInfo(version=version_text(), schema_revision=await asyncio.to_thread(head_revision),
                                      address=self._deps.advertised(), leader=self._deps.leads(),
-                                     leader_address=self._deps.leader_address())
+                                     leader_address=self._deps.leader_address(),
+                                     database_revision=await database_revision(self._deps.db) or "")

@@ -31,7 +31,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from controller.store import pg_driver
 from controller.store.db import Database, unreachable
@@ -148,6 +148,16 @@ def head_revision() -> str:
 
 def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
+
+
+async def database_revision(db: Database) -> str | None:
+    """The revision the database is at now (None: none, or it could not be read): what a running
+    controller's schema is no longer, once another migrated or downgraded it under it."""
+    try:
+        async with db.engine.connect() as conn:
+            return await conn.run_sync(_current_revision)
+    except (SQLAlchemyError, OSError):
+        return None
 
 
 # PostgreSQL: the tables and views of the current schema that no extension owns (an extension's,

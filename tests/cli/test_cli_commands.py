@@ -92,7 +92,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 
     def GetVersion(self, request, context):  # noqa: N802
         self.calls.append("GetVersion")
-        return admin_pb2.VersionInfo(version="9.9.9", schema_revision="0001_fake")
+        return admin_pb2.VersionInfo(version="9.9.9", schema_revision="0001_fake",
+                                     database_revision=getattr(self, "database_revision", "0001_fake"))
 
     def GetClusterSummary(self, request, context):  # noqa: N802
         return admin_pb2.ClusterSummary(nodes_ready=4, accelerators_total=64.0, accelerators_used=2.5,
@@ -392,6 +393,17 @@ def test_version_asks_the_controller_given(fake, capsys, monkeypatch, tmp_path) 
     assert code == 0, err
     assert f"Server: maia-controller 9.9.9 (schema 0001_fake) at {address}" in out
     assert calls == ["GetVersion"]
+
+
+def test_version_says_a_database_migrated_under_the_controller(fake, capsys, monkeypatch, tmp_path) -> None:
+    """During a roll "(schema X)" read as the database's revision, which a newer controller had
+    migrated on (or a downgrade moved back) under this one (found by exploratory testing)."""
+    address, admin, _, _ = fake
+    no_config(monkeypatch, tmp_path)
+    admin.database_revision = "0002_newer"
+    code, out, err = run(capsys, "--controller", address, "version")
+    assert code == 0, err
+    assert f"(schema 0001_fake; the database is at 0002_newer) at {address}" in out
 
 
 def test_a_rollback_leaves_the_unchanged_tenants_alone(fake, capsys, tmp_path) -> None:

@@ -55,6 +55,15 @@ async def test_a_follower_serves_the_api_redirects_agents_and_wakes_the_leader(d
             version = await stubs.admin.GetVersion(admin_pb2.GetVersionRequest())
             assert (version.address, version.leader, version.leader_address) == (
                 follower.address, False, leader.address)
+            assert version.database_revision == version.schema_revision
+            async with leader.db.engine.begin() as conn:  # a newer controller migrated under them
+                await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0999_newer'")
+            try:
+                moved = await stubs.admin.GetVersion(admin_pb2.GetVersionRequest())
+            finally:
+                async with leader.db.engine.begin() as conn:
+                    await conn.exec_driver_sql(f"UPDATE alembic_version SET version_num = '{version.schema_revision}'")
+            assert (moved.schema_revision, moved.database_revision) == (version.schema_revision, "0999_newer")
             async with Stubs.connect(leader.address, token).channel as leader_channel:
                 version = await Stubs.on(leader_channel).admin.GetVersion(admin_pb2.GetVersionRequest())
             assert (version.address, version.leader, version.leader_address) == (leader.address, True, leader.address)

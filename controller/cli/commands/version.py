@@ -37,6 +37,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         try:
             info = ctx.controller.admin.GetVersion(admin_pb2.GetVersionRequest(), timeout=ctx.rpc_timeout)
             server = {"version": info.version, "schema_revision": info.schema_revision,
+                      "database_revision": info.database_revision,
                       "address": info.address or ctx.address, "leader": info.leader,
                       "leader_address": info.leader_address}
         except grpc.RpcError as exc:
@@ -46,7 +47,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     else:
         ctx.out(f"Client: maiactl {client['version']}")
         if server is not None:
-            ctx.out(f"Server: maia-controller {server['version']} (schema {server['schema_revision']}) "
+            # The database's own revision where it is not the controller's (a roll: migrated or
+            # downgraded under it); "(schema X)" alone read as the database's.
+            database = server["database_revision"]
+            moved = f"; the database is at {database}" if database and database != server["schema_revision"] else ""
+            ctx.out(f"Server: maia-controller {server['version']} (schema {server['schema_revision']}{moved}) "
                     f"at {server['address']}, {_role(server)}")
     if error is not None:
         ctx.note(rpc_error_text(error, ctx.address))

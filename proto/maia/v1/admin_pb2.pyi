@@ -327,18 +327,20 @@ class GetVersionRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "schema_revision", "address", "leader", "leader_address")
+    __slots__ = ("version", "schema_revision", "address", "leader", "leader_address", "database_revision")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_REVISION_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATABASE_REVISION_FIELD_NUMBER: _ClassVar[int]
     version: str
     schema_revision: str
     address: str
     leader: bool
     leader_address: str
-    def __init__(self, version: _Optional[str] = ..., schema_revision: _Optional[str] = ..., address: _Optional[str] = ..., leader: _Optional[bool] = ..., leader_address: _Optional[str] = ...) -> None: ...
+    database_revision: str
+    def __init__(self, version: _Optional[str] = ..., schema_revision: _Optional[str] = ..., address: _Optional[str] = ..., leader: _Optional[bool] = ..., leader_address: _Optional[str] = ..., database_revision: _Optional[str] = ...) -> None: ...
 
 class ListEventsRequest(_message.Message):
     __slots__ = ("object_kind", "object_id", "after_id", "limit", "tenant")
