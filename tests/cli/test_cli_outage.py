@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
+from controller.cli.client import CliError
 from controller.cli.commands import wait
 from controller.cli.config import Connection
 from controller.cli.context import Context
@@ -199,3 +200,15 @@ def test_a_deployment_gone_before_the_stream_read_it_is_seen_gone(monkeypatch: p
                   _controller=DeletedBeforeTheStreamRead())  # type: ignore[arg-type]
     assert wait.wait_deployments(["t/web"], "deleted", 10.0, ctx) == 0
     assert ctx.stdout.getvalue() == "deployment/t/web condition met (deleted)\n"  # type: ignore[attr-defined]
+
+
+def test_wait_nodes_timing_out_says_the_connected_nodes_that_are_cordoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an upgrade with every node cordoned (a drain), "0/2 nodes ready and connected" read
+    as no node back (found by exploratory testing)."""
+    monkeypatch.setattr(wait, "NODES_POLL_INTERVAL_S", 0.0)
+    cordoned = [admin_pb2.Node(id=i, state=common_pb2.NODE_STATE_CORDONED, connected=True) for i in ("n1", "n2")]
+    ctx = Context(Connection(address=ADDRESS), stdout=io.StringIO(), stderr=io.StringIO(),
+                  _controller=ScriptedNodes(cordoned))
+    with pytest.raises(CliError, match=r"0/2 nodes ready and connected \(2 more connected but cordoned: "
+                                       r"maiactl uncordon NODE\)$"):
+        wait.run(argparse.Namespace(resource="nodes", names=[], connected=2, timeout=0.0), ctx)

@@ -383,6 +383,7 @@ def _wait_nodes(wanted: int, timeout: float, ctx: Context) -> int:
     polls = Polls(ctx, "wait", f"polling every {NODES_POLL_INTERVAL_S:g}s until --timeout "
                                f"({clock(time.time() + timeout)})")
     shown = -1
+    cordoned = 0  # connected but cordoned: not ready, said in the timeout (all cordoned read "0/64")
 
     def nodes() -> admin_pb2.ListNodesResponse:
         return list_all(ctx.controller.admin.ListNodes, admin_pb2.ListNodesRequest(), "nodes",
@@ -392,6 +393,7 @@ def _wait_nodes(wanted: int, timeout: float, ctx: Context) -> int:
     while True:
         if response is not None:  # None: not served, the last count stands
             ready = [n for n in response.nodes if n.connected and n.state == common_pb2.NODE_STATE_READY]
+            cordoned = sum(n.connected and n.state == common_pb2.NODE_STATE_CORDONED for n in response.nodes)
             if len(ready) != shown:
                 shown = len(ready)
                 ctx.note(f"nodes: {shown}/{wanted} ready and connected ({len(response.nodes)} registered)")
@@ -402,7 +404,8 @@ def _wait_nodes(wanted: int, timeout: float, ctx: Context) -> int:
                     ctx.out(f"{shown} nodes ready and connected")
                 return 0
         if time.monotonic() >= deadline:
-            raise CliError(f"timed out after {timeout:g}s: {shown}/{wanted} nodes ready and connected")
+            besides = f" ({cordoned} more connected but cordoned: maiactl uncordon NODE)" if cordoned else ""
+            raise CliError(f"timed out after {timeout:g}s: {shown}/{wanted} nodes ready and connected{besides}")
         time.sleep(min(NODES_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
         try:
             response = polls.poll(lambda: _polled(nodes, deadline))
