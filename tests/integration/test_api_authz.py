@@ -104,8 +104,12 @@ CASES = [
     Case("CreateToken", lambda s: s.admin.CreateToken(A.CreateTokenRequest(role="admin")), DENIED),
     Case("ListTokens", lambda s: s.admin.ListTokens(A.ListTokensRequest()), DENIED),
     Case("RevokeToken", lambda s: s.admin.RevokeToken(A.RevokeTokenRequest(id="0123456789abcdef")), DENIED),
-    # A tenant token lists its own tenant's audit entries, whatever tenant it names.
+    # Another tenant's audit entries are NOT_FOUND, as its deployments and usage are (a tenant
+    # token was answered with its own entries, as if they were the other's).
     Case("ListAuditEvents(owner)", lambda s: s.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(tenant=OWNER)),
+         NOT_FOUND),
+    # Naming none, a tenant token lists its own tenant's entries: nothing of the owner's in them.
+    Case("ListAuditEvents(own)", lambda s: s.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest()),
          OK, own_world=True),
     Case("ListEvents(chat)", lambda s: s.admin.ListEvents(A.ListEventsRequest(object_kind="deployment",
                                                                              object_id="chat")), NOT_FOUND),
