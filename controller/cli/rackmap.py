@@ -2,7 +2,8 @@
 
 Each node is a cell of its accelerators: a tenant's letter for an accelerator in use (a node
 shared by several tenants shows their letters in turn), `·` for a free one, `x` for a node
-that is down and `-` for a cordoned one's free accelerators. Each rack and row shows its power
+that is down and `-` for the free accelerators of one that takes nothing new (cordoned, or
+suspect: its agent silent or flapping). Each rack and row shows its power
 used against its budget as a bar. Pure: returns text (with rich markup for colour when asked),
 so it is tested without a terminal.
 """
@@ -86,6 +87,6 @@ def render_map(topology: admin_pb2.Topology, nodes: Sequence[admin_pb2.Node], co
         legend = ", ".join(f"[{palette[l]}]{l}[/] {esc(t)}" if palette else f"{l} {t}" for t, l in letters.items())
         lines.append(f"tenants: {legend}")
     lines.append(f"cells: one mark per accelerator: a tenant's letter in use (a node shared by several tenants "
-                 f"shows their letters in turn, not which accelerator is whose), {FREE} free, {CORDONED} cordoned, "
-                 f"{DOWN} node down")
+                 f"shows their letters in turn, not which accelerator is whose), {FREE} free, {CORDONED} takes "
+                 f"nothing new (node cordoned or suspect), {DOWN} node down")
     return "\n".join(lines)

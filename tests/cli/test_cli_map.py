@@ -31,6 +31,8 @@ def test_plain_map_draws_each_accelerator() -> None:
     # zeta is B (alpha A): 2 of zeta; 2.5 used shared by alpha and zeta -> 3 marks in turn
     assert lines[2] == "    n00[BB··] n01[ABA·] n02[----] n03[xxxx]"
     assert "tenants: A alpha, B zeta" in lines
+    # A suspect node's free accelerators are drawn as a cordoned one's: the legend said "cordoned".
+    assert lines[-1].endswith("· free, - takes nothing new (node cordoned or suspect), x node down")
 
 
 def test_colour_is_markup_only_when_asked() -> None:
