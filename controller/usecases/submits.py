@@ -373,11 +373,12 @@ class SubmitBatcher:
             queued.charged = True
         if key in facts.taken or facts.counts[tenant] >= limits.DEPLOYMENTS_PER_TENANT_MAX:
             return False  # ALREADY_EXISTS (or a quarantined one released), or the tenant's limit: as alone
-        if not spec.preemptible and tenant in facts.others_reserve and queued.who is None:
+        owed_check = not spec.preemptible and tenant in facts.others_reserve  # `reservations`
+        if owed_check and queued.who is None:
             return False  # checked as alone, by its caller's principal
         await check_could_ever_fit(uow, spec, facts.zones[tenant], queued.capacity,
                                    capacity_generation=facts.capacity_generation)
-        if not spec.preemptible and tenant in facts.others_reserve and queued.who is not None:
+        if owed_check and queued.who is not None:
             asked, asks = new_ask(spec)
             if asked > 0 and facts.owed is None:  # read once a batch, for every member
                 facts.owed = await owed_capacity(uow)
