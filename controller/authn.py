@@ -42,6 +42,7 @@ from controller.errors import Unauthenticated
 from controller.identity import INSECURE, Principal, Role, request_id_from_metadata
 from controller.store import tokens as store
 from controller.store.db import Database
+from controller.store.models import as_utc
 
 AUTHORIZATION_KEY = "authorization"
 BOOTSTRAP_HINT = ("start the controller once with --bootstrap-admin-token-file PATH to create an admin token, "
@@ -204,7 +205,7 @@ class Authenticator:
             row = await store.get_token(uow.session, token_id)
             if row is None:
                 return None
-            expires_at = store.aware(row.expires_at)
+            expires_at = as_utc(row.expires_at)
             return _Verified(
                 row.secret_sha256,
                 principal_of(row.role, name=row.name, token_id=row.id, tenant=row.tenant_id, node=row.node_id,

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from controller.store.inlist import POSTGRESQL, dialect_of, session_dialect
-from controller.store.models import AuditEntry, AuditHead, utcnow
+from controller.store.models import AuditEntry, AuditHead, as_utc, utcnow
 from controller.store.marks import refused_by_null, rowcount_unread
 from controller.store.riders import Rider
 
@@ -105,9 +105,7 @@ def _clean_json(value: Any) -> Any:
 
 def _at_text(at: datetime) -> str:
     # SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones: hash the same text.
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=timezone.utc)
-    return at.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return as_utc(at).astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
 # The canonical JSON of an entry, one encoder for all (`json.dumps` with these options builds one a call).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -21,7 +21,7 @@ from controller.domain.restarts import SHARD_FAILED, RestartPolicy
 from controller.domain.values import deployment_key
 from controller.store.changes import will_move_generation
 from controller.store.inlist import any_of
-from controller.store.models import Deployment, DeploymentPhase, Placement, ShardPhase
+from controller.store.models import Deployment, DeploymentPhase, Placement, ShardPhase, as_utc
 from controller.store.release import record_decisions, stop_placements
 
 
@@ -43,12 +43,6 @@ class FailureStep:
     @property
     def released(self) -> bool:
         return bool(self.nodes)
-
-
-def _aware(at: datetime | None) -> datetime | None:
-    if at is not None and at.tzinfo is None:  # SQLite hands back naive UTC
-        return at.replace(tzinfo=timezone.utc)
-    return at
 
 
 async def handle_failures(session: AsyncSession, *, now: datetime, policy: RestartPolicy,
@@ -88,7 +82,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
         last = next((r for r in dep.reasons or () if r.get("code") == SHARD_FAILED), None)
         said = last["message"] if last else "a shard failed"
         if dep.restart_after is None:  # a failure not counted yet
-            dep.failures = policy.failures_after(dep.failures, _aware(dep.last_failure_at), now)
+            dep.failures = policy.failures_after(dep.failures, as_utc(dep.last_failure_at), now)
             dep.last_failure_at = now
             changed.add(deployment_key(dep.tenant_id, dep.name))
             if policy.gives_up(dep.failures):
@@ -107,7 +101,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
                 f"{dep.failures} of at most {policy.limit}): placed again in {delay:g} s, preferably on other nodes "
                 f"than {', '.join(failed_on)}",
                 {"replicas": sorted(replicas), "failures": dep.failures, "delay_s": delay, "nodes": failed_on}))
-        due = _aware(dep.restart_after)
+        due = as_utc(dep.restart_after)
         assert due is not None
         if now < due:
             wait = (due - now).total_seconds()
@@ -140,7 +134,7 @@ async def handle_failures(session: AsyncSession, *, now: datetime, policy: Resta
 
 def _writes(dep: Deployment, now: datetime) -> bool:
     """Whether `handle_failures` writes `dep`'s row: a failure not counted yet, or a back-off over."""
-    due = _aware(dep.restart_after)
+    due = as_utc(dep.restart_after)
     return due is None or now >= due
 
 

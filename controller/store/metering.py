@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Float, and_, bindparam, case, func, insert, literal, or_, select, union_all, update
@@ -41,7 +41,7 @@ _CHUNK = 500
 
 def epoch_s(at: datetime) -> float:
     """Seconds since the epoch (naive datetimes are UTC, as SQLite hands them back)."""
-    return (at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)).timestamp()
+    return m.as_utc(at).timestamp()
 
 
 def shard_milli(shard_accelerators: int, accelerator_milli: int | None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,15 +14,8 @@ from controller.domain import values as d
 from controller.domain.paging import PageBounds
 
 
-def aware(at: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; every stored time is UTC."""
-    if at is not None and at.tzinfo is None:
-        return at.replace(tzinfo=timezone.utc)
-    return at
-
-
 def is_active(row: m.ApiToken, now: datetime) -> bool:
-    expires = aware(row.expires_at)
+    expires = m.as_utc(row.expires_at)
     return row.revoked_at is None and (expires is None or expires > now)
 
 
@@ -71,8 +64,8 @@ async def active_tokens(session: AsyncSession, now: datetime, *, role: str = "",
 
 def token_view(row: m.ApiToken) -> d.TokenView:
     return d.TokenView(id=row.id, name=row.name, role=row.role, tenant=row.tenant_id or "",
-                       node=row.node_id or "", created_by=row.created_by, created_at=aware(row.created_at),
-                       expires_at=aware(row.expires_at), revoked_at=aware(row.revoked_at))
+                       node=row.node_id or "", created_by=row.created_by, created_at=m.as_utc(row.created_at),
+                       expires_at=m.as_utc(row.expires_at), revoked_at=m.as_utc(row.revoked_at))
 
 
 async def active_tokens_of_nodes(session: AsyncSession, now: datetime, node_ids: Iterable[str], *,

@@ -14,7 +14,7 @@ from controller.identity import Principal, Role
 from controller.store import metering
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.store.tokens import aware
+from controller.store.models import as_utc
 from controller.domain.values import UsageRecord, UsageReport
 from controller.usecases import policy
 from controller.usecases.policy import require_role
@@ -41,7 +41,7 @@ async def usage_report(
         # a new customer (`tenants.delete_tenant`), and the intervals of the one before are not its
         # own (they showed in its report, billed with its own under one deployment name).
         row = await repo.get_tenant(uow.session, tenant)
-        born = aware(row.created_at) if row is not None else None
+        born = as_utc(row.created_at) if row is not None else None
         if born is not None and (since is None or since < born):
             since = born
         if since is not None and since >= end:

@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from controller.retryinfo import told_retry_s
-from controller.store.tokens import aware, get_token
+from controller.store.models import as_utc
+from controller.store.tokens import get_token
 from grpc_harness import (
     RUNNING, HandAgent, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology,
 )
@@ -160,7 +161,7 @@ async def test_a_stream_opened_with_an_expiring_token_ends_unauthenticated_at_it
         expiring = await issue_token(app.db, "admin", name="short", ttl_s=6.0)
         token_id = expiring.split(".")[0].removeprefix("maia_")
         async with app.db.unit_of_work() as uow:
-            expires_at = aware((await get_token(uow.session, token_id)).expires_at)
+            expires_at = as_utc((await get_token(uow.session, token_id)).expires_at)
         node = Stubs.connect(app.address, expiring)  # speaks for the node until it expires
         try:
             await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))

@@ -21,7 +21,8 @@ import grpc
 import pytest
 
 from controller.api.server import ControllerApp
-from controller.store.tokens import aware, get_token
+from controller.store.models import as_utc
+from controller.store.tokens import get_token
 from grpc_harness import Stubs, admin_token_of, issue_token, running_controller, spec, topology
 from maia.v1 import admin_pb2, deployments_pb2
 
@@ -106,7 +107,7 @@ async def test_a_watch_opened_with_an_expiring_token_ends_unauthenticated_at_its
     expired at T" once T has passed (a timer per watch: nothing else happens meanwhile), never before."""
     expiring = await issue_token(controller_app.db, "tenant", tenant="lab", name="short", ttl_s=6.0)
     async with controller_app.db.unit_of_work() as uow:
-        expires_at = aware((await get_token(uow.session, _id(expiring))).expires_at)
+        expires_at = as_utc((await get_token(uow.session, _id(expiring))).expires_at)
     async with Stubs.connect(controller_app.address, expiring).channel as channel:
         watch = _watch(Stubs.on(channel), rpc)
         assert _names(await watch.read()) == ["existing"]

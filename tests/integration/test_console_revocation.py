@@ -20,7 +20,8 @@ import pytest
 
 from controller.api.server import ControllerApp
 from controller.store.db import Database
-from controller.store.tokens import aware, get_token
+from controller.store.models import as_utc
+from controller.store.tokens import get_token
 from grpc_harness import Stubs, admin_token_of, issue_token, running_controller, spec, topology
 from maia.v1 import admin_pb2, deployments_pb2
 
@@ -124,7 +125,7 @@ async def test_the_event_stream_of_an_expiring_token_closes_at_its_expiry_not_be
     app, _ = console
     expiring = await issue_token(app.db, "tenant", tenant="lab", name="short", ttl_s=6.0)
     async with app.db.unit_of_work() as uow:
-        expires_at = aware((await get_token(uow.session, _id(expiring))).expires_at)
+        expires_at = as_utc((await get_token(uow.session, _id(expiring))).expires_at)
     async with aiohttp.ClientSession() as http:
         stream = await _open(http, app, expiring)
         left_s = (expires_at - datetime.now(timezone.utc)).total_seconds()

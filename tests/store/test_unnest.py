@@ -16,7 +16,7 @@ from controller.store import pg_driver
 from controller.store.db import Database
 from controller.store.marks import deferred_writes
 from controller.store.pg_driver import counted_trips
-from controller.store.tokens import aware
+from controller.store.models import as_utc
 from controller.store.unnest import InsertRows, update_rows
 
 from .seed import TWO_RACKS, seed_problem
@@ -62,7 +62,7 @@ async def test_update_rows_writes_the_rows_still_as_matched(database: Database) 
             key=("id", "dep"), values={"phase": "new", "reasons": "why", "updated_at": "at"}, match={"phase": "was"})
         await uow.commit()
     async with database.unit_of_work() as uow:
-        after = {name: (phase, reasons, aware(updated)) for name, phase, reasons, updated in await uow.session.execute(
+        after = {name: (phase, reasons, as_utc(updated)) for name, phase, reasons, updated in await uow.session.execute(
             select(m.Deployment.name, m.Deployment.phase, m.Deployment.reasons, m.Deployment.updated_at))}
     assert after["web0"] == (m.DeploymentPhase.DEGRADED, [{"code": "A"}], at)  # the time with its offset, as written
     assert after["web2"] == (m.DeploymentPhase.FAILED, [], at)
@@ -138,7 +138,7 @@ async def test_insert_returning_writes_the_rows_as_given_and_reads_back_the_colu
         written = [(e.id, e.at, e.actor, e.object_id, e.data) for e in (await uow.session.scalars(
             select(m.Event).order_by(m.Event.id))).all()]
     assert sorted(returned) == [(id_, object_id) for id_, _, _, object_id, _ in written]
-    assert [(aware(at_), actor, object_id, data) for _, at_, actor, object_id, data in written] == [
+    assert [(as_utc(at_), actor, object_id, data) for _, at_, actor, object_id, data in written] == [
         (row["at"], row["actor"], row["object_id"], row["data"]) for row in rows(4, 0)]
 
 
@@ -159,6 +159,6 @@ async def test_insert_writes_the_rows_as_given_and_on_postgresql_waits_as_one_st
                 assert len((await pg_driver.adapted_connection(uow.session)).deferred) == 1
         await uow.commit()
     async with database.unit_of_work() as uow:
-        written = [(aware(e.at), e.actor, e.object_id, e.data) for e in (await uow.session.scalars(
+        written = [(as_utc(e.at), e.actor, e.object_id, e.data) for e in (await uow.session.scalars(
             select(m.Event).order_by(m.Event.id))).all()]
     assert written == [(row["at"], row["actor"], row["object_id"], row["data"]) for row in rows]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.store import audit
 from controller.store.unnest import InsertRows
 from controller.store.changes import move_generation, log_change
-from controller.store.models import DeploymentPhase, ShardPhase
+from controller.store.models import DeploymentPhase, ShardPhase, as_utc
 from controller.store.recheck import ReplicaKey
 from controller.store.rollout import shards_of
 from controller.store.snapshot import ShardKey, Snapshot, Where
@@ -236,6 +236,4 @@ def _codes(reasons: list[dict[str, Any]]) -> list[Any]:
 
 
 def _seconds_between(earlier: datetime, later: datetime) -> float:
-    if earlier.tzinfo is None:  # SQLite hands back naive UTC
-        earlier = earlier.replace(tzinfo=timezone.utc)
-    return max(0.0, (later - earlier).total_seconds())
+    return max(0.0, (later - as_utc(earlier)).total_seconds())
