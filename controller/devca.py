@@ -24,6 +24,7 @@ SERVER_CERT, SERVER_KEY = "server.pem", "server-key.pem"
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_NAME = "Maia development CA"
 CN_MAX = 64  # RFC 5280's ub-common-name
+TOOL_PREFIX = "tool:"  # a tool's (client's) common name starts so; a node's is its id
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,5 +142,6 @@ def client_stem(name: str) -> str:
 
 
 def issue_client(directory: Path, name: str) -> Issued:
-    """A client certificate for maiactl or another tool (common name `name`)."""
-    return issue(directory, client_stem(name), name, (), server=False)
+    """A client certificate for maiactl or another tool, common name `tool:NAME`: no node id has a
+    ':', so it can name no node (a node called `admin` cannot be spoken for by `client-admin`)."""
+    return issue(directory, client_stem(name), TOOL_PREFIX + name, (), server=False)

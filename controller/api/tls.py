@@ -59,6 +59,9 @@ def certificate_name(context: aio.ServicerContext) -> str | None:
 def _refusal(certified: str | None, node_id: str) -> MaiaError:
     if certified is None:
         return Unauthenticated("node agents must present a client certificate (mutual TLS)")
+    if ":" in certified:  # no node id has one: a tool's certificate (devca.TOOL_PREFIX) or another kind
+        return PermissionDenied(f"the client certificate ({certified[:80]!r}) names no node; node {node_id[:128]!r} "
+                                f"needs its own")
     return PermissionDenied(f"the client certificate is for node {certified!r}, not {node_id[:128]!r}")
 
 

@@ -125,8 +125,10 @@ async def test_mutual_tls_binds_agent_certificates_to_their_node(mtls_app: Contr
     assert await _code(anonymous.agent.Register(_register("n1"), timeout=5)) == grpc.StatusCode.UNAVAILABLE
     forged = _stubs(mtls_app, ca, other_pki, "node-n1")
     assert await _code(forged.agent.Register(_register("n1"), timeout=5)) == grpc.StatusCode.UNAVAILABLE
-    # A tool's certificate is no node's: it cannot register "n1" either.
+    # A tool's certificate is no node's: it cannot register "n1" either, nor a node named as the tool
+    # ("admin": the certificate's common name is "tool:admin", which no node id can be).
     assert await _code(admin.agent.Register(_register("n1"), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+    assert await _code(admin.agent.Register(_register("admin"), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
 
     async def registers() -> list[tuple[str, str]]:
         async with mtls_app.db.unit_of_work() as uow:
@@ -134,8 +136,9 @@ async def test_mutual_tls_binds_agent_certificates_to_their_node(mtls_app: Contr
                     if e.action.endswith("/Register")]
 
     # A refusal's status reaches the client as the abort happens, its audit entry a moment later.
-    await eventually(registers, lambda r: r == [("n1", "OK"), ("n2", "PERMISSION_DENIED"), ("n1", "PERMISSION_DENIED")],
-                     timeout=10, what="the three Register calls audited")
+    await eventually(registers, lambda r: r == [("n1", "OK"), ("n2", "PERMISSION_DENIED"), ("n1", "PERMISSION_DENIED"),
+                                                ("admin", "PERMISSION_DENIED")],
+                     timeout=10, what="the four Register calls audited")
     for stubs in (admin, n1, anonymous, forged):
         await stubs.channel.close()
 
