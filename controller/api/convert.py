@@ -324,7 +324,7 @@ def optional_time(msg: Message, name: str) -> datetime | None:
 
 def token_request(msg: admin_pb2.CreateTokenRequest) -> d.TokenRequest:
     return d.TokenRequest(role=msg.role, name=msg.name, tenant=msg.tenant,
-                          ttl_s=float(msg.ttl_seconds) if msg.ttl_seconds else None)
+                          ttl_s=float(msg.ttl_seconds) if msg.ttl_seconds else None, node=msg.node)
 
 
 def token_msg(view: d.TokenView) -> admin_pb2.Token:

@@ -309,6 +309,7 @@ class TokenRequest:
     name: str = ""
     tenant: str = ""
     ttl_s: float | None = None  # None: never expires
+    node: str = ""  # role node-bootstrap: the one node id it may register ("": any)
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,6 +187,8 @@ def _judge(ask: Register, proposal: MintedToken | None, facts: _Facts, taken_ids
     # Who may register at all, first: a tenant's token learned from the answers below which racks
     # and nodes exist (its refusal differed by whether the node was registered).
     policy.require_role(who, "registering nodes", Role.NODE_BOOTSTRAP, Role.NODE)
+    if who.role is Role.NODE_BOOTSTRAP and who.node and who.node != node_id:
+        raise PermissionDenied(f"this node-bootstrap token registers node {who.node} only, not {node_id[:128]}")
     if ask.info.rack not in facts.racks:
         raise FailedPrecondition(f"rack {ask.info.rack} is not in the topology; apply it first")
     row = facts.rows.get(node_id)

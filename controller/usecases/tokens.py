@@ -57,6 +57,10 @@ async def _validate(uow: UnitOfWork, request: TokenRequest) -> Role:
             raise NotFound(f"tenant {request.tenant} not found")
     elif request.tenant:
         raise InvalidArgument(f"token: only role tenant takes a tenant (role is {role.value})")
+    if request.node:  # a node yet to register too: no check that it exists
+        if role is not Role.NODE_BOOTSTRAP:
+            raise InvalidArgument(f"token: only role node-bootstrap takes a node (role is {role.value})")
+        check_id("node", request.node)
     if request.ttl_s is not None and not 0 < request.ttl_s <= MAX_TTL_S:
         raise InvalidArgument(f"token: ttl must be between 1 second and {MAX_TTL_S // 86400} days, "
                               f"got {request.ttl_s:g} s")
@@ -83,9 +87,10 @@ def add_token(uow: UnitOfWork, who: Principal, *, role: Role, name: str, tenant:
 async def create_token(uow: UnitOfWork, who: Principal, request: TokenRequest) -> IssuedToken:
     policy.require_admin(who, "creating tokens")
     role = await _validate(uow, request)
-    issued = add_token(uow, who, role=role, name=request.name, tenant=request.tenant, ttl_s=request.ttl_s)
+    issued = add_token(uow, who, role=role, name=request.name, tenant=request.tenant, node=request.node,
+                       ttl_s=request.ttl_s)
     view = issued.view  # the entry names the token made (its id: what a later RevokeToken names)
-    audit.note(created_token=view.id, created_role=view.role, created_tenant=view.tenant,
+    audit.note(created_token=view.id, created_role=view.role, created_tenant=view.tenant, created_node=view.node,
                expires_at=view.expires_at.isoformat() if view.expires_at else None)
     await uow.commit()
     return issued

@@ -148,3 +148,15 @@ def test_a_token_named_as_token_list_prints_it_is_revoked(cluster: RunningContro
     revoked = cluster.ctl("token", "revoke", f"token/{token_id}")
     assert revoked.returncode == 0, revoked.stderr
     assert revoked.stdout.strip() == f"token/{token_id} revoked"
+
+
+def test_token_create_node_makes_a_bootstrap_token_bound_to_that_node(cluster: RunningController) -> None:
+    made = cluster.ctl("token", "create", "--node", "rack-07-n03", "-o", "json")
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)
+    assert (token["role"], token["node"]) == ("node-bootstrap", "rack-07-n03")
+    listed = cluster.ctl("token", "list", "--role", "node-bootstrap", "-o", "json")
+    assert [t["node"] for t in json.loads(listed.stdout)["tokens"] if t["id"] == token["id"]] == ["rack-07-n03"]
+    wrong = cluster.ctl("token", "create", "--role", "admin", "--node", "rack-07-n03")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == \
+        "error: token create --node makes a node-bootstrap token, not admin"

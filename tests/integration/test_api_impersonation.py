@@ -180,3 +180,47 @@ async def test_an_admin_registering_a_node_again_with_its_proposal_keeps_its_cre
     active = [t.id for t in (await stubs.admin.ListTokens(admin_pb2.ListTokensRequest(role="node"))).tokens
               if not t.revoked_at.seconds]
     assert active == [other[5:21]]
+
+
+async def test_a_node_bound_bootstrap_token_registers_its_node_only(stubs: Stubs, controller_app: ControllerApp) -> None:
+    """A fleet-wide bootstrap token can claim any node id that holds no credential, one an admin
+    just reset included (a race an exploratory test won 250 ms after a reset, taking the node's
+    work). A token bound to one node (`CreateToken(node=...)`, `maiactl token create --node`)
+    registers that node alone, before and after a reset."""
+    await stubs.admin.ApplyTopology(topology({"rack-00": "row-a"}))
+
+    async def bound(node: str) -> Stubs:
+        reply = await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role="node-bootstrap", node=node))
+        assert (reply.token.role, reply.token.node) == ("node-bootstrap", node)
+        return Stubs.connect(controller_app.address, reply.secret)
+
+    def register(node: str) -> agent_pb2.RegisterRequest:
+        return agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+            node_id=node, rack="rack-00", accelerators=4, accelerator_model="maia-100"))
+
+    async def refused(client: Stubs, node: str) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.agent.Register(register(node))
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        return error.value.details()
+
+    n00, n01 = await bound("rack-00-n00"), await bound("rack-00-n01")
+    try:
+        assert await refused(n01, "rack-00-n00") == \
+            "this node-bootstrap token registers node rack-00-n01 only, not rack-00-n00"
+        assert await refused(n01, "rack-00-n99") == \
+            "this node-bootstrap token registers node rack-00-n01 only, not rack-00-n99"
+        assert (await n00.agent.Register(register("rack-00-n00"))).node_credential
+        await stubs.admin.ResetNodeCredential(admin_pb2.NodeRequest(id="rack-00-n00"))
+        # The reset's window: another host's token still cannot claim it; the node's own can.
+        assert "registers node rack-00-n01 only" in await refused(n01, "rack-00-n00")
+        assert (await n00.agent.Register(register("rack-00-n00"))).node_credential
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        for role, tenant in (("admin", ""), ("tenant", "lab")):
+            with pytest.raises(grpc.aio.AioRpcError) as wrong:
+                await stubs.admin.CreateToken(admin_pb2.CreateTokenRequest(role=role, tenant=tenant, node="rack-00-n00"))
+            assert (wrong.value.code(), wrong.value.details()) == (
+                grpc.StatusCode.INVALID_ARGUMENT, f"token: only role node-bootstrap takes a node (role is {role})")
+    finally:
+        await n00.channel.close()
+        await n01.channel.close()

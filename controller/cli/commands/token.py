@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     create.add_argument("--ttl", type=parse_ttl, metavar="DURATION", help="expire after e.g. 30m, 24h, 7d "
                                                                           "(default: never)")
     create.add_argument("--name", help="a name for lists and the audit log")
+    create.add_argument("--node", help="a node-bootstrap token that registers this node id only (implies --role "
+                                       "node-bootstrap): one a host, so no host can claim another's node id")
     create.set_defaults(handler=run_create)
     listing = verbs.add_parser("list", parents=[common], help="list tokens (never their secrets)")
     listing.add_argument("--role", choices=(*ROLES, "node"))
@@ -57,20 +59,23 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run_create(args: argparse.Namespace, ctx: Context) -> int:
-    role = args.role or ("tenant" if args.tenant else None)
+    role = args.role or ("tenant" if args.tenant else "node-bootstrap" if args.node else None)
     if role is None:
-        raise CliError("token create needs --tenant T or --role admin|node-bootstrap", Exit.USAGE)
+        raise CliError("token create needs --tenant T, --node N or --role admin|node-bootstrap", Exit.USAGE)
+    if args.node and role != "node-bootstrap":
+        raise CliError(f"token create --node makes a node-bootstrap token, not {role}", Exit.USAGE)
     if role == "tenant" and not args.tenant:
         raise CliError("token create --role tenant needs --tenant T", Exit.USAGE)
     reply = ctx.controller.admin.CreateToken(
         admin_pb2.CreateTokenRequest(role=role, tenant=args.tenant or "", name=args.name or "",
-                                     ttl_seconds=args.ttl or 0), timeout=ctx.rpc_timeout)
+                                     ttl_seconds=args.ttl or 0, node=args.node or ""), timeout=ctx.rpc_timeout)
     if ctx.json:
         ctx.emit_json({"token": reply.secret, **_token_dict(reply.token)})
         return 0
     ctx.out(reply.secret)
     expires = _when(reply.token, "expires_at") or "never"
-    ctx.note(f"token {reply.token.id} ({reply.token.role}{' ' + reply.token.tenant if reply.token.tenant else ''}, "
+    bound = reply.token.tenant or reply.token.node
+    ctx.note(f"token {reply.token.id} ({reply.token.role}{' ' + bound if bound else ''}, "
              f"expires {expires}) created; its secret is shown only this once")
     return 0
 
