@@ -21,6 +21,7 @@ from grpc import aio
 
 from controller.errors import MaiaError, PermissionDenied, Unauthenticated
 from controller.preflight import StartupError
+from controller.tlsfiles import CertificateFiles, UnreadableFile
 
 AGENT_SERVICE = "/maia.v1.NodeAgentService/"
 _COMMON_NAME = "x509_common_name"
@@ -33,21 +34,13 @@ class TlsSettings:
     client_ca: Path | None = None  # set: mutual TLS, client certificates required and checked
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials for `server.add_secure_port` (files read now: one that cannot be read fails
-        start-up with a `StartupError` naming its flag)."""
-        cert = _read("--tls-cert", self.cert)
-        key = _read("--tls-key", self.key)
-        client_ca = _read("--tls-client-ca", self.client_ca) if self.client_ca else None
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                           require_client_auth=client_ca is not None)
-
-
-def _read(flag: str, path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise StartupError(f"{flag} {path}: cannot read it: {exc.strerror or exc}",
-                           "check the path and that this user may read the file") from exc
+        """Credentials for `server.add_secure_port` that follow the files (`tlsfiles.CertificateFiles`):
+        read now (one that cannot be read fails start-up with a `StartupError` naming its flag),
+        and again when they are replaced."""
+        try:
+            return CertificateFiles(self.cert, self.key, self.client_ca).server_credentials()
+        except UnreadableFile as exc:
+            raise StartupError(str(exc), "check the path and that this user may read the file") from exc
 
 
 def certificate_name(context: aio.ServicerContext) -> str | None:

@@ -33,6 +33,7 @@ from controller.aio import stopped_ignoring_sigterm
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY, LINK_CALL, LINK_OPTIONS, Arrivals, Outbox, from_relayed, status_code, to_relayed)
 from controller.logs import configure_logging
+from controller.tlsfiles import CertificateFiles
 from maia.v1 import relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger("maia.gateway")
@@ -222,8 +223,7 @@ async def serve(args: argparse.Namespace) -> int:
                                  *limits.AGENT_KEEPALIVE.server_options()])
     server.add_generic_rpc_handlers((gateway.handlers(),))
     if args.tls_cert is not None:
-        credentials = grpc.ssl_server_credentials([(args.tls_key.read_bytes(), args.tls_cert.read_bytes())])
-        port = server.add_secure_port(args.listen, credentials)
+        port = server.add_secure_port(args.listen, CertificateFiles(args.tls_cert, args.tls_key).server_credentials())
     else:
         port = server.add_insecure_port(args.listen)
     link = asyncio.create_task(gateway.run_link(channel), name="gateway-link")

@@ -188,3 +188,42 @@ async def test_the_healthcheck_sends_a_client_certificate_where_one_is_asked_for
     assert await asyncio.to_thread(healthcheck, mutual) == 1  # it asks for a client certificate
     client = [*mutual, "--cert", str(pki / "client-admin.pem"), "--key", str(pki / "client-admin-key.pem")]
     assert await asyncio.to_thread(healthcheck, client) == 0
+
+
+async def test_replaced_tls_files_serve_new_connections_without_a_restart(tmp_path: Path) -> None:
+    """The files were read once, at start-up: a rotated certificate (or CA) changed nothing until a
+    restart, which no document said. Replaced, they serve the next connections (old ones keep
+    theirs); a pair caught half replaced (a key not the certificate's) is not taken, the last good
+    one served until both are in place; a client CA replaced trusts the new CA's clients."""
+    live, old, new = tmp_path / "live", tmp_path / "old", tmp_path / "new"
+    for directory in (old, new):
+        directory.mkdir()
+        devca.issue_server(directory)
+        devca.issue_client(directory, "admin")
+    live.mkdir()
+    for name in ("server.pem", "server-key.pem", devca.CA_CERT):
+        (live / name).write_bytes((old / name).read_bytes())
+    app = await _app(tmp_path, live, mutual=True)
+
+    async def answers(pki: Path) -> bool:
+        stubs = _stubs(app, pki / devca.CA_CERT, pki, "client-admin")  # a new channel: a new handshake
+        try:
+            await stubs.admin.GetClusterSummary(admin_pb2.GetClusterSummaryRequest(), timeout=5)
+            return True
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return False
+        finally:
+            await stubs.channel.close()
+
+    try:
+        assert (await answers(old), await answers(new)) == (True, False)
+        (live / "server.pem").write_bytes((new / "server.pem").read_bytes())  # the key not yet
+        await asyncio.sleep(1.2)  # past tlsfiles.RELOAD_CHECK_S
+        assert await answers(old)  # the old pair still served
+        (live / "server-key.pem").write_bytes((new / "server-key.pem").read_bytes())
+        (live / devca.CA_CERT).write_bytes((new / devca.CA_CERT).read_bytes())
+        await eventually(lambda: answers(new), lambda ok: ok, timeout=10, what="the new files served")
+        assert not await answers(old)
+    finally:
+        await app.stop(grace_s=1.0)
