@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -37,12 +38,12 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-async def _app(tmp_path: Path, pki: Path, *, mutual: bool) -> ControllerApp:
+async def _app(tmp_path: Path, pki: Path, *, mutual: bool, **overrides: Any) -> ControllerApp:
     app = ControllerApp(Config(listen="127.0.0.1:0", db_url=f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}",
                                reconcile_interval_s=0.2, heartbeat_timeout_s=2.0,
                                tls_cert=pki / "server.pem", tls_key=pki / "server-key.pem",
                                tls_client_ca=pki / devca.CA_CERT if mutual else None,
-                               bootstrap_admin_token_file=str(tmp_path / "admin.token")))
+                               bootstrap_admin_token_file=str(tmp_path / "admin.token"), **overrides))
     await app.start()
     return app
 
@@ -226,4 +227,27 @@ async def test_replaced_tls_files_serve_new_connections_without_a_restart(tmp_pa
         await eventually(lambda: answers(new), lambda ok: ok, timeout=10, what="the new files served")
         assert not await answers(old)
     finally:
+        await app.stop(grace_s=1.0)
+
+
+async def test_agent_gateways_serve_tls_to_agents(tmp_path: Path, pki: Path) -> None:
+    """The gateway processes serve the agents TLS with the controller's certificate (no test
+    covered it: a gateway read its files apart from the controller)."""
+    app = await _app(tmp_path, pki, mutual=False, agent_gateways=1, agent_listen="127.0.0.1:0")
+    admin = _stubs(app, pki / devca.CA_CERT)
+    fleet = None
+    try:
+        await admin.admin.ApplyTopology(topology({"tls-00": "row-a"}), timeout=5)
+        fleet = SimFleet(app.agent_address, racks=1, nodes_per_rack=2, rack_prefix="tls-", log_dir=tmp_path,
+                         token=await issue_token(app.db, "node-bootstrap"), extra_args=("--ca", str(pki / devca.CA_CERT)))
+        await eventually(lambda: admin.admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=5),
+                         lambda r: sorted(n.id for n in r.nodes if n.connected) == fleet.node_ids,
+                         what="both simulated nodes connected over TLS through the gateway")
+        plaintext = Stubs.on(grpc.aio.insecure_channel(app.agent_address))
+        assert await _code(plaintext.agent.Register(_register("n1"), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+        await plaintext.channel.close()
+    finally:
+        if fleet is not None:
+            await fleet.stop()
+        await admin.channel.close()
         await app.stop(grace_s=1.0)
