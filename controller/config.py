@@ -321,8 +321,8 @@ def _api_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--bootstrap-admin-token-file", metavar="PATH",
-        help="if the database has no active admin token, create one and write it to PATH (mode 0600); "
-             "otherwise leave PATH alone",
+        help="if the database has no active admin token, create one: the token PATH holds (one you made, e.g. "
+             "from a secret store), else a new one written to PATH (mode 0600); otherwise leave PATH alone",
     )
     group.add_argument(
         "--insecure-no-auth", action="store_true",

@@ -490,10 +490,12 @@ class ControllerApp:
                 created = await tokens.bootstrap_admin_token(self.db, Path(path), CONTROLLER)
             except tokens.TokenFileError as exc:
                 raise StartupError(f"--bootstrap-admin-token-file: {exc}",
-                                   "name a file (not a folder) where this user may write; no token was created") \
-                    from exc
-            if created is not None:
-                log.warning("bootstrap: created admin token %s and wrote it to %s (mode 0600)", created.id, path)
+                                   "name a file (not a folder) where this user may write, or one holding a token "
+                                   "to adopt; no token was created") from exc
+            if created is not None and created.adopted:
+                log.warning("bootstrap: created admin token %s from the token in %s", created.view.id, path)
+            elif created is not None:
+                log.warning("bootstrap: created admin token %s and wrote it to %s (mode 0600)", created.view.id, path)
             else:
                 log.warning("bootstrap: the database already has an active admin token; %s left alone", path)
         elif not await tokens.has_active_admin(self.db):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -187,22 +188,46 @@ async def has_any_token(db: Database) -> bool:
 
 
 class TokenFileError(Exception):
-    """The bootstrap admin token could not be written to its file (and so was not committed)."""
+    """The bootstrap admin token's file could not be read or written, or holds no token to adopt
+    (nothing was committed)."""
 
 
-async def bootstrap_admin_token(db: Database, path: Path, who: Principal) -> TokenView | None:
-    """On a database without an active admin token, create one and write it to `path` (0600).
+@dataclass(frozen=True, slots=True)
+class BootstrapToken:
+    view: TokenView
+    adopted: bool  # the token the file held (an operator's, e.g. a Kubernetes Secret); else one written there
 
-    Returns the new token's view, or None (an admin token exists; `path` is left alone). The
-    file is put in place before the row is committed, so that no failure leaves a token nobody
-    holds: a failed write commits nothing (`TokenFileError`); a failed commit removes the file
-    unless the row is found committed all the same (a connection lost as it committed) or cannot
-    be read. A file whose token does not exist (left by a crash between the two, or by that read)
-    is replaced at the next start: the database still has no admin token.
+
+async def bootstrap_admin_token(db: Database, path: Path, who: Principal) -> BootstrapToken | None:
+    """On a database without an active admin token, make the first one: the token `path` holds
+    (an operator minted it and put it there, e.g. from a secret store, so that it outlives the
+    machine), or else a new one written to `path` (0600).
+
+    Returns None when an admin token exists (`path` is left alone). A new token's file is put in
+    place before the row is committed, so that no failure leaves a token nobody holds: a failed
+    write commits nothing (`TokenFileError`); a failed commit removes the file unless the row is
+    found committed all the same (a connection lost as it committed) or cannot be read. A file
+    whose token does not exist (left by a crash between the two, or by that read) is adopted at
+    the next start. A file holding something else, or a token that was revoked or has expired,
+    is a `TokenFileError`: nothing is replaced that an operator put there.
     """
     async with db.unit_of_work() as uow:
         if await store.active_tokens(uow.session, _now(), role=Role.ADMIN.value):
             return None
+        given = _given_token(path)
+        if given is not None:
+            if await store.get_token(uow.session, given.id) is not None:
+                raise TokenFileError(f"{path} holds token {given.id}, which was revoked or has expired: put a new "
+                                     f"one there, or remove the file to have one written")
+            issued = add_token(uow, who, role=Role.ADMIN, name=BOOTSTRAP_ADMIN_NAME, minted=given)
+            try:
+                await uow.commit()
+            except BaseException:
+                # Two controllers adopting one file (a secret mounted in both): the other's landed.
+                if not await _committed_anyway(db, given.id):
+                    raise
+                return None
+            return BootstrapToken(issued.view, adopted=True)
         issued = add_token(uow, who, role=Role.ADMIN, name=BOOTSTRAP_ADMIN_NAME)
         _write_secret(path, issued.secret)
         try:
@@ -211,7 +236,26 @@ async def bootstrap_admin_token(db: Database, path: Path, who: Principal) -> Tok
             if not await _committed_anyway(db, issued.view.id):
                 path.unlink(missing_ok=True)
             raise
-    return issued.view
+    return BootstrapToken(issued.view, adopted=False)
+
+
+def _given_token(path: Path) -> secrets_.MintedToken | None:
+    """The token an operator put in `path`, or None where there is none to adopt (no file, an
+    empty one, a folder: `_write_secret` says what is wrong with the latter)."""
+    try:
+        if not path.is_file():
+            return None
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not text:
+        return None
+    given = secrets_.proposed(text)
+    if given is None:
+        raise TokenFileError(f"{path} holds no token {secrets_.PREFIX}<16 hex>.<at least "
+                             f"{secrets_.MIN_PROPOSED_SECRET_CHARS} url-safe characters>: put one there, or remove "
+                             f"it to have one written")
+    return given
 
 
 def _write_secret(path: Path, secret: str) -> None:
@@ -235,7 +279,7 @@ def _write_secret(path: Path, secret: str) -> None:
 
 async def _committed_anyway(db: Database, token_id: str) -> bool:
     """Whether the token whose commit failed is in the database all the same; True when that
-    cannot be read either (a file whose token does not exist is replaced at the next start; a
+    cannot be read either (a file whose token does not exist is adopted at the next start; a
     token nobody holds locks everyone out)."""
     try:
         async with db.unit_of_work() as uow:

@@ -6,7 +6,9 @@ only --insecure-no-auth got back in."""
 
 from __future__ import annotations
 
+import re
 import stat
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -39,8 +41,8 @@ async def test_a_token_file_that_cannot_be_written_creates_no_token(database: Da
     assert list(secrets.rglob("*")) == [folder]  # no temporary file left either
 
     path = secrets / "admin.token"  # the next start, with a file it can write: in again
-    view = await tokens.bootstrap_admin_token(database, path, CONTROLLER)
-    assert view is not None and await _holds_the_admin_token(database, path)
+    made = await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    assert made is not None and not made.adopted and await _holds_the_admin_token(database, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
@@ -72,3 +74,42 @@ async def test_a_commit_that_landed_but_raised_keeps_the_file(database: Database
         await tokens.bootstrap_admin_token(database, path, CONTROLLER)
     monkeypatch.undo()
     assert await _holds_the_admin_token(database, path)
+
+
+async def test_a_token_the_operator_put_in_the_file_is_adopted(database: Database, tmp_path: Path) -> None:
+    """On Kubernetes the written file lived in one pod's memory volume: the first rollout lost it,
+    and with an admin token in the database no replica wrote another. An operator's token (from a
+    Secret, mounted read-only) is adopted instead, and outlives every pod."""
+    secret = token_format.mint()
+    path = tmp_path / "admin.token"
+    path.write_text(secret.text + "\n")
+    path.chmod(0o400)  # as a Secret's volume mounts it
+    made = await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    assert made is not None and made.adopted and made.view.id == secret.id and made.view.role == "admin"
+    assert await _holds_the_admin_token(database, path) and path.read_text() == secret.text + "\n"
+    assert await tokens.bootstrap_admin_token(database, path, CONTROLLER) is None  # the next replica, the next start
+
+
+@pytest.mark.parametrize("text, says", [
+    ("CHANGE-ME", "holds no token maia_<16 hex>.<at least 43 url-safe characters>: put one there, or remove it"),
+    ("maia_0123456789abcdef.short", "holds no token maia_<16 hex>"),  # a secret weaker than a minted one
+])
+async def test_a_file_holding_no_token_is_refused_and_left_alone(database: Database, tmp_path: Path, text: str,
+                                                                 says: str) -> None:
+    path = tmp_path / "admin.token"
+    path.write_text(text)
+    with pytest.raises(tokens.TokenFileError, match=re.escape(f"{path} {says}")):
+        await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    assert path.read_text() == text and not await tokens.has_active_admin(database)
+
+
+async def test_a_revoked_token_in_the_file_is_refused(database: Database, tmp_path: Path) -> None:
+    path = tmp_path / "admin.token"
+    made = await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    assert made is not None and not made.adopted
+    async with database.unit_of_work() as uow:
+        (await token_rows.get_token(uow.session, made.view.id)).revoked_at = datetime.now(timezone.utc)
+        await uow.commit()
+    with pytest.raises(tokens.TokenFileError, match=f"holds token {made.view.id}, which was revoked or has expired"):
+        await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    assert not await tokens.has_active_admin(database)

@@ -50,9 +50,13 @@ def test_every_manifest_is_a_valid_kubernetes_object(path: str) -> None:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def test_the_kustomization_lists_every_manifest() -> None:
+def test_the_kustomization_lists_every_manifest_but_the_example_secrets() -> None:
+    """`kubectl apply -k` applied the placeholder Secret over the real one (CHANGE-ME as the
+    database password): the Secrets are examples, created out of band."""
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
-    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml")
+                                    if p.name not in ("kustomization.yaml", "secrets.example.yaml"))
+    assert {doc["kind"] for name in listed for doc in _docs(K8S / name)}.isdisjoint({"Secret"})
 
 
 def test_the_manifests_refer_to_each_other_correctly() -> None:
@@ -94,6 +98,15 @@ def test_the_manifests_refer_to_each_other_correctly() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["MAIA_ADVERTISE_ADDRESS"]["value"] == f"$(POD_IP):{ports['grpc']}"
+    # The first admin token is the operator's, from a Secret (a pod's own volume lost it at a rollout).
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [token_file] = [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith("--bootstrap-admin-token-file=")]
+    [mount] = [m for m in mounts.values() if token_file.startswith(m["mountPath"] + "/")]
+    source = volumes[mount["name"]]["secret"]
+    admin_token = objects[("Secret", source["secretName"])]["stringData"]
+    assert mount["readOnly"] is True and list(admin_token) == [token_file.rsplit("/", 1)[1]]
+    assert source["defaultMode"] & 0o040 and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]
 
 
 # --- compose -----------------------------------------------------------------------------------------
