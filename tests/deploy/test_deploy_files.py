@@ -156,6 +156,23 @@ def test_the_compose_services_fit_together() -> None:
     assert f"--controller {everyone}" in " ".join(services["simnode"]["command"])
     assert services["setup"]["environment"]["MAIA_CONTROLLER"] == everyone
     assert services["migrate"]["entrypoint"][:2] == ["alembic", "upgrade"]
+    # The image's HEALTHCHECK asks a controller on 127.0.0.1:50051: the other services of the image
+    # (no controller in them) would stay "unhealthy" for ever.
+    for name, service in services.items():
+        if service.get("image") == services[controllers[0]]["image"] and name not in controllers:
+            assert service["healthcheck"] == {"disable": True}, name
+
+
+def test_the_scrape_jobs_are_the_job_the_alerts_select() -> None:
+    """The alerts select job="maia-controller": an annotation-driven Kubernetes job (named by the
+    scrape config, e.g. kubernetes-pods) left MaiaControllerDown silent."""
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    selected = {job for group in rules["groups"] for rule in group["rules"]
+                for job in re.findall(r'job="([^"]+)"', rule["expr"])}
+    assert selected == {"maia-controller"}
+    for name in ("prometheus.yml", "kubernetes-scrape.yml"):
+        jobs = [job["job_name"] for job in yaml.safe_load((DEPLOY / "prometheus" / name).read_text())["scrape_configs"]]
+        assert jobs == ["maia-controller"], name
 
 
 # --- Dockerfile --------------------------------------------------------------------------------------
