@@ -32,3 +32,10 @@ def configure_logging(level: str) -> None:
     root.setLevel(level)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's first line, its class named: what a log line needs of an expected failure
+    (a database outage) instead of a traceback each time."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

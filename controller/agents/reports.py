@@ -23,8 +23,9 @@ from controller import limits
 from controller.agents.session import AgentInbound, AgentSession, HubObserver, Message, ShardKey
 from controller.aio import pushed
 from controller.errors import MaiaError
-from controller.ratelimit import rate_limited
-from controller.store.db import Database
+from controller.logs import one_line
+from controller.ratelimit import Sampler, rate_limited
+from controller.store.db import Database, database_failed
 from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
@@ -59,6 +60,8 @@ class ReportBuffer:
         contact_write_every_s: float | None,
     ) -> None:
         self._db = db
+        # A database outage fails every flush: one line a minute or so says so, with how many did not.
+        self._outage_log = Sampler(per_minute=6, burst=1)
         self._sessions = sessions  # the hub's open streams, read only
         self._observer = observer
         self._on_deployments_changed = on_deployments_changed
@@ -286,19 +289,39 @@ class ReportBuffer:
             return views
         except LeaseLost:  # deposed: these agents report to the new leader from now on
             return {}
-        except Exception:
+        except Exception as exc:
             nodes = chunk.nodes()
+            if database_failed(exc):
+                # Not this chunk's doing: node by node would fail alike (a traceback a node, each
+                # trying the database again). Their agents' next heartbeats write it all again.
+                self._forget_states(nodes)
+                left_out = self._outage_log.sample()
+                if left_out is not None:
+                    log.warning("could not write the heartbeats and %d shard reports of %d nodes (%s): the database "
+                                "failed: %s%s", len(chunk.reports), len(nodes), _named(nodes),
+                                one_line(exc), f" (flushes failed since the last line: {left_out})" if left_out else "")
+                return {}
             if len(nodes) == 1:
                 log.exception("could not write the heartbeat and %d shard reports of node %s",
                               len(chunk.reports), nodes[0])
-                session = self._sessions.get(nodes[0])
-                if session is not None:  # its next heartbeat writes every shard's state again
-                    session.forget_state()
+                self._forget_states(nodes)
                 return {}
             log.warning("could not write a chunk of %d nodes; writing them one by one", len(nodes))
             for node_id in nodes:
                 views.update(await self._flush_chunk(chunk.only(node_id)))
             return views
+
+
+    def _forget_states(self, nodes: list[str]) -> None:
+        """What these nodes reported was not written: their next heartbeats write every shard's state again."""
+        for node_id in nodes:
+            session = self._sessions.get(node_id)
+            if session is not None:
+                session.forget_state()
+
+
+def _named(nodes: list[str], shown: int = 3) -> str:
+    return ", ".join(nodes[:shown]) + (f" and {len(nodes) - shown} more" if len(nodes) > shown else "")
 
 
 @dataclass

@@ -35,7 +35,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from controller.observability.cluster import ClusterGauges, UsageCounters
+from controller.logs import one_line
 from controller.scheduling.queue import QueueDepths
+from controller.store.db import database_failed
 
 if TYPE_CHECKING:
     from controller.store.checkpoints import CheckpointRound
@@ -462,10 +464,14 @@ def _waited(future: concurrent.futures.Future[T], timeout_s: float, errors: Coun
         log.warning("metrics: reading %s took longer than %.1fs; the scrape answers without it, or with the "
                     "last read of the past %.0fs", what, max(0.0, timeout_s), LAST_READ_KEPT_S)
         return None
-    except Exception:
+    except Exception as exc:
         future.cancel()
         errors.inc()
-        log.exception("metrics: reading %s failed", what)
+        if database_failed(exc):  # an outage: a line a scrape says so, without a traceback each time
+            log.warning("metrics: reading %s failed: the database failed: %s; the scrape answers with the last read "
+                        "of the past %.0fs, or without it", what, one_line(exc), LAST_READ_KEPT_S)
+        else:
+            log.exception("metrics: reading %s failed", what)
         return None
 
 
