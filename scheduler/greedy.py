@@ -56,8 +56,10 @@ class Placer:
     # ---- public ---------------------------------------------------------------------------
 
     def place_deployment(self, d: int, replicas: list[int],
-                         allowed: np.ndarray | None = None) -> list[int]:
-        """Place as many of the given replicas as fit; honour min_replicas. Returns placed."""
+                         allowed: np.ndarray | None = None, *, reach_min: bool = True) -> list[int]:
+        """Place as many of the given replicas as fit; honour min_replicas (unless `reach_min` is
+        False: a preemption gathering them domain by domain judges the minimum at its end).
+        Returns placed."""
         dep = self.state.deps[d]
         placed = []
         for r in replicas:
@@ -66,7 +68,7 @@ class Placer:
             else:
                 break  # identical replicas: if one does not fit, the next will not either
         have = self.state.placed_replicas(d)
-        if have and len(have) < dep.min_replicas:
+        if reach_min and have and len(have) < dep.min_replicas:
             # Fewer than min_replicas means none, kept replicas included.
             for r in have:
                 self.state.remove_replica(d, r)

@@ -18,6 +18,7 @@ from scheduler.room import Replica, TrialBudget, could_fit_anywhere, make_room
 
 if TYPE_CHECKING:
     from scheduler.solve import Solver
+    from scheduler.state import ClusterState
 
 PREEMPTION_HINTS = 3  # unplaced deployments per solve tried for "fits after preempting"
 HINT_TRIALS = 48  # trials those may run in all (a count: the same hints on any machine)
@@ -47,31 +48,47 @@ def eligible_victims(solver: Solver, d: int) -> list[Replica]:
 
 
 def preempt_for(solver: Solver, d: int) -> None:
-    """Evict the fewest victims, one replica of d at a time, until d is placed or stuck."""
+    """Evict the fewest victims, one replica of d at a time, until d is placed or stuck.
+
+    A deployment short of min_replicas gathers them a replica at a time, each where its own
+    victims make room (two node-local replicas on two full nodes: each node's; a trial that
+    had to place all of them beside the first never could, and such a deployment never
+    preempted). Stuck short of the minimum, everything it did is undone: fewer than
+    min_replicas placed means none, and no victim goes for nothing."""
+    minimum = solver.state.deps[d].min_replicas
+    before: tuple[ClusterState, int, set[int]] | None = None  # the solve before d gathered short of min
     while solver.placeable(d):
         if solver.late(d):
-            return
+            break
         eligible = eligible_victims(solver, d)
         if not eligible:
-            return
+            break
+        short = len(solver.state.placed_replicas(d)) < minimum
+        if short and before is None:
+            before = (solver.state, len(solver.preempted), set(solver.claimants))
         found = make_room(solver, d, eligible, relocate=False, budget=0,
-                          trials=solver.room_trials, deadline=solver.deadline)
+                          trials=solver.room_trials, deadline=solver.deadline, below_min=short)
         if found is None:
             if solver.room_trials.left <= 0 and could_fit_anywhere(solver.state, d, eligible):
                 solver.trials_cut.add(d)  # the search's budget ran out, not the room
             solver.late(d)
-            return
+            break
         trial, removed, _ = found
         solver.adopt(trial)
         solver.preempted += [v for v in removed if v in solver.existing_replicas]
         if removed:
             solver.claimants.add(d)
-        # The rest of the deployment may fit now; min_replicas still applies.
+        # The rest of the deployment may fit now; min_replicas still applies (judged below while gathering).
         rest = solver.placeable(d)
         if rest:
-            solver.placer.place_deployment(d, rest)
+            solver.placer.place_deployment(d, rest, reach_min=not short)
         if not solver.pending(d):
             solver.why.pop(d, None)
+    if before is not None and len(solver.state.placed_replicas(d)) < minimum:
+        state, preempted, claimants = before  # `adopt` replaced the state: this one is as it was
+        solver.adopt(state)
+        del solver.preempted[preempted:]
+        solver.claimants = claimants
 
 
 def preemption_hints(solver: Solver, only: list[int] | None = None) -> dict[int, str]:

@@ -58,10 +58,12 @@ class TrialBudget:
 
 
 def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, budget: int,
-              trials: TrialBudget, deadline: float | None = None
+              trials: TrialBudget, deadline: float | None = None, below_min: bool = False
               ) -> tuple[ClusterState, list[Replica], int] | None:
     """Trial per locality domain: fewest replicas removed (or moved) to fit one replica, of
     equally many the lowest priorities (the objective weighs what is placed by priority).
+    `below_min`: the trial may leave d short of min_replicas (its caller gathers the rest in
+    other domains, and judges the minimum at the end: `preemption.preempt_for`).
 
     Returns (trial state with the replica placed, replicas removed, shards moved).
     Stops trying when `trials` runs out or at the deadline, and returns the best found so
@@ -108,7 +110,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
             if last is not None and victims[:len(last[0])] == last[0]:
                 found = last[1]  # the same removals in the same order: the same trial
             else:
-                found, used = _trial(solver, d, r, victims, allowed, relocate, budget, own)
+                found, used = _trial(solver, d, r, victims, allowed, relocate, budget, own, below_min)
                 last = (victims[:used], found)
             if found is not None and (here is None or found[0] < here[0]):
                 here = found
@@ -120,7 +122,7 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
                     continue  # taken out alone, it frees too little: no trial spent on it
                 if not trials.spend():
                     break
-                found, _ = _trial(solver, d, r, [v], allowed, relocate, budget, own)
+                found, _ = _trial(solver, d, r, [v], allowed, relocate, budget, own, below_min)
                 if found is not None and found[0] < here[0]:
                     here = found
         if here is not None and (best is None or here[0] < best[0]):
@@ -245,7 +247,8 @@ def own_running(solver: Solver, d: int) -> dict[int, dict[int, ShardAt]]:
 
 
 def _trial(solver: Solver, d: int, r: int, victims: list[Replica], allowed: np.ndarray,
-           relocate: bool, budget: int, own: dict[int, dict[int, ShardAt]]) -> tuple[Outcome | None, int]:
+           relocate: bool, budget: int, own: dict[int, dict[int, ShardAt]],
+           below_min: bool = False) -> tuple[Outcome | None, int]:
     """Remove victims in order until replica r of d fits in `allowed`, d's own running replicas
     (`own_running`) back where they ran first: the outcome (cost, trial state, removed, moved) or
     None, and how many of the victims it took out (a trial taking out the same first ones in the
@@ -266,21 +269,21 @@ def _trial(solver: Solver, d: int, r: int, victims: list[Replica], allowed: np.n
         if _may_fit(trial, d, allowed) and \
                 node_fit(trial, d).slots[allowed].sum() >= dep.shards_per_replica and \
                 placer.place_gang(d, r, list(range(dep.shards_per_replica)), allowed):
-            return _finish(solver, d, trial, placer, removed, relocate, budget), used
+            return _finish(solver, d, trial, placer, removed, relocate, budget, below_min), used
     return None, used
 
 
 def _finish(solver: Solver, d: int, trial: ClusterState, placer: Placer,
-            removed: list[Replica], relocate: bool, budget: int) -> Outcome | None:
-    """After the new replica fitted in a trial: the rest of d (min_replicas), then the victims
-    spared (preemption) or landed again within the move budget (rebalance)."""
+            removed: list[Replica], relocate: bool, budget: int, below_min: bool = False) -> Outcome | None:
+    """After the new replica fitted in a trial: the rest of d (min_replicas, unless `below_min`),
+    then the victims spared (preemption) or landed again within the move budget (rebalance)."""
     state = solver.state
     dep = state.deps[d]
     # min_replicas: the rest of the deployment must reach it in the same trial.
     gone = set(solver.preempted)  # not placed again: see Solver.placeable
     rest = [x for x in range(dep.replicas)
             if (d, x) not in trial.replicas and (d, x) not in gone]
-    placer.place_deployment(d, rest)
+    placer.place_deployment(d, rest, reach_min=not below_min)
     if not trial.placed_replicas(d):
         return None
     if not relocate:
