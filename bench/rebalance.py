@@ -29,8 +29,12 @@ Doc = dict[str, Any]
 
 
 def build(seed: int = 11, nodes: int = 1024, placements: int = 1700, new: int = 64,
-          max_moves: int = 32, time_limit_ms: int = 10_000) -> Doc:
-    """The rebalance problem document (see module doc)."""
+          max_moves: int = 32, time_limit_ms: int = 10_000, *, mode: str = "rebalance",
+          preemptible_share: float = 0.0, row_budget_factor: float = 1.0) -> Doc:
+    """The rebalance problem document (see module doc). `preemptible_share` > 0: that share of
+    the running deployments (drawn per deployment) is preemptible at priority 0, the new ones
+    priority 100 (a preemption workload); `row_budget_factor` scales the rows' power budgets
+    (below 1: power binds, where the victims of a replica's own domain are not the cheapest)."""
     from scheduler import plan_to_dict, problem_from_dict, solve
     doc = synthetic.cluster(nodes, seed)
     rng = random.Random(seed)
@@ -56,9 +60,18 @@ def build(seed: int = 11, nodes: int = 1024, placements: int = 1700, new: int = 
         d = synthetic.arrival(rng, len(background) + i)
         d["priority"] = rng.choice([10, 50, 100])
         arrivals.append(d)
-    return {**doc, "deployments": kept + arrivals, "placements": held,
-            "options": {"mode": "rebalance", "allow_preemption": True, "max_moves": max_moves,
-                        "time_limit_ms": time_limit_ms}}
+    if preemptible_share > 0:
+        for d in kept:
+            d.update(priority=0, preemptible=rng.random() < preemptible_share)
+        for d in arrivals:
+            d["priority"] = 100
+    for row in doc["rows"]:
+        if row.get("power_budget_w") is not None:
+            row["power_budget_w"] *= row_budget_factor
+    options = {"mode": mode, "allow_preemption": True, "time_limit_ms": time_limit_ms}
+    if mode == "rebalance":
+        options["max_moves"] = max_moves
+    return {**doc, "deployments": kept + arrivals, "placements": held, "options": options}
 
 
 def digest(plan_doc: Doc) -> str:
@@ -94,8 +107,9 @@ def measure(doc: Doc, *, use_cpsat: bool | None) -> Doc:
 def main(args: argparse.Namespace) -> int:
     rows = []
     for seed in args.seeds:
-        doc = build(seed, args.nodes, args.placements, args.new, args.max_moves,
-                    args.time_limit_ms)
+        doc = build(seed, args.nodes, args.placements, args.new, args.max_moves, args.time_limit_ms,
+                    mode=args.mode, preemptible_share=args.preemptible_share,
+                    row_budget_factor=args.row_budget_factor)
         print(f"seed {seed}: {len(doc['nodes'])} nodes, {len(doc['deployments'])} deployments "
               f"({args.new} new), {len(doc['placements'])} existing placements",
               file=sys.stderr, flush=True)
@@ -127,4 +141,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-moves", type=int, default=32)
     p.add_argument("--time-limit-ms", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=2, help="solve() runs per seed")
+    p.add_argument("--mode", choices=("rebalance", "online"), default="rebalance")
+    p.add_argument("--preemptible-share", type=float, default=0.0,
+                   help="that share of the running deployments preemptible at priority 0, the new at 100")
+    p.add_argument("--row-budget-factor", type=float, default=1.0, help="the rows' power budgets scaled so")
     p.add_argument("--json", help="also write per-run results to this file")

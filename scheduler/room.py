@@ -26,6 +26,7 @@ from scheduler.filters import (fits_within, gang_capacity, node_fit, quota_room,
                                tenant_masks)
 from scheduler.greedy import Placer
 from scheduler.state import ClusterState, ShardAt
+from scheduler.topology import UNLIMITED
 
 if TYPE_CHECKING:
     from scheduler.solve import Solver
@@ -76,6 +77,10 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
             by_domain[dm].append(v)
     ranked = sorted(by_domain, key=lambda dm: -sum(
         len(state.replicas[v]) * state.deps[v[0]].shard.milli for v in by_domain[dm]))
+    if not relocate:  # then the domains with room but no power, each with its power scopes' victims
+        powered = _power_bound_domains(state, d, eligible, dom, set(by_domain))
+        by_domain.update(powered)
+        ranked += sorted(powered)
     best = None
     own = own_running(solver, d)
     r = next((x for x in solver.placeable(d) if x not in own), solver.placeable(d)[0])
@@ -132,6 +137,55 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     if best is None:
         return None
     return best[1], best[2], best[3]
+
+
+def _power_bound_domains(state: ClusterState, d: int, eligible: list[Replica], dom: np.ndarray,
+                         searched: set[int]) -> dict[int, list[Replica]]:
+    """Domains (other than `searched`) with room for a replica of d on their nodes, each with the
+    victims running under the same rack or row power budget: where power binds, a victim
+    anywhere under that budget frees it (one 700 W single taken out of a full node let a
+    replica onto the empty node beside it, where the victims of the replica's own domain were
+    the whole full node: four evicted for one)."""
+    topo = state.topo
+    if state.deps[d].shard.shard_power_w <= 0 or not eligible:
+        return {}
+    rack_capped = topo.rack_budget < UNLIMITED
+    row_capped = topo.row_budget < UNLIMITED
+    if not (rack_capped.any() or row_capped.any()):
+        return {}
+    spec = state.deps[d].shard
+    if spec.accelerators == 0:
+        return {}
+    # Shards each node's free accelerators hold, power aside (`node_fit` counts its headroom too).
+    if spec.fractional:
+        slots = (state.acc_free // spec.accelerator_milli).sum(axis=1)
+    else:
+        slots = (state.acc_free >= 1000).sum(axis=1) // spec.accelerators
+    room = np.bincount(dom, weights=slots, minlength=int(dom.max(initial=-1)) + 1)
+    need = state.deps[d].shards_per_replica
+    candidates = [int(dm) for dm in np.flatnonzero(room >= need) if int(dm) not in searched]
+    if not candidates:
+        return {}
+    drawn = need * spec.shard_power_w  # what the replica draws, under each budget it lands beneath
+    rack_short = rack_capped & (state.rack_headroom() < drawn)
+    row_short = row_capped & (state.row_headroom() < drawn)
+    under: dict[tuple[str, int], list[Replica]] = defaultdict(list)  # a budget short of it -> victims under it
+    for v in eligible:
+        nodes = [at.node for at in state.replicas[v].values()]
+        for scope in {*(("rack", int(k)) for k in topo.node_rack[nodes] if rack_short[k]),
+                      *(("row", int(w)) for w in topo.node_row[nodes] if row_short[w])}:
+            under[scope].append(v)
+    if not under:
+        return {}
+    found: dict[int, list[Replica]] = {}
+    for dm in candidates[:MAX_PREEMPTION_DOMAINS]:
+        here = dom == dm
+        scopes = [*(("rack", int(k)) for k in np.unique(topo.node_rack[here])),
+                  *(("row", int(w)) for w in np.unique(topo.node_row[here]))]
+        victims = list(dict.fromkeys(v for scope in scopes for v in under.get(scope, ())))
+        if victims:
+            found[dm] = victims
+    return found
 
 
 def search_level(state: ClusterState, d: int) -> str:

@@ -311,6 +311,22 @@ def test_min_replicas_gathered_across_nodes_by_preempting_each_ones_victims(mode
     assert {p.node for p in plan.placements if p.deployment == "svc"} == {"n0", "n1"}
 
 
+@pytest.mark.parametrize("budget", ["rack", "row"])
+def test_where_power_binds_one_victim_under_the_budget_frees_it(budget: str) -> None:
+    # n0 full of 700 W singles, n1 empty, 100 W short of the service's 2,400 W: taking one single
+    # out anywhere under the budget lets the service onto n1. The search looked for victims only
+    # where the replica would land, so it emptied n0: four evicted for one (exploratory testing).
+    doc = problem([node("n0", rack="r0", idle_power_w=600), node("n1", rack="r0", idle_power_w=600)],
+                  [dep("scav", tenant="g", replicas=4, locality="node", priority=5, preemptible=True, power_w=700),
+                   dep("svc", tenant="d", shards=4, locality="node", priority=50, power_w=600)],
+                  racks=[{"id": "r0", "row": "w1", **({"power_budget_w": 6300} if budget == "rack" else {})}],
+                  rows=[{"id": "w1", "zone": "z1", **({"power_budget_w": 6300} if budget == "row" else {})}],
+                  placements=[placed("scav", "n0", [i], replica=i) for i in range(4)], allow_preemption=True)
+    plan = solve_doc(doc)
+    assert len(plan.preempted) == 1 and placed_count(plan, "scav") == 3
+    assert {p.node for p in plan.placements if p.deployment == "svc"} == {"n1"}
+
+
 def test_min_replicas_out_of_reach_preempts_nothing() -> None:
     # n1 holds non-preemptible work: one replica's room could be made (n0's singles), the second's
     # never; fewer than min_replicas placed means none, and nobody is evicted for it.
