@@ -203,10 +203,16 @@ def flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def spec_differences(current: Document, wanted: Document) -> list[str]:
-    """'replicas: 2 -> 3' lines for every field that differs (status ignored)."""
-    old = flatten({k: v for k, v in current.items() if k != "status"})
-    new = flatten({k: v for k, v in wanted.items() if k != "status"})
+# What a field left out of a document means (`spec_document` leaves min_replicas 1 out).
+DEPLOYMENT_DEFAULTS: Mapping[str, Any] = {"min_replicas": 1}
+
+
+def spec_differences(current: Document, wanted: Document, defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """'replicas: 2 -> 3' lines for every field that differs (status ignored); a field left out
+    reads as its default where `defaults` has one ('min_replicas: 2 -> 1', not '-> (unset)')."""
+    defaults = defaults or {}
+    old = defaults | flatten({k: v for k, v in current.items() if k != "status"})
+    new = defaults | flatten({k: v for k, v in wanted.items() if k != "status"})
     lines = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):

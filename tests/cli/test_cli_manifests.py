@@ -270,3 +270,15 @@ def test_yaml_in_flow_style_on_stdin_is_still_yaml() -> None:
     assert [o.name for o in parse_manifest_text("{kind: Tenant, id: t1, isolation: shared}", "<stdin>")] == ["t1"]
     assert errors_of('{"kind": "Tenant", "id": "t1",\n "id": "t2"}\n', "deploy/x.yml") == [
         "deploy/x.yml: invalid YAML at line 2 column 2: duplicate key 'id' (first on line 1)"]
+
+
+def test_a_field_left_out_of_a_document_differs_as_its_default() -> None:
+    """`apply` of min_replicas 1 printed 'min_replicas: 2 -> (unset)' (the document leaves 1 out),
+    where the controller's event said '2 -> 1'."""
+    from controller.cli.documents import DEPLOYMENT_DEFAULTS, spec_differences
+
+    current = {"kind": "Deployment", "name": "svc", "replicas": 2, "min_replicas": 2}
+    wanted = {"kind": "Deployment", "name": "svc", "replicas": 2}
+    assert spec_differences(current, wanted, DEPLOYMENT_DEFAULTS) == ["min_replicas: 2 -> 1"]
+    assert spec_differences(wanted, current, DEPLOYMENT_DEFAULTS) == ["min_replicas: 1 -> 2"]
+    assert spec_differences(current, wanted) == ["min_replicas: 2 -> (unset)"]  # a field with no default

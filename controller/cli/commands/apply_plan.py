@@ -32,7 +32,7 @@ import grpc
 from controller import limits
 from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
 from controller.cli.context import Context
-from controller.cli.documents import spec_differences, spec_document, tenant_document
+from controller.cli.documents import DEPLOYMENT_DEFAULTS, spec_differences, spec_document, tenant_document
 from controller.cli.manifests import ManifestObject
 from controller.retryinfo import told_retry_s
 from maia.v1 import admin_pb2, deployments_pb2
@@ -252,7 +252,8 @@ def _plan_deployment(obj: ManifestObject, ctx: Context, batch_tenants: set[str],
     if current is not None:
         if _normalised(current.spec) == _normalised(spec):
             return Step(obj, "unchanged")
-        differences = spec_differences(spec_document(_normalised(current.spec)), spec_document(_normalised(spec)))
+        differences = spec_differences(spec_document(_normalised(current.spec)), spec_document(_normalised(spec)),
+                                       DEPLOYMENT_DEFAULTS)
         step = Step(obj, "configured", differences, previous=current)
         if judge:
             step = _judged(step, deployments.UpdateDeployment, deployments_pb2.UpdateDeploymentRequest(
