@@ -85,8 +85,12 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     own = own_running(solver, d)
     r = next((x for x in solver.placeable(d) if x not in own), solver.placeable(d)[0])
     size = {v: len(state.replicas[v]) * max(state.deps[v[0]].shard.milli, 1) for v in eligible}
-    orders = (lambda v: (state.deps[v[0]].priority, -size[v], v),  # cheapest work first
-              lambda v: (-size[v], state.deps[v[0]].priority, v))  # biggest holes first
+    # Of equal cost, the deployment running the most replicas loses one first: the index order
+    # alone put nearly every eviction of a churning cluster on one deployment (94 against the
+    # next one's 26 in an exploratory run).
+    running = {dv: len(state.by_dep.get(dv, ())) for dv in {v[0] for v in eligible}}
+    orders = (lambda v: (state.deps[v[0]].priority, -size[v], -running[v[0]], v),  # cheapest work first
+              lambda v: (-size[v], state.deps[v[0]].priority, -running[v[0]], v))  # biggest holes first
     claimant = int(state.dep_tenant[d])
     lowest = min((state.deps[v[0]].priority for v in eligible), default=0)
     least_owed = 0 if relocate else min((_owed_alone(state, v, claimant) for v in eligible), default=0)

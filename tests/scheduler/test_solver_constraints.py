@@ -327,6 +327,21 @@ def test_where_power_binds_one_victim_under_the_budget_frees_it(budget: str) -> 
     assert {p.node for p in plan.placements if p.deployment == "svc"} == {"n1"}
 
 
+def test_of_equal_victims_the_deployment_running_the_most_loses_one() -> None:
+    # b (2 replicas) comes first in the list: by index alone its replica went every time; a runs 4.
+    doc = problem([node("n0", rack="r0"), node("n1", rack="r0")],
+                  [dep("b", tenant="g", replicas=2, locality="node", preemptible=True),
+                   dep("a", tenant="g", replicas=4, locality="node", preemptible=True),
+                   dep("firm", tenant="g", acc=2, locality="node"),
+                   dep("svc", tenant="d", locality="node", priority=50)],
+                  placements=[placed("b", "n0", [0], replica=0), placed("b", "n0", [1], replica=1),
+                              placed("a", "n0", [2], replica=0), placed("a", "n0", [3], replica=1),
+                              placed("a", "n1", [0], replica=2), placed("a", "n1", [1], replica=3),
+                              placed("firm", "n1", [2, 3])], allow_preemption=True)
+    plan = solve_doc(doc)
+    assert [p.deployment for p in plan.preempted] == ["a"] and placed_count(plan, "svc") == 1
+
+
 def test_min_replicas_out_of_reach_preempts_nothing() -> None:
     # n1 holds non-preemptible work: one replica's room could be made (n0's singles), the second's
     # never; fewer than min_replicas placed means none, and nobody is evicted for it.
