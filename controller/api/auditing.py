@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -60,6 +59,7 @@ from controller import limits
 from controller.api import dryrun
 from controller.api.interceptors import as_maia_error, code_of, reads_only, status_for
 from controller.api.interceptors.status import DATABASE_FAILED_RETRY_MS
+from controller.api.targets import describe_target
 from controller.domain.values import deployment_key
 from controller.identity import current_principal, new_request_id
 from controller.ratelimit import Sampler
@@ -74,14 +74,11 @@ T = TypeVar("T")
 AUDITED_PACKAGE = "/maia.v1."
 # Outcomes of calls their callers gave up on: audited at a bounded rate, like refusals with a retry time.
 ABANDONED = frozenset({grpc.StatusCode.CANCELLED.name, grpc.StatusCode.DEADLINE_EXCEEDED.name})
-# Methods whose object is not named by their last word.
-OBJECT_KIND_OF = {"Register": "node"}
 # Calls whose requests their servicer audits one by one (`AuditInterceptor.run` per request, each
 # entry as that request's own call would have it): the call itself gets an entry only when it
 # fails as a whole (refused before any of its requests was decided, or cancelled).
 SUBMIT_DEPLOYMENTS = "/maia.v1.DeploymentService/SubmitDeployments"
 ITEMIZED_METHODS = frozenset({SUBMIT_DEPLOYMENTS})
-_WORDS = re.compile(r"[A-Z][a-z0-9]*")
 
 
 def is_mutating(method: str, request: Any) -> bool:
@@ -90,28 +87,6 @@ def is_mutating(method: str, request: Any) -> bool:
     return not getattr(request, "dry_run", False)
 
 
-def _field(message: Message, name: str) -> Any:
-    if not isinstance(message, Message):  # a request that did not parse (refused as INVALID_ARGUMENT)
-        return None
-    return getattr(message, name) if name in message.DESCRIPTOR.fields_by_name else None
-
-
-def describe_target(method: str, request: Message) -> tuple[str, str, str]:
-    """(object kind, object id, tenant) of a mutating call, read from its request."""
-    name = method.rpartition("/")[2]
-    words = _WORDS.findall(name)
-    kind = OBJECT_KIND_OF.get(name) or (words[-1].lower() if words else name.lower())
-    target = request
-    for wrapper in ("spec", "node"):  # SubmitDeployment(spec=...), Register(node=...)
-        inner = _field(request, wrapper)
-        if isinstance(inner, Message):
-            target = inner
-            break
-    object_id = next((v for v in (_field(target, f) for f in ("name", "id", "node_id")) if isinstance(v, str) and v), "")
-    tenant = _field(target, "tenant") or _field(request, "tenant") or ""
-    if kind == "tenant":
-        tenant = object_id
-    return kind, object_id, tenant if isinstance(tenant, str) else ""
 
 
 def outcome_of(method: str, context: aio.ServicerContext | None, failed: BaseException | None, *,

@@ -3,6 +3,7 @@ start-up contract (address line, --no-migrate on an old schema, graceful SIGTERM
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -138,3 +139,19 @@ def test_the_binary_serves_on_uvloop_on_postgres(tmp_path: Path, db_url: str):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_calls_log_line_names_the_object_it_is_about(stubs: Stubs, caplog: pytest.LogCaptureFixture):
+    """The line of an UpdateDeployment (or a cordon) did not say which deployment (or node): an
+    on-call engineer had to find it in the audit log by its request id."""
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+    with caplog.at_level(logging.INFO, logger="maia.api"):
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stubs.admin.CordonNode(admin_pb2.NodeRequest(id="rack-a-n9"))
+        await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
+    said = {r.getMessage().split()[1]: r.getMessage() for r in caplog.records if r.getMessage().startswith("rpc ")}
+    assert " object=deployment/lab/svc code=OK " in said["method=/maia.v1.DeploymentService/SubmitDeployment"]
+    assert " object=node/rack-a-n9 code=NOT_FOUND " in said["method=/maia.v1.AdminService/CordonNode"]
+    assert " object=" not in said["method=/maia.v1.AdminService/ListNodes"]

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from grpc import aio
 
+from controller.api.targets import describe_target
 from controller.api.interceptors.behaviour import Behaviour, _BehaviourInterceptor
 from controller.identity import peek_principal
 
@@ -91,9 +92,9 @@ class _CompletionInterceptor(_BehaviourInterceptor):
         try:
             response = await behaviour(request, context)
         except BaseException as exc:
-            self.completed(method, context, started, exc)
+            self.completed(method, context, started, exc, request)
             raise
-        self.completed(method, context, started, None)
+        self.completed(method, context, started, None, request)
         return response
 
     def began(self, method: str, context: aio.ServicerContext, *, stream: bool) -> float:
@@ -106,7 +107,8 @@ class _CompletionInterceptor(_BehaviourInterceptor):
         pass
 
     def completed(self, method: str, context: aio.ServicerContext, started: float,
-                  failed: BaseException | None) -> None:
+                  failed: BaseException | None, request: Any = None) -> None:
+        """`request`: a unary call's (None for a stream's)."""
         raise NotImplementedError
 
 
@@ -121,7 +123,7 @@ class MetricsInterceptor(_CompletionInterceptor):
         return super().began(method, context, stream=stream)
 
     def completed(self, method: str, context: aio.ServicerContext, started: float,
-                  failed: BaseException | None) -> None:
+                  failed: BaseException | None, request: Any = None) -> None:
         self._observer.rpc_handled(method, code_of(context, failed), time.perf_counter() - started)
 
 
@@ -157,7 +159,7 @@ class LoggingInterceptor(_CompletionInterceptor):
             log.debug("rpc stream opened method=%s %s", method, _who())
 
     def completed(self, method: str, context: aio.ServicerContext, started: float,
-                  failed: BaseException | None) -> None:
+                  failed: BaseException | None, request: Any = None) -> None:
         code = code_of(context, failed)
         level = LOG_LEVEL_BY_CODE.get(code, logging.WARNING)
         if code == "OK" and method.endswith(("/Check", "/Watch")):
@@ -170,5 +172,19 @@ class LoggingInterceptor(_CompletionInterceptor):
         if not log.isEnabledFor(level):  # the line's fields are not worked out for nothing
             return
         untranslated = failed if code == "UNKNOWN" and isinstance(failed, Exception) else None
-        log.log(level, "rpc method=%s %s code=%s ms=%.1f", method, _who(), code,
+        log.log(level, "rpc method=%s %s%s code=%s ms=%.1f", method, _who(), _object(method, request), code,
                 (time.perf_counter() - started) * 1000, exc_info=untranslated)
+
+
+def _object(method: str, request: Any) -> str:
+    """' object=KIND/ID' of what a unary call names (its request's name, id or node id, a
+    deployment's as TENANT/NAME where the request says the tenant), or '' (a list, a stream)."""
+    if request is None:
+        return ""
+    kind, object_id, tenant = describe_target(method, request)
+    if not object_id:
+        return ""
+    if kind == "deployment" and tenant:
+        object_id = f"{tenant}/{object_id}"
+    said = object_id[:128]
+    return f" object={kind}/{said}" if said.isprintable() and " " not in said else f" object={kind}/{said!r}"
