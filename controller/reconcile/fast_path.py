@@ -98,7 +98,7 @@ class FastPath(PathCollaborators):
         base = cache.snapshot.generation
         deleting = await _deleting_views(uow.session, departed)
         result = await commit_plan(uow.session, cache.snapshot, fast.plan, scope=fast.scope, actor="controller",
-                                   now=self._wall_clock(), laps=self._state.laps.lap)
+                                   now=self._wall_clock(), laps=self._state.laps.lap, claimants=fast.claimants)
         self._state.laps.lap("commit_plan")
         published = _to_publish(result, deleting)
         await self._state.commit(uow, result.changed_nodes, *published)

@@ -223,6 +223,46 @@ async def test_preemption_deletes_rows_and_records_why(database: Database) -> No
     assert after["events"][2][2] == {"replicas": 1, "reasons": burst.reasons[1:]}  # the solver's why
 
 
+@pytest.mark.parametrize("scoped", [False, True])
+async def test_no_victim_goes_for_a_claimant_the_recheck_turned_away(database: Database, scoped: bool) -> None:
+    """A plan preempted BURST for TRAIN, whose replica no longer fits (it lands on WEB's
+    accelerator n3[0]): TRAIN is re-queued, and BURST, evicted for it, stays where it runs (it
+    was stopped for a plan thrown away, by the fast path's passes during rolling updates)."""
+    snap = await _seeded(database)
+    plan = Plan("optimal", KEPT[:2] + (P(TRAIN, 0, 0, "n4", 0, 1), P(TRAIN, 0, 1, "n3", 0, 1)),
+                unplaced=(Unplaced(BURST, 1, (Reason("CAPACITY", "no room"),)),), preempted=(Preemption(BURST, 0),))
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, plan, actor="test", claimants={(BURST, 0): TRAIN},
+                                   scope={WEB, TRAIN, BURST} if scoped else None)
+        await uow.commit()
+    assert set(result.requeued) == {(TRAIN, 0)} and "ACCELERATOR" in result.requeued[(TRAIN, 0)][0]
+    after = await _state(database)
+    assert after["placements"][(BURST, 0, 0)][:2] == ("n4", (0, 1, 2, 3))  # not preempted
+    assert (TRAIN, 0, 0) not in after["placements"] and not result.shards
+    assert [e[0] for e in after["events"]] == ["deployment.requeued"]  # no deployment.preempted
+    assert all(r["code"] != "PREEMPTED" for r in after["deployments"][BURST].reasons)
+
+
+async def test_victims_kept_for_a_claimant_turned_away_judge_its_other_replicas_again(database: Database) -> None:
+    """TRAIN (2 replicas of a whole node) preempted BURST for its replica 0 (on n4) and places
+    replica 1 on n3, where WEB runs: replica 1 is turned away, so BURST stays, and replica 0,
+    judged again with BURST on n4, is turned away too."""
+    doc = {**CLUSTER, "deployments": [d if d["id"] != TRAIN else {**d, "replicas": 2, "shards_per_replica": 1,
+                                                                       "shard": {"accelerators": 4}}
+                                      for d in CLUSTER["deployments"]]}
+    snap = await _seeded(database, doc)
+    plan = Plan("optimal", KEPT[:2] + (P(TRAIN, 0, 0, "n4", 0, 1, 2, 3), P(TRAIN, 1, 0, "n3", 0, 1, 2, 3)),
+                preempted=(Preemption(BURST, 0),))
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, plan, actor="test", claimants={(BURST, 0): TRAIN})
+        await uow.commit()
+    assert set(result.requeued) == {(TRAIN, 0), (TRAIN, 1)}
+    after = await _state(database)
+    assert after["placements"][(BURST, 0, 0)][:2] == ("n4", (0, 1, 2, 3))
+    assert not any(key[0] == TRAIN for key in after["placements"])
+    assert not any(e[0] == "deployment.preempted" for e in after["events"])
+
+
 async def test_reasons_that_change_only_in_their_numbers_are_stored_without_a_new_event(database: Database) -> None:
     """A waiting deployment's reasons count nodes ("0/4 nodes fit a shard: 3 CAPACITY, 1
     NODE_STATE"): each node going suspect and back wrote an unplaceable event of every waiting

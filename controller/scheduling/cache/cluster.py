@@ -247,9 +247,14 @@ class ClusterCache:
     def decide(self, docs: Sequence[dict[str, Any]], waiting: Mapping[str, Unplaced],
                again: Sequence[dict[str, Any]] = (), avoid: Collection[str] = ()) -> FastPlan:
         """Place each deployment whole on the session, in order (blocking: a worker thread):
-        `again` (known ones short of replicas, `pending_docs`), then the arrivals `docs`; with
-        the nodes `avoid` cordoned for these decisions alone (replicas released after failing
-        there are placed on other nodes first, as the full path's solve does).
+        `again` (known ones short of replicas, `pending_docs`), priority first as the full solve
+        orders them (`Solver.batch_order`: of one priority, work that is not preemptible first;
+        else as given), then the arrivals `docs`; with the nodes `avoid` cordoned for these
+        decisions alone (replicas released after failing there are placed on other nodes first,
+        as the full path's solve does). In arrival order, capacity a rollout's retired replica
+        freed went to preemptible work waiting since its last preemption, and the rollout's
+        replacement, decided next, preempted other running work of it for the room it had
+        just been given (16 restarts for one replica replaced).
 
         The plan speaks for the decided deployments and those they preempted replicas of (its
         scope): their placements (the victims' and those tried again's held ones from the
@@ -260,7 +265,7 @@ class ClusterCache:
         held = held_placements(self.session, repaired)
         avoided = deciding.cordon(self.snapshot, self.session, avoid)
         try:
-            decisions = place_documents(self.session, (*again, *docs))
+            decisions = place_documents(self.session, (*_priority_first(again), *docs))
         finally:
             if avoided:  # as they were (a flip between ready and cordoned is updated in place)
                 self.session.apply(ClusterDelta(nodes=avoided))
@@ -310,6 +315,12 @@ class ClusterCache:
         """The stored deployments with shards the snapshot leaves out, not released yet: the next
         commit speaks for them and releases them (`commits.releasing`)."""
         return commits.releasing(self.snapshot)
+
+
+def _priority_first(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Deployment documents in the order a full solve places them (`Solver.batch_order`): higher
+    priority first; of one priority, work that is not preemptible first; else as given."""
+    return sorted(docs, key=lambda d: (-int(d.get("priority", 0)), bool(d.get("preemptible", False))))
 
 
 def _own_copy(snapshot: Snapshot) -> Snapshot:

@@ -48,6 +48,9 @@ class _Changes:
     updates: list[tuple[_Row, Any]] = field(default_factory=list)
     deletes: list[_Row] = field(default_factory=list)
     requeued: dict[ReplicaKey, tuple[str, ...]] = field(default_factory=dict)
+    # Victims the plan preempted for a deployment whose replicas it places were turned away:
+    # kept where they run (not preempted for nothing).
+    spared: set[ReplicaKey] = field(default_factory=set)
     # The nodes the landing replicas touch, from the document they were re-checked against (the
     # usage meter's, so it does not read them again).
     nodes: dict[str, NodeMeter] = field(default_factory=dict)
@@ -115,15 +118,35 @@ def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None,
     return judged
 
 
+def _victims_of(snapshot: Snapshot, claimants: Mapping[tuple[str, int], str] | None) -> dict[str, set[ReplicaKey]]:
+    """The victims `claimants` names (solver deployment and replica -> the solver deployment it
+    was preempted for), by the stored key of their claimant, as stored replicas of the snapshot
+    (a replica the snapshot does not hold never ran: nothing of it to keep)."""
+    victims: dict[str, set[ReplicaKey]] = defaultdict(set)
+    refs = snapshot.solver_refs
+    for (name, replica), claimant in (claimants or {}).items():
+        ref = refs.get(name)
+        stored = replica if ref is None else ref.replicas.get(replica)
+        if stored is not None:
+            victims[stored_key(claimant)].add((stored_key(name), stored))
+    return victims
+
+
 async def _plan_changes(
     session: AsyncSession, snapshot: Snapshot, plan: Plan, committed: _Committed, stale: bool,
+    claimants: Mapping[tuple[str, int], str] | None = None,
 ) -> _Changes:
     """The plan's changes to the snapshot it was solved from, in stored keys, each replica re-checked.
 
     Per replica: unchanged by the plan, nothing to do; changed by the plan but also by someone
     else since the snapshot, turned away (the next pass decides again); removed, removed;
     placed or moved, landed if it still fits the committed state (`recheck`). Only replicas of
-    the live deployments `committed` read are considered (a scoped commit's plan speaks for no other)."""
+    the live deployments `committed` read are considered (a scoped commit's plan speaks for no other).
+
+    A victim of the plan's preemptions whose claimant (`claimants`: victim -> the solver
+    deployment it was preempted for) has a replica turned away is not removed: it stays where
+    it runs (`_Changes.spared`), and the claimant's other landing replicas are judged again with
+    it there (until nothing more is turned away): no victim goes for work the commit did not write."""
     deployments, current, live = committed.deployments, committed.current, committed.live
     keys = snapshot.plan_keys()
     # The placements of the live ones' solver deployments (looked up in the snapshot's index;
@@ -160,6 +183,7 @@ async def _plan_changes(
             stored[key[:2]][key] = row
 
     landing: dict[ReplicaKey, dict[int, Where]] = {}
+    removed: dict[ReplicaKey, list[_Row]] = {}
     for rk, shard_keys in replicas.items():
         before = {k: base[k] for k in shard_keys if k in base}
         after = {k: _where(desired[k]) for k in shard_keys if k in desired}
@@ -168,14 +192,34 @@ async def _plan_changes(
         if {k: row.where for k, row in stored[rk].items()} != before:
             changes.requeued[rk] = (CHANGED_SINCE,)
         elif not after:
-            changes.deletes += stored[rk].values()
+            removed[rk] = list(stored[rk].values())
         elif not before and changes.revision_of[min(after)] != deployments[rk[0]].template_revision:
             changes.requeued[rk] = (TEMPLATE_REPLACED,)
         else:
             landing[rk] = {k[2]: w for k, w in after.items()}
+    victims = _victims_of(snapshot, claimants) if claimants else {}
+
+    def spare() -> bool:
+        """Keep the victims of claimants turned away; whether any more were kept."""
+        hit = {rk[0] for rk in changes.requeued} & victims.keys()
+        more = {v for claimant in hit for v in victims[claimant] if v in removed} - changes.spared
+        changes.spared |= more
+        return bool(more)
+
+    spare()
+    changes.deletes += [row for rk, rows in removed.items() if rk not in changes.spared for row in rows]
     if landing:
-        rejected, doc = await _recheck(session, snapshot, committed, changes, landing, stale)
-        changes.requeued.update(rejected)
+        judged = landing
+        while True:
+            rejected, doc = await _recheck(session, snapshot, committed, changes, judged, stale)
+            changes.requeued.update(rejected)
+            if not rejected or not spare():
+                break
+            # Victims kept: what landed was judged without them. Judged again with them.
+            changes.deletes = [row for row in changes.deletes if row.key[:2] not in changes.spared]
+            judged = {rk: s for rk, s in landing.items() if rk not in changes.requeued}
+            if not judged:
+                break
         changes.nodes = node_meters(doc, {w[0] for by_shard in landing.values() for w in by_shard.values()})
     for rk, shards in landing.items():
         if rk in changes.requeued:
@@ -284,7 +328,8 @@ class _Checked:
     changes: _Changes
 
 
-async def _check(session: AsyncSession, snapshot: Snapshot, plan: Plan, read: _Committed) -> _Checked:
+async def _check(session: AsyncSession, snapshot: Snapshot, plan: Plan, read: _Committed,
+                 claimants: Mapping[tuple[str, int], str] | None = None) -> _Checked:
     """The plan's changes (each replica re-checked) against `read`. What it depends on beyond
     `read` (the snapshot's or the database's topology, nodes, tenants, specs, the shards of other
     deployments and the change log) changes only with the cluster generation, which `read` holds
@@ -296,5 +341,6 @@ async def _check(session: AsyncSession, snapshot: Snapshot, plan: Plan, read: _C
     if released:
         gone = {row.key for row in released}
         committed = replace(read, current={k: row for k, row in current.items() if k not in gone})
-    changes = await _plan_changes(session, snapshot, plan, committed, read.generation != snapshot.generation)
+    changes = await _plan_changes(session, snapshot, plan, committed, read.generation != snapshot.generation,
+                                  claimants)
     return _Checked(read, committed, released, changes)

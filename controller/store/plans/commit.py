@@ -10,7 +10,7 @@ check stands when the generation moved by deletions alone: `_deletions_alone`).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -56,6 +56,7 @@ def _no_lap(_step: str) -> None:
 async def commit_plan(
     session: AsyncSession, snapshot: Snapshot, plan: Plan, *, scope: Collection[str] | None = None,
     actor: str = "controller", now: datetime | None = None, laps: Callable[[str], None] | None = None,
+    claimants: Mapping[tuple[str, int], str] | None = None,
 ) -> CommitResult:
     """Apply `plan` (solved from `snapshot`) in the caller's transaction; the caller commits.
 
@@ -74,6 +75,12 @@ async def commit_plan(
     `snapshot.deleting`, as an unscoped commit does for all of them; the others wait for a commit
     that names them (an unscoped pass does). Scoped or not, the same plan lands the same changes
     for the scope's deployments (tests/store/test_commit_scope.py).
+
+    `claimants` (victim's solver deployment and replica -> the solver deployment it was
+    preempted for; the fast path's decisions say it): a victim whose claimant has a replica
+    turned away by the re-check stays where it runs, and is neither removed nor told preempted
+    (`_Changes.spared`); without it (a full solve's plan, which does not say), every victim of
+    the plan goes.
 
     `laps(step)` is told as each step ends (a caller's timings): `commit_early` (a scoped
     commit's read and check before the lock), `commit_turn` (on SQLite the wait for the writer's
@@ -98,7 +105,7 @@ async def commit_plan(
     # after the writes (`_commit_locking_last`).
     early = None
     if scope is not None:
-        early = await _check(session, snapshot, plan, await _read_committed(session, scope))
+        early = await _check(session, snapshot, plan, await _read_committed(session, scope), claimants)
         lap("commit_early")
         if dialect_of(session) == POSTGRESQL:
             landed = await _commit_locking_last(session, snapshot, plan, early, actor=actor, now=now or utcnow(), lap=lap)
@@ -118,7 +125,8 @@ async def commit_plan(
             read = await _read_committed(session, scope, moved_by=int(bumped),
                                          same_as=None if early is None else early.read)
         lap("commit_read")
-        checked = early if early is not None and early.read is read else await _check(session, snapshot, plan, read)
+        checked = early if early is not None and early.read is read else await _check(session, snapshot, plan, read,
+                                                                                        claimants)
         lap("commit_check")
         # Write: placements, deployments, nodes, the cluster generation; the events go with the audit
         # entries (on PostgreSQL in the same statement: `audit.append(along=)`). On SQLite the writes

@@ -11,7 +11,7 @@ it leaves both to the statement that takes the lock.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -136,10 +136,21 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
             sizes[key[0]][key[1]] = shards_of(d, revision)
     unplaced = {keys.name(u.deployment): u for u in plan.unplaced
                 if keys.name(u.deployment) in planned and not keys.is_outgoing(u.deployment)}
+    # Victims kept (their claimant turned away: `_Changes.spared`) run: not short any more.
+    kept: dict[str, int] = defaultdict(int)
+    for name, _ in changes.spared:
+        kept[name] += 1
+    for name, count in kept.items():
+        u = unplaced.get(name)
+        if u is not None:
+            if u.replicas <= count:
+                del unplaced[name]
+            else:
+                unplaced[name] = replace(u, replicas=u.replicas - count)
     preempted: dict[str, set[int]] = defaultdict(set)
     for victim in plan.preempted:
         replica = keys.replica(victim.deployment, victim.replica)
-        if replica is not None:
+        if replica is not None and (keys.name(victim.deployment), replica) not in changes.spared:
             preempted[keys.name(victim.deployment)].add(replica)
     deployment_updates: list[dict[str, Any]] = []
     updated_deployments: set[str] = set()
