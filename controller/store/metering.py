@@ -22,7 +22,7 @@ deletes them (docs/benchmarks.md, `usagetotals`).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -273,6 +273,21 @@ def _group_keys(dialect: str, columns: Sequence[Any]) -> list[Any]:
 
 # What `usage_to_date` can group by (the closed sums' key).
 _TO_DATE_GROUPS = ("tenant", "accelerator_model", "zone")
+
+
+async def customer_usage_to_date(session: AsyncSession, tenant: str, *, now: datetime,
+                                 born: datetime | None) -> list[UsageTotal]:
+    """`usage_to_date` of one tenant, less what its id's customers before `born` (its creation)
+    used: a tenant id deleted and created again is a new customer. Their intervals all started
+    before it (read by the tenant's started_s index: none, and no cost, for an id never reused)."""
+    totals = await usage_to_date(session, ("tenant",), now=now, tenant=tenant)
+    if born is None or not totals:
+        return totals
+    before = await usage_by(session, ("tenant",), now=now, tenant=tenant, until=born)
+    if not before:
+        return totals
+    return [replace(t, accelerator_seconds=max(0.0, t.accelerator_seconds - before[0].accelerator_seconds),
+                    energy_j=max(0.0, t.energy_j - before[0].energy_j)) for t in totals]
 
 
 async def usage_to_date(session: AsyncSession, group: Sequence[str], *, now: datetime,

@@ -31,7 +31,7 @@ from controller.store import audit as store
 from controller.store.audit import AuditRecord, CallEntry, ChainReport
 from controller.store.db import Database, UnitOfWork
 from controller.store.turns import answering
-from controller.usecases import paging, policy
+from controller.usecases import customers, paging, policy
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.policy import require_admin, require_role
 from controller.usecases.redaction import Redactor, redactor_of
@@ -137,6 +137,7 @@ async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = ""
     after_seq = window.after[0] if window.after else 0
     if not isinstance(after_seq, int) or after_seq < 0:
         raise InvalidArgument("page_token is not a token this list returned; start again without one")
+    since = await customers.reads_since(uow, principal, tenant, since)  # not the customer's before
     rows = await store.list_entries(uow.session, tenant=tenant or None, since=since,
                                     after_seq=after_seq, limit=window.limit + 1)
     events = [AuditEventView(**row._asdict()) for row in rows]

@@ -6,7 +6,7 @@ from controller.errors import InvalidArgument, NotFound, PermissionDenied
 from controller.identity import Principal, Role
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.usecases import policy
+from controller.usecases import customers, policy
 from controller.usecases.deployments import resolve_tenant
 from controller.domain.values import EventView, deployment_key
 from controller.usecases.redaction import redactor_of
@@ -28,8 +28,11 @@ async def list_events(uow: UnitOfWork, who: Principal, *, object_kind: str = "",
     if limit < 0 or after_id < 0:
         raise InvalidArgument("limit and after_id must not be negative")
     object_id = await _check_visible(uow, who, object_kind, object_id, tenant)
+    # A tenant token reads its own customer's events, not those of the tenant id's customer before.
+    owner = object_id.partition("/")[0] if object_kind == "deployment" else object_id
+    since = await customers.reads_since(uow, who, owner, None)
     events = await repo.list_events(uow.session, object_kind=object_kind, object_id=object_id, after_id=after_id,
-                                    limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT))
+                                    limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT), since=since)
     redactor = await redactor_of(uow, who)  # an unplaceable deployment's event quotes the solver's reasons
     return [redactor.event(e) for e in events]
 

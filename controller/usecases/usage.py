@@ -14,9 +14,8 @@ from controller.identity import Principal, Role
 from controller.store import metering
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.store.models import as_utc
 from controller.domain.values import UsageRecord, UsageReport
-from controller.usecases import policy
+from controller.usecases import customers, policy
 from controller.usecases.policy import require_role
 from controller.usecases.validation import check_optional_id
 
@@ -37,13 +36,9 @@ async def usage_report(
         raise InvalidArgument(f"since ({since.isoformat()}) is not before now ({now.isoformat()}): "
                               "no usage is recorded ahead of time")
     if not who.is_admin:
-        # A tenant token reads its own customer's usage: a tenant id deleted and created again is
-        # a new customer (`tenants.delete_tenant`), and the intervals of the one before are not its
-        # own (they showed in its report, billed with its own under one deployment name).
-        row = await repo.get_tenant(uow.session, tenant)
-        born = as_utc(row.created_at) if row is not None else None
-        if born is not None and (since is None or since < born):
-            since = born
+        # A tenant token reads its own customer's usage (`customers`): the intervals of the one
+        # before showed in its report, billed with its own under one deployment name.
+        since = await customers.reads_since(uow, who, tenant, since)
         if since is not None and since >= end:
             return UsageReport(since=since, until=end, records=())
     totals = await metering.usage_by(uow.session, GROUPS, now=now, tenant=tenant, since=since, until=end)

@@ -19,7 +19,12 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.store.rollout import retire_replaced
+from controller.console.state import read_console_rows
+from controller.store import audit as audit_store
+from controller.store.audit import AuditRecord
+from controller.usecases import audit as audit_cases
 from controller.usecases import deployments, nodes, tenants
+from controller.usecases import events as event_cases
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.usage import usage_report
 from uc_builders import WHO, add_tenant, deployment, no_publish, submit
@@ -130,6 +135,9 @@ async def test_a_tenant_id_created_again_reads_only_the_new_customers_usage(clus
     assert "t2/frac" in (await loop.reconcile_once()).deleted
     async with cluster.unit_of_work() as uow:
         await tenants.delete_tenant(uow, WHO, "t2", RecordingSignals())
+    async with cluster.unit_of_work() as uow:
+        old_events = max(e.id for e in await uow.session.scalars(select(m.Event)))
+        old_entries = max(e.seq for e in await uow.session.scalars(select(m.AuditEntry)))
     await add_tenant(cluster, "t2")
     await _created_at(cluster, "t2", T0 + 4 * H)
     clock.now = T0 + 4 * H
@@ -144,6 +152,34 @@ async def test_a_tenant_id_created_again_reads_only_the_new_customers_usage(clus
     assert _by_deployment(own) == {"frac": pytest.approx((0.5, 0.4625))} and own.since == T0 + 4 * H
     assert before.records == ()
     assert _by_deployment(history) == {"frac": pytest.approx((2.0, 1.85))}
+    # The console's usage for its viewer read the old customer's too (2 accelerator-hours, not 0.5).
+    async with cluster.unit_of_work() as uow:
+        viewed = (await read_console_rows(uow.session, viewer_tenant="t2", now=T0 + 5 * H)).usage
+        everyone = (await read_console_rows(uow.session, now=T0 + 5 * H)).usage
+    assert [(t.tenant, t.accelerator_hours) for t in viewed] == [("t2", pytest.approx(0.5))]
+    assert {t.tenant: t.accelerator_hours for t in everyone}["t2"] == pytest.approx(2.0)
+    # Its events and audit entries: the new customer's alone (the old one's deployments, refusals
+    # and contract changes were listed to it). The old customer's happened before the new t2 was
+    # created (on the simulated clock: written by the wall's).
+    async with cluster.unit_of_work() as uow:
+        for event in await uow.session.scalars(select(m.Event).where(m.Event.id <= old_events)):
+            event.at = T0 + 2 * H
+        for entry in await uow.session.scalars(select(m.AuditEntry).where(m.AuditEntry.seq <= old_entries)):
+            entry.at = T0 + 2 * H
+        await audit_store.append(uow.session, [AuditRecord("old-token", "/maia.v1.X/Old", tenant="t2")], at=T0 + 2 * H)
+        await audit_store.append(uow.session, [AuditRecord("new-token", "/maia.v1.X/New", tenant="t2")], at=T0 + 5 * H)
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        entries = await audit_cases.list_events(uow, caller)
+        all_entries = await audit_cases.list_events(uow, WHO, tenant="t2")
+        events = await event_cases.list_events(uow, caller, object_kind="deployment", object_id="frac")
+        all_events = await event_cases.list_events(uow, WHO, object_kind="deployment", object_id="t2/frac")
+    assert "/maia.v1.X/New" in [e.action for e in entries.items]
+    assert all(e.seq > old_entries and e.action != "/maia.v1.X/Old" for e in entries.items)
+    assert {"/maia.v1.X/Old", "/maia.v1.X/New"} <= {e.action for e in all_entries.items}
+    assert any(e.seq <= old_entries for e in all_entries.items)
+    assert events and all(e.id > old_events for e in events)
+    assert len(all_events) > len(events) and any(e.id <= old_events for e in all_events)
 
 
 async def test_the_meter_survives_a_restart_and_stops_with_a_drain(cluster: Database) -> None:

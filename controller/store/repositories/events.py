@@ -61,9 +61,11 @@ async def events_of_kinds(session: AsyncSession, kinds: Collection[str]) -> list
 
 
 async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
-                      limit: int = 100) -> list[d.EventView]:
-    """The newest `limit` events matching, returned oldest first."""
+                      limit: int = 100, since: datetime | None = None) -> list[d.EventView]:
+    """The newest `limit` events matching (at `since` or later), returned oldest first."""
     query = select(m.Event).where(m.Event.id > after_id)
+    if since is not None:
+        query = query.where(m.Event.at >= since)
     if object_kind:
         query = query.where(m.Event.object_kind == object_kind)
     if object_id:
