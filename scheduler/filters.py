@@ -49,12 +49,16 @@ _ISOLATION_SCAN = 256  # nodes an ISOLATION message looks at to name who holds t
 class FitInput:
     """What the filters of one `node_fit` call share: the deployment, its tenant, and
     intermediate arrays computed once (the Kubernetes CycleState of one filter pass).
-    With `rows`, node-local filters judge only those nodes (their answers come in that order)."""
+    With `rows`, node-local filters judge only those nodes (their answers come in that order).
+    With `replica`, the shards are more of that replica of d (a gang made whole again): the
+    rules over replicas (spread) do not count it against itself."""
 
-    def __init__(self, state: ClusterState, d: int, rows: np.ndarray | None = None) -> None:
+    def __init__(self, state: ClusterState, d: int, rows: np.ndarray | None = None,
+                 replica: int | None = None) -> None:
         self.state = state
         self.topo: Topology = state.topo
         self.d = d
+        self.replica = replica
         self.dep: Deployment = state.deps[d]
         self.spec: ShardSpec = self.dep.shard
         self.tenant = int(state.dep_tenant[d])
@@ -262,7 +266,7 @@ class Spread(MaskFilter):
     code = "SPREAD"
 
     def mask(self, fit: FitInput) -> np.ndarray | None:
-        return spread_mask(fit.state, fit.d)
+        return spread_mask(fit.state, fit.d, fit.replica)
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         sp = state.deps[d].spread
@@ -428,9 +432,11 @@ class NodeFit:
     rooms: tuple[tuple[SlotFilter, np.ndarray], ...] = ()
 
 
-def node_fit(state: ClusterState, d: int, explain: bool = False) -> NodeFit:
-    """Slots per node for shards of deployment d (and, with explain, why a node has none)."""
-    fit = FitInput(state, d)
+def node_fit(state: ClusterState, d: int, explain: bool = False, replica: int | None = None) -> NodeFit:
+    """Slots per node for shards of deployment d (and, with explain, why a node has none);
+    with `replica`, for more shards of that replica (`FitInput`: its spread not counted
+    against itself)."""
+    fit = FitInput(state, d, replica=replica)
     passes: np.ndarray | None = None
     # Without explain, the node-local filters' minimum comes from the kept table.
     slots: np.ndarray | None = None if explain or not LOCAL_FILTERS else \
@@ -550,13 +556,21 @@ def _others(state: ClusterState, t: int) -> np.ndarray:
     return others
 
 
-def spread_mask(state: ClusterState, d: int) -> np.ndarray | None:
-    """Nodes whose spread domain still has room for one more replica (None: no rule)."""
+def spread_mask(state: ClusterState, d: int, replica: int | None = None) -> np.ndarray | None:
+    """Nodes whose spread domain still has room for one more replica (None: no rule). With
+    `replica`, for more shards of that replica of d, placed in part: the domains its shards
+    touch already are counted without it (it touches them once however many shards it adds
+    there), so a gang that lost shards is made whole beside its own survivors."""
     dep = state.deps[d]
     if dep.spread is None:
         return None
     counts = state.spread_count[d]
-    return (counts < dep.spread.max_per_domain)[state.topo.domain_of(dep.spread.domain)]
+    dom = state.topo.domain_of(dep.spread.domain)
+    own = state.replicas.get((d, replica)) if replica is not None else None
+    if own:
+        counts = counts.copy()
+        counts[sorted({int(dom[at.node]) for at in own.values()})] -= 1
+    return (counts < dep.spread.max_per_domain)[dom]
 
 
 def group_spread_mask(state: ClusterState, d: int) -> np.ndarray | None:

@@ -101,7 +101,9 @@ class Placer:
                 and self._keeps_candidates(d):
             node = self._best_kept(d)
             return node is not None and self._commit(d, r, [(shard_ids[0], node)])
-        slots = node_fit(state, d).slots
+        # More shards of a replica placed in part (`repair`): its spread not counted against
+        # itself, or a gang with a spread rule could never be made whole beside its survivors.
+        slots = node_fit(state, d, replica=r).slots
         if allowed is not None:
             slots = np.where(allowed, slots, 0)
         if count == 1:
