@@ -152,7 +152,8 @@ def _check_not_overdrawn(stored: TopologyView, after: TopologyView) -> None:
         shown = "; ".join(f"{where} uses {used / 1000:g} kW (up nodes' idle power and placed shards), over "
                           f"its budget of {budget / 1000:g} kW" for where, (used, budget) in sorted(broken.items()))
         raise FailedPrecondition(f"the topology change is broken by what runs now: {shown}; move or delete that "
-                                 f"work first (maiactl drain NODE moves a node's), then apply it",
+                                 f"work first (maiactl drain NODE moves a node's; an up node's idle power counts "
+                                 f"until it is down, drained or not), then apply it",
                                  reasons=tuple(ReasonDetail("POWER_" + where.split()[0].upper(),
                                                             f"{where} over its budget", where.split()[1])
                                                for where in sorted(broken)))

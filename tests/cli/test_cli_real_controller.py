@@ -132,7 +132,15 @@ def test_output_formats_and_headers(running: RunningController):
                    "max_power_w": 60000, "status": {"used_accelerators": 0, "used_power_w": 0}}
     topology = yaml.safe_load(running.ctl("get", "topology", "-o", "yaml").stdout)
     assert topology["kind"] == "Topology"
-    assert running.ctl("apply", "-f", str(EXAMPLES / "topology.yaml")).stdout == "topology unchanged\n"
+    same = running.ctl("apply", "-f", str(EXAMPLES / "topology.yaml"))
+    assert (same.stdout, same.stderr) == ("topology unchanged\n", "")
+    # A rack left out of the file is not removed, and apply says so (it said "unchanged" alone).
+    topology["racks"] = [r for r in topology["racks"] if r["id"] != "rack-03"]
+    topology.pop("status", None)
+    smaller = running.ctl("apply", "-f", "-", stdin=yaml.safe_dump(topology))
+    assert smaller.stdout == "topology unchanged\n"
+    assert "the topology keeps rack rack-03, which the file leaves out (applying a topology adds and changes; " \
+           "it removes nothing)" in smaller.stderr
 
 
 def test_filters_work_or_are_refused(running: RunningController):

@@ -155,6 +155,14 @@ def _topology_changes(wanted: admin_pb2.Topology, current: admin_pb2.Topology) -
             for (kind, name), value in want.items() if have.get((kind, name)) != value]
 
 
+def _left_out(wanted: admin_pb2.Topology, current: admin_pb2.Topology, shown: int = 5) -> list[str]:
+    """'rack R' / 'row W' / 'zone Z' stored and not in `wanted` (the first `shown`, then how many more)."""
+    left = [f"{kind} {item.id}" for kind, items, named in (
+        ("zone", current.zones, {z.id for z in wanted.zones}), ("row", current.rows, {r.id for r in wanted.rows}),
+        ("rack", current.racks, {r.id for r in wanted.racks})) for item in items if item.id not in named]
+    return left[:shown] + ([f"{len(left) - shown} more"] if len(left) > shown else [])
+
+
 def plan(objects: list[ManifestObject], ctx: Context, *, judge: bool, solve: bool = True) -> list[Step]:
     """Step 2: what each object needs, writing nothing. `judge`: the controller judges each
     write as a dry run (`_judged`), and new deployments are solved where they would land, wherever
@@ -173,6 +181,10 @@ def plan(objects: list[ManifestObject], ctx: Context, *, judge: bool, solve: boo
             current = admin.GetTopology(admin_pb2.GetTopologyRequest(), timeout=ctx.rpc_timeout)
             changes = _topology_changes(obj.message, current)  # type: ignore[arg-type]
             step = Step(obj, "configured" if changes else "unchanged", changes)
+            left = _left_out(obj.message, current)  # type: ignore[arg-type]
+            if left:  # a removal would read as done: say it is not (exploratory testing: "unchanged")
+                ctx.note(f"note: {obj.source}: the topology keeps {', '.join(left)}, which the file leaves out "
+                         f"(applying a topology adds and changes; it removes nothing)")
             if judge and changes and not batch.topology:
                 step = _judged(step, admin.ApplyTopology, obj.message, ctx)
             if changes:
