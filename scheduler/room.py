@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.filters import (fits_within, gang_capacity, node_fit, quota_room, spread_mask,
+from scheduler.filters import (NODE_FILTERS, fits_within, gang_capacity, node_fit, quota_room, spread_mask,
                                tenant_masks)
 from scheduler.greedy import Placer
 from scheduler.state import ClusterState, ShardAt
@@ -77,7 +77,8 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
             by_domain[dm].append(v)
     ranked = sorted(by_domain, key=lambda dm: -sum(
         len(state.replicas[v]) * state.deps[v[0]].shard.milli for v in by_domain[dm]))
-    if not relocate:  # then the domains with room but no power, each with its power scopes' victims
+    if not relocate and len(ranked) < MAX_PREEMPTION_DOMAINS:
+        # Then the domains with room but no power, each with its power scopes' victims.
         powered = _power_bound_domains(state, d, eligible, dom, set(by_domain))
         by_domain.update(powered)
         ranked += sorted(powered)
@@ -143,6 +144,9 @@ def make_room(solver: Solver, d: int, eligible: list[Replica], relocate: bool, b
     return best[1], best[2], best[3]
 
 
+_POWER_FILTERS = np.array([i for i, f in enumerate(NODE_FILTERS) if f.code.startswith("POWER_")])
+
+
 def _power_bound_domains(state: ClusterState, d: int, eligible: list[Replica], dom: np.ndarray,
                          searched: set[int]) -> dict[int, list[Replica]]:
     """Domains (other than `searched`) with room for a replica of d on their nodes, each with the
@@ -160,11 +164,16 @@ def _power_bound_domains(state: ClusterState, d: int, eligible: list[Replica], d
     spec = state.deps[d].shard
     if spec.accelerators == 0:
         return {}
-    # Shards each node's free accelerators hold, power aside (`node_fit` counts its headroom too).
+    # Shards each node's free accelerators hold, power aside (`node_fit` counts its headroom too),
+    # on the nodes whose every other filter lets d in (a cordoned node, another zone, model or
+    # tenant's node took trials and the domain limit from the real ones).
     if spec.fractional:
         slots = (state.acc_free // spec.accelerator_milli).sum(axis=1)
     else:
         slots = (state.acc_free >= 1000).sum(axis=1) // spec.accelerators
+    codes = node_fit(state, d, explain=True).codes
+    assert codes is not None
+    slots = np.where((codes < 0) | np.isin(codes, _POWER_FILTERS), slots, 0)
     room = np.bincount(dom, weights=slots, minlength=int(dom.max(initial=-1)) + 1)
     need = state.deps[d].shards_per_replica
     candidates = [int(dm) for dm in np.flatnonzero(room >= need) if int(dm) not in searched]

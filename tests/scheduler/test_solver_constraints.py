@@ -316,7 +316,10 @@ def test_where_power_binds_one_victim_under_the_budget_frees_it(budget: str) -> 
     # n0 full of 700 W singles, n1 empty, 100 W short of the service's 2,400 W: taking one single
     # out anywhere under the budget lets the service onto n1. The search looked for victims only
     # where the replica would land, so it emptied n0: four evicted for one (exploratory testing).
-    doc = problem([node("n0", rack="r0", idle_power_w=600), node("n1", rack="r0", idle_power_w=600)],
+    # Seventy empty cordoned nodes of the rack, listed first, took the trials and the domain limit
+    # from n1 while they were counted as room (review).
+    cordoned = [node(f"c{i:02d}", rack="r0", state="cordoned") for i in range(70)]
+    doc = problem([node("n0", rack="r0", idle_power_w=600), *cordoned, node("n1", rack="r0", idle_power_w=600)],
                   [dep("scav", tenant="g", replicas=4, locality="node", priority=5, preemptible=True, power_w=700),
                    dep("svc", tenant="d", shards=4, locality="node", priority=50, power_w=600)],
                   racks=[{"id": "r0", "row": "w1", **({"power_budget_w": 6300} if budget == "rack" else {})}],
