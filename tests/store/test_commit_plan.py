@@ -263,6 +263,33 @@ async def test_victims_kept_for_a_claimant_turned_away_judge_its_other_replicas_
     assert not any(e[0] == "deployment.preempted" for e in after["events"])
 
 
+async def test_a_victim_deployment_is_spared_whole_or_not_at_all(database: Database) -> None:
+    """BURST (2 replicas, min_replicas 2) lost replica 0 to TRAIN and replica 1 to OTHER. TRAIN is
+    turned away (it lands on WEB's accelerator): replica 0 is kept, and so is replica 1, or BURST
+    would run one replica, below its minimum; OTHER, judged again with it there, is turned away."""
+    other = "a/other"
+    doc = {**CLUSTER,
+           "deployments": [*(d if d["id"] != TRAIN else {**d, "shards_per_replica": 1, "shard": {"accelerators": 4}}
+                             for d in CLUSTER["deployments"] if d["id"] != BURST),
+                           {"id": other, "tenant": "a", "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": 4}},
+                           {"id": BURST, "tenant": "b", "replicas": 2, "min_replicas": 2, "shards_per_replica": 1,
+                            "shard": {"accelerators": 4}, "preemptible": True}],
+           "placements": [*CLUSTER["placements"],
+                          {"deployment": BURST, "replica": 1, "shard": 0, "node": "n2", "accelerator_indices": [0, 1, 2, 3]}]}
+    snap = await _seeded(database, doc)
+    plan = Plan("optimal", KEPT[:2] + (P(TRAIN, 0, 0, "n3", 0, 1, 2, 3), P(other, 0, 0, "n2", 0, 1, 2, 3)),
+                preempted=(Preemption(BURST, 0), Preemption(BURST, 1)))
+    async with database.unit_of_work() as uow:
+        result = await commit_plan(uow.session, snap, plan, actor="test",
+                                   claimants={(BURST, 0): TRAIN, (BURST, 1): other})
+        await uow.commit()
+    assert set(result.requeued) == {(TRAIN, 0), (other, 0)}
+    after = await _state(database)
+    assert [after["placements"][(BURST, r, 0)][0] for r in (0, 1)] == ["n4", "n2"]
+    assert not any(e[0] == "deployment.preempted" for e in after["events"])
+
+
 async def test_reasons_that_change_only_in_their_numbers_are_stored_without_a_new_event(database: Database) -> None:
     """A waiting deployment's reasons count nodes ("0/4 nodes fit a shard: 3 CAPACITY, 1
     NODE_STATE"): each node going suspect and back wrote an unplaceable event of every waiting

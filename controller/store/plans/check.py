@@ -200,9 +200,14 @@ async def _plan_changes(
     victims = _victims_of(snapshot, claimants) if claimants else {}
 
     def spare() -> bool:
-        """Keep the victims of claimants turned away; whether any more were kept."""
+        """Keep the victims of claimants turned away; whether any more were kept. A deployment
+        spared one replica is spared every replica the plan preempted: kept in part, it could run
+        fewer than its min_replicas (its other replicas preempted for claimants that landed)."""
         hit = {rk[0] for rk in changes.requeued} & victims.keys()
         more = {v for claimant in hit for v in victims[claimant] if v in removed} - changes.spared
+        kept_deployments = {rk[0] for rk in more}
+        more |= {v for of_claimant in victims.values() for v in of_claimant
+                 if v[0] in kept_deployments and v in removed} - changes.spared
         changes.spared |= more
         return bool(more)
 
